@@ -1,0 +1,81 @@
+"""SwiGLU, ours vs eager torch vs torch.compile (vs Liger-Kernel on the GPU when installed).
+
+One process, same inputs, side by side. Sizes: 8M output elements (2048 x 4096) by default.
+Effective GB/s counts the minimum bytes (forward 3 elements per output element, forward+backward
+3 + 5) over the time, for every implementation alike; "of copy" is that over the measured copy
+bandwidth of this device, the ceiling a bandwidth-bound kernel can reach.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+import pyllm  # noqa: E402
+
+
+def eager(gate, up):
+    return F.silu(gate) * up
+
+
+def liger_fn():
+    try:
+        from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+    except ImportError:
+        return None
+    return LigerSiLUMulFunction.apply
+
+
+def main() -> int:
+    parser = common.base_parser(__doc__)
+    parser.add_argument("--rows", type=int, default=2048)
+    parser.add_argument("--cols", type=int, default=4096)
+    args = parser.parse_args()
+    device = args.device
+    n = args.rows * args.cols
+
+    impls = {"pyllm": pyllm.swiglu, "torch eager": eager}
+    if not args.quick:
+        impls["torch.compile"] = torch.compile(eager)
+    if device == "cuda" and (liger := liger_fn()) is not None:
+        impls["liger"] = liger
+
+    copy_gbs = common.copy_bandwidth_gbs(device)
+    print(f"# swiglu on {common.device_description(device)}: {args.rows}x{args.cols}, copy bandwidth {copy_gbs:.1f} GB/s")
+    rows = []
+    for dtype in (torch.bfloat16, torch.float32):
+        esize = torch.finfo(dtype).bits // 8
+        # Several input sets, rotated, so a GPU's L2 (50 MB on an H100) never holds the inputs.
+        sets = [[torch.randn(args.rows, args.cols, device=device, dtype=dtype) * 2 for _ in range(3)] for _ in range(3)]
+        for mode, elems in (("fwd", 3), ("fwd+bwd", 8)):
+            base_ms = None
+            for name, fn in impls.items():
+                it = iter(range(1 << 30))
+
+                def step():
+                    gate, up, dout = sets[next(it) % len(sets)]
+                    if mode == "fwd":
+                        return fn(gate, up)
+                    g, u = gate.detach().requires_grad_(), up.detach().requires_grad_()
+                    return torch.autograd.grad(fn(g, u), (g, u), dout)
+
+                ms = common.median_ms(step, device)
+                base_ms = ms if name == "torch eager" else base_ms
+                gbs = elems * n * esize / ms / 1e6
+                rows.append({"dtype": str(dtype).removeprefix("torch."), "mode": mode, "impl": name,
+                             "ms": round(ms, 3), "GB/s": round(gbs, 1), "of copy": f"{gbs / copy_gbs:.0%}"})
+            for r in rows:
+                if r["dtype"] == str(dtype).removeprefix("torch.") and r["mode"] == mode:
+                    r["vs eager"] = f"{base_ms / r['ms']:.2f}x"
+    common.print_table(rows, ["dtype", "mode", "impl", "ms", "GB/s", "of copy", "vs eager"])
+    common.write_json(args.json, "swiglu", device, rows, {"shape": [args.rows, args.cols], "copy_GBps": round(copy_gbs, 1)})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+// Shared by the CUDA launchers: error checks that throw (never abort), the device guard, and the
+// 16-bit type conversions.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "common/checks.h"
+#include "common/dtype.h"
+
+#define PYLLM_CUDA_CHECK(expr)                                                              \
+  do {                                                                                      \
+    cudaError_t err_ = (expr);                                                              \
+    PYLLM_CHECK_RUNTIME(err_ == cudaSuccess, #expr, " failed: ", cudaGetErrorString(err_)); \
+  } while (0)
+
+// Launch errors (bad configuration, no kernel image for this GPU) surface here, at the call.
+#define PYLLM_CUDA_CHECK_LAUNCH(what) PYLLM_CUDA_CHECK(cudaPeekAtLastError())
+
+namespace pyllm {
+
+// Makes `device` current for the launcher's scope and restores the caller's device after.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    PYLLM_CUDA_CHECK(cudaGetDevice(&prev_));
+    if (prev_ != device) PYLLM_CUDA_CHECK(cudaSetDevice(device));
+  }
+  ~DeviceGuard() {
+    int now = -1;
+    if (cudaGetDevice(&now) == cudaSuccess && now != prev_) cudaSetDevice(prev_);
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int prev_ = 0;
+};
+
+__device__ __forceinline__ float to_f32(float x) { return x; }
+__device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T> __device__ __forceinline__ T from_f32(float x);
+template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+inline cudaStream_t as_stream(uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
+
+}  // namespace pyllm
+
+// PYLLM_DISPATCH_CUDA(code, T, body): fp32, fp16, bf16 (the CUDA kernels' dtypes).
+#define PYLLM_DISPATCH_CUDA(code, T, ...)                                                  \
+  switch (static_cast<::pyllm::DType>(code)) {                                            \
+    case ::pyllm::DType::f32: { using T = float; __VA_ARGS__; break; }                     \
+    case ::pyllm::DType::f16: { using T = __half; __VA_ARGS__; break; }                    \
+    case ::pyllm::DType::bf16: { using T = __nv_bfloat16; __VA_ARGS__; break; }            \
+    default: PYLLM_CHECK(false, "unsupported dtype for CUDA: ", ::pyllm::dtype_name(code)); \
+  }

@@ -1,0 +1,11 @@
+"""pyllm's ops: one module per op (pyllm.ops.<op>), each with a C++ CPU kernel and a CUDA kernel.
+
+The public functions are re-exported from the top-level package (pyllm.swiglu, ...); this package
+keeps only the modules, so that pyllm.ops.swiglu is the module and never shadowed by its function.
+"""
+from pyllm.ops import swiglu
+
+# op name -> {device type: dtypes}, for `python -m pyllm info`.
+BACKENDS = {
+    "swiglu": swiglu.DTYPES,
+}

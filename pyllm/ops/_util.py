@@ -1,0 +1,67 @@
+"""Helpers shared by every op wrapper: the extension handle, argument packing, validation."""
+from __future__ import annotations
+
+import torch
+
+from pyllm import _C
+
+HAS_CUDA_KERNELS: bool = bool(_C.has_cuda)
+CUDA_ARCHS: str = _C.cuda_archs
+
+# Must match csrc/common/dtype.h.
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+
+
+def cuda_usable() -> bool:
+    """True when pyllm's CUDA kernels were built and torch sees a GPU to run them on."""
+    return HAS_CUDA_KERNELS and torch.cuda.is_available() and _C.cuda_device_count() > 0
+
+
+def dtype_code(t: torch.Tensor) -> int:
+    return DTYPE_CODES[t.dtype]
+
+
+def ptr(t: torch.Tensor) -> int:
+    return t.data_ptr()
+
+
+def stream_of(t: torch.Tensor) -> int:
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def _names(dtypes) -> str:
+    return ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+
+
+def check_tensor(op: str, name: str, t, dtypes: dict[str, tuple]) -> None:
+    """Checks that `t` is a floating tensor on a device and dtype this op has a kernel for.
+
+    dtypes maps a device type ("cpu", "cuda") to the dtypes its kernel takes.
+    """
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    dev = t.device.type
+    if dev not in dtypes:
+        raise ValueError(f"{op}: {name} is on device '{t.device}', expected one of: {', '.join(dtypes)}")
+    if t.dtype not in dtypes[dev]:
+        raise TypeError(f"{op}: {name} has dtype {t.dtype}, expected one of {_names(dtypes[dev])} on {dev}")
+    check_backend(op, t.device)
+
+
+def check_backend(op: str, device: torch.device) -> None:
+    if device.type == "cuda" and not HAS_CUDA_KERNELS:
+        raise RuntimeError(
+            f"{op}: got a CUDA tensor, but this pyllm was built without CUDA kernels "
+            "(nvcc was not found at build time, or PYLLM_CUDA=off). Rebuild with nvcc on PATH "
+            "and PYLLM_CUDA=on to get them."
+        )
+
+
+def check_same(op: str, **tensors: torch.Tensor) -> None:
+    """All tensors share one dtype and one device."""
+    (first_name, first), *rest = tensors.items()
+    for name, t in rest:
+        if t.dtype != first.dtype:
+            raise TypeError(f"{op}: {name} has dtype {t.dtype} but {first_name} has {first.dtype}; they must match")
+        if t.device != first.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but {first_name} is on {first.device}; they must match")

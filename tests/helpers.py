@@ -1,0 +1,34 @@
+"""Shared test helpers: float64 references, error measures and the tolerance rule."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+CPU_AND_CUDA = [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """||x - ref|| / ||ref|| in float64 (0 for empty tensors); NaN anywhere gives inf."""
+    x, ref = x.detach().double().cpu(), ref.detach().double().cpu()
+    if ref.numel() == 0:
+        return 0.0
+    if not torch.isfinite(x).all():
+        return float("inf")
+    return ((x - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def tolerance(torch_out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Twice torch's own error against the float64 reference, in the same dtype.
+
+    Torch's error can come out below the unavoidable error of storing the exact answer in that
+    dtype (one rounding of ref), e.g. when a tiny tensor happens to round favourably; that
+    unavoidable error is the floor of what any implementation can reach, so the bound is
+    2 * max(torch's error, rounding error of ref), never looser than twice the better of the two.
+    """
+    rounding = rel_err(ref.to(torch_out.dtype), ref)
+    return 2.0 * max(rel_err(torch_out, ref), rounding)
+
+
+def poisoned(shape, dtype, device) -> torch.Tensor:
+    """An output buffer full of NaN: any element a kernel forgets to write shows up."""
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)

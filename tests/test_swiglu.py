@@ -120,6 +120,20 @@ def test_empty_tensors(device):
     assert x.grad.shape == (0, 6)
 
 
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_large_magnitude_inputs(device, dtype):
+    # |gate| up to ~150 reaches exp's clamps and the saturated ends of sigmoid.
+    gate, up, dout = randn((4, 999), dtype, device, scale=40.0), randn((4, 999), dtype, device), randn((4, 999), dtype, device)
+    ref = reference(gate, up)
+    assert rel_err(pyllm.swiglu(gate, up), ref) <= tolerance(F.silu(gate) * up, ref)
+    ref_dg, ref_du = torch_grads(gate.double().cpu(), up.double().cpu(), dout.double().cpu())
+    torch_dg, torch_du = torch_grads(gate, up, dout)
+    dg, du = torch.ops.pyllm.swiglu_backward(dout, gate, up)
+    assert rel_err(dg, ref_dg) <= tolerance(torch_dg, ref_dg)
+    assert rel_err(du, ref_du) <= tolerance(torch_du, ref_du)
+
+
 def test_nonfinite_inputs_propagate():
     gate = torch.tensor([float("nan"), 1.0, float("inf"), 3.0])
     up = torch.tensor([1.0, float("nan"), 1.0, float("inf")])

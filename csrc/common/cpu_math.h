@@ -7,6 +7,7 @@
 #pragma once
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "common/dtype.h"
 
@@ -44,3 +45,92 @@ template <typename T> inline float exp_acc(float x) { return exp_f32<sizeof(T) =
 template <typename T> inline double exp_acc(double x) { return std::exp(x); }
 
 }  // namespace pyllm
+
+// ---- AVX-512: 16 fp32 lanes, used where the build targets it (-march=native on AVX-512 CPUs) ----
+// The portable loops above leave ~30 vector ops per element for exp + sigmoid + bf16 rounding;
+// these use what AVX-512 (F, BW, VL) has for each step: vscalefps (2^n with inf/0 saturation, so no clamping),
+// vrndscaleps, vrcp14ps + one Newton step instead of vdivps, and vcvtneps2bf16 (AVX512_BF16) for
+// the bf16 store. Tails use masked loads/stores, so every element of a row takes the same path
+// and gives the same bits wherever it sits; other CPUs use the portable loops.
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#define PYLLM_AVX512 1
+
+namespace pyllm {
+namespace avx512 {
+
+// Loads and stores of n <= 16 elements (masked when n < 16), widened to / rounded from fp32.
+inline __mmask16 first(int64_t n) { return n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1); }
+
+inline __m512 load(const float* p, int64_t n = 16) { return _mm512_maskz_loadu_ps(first(n), p); }
+inline __m256i load16(const void* p, int64_t n) { return _mm256_maskz_loadu_epi16(first(n), p); }
+inline __m512 load(const bf16* p, int64_t n = 16) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(load16(p, n)), 16));
+}
+inline __m512 load(const f16* p, int64_t n = 16) { return _mm512_cvtph_ps(load16(p, n)); }
+
+inline void store(float* p, __m512 x, int64_t n = 16) { _mm512_mask_storeu_ps(p, first(n), x); }
+inline void store16(void* p, __m256i x, int64_t n) { _mm256_mask_storeu_epi16(p, first(n), x); }
+inline void store(f16* p, __m512 x, int64_t n = 16) {
+  store16(p, _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), n);
+}
+inline void store(bf16* p, __m512 x, int64_t n = 16) {
+#if defined(__AVX512BF16__)
+  store16(p, (__m256i)_mm512_cvtneps_pbh(x), n);
+#else
+  // Same rounding as from_float<bf16>: nearest even, NaN kept quiet.
+  const __m512i u = _mm512_castps_si512(x);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+  r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
+  store16(p, _mm512_cvtepi32_epi16(r), n);
+#endif
+}
+
+// exp(x): the same reduction and Taylor degrees as exp_f32. The argument is clamped to
+// [-104, 128] first (far outside, the reduction itself breaks down: x = -1e30 gave -inf), and
+// vscalefps takes the ends to 0 and inf. Finite = true clamps the top at 88.5 instead, giving
+// 2.7e38 where exp overflows (the reciprocal below needs a finite denominator). vmaxps / vminps
+// return their second operand when either is NaN, so the clamp keeps a NaN input NaN.
+template <int Degree, bool Finite = false>
+inline __m512 exp(__m512 x) {
+  x = _mm512_min_ps(_mm512_set1_ps(Finite ? 88.5f : 128.0f), _mm512_max_ps(_mm512_set1_ps(-104.0f), x));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682030941723e-6f), r);
+  __m512 p;
+  if constexpr (Degree == 7) {
+    p = _mm512_set1_ps(1.0f / 5040.0f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+  } else {
+    p = _mm512_set1_ps(1.0f / 120.0f);
+  }
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// sigmoid(g) = 1 / (1 + exp(-g)). Precise (fp32 results): a true division. Otherwise vrcp14ps and
+// one Newton step (relative error ~2^-27, far below a 16-bit half-ulp); exp's clamp keeps the
+// denominator finite, since rcp of inf would turn the Newton step into NaN.
+template <bool Precise>
+inline __m512 sigmoid(__m512 g) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  const __m512 neg = _mm512_sub_ps(_mm512_setzero_ps(), g);
+  if constexpr (Precise) return _mm512_div_ps(one, _mm512_add_ps(one, exp<7>(neg)));
+  const __m512 d = _mm512_add_ps(one, exp<5, true>(neg));
+  const __m512 y = _mm512_rcp14_ps(d);
+  return _mm512_fmadd_ps(y, _mm512_fnmadd_ps(d, y, one), y);
+}
+
+template <typename T> constexpr bool has_lanes = std::is_same_v<T, float> || std::is_same_v<T, bf16> || std::is_same_v<T, f16>;
+
+}  // namespace avx512
+}  // namespace pyllm
+#endif

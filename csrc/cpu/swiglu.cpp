@@ -9,8 +9,10 @@
 //   dgate = dout * up * sigmoid(g) * (1 + g * (1 - sigmoid(g))),  dup = dout * silu(g)
 // reading dout, gate, up and writing dgate, dup: 5 elements per element (10 B in bf16).
 //
-// Threading: OpenMP over blocks of kBlock elements (a row, or a slice of a long row); the inner
-// loop is plain fp32 arithmetic that GCC vectorises (AVX-512 here, 16 lanes). Below kParallelMin
+// Threading: OpenMP over blocks of kBlock elements (a row, or a slice of a long row). Inner loop:
+// on AVX-512 builds, 16 lanes of intrinsics (common/cpu_math.h: vscalefps exp, vrcp14ps sigmoid
+// for 16-bit outputs, vcvtneps2bf16); everywhere else, and for the tail, plain fp32 arithmetic
+// that the compiler vectorises. Below kParallelMin
 // elements the fork/join costs more than it saves, so small calls run on the calling thread.
 #include <algorithm>
 #include <cstdint>
@@ -60,11 +62,22 @@ void fwd(const T* gate, const T* up, T* out, Layout l) {
     const T* __restrict g_row = gate + row * l.in_stride;
     const T* __restrict u_row = up + row * l.in_stride;
     T* __restrict o_row = out + row * l.out_stride;
+    int64_t c = c0;
+#ifdef PYLLM_AVX512
+    if constexpr (avx512::has_lanes<T>) {
+      for (; c < c1; c += 16) {
+        const int64_t n = c1 - c;
+        const __m512 g = avx512::load(g_row + c, n), u = avx512::load(u_row + c, n);
+        const __m512 sig = avx512::sigmoid<std::is_same_v<T, float>>(g);
+        avx512::store(o_row + c, _mm512_mul_ps(_mm512_mul_ps(g, sig), u), n);
+      }
+    }
+#endif
 #pragma omp simd
-    for (int64_t c = c0; c < c1; ++c) {
-      A g = to_float(g_row[c]), u = to_float(u_row[c]);
+    for (int64_t t = c; t < c1; ++t) {
+      A g = to_float(g_row[t]), u = to_float(u_row[t]);
       A sig = A(1) / (A(1) + exp_acc<T>(-g));
-      o_row[c] = from_acc<T>(g * sig * u);
+      o_row[t] = from_acc<T>(g * sig * u);
     }
   });
 }
@@ -78,13 +91,27 @@ void bwd(const T* dout, const T* gate, const T* up, T* dgate, T* dup, Layout l) 
     const T* __restrict u_row = up + row * l.in_stride;
     T* __restrict dg_row = dgate + row * l.in_stride;
     T* __restrict du_row = dup + row * l.in_stride;
+    int64_t c = c0;
+#ifdef PYLLM_AVX512
+    if constexpr (avx512::has_lanes<T>) {
+      const __m512 one = _mm512_set1_ps(1.0f);
+      for (; c < c1; c += 16) {
+        const int64_t n = c1 - c;
+        const __m512 d = avx512::load(d_row + c, n), g = avx512::load(g_row + c, n), u = avx512::load(u_row + c, n);
+        const __m512 sig = avx512::sigmoid<std::is_same_v<T, float>>(g);
+        const __m512 dsilu = _mm512_mul_ps(sig, _mm512_fmadd_ps(g, _mm512_sub_ps(one, sig), one));
+        avx512::store(dg_row + c, _mm512_mul_ps(_mm512_mul_ps(d, u), dsilu), n);
+        avx512::store(du_row + c, _mm512_mul_ps(d, _mm512_mul_ps(g, sig)), n);
+      }
+    }
+#endif
 #pragma omp simd
-    for (int64_t c = c0; c < c1; ++c) {
-      A d = to_float(d_row[c]), g = to_float(g_row[c]), u = to_float(u_row[c]);
+    for (int64_t t = c; t < c1; ++t) {
+      A d = to_float(d_row[t]), g = to_float(g_row[t]), u = to_float(u_row[t]);
       A sig = A(1) / (A(1) + exp_acc<T>(-g));
       A silu = g * sig;
-      dg_row[c] = from_acc<T>(d * u * sig * (A(1) + g * (A(1) - sig)));
-      du_row[c] = from_acc<T>(d * silu);
+      dg_row[t] = from_acc<T>(d * u * sig * (A(1) + g * (A(1) - sig)));
+      du_row[t] = from_acc<T>(d * silu);
     }
   });
 }

@@ -93,7 +93,12 @@ class AdamW(torch.optim.Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         _check_hyper("AdamW param group", group["lr"], group["betas"], group["eps"], group["weight_decay"])
+        devices = {p.device for p in group["params"]}
+        if len(devices) > 1:
+            raise ValueError(f"AdamW: every param of a group must be on one device, got params on "
+                             f"{', '.join(sorted(map(str, devices)))}")
         for p in group["params"]:
+            _util.check_backend("AdamW", p.device)
             if p.dtype not in _ops.DTYPES.get(p.device.type, ()):
                 raise TypeError(f"AdamW: params must be float32, bfloat16 or float16 on cpu or cuda, "
                                 f"got a {p.dtype} param on {p.device}")

@@ -36,6 +36,13 @@ PYBIND11_MODULE(_C, m) {
   m.def("swiglu_bwd_cuda", &pyllm::swiglu_bwd_cuda, nogil, arg("dout"), arg("gate"), arg("up"), arg("dgate"),
         arg("dup"), arg("rows"), arg("cols"), arg("in_stride"), arg("out_stride"), arg("dtype"), arg("device"),
         arg("stream"));
+
+  m.def("adamw_grad_sumsq_cuda", &pyllm::adamw_grad_sumsq_cuda, nogil, arg("table"), arg("n_tensors"), arg("dtype"),
+        arg("partials"), arg("partials_len"), arg("sumsq"), arg("device"), arg("stream"));
+  m.def("adamw_step_cuda", &pyllm::adamw_step_cuda, nogil, arg("table"), arg("n_tensors"), arg("param_dtype"),
+        arg("has_master"), arg("lr"), arg("beta1"), arg("beta2"), arg("eps"), arg("weight_decay"), arg("sumsq"),
+        arg("loss_scale"), arg("max_grad_norm"), arg("stochastic_rounding"), arg("seed"), arg("device"),
+        arg("stream"));
 #else
   m.attr("has_cuda") = false;
   m.attr("cuda_archs") = "";

@@ -431,3 +431,80 @@ def test_cpp_rechecks_raw_arguments():
         _C.adamw_step_cpu(table.data_ptr(), 0, 0, False, 1e-3, 1.0, 0.999, 1e-8, 0.0, 0, 0, -1.0, False, 0)
     with pytest.raises(ValueError, match="stochastic"):
         _C.adamw_step_cpu(table.data_ptr(), 0, 1, True, 1e-3, 0.9, 0.999, 1e-8, 0.0, 0, 0, -1.0, True, 0)
+
+
+# --- CUDA: the twin of the CPU kernel ----------------------------------------------------------
+
+def twin_params(sizes, dtype, misaligned=()):
+    """The same params on CPU and CUDA; indices in `misaligned` are views one element into their
+    storage (not 16-byte aligned: the CUDA kernel's scalar path)."""
+    cpu, gpu = [], []
+    for i, n in enumerate(sizes):
+        full = torch.randn(n + 1).to(dtype)
+        lo = 1 if i in misaligned else 0
+        cpu.append(nn.Parameter(full[lo:lo + n].clone()))
+        gpu.append(nn.Parameter(full.cuda()[lo:lo + n]))
+    return cpu, gpu
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("sr", [False, True], ids=["nearest", "stochastic"])
+def test_cuda_matches_cpu_twin_across_launches(dtype, sr):
+    if sr and dtype != torch.bfloat16:
+        pytest.skip("stochastic rounding is bf16 only")
+    gen = torch.Generator().manual_seed(9)
+    # 70 tensors (more than one launch's 32 slots), one of 330 chunks (more than one launch's 320
+    # chunks), empty and odd sizes, and misaligned views.
+    sizes = [int(s) for s in torch.randint(1, 200_000, (68,), generator=gen)] + [0, 330 * 65536 + 5]
+    cpu, gpu = twin_params(sizes, dtype, misaligned={3, 10})
+    torch.manual_seed(11)
+    opt_cpu = AdamW(cpu, lr=1e-3, stochastic_rounding=sr)
+    torch.manual_seed(11)
+    opt_gpu = AdamW(gpu, lr=1e-3, stochastic_rounding=sr)
+    scaler_cpu, scaler_gpu = DynamicLossScaler(2.0**8), DynamicLossScaler(2.0**8)
+    for _ in range(3):
+        for c, g in zip(cpu, gpu):
+            c.grad = (torch.randn(c.shape, generator=gen) * 256).to(dtype)
+            g.grad = c.grad.cuda()
+        opt_cpu.step(grad_scaler=scaler_cpu, max_grad_norm=1.0)
+        opt_gpu.step(grad_scaler=scaler_gpu, max_grad_norm=1.0)
+        scaler_cpu.update(), scaler_gpu.update()
+        assert opt_gpu.last_grad_norm.item() == pytest.approx(opt_cpu.last_grad_norm.item(), rel=1e-5)
+    for c, g in zip(cpu, gpu):
+        for key in ("exp_avg", "exp_avg_sq") + (("master",) if dtype != torch.float32 else ()):
+            assert rel_err(opt_gpu.state[g][key], opt_cpu.state[c][key]) < 1e-5
+        # 16-bit copies agree except where the fp32 values straddle a rounding boundary.
+        assert (g.cpu() != c).double().mean().item() < 1e-3
+
+
+@pytest.mark.cuda
+def test_cuda_step_has_no_host_sync():
+    model = make_model("cuda", torch.float16)
+    opt, scaler = AdamW(model.parameters(), lr=1e-3), DynamicLossScaler()
+    x, y = batch("cuda", torch.float16)
+    backward(model, x, y, scale=scaler.get_scale())
+    opt.step(grad_scaler=scaler, max_grad_norm=1.0)  # state is created on the first step
+    scaler.update()
+    backward(model, x, y, scale=scaler.get_scale())
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opt.step(grad_scaler=scaler, max_grad_norm=1.0)
+        scaler.update()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert not bool(opt.last_step_skipped)
+
+
+@pytest.mark.cuda
+def test_cuda_cpp_rechecks_raw_arguments():
+    table = torch.zeros(7, 1, dtype=torch.int64)
+    table[6, 0] = 10
+    out = torch.zeros((), dtype=torch.float64, device="cuda")
+    with pytest.raises(ValueError, match="null pointer"):
+        _C.adamw_grad_sumsq_cuda(table.data_ptr(), 1, 0, out.data_ptr(), 1, out.data_ptr(), 0, 0)
+    table[:, 0] = out.data_ptr()
+    table[6, 0] = 10 * 65536
+    with pytest.raises(ValueError, match="partials"):
+        _C.adamw_grad_sumsq_cuda(table.data_ptr(), 1, 0, out.data_ptr(), 1, out.data_ptr(), 0, 0)

@@ -60,8 +60,8 @@ class AdamW(torch.optim.Optimizer):
             it with stochastic_rounding). fp32 params are always their own master.
         stochastic_rounding: round the bf16 param copy stochastically (unbiased on average) instead
             of to nearest. The random bits are a pure function of (group["seed"], step, tensor,
-            element): reproducible. The seed is drawn from torch's default generator at
-            construction (so torch.manual_seed fixes it) and saved in the state_dict. bf16 only:
+            element): reproducible. The seed is torch.initial_seed() at construction (so
+            torch.manual_seed fixes it), saved in the state_dict, settable as group["seed"]. bf16 only:
             a float16 param with stochastic rounding raises ValueError.
 
     State per param: ``step`` (fp32 scalar on the param's device), ``exp_avg``, ``exp_avg_sq``
@@ -80,7 +80,7 @@ class AdamW(torch.optim.Optimizer):
             raise ValueError(f"AdamW: master_weights must be None, True or False, got {master_weights!r}")
         if not isinstance(stochastic_rounding, bool):
             raise TypeError(f"AdamW: stochastic_rounding must be a bool, got {type(stochastic_rounding).__name__}")
-        seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+        seed = torch.initial_seed()  # fixed by torch.manual_seed, and draws nothing from the generator
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         master_weights=master_weights, stochastic_rounding=stochastic_rounding, seed=seed)
         super().__init__(params, defaults)
@@ -353,3 +353,121 @@ class DynamicLossScaler:
         self._scale = torch.full((), self._init_scale, dtype=torch.float32, device=device)
         self._growth_tracker = torch.full((), int(state_dict["_growth_tracker"]), dtype=torch.int32, device=device)
         self._found_inf = None
+
+
+class ZeroAdamW(torch.optim.Optimizer):
+    """ZeRO stage 1: :class:`AdamW` with its state (fp32 master weights, m, v) partitioned over the
+    ranks of a torch.distributed process group.
+
+    The params (one dtype, one device, one param group) are laid out as one flat vector padded to a
+    multiple of the world size; rank r owns the r-th contiguous shard, and only its master, m and v.
+    step():
+      1. flattens the grads and averages them over the ranks (as DDP does), keeping this rank's
+         shard: reduce_scatter_tensor on NCCL; on gloo, which has no reduce-scatter, an all_reduce
+         of the whole flat grad and a slice (twice the traffic; fine for the CPU tests it serves);
+      2. runs the fused AdamW step on the shard; the grads' sum of squares is all-reduced inside it,
+         so unscaling, the inf/nan skip and clipping use the global norm, as the unsharded step;
+      3. all-gathers the updated shards and copies them into the params.
+    Every rank must hold the same params and call step() together. Every param needs a grad (a
+    missing one raises ValueError). Hyperparameters and the learning rate are read from
+    ``param_groups[0]`` at each step, so LR schedulers work. ``last_grad_norm`` and
+    ``last_step_skipped`` are as in AdamW. state_dict() holds this rank's shard only; load it on
+    the same rank of a group of the same size.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, master_weights=None,
+                 stochastic_rounding=False, process_group=None):
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("ZeroAdamW: torch.distributed is not initialised (call init_process_group first)")
+        _check_hyper("ZeroAdamW", lr, betas, eps, weight_decay)
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        if len(self.param_groups) != 1:
+            raise ValueError(f"ZeroAdamW: takes one param group, got {len(self.param_groups)}")
+        self._params = list(self.param_groups[0]["params"])
+        if not self._params:
+            raise ValueError("ZeroAdamW: got no params")
+        first = self._params[0]
+        for p in self._params:
+            if p.dtype != first.dtype or p.device != first.device:
+                raise ValueError(f"ZeroAdamW: all params must share one dtype and device, got {first.dtype} on "
+                                 f"{first.device} and {p.dtype} on {p.device}")
+            if not p.is_contiguous():
+                raise ValueError("ZeroAdamW: params must be contiguous")
+        self._group = process_group
+        self._rank, self._world = dist.get_rank(process_group), dist.get_world_size(process_group)
+        self._gloo = dist.get_backend(process_group) == "gloo"
+        self._numel = sum(p.numel() for p in self._params)
+        self._shard_size = -(-self._numel // self._world)
+        flat = self._flatten([p.detach() for p in self._params])
+        lo = self._rank * self._shard_size
+        self._shard = torch.nn.Parameter(flat[lo:lo + self._shard_size].clone())
+        self._inner = AdamW([self._shard], lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                            master_weights=master_weights, stochastic_rounding=stochastic_rounding)
+        self._inner._reduce_sumsq = lambda sumsq: dist.all_reduce(sumsq, group=self._group)
+        self.last_grad_norm: Tensor | None = None
+        self.last_step_skipped: Tensor | None = None
+
+    def _flatten(self, tensors: list[Tensor]) -> Tensor:
+        """One flat vector of the tensors, zero-padded to world_size * shard_size."""
+        pad = self._world * self._shard_size - self._numel
+        parts = [t.reshape(-1) for t in tensors]
+        if pad:
+            parts.append(tensors[0].new_zeros(pad))
+        return torch.cat(parts)
+
+    @torch.no_grad()
+    def step(self, closure=None, grad_scaler: DynamicLossScaler | None = None, max_grad_norm: float | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        with_grad = [p.grad is not None for p in self._params]
+        if not any(with_grad):
+            return loss
+        if not all(with_grad):
+            raise ValueError("ZeroAdamW: every param needs a grad (the grads are reduced as one flat vector); "
+                             f"{with_grad.count(False)} of {len(with_grad)} have none")
+        flat_grad = self._flatten([p.grad for p in self._params])
+        flat_grad.div_(self._world)
+        if self._gloo:
+            dist.all_reduce(flat_grad, group=self._group)
+            lo = self._rank * self._shard_size
+            shard_grad = flat_grad[lo:lo + self._shard_size]
+        else:
+            shard_grad = flat_grad.new_empty(self._shard_size)
+            dist.reduce_scatter_tensor(shard_grad, flat_grad, group=self._group)
+        self._shard.grad = shard_grad
+
+        group, inner_group = self.param_groups[0], self._inner.param_groups[0]
+        for key in ("lr", "betas", "eps", "weight_decay"):
+            inner_group[key] = group[key]
+        self._inner.step(grad_scaler=grad_scaler, max_grad_norm=max_grad_norm)
+        self.last_grad_norm, self.last_step_skipped = self._inner.last_grad_norm, self._inner.last_step_skipped
+        self._shard.grad = None
+
+        flat = flat_grad.new_empty(self._world * self._shard_size) if not self._gloo else flat_grad
+        if self._gloo:  # gloo's all_gather takes a list
+            dist.all_gather(list(flat.split(self._shard_size)), self._shard.detach(), group=self._group)
+        else:
+            dist.all_gather_into_tensor(flat, self._shard.detach(), group=self._group)
+        offset = 0
+        views = []
+        for p in self._params:
+            views.append(flat[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+        torch._foreach_copy_(self._params, views)
+        return loss
+
+    def state_dict(self) -> dict:
+        return {"rank": self._rank, "world_size": self._world, "numel": self._numel,
+                "param_groups": [{k: v for k, v in self.param_groups[0].items() if k != "params"}],
+                "inner": self._inner.state_dict()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        mine = (self._rank, self._world, self._numel)
+        theirs = (state_dict["rank"], state_dict["world_size"], state_dict["numel"])
+        if mine != theirs:
+            raise ValueError(f"ZeroAdamW.load_state_dict: saved by (rank, world_size, numel) = {theirs}, "
+                             f"loading into {mine}")
+        self.param_groups[0].update(state_dict["param_groups"][0])
+        self._inner.load_state_dict(state_dict["inner"])

@@ -231,8 +231,7 @@ __global__ void __launch_bounds__(kThreads) adamw_step_kernel(StepArgs args, Hyp
         float pk;
         if constexpr (kMaster) pk = p32.v[k];
         else pk = to_f32(p.v[k]);
-        adam_element(to_f32(g.v[k]) * mult, pk, m.v[k], v.v[k], omb1, b2, omb2, keep,
-                                              step_size, inv_bc2_sqrt, eps);
+        adam_element(to_f32(g.v[k]) * mult, pk, m.v[k], v.v[k], omb1, b2, omb2, keep, step_size, inv_bc2_sqrt, eps);
         p32.v[k] = pk;
         p.v[k] = round_param<P, kStochastic>(pk, key, begin + e + k);
       }
@@ -248,8 +247,7 @@ __global__ void __launch_bounds__(kThreads) adamw_step_kernel(StepArgs args, Hyp
     if constexpr (kMaster) pk = master[i];
     else pk = to_f32(param[i]);
     float m = exp_avg[i], v = exp_avg_sq[i];
-    adam_element(to_f32(grad[i]) * mult, pk, m, v, omb1, b2, omb2, keep, step_size,
-                                          inv_bc2_sqrt, eps);
+    adam_element(to_f32(grad[i]) * mult, pk, m, v, omb1, b2, omb2, keep, step_size, inv_bc2_sqrt, eps);
     exp_avg[i] = m;
     exp_avg_sq[i] = v;
     if constexpr (kMaster) master[i] = pk;

@@ -147,20 +147,22 @@ def test_16bit_with_master_tracks_fp32_reference(device, dtype):
         assert rel_err(p, p64) <= 2 * rel_err(p64.to(dtype), p64) + tolerance(p32, p64)
 
 
-def test_bf16_without_master_rounds_each_step():
-    """master_weights=False: the update runs in fp32 from the bf16 param and rounds back."""
+@pytest.mark.parametrize("dtype, mantissa_bits", [(torch.bfloat16, 7), (torch.float16, 10)], ids=["bf16", "fp16"])
+def test_16bit_without_master_rounds_each_step(dtype, mantissa_bits):
+    """master_weights=False: the update runs in fp32 from the 16-bit param and rounds back: within
+    one unit in the last place of the exact (float64) update."""
     torch.manual_seed(5)
-    p = nn.Parameter(torch.randn(5000).bfloat16())
+    p = nn.Parameter(torch.randn(5000).to(dtype))
     opt = AdamW([p], lr=1e-2, weight_decay=0.1, master_weights=False)
-    g = torch.randn(5000).bfloat16()
+    g = torch.randn(5000).to(dtype)
     start = p.detach().double()
     p.grad = g
     opt.step()
-    assert "master" not in opt.state[p]
+    assert "master" not in opt.state[p] and opt.state[p]["exp_avg"].dtype == torch.float32
     gd = g.double()
     m, v = 0.1 * gd, 0.001 * gd * gd
     expect = start * (1 - 1e-3) - 1e-2 / 0.1 * m / ((v / 0.001).sqrt() + 1e-8)
-    ulp = (expect.abs() * 2.0**-7).clamp_min(1e-30)
+    ulp = (expect.abs() * 2.0**-mantissa_bits).clamp_min(2.0**-24)
     assert ((p.double() - expect).abs() <= ulp).all()
 
 

@@ -118,6 +118,27 @@ def test_params_without_grads_are_left_alone(device):
     assert not torch.equal(model[2].weight, make_model(device)[2].weight)
 
 
+def test_bitwise_the_same_for_any_thread_count():
+    """The grad norm's reduction order is fixed by the chunking, not by the threads."""
+    threads_before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)  # torch and pyllm share one OpenMP runtime
+            model = make_model("cpu", torch.bfloat16)
+            opt = AdamW(model.parameters(), lr=1e-2, stochastic_rounding=True)
+            gen = torch.Generator().manual_seed(0)  # grads that do not depend on torch's threads
+            for _ in range(2):
+                for p in model.parameters():
+                    p.grad = torch.randn(p.shape, generator=gen).bfloat16()
+                opt.step(max_grad_norm=0.1)
+            results.append([opt.last_grad_norm] + snapshot(model, opt))
+    finally:
+        torch.set_num_threads(threads_before)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
 # --- 16-bit params with fp32 master weights -------------------------------------------------------
 
 @pytest.mark.parametrize("device", CPU_AND_CUDA)

@@ -119,6 +119,13 @@ class AdamW(torch.optim.Optimizer):
             state["master"] = p.detach().to(torch.float32, memory_format=torch.contiguous_format, copy=True)
         return state
 
+    def __setstate__(self, state: dict) -> None:
+        # A state_dict from torch.optim.AdamW (or an older pyllm) lacks our group keys: take defaults.
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch's, but keeps the fp32 state fp32 (torch casts floating state to the param dtype,
         which would turn bf16 params' masters and moments into bf16) and copies every tensor, so the

@@ -337,6 +337,19 @@ def test_load_state_dict_does_not_share_tensors():
         assert opt.state[p]["exp_avg"].data_ptr() != sd["state"][0]["exp_avg"].data_ptr()
 
 
+def test_load_torch_adamw_state_dict_then_continue_like_torch():
+    ours, torch32 = make_model(), make_model()
+    opt32 = torch.optim.AdamW(torch32.parameters(), lr=1e-2, weight_decay=0.05)
+    train(torch32, opt32, 3, "cpu")
+    ours.load_state_dict(torch32.state_dict())
+    opt = AdamW(ours.parameters())
+    opt.load_state_dict(opt32.state_dict())
+    assert opt.param_groups[0]["lr"] == 1e-2 and opt.param_groups[0]["master_weights"] is None
+    train(torch32, opt32, 3, "cpu")
+    train(ours, opt, 3, "cpu")
+    assert rel_err(flat(ours.parameters()), flat(torch32.parameters())) < 1e-6
+
+
 # --- stochastic rounding, poisoned outputs -------------------------------------------------------
 
 def sr_step(seed, n=200_000, lr_in_ulps=0.3, sr=True):

@@ -1,7 +1,7 @@
 """Optimizer step, pyllm.optim.AdamW vs torch.optim.AdamW (foreach=True, foreach=False, fused=True),
 (vs apex FusedAdam on the GPU when installed), one process, same sizes, side by side.
 
-Params: --params in total (default 50M), as tensors of --tensor-size (default 1M) elements.
+Params: --params in total (default 50M on the CPU, 200M on a GPU), as tensors of --tensor-size (default 1M) elements.
 Rows:
   fp32            fp32 params, plain AdamW step.
   bf16+master     bf16 params with fp32 master weights. Torch's equivalent keeps fp32 params as the
@@ -98,12 +98,13 @@ def apex_impl(sizes, mode: str, device: str):
 
 def main() -> int:
     parser = common.base_parser(__doc__)
-    parser.add_argument("--params", type=float, default=50e6, help="total number of params")
+    parser.add_argument("--params", type=float, default=None,
+                        help="total number of params (default 50M on cpu, 200M on cuda, 10M with --quick)")
     parser.add_argument("--tensor-size", type=int, default=1_000_000)
     parser.add_argument("--repeat", type=int, default=None, help="timed steps per row (default 7, 3 with --quick)")
     args = parser.parse_args()
     device = args.device
-    total = int(10e6 if args.quick and args.params == 50e6 else args.params)
+    total = int(args.params or (10e6 if args.quick else 200e6 if device == "cuda" else 50e6))
     repeat = args.repeat or (3 if args.quick else 7)
     sizes = [args.tensor_size] * (total // args.tensor_size)
     if total % args.tensor_size:

@@ -512,7 +512,7 @@ def test_cuda_matches_cpu_twin_across_launches(dtype, sr):
             assert rel_err(opt_gpu.state[g][key], opt_cpu.state[c][key]) < 1e-5
         if dtype == torch.float32:
             assert rel_err(g, c) < 1e-6
-        else:  # 16-bit copies agree except where the fp32 values straddle a rounding boundary
+        elif c.numel():  # 16-bit copies agree except where the fp32 values straddle a rounding boundary
             assert (g.cpu() != c).double().mean().item() < 1e-3
 
 

@@ -213,6 +213,28 @@ def test_clipping_matches_clip_grad_norm(device, max_norm):
         assert rel_err(p, r) <= tolerance(t.float(), r)
 
 
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+def test_mixed_dtypes_in_one_group_share_one_global_norm(device):
+    """bf16 weights and fp32 norms in one group: two buckets, one norm over both, one clip."""
+    torch.manual_seed(6)
+    ours = [nn.Parameter(torch.randn(3000, device=device).bfloat16()), nn.Parameter(torch.randn(50, device=device)),
+            nn.Parameter(torch.randn(7, 9, device=device).half())]
+    ref = [nn.Parameter(p.detach().double().cpu()) for p in ours]
+    opt, opt64 = AdamW(ours, lr=1e-2), torch.optim.AdamW(ref, lr=1e-2)
+    gen = torch.Generator().manual_seed(7)
+    for _ in range(3):
+        for p, r in zip(ours, ref):
+            g = torch.randn(p.shape, generator=gen).to(p.dtype)
+            p.grad, r.grad = g.to(device), g.double()
+        opt.step(max_grad_norm=0.5)
+        norm64 = nn.utils.clip_grad_norm_(ref, 0.5)
+        opt64.step()
+        # CPU: fp64 accumulation; CUDA: fp32 sums per 64K-element chunk, then fp64
+        assert opt.last_grad_norm.item() == pytest.approx(norm64.item(), rel=1e-9 if device == "cpu" else 1e-6)
+    masters = [opt.state[ours[0]]["master"], ours[1], opt.state[ours[2]]["master"]]
+    assert rel_err(flat(masters), flat(ref)) < 1e-6
+
+
 def test_unscaling_matches_torch_grad_scaler():
     """Scaled loss -> our fused unscale + clip + step, against torch.amp.GradScaler.unscale_ +
     clip_grad_norm_ + AdamW, both against an unscaled float64 run (scales are powers of two)."""

@@ -206,8 +206,8 @@ def test_clipping_matches_clip_grad_norm(device, max_norm):
         norm64 = nn.utils.clip_grad_norm_(ref.parameters(), max_norm)
         opt64.step()
         assert opt.last_grad_norm.dtype == torch.float64 and not bool(opt.last_step_skipped)
-        assert abs(opt.last_grad_norm.item() - norm64.item()) <= 2 * max(abs(norm32.item() - norm64.item()),
-                                                                         1e-7 * norm64.item())
+        floor = (1e-7 if device == "cpu" else 1e-6) * norm64.item()  # CUDA: fp32 sums per chunk
+        assert abs(opt.last_grad_norm.item() - norm64.item()) <= 2 * max(abs(norm32.item() - norm64.item()), floor)
     for layer in (0, 2):  # per group
         p, t, r = (flat(m[layer].parameters()) for m in (ours, torch32, ref))
         assert rel_err(p, r) <= tolerance(t.float(), r)

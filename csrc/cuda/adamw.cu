@@ -186,25 +186,32 @@ __device__ __forceinline__ P round_param(float p, uint32_t key, int64_t i) {
 
 template <typename P, bool kMaster, bool kStochastic>
 __global__ void __launch_bounds__(kThreads) adamw_step_kernel(StepArgs args, Hyper h) {
-  // The skip, unscale and clip, from device memory: identical in every thread, no host sync.
-  const double inv_scale = h.loss_scale ? 1.0 / double(*h.loss_scale) : 1.0;
-  float mult = float(inv_scale);
-  if (h.sumsq) {
-    const double s = *h.sumsq;
-    if (!isfinite(s)) return;
-    if (h.max_grad_norm >= 0) {
-      const float norm = float(sqrt(s) * inv_scale);
-      const float coef = float(h.max_grad_norm) / (norm + 1e-6f);
-      if (coef < 1.0f) mult = float(inv_scale) * coef;
-    }
-  }
+  // The skip, from device memory (no host sync): the same answer in every thread, so the whole
+  // block returns together and the barrier below is safe.
+  if (h.sumsq && !isfinite(*h.sumsq)) return;
   const int t = args.chunk_tensor[blockIdx.x];
   const int64_t begin = int64_t(args.chunk_index[blockIdx.x]) * kChunk;
   const int64_t n = min(kChunk, args.numel[t] - begin);
   const float step = *args.step[t];
-  const double bc1 = 1.0 - pow(h.beta1, double(step)), bc2 = 1.0 - pow(h.beta2, double(step));
-  const float keep = float(1.0 - h.lr * h.weight_decay), step_size = float(h.lr / bc1);
-  const float inv_bc2_sqrt = float(1.0 / sqrt(bc2));
+  // The per-chunk scalars in fp64 once per block (fp64 pow is slow on GPUs with few fp64 units):
+  // the grad multiplier (unscale and clip), decay factor, step size, 1 / sqrt(bias correction 2).
+  __shared__ float consts[4];
+  if (threadIdx.x == 0) {
+    const double inv_scale = h.loss_scale ? 1.0 / double(*h.loss_scale) : 1.0;
+    float mult = float(inv_scale);
+    if (h.sumsq && h.max_grad_norm >= 0) {
+      const float norm = float(sqrt(*h.sumsq) * inv_scale);
+      const float coef = float(h.max_grad_norm) / (norm + 1e-6f);  // as clip_grad_norm_
+      if (coef < 1.0f) mult = float(inv_scale) * coef;
+    }
+    const double bc1 = 1.0 - pow(h.beta1, double(step)), bc2 = 1.0 - pow(h.beta2, double(step));
+    consts[0] = mult;
+    consts[1] = float(1.0 - h.lr * h.weight_decay);
+    consts[2] = float(h.lr / bc1);
+    consts[3] = float(1.0 / sqrt(bc2));
+  }
+  __syncthreads();
+  const float mult = consts[0], keep = consts[1], step_size = consts[2], inv_bc2_sqrt = consts[3];
   const float b2 = float(h.beta2), omb1 = float(1.0 - h.beta1), omb2 = float(1.0 - h.beta2), eps = h.eps;
   const uint32_t key = kStochastic ? block_key(stream_key(h.seed, uint32_t(step), uint32_t(args.tensor_id[t])),
                                                uint64_t(begin))

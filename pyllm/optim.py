@@ -319,9 +319,13 @@ class DynamicLossScaler:
             self._found_inf, found_inf.to(self._found_inf.device))
 
     def scale(self, loss: Tensor) -> Tensor:
-        """loss * scale (a new tensor; backward through it gives scaled grads)."""
+        """loss * scale, a new tensor: backward through it gives scaled grads. A 16-bit loss is
+        scaled in fp32 (an fp16 loss of 10 times 2^16 would overflow fp16 before any grad exists);
+        the grads still come out in the params' dtype."""
         if not isinstance(loss, Tensor):
             raise TypeError(f"DynamicLossScaler.scale: expected a tensor, got {type(loss).__name__}")
+        if loss.dtype in _LOW_PRECISION:
+            loss = loss.float()
         return loss * self._scale_on(loss.device)
 
     def get_scale(self) -> float:

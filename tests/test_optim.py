@@ -319,6 +319,8 @@ def test_scaler_growth_after_interval_and_state_dict():
     t.update(False)
     assert t.get_scale() == 8.0
     assert (s.scale(torch.tensor(3.0)) == 12.0).all()
+    big = DynamicLossScaler().scale(torch.tensor(10.0, dtype=torch.float16))
+    assert big.dtype == torch.float32 and big.item() == 10.0 * 2**16  # not an fp16 overflow
     with pytest.raises(RuntimeError, match="no inf/nan check"):
         s.update()
 

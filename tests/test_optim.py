@@ -374,6 +374,58 @@ def test_load_torch_adamw_state_dict_then_continue_like_torch():
     assert rel_err(flat(ours.parameters()), flat(torch32.parameters())) < 1e-6
 
 
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_every_16bit_value_survives_a_zero_update(device, dtype):
+    """All 65536 bit patterns through the kernels' own 16-bit load and store (lr = 0, no master):
+    every finite value and both infinities come back bitwise, NaNs stay NaN. Also the sum of
+    squares of all finite values against float64."""
+    bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    p = nn.Parameter(bits.view(dtype).clone().to(device))
+    opt = AdamW([p], lr=0.0, weight_decay=0.0, master_weights=False)
+    p.grad = torch.zeros_like(p)
+    opt.step()
+    before = bits.view(dtype).to(device)
+    nan = torch.isnan(before)
+    assert torch.equal(p[~nan].view(torch.int16), before[~nan].view(torch.int16))
+    assert torch.isnan(p[nan]).all()
+    # The grad load: with beta1 = 0 the first moment is the grad itself, in fp32.
+    r = nn.Parameter(torch.zeros_like(before))
+    r.grad = before.clone()
+    opt3 = AdamW([r], lr=0.0, betas=(0.0, 0.999))
+    opt3.step()
+    assert torch.equal(opt3.state[r]["exp_avg"][~nan], before[~nan].float())
+    finite = before[torch.isfinite(before)]
+    if device == "cuda":  # CUDA squares in fp32: |g| > ~1e18 overflows (reads as an inf grad)
+        finite = finite[finite.abs() < 1e15]
+    q = nn.Parameter(torch.zeros_like(finite))
+    q.grad = finite.clone()
+    opt2 = AdamW([q], lr=0.0)
+    opt2.step(max_grad_norm=math.inf)
+    ref = finite.double().cpu().square().sum().sqrt().item()
+    assert opt2.last_grad_norm.item() == pytest.approx(ref, rel=1e-12 if device == "cpu" else 1e-6)
+
+
+def test_fp16_conversions_round_to_nearest_even_like_torch():
+    """Random fp32 values across fp16's whole range (subnormals, the overflow edge, ties) rounded
+    by the kernel's fp16 store, against torch's own conversion."""
+    gen = torch.Generator().manual_seed(12)
+    exps = torch.randint(-30, 17, (200_000,), generator=gen).double()
+    vals = (torch.rand(200_000, generator=gen, dtype=torch.float64) + 1) * 2**exps
+    vals = torch.cat([vals, -vals, torch.tensor([65504.0, 65519.99, 65520.0, 2.0**-25, 2.0**-24 * 1.5,
+                                                 2.0**-14 * (1 - 2.0**-11), 0.0, -0.0, math.inf, -math.inf])])
+    master = vals.float()
+    p = nn.Parameter(torch.zeros(master.numel(), dtype=torch.float16))
+    opt = AdamW([p], lr=0.0, weight_decay=0.0)
+    p.grad = torch.zeros_like(p)
+    opt.state[p]["step"] = torch.zeros(())
+    opt.state[p]["exp_avg"] = torch.zeros(master.numel())
+    opt.state[p]["exp_avg_sq"] = torch.zeros(master.numel())
+    opt.state[p]["master"] = master.clone()
+    opt.step()
+    assert torch.equal(p.view(torch.int16), master.half().view(torch.int16))
+
+
 # --- stochastic rounding, poisoned outputs -------------------------------------------------------
 
 def sr_step(seed, n=200_000, lr_in_ulps=0.3, sr=True):

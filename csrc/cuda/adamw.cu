@@ -161,9 +161,10 @@ __global__ void __launch_bounds__(kFinalThreads) sumsq_finalize_kernel(const flo
   if (threadIdx.x == 0) *sumsq += sums[0];
 }
 
+// As csrc/cpu/adamw.cpp, bit for bit: inf stays inf, a NaN stays a NaN.
 __device__ __forceinline__ uint16_t bf16_stochastic(float x, uint32_t bits) {
   const uint32_t u = __float_as_uint(x);
-  if ((u & 0x7f800000u) == 0x7f800000u) return __bfloat16_as_ushort(__float2bfloat16_rn(x));  // inf/nan
+  if ((u & 0x7f800000u) == 0x7f800000u) return uint16_t((u >> 16) | ((u & 0x007fffffu) ? 0x40u : 0u));
   return uint16_t((u + (bits & 0xffffu)) >> 16);
 }
 

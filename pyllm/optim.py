@@ -456,7 +456,7 @@ class ZeroAdamW(torch.optim.Optimizer):
         self.last_grad_norm, self.last_step_skipped = self._inner.last_grad_norm, self._inner.last_step_skipped
         self._shard.grad = None
 
-        flat = flat_grad.new_empty(self._world * self._shard_size) if not self._gloo else flat_grad
+        flat = flat_grad  # the reduced grads are spent: their buffer receives the gathered params
         if self._gloo:  # gloo's all_gather takes a list
             dist.all_gather(list(flat.split(self._shard_size)), self._shard.detach(), group=self._group)
         else:

@@ -258,7 +258,8 @@ class AdamW(torch.optim.Optimizer):
                        beta2=g["betas"][1], eps=g["eps"], weight_decay=g["weight_decay"],
                        sumsq=sumsq.get(d), loss_scale=scales.get(d),
                        max_grad_norm=max_grad_norm if max_grad_norm is not None and max_grad_norm != math.inf else None,
-                       stochastic_rounding=g["stochastic_rounding"], seed=g["seed"])
+                       stochastic_rounding=g["stochastic_rounding"] and b["params"][0].dtype == torch.bfloat16,
+                       seed=g["seed"])
 
         if need_norm:
             d0 = buckets[0]["device"]

@@ -439,6 +439,19 @@ def sr_step(seed, n=200_000, lr_in_ulps=0.3, sr=True):
     return p.detach().clone(), opt.state[p]["master"], lr
 
 
+def test_stochastic_rounding_leaves_fp32_params_alone():
+    """SR applies to the bf16 params of a group; its fp32 params (norms, say) step as usual."""
+    w, b = nn.Parameter(torch.randn(300).bfloat16()), nn.Parameter(torch.randn(20))
+    b_ref = nn.Parameter(b.detach().clone())
+    opt, opt32 = AdamW([w, b], lr=1e-2, stochastic_rounding=True), torch.optim.AdamW([b_ref], lr=1e-2)
+    w.grad, b.grad = torch.randn(300).bfloat16(), torch.randn(20)
+    b_ref.grad = b.grad.clone()
+    opt.step(), opt32.step()
+    assert rel_err(b, b_ref) < 1e-6
+    master = opt.state[w]["master"].double()
+    assert ((w.double() - master).abs() <= master.abs() * 2.0**-7).all()  # one of the two neighbours
+
+
 def test_stochastic_rounding_unbiased_and_reproducible():
     p, master, lr = sr_step(seed=7)
     assert torch.all(master == torch.tensor(1.0 - lr, dtype=torch.float32))

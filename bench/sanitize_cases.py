@@ -24,7 +24,28 @@ def swiglu_cases():
             pyllm.swiglu_packed(x).sum().backward()
 
 
-CASES = {"swiglu": swiglu_cases}
+def adamw_cases():
+    from pyllm.optim import AdamW, DynamicLossScaler
+
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for sr in (False, True) if dtype == torch.bfloat16 else (False,):
+            # odd sizes (scalar tails), one misaligned view (scalar path), one tensor of 2+ chunks
+            params = [torch.nn.Parameter(torch.randn(n + 1, device="cuda").to(dtype)[1:]) for n in (1, 13, 65536 + 7)]
+            opt, scaler = AdamW(params, lr=1e-2, stochastic_rounding=sr), DynamicLossScaler(2.0**4)
+            for _ in range(2):
+                for p in params:
+                    p.grad = torch.randn_like(p) * 16
+                opt.step(grad_scaler=scaler, max_grad_norm=1.0)
+                scaler.update()
+            ref = torch.cat([p.grad.double().flatten() for p in params]).norm().item() / scaler.get_scale()
+            assert abs(opt.last_grad_norm.item() - ref) < 1e-3 * ref, "adamw grad norm wrong"
+            for p in params:
+                assert torch.isfinite(p).all(), "adamw wrote a non-finite param"
+                if dtype != torch.float32 and not sr:
+                    assert torch.equal(p, opt.state[p]["master"].to(dtype)), "adamw 16-bit copy wrong"
+
+
+CASES = {"swiglu": swiglu_cases, "adamw": adamw_cases}
 
 if __name__ == "__main__":
     names = sys.argv[1:] or list(CASES)

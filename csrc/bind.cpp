@@ -19,6 +19,12 @@ PYBIND11_MODULE(_C, m) {
   m.def("swiglu_bwd_cpu", &pyllm::swiglu_bwd_cpu, nogil, arg("dout"), arg("gate"), arg("up"), arg("dgate"),
         arg("dup"), arg("rows"), arg("cols"), arg("in_stride"), arg("out_stride"), arg("dtype"));
 
+  m.def("adamw_grad_sumsq_cpu", &pyllm::adamw_grad_sumsq_cpu, nogil, arg("table"), arg("n_tensors"), arg("dtype"),
+        arg("sumsq"));
+  m.def("adamw_step_cpu", &pyllm::adamw_step_cpu, nogil, arg("table"), arg("n_tensors"), arg("param_dtype"),
+        arg("has_master"), arg("lr"), arg("beta1"), arg("beta2"), arg("eps"), arg("weight_decay"), arg("sumsq"),
+        arg("loss_scale"), arg("max_grad_norm"), arg("stochastic_rounding"), arg("seed"));
+
 #ifdef PYLLM_WITH_CUDA
   m.attr("has_cuda") = true;
   m.attr("cuda_archs") = PYLLM_CUDA_ARCHS;
@@ -29,6 +35,13 @@ PYBIND11_MODULE(_C, m) {
         arg("cols"), arg("in_stride"), arg("out_stride"), arg("dtype"), arg("device"), arg("stream"));
   m.def("swiglu_bwd_cuda", &pyllm::swiglu_bwd_cuda, nogil, arg("dout"), arg("gate"), arg("up"), arg("dgate"),
         arg("dup"), arg("rows"), arg("cols"), arg("in_stride"), arg("out_stride"), arg("dtype"), arg("device"),
+        arg("stream"));
+
+  m.def("adamw_grad_sumsq_cuda", &pyllm::adamw_grad_sumsq_cuda, nogil, arg("table"), arg("n_tensors"), arg("dtype"),
+        arg("partials"), arg("partials_len"), arg("sumsq"), arg("device"), arg("stream"));
+  m.def("adamw_step_cuda", &pyllm::adamw_step_cuda, nogil, arg("table"), arg("n_tensors"), arg("param_dtype"),
+        arg("has_master"), arg("lr"), arg("beta1"), arg("beta2"), arg("eps"), arg("weight_decay"), arg("sumsq"),
+        arg("loss_scale"), arg("max_grad_norm"), arg("stochastic_rounding"), arg("seed"), arg("device"),
         arg("stream"));
 #else
   m.attr("has_cuda") = false;

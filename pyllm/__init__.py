@@ -2,5 +2,6 @@
 __version__ = "0.1.0"
 
 from pyllm.ops.swiglu import swiglu, swiglu_packed  # noqa: E402
+from pyllm import optim  # noqa: E402
 
-__all__ = ["swiglu", "swiglu_packed", "__version__"]
+__all__ = ["swiglu", "swiglu_packed", "optim", "__version__"]

@@ -1,0 +1,485 @@
+"""Mixed-precision optimizer step: fused AdamW with fp32 master weights, loss scaling, inf/nan check,
+global-norm clipping, and ZeRO-1 sharding of its state.
+
+Typical fp16 loop (bf16 needs no scaler: pass ``max_grad_norm`` and an inf/nan grad still skips the
+step)::
+
+    opt = AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)      # fp16/bf16 params: fp32 masters
+    scaler = DynamicLossScaler()
+    for batch in data:
+        scaler.scale(model(batch)).backward()
+        opt.step(grad_scaler=scaler, max_grad_norm=1.0)   # unscale + inf check + clip + update
+        scaler.update()                                   # backs off if opt found an inf/nan
+        opt.zero_grad()
+
+Kernels: pyllm/ops/adamw.py (launchers), csrc/cpu/adamw.cpp, csrc/cuda/adamw.cu.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from pyllm.ops import _util
+from pyllm.ops import adamw as _ops
+
+_STATE_KEYS_FP32 = ("exp_avg", "exp_avg_sq", "master")
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def _check_hyper(where: str, lr, betas, eps, weight_decay) -> None:
+    lr_value = float(lr) if not isinstance(lr, Tensor) or lr.numel() == 1 else None
+    if lr_value is None or not lr_value >= 0.0:
+        raise ValueError(f"{where}: lr must be a number >= 0, got {lr!r}")
+    if not float(eps) >= 0.0:
+        raise ValueError(f"{where}: eps must be >= 0, got {eps!r}")
+    if not float(weight_decay) >= 0.0:
+        raise ValueError(f"{where}: weight_decay must be >= 0, got {weight_decay!r}")
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        raise ValueError(f"{where}: betas must be a pair (beta1, beta2), got {betas!r}")
+    for i, b in enumerate(betas):
+        if not 0.0 <= float(b) < 1.0:
+            raise ValueError(f"{where}: betas[{i}] must be in [0, 1), got {b!r}")
+
+
+class AdamW(torch.optim.Optimizer):
+    """AdamW (decoupled weight decay, as torch.optim.AdamW) in one fused multi-tensor pass, with
+    fp32 master weights for 16-bit params, loss-scale unscaling, inf/nan skipping and global-norm
+    clipping folded into the same pass.
+
+    Args:
+        params: tensors or param-group dicts, as for any torch optimizer. float32, bfloat16 and
+            float16 params, CPU or CUDA; every param of one group on one device.
+        lr, betas, eps, weight_decay: as torch.optim.AdamW (lr >= 0, eps >= 0, betas in [0, 1)).
+        master_weights: for bf16/fp16 params, keep an fp32 master copy in the optimizer state and
+            write the rounded 16-bit copy into the param each step. None (default) means on for
+            16-bit params; False updates 16-bit params directly in fp32 registers (llm.c's mode: pair
+            it with stochastic_rounding). fp32 params are always their own master.
+        stochastic_rounding: round the bf16 param copy stochastically (unbiased on average) instead
+            of to nearest. The random bits are a pure function of (group["seed"], step, tensor,
+            element): reproducible. The seed is torch.initial_seed() at construction (so
+            torch.manual_seed fixes it), saved in the state_dict, settable as group["seed"]. bf16 only:
+            a float16 param with stochastic rounding raises ValueError.
+
+    State per param: ``step`` (fp32 scalar on the param's device), ``exp_avg``, ``exp_avg_sq``
+    (fp32) and, with master weights, ``master`` (fp32); all saved by state_dict.
+
+    After each step(), ``last_grad_norm`` is the global L2 norm of the unscaled grads before
+    clipping (a 0-dim float64 tensor on the params' device, inf/nan when a grad was; None when the
+    step did not compute it) and ``last_step_skipped`` a 0-dim bool tensor (None likewise). Reading
+    them with .item() is the only host sync of a CUDA step.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                 master_weights=None, stochastic_rounding=False):
+        _check_hyper("AdamW", lr, betas, eps, weight_decay)
+        if master_weights not in (None, True, False):
+            raise ValueError(f"AdamW: master_weights must be None, True or False, got {master_weights!r}")
+        if not isinstance(stochastic_rounding, bool):
+            raise TypeError(f"AdamW: stochastic_rounding must be a bool, got {type(stochastic_rounding).__name__}")
+        seed = torch.initial_seed()  # fixed by torch.manual_seed, and draws nothing from the generator
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        master_weights=master_weights, stochastic_rounding=stochastic_rounding, seed=seed)
+        super().__init__(params, defaults)
+        self.last_grad_norm: Tensor | None = None
+        self.last_step_skipped: Tensor | None = None
+        # ZeroAdamW sets this to sum the sum of squares over its ranks before anything uses it.
+        self._reduce_sumsq: Callable[[Tensor], None] | None = None
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        _check_hyper("AdamW param group", group["lr"], group["betas"], group["eps"], group["weight_decay"])
+        devices = {p.device for p in group["params"]}
+        if len(devices) > 1:
+            raise ValueError(f"AdamW: every param of a group must be on one device, got params on "
+                             f"{', '.join(sorted(map(str, devices)))}")
+        for p in group["params"]:
+            _util.check_backend("AdamW", p.device)
+            if p.dtype not in _ops.DTYPES.get(p.device.type, ()):
+                raise TypeError(f"AdamW: params must be float32, bfloat16 or float16 on cpu or cuda, "
+                                f"got a {p.dtype} param on {p.device}")
+
+    # --- state -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _uses_master(group: dict, p: Tensor) -> bool:
+        return p.dtype in _LOW_PRECISION and group["master_weights"] is not False
+
+    def _init_state(self, group: dict, p: Tensor) -> dict:
+        state = self.state[p]
+        if "step" not in state:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+        if self._uses_master(group, p) and "master" not in state:
+            state["master"] = p.detach().to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        # A state_dict from torch.optim.AdamW (or an older pyllm) lacks our group keys: take defaults.
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As torch's, but keeps the fp32 state fp32 (torch casts floating state to the param dtype,
+        which would turn bf16 params' masters and moments into bf16) and copies every tensor, so the
+        loaded optimizer never shares state with the dict it came from."""
+        saved_state = state_dict["state"]
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        for saved_id, p in zip(saved_ids, params):
+            if saved_id not in saved_state:
+                continue
+            saved, state = saved_state[saved_id], self.state[p]
+            for key in _STATE_KEYS_FP32:
+                if key in saved:
+                    state[key] = saved[key].to(device=p.device, dtype=torch.float32, copy=True).contiguous()
+            if "step" in saved:
+                step = saved["step"]
+                state["step"] = torch.as_tensor(step, dtype=torch.float32).to(p.device, copy=True).reshape(())
+
+    # --- the step ------------------------------------------------------------------------------
+
+    def _collect(self) -> list[dict]:
+        """Validates the params with grads and buckets them by (group, dtype, master)."""
+        buckets = []
+        for gi, group in enumerate(self.param_groups):
+            _check_hyper(f"AdamW param group {gi}", group["lr"], group["betas"], group["eps"], group["weight_decay"])
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            device = params[0].device
+            by_kind: dict[tuple, dict] = {}
+            for p in params:
+                if p.grad.is_sparse:
+                    raise RuntimeError("AdamW does not support sparse gradients; use torch.optim.SparseAdam")
+                if p.device != device:
+                    raise ValueError(f"AdamW: every param of a group must be on one device, group {gi} has "
+                                     f"params on {device} and on {p.device}")
+                _util.check_backend("AdamW", p.device)
+                if p.dtype not in _ops.DTYPES.get(p.device.type, ()):
+                    raise TypeError(f"AdamW: params must be float32, bfloat16 or float16, got {p.dtype}")
+                if p.grad.dtype != p.dtype or p.grad.shape != p.shape:
+                    raise TypeError(f"AdamW: a grad must match its param, got grad {p.grad.dtype} "
+                                    f"{tuple(p.grad.shape)} for param {p.dtype} {tuple(p.shape)}")
+                if not p.is_contiguous():
+                    raise ValueError(f"AdamW: params must be contiguous, got one of shape {tuple(p.shape)} "
+                                     f"with strides {p.stride()}")
+                if group["stochastic_rounding"] and p.dtype == torch.float16:
+                    raise ValueError("AdamW: stochastic_rounding is for bfloat16 params; group "
+                                     f"{gi} has a float16 param (use round-to-nearest for float16)")
+                master = self._uses_master(group, p)
+                bucket = by_kind.setdefault((p.dtype, master), dict(
+                    group=group, device=device, has_master=master, params=[], grads=[], masters=[],
+                    exp_avgs=[], exp_avg_sqs=[], steps=[]))
+                state = self._init_state(group, p)
+                bucket["params"].append(p)
+                bucket["grads"].append(p.grad.contiguous())
+                bucket["masters"].append(state["master"] if master else None)
+                bucket["exp_avgs"].append(state["exp_avg"])
+                bucket["exp_avg_sqs"].append(state["exp_avg_sq"])
+                bucket["steps"].append(state["step"])
+            buckets.extend(by_kind.values())
+        for b in buckets:
+            b["table"] = _ops.build_table(b["params"], b["grads"], b["masters"], b["exp_avgs"],
+                                          b["exp_avg_sqs"], b["steps"])
+        return buckets
+
+    def _global_sumsq(self, buckets: list[dict]) -> dict:
+        """Sum of squares of all grads, one float64 scalar per device (the same value on each)."""
+        per_device: dict[torch.device, Tensor] = {}
+        for b in buckets:
+            sumsq = per_device.setdefault(b["device"], torch.zeros((), dtype=torch.float64, device=b["device"]))
+            _ops.grad_sumsq_(b["grads"], b["table"], sumsq)
+        devices = list(per_device)
+        if len(devices) > 1:
+            total = sum(per_device[d].to(devices[0]) for d in devices)
+            per_device = {d: total.to(d) for d in devices}
+        if self._reduce_sumsq is not None:
+            for d in devices:
+                self._reduce_sumsq(per_device[d])
+        return per_device
+
+    @torch.no_grad()
+    def step(self, closure=None, grad_scaler: "DynamicLossScaler | None" = None,
+             max_grad_norm: float | None = None):
+        """One AdamW step over every param that has a grad.
+
+        Args:
+            closure: re-evaluates the model and returns the loss (torch's convention); optional.
+            grad_scaler: a :class:`DynamicLossScaler` whose scale the grads carry: they are divided
+                by it inside the fused pass (never rewritten), and the step's found-inf flag is
+                recorded for the scaler's next ``update()``.
+            max_grad_norm: clip the global L2 norm of the unscaled grads (over every param of every
+                group) to this, as torch.nn.utils.clip_grad_norm_. ``math.inf`` computes the norm
+                and the inf/nan check without clipping.
+        When grad_scaler or max_grad_norm is given, an inf/nan in any grad skips the step for every
+        param: params, masters, moments and step counts stay bitwise unchanged. Without either, no
+        norm pass runs (as torch.optim.AdamW, a NaN grad then reaches the params).
+        Returns the closure's loss (or None). The norm and the skip flag are in ``last_grad_norm``
+        and ``last_step_skipped``.
+        """
+        if grad_scaler is not None and not isinstance(grad_scaler, DynamicLossScaler):
+            raise TypeError(f"AdamW.step: grad_scaler must be a pyllm.optim.DynamicLossScaler, "
+                            f"got {type(grad_scaler).__name__}")
+        if max_grad_norm is not None and not float(max_grad_norm) >= 0.0:
+            raise ValueError(f"AdamW.step: max_grad_norm must be >= 0 (or None), got {max_grad_norm!r}")
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        buckets = self._collect()
+        self.last_grad_norm = self.last_step_skipped = None
+        if not buckets:
+            return loss
+
+        need_norm = grad_scaler is not None or max_grad_norm is not None or self._reduce_sumsq is not None
+        sumsq = self._global_sumsq(buckets) if need_norm else {}
+        scales = {d: grad_scaler._scale_on(d) for d in sumsq} if grad_scaler is not None else {}
+        found_inf = {d: (~torch.isfinite(s)).to(torch.float32) for d, s in sumsq.items()}
+
+        # The step counts move first (by 0 on a skipped step) so the kernel reads this step's t.
+        steps_by_device: dict[torch.device, list[Tensor]] = {}
+        for b in buckets:
+            steps_by_device.setdefault(b["device"], []).extend(b["steps"])
+        for d, steps in steps_by_device.items():
+            torch._foreach_add_(steps, 1.0 - found_inf[d] if need_norm else 1.0)
+
+        for b in buckets:
+            g, d = b["group"], b["device"]
+            _ops.step_(b["params"], b["table"], has_master=b["has_master"], lr=g["lr"], beta1=g["betas"][0],
+                       beta2=g["betas"][1], eps=g["eps"], weight_decay=g["weight_decay"],
+                       sumsq=sumsq.get(d), loss_scale=scales.get(d),
+                       max_grad_norm=max_grad_norm if max_grad_norm is not None and max_grad_norm != math.inf else None,
+                       stochastic_rounding=g["stochastic_rounding"] and b["params"][0].dtype == torch.bfloat16,
+                       seed=g["seed"])
+
+        if need_norm:
+            d0 = buckets[0]["device"]
+            norm = sumsq[d0].sqrt()
+            if grad_scaler is not None:
+                norm = norm / scales[d0].double()
+            self.last_grad_norm = norm
+            self.last_step_skipped = found_inf[d0].bool()
+            if grad_scaler is not None:
+                grad_scaler._record_found_inf(found_inf[d0])
+        return loss
+
+
+class DynamicLossScaler:
+    """Dynamic loss scaling for fp16 training, with torch.amp.GradScaler's growth/backoff rule:
+    a step with an inf/nan grad multiplies the scale by backoff_factor; growth_interval steps in a
+    row without one multiply it by growth_factor.
+
+    Use: ``scaler.scale(loss).backward()``; ``opt.step(grad_scaler=scaler, ...)`` (pyllm.optim.AdamW
+    unscales inside its fused step and records whether it found an inf/nan); ``scaler.update()``.
+    ``update(found_inf)`` takes the flag directly (a bool or a tensor) for other optimizers.
+    bf16 needs no loss scaling; ``DynamicLossScaler(init_scale=1.0, growth_factor=1.0)`` keeps the
+    scale at 1 if a loop wants one code path. The scale lives in a float32 tensor on the device of
+    the first loss (or optimizer) that uses it: no host sync except get_scale() and state_dict().
+    """
+
+    def __init__(self, init_scale: float = 2.0**16, growth_factor: float = 2.0, backoff_factor: float = 0.5,
+                 growth_interval: int = 2000):
+        if not (math.isfinite(init_scale) and init_scale > 0):
+            raise ValueError(f"DynamicLossScaler: init_scale must be a finite number > 0, got {init_scale!r}")
+        if not growth_factor >= 1.0:
+            raise ValueError(f"DynamicLossScaler: growth_factor must be >= 1, got {growth_factor!r}")
+        if not 0.0 < backoff_factor <= 1.0:
+            raise ValueError(f"DynamicLossScaler: backoff_factor must be in (0, 1], got {backoff_factor!r}")
+        if not (isinstance(growth_interval, int) and growth_interval >= 1):
+            raise ValueError(f"DynamicLossScaler: growth_interval must be an int >= 1, got {growth_interval!r}")
+        self._init_scale = float(init_scale)
+        self._growth_factor = float(growth_factor)
+        self._backoff_factor = float(backoff_factor)
+        self._growth_interval = growth_interval
+        self._scale: Tensor | None = None
+        self._growth_tracker: Tensor | None = None
+        self._found_inf: Tensor | None = None
+
+    def _scale_on(self, device) -> Tensor:
+        """The scale tensor, created on (or moved for good to) `device`."""
+        device = torch.device(device)
+        if self._scale is None:
+            self._scale = torch.full((), self._init_scale, dtype=torch.float32, device=device)
+            self._growth_tracker = torch.zeros((), dtype=torch.int32, device=device)
+        elif self._scale.device != device:
+            self._scale, self._growth_tracker = self._scale.to(device), self._growth_tracker.to(device)
+        return self._scale
+
+    def _record_found_inf(self, found_inf: Tensor) -> None:
+        found_inf = found_inf.to(torch.float32).reshape(())
+        self._found_inf = found_inf if self._found_inf is None else torch.maximum(
+            self._found_inf, found_inf.to(self._found_inf.device))
+
+    def scale(self, loss: Tensor) -> Tensor:
+        """loss * scale, a new tensor: backward through it gives scaled grads. A 16-bit loss is
+        scaled in fp32 (an fp16 loss of 10 times 2^16 would overflow fp16 before any grad exists);
+        the grads still come out in the params' dtype."""
+        if not isinstance(loss, Tensor):
+            raise TypeError(f"DynamicLossScaler.scale: expected a tensor, got {type(loss).__name__}")
+        if loss.dtype in _LOW_PRECISION:
+            loss = loss.float()
+        return loss * self._scale_on(loss.device)
+
+    def get_scale(self) -> float:
+        return self._init_scale if self._scale is None else float(self._scale)
+
+    def update(self, found_inf=None) -> None:
+        """Grows or backs off the scale. found_inf: a bool or tensor; None takes the flag the
+        optimizer recorded in its last step(grad_scaler=self)."""
+        if found_inf is None:
+            if self._found_inf is None:
+                raise RuntimeError("DynamicLossScaler.update: no inf/nan check was recorded since the last "
+                                   "update; call optimizer.step(grad_scaler=scaler) first or pass found_inf")
+            found_inf = self._found_inf
+        scale = self._scale if self._scale is not None else self._scale_on(
+            found_inf.device if isinstance(found_inf, Tensor) else "cpu")
+        found = torch.as_tensor(found_inf, dtype=torch.float32).to(scale.device).reshape(())
+        torch._amp_update_scale_(scale, self._growth_tracker, found, self._growth_factor,
+                                 self._backoff_factor, self._growth_interval)
+        self._found_inf = None
+
+    def state_dict(self) -> dict:
+        """The same keys as torch.amp.GradScaler's."""
+        return {"scale": self.get_scale(), "growth_factor": self._growth_factor,
+                "backoff_factor": self._backoff_factor, "growth_interval": self._growth_interval,
+                "_growth_tracker": 0 if self._growth_tracker is None else int(self._growth_tracker)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        missing = {"scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker"} - set(state_dict)
+        if missing:
+            raise ValueError(f"DynamicLossScaler.load_state_dict: missing keys {sorted(missing)}")
+        self._init_scale = float(state_dict["scale"])
+        self._growth_factor = float(state_dict["growth_factor"])
+        self._backoff_factor = float(state_dict["backoff_factor"])
+        self._growth_interval = int(state_dict["growth_interval"])
+        device = self._scale.device if self._scale is not None else "cpu"
+        self._scale = torch.full((), self._init_scale, dtype=torch.float32, device=device)
+        self._growth_tracker = torch.full((), int(state_dict["_growth_tracker"]), dtype=torch.int32, device=device)
+        self._found_inf = None
+
+
+class ZeroAdamW(torch.optim.Optimizer):
+    """ZeRO stage 1: :class:`AdamW` with its state (fp32 master weights, m, v) partitioned over the
+    ranks of a torch.distributed process group.
+
+    The params (one dtype, one device, one param group) are laid out as one flat vector padded to a
+    multiple of the world size; rank r owns the r-th contiguous shard, and only its master, m and v.
+    step():
+      1. flattens the grads and averages them over the ranks (as DDP does), keeping this rank's
+         shard: reduce_scatter_tensor on NCCL; on gloo, which has no reduce-scatter, an all_reduce
+         of the whole flat grad and a slice (twice the traffic; fine for the CPU tests it serves);
+      2. runs the fused AdamW step on the shard; the grads' sum of squares is all-reduced inside it,
+         so unscaling, the inf/nan skip and clipping use the global norm, as the unsharded step;
+      3. all-gathers the updated shards and copies them into the params.
+    Every rank must hold the same params and call step() together. Every param needs a grad (a
+    missing one raises ValueError). Hyperparameters and the learning rate are read from
+    ``param_groups[0]`` at each step, so LR schedulers work. ``last_grad_norm`` and
+    ``last_step_skipped`` are as in AdamW. state_dict() holds this rank's shard only; load it on
+    the same rank of a group of the same size.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, master_weights=None,
+                 stochastic_rounding=False, process_group=None):
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("ZeroAdamW: torch.distributed is not initialised (call init_process_group first)")
+        _check_hyper("ZeroAdamW", lr, betas, eps, weight_decay)
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        if len(self.param_groups) != 1:
+            raise ValueError(f"ZeroAdamW: takes one param group, got {len(self.param_groups)}")
+        self._params = list(self.param_groups[0]["params"])
+        if not self._params:
+            raise ValueError("ZeroAdamW: got no params")
+        first = self._params[0]
+        for p in self._params:
+            if p.dtype != first.dtype or p.device != first.device:
+                raise ValueError(f"ZeroAdamW: all params must share one dtype and device, got {first.dtype} on "
+                                 f"{first.device} and {p.dtype} on {p.device}")
+            if not p.is_contiguous():
+                raise ValueError("ZeroAdamW: params must be contiguous")
+        self._group = process_group
+        self._rank, self._world = dist.get_rank(process_group), dist.get_world_size(process_group)
+        self._gloo = dist.get_backend(process_group) == "gloo"
+        self._numel = sum(p.numel() for p in self._params)
+        self._shard_size = -(-self._numel // self._world)
+        flat = self._flatten([p.detach() for p in self._params])
+        lo = self._rank * self._shard_size
+        self._shard = torch.nn.Parameter(flat[lo:lo + self._shard_size].clone())
+        self._inner = AdamW([self._shard], lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                            master_weights=master_weights, stochastic_rounding=stochastic_rounding)
+        self._inner._reduce_sumsq = lambda sumsq: dist.all_reduce(sumsq, group=self._group)
+        self.last_grad_norm: Tensor | None = None
+        self.last_step_skipped: Tensor | None = None
+
+    def _flatten(self, tensors: list[Tensor]) -> Tensor:
+        """One flat vector of the tensors, zero-padded to world_size * shard_size."""
+        pad = self._world * self._shard_size - self._numel
+        parts = [t.reshape(-1) for t in tensors]
+        if pad:
+            parts.append(tensors[0].new_zeros(pad))
+        return torch.cat(parts)
+
+    @torch.no_grad()
+    def step(self, closure=None, grad_scaler: DynamicLossScaler | None = None, max_grad_norm: float | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        with_grad = [p.grad is not None for p in self._params]
+        if not any(with_grad):
+            return loss
+        if not all(with_grad):
+            raise ValueError("ZeroAdamW: every param needs a grad (the grads are reduced as one flat vector); "
+                             f"{with_grad.count(False)} of {len(with_grad)} have none")
+        flat_grad = self._flatten([p.grad for p in self._params])
+        flat_grad.div_(self._world)
+        if self._gloo:
+            dist.all_reduce(flat_grad, group=self._group)
+            lo = self._rank * self._shard_size
+            shard_grad = flat_grad[lo:lo + self._shard_size]
+        else:
+            shard_grad = flat_grad.new_empty(self._shard_size)
+            dist.reduce_scatter_tensor(shard_grad, flat_grad, group=self._group)
+        self._shard.grad = shard_grad
+
+        group, inner_group = self.param_groups[0], self._inner.param_groups[0]
+        for key in ("lr", "betas", "eps", "weight_decay"):
+            inner_group[key] = group[key]
+        self._inner.step(grad_scaler=grad_scaler, max_grad_norm=max_grad_norm)
+        self.last_grad_norm, self.last_step_skipped = self._inner.last_grad_norm, self._inner.last_step_skipped
+        self._shard.grad = None
+
+        flat = flat_grad  # the reduced grads are spent: their buffer receives the gathered params
+        if self._gloo:  # gloo's all_gather takes a list
+            dist.all_gather(list(flat.split(self._shard_size)), self._shard.detach(), group=self._group)
+        else:
+            dist.all_gather_into_tensor(flat, self._shard.detach(), group=self._group)
+        offset = 0
+        views = []
+        for p in self._params:
+            views.append(flat[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+        torch._foreach_copy_(self._params, views)
+        return loss
+
+    def state_dict(self) -> dict:
+        return {"rank": self._rank, "world_size": self._world, "numel": self._numel,
+                "param_groups": [{k: v for k, v in self.param_groups[0].items() if k != "params"}],
+                "inner": self._inner.state_dict()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        mine = (self._rank, self._world, self._numel)
+        theirs = (state_dict["rank"], state_dict["world_size"], state_dict["numel"])
+        if mine != theirs:
+            raise ValueError(f"ZeroAdamW.load_state_dict: saved by (rank, world_size, numel) = {theirs}, "
+                             f"loading into {mine}")
+        self.param_groups[0].update(state_dict["param_groups"][0])
+        self._inner.load_state_dict(state_dict["inner"])

@@ -1,0 +1,705 @@
+import copy
+import io
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from pyllm import _C
+from pyllm.ops import _util
+from pyllm.optim import AdamW, DynamicLossScaler
+from helpers import CPU_AND_CUDA, rel_err, tolerance
+
+# One layer of 80K weights: several 16K-element chunks and past the CPU kernel's threading cutoff.
+IN, HIDDEN, OUT = 32, 2500, 8
+
+
+def make_model(device="cpu", dtype=torch.float32):
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(IN, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, OUT)).to(device, dtype)
+
+
+def batch(device, dtype=torch.float32, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(64, IN, generator=g), torch.randn(64, OUT, generator=g)
+    return x.to(device, dtype), y.to(device, dtype)
+
+
+def backward(model, x, y, scale=1.0):
+    for p in model.parameters():
+        p.grad = None
+    loss = ((model(x) - y) ** 2).mean()
+    (loss * scale).backward()
+
+
+def train(model, opt, steps, device, dtype=torch.float32, **step_kwargs):
+    x, y = batch(device, dtype)
+    for _ in range(steps):
+        backward(model, x, y)
+        opt.step(**step_kwargs)
+
+
+def flat(params):
+    """All params as one float64 vector: error statistics over the whole model, not over an
+    8-element bias where either side can get lucky."""
+    return torch.cat([p.detach().double().cpu().reshape(-1) for p in params])
+
+
+def random_grads(params, generator, scale=1.0):
+    return [(torch.randn(p.shape, generator=generator, dtype=torch.float64) * scale) for p in params]
+
+
+def snapshot(model, opt):
+    """Every bit the optimizer owns or writes."""
+    out = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():
+        out += [v.clone() for v in opt.state[p].values() if isinstance(v, torch.Tensor)]
+    return out
+
+
+# --- fp32: against torch.optim.AdamW and a float64 run ------------------------------------------
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+def test_fp32_100_steps_match_torch_against_float64(device):
+    ours, torch32 = make_model(device), make_model(device)
+    ref = make_model("cpu", torch.float64)
+    hyper = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    train(ours, AdamW(ours.parameters(), **hyper), 100, device)
+    train(torch32, torch.optim.AdamW(torch32.parameters(), **hyper), 100, device)
+    train(ref, torch.optim.AdamW(ref.parameters(), **hyper), 100, "cpu", torch.float64)
+    p, t, r = flat(ours.parameters()), flat(torch32.parameters()), flat(ref.parameters())
+    assert rel_err(p, r) <= tolerance(t.float(), r)
+    assert rel_err(p, t) < 1e-5  # and close to torch itself
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+def test_param_groups_with_different_lr_and_weight_decay(device):
+    def groups(m):
+        return [{"params": m[0].parameters(), "lr": 1e-2, "weight_decay": 0.3},
+                {"params": m[2].parameters(), "lr": 2e-3, "weight_decay": 0.0, "betas": (0.8, 0.99)}]
+    ours, torch32, ref = make_model(device), make_model(device), make_model("cpu", torch.float64)
+    train(ours, AdamW(groups(ours), lr=1.0), 20, device)
+    train(torch32, torch.optim.AdamW(groups(torch32), lr=1.0), 20, device)
+    train(ref, torch.optim.AdamW(groups(ref), lr=1.0), 20, "cpu", torch.float64)
+    for layer in (0, 2):  # per group
+        p, t, r = (flat(m[layer].parameters()) for m in (ours, torch32, ref))
+        assert rel_err(p, r) <= tolerance(t.float(), r)
+
+
+def test_lr_scheduler_drives_lr():
+    ours, torch32 = make_model(), make_model()
+    opt_ours, opt_torch = AdamW(ours.parameters(), lr=1e-2), torch.optim.AdamW(torch32.parameters(), lr=1e-2)
+    sched_ours = torch.optim.lr_scheduler.LambdaLR(opt_ours, lambda s: 1.0 / (1 + s))
+    sched_torch = torch.optim.lr_scheduler.LambdaLR(opt_torch, lambda s: 1.0 / (1 + s))
+    x, y = batch("cpu")
+    for _ in range(10):
+        for m, o, s in ((ours, opt_ours, sched_ours), (torch32, opt_torch, sched_torch)):
+            backward(m, x, y)
+            o.step()
+            s.step()
+    assert opt_ours.param_groups[0]["lr"] == opt_torch.param_groups[0]["lr"] == pytest.approx(1e-2 / 11)
+    for p, t in zip(ours.parameters(), torch32.parameters()):
+        assert rel_err(p, t) < 1e-5
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+def test_params_without_grads_are_left_alone(device):
+    model = make_model(device)
+    opt = AdamW(model.parameters(), lr=1e-2)
+    frozen = model[0].weight
+    before = frozen.detach().clone()
+    x, y = batch(device)
+    for _ in range(3):
+        backward(model, x, y)
+        frozen.grad = None
+        opt.step(max_grad_norm=1.0)
+    assert torch.equal(frozen, before) and frozen not in opt.state
+    assert not torch.equal(model[2].weight, make_model(device)[2].weight)
+
+
+def test_bitwise_the_same_for_any_thread_count():
+    """The grad norm's reduction order is fixed by the chunking, not by the threads."""
+    threads_before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)  # torch and pyllm share one OpenMP runtime
+            model = make_model("cpu", torch.bfloat16)
+            opt = AdamW(model.parameters(), lr=1e-2, stochastic_rounding=True)
+            gen = torch.Generator().manual_seed(0)  # grads that do not depend on torch's threads
+            for _ in range(2):
+                for p in model.parameters():
+                    p.grad = torch.randn(p.shape, generator=gen).bfloat16()
+                opt.step(max_grad_norm=0.1)
+            results.append([opt.last_grad_norm] + snapshot(model, opt))
+    finally:
+        torch.set_num_threads(threads_before)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
+# --- 16-bit params with fp32 master weights -------------------------------------------------------
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_16bit_with_master_tracks_fp32_reference(device, dtype):
+    """Same (16-bit-rounded) grads into our 16-bit model and into torch's fp32 / fp64 AdamW:
+    our master weights follow the fp32 reference to fp32 accuracy, and the 16-bit params are
+    the master rounded to nearest."""
+    torch.manual_seed(3)
+    init = [torch.randn(3000), torch.randn(7, 13), torch.randn(70000)]
+    ours = [nn.Parameter(t.to(device, dtype)) for t in init]
+    ref32 = [nn.Parameter(p.detach().float()) for p in ours]
+    ref64 = [nn.Parameter(p.detach().double().cpu()) for p in ours]
+    hyper = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
+    opt, opt32, opt64 = AdamW(ours, **hyper), torch.optim.AdamW(ref32, **hyper), torch.optim.AdamW(ref64, **hyper)
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(30):
+        for g, p, p32, p64 in zip(random_grads(init, gen), ours, ref32, ref64):
+            g16 = g.to(dtype)
+            p.grad, p32.grad, p64.grad = g16.to(device), g16.float().to(device), g16.double()
+        opt.step(), opt32.step(), opt64.step()
+    for p, p32, p64 in zip(ours, ref32, ref64):
+        master = opt.state[p]["master"]
+        assert master.dtype == torch.float32
+        assert rel_err(master, p64) <= tolerance(p32, p64)
+        assert torch.equal(p, master.to(dtype))
+        assert rel_err(p, p64) <= 2 * rel_err(p64.to(dtype), p64) + tolerance(p32, p64)
+
+
+@pytest.mark.parametrize("dtype, mantissa_bits", [(torch.bfloat16, 7), (torch.float16, 10)], ids=["bf16", "fp16"])
+def test_16bit_without_master_rounds_each_step(dtype, mantissa_bits):
+    """master_weights=False: the update runs in fp32 from the 16-bit param and rounds back: within
+    one unit in the last place of the exact (float64) update."""
+    torch.manual_seed(5)
+    p = nn.Parameter(torch.randn(5000).to(dtype))
+    opt = AdamW([p], lr=1e-2, weight_decay=0.1, master_weights=False)
+    g = torch.randn(5000).to(dtype)
+    start = p.detach().double()
+    p.grad = g
+    opt.step()
+    assert "master" not in opt.state[p] and opt.state[p]["exp_avg"].dtype == torch.float32
+    gd = g.double()
+    m, v = 0.1 * gd, 0.001 * gd * gd
+    expect = start * (1 - 1e-3) - 1e-2 / 0.1 * m / ((v / 0.001).sqrt() + 1e-8)
+    ulp = (expect.abs() * 2.0**-mantissa_bits).clamp_min(2.0**-24)
+    assert ((p.double() - expect).abs() <= ulp).all()
+
+
+# --- clipping, unscaling, inf/nan ---------------------------------------------------------------
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+@pytest.mark.parametrize("max_norm", [0.05, 1e3], ids=["clipped", "not-clipped"])
+def test_clipping_matches_clip_grad_norm(device, max_norm):
+    ours, torch32, ref = make_model(device), make_model(device), make_model("cpu", torch.float64)
+    opt = AdamW(ours.parameters(), lr=1e-2)
+    opt32, opt64 = torch.optim.AdamW(torch32.parameters(), lr=1e-2), torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    x, y = batch(device)
+    for _ in range(5):
+        backward(ours, x, y)
+        opt.step(max_grad_norm=max_norm)
+        backward(torch32, x, y)
+        norm32 = nn.utils.clip_grad_norm_(torch32.parameters(), max_norm)
+        opt32.step()
+        backward(ref, x.double().cpu(), y.double().cpu())
+        norm64 = nn.utils.clip_grad_norm_(ref.parameters(), max_norm)
+        opt64.step()
+        assert opt.last_grad_norm.dtype == torch.float64 and not bool(opt.last_step_skipped)
+        floor = (1e-7 if device == "cpu" else 1e-6) * norm64.item()  # CUDA: fp32 sums per chunk
+        assert abs(opt.last_grad_norm.item() - norm64.item()) <= 2 * max(abs(norm32.item() - norm64.item()), floor)
+    for layer in (0, 2):  # per group
+        p, t, r = (flat(m[layer].parameters()) for m in (ours, torch32, ref))
+        assert rel_err(p, r) <= tolerance(t.float(), r)
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+def test_mixed_dtypes_in_one_group_share_one_global_norm(device):
+    """bf16 weights and fp32 norms in one group: two buckets, one norm over both, one clip."""
+    torch.manual_seed(6)
+    ours = [nn.Parameter(torch.randn(3000, device=device).bfloat16()), nn.Parameter(torch.randn(50, device=device)),
+            nn.Parameter(torch.randn(7, 9, device=device).half())]
+    ref = [nn.Parameter(p.detach().double().cpu()) for p in ours]
+    opt, opt64 = AdamW(ours, lr=1e-2), torch.optim.AdamW(ref, lr=1e-2)
+    gen = torch.Generator().manual_seed(7)
+    for _ in range(3):
+        for p, r in zip(ours, ref):
+            g = torch.randn(p.shape, generator=gen).to(p.dtype)
+            p.grad, r.grad = g.to(device), g.double()
+        opt.step(max_grad_norm=0.5)
+        norm64 = nn.utils.clip_grad_norm_(ref, 0.5)
+        opt64.step()
+        # CPU: fp64 accumulation; CUDA: fp32 sums per 64K-element chunk, then fp64
+        assert opt.last_grad_norm.item() == pytest.approx(norm64.item(), rel=1e-9 if device == "cpu" else 1e-6)
+    masters = [opt.state[ours[0]]["master"], ours[1], opt.state[ours[2]]["master"]]
+    assert rel_err(flat(masters), flat(ref)) < 1e-6
+
+
+def test_unscaling_matches_torch_grad_scaler():
+    """Scaled loss -> our fused unscale + clip + step, against torch.amp.GradScaler.unscale_ +
+    clip_grad_norm_ + AdamW, both against an unscaled float64 run (scales are powers of two)."""
+    ours, torch32, ref = make_model(), make_model(), make_model("cpu", torch.float64)
+    opt, opt32 = AdamW(ours.parameters(), lr=1e-2), torch.optim.AdamW(torch32.parameters(), lr=1e-2)
+    opt64 = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    scaler, torch_scaler = DynamicLossScaler(init_scale=2.0**12), torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    x, y = batch("cpu")
+    for _ in range(5):
+        for p in ours.parameters():
+            p.grad = None
+        scaler.scale(((ours(x) - y) ** 2).mean()).backward()
+        opt.step(grad_scaler=scaler, max_grad_norm=0.5)
+        scaler.update()
+        opt32.zero_grad()
+        torch_scaler.scale(((torch32(x) - y) ** 2).mean()).backward()
+        torch_scaler.unscale_(opt32)
+        norm32 = nn.utils.clip_grad_norm_(torch32.parameters(), 0.5)
+        torch_scaler.step(opt32)
+        torch_scaler.update()
+        backward(ref, x.double(), y.double())
+        nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
+        opt64.step()
+        assert opt.last_grad_norm.item() == pytest.approx(norm32.item(), rel=1e-5)
+    assert scaler.get_scale() == torch_scaler.get_scale()
+    for layer in (0, 2):  # per group
+        p, t, r = (flat(m[layer].parameters()) for m in (ours, torch32, ref))
+        assert rel_err(p, r) <= tolerance(t.float(), r)
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan], ids=["inf", "-inf", "nan"])
+def test_inf_or_nan_in_one_grad_skips_the_whole_step(device, dtype, bad):
+    model = make_model(device, dtype)
+    opt = AdamW(model.parameters(), lr=1e-2)
+    scaler = DynamicLossScaler(init_scale=256.0)
+    x, y = batch(device, dtype)
+    for _ in range(2):
+        backward(model, x, y, scale=scaler.get_scale())
+        opt.step(grad_scaler=scaler, max_grad_norm=1.0)
+        scaler.update()
+    assert not bool(opt.last_step_skipped)
+    before = snapshot(model, opt)
+    backward(model, x, y, scale=scaler.get_scale())
+    model[2].bias.grad[3] = bad  # one element of one small grad
+    opt.step(grad_scaler=scaler, max_grad_norm=1.0)
+    after = snapshot(model, opt)
+    assert all(torch.equal(a, b) for a, b in zip(after, before))  # bitwise, steps included
+    assert bool(opt.last_step_skipped) and not math.isfinite(opt.last_grad_norm.item())
+    scaler.update()
+    assert scaler.get_scale() == 128.0
+    # Without a scaler, clipping alone still guards the step.
+    opt.step(max_grad_norm=1.0)
+    assert all(torch.equal(a, b) for a, b in zip(snapshot(model, opt), before))
+
+
+def test_scaler_growth_and_backoff_follow_grad_scaler():
+    ours = DynamicLossScaler(init_scale=8.0, growth_factor=2.0, backoff_factor=0.25, growth_interval=3)
+    scale, tracker = torch.tensor(8.0), torch.tensor(0, dtype=torch.int32)
+    pattern = [False, False, False, False, True, False, False, False, False, False, False, True, True]
+    for found in pattern:
+        ours.update(found)
+        torch._amp_update_scale_(scale, tracker, torch.tensor(float(found)), 2.0, 0.25, 3)
+        assert ours.get_scale() == scale.item()
+    assert ours.state_dict()["_growth_tracker"] == tracker.item()
+
+
+def test_scaler_growth_after_interval_and_state_dict():
+    s = DynamicLossScaler(init_scale=4.0, growth_interval=2)
+    s.update(False)
+    assert s.get_scale() == 4.0
+    s.update(torch.tensor(0.0))
+    assert s.get_scale() == 8.0
+    s.update(True)
+    assert s.get_scale() == 4.0
+    s.update(False)
+    t = DynamicLossScaler()
+    t.load_state_dict(copy.deepcopy(s.state_dict()))
+    assert t.state_dict() == s.state_dict() == {"scale": 4.0, "growth_factor": 2.0, "backoff_factor": 0.5,
+                                                 "growth_interval": 2, "_growth_tracker": 1}
+    t.update(False)
+    assert t.get_scale() == 8.0
+    assert (s.scale(torch.tensor(3.0)) == 12.0).all()
+    big = DynamicLossScaler().scale(torch.tensor(10.0, dtype=torch.float16))
+    assert big.dtype == torch.float32 and big.item() == 10.0 * 2**16  # not an fp16 overflow
+    with pytest.raises(RuntimeError, match="no inf/nan check"):
+        s.update()
+
+
+# --- state_dict -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_state_dict_round_trip_then_identical_steps(dtype):
+    model = make_model("cpu", dtype)
+    opt = AdamW(model.parameters(), lr=1e-2, stochastic_rounding=dtype == torch.bfloat16)
+    train(model, opt, 3, "cpu", dtype, max_grad_norm=1.0)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer)
+    resumed = make_model("cpu", dtype)
+    resumed.load_state_dict(saved["model"])
+    opt2 = AdamW(resumed.parameters(), lr=5.0)
+    opt2.load_state_dict(saved["opt"])
+    assert opt2.param_groups[0]["lr"] == 1e-2 and opt2.param_groups[0]["seed"] == opt.param_groups[0]["seed"]
+    for p in resumed.parameters():
+        st = opt2.state[p]
+        assert st["exp_avg"].dtype == torch.float32 and st["step"].item() == 3.0
+        assert ("master" in st) == (dtype != torch.float32)
+        assert "master" not in st or st["master"].dtype == torch.float32
+    train(model, opt, 4, "cpu", dtype, max_grad_norm=1.0)
+    train(resumed, opt2, 4, "cpu", dtype, max_grad_norm=1.0)
+    assert all(torch.equal(a, b) for a, b in zip(snapshot(model, opt), snapshot(resumed, opt2)))
+
+
+def test_load_state_dict_does_not_share_tensors():
+    model = make_model()
+    opt = AdamW(model.parameters())
+    train(model, opt, 1, "cpu")
+    sd = opt.state_dict()
+    opt.load_state_dict(sd)
+    for p in model.parameters():
+        assert opt.state[p]["exp_avg"].data_ptr() != sd["state"][0]["exp_avg"].data_ptr()
+
+
+def test_load_torch_adamw_state_dict_then_continue_like_torch():
+    ours, torch32 = make_model(), make_model()
+    opt32 = torch.optim.AdamW(torch32.parameters(), lr=1e-2, weight_decay=0.05)
+    train(torch32, opt32, 3, "cpu")
+    ours.load_state_dict(torch32.state_dict())
+    opt = AdamW(ours.parameters())
+    opt.load_state_dict(opt32.state_dict())
+    assert opt.param_groups[0]["lr"] == 1e-2 and opt.param_groups[0]["master_weights"] is None
+    train(torch32, opt32, 3, "cpu")
+    train(ours, opt, 3, "cpu")
+    assert rel_err(flat(ours.parameters()), flat(torch32.parameters())) < 1e-6
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_every_16bit_value_survives_a_zero_update(device, dtype):
+    """All 65536 bit patterns through the kernels' own 16-bit load and store (lr = 0, no master):
+    every finite value and both infinities come back bitwise, NaNs stay NaN. Also the sum of
+    squares of all finite values against float64."""
+    bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    p = nn.Parameter(bits.view(dtype).clone().to(device))
+    opt = AdamW([p], lr=0.0, weight_decay=0.0, master_weights=False)
+    p.grad = torch.zeros_like(p)
+    opt.step()
+    before = bits.view(dtype).to(device)
+    nan = torch.isnan(before)
+    assert torch.equal(p[~nan].view(torch.int16), before[~nan].view(torch.int16))
+    assert torch.isnan(p[nan]).all()
+    # The grad load: with beta1 = 0 the first moment is the grad itself, in fp32.
+    r = nn.Parameter(torch.zeros_like(before))
+    r.grad = before.clone()
+    opt3 = AdamW([r], lr=0.0, betas=(0.0, 0.999))
+    opt3.step()
+    assert torch.equal(opt3.state[r]["exp_avg"][~nan], before[~nan].float())
+    finite = before[torch.isfinite(before)]
+    if device == "cuda":  # CUDA squares in fp32: |g| > ~1e18 overflows (reads as an inf grad)
+        finite = finite[finite.abs() < 1e15]
+    q = nn.Parameter(torch.zeros_like(finite))
+    q.grad = finite.clone()
+    opt2 = AdamW([q], lr=0.0)
+    opt2.step(max_grad_norm=math.inf)
+    ref = finite.double().cpu().square().sum().sqrt().item()
+    assert opt2.last_grad_norm.item() == pytest.approx(ref, rel=1e-12 if device == "cpu" else 1e-6)
+
+
+def test_fp16_conversions_round_to_nearest_even_like_torch():
+    """Random fp32 values across fp16's whole range (subnormals, the overflow edge, ties) rounded
+    by the kernel's fp16 store, against torch's own conversion."""
+    gen = torch.Generator().manual_seed(12)
+    exps = torch.randint(-30, 17, (200_000,), generator=gen).double()
+    vals = (torch.rand(200_000, generator=gen, dtype=torch.float64) + 1) * 2**exps
+    vals = torch.cat([vals, -vals, torch.tensor([65504.0, 65519.99, 65520.0, 2.0**-25, 2.0**-24 * 1.5,
+                                                 2.0**-14 * (1 - 2.0**-11), 0.0, -0.0, math.inf, -math.inf])])
+    master = vals.float()
+    p = nn.Parameter(torch.zeros(master.numel(), dtype=torch.float16))
+    opt = AdamW([p], lr=0.0, weight_decay=0.0)
+    p.grad = torch.zeros_like(p)
+    opt.state[p]["step"] = torch.zeros(())
+    opt.state[p]["exp_avg"] = torch.zeros(master.numel())
+    opt.state[p]["exp_avg_sq"] = torch.zeros(master.numel())
+    opt.state[p]["master"] = master.clone()
+    opt.step()
+    assert torch.equal(p.view(torch.int16), master.half().view(torch.int16))
+
+
+# --- stochastic rounding, poisoned outputs -------------------------------------------------------
+
+def sr_step(seed, n=200_000, lr_in_ulps=0.3, sr=True):
+    """All params 1.0 (bf16 ulp 2^-7 above 1, 2^-8 below), one step whose update is exactly -lr."""
+    torch.manual_seed(seed)
+    p = nn.Parameter(torch.ones(n, dtype=torch.bfloat16))
+    lr = lr_in_ulps * 2.0**-8
+    opt = AdamW([p], lr=lr, weight_decay=0.0, eps=0.0, stochastic_rounding=sr)
+    p.grad = torch.ones(n, dtype=torch.bfloat16)
+    opt.step()
+    return p.detach().clone(), opt.state[p]["master"], lr
+
+
+def test_stochastic_rounding_leaves_fp32_params_alone():
+    """SR applies to the bf16 params of a group; its fp32 params (norms, say) step as usual."""
+    w, b = nn.Parameter(torch.randn(300).bfloat16()), nn.Parameter(torch.randn(20))
+    b_ref = nn.Parameter(b.detach().clone())
+    opt, opt32 = AdamW([w, b], lr=1e-2, stochastic_rounding=True), torch.optim.AdamW([b_ref], lr=1e-2)
+    w.grad, b.grad = torch.randn(300).bfloat16(), torch.randn(20)
+    b_ref.grad = b.grad.clone()
+    opt.step(), opt32.step()
+    assert rel_err(b, b_ref) < 1e-6
+    master = opt.state[w]["master"].double()
+    assert ((w.double() - master).abs() <= master.abs() * 2.0**-7).all()  # one of the two neighbours
+
+
+def test_stochastic_rounding_unbiased_and_reproducible():
+    p, master, lr = sr_step(seed=7)
+    assert torch.all(master == torch.tensor(1.0 - lr, dtype=torch.float32))
+    # Each element is 1 - 2^-8 (prob 0.3) or 1.0 (prob 0.7): the mean is the fp32 master's value.
+    down = (p == torch.tensor(1.0 - 2.0**-8, dtype=torch.bfloat16)).double().mean().item()
+    assert ((p == 1.0) | (p == 1.0 - 2.0**-8)).all()
+    n = p.numel()
+    assert abs(down - 0.3) < 5 * math.sqrt(0.3 * 0.7 / n)
+    assert abs(p.double().mean().item() - (1.0 - lr)) < 5 * 2.0**-8 * math.sqrt(0.3 * 0.7 / n)
+    again, _, _ = sr_step(seed=7)
+    other, _, _ = sr_step(seed=8)
+    assert torch.equal(p, again) and not torch.equal(p, other)
+    nearest, _, _ = sr_step(seed=7, sr=False)
+    assert (nearest == 1.0).all()  # round-to-nearest loses the whole update: the bias SR removes
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_every_param_element_is_written(device, dtype):
+    """Poison the 16-bit params after the masters exist: one step must rewrite every element
+    (tails of odd sizes included) from the master."""
+    params = [nn.Parameter(torch.randn(n, device=device).to(dtype)) for n in (1, 7, 16384 + 3, 70001)]
+    opt = AdamW(params, lr=1e-3)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    for p in params:
+        p.data.fill_(float("nan"))
+        p.grad = torch.randn_like(p)
+    opt.step()
+    for p in params:
+        assert torch.isfinite(p).all() and torch.equal(p, opt.state[p]["master"].to(dtype))
+
+
+# --- bad input -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(lr=-1e-3), "lr"), (dict(eps=-1.0), "eps"), (dict(weight_decay=-0.1), "weight_decay"),
+    (dict(betas=(1.0, 0.999)), r"betas\[0\]"), (dict(betas=(0.9, -0.1)), r"betas\[1\]"),
+    (dict(betas=(0.9,)), "pair"), (dict(master_weights="yes"), "master_weights"),
+])
+def test_bad_hyperparameters(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        AdamW(make_model().parameters(), **kwargs)
+
+
+def test_bad_params_and_grads():
+    emb = nn.Embedding(10, 4, sparse=True)
+    opt = AdamW(emb.parameters())
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+    with pytest.raises(ValueError, match="one device"):
+        AdamW([nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2, device="meta"))])
+    with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
+        AdamW([torch.zeros(3, dtype=torch.float64, requires_grad=True)])
+    p = nn.Parameter(torch.zeros(3, dtype=torch.float16))
+    p.grad = torch.ones(3, dtype=torch.float16)
+    with pytest.raises(ValueError, match="stochastic_rounding is for bfloat16"):
+        AdamW([p], stochastic_rounding=True).step()
+    q = nn.Parameter(torch.zeros(4, 4).t())
+    q.grad = torch.ones(4, 4)
+    with pytest.raises(ValueError, match="contiguous"):
+        AdamW([q]).step()
+    r = nn.Parameter(torch.zeros(3))
+    r.grad = torch.ones(3)
+    with pytest.raises(TypeError, match="DynamicLossScaler"):
+        AdamW([r]).step(grad_scaler=torch.amp.GradScaler("cpu"))
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        AdamW([r]).step(max_grad_norm=-1.0)
+    opt = AdamW([r])
+    opt.param_groups[0]["lr"] = -1.0  # a scheduler gone wrong is caught at the step
+    with pytest.raises(ValueError, match="lr"):
+        opt.step()
+
+
+def test_cuda_param_without_cuda_kernels(monkeypatch):
+    monkeypatch.setattr(_util, "HAS_CUDA_KERNELS", False)
+    with pytest.raises(RuntimeError, match="built without CUDA kernels"):
+        _util.check_backend("AdamW", torch.device("cuda"))
+
+
+def test_bad_scaler_arguments():
+    for kwargs in (dict(init_scale=0.0), dict(init_scale=math.inf), dict(growth_factor=0.5),
+                   dict(backoff_factor=0.0), dict(backoff_factor=1.5), dict(growth_interval=0)):
+        with pytest.raises(ValueError):
+            DynamicLossScaler(**kwargs)
+    with pytest.raises(TypeError):
+        DynamicLossScaler().scale(3.0)
+
+
+def test_cpp_rechecks_raw_arguments():
+    table = torch.zeros(7, 1, dtype=torch.int64)
+    table[6, 0] = 10  # numel 10 with null pointers
+    with pytest.raises(ValueError, match="null pointer"):
+        _C.adamw_step_cpu(table.data_ptr(), 1, 0, False, 1e-3, 0.9, 0.999, 1e-8, 0.0, 0, 0, -1.0, False, 0)
+    with pytest.raises(ValueError, match="null pointer"):
+        _C.adamw_grad_sumsq_cpu(table.data_ptr(), 1, 0, torch.zeros((), dtype=torch.float64).data_ptr())
+    with pytest.raises(ValueError, match="params must be"):
+        _C.adamw_step_cpu(table.data_ptr(), 0, 3, False, 1e-3, 0.9, 0.999, 1e-8, 0.0, 0, 0, -1.0, False, 0)
+    with pytest.raises(ValueError, match="betas"):
+        _C.adamw_step_cpu(table.data_ptr(), 0, 0, False, 1e-3, 1.0, 0.999, 1e-8, 0.0, 0, 0, -1.0, False, 0)
+    with pytest.raises(ValueError, match="stochastic"):
+        _C.adamw_step_cpu(table.data_ptr(), 0, 1, True, 1e-3, 0.9, 0.999, 1e-8, 0.0, 0, 0, -1.0, True, 0)
+
+
+# --- CUDA: the twin of the CPU kernel ----------------------------------------------------------
+
+def twin_params(sizes, dtype, misaligned=()):
+    """The same params on CPU and CUDA; indices in `misaligned` are views one element into their
+    storage (not 16-byte aligned: the CUDA kernel's scalar path)."""
+    cpu, gpu = [], []
+    for i, n in enumerate(sizes):
+        full = torch.randn(n + 1).to(dtype)
+        lo = 1 if i in misaligned else 0
+        cpu.append(nn.Parameter(full[lo:lo + n].clone()))
+        gpu.append(nn.Parameter(full.cuda()[lo:lo + n]))
+    return cpu, gpu
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("sr", [False, True], ids=["nearest", "stochastic"])
+def test_cuda_matches_cpu_twin_across_launches(dtype, sr):
+    if sr and dtype != torch.bfloat16:
+        pytest.skip("stochastic rounding is bf16 only")
+    gen = torch.Generator().manual_seed(9)
+    # 70 tensors (more than one launch's 32 slots), one of 330 chunks (more than one launch's 320
+    # chunks), empty and odd sizes, and misaligned views.
+    sizes = [int(s) for s in torch.randint(1, 200_000, (68,), generator=gen)] + [0, 330 * 65536 + 5]
+    cpu, gpu = twin_params(sizes, dtype, misaligned={3, 10})
+    torch.manual_seed(11)
+    opt_cpu = AdamW(cpu, lr=1e-3, stochastic_rounding=sr)
+    torch.manual_seed(11)
+    opt_gpu = AdamW(gpu, lr=1e-3, stochastic_rounding=sr)
+    scaler_cpu, scaler_gpu = DynamicLossScaler(2.0**8), DynamicLossScaler(2.0**8)
+    for _ in range(3):
+        for c, g in zip(cpu, gpu):
+            c.grad = (torch.randn(c.shape, generator=gen) * 256).to(dtype)
+            g.grad = c.grad.cuda()
+        opt_cpu.step(grad_scaler=scaler_cpu, max_grad_norm=1.0)
+        opt_gpu.step(grad_scaler=scaler_gpu, max_grad_norm=1.0)
+        scaler_cpu.update(), scaler_gpu.update()
+        assert opt_gpu.last_grad_norm.item() == pytest.approx(opt_cpu.last_grad_norm.item(), rel=1e-5)
+    for c, g in zip(cpu, gpu):
+        for key in ("exp_avg", "exp_avg_sq") + (("master",) if dtype != torch.float32 else ()):
+            assert rel_err(opt_gpu.state[g][key], opt_cpu.state[c][key]) < 1e-5
+        if dtype == torch.float32:
+            assert rel_err(g, c) < 1e-6
+        elif c.numel():  # 16-bit copies agree except where the fp32 values straddle a rounding boundary
+            assert (g.cpu() != c).double().mean().item() < 1e-3
+
+
+@pytest.mark.cuda
+def test_cuda_step_has_no_host_sync():
+    model = make_model("cuda", torch.float16)
+    opt, scaler = AdamW(model.parameters(), lr=1e-3), DynamicLossScaler()
+    x, y = batch("cuda", torch.float16)
+    backward(model, x, y, scale=scaler.get_scale())
+    opt.step(grad_scaler=scaler, max_grad_norm=1.0)  # state is created on the first step
+    scaler.update()
+    backward(model, x, y, scale=scaler.get_scale())
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opt.step(grad_scaler=scaler, max_grad_norm=1.0)
+        scaler.update()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert not bool(opt.last_step_skipped)
+
+
+@pytest.mark.cuda
+def test_cuda_cpp_rechecks_raw_arguments():
+    table = torch.zeros(7, 1, dtype=torch.int64)
+    table[6, 0] = 10
+    out = torch.zeros((), dtype=torch.float64, device="cuda")
+    with pytest.raises(ValueError, match="null pointer"):
+        _C.adamw_grad_sumsq_cuda(table.data_ptr(), 1, 0, out.data_ptr(), 1, out.data_ptr(), 0, 0)
+    table[:, 0] = out.data_ptr()
+    table[6, 0] = 10 * 65536
+    with pytest.raises(ValueError, match="partials"):
+        _C.adamw_grad_sumsq_cuda(table.data_ptr(), 1, 0, out.data_ptr(), 1, out.data_ptr(), 0, 0)
+
+
+# --- ZeRO-1 over gloo -----------------------------------------------------------------------------
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _zero_matches_unsharded(rank, world, dtype):
+    from pyllm.optim import ZeroAdamW
+
+    torch.manual_seed(0)
+    shapes = [(37, 5), (300,), (11,)]  # 496 elements: not a multiple of anything, so padded
+    params = [nn.Parameter(torch.randn(s).to(dtype)) for s in shapes]
+    ref = [nn.Parameter(p.detach().clone()) for p in params]
+    opt = ZeroAdamW(params, lr=1e-2, weight_decay=0.1)
+    ref_opt = AdamW(ref, lr=1e-2, weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    ref_sched = torch.optim.lr_scheduler.StepLR(ref_opt, step_size=2, gamma=0.5)
+    gen = torch.Generator().manual_seed(1)  # every rank draws every rank's grads
+    for step in range(5):
+        grads = [[torch.randn(s, generator=gen).to(dtype) for s in shapes] for _ in range(world)]
+        if step == 3:
+            grads[1][2][4] = float("nan")  # on rank 1 only: every rank must skip
+        for p, g in zip(params, grads[rank]):
+            p.grad = g.clone()
+        for p, per_rank in zip(ref, zip(*grads)):
+            p.grad = sum(g / world for g in per_rank)
+        before = [p.detach().clone() for p in params]
+        opt.step(max_grad_norm=0.5)
+        ref_opt.step(max_grad_norm=0.5)
+        sched.step(), ref_sched.step()
+        assert bool(opt.last_step_skipped) == bool(ref_opt.last_step_skipped) == (step == 3)
+        if step == 3:
+            assert all(torch.equal(a, b) for a, b in zip(params, before))
+        else:
+            assert opt.last_grad_norm.item() == pytest.approx(ref_opt.last_grad_norm.item(), rel=1e-12)
+        # bf16: the masters agree to fp32 rounding, so a copy may differ by one bf16 ulp
+        rtol, atol = (1e-6, 1e-7) if dtype == torch.float32 else (2.0**-7, 1e-6)
+        for p, r in zip(params, ref):
+            torch.testing.assert_close(p, r, rtol=rtol, atol=atol)
+    shard_state = opt._inner.state[opt._shard]
+    assert shard_state["exp_avg"].numel() == -(-496 // world)  # only this rank's shard
+    assert ("master" in shard_state) == (dtype == torch.bfloat16)
+
+
+def _zero_worker(rank, world, port):
+    import os
+
+    import torch.distributed as dist
+
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        for dtype in (torch.float32, torch.bfloat16):
+            _zero_matches_unsharded(rank, world, dtype)
+        dist.barrier()  # no rank tears gloo down while another is still in a collective
+    finally:
+        dist.destroy_process_group()
+
+
+def test_zero1_over_gloo_matches_unsharded():
+    import torch.multiprocessing as mp
+
+    mp.spawn(_zero_worker, args=(2, _free_port()), nprocs=2, join=True)

@@ -370,3 +370,24 @@ def test_bad_input(gpt4):
         Tokenizer({"a": 0})
     assert gpt4.encode_batch([]) == []
     assert gpt4.decode([]) == ""
+
+
+def test_parity_shuffled_ranks(corpus):
+    # A vocabulary whose ranks are not in merge order (a merge can then create a pair of lower
+    # rank than the one just merged): the exact tiktoken merge order must still hold, in the
+    # short-piece and long-piece paths alike.
+    base = Tokenizer.train(corpus[:10], 1000, pattern="gpt2", show_progress=False).mergeable_ranks
+    rng = random.Random(7)
+    multi = [b for b in base if len(b) > 1]
+    new_ranks = list(range(256, 256 + len(multi)))
+    rng.shuffle(new_ranks)
+    ranks = {bytes([i]): i for i in range(256)} | dict(zip(multi, new_ranks))
+    tok = Tokenizer(ranks, "gpt2")
+    enc = tok.to_tiktoken("shuffled")
+    letters = "etaoinshrdlu"
+    for n in (50, 127, 128, 129, 300, 5000):
+        for _ in range(3):
+            text = "".join(rng.choice(letters) for _ in range(n))
+            assert tok.encode_ordinary(text) == enc.encode_ordinary(text), n
+    text = corpus[3][:20000]
+    assert tok.encode_ordinary(text) == enc.encode_ordinary(text)

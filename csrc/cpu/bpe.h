@@ -68,7 +68,8 @@ class PairMap {
 
 inline uint64_t pair_key(uint32_t left, uint32_t right) { return (uint64_t(left) << 32) | right; }
 
-struct PieceCache;  // per-thread cache of encoded pieces (bpe_encode.cpp)
+struct PieceCache;        // per-thread cache of encoded pieces (bpe_encode.cpp)
+struct LongPieceScratch;  // per-thread scratch of the long-piece merge (bpe_encode.cpp)
 
 // The encoder: immutable after construction (the piece caches are pooled under a mutex), so one
 // Encoder serves any number of threads.
@@ -107,7 +108,7 @@ class Encoder {
   uint32_t pair_rank(uint32_t left, uint32_t right) const { return pairs_.get(pair_key(left, right)); }
   void encode_piece(const uint8_t* p, size_t n, std::vector<uint32_t>& out, PieceCache& cache) const;
   void merge_small(const uint8_t* p, size_t n, std::vector<uint32_t>& out) const;
-  void merge_heap(const uint8_t* p, size_t n, std::vector<uint32_t>& out) const;
+  void merge_long(const uint8_t* p, size_t n, std::vector<uint32_t>& out, LongPieceScratch& scratch) const;
   void encode_ordinary_into(const uint8_t* p, size_t n, std::vector<uint32_t>& out, PieceCache& cache,
                             std::vector<uint32_t>& ends) const;
   void encode_into(std::string_view text, const std::vector<uint32_t>& allowed,

@@ -35,7 +35,24 @@ constexpr size_t kMaxCachedPiece = 64;
 constexpr uint32_t kNone = ~0u;
 }  // namespace
 
+// Scratch of merge_long, kept per thread between pieces. Pairs live in one bucket per rank (a
+// sorted array consumed from the front, plus a small heap for out-of-order inserts); a min-heap
+// holds the ranks that have a non-empty bucket.
+struct LongPieceScratch {
+  struct Bucket {
+    std::vector<uint64_t> base, extra;  // (position << 32 | version of that node when pushed)
+    size_t cursor = 0;
+    bool in_heap = false;
+  };
+  std::vector<Bucket> buckets;
+  size_t used = 0;
+  std::vector<uint32_t> bucket_of_rank, touched_ranks, rank_heap;
+  std::vector<uint32_t> sym, next, prev, version;
+};
+
+// Per-thread state: the cache of encoded pieces and the long-piece scratch.
 struct PieceCache {
+  LongPieceScratch long_scratch;
   static constexpr size_t kSlots = 1 << 14;
   static constexpr size_t kMaxArena = 1 << 22;  // bytes of keys; then start over
   struct Entry {
@@ -161,51 +178,99 @@ void Encoder::merge_small(const uint8_t* p, size_t n, std::vector<uint32_t>& out
   out.insert(out.end(), sym, sym + m);
 }
 
-void Encoder::merge_heap(const uint8_t* p, size_t n, std::vector<uint32_t>& out) const {
+void Encoder::merge_long(const uint8_t* p, size_t n, std::vector<uint32_t>& out, LongPieceScratch& s) const {
   PYLLM_CHECK(n < 0xFFFFFFFFull, "bpe: piece too long");
-  std::vector<uint32_t> sym(n), next(n), prev(n);
-  std::vector<uint64_t> heap;  // (rank << 32 | position), a min-heap
-  heap.reserve(n);
+  if (s.bucket_of_rank.size() < token_span_.size()) s.bucket_of_rank.assign(token_span_.size(), kNone);
+  s.sym.resize(n);
+  s.next.resize(n);
+  s.prev.resize(n);
+  s.version.assign(n, 0);
+  uint32_t* sym = s.sym.data();
+  uint32_t* next = s.next.data();
+  uint32_t* prev = s.prev.data();
+  uint32_t* version = s.version.data();
   for (size_t i = 0; i < n; ++i) {
     sym[i] = byte_rank_[p[i]];
     next[i] = i + 1 < n ? uint32_t(i + 1) : kNone;
     prev[i] = i > 0 ? uint32_t(i - 1) : kNone;
   }
+  const auto later = std::greater<uint64_t>();
+  const auto later32 = std::greater<uint32_t>();
+  auto insert = [&](uint32_t rank, uint32_t pos) {
+    uint32_t b = s.bucket_of_rank[rank];
+    if (b == kNone) {
+      b = s.bucket_of_rank[rank] = uint32_t(s.used++);
+      if (s.buckets.size() < s.used) s.buckets.emplace_back();
+      s.touched_ranks.push_back(rank);
+    }
+    LongPieceScratch::Bucket& bucket = s.buckets[b];
+    const uint64_t entry = (uint64_t(pos) << 32) | version[pos];
+    if (bucket.cursor == bucket.base.size()) {
+      bucket.base.clear();
+      bucket.cursor = 0;
+      bucket.base.push_back(entry);
+    } else if (entry >= bucket.base.back()) {
+      bucket.base.push_back(entry);  // the usual case: a left-to-right sweep inserts in order
+    } else {
+      bucket.extra.push_back(entry);
+      std::push_heap(bucket.extra.begin(), bucket.extra.end(), later);
+    }
+    if (!bucket.in_heap) {
+      bucket.in_heap = true;
+      s.rank_heap.push_back(rank);
+      std::push_heap(s.rank_heap.begin(), s.rank_heap.end(), later32);
+    }
+  };
   for (size_t i = 0; i + 1 < n; ++i) {
     const uint32_t r = pair_rank(sym[i], sym[i + 1]);
-    if (r != kNone) heap.push_back((uint64_t(r) << 32) | i);
+    if (r != kNone) insert(r, uint32_t(i));
   }
-  const auto later = std::greater<uint64_t>();
-  std::make_heap(heap.begin(), heap.end(), later);
-  while (!heap.empty()) {
-    std::pop_heap(heap.begin(), heap.end(), later);
-    const uint64_t top = heap.back();
-    heap.pop_back();
-    const uint32_t r = uint32_t(top >> 32), i = uint32_t(top);
+  while (!s.rank_heap.empty()) {
+    const uint32_t r = s.rank_heap.front();
+    LongPieceScratch::Bucket& bucket = s.buckets[s.bucket_of_rank[r]];
+    const bool has_base = bucket.cursor < bucket.base.size();
+    uint64_t entry;
+    if (!bucket.extra.empty() && (!has_base || bucket.extra.front() < bucket.base[bucket.cursor])) {
+      std::pop_heap(bucket.extra.begin(), bucket.extra.end(), later);
+      entry = bucket.extra.back();
+      bucket.extra.pop_back();
+    } else if (has_base) {
+      entry = bucket.base[bucket.cursor++];
+    } else {
+      std::pop_heap(s.rank_heap.begin(), s.rank_heap.end(), later32);
+      s.rank_heap.pop_back();
+      bucket.in_heap = false;
+      continue;
+    }
+    const uint32_t i = uint32_t(entry >> 32);
+    if (sym[i] == kNone || version[i] != uint32_t(entry)) continue;  // stale
     const uint32_t j = next[i];
-    // Stale entries: i was absorbed (its next link is cut), or its pair changed since the push.
-    if (j == kNone || sym[i] == kNone || pair_rank(sym[i], sym[j]) != r) continue;
     sym[i] = r;
     sym[j] = kNone;
     next[i] = next[j];
-    next[j] = kNone;
     if (next[i] != kNone) prev[next[i]] = i;
+    ++version[i];
     if (prev[i] != kNone) {
+      ++version[prev[i]];
       const uint32_t rl = pair_rank(sym[prev[i]], r);
-      if (rl != kNone) {
-        heap.push_back((uint64_t(rl) << 32) | prev[i]);
-        std::push_heap(heap.begin(), heap.end(), later);
-      }
+      if (rl != kNone) insert(rl, prev[i]);
     }
     if (next[i] != kNone) {
       const uint32_t rr = pair_rank(r, sym[next[i]]);
-      if (rr != kNone) {
-        heap.push_back((uint64_t(rr) << 32) | i);
-        std::push_heap(heap.begin(), heap.end(), later);
-      }
+      if (rr != kNone) insert(rr, i);
     }
   }
   for (uint32_t i = 0; i != kNone; i = next[i]) out.push_back(sym[i]);
+  for (const uint32_t rank : s.touched_ranks) s.bucket_of_rank[rank] = kNone;
+  for (size_t b = 0; b < s.used; ++b) {
+    s.buckets[b].base.clear();
+    s.buckets[b].extra.clear();
+    s.buckets[b].cursor = 0;
+    s.buckets[b].in_heap = false;
+  }
+  s.used = 0;
+  s.touched_ranks.clear();
+  s.rank_heap.clear();
 }
 
 void Encoder::encode_piece(const uint8_t* p, size_t n, std::vector<uint32_t>& out, PieceCache& cache) const {
@@ -220,7 +285,7 @@ void Encoder::encode_piece(const uint8_t* p, size_t n, std::vector<uint32_t>& ou
   }
   if (n > kMaxCachedPiece) {
     if (n <= kSmallPiece) merge_small(p, n, out);
-    else merge_heap(p, n, out);
+    else merge_long(p, n, out, cache.long_scratch);
     return;
   }
   const uint64_t h = hash_bytes(p, n);

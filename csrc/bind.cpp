@@ -54,6 +54,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_device_count", &pyllm::cuda_device_count);
   m.def("cuda_runtime_version", &pyllm::cuda_runtime_version);
 
+  py::class_<pyllm::bpe::CudaEncoder>(m, "BpeCudaEncoder")
+      .def(py::init<const pyllm::bpe::Encoder&, int>(), py::keep_alive<1, 2>(), nogil, arg("encoder"), arg("device"))
+      .def("encode_batch", &pyllm::bpe::CudaEncoder::encode_batch, nogil, arg("texts"), arg("allowed"),
+           arg("disallowed"), arg("stream"), arg("num_threads"));
+
   m.def("swiglu_fwd_cuda", &pyllm::swiglu_fwd_cuda, nogil, arg("gate"), arg("up"), arg("out"), arg("rows"),
         arg("cols"), arg("in_stride"), arg("out_stride"), arg("dtype"), arg("device"), arg("stream"));
   m.def("swiglu_bwd_cuda", &pyllm::swiglu_bwd_cuda, nogil, arg("dout"), arg("gate"), arg("up"), arg("dgate"),

@@ -391,3 +391,45 @@ def test_parity_shuffled_ranks(corpus):
             assert tok.encode_ordinary(text) == enc.encode_ordinary(text), n
     text = corpus[3][:20000]
     assert tok.encode_ordinary(text) == enc.encode_ordinary(text)
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA batch encoder (csrc/cuda/bpe.cu): same ids as the CPU path
+def _cuda_texts(corpus):
+    rng = random.Random(3)
+    words = ["".join(rng.choice("abcdefghij") for _ in range(n)) for n in (40, 48, 49, 64, 300, 2048, 2049, 5000)]
+    return SAMPLES + words + ["ab" * 600, corpus[0][:30000], corpus[1][:5000], ""]
+
+
+@pytest.mark.cuda
+def test_cuda_matches_cpu(pair, corpus):
+    tok, enc = pair
+    texts = _cuda_texts(corpus)
+    assert tok.encode_batch(texts, device="cuda") == tok.encode_batch(texts)
+    assert tok.encode_batch(texts, device="cuda") == enc.encode_batch(texts)
+    text = f"a{EOT}b <|fim|> c"
+    assert tok.encode_batch([text], allowed_special="all", device="cuda") == [enc.encode(text, allowed_special="all")]
+    with pytest.raises(ValueError, match="disallowed special token"):
+        tok.encode_batch([text], device="cuda")
+    assert tok.encode_batch([], device="cuda") == []
+
+
+@pytest.mark.cuda
+def test_cuda_shuffled_ranks(corpus):
+    base = Tokenizer.train(corpus[:10], 1000, pattern="gpt4o", show_progress=False).mergeable_ranks
+    rng = random.Random(11)
+    multi = [b for b in base if len(b) > 1]
+    new_ranks = list(range(256, 256 + len(multi)))
+    rng.shuffle(new_ranks)
+    tok = Tokenizer({bytes([i]): i for i in range(256)} | dict(zip(multi, new_ranks)), "gpt4o")
+    texts = _cuda_texts(corpus)
+    assert tok.encode_batch(texts, device="cuda") == tok.encode_batch(texts)
+
+
+def test_cuda_unavailable_raises(gpt4):
+    from pyllm.ops import _util
+
+    if _util.cuda_usable():
+        pytest.skip("a GPU is usable here")
+    with pytest.raises(RuntimeError, match="CUDA|GPU"):
+        gpt4.encode_batch(["x"], device="cuda")

@@ -48,6 +48,14 @@ class PairMap {
     }
   }
   size_t size() const { return size_; }
+  // Raw table, for the CUDA encoder's copy (same layout and probe sequence on the device).
+  const std::vector<uint64_t>& raw_keys() const { return keys_; }
+  const std::vector<uint32_t>& raw_values() const { return values_; }
+  static uint64_t mix(uint64_t k) {
+    k ^= k >> 31;
+    k *= 0x9E3779B97F4A7C15ull;
+    return k ^ (k >> 29);
+  }
   template <typename F>
   void for_each(F&& f) const {
     for (size_t i = 0; i < keys_.size(); ++i)
@@ -55,11 +63,6 @@ class PairMap {
   }
 
  private:
-  static uint64_t mix(uint64_t k) {
-    k ^= k >> 31;
-    k *= 0x9E3779B97F4A7C15ull;
-    return k ^ (k >> 29);
-  }
   void grow();
   std::vector<uint64_t> keys_;
   std::vector<uint32_t> values_;
@@ -68,6 +71,7 @@ class PairMap {
 
 inline uint64_t pair_key(uint32_t left, uint32_t right) { return (uint64_t(left) << 32) | right; }
 
+class CudaEncoder;
 struct PieceCache;        // per-thread cache of encoded pieces (bpe_encode.cpp)
 struct LongPieceScratch;  // per-thread scratch of the long-piece merge (bpe_encode.cpp)
 
@@ -94,6 +98,16 @@ class Encoder {
   // The byte string of each id, concatenated (ids checked).
   std::string decode_bytes(const std::vector<uint32_t>& ids) const;
 
+  // A text cut at its allowed special tokens (after the disallowed check, which throws): text
+  // spans [begin, end) with special_id == kNoSpecial, and special tokens with their id.
+  static constexpr uint32_t kNoSpecial = ~0u;
+  struct Segment {
+    size_t begin, end;
+    uint32_t special_id;
+  };
+  void segments(std::string_view text, const std::vector<uint32_t>& allowed, const std::vector<uint32_t>& disallowed,
+                std::vector<Segment>& out) const;
+
   // For the CUDA encoder: the merge table as (left, right, merged) triples and the byte ranks.
   std::vector<uint32_t> merge_triples() const;
   std::vector<uint32_t> byte_ranks() const { return std::vector<uint32_t>(byte_rank_, byte_rank_ + 256); }
@@ -116,6 +130,7 @@ class Encoder {
                    std::vector<uint32_t>& ends) const;
   std::unique_ptr<PieceCache> take_cache() const;
   void give_cache(std::unique_ptr<PieceCache> cache) const;
+  friend class CudaEncoder;
 
   Pattern pattern_;
   std::string blob_;                      // token bytes, concatenated
@@ -128,6 +143,27 @@ class Encoder {
   std::vector<uint32_t> special_ids_;
   mutable std::mutex cache_mutex_;
   mutable std::vector<std::unique_ptr<PieceCache>> free_caches_;
+};
+
+// CUDA batch encoder (csrc/cuda/bpe.cu; only in builds with CUDA). Holds a copy of the
+// encoder's tables on one GPU; the Encoder must outlive it (the binding keeps it alive).
+// Pre-tokenization and special tokens run on the host (threads); whole-piece lookup and merging
+// of pieces up to kMaxDevicePiece bytes run on the GPU, longer pieces on the host.
+class CudaEncoder {
+ public:
+  CudaEncoder(const Encoder& encoder, int device);
+  ~CudaEncoder();
+  CudaEncoder(const CudaEncoder&) = delete;
+  CudaEncoder& operator=(const CudaEncoder&) = delete;
+  std::vector<std::vector<uint32_t>> encode_batch(const std::vector<std::string_view>& texts,
+                                                  const std::vector<uint32_t>& allowed,
+                                                  const std::vector<uint32_t>& disallowed, uintptr_t stream,
+                                                  int num_threads) const;
+
+ private:
+  const Encoder& encoder_;
+  int device_;
+  void* tables_;  // DeviceTables (bpe.cu)
 };
 
 struct TrainerState;  // bpe_train.cpp

@@ -307,9 +307,9 @@ void Encoder::encode_ordinary_into(const uint8_t* p, size_t n, std::vector<uint3
   }
 }
 
-void Encoder::encode_into(std::string_view text, const std::vector<uint32_t>& allowed,
-                          const std::vector<uint32_t>& disallowed, std::vector<uint32_t>& out, PieceCache& cache,
-                          std::vector<uint32_t>& ends) const {
+void Encoder::segments(std::string_view text, const std::vector<uint32_t>& allowed,
+                       const std::vector<uint32_t>& disallowed, std::vector<Segment>& out) const {
+  out.clear();
   for (const uint32_t d : disallowed) {
     PYLLM_CHECK(d < specials_.size(), "bpe: special token index ", d, " out of range");
     if (text.find(specials_[d]) != std::string_view::npos) {
@@ -320,11 +320,6 @@ void Encoder::encode_into(std::string_view text, const std::vector<uint32_t>& al
           "text, disable the check for this token by passing `disallowed_special=(enc.special_tokens_set - {'",
           specials_[d], "'})`.\nTo disable this check for all special tokens, pass `disallowed_special=()`."));
     }
-  }
-  const auto* bytes = reinterpret_cast<const uint8_t*>(text.data());
-  if (allowed.empty()) {
-    encode_ordinary_into(bytes, text.size(), out, cache, ends);
-    return;
   }
   for (const uint32_t a : allowed) PYLLM_CHECK(a < specials_.size(), "bpe: special token index ", a, " out of range");
   std::vector<size_t> next_at(allowed.size(), 0);
@@ -343,12 +338,29 @@ void Encoder::encode_into(std::string_view text, const std::vector<uint32_t>& al
       }
     }
     if (best == std::string_view::npos) {
-      encode_ordinary_into(bytes + pos, text.size() - pos, out, cache, ends);
+      if (pos < text.size()) out.push_back({pos, text.size(), kNoSpecial});
       return;
     }
-    encode_ordinary_into(bytes + pos, best - pos, out, cache, ends);
-    out.push_back(special_ids_[allowed[best_k]]);
-    pos = best + specials_[allowed[best_k]].size();
+    if (pos < best) out.push_back({pos, best, kNoSpecial});
+    const size_t end = best + specials_[allowed[best_k]].size();
+    out.push_back({best, end, special_ids_[allowed[best_k]]});
+    pos = end;
+  }
+}
+
+void Encoder::encode_into(std::string_view text, const std::vector<uint32_t>& allowed,
+                          const std::vector<uint32_t>& disallowed, std::vector<uint32_t>& out, PieceCache& cache,
+                          std::vector<uint32_t>& ends) const {
+  const auto* bytes = reinterpret_cast<const uint8_t*>(text.data());
+  if (allowed.empty() && disallowed.empty()) {
+    encode_ordinary_into(bytes, text.size(), out, cache, ends);
+    return;
+  }
+  std::vector<Segment> parts;
+  segments(text, allowed, disallowed, parts);
+  for (const Segment& part : parts) {
+    if (part.special_id != kNoSpecial) out.push_back(part.special_id);
+    else encode_ordinary_into(bytes + part.begin, part.end - part.begin, out, cache, ends);
   }
 }
 

@@ -300,7 +300,7 @@ class Tokenizer:
         if device == "cuda":
             from pyllm.tokenizer import cuda_encoder
 
-            return cuda_encoder.encode_batch(self, texts, allowed, disallowed)
+            return cuda_encoder.encode_batch(self, texts, allowed, disallowed, num_threads)
         if device != "cpu":
             raise ValueError(f"encode_batch: device must be 'cpu' or 'cuda', got {device!r}")
         if self._regex is not None:

@@ -12,6 +12,50 @@
 namespace py = pybind11;
 using py::arg;
 
+namespace {
+// BPE ids go back as Python lists of ints. A fresh int object per token costs more than encoding
+// the token; ids repeat, so each list refers to one shared int per id value (made on first use,
+// kept for the process; ids >= kSharedIds get fresh ints). Runs with the GIL held.
+py::list bpe_ids_to_list(const std::vector<uint32_t>& ids) {
+  constexpr uint32_t kSharedIds = 1u << 22;
+  static std::vector<PyObject*> shared;
+  py::list out(ids.size());
+  for (size_t k = 0; k < ids.size(); ++k) {
+    const uint32_t id = ids[k];
+    PyObject* obj;
+    if (id < kSharedIds) {
+      if (id >= shared.size()) shared.resize(std::min<size_t>(kSharedIds, std::max<size_t>(id + 1, 2 * shared.size())), nullptr);
+      if (shared[id] == nullptr && (shared[id] = PyLong_FromUnsignedLong(id)) == nullptr) throw py::error_already_set();
+      obj = shared[id];
+      Py_INCREF(obj);
+    } else if ((obj = PyLong_FromUnsignedLong(id)) == nullptr) {
+      throw py::error_already_set();
+    }
+    PyList_SET_ITEM(out.ptr(), k, obj);
+  }
+  return out;
+}
+
+// Runs a const member of the encoder with the GIL released and returns its ids as a list.
+template <typename... Args>
+auto bpe_ids(std::vector<uint32_t> (pyllm::bpe::Encoder::*method)(Args...) const) {
+  return [method](const pyllm::bpe::Encoder& e, Args... args) {
+    std::vector<uint32_t> ids;
+    {
+      py::gil_scoped_release nogil;
+      ids = (e.*method)(args...);
+    }
+    return bpe_ids_to_list(ids);
+  };
+}
+
+py::list bpe_batch_to_list(const std::vector<std::vector<uint32_t>>& batch) {
+  py::list out(batch.size());
+  for (size_t k = 0; k < batch.size(); ++k) out[k] = bpe_ids_to_list(batch[k]);
+  return out;
+}
+}  // namespace
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "pyllm kernels (C++ CPU; CUDA when built with nvcc)";
   const auto nogil = py::call_guard<py::gil_scoped_release>();
@@ -30,11 +74,20 @@ PYBIND11_MODULE(_C, m) {
         .def(py::init<const std::vector<std::string>&, const std::vector<uint32_t>&, int,
                       const std::vector<std::string>&, const std::vector<uint32_t>&>(),
              nogil, arg("tokens"), arg("ranks"), arg("pattern"), arg("special_tokens"), arg("special_ids"))
-        .def("encode_ordinary", &Encoder::encode_ordinary, nogil, arg("text"))
-        .def("encode", &Encoder::encode, nogil, arg("text"), arg("allowed"), arg("disallowed"))
-        .def("encode_batch", &Encoder::encode_batch, nogil, arg("texts"), arg("allowed"), arg("disallowed"),
-             arg("num_threads"))
-        .def("encode_pieces", &Encoder::encode_pieces, nogil, arg("pieces"))
+        .def("encode_ordinary", bpe_ids(&Encoder::encode_ordinary), arg("text"))
+        .def("encode", bpe_ids(&Encoder::encode), arg("text"), arg("allowed"), arg("disallowed"))
+        .def("encode_batch",
+             [](const Encoder& e, const std::vector<std::string_view>& texts, const std::vector<uint32_t>& allowed,
+                const std::vector<uint32_t>& disallowed, int num_threads) {
+               std::vector<std::vector<uint32_t>> ids;
+               {
+                 py::gil_scoped_release nogil;
+                 ids = e.encode_batch(texts, allowed, disallowed, num_threads);
+               }
+               return bpe_batch_to_list(ids);
+             },
+             arg("texts"), arg("allowed"), arg("disallowed"), arg("num_threads"))
+        .def("encode_pieces", bpe_ids(&Encoder::encode_pieces), arg("pieces"))
         .def("decode_bytes", [](const Encoder& e, const std::vector<uint32_t>& ids) { return py::bytes(e.decode_bytes(ids)); },
              arg("ids"))
         .def("merge_triples", &Encoder::merge_triples)
@@ -56,8 +109,18 @@ PYBIND11_MODULE(_C, m) {
 
   py::class_<pyllm::bpe::CudaEncoder>(m, "BpeCudaEncoder")
       .def(py::init<const pyllm::bpe::Encoder&, int>(), py::keep_alive<1, 2>(), nogil, arg("encoder"), arg("device"))
-      .def("encode_batch", &pyllm::bpe::CudaEncoder::encode_batch, nogil, arg("texts"), arg("allowed"),
-           arg("disallowed"), arg("stream"), arg("num_threads"));
+      .def("encode_batch",
+           [](const pyllm::bpe::CudaEncoder& e, const std::vector<std::string_view>& texts,
+              const std::vector<uint32_t>& allowed, const std::vector<uint32_t>& disallowed, uintptr_t stream,
+              int num_threads) {
+             std::vector<std::vector<uint32_t>> ids;
+             {
+               py::gil_scoped_release nogil;
+               ids = e.encode_batch(texts, allowed, disallowed, stream, num_threads);
+             }
+             return bpe_batch_to_list(ids);
+           },
+           arg("texts"), arg("allowed"), arg("disallowed"), arg("stream"), arg("num_threads"));
 
   m.def("swiglu_fwd_cuda", &pyllm::swiglu_fwd_cuda, nogil, arg("gate"), arg("up"), arg("out"), arg("rows"),
         arg("cols"), arg("in_stride"), arg("out_stride"), arg("dtype"), arg("device"), arg("stream"));

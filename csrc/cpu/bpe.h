@@ -23,6 +23,10 @@ enum : uint8_t { kLetter = 1, kNumber = 2, kSpace = 4, kUpperish = 8, kLowerish 
 // Splits text exactly as the pattern's regex would (re.findall): appends the end offset of each
 // piece to `ends`; the pieces tile the text. Invalid UTF-8 bytes count as one "other" char each.
 void pretokenize(Pattern pattern, const uint8_t* text, size_t n, std::vector<uint32_t>& ends);
+// Streaming form: from `start` (a piece boundary), appends at most max_pieces ends; returns where it
+// stopped (n when done). Resuming there gives the same pieces: no alternative looks behind.
+size_t pretokenize(Pattern pattern, const uint8_t* text, size_t n, size_t start, std::vector<uint32_t>& ends,
+                   size_t max_pieces);
 // The same, for Python (tests): the end byte offset of each piece.
 std::vector<uint32_t> pretokenize_offsets(int pattern, std::string_view text);
 

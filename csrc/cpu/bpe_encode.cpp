@@ -298,12 +298,16 @@ void Encoder::encode_piece(const uint8_t* p, size_t n, std::vector<uint32_t>& ou
 void Encoder::encode_ordinary_into(const uint8_t* p, size_t n, std::vector<uint32_t>& out, PieceCache& cache,
                                    std::vector<uint32_t>& ends) const {
   PYLLM_CHECK(pattern_ != Pattern::kCustom, "bpe: a custom pattern is split in Python; use encode_pieces");
-  ends.clear();
-  pretokenize(pattern_, p, n, ends);
+  // Pieces in blocks of kPiecesPerBlock: the ends buffer stays in L1 instead of growing with the text.
+  constexpr size_t kPiecesPerBlock = 1024;
   size_t start = 0;
-  for (const uint32_t end : ends) {
-    encode_piece(p + start, end - start, out, cache);
-    start = end;
+  while (start < n) {
+    ends.clear();
+    pretokenize(pattern_, p, n, start, ends, kPiecesPerBlock);
+    for (const uint32_t end : ends) {
+      encode_piece(p + start, end - start, out, cache);
+      start = end;
+    }
   }
 }
 

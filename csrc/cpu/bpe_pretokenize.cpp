@@ -114,9 +114,8 @@ inline SpaceRun space_run(const uint8_t* s, size_t n, size_t i) {
   return r;
 }
 
-void split_gpt2(const uint8_t* s, size_t n, std::vector<uint32_t>& ends) {
-  size_t i = 0;
-  while (i < n) {
+size_t split_gpt2(const uint8_t* s, size_t n, size_t i, std::vector<uint32_t>& ends, size_t max_pieces) {
+  for (size_t count = 0; i < n && count < max_pieces; ++count) {
     const Char c = char_at(s, n, i);
     size_t end;
     const bool space_then = s[i] == ' ' && i + 1 < n;
@@ -142,6 +141,7 @@ void split_gpt2(const uint8_t* s, size_t n, std::vector<uint32_t>& ends) {
     ends.push_back(uint32_t(end));
     i = end;
   }
+  return i;
 }
 
 inline size_t up_to_3_numbers(const uint8_t* s, size_t n, size_t i) {
@@ -153,9 +153,8 @@ inline size_t up_to_3_numbers(const uint8_t* s, size_t n, size_t i) {
   return i;
 }
 
-void split_cl100k(const uint8_t* s, size_t n, std::vector<uint32_t>& ends) {
-  size_t i = 0;
-  while (i < n) {
+size_t split_cl100k(const uint8_t* s, size_t n, size_t i, std::vector<uint32_t>& ends, size_t max_pieces) {
+  for (size_t count = 0; i < n && count < max_pieces; ++count) {
     const Char c = char_at(s, n, i);
     size_t end;
     if (size_t k = contraction(s, n, i, true)) {
@@ -180,6 +179,7 @@ void split_cl100k(const uint8_t* s, size_t n, std::vector<uint32_t>& ends) {
     ends.push_back(uint32_t(end));
     i = end;
   }
+  return i;
 }
 
 // o200k's first alternative from `start` (after the optional prefix): [UP]*[LO]+ then a contraction.
@@ -210,9 +210,8 @@ inline size_t o200k_upper_word(const uint8_t* s, size_t n, size_t start) {
   return end + contraction(s, n, end, true);
 }
 
-void split_o200k(const uint8_t* s, size_t n, std::vector<uint32_t>& ends) {
-  size_t i = 0;
-  while (i < n) {
+size_t split_o200k(const uint8_t* s, size_t n, size_t i, std::vector<uint32_t>& ends, size_t max_pieces) {
+  for (size_t count = 0; i < n && count < max_pieces; ++count) {
     const Char c = char_at(s, n, i);
     const bool prefix_ok = !(c.flags & (kLetter | kNumber)) && s[i] != '\r' && s[i] != '\n' && i + c.len < n;
     size_t end = 0;
@@ -237,6 +236,7 @@ void split_o200k(const uint8_t* s, size_t n, std::vector<uint32_t>& ends) {
     ends.push_back(uint32_t(end));
     i = end;
   }
+  return i;
 }
 
 }  // namespace
@@ -246,14 +246,20 @@ Pattern pattern_from_code(int code) {
   return Pattern(code);
 }
 
-void pretokenize(Pattern pattern, const uint8_t* text, size_t n, std::vector<uint32_t>& ends) {
+size_t pretokenize(Pattern pattern, const uint8_t* text, size_t n, size_t start, std::vector<uint32_t>& ends,
+                   size_t max_pieces) {
   PYLLM_CHECK(n < (size_t(1) << 32), "bpe: a single text must be under 4 GiB, got ", n, " bytes");
   switch (pattern) {
-    case Pattern::kGpt2: split_gpt2(text, n, ends); break;
-    case Pattern::kCl100k: split_cl100k(text, n, ends); break;
-    case Pattern::kO200k: split_o200k(text, n, ends); break;
+    case Pattern::kGpt2: return split_gpt2(text, n, start, ends, max_pieces);
+    case Pattern::kCl100k: return split_cl100k(text, n, start, ends, max_pieces);
+    case Pattern::kO200k: return split_o200k(text, n, start, ends, max_pieces);
     default: PYLLM_CHECK(false, "bpe: pretokenize needs a built-in pattern");
   }
+  return n;
+}
+
+void pretokenize(Pattern pattern, const uint8_t* text, size_t n, std::vector<uint32_t>& ends) {
+  pretokenize(pattern, text, n, 0, ends, ~size_t(0));
 }
 
 std::vector<uint32_t> pretokenize_offsets(int pattern, std::string_view text) {

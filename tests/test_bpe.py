@@ -433,3 +433,16 @@ def test_cuda_unavailable_raises(gpt4):
         pytest.skip("a GPU is usable here")
     with pytest.raises(RuntimeError, match="CUDA|GPU"):
         gpt4.encode_batch(["x"], device="cuda")
+
+
+def test_train_long_text_cut_and_custom_path_agree(corpus):
+    # One text over 1 MiB is counted in work items cut at "\n" + letter; the custom-pattern path
+    # (Python's regex, no cuts) with the same regex in other words must learn the same merges.
+    big = "".join(corpus) * 3
+    assert len(big.encode()) > (1 << 20) + 100_000
+    pieces = {name: Tokenizer.train([big], 600, pattern=name, show_progress=False).mergeable_ranks
+              for name in PATTERNS}
+    for name, (pat, _) in PATTERNS.items():
+        custom = Tokenizer.train([big], 600, pattern=f"(?:{pat})", show_progress=False)
+        assert custom.pattern_name is None
+        assert custom.mergeable_ranks == pieces[name], name

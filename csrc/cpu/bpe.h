@@ -122,7 +122,8 @@ class Encoder {
     uint64_t hash;
     uint32_t rank;
   };
-  uint32_t lookup_bytes(const uint8_t* p, size_t n) const;  // kMissing when not a token
+  uint32_t lookup_bytes(const uint8_t* p, size_t n) const;  // ~0u when not a token
+  uint32_t lookup_bytes(const uint8_t* p, size_t n, uint64_t hash) const;
   uint32_t pair_rank(uint32_t left, uint32_t right) const { return pairs_.get(pair_key(left, right)); }
   void encode_piece(const uint8_t* p, size_t n, std::vector<uint32_t>& out, PieceCache& cache) const;
   void merge_small(const uint8_t* p, size_t n, std::vector<uint32_t>& out) const;

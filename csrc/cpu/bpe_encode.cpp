@@ -138,8 +138,9 @@ Encoder::Encoder(const std::vector<std::string>& tokens, const std::vector<uint3
 
 Encoder::~Encoder() = default;
 
-uint32_t Encoder::lookup_bytes(const uint8_t* p, size_t n) const {
-  const uint64_t h = hash_bytes(p, n);
+uint32_t Encoder::lookup_bytes(const uint8_t* p, size_t n) const { return lookup_bytes(p, n, hash_bytes(p, n)); }
+
+uint32_t Encoder::lookup_bytes(const uint8_t* p, size_t n, uint64_t h) const {
   size_t slot = h & slot_mask_;
   while (true) {
     const Slot& s = slots_[slot];
@@ -278,7 +279,8 @@ void Encoder::encode_piece(const uint8_t* p, size_t n, std::vector<uint32_t>& ou
     out.push_back(byte_rank_[p[0]]);
     return;
   }
-  const uint32_t whole = lookup_bytes(p, n);
+  const uint64_t h = hash_bytes(p, n);
+  const uint32_t whole = lookup_bytes(p, n, h);
   if (whole != kNone) {
     out.push_back(whole);
     return;
@@ -288,7 +290,6 @@ void Encoder::encode_piece(const uint8_t* p, size_t n, std::vector<uint32_t>& ou
     else merge_long(p, n, out, cache.long_scratch);
     return;
   }
-  const uint64_t h = hash_bytes(p, n);
   if (cache.find(h, p, n, out)) return;
   const size_t before = out.size();
   merge_small(p, n, out);

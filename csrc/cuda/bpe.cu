@@ -433,6 +433,9 @@ std::vector<std::vector<uint32_t>> CudaEncoder::encode_batch(const std::vector<s
     uint32_t* d_block = buf.upload(block_pieces);
     uint32_t* d_scratch = buf.alloc<uint32_t>(all_bytes.size());
     uint32_t* d_counts = buf.alloc<uint32_t>(n_dev);
+    // Zero counts: a piece no kernel handled then fails the host's count check instead of
+    // passing with leftover memory.
+    PYLLM_CUDA_CHECK(cudaMemsetAsync(d_counts, 0, n_dev * sizeof(uint32_t), stream));
     encode_short_pieces<<<(n_dev + kShortThreads - 1) / kShortThreads, kShortThreads, 0, stream>>>(
         vocab, d_bytes, d_begin, d_len, n_dev, d_scratch, d_counts);
     PYLLM_CUDA_CHECK_LAUNCH("encode_short_pieces");

@@ -446,3 +446,16 @@ def test_train_long_text_cut_and_custom_path_agree(corpus):
         custom = Tokenizer.train([big], 600, pattern=f"(?:{pat})", show_progress=False)
         assert custom.pattern_name is None
         assert custom.mergeable_ranks == pieces[name], name
+
+
+def test_encode_batch_long_text_is_cut_consistently(pair, corpus):
+    tok, enc = pair
+    big = "".join(corpus) * 2  # > 1 MiB: encoded as several spans on several threads
+    assert tok.encode_batch([big, "x"], num_threads=2) == [enc.encode_ordinary(big), [enc.encode_ordinary("x")[0]]]
+    with pytest.raises(ValueError, match="disallowed special token"):
+        tok.encode_batch([big + EOT], num_threads=2)
+    assert tok.encode_batch([big + EOT], num_threads=2, allowed_special="all")[0] == enc.encode(
+        big + EOT, allowed_special="all")
+    # Newlines after spaces, before letters: where a cut would change gpt2's split at a span's end.
+    tricky = "x  \nfoo \n\nbar\t\nBaz.\nqux\r\nq\n" * 40000
+    assert tok.encode_batch([tricky], num_threads=2)[0] == enc.encode_ordinary(tricky)

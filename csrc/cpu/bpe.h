@@ -30,6 +30,12 @@ size_t pretokenize(Pattern pattern, const uint8_t* text, size_t n, size_t start,
 // The same, for Python (tests): the end byte offset of each piece.
 std::vector<uint32_t> pretokenize_offsets(int pattern, std::string_view text);
 
+// Cuts text into spans of about `span_bytes` at piece boundaries that hold for all built-in
+// patterns (visible ASCII, "\n", ASCII letter: no alternative runs from a newline into a letter,
+// none looks behind, and the newline's whitespace run is that one char, which splits the same at a
+// span's end), so the spans pre-tokenize independently. Appends the span ends.
+void cut_at_safe_boundaries(std::string_view text, size_t span_bytes, std::vector<size_t>& ends);
+
 // 64-bit hash of a byte string (not DoS-resistant; inputs are the user's own data).
 uint64_t hash_bytes(const uint8_t* p, size_t n);
 
@@ -109,6 +115,7 @@ class Encoder {
     size_t begin, end;
     uint32_t special_id;
   };
+  void check_disallowed(std::string_view text, const std::vector<uint32_t>& disallowed) const;
   void segments(std::string_view text, const std::vector<uint32_t>& allowed, const std::vector<uint32_t>& disallowed,
                 std::vector<Segment>& out) const;
 

@@ -312,9 +312,7 @@ void Encoder::encode_ordinary_into(const uint8_t* p, size_t n, std::vector<uint3
   }
 }
 
-void Encoder::segments(std::string_view text, const std::vector<uint32_t>& allowed,
-                       const std::vector<uint32_t>& disallowed, std::vector<Segment>& out) const {
-  out.clear();
+void Encoder::check_disallowed(std::string_view text, const std::vector<uint32_t>& disallowed) const {
   for (const uint32_t d : disallowed) {
     PYLLM_CHECK(d < specials_.size(), "bpe: special token index ", d, " out of range");
     if (text.find(specials_[d]) != std::string_view::npos) {
@@ -326,6 +324,12 @@ void Encoder::segments(std::string_view text, const std::vector<uint32_t>& allow
           specials_[d], "'})`.\nTo disable this check for all special tokens, pass `disallowed_special=()`."));
     }
   }
+}
+
+void Encoder::segments(std::string_view text, const std::vector<uint32_t>& allowed,
+                       const std::vector<uint32_t>& disallowed, std::vector<Segment>& out) const {
+  out.clear();
+  check_disallowed(text, disallowed);
   for (const uint32_t a : allowed) PYLLM_CHECK(a < specials_.size(), "bpe: special token index ", a, " out of range");
   std::vector<size_t> next_at(allowed.size(), 0);
   for (size_t k = 0; k < allowed.size(); ++k) next_at[k] = text.find(specials_[allowed[k]]);
@@ -409,23 +413,54 @@ std::vector<std::vector<uint32_t>> Encoder::encode_batch(const std::vector<std::
                                                          const std::vector<uint32_t>& allowed,
                                                          const std::vector<uint32_t>& disallowed,
                                                          int num_threads) const {
-  std::vector<std::vector<uint32_t>> results(texts.size());
+  // Work items: whole texts, or spans of kBatchSpanBytes for long texts without allowed special
+  // tokens (cut at safe piece boundaries), so a few long texts still use every thread.
+  constexpr size_t kBatchSpanBytes = 1 << 20;
+  struct Item {
+    size_t text, begin, end;
+    bool whole;
+  };
+  std::vector<Item> items;
+  std::vector<size_t> ends;
+  for (size_t t = 0; t < texts.size(); ++t) {
+    if (!allowed.empty() || texts[t].size() <= kBatchSpanBytes) {
+      items.push_back({t, 0, texts[t].size(), true});
+      continue;
+    }
+    ends.clear();
+    cut_at_safe_boundaries(texts[t], kBatchSpanBytes, ends);
+    size_t begin = 0;
+    for (const size_t end : ends) {
+      items.push_back({t, begin, end, false});
+      begin = end;
+    }
+  }
+  std::vector<std::vector<uint32_t>> item_ids(items.size());
   size_t threads = num_threads > 0 ? size_t(num_threads) : std::max(1u, std::thread::hardware_concurrency());
-  threads = std::min(threads, texts.size());
-  std::atomic<size_t> next_text{0};
-  std::vector<std::exception_ptr> errors(std::max<size_t>(threads, 1));
+  threads = std::max<size_t>(1, std::min(threads, items.size()));
+  std::atomic<size_t> next_item{0};
+  std::vector<std::exception_ptr> errors(threads);
   auto worker = [&](size_t w) {
     try {
       auto cache = take_cache();
-      std::vector<uint32_t> ends;
-      for (size_t t = next_text++; t < texts.size(); t = next_text++) {
-        results[t].reserve(texts[t].size() / 3 + 16);
-        encode_into(texts[t], allowed, disallowed, results[t], *cache, ends);
+      std::vector<uint32_t> piece_ends;
+      for (size_t k = next_item++; k < items.size(); k = next_item++) {
+        const Item& item = items[k];
+        const std::string_view text = texts[item.text];
+        auto& out = item_ids[k];
+        out.reserve((item.end - item.begin) / 3 + 16);
+        if (item.whole) {
+          encode_into(text, allowed, disallowed, out, *cache, piece_ends);
+        } else {
+          if (item.begin == 0) check_disallowed(text, disallowed);
+          encode_ordinary_into(reinterpret_cast<const uint8_t*>(text.data()) + item.begin, item.end - item.begin, out,
+                               *cache, piece_ends);
+        }
       }
       give_cache(std::move(cache));
     } catch (...) {
       errors[w] = std::current_exception();
-      next_text = texts.size();  // the others stop at their next text
+      next_item = items.size();  // the others stop at their next item
     }
   };
   if (threads <= 1) {
@@ -437,6 +472,12 @@ std::vector<std::vector<uint32_t>> Encoder::encode_batch(const std::vector<std::
   }
   for (auto& e : errors)
     if (e) std::rethrow_exception(e);
+  std::vector<std::vector<uint32_t>> results(texts.size());
+  for (size_t k = 0; k < items.size(); ++k) {
+    auto& out = results[items[k].text];
+    if (out.empty()) out = std::move(item_ids[k]);
+    else out.insert(out.end(), item_ids[k].begin(), item_ids[k].end());
+  }
   return results;
 }
 

@@ -268,6 +268,22 @@ std::vector<uint32_t> pretokenize_offsets(int pattern, std::string_view text) {
   return ends;
 }
 
+void cut_at_safe_boundaries(std::string_view s, size_t span_bytes, std::vector<size_t>& ends) {
+  size_t begin = 0;
+  while (s.size() - begin > span_bytes) {
+    size_t cut = begin + span_bytes;
+    // Visible ASCII, "\n", ASCII letter. The visible char keeps the newline's whitespace run one
+    // char long, so gpt2's \s++$ at the span's end takes the same "\n" as \s in the whole text.
+    while (cut < s.size() && !(s[cut - 1] == '\n' && (s[cut] | 0x20) >= 'a' && (s[cut] | 0x20) <= 'z' &&
+                                s[cut - 2] > 0x20 && s[cut - 2] < 0x7F))
+      ++cut;
+    if (cut >= s.size()) break;
+    ends.push_back(cut);
+    begin = cut;
+  }
+  ends.push_back(s.size());
+}
+
 uint64_t hash_bytes(const uint8_t* p, size_t n) {
   uint64_t h = 0x9E3779B97F4A7C15ull ^ (n * 0xC2B2AE3D27D4EB4Full);
   while (n >= 8) {

@@ -2,8 +2,7 @@
 //
 // 1. Counting: texts are pre-tokenized (bpe_pretokenize.cpp) on std::threads into per-thread hash
 //    tables of piece -> count, merged at the end of each call. Texts over 1 MiB are cut into work
-//    items at "\n" + ASCII letter, which is a piece boundary of all three built-in patterns (no
-//    alternative runs from a newline into a letter, and none looks behind).
+//    items at piece boundaries shared by all built-in patterns (cut_at_safe_boundaries).
 // 2. Merging: every unique piece becomes a word of byte ids (byte b = id b) with its count. Each
 //    pair of adjacent ids has a count (summed over words, times word counts) and the list of words
 //    it occurs in. A max-heap of (count, pair) with lazy deletion picks the next merge: a popped
@@ -256,17 +255,15 @@ void Trainer::count_texts(const std::vector<std::string_view>& texts, int num_th
     size_t text, begin, end;
   };
   std::vector<Item> items;
+  std::vector<size_t> ends;
   for (size_t t = 0; t < texts.size(); ++t) {
-    const std::string_view s = texts[t];
+    ends.clear();
+    cut_at_safe_boundaries(texts[t], kWorkItemBytes, ends);
     size_t begin = 0;
-    while (s.size() - begin > kWorkItemBytes) {
-      size_t cut = begin + kWorkItemBytes;
-      while (cut < s.size() && !(s[cut - 1] == '\n' && ((s[cut] | 0x20) >= 'a' && (s[cut] | 0x20) <= 'z'))) ++cut;
-      if (cut >= s.size()) break;
-      items.push_back({t, begin, cut});
-      begin = cut;
+    for (const size_t end : ends) {
+      items.push_back({t, begin, end});
+      begin = end;
     }
-    items.push_back({t, begin, s.size()});
   }
   size_t threads = num_threads > 0 ? size_t(num_threads) : std::max(1u, std::thread::hardware_concurrency());
   threads = std::max<size_t>(1, std::min(threads, items.size()));

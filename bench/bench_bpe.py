@@ -133,6 +133,17 @@ def main() -> int:
     if hf is not None:
         impls[("hf tokenizers", 1)] = lambda: [e.ids for e in map(hf.encode, held)]
         impls[("hf tokenizers", n_threads)] = lambda: [e.ids for e in hf.encode_batch(held)]
+    cuda_kernel_ms = []
+    if args.device == "cuda":
+        from pyllm.ops import _util
+
+        if _util.cuda_usable():
+            def cuda_encode():
+                out = tok.encode_batch(held, num_threads=n_threads, device="cuda")
+                cuda_kernel_ms.append(tok._cuda_encoder[1].last_kernel_ms())
+                return out
+
+            impls[("pyllm cuda", n_threads)] = cuda_encode
     times = {k: [] for k in impls}
     identical = {}
     for _ in range(args.repeat):  # interleaved rounds
@@ -147,6 +158,15 @@ def main() -> int:
         rows.append({"task": "encode", "impl": name, "threads": th, "s": round(s, 3),
                      "MB/s": round(held_bytes / 1e6 / s, 1), "vs peer": f"{base[th] / s:.2f}x tiktoken",
                      "ids == tiktoken": identical[(name, th)]})
+
+    if cuda_kernel_ms:
+        ms = statistics.median(cuda_kernel_ms)
+        rows.append({"task": "encode, GPU kernels only", "impl": "pyllm cuda", "threads": "",
+                     "s": round(ms / 1e3, 4), "MB/s": round(held_bytes / 1e3 / ms, 1)})
+        base_cpu = statistics.median(times[("pyllm", n_threads)])
+        for r in rows:
+            if r["impl"] == "pyllm cuda" and r["task"] == "encode":
+                r["vs peer"] += f", {base_cpu / max(r['s'], 1e-6):.2f}x pyllm CPU"
 
     # One piece of 1 MB: per-byte cost against the per-byte cost of normal text (1 thread).
     normal_s_per_byte = statistics.median(times[("pyllm", 1)]) / held_bytes

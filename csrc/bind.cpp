@@ -120,7 +120,8 @@ PYBIND11_MODULE(_C, m) {
              }
              return bpe_batch_to_list(ids);
            },
-           arg("texts"), arg("allowed"), arg("disallowed"), arg("stream"), arg("num_threads"));
+           arg("texts"), arg("allowed"), arg("disallowed"), arg("stream"), arg("num_threads"))
+      .def("last_kernel_ms", &pyllm::bpe::CudaEncoder::last_kernel_ms);
 
   m.def("swiglu_fwd_cuda", &pyllm::swiglu_fwd_cuda, nogil, arg("gate"), arg("up"), arg("out"), arg("rows"),
         arg("cols"), arg("in_stride"), arg("out_stride"), arg("dtype"), arg("device"), arg("stream"));

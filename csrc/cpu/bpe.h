@@ -2,6 +2,7 @@
 // (bpe_pretokenize.cpp), the encoder (bpe_encode.cpp) and the trainer (bpe_train.cpp).
 // Token ids are tiktoken "ranks": a lower rank merges first. Text is UTF-8 bytes.
 #pragma once
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -171,11 +172,14 @@ class CudaEncoder {
                                                   const std::vector<uint32_t>& allowed,
                                                   const std::vector<uint32_t>& disallowed, uintptr_t stream,
                                                   int num_threads) const;
+  // GPU time of the last call's kernels (lookup + merge + compaction), in ms: the merge stage.
+  float last_kernel_ms() const { return last_kernel_ms_.load(); }
 
  private:
   const Encoder& encoder_;
   int device_;
   void* tables_;  // DeviceTables (bpe.cu)
+  mutable std::atomic<float> last_kernel_ms_{0.0f};
 };
 
 struct TrainerState;  // bpe_train.cpp

@@ -18,6 +18,8 @@
 // right, same mix function and linear probing), the whole-token table likewise (64-bit hash of
 // the bytes, verified against the token bytes).
 //
+// The kernel time includes the host round trip for the piece counts (between the merge kernels
+// and the compaction), so it overstates the merge stage slightly.
 // Traffic per input byte: 1 B up, ~4 B scratch written + read, ~1.3 B (ids) + ~1 B (counts) down;
 // pair-table probes hit L2 for vocabularies up to ~100k. Not yet measured on a GPU: kThreadPiece,
 // kMaxDevicePiece and the block size are starting values.
@@ -436,6 +438,18 @@ std::vector<std::vector<uint32_t>> CudaEncoder::encode_batch(const std::vector<s
     // Zero counts: a piece no kernel handled then fails the host's count check instead of
     // passing with leftover memory.
     PYLLM_CUDA_CHECK(cudaMemsetAsync(d_counts, 0, n_dev * sizeof(uint32_t), stream));
+    // Events bracket the kernels: the merge-stage time, read by bench/bench_bpe.py.
+    cudaEvent_t events[2] = {nullptr, nullptr};
+    PYLLM_CUDA_CHECK(cudaEventCreate(&events[0]));
+    struct EventsGuard {
+      cudaEvent_t* e;
+      ~EventsGuard() {
+        for (int i = 0; i < 2; ++i)
+          if (e[i]) cudaEventDestroy(e[i]);
+      }
+    } events_guard{events};
+    PYLLM_CUDA_CHECK(cudaEventCreate(&events[1]));
+    PYLLM_CUDA_CHECK(cudaEventRecord(events[0], stream));
     encode_short_pieces<<<(n_dev + kShortThreads - 1) / kShortThreads, kShortThreads, 0, stream>>>(
         vocab, d_bytes, d_begin, d_len, n_dev, d_scratch, d_counts);
     PYLLM_CUDA_CHECK_LAUNCH("encode_short_pieces");
@@ -458,9 +472,13 @@ std::vector<std::vector<uint32_t>> CudaEncoder::encode_batch(const std::vector<s
     uint32_t* d_packed = buf.alloc<uint32_t>(total);
     compact_pieces<<<(n_dev + 255) / 256, 256, 0, stream>>>(d_begin, d_counts, d_offsets, n_dev, d_scratch, d_packed);
     PYLLM_CUDA_CHECK_LAUNCH("compact_pieces");
+    PYLLM_CUDA_CHECK(cudaEventRecord(events[1], stream));
     packed.resize(total);
     PYLLM_CUDA_CHECK(cudaMemcpyAsync(packed.data(), d_packed, total * sizeof(uint32_t), cudaMemcpyDeviceToHost, stream));
     PYLLM_CUDA_CHECK(cudaStreamSynchronize(stream));
+    float kernel_ms = 0.0f;
+    PYLLM_CUDA_CHECK(cudaEventElapsedTime(&kernel_ms, events[0], events[1]));
+    last_kernel_ms_.store(kernel_ms);
   }
 
   // 3. Assemble per text: device pieces from `packed`, host pieces encoded here.

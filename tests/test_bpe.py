@@ -459,3 +459,17 @@ def test_encode_batch_long_text_is_cut_consistently(pair, corpus):
     # Newlines after spaces, before letters: where a cut would change gpt2's split at a span's end.
     tricky = "x  \nfoo \n\nbar\t\nBaz.\nqux\r\nq\n" * 40000
     assert tok.encode_batch([tricky], num_threads=2)[0] == enc.encode_ordinary(tricky)
+
+
+def test_pickle_and_numpy_ids(gpt4):
+    import pickle
+
+    import numpy as np
+
+    again = pickle.loads(pickle.dumps(gpt4))
+    assert again.encode(SAMPLES[4]) == gpt4.encode(SAMPLES[4]) and again.special_tokens == gpt4.special_tokens
+    ids = gpt4.encode(SAMPLES[-1])
+    assert gpt4.decode(np.array(ids, dtype=np.int64)) == SAMPLES[-1]
+    assert gpt4.decode(tuple(ids)) == SAMPLES[-1]
+    with pytest.raises(ValueError, match="empty"):
+        Tokenizer(gpt4.mergeable_ranks, pattern="")

@@ -45,6 +45,8 @@ def _compile_custom(pattern: str):
         import regex as engine
     except ImportError:  # pragma: no cover - regex is installed in dev/CI
         engine = re
+    if pattern == "":
+        raise ValueError("pattern must not be empty (use 'gpt2', 'gpt4', 'gpt4o' or a regex)")
     try:
         return engine.compile(pattern)
     except Exception as e:
@@ -53,8 +55,6 @@ def _compile_custom(pattern: str):
             f"pattern {pattern!r} is neither a built-in name ({', '.join(PATTERNS)}) nor a regex that Python's "
             f"`{engine.__name__}` module compiles: {e}{hint}"
         ) from None
-    if pattern == "":
-        raise ValueError("pattern must not be empty")
 
 
 def _check_ids(ids, where: str) -> list[int]:
@@ -189,6 +189,14 @@ class Tokenizer:
     def mergeable_ranks(self) -> dict[bytes, int]:
         return dict(self._ranks)
 
+    def __getstate__(self):
+        # Pickle as the definition (ranks, pattern, specials), e.g. for DataLoader workers.
+        return {"ranks": self._ranks, "pattern": self._pattern, "special_tokens": self._special_tokens,
+                "name": self.name}
+
+    def __setstate__(self, state):
+        self.__init__(state["ranks"], state["pattern"], state["special_tokens"], name=state["name"])
+
     def __repr__(self) -> str:
         return (f"Tokenizer(name={self.name!r}, vocab_size={self.vocab_size}, "
                 f"pattern={self._pattern_name or 'custom'!r}, special_tokens={len(self._special_tokens)})")
@@ -317,8 +325,17 @@ class Tokenizer:
     # ---------------------------------------------------------------- decoding
     def decode_bytes(self, ids: Sequence[int]) -> bytes:
         """The bytes of the tokens, concatenated. Raises ValueError on an unknown id."""
-        ids = _check_ids(ids, "decode_bytes")
-        return self._enc.decode_bytes(ids)
+        if hasattr(ids, "tolist"):  # numpy arrays, torch tensors
+            ids = ids.tolist()
+        if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+            raise TypeError(f"decode_bytes: ids must be a sequence of ints, got {type(ids).__name__}")
+        if not isinstance(ids, list):
+            ids = list(ids)
+        try:
+            return self._enc.decode_bytes(ids)
+        except TypeError:
+            _check_ids(ids, "decode_bytes")  # says which element is wrong
+            raise
 
     def decode(self, ids: Sequence[int], errors: str = "replace") -> str:
         """The text of the tokens; bytes that are not valid UTF-8 become U+FFFD (errors="replace")."""

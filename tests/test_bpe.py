@@ -203,7 +203,7 @@ def test_special_tokens(pair):
         tok.encode(text, allowed_special={"<|fim|>"})
     with pytest.raises(ValueError, match="not a special token"):
         tok.encode("x", allowed_special={"<|nope|>"})
-    assert tok.special_tokens == {EOT: 1198, "<|fim|>": 1199}
+    assert tok.special_tokens == {EOT: 1198, "<|fim|>": 1199} and tok.eot_token == 1198 == enc.eot_token
 
 
 def test_custom_pattern_matches_tiktoken(corpus):

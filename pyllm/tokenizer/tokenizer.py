@@ -177,6 +177,11 @@ class Tokenizer:
         return set(self._special_tokens)
 
     @property
+    def eot_token(self) -> int | None:
+        """The id of "<|endoftext|>" when it is a special token, else None."""
+        return self._special_tokens.get("<|endoftext|>")
+
+    @property
     def pattern(self) -> str:
         """The split regex (for a built-in, the exact regex its C++ pre-tokenizer implements)."""
         return self._pattern

@@ -51,7 +51,10 @@ struct LongPieceScratch {
   std::vector<Bucket> buckets;
   size_t used = 0;
   std::vector<uint32_t> bucket_of_rank, touched_ranks, rank_heap;
-  std::vector<uint32_t> sym, next, prev, version;
+  struct Node {
+    uint32_t sym, next, prev, version;  // sym ~0: absorbed into its left neighbour
+  };
+  std::vector<Node> nodes;
 };
 
 // Per-thread state: the cache of encoded pieces and the long-piece scratch.
@@ -186,18 +189,11 @@ void Encoder::merge_small(const uint8_t* p, size_t n, std::vector<uint32_t>& out
 void Encoder::merge_long(const uint8_t* p, size_t n, std::vector<uint32_t>& out, LongPieceScratch& s) const {
   PYLLM_CHECK(n < 0xFFFFFFFFull, "bpe: piece too long");
   if (s.bucket_of_rank.size() < token_span_.size()) s.bucket_of_rank.assign(token_span_.size(), kNone);
-  s.sym.resize(n);
-  s.next.resize(n);
-  s.prev.resize(n);
-  s.version.assign(n, 0);
-  uint32_t* sym = s.sym.data();
-  uint32_t* next = s.next.data();
-  uint32_t* prev = s.prev.data();
-  uint32_t* version = s.version.data();
+  // One 16-byte node per symbol: a merge touches 3-4 neighbouring nodes, each one cache line.
+  s.nodes.resize(n);
+  LongPieceScratch::Node* node = s.nodes.data();
   for (size_t i = 0; i < n; ++i) {
-    sym[i] = byte_rank_[p[i]];
-    next[i] = i + 1 < n ? uint32_t(i + 1) : kNone;
-    prev[i] = i > 0 ? uint32_t(i - 1) : kNone;
+    node[i] = {byte_rank_[p[i]], i + 1 < n ? uint32_t(i + 1) : kNone, i > 0 ? uint32_t(i - 1) : kNone, 0};
   }
   const auto later = std::greater<uint64_t>();
   const auto later32 = std::greater<uint32_t>();
@@ -209,7 +205,7 @@ void Encoder::merge_long(const uint8_t* p, size_t n, std::vector<uint32_t>& out,
       s.touched_ranks.push_back(rank);
     }
     LongPieceScratch::Bucket& bucket = s.buckets[b];
-    const uint64_t entry = (uint64_t(pos) << 32) | version[pos];
+    const uint64_t entry = (uint64_t(pos) << 32) | node[pos].version;
     if (bucket.cursor == bucket.base.size()) {
       bucket.base.clear();
       bucket.cursor = 0;
@@ -227,7 +223,7 @@ void Encoder::merge_long(const uint8_t* p, size_t n, std::vector<uint32_t>& out,
     }
   };
   for (size_t i = 0; i + 1 < n; ++i) {
-    const uint32_t r = pair_rank(sym[i], sym[i + 1]);
+    const uint32_t r = pair_rank(node[i].sym, node[i + 1].sym);
     if (r != kNone) insert(r, uint32_t(i));
   }
   while (!s.rank_heap.empty()) {
@@ -248,24 +244,27 @@ void Encoder::merge_long(const uint8_t* p, size_t n, std::vector<uint32_t>& out,
       continue;
     }
     const uint32_t i = uint32_t(entry >> 32);
-    if (sym[i] == kNone || version[i] != uint32_t(entry)) continue;  // stale
-    const uint32_t j = next[i];
-    sym[i] = r;
-    sym[j] = kNone;
-    next[i] = next[j];
-    if (next[i] != kNone) prev[next[i]] = i;
-    ++version[i];
-    if (prev[i] != kNone) {
-      ++version[prev[i]];
-      const uint32_t rl = pair_rank(sym[prev[i]], r);
-      if (rl != kNone) insert(rl, prev[i]);
+    LongPieceScratch::Node& left = node[i];
+    if (left.sym == kNone || left.version != uint32_t(entry)) continue;  // stale
+    LongPieceScratch::Node& right = node[left.next];
+    left.sym = r;
+    right.sym = kNone;
+    left.next = right.next;
+    ++left.version;
+    if (left.next != kNone) node[left.next].prev = i;
+    // Left pair first: a sweep then inserts positions in order (the buckets' sorted fast path).
+    if (left.prev != kNone) {
+      LongPieceScratch::Node& before = node[left.prev];
+      ++before.version;
+      const uint32_t rl = pair_rank(before.sym, r);
+      if (rl != kNone) insert(rl, left.prev);
     }
-    if (next[i] != kNone) {
-      const uint32_t rr = pair_rank(r, sym[next[i]]);
+    if (left.next != kNone) {
+      const uint32_t rr = pair_rank(r, node[left.next].sym);
       if (rr != kNone) insert(rr, i);
     }
   }
-  for (uint32_t i = 0; i != kNone; i = next[i]) out.push_back(sym[i]);
+  for (uint32_t i = 0; i != kNone; i = node[i].next) out.push_back(node[i].sym);
   for (const uint32_t rank : s.touched_ranks) s.bucket_of_rank[rank] = kNone;
   for (size_t b = 0; b < s.used; ++b) {
     s.buckets[b].base.clear();

@@ -473,3 +473,47 @@ def test_pickle_and_numpy_ids(gpt4):
     assert gpt4.decode(tuple(ids)) == SAMPLES[-1]
     with pytest.raises(ValueError, match="empty"):
         Tokenizer(gpt4.mergeable_ranks, pattern="")
+
+
+def _reference_train(pieces: list[bytes], n_merges: int) -> list[bytes]:
+    """Plain BPE, recounting every pair each step: the trainer's definition, slowly."""
+    import collections
+
+    words = collections.Counter(tuple(p) for p in pieces)
+    vocab = [bytes([b]) for b in range(256)]
+    ids = {b: i for i, b in enumerate(vocab)}
+    while len(vocab) - 256 < n_merges:
+        counts = collections.Counter()
+        for word, c in words.items():
+            for pair in zip(word, word[1:]):
+                counts[pair] += c
+        if not counts:
+            break
+        best = min(counts, key=lambda pair: (-counts[pair], pair))
+        merged = vocab[best[0]] + vocab[best[1]]
+        if merged not in ids:
+            ids[merged] = len(vocab)
+            vocab.append(merged)
+        t = ids[merged]
+        new_words = collections.Counter()
+        for word, c in words.items():
+            out, i = [], 0
+            while i < len(word):
+                if i + 1 < len(word) and (word[i], word[i + 1]) == best:
+                    out.append(t)
+                    i += 2
+                else:
+                    out.append(word[i])
+                    i += 1
+            new_words[tuple(out)] += c
+        words = new_words
+    return vocab
+
+
+@pytest.mark.parametrize("name", list(PATTERNS))
+def test_trainer_matches_reference(name, corpus):
+    texts = [corpus[0][:6000], MULTILINGUAL[2], MULTILINGUAL[7], "aaaa aaa aa a abcabc bcab " * 20]
+    pieces = [p.encode() for t in texts for p in split_builtin(PATTERNS[name][1], t)]
+    expected = _reference_train(pieces, 150)
+    got = Tokenizer.train(texts, 256 + 150, pattern=name, show_progress=False).mergeable_ranks
+    assert sorted(got, key=got.get) == expected

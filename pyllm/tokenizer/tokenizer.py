@@ -229,6 +229,8 @@ class Tokenizer:
 
     def _special_args(self, allowed_special, disallowed_special, where: str) -> tuple[list[int], list[int]]:
         """Indices of the allowed and disallowed special tokens, with tiktoken's rules."""
+        if disallowed_special == "all" and not allowed_special and isinstance(allowed_special, (frozenset, set, tuple, list)):
+            return [], self._all_special_indices  # the default, on every call: skip the set algebra
         if allowed_special == "all":
             allowed = set(self._special_list)
         else:

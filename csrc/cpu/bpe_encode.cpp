@@ -275,6 +275,12 @@ void Encoder::merge_long(const uint8_t* p, size_t n, std::vector<uint32_t>& out,
   s.used = 0;
   s.touched_ranks.clear();
   s.rank_heap.clear();
+  // The scratch stays with the thread's cache; past 1 MiB pieces (~40 bytes of scratch per byte)
+  // give the memory back rather than keep it for the encoder's lifetime.
+  if (n > (size_t(1) << 20)) {
+    s.nodes = {};
+    s.buckets = {};
+  }
 }
 
 void Encoder::encode_piece(const uint8_t* p, size_t n, std::vector<uint32_t>& out, PieceCache& cache) const {

@@ -33,8 +33,10 @@
 
 namespace pyllm::bpe {
 namespace {
-// Not yet measured: tiktoken switches to its heap at 100 bytes; we keep arrays on the stack.
+// Measured (2026-11-23, this 2-core EPYC, 32k vocab, pieces of random letters): the arrays beat
+// merge_long up to ~128 bytes (96 B: 18 vs 15 MB/s; 128 B: even; 256 B: 12 vs 15 MB/s).
 constexpr size_t kSmallPiece = 128;
+// Not yet measured: the longest piece kept in the per-thread cache.
 constexpr size_t kMaxCachedPiece = 64;
 constexpr uint32_t kNone = ~0u;
 }  // namespace
@@ -161,6 +163,7 @@ uint32_t Encoder::lookup_bytes(const uint8_t* p, size_t n, uint64_t h) const {
 }
 
 void Encoder::merge_small(const uint8_t* p, size_t n, std::vector<uint32_t>& out) const {
+  PYLLM_CHECK(n <= kSmallPiece, "bpe: merge_small called on a piece of ", n, " bytes");
   uint32_t sym[kSmallPiece], rank[kSmallPiece];  // rank[i]: of the pair (sym[i], sym[i + 1])
   size_t m = n;
   for (size_t i = 0; i < m; ++i) sym[i] = byte_rank_[p[i]];
@@ -301,7 +304,8 @@ void Encoder::encode_piece(const uint8_t* p, size_t n, std::vector<uint32_t>& ou
   }
   if (cache.find(h, p, n, out)) return;
   const size_t before = out.size();
-  merge_small(p, n, out);
+  if (n <= kSmallPiece) merge_small(p, n, out);
+  else merge_long(p, n, out, cache.long_scratch);
   cache.insert(h, p, n, out.data() + before, out.size() - before);
 }
 

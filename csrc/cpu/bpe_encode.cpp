@@ -36,7 +36,9 @@ namespace {
 // Measured (2026-11-23, this 2-core EPYC, 32k vocab, pieces of random letters): the arrays beat
 // merge_long up to ~128 bytes (96 B: 18 vs 15 MB/s; 128 B: even; 256 B: 12 vs 15 MB/s).
 constexpr size_t kSmallPiece = 128;
-// Not yet measured: the longest piece kept in the per-thread cache.
+// The longest piece kept in the per-thread cache. Measured on the held-out stdlib source (32k
+// vocab): no cache 57-59 MB/s, cache up to 16 or 64 bytes 60-64 MB/s (most pieces there are whole
+// tokens and skip the cache); 64 is not tuned further.
 constexpr size_t kMaxCachedPiece = 64;
 constexpr uint32_t kNone = ~0u;
 }  // namespace

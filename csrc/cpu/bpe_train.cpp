@@ -125,12 +125,12 @@ struct TrainerState {
     }
     return slot;
   }
-  void add_pair(uint32_t left, uint32_t right, int64_t count, uint32_t word) {
+  void add_pair(uint32_t left, uint32_t right, int64_t count, uint32_t word, bool track = true) {
     const uint64_t key = pair_key(left, right);
     PairInfo& info = pairs[pair_slot(key)];
     info.count += count;
     if (info.words.empty() || info.words.back() != word) info.words.push_back(word);
-    touched.push_back(key);
+    if (track) touched.push_back(key);
   }
   void remove_pair(uint32_t left, uint32_t right, int64_t count) {
     const uint32_t slot = pair_index.get(pair_key(left, right));
@@ -158,9 +158,8 @@ struct TrainerState {
     counter = PieceCounter();
     for (uint32_t w = 0; w < word_offset.size(); ++w) {
       const uint32_t* s = syms.data() + word_offset[w];
-      for (uint32_t i = 0; i + 1 < word_length[w]; ++i) add_pair(s[i], s[i + 1], word_count[w], w);
+      for (uint32_t i = 0; i + 1 < word_length[w]; ++i) add_pair(s[i], s[i + 1], word_count[w], w, false);
     }
-    touched.clear();
     heap.reserve(pairs.size());
     // Rebuild the keys from the index (the index is the only key -> slot record).
     std::vector<uint64_t> keys(pairs.size());

@@ -517,3 +517,10 @@ def test_trainer_matches_reference(name, corpus):
     expected = _reference_train(pieces, 150)
     got = Tokenizer.train(texts, 256 + 150, pattern=name, show_progress=False).mergeable_ranks
     assert sorted(got, key=got.get) == expected
+
+
+def test_train_progress_bar(capsys):
+    tok = Tokenizer.train(("abc abd abe " * 50 for _ in range(3)), 262, show_progress=True)
+    assert tok.vocab_size == 262
+    err = capsys.readouterr().err
+    assert "bpe: counting pieces" in err and "bpe: merging" in err

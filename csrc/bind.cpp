@@ -1,5 +1,6 @@
 // The only pybind11 code: module pyllm._C. One m.def per launcher, no logic. Launchers release
 // the GIL so that Python threads (and encode_batch-style callers) run kernels concurrently.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -49,6 +50,26 @@ auto bpe_ids(std::vector<uint32_t> (pyllm::bpe::Encoder::*method)(Args...) const
   };
 }
 
+// A batch as (ids uint32, offsets int64 of len(batch) + 1) numpy arrays that own their memory:
+// no Python int per token. The flattening runs with the GIL released.
+py::tuple bpe_batch_to_arrays(std::vector<std::vector<uint32_t>>&& batch) {
+  auto* ids = new std::vector<uint32_t>();
+  auto* offsets = new std::vector<int64_t>(batch.size() + 1, 0);
+  {
+    py::gil_scoped_release nogil;
+    for (size_t k = 0; k < batch.size(); ++k) (*offsets)[k + 1] = (*offsets)[k] + int64_t(batch[k].size());
+    ids->reserve(size_t(offsets->back()));
+    for (auto& part : batch) {
+      ids->insert(ids->end(), part.begin(), part.end());
+      std::vector<uint32_t>().swap(part);
+    }
+  }
+  py::capsule own_ids(ids, [](void* p) { delete static_cast<std::vector<uint32_t>*>(p); });
+  py::capsule own_offsets(offsets, [](void* p) { delete static_cast<std::vector<int64_t>*>(p); });
+  return py::make_tuple(py::array_t<uint32_t>({ids->size()}, {sizeof(uint32_t)}, ids->data(), own_ids),
+                        py::array_t<int64_t>({offsets->size()}, {sizeof(int64_t)}, offsets->data(), own_offsets));
+}
+
 py::list bpe_batch_to_list(const std::vector<std::vector<uint32_t>>& batch) {
   py::list out(batch.size());
   for (size_t k = 0; k < batch.size(); ++k) out[k] = bpe_ids_to_list(batch[k]);
@@ -85,6 +106,17 @@ PYBIND11_MODULE(_C, m) {
                  ids = e.encode_batch(texts, allowed, disallowed, num_threads);
                }
                return bpe_batch_to_list(ids);
+             },
+             arg("texts"), arg("allowed"), arg("disallowed"), arg("num_threads"))
+        .def("encode_batch_packed",
+             [](const Encoder& e, const std::vector<std::string_view>& texts, const std::vector<uint32_t>& allowed,
+                const std::vector<uint32_t>& disallowed, int num_threads) {
+               std::vector<std::vector<uint32_t>> ids;
+               {
+                 py::gil_scoped_release nogil;
+                 ids = e.encode_batch(texts, allowed, disallowed, num_threads);
+               }
+               return bpe_batch_to_arrays(std::move(ids));
              },
              arg("texts"), arg("allowed"), arg("disallowed"), arg("num_threads"))
         .def("encode_pieces", bpe_ids(&Encoder::encode_pieces), arg("pieces"))

@@ -524,3 +524,16 @@ def test_train_progress_bar(capsys):
     assert tok.vocab_size == 262
     err = capsys.readouterr().err
     assert "bpe: counting pieces" in err and "bpe: merging" in err
+
+
+def test_encode_batch_packed(pair, corpus):
+    tok, enc = pair
+    texts = SAMPLES + [corpus[0][:5000], ""]
+    ids, offsets = tok.encode_batch_packed(texts, num_threads=2)
+    assert ids.dtype.name == "uint32" and offsets.dtype.name == "int64" and len(offsets) == len(texts) + 1
+    expected = enc.encode_ordinary_batch(texts)
+    assert [ids[offsets[k]:offsets[k + 1]].tolist() for k in range(len(texts))] == expected
+    with pytest.raises(ValueError, match="disallowed special token"):
+        tok.encode_batch_packed([EOT])
+    ids, offsets = tok.encode_batch_packed([])
+    assert len(ids) == 0 and offsets.tolist() == [0]

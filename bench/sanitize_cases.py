@@ -45,7 +45,22 @@ def adamw_cases():
                     assert torch.equal(p, opt.state[p]["master"].to(dtype)), "adamw 16-bit copy wrong"
 
 
-CASES = {"swiglu": swiglu_cases, "adamw": adamw_cases}
+def bpe_cases():
+    import random
+
+    from pyllm.tokenizer import Tokenizer
+
+    rng = random.Random(0)
+    corpus = ["def f(x):\n    return x + 1\n", "Hello, wörld! 123456 \u4e2d\u6587 😀", "aaaa bbbb aaaa"] * 20
+    tok = Tokenizer.train(corpus, 300, special_tokens=["<|endoftext|>"], show_progress=False)
+    # Thread path (<= 48 bytes), block path (49..2048 bytes), host path (> 2048 bytes), specials.
+    texts = corpus[:3] + ["".join(rng.choice("ab") for _ in range(n)) for n in (47, 49, 500, 2048, 2100)]
+    texts.append("x<|endoftext|>y")
+    got = tok.encode_batch(texts, allowed_special="all", device="cuda")
+    assert got == tok.encode_batch(texts, allowed_special="all"), "bpe: CUDA ids differ from the CPU path"
+
+
+CASES = {"swiglu": swiglu_cases, "adamw": adamw_cases, "bpe": bpe_cases}
 
 if __name__ == "__main__":
     names = sys.argv[1:] or list(CASES)

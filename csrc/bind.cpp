@@ -1,7 +1,10 @@
 // The only pybind11 code: module pyllm._C. One m.def per launcher, no logic. Launchers release
 // the GIL so that Python threads (and encode_batch-style callers) run kernels concurrently.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
+#include "cpu/bpe.h"
 #include "cpu/cpu_ops.h"
 #ifdef PYLLM_WITH_CUDA
 #include "cuda/cuda_ops.h"
@@ -9,6 +12,70 @@
 
 namespace py = pybind11;
 using py::arg;
+
+namespace {
+// BPE ids go back as Python lists of ints. A fresh int object per token costs more than encoding
+// the token; ids repeat, so each list refers to one shared int per id value (made on first use,
+// kept for the process; ids >= kSharedIds get fresh ints). Runs with the GIL held.
+py::list bpe_ids_to_list(const std::vector<uint32_t>& ids) {
+  constexpr uint32_t kSharedIds = 1u << 22;
+  static std::vector<PyObject*> shared;
+  py::list out(ids.size());
+  for (size_t k = 0; k < ids.size(); ++k) {
+    const uint32_t id = ids[k];
+    PyObject* obj;
+    if (id < kSharedIds) {
+      if (id >= shared.size()) shared.resize(std::min<size_t>(kSharedIds, std::max<size_t>(id + 1, 2 * shared.size())), nullptr);
+      if (shared[id] == nullptr && (shared[id] = PyLong_FromUnsignedLong(id)) == nullptr) throw py::error_already_set();
+      obj = shared[id];
+      Py_INCREF(obj);
+    } else if ((obj = PyLong_FromUnsignedLong(id)) == nullptr) {
+      throw py::error_already_set();
+    }
+    PyList_SET_ITEM(out.ptr(), k, obj);
+  }
+  return out;
+}
+
+// Runs a const member of the encoder with the GIL released and returns its ids as a list.
+template <typename... Args>
+auto bpe_ids(std::vector<uint32_t> (pyllm::bpe::Encoder::*method)(Args...) const) {
+  return [method](const pyllm::bpe::Encoder& e, Args... args) {
+    std::vector<uint32_t> ids;
+    {
+      py::gil_scoped_release nogil;
+      ids = (e.*method)(args...);
+    }
+    return bpe_ids_to_list(ids);
+  };
+}
+
+// A batch as (ids uint32, offsets int64 of len(batch) + 1) numpy arrays that own their memory:
+// no Python int per token. The flattening runs with the GIL released.
+py::tuple bpe_batch_to_arrays(std::vector<std::vector<uint32_t>>&& batch) {
+  auto* ids = new std::vector<uint32_t>();
+  auto* offsets = new std::vector<int64_t>(batch.size() + 1, 0);
+  {
+    py::gil_scoped_release nogil;
+    for (size_t k = 0; k < batch.size(); ++k) (*offsets)[k + 1] = (*offsets)[k] + int64_t(batch[k].size());
+    ids->reserve(size_t(offsets->back()));
+    for (auto& part : batch) {
+      ids->insert(ids->end(), part.begin(), part.end());
+      std::vector<uint32_t>().swap(part);
+    }
+  }
+  py::capsule own_ids(ids, [](void* p) { delete static_cast<std::vector<uint32_t>*>(p); });
+  py::capsule own_offsets(offsets, [](void* p) { delete static_cast<std::vector<int64_t>*>(p); });
+  return py::make_tuple(py::array_t<uint32_t>({ids->size()}, {sizeof(uint32_t)}, ids->data(), own_ids),
+                        py::array_t<int64_t>({offsets->size()}, {sizeof(int64_t)}, offsets->data(), own_offsets));
+}
+
+py::list bpe_batch_to_list(const std::vector<std::vector<uint32_t>>& batch) {
+  py::list out(batch.size());
+  for (size_t k = 0; k < batch.size(); ++k) out[k] = bpe_ids_to_list(batch[k]);
+  return out;
+}
+}  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "pyllm kernels (C++ CPU; CUDA when built with nvcc)";
@@ -24,12 +91,74 @@ PYBIND11_MODULE(_C, m) {
   m.def("adamw_step_cpu", &pyllm::adamw_step_cpu, nogil, arg("table"), arg("n_tensors"), arg("param_dtype"),
         arg("has_master"), arg("lr"), arg("beta1"), arg("beta2"), arg("eps"), arg("weight_decay"), arg("sumsq"),
         arg("loss_scale"), arg("max_grad_norm"), arg("stochastic_rounding"), arg("seed"));
+  // Byte-level BPE (csrc/cpu/bpe*.cpp): classes, as the encoder and trainer hold state. Strings
+  // arrive as UTF-8 views of the Python str objects (no copy); ids return as lists.
+  {
+    using pyllm::bpe::Encoder;
+    using pyllm::bpe::Trainer;
+    py::class_<Encoder>(m, "BpeEncoder")
+        .def(py::init<const std::vector<std::string>&, const std::vector<uint32_t>&, int,
+                      const std::vector<std::string>&, const std::vector<uint32_t>&>(),
+             nogil, arg("tokens"), arg("ranks"), arg("pattern"), arg("special_tokens"), arg("special_ids"))
+        .def("encode_ordinary", bpe_ids(&Encoder::encode_ordinary), arg("text"))
+        .def("encode", bpe_ids(&Encoder::encode), arg("text"), arg("allowed"), arg("disallowed"))
+        .def("encode_batch",
+             [](const Encoder& e, const std::vector<std::string_view>& texts, const std::vector<uint32_t>& allowed,
+                const std::vector<uint32_t>& disallowed, int num_threads) {
+               std::vector<std::vector<uint32_t>> ids;
+               {
+                 py::gil_scoped_release nogil;
+                 ids = e.encode_batch(texts, allowed, disallowed, num_threads);
+               }
+               return bpe_batch_to_list(ids);
+             },
+             arg("texts"), arg("allowed"), arg("disallowed"), arg("num_threads"))
+        .def("encode_batch_packed",
+             [](const Encoder& e, const std::vector<std::string_view>& texts, const std::vector<uint32_t>& allowed,
+                const std::vector<uint32_t>& disallowed, int num_threads) {
+               std::vector<std::vector<uint32_t>> ids;
+               {
+                 py::gil_scoped_release nogil;
+                 ids = e.encode_batch(texts, allowed, disallowed, num_threads);
+               }
+               return bpe_batch_to_arrays(std::move(ids));
+             },
+             arg("texts"), arg("allowed"), arg("disallowed"), arg("num_threads"))
+        .def("encode_pieces", bpe_ids(&Encoder::encode_pieces), arg("pieces"))
+        .def("decode_bytes", [](const Encoder& e, const std::vector<uint32_t>& ids) { return py::bytes(e.decode_bytes(ids)); },
+             arg("ids"))
+        .def("merge_triples", &Encoder::merge_triples)
+        .def("byte_ranks", &Encoder::byte_ranks);
+    py::class_<Trainer>(m, "BpeTrainer")
+        .def(py::init<int>(), arg("pattern"))
+        .def("count_texts", &Trainer::count_texts, nogil, arg("texts"), arg("num_threads"))
+        .def("count_pieces", &Trainer::count_pieces, nogil, arg("pieces"), arg("counts"))
+        .def("unique_pieces", &Trainer::unique_pieces)
+        .def("merge", &Trainer::merge, nogil, arg("max_new_tokens"));
+    m.def("bpe_pretokenize", &pyllm::bpe::pretokenize_offsets, nogil, arg("pattern"), arg("text"));
+  }
 
 #ifdef PYLLM_WITH_CUDA
   m.attr("has_cuda") = true;
   m.attr("cuda_archs") = PYLLM_CUDA_ARCHS;
   m.def("cuda_device_count", &pyllm::cuda_device_count);
   m.def("cuda_runtime_version", &pyllm::cuda_runtime_version);
+
+  py::class_<pyllm::bpe::CudaEncoder>(m, "BpeCudaEncoder")
+      .def(py::init<const pyllm::bpe::Encoder&, int>(), py::keep_alive<1, 2>(), nogil, arg("encoder"), arg("device"))
+      .def("encode_batch",
+           [](const pyllm::bpe::CudaEncoder& e, const std::vector<std::string_view>& texts,
+              const std::vector<uint32_t>& allowed, const std::vector<uint32_t>& disallowed, uintptr_t stream,
+              int num_threads) {
+             std::vector<std::vector<uint32_t>> ids;
+             {
+               py::gil_scoped_release nogil;
+               ids = e.encode_batch(texts, allowed, disallowed, stream, num_threads);
+             }
+             return bpe_batch_to_list(ids);
+           },
+           arg("texts"), arg("allowed"), arg("disallowed"), arg("stream"), arg("num_threads"))
+      .def("last_kernel_ms", &pyllm::bpe::CudaEncoder::last_kernel_ms);
 
   m.def("swiglu_fwd_cuda", &pyllm::swiglu_fwd_cuda, nogil, arg("gate"), arg("up"), arg("out"), arg("rows"),
         arg("cols"), arg("in_stride"), arg("out_stride"), arg("dtype"), arg("device"), arg("stream"));

@@ -1,0 +1,55 @@
+"""encode_batch(device="cuda"): the CUDA batch encoder of csrc/cuda/bpe.cu (UNVERIFIED on a GPU).
+
+Pre-tokenization and special tokens run on the host (threads), whole-piece lookup and merging on
+the GPU, pieces over 2048 bytes on the host. Same ids as the CPU path.
+"""
+from __future__ import annotations
+
+import os
+
+from pyllm import _C
+
+# One device call holds the batch's bytes and 4 bytes of scratch per byte on the GPU.
+_MAX_CALL_BYTES = 256 << 20
+
+
+def _encoder_for(tok, device: int):
+    cached = tok._cuda_encoder
+    if cached is None or cached[0] != device:
+        cached = tok._cuda_encoder = (device, _C.BpeCudaEncoder(tok._enc, device))
+    return cached[1]
+
+
+def encode_batch(tok, texts: list[str], allowed: list[int], disallowed: list[int],
+                 num_threads: int | None = None) -> list[list[int]]:
+    from pyllm.ops import _util
+
+    if not _util.HAS_CUDA_KERNELS:
+        raise RuntimeError("encode_batch(device='cuda'): pyllm was built without CUDA kernels (no nvcc at build time)")
+    if not _util.cuda_usable():
+        raise RuntimeError("encode_batch(device='cuda'): no usable GPU")
+    if tok._regex is not None:
+        raise ValueError("encode_batch(device='cuda') needs a built-in pattern (gpt2, gpt4, gpt4o); "
+                         f"this tokenizer splits with a custom regex: {tok.pattern!r}")
+    import torch
+
+    device = torch.cuda.current_device()
+    enc = _encoder_for(tok, device)
+    stream = torch.cuda.current_stream(device).cuda_stream
+    threads = num_threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    out: list[list[int]] = []
+    start = 0
+    while start < len(texts):
+        end, size = start, 0
+        while end < len(texts) and (end == start or size + len(texts[end]) * 4 <= _MAX_CALL_BYTES):
+            size += len(texts[end]) * 4  # UTF-8 is at most 4 bytes per char
+            end += 1
+        chunk = texts[start:end]
+        try:
+            out += enc.encode_batch(chunk, allowed, disallowed, stream, threads)
+        except TypeError:
+            from pyllm.tokenizer.tokenizer import _fix_surrogates
+
+            out += enc.encode_batch([_fix_surrogates(t) for t in chunk], allowed, disallowed, stream, threads)
+        start = end
+    return out

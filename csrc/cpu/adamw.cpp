@@ -37,6 +37,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "common/adamw_args.h"
 #include "common/checks.h"
 #include "common/counter_rng.h"
 #include "common/dtype.h"
@@ -45,8 +46,7 @@
 namespace pyllm {
 namespace {
 
-// Table rows; pyllm/ops/adamw.py builds the same table.
-enum Row { kRowParam = 0, kRowGrad, kRowMaster, kRowExpAvg, kRowExpAvgSq, kRowStep, kRowNumel, kRows };
+using namespace adamw;
 
 // 16K elements: fp32 traffic 16K x 28 B = 448 KB per chunk, small against the 50M-param working
 // set and large against the fork/join. A power of two, so no chunk straddles a 2^32 element
@@ -58,14 +58,6 @@ struct Chunk {
   int64_t tensor, begin, end;
 };
 
-struct Table {
-  const int64_t* t;
-  int64_t n;
-  int64_t get(Row r, int64_t i) const { return t[r * n + i]; }
-  template <typename T> T* ptr(Row r, int64_t i) const { return reinterpret_cast<T*>(uintptr_t(get(r, i))); }
-  int64_t numel(int64_t i) const { return get(kRowNumel, i); }
-};
-
 std::vector<Chunk> make_chunks(const Table& tab, int64_t& total) {
   std::vector<Chunk> chunks;
   total = 0;
@@ -75,18 +67,6 @@ std::vector<Chunk> make_chunks(const Table& tab, int64_t& total) {
     for (int64_t b = 0; b < n; b += kChunk) chunks.push_back({i, b, std::min(n, b + kChunk)});
   }
   return chunks;
-}
-
-Table check_table(const char* what, uintptr_t table, int64_t n_tensors, std::initializer_list<Row> needed) {
-  PYLLM_CHECK(n_tensors >= 0, what, ": n_tensors must be >= 0, got ", n_tensors);
-  PYLLM_CHECK(n_tensors == 0 || table != 0, what, ": null tensor table");
-  Table tab{reinterpret_cast<const int64_t*>(table), n_tensors};
-  for (int64_t i = 0; i < n_tensors; ++i) {
-    PYLLM_CHECK(tab.numel(i) >= 0, what, ": tensor ", i, " has numel ", tab.numel(i));
-    if (tab.numel(i) == 0) continue;
-    for (Row r : needed) PYLLM_CHECK(tab.get(r, i) != 0, what, ": null pointer in row ", int(r), " for tensor ", i);
-  }
-  return tab;
 }
 
 inline uint16_t bf16_stochastic(float x, uint32_t bits) {
@@ -225,19 +205,8 @@ void adamw_grad_sumsq_cpu(uintptr_t table, int64_t n_tensors, int dtype, uintptr
 void adamw_step_cpu(uintptr_t table, int64_t n_tensors, int param_dtype, bool has_master, double lr, double beta1,
                     double beta2, double eps, double weight_decay, uintptr_t sumsq, uintptr_t loss_scale,
                     double max_grad_norm, bool stochastic_rounding, uint64_t seed) {
-  const Table tab = check_table(
-      "adamw_step", table, n_tensors,
-      has_master ? std::initializer_list<Row>{kRowParam, kRowGrad, kRowMaster, kRowExpAvg, kRowExpAvgSq, kRowStep}
-                 : std::initializer_list<Row>{kRowParam, kRowGrad, kRowExpAvg, kRowExpAvgSq, kRowStep});
-  PYLLM_CHECK(param_dtype == int(DType::f32) || param_dtype == int(DType::bf16) || param_dtype == int(DType::f16),
-              "adamw_step: params must be float32, bfloat16 or float16, got ", dtype_name(param_dtype));
-  PYLLM_CHECK(!(has_master && param_dtype == int(DType::f32)), "adamw_step: float32 params are their own master");
-  PYLLM_CHECK(!stochastic_rounding || param_dtype == int(DType::bf16),
-              "adamw_step: stochastic rounding is for bfloat16 params, got ", dtype_name(param_dtype));
-  PYLLM_CHECK(lr >= 0 && eps >= 0 && weight_decay >= 0 && beta1 >= 0 && beta1 < 1 && beta2 >= 0 && beta2 < 1,
-              "adamw_step: need lr, eps, weight_decay >= 0 and betas in [0, 1), got lr=", lr, " eps=", eps,
-              " weight_decay=", weight_decay, " betas=(", beta1, ", ", beta2, ")");
-  PYLLM_CHECK(max_grad_norm < 0 || sumsq != 0, "adamw_step: clipping needs the grads' sum of squares");
+  const Table tab = check_step(table, n_tensors, param_dtype, has_master, lr, beta1, beta2, eps, weight_decay, sumsq,
+                               max_grad_norm, stochastic_rounding);
 
   // The skip, the unscale and the clip, decided once per call from the scalars in memory.
   const double inv_scale = loss_scale ? 1.0 / double(*reinterpret_cast<const float*>(loss_scale)) : 1.0;

@@ -30,6 +30,7 @@
 
 #include "bpe.h"
 #include "common/checks.h"
+#include "common/parallel.h"
 
 namespace pyllm::bpe {
 namespace {
@@ -451,42 +452,27 @@ std::vector<std::vector<uint32_t>> Encoder::encode_batch(const std::vector<std::
     }
   }
   std::vector<std::vector<uint32_t>> item_ids(items.size());
-  size_t threads = num_threads > 0 ? size_t(num_threads) : std::max(1u, std::thread::hardware_concurrency());
-  threads = std::max<size_t>(1, std::min(threads, items.size()));
-  std::atomic<size_t> next_item{0};
-  std::vector<std::exception_ptr> errors(threads);
-  auto worker = [&](size_t w) {
-    try {
-      auto cache = take_cache();
-      std::vector<uint32_t> piece_ends;
-      for (size_t k = next_item++; k < items.size(); k = next_item++) {
-        const Item& item = items[k];
-        const std::string_view text = texts[item.text];
-        auto& out = item_ids[k];
-        out.reserve((item.end - item.begin) / 3 + 16);
-        if (item.whole) {
-          encode_into(text, allowed, disallowed, out, *cache, piece_ends);
-        } else {
-          if (item.begin == 0) check_disallowed(text, disallowed);
-          encode_ordinary_into(reinterpret_cast<const uint8_t*>(text.data()) + item.begin, item.end - item.begin, out,
-                               *cache, piece_ends);
-        }
-      }
-      give_cache(std::move(cache));
-    } catch (...) {
-      errors[w] = std::current_exception();
-      next_item = items.size();  // the others stop at their next item
-    }
+  const size_t threads = worker_count(items.size(), num_threads);
+  struct WorkerState {
+    std::unique_ptr<PieceCache> cache;
+    std::vector<uint32_t> piece_ends;
   };
-  if (threads <= 1) {
-    worker(0);
-  } else {
-    std::vector<std::thread> pool;
-    for (size_t w = 0; w < threads; ++w) pool.emplace_back(worker, w);
-    for (auto& t : pool) t.join();
-  }
-  for (auto& e : errors)
-    if (e) std::rethrow_exception(e);
+  std::vector<WorkerState> state(threads);
+  for (auto& st : state) st.cache = take_cache();
+  parallel_items(items.size(), threads, [&](size_t w, size_t k) {
+    const Item& item = items[k];
+    const std::string_view text = texts[item.text];
+    auto& out = item_ids[k];
+    out.reserve((item.end - item.begin) / 3 + 16);
+    if (item.whole) {
+      encode_into(text, allowed, disallowed, out, *state[w].cache, state[w].piece_ends);
+    } else {
+      if (item.begin == 0) check_disallowed(text, disallowed);
+      encode_ordinary_into(reinterpret_cast<const uint8_t*>(text.data()) + item.begin, item.end - item.begin, out,
+                           *state[w].cache, state[w].piece_ends);
+    }
+  });
+  for (auto& st : state) give_cache(std::move(st.cache));
   std::vector<std::vector<uint32_t>> results(texts.size());
   for (size_t k = 0; k < items.size(); ++k) {
     auto& out = results[items[k].text];

@@ -22,6 +22,7 @@
 
 #include "bpe.h"
 #include "common/checks.h"
+#include "common/parallel.h"
 
 namespace pyllm::bpe {
 namespace {
@@ -264,39 +265,20 @@ void Trainer::count_texts(const std::vector<std::string_view>& texts, int num_th
       begin = end;
     }
   }
-  size_t threads = num_threads > 0 ? size_t(num_threads) : std::max(1u, std::thread::hardware_concurrency());
-  threads = std::max<size_t>(1, std::min(threads, items.size()));
+  const size_t threads = worker_count(items.size(), num_threads);
   std::vector<PieceCounter> local(threads);
-  std::vector<std::exception_ptr> errors(threads);
-  std::atomic<size_t> next_item{0};
-  auto worker = [&](size_t w) {
-    try {
-      std::vector<uint32_t> ends;
-      for (size_t k = next_item++; k < items.size(); k = next_item++) {
-        const Item& item = items[k];
-        const auto* p = reinterpret_cast<const uint8_t*>(texts[item.text].data()) + item.begin;
-        ends.clear();
-        pretokenize(pattern_, p, item.end - item.begin, ends);
-        size_t start = 0;
-        for (const uint32_t end : ends) {
-          local[w].add(p + start, end - start, 1);
-          start = end;
-        }
-      }
-    } catch (...) {
-      errors[w] = std::current_exception();
-      next_item = items.size();
+  std::vector<std::vector<uint32_t>> piece_ends(threads);
+  parallel_items(items.size(), threads, [&](size_t w, size_t k) {
+    const Item& item = items[k];
+    const auto* p = reinterpret_cast<const uint8_t*>(texts[item.text].data()) + item.begin;
+    piece_ends[w].clear();
+    pretokenize(pattern_, p, item.end - item.begin, piece_ends[w]);
+    size_t start = 0;
+    for (const uint32_t end : piece_ends[w]) {
+      local[w].add(p + start, end - start, 1);
+      start = end;
     }
-  };
-  if (threads == 1) {
-    worker(0);
-  } else {
-    std::vector<std::thread> pool;
-    for (size_t w = 0; w < threads; ++w) pool.emplace_back(worker, w);
-    for (auto& t : pool) t.join();
-  }
-  for (auto& e : errors)
-    if (e) std::rethrow_exception(e);
+  });
   for (const auto& counter : local) state_->counter.add_all(counter);
 }
 

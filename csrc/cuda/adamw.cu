@@ -27,6 +27,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "common/adamw_args.h"
 #include "common/counter_rng.h"
 #include "cuda/cuda_common.cuh"
 #include "cuda/cuda_ops.h"
@@ -34,9 +35,10 @@
 namespace pyllm {
 namespace {
 
-enum Row { kRowParam = 0, kRowGrad, kRowMaster, kRowExpAvg, kRowExpAvgSq, kRowStep, kRowNumel, kRows };
+using namespace adamw;
 
 constexpr int64_t kChunk = 1 << 16;  // must match CUDA_CHUNK in pyllm/ops/adamw.py
+constexpr int64_t kMaxNumel = (int64_t(1) << 31) * kChunk;  // chunk indices are int32
 constexpr int kThreads = 512;
 constexpr int kVec = 8;
 constexpr int kNormTensors = 96, kNormChunks = 320;
@@ -263,26 +265,6 @@ __global__ void __launch_bounds__(kThreads) adamw_step_kernel(StepArgs args, Hyp
   }
 }
 
-struct Table {
-  const int64_t* t;
-  int64_t n;
-  int64_t get(Row r, int64_t i) const { return t[r * n + i]; }
-  int64_t numel(int64_t i) const { return get(kRowNumel, i); }
-};
-
-Table check_table(const char* what, uintptr_t table, int64_t n_tensors, std::initializer_list<Row> needed) {
-  PYLLM_CHECK(n_tensors >= 0, what, ": n_tensors must be >= 0, got ", n_tensors);
-  PYLLM_CHECK(n_tensors == 0 || table != 0, what, ": null tensor table");
-  Table tab{reinterpret_cast<const int64_t*>(table), n_tensors};
-  for (int64_t i = 0; i < n_tensors; ++i) {
-    PYLLM_CHECK(tab.numel(i) >= 0, what, ": tensor ", i, " has numel ", tab.numel(i));
-    PYLLM_CHECK(tab.numel(i) < (int64_t(1) << 31) * kChunk, what, ": tensor ", i, " is too large");
-    if (tab.numel(i) == 0) continue;
-    for (Row r : needed) PYLLM_CHECK(tab.get(r, i) != 0, what, ": null pointer in row ", int(r), " for tensor ", i);
-  }
-  return tab;
-}
-
 bool aligned16(std::initializer_list<int64_t> ptrs) {
   for (int64_t p : ptrs)
     if (p != 0 && p % 16) return false;
@@ -353,7 +335,7 @@ void launch_step(const Table& tab, const Hyper& h, cudaStream_t stream) {
 
 void adamw_grad_sumsq_cuda(uintptr_t table, int64_t n_tensors, int dtype, uintptr_t partials, int64_t partials_len,
                            uintptr_t sumsq, int device, uintptr_t stream) {
-  const Table tab = check_table("adamw_grad_sumsq", table, n_tensors, {kRowGrad});
+  const Table tab = check_table("adamw_grad_sumsq", table, n_tensors, {kRowGrad}, kMaxNumel);
   PYLLM_CHECK(sumsq != 0 && partials != 0, "adamw_grad_sumsq: null output pointer");
   PYLLM_CHECK(dtype == int(DType::f32) || dtype == int(DType::bf16) || dtype == int(DType::f16),
               "adamw_grad_sumsq: grads must be float32, bfloat16 or float16, got ", dtype_name(dtype));
@@ -386,19 +368,8 @@ void adamw_grad_sumsq_cuda(uintptr_t table, int64_t n_tensors, int dtype, uintpt
 void adamw_step_cuda(uintptr_t table, int64_t n_tensors, int param_dtype, bool has_master, double lr, double beta1,
                      double beta2, double eps, double weight_decay, uintptr_t sumsq, uintptr_t loss_scale,
                      double max_grad_norm, bool stochastic_rounding, uint64_t seed, int device, uintptr_t stream) {
-  const Table tab = check_table(
-      "adamw_step", table, n_tensors,
-      has_master ? std::initializer_list<Row>{kRowParam, kRowGrad, kRowMaster, kRowExpAvg, kRowExpAvgSq, kRowStep}
-                 : std::initializer_list<Row>{kRowParam, kRowGrad, kRowExpAvg, kRowExpAvgSq, kRowStep});
-  PYLLM_CHECK(param_dtype == int(DType::f32) || param_dtype == int(DType::bf16) || param_dtype == int(DType::f16),
-              "adamw_step: params must be float32, bfloat16 or float16, got ", dtype_name(param_dtype));
-  PYLLM_CHECK(!(has_master && param_dtype == int(DType::f32)), "adamw_step: float32 params are their own master");
-  PYLLM_CHECK(!stochastic_rounding || param_dtype == int(DType::bf16),
-              "adamw_step: stochastic rounding is for bfloat16 params, got ", dtype_name(param_dtype));
-  PYLLM_CHECK(lr >= 0 && eps >= 0 && weight_decay >= 0 && beta1 >= 0 && beta1 < 1 && beta2 >= 0 && beta2 < 1,
-              "adamw_step: need lr, eps, weight_decay >= 0 and betas in [0, 1), got lr=", lr, " eps=", eps,
-              " weight_decay=", weight_decay, " betas=(", beta1, ", ", beta2, ")");
-  PYLLM_CHECK(max_grad_norm < 0 || sumsq != 0, "adamw_step: clipping needs the grads' sum of squares");
+  const Table tab = check_step(table, n_tensors, param_dtype, has_master, lr, beta1, beta2, eps, weight_decay, sumsq,
+                               max_grad_norm, stochastic_rounding, kMaxNumel);
   if (count_chunks(tab) == 0) return;
   DeviceGuard guard(device);
   const cudaStream_t s = as_stream(stream);

@@ -29,6 +29,7 @@
 #include <exception>
 #include <thread>
 
+#include "common/parallel.h"
 #include "cpu/bpe.h"
 #include "cuda/cuda_common.cuh"
 
@@ -296,27 +297,7 @@ class CallBuffers {
 
 template <typename F>
 void parallel_for(size_t n, int num_threads, F&& body) {
-  size_t threads = num_threads > 0 ? size_t(num_threads) : std::max(1u, std::thread::hardware_concurrency());
-  threads = std::max<size_t>(1, std::min(threads, n));
-  std::atomic<size_t> next{0};
-  std::vector<std::exception_ptr> errors(threads);
-  auto worker = [&](size_t w) {
-    try {
-      for (size_t i = next++; i < n; i = next++) body(i);
-    } catch (...) {
-      errors[w] = std::current_exception();
-      next = n;
-    }
-  };
-  if (threads == 1) {
-    worker(0);
-  } else {
-    std::vector<std::thread> pool;
-    for (size_t w = 0; w < threads; ++w) pool.emplace_back(worker, w);
-    for (auto& t : pool) t.join();
-  }
-  for (auto& e : errors)
-    if (e) std::rethrow_exception(e);
+  parallel_items(n, worker_count(n, num_threads), [&](size_t, size_t i) { body(i); });
 }
 
 }  // namespace

@@ -2,6 +2,7 @@
 // integers (torch's data_ptr()), dtypes as the codes of common/dtype.h.
 #pragma once
 #include <cstdint>
+#include <vector>
 
 namespace pyllm {
 
@@ -10,5 +11,23 @@ void swiglu_fwd_cpu(uintptr_t gate, uintptr_t up, uintptr_t out, int64_t rows, i
                     int64_t in_stride, int64_t out_stride, int dtype);
 void swiglu_bwd_cpu(uintptr_t dout, uintptr_t gate, uintptr_t up, uintptr_t dgate, uintptr_t dup,
                     int64_t rows, int64_t cols, int64_t in_stride, int64_t out_stride, int dtype);
+
+// flash_attn.cpp (layout and argument meaning: common/attn_params.h). Strides are
+// (batch, token, head) in elements; lse_strides (batch, head). Causal is window_right = 0.
+void flash_attn_fwd_cpu(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse, uintptr_t cu_seqlens_q,
+                        uintptr_t cu_seqlens_k, uintptr_t seqused_k, int64_t batch, int64_t seqlen_q,
+                        int64_t seqlen_k, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
+                        const std::vector<int64_t>& q_strides, const std::vector<int64_t>& k_strides,
+                        const std::vector<int64_t>& v_strides, const std::vector<int64_t>& o_strides,
+                        const std::vector<int64_t>& lse_strides, double scale, int64_t window_left,
+                        int64_t window_right, int dtype);
+void flash_attn_bwd_cpu(uintptr_t dout, uintptr_t dlse, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out,
+                        uintptr_t lse, uintptr_t dq, uintptr_t dk, uintptr_t dv, uintptr_t cu_seqlens_q,
+                        uintptr_t cu_seqlens_k, int64_t batch, int64_t seqlen_q, int64_t seqlen_k,
+                        int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
+                        const std::vector<int64_t>& q_strides, const std::vector<int64_t>& k_strides,
+                        const std::vector<int64_t>& v_strides, const std::vector<int64_t>& o_strides,
+                        const std::vector<int64_t>& dkv_strides, const std::vector<int64_t>& lse_strides,
+                        double scale, int64_t window_left, int64_t window_right, int dtype);
 
 }  // namespace pyllm

@@ -3,9 +3,10 @@
 The public functions are re-exported from the top-level package (pyllm.swiglu, ...); this package
 keeps only the modules, so that pyllm.ops.swiglu is the module and never shadowed by its function.
 """
-from pyllm.ops import swiglu
+from pyllm.ops import flash_attn, swiglu
 
 # op name -> {device type: dtypes}, for `python -m pyllm info`.
 BACKENDS = {
     "swiglu": swiglu.DTYPES,
+    "flash_attn": flash_attn.DTYPES,
 }

@@ -32,6 +32,8 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "common/attn_params.h"
@@ -93,9 +95,10 @@ inline void micro_cols(int nv, int64_t K, const A* a, int64_t ams, int64_t aks, 
   }
 }
 
-// C[M][N] (+)= A(M x K) B[K][N]; B and C contiguous with N columns; N a multiple of the lanes.
+// C[M][N] (+)= A(M x K) B(K x N): B rows ldb apart, C rows ldc apart, N a multiple of the lanes.
 template <int N, typename A>
-void gemm(int64_t M, int64_t K, const A* a, int64_t ams, int64_t aks, const A* b, A* c, bool accumulate) {
+void gemm(int64_t M, int64_t K, const A* a, int64_t ams, int64_t aks, const A* b, int64_t ldb, A* c, int64_t ldc,
+          bool accumulate) {
   constexpr int L = Vec<A>::lanes;
   static_assert(N % L == 0, "gemm: N must be a multiple of the vector width");
   constexpr int kVectors = N / L;
@@ -104,11 +107,11 @@ void gemm(int64_t M, int64_t K, const A* a, int64_t ams, int64_t aks, const A* b
     const A* bc = b + v0 * L;
     A* cc = c + v0 * L;
     int64_t m = 0;
-    for (; m + 4 <= M; m += 4) micro_cols<4>(nv, K, a + m * ams, ams, aks, bc, N, cc + m * N, N, accumulate);
+    for (; m + 4 <= M; m += 4) micro_cols<4>(nv, K, a + m * ams, ams, aks, bc, ldb, cc + m * ldc, ldc, accumulate);
     switch (M - m) {
-      case 1: micro_cols<1>(nv, K, a + m * ams, ams, aks, bc, N, cc + m * N, N, accumulate); break;
-      case 2: micro_cols<2>(nv, K, a + m * ams, ams, aks, bc, N, cc + m * N, N, accumulate); break;
-      case 3: micro_cols<3>(nv, K, a + m * ams, ams, aks, bc, N, cc + m * N, N, accumulate); break;
+      case 1: micro_cols<1>(nv, K, a + m * ams, ams, aks, bc, ldb, cc + m * ldc, ldc, accumulate); break;
+      case 2: micro_cols<2>(nv, K, a + m * ams, ams, aks, bc, ldb, cc + m * ldc, ldc, accumulate); break;
+      case 3: micro_cols<3>(nv, K, a + m * ams, ams, aks, bc, ldb, cc + m * ldc, ldc, accumulate); break;
       default: break;
     }
   }
@@ -129,44 +132,35 @@ inline int64_t lse_index(const AttnParams& p, int64_t b, int64_t h, const SeqInf
   return b * p.lse_strides[0] + h * p.lse_strides[1] + (p.cu_seqlens_q ? s.q_start : 0) + i;
 }
 
-// rows x D tile of (b, tokens start.., h) into fp32 rows of D, times `mul`.
+// `rows` tokens x D of one head as rows of the math type A: the tensor itself when it already
+// holds A (fp32 / fp64 inputs: no copy), else converted into buf. Returns rows and row stride.
 template <int D, typename T, typename A>
-inline void load_rows(A* __restrict dst, const void* base, const int64_t* strides, int64_t b, int64_t start,
-                      int64_t h, int64_t rows, A mul) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* __restrict src = at<T>(base, strides, b, start + r, h);
+inline std::pair<const A*, int64_t> tile_rows(A* __restrict buf, const void* base, const int64_t* strides,
+                                              int64_t b, int64_t start, int64_t h, int64_t rows) {
+  if constexpr (std::is_same_v<T, A>) {
+    return {at<T>(base, strides, b, start, h), strides[1]};
+  } else {
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* __restrict src = at<T>(base, strides, b, start + r, h);
 #pragma omp simd
-    for (int d = 0; d < D; ++d) dst[r * D + d] = A(to_float(src[d])) * mul;
+      for (int d = 0; d < D; ++d) buf[r * D + d] = A(to_float(src[d]));
+    }
+    return {buf, int64_t(D)};
   }
 }
 
-// rows x D tile transposed into D rows of kBlockK (columns >= rows zero-filled: finite, and masked).
+// `rows` tokens x D transposed into D rows of `ld` (times mul); columns rows..ld zero-filled, so
+// that the padded lanes of a partial tile stay finite (they are masked or never read).
 template <int D, typename T, typename A>
-inline void load_cols(A* __restrict dst, const void* base, const int64_t* strides, int64_t b, int64_t start,
-                      int64_t h, int64_t rows) {
+inline void tile_cols(A* __restrict dst, int64_t ld, const void* base, const int64_t* strides, int64_t b,
+                      int64_t start, int64_t h, int64_t rows, A mul) {
   for (int64_t r = 0; r < rows; ++r) {
     const T* __restrict src = at<T>(base, strides, b, start + r, h);
-    for (int d = 0; d < D; ++d) dst[d * kBlockK + r] = A(to_float(src[d]));
+    for (int d = 0; d < D; ++d) dst[d * ld + r] = A(to_float(src[d])) * mul;
   }
-  if (rows < kBlockK)
+  if (rows < ld)
     for (int d = 0; d < D; ++d)
-      for (int64_t r = rows; r < kBlockK; ++r) dst[d * kBlockK + r] = A(0);
-}
-
-// Masks row r (query i) of a key block starting at key j0: columns outside the keys it sees -> -inf.
-template <typename A>
-inline void mask_row(A* __restrict srow, int64_t lo, int64_t hi) {
-  const A ninf = neg_inf<A>();
-#pragma omp simd
-  for (int64_t j = 0; j < kBlockK; ++j) srow[j] = (j >= lo && j < hi) ? srow[j] : ninf;
-}
-
-template <typename A>
-inline A row_max(const A* __restrict srow) {
-  A mx = neg_inf<A>();
-#pragma omp simd reduction(max : mx)
-  for (int64_t j = 0; j < kBlockK; ++j) mx = std::max(mx, srow[j]);
-  return mx;
+      for (int64_t r = rows; r < ld; ++r) dst[d * ld + r] = A(0);
 }
 
 // Key blocks [first, end) that the queries [i0, i0 + mq) touch.
@@ -183,18 +177,41 @@ inline bool block_unmasked(const AttnParams& p, const SeqInfo& s, int64_t i0, in
   return key_lo(p, i0 + mq - 1, s.len_q, s.len_k) <= j0 && j0 + kBlockK <= key_hi(p, i0, s.len_q, s.len_k);
 }
 
-// Scores of one (query block, key block), masked: S = Qs Kt, then -inf outside the mask.
-template <int D, typename A>
-inline void scores(const AttnParams& p, const SeqInfo& s, int64_t i0, int64_t mq, int64_t j0, const A* qs,
-                   const A* kt, A* sc) {
-  gemm<kBlockK>(mq, D, qs, D, 1, kt, sc, false);
-  if (block_unmasked(p, s, i0, mq, j0)) return;
-  for (int64_t r = 0; r < mq; ++r)
-    mask_row(sc + r * kBlockK, key_lo(p, i0 + r, s.len_q, s.len_k) - j0, key_hi(p, i0 + r, s.len_q, s.len_k) - j0);
-}
-
 inline int64_t n_qblocks(const AttnParams& p) { return (p.seqlen_q + kBlockQ - 1) / kBlockQ; }
 inline int64_t n_kblocks(const AttnParams& p) { return (p.seqlen_k + kBlockK - 1) / kBlockK; }
+
+// The forward and the dQ pass hold a query block's scores transposed, St[key j][query i], so that
+// the online softmax (max and sum over keys, per query) runs down columns: plain vector ops over
+// the kBlockQ queries, no horizontal reductions. Per query i the keys [lo[i], hi[i]) are seen;
+// padding queries (i >= mq) get lo = hi = 0 and see nothing.
+struct QueryBounds {
+  int32_t lo[kBlockQ], hi[kBlockQ];
+  void set(const AttnParams& p, const SeqInfo& s, int64_t i0, int64_t mq) {
+    for (int64_t r = 0; r < kBlockQ; ++r) {
+      lo[r] = r < mq ? int32_t(key_lo(p, i0 + r, s.len_q, s.len_k)) : 0;
+      hi[r] = r < mq ? int32_t(key_hi(p, i0 + r, s.len_q, s.len_k)) : 0;
+    }
+  }
+};
+
+template <typename A>
+inline void mask_transposed(A* __restrict st, int64_t nk, int64_t j0, const QueryBounds& qb) {
+  const A ninf = neg_inf<A>();
+  for (int64_t j = 0; j < nk; ++j) {
+    const int32_t key = int32_t(j0 + j);
+    A* __restrict row = st + j * kBlockQ;
+#pragma omp simd
+    for (int64_t i = 0; i < kBlockQ; ++i) row[i] = (key >= qb.lo[i] && key < qb.hi[i]) ? row[i] : ninf;
+  }
+}
+
+// Query rows orientation (the dK / dV pass): S[query r][key j], columns outside [lo, hi) -> -inf.
+template <typename A>
+inline void mask_row(A* __restrict srow, int64_t lo, int64_t hi) {
+  const A ninf = neg_inf<A>();
+#pragma omp simd
+  for (int64_t j = 0; j < kBlockK; ++j) srow[j] = (j >= lo && j < hi) ? srow[j] : ninf;
+}
 
 // ---------------------------------------------------------------------------------------------
 // Forward
@@ -203,13 +220,15 @@ inline int64_t n_kblocks(const AttnParams& p) { return (p.seqlen_k + kBlockK - 1
 template <int D, typename T>
 void fwd(const AttnParams& p) {
   using A = acc_t<T>;
+  constexpr A kNegInf = neg_inf<A>();
   const int64_t group = p.n_heads / p.n_kv_heads, qblocks = n_qblocks(p);
   const int64_t items = p.batch * p.n_heads * qblocks;
   A* lse_out = static_cast<A*>(p.lse);
 #pragma omp parallel if (items > 1)
   {
-    std::vector<A> qs(kBlockQ * D), kt(D * kBlockK), vs(kBlockK * D), sc(kBlockQ * kBlockK), o(kBlockQ * D);
-    std::vector<A> m(kBlockQ), l(kBlockQ);
+    std::vector<A> qt(D * kBlockQ), kbuf(kBlockK * D), vbuf(kBlockK * D), st(kBlockK * kBlockQ), o(kBlockQ * D);
+    std::vector<A> m(kBlockQ), l(kBlockQ), m_use(kBlockQ), corr(kBlockQ), blk(kBlockQ);
+    QueryBounds bounds;
 #pragma omp for schedule(dynamic)
     for (int64_t item = 0; item < items; ++item) {
       const int64_t b = item / (p.n_heads * qblocks), h = (item / qblocks) % p.n_heads, qb = item % qblocks;
@@ -217,57 +236,63 @@ void fwd(const AttnParams& p) {
       const int64_t i0 = qb * kBlockQ;
       if (i0 >= s.len_q) continue;
       const int64_t mq = std::min(kBlockQ, s.len_q - i0), hk = h / group;
-      load_rows<D, T>(qs.data(), p.q, p.q_strides, b, s.q_start + i0, h, mq, A(p.scale));
+      tile_cols<D, T>(qt.data(), kBlockQ, p.q, p.q_strides, b, s.q_start + i0, h, mq, A(p.scale));
+      bounds.set(p, s, i0, mq);
       std::fill(o.begin(), o.end(), A(0));
-      std::fill(m.begin(), m.end(), neg_inf<A>());
+      std::fill(m.begin(), m.end(), kNegInf);
       std::fill(l.begin(), l.end(), A(0));
       const KeyBlocks kbs = key_blocks(p, s, i0, mq);
-      for (int64_t kb = kbs.first; kb < kbs.end; ++kb) {
-        const int64_t j0 = kb * kBlockK, nk = std::min(kBlockK, s.len_k - j0);
-        load_cols<D, T>(kt.data(), p.k, p.k_strides, b, s.k_start + j0, hk, nk);
-        load_rows<D, T>(vs.data(), p.v, p.v_strides, b, s.k_start + j0, hk, nk, A(1));
-        scores<D>(p, s, i0, mq, j0, qs.data(), kt.data(), sc.data());
-        for (int64_t r = 0; r < mq; ++r) {
-          A* __restrict srow = sc.data() + r * kBlockK;
-          A m_new = std::max(m[r], row_max(srow));
-          if (m_new == neg_inf<A>()) {
-            // Nothing seen yet: P = 0, unless the scores are NaN (the max skips NaN), which must
-            // reach the output as NaN.
-            bool has_nan = false;
-            for (int64_t j = 0; j < kBlockK; ++j) has_nan |= std::isnan(srow[j]);
-            if (!has_nan) {
-              std::fill(srow, srow + kBlockK, A(0));
-              continue;
-            }
-            m_new = A(0);
-          }
-          A sum = 0;
-#pragma omp simd reduction(+ : sum)
-          for (int64_t j = 0; j < kBlockK; ++j) {
-            const A pj = srow[j] == neg_inf<A>() ? A(0) : exp_acc<T>(srow[j] - m_new);
-            srow[j] = pj;
-            sum += pj;
-          }
-          const A corr = m[r] == neg_inf<A>() ? A(0) : exp_acc<T>(m[r] - m_new);
-          if (corr != A(1)) {
-            A* __restrict orow = o.data() + r * D;
+      for (int64_t kblk = kbs.first; kblk < kbs.end; ++kblk) {
+        const int64_t j0 = kblk * kBlockK, nk = std::min(kBlockK, s.len_k - j0);
+        const auto [kr, kld] = tile_rows<D, T>(kbuf.data(), p.k, p.k_strides, b, s.k_start + j0, hk, nk);
+        const auto [vr, vld] = tile_rows<D, T>(vbuf.data(), p.v, p.v_strides, b, s.k_start + j0, hk, nk);
+        A* __restrict S = st.data();
+        gemm<kBlockQ>(nk, D, kr, kld, 1, qt.data(), kBlockQ, S, kBlockQ, false);  // St = K (scale Q)^T
+        if (!block_unmasked(p, s, i0, mq, j0)) mask_transposed(S, nk, j0, bounds);
+        // Online softmax down the columns. The max skips NaN (it must not poison the running max of
+        // the other queries), and a query that has seen only masked keys keeps m = -inf; exp is then
+        // taken against 0 so that NaN scores still come out as NaN.
+        std::fill(blk.begin(), blk.end(), kNegInf);
+        for (int64_t j = 0; j < nk; ++j) {
 #pragma omp simd
-            for (int d = 0; d < D; ++d) orow[d] *= corr;
-          }
-          l[r] = l[r] * corr + sum;
-          m[r] = m_new;
+          for (int64_t i = 0; i < kBlockQ; ++i) blk[i] = S[j * kBlockQ + i] > blk[i] ? S[j * kBlockQ + i] : blk[i];
         }
-        gemm<D>(mq, nk, sc.data(), kBlockK, 1, vs.data(), o.data(), true);
+#pragma omp simd
+        for (int64_t i = 0; i < kBlockQ; ++i) {
+          const A m_new = std::max(m[i], blk[i]);
+          m_use[i] = m_new == kNegInf ? A(0) : m_new;
+          corr[i] = m[i] == kNegInf ? A(0) : exp_acc<T>(m[i] - m_use[i]);
+          m[i] = m_new;
+          blk[i] = A(0);
+        }
+        for (int64_t j = 0; j < nk; ++j) {
+          A* __restrict row = S + j * kBlockQ;
+#pragma omp simd
+          for (int64_t i = 0; i < kBlockQ; ++i) {
+            const A pj = row[i] == kNegInf ? A(0) : exp_acc<T>(row[i] - m_use[i]);
+            row[i] = pj;
+            blk[i] += pj;
+          }
+        }
+        for (int64_t r = 0; r < mq; ++r) {
+          l[r] = l[r] * corr[r] + blk[r];
+          if (corr[r] != A(1)) {
+            A* __restrict orow = o.data() + r * D;
+            const A c = corr[r];
+#pragma omp simd
+            for (int d = 0; d < D; ++d) orow[d] *= c;
+          }
+        }
+        gemm<D>(mq, nk, S, 1, kBlockQ, vr, vld, o.data(), D, true);  // O += P V
       }
       for (int64_t r = 0; r < mq; ++r) {
         T* __restrict dst = at_mut<T>(p.out, p.o_strides, b, s.q_start + i0 + r, h);
         const A* __restrict orow = o.data() + r * D;
-        const bool empty = !(l[r] > A(0));  // sees no key (l = 0); NaN inputs give l = NaN, kept
-        const A inv = empty && !std::isnan(l[r]) ? A(0) : A(1) / l[r];
+        const bool empty = l[r] == A(0);  // sees no key; NaN inputs give l = NaN and stay NaN
+        const A inv = empty ? A(0) : A(1) / l[r];
 #pragma omp simd
         for (int d = 0; d < D; ++d) dst[d] = from_acc<T>(orow[d] * inv);
-        lse_out[lse_index(p, b, h, s, i0 + r)] =
-            empty && !std::isnan(l[r]) ? std::numeric_limits<A>::infinity() : m[r] + std::log(l[r]);
+        lse_out[lse_index(p, b, h, s, i0 + r)] = empty ? std::numeric_limits<A>::infinity() : m[r] + std::log(l[r]);
       }
     }
   }
@@ -277,41 +302,14 @@ void fwd(const AttnParams& p) {
 // Backward
 // ---------------------------------------------------------------------------------------------
 
-// P = exp(S - lse) in place (masked entries, -inf, and rows with lse = +inf give 0), then
-// dS = P * (dP - delta) into dp.
-template <typename T, typename A>
-inline void softmax_grad_rows(int64_t mq, A* __restrict sc, A* __restrict dp, const A* lse, const A* delta) {
-  for (int64_t r = 0; r < mq; ++r) {
-    A* __restrict srow = sc + r * kBlockK;
-    A* __restrict dprow = dp + r * kBlockK;
-    const A lse_r = lse[r], delta_r = delta[r];
-    const bool row_empty = lse_r == std::numeric_limits<A>::infinity();
-#pragma omp simd
-    for (int64_t j = 0; j < kBlockK; ++j) {
-      const A pj = (row_empty || srow[j] == neg_inf<A>()) ? A(0) : exp_acc<T>(srow[j] - lse_r);
-      srow[j] = pj;
-      dprow[j] = pj * (dprow[j] - delta_r);
-    }
-  }
-}
-
-// Per query block, the saved lse and delta of its rows, gathered into contiguous arrays.
-template <typename A>
-inline void load_row_stats(const AttnParams& p, const A* lse, const A* delta, int64_t b, int64_t h,
-                           const SeqInfo& s, int64_t i0, int64_t mq, A* lse_rows, A* delta_rows) {
-  for (int64_t r = 0; r < mq; ++r) {
-    const int64_t idx = lse_index(p, b, h, s, i0 + r);
-    lse_rows[r] = lse[idx];
-    delta_rows[r] = delta[idx];
-  }
-}
-
 template <int D, typename T>
 void bwd(const AttnParams& p, int64_t lse_size) {
   using A = acc_t<T>;
+  constexpr A kNegInf = neg_inf<A>();
   const int64_t group = p.n_heads / p.n_kv_heads, qblocks = n_qblocks(p), kblocks = n_kblocks(p);
   const A* lse = static_cast<const A*>(p.lse);
   const A* dlse = static_cast<const A*>(p.dlse);
+  const A scale = A(p.scale);
   std::vector<A> delta(lse_size);
 
   // Pass 0: delta = rowsum(dO * O) - dlse.
@@ -331,12 +329,13 @@ void bwd(const AttnParams& p, int64_t lse_size) {
     }
   }
 
-  // Pass 1: dK, dV per (b, kv head, key block), summed over the GQA group's query heads.
+  // Pass 1: dK, dV per (b, kv head, key block), summed over the GQA group's query heads. Query rows
+  // orientation: S[query][key] = Q (scale K^T), with K^T and V^T transposed once per work item.
   const int64_t k_items = p.batch * p.n_kv_heads * kblocks;
 #pragma omp parallel if (k_items > 1)
   {
-    std::vector<A> qs(kBlockQ * D), dos(kBlockQ * D), kt(D * kBlockK), vt(D * kBlockK), sc(kBlockQ * kBlockK),
-        dp(kBlockQ * kBlockK), dk(kBlockK * D), dv(kBlockK * D), lse_rows(kBlockQ), delta_rows(kBlockQ);
+    std::vector<A> qbuf(kBlockQ * D), dobuf(kBlockQ * D), kt(D * kBlockK), vt(D * kBlockK), sc(kBlockQ * kBlockK),
+        dp(kBlockQ * kBlockK), dk(kBlockK * D), dv(kBlockK * D);
 #pragma omp for schedule(dynamic)
     for (int64_t item = 0; item < k_items; ++item) {
       const int64_t b = item / (p.n_kv_heads * kblocks), hk = (item / kblocks) % p.n_kv_heads, kb = item % kblocks;
@@ -344,22 +343,35 @@ void bwd(const AttnParams& p, int64_t lse_size) {
       const int64_t j0 = kb * kBlockK;
       if (j0 >= s.len_k) continue;
       const int64_t nk = std::min(kBlockK, s.len_k - j0);
-      load_cols<D, T>(kt.data(), p.k, p.k_strides, b, s.k_start + j0, hk, nk);
-      load_cols<D, T>(vt.data(), p.v, p.v_strides, b, s.k_start + j0, hk, nk);
+      tile_cols<D, T>(kt.data(), kBlockK, p.k, p.k_strides, b, s.k_start + j0, hk, nk, scale);
+      tile_cols<D, T>(vt.data(), kBlockK, p.v, p.v_strides, b, s.k_start + j0, hk, nk, A(1));
       std::fill(dk.begin(), dk.end(), A(0));
       std::fill(dv.begin(), dv.end(), A(0));
       const int64_t q_lo = query_lo(p, j0, s.len_q, s.len_k), q_hi = query_hi(p, j0 + nk - 1, s.len_q, s.len_k);
       for (int64_t h = hk * group; h < (hk + 1) * group && q_lo < q_hi; ++h) {
         for (int64_t i0 = (q_lo / kBlockQ) * kBlockQ; i0 < q_hi; i0 += kBlockQ) {
           const int64_t mq = std::min(kBlockQ, s.len_q - i0);
-          load_rows<D, T>(qs.data(), p.q, p.q_strides, b, s.q_start + i0, h, mq, A(p.scale));
-          load_rows<D, T>(dos.data(), p.dout, p.o_strides, b, s.q_start + i0, h, mq, A(1));
-          load_row_stats(p, lse, delta.data(), b, h, s, i0, mq, lse_rows.data(), delta_rows.data());
-          scores<D>(p, s, i0, mq, j0, qs.data(), kt.data(), sc.data());
-          gemm<kBlockK>(mq, D, dos.data(), D, 1, vt.data(), dp.data(), false);
-          softmax_grad_rows<T>(mq, sc.data(), dp.data(), lse_rows.data(), delta_rows.data());
-          gemm<D>(nk, mq, sc.data(), 1, kBlockK, dos.data(), dv.data(), true);  // dV += P^T dO
-          gemm<D>(nk, mq, dp.data(), 1, kBlockK, qs.data(), dk.data(), true);   // dK += dS^T (scale Q)
+          const auto [qr, qld] = tile_rows<D, T>(qbuf.data(), p.q, p.q_strides, b, s.q_start + i0, h, mq);
+          const auto [dor, dold] = tile_rows<D, T>(dobuf.data(), p.dout, p.o_strides, b, s.q_start + i0, h, mq);
+          gemm<kBlockK>(mq, D, qr, qld, 1, kt.data(), kBlockK, sc.data(), kBlockK, false);
+          const bool unmasked = block_unmasked(p, s, i0, mq, j0);
+          gemm<kBlockK>(mq, D, dor, dold, 1, vt.data(), kBlockK, dp.data(), kBlockK, false);  // dP = dO V^T
+          for (int64_t r = 0; r < mq; ++r) {
+            A* __restrict srow = sc.data() + r * kBlockK;
+            A* __restrict dprow = dp.data() + r * kBlockK;
+            if (!unmasked)
+              mask_row(srow, key_lo(p, i0 + r, s.len_q, s.len_k) - j0, key_hi(p, i0 + r, s.len_q, s.len_k) - j0);
+            const int64_t idx = lse_index(p, b, h, s, i0 + r);
+            const A lse_r = lse[idx], delta_r = delta[idx];
+#pragma omp simd
+            for (int64_t j = 0; j < kBlockK; ++j) {
+              const A pj = srow[j] == kNegInf ? A(0) : exp_acc<T>(srow[j] - lse_r);
+              srow[j] = pj;
+              dprow[j] = pj * (dprow[j] - delta_r);  // dS
+            }
+          }
+          gemm<D>(nk, mq, sc.data(), 1, kBlockK, dor, dold, dv.data(), D, true);  // dV += P^T dO
+          gemm<D>(nk, mq, dp.data(), 1, kBlockK, qr, qld, dk.data(), D, true);    // dK += dS^T Q
         }
       }
       for (int64_t r = 0; r < nk; ++r) {
@@ -367,18 +379,20 @@ void bwd(const AttnParams& p, int64_t lse_size) {
         T* __restrict dv_dst = at_mut<T>(p.dv, p.dkv_strides, b, s.k_start + j0 + r, hk);
 #pragma omp simd
         for (int d = 0; d < D; ++d) {
-          dk_dst[d] = from_acc<T>(dk[r * D + d]);
+          dk_dst[d] = from_acc<T>(dk[r * D + d] * scale);
           dv_dst[d] = from_acc<T>(dv[r * D + d]);
         }
       }
     }
   }
 
-  // Pass 2: dQ per (b, query head, query block).
+  // Pass 2: dQ per (b, query head, query block), transposed orientation as in the forward:
+  // St = K (scale Q)^T, dPt = V dO^T, dSt = Pt * (dPt - delta), dQ += dS K.
 #pragma omp parallel if (q_items > 1)
   {
-    std::vector<A> qs(kBlockQ * D), dos(kBlockQ * D), ks(kBlockK * D), kt(D * kBlockK), vt(D * kBlockK),
-        sc(kBlockQ * kBlockK), dp(kBlockQ * kBlockK), dq(kBlockQ * D), lse_rows(kBlockQ), delta_rows(kBlockQ);
+    std::vector<A> qt(D * kBlockQ), dot(D * kBlockQ), kbuf(kBlockK * D), vbuf(kBlockK * D), st(kBlockK * kBlockQ),
+        dpt(kBlockK * kBlockQ), dq(kBlockQ * D), lse_q(kBlockQ), delta_q(kBlockQ);
+    QueryBounds bounds;
 #pragma omp for schedule(dynamic)
     for (int64_t item = 0; item < q_items; ++item) {
       const int64_t b = item / (p.n_heads * qblocks), h = (item / qblocks) % p.n_heads, qb = item % qblocks;
@@ -386,22 +400,35 @@ void bwd(const AttnParams& p, int64_t lse_size) {
       const int64_t i0 = qb * kBlockQ;
       if (i0 >= s.len_q) continue;
       const int64_t mq = std::min(kBlockQ, s.len_q - i0), hk = h / group;
-      load_rows<D, T>(qs.data(), p.q, p.q_strides, b, s.q_start + i0, h, mq, A(p.scale));
-      load_rows<D, T>(dos.data(), p.dout, p.o_strides, b, s.q_start + i0, h, mq, A(1));
-      load_row_stats(p, lse, delta.data(), b, h, s, i0, mq, lse_rows.data(), delta_rows.data());
+      tile_cols<D, T>(qt.data(), kBlockQ, p.q, p.q_strides, b, s.q_start + i0, h, mq, scale);
+      tile_cols<D, T>(dot.data(), kBlockQ, p.dout, p.o_strides, b, s.q_start + i0, h, mq, A(1));
+      bounds.set(p, s, i0, mq);
+      for (int64_t r = 0; r < kBlockQ; ++r) {
+        const int64_t idx = lse_index(p, b, h, s, i0 + r);
+        lse_q[r] = r < mq ? lse[idx] : A(0);
+        delta_q[r] = r < mq ? delta[idx] : A(0);
+      }
       std::fill(dq.begin(), dq.end(), A(0));
       const KeyBlocks kbs = key_blocks(p, s, i0, mq);
-      for (int64_t kb = kbs.first; kb < kbs.end; ++kb) {
-        const int64_t j0 = kb * kBlockK, nk = std::min(kBlockK, s.len_k - j0);
-        load_rows<D, T>(ks.data(), p.k, p.k_strides, b, s.k_start + j0, hk, nk, A(1));
-        load_cols<D, T>(kt.data(), p.k, p.k_strides, b, s.k_start + j0, hk, nk);
-        load_cols<D, T>(vt.data(), p.v, p.v_strides, b, s.k_start + j0, hk, nk);
-        scores<D>(p, s, i0, mq, j0, qs.data(), kt.data(), sc.data());
-        gemm<kBlockK>(mq, D, dos.data(), D, 1, vt.data(), dp.data(), false);
-        softmax_grad_rows<T>(mq, sc.data(), dp.data(), lse_rows.data(), delta_rows.data());
-        gemm<D>(mq, nk, dp.data(), kBlockK, 1, ks.data(), dq.data(), true);  // dQ += dS K
+      for (int64_t kblk = kbs.first; kblk < kbs.end; ++kblk) {
+        const int64_t j0 = kblk * kBlockK, nk = std::min(kBlockK, s.len_k - j0);
+        const auto [kr, kld] = tile_rows<D, T>(kbuf.data(), p.k, p.k_strides, b, s.k_start + j0, hk, nk);
+        const auto [vr, vld] = tile_rows<D, T>(vbuf.data(), p.v, p.v_strides, b, s.k_start + j0, hk, nk);
+        A* __restrict S = st.data();
+        A* __restrict dP = dpt.data();
+        gemm<kBlockQ>(nk, D, kr, kld, 1, qt.data(), kBlockQ, S, kBlockQ, false);
+        if (!block_unmasked(p, s, i0, mq, j0)) mask_transposed(S, nk, j0, bounds);
+        gemm<kBlockQ>(nk, D, vr, vld, 1, dot.data(), kBlockQ, dP, kBlockQ, false);
+        for (int64_t j = 0; j < nk; ++j) {
+#pragma omp simd
+          for (int64_t i = 0; i < kBlockQ; ++i) {
+            const A sji = S[j * kBlockQ + i];
+            const A pji = sji == kNegInf ? A(0) : exp_acc<T>(sji - lse_q[i]);
+            dP[j * kBlockQ + i] = pji * (dP[j * kBlockQ + i] - delta_q[i]);
+          }
+        }
+        gemm<D>(mq, nk, dP, 1, kBlockQ, kr, kld, dq.data(), D, true);  // dQ += dS K
       }
-      const A scale = A(p.scale);
       for (int64_t r = 0; r < mq; ++r) {
         T* __restrict dst = at_mut<T>(p.dq, p.o_strides, b, s.q_start + i0 + r, h);
 #pragma omp simd

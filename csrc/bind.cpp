@@ -137,6 +137,18 @@ PYBIND11_MODULE(_C, m) {
         .def("merge", &Trainer::merge, nogil, arg("max_new_tokens"));
     m.def("bpe_pretokenize", &pyllm::bpe::pretokenize_offsets, nogil, arg("pattern"), arg("text"));
   }
+  // flash_attn
+  m.def("flash_attn_fwd_cpu", &pyllm::flash_attn_fwd_cpu, nogil, arg("q"), arg("k"), arg("v"), arg("out"),
+        arg("lse"), arg("cu_seqlens_q"), arg("cu_seqlens_k"), arg("seqused_k"), arg("batch"), arg("seqlen_q"),
+        arg("seqlen_k"), arg("n_heads"), arg("n_kv_heads"), arg("head_dim"), arg("q_strides"), arg("k_strides"),
+        arg("v_strides"), arg("o_strides"), arg("lse_strides"), arg("scale"), arg("window_left"),
+        arg("window_right"), arg("dtype"));
+  m.def("flash_attn_bwd_cpu", &pyllm::flash_attn_bwd_cpu, nogil, arg("dout"), arg("dlse"), arg("q"), arg("k"),
+        arg("v"), arg("out"), arg("lse"), arg("dq"), arg("dk"), arg("dv"), arg("cu_seqlens_q"),
+        arg("cu_seqlens_k"), arg("batch"), arg("seqlen_q"), arg("seqlen_k"), arg("n_heads"), arg("n_kv_heads"),
+        arg("head_dim"), arg("q_strides"), arg("k_strides"), arg("v_strides"), arg("o_strides"),
+        arg("dkv_strides"), arg("lse_strides"), arg("scale"), arg("window_left"), arg("window_right"),
+        arg("dtype"));
 
 #ifdef PYLLM_WITH_CUDA
   m.attr("has_cuda") = true;

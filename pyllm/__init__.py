@@ -1,8 +1,9 @@
 """pyllm: hand-written CUDA kernels with C++ CPU twins for training LLMs."""
 __version__ = "0.1.0"
 
+from pyllm.ops.flash_attn import flash_attn, flash_attn_with_kvcache  # noqa: E402
 from pyllm.ops.swiglu import swiglu, swiglu_packed  # noqa: E402
 from pyllm import optim  # noqa: E402
 from pyllm.tokenizer import Tokenizer  # noqa: E402
 
-__all__ = ["swiglu", "swiglu_packed", "optim", "Tokenizer", "__version__"]
+__all__ = ["flash_attn", "flash_attn_with_kvcache", "swiglu", "swiglu_packed", "optim", "Tokenizer", "__version__"]

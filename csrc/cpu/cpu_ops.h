@@ -2,6 +2,7 @@
 // integers (torch's data_ptr()), dtypes as the codes of common/dtype.h.
 #pragma once
 #include <cstdint>
+#include <vector>
 
 namespace pyllm {
 
@@ -16,5 +17,22 @@ void adamw_grad_sumsq_cpu(uintptr_t table, int64_t n_tensors, int dtype, uintptr
 void adamw_step_cpu(uintptr_t table, int64_t n_tensors, int param_dtype, bool has_master, double lr, double beta1,
                     double beta2, double eps, double weight_decay, uintptr_t sumsq, uintptr_t loss_scale,
                     double max_grad_norm, bool stochastic_rounding, uint64_t seed);
+// flash_attn.cpp (layout and argument meaning: common/attn_params.h). Strides are
+// (batch, token, head) in elements; lse_strides (batch, head). Causal is window_right = 0.
+void flash_attn_fwd_cpu(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse, uintptr_t cu_seqlens_q,
+                        uintptr_t cu_seqlens_k, uintptr_t seqused_k, int64_t batch, int64_t seqlen_q,
+                        int64_t seqlen_k, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
+                        const std::vector<int64_t>& q_strides, const std::vector<int64_t>& k_strides,
+                        const std::vector<int64_t>& v_strides, const std::vector<int64_t>& o_strides,
+                        const std::vector<int64_t>& lse_strides, double scale, int64_t window_left,
+                        int64_t window_right, int dtype);
+void flash_attn_bwd_cpu(uintptr_t dout, uintptr_t dlse, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out,
+                        uintptr_t lse, uintptr_t dq, uintptr_t dk, uintptr_t dv, uintptr_t cu_seqlens_q,
+                        uintptr_t cu_seqlens_k, int64_t batch, int64_t seqlen_q, int64_t seqlen_k,
+                        int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
+                        const std::vector<int64_t>& q_strides, const std::vector<int64_t>& k_strides,
+                        const std::vector<int64_t>& v_strides, const std::vector<int64_t>& o_strides,
+                        const std::vector<int64_t>& dkv_strides, const std::vector<int64_t>& lse_strides,
+                        double scale, int64_t window_left, int64_t window_right, int dtype);
 
 }  // namespace pyllm

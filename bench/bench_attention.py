@@ -1,0 +1,135 @@
+"""FlashAttention, ours vs torch SDPA (CPU: its own flash kernel; CUDA: the flash and the cuDNN
+backends, each forced with torch.nn.attention.sdpa_kernel).
+
+One process, same inputs, side by side, median of repeats. TFLOPs count the useful work for
+every implementation alike: forward 4 * B * T^2 * H * D (halved for causal), forward + backward
+3.5x that (the backward is 2.5x the forward). On CUDA the peak memory of one forward + backward
+at the largest T is recorded too (it should grow linearly in T: no T x T matrix).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+import pyllm  # noqa: E402
+
+
+def ours(q, k, v, causal):
+    return pyllm.flash_attn(q, k, v, causal=causal)
+
+
+def sdpa(backend):
+    from torch.nn.attention import sdpa_kernel
+
+    def run(q, k, v, causal):
+        # SDPA takes (B, H, T, D): transposed views of the same (B, T, H, D) tensors, no copies.
+        with sdpa_kernel(backend):
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 is_causal=causal)
+        return out.transpose(1, 2)
+
+    return run
+
+
+def impls_for(device: str) -> dict:
+    from torch.nn.attention import SDPBackend
+
+    if device == "cuda":
+        return {"pyllm": ours, "sdpa flash": sdpa(SDPBackend.FLASH_ATTENTION),
+                "sdpa cudnn": sdpa(SDPBackend.CUDNN_ATTENTION)}
+    return {"pyllm": ours, "sdpa": sdpa(SDPBackend.FLASH_ATTENTION)}
+
+
+def configs(device: str, quick: bool):
+    """(batch, seqlen, head_dim, dtype, causal)"""
+    if device == "cuda":
+        dtypes = (torch.bfloat16, torch.float16)
+        seqlens = (512, 2048) if quick else (512, 1024, 2048, 4096, 8192, 16384)
+        batches = {512: 16, 1024: 8, 2048: 4, 4096: 2, 8192: 1, 16384: 1}
+        for dtype in dtypes[:1] if quick else dtypes:
+            for d in (64, 128):
+                for t in seqlens:
+                    for causal in (False, True):
+                        yield batches[t], t, d, dtype, causal
+        return
+    if quick:
+        for d in (64, 128):
+            for dtype in (torch.float32, torch.bfloat16):
+                yield 1, 512, d, dtype, True
+        return
+    for d in (64, 128):
+        for dtype in (torch.float32, torch.bfloat16):
+            for t, b in ((512, 4), (1024, 2), (2048, 1), (4096, 1)):
+                for causal in (False, True):
+                    yield b, t, d, dtype, causal
+
+
+def peak_memory_mb(fn, q, k, v, causal) -> float:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
+    fn(qq, kk, vv, causal).sum().backward()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def main() -> int:
+    parser = common.base_parser(__doc__)
+    parser.add_argument("--heads", type=int, default=8)
+    args = parser.parse_args()
+    device, h = args.device, args.heads
+    impls = impls_for(device)
+    print(f"# attention on {common.device_description(device)}, H={h}, (B, T, H, D) layout")
+    rows = []
+    for b, t, d, dtype, causal in configs(device, args.quick):
+        flops = 4 * b * t * t * h * d * (0.5 if causal else 1.0)
+        q, k, v, dout = (torch.randn(b, t, h, d, device=device, dtype=dtype) for _ in range(4))
+        repeat = 5 if device == "cpu" else 20
+        for mode, work in (("fwd", flops), ("fwd+bwd", 3.5 * flops)):
+            base = None
+            for name, fn in impls.items():
+                if mode == "fwd":
+                    def step():
+                        with torch.no_grad():
+                            return fn(q, k, v, causal)
+                else:
+                    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+
+                    def step():
+                        return torch.autograd.grad(fn(*leaves, causal), leaves, dout)
+                try:
+                    ms = common.median_ms(step, device, warmup=1 if device == "cpu" else 3, repeat=repeat)
+                except RuntimeError as e:  # a backend that refuses this config
+                    rows.append({"dtype": str(dtype).removeprefix("torch."), "B": b, "T": t, "D": d,
+                                 "causal": causal, "mode": mode, "impl": name, "ms": "n/a", "note": str(e)[:60]})
+                    continue
+                base = ms if base is None and name != "pyllm" else base
+                rows.append({"dtype": str(dtype).removeprefix("torch."), "B": b, "T": t, "D": d, "causal": causal,
+                             "mode": mode, "impl": name, "ms": round(ms, 2), "TFLOPs": round(work / ms / 1e9, 3)})
+            ours_row = next(r for r in rows[::-1] if r["impl"] == "pyllm" and r["mode"] == mode)
+            if base and isinstance(ours_row["ms"], float):
+                ours_row["vs sdpa"] = f"{base / ours_row['ms']:.2f}x"
+    if device == "cuda":
+        t = 4096 if args.quick else 16384
+        q, k, v = (torch.randn(1, t, h, 128, device=device, dtype=torch.bfloat16) for _ in range(3))
+        for name, fn in impls.items():
+            try:
+                mb = peak_memory_mb(fn, q, k, v, True)
+            except RuntimeError as e:
+                mb = f"n/a ({str(e)[:40]})"
+            rows.append({"dtype": "bfloat16", "B": 1, "T": t, "D": 128, "causal": True, "mode": "peak MB fwd+bwd",
+                         "impl": name, "ms": mb})
+    common.print_table(rows, ["dtype", "B", "T", "D", "causal", "mode", "impl", "ms", "TFLOPs", "vs sdpa", "note"])
+    common.write_json(args.json, "attention", device, rows, {"heads": h})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

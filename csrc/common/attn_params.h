@@ -1,0 +1,138 @@
+// The arguments of the FlashAttention kernels (csrc/cpu/flash_attn.cpp, csrc/cuda/flash_attn_*.cu),
+// shared so that the CPU twin and the CUDA kernels read one definition of the layout and the mask.
+//
+// Layout: q (B, Tq, Hq, D), k and v (B, Tk, Hkv, D) with any batch / token / head strides and a
+// contiguous last dim; out, dout and dq share one (batch, token, head) stride triple, dk and dv
+// another. Varlen: the batch dim is the sequence index, tokens are packed into one (total, H, D)
+// tensor and sequence b holds tokens cu_seqlens[b] .. cu_seqlens[b+1]; batch strides are then 0.
+// A KV cache (decode) gives each sequence's key count in seqused_k instead, keys starting at
+// token 0 of their batch row.
+// LSE: element (b, h, t) at lse[b * lse_batch_stride + h * lse_head_stride + token index], where
+// the token index is the packed one for varlen ((H, total) layout) and t otherwise ((B, H, Tq)).
+//
+// Mask, aligned bottom-right (flash-attn >= 2.1): with Lq queries and Lk keys in a sequence,
+// query i sits at key position i + (Lk - Lq), and sees key j iff
+//   j <= i + (Lk - Lq) + window_right   (causal is window_right = 0)
+//   j >= i + (Lk - Lq) - window_left    (window_left < 0: unlimited)
+// A query that sees no key gets out = 0 and lse = +inf (so that exp(s - lse) = 0 in backward).
+#pragma once
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define PYLLM_HD __host__ __device__ __forceinline__
+#else
+#define PYLLM_HD inline
+#endif
+
+namespace pyllm {
+
+struct AttnParams {
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  void* out = nullptr;
+  void* lse = nullptr;  // fp32 (fp64 for fp64 inputs on the CPU, see flash_attn.cpp)
+  // backward only
+  const void* dout = nullptr;
+  const void* dlse = nullptr;  // gradient flowing into lse (null: none), lse's dtype and layout
+  void* dq = nullptr;
+  void* dk = nullptr;
+  void* dv = nullptr;
+
+  const int32_t* cu_seqlens_q = nullptr;  // varlen: (batch + 1,), else null
+  const int32_t* cu_seqlens_k = nullptr;
+  const int32_t* seqused_k = nullptr;  // KV cache: (batch,) key counts, else null
+
+  int64_t batch = 0, seqlen_q = 0, seqlen_k = 0;  // seqlen_*: the max over sequences for varlen
+  int64_t n_heads = 0, n_kv_heads = 0, head_dim = 0;
+  int64_t q_strides[3] = {0, 0, 0};  // (batch, token, head), in elements
+  int64_t k_strides[3] = {0, 0, 0};
+  int64_t v_strides[3] = {0, 0, 0};
+  int64_t o_strides[3] = {0, 0, 0};   // out, dout, dq
+  int64_t dkv_strides[3] = {0, 0, 0};  // dk, dv
+  int64_t lse_strides[2] = {0, 0};    // (batch, head); the token stride is 1
+  double scale = 1.0;
+  int64_t window_left = -1, window_right = -1;  // causal folded in as window_right = 0
+  bool deterministic = false;
+  int dtype = 0;
+};
+
+// Per-sequence view: where sequence b's tokens start and how many there are.
+struct SeqInfo {
+  int64_t q_start, k_start, len_q, len_k;
+};
+
+PYLLM_HD SeqInfo seq_info(const AttnParams& p, int64_t b) {
+  SeqInfo s;
+  if (p.cu_seqlens_q) {
+    s.q_start = p.cu_seqlens_q[b];
+    s.len_q = p.cu_seqlens_q[b + 1] - s.q_start;
+  } else {
+    s.q_start = 0;
+    s.len_q = p.seqlen_q;
+  }
+  if (p.cu_seqlens_k) {
+    s.k_start = p.cu_seqlens_k[b];
+    s.len_k = p.cu_seqlens_k[b + 1] - s.k_start;
+  } else {
+    s.k_start = 0;
+    s.len_k = p.seqused_k ? p.seqused_k[b] : p.seqlen_k;
+  }
+  return s;
+}
+
+// Keys [lo, hi) that query i of a (len_q, len_k) sequence sees; lo >= hi when it sees none.
+PYLLM_HD int64_t key_lo(const AttnParams& p, int64_t i, int64_t len_q, int64_t len_k) {
+  if (p.window_left < 0) return 0;
+  int64_t lo = i + (len_k - len_q) - p.window_left;
+  return lo < 0 ? 0 : lo;
+}
+PYLLM_HD int64_t key_hi(const AttnParams& p, int64_t i, int64_t len_q, int64_t len_k) {
+  if (p.window_right < 0) return len_k;
+  int64_t hi = i + (len_k - len_q) + p.window_right + 1;
+  return hi > len_k ? len_k : hi;
+}
+// Queries [lo, hi) that see key j: the inverse of the two bounds above (both are monotone in i).
+PYLLM_HD int64_t query_lo(const AttnParams& p, int64_t j, int64_t len_q, int64_t len_k) {
+  if (p.window_right < 0) return 0;
+  int64_t lo = j - (len_k - len_q) - p.window_right;
+  return lo < 0 ? 0 : lo;
+}
+PYLLM_HD int64_t query_hi(const AttnParams& p, int64_t j, int64_t len_q, int64_t len_k) {
+  if (p.window_left < 0) return len_q;
+  int64_t hi = j - (len_k - len_q) + p.window_left + 1;
+  return hi > len_q ? len_q : hi;
+}
+
+}  // namespace pyllm
+
+#include <vector>
+
+#include "common/checks.h"
+
+namespace pyllm {
+
+// Host side: packs the launchers' flat arguments (as bound in csrc/bind.cpp) and re-checks what
+// does not need the tensors' contents. Contents (cu_seqlens values) are checked by the CPU
+// launchers directly and by Python before a CUDA launch.
+inline void copy_strides(int64_t* dst, const std::vector<int64_t>& src, size_t n, const char* name) {
+  PYLLM_CHECK(src.size() == n, "flash_attn: ", name, " must have ", n, " entries, got ", src.size());
+  for (size_t i = 0; i < n; ++i) dst[i] = src[i];
+}
+
+inline void check_attn_shape(const AttnParams& p) {
+  PYLLM_CHECK(p.batch >= 0 && p.seqlen_q >= 0 && p.seqlen_k >= 0,
+              "flash_attn: batch and sequence lengths must be >= 0, got ", p.batch, ", ", p.seqlen_q, ", ",
+              p.seqlen_k);
+  PYLLM_CHECK(p.n_heads > 0 && p.n_kv_heads > 0 && p.n_heads % p.n_kv_heads == 0,
+              "flash_attn: n_heads (", p.n_heads, ") must be a positive multiple of n_kv_heads (", p.n_kv_heads, ")");
+  PYLLM_CHECK(p.head_dim == 32 || p.head_dim == 64 || p.head_dim == 96 || p.head_dim == 128 || p.head_dim == 256,
+              "flash_attn: head_dim must be one of 32, 64, 96, 128, 256, got ", p.head_dim);
+  PYLLM_CHECK(p.window_left >= -1 && p.window_right >= -1,
+              "flash_attn: window sizes must be >= -1 (-1 = unlimited), got (", p.window_left, ", ", p.window_right, ")");
+  PYLLM_CHECK(!(p.cu_seqlens_q == nullptr) == !(p.cu_seqlens_k == nullptr),
+              "flash_attn: cu_seqlens_q and cu_seqlens_k come together (varlen) or not at all");
+  PYLLM_CHECK(!(p.seqused_k && p.cu_seqlens_k), "flash_attn: seqused_k (KV cache) does not combine with varlen");
+}
+
+}  // namespace pyllm

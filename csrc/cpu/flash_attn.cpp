@@ -1,0 +1,588 @@
+// FlashAttention on the CPU: the same tiling and online softmax as csrc/cuda/flash_attn_*.cu, so
+// that the algorithm's logic (block edges, bottom-right mask offsets, varlen, GQA head mapping,
+// LSE) runs in CI on every commit. Layout, mask and LSE conventions: csrc/common/attn_params.h.
+//
+// Forward, per (sequence b, query head h, block of kBlockQ queries):
+//   Q_blk * scale -> fp32 tile; for each block of kBlockK keys that some query of the block sees:
+//     S = Q_blk K_blk^T, masked; m_new = max(m, rowmax S); P = exp(S - m_new);
+//     l = l * exp(m - m_new) + rowsum P;  O = O * exp(m - m_new) + P V_blk
+//   out = O / l, lse = m + log(l). The T x T matrix never exists: memory is O(kBlockQ * kBlockK)
+//   per thread. Blocks entirely outside the mask are skipped, blocks entirely inside it skip the
+//   per-element mask.
+// Backward (FlashAttention-2, recomputing P = exp(S - lse) from the saved LSE), three passes:
+//   0. delta_i = sum_d dO_id O_id - dlse_i (dlse: a gradient flowing into the returned lse, for
+//      which d lse_i / d S_ij = P_ij folds into the same term)
+//   1. per (b, kv head, key block): dV = sum P^T dO, dK = scale * sum dS^T Q over the key block's
+//      queries of every query head of the GQA group, dS = P * (dO V^T - delta)
+//   2. per (b, query head, query block): dQ = scale * sum dS K over its key blocks
+//   Each gradient element is owned by one work item and summed in a fixed order, so the CPU
+//   backward is always bitwise deterministic (no atomics); the price is computing S, P and dP
+//   twice (7 block matmuls instead of FlashAttention-2's 5).
+// FLOPs: 4 * Tq * Tk * D per head forward (2 matmuls), 14 backward here; bytes: q, k, v read once
+// per query block (k, v: Tq / kBlockQ times from cache), out and lse written once.
+//
+// Vectorisation: every block matmul is one micro-kernel, C[R rows][up to 64 columns] +=
+// A(r, k) * B[k][:], with the accumulators in GCC vector-extension registers (16 fp32 lanes: one
+// AVX-512 register, two AVX2 ones, four SSE ones: the compiler picks the ISA, no intrinsics).
+// R = 4 rows x 4 vectors = 16 accumulators + 4 B vectors fits AVX-512's 32 registers. Row-wise
+// softmax loops are `omp simd` reductions. exp is csrc/common/cpu_math.h's (no -ffast-math).
+// Math in fp32 for fp32 / bf16 storage, fp64 for fp64 (kept for gradcheck; the LSE is then
+// fp64 too). Threading: OpenMP over work items, dynamic schedule (causal blocks are uneven).
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "common/attn_params.h"
+#include "common/checks.h"
+#include "common/cpu_math.h"
+#include "common/dtype.h"
+#include "cpu/cpu_ops.h"
+
+namespace pyllm {
+namespace {
+
+// Tile sizes: 64 x 64 keeps S (16 KB fp32) and a D=128 K^T tile (32 KB) near L1 and gives the
+// micro-kernel full 4-vector column chunks. Not yet measured against other sizes.
+constexpr int64_t kBlockQ = 64;
+constexpr int64_t kBlockK = 64;
+
+typedef float vec_f32 __attribute__((vector_size(64), aligned(4)));
+typedef double vec_f64 __attribute__((vector_size(64), aligned(8)));
+template <typename A> struct Vec;
+template <> struct Vec<float> { using type = vec_f32; static constexpr int lanes = 16; };
+template <> struct Vec<double> { using type = vec_f64; static constexpr int lanes = 8; };
+
+// C[r][0 : NV * lanes] (+)= sum_k A(r, k) * B[k][0 : NV * lanes] for r < R, A(r, k) = a[r*ams + k*aks].
+template <int R, int NV, typename A>
+inline void micro_kernel(int64_t K, const A* __restrict a, int64_t ams, int64_t aks, const A* __restrict b,
+                         int64_t ldb, A* __restrict c, int64_t ldc, bool accumulate) {
+  using V = typename Vec<A>::type;
+  constexpr int L = Vec<A>::lanes;
+  V acc[R][NV];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[r][v] = accumulate ? *reinterpret_cast<const V*>(c + r * ldc + v * L) : V{};
+  for (int64_t k = 0; k < K; ++k) {
+    V bv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) bv[v] = *reinterpret_cast<const V*>(b + k * ldb + v * L);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const A s = a[r * ams + k * aks];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] += s * bv[v];
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) *reinterpret_cast<V*>(c + r * ldc + v * L) = acc[r][v];
+}
+
+template <int R, typename A>
+inline void micro_cols(int nv, int64_t K, const A* a, int64_t ams, int64_t aks, const A* b, int64_t ldb, A* c,
+                       int64_t ldc, bool accumulate) {
+  switch (nv) {
+    case 1: micro_kernel<R, 1>(K, a, ams, aks, b, ldb, c, ldc, accumulate); break;
+    case 2: micro_kernel<R, 2>(K, a, ams, aks, b, ldb, c, ldc, accumulate); break;
+    case 3: micro_kernel<R, 3>(K, a, ams, aks, b, ldb, c, ldc, accumulate); break;
+    default: micro_kernel<R, 4>(K, a, ams, aks, b, ldb, c, ldc, accumulate); break;
+  }
+}
+
+// C[M][N] (+)= A(M x K) B(K x N): B rows ldb apart, C rows ldc apart, N a multiple of the lanes.
+template <int N, typename A>
+void gemm(int64_t M, int64_t K, const A* a, int64_t ams, int64_t aks, const A* b, int64_t ldb, A* c, int64_t ldc,
+          bool accumulate) {
+  constexpr int L = Vec<A>::lanes;
+  static_assert(N % L == 0, "gemm: N must be a multiple of the vector width");
+  constexpr int kVectors = N / L;
+  for (int v0 = 0; v0 < kVectors; v0 += 4) {
+    const int nv = std::min(4, kVectors - v0);
+    const A* bc = b + v0 * L;
+    A* cc = c + v0 * L;
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) micro_cols<4>(nv, K, a + m * ams, ams, aks, bc, ldb, cc + m * ldc, ldc, accumulate);
+    switch (M - m) {
+      case 1: micro_cols<1>(nv, K, a + m * ams, ams, aks, bc, ldb, cc + m * ldc, ldc, accumulate); break;
+      case 2: micro_cols<2>(nv, K, a + m * ams, ams, aks, bc, ldb, cc + m * ldc, ldc, accumulate); break;
+      case 3: micro_cols<3>(nv, K, a + m * ams, ams, aks, bc, ldb, cc + m * ldc, ldc, accumulate); break;
+      default: break;
+    }
+  }
+}
+
+template <typename A> constexpr A neg_inf() { return -std::numeric_limits<A>::infinity(); }
+
+// Element pointers into the (batch, token, head, D) tensors.
+template <typename T>
+inline const T* at(const void* base, const int64_t* strides, int64_t b, int64_t token, int64_t h) {
+  return static_cast<const T*>(base) + b * strides[0] + token * strides[1] + h * strides[2];
+}
+template <typename T>
+inline T* at_mut(void* base, const int64_t* strides, int64_t b, int64_t token, int64_t h) {
+  return static_cast<T*>(base) + b * strides[0] + token * strides[1] + h * strides[2];
+}
+inline int64_t lse_index(const AttnParams& p, int64_t b, int64_t h, const SeqInfo& s, int64_t i) {
+  return b * p.lse_strides[0] + h * p.lse_strides[1] + (p.cu_seqlens_q ? s.q_start : 0) + i;
+}
+
+// `rows` tokens x D of one head as rows of the math type A: the tensor itself when it already
+// holds A (fp32 / fp64 inputs: no copy), else converted into buf. Returns rows and row stride.
+template <int D, typename T, typename A>
+inline std::pair<const A*, int64_t> tile_rows(A* __restrict buf, const void* base, const int64_t* strides,
+                                              int64_t b, int64_t start, int64_t h, int64_t rows) {
+  if constexpr (std::is_same_v<T, A>) {
+    return {at<T>(base, strides, b, start, h), strides[1]};
+  } else {
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* __restrict src = at<T>(base, strides, b, start + r, h);
+#pragma omp simd
+      for (int d = 0; d < D; ++d) buf[r * D + d] = A(to_float(src[d]));
+    }
+    return {buf, int64_t(D)};
+  }
+}
+
+// `rows` tokens x D transposed into D rows of `ld` (times mul); columns rows..ld zero-filled, so
+// that the padded lanes of a partial tile stay finite (they are masked or never read).
+template <int D, typename T, typename A>
+inline void tile_cols(A* __restrict dst, int64_t ld, const void* base, const int64_t* strides, int64_t b,
+                      int64_t start, int64_t h, int64_t rows, A mul) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* __restrict src = at<T>(base, strides, b, start + r, h);
+    for (int d = 0; d < D; ++d) dst[d * ld + r] = A(to_float(src[d])) * mul;
+  }
+  if (rows < ld)
+    for (int d = 0; d < D; ++d)
+      for (int64_t r = rows; r < ld; ++r) dst[d * ld + r] = A(0);
+}
+
+// Key blocks [first, end) that the queries [i0, i0 + mq) touch.
+struct KeyBlocks {
+  int64_t first, end;
+};
+inline KeyBlocks key_blocks(const AttnParams& p, const SeqInfo& s, int64_t i0, int64_t mq) {
+  const int64_t lo = key_lo(p, i0, s.len_q, s.len_k), hi = key_hi(p, i0 + mq - 1, s.len_q, s.len_k);
+  if (hi <= lo || s.len_k == 0) return {0, 0};
+  return {lo / kBlockK, (hi + kBlockK - 1) / kBlockK};
+}
+// True when every query of [i0, i0 + mq) sees every key of [j0, j0 + kBlockK): no mask needed.
+inline bool block_unmasked(const AttnParams& p, const SeqInfo& s, int64_t i0, int64_t mq, int64_t j0) {
+  return key_lo(p, i0 + mq - 1, s.len_q, s.len_k) <= j0 && j0 + kBlockK <= key_hi(p, i0, s.len_q, s.len_k);
+}
+
+inline int64_t n_qblocks(const AttnParams& p) { return (p.seqlen_q + kBlockQ - 1) / kBlockQ; }
+inline int64_t n_kblocks(const AttnParams& p) { return (p.seqlen_k + kBlockK - 1) / kBlockK; }
+
+// The forward and the dQ pass hold a query block's scores transposed, St[key j][query i], so that
+// the online softmax (max and sum over keys, per query) runs down columns: plain vector ops over
+// the kBlockQ queries, no horizontal reductions. Per query i the keys [lo[i], hi[i]) are seen;
+// padding queries (i >= mq) get lo = hi = 0 and see nothing.
+struct QueryBounds {
+  int32_t lo[kBlockQ], hi[kBlockQ];
+  void set(const AttnParams& p, const SeqInfo& s, int64_t i0, int64_t mq) {
+    for (int64_t r = 0; r < kBlockQ; ++r) {
+      lo[r] = r < mq ? int32_t(key_lo(p, i0 + r, s.len_q, s.len_k)) : 0;
+      hi[r] = r < mq ? int32_t(key_hi(p, i0 + r, s.len_q, s.len_k)) : 0;
+    }
+  }
+};
+
+template <typename A>
+inline void mask_transposed(A* __restrict st, int64_t nk, int64_t j0, const QueryBounds& qb) {
+  const A ninf = neg_inf<A>();
+  for (int64_t j = 0; j < nk; ++j) {
+    const int32_t key = int32_t(j0 + j);
+    A* __restrict row = st + j * kBlockQ;
+#pragma omp simd
+    for (int64_t i = 0; i < kBlockQ; ++i) row[i] = (key >= qb.lo[i] && key < qb.hi[i]) ? row[i] : ninf;
+  }
+}
+
+// Query rows orientation (the dK / dV pass): S[query r][key j], columns outside [lo, hi) -> -inf.
+template <typename A>
+inline void mask_row(A* __restrict srow, int64_t lo, int64_t hi) {
+  const A ninf = neg_inf<A>();
+#pragma omp simd
+  for (int64_t j = 0; j < kBlockK; ++j) srow[j] = (j >= lo && j < hi) ? srow[j] : ninf;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward
+// ---------------------------------------------------------------------------------------------
+
+template <int D, typename T>
+void fwd(const AttnParams& p) {
+  using A = acc_t<T>;
+  constexpr A kNegInf = neg_inf<A>();
+  const int64_t group = p.n_heads / p.n_kv_heads, qblocks = n_qblocks(p);
+  const int64_t items = p.batch * p.n_heads * qblocks;
+  A* lse_out = static_cast<A*>(p.lse);
+#pragma omp parallel if (items > 1)
+  {
+    std::vector<A> qt(D * kBlockQ), kbuf(kBlockK * D), vbuf(kBlockK * D), st(kBlockK * kBlockQ), o(kBlockQ * D);
+    std::vector<A> m(kBlockQ), l(kBlockQ), m_use(kBlockQ), corr(kBlockQ), blk(kBlockQ);
+    QueryBounds bounds;
+#pragma omp for schedule(dynamic)
+    for (int64_t item = 0; item < items; ++item) {
+      const int64_t b = item / (p.n_heads * qblocks), h = (item / qblocks) % p.n_heads, qb = item % qblocks;
+      const SeqInfo s = seq_info(p, b);
+      const int64_t i0 = qb * kBlockQ;
+      if (i0 >= s.len_q) continue;
+      const int64_t mq = std::min(kBlockQ, s.len_q - i0), hk = h / group;
+      tile_cols<D, T>(qt.data(), kBlockQ, p.q, p.q_strides, b, s.q_start + i0, h, mq, A(p.scale));
+      bounds.set(p, s, i0, mq);
+      std::fill(o.begin(), o.end(), A(0));
+      std::fill(m.begin(), m.end(), kNegInf);
+      std::fill(l.begin(), l.end(), A(0));
+      const KeyBlocks kbs = key_blocks(p, s, i0, mq);
+      for (int64_t kblk = kbs.first; kblk < kbs.end; ++kblk) {
+        const int64_t j0 = kblk * kBlockK, nk = std::min(kBlockK, s.len_k - j0);
+        const auto [kr, kld] = tile_rows<D, T>(kbuf.data(), p.k, p.k_strides, b, s.k_start + j0, hk, nk);
+        const auto [vr, vld] = tile_rows<D, T>(vbuf.data(), p.v, p.v_strides, b, s.k_start + j0, hk, nk);
+        A* __restrict S = st.data();
+        gemm<kBlockQ>(nk, D, kr, kld, 1, qt.data(), kBlockQ, S, kBlockQ, false);  // St = K (scale Q)^T
+        if (!block_unmasked(p, s, i0, mq, j0)) mask_transposed(S, nk, j0, bounds);
+        // Online softmax down the columns. The max skips NaN (it must not poison the running max of
+        // the other queries), and a query that has seen only masked keys keeps m = -inf; exp is then
+        // taken against 0 so that NaN scores still come out as NaN.
+        std::fill(blk.begin(), blk.end(), kNegInf);
+        for (int64_t j = 0; j < nk; ++j) {
+#pragma omp simd
+          for (int64_t i = 0; i < kBlockQ; ++i) blk[i] = S[j * kBlockQ + i] > blk[i] ? S[j * kBlockQ + i] : blk[i];
+        }
+#pragma omp simd
+        for (int64_t i = 0; i < kBlockQ; ++i) {
+          const A m_new = std::max(m[i], blk[i]);
+          m_use[i] = m_new == kNegInf ? A(0) : m_new;
+          corr[i] = m[i] == kNegInf ? A(0) : exp_acc<T>(m[i] - m_use[i]);
+          m[i] = m_new;
+          blk[i] = A(0);
+        }
+        for (int64_t j = 0; j < nk; ++j) {
+          A* __restrict row = S + j * kBlockQ;
+#pragma omp simd
+          for (int64_t i = 0; i < kBlockQ; ++i) {
+            const A pj = row[i] == kNegInf ? A(0) : exp_acc<T>(row[i] - m_use[i]);
+            row[i] = pj;
+            blk[i] += pj;
+          }
+        }
+        for (int64_t r = 0; r < mq; ++r) {
+          l[r] = l[r] * corr[r] + blk[r];
+          if (corr[r] != A(1)) {
+            A* __restrict orow = o.data() + r * D;
+            const A c = corr[r];
+#pragma omp simd
+            for (int d = 0; d < D; ++d) orow[d] *= c;
+          }
+        }
+        gemm<D>(mq, nk, S, 1, kBlockQ, vr, vld, o.data(), D, true);  // O += P V
+      }
+      for (int64_t r = 0; r < mq; ++r) {
+        T* __restrict dst = at_mut<T>(p.out, p.o_strides, b, s.q_start + i0 + r, h);
+        const A* __restrict orow = o.data() + r * D;
+        const bool empty = l[r] == A(0);  // sees no key; NaN inputs give l = NaN and stay NaN
+        const A inv = empty ? A(0) : A(1) / l[r];
+#pragma omp simd
+        for (int d = 0; d < D; ++d) dst[d] = from_acc<T>(orow[d] * inv);
+        lse_out[lse_index(p, b, h, s, i0 + r)] = empty ? std::numeric_limits<A>::infinity() : m[r] + std::log(l[r]);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------------------------
+
+template <int D, typename T>
+void bwd(const AttnParams& p, int64_t lse_size) {
+  using A = acc_t<T>;
+  constexpr A kNegInf = neg_inf<A>();
+  const int64_t group = p.n_heads / p.n_kv_heads, qblocks = n_qblocks(p), kblocks = n_kblocks(p);
+  const A* lse = static_cast<const A*>(p.lse);
+  const A* dlse = static_cast<const A*>(p.dlse);
+  const A scale = A(p.scale);
+  std::vector<A> delta(lse_size);
+
+  // Pass 0: delta = rowsum(dO * O) - dlse.
+  const int64_t q_items = p.batch * p.n_heads * qblocks;
+#pragma omp parallel for schedule(dynamic) if (q_items > 1)
+  for (int64_t item = 0; item < q_items; ++item) {
+    const int64_t b = item / (p.n_heads * qblocks), h = (item / qblocks) % p.n_heads, qb = item % qblocks;
+    const SeqInfo s = seq_info(p, b);
+    for (int64_t i = qb * kBlockQ; i < std::min(s.len_q, (qb + 1) * kBlockQ); ++i) {
+      const T* __restrict o = at<T>(p.out, p.o_strides, b, s.q_start + i, h);
+      const T* __restrict g = at<T>(p.dout, p.o_strides, b, s.q_start + i, h);
+      A sum = 0;
+#pragma omp simd reduction(+ : sum)
+      for (int d = 0; d < D; ++d) sum += A(to_float(o[d])) * A(to_float(g[d]));
+      const int64_t idx = lse_index(p, b, h, s, i);
+      delta[idx] = sum - (dlse ? dlse[idx] : A(0));
+    }
+  }
+
+  // Pass 1: dK, dV per (b, kv head, key block), summed over the GQA group's query heads. Query rows
+  // orientation: S[query][key] = Q (scale K^T), with K^T and V^T transposed once per work item.
+  const int64_t k_items = p.batch * p.n_kv_heads * kblocks;
+#pragma omp parallel if (k_items > 1)
+  {
+    std::vector<A> qbuf(kBlockQ * D), dobuf(kBlockQ * D), kt(D * kBlockK), vt(D * kBlockK), sc(kBlockQ * kBlockK),
+        dp(kBlockQ * kBlockK), dk(kBlockK * D), dv(kBlockK * D);
+#pragma omp for schedule(dynamic)
+    for (int64_t item = 0; item < k_items; ++item) {
+      const int64_t b = item / (p.n_kv_heads * kblocks), hk = (item / kblocks) % p.n_kv_heads, kb = item % kblocks;
+      const SeqInfo s = seq_info(p, b);
+      const int64_t j0 = kb * kBlockK;
+      if (j0 >= s.len_k) continue;
+      const int64_t nk = std::min(kBlockK, s.len_k - j0);
+      tile_cols<D, T>(kt.data(), kBlockK, p.k, p.k_strides, b, s.k_start + j0, hk, nk, scale);
+      tile_cols<D, T>(vt.data(), kBlockK, p.v, p.v_strides, b, s.k_start + j0, hk, nk, A(1));
+      std::fill(dk.begin(), dk.end(), A(0));
+      std::fill(dv.begin(), dv.end(), A(0));
+      const int64_t q_lo = query_lo(p, j0, s.len_q, s.len_k), q_hi = query_hi(p, j0 + nk - 1, s.len_q, s.len_k);
+      for (int64_t h = hk * group; h < (hk + 1) * group && q_lo < q_hi; ++h) {
+        for (int64_t i0 = (q_lo / kBlockQ) * kBlockQ; i0 < q_hi; i0 += kBlockQ) {
+          const int64_t mq = std::min(kBlockQ, s.len_q - i0);
+          const auto [qr, qld] = tile_rows<D, T>(qbuf.data(), p.q, p.q_strides, b, s.q_start + i0, h, mq);
+          const auto [dor, dold] = tile_rows<D, T>(dobuf.data(), p.dout, p.o_strides, b, s.q_start + i0, h, mq);
+          gemm<kBlockK>(mq, D, qr, qld, 1, kt.data(), kBlockK, sc.data(), kBlockK, false);
+          const bool unmasked = block_unmasked(p, s, i0, mq, j0);
+          gemm<kBlockK>(mq, D, dor, dold, 1, vt.data(), kBlockK, dp.data(), kBlockK, false);  // dP = dO V^T
+          for (int64_t r = 0; r < mq; ++r) {
+            A* __restrict srow = sc.data() + r * kBlockK;
+            A* __restrict dprow = dp.data() + r * kBlockK;
+            if (!unmasked)
+              mask_row(srow, key_lo(p, i0 + r, s.len_q, s.len_k) - j0, key_hi(p, i0 + r, s.len_q, s.len_k) - j0);
+            const int64_t idx = lse_index(p, b, h, s, i0 + r);
+            const A lse_r = lse[idx], delta_r = delta[idx];
+#pragma omp simd
+            for (int64_t j = 0; j < kBlockK; ++j) {
+              const A pj = srow[j] == kNegInf ? A(0) : exp_acc<T>(srow[j] - lse_r);
+              srow[j] = pj;
+              dprow[j] = pj * (dprow[j] - delta_r);  // dS
+            }
+          }
+          gemm<D>(nk, mq, sc.data(), 1, kBlockK, dor, dold, dv.data(), D, true);  // dV += P^T dO
+          gemm<D>(nk, mq, dp.data(), 1, kBlockK, qr, qld, dk.data(), D, true);    // dK += dS^T Q
+        }
+      }
+      for (int64_t r = 0; r < nk; ++r) {
+        T* __restrict dk_dst = at_mut<T>(p.dk, p.dkv_strides, b, s.k_start + j0 + r, hk);
+        T* __restrict dv_dst = at_mut<T>(p.dv, p.dkv_strides, b, s.k_start + j0 + r, hk);
+#pragma omp simd
+        for (int d = 0; d < D; ++d) {
+          dk_dst[d] = from_acc<T>(dk[r * D + d] * scale);
+          dv_dst[d] = from_acc<T>(dv[r * D + d]);
+        }
+      }
+    }
+  }
+
+  // Pass 2: dQ per (b, query head, query block), transposed orientation as in the forward:
+  // St = K (scale Q)^T, dPt = V dO^T, dSt = Pt * (dPt - delta), dQ += dS K.
+#pragma omp parallel if (q_items > 1)
+  {
+    std::vector<A> qt(D * kBlockQ), dot(D * kBlockQ), kbuf(kBlockK * D), vbuf(kBlockK * D), st(kBlockK * kBlockQ),
+        dpt(kBlockK * kBlockQ), dq(kBlockQ * D), lse_q(kBlockQ), delta_q(kBlockQ);
+    QueryBounds bounds;
+#pragma omp for schedule(dynamic)
+    for (int64_t item = 0; item < q_items; ++item) {
+      const int64_t b = item / (p.n_heads * qblocks), h = (item / qblocks) % p.n_heads, qb = item % qblocks;
+      const SeqInfo s = seq_info(p, b);
+      const int64_t i0 = qb * kBlockQ;
+      if (i0 >= s.len_q) continue;
+      const int64_t mq = std::min(kBlockQ, s.len_q - i0), hk = h / group;
+      tile_cols<D, T>(qt.data(), kBlockQ, p.q, p.q_strides, b, s.q_start + i0, h, mq, scale);
+      tile_cols<D, T>(dot.data(), kBlockQ, p.dout, p.o_strides, b, s.q_start + i0, h, mq, A(1));
+      bounds.set(p, s, i0, mq);
+      for (int64_t r = 0; r < kBlockQ; ++r) {
+        const int64_t idx = lse_index(p, b, h, s, i0 + r);
+        lse_q[r] = r < mq ? lse[idx] : A(0);
+        delta_q[r] = r < mq ? delta[idx] : A(0);
+      }
+      std::fill(dq.begin(), dq.end(), A(0));
+      const KeyBlocks kbs = key_blocks(p, s, i0, mq);
+      for (int64_t kblk = kbs.first; kblk < kbs.end; ++kblk) {
+        const int64_t j0 = kblk * kBlockK, nk = std::min(kBlockK, s.len_k - j0);
+        const auto [kr, kld] = tile_rows<D, T>(kbuf.data(), p.k, p.k_strides, b, s.k_start + j0, hk, nk);
+        const auto [vr, vld] = tile_rows<D, T>(vbuf.data(), p.v, p.v_strides, b, s.k_start + j0, hk, nk);
+        A* __restrict S = st.data();
+        A* __restrict dP = dpt.data();
+        gemm<kBlockQ>(nk, D, kr, kld, 1, qt.data(), kBlockQ, S, kBlockQ, false);
+        if (!block_unmasked(p, s, i0, mq, j0)) mask_transposed(S, nk, j0, bounds);
+        gemm<kBlockQ>(nk, D, vr, vld, 1, dot.data(), kBlockQ, dP, kBlockQ, false);
+        for (int64_t j = 0; j < nk; ++j) {
+#pragma omp simd
+          for (int64_t i = 0; i < kBlockQ; ++i) {
+            const A sji = S[j * kBlockQ + i];
+            const A pji = sji == kNegInf ? A(0) : exp_acc<T>(sji - lse_q[i]);
+            dP[j * kBlockQ + i] = pji * (dP[j * kBlockQ + i] - delta_q[i]);
+          }
+        }
+        gemm<D>(mq, nk, dP, 1, kBlockQ, kr, kld, dq.data(), D, true);  // dQ += dS K
+      }
+      for (int64_t r = 0; r < mq; ++r) {
+        T* __restrict dst = at_mut<T>(p.dq, p.o_strides, b, s.q_start + i0 + r, h);
+#pragma omp simd
+        for (int d = 0; d < D; ++d) dst[d] = from_acc<T>(dq[r * D + d] * scale);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Argument checks and dispatch
+// ---------------------------------------------------------------------------------------------
+
+// Reads cu_seqlens / seqused_k (host memory here) and checks them against the sizes.
+void check_seqlens(const AttnParams& p, int64_t total_q, int64_t total_k, int64_t k_capacity) {
+  if (p.cu_seqlens_q) {
+    const int32_t* cu[2] = {p.cu_seqlens_q, p.cu_seqlens_k};
+    const int64_t totals[2] = {total_q, total_k}, maxes[2] = {p.seqlen_q, p.seqlen_k};
+    const char* names[2] = {"cu_seqlens_q", "cu_seqlens_k"};
+    for (int t = 0; t < 2; ++t) {
+      PYLLM_CHECK(cu[t][0] == 0, "flash_attn: ", names[t], "[0] must be 0, got ", cu[t][0]);
+      for (int64_t b = 0; b < p.batch; ++b) {
+        const int64_t len = int64_t(cu[t][b + 1]) - cu[t][b];
+        PYLLM_CHECK(len >= 0, "flash_attn: ", names[t], " must be non-decreasing, but entry ", b + 1, " (",
+                    cu[t][b + 1], ") < entry ", b, " (", cu[t][b], ")");
+        PYLLM_CHECK(len <= maxes[t], "flash_attn: sequence ", b, " has length ", len, " in ", names[t],
+                    ", more than the max_seqlen given (", maxes[t], ")");
+      }
+      PYLLM_CHECK(cu[t][p.batch] == totals[t], "flash_attn: ", names[t], "[-1] (", cu[t][p.batch],
+                  ") must equal the total number of tokens (", totals[t], ")");
+    }
+  }
+  if (p.seqused_k)
+    for (int64_t b = 0; b < p.batch; ++b)
+      PYLLM_CHECK(p.seqused_k[b] >= 0 && p.seqused_k[b] <= k_capacity, "flash_attn: cache length ",
+                  p.seqused_k[b], " of sequence ", b, " is outside [0, ", k_capacity, "]");
+}
+
+AttnParams make_params(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t cu_seqlens_q, uintptr_t cu_seqlens_k,
+                       int64_t batch, int64_t seqlen_q, int64_t seqlen_k, int64_t n_heads, int64_t n_kv_heads,
+                       int64_t head_dim, const std::vector<int64_t>& q_strides,
+                       const std::vector<int64_t>& k_strides, const std::vector<int64_t>& v_strides,
+                       const std::vector<int64_t>& o_strides, const std::vector<int64_t>& lse_strides,
+                       double scale, int64_t window_left, int64_t window_right, int dtype) {
+  AttnParams p;
+  p.q = reinterpret_cast<const void*>(q);
+  p.k = reinterpret_cast<const void*>(k);
+  p.v = reinterpret_cast<const void*>(v);
+  p.cu_seqlens_q = reinterpret_cast<const int32_t*>(cu_seqlens_q);
+  p.cu_seqlens_k = reinterpret_cast<const int32_t*>(cu_seqlens_k);
+  p.batch = batch, p.seqlen_q = seqlen_q, p.seqlen_k = seqlen_k;
+  p.n_heads = n_heads, p.n_kv_heads = n_kv_heads, p.head_dim = head_dim;
+  copy_strides(p.q_strides, q_strides, 3, "q_strides");
+  copy_strides(p.k_strides, k_strides, 3, "k_strides");
+  copy_strides(p.v_strides, v_strides, 3, "v_strides");
+  copy_strides(p.o_strides, o_strides, 3, "o_strides");
+  copy_strides(p.lse_strides, lse_strides, 2, "lse_strides");
+  p.scale = scale, p.window_left = window_left, p.window_right = window_right;
+  p.dtype = dtype;
+  PYLLM_CHECK(dtype == int(DType::f32) || dtype == int(DType::bf16) || dtype == int(DType::f64),
+              "flash_attn: unsupported CPU dtype ", dtype_name(dtype), " (code ", dtype, "); expected float32, bfloat16, float64");
+  check_attn_shape(p);
+  PYLLM_CHECK(std::isfinite(scale), "flash_attn: softmax_scale must be finite, got ", scale);
+  return p;
+}
+
+// Tokens in the q (and out) tensor, and in k / v, as the kernels will index them.
+int64_t total_tokens(const int32_t* cu, int64_t batch, int64_t seqlen) {
+  return cu ? int64_t(cu[batch]) : batch * seqlen;
+}
+
+template <typename Fn>
+void dispatch_head_dim(int64_t head_dim, Fn fn) {
+  switch (head_dim) {
+    case 32: fn(std::integral_constant<int, 32>{}); break;
+    case 64: fn(std::integral_constant<int, 64>{}); break;
+    case 96: fn(std::integral_constant<int, 96>{}); break;
+    case 128: fn(std::integral_constant<int, 128>{}); break;
+    case 256: fn(std::integral_constant<int, 256>{}); break;
+    default: PYLLM_CHECK(false, "flash_attn: head_dim must be one of 32, 64, 96, 128, 256, got ", head_dim);
+  }
+}
+
+template <typename T> struct TypeTag { using type = T; };
+
+// fp32, bf16 and fp64 only (fp16 is not a CPU dtype of this op: it would double the instantiations).
+template <typename Fn>
+void dispatch_dtype(int dtype, Fn fn) {
+  switch (static_cast<DType>(dtype)) {
+    case DType::f32: fn(TypeTag<float>{}); break;
+    case DType::bf16: fn(TypeTag<bf16>{}); break;
+    case DType::f64: fn(TypeTag<double>{}); break;
+    default: PYLLM_CHECK(false, "flash_attn: unsupported CPU dtype ", dtype_name(dtype), " (float32, bfloat16, float64)");
+  }
+}
+
+}  // namespace
+
+void flash_attn_fwd_cpu(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse, uintptr_t cu_seqlens_q,
+                        uintptr_t cu_seqlens_k, uintptr_t seqused_k, int64_t batch, int64_t seqlen_q,
+                        int64_t seqlen_k, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
+                        const std::vector<int64_t>& q_strides, const std::vector<int64_t>& k_strides,
+                        const std::vector<int64_t>& v_strides, const std::vector<int64_t>& o_strides,
+                        const std::vector<int64_t>& lse_strides, double scale, int64_t window_left,
+                        int64_t window_right, int dtype) {
+  AttnParams p = make_params(q, k, v, cu_seqlens_q, cu_seqlens_k, batch, seqlen_q, seqlen_k, n_heads, n_kv_heads,
+                             head_dim, q_strides, k_strides, v_strides, o_strides, lse_strides, scale,
+                             window_left, window_right, dtype);
+  p.out = reinterpret_cast<void*>(out);
+  p.lse = reinterpret_cast<void*>(lse);
+  p.seqused_k = reinterpret_cast<const int32_t*>(seqused_k);
+  check_attn_shape(p);
+  const int64_t total_q = total_tokens(p.cu_seqlens_q, batch, seqlen_q);
+  check_seqlens(p, total_q, total_tokens(p.cu_seqlens_k, batch, seqlen_k), seqlen_k);
+  if (total_q == 0) return;
+  PYLLM_CHECK(q && out && lse, "flash_attn: null data pointer for a non-empty tensor");
+  PYLLM_CHECK((k && v) || total_tokens(p.cu_seqlens_k, batch, seqlen_k) == 0,
+              "flash_attn: null data pointer for a non-empty tensor");
+  dispatch_head_dim(head_dim, [&](auto d) { dispatch_dtype(dtype, [&](auto t) { fwd<decltype(d)::value, typename decltype(t)::type>(p); }); });
+}
+
+void flash_attn_bwd_cpu(uintptr_t dout, uintptr_t dlse, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out,
+                        uintptr_t lse, uintptr_t dq, uintptr_t dk, uintptr_t dv, uintptr_t cu_seqlens_q,
+                        uintptr_t cu_seqlens_k, int64_t batch, int64_t seqlen_q, int64_t seqlen_k,
+                        int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
+                        const std::vector<int64_t>& q_strides, const std::vector<int64_t>& k_strides,
+                        const std::vector<int64_t>& v_strides, const std::vector<int64_t>& o_strides,
+                        const std::vector<int64_t>& dkv_strides, const std::vector<int64_t>& lse_strides,
+                        double scale, int64_t window_left, int64_t window_right, int dtype) {
+  AttnParams p = make_params(q, k, v, cu_seqlens_q, cu_seqlens_k, batch, seqlen_q, seqlen_k, n_heads, n_kv_heads,
+                             head_dim, q_strides, k_strides, v_strides, o_strides, lse_strides, scale,
+                             window_left, window_right, dtype);
+  copy_strides(p.dkv_strides, dkv_strides, 3, "dkv_strides");
+  p.out = reinterpret_cast<void*>(out);
+  p.lse = reinterpret_cast<void*>(lse);
+  p.dout = reinterpret_cast<const void*>(dout);
+  p.dlse = reinterpret_cast<const void*>(dlse);
+  p.dq = reinterpret_cast<void*>(dq);
+  p.dk = reinterpret_cast<void*>(dk);
+  p.dv = reinterpret_cast<void*>(dv);
+  p.deterministic = true;  // always, see the header comment
+  const int64_t total_q = total_tokens(p.cu_seqlens_q, batch, seqlen_q);
+  const int64_t total_k = total_tokens(p.cu_seqlens_k, batch, seqlen_k);
+  check_seqlens(p, total_q, total_k, seqlen_k);
+  if (total_q == 0 && total_k == 0) return;
+  PYLLM_CHECK(total_q == 0 || (q && out && lse && dout && dq), "flash_attn: null data pointer for a non-empty tensor");
+  PYLLM_CHECK(total_k == 0 || (k && v && dk && dv), "flash_attn: null data pointer for a non-empty tensor");
+  // Size of the lse layout: (B, H, Tq) or (H, total_q).
+  const int64_t lse_size = p.cu_seqlens_q ? n_heads * lse_strides[1] : batch * lse_strides[0];
+  PYLLM_CHECK(lse_size >= (p.cu_seqlens_q ? n_heads * total_q : batch * n_heads * seqlen_q),
+              "flash_attn: lse_strides (", lse_strides[0], ", ", lse_strides[1], ") do not fit the lse layout");
+  dispatch_head_dim(head_dim, [&](auto d) {
+    dispatch_dtype(dtype, [&](auto t) { bwd<decltype(d)::value, typename decltype(t)::type>(p, lse_size); });
+  });
+}
+
+}  // namespace pyllm

@@ -1,0 +1,395 @@
+"""FlashAttention: tiled exact attention with online softmax, forward, backward and KV-cache decode.
+
+Kernels: csrc/cpu/flash_attn.cpp (the C++ twin, what CI runs), csrc/cuda/flash_attn_*.cu (sm80
+mma.sync kernels). Conventions shared by both (layout, mask, LSE): csrc/common/attn_params.h.
+The forward saves only out and the log-sum-exp; the backward recomputes the probabilities.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from pyllm import _C
+from pyllm.ops import _util
+
+OP = "flash_attn"
+HEAD_DIMS = (32, 64, 96, 128, 256)
+DTYPES = {
+    "cpu": (torch.float32, torch.bfloat16, torch.float64),
+    "cuda": (torch.float16, torch.bfloat16),
+}
+
+
+# --- validation ---------------------------------------------------------------------------------
+
+def _check_qkv(op: str, q, k, v, varlen: bool) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _util.check_tensor(op, name, t, DTYPES)
+    _util.check_same(op, q=q, k=k, v=v)
+    want = 3 if varlen else 4
+    layout = "(total_tokens, n_heads, head_dim)" if varlen else "(batch, seqlen, n_heads, head_dim)"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != want:
+            raise ValueError(f"{op}: {name} must be {want}-D {layout}, got shape {tuple(t.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"{op}: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    head_dim = q.shape[-1]
+    if head_dim not in HEAD_DIMS:
+        raise ValueError(f"{op}: head_dim {head_dim} is not supported; supported head dims: "
+                         f"{', '.join(map(str, HEAD_DIMS))}")
+    if k.shape[-1] != head_dim:
+        raise ValueError(f"{op}: q and k must have the same head_dim, got {head_dim} and {k.shape[-1]}")
+    n_heads, n_kv_heads = q.shape[-2], k.shape[-2]
+    if n_kv_heads == 0 or n_heads % n_kv_heads:
+        raise ValueError(f"{op}: the number of query heads ({n_heads}) must be a multiple of the number of "
+                         f"key/value heads ({n_kv_heads}) (GQA / MQA)")
+    if not varlen and q.shape[0] != k.shape[0]:
+        raise ValueError(f"{op}: q and k must have the same batch size, got {q.shape[0]} and {k.shape[0]}")
+
+
+def _check_window(op: str, window) -> tuple[int, int]:
+    if (not isinstance(window, (tuple, list)) or len(window) != 2
+            or not all(isinstance(w, int) and not isinstance(w, bool) for w in window)):
+        raise TypeError(f"{op}: window must be a pair of ints (left, right), got {window!r}")
+    left, right = window
+    if left < -1 or right < -1:
+        raise ValueError(f"{op}: window sizes must be >= -1 (-1 = unlimited), got {tuple(window)}")
+    return left, right
+
+
+def _check_cu_seqlens(op: str, q, cu_seqlens_q, cu_seqlens_k) -> None:
+    if (cu_seqlens_q is None) != (cu_seqlens_k is None):
+        raise ValueError(f"{op}: give both cu_seqlens_q and cu_seqlens_k (varlen) or neither")
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if not isinstance(cu, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(cu).__name__}")
+        if cu.dtype != torch.int32:
+            raise TypeError(f"{op}: {name} must be int32 (as in flash-attn), got {cu.dtype}")
+        if cu.dim() != 1 or cu.numel() < 1:
+            raise ValueError(f"{op}: {name} must be 1-D of length batch + 1, got shape {tuple(cu.shape)}")
+        if cu.device != q.device:
+            raise ValueError(f"{op}: {name} is on {cu.device} but q is on {q.device}; they must match")
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(f"{op}: cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1), got "
+                         f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}")
+
+
+def _seqlens_of(op: str, name: str, cu: Tensor, total: int, max_seqlen: int) -> int:
+    """Checks cu_seqlens' values (reads them: a sync on the GPU) and returns the max length."""
+    vals = cu.tolist()
+    if vals[0] != 0:
+        raise ValueError(f"{op}: {name}[0] must be 0, got {vals[0]}")
+    lengths = [b - a for a, b in zip(vals, vals[1:])]
+    if any(n < 0 for n in lengths):
+        raise ValueError(f"{op}: {name} must be non-decreasing, got {vals}")
+    if vals[-1] != total:
+        raise ValueError(f"{op}: {name}[-1] ({vals[-1]}) must equal the total number of tokens ({total})")
+    longest = max(lengths, default=0)
+    if max_seqlen >= 0 and longest > max_seqlen:
+        raise ValueError(f"{op}: {name} has a sequence of length {longest}, longer than max_seqlen ({max_seqlen})")
+    return longest if max_seqlen < 0 else max_seqlen
+
+
+# --- launchers: write into given outputs (tests poison these first) ---------------------------
+
+def _strides3(t: Tensor, varlen: bool) -> list[int]:
+    """(batch, token, head) strides in elements; varlen tensors have no batch dim."""
+    return [0, t.stride(0), t.stride(1)] if varlen else [t.stride(0), t.stride(1), t.stride(2)]
+
+
+def _sizes(q: Tensor, k: Tensor, cu_seqlens_q, max_seqlen_q: int, max_seqlen_k: int):
+    if cu_seqlens_q is not None:
+        return cu_seqlens_q.numel() - 1, max_seqlen_q, max_seqlen_k
+    return q.shape[0], q.shape[1], k.shape[1]
+
+
+def _lse_strides(lse: Tensor, varlen: bool) -> list[int]:
+    # (B, H, Tq) or (H, total_q); the token stride is 1 in both.
+    return [0, lse.stride(0)] if varlen else [lse.stride(0), lse.stride(1)]
+
+
+def _opt_ptr(t: Optional[Tensor]) -> int:
+    return 0 if t is None else _util.ptr(t)
+
+
+def flash_attn_forward_into(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                            scale, window_left, window_right, seqused_k=None) -> None:
+    """Runs the forward kernel into out (q's shape, contiguous) and lse. Inputs already checked."""
+    varlen = cu_seqlens_q is not None
+    batch, seqlen_q, seqlen_k = _sizes(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
+    args = (_util.ptr(q), _util.ptr(k), _util.ptr(v), _util.ptr(out), _util.ptr(lse), _opt_ptr(cu_seqlens_q),
+            _opt_ptr(cu_seqlens_k), _opt_ptr(seqused_k), batch, seqlen_q, seqlen_k, q.shape[-2], k.shape[-2],
+            q.shape[-1], _strides3(q, varlen), _strides3(k, varlen), _strides3(v, varlen), _strides3(out, varlen),
+            _lse_strides(lse, varlen), float(scale), window_left, window_right, _util.dtype_code(q))
+    if q.is_cuda:
+        _C.flash_attn_fwd_cuda(*args, q.device.index, _util.stream_of(q))
+    else:
+        _C.flash_attn_fwd_cpu(*args)
+
+
+def flash_attn_backward_into(dout, dlse, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                             max_seqlen_k, scale, window_left, window_right, deterministic) -> None:
+    """dq, dk, dv from dout (and dlse, or None). out, dout and dq share one layout, dk and dv one."""
+    varlen = cu_seqlens_q is not None
+    batch, seqlen_q, seqlen_k = _sizes(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
+    args = (_util.ptr(dout), _opt_ptr(dlse), _util.ptr(q), _util.ptr(k), _util.ptr(v), _util.ptr(out),
+            _util.ptr(lse), _util.ptr(dq), _util.ptr(dk), _util.ptr(dv), _opt_ptr(cu_seqlens_q),
+            _opt_ptr(cu_seqlens_k), batch, seqlen_q, seqlen_k, q.shape[-2], k.shape[-2], q.shape[-1],
+            _strides3(q, varlen), _strides3(k, varlen), _strides3(v, varlen), _strides3(out, varlen),
+            _strides3(dk, varlen), _lse_strides(lse, varlen), float(scale), window_left, window_right,
+            _util.dtype_code(q))
+    if q.is_cuda:
+        _C.flash_attn_bwd_cuda(*args, bool(deterministic), q.device.index, _util.stream_of(q))
+    else:
+        _C.flash_attn_bwd_cpu(*args)  # always deterministic on the CPU
+
+
+def _last_dim_contiguous(t: Tensor) -> Tensor:
+    # The kernels take any batch / token / head strides but need unit-stride head_dim rows, aligned
+    # to 16 bytes on the GPU (cp.async); anything else is copied once.
+    if t.stride(-1) != 1 or (t.is_cuda and t.data_ptr() % 16) or any(s % 8 for s in t.stride()[:-1] if t.is_cuda):
+        return t.contiguous()
+    return t
+
+
+def _lse_dtype(q: Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _lse_shape(q: Tensor, varlen: bool) -> tuple[int, ...]:
+    return (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
+
+
+def _resolve_max_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> tuple[int, int]:
+    if cu_seqlens_q is None:
+        return q.shape[1], k.shape[1]
+    return (_seqlens_of(OP, "cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),
+            _seqlens_of(OP, "cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k))
+
+
+# --- torch.library custom ops ---------------------------------------------------------------
+
+@torch.library.custom_op("pyllm::flash_attn", mutates_args=())
+def _flash_attn(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
+                max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, window_left: int, window_right: int,
+                deterministic: bool) -> tuple[Tensor, Tensor]:
+    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+    max_seqlen_q, max_seqlen_k = _resolve_max_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(_lse_shape(q, cu_seqlens_q is not None), dtype=_lse_dtype(q), device=q.device)
+    flash_attn_forward_into(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                            softmax_scale, window_left, window_right)
+    return out, lse
+
+
+@_flash_attn.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right,
+      deterministic):
+    out = q.new_empty(q.shape)
+    lse = q.new_empty(_lse_shape(q, cu_seqlens_q is not None), dtype=_lse_dtype(q))
+    return out, lse
+
+
+@torch.library.custom_op("pyllm::flash_attn_backward", mutates_args=())
+def _flash_attn_backward(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+                         lse: Tensor, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
+                         max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, window_left: int,
+                         window_right: int, deterministic: bool) -> tuple[Tensor, Tensor, Tensor]:
+    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+    dout, out, lse = dout.contiguous(), out.contiguous(), lse.contiguous()
+    dlse = None if dlse is None else dlse.contiguous()
+    max_seqlen_q, max_seqlen_k = _resolve_max_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    flash_attn_backward_into(dout, dlse, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                             max_seqlen_k, softmax_scale, window_left, window_right, deterministic)
+    return dq, dk, dv
+
+
+@_flash_attn_backward.register_fake
+def _(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+      window_left, window_right, deterministic):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _flash_attn_setup(ctx, inputs, output):
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, deterministic = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
+    ctx.args = (max_seqlen_q, max_seqlen_k, scale, left, right, deterministic)
+
+
+def _flash_attn_grad(ctx, dout, dlse):
+    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+    dq, dk, dv = torch.ops.pyllm.flash_attn_backward(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                                                     *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+_flash_attn.register_autograd(_flash_attn_grad, setup_context=_flash_attn_setup)
+
+
+@torch.library.custom_op("pyllm::flash_attn_with_kvcache", mutates_args=("k_cache", "v_cache"))
+def _flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor,
+                             k_new: Optional[Tensor], v_new: Optional[Tensor], softmax_scale: float,
+                             window_left: int, window_right: int) -> Tensor:
+    n_new = 0 if k_new is None else k_new.shape[1]
+    capacity = k_cache.shape[1]
+    lengths = cache_seqlens.tolist()  # a sync on the GPU, as flash-attn's own checks
+    if any(n < 0 or n + n_new > capacity for n in lengths):
+        raise ValueError(f"flash_attn_with_kvcache: cache_seqlens + new tokens ({n_new}) must lie in [0, {capacity}] "
+                         f"(the cache's capacity), got cache_seqlens {lengths}")
+    if n_new:
+        batch = q.shape[0]
+        rows = torch.arange(batch, device=q.device).unsqueeze(1)
+        cols = cache_seqlens.long().unsqueeze(1) + torch.arange(n_new, device=q.device)
+        k_cache[rows, cols] = k_new
+        v_cache[rows, cols] = v_new
+    seqused_k = (cache_seqlens + n_new).to(torch.int32)
+    q = _last_dim_contiguous(q)
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("flash_attn_with_kvcache: k_cache and v_cache need a contiguous last dim (they are written in place)")
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(_lse_shape(q, False), dtype=_lse_dtype(q), device=q.device)
+    if q.is_cuda:
+        _C.flash_attn_decode_cuda(_util.ptr(q), _util.ptr(k_cache), _util.ptr(v_cache), _util.ptr(out),
+                                  _util.ptr(lse), _util.ptr(seqused_k), q.shape[0], q.shape[1], capacity,
+                                  q.shape[2], k_cache.shape[2], q.shape[3], _strides3(q, False),
+                                  _strides3(k_cache, False), _strides3(v_cache, False), _strides3(out, False),
+                                  _lse_strides(lse, False), float(softmax_scale), window_left, window_right,
+                                  _util.dtype_code(q), q.device.index, _util.stream_of(q))
+    else:
+        flash_attn_forward_into(q, k_cache, v_cache, out, lse, None, None, q.shape[1], capacity, softmax_scale,
+                                window_left, window_right, seqused_k=seqused_k)
+    return out
+
+
+@_flash_attn_with_kvcache.register_fake
+def _(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale, window_left, window_right):
+    return q.new_empty(q.shape)
+
+
+# --- public API -------------------------------------------------------------------------------
+
+def _resolve_scale(op: str, softmax_scale, head_dim: int) -> float:
+    if softmax_scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if not isinstance(softmax_scale, (int, float)) or isinstance(softmax_scale, bool) or not math.isfinite(softmax_scale):
+        raise TypeError(f"{op}: softmax_scale must be a finite float or None, got {softmax_scale!r}")
+    return float(softmax_scale)
+
+
+def _check_max_seqlen(op: str, name: str, value) -> int:
+    if value is None:
+        return -1
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{op}: {name} must be a non-negative int or None, got {value!r}")
+    return value
+
+
+def flash_attn(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, softmax_scale: Optional[float] = None,
+               window: tuple[int, int] = (-1, -1), cu_seqlens_q: Optional[Tensor] = None,
+               cu_seqlens_k: Optional[Tensor] = None, max_seqlen_q: Optional[int] = None,
+               max_seqlen_k: Optional[int] = None, return_lse: bool = False, deterministic: bool = False):
+    """Exact attention softmax(q k^T * scale) v, tiled (FlashAttention-2), differentiable.
+
+    Args:
+        q: (batch, seqlen_q, n_heads, head_dim); k, v: (batch, seqlen_k, n_kv_heads, head_dim), with
+            n_heads a multiple of n_kv_heads (GQA; MQA for n_kv_heads = 1). Any batch / token /
+            head strides (e.g. views of a packed qkv tensor); a non-unit last-dim stride is copied.
+            Varlen: q (total_q, n_heads, head_dim), k and v (total_k, n_kv_heads, head_dim) holding
+            the sequences back to back, with cu_seqlens_q / cu_seqlens_k int32 (batch + 1,)
+            cumulative lengths (sequence b is rows cu[b]:cu[b+1]; empty sequences allowed).
+            head_dim: 32, 64, 96, 128 or 256. Dtypes: CPU float32, bfloat16, float64 (math in fp32,
+            fp64 for fp64); CUDA float16, bfloat16 (sm80+, fp32 accumulation).
+        causal: mask keys after the query. When seqlen_q != seqlen_k the mask is aligned to the
+            bottom-right corner, as in flash-attn >= 2.1: query i sits at key position
+            i + seqlen_k - seqlen_q (the last query sees every key). Queries that see no key (more
+            queries than keys) output 0.
+        softmax_scale: defaults to 1 / sqrt(head_dim).
+        window: (left, right) sliding window, -1 = unlimited: query i (at key position
+            p = i + seqlen_k - seqlen_q) sees keys p - left .. p + right. causal sets right = 0.
+        max_seqlen_q, max_seqlen_k: varlen only; computed from cu_seqlens when None.
+        return_lse: also return the log-sum-exp of the scaled scores, fp32 (fp64 for fp64
+            inputs), shape (batch, n_heads, seqlen_q), or (n_heads, total_q) for varlen;
+            +inf for queries that see no key. It is differentiable too.
+        deterministic: bitwise-repeatable gradients on the GPU (dq without atomics). The CPU
+            backward is always deterministic.
+    Returns:
+        out, shaped like q (contiguous), or (out, lse) with return_lse.
+    Raises:
+        TypeError: non-tensor inputs, unsupported or mismatched dtypes, cu_seqlens not int32, bad
+            window / softmax_scale types. ValueError: shapes (head dim not supported, n_heads not a
+            multiple of n_kv_heads, k and v differ), devices, cu_seqlens not starting at 0, not
+            non-decreasing or not ending at the total number of tokens. RuntimeError: a CUDA
+            tensor when pyllm was built without CUDA kernels.
+    """
+    if (cu_seqlens_q is None) != (cu_seqlens_k is None):
+        raise ValueError(f"{OP}: give both cu_seqlens_q and cu_seqlens_k (varlen) or neither")
+    varlen = cu_seqlens_q is not None
+    _check_qkv(OP, q, k, v, varlen)
+    if varlen:
+        _check_cu_seqlens(OP, q, cu_seqlens_q, cu_seqlens_k)
+    elif max_seqlen_q is not None or max_seqlen_k is not None:
+        raise ValueError(f"{OP}: max_seqlen_q / max_seqlen_k are for varlen (with cu_seqlens) only")
+    left, right = _check_window(OP, window)
+    if causal:
+        right = 0
+    scale = _resolve_scale(OP, softmax_scale, q.shape[-1])
+    out, lse = _flash_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, _check_max_seqlen(OP, "max_seqlen_q", max_seqlen_q),
+                           _check_max_seqlen(OP, "max_seqlen_k", max_seqlen_k), scale, left, right,
+                           bool(deterministic))
+    return (out, lse) if return_lse else out
+
+
+def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens, k_new: Optional[Tensor] = None,
+                            v_new: Optional[Tensor] = None, causal: bool = True, *,
+                            softmax_scale: Optional[float] = None, window: tuple[int, int] = (-1, -1)) -> Tensor:
+    """Attention of new queries over a KV cache, appending k_new / v_new to the cache in place.
+
+    Args:
+        q: (batch, seqlen_q, n_heads, head_dim), usually seqlen_q = 1 (one decode step).
+        k_cache, v_cache: (batch, capacity, n_kv_heads, head_dim), a contiguous last dim; written
+            in place at positions cache_seqlens[b] .. cache_seqlens[b] + seqlen_new.
+        cache_seqlens: int32 (batch,) tensor (or an int for every sequence): tokens already in the
+            cache. Not updated here: add seqlen_new yourself after the call.
+        k_new, v_new: (batch, seqlen_new, n_kv_heads, head_dim) or None.
+        causal: bottom-right aligned as in :func:`flash_attn`: with L = cache_seqlens + seqlen_new
+            keys, query i sees keys 0 .. L - seqlen_q + i.
+    Returns:
+        out, shaped like q. Not differentiable (inference). On the GPU the KV length is split
+        across thread blocks (split-KV), so one query token still fills the GPU.
+    Raises:
+        as :func:`flash_attn`, plus ValueError when cache_seqlens + seqlen_new exceeds the capacity.
+    """
+    op = "flash_attn_with_kvcache"
+    _check_qkv(op, q, k_cache, v_cache, False)
+    if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
+        cache_seqlens = torch.full((q.shape[0],), cache_seqlens, dtype=torch.int32, device=q.device)
+    if not isinstance(cache_seqlens, torch.Tensor):
+        raise TypeError(f"{op}: cache_seqlens must be an int32 tensor or an int, got {type(cache_seqlens).__name__}")
+    if cache_seqlens.dtype != torch.int32:
+        raise TypeError(f"{op}: cache_seqlens must be int32, got {cache_seqlens.dtype}")
+    if cache_seqlens.shape != (q.shape[0],) or cache_seqlens.device != q.device:
+        raise ValueError(f"{op}: cache_seqlens must be ({q.shape[0]},) on {q.device}, got "
+                         f"{tuple(cache_seqlens.shape)} on {cache_seqlens.device}")
+    if (k_new is None) != (v_new is None):
+        raise ValueError(f"{op}: give both k_new and v_new or neither")
+    if k_new is not None:
+        for name, t in (("k_new", k_new), ("v_new", v_new)):
+            _util.check_tensor(op, name, t, DTYPES)
+            _util.check_same(op, q=q, **{name: t})
+            if t.dim() != 4 or t.shape[0] != q.shape[0] or t.shape[2:] != k_cache.shape[2:]:
+                raise ValueError(f"{op}: {name} must be (batch, seqlen_new, {k_cache.shape[2]}, {k_cache.shape[3]}) "
+                                 f"with batch {q.shape[0]}, got {tuple(t.shape)}")
+        if k_new.shape != v_new.shape:
+            raise ValueError(f"{op}: k_new and v_new must have the same shape")
+    left, right = _check_window(op, window)
+    if causal:
+        right = 0
+    scale = _resolve_scale(op, softmax_scale, q.shape[-1])
+    return _flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, left, right)

@@ -1,0 +1,398 @@
+import math
+
+import pytest
+import torch
+
+import pyllm
+from pyllm import _C
+from pyllm.ops import _util
+from pyllm.ops import flash_attn as fa
+from helpers import poisoned, rel_err, tolerance
+
+DTYPES_BY_DEVICE = {"cpu": [torch.float32, torch.bfloat16], "cuda": [torch.float16, torch.bfloat16]}
+DEVICES = [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+# --- the reference: softmax(q k^T * scale) v written out, any dtype -----------------------------
+
+def mask_of(tq: int, tk: int, causal: bool, window) -> torch.Tensor:
+    """(tq, tk) bool, True = seen; bottom-right aligned as in flash-attn >= 2.1."""
+    left, right = window
+    if causal:
+        right = 0
+    pos = torch.arange(tq)[:, None] + (tk - tq)
+    j = torch.arange(tk)[None, :]
+    seen = torch.ones(tq, tk, dtype=torch.bool)
+    if left >= 0:
+        seen &= j >= pos - left
+    if right >= 0:
+        seen &= j <= pos + right
+    return seen
+
+
+def attention(q, k, v, causal=False, window=(-1, -1), scale=None):
+    """Plain attention in q's dtype and device: the float64 reference, or torch's own in a low
+    precision dtype. (B, T, H, D) layout; queries that see no key give 0; returns (out, lse)."""
+    b, tq, h, d = q.shape
+    tk, hk = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    k, v = k.repeat_interleave(h // hk, dim=2), v.repeat_interleave(h // hk, dim=2)
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    seen = mask_of(tq, tk, causal, window).to(q.device)
+    s = s.masked_fill(~seen, -math.inf)
+    lse = torch.logsumexp(s.float() if s.dtype != torch.float64 else s, dim=-1)
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+    return torch.einsum("bhqk,bkhd->bqhd", p, v), lse
+
+
+def attention_varlen(q, k, v, cu_q, cu_k, **kw):
+    outs, lses = [], []
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    for i in range(len(cq) - 1):
+        o, lse = attention(q[None, cq[i]:cq[i + 1]], k[None, ck[i]:ck[i + 1]], v[None, ck[i]:ck[i + 1]], **kw)
+        outs.append(o[0])
+        lses.append(lse[0])
+    return torch.cat(outs), torch.cat(lses, dim=-1)
+
+
+def rand(shape, dtype, device):
+    return torch.randn(shape, dtype=torch.float64).to(dtype).to(device)
+
+
+def grads_of(fn, inputs, dout):
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    out = out[0] if isinstance(out, tuple) else out
+    return out, torch.autograd.grad(out, leaves, dout)
+
+
+def check_against_reference(q, k, v, dout, fn_ours, fn_ref):
+    """Forward and gradients of ours vs the float64 reference, within 2x torch's own error."""
+    as64 = [t.double().cpu() for t in (q, k, v)]
+    ref, ref_grads = grads_of(fn_ref, as64, dout.double().cpu())
+    torch_out, torch_grads = grads_of(fn_ref, (q, k, v), dout)
+    out, our_grads = grads_of(fn_ours, (q, k, v), dout)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert rel_err(out, ref) <= tolerance(torch_out, ref)
+    for name, ours, theirs, exact in zip("qkv", our_grads, torch_grads, ref_grads):
+        if exact.abs().max() == 0:
+            # Exactly zero in exact arithmetic (one key per query: softmax is constant). Ours is
+            # P * (dO.V - dO.O), two length-D dot products equal in exact arithmetic: rounding
+            # leaves up to D * eps of the gradients' scale (that of dv, nonzero here).
+            scale = ref_grads[2].norm()
+            assert ours.double().norm().cpu() <= q.shape[-1] * torch.finfo(q.dtype).eps * scale, f"d{name}"
+            continue
+        assert rel_err(ours, exact) <= tolerance(theirs, exact), f"d{name}"
+
+
+# (batch, seqlen_q, seqlen_k, n_heads, n_kv_heads, head_dim): T = 1, T not a multiple of the
+# 64-wide tiles, Tq < Tk and Tq > Tk (bottom-right causal leaves the first queries without keys),
+# GQA and MQA, every head dim.
+SHAPES = [
+    (2, 1, 1, 2, 2, 64),
+    (1, 77, 77, 4, 4, 32),
+    (2, 65, 130, 4, 2, 64),
+    (1, 100, 37, 4, 1, 128),
+    (1, 129, 129, 2, 2, 96),
+    (1, 40, 70, 2, 1, 256),
+]
+WINDOWS = [(-1, -1), (16, -1), (5, 3)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype_idx", [0, 1])
+@pytest.mark.parametrize("window", WINDOWS, ids=str)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_matches_float64_reference(device, dtype_idx, shape, causal, window):
+    dtype = DTYPES_BY_DEVICE[device][dtype_idx]
+    b, tq, tk, h, hk, d = shape
+    q, k, v = rand((b, tq, h, d), dtype, device), rand((b, tk, hk, d), dtype, device), rand((b, tk, hk, d), dtype, device)
+    dout = rand((b, tq, h, d), dtype, device)
+    check_against_reference(
+        q, k, v, dout,
+        lambda q, k, v: pyllm.flash_attn(q, k, v, causal=causal, window=window),
+        lambda q, k, v: attention(q, k, v, causal, window)[0],
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_softmax_scale_and_lse(device):
+    dtype = DTYPES_BY_DEVICE[device][0]
+    q, k, v = rand((2, 70, 4, 64), dtype, device), rand((2, 90, 2, 64), dtype, device), rand((2, 90, 2, 64), dtype, device)
+    for causal, window, scale in [(False, (-1, -1), 0.3), (True, (10, -1), None)]:
+        out, lse = pyllm.flash_attn(q, k, v, causal=causal, window=window, softmax_scale=scale, return_lse=True)
+        ref, ref_lse = attention(q.double().cpu(), k.double().cpu(), v.double().cpu(), causal, window, scale)
+        torch_out, torch_lse = attention(q, k, v, causal, window, scale)
+        assert lse.shape == (2, 4, 70) and lse.dtype == torch.float32
+        assert rel_err(out, ref) <= tolerance(torch_out, ref)
+        assert rel_err(lse, ref_lse) <= tolerance(torch_lse, ref_lse)
+
+
+def test_empty_rows_give_zero_and_inf_lse():
+    # 6 queries, 2 keys, causal bottom-right: queries 0..3 see nothing.
+    q, k, v = torch.randn(1, 6, 2, 32), torch.randn(1, 2, 2, 32), torch.randn(1, 2, 2, 32)
+    q.requires_grad_()
+    out, lse = pyllm.flash_attn(q, k, v, causal=True, return_lse=True)
+    assert torch.equal(out[0, :4], torch.zeros(4, 2, 32))
+    assert torch.isinf(lse[0, :, :4]).all() and (lse[0, :, :4] > 0).all()
+    assert torch.isfinite(lse[0, :, 4:]).all()
+    out.sum().backward()
+    assert torch.equal(q.grad[0, :4], torch.zeros(4, 2, 32))
+
+
+def test_nan_input_propagates():
+    q, k, v = torch.randn(1, 3, 1, 32), torch.randn(1, 3, 1, 32), torch.randn(1, 3, 1, 32)
+    q[0, 1, 0, 0] = float("nan")
+    out = pyllm.flash_attn(q, k, v)
+    assert out[0, 1].isnan().all() and not out[0, 0].isnan().any()
+
+
+# --- varlen ---------------------------------------------------------------------------------------
+
+def cu(lengths, device="cpu"):
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype_idx", [0, 1])
+@pytest.mark.parametrize("causal,window", [(False, (-1, -1)), (True, (-1, -1)), (True, (7, -1)), (False, (4, 9))])
+def test_varlen_matches_reference(device, dtype_idx, causal, window):
+    dtype = DTYPES_BY_DEVICE[device][dtype_idx]
+    lens_q, lens_k = [0, 1, 70, 5, 0, 130, 3], [0, 1, 70, 9, 4, 130, 0]  # empty, length-1, Tq != Tk
+    cu_q, cu_k = cu(lens_q, device), cu(lens_k, device)
+    h, hk, d = 4, 2, 64
+    q, k, v = rand((sum(lens_q), h, d), dtype, device), rand((sum(lens_k), hk, d), dtype, device), rand((sum(lens_k), hk, d), dtype, device)
+    dout = rand(q.shape, dtype, device)
+    kw = dict(causal=causal, window=window)
+    check_against_reference(
+        q, k, v, dout,
+        lambda q, k, v: pyllm.flash_attn(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, **kw),
+        lambda q, k, v: attention_varlen(q, k, v, cu_q.cpu(), cu_k.cpu(), **kw)[0],
+    )
+    out, lse = pyllm.flash_attn(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=130, max_seqlen_k=130,
+                                return_lse=True, **kw)
+    ref, ref_lse = attention_varlen(q.double().cpu(), k.double().cpu(), v.double().cpu(), cu_q.cpu(), cu_k.cpu(), **kw)
+    assert lse.shape == (h, sum(lens_q))
+    seen = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isinf(lse.cpu()), ~seen)
+    assert (lse.cpu()[seen] - ref_lse[seen]).abs().max() < 1e-3
+
+
+# --- layout, determinism, every element written ---------------------------------------------------
+
+def test_strided_views_of_packed_qkv_match_contiguous():
+    qkv = torch.randn(2, 50, 3, 4, 64, dtype=torch.bfloat16)
+    q, k, v = qkv.unbind(dim=2)
+    assert not q.is_contiguous()
+    expected = pyllm.flash_attn(q.contiguous(), k.contiguous(), v.contiguous(), causal=True)
+    assert torch.equal(pyllm.flash_attn(q, k, v, causal=True), expected)
+    # Transposed (B, H, T, D) storage seen as (B, T, H, D): token stride 64, head stride T * 64.
+    qt = torch.randn(2, 4, 50, 64).transpose(1, 2)
+    assert torch.equal(pyllm.flash_attn(qt, qt, qt), pyllm.flash_attn(*(qt.contiguous(),) * 3))
+
+
+def test_backward_is_bitwise_deterministic():
+    q, k, v = torch.randn(2, 150, 4, 64), torch.randn(2, 150, 1, 64), torch.randn(2, 150, 1, 64)
+    dout = torch.randn(2, 150, 4, 64)
+    runs = [grads_of(lambda q, k, v: pyllm.flash_attn(q, k, v, causal=True, deterministic=True), (q, k, v), dout)[1]
+            for _ in range(3)]
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
+
+
+def test_every_output_element_is_written():
+    # Poisoned outputs; keys that no query sees must get dk = dv = 0, queries that see no key dq = 0.
+    for dtype in (torch.float32, torch.bfloat16):
+        q, k, v = torch.randn(2, 67, 4, 32, dtype=dtype), torch.randn(2, 131, 2, 32, dtype=dtype), torch.randn(2, 131, 2, 32, dtype=dtype)
+        out, lse = poisoned(q.shape, dtype, "cpu"), poisoned((2, 4, 67), torch.float32, "cpu")
+        fa.flash_attn_forward_into(q, k, v, out, lse, None, None, 67, 131, 0.2, 3, 0)
+        dq, dk, dv = poisoned(q.shape, dtype, "cpu"), poisoned(k.shape, dtype, "cpu"), poisoned(v.shape, dtype, "cpu")
+        dout = torch.randn_like(out)
+        fa.flash_attn_backward_into(dout, None, q, k, v, out, lse, dq, dk, dv, None, None, 67, 131, 0.2, 3, 0, True)
+        for t in (out, lse, dq, dk, dv):
+            assert not t.isnan().any()
+        assert torch.equal(dk[:, :60], torch.zeros_like(dk[:, :60]))  # keys before the first window
+
+
+# --- autograd through lse, gradcheck, opcheck, torch.compile ------------------------------------
+
+def test_gradient_through_lse():
+    q, k, v = (torch.randn(1, 20, 2, 32, dtype=torch.float64) for _ in range(3))
+    w = torch.randn(1, 2, 20, dtype=torch.float64)
+
+    def loss(q, k, v):
+        out, lse = pyllm.flash_attn(q, k, v, causal=True, return_lse=True)
+        return out.sum() + (lse * w).sum()
+
+    def loss_ref(q, k, v):
+        out, lse = attention(q, k, v, causal=True)
+        return out.sum() + (lse * w).sum()
+
+    _, ours = grads_of(loss, (q, k, v), torch.tensor(1.0, dtype=torch.float64))
+    _, ref = grads_of(loss_ref, (q, k, v), torch.tensor(1.0, dtype=torch.float64))
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b)
+
+
+def test_gradcheck_float64():
+    def leaf(*shape):
+        return torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+
+    q, k, v = leaf(1, 9, 4, 32), leaf(1, 13, 2, 32), leaf(1, 13, 2, 32)
+    assert torch.autograd.gradcheck(lambda q, k, v: pyllm.flash_attn(q, k, v, causal=True, window=(6, -1)), (q, k, v))
+    assert torch.autograd.gradcheck(lambda q, k, v: pyllm.flash_attn(q, k, v, return_lse=True), (q, k, v))
+    cu_q, cu_k = cu([3, 0, 6]), cu([4, 2, 7])
+    q, k, v = leaf(9, 2, 32), leaf(13, 1, 32), leaf(13, 1, 32)
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: pyllm.flash_attn(q, k, v, causal=True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k), (q, k, v))
+
+
+def test_opcheck():
+    q, k, v = torch.randn(2, 9, 4, 32), torch.randn(2, 11, 2, 32), torch.randn(2, 11, 2, 32)
+    args = (q, k, v, None, None, -1, -1, 0.25, -1, 0, False)
+    torch.library.opcheck(torch.ops.pyllm.flash_attn.default, args)
+    grad_args = tuple(t.clone().requires_grad_() for t in (q, k, v)) + args[3:]
+    torch.library.opcheck(torch.ops.pyllm.flash_attn.default, grad_args)
+    cu_q, cu_k = cu([4, 5]), cu([5, 6])
+    varlen = (q[0], k[0], v[0], cu_q, cu_k, 5, 6, 0.25, 2, 1, False)
+    torch.library.opcheck(torch.ops.pyllm.flash_attn.default, varlen)
+    out, lse = torch.ops.pyllm.flash_attn(*args)
+    torch.library.opcheck(torch.ops.pyllm.flash_attn_backward.default,
+                          (torch.randn_like(out), torch.randn_like(lse), q, k, v, out, lse, *args[3:]))
+    cache = torch.zeros(2, 16, 2, 32)
+    torch.library.opcheck(torch.ops.pyllm.flash_attn_with_kvcache.default,
+                          (q[:, :1], cache, cache.clone(), torch.tensor([3, 5], dtype=torch.int32),
+                           torch.randn(2, 1, 2, 32), torch.randn(2, 1, 2, 32), 0.25, -1, 0))
+
+
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+
+    def block(x, w):
+        qkv = (x @ w).view(1, 12, 3, 2, 32)
+        return pyllm.flash_attn(*qkv.unbind(dim=2), causal=True).sum()
+
+    x, w = torch.randn(12, 16), torch.randn(16, 192, requires_grad=True)
+    compiled = torch.compile(block, fullgraph=True)
+    loss = compiled(x, w)
+    torch.testing.assert_close(loss, block(x, w))
+    (g,) = torch.autograd.grad(loss, w)
+    (g_eager,) = torch.autograd.grad(block(x, w), w)
+    torch.testing.assert_close(g, g_eager)
+
+
+# --- KV cache -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n_new", [0, 1, 3])
+def test_kvcache_matches_full_attention(device, n_new):
+    dtype = DTYPES_BY_DEVICE[device][1]
+    b, cap, h, hk, d, tq = 3, 150, 4, 2, 64, max(n_new, 1)
+    k_cache, v_cache = rand((b, cap, hk, d), dtype, device), rand((b, cap, hk, d), dtype, device)
+    lengths = [0, 70, 140] if n_new else [1, 70, 140]
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device=device)
+    q = rand((b, tq, h, d), dtype, device)
+    k_new = rand((b, n_new, hk, d), dtype, device) if n_new else None
+    v_new = rand((b, n_new, hk, d), dtype, device) if n_new else None
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    out = pyllm.flash_attn_with_kvcache(q, k_cache, v_cache, seqlens, k_new, v_new, causal=True)
+    for i, n in enumerate(lengths):
+        keys, vals = k_cache[i:i + 1, :n + n_new], v_cache[i:i + 1, :n + n_new]
+        if n_new:  # appended in place, the rest untouched
+            assert torch.equal(keys[0, n:], k_new[i]) and torch.equal(vals[0, n:], v_new[i])
+        assert torch.equal(k_cache[i, n + n_new:], k_before[i, n + n_new:])
+        assert torch.equal(k_cache[i, :n], k_before[i, :n])
+        ref, _ = attention(q[i:i + 1].double().cpu(), keys.double().cpu(), vals.double().cpu(), causal=True)
+        torch_out, _ = attention(q[i:i + 1], keys, vals, causal=True)
+        assert rel_err(out[i:i + 1], ref) <= tolerance(torch_out, ref)
+
+
+def test_kvcache_int_seqlens_and_overflow():
+    cache = torch.randn(2, 8, 1, 32)
+    q = torch.randn(2, 1, 2, 32)
+    out = pyllm.flash_attn_with_kvcache(q, cache, cache.clone(), 8)
+    ref, _ = attention(q.double(), cache.double(), cache.double(), causal=True)
+    assert rel_err(out, ref) < 1e-5
+    with pytest.raises(ValueError, match="capacity"):
+        pyllm.flash_attn_with_kvcache(q, cache, cache.clone(), 8, torch.randn(2, 1, 1, 32), torch.randn(2, 1, 1, 32))
+    with pytest.raises(TypeError, match="int32"):
+        pyllm.flash_attn_with_kvcache(q, cache, cache.clone(), torch.tensor([1, 2]))
+
+
+# --- bad input ------------------------------------------------------------------------------------
+
+def test_bad_input_raises_clear_errors():
+    q, k = torch.randn(1, 4, 2, 64), torch.randn(1, 4, 2, 64)
+    with pytest.raises(ValueError, match="32, 64, 96, 128, 256"):
+        pyllm.flash_attn(torch.randn(1, 4, 2, 48), torch.randn(1, 4, 2, 48), torch.randn(1, 4, 2, 48))
+    with pytest.raises(ValueError, match="multiple"):
+        pyllm.flash_attn(torch.randn(1, 4, 3, 64), k, k)
+    with pytest.raises(TypeError, match="dtype"):
+        pyllm.flash_attn(q, k.bfloat16(), k)
+    with pytest.raises(TypeError, match="expected one of"):
+        pyllm.flash_attn(q.half(), k.half(), k.half())
+    with pytest.raises(ValueError, match="same shape"):
+        pyllm.flash_attn(q, k, torch.randn(1, 5, 2, 64))
+    with pytest.raises(ValueError, match="4-D"):
+        pyllm.flash_attn(q[0], k[0], k[0])
+    with pytest.raises(ValueError, match="device"):
+        pyllm.flash_attn(q.to("meta"), k.to("meta"), k.to("meta"))
+    with pytest.raises(ValueError, match="window"):
+        pyllm.flash_attn(q, k, k, window=(-2, 0))
+    with pytest.raises(TypeError, match="window"):
+        pyllm.flash_attn(q, k, k, window=3)
+    qv, kv = torch.randn(6, 2, 64), torch.randn(6, 2, 64)
+    good = cu([2, 4])
+    with pytest.raises(TypeError, match="int32"):
+        pyllm.flash_attn(qv, kv, kv, cu_seqlens_q=good.long(), cu_seqlens_k=good)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        bad = torch.tensor([0, 4, 2, 6], dtype=torch.int32)
+        pyllm.flash_attn(qv, kv, kv, cu_seqlens_q=bad, cu_seqlens_k=bad)
+    with pytest.raises(ValueError, match="total number of tokens"):
+        pyllm.flash_attn(qv, kv, kv, cu_seqlens_q=cu([2, 3]), cu_seqlens_k=good)
+    with pytest.raises(ValueError, match="must be 0"):
+        pyllm.flash_attn(qv, kv, kv, cu_seqlens_q=torch.tensor([1, 6], dtype=torch.int32), cu_seqlens_k=cu([6]))
+    with pytest.raises(ValueError, match="both"):
+        pyllm.flash_attn(qv, kv, kv, cu_seqlens_q=good)
+    with pytest.raises(ValueError, match="max_seqlen"):
+        pyllm.flash_attn(qv, kv, kv, cu_seqlens_q=good, cu_seqlens_k=good, max_seqlen_q=3)
+    with pytest.raises(ValueError, match="varlen"):
+        pyllm.flash_attn(q, k, k, max_seqlen_q=4)
+
+
+def test_cuda_tensor_without_cuda_kernels_raises(monkeypatch):
+    monkeypatch.setattr(_util, "HAS_CUDA_KERNELS", False)
+    with pytest.raises(RuntimeError, match="built without CUDA kernels"):
+        _util.check_backend("flash_attn", torch.device("cuda", 0))
+
+
+@pytest.mark.cuda
+def test_device_mismatch_raises():
+    q = torch.randn(1, 4, 2, 64, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="must match"):
+        pyllm.flash_attn(q, q.cuda(), q.cuda())
+
+
+def test_cpp_rechecks_raw_calls():
+    q = torch.randn(1, 4, 2, 64)
+    strides = [512, 128, 64]
+    args = dict(q=q.data_ptr(), k=q.data_ptr(), v=q.data_ptr(), out=q.data_ptr(), lse=q.data_ptr(), cu_seqlens_q=0,
+                cu_seqlens_k=0, seqused_k=0, batch=1, seqlen_q=4, seqlen_k=4, n_heads=2, n_kv_heads=2, head_dim=64,
+                q_strides=strides, k_strides=strides, v_strides=strides, o_strides=strides, lse_strides=[8, 4],
+                scale=0.1, window_left=-1, window_right=-1, dtype=0)
+    with pytest.raises(ValueError, match="head_dim must be one of"):
+        _C.flash_attn_fwd_cpu(**{**args, "head_dim": 80})
+    with pytest.raises(ValueError, match="multiple of n_kv_heads"):
+        _C.flash_attn_fwd_cpu(**{**args, "n_kv_heads": 3})
+    with pytest.raises(ValueError, match="null data pointer"):
+        _C.flash_attn_fwd_cpu(**{**args, "q": 0})
+    with pytest.raises(ValueError, match="dtype"):
+        _C.flash_attn_fwd_cpu(**{**args, "dtype": 1})
+    with pytest.raises(ValueError, match="3 entries"):
+        _C.flash_attn_fwd_cpu(**{**args, "q_strides": [1, 2]})
+    bad_cu = torch.tensor([0, 3, 1], dtype=torch.int32)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        _C.flash_attn_fwd_cpu(**{**args, "batch": 2, "cu_seqlens_q": bad_cu.data_ptr(),
+                                 "cu_seqlens_k": bad_cu.data_ptr(), "lse_strides": [0, 4]})

@@ -3,6 +3,7 @@
 #pragma once
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace pyllm {
 
@@ -16,5 +17,31 @@ void swiglu_fwd_cuda(uintptr_t gate, uintptr_t up, uintptr_t out, int64_t rows, 
 void swiglu_bwd_cuda(uintptr_t dout, uintptr_t gate, uintptr_t up, uintptr_t dgate, uintptr_t dup,
                      int64_t rows, int64_t cols, int64_t in_stride, int64_t out_stride, int dtype,
                      int device, uintptr_t stream);
+
+// flash_attn_fwd.cu, flash_attn_bwd.cu, flash_attn_decode.cu: the arguments of the CPU twins
+// (csrc/cpu/cpu_ops.h), plus the device and stream. fp16 / bf16 only, sm80+.
+void flash_attn_fwd_cuda(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse, uintptr_t cu_seqlens_q,
+                         uintptr_t cu_seqlens_k, uintptr_t seqused_k, int64_t batch, int64_t seqlen_q,
+                         int64_t seqlen_k, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
+                         const std::vector<int64_t>& q_strides, const std::vector<int64_t>& k_strides,
+                         const std::vector<int64_t>& v_strides, const std::vector<int64_t>& o_strides,
+                         const std::vector<int64_t>& lse_strides, double scale, int64_t window_left,
+                         int64_t window_right, int dtype, int device, uintptr_t stream);
+void flash_attn_bwd_cuda(uintptr_t dout, uintptr_t dlse, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out,
+                         uintptr_t lse, uintptr_t dq, uintptr_t dk, uintptr_t dv, uintptr_t cu_seqlens_q,
+                         uintptr_t cu_seqlens_k, int64_t batch, int64_t seqlen_q, int64_t seqlen_k,
+                         int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
+                         const std::vector<int64_t>& q_strides, const std::vector<int64_t>& k_strides,
+                         const std::vector<int64_t>& v_strides, const std::vector<int64_t>& o_strides,
+                         const std::vector<int64_t>& dkv_strides, const std::vector<int64_t>& lse_strides,
+                         double scale, int64_t window_left, int64_t window_right, int dtype, bool deterministic,
+                         int device, uintptr_t stream);
+void flash_attn_decode_cuda(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, uintptr_t out, uintptr_t lse,
+                            uintptr_t seqused_k, int64_t batch, int64_t seqlen_q, int64_t capacity, int64_t n_heads,
+                            int64_t n_kv_heads, int64_t head_dim, const std::vector<int64_t>& q_strides,
+                            const std::vector<int64_t>& k_strides, const std::vector<int64_t>& v_strides,
+                            const std::vector<int64_t>& o_strides, const std::vector<int64_t>& lse_strides,
+                            double scale, int64_t window_left, int64_t window_right, int dtype, int device,
+                            uintptr_t stream);
 
 }  // namespace pyllm

@@ -3,6 +3,7 @@
 #pragma once
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace pyllm {
 
@@ -24,5 +25,30 @@ void adamw_grad_sumsq_cuda(uintptr_t table, int64_t n_tensors, int dtype, uintpt
 void adamw_step_cuda(uintptr_t table, int64_t n_tensors, int param_dtype, bool has_master, double lr, double beta1,
                      double beta2, double eps, double weight_decay, uintptr_t sumsq, uintptr_t loss_scale,
                      double max_grad_norm, bool stochastic_rounding, uint64_t seed, int device, uintptr_t stream);
+// flash_attn_fwd.cu, flash_attn_bwd.cu, flash_attn_decode.cu: the arguments of the CPU twins
+// (csrc/cpu/cpu_ops.h), plus the device and stream. fp16 / bf16 only, sm80+.
+void flash_attn_fwd_cuda(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse, uintptr_t cu_seqlens_q,
+                         uintptr_t cu_seqlens_k, uintptr_t seqused_k, int64_t batch, int64_t seqlen_q,
+                         int64_t seqlen_k, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
+                         const std::vector<int64_t>& q_strides, const std::vector<int64_t>& k_strides,
+                         const std::vector<int64_t>& v_strides, const std::vector<int64_t>& o_strides,
+                         const std::vector<int64_t>& lse_strides, double scale, int64_t window_left,
+                         int64_t window_right, int dtype, int device, uintptr_t stream);
+void flash_attn_bwd_cuda(uintptr_t dout, uintptr_t dlse, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out,
+                         uintptr_t lse, uintptr_t dq, uintptr_t dk, uintptr_t dv, uintptr_t cu_seqlens_q,
+                         uintptr_t cu_seqlens_k, int64_t batch, int64_t seqlen_q, int64_t seqlen_k,
+                         int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
+                         const std::vector<int64_t>& q_strides, const std::vector<int64_t>& k_strides,
+                         const std::vector<int64_t>& v_strides, const std::vector<int64_t>& o_strides,
+                         const std::vector<int64_t>& dkv_strides, const std::vector<int64_t>& lse_strides,
+                         double scale, int64_t window_left, int64_t window_right, int dtype, bool deterministic,
+                         int device, uintptr_t stream);
+void flash_attn_decode_cuda(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, uintptr_t out, uintptr_t lse,
+                            uintptr_t seqused_k, int64_t batch, int64_t seqlen_q, int64_t capacity, int64_t n_heads,
+                            int64_t n_kv_heads, int64_t head_dim, const std::vector<int64_t>& q_strides,
+                            const std::vector<int64_t>& k_strides, const std::vector<int64_t>& v_strides,
+                            const std::vector<int64_t>& o_strides, const std::vector<int64_t>& lse_strides,
+                            double scale, int64_t window_left, int64_t window_right, int dtype, int device,
+                            uintptr_t stream);
 
 }  // namespace pyllm

@@ -1,0 +1,150 @@
+// Pieces shared by the FlashAttention CUDA kernels (flash_attn_fwd.cu, flash_attn_bwd.cu,
+// flash_attn_decode.cu): tensor-core fragments (mma.sync m16n8k16, ldmatrix), cp.async, the
+// swizzled shared-memory tile layout, and the launcher-side argument checks.
+//
+// Fragment layouts (PTX ISA, "Matrix fragments for mma.m16n8k16"), lane = 4 * g + t:
+//   A 16x16 (row-major): a[0] = (g, 2t..2t+1), a[1] = (g+8, 2t..), a[2] = (g, 2t+8..), a[3] = (g+8, 2t+8..)
+//   B 16x8 (K x N):      b[0] = (k 2t..2t+1, n g), b[1] = (k 2t+8.., n g)
+//   C 16x8 fp32:         c[0..1] = (g, 2t..2t+1), c[2..3] = (g+8, 2t..2t+1)
+// so the C fragments of two adjacent 8-column tiles are exactly the A fragment of one 16-column
+// k-step: the softmax probabilities go from the S accumulators into the P V mma without shared
+// memory (FlashAttention-2).
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "common/attn_params.h"
+#include "cuda/cuda_common.cuh"
+
+namespace pyllm {
+namespace attn {
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#define PYLLM_ATTN_UNSUPPORTED_ARCH 1  // mma.sync bf16, cp.async and ldmatrix need sm80
+#endif
+
+template <typename T> struct MmaType;
+template <> struct MmaType<__half> { static constexpr bool is_bf16 = false; };
+template <> struct MmaType<__nv_bfloat16> { static constexpr bool is_bf16 = true; };
+
+// D += A B, fp32 accumulators, fp16 or bf16 inputs.
+template <typename T>
+__device__ __forceinline__ void mma_16x8x16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#ifndef PYLLM_ATTN_UNSUPPORTED_ARCH
+  if constexpr (MmaType<T>::is_bf16) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+#endif
+}
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+#ifndef PYLLM_ATTN_UNSUPPORTED_ARCH
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+#endif
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+#ifndef PYLLM_ATTN_UNSUPPORTED_ARCH
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+#endif
+}
+
+// 16-byte global -> shared copy that bypasses L1; src_bytes = 0 writes 16 zero bytes and reads
+// nothing (rows past the end of a sequence), the source address must still be a valid one.
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, int src_bytes) {
+#ifndef PYLLM_ATTN_UNSUPPORTED_ARCH
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#ifndef PYLLM_ATTN_UNSUPPORTED_ARCH
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#ifndef PYLLM_ATTN_UNSUPPORTED_ARCH
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
+}
+
+// Two fp32 -> one register of two 16-bit values (low half = first), as the A fragment wants.
+template <typename T> __device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <> __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+
+// Shared-memory tile of Rows x D 16-bit elements, stored in 16-byte chunks (8 elements) with the
+// chunk index XOR-ed by the row (mod 8): the 8 rows that one ldmatrix phase reads at the same
+// logical column land in different bank groups (D >= 64: conflict-free; D = 32: 2-way).
+template <int D>
+struct Swizzle {
+  static constexpr int kChunks = D / 8;
+  static constexpr int kMask = kChunks >= 8 ? 7 : kChunks - 1;
+  __device__ __forceinline__ static int offset(int row, int col) {  // col: a multiple of 8
+    return row * D + (((col >> 3) ^ (row & kMask)) << 3);
+  }
+};
+
+// Copies Rows x D of one head (row r = token start + r) into a swizzled tile with cp.async;
+// rows >= valid are zero-filled. Every thread of the block takes chunks in turn.
+template <int Rows, int D, int Threads, typename T>
+__device__ __forceinline__ void load_tile_async(T* tile, const T* base, int64_t token_stride, int valid) {
+  constexpr int kChunks = D / 8;
+#pragma unroll
+  for (int c = threadIdx.x; c < Rows * kChunks; c += Threads) {
+    const int row = c / kChunks, col = (c % kChunks) * 8;
+    const bool in = row < valid;
+    const T* src = in ? base + row * token_stride + col : base;
+    cp_async_16(smem_addr(tile + Swizzle<D>::offset(row, col)), src, in ? 16 : 0);
+  }
+}
+
+// Host-side checks shared by the launchers.
+inline void check_cuda_attn_args(const AttnParams& p, int dtype, int device) {
+  PYLLM_CHECK(dtype == int(DType::f16) || dtype == int(DType::bf16),
+              "flash_attn: CUDA dtype must be float16 or bfloat16, got ", dtype_name(dtype));
+  int major = 0;
+  PYLLM_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  PYLLM_CHECK_RUNTIME(major >= 8, "flash_attn: the CUDA kernels need compute capability 8.0 (A100) or newer, device ",
+                      device, " has ", major, ".x");
+  // cp.async moves 16-byte chunks: every row of q, k, v must start 16-byte aligned.
+  const int64_t* strides[3] = {p.q_strides, p.k_strides, p.v_strides};
+  const void* ptrs[3] = {p.q, p.k, p.v};
+  for (int i = 0; i < 3; ++i) {
+    PYLLM_CHECK(reinterpret_cast<uintptr_t>(ptrs[i]) % 16 == 0, "flash_attn: q, k, v must be 16-byte aligned on CUDA");
+    for (int j = 0; j < 3; ++j)
+      PYLLM_CHECK(strides[i][j] % 8 == 0, "flash_attn: q, k, v strides must be multiples of 8 elements on CUDA, got ",
+                  strides[i][j]);
+  }
+  PYLLM_CHECK(p.batch <= 65535 && p.n_heads <= 65535, "flash_attn: batch and n_heads must be <= 65535 on CUDA");
+}
+
+}  // namespace attn
+}  // namespace pyllm

@@ -1,0 +1,288 @@
+// FlashAttention-2 forward on tensor cores (sm80 mma.sync; runs unchanged on sm90).
+// UNVERIFIED: compiled for sm_80 / sm_90 but not yet run on a GPU (see README).
+//
+// Grid (ceil(Tq / kBlockM), n_heads, batch); one CTA = 4 warps = 64 query rows of one head,
+// each warp owning 16 rows. Per key block of kBlockN keys (only the blocks the mask leaves):
+//   S = Q K^T          mma.m16n8k16, Q from shared memory (ldmatrix), K via ldmatrix (non-trans)
+//   S *= scale*log2(e), masked (-inf) only on blocks that cross the mask or the sequence end
+//   online softmax per row in registers (the 4 lanes of a row reduce with shuffles), exp2
+//   O = O * corr + P V P packed from the S accumulators straight into A fragments, V via
+//                      ldmatrix.trans
+// K and V tiles are double-buffered: the cp.async copy of block n+1 runs while block n is
+// computed. out = O / l and lse = m ln2 + ln l are written once; nothing T x T ever exists, the
+// extra memory is the (B, H, Tq) fp32 LSE.
+// Work: 4 * Tq * Tk * D FLOPs per head (half that causal); reads Q once and K, V once per query
+// block (Tq / kBlockM times, mostly from L2), writes O and LSE once.
+// Layout, mask (bottom-right causal, windows), varlen and KV-cache conventions:
+// csrc/common/attn_params.h; csrc/cpu/flash_attn.cpp is the reference twin.
+#include <cmath>
+
+#include "cuda/cuda_ops.h"
+#include "cuda/flash_attn_common.cuh"
+
+namespace pyllm {
+namespace attn {
+
+// Tile sizes, NOT YET MEASURED (no GPU has run this code): kBlockM = 64 rows (4 warps x 16) as in
+// FlashAttention-2's sm80 defaults for small CTAs; kBlockN = 64 keys up to D = 128 and 32 at
+// D = 256 to keep shared memory (Q + 2 stages of K and V) at 80 KB (D = 128) / 96 KB (D = 256),
+// within an A100's 163 KB and leaving room for 2 CTAs per SM up to D = 128.
+template <int D>
+struct FwdTile {
+  static constexpr int kBlockM = 64;
+  static constexpr int kBlockN = D <= 128 ? 64 : 32;
+  static constexpr int kThreads = 128;
+  static constexpr int kSmemBytes = (kBlockM * D + 4 * kBlockN * D) * 2;
+};
+
+template <typename T, int D>
+__global__ void __launch_bounds__(128) flash_attn_fwd_kernel(const AttnParams p, float scale_log2) {
+#ifdef PYLLM_ATTN_UNSUPPORTED_ARCH
+  __trap();
+#else
+  using Tile = FwdTile<D>;
+  constexpr int BM = Tile::kBlockM, BN = Tile::kBlockN, NT = BN / 8, DT = D / 8;
+  static_assert(NT % 2 == 0 && DT % 2 == 0, "tiles pair up for ldmatrix.x4");
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);
+  T* sK = sQ + BM * D;      // 2 stages of BN x D
+  T* sV = sK + 2 * BN * D;  // 2 stages of BN x D
+
+  const int b = blockIdx.z, h = blockIdx.y;
+  const SeqInfo s = seq_info(p, b);
+  const int64_t i0 = int64_t(blockIdx.x) * BM;
+  if (i0 >= s.len_q) return;  // uniform per CTA: before any barrier
+  const int mq = int(min(int64_t(BM), s.len_q - i0));
+  const int hk = h / int(p.n_heads / p.n_kv_heads);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+
+  const T* q_base = static_cast<const T*>(p.q) + b * p.q_strides[0] + (s.q_start + i0) * p.q_strides[1] +
+                    h * p.q_strides[2];
+  const T* k_head = static_cast<const T*>(p.k) + b * p.k_strides[0] + s.k_start * p.k_strides[1] + hk * p.k_strides[2];
+  const T* v_head = static_cast<const T*>(p.v) + b * p.v_strides[0] + s.k_start * p.v_strides[1] + hk * p.v_strides[2];
+
+  int n_first = 0, n_end = 0;
+  {
+    const int64_t lo = key_lo(p, i0, s.len_q, s.len_k), hi = key_hi(p, i0 + mq - 1, s.len_q, s.len_k);
+    if (hi > lo && s.len_k > 0) {
+      n_first = int(lo / BN);
+      n_end = int((hi + BN - 1) / BN);
+    }
+  }
+  const int64_t lo_last = key_lo(p, i0 + mq - 1, s.len_q, s.len_k), hi_first = key_hi(p, i0, s.len_q, s.len_k);
+  // Keys [row_lo, row_hi) seen by this lane's rows g and g + 8 (int: sequence lengths are int32).
+  int row_lo[2], row_hi[2];
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    const int64_t i = i0 + warp * 16 + g + rr * 8;
+    row_lo[rr] = int(key_lo(p, i, s.len_q, s.len_k));
+    row_hi[rr] = int(key_hi(p, i, s.len_q, s.len_k));
+  }
+
+  auto load_kv = [&](int nb, int stage) {
+    const int64_t j0 = int64_t(nb) * BN;
+    const int valid = int(min(int64_t(BN), s.len_k - j0));
+    load_tile_async<BN, D, Tile::kThreads>(sK + stage * BN * D, k_head + j0 * p.k_strides[1], p.k_strides[1], valid);
+    load_tile_async<BN, D, Tile::kThreads>(sV + stage * BN * D, v_head + j0 * p.v_strides[1], p.v_strides[1], valid);
+  };
+
+  load_tile_async<BM, D, Tile::kThreads>(sQ, q_base, p.q_strides[1], mq);
+  if (n_first < n_end) load_kv(n_first, 0);
+  cp_async_commit();
+
+  float o[DT][4];
+#pragma unroll
+  for (int dt = 0; dt < DT; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+
+  for (int nb = n_first; nb < n_end; ++nb) {
+    const int stage = (nb - n_first) & 1;
+    if (nb + 1 < n_end) {
+      load_kv(nb + 1, stage ^ 1);  // that stage was released by the barrier ending the last iteration
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const T* cK = sK + stage * BN * D;
+    const T* cV = sV + stage * BN * D;
+
+    // S = Q K^T for this warp's 16 rows x BN keys.
+    float sacc[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) sacc[nt][0] = sacc[nt][1] = sacc[nt][2] = sacc[nt][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t a[4];
+      ldmatrix_x4(a, smem_addr(sQ + Swizzle<D>::offset(warp * 16 + (lane % 8) + ((lane / 8) % 2) * 8,
+                                                       kk * 16 + (lane / 16) * 8)));
+#pragma unroll
+      for (int nt = 0; nt < NT; nt += 2) {
+        uint32_t bb[4];
+        ldmatrix_x4(bb, smem_addr(cK + Swizzle<D>::offset(nt * 8 + (lane % 8) + (lane / 16) * 8,
+                                                          kk * 16 + ((lane / 8) % 2) * 8)));
+        const uint32_t b0[2] = {bb[0], bb[1]}, b1[2] = {bb[2], bb[3]};
+        mma_16x8x16<T>(sacc[nt], a, b0);
+        mma_16x8x16<T>(sacc[nt + 1], a, b1);
+      }
+    }
+
+    // Scale into log2 units; mask only blocks that cross the mask or the end of the keys.
+    const int64_t j0 = int64_t(nb) * BN;
+    const bool need_mask = !(lo_last <= j0 && j0 + BN <= hi_first);
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float x = sacc[nt][e] * scale_log2;
+        if (need_mask) {
+          const int j = int(j0) + nt * 8 + 2 * t + (e & 1);
+          if (j < row_lo[e / 2] || j >= row_hi[e / 2]) x = -INFINITY;
+        }
+        sacc[nt][e] = x;
+      }
+    }
+
+    // Online softmax for rows g (rr = 0) and g + 8 (rr = 1). fmaxf skips NaN, so one NaN score does
+    // not poison the running max; exp2 of it is NaN and reaches the output. A row that has seen
+    // only masked keys keeps m = -inf and takes exp2 against 0 (exp2(-inf) = 0, no inf - inf).
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) mx = fmaxf(mx, fmaxf(sacc[nt][2 * rr], sacc[nt][2 * rr + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_new = fmaxf(m[rr], mx);
+      const float m_use = m_new == -INFINITY ? 0.f : m_new;
+      const float corr = exp2f(m[rr] - m_use);
+      m[rr] = m_new;
+      float sum = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        sacc[nt][2 * rr] = exp2f(sacc[nt][2 * rr] - m_use);
+        sacc[nt][2 * rr + 1] = exp2f(sacc[nt][2 * rr + 1] - m_use);
+        sum += sacc[nt][2 * rr] + sacc[nt][2 * rr + 1];
+      }
+      l[rr] = l[rr] * corr + sum;  // this lane's partial row sum; the 4 lanes are summed at the end
+#pragma unroll
+      for (int dt = 0; dt < DT; ++dt) {
+        o[dt][2 * rr] *= corr;
+        o[dt][2 * rr + 1] *= corr;
+      }
+    }
+
+    // O += P V: the S accumulators of key tiles 2kk, 2kk+1 are the A fragment of k-step kk.
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      const uint32_t a[4] = {pack2<T>(sacc[2 * kk][0], sacc[2 * kk][1]), pack2<T>(sacc[2 * kk][2], sacc[2 * kk][3]),
+                             pack2<T>(sacc[2 * kk + 1][0], sacc[2 * kk + 1][1]),
+                             pack2<T>(sacc[2 * kk + 1][2], sacc[2 * kk + 1][3])};
+#pragma unroll
+      for (int dt = 0; dt < DT; dt += 2) {
+        uint32_t bb[4];
+        ldmatrix_x4_trans(bb, smem_addr(cV + Swizzle<D>::offset(kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8,
+                                                                dt * 8 + (lane / 16) * 8)));
+        const uint32_t b0[2] = {bb[0], bb[1]}, b1[2] = {bb[2], bb[3]};
+        mma_16x8x16<T>(o[dt], a, b0);
+        mma_16x8x16<T>(o[dt + 1], a, b1);
+      }
+    }
+    __syncthreads();  // every warp is done with this stage before it is refilled
+  }
+  cp_async_wait<0>();  // no copy may be in flight at exit (the no-key case issued Q only)
+
+  // Epilogue: full row sums, out = O / l, lse in natural log units.
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    l[rr] += __shfl_xor_sync(0xffffffffu, l[rr], 1);
+    l[rr] += __shfl_xor_sync(0xffffffffu, l[rr], 2);
+  }
+  float* lse = static_cast<float*>(p.lse);
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    const int row = warp * 16 + g + rr * 8;
+    if (row >= mq) continue;
+    const bool empty = l[rr] == 0.f;  // saw no key (NaN stays NaN)
+    const float inv = empty ? 0.f : 1.f / l[rr];
+    T* dst = static_cast<T*>(p.out) + b * p.o_strides[0] + (s.q_start + i0 + row) * p.o_strides[1] + h * p.o_strides[2];
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt)
+      *reinterpret_cast<uint32_t*>(dst + dt * 8 + 2 * t) = pack2<T>(o[dt][2 * rr] * inv, o[dt][2 * rr + 1] * inv);
+    if (t == 0) {
+      const int64_t token = (p.cu_seqlens_q ? s.q_start : 0) + i0 + row;
+      lse[b * p.lse_strides[0] + h * p.lse_strides[1] + token] =
+          empty ? INFINITY : m[rr] * 0.69314718055994531f + logf(l[rr]);
+    }
+  }
+#endif
+}
+
+template <typename T, int D>
+void launch_fwd(const AttnParams& p, int device, cudaStream_t stream) {
+  using Tile = FwdTile<D>;
+  auto kernel = flash_attn_fwd_kernel<T, D>;
+  int smem_optin = 0;
+  PYLLM_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  PYLLM_CHECK_RUNTIME(Tile::kSmemBytes <= smem_optin, "flash_attn: head_dim ", D, " needs ", Tile::kSmemBytes,
+                      " bytes of shared memory per block, device ", device, " allows ", smem_optin);
+  PYLLM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::kSmemBytes));
+  const dim3 grid(unsigned((p.seqlen_q + Tile::kBlockM - 1) / Tile::kBlockM), unsigned(p.n_heads), unsigned(p.batch));
+  kernel<<<grid, Tile::kThreads, Tile::kSmemBytes, stream>>>(p, float(p.scale * 1.4426950408889634));
+  PYLLM_CUDA_CHECK_LAUNCH("flash_attn_fwd_kernel");
+}
+
+template <typename T>
+void dispatch_fwd(const AttnParams& p, int device, cudaStream_t stream) {
+  switch (p.head_dim) {
+    case 32: launch_fwd<T, 32>(p, device, stream); break;
+    case 64: launch_fwd<T, 64>(p, device, stream); break;
+    case 96: launch_fwd<T, 96>(p, device, stream); break;
+    case 128: launch_fwd<T, 128>(p, device, stream); break;
+    case 256: launch_fwd<T, 256>(p, device, stream); break;
+    default: PYLLM_CHECK(false, "flash_attn: head_dim must be one of 32, 64, 96, 128, 256, got ", p.head_dim);
+  }
+}
+
+}  // namespace attn
+
+void flash_attn_fwd_cuda(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse, uintptr_t cu_seqlens_q,
+                         uintptr_t cu_seqlens_k, uintptr_t seqused_k, int64_t batch, int64_t seqlen_q,
+                         int64_t seqlen_k, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
+                         const std::vector<int64_t>& q_strides, const std::vector<int64_t>& k_strides,
+                         const std::vector<int64_t>& v_strides, const std::vector<int64_t>& o_strides,
+                         const std::vector<int64_t>& lse_strides, double scale, int64_t window_left,
+                         int64_t window_right, int dtype, int device, uintptr_t stream) {
+  AttnParams p;
+  p.q = reinterpret_cast<const void*>(q);
+  p.k = reinterpret_cast<const void*>(k);
+  p.v = reinterpret_cast<const void*>(v);
+  p.out = reinterpret_cast<void*>(out);
+  p.lse = reinterpret_cast<void*>(lse);
+  p.cu_seqlens_q = reinterpret_cast<const int32_t*>(cu_seqlens_q);
+  p.cu_seqlens_k = reinterpret_cast<const int32_t*>(cu_seqlens_k);
+  p.seqused_k = reinterpret_cast<const int32_t*>(seqused_k);
+  p.batch = batch, p.seqlen_q = seqlen_q, p.seqlen_k = seqlen_k;
+  p.n_heads = n_heads, p.n_kv_heads = n_kv_heads, p.head_dim = head_dim;
+  copy_strides(p.q_strides, q_strides, 3, "q_strides");
+  copy_strides(p.k_strides, k_strides, 3, "k_strides");
+  copy_strides(p.v_strides, v_strides, 3, "v_strides");
+  copy_strides(p.o_strides, o_strides, 3, "o_strides");
+  copy_strides(p.lse_strides, lse_strides, 2, "lse_strides");
+  p.scale = scale, p.window_left = window_left, p.window_right = window_right, p.dtype = dtype;
+  check_attn_shape(p);
+  PYLLM_CHECK(std::isfinite(scale), "flash_attn: softmax_scale must be finite, got ", scale);
+  if (batch == 0 || seqlen_q == 0) return;
+  PYLLM_CHECK(q && out && lse && ((k && v) || seqlen_k == 0), "flash_attn: null data pointer for a non-empty tensor");
+  DeviceGuard guard(device);
+  attn::check_cuda_attn_args(p, dtype, device);
+  PYLLM_CHECK(o_strides[2] % 2 == 0 && o_strides[1] % 2 == 0 && out % 4 == 0,
+              "flash_attn: out must be 4-byte aligned with even strides on CUDA");
+  if (dtype == int(DType::f16))
+    attn::dispatch_fwd<__half>(p, device, as_stream(stream));
+  else
+    attn::dispatch_fwd<__nv_bfloat16>(p, device, as_stream(stream));
+}
+
+}  // namespace pyllm

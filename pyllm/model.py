@@ -226,24 +226,26 @@ class LLM(nn.Module):
 
     def save(self, path) -> None:
         """Weights as safetensors, the config in its metadata (tied weights stored once)."""
-        from safetensors.torch import save_model
-
-        save_model(self, str(path), metadata={"pyllm_config": json.dumps(self.config.to_dict())})
+        save_weights(self.state_dict(), self.config, path)
 
     @classmethod
     def load(cls, path, device="cpu") -> "LLM":
-        from safetensors import safe_open
-        from safetensors.torch import load_model
+        from safetensors.torch import load_file
 
         try:
+            from safetensors import safe_open
+
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
+            state = load_file(str(path))
         except Exception as e:  # safetensors raises its own error types for bad headers
             raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
         if "pyllm_config" not in meta:
             raise ValueError(f"{path}: no pyllm_config in its metadata; was it written by LLM.save?")
         model = cls(ModelConfig(**json.loads(meta["pyllm_config"])))
-        load_model(model, str(path), device=str(device))
+        if model.config.tie_embeddings:
+            state["lm_head.weight"] = state["tok_emb.weight"]
+        model.load_state_dict(state)
         return model.to(device)
 
     # --- generation -------------------------------------------------------------------------------
@@ -300,6 +302,15 @@ class LLM(nn.Module):
                 callback(token)
         self.train(was_training)
         return torch.cat(out, dim=1)
+
+
+def save_weights(state_dict: dict, cfg: ModelConfig, path) -> None:
+    """Writes a state dict (e.g. gathered from FSDP shards) as LLM.load reads it."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()
+             if not (cfg.tie_embeddings and k == "lm_head.weight")}
+    save_file(state, str(path), metadata={"pyllm_config": json.dumps(cfg.to_dict())})
 
 
 def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,

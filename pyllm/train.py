@@ -146,62 +146,83 @@ def autocast(precision: str, device: torch.device):
 
 
 class DynamicLossScaler:
-    """fp16 loss scaling (Micikevicius et al. 2018): multiply the loss by `scale` so small
+    """fp16 loss scaling (Micikevicius et al. 2018): multiply the loss by the scale so small
     gradients survive fp16; a step whose gradients overflow is skipped and halves the scale;
-    growth_interval clean steps in a row double it. THE loss-scaler call site: switch to
-    pyllm.optim.DynamicLossScaler once it lands."""
+    growth_interval clean steps in a row double it. Same API as pyllm.optim.DynamicLossScaler
+    (scale, get_scale, update, state_dict): THE loss-scaler call site is make_loss_scaler."""
 
-    def __init__(self, init_scale: float = 2.0 ** 16, growth_interval: int = 1000, min_scale: float = 1.0):
-        self.scale, self.growth_interval, self.min_scale = float(init_scale), growth_interval, min_scale
-        self.clean_steps = 0
+    def __init__(self, init_scale: float = 2.0 ** 16, growth_interval: int = 2000):
+        self._scale, self.growth_interval, self.clean_steps = float(init_scale), growth_interval, 0
+        self._found_inf: bool | None = None
 
-    def unscale_(self, params) -> None:
-        for p in params:
-            if p.grad is not None:
-                p.grad.mul_(1.0 / self.scale)
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss * self._scale
 
-    def update(self, overflow: bool) -> None:
-        if overflow:
-            self.scale, self.clean_steps = max(self.scale / 2, self.min_scale), 0
+    def get_scale(self) -> float:
+        return self._scale
+
+    def update(self, found_inf: bool | None = None) -> None:
+        found_inf = self._found_inf if found_inf is None else bool(found_inf)
+        self._found_inf = None
+        if found_inf:
+            self._scale, self.clean_steps = self._scale / 2, 0
             return
         self.clean_steps += 1
         if self.clean_steps == self.growth_interval:
-            self.scale, self.clean_steps = self.scale * 2, 0
+            self._scale, self.clean_steps = self._scale * 2, 0
 
     def state_dict(self) -> dict:
-        return {"scale": self.scale, "clean_steps": self.clean_steps}
+        return {"scale": self._scale, "_growth_tracker": self.clean_steps}
 
     def load_state_dict(self, state: dict) -> None:
-        self.scale, self.clean_steps = state["scale"], state["clean_steps"]
+        self._scale, self.clean_steps = float(state["scale"]), int(state["_growth_tracker"])
+
+
+def make_loss_scaler(precision: str, cfg: "TrainConfig"):
+    """None unless fp16. Switch to pyllm.optim.DynamicLossScaler(cfg.init_loss_scale) once it lands."""
+    return DynamicLossScaler(cfg.init_loss_scale) if precision == "fp16" else None
 
 
 # --- optimizer -------------------------------------------------------------------------------------
 
+class TorchAdamW(torch.optim.AdamW):
+    """torch's AdamW behind pyllm.optim.AdamW's step(grad_scaler, max_grad_norm): unscale, clip
+    the global norm, skip the step on an inf/nan gradient; last_grad_norm and last_step_skipped
+    tell what happened."""
+
+    def step(self, closure=None, grad_scaler: DynamicLossScaler | None = None, max_grad_norm: float | None = None):
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if grad_scaler is not None:
+            for p in params:
+                p.grad.mul_(1.0 / grad_scaler.get_scale())
+        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm is not None else math.inf)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2 gives a DTensor
+        self.last_grad_norm, self.last_step_skipped = norm, not math.isfinite(float(norm))
+        if grad_scaler is not None:
+            grad_scaler._found_inf = self.last_step_skipped
+        if not self.last_step_skipped:
+            super().step(closure)
+
+
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     """AdamW, weight decay on matrices only (not on norms, biases). THE optimizer call site: switch
-    to pyllm.optim.AdamW once it lands."""
+    TorchAdamW to pyllm.optim.AdamW once it lands."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     # FACTS.md: foreach=False ran ~1.3x faster than foreach=True on this CPU.
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                             foreach=device.type == "cuda")
+    extra = {} if device.type == "cuda" else {"foreach": False}
+    return TorchAdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **extra)
 
 
-def optimizer_step(optimizer, scaler: DynamicLossScaler | None, params: list, max_grad_norm: float) -> tuple[bool, float]:
-    """Unscale, clip, step, zero the grads. Gradients with an inf/NaN skip the step (and back off
-    the fp16 scale). Returns (stepped, grad norm before clipping)."""
+def optimizer_step(optimizer, scaler, max_grad_norm: float) -> tuple[bool, float]:
+    """Unscale, clip, step (skipped on an inf/nan gradient, which also backs off the fp16 scale),
+    zero the grads. Returns (stepped, grad norm before clipping)."""
+    optimizer.step(grad_scaler=scaler, max_grad_norm=max_grad_norm if max_grad_norm > 0 else math.inf)
     if scaler is not None:
-        scaler.unscale_(params)
-    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
-    norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP2 gives a DTensor
-    overflow = not math.isfinite(norm)
-    if not overflow:
-        optimizer.step()
-    if scaler is not None:
-        scaler.update(overflow)
+        scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return not overflow, norm
+    return not bool(optimizer.last_step_skipped), float(optimizer.last_grad_norm)
 
 
 # --- schedule ----------------------------------------------------------------------------------------
@@ -373,12 +394,11 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
     loader = TokenLoader(data / "train.bin", cfg.batch_size, seq_len, cfg.seed, info.rank, info.world_size, info.device)
     wrapped = wrap_model(model, cfg, info)
     optimizer = make_optimizer(model, cfg, info.device)
-    scaler = DynamicLossScaler(cfg.init_loss_scale) if precision == "fp16" else None
+    scaler = make_loss_scaler(precision, cfg)
     start_step, skipped = 0, 0
     if ckpt is not None:
         restore(ckpt, model, optimizer, scaler, loader, cfg, info)
         start_step, skipped = ckpt["step"], ckpt["skipped_steps"]
-    params = [p for p in model.parameters() if p.requires_grad]
     log = RunLog(out / "log.jsonl", start_step, info.is_main)
     tokens_per_step = cfg.batch_size * seq_len * cfg.grad_accum * info.world_size
     peak = peak_flops(info.device)
@@ -412,12 +432,12 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
             no_sync = wrapped.no_sync() if hasattr(wrapped, "no_sync") and not last else contextlib.nullcontext()
             with no_sync, autocast(precision, info.device):
                 loss = wrapped(x, y)[1] / cfg.grad_accum
-            (loss * scaler.scale if scaler else loss).backward()
+            (scaler.scale(loss) if scaler else loss).backward()
             loss_sum += loss.detach()
         loss_value = float(all_reduce_mean(loss_sum, info))
         if math.isfinite(loss_value):
             bad_in_a_row = 0
-            stepped, grad_norm = optimizer_step(optimizer, scaler, params, cfg.grad_clip)
+            stepped, grad_norm = optimizer_step(optimizer, scaler, cfg.grad_clip)
         else:
             bad_in_a_row, stepped, grad_norm = bad_in_a_row + 1, False, float("nan")
             optimizer.zero_grad(set_to_none=True)
@@ -434,7 +454,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
                   "grad_norm": grad_norm if math.isfinite(grad_norm) else None, "tokens_per_s": round(tok_s, 1),
                   "mfu": mfu, "skipped": not stepped}
         if scaler:
-            record["loss_scale"] = scaler.scale
+            record["loss_scale"] = scaler.get_scale()
         if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step == cfg.max_steps - 1:
             val_loss = record["val_loss"] = evaluate(wrapped, data / "val.bin", cfg, seq_len, precision, info)
             say(info, bar, f"step {step + 1}: val loss {val_loss:.4f}")

@@ -51,7 +51,7 @@ def corpus(tmp_path, monkeypatch):
     return folder
 
 
-SMALL = ["--model", "n_layers=1", "--model", "dim=32", "--model", "n_heads=2", "--model", "block_size=32",
+SMALL = ["--model", "n_layers=1", "--model", "dim=64", "--model", "n_heads=2", "--model", "block_size=32",
          "--batch-size", "4", "--eval-every", "0", "--eval-batches", "2", "--device", "cpu", "--sample-tokens", "12"]
 
 
@@ -82,7 +82,7 @@ def test_train_end_to_end_cache_resume_generate(corpus, tmp_path, capsys):
 
 def test_config_file_with_cli_override(corpus, tmp_path):
     (tmp_path / "c.toml").write_text(
-        f'max_steps = 5\nlr = 0.01\ndata = ["{corpus}"]\nout = "{tmp_path / "r"}"\n[model]\nn_layers = 1\ndim = 32\nn_heads = 2\nblock_size = 16\n')
+        f'max_steps = 5\nlr = 0.01\ndata = ["{corpus}"]\nout = "{tmp_path / "r"}"\n[model]\nn_layers = 1\ndim = 64\nn_heads = 2\nblock_size = 16\n')
     assert cli.main(["train", "--config", str(tmp_path / "c.toml"), "--max-steps", "3", "--batch-size", "2",
                      "--eval-batches", "1", "--device", "cpu", "--sample-tokens", "0"]) == 0
     records = [json.loads(line) for line in (tmp_path / "r/log.jsonl").read_text().splitlines()]

@@ -17,7 +17,7 @@ from pyllm import data
 from pyllm import train as trainer
 from pyllm.train import TrainConfig
 
-TINY = dict(n_layers=1, n_heads=2, dim=32, block_size=16)
+TINY = dict(n_layers=1, n_heads=2, dim=64, block_size=16)  # head dim 32: flash_attn takes 32..256
 
 
 @pytest.fixture(scope="module")
@@ -102,11 +102,12 @@ def test_fp16_overflow_steps_are_skipped(data_dir, tmp_path):
 
 def test_scaler_logic():
     s = trainer.DynamicLossScaler(init_scale=8.0, growth_interval=2)
-    s.update(overflow=True)
-    assert s.scale == 4.0
+    s.update(found_inf=True)
+    assert s.get_scale() == 4.0
     s.update(False)
     s.update(False)
-    assert s.scale == 8.0 and s.state_dict() == {"scale": 8.0, "clean_steps": 0}
+    assert s.get_scale() == 8.0 and s.state_dict() == {"scale": 8.0, "_growth_tracker": 0}
+    assert s.scale(torch.tensor(2.0)).item() == 16.0
 
 
 def test_persistent_nan_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monkeypatch):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -179,6 +180,31 @@ _CLI_KEYS = {"data": None, "tokenizer": None, "vocab_size": None, "tokenizer_tra
              "model_overrides": None}
 
 
+def setup_run_data(cfg, cli: dict) -> None:
+    """Finds or makes the token files (and the tokenizer) for a new run; records them in
+    out_dir/run.json."""
+    from pyllm.model import PRESETS
+
+    out = Path(cfg.out_dir)
+    data_arg = cli["data"]
+    data_list = None if data_arg is None else (data_arg if isinstance(data_arg, list) else [data_arg])
+    tokenizer_path, vocab_size = cli["tokenizer"], None
+    if data_list is not None and len(data_list) == 1 and is_token_dir(data_list[0]):
+        data_dir = str(data_list[0])
+    else:
+        if tokenizer_path:
+            tokenizer = tokenizer_class().load(str(tokenizer_path))
+        else:
+            wanted = cli["vocab_size"] or cfg.model.get("vocab_size") or PRESETS.get(cfg.preset, PRESETS["tiny"])["vocab_size"]
+            tokenizer_path = out / "tokenizer.bpe"
+            tokenizer = ensure_tokenizer(data_list, tokenizer_path, wanted, cli["tokenizer_train_bytes"])
+        data_dir = str(ensure_token_files(data_list, tokenizer, Path(tokenizer_path), out / "data", cli["val_fraction"]))
+        vocab_size = tokenizer.vocab_size
+    (out / "run.json").write_text(json.dumps({
+        "tokenizer": str(Path(tokenizer_path).resolve()) if tokenizer_path else None,
+        "data_dir": data_dir, "vocab_size": vocab_size}))
+
+
 def cmd_train(args) -> int:
     from pyllm.train import TrainConfig, TrainingDiverged, load_checkpoint, train
 
@@ -203,36 +229,37 @@ def cmd_train(args) -> int:
     else:
         cfg = TrainConfig.from_dict({"model": model, **opts})
         cfg.validate()
-        out = Path(cfg.out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        data_arg = cli["data"]
-        tokenizer_path = cli["tokenizer"]
-        if is_token_dir(data_arg if not isinstance(data_arg, list) or len(data_arg) != 1 else data_arg[0]):
-            cfg.data_dir = str(data_arg[0] if isinstance(data_arg, list) else data_arg)
-        else:
-            inputs = None if data_arg is None else (data_arg if isinstance(data_arg, list) else [data_arg])
-            from pyllm.model import PRESETS
+        Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+        # Under torchrun, rank 0 trains the tokenizer and writes the token files; the rest wait.
+        rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+        if world_size > 1:
+            from pyllm.train import setup_distributed
 
-            vocab_size = cli["vocab_size"] or model.get("vocab_size") or PRESETS[cfg.preset]["vocab_size"] if cfg.preset in PRESETS else 4096
-            if tokenizer_path:
-                tokenizer = tokenizer_class().load(str(tokenizer_path))
-                tokenizer_path = Path(tokenizer_path)
-            else:
-                tokenizer_path = out / "tokenizer.bpe"
-                tokenizer = ensure_tokenizer(inputs, tokenizer_path, vocab_size, cli["tokenizer_train_bytes"])
-            cfg.data_dir = str(ensure_token_files(inputs, tokenizer, tokenizer_path, out / "data", cli["val_fraction"]))
-            if "vocab_size" not in cfg.model:
-                cfg.model["vocab_size"] = tokenizer.vocab_size
-        (out / "run.json").write_text(json.dumps({"tokenizer": str(Path(tokenizer_path).resolve()) if tokenizer_path else None,
-                                                   "data_dir": cfg.data_dir}))
-    print(f"training: preset {cfg.preset}, {cfg.max_steps} steps, batch {cfg.batch_size} x {cfg.grad_accum}, "
-          f"device {cfg.device}, precision {cfg.precision}, run folder {cfg.out_dir}", flush=True)
+            setup_distributed(cfg.device)
+        if rank == 0:
+            setup_run_data(cfg, cli)
+        if world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+        run = json.loads((Path(cfg.out_dir) / "run.json").read_text())
+        tokenizer_path, cfg.data_dir = run["tokenizer"], run["data_dir"]
+        if run["vocab_size"] and "vocab_size" not in cfg.model:
+            cfg.model["vocab_size"] = run["vocab_size"]
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"training: preset {cfg.preset}, {cfg.max_steps} steps, batch {cfg.batch_size} x {cfg.grad_accum}, "
+              f"device {cfg.device}, precision {cfg.precision}, run folder {cfg.out_dir}", flush=True)
     t0 = time.perf_counter()
     try:
         summary = train(cfg, resume=bool(resume))
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     if summary["rank"] != 0:
         return 0
     out = Path(cfg.out_dir)

@@ -1,0 +1,532 @@
+"""Tokenizer: byte-level BPE with tiktoken's semantics, on the C++ encoder and trainer of pyllm._C.
+
+Ranks: token id = tiktoken "rank"; ids 0..255 of a trained vocabulary are the single bytes, the
+merges follow in the order they were learned, then the special tokens.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import collections
+import hashlib
+import json
+import os
+import re
+from typing import AbstractSet, Collection, Iterable, Literal, Sequence
+
+from pyllm import _C
+from pyllm.tokenizer.patterns import PATTERNS
+
+_MAGIC = "#pyllm-bpe v1"
+# Texts are handed to C++ in batches of about this many bytes (bounds the memory of one call).
+_COUNT_BATCH_BYTES = 32 << 20
+
+
+def _fix_surrogates(text: str) -> str:
+    # Lone surrogates cannot be encoded as UTF-8; tiktoken replaces them with U+FFFD the same way.
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+def _resolve_pattern(pattern) -> tuple[str | None, str, int]:
+    """(built-in name or None, regex string, C++ pattern code; -1 for a custom pattern)."""
+    if not isinstance(pattern, str):
+        raise TypeError(f"pattern must be a str (a built-in name or a regex), got {type(pattern).__name__}")
+    if pattern in PATTERNS:
+        return pattern, *PATTERNS[pattern]
+    for name, (regex_str, code) in PATTERNS.items():
+        if pattern == regex_str:
+            return name, regex_str, code
+    return None, pattern, -1
+
+
+def _compile_custom(pattern: str):
+    """The slow general path for a custom pattern: Python's `regex` module if installed, else `re`."""
+    try:
+        import regex as engine
+    except ImportError:  # pragma: no cover - regex is installed in dev/CI
+        engine = re
+    try:
+        return engine.compile(pattern)
+    except Exception as e:
+        hint = "" if engine is not re else " (install the `regex` package for \\p{..} classes and possessive quantifiers)"
+        raise ValueError(
+            f"pattern {pattern!r} is neither a built-in name ({', '.join(PATTERNS)}) nor a regex that Python's "
+            f"`{engine.__name__}` module compiles: {e}{hint}"
+        ) from None
+    if pattern == "":
+        raise ValueError("pattern must not be empty")
+
+
+def _check_ids(ids, where: str) -> list[int]:
+    if hasattr(ids, "tolist"):  # numpy arrays, torch tensors
+        ids = ids.tolist()
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+        raise TypeError(f"{where}: ids must be a sequence of ints, got {type(ids).__name__}")
+    ids = list(ids)
+    for i in ids:
+        if not isinstance(i, int) or isinstance(i, bool):
+            raise TypeError(f"{where}: ids must be ints, got an element of type {type(i).__name__}")
+        if i < 0 or i >= 1 << 32:
+            raise ValueError(f"{where}: unknown token id {i}")
+    return ids
+
+
+def _atomic_write(path, data: bytes) -> None:
+    """Writes data to path through a temp file in the same folder and a rename: never half a file."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _ranks_body(ranks: dict[bytes, int]) -> bytes:
+    return "".join(
+        f"{base64.b64encode(tok).decode('ascii')} {rank}\n" for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1])
+    ).encode("ascii")
+
+
+def _parse_ranks_body(body: bytes, where: str) -> dict[bytes, int]:
+    ranks: dict[bytes, int] = {}
+    for lineno, line in enumerate(body.splitlines(), 1):
+        if not line:
+            continue
+        try:
+            tok_b64, rank = line.split()
+            tok = base64.b64decode(tok_b64, validate=True)
+            ranks[tok] = int(rank)
+        except (ValueError, binascii.Error):
+            raise ValueError(f"{where}: line {lineno} is not '<base64 token> <rank>': {line[:80]!r}") from None
+    return ranks
+
+
+class Tokenizer:
+    """Byte-level BPE tokenizer, token-identical with tiktoken for the same ranks, pattern and specials.
+
+    Args:
+        mergeable_ranks: dict bytes -> rank (id), as tiktoken's; must hold all 256 single bytes.
+        pattern: "gpt2", "gpt4" (cl100k), "gpt4o" (o200k) -- each split by a hand-written C++
+            pre-tokenizer -- or any other regex string, split with Python's `regex` module (or `re`
+            when `regex` is not installed): correct but several times slower, single-threaded.
+            The exact regex strings of the built-ins are recognised as the built-ins.
+        special_tokens: dict str -> id; ids must not collide with ranks.
+    """
+
+    def __init__(self, mergeable_ranks: dict[bytes, int], pattern: str = "gpt4",
+                 special_tokens: dict[str, int] | None = None, *, name: str = "pyllm-bpe"):
+        if not isinstance(mergeable_ranks, dict):
+            raise TypeError(f"mergeable_ranks must be a dict bytes -> int, got {type(mergeable_ranks).__name__}")
+        for tok, rank in mergeable_ranks.items():
+            if not isinstance(tok, bytes) or not isinstance(rank, int) or isinstance(rank, bool):
+                raise TypeError(f"mergeable_ranks must map bytes to int, got {type(tok).__name__} -> {type(rank).__name__}")
+            if rank < 0 or rank >= 1 << 31:
+                raise ValueError(f"mergeable_ranks: rank {rank} of {tok!r} is out of range [0, 2**31)")
+        special_tokens = dict(special_tokens or {})
+        ranks_used = set(mergeable_ranks.values())
+        if len(ranks_used) != len(mergeable_ranks):
+            raise ValueError("mergeable_ranks: two tokens share a rank")
+        for s, i in special_tokens.items():
+            if not isinstance(s, str) or not s:
+                raise TypeError(f"special_tokens must map non-empty str to int, got key {s!r}")
+            if not isinstance(i, int) or isinstance(i, bool) or i < 0 or i >= 1 << 31:
+                raise ValueError(f"special token {s!r} has id {i!r}, expected an int in [0, 2**31)")
+            if i in ranks_used:
+                raise ValueError(f"special token {s!r} has id {i}, which is already the rank of a token")
+        if len(set(special_tokens.values())) != len(special_tokens):
+            raise ValueError("special_tokens: two special tokens share an id")
+        self.name = name
+        self._ranks = dict(mergeable_ranks)
+        self._pattern_name, self._pattern, self._pattern_code = _resolve_pattern(pattern)
+        self._regex = _compile_custom(self._pattern) if self._pattern_code < 0 else None
+        self._special_tokens = special_tokens
+        self._special_list = list(special_tokens)
+        self._special_index = {s: k for k, s in enumerate(self._special_list)}
+        self._special_regex_cache: dict = {}
+        self._all_special_indices = list(range(len(self._special_list)))
+        self._enc = _C.BpeEncoder(
+            list(self._ranks.keys()), list(self._ranks.values()), self._pattern_code,
+            [s.encode("utf-8") for s in self._special_list], [special_tokens[s] for s in self._special_list],
+        )
+        self._n_vocab = max([*ranks_used, *special_tokens.values()]) + 1
+        self._cuda_encoder = None
+
+    # ---------------------------------------------------------------- properties
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids: the highest rank or special id + 1 (tiktoken's n_vocab)."""
+        return self._n_vocab
+
+    n_vocab = vocab_size
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        return dict(self._special_tokens)
+
+    @property
+    def special_tokens_set(self) -> set[str]:
+        return set(self._special_tokens)
+
+    @property
+    def pattern(self) -> str:
+        """The split regex (for a built-in, the exact regex its C++ pre-tokenizer implements)."""
+        return self._pattern
+
+    @property
+    def pattern_name(self) -> str | None:
+        return self._pattern_name
+
+    @property
+    def mergeable_ranks(self) -> dict[bytes, int]:
+        return dict(self._ranks)
+
+    def __repr__(self) -> str:
+        return (f"Tokenizer(name={self.name!r}, vocab_size={self.vocab_size}, "
+                f"pattern={self._pattern_name or 'custom'!r}, special_tokens={len(self._special_tokens)})")
+
+    # ---------------------------------------------------------------- encoding
+    def _split_custom(self, text: str) -> list[str]:
+        return [m.group(0) for m in self._regex.finditer(text) if m.group(0)]
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        """Encodes text, treating special tokens as ordinary text."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode_ordinary: text must be a str, got {type(text).__name__}")
+        if self._regex is not None:
+            return self._encode_pieces(self._split_custom(text))
+        try:
+            return self._enc.encode_ordinary(text)
+        except TypeError:
+            return self._enc.encode_ordinary(_fix_surrogates(text))
+
+    def _encode_pieces(self, pieces: list[str]) -> list[int]:
+        try:
+            return self._enc.encode_pieces(pieces)
+        except TypeError:
+            return self._enc.encode_pieces([_fix_surrogates(p) for p in pieces])
+
+    def _special_args(self, allowed_special, disallowed_special, where: str) -> tuple[list[int], list[int]]:
+        """Indices of the allowed and disallowed special tokens, with tiktoken's rules."""
+        if allowed_special == "all":
+            allowed = set(self._special_list)
+        else:
+            if isinstance(allowed_special, str) or not isinstance(allowed_special, Iterable):
+                raise TypeError(f"{where}: allowed_special must be 'all' or a collection of str, got {allowed_special!r}")
+            allowed = set(allowed_special)
+            unknown = [s for s in allowed if s not in self._special_index]
+            if unknown:
+                raise ValueError(f"{where}: allowed_special holds {unknown[0]!r}, which is not a special token of "
+                                 f"this tokenizer (its special tokens: {sorted(self._special_list)})")
+        if disallowed_special == "all":
+            disallowed = set(self._special_list) - allowed
+        else:
+            if isinstance(disallowed_special, str) or not isinstance(disallowed_special, Iterable):
+                raise TypeError(f"{where}: disallowed_special must be 'all' or a collection of str, "
+                                f"got {disallowed_special!r}")
+            disallowed = set(disallowed_special)
+            unknown = [s for s in disallowed if s not in self._special_index]
+            if unknown:
+                raise ValueError(f"{where}: disallowed_special holds {unknown[0]!r}, which is not a special token "
+                                 f"of this tokenizer")
+        return (sorted(self._special_index[s] for s in allowed), sorted(self._special_index[s] for s in disallowed))
+
+    def encode(self, text: str, *, allowed_special: Literal["all"] | AbstractSet[str] = frozenset(),
+               disallowed_special: Literal["all"] | Collection[str] = "all") -> list[int]:
+        """Encodes text with tiktoken's special-token rules.
+
+        Special tokens in `allowed_special` ("all" or a set) become their ids. By default
+        (disallowed_special="all") text containing any other special token raises ValueError;
+        pass disallowed_special=() to encode such text as ordinary text.
+        """
+        if not isinstance(text, str):
+            raise TypeError(f"encode: text must be a str, got {type(text).__name__}")
+        allowed, disallowed = self._special_args(allowed_special, disallowed_special, "encode")
+        if self._regex is not None:
+            return self._encode_custom(text, allowed, disallowed)
+        try:
+            return self._enc.encode(text, allowed, disallowed)
+        except TypeError:
+            return self._enc.encode(_fix_surrogates(text), allowed, disallowed)
+
+    def _encode_custom(self, text: str, allowed: list[int], disallowed: list[int]) -> list[int]:
+        for d in disallowed:
+            if self._special_list[d] in text:
+                # The C++ encoder phrases the error as tiktoken does.
+                self._enc.encode(self._special_list[d], [], [d])
+        if not allowed:
+            return self._encode_pieces(self._split_custom(text))
+        key = tuple(allowed)
+        special_re = self._special_regex_cache.get(key)
+        if special_re is None:
+            names = sorted((self._special_list[a] for a in allowed), key=len, reverse=True)
+            special_re = self._special_regex_cache[key] = re.compile("|".join(map(re.escape, names)))
+        out: list[int] = []
+        pos = 0
+        for m in special_re.finditer(text):
+            out += self._encode_pieces(self._split_custom(text[pos:m.start()]))
+            out.append(self._special_tokens[m.group(0)])
+            pos = m.end()
+        out += self._encode_pieces(self._split_custom(text[pos:]))
+        return out
+
+    def encode_batch(self, texts: Sequence[str], num_threads: int | None = None, *,
+                     allowed_special: Literal["all"] | AbstractSet[str] = frozenset(),
+                     disallowed_special: Literal["all"] | Collection[str] = "all",
+                     device: str = "cpu") -> list[list[int]]:
+        """encode() over many texts, on num_threads threads (None: all cores) with the GIL released.
+
+        device="cuda": the CUDA batch encoder (same ids), when pyllm was built with CUDA and a GPU is usable.
+        """
+        if isinstance(texts, str) or not isinstance(texts, Iterable):
+            raise TypeError(f"encode_batch: texts must be a sequence of str, got {type(texts).__name__}")
+        texts = list(texts)
+        for k, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise TypeError(f"encode_batch: texts[{k}] must be a str, got {type(t).__name__}")
+        if num_threads is None:
+            num_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        if not isinstance(num_threads, int) or isinstance(num_threads, bool) or num_threads < 1:
+            raise ValueError(f"encode_batch: num_threads must be a positive int or None, got {num_threads!r}")
+        allowed, disallowed = self._special_args(allowed_special, disallowed_special, "encode_batch")
+        if device == "cuda":
+            from pyllm.tokenizer import cuda_encoder
+
+            return cuda_encoder.encode_batch(self, texts, allowed, disallowed)
+        if device != "cpu":
+            raise ValueError(f"encode_batch: device must be 'cpu' or 'cuda', got {device!r}")
+        if self._regex is not None:
+            return [self._encode_custom(t, allowed, disallowed) for t in texts]
+        try:
+            return self._enc.encode_batch(texts, allowed, disallowed, num_threads)
+        except TypeError:
+            return self._enc.encode_batch([_fix_surrogates(t) for t in texts], allowed, disallowed, num_threads)
+
+    def encode_ordinary_batch(self, texts: Sequence[str], num_threads: int | None = None) -> list[list[int]]:
+        """encode_ordinary() over many texts, in parallel."""
+        return self.encode_batch(texts, num_threads, disallowed_special=())
+
+    # ---------------------------------------------------------------- decoding
+    def decode_bytes(self, ids: Sequence[int]) -> bytes:
+        """The bytes of the tokens, concatenated. Raises ValueError on an unknown id."""
+        ids = _check_ids(ids, "decode_bytes")
+        return self._enc.decode_bytes(ids)
+
+    def decode(self, ids: Sequence[int], errors: str = "replace") -> str:
+        """The text of the tokens; bytes that are not valid UTF-8 become U+FFFD (errors="replace")."""
+        return self.decode_bytes(ids).decode("utf-8", errors=errors)
+
+    def token_bytes(self, id: int) -> bytes:
+        """The bytes of one token (special tokens: their UTF-8)."""
+        if not isinstance(id, int) or isinstance(id, bool):
+            raise TypeError(f"token_bytes: id must be an int, got {type(id).__name__}")
+        return self.decode_bytes([id])
+
+    # ---------------------------------------------------------------- training
+    @classmethod
+    def train(cls, texts, vocab_size: int, pattern: str = "gpt4", special_tokens: Iterable[str] = (),
+              show_progress: bool = True, *, num_threads: int | None = None) -> "Tokenizer":
+        """Trains a byte-level BPE vocabulary of `vocab_size` ids (special tokens included).
+
+        texts: an iterable of str, or a list of file paths (os.PathLike, or str naming existing files;
+        read as UTF-8 with invalid bytes replaced). Ids 0..255 are the bytes, then one id per merge,
+        then the special tokens. Merges are learned in C++ over the unique pre-tokenized pieces;
+        ties go to the highest count, then the smallest (left id, right id). Special-token strings
+        inside the texts are counted as ordinary text.
+
+        Raises ValueError when vocab_size < 256 + len(special_tokens), or when the data has fewer
+        distinct pairs to merge than vocab_size needs (the message says the largest vocab_size it allows).
+        """
+        if not isinstance(vocab_size, int) or isinstance(vocab_size, bool):
+            raise TypeError(f"train: vocab_size must be an int, got {type(vocab_size).__name__}")
+        if isinstance(special_tokens, str) or not isinstance(special_tokens, Iterable):
+            raise TypeError(f"train: special_tokens must be a collection of str, got {special_tokens!r}")
+        specials = list(special_tokens)
+        for s in specials:
+            if not isinstance(s, str) or not s:
+                raise TypeError(f"train: special tokens must be non-empty str, got {s!r}")
+        if len(set(specials)) != len(specials):
+            raise ValueError(f"train: special_tokens has duplicates: {specials}")
+        if vocab_size < 256 + len(specials):
+            raise ValueError(f"train: vocab_size must be at least 256 (the bytes) + {len(specials)} (special tokens) "
+                             f"= {256 + len(specials)}, got {vocab_size}")
+        name, regex_str, code = _resolve_pattern(pattern)
+        custom = _compile_custom(regex_str) if code < 0 else None
+        if num_threads is None:
+            num_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+        from tqdm.auto import tqdm
+
+        trainer = _C.BpeTrainer(code)
+        batches, total_bytes = _text_batches(texts)
+        with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="bpe: counting pieces",
+                  disable=not show_progress) as bar:
+            for batch, nbytes in batches:
+                if custom is None:
+                    try:
+                        trainer.count_texts(batch, num_threads)
+                    except TypeError:
+                        trainer.count_texts([_fix_surrogates(t) for t in batch], num_threads)
+                else:
+                    counts = collections.Counter()
+                    for t in batch:
+                        counts.update(m.group(0) for m in custom.finditer(t) if m.group(0))
+                    pieces = list(counts)
+                    try:
+                        trainer.count_pieces(pieces, list(counts.values()))
+                    except TypeError:
+                        trainer.count_pieces([_fix_surrogates(p) for p in pieces], list(counts.values()))
+                bar.update(nbytes)
+
+        n_merges = vocab_size - 256 - len(specials)
+        tokens = [bytes([b]) for b in range(256)]
+        chunk = max(1, n_merges // 200)
+        with tqdm(total=n_merges, desc="bpe: merging", disable=not show_progress) as bar:
+            while len(tokens) - 256 < n_merges:
+                want = min(chunk, n_merges - (len(tokens) - 256))
+                new = trainer.merge(want)
+                for k in range(0, len(new), 2):
+                    tokens.append(tokens[new[k]] + tokens[new[k + 1]])
+                bar.update(len(new) // 2)
+                if len(new) // 2 < want:
+                    got = len(tokens) - 256
+                    raise ValueError(
+                        f"train: vocab_size={vocab_size} needs {n_merges} merges but the training data allows only "
+                        f"{got} (no pair of tokens is left to merge): use vocab_size <= {256 + got + len(specials)} "
+                        f"or more text")
+        ranks = {tok: i for i, tok in enumerate(tokens)}
+        special_ids = {s: len(tokens) + k for k, s in enumerate(specials)}
+        return cls(ranks, regex_str if name is None else name, special_ids)
+
+    # ---------------------------------------------------------------- files
+    def save(self, path) -> None:
+        """Writes one file: a magic line, a JSON header (pattern, special tokens, count and SHA-256
+        of the ranks) and the ranks in tiktoken's format. Atomic: a temp file renamed into place."""
+        body = _ranks_body(self._ranks)
+        header = {
+            "name": self.name, "pattern": self._pattern, "pattern_name": self._pattern_name,
+            "special_tokens": self._special_tokens, "n_ranks": len(self._ranks),
+            "sha256": hashlib.sha256(body).hexdigest(),
+        }
+        _atomic_write(path, (_MAGIC + "\n" + json.dumps(header, ensure_ascii=True) + "\n").encode("ascii") + body)
+
+    @classmethod
+    def load(cls, path) -> "Tokenizer":
+        """Reads a file written by save(). Raises ValueError on a corrupt or truncated file."""
+        with open(path, "rb") as f:
+            data = f.read()
+        where = f"Tokenizer.load({os.fspath(path)!r})"
+        magic, _, rest = data.partition(b"\n")
+        if magic.decode("ascii", "replace").strip() != _MAGIC:
+            raise ValueError(f"{where}: not a pyllm tokenizer file (first line {magic[:40]!r}, expected "
+                             f"{_MAGIC!r}); for a tiktoken rank file use Tokenizer.load_tiktoken")
+        header_line, newline, body = rest.partition(b"\n")
+        try:
+            header = json.loads(header_line)
+            pattern, specials, n_ranks, digest = (header["pattern"], header["special_tokens"], header["n_ranks"],
+                                                  header["sha256"])
+        except (ValueError, KeyError, TypeError):
+            raise ValueError(f"{where}: corrupt or truncated file (the header line is not valid)") from None
+        if not newline or hashlib.sha256(body).hexdigest() != digest:
+            raise ValueError(f"{where}: corrupt or truncated file (the ranks do not match the header's SHA-256)")
+        ranks = _parse_ranks_body(body, where)
+        if len(ranks) != n_ranks:
+            raise ValueError(f"{where}: corrupt file ({len(ranks)} ranks, the header says {n_ranks})")
+        return cls(ranks, pattern, specials, name=header.get("name", "pyllm-bpe"))
+
+    def save_tiktoken(self, path) -> None:
+        """Writes the ranks as a tiktoken .tiktoken file (base64 token, space, rank per line), atomically.
+        The pattern and special tokens are not part of that format."""
+        _atomic_write(path, _ranks_body(self._ranks))
+
+    @classmethod
+    def load_tiktoken(cls, path, pattern: str = "gpt4", special_tokens: dict[str, int] | None = None) -> "Tokenizer":
+        """Reads a tiktoken .tiktoken rank file; pattern and special tokens are given by the caller."""
+        with open(path, "rb") as f:
+            data = f.read()
+        return cls(_parse_ranks_body(data, f"Tokenizer.load_tiktoken({os.fspath(path)!r})"), pattern, special_tokens)
+
+    @classmethod
+    def from_tiktoken(cls, encoding) -> "Tokenizer":
+        """The same tokenizer as a tiktoken.Encoding (its ranks, pattern and special tokens)."""
+        try:
+            ranks, pat, specials = encoding._mergeable_ranks, encoding._pat_str, encoding._special_tokens
+        except AttributeError:
+            raise TypeError(f"from_tiktoken: expected a tiktoken.Encoding, got {type(encoding).__name__}") from None
+        return cls(dict(ranks), pat, dict(specials), name=encoding.name)
+
+    def to_tiktoken(self, name: str | None = None):
+        """A tiktoken.Encoding with the same ranks, pattern and special tokens (needs tiktoken)."""
+        import tiktoken
+
+        return tiktoken.Encoding(name=name or self.name, pat_str=self._pattern, mergeable_ranks=self._ranks,
+                                 special_tokens=self._special_tokens)
+
+    # ---------------------------------------------------------------- testing aids
+    def split(self, text: str) -> list[str]:
+        """The pre-tokenizer's pieces of text (what the pattern's regex findall would give)."""
+        if not isinstance(text, str):
+            raise TypeError(f"split: text must be a str, got {type(text).__name__}")
+        if self._regex is not None:
+            return self._split_custom(text)
+        return split_builtin(self._pattern_code, text)
+
+
+def split_builtin(code: int, text: str) -> list[str]:
+    """Pieces of text under the built-in pre-tokenizer `code` (0 gpt2, 1 gpt4, 2 gpt4o)."""
+    data = text.encode("utf-8")
+    ends = _C.bpe_pretokenize(code, data)
+    out, start = [], 0
+    for end in ends:
+        out.append(data[start:end].decode("utf-8"))
+        start = end
+    return out
+
+
+def _looks_like_file(t) -> bool:
+    if isinstance(t, os.PathLike):
+        return True
+    return isinstance(t, str) and 0 < len(t) < 4096 and "\n" not in t and os.path.isfile(t)
+
+
+def _text_batches(texts):
+    """(generator of (list of str, bytes), total bytes or None): texts in batches of ~32 MB."""
+    if isinstance(texts, (str, bytes)) or not isinstance(texts, Iterable):
+        raise TypeError(f"train: texts must be an iterable of str or a list of file paths, got {type(texts).__name__}")
+    if isinstance(texts, (list, tuple)) and texts and all(_looks_like_file(t) for t in texts):
+        paths = [os.fspath(t) for t in texts]
+        total = sum(os.path.getsize(p) for p in paths)
+
+        def read():
+            for p in paths:
+                with open(p, "rb") as f:
+                    data = f.read()
+                yield data.decode("utf-8", errors="replace")
+
+        source = read()
+    else:
+        total = sum(len(t) for t in texts if isinstance(t, str)) if isinstance(texts, (list, tuple)) else None
+        source = iter(texts)
+
+    def batches():
+        batch, size = [], 0
+        for k, t in enumerate(source):
+            if not isinstance(t, str):
+                raise TypeError(f"train: texts must be str (or file paths), got {type(t).__name__} at position {k}")
+            batch.append(t)
+            size += len(t)
+            if size >= _COUNT_BATCH_BYTES:
+                yield batch, size
+                batch, size = [], 0
+        if batch:
+            yield batch, size
+
+    return batches(), total

@@ -1,0 +1,372 @@
+"""Byte-level BPE tokenizer: splits equal the regex's, ids equal tiktoken's on the same ranks,
+round trips, special tokens, files, and bad input."""
+from __future__ import annotations
+
+import glob
+import os
+import random
+import sysconfig
+import unicodedata
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pyllm.tokenizer import PATTERNS, Tokenizer
+from pyllm.tokenizer.tokenizer import split_builtin
+
+tiktoken = pytest.importorskip("tiktoken")
+regex = pytest.importorskip("regex")
+
+EOT = "<|endoftext|>"
+SPECIALS = (EOT, "<|fim|>")
+
+STDLIB = sysconfig.get_paths()["stdlib"]
+CORPUS_FILES = sorted(glob.glob(os.path.join(STDLIB, "[a-m]*.py")))[:25]
+
+MULTILINGUAL = [
+    "Der schnelle braune Fuchs springt über den faulen Hund. Ärger, Öl, Übermut, Straße.",
+    "Быстрая коричневая лиса прыгает через ленивую собаку. ЁЛКА ёлка",
+    "敏捷的棕色狐狸跳过了懒狗。日本語のテキストも少し：こんにちは、世界！カタカナ",
+    "빠른 갈색 여우가 게으른 개를 뛰어넘습니다.",
+    "الثعلب البني السريع يقفز فوق الكلب الكسول ١٢٣٤٥٦٧",
+    "तेज़ भूरी लोमड़ी आलसी कुत्ते के ऊपर कूदती है। ०१२३",
+    "Η γρήγορη καφέ αλεπού πηδάει πάνω από τον τεμπέλη σκύλο. ΣΟΦΊΑ",
+    "Emoji: 😀😃 👍🏽 👨‍👩‍👧‍👦 🇫🇷🇯🇵 ❤️ ✔︎ ",
+    "Combining: e\u0301 a\u0300\u0316 Z\u0351\u0352\u0353a\u0354\u0355l\u0356g\u0357o Ǆǅǆ ʰʲ ᾈ ﬁ",
+    "Contractions: I'm, don't, WE'LL, he'S, they'Re, you'VE, it'd, 'ſ 'Ll O'Neil's",
+]
+SAMPLES = [
+    "",
+    "a",
+    " ",
+    "hello world",
+    "def f(x):\n    return x ** 2  # square\n\n\n\tif x:\r\n\t\tpass\n",
+    "   leading spaces and trailing   ",
+    "\n\n\n   \n\t \n  x  \t\n",
+    "x" + " " * 50 + "y" + "\t" * 7 + "\n" * 9,
+    "1234567890" * 12 + " 3.14159 1e-9 0x1F ١٢٣٤ ⅫⅣ ²³",
+    "a" * 3000,
+    "ab" * 1500 + " " + "Xy" * 400,
+    "".join(random.Random(0).choice("qwertyuiopasdfghjklzxcvbnm") for _ in range(5000)),
+    "!!!!????....////----" * 50,
+    "The quick brown fox jumps over the lazy dog. " * 20,
+    "URL https://example.com/a/b?c=d&e=f#g, e-mail a.b@c.de, path /usr/lib/x86_64-linux-gnu/",
+    "\u00a0nbsp\u2028line\u2029para\u3000ideographic\x0bvt\x0cff\x85nel\x1cfs",
+    *MULTILINGUAL,
+]
+
+
+def corpus_texts() -> list[str]:
+    texts = []
+    for path in CORPUS_FILES:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            texts.append(f.read())
+    return texts + MULTILINGUAL * 3
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return corpus_texts()
+
+
+@pytest.fixture(scope="module", params=list(PATTERNS))
+def pair(request, corpus):
+    """(ours, tiktoken.Encoding) from the same trained ranks, for each built-in pattern."""
+    tok = Tokenizer.train(corpus, 1200, pattern=request.param, special_tokens=SPECIALS, show_progress=False)
+    return tok, tok.to_tiktoken(f"test-{request.param}")
+
+
+@pytest.fixture(scope="module")
+def gpt4(corpus):
+    return Tokenizer.train(corpus, 1200, pattern="gpt4", special_tokens=SPECIALS, show_progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pre-tokenizers == the regex, piece for piece
+ASSIGNED = [c for c in range(0x110000) if unicodedata.category(chr(c)) not in ("Cn", "Cs", "Co")]
+ALPHABET = list("  \t\n\r'sStTdDmMlLvVeErR0189aZ.,/-_(){}!?\"") + [
+    "ſ", "\u0301", "é", "É", "ǅ", "ʰ", "中", "😀", "\u00a0", "\u2028", "\x0b", "\x85", "٣", "Ⅻ", "\u3000"]
+
+# Characters assigned after this Python's Unicode version are left out of generated text: the
+# tables follow the building Python's unicodedata, tiktoken's Rust regex a newer Unicode.
+text_strategy = st.text(
+    st.one_of(st.sampled_from(ALPHABET), st.sampled_from(ASSIGNED).map(chr)), max_size=40)
+
+
+@pytest.mark.parametrize("name", list(PATTERNS))
+def test_split_matches_regex_samples(name):
+    pat, code = PATTERNS[name]
+    for text in SAMPLES:
+        assert split_builtin(code, text) == regex.findall(pat, text), (name, text[:60])
+
+
+@pytest.mark.parametrize("name", list(PATTERNS))
+def test_split_matches_regex_random(name):
+    pat, code = PATTERNS[name]
+    rng = random.Random(1234)
+    for _ in range(3000):
+        text = "".join(rng.choice(ALPHABET) if rng.random() < 0.85 else chr(rng.choice(ASSIGNED))
+                       for _ in range(rng.randint(0, 24)))
+        assert split_builtin(code, text) == regex.findall(pat, text), (name, text)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(text=text_strategy)
+def test_split_matches_regex_hypothesis(text):
+    for pat, code in PATTERNS.values():
+        assert split_builtin(code, text) == regex.findall(pat, text)
+
+
+# ---------------------------------------------------------------------------------------------
+# Token-for-token parity with tiktoken on the same ranks
+def test_parity_with_tiktoken(pair, corpus):
+    tok, enc = pair
+    for text in SAMPLES + [corpus[0][:20000]]:
+        assert tok.encode_ordinary(text) == enc.encode_ordinary(text), text[:60]
+        assert tok.encode(text) == enc.encode(text), text[:60]
+    assert tok.encode_batch(SAMPLES, num_threads=2) == enc.encode_batch(SAMPLES)
+    assert tok.vocab_size == enc.n_vocab
+
+
+def test_parity_long_pieces(pair):
+    # Long pieces take the heap path (> 128 bytes): repeated and random letters, spaces, digits.
+    tok, enc = pair
+    rng = random.Random(5)
+    for text in ["a" * 20000, " " * 5000, "9" * 1001, "-" * 4000, "ab" * 777,
+                 "".join(rng.choice("abcdefghij") for _ in range(20000)),
+                 "".join(rng.choice("ab ") for _ in range(20000))]:
+        assert tok.encode_ordinary(text) == enc.encode_ordinary(text)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                 HealthCheck.function_scoped_fixture])
+@given(text=text_strategy)
+def test_parity_hypothesis(gpt4, text):
+    enc = gpt4.to_tiktoken("hyp")
+    ids = gpt4.encode_ordinary(text)
+    assert ids == enc.encode_ordinary(text)
+    assert gpt4.decode(ids) == text
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.text())
+def test_decode_round_trip_any_str(gpt4, text):
+    ids = gpt4.encode_ordinary(text)
+    # Lone surrogates are not UTF-8: like tiktoken, they become U+FFFD.
+    clean = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    assert gpt4.decode(ids) == clean
+    assert gpt4.decode_bytes(ids) == clean.encode("utf-8")
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(max_size=64))
+def test_decode_bytes_arbitrary(gpt4, data):
+    ranks = gpt4.mergeable_ranks
+    ids = [ranks[bytes([b])] for b in data]
+    assert gpt4.decode_bytes(ids) == data
+    assert gpt4.decode(ids) == data.decode("utf-8", errors="replace")
+
+
+def test_surrogates_match_tiktoken(pair):
+    tok, enc = pair
+    text = "a\ud800b \udfff"
+    assert tok.encode(text) == enc.encode(text)
+    assert tok.encode_batch([text])[0] == enc.encode(text)
+
+
+def test_token_bytes(gpt4):
+    for tok_bytes, rank in list(gpt4.mergeable_ranks.items())[::50]:
+        assert gpt4.token_bytes(rank) == tok_bytes
+    assert gpt4.token_bytes(gpt4.special_tokens[EOT]) == EOT.encode()
+
+
+# ---------------------------------------------------------------------------------------------
+# Special tokens, tiktoken's semantics
+def test_special_tokens(pair):
+    tok, enc = pair
+    text = f"hello{EOT} world<|fim|>x {EOT}"
+    with pytest.raises(ValueError, match="disallowed special token"):
+        tok.encode(text)
+    with pytest.raises(ValueError, match="disallowed special token"):
+        tok.encode_batch(["fine", text])
+    for allowed in ["all", {EOT}, {"<|fim|>"}, set()]:
+        kwargs = dict(allowed_special=allowed, disallowed_special=())
+        assert tok.encode(text, **kwargs) == enc.encode(text, **kwargs)
+        assert tok.encode_batch([text, "abc"], **kwargs) == enc.encode_batch([text, "abc"], **kwargs)
+    assert tok.encode(text, allowed_special="all") == enc.encode(text, allowed_special="all")
+    assert tok.encode(text, allowed_special="all").count(tok.special_tokens[EOT]) == 2
+    assert tok.encode_ordinary(text) == enc.encode_ordinary(text)
+    assert EOT not in tok.decode(tok.encode_ordinary(text)).replace(EOT, "") and tok.decode(
+        tok.encode(text, allowed_special="all")) == text
+    with pytest.raises(ValueError, match="disallowed special token"):
+        tok.encode(text, allowed_special={"<|fim|>"})
+    with pytest.raises(ValueError, match="not a special token"):
+        tok.encode("x", allowed_special={"<|nope|>"})
+    assert tok.special_tokens == {EOT: 1198, "<|fim|>": 1199}
+
+
+def test_custom_pattern_matches_tiktoken(corpus):
+    pat = r"""\p{L}+|\p{N}|\s+|[^\s\p{L}\p{N}]+"""
+    tok = Tokenizer.train(corpus[:8], 600, pattern=pat, special_tokens=[EOT], show_progress=False)
+    assert tok.pattern_name is None
+    enc = tok.to_tiktoken("custom")
+    for text in SAMPLES:
+        assert tok.encode(text) == enc.encode(text)
+    text = f"a{EOT}b"
+    assert tok.encode(text, allowed_special="all") == enc.encode(text, allowed_special="all")
+    with pytest.raises(ValueError, match="disallowed"):
+        tok.encode(text)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+def test_train_deterministic_and_files(corpus, tmp_path):
+    a = Tokenizer.train(corpus[:10], 700, show_progress=False)
+    b = Tokenizer.train(iter(corpus[:10]), 700, show_progress=False)
+    assert a.mergeable_ranks == b.mergeable_ranks
+    paths = []
+    for k, text in enumerate(corpus[:10]):
+        p = tmp_path / f"doc{k}.txt"
+        p.write_text(text, encoding="utf-8")
+        paths.append(p)
+    assert Tokenizer.train(paths, 700, show_progress=False).mergeable_ranks == a.mergeable_ranks
+    assert Tokenizer.train([str(p) for p in paths], 700, show_progress=False).mergeable_ranks == a.mergeable_ranks
+    ranks = a.mergeable_ranks
+    assert all(ranks[bytes([i])] == i for i in range(256)) and sorted(ranks.values()) == list(range(700))
+
+
+def test_train_tie_break_and_counts():
+    # "cd" x3 vs "ab" x3: equal counts, the smaller pair (a=97, b=98) merges first.
+    tok = Tokenizer.train(["cd", "ab"] * 3, 258, pattern="gpt2", show_progress=False)
+    assert tok.token_bytes(256) == b"ab" and tok.token_bytes(257) == b"cd"
+    # (" ", "c") x3 (32 < 97) beats ("a", "b") x3.
+    tok = Tokenizer.train(["ab cd ab cd ab cd"], 257, pattern="gpt2", show_progress=False)
+    assert tok.token_bytes(256) == b" c"
+    tok = Tokenizer.train(["aaaa"] * 3, 258, pattern="gpt2", show_progress=False)
+    assert tok.token_bytes(256) == b"aa" and tok.token_bytes(257) == b"aaaa"
+
+
+def test_train_bad_input(corpus):
+    with pytest.raises(ValueError, match="at least 256"):
+        Tokenizer.train(corpus[:2], 255, show_progress=False)
+    with pytest.raises(ValueError, match="at least 256"):
+        Tokenizer.train(corpus[:2], 257, special_tokens=[EOT, "<|x|>"], show_progress=False)
+    with pytest.raises(ValueError, match="allows only"):
+        Tokenizer.train(["abc abc"], 400, show_progress=False)
+    with pytest.raises(TypeError):
+        Tokenizer.train("just one string", 300, show_progress=False)
+    with pytest.raises(TypeError):
+        Tokenizer.train([b"bytes"], 300, show_progress=False)
+    with pytest.raises(TypeError):
+        Tokenizer.train(corpus[:2], 300.0, show_progress=False)
+    with pytest.raises(TypeError):
+        Tokenizer.train(corpus[:2], 300, pattern=3, show_progress=False)
+    with pytest.raises(ValueError, match="regex"):
+        Tokenizer.train(corpus[:2], 300, pattern="(unclosed", show_progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+def test_save_load_round_trip(gpt4, tmp_path):
+    path = tmp_path / "tok.bpe"
+    gpt4.save(path)
+    loaded = Tokenizer.load(path)
+    assert loaded.mergeable_ranks == gpt4.mergeable_ranks
+    assert loaded.special_tokens == gpt4.special_tokens and loaded.pattern == gpt4.pattern
+    for text in SAMPLES:
+        assert loaded.encode(text) == gpt4.encode(text)
+    assert os.listdir(tmp_path) == ["tok.bpe"]
+
+
+def test_tiktoken_files_and_objects(gpt4, tmp_path):
+    from tiktoken.load import load_tiktoken_bpe
+
+    path = tmp_path / "ranks.tiktoken"
+    gpt4.save_tiktoken(path)
+    assert load_tiktoken_bpe(str(path)) == gpt4.mergeable_ranks
+    again = Tokenizer.load_tiktoken(path, pattern="gpt4", special_tokens=gpt4.special_tokens)
+    assert again.mergeable_ranks == gpt4.mergeable_ranks
+    enc = gpt4.to_tiktoken("t")
+    back = Tokenizer.from_tiktoken(enc)
+    assert back.pattern_name == "gpt4" and back.special_tokens == gpt4.special_tokens
+    assert back.encode(SAMPLES[4]) == enc.encode(SAMPLES[4])
+    with pytest.raises(TypeError):
+        Tokenizer.from_tiktoken("cl100k_base")
+
+
+def test_corrupt_and_truncated_files(gpt4, tmp_path):
+    path = tmp_path / "tok.bpe"
+    gpt4.save(path)
+    data = path.read_bytes()
+    cases = {
+        "truncated": data[: len(data) // 2],
+        "header_only": data[: data.index(b"\n", data.index(b"\n") + 1)],
+        "flipped": data[:-20] + bytes([data[-20] ^ 1]) + data[-19:],
+        "bad_header": data.replace(b'"sha256"', b'"sha257"', 1),
+        "empty": b"",
+        "garbage": b"\x00\xff" * 100,
+    }
+    for name, content in cases.items():
+        bad = tmp_path / f"{name}.bpe"
+        bad.write_bytes(content)
+        with pytest.raises(ValueError, match="corrupt|truncated|not a pyllm"):
+            Tokenizer.load(bad)
+    with pytest.raises(ValueError, match="not '<base64 token> <rank>'"):
+        (tmp_path / "r.tiktoken").write_bytes(b"YQ== 0\nnot base64!! x\n")
+        Tokenizer.load_tiktoken(tmp_path / "r.tiktoken")
+    with pytest.raises(FileNotFoundError):
+        Tokenizer.load(tmp_path / "missing.bpe")
+
+
+def test_save_is_atomic(gpt4, tmp_path, monkeypatch):
+    path = tmp_path / "tok.bpe"
+    gpt4.save(path)
+    before = path.read_bytes()
+    import pyllm.tokenizer.tokenizer as mod
+
+    def fail(*args):
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(mod.os, "fsync", fail)
+    with pytest.raises(OSError, match="simulated"):
+        Tokenizer.train(["abc abd abe"] * 3, 260, show_progress=False).save(path)
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["tok.bpe"]
+    with pytest.raises(FileNotFoundError):
+        gpt4.save(tmp_path / "no" / "such" / "dir.bpe")
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+def test_bad_input(gpt4):
+    with pytest.raises(TypeError, match="must be a str"):
+        gpt4.encode(b"bytes")
+    with pytest.raises(TypeError, match="must be a str"):
+        gpt4.encode_ordinary(None)
+    with pytest.raises(TypeError):
+        gpt4.encode_batch("not a list")
+    with pytest.raises(TypeError, match=r"texts\[1\]"):
+        gpt4.encode_batch(["ok", 3])
+    with pytest.raises(ValueError, match="num_threads"):
+        gpt4.encode_batch(["ok"], num_threads=0)
+    with pytest.raises(ValueError, match="device"):
+        gpt4.encode_batch(["ok"], device="tpu")
+    with pytest.raises(ValueError, match="unknown token id"):
+        gpt4.decode([gpt4.vocab_size + 5])
+    with pytest.raises(ValueError, match="unknown token id"):
+        gpt4.decode([-1])
+    with pytest.raises(TypeError):
+        gpt4.decode(["a"])
+    with pytest.raises(TypeError):
+        gpt4.token_bytes("1")
+    with pytest.raises(TypeError):
+        gpt4.encode("x", allowed_special="everything")
+    with pytest.raises(ValueError, match="lacks the single byte"):
+        Tokenizer({b"a": 0})
+    with pytest.raises(ValueError, match="already the rank"):
+        Tokenizer({bytes([i]): i for i in range(256)}, special_tokens={EOT: 3})
+    with pytest.raises(TypeError):
+        Tokenizer({"a": 0})
+    assert gpt4.encode_batch([]) == []
+    assert gpt4.decode([]) == ""

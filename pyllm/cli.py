@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 
@@ -49,6 +52,383 @@ def cmd_bench(args) -> int:
     return rc
 
 
+
+# --- config files --------------------------------------------------------------------------------
+
+def load_config_file(path) -> dict:
+    """A TOML (.toml) or YAML (.yaml/.yml) file of training options; a [model] table holds
+    ModelConfig overrides."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    if path.suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError as e:
+            raise RuntimeError(f"{path}: reading YAML needs PyYAML (pip install pyyaml), or use a .toml file") from e
+        doc = yaml.safe_load(path.read_text()) or {}
+    else:
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10
+            try:
+                import tomli as tomllib
+            except ImportError as e:
+                raise RuntimeError(f"{path}: reading TOML on Python 3.10 needs tomli (pip install tomli), or use YAML") from e
+        doc = tomllib.loads(path.read_text())
+    if not isinstance(doc, dict):
+        raise ValueError(f"{path}: expected a table of options at the top level, got {type(doc).__name__}")
+    return doc
+
+
+def parse_overrides(items) -> dict:
+    """['n_layers=2', 'dropout=0.1', 'bias=true'] -> {'n_layers': 2, 'dropout': 0.1, 'bias': True}."""
+    out = {}
+    for item in items or ():
+        if "=" not in item:
+            raise ValueError(f"--model takes KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        low = value.strip().lower()
+        if low in ("true", "false"):
+            out[key] = low == "true"
+        elif low in ("none", "null"):
+            out[key] = None
+        else:
+            try:
+                out[key] = int(value)
+            except ValueError:
+                try:
+                    out[key] = float(value)
+                except ValueError:
+                    out[key] = value
+    return out
+
+
+# --- tokenizer and data for `train` ------------------------------------------------------------------
+
+def tokenizer_class():
+    """pyllm's BPE tokenizer class (a seam for tests)."""
+    from pyllm.tokenizer import Tokenizer
+
+    return Tokenizer
+
+
+def training_sample(files, max_bytes: int) -> list[Path]:
+    """Every k-th file, k chosen so that about max_bytes are read: tokenizer training sees the
+    whole corpus's variety at a fraction of its cost."""
+    total = sum(f.stat().st_size for f in files)
+    step = max(1, -(-total // max_bytes)) if max_bytes > 0 else 1
+    return files[::step]
+
+
+def ensure_tokenizer(inputs, path: Path, vocab_size: int, max_bytes: int):
+    """Trains a BPE tokenizer on inputs (None: the stdlib corpus) unless path already holds one
+    trained on the same inputs and vocab size."""
+    from pyllm import data
+
+    meta_path = path.with_name(path.name + ".json")
+    meta = {"inputs": [str(Path(p).resolve()) for p in inputs] if inputs else "stdlib", "vocab_size": vocab_size,
+            "train_bytes": max_bytes}
+    Tokenizer = tokenizer_class()
+    if path.exists() and meta_path.exists() and json.loads(meta_path.read_text()) == meta:
+        print(f"tokenizer: reusing {path}")
+        return Tokenizer.load(str(path))
+    files = data.stdlib_corpus() if inputs is None else data.collect_files(inputs)
+    sample = training_sample(files, max_bytes)
+    print(f"tokenizer: training a {vocab_size}-token BPE on {len(sample)} of {len(files)} files", flush=True)
+    t0 = time.perf_counter()
+    tok = Tokenizer.train(list(data.read_texts(sample)), vocab_size, special_tokens=(data.EOT,))
+    tok.save(str(path))
+    meta_path.write_text(json.dumps(meta))
+    print(f"tokenizer: trained in {time.perf_counter() - t0:.1f} s, saved to {path}")
+    return tok
+
+
+def ensure_token_files(inputs, tokenizer, tokenizer_path: Path, out_dir: Path, val_fraction: float) -> Path:
+    """out_dir/train.bin and val.bin for inputs, reused when made from the same inputs and
+    tokenizer file."""
+    from pyllm import data
+
+    meta_path = out_dir / "source.json"
+    meta = {"inputs": [str(Path(p).resolve()) for p in inputs] if inputs else "stdlib",
+            "tokenizer": str(tokenizer_path.resolve()), "tokenizer_mtime": tokenizer_path.stat().st_mtime,
+            "val_fraction": val_fraction}
+    if meta_path.exists() and json.loads(meta_path.read_text()) == meta:
+        try:
+            data.read_header(out_dir / "train.bin"), data.read_header(out_dir / "val.bin")
+            print(f"data: reusing {out_dir}/train.bin, val.bin")
+            return out_dir
+        except data.TokenFileError as e:
+            print(f"data: {e}; preparing again")
+    t0 = time.perf_counter()
+    stats = data.prepare(inputs, tokenizer, out_dir, val_fraction)
+    meta_path.write_text(json.dumps(meta))
+    print(f"data: {stats['files']} files, {stats['bytes'] / 1e6:.1f} MB -> {stats['train_tokens']:,} train and "
+          f"{stats['val_tokens']:,} val tokens in {time.perf_counter() - t0:.1f} s")
+    return out_dir
+
+
+def is_token_dir(path) -> bool:
+    return path is not None and Path(path).is_dir() and (Path(path) / "train.bin").is_file() and (Path(path) / "val.bin").is_file()
+
+
+# --- train ---------------------------------------------------------------------------------------------
+
+# CLI-only keys (the rest are TrainConfig fields): where the text comes from and what to do after.
+_CLI_KEYS = {"data": None, "tokenizer": None, "vocab_size": None, "tokenizer_train_bytes": 8_000_000,
+             "val_fraction": 0.02, "sample_tokens": 200, "prompt": "def ", "config": None, "resume": None,
+             "model_overrides": None}
+
+
+def setup_run_data(cfg, cli: dict) -> None:
+    """Finds or makes the token files (and the tokenizer) for a new run; records them in
+    out_dir/run.json."""
+    from pyllm.model import PRESETS
+
+    out = Path(cfg.out_dir)
+    data_arg = cli["data"]
+    data_list = None if data_arg is None else (data_arg if isinstance(data_arg, list) else [data_arg])
+    tokenizer_path, vocab_size = cli["tokenizer"], None
+    if data_list is not None and len(data_list) == 1 and is_token_dir(data_list[0]):
+        data_dir = str(data_list[0])
+    else:
+        if tokenizer_path:
+            tokenizer = tokenizer_class().load(str(tokenizer_path))
+        else:
+            wanted = cli["vocab_size"] or cfg.model.get("vocab_size") or PRESETS.get(cfg.preset, PRESETS["tiny"])["vocab_size"]
+            tokenizer_path = out / "tokenizer.bpe"
+            tokenizer = ensure_tokenizer(data_list, tokenizer_path, wanted, cli["tokenizer_train_bytes"])
+        data_dir = str(ensure_token_files(data_list, tokenizer, Path(tokenizer_path), out / "data", cli["val_fraction"]))
+        vocab_size = tokenizer.vocab_size
+    (out / "run.json").write_text(json.dumps({
+        "tokenizer": str(Path(tokenizer_path).resolve()) if tokenizer_path else None,
+        "data_dir": data_dir, "vocab_size": vocab_size}))
+
+
+def cmd_train(args) -> int:
+    from pyllm.train import TrainConfig, TrainingDiverged, load_checkpoint, train
+
+    explicit = {k: v for k, v in vars(args).items() if v is not None and k not in ("func", "command")}
+    opts = dict(load_config_file(args.config)) if args.config else {}
+    if "out" in opts:
+        opts["out_dir"] = opts.pop("out")
+    model = dict(opts.pop("model", {}) or {})
+    model.update(parse_overrides(explicit.pop("model_overrides", None)))
+    if "out" in explicit:
+        explicit["out_dir"] = explicit.pop("out")
+    opts.update(explicit)
+    cli = {k: opts.pop(k, default) for k, default in _CLI_KEYS.items()}
+    resume = cli["resume"]
+    if resume:
+        saved = load_checkpoint(resume)["train_config"]
+        cfg = TrainConfig.from_dict({**saved, **opts, "out_dir": opts.get("out_dir", str(resume))})
+        if cfg.out_dir != str(resume):
+            raise ValueError("--resume continues in its own folder; leave out --out")
+        run = json.loads((Path(resume) / "run.json").read_text()) if (Path(resume) / "run.json").exists() else {}
+        tokenizer_path = run.get("tokenizer")
+    else:
+        cfg = TrainConfig.from_dict({"model": model, **opts})
+        cfg.validate()
+        Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+        # Under torchrun, rank 0 trains the tokenizer and writes the token files; the rest wait.
+        rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+        if world_size > 1:
+            from pyllm.train import setup_distributed
+
+            setup_distributed(cfg.device)
+        if rank == 0:
+            setup_run_data(cfg, cli)
+        if world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+        run = json.loads((Path(cfg.out_dir) / "run.json").read_text())
+        tokenizer_path, cfg.data_dir = run["tokenizer"], run["data_dir"]
+        if run["vocab_size"] and "vocab_size" not in cfg.model:
+            cfg.model["vocab_size"] = run["vocab_size"]
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"training: preset {cfg.preset}, {cfg.max_steps} steps, batch {cfg.batch_size} x {cfg.grad_accum}, "
+              f"device {cfg.device}, precision {cfg.precision}, run folder {cfg.out_dir}", flush=True)
+    t0 = time.perf_counter()
+    try:
+        summary = train(cfg, resume=bool(resume))
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    if summary["rank"] != 0:
+        return 0
+    out = Path(cfg.out_dir)
+    model_obj = summary["model"]
+    print(f"done in {time.perf_counter() - t0:.0f} s on {summary['device']} ({summary['precision']}): "
+          f"{model_obj.num_params() / 1e6:.2f}M params, val loss {summary['val_loss']:.4f}, "
+          f"{summary['skipped_steps']} skipped steps")
+    print(f"wrote {out / 'checkpoint.pt'}, {out / 'model.safetensors'}, {out / 'log.jsonl'}, {out / 'loss.png'}")
+    if tokenizer_path and cli["sample_tokens"] > 0:
+        tokenizer = tokenizer_class().load(str(tokenizer_path))
+        print(f"sample ({cli['sample_tokens']} tokens after {cli['prompt']!r}):\n" + "-" * 60)
+        stream_sample(model_obj, tokenizer, cli["prompt"], cli["sample_tokens"], 0.8, 50, None, seed=cfg.seed)
+        print("\n" + "-" * 60)
+    return 0
+
+
+def stream_sample(model, tokenizer, prompt: str, max_new_tokens: int, temperature: float, top_k, top_p, seed: int) -> str:
+    """Generates after prompt, printing text as it comes (a UTF-8 character split across tokens is
+    printed once its last byte arrives)."""
+    import torch
+
+    device = next(model.parameters()).device
+    ids = tokenizer.encode_ordinary(prompt) or [0]
+    idx = torch.tensor([ids], dtype=torch.long, device=device)
+    generated: list[int] = []
+    printed = prompt
+    sys.stdout.write(prompt)
+
+    def on_token(token):
+        nonlocal printed
+        generated.append(int(token[0]))
+        text = prompt + tokenizer.decode(generated)
+        if not text.endswith("\ufffd"):
+            sys.stdout.write(text[len(printed):] if text.startswith(printed) else text[len(printed):])
+            sys.stdout.flush()
+            printed = text
+
+    gen = torch.Generator(device=device).manual_seed(seed)
+    model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, callback=on_token, generator=gen)
+    return prompt + tokenizer.decode(generated)
+
+
+# --- prepare, tokenizer, generate, plan ------------------------------------------------------------
+
+def cmd_prepare(args) -> int:
+    from pyllm import data
+
+    tokenizer = tokenizer_class().load(str(args.tokenizer))
+    stats = data.prepare(args.input, tokenizer, args.out, args.val_fraction)
+    print(f"{stats['files']} files, {stats['bytes'] / 1e6:.1f} MB -> {args.out}/train.bin ({stats['train_tokens']:,} tokens), "
+          f"{args.out}/val.bin ({stats['val_tokens']:,} tokens)")
+    return 0
+
+
+def cmd_tokenizer_train(args) -> int:
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        path.unlink()
+    ensure_tokenizer(args.input, path, args.vocab_size, args.train_bytes)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from pyllm.model import LLM
+
+    run = Path(args.run) if args.run else None
+    model_path = Path(args.model) if args.model else (run / "model.safetensors" if run else None)
+    tokenizer_path = args.tokenizer
+    if tokenizer_path is None and run is not None and (run / "run.json").exists():
+        tokenizer_path = json.loads((run / "run.json").read_text()).get("tokenizer")
+    if model_path is None or tokenizer_path is None:
+        raise ValueError("give --run DIR (a folder `pyllm train` wrote), or both --model and --tokenizer")
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    model = LLM.load(model_path, device=device).eval()
+    tokenizer = tokenizer_class().load(str(tokenizer_path))
+    for i in range(args.num_samples):
+        stream_sample(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed + i)
+        print("\n" + "-" * 60)
+    return 0
+
+
+def measure_flops_per_s(preset: str, device: str, steps: int = 5) -> tuple[float, float]:
+    """Achieved training FLOP/s and tokens/s of a few steps of a preset on this device."""
+    import torch
+
+    from pyllm.model import LLM, ModelConfig
+    from pyllm.train import autocast
+
+    dev = torch.device(device)
+    model = LLM(ModelConfig.from_preset(preset)).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    B, T = (8, model.config.block_size) if dev.type == "cuda" else (4, min(128, model.config.block_size))
+    x = torch.randint(0, model.config.vocab_size, (B, T + 1), device=dev)
+    precision = "bf16" if dev.type == "cuda" else "fp32"
+
+    def step():
+        with autocast(precision, dev):
+            loss = model(x[:, :-1], x[:, 1:])[1]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss.item()
+
+    for _ in range(2):  # the first steps allocate optimizer state and warm caches
+        step()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    tok_s = B * T * steps / (time.perf_counter() - t0)
+    return model.flops_per_token(T) * tok_s, tok_s
+
+
+def cmd_plan(args) -> int:
+    import torch
+
+    from pyllm import plan
+
+    compute = plan.parse_number(args.compute) if args.compute else None
+    params = plan.parse_number(args.params) if args.params else None
+    result = plan.chinchilla(compute, params, args.tokens_per_param)
+    print(f"compute-optimal (Chinchilla, {args.tokens_per_param:g} tokens/param, C = 6ND): "
+          f"{plan.human(result['params'])} params, {plan.human(result['tokens'])} tokens, {result['flops']:.3g} FLOPs")
+    if args.flops_per_s:
+        flops_s, source = plan.parse_number(args.flops_per_s), "given"
+    else:
+        device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        preset = args.preset or ("llama-124m" if device.startswith("cuda") else "tiny")
+        flops_s, tok_s = measure_flops_per_s(preset, device)
+        source = f"measured: preset {preset} on {device}, {tok_s:,.0f} tokens/s"
+    seconds = result["flops"] / (flops_s * args.gpus)
+    print(f"at {flops_s:.3g} FLOP/s per device ({source}) x {args.gpus}: about {plan.human_time(seconds)}")
+    return 0
+
+
+def add_train_options(p: argparse.ArgumentParser) -> None:
+    # Every default is None: unset options fall through to the config file, then TrainConfig.
+    p.add_argument("--config", help="TOML or YAML file of options (any option below, as key = value; a [model] table); CLI options override it")
+    p.add_argument("--out", help="run folder: checkpoint.pt, log.jsonl, loss.png, model.safetensors, the tokenizer and token files (default runs/main)")
+    p.add_argument("--data", nargs="+", help="text files or folders to train on, or a folder holding train.bin/val.bin from `pyllm prepare` (default: this Python's standard-library source)")
+    p.add_argument("--tokenizer", help="a saved pyllm tokenizer to use instead of training one on --data")
+    p.add_argument("--vocab-size", type=int, help="vocab size of the tokenizer trained on --data (default: the preset's; tiny: 4096)")
+    p.add_argument("--tokenizer-train-bytes", type=int, help="train the tokenizer on an evenly spread sample of about this many bytes of --data (default 8000000; 0: all)")
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint up to --max-steps")
+    p.add_argument("--preset", help="model preset: tiny (default), llama-124m, gpt2-124m, palm-style")
+    p.add_argument("--model", dest="model_overrides", action="append", metavar="KEY=VALUE", help="override a ModelConfig field, e.g. --model n_layers=2 --model norm=layernorm (repeatable)")
+    p.add_argument("--max-steps", type=int, help="optimizer steps in all (default 600)")
+    p.add_argument("--ckpt-every", type=int, help="write the checkpoint every K steps (and at the end; default 200)")
+    p.add_argument("--eval-every", type=int, help="val loss every K steps (and at the end; default 100)")
+    p.add_argument("--eval-batches", type=int, help="batches per val evaluation (default 8)")
+    p.add_argument("--device", help="auto (default: cuda when available), cpu, cuda, cuda:N")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], help="auto (default): bf16 on CUDA, fp32 on CPU; fp16 uses a dynamic loss scaler")
+    p.add_argument("--batch-size", type=int, help="sequences per process per micro-step (default 16)")
+    p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the model's block_size)")
+    p.add_argument("--grad-accum", type=int, help="micro-steps per optimizer step (default 1)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 3e-3)")
+    p.add_argument("--schedule", choices=["cosine", "wsd", "constant"], help="lr schedule after warmup (default cosine)")
+    p.add_argument("--warmup-steps", type=int, help="linear warmup steps (default 30)")
+    p.add_argument("--weight-decay", type=float, help="AdamW weight decay on matrices (default 0.1)")
+    p.add_argument("--grad-clip", type=float, help="max global grad norm, 0 for none (default 1.0)")
+    p.add_argument("--seed", type=int, help="seed of init, data order and sampling (default 1337)")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    p.add_argument("--dist-mode", choices=["ddp", "fsdp"], help="under torchrun with several processes: DDP (default) or FSDP2")
+    p.add_argument("--sample-tokens", type=int, help="tokens of the sample printed at the end, 0 for none (default 200)")
+    p.add_argument("--prompt", help="prompt of the sample printed at the end (default 'def ')")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="pyllm", description="pyllm: LLM training kernels, model and trainer")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -57,8 +437,55 @@ def main(argv=None) -> int:
     p = sub.add_parser("bench", help="run the benchmark scripts of bench/ (source checkout), ours vs peers")
     p.add_argument("bench_args", nargs=argparse.REMAINDER, help="passed to every script (e.g. --quick)")
     p.set_defaults(func=cmd_bench)
+    p = sub.add_parser("train", help="train a model; with no options, THE MAIN JOB: BPE + tiny model on this Python's stdlib source",
+                       description="Train a model. With no options: train a BPE tokenizer on this Python's standard-library "
+                                   "source, tokenize it, train the tiny preset (CPU: a few minutes), print val loss and a sample.")
+    add_train_options(p)
+    p.set_defaults(func=cmd_train)
+    p = sub.add_parser("prepare", help="tokenize text files into train.bin / val.bin")
+    p.add_argument("--input", nargs="+", help="text files or folders (default: this Python's standard-library source)")
+    p.add_argument("--tokenizer", required=True, help="a saved pyllm tokenizer (from `pyllm tokenizer train`)")
+    p.add_argument("--out", required=True, help="folder to write train.bin and val.bin into")
+    p.add_argument("--val-fraction", type=float, default=0.02, help="share of the documents (or tokens) held out for val (default 0.02)")
+    p.set_defaults(func=cmd_prepare)
+    p = sub.add_parser("tokenizer", help="tokenizer commands (train)")
+    tsub = p.add_subparsers(dest="tokenizer_command", required=True)
+    p = tsub.add_parser("train", help="train a BPE tokenizer on text files")
+    p.add_argument("--input", nargs="+", help="text files or folders (default: this Python's standard-library source)")
+    p.add_argument("--vocab-size", type=int, default=4096, help="number of tokens, 256 bytes + merges + <|endoftext|> (default 4096)")
+    p.add_argument("--out", required=True, help="where to save the tokenizer")
+    p.add_argument("--train-bytes", type=int, default=8_000_000, help="train on an evenly spread sample of about this many bytes (default 8000000; 0: all)")
+    p.set_defaults(func=cmd_tokenizer_train)
+    p = sub.add_parser("generate", help="sample text from a trained model, streaming it")
+    p.add_argument("--run", help="a run folder written by `pyllm train` (finds model.safetensors and the tokenizer)")
+    p.add_argument("--model", help="a model.safetensors (instead of --run)")
+    p.add_argument("--tokenizer", help="the tokenizer the model was trained with (instead of --run)")
+    p.add_argument("--prompt", default="def ", help="text to continue (default 'def ')")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default 200)")
+    p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 is greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens only (default 50)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: the smallest set of tokens with this much probability")
+    p.add_argument("--num-samples", type=int, default=1, help="independent samples (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda")
+    p.set_defaults(func=cmd_generate)
+    p = sub.add_parser("plan", help="Chinchilla: compute-optimal params and tokens, and the time it would take here")
+    p.add_argument("--compute", help="training budget in FLOPs, e.g. 1e21")
+    p.add_argument("--params", help="model size, e.g. 124M, 1.5B")
+    p.add_argument("--tokens-per-param", type=float, default=20.0, help="tokens per parameter at the optimum (default 20, Hoffmann et al. 2022)")
+    p.add_argument("--flops-per-s", help="achieved training FLOP/s per device; default: measured with a few steps of --preset here")
+    p.add_argument("--preset", help="preset whose throughput is measured (default: llama-124m on CUDA, tiny on CPU)")
+    p.add_argument("--device", default="auto", help="device to measure on: auto (default), cpu, cuda")
+    p.add_argument("--gpus", type=int, default=1, help="devices training together (default 1)")
+    p.set_defaults(func=cmd_plan)
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        if args.command in ("info", "bench"):
+            raise
+        print(f"pyllm {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

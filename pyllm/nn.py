@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pyllm.ops.swiglu import swiglu_packed
@@ -24,3 +25,71 @@ class SwiGLUMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = swiglu_packed(self.gate_up(x))  # (..., 2 * hidden) -> (..., hidden)
         return self.down(h)  # (..., dim)
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight (Zhang & Sennrich 2019), computed in fp32 and cast back, as LLaMA does:
+    bf16 squares lose too many bits when summed over a 4k-wide row."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return y.to(x.dtype) * self.weight.to(x.dtype)
+
+
+def rope_cos_sin(seq_len: int, head_dim: int, theta: float = 10000.0, start: int = 0, device=None,
+                 dtype=torch.float32):
+    """cos, sin of the rotary angles (Su et al. 2021, eq. 34) for positions start..start+seq_len-1,
+    each (seq_len, head_dim // 2), in fp32 (or fp64) whatever the model dtype: angles up to 1e4 rad
+    need it."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=dtype) / head_dim)
+    pos = torch.arange(start, start + seq_len, device=device, dtype=dtype)
+    angles = torch.outer(pos, inv_freq)  # (T, D/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotates the pairs (x[..., i], x[..., i + D/2]) of x (B, T, H, D) by the angles of their
+    position (the "rotate half" layout of GPT-NeoX / HF LLaMA, not the interleaved one of Meta's)."""
+    half = x.shape[-1] // 2
+    x1, x2 = x.to(cos.dtype)[..., :half], x.to(cos.dtype)[..., half:]  # (B, T, H, D/2)
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]  # (1, T, 1, D/2)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D)) v for q (B, T, H, D) and k, v (B, S, H_kv, D) with H % H_kv == 0
+    (GQA/MQA), returned as (B, T, H, D). THE call site of training attention: switch to
+    pyllm.flash_attn(q, k, v, causal=causal) once it lands."""
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal,
+        enable_gqa=q.shape[2] != k.shape[2],
+    )  # (B, H, T, D)
+    return out.transpose(1, 2)
+
+
+def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           k: torch.Tensor, v: torch.Tensor, cache_seqlen: int) -> torch.Tensor:
+    """Decode-time attention, flash_attn_with_kvcache's contract: writes the new k, v (B, T, H_kv, D)
+    into k_cache, v_cache (B, S_max, H_kv, D) at positions cache_seqlen..cache_seqlen+T-1, then
+    attends q (B, T, H, D) causally over the cache's first cache_seqlen+T positions (the new queries
+    sit at the end, so query i sees keys up to cache_seqlen+i). THE call site of decode attention:
+    switch to pyllm.flash_attn_with_kvcache once it lands."""
+    T = q.shape[1]
+    end = cache_seqlen + T
+    k_cache[:, cache_seqlen:end] = k
+    v_cache[:, cache_seqlen:end] = v
+    keys, values = k_cache[:, :end], v_cache[:, :end]  # (B, S, H_kv, D)
+    mask = None
+    if T > 1:  # bottom-right aligned causal mask; a single new query sees everything
+        mask = torch.ones(T, end, dtype=torch.bool, device=q.device).tril(diagonal=cache_seqlen)
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask,
+        enable_gqa=q.shape[2] != k.shape[2],
+    )
+    return out.transpose(1, 2)  # (B, T, H, D)

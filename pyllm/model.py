@@ -1,0 +1,336 @@
+"""A decoder-only transformer covering LLaMA, GPT-2 and PaLM by configuration.
+
+Read top to bottom: ModelConfig (with presets), the attention, the MLPs, the block, the LLM, then
+generation with a KV cache. Shapes: B batch, T time, C model dim, H query heads, H_kv key/value
+heads, D head dim, V vocab.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pyllm.nn import RMSNorm, SwiGLUMLP, apply_rope, attention, attention_with_kvcache, rope_cos_sin
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 4096
+    block_size: int = 256  # longest sequence (context length)
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # None: = n_heads (MHA); 1: MQA; in between: GQA
+    dim: int = 128
+    mlp_hidden: int | None = None  # None: 4*dim for gelu, 8/3*dim rounded up to 64 for swiglu
+    norm: str = "rmsnorm"  # rmsnorm | layernorm
+    mlp: str = "swiglu"  # swiglu | gelu
+    positions: str = "rope"  # rope | learned
+    bias: bool = False  # bias in every Linear and LayerNorm
+    parallel_block: bool = False  # PaLM: x + attn(norm(x)) + mlp(norm(x))
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.mlp_hidden is None:
+            self.mlp_hidden = 4 * self.dim if self.mlp == "gelu" else 64 * math.ceil(8 * self.dim / 3 / 64)
+        self.validate()
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    def validate(self) -> None:
+        choices = {"norm": ("rmsnorm", "layernorm"), "mlp": ("swiglu", "gelu"), "positions": ("rope", "learned")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"ModelConfig.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        for name in ("vocab_size", "block_size", "n_layers", "n_heads", "n_kv_heads", "dim", "mlp_hidden"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"ModelConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.dim % self.n_heads:
+            raise ValueError(f"ModelConfig: n_heads ({self.n_heads}) must divide dim ({self.dim})")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"ModelConfig: n_kv_heads ({self.n_kv_heads}) must divide n_heads ({self.n_heads})")
+        if self.positions == "rope" and self.head_dim % 2:
+            raise ValueError(f"ModelConfig: rope needs an even head dim, got dim/n_heads = {self.head_dim}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"ModelConfig.dropout must be in [0, 1), got {self.dropout}")
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "ModelConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; presets: {', '.join(PRESETS)}")
+        known = {f.name for f in fields(cls)}
+        unknown = set(overrides) - known
+        if unknown:
+            raise ValueError(f"unknown ModelConfig field(s) {', '.join(sorted(unknown))}; fields: {', '.join(sorted(known))}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+PRESETS: dict[str, dict] = {
+    # The CPU default: 1.3M params (0.5M of them the tied 4096 x 128 token table); one 16 x 128
+    # training step takes about 0.17 s on 2 shared cores here (fp32, eager).
+    "tiny": dict(vocab_size=4096, block_size=128, n_layers=4, n_heads=4, n_kv_heads=2, dim=128),
+    # LLaMA's recipe at GPT-2-small size.
+    "llama-124m": dict(vocab_size=50304, block_size=1024, n_layers=12, n_heads=12, dim=768),
+    "gpt2-124m": dict(vocab_size=50304, block_size=1024, n_layers=12, n_heads=12, dim=768, norm="layernorm",
+                      mlp="gelu", positions="learned", bias=True),
+    # PaLM: parallel block, multi-query attention, SwiGLU, RoPE, no biases (Chowdhery et al. 2022, sec. 2).
+    "palm-style": dict(vocab_size=50304, block_size=1024, n_layers=12, n_heads=12, n_kv_heads=1, dim=768,
+                       norm="layernorm", parallel_block=True),
+}
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.dim, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.dim, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.qkv = nn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.dim, cfg.dim, bias=cfg.bias)
+        self.use_rope = cfg.positions == "rope"
+
+    def forward(self, x, rope=None, cache=None, cache_seqlen: int = 0):
+        B, T, C = x.shape
+        H, H_kv, D = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = self.qkv(x).split([H * D, H_kv * D, H_kv * D], dim=-1)
+        q, k, v = q.view(B, T, H, D), k.view(B, T, H_kv, D), v.view(B, T, H_kv, D)
+        if self.use_rope:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is None:
+            y = attention(q, k, v, causal=True)  # (B, T, H, D)
+        else:
+            y = attention_with_kvcache(q, cache[0], cache[1], k, v, cache_seqlen)
+        return self.proj(y.reshape(B, T, C))
+
+
+class GeluMLP(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int, bias: bool):
+        super().__init__()
+        self.up = nn.Linear(dim, hidden_dim, bias=bias)
+        self.down = nn.Linear(hidden_dim, dim, bias=bias)
+
+    def forward(self, x):
+        return self.down(F.gelu(self.up(x), approximate="tanh"))  # GPT-2's tanh GELU
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.parallel = cfg.parallel_block
+        self.norm1 = make_norm(cfg)
+        self.norm2 = None if cfg.parallel_block else make_norm(cfg)  # PaLM shares one norm
+        self.attn = Attention(cfg)
+        self.mlp = SwiGLUMLP(cfg.dim, cfg.mlp_hidden, bias=cfg.bias) if cfg.mlp == "swiglu" else GeluMLP(cfg.dim, cfg.mlp_hidden, cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, rope=None, cache=None, cache_seqlen: int = 0):  # x: (B, T, C)
+        h = self.norm1(x)
+        a = self.dropout(self.attn(h, rope, cache, cache_seqlen))
+        if self.parallel:
+            return x + a + self.dropout(self.mlp(h))
+        x = x + a
+        return x + self.dropout(self.mlp(self.norm2(x)))
+
+
+class LLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.pos_emb = nn.Embedding(cfg.block_size, cfg.dim) if cfg.positions == "learned" else None
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm_f = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self.apply(self._init_weights)
+        # GPT-2's scaled init of the residual projections: std 0.02 / sqrt(2 * n_layers).
+        for name, p in self.named_parameters():
+            if name.endswith(("attn.proj.weight", "mlp.down.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def _embed(self, idx, start: int = 0):
+        T = idx.shape[1]
+        if T + start > self.config.block_size:
+            raise ValueError(f"sequence of {T + start} tokens is longer than block_size {self.config.block_size}")
+        x = self.tok_emb(idx)  # (B, T, C)
+        rope = None
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
+        else:
+            rope = rope_cos_sin(T, self.config.head_dim, self.config.rope_theta, start, idx.device,
+                                torch.promote_types(self.tok_emb.weight.dtype, torch.float32))
+        return self.dropout(x), rope
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        """idx (B, T) int64 -> logits (B, T, V) and, given targets (B, T), the mean cross-entropy
+        (targets of -1 are ignored)."""
+        x, rope = self._embed(idx)
+        for block in self.blocks:
+            x = block(x, rope)
+        logits = self.lm_head(self.norm_f(x))  # (B, T, V)
+        loss = None
+        if targets is not None:
+            logits32 = logits.to(torch.promote_types(logits.dtype, torch.float32))
+            loss = F.cross_entropy(logits32.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    # --- accounting ---------------------------------------------------------------------------
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Unique parameters (tied weights counted once); non_embedding drops the position table
+        and the token table (the latter only when it is not also the output layer's matmul)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            if self.pos_emb is not None:
+                n -= self.pos_emb.weight.numel()
+            if not self.config.tie_embeddings:
+                n -= self.tok_emb.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs (forward + backward) per token: 6 per matmul weight plus the attention
+        scores and values, 12 * n_layers * dim * T (Chowdhery et al. 2022, appendix B)."""
+        cfg = self.config
+        T = seq_len or cfg.block_size
+        # non_embedding keeps the lm_head matmul (tied or not) and drops the table lookups.
+        return 6 * self.num_params(non_embedding=True) + 12 * cfg.n_layers * cfg.dim * T
+
+    # --- weights --------------------------------------------------------------------------------
+
+    def save(self, path) -> None:
+        """Weights as safetensors, the config in its metadata (tied weights stored once)."""
+        save_weights(self.state_dict(), self.config, path)
+
+    @classmethod
+    def load(cls, path, device="cpu") -> "LLM":
+        from safetensors.torch import load_file
+
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+            state = load_file(str(path))
+        except Exception as e:  # safetensors raises its own error types for bad headers
+            raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
+        if "pyllm_config" not in meta:
+            raise ValueError(f"{path}: no pyllm_config in its metadata; was it written by LLM.save?")
+        model = cls(ModelConfig(**json.loads(meta["pyllm_config"])))
+        if model.config.tie_embeddings:
+            state["lm_head.weight"] = state["tok_emb.weight"]
+        model.load_state_dict(state)
+        return model.to(device)
+
+    # --- generation -------------------------------------------------------------------------------
+
+    def new_kv_cache(self, batch_size: int, max_len: int | None = None):
+        """One (k, v) pair per layer, each (B, S_max, H_kv, D), in the dtype of the weights."""
+        cfg, p = self.config, self.lm_head.weight
+        shape = (batch_size, max_len or cfg.block_size, cfg.n_kv_heads, cfg.head_dim)
+        return [(torch.empty(shape, device=p.device, dtype=p.dtype), torch.empty(shape, device=p.device, dtype=p.dtype))
+                for _ in range(cfg.n_layers)]
+
+    def forward_cached(self, idx: torch.Tensor, cache, start: int) -> torch.Tensor:
+        """Logits (B, V) of the last position of idx (B, T), which continues a sequence whose first
+        `start` positions are in the cache; appends idx's keys and values to the cache."""
+        x, rope = self._embed(idx, start)
+        for block, layer_cache in zip(self.blocks, cache):
+            x = block(x, rope, layer_cache, start)
+        return self.lm_head(self.norm_f(x[:, -1]))
+
+    @torch.no_grad()
+    def generate_stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                        top_k: int | None = None, top_p: float | None = None, use_cache: bool = True,
+                        generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+        """Yields max_new_tokens next tokens (B,) one at a time. temperature 0 is greedy. Past
+        block_size the cached path re-reads the last block_size/2 tokens into a fresh cache."""
+        block = self.config.block_size
+        cache, cache_len = (self.new_kv_cache(idx.shape[0]) if use_cache else None), 0
+        pending = idx[:, -block:]  # tokens not yet in the cache
+        for _ in range(max_new_tokens):
+            if not use_cache:
+                logits = self(idx[:, -block:])[0][:, -1]
+            else:
+                if cache_len + pending.shape[1] > block:  # window full: restart from the recent half
+                    pending, cache_len = idx[:, -(block // 2):], 0
+                logits = self.forward_cached(pending, cache, cache_len)
+                cache_len += pending.shape[1]
+            next_token = sample(logits, temperature, top_k, top_p, generator)  # (B,)
+            idx = torch.cat([idx, next_token[:, None]], dim=1)
+            pending = next_token[:, None]
+            yield next_token
+
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, use_cache: bool = True,
+                 callback: Callable[[torch.Tensor], None] | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """idx (B, T) followed by max_new_tokens sampled tokens, (B, T + max_new_tokens); callback
+        gets each new (B,) token as it comes (for streaming)."""
+        was_training = self.training
+        self.eval()
+        out = [idx]
+        for token in self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator):
+            out.append(token[:, None])
+            if callback is not None:
+                callback(token)
+        self.train(was_training)
+        return torch.cat(out, dim=1)
+
+
+def save_weights(state_dict: dict, cfg: ModelConfig, path) -> None:
+    """Writes a state dict (e.g. gathered from FSDP shards) as LLM.load reads it."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()
+             if not (cfg.tie_embeddings and k == "lm_head.weight")}
+    save_file(state, str(path), metadata={"pyllm_config": json.dumps(cfg.to_dict())})
+
+
+def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row of logits (B, V): greedy at temperature 0, else from softmax(logits / t)
+    restricted to the top_k tokens and then to the smallest set whose probability reaches top_p."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p  # keep the token that crosses top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+__all__ = ["ModelConfig", "PRESETS", "LLM", "sample"]

@@ -1,0 +1,136 @@
+"""The `pyllm` command, in process, with a byte-level stand-in for pyllm's BPE tokenizer."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pyllm import cli
+
+
+class StandInTokenizer:
+    """Tokenizer's API as the CLI uses it: bytes are ids 0..255, <|endoftext|> is 256."""
+
+    vocab_size = 257
+
+    @classmethod
+    def train(cls, texts, vocab_size, pattern="gpt4", special_tokens=(), show_progress=True):
+        assert list(texts) and vocab_size > 256
+        return cls()
+
+    def save(self, path):
+        Path(path).write_text("stand-in")
+
+    @classmethod
+    def load(cls, path):
+        if Path(path).read_text() != "stand-in":
+            raise ValueError(f"{path} is not a tokenizer")
+        return cls()
+
+    def encode_ordinary(self, text):
+        return list(text.encode())
+
+    def encode(self, text, allowed_special=frozenset()):
+        return [256] if text == "<|endoftext|>" and text in allowed_special else self.encode_ordinary(text)
+
+    def encode_batch(self, texts, num_threads=None):
+        return [self.encode_ordinary(t) for t in texts]
+
+    def decode(self, ids):
+        return bytes(i for i in ids if i < 256).decode(errors="replace")
+
+
+@pytest.fixture
+def corpus(tmp_path, monkeypatch):
+    monkeypatch.setattr(cli, "tokenizer_class", lambda: StandInTokenizer)
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for i in range(60):
+        (folder / f"m{i:02d}.py").write_text(f"def f{i}(x):\n    return x + {i}\n" * 20)
+    return folder
+
+
+SMALL = ["--model", "n_layers=1", "--model", "dim=64", "--model", "n_heads=2", "--model", "block_size=32",
+         "--batch-size", "4", "--eval-every", "0", "--eval-batches", "2", "--device", "cpu", "--sample-tokens", "12"]
+
+
+def test_train_end_to_end_cache_resume_generate(corpus, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli.main(["train", "--data", str(corpus), "--out", str(run), "--max-steps", "6", "--ckpt-every", "3", *SMALL]) == 0
+    out = capsys.readouterr().out
+    assert "tokenizer: training" in out and "val loss" in out and "sample (12 tokens after 'def '" in out
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(6)) and all("loss" in r for r in records)
+    for name in ("checkpoint.pt", "model.safetensors", "loss.png", "tokenizer.bpe", "data/train.bin", "data/val.bin"):
+        assert (run / name).exists(), name
+
+    # a second run reuses the tokenizer and the token files
+    assert cli.main(["train", "--data", str(corpus), "--out", str(run), "--max-steps", "2", *SMALL]) == 0
+    out = capsys.readouterr().out
+    assert "tokenizer: reusing" in out and "data: reusing" in out
+
+    # resume continues from the checkpoint (step 2) up to the new --max-steps
+    assert cli.main(["train", "--resume", str(run), "--max-steps", "4", "--sample-tokens", "0"]) == 0
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1, 2, 3]
+    capsys.readouterr()
+
+    assert cli.main(["generate", "--run", str(run), "--max-new-tokens", "8", "--prompt", "def g"]) == 0
+    assert capsys.readouterr().out.startswith("def g")
+
+
+def test_config_file_with_cli_override(corpus, tmp_path):
+    (tmp_path / "c.toml").write_text(
+        f'max_steps = 5\nlr = 0.01\ndata = ["{corpus}"]\nout = "{tmp_path / "r"}"\n[model]\nn_layers = 1\ndim = 64\nn_heads = 2\nblock_size = 16\n')
+    assert cli.main(["train", "--config", str(tmp_path / "c.toml"), "--max-steps", "3", "--batch-size", "2",
+                     "--eval-batches", "1", "--device", "cpu", "--sample-tokens", "0"]) == 0
+    records = [json.loads(line) for line in (tmp_path / "r/log.jsonl").read_text().splitlines()]
+    assert len(records) == 3 and records[-1]["lr"] < 0.01
+
+
+def test_yaml_config(tmp_path):
+    (tmp_path / "c.yaml").write_text("max_steps: 7\nmodel:\n  n_layers: 2\n")
+    assert cli.load_config_file(tmp_path / "c.yaml") == {"max_steps": 7, "model": {"n_layers": 2}}
+
+
+def test_prepare_and_tokenizer_train(corpus, tmp_path):
+    tok = tmp_path / "tok.bpe"
+    assert cli.main(["tokenizer", "train", "--input", str(corpus), "--vocab-size", "300", "--out", str(tok)]) == 0
+    assert cli.main(["prepare", "--input", str(corpus), "--tokenizer", str(tok), "--out", str(tmp_path / "d")]) == 0
+    from pyllm import data
+
+    assert len(data.open_tokens(tmp_path / "d/train.bin")) > len(data.open_tokens(tmp_path / "d/val.bin")) > 0
+
+
+def test_clear_errors(corpus, tmp_path, capsys):
+    assert cli.main(["train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "r")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert cli.main(["train", "--resume", str(tmp_path / "nothing")]) == 2
+    assert "no checkpoint to resume from" in capsys.readouterr().err
+    assert cli.main(["train", "--preset", "gpt5", "--data", str(corpus), "--out", str(tmp_path / "r")]) == 2
+    assert "unknown model preset" in capsys.readouterr().err
+    assert cli.main(["train", "--model", "n_heads=5", "--data", str(corpus), "--out", str(tmp_path / "r"), "--max-steps", "1"]) == 2
+    assert "n_heads (5) must divide dim (128)" in capsys.readouterr().err
+
+
+def test_plan(capsys):
+    assert cli.main(["plan", "--params", "124M", "--flops-per-s", "4e14"]) == 0
+    out = capsys.readouterr().out
+    assert "124M params, 2.48B tokens, 1.85e+18 FLOPs" in out and "hours" in out
+    assert cli.main(["plan", "--compute", "6e18", "--flops-per-s", "1e15", "--tokens-per-param", "20"]) == 0
+    assert "224M params" in capsys.readouterr().out
+    assert cli.main(["plan", "--compute", "1e18", "--params", "1B"]) == 2
+
+
+@pytest.mark.parametrize("argv", [[], ["train"], ["prepare"], ["tokenizer", "train"], ["generate"], ["plan"], ["info"], ["bench"]])
+def test_every_command_has_help(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main([*argv, "--help"])
+    assert e.value.code == 0
+    assert "--help" in capsys.readouterr().out
+
+
+def test_info_still_works(capsys):
+    assert cli.main(["info"]) == 0
+    assert "swiglu" in capsys.readouterr().out

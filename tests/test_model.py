@@ -1,0 +1,212 @@
+"""pyllm.model against a plain-torch reference written out below, with the same weights."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pyllm.model import LLM, PRESETS, ModelConfig, sample
+
+from helpers import rel_err
+
+
+# --- the reference: the same architectures, written plainly from a state dict ---------------------
+
+def ref_norm(cfg, x, sd, prefix):
+    if cfg.norm == "rmsnorm":
+        return x / torch.sqrt((x * x).mean(-1, keepdim=True) + cfg.norm_eps) * sd[prefix + ".weight"]
+    return F.layer_norm(x, (cfg.dim,), sd[prefix + ".weight"], sd.get(prefix + ".bias"), cfg.norm_eps)
+
+
+def ref_linear(x, sd, prefix):
+    y = x @ sd[prefix + ".weight"].T
+    return y + sd[prefix + ".bias"] if prefix + ".bias" in sd else y
+
+
+def ref_rope(x, pos, theta):  # x (B, T, H, D), rotating pairs (i, i + D/2)
+    D = x.shape[-1]
+    freqs = torch.tensor([theta ** (-2 * i / D) for i in range(D // 2)], dtype=torch.float64)
+    ang = pos[:, None].double() * freqs[None]  # (T, D/2)
+    cos, sin = ang.cos()[None, :, None], ang.sin()[None, :, None]
+    a, b = x[..., : D // 2], x[..., D // 2:]
+    return torch.cat([a * cos - b * sin, b * cos + a * sin], -1).to(x.dtype)
+
+
+def ref_attention(cfg, x, sd, prefix):
+    B, T, C = x.shape
+    H, Hk, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    qkv = ref_linear(x, sd, prefix + ".qkv")
+    q = qkv[..., : H * D].reshape(B, T, H, D)
+    k = qkv[..., H * D: (H + Hk) * D].reshape(B, T, Hk, D)
+    v = qkv[..., (H + Hk) * D:].reshape(B, T, Hk, D)
+    if cfg.positions == "rope":
+        pos = torch.arange(T)
+        q, k = ref_rope(q, pos, cfg.rope_theta), ref_rope(k, pos, cfg.rope_theta)
+    k = k.repeat_interleave(H // Hk, dim=2)  # query head h reads kv head h // (H / Hk)
+    v = v.repeat_interleave(H // Hk, dim=2)
+    scores = torch.einsum("bthd,bshd->bhts", q, k) / math.sqrt(D)
+    scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    y = torch.einsum("bhts,bshd->bthd", scores.softmax(-1), v).reshape(B, T, C)
+    return ref_linear(y, sd, prefix + ".proj")
+
+
+def ref_mlp(cfg, x, sd, prefix):
+    if cfg.mlp == "swiglu":
+        gate, up = ref_linear(x, sd, prefix + ".gate_up").chunk(2, dim=-1)
+        return ref_linear(F.silu(gate) * up, sd, prefix + ".down")
+    return ref_linear(F.gelu(ref_linear(x, sd, prefix + ".up"), approximate="tanh"), sd, prefix + ".down")
+
+
+def ref_forward(cfg, sd, idx):
+    x = sd["tok_emb.weight"][idx]
+    if cfg.positions == "learned":
+        x = x + sd["pos_emb.weight"][: idx.shape[1]]
+    for i in range(cfg.n_layers):
+        p = f"blocks.{i}"
+        h = ref_norm(cfg, x, sd, p + ".norm1")
+        if cfg.parallel_block:
+            x = x + ref_attention(cfg, h, sd, p + ".attn") + ref_mlp(cfg, h, sd, p + ".mlp")
+        else:
+            x = x + ref_attention(cfg, h, sd, p + ".attn")
+            x = x + ref_mlp(cfg, ref_norm(cfg, x, sd, p + ".norm2"), sd, p + ".mlp")
+    x = ref_norm(cfg, x, sd, "norm_f")
+    return x @ (sd["tok_emb.weight"] if cfg.tie_embeddings else sd["lm_head.weight"]).T
+
+
+SMALL = dict(vocab_size=97, block_size=32, n_layers=2, n_heads=4, dim=128)  # head dim 32, as flash_attn needs
+CONFIGS = {
+    "llama": dict(SMALL),
+    "gqa-untied": dict(SMALL, n_kv_heads=2, tie_embeddings=False),
+    "gpt2": dict(SMALL, norm="layernorm", mlp="gelu", positions="learned", bias=True),
+    "palm-mqa": dict(SMALL, n_kv_heads=1, norm="layernorm", parallel_block=True),
+    "rope-bias-gelu": dict(SMALL, mlp="gelu", bias=True, n_kv_heads=2),
+}
+
+
+def randomized(cfg: ModelConfig) -> LLM:
+    """A float64 model whose every weight (norms and biases too) is random, so no term can hide."""
+    model = LLM(cfg).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.2 + (1.0 if p.dim() == 1 else 0.0))
+    return model
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_forward_matches_reference(name):
+    cfg = ModelConfig(**CONFIGS[name])
+    model = randomized(cfg)
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    idx = torch.randint(0, cfg.vocab_size, (2, 17))
+    targets = torch.randint(0, cfg.vocab_size, (2, 17))
+    logits, loss = model(idx, targets)
+    ref = ref_forward(cfg, sd, idx)
+    assert logits.shape == (2, 17, cfg.vocab_size)
+    assert rel_err(logits, ref) < 1e-12
+    ref_loss = F.cross_entropy(ref.reshape(-1, cfg.vocab_size), targets.reshape(-1))
+    assert abs(loss.item() - ref_loss.item()) < 1e-10
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "palm-mqa"])
+def test_cached_forward_matches_full(name):
+    cfg = ModelConfig(**CONFIGS[name])
+    model = randomized(cfg).eval()
+    idx = torch.randint(0, cfg.vocab_size, (2, 20))
+    full = model(idx)[0]
+    cache = model.new_kv_cache(2)
+    # prefill 7 tokens, then 5 at once (masked multi-token append), then single tokens
+    got = [model.forward_cached(idx[:, :7], cache, 0), model.forward_cached(idx[:, 7:12], cache, 7)]
+    got += [model.forward_cached(idx[:, t:t + 1], cache, t) for t in range(12, 20)]
+    want = [full[:, 6], full[:, 11]] + [full[:, t] for t in range(12, 20)]
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < 1e-12
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "palm-mqa"])
+def test_generate_with_cache_equals_without(name):
+    cfg = ModelConfig(**CONFIGS[name])
+    model = LLM(cfg)
+    prompt = torch.randint(0, cfg.vocab_size, (3, 4))
+    with_cache = model.generate(prompt, 20, temperature=0)
+    without = model.generate(prompt, 20, temperature=0, use_cache=False)
+    assert with_cache.shape == (3, 24)
+    assert torch.equal(with_cache, without)
+
+
+def test_generate_streams_and_runs_past_block_size():
+    cfg = ModelConfig(**SMALL)
+    model = LLM(cfg)
+    seen = []
+    out = model.generate(torch.zeros(1, 1, dtype=torch.long), 2 * cfg.block_size, temperature=0.8, top_k=10,
+                         top_p=0.9, callback=seen.append, generator=torch.Generator().manual_seed(1))
+    assert out.shape == (1, 1 + 2 * cfg.block_size)
+    assert torch.equal(torch.cat(seen), out[0, 1:])
+    assert int(out.max()) < cfg.vocab_size and int(out.min()) >= 0
+
+
+def test_sample_top_k_top_p():
+    logits = torch.tensor([[0.0, 3.0, 2.0, 1.0, -1.0]]).log_softmax(-1)
+    g = torch.Generator().manual_seed(0)
+    assert sample(logits, temperature=0).item() == 1
+    draws = {sample(logits, 1.0, top_k=2, generator=g).item() for _ in range(200)}
+    assert draws == {1, 2}
+    draws = {sample(logits, 1.0, top_p=0.5, generator=g).item() for _ in range(200)}
+    assert draws == {1}  # p(1) = 0.64 alone crosses 0.5
+
+
+def test_save_load_roundtrip(tmp_path):
+    cfg = ModelConfig(**CONFIGS["gpt2"])
+    model = LLM(cfg)
+    model.save(tmp_path / "m.safetensors")
+    loaded = LLM.load(tmp_path / "m.safetensors")
+    assert loaded.config == cfg
+    idx = torch.randint(0, cfg.vocab_size, (2, 9))
+    assert torch.equal(model(idx)[0], loaded(idx)[0])
+    (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 5)
+    with pytest.raises(ValueError, match="safetensors"):
+        LLM.load(tmp_path / "bad.safetensors")
+
+
+def test_counts():
+    model = LLM(ModelConfig(**CONFIGS["gpt2"]))
+    n = model.num_params()
+    assert n == sum(p.numel() for p in model.parameters())
+    assert model.num_params(non_embedding=True) == n - 32 * 128
+    cfg = model.config
+    assert model.flops_per_token() == 6 * (n - 32 * 128) + 12 * cfg.n_layers * cfg.dim * cfg.block_size
+    assert LLM(ModelConfig.from_preset("gpt2-124m")).num_params() / 1e6 == pytest.approx(124.5, abs=0.5)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_presets_build(preset):
+    cfg = ModelConfig.from_preset(preset, n_layers=1)
+    assert cfg.n_layers == 1 and cfg.dim % cfg.n_heads == 0
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(dim=30, n_heads=4), "n_heads .4. must divide dim .30."),
+    (dict(n_heads=4, n_kv_heads=3), "n_kv_heads .3. must divide n_heads .4."),
+    (dict(norm="batchnorm"), "norm must be one of rmsnorm, layernorm"),
+    (dict(mlp="relu"), "mlp must be one of"),
+    (dict(positions="alibi"), "positions must be one of"),
+    (dict(n_layers=0), "n_layers must be a positive integer"),
+    (dict(dropout=1.5), "dropout"),
+])
+def test_bad_config(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(**{**SMALL, **kwargs})
+
+
+def test_unknown_preset_and_field():
+    with pytest.raises(ValueError, match="unknown model preset 'gpt5'.*tiny"):
+        ModelConfig.from_preset("gpt5")
+    with pytest.raises(ValueError, match="unknown ModelConfig field.*n_layer"):
+        ModelConfig.from_preset("tiny", n_layer=3)
+
+
+def test_too_long_sequence():
+    model = LLM(ModelConfig(**SMALL))
+    with pytest.raises(ValueError, match="longer than block_size 32"):
+        model(torch.zeros(1, 33, dtype=torch.long))

@@ -1,0 +1,175 @@
+"""The trainer on tiny models and a synthetic token file: loss falls, exact resume, atomic
+checkpoints, fp16 overflow skips, divergence stop, DDP on 2 CPU processes."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pyllm import data
+from pyllm import train as trainer
+from pyllm.train import TrainConfig
+
+TINY = dict(n_layers=1, n_heads=2, dim=64, block_size=16)  # head dim 32: flash_attn takes 32..256
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """A learnable stream: a short repeating phrase with 10% random tokens mixed in."""
+    rng = np.random.default_rng(0)
+    folder = tmp_path_factory.mktemp("tokens")
+    for name, n in (("train.bin", 20000), ("val.bin", 2000)):
+        tokens = np.tile(np.array([3, 14, 15, 9, 26, 5, 35, 8, 9, 7, 9, 32]), n // 12 + 1)[:n]
+        noise = rng.random(n) < 0.1
+        tokens[noise] = rng.integers(0, 64, noise.sum())
+        data.write_tokens(folder / name, tokens, vocab_size=64)
+    return folder
+
+
+def config(data_dir, out, **kw) -> TrainConfig:
+    base = dict(data_dir=str(data_dir), out_dir=str(out), model=dict(TINY), device="cpu", batch_size=4,
+                max_steps=8, warmup_steps=2, lr=1e-2, eval_every=4, eval_batches=2, ckpt_every=4, progress=False)
+    return TrainConfig(**{**base, **kw})
+
+
+def losses(out) -> list[float]:
+    return [json.loads(line)["loss"] for line in (Path(out) / "log.jsonl").read_text().splitlines()]
+
+
+def test_loss_falls_and_outputs_written(data_dir, tmp_path):
+    summary = trainer.train(config(data_dir, tmp_path, max_steps=40, eval_every=20))
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(40))
+    assert np.mean([r["loss"] for r in records[-5:]]) < np.mean([r["loss"] for r in records[:5]]) - 1.0
+    assert records[19]["val_loss"] > records[39]["val_loss"] == summary["val_loss"]
+    assert records[0]["mfu"] is None  # CPU: no peak to compare with
+    for name in ("checkpoint.pt", "model.safetensors", "loss.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("extra", [dict(), dict(grad_accum=2, schedule="wsd", precision="bf16")])
+def test_exact_resume(data_dir, tmp_path, extra):
+    trainer.train(config(data_dir, tmp_path / "whole", **extra))
+    trainer.train(config(data_dir, tmp_path / "cut", **extra), stop_at=6)  # killed after step 5, ckpt at 4
+    assert len(losses(tmp_path / "cut")) == 6
+    trainer.train(config(data_dir, tmp_path / "cut", **extra), resume=True)
+    assert losses(tmp_path / "cut") == losses(tmp_path / "whole")  # bitwise: floats compared exactly
+    a = torch.load(tmp_path / "whole/checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "cut/checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoint_write_is_atomic(data_dir, tmp_path, monkeypatch):
+    trainer.train(config(data_dir, tmp_path, max_steps=4))
+    good = (tmp_path / "checkpoint.pt").read_bytes()
+
+    def torn_save(obj, f):  # a kill in the middle of writing
+        f.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", torn_save)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(config(data_dir, tmp_path, max_steps=8), resume=True)
+    assert (tmp_path / "checkpoint.pt").read_bytes() == good
+    assert trainer.load_checkpoint(tmp_path)["step"] == 4
+
+
+def test_corrupt_or_missing_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint to resume from"):
+        trainer.load_checkpoint(tmp_path)
+    (tmp_path / "checkpoint.pt").write_bytes(b"PK\x03\x04 not really")
+    with pytest.raises(RuntimeError, match="corrupt or truncated"):
+        trainer.load_checkpoint(tmp_path)
+
+
+def test_fp16_overflow_steps_are_skipped(data_dir, tmp_path):
+    # 2^40 overflows fp16 gradients: the scaler halves down to a workable scale, skipping each step.
+    summary = trainer.train(config(data_dir, tmp_path, precision="fp16", init_loss_scale=2.0 ** 40, max_steps=30))
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert summary["skipped_steps"] == sum(r["skipped"] for r in records) >= 10
+    assert records[0]["skipped"] and records[0]["loss_scale"] == 2.0 ** 39
+    assert not records[-1]["skipped"]
+    assert records[-1]["loss"] < records[0]["loss"]
+
+
+def test_scaler_logic():
+    s = trainer.DynamicLossScaler(init_scale=8.0, growth_interval=2)
+    s.update(found_inf=True)
+    assert s.get_scale() == 4.0
+    s.update(False)
+    s.update(False)
+    assert s.get_scale() == 8.0 and s.state_dict() == {"scale": 8.0, "_growth_tracker": 0}
+    assert s.scale(torch.tensor(2.0)).item() == 16.0
+
+
+def test_persistent_nan_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
+    real_forward = trainer.LLM.forward
+    calls = {"n": 0}
+
+    def poisoned_forward(self, idx, targets=None):
+        logits, loss = real_forward(self, idx, targets)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] > 5:
+                loss = loss * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(trainer.LLM, "forward", poisoned_forward)
+    with pytest.raises(trainer.TrainingDiverged, match=r"nan for 3 steps in a row \(steps 5..7\).*last good checkpoint"):
+        trainer.train(config(data_dir, tmp_path, max_steps=20))
+    ckpt = trainer.load_checkpoint(tmp_path)
+    assert ckpt["step"] == 4 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_schedules():
+    cfg = TrainConfig(lr=1.0, min_lr_ratio=0.1, warmup_steps=10, max_steps=110)
+    assert trainer.lr_at(0, cfg) == pytest.approx(0.1)
+    assert trainer.lr_at(10, cfg) == pytest.approx(1.0)
+    assert trainer.lr_at(60, cfg) == pytest.approx(0.55)
+    assert trainer.lr_at(110, cfg) == pytest.approx(0.1)
+    cfg.schedule, cfg.decay_frac = "wsd", 0.1
+    assert trainer.lr_at(98, cfg) == 1.0 and trainer.lr_at(109, cfg) == pytest.approx(0.1)
+
+
+def test_bad_config():
+    with pytest.raises(ValueError, match="precision must be one of"):
+        TrainConfig(precision="fp8").validate()
+    with pytest.raises(ValueError, match="unknown training option.*max_step"):
+        TrainConfig.from_dict({"max_step": 3})
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+DDP_WORKER = """
+import json, sys, torch
+torch.set_num_threads(1)
+from pyllm.train import TrainConfig, train
+cfg = TrainConfig(**json.loads(sys.argv[1]))
+train(cfg)
+"""
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_ddp_two_cpu_processes_match_one(data_dir, tmp_path, mode):
+    common = dict(data_dir=str(data_dir), model=dict(TINY), device="cpu", max_steps=4, warmup_steps=1,
+                  eval_every=0, eval_batches=2, ckpt_every=0, progress=False, lr=1e-2)
+    trainer.train(TrainConfig(**common, out_dir=str(tmp_path / "one"), batch_size=4))
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2",
+           "OMP_NUM_THREADS": "1"}
+    args = json.dumps({**common, "out_dir": str(tmp_path / "two"), "batch_size": 2, "dist_mode": mode})
+    procs = [subprocess.Popen([sys.executable, "-c", DDP_WORKER, args], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              cwd=Path(__file__).parent.parent) for r in range(2)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    np.testing.assert_allclose(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=1e-5)

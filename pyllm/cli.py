@@ -48,7 +48,8 @@ def cmd_bench(args) -> int:
     rc = 0
     for script in scripts:
         print(f"== {script.name}", flush=True)
-        rc |= subprocess.call([sys.executable, str(script), *args.bench_args])
+        extra = (["--quick"] if args.quick else []) + (["--device", args.device] if args.device else [])
+        rc |= subprocess.call([sys.executable, str(script), *extra])
     return rc
 
 
@@ -435,7 +436,8 @@ def main(argv=None) -> int:
     p = sub.add_parser("info", help="version, CUDA build and GPU status, and which ops have which backends")
     p.set_defaults(func=cmd_info)
     p = sub.add_parser("bench", help="run the benchmark scripts of bench/ (source checkout), ours vs peers")
-    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="passed to every script (e.g. --quick)")
+    p.add_argument("--quick", action="store_true", help="small sizes, no torch.compile peers")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when usable)")
     p.set_defaults(func=cmd_bench)
     p = sub.add_parser("train", help="train a model; with no options, THE MAIN JOB: BPE + tiny model on this Python's stdlib source",
                        description="Train a model. With no options: train a BPE tokenizer on this Python's standard-library "

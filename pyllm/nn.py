@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pyllm.ops import _util
+from pyllm.ops import flash_attn as flash_attn_ops
 from pyllm.ops.swiglu import swiglu_packed
 
 
@@ -62,10 +64,19 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
+def _flash_attn_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether pyllm's flash attention has a kernel for these inputs (head dim, dtype, device);
+    otherwise torch's SDPA computes the same function (e.g. fp16 on the CPU, head dim 80)."""
+    dtypes = flash_attn_ops.DTYPES.get(q.device.type, ())
+    built = q.device.type == "cpu" or _util.HAS_CUDA_KERNELS
+    return built and q.shape[-1] in flash_attn_ops.HEAD_DIMS and q.dtype in dtypes and q.dtype == k.dtype == v.dtype
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True) -> torch.Tensor:
     """softmax(q k^T / sqrt(D)) v for q (B, T, H, D) and k, v (B, S, H_kv, D) with H % H_kv == 0
-    (GQA/MQA), returned as (B, T, H, D). THE call site of training attention: switch to
-    pyllm.flash_attn(q, k, v, causal=causal) once it lands."""
+    (GQA/MQA), returned as (B, T, H, D): pyllm.flash_attn where it has a kernel, else SDPA."""
+    if _flash_attn_takes(q, k, v):
+        return flash_attn_ops.flash_attn(q, k, v, causal=causal)
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal,
         enable_gqa=q.shape[2] != k.shape[2],
@@ -78,8 +89,10 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     """Decode-time attention, flash_attn_with_kvcache's contract: writes the new k, v (B, T, H_kv, D)
     into k_cache, v_cache (B, S_max, H_kv, D) at positions cache_seqlen..cache_seqlen+T-1, then
     attends q (B, T, H, D) causally over the cache's first cache_seqlen+T positions (the new queries
-    sit at the end, so query i sees keys up to cache_seqlen+i). THE call site of decode attention:
-    switch to pyllm.flash_attn_with_kvcache once it lands."""
+    sit at the end, so query i sees keys up to cache_seqlen+i). pyllm.flash_attn_with_kvcache
+    where it has a kernel (split-KV on the GPU), else the same through SDPA."""
+    if _flash_attn_takes(q, k_cache, v_cache) and k.dtype == k_cache.dtype:
+        return flash_attn_ops.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlen, k, v, causal=True)
     T = q.shape[1]
     end = cache_seqlen + T
     k_cache[:, cache_seqlen:end] = k

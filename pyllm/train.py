@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from pyllm.data import TokenLoader, read_header
 from pyllm.model import LLM, ModelConfig, save_weights
+from pyllm.optim import AdamW, DynamicLossScaler
 
 
 @dataclass
@@ -145,50 +146,18 @@ def autocast(precision: str, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
-class DynamicLossScaler:
-    """fp16 loss scaling (Micikevicius et al. 2018): multiply the loss by the scale so small
-    gradients survive fp16; a step whose gradients overflow is skipped and halves the scale;
-    growth_interval clean steps in a row double it. Same API as pyllm.optim.DynamicLossScaler
-    (scale, get_scale, update, state_dict): THE loss-scaler call site is make_loss_scaler."""
-
-    def __init__(self, init_scale: float = 2.0 ** 16, growth_interval: int = 2000):
-        self._scale, self.growth_interval, self.clean_steps = float(init_scale), growth_interval, 0
-        self._found_inf: bool | None = None
-
-    def scale(self, loss: torch.Tensor) -> torch.Tensor:
-        return loss * self._scale
-
-    def get_scale(self) -> float:
-        return self._scale
-
-    def update(self, found_inf: bool | None = None) -> None:
-        found_inf = self._found_inf if found_inf is None else bool(found_inf)
-        self._found_inf = None
-        if found_inf:
-            self._scale, self.clean_steps = self._scale / 2, 0
-            return
-        self.clean_steps += 1
-        if self.clean_steps == self.growth_interval:
-            self._scale, self.clean_steps = self._scale * 2, 0
-
-    def state_dict(self) -> dict:
-        return {"scale": self._scale, "_growth_tracker": self.clean_steps}
-
-    def load_state_dict(self, state: dict) -> None:
-        self._scale, self.clean_steps = float(state["scale"]), int(state["_growth_tracker"])
-
-
 def make_loss_scaler(precision: str, cfg: "TrainConfig"):
-    """None unless fp16. Switch to pyllm.optim.DynamicLossScaler(cfg.init_loss_scale) once it lands."""
+    """None unless fp16 (bf16 keeps fp32's exponent range and needs no scaling)."""
     return DynamicLossScaler(cfg.init_loss_scale) if precision == "fp16" else None
 
 
 # --- optimizer -------------------------------------------------------------------------------------
 
 class TorchAdamW(torch.optim.AdamW):
-    """torch's AdamW behind pyllm.optim.AdamW's step(grad_scaler, max_grad_norm): unscale, clip
-    the global norm, skip the step on an inf/nan gradient; last_grad_norm and last_step_skipped
-    tell what happened."""
+    """torch's AdamW behind pyllm.optim.AdamW's step(grad_scaler, max_grad_norm), for FSDP2, whose
+    params are DTensor shards that pyllm's fused kernels do not take: unscale, clip the global
+    norm, skip the step on an inf/nan gradient; last_grad_norm and last_step_skipped tell what
+    happened."""
 
     def step(self, closure=None, grad_scaler: DynamicLossScaler | None = None, max_grad_norm: float | None = None):
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
@@ -199,20 +168,22 @@ class TorchAdamW(torch.optim.AdamW):
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2 gives a DTensor
         self.last_grad_norm, self.last_step_skipped = norm, not math.isfinite(float(norm))
         if grad_scaler is not None:
-            grad_scaler._found_inf = self.last_step_skipped
+            grad_scaler._record_found_inf(torch.tensor(self.last_step_skipped))
         if not self.last_step_skipped:
             super().step(closure)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW, weight decay on matrices only (not on norms, biases). THE optimizer call site: switch
-    TorchAdamW to pyllm.optim.AdamW once it lands."""
+    """AdamW, weight decay on matrices only (not on norms, biases): pyllm's fused AdamW, or torch's
+    under FSDP2 (DTensor shards)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    # FACTS.md: foreach=False ran ~1.3x faster than foreach=True on this CPU.
-    extra = {} if device.type == "cuda" else {"foreach": False}
-    return TorchAdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **extra)
+    hyper = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    if any(type(p).__name__ == "DTensor" for p in params):
+        # FACTS.md: foreach=False ran ~1.3x faster than foreach=True on this CPU.
+        return TorchAdamW(groups, **hyper, **({} if device.type == "cuda" else {"foreach": False}))
+    return AdamW(groups, **hyper)
 
 
 def optimizer_step(optimizer, scaler, max_grad_norm: float) -> tuple[bool, float]:

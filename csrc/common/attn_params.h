@@ -108,6 +108,8 @@ PYLLM_HD int64_t query_hi(const AttnParams& p, int64_t j, int64_t len_q, int64_t
 
 #include <vector>
 
+#include <cmath>
+
 #include "common/checks.h"
 
 namespace pyllm {
@@ -133,6 +135,36 @@ inline void check_attn_shape(const AttnParams& p) {
   PYLLM_CHECK(!(p.cu_seqlens_q == nullptr) == !(p.cu_seqlens_k == nullptr),
               "flash_attn: cu_seqlens_q and cu_seqlens_k come together (varlen) or not at all");
   PYLLM_CHECK(!(p.seqused_k && p.cu_seqlens_k), "flash_attn: seqused_k (KV cache) does not combine with varlen");
+}
+
+// The fields every launcher fills the same way, checked: pointers of q/k/v and the sequence
+// metadata, sizes, strides, scale, window, dtype code. Each launcher adds its outputs (and, for
+// the backward, the gradients) and checks what its dtype and device support.
+inline AttnParams make_attn_params(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t cu_seqlens_q,
+                                   uintptr_t cu_seqlens_k, uintptr_t seqused_k, int64_t batch, int64_t seqlen_q,
+                                   int64_t seqlen_k, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
+                                   const std::vector<int64_t>& q_strides, const std::vector<int64_t>& k_strides,
+                                   const std::vector<int64_t>& v_strides, const std::vector<int64_t>& o_strides,
+                                   const std::vector<int64_t>& lse_strides, double scale, int64_t window_left,
+                                   int64_t window_right, int dtype) {
+  AttnParams p;
+  p.q = reinterpret_cast<const void*>(q);
+  p.k = reinterpret_cast<const void*>(k);
+  p.v = reinterpret_cast<const void*>(v);
+  p.cu_seqlens_q = reinterpret_cast<const int32_t*>(cu_seqlens_q);
+  p.cu_seqlens_k = reinterpret_cast<const int32_t*>(cu_seqlens_k);
+  p.seqused_k = reinterpret_cast<const int32_t*>(seqused_k);
+  p.batch = batch, p.seqlen_q = seqlen_q, p.seqlen_k = seqlen_k;
+  p.n_heads = n_heads, p.n_kv_heads = n_kv_heads, p.head_dim = head_dim;
+  copy_strides(p.q_strides, q_strides, 3, "q_strides");
+  copy_strides(p.k_strides, k_strides, 3, "k_strides");
+  copy_strides(p.v_strides, v_strides, 3, "v_strides");
+  copy_strides(p.o_strides, o_strides, 3, "o_strides");
+  copy_strides(p.lse_strides, lse_strides, 2, "lse_strides");
+  p.scale = scale, p.window_left = window_left, p.window_right = window_right, p.dtype = dtype;
+  check_attn_shape(p);
+  PYLLM_CHECK(std::isfinite(scale), "flash_attn: softmax_scale must be finite, got ", scale);
+  return p;
 }
 
 }  // namespace pyllm

@@ -467,32 +467,9 @@ void check_seqlens(const AttnParams& p, int64_t total_q, int64_t total_k, int64_
                   p.seqused_k[b], " of sequence ", b, " is outside [0, ", k_capacity, "]");
 }
 
-AttnParams make_params(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t cu_seqlens_q, uintptr_t cu_seqlens_k,
-                       int64_t batch, int64_t seqlen_q, int64_t seqlen_k, int64_t n_heads, int64_t n_kv_heads,
-                       int64_t head_dim, const std::vector<int64_t>& q_strides,
-                       const std::vector<int64_t>& k_strides, const std::vector<int64_t>& v_strides,
-                       const std::vector<int64_t>& o_strides, const std::vector<int64_t>& lse_strides,
-                       double scale, int64_t window_left, int64_t window_right, int dtype) {
-  AttnParams p;
-  p.q = reinterpret_cast<const void*>(q);
-  p.k = reinterpret_cast<const void*>(k);
-  p.v = reinterpret_cast<const void*>(v);
-  p.cu_seqlens_q = reinterpret_cast<const int32_t*>(cu_seqlens_q);
-  p.cu_seqlens_k = reinterpret_cast<const int32_t*>(cu_seqlens_k);
-  p.batch = batch, p.seqlen_q = seqlen_q, p.seqlen_k = seqlen_k;
-  p.n_heads = n_heads, p.n_kv_heads = n_kv_heads, p.head_dim = head_dim;
-  copy_strides(p.q_strides, q_strides, 3, "q_strides");
-  copy_strides(p.k_strides, k_strides, 3, "k_strides");
-  copy_strides(p.v_strides, v_strides, 3, "v_strides");
-  copy_strides(p.o_strides, o_strides, 3, "o_strides");
-  copy_strides(p.lse_strides, lse_strides, 2, "lse_strides");
-  p.scale = scale, p.window_left = window_left, p.window_right = window_right;
-  p.dtype = dtype;
+void check_cpu_dtype(int dtype) {
   PYLLM_CHECK(dtype == int(DType::f32) || dtype == int(DType::bf16) || dtype == int(DType::f64),
               "flash_attn: unsupported CPU dtype ", dtype_name(dtype), " (code ", dtype, "); expected float32, bfloat16, float64");
-  check_attn_shape(p);
-  PYLLM_CHECK(std::isfinite(scale), "flash_attn: softmax_scale must be finite, got ", scale);
-  return p;
 }
 
 // Tokens in the q (and out) tensor, and in k / v, as the kernels will index them.
@@ -534,13 +511,12 @@ void flash_attn_fwd_cpu(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, ui
                         const std::vector<int64_t>& v_strides, const std::vector<int64_t>& o_strides,
                         const std::vector<int64_t>& lse_strides, double scale, int64_t window_left,
                         int64_t window_right, int dtype) {
-  AttnParams p = make_params(q, k, v, cu_seqlens_q, cu_seqlens_k, batch, seqlen_q, seqlen_k, n_heads, n_kv_heads,
-                             head_dim, q_strides, k_strides, v_strides, o_strides, lse_strides, scale,
-                             window_left, window_right, dtype);
+  AttnParams p = make_attn_params(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, batch, seqlen_q, seqlen_k,
+                                  n_heads, n_kv_heads, head_dim, q_strides, k_strides, v_strides, o_strides,
+                                  lse_strides, scale, window_left, window_right, dtype);
+  check_cpu_dtype(dtype);
   p.out = reinterpret_cast<void*>(out);
   p.lse = reinterpret_cast<void*>(lse);
-  p.seqused_k = reinterpret_cast<const int32_t*>(seqused_k);
-  check_attn_shape(p);
   const int64_t total_q = total_tokens(p.cu_seqlens_q, batch, seqlen_q);
   check_seqlens(p, total_q, total_tokens(p.cu_seqlens_k, batch, seqlen_k), seqlen_k);
   if (total_q == 0) return;
@@ -558,9 +534,10 @@ void flash_attn_bwd_cpu(uintptr_t dout, uintptr_t dlse, uintptr_t q, uintptr_t k
                         const std::vector<int64_t>& v_strides, const std::vector<int64_t>& o_strides,
                         const std::vector<int64_t>& dkv_strides, const std::vector<int64_t>& lse_strides,
                         double scale, int64_t window_left, int64_t window_right, int dtype) {
-  AttnParams p = make_params(q, k, v, cu_seqlens_q, cu_seqlens_k, batch, seqlen_q, seqlen_k, n_heads, n_kv_heads,
-                             head_dim, q_strides, k_strides, v_strides, o_strides, lse_strides, scale,
-                             window_left, window_right, dtype);
+  AttnParams p = make_attn_params(q, k, v, cu_seqlens_q, cu_seqlens_k, 0, batch, seqlen_q, seqlen_k, n_heads,
+                                  n_kv_heads, head_dim, q_strides, k_strides, v_strides, o_strides, lse_strides,
+                                  scale, window_left, window_right, dtype);
+  check_cpu_dtype(dtype);
   copy_strides(p.dkv_strides, dkv_strides, 3, "dkv_strides");
   p.out = reinterpret_cast<void*>(out);
   p.lse = reinterpret_cast<void*>(lse);

@@ -250,10 +250,9 @@ void flash_attn_bwd_cuda(uintptr_t dout, uintptr_t dlse, uintptr_t q, uintptr_t 
                          const std::vector<int64_t>& dkv_strides, const std::vector<int64_t>& lse_strides,
                          double scale, int64_t window_left, int64_t window_right, int dtype, bool deterministic,
                          int device, uintptr_t stream) {
-  AttnParams p;
-  p.q = reinterpret_cast<const void*>(q);
-  p.k = reinterpret_cast<const void*>(k);
-  p.v = reinterpret_cast<const void*>(v);
+  AttnParams p = make_attn_params(q, k, v, cu_seqlens_q, cu_seqlens_k, 0, batch, seqlen_q, seqlen_k, n_heads,
+                                  n_kv_heads, head_dim, q_strides, k_strides, v_strides, o_strides, lse_strides,
+                                  scale, window_left, window_right, dtype);
   p.out = reinterpret_cast<void*>(out);
   p.lse = reinterpret_cast<void*>(lse);
   p.dout = reinterpret_cast<const void*>(dout);
@@ -261,20 +260,8 @@ void flash_attn_bwd_cuda(uintptr_t dout, uintptr_t dlse, uintptr_t q, uintptr_t 
   p.dq = reinterpret_cast<void*>(dq);
   p.dk = reinterpret_cast<void*>(dk);
   p.dv = reinterpret_cast<void*>(dv);
-  p.cu_seqlens_q = reinterpret_cast<const int32_t*>(cu_seqlens_q);
-  p.cu_seqlens_k = reinterpret_cast<const int32_t*>(cu_seqlens_k);
-  p.batch = batch, p.seqlen_q = seqlen_q, p.seqlen_k = seqlen_k;
-  p.n_heads = n_heads, p.n_kv_heads = n_kv_heads, p.head_dim = head_dim;
-  copy_strides(p.q_strides, q_strides, 3, "q_strides");
-  copy_strides(p.k_strides, k_strides, 3, "k_strides");
-  copy_strides(p.v_strides, v_strides, 3, "v_strides");
-  copy_strides(p.o_strides, o_strides, 3, "o_strides");
   copy_strides(p.dkv_strides, dkv_strides, 3, "dkv_strides");
-  copy_strides(p.lse_strides, lse_strides, 2, "lse_strides");
-  p.scale = scale, p.window_left = window_left, p.window_right = window_right, p.dtype = dtype;
   p.deterministic = true;  // always: see the header comment
-  check_attn_shape(p);
-  PYLLM_CHECK(std::isfinite(scale), "flash_attn: softmax_scale must be finite, got ", scale);
   if (batch == 0 || (seqlen_q == 0 && seqlen_k == 0)) return;
   PYLLM_CHECK(seqlen_q == 0 || (q && out && lse && dout && dq), "flash_attn: null data pointer for a non-empty tensor");
   PYLLM_CHECK(seqlen_k == 0 || (k && v && dk && dv), "flash_attn: null data pointer for a non-empty tensor");

@@ -166,24 +166,12 @@ void flash_attn_decode_cuda(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, u
                             const std::vector<int64_t>& o_strides, const std::vector<int64_t>& lse_strides,
                             double scale, int64_t window_left, int64_t window_right, int dtype, int device,
                             uintptr_t stream) {
-  AttnParams p;
-  p.q = reinterpret_cast<const void*>(q);
-  p.k = reinterpret_cast<const void*>(k_cache);
-  p.v = reinterpret_cast<const void*>(v_cache);
+  PYLLM_CHECK(seqused_k != 0, "flash_attn_with_kvcache: cache lengths (seqused_k) are required");
+  AttnParams p = make_attn_params(q, k_cache, v_cache, 0, 0, seqused_k, batch, seqlen_q, capacity, n_heads,
+                                  n_kv_heads, head_dim, q_strides, k_strides, v_strides, o_strides, lse_strides,
+                                  scale, window_left, window_right, dtype);
   p.out = reinterpret_cast<void*>(out);
   p.lse = reinterpret_cast<void*>(lse);
-  p.seqused_k = reinterpret_cast<const int32_t*>(seqused_k);
-  p.batch = batch, p.seqlen_q = seqlen_q, p.seqlen_k = capacity;
-  p.n_heads = n_heads, p.n_kv_heads = n_kv_heads, p.head_dim = head_dim;
-  copy_strides(p.q_strides, q_strides, 3, "q_strides");
-  copy_strides(p.k_strides, k_strides, 3, "k_strides");
-  copy_strides(p.v_strides, v_strides, 3, "v_strides");
-  copy_strides(p.o_strides, o_strides, 3, "o_strides");
-  copy_strides(p.lse_strides, lse_strides, 2, "lse_strides");
-  p.scale = scale, p.window_left = window_left, p.window_right = window_right, p.dtype = dtype;
-  check_attn_shape(p);
-  PYLLM_CHECK(seqused_k != 0, "flash_attn_with_kvcache: cache lengths (seqused_k) are required");
-  PYLLM_CHECK(std::isfinite(scale), "flash_attn: softmax_scale must be finite, got ", scale);
   PYLLM_CHECK(dtype == int(DType::f16) || dtype == int(DType::bf16),
               "flash_attn_with_kvcache: CUDA dtype must be float16 or bfloat16, got ", dtype_name(dtype));
   if (batch == 0 || seqlen_q == 0) return;

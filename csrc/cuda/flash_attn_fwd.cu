@@ -254,25 +254,11 @@ void flash_attn_fwd_cuda(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, u
                          const std::vector<int64_t>& v_strides, const std::vector<int64_t>& o_strides,
                          const std::vector<int64_t>& lse_strides, double scale, int64_t window_left,
                          int64_t window_right, int dtype, int device, uintptr_t stream) {
-  AttnParams p;
-  p.q = reinterpret_cast<const void*>(q);
-  p.k = reinterpret_cast<const void*>(k);
-  p.v = reinterpret_cast<const void*>(v);
+  AttnParams p = make_attn_params(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, batch, seqlen_q, seqlen_k,
+                                  n_heads, n_kv_heads, head_dim, q_strides, k_strides, v_strides, o_strides,
+                                  lse_strides, scale, window_left, window_right, dtype);
   p.out = reinterpret_cast<void*>(out);
   p.lse = reinterpret_cast<void*>(lse);
-  p.cu_seqlens_q = reinterpret_cast<const int32_t*>(cu_seqlens_q);
-  p.cu_seqlens_k = reinterpret_cast<const int32_t*>(cu_seqlens_k);
-  p.seqused_k = reinterpret_cast<const int32_t*>(seqused_k);
-  p.batch = batch, p.seqlen_q = seqlen_q, p.seqlen_k = seqlen_k;
-  p.n_heads = n_heads, p.n_kv_heads = n_kv_heads, p.head_dim = head_dim;
-  copy_strides(p.q_strides, q_strides, 3, "q_strides");
-  copy_strides(p.k_strides, k_strides, 3, "k_strides");
-  copy_strides(p.v_strides, v_strides, 3, "v_strides");
-  copy_strides(p.o_strides, o_strides, 3, "o_strides");
-  copy_strides(p.lse_strides, lse_strides, 2, "lse_strides");
-  p.scale = scale, p.window_left = window_left, p.window_right = window_right, p.dtype = dtype;
-  check_attn_shape(p);
-  PYLLM_CHECK(std::isfinite(scale), "flash_attn: softmax_scale must be finite, got ", scale);
   if (batch == 0 || seqlen_q == 0) return;
   PYLLM_CHECK(q && out && lse && ((k && v) || seqlen_k == 0), "flash_attn: null data pointer for a non-empty tensor");
   DeviceGuard guard(device);

@@ -138,7 +138,7 @@ def ensure_tokenizer(inputs, path: Path, vocab_size: int, max_bytes: int):
     sample = training_sample(files, max_bytes)
     print(f"tokenizer: training a {vocab_size}-token BPE on {len(sample)} of {len(files)} files", flush=True)
     t0 = time.perf_counter()
-    tok = Tokenizer.train(list(data.read_texts(sample)), vocab_size, special_tokens=(data.EOT,))
+    tok = Tokenizer.train(sample, vocab_size, special_tokens=(data.EOT,))  # file paths: read in C++
     tok.save(str(path))
     meta_path.write_text(json.dumps(meta))
     print(f"tokenizer: trained in {time.perf_counter() - t0:.1f} s, saved to {path}")
@@ -176,7 +176,7 @@ def is_token_dir(path) -> bool:
 # --- train ---------------------------------------------------------------------------------------------
 
 # CLI-only keys (the rest are TrainConfig fields): where the text comes from and what to do after.
-_CLI_KEYS = {"data": None, "tokenizer": None, "vocab_size": None, "tokenizer_train_bytes": 8_000_000,
+_CLI_KEYS = {"data": None, "tokenizer": None, "vocab_size": None, "tokenizer_train_bytes": 0,
              "val_fraction": 0.02, "sample_tokens": 200, "prompt": "def ", "config": None, "resume": None,
              "model_overrides": None}
 
@@ -405,7 +405,7 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", nargs="+", help="text files or folders to train on, or a folder holding train.bin/val.bin from `pyllm prepare` (default: this Python's standard-library source)")
     p.add_argument("--tokenizer", help="a saved pyllm tokenizer to use instead of training one on --data")
     p.add_argument("--vocab-size", type=int, help="vocab size of the tokenizer trained on --data (default: the preset's; tiny: 4096)")
-    p.add_argument("--tokenizer-train-bytes", type=int, help="train the tokenizer on an evenly spread sample of about this many bytes of --data (default 8000000; 0: all)")
+    p.add_argument("--tokenizer-train-bytes", type=int, help="train the tokenizer on an evenly spread sample of about this many bytes of --data (default 0: all of it)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint up to --max-steps")
     p.add_argument("--preset", help="model preset: tiny (default), llama-124m, gpt2-124m, palm-style")
     p.add_argument("--model", dest="model_overrides", action="append", metavar="KEY=VALUE", help="override a ModelConfig field, e.g. --model n_layers=2 --model norm=layernorm (repeatable)")
@@ -456,7 +456,7 @@ def main(argv=None) -> int:
     p.add_argument("--input", nargs="+", help="text files or folders (default: this Python's standard-library source)")
     p.add_argument("--vocab-size", type=int, default=4096, help="number of tokens, 256 bytes + merges + <|endoftext|> (default 4096)")
     p.add_argument("--out", required=True, help="where to save the tokenizer")
-    p.add_argument("--train-bytes", type=int, default=8_000_000, help="train on an evenly spread sample of about this many bytes (default 8000000; 0: all)")
+    p.add_argument("--train-bytes", type=int, default=0, help="train on an evenly spread sample of about this many bytes (default 0: all)")
     p.set_defaults(func=cmd_tokenizer_train)
     p = sub.add_parser("generate", help="sample text from a trained model, streaming it")
     p.add_argument("--run", help="a run folder written by `pyllm train` (finds model.safetensors and the tokenizer)")

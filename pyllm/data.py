@@ -145,6 +145,8 @@ def prepare(inputs: Sequence[str | os.PathLike] | None, tokenizer, out_dir, val_
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     eot = _eot_id(tokenizer)
+    # Ordinary encoding: a literal "<|endoftext|>" inside a file is text, not a separator.
+    encode_batch = getattr(tokenizer, "encode_ordinary_batch", None) or tokenizer.encode_batch
     every = max(2, round(1 / val_fraction))
     by_document = len(files) >= every
     train_parts: list[np.ndarray] = []
@@ -154,7 +156,7 @@ def prepare(inputs: Sequence[str | os.PathLike] | None, tokenizer, out_dir, val_
     for start in range(0, len(files), batch_docs):
         chunk = files[start:start + batch_docs]
         texts = list(read_texts(chunk))
-        for i, ids in enumerate(tokenizer.encode_batch(texts)):
+        for i, ids in enumerate(encode_batch(texts)):
             doc = np.asarray(ids if eot is None else [*ids, eot], dtype=np.int64)
             (val_parts if by_document and (start + i) % every == every - 1 else train_parts).append(doc)
         bar.update(sum(f.stat().st_size for f in chunk))

@@ -8,11 +8,7 @@
 #pragma once
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define PYLLM_HD __host__ __device__ __forceinline__
-#else
-#define PYLLM_HD inline
-#endif
+#include "common/host_device.h"
 
 namespace pyllm {
 

@@ -110,6 +110,21 @@ def _parse_ranks_body(body: bytes, where: str) -> dict[bytes, int]:
     return ranks
 
 
+def _batch_args(texts, num_threads, op: str) -> tuple[list[str], int]:
+    """The checked texts (as a list) and thread count (None: the CPUs this process may use)."""
+    if isinstance(texts, str) or not isinstance(texts, Iterable):
+        raise TypeError(f"{op}: texts must be a sequence of str, got {type(texts).__name__}")
+    texts = list(texts)
+    for k, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise TypeError(f"{op}: texts[{k}] must be a str, got {type(t).__name__}")
+    if num_threads is None:
+        num_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if not isinstance(num_threads, int) or isinstance(num_threads, bool) or num_threads < 1:
+        raise ValueError(f"{op}: num_threads must be a positive int or None, got {num_threads!r}")
+    return texts, num_threads
+
+
 class Tokenizer:
     """Byte-level BPE tokenizer, token-identical with tiktoken for the same ranks, pattern and specials.
 
@@ -301,16 +316,7 @@ class Tokenizer:
 
         device="cuda": the CUDA batch encoder (same ids), when pyllm was built with CUDA and a GPU is usable.
         """
-        if isinstance(texts, str) or not isinstance(texts, Iterable):
-            raise TypeError(f"encode_batch: texts must be a sequence of str, got {type(texts).__name__}")
-        texts = list(texts)
-        for k, t in enumerate(texts):
-            if not isinstance(t, str):
-                raise TypeError(f"encode_batch: texts[{k}] must be a str, got {type(t).__name__}")
-        if num_threads is None:
-            num_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        if not isinstance(num_threads, int) or isinstance(num_threads, bool) or num_threads < 1:
-            raise ValueError(f"encode_batch: num_threads must be a positive int or None, got {num_threads!r}")
+        texts, num_threads = _batch_args(texts, num_threads, "encode_batch")
         allowed, disallowed = self._special_args(allowed_special, disallowed_special, "encode_batch")
         if device == "cuda":
             from pyllm.tokenizer import cuda_encoder
@@ -332,16 +338,7 @@ class Tokenizer:
         text k's ids are ids[offsets[k]:offsets[k + 1]]. Skips building a Python int per token."""
         import numpy as np
 
-        if isinstance(texts, str) or not isinstance(texts, Iterable):
-            raise TypeError(f"encode_batch_packed: texts must be a sequence of str, got {type(texts).__name__}")
-        texts = list(texts)
-        for k, t in enumerate(texts):
-            if not isinstance(t, str):
-                raise TypeError(f"encode_batch_packed: texts[{k}] must be a str, got {type(t).__name__}")
-        if num_threads is None:
-            num_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        if not isinstance(num_threads, int) or isinstance(num_threads, bool) or num_threads < 1:
-            raise ValueError(f"encode_batch_packed: num_threads must be a positive int or None, got {num_threads!r}")
+        texts, num_threads = _batch_args(texts, num_threads, "encode_batch_packed")
         allowed, disallowed = self._special_args(allowed_special, disallowed_special, "encode_batch_packed")
         if self._regex is not None:
             lists = [self._encode_custom(t, allowed, disallowed) for t in texts]

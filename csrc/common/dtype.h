@@ -43,14 +43,16 @@ inline uint32_t f32_to_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); retur
 inline float to_float(float x) { return x; }
 inline double to_float(double x) { return x; }
 inline float to_float(bf16 x) { return bits_to_f32(uint32_t(x.bits) << 16); }
+// fp16 conversions without branches: early returns for inf/nan/subnormals stop GCC vectorising
+// the loops that call these (measured in adamw.cpp: fp16 steps 4x slower than bf16 with them).
+// RNE, inf/nan kept, subnormals exact; checked bit for bit against the branchy versions over all
+// 2^32 floats and all 2^16 halves.
 inline float to_float(f16 x) {
-  uint32_t sign = uint32_t(x.bits & 0x8000) << 16, exp = (x.bits >> 10) & 0x1f, man = x.bits & 0x3ff;
-  if (exp == 0x1f) return bits_to_f32(sign | 0x7f800000 | (man << 13));  // inf / nan
-  if (exp == 0) {                                                        // zero / subnormal
-    float v = float(man) * 5.9604644775390625e-8f;                       // man * 2^-24
-    return sign ? -v : v;
-  }
-  return bits_to_f32(sign | ((exp + 112) << 23) | (man << 13));
+  const uint32_t sign = uint32_t(x.bits & 0x8000u) << 16, magnitude = x.bits & 0x7fffu;
+  // Normals and subnormals at once: the bits shifted into fp32 position, times 2^112 to rebias.
+  const float finite = bits_to_f32(magnitude << 13) * 5.192296858534828e33f;  // 2^112
+  const uint32_t special = 0x7f800000u | ((magnitude & 0x3ffu) << 13);        // inf / nan
+  return bits_to_f32(sign | (magnitude >= 0x7c00u ? special : f32_to_bits(finite)));
 }
 
 template <typename T> T from_float(float x);
@@ -63,18 +65,15 @@ template <> inline bf16 from_float<bf16>(float x) {
   return bf16{uint16_t((u & 0x7fffffffu) > 0x7f800000u ? nan : rounded)};
 }
 template <> inline f16 from_float<f16>(float x) {
-  uint32_t u = f32_to_bits(x), sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
-  if (a > 0x7f800000u) return f16{uint16_t(sign | 0x7e00u)};            // nan
-  if (a >= 0x477ff000u) return f16{uint16_t(sign | 0x7c00u)};           // rounds to inf
-  if (a < 0x38800000u) {                                                // subnormal or zero
-    float v = bits_to_f32(a) * 16777216.0f;                             // to units of 2^-24
-    uint32_t m = uint32_t(v), rem_bits = f32_to_bits(v - float(m));
-    float rem = bits_to_f32(rem_bits);
-    if (rem > 0.5f || (rem == 0.5f && (m & 1u))) m++;
-    return f16{uint16_t(sign | m)};
-  }
-  uint32_t r = a + 0xfffu + ((a >> 13) & 1u) - 0x38000000u;            // rebias 127 -> 15, RNE
-  return f16{uint16_t(sign | (r >> 13))};
+  const uint32_t u = f32_to_bits(x), sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
+  // |x| < 2^-14 (fp16 subnormal or zero): adding 0.5 lines the fp16 subnormal grid up with fp32's
+  // last mantissa bits, and the FPU's own round-to-nearest-even does the rounding.
+  const uint32_t subnormal = f32_to_bits(bits_to_f32(a) + 0.5f) - 0x3f000000u;
+  // Normal range: rebias the exponent (127 -> 15) and round to nearest even at bit 13.
+  const uint32_t normal = (a + 0xc8000fffu + ((a >> 13) & 1u)) >> 13;
+  const uint32_t overflow = a > 0x7f800000u ? 0x7e00u : 0x7c00u;  // nan : inf (also for >= 65520)
+  const uint32_t out = a >= 0x477ff000u ? overflow : a < 0x38800000u ? subnormal : normal;
+  return f16{uint16_t(sign | out)};
 }
 template <> inline double from_float<double>(float x) { return x; }
 

@@ -24,7 +24,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # the checkout'
 import common  # noqa: E402
 
 from pyllm.model import LLM, ModelConfig  # noqa: E402
-from pyllm.train import TrainConfig, autocast, make_optimizer, peak_flops  # noqa: E402
+from pyllm.train import DistInfo, TrainConfig, autocast, make_optimizer, peak_flops  # noqa: E402
 
 
 # --- the plain-PyTorch model (LLaMA-style configs: rmsnorm, swiglu, rope, any n_kv_heads) ----------
@@ -120,7 +120,7 @@ def main() -> int:
         torch.manual_seed(0)
         model = (LLM(cfg) if impl == "pyllm" else PlainLLM(cfg)).to(device)
         if impl == "pyllm":
-            opt = make_optimizer(model, TrainConfig(lr=1e-4), device)
+            opt = make_optimizer(model, TrainConfig(lr=1e-4), DistInfo(device=device))
         else:
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **({"fused": True} if cuda else {"foreach": False}))
         return model, opt

@@ -495,6 +495,9 @@ def restore(ckpt: dict, model, optimizer, scaler, loader, cfg: TrainConfig, info
 
         names = param_names(model, optimizer)
         optim_state = rekey_optimizer_state(ckpt["optimizer"], list(range(len(names))), names)
+        # A checkpoint from pyllm's AdamW (another mode) has group keys torch's AdamW lacks.
+        optim_state["param_groups"] = [{k: v for k, v in saved.items() if k in group}
+                                       for saved, group in zip(optim_state["param_groups"], optimizer.param_groups)]
         set_state_dict(model, optimizer, model_state_dict=ckpt["model"], optim_state_dict=optim_state,
                        options=StateDictOptions(full_state_dict=True))
     else:

@@ -157,7 +157,8 @@ torch.set_num_threads(1)
 from pyllm.train import TrainConfig, train
 common = json.loads(sys.argv[1])
 # In one process group: an uninterrupted run, a run stopped after step 5 (checkpoint at 4), its resume.
-for run, kwargs in (("whole", {}), ("cut", {"stop_at": 6}), ("cut", {"resume": True})):
+# Then "cross": a 1-process run's checkpoint, resumed by these 2 processes in this mode.
+for run, kwargs in (("whole", {}), ("cut", {"stop_at": 6}), ("cut", {"resume": True}), ("cross", {"resume": True})):
     train(TrainConfig(**{**common, "out_dir": common["out_dir"] + "/" + run}), **kwargs)
 """
 
@@ -178,14 +179,17 @@ def run_two_processes(args: dict, timeout: float = 150) -> None:
 @pytest.mark.parametrize("mode", ["ddp", "fsdp", "zero1"])
 def test_two_cpu_processes_match_one_and_resume_exactly(data_dir, tmp_path, mode):
     """2 gloo processes with batch 2 each = 1 process with batch 4 (to float rounding); a 2-process
-    run stopped at step 6 and resumed from its step-4 checkpoint = the uninterrupted one, bitwise."""
+    run stopped at step 6 and resumed from its step-4 checkpoint = the uninterrupted one, bitwise;
+    a 1-process checkpoint resumes on 2 processes in this mode."""
     common = dict(data_dir=str(data_dir), model=dict(TINY), device="cpu", max_steps=8, warmup_steps=1,
                   eval_every=4, eval_batches=2, ckpt_every=4, progress=False, lr=1e-2)
     trainer.train(TrainConfig(**common, out_dir=str(tmp_path / "one"), batch_size=4))
+    trainer.train(TrainConfig(**common, out_dir=str(tmp_path / "two/cross"), batch_size=4), stop_at=6)
     run_two_processes({**common, "out_dir": str(tmp_path / "two"), "batch_size": 2, "dist_mode": mode})
     whole, cut = tmp_path / "two/whole", tmp_path / "two/cut"
     np.testing.assert_allclose(losses(whole), losses(tmp_path / "one"), rtol=1e-5)
     assert losses(cut) == losses(whole)  # bitwise
+    np.testing.assert_allclose(losses(tmp_path / "two/cross")[4:], losses(tmp_path / "one")[4:], rtol=1e-5)
     one, a, b = (torch.load(d / "checkpoint.pt", weights_only=True) for d in (tmp_path / "one", whole, cut))
     assert a["step"] == b["step"] == 8
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])

@@ -134,3 +134,47 @@ def test_every_command_has_help(argv, capsys):
 def test_info_still_works(capsys):
     assert cli.main(["info"]) == 0
     assert "swiglu" in capsys.readouterr().out
+
+
+def test_torchrun_two_cpu_processes_end_to_end(tmp_path):
+    """`torchrun --nproc_per_node 2 -m pyllm train --device cpu` with pyllm's real tokenizer: rank 0
+    alone trains the tokenizer, prepares the data and writes the log, plot, checkpoint and sample;
+    then a torchrun --resume under another dist mode continues it."""
+    import os
+    import subprocess
+    import sys
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(60):
+        (corpus / f"m{i:02d}.py").write_text(f"def f{i}(x):\n    return x + {i}\n" * 20)
+    run = tmp_path / "run"
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "pyllm", "train"]
+    small = ["--model", "n_layers=1", "--model", "dim=64", "--model", "n_heads=2", "--model", "block_size=32",
+             "--batch-size", "2", "--eval-every", "2", "--eval-batches", "1", "--device", "cpu"]
+
+    def torchrun(*args):
+        done = subprocess.run([*launch, *args], cwd=root, env=env, capture_output=True, text=True, timeout=240)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return done.stdout
+
+    out = torchrun("--data", str(corpus), "--out", str(run), "--vocab-size", "300", "--max-steps", "4",
+                   "--ckpt-every", "2", "--sample-tokens", "8", *small)
+    for once in ("tokenizer: training", "data: 60 files", "training: preset tiny", "step 2: val loss", "step 4: val loss",
+                 "done in", "sample (8 tokens"):
+        assert out.count(once) == 1, (once, out)
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1, 2, 3]
+    for name in ("checkpoint.pt", "model.safetensors", "loss.png", "tokenizer.bpe", "data/train.bin", "run.json"):
+        assert (run / name).stat().st_size > 0, name
+    assert not list(run.rglob("*.tmp"))
+
+    out = torchrun("--resume", str(run), "--max-steps", "6", "--dist-mode", "zero1", "--sample-tokens", "0")
+    assert out.count("done in") == 1 and out.count("step 6: val loss") == 1
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(6))
+    import torch
+
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 6

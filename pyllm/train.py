@@ -11,7 +11,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -56,14 +56,32 @@ class TrainConfig:
     progress: bool = True
 
     def validate(self) -> None:
+        """ValueError naming the option, what it takes and what it got (a config file can hold anything)."""
+        for f in fields(self):
+            value, default = getattr(self, f.name), f.default if f.default is not MISSING else f.default_factory()
+            kind = float if isinstance(default, float) else type(default)
+            ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+            ok = ok or (kind is float and isinstance(value, int) and not isinstance(value, bool))
+            if not ok:
+                raise ValueError(f"TrainConfig.{f.name} must be of type {kind.__name__}, got {value!r}")
         choices = {"precision": ("auto", "fp32", "bf16", "fp16"), "schedule": ("cosine", "wsd", "constant"),
                    "dist_mode": ("ddp", "fsdp", "zero1")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"TrainConfig.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        for name in ("batch_size", "grad_accum", "max_steps"):
+        for name in ("batch_size", "grad_accum", "max_steps", "eval_batches", "nan_patience"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("seq_len", "warmup_steps", "eval_every", "ckpt_every", "weight_decay", "grad_clip", "eps"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
+        bounds = {"lr": (lambda x: 0 < x < math.inf, "> 0"), "min_lr_ratio": (lambda x: 0 <= x <= 1, "in [0, 1]"),
+                  "decay_frac": (lambda x: 0 < x <= 1, "in (0, 1]"), "beta1": (lambda x: 0 <= x < 1, "in [0, 1)"),
+                  "beta2": (lambda x: 0 <= x < 1, "in [0, 1)"),
+                  "init_loss_scale": (lambda x: 0 < x < math.inf, "> 0 and finite")}
+        for name, (valid, text) in bounds.items():
+            if not valid(getattr(self, name)):
+                raise ValueError(f"TrainConfig.{name} must be {text}, got {getattr(self, name)}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":

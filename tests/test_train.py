@@ -138,9 +138,28 @@ def test_schedules():
     assert trainer.lr_at(98, cfg) == 1.0 and trainer.lr_at(109, cfg) == pytest.approx(0.1)
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(precision="fp8"), "precision must be one of auto, fp32, bf16, fp16, got 'fp8'"),
+    (dict(dist_mode="zero3"), "dist_mode must be one of ddp, fsdp, zero1"),
+    (dict(max_steps="ten"), "max_steps must be of type int, got 'ten'"),
+    (dict(batch_size=2.0), "batch_size must be of type int"),
+    (dict(compile="yes"), "compile must be of type bool"),
+    (dict(batch_size=0), "batch_size must be >= 1, got 0"),
+    (dict(warmup_steps=-1), "warmup_steps must be >= 0"),
+    (dict(lr=0.0), "lr must be > 0"),
+    (dict(beta2=1.0), r"beta2 must be in \[0, 1\)"),
+    (dict(decay_frac=0.0), r"decay_frac must be in \(0, 1\]"),
+    (dict(min_lr_ratio=1.5), r"min_lr_ratio must be in \[0, 1\]"),
+    (dict(init_loss_scale=float("inf")), "init_loss_scale must be > 0 and finite"),
+])
+def test_bad_option_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**kwargs).validate()
+
+
 def test_bad_config():
-    with pytest.raises(ValueError, match="precision must be one of"):
-        TrainConfig(precision="fp8").validate()
+    TrainConfig().validate()
+    TrainConfig(lr=1, grad_clip=0).validate()  # an int where a float is expected is fine
     with pytest.raises(ValueError, match="unknown training option.*max_step"):
         TrainConfig.from_dict({"max_step": 3})
 

@@ -197,10 +197,11 @@ def run_two_processes(args: dict, timeout: float = 150) -> None:
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp", "zero1"])
 def test_two_cpu_processes_match_one_and_resume_exactly(data_dir, tmp_path, mode):
-    """2 gloo processes with batch 2 each = 1 process with batch 4 (to float rounding); a 2-process
+    """2 gloo processes with batch 2 each = 1 process with batch 4 (to float rounding), both with 2
+    micro-steps of gradient accumulation; a 2-process
     run stopped at step 6 and resumed from its step-4 checkpoint = the uninterrupted one, bitwise;
     a 1-process checkpoint resumes on 2 processes in this mode."""
-    common = dict(data_dir=str(data_dir), model=dict(TINY), device="cpu", max_steps=8, warmup_steps=1,
+    common = dict(data_dir=str(data_dir), model=dict(TINY), device="cpu", max_steps=8, warmup_steps=1, grad_accum=2,
                   eval_every=4, eval_batches=2, ckpt_every=4, progress=False, lr=1e-2)
     trainer.train(TrainConfig(**common, out_dir=str(tmp_path / "one"), batch_size=4))
     trainer.train(TrainConfig(**common, out_dir=str(tmp_path / "two/cross"), batch_size=4), stop_at=6)

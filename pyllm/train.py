@@ -63,7 +63,10 @@ class TrainConfig:
             ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
             ok = ok or (kind is float and isinstance(value, int) and not isinstance(value, bool))
             if not ok:
-                raise ValueError(f"TrainConfig.{f.name} must be of type {kind.__name__}, got {value!r}")
+                hint = ""
+                if kind is float and isinstance(value, str):
+                    hint = " (YAML 1.1 reads a number like 3e-3 as text: write 3.0e-3)"
+                raise ValueError(f"TrainConfig.{f.name} must be of type {kind.__name__}, got {value!r}{hint}")
         choices = {"precision": ("auto", "fp32", "bf16", "fp16"), "schedule": ("cosine", "wsd", "constant"),
                    "dist_mode": ("ddp", "fsdp", "zero1")}
         for name, allowed in choices.items():

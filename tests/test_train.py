@@ -144,6 +144,7 @@ def test_schedules():
     (dict(max_steps="ten"), "max_steps must be of type int, got 'ten'"),
     (dict(batch_size=2.0), "batch_size must be of type int"),
     (dict(compile="yes"), "compile must be of type bool"),
+    (dict(lr="3e-3"), "lr must be of type float, got '3e-3' .YAML 1.1 reads"),
     (dict(batch_size=0), "batch_size must be >= 1, got 0"),
     (dict(warmup_steps=-1), "warmup_steps must be >= 0"),
     (dict(lr=0.0), "lr must be > 0"),

@@ -2,9 +2,10 @@
 
 pyllm: pyllm.model.LLM (its attention / SwiGLU / RMSNorm call sites) and the trainer's optimizer.
 plain PyTorch: the same architecture written here with F.scaled_dot_product_attention, an eager
-SwiGLU (silu(gate) * up), an eager RMSNorm and torch.optim.AdamW (fused on CUDA, foreach=False on
-the CPU, the faster of torch's two there per FACTS.md). Each with and without torch.compile
-(--quick skips compile). Same config, batch, precision and process; median step time of repeats.
+SwiGLU (silu(gate) * up), an eager RMSNorm and torch.optim.AdamW(fused=True) (torch has a fused
+CPU AdamW too). Both clip the global grad norm to 1. Each with and without torch.compile (--quick
+skips compile unless --compile is given). Same config, parameter count, batch, precision and
+process; median step time of repeats.
 
 MFU = model FLOPs per token (6N + 12 L C T) x tokens/s / the GPU's peak bf16 FLOP/s
 (pyllm.train.PEAK_BF16_FLOPS); n/a on the CPU.
@@ -24,7 +25,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # the checkout'
 import common  # noqa: E402
 
 from pyllm.model import LLM, ModelConfig  # noqa: E402
-from pyllm.train import TrainConfig, autocast, make_optimizer, peak_flops  # noqa: E402
+from pyllm.train import DistInfo, TrainConfig, autocast, make_optimizer, peak_flops  # noqa: E402
 
 
 # --- the plain-PyTorch model (LLaMA-style configs: rmsnorm, swiglu, rope, any n_kv_heads) ----------
@@ -72,8 +73,10 @@ class PlainBlock(nn.Module):
 class PlainLLM(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        if (cfg.norm, cfg.mlp, cfg.positions, cfg.parallel_block) != ("rmsnorm", "swiglu", "rope", False):
-            raise ValueError("the plain model covers LLaMA-style presets (rmsnorm, swiglu, rope, sequential blocks)")
+        if (cfg.norm, cfg.mlp, cfg.positions, cfg.parallel_block, cfg.bias, cfg.tie_embeddings) != (
+                "rmsnorm", "swiglu", "rope", False, False, True):
+            raise ValueError("the plain model covers LLaMA-style presets (rmsnorm, swiglu, rope, sequential blocks, "
+                             "no biases, tied embeddings)")
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.blocks = nn.ModuleList(PlainBlock(cfg) for _ in range(cfg.n_layers))
@@ -103,6 +106,7 @@ def main() -> int:
     parser.add_argument("--seq-len", type=int, help="default: 1024 on CUDA, 128 on the CPU")
     parser.add_argument("--precision", choices=["fp32", "bf16"], help="default: bf16 on CUDA, fp32 on the CPU")
     parser.add_argument("--repeat", type=int, default=10, help="timed steps per implementation (default 10)")
+    parser.add_argument("--compile", action="store_true", help="time the torch.compile rows even with --quick")
     args = parser.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -120,15 +124,20 @@ def main() -> int:
         torch.manual_seed(0)
         model = (LLM(cfg) if impl == "pyllm" else PlainLLM(cfg)).to(device)
         if impl == "pyllm":
-            opt = make_optimizer(model, TrainConfig(lr=1e-4), device)
+            opt = make_optimizer(model, TrainConfig(lr=1e-4), DistInfo(device=device))
         else:
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **({"fused": True} if cuda else {"foreach": False}))
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
         return model, opt
 
+    n_params = {impl: sum(p.numel() for p in make(impl)[0].parameters()) for impl in ("pyllm", "plain torch")}
+    if n_params["pyllm"] != n_params["plain torch"]:
+        raise RuntimeError(f"the two models differ: {n_params}")
+
     rows = []
-    print(f"# train step on {common.device_description(args.device)}: preset {preset}, B={B}, T={T}, {precision}, "
-          f"{flops_per_token / 1e6:.0f} MFLOPs/token")
-    for compiled in ([False] if args.quick else [False, True]):
+    print(f"# train step on {common.device_description(args.device)}: preset {preset} ({n_params['pyllm'] / 1e6:.2f}M params), "
+          f"B={B}, T={T}, {precision}, {flops_per_token / 1e6:.0f} MFLOPs/token, MFU vs "
+          + (f"{peak / 1e12:.0f} TFLOP/s bf16 peak" if peak else "no known peak (n/a)"))
+    for compiled in ([False] if args.quick and not args.compile else [False, True]):
         for impl in ("pyllm", "plain torch"):
             model, opt = make(impl)
             fwd = torch.compile(model) if compiled else model
@@ -153,7 +162,9 @@ def main() -> int:
     for r in rows:
         r["vs plain torch (same compile)"] = f"{base[r['compile']] / r['ms/step']:.2f}x"
     common.print_table(rows, ["impl", "compile", "ms/step", "tokens/s", "MFU", "vs plain torch (same compile)"])
-    common.write_json(args.json, "train", args.device, rows, {"preset": preset, "B": B, "T": T, "precision": precision})
+    common.write_json(args.json, "train", args.device, rows, {"preset": preset, "B": B, "T": T, "precision": precision,
+                                                              "params": n_params["pyllm"], "flops_per_token": flops_per_token,
+                                                              "peak_flops": peak})
     return 0
 
 

@@ -67,7 +67,10 @@ def load_config_file(path) -> dict:
             import yaml
         except ImportError as e:
             raise RuntimeError(f"{path}: reading YAML needs PyYAML (pip install pyyaml), or use a .toml file") from e
-        doc = yaml.safe_load(path.read_text()) or {}
+        try:
+            doc = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path} is not valid YAML: {e}") from e
     else:
         try:
             import tomllib
@@ -76,7 +79,10 @@ def load_config_file(path) -> dict:
                 import tomli as tomllib
             except ImportError as e:
                 raise RuntimeError(f"{path}: reading TOML on Python 3.10 needs tomli (pip install tomli), or use YAML") from e
-        doc = tomllib.loads(path.read_text())
+        try:
+            doc = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{path} is not valid TOML: {e}") from e
     if not isinstance(doc, dict):
         raise ValueError(f"{path}: expected a table of options at the top level, got {type(doc).__name__}")
     return doc
@@ -294,7 +300,7 @@ def stream_sample(model, tokenizer, prompt: str, max_new_tokens: int, temperatur
         generated.append(int(token[0]))
         text = prompt + tokenizer.decode(generated)
         if not text.endswith("\ufffd"):
-            sys.stdout.write(text[len(printed):] if text.startswith(printed) else text[len(printed):])
+            sys.stdout.write(text[len(printed):])
             sys.stdout.flush()
             printed = text
 
@@ -350,11 +356,11 @@ def measure_flops_per_s(preset: str, device: str, steps: int = 5) -> tuple[float
     import torch
 
     from pyllm.model import LLM, ModelConfig
-    from pyllm.train import autocast
+    from pyllm.train import DistInfo, TrainConfig, autocast, make_optimizer
 
     dev = torch.device(device)
     model = LLM(ModelConfig.from_preset(preset)).to(dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = make_optimizer(model, TrainConfig(lr=1e-4), DistInfo(device=dev))  # the trainer's optimizer
     B, T = (8, model.config.block_size) if dev.type == "cuda" else (4, min(128, model.config.block_size))
     x = torch.randint(0, model.config.vocab_size, (B, T + 1), device=dev)
     precision = "bf16" if dev.type == "cuda" else "fp32"
@@ -363,7 +369,7 @@ def measure_flops_per_s(preset: str, device: str, steps: int = 5) -> tuple[float
         with autocast(precision, dev):
             loss = model(x[:, :-1], x[:, 1:])[1]
         loss.backward()
-        opt.step()
+        opt.step(max_grad_norm=1.0)
         opt.zero_grad(set_to_none=True)
         loss.item()
 
@@ -419,18 +425,24 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the model's block_size)")
     p.add_argument("--grad-accum", type=int, help="micro-steps per optimizer step (default 1)")
     p.add_argument("--lr", type=float, help="peak learning rate (default 3e-3)")
-    p.add_argument("--schedule", choices=["cosine", "wsd", "constant"], help="lr schedule after warmup (default cosine)")
+    p.add_argument("--schedule", choices=["cosine", "wsd", "constant"],
+                   help="lr schedule after warmup: cosine to the min lr (default), wsd (warmup-stable-decay: constant, "
+                        "then linear to the min lr over the last --decay-frac of the steps), constant")
+    p.add_argument("--min-lr-ratio", type=float, help="the lr at the end of cosine or wsd, as a fraction of --lr (default 0.1)")
+    p.add_argument("--decay-frac", type=float, help="wsd: fraction of the steps spent decaying (default 0.2)")
     p.add_argument("--warmup-steps", type=int, help="linear warmup steps (default 30)")
     p.add_argument("--weight-decay", type=float, help="AdamW weight decay on matrices (default 0.1)")
     p.add_argument("--grad-clip", type=float, help="max global grad norm, 0 for none (default 1.0)")
     p.add_argument("--seed", type=int, help="seed of init, data order and sampling (default 1337)")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
-    p.add_argument("--dist-mode", choices=["ddp", "fsdp"], help="under torchrun with several processes: DDP (default) or FSDP2")
+    p.add_argument("--dist-mode", choices=["ddp", "fsdp", "zero1"],
+                   help="under torchrun with several processes: ddp (default: DistributedDataParallel), fsdp (FSDP2: "
+                        "params, grads and optimizer state sharded), zero1 (pyllm's ZeroAdamW: optimizer state sharded)")
     p.add_argument("--sample-tokens", type=int, help="tokens of the sample printed at the end, 0 for none (default 200)")
     p.add_argument("--prompt", help="prompt of the sample printed at the end (default 'def ')")
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pyllm", description="pyllm: LLM training kernels, model and trainer")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="version, CUDA build and GPU status, and which ops have which backends")
@@ -480,7 +492,11 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto", help="device to measure on: auto (default), cpu, cuda")
     p.add_argument("--gpus", type=int, default=1, help="devices training together (default 1)")
     p.set_defaults(func=cmd_plan)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, RuntimeError) as e:

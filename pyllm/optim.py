@@ -371,20 +371,29 @@ class ZeroAdamW(torch.optim.Optimizer):
     """ZeRO stage 1: :class:`AdamW` with its state (fp32 master weights, m, v) partitioned over the
     ranks of a torch.distributed process group.
 
-    The params (one dtype, one device, one param group) are laid out as one flat vector padded to a
-    multiple of the world size; rank r owns the r-th contiguous shard, and only its master, m and v.
+    The params of each param group (every group: one dtype, one device) are laid out as one flat
+    vector padded to a multiple of the world size; rank r owns the r-th contiguous shard of each
+    group's vector, and only its master, m and v. Param groups may differ in lr, betas, eps and
+    weight_decay (e.g. no decay on norms and biases), as for AdamW.
     step():
-      1. flattens the grads and averages them over the ranks (as DDP does), keeping this rank's
-         shard: reduce_scatter_tensor on NCCL; on gloo, which has no reduce-scatter, an all_reduce
-         of the whole flat grad and a slice (twice the traffic; fine for the CPU tests it serves);
-      2. runs the fused AdamW step on the shard; the grads' sum of squares is all-reduced inside it,
-         so unscaling, the inf/nan skip and clipping use the global norm, as the unsharded step;
+      1. flattens each group's grads and averages them over the ranks (as DDP does), keeping this
+         rank's shard: reduce_scatter_tensor on NCCL; on gloo, which has no reduce-scatter, an
+         all_reduce of the whole flat grad and a slice (twice the traffic; fine for the CPU tests
+         it serves);
+      2. runs the fused AdamW step on the shards; the grads' sum of squares is all-reduced inside
+         it, so unscaling, the inf/nan skip and clipping use the global norm over every group, as
+         the unsharded step;
       3. all-gathers the updated shards and copies them into the params.
     Every rank must hold the same params and call step() together. Every param needs a grad (a
     missing one raises ValueError). Hyperparameters and the learning rate are read from
-    ``param_groups[0]`` at each step, so LR schedulers work. ``last_grad_norm`` and
-    ``last_step_skipped`` are as in AdamW. state_dict() holds this rank's shard only; load it on
-    the same rank of a group of the same size.
+    ``param_groups`` at each step, so LR schedulers work. ``last_grad_norm`` and
+    ``last_step_skipped`` are as in AdamW.
+
+    Checkpoints, two ways: state_dict() holds this rank's shard only (load it on the same rank of a
+    group of the same size); full_state_dict() gathers the unsharded state in AdamW.state_dict()'s
+    format (collective), which load_full_state_dict() slices again on any number of ranks, and which
+    a plain AdamW over the same param groups loads as well. Load the params' weights before the
+    optimizer state: the shard of the params is re-read from them.
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, master_weights=None,
@@ -393,13 +402,14 @@ class ZeroAdamW(torch.optim.Optimizer):
             raise RuntimeError("ZeroAdamW: torch.distributed is not initialised (call init_process_group first)")
         _check_hyper("ZeroAdamW", lr, betas, eps, weight_decay)
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
-        if len(self.param_groups) != 1:
-            raise ValueError(f"ZeroAdamW: takes one param group, got {len(self.param_groups)}")
-        self._params = list(self.param_groups[0]["params"])
-        if not self._params:
+        all_params = [p for g in self.param_groups for p in g["params"]]
+        if not all_params:
             raise ValueError("ZeroAdamW: got no params")
-        first = self._params[0]
-        for p in self._params:
+        first = all_params[0]
+        for gi, group in enumerate(self.param_groups):
+            if not group["params"]:
+                raise ValueError(f"ZeroAdamW: param group {gi} has no params")
+        for p in all_params:
             if p.dtype != first.dtype or p.device != first.device:
                 raise ValueError(f"ZeroAdamW: all params must share one dtype and device, got {first.dtype} on "
                                  f"{first.device} and {p.dtype} on {p.device}")
@@ -408,24 +418,57 @@ class ZeroAdamW(torch.optim.Optimizer):
         self._group = process_group
         self._rank, self._world = dist.get_rank(process_group), dist.get_world_size(process_group)
         self._gloo = dist.get_backend(process_group) == "gloo"
-        self._numel = sum(p.numel() for p in self._params)
-        self._shard_size = -(-self._numel // self._world)
-        flat = self._flatten([p.detach() for p in self._params])
-        lo = self._rank * self._shard_size
-        self._shard = torch.nn.Parameter(flat[lo:lo + self._shard_size].clone())
-        self._inner = AdamW([self._shard], lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+        self._params = [list(g["params"]) for g in self.param_groups]  # per group
+        self._numels = [sum(p.numel() for p in ps) for ps in self._params]
+        self._shard_sizes = [-(-n // self._world) for n in self._numels]
+        self._shards = [torch.nn.Parameter(self._my_slice(gi, self._flatten(gi, [p.detach() for p in ps])).clone())
+                        for gi, ps in enumerate(self._params)]
+        self._inner = AdamW([{"params": [shard], "lr": g["lr"], "betas": g["betas"], "eps": g["eps"],
+                              "weight_decay": g["weight_decay"]} for shard, g in zip(self._shards, self.param_groups)],
+                            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                             master_weights=master_weights, stochastic_rounding=stochastic_rounding)
         self._inner._reduce_sumsq = lambda sumsq: dist.all_reduce(sumsq, group=self._group)
         self.last_grad_norm: Tensor | None = None
         self.last_step_skipped: Tensor | None = None
 
-    def _flatten(self, tensors: list[Tensor]) -> Tensor:
-        """One flat vector of the tensors, zero-padded to world_size * shard_size."""
-        pad = self._world * self._shard_size - self._numel
+    def add_param_group(self, param_group: dict) -> None:
+        if hasattr(self, "_inner"):
+            raise RuntimeError("ZeroAdamW: param groups are fixed at construction (the shards are laid out then)")
+        super().add_param_group(param_group)
+
+    def _flatten(self, gi: int, tensors: list[Tensor]) -> Tensor:
+        """One flat vector of group gi's tensors, zero-padded to world_size * shard_size."""
+        pad = self._world * self._shard_sizes[gi] - self._numels[gi]
         parts = [t.reshape(-1) for t in tensors]
         if pad:
             parts.append(tensors[0].new_zeros(pad))
         return torch.cat(parts)
+
+    def _my_slice(self, gi: int, flat: Tensor) -> Tensor:
+        lo = self._rank * self._shard_sizes[gi]
+        return flat[lo:lo + self._shard_sizes[gi]]
+
+    def _all_gather(self, gi: int, shard: Tensor, out: Tensor | None = None) -> Tensor:
+        """The world_size shards of group gi, concatenated (into out when given)."""
+        if out is None:
+            out = shard.new_empty(self._world * self._shard_sizes[gi])
+        if self._gloo:  # gloo's all_gather takes a list
+            dist.all_gather(list(out.split(self._shard_sizes[gi])), shard.contiguous(), group=self._group)
+        else:
+            dist.all_gather_into_tensor(out, shard.contiguous(), group=self._group)
+        return out
+
+    def _unflatten_into_params(self, gi: int, flat: Tensor) -> None:
+        offset, views = 0, []
+        for p in self._params[gi]:
+            views.append(flat[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+        torch._foreach_copy_(self._params[gi], views)
+
+    @torch.no_grad()
+    def _reload_shards_from_params(self) -> None:
+        for gi, shard in enumerate(self._shards):
+            shard.copy_(self._my_slice(gi, self._flatten(gi, [p.detach() for p in self._params[gi]])))
 
     @torch.no_grad()
     def step(self, closure=None, grad_scaler: DynamicLossScaler | None = None, max_grad_norm: float | None = None):
@@ -433,53 +476,103 @@ class ZeroAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        with_grad = [p.grad is not None for p in self._params]
+        with_grad = [p.grad is not None for ps in self._params for p in ps]
         if not any(with_grad):
             return loss
         if not all(with_grad):
             raise ValueError("ZeroAdamW: every param needs a grad (the grads are reduced as one flat vector); "
                              f"{with_grad.count(False)} of {len(with_grad)} have none")
-        flat_grad = self._flatten([p.grad for p in self._params])
-        flat_grad.div_(self._world)
-        if self._gloo:
-            dist.all_reduce(flat_grad, group=self._group)
-            lo = self._rank * self._shard_size
-            shard_grad = flat_grad[lo:lo + self._shard_size]
-        else:
-            shard_grad = flat_grad.new_empty(self._shard_size)
-            dist.reduce_scatter_tensor(shard_grad, flat_grad, group=self._group)
-        self._shard.grad = shard_grad
+        flat_grads = []
+        for gi, (params, shard) in enumerate(zip(self._params, self._shards)):
+            flat_grad = self._flatten(gi, [p.grad for p in params])
+            flat_grad.div_(self._world)
+            if self._gloo:
+                dist.all_reduce(flat_grad, group=self._group)
+                shard.grad = self._my_slice(gi, flat_grad)
+            else:
+                shard.grad = flat_grad.new_empty(self._shard_sizes[gi])
+                dist.reduce_scatter_tensor(shard.grad, flat_grad, group=self._group)
+            flat_grads.append(flat_grad)
 
-        group, inner_group = self.param_groups[0], self._inner.param_groups[0]
-        for key in ("lr", "betas", "eps", "weight_decay"):
-            inner_group[key] = group[key]
+        for group, inner_group in zip(self.param_groups, self._inner.param_groups):
+            for key in ("lr", "betas", "eps", "weight_decay"):
+                inner_group[key] = group[key]
         self._inner.step(grad_scaler=grad_scaler, max_grad_norm=max_grad_norm)
         self.last_grad_norm, self.last_step_skipped = self._inner.last_grad_norm, self._inner.last_step_skipped
-        self._shard.grad = None
 
-        flat = flat_grad  # the reduced grads are spent: their buffer receives the gathered params
-        if self._gloo:  # gloo's all_gather takes a list
-            dist.all_gather(list(flat.split(self._shard_size)), self._shard.detach(), group=self._group)
-        else:
-            dist.all_gather_into_tensor(flat, self._shard.detach(), group=self._group)
-        offset = 0
-        views = []
-        for p in self._params:
-            views.append(flat[offset:offset + p.numel()].view_as(p))
-            offset += p.numel()
-        torch._foreach_copy_(self._params, views)
+        for gi, (shard, flat) in enumerate(zip(self._shards, flat_grads)):
+            shard.grad = None
+            # The reduced grads are spent: their buffer receives the gathered params.
+            self._unflatten_into_params(gi, self._all_gather(gi, shard.detach(), out=flat))
         return loss
 
     def state_dict(self) -> dict:
-        return {"rank": self._rank, "world_size": self._world, "numel": self._numel,
-                "param_groups": [{k: v for k, v in self.param_groups[0].items() if k != "params"}],
+        """This rank's shard of the state (see full_state_dict for a world-size independent one)."""
+        return {"rank": self._rank, "world_size": self._world, "numel": list(self._numels),
+                "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups],
                 "inner": self._inner.state_dict()}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        mine = (self._rank, self._world, self._numel)
-        theirs = (state_dict["rank"], state_dict["world_size"], state_dict["numel"])
+        """Loads a state_dict() saved by the same rank of a group of the same size, over the same params."""
+        mine = (self._rank, self._world, list(self._numels))
+        theirs = (state_dict["rank"], state_dict["world_size"], list(state_dict["numel"]))
         if mine != theirs:
-            raise ValueError(f"ZeroAdamW.load_state_dict: saved by (rank, world_size, numel) = {theirs}, "
+            raise ValueError(f"ZeroAdamW.load_state_dict: saved by (rank, world_size, numel per group) = {theirs}, "
                              f"loading into {mine}")
-        self.param_groups[0].update(state_dict["param_groups"][0])
+        self._reload_shards_from_params()
+        for group, saved in zip(self.param_groups, state_dict["param_groups"]):
+            group.update(saved)
         self._inner.load_state_dict(state_dict["inner"])
+
+    @torch.no_grad()
+    def full_state_dict(self) -> dict:
+        """The unsharded state, on the CPU, in the format of AdamW.state_dict() for an AdamW over
+        the same param groups: {"state": {param index: {"step", "exp_avg", "exp_avg_sq"[, "master"]}},
+        "param_groups": [...]}. Collective: every rank calls it, every rank gets the whole dict."""
+        state, groups, index = {}, [], 0
+        for gi, (params, shard, inner_group) in enumerate(zip(self._params, self._shards, self._inner.param_groups)):
+            ids = list(range(index, index + len(params)))
+            index += len(params)
+            groups.append({**{k: v for k, v in inner_group.items() if k != "params"}, "params": ids})
+            shard_state = self._inner.state.get(shard, {})
+            if "step" not in shard_state:  # no step yet (the same on every rank: they step together)
+                continue
+            full = {key: self._all_gather(gi, shard_state[key]).cpu() for key in _STATE_KEYS_FP32 if key in shard_state}
+            offset = 0
+            for i, p in zip(ids, params):
+                state[i] = {"step": shard_state["step"].detach().cpu().clone(),
+                            **{key: flat[offset:offset + p.numel()].view(p.shape).clone() for key, flat in full.items()}}
+                offset += p.numel()
+        return {"state": state, "param_groups": groups}
+
+    @torch.no_grad()
+    def load_full_state_dict(self, state_dict: dict) -> None:
+        """Loads a full_state_dict() (from any number of ranks) or an AdamW.state_dict() over the
+        same param groups: each rank keeps its shard. Not collective."""
+        saved_groups = state_dict["param_groups"]
+        if [len(g["params"]) for g in saved_groups] != [len(ps) for ps in self._params]:
+            raise ValueError(f"ZeroAdamW.load_full_state_dict: saved for param groups of "
+                             f"{[len(g['params']) for g in saved_groups]} params, loading into groups of "
+                             f"{[len(ps) for ps in self._params]}")
+        self._reload_shards_from_params()
+        new_state = {}
+        for gi, (params, shard, saved_group) in enumerate(zip(self._params, self._shards, saved_groups)):
+            self.param_groups[gi].update({k: saved_group[k] for k in ("lr", "betas", "eps", "weight_decay")})
+            self._inner.param_groups[gi].update({k: v for k, v in saved_group.items() if k != "params"})
+            saved = [state_dict["state"].get(i) for i in saved_group["params"]]
+            if all(s is None for s in saved):
+                continue
+            if any(s is None for s in saved):
+                raise ValueError(f"ZeroAdamW.load_full_state_dict: param group {gi} has state for some params only")
+            for s, p in zip(saved, params):
+                if s["exp_avg"].shape != p.shape:
+                    raise ValueError(f"ZeroAdamW.load_full_state_dict: state of shape {tuple(s['exp_avg'].shape)} "
+                                     f"for a param of shape {tuple(p.shape)}")
+            entry = {"step": torch.as_tensor(saved[0]["step"], dtype=torch.float32).to(shard.device, copy=True).reshape(())}
+            for key in _STATE_KEYS_FP32:
+                if key in saved[0]:
+                    flat = self._flatten(gi, [s[key].to(shard.device, torch.float32) for s in saved])
+                    entry[key] = self._my_slice(gi, flat).clone()
+            new_state[shard] = entry
+        self._inner.state.clear()
+        self._inner.state.update(new_state)

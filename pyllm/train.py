@@ -11,7 +11,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from pyllm.data import TokenLoader, read_header
 from pyllm.model import LLM, ModelConfig, save_weights
-from pyllm.optim import AdamW, DynamicLossScaler
+from pyllm.optim import AdamW, DynamicLossScaler, ZeroAdamW
 
 
 @dataclass
@@ -50,20 +50,41 @@ class TrainConfig:
     ckpt_every: int = 200  # 0: only at the end
     seed: int = 1337
     compile: bool = False
-    dist_mode: str = "ddp"  # ddp | fsdp (when launched by torchrun with several processes)
+    dist_mode: str = "ddp"  # ddp | fsdp | zero1 (when launched by torchrun with several processes)
     nan_patience: int = 3  # this many non-finite losses in a row stop the run
     init_loss_scale: float = 2.0 ** 16
     progress: bool = True
 
     def validate(self) -> None:
+        """ValueError naming the option, what it takes and what it got (a config file can hold anything)."""
+        for f in fields(self):
+            value, default = getattr(self, f.name), f.default if f.default is not MISSING else f.default_factory()
+            kind = float if isinstance(default, float) else type(default)
+            ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+            ok = ok or (kind is float and isinstance(value, int) and not isinstance(value, bool))
+            if not ok:
+                hint = ""
+                if kind is float and isinstance(value, str):
+                    hint = " (YAML 1.1 reads a number like 3e-3 as text: write 3.0e-3)"
+                raise ValueError(f"TrainConfig.{f.name} must be of type {kind.__name__}, got {value!r}{hint}")
         choices = {"precision": ("auto", "fp32", "bf16", "fp16"), "schedule": ("cosine", "wsd", "constant"),
-                   "dist_mode": ("ddp", "fsdp")}
+                   "dist_mode": ("ddp", "fsdp", "zero1")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"TrainConfig.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        for name in ("batch_size", "grad_accum", "max_steps"):
+        for name in ("batch_size", "grad_accum", "max_steps", "eval_batches", "nan_patience"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("seq_len", "warmup_steps", "eval_every", "ckpt_every", "weight_decay", "grad_clip", "eps"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
+        bounds = {"lr": (lambda x: 0 < x < math.inf, "> 0"), "min_lr_ratio": (lambda x: 0 <= x <= 1, "in [0, 1]"),
+                  "decay_frac": (lambda x: 0 < x <= 1, "in (0, 1]"), "beta1": (lambda x: 0 <= x < 1, "in [0, 1)"),
+                  "beta2": (lambda x: 0 <= x < 1, "in [0, 1)"),
+                  "init_loss_scale": (lambda x: 0 < x < math.inf, "> 0 and finite")}
+        for name, (valid, text) in bounds.items():
+            if not valid(getattr(self, name)):
+                raise ValueError(f"TrainConfig.{name} must be {text}, got {getattr(self, name)}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -110,13 +131,17 @@ def setup_distributed(device: str) -> DistInfo:
 
 
 def wrap_model(model: LLM, cfg: TrainConfig, info: DistInfo) -> torch.nn.Module:
-    """compile (on request), then DDP or FSDP2 when there are several processes."""
+    """compile (on request), then DDP or FSDP2 when there are several processes. zero1 needs no
+    wrapper: ZeroAdamW averages the grads over the ranks itself, once per optimizer step (so grad
+    accumulation communicates nothing until then)."""
     wrapped: torch.nn.Module = torch.compile(model) if cfg.compile else model
-    if info.world_size > 1 and cfg.dist_mode == "ddp":
+    if info.world_size == 1 or cfg.dist_mode == "zero1":
+        return wrapped
+    if cfg.dist_mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
         wrapped = DistributedDataParallel(wrapped, device_ids=[info.device.index] if info.device.type == "cuda" else None)
-    elif info.world_size > 1:
+    else:
         from torch.distributed.fsdp import fully_shard
 
         for block in model.blocks:
@@ -173,16 +198,19 @@ class TorchAdamW(torch.optim.AdamW):
             super().step(closure)
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW, weight decay on matrices only (not on norms, biases): pyllm's fused AdamW, or torch's
-    under FSDP2 (DTensor shards)."""
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, info: DistInfo) -> torch.optim.Optimizer:
+    """AdamW, weight decay on matrices only (not on norms, biases): pyllm's fused AdamW; its ZeRO-1
+    sharded form under zero1; torch's under FSDP2 (DTensor shards)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
     hyper = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     if any(type(p).__name__ == "DTensor" for p in params):
         # FACTS.md: foreach=False ran ~1.3x faster than foreach=True on this CPU.
-        return TorchAdamW(groups, **hyper, **({} if device.type == "cuda" else {"foreach": False}))
+        return TorchAdamW(groups, **hyper, **({} if info.device.type == "cuda" else {"foreach": False}))
+    if info.world_size > 1 and cfg.dist_mode == "zero1":
+        return ZeroAdamW(groups, **hyper)
     return AdamW(groups, **hyper)
 
 
@@ -251,12 +279,46 @@ def set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def model_and_optimizer_state(model, optimizer, cfg: TrainConfig, info: DistInfo) -> tuple[dict, dict]:
-    if info.world_size > 1 and cfg.dist_mode == "fsdp":  # gather the shards into full tensors
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+# Checkpoints hold the full (unsharded) model and optimizer state in the single-process format
+# whatever the dist_mode, so a run may resume under another mode or number of processes.
 
-        return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return model.state_dict(), optimizer.state_dict()
+def full_model_state(model, cfg: TrainConfig, info: DistInfo) -> dict:
+    """The model's state dict; under FSDP2 gathered from the shards (collective: every rank calls)."""
+    if info.world_size > 1 and cfg.dist_mode == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return model.state_dict()
+
+
+def param_names(model, optimizer) -> list[str]:
+    """The model's name of each optimizer param, in the optimizer's order (= state_dict indices)."""
+    name_of = {id(p): name for name, p in model.named_parameters()}
+    return [name_of[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def rekey_optimizer_state(state: dict, old_keys: list, new_keys: list) -> dict:
+    """An optimizer state dict with its param keys mapped old_keys[i] -> new_keys[i]: between
+    torch.distributed.checkpoint's names (FSDP2) and the optimizer's indices (everything else)."""
+    new_of = dict(zip(old_keys, new_keys))
+    return {"state": {new_of[k]: v for k, v in state["state"].items()},
+            "param_groups": [{**g, "params": [new_of[k] for k in g["params"]]} for g in state["param_groups"]]}
+
+
+def full_optimizer_state(model, optimizer, cfg: TrainConfig, info: DistInfo) -> dict:
+    """The optimizer's state dict, in AdamW's unsharded format (params keyed by index); under FSDP2
+    or ZeRO-1 gathered from the shards (collective: every rank calls)."""
+    if info.world_size > 1 and cfg.dist_mode == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        state = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not info.is_main:  # cpu_offload gathers onto rank 0 only; the others get {}
+            return {}
+        names = param_names(model, optimizer)
+        return rekey_optimizer_state(state, names, list(range(len(names))))
+    if isinstance(optimizer, ZeroAdamW):
+        return optimizer.full_state_dict()
+    return optimizer.state_dict()
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -280,8 +342,8 @@ def load_checkpoint(run_dir) -> dict:
         raise RuntimeError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {e})") from e
 
 
-def params_finite(model) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+def state_finite(model_state: dict) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in model_state.values() if t.is_floating_point())
 
 
 # --- logging -------------------------------------------------------------------------------------------
@@ -364,7 +426,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
     model = LLM(mcfg).to(info.device)
     loader = TokenLoader(data / "train.bin", cfg.batch_size, seq_len, cfg.seed, info.rank, info.world_size, info.device)
     wrapped = wrap_model(model, cfg, info)
-    optimizer = make_optimizer(model, cfg, info.device)
+    optimizer = make_optimizer(model, cfg, info)
     scaler = make_loss_scaler(precision, cfg)
     start_step, skipped = 0, 0
     if ckpt is not None:
@@ -378,10 +440,11 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
     bad_in_a_row, val_loss, tok_s = 0, None, 0.0
 
     def checkpoint(step_done: int):
-        model_state, optim_state = model_and_optimizer_state(model, optimizer, cfg, info)
+        model_state = full_model_state(model, cfg, info)
+        optim_state = full_optimizer_state(model, optimizer, cfg, info)
         if not info.is_main:
             return
-        if not params_finite(model):
+        if not state_finite(model_state):
             say(info, bar, f"step {step_done}: parameters hold inf/NaN; keeping the previous checkpoint")
             return
         save_checkpoint(out / CHECKPOINT, {
@@ -437,10 +500,12 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
             checkpoint(step + 1)
     bar.close()
     if stop_at is None:
-        model_state, _ = model_and_optimizer_state(model, optimizer, cfg, info)
+        model_state = full_model_state(model, cfg, info)
         if info.is_main:
             save_weights(model_state, mcfg, out / "model.safetensors")
             plot_losses(out / "log.jsonl", out / "loss.png")
+    if info.world_size > 1:
+        dist.barrier()  # rank 0's files are complete when any rank returns
     return {"model": model, "val_loss": val_loss, "skipped_steps": skipped, "tokens_per_s": tok_s,
             "precision": precision, "device": str(info.device), "out_dir": str(out), "rank": info.rank}
 
@@ -449,11 +514,19 @@ def restore(ckpt: dict, model, optimizer, scaler, loader, cfg: TrainConfig, info
     if info.world_size > 1 and cfg.dist_mode == "fsdp":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-        set_state_dict(model, optimizer, model_state_dict=ckpt["model"], optim_state_dict=ckpt["optimizer"],
+        names = param_names(model, optimizer)
+        optim_state = rekey_optimizer_state(ckpt["optimizer"], list(range(len(names))), names)
+        # A checkpoint from pyllm's AdamW (another mode) has group keys torch's AdamW lacks.
+        optim_state["param_groups"] = [{k: v for k, v in saved.items() if k in group}
+                                       for saved, group in zip(optim_state["param_groups"], optimizer.param_groups)]
+        set_state_dict(model, optimizer, model_state_dict=ckpt["model"], optim_state_dict=optim_state,
                        options=StateDictOptions(full_state_dict=True))
     else:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        model.load_state_dict(ckpt["model"])  # before ZeroAdamW's state: it re-reads its shard of the params
+        if isinstance(optimizer, ZeroAdamW):
+            optimizer.load_full_state_dict(ckpt["optimizer"])
+        else:
+            optimizer.load_state_dict(ckpt["optimizer"])
     if scaler is not None and ckpt["scaler"] is not None:
         scaler.load_state_dict(ckpt["scaler"])
     loader.load_state_dict(ckpt["loader"])

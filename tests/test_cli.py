@@ -1,7 +1,10 @@
 """The `pyllm` command, in process, with a byte-level stand-in for pyllm's BPE tokenizer."""
 from __future__ import annotations
 
+import argparse
 import json
+import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -90,6 +93,7 @@ def test_config_file_with_cli_override(corpus, tmp_path):
 
 
 def test_yaml_config(tmp_path):
+    pytest.importorskip("yaml")
     (tmp_path / "c.yaml").write_text("max_steps: 7\nmodel:\n  n_layers: 2\n")
     assert cli.load_config_file(tmp_path / "c.yaml") == {"max_steps": 7, "model": {"n_layers": 2}}
 
@@ -112,6 +116,75 @@ def test_clear_errors(corpus, tmp_path, capsys):
     assert "unknown model preset" in capsys.readouterr().err
     assert cli.main(["train", "--model", "n_heads=5", "--data", str(corpus), "--out", str(tmp_path / "r"), "--max-steps", "1"]) == 2
     assert "n_heads (5) must divide dim (128)" in capsys.readouterr().err
+    assert cli.main(["train", "--lr", "-1", "--data", str(corpus), "--out", str(tmp_path / "r")]) == 2
+    assert "TrainConfig.lr must be > 0, got -1" in capsys.readouterr().err
+
+    # config files: bad syntax, an unknown option, a wrongly typed one
+    for name, text, message in [("a.toml", "max_steps = = 3", "is not valid TOML"),
+                                ("b.yaml", "max_steps: [3", "is not valid YAML"),
+                                ("c.toml", "max_step = 3", "unknown training option.*max_step"),
+                                ("d.toml", 'max_steps = "ten"', "max_steps must be of type int, got 'ten'")]:
+        if name.endswith(".yaml"):
+            pytest.importorskip("yaml")
+        (tmp_path / name).write_text(text)
+        assert cli.main(["train", "--config", str(tmp_path / name), "--data", str(corpus), "--out", str(tmp_path / "r")]) == 2
+        assert re.search(message, capsys.readouterr().err), name
+    assert cli.main(["train", "--config", str(tmp_path / "none.toml")]) == 2
+    assert re.search("config file .*none.toml does not exist", capsys.readouterr().err)
+
+    # a token folder with a corrupt train.bin; a corrupt checkpoint
+    tokens = tmp_path / "tokens"
+    tokens.mkdir()
+    (tokens / "train.bin").write_bytes(b"PYLLMTOK" + b"\0" * 40)
+    (tokens / "val.bin").write_bytes(b"not tokens")
+    assert cli.main(["train", "--data", str(tokens), "--out", str(tmp_path / "r2"), "--device", "cpu"]) == 2
+    assert "not a pyllm token file" in capsys.readouterr().err
+    (tmp_path / "r3").mkdir()
+    (tmp_path / "r3/checkpoint.pt").write_bytes(b"PK\x03\x04 torn")
+    assert cli.main(["train", "--resume", str(tmp_path / "r3")]) == 2
+    assert "corrupt or truncated" in capsys.readouterr().err
+
+
+def test_every_option_has_help():
+    def walk(parser, path):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from walk(sub, f"{path} {name}")
+            elif action.help in (None, "") and action.dest != "help":
+                yield f"{path} {action.option_strings or action.dest}"
+
+    assert list(walk(cli.build_parser(), "pyllm")) == []
+
+
+def test_generate_streams_text_as_tokens_come(monkeypatch, capsys):
+    """stream_sample writes each token's text as it is sampled (a UTF-8 character split over byte
+    tokens is written once it is whole), and the pieces add up to the returned text."""
+    import torch
+
+    from pyllm.model import LLM, ModelConfig
+
+    model = LLM(ModelConfig(vocab_size=257, block_size=16, n_layers=1, n_heads=2, dim=64)).eval()
+    writes, real_write = [], sys.stdout.write
+
+    def recording_write(text):
+        writes.append(text)
+        return real_write(text)
+
+    monkeypatch.setattr(sys.stdout, "write", recording_write)
+    # Tokens: the bytes of "é" (2 tokens), then "x".
+    forced = iter([0xC3, 0xA9, ord("x")] + [ord("y")] * 20)
+    monkeypatch.setattr("pyllm.model.sample", lambda logits, *a, **k: torch.tensor([next(forced)]))
+    text = cli.stream_sample(model, StandInTokenizer(), "ab", 5, 0.8, None, None, seed=0)
+    assert text == "abéxyy"
+    assert writes == ["ab", "é", "x", "y", "y"]
+
+
+def test_plan_measures_throughput_here(capsys):
+    assert cli.main(["plan", "--params", "10M", "--preset", "tiny", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "10M params, 200M tokens" in out
+    assert re.search(r"measured: preset tiny on cpu, [0-9,]+ tokens/s\) x 1: about [0-9.]+ (s|minutes|hours|days)", out), out
 
 
 def test_plan(capsys):
@@ -134,3 +207,47 @@ def test_every_command_has_help(argv, capsys):
 def test_info_still_works(capsys):
     assert cli.main(["info"]) == 0
     assert "swiglu" in capsys.readouterr().out
+
+
+def test_torchrun_two_cpu_processes_end_to_end(tmp_path):
+    """`torchrun --nproc_per_node 2 -m pyllm train --device cpu` with pyllm's real tokenizer: rank 0
+    alone trains the tokenizer, prepares the data and writes the log, plot, checkpoint and sample;
+    then a torchrun --resume under another dist mode continues it."""
+    import os
+    import subprocess
+    import sys
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(60):
+        (corpus / f"m{i:02d}.py").write_text(f"def f{i}(x):\n    return x + {i}\n" * 20)
+    run = tmp_path / "run"
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "pyllm", "train"]
+    small = ["--model", "n_layers=1", "--model", "dim=64", "--model", "n_heads=2", "--model", "block_size=32",
+             "--batch-size", "2", "--eval-every", "2", "--eval-batches", "1", "--device", "cpu"]
+
+    def torchrun(*args):
+        done = subprocess.run([*launch, *args], cwd=root, env=env, capture_output=True, text=True, timeout=240)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return done.stdout
+
+    out = torchrun("--data", str(corpus), "--out", str(run), "--vocab-size", "300", "--max-steps", "4",
+                   "--ckpt-every", "2", "--sample-tokens", "8", *small)
+    for once in ("tokenizer: training", "data: 60 files", "training: preset tiny", "step 2: val loss", "step 4: val loss",
+                 "done in", "sample (8 tokens"):
+        assert out.count(once) == 1, (once, out)
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1, 2, 3]
+    for name in ("checkpoint.pt", "model.safetensors", "loss.png", "tokenizer.bpe", "data/train.bin", "run.json"):
+        assert (run / name).stat().st_size > 0, name
+    assert not list(run.rglob("*.tmp"))
+
+    out = torchrun("--resume", str(run), "--max-steps", "6", "--dist-mode", "zero1", "--sample-tokens", "0")
+    assert out.count("done in") == 1 and out.count("step 6: val loss") == 1
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(6))
+    import torch
+
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 6

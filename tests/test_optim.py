@@ -679,9 +679,77 @@ def _zero_matches_unsharded(rank, world, dtype):
         rtol, atol = (1e-6, 1e-7) if dtype == torch.float32 else (2.0**-7, 1e-6)
         for p, r in zip(params, ref):
             torch.testing.assert_close(p, r, rtol=rtol, atol=atol)
-    shard_state = opt._inner.state[opt._shard]
+    shard_state = opt._inner.state[opt._shards[0]]
     assert shard_state["exp_avg"].numel() == -(-496 // world)  # only this rank's shard
     assert ("master" in shard_state) == (dtype == torch.bfloat16)
+
+
+def _zero_groups_and_full_state(rank, world):
+    """Two param groups (decay on matrices only) against AdamW with the same groups; the gathered
+    full state equals AdamW's state_dict; a fresh ZeroAdamW (and a plain AdamW) loaded from it
+    continue bitwise like the original."""
+    from pyllm.optim import ZeroAdamW
+
+    torch.manual_seed(0)
+    shapes = [(37, 5), (11,), (9, 3), (7,)]
+
+    def make_groups(params):
+        return [{"params": [params[0], params[2]], "weight_decay": 0.1}, {"params": [params[1], params[3]], "weight_decay": 0.0}]
+
+    params = [nn.Parameter(torch.randn(s)) for s in shapes]
+    ref = [nn.Parameter(p.detach().clone()) for p in params]
+    opt, ref_opt = ZeroAdamW(make_groups(params), lr=1e-2), AdamW(make_groups(ref), lr=1e-2)
+    gen = torch.Generator().manual_seed(2)
+
+    def step(optimizers_and_params):
+        grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(world)]
+        for o, ps, sharded in optimizers_and_params:
+            for i, p in enumerate(ps):
+                p.grad = grads[rank][i].clone() if sharded else sum(g[i] / world for g in grads)
+            o.step(max_grad_norm=0.5)
+
+    empty = opt.full_state_dict()
+    assert empty["state"] == {} and [g["params"] for g in empty["param_groups"]] == [[0, 1], [2, 3]]
+    for _ in range(3):
+        step([(opt, params, True), (ref_opt, ref, False)])
+    assert opt.last_grad_norm.item() == pytest.approx(ref_opt.last_grad_norm.item(), rel=1e-12)
+    for p, r in zip(params, ref):
+        torch.testing.assert_close(p, r, rtol=1e-6, atol=1e-7)
+    full, want = opt.full_state_dict(), ref_opt.state_dict()
+    assert [{k: v for k, v in g.items()} for g in full["param_groups"]] == want["param_groups"]
+    for i in want["state"]:
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(full["state"][i][key], want["state"][i][key], rtol=1e-6, atol=1e-8)
+
+    # Resume: a fresh ZeroAdamW over copies of the params, and a plain AdamW, both from `full`.
+    # As a trainer does: optimizer built over fresh params, then the weights loaded, then the state.
+    params2 = [nn.Parameter(torch.zeros(s)) for s in shapes]
+    params3 = [nn.Parameter(p.detach().clone()) for p in params]
+    opt2 = ZeroAdamW(make_groups(params2), lr=5.0)
+    with torch.no_grad():
+        for q, p in zip(params2, params):
+            q.copy_(p)
+    opt2.load_full_state_dict(full)
+    opt3 = AdamW(make_groups(params3), lr=5.0)
+    opt3.load_state_dict(full)
+    gen_state = gen.get_state()
+    for _ in range(2):
+        step([(opt, params, True)])
+    gen.set_state(gen_state)
+    for _ in range(2):
+        step([(opt2, params2, True)])
+    for p, q in zip(params, params2):
+        assert torch.equal(p, q)
+    gen.set_state(gen_state)
+    for _ in range(2):
+        grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(world)]
+        for i, p in enumerate(params3):
+            p.grad = sum(g[i] / world for g in grads)
+        opt3.step(max_grad_norm=0.5)
+    for p, q in zip(params, params3):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="param groups of"):
+        opt2.load_full_state_dict({"state": {}, "param_groups": [{"params": [0]}]})
 
 
 def _zero_worker(rank, world, port):
@@ -694,6 +762,7 @@ def _zero_worker(rank, world, port):
     try:
         for dtype in (torch.float32, torch.bfloat16):
             _zero_matches_unsharded(rank, world, dtype)
+        _zero_groups_and_full_state(rank, world)
         dist.barrier()  # no rank tears gloo down while another is still in a collective
     finally:
         dist.destroy_process_group()

@@ -138,9 +138,29 @@ def test_schedules():
     assert trainer.lr_at(98, cfg) == 1.0 and trainer.lr_at(109, cfg) == pytest.approx(0.1)
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(precision="fp8"), "precision must be one of auto, fp32, bf16, fp16, got 'fp8'"),
+    (dict(dist_mode="zero3"), "dist_mode must be one of ddp, fsdp, zero1"),
+    (dict(max_steps="ten"), "max_steps must be of type int, got 'ten'"),
+    (dict(batch_size=2.0), "batch_size must be of type int"),
+    (dict(compile="yes"), "compile must be of type bool"),
+    (dict(lr="3e-3"), "lr must be of type float, got '3e-3' .YAML 1.1 reads"),
+    (dict(batch_size=0), "batch_size must be >= 1, got 0"),
+    (dict(warmup_steps=-1), "warmup_steps must be >= 0"),
+    (dict(lr=0.0), "lr must be > 0"),
+    (dict(beta2=1.0), r"beta2 must be in \[0, 1\)"),
+    (dict(decay_frac=0.0), r"decay_frac must be in \(0, 1\]"),
+    (dict(min_lr_ratio=1.5), r"min_lr_ratio must be in \[0, 1\]"),
+    (dict(init_loss_scale=float("inf")), "init_loss_scale must be > 0 and finite"),
+])
+def test_bad_option_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**kwargs).validate()
+
+
 def test_bad_config():
-    with pytest.raises(ValueError, match="precision must be one of"):
-        TrainConfig(precision="fp8").validate()
+    TrainConfig().validate()
+    TrainConfig(lr=1, grad_clip=0).validate()  # an int where a float is expected is fine
     with pytest.raises(ValueError, match="unknown training option.*max_step"):
         TrainConfig.from_dict({"max_step": 3})
 
@@ -151,24 +171,52 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-DDP_WORKER = """
+DIST_WORKER = """
 import json, sys, torch
 torch.set_num_threads(1)
 from pyllm.train import TrainConfig, train
-cfg = TrainConfig(**json.loads(sys.argv[1]))
-train(cfg)
+common = json.loads(sys.argv[1])
+# In one process group: an uninterrupted run, a run stopped after step 5 (checkpoint at 4), its resume.
+# Then "cross": a 1-process run's checkpoint, resumed by these 2 processes in this mode.
+for run, kwargs in (("whole", {}), ("cut", {"stop_at": 6}), ("cut", {"resume": True}), ("cross", {"resume": True})):
+    train(TrainConfig(**{**common, "out_dir": common["out_dir"] + "/" + run}), **kwargs)
 """
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_ddp_two_cpu_processes_match_one(data_dir, tmp_path, mode):
-    common = dict(data_dir=str(data_dir), model=dict(TINY), device="cpu", max_steps=4, warmup_steps=1,
-                  eval_every=0, eval_batches=2, ckpt_every=0, progress=False, lr=1e-2)
-    trainer.train(TrainConfig(**common, out_dir=str(tmp_path / "one"), batch_size=4))
+def run_two_processes(args: dict, timeout: float = 150) -> None:
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2",
            "OMP_NUM_THREADS": "1"}
-    args = json.dumps({**common, "out_dir": str(tmp_path / "two"), "batch_size": 2, "dist_mode": mode})
-    procs = [subprocess.Popen([sys.executable, "-c", DDP_WORKER, args], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-                              cwd=Path(__file__).parent.parent) for r in range(2)]
-    assert [p.wait(timeout=120) for p in procs] == [0, 0]
-    np.testing.assert_allclose(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=1e-5)
+    procs = [subprocess.Popen([sys.executable, "-c", DIST_WORKER, json.dumps(args)], cwd=Path(__file__).parent.parent,
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(2)]
+    try:
+        assert [p.wait(timeout=timeout) for p in procs] == [0, 0]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "zero1"])
+def test_two_cpu_processes_match_one_and_resume_exactly(data_dir, tmp_path, mode):
+    """2 gloo processes with batch 2 each = 1 process with batch 4 (to float rounding), both with 2
+    micro-steps of gradient accumulation; a 2-process
+    run stopped at step 6 and resumed from its step-4 checkpoint = the uninterrupted one, bitwise;
+    a 1-process checkpoint resumes on 2 processes in this mode."""
+    common = dict(data_dir=str(data_dir), model=dict(TINY), device="cpu", max_steps=8, warmup_steps=1, grad_accum=2,
+                  eval_every=4, eval_batches=2, ckpt_every=4, progress=False, lr=1e-2)
+    trainer.train(TrainConfig(**common, out_dir=str(tmp_path / "one"), batch_size=4))
+    trainer.train(TrainConfig(**common, out_dir=str(tmp_path / "two/cross"), batch_size=4), stop_at=6)
+    run_two_processes({**common, "out_dir": str(tmp_path / "two"), "batch_size": 2, "dist_mode": mode})
+    whole, cut = tmp_path / "two/whole", tmp_path / "two/cut"
+    np.testing.assert_allclose(losses(whole), losses(tmp_path / "one"), rtol=1e-5)
+    assert losses(cut) == losses(whole)  # bitwise
+    np.testing.assert_allclose(losses(tmp_path / "two/cross")[4:], losses(tmp_path / "one")[4:], rtol=1e-5)
+    one, a, b = (torch.load(d / "checkpoint.pt", weights_only=True) for d in (tmp_path / "one", whole, cut))
+    assert a["step"] == b["step"] == 8
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    # The checkpoint holds the whole optimizer state (gathered from the shards under fsdp and zero1).
+    for i, state in one["optimizer"]["state"].items():
+        for key in ("exp_avg", "exp_avg_sq"):
+            scale = float(state[key].abs().max())  # moments near 0 differ by rounding relative to the largest
+            torch.testing.assert_close(a["optimizer"]["state"][i][key], state[key], rtol=1e-3, atol=1e-4 * scale)
+            assert torch.equal(a["optimizer"]["state"][i][key], b["optimizer"]["state"][i][key])

@@ -7,6 +7,7 @@ The forward saves only out and the log-sum-exp; the backward recomputes the prob
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import torch
@@ -130,9 +131,26 @@ def flash_attn_forward_into(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_s
         _C.flash_attn_fwd_cpu(*args)
 
 
+# The CUDA backward's two implementations (csrc/cuda/flash_attn_bwd.cu): the tensor-core kernels
+# (default) and the fp32 SIMT ones kept as their reference. Both are always deterministic.
+BWD_ALGOS = {"mma": 0, "simt": 1}
+
+
+def _cuda_bwd_algo(algo: Optional[str]) -> int:
+    name = os.environ.get("PYLLM_ATTN_BWD", "mma") if algo is None else algo
+    if name not in BWD_ALGOS:
+        raise ValueError(f"{OP}: the CUDA backward must be one of {', '.join(BWD_ALGOS)} "
+                         f"(PYLLM_ATTN_BWD), got {name!r}")
+    return BWD_ALGOS[name]
+
+
 def flash_attn_backward_into(dout, dlse, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                             max_seqlen_k, scale, window_left, window_right, deterministic) -> None:
-    """dq, dk, dv from dout (and dlse, or None). out, dout and dq share one layout, dk and dv one."""
+                             max_seqlen_k, scale, window_left, window_right, deterministic,
+                             algo: Optional[str] = None) -> None:
+    """dq, dk, dv from dout (and dlse, or None). out, dout and dq share one layout, dk and dv one.
+
+    algo: the CUDA backward, "mma" or "simt"; None reads PYLLM_ATTN_BWD (default "mma").
+    """
     varlen = cu_seqlens_q is not None
     batch, seqlen_q, seqlen_k = _sizes(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     args = (_util.ptr(dout), _opt_ptr(dlse), _util.ptr(q), _util.ptr(k), _util.ptr(v), _util.ptr(out),
@@ -142,7 +160,8 @@ def flash_attn_backward_into(dout, dlse, q, k, v, out, lse, dq, dk, dv, cu_seqle
             _strides3(dk, varlen), _lse_strides(lse, varlen), float(scale), window_left, window_right,
             _util.dtype_code(q))
     if q.is_cuda:
-        _C.flash_attn_bwd_cuda(*args, bool(deterministic), q.device.index, _util.stream_of(q))
+        _C.flash_attn_bwd_cuda(*args, bool(deterministic), q.device.index, _util.stream_of(q),
+                               _cuda_bwd_algo(algo))
     else:
         _C.flash_attn_bwd_cpu(*args)  # always deterministic on the CPU
 
@@ -317,8 +336,10 @@ def flash_attn(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, softmax
         return_lse: also return the log-sum-exp of the scaled scores, fp32 (fp64 for fp64
             inputs), shape (batch, n_heads, seqlen_q), or (n_heads, total_q) for varlen;
             +inf for queries that see no key. It is differentiable too.
-        deterministic: bitwise-repeatable gradients on the GPU (dq without atomics). The CPU
-            backward is always deterministic.
+        deterministic: bitwise-repeatable gradients. Both backwards (CPU and CUDA) already are:
+            every gradient element has one owner that sums in a fixed order (no atomics). The
+            CUDA backward runs on tensor cores; PYLLM_ATTN_BWD=simt selects the fp32 SIMT
+            reference kernels instead (for testing).
     Returns:
         out, shaped like q (contiguous), or (out, lse) with return_lse.
     Raises:

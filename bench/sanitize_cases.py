@@ -83,7 +83,40 @@ def flash_attn_cases():
                                       torch.randn(2, 1, 2, 64, device="cuda", dtype=dtype))
 
 
-CASES = {"swiglu": swiglu_cases, "adamw": adamw_cases, "bpe": bpe_cases, "flash_attn": flash_attn_cases}
+def flash_attn_bwd_mma_cases():
+    # The tensor-core backward (PYLLM_ATTN_BWD=mma) next to the SIMT one on small shapes: several
+    # key / query blocks, tails, GQA, a window with Tq != Tk, varlen with empty and length-1
+    # sequences; the two must agree (the mma one rounds P and dS to 16 bits, hence 5%).
+    import os
+
+    def grads(algo, fn, inputs, dout):
+        os.environ["PYLLM_ATTN_BWD"] = algo
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        out = fn(*leaves)
+        return torch.autograd.grad(out, leaves, dout)
+
+    def rel(a, b):
+        return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-6)).item()
+
+    cu_q = torch.tensor([0, 0, 1, 41, 44], dtype=torch.int32, device="cuda")
+    cu_k = torch.tensor([0, 3, 4, 74, 74], dtype=torch.int32, device="cuda")
+    for dtype in (torch.float16, torch.bfloat16):
+        for d in (64, 256):
+            q = torch.randn(1, 70, 4, d, device="cuda", dtype=dtype)
+            k, v = (torch.randn(1, 100, 2, d, device="cuda", dtype=dtype) for _ in range(2))
+            cases = [((q, k, v), lambda q, k, v: pyllm.flash_attn(q, k, v, causal=True, window=(20, -1))),
+                     ((q[0, :44], k[0, :74], v[0, :74]),
+                      lambda q, k, v: pyllm.flash_attn(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k))]
+            for inputs, fn in cases:
+                dout = torch.randn_like(inputs[0])
+                mma, simt = grads("mma", fn, inputs, dout), grads("simt", fn, inputs, dout)
+                for name, a, b in zip("qkv", mma, simt):
+                    assert rel(a, b) < 0.05, f"flash_attn mma backward: d{name} differs from the SIMT one"
+    os.environ.pop("PYLLM_ATTN_BWD")
+
+
+CASES = {"swiglu": swiglu_cases, "adamw": adamw_cases, "bpe": bpe_cases, "flash_attn": flash_attn_cases,
+         "flash_attn_bwd_mma": flash_attn_bwd_mma_cases}
 
 if __name__ == "__main__":
     names = sys.argv[1:] or list(CASES)

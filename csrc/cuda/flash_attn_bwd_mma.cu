@@ -35,12 +35,12 @@
 // rows, query_lo/query_hi for key rows), only on blocks that cross a mask edge or a sequence end;
 // rows past a sequence's end are zero-filled by cp.async and get lse = +inf (P = 0).
 //
-// Fragment layouts used below (PTX ISA 8.x, section 9.7.14.5.8, "Matrix Fragments for
-// mma.m16n8k16 with floating point type"; lane = 4 * g + t, see also flash_attn_common.cuh):
+// Fragment layouts used below (PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating point
+// type"; lane = 4 * g + t, see also flash_attn_common.cuh):
 //   A (16 x 16, row-major): a0 = A[g][2t, 2t+1], a1 = A[g+8][2t..], a2 = A[g][2t+8..], a3 = A[g+8][2t+8..]
 //   B (16 x 8, k x n):       b0 = B[2t, 2t+1][g],  b1 = B[2t+8, 2t+9][g]
 //   C (16 x 8, fp32):        c0, c1 = C[g][2t, 2t+1],  c2, c3 = C[g+8][2t, 2t+1]
-// ldmatrix.x4 (PTX ISA section 9.7.14.5.15): lanes 8i .. 8i+7 give the row addresses of 8x8
+// ldmatrix.x4 (PTX ISA, "Warp-level matrix load instruction: ldmatrix"): lanes 8i .. 8i+7 give the row addresses of 8x8
 //   matrix i, and lane 4g + t receives row g, columns 2t, 2t+1 of each matrix in register i; with
 //   .trans it receives rows 2t, 2t+1 of column g instead (the transpose).
 // So for a tile stored row-major with rows r and 16-bit columns c in shared memory:
@@ -55,6 +55,13 @@
 //     the forward loads V).
 //   - the C fragments of n-tiles 2k and 2k+1 are, packed to 16 bits, the A fragment of k-step k:
 //     {pack(c[2k][0..1]), pack(c[2k][2..3]), pack(c[2k+1][0..1]), pack(c[2k+1][2..3])}.
+//
+// Checked without a GPU only: a line-by-line numpy transliteration of both kernels, with
+// ldmatrix and mma emulated from the layouts above, matched a float64 autograd reference to 1e-15
+// (every head dim, causal / windows, GQA / MQA, Tq != Tk, varlen with empty and length-1
+// sequences), wrote every output element exactly once and kept every ldmatrix address 16-byte
+// aligned and inside its tile. Barriers, cp.async groups and real rounding are not covered by
+// that: compute-sanitizer (bench/sanitize_cases.py) and the `cuda` tests are.
 //
 // Tile sizes: NOT YET MEASURED (no GPU has run this code). Chosen so that the fp32 accumulators
 // fit in registers (dk_dv: 2 x 16 x kSliceD / 32 + 2 x kBlockM / 2 floats per thread, <= 192) and

@@ -115,8 +115,24 @@ def flash_attn_bwd_mma_cases():
     os.environ.pop("PYLLM_ATTN_BWD")
 
 
+def flash_attn_bad_seqlens_cases():
+    # Unchecked cu_seqlens / cache_seqlens (CUDA, max_seqlen given, no PYLLM_ATTN_CHECK_SEQLENS):
+    # garbage contents must stay in bounds (memcheck), whatever the answers.
+    q = torch.randn(10, 2, 64, device="cuda", dtype=torch.float16)
+    for vals in ([0, 7, 3, 10], [-5, 2**30, -2**31, 10], [3, 3, 3, 3], [0, 10, 20, 40]):
+        bad = torch.tensor(vals, dtype=torch.int32, device="cuda")
+        qg = q.clone().requires_grad_()
+        out = pyllm.flash_attn(qg, qg, qg, causal=True, cu_seqlens_q=bad, cu_seqlens_k=bad, max_seqlen_q=10,
+                               max_seqlen_k=10)
+        out.backward(torch.ones_like(out))
+    cache = torch.randn(3, 16, 2, 64, device="cuda", dtype=torch.float16)
+    new = torch.randn(3, 1, 2, 64, device="cuda", dtype=torch.float16)
+    pyllm.flash_attn_with_kvcache(torch.randn(3, 1, 2, 64, device="cuda", dtype=torch.float16), cache, cache.clone(),
+                                  torch.tensor([-4, 2**30, 15], dtype=torch.int32, device="cuda"), new, new)
+
+
 CASES = {"swiglu": swiglu_cases, "adamw": adamw_cases, "bpe": bpe_cases, "flash_attn": flash_attn_cases,
-         "flash_attn_bwd_mma": flash_attn_bwd_mma_cases}
+         "flash_attn_bwd_mma": flash_attn_bwd_mma_cases, "flash_attn_bad_seqlens": flash_attn_bad_seqlens_cases}
 
 if __name__ == "__main__":
     names = sys.argv[1:] or list(CASES)

@@ -398,6 +398,78 @@ def test_kvcache_int_seqlens_and_overflow():
         pyllm.flash_attn_with_kvcache(q, cache, cache.clone(), torch.tensor([1, 2]))
 
 
+# --- where cu_seqlens / cache_seqlens are checked: no device sync on CUDA unless asked -----------
+
+def test_seqlens_host_check_policy(monkeypatch):
+    from types import SimpleNamespace
+
+    cpu_t, cuda_t = torch.zeros(2, dtype=torch.int32), SimpleNamespace(is_cuda=True)
+    monkeypatch.delenv(fa.CHECK_SEQLENS_ENV, raising=False)
+    assert fa._check_seqlens_on_host(cpu_t) and not fa._check_seqlens_on_host(cuda_t)
+    monkeypatch.setenv(fa.CHECK_SEQLENS_ENV, "1")
+    assert fa._check_seqlens_on_host(cuda_t)
+    # CPU: contents are checked even with max_seqlen given (no sync to save).
+    monkeypatch.delenv(fa.CHECK_SEQLENS_ENV)
+    qv = torch.randn(6, 2, 32)
+    bad = torch.tensor([0, 4, 2, 6], dtype=torch.int32)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        pyllm.flash_attn(qv, qv, qv, cu_seqlens_q=bad, cu_seqlens_k=bad, max_seqlen_q=6, max_seqlen_k=6)
+    # Checked from shapes alone, on any device: more new tokens than the cache holds.
+    cache = torch.randn(1, 4, 1, 32)
+    with pytest.raises(ValueError, match="capacity"):
+        pyllm.flash_attn_with_kvcache(torch.randn(1, 1, 1, 32), cache, cache.clone(), 0, torch.randn(1, 5, 1, 32),
+                                      torch.randn(1, 5, 1, 32))
+
+
+@pytest.mark.cuda
+def test_cuda_varlen_and_kvcache_do_not_sync(monkeypatch):
+    monkeypatch.delenv(fa.CHECK_SEQLENS_ENV, raising=False)
+    lens_q, lens_k = [3, 0, 70, 1], [5, 2, 70, 1]
+    cu_q, cu_k = cu(lens_q, "cuda"), cu(lens_k, "cuda")
+    q = rand((sum(lens_q), 4, 64), torch.bfloat16, "cuda").requires_grad_()
+    k, v = (rand((sum(lens_k), 2, 64), torch.bfloat16, "cuda").requires_grad_() for _ in range(2))
+    cache = rand((2, 100, 2, 64), torch.bfloat16, "cuda")
+    seqlens = torch.tensor([10, 90], dtype=torch.int32, device="cuda")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = pyllm.flash_attn(q, k, v, causal=True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=70,
+                               max_seqlen_k=70)
+        out.backward(torch.ones_like(out))
+        pyllm.flash_attn_with_kvcache(q[None, :2], cache, cache.clone(), seqlens, k[None, :2], v[None, :2])
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    ref, _ = attention_varlen(q.detach().double().cpu(), k.detach().double().cpu(), v.detach().double().cpu(),
+                              cu_q.cpu(), cu_k.cpu(), causal=True)
+    torch_out, _ = attention_varlen(q.detach(), k.detach(), v.detach(), cu_q, cu_k, causal=True)
+    assert rel_err(out, ref) <= tolerance(torch_out, ref)
+
+
+@pytest.mark.cuda
+def test_cuda_bad_seqlens_stay_in_bounds_or_raise_when_checked(monkeypatch):
+    q = rand((10, 2, 64), torch.float16, "cuda")
+    garbage = [torch.tensor(vals, dtype=torch.int32, device="cuda")
+               for vals in ([0, 7, 3, 10], [-5, 2**30, -2**31, 10], [3, 3, 3, 3], [0, 10, 20, 40])]
+    cache = rand((3, 16, 2, 64), torch.float16, "cuda")
+    bad_cache_lens = torch.tensor([-4, 2**30, 15], dtype=torch.int32, device="cuda")
+    monkeypatch.delenv(fa.CHECK_SEQLENS_ENV, raising=False)
+    for bad in garbage:  # unchecked: wrong answers allowed, out-of-bounds accesses not
+        qg = q.clone().requires_grad_()
+        out = pyllm.flash_attn(qg, qg, qg, causal=True, cu_seqlens_q=bad, cu_seqlens_k=bad, max_seqlen_q=10,
+                               max_seqlen_k=10)
+        out.backward(torch.ones_like(out))
+    k_new = rand((3, 1, 2, 64), torch.float16, "cuda")
+    pyllm.flash_attn_with_kvcache(rand((3, 1, 2, 64), torch.float16, "cuda"), cache, cache.clone(), bad_cache_lens,
+                                  k_new, k_new)
+    torch.cuda.synchronize()  # an illegal address would surface here
+    monkeypatch.setenv(fa.CHECK_SEQLENS_ENV, "1")
+    for bad in garbage:
+        with pytest.raises(ValueError):
+            pyllm.flash_attn(q, q, q, cu_seqlens_q=bad, cu_seqlens_k=bad, max_seqlen_q=10, max_seqlen_k=10)
+    with pytest.raises(ValueError, match="capacity"):
+        pyllm.flash_attn_with_kvcache(rand((3, 1, 2, 64), torch.float16, "cuda"), cache, cache.clone(),
+                                      bad_cache_lens, k_new, k_new)
+
+
 # --- bad input ------------------------------------------------------------------------------------
 
 def test_bad_input_raises_clear_errors():

@@ -56,11 +56,12 @@
 //   - the C fragments of n-tiles 2k and 2k+1 are, packed to 16 bits, the A fragment of k-step k:
 //     {pack(c[2k][0..1]), pack(c[2k][2..3]), pack(c[2k+1][0..1]), pack(c[2k+1][2..3])}.
 //
-// Checked without a GPU only: a line-by-line numpy transliteration of both kernels, with
+// Checked without a GPU only: a line-by-line numpy transliteration of both kernels
+// (tools/flash_attn_mma_emulate.py, which also covers the forward), with
 // ldmatrix and mma emulated from the layouts above, matched a float64 autograd reference to 1e-15
 // (every head dim, causal / windows, GQA / MQA, Tq != Tk, varlen with empty and length-1
 // sequences), wrote every output element exactly once and kept every ldmatrix address 16-byte
-// aligned and inside its tile. Barriers, cp.async groups and real rounding are not covered by
+// aligned and inside its tile; with garbage cu_seqlens every access stayed in bounds. Barriers, cp.async groups and real rounding are not covered by
 // that: compute-sanitizer (bench/sanitize_cases.py) and the `cuda` tests are.
 //
 // Tile sizes: NOT YET MEASURED (no GPU has run this code). Chosen so that the fp32 accumulators

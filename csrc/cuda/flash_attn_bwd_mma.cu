@@ -61,8 +61,9 @@
 // ldmatrix and mma emulated from the layouts above, matched a float64 autograd reference to 1e-15
 // (every head dim, causal / windows, GQA / MQA, Tq != Tk, varlen with empty and length-1
 // sequences), wrote every output element exactly once and kept every ldmatrix address 16-byte
-// aligned and inside its tile; with garbage cu_seqlens every access stayed in bounds. Barriers, cp.async groups and real rounding are not covered by
-// that: compute-sanitizer (bench/sanitize_cases.py) and the `cuda` tests are.
+// aligned and inside its tile; with garbage cu_seqlens every access stayed in bounds. Barriers,
+// cp.async groups and real rounding are not covered by that: compute-sanitizer
+// (bench/sanitize_cases.py) and the `cuda` tests are.
 //
 // Tile sizes: NOT YET MEASURED (no GPU has run this code). Chosen so that the fp32 accumulators
 // fit in registers (dk_dv: 2 x 16 x kSliceD / 32 + 2 x kBlockM / 2 floats per thread, <= 192) and

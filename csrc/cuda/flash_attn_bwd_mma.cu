@@ -40,9 +40,9 @@
 //   A (16 x 16, row-major): a0 = A[g][2t, 2t+1], a1 = A[g+8][2t..], a2 = A[g][2t+8..], a3 = A[g+8][2t+8..]
 //   B (16 x 8, k x n):       b0 = B[2t, 2t+1][g],  b1 = B[2t+8, 2t+9][g]
 //   C (16 x 8, fp32):        c0, c1 = C[g][2t, 2t+1],  c2, c3 = C[g+8][2t, 2t+1]
-// ldmatrix.x4 (PTX ISA, "Warp-level matrix load instruction: ldmatrix"): lanes 8i .. 8i+7 give the row addresses of 8x8
-//   matrix i, and lane 4g + t receives row g, columns 2t, 2t+1 of each matrix in register i; with
-//   .trans it receives rows 2t, 2t+1 of column g instead (the transpose).
+// ldmatrix.x4 (PTX ISA, "Warp-level matrix load instruction: ldmatrix"): lanes 8i .. 8i+7 give
+//   the row addresses of 8x8 matrix i, and lane 4g + t receives row g, columns 2t, 2t+1 of matrix
+//   i in register i; with .trans it receives rows 2t, 2t+1 of column g instead (the transpose).
 // So for a tile stored row-major with rows r and 16-bit columns c in shared memory:
 //   - as an A operand (rows = M): non-trans, lane address row (lane % 8) + 8 * ((lane / 8) % 2),
 //     column 8 * (lane / 16): matrices (rows 0-7, cols 0-7), (8-15, 0-7), (0-7, 8-15), (8-15, 8-15)
@@ -57,8 +57,8 @@
 //     {pack(c[2k][0..1]), pack(c[2k][2..3]), pack(c[2k+1][0..1]), pack(c[2k+1][2..3])}.
 //
 // Checked without a GPU only: a line-by-line numpy transliteration of both kernels
-// (tools/flash_attn_mma_emulate.py, which also covers the forward), with
-// ldmatrix and mma emulated from the layouts above, matched a float64 autograd reference to 1e-15
+// (tools/flash_attn_mma_emulate.py, which also covers the forward), with ldmatrix and mma
+// emulated from the layouts above, matched a float64 autograd reference to 1e-15
 // (every head dim, causal / windows, GQA / MQA, Tq != Tk, varlen with empty and length-1
 // sequences), wrote every output element exactly once and kept every ldmatrix address 16-byte
 // aligned and inside its tile; with garbage cu_seqlens every access stayed in bounds. Barriers,
@@ -66,7 +66,8 @@
 // (bench/sanitize_cases.py) and the `cuda` tests are.
 //
 // Tile sizes: NOT YET MEASURED (no GPU has run this code). Chosen so that the fp32 accumulators
-// fit in registers (dk_dv: 2 x 16 x kSliceD / 32 + 2 x kBlockM / 2 floats per thread, <= 192) and
+// fit in registers (dk_dv: kSliceD for dK, dV + kBlockM for S^T, dP^T = at most 160 floats per
+// thread; ptxas for sm_80, nvcc 13.0: 134-248 registers, no spills but 4 bytes in dq at D = 64) and
 // shared memory stays under the 99 KB a CTA may opt into on sm86 / sm89 (the smallest sm80+
 // limit), see the static_asserts.
 #include <cmath>

@@ -435,7 +435,8 @@ def test_cuda_varlen_and_kvcache_do_not_sync(monkeypatch):
         out = pyllm.flash_attn(q, k, v, causal=True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=70,
                                max_seqlen_k=70)
         out.backward(torch.ones_like(out))
-        pyllm.flash_attn_with_kvcache(q[None, :2], cache, cache.clone(), seqlens, k[None, :2], v[None, :2])
+        pyllm.flash_attn_with_kvcache(q.detach()[:2, None], cache, cache.clone(), seqlens, k.detach()[:2, None],
+                                      v.detach()[:2, None])
     finally:
         torch.cuda.set_sync_debug_mode(0)
     ref, _ = attention_varlen(q.detach().double().cpu(), k.detach().double().cpu(), v.detach().double().cpu(),

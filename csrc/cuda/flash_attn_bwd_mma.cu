@@ -67,7 +67,8 @@
 //
 // Tile sizes: NOT YET MEASURED (no GPU has run this code). Chosen so that the fp32 accumulators
 // fit in registers (dk_dv: kSliceD for dK, dV + kBlockM for S^T, dP^T = at most 160 floats per
-// thread; ptxas for sm_80, nvcc 13.0: 134-248 registers, no spills but 4 bytes in dq at D = 64) and
+// thread; ptxas, nvcc 13.0: 134-248 registers on sm_80, no spills but 4 bytes in dq at D = 64;
+// 100-250 on sm_90, no spills) and
 // shared memory stays under the 99 KB a CTA may opt into on sm86 / sm89 (the smallest sm80+
 // limit), see the static_asserts.
 #include <cmath>

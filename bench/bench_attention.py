@@ -8,6 +8,7 @@ at the largest T is recorded too (it should grow linearly in T: no T x T matrix)
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -37,11 +38,16 @@ def sdpa(backend):
     return run
 
 
+# Our fp32 SIMT CUDA backward (PYLLM_ATTN_BWD=simt), the reference of the tensor-core one: timed
+# in fwd+bwd up to T = 4096 only, to show what the mma kernels buy.
+SIMT_BWD = "pyllm simt-bwd"
+
+
 def impls_for(device: str) -> dict:
     from torch.nn.attention import SDPBackend
 
     if device == "cuda":
-        return {"pyllm": ours, "sdpa flash": sdpa(SDPBackend.FLASH_ATTENTION),
+        return {"pyllm": ours, SIMT_BWD: ours, "sdpa flash": sdpa(SDPBackend.FLASH_ATTENTION),
                 "sdpa cudnn": sdpa(SDPBackend.CUDNN_ATTENTION)}
     return {"pyllm": ours, "sdpa": sdpa(SDPBackend.FLASH_ATTENTION)}
 
@@ -95,6 +101,8 @@ def main() -> int:
         for mode, work in (("fwd", flops), ("fwd+bwd", 3.5 * flops)):
             base = None
             for name, fn in impls.items():
+                if name == SIMT_BWD and (mode == "fwd" or t > 4096):
+                    continue
                 if mode == "fwd":
                     def step():
                         with torch.no_grad():
@@ -104,13 +112,21 @@ def main() -> int:
 
                     def step():
                         return torch.autograd.grad(fn(*leaves, causal), leaves, dout)
+                saved_algo = os.environ.get("PYLLM_ATTN_BWD")
+                if name == SIMT_BWD:
+                    os.environ["PYLLM_ATTN_BWD"] = "simt"
                 try:
                     ms = common.median_ms(step, device, warmup=1 if device == "cpu" else 3, repeat=repeat)
                 except RuntimeError as e:  # a backend that refuses this config
                     rows.append({"dtype": str(dtype).removeprefix("torch."), "B": b, "T": t, "D": d,
                                  "causal": causal, "mode": mode, "impl": name, "ms": "n/a", "note": str(e)[:60]})
                     continue
-                base = ms if base is None and name != "pyllm" else base
+                finally:
+                    if name == SIMT_BWD:
+                        os.environ.pop("PYLLM_ATTN_BWD")
+                        if saved_algo is not None:
+                            os.environ["PYLLM_ATTN_BWD"] = saved_algo
+                base = ms if base is None and not name.startswith("pyllm") else base
                 rows.append({"dtype": str(dtype).removeprefix("torch."), "B": b, "T": t, "D": d, "causal": causal,
                              "mode": mode, "impl": name, "ms": round(ms, 2), "TFLOPs": round(work / ms / 1e9, 3)})
             ours_row = next(r for r in rows[::-1] if r["impl"] == "pyllm" and r["mode"] == mode)
@@ -120,6 +136,8 @@ def main() -> int:
         t = 4096 if args.quick else 16384
         q, k, v = (torch.randn(1, t, h, 128, device=device, dtype=torch.bfloat16) for _ in range(3))
         for name, fn in impls.items():
+            if name == SIMT_BWD:
+                continue
             try:
                 mb = peak_memory_mb(fn, q, k, v, True)
             except RuntimeError as e:

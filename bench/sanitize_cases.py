@@ -83,7 +83,56 @@ def flash_attn_cases():
                                       torch.randn(2, 1, 2, 64, device="cuda", dtype=dtype))
 
 
-CASES = {"swiglu": swiglu_cases, "adamw": adamw_cases, "bpe": bpe_cases, "flash_attn": flash_attn_cases}
+def flash_attn_bwd_mma_cases():
+    # The tensor-core backward (PYLLM_ATTN_BWD=mma) next to the SIMT one on small shapes: several
+    # key / query blocks, tails, GQA, a window with Tq != Tk, varlen with empty and length-1
+    # sequences; the two must agree (the mma one rounds P and dS to 16 bits, hence 5%).
+    import os
+
+    def grads(algo, fn, inputs, dout):
+        os.environ["PYLLM_ATTN_BWD"] = algo
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        out = fn(*leaves)
+        return torch.autograd.grad(out, leaves, dout)
+
+    def rel(a, b):
+        return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-6)).item()
+
+    cu_q = torch.tensor([0, 0, 1, 41, 44], dtype=torch.int32, device="cuda")
+    cu_k = torch.tensor([0, 3, 4, 74, 74], dtype=torch.int32, device="cuda")
+    for dtype in (torch.float16, torch.bfloat16):
+        for d in (64, 256):
+            q = torch.randn(1, 70, 4, d, device="cuda", dtype=dtype)
+            k, v = (torch.randn(1, 100, 2, d, device="cuda", dtype=dtype) for _ in range(2))
+            cases = [((q, k, v), lambda q, k, v: pyllm.flash_attn(q, k, v, causal=True, window=(20, -1))),
+                     ((q[0, :44], k[0, :74], v[0, :74]),
+                      lambda q, k, v: pyllm.flash_attn(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k))]
+            for inputs, fn in cases:
+                dout = torch.randn_like(inputs[0])
+                mma, simt = grads("mma", fn, inputs, dout), grads("simt", fn, inputs, dout)
+                for name, a, b in zip("qkv", mma, simt):
+                    assert rel(a, b) < 0.05, f"flash_attn mma backward: d{name} differs from the SIMT one"
+    os.environ.pop("PYLLM_ATTN_BWD")
+
+
+def flash_attn_bad_seqlens_cases():
+    # Unchecked cu_seqlens / cache_seqlens (CUDA, max_seqlen given, no PYLLM_ATTN_CHECK_SEQLENS):
+    # garbage contents must stay in bounds (memcheck), whatever the answers.
+    q = torch.randn(10, 2, 64, device="cuda", dtype=torch.float16)
+    for vals in ([0, 7, 3, 10], [-5, 2**30, -2**31, 10], [3, 3, 3, 3], [0, 10, 20, 40]):
+        bad = torch.tensor(vals, dtype=torch.int32, device="cuda")
+        qg = q.clone().requires_grad_()
+        out = pyllm.flash_attn(qg, qg, qg, causal=True, cu_seqlens_q=bad, cu_seqlens_k=bad, max_seqlen_q=10,
+                               max_seqlen_k=10)
+        out.backward(torch.ones_like(out))
+    cache = torch.randn(3, 16, 2, 64, device="cuda", dtype=torch.float16)
+    new = torch.randn(3, 1, 2, 64, device="cuda", dtype=torch.float16)
+    pyllm.flash_attn_with_kvcache(torch.randn(3, 1, 2, 64, device="cuda", dtype=torch.float16), cache, cache.clone(),
+                                  torch.tensor([-4, 2**30, 15], dtype=torch.int32, device="cuda"), new, new)
+
+
+CASES = {"swiglu": swiglu_cases, "adamw": adamw_cases, "bpe": bpe_cases, "flash_attn": flash_attn_cases,
+         "flash_attn_bwd_mma": flash_attn_bwd_mma_cases, "flash_attn_bad_seqlens": flash_attn_bad_seqlens_cases}
 
 if __name__ == "__main__":
     names = sys.argv[1:] or list(CASES)

@@ -189,13 +189,14 @@ PYBIND11_MODULE(_C, m) {
         arg("lse"), arg("cu_seqlens_q"), arg("cu_seqlens_k"), arg("seqused_k"), arg("batch"), arg("seqlen_q"),
         arg("seqlen_k"), arg("n_heads"), arg("n_kv_heads"), arg("head_dim"), arg("q_strides"), arg("k_strides"),
         arg("v_strides"), arg("o_strides"), arg("lse_strides"), arg("scale"), arg("window_left"),
-        arg("window_right"), arg("dtype"), arg("device"), arg("stream"));
+        arg("window_right"), arg("dtype"), arg("device"), arg("stream"), arg("total_q") = -1, arg("total_k") = -1);
   m.def("flash_attn_bwd_cuda", &pyllm::flash_attn_bwd_cuda, nogil, arg("dout"), arg("dlse"), arg("q"), arg("k"),
         arg("v"), arg("out"), arg("lse"), arg("dq"), arg("dk"), arg("dv"), arg("cu_seqlens_q"),
         arg("cu_seqlens_k"), arg("batch"), arg("seqlen_q"), arg("seqlen_k"), arg("n_heads"), arg("n_kv_heads"),
         arg("head_dim"), arg("q_strides"), arg("k_strides"), arg("v_strides"), arg("o_strides"),
         arg("dkv_strides"), arg("lse_strides"), arg("scale"), arg("window_left"), arg("window_right"),
-        arg("dtype"), arg("deterministic"), arg("device"), arg("stream"));
+        arg("dtype"), arg("deterministic"), arg("device"), arg("stream"), arg("algo") = 0, arg("total_q") = -1,
+        arg("total_k") = -1);
   m.def("flash_attn_decode_cuda", &pyllm::flash_attn_decode_cuda, nogil, arg("q"), arg("k_cache"), arg("v_cache"),
         arg("out"), arg("lse"), arg("seqused_k"), arg("batch"), arg("seqlen_q"), arg("capacity"), arg("n_heads"),
         arg("n_kv_heads"), arg("head_dim"), arg("q_strides"), arg("k_strides"), arg("v_strides"),

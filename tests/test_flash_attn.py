@@ -216,6 +216,83 @@ def test_every_output_element_is_written():
         assert torch.equal(dk[:, :60], torch.zeros_like(dk[:, :60]))  # keys before the first window
 
 
+# --- the CUDA backward's two implementations (PYLLM_ATTN_BWD=mma|simt) ---------------------------
+
+BWD_ALGOS = ["mma", "simt"]
+# Several query and key blocks of both kernels (64 / 32 / 16-wide tiles), block edges not on tile
+# edges, GQA 4:1 and 2:1, MQA, every head dim.
+BWD_SHAPES = SHAPES + [(1, 200, 200, 4, 2, 128), (2, 150, 90, 8, 2, 64), (1, 97, 161, 2, 1, 256)]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("algo", BWD_ALGOS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("causal,window", [(False, (-1, -1)), (True, (-1, -1)), (False, (5, 3)), (True, (16, -1))],
+                         ids=str)
+@pytest.mark.parametrize("shape", BWD_SHAPES, ids=str)
+def test_cuda_backward_matches_reference(monkeypatch, algo, dtype, shape, causal, window):
+    monkeypatch.setenv("PYLLM_ATTN_BWD", algo)
+    b, tq, tk, h, hk, d = shape
+    q, k, v = rand((b, tq, h, d), dtype, "cuda"), rand((b, tk, hk, d), dtype, "cuda"), rand((b, tk, hk, d), dtype, "cuda")
+    dout = rand((b, tq, h, d), dtype, "cuda")
+    check_against_reference(
+        q, k, v, dout,
+        lambda q, k, v: pyllm.flash_attn(q, k, v, causal=causal, window=window),
+        lambda q, k, v: attention(q, k, v, causal, window)[0],
+    )
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("algo", BWD_ALGOS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("d", [32, 128, 256])
+@pytest.mark.parametrize("causal", [False, True])
+def test_cuda_backward_varlen_matches_reference(monkeypatch, algo, dtype, d, causal):
+    monkeypatch.setenv("PYLLM_ATTN_BWD", algo)
+    lens_q, lens_k = [0, 1, 70, 5, 0, 130, 3, 1], [0, 1, 70, 9, 4, 130, 0, 66]  # empty, length-1, Tq != Tk
+    cu_q, cu_k = cu(lens_q, "cuda"), cu(lens_k, "cuda")
+    h, hk = 4, 2
+    q = rand((sum(lens_q), h, d), dtype, "cuda")
+    k, v = rand((sum(lens_k), hk, d), dtype, "cuda"), rand((sum(lens_k), hk, d), dtype, "cuda")
+    check_against_reference(
+        q, k, v, rand(q.shape, dtype, "cuda"),
+        lambda q, k, v: pyllm.flash_attn(q, k, v, causal=causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k),
+        lambda q, k, v: attention_varlen(q, k, v, cu_q.cpu(), cu_k.cpu(), causal=causal)[0],
+    )
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("algo", BWD_ALGOS)
+def test_cuda_backward_bitwise_deterministic_and_writes_everything(monkeypatch, algo):
+    monkeypatch.setenv("PYLLM_ATTN_BWD", algo)
+    q, k, v = (rand((2, 150, h, 128), torch.bfloat16, "cuda") for h in (8, 2, 2))
+    dout = rand(q.shape, torch.bfloat16, "cuda")
+    runs = [grads_of(lambda q, k, v: pyllm.flash_attn(q, k, v, causal=True, deterministic=True), (q, k, v), dout)[1]
+            for _ in range(3)]
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
+    # Poisoned outputs: keys no query sees get dk = dv = 0, queries that see no key dq = 0.
+    q, k, v = (rand(shape, torch.float16, "cuda") for shape in ((2, 67, 4, 64), (2, 131, 2, 64), (2, 131, 2, 64)))
+    out, lse = torch.empty_like(q), torch.empty(2, 4, 67, device="cuda")
+    fa.flash_attn_forward_into(q, k, v, out, lse, None, None, 67, 131, 0.2, 3, 0)
+    dq, dk, dv = (poisoned(t.shape, t.dtype, "cuda") for t in (q, k, v))
+    fa.flash_attn_backward_into(rand(q.shape, torch.float16, "cuda"), None, q, k, v, out, lse, dq, dk, dv, None, None,
+                                67, 131, 0.2, 3, 0, True, algo=algo)
+    for t in (dq, dk, dv):
+        assert not t.isnan().any()
+    assert torch.equal(dk[:, :60], torch.zeros_like(dk[:, :60]))  # keys before the first window
+
+
+def test_bwd_algo_choice_is_checked(monkeypatch):
+    assert fa._cuda_bwd_algo("simt") == 1 and fa._cuda_bwd_algo(None) == 0
+    monkeypatch.setenv("PYLLM_ATTN_BWD", "simt")
+    assert fa._cuda_bwd_algo(None) == 1
+    monkeypatch.setenv("PYLLM_ATTN_BWD", "wmma")
+    with pytest.raises(ValueError, match="mma, simt"):
+        fa._cuda_bwd_algo(None)
+
+
 # --- autograd through lse, gradcheck, opcheck, torch.compile ------------------------------------
 
 def test_gradient_through_lse():
@@ -319,6 +396,79 @@ def test_kvcache_int_seqlens_and_overflow():
         pyllm.flash_attn_with_kvcache(q, cache, cache.clone(), 8, torch.randn(2, 1, 1, 32), torch.randn(2, 1, 1, 32))
     with pytest.raises(TypeError, match="int32"):
         pyllm.flash_attn_with_kvcache(q, cache, cache.clone(), torch.tensor([1, 2]))
+
+
+# --- where cu_seqlens / cache_seqlens are checked: no device sync on CUDA unless asked -----------
+
+def test_seqlens_host_check_policy(monkeypatch):
+    from types import SimpleNamespace
+
+    cpu_t, cuda_t = torch.zeros(2, dtype=torch.int32), SimpleNamespace(is_cuda=True)
+    monkeypatch.delenv(fa.CHECK_SEQLENS_ENV, raising=False)
+    assert fa._check_seqlens_on_host(cpu_t) and not fa._check_seqlens_on_host(cuda_t)
+    monkeypatch.setenv(fa.CHECK_SEQLENS_ENV, "1")
+    assert fa._check_seqlens_on_host(cuda_t)
+    # CPU: contents are checked even with max_seqlen given (no sync to save).
+    monkeypatch.delenv(fa.CHECK_SEQLENS_ENV)
+    qv = torch.randn(6, 2, 32)
+    bad = torch.tensor([0, 4, 2, 6], dtype=torch.int32)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        pyllm.flash_attn(qv, qv, qv, cu_seqlens_q=bad, cu_seqlens_k=bad, max_seqlen_q=6, max_seqlen_k=6)
+    # Checked from shapes alone, on any device: more new tokens than the cache holds.
+    cache = torch.randn(1, 4, 1, 32)
+    with pytest.raises(ValueError, match="capacity"):
+        pyllm.flash_attn_with_kvcache(torch.randn(1, 1, 1, 32), cache, cache.clone(), 0, torch.randn(1, 5, 1, 32),
+                                      torch.randn(1, 5, 1, 32))
+
+
+@pytest.mark.cuda
+def test_cuda_varlen_and_kvcache_do_not_sync(monkeypatch):
+    monkeypatch.delenv(fa.CHECK_SEQLENS_ENV, raising=False)
+    lens_q, lens_k = [3, 0, 70, 1], [5, 2, 70, 1]
+    cu_q, cu_k = cu(lens_q, "cuda"), cu(lens_k, "cuda")
+    q = rand((sum(lens_q), 4, 64), torch.bfloat16, "cuda").requires_grad_()
+    k, v = (rand((sum(lens_k), 2, 64), torch.bfloat16, "cuda").requires_grad_() for _ in range(2))
+    cache = rand((2, 100, 2, 64), torch.bfloat16, "cuda")
+    seqlens = torch.tensor([10, 90], dtype=torch.int32, device="cuda")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = pyllm.flash_attn(q, k, v, causal=True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=70,
+                               max_seqlen_k=70)
+        out.backward(torch.ones_like(out))
+        pyllm.flash_attn_with_kvcache(q.detach()[:2, None], cache, cache.clone(), seqlens, k.detach()[:2, None],
+                                      v.detach()[:2, None])
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    ref, _ = attention_varlen(q.detach().double().cpu(), k.detach().double().cpu(), v.detach().double().cpu(),
+                              cu_q.cpu(), cu_k.cpu(), causal=True)
+    torch_out, _ = attention_varlen(q.detach(), k.detach(), v.detach(), cu_q, cu_k, causal=True)
+    assert rel_err(out, ref) <= tolerance(torch_out, ref)
+
+
+@pytest.mark.cuda
+def test_cuda_bad_seqlens_stay_in_bounds_or_raise_when_checked(monkeypatch):
+    q = rand((10, 2, 64), torch.float16, "cuda")
+    garbage = [torch.tensor(vals, dtype=torch.int32, device="cuda")
+               for vals in ([0, 7, 3, 10], [-5, 2**30, -2**31, 10], [3, 3, 3, 3], [0, 10, 20, 40])]
+    cache = rand((3, 16, 2, 64), torch.float16, "cuda")
+    bad_cache_lens = torch.tensor([-4, 2**30, 15], dtype=torch.int32, device="cuda")
+    monkeypatch.delenv(fa.CHECK_SEQLENS_ENV, raising=False)
+    for bad in garbage:  # unchecked: wrong answers allowed, out-of-bounds accesses not
+        qg = q.clone().requires_grad_()
+        out = pyllm.flash_attn(qg, qg, qg, causal=True, cu_seqlens_q=bad, cu_seqlens_k=bad, max_seqlen_q=10,
+                               max_seqlen_k=10)
+        out.backward(torch.ones_like(out))
+    k_new = rand((3, 1, 2, 64), torch.float16, "cuda")
+    pyllm.flash_attn_with_kvcache(rand((3, 1, 2, 64), torch.float16, "cuda"), cache, cache.clone(), bad_cache_lens,
+                                  k_new, k_new)
+    torch.cuda.synchronize()  # an illegal address would surface here
+    monkeypatch.setenv(fa.CHECK_SEQLENS_ENV, "1")
+    for bad in garbage:
+        with pytest.raises(ValueError):
+            pyllm.flash_attn(q, q, q, cu_seqlens_q=bad, cu_seqlens_k=bad, max_seqlen_q=10, max_seqlen_k=10)
+    with pytest.raises(ValueError, match="capacity"):
+        pyllm.flash_attn_with_kvcache(rand((3, 1, 2, 64), torch.float16, "cuda"), cache, cache.clone(),
+                                      bad_cache_lens, k_new, k_new)
 
 
 # --- bad input ------------------------------------------------------------------------------------

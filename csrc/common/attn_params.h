@@ -40,6 +40,10 @@ struct AttnParams {
   const int32_t* seqused_k = nullptr;  // KV cache: (batch,) key counts, else null
 
   int64_t batch = 0, seqlen_q = 0, seqlen_k = 0;  // seqlen_*: the max over sequences for varlen
+  // Varlen on CUDA: the packed token counts of q and k. The host does not read cu_seqlens there
+  // (a device sync), so seq_info clamps them against these: any contents stay in bounds. -1: the
+  // contents were checked on the host (the CPU launchers), nothing to clamp.
+  int64_t total_q = -1, total_k = -1;
   int64_t n_heads = 0, n_kv_heads = 0, head_dim = 0;
   int64_t q_strides[3] = {0, 0, 0};  // (batch, token, head), in elements
   int64_t k_strides[3] = {0, 0, 0};
@@ -58,21 +62,37 @@ struct SeqInfo {
   int64_t q_start, k_start, len_q, len_k;
 };
 
+PYLLM_HD int64_t clamp_to(int64_t x, int64_t lo, int64_t hi) { return x < lo ? lo : (x > hi ? hi : x); }
+
+// Sequence b's [start, start + len) from cumulative lengths. With total >= 0 (contents not checked
+// on the host), clamped so that start + len <= total and len <= max_len (the launch covers max_len
+// rows per sequence): bad contents give wrong answers, never an out-of-bounds access.
+PYLLM_HD void packed_range(const int32_t* cu, int64_t b, int64_t total, int64_t max_len, int64_t& start,
+                           int64_t& len) {
+  start = cu[b];
+  int64_t end = cu[b + 1];
+  if (total >= 0) {
+    start = clamp_to(start, 0, total);
+    end = clamp_to(end, start, total);
+    end = end - start > max_len ? start + max_len : end;
+  }
+  len = end - start;
+}
+
 PYLLM_HD SeqInfo seq_info(const AttnParams& p, int64_t b) {
   SeqInfo s;
   if (p.cu_seqlens_q) {
-    s.q_start = p.cu_seqlens_q[b];
-    s.len_q = p.cu_seqlens_q[b + 1] - s.q_start;
+    packed_range(p.cu_seqlens_q, b, p.total_q, p.seqlen_q, s.q_start, s.len_q);
   } else {
     s.q_start = 0;
     s.len_q = p.seqlen_q;
   }
   if (p.cu_seqlens_k) {
-    s.k_start = p.cu_seqlens_k[b];
-    s.len_k = p.cu_seqlens_k[b + 1] - s.k_start;
+    packed_range(p.cu_seqlens_k, b, p.total_k, p.seqlen_k, s.k_start, s.len_k);
   } else {
     s.k_start = 0;
-    s.len_k = p.seqused_k ? p.seqused_k[b] : p.seqlen_k;
+    // KV cache lengths are checked on the CPU, not on CUDA (a sync): clamped to the capacity.
+    s.len_k = p.seqused_k ? clamp_to(p.seqused_k[b], 0, p.seqlen_k) : p.seqlen_k;
   }
   return s;
 }
@@ -112,10 +132,19 @@ namespace pyllm {
 
 // Host side: packs the launchers' flat arguments (as bound in csrc/bind.cpp) and re-checks what
 // does not need the tensors' contents. Contents (cu_seqlens values) are checked by the CPU
-// launchers directly and by Python before a CUDA launch.
+// launchers directly; the CUDA kernels clamp them instead (see AttnParams::total_q), and Python
+// checks them on the host when asked to (see pyllm/ops/flash_attn.py).
 inline void copy_strides(int64_t* dst, const std::vector<int64_t>& src, size_t n, const char* name) {
   PYLLM_CHECK(src.size() == n, "flash_attn: ", name, " must have ", n, " entries, got ", src.size());
   for (size_t i = 0; i < n; ++i) dst[i] = src[i];
+}
+
+// CUDA launchers, varlen: the packed token counts the kernels clamp cu_seqlens against.
+inline void set_packed_totals(AttnParams& p, int64_t total_q, int64_t total_k) {
+  if (!p.cu_seqlens_q) return;
+  PYLLM_CHECK(total_q >= 0 && total_k >= 0, "flash_attn: varlen on CUDA needs total_q and total_k (the packed "
+              "token counts of q and k), got ", total_q, " and ", total_k);
+  p.total_q = total_q, p.total_k = total_k;
 }
 
 inline void check_attn_shape(const AttnParams& p) {

@@ -1,11 +1,17 @@
 // FlashAttention backward on CUDA: recomputes P = exp(S - lse) from the saved LSE.
 // UNVERIFIED: compiled for sm_80 / sm_90 but not yet run on a GPU (see README).
 //
-// This is the correctness-first SIMT version (fp32 FMA, no tensor cores), structured like the
-// CPU twin's backward (csrc/cpu/flash_attn.cpp) so that every gradient element has one owner and
-// is summed in a fixed order: it is always bitwise deterministic, with no atomics, whatever
-// `deterministic` says. Three kernels:
-//   delta:  delta_i = sum_d dO_id O_id - dlse_i, one warp per query row
+// flash_attn_bwd_cuda runs the delta kernel below, then one of two implementations of dK, dV, dQ
+// chosen by its `algo` argument (Python: PYLLM_ATTN_BWD=mma|simt, default mma):
+//   mma (algo 0):  the FlashAttention-2 tensor-core kernels of flash_attn_bwd_mma.cu;
+//   simt (algo 1): the correctness-first fp32 SIMT kernels below, kept as the reference the GPU
+//                  tests compare the mma kernels with (and a fallback).
+// Both give every gradient element one owner that sums in a fixed order, with no atomics: they
+// are always bitwise deterministic, whatever `deterministic` says.
+//
+// The SIMT version (fp32 FMA, no tensor cores) is structured like the CPU twin's backward
+// (csrc/cpu/flash_attn.cpp). Three kernels:
+//   delta:  delta_i = sum_d dO_id O_id - dlse_i, one warp per query row (shared with mma)
 //   dk_dv:  one CTA per (b, kv head, block of kKeys keys), looping over the queries of every
 //           query head of the GQA group that see them, kQueryChunk rows at a time through shared
 //           memory; dK and dV of its keys accumulate in registers
@@ -15,7 +21,7 @@
 // head-dim elements d = 8c + lane % 8; dot products reduce over those 8 lanes with shuffles.
 // Memory beyond inputs and outputs: the (B, H, Tq) fp32 delta (stream-ordered allocation).
 // Work: 14 * Tq * Tk * D FLOPs per head (S and dP are computed in both dk_dv and dq), all on
-// the FP32 pipes: a tensor-core (mma.sync) backward like flash_attn_fwd.cu is the next step.
+// the FP32 pipes.
 #include <cmath>
 
 #include "cuda/cuda_ops.h"
@@ -209,7 +215,7 @@ __global__ void __launch_bounds__(kBwdThreads) flash_attn_dq_kernel(const AttnPa
 }
 
 template <typename T, int D>
-void launch_bwd(const AttnParams& p, float* delta, cudaStream_t stream) {
+void launch_bwd(const AttnParams& p, float* delta, bool simt, cudaStream_t stream) {
   const dim3 grid_delta(unsigned((p.seqlen_q + 3) / 4), unsigned(p.n_heads), unsigned(p.batch));
   const dim3 grid_kv(unsigned((p.seqlen_k + kKeys - 1) / kKeys), unsigned(p.n_kv_heads), unsigned(p.batch));
   const dim3 grid_q(unsigned((p.seqlen_q + kQueries - 1) / kQueries), unsigned(p.n_heads), unsigned(p.batch));
@@ -217,6 +223,7 @@ void launch_bwd(const AttnParams& p, float* delta, cudaStream_t stream) {
     flash_attn_delta_kernel<T, D><<<grid_delta, kBwdThreads, 0, stream>>>(p, delta);
     PYLLM_CUDA_CHECK_LAUNCH("flash_attn_delta_kernel");
   }
+  if (!simt) return;  // the caller launches the mma kernels
   if (p.seqlen_k > 0) {
     flash_attn_dk_dv_kernel<T, D><<<grid_kv, kBwdThreads, 0, stream>>>(p, delta);
     PYLLM_CUDA_CHECK_LAUNCH("flash_attn_dk_dv_kernel");
@@ -228,13 +235,13 @@ void launch_bwd(const AttnParams& p, float* delta, cudaStream_t stream) {
 }
 
 template <typename T>
-void dispatch_bwd(const AttnParams& p, float* delta, cudaStream_t stream) {
+void dispatch_bwd(const AttnParams& p, float* delta, bool simt, cudaStream_t stream) {
   switch (p.head_dim) {
-    case 32: launch_bwd<T, 32>(p, delta, stream); break;
-    case 64: launch_bwd<T, 64>(p, delta, stream); break;
-    case 96: launch_bwd<T, 96>(p, delta, stream); break;
-    case 128: launch_bwd<T, 128>(p, delta, stream); break;
-    case 256: launch_bwd<T, 256>(p, delta, stream); break;
+    case 32: launch_bwd<T, 32>(p, delta, simt, stream); break;
+    case 64: launch_bwd<T, 64>(p, delta, simt, stream); break;
+    case 96: launch_bwd<T, 96>(p, delta, simt, stream); break;
+    case 128: launch_bwd<T, 128>(p, delta, simt, stream); break;
+    case 256: launch_bwd<T, 256>(p, delta, simt, stream); break;
     default: PYLLM_CHECK(false, "flash_attn: head_dim must be one of 32, 64, 96, 128, 256, got ", p.head_dim);
   }
 }
@@ -249,10 +256,11 @@ void flash_attn_bwd_cuda(uintptr_t dout, uintptr_t dlse, uintptr_t q, uintptr_t 
                          const std::vector<int64_t>& v_strides, const std::vector<int64_t>& o_strides,
                          const std::vector<int64_t>& dkv_strides, const std::vector<int64_t>& lse_strides,
                          double scale, int64_t window_left, int64_t window_right, int dtype, bool deterministic,
-                         int device, uintptr_t stream) {
+                         int device, uintptr_t stream, int algo, int64_t total_q, int64_t total_k) {
   AttnParams p = make_attn_params(q, k, v, cu_seqlens_q, cu_seqlens_k, 0, batch, seqlen_q, seqlen_k, n_heads,
                                   n_kv_heads, head_dim, q_strides, k_strides, v_strides, o_strides, lse_strides,
                                   scale, window_left, window_right, dtype);
+  set_packed_totals(p, total_q, total_k);
   p.out = reinterpret_cast<void*>(out);
   p.lse = reinterpret_cast<void*>(lse);
   p.dout = reinterpret_cast<const void*>(dout);
@@ -262,11 +270,18 @@ void flash_attn_bwd_cuda(uintptr_t dout, uintptr_t dlse, uintptr_t q, uintptr_t 
   p.dv = reinterpret_cast<void*>(dv);
   copy_strides(p.dkv_strides, dkv_strides, 3, "dkv_strides");
   p.deterministic = true;  // always: see the header comment
+  PYLLM_CHECK(algo == 0 || algo == 1, "flash_attn: backward algo must be 0 (mma) or 1 (simt), got ", algo);
+  const bool simt = algo == 1;
   if (batch == 0 || (seqlen_q == 0 && seqlen_k == 0)) return;
   PYLLM_CHECK(seqlen_q == 0 || (q && out && lse && dout && dq), "flash_attn: null data pointer for a non-empty tensor");
   PYLLM_CHECK(seqlen_k == 0 || (k && v && dk && dv), "flash_attn: null data pointer for a non-empty tensor");
   DeviceGuard guard(device);
   attn::check_cuda_attn_args(p, dtype, device);
+  // The mma kernels store dq, dk, dv two elements (4 bytes) at a time.
+  bool even_strides = true;
+  for (int i = 0; i < 3; ++i) even_strides = even_strides && o_strides[i] % 2 == 0 && dkv_strides[i] % 2 == 0;
+  PYLLM_CHECK(simt || (even_strides && dq % 4 == 0 && dk % 4 == 0 && dv % 4 == 0),
+              "flash_attn: dq, dk, dv must be 4-byte aligned with even strides on CUDA");
   // delta has the lse layout: (B, H, Tq) or, varlen, (H, total_q) with lse_strides (0, total_q).
   const int64_t delta_elems = p.cu_seqlens_q ? n_heads * lse_strides[1] : batch * lse_strides[0];
   PYLLM_CHECK(delta_elems >= 0, "flash_attn: bad lse_strides");
@@ -275,9 +290,10 @@ void flash_attn_bwd_cuda(uintptr_t dout, uintptr_t dlse, uintptr_t q, uintptr_t 
   if (delta_elems > 0) PYLLM_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&delta), delta_elems * sizeof(float), s));
   try {
     if (dtype == int(DType::f16))
-      attn::dispatch_bwd<__half>(p, delta, s);
+      attn::dispatch_bwd<__half>(p, delta, simt, s);
     else
-      attn::dispatch_bwd<__nv_bfloat16>(p, delta, s);
+      attn::dispatch_bwd<__nv_bfloat16>(p, delta, simt, s);
+    if (!simt) attn::launch_bwd_mma(p, delta, device, s);
   } catch (...) {
     if (delta) cudaFreeAsync(delta, s);
     throw;

@@ -101,12 +101,16 @@ template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, f
 }
 
 // Shared-memory tile of Rows x D 16-bit elements, stored in 16-byte chunks (8 elements) with the
-// chunk index XOR-ed by the row (mod 8): the 8 rows that one ldmatrix phase reads at the same
-// logical column land in different bank groups (D >= 64: conflict-free; D = 32: 2-way).
+// chunk index XOR-ed by the row (mod 8, or mod 4 when the row's chunk count is not a multiple of
+// 8): the 8 rows that one ldmatrix phase reads at the same logical column land in different bank
+// groups (D = 64, 128, 256: conflict-free; D = 32, 96: 2-way). The XOR must stay inside the row:
+// D = 96 has 12 chunks, and chunk 8..11 XOR 4..7 would give 12..15, the next row's chunks, so
+// its mask is 3 (chunks permute within aligned groups of 4).
 template <int D>
 struct Swizzle {
   static constexpr int kChunks = D / 8;
-  static constexpr int kMask = kChunks >= 8 ? 7 : kChunks - 1;
+  static_assert(kChunks % 4 == 0, "the swizzle permutes chunks within aligned groups of 4 or 8");
+  static constexpr int kMask = kChunks % 8 == 0 ? 7 : 3;
   __device__ __forceinline__ static int offset(int row, int col) {  // col: a multiple of 8
     return row * D + (((col >> 3) ^ (row & kMask)) << 3);
   }
@@ -125,6 +129,10 @@ __device__ __forceinline__ void load_tile_async(T* tile, const T* base, int64_t 
     cp_async_16(smem_addr(tile + Swizzle<D>::offset(row, col)), src, in ? 16 : 0);
   }
 }
+
+// The tensor-core backward's dk_dv and dq kernels (flash_attn_bwd_mma.cu), launched by
+// flash_attn_bwd_cuda after its delta kernel; p.dtype is f16 or bf16.
+void launch_bwd_mma(const AttnParams& p, const float* delta, int device, cudaStream_t stream);
 
 // Host-side checks shared by the launchers.
 inline void check_cuda_attn_args(const AttnParams& p, int dtype, int device) {

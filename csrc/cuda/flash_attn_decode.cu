@@ -11,7 +11,8 @@
 //     out = sum_s exp(lse_s - lse) o_s
 // Memory: reads K and V of the used cache once per query head (GQA heads re-read from L2);
 // partials are n_splits x (D + 1) fp32 per query row and head (stream-ordered allocation).
-// The cache is appended to by the Python side before this runs (index_put, in place).
+// The cache is appended to by the Python side before this runs (index_put, in place). The cache
+// lengths are not read on the host (a sync per decode step): seq_info clamps them to [0, capacity].
 // FP32 SIMT math: decode is bandwidth-bound (2 FLOPs per byte of K and V read).
 #include <algorithm>
 #include <cmath>

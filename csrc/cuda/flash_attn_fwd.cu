@@ -253,10 +253,12 @@ void flash_attn_fwd_cuda(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, u
                          const std::vector<int64_t>& q_strides, const std::vector<int64_t>& k_strides,
                          const std::vector<int64_t>& v_strides, const std::vector<int64_t>& o_strides,
                          const std::vector<int64_t>& lse_strides, double scale, int64_t window_left,
-                         int64_t window_right, int dtype, int device, uintptr_t stream) {
+                         int64_t window_right, int dtype, int device, uintptr_t stream, int64_t total_q,
+                         int64_t total_k) {
   AttnParams p = make_attn_params(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, batch, seqlen_q, seqlen_k,
                                   n_heads, n_kv_heads, head_dim, q_strides, k_strides, v_strides, o_strides,
                                   lse_strides, scale, window_left, window_right, dtype);
+  set_packed_totals(p, total_q, total_k);
   p.out = reinterpret_cast<void*>(out);
   p.lse = reinterpret_cast<void*>(lse);
   if (batch == 0 || seqlen_q == 0) return;

@@ -7,6 +7,7 @@ The forward saves only out and the log-sum-exp; the backward recomputes the prob
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import torch
@@ -111,6 +112,11 @@ def _lse_strides(lse: Tensor, varlen: bool) -> list[int]:
     return [0, lse.stride(0)] if varlen else [lse.stride(0), lse.stride(1)]
 
 
+def _packed_totals(q: Tensor, k: Tensor, varlen: bool) -> dict:
+    # The CUDA kernels clamp cu_seqlens against the packed token counts (csrc/common/attn_params.h).
+    return dict(total_q=q.shape[0], total_k=k.shape[0]) if varlen else {}
+
+
 def _opt_ptr(t: Optional[Tensor]) -> int:
     return 0 if t is None else _util.ptr(t)
 
@@ -125,14 +131,31 @@ def flash_attn_forward_into(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_s
             q.shape[-1], _strides3(q, varlen), _strides3(k, varlen), _strides3(v, varlen), _strides3(out, varlen),
             _lse_strides(lse, varlen), float(scale), window_left, window_right, _util.dtype_code(q))
     if q.is_cuda:
-        _C.flash_attn_fwd_cuda(*args, q.device.index, _util.stream_of(q))
+        _C.flash_attn_fwd_cuda(*args, q.device.index, _util.stream_of(q), **_packed_totals(q, k, varlen))
     else:
         _C.flash_attn_fwd_cpu(*args)
 
 
+# The CUDA backward's two implementations (csrc/cuda/flash_attn_bwd.cu): the tensor-core kernels
+# (default) and the fp32 SIMT ones kept as their reference. Both are always deterministic.
+BWD_ALGOS = {"mma": 0, "simt": 1}
+
+
+def _cuda_bwd_algo(algo: Optional[str]) -> int:
+    name = os.environ.get("PYLLM_ATTN_BWD", "mma") if algo is None else algo
+    if name not in BWD_ALGOS:
+        raise ValueError(f"{OP}: the CUDA backward must be one of {', '.join(BWD_ALGOS)} "
+                         f"(PYLLM_ATTN_BWD), got {name!r}")
+    return BWD_ALGOS[name]
+
+
 def flash_attn_backward_into(dout, dlse, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                             max_seqlen_k, scale, window_left, window_right, deterministic) -> None:
-    """dq, dk, dv from dout (and dlse, or None). out, dout and dq share one layout, dk and dv one."""
+                             max_seqlen_k, scale, window_left, window_right, deterministic,
+                             algo: Optional[str] = None) -> None:
+    """dq, dk, dv from dout (and dlse, or None). out, dout and dq share one layout, dk and dv one.
+
+    algo: the CUDA backward, "mma" or "simt"; None reads PYLLM_ATTN_BWD (default "mma").
+    """
     varlen = cu_seqlens_q is not None
     batch, seqlen_q, seqlen_k = _sizes(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     args = (_util.ptr(dout), _opt_ptr(dlse), _util.ptr(q), _util.ptr(k), _util.ptr(v), _util.ptr(out),
@@ -142,7 +165,8 @@ def flash_attn_backward_into(dout, dlse, q, k, v, out, lse, dq, dk, dv, cu_seqle
             _strides3(dk, varlen), _lse_strides(lse, varlen), float(scale), window_left, window_right,
             _util.dtype_code(q))
     if q.is_cuda:
-        _C.flash_attn_bwd_cuda(*args, bool(deterministic), q.device.index, _util.stream_of(q))
+        _C.flash_attn_bwd_cuda(*args, bool(deterministic), q.device.index, _util.stream_of(q),
+                               _cuda_bwd_algo(algo), **_packed_totals(q, k, varlen))
     else:
         _C.flash_attn_bwd_cpu(*args)  # always deterministic on the CPU
 
@@ -163,9 +187,24 @@ def _lse_shape(q: Tensor, varlen: bool) -> tuple[int, ...]:
     return (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
 
 
+# Where the contents of cu_seqlens / cache_seqlens are checked. Reading them on the host is free
+# for CPU tensors but a device sync for CUDA ones (latency in decode, and no CUDA graph capture),
+# so on CUDA they are read only when needed (varlen without max_seqlen_q and max_seqlen_k: the
+# launch needs the maximum) or asked for (PYLLM_ATTN_CHECK_SEQLENS=1). Unchecked, the kernels
+# clamp them to the tensors' sizes: bad contents give wrong results, never out-of-bounds accesses.
+# dtype, shape and device are checked always (no sync).
+CHECK_SEQLENS_ENV = "PYLLM_ATTN_CHECK_SEQLENS"
+
+
+def _check_seqlens_on_host(t: Tensor) -> bool:
+    return not t.is_cuda or os.environ.get(CHECK_SEQLENS_ENV, "0") == "1"
+
+
 def _resolve_max_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> tuple[int, int]:
     if cu_seqlens_q is None:
         return q.shape[1], k.shape[1]
+    if max_seqlen_q >= 0 and max_seqlen_k >= 0 and not _check_seqlens_on_host(cu_seqlens_q):
+        return max_seqlen_q, max_seqlen_k  # no sync: the CUDA kernels clamp cu_seqlens
     return (_seqlens_of(OP, "cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),
             _seqlens_of(OP, "cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k))
 
@@ -239,10 +278,14 @@ def _flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_
                              window_left: int, window_right: int) -> Tensor:
     n_new = 0 if k_new is None else k_new.shape[1]
     capacity = k_cache.shape[1]
-    lengths = cache_seqlens.tolist()  # a sync on the GPU, as flash-attn's own checks
-    if any(n < 0 or n + n_new > capacity for n in lengths):
-        raise ValueError(f"flash_attn_with_kvcache: cache_seqlens + new tokens ({n_new}) must lie in [0, {capacity}] "
-                         f"(the cache's capacity), got cache_seqlens {lengths}")
+    if _check_seqlens_on_host(cache_seqlens):
+        lengths = cache_seqlens.tolist()  # a sync for CUDA tensors: only when asked for
+        if any(n < 0 or n + n_new > capacity for n in lengths):
+            raise ValueError(f"flash_attn_with_kvcache: cache_seqlens + new tokens ({n_new}) must lie in "
+                             f"[0, {capacity}] (the cache's capacity), got cache_seqlens {lengths}")
+    # Unchecked (CUDA), lengths are clamped so that the append and the kernel stay inside the cache:
+    # the identity for valid lengths.
+    cache_seqlens = cache_seqlens.clamp(0, capacity - n_new)
     if n_new:
         batch = q.shape[0]
         rows = torch.arange(batch, device=q.device).unsqueeze(1)
@@ -314,19 +357,29 @@ def flash_attn(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, softmax
         window: (left, right) sliding window, -1 = unlimited: query i (at key position
             p = i + seqlen_k - seqlen_q) sees keys p - left .. p + right. causal sets right = 0.
         max_seqlen_q, max_seqlen_k: varlen only; computed from cu_seqlens when None.
+            Where cu_seqlens' contents (starts at 0, non-decreasing, ends at the token count,
+            no sequence longer than max_seqlen) are checked: always for CPU tensors; for CUDA
+            tensors only when a max_seqlen is None (the launch needs the maximum, which costs a
+            device sync) or when the environment variable PYLLM_ATTN_CHECK_SEQLENS=1 is set.
+            Otherwise the call does not sync (CUDA-graph capturable) and the kernels clamp
+            cu_seqlens to the tensors' sizes: bad contents give wrong results but never read or
+            write out of bounds. dtype (int32), shape and device are always checked.
         return_lse: also return the log-sum-exp of the scaled scores, fp32 (fp64 for fp64
             inputs), shape (batch, n_heads, seqlen_q), or (n_heads, total_q) for varlen;
             +inf for queries that see no key. It is differentiable too.
-        deterministic: bitwise-repeatable gradients on the GPU (dq without atomics). The CPU
-            backward is always deterministic.
+        deterministic: bitwise-repeatable gradients. Both backwards (CPU and CUDA) already are:
+            every gradient element has one owner that sums in a fixed order (no atomics). The
+            CUDA backward runs on tensor cores; PYLLM_ATTN_BWD=simt selects the fp32 SIMT
+            reference kernels instead (for testing).
     Returns:
         out, shaped like q (contiguous), or (out, lse) with return_lse.
     Raises:
         TypeError: non-tensor inputs, unsupported or mismatched dtypes, cu_seqlens not int32, bad
             window / softmax_scale types. ValueError: shapes (head dim not supported, n_heads not a
-            multiple of n_kv_heads, k and v differ), devices, cu_seqlens not starting at 0, not
-            non-decreasing or not ending at the total number of tokens. RuntimeError: a CUDA
-            tensor when pyllm was built without CUDA kernels.
+            multiple of n_kv_heads, k and v differ), devices, and, where checked (see
+            max_seqlen_q), cu_seqlens not starting at 0, not non-decreasing, not ending at the
+            total number of tokens or longer than max_seqlen. RuntimeError: a CUDA tensor when
+            pyllm was built without CUDA kernels.
     """
     if (cu_seqlens_q is None) != (cu_seqlens_k is None):
         raise ValueError(f"{OP}: give both cu_seqlens_q and cu_seqlens_k (varlen) or neither")
@@ -356,7 +409,11 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_s
         k_cache, v_cache: (batch, capacity, n_kv_heads, head_dim), a contiguous last dim; written
             in place at positions cache_seqlens[b] .. cache_seqlens[b] + seqlen_new.
         cache_seqlens: int32 (batch,) tensor (or an int for every sequence): tokens already in the
-            cache. Not updated here: add seqlen_new yourself after the call.
+            cache. Not updated here: add seqlen_new yourself after the call. Its values (each in
+            [0, capacity - seqlen_new]) are checked for CPU tensors, and for CUDA tensors only
+            with PYLLM_ATTN_CHECK_SEQLENS=1 (reading them is a device sync, which decode and CUDA
+            graphs cannot afford); unchecked, they are clamped into that range, so bad values give
+            wrong results, never out-of-bounds accesses. dtype, shape and device are always checked.
         k_new, v_new: (batch, seqlen_new, n_kv_heads, head_dim) or None.
         causal: bottom-right aligned as in :func:`flash_attn`: with L = cache_seqlens + seqlen_new
             keys, query i sees keys 0 .. L - seqlen_q + i.
@@ -364,7 +421,8 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_s
         out, shaped like q. Not differentiable (inference). On the GPU the KV length is split
         across thread blocks (split-KV), so one query token still fills the GPU.
     Raises:
-        as :func:`flash_attn`, plus ValueError when cache_seqlens + seqlen_new exceeds the capacity.
+        as :func:`flash_attn`, plus ValueError when seqlen_new exceeds the capacity, or (where
+        checked, see cache_seqlens) when cache_seqlens + seqlen_new does.
     """
     op = "flash_attn_with_kvcache"
     _check_qkv(op, q, k_cache, v_cache, False)
@@ -388,6 +446,8 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_s
                                  f"with batch {q.shape[0]}, got {tuple(t.shape)}")
         if k_new.shape != v_new.shape:
             raise ValueError(f"{op}: k_new and v_new must have the same shape")
+        if k_new.shape[1] > k_cache.shape[1]:
+            raise ValueError(f"{op}: {k_new.shape[1]} new tokens do not fit in a cache of capacity {k_cache.shape[1]}")
     left, right = _check_window(op, window)
     if causal:
         right = 0

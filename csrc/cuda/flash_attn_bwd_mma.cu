@@ -1,0 +1,520 @@
+// FlashAttention-2 backward on tensor cores (sm80 mma.sync m16n8k16; runs unchanged on sm90).
+// UNVERIFIED: compiled for sm_80 / sm_90 but not yet run on a GPU (see README).
+//
+// Called by flash_attn_bwd_cuda (flash_attn_bwd.cu) after its delta kernel has written
+// delta_i = dO_i . O_i - dlse_i; P is recomputed from the forward's LSE, nothing T x T is stored.
+// With scale_log2 = softmax_scale * log2(e) and lse2 = lse * log2(e), for one key block x query
+// block:  S = Q K^T,  P = exp2(S * scale_log2 - lse2),  dP = dO V^T,  dS = P * (dP - delta),
+//         dV += P^T dO,  dK += scale * dS^T Q,  dQ += scale * dS K.
+//
+// dk_dv kernel: grid (ceil(Tk / kBlockN), n_kv_heads, batch), 4 warps. One CTA owns kBlockN keys of
+//   one KV head and loops over the query blocks (kBlockM queries) of every query head of the GQA
+//   group that can see them; dK and dV stay in registers and are written once (summed over the
+//   group, as the API wants). Everything is computed transposed, keys as the mma's M dimension:
+//   warp w owns 16 keys, so S^T = K Q^T and dP^T = V dO^T come out in accumulator layout with
+//   keys as rows, and those accumulators ARE the A fragments of P^T and dS^T for dV += P^T dO and
+//   dK += dS^T Q (same repacking as the forward's P V). At D = 256, 16 x 256 fp32 of both dK and
+//   dV would be 256 registers per thread, so two warps share each 16 keys and split the head dim
+//   of dK / dV (kWarpsD = 2); both compute the same S^T and dP^T (recomputed, not exchanged).
+// dq kernel: grid (ceil(Tq / 64), n_heads, batch), 4 warps x 16 query rows, looping over the key
+//   blocks the rows see, K and V double-buffered as in the forward; dQ stays in registers.
+//
+// dQ choice: a separate dq kernel (FlashAttention-2's option of recomputing S and dP there)
+// rather than fp32 atomicAdd of dS K into a dQ accumulator from the dk_dv kernel. Every gradient
+// element then has one owner that sums in a fixed order: the result is bitwise deterministic by
+// construction whatever `deterministic` says, there is no fp32 dQ buffer and no conversion
+// pass, and no atomics' ordering to get wrong with no GPU to test on. The cost is recomputing
+// S and dP: 7 matmuls of Tq x Tk x D per head instead of 5 (14 vs 10 * Tq * Tk * D FLOPs, half
+// for causal). Whether atomics would be faster is not yet measured.
+//
+// Memory traffic per (batch, KV head): dk_dv reads K, V once and Q, dO (plus 8 bytes of lse /
+// delta per row) once per key block per query head, mostly from L2; dq reads Q, dO once and K, V
+// once per query block. Writes: dQ, dK, dV once. Extra memory: the (B, H, Tq) fp32 delta.
+//
+// Masks: per element against the per-row bounds of common/attn_params.h (key_lo/key_hi for query
+// rows, query_lo/query_hi for key rows), only on blocks that cross a mask edge or a sequence end;
+// rows past a sequence's end are zero-filled by cp.async and get lse = +inf (P = 0).
+//
+// Fragment layouts used below (PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating point
+// type"; lane = 4 * g + t, see also flash_attn_common.cuh):
+//   A (16 x 16, row-major): a0 = A[g][2t, 2t+1], a1 = A[g+8][2t..], a2 = A[g][2t+8..], a3 = A[g+8][2t+8..]
+//   B (16 x 8, k x n):       b0 = B[2t, 2t+1][g],  b1 = B[2t+8, 2t+9][g]
+//   C (16 x 8, fp32):        c0, c1 = C[g][2t, 2t+1],  c2, c3 = C[g+8][2t, 2t+1]
+// ldmatrix.x4 (PTX ISA, "Warp-level matrix load instruction: ldmatrix"): lanes 8i .. 8i+7 give
+//   the row addresses of 8x8 matrix i, and lane 4g + t receives row g, columns 2t, 2t+1 of matrix
+//   i in register i; with .trans it receives rows 2t, 2t+1 of column g instead (the transpose).
+// So for a tile stored row-major with rows r and 16-bit columns c in shared memory:
+//   - as an A operand (rows = M): non-trans, lane address row (lane % 8) + 8 * ((lane / 8) % 2),
+//     column 8 * (lane / 16): matrices (rows 0-7, cols 0-7), (8-15, 0-7), (0-7, 8-15), (8-15, 8-15)
+//     = a0..a3 (as the forward loads Q);
+//   - as a B operand with rows = N (B = tile^T, e.g. K in Q K^T): non-trans, row (lane % 8) +
+//     8 * (lane / 16), column 8 * ((lane / 8) % 2): gives b0, b1 of n-tile 0 then of n-tile 1 (as
+//     the forward loads K);
+//   - as a B operand with rows = K (B = tile, e.g. V in P V): .trans, row (lane % 8) +
+//     8 * ((lane / 8) % 2), column 8 * (lane / 16): gives b0, b1 of n-tile 0 then of n-tile 1 (as
+//     the forward loads V).
+//   - the C fragments of n-tiles 2k and 2k+1 are, packed to 16 bits, the A fragment of k-step k:
+//     {pack(c[2k][0..1]), pack(c[2k][2..3]), pack(c[2k+1][0..1]), pack(c[2k+1][2..3])}.
+//
+// Checked without a GPU only: a line-by-line numpy transliteration of both kernels
+// (tools/flash_attn_mma_emulate.py, which also covers the forward), with ldmatrix and mma
+// emulated from the layouts above, matched a float64 autograd reference to 1e-15
+// (every head dim, causal / windows, GQA / MQA, Tq != Tk, varlen with empty and length-1
+// sequences), wrote every output element exactly once and kept every ldmatrix address 16-byte
+// aligned and inside its tile; with garbage cu_seqlens every access stayed in bounds. Barriers,
+// cp.async groups and real rounding are not covered by that: compute-sanitizer
+// (bench/sanitize_cases.py) and the `cuda` tests are.
+//
+// Tile sizes: NOT YET MEASURED (no GPU has run this code). Chosen so that the fp32 accumulators
+// fit in registers (dk_dv: kSliceD for dK, dV + kBlockM for S^T, dP^T = at most 160 floats per
+// thread; ptxas, nvcc 13.0: 134-248 registers on sm_80, no spills but 4 bytes in dq at D = 64;
+// 100-250 on sm_90, no spills) and
+// shared memory stays under the 99 KB a CTA may opt into on sm86 / sm89 (the smallest sm80+
+// limit), see the static_asserts.
+#include <cmath>
+
+#include "cuda/flash_attn_common.cuh"
+
+namespace pyllm {
+namespace attn {
+
+constexpr int kBwdMmaThreads = 128;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr int kMaxSmemBytes = 99 * 1024;
+
+template <int D>
+struct BwdKVTile {
+  static constexpr int kWarps = kBwdMmaThreads / 32;
+  static constexpr int kWarpsD = D <= 128 ? 1 : 2;            // warps splitting the head dim of dK / dV
+  static constexpr int kBlockN = 16 * kWarps / kWarpsD;         // keys per CTA: 64, or 32 at D = 256
+  static constexpr int kBlockM = D <= 64 ? 64 : 32;             // queries per step
+  static constexpr int kSliceD = D / kWarpsD;                   // dK / dV columns per warp
+  // K, V (one stage) + Q, dO (two stages) in 16-bit, + lse2, delta (two stages) in fp32.
+  static constexpr int kSmemBytes = (2 * kBlockN * D + 4 * kBlockM * D) * 2 + 4 * kBlockM * 4;
+  static_assert(kSmemBytes <= kMaxSmemBytes, "dk_dv tile over 99 KB of shared memory");
+  static_assert((kSliceD / 8) % 2 == 0 && (kBlockM / 8) % 2 == 0, "tiles pair up for ldmatrix.x4");
+};
+
+template <int D>
+struct BwdQTile {
+  static constexpr int kBlockM = 16 * (kBwdMmaThreads / 32);          // 64 queries, 16 per warp
+  static constexpr int kBlockN = D <= 64 ? 64 : (D <= 128 ? 32 : 16);  // keys per step
+  // Q, dO (one stage) + K, V (two stages).
+  static constexpr int kSmemBytes = (2 * kBlockM * D + 4 * kBlockN * D) * 2;
+  static_assert(kSmemBytes <= kMaxSmemBytes, "dq tile over 99 KB of shared memory");
+  static_assert((kBlockN / 8) % 2 == 0 && (D / 8) % 2 == 0, "tiles pair up for ldmatrix.x4");
+};
+
+__device__ __forceinline__ int64_t lse_index(const AttnParams& p, int64_t b, int64_t h, const SeqInfo& s,
+                                             int64_t i) {
+  return b * p.lse_strides[0] + h * p.lse_strides[1] + (p.cu_seqlens_q ? s.q_start : 0) + i;
+}
+
+// Shared-memory address, for ldmatrix, of the 16 x 16 (x4) piece at (row0, col0) of a swizzled tile.
+// A operand / B operand with rows = K (.trans): matrices ordered (r0-7, c0-7), (r8-15, c0-7),
+// (r0-7, c8-15), (r8-15, c8-15).
+template <int D, typename T>
+__device__ __forceinline__ uint32_t frag_addr_rows_m(const T* tile, int row0, int col0, int lane) {
+  return smem_addr(tile + Swizzle<D>::offset(row0 + (lane % 8) + ((lane / 8) % 2) * 8, col0 + (lane / 16) * 8));
+}
+// B operand with rows = N (non-trans): (r0-7, c0-7), (r0-7, c8-15), (r8-15, c0-7), (r8-15, c8-15),
+// i.e. b0, b1 of n-tile row0 / 8, then b0, b1 of the next n-tile.
+template <int D, typename T>
+__device__ __forceinline__ uint32_t frag_addr_rows_n(const T* tile, int row0, int col0, int lane) {
+  return smem_addr(tile + Swizzle<D>::offset(row0 + (lane % 8) + (lane / 16) * 8, col0 + ((lane / 8) % 2) * 8));
+}
+
+// Accumulators of n-tiles 2k, 2k+1 -> the A fragment of k-step k (see the header).
+template <typename T>
+__device__ __forceinline__ void acc_to_a(uint32_t (&a)[4], const float (&c0)[4], const float (&c1)[4]) {
+  a[0] = pack2<T>(c0[0], c0[1]);
+  a[1] = pack2<T>(c0[2], c0[3]);
+  a[2] = pack2<T>(c1[0], c1[1]);
+  a[3] = pack2<T>(c1[2], c1[3]);
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kBwdMmaThreads)
+    flash_attn_bwd_dk_dv_mma_kernel(const AttnParams p, const float* __restrict__ delta, float scale_log2) {
+#ifdef PYLLM_ATTN_UNSUPPORTED_ARCH
+  __trap();
+#else
+  using Tile = BwdKVTile<D>;
+  constexpr int BN = Tile::kBlockN, BM = Tile::kBlockM, MT = BM / 8, ST = Tile::kSliceD / 8;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* sK = reinterpret_cast<T*>(smem_raw);
+  T* sV = sK + BN * D;
+  T* sQ = sV + BN * D;       // 2 stages of BM x D
+  T* sdO = sQ + 2 * BM * D;  // 2 stages of BM x D
+  float* sLse2 = reinterpret_cast<float*>(sdO + 2 * BM * D);  // 2 stages of BM, log2 units
+  float* sDelta = sLse2 + 2 * BM;                               // 2 stages of BM
+
+  const int b = blockIdx.z, hk = blockIdx.y;
+  const SeqInfo s = seq_info(p, b);
+  const int64_t j0 = int64_t(blockIdx.x) * BN;
+  if (j0 >= s.len_k) return;  // uniform per CTA: before any barrier
+  const int nk = int(min(int64_t(BN), s.len_k - j0));
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int key_row0 = (warp / Tile::kWarpsD) * 16;  // this warp's 16 keys within the block
+  const int dt0 = (warp % Tile::kWarpsD) * ST;       // its first 8-wide column tile of dK / dV
+  const int group = int(p.n_heads / p.n_kv_heads);
+
+  // Queries that see any of this block's keys (both bounds are monotone in the key), cut into
+  // blocks of BM, for each query head of the group: n_steps steps in all.
+  const int64_t q_lo = query_lo(p, j0, s.len_q, s.len_k), q_hi = query_hi(p, j0 + nk - 1, s.len_q, s.len_k);
+  const int n_qblocks = q_hi > q_lo ? int((q_hi - q_lo + BM - 1) / BM) : 0;
+  const int n_steps = n_qblocks * group;
+  // Queries [row_qlo, row_qhi) that see this lane's key rows g and g + 8 (none past the end).
+  int row_qlo[2], row_qhi[2];
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    const int64_t j = j0 + key_row0 + g + rr * 8;
+    const bool in = j < s.len_k;
+    row_qlo[rr] = in ? int(query_lo(p, j, s.len_q, s.len_k)) : 0;
+    row_qhi[rr] = in ? int(query_hi(p, j, s.len_q, s.len_k)) : 0;
+  }
+  const int64_t qlo_last = query_lo(p, j0 + BN - 1, s.len_q, s.len_k), qhi_first = query_hi(p, j0, s.len_q, s.len_k);
+
+  const float* lse = static_cast<const float*>(p.lse);
+  auto load_query_block = [&](int step, int stage) {
+    const int hq = hk * group + step / n_qblocks;
+    const int64_t i0 = q_lo + int64_t(step % n_qblocks) * BM;
+    const int valid = int(min(int64_t(BM), s.len_q - i0));  // >= 1: i0 < q_hi <= len_q
+    const T* q_src = static_cast<const T*>(p.q) + b * p.q_strides[0] + (s.q_start + i0) * p.q_strides[1] +
+                     hq * p.q_strides[2];
+    const T* do_src = static_cast<const T*>(p.dout) + b * p.o_strides[0] + (s.q_start + i0) * p.o_strides[1] +
+                      hq * p.o_strides[2];
+    load_tile_async<BM, D, kBwdMmaThreads>(sQ + stage * BM * D, q_src, p.q_strides[1], valid);
+    load_tile_async<BM, D, kBwdMmaThreads>(sdO + stage * BM * D, do_src, p.o_strides[1], valid);
+    // Plain stores: made visible by the __syncthreads that follows the cp.async wait.
+    for (int r = threadIdx.x; r < BM; r += kBwdMmaThreads) {
+      const bool in = r < valid;
+      const int64_t idx = in ? lse_index(p, b, hq, s, i0 + r) : 0;
+      sLse2[stage * BM + r] = in ? lse[idx] * kLog2e : INFINITY;
+      sDelta[stage * BM + r] = in ? delta[idx] : 0.f;
+    }
+  };
+
+  float dk[ST][4], dv[ST][4];
+#pragma unroll
+  for (int dt = 0; dt < ST; ++dt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk[dt][e] = dv[dt][e] = 0.f;
+
+  if (n_steps > 0) {
+    const T* k_src = static_cast<const T*>(p.k) + b * p.k_strides[0] + (s.k_start + j0) * p.k_strides[1] +
+                     hk * p.k_strides[2];
+    const T* v_src = static_cast<const T*>(p.v) + b * p.v_strides[0] + (s.k_start + j0) * p.v_strides[1] +
+                     hk * p.v_strides[2];
+    load_tile_async<BN, D, kBwdMmaThreads>(sK, k_src, p.k_strides[1], nk);
+    load_tile_async<BN, D, kBwdMmaThreads>(sV, v_src, p.v_strides[1], nk);
+    load_query_block(0, 0);
+  }
+  cp_async_commit();
+
+  for (int step = 0; step < n_steps; ++step) {
+    const int stage = step & 1;
+    if (step + 1 < n_steps) {
+      load_query_block(step + 1, stage ^ 1);  // that stage was released by the last iteration's closing barrier
+      cp_async_commit();
+      cp_async_wait<1>();  // everything but the group just issued: K, V and this step's stage
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const T* cQ = sQ + stage * BM * D;
+    const T* cdO = sdO + stage * BM * D;
+    const float* cLse2 = sLse2 + stage * BM;
+    const float* cDelta = sDelta + stage * BM;
+    const int64_t i0 = q_lo + int64_t(step % n_qblocks) * BM;
+
+    // S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys x BM queries.
+    float st[MT][4], dpt[MT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) st[mt][e] = dpt[mt][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t ak[4], av[4];
+      ldmatrix_x4(ak, frag_addr_rows_m<D>(sK, key_row0, kk * 16, lane));
+      ldmatrix_x4(av, frag_addr_rows_m<D>(sV, key_row0, kk * 16, lane));
+#pragma unroll
+      for (int mt = 0; mt < MT; mt += 2) {
+        uint32_t bq[4], bdo[4];
+        ldmatrix_x4(bq, frag_addr_rows_n<D>(cQ, mt * 8, kk * 16, lane));
+        ldmatrix_x4(bdo, frag_addr_rows_n<D>(cdO, mt * 8, kk * 16, lane));
+        const uint32_t bq0[2] = {bq[0], bq[1]}, bq1[2] = {bq[2], bq[3]};
+        const uint32_t bdo0[2] = {bdo[0], bdo[1]}, bdo1[2] = {bdo[2], bdo[3]};
+        mma_16x8x16<T>(st[mt], ak, bq0);
+        mma_16x8x16<T>(st[mt + 1], ak, bq1);
+        mma_16x8x16<T>(dpt[mt], av, bdo0);
+        mma_16x8x16<T>(dpt[mt + 1], av, bdo1);
+      }
+    }
+
+    // P^T and dS^T in place. Element e of tile mt: key row g + 8 * (e / 2), query mt * 8 + 2t + e % 2.
+    const bool need_mask = !(nk == BN && qlo_last <= i0 && i0 + BM <= qhi_first);
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = mt * 8 + 2 * t + (e & 1);
+        float pr = exp2f(st[mt][e] * scale_log2 - cLse2[col]);
+        float ds = pr * (dpt[mt][e] - cDelta[col]);
+        if (need_mask) {
+          const int i = int(i0) + col;
+          if (i < row_qlo[e / 2] || i >= row_qhi[e / 2]) pr = ds = 0.f;
+        }
+        st[mt][e] = pr;
+        dpt[mt][e] = ds;
+      }
+    }
+
+    // dV += P^T dO and dK += dS^T Q over the block's queries, 16 per k-step, this warp's columns.
+#pragma unroll
+    for (int kq = 0; kq < BM / 16; ++kq) {
+      uint32_t ap[4], ads[4];
+      acc_to_a<T>(ap, st[2 * kq], st[2 * kq + 1]);
+      acc_to_a<T>(ads, dpt[2 * kq], dpt[2 * kq + 1]);
+#pragma unroll
+      for (int dt = 0; dt < ST; dt += 2) {
+        uint32_t bdo[4], bq[4];
+        ldmatrix_x4_trans(bdo, frag_addr_rows_m<D>(cdO, kq * 16, (dt0 + dt) * 8, lane));
+        ldmatrix_x4_trans(bq, frag_addr_rows_m<D>(cQ, kq * 16, (dt0 + dt) * 8, lane));
+        const uint32_t bdo0[2] = {bdo[0], bdo[1]}, bdo1[2] = {bdo[2], bdo[3]};
+        const uint32_t bq0[2] = {bq[0], bq[1]}, bq1[2] = {bq[2], bq[3]};
+        mma_16x8x16<T>(dv[dt], ap, bdo0);
+        mma_16x8x16<T>(dv[dt + 1], ap, bdo1);
+        mma_16x8x16<T>(dk[dt], ads, bq0);
+        mma_16x8x16<T>(dk[dt + 1], ads, bq1);
+      }
+    }
+    __syncthreads();  // every warp is done with this stage before it is refilled
+  }
+  cp_async_wait<0>();  // nothing in flight at exit
+
+  // Every key row of the sequence in this block is written, zeros for keys no query sees.
+  const float scale = float(p.scale);
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    const int row = key_row0 + g + rr * 8;
+    if (row >= nk) continue;
+    const int64_t off = b * p.dkv_strides[0] + (s.k_start + j0 + row) * p.dkv_strides[1] + hk * p.dkv_strides[2];
+    T* dk_row = static_cast<T*>(p.dk) + off;
+    T* dv_row = static_cast<T*>(p.dv) + off;
+#pragma unroll
+    for (int dt = 0; dt < ST; ++dt) {
+      const int col = (dt0 + dt) * 8 + 2 * t;
+      *reinterpret_cast<uint32_t*>(dk_row + col) = pack2<T>(dk[dt][2 * rr] * scale, dk[dt][2 * rr + 1] * scale);
+      *reinterpret_cast<uint32_t*>(dv_row + col) = pack2<T>(dv[dt][2 * rr], dv[dt][2 * rr + 1]);
+    }
+  }
+#endif
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kBwdMmaThreads)
+    flash_attn_bwd_dq_mma_kernel(const AttnParams p, const float* __restrict__ delta, float scale_log2) {
+#ifdef PYLLM_ATTN_UNSUPPORTED_ARCH
+  __trap();
+#else
+  using Tile = BwdQTile<D>;
+  constexpr int BM = Tile::kBlockM, BN = Tile::kBlockN, NT = BN / 8, DT = D / 8;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);
+  T* sdO = sQ + BM * D;
+  T* sK = sdO + BM * D;     // 2 stages of BN x D
+  T* sV = sK + 2 * BN * D;  // 2 stages of BN x D
+
+  const int b = blockIdx.z, h = blockIdx.y;
+  const SeqInfo s = seq_info(p, b);
+  const int64_t i0 = int64_t(blockIdx.x) * BM;
+  if (i0 >= s.len_q) return;  // uniform per CTA: before any barrier
+  const int mq = int(min(int64_t(BM), s.len_q - i0));
+  const int hk = h / int(p.n_heads / p.n_kv_heads);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+
+  // Keys any of the block's queries see (both bounds monotone in the query), BN at a time.
+  const int64_t k_lo = key_lo(p, i0, s.len_q, s.len_k), k_hi = key_hi(p, i0 + mq - 1, s.len_q, s.len_k);
+  const int n_blocks = k_hi > k_lo ? int((k_hi - k_lo + BN - 1) / BN) : 0;
+  const int64_t klo_last = key_lo(p, i0 + mq - 1, s.len_q, s.len_k), khi_first = key_hi(p, i0, s.len_q, s.len_k);
+  // Per lane, rows g and g + 8 of the warp's 16: key bounds, lse (log2 units) and delta.
+  int row_lo[2], row_hi[2];
+  float lse2[2], delta_row[2];
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    const int64_t i = i0 + warp * 16 + g + rr * 8;
+    const bool in = i < s.len_q;
+    row_lo[rr] = in ? int(key_lo(p, i, s.len_q, s.len_k)) : 0;
+    row_hi[rr] = in ? int(key_hi(p, i, s.len_q, s.len_k)) : 0;
+    const int64_t idx = in ? lse_index(p, b, h, s, i) : 0;
+    lse2[rr] = in ? static_cast<const float*>(p.lse)[idx] * kLog2e : INFINITY;
+    delta_row[rr] = in ? delta[idx] : 0.f;
+  }
+
+  const T* q_src = static_cast<const T*>(p.q) + b * p.q_strides[0] + (s.q_start + i0) * p.q_strides[1] +
+                   h * p.q_strides[2];
+  const T* do_src = static_cast<const T*>(p.dout) + b * p.o_strides[0] + (s.q_start + i0) * p.o_strides[1] +
+                    h * p.o_strides[2];
+  const T* k_head = static_cast<const T*>(p.k) + b * p.k_strides[0] + s.k_start * p.k_strides[1] + hk * p.k_strides[2];
+  const T* v_head = static_cast<const T*>(p.v) + b * p.v_strides[0] + s.k_start * p.v_strides[1] + hk * p.v_strides[2];
+  auto load_kv = [&](int nb, int stage) {
+    const int64_t j0 = k_lo + int64_t(nb) * BN;
+    const int valid = int(min(int64_t(BN), s.len_k - j0));  // >= 1: j0 < k_hi <= len_k
+    load_tile_async<BN, D, kBwdMmaThreads>(sK + stage * BN * D, k_head + j0 * p.k_strides[1], p.k_strides[1], valid);
+    load_tile_async<BN, D, kBwdMmaThreads>(sV + stage * BN * D, v_head + j0 * p.v_strides[1], p.v_strides[1], valid);
+  };
+
+  load_tile_async<BM, D, kBwdMmaThreads>(sQ, q_src, p.q_strides[1], mq);
+  load_tile_async<BM, D, kBwdMmaThreads>(sdO, do_src, p.o_strides[1], mq);
+  if (n_blocks > 0) load_kv(0, 0);
+  cp_async_commit();
+
+  float dq[DT][4];
+#pragma unroll
+  for (int dt = 0; dt < DT; ++dt) dq[dt][0] = dq[dt][1] = dq[dt][2] = dq[dt][3] = 0.f;
+
+  for (int nb = 0; nb < n_blocks; ++nb) {
+    const int stage = nb & 1;
+    if (nb + 1 < n_blocks) {
+      load_kv(nb + 1, stage ^ 1);  // that stage was released by the last iteration's closing barrier
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const T* cK = sK + stage * BN * D;
+    const T* cV = sV + stage * BN * D;
+    const int64_t j0 = k_lo + int64_t(nb) * BN;
+
+    // S = Q K^T and dP = dO V^T for this warp's 16 rows x BN keys.
+    float sacc[NT][4], dpacc[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) sacc[nt][e] = dpacc[nt][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t aq[4], ado[4];
+      ldmatrix_x4(aq, frag_addr_rows_m<D>(sQ, warp * 16, kk * 16, lane));
+      ldmatrix_x4(ado, frag_addr_rows_m<D>(sdO, warp * 16, kk * 16, lane));
+#pragma unroll
+      for (int nt = 0; nt < NT; nt += 2) {
+        uint32_t bk[4], bv[4];
+        ldmatrix_x4(bk, frag_addr_rows_n<D>(cK, nt * 8, kk * 16, lane));
+        ldmatrix_x4(bv, frag_addr_rows_n<D>(cV, nt * 8, kk * 16, lane));
+        const uint32_t bk0[2] = {bk[0], bk[1]}, bk1[2] = {bk[2], bk[3]};
+        const uint32_t bv0[2] = {bv[0], bv[1]}, bv1[2] = {bv[2], bv[3]};
+        mma_16x8x16<T>(sacc[nt], aq, bk0);
+        mma_16x8x16<T>(sacc[nt + 1], aq, bk1);
+        mma_16x8x16<T>(dpacc[nt], ado, bv0);
+        mma_16x8x16<T>(dpacc[nt + 1], ado, bv1);
+      }
+    }
+
+    // dS in place of dP. Element e of tile nt: query row g + 8 * (e / 2), key nt * 8 + 2t + e % 2.
+    const bool need_mask = !(klo_last <= j0 && j0 + BN <= khi_first);
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float pr = exp2f(sacc[nt][e] * scale_log2 - lse2[e / 2]);
+        float ds = pr * (dpacc[nt][e] - delta_row[e / 2]);
+        if (need_mask) {
+          const int j = int(j0) + nt * 8 + 2 * t + (e & 1);
+          if (j < row_lo[e / 2] || j >= row_hi[e / 2]) ds = 0.f;
+        }
+        dpacc[nt][e] = ds;
+      }
+    }
+
+    // dQ += dS K: the dS accumulators of key tiles 2kk, 2kk+1 are the A fragment of k-step kk.
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      uint32_t a[4];
+      acc_to_a<T>(a, dpacc[2 * kk], dpacc[2 * kk + 1]);
+#pragma unroll
+      for (int dt = 0; dt < DT; dt += 2) {
+        uint32_t bb[4];
+        ldmatrix_x4_trans(bb, frag_addr_rows_m<D>(cK, kk * 16, dt * 8, lane));
+        const uint32_t b0[2] = {bb[0], bb[1]}, b1[2] = {bb[2], bb[3]};
+        mma_16x8x16<T>(dq[dt], a, b0);
+        mma_16x8x16<T>(dq[dt + 1], a, b1);
+      }
+    }
+    __syncthreads();  // every warp is done with this stage before it is refilled
+  }
+  cp_async_wait<0>();  // nothing in flight at exit (the no-key case issued Q and dO only)
+
+  const float scale = float(p.scale);
+#pragma unroll
+  for (int rr = 0; rr < 2; ++rr) {
+    const int row = warp * 16 + g + rr * 8;
+    if (row >= mq) continue;
+    T* dst = static_cast<T*>(p.dq) + b * p.o_strides[0] + (s.q_start + i0 + row) * p.o_strides[1] +
+             h * p.o_strides[2];
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt)
+      *reinterpret_cast<uint32_t*>(dst + dt * 8 + 2 * t) = pack2<T>(dq[dt][2 * rr] * scale, dq[dt][2 * rr + 1] * scale);
+  }
+#endif
+}
+
+// Opts the kernel into `bytes` of dynamic shared memory when that is over the default 48 KB,
+// after checking the device allows it.
+template <typename Kernel>
+void set_dynamic_smem(Kernel kernel, int bytes, int device, const char* what) {
+  if (bytes <= 48 * 1024) return;
+  int optin = 0;
+  PYLLM_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  PYLLM_CHECK_RUNTIME(bytes <= optin, "flash_attn backward: ", what, " needs ", bytes,
+                      " bytes of shared memory per block, device ", device, " allows ", optin);
+  PYLLM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+}
+
+template <typename T, int D>
+void launch_bwd_mma_d(const AttnParams& p, const float* delta, int device, cudaStream_t stream) {
+  const float scale_log2 = float(p.scale * 1.4426950408889634);
+  if (p.seqlen_k > 0) {
+    using Tile = BwdKVTile<D>;
+    auto kernel = flash_attn_bwd_dk_dv_mma_kernel<T, D>;
+    set_dynamic_smem(kernel, Tile::kSmemBytes, device, "the dk_dv kernel");
+    const dim3 grid(unsigned((p.seqlen_k + Tile::kBlockN - 1) / Tile::kBlockN), unsigned(p.n_kv_heads),
+                    unsigned(p.batch));
+    kernel<<<grid, kBwdMmaThreads, Tile::kSmemBytes, stream>>>(p, delta, scale_log2);
+    PYLLM_CUDA_CHECK_LAUNCH("flash_attn_bwd_dk_dv_mma_kernel");
+  }
+  if (p.seqlen_q > 0) {
+    using Tile = BwdQTile<D>;
+    auto kernel = flash_attn_bwd_dq_mma_kernel<T, D>;
+    set_dynamic_smem(kernel, Tile::kSmemBytes, device, "the dq kernel");
+    const dim3 grid(unsigned((p.seqlen_q + Tile::kBlockM - 1) / Tile::kBlockM), unsigned(p.n_heads),
+                    unsigned(p.batch));
+    kernel<<<grid, kBwdMmaThreads, Tile::kSmemBytes, stream>>>(p, delta, scale_log2);
+    PYLLM_CUDA_CHECK_LAUNCH("flash_attn_bwd_dq_mma_kernel");
+  }
+}
+
+template <typename T>
+void dispatch_bwd_mma(const AttnParams& p, const float* delta, int device, cudaStream_t stream) {
+  switch (p.head_dim) {
+    case 32: launch_bwd_mma_d<T, 32>(p, delta, device, stream); break;
+    case 64: launch_bwd_mma_d<T, 64>(p, delta, device, stream); break;
+    case 96: launch_bwd_mma_d<T, 96>(p, delta, device, stream); break;
+    case 128: launch_bwd_mma_d<T, 128>(p, delta, device, stream); break;
+    case 256: launch_bwd_mma_d<T, 256>(p, delta, device, stream); break;
+    default: PYLLM_CHECK(false, "flash_attn: head_dim must be one of 32, 64, 96, 128, 256, got ", p.head_dim);
+  }
+}
+
+void launch_bwd_mma(const AttnParams& p, const float* delta, int device, cudaStream_t stream) {
+  if (p.dtype == int(DType::f16))
+    dispatch_bwd_mma<__half>(p, delta, device, stream);
+  else
+    dispatch_bwd_mma<__nv_bfloat16>(p, delta, device, stream);
+}
+
+}  // namespace attn
+}  // namespace pyllm

@@ -282,6 +282,11 @@ void flash_attn_bwd_cuda(uintptr_t dout, uintptr_t dlse, uintptr_t q, uintptr_t 
   for (int i = 0; i < 3; ++i) even_strides = even_strides && o_strides[i] % 2 == 0 && dkv_strides[i] % 2 == 0;
   PYLLM_CHECK(simt || (even_strides && dq % 4 == 0 && dk % 4 == 0 && dv % 4 == 0),
               "flash_attn: dq, dk, dv must be 4-byte aligned with even strides on CUDA");
+  // ... and they read dout with 16-byte cp.async chunks, as q, k, v (checked above).
+  bool strides_of_8 = true;
+  for (int i = 0; i < 3; ++i) strides_of_8 = strides_of_8 && o_strides[i] % 8 == 0;
+  PYLLM_CHECK(simt || seqlen_q == 0 || (strides_of_8 && dout % 16 == 0),
+              "flash_attn: dout must be 16-byte aligned with strides that are multiples of 8 elements on CUDA");
   // delta has the lse layout: (B, H, Tq) or, varlen, (H, total_q) with lse_strides (0, total_q).
   const int64_t delta_elems = p.cu_seqlens_q ? n_heads * lse_strides[1] : batch * lse_strides[0];
   PYLLM_CHECK(delta_elems >= 0, "flash_attn: bad lse_strides");

@@ -175,7 +175,8 @@ def _last_dim_contiguous(t: Tensor) -> Tensor:
     # The kernels take any batch / token / head strides but need unit-stride head_dim rows, aligned
     # to 16 bytes on the GPU (cp.async); anything else is copied once.
     if t.stride(-1) != 1 or (t.is_cuda and t.data_ptr() % 16) or any(s % 8 for s in t.stride()[:-1] if t.is_cuda):
-        return t.contiguous()
+        # clone, not contiguous(): a contiguous view at a misaligned offset would come back as is.
+        return t.clone(memory_format=torch.contiguous_format)
     return t
 
 
@@ -238,7 +239,7 @@ def _flash_attn_backward(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Ten
                          max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, window_left: int,
                          window_right: int, deterministic: bool) -> tuple[Tensor, Tensor, Tensor]:
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
-    dout, out, lse = dout.contiguous(), out.contiguous(), lse.contiguous()
+    dout, out, lse = _last_dim_contiguous(dout.contiguous()), out.contiguous(), lse.contiguous()
     dlse = None if dlse is None else dlse.contiguous()
     max_seqlen_q, max_seqlen_k = _resolve_max_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)

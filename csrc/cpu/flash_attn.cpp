@@ -1,6 +1,7 @@
 // FlashAttention on the CPU: the same tiling and online softmax as csrc/cuda/flash_attn_*.cu, so
 // that the algorithm's logic (block edges, bottom-right mask offsets, varlen, GQA head mapping,
-// LSE) runs in CI on every commit. Layout, mask and LSE conventions: csrc/common/attn_params.h.
+// LSE) runs in CI on every commit, and fast enough to train with on a CPU. Layout, mask and LSE
+// conventions: csrc/common/attn_params.h.
 //
 // Forward, per (sequence b, query head h, block of kBlockQ queries):
 //   Q_blk * scale -> fp32 tile; for each block of kBlockK keys that some query of the block sees:
@@ -9,25 +10,43 @@
 //   out = O / l, lse = m + log(l). The T x T matrix never exists: memory is O(kBlockQ * kBlockK)
 //   per thread. Blocks entirely outside the mask are skipped, blocks entirely inside it skip the
 //   per-element mask.
-// Backward (FlashAttention-2, recomputing P = exp(S - lse) from the saved LSE), three passes:
-//   0. delta_i = sum_d dO_id O_id - dlse_i (dlse: a gradient flowing into the returned lse, for
-//      which d lse_i / d S_ij = P_ij folds into the same term)
-//   1. per (b, kv head, key block): dV = sum P^T dO, dK = scale * sum dS^T Q over the key block's
-//      queries of every query head of the GQA group, dS = P * (dO V^T - delta)
-//   2. per (b, query head, query block): dQ = scale * sum dS K over its key blocks
-//   Each gradient element is owned by one work item and summed in a fixed order, so the CPU
-//   backward is always bitwise deterministic (no atomics); the price is computing S, P and dP
-//   twice (7 block matmuls instead of FlashAttention-2's 5).
-// FLOPs: 4 * Tq * Tk * D per head forward (2 matmuls), 14 backward here; bytes: q, k, v read once
-// per query block (k, v: Tq / kBlockQ times from cache), out and lse written once.
+// Backward (FlashAttention-2, recomputing P = exp(S - lse) from the saved LSE), one pass per
+// (sequence b, kv head): for each key block j, for each query head h of the GQA group and each
+// query block i that sees j:
+//     S = Q_i K_j^T, P = exp(S - lse), dP = dO_i V_j^T, dS = P * (dP - delta)
+//     dV_j += P^T dO_i,  dK_j += dS^T Q_i,  dQ_i += dS K_j
+//   with delta_i = sum_d dO_id O_id - dlse_i (dlse: a gradient flowing into the returned lse, for
+//   which d lse_i / d S_ij = P_ij folds into the same term). dK_j, dV_j live in the key block's
+//   tile and are written when the block is done; dQ of the group's heads accumulates in a per-work-
+//   item fp32 buffer (group x Tq x D), written at the end. Each gradient element is thus summed by
+//   one thread in a fixed order (key blocks ascending for dQ; heads, then query blocks for dK, dV):
+//   the CPU backward is always bitwise deterministic, for any thread count, with no atomics and
+//   no recomputation (5 block matmuls, as FlashAttention-2).
+//   Parallelism is over batch x kv heads only; the price of owning dQ per item. At B = 1 with
+//   fewer kv heads than cores some cores idle (H = 8 on the 2-core dev VM: 4 items each).
+// FLOPs: 4 * Tq * Tk * D per head forward (2 matmuls), 10 backward (5), halved for causal.
+// Bytes: forward reads q once, k and v once per query block (Tq / kBlockQ times, from L2 / L3:
+// one head's k and v are 2 * Tk * D * 4 bytes), writes out and lse once; backward reads q, dout,
+// out once, k and v once, writes dq, dk, dv once; its per-thread scratch (q, dout, dq of the
+// group, fp32) is 3 * group * Tq * D * 4 bytes (6 MB at T = 4096, D = 128), kept across calls.
+// Both are compute-bound: at kBlockQ = kBlockK = 64 every element loaded into a tile takes part
+// in 64-128 FMAs.
 //
 // Vectorisation: every block matmul is one micro-kernel, C[R rows][up to 64 columns] +=
 // A(r, k) * B[k][:], with the accumulators in GCC vector-extension registers (16 fp32 lanes: one
-// AVX-512 register, two AVX2 ones, four SSE ones: the compiler picks the ISA, no intrinsics).
-// R = 4 rows x 4 vectors = 16 accumulators + 4 B vectors fits AVX-512's 32 registers. Row-wise
-// softmax loops are `omp simd` reductions. exp is csrc/common/cpu_math.h's (no -ffast-math).
-// Math in fp32 for fp32 / bf16 storage, fp64 for fp64 (kept for gradcheck; the LSE is then
-// fp64 too). Threading: OpenMP over work items, dynamic schedule (causal blocks are uneven).
+// AVX-512 register, two AVX2 ones, four SSE ones: the compiler picks the ISA, no intrinsics), all
+// operands packed into contiguous fp32 tiles first (bf16 converted once per tile, not per use; fp32
+// tiles copied too: rows of a (B, T, H, D) tensor at D = 128, H = 8 are 4 KB apart, and reading a
+// 64-row tile in place aliased into the same L1 sets: the fp32 forward ran at half the bf16 speed).
+// R = 4 rows x 4 vectors = 16 accumulators + 4 B vectors fits AVX-512's 32 registers.
+// Softmax rows are explicit vector loops with common/cpu_math.h's exp (vscalefps under AVX-512;
+// no -ffast-math). Math in fp32 for fp32 / bf16 storage, fp64 for fp64 (kept for gradcheck; the
+// LSE is then fp64 too). Threading: OpenMP over work items, dynamic schedule.
+//
+// Measured (2026-11-23, 2-core AMD EPYC Zen 4 VM, shared, so preliminary; one core's fp32 FMA
+// peak measured with 12 independent vfmadd231ps chains: 116 GFLOP/s):
+//   micro-kernel, hot L1, 64 x 64 x 64..128 blocks: 100-109 GFLOP/s per core (was 46-83 before the
+//   register pin in micro_kernel below).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -45,7 +64,7 @@
 namespace pyllm {
 namespace {
 
-// Tile sizes: 64 x 64 keeps S (16 KB fp32) and a D=128 K^T tile (32 KB) near L1 and gives the
+// Tile sizes: 64 x 64 keeps S (16 KB fp32) and a D = 128 tile (32 KB) near L1 and gives the
 // micro-kernel full 4-vector column chunks. Not yet measured against other sizes.
 constexpr int64_t kBlockQ = 64;
 constexpr int64_t kBlockK = 64;
@@ -55,6 +74,28 @@ typedef double vec_f64 __attribute__((vector_size(64), aligned(8)));
 template <typename A> struct Vec;
 template <> struct Vec<float> { using type = vec_f32; static constexpr int lanes = 16; };
 template <> struct Vec<double> { using type = vec_f64; static constexpr int lanes = 8; };
+
+template <typename A> inline typename Vec<A>::type vload(const A* p) { return *reinterpret_cast<const typename Vec<A>::type*>(p); }
+template <typename A> inline void vstore(A* p, typename Vec<A>::type x) { *reinterpret_cast<typename Vec<A>::type*>(p) = x; }
+
+// exp of every lane, as accurate as exp_acc<T> (storage type T decides the polynomial degree).
+template <typename T>
+inline vec_f32 vexp(vec_f32 x) {
+  constexpr int kDegree = sizeof(T) == 2 ? 5 : 7;
+#ifdef PYLLM_AVX512
+  return (vec_f32)avx512::exp<kDegree>((__m512)x);
+#else
+  vec_f32 r;
+  for (int l = 0; l < 16; ++l) r[l] = exp_f32<kDegree>(x[l]);
+  return r;
+#endif
+}
+template <typename T>
+inline vec_f64 vexp(vec_f64 x) {
+  vec_f64 r;
+  for (int l = 0; l < 8; ++l) r[l] = std::exp(x[l]);
+  return r;
+}
 
 // C[r][0 : NV * lanes] (+)= sum_k A(r, k) * B[k][0 : NV * lanes] for r < R, A(r, k) = a[r*ams + k*aks].
 template <int R, int NV, typename A>
@@ -66,11 +107,19 @@ inline void micro_kernel(int64_t K, const A* __restrict a, int64_t ams, int64_t 
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[r][v] = accumulate ? *reinterpret_cast<const V*>(c + r * ldc + v * L) : V{};
+    for (int v = 0; v < NV; ++v) acc[r][v] = accumulate ? vload(c + r * ldc + v * L) : V{};
   for (int64_t k = 0; k < K; ++k) {
     V bv[NV];
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) bv[v] = *reinterpret_cast<const V*>(b + k * ldb + v * L);
+    for (int v = 0; v < NV; ++v) {
+      bv[v] = vload(b + k * ldb + v * L);
+#if defined(__AVX512F__)
+      // Pins bv to a register: without this GCC 12 folds the load into each of the R FMAs that use
+      // it (R + 1 loads per NV FMAs) and the kernel ran load-bound at 46-83 GFLOP/s per core
+      // instead of 100-109 (hot L1; see the header).
+      __asm__("" : "+v"(bv[v]));
+#endif
+    }
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
       const A s = a[r * ams + k * aks];
@@ -81,7 +130,7 @@ inline void micro_kernel(int64_t K, const A* __restrict a, int64_t ams, int64_t 
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) *reinterpret_cast<V*>(c + r * ldc + v * L) = acc[r][v];
+    for (int v = 0; v < NV; ++v) vstore(c + r * ldc + v * L, acc[r][v]);
 }
 
 template <int R, typename A>
@@ -132,31 +181,36 @@ inline int64_t lse_index(const AttnParams& p, int64_t b, int64_t h, const SeqInf
   return b * p.lse_strides[0] + h * p.lse_strides[1] + (p.cu_seqlens_q ? s.q_start : 0) + i;
 }
 
-// `rows` tokens x D of one head as rows of the math type A: the tensor itself when it already
-// holds A (fp32 / fp64 inputs: no copy), else converted into buf. Returns rows and row stride.
+// One token's D values in the math type A, times mul (exact when mul = 1).
 template <int D, typename T, typename A>
-inline std::pair<const A*, int64_t> tile_rows(A* __restrict buf, const void* base, const int64_t* strides,
-                                              int64_t b, int64_t start, int64_t h, int64_t rows) {
-  if constexpr (std::is_same_v<T, A>) {
-    return {at<T>(base, strides, b, start, h), strides[1]};
-  } else {
-    for (int64_t r = 0; r < rows; ++r) {
-      const T* __restrict src = at<T>(base, strides, b, start + r, h);
-#pragma omp simd
-      for (int d = 0; d < D; ++d) buf[r * D + d] = A(to_float(src[d]));
-    }
-    return {buf, int64_t(D)};
+inline void row_to_acc(A* __restrict dst, const T* __restrict src, A mul) {
+#ifdef PYLLM_AVX512
+  if constexpr (std::is_same_v<A, float> && avx512::has_lanes<T>) {
+    const __m512 m = _mm512_set1_ps(mul);
+    for (int d = 0; d < D; d += 16) avx512::store(dst + d, _mm512_mul_ps(avx512::load(src + d), m));
+    return;
   }
+#endif
+#pragma omp simd
+  for (int d = 0; d < D; ++d) dst[d] = A(to_float(src[d])) * mul;
+}
+
+// `rows` tokens x D of one head packed into contiguous rows of D (times mul).
+template <int D, typename T, typename A>
+inline void pack_rows(A* __restrict dst, const void* base, const int64_t* strides, int64_t b, int64_t start,
+                      int64_t h, int64_t rows, A mul) {
+  for (int64_t r = 0; r < rows; ++r) row_to_acc<D>(dst + r * D, at<T>(base, strides, b, start + r, h), mul);
 }
 
 // `rows` tokens x D transposed into D rows of `ld` (times mul); columns rows..ld zero-filled, so
 // that the padded lanes of a partial tile stay finite (they are masked or never read).
 template <int D, typename T, typename A>
-inline void tile_cols(A* __restrict dst, int64_t ld, const void* base, const int64_t* strides, int64_t b,
+inline void pack_cols(A* __restrict dst, int64_t ld, const void* base, const int64_t* strides, int64_t b,
                       int64_t start, int64_t h, int64_t rows, A mul) {
+  alignas(64) A row[D];
   for (int64_t r = 0; r < rows; ++r) {
-    const T* __restrict src = at<T>(base, strides, b, start + r, h);
-    for (int d = 0; d < D; ++d) dst[d * ld + r] = A(to_float(src[d])) * mul;
+    row_to_acc<D>(row, at<T>(base, strides, b, start + r, h), mul);
+    for (int d = 0; d < D; ++d) dst[d * ld + r] = row[d];
   }
   if (rows < ld)
     for (int d = 0; d < D; ++d)
@@ -177,13 +231,10 @@ inline bool block_unmasked(const AttnParams& p, const SeqInfo& s, int64_t i0, in
   return key_lo(p, i0 + mq - 1, s.len_q, s.len_k) <= j0 && j0 + kBlockK <= key_hi(p, i0, s.len_q, s.len_k);
 }
 
-inline int64_t n_qblocks(const AttnParams& p) { return (p.seqlen_q + kBlockQ - 1) / kBlockQ; }
-inline int64_t n_kblocks(const AttnParams& p) { return (p.seqlen_k + kBlockK - 1) / kBlockK; }
-
-// The forward and the dQ pass hold a query block's scores transposed, St[key j][query i], so that
-// the online softmax (max and sum over keys, per query) runs down columns: plain vector ops over
-// the kBlockQ queries, no horizontal reductions. Per query i the keys [lo[i], hi[i]) are seen;
-// padding queries (i >= mq) get lo = hi = 0 and see nothing.
+// The forward holds a query block's scores transposed, St[key j][query i], so that the online
+// softmax (max and sum over keys, per query) runs down columns: plain vector ops over the kBlockQ
+// queries, no horizontal reductions. Per query i the keys [lo[i], hi[i]) are seen; padding
+// queries (i >= mq) get lo = hi = 0 and see nothing.
 struct QueryBounds {
   int32_t lo[kBlockQ], hi[kBlockQ];
   void set(const AttnParams& p, const SeqInfo& s, int64_t i0, int64_t mq) {
@@ -205,7 +256,7 @@ inline void mask_transposed(A* __restrict st, int64_t nk, int64_t j0, const Quer
   }
 }
 
-// Query rows orientation (the dK / dV pass): S[query r][key j], columns outside [lo, hi) -> -inf.
+// Query rows orientation (the backward): S[query r][key j], columns outside [lo, hi) -> -inf.
 template <typename A>
 inline void mask_row(A* __restrict srow, int64_t lo, int64_t hi) {
   const A ninf = neg_inf<A>();
@@ -220,14 +271,17 @@ inline void mask_row(A* __restrict srow, int64_t lo, int64_t hi) {
 template <int D, typename T>
 void fwd(const AttnParams& p) {
   using A = acc_t<T>;
+  using V = typename Vec<A>::type;
+  constexpr int L = Vec<A>::lanes, kQV = kBlockQ / L;  // vectors per row of St
   constexpr A kNegInf = neg_inf<A>();
-  const int64_t group = p.n_heads / p.n_kv_heads, qblocks = n_qblocks(p);
+  const V ninf = V{} + kNegInf, zero = V{};
+  const int64_t group = p.n_heads / p.n_kv_heads, qblocks = (p.seqlen_q + kBlockQ - 1) / kBlockQ;
   const int64_t items = p.batch * p.n_heads * qblocks;
   A* lse_out = static_cast<A*>(p.lse);
 #pragma omp parallel if (items > 1)
   {
-    std::vector<A> qt(D * kBlockQ), kbuf(kBlockK * D), vbuf(kBlockK * D), st(kBlockK * kBlockQ), o(kBlockQ * D);
-    std::vector<A> m(kBlockQ), l(kBlockQ), m_use(kBlockQ), corr(kBlockQ), blk(kBlockQ);
+    std::vector<A> qt(D * kBlockQ), kr(kBlockK * D), vr(kBlockK * D), st(kBlockK * kBlockQ), o(kBlockQ * D);
+    alignas(64) A m[kBlockQ], l[kBlockQ], corr[kBlockQ];
     QueryBounds bounds;
 #pragma omp for schedule(dynamic)
     for (int64_t item = 0; item < items; ++item) {
@@ -236,46 +290,46 @@ void fwd(const AttnParams& p) {
       const int64_t i0 = qb * kBlockQ;
       if (i0 >= s.len_q) continue;
       const int64_t mq = std::min(kBlockQ, s.len_q - i0), hk = h / group;
-      tile_cols<D, T>(qt.data(), kBlockQ, p.q, p.q_strides, b, s.q_start + i0, h, mq, A(p.scale));
+      pack_cols<D, T>(qt.data(), kBlockQ, p.q, p.q_strides, b, s.q_start + i0, h, mq, A(p.scale));
       bounds.set(p, s, i0, mq);
       std::fill(o.begin(), o.end(), A(0));
-      std::fill(m.begin(), m.end(), kNegInf);
-      std::fill(l.begin(), l.end(), A(0));
+      std::fill(m, m + kBlockQ, kNegInf);
+      std::fill(l, l + kBlockQ, A(0));
       const KeyBlocks kbs = key_blocks(p, s, i0, mq);
       for (int64_t kblk = kbs.first; kblk < kbs.end; ++kblk) {
         const int64_t j0 = kblk * kBlockK, nk = std::min(kBlockK, s.len_k - j0);
-        const auto [kr, kld] = tile_rows<D, T>(kbuf.data(), p.k, p.k_strides, b, s.k_start + j0, hk, nk);
-        const auto [vr, vld] = tile_rows<D, T>(vbuf.data(), p.v, p.v_strides, b, s.k_start + j0, hk, nk);
+        pack_rows<D, T>(kr.data(), p.k, p.k_strides, b, s.k_start + j0, hk, nk, A(1));
+        pack_rows<D, T>(vr.data(), p.v, p.v_strides, b, s.k_start + j0, hk, nk, A(1));
         A* __restrict S = st.data();
-        gemm<kBlockQ>(nk, D, kr, kld, 1, qt.data(), kBlockQ, S, kBlockQ, false);  // St = K (scale Q)^T
+        gemm<kBlockQ>(nk, D, kr.data(), D, 1, qt.data(), kBlockQ, S, kBlockQ, false);  // St = K (scale Q)^T
         if (!block_unmasked(p, s, i0, mq, j0)) mask_transposed(S, nk, j0, bounds);
         // Online softmax down the columns. The max skips NaN (it must not poison the running max of
         // the other queries), and a query that has seen only masked keys keeps m = -inf; exp is then
         // taken against 0 so that NaN scores still come out as NaN.
-        std::fill(blk.begin(), blk.end(), kNegInf);
-        for (int64_t j = 0; j < nk; ++j) {
-#pragma omp simd
-          for (int64_t i = 0; i < kBlockQ; ++i) blk[i] = S[j * kBlockQ + i] > blk[i] ? S[j * kBlockQ + i] : blk[i];
-        }
-#pragma omp simd
-        for (int64_t i = 0; i < kBlockQ; ++i) {
-          const A m_new = std::max(m[i], blk[i]);
-          m_use[i] = m_new == kNegInf ? A(0) : m_new;
-          corr[i] = m[i] == kNegInf ? A(0) : exp_acc<T>(m[i] - m_use[i]);
-          m[i] = m_new;
-          blk[i] = A(0);
+        V m_use[kQV], sum[kQV];
+        for (int v = 0; v < kQV; ++v) {
+          V blk = ninf;
+          for (int64_t j = 0; j < nk; ++j) {
+            const V x = vload(S + j * kBlockQ + v * L);
+            blk = x > blk ? x : blk;
+          }
+          const V m_old = vload(m + v * L), m_new = m_old < blk ? blk : m_old;
+          m_use[v] = m_new == ninf ? zero : m_new;
+          vstore(corr + v * L, m_old == ninf ? zero : vexp<T>(m_old - m_use[v]));
+          vstore(m + v * L, m_new);
+          sum[v] = zero;
         }
         for (int64_t j = 0; j < nk; ++j) {
           A* __restrict row = S + j * kBlockQ;
-#pragma omp simd
-          for (int64_t i = 0; i < kBlockQ; ++i) {
-            const A pj = row[i] == kNegInf ? A(0) : exp_acc<T>(row[i] - m_use[i]);
-            row[i] = pj;
-            blk[i] += pj;
+#pragma GCC unroll 8
+          for (int v = 0; v < kQV; ++v) {
+            const V x = vload(row + v * L), pj = x == ninf ? zero : vexp<T>(x - m_use[v]);
+            vstore(row + v * L, pj);
+            sum[v] += pj;
           }
         }
+        for (int v = 0; v < kQV; ++v) vstore(l + v * L, vload(l + v * L) * vload(corr + v * L) + sum[v]);
         for (int64_t r = 0; r < mq; ++r) {
-          l[r] = l[r] * corr[r] + blk[r];
           if (corr[r] != A(1)) {
             A* __restrict orow = o.data() + r * D;
             const A c = corr[r];
@@ -283,7 +337,7 @@ void fwd(const AttnParams& p) {
             for (int d = 0; d < D; ++d) orow[d] *= c;
           }
         }
-        gemm<D>(mq, nk, S, 1, kBlockQ, vr, vld, o.data(), D, true);  // O += P V
+        gemm<D>(mq, nk, S, 1, kBlockQ, vr.data(), D, o.data(), D, true);  // O += P V
       }
       for (int64_t r = 0; r < mq; ++r) {
         T* __restrict dst = at_mut<T>(p.out, p.o_strides, b, s.q_start + i0 + r, h);
@@ -303,137 +357,99 @@ void fwd(const AttnParams& p) {
 // ---------------------------------------------------------------------------------------------
 
 template <int D, typename T>
-void bwd(const AttnParams& p, int64_t lse_size) {
+void bwd(const AttnParams& p) {
   using A = acc_t<T>;
+  using V = typename Vec<A>::type;
+  constexpr int L = Vec<A>::lanes, kKV = kBlockK / L;  // vectors per row of S
   constexpr A kNegInf = neg_inf<A>();
-  const int64_t group = p.n_heads / p.n_kv_heads, qblocks = n_qblocks(p), kblocks = n_kblocks(p);
+  const V ninf = V{} + kNegInf, zero = V{};
+  const int64_t group = p.n_heads / p.n_kv_heads;
   const A* lse = static_cast<const A*>(p.lse);
   const A* dlse = static_cast<const A*>(p.dlse);
   const A scale = A(p.scale);
-  std::vector<A> delta(lse_size);
-
-  // Pass 0: delta = rowsum(dO * O) - dlse.
-  const int64_t q_items = p.batch * p.n_heads * qblocks;
-#pragma omp parallel for schedule(dynamic) if (q_items > 1)
-  for (int64_t item = 0; item < q_items; ++item) {
-    const int64_t b = item / (p.n_heads * qblocks), h = (item / qblocks) % p.n_heads, qb = item % qblocks;
-    const SeqInfo s = seq_info(p, b);
-    for (int64_t i = qb * kBlockQ; i < std::min(s.len_q, (qb + 1) * kBlockQ); ++i) {
-      const T* __restrict o = at<T>(p.out, p.o_strides, b, s.q_start + i, h);
-      const T* __restrict g = at<T>(p.dout, p.o_strides, b, s.q_start + i, h);
-      A sum = 0;
-#pragma omp simd reduction(+ : sum)
-      for (int d = 0; d < D; ++d) sum += A(to_float(o[d])) * A(to_float(g[d]));
-      const int64_t idx = lse_index(p, b, h, s, i);
-      delta[idx] = sum - (dlse ? dlse[idx] : A(0));
-    }
-  }
-
-  // Pass 1: dK, dV per (b, kv head, key block), summed over the GQA group's query heads. Query rows
-  // orientation: S[query][key] = Q (scale K^T), with K^T and V^T transposed once per work item.
-  const int64_t k_items = p.batch * p.n_kv_heads * kblocks;
-#pragma omp parallel if (k_items > 1)
+  const int64_t items = p.batch * p.n_kv_heads;
+#pragma omp parallel if (items > 1)
   {
-    std::vector<A> qbuf(kBlockQ * D), dobuf(kBlockQ * D), kt(D * kBlockK), vt(D * kBlockK), sc(kBlockQ * kBlockK),
-        dp(kBlockQ * kBlockK), dk(kBlockK * D), dv(kBlockK * D);
+    std::vector<A> kr(kBlockK * D), kt(D * kBlockK), vt(D * kBlockK), sc(kBlockQ * kBlockK), dp(kBlockQ * kBlockK),
+        dk(kBlockK * D), dv(kBlockK * D);
+    // The group's q, dout and dq (fp32 accumulators) for the whole sequence, plus lse and delta:
+    // kept per thread across calls, so the timed path does not fault in fresh pages each step.
+    static thread_local std::vector<A> q_all, do_all, dq_all, lse_all, delta_all;
 #pragma omp for schedule(dynamic)
-    for (int64_t item = 0; item < k_items; ++item) {
-      const int64_t b = item / (p.n_kv_heads * kblocks), hk = (item / kblocks) % p.n_kv_heads, kb = item % kblocks;
+    for (int64_t item = 0; item < items; ++item) {
+      const int64_t b = item / p.n_kv_heads, hk = item % p.n_kv_heads;
       const SeqInfo s = seq_info(p, b);
-      const int64_t j0 = kb * kBlockK;
-      if (j0 >= s.len_k) continue;
-      const int64_t nk = std::min(kBlockK, s.len_k - j0);
-      tile_cols<D, T>(kt.data(), kBlockK, p.k, p.k_strides, b, s.k_start + j0, hk, nk, scale);
-      tile_cols<D, T>(vt.data(), kBlockK, p.v, p.v_strides, b, s.k_start + j0, hk, nk, A(1));
-      std::fill(dk.begin(), dk.end(), A(0));
-      std::fill(dv.begin(), dv.end(), A(0));
-      const int64_t q_lo = query_lo(p, j0, s.len_q, s.len_k), q_hi = query_hi(p, j0 + nk - 1, s.len_q, s.len_k);
-      for (int64_t h = hk * group; h < (hk + 1) * group && q_lo < q_hi; ++h) {
-        for (int64_t i0 = (q_lo / kBlockQ) * kBlockQ; i0 < q_hi; i0 += kBlockQ) {
-          const int64_t mq = std::min(kBlockQ, s.len_q - i0);
-          const auto [qr, qld] = tile_rows<D, T>(qbuf.data(), p.q, p.q_strides, b, s.q_start + i0, h, mq);
-          const auto [dor, dold] = tile_rows<D, T>(dobuf.data(), p.dout, p.o_strides, b, s.q_start + i0, h, mq);
-          gemm<kBlockK>(mq, D, qr, qld, 1, kt.data(), kBlockK, sc.data(), kBlockK, false);
-          const bool unmasked = block_unmasked(p, s, i0, mq, j0);
-          gemm<kBlockK>(mq, D, dor, dold, 1, vt.data(), kBlockK, dp.data(), kBlockK, false);  // dP = dO V^T
-          for (int64_t r = 0; r < mq; ++r) {
-            A* __restrict srow = sc.data() + r * kBlockK;
-            A* __restrict dprow = dp.data() + r * kBlockK;
-            if (!unmasked)
-              mask_row(srow, key_lo(p, i0 + r, s.len_q, s.len_k) - j0, key_hi(p, i0 + r, s.len_q, s.len_k) - j0);
-            const int64_t idx = lse_index(p, b, h, s, i0 + r);
-            const A lse_r = lse[idx], delta_r = delta[idx];
-#pragma omp simd
-            for (int64_t j = 0; j < kBlockK; ++j) {
-              const A pj = srow[j] == kNegInf ? A(0) : exp_acc<T>(srow[j] - lse_r);
-              srow[j] = pj;
-              dprow[j] = pj * (dprow[j] - delta_r);  // dS
+      const int64_t len_q = s.len_q, len_k = s.len_k, rows = group * len_q;
+      if (size_t(rows * D) > q_all.size()) {
+        q_all.resize(rows * D), do_all.resize(rows * D), dq_all.resize(rows * D);
+        lse_all.resize(rows), delta_all.resize(rows);
+      }
+      for (int64_t g = 0; g < group; ++g) {
+        const int64_t h = hk * group + g;
+        pack_rows<D, T>(q_all.data() + g * len_q * D, p.q, p.q_strides, b, s.q_start, h, len_q, A(1));
+        pack_rows<D, T>(do_all.data() + g * len_q * D, p.dout, p.o_strides, b, s.q_start, h, len_q, A(1));
+        for (int64_t i = 0; i < len_q; ++i) {
+          const T* __restrict o = at<T>(p.out, p.o_strides, b, s.q_start + i, h);
+          const A* __restrict g_row = do_all.data() + (g * len_q + i) * D;
+          A dot = 0;
+#pragma omp simd reduction(+ : dot)
+          for (int d = 0; d < D; ++d) dot += A(to_float(o[d])) * g_row[d];
+          const int64_t idx = lse_index(p, b, h, s, i);
+          lse_all[g * len_q + i] = lse[idx];
+          delta_all[g * len_q + i] = dot - (dlse ? dlse[idx] : A(0));
+        }
+      }
+      std::fill(dq_all.begin(), dq_all.begin() + rows * D, A(0));
+      for (int64_t j0 = 0; j0 < len_k; j0 += kBlockK) {
+        const int64_t nk = std::min(kBlockK, len_k - j0);
+        pack_rows<D, T>(kr.data(), p.k, p.k_strides, b, s.k_start + j0, hk, nk, A(1));
+        pack_cols<D, T>(kt.data(), kBlockK, p.k, p.k_strides, b, s.k_start + j0, hk, nk, scale);
+        pack_cols<D, T>(vt.data(), kBlockK, p.v, p.v_strides, b, s.k_start + j0, hk, nk, A(1));
+        std::fill(dk.begin(), dk.end(), A(0));
+        std::fill(dv.begin(), dv.end(), A(0));
+        const int64_t q_lo = query_lo(p, j0, len_q, len_k), q_hi = query_hi(p, j0 + nk - 1, len_q, len_k);
+        for (int64_t g = 0; g < group && q_lo < q_hi; ++g) {
+          for (int64_t i0 = (q_lo / kBlockQ) * kBlockQ; i0 < q_hi; i0 += kBlockQ) {
+            const int64_t mq = std::min(kBlockQ, len_q - i0), row0 = g * len_q + i0;
+            const A* qi = q_all.data() + row0 * D;
+            const A* doi = do_all.data() + row0 * D;
+            gemm<kBlockK>(mq, D, qi, D, 1, kt.data(), kBlockK, sc.data(), kBlockK, false);   // S = Q (scale K)^T
+            gemm<kBlockK>(mq, D, doi, D, 1, vt.data(), kBlockK, dp.data(), kBlockK, false);  // dP = dO V^T
+            const bool unmasked = block_unmasked(p, s, i0, mq, j0);
+            for (int64_t r = 0; r < mq; ++r) {
+              A* __restrict srow = sc.data() + r * kBlockK;
+              A* __restrict dprow = dp.data() + r * kBlockK;
+              if (!unmasked) mask_row(srow, key_lo(p, i0 + r, len_q, len_k) - j0, key_hi(p, i0 + r, len_q, len_k) - j0);
+              const A lse_r = lse_all[row0 + r], delta_r = delta_all[row0 + r];
+#pragma GCC unroll 8
+              for (int v = 0; v < kKV; ++v) {
+                const V x = vload(srow + v * L), pj = x == ninf ? zero : vexp<T>(x - lse_r);
+                vstore(srow + v * L, pj);
+                vstore(dprow + v * L, pj * (vload(dprow + v * L) - delta_r));  // dS
+              }
             }
-          }
-          gemm<D>(nk, mq, sc.data(), 1, kBlockK, dor, dold, dv.data(), D, true);  // dV += P^T dO
-          gemm<D>(nk, mq, dp.data(), 1, kBlockK, qr, qld, dk.data(), D, true);    // dK += dS^T Q
-        }
-      }
-      for (int64_t r = 0; r < nk; ++r) {
-        T* __restrict dk_dst = at_mut<T>(p.dk, p.dkv_strides, b, s.k_start + j0 + r, hk);
-        T* __restrict dv_dst = at_mut<T>(p.dv, p.dkv_strides, b, s.k_start + j0 + r, hk);
-#pragma omp simd
-        for (int d = 0; d < D; ++d) {
-          dk_dst[d] = from_acc<T>(dk[r * D + d] * scale);
-          dv_dst[d] = from_acc<T>(dv[r * D + d]);
-        }
-      }
-    }
-  }
-
-  // Pass 2: dQ per (b, query head, query block), transposed orientation as in the forward:
-  // St = K (scale Q)^T, dPt = V dO^T, dSt = Pt * (dPt - delta), dQ += dS K.
-#pragma omp parallel if (q_items > 1)
-  {
-    std::vector<A> qt(D * kBlockQ), dot(D * kBlockQ), kbuf(kBlockK * D), vbuf(kBlockK * D), st(kBlockK * kBlockQ),
-        dpt(kBlockK * kBlockQ), dq(kBlockQ * D), lse_q(kBlockQ), delta_q(kBlockQ);
-    QueryBounds bounds;
-#pragma omp for schedule(dynamic)
-    for (int64_t item = 0; item < q_items; ++item) {
-      const int64_t b = item / (p.n_heads * qblocks), h = (item / qblocks) % p.n_heads, qb = item % qblocks;
-      const SeqInfo s = seq_info(p, b);
-      const int64_t i0 = qb * kBlockQ;
-      if (i0 >= s.len_q) continue;
-      const int64_t mq = std::min(kBlockQ, s.len_q - i0), hk = h / group;
-      tile_cols<D, T>(qt.data(), kBlockQ, p.q, p.q_strides, b, s.q_start + i0, h, mq, scale);
-      tile_cols<D, T>(dot.data(), kBlockQ, p.dout, p.o_strides, b, s.q_start + i0, h, mq, A(1));
-      bounds.set(p, s, i0, mq);
-      for (int64_t r = 0; r < kBlockQ; ++r) {
-        const int64_t idx = lse_index(p, b, h, s, i0 + r);
-        lse_q[r] = r < mq ? lse[idx] : A(0);
-        delta_q[r] = r < mq ? delta[idx] : A(0);
-      }
-      std::fill(dq.begin(), dq.end(), A(0));
-      const KeyBlocks kbs = key_blocks(p, s, i0, mq);
-      for (int64_t kblk = kbs.first; kblk < kbs.end; ++kblk) {
-        const int64_t j0 = kblk * kBlockK, nk = std::min(kBlockK, s.len_k - j0);
-        const auto [kr, kld] = tile_rows<D, T>(kbuf.data(), p.k, p.k_strides, b, s.k_start + j0, hk, nk);
-        const auto [vr, vld] = tile_rows<D, T>(vbuf.data(), p.v, p.v_strides, b, s.k_start + j0, hk, nk);
-        A* __restrict S = st.data();
-        A* __restrict dP = dpt.data();
-        gemm<kBlockQ>(nk, D, kr, kld, 1, qt.data(), kBlockQ, S, kBlockQ, false);
-        if (!block_unmasked(p, s, i0, mq, j0)) mask_transposed(S, nk, j0, bounds);
-        gemm<kBlockQ>(nk, D, vr, vld, 1, dot.data(), kBlockQ, dP, kBlockQ, false);
-        for (int64_t j = 0; j < nk; ++j) {
-#pragma omp simd
-          for (int64_t i = 0; i < kBlockQ; ++i) {
-            const A sji = S[j * kBlockQ + i];
-            const A pji = sji == kNegInf ? A(0) : exp_acc<T>(sji - lse_q[i]);
-            dP[j * kBlockQ + i] = pji * (dP[j * kBlockQ + i] - delta_q[i]);
+            gemm<D>(nk, mq, sc.data(), 1, kBlockK, doi, D, dv.data(), D, true);                    // dV += P^T dO
+            gemm<D>(nk, mq, dp.data(), 1, kBlockK, qi, D, dk.data(), D, true);                     // dK += dS^T Q
+            gemm<D>(mq, nk, dp.data(), kBlockK, 1, kr.data(), D, dq_all.data() + row0 * D, D, true);  // dQ += dS K
           }
         }
-        gemm<D>(mq, nk, dP, 1, kBlockQ, kr, kld, dq.data(), D, true);  // dQ += dS K
-      }
-      for (int64_t r = 0; r < mq; ++r) {
-        T* __restrict dst = at_mut<T>(p.dq, p.o_strides, b, s.q_start + i0 + r, h);
+        for (int64_t r = 0; r < nk; ++r) {
+          T* __restrict dk_dst = at_mut<T>(p.dk, p.dkv_strides, b, s.k_start + j0 + r, hk);
+          T* __restrict dv_dst = at_mut<T>(p.dv, p.dkv_strides, b, s.k_start + j0 + r, hk);
 #pragma omp simd
-        for (int d = 0; d < D; ++d) dst[d] = from_acc<T>(dq[r * D + d] * scale);
+          for (int d = 0; d < D; ++d) {
+            dk_dst[d] = from_acc<T>(dk[r * D + d] * scale);
+            dv_dst[d] = from_acc<T>(dv[r * D + d]);
+          }
+        }
       }
+      for (int64_t g = 0; g < group; ++g)
+        for (int64_t i = 0; i < len_q; ++i) {
+          T* __restrict dst = at_mut<T>(p.dq, p.o_strides, b, s.q_start + i, hk * group + g);
+          const A* __restrict src = dq_all.data() + (g * len_q + i) * D;
+#pragma omp simd
+          for (int d = 0; d < D; ++d) dst[d] = from_acc<T>(src[d] * scale);
+        }
     }
   }
 }
@@ -558,7 +574,7 @@ void flash_attn_bwd_cpu(uintptr_t dout, uintptr_t dlse, uintptr_t q, uintptr_t k
   PYLLM_CHECK(lse_size >= (p.cu_seqlens_q ? n_heads * total_q : batch * n_heads * seqlen_q),
               "flash_attn: lse_strides (", lse_strides[0], ", ", lse_strides[1], ") do not fit the lse layout");
   dispatch_head_dim(head_dim, [&](auto d) {
-    dispatch_dtype(dtype, [&](auto t) { bwd<decltype(d)::value, typename decltype(t)::type>(p, lse_size); });
+    dispatch_dtype(dtype, [&](auto t) { bwd<decltype(d)::value, typename decltype(t)::type>(p); });
   });
 }
 

@@ -195,10 +195,23 @@ inline void row_to_acc(A* __restrict dst, const T* __restrict src, A mul) {
   for (int d = 0; d < D; ++d) dst[d] = A(to_float(src[d])) * mul;
 }
 
+// Asks for every cache line of `rows` tokens x D of one head up front. The rows are H * D
+// elements apart, a stride the hardware prefetcher did not follow here: without this each row's
+// first load missed in turn, and packing the tiles took 12-16% of the forward (perf, 1 thread).
+template <int D, typename T>
+inline void prefetch_rows(const void* base, const int64_t* strides, int64_t b, int64_t start, int64_t h,
+                          int64_t rows) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const char* row = reinterpret_cast<const char*>(at<T>(base, strides, b, start + r, h));
+    for (size_t byte = 0; byte < D * sizeof(T); byte += 64) __builtin_prefetch(row + byte);
+  }
+}
+
 // `rows` tokens x D of one head packed into contiguous rows of D (times mul).
 template <int D, typename T, typename A>
 inline void pack_rows(A* __restrict dst, const void* base, const int64_t* strides, int64_t b, int64_t start,
                       int64_t h, int64_t rows, A mul) {
+  prefetch_rows<D, T>(base, strides, b, start, h, rows);
   for (int64_t r = 0; r < rows; ++r) row_to_acc<D>(dst + r * D, at<T>(base, strides, b, start + r, h), mul);
 }
 
@@ -208,6 +221,7 @@ template <int D, typename T, typename A>
 inline void pack_cols(A* __restrict dst, int64_t ld, const void* base, const int64_t* strides, int64_t b,
                       int64_t start, int64_t h, int64_t rows, A mul) {
   alignas(64) A row[D];
+  prefetch_rows<D, T>(base, strides, b, start, h, rows);
   for (int64_t r = 0; r < rows; ++r) {
     row_to_acc<D>(row, at<T>(base, strides, b, start + r, h), mul);
     for (int d = 0; d < D; ++d) dst[d * ld + r] = row[d];

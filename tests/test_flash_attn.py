@@ -202,6 +202,20 @@ def test_backward_is_bitwise_deterministic():
             assert torch.equal(a, b)
 
 
+def test_backward_ignores_scratch_of_earlier_calls():
+    # The CPU backward keeps per-thread fp32 scratch (q, dout, dq of a GQA group) across calls; a
+    # larger call full of NaN before must not leak into a smaller one after.
+    q, k, v = torch.randn(1, 70, 4, 32), torch.randn(1, 90, 2, 32), torch.randn(1, 90, 2, 32)
+    dout = torch.randn(1, 70, 4, 32)
+    fn = lambda q, k, v: pyllm.flash_attn(q, k, v, causal=True)  # noqa: E731
+    before = grads_of(fn, (q, k, v), dout)[1]
+    big = torch.full((2, 300, 4, 32), float("nan"))
+    grads_of(fn, (big, big[:, :, :2], big[:, :, :2]), big)
+    after = grads_of(fn, (q, k, v), dout)[1]
+    for a, b in zip(before, after):
+        assert torch.equal(a, b)
+
+
 def test_every_output_element_is_written():
     # Poisoned outputs; keys that no query sees must get dk = dv = 0, queries that see no key dq = 0.
     for dtype in (torch.float32, torch.bfloat16):

@@ -300,7 +300,14 @@ void fwd(const AttnParams& p) {
   A* lse_out = static_cast<A*>(p.lse);
 #pragma omp parallel if (items > 1)
   {
-    std::vector<A> qt(D * BQ), kr(kBlockK * D), vr(kBlockK * D), st(kBlockK * BQ), o(BQ * D);
+    std::vector<A> qt(D * BQ), st(kBlockK * BQ), o(BQ * D);
+    // K and V of the (sequence, kv head) this thread last worked on, packed block by block as its
+    // query blocks first need them: consecutive work items are mostly query blocks of one head,
+    // so a key block is packed (and converted from bf16) once per thread instead of once per
+    // query block. Kept across calls (2 * Tk * D * 4 bytes per thread); `packed` is per call.
+    static thread_local std::vector<A> k_seq, v_seq;
+    std::vector<char> packed;
+    int64_t packed_b = -1, packed_hk = -1;
     alignas(64) A m[BQ], l[BQ], corr[BQ];
     QueryBounds<BQ> bounds;
 #pragma omp for schedule(dynamic)
@@ -310,6 +317,11 @@ void fwd(const AttnParams& p) {
       const int64_t i0 = qb * BQ;
       if (i0 >= s.len_q) continue;
       const int64_t mq = std::min(BQ, s.len_q - i0), hk = h / group;
+      if (b != packed_b || hk != packed_hk) {
+        packed_b = b, packed_hk = hk;
+        if (k_seq.size() < size_t(s.len_k * D)) k_seq.resize(s.len_k * D), v_seq.resize(s.len_k * D);
+        packed.assign((s.len_k + kBlockK - 1) / kBlockK, 0);
+      }
       pack_cols<D, T>(qt.data(), BQ, p.q, p.q_strides, b, s.q_start + i0, h, mq, A(p.scale));
       bounds.set(p, s, i0, mq);
       std::fill(o.begin(), o.end(), A(0));
@@ -318,10 +330,15 @@ void fwd(const AttnParams& p) {
       const KeyBlocks kbs = key_blocks(p, s, i0, mq);
       for (int64_t kblk = kbs.first; kblk < kbs.end; ++kblk) {
         const int64_t j0 = kblk * kBlockK, nk = std::min(kBlockK, s.len_k - j0);
-        pack_rows<D, T>(kr.data(), p.k, p.k_strides, b, s.k_start + j0, hk, nk, A(1));
-        pack_rows<D, T>(vr.data(), p.v, p.v_strides, b, s.k_start + j0, hk, nk, A(1));
+        const A* kr = k_seq.data() + j0 * D;
+        const A* vr = v_seq.data() + j0 * D;
+        if (!packed[kblk]) {
+          pack_rows<D, T>(k_seq.data() + j0 * D, p.k, p.k_strides, b, s.k_start + j0, hk, nk, A(1));
+          pack_rows<D, T>(v_seq.data() + j0 * D, p.v, p.v_strides, b, s.k_start + j0, hk, nk, A(1));
+          packed[kblk] = 1;
+        }
         A* __restrict S = st.data();
-        gemm<BQ>(nk, D, kr.data(), D, 1, qt.data(), BQ, S, BQ, false);  // St = K (scale Q)^T
+        gemm<BQ>(nk, D, kr, D, 1, qt.data(), BQ, S, BQ, false);  // St = K (scale Q)^T
         if (!block_unmasked(p, s, i0, mq, j0)) mask_transposed(S, nk, j0, bounds);
         // Online softmax down the columns. The max skips NaN (it must not poison the running max of
         // the other queries), and a query that has seen only masked keys keeps m = -inf; exp is then
@@ -357,7 +374,7 @@ void fwd(const AttnParams& p) {
             for (int d = 0; d < D; ++d) orow[d] *= c;
           }
         }
-        gemm<D>(mq, nk, S, 1, BQ, vr.data(), D, o.data(), D, true);  // O += P V
+        gemm<D>(mq, nk, S, 1, BQ, vr, D, o.data(), D, true);  // O += P V
       }
       for (int64_t r = 0; r < mq; ++r) {
         T* __restrict dst = at_mut<T>(p.out, p.o_strides, b, s.q_start + i0 + r, h);

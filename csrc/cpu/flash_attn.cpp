@@ -25,12 +25,13 @@
 //   Parallelism is over batch x kv heads only; the price of owning dQ per item. At B = 1 with
 //   fewer kv heads than cores some cores idle (H = 8 on the 2-core dev VM: 4 items each).
 // FLOPs: 4 * Tq * Tk * D per head forward (2 matmuls), 10 backward (5), halved for causal.
-// Bytes: forward reads q once, k and v once per query block (Tq / kBlockQ times, from L2 / L3:
-// one head's k and v are 2 * Tk * D * 4 bytes), writes out and lse once; backward reads q, dout,
-// out once, k and v once, writes dq, dk, dv once; its per-thread scratch (q, dout, dq of the
-// group, fp32) is 3 * group * Tq * D * 4 bytes (6 MB at T = 4096, D = 128), kept across calls.
-// Both are compute-bound: at kBlockQ = kBlockK = 64 every element loaded into a tile takes part
-// in 64-128 FMAs.
+// Bytes: the forward reads q once and k, v once per thread that works on the head (each key block
+// is packed into that thread's fp32 copy of the head the first time one of its query blocks needs
+// it), writes out and lse once; the backward reads q, dout, out, k, v once and writes dq, dk, dv
+// once. Scratch, per thread and kept across calls: forward 2 * Tk * D * 4 bytes, backward
+// 3 * group * Tq * D * 4 bytes (q, dout, dq of the group: 6 MB at T = 4096, D = 128, MHA).
+// Both are compute-bound: every element packed into a tile takes part in 64-128 FMAs, so the
+// floor is the FMA rate (2 FLOPs x 16 lanes x ~3.6 GHz = 116 GFLOP/s per core measured here).
 //
 // Vectorisation: every block matmul is one micro-kernel, C[R rows][up to 64 columns] +=
 // A(r, k) * B[k][:], with the accumulators in GCC vector-extension registers (16 fp32 lanes: one
@@ -43,10 +44,12 @@
 // no -ffast-math). Math in fp32 for fp32 / bf16 storage, fp64 for fp64 (kept for gradcheck; the
 // LSE is then fp64 too). Threading: OpenMP over work items, dynamic schedule.
 //
-// Measured (2026-11-23, 2-core AMD EPYC Zen 4 VM, shared, so preliminary; one core's fp32 FMA
-// peak measured with 12 independent vfmadd231ps chains: 116 GFLOP/s):
-//   micro-kernel, hot L1, 64 x 64 x 64..128 blocks: 100-109 GFLOP/s per core (was 46-83 before the
-//   register pin in micro_kernel below).
+// Measured (2026-11-23, 2-core AMD EPYC Zen 4 VM shared with other jobs, so preliminary):
+//   one core's fp32 FMA peak, 12 independent vfmadd231ps chains: 116 GFLOP/s
+//   micro-kernel, hot L1, 64 x 64 x 64..128 blocks: 100-109 GFLOP/s (46-83 before the register pin)
+//   whole kernels, 1 thread, B = 1, H = 8, T = 1024, non-causal, useful FLOPs: forward 86-97
+//   GFLOP/s (fp32 D = 64, bf16 D = 128), backward 91 (fp32 D = 64); perf (cpu-clock samples):
+//   78% of the backward and ~70% of the forward inside the micro-kernel.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -65,13 +68,12 @@ namespace pyllm {
 namespace {
 
 // Tile sizes: 64 x 64 keeps S (16 KB fp32) and a D = 128 tile (32 KB) near L1 and gives the
-// micro-kernel full 4-vector column chunks (other sizes not measured for the backward). The
-// forward of an unmasked problem (no causal, no window) takes 128 queries per block instead:
-// each packed K / V tile then serves twice the queries, and it ran 3-8% faster (T = 1024,
-// D = 64 / 128, fp32, 1 thread, interleaved runs); with a mask the wider diagonal blocks waste
-// more than that (T = 512 causal ran 2-5% slower), so masked problems keep 64.
+// micro-kernel full 4-vector column chunks. 128-query forward blocks for unmasked problems ran
+// 3-8% faster while every query block packed its own K / V tiles, and the same as 64 once the
+// tiles were packed once per thread (T = 1024, D = 64 fp32 / 128 bf16, 1 thread, interleaved
+// runs); masked problems lost ~5% to the wider diagonal blocks (T = 512 causal). Other sizes
+// not measured.
 constexpr int64_t kBlockQ = 64;
-constexpr int64_t kBlockQFull = 128;
 constexpr int64_t kBlockK = 64;
 
 typedef float vec_f32 __attribute__((vector_size(64), aligned(4)));
@@ -258,28 +260,27 @@ inline bool block_unmasked(const AttnParams& p, const SeqInfo& s, int64_t i0, in
 }
 
 // The forward holds a query block's scores transposed, St[key j][query i], so that the online
-// softmax (max and sum over keys, per query) runs down columns: plain vector ops over the BQ
+// softmax (max and sum over keys, per query) runs down columns: plain vector ops over the kBlockQ
 // queries, no horizontal reductions. Per query i the keys [lo[i], hi[i]) are seen; padding
 // queries (i >= mq) get lo = hi = 0 and see nothing.
-template <int64_t BQ>
 struct QueryBounds {
-  int32_t lo[BQ], hi[BQ];
+  int32_t lo[kBlockQ], hi[kBlockQ];
   void set(const AttnParams& p, const SeqInfo& s, int64_t i0, int64_t mq) {
-    for (int64_t r = 0; r < BQ; ++r) {
+    for (int64_t r = 0; r < kBlockQ; ++r) {
       lo[r] = r < mq ? int32_t(key_lo(p, i0 + r, s.len_q, s.len_k)) : 0;
       hi[r] = r < mq ? int32_t(key_hi(p, i0 + r, s.len_q, s.len_k)) : 0;
     }
   }
 };
 
-template <int64_t BQ, typename A>
-inline void mask_transposed(A* __restrict st, int64_t nk, int64_t j0, const QueryBounds<BQ>& qb) {
+template <typename A>
+inline void mask_transposed(A* __restrict st, int64_t nk, int64_t j0, const QueryBounds& qb) {
   const A ninf = neg_inf<A>();
   for (int64_t j = 0; j < nk; ++j) {
     const int32_t key = int32_t(j0 + j);
-    A* __restrict row = st + j * BQ;
+    A* __restrict row = st + j * kBlockQ;
 #pragma omp simd
-    for (int64_t i = 0; i < BQ; ++i) row[i] = (key >= qb.lo[i] && key < qb.hi[i]) ? row[i] : ninf;
+    for (int64_t i = 0; i < kBlockQ; ++i) row[i] = (key >= qb.lo[i] && key < qb.hi[i]) ? row[i] : ninf;
   }
 }
 
@@ -295,19 +296,19 @@ inline void mask_row(A* __restrict srow, int64_t lo, int64_t hi) {
 // Forward
 // ---------------------------------------------------------------------------------------------
 
-template <int D, typename T, int64_t BQ>
+template <int D, typename T>
 void fwd(const AttnParams& p) {
   using A = acc_t<T>;
   using V = typename Vec<A>::type;
-  constexpr int L = Vec<A>::lanes, kQV = BQ / L;  // vectors per row of St
+  constexpr int L = Vec<A>::lanes, kQV = kBlockQ / L;  // vectors per row of St
   constexpr A kNegInf = neg_inf<A>();
   const V ninf = V{} + kNegInf, zero = V{};
-  const int64_t group = p.n_heads / p.n_kv_heads, qblocks = (p.seqlen_q + BQ - 1) / BQ;
+  const int64_t group = p.n_heads / p.n_kv_heads, qblocks = (p.seqlen_q + kBlockQ - 1) / kBlockQ;
   const int64_t items = p.batch * p.n_heads * qblocks;
   A* lse_out = static_cast<A*>(p.lse);
 #pragma omp parallel if (items > 1)
   {
-    std::vector<A> qt(D * BQ), st(kBlockK * BQ), o(BQ * D);
+    std::vector<A> qt(D * kBlockQ), st(kBlockK * kBlockQ), o(kBlockQ * D);
     // K and V of the (sequence, kv head) this thread last worked on, packed block by block as its
     // query blocks first need them: consecutive work items are mostly query blocks of one head,
     // so a key block is packed (and converted from bf16) once per thread instead of once per
@@ -315,25 +316,25 @@ void fwd(const AttnParams& p) {
     static thread_local std::vector<A> k_seq, v_seq;
     std::vector<char> packed;
     int64_t packed_b = -1, packed_hk = -1;
-    alignas(64) A m[BQ], l[BQ], corr[BQ];
-    QueryBounds<BQ> bounds;
+    alignas(64) A m[kBlockQ], l[kBlockQ], corr[kBlockQ];
+    QueryBounds bounds;
 #pragma omp for schedule(dynamic)
     for (int64_t item = 0; item < items; ++item) {
       const int64_t b = item / (p.n_heads * qblocks), h = (item / qblocks) % p.n_heads, qb = item % qblocks;
       const SeqInfo s = seq_info(p, b);
-      const int64_t i0 = qb * BQ;
+      const int64_t i0 = qb * kBlockQ;
       if (i0 >= s.len_q) continue;
-      const int64_t mq = std::min(BQ, s.len_q - i0), hk = h / group;
+      const int64_t mq = std::min(kBlockQ, s.len_q - i0), hk = h / group;
       if (b != packed_b || hk != packed_hk) {
         packed_b = b, packed_hk = hk;
         if (k_seq.size() < size_t(s.len_k * D)) k_seq.resize(s.len_k * D), v_seq.resize(s.len_k * D);
         packed.assign((s.len_k + kBlockK - 1) / kBlockK, 0);
       }
-      pack_cols<D, T>(qt.data(), BQ, p.q, p.q_strides, b, s.q_start + i0, h, mq, A(p.scale));
+      pack_cols<D, T>(qt.data(), kBlockQ, p.q, p.q_strides, b, s.q_start + i0, h, mq, A(p.scale));
       bounds.set(p, s, i0, mq);
       std::fill(o.begin(), o.end(), A(0));
-      std::fill(m, m + BQ, kNegInf);
-      std::fill(l, l + BQ, A(0));
+      std::fill(m, m + kBlockQ, kNegInf);
+      std::fill(l, l + kBlockQ, A(0));
       const KeyBlocks kbs = key_blocks(p, s, i0, mq);
       for (int64_t kblk = kbs.first; kblk < kbs.end; ++kblk) {
         const int64_t j0 = kblk * kBlockK, nk = std::min(kBlockK, s.len_k - j0);
@@ -345,7 +346,7 @@ void fwd(const AttnParams& p) {
           packed[kblk] = 1;
         }
         A* __restrict S = st.data();
-        gemm<BQ>(nk, D, kr, D, 1, qt.data(), BQ, S, BQ, false);  // St = K (scale Q)^T
+        gemm<kBlockQ>(nk, D, kr, D, 1, qt.data(), kBlockQ, S, kBlockQ, false);  // St = K (scale Q)^T
         if (!block_unmasked(p, s, i0, mq, j0)) mask_transposed(S, nk, j0, bounds);
         // Online softmax down the columns. The max skips NaN (it must not poison the running max of
         // the other queries), and a query that has seen only masked keys keeps m = -inf; exp is then
@@ -354,7 +355,7 @@ void fwd(const AttnParams& p) {
         for (int v = 0; v < kQV; ++v) {
           V blk = ninf;
           for (int64_t j = 0; j < nk; ++j) {
-            const V x = vload(S + j * BQ + v * L);
+            const V x = vload(S + j * kBlockQ + v * L);
             blk = x > blk ? x : blk;
           }
           const V m_old = vload(m + v * L), m_new = m_old < blk ? blk : m_old;
@@ -364,7 +365,7 @@ void fwd(const AttnParams& p) {
           sum[v] = zero;
         }
         for (int64_t j = 0; j < nk; ++j) {
-          A* __restrict row = S + j * BQ;
+          A* __restrict row = S + j * kBlockQ;
 #pragma GCC unroll 8
           for (int v = 0; v < kQV; ++v) {
             const V x = vload(row + v * L), pj = x == ninf ? zero : vexp<T>(x - m_use[v]);
@@ -381,7 +382,7 @@ void fwd(const AttnParams& p) {
             for (int d = 0; d < D; ++d) orow[d] *= c;
           }
         }
-        gemm<D>(mq, nk, S, 1, BQ, vr, D, o.data(), D, true);  // O += P V
+        gemm<D>(mq, nk, S, 1, kBlockQ, vr, D, o.data(), D, true);  // O += P V
       }
       for (int64_t r = 0; r < mq; ++r) {
         T* __restrict dst = at_mut<T>(p.out, p.o_strides, b, s.q_start + i0 + r, h);
@@ -583,13 +584,8 @@ void flash_attn_fwd_cpu(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, ui
   PYLLM_CHECK(q && out && lse, "flash_attn: null data pointer for a non-empty tensor");
   PYLLM_CHECK((k && v) || total_tokens(p.cu_seqlens_k, batch, seqlen_k) == 0,
               "flash_attn: null data pointer for a non-empty tensor");
-  const bool full = window_left < 0 && window_right < 0;  // no mask: the wider query block
   dispatch_head_dim(head_dim, [&](auto d) {
-    dispatch_dtype(dtype, [&](auto t) {
-      using T = typename decltype(t)::type;
-      if (full) fwd<decltype(d)::value, T, kBlockQFull>(p);
-      else fwd<decltype(d)::value, T, kBlockQ>(p);
-    });
+    dispatch_dtype(dtype, [&](auto t) { fwd<decltype(d)::value, typename decltype(t)::type>(p); });
   });
 }
 

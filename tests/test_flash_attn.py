@@ -87,7 +87,8 @@ def check_against_reference(q, k, v, dout, fn_ours, fn_ref):
 
 # (batch, seqlen_q, seqlen_k, n_heads, n_kv_heads, head_dim): T = 1, T not a multiple of the
 # 64-wide tiles, Tq < Tk and Tq > Tk (bottom-right causal leaves the first queries without keys),
-# GQA and MQA, every head dim.
+# GQA and MQA, every head dim. The CPU backward splits each sequence's queries into chunks when
+# there are fewer than 8 (sequence, kv head) pairs (most shapes here); the last shape has 8.
 SHAPES = [
     (2, 1, 1, 2, 2, 64),
     (1, 77, 77, 4, 4, 32),
@@ -95,6 +96,7 @@ SHAPES = [
     (1, 100, 37, 4, 1, 128),
     (1, 129, 129, 2, 2, 96),
     (1, 40, 70, 2, 1, 256),
+    (1, 150, 150, 8, 8, 32),  # >= 8 (sequence, kv head) pairs: the CPU backward's unsplit path
 ]
 WINDOWS = [(-1, -1), (16, -1), (5, 3)]
 

@@ -401,6 +401,11 @@ void fwd(const AttnParams& p) {
 // Backward
 // ---------------------------------------------------------------------------------------------
 
+// The backward wants at least this many work items; with fewer (sequence, kv head) pairs it splits
+// each sequence's queries into chunks. A constant, not the thread count, so that the summation
+// order (and with it every bit of dK and dV) does not depend on how many threads run.
+constexpr int64_t kMinBwdItems = 8;
+
 template <int D, typename T>
 void bwd(const AttnParams& p) {
   using A = acc_t<T>;
@@ -412,50 +417,67 @@ void bwd(const AttnParams& p) {
   const A* lse = static_cast<const A*>(p.lse);
   const A* dlse = static_cast<const A*>(p.dlse);
   const A scale = A(p.scale);
-  const int64_t items = p.batch * p.n_kv_heads;
+  const int64_t seq_heads = p.batch * p.n_kv_heads, max_qblocks = (p.seqlen_q + kBlockQ - 1) / kBlockQ;
+  const int64_t chunks = std::max<int64_t>(1, std::min(max_qblocks, (kMinBwdItems + seq_heads - 1) / seq_heads));
+  const int64_t items = seq_heads * chunks;
+  // chunks > 1: each chunk's dK, dV partial sums (fp32, unscaled) per (chunk, kv head, key token),
+  // summed in chunk order after the main loop.
+  const int64_t total_k = p.cu_seqlens_k ? int64_t(p.cu_seqlens_k[p.batch]) : p.batch * p.seqlen_k;
+  std::vector<A> dkv_parts(chunks > 1 ? size_t(chunks * p.n_kv_heads * total_k * 2 * D) : 0);
+  auto part_row = [&](int64_t c, int64_t hk, int64_t b, const SeqInfo& s, int64_t j) {
+    const int64_t token = (p.cu_seqlens_k ? s.k_start : b * p.seqlen_k) + j;
+    return dkv_parts.data() + ((c * p.n_kv_heads + hk) * total_k + token) * 2 * D;
+  };
 #pragma omp parallel if (items > 1)
   {
     std::vector<A> kr(kBlockK * D), kt(D * kBlockK), vt(D * kBlockK), sc(kBlockQ * kBlockK), dp(kBlockQ * kBlockK),
         dk(kBlockK * D), dv(kBlockK * D);
-    // The group's q, dout and dq (fp32 accumulators) for the whole sequence, plus lse and delta:
+    // The group's q, dout and dq (fp32 accumulators) for the item's queries, plus lse and delta:
     // kept per thread across calls, so the timed path does not fault in fresh pages each step.
     static thread_local std::vector<A> q_all, do_all, dq_all, lse_all, delta_all;
 #pragma omp for schedule(dynamic)
     for (int64_t item = 0; item < items; ++item) {
-      const int64_t b = item / p.n_kv_heads, hk = item % p.n_kv_heads;
+      const int64_t b = item / (p.n_kv_heads * chunks), hk = (item / chunks) % p.n_kv_heads, c = item % chunks;
       const SeqInfo s = seq_info(p, b);
-      const int64_t len_q = s.len_q, len_k = s.len_k, rows = group * len_q;
+      const int64_t len_q = s.len_q, len_k = s.len_k;
+      // This item's queries [qa, qz): chunk c of the sequence's query blocks.
+      const int64_t per = ((len_q + kBlockQ - 1) / kBlockQ + chunks - 1) / chunks;
+      const int64_t qa = std::min(len_q, c * per * kBlockQ), qz = std::min(len_q, (c + 1) * per * kBlockQ);
+      const int64_t n_rows = qz - qa, rows = group * n_rows;
       if (size_t(rows * D) > q_all.size()) {
         q_all.resize(rows * D), do_all.resize(rows * D), dq_all.resize(rows * D);
         lse_all.resize(rows), delta_all.resize(rows);
       }
       for (int64_t g = 0; g < group; ++g) {
         const int64_t h = hk * group + g;
-        pack_rows<D, T>(q_all.data() + g * len_q * D, p.q, p.q_strides, b, s.q_start, h, len_q, A(1));
-        pack_rows<D, T>(do_all.data() + g * len_q * D, p.dout, p.o_strides, b, s.q_start, h, len_q, A(1));
-        for (int64_t i = 0; i < len_q; ++i) {
+        pack_rows<D, T>(q_all.data() + g * n_rows * D, p.q, p.q_strides, b, s.q_start + qa, h, n_rows, A(1));
+        pack_rows<D, T>(do_all.data() + g * n_rows * D, p.dout, p.o_strides, b, s.q_start + qa, h, n_rows, A(1));
+        for (int64_t i = qa; i < qz; ++i) {
           const T* __restrict o = at<T>(p.out, p.o_strides, b, s.q_start + i, h);
-          const A* __restrict g_row = do_all.data() + (g * len_q + i) * D;
+          const A* __restrict g_row = do_all.data() + (g * n_rows + i - qa) * D;
           A dot = 0;
 #pragma omp simd reduction(+ : dot)
           for (int d = 0; d < D; ++d) dot += A(to_float(o[d])) * g_row[d];
           const int64_t idx = lse_index(p, b, h, s, i);
-          lse_all[g * len_q + i] = lse[idx];
-          delta_all[g * len_q + i] = dot - (dlse ? dlse[idx] : A(0));
+          lse_all[g * n_rows + i - qa] = lse[idx];
+          delta_all[g * n_rows + i - qa] = dot - (dlse ? dlse[idx] : A(0));
         }
       }
       std::fill(dq_all.begin(), dq_all.begin() + rows * D, A(0));
       for (int64_t j0 = 0; j0 < len_k; j0 += kBlockK) {
         const int64_t nk = std::min(kBlockK, len_k - j0);
-        pack_rows<D, T>(kr.data(), p.k, p.k_strides, b, s.k_start + j0, hk, nk, A(1));
-        pack_cols<D, T>(kt.data(), kBlockK, p.k, p.k_strides, b, s.k_start + j0, hk, nk, scale);
-        pack_cols<D, T>(vt.data(), kBlockK, p.v, p.v_strides, b, s.k_start + j0, hk, nk, A(1));
         std::fill(dk.begin(), dk.end(), A(0));
         std::fill(dv.begin(), dv.end(), A(0));
-        const int64_t q_lo = query_lo(p, j0, len_q, len_k), q_hi = query_hi(p, j0 + nk - 1, len_q, len_k);
+        const int64_t q_lo = std::max(qa, query_lo(p, j0, len_q, len_k));
+        const int64_t q_hi = std::min(qz, query_hi(p, j0 + nk - 1, len_q, len_k));
+        if (q_lo < q_hi) {
+          pack_rows<D, T>(kr.data(), p.k, p.k_strides, b, s.k_start + j0, hk, nk, A(1));
+          pack_cols<D, T>(kt.data(), kBlockK, p.k, p.k_strides, b, s.k_start + j0, hk, nk, scale);
+          pack_cols<D, T>(vt.data(), kBlockK, p.v, p.v_strides, b, s.k_start + j0, hk, nk, A(1));
+        }
         for (int64_t g = 0; g < group && q_lo < q_hi; ++g) {
-          for (int64_t i0 = (q_lo / kBlockQ) * kBlockQ; i0 < q_hi; i0 += kBlockQ) {
-            const int64_t mq = std::min(kBlockQ, len_q - i0), row0 = g * len_q + i0;
+          for (int64_t i0 = (q_lo / kBlockQ) * kBlockQ; i0 < q_hi; i0 += kBlockQ) {  // qa is a multiple of kBlockQ
+            const int64_t mq = std::min(kBlockQ, qz - i0), row0 = g * n_rows + i0 - qa;
             const A* qi = q_all.data() + row0 * D;
             const A* doi = do_all.data() + row0 * D;
             gemm<kBlockK>(mq, D, qi, D, 1, kt.data(), kBlockK, sc.data(), kBlockK, false);   // S = Q (scale K)^T
@@ -479,6 +501,12 @@ void bwd(const AttnParams& p) {
           }
         }
         for (int64_t r = 0; r < nk; ++r) {
+          if (chunks > 1) {
+            A* __restrict part = part_row(c, hk, b, s, j0 + r);
+            std::copy(dk.begin() + r * D, dk.begin() + (r + 1) * D, part);
+            std::copy(dv.begin() + r * D, dv.begin() + (r + 1) * D, part + D);
+            continue;
+          }
           T* __restrict dk_dst = at_mut<T>(p.dk, p.dkv_strides, b, s.k_start + j0 + r, hk);
           T* __restrict dv_dst = at_mut<T>(p.dv, p.dkv_strides, b, s.k_start + j0 + r, hk);
 #pragma omp simd
@@ -489,12 +517,36 @@ void bwd(const AttnParams& p) {
         }
       }
       for (int64_t g = 0; g < group; ++g)
-        for (int64_t i = 0; i < len_q; ++i) {
+        for (int64_t i = qa; i < qz; ++i) {
           T* __restrict dst = at_mut<T>(p.dq, p.o_strides, b, s.q_start + i, hk * group + g);
-          const A* __restrict src = dq_all.data() + (g * len_q + i) * D;
+          const A* __restrict src = dq_all.data() + (g * n_rows + i - qa) * D;
 #pragma omp simd
           for (int d = 0; d < D; ++d) dst[d] = from_acc<T>(src[d] * scale);
         }
+    }
+  }
+  if (chunks == 1) return;
+  // dK, dV = the chunks' partial sums, added in chunk order.
+  const int64_t kblocks = (p.seqlen_k + kBlockK - 1) / kBlockK, sum_items = seq_heads * kblocks;
+#pragma omp parallel for schedule(dynamic) if (sum_items > 1)
+  for (int64_t item = 0; item < sum_items; ++item) {
+    const int64_t b = item / (p.n_kv_heads * kblocks), hk = (item / kblocks) % p.n_kv_heads, kb = item % kblocks;
+    const SeqInfo s = seq_info(p, b);
+    for (int64_t j = kb * kBlockK; j < std::min(s.len_k, (kb + 1) * kBlockK); ++j) {
+      alignas(64) A sum[2 * D];
+      std::copy(part_row(0, hk, b, s, j), part_row(0, hk, b, s, j) + 2 * D, sum);
+      for (int64_t c = 1; c < chunks; ++c) {
+        const A* __restrict part = part_row(c, hk, b, s, j);
+#pragma omp simd
+        for (int d = 0; d < 2 * D; ++d) sum[d] += part[d];
+      }
+      T* __restrict dk_dst = at_mut<T>(p.dk, p.dkv_strides, b, s.k_start + j, hk);
+      T* __restrict dv_dst = at_mut<T>(p.dv, p.dkv_strides, b, s.k_start + j, hk);
+#pragma omp simd
+      for (int d = 0; d < D; ++d) {
+        dk_dst[d] = from_acc<T>(sum[d] * scale);
+        dv_dst[d] = from_acc<T>(sum[D + d]);
+      }
     }
   }
 }

@@ -11,25 +11,26 @@
 //   per thread. Blocks entirely outside the mask are skipped, blocks entirely inside it skip the
 //   per-element mask.
 // Backward (FlashAttention-2, recomputing P = exp(S - lse) from the saved LSE), one pass per
-// (sequence b, kv head): for each key block j, for each query head h of the GQA group and each
-// query block i that sees j:
+// (sequence b, kv head, chunk of its queries): for each key block j, for each query head h of the
+// GQA group and each query block i of the chunk that sees j:
 //     S = Q_i K_j^T, P = exp(S - lse), dP = dO_i V_j^T, dS = P * (dP - delta)
 //     dV_j += P^T dO_i,  dK_j += dS^T Q_i,  dQ_i += dS K_j
 //   with delta_i = sum_d dO_id O_id - dlse_i (dlse: a gradient flowing into the returned lse, for
-//   which d lse_i / d S_ij = P_ij folds into the same term). dK_j, dV_j live in the key block's
-//   tile and are written when the block is done; dQ of the group's heads accumulates in a per-work-
-//   item fp32 buffer (group x Tq x D), written at the end. Each gradient element is thus summed by
-//   one thread in a fixed order (key blocks ascending for dQ; heads, then query blocks for dK, dV):
-//   the CPU backward is always bitwise deterministic, for any thread count, with no atomics and
-//   no recomputation (5 block matmuls, as FlashAttention-2).
-//   Parallelism is over batch x kv heads only; the price of owning dQ per item. At B = 1 with
-//   fewer kv heads than cores some cores idle (H = 8 on the 2-core dev VM: 4 items each).
+//   which d lse_i / d S_ij = P_ij folds into the same term). 5 block matmuls, as FlashAttention-2,
+//   no recomputation. dQ of the chunk's rows accumulates in a per-thread fp32 buffer and is
+//   written at the end. With one chunk (the usual case: at least kMinBwdItems (sequence, kv head)
+//   pairs) dK_j, dV_j are complete when block j is and are written then; with more, each chunk
+//   writes fp32 partials and a last pass adds them in chunk order. Every gradient element is thus
+//   summed in a fixed order that depends on the shape only: the CPU backward is always bitwise
+//   deterministic, for any thread count, with no atomics.
 // FLOPs: 4 * Tq * Tk * D per head forward (2 matmuls), 10 backward (5), halved for causal.
 // Bytes: the forward reads q once and k, v once per thread that works on the head (each key block
 // is packed into that thread's fp32 copy of the head the first time one of its query blocks needs
 // it), writes out and lse once; the backward reads q, dout, out, k, v once and writes dq, dk, dv
 // once. Scratch, per thread and kept across calls: forward 2 * Tk * D * 4 bytes, backward
-// 3 * group * Tq * D * 4 bytes (q, dout, dq of the group: 6 MB at T = 4096, D = 128, MHA).
+// 3 * group * Tq * D * 4 bytes (q, dout, dq of the group: 6 MB at T = 4096, D = 128, MHA); a split
+// backward also allocates its partials, chunks (<= 8) times dk + dv in fp32 (34 MB for MQA,
+// B = 1, T = 4096, D = 128).
 // Both are compute-bound: every element packed into a tile takes part in 64-128 FMAs, so the
 // floor is the FMA rate (2 FLOPs x 16 lanes x ~3.6 GHz = 116 GFLOP/s per core measured here).
 //

@@ -297,6 +297,19 @@ inline void mask_row(A* __restrict srow, int64_t lo, int64_t hi) {
 // Forward
 // ---------------------------------------------------------------------------------------------
 
+// St = K Qt for the first qv vectors of the block's queries only: a partial block (decode: one
+// query) does not pay for the 64 columns of a full one.
+template <int D, typename A>
+inline void scores_transposed(int qv, int64_t nk, const A* kr, const A* qt, A* st) {
+  constexpr int L = Vec<A>::lanes;
+  switch (qv) {
+    case 1: gemm<L>(nk, D, kr, D, 1, qt, kBlockQ, st, kBlockQ, false); break;
+    case 2: gemm<2 * L>(nk, D, kr, D, 1, qt, kBlockQ, st, kBlockQ, false); break;
+    case 3: gemm<3 * L>(nk, D, kr, D, 1, qt, kBlockQ, st, kBlockQ, false); break;
+    default: gemm<kBlockQ>(nk, D, kr, D, 1, qt, kBlockQ, st, kBlockQ, false); break;
+  }
+}
+
 template <int D, typename T>
 void fwd(const AttnParams& p) {
   using A = acc_t<T>;
@@ -326,6 +339,7 @@ void fwd(const AttnParams& p) {
       const int64_t i0 = qb * kBlockQ;
       if (i0 >= s.len_q) continue;
       const int64_t mq = std::min(kBlockQ, s.len_q - i0), hk = h / group;
+      const int qv = int((mq + L - 1) / L);  // vectors of St that hold real queries; the rest is padding
       if (b != packed_b || hk != packed_hk) {
         packed_b = b, packed_hk = hk;
         if (k_seq.size() < size_t(s.len_k * D)) k_seq.resize(s.len_k * D), v_seq.resize(s.len_k * D);
@@ -347,13 +361,13 @@ void fwd(const AttnParams& p) {
           packed[kblk] = 1;
         }
         A* __restrict S = st.data();
-        gemm<kBlockQ>(nk, D, kr, D, 1, qt.data(), kBlockQ, S, kBlockQ, false);  // St = K (scale Q)^T
+        scores_transposed<D>(qv, nk, kr, qt.data(), S);  // St = K (scale Q)^T
         if (!block_unmasked(p, s, i0, mq, j0)) mask_transposed(S, nk, j0, bounds);
         // Online softmax down the columns. The max skips NaN (it must not poison the running max of
         // the other queries), and a query that has seen only masked keys keeps m = -inf; exp is then
         // taken against 0 so that NaN scores still come out as NaN.
         V m_use[kQV], sum[kQV];
-        for (int v = 0; v < kQV; ++v) {
+        for (int v = 0; v < qv; ++v) {
           V blk = ninf;
           for (int64_t j = 0; j < nk; ++j) {
             const V x = vload(S + j * kBlockQ + v * L);
@@ -368,13 +382,13 @@ void fwd(const AttnParams& p) {
         for (int64_t j = 0; j < nk; ++j) {
           A* __restrict row = S + j * kBlockQ;
 #pragma GCC unroll 8
-          for (int v = 0; v < kQV; ++v) {
+          for (int v = 0; v < qv; ++v) {
             const V x = vload(row + v * L), pj = x == ninf ? zero : vexp<T>(x - m_use[v]);
             vstore(row + v * L, pj);
             sum[v] += pj;
           }
         }
-        for (int v = 0; v < kQV; ++v) vstore(l + v * L, vload(l + v * L) * vload(corr + v * L) + sum[v]);
+        for (int v = 0; v < qv; ++v) vstore(l + v * L, vload(l + v * L) * vload(corr + v * L) + sum[v]);
         for (int64_t r = 0; r < mq; ++r) {
           if (corr[r] != A(1)) {
             A* __restrict orow = o.data() + r * D;

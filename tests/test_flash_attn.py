@@ -325,6 +325,22 @@ def test_kvcache_matches_full_attention(device, n_new):
         assert rel_err(out[i:i + 1], ref) <= tolerance(torch_out, ref)
 
 
+def test_kvcache_fp32_decode_reads_cache_in_place():
+    # fp32 blocks of at most 16 queries read K / V in place instead of packing them (CPU): one and
+    # 16 queries against a cache of 150 (3 key blocks, the last partial), GQA.
+    q_all = rand((2, 16, 4, 64), torch.float32, "cpu")
+    k_cache, v_cache = rand((2, 150, 2, 64), torch.float32, "cpu"), rand((2, 150, 2, 64), torch.float32, "cpu")
+    seqlens = torch.tensor([150, 97], dtype=torch.int32)
+    for tq in (1, 16):
+        q = q_all[:, :tq]
+        out = pyllm.flash_attn_with_kvcache(q, k_cache, v_cache, seqlens)
+        for i, n in enumerate(seqlens.tolist()):
+            keys, vals = k_cache[i:i + 1, :n], v_cache[i:i + 1, :n]
+            ref, _ = attention(q[i:i + 1].double(), keys.double(), vals.double(), causal=True)
+            torch_out, _ = attention(q[i:i + 1], keys, vals, causal=True)
+            assert rel_err(out[i:i + 1], ref) <= tolerance(torch_out, ref)
+
+
 def test_kvcache_int_seqlens_and_overflow():
     cache = torch.randn(2, 8, 1, 32)
     q = torch.randn(2, 1, 2, 32)

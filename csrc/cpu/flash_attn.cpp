@@ -64,6 +64,10 @@
 #include "common/dtype.h"
 #include "cpu/cpu_ops.h"
 
+// The vector helpers below pass 64-byte vectors by value; without AVX-512 GCC notes that this ABI
+// changed in GCC 4.6. They are internal and inlined (anonymous namespace), so no ABI is crossed.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
 namespace pyllm {
 namespace {
 
@@ -188,13 +192,22 @@ inline int64_t lse_index(const AttnParams& p, int64_t b, int64_t h, const SeqInf
   return b * p.lse_strides[0] + h * p.lse_strides[1] + (p.cu_seqlens_q ? s.q_start : 0) + i;
 }
 
+#ifdef PYLLM_AVX512
+// 16 elements widened to fp32; unmasked, D being a multiple of 16.
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const bf16* p) {
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+#endif
+
 // One token's D values in the math type A, times mul (exact when mul = 1).
 template <int D, typename T, typename A>
 inline void row_to_acc(A* __restrict dst, const T* __restrict src, A mul) {
 #ifdef PYLLM_AVX512
-  if constexpr (std::is_same_v<A, float> && avx512::has_lanes<T>) {
+  if constexpr (std::is_same_v<A, float> && (std::is_same_v<T, float> || std::is_same_v<T, bf16>)) {
     const __m512 m = _mm512_set1_ps(mul);
-    for (int d = 0; d < D; d += 16) avx512::store(dst + d, _mm512_mul_ps(avx512::load(src + d), m));
+    for (int d = 0; d < D; d += 16) _mm512_storeu_ps(dst + d, _mm512_mul_ps(load16(src + d), m));
     return;
   }
 #endif

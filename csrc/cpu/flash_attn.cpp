@@ -606,6 +606,10 @@ void bwd(const AttnParams& p) {
     // The group's q, dout and dq (fp32 accumulators) for the item's queries, plus lse and delta:
     // kept per thread across calls, so the timed path does not fault in fresh pages each step.
     static thread_local std::vector<A> q_all, do_all, dq_all, lse_all, delta_all;
+    // bf16 inputs with vdpbf16ps: q and dout also as bf16 rows, K^T and V^T as bf16 pairs, for S and dP.
+    constexpr bool dot = kBf16Dot<T>;
+    static thread_local std::vector<uint32_t> q16_all, do16_all;
+    std::vector<uint32_t> ktp(dot ? D / 2 * kBlockK : 0), vtp(dot ? D / 2 * kBlockK : 0);
 #pragma omp for schedule(dynamic)
     for (int64_t item = 0; item < items; ++item) {
       const int64_t b = item / (p.n_kv_heads * chunks), hk = (item / chunks) % p.n_kv_heads, c = item % chunks;
@@ -618,11 +622,16 @@ void bwd(const AttnParams& p) {
       if (size_t(rows * D) > q_all.size()) {
         q_all.resize(rows * D), do_all.resize(rows * D), dq_all.resize(rows * D);
         lse_all.resize(rows), delta_all.resize(rows);
+        if (dot) q16_all.resize(rows * D / 2), do16_all.resize(rows * D / 2);
       }
       for (int64_t g = 0; g < group; ++g) {
         const int64_t h = hk * group + g;
         pack_rows<D, T>(q_all.data() + g * n_rows * D, p.q, p.q_strides, b, s.q_start + qa, h, n_rows, A(1));
         pack_rows<D, T>(do_all.data() + g * n_rows * D, p.dout, p.o_strides, b, s.q_start + qa, h, n_rows, A(1));
+        if constexpr (dot) {
+          pack_rows_bf16<D>(q16_all.data() + g * n_rows * D / 2, p.q, p.q_strides, b, s.q_start + qa, h, n_rows);
+          pack_rows_bf16<D>(do16_all.data() + g * n_rows * D / 2, p.dout, p.o_strides, b, s.q_start + qa, h, n_rows);
+        }
         for (int64_t i = qa; i < qz; ++i) {
           const T* __restrict o = at<T>(p.out, p.o_strides, b, s.q_start + i, h);
           const A* __restrict g_row = do_all.data() + (g * n_rows + i - qa) * D;
@@ -643,20 +652,36 @@ void bwd(const AttnParams& p) {
         const int64_t q_hi = std::min(qz, query_hi(p, j0 + nk - 1, len_q, len_k));
         if (q_lo < q_hi) {
           pack_rows<D, T>(kr.data(), p.k, p.k_strides, b, s.k_start + j0, hk, nk, A(1));
-          pack_cols<D, T>(kt.data(), kBlockK, p.k, p.k_strides, b, s.k_start + j0, hk, nk, scale);
-          pack_cols<D, T>(vt.data(), kBlockK, p.v, p.v_strides, b, s.k_start + j0, hk, nk, A(1));
+          if constexpr (dot) {
+            pack_pairs_transposed<D>(ktp.data(), kBlockK, p.k, p.k_strides, b, s.k_start + j0, hk, nk);
+            pack_pairs_transposed<D>(vtp.data(), kBlockK, p.v, p.v_strides, b, s.k_start + j0, hk, nk);
+          } else {
+            pack_cols<D, T>(kt.data(), kBlockK, p.k, p.k_strides, b, s.k_start + j0, hk, nk, scale);
+            pack_cols<D, T>(vt.data(), kBlockK, p.v, p.v_strides, b, s.k_start + j0, hk, nk, A(1));
+          }
         }
         for (int64_t g = 0; g < group && q_lo < q_hi; ++g) {
           for (int64_t i0 = (q_lo / kBlockQ) * kBlockQ; i0 < q_hi; i0 += kBlockQ) {  // qa is a multiple of kBlockQ
             const int64_t mq = std::min(kBlockQ, qz - i0), row0 = g * n_rows + i0 - qa;
             const A* qi = q_all.data() + row0 * D;
             const A* doi = do_all.data() + row0 * D;
-            gemm<kBlockK>(mq, D, qi, D, 1, kt.data(), kBlockK, sc.data(), kBlockK, false);   // S = Q (scale K)^T
-            gemm<kBlockK>(mq, D, doi, D, 1, vt.data(), kBlockK, dp.data(), kBlockK, false);  // dP = dO V^T
+            if constexpr (dot) {
+#ifdef PYLLM_BF16_DOT
+              const uint32_t* q16 = q16_all.data() + row0 * D / 2;
+              const uint32_t* do16 = do16_all.data() + row0 * D / 2;
+              gemm_bf16<kBlockK>(mq, D / 2, q16, D / 2, 1, ktp.data(), kBlockK, sc.data(), kBlockK);   // S = Q K^T
+              gemm_bf16<kBlockK>(mq, D / 2, do16, D / 2, 1, vtp.data(), kBlockK, dp.data(), kBlockK);  // dP = dO V^T
+#endif
+            } else {
+              gemm<kBlockK>(mq, D, qi, D, 1, kt.data(), kBlockK, sc.data(), kBlockK, false);   // S = Q (scale K)^T
+              gemm<kBlockK>(mq, D, doi, D, 1, vt.data(), kBlockK, dp.data(), kBlockK, false);  // dP = dO V^T
+            }
             const bool unmasked = block_unmasked(p, s, i0, mq, j0);
             for (int64_t r = 0; r < mq; ++r) {
               A* __restrict srow = sc.data() + r * kBlockK;
               A* __restrict dprow = dp.data() + r * kBlockK;
+              if constexpr (dot)
+                for (int v = 0; v < kKV; ++v) vstore(srow + v * L, vload(srow + v * L) * scale);
               if (!unmasked) mask_row(srow, key_lo(p, i0 + r, len_q, len_k) - j0, key_hi(p, i0 + r, len_q, len_k) - j0);
               const A lse_r = lse_all[row0 + r], delta_r = delta_all[row0 + r];
 #pragma GCC unroll 8

@@ -131,6 +131,18 @@ def test_softmax_scale_and_lse(device):
         assert rel_err(lse, ref_lse) <= tolerance(torch_lse, ref_lse)
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_bf16_negative_scale_matches_reference(causal):
+    # bf16 on the CPU: with AVX512_BF16 the scores come from the unscaled bf16 values and are
+    # scaled after, before masking (a negative scale must not turn masked -inf into +inf).
+    q, k, v, dout = (rand((1, 100, 2, 64), torch.bfloat16, "cpu") for _ in range(4))
+    check_against_reference(
+        q, k, v, dout,
+        lambda q, k, v: pyllm.flash_attn(q, k, v, causal=causal, softmax_scale=-0.2),
+        lambda q, k, v: attention(q, k, v, causal, scale=-0.2)[0],
+    )
+
+
 def test_empty_rows_give_zero_and_inf_lse():
     # 6 queries, 2 keys, causal bottom-right: queries 0..3 see nothing.
     q, k, v = torch.randn(1, 6, 2, 32), torch.randn(1, 2, 2, 32), torch.randn(1, 2, 2, 32)

@@ -42,9 +42,14 @@
 // 64-row tile in place aliased into the same L1 sets: the fp32 forward ran at half the bf16 speed;
 // fp32 decode-sized blocks, which read each row once, are the exception).
 // R = 4 rows x 4 vectors = 16 accumulators + 4 B vectors fits AVX-512's 32 registers.
-// Softmax rows are explicit vector loops with common/cpu_math.h's exp (vscalefps under AVX-512;
-// no -ffast-math). Math in fp32 for fp32 / bf16 storage, fp64 for fp64 (kept for gradcheck; the
-// LSE is then fp64 too). Threading: OpenMP over work items, dynamic schedule.
+// bf16 inputs on CPUs with AVX512_BF16: the score matmuls (S = Q K^T forward and backward, dP =
+// dO V^T) run on the bf16 values themselves with vdpbf16ps (micro_kernel_bf16: exact products,
+// fp32 sums, twice the fp32 FMA rate); P V and the three gradient matmuls stay fp32, since P and
+// dS exist only in fp32 (rounding them to bf16, as flash-attn's CUDA kernels do, would speed
+// those up too: not done). Softmax rows are explicit vector loops with common/cpu_math.h's exp
+// (vscalefps under AVX-512; no -ffast-math). Math in fp32 for fp32 / bf16 storage, fp64 for fp64
+// (kept for gradcheck; the LSE is then fp64 too). Threading: OpenMP over work items, dynamic
+// schedule.
 //
 // Measured (2026-11-23, 2-core AMD EPYC Zen 4 VM shared with other jobs, so preliminary):
 //   one core's fp32 FMA peak, 12 independent vfmadd231ps chains: 116 GFLOP/s
@@ -53,10 +58,12 @@
 //   GFLOP/s (fp32 D = 64, bf16 D = 128), backward 91 (fp32 D = 64); perf (cpu-clock samples):
 //   78% of the backward and ~70% of the forward inside the micro-kernel.
 //   bench/bench_attention.py, 2 threads, H = 8, B = 4..1 at T = 512..4096, D = 64 / 128, fp32 and
-//   bf16, causal or not, vs torch 2.13's SDPA: 0.16-0.20 TFLOPs non-causal (70-84% of the two
-//   cores' FMA peak); forward 1.00-2.59x, forward + backward 1.02-3.50x, except bf16 D = 128
-//   T = 4096 non-causal forward + backward at 0.90x: SDPA's bf16 backward there ran above the fp32
-//   FMA peak (it has bf16 dot products, vdpbf16ps, 2x the fp32 rate, measured: 232 GFLOP/s).
+//   bf16, causal or not, vs torch 2.13's SDPA, before the bf16 dot products: 0.16-0.20 TFLOPs
+//   non-causal (70-84% of the two cores' fp32 FMA peak); forward 1.00-2.59x, forward + backward
+//   1.02-3.50x, except bf16 D = 128 T = 4096 non-causal forward + backward at 0.90x (SDPA's bf16
+//   backward ran above the fp32 FMA peak there). With them, 1 thread, B = 1, T = 1024, D = 128,
+//   bf16: forward 44 -> 34 ms, backward 107-130 -> 90-98 ms; 2 threads, forward + backward
+//   T = 4096 / 2048: 1.17x / 1.29x SDPA (0.21-0.24 TFLOPs).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>

@@ -58,12 +58,11 @@
 //   GFLOP/s (fp32 D = 64, bf16 D = 128), backward 91 (fp32 D = 64); perf (cpu-clock samples):
 //   78% of the backward and ~70% of the forward inside the micro-kernel.
 //   bench/bench_attention.py, 2 threads, H = 8, B = 4..1 at T = 512..4096, D = 64 / 128, fp32 and
-//   bf16, causal or not, vs torch 2.13's SDPA, before the bf16 dot products: 0.16-0.20 TFLOPs
-//   non-causal (70-84% of the two cores' fp32 FMA peak); forward 1.00-2.59x, forward + backward
-//   1.02-3.50x, except bf16 D = 128 T = 4096 non-causal forward + backward at 0.90x (SDPA's bf16
-//   backward ran above the fp32 FMA peak there). With them, 1 thread, B = 1, T = 1024, D = 128,
-//   bf16: forward 44 -> 34 ms, backward 107-130 -> 90-98 ms; 2 threads, forward + backward
-//   T = 4096 / 2048: 1.17x / 1.29x SDPA (0.21-0.24 TFLOPs).
+//   bf16, causal or not, vs torch 2.13's SDPA in the same process: all 64 rows ahead, forward
+//   1.05-3.23x, forward + backward 1.06-2.67x; non-causal 0.16-0.19 TFLOPs fp32 (70-82% of the
+//   two cores' fp32 FMA peak), 0.20-0.24 bf16. Before the bf16 dot products bf16 D = 128,
+//   T = 4096, non-causal forward + backward was the one row behind (0.90x). Decode (one token,
+//   cache 512..4096): bf16 2.0-5.1x SDPA, fp32 0.4-0.9x (scores still 16 columns wide).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>

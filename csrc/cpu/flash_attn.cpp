@@ -54,9 +54,10 @@
 // Measured (2026-11-23, 2-core AMD EPYC Zen 4 VM shared with other jobs, so preliminary):
 //   one core's fp32 FMA peak, 12 independent vfmadd231ps chains: 116 GFLOP/s
 //   micro-kernel, hot L1, 64 x 64 x 64..128 blocks: 100-109 GFLOP/s (46-83 before the register pin)
-//   whole kernels, 1 thread, B = 1, H = 8, T = 1024, non-causal, useful FLOPs: forward 86-97
-//   GFLOP/s (fp32 D = 64, bf16 D = 128), backward 91 (fp32 D = 64); perf (cpu-clock samples):
-//   78% of the backward and ~70% of the forward inside the micro-kernel.
+//   whole kernels, 1 thread, B = 1, H = 8, T = 1024, non-causal, useful FLOPs: forward 86-91
+//   GFLOP/s fp32 D = 64, 126 bf16 D = 128 (97 before vdpbf16ps); backward 91 fp32 D = 64, 110-115
+//   bf16 D = 128; perf (cpu-clock samples, fp32): 78% of the backward and ~70% of the forward
+//   inside the micro-kernel.
 //   bench/bench_attention.py, 2 threads, H = 8, B = 4..1 at T = 512..4096, D = 64 / 128, fp32 and
 //   bf16, causal or not, vs torch 2.13's SDPA in the same process: all 64 rows ahead, forward
 //   1.05-3.23x, forward + backward 1.06-2.67x; non-causal 0.16-0.19 TFLOPs fp32 (70-82% of the

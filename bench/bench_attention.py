@@ -4,7 +4,8 @@ backends, each forced with torch.nn.attention.sdpa_kernel).
 One process, same inputs, side by side, median of repeats. TFLOPs count the useful work for
 every implementation alike: forward 4 * B * T^2 * H * D (halved for causal), forward + backward
 3.5x that (the backward is 2.5x the forward). On CUDA the peak memory of one forward + backward
-at the largest T is recorded too (it should grow linearly in T: no T x T matrix).
+at the largest T is recorded too (it should grow linearly in T: no T x T matrix). Decode rows:
+one new token against a KV cache of T tokens (flash_attn_with_kvcache vs SDPA on the cache).
 """
 from __future__ import annotations
 
@@ -76,6 +77,45 @@ def configs(device: str, quick: bool):
                     yield b, t, d, dtype, causal
 
 
+def decode_rows(device: str, h: int, quick: bool) -> list[dict]:
+    """Generation: one new token per sequence attending to a full KV cache of T tokens, ours
+    (flash_attn_with_kvcache) vs SDPA on the same cache. Memory-bound: the work column counts the
+    same 4 * B * T * H * D FLOPs as the table above, the cache read is 2 * B * T * H * D elements."""
+    rows = []
+    dtypes = (torch.bfloat16,) if device == "cuda" else (torch.float32, torch.bfloat16)
+    for dtype in dtypes:
+        for d in (64, 128):
+            for t in (2048,) if quick else (512, 4096):
+                b = 1
+                q = torch.randn(b, 1, h, d, device=device, dtype=dtype)
+                k_cache, v_cache = (torch.randn(b, t, h, d, device=device, dtype=dtype) for _ in range(2))
+                seqlens = torch.full((b,), t, dtype=torch.int32, device=device)
+                impls = {"pyllm": lambda: pyllm.flash_attn_with_kvcache(q, k_cache, v_cache, seqlens)}
+                for name, fn in impls_for(device).items():
+                    if name != "pyllm":
+                        impls[name] = lambda fn=fn: fn(q, k_cache, v_cache, False)
+                base, ours_ms = None, None
+                for name, fn in impls.items():
+                    def step(fn=fn):
+                        with torch.no_grad():
+                            return fn()
+                    row = {"dtype": str(dtype).removeprefix("torch."), "B": b, "T": t, "D": d, "causal": False,
+                           "mode": "decode", "impl": name}
+                    try:
+                        ms = common.median_ms(step, device, warmup=3, repeat=20)
+                    except RuntimeError as e:
+                        rows.append({**row, "ms": "n/a", "note": str(e)[:60]})
+                        continue
+                    rows.append({**row, "ms": round(ms, 3), "TFLOPs": round(4 * b * t * h * d / ms / 1e9, 3)})
+                    if name == "pyllm":
+                        ours_ms, ours_row = ms, rows[-1]
+                    elif base is None:
+                        base = ms
+                if base and ours_ms:
+                    ours_row["vs sdpa"] = f"{base / ours_ms:.2f}x"
+    return rows
+
+
 def peak_memory_mb(fn, q, k, v, causal) -> float:
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -132,6 +172,7 @@ def main() -> int:
             ours_row = next(r for r in rows[::-1] if r["impl"] == "pyllm" and r["mode"] == mode)
             if base and isinstance(ours_row["ms"], float):
                 ours_row["vs sdpa"] = f"{base / ours_row['ms']:.2f}x"
+    rows += decode_rows(device, h, args.quick)
     if device == "cuda":
         t = 4096 if args.quick else 16384
         q, k, v = (torch.randn(1, t, h, 128, device=device, dtype=torch.bfloat16) for _ in range(3))

@@ -87,7 +87,8 @@ def check_against_reference(q, k, v, dout, fn_ours, fn_ref):
 
 # (batch, seqlen_q, seqlen_k, n_heads, n_kv_heads, head_dim): T = 1, T not a multiple of the
 # 64-wide tiles, Tq < Tk and Tq > Tk (bottom-right causal leaves the first queries without keys),
-# GQA and MQA, every head dim.
+# GQA and MQA, every head dim. The CPU backward splits each sequence's queries into chunks when
+# there are fewer than 8 (sequence, kv head) pairs (most shapes here); the last shape has 8.
 SHAPES = [
     (2, 1, 1, 2, 2, 64),
     (1, 77, 77, 4, 4, 32),
@@ -95,6 +96,7 @@ SHAPES = [
     (1, 100, 37, 4, 1, 128),
     (1, 129, 129, 2, 2, 96),
     (1, 40, 70, 2, 1, 256),
+    (1, 150, 150, 8, 8, 32),  # >= 8 (sequence, kv head) pairs: the CPU backward's unsplit path
 ]
 WINDOWS = [(-1, -1), (16, -1), (5, 3)]
 
@@ -127,6 +129,18 @@ def test_softmax_scale_and_lse(device):
         assert lse.shape == (2, 4, 70) and lse.dtype == torch.float32
         assert rel_err(out, ref) <= tolerance(torch_out, ref)
         assert rel_err(lse, ref_lse) <= tolerance(torch_lse, ref_lse)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_bf16_negative_scale_matches_reference(causal):
+    # bf16 on the CPU: with AVX512_BF16 the scores come from the unscaled bf16 values and are
+    # scaled after, before masking (a negative scale must not turn masked -inf into +inf).
+    q, k, v, dout = (rand((1, 100, 2, 64), torch.bfloat16, "cpu") for _ in range(4))
+    check_against_reference(
+        q, k, v, dout,
+        lambda q, k, v: pyllm.flash_attn(q, k, v, causal=causal, softmax_scale=-0.2),
+        lambda q, k, v: attention(q, k, v, causal, scale=-0.2)[0],
+    )
 
 
 def test_empty_rows_give_zero_and_inf_lse():
@@ -200,6 +214,20 @@ def test_backward_is_bitwise_deterministic():
     for other in runs[1:]:
         for a, b in zip(runs[0], other):
             assert torch.equal(a, b)
+
+
+def test_backward_ignores_scratch_of_earlier_calls():
+    # The CPU backward keeps per-thread fp32 scratch (q, dout, dq of a GQA group) across calls; a
+    # larger call full of NaN before must not leak into a smaller one after.
+    q, k, v = torch.randn(1, 70, 4, 32), torch.randn(1, 90, 2, 32), torch.randn(1, 90, 2, 32)
+    dout = torch.randn(1, 70, 4, 32)
+    fn = lambda q, k, v: pyllm.flash_attn(q, k, v, causal=True)  # noqa: E731
+    before = grads_of(fn, (q, k, v), dout)[1]
+    big = torch.full((2, 300, 4, 32), float("nan"))
+    grads_of(fn, (big, big[:, :, :2], big[:, :, :2]), big)
+    after = grads_of(fn, (q, k, v), dout)[1]
+    for a, b in zip(before, after):
+        assert torch.equal(a, b)
 
 
 def test_every_output_element_is_written():
@@ -404,6 +432,22 @@ def test_kvcache_matches_full_attention(device, n_new):
         ref, _ = attention(q[i:i + 1].double().cpu(), keys.double().cpu(), vals.double().cpu(), causal=True)
         torch_out, _ = attention(q[i:i + 1], keys, vals, causal=True)
         assert rel_err(out[i:i + 1], ref) <= tolerance(torch_out, ref)
+
+
+def test_kvcache_fp32_decode_reads_cache_in_place():
+    # fp32 blocks of at most 16 queries read K / V in place instead of packing them (CPU): one and
+    # 16 queries against a cache of 150 (3 key blocks, the last partial), GQA.
+    q_all = rand((2, 16, 4, 64), torch.float32, "cpu")
+    k_cache, v_cache = rand((2, 150, 2, 64), torch.float32, "cpu"), rand((2, 150, 2, 64), torch.float32, "cpu")
+    seqlens = torch.tensor([150, 97], dtype=torch.int32)
+    for tq in (1, 16):
+        q = q_all[:, :tq]
+        out = pyllm.flash_attn_with_kvcache(q, k_cache, v_cache, seqlens)
+        for i, n in enumerate(seqlens.tolist()):
+            keys, vals = k_cache[i:i + 1, :n], v_cache[i:i + 1, :n]
+            ref, _ = attention(q[i:i + 1].double(), keys.double(), vals.double(), causal=True)
+            torch_out, _ = attention(q[i:i + 1], keys, vals, causal=True)
+            assert rel_err(out[i:i + 1], ref) <= tolerance(torch_out, ref)
 
 
 def test_kvcache_int_seqlens_and_overflow():

@@ -5,6 +5,8 @@ Environment:
   PYLLM_CUDA_ARCHS  CMake CUDA architectures, default "80;90" (e.g. "90" alone halves CUDA compile time)
   PYLLM_NATIVE      1 (default): compile the CPU kernels for this machine's CPU (-march=native);
                     0 for a portable build (a wheel for other machines)
+  PYLLM_MARCH       a -march value used instead of native (e.g. x86-64-v3, skylake-avx512): CI builds
+                    the kernels' non-native paths this way
   PYLLM_BUILD_TYPE  Release (default) or Debug / RelWithDebInfo
   MAX_JOBS          parallel compile jobs (default: all cores)
 """
@@ -17,6 +19,13 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
+
+
+def march() -> str:
+    """The -march value for the CPU kernels ("" = the compiler's default, a portable build)."""
+    if os.environ.get("PYLLM_MARCH"):
+        return os.environ["PYLLM_MARCH"]
+    return "native" if os.environ.get("PYLLM_NATIVE", "1") != "0" else ""
 
 
 class CMakeExtension(Extension):
@@ -41,7 +50,7 @@ class CMakeBuild(build_ext):
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
             f"-DPYLLM_CUDA={os.environ.get('PYLLM_CUDA', 'auto')}",
             f"-DPYLLM_CUDA_ARCHS={os.environ.get('PYLLM_CUDA_ARCHS', '80;90')}",
-            f"-DPYLLM_NATIVE={'ON' if os.environ.get('PYLLM_NATIVE', '1') != '0' else 'OFF'}",
+            f"-DPYLLM_MARCH={march()}",
         ]
         jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
         subprocess.run(configure, cwd=build_dir, check=True)

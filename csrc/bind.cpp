@@ -150,6 +150,19 @@ PYBIND11_MODULE(_C, m) {
         arg("dkv_strides"), arg("lse_strides"), arg("scale"), arg("window_left"), arg("window_right"),
         arg("dtype"));
 
+  // Which CPU kernel paths this build compiled (they are chosen at compile time by -march).
+  m.attr("cpu_isa") = ""
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+                      "avx512 "
+#endif
+#if defined(__AVX512BF16__)
+                      "avx512bf16 "
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+                      "avx2+fma "
+#endif
+                      "portable";
+
 #ifdef PYLLM_WITH_CUDA
   m.attr("has_cuda") = true;
   m.attr("cuda_archs") = PYLLM_CUDA_ARCHS;

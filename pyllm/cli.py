@@ -30,6 +30,7 @@ def cmd_info(args) -> int:
     else:
         print("CUDA kernels: not built (no nvcc at build time, or PYLLM_CUDA=off)")
         print(f"GPU usable now: no (torch.cuda.is_available() = {torch.cuda.is_available()})")
+    print(f"CPU kernels: compiled paths {_C.cpu_isa}")
     print("ops:")
     for op, by_device in BACKENDS.items():
         for device, dtypes in by_device.items():

@@ -129,12 +129,13 @@ def peak_memory_mb(fn, q, k, v, causal) -> float:
 def main() -> int:
     parser = common.base_parser(__doc__)
     parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--decode-only", action="store_true", help="only the decode (KV cache) rows")
     args = parser.parse_args()
     device, h = args.device, args.heads
     impls = impls_for(device)
     print(f"# attention on {common.device_description(device)}, H={h}, (B, T, H, D) layout")
     rows = []
-    for b, t, d, dtype, causal in configs(device, args.quick):
+    for b, t, d, dtype, causal in ([] if args.decode_only else configs(device, args.quick)):
         flops = 4 * b * t * t * h * d * (0.5 if causal else 1.0)
         q, k, v, dout = (torch.randn(b, t, h, d, device=device, dtype=dtype) for _ in range(4))
         repeat = 5 if device == "cpu" else 20
@@ -173,7 +174,7 @@ def main() -> int:
             if base and isinstance(ours_row["ms"], float):
                 ours_row["vs sdpa"] = f"{base / ours_row['ms']:.2f}x"
     rows += decode_rows(device, h, args.quick)
-    if device == "cuda":
+    if device == "cuda" and not args.decode_only:
         t = 4096 if args.quick else 16384
         q, k, v = (torch.randn(1, t, h, 128, device=device, dtype=torch.bfloat16) for _ in range(3))
         for name, fn in impls.items():

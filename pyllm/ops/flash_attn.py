@@ -11,6 +11,7 @@ import os
 from typing import Optional
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torch import Tensor
 
 from pyllm import _C
@@ -279,11 +280,31 @@ def _flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_
                              window_left: int, window_right: int) -> Tensor:
     n_new = 0 if k_new is None else k_new.shape[1]
     capacity = k_cache.shape[1]
+    lengths = None
     if _check_seqlens_on_host(cache_seqlens):
         lengths = cache_seqlens.tolist()  # a sync for CUDA tensors: only when asked for
         if any(n < 0 or n + n_new > capacity for n in lengths):
             raise ValueError(f"flash_attn_with_kvcache: cache_seqlens + new tokens ({n_new}) must lie in "
                              f"[0, {capacity}] (the cache's capacity), got cache_seqlens {lengths}")
+    if lengths is not None and not q.is_cuda:
+        # CPU fast path (decode steps are short: the general path below cost ~0.1 ms of Python and
+        # tensor ops per call, about the kernel's own time at cache 512): the lengths are known and
+        # valid, so no clamp, and the append is one slice copy per sequence.
+        if n_new:
+            for b, n in enumerate(lengths):
+                k_cache[b, n:n + n_new].copy_(k_new[b])
+                v_cache[b, n:n + n_new].copy_(v_new[b])
+            seqused_k = torch.tensor([n + n_new for n in lengths], dtype=torch.int32)
+        else:
+            seqused_k = cache_seqlens if cache_seqlens.is_contiguous() else cache_seqlens.contiguous()
+        q = _last_dim_contiguous(q)
+        if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+            raise ValueError("flash_attn_with_kvcache: k_cache and v_cache need a contiguous last dim (they are written in place)")
+        out = torch.empty(q.shape, dtype=q.dtype)
+        lse = torch.empty(_lse_shape(q, False), dtype=_lse_dtype(q))
+        flash_attn_forward_into(q, k_cache, v_cache, out, lse, None, None, q.shape[1], capacity, softmax_scale,
+                                window_left, window_right, seqused_k=seqused_k)
+        return out
     # Unchecked (CUDA), lengths are clamped so that the append and the kernel stay inside the cache:
     # the identity for valid lengths.
     cache_seqlens = cache_seqlens.clamp(0, capacity - n_new)
@@ -315,6 +336,15 @@ def _flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_
 @_flash_attn_with_kvcache.register_fake
 def _(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale, window_left, window_right):
     return q.new_empty(q.shape)
+
+
+def _eager_plain_cpu(*tensors) -> bool:
+    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+        return False
+    if torch._C._is_torch_function_mode_enabled():
+        return False
+    return all(t is None or (type(t) is torch.Tensor and t.device.type == "cpu" and not t.requires_grad)
+               for t in tensors)
 
 
 # --- public API -------------------------------------------------------------------------------
@@ -453,4 +483,10 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_s
     if causal:
         right = 0
     scale = _resolve_scale(op, softmax_scale, q.shape[-1])
+    if _eager_plain_cpu(q, k_cache, v_cache, cache_seqlens, k_new, v_new):
+        # The custom op's dispatch cost ~0.1 ms per call here (measured: op 0.20 ms vs its body
+        # 0.10 ms at cache 512, D = 64, H = 8), as much as the kernel: plain eager CPU calls run
+        # the body itself. Tracing, fake tensors, dispatch modes and subclasses still go through
+        # the op, so torch.compile sees it as before.
+        return _flash_attn_with_kvcache._init_fn(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, left, right)
     return _flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, left, right)

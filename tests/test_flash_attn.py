@@ -450,6 +450,48 @@ def test_kvcache_fp32_decode_reads_cache_in_place():
             assert rel_err(out[i:i + 1], ref) <= tolerance(torch_out, ref)
 
 
+@pytest.mark.parametrize("h,hk,d", [(4, 4, 32), (4, 1, 128), (8, 2, 64)])
+@pytest.mark.parametrize("window", [(-1, -1), (7, -1), (300, -1)])
+@pytest.mark.parametrize("n_new", [0, 2])
+def test_kvcache_fp32_decode_path(h, hk, d, window, n_new):
+    # The CPU fp32 decode kernel (group * Tq <= 8 query rows per kv head, csrc/cpu/flash_attn.cpp
+    # decode_f32): cache lengths 0 and 1 (with n_new = 0 a length-0 sequence sees no key: out 0),
+    # short ones, and long ones whose keys are split across work items and combined (capacity
+    # 1100: up to 4 splits); MHA, MQA, GQA; causal with and without a left window.
+    cap, tq = 1100, max(n_new, 1)
+    lengths = [0, 1, 37, 700, 1098 - n_new]
+    b = len(lengths)
+    k_cache, v_cache = rand((b, cap, hk, d), torch.float32, "cpu"), rand((b, cap, hk, d), torch.float32, "cpu")
+    q = rand((b, tq, h, d), torch.float32, "cpu")
+    k_new = rand((b, n_new, hk, d), torch.float32, "cpu") if n_new else None
+    v_new = rand((b, n_new, hk, d), torch.float32, "cpu") if n_new else None
+    seqlens = torch.tensor(lengths, dtype=torch.int32)
+    out = pyllm.flash_attn_with_kvcache(q, k_cache, v_cache, seqlens, k_new, v_new, causal=True, window=window)
+    for i, n in enumerate(lengths):
+        keys, vals = k_cache[i:i + 1, :n + n_new], v_cache[i:i + 1, :n + n_new]
+        ref, _ = attention(q[i:i + 1].double(), keys.double(), vals.double(), causal=True, window=window)
+        if n + n_new == 0:
+            assert torch.equal(out[i], torch.zeros_like(out[i]))
+            continue
+        torch_out, _ = attention(q[i:i + 1], keys, vals, causal=True, window=window)
+        assert rel_err(out[i:i + 1], ref) <= tolerance(torch_out, ref), (i, n)
+
+
+def test_kvcache_fp32_decode_is_repeatable_across_thread_counts():
+    # Splits depend on the shape only and are combined in order: same bits for any thread count.
+    k_cache, v_cache = rand((1, 2048, 1, 64), torch.float32, "cpu"), rand((1, 2048, 1, 64), torch.float32, "cpu")
+    q = rand((1, 1, 4, 64), torch.float32, "cpu")
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            outs.append(pyllm.flash_attn_with_kvcache(q, k_cache, v_cache, 2000))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
 def test_kvcache_int_seqlens_and_overflow():
     cache = torch.randn(2, 8, 1, 32)
     q = torch.randn(2, 1, 2, 32)

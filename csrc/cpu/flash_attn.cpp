@@ -63,7 +63,8 @@
 //   1.05-3.23x, forward + backward 1.06-2.67x; non-causal 0.16-0.19 TFLOPs fp32 (70-82% of the
 //   two cores' fp32 FMA peak), 0.20-0.24 bf16. Before the bf16 dot products bf16 D = 128,
 //   T = 4096, non-causal forward + backward was the one row behind (0.90x). Decode (one token,
-//   cache 512..4096): bf16 2.0-5.1x SDPA, fp32 0.4-0.9x (scores still 16 columns wide).
+//   cache 512..4096): bf16 2.0-5.1x SDPA, fp32 0.4-0.9x; fp32 decode now has its own path
+//   (decode_f32 below, with its measurements).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -576,6 +577,203 @@ void fwd(const AttnParams& p) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Decode: fp32, a handful of query rows per kv head (one new token, GQA group <= a few heads)
+// ---------------------------------------------------------------------------------------------
+// The tiled forward computes a block's scores as a 16-column matmul even for one query, 16x the
+// useful FMAs (fp32 decode ran at 0.4-0.7x SDPA). Here one work item is (sequence b, kv head,
+// split of its keys): it streams the split's K rows in place (contiguous along D), dots each with
+// all R = group * Tq query rows of that kv head (16-wide FMAs over D, one horizontal sum per row
+// and key), runs the online softmax per row over chunks of kDecodeChunk keys, and adds P V with
+// the V rows read in place. Each K and V element is read once per call: the floor is
+// 2 * B * Tk * Hkv * D * 4 bytes at the machine's read bandwidth. Splits give work to every
+// thread when B * Hkv is small; their partial (m, l, O) are combined in split order, and the split
+// count depends on the shape only, so results are bitwise repeatable for any thread count.
+// One work item is (sequence, split) and covers every kv head: a chunk of tokens is read for all
+// heads before the next, so the cache is walked in memory order (a first version with one item per
+// (sequence, kv head, split), reading one head's rows 1-4 KB apart, measured the same at 512 and
+// ~8% slower at 4096).
+// Measured (2026-11-23, the shared 2-core VM, launcher called directly, same process, best of 3
+// medians; H = 8, B = 1, one token; this path / the tiled path it replaces / torch SDPA):
+//   2 threads: cache 512 D = 64: 70 / 72 / 55 us; 4096 D = 128: 1.99 / 2.12 / 2.32 ms;
+//              4096 D = 128 GQA Hkv = 2: 0.88 / 0.97 / 0.62 ms
+//   1 thread:  cache 512 D = 64: 118 / 118 / 83 us; 4096 D = 128: 5.58 / 5.64 / 4.95 ms
+// Removing the 16x wasted score FLOPs did not move the short-cache time: both paths cost ~0.2 us
+// per key at cache 512 (1 thread), well above their FLOPs and above 2 MB at the copy bandwidth
+// (28 GB/s); where that time goes is not yet found (perf on this VM did not resolve symbols).
+constexpr int64_t kDecodeMaxRows = 8;  // R above which the tiled forward is used (not tuned)
+// Work items wanted (B * Hkv * splits) and the fewest keys a split gets (fork/join and the combine
+// cost more than they save on shorter splits). Not yet measured: chosen for 2-16 threads.
+constexpr int64_t kDecodeMinItems = 16;
+constexpr int64_t kDecodeMinSplitKeys = 256;
+constexpr int64_t kDecodeChunk = 16;  // keys per online-softmax step: one vector of scores
+// K / V rows are H * D elements apart, a stride the hardware prefetcher did not follow here (see
+// kPrefetchRows): each row asks for the one this many keys ahead.
+constexpr int64_t kDecodePrefetch = 32;
+
+inline float hsum(vec_f32 x) {
+#ifdef PYLLM_AVX512
+  return _mm512_reduce_add_ps((__m512)x);
+#else
+  float s = 0.f;
+  for (int l = 0; l < 16; ++l) s += x[l];
+  return s;
+#endif
+}
+
+// KV-cache calls only (seqused_k set): they are not differentiated. The tiled backward recomputes P
+// from the LSE with its own summation order over D, which matches the tiled forward's bit for bit
+// (a test compares gradients of a 2-key problem at zero tolerance); this path sums differently.
+inline bool decode_path(const AttnParams& p) {
+  return p.dtype == int(DType::f32) && p.seqused_k && !p.cu_seqlens_q && !p.cu_seqlens_k &&
+         (p.n_heads / p.n_kv_heads) * p.seqlen_q <= kDecodeMaxRows;
+}
+
+template <int D>
+void decode_f32(const AttnParams& p) {
+  using V = vec_f32;
+  constexpr int L = 16, C = D / L;  // vectors per row
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  const V ninf = V{} - kInf, zero = V{};
+  // Rows of a sequence: x = hk * R + g * Tq + i is query i of head hk * group + g.
+  const int64_t group = p.n_heads / p.n_kv_heads, R = group * p.seqlen_q, rows = p.n_kv_heads * R;
+  int64_t splits = std::max<int64_t>(1, (kDecodeMinItems + p.batch - 1) / p.batch);
+  splits = std::max<int64_t>(1, std::min(splits, p.seqlen_k / kDecodeMinSplitKeys));
+  const int64_t items = p.batch * splits, part_row = D + 2;
+  std::vector<float> part(splits > 1 ? items * rows * part_row : 0);
+  float* lse_out = static_cast<float*>(p.lse);
+  auto head_of = [&](int64_t x) { return x / R * group + (x % R) / p.seqlen_q; };
+#pragma omp parallel if (items > 1)
+  {
+    std::vector<float> qs(rows * D), o(rows * D), sc(rows * kDecodeChunk), m(rows), l(rows);
+    std::vector<int64_t> lo(rows), hi(rows);
+#pragma omp for schedule(dynamic)
+    for (int64_t item = 0; item < items; ++item) {
+      const int64_t b = item / splits, sp = item % splits;
+      const SeqInfo s = seq_info(p, b);
+      // Keys that some query sees (the bounds are monotone in the query), then this split's share.
+      const int64_t all_lo = s.len_q ? key_lo(p, 0, s.len_q, s.len_k) : 0;
+      const int64_t all_hi = s.len_q ? key_hi(p, s.len_q - 1, s.len_q, s.len_k) : 0;
+      const int64_t span = all_hi > all_lo ? (all_hi - all_lo + splits - 1) / splits : 0;
+      const int64_t k0 = std::min(all_hi, all_lo + sp * span), k1 = std::max(k0, std::min(all_hi, k0 + span));
+      for (int64_t x = 0; x < rows; ++x) {
+        const int64_t i = x % p.seqlen_q;
+        m[x] = -kInf, l[x] = 0.f;
+        std::fill(o.data() + x * D, o.data() + (x + 1) * D, 0.f);
+        if (i < s.len_q) {
+          lo[x] = std::max(k0, key_lo(p, i, s.len_q, s.len_k)), hi[x] = std::min(k1, key_hi(p, i, s.len_q, s.len_k));
+          row_to_acc<D>(qs.data() + x * D, at<float>(p.q, p.q_strides, b, s.q_start + i, head_of(x)), float(p.scale));
+        } else {
+          lo[x] = hi[x] = 0;
+          std::fill(qs.data() + x * D, qs.data() + (x + 1) * D, 0.f);
+        }
+      }
+      // Chunk by chunk, all kv heads of a token range: the reads walk the cache in memory order.
+      for (int64_t j0 = k0; j0 < k1; j0 += kDecodeChunk) {
+        const int64_t nk = std::min(kDecodeChunk, k1 - j0);
+        for (int64_t hk = 0; hk < p.n_kv_heads; ++hk) {
+          const int64_t x0 = hk * R;
+          for (int64_t j = 0; j < kDecodeChunk; ++j) {
+            if (j >= nk) {
+              for (int64_t r = 0; r < R; ++r) sc[(x0 + r) * kDecodeChunk + j] = -kInf;
+              continue;
+            }
+            const float* __restrict krow = at<float>(p.k, p.k_strides, b, s.k_start + j0 + j, hk);
+            if (j0 + j + kDecodePrefetch < k1) prefetch_row<D>(krow + kDecodePrefetch * p.k_strides[1]);
+            V kv[C];
+            for (int c = 0; c < C; ++c) kv[c] = vload(krow + c * L);
+            const int64_t key = j0 + j;
+            for (int64_t r = 0; r < R; ++r) {
+              const float* __restrict qr = qs.data() + (x0 + r) * D;
+              V acc = vload(qr) * kv[0];
+              for (int c = 1; c < C; ++c) acc += vload(qr + c * L) * kv[c];
+              sc[(x0 + r) * kDecodeChunk + j] = (key >= lo[x0 + r] && key < hi[x0 + r]) ? hsum(acc) : -kInf;
+            }
+          }
+          // Online softmax per row, as the tiled forward: the max skips NaN, a row that has seen
+          // only masked keys keeps m = -inf and exp is taken against 0 so that NaN scores stay NaN.
+          for (int64_t x = x0; x < x0 + R; ++x) {
+            float* __restrict sx = sc.data() + x * kDecodeChunk;
+            const V sv = vload(sx);
+            float blk = -kInf;
+            for (int j = 0; j < kDecodeChunk; ++j) blk = sx[j] > blk ? sx[j] : blk;
+            const float m_old = m[x], m_new = m_old < blk ? blk : m_old;
+            const float m_use = m_new == -kInf ? 0.f : m_new;
+            const V pj = sv == ninf ? zero : vexp<float>(sv - m_use);
+            vstore(sx, pj);
+            float corr = 0.f;
+            if (m_old != -kInf) {
+              V e = zero;
+              e[0] = m_old - m_use;
+              corr = vexp<float>(e)[0];
+            }
+            m[x] = m_new;
+            l[x] = l[x] * corr + hsum(pj);
+            if (corr != 1.f) {
+              float* __restrict ox = o.data() + x * D;
+              for (int c = 0; c < C; ++c) vstore(ox + c * L, vload(ox + c * L) * corr);
+            }
+          }
+          for (int64_t j = 0; j < nk; ++j) {
+            const float* __restrict vrow = at<float>(p.v, p.v_strides, b, s.k_start + j0 + j, hk);
+            if (j0 + j + kDecodePrefetch < k1) prefetch_row<D>(vrow + kDecodePrefetch * p.v_strides[1]);
+            V vv[C];
+            for (int c = 0; c < C; ++c) vv[c] = vload(vrow + c * L);
+            for (int64_t x = x0; x < x0 + R; ++x) {
+              const V px = V{} + sc[x * kDecodeChunk + j];
+              float* __restrict ox = o.data() + x * D;
+              for (int c = 0; c < C; ++c) vstore(ox + c * L, vload(ox + c * L) + px * vv[c]);
+            }
+          }
+        }
+      }
+      for (int64_t x = 0; x < rows; ++x) {
+        const int64_t i = x % p.seqlen_q, h = head_of(x);
+        if (i >= s.len_q) continue;
+        const float* ox = o.data() + x * D;
+        if (splits > 1) {
+          float* dst = part.data() + (item * rows + x) * part_row;
+          std::copy(ox, ox + D, dst);
+          dst[D] = m[x], dst[D + 1] = l[x];
+          continue;
+        }
+        float* __restrict dst = at_mut<float>(p.out, p.o_strides, b, s.q_start + i, h);
+        const bool empty = l[x] == 0.f;  // sees no key; NaN inputs give l = NaN and stay NaN
+        const float inv = empty ? 0.f : 1.f / l[x];
+        for (int d = 0; d < D; ++d) dst[d] = ox[d] * inv;
+        lse_out[lse_index(p, b, h, s, i)] = empty ? kInf : m[x] + std::log(l[x]);
+      }
+    }
+  }
+  if (splits == 1) return;
+  // Combine each row's splits, in split order.
+  const int64_t all_rows = p.batch * rows;
+#pragma omp parallel for if (all_rows > 1)
+  for (int64_t row = 0; row < all_rows; ++row) {
+    const int64_t b = row / rows, x = row % rows, i = x % p.seqlen_q, h = head_of(x);
+    const SeqInfo s = seq_info(p, b);
+    if (i >= s.len_q) continue;
+    auto partial = [&](int64_t sp) { return part.data() + ((b * splits + sp) * rows + x) * part_row; };
+    float mx = -kInf;
+    for (int64_t sp = 0; sp < splits; ++sp) mx = mx < partial(sp)[D] ? partial(sp)[D] : mx;
+    const float m_use = mx == -kInf ? 0.f : mx;
+    alignas(64) float acc[D] = {};
+    float lsum = 0.f;
+    for (int64_t sp = 0; sp < splits; ++sp) {
+      const float* src = partial(sp);
+      if (src[D] == -kInf) continue;  // saw no key: l = 0, O = 0
+      const float w = std::exp(src[D] - m_use);
+      lsum += src[D + 1] * w;
+      for (int d = 0; d < D; ++d) acc[d] += src[d] * w;
+    }
+    float* __restrict dst = at_mut<float>(p.out, p.o_strides, b, s.q_start + i, h);
+    const bool empty = lsum == 0.f;
+    const float inv = empty ? 0.f : 1.f / lsum;
+    for (int d = 0; d < D; ++d) dst[d] = acc[d] * inv;
+    lse_out[lse_index(p, b, h, s, i)] = empty ? kInf : m_use + std::log(lsum);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Backward
 // ---------------------------------------------------------------------------------------------
 
@@ -839,6 +1037,10 @@ void flash_attn_fwd_cpu(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, ui
   PYLLM_CHECK(q && out && lse, "flash_attn: null data pointer for a non-empty tensor");
   PYLLM_CHECK((k && v) || total_tokens(p.cu_seqlens_k, batch, seqlen_k) == 0,
               "flash_attn: null data pointer for a non-empty tensor");
+  if (decode_path(p)) {
+    dispatch_head_dim(head_dim, [&](auto d) { decode_f32<decltype(d)::value>(p); });
+    return;
+  }
   dispatch_head_dim(head_dim, [&](auto d) {
     dispatch_dtype(dtype, [&](auto t) { fwd<decltype(d)::value, typename decltype(t)::type>(p); });
   });

@@ -589,17 +589,19 @@ void fwd(const AttnParams& p) {
 // thread when B * Hkv is small; their partial (m, l, O) are combined in split order, and the split
 // count depends on the shape only, so results are bitwise repeatable for any thread count.
 // One work item is (sequence, split) and covers every kv head: a chunk of tokens is read for all
-// heads before the next, so the cache is walked in memory order (a first version with one item per
-// (sequence, kv head, split), reading one head's rows 1-4 KB apart, measured the same at 512 and
-// ~8% slower at 4096).
-// Measured (2026-11-23, the shared 2-core VM, launcher called directly, same process, best of 3
-// medians; H = 8, B = 1, one token; this path / the tiled path it replaces / torch SDPA):
-//   2 threads: cache 512 D = 64: 70 / 72 / 55 us; 4096 D = 128: 1.99 / 2.12 / 2.32 ms;
-//              4096 D = 128 GQA Hkv = 2: 0.88 / 0.97 / 0.62 ms
-//   1 thread:  cache 512 D = 64: 118 / 118 / 83 us; 4096 D = 128: 5.58 / 5.64 / 4.95 ms
-// Removing the 16x wasted score FLOPs did not move the short-cache time: both paths cost ~0.2 us
-// per key at cache 512 (1 thread), well above their FLOPs and above 2 MB at the copy bandwidth
-// (28 GB/s); where that time goes is not yet found (perf on this VM did not resolve symbols).
+// heads before the next, so the cache is walked in memory order.
+// Measured (2026-11-23, the 2-core VM, launcher called directly, same process, best of 3 medians;
+// H = 8, B = 1, one token; this path / the tiled path it replaces / torch SDPA):
+//   2 threads: cache 512 D = 64: 65 / 65 / 49 us; 512 D = 128: 121 / 118 / 84 us;
+//              4096 D = 64: 1.46 / 1.46 / 0.64 ms; 4096 D = 128: 3.00 / 3.01 / 2.26 ms;
+//              4096 D = 128 GQA Hkv = 2: 1.11 / 1.12 / 0.77 ms
+//   1 thread:  within noise of the tiled path too (and of SDPA at cache 4096, MHA).
+// So on this VM removing the 16x score FLOPs bought nothing measurable: both paths take the
+// same time, roughly 0.5-1 ns per key x dim x query head on 1 thread (even at D = 32, Hkv = 1,
+// a 64 KB cache: 63 us for L = 512), far above their FLOPs and the cache's bytes at the copy bandwidth (28 GB/s), and
+// run-to-run swings of 30% (one isolated run had this path at 18 us vs 64) point at the VM.
+// Not understood yet; kept because it does 1/16 of the score FLOPs, reads K / V once per GQA
+// group and splits long caches for B * Hkv < threads, which should show on a quiet machine.
 constexpr int64_t kDecodeMaxRows = 8;  // R above which the tiled forward is used (not tuned)
 // Work items wanted (B * Hkv * splits) and the fewest keys a split gets (fork/join and the combine
 // cost more than they save on shorter splits). Not yet measured: chosen for 2-16 threads.
@@ -713,16 +715,22 @@ void decode_f32(const AttnParams& p) {
               for (int c = 0; c < C; ++c) vstore(ox + c * L, vload(ox + c * L) * corr);
             }
           }
-          for (int64_t j = 0; j < nk; ++j) {
-            const float* __restrict vrow = at<float>(p.v, p.v_strides, b, s.k_start + j0 + j, hk);
-            if (j0 + j + kDecodePrefetch < k1) prefetch_row<D>(vrow + kDecodePrefetch * p.v_strides[1]);
-            V vv[C];
-            for (int c = 0; c < C; ++c) vv[c] = vload(vrow + c * L);
-            for (int64_t x = x0; x < x0 + R; ++x) {
-              const V px = V{} + sc[x * kDecodeChunk + j];
-              float* __restrict ox = o.data() + x * D;
-              for (int c = 0; c < C; ++c) vstore(ox + c * L, vload(ox + c * L) + px * vv[c]);
+          // O += P V with each row's O in registers over the chunk (through memory, every key
+          // waited on the previous key's store); rows after the first re-read V from L1.
+          const float* __restrict vrow0 = at<float>(p.v, p.v_strides, b, s.k_start + j0, hk);
+          const int64_t vld = p.v_strides[1];
+          for (int64_t j = 0; j < nk; ++j)
+            if (j0 + j + kDecodePrefetch < k1) prefetch_row<D>(vrow0 + (j + kDecodePrefetch) * vld);
+          for (int64_t x = x0; x < x0 + R; ++x) {
+            float* __restrict ox = o.data() + x * D;
+            const float* __restrict px = sc.data() + x * kDecodeChunk;
+            V acc[C];
+            for (int c = 0; c < C; ++c) acc[c] = vload(ox + c * L);
+            for (int64_t j = 0; j < nk; ++j) {
+              const V pj = V{} + px[j];
+              for (int c = 0; c < C; ++c) acc[c] += pj * vload(vrow0 + j * vld + c * L);
             }
+            for (int c = 0; c < C; ++c) vstore(ox + c * L, acc[c]);
           }
         }
       }

@@ -68,6 +68,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <type_traits>
@@ -590,18 +591,15 @@ void fwd(const AttnParams& p) {
 // count depends on the shape only, so results are bitwise repeatable for any thread count.
 // One work item is (sequence, split) and covers every kv head: a chunk of tokens is read for all
 // heads before the next, so the cache is walked in memory order.
-// Measured (2026-11-23, the 2-core VM, launcher called directly, same process, best of 3 medians;
-// H = 8, B = 1, one token; this path / the tiled path it replaces / torch SDPA):
-//   2 threads: cache 512 D = 64: 65 / 65 / 49 us; 512 D = 128: 121 / 118 / 84 us;
-//              4096 D = 64: 1.46 / 1.46 / 0.64 ms; 4096 D = 128: 3.00 / 3.01 / 2.26 ms;
-//              4096 D = 128 GQA Hkv = 2: 1.11 / 1.12 / 0.77 ms
-//   1 thread:  within noise of the tiled path too (and of SDPA at cache 4096, MHA).
-// So on this VM removing the 16x score FLOPs bought nothing measurable: both paths take the
-// same time, roughly 0.5-1 ns per key x dim x query head on 1 thread (even at D = 32, Hkv = 1,
-// a 64 KB cache: 63 us for L = 512), far above their FLOPs and the cache's bytes at the copy bandwidth (28 GB/s), and
-// run-to-run swings of 30% (one isolated run had this path at 18 us vs 64) point at the VM.
-// Not understood yet; kept because it does 1/16 of the score FLOPs, reads K / V once per GQA
-// group and splits long caches for B * Hkv < threads, which should show on a quiet machine.
+// Measured (2026-11-23, the shared 2-core VM, preliminary; launcher called directly, same
+// process, best of 3 medians; H = 8, B = 1, one token; this path / the tiled path / torch SDPA):
+//   2 threads: cache 512 D = 64: 36 / 61 / 44 us; 512 D = 128: 51 / 115 / 78 us;
+//              4096 D = 64: 0.26 / 0.74 / 0.67 ms; 4096 D = 128: 1.23 / 1.98 / 2.32 ms;
+//              4096 D = 128 GQA Hkv = 2: 0.20 / 0.91 / 0.52 ms
+//   1 thread:  512 D = 64: 51 / 117 / 77 us; 4096 D = 128: 2.64 / 4.35 / 3.74 ms
+// Floor at 4096 D = 128 MHA: 33.5 MB at ~28 GB/s (bench/common.py copy_bandwidth_gbs) = 1.2 ms;
+// 1.23 ms is there. A first version with one item per (sequence, kv head, split), reading one
+// head's rows 1-4 KB apart, and O updated through memory per key, was not measured separately.
 constexpr int64_t kDecodeMaxRows = 8;  // R above which the tiled forward is used (not tuned)
 // Work items wanted (B * Hkv * splits) and the fewest keys a split gets (fork/join and the combine
 // cost more than they save on shorter splits). Not yet measured: chosen for 2-16 threads.
@@ -625,8 +623,13 @@ inline float hsum(vec_f32 x) {
 // KV-cache calls only (seqused_k set): they are not differentiated. The tiled backward recomputes P
 // from the LSE with its own summation order over D, which matches the tiled forward's bit for bit
 // (a test compares gradients of a 2-key problem at zero tolerance); this path sums differently.
+// PYLLM_ATTN_CPU_DECODE=0 turns it off (same-process A/B against the tiled path).
 inline bool decode_path(const AttnParams& p) {
-  return p.dtype == int(DType::f32) && p.seqused_k && !p.cu_seqlens_q && !p.cu_seqlens_k &&
+  static const bool enabled = [] {
+    const char* env = std::getenv("PYLLM_ATTN_CPU_DECODE");
+    return !(env && env[0] == '0');
+  }();
+  return enabled && p.dtype == int(DType::f32) && p.seqused_k && !p.cu_seqlens_q && !p.cu_seqlens_k &&
          (p.n_heads / p.n_kv_heads) * p.seqlen_q <= kDecodeMaxRows;
 }
 

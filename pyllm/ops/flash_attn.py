@@ -11,7 +11,11 @@ import os
 from typing import Optional
 
 import torch
-from torch.utils._python_dispatch import _get_current_dispatch_mode
+try:
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+except ImportError:  # a torch without it: _eager_plain_cpu then always says no
+    def _get_current_dispatch_mode():
+        raise AttributeError("_get_current_dispatch_mode")
 from torch import Tensor
 
 from pyllm import _C
@@ -274,8 +278,7 @@ def _flash_attn_grad(ctx, dout, dlse):
 _flash_attn.register_autograd(_flash_attn_grad, setup_context=_flash_attn_setup)
 
 
-@torch.library.custom_op("pyllm::flash_attn_with_kvcache", mutates_args=("k_cache", "v_cache"))
-def _flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor,
+def _flash_attn_with_kvcache_body(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor,
                              k_new: Optional[Tensor], v_new: Optional[Tensor], softmax_scale: float,
                              window_left: int, window_right: int) -> Tensor:
     n_new = 0 if k_new is None else k_new.shape[1]
@@ -333,15 +336,24 @@ def _flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_
     return out
 
 
+# The op wraps the plain function, kept under its own name so that eager CPU calls can run it
+# without the dispatch (see _eager_plain_cpu), with no reliance on the op object's internals.
+_flash_attn_with_kvcache = torch.library.custom_op("pyllm::flash_attn_with_kvcache", mutates_args=("k_cache", "v_cache"))(
+    _flash_attn_with_kvcache_body)
+
+
 @_flash_attn_with_kvcache.register_fake
 def _(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale, window_left, window_right):
     return q.new_empty(q.shape)
 
 
 def _eager_plain_cpu(*tensors) -> bool:
-    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
-        return False
-    if torch._C._is_torch_function_mode_enabled():
+    try:  # private torch helpers: where a torch release lacks them, every call takes the op
+        if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+            return False
+        if torch._C._is_torch_function_mode_enabled():
+            return False
+    except AttributeError:
         return False
     return all(t is None or (type(t) is torch.Tensor and t.device.type == "cpu" and not t.requires_grad)
                for t in tensors)
@@ -488,5 +500,5 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_s
         # 0.10 ms at cache 512, D = 64, H = 8), as much as the kernel: plain eager CPU calls run
         # the body itself. Tracing, fake tensors, dispatch modes and subclasses still go through
         # the op, so torch.compile sees it as before.
-        return _flash_attn_with_kvcache._init_fn(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, left, right)
+        return _flash_attn_with_kvcache_body(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, left, right)
     return _flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, left, right)

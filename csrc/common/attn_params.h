@@ -125,6 +125,7 @@ PYLLM_HD int64_t query_hi(const AttnParams& p, int64_t j, int64_t len_q, int64_t
 #include <vector>
 
 #include <cmath>
+#include <type_traits>
 
 #include "common/checks.h"
 
@@ -145,6 +146,20 @@ inline void set_packed_totals(AttnParams& p, int64_t total_q, int64_t total_k) {
   PYLLM_CHECK(total_q >= 0 && total_k >= 0, "flash_attn: varlen on CUDA needs total_q and total_k (the packed "
               "token counts of q and k), got ", total_q, " and ", total_k);
   p.total_q = total_q, p.total_k = total_k;
+}
+
+// Calls fn(std::integral_constant<int, D>{}) for the supported head dims: the one place that maps the
+// runtime head_dim to the kernels' template parameter, CPU and CUDA launchers alike.
+template <typename Fn>
+void dispatch_head_dim(int64_t head_dim, Fn fn) {
+  switch (head_dim) {
+    case 32: fn(std::integral_constant<int, 32>{}); break;
+    case 64: fn(std::integral_constant<int, 64>{}); break;
+    case 96: fn(std::integral_constant<int, 96>{}); break;
+    case 128: fn(std::integral_constant<int, 128>{}); break;
+    case 256: fn(std::integral_constant<int, 256>{}); break;
+    default: PYLLM_CHECK(false, "flash_attn: head_dim must be one of 32, 64, 96, 128, 256, got ", head_dim);
+  }
 }
 
 inline void check_attn_shape(const AttnParams& p) {

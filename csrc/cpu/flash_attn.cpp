@@ -1002,18 +1002,6 @@ int64_t total_tokens(const int32_t* cu, int64_t batch, int64_t seqlen) {
   return cu ? int64_t(cu[batch]) : batch * seqlen;
 }
 
-template <typename Fn>
-void dispatch_head_dim(int64_t head_dim, Fn fn) {
-  switch (head_dim) {
-    case 32: fn(std::integral_constant<int, 32>{}); break;
-    case 64: fn(std::integral_constant<int, 64>{}); break;
-    case 96: fn(std::integral_constant<int, 96>{}); break;
-    case 128: fn(std::integral_constant<int, 128>{}); break;
-    case 256: fn(std::integral_constant<int, 256>{}); break;
-    default: PYLLM_CHECK(false, "flash_attn: head_dim must be one of 32, 64, 96, 128, 256, got ", head_dim);
-  }
-}
-
 template <typename T> struct TypeTag { using type = T; };
 
 // fp32, bf16 and fp64 only (fp16 is not a CPU dtype of this op: it would double the instantiations).

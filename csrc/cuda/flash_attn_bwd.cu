@@ -236,14 +236,7 @@ void launch_bwd(const AttnParams& p, float* delta, bool simt, cudaStream_t strea
 
 template <typename T>
 void dispatch_bwd(const AttnParams& p, float* delta, bool simt, cudaStream_t stream) {
-  switch (p.head_dim) {
-    case 32: launch_bwd<T, 32>(p, delta, simt, stream); break;
-    case 64: launch_bwd<T, 64>(p, delta, simt, stream); break;
-    case 96: launch_bwd<T, 96>(p, delta, simt, stream); break;
-    case 128: launch_bwd<T, 128>(p, delta, simt, stream); break;
-    case 256: launch_bwd<T, 256>(p, delta, simt, stream); break;
-    default: PYLLM_CHECK(false, "flash_attn: head_dim must be one of 32, 64, 96, 128, 256, got ", p.head_dim);
-  }
+  dispatch_head_dim(p.head_dim, [&](auto d) { launch_bwd<T, decltype(d)::value>(p, delta, simt, stream); });
 }
 
 }  // namespace attn

@@ -499,14 +499,8 @@ void launch_bwd_mma_d(const AttnParams& p, const float* delta, int device, cudaS
 
 template <typename T>
 void dispatch_bwd_mma(const AttnParams& p, const float* delta, int device, cudaStream_t stream) {
-  switch (p.head_dim) {
-    case 32: launch_bwd_mma_d<T, 32>(p, delta, device, stream); break;
-    case 64: launch_bwd_mma_d<T, 64>(p, delta, device, stream); break;
-    case 96: launch_bwd_mma_d<T, 96>(p, delta, device, stream); break;
-    case 128: launch_bwd_mma_d<T, 128>(p, delta, device, stream); break;
-    case 256: launch_bwd_mma_d<T, 256>(p, delta, device, stream); break;
-    default: PYLLM_CHECK(false, "flash_attn: head_dim must be one of 32, 64, 96, 128, 256, got ", p.head_dim);
-  }
+  dispatch_head_dim(p.head_dim,
+                    [&](auto d) { launch_bwd_mma_d<T, decltype(d)::value>(p, delta, device, stream); });
 }
 
 void launch_bwd_mma(const AttnParams& p, const float* delta, int device, cudaStream_t stream) {

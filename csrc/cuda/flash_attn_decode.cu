@@ -148,14 +148,8 @@ void launch_decode(const AttnParams& p, int n_splits, float* o_part, float* lse_
 
 template <typename T>
 void dispatch_decode(const AttnParams& p, int n_splits, float* o_part, float* lse_part, cudaStream_t stream) {
-  switch (p.head_dim) {
-    case 32: launch_decode<T, 32>(p, n_splits, o_part, lse_part, stream); break;
-    case 64: launch_decode<T, 64>(p, n_splits, o_part, lse_part, stream); break;
-    case 96: launch_decode<T, 96>(p, n_splits, o_part, lse_part, stream); break;
-    case 128: launch_decode<T, 128>(p, n_splits, o_part, lse_part, stream); break;
-    case 256: launch_decode<T, 256>(p, n_splits, o_part, lse_part, stream); break;
-    default: PYLLM_CHECK(false, "flash_attn: head_dim must be one of 32, 64, 96, 128, 256, got ", p.head_dim);
-  }
+  dispatch_head_dim(p.head_dim,
+                    [&](auto d) { launch_decode<T, decltype(d)::value>(p, n_splits, o_part, lse_part, stream); });
 }
 
 }  // namespace attn

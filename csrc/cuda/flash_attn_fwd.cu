@@ -235,14 +235,7 @@ void launch_fwd(const AttnParams& p, int device, cudaStream_t stream) {
 
 template <typename T>
 void dispatch_fwd(const AttnParams& p, int device, cudaStream_t stream) {
-  switch (p.head_dim) {
-    case 32: launch_fwd<T, 32>(p, device, stream); break;
-    case 64: launch_fwd<T, 64>(p, device, stream); break;
-    case 96: launch_fwd<T, 96>(p, device, stream); break;
-    case 128: launch_fwd<T, 128>(p, device, stream); break;
-    case 256: launch_fwd<T, 256>(p, device, stream); break;
-    default: PYLLM_CHECK(false, "flash_attn: head_dim must be one of 32, 64, 96, 128, 256, got ", p.head_dim);
-  }
+  dispatch_head_dim(p.head_dim, [&](auto d) { launch_fwd<T, decltype(d)::value>(p, device, stream); });
 }
 
 }  // namespace attn

@@ -62,15 +62,25 @@ def snapshot(model, opt):
 
 @pytest.mark.parametrize("device", CPU_AND_CUDA)
 def test_fp32_100_steps_match_torch_against_float64(device):
+    # A fixed random gradient sequence, not the model's own gradients: through the model each
+    # step's rounding feeds the next gradients, and Adam's near sign-like steps on near-zero
+    # gradients make 100-step differences chaotic (on one machine torch and ours drifted 2x apart
+    # from float64 by luck). Fixed gradients leave only the optimizer's own rounding to compare.
     ours, torch32 = make_model(device), make_model(device)
     ref = make_model("cpu", torch.float64)
     hyper = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
-    train(ours, AdamW(ours.parameters(), **hyper), 100, device)
-    train(torch32, torch.optim.AdamW(torch32.parameters(), **hyper), 100, device)
-    train(ref, torch.optim.AdamW(ref.parameters(), **hyper), 100, "cpu", torch.float64)
+    opts = (AdamW(ours.parameters(), **hyper), torch.optim.AdamW(torch32.parameters(), **hyper),
+            torch.optim.AdamW(ref.parameters(), **hyper))
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(100):
+        grads = random_grads(list(ref.parameters()), gen)
+        for model, opt in zip((ours, torch32, ref), opts):
+            for param, g in zip(model.parameters(), grads):
+                param.grad = g.to(param.device, param.dtype)
+            opt.step()
     p, t, r = flat(ours.parameters()), flat(torch32.parameters()), flat(ref.parameters())
     assert rel_err(p, r) <= tolerance(t.float(), r)
-    assert rel_err(p, t) < 1e-5  # and close to torch itself
+    assert rel_err(p, t) <= tolerance(t.float(), r)  # and close to torch itself
 
 
 @pytest.mark.parametrize("device", CPU_AND_CUDA)
@@ -189,6 +199,13 @@ def test_16bit_without_master_rounds_each_step(dtype, mantissa_bits):
 
 # --- clipping, unscaling, inf/nan ---------------------------------------------------------------
 
+def norm_errors(grads):
+    """(float64 norm of these gradients, |torch's fp32 norm of them - that|), as clip_grad_norm_ computes it."""
+    exact = torch.cat([g.detach().double().cpu().reshape(-1) for g in grads]).norm().item()
+    torch32 = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])).item()
+    return exact, abs(torch32 - exact)
+
+
 @pytest.mark.parametrize("device", CPU_AND_CUDA)
 @pytest.mark.parametrize("max_norm", [0.05, 1e3], ids=["clipped", "not-clipped"])
 def test_clipping_matches_clip_grad_norm(device, max_norm):
@@ -198,16 +215,21 @@ def test_clipping_matches_clip_grad_norm(device, max_norm):
     x, y = batch(device)
     for _ in range(5):
         backward(ours, x, y)
+        grads = [p.grad.clone() for p in ours.parameters()]
         opt.step(max_grad_norm=max_norm)
         backward(torch32, x, y)
-        norm32 = nn.utils.clip_grad_norm_(torch32.parameters(), max_norm)
+        nn.utils.clip_grad_norm_(torch32.parameters(), max_norm)
         opt32.step()
         backward(ref, x.double().cpu(), y.double().cpu())
-        norm64 = nn.utils.clip_grad_norm_(ref.parameters(), max_norm)
+        nn.utils.clip_grad_norm_(ref.parameters(), max_norm)
         opt64.step()
         assert opt.last_grad_norm.dtype == torch.float64 and not bool(opt.last_step_skipped)
-        floor = (1e-7 if device == "cpu" else 1e-6) * norm64.item()  # CUDA: fp32 sums per chunk
-        assert abs(opt.last_grad_norm.item() - norm64.item()) <= 2 * max(abs(norm32.item() - norm64.item()), floor)
+        # The norm of the gradients the optimizer was given, against their float64 norm and torch's
+        # fp32 norm of those same gradients (the float64 model's norm differs by the fp32 model's
+        # own gradient error, the same for both: comparing against it compared noise).
+        exact, torch_err = norm_errors(grads)
+        floor = (1e-7 if device == "cpu" else 1e-6) * exact  # CUDA: fp32 sums per chunk
+        assert abs(opt.last_grad_norm.item() - exact) <= 2 * max(torch_err, floor)
     for layer in (0, 2):  # per group
         p, t, r = (flat(m[layer].parameters()) for m in (ours, torch32, ref))
         assert rel_err(p, r) <= tolerance(t.float(), r)

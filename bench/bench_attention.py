@@ -3,8 +3,8 @@ backends, each forced with torch.nn.attention.sdpa_kernel).
 
 One process, same inputs, side by side, median of repeats. TFLOPs count the useful work for
 every implementation alike: forward 4 * B * T^2 * H * D (halved for causal), forward + backward
-3.5x that (the backward is 2.5x the forward). On CUDA the peak memory of one forward + backward
-at the largest T is recorded too (it should grow linearly in T: no T x T matrix). Decode rows:
+3.5x that (the backward is 2.5x the forward). The peak memory of one forward + backward (CPU: peak RSS)
+for T = 2k..16k is recorded too (it should grow linearly in T: no T x T matrix). Decode rows:
 one new token against a KV cache of T tokens (flash_attn_with_kvcache vs SDPA on the cache).
 """
 from __future__ import annotations
@@ -119,26 +119,41 @@ def decode_rows(device: str, h: int, quick: bool) -> list[dict]:
     return rows
 
 
-def peak_memory_mb(fn, q, k, v, causal) -> float:
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
-    fn(qq, kk, vv, causal).sum().backward()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
+def memory_rows(device: str, impls: dict, h: int, quick: bool) -> list[dict]:
+    """Peak memory of one causal bf16 forward + backward (B=1, D=128) as T doubles: linear growth
+    (about 2x per row) means no T x T matrix anywhere; the per-1k-token column makes that easy to read."""
+    rows = []
+    for t in (256, 1024, 2048, 4096) if quick else (256, 2048, 4096, 8192, 16384):
+        q, k, v, dout = (torch.randn(1, t, h, 128, device=device, dtype=torch.bfloat16) for _ in range(4))
+        for name, fn in impls.items():
+            if name == SIMT_BWD:
+                continue
+            leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+            try:
+                mb = common.peak_memory_mb(lambda: torch.autograd.grad(fn(*leaves, True), leaves, dout), device)
+            except RuntimeError as e:
+                rows.append({"dtype": "bfloat16", "B": 1, "T": t, "D": 128, "causal": True,
+                             "mode": "peak MiB fwd+bwd", "impl": name, "ms": "n/a", "note": str(e)[:60]})
+                continue
+            if t == 256:  # warm-up: thread pools, lazy initialisation
+                continue
+            rows.append({"dtype": "bfloat16", "B": 1, "T": t, "D": 128, "causal": True, "mode": "peak MiB fwd+bwd",
+                         "impl": name, "ms": round(mb, 1), "note": f"{mb / t * 1024:.2f} MiB per 1k tokens"})
+    return rows
 
 
 def main() -> int:
     parser = common.base_parser(__doc__)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--decode-only", action="store_true", help="only the decode (KV cache) rows")
+    parser.add_argument("--memory-only", action="store_true", help="only the peak-memory rows")
     args = parser.parse_args()
     device, h = args.device, args.heads
     impls = impls_for(device)
     print(f"# attention on {common.device_description(device)}, H={h}, (B, T, H, D) layout")
     rows = []
-    for b, t, d, dtype, causal in ([] if args.decode_only else configs(device, args.quick)):
+    only = args.decode_only or args.memory_only
+    for b, t, d, dtype, causal in ([] if only else configs(device, args.quick)):
         flops = 4 * b * t * t * h * d * (0.5 if causal else 1.0)
         q, k, v, dout = (torch.randn(b, t, h, d, device=device, dtype=dtype) for _ in range(4))
         repeat = 5 if device == "cpu" else 20
@@ -176,19 +191,10 @@ def main() -> int:
             ours_row = next(r for r in rows[::-1] if r["impl"] == "pyllm" and r["mode"] == mode)
             if base and isinstance(ours_row["ms"], float):
                 ours_row["vs sdpa"] = f"{base / ours_row['ms']:.2f}x"
-    rows += decode_rows(device, h, args.quick)
-    if device == "cuda" and not args.decode_only:
-        t = 4096 if args.quick else 16384
-        q, k, v = (torch.randn(1, t, h, 128, device=device, dtype=torch.bfloat16) for _ in range(3))
-        for name, fn in impls.items():
-            if name == SIMT_BWD:
-                continue
-            try:
-                mb = peak_memory_mb(fn, q, k, v, True)
-            except RuntimeError as e:
-                mb = f"n/a ({str(e)[:40]})"
-            rows.append({"dtype": "bfloat16", "B": 1, "T": t, "D": 128, "causal": True, "mode": "peak MB fwd+bwd",
-                         "impl": name, "ms": mb})
+    if not args.memory_only:
+        rows += decode_rows(device, h, args.quick)
+    if not args.decode_only:
+        rows += memory_rows(device, impls, h, args.quick)
     common.print_table(rows, ["dtype", "B", "T", "D", "causal", "mode", "impl", "ms", "TFLOPs", "vs sdpa", "note"])
     common.write_json(args.json, "attention", device, rows, {"heads": h})
     return 0

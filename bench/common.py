@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import platform
 import statistics
@@ -98,3 +100,36 @@ def write_json(path: Path | None, bench: str, device: str, rows: list[dict], ext
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=1))
+
+
+def _vm_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_memory_mb(step, device: str) -> float:
+    """Peak memory above the starting point while step() runs, in MiB (NaN where unmeasurable).
+
+    CUDA: the caching allocator's peak. CPU: the process's peak resident set (VmHWM), reset through
+    /proc/self/clear_refs after malloc_trim hands freed pages back, so it counts every allocation,
+    torch's and a kernel's own workspace alike (Linux only).
+    """
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")
+        base = _vm_kib("VmRSS")
+    except (OSError, RuntimeError):
+        return float("nan")
+    step()
+    return (_vm_kib("VmHWM") - base) / 1024
+

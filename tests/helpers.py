@@ -32,3 +32,25 @@ def tolerance(torch_out: torch.Tensor, ref: torch.Tensor) -> float:
 def poisoned(shape, dtype, device) -> torch.Tensor:
     """An output buffer full of NaN: any element a kernel forgets to write shows up."""
     return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+def peak_rss_growth_mib(step) -> float | None:
+    """How far the process's peak resident set rises above its current size while step() runs, in
+    MiB; None where Linux's /proc/self/clear_refs (which resets the peak) is not available."""
+    import ctypes
+    import gc
+    from pathlib import Path
+
+    def kib(field):
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field + ":"))
+        return int(line.split()[1])
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")
+        base = kib("VmRSS")
+    except (OSError, StopIteration):
+        return None
+    step()
+    return (kib("VmHWM") - base) / 1024

@@ -7,7 +7,7 @@ import pyllm
 from pyllm import _C
 from pyllm.ops import _util
 from pyllm.ops import flash_attn as fa
-from helpers import poisoned, rel_err, tolerance
+from helpers import peak_rss_growth_mib, poisoned, rel_err, tolerance
 
 DTYPES_BY_DEVICE = {"cpu": [torch.float32, torch.bfloat16], "cuda": [torch.float16, torch.bfloat16]}
 DEVICES = [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.cuda)]
@@ -342,6 +342,20 @@ def test_bwd_algo_choice_is_checked(monkeypatch):
 
 
 # --- autograd through lse, gradcheck, opcheck, torch.compile ------------------------------------
+
+def test_cpu_memory_is_linear_in_t():
+    # Forward + backward at T = 4096 (one head): a T x T fp32 score matrix would be 64 MiB; the
+    # tiled kernels need the outputs, gradients and O(T) per-thread rows, well under a quarter of it.
+    t, d = 4096, 32
+    q, k, v, dout = (torch.randn(1, t, 1, d) for _ in range(4))
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    step = lambda: torch.autograd.grad(pyllm.flash_attn(*leaves), leaves, dout)  # noqa: E731
+    step()  # thread pools, thread-local buffers
+    grown = peak_rss_growth_mib(step)
+    if grown is None:
+        pytest.skip("needs Linux /proc/self/clear_refs to reset the peak RSS")
+    assert grown < t * t * 4 / 2**20 / 4, f"peak RSS grew {grown:.1f} MiB"
+
 
 def test_gradient_through_lse():
     q, k, v = (torch.randn(1, 20, 2, 32, dtype=torch.float64) for _ in range(3))

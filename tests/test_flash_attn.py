@@ -464,21 +464,23 @@ def test_kvcache_fp32_decode_reads_cache_in_place():
             assert rel_err(out[i:i + 1], ref) <= tolerance(torch_out, ref)
 
 
-@pytest.mark.parametrize("h,hk,d", [(4, 4, 32), (4, 1, 128), (8, 2, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("h,hk,d", [(4, 4, 32), (4, 1, 128), (8, 2, 64), (32, 1, 96)])
 @pytest.mark.parametrize("window", [(-1, -1), (7, -1), (300, -1)])
-@pytest.mark.parametrize("n_new", [0, 2])
-def test_kvcache_fp32_decode_path(h, hk, d, window, n_new):
-    # The CPU fp32 decode kernel (group * Tq <= 8 query rows per kv head, csrc/cpu/flash_attn.cpp
-    # decode_f32): cache lengths 0 and 1 (with n_new = 0 a length-0 sequence sees no key: out 0),
-    # short ones, and long ones whose keys are split across work items and combined (capacity
-    # 1100: up to 4 splits); MHA, MQA, GQA; causal with and without a left window.
+@pytest.mark.parametrize("n_new", [0, 2, 8])
+def test_kvcache_decode_path(dtype, h, hk, d, window, n_new):
+    # The CPU decode kernel (Tq <= 8 queries per head, any GQA group, fp32 or bf16 caches;
+    # csrc/cpu/flash_attn.cpp decode): cache lengths 0 and 1 (with n_new = 0 a length-0 sequence
+    # sees no key: out 0), short ones, and long ones whose keys are split across work items and
+    # combined (capacity 1100: up to 4 splits); MHA, MQA (a group of 32), GQA; causal with and
+    # without a left window.
     cap, tq = 1100, max(n_new, 1)
-    lengths = [0, 1, 37, 700, 1098 - n_new]
+    lengths = [0, 1, 37, 700, 1092 - n_new]
     b = len(lengths)
-    k_cache, v_cache = rand((b, cap, hk, d), torch.float32, "cpu"), rand((b, cap, hk, d), torch.float32, "cpu")
-    q = rand((b, tq, h, d), torch.float32, "cpu")
-    k_new = rand((b, n_new, hk, d), torch.float32, "cpu") if n_new else None
-    v_new = rand((b, n_new, hk, d), torch.float32, "cpu") if n_new else None
+    k_cache, v_cache = rand((b, cap, hk, d), dtype, "cpu"), rand((b, cap, hk, d), dtype, "cpu")
+    q = rand((b, tq, h, d), dtype, "cpu")
+    k_new = rand((b, n_new, hk, d), dtype, "cpu") if n_new else None
+    v_new = rand((b, n_new, hk, d), dtype, "cpu") if n_new else None
     seqlens = torch.tensor(lengths, dtype=torch.int32)
     out = pyllm.flash_attn_with_kvcache(q, k_cache, v_cache, seqlens, k_new, v_new, causal=True, window=window)
     for i, n in enumerate(lengths):

@@ -63,8 +63,8 @@
 //   1.05-3.23x, forward + backward 1.06-2.67x; non-causal 0.16-0.19 TFLOPs fp32 (70-82% of the
 //   two cores' fp32 FMA peak), 0.20-0.24 bf16. Before the bf16 dot products bf16 D = 128,
 //   T = 4096, non-causal forward + backward was the one row behind (0.90x). Decode (one token,
-//   cache 512..4096): bf16 2.0-5.1x SDPA, fp32 0.4-0.9x; fp32 decode now has its own path
-//   (decode_f32 below, with its measurements).
+//   cache 512..4096): bf16 2.0-5.1x SDPA, fp32 0.4-0.9x; decode (Tq <= 8) now has its own path
+//   (decode below, with its measurements).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -578,29 +578,36 @@ void fwd(const AttnParams& p) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Decode: fp32, a handful of query rows per kv head (one new token, GQA group <= a few heads)
+// Decode: fp32 math on fp32 or bf16 caches, a few queries per head (Tq <= kDecodeMaxQueries)
 // ---------------------------------------------------------------------------------------------
 // The tiled forward computes a block's scores as a 16-column matmul even for one query, 16x the
-// useful FMAs (fp32 decode ran at 0.4-0.7x SDPA). Here one work item is (sequence b, kv head,
-// split of its keys): it streams the split's K rows in place (contiguous along D), dots each with
-// all R = group * Tq query rows of that kv head (16-wide FMAs over D, one horizontal sum per row
-// and key), runs the online softmax per row over chunks of kDecodeChunk keys, and adds P V with
-// the V rows read in place. Each K and V element is read once per call: the floor is
-// 2 * B * Tk * Hkv * D * 4 bytes at the machine's read bandwidth. Splits give work to every
-// thread when B * Hkv is small; their partial (m, l, O) are combined in split order, and the split
-// count depends on the shape only, so results are bitwise repeatable for any thread count.
-// One work item is (sequence, split) and covers every kv head: a chunk of tokens is read for all
-// heads before the next, so the cache is walked in memory order.
-// Measured (2026-11-23, the shared 2-core VM, preliminary; launcher called directly, same
+// useful FMAs (fp32 decode ran at 0.4-0.7x SDPA), and packs each head's K / V before using it
+// once. Here one work item is (sequence b, split of its keys), covering every kv head: it streams
+// the split's K rows in place (contiguous along D; bf16 widened in registers), dots each with all
+// R = group * Tq query rows of that kv head (16-wide FMAs over D, one horizontal sum per row and
+// key), runs the online softmax per row over chunks of kDecodeChunk keys, and adds P V with the V
+// rows read in place. Each K and V element is read once per call: the floor is
+// 2 * B * Tk * Hkv * D * sizeof(T) bytes at the machine's read bandwidth. Splits give work to
+// every thread when B is small; their partial (m, l, O) are combined in split order, and the
+// split count depends on the shape only, so results are bitwise repeatable for any thread count.
+// A chunk of tokens is read for all heads before the next, so the cache is walked in memory order.
+// Measured (2026-11-23, the shared 2-core AMD VM, preliminary; launcher called directly, same
 // process, best of 3 medians; H = 8, B = 1, one token; this path / the tiled path / torch SDPA):
 //   2 threads: cache 512 D = 64: 36 / 61 / 44 us; 512 D = 128: 51 / 115 / 78 us;
 //              4096 D = 64: 0.26 / 0.74 / 0.67 ms; 4096 D = 128: 1.23 / 1.98 / 2.32 ms;
 //              4096 D = 128 GQA Hkv = 2: 0.20 / 0.91 / 0.52 ms
 //   1 thread:  512 D = 64: 51 / 117 / 77 us; 4096 D = 128: 2.64 / 4.35 / 3.74 ms
 // Floor at 4096 D = 128 MHA: 33.5 MB at ~28 GB/s (bench/common.py copy_bandwidth_gbs) = 1.2 ms;
-// 1.23 ms is there. A first version with one item per (sequence, kv head, split), reading one
-// head's rows 1-4 KB apart, and O updated through memory per key, was not measured separately.
-constexpr int64_t kDecodeMaxRows = 8;  // R above which the tiled forward is used (not tuned)
+// 1.23 ms is there.
+// kDecodeMaxQueries (2026-11-30, 2-core Intel Xeon VM under load, 1 thread, D = 128, cache 512 /
+// 4096, this path / the tiled path, fp32; bf16 alike): Tq = 1: MHA 0.27 / 0.48, 1.8 / 4.8 ms;
+// group 8 0.07 / 0.29, 0.43 / 2.7 ms; group 32 0.18 / 1.15, 1.2 / 23 ms. Tq = 4: MHA 0.36 / 0.51,
+// 2.4 / 11 ms; group 8 0.16 / 0.32, 1.2 / 6.9 ms. Tq = 8: MHA 0.50 / 0.55, 3.8 / 4.7 ms; group 8
+// 0.29 / 0.36, 4.6 / 7.3 ms. Tq = 16: MHA 0.90 / 0.71, 7.3 / 5.3 ms; group 8 0.67 / 0.41,
+// 6.5 / 3.8 ms: from 16 queries a block's matmuls pay. Until then the group size does not matter
+// (it was capped at group * Tq <= 8 rows before, which sent MQA decode with 16+ heads to the
+// tiled path at 5-20x the time).
+constexpr int64_t kDecodeMaxQueries = 8;
 // Work items wanted (B * Hkv * splits) and the fewest keys a split gets (fork/join and the combine
 // cost more than they save on shorter splits). Not yet measured: chosen for 2-16 threads.
 constexpr int64_t kDecodeMinItems = 16;
@@ -629,12 +636,24 @@ inline bool decode_path(const AttnParams& p) {
     const char* env = std::getenv("PYLLM_ATTN_CPU_DECODE");
     return !(env && env[0] == '0');
   }();
-  return enabled && p.dtype == int(DType::f32) && p.seqused_k && !p.cu_seqlens_q && !p.cu_seqlens_k &&
-         (p.n_heads / p.n_kv_heads) * p.seqlen_q <= kDecodeMaxRows;
+  return enabled && (p.dtype == int(DType::f32) || p.dtype == int(DType::bf16)) && p.seqused_k &&
+         !p.cu_seqlens_q && !p.cu_seqlens_k && p.seqlen_q <= kDecodeMaxQueries;
 }
 
-template <int D>
-void decode_f32(const AttnParams& p) {
+// 16 cache elements as fp32 lanes (bf16 widened exactly).
+inline vec_f32 vload_f32(const float* p) { return vload(p); }
+inline vec_f32 vload_f32(const bf16* p) {
+#ifdef PYLLM_AVX512
+  return (vec_f32)load16(p);
+#else
+  vec_f32 r;
+  for (int l = 0; l < 16; ++l) r[l] = to_float(p[l]);
+  return r;
+#endif
+}
+
+template <int D, typename T>
+void decode(const AttnParams& p) {
   using V = vec_f32;
   constexpr int L = 16, C = D / L;  // vectors per row
   constexpr float kInf = std::numeric_limits<float>::infinity();
@@ -666,7 +685,7 @@ void decode_f32(const AttnParams& p) {
         std::fill(o.data() + x * D, o.data() + (x + 1) * D, 0.f);
         if (i < s.len_q) {
           lo[x] = std::max(k0, key_lo(p, i, s.len_q, s.len_k)), hi[x] = std::min(k1, key_hi(p, i, s.len_q, s.len_k));
-          row_to_acc<D>(qs.data() + x * D, at<float>(p.q, p.q_strides, b, s.q_start + i, head_of(x)), float(p.scale));
+          row_to_acc<D>(qs.data() + x * D, at<T>(p.q, p.q_strides, b, s.q_start + i, head_of(x)), float(p.scale));
         } else {
           lo[x] = hi[x] = 0;
           std::fill(qs.data() + x * D, qs.data() + (x + 1) * D, 0.f);
@@ -682,10 +701,10 @@ void decode_f32(const AttnParams& p) {
               for (int64_t r = 0; r < R; ++r) sc[(x0 + r) * kDecodeChunk + j] = -kInf;
               continue;
             }
-            const float* __restrict krow = at<float>(p.k, p.k_strides, b, s.k_start + j0 + j, hk);
+            const T* __restrict krow = at<T>(p.k, p.k_strides, b, s.k_start + j0 + j, hk);
             if (j0 + j + kDecodePrefetch < k1) prefetch_row<D>(krow + kDecodePrefetch * p.k_strides[1]);
             V kv[C];
-            for (int c = 0; c < C; ++c) kv[c] = vload(krow + c * L);
+            for (int c = 0; c < C; ++c) kv[c] = vload_f32(krow + c * L);
             const int64_t key = j0 + j;
             for (int64_t r = 0; r < R; ++r) {
               const float* __restrict qr = qs.data() + (x0 + r) * D;
@@ -720,7 +739,7 @@ void decode_f32(const AttnParams& p) {
           }
           // O += P V with each row's O in registers over the chunk (through memory, every key
           // waited on the previous key's store); rows after the first re-read V from L1.
-          const float* __restrict vrow0 = at<float>(p.v, p.v_strides, b, s.k_start + j0, hk);
+          const T* __restrict vrow0 = at<T>(p.v, p.v_strides, b, s.k_start + j0, hk);
           const int64_t vld = p.v_strides[1];
           for (int64_t j = 0; j < nk; ++j)
             if (j0 + j + kDecodePrefetch < k1) prefetch_row<D>(vrow0 + (j + kDecodePrefetch) * vld);
@@ -731,7 +750,7 @@ void decode_f32(const AttnParams& p) {
             for (int c = 0; c < C; ++c) acc[c] = vload(ox + c * L);
             for (int64_t j = 0; j < nk; ++j) {
               const V pj = V{} + px[j];
-              for (int c = 0; c < C; ++c) acc[c] += pj * vload(vrow0 + j * vld + c * L);
+              for (int c = 0; c < C; ++c) acc[c] += pj * vload_f32(vrow0 + j * vld + c * L);
             }
             for (int c = 0; c < C; ++c) vstore(ox + c * L, acc[c]);
           }
@@ -747,10 +766,10 @@ void decode_f32(const AttnParams& p) {
           dst[D] = m[x], dst[D + 1] = l[x];
           continue;
         }
-        float* __restrict dst = at_mut<float>(p.out, p.o_strides, b, s.q_start + i, h);
+        T* __restrict dst = at_mut<T>(p.out, p.o_strides, b, s.q_start + i, h);
         const bool empty = l[x] == 0.f;  // sees no key; NaN inputs give l = NaN and stay NaN
         const float inv = empty ? 0.f : 1.f / l[x];
-        for (int d = 0; d < D; ++d) dst[d] = ox[d] * inv;
+        for (int d = 0; d < D; ++d) dst[d] = from_float<T>(ox[d] * inv);
         lse_out[lse_index(p, b, h, s, i)] = empty ? kInf : m[x] + std::log(l[x]);
       }
     }
@@ -776,10 +795,10 @@ void decode_f32(const AttnParams& p) {
       lsum += src[D + 1] * w;
       for (int d = 0; d < D; ++d) acc[d] += src[d] * w;
     }
-    float* __restrict dst = at_mut<float>(p.out, p.o_strides, b, s.q_start + i, h);
+    T* __restrict dst = at_mut<T>(p.out, p.o_strides, b, s.q_start + i, h);
     const bool empty = lsum == 0.f;
     const float inv = empty ? 0.f : 1.f / lsum;
-    for (int d = 0; d < D; ++d) dst[d] = acc[d] * inv;
+    for (int d = 0; d < D; ++d) dst[d] = from_float<T>(acc[d] * inv);
     lse_out[lse_index(p, b, h, s, i)] = empty ? kInf : m_use + std::log(lsum);
   }
 }
@@ -1037,7 +1056,10 @@ void flash_attn_fwd_cpu(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, ui
   PYLLM_CHECK((k && v) || total_tokens(p.cu_seqlens_k, batch, seqlen_k) == 0,
               "flash_attn: null data pointer for a non-empty tensor");
   if (decode_path(p)) {
-    dispatch_head_dim(head_dim, [&](auto d) { decode_f32<decltype(d)::value>(p); });
+    dispatch_head_dim(head_dim, [&](auto d) {
+      if (dtype == int(DType::bf16)) decode<decltype(d)::value, bf16>(p);
+      else decode<decltype(d)::value, float>(p);
+    });
     return;
   }
   dispatch_head_dim(head_dim, [&](auto d) {

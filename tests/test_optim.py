@@ -556,6 +556,24 @@ def test_cuda_param_without_cuda_kernels(monkeypatch):
         _util.check_backend("AdamW", torch.device("cuda"))
 
 
+def test_cuda_launchers_without_cuda_kernels_raise(monkeypatch):
+    # pyllm.ops.adamw's launchers are public and skip AdamW's checks: the clear error, not an
+    # AttributeError or torch's own. A stand-in for a CUDA tensor (no GPU here).
+    from types import SimpleNamespace
+    from pyllm.ops import adamw as adamw_ops
+
+    monkeypatch.setattr(_util, "HAS_CUDA_KERNELS", False)
+    fake = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0), dtype=torch.float32,
+                           data_ptr=lambda: 256, numel=lambda: 4)
+    table = torch.zeros(7, 1, dtype=torch.int64)
+    with pytest.raises(RuntimeError, match="built without CUDA kernels"):
+        adamw_ops.grad_sumsq_([fake], table, fake)
+    with pytest.raises(RuntimeError, match="built without CUDA kernels"):
+        adamw_ops.step_([fake], table, has_master=False, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
+                        weight_decay=0.0, sumsq=None, loss_scale=None, max_grad_norm=None,
+                        stochastic_rounding=False, seed=0)
+
+
 def test_bad_scaler_arguments():
     for kwargs in (dict(init_scale=0.0), dict(init_scale=math.inf), dict(growth_factor=0.5),
                    dict(backoff_factor=0.0), dict(backoff_factor=1.5), dict(growth_interval=0)):

@@ -1,3 +1,5 @@
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -210,6 +212,18 @@ def test_cuda_tensor_without_cuda_kernels_raises(monkeypatch):
     monkeypatch.setattr(_util, "HAS_CUDA_KERNELS", False)
     with pytest.raises(RuntimeError, match="built without CUDA kernels"):
         _util.check_backend("swiglu", torch.device("cuda", 0))
+
+
+def test_cuda_launch_without_cuda_kernels_raises(monkeypatch):
+    # torch.ops.pyllm.* reach the launchers without swiglu()'s checks: the clear error, not an
+    # AttributeError for the missing _C.swiglu_*_cuda. A stand-in for a CUDA tensor (no GPU here).
+    monkeypatch.setattr(_util, "HAS_CUDA_KERNELS", False)
+    fake = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0), dtype=torch.float32,
+                           data_ptr=lambda: 256, numel=lambda: 4)
+    with pytest.raises(RuntimeError, match="built without CUDA kernels"):
+        swiglu_ops.swiglu_forward_into(fake, fake, fake)
+    with pytest.raises(RuntimeError, match="built without CUDA kernels"):
+        swiglu_ops.swiglu_backward_into(fake, fake, fake, fake, fake)
 
 
 @pytest.mark.cuda

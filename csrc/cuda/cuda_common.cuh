@@ -17,7 +17,14 @@
   } while (0)
 
 // Launch errors (bad configuration, no kernel image for this GPU) surface here, at the call.
-#define PYLLM_CUDA_CHECK_LAUNCH(what) PYLLM_CUDA_CHECK(cudaPeekAtLastError())
+// cudaGetLastError, not cudaPeekAtLastError: peeking leaves a failed launch's error set, and this
+// module links its own static cudart, whose error state torch never reads or clears, so every
+// later pyllm launch on the thread would throw that stale error again.
+#define PYLLM_CUDA_CHECK_LAUNCH(what)                                                              \
+  do {                                                                                             \
+    cudaError_t err_ = cudaGetLastError();                                                         \
+    PYLLM_CHECK_RUNTIME(err_ == cudaSuccess, what, ": launch failed: ", cudaGetErrorString(err_)); \
+  } while (0)
 
 namespace pyllm {
 

@@ -41,6 +41,7 @@ def _check_packed(x) -> None:
 def _launch_fwd(gate: Tensor, up: Tensor, out: Tensor, rows: int, cols: int, in_stride: int, out_stride: int):
     args = (_util.ptr(gate), _util.ptr(up), _util.ptr(out), rows, cols, in_stride, out_stride, _util.dtype_code(out))
     if out.is_cuda:
+        _util.check_backend(OP, out.device)  # torch.ops.pyllm.* arrive here without swiglu()'s checks
         _C.swiglu_fwd_cuda(*args, out.device.index, _util.stream_of(out))
     else:
         _C.swiglu_fwd_cpu(*args)
@@ -50,6 +51,7 @@ def _launch_bwd(dout, gate, up, dgate, dup, rows, cols, in_stride, out_stride):
     args = (_util.ptr(dout), _util.ptr(gate), _util.ptr(up), _util.ptr(dgate), _util.ptr(dup),
             rows, cols, in_stride, out_stride, _util.dtype_code(dout))
     if dout.is_cuda:
+        _util.check_backend(OP, dout.device)
         _C.swiglu_bwd_cuda(*args, dout.device.index, _util.stream_of(dout))
     else:
         _C.swiglu_bwd_cpu(*args)

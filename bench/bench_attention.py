@@ -17,9 +17,6 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-# The checkout this script lives in, ahead of any installed pyllm (a worktree measured main's
-# editable install otherwise).
-sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 import common  # noqa: E402
 
 import pyllm  # noqa: E402

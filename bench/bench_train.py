@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # the checkout's pyllm, installed or not
 import common  # noqa: E402
 
 from pyllm.model import LLM, ModelConfig  # noqa: E402

@@ -8,11 +8,18 @@ import json
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+
+# Every bench script imports this module before pyllm: the checkout it lives in goes ahead of any
+# installed pyllm (a worktree's bench measured main's editable install otherwise).
+_CHECKOUT = str(Path(__file__).resolve().parent.parent)
+if _CHECKOUT not in sys.path:
+    sys.path.insert(1, _CHECKOUT)
 
 
 def sync(device: str) -> None:

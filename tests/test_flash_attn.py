@@ -668,3 +668,62 @@ def test_cpp_rechecks_raw_calls():
     with pytest.raises(ValueError, match="non-decreasing"):
         _C.flash_attn_fwd_cpu(**{**args, "batch": 2, "cu_seqlens_q": bad_cu.data_ptr(),
                                  "cu_seqlens_k": bad_cu.data_ptr(), "lse_strides": [0, 4]})
+
+
+# --- flash-attn's interface names (pyllm.flash_attn_interface) -------------------------------------
+
+def test_flash_attn_interface_matches_pyllm():
+    from pyllm import flash_attn_interface as fai
+
+    q, k, v = rand((2, 33, 4, 64), torch.float32, "cpu"), rand((2, 40, 2, 64), torch.float32, "cpu"), \
+        rand((2, 40, 2, 64), torch.float32, "cpu")
+    want, lse = pyllm.flash_attn(q, k, v, causal=True, window=(9, -1), softmax_scale=0.3, return_lse=True)
+    assert torch.equal(fai.flash_attn_func(q, k, v, 0.0, 0.3, True, [9, -1]), want)
+    out, got_lse, probs = fai.flash_attn_func(q, k, v, softmax_scale=0.3, causal=True, window_size=(9, -1),
+                                              return_attn_probs=True)
+    assert torch.equal(out, want) and torch.equal(got_lse, lse) and probs is None
+    assert torch.equal(fai.flash_attn_kvpacked_func(q, torch.stack([k, v], dim=2), causal=True, window_size=(9, -1),
+                                                    softmax_scale=0.3), want)
+    # qkvpacked: one tensor, gradients flow back into it
+    qkv = rand((2, 33, 3, 4, 64), torch.float32, "cpu").requires_grad_()
+    out = fai.flash_attn_qkvpacked_func(qkv, causal=True)
+    leaves = [t.detach().clone().requires_grad_() for t in qkv.unbind(2)]
+    ref = pyllm.flash_attn(*leaves, causal=True)
+    assert torch.equal(out, ref)
+    dout = rand(out.shape, torch.float32, "cpu")
+    (grad,) = torch.autograd.grad(out, qkv, dout)
+    assert torch.equal(grad, torch.stack(torch.autograd.grad(ref, leaves, dout), dim=2))
+    # varlen
+    cu = torch.tensor([0, 5, 5, 30], dtype=torch.int32)
+    qp, kp, vp = (rand((30, 4, 32), torch.float32, "cpu") for _ in range(3))
+    assert torch.equal(fai.flash_attn_varlen_func(qp, kp, vp, cu, cu, 25, 25, causal=True),
+                       pyllm.flash_attn(qp, kp, vp, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=25,
+                                        max_seqlen_k=25, causal=True))
+
+
+def test_flash_attn_interface_kvcache_and_unsupported_options():
+    from pyllm import flash_attn_interface as fai
+
+    q = rand((2, 1, 4, 64), torch.float32, "cpu")
+    cache = [rand((2, 16, 2, 64), torch.float32, "cpu") for _ in range(2)]
+    new = [rand((2, 1, 2, 64), torch.float32, "cpu") for _ in range(2)]
+    ours = [t.clone() for t in cache]
+    seqlens = torch.tensor([3, 9], dtype=torch.int32)
+    out = fai.flash_attn_with_kvcache(q, *ours, *new, cache_seqlens=seqlens, causal=True)
+    want = pyllm.flash_attn_with_kvcache(q, *cache, seqlens, *new, causal=True)
+    assert torch.equal(out, want) and torch.equal(ours[0], cache[0]) and torch.equal(ours[1], cache[1])
+    # cache_seqlens None: the whole cache; flash-attn's default causal=False
+    assert torch.equal(fai.flash_attn_with_kvcache(q, *cache), pyllm.flash_attn_with_kvcache(q, *cache, 16, causal=False))
+    with pytest.raises(ValueError, match="needs cache_seqlens"):
+        fai.flash_attn_with_kvcache(q, *cache, *new)
+    k = cache[0]
+    for call, option in ((lambda: fai.flash_attn_func(q, k, k, dropout_p=0.1), "dropout_p"),
+                         (lambda: fai.flash_attn_func(q, k, k, softcap=30.0), "softcap"),
+                         (lambda: fai.flash_attn_func(q, k, k, alibi_slopes=torch.ones(4)), "alibi_slopes"),
+                         (lambda: fai.flash_attn_varlen_func(q[0], k[0], k[0], seqlens, seqlens, 1, 1,
+                                                             block_table=seqlens), "block_table"),
+                         (lambda: fai.flash_attn_with_kvcache(q, k, k, rotary_cos=k, rotary_sin=k), "rotary_cos"),
+                         (lambda: fai.flash_attn_with_kvcache(q, k, k, cache_batch_idx=seqlens), "cache_batch_idx"),
+                         (lambda: fai.flash_attn_with_kvcache(q, k, k, return_softmax_lse=True), "return_softmax_lse")):
+        with pytest.raises(NotImplementedError, match=option):
+            call()

@@ -1,0 +1,108 @@
+"""flash-attn 2's function names and arguments over pyllm's kernels, for code written against
+`flash_attn.flash_attn_interface`: change the import, keep the calls.
+
+    from pyllm.flash_attn_interface import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
+
+Same layouts, same bottom-right causal alignment, same window semantics, same LSE shapes
+((batch, n_heads, seqlen_q); (n_heads, total_q) for varlen). Options pyllm has no kernel for
+(dropout, softcap, ALiBi, rotary embedding inside the kv-cache call, paged or indexed caches)
+raise NotImplementedError naming the option instead of being ignored: silently dropping one would
+give a different model. `return_attn_probs=True` returns (out, softmax_lse, None): flash-attn's
+third value only carries a dropout pattern for its own tests. `num_splits` is a tuning hint and is
+ignored (pyllm picks the split-KV count itself). Unlike flash-attn, CPU tensors work too (fp32,
+bf16, fp64).
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+from torch import Tensor
+
+from pyllm.ops.flash_attn import flash_attn, flash_attn_with_kvcache as _kvcache
+
+
+def _unsupported(op: str, **options) -> None:
+    """Raises for the first option set to something other than its no-op default."""
+    for name, (value, default) in options.items():
+        if (value is not None) if default is None else (value != default):
+            raise NotImplementedError(f"{op}: {name}={value!r} is not supported by pyllm (only {name}={default!r})")
+
+
+def _attn(op, q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+          return_attn_probs, **varlen):
+    _unsupported(op, dropout_p=(dropout_p, 0.0), softcap=(softcap, 0.0), alibi_slopes=(alibi_slopes, None))
+    result = flash_attn(q, k, v, causal=causal, softmax_scale=softmax_scale, window=tuple(window_size),
+                        return_lse=return_attn_probs, deterministic=deterministic, **varlen)
+    return (*result, None) if return_attn_probs else result
+
+
+def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
+                    causal: bool = False, window_size=(-1, -1), softcap: float = 0.0,
+                    alibi_slopes: Optional[Tensor] = None, deterministic: bool = False,
+                    return_attn_probs: bool = False):
+    """q (batch, seqlen_q, n_heads, head_dim), k and v (batch, seqlen_k, n_kv_heads, head_dim) ->
+    out like q; see pyllm.flash_attn for dtypes, head dims and masking."""
+    return _attn("flash_attn_func", q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
+                 alibi_slopes, deterministic, return_attn_probs)
+
+
+def flash_attn_qkvpacked_func(qkv: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
+                              causal: bool = False, window_size=(-1, -1), softcap: float = 0.0,
+                              alibi_slopes: Optional[Tensor] = None, deterministic: bool = False,
+                              return_attn_probs: bool = False):
+    """qkv (batch, seqlen, 3, n_heads, head_dim): q, k, v are read as strided views (no copy)."""
+    q, k, v = qkv.unbind(dim=2)
+    return _attn("flash_attn_qkvpacked_func", q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
+                 alibi_slopes, deterministic, return_attn_probs)
+
+
+def flash_attn_kvpacked_func(q: Tensor, kv: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
+                             causal: bool = False, window_size=(-1, -1), softcap: float = 0.0,
+                             alibi_slopes: Optional[Tensor] = None, deterministic: bool = False,
+                             return_attn_probs: bool = False):
+    """q (batch, seqlen_q, n_heads, head_dim), kv (batch, seqlen_k, 2, n_kv_heads, head_dim)."""
+    k, v = kv.unbind(dim=2)
+    return _attn("flash_attn_kvpacked_func", q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
+                 alibi_slopes, deterministic, return_attn_probs)
+
+
+def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                           max_seqlen_q: int, max_seqlen_k: int, dropout_p: float = 0.0,
+                           softmax_scale: Optional[float] = None, causal: bool = False, window_size=(-1, -1),
+                           softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None,
+                           deterministic: bool = False, return_attn_probs: bool = False,
+                           block_table: Optional[Tensor] = None):
+    """Packed sequences: q (total_q, n_heads, head_dim), k and v (total_k, n_kv_heads, head_dim),
+    int32 cu_seqlens (batch + 1,)."""
+    _unsupported("flash_attn_varlen_func", block_table=(block_table, None))
+    return _attn("flash_attn_varlen_func", q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
+                 alibi_slopes, deterministic, return_attn_probs, cu_seqlens_q=cu_seqlens_q,
+                 cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
+
+
+def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optional[Tensor] = None,
+                            v: Optional[Tensor] = None, rotary_cos: Optional[Tensor] = None,
+                            rotary_sin: Optional[Tensor] = None, cache_seqlens: Union[int, Tensor, None] = None,
+                            cache_batch_idx: Optional[Tensor] = None, cache_leftpad: Optional[Tensor] = None,
+                            block_table: Optional[Tensor] = None, softmax_scale: Optional[float] = None,
+                            causal: bool = False, window_size=(-1, -1), softcap: float = 0.0,
+                            rotary_interleaved: bool = True, alibi_slopes: Optional[Tensor] = None,
+                            num_splits: int = 0, return_softmax_lse: bool = False):
+    """Attention over a KV cache, appending k / v (new tokens) in place at cache_seqlens. Note
+    flash-attn's default causal=False here (pyllm.flash_attn_with_kvcache defaults to True).
+    cache_seqlens None means every cache is full (nothing to append)."""
+    op = "flash_attn_with_kvcache"
+    _unsupported(op, rotary_cos=(rotary_cos, None), rotary_sin=(rotary_sin, None),
+                 cache_batch_idx=(cache_batch_idx, None), cache_leftpad=(cache_leftpad, None),
+                 block_table=(block_table, None), softcap=(softcap, 0.0), alibi_slopes=(alibi_slopes, None),
+                 return_softmax_lse=(return_softmax_lse, False))
+    if cache_seqlens is None:
+        if k is not None:
+            raise ValueError(f"{op}: appending k / v needs cache_seqlens (where the new tokens go)")
+        cache_seqlens = k_cache.shape[1]
+    return _kvcache(q, k_cache, v_cache, cache_seqlens, k, v, causal, softmax_scale=softmax_scale,
+                    window=tuple(window_size))
+
+
+__all__ = ["flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func", "flash_attn_varlen_func",
+           "flash_attn_with_kvcache"]

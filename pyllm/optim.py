@@ -391,7 +391,7 @@ class ZeroAdamW(torch.optim.Optimizer):
 
     Checkpoints, two ways: state_dict() holds this rank's shard only (load it on the same rank of a
     group of the same size); full_state_dict() gathers the unsharded state in AdamW.state_dict()'s
-    format (collective), which load_full_state_dict() slices again on any number of ranks, and which
+    format (collective; to every rank, or with to_rank0=True to the first one only), which load_full_state_dict() slices again on any number of ranks, and which
     a plain AdamW over the same param groups loads as well. Load the params' weights before the
     optimizer state: the shard of the params is re-read from them.
     """
@@ -524,11 +524,25 @@ class ZeroAdamW(torch.optim.Optimizer):
             group.update(saved)
         self._inner.load_state_dict(state_dict["inner"])
 
+    def _gather_to_first(self, gi: int, shard: Tensor) -> Tensor | None:
+        """The world_size shards of group gi, concatenated on the CPU at the group's first rank
+        (None on the others): only that rank ever holds the whole group, on the device or off it."""
+        dst = dist.get_global_rank(self._group or dist.group.WORLD, 0)
+        parts = [torch.empty_like(shard) for _ in range(self._world)] if self._rank == 0 else None
+        dist.gather(shard.contiguous(), parts, dst=dst, group=self._group)
+        return None if parts is None else torch.cat([part.cpu() for part in parts])
+
     @torch.no_grad()
-    def full_state_dict(self) -> dict:
+    def full_state_dict(self, to_rank0: bool = False) -> dict:
         """The unsharded state, on the CPU, in the format of AdamW.state_dict() for an AdamW over
         the same param groups: {"state": {param index: {"step", "exp_avg", "exp_avg_sq"[, "master"]}},
-        "param_groups": [...]}. Collective: every rank calls it, every rank gets the whole dict."""
+        "param_groups": [...]}. Collective: every rank calls it. Every rank gets the whole dict, or
+        with to_rank0 only the group's first rank does (the others get {}): a checkpoint writer
+        needs it once, and the whole optimizer state on every rank's CPU is 2-3x the model in fp32."""
+        if to_rank0:
+            gather = lambda gi, shard: self._gather_to_first(gi, shard)  # noqa: E731
+        else:
+            gather = lambda gi, shard: self._all_gather(gi, shard).cpu()  # noqa: E731
         state, groups, index = {}, [], 0
         for gi, (params, shard, inner_group) in enumerate(zip(self._params, self._shards, self._inner.param_groups)):
             ids = list(range(index, index + len(params)))
@@ -537,13 +551,15 @@ class ZeroAdamW(torch.optim.Optimizer):
             shard_state = self._inner.state.get(shard, {})
             if "step" not in shard_state:  # no step yet (the same on every rank: they step together)
                 continue
-            full = {key: self._all_gather(gi, shard_state[key]).cpu() for key in _STATE_KEYS_FP32 if key in shard_state}
+            full = {key: gather(gi, shard_state[key]) for key in _STATE_KEYS_FP32 if key in shard_state}
+            if to_rank0 and self._rank != 0:
+                continue
             offset = 0
             for i, p in zip(ids, params):
                 state[i] = {"step": shard_state["step"].detach().cpu().clone(),
                             **{key: flat[offset:offset + p.numel()].view(p.shape).clone() for key, flat in full.items()}}
                 offset += p.numel()
-        return {"state": state, "param_groups": groups}
+        return {} if to_rank0 and self._rank != 0 else {"state": state, "param_groups": groups}
 
     @torch.no_grad()
     def load_full_state_dict(self, state_dict: dict) -> None:

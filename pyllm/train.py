@@ -307,7 +307,8 @@ def rekey_optimizer_state(state: dict, old_keys: list, new_keys: list) -> dict:
 
 def full_optimizer_state(model, optimizer, cfg: TrainConfig, info: DistInfo) -> dict:
     """The optimizer's state dict, in AdamW's unsharded format (params keyed by index); under FSDP2
-    or ZeRO-1 gathered from the shards (collective: every rank calls)."""
+    or ZeRO-1 gathered from the shards onto rank 0, the others getting {} (collective: every rank
+    calls)."""
     if info.world_size > 1 and cfg.dist_mode == "fsdp":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
@@ -316,8 +317,8 @@ def full_optimizer_state(model, optimizer, cfg: TrainConfig, info: DistInfo) -> 
             return {}
         names = param_names(model, optimizer)
         return rekey_optimizer_state(state, names, list(range(len(names))))
-    if isinstance(optimizer, ZeroAdamW):
-        return optimizer.full_state_dict()
+    if isinstance(optimizer, ZeroAdamW):  # gathered onto rank 0 only, as FSDP2's cpu_offload does
+        return optimizer.full_state_dict(to_rank0=True)
     return optimizer.state_dict()
 
 

@@ -756,6 +756,13 @@ def _zero_groups_and_full_state(rank, world):
     for p, r in zip(params, ref):
         torch.testing.assert_close(p, r, rtol=1e-6, atol=1e-7)
     full, want = opt.full_state_dict(), ref_opt.state_dict()
+    on_first = opt.full_state_dict(to_rank0=True)  # the same, gathered onto rank 0 alone
+    if rank == 0:
+        assert on_first["param_groups"] == full["param_groups"] and on_first["state"].keys() == full["state"].keys()
+        for i, entry in full["state"].items():
+            assert all(torch.equal(on_first["state"][i][key], value) for key, value in entry.items())
+    else:
+        assert on_first == {}
     assert [{k: v for k, v in g.items()} for g in full["param_groups"]] == want["param_groups"]
     for i in want["state"]:
         for key in ("step", "exp_avg", "exp_avg_sq"):

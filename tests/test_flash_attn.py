@@ -492,6 +492,19 @@ def test_kvcache_fp32_decode_is_repeatable_across_thread_counts():
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_kvcache_empty_batch_and_zero_capacity(device):
+    # Empty tensors have null data pointers: an empty batch returns an empty out, a cache of
+    # capacity 0 gives queries that see no key (out 0), on both devices alike.
+    dtype = DTYPES_BY_DEVICE[device][1]
+    cache = rand((0, 8, 1, 32), dtype, device)
+    out = pyllm.flash_attn_with_kvcache(rand((0, 1, 2, 32), dtype, device), cache, cache.clone(), 0)
+    assert out.shape == (0, 1, 2, 32)
+    cache = rand((2, 0, 1, 32), dtype, device)
+    out = pyllm.flash_attn_with_kvcache(rand((2, 1, 2, 32), dtype, device), cache, cache.clone(), 0)
+    assert torch.equal(out, torch.zeros_like(out))
+
+
 def test_kvcache_int_seqlens_and_overflow():
     cache = torch.randn(2, 8, 1, 32)
     q = torch.randn(2, 1, 2, 32)

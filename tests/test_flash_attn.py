@@ -332,6 +332,31 @@ def test_cuda_misaligned_views_are_copied_not_rejected(monkeypatch, algo):
         assert torch.equal(a, b)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("algo", BWD_ALGOS)
+def test_cuda_backward_lse_with_odd_size1_stride(algo):
+    # torch calls (1, H, Tq) with strides (Tq, Tq, 1) contiguous (a size-1 dim's stride is free);
+    # the backward's delta scratch, laid out like lse, must still hold B * H * Tq rows (it was
+    # sized batch * lse_strides[0] = Tq). Same bits as with the usual strides; run it under
+    # compute-sanitizer to see the out-of-bounds writes the old sizing made.
+    q, k, v = (rand((1, 40, h, 64), torch.float16, "cuda") for h in (4, 2, 2))
+    out, lse = torch.empty_like(q), torch.empty(1, 4, 40, device="cuda")
+    fa.flash_attn_forward_into(q, k, v, out, lse, None, None, 40, 40, 0.125, -1, 0)
+    odd = torch.empty(4, 1, 40, device="cuda").transpose(0, 1)
+    odd.copy_(lse)
+    assert odd.is_contiguous() and odd.stride(0) == 40
+    dout = rand(q.shape, torch.float16, "cuda")
+    grads = []
+    for lse_in in (lse, odd):
+        dq, dk, dv = (poisoned(t.shape, t.dtype, "cuda") for t in (q, k, v))
+        fa.flash_attn_backward_into(dout, None, q, k, v, out, lse_in, dq, dk, dv, None, None, 40, 40, 0.125, -1, 0,
+                                    True, algo=algo)
+        grads.append((dq, dk, dv))
+    torch.cuda.synchronize()
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
 def test_bwd_algo_choice_is_checked(monkeypatch):
     assert fa._cuda_bwd_algo("simt") == 1 and fa._cuda_bwd_algo(None) == 0
     monkeypatch.setenv("PYLLM_ATTN_BWD", "simt")

@@ -155,6 +155,23 @@ def test_empty_rows_give_zero_and_inf_lse():
     assert torch.equal(q.grad[0, :4], torch.zeros(4, 2, 32))
 
 
+def test_huge_windows_mean_unlimited():
+    # sys.maxsize as "no limit": the mask bounds add the window to positions, which overflowed
+    # int64 (every key masked, out 0) before the launchers capped windows at 2**62.
+    q, k, v = torch.randn(1, 5, 2, 32), torch.randn(1, 7, 2, 32), torch.randn(1, 7, 2, 32)
+    big = 2**63 - 1
+    assert torch.equal(pyllm.flash_attn(q, k, v, window=(big, big)), pyllm.flash_attn(q, k, v))
+    assert torch.equal(pyllm.flash_attn(q, k, v, window=(big, 0)), pyllm.flash_attn(q, k, v, causal=True))
+    dout = torch.randn(q.shape)
+    huge = grads_of(lambda q, k, v: pyllm.flash_attn(q, k, v, window=(big, 0)), (q, k, v), dout)[1]
+    causal = grads_of(lambda q, k, v: pyllm.flash_attn(q, k, v, causal=True), (q, k, v), dout)[1]
+    for a, b in zip(huge, causal):  # the backward's query bounds (query_hi) add window_left
+        assert torch.equal(a, b)
+    cache = torch.randn(1, 8, 2, 32)
+    assert torch.equal(pyllm.flash_attn_with_kvcache(q[:, :1], cache, cache, 6, window=(big, -1)),
+                       pyllm.flash_attn_with_kvcache(q[:, :1], cache, cache, 6))
+
+
 def test_nan_input_propagates():
     q, k, v = torch.randn(1, 3, 1, 32), torch.randn(1, 3, 1, 32), torch.randn(1, 3, 1, 32)
     q[0, 1, 0, 0] = float("nan")

@@ -81,6 +81,16 @@ def flash_attn_cases():
                                       torch.tensor([10, 250], dtype=torch.int32, device="cuda"),
                                       torch.randn(2, 1, 2, 64, device="cuda", dtype=dtype),
                                       torch.randn(2, 1, 2, 64, device="cuda", dtype=dtype))
+        # An lse torch calls contiguous with a free size-1 stride ((1, H, Tq), strides (Tq, Tq, 1)):
+        # the backward's delta scratch (lse layout) must still hold every row it writes.
+        from pyllm.ops import flash_attn as fa
+
+        q1, k1 = (torch.randn(1, 40, h, 64, device="cuda", dtype=dtype) for h in (4, 2))
+        out1, lse1 = torch.empty_like(q1), torch.empty(4, 1, 40, device="cuda").transpose(0, 1)
+        fa.flash_attn_forward_into(q1, k1, k1, out1, lse1, None, None, 40, 40, 0.125, -1, 0)
+        grads = [torch.empty_like(t) for t in (q1, k1, k1)]
+        fa.flash_attn_backward_into(torch.randn_like(q1), None, q1, k1, k1, out1, lse1, *grads, None, None, 40, 40,
+                                    0.125, -1, 0, True)
 
 
 def flash_attn_bwd_mma_cases():

@@ -155,6 +155,23 @@ def test_empty_rows_give_zero_and_inf_lse():
     assert torch.equal(q.grad[0, :4], torch.zeros(4, 2, 32))
 
 
+def test_huge_windows_mean_unlimited():
+    # sys.maxsize as "no limit": the mask bounds add the window to positions, which overflowed
+    # int64 (every key masked, out 0) before the launchers capped windows at 2**62.
+    q, k, v = torch.randn(1, 5, 2, 32), torch.randn(1, 7, 2, 32), torch.randn(1, 7, 2, 32)
+    big = 2**63 - 1
+    assert torch.equal(pyllm.flash_attn(q, k, v, window=(big, big)), pyllm.flash_attn(q, k, v))
+    assert torch.equal(pyllm.flash_attn(q, k, v, window=(big, 0)), pyllm.flash_attn(q, k, v, causal=True))
+    dout = torch.randn(q.shape)
+    huge = grads_of(lambda q, k, v: pyllm.flash_attn(q, k, v, window=(big, 0)), (q, k, v), dout)[1]
+    causal = grads_of(lambda q, k, v: pyllm.flash_attn(q, k, v, causal=True), (q, k, v), dout)[1]
+    for a, b in zip(huge, causal):  # the backward's query bounds (query_hi) add window_left
+        assert torch.equal(a, b)
+    cache = torch.randn(1, 8, 2, 32)
+    assert torch.equal(pyllm.flash_attn_with_kvcache(q[:, :1], cache, cache, 6, window=(big, -1)),
+                       pyllm.flash_attn_with_kvcache(q[:, :1], cache, cache, 6))
+
+
 def test_nan_input_propagates():
     q, k, v = torch.randn(1, 3, 1, 32), torch.randn(1, 3, 1, 32), torch.randn(1, 3, 1, 32)
     q[0, 1, 0, 0] = float("nan")
@@ -332,6 +349,31 @@ def test_cuda_misaligned_views_are_copied_not_rejected(monkeypatch, algo):
         assert torch.equal(a, b)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("algo", BWD_ALGOS)
+def test_cuda_backward_lse_with_odd_size1_stride(algo):
+    # torch calls (1, H, Tq) with strides (Tq, Tq, 1) contiguous (a size-1 dim's stride is free);
+    # the backward's delta scratch, laid out like lse, must still hold B * H * Tq rows (it was
+    # sized batch * lse_strides[0] = Tq). Same bits as with the usual strides; run it under
+    # compute-sanitizer to see the out-of-bounds writes the old sizing made.
+    q, k, v = (rand((1, 40, h, 64), torch.float16, "cuda") for h in (4, 2, 2))
+    out, lse = torch.empty_like(q), torch.empty(1, 4, 40, device="cuda")
+    fa.flash_attn_forward_into(q, k, v, out, lse, None, None, 40, 40, 0.125, -1, 0)
+    odd = torch.empty(4, 1, 40, device="cuda").transpose(0, 1)
+    odd.copy_(lse)
+    assert odd.is_contiguous() and odd.stride(0) == 40
+    dout = rand(q.shape, torch.float16, "cuda")
+    grads = []
+    for lse_in in (lse, odd):
+        dq, dk, dv = (poisoned(t.shape, t.dtype, "cuda") for t in (q, k, v))
+        fa.flash_attn_backward_into(dout, None, q, k, v, out, lse_in, dq, dk, dv, None, None, 40, 40, 0.125, -1, 0,
+                                    True, algo=algo)
+        grads.append((dq, dk, dv))
+    torch.cuda.synchronize()
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
 def test_bwd_algo_choice_is_checked(monkeypatch):
     assert fa._cuda_bwd_algo("simt") == 1 and fa._cuda_bwd_algo(None) == 0
     monkeypatch.setenv("PYLLM_ATTN_BWD", "simt")
@@ -506,6 +548,19 @@ def test_kvcache_fp32_decode_is_repeatable_across_thread_counts():
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kvcache_empty_batch_and_zero_capacity(device):
+    # Empty tensors have null data pointers: an empty batch returns an empty out, a cache of
+    # capacity 0 gives queries that see no key (out 0), on both devices alike.
+    dtype = DTYPES_BY_DEVICE[device][1]
+    cache = rand((0, 8, 1, 32), dtype, device)
+    out = pyllm.flash_attn_with_kvcache(rand((0, 1, 2, 32), dtype, device), cache, cache.clone(), 0)
+    assert out.shape == (0, 1, 2, 32)
+    cache = rand((2, 0, 1, 32), dtype, device)
+    out = pyllm.flash_attn_with_kvcache(rand((2, 1, 2, 32), dtype, device), cache, cache.clone(), 0)
+    assert torch.equal(out, torch.zeros_like(out))
 
 
 def test_kvcache_int_seqlens_and_overflow():

@@ -201,6 +201,12 @@ inline AttnParams make_attn_params(uintptr_t q, uintptr_t k, uintptr_t v, uintpt
   copy_strides(p.v_strides, v_strides, 3, "v_strides");
   copy_strides(p.o_strides, o_strides, 3, "o_strides");
   copy_strides(p.lse_strides, lse_strides, 2, "lse_strides");
+  // A window longer than any sequence is the unlimited one; capping it at 2^62 keeps the mask
+  // bounds (key_hi: i + (len_k - len_q) + window_right + 1, query_hi likewise) from overflowing
+  // int64: window = (sys.maxsize, sys.maxsize) masked every key instead of none.
+  constexpr int64_t kWindowCap = int64_t(1) << 62;
+  window_left = window_left > kWindowCap ? kWindowCap : window_left;
+  window_right = window_right > kWindowCap ? kWindowCap : window_right;
   p.scale = scale, p.window_left = window_left, p.window_right = window_right, p.dtype = dtype;
   check_attn_shape(p);
   PYLLM_CHECK(std::isfinite(scale), "flash_attn: softmax_scale must be finite, got ", scale);

@@ -281,8 +281,13 @@ void flash_attn_bwd_cuda(uintptr_t dout, uintptr_t dlse, uintptr_t q, uintptr_t 
   PYLLM_CHECK(simt || seqlen_q == 0 || (strides_of_8 && dout % 16 == 0),
               "flash_attn: dout must be 16-byte aligned with strides that are multiples of 8 elements on CUDA");
   // delta has the lse layout: (B, H, Tq) or, varlen, (H, total_q) with lse_strides (0, total_q).
-  const int64_t delta_elems = p.cu_seqlens_q ? n_heads * lse_strides[1] : batch * lse_strides[0];
-  PYLLM_CHECK(delta_elems >= 0, "flash_attn: bad lse_strides");
+  // Sized by its last index + 1, not batch * lse_strides[0] (or n_heads * lse_strides[1]): torch
+  // calls an lse contiguous whatever the stride of a size-1 dim, and with B = 1 (or H = 1) that
+  // stride can be anything, e.g. 1, which under-allocated delta for the writes below.
+  PYLLM_CHECK(lse_strides[0] >= 0 && lse_strides[1] >= 0, "flash_attn: bad lse_strides");
+  const int64_t rows_q = p.cu_seqlens_q ? p.total_q : seqlen_q;
+  const int64_t delta_elems =
+      rows_q > 0 ? (p.cu_seqlens_q ? 0 : (batch - 1) * lse_strides[0]) + (n_heads - 1) * lse_strides[1] + rows_q : 0;
   const cudaStream_t s = as_stream(stream);
   float* delta = nullptr;
   if (delta_elems > 0) PYLLM_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&delta), delta_elems * sizeof(float), s));

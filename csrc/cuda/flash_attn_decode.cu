@@ -161,7 +161,6 @@ void flash_attn_decode_cuda(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, u
                             const std::vector<int64_t>& o_strides, const std::vector<int64_t>& lse_strides,
                             double scale, int64_t window_left, int64_t window_right, int dtype, int device,
                             uintptr_t stream) {
-  PYLLM_CHECK(seqused_k != 0, "flash_attn_with_kvcache: cache lengths (seqused_k) are required");
   AttnParams p = make_attn_params(q, k_cache, v_cache, 0, 0, seqused_k, batch, seqlen_q, capacity, n_heads,
                                   n_kv_heads, head_dim, q_strides, k_strides, v_strides, o_strides, lse_strides,
                                   scale, window_left, window_right, dtype);
@@ -169,8 +168,11 @@ void flash_attn_decode_cuda(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, u
   p.lse = reinterpret_cast<void*>(lse);
   PYLLM_CHECK(dtype == int(DType::f16) || dtype == int(DType::bf16),
               "flash_attn_with_kvcache: CUDA dtype must be float16 or bfloat16, got ", dtype_name(dtype));
+  // Empty tensors have null data pointers (batch 0: seqused_k too; capacity 0: the caches), so
+  // these checks come after the early return, and a zero-capacity cache reads no key.
   if (batch == 0 || seqlen_q == 0) return;
-  PYLLM_CHECK(q && k_cache && v_cache && out && lse, "flash_attn_with_kvcache: null data pointer");
+  PYLLM_CHECK(seqused_k != 0, "flash_attn_with_kvcache: cache lengths (seqused_k) are required");
+  PYLLM_CHECK(q && out && lse && ((k_cache && v_cache) || capacity == 0), "flash_attn_with_kvcache: null data pointer");
   DeviceGuard guard(device);
   int sms = 0;
   PYLLM_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));

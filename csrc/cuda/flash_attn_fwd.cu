@@ -258,7 +258,7 @@ void flash_attn_fwd_cuda(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, u
   PYLLM_CHECK(q && out && lse && ((k && v) || seqlen_k == 0), "flash_attn: null data pointer for a non-empty tensor");
   DeviceGuard guard(device);
   attn::check_cuda_attn_args(p, dtype, device);
-  PYLLM_CHECK(o_strides[2] % 2 == 0 && o_strides[1] % 2 == 0 && out % 4 == 0,
+  PYLLM_CHECK(o_strides[0] % 2 == 0 && o_strides[1] % 2 == 0 && o_strides[2] % 2 == 0 && out % 4 == 0,
               "flash_attn: out must be 4-byte aligned with even strides on CUDA");
   if (dtype == int(DType::f16))
     attn::dispatch_fwd<__half>(p, device, as_stream(stream));

@@ -385,6 +385,26 @@ def test_bwd_algo_choice_is_checked(monkeypatch):
 
 # --- autograd through lse, gradcheck, opcheck, torch.compile ------------------------------------
 
+def test_backward_takes_lse_with_free_size1_strides():
+    # (1, H, Tq) with strides (Tq, Tq, 1) is contiguous to torch (a size-1 dim's stride is free);
+    # the raw backward took it for a layout that does not fit. Same bits as the usual strides.
+    q, k, v = (rand((1, 40, h, 64), torch.float32, "cpu") for h in (4, 2, 2))
+    out, lse = torch.empty_like(q), torch.empty(1, 4, 40)
+    fa.flash_attn_forward_into(q, k, v, out, lse, None, None, 40, 40, 0.125, -1, 0)
+    odd = torch.empty(4, 1, 40).transpose(0, 1)
+    odd.copy_(lse)
+    assert odd.is_contiguous() and odd.stride(0) == 40
+    dout = rand(q.shape, torch.float32, "cpu")
+    grads = []
+    for lse_in in (lse, odd):
+        dq, dk, dv = (poisoned(t.shape, t.dtype, "cpu") for t in (q, k, v))
+        fa.flash_attn_backward_into(dout, None, q, k, v, out, lse_in, dq, dk, dv, None, None, 40, 40, 0.125, -1, 0,
+                                    True)
+        grads.append((dq, dk, dv))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
 def test_cpu_memory_is_linear_in_t():
     # Forward + backward at T = 4096 (one head): a T x T fp32 score matrix would be 64 MiB; the
     # tiled kernels need the outputs, gradients and O(T) per-thread rows, well under a quarter of it.

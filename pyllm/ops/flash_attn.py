@@ -113,8 +113,13 @@ def _sizes(q: Tensor, k: Tensor, cu_seqlens_q, max_seqlen_q: int, max_seqlen_k: 
 
 
 def _lse_strides(lse: Tensor, varlen: bool) -> list[int]:
-    # (B, H, Tq) or (H, total_q); the token stride is 1 in both.
-    return [0, lse.stride(0)] if varlen else [lse.stride(0), lse.stride(1)]
+    # (B, H, Tq) or (H, total_q); the token stride is 1 in both. A size-1 dim's stride is free
+    # (torch calls (1, H, Tq) with strides (Tq, Tq, 1) contiguous): pass the canonical one, which
+    # indexes the same elements and is what the kernels' layout checks and scratch sizes expect.
+    if varlen:
+        return [0, lse.stride(0) if lse.shape[0] > 1 else lse.shape[1]]
+    head = lse.stride(1) if lse.shape[1] > 1 else lse.shape[2]
+    return [lse.stride(0) if lse.shape[0] > 1 else lse.shape[1] * head, head]
 
 
 def _packed_totals(q: Tensor, k: Tensor, varlen: bool) -> dict:

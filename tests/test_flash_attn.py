@@ -212,6 +212,26 @@ def test_varlen_matches_reference(device, dtype_idx, causal, window):
 
 # --- layout, determinism, every element written ---------------------------------------------------
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_varlen_with_no_keys_or_no_queries_at_all(device):
+    # Every sequence empty on one side while max_seqlen says up to 8: empty k / v (or q) tensors
+    # have null data pointers, which must not be taken for missing inputs.
+    dtype = DTYPES_BY_DEVICE[device][1]
+    q, k, v = rand((6, 2, 64), dtype, device), rand((0, 2, 64), dtype, device), rand((0, 2, 64), dtype, device)
+    cu_q, cu_k = (torch.tensor(c, dtype=torch.int32, device=device) for c in ([0, 2, 6], [0, 0, 0]))
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, lse = pyllm.flash_attn(*leaves, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=8, max_seqlen_k=8,
+                                return_lse=True)
+    assert torch.equal(out, torch.zeros_like(out)) and bool((lse == math.inf).all())
+    dq = torch.autograd.grad(out, leaves[0], torch.ones_like(out))[0]
+    assert torch.equal(dq, torch.zeros_like(dq))
+    leaves = [t.clone().requires_grad_() for t in (k.new_empty(0, 2, 64), q, q)]  # no queries, 6 keys
+    out = pyllm.flash_attn(*leaves, cu_seqlens_q=cu_k, cu_seqlens_k=cu_q, max_seqlen_q=8, max_seqlen_k=8)
+    assert out.shape == (0, 2, 64)
+    dk, dv = torch.autograd.grad(out, leaves[1:], torch.ones_like(out))
+    assert torch.equal(dk, torch.zeros_like(dk)) and torch.equal(dv, torch.zeros_like(dv))
+
+
 def test_strided_views_of_packed_qkv_match_contiguous():
     qkv = torch.randn(2, 50, 3, 4, 64, dtype=torch.bfloat16)
     q, k, v = qkv.unbind(dim=2)

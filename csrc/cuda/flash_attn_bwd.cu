@@ -265,9 +265,11 @@ void flash_attn_bwd_cuda(uintptr_t dout, uintptr_t dlse, uintptr_t q, uintptr_t 
   p.deterministic = true;  // always: see the header comment
   PYLLM_CHECK(algo == 0 || algo == 1, "flash_attn: backward algo must be 0 (mma) or 1 (simt), got ", algo);
   const bool simt = algo == 1;
-  if (batch == 0 || (seqlen_q == 0 && seqlen_k == 0)) return;
-  PYLLM_CHECK(seqlen_q == 0 || (q && out && lse && dout && dq), "flash_attn: null data pointer for a non-empty tensor");
-  PYLLM_CHECK(seqlen_k == 0 || (k && v && dk && dv), "flash_attn: null data pointer for a non-empty tensor");
+  // Varlen: seqlen_q / seqlen_k are the max_seqlen bounds; the packed totals say what exists.
+  const int64_t rows_q = p.cu_seqlens_q ? p.total_q : seqlen_q, rows_k = p.cu_seqlens_q ? p.total_k : seqlen_k;
+  if (batch == 0 || (rows_q == 0 && rows_k == 0)) return;
+  PYLLM_CHECK(rows_q == 0 || (q && out && lse && dout && dq), "flash_attn: null data pointer for a non-empty tensor");
+  PYLLM_CHECK(rows_k == 0 || (k && v && dk && dv), "flash_attn: null data pointer for a non-empty tensor");
   DeviceGuard guard(device);
   attn::check_cuda_attn_args(p, dtype, device);
   // The mma kernels store dq, dk, dv two elements (4 bytes) at a time.
@@ -285,7 +287,6 @@ void flash_attn_bwd_cuda(uintptr_t dout, uintptr_t dlse, uintptr_t q, uintptr_t 
   // calls an lse contiguous whatever the stride of a size-1 dim, and with B = 1 (or H = 1) that
   // stride can be anything, e.g. 1, which under-allocated delta for the writes below.
   PYLLM_CHECK(lse_strides[0] >= 0 && lse_strides[1] >= 0, "flash_attn: bad lse_strides");
-  const int64_t rows_q = p.cu_seqlens_q ? p.total_q : seqlen_q;
   const int64_t delta_elems =
       rows_q > 0 ? (p.cu_seqlens_q ? 0 : (batch - 1) * lse_strides[0]) + (n_heads - 1) * lse_strides[1] + rows_q : 0;
   const cudaStream_t s = as_stream(stream);

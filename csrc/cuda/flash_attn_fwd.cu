@@ -254,8 +254,10 @@ void flash_attn_fwd_cuda(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, u
   set_packed_totals(p, total_q, total_k);
   p.out = reinterpret_cast<void*>(out);
   p.lse = reinterpret_cast<void*>(lse);
-  if (batch == 0 || seqlen_q == 0) return;
-  PYLLM_CHECK(q && out && lse && ((k && v) || seqlen_k == 0), "flash_attn: null data pointer for a non-empty tensor");
+  // Varlen: seqlen_q / seqlen_k are the max_seqlen bounds; the packed totals say what exists.
+  const int64_t rows_q = p.cu_seqlens_q ? p.total_q : seqlen_q, rows_k = p.cu_seqlens_q ? p.total_k : seqlen_k;
+  if (batch == 0 || rows_q == 0) return;
+  PYLLM_CHECK(q && out && lse && ((k && v) || rows_k == 0), "flash_attn: null data pointer for a non-empty tensor");
   DeviceGuard guard(device);
   attn::check_cuda_attn_args(p, dtype, device);
   PYLLM_CHECK(o_strides[0] % 2 == 0 && o_strides[1] % 2 == 0 && o_strides[2] % 2 == 0 && out % 4 == 0,

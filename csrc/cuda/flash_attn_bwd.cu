@@ -249,7 +249,8 @@ void flash_attn_bwd_cuda(uintptr_t dout, uintptr_t dlse, uintptr_t q, uintptr_t 
                          const std::vector<int64_t>& v_strides, const std::vector<int64_t>& o_strides,
                          const std::vector<int64_t>& dkv_strides, const std::vector<int64_t>& lse_strides,
                          double scale, int64_t window_left, int64_t window_right, int dtype, bool deterministic,
-                         int device, uintptr_t stream, int algo, int64_t total_q, int64_t total_k) {
+                         int device, uintptr_t stream, int algo, int64_t total_q, int64_t total_k,
+                         uintptr_t delta_ws, int64_t delta_capacity) {
   AttnParams p = make_attn_params(q, k, v, cu_seqlens_q, cu_seqlens_k, 0, batch, seqlen_q, seqlen_k, n_heads,
                                   n_kv_heads, head_dim, q_strides, k_strides, v_strides, o_strides, lse_strides,
                                   scale, window_left, window_right, dtype);
@@ -285,24 +286,22 @@ void flash_attn_bwd_cuda(uintptr_t dout, uintptr_t dlse, uintptr_t q, uintptr_t 
   // delta has the lse layout: (B, H, Tq) or, varlen, (H, total_q) with lse_strides (0, total_q).
   // Sized by its last index + 1, not batch * lse_strides[0] (or n_heads * lse_strides[1]): torch
   // calls an lse contiguous whatever the stride of a size-1 dim, and with B = 1 (or H = 1) that
-  // stride can be anything, e.g. 1, which under-allocated delta for the writes below.
+  // stride can be anything, e.g. 1, which under-allocated delta for the writes below. The caller
+  // allocates it (torch's caching allocator: cudaMallocAsync's default pool hands memory back to
+  // the driver at every sync unless told otherwise, a remap per call).
   PYLLM_CHECK(lse_strides[0] >= 0 && lse_strides[1] >= 0, "flash_attn: bad lse_strides");
   const int64_t delta_elems =
       rows_q > 0 ? (p.cu_seqlens_q ? 0 : (batch - 1) * lse_strides[0]) + (n_heads - 1) * lse_strides[1] + rows_q : 0;
+  PYLLM_CHECK(delta_elems == 0 || (delta_ws && delta_ws % 4 == 0 && delta_capacity >= delta_elems),
+              "flash_attn: the backward's delta workspace needs ", delta_elems, " fp32 elements (aligned), got ",
+              delta_capacity);
   const cudaStream_t s = as_stream(stream);
-  float* delta = nullptr;
-  if (delta_elems > 0) PYLLM_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&delta), delta_elems * sizeof(float), s));
-  try {
-    if (dtype == int(DType::f16))
-      attn::dispatch_bwd<__half>(p, delta, simt, s);
-    else
-      attn::dispatch_bwd<__nv_bfloat16>(p, delta, simt, s);
-    if (!simt) attn::launch_bwd_mma(p, delta, device, s);
-  } catch (...) {
-    if (delta) cudaFreeAsync(delta, s);
-    throw;
-  }
-  if (delta) PYLLM_CUDA_CHECK(cudaFreeAsync(delta, s));
+  float* delta = delta_elems ? reinterpret_cast<float*>(delta_ws) : nullptr;
+  if (dtype == int(DType::f16))
+    attn::dispatch_bwd<__half>(p, delta, simt, s);
+  else
+    attn::dispatch_bwd<__nv_bfloat16>(p, delta, simt, s);
+  if (!simt) attn::launch_bwd_mma(p, delta, device, s);
 }
 
 }  // namespace pyllm

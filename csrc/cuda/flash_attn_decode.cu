@@ -154,13 +154,34 @@ void dispatch_decode(const AttnParams& p, int n_splits, float* o_part, float* ls
 
 }  // namespace attn
 
+namespace {
+// Splits of the KV length: enough blocks for two waves over the SMs, none shorter than
+// kMinKeysPerSplit keys, at most 128.
+int decode_splits(int64_t batch, int64_t seqlen_q, int64_t capacity, int64_t n_heads, int device) {
+  int sms = 0;
+  PYLLM_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const int64_t rows = std::max<int64_t>(1, batch * seqlen_q * n_heads);
+  const int64_t by_occupancy = (2 * int64_t(sms) + rows - 1) / rows;
+  const int64_t by_length = std::max<int64_t>(1, capacity / attn::kMinKeysPerSplit);
+  return int(std::max<int64_t>(1, std::min<int64_t>({by_occupancy, by_length, 128})));
+}
+}  // namespace
+
+int64_t flash_attn_decode_workspace_cuda(int64_t batch, int64_t seqlen_q, int64_t capacity, int64_t n_heads,
+                                         int64_t head_dim, int device) {
+  if (batch <= 0 || seqlen_q <= 0) return 0;
+  DeviceGuard guard(device);
+  const int n_splits = decode_splits(batch, seqlen_q, capacity, n_heads, device);
+  return batch * seqlen_q * n_heads * n_splits * (head_dim + 1) * int64_t(sizeof(float));
+}
+
 void flash_attn_decode_cuda(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, uintptr_t out, uintptr_t lse,
                             uintptr_t seqused_k, int64_t batch, int64_t seqlen_q, int64_t capacity, int64_t n_heads,
                             int64_t n_kv_heads, int64_t head_dim, const std::vector<int64_t>& q_strides,
                             const std::vector<int64_t>& k_strides, const std::vector<int64_t>& v_strides,
                             const std::vector<int64_t>& o_strides, const std::vector<int64_t>& lse_strides,
                             double scale, int64_t window_left, int64_t window_right, int dtype, int device,
-                            uintptr_t stream) {
+                            uintptr_t stream, uintptr_t workspace, int64_t workspace_bytes) {
   AttnParams p = make_attn_params(q, k_cache, v_cache, 0, 0, seqused_k, batch, seqlen_q, capacity, n_heads,
                                   n_kv_heads, head_dim, q_strides, k_strides, v_strides, o_strides, lse_strides,
                                   scale, window_left, window_right, dtype);
@@ -174,28 +195,22 @@ void flash_attn_decode_cuda(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, u
   PYLLM_CHECK(seqused_k != 0, "flash_attn_with_kvcache: cache lengths (seqused_k) are required");
   PYLLM_CHECK(q && out && lse && ((k_cache && v_cache) || capacity == 0), "flash_attn_with_kvcache: null data pointer");
   DeviceGuard guard(device);
-  int sms = 0;
-  PYLLM_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   const int64_t rows = batch * seqlen_q * n_heads;
-  const int64_t by_occupancy = (2 * int64_t(sms) + rows - 1) / rows;
-  const int64_t by_length = std::max<int64_t>(1, capacity / attn::kMinKeysPerSplit);
-  const int n_splits = int(std::max<int64_t>(1, std::min<int64_t>({by_occupancy, by_length, 128})));
+  const int n_splits = decode_splits(batch, seqlen_q, capacity, n_heads, device);
+  // The split partials live in a workspace the caller allocates (torch's caching allocator; see
+  // flash_attn_decode_workspace_cuda for its size): cudaMallocAsync's default pool would hand the
+  // memory back to the driver at every sync, a remap per decode step.
+  const int64_t part_bytes = rows * n_splits * (head_dim + 1) * int64_t(sizeof(float));
+  PYLLM_CHECK(workspace && workspace % 16 == 0 && workspace_bytes >= part_bytes, "flash_attn_with_kvcache: the "
+              "workspace needs ", part_bytes, " bytes, 16-byte aligned (flash_attn_decode_workspace_cuda), got ",
+              workspace_bytes);
   const cudaStream_t s = as_stream(stream);
-  float* part = nullptr;
-  const size_t part_bytes = size_t(rows) * n_splits * (head_dim + 1) * sizeof(float);
-  PYLLM_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&part), part_bytes, s));
-  float* o_part = part;
-  float* lse_part = part + rows * n_splits * head_dim;
-  try {
-    if (dtype == int(DType::f16))
-      attn::dispatch_decode<__half>(p, n_splits, o_part, lse_part, s);
-    else
-      attn::dispatch_decode<__nv_bfloat16>(p, n_splits, o_part, lse_part, s);
-  } catch (...) {
-    cudaFreeAsync(part, s);
-    throw;
-  }
-  PYLLM_CUDA_CHECK(cudaFreeAsync(part, s));
+  float* o_part = reinterpret_cast<float*>(workspace);
+  float* lse_part = o_part + rows * n_splits * head_dim;
+  if (dtype == int(DType::f16))
+    attn::dispatch_decode<__half>(p, n_splits, o_part, lse_part, s);
+  else
+    attn::dispatch_decode<__nv_bfloat16>(p, n_splits, o_part, lse_part, s);
 }
 
 }  // namespace pyllm

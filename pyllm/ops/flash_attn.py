@@ -175,8 +175,12 @@ def flash_attn_backward_into(dout, dlse, q, k, v, out, lse, dq, dk, dv, cu_seqle
             _strides3(dk, varlen), _lse_strides(lse, varlen), float(scale), window_left, window_right,
             _util.dtype_code(q))
     if q.is_cuda:
+        # delta = rowsum(dO * O) - dlse, fp32 in lse's layout: from torch's caching allocator.
+        delta = torch.empty_strided(lse.shape, lse.stride(), dtype=torch.float32, device=q.device)
+        delta_capacity = delta.untyped_storage().nbytes() // 4
         _C.flash_attn_bwd_cuda(*args, bool(deterministic), q.device.index, _util.stream_of(q),
-                               _cuda_bwd_algo(algo), **_packed_totals(q, k, varlen))
+                               _cuda_bwd_algo(algo), **_packed_totals(q, k, varlen), delta=_opt_ptr(delta),
+                               delta_capacity=delta_capacity)
     else:
         _C.flash_attn_bwd_cpu(*args)  # always deterministic on the CPU
 
@@ -329,12 +333,17 @@ def _flash_attn_with_kvcache_body(q: Tensor, k_cache: Tensor, v_cache: Tensor, c
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(_lse_shape(q, False), dtype=_lse_dtype(q), device=q.device)
     if q.is_cuda:
+        # The split-KV partials, from torch's caching allocator (no driver call per decode step).
+        workspace = torch.empty(_C.flash_attn_decode_workspace_cuda(q.shape[0], q.shape[1], capacity, q.shape[2],
+                                                                    q.shape[3], q.device.index),
+                                dtype=torch.uint8, device=q.device)
         _C.flash_attn_decode_cuda(_util.ptr(q), _util.ptr(k_cache), _util.ptr(v_cache), _util.ptr(out),
                                   _util.ptr(lse), _util.ptr(seqused_k), q.shape[0], q.shape[1], capacity,
                                   q.shape[2], k_cache.shape[2], q.shape[3], _strides3(q, False),
                                   _strides3(k_cache, False), _strides3(v_cache, False), _strides3(out, False),
                                   _lse_strides(lse, False), float(softmax_scale), window_left, window_right,
-                                  _util.dtype_code(q), q.device.index, _util.stream_of(q))
+                                  _util.dtype_code(q), q.device.index, _util.stream_of(q), _opt_ptr(workspace),
+                                  workspace.numel())
     else:
         flash_attn_forward_into(q, k_cache, v_cache, out, lse, None, None, q.shape[1], capacity, softmax_scale,
                                 window_left, window_right, seqused_k=seqused_k)

@@ -1,3 +1,4 @@
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -134,6 +135,28 @@ def test_large_magnitude_inputs(device, dtype):
     dg, du = torch.ops.pyllm.swiglu_backward(dout, gate, up)
     assert rel_err(dg, ref_dg) <= tolerance(torch_dg, ref_dg)
     assert rel_err(du, ref_du) <= tolerance(torch_du, ref_du)
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_saturated_and_infinite_gates_match_torch(device, dtype):
+    # Where torch's fp32 sigmoid underflows to exactly 0 (gate < ~-88.7), silu is -0 for finite
+    # gates and NaN for -inf (-inf * 0), and so are the gradients; 16 lanes of each value reach
+    # the AVX-512 paths, the odd count the scalar tail.
+    specials = [-math.inf, -1000.0, -120.0, -89.0, -60.0, 60.0, 1000.0, math.inf, math.nan]
+    gate = torch.tensor(specials * 17, dtype=dtype, device=device)
+    up = torch.full_like(gate, 3.0)
+    dout = torch.full_like(gate, 2.0)
+    want = (F.silu(gate.float()) * up.float()).to(dtype)
+    leaves = [gate.float().requires_grad_(), up.float().requires_grad_()]
+    want_dg, want_du = (g.to(dtype) for g in torch.autograd.grad(F.silu(leaves[0]) * leaves[1], leaves, dout.float()))
+    got = pyllm.swiglu(gate, up)
+    dg, du = torch.ops.pyllm.swiglu_backward(dout, gate, up)
+    for name, ours, theirs in (("out", got, want), ("dgate", dg, want_dg), ("dup", du, want_du)):
+        nonfinite = ~torch.isfinite(theirs) | (theirs == 0)
+        assert torch.equal(ours[nonfinite].isnan(), theirs[nonfinite].isnan()), name
+        same = nonfinite & ~theirs.isnan()
+        assert torch.equal(ours[same], theirs[same]), name
 
 
 def test_nonfinite_inputs_propagate():

@@ -44,6 +44,12 @@ inline float exp_f32(float x) {
 template <typename T> inline float exp_acc(float x) { return exp_f32<sizeof(T) == 2 ? 5 : 7>(x); }
 template <typename T> inline double exp_acc(double x) { return std::exp(x); }
 
+// sigmoid(g) = 1 / (1 + exp(-g)) in the math type, as torch's: exactly 0 below g = -88.5, where
+// fp32 exp(-g) overflows (exp_f32 clamps there instead, which left ~6e-39 and made silu(-inf)
+// -inf where torch gives NaN, silu(-1000) -4e-36 where torch gives -0).
+template <typename T> inline float sigmoid_acc(float g) { return g < -88.5f ? 0.f : 1.f / (1.f + exp_acc<T>(-g)); }
+template <typename T> inline double sigmoid_acc(double g) { return 1.0 / (1.0 + std::exp(-g)); }
+
 }  // namespace pyllm
 
 // ---- AVX-512: 16 fp32 lanes, used where the build targets it (-march=native on AVX-512 CPUs) ----
@@ -118,7 +124,8 @@ inline __m512 exp(__m512 x) {
 
 // sigmoid(g) = 1 / (1 + exp(-g)). Precise (fp32 results): a true division. Otherwise vrcp14ps and
 // one Newton step (relative error ~2^-27, far below a 16-bit half-ulp); exp's clamp keeps the
-// denominator finite, since rcp of inf would turn the Newton step into NaN.
+// denominator finite, since rcp of inf would turn the Newton step into NaN, and the lanes it
+// clamped are set to 0 afterwards.
 template <bool Precise>
 inline __m512 sigmoid(__m512 g) {
   const __m512 one = _mm512_set1_ps(1.0f);
@@ -126,7 +133,9 @@ inline __m512 sigmoid(__m512 g) {
   if constexpr (Precise) return _mm512_div_ps(one, _mm512_add_ps(one, exp<7>(neg)));
   const __m512 d = _mm512_add_ps(one, exp<5, true>(neg));
   const __m512 y = _mm512_rcp14_ps(d);
-  return _mm512_fmadd_ps(y, _mm512_fnmadd_ps(d, y, one), y);
+  // 0 where exp(-g) clamped (g < -88.5), as the precise path's and torch's overflow give.
+  const __mmask16 live = _mm512_cmp_ps_mask(g, _mm512_set1_ps(-88.5f), _CMP_NLT_UQ);
+  return _mm512_maskz_fmadd_ps(live, y, _mm512_fnmadd_ps(d, y, one), y);
 }
 
 template <typename T> constexpr bool has_lanes = std::is_same_v<T, float> || std::is_same_v<T, bf16> || std::is_same_v<T, f16>;

@@ -76,7 +76,7 @@ void fwd(const T* gate, const T* up, T* out, Layout l) {
 #pragma omp simd
     for (int64_t t = c; t < c1; ++t) {
       A g = to_float(g_row[t]), u = to_float(u_row[t]);
-      A sig = A(1) / (A(1) + exp_acc<T>(-g));
+      A sig = sigmoid_acc<T>(g);
       o_row[t] = from_acc<T>(g * sig * u);
     }
   });
@@ -108,7 +108,7 @@ void bwd(const T* dout, const T* gate, const T* up, T* dgate, T* dup, Layout l) 
 #pragma omp simd
     for (int64_t t = c; t < c1; ++t) {
       A d = to_float(d_row[t]), g = to_float(g_row[t]), u = to_float(u_row[t]);
-      A sig = A(1) / (A(1) + exp_acc<T>(-g));
+      A sig = sigmoid_acc<T>(g);
       A silu = g * sig;
       dg_row[t] = from_acc<T>(d * u * sig * (A(1) + g * (A(1) - sig)));
       du_row[t] = from_acc<T>(d * silu);

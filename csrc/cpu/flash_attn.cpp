@@ -861,7 +861,10 @@ void bwd(const AttnParams& p) {
       }
       for (int64_t g = 0; g < group; ++g) {
         const int64_t h = hk * group + g;
-        pack_rows<D, T>(q_all.data() + g * n_rows * D, p.q, p.q_strides, b, s.q_start + qa, h, n_rows, A(1));
+        // scale * Q, as the forward packs it: S = (scale q) . k then has the forward's products and
+        // summation order bit for bit (q . (scale k) rounded differently unless scale is a power of
+        // 2), so a query with one key gets P = 1 exactly; dK = dS^T (scale Q) needs no scale after.
+        pack_rows<D, T>(q_all.data() + g * n_rows * D, p.q, p.q_strides, b, s.q_start + qa, h, n_rows, scale);
         pack_rows<D, T>(do_all.data() + g * n_rows * D, p.dout, p.o_strides, b, s.q_start + qa, h, n_rows, A(1));
         if constexpr (dot) {
           pack_rows_bf16<D>(q16_all.data() + g * n_rows * D / 2, p.q, p.q_strides, b, s.q_start + qa, h, n_rows);
@@ -891,7 +894,7 @@ void bwd(const AttnParams& p) {
             pack_pairs_transposed<D>(ktp.data(), kBlockK, p.k, p.k_strides, b, s.k_start + j0, hk, nk);
             pack_pairs_transposed<D>(vtp.data(), kBlockK, p.v, p.v_strides, b, s.k_start + j0, hk, nk);
           } else {
-            pack_cols<D, T>(kt.data(), kBlockK, p.k, p.k_strides, b, s.k_start + j0, hk, nk, scale);
+            pack_cols<D, T>(kt.data(), kBlockK, p.k, p.k_strides, b, s.k_start + j0, hk, nk, A(1));
             pack_cols<D, T>(vt.data(), kBlockK, p.v, p.v_strides, b, s.k_start + j0, hk, nk, A(1));
           }
         }
@@ -908,7 +911,7 @@ void bwd(const AttnParams& p) {
               gemm_bf16<kBlockK>(mq, D / 2, do16, D / 2, 1, vtp.data(), kBlockK, dp.data(), kBlockK);  // dP = dO V^T
 #endif
             } else {
-              gemm<kBlockK>(mq, D, qi, D, 1, kt.data(), kBlockK, sc.data(), kBlockK, false);   // S = Q (scale K)^T
+              gemm<kBlockK>(mq, D, qi, D, 1, kt.data(), kBlockK, sc.data(), kBlockK, false);   // S = (scale Q) K^T
               gemm<kBlockK>(mq, D, doi, D, 1, vt.data(), kBlockK, dp.data(), kBlockK, false);  // dP = dO V^T
             }
             const bool unmasked = block_unmasked(p, s, i0, mq, j0);
@@ -927,7 +930,7 @@ void bwd(const AttnParams& p) {
               }
             }
             gemm<D>(nk, mq, sc.data(), 1, kBlockK, doi, D, dv.data(), D, true);                    // dV += P^T dO
-            gemm<D>(nk, mq, dp.data(), 1, kBlockK, qi, D, dk.data(), D, true);                     // dK += dS^T Q
+            gemm<D>(nk, mq, dp.data(), 1, kBlockK, qi, D, dk.data(), D, true);                     // dK += dS^T (scale Q)
             gemm<D>(mq, nk, dp.data(), kBlockK, 1, kr.data(), D, dq_all.data() + row0 * D, D, true);  // dQ += dS K
           }
         }
@@ -942,7 +945,7 @@ void bwd(const AttnParams& p) {
           T* __restrict dv_dst = at_mut<T>(p.dv, p.dkv_strides, b, s.k_start + j0 + r, hk);
 #pragma omp simd
           for (int d = 0; d < D; ++d) {
-            dk_dst[d] = from_acc<T>(dk[r * D + d] * scale);
+            dk_dst[d] = from_acc<T>(dk[r * D + d]);
             dv_dst[d] = from_acc<T>(dv[r * D + d]);
           }
         }
@@ -975,7 +978,7 @@ void bwd(const AttnParams& p) {
       T* __restrict dv_dst = at_mut<T>(p.dv, p.dkv_strides, b, s.k_start + j, hk);
 #pragma omp simd
       for (int d = 0; d < D; ++d) {
-        dk_dst[d] = from_acc<T>(sum[d] * scale);
+        dk_dst[d] = from_acc<T>(sum[d]);
         dv_dst[d] = from_acc<T>(sum[D + d]);
       }
     }

@@ -44,12 +44,13 @@
 // R = 4 rows x 4 vectors = 16 accumulators + 4 B vectors fits AVX-512's 32 registers.
 // bf16 inputs on CPUs with AVX512_BF16: the score matmuls (S = Q K^T forward and backward, dP =
 // dO V^T) run on the bf16 values themselves with vdpbf16ps (micro_kernel_bf16: exact products,
-// fp32 sums, twice the fp32 FMA rate); P V and the three gradient matmuls stay fp32, since P and
-// dS exist only in fp32 (rounding them to bf16, as flash-attn's CUDA kernels do, would speed
-// those up too: not done). Softmax rows are explicit vector loops with common/cpu_math.h's exp
-// (vscalefps under AVX-512; no -ffast-math). Math in fp32 for fp32 / bf16 storage, fp64 for fp64
-// (kept for gradcheck; the LSE is then fp64 too). Threading: OpenMP over work items, dynamic
-// schedule.
+// fp32 sums, twice the fp32 FMA rate on Zen 4, half of it on the Intel Xeon below); P V and the
+// three gradient matmuls stay fp32, since P and dS exist only in fp32. Rounding them to bf16 (as
+// flash-attn's CUDA kernels do) and running them on vdpbf16ps was tried on the Intel Xeon and was
+// slower there (below); not measured on Zen 4. Softmax rows are explicit vector loops with
+// common/cpu_math.h's exp (vscalefps under AVX-512; no -ffast-math). Math in fp32 for fp32 / bf16
+// storage, fp64 for fp64 (kept for gradcheck; the LSE is then fp64 too). Threading: OpenMP over
+// work items, dynamic schedule.
 //
 // Measured (2026-11-23, 2-core AMD EPYC Zen 4 VM shared with other jobs, so preliminary):
 //   one core's fp32 FMA peak, 12 independent vfmadd231ps chains: 116 GFLOP/s
@@ -65,6 +66,20 @@
 //   T = 4096, non-causal forward + backward was the one row behind (0.90x). Decode (one token,
 //   cache 512..4096): bf16 2.0-5.1x SDPA, fp32 0.4-0.9x; decode (Tq <= 8) now has its own path
 //   (decode below, with its measurements).
+// Measured (2026-11-30, 2-core Intel Xeon VM, shared; AVX512_BF16, AVX512_FP16, AMX-BF16):
+//   vfmadd231ps zmm 5.0-5.3 G/s (2 per cycle), vdpbf16ps zmm or ymm 1.1-1.3 G/s (1 per 2 cycles):
+//   bf16 dot products run at half the fp32 FMA FLOP rate here, not twice. Micro-kernels, hot L1,
+//   64 x 64 x 64..128: gemm 138-163 GFLOP/s, gemm_bf16 81-85 (scores and P V orientations alike).
+//   Whole kernels, bf16, 1 thread, B = 1, H = 8, T = 1024 / 4096, D = 64 / 128, causal or not,
+//   interleaved A/B of two builds, 2-3 runs: O += P V on vdpbf16ps (P rounded to bf16, nearest
+//   even) made the forward 1.08-1.29x slower (mostly ~1.24x; the tests passed, the worst
+//   forward error / tolerance going 0.31 -> 0.36); dV += P^T dO alone made forward + backward
+//   1.01-1.25x slower (mostly ~1.08x); neither kept, the other two gradient matmuls not tried.
+//   The bf16 scores themselves lose here: a build without PYLLM_BF16_DOT (bf16 widened to fp32
+//   tiles) ran bf16 forward in 0.70-0.83x the time, forward + backward in 0.71-0.88x. Torch 2.13's
+//   SDPA, 1 thread, T = 1024: fp32 at par with this kernel (1.00-1.05x its time), bf16 at 254-368
+//   GFLOP/s, above the fp32 FMA peak (AMX tiles, presumably through oneDNN): 2.9-4x ahead of ours
+//   (one run). On such CPUs the bf16 path wants AMX (or at least the fp32 tiles), not vdpbf16ps.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -197,7 +212,8 @@ void gemm(int64_t M, int64_t K, const A* a, int64_t ams, int64_t aks, const A* b
 // bf16 inputs: the score matmuls (S = Q K^T, and dP = dO V^T in the backward) take the bf16 values
 // as they are, with vdpbf16ps: 2 products per fp32 lane, each exact (8-bit mantissas), summed in
 // fp32, so the scores are as accurate as the fp32 path's; one core ran it at 232 GFLOP/s, 2x
-// the fp32 FMA rate. The softmax scale is applied to the fp32 scores after. P V and the gradient
+// the fp32 FMA rate, on Zen 4 (81-85 GFLOP/s, half the fp32 rate, on the Intel Xeon of the header).
+// The softmax scale is applied to the fp32 scores after. P V and the gradient
 // matmuls stay fp32 (their left operands, P and dS, exist only in fp32).
 #define PYLLM_BF16_DOT 1
 template <typename T> constexpr bool kBf16Dot = std::is_same_v<T, bf16>;

@@ -150,6 +150,7 @@ PYBIND11_MODULE(_C, m) {
         arg("dkv_strides"), arg("lse_strides"), arg("scale"), arg("window_left"), arg("window_right"),
         arg("dtype"));
 
+  m.def("flash_attn_cpu_bf16_dot", &pyllm::flash_attn_cpu_bf16_dot);
   // Which CPU kernel paths this build compiled (they are chosen at compile time by -march).
   m.attr("cpu_isa") = ""
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)

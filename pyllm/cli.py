@@ -31,6 +31,9 @@ def cmd_info(args) -> int:
         print("CUDA kernels: not built (no nvcc at build time, or PYLLM_CUDA=off)")
         print(f"GPU usable now: no (torch.cuda.is_available() = {torch.cuda.is_available()})")
     print(f"CPU kernels: compiled paths {_C.cpu_isa}")
+    if "avx512bf16" in _C.cpu_isa:
+        how = "vdpbf16ps dot products" if _C.flash_attn_cpu_bf16_dot() else "fp32 tiles (vdpbf16ps is slow on this CPU)"
+        print(f"  bf16 attention scores: {how}; PYLLM_ATTN_CPU_BF16_DOT=0/1 overrides")
     print("ops:")
     for op, by_device in BACKENDS.items():
         for device, dtypes in by_device.items():

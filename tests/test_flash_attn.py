@@ -427,6 +427,32 @@ def test_backward_takes_lse_with_free_size1_strides():
         assert torch.equal(a, b)
 
 
+@pytest.mark.skipif("avx512bf16" not in _C.cpu_isa, reason="this build has one bf16 path only")
+@pytest.mark.parametrize("dot", ["0", "1"])
+def test_cpu_bf16_paths_match_reference(dot):
+    # bf16 takes vdpbf16ps scores or fp32 tiles, chosen once per process by CPU vendor (or
+    # PYLLM_ATTN_CPU_BF16_DOT): whichever this machine picks, the other runs here too.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import torch, pyllm\n"
+        "from pyllm import _C\n"
+        "from test_flash_attn import check_against_reference, attention, rand\n"
+        f"assert _C.flash_attn_cpu_bf16_dot() == {dot == '1'}\n"
+        "torch.manual_seed(0)\n"
+        "for b, tq, tk, h, hk, d in [(2, 65, 130, 4, 2, 64), (1, 100, 37, 4, 1, 128), (1, 40, 70, 2, 1, 256)]:\n"
+        "    q, k, v, dout = (rand(s, torch.bfloat16, 'cpu') for s in ((b, tq, h, d), (b, tk, hk, d), (b, tk, hk, d), (b, tq, h, d)))\n"
+        "    for causal in (False, True):\n"
+        "        check_against_reference(q, k, v, dout, lambda q, k, v: pyllm.flash_attn(q, k, v, causal=causal),\n"
+        "                                lambda q, k, v: attention(q, k, v, causal)[0])\n"
+    )
+    env = {**__import__("os").environ, "PYLLM_ATTN_CPU_BF16_DOT": dot}
+    run = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
 def test_cpu_memory_is_linear_in_t():
     # Forward + backward at T = 4096 (one head): a T x T fp32 score matrix would be 64 MiB; the
     # tiled kernels need the outputs, gradients and O(T) per-thread rows, well under a quarter of it.

@@ -17,6 +17,8 @@ void adamw_grad_sumsq_cpu(uintptr_t table, int64_t n_tensors, int dtype, uintptr
 void adamw_step_cpu(uintptr_t table, int64_t n_tensors, int param_dtype, bool has_master, double lr, double beta1,
                     double beta2, double eps, double weight_decay, uintptr_t sumsq, uintptr_t loss_scale,
                     double max_grad_norm, bool stochastic_rounding, uint64_t seed);
+// Whether bf16 attention takes the vdpbf16ps scores in this process (see flash_attn.cpp).
+bool flash_attn_cpu_bf16_dot();
 // flash_attn.cpp (layout and argument meaning: common/attn_params.h). Strides are
 // (batch, token, head) in elements; lse_strides (batch, head). Causal is window_right = 0.
 void flash_attn_fwd_cpu(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse, uintptr_t cu_seqlens_q,

@@ -283,6 +283,35 @@ void gemm_bf16(int64_t M, int64_t K2, const uint32_t* a, int64_t ams, int64_t ak
 template <typename T> constexpr bool kBf16Dot = false;
 #endif
 
+// Whether bf16 inputs take the vdpbf16ps scores (true) or are widened into fp32 tiles like every
+// other build's (false). Chosen per CPU, once per process: vdpbf16ps ran at 2x the fp32 FMA rate
+// on Zen 4 but at half of it on the Intel Xeon (AMX) of the header, where the fp32 tiles ran bf16
+// in 0.70-0.88x the time. AMD: dot products; others: fp32 tiles; PYLLM_ATTN_CPU_BF16_DOT=0/1
+// overrides. Not timed at start-up: the two round differently, and a run must not pick one or
+// the other by the noise of a measurement.
+bool bf16_dot_enabled() {
+#ifdef PYLLM_BF16_DOT
+  static const bool enabled = [] {
+    const char* env = std::getenv("PYLLM_ATTN_CPU_BF16_DOT");
+    if (env && (env[0] == '0' || env[0] == '1')) return env[0] == '1';
+    __builtin_cpu_init();
+    return bool(__builtin_cpu_is("amd"));
+  }();
+  return enabled;
+#else
+  return false;
+#endif
+}
+
+// fn(std::bool_constant<Dot>) with this process's choice for bf16 (always false for other dtypes).
+template <typename T, typename Fn>
+void dispatch_bf16_dot(Fn&& fn) {
+  if constexpr (kBf16Dot<T>) {
+    if (bf16_dot_enabled()) return fn(std::true_type{});
+  }
+  fn(std::false_type{});
+}
+
 template <typename A> constexpr A neg_inf() { return -std::numeric_limits<A>::infinity(); }
 
 // Element pointers into the (batch, token, head, D) tensors.
@@ -462,7 +491,7 @@ inline void scores_transposed_bf16(int qv, int64_t nk, const uint32_t* kr, const
 }
 #endif
 
-template <int D, typename T>
+template <int D, typename T, bool Dot = kBf16Dot<T>>
 void fwd(const AttnParams& p) {
   using A = acc_t<T>;
   using V = typename Vec<A>::type;
@@ -474,7 +503,7 @@ void fwd(const AttnParams& p) {
   A* lse_out = static_cast<A*>(p.lse);
 #pragma omp parallel if (items > 1)
   {
-    constexpr bool dot = kBf16Dot<T>;  // scores by vdpbf16ps from the bf16 values
+    constexpr bool dot = Dot;  // scores by vdpbf16ps from the bf16 values
     std::vector<A> qt(dot ? 0 : D * kBlockQ), st(kBlockK * kBlockQ), o(kBlockQ * D);
     std::vector<uint32_t> qp(dot ? D / 2 * kBlockQ : 0);
     static thread_local std::vector<uint32_t> k_seq16;  // K of the head in bf16 pairs, when dot
@@ -828,7 +857,7 @@ void decode(const AttnParams& p) {
 // order (and with it every bit of dK and dV) does not depend on how many threads run.
 constexpr int64_t kMinBwdItems = 8;
 
-template <int D, typename T>
+template <int D, typename T, bool Dot = kBf16Dot<T>>
 void bwd(const AttnParams& p) {
   using A = acc_t<T>;
   using V = typename Vec<A>::type;
@@ -858,7 +887,7 @@ void bwd(const AttnParams& p) {
     // kept per thread across calls, so the timed path does not fault in fresh pages each step.
     static thread_local std::vector<A> q_all, do_all, dq_all, lse_all, delta_all;
     // bf16 inputs with vdpbf16ps: q and dout also as bf16 rows, K^T and V^T as bf16 pairs, for S and dP.
-    constexpr bool dot = kBf16Dot<T>;
+    constexpr bool dot = Dot;
     static thread_local std::vector<uint32_t> q16_all, do16_all;
     std::vector<uint32_t> ktp(dot ? D / 2 * kBlockK : 0), vtp(dot ? D / 2 * kBlockK : 0);
 #pragma omp for schedule(dynamic)
@@ -1055,6 +1084,8 @@ void dispatch_dtype(int dtype, Fn fn) {
 
 }  // namespace
 
+bool flash_attn_cpu_bf16_dot() { return bf16_dot_enabled(); }
+
 void flash_attn_fwd_cpu(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse, uintptr_t cu_seqlens_q,
                         uintptr_t cu_seqlens_k, uintptr_t seqused_k, int64_t batch, int64_t seqlen_q,
                         int64_t seqlen_k, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
@@ -1082,7 +1113,10 @@ void flash_attn_fwd_cpu(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, ui
     return;
   }
   dispatch_head_dim(head_dim, [&](auto d) {
-    dispatch_dtype(dtype, [&](auto t) { fwd<decltype(d)::value, typename decltype(t)::type>(p); });
+    dispatch_dtype(dtype, [&](auto t) {
+      using T = typename decltype(t)::type;
+      dispatch_bf16_dot<T>([&](auto dot) { fwd<decltype(d)::value, T, decltype(dot)::value>(p); });
+    });
   });
 }
 
@@ -1118,7 +1152,10 @@ void flash_attn_bwd_cpu(uintptr_t dout, uintptr_t dlse, uintptr_t q, uintptr_t k
   PYLLM_CHECK(lse_size >= (p.cu_seqlens_q ? n_heads * total_q : batch * n_heads * seqlen_q),
               "flash_attn: lse_strides (", lse_strides[0], ", ", lse_strides[1], ") do not fit the lse layout");
   dispatch_head_dim(head_dim, [&](auto d) {
-    dispatch_dtype(dtype, [&](auto t) { bwd<decltype(d)::value, typename decltype(t)::type>(p); });
+    dispatch_dtype(dtype, [&](auto t) {
+      using T = typename decltype(t)::type;
+      dispatch_bf16_dot<T>([&](auto dot) { bwd<decltype(d)::value, T, decltype(dot)::value>(p); });
+    });
   });
 }
 

@@ -47,8 +47,8 @@
 // fp32 sums, twice the fp32 FMA rate on Zen 4, half of it on the Intel Xeon below); P V and the
 // three gradient matmuls stay fp32, since P and dS exist only in fp32. Rounding them to bf16 (as
 // flash-attn's CUDA kernels do) and running them on vdpbf16ps was tried on the Intel Xeon and was
-// slower there (below); not measured on Zen 4. On CPUs with AMX-BF16 the bf16 forward runs on AMX tiles instead
-// (flash_attn_amx.cpp; its measurements there). Softmax rows are explicit vector loops with
+// slower there (below); not measured on Zen 4. On CPUs with AMX-BF16 the bf16 forward runs on
+// AMX tiles instead (flash_attn_amx.cpp, with its measurements). Softmax rows are explicit vector loops with
 // common/cpu_math.h's exp (vscalefps under AVX-512; no -ffast-math). Math in fp32 for fp32 / bf16
 // storage, fp64 for fp64 (kept for gradcheck; the LSE is then fp64 too). Threading: OpenMP over
 // work items, dynamic schedule.

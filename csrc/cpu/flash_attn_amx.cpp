@@ -23,10 +23,15 @@
 // past the last key, Q pairs past the last query), so padding contributes exact zeros.
 // Memory: K of the (sequence, kv head) is kept as bf16 rows and V as bf16 V^T blocks, packed once
 // per thread the first time one of its query blocks needs them (2 * Tk * D * 2 bytes, kept across
-// calls); per key block the tiles read K (kBlockK x D x 2 bytes), V^T (the same), Q pairs (64 x D
-// x 2), and St (kBlockK x 64 x 4, written and read back by the softmax); O^T (D x 64 x 4) is read
-// and written once per key block (the online-softmax rescale in vectors, then the tiles'
-// accumulate). Per thread and item: Qp 64 x D x 2, St and Pp 16 + 8 KB, O^T D x 64 x 4 bytes.
+// calls); per key block the tiles read K (kAmxBlockK x D x 2 bytes), V^T (the same), Q pairs
+// (64 x D x 2) and P^T pairs (kAmxBlockK x 64 x 2), write St (kAmxBlockK x 64 x 4, read back by
+// the softmax), and load and store O^T (D x 64 x 4). Per thread: Qp 64 x D x 2, two St buffers
+// 2 x 32 KB, Pp 16 KB, O^T D x 64 x 4 bytes (32 KB at D = 128).
+// Ordering: a key block's scores are computed one block ahead (two St buffers), so that the
+// softmax's vector loads do not wait on tile stores just issued; and O^T is rescaled lazily
+// (kRescaleSlack), since the vector rescale and the next tile loads of the same O^T waited on
+// each other (perf, eager rescale: ~40% of the kernel's samples in the P V tiles, ~10% in the
+// rescale, for a quarter of the FLOPs each).
 // Determinism: every output is summed by one work item in a fixed order of tiles and blocks: the
 // same bits for any thread count.
 #include "cpu/flash_attn.h"
@@ -60,9 +65,23 @@ void flash_attn_fwd_amx(const AttnParams&) { PYLLM_CHECK(false, "flash_attn: thi
 
 namespace {
 
-// Keys per block: 64, as flash_attn.cpp's (not yet tuned).
-constexpr int64_t kAmxBlockK = 64;
+// Keys per block: each P V block accumulates kAmxBlockK / 32 TDPBF16PS per load and store of its
+// O^T tiles. Speed vs SDPA in one process (2026-11-30, the VM of the header, 1 thread, lazy
+// rescale, T = 1024 / 2048 / 4096, D = 64 / 128, causal or not; 64 / 128 / 256 keys): 128 was
+// ahead of 64 in 9 of the 12 rows of the later runs (0.90 -> 1.08 at T = 4096 D = 128, 0.85 -> 0.96 at
+// T = 2048 D = 64; behind on T = 4096 D = 64 causal, 1.02 -> 0.91), level in the first run (T <=
+// 2048); 256 no better than 128, and behind on causal D = 128 (0.85 vs 1.27 at T = 1024: twice as
+// wide diagonal blocks). Noise between runs here: +-15%.
+constexpr int64_t kAmxBlockK = 128;
 static_assert(kAmxBlockK % 32 == 0 && kBlockQ == 64, "2 x 2 blocks of 16 x 16 tiles, 32-wide reduction steps");
+
+// The running max m of a query moves only when a block's max exceeds it by more than this (a lazy
+// rescale, in units of the scaled scores): P = exp(S - m) is then at most e^8 ~ 3000, far from
+// overflowing fp32 or bf16 (and bf16 rounds it with the same relative error), and O^T is rescaled
+// by vectors a few times per query block instead of at almost every key block; out = O / l and
+// lse = m + log(l) hold for any such m. Against the eager rescale (slack 0, 64-key blocks, same
+// process, 1 thread, the 12 shapes of kAmxBlockK): 1.01-1.42x the speed, median ~1.06x.
+constexpr float kRescaleSlack = 8.0f;
 
 struct alignas(64) TileConfig {
   uint8_t palette = 1, start_row = 0, reserved[14] = {};
@@ -160,7 +179,7 @@ void fwd_amx(const AttnParams& p) {
   constexpr int kQV = kBlockQ / 16;  // vectors per row of St
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   const __m512 ninf = _mm512_set1_ps(kNegInf), zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.f);
-  const __m512 scale = _mm512_set1_ps(float(p.scale));
+  const __m512 scale = _mm512_set1_ps(float(p.scale)), slack = _mm512_set1_ps(kRescaleSlack);
   // Pairs (St[2 j2][q], St[2 j2 + 1][q]) from the 32 bf16 of vcvtne2ps2bf16 (low half: row 2 j2).
   alignas(64) static const uint16_t kInterleave[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
                                                        8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
@@ -174,7 +193,7 @@ void fwd_amx(const AttnParams& p) {
   {
     load_tile_config();
     std::vector<uint32_t> qp(D / 2 * kBlockQ), pp(kAmxBlockK / 2 * kBlockQ);
-    std::vector<float> st(kAmxBlockK * kBlockQ), ot(D * kBlockQ);
+    std::vector<float> st(2 * kAmxBlockK * kBlockQ), ot(D * kBlockQ);
     // K rows and V^T blocks of the (sequence, kv head) this thread last worked on, packed block by
     // block as its query blocks first need them (as flash_attn.cpp's forward; kept across calls).
     static thread_local std::vector<uint16_t> k_seq, vt_seq;
@@ -204,17 +223,33 @@ void fwd_amx(const AttnParams& p) {
       std::fill(m, m + kBlockQ, kNegInf);
       std::fill(l, l + kBlockQ, 0.f);
       const KeyBlocks kbs = key_blocks<kAmxBlockK>(p, s, i0, mq);
+      // Key block kblk's scores go to St buffer kblk % 2, computed one block ahead: the next block's
+      // tile stores then have the whole softmax of this one to land before vector loads read them
+      // (against computing each block's scores just before its softmax: mean speed vs SDPA over
+      // T = 2048 / 4096, D = 64 / 128, causal or not, two runs each, 1.16x vs 1.08x; per row within
+      // the noise).
+      auto block_keys = [&](int64_t kblk) { return std::min(kAmxBlockK, s.len_k - kblk * kAmxBlockK); };
+      auto ensure_packed = [&](int64_t kblk) {
+        if (packed[kblk]) return;
+        const int64_t j0 = kblk * kAmxBlockK, nk = block_keys(kblk);
+        pack_k_rows<D>(k_seq.data() + j0 * D, p, b, s.k_start + j0, hk, nk);
+        pack_v_transposed<D>(vt_seq.data() + j0 * D, p, b, s.k_start + j0, hk, nk);
+        packed[kblk] = 1;
+      };
+      if (kbs.first < kbs.end) {
+        ensure_packed(kbs.first);
+        scores_tiles<D>(block_keys(kbs.first), k_seq.data() + kbs.first * kAmxBlockK * D, qp.data(),
+                                    st.data() + (kbs.first % 2) * kAmxBlockK * kBlockQ);
+      }
       for (int64_t kblk = kbs.first; kblk < kbs.end; ++kblk) {
-        const int64_t j0 = kblk * kAmxBlockK, nk = std::min(kAmxBlockK, s.len_k - j0);
-        uint16_t* kr = k_seq.data() + j0 * D;
-        uint16_t* vt = vt_seq.data() + j0 * D;
-        if (!packed[kblk]) {
-          pack_k_rows<D>(kr, p, b, s.k_start + j0, hk, nk);
-          pack_v_transposed<D>(vt, p, b, s.k_start + j0, hk, nk);
-          packed[kblk] = 1;
+        const int64_t j0 = kblk * kAmxBlockK, nk = block_keys(kblk);
+        if (kblk + 1 < kbs.end) {
+          ensure_packed(kblk + 1);
+          scores_tiles<D>(block_keys(kblk + 1), k_seq.data() + (kblk + 1) * kAmxBlockK * D, qp.data(),
+                                      st.data() + ((kblk + 1) % 2) * kAmxBlockK * kBlockQ);
         }
-        float* __restrict S = st.data();
-        scores_tiles<D>(nk, kr, qp.data(), S);
+        const uint16_t* vt = vt_seq.data() + j0 * D;
+        float* __restrict S = st.data() + (kblk % 2) * kAmxBlockK * kBlockQ;
         // Scale and mask, and the block's max per query. The max skips NaN (vmaxps returns its second
         // operand then), as flash_attn.cpp's: a NaN must not poison the other queries' running max.
         const bool masked = !block_unmasked<kAmxBlockK>(p, s, i0, mq, j0);
@@ -240,9 +275,12 @@ void fwd_amx(const AttnParams& p) {
           }
         }
         // A query that has seen only masked keys keeps m = -inf; exp is then taken against 0 so that
-        // NaN scores still come out as NaN (as flash_attn.cpp's).
+        // NaN scores still come out as NaN (as flash_attn.cpp's). m moves only when the block's max
+        // exceeds it by more than kRescaleSlack (see there).
         for (int v = 0; v < kQV; ++v) {
-          const __m512 m_old = _mm512_load_ps(m + v * 16), m_new = _mm512_max_ps(blk[v], m_old);
+          const __m512 m_old = _mm512_load_ps(m + v * 16);
+          const __mmask16 grows = _mm512_cmp_ps_mask(blk[v], _mm512_add_ps(m_old, slack), _CMP_GT_OQ);
+          const __m512 m_new = _mm512_mask_max_ps(m_old, grows, blk[v], m_old);
           m_use[v] = _mm512_mask_mov_ps(m_new, _mm512_cmp_ps_mask(m_new, ninf, _CMP_EQ_OQ), zero);
           const __mmask16 was_empty = _mm512_cmp_ps_mask(m_old, ninf, _CMP_EQ_OQ);
           _mm512_store_ps(corr + v * 16, _mm512_mask_mov_ps(avx512::exp<5>(_mm512_sub_ps(m_old, m_use[v])), was_empty, zero));

@@ -81,6 +81,17 @@
 //   SDPA, 1 thread, T = 1024: fp32 at par with this kernel (1.00-1.05x its time), bf16 at 254-368
 //   GFLOP/s, above the fp32 FMA peak (AMX tiles, presumably through oneDNN): 2.9-4x ahead of ours
 //   (one run). On such CPUs the bf16 path wants AMX (or at least the fp32 tiles), not vdpbf16ps.
+// Measured (2026-11-30, 2-core Intel Xeon VM with AMX, shared and noisy: +-15% between runs), bf16
+//   forward on AMX tiles (flash_attn_amx.cpp) vs this file's fp32 tiles (PYLLM_ATTN_CPU_AMX=0) vs
+//   torch 2.13's SDPA, 1 thread, B = 1, H = 8, SDPA in the same process, min of 3, two runs each,
+//   our speed / SDPA's (non-causal; causal):
+//     T = 1024: D = 64 AMX 0.96-1.00; 1.32-1.47, D = 128 0.98-1.02; 1.15-1.34
+//     T = 2048: D = 64 AMX 0.87-1.02; 1.02-1.21, D = 128 1.00-1.08; 1.13-1.22
+//     T = 4096: D = 64 AMX 0.87-0.90; 1.05-1.23, D = 128 0.67-1.07; 0.93-1.14
+//     fp32 tiles, all 12 shapes: 0.29-0.76 (D = 128 non-causal 0.29-0.38): AMX is 2-3.5x faster.
+//   AMX 138-414 GFLOP/s per core. bench/bench_attention.py --quick (2 threads, T = 512 causal):
+//   bf16 forward 1.37x SDPA at D = 64, 1.12x at D = 128. Non-causal D = 64 at long T stays below
+//   SDPA: there the softmax's vector work (~20 ops per 16 scores) outweighs the tiles' matmuls.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>

@@ -89,6 +89,8 @@
 //     T = 2048: D = 64 AMX 0.87-1.02; 1.02-1.21, D = 128 1.00-1.08; 1.13-1.22
 //     T = 4096: D = 64 AMX 0.87-0.90; 1.05-1.23, D = 128 0.67-1.07; 0.93-1.14
 //     fp32 tiles, all 12 shapes: 0.29-0.76 (D = 128 non-causal 0.29-0.38): AMX is 2-3.5x faster.
+//   2 threads, T = 1024 / 4096, same 8 shapes, two runs: AMX 0.82-1.23 non-causal, 1.00-1.57 causal;
+//   fp32 tiles 0.29-0.80.
 //   AMX 138-414 GFLOP/s per core. bench/bench_attention.py --quick (2 threads, T = 512 causal):
 //   bf16 forward 1.37x SDPA at D = 64, 1.12x at D = 128. Non-causal D = 64 at long T stays below
 //   SDPA: there the softmax's vector work (~20 ops per 16 scores) outweighs the tiles' matmuls.

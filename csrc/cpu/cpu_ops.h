@@ -19,6 +19,9 @@ void adamw_step_cpu(uintptr_t table, int64_t n_tensors, int param_dtype, bool ha
                     double max_grad_norm, bool stochastic_rounding, uint64_t seed);
 // Whether bf16 attention takes the vdpbf16ps scores in this process (see flash_attn.cpp).
 bool flash_attn_cpu_bf16_dot();
+// Whether the bf16 forward runs on AMX tiles in this process: "on", "off" (PYLLM_ATTN_CPU_AMX=0) or
+// "unavailable" (not in this build, or the CPU or kernel does not allow it; see flash_attn_amx.cpp).
+const char* flash_attn_cpu_amx();
 // flash_attn.cpp (layout and argument meaning: common/attn_params.h). Strides are
 // (batch, token, head) in elements; lse_strides (batch, head). Causal is window_right = 0.
 void flash_attn_fwd_cpu(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse, uintptr_t cu_seqlens_q,

@@ -47,7 +47,8 @@
 // fp32 sums, twice the fp32 FMA rate on Zen 4, half of it on the Intel Xeon below); P V and the
 // three gradient matmuls stay fp32, since P and dS exist only in fp32. Rounding them to bf16 (as
 // flash-attn's CUDA kernels do) and running them on vdpbf16ps was tried on the Intel Xeon and was
-// slower there (below); not measured on Zen 4. Softmax rows are explicit vector loops with
+// slower there (below); not measured on Zen 4. On CPUs with AMX-BF16 the bf16 forward runs on
+// AMX tiles instead (flash_attn_amx.cpp, with its measurements). Softmax rows are explicit vector loops with
 // common/cpu_math.h's exp (vscalefps under AVX-512; no -ffast-math). Math in fp32 for fp32 / bf16
 // storage, fp64 for fp64 (kept for gradcheck; the LSE is then fp64 too). Threading: OpenMP over
 // work items, dynamic schedule.
@@ -80,6 +81,19 @@
 //   SDPA, 1 thread, T = 1024: fp32 at par with this kernel (1.00-1.05x its time), bf16 at 254-368
 //   GFLOP/s, above the fp32 FMA peak (AMX tiles, presumably through oneDNN): 2.9-4x ahead of ours
 //   (one run). On such CPUs the bf16 path wants AMX (or at least the fp32 tiles), not vdpbf16ps.
+// Measured (2026-11-30, 2-core Intel Xeon VM with AMX, shared and noisy: +-15% between runs), bf16
+//   forward on AMX tiles (flash_attn_amx.cpp) vs this file's fp32 tiles (PYLLM_ATTN_CPU_AMX=0) vs
+//   torch 2.13's SDPA, 1 thread, B = 1, H = 8, SDPA in the same process, min of 3, two runs each,
+//   our speed / SDPA's (non-causal; causal):
+//     T = 1024: D = 64 AMX 0.96-1.00; 1.32-1.47, D = 128 0.98-1.02; 1.15-1.34
+//     T = 2048: D = 64 AMX 0.87-1.02; 1.02-1.21, D = 128 1.00-1.08; 1.13-1.22
+//     T = 4096: D = 64 AMX 0.87-0.90; 1.05-1.23, D = 128 0.67-1.07; 0.93-1.14
+//     fp32 tiles, all 12 shapes: 0.29-0.76 (D = 128 non-causal 0.29-0.38): AMX is 2-3.5x faster.
+//   2 threads, T = 1024 / 4096, same 8 shapes, two runs: AMX 0.82-1.23 non-causal, 1.00-1.57 causal;
+//   fp32 tiles 0.29-0.80.
+//   AMX 138-414 GFLOP/s per core. bench/bench_attention.py --quick (2 threads, T = 512 causal):
+//   bf16 forward 1.37x SDPA at D = 64, 1.12x at D = 128. Non-causal D = 64 at long T stays below
+//   SDPA: there the softmax's vector work (~20 ops per 16 scores) outweighs the tiles' matmuls.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -94,6 +108,7 @@
 #include "common/cpu_math.h"
 #include "common/dtype.h"
 #include "cpu/cpu_ops.h"
+#include "cpu/flash_attn.h"
 
 // The vector helpers below pass 64-byte vectors by value; without AVX-512 GCC notes that this ABI
 // changed in GCC 4.6. They are internal and inlined (anonymous namespace), so no ABI is crossed.
@@ -102,14 +117,6 @@
 namespace pyllm {
 namespace {
 
-// Tile sizes: 64 x 64 keeps S (16 KB fp32) and a D = 128 tile (32 KB) near L1 and gives the
-// micro-kernel full 4-vector column chunks. 128-query forward blocks for unmasked problems ran
-// 3-8% faster while every query block packed its own K / V tiles, and the same as 64 once the
-// tiles were packed once per thread (T = 1024, D = 64 fp32 / 128 bf16, 1 thread, interleaved
-// runs); masked problems lost ~5% to the wider diagonal blocks (T = 512 causal). Other sizes
-// not measured.
-constexpr int64_t kBlockQ = 64;
-constexpr int64_t kBlockK = 64;
 
 typedef float vec_f32 __attribute__((vector_size(64), aligned(4)));
 typedef double vec_f64 __attribute__((vector_size(64), aligned(8)));
@@ -303,6 +310,17 @@ bool bf16_dot_enabled() {
 #endif
 }
 
+// Whether the bf16 forward runs on AMX tiles (flash_attn_amx.cpp): where this build has that path
+// and the CPU and kernel allow it (flash_attn_amx_usable); PYLLM_ATTN_CPU_AMX=0 turns it off (=1,
+// the default, cannot force it where it is not usable). Once per process.
+bool amx_enabled() {
+  static const bool enabled = [] {
+    const char* env = std::getenv("PYLLM_ATTN_CPU_AMX");
+    return !(env && env[0] == '0') && flash_attn_amx_usable();
+  }();
+  return enabled;
+}
+
 // fn(std::bool_constant<Dot>) with this process's choice for bf16 (always false for other dtypes).
 template <typename T, typename Fn>
 void dispatch_bf16_dot(Fn&& fn) {
@@ -310,21 +328,6 @@ void dispatch_bf16_dot(Fn&& fn) {
     if (bf16_dot_enabled()) return fn(std::true_type{});
   }
   fn(std::false_type{});
-}
-
-template <typename A> constexpr A neg_inf() { return -std::numeric_limits<A>::infinity(); }
-
-// Element pointers into the (batch, token, head, D) tensors.
-template <typename T>
-inline const T* at(const void* base, const int64_t* strides, int64_t b, int64_t token, int64_t h) {
-  return static_cast<const T*>(base) + b * strides[0] + token * strides[1] + h * strides[2];
-}
-template <typename T>
-inline T* at_mut(void* base, const int64_t* strides, int64_t b, int64_t token, int64_t h) {
-  return static_cast<T*>(base) + b * strides[0] + token * strides[1] + h * strides[2];
-}
-inline int64_t lse_index(const AttnParams& p, int64_t b, int64_t h, const SeqInfo& s, int64_t i) {
-  return b * p.lse_strides[0] + h * p.lse_strides[1] + (p.cu_seqlens_q ? s.q_start : 0) + i;
 }
 
 #ifdef PYLLM_AVX512
@@ -350,27 +353,6 @@ inline void row_to_acc(A* __restrict dst, const T* __restrict src, A mul) {
   for (int d = 0; d < D; ++d) dst[d] = A(to_float(src[d])) * mul;
 }
 
-// Rows of a (B, T, H, D) tensor are H * D elements apart, a stride the hardware prefetcher did
-// not follow here: each row's first load missed in turn, and packing Q took ~1/3 of the
-// forward's own samples (perf cpu-clock, T = 512 causal, 1 thread); prefetching every row of the
-// tile first brought that to ~1/5. The packers now ask for the lines of row r + kPrefetchRows
-// while converting row r, which measured the same within the noise, but cannot evict its own
-// lines: at a 2 or 4 KB stride all rows map to the same few L1 sets, about 16 rows' worth.
-constexpr int64_t kPrefetchRows = 8;
-template <int D, typename T>
-inline void prefetch_row(const T* row) {
-  for (size_t byte = 0; byte < D * sizeof(T); byte += 64) __builtin_prefetch(reinterpret_cast<const char*>(row) + byte);
-}
-template <int D, typename T>
-inline const T* row_prefetching(const void* base, const int64_t* strides, int64_t b, int64_t start, int64_t h,
-                                int64_t r, int64_t rows) {
-  if (r == 0)
-    for (int64_t ahead = 0; ahead < std::min(kPrefetchRows, rows); ++ahead)
-      prefetch_row<D>(at<T>(base, strides, b, start + ahead, h));
-  if (r + kPrefetchRows < rows) prefetch_row<D>(at<T>(base, strides, b, start + r + kPrefetchRows, h));
-  return at<T>(base, strides, b, start + r, h);
-}
-
 // `rows` tokens x D of one head packed into contiguous rows of D (times mul).
 template <int D, typename T, typename A>
 inline void pack_rows(A* __restrict dst, const void* base, const int64_t* strides, int64_t b, int64_t start,
@@ -392,66 +374,6 @@ inline void pack_cols(A* __restrict dst, int64_t ld, const void* base, const int
   if (rows < ld)
     for (int d = 0; d < D; ++d)
       for (int64_t r = rows; r < ld; ++r) dst[d * ld + r] = A(0);
-}
-
-// bf16 tokens kept as bf16 for the vdpbf16ps matmuls: rows as they are (pairs along D)...
-template <int D>
-inline void pack_rows_bf16(uint32_t* __restrict dst, const void* base, const int64_t* strides, int64_t b,
-                           int64_t start, int64_t h, int64_t rows) {
-  for (int64_t r = 0; r < rows; ++r)
-    std::memcpy(dst + r * (D / 2), row_prefetching<D, bf16>(base, strides, b, start, h, r, rows), D * sizeof(bf16));
-}
-// ... or transposed by pairs, dst[d2 * ld + r] = (x[r][2 d2], x[r][2 d2 + 1]), columns rows..ld zero.
-template <int D>
-inline void pack_pairs_transposed(uint32_t* __restrict dst, int64_t ld, const void* base, const int64_t* strides,
-                                  int64_t b, int64_t start, int64_t h, int64_t rows) {
-  uint32_t row[D / 2];
-  for (int64_t r = 0; r < rows; ++r) {
-    std::memcpy(row, row_prefetching<D, bf16>(base, strides, b, start, h, r, rows), D * sizeof(bf16));
-    for (int d2 = 0; d2 < D / 2; ++d2) dst[d2 * ld + r] = row[d2];
-  }
-  if (rows < ld)
-    for (int d2 = 0; d2 < D / 2; ++d2)
-      for (int64_t r = rows; r < ld; ++r) dst[d2 * ld + r] = 0;
-}
-
-// Key blocks [first, end) that the queries [i0, i0 + mq) touch.
-struct KeyBlocks {
-  int64_t first, end;
-};
-inline KeyBlocks key_blocks(const AttnParams& p, const SeqInfo& s, int64_t i0, int64_t mq) {
-  const int64_t lo = key_lo(p, i0, s.len_q, s.len_k), hi = key_hi(p, i0 + mq - 1, s.len_q, s.len_k);
-  if (hi <= lo || s.len_k == 0) return {0, 0};
-  return {lo / kBlockK, (hi + kBlockK - 1) / kBlockK};
-}
-// True when every query of [i0, i0 + mq) sees every key of [j0, j0 + kBlockK): no mask needed.
-inline bool block_unmasked(const AttnParams& p, const SeqInfo& s, int64_t i0, int64_t mq, int64_t j0) {
-  return key_lo(p, i0 + mq - 1, s.len_q, s.len_k) <= j0 && j0 + kBlockK <= key_hi(p, i0, s.len_q, s.len_k);
-}
-
-// The forward holds a query block's scores transposed, St[key j][query i], so that the online
-// softmax (max and sum over keys, per query) runs down columns: plain vector ops over the kBlockQ
-// queries, no horizontal reductions. Per query i the keys [lo[i], hi[i]) are seen; padding
-// queries (i >= mq) get lo = hi = 0 and see nothing.
-struct QueryBounds {
-  int32_t lo[kBlockQ], hi[kBlockQ];
-  void set(const AttnParams& p, const SeqInfo& s, int64_t i0, int64_t mq) {
-    for (int64_t r = 0; r < kBlockQ; ++r) {
-      lo[r] = r < mq ? int32_t(key_lo(p, i0 + r, s.len_q, s.len_k)) : 0;
-      hi[r] = r < mq ? int32_t(key_hi(p, i0 + r, s.len_q, s.len_k)) : 0;
-    }
-  }
-};
-
-template <typename A>
-inline void mask_transposed(A* __restrict st, int64_t nk, int64_t j0, const QueryBounds& qb) {
-  const A ninf = neg_inf<A>();
-  for (int64_t j = 0; j < nk; ++j) {
-    const int32_t key = int32_t(j0 + j);
-    A* __restrict row = st + j * kBlockQ;
-#pragma omp simd
-    for (int64_t i = 0; i < kBlockQ; ++i) row[i] = (key >= qb.lo[i] && key < qb.hi[i]) ? row[i] : ninf;
-  }
 }
 
 // Query rows orientation (the backward): S[query r][key j], columns outside [lo, hi) -> -inf.
@@ -1086,6 +1008,10 @@ void dispatch_dtype(int dtype, Fn fn) {
 
 bool flash_attn_cpu_bf16_dot() { return bf16_dot_enabled(); }
 
+const char* flash_attn_cpu_amx() {
+  return amx_enabled() ? "on" : flash_attn_amx_usable() ? "off" : "unavailable";
+}
+
 void flash_attn_fwd_cpu(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse, uintptr_t cu_seqlens_q,
                         uintptr_t cu_seqlens_k, uintptr_t seqused_k, int64_t batch, int64_t seqlen_q,
                         int64_t seqlen_k, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
@@ -1110,6 +1036,10 @@ void flash_attn_fwd_cpu(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, ui
       if (dtype == int(DType::bf16)) decode<decltype(d)::value, bf16>(p);
       else decode<decltype(d)::value, float>(p);
     });
+    return;
+  }
+  if (dtype == int(DType::bf16) && amx_enabled()) {
+    flash_attn_fwd_amx(p);
     return;
   }
   dispatch_head_dim(head_dim, [&](auto d) {

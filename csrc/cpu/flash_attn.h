@@ -1,0 +1,132 @@
+// Pieces of the CPU FlashAttention shared by its two translation units: flash_attn.cpp (every
+// dtype and ISA) and flash_attn_amx.cpp (the bf16 forward on AMX tiles, compiled with the AMX
+// flags). Internal linkage (an anonymous namespace), so each file gets its own copy and no
+// function compiled with the AMX flags can stand in for one of the other file's.
+#pragma once
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#include "common/attn_params.h"
+#include "common/dtype.h"
+
+namespace pyllm {
+
+// flash_attn_amx.cpp: whether this build has the AMX forward and the CPU and kernel let this
+// process use it (cpuid AMX-BF16 and the tile state granted by arch_prctl; asked once per process).
+bool flash_attn_amx_usable();
+// The bf16 forward on AMX tiles (only when flash_attn_amx_usable()); params as flash_attn.cpp's fwd.
+void flash_attn_fwd_amx(const AttnParams& p);
+
+namespace {
+
+// Tile sizes: 64 x 64 keeps S (16 KB fp32) and a D = 128 tile (32 KB) near L1 and gives the
+// micro-kernel full 4-vector column chunks. 128-query forward blocks for unmasked problems ran
+// 3-8% faster while every query block packed its own K / V tiles, and the same as 64 once the
+// tiles were packed once per thread (T = 1024, D = 64 fp32 / 128 bf16, 1 thread, interleaved
+// runs); masked problems lost ~5% to the wider diagonal blocks (T = 512 causal). Other sizes
+// not measured.
+constexpr int64_t kBlockQ = 64;
+constexpr int64_t kBlockK = 64;
+
+template <typename A> constexpr A neg_inf() { return -std::numeric_limits<A>::infinity(); }
+
+// Element pointers into the (batch, token, head, D) tensors.
+template <typename T>
+inline const T* at(const void* base, const int64_t* strides, int64_t b, int64_t token, int64_t h) {
+  return static_cast<const T*>(base) + b * strides[0] + token * strides[1] + h * strides[2];
+}
+template <typename T>
+inline T* at_mut(void* base, const int64_t* strides, int64_t b, int64_t token, int64_t h) {
+  return static_cast<T*>(base) + b * strides[0] + token * strides[1] + h * strides[2];
+}
+inline int64_t lse_index(const AttnParams& p, int64_t b, int64_t h, const SeqInfo& s, int64_t i) {
+  return b * p.lse_strides[0] + h * p.lse_strides[1] + (p.cu_seqlens_q ? s.q_start : 0) + i;
+}
+
+// Rows of a (B, T, H, D) tensor are H * D elements apart, a stride the hardware prefetcher did
+// not follow here: each row's first load missed in turn, and packing Q took ~1/3 of the
+// forward's own samples (perf cpu-clock, T = 512 causal, 1 thread); prefetching every row of the
+// tile first brought that to ~1/5. The packers now ask for the lines of row r + kPrefetchRows
+// while converting row r, which measured the same within the noise, but cannot evict its own
+// lines: at a 2 or 4 KB stride all rows map to the same few L1 sets, about 16 rows' worth.
+constexpr int64_t kPrefetchRows = 8;
+template <int D, typename T>
+inline void prefetch_row(const T* row) {
+  for (size_t byte = 0; byte < D * sizeof(T); byte += 64) __builtin_prefetch(reinterpret_cast<const char*>(row) + byte);
+}
+template <int D, typename T>
+inline const T* row_prefetching(const void* base, const int64_t* strides, int64_t b, int64_t start, int64_t h,
+                                int64_t r, int64_t rows) {
+  if (r == 0)
+    for (int64_t ahead = 0; ahead < std::min(kPrefetchRows, rows); ++ahead)
+      prefetch_row<D>(at<T>(base, strides, b, start + ahead, h));
+  if (r + kPrefetchRows < rows) prefetch_row<D>(at<T>(base, strides, b, start + r + kPrefetchRows, h));
+  return at<T>(base, strides, b, start + r, h);
+}
+
+// bf16 tokens kept as bf16 for the vdpbf16ps matmuls: rows as they are (pairs along D)...
+template <int D>
+inline void pack_rows_bf16(uint32_t* __restrict dst, const void* base, const int64_t* strides, int64_t b,
+                           int64_t start, int64_t h, int64_t rows) {
+  for (int64_t r = 0; r < rows; ++r)
+    std::memcpy(dst + r * (D / 2), row_prefetching<D, bf16>(base, strides, b, start, h, r, rows), D * sizeof(bf16));
+}
+// ... or transposed by pairs, dst[d2 * ld + r] = (x[r][2 d2], x[r][2 d2 + 1]), columns rows..ld zero.
+template <int D>
+inline void pack_pairs_transposed(uint32_t* __restrict dst, int64_t ld, const void* base, const int64_t* strides,
+                                  int64_t b, int64_t start, int64_t h, int64_t rows) {
+  uint32_t row[D / 2];
+  for (int64_t r = 0; r < rows; ++r) {
+    std::memcpy(row, row_prefetching<D, bf16>(base, strides, b, start, h, r, rows), D * sizeof(bf16));
+    for (int d2 = 0; d2 < D / 2; ++d2) dst[d2 * ld + r] = row[d2];
+  }
+  if (rows < ld)
+    for (int d2 = 0; d2 < D / 2; ++d2)
+      for (int64_t r = rows; r < ld; ++r) dst[d2 * ld + r] = 0;
+}
+
+// Key blocks [first, end) that the queries [i0, i0 + mq) touch.
+struct KeyBlocks {
+  int64_t first, end;
+};
+template <int64_t BlockK = kBlockK>
+inline KeyBlocks key_blocks(const AttnParams& p, const SeqInfo& s, int64_t i0, int64_t mq) {
+  const int64_t lo = key_lo(p, i0, s.len_q, s.len_k), hi = key_hi(p, i0 + mq - 1, s.len_q, s.len_k);
+  if (hi <= lo || s.len_k == 0) return {0, 0};
+  return {lo / BlockK, (hi + BlockK - 1) / BlockK};
+}
+// True when every query of [i0, i0 + mq) sees every key of [j0, j0 + BlockK): no mask needed.
+template <int64_t BlockK = kBlockK>
+inline bool block_unmasked(const AttnParams& p, const SeqInfo& s, int64_t i0, int64_t mq, int64_t j0) {
+  return key_lo(p, i0 + mq - 1, s.len_q, s.len_k) <= j0 && j0 + BlockK <= key_hi(p, i0, s.len_q, s.len_k);
+}
+
+// The forward holds a query block's scores transposed, St[key j][query i], so that the online
+// softmax (max and sum over keys, per query) runs down columns: plain vector ops over the kBlockQ
+// queries, no horizontal reductions. Per query i the keys [lo[i], hi[i]) are seen; padding
+// queries (i >= mq) get lo = hi = 0 and see nothing.
+struct QueryBounds {
+  int32_t lo[kBlockQ], hi[kBlockQ];
+  void set(const AttnParams& p, const SeqInfo& s, int64_t i0, int64_t mq) {
+    for (int64_t r = 0; r < kBlockQ; ++r) {
+      lo[r] = r < mq ? int32_t(key_lo(p, i0 + r, s.len_q, s.len_k)) : 0;
+      hi[r] = r < mq ? int32_t(key_hi(p, i0 + r, s.len_q, s.len_k)) : 0;
+    }
+  }
+};
+
+template <typename A>
+inline void mask_transposed(A* __restrict st, int64_t nk, int64_t j0, const QueryBounds& qb) {
+  const A ninf = neg_inf<A>();
+  for (int64_t j = 0; j < nk; ++j) {
+    const int32_t key = int32_t(j0 + j);
+    A* __restrict row = st + j * kBlockQ;
+#pragma omp simd
+    for (int64_t i = 0; i < kBlockQ; ++i) row[i] = (key >= qb.lo[i] && key < qb.hi[i]) ? row[i] : ninf;
+  }
+}
+
+}  // namespace
+}  // namespace pyllm

@@ -1,0 +1,365 @@
+// FlashAttention forward for bf16 on Intel AMX tiles (TDPBF16PS), chosen at run time by
+// flash_attn.cpp for bf16 inputs when flash_attn_amx_usable(): the CPU has AMX-BF16 (cpuid) and
+// Linux grants this process the tile state (arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA), asked once
+// per process). PYLLM_ATTN_CPU_AMX=0 turns it off. This file alone is compiled with -mamx-tile
+// -mamx-bf16 (CMakeLists.txt); without AVX512_BF16 in the build's -march it is a stub.
+//
+// Algorithm: flash_attn.cpp's forward (its header), same work items (sequence, head, block of
+// kBlockQ = 64 queries), same transposed score tile St[key][query] and the same fp32 online
+// softmax down its columns, with the two block matmuls on tiles:
+//   St = K_blk Q_blk^T:  C tile St[16 keys][16 queries] fp32 += A K[16 keys][32 d] bf16 (K rows as
+//                        they are) x B Qp[16 d-pairs][16 queries] (Q in the VNNI pair layout:
+//                        Qp[d2][q] = (q[2 d2], q[2 d2 + 1])); the softmax scale is applied in fp32 after.
+//   O^T += V_blk^T P^T:  C tile O^T[16 d][16 queries] fp32 += A V^T[16 d][32 keys] bf16 x B
+//                        Pp[16 key pairs][16 queries] with Pp[j2][q] = (P[q][2 j2], P[q][2 j2 + 1]):
+//                        P rounded to bf16 (nearest even, vcvtne2ps2bf16) as flash-attn's GPU
+//                        kernels do, while the row sums l take the fp32 P. O^T, not O: its columns
+//                        are queries, like St's, so the online-softmax correction is a vector
+//                        multiply per row of O^T, and the P^T pairs come from two rows of St by one
+//                        conversion and one permute per 32 values. O^T is transposed once, at the end.
+// Each matmul runs in 2 x 2 blocks of C tiles (tmm0-3), with two A (tmm4-5) and two B (tmm6-7)
+// tiles per 32-wide reduction step: 4 TDPBF16PS per 4 tile loads. Every tile is 16 rows x 64
+// bytes (one config for all 8); partial blocks are zero-padded (K rows, V^T columns, P^T pairs
+// past the last key, Q pairs past the last query), so padding contributes exact zeros.
+// Memory: K of the (sequence, kv head) is kept as bf16 rows and V as bf16 V^T blocks, packed once
+// per thread the first time one of its query blocks needs them (2 * Tk * D * 2 bytes, kept across
+// calls); per key block the tiles read K (kAmxBlockK x D x 2 bytes), V^T (the same), Q pairs
+// (64 x D x 2) and P^T pairs (kAmxBlockK x 64 x 2), write St (kAmxBlockK x 64 x 4, read back by
+// the softmax), and load and store O^T (D x 64 x 4). Per thread: Qp 64 x D x 2, two St buffers
+// 2 x 32 KB, Pp 16 KB, O^T D x 64 x 4 bytes (32 KB at D = 128).
+// Ordering: a key block's scores are computed one block ahead (two St buffers), so that the
+// softmax's vector loads do not wait on tile stores just issued; and O^T is rescaled lazily
+// (kRescaleSlack), since the vector rescale and the next tile loads of the same O^T waited on
+// each other (perf, eager rescale: ~40% of the kernel's samples in the P V tiles, ~10% in the
+// rescale, for a quarter of the FLOPs each).
+// Determinism: every output is summed by one work item in a fixed order of tiles and blocks: the
+// same bits for any thread count.
+#include "cpu/flash_attn.h"
+
+#if defined(__linux__) && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && \
+    defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define PYLLM_AMX 1
+#endif
+
+#ifdef PYLLM_AMX
+#include <cpuid.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <cmath>
+#include <vector>
+
+#include "common/cpu_math.h"
+#endif
+#include "common/checks.h"
+
+namespace pyllm {
+
+#ifndef PYLLM_AMX
+
+bool flash_attn_amx_usable() { return false; }
+void flash_attn_fwd_amx(const AttnParams&) { PYLLM_CHECK(false, "flash_attn: this build has no AMX forward"); }
+
+#else
+
+namespace {
+
+// Keys per block: each P V block accumulates kAmxBlockK / 32 TDPBF16PS per load and store of its
+// O^T tiles. Speed vs SDPA in one process (2026-11-30, the VM of the header, 1 thread, lazy
+// rescale, T = 1024 / 2048 / 4096, D = 64 / 128, causal or not; 64 / 128 / 256 keys): 128 was
+// ahead of 64 in 9 of the 12 rows of the later runs (0.90 -> 1.08 at T = 4096 D = 128, 0.85 -> 0.96 at
+// T = 2048 D = 64; behind on T = 4096 D = 64 causal, 1.02 -> 0.91), level in the first run (T <=
+// 2048); 256 no better than 128, and behind on causal D = 128 (0.85 vs 1.27 at T = 1024: twice as
+// wide diagonal blocks). Noise between runs here: +-15%.
+constexpr int64_t kAmxBlockK = 128;
+static_assert(kAmxBlockK % 32 == 0 && kBlockQ == 64, "2 x 2 blocks of 16 x 16 tiles, 32-wide reduction steps");
+
+// The running max m of a query moves only when a block's max exceeds it by more than this (a lazy
+// rescale, in units of the scaled scores): P = exp(S - m) is then at most e^8 ~ 3000, far from
+// overflowing fp32 or bf16 (and bf16 rounds it with the same relative error), and O^T is rescaled
+// by vectors a few times per query block instead of at almost every key block; out = O / l and
+// lse = m + log(l) hold for any such m. Against the eager rescale (slack 0, 64-key blocks, same
+// process, 1 thread, the 12 shapes of kAmxBlockK): 1.01-1.42x the speed, median ~1.06x.
+constexpr float kRescaleSlack = 8.0f;
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Every thread that runs tiles loads its own configuration (it is per-thread state).
+inline void load_tile_config() {
+  TileConfig config;
+  for (int t = 0; t < 8; ++t) config.colsb[t] = 64, config.rows[t] = 16;
+  _tile_loadconfig(&config);
+}
+
+// St[kAmxBlockK][kBlockQ] = K Qp for the key tiles up to nk (rounded up to 32): k holds the block's
+// keys as bf16 rows of D, zero past nk; qp the queries' pairs, Qp[d2][q], zero past the last query.
+template <int D>
+inline void scores_tiles(int64_t nk, const uint16_t* k, const uint32_t* qp, float* st) {
+  constexpr int64_t kq = kBlockQ * 4;  // bytes per row of St and Qp
+  for (int64_t kt = 0; kt < nk; kt += 32)
+    for (int64_t qt = 0; qt < kBlockQ; qt += 32) {
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int64_t c = 0; c < D; c += 32) {
+        _tile_loadd(4, k + kt * D + c, D * 2);
+        _tile_loadd(5, k + (kt + 16) * D + c, D * 2);
+        _tile_loadd(6, qp + c / 2 * kBlockQ + qt, kq);
+        _tile_loadd(7, qp + c / 2 * kBlockQ + qt + 16, kq);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+      _tile_stored(0, st + kt * kBlockQ + qt, kq);
+      _tile_stored(1, st + kt * kBlockQ + qt + 16, kq);
+      _tile_stored(2, st + (kt + 16) * kBlockQ + qt, kq);
+      _tile_stored(3, st + (kt + 16) * kBlockQ + qt + 16, kq);
+    }
+}
+
+// O^T[D][kBlockQ] += V^T Pp over the key pairs up to nk (rounded up to 32 keys): vt holds V^T of the
+// block, [D][kAmxBlockK] bf16, zero past nk; pp the P^T pairs, [kAmxBlockK / 2][kBlockQ], zero past nk.
+template <int D>
+inline void pv_tiles(int64_t nk, const uint16_t* vt, const uint32_t* pp, float* ot) {
+  constexpr int64_t kq = kBlockQ * 4, kv = kAmxBlockK * 2;
+  for (int64_t d0 = 0; d0 < D; d0 += 32)
+    for (int64_t q0 = 0; q0 < kBlockQ; q0 += 32) {
+      float* c = ot + d0 * kBlockQ + q0;
+      _tile_loadd(0, c, kq);
+      _tile_loadd(1, c + 16, kq);
+      _tile_loadd(2, c + 16 * kBlockQ, kq);
+      _tile_loadd(3, c + 16 * kBlockQ + 16, kq);
+      for (int64_t j = 0; j < nk; j += 32) {
+        _tile_loadd(4, vt + d0 * kAmxBlockK + j, kv);
+        _tile_loadd(5, vt + (d0 + 16) * kAmxBlockK + j, kv);
+        _tile_loadd(6, pp + j / 2 * kBlockQ + q0, kq);
+        _tile_loadd(7, pp + j / 2 * kBlockQ + q0 + 16, kq);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+      _tile_stored(0, c, kq);
+      _tile_stored(1, c + 16, kq);
+      _tile_stored(2, c + 16 * kBlockQ, kq);
+      _tile_stored(3, c + 16 * kBlockQ + 16, kq);
+    }
+}
+
+// nk keys of a (B, T, H, D) bf16 tensor as rows of D (rows nk..round_up(nk, 32) zero) ...
+template <int D>
+inline void pack_k_rows(uint16_t* __restrict dst, const AttnParams& p, int64_t b, int64_t start, int64_t hk,
+                        int64_t nk) {
+  for (int64_t r = 0; r < nk; ++r)
+    std::memcpy(dst + r * D, row_prefetching<D, bf16>(p.k, p.k_strides, b, start, hk, r, nk), D * 2);
+  const int64_t padded = (nk + 31) / 32 * 32;
+  std::memset(dst + nk * D, 0, (padded - nk) * D * 2);
+}
+// ... and V transposed, [D][kAmxBlockK] (columns nk..kAmxBlockK zero).
+template <int D>
+inline void pack_v_transposed(uint16_t* __restrict dst, const AttnParams& p, int64_t b, int64_t start, int64_t hk,
+                              int64_t nk) {
+  for (int64_t r = 0; r < nk; ++r) {
+    const uint16_t* row = reinterpret_cast<const uint16_t*>(row_prefetching<D, bf16>(p.v, p.v_strides, b, start, hk, r, nk));
+    for (int d = 0; d < D; ++d) dst[d * kAmxBlockK + r] = row[d];
+  }
+  if (nk < kAmxBlockK)
+    for (int d = 0; d < D; ++d) std::memset(dst + d * kAmxBlockK + nk, 0, (kAmxBlockK - nk) * 2);
+}
+
+template <int D>
+void fwd_amx(const AttnParams& p) {
+  constexpr int kQV = kBlockQ / 16;  // vectors per row of St
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  const __m512 ninf = _mm512_set1_ps(kNegInf), zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.f);
+  const __m512 scale = _mm512_set1_ps(float(p.scale)), slack = _mm512_set1_ps(kRescaleSlack);
+  // Pairs (St[2 j2][q], St[2 j2 + 1][q]) from the 32 bf16 of vcvtne2ps2bf16 (low half: row 2 j2).
+  alignas(64) static const uint16_t kInterleave[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
+                                                       8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i interleave = _mm512_load_si512(kInterleave);
+  const __m512i column = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32(kBlockQ));
+  const int64_t group = p.n_heads / p.n_kv_heads, qblocks = (p.seqlen_q + kBlockQ - 1) / kBlockQ;
+  const int64_t items = p.batch * p.n_heads * qblocks;
+  float* lse_out = static_cast<float*>(p.lse);
+#pragma omp parallel if (items > 1)
+  {
+    load_tile_config();
+    std::vector<uint32_t> qp(D / 2 * kBlockQ), pp(kAmxBlockK / 2 * kBlockQ);
+    std::vector<float> st(2 * kAmxBlockK * kBlockQ), ot(D * kBlockQ);
+    // K rows and V^T blocks of the (sequence, kv head) this thread last worked on, packed block by
+    // block as its query blocks first need them (as flash_attn.cpp's forward; kept across calls).
+    static thread_local std::vector<uint16_t> k_seq, vt_seq;
+    std::vector<char> packed;
+    int64_t packed_b = -1, packed_hk = -1;
+    alignas(64) float m[kBlockQ], l[kBlockQ], corr[kBlockQ];
+    QueryBounds bounds;
+#pragma omp for schedule(dynamic)
+    for (int64_t item = 0; item < items; ++item) {
+      const int64_t b = item / (p.n_heads * qblocks), h = (item / qblocks) % p.n_heads, qb = item % qblocks;
+      const SeqInfo s = seq_info(p, b);
+      const int64_t i0 = qb * kBlockQ;
+      if (i0 >= s.len_q) continue;
+      const int64_t mq = std::min(kBlockQ, s.len_q - i0), hk = h / group;
+      if (b != packed_b || hk != packed_hk) {
+        packed_b = b, packed_hk = hk;
+        const int64_t kblocks = (s.len_k + kAmxBlockK - 1) / kAmxBlockK;
+        if (k_seq.size() < size_t(kblocks * kAmxBlockK * D)) {
+          k_seq.resize(kblocks * kAmxBlockK * D);
+          vt_seq.resize(kblocks * kAmxBlockK * D);
+        }
+        packed.assign(kblocks, 0);
+      }
+      pack_pairs_transposed<D>(qp.data(), kBlockQ, p.q, p.q_strides, b, s.q_start + i0, h, mq);
+      bounds.set(p, s, i0, mq);
+      std::fill(ot.begin(), ot.end(), 0.f);
+      std::fill(m, m + kBlockQ, kNegInf);
+      std::fill(l, l + kBlockQ, 0.f);
+      const KeyBlocks kbs = key_blocks<kAmxBlockK>(p, s, i0, mq);
+      // Key block kblk's scores go to St buffer kblk % 2, computed one block ahead: the next block's
+      // tile stores then have the whole softmax of this one to land before vector loads read them
+      // (against computing each block's scores just before its softmax: mean speed vs SDPA over
+      // T = 2048 / 4096, D = 64 / 128, causal or not, two runs each, 1.16x vs 1.08x; per row within
+      // the noise).
+      auto block_keys = [&](int64_t kblk) { return std::min(kAmxBlockK, s.len_k - kblk * kAmxBlockK); };
+      auto ensure_packed = [&](int64_t kblk) {
+        if (packed[kblk]) return;
+        const int64_t j0 = kblk * kAmxBlockK, nk = block_keys(kblk);
+        pack_k_rows<D>(k_seq.data() + j0 * D, p, b, s.k_start + j0, hk, nk);
+        pack_v_transposed<D>(vt_seq.data() + j0 * D, p, b, s.k_start + j0, hk, nk);
+        packed[kblk] = 1;
+      };
+      if (kbs.first < kbs.end) {
+        ensure_packed(kbs.first);
+        scores_tiles<D>(block_keys(kbs.first), k_seq.data() + kbs.first * kAmxBlockK * D, qp.data(),
+                                    st.data() + (kbs.first % 2) * kAmxBlockK * kBlockQ);
+      }
+      for (int64_t kblk = kbs.first; kblk < kbs.end; ++kblk) {
+        const int64_t j0 = kblk * kAmxBlockK, nk = block_keys(kblk);
+        if (kblk + 1 < kbs.end) {
+          ensure_packed(kblk + 1);
+          scores_tiles<D>(block_keys(kblk + 1), k_seq.data() + (kblk + 1) * kAmxBlockK * D, qp.data(),
+                                      st.data() + ((kblk + 1) % 2) * kAmxBlockK * kBlockQ);
+        }
+        const uint16_t* vt = vt_seq.data() + j0 * D;
+        float* __restrict S = st.data() + (kblk % 2) * kAmxBlockK * kBlockQ;
+        // Scale and mask, and the block's max per query. The max skips NaN (vmaxps returns its second
+        // operand then), as flash_attn.cpp's: a NaN must not poison the other queries' running max.
+        const bool masked = !block_unmasked<kAmxBlockK>(p, s, i0, mq, j0);
+        __m512 blk[kQV], m_use[kQV], sum[kQV];
+        __m512i lo[kQV], hi[kQV];
+        for (int v = 0; v < kQV; ++v) {
+          blk[v] = ninf;
+          lo[v] = _mm512_loadu_si512(bounds.lo + v * 16);
+          hi[v] = _mm512_loadu_si512(bounds.hi + v * 16);
+        }
+        for (int64_t j = 0; j < nk; ++j) {
+          float* __restrict row = S + j * kBlockQ;
+          const __m512i key = _mm512_set1_epi32(int32_t(j0 + j));
+#pragma GCC unroll 4
+          for (int v = 0; v < kQV; ++v) {
+            __m512 x = _mm512_mul_ps(_mm512_loadu_ps(row + v * 16), scale);
+            if (masked) {
+              const __mmask16 seen = _mm512_cmpge_epi32_mask(key, lo[v]) & _mm512_cmplt_epi32_mask(key, hi[v]);
+              x = _mm512_mask_mov_ps(ninf, seen, x);
+            }
+            _mm512_storeu_ps(row + v * 16, x);
+            blk[v] = _mm512_max_ps(x, blk[v]);
+          }
+        }
+        // A query that has seen only masked keys keeps m = -inf; exp is then taken against 0 so that
+        // NaN scores still come out as NaN (as flash_attn.cpp's). m moves only when the block's max
+        // exceeds it by more than kRescaleSlack (see there).
+        for (int v = 0; v < kQV; ++v) {
+          const __m512 m_old = _mm512_load_ps(m + v * 16);
+          const __mmask16 grows = _mm512_cmp_ps_mask(blk[v], _mm512_add_ps(m_old, slack), _CMP_GT_OQ);
+          const __m512 m_new = _mm512_mask_max_ps(m_old, grows, blk[v], m_old);
+          m_use[v] = _mm512_mask_mov_ps(m_new, _mm512_cmp_ps_mask(m_new, ninf, _CMP_EQ_OQ), zero);
+          const __mmask16 was_empty = _mm512_cmp_ps_mask(m_old, ninf, _CMP_EQ_OQ);
+          _mm512_store_ps(corr + v * 16, _mm512_mask_mov_ps(avx512::exp<5>(_mm512_sub_ps(m_old, m_use[v])), was_empty, zero));
+          _mm512_store_ps(m + v * 16, m_new);
+          sum[v] = zero;
+        }
+        // P = exp(S - m) in fp32 for the row sums, and as bf16 pairs of keys (2 j2, 2 j2 + 1) for P V.
+        uint32_t* __restrict P = pp.data();
+        for (int64_t j = 0; j < nk; j += 2) {
+          const float* r0 = S + j * kBlockQ;
+          const float* r1 = S + (j + 1) * kBlockQ;
+          const bool second = j + 1 < nk;
+#pragma GCC unroll 4
+          for (int v = 0; v < kQV; ++v) {
+            const __m512 x0 = _mm512_loadu_ps(r0 + v * 16);
+            const __m512 p0 = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x0, ninf, _CMP_NEQ_UQ),
+                                                  avx512::exp<5>(_mm512_sub_ps(x0, m_use[v])));
+            sum[v] = _mm512_add_ps(sum[v], p0);
+            __m512 p1 = zero;
+            if (second) {
+              const __m512 x1 = _mm512_loadu_ps(r1 + v * 16);
+              p1 = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x1, ninf, _CMP_NEQ_UQ),
+                                       avx512::exp<5>(_mm512_sub_ps(x1, m_use[v])));
+              sum[v] = _mm512_add_ps(sum[v], p1);
+            }
+            const __m512i pairs = _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(p1, p0));
+            _mm512_storeu_si512(P + j / 2 * kBlockQ + v * 16, pairs);
+          }
+        }
+        const int64_t pairs_used = (nk + 1) / 2, pairs_padded = (nk + 31) / 32 * 16;
+        if (pairs_used < pairs_padded) std::memset(P + pairs_used * kBlockQ, 0, (pairs_padded - pairs_used) * kBlockQ * 4);
+        for (int v = 0; v < kQV; ++v) {
+          const __m512 c = _mm512_load_ps(corr + v * 16);
+          _mm512_store_ps(l + v * 16, _mm512_add_ps(_mm512_mul_ps(_mm512_load_ps(l + v * 16), c), sum[v]));
+          if (_mm512_cmp_ps_mask(c, one, _CMP_NEQ_UQ)) {
+            float* __restrict col = ot.data() + v * 16;
+            for (int d = 0; d < D; ++d)
+              _mm512_storeu_ps(col + d * kBlockQ, _mm512_mul_ps(_mm512_loadu_ps(col + d * kBlockQ), c));
+          }
+        }
+        pv_tiles<D>(nk, vt, P, ot.data());  // O^T += V^T P^T
+      }
+      for (int64_t r = 0; r < mq; ++r) {
+        uint16_t* __restrict dst = reinterpret_cast<uint16_t*>(at_mut<bf16>(p.out, p.o_strides, b, s.q_start + i0 + r, h));
+        const bool empty = l[r] == 0.f;  // sees no key; NaN inputs give l = NaN and stay NaN
+        const __m512 inv = _mm512_set1_ps(empty ? 0.f : 1.f / l[r]);
+        for (int d = 0; d < D; d += 16) {
+          const __m512 o = _mm512_i32gather_ps(column, ot.data() + d * kBlockQ + r, 4);
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + d), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(o, inv)));
+        }
+        lse_out[lse_index(p, b, h, s, i0 + r)] =
+            empty ? std::numeric_limits<float>::infinity() : m[r] + std::log(l[r]);
+      }
+    }
+    _tile_release();
+  }
+}
+
+}  // namespace
+
+bool flash_attn_amx_usable() {
+  static const bool usable = [] {
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+    const bool amx_bf16 = edx & (1u << 22), amx_tile = edx & (1u << 24);
+    if (!amx_bf16 || !amx_tile) return false;
+    // Linux (5.16+) hands out the 8 KB tile state only on request; without it the first tile
+    // instruction faults (SIGILL). The permission is the process's, for all its threads.
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return usable;
+}
+
+void flash_attn_fwd_amx(const AttnParams& p) {
+  PYLLM_CHECK(flash_attn_amx_usable(), "flash_attn: the AMX forward is not usable in this process");
+  dispatch_head_dim(p.head_dim, [&](auto d) { fwd_amx<decltype(d)::value>(p); });
+}
+
+#endif  // PYLLM_AMX
+
+}  // namespace pyllm

@@ -290,6 +290,12 @@ void gemm_bf16(int64_t M, int64_t K2, const uint32_t* a, int64_t ams, int64_t ak
 template <typename T> constexpr bool kBf16Dot = false;
 #endif
 
+// A path switch from the environment: "0" off, "1" on, anything else (or unset) `otherwise`.
+inline bool env_switch(const char* name, bool otherwise) {
+  const char* env = std::getenv(name);
+  return env && (env[0] == '0' || env[0] == '1') ? env[0] == '1' : otherwise;
+}
+
 // Whether bf16 inputs take the vdpbf16ps scores (true) or are widened into fp32 tiles like every
 // other build's (false). Chosen per CPU, once per process: vdpbf16ps ran at 2x the fp32 FMA rate
 // on Zen 4 but at half of it on the Intel Xeon (AMX) of the header, where the fp32 tiles ran bf16
@@ -299,10 +305,8 @@ template <typename T> constexpr bool kBf16Dot = false;
 bool bf16_dot_enabled() {
 #ifdef PYLLM_BF16_DOT
   static const bool enabled = [] {
-    const char* env = std::getenv("PYLLM_ATTN_CPU_BF16_DOT");
-    if (env && (env[0] == '0' || env[0] == '1')) return env[0] == '1';
     __builtin_cpu_init();
-    return bool(__builtin_cpu_is("amd"));
+    return env_switch("PYLLM_ATTN_CPU_BF16_DOT", __builtin_cpu_is("amd"));
   }();
   return enabled;
 #else
@@ -314,10 +318,7 @@ bool bf16_dot_enabled() {
 // and the CPU and kernel allow it (flash_attn_amx_usable); PYLLM_ATTN_CPU_AMX=0 turns it off (=1,
 // the default, cannot force it where it is not usable). Once per process.
 bool amx_enabled() {
-  static const bool enabled = [] {
-    const char* env = std::getenv("PYLLM_ATTN_CPU_AMX");
-    return !(env && env[0] == '0') && flash_attn_amx_usable();
-  }();
+  static const bool enabled = env_switch("PYLLM_ATTN_CPU_AMX", true) && flash_attn_amx_usable();
   return enabled;
 }
 
@@ -420,8 +421,7 @@ void fwd(const AttnParams& p) {
   constexpr int L = Vec<A>::lanes, kQV = kBlockQ / L;  // vectors per row of St
   constexpr A kNegInf = neg_inf<A>();
   const V ninf = V{} + kNegInf, zero = V{};
-  const int64_t group = p.n_heads / p.n_kv_heads, qblocks = (p.seqlen_q + kBlockQ - 1) / kBlockQ;
-  const int64_t items = p.batch * p.n_heads * qblocks;
+  const int64_t qblocks = fwd_qblocks(p), items = p.batch * p.n_heads * qblocks;
   A* lse_out = static_cast<A*>(p.lse);
 #pragma omp parallel if (items > 1)
   {
@@ -440,11 +440,10 @@ void fwd(const AttnParams& p) {
     QueryBounds bounds;
 #pragma omp for schedule(dynamic)
     for (int64_t item = 0; item < items; ++item) {
-      const int64_t b = item / (p.n_heads * qblocks), h = (item / qblocks) % p.n_heads, qb = item % qblocks;
-      const SeqInfo s = seq_info(p, b);
-      const int64_t i0 = qb * kBlockQ;
-      if (i0 >= s.len_q) continue;
-      const int64_t mq = std::min(kBlockQ, s.len_q - i0), hk = h / group;
+      const FwdItem it = fwd_item(p, item, qblocks);
+      if (it.mq <= 0) continue;
+      const int64_t b = it.b, h = it.h, hk = it.hk, i0 = it.i0, mq = it.mq;
+      const SeqInfo& s = it.s;
       const int qv = int((mq + L - 1) / L);  // vectors of St that hold real queries; the rest is padding
       if (b != packed_b || hk != packed_hk) {
         packed_b = b, packed_hk = hk;
@@ -599,10 +598,7 @@ inline float hsum(vec_f32 x) {
 // (a test compares gradients of a 2-key problem at zero tolerance); this path sums differently.
 // PYLLM_ATTN_CPU_DECODE=0 turns it off (same-process A/B against the tiled path).
 inline bool decode_path(const AttnParams& p) {
-  static const bool enabled = [] {
-    const char* env = std::getenv("PYLLM_ATTN_CPU_DECODE");
-    return !(env && env[0] == '0');
-  }();
+  static const bool enabled = env_switch("PYLLM_ATTN_CPU_DECODE", true);
   return enabled && (p.dtype == int(DType::f32) || p.dtype == int(DType::bf16)) && p.seqused_k &&
          !p.cu_seqlens_q && !p.cu_seqlens_k && p.seqlen_q <= kDecodeMaxQueries;
 }

@@ -87,6 +87,23 @@ inline void pack_pairs_transposed(uint32_t* __restrict dst, int64_t ld, const vo
       for (int64_t r = rows; r < ld; ++r) dst[d2 * ld + r] = 0;
 }
 
+// The forward's work items (both forwards): item = (b * n_heads + h) * qblocks + qb is query
+// head h of sequence b, queries [i0, i0 + mq) of its block qb; mq <= 0 past the sequence's end.
+struct FwdItem {
+  int64_t b, h, hk, i0, mq;
+  SeqInfo s;
+};
+inline int64_t fwd_qblocks(const AttnParams& p) { return (p.seqlen_q + kBlockQ - 1) / kBlockQ; }
+inline FwdItem fwd_item(const AttnParams& p, int64_t item, int64_t qblocks) {
+  FwdItem it;
+  it.b = item / (p.n_heads * qblocks), it.h = (item / qblocks) % p.n_heads;
+  it.hk = it.h / (p.n_heads / p.n_kv_heads);
+  it.s = seq_info(p, it.b);
+  it.i0 = item % qblocks * kBlockQ;
+  it.mq = std::min(kBlockQ, it.s.len_q - it.i0);
+  return it;
+}
+
 // Key blocks [first, end) that the queries [i0, i0 + mq) touch.
 struct KeyBlocks {
   int64_t first, end;

@@ -96,31 +96,45 @@ inline void load_tile_config() {
   _tile_loadconfig(&config);
 }
 
+// Both matmuls below run in 2 x 2 blocks of C tiles tmm0-3: C rows r, r + 16 x columns q, q + 16,
+// fp32, rows ldc floats apart. One 32-wide reduction step: A rows a, a + 16 rows (tmm4-5, bf16,
+// lda bytes apart; a16 = the second one) times B pairs b, b + 16 columns (tmm6-7, ldb bytes).
+inline void load_c_2x2(const float* c, int64_t ldc) {
+  _tile_loadd(0, c, ldc * 4);
+  _tile_loadd(1, c + 16, ldc * 4);
+  _tile_loadd(2, c + 16 * ldc, ldc * 4);
+  _tile_loadd(3, c + 16 * ldc + 16, ldc * 4);
+}
+inline void store_c_2x2(float* c, int64_t ldc) {
+  _tile_stored(0, c, ldc * 4);
+  _tile_stored(1, c + 16, ldc * 4);
+  _tile_stored(2, c + 16 * ldc, ldc * 4);
+  _tile_stored(3, c + 16 * ldc + 16, ldc * 4);
+}
+inline void dp_2x2(const uint16_t* a, const uint16_t* a16, int64_t lda, const uint32_t* b, int64_t ldb) {
+  _tile_loadd(4, a, lda);
+  _tile_loadd(5, a16, lda);
+  _tile_loadd(6, b, ldb);
+  _tile_loadd(7, b + 16, ldb);
+  _tile_dpbf16ps(0, 4, 6);
+  _tile_dpbf16ps(1, 4, 7);
+  _tile_dpbf16ps(2, 5, 6);
+  _tile_dpbf16ps(3, 5, 7);
+}
+
 // St[kAmxBlockK][kBlockQ] = K Qp for the key tiles up to nk (rounded up to 32): k holds the block's
 // keys as bf16 rows of D, zero past nk; qp the queries' pairs, Qp[d2][q], zero past the last query.
 template <int D>
 inline void scores_tiles(int64_t nk, const uint16_t* k, const uint32_t* qp, float* st) {
-  constexpr int64_t kq = kBlockQ * 4;  // bytes per row of St and Qp
   for (int64_t kt = 0; kt < nk; kt += 32)
     for (int64_t qt = 0; qt < kBlockQ; qt += 32) {
       _tile_zero(0);
       _tile_zero(1);
       _tile_zero(2);
       _tile_zero(3);
-      for (int64_t c = 0; c < D; c += 32) {
-        _tile_loadd(4, k + kt * D + c, D * 2);
-        _tile_loadd(5, k + (kt + 16) * D + c, D * 2);
-        _tile_loadd(6, qp + c / 2 * kBlockQ + qt, kq);
-        _tile_loadd(7, qp + c / 2 * kBlockQ + qt + 16, kq);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 4, 7);
-        _tile_dpbf16ps(2, 5, 6);
-        _tile_dpbf16ps(3, 5, 7);
-      }
-      _tile_stored(0, st + kt * kBlockQ + qt, kq);
-      _tile_stored(1, st + kt * kBlockQ + qt + 16, kq);
-      _tile_stored(2, st + (kt + 16) * kBlockQ + qt, kq);
-      _tile_stored(3, st + (kt + 16) * kBlockQ + qt + 16, kq);
+      for (int64_t c = 0; c < D; c += 32)
+        dp_2x2(k + kt * D + c, k + (kt + 16) * D + c, D * 2, qp + c / 2 * kBlockQ + qt, kBlockQ * 4);
+      store_c_2x2(st + kt * kBlockQ + qt, kBlockQ);
     }
 }
 
@@ -128,28 +142,14 @@ inline void scores_tiles(int64_t nk, const uint16_t* k, const uint32_t* qp, floa
 // block, [D][kAmxBlockK] bf16, zero past nk; pp the P^T pairs, [kAmxBlockK / 2][kBlockQ], zero past nk.
 template <int D>
 inline void pv_tiles(int64_t nk, const uint16_t* vt, const uint32_t* pp, float* ot) {
-  constexpr int64_t kq = kBlockQ * 4, kv = kAmxBlockK * 2;
   for (int64_t d0 = 0; d0 < D; d0 += 32)
     for (int64_t q0 = 0; q0 < kBlockQ; q0 += 32) {
       float* c = ot + d0 * kBlockQ + q0;
-      _tile_loadd(0, c, kq);
-      _tile_loadd(1, c + 16, kq);
-      _tile_loadd(2, c + 16 * kBlockQ, kq);
-      _tile_loadd(3, c + 16 * kBlockQ + 16, kq);
-      for (int64_t j = 0; j < nk; j += 32) {
-        _tile_loadd(4, vt + d0 * kAmxBlockK + j, kv);
-        _tile_loadd(5, vt + (d0 + 16) * kAmxBlockK + j, kv);
-        _tile_loadd(6, pp + j / 2 * kBlockQ + q0, kq);
-        _tile_loadd(7, pp + j / 2 * kBlockQ + q0 + 16, kq);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 4, 7);
-        _tile_dpbf16ps(2, 5, 6);
-        _tile_dpbf16ps(3, 5, 7);
-      }
-      _tile_stored(0, c, kq);
-      _tile_stored(1, c + 16, kq);
-      _tile_stored(2, c + 16 * kBlockQ, kq);
-      _tile_stored(3, c + 16 * kBlockQ + 16, kq);
+      load_c_2x2(c, kBlockQ);
+      for (int64_t j = 0; j < nk; j += 32)
+        dp_2x2(vt + d0 * kAmxBlockK + j, vt + (d0 + 16) * kAmxBlockK + j, kAmxBlockK * 2, pp + j / 2 * kBlockQ + q0,
+               kBlockQ * 4);
+      store_c_2x2(c, kBlockQ);
     }
 }
 
@@ -186,8 +186,7 @@ void fwd_amx(const AttnParams& p) {
   const __m512i interleave = _mm512_load_si512(kInterleave);
   const __m512i column = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                             _mm512_set1_epi32(kBlockQ));
-  const int64_t group = p.n_heads / p.n_kv_heads, qblocks = (p.seqlen_q + kBlockQ - 1) / kBlockQ;
-  const int64_t items = p.batch * p.n_heads * qblocks;
+  const int64_t qblocks = fwd_qblocks(p), items = p.batch * p.n_heads * qblocks;
   float* lse_out = static_cast<float*>(p.lse);
 #pragma omp parallel if (items > 1)
   {
@@ -203,11 +202,10 @@ void fwd_amx(const AttnParams& p) {
     QueryBounds bounds;
 #pragma omp for schedule(dynamic)
     for (int64_t item = 0; item < items; ++item) {
-      const int64_t b = item / (p.n_heads * qblocks), h = (item / qblocks) % p.n_heads, qb = item % qblocks;
-      const SeqInfo s = seq_info(p, b);
-      const int64_t i0 = qb * kBlockQ;
-      if (i0 >= s.len_q) continue;
-      const int64_t mq = std::min(kBlockQ, s.len_q - i0), hk = h / group;
+      const FwdItem it = fwd_item(p, item, qblocks);
+      if (it.mq <= 0) continue;
+      const int64_t b = it.b, h = it.h, hk = it.hk, i0 = it.i0, mq = it.mq;
+      const SeqInfo& s = it.s;
       if (b != packed_b || hk != packed_hk) {
         packed_b = b, packed_hk = hk;
         const int64_t kblocks = (s.len_k + kAmxBlockK - 1) / kAmxBlockK;

@@ -437,30 +437,40 @@ def subprocess_env():
     return {**os.environ, "PYTHONPATH": os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])}
 
 
-@pytest.mark.skipif("avx512bf16" not in _C.cpu_isa, reason="this build has one bf16 path only")
-@pytest.mark.parametrize("dot", ["0", "1"])
-def test_cpu_bf16_paths_match_reference(dot):
-    # bf16 takes vdpbf16ps scores or fp32 tiles, chosen once per process by CPU vendor (or
-    # PYLLM_ATTN_CPU_BF16_DOT): whichever this machine picks, the other runs here too.
+def check_bf16_in_subprocess(env: dict, path_check: str, shapes: str, options: str) -> None:
+    """bf16 forward + backward against float64 (check_against_reference) in a child Python with
+    `env` set: the CPU path switches are read once per process. path_check asserts the child took
+    the path meant; shapes lists (b, tq, tk, h, hk, d), options (causal, window) pairs."""
     import subprocess
     import sys
-    from pathlib import Path
 
     code = (
         "import torch, pyllm\n"
         "from pyllm import _C\n"
         "from test_flash_attn import check_against_reference, attention, rand\n"
-        f"assert _C.flash_attn_cpu_bf16_dot() == {dot == '1'}\n"
+        f"{path_check}\n"
         "torch.manual_seed(0)\n"
-        "for b, tq, tk, h, hk, d in [(2, 65, 130, 4, 2, 64), (1, 100, 37, 4, 1, 128), (1, 40, 70, 2, 1, 256)]:\n"
+        f"for b, tq, tk, h, hk, d in {shapes}:\n"
         "    q, k, v, dout = (rand(s, torch.bfloat16, 'cpu') for s in ((b, tq, h, d), (b, tk, hk, d), (b, tk, hk, d), (b, tq, h, d)))\n"
-        "    for causal in (False, True):\n"
-        "        check_against_reference(q, k, v, dout, lambda q, k, v: pyllm.flash_attn(q, k, v, causal=causal),\n"
-        "                                lambda q, k, v: attention(q, k, v, causal)[0])\n"
+        f"    for causal, window in {options}:\n"
+        "        check_against_reference(q, k, v, dout, lambda q, k, v: pyllm.flash_attn(q, k, v, causal=causal, window=window),\n"
+        "                                lambda q, k, v: attention(q, k, v, causal, window)[0])\n"
     )
-    env = {**subprocess_env(), "PYLLM_ATTN_CPU_BF16_DOT": dot, "PYLLM_ATTN_CPU_AMX": "0"}  # both forwards too
-    run = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, env=env, capture_output=True, text=True)
+    run = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, env={**subprocess_env(), **env},
+                         capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
+
+
+@pytest.mark.skipif("avx512bf16" not in _C.cpu_isa, reason="this build has one bf16 path only")
+@pytest.mark.parametrize("dot", ["0", "1"])
+def test_cpu_bf16_paths_match_reference(dot):
+    # bf16 takes vdpbf16ps scores or fp32 tiles, chosen once per process by CPU vendor (or
+    # PYLLM_ATTN_CPU_BF16_DOT): whichever this machine picks, the other runs here too (AMX off, so
+    # that both forwards run too).
+    check_bf16_in_subprocess({"PYLLM_ATTN_CPU_BF16_DOT": dot, "PYLLM_ATTN_CPU_AMX": "0"},
+                             f"assert _C.flash_attn_cpu_bf16_dot() == {dot == '1'}",
+                             "[(2, 65, 130, 4, 2, 64), (1, 100, 37, 4, 1, 128), (1, 40, 70, 2, 1, 256)]",
+                             "((False, (-1, -1)), (True, (-1, -1)))")
 
 
 @pytest.mark.skipif(_C.flash_attn_cpu_amx() == "unavailable", reason="no AMX-BF16 (CPU, kernel or build)")
@@ -468,26 +478,11 @@ def test_cpu_bf16_paths_match_reference(dot):
 def test_cpu_amx_forward_matches_reference(amx):
     # The bf16 forward runs on AMX tiles where the CPU and kernel allow it (PYLLM_ATTN_CPU_AMX=0 turns
     # it off): both paths against float64, every head dim, partial blocks, GQA, causal and windows.
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    code = (
-        "import torch, pyllm\n"
-        "from pyllm import _C\n"
-        "from test_flash_attn import check_against_reference, attention, rand\n"
-        f"assert _C.flash_attn_cpu_amx() == {'on' if amx == '1' else 'off'!r}, _C.flash_attn_cpu_amx()\n"
-        "torch.manual_seed(0)\n"
-        "for b, tq, tk, h, hk, d in [(2, 65, 130, 4, 2, 64), (1, 100, 37, 4, 1, 128), (1, 40, 70, 2, 1, 256),\n"
-        "                            (1, 130, 130, 2, 2, 32), (1, 33, 97, 2, 1, 96)]:\n"
-        "    q, k, v, dout = (rand(s, torch.bfloat16, 'cpu') for s in ((b, tq, h, d), (b, tk, hk, d), (b, tk, hk, d), (b, tq, h, d)))\n"
-        "    for causal, window in ((False, (-1, -1)), (True, (-1, -1)), (False, (20, 5))):\n"
-        "        check_against_reference(q, k, v, dout, lambda q, k, v: pyllm.flash_attn(q, k, v, causal=causal, window=window),\n"
-        "                                lambda q, k, v: attention(q, k, v, causal, window)[0])\n"
-    )
-    env = {**subprocess_env(), "PYLLM_ATTN_CPU_AMX": amx}
-    run = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, env=env, capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-3000:]
+    check_bf16_in_subprocess({"PYLLM_ATTN_CPU_AMX": amx},
+                             f"assert _C.flash_attn_cpu_amx() == {'on' if amx == '1' else 'off'!r}, _C.flash_attn_cpu_amx()",
+                             "[(2, 65, 130, 4, 2, 64), (1, 100, 37, 4, 1, 128), (1, 40, 70, 2, 1, 256), "
+                             "(1, 130, 130, 2, 2, 32), (1, 33, 97, 2, 1, 96)]",
+                             "((False, (-1, -1)), (True, (-1, -1)), (False, (20, 5)))")
 
 
 def test_cpu_memory_is_linear_in_t():

@@ -146,36 +146,68 @@ struct Aligned64 {
 template <typename T>
 using TileBuffer = std::vector<T, Aligned64<T>>;
 
+// The two block matmuls, one 2 x 2 reduction step (dp_2x2: 4 tile loads, 4 TDPBF16PS) per call of
+// step(), so that fwd_amx's softmax loop can interleave them with its vector work (see there).
 // St[kAmxBlockK][kBlockQ] = K Qp for the key tiles up to nk (rounded up to 32): k holds the block's
 // keys as bf16 rows of D, zero past nk; qp the queries' pairs, Qp[d2][q], zero past the last query.
 template <int D>
-inline void scores_tiles(int64_t nk, const uint16_t* k, const uint32_t* qp, float* st) {
-  for (int64_t kt = 0; kt < nk; kt += 32)
-    for (int64_t qt = 0; qt < kBlockQ; qt += 32) {
+struct ScoresTiles {
+  const uint16_t* k = nullptr;
+  const uint32_t* qp = nullptr;
+  float* st = nullptr;
+  int64_t nk = 0, kt = 0, qt = 0, c = 0;
+  void start(int64_t keys, const uint16_t* k_rows, const uint32_t* q_pairs, float* scores) {
+    k = k_rows, qp = q_pairs, st = scores;
+    nk = (keys + 31) / 32 * 32, kt = qt = c = 0;
+  }
+  int64_t steps() const { return (nk - kt) / 32 * (kBlockQ / 32) * (D / 32); }  // at start
+  bool done() const { return kt >= nk; }
+  void step() {
+    if (c == 0) {
       _tile_zero(0);
       _tile_zero(1);
       _tile_zero(2);
       _tile_zero(3);
-      for (int64_t c = 0; c < D; c += 32)
-        dp_2x2(k + kt * D + c, k + (kt + 16) * D + c, D * 2, qp + c / 2 * kBlockQ + qt, kBlockQ * 4);
-      store_c_2x2(st + kt * kBlockQ + qt, kBlockQ);
     }
-}
+    dp_2x2(k + kt * D + c, k + (kt + 16) * D + c, D * 2, qp + c / 2 * kBlockQ + qt, kBlockQ * 4);
+    if ((c += 32) < D) return;
+    store_c_2x2(st + kt * kBlockQ + qt, kBlockQ);
+    c = 0;
+    if ((qt += 32) == kBlockQ) qt = 0, kt += 32;
+  }
+  void finish() {
+    while (!done()) step();
+  }
+};
 
 // O^T[D][kBlockQ] += V^T Pp over the key pairs up to nk (rounded up to 32 keys): vt holds V^T of the
 // block, [D][kAmxBlockK] bf16, zero past nk; pp the P^T pairs, [kAmxBlockK / 2][kBlockQ], zero past nk.
 template <int D>
-inline void pv_tiles(int64_t nk, const uint16_t* vt, const uint32_t* pp, float* ot) {
-  for (int64_t d0 = 0; d0 < D; d0 += 32)
-    for (int64_t q0 = 0; q0 < kBlockQ; q0 += 32) {
-      float* c = ot + d0 * kBlockQ + q0;
-      load_c_2x2(c, kBlockQ);
-      for (int64_t j = 0; j < nk; j += 32)
-        dp_2x2(vt + d0 * kAmxBlockK + j, vt + (d0 + 16) * kAmxBlockK + j, kAmxBlockK * 2, pp + j / 2 * kBlockQ + q0,
-               kBlockQ * 4);
-      store_c_2x2(c, kBlockQ);
-    }
-}
+struct PvTiles {
+  const uint16_t* vt = nullptr;
+  const uint32_t* pp = nullptr;
+  float* ot = nullptr;
+  int64_t nk = 0, d0 = D, q0 = 0, j = 0;
+  void start(int64_t keys, const uint16_t* v_t, const uint32_t* p_pairs, float* o_t) {
+    vt = v_t, pp = p_pairs, ot = o_t;
+    nk = (keys + 31) / 32 * 32, d0 = q0 = j = 0;
+  }
+  int64_t steps() const { return (D - d0) / 32 * (kBlockQ / 32) * (nk / 32); }  // at start
+  bool done() const { return d0 >= D; }
+  void step() {
+    float* c = ot + d0 * kBlockQ + q0;
+    if (j == 0) load_c_2x2(c, kBlockQ);
+    dp_2x2(vt + d0 * kAmxBlockK + j, vt + (d0 + 16) * kAmxBlockK + j, kAmxBlockK * 2, pp + j / 2 * kBlockQ + q0,
+           kBlockQ * 4);
+    if ((j += 32) < nk) return;
+    store_c_2x2(c, kBlockQ);
+    j = 0;
+    if ((q0 += 32) == kBlockQ) q0 = 0, d0 += 32;
+  }
+  void finish() {
+    while (!done()) step();
+  }
+};
 
 // 2^t for the softmax: t = n + r with n = floor(t), r in [0, 1) (vreduceps, exact), 2^r by a
 // polynomial, and vscalefps multiplies by 2^floor(t) itself, saturating to 0 and inf; t = -inf
@@ -240,7 +272,7 @@ void fwd_amx(const AttnParams& p) {
 #pragma omp parallel if (items > 1)
   {
     load_tile_config();
-    TileBuffer<uint32_t> qp(D / 2 * kBlockQ), pp(kAmxBlockK / 2 * kBlockQ);
+    TileBuffer<uint32_t> qp(D / 2 * kBlockQ), pp(2 * kAmxBlockK / 2 * kBlockQ);
     TileBuffer<float> st(2 * kAmxBlockK * kBlockQ), ot(D * kBlockQ);
     // K rows and V^T blocks of the (sequence, kv head) this thread last worked on, packed block by
     // block as its query blocks first need them (as flash_attn.cpp's forward; kept across calls).
@@ -249,6 +281,8 @@ void fwd_amx(const AttnParams& p) {
     int64_t packed_b = -1, packed_hk = -1;
     alignas(64) float m[kBlockQ], l[kBlockQ], corr[kBlockQ];
     QueryBounds bounds;
+    ScoresTiles<D> scores;
+    PvTiles<D> pv;
 #pragma omp for schedule(dynamic)
     for (int64_t item = 0; item < items; ++item) {
       const FwdItem it = fwd_item(p, item, qblocks);
@@ -287,17 +321,23 @@ void fwd_amx(const AttnParams& p) {
       };
       if (kbs.first < kbs.end) {
         ensure_packed(kbs.first);
-        scores_tiles<D>(block_keys(kbs.first), k_seq.data() + kbs.first * kAmxBlockK * D, qp.data(),
-                                    st.data() + (kbs.first % 2) * kAmxBlockK * kBlockQ);
+        scores.start(block_keys(kbs.first), k_seq.data() + kbs.first * kAmxBlockK * D, qp.data(),
+                     st.data() + (kbs.first % 2) * kAmxBlockK * kBlockQ);
+        scores.finish();
       }
       for (int64_t kblk = kbs.first; kblk < kbs.end; ++kblk) {
         const int64_t j0 = kblk * kAmxBlockK, nk = block_keys(kblk);
+        // The tile loads below read what vector stores wrote (P, O^T): GCC's tile-load intrinsics
+        // are asm without a memory clobber, so no store may be moved past them.
+        asm volatile("" ::: "memory");
         if (kblk + 1 < kbs.end) {
           ensure_packed(kblk + 1);
-          scores_tiles<D>(block_keys(kblk + 1), k_seq.data() + (kblk + 1) * kAmxBlockK * D, qp.data(),
-                                      st.data() + ((kblk + 1) % 2) * kAmxBlockK * kBlockQ);
+          scores.start(block_keys(kblk + 1), k_seq.data() + (kblk + 1) * kAmxBlockK * D, qp.data(),
+                       st.data() + ((kblk + 1) % 2) * kAmxBlockK * kBlockQ);
         }
-        const uint16_t* vt = vt_seq.data() + j0 * D;
+        if (kblk > kbs.first)
+          pv.start(block_keys(kblk - 1), vt_seq.data() + (kblk - 1) * kAmxBlockK * D,
+                   pp.data() + ((kblk - 1) % 2) * kAmxBlockK / 2 * kBlockQ, ot.data());
         float* __restrict S = st.data() + (kblk % 2) * kAmxBlockK * kBlockQ;
         // The block's max per query, of the raw scores (the scale is positive, see negate_q); masked
         // blocks (the diagonal ones) first set their masked scores to -inf. The max skips NaN (vmaxps
@@ -345,7 +385,9 @@ void fwd_amx(const AttnParams& p) {
         }
         // P = exp(scale S - m) = 2^(S scale log2(e) - m log2(e)) in fp32 for the row sums, and as bf16
         // pairs of keys (2 j2, 2 j2 + 1) for P V. Masked (-inf) scores give exactly 0 (exp2_block).
-        uint32_t* __restrict P = pp.data();
+        uint32_t* __restrict P = pp.data() + (kblk % 2) * kAmxBlockK / 2 * kBlockQ;
+        const int64_t iterations = (nk + 1) / 2, tile_steps = scores.steps() + pv.steps();
+        int64_t credit = 0;
         for (int64_t j = 0; j < nk; j += 2) {
           const float* r0 = S + j * kBlockQ;
           const float* r1 = S + (j + 1) * kBlockQ;
@@ -362,7 +404,18 @@ void fwd_amx(const AttnParams& p) {
             const __m512i pairs = _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(p1, p0));
             _mm512_storeu_si512(P + j / 2 * kBlockQ + v * 16, pairs);
           }
+          // The tile steps spread evenly over the iterations: the next block's scores first (their
+          // stores then have the rest of the loop to land before its max pass loads them), then
+          // this P V of the previous block.
+          for (credit += tile_steps; credit >= iterations; credit -= iterations) {
+            if (!scores.done())
+              scores.step();
+            else if (!pv.done())
+              pv.step();
+          }
         }
+        scores.finish();
+        pv.finish();
         const int64_t pairs_used = (nk + 1) / 2, pairs_padded = (nk + 31) / 32 * 16;
         if (pairs_used < pairs_padded) std::memset(P + pairs_used * kBlockQ, 0, (pairs_padded - pairs_used) * kBlockQ * 4);
         for (int v = 0; v < kQV; ++v) {
@@ -374,7 +427,12 @@ void fwd_amx(const AttnParams& p) {
               _mm512_storeu_ps(col + d * kBlockQ, _mm512_mul_ps(_mm512_loadu_ps(col + d * kBlockQ), c));
           }
         }
-        pv_tiles<D>(nk, vt, P, ot.data());  // O^T += V^T P^T
+      }
+      if (kbs.first < kbs.end) {
+        asm volatile("" ::: "memory");
+        pv.start(block_keys(kbs.end - 1), vt_seq.data() + (kbs.end - 1) * kAmxBlockK * D,
+                 pp.data() + ((kbs.end - 1) % 2) * kAmxBlockK / 2 * kBlockQ, ot.data());
+        pv.finish();
       }
       for (int64_t r = 0; r < mq; ++r) {
         uint16_t* __restrict dst = reinterpret_cast<uint16_t*>(at_mut<bf16>(p.out, p.o_strides, b, s.q_start + i0 + r, h));

@@ -29,9 +29,16 @@
 // calls); per key block the tiles read K (kAmxBlockK x D x 2 bytes), V^T (the same), Q pairs
 // (64 x D x 2) and P^T pairs (kAmxBlockK x 64 x 2), write St (kAmxBlockK x 64 x 4, read back by
 // the softmax), and load and store O^T (D x 64 x 4). Per thread: Qp 64 x D x 2, two St buffers
-// 2 x 32 KB, Pp 16 KB, O^T D x 64 x 4 bytes (32 KB at D = 128).
-// Ordering: a key block's scores are computed one block ahead (two St buffers), so that the
-// softmax's vector loads do not wait on tile stores just issued; and O^T is rescaled lazily
+// 2 x 32 KB, two Pp buffers 2 x 16 KB, O^T D x 64 x 4 bytes (32 KB at D = 128), all 64-byte
+// aligned (TileBuffer). Items go to threads in chunks of up to one head's query blocks, so that
+// a thread packs the K / V of fewer heads.
+// Ordering: software-pipelined over key blocks. In the exp loop of block k, the tile unit runs
+// the scores of block k + 1 (into the other St buffer) and then O^T += V^T P^T of block k - 1
+// (from the other Pp buffer), one 2 x 2 step (ScoresTiles / PvTiles) every few exp iterations:
+// the tiles and the vector units then work at the same time (a loop of dp_2x2 steps with 128
+// independent vector FMAs between them took the time of the tiles alone). O^T is rescaled for
+// block k after its loop, once block k - 1's P V is in. The next block's scores come first, so
+// the max pass's vector loads do not wait on tile stores just issued; and O^T is rescaled lazily
 // (kRescaleSlack), since the vector rescale and the next tile loads of the same O^T waited on
 // each other (perf, eager rescale: ~40% of the kernel's samples in the P V tiles, ~10% in the
 // rescale, for a quarter of the FLOPs each).
@@ -52,6 +59,9 @@
 
 #include <cmath>
 #include <new>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #include <vector>
 
 #include "common/cpu_math.h"
@@ -228,6 +238,44 @@ inline __m512 exp2_block(__m512 t) {
   return _mm512_scalef_ps(p, t);
 }
 
+// 16 x 16 transpose of 32-bit lanes in registers: four rounds of vpermt2d, each interleaving
+// register i with register i + 8 into registers 2 i and 2 i + 1, rotate the 8-bit (register, lane)
+// index by one bit, so that after four register c holds column c (as pack_v_transposed's 32 x 32).
+inline void transpose_16x16_u32(__m512i (&x)[16]) {
+  const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  for (int round = 0; round < 4; ++round) {
+    __m512i y[16];
+    for (int i = 0; i < 8; ++i) {
+      y[2 * i] = _mm512_permutex2var_epi32(x[i], lo, x[i + 8]);
+      y[2 * i + 1] = _mm512_permutex2var_epi32(x[i], hi, x[i + 8]);
+    }
+    for (int i = 0; i < 16; ++i) x[i] = y[i];
+  }
+}
+
+// The query block's pairs, qp[d2][r] = (q[r][2 d2], q[r][2 d2 + 1]) with sign_bits xor-ed in,
+// columns rows..kBlockQ zero: flash_attn.h's pack_pairs_transposed, 16 x 16 pairs at a time
+// (one 4-byte store per pair took ~5% of the forward's samples at T = 512, perf, 1 thread).
+// With fwd_amx's output by 16 x 16 transposes too (gathers before): 0.88-0.99x the time on 5 rows
+// (128n1024 17.3 -> 15.2 ms, 64n512 5.6 -> 5.5; 1 thread, interleaved, 2026-11-30), same bits.
+template <int D>
+inline void pack_q_pairs(uint32_t* __restrict qp, const AttnParams& p, int64_t b, int64_t start, int64_t h,
+                         int64_t rows, uint32_t sign_bits) {
+  const __m512i sign = _mm512_set1_epi32(int32_t(sign_bits));
+  const uint32_t* src[kBlockQ];
+  for (int64_t r = 0; r < rows; ++r)
+    src[r] = reinterpret_cast<const uint32_t*>(row_prefetching<D, bf16>(p.q, p.q_strides, b, start, h, r, rows));
+  for (int64_t r0 = 0; r0 < kBlockQ; r0 += 16)
+    for (int c0 = 0; c0 < D / 2; c0 += 16) {
+      __m512i x[16];
+      for (int i = 0; i < 16; ++i)
+        x[i] = r0 + i < rows ? _mm512_xor_si512(_mm512_loadu_si512(src[r0 + i] + c0), sign) : _mm512_setzero_si512();
+      transpose_16x16_u32(x);
+      for (int c = 0; c < 16; ++c) _mm512_store_si512(qp + (c0 + c) * kBlockQ + r0, x[c]);
+    }
+}
+
 // nk keys of a (B, T, H, D) bf16 tensor as rows of D (rows nk..round_up(nk, 32) zero) ...
 template <int D>
 inline void pack_k_rows(uint16_t* __restrict dst, const AttnParams& p, int64_t b, int64_t start, int64_t hk,
@@ -237,16 +285,42 @@ inline void pack_k_rows(uint16_t* __restrict dst, const AttnParams& p, int64_t b
   const int64_t padded = (nk + 31) / 32 * 32;
   std::memset(dst + nk * D, 0, (padded - nk) * D * 2);
 }
-// ... and V transposed, [D][kAmxBlockK] (columns nk..kAmxBlockK zero).
+// ... and V transposed, [D][kAmxBlockK] (columns nk..kAmxBlockK zero), 32 keys x 32 dims at a time:
+// five rounds of vpermt2w, each interleaving register i with register i + 16 into registers 2 i
+// and 2 i + 1, rotate the 10-bit (register, lane) index by one bit, so that after five register c
+// holds column c. Against one 2-byte store per element (packing K and V was ~10% of the forward
+// at T = 512: three more packs per block added 2-3 ms to 64n512's ~7 ms, 1 thread): 0.93-0.97x
+// the time at T = 512 (within the noise), same bits; one pack of K and V is now ~0.3 ms of 64n512's
+// 5.3 ms and ~0.8 of 128n512's 9.7.
 template <int D>
 inline void pack_v_transposed(uint16_t* __restrict dst, const AttnParams& p, int64_t b, int64_t start, int64_t hk,
                               int64_t nk) {
-  for (int64_t r = 0; r < nk; ++r) {
-    const uint16_t* row = reinterpret_cast<const uint16_t*>(row_prefetching<D, bf16>(p.v, p.v_strides, b, start, hk, r, nk));
-    for (int d = 0; d < D; ++d) dst[d * kAmxBlockK + r] = row[d];
+  alignas(64) static const uint16_t kLo[32] = {0, 32, 1, 33, 2,  34, 3,  35, 4,  36, 5,  37, 6,  38, 7,  39,
+                                               8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  alignas(64) static const uint16_t kHi[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+                                               24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+  const __m512i lo = _mm512_load_si512(kLo), hi = _mm512_load_si512(kHi);
+  for (int64_t r0 = 0; r0 < nk; r0 += 32) {
+    const int64_t rows = std::min<int64_t>(32, nk - r0);
+    const uint16_t* src[32];
+    for (int64_t i = 0; i < rows; ++i)
+      src[i] = reinterpret_cast<const uint16_t*>(row_prefetching<D, bf16>(p.v, p.v_strides, b, start, hk, r0 + i, nk));
+    for (int d0 = 0; d0 < D; d0 += 32) {
+      __m512i x[32], y[32];
+      for (int i = 0; i < 32; ++i) x[i] = i < rows ? _mm512_loadu_si512(src[i] + d0) : _mm512_setzero_si512();
+      for (int round = 0; round < 5; ++round) {
+        for (int i = 0; i < 16; ++i) {
+          y[2 * i] = _mm512_permutex2var_epi16(x[i], lo, x[i + 16]);
+          y[2 * i + 1] = _mm512_permutex2var_epi16(x[i], hi, x[i + 16]);
+        }
+        for (int i = 0; i < 32; ++i) x[i] = y[i];
+      }
+      for (int c = 0; c < 32; ++c) _mm512_store_si512(dst + (d0 + c) * kAmxBlockK + r0, x[c]);
+    }
   }
-  if (nk < kAmxBlockK)
-    for (int d = 0; d < D; ++d) std::memset(dst + d * kAmxBlockK + nk, 0, (kAmxBlockK - nk) * 2);
+  const int64_t padded = (nk + 31) / 32 * 32;
+  if (padded < kAmxBlockK)
+    for (int d = 0; d < D; ++d) std::memset(dst + d * kAmxBlockK + padded, 0, (kAmxBlockK - padded) * 2);
 }
 
 template <int D>
@@ -265,8 +339,6 @@ void fwd_amx(const AttnParams& p) {
   alignas(64) static const uint16_t kInterleave[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
                                                        8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
   const __m512i interleave = _mm512_load_si512(kInterleave);
-  const __m512i column = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                            _mm512_set1_epi32(kBlockQ));
   const int64_t qblocks = fwd_qblocks(p), items = p.batch * p.n_heads * qblocks;
   float* lse_out = static_cast<float*>(p.lse);
 #pragma omp parallel if (items > 1)
@@ -283,7 +355,18 @@ void fwd_amx(const AttnParams& p) {
     QueryBounds bounds;
     ScoresTiles<D> scores;
     PvTiles<D> pv;
-#pragma omp for schedule(dynamic)
+    // Chunks of up to a whole (sequence, head) of query blocks, so that each thread packs the K / V
+    // of fewer heads (with chunks of one item each of 2 threads packed nearly every head: ~6-8% more
+    // work at T = 512, from the pack times at pack_v_transposed), and still 16 chunks per thread for
+    // the balance (the last one leaves the others idle). Not timed: 2-thread wall times on this
+    // shared VM (load 3-5 on 2 cores) varied 2x between runs.
+#ifdef _OPENMP
+    const int64_t threads = omp_get_num_threads();
+#else
+    const int64_t threads = 1;
+#endif
+    const int64_t chunk = std::max<int64_t>(1, std::min(qblocks, items / (16 * threads)));
+#pragma omp for schedule(dynamic, chunk)
     for (int64_t item = 0; item < items; ++item) {
       const FwdItem it = fwd_item(p, item, qblocks);
       if (it.mq <= 0) continue;
@@ -298,9 +381,7 @@ void fwd_amx(const AttnParams& p) {
         }
         packed.assign(kblocks, 0);
       }
-      pack_pairs_transposed<D>(qp.data(), kBlockQ, p.q, p.q_strides, b, s.q_start + i0, h, mq);
-      if (negate_q)
-        for (uint32_t& pair : qp) pair ^= 0x80008000u;
+      pack_q_pairs<D>(qp.data(), p, b, s.q_start + i0, h, mq, negate_q ? 0x80008000u : 0u);
       bounds.set(p, s, i0, mq);
       std::fill(ot.begin(), ot.end(), 0.f);
       std::fill(m, m + kBlockQ, kNegInf);
@@ -406,7 +487,9 @@ void fwd_amx(const AttnParams& p) {
           }
           // The tile steps spread evenly over the iterations: the next block's scores first (their
           // stores then have the rest of the loop to land before its max pass loads them), then
-          // this P V of the previous block.
+          // the P V of the previous block. Against both matmuls between the softmaxes (1 thread,
+          // thread CPU time, min of interleaved runs, 2026-11-30): 0.84-0.96x the time on 8 rows
+          // (64n512 7.76 -> 6.41 ms, 128n2048 29.1 -> 27.3, 128n4096 122.6 -> 117.3), same bits.
           for (credit += tile_steps; credit >= iterations; credit -= iterations) {
             if (!scores.done())
               scores.step();
@@ -434,16 +517,24 @@ void fwd_amx(const AttnParams& p) {
                  pp.data() + ((kbs.end - 1) % 2) * kAmxBlockK / 2 * kBlockQ, ot.data());
         pv.finish();
       }
-      for (int64_t r = 0; r < mq; ++r) {
-        uint16_t* __restrict dst = reinterpret_cast<uint16_t*>(at_mut<bf16>(p.out, p.o_strides, b, s.q_start + i0 + r, h));
-        const bool empty = l[r] == 0.f;  // sees no key; NaN inputs give l = NaN and stay NaN
-        const __m512 inv = _mm512_set1_ps(empty ? 0.f : 1.f / l[r]);
-        for (int d = 0; d < D; d += 16) {
-          const __m512 o = _mm512_i32gather_ps(column, ot.data() + d * kBlockQ + r, 4);
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + d), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(o, inv)));
+      // out = O / l: O^T scaled by 1 / l per column, transposed 16 x 16 at a time, rounded to bf16.
+      alignas(64) float inv[kBlockQ];
+      for (int64_t r = 0; r < kBlockQ; ++r) {
+        inv[r] = l[r] == 0.f ? 0.f : 1.f / l[r];  // l = 0: sees no key; NaN inputs give l = NaN and stay NaN
+        if (r < mq) lse_out[lse_index(p, b, h, s, i0 + r)] = l[r] == 0.f ? std::numeric_limits<float>::infinity() : m[r] + std::log(l[r]);
+      }
+      for (int64_t r0 = 0; r0 < mq; r0 += 16) {
+        const __m512 inv_r = _mm512_load_ps(inv + r0);
+        for (int d0 = 0; d0 < D; d0 += 16) {
+          __m512i x[16];
+          for (int i = 0; i < 16; ++i)
+            x[i] = _mm512_castps_si512(_mm512_mul_ps(_mm512_load_ps(ot.data() + (d0 + i) * kBlockQ + r0), inv_r));
+          transpose_16x16_u32(x);
+          for (int64_t i = 0; i < std::min<int64_t>(16, mq - r0); ++i) {
+            uint16_t* dst = reinterpret_cast<uint16_t*>(at_mut<bf16>(p.out, p.o_strides, b, s.q_start + i0 + r0 + i, h));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + d0), (__m256i)_mm512_cvtneps_pbh(_mm512_castsi512_ps(x[i])));
+          }
         }
-        lse_out[lse_index(p, b, h, s, i0 + r)] =
-            empty ? std::numeric_limits<float>::infinity() : m[r] + std::log(l[r]);
       }
     }
     _tile_release();

@@ -6,7 +6,7 @@
 //
 // Algorithm: flash_attn.cpp's forward (its header), same work items (sequence, head, block of
 // kBlockQ = 64 queries), same transposed score tile St[key][query] and the same fp32 online
-// softmax down its columns, with the two block matmuls on tiles:
+// softmax down its columns (lse = m + log l by log_block), with the two block matmuls on tiles:
 //   St = K_blk Q_blk^T:  C tile St[16 keys][16 queries] fp32 += A K[16 keys][32 d] bf16 (K rows as
 //                        they are) x B Qp[16 d-pairs][16 queries] (Q in the VNNI pair layout:
 //                        Qp[d2][q] = (q[2 d2], q[2 d2 + 1])); the softmax scale is applied in fp32 after,
@@ -32,9 +32,9 @@
 // 2 x 32 KB, two Pp buffers 2 x 16 KB, O^T D x 64 x 4 bytes (32 KB at D = 128), all 64-byte
 // aligned (TileBuffer). Items go to threads in chunks of up to one head's query blocks, so that
 // a thread packs the K / V of fewer heads.
-// Ordering: software-pipelined over key blocks. In the exp loop of block k, the tile unit runs
-// the scores of block k + 1 (into the other St buffer) and then O^T += V^T P^T of block k - 1
-// (from the other Pp buffer), one 2 x 2 step (ScoresTiles / PvTiles) every few exp iterations:
+// Ordering: software-pipelined over key blocks. In the max pass and exp loop of block k, the tile
+// unit runs the scores of block k + 1 (into the other St buffer) and then O^T += V^T P^T of block
+// k - 1 (from the other Pp buffer), one 2 x 2 step (ScoresTiles / PvTiles) every few iterations:
 // the tiles and the vector units then work at the same time (a loop of dp_2x2 steps with 128
 // independent vector FMAs between them took the time of the tiles alone). O^T is rescaled for
 // block k after its loop, once block k - 1's P V is in. The next block's scores come first, so
@@ -276,6 +276,25 @@ inline void pack_q_pairs(uint32_t* __restrict qp, const AttnParams& p, int64_t b
     }
 }
 
+// log(l) for the lse, l > 0: l = f 2^e with f in [0.75, 1.5) (vgetmantps, vgetexpps), log(f) =
+// 2 atanh(s) with s = (f - 1) / (f + 1), |s| <= 0.2, by its series to s^9 (truncation < 5e-9). NaN
+// stays NaN, +inf gives +inf. Against std::log per query: ~4% of the forward's samples at T = 512
+// (perf, 1 thread, 64n512); 0.97-0.98x the time at T = 512 (64n512 5.33 -> 5.16 ms, 128n512 9.86 ->
+// 9.68; two interleaved runs agreed), lse within 0.5 ulp of it (2e6 random l over 2^-27..2^32).
+inline __m512 log_block(__m512 l) {
+  const __m512 one = _mm512_set1_ps(1.f);
+  const __m512 f = _mm512_getmant_ps(l, _MM_MANT_NORM_p75_1p5, _MM_MANT_SIGN_src);
+  // getexp gives floor(log2 l); f < 1 means l = f 2^(e + 1).
+  const __m512 e = _mm512_mask_add_ps(_mm512_getexp_ps(l), _mm512_cmp_ps_mask(f, one, _CMP_LT_OQ), _mm512_getexp_ps(l), one);
+  const __m512 sv = _mm512_div_ps(_mm512_sub_ps(f, one), _mm512_add_ps(f, one)), s2 = _mm512_mul_ps(sv, sv);
+  __m512 poly = _mm512_fmadd_ps(_mm512_set1_ps(1.f / 9), s2, _mm512_set1_ps(1.f / 7));
+  poly = _mm512_fmadd_ps(poly, s2, _mm512_set1_ps(1.f / 5));
+  poly = _mm512_fmadd_ps(poly, s2, _mm512_set1_ps(1.f / 3));
+  poly = _mm512_fmadd_ps(poly, s2, one);
+  const __m512 log_f = _mm512_mul_ps(_mm512_add_ps(sv, sv), poly);
+  return _mm512_fmadd_ps(e, _mm512_set1_ps(0.693147180559945309f), log_f);
+}
+
 // nk keys of a (B, T, H, D) bf16 tensor as rows of D (rows nk..round_up(nk, 32) zero) ...
 template <int D>
 inline void pack_k_rows(uint16_t* __restrict dst, const AttnParams& p, int64_t b, int64_t start, int64_t hk,
@@ -425,6 +444,26 @@ void fwd_amx(const AttnParams& p) {
         // returns its second operand then), as flash_attn.cpp's: a NaN must not poison the other
         // queries' running max.
         const bool masked = !block_unmasked<kAmxBlockK>(p, s, i0, mq, j0);
+        const int64_t units = (masked ? 0 : nk) + 8 * ((nk + 1) / 2), tile_steps = scores.steps() + pv.steps();
+        int64_t credit = 0;
+        // The block's tile steps (the next block's scores, then the previous block's P V) are spread
+        // over its max pass and exp loop in proportion to their vector work, a max row counted 1 and
+        // an exp iteration (two rows) 8: the tiles and the vector units then work at the same time
+        // (a loop of dp_2x2 steps with 128 independent vector FMAs between them took the time of the
+        // tiles alone). The next block's scores go first: their stores then have the rest of the
+        // block to land before its max pass loads them. Against both matmuls between the softmaxes
+        // (1 thread, thread CPU time, min of interleaved runs, 2026-11-30), exp loop only: 0.84-0.96x
+        // the time on 8 rows (64n512 7.76 -> 6.41 ms, 128n2048 29.1 -> 27.3, 128n4096 122.6 ->
+        // 117.3); the max pass too: D = 64 0.91-0.96x (64n2048 17.3 -> 16.6), D = 128 level; weights
+        // 4 and 16 for an exp iteration within the noise of 8. Same bits either way.
+        auto tile_work = [&](int64_t u) {
+          for (credit += u * tile_steps; credit >= units; credit -= units) {
+            if (!scores.done())
+              scores.step();
+            else if (!pv.done())
+              pv.step();
+          }
+        };
         __m512 blk[kQV], m_use[kQV], m_log2e[kQV], sum[kQV];
         for (int v = 0; v < kQV; ++v) blk[v] = ninf;
         if (masked) {
@@ -445,9 +484,11 @@ void fwd_amx(const AttnParams& p) {
             }
           }
         } else {
-          for (int64_t j = 0; j < nk; ++j)
+          for (int64_t j = 0; j < nk; ++j) {
 #pragma GCC unroll 4
             for (int v = 0; v < kQV; ++v) blk[v] = _mm512_max_ps(_mm512_loadu_ps(S + j * kBlockQ + v * 16), blk[v]);
+            tile_work(1);
+          }
         }
         for (int v = 0; v < kQV; ++v) blk[v] = _mm512_mul_ps(blk[v], scale);
         // A query that has seen only masked keys keeps m = -inf; exp is then taken against 0 so that
@@ -467,8 +508,6 @@ void fwd_amx(const AttnParams& p) {
         // P = exp(scale S - m) = 2^(S scale log2(e) - m log2(e)) in fp32 for the row sums, and as bf16
         // pairs of keys (2 j2, 2 j2 + 1) for P V. Masked (-inf) scores give exactly 0 (exp2_block).
         uint32_t* __restrict P = pp.data() + (kblk % 2) * kAmxBlockK / 2 * kBlockQ;
-        const int64_t iterations = (nk + 1) / 2, tile_steps = scores.steps() + pv.steps();
-        int64_t credit = 0;
         for (int64_t j = 0; j < nk; j += 2) {
           const float* r0 = S + j * kBlockQ;
           const float* r1 = S + (j + 1) * kBlockQ;
@@ -485,17 +524,7 @@ void fwd_amx(const AttnParams& p) {
             const __m512i pairs = _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(p1, p0));
             _mm512_storeu_si512(P + j / 2 * kBlockQ + v * 16, pairs);
           }
-          // The tile steps spread evenly over the iterations: the next block's scores first (their
-          // stores then have the rest of the loop to land before its max pass loads them), then
-          // the P V of the previous block. Against both matmuls between the softmaxes (1 thread,
-          // thread CPU time, min of interleaved runs, 2026-11-30): 0.84-0.96x the time on 8 rows
-          // (64n512 7.76 -> 6.41 ms, 128n2048 29.1 -> 27.3, 128n4096 122.6 -> 117.3), same bits.
-          for (credit += tile_steps; credit >= iterations; credit -= iterations) {
-            if (!scores.done())
-              scores.step();
-            else if (!pv.done())
-              pv.step();
-          }
+          tile_work(8);
         }
         scores.finish();
         pv.finish();
@@ -518,11 +547,16 @@ void fwd_amx(const AttnParams& p) {
         pv.finish();
       }
       // out = O / l: O^T scaled by 1 / l per column, transposed 16 x 16 at a time, rounded to bf16.
-      alignas(64) float inv[kBlockQ];
-      for (int64_t r = 0; r < kBlockQ; ++r) {
-        inv[r] = l[r] == 0.f ? 0.f : 1.f / l[r];  // l = 0: sees no key; NaN inputs give l = NaN and stay NaN
-        if (r < mq) lse_out[lse_index(p, b, h, s, i0 + r)] = l[r] == 0.f ? std::numeric_limits<float>::infinity() : m[r] + std::log(l[r]);
+      // l = 0: the query sees no key (out 0, lse +inf); NaN inputs give l = NaN and stay NaN.
+      alignas(64) float inv[kBlockQ], lse_blk[kBlockQ];
+      for (int v = 0; v < kQV; ++v) {
+        const __m512 lv = _mm512_load_ps(l + v * 16);
+        const __mmask16 empty = _mm512_cmp_ps_mask(lv, zero, _CMP_EQ_OQ);
+        _mm512_store_ps(inv + v * 16, _mm512_mask_mov_ps(_mm512_div_ps(one, lv), empty, zero));
+        _mm512_store_ps(lse_blk + v * 16, _mm512_mask_mov_ps(_mm512_add_ps(_mm512_load_ps(m + v * 16), log_block(lv)),
+                                                             empty, _mm512_set1_ps(std::numeric_limits<float>::infinity())));
       }
+      for (int64_t r = 0; r < mq; ++r) lse_out[lse_index(p, b, h, s, i0 + r)] = lse_blk[r];
       for (int64_t r0 = 0; r0 < mq; r0 += 16) {
         const __m512 inv_r = _mm512_load_ps(inv + r0);
         for (int d0 = 0; d0 < D; d0 += 16) {

@@ -221,7 +221,7 @@ struct PvTiles {
 
 // 2^t for the softmax: t = n + r with n = floor(t), r in [0, 1) (vreduceps, exact), 2^r by a
 // polynomial, and vscalefps multiplies by 2^floor(t) itself, saturating to 0 and inf; t = -inf
-// (a masked score) gives r = 0 and exactly 0, NaN stays NaN. The polynomial is the degree-kExp2Degree
+// (a masked score) gives r = 0 and exactly 0, NaN stays NaN. The polynomial is the degree-4
 // fit of 2^r on [0, 1) with p(0) = 1 minimising the relative error (Lawson iterations, numpy;
 // max relative error in fp32: degree 4 3.0e-6, degree 5 1.6e-7; avx512::exp<5>, used before:
 // 2.4e-6). Degree 4: the tests' error / tolerance unchanged to 3 digits (0.11-0.29 of it, out).

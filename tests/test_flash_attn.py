@@ -246,24 +246,34 @@ def test_strided_views_of_packed_qkv_match_contiguous():
     assert torch.equal(pyllm.flash_attn(qt, qt, qt), pyllm.flash_attn(*(qt.contiguous(),) * 3))
 
 
-def test_backward_is_bitwise_deterministic():
-    q, k, v = torch.randn(2, 150, 4, 64), torch.randn(2, 150, 1, 64), torch.randn(2, 150, 1, 64)
-    dout = torch.randn(2, 150, 4, 64)
-    runs = [grads_of(lambda q, k, v: pyllm.flash_attn(q, k, v, causal=True, deterministic=True), (q, k, v), dout)[1]
-            for _ in range(3)]
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_backward_is_bitwise_deterministic(dtype):
+    # The same bits on every run and for any thread count (bf16: on AMX tiles where this CPU has them).
+    q, k, v = (torch.randn(2, 150, h, 64, dtype=dtype) for h in (4, 1, 1))
+    dout = torch.randn(2, 150, 4, 64, dtype=dtype)
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, 2, 3, 1):
+            torch.set_num_threads(n)
+            runs.append(grads_of(lambda q, k, v: pyllm.flash_attn(q, k, v, causal=True, deterministic=True),
+                                 (q, k, v), dout)[1])
+    finally:
+        torch.set_num_threads(threads)
     for other in runs[1:]:
         for a, b in zip(runs[0], other):
             assert torch.equal(a, b)
 
 
-def test_backward_ignores_scratch_of_earlier_calls():
-    # The CPU backward keeps per-thread fp32 scratch (q, dout, dq of a GQA group) across calls; a
-    # larger call full of NaN before must not leak into a smaller one after.
-    q, k, v = torch.randn(1, 70, 4, 32), torch.randn(1, 90, 2, 32), torch.randn(1, 90, 2, 32)
-    dout = torch.randn(1, 70, 4, 32)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_backward_ignores_scratch_of_earlier_calls(dtype):
+    # The CPU backward keeps per-thread scratch (q, dout, dq of a GQA group) across calls; a larger
+    # call full of NaN before must not leak into a smaller one after.
+    q, k, v = torch.randn(1, 70, 4, 32, dtype=dtype), torch.randn(1, 90, 2, 32, dtype=dtype), torch.randn(1, 90, 2, 32, dtype=dtype)
+    dout = torch.randn(1, 70, 4, 32, dtype=dtype)
     fn = lambda q, k, v: pyllm.flash_attn(q, k, v, causal=True)  # noqa: E731
     before = grads_of(fn, (q, k, v), dout)[1]
-    big = torch.full((2, 300, 4, 32), float("nan"))
+    big = torch.full((2, 300, 4, 32), float("nan"), dtype=dtype)
     grads_of(fn, (big, big[:, :, :2], big[:, :, :2]), big)
     after = grads_of(fn, (q, k, v), dout)[1]
     for a, b in zip(before, after):
@@ -475,9 +485,10 @@ def test_cpu_bf16_paths_match_reference(dot):
 
 @pytest.mark.skipif(_C.flash_attn_cpu_amx() == "unavailable", reason="no AMX-BF16 (CPU, kernel or build)")
 @pytest.mark.parametrize("amx", ["0", "1"])
-def test_cpu_amx_forward_matches_reference(amx):
-    # The bf16 forward runs on AMX tiles where the CPU and kernel allow it (PYLLM_ATTN_CPU_AMX=0 turns
-    # it off): both paths against float64, every head dim, partial blocks, GQA, causal and windows.
+def test_cpu_amx_matches_reference(amx):
+    # The bf16 forward and backward run on AMX tiles where the CPU and kernel allow it
+    # (PYLLM_ATTN_CPU_AMX=0 turns them off): both paths against float64, every head dim, partial
+    # blocks, GQA, causal and windows.
     check_bf16_in_subprocess({"PYLLM_ATTN_CPU_AMX": amx},
                              f"assert _C.flash_attn_cpu_amx() == {'on' if amx == '1' else 'off'!r}, _C.flash_attn_cpu_amx()",
                              "[(2, 65, 130, 4, 2, 64), (1, 100, 37, 4, 1, 128), (1, 40, 70, 2, 1, 256), "

@@ -55,6 +55,20 @@
 // layouts (4 x 64 x D x 2 bytes) and dQ^T (64 x D x 4): 96 KB at D = 128, 6 MB at T = 4096, as the
 // fp32 backward's three fp32 rows; per key block K, V, K^T (3 x 64 x D x 2), dK, dV (2 x 64 x D x
 // 4), S^T, dP^T (2 x 16 KB), P^T, dS^T rows and dS^T pairs (3 x 8 KB).
+// Measured (2026-11-30, the Intel Xeon VM, 1 thread, thread CPU time; the VM was shared with two
+// other jobs, so +-30%): bf16 forward + backward vs SDPA in one process, B = 1, H = 8, T = 1024 /
+// 2048 / 4096, D = 64 / 128, causal or not: 1.25-2.22x (0.48-1.10x with this file's backward
+// off, i.e. on flash_attn.cpp's fp32 tiles); the backward alone 250-340 GFLOP/s at D = 128.
+// Where its time goes (T = 1024, D = 128, non-causal, 31 ms; each part left out in turn): S^T and
+// dP^T tiles 9 ms, dV and dK tiles 12, dQ^T tiles 5.5, the vector pass 4, packing and the rest 6.
+// Tile primitives alone (hot L1): TDPBF16PS 8.7 ns (1.9 TFLOP/s), a tile load 4-4.5 ns, a store
+// 8 ns; matmul_tiles of the S^T shape (64 x 64, K = D = 128, zeroed C) 1.1 TFLOP/s, of the dV shape
+// (64 x 128 C loaded and stored, K = 64 queries) 0.57: the gradient matmuls are bound by their C
+// tiles' loads and stores (16 per 2 x 2 block for 8 TDPBF16PS). Tried, no gain measurable here:
+// key blocks 4 at a time per sweep of the query blocks (each query block's operands reused for 4
+// key blocks; T = 2048 / 4096, bitwise the same results); scores one pair ahead and the gradient
+// matmuls one pair behind (double buffers) in a micro-benchmark. Left: a longer reduction per C
+// load (128 queries per dV, dK block; 128 keys per dQ^T block).
 #include "cpu/flash_attn.h"
 
 #if defined(__linux__) && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && \

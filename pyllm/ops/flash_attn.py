@@ -400,6 +400,7 @@ _DEFAULT_SCALES = {d: 1.0 / math.sqrt(d) for d in HEAD_DIMS}
 _NO_WINDOW = (-1, -1)
 _STRIDED = torch.strided
 _memmove = ctypes.memmove
+_increment_version = torch.autograd.graph.increment_version
 
 
 def _plain_cpu(t) -> bool:
@@ -413,11 +414,11 @@ def _rows_dense(strides, n_new: int, n_kv_heads: int, head_dim: int) -> bool:
             and (n_new == 1 or strides[1] == n_kv_heads * head_dim))
 
 
-def _append_kv(k_cache: Tensor, v_cache: Tensor, k_new: Tensor, v_new: Tensor, cache_strides: Optional[tuple],
-               lengths: Optional[list[int]], start: int, itemsize: int) -> None:
+def _append_kv(k_cache: Tensor, v_cache: Tensor, k_new: Tensor, v_new: Tensor, k_dst: int, v_dst: int,
+               cache_strides: Optional[tuple], lengths: Optional[list[int]], start: int, itemsize: int) -> None:
     """cache[b, n_b:n_b + n_new] = new[b] for k, then v, n_b = lengths[b] (start for every b when
-    lengths is None), the lengths checked to lie in [0, capacity - n_new]. cache_strides: the
-    strides of k_cache and v_cache when both are contiguous, else None."""
+    lengths is None), the lengths checked to lie in [0, capacity - n_new]. k_dst, v_dst: the
+    caches' data pointers; cache_strides: their strides when both are contiguous, else None."""
     batch, n_new, n_kv_heads, head_dim = k_new.shape
     k_new_strides, v_new_strides = k_new.stride(), v_new.stride()
     # Contiguous caches and new blocks dense per sequence make each sequence's append one memmove
@@ -429,8 +430,8 @@ def _append_kv(k_cache: Tensor, v_cache: Tensor, k_new: Tensor, v_new: Tensor, c
             and (torch.is_inference_mode_enabled() or not (k_cache.is_inference() or v_cache.is_inference()))):
         row, cache_batch = n_kv_heads * head_dim, cache_strides[0]
         nbytes, cache_nbytes = n_new * row * itemsize, batch * cache_batch * itemsize
-        k_dst, k_src, k_step = k_cache.data_ptr(), k_new.data_ptr(), k_new_strides[0] * itemsize
-        v_dst, v_src, v_step = v_cache.data_ptr(), v_new.data_ptr(), v_new_strides[0] * itemsize
+        k_src, k_step = k_new.data_ptr(), k_new_strides[0] * itemsize
+        v_src, v_step = v_new.data_ptr(), v_new_strides[0] * itemsize
         # A new block inside its own cache goes to copy_, which refuses partial overlaps.
         if not (k_src < k_dst + cache_nbytes and k_dst < k_src + (batch - 1) * k_step + nbytes
                 or v_src < v_dst + cache_nbytes and v_dst < v_src + (batch - 1) * v_step + nbytes):
@@ -440,7 +441,7 @@ def _append_kv(k_cache: Tensor, v_cache: Tensor, k_new: Tensor, v_new: Tensor, c
                     _memmove(dst + (b * cache_batch + n * row) * itemsize, src + b * step, nbytes)
             # What copy_ does: autograd sees the caches as modified (a copy of one saved for a
             # backward then raises there instead of giving a wrong gradient).
-            torch.autograd.graph.increment_version((k_cache, v_cache))
+            _increment_version((k_cache, v_cache))
             return
     for cache, new in ((k_cache, k_new), (v_cache, v_new)):
         if lengths is None:
@@ -508,18 +509,19 @@ def _kvcache_eager_cpu(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal,
     scale = _DEFAULT_SCALES[head_dim] if softmax_scale is None else _resolve_scale(
         "flash_attn_with_kvcache", softmax_scale, head_dim)
     # Checked: from here on the call succeeds (the C++ side re-checks what it is given).
+    k_ptr, v_ptr = k_cache.data_ptr(), v_cache.data_ptr()
     if n_new:
         row = n_kv_heads * head_dim
         contiguous = (capacity * row, row, head_dim, 1)  # exactly: then tokens never overlap
         cache_strides = k_strides if k_strides == contiguous and v_strides == contiguous else None
-        _append_kv(k_cache, v_cache, k_new, v_new, cache_strides, lengths, start, itemsize)
+        _append_kv(k_cache, v_cache, k_new, v_new, k_ptr, v_ptr, cache_strides, lengths, start, itemsize)
     if lengths is None:
         seqused_k = array(_INT32_ARRAY, (start + n_new,)) * batch
     else:
         seqused_k = array(_INT32_ARRAY, [n + n_new for n in lengths])
     out = torch.empty_like(q, memory_format=torch.contiguous_format)  # 1.2 us; torch.empty(q.shape) 2.9 us
     lse = array(lse_typecode, (0.0,)) * (batch * n_heads * seqlen_q)  # (B, H, Tq), not returned
-    _C.flash_attn_fwd_cpu(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), lse.buffer_info()[0],
+    _C.flash_attn_fwd_cpu(q.data_ptr(), k_ptr, v_ptr, out.data_ptr(), lse.buffer_info()[0],
                           0, 0, seqused_k.buffer_info()[0], batch, seqlen_q, capacity, n_heads, n_kv_heads, head_dim,
                           q_strides[:3], k_strides[:3], v_strides[:3], out.stride()[:3],
                           (n_heads * seqlen_q, seqlen_q), scale, left, right, code)

@@ -719,7 +719,7 @@ def new_kv(b, n, h, hk, d, dtype, layout):
 @pytest.mark.parametrize("seqlens", ["int", "tensor", "ragged"])
 def test_kvcache_eager_shortcut_matches_the_op(dtype, cache_layout, new_layout, n_new, seqlens):
     # Same kernel arguments as the dispatched op: the same bits in out, the same caches after the
-    # append (memmove for contiguous caches and dense new rows, copy_ otherwise), GQA, 2 queries
+    # append (contiguous or interleaved caches, dense or strided new rows), GQA, 2 queries
     # (a strided q when packed), int / uniform / ragged cache lengths, and a window and a scale.
     b, cap, h, hk, d = 3, 40, 4, 2, 32
     q, k_new, v_new = new_kv(b, max(n_new, 2), h, hk, d, dtype, new_layout)
@@ -781,8 +781,8 @@ def test_kvcache_shortcut_leaves_tracing_and_autograd_to_the_op():
 
 
 def test_kvcache_shortcut_append_is_seen_by_autograd_and_inference_mode():
-    # The memmove append bumps the caches' version counters as copy_ would: a product that saved
-    # the cache for its backward raises there instead of using the overwritten values.
+    # The shortcut's append bumps the caches' version counters: a product that saved the cache for
+    # its backward raises there instead of using the overwritten values.
     q, k_new, v_new = new_kv(1, 1, 2, 1, 32, torch.float32, "contiguous")
     k_cache, v_cache, _ = kv_cache_pair(1, 8, 1, 32, torch.float32, "contiguous")
     w = torch.randn(k_cache.shape, requires_grad=True)
@@ -806,7 +806,7 @@ def test_kvcache_shortcut_append_is_seen_by_autograd_and_inference_mode():
 
 def test_kvcache_shortcut_new_rows_inside_their_cache():
     # New rows that are a view of the cache they are appended to: disjoint rows are copied (as
-    # copy_ does), partly overlapping ones raise torch's overlap error instead of a silent memmove.
+    # copy_ does), partly overlapping ones raise torch's overlap error.
     q = rand((1, 1, 2, 32), torch.float32, "cpu")
     k_cache, v_cache, _ = kv_cache_pair(1, 8, 2, 32, torch.float32, "contiguous")
     rows = k_cache[:, 1:2].clone()

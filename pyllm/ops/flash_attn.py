@@ -6,7 +6,6 @@ The forward saves only out and the log-sum-exp; the backward recomputes the prob
 """
 from __future__ import annotations
 
-import ctypes
 import math
 import os
 from array import array
@@ -383,15 +382,15 @@ def _eager_plain_cpu(*tensors) -> bool:
 # (CPU time per call, B = 1, H = 8, D = 64, 2-core Xeon VM, Nov 2026; bench_attention.py
 # --overhead-only). Generation calls it once per layer per token, so plain eager CPU calls take
 # the shortcut below instead: one pass of cheap checks on attributes read once, then the kernel:
-# 8 us and 13.5 us. Whatever it does not accept (a failed check, a subclass, autograd, tracing,
+# 8.5 us and 18 us. Whatever it does not accept (a failed check, a subclass, autograd, tracing,
 # CUDA, an odd layout) goes the general way, unchanged, which raises the clear errors: the
 # shortcut only ever accepts or declines, so the messages stay those of the general path.
 
-# dtype -> (the kernel's dtype code, bytes per element, array typecode of the LSE scratch: fp32,
-# fp64 for fp64 inputs as in _lse_dtype).
-_EAGER_CPU_DTYPES = {torch.float32: (_util.DTYPE_CODES[torch.float32], 4, "f"),
-                     torch.bfloat16: (_util.DTYPE_CODES[torch.bfloat16], 2, "f"),
-                     torch.float64: (_util.DTYPE_CODES[torch.float64], 8, "d")}
+# dtype -> (the kernel's dtype code, array typecode of the LSE scratch: fp32, fp64 for fp64 inputs
+# as in _lse_dtype).
+_EAGER_CPU_DTYPES = {torch.float32: (_util.DTYPE_CODES[torch.float32], "f"),
+                     torch.bfloat16: (_util.DTYPE_CODES[torch.bfloat16], "f"),
+                     torch.float64: (_util.DTYPE_CODES[torch.float64], "d")}
 # The kernel reads seqused_k as int32 and writes the LSE through plain host pointers: small Python
 # arrays serve (0.3 us each, vs 1.5-6 us for a torch.tensor / torch.empty). "i" is int32 on every
 # platform torch supports; where not, the shortcut is off.
@@ -399,53 +398,21 @@ _INT32_ARRAY = "i" if array("i").itemsize == 4 else None
 _DEFAULT_SCALES = {d: 1.0 / math.sqrt(d) for d in HEAD_DIMS}
 _NO_WINDOW = (-1, -1)
 _STRIDED = torch.strided
-_memmove = ctypes.memmove
-_increment_version = torch.autograd.graph.increment_version
 
 
 def _plain_cpu(t) -> bool:
     return type(t) is Tensor and t.is_cpu and t.layout is _STRIDED and not t.requires_grad
 
 
-def _rows_dense(strides, n_new: int, n_kv_heads: int, head_dim: int) -> bool:
-    """Whether a (batch, n_new, n_kv_heads, head_dim) tensor's tokens of one sequence are one
-    dense block of n_new * n_kv_heads * head_dim elements (size-1 dims' strides do not matter)."""
-    return (strides[3] == 1 and (n_kv_heads == 1 or strides[2] == head_dim)
-            and (n_new == 1 or strides[1] == n_kv_heads * head_dim))
-
-
-def _append_kv(k_cache: Tensor, v_cache: Tensor, k_new: Tensor, v_new: Tensor, k_dst: int, v_dst: int,
-               cache_strides: Optional[tuple], lengths: Optional[list[int]], start: int, itemsize: int) -> None:
+def _append_kv(k_cache: Tensor, v_cache: Tensor, k_new: Tensor, v_new: Tensor, lengths: Optional[list[int]],
+               start: int) -> None:
     """cache[b, n_b:n_b + n_new] = new[b] for k, then v, n_b = lengths[b] (start for every b when
-    lengths is None), the lengths checked to lie in [0, capacity - n_new]. k_dst, v_dst: the
-    caches' data pointers; cache_strides: their strides when both are contiguous, else None."""
-    batch, n_new, n_kv_heads, head_dim = k_new.shape
-    k_new_strides, v_new_strides = k_new.stride(), v_new.stride()
-    # Contiguous caches and new blocks dense per sequence make each sequence's append one memmove
-    # (0.5 us: both appends 4.1 us of CPU time per call in all, against 6.6 us for two
-    # narrow().copy_() and ~12 us for the indexed copies before). Inference tensors written
-    # outside inference mode take copy_, which raises torch's error for that.
-    if (cache_strides is not None and _rows_dense(k_new_strides, n_new, n_kv_heads, head_dim)
-            and _rows_dense(v_new_strides, n_new, n_kv_heads, head_dim)
-            and (torch.is_inference_mode_enabled() or not (k_cache.is_inference() or v_cache.is_inference()))):
-        row, cache_batch = n_kv_heads * head_dim, cache_strides[0]
-        nbytes, cache_nbytes = n_new * row * itemsize, batch * cache_batch * itemsize
-        k_src, k_step = k_new.data_ptr(), k_new_strides[0] * itemsize
-        v_src, v_step = v_new.data_ptr(), v_new_strides[0] * itemsize
-        # A new block inside its own cache goes to copy_, which refuses partial overlaps.
-        if not (k_src < k_dst + cache_nbytes and k_dst < k_src + (batch - 1) * k_step + nbytes
-                or v_src < v_dst + cache_nbytes and v_dst < v_src + (batch - 1) * v_step + nbytes):
-            for dst, src, step in ((k_dst, k_src, k_step), (v_dst, v_src, v_step)):  # all of k, then v, as copy_
-                for b in range(batch):
-                    n = start if lengths is None else lengths[b]
-                    _memmove(dst + (b * cache_batch + n * row) * itemsize, src + b * step, nbytes)
-            # What copy_ does: autograd sees the caches as modified (a copy of one saved for a
-            # backward then raises there instead of giving a wrong gradient).
-            _increment_version((k_cache, v_cache))
-            return
+    lengths is None), the lengths already checked to lie in [0, capacity - n_new]. copy_ keeps
+    torch's own checks (overlap, inference tensors) and bumps the caches' version counters."""
+    n_new = k_new.shape[1]
     for cache, new in ((k_cache, k_new), (v_cache, v_new)):
         if lengths is None:
-            cache.narrow(1, start, n_new).copy_(new)
+            cache.narrow(1, start, n_new).copy_(new)  # 6.6 us for both; the indexed copies ~12
         else:
             for b, n in enumerate(lengths):
                 cache[b, n:n + n_new].copy_(new[b])
@@ -469,7 +436,7 @@ def _kvcache_eager_cpu(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal,
     facts = _EAGER_CPU_DTYPES.get(dtype)
     if facts is None or k_cache.dtype is not dtype or v_cache.dtype is not dtype:
         return None
-    code, itemsize, lse_typecode = facts
+    code, lse_typecode = facts
     q_shape, cache_shape = q.shape, k_cache.shape
     if len(q_shape) != 4 or len(cache_shape) != 4 or v_cache.shape != cache_shape:
         return None
@@ -509,19 +476,15 @@ def _kvcache_eager_cpu(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal,
     scale = _DEFAULT_SCALES[head_dim] if softmax_scale is None else _resolve_scale(
         "flash_attn_with_kvcache", softmax_scale, head_dim)
     # Checked: from here on the call succeeds (the C++ side re-checks what it is given).
-    k_ptr, v_ptr = k_cache.data_ptr(), v_cache.data_ptr()
     if n_new:
-        row = n_kv_heads * head_dim
-        contiguous = (capacity * row, row, head_dim, 1)  # exactly: then tokens never overlap
-        cache_strides = k_strides if k_strides == contiguous and v_strides == contiguous else None
-        _append_kv(k_cache, v_cache, k_new, v_new, k_ptr, v_ptr, cache_strides, lengths, start, itemsize)
+        _append_kv(k_cache, v_cache, k_new, v_new, lengths, start)
     if lengths is None:
         seqused_k = array(_INT32_ARRAY, (start + n_new,)) * batch
     else:
         seqused_k = array(_INT32_ARRAY, [n + n_new for n in lengths])
     out = torch.empty_like(q, memory_format=torch.contiguous_format)  # 1.2 us; torch.empty(q.shape) 2.9 us
     lse = array(lse_typecode, (0.0,)) * (batch * n_heads * seqlen_q)  # (B, H, Tq), not returned
-    _C.flash_attn_fwd_cpu(q.data_ptr(), k_ptr, v_ptr, out.data_ptr(), lse.buffer_info()[0],
+    _C.flash_attn_fwd_cpu(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), lse.buffer_info()[0],
                           0, 0, seqused_k.buffer_info()[0], batch, seqlen_q, capacity, n_heads, n_kv_heads, head_dim,
                           q_strides[:3], k_strides[:3], v_strides[:3], out.stride()[:3],
                           (n_heads * seqlen_q, seqlen_q), scale, left, right, code)

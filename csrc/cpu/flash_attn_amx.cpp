@@ -83,6 +83,7 @@
 #include <unistd.h>
 
 #include <cmath>
+#include <new>
 #include <vector>
 
 #include "common/cpu_math.h"
@@ -435,6 +436,24 @@ inline void pack_pairs_of_rows(uint32_t* __restrict dst, const void* base, const
   }
 }
 
+// The backward's tile buffers are 64-byte aligned, so that each 64-byte tile row is one cache
+// line (std::vector's 16-byte alignment split the rows over two lines): backward 0.70-0.75x the
+// time (1 thread, T = 1024 D = 128 non-causal 31.4 -> 23.5 ms, T = 2048 D = 64 causal 38.7 -> 26.7,
+// min of 4 interleaved runs, 2026-11-30).
+template <typename T>
+struct BwdAligned64 {
+  using value_type = T;
+  BwdAligned64() = default;
+  template <typename U>
+  BwdAligned64(const BwdAligned64<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
+  void deallocate(T* ptr, size_t) { ::operator delete(ptr, std::align_val_t(64)); }
+  bool operator==(const BwdAligned64&) const { return true; }
+  bool operator!=(const BwdAligned64&) const { return false; }
+};
+template <typename T>
+using BwdBuf = std::vector<T, BwdAligned64<T>>;
+
 template <int D>
 void bwd_amx(const AttnParams& p) {
   constexpr int64_t BK = kBlockK;  // keys per block (kBlockK, as the fp32 backward)
@@ -457,11 +476,11 @@ void bwd_amx(const AttnParams& p) {
 #pragma omp parallel if (items > 1)
   {
     load_tile_config();
-    std::vector<uint16_t> kr(BK * D), vr(BK * D), kt(D * BK), pt(BK * kBlockQ), dst(BK * kBlockQ);
-    std::vector<uint32_t> dsp(BK / 2 * kBlockQ);
-    std::vector<float> st(BK * kBlockQ), dpt(BK * kBlockQ), dk(BK * D), dv(BK * D);
-    static thread_local std::vector<uint32_t> qd_all, dod_all, qq_all, doq_all;
-    static thread_local std::vector<float> dqt_all, lse_all, delta_all;
+    BwdBuf<uint16_t> kr(BK * D), vr(BK * D), kt(D * BK), pt(BK * kBlockQ), dst(BK * kBlockQ);
+    BwdBuf<uint32_t> dsp(BK / 2 * kBlockQ);
+    BwdBuf<float> st(BK * kBlockQ), dpt(BK * kBlockQ), dk(BK * D), dv(BK * D);
+    static thread_local BwdBuf<uint32_t> qd_all, dod_all, qq_all, doq_all;
+    static thread_local BwdBuf<float> dqt_all, lse_all, delta_all;
     QueryBounds bounds;
 #pragma omp for schedule(dynamic)
     for (int64_t item = 0; item < items; ++item) {

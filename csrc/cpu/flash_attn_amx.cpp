@@ -58,17 +58,20 @@
 // Measured (2026-11-30, the Intel Xeon VM, 1 thread, thread CPU time; the VM was shared with two
 // other jobs, so +-30%): bf16 forward + backward vs SDPA in one process, B = 1, H = 8, T = 1024 /
 // 2048 / 4096, D = 64 / 128, causal or not: 1.25-2.22x (0.48-1.10x with this file's backward
-// off, i.e. on flash_attn.cpp's fp32 tiles); the backward alone 250-340 GFLOP/s at D = 128.
-// Where its time goes (T = 1024, D = 128, non-causal, 31 ms; each part left out in turn): S^T and
-// dP^T tiles 9 ms, dV and dK tiles 12, dQ^T tiles 5.5, the vector pass 4, packing and the rest 6.
-// Tile primitives alone (hot L1): TDPBF16PS 8.7 ns (1.9 TFLOP/s), a tile load 4-4.5 ns, a store
-// 8 ns; matmul_tiles of the S^T shape (64 x 64, K = D = 128, zeroed C) 1.1 TFLOP/s, of the dV shape
-// (64 x 128 C loaded and stored, K = 64 queries) 0.57: the gradient matmuls are bound by their C
-// tiles' loads and stores (16 per 2 x 2 block for 8 TDPBF16PS). Tried, no gain measurable here:
-// key blocks 4 at a time per sweep of the query blocks (each query block's operands reused for 4
-// key blocks; T = 2048 / 4096, bitwise the same results); scores one pair ahead and the gradient
-// matmuls one pair behind (double buffers) in a micro-benchmark. Left: a longer reduction per C
-// load (128 queries per dV, dK block; 128 keys per dQ^T block).
+// off, i.e. on flash_attn.cpp's fp32 tiles), before the 64-byte alignment of its buffers, which
+// then took the backward to 0.70-0.75x the time (BwdAligned64); 400-440 GFLOP/s at T = 1024,
+// D = 128. Where its time went before that fix (T = 1024, D = 128, non-causal, 31 ms; each part
+// left out in turn): S^T and dP^T tiles 9 ms, dV and dK tiles 12, dQ^T tiles 5.5, the vector pass
+// 4, packing and the rest 6. Tile primitives alone (aligned buffers, hot L1): TDPBF16PS 8.7 ns
+// (1.9 TFLOP/s), a tile load 4-4.5 ns, a store 8 ns; matmul_tiles of the S^T shape (64 x 64,
+// K = D = 128, zeroed C) 1.4 TFLOP/s, of the dV shape (64 x 128 C loaded and stored, K = 64
+// queries) 0.94, and 0.51 with its B and C cycling through 16 blocks (L2), as the sweep over a key
+// block's query blocks does: the gradient matmuls pay for their C tiles' loads and stores.
+// Tried, no gain measurable here (unaligned buffers): key blocks 4 at a time per sweep of the query
+// blocks (each query block's operands reused for 4 key blocks; T = 2048 / 4096, bitwise the same
+// results); scores one pair ahead and the gradient matmuls one pair behind (double buffers) in a
+// micro-benchmark. Left: a longer reduction per C load (128 queries per dV, dK block: 0.8-0.85x
+// the time of two 64-query ones in a micro-benchmark; 128 keys per dQ^T block).
 #include "cpu/flash_attn.h"
 
 #if defined(__linux__) && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && \

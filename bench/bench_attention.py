@@ -6,6 +6,7 @@ every implementation alike: forward 4 * B * T^2 * H * D (halved for causal), for
 3.5x that (the backward is 2.5x the forward). The peak memory of one forward + backward (CPU: peak RSS)
 for T = 2k..16k is recorded too (it should grow linearly in T: no T x T matrix). Decode rows:
 one new token against a KV cache of T tokens (flash_attn_with_kvcache vs SDPA on the cache).
+--overhead-only: the Python cost of one flash_attn_with_kvcache call on the CPU (call minus kernel).
 """
 from __future__ import annotations
 
@@ -116,6 +117,51 @@ def decode_rows(device: str, h: int, quick: bool) -> list[dict]:
     return rows
 
 
+def overhead_rows(h: int) -> list[dict]:
+    """The Python cost of one flash_attn_with_kvcache call on the CPU: a 16-token cache (so the
+    kernel is ~4 us), B = 1, D = 64, one query; the public call (tensor cache_seqlens; an int and
+    one new token appended, as the model's attention calls it) against the bare _C call with the
+    same arguments. Thread CPU time, best of 30 x 1000 calls: other processes on the machine do not
+    count (their cache and core sharing still does, hence the best). Overhead = call - kernel."""
+    import time
+    from array import array
+
+    from pyllm.ops import _util
+    from pyllm.ops import flash_attn as fa
+
+    def us_per_call(fn, n=1000):
+        for _ in range(200):
+            fn()
+        best = float("inf")
+        for _ in range(30):  # many short samples: the best one is the least disturbed
+            t0 = time.thread_time_ns()
+            for _ in range(n):
+                fn()
+            best = min(best, (time.thread_time_ns() - t0) / n / 1e3)
+        return best
+
+    rows, t, d = [], 16, 64
+    for dtype in (torch.float32, torch.bfloat16):
+        q = torch.randn(1, 1, h, d, dtype=dtype)
+        k_cache, v_cache = (torch.randn(1, 64, h, d, dtype=dtype) for _ in range(2))
+        k_new, v_new = (torch.randn(1, 1, h, d, dtype=dtype) for _ in range(2))
+        seqlens = torch.full((1,), t, dtype=torch.int32)
+        out, lse, used = torch.empty_like(q), array("f", [0.0]) * h, array("i", [t])
+        kernel_args = (q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), lse.buffer_info()[0], 0, 0,
+                       used.buffer_info()[0], 1, 1, 64, h, h, d, q.stride()[:3], k_cache.stride()[:3],
+                       v_cache.stride()[:3], out.stride()[:3], (h, 1), d ** -0.5, -1, 0, _util.DTYPE_CODES[dtype])
+        with torch.no_grad():
+            kernel = us_per_call(lambda: fa._C.flash_attn_fwd_cpu(*kernel_args))
+            calls = {"tensor seqlens": lambda: pyllm.flash_attn_with_kvcache(q, k_cache, v_cache, seqlens),
+                     "int seqlen + 1 new": lambda: pyllm.flash_attn_with_kvcache(q, k_cache, v_cache, t, k_new, v_new)}
+            for name, fn in calls.items():
+                us = us_per_call(fn)
+                rows.append({"dtype": str(dtype).removeprefix("torch."), "B": 1, "T": t, "D": d, "mode": "overhead",
+                             "impl": name, "call us": round(us, 1), "kernel us": round(kernel, 1),
+                             "overhead us": round(us - kernel, 1)})
+    return rows
+
+
 def memory_rows(device: str, impls: dict, h: int, quick: bool) -> list[dict]:
     """Peak memory of one causal bf16 forward + backward (B=1, D=128) as T doubles: linear growth
     (about 2x per row) means no T x T matrix anywhere; the per-1k-token column makes that easy to read."""
@@ -144,10 +190,17 @@ def main() -> int:
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--decode-only", action="store_true", help="only the decode (KV cache) rows")
     parser.add_argument("--memory-only", action="store_true", help="only the peak-memory rows")
+    parser.add_argument("--overhead-only", action="store_true",
+                        help="only the Python cost per flash_attn_with_kvcache call (CPU, tiny cache)")
     args = parser.parse_args()
     device, h = args.device, args.heads
     impls = impls_for(device)
     print(f"# attention on {common.device_description(device)}, H={h}, (B, T, H, D) layout")
+    if args.overhead_only:
+        rows = overhead_rows(h)
+        common.print_table(rows, ["dtype", "B", "T", "D", "mode", "impl", "call us", "kernel us", "overhead us"])
+        common.write_json(args.json, "attention", "cpu", rows, {"heads": h})
+        return 0
     rows = []
     only = args.decode_only or args.memory_only
     for b, t, d, dtype, causal in ([] if only else configs(device, args.quick)):

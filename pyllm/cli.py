@@ -36,7 +36,7 @@ def cmd_info(args) -> int:
         print(f"  bf16 attention scores: {how}; PYLLM_ATTN_CPU_BF16_DOT=0/1 overrides")
     amx = {"on": "AMX tiles", "off": "AMX tiles off (PYLLM_ATTN_CPU_AMX=0)",
            "unavailable": "no AMX (not in this build's -march, or the CPU or kernel does not allow it)"}
-    print(f"  bf16 attention forward: {amx[_C.flash_attn_cpu_amx()]}; PYLLM_ATTN_CPU_AMX=0 turns it off")
+    print(f"  bf16 attention forward and backward: {amx[_C.flash_attn_cpu_amx()]}; PYLLM_ATTN_CPU_AMX=0 turns them off")
     print("ops:")
     for op, by_device in BACKENDS.items():
         for device, dtypes in by_device.items():

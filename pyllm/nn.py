@@ -67,9 +67,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def _flash_attn_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether pyllm's flash attention has a kernel for these inputs (head dim, dtype, device);
     otherwise torch's SDPA computes the same function (e.g. fp16 on the CPU, head dim 80)."""
-    dtypes = flash_attn_ops.DTYPES.get(q.device.type, ())
-    built = q.device.type == "cpu" or _util.HAS_CUDA_KERNELS
-    return built and q.shape[-1] in flash_attn_ops.HEAD_DIMS and q.dtype in dtypes and q.dtype == k.dtype == v.dtype
+    # is_cpu / is_cuda, not device.type: asked once per layer per decoded token, and building the
+    # torch.device costs 0.7 us each time (this check: 2.9 us -> 0.8 us, beside 8-14 us of Python
+    # in the kvcache call itself).
+    if q.is_cpu:
+        dtypes = flash_attn_ops.DTYPES["cpu"]
+    elif q.is_cuda and _util.HAS_CUDA_KERNELS:
+        dtypes = flash_attn_ops.DTYPES["cuda"]
+    else:  # no kernel on this device (meta, mps, ...), or CUDA kernels not built
+        return False
+    return q.shape[-1] in flash_attn_ops.HEAD_DIMS and q.dtype in dtypes and q.dtype == k.dtype == v.dtype
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True) -> torch.Tensor:

@@ -246,24 +246,34 @@ def test_strided_views_of_packed_qkv_match_contiguous():
     assert torch.equal(pyllm.flash_attn(qt, qt, qt), pyllm.flash_attn(*(qt.contiguous(),) * 3))
 
 
-def test_backward_is_bitwise_deterministic():
-    q, k, v = torch.randn(2, 150, 4, 64), torch.randn(2, 150, 1, 64), torch.randn(2, 150, 1, 64)
-    dout = torch.randn(2, 150, 4, 64)
-    runs = [grads_of(lambda q, k, v: pyllm.flash_attn(q, k, v, causal=True, deterministic=True), (q, k, v), dout)[1]
-            for _ in range(3)]
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_backward_is_bitwise_deterministic(dtype):
+    # The same bits on every run and for any thread count (bf16: on AMX tiles where this CPU has them).
+    q, k, v = (torch.randn(2, 150, h, 64, dtype=dtype) for h in (4, 1, 1))
+    dout = torch.randn(2, 150, 4, 64, dtype=dtype)
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, 2, 3, 1):
+            torch.set_num_threads(n)
+            runs.append(grads_of(lambda q, k, v: pyllm.flash_attn(q, k, v, causal=True, deterministic=True),
+                                 (q, k, v), dout)[1])
+    finally:
+        torch.set_num_threads(threads)
     for other in runs[1:]:
         for a, b in zip(runs[0], other):
             assert torch.equal(a, b)
 
 
-def test_backward_ignores_scratch_of_earlier_calls():
-    # The CPU backward keeps per-thread fp32 scratch (q, dout, dq of a GQA group) across calls; a
-    # larger call full of NaN before must not leak into a smaller one after.
-    q, k, v = torch.randn(1, 70, 4, 32), torch.randn(1, 90, 2, 32), torch.randn(1, 90, 2, 32)
-    dout = torch.randn(1, 70, 4, 32)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_backward_ignores_scratch_of_earlier_calls(dtype):
+    # The CPU backward keeps per-thread scratch (q, dout, dq of a GQA group) across calls; a larger
+    # call full of NaN before must not leak into a smaller one after.
+    q, k, v = torch.randn(1, 70, 4, 32, dtype=dtype), torch.randn(1, 90, 2, 32, dtype=dtype), torch.randn(1, 90, 2, 32, dtype=dtype)
+    dout = torch.randn(1, 70, 4, 32, dtype=dtype)
     fn = lambda q, k, v: pyllm.flash_attn(q, k, v, causal=True)  # noqa: E731
     before = grads_of(fn, (q, k, v), dout)[1]
-    big = torch.full((2, 300, 4, 32), float("nan"))
+    big = torch.full((2, 300, 4, 32), float("nan"), dtype=dtype)
     grads_of(fn, (big, big[:, :, :2], big[:, :, :2]), big)
     after = grads_of(fn, (q, k, v), dout)[1]
     for a, b in zip(before, after):
@@ -475,9 +485,10 @@ def test_cpu_bf16_paths_match_reference(dot):
 
 @pytest.mark.skipif(_C.flash_attn_cpu_amx() == "unavailable", reason="no AMX-BF16 (CPU, kernel or build)")
 @pytest.mark.parametrize("amx", ["0", "1"])
-def test_cpu_amx_forward_matches_reference(amx):
-    # The bf16 forward runs on AMX tiles where the CPU and kernel allow it (PYLLM_ATTN_CPU_AMX=0 turns
-    # it off): both paths against float64, every head dim, partial blocks, GQA, causal and windows.
+def test_cpu_amx_matches_reference(amx):
+    # The bf16 forward and backward run on AMX tiles where the CPU and kernel allow it
+    # (PYLLM_ATTN_CPU_AMX=0 turns them off): both paths against float64, every head dim, partial
+    # blocks, GQA, causal and windows.
     check_bf16_in_subprocess({"PYLLM_ATTN_CPU_AMX": amx},
                              f"assert _C.flash_attn_cpu_amx() == {'on' if amx == '1' else 'off'!r}, _C.flash_attn_cpu_amx()",
                              "[(2, 65, 130, 4, 2, 64), (1, 100, 37, 4, 1, 128), (1, 40, 70, 2, 1, 256), "
@@ -678,6 +689,175 @@ def test_kvcache_int_seqlens_and_overflow():
         pyllm.flash_attn_with_kvcache(q, cache, cache.clone(), 8, torch.randn(2, 1, 1, 32), torch.randn(2, 1, 1, 32))
     with pytest.raises(TypeError, match="int32"):
         pyllm.flash_attn_with_kvcache(q, cache, cache.clone(), torch.tensor([1, 2]))
+
+
+# --- the eager CPU shortcut (fa._kvcache_eager_cpu): the op's bits without the op ----------------
+
+def kv_cache_pair(b, cap, hk, d, dtype, layout, base=None):
+    """(k_cache, v_cache, base): contiguous caches, or k and v interleaved in one (b, cap, 2, hk, d)
+    tensor (neither contiguous: the append takes copy_). base: reuse this storage's clone."""
+    if layout == "contiguous":
+        base = (rand((2, b, cap, hk, d), dtype, "cpu") if base is None else base.clone())
+        return base[0], base[1], base
+    base = rand((b, cap, 2, hk, d), dtype, "cpu") if base is None else base.clone()
+    return base[:, :, 0], base[:, :, 1], base
+
+
+def new_kv(b, n, h, hk, d, dtype, layout):
+    """q, k_new, v_new: contiguous, or views of one packed (b, n, h + 2 hk, d) projection as the
+    model's attention makes them (q, k, v split along heads)."""
+    if layout == "contiguous":
+        return rand((b, n, h, d), dtype, "cpu"), rand((b, n, hk, d), dtype, "cpu"), rand((b, n, hk, d), dtype, "cpu")
+    qkv = rand((b, n, h + 2 * hk, d), dtype, "cpu")
+    return qkv[:, :, :h], qkv[:, :, h:h + hk], qkv[:, :, h + hk:]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("cache_layout", ["contiguous", "interleaved"])
+@pytest.mark.parametrize("new_layout", ["contiguous", "packed"])
+@pytest.mark.parametrize("n_new", [0, 1, 3])
+@pytest.mark.parametrize("seqlens", ["int", "tensor", "ragged"])
+def test_kvcache_eager_shortcut_matches_the_op(dtype, cache_layout, new_layout, n_new, seqlens):
+    # Same kernel arguments as the dispatched op: the same bits in out, the same caches after the
+    # append (contiguous or interleaved caches, dense or strided new rows), GQA, 2 queries
+    # (a strided q when packed), int / uniform / ragged cache lengths, and a window and a scale.
+    b, cap, h, hk, d = 3, 40, 4, 2, 32
+    q, k_new, v_new = new_kv(b, max(n_new, 2), h, hk, d, dtype, new_layout)
+    q = q[:, :2]
+    k_new, v_new = (k_new[:, :n_new], v_new[:, :n_new]) if n_new else (None, None)
+    k_cache, v_cache, base = kv_cache_pair(b, cap, hk, d, dtype, cache_layout)
+    ref_k, ref_v, _ = kv_cache_pair(b, cap, hk, d, dtype, cache_layout, base)
+    lengths = {"int": [37] * b, "tensor": [5] * b, "ragged": [0, 37, 19]}[seqlens]
+    lengths_t = torch.tensor(lengths, dtype=torch.int32)
+    arg = lengths[0] if seqlens == "int" else lengths_t
+    for causal, scale, window in ((True, None, fa._NO_WINDOW), (False, 0.3, (7, -1))):
+        out = fa._kvcache_eager_cpu(q, k_cache, v_cache, arg, k_new, v_new, causal, scale, window)
+        assert out is not None, "the shortcut declined a plain eager CPU call"
+        want = torch.ops.pyllm.flash_attn_with_kvcache(q, ref_k, ref_v, lengths_t, k_new, v_new,
+                                                        1 / math.sqrt(d) if scale is None else scale, window[0],
+                                                        0 if causal else window[1])
+        assert torch.equal(out, want) and out.stride() == want.stride()
+        assert torch.equal(k_cache, ref_k) and torch.equal(v_cache, ref_v)
+        if n_new:  # appended where the op appends: the new rows are in the caches
+            assert torch.equal(k_cache[1, lengths[1]:lengths[1] + n_new], k_new[1])
+
+
+def test_kvcache_public_call_takes_the_shortcut(monkeypatch):
+    # Plain eager CPU calls never reach the op or its body (their Python cost is what the shortcut
+    # saves); anything traced or differentiable does (next test).
+    def refuse(*args):
+        raise AssertionError("the general path ran")
+
+    monkeypatch.setattr(fa, "_flash_attn_with_kvcache", refuse)
+    monkeypatch.setattr(fa, "_flash_attn_with_kvcache_body", refuse)
+    q, k_new, v_new = new_kv(2, 1, 4, 2, 64, torch.bfloat16, "packed")
+    k_cache, v_cache, _ = kv_cache_pair(2, 16, 2, 64, torch.bfloat16, "contiguous")
+    with torch.no_grad():
+        pyllm.flash_attn_with_kvcache(q, k_cache, v_cache, 3, k_new, v_new)
+    pyllm.flash_attn_with_kvcache(q, k_cache, v_cache, torch.tensor([4, 2], dtype=torch.int32))
+
+
+def test_kvcache_shortcut_leaves_tracing_and_autograd_to_the_op():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    q, k_new, v_new = new_kv(2, 1, 4, 2, 32, torch.float32, "contiguous")
+    k_cache, v_cache, _ = kv_cache_pair(2, 16, 2, 32, torch.float32, "contiguous")
+    args = (k_cache, v_cache, 3, k_new, v_new, True, None, fa._NO_WINDOW)
+    assert fa._kvcache_eager_cpu(q.clone().requires_grad_(), *args) is None
+    assert fa._kvcache_eager_cpu(q, torch.nn.Parameter(k_cache, requires_grad=False), *args[1:]) is None
+    assert fa._kvcache_eager_cpu(q.to("meta"), *args) is None
+
+    def step(q, k_cache, v_cache, k_new, v_new):
+        return pyllm.flash_attn_with_kvcache(q, k_cache, v_cache, 3, k_new, v_new)
+
+    for mode in ("real", "fake"):
+        graph = make_fx(step, tracing_mode=mode)(q, k_cache.clone(), v_cache.clone(), k_new, v_new)
+        assert "pyllm.flash_attn_with_kvcache" in graph.code, mode
+    torch._dynamo.reset()
+    compiled_k, compiled_v = k_cache.clone(), v_cache.clone()
+    out = torch.compile(step, fullgraph=True)(q, compiled_k, compiled_v, k_new, v_new)
+    assert torch.equal(out, step(q, k_cache, v_cache, k_new, v_new))
+    assert torch.equal(compiled_k, k_cache) and torch.equal(compiled_v, v_cache)
+
+
+def test_kvcache_shortcut_append_is_seen_by_autograd_and_inference_mode():
+    # The shortcut's append bumps the caches' version counters: a product that saved the cache for
+    # its backward raises there instead of using the overwritten values.
+    q, k_new, v_new = new_kv(1, 1, 2, 1, 32, torch.float32, "contiguous")
+    k_cache, v_cache, _ = kv_cache_pair(1, 8, 1, 32, torch.float32, "contiguous")
+    w = torch.randn(k_cache.shape, requires_grad=True)
+    y = (w * k_cache).sum()
+    versions = k_cache._version, v_cache._version
+    with torch.no_grad():
+        pyllm.flash_attn_with_kvcache(q, k_cache, v_cache, 3, k_new, v_new)
+    assert k_cache._version > versions[0] and v_cache._version > versions[1]
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+    # Caches made in inference mode: appended in it, refused outside it (torch's own error).
+    with torch.inference_mode():
+        k_inf, v_inf = k_cache.clone(), v_cache.clone()
+        pyllm.flash_attn_with_kvcache(q, k_inf, v_inf, 4, k_new, v_new)
+        assert torch.equal(k_inf[0, 4], k_new[0, 0])
+        pyllm.flash_attn_with_kvcache(q, k_cache, v_cache, 5, k_new, v_new)  # a normal cache inside it
+        assert torch.equal(v_cache[0, 5], v_new[0, 0])
+    with pytest.raises(RuntimeError, match="[Ii]nference"):
+        pyllm.flash_attn_with_kvcache(q, k_inf, v_inf, 5, k_new, v_new)
+
+
+def test_kvcache_shortcut_new_rows_inside_their_cache():
+    # New rows that are a view of the cache they are appended to: disjoint rows are copied (as
+    # copy_ does), partly overlapping ones raise torch's overlap error.
+    q = rand((1, 1, 2, 32), torch.float32, "cpu")
+    k_cache, v_cache, _ = kv_cache_pair(1, 8, 2, 32, torch.float32, "contiguous")
+    rows = k_cache[:, 1:2].clone()
+    pyllm.flash_attn_with_kvcache(q, k_cache, v_cache, 5, k_cache[:, 1:2], v_cache[:, 1:2])
+    assert torch.equal(k_cache[:, 5:6], rows)
+    with pytest.raises(RuntimeError, match="single memory location"):
+        pyllm.flash_attn_with_kvcache(q, k_cache, v_cache, 3, k_cache[:, 2:4], v_cache[:, 2:4])
+
+
+def test_kvcache_bad_input_raises_and_leaves_the_cache():
+    # Every check of the general path still raises its message, the shortcut or not, and nothing
+    # is written to the caches before a call is known to be good.
+    i32 = torch.int32
+    q, k_new, v_new = new_kv(2, 1, 4, 2, 32, torch.float32, "contiguous")
+    k_cache, v_cache, _ = kv_cache_pair(2, 8, 2, 32, torch.float32, "contiguous")
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    strided_cache = rand((2, 8, 32, 2), torch.float32, "cpu").transpose(-1, -2)  # last dim stride 2
+    cases = [
+        (TypeError, "int32", dict(cache_seqlens=torch.tensor([1, 2]))),
+        (TypeError, "int32 tensor or an int", dict(cache_seqlens=True)),
+        (TypeError, "int32 tensor or an int", dict(cache_seqlens=1.0)),
+        (ValueError, r"\(2,\)", dict(cache_seqlens=torch.tensor([1], dtype=i32))),
+        (ValueError, "capacity", dict(cache_seqlens=8)),  # no room for the new token
+        (ValueError, "capacity", dict(cache_seqlens=-1)),
+        (ValueError, "capacity", dict(cache_seqlens=torch.tensor([-1, 0], dtype=i32))),
+        (ValueError, "capacity", dict(cache_seqlens=torch.tensor([0, 8], dtype=i32))),
+        (ValueError, "both", dict(v_new=None)),
+        (TypeError, "dtype", dict(k_new=k_new.double(), v_new=v_new.double())),
+        (TypeError, "dtype", dict(q=q.bfloat16())),
+        (ValueError, "k_new must be", dict(k_new=rand((2, 1, 1, 32), torch.float32, "cpu"))),
+        (ValueError, "same shape", dict(k_new=rand((2, 2, 2, 32), torch.float32, "cpu"))),
+        (ValueError, "do not fit", dict(k_new=rand((2, 9, 2, 32), torch.float32, "cpu"),
+                                        v_new=rand((2, 9, 2, 32), torch.float32, "cpu"))),
+        (ValueError, "multiple", dict(q=rand((2, 1, 3, 32), torch.float32, "cpu"))),
+        (ValueError, "head_dim", dict(q=rand((2, 1, 4, 64), torch.float32, "cpu"))),
+        (ValueError, "4-D", dict(q=q[0])),
+        (ValueError, "contiguous last dim", dict(k_cache=strided_cache, v_cache=strided_cache.clone())),
+        (ValueError, "window", dict(window=(-2, 0))),
+        (TypeError, "window", dict(window=3)),
+        (TypeError, "softmax_scale", dict(softmax_scale="0.1")),
+        (TypeError, "softmax_scale", dict(softmax_scale=float("nan"))),
+        (ValueError, "device", dict(q=q.to("meta"), k_cache=k_cache.to("meta"), v_cache=v_cache.to("meta"))),
+    ]
+    for exc, match, bad in cases:
+        kw = {**dict(q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=3, k_new=k_new, v_new=v_new), **bad}
+        before = kw["k_cache"].clone(), kw["v_cache"].clone()
+        with pytest.raises(exc, match=match):
+            pyllm.flash_attn_with_kvcache(**kw)
+        if not kw["k_cache"].is_meta:
+            assert torch.equal(kw["k_cache"], before[0]) and torch.equal(kw["v_cache"], before[1]), (match, bad)
+    assert torch.equal(k_cache, k_before) and torch.equal(v_cache, v_before)
 
 
 # --- where cu_seqlens / cache_seqlens are checked: no device sync on CUDA unless asked -----------

@@ -47,8 +47,8 @@
 // fp32 sums, twice the fp32 FMA rate on Zen 4, half of it on the Intel Xeon below); P V and the
 // three gradient matmuls stay fp32, since P and dS exist only in fp32. Rounding them to bf16 (as
 // flash-attn's CUDA kernels do) and running them on vdpbf16ps was tried on the Intel Xeon and was
-// slower there (below); not measured on Zen 4. On CPUs with AMX-BF16 the bf16 forward runs on
-// AMX tiles instead (flash_attn_amx.cpp, with its measurements). Softmax rows are explicit vector loops with
+// slower there (below); not measured on Zen 4. On CPUs with AMX-BF16 the bf16 forward and
+// backward run on AMX tiles instead (flash_attn_amx.cpp, with its measurements). Softmax rows are explicit vector loops with
 // common/cpu_math.h's exp (vscalefps under AVX-512; no -ffast-math). Math in fp32 for fp32 / bf16
 // storage, fp64 for fp64 (kept for gradcheck; the LSE is then fp64 too). Threading: OpenMP over
 // work items, dynamic schedule.
@@ -770,11 +770,6 @@ void decode(const AttnParams& p) {
 // Backward
 // ---------------------------------------------------------------------------------------------
 
-// The backward wants at least this many work items; with fewer (sequence, kv head) pairs it splits
-// each sequence's queries into chunks. A constant, not the thread count, so that the summation
-// order (and with it every bit of dK and dV) does not depend on how many threads run.
-constexpr int64_t kMinBwdItems = 8;
-
 template <int D, typename T, bool Dot = kBf16Dot<T>>
 void bwd(const AttnParams& p) {
   using A = acc_t<T>;
@@ -786,17 +781,8 @@ void bwd(const AttnParams& p) {
   const A* lse = static_cast<const A*>(p.lse);
   const A* dlse = static_cast<const A*>(p.dlse);
   const A scale = A(p.scale);
-  const int64_t seq_heads = p.batch * p.n_kv_heads, max_qblocks = (p.seqlen_q + kBlockQ - 1) / kBlockQ;
-  const int64_t chunks = std::max<int64_t>(1, std::min(max_qblocks, (kMinBwdItems + seq_heads - 1) / seq_heads));
-  const int64_t items = seq_heads * chunks;
-  // chunks > 1: each chunk's dK, dV partial sums (fp32, unscaled) per (chunk, kv head, key token),
-  // summed in chunk order after the main loop.
-  const int64_t total_k = p.cu_seqlens_k ? int64_t(p.cu_seqlens_k[p.batch]) : p.batch * p.seqlen_k;
-  std::vector<A> dkv_parts(chunks > 1 ? size_t(chunks * p.n_kv_heads * total_k * 2 * D) : 0);
-  auto part_row = [&](int64_t c, int64_t hk, int64_t b, const SeqInfo& s, int64_t j) {
-    const int64_t token = (p.cu_seqlens_k ? s.k_start : b * p.seqlen_k) + j;
-    return dkv_parts.data() + ((c * p.n_kv_heads + hk) * total_k + token) * 2 * D;
-  };
+  const int64_t chunks = bwd_chunks(p), items = p.batch * p.n_kv_heads * chunks;
+  DkvParts<A> parts(p, chunks, D);
 #pragma omp parallel if (items > 1)
   {
     std::vector<A> kr(kBlockK * D), kt(D * kBlockK), vt(D * kBlockK), sc(kBlockQ * kBlockK), dp(kBlockQ * kBlockK),
@@ -810,12 +796,10 @@ void bwd(const AttnParams& p) {
     std::vector<uint32_t> ktp(dot ? D / 2 * kBlockK : 0), vtp(dot ? D / 2 * kBlockK : 0);
 #pragma omp for schedule(dynamic)
     for (int64_t item = 0; item < items; ++item) {
-      const int64_t b = item / (p.n_kv_heads * chunks), hk = (item / chunks) % p.n_kv_heads, c = item % chunks;
-      const SeqInfo s = seq_info(p, b);
+      const BwdItem it = bwd_item(p, item, chunks);
+      const int64_t b = it.b, hk = it.hk, c = it.c, qa = it.qa, qz = it.qz;
+      const SeqInfo& s = it.s;
       const int64_t len_q = s.len_q, len_k = s.len_k;
-      // This item's queries [qa, qz): chunk c of the sequence's query blocks.
-      const int64_t per = ((len_q + kBlockQ - 1) / kBlockQ + chunks - 1) / chunks;
-      const int64_t qa = std::min(len_q, c * per * kBlockQ), qz = std::min(len_q, (c + 1) * per * kBlockQ);
       const int64_t n_rows = qz - qa, rows = group * n_rows;
       if (size_t(rows * D) > q_all.size()) {
         q_all.resize(rows * D), do_all.resize(rows * D), dq_all.resize(rows * D);
@@ -899,7 +883,7 @@ void bwd(const AttnParams& p) {
         }
         for (int64_t r = 0; r < nk; ++r) {
           if (chunks > 1) {
-            A* __restrict part = part_row(c, hk, b, s, j0 + r);
+            A* __restrict part = parts.template row<D>(c, hk, b, s, j0 + r);
             std::copy(dk.begin() + r * D, dk.begin() + (r + 1) * D, part);
             std::copy(dv.begin() + r * D, dv.begin() + (r + 1) * D, part + D);
             continue;
@@ -922,30 +906,7 @@ void bwd(const AttnParams& p) {
         }
     }
   }
-  if (chunks == 1) return;
-  // dK, dV = the chunks' partial sums, added in chunk order.
-  const int64_t kblocks = (p.seqlen_k + kBlockK - 1) / kBlockK, sum_items = seq_heads * kblocks;
-#pragma omp parallel for schedule(dynamic) if (sum_items > 1)
-  for (int64_t item = 0; item < sum_items; ++item) {
-    const int64_t b = item / (p.n_kv_heads * kblocks), hk = (item / kblocks) % p.n_kv_heads, kb = item % kblocks;
-    const SeqInfo s = seq_info(p, b);
-    for (int64_t j = kb * kBlockK; j < std::min(s.len_k, (kb + 1) * kBlockK); ++j) {
-      alignas(64) A sum[2 * D];
-      std::copy(part_row(0, hk, b, s, j), part_row(0, hk, b, s, j) + 2 * D, sum);
-      for (int64_t c = 1; c < chunks; ++c) {
-        const A* __restrict part = part_row(c, hk, b, s, j);
-#pragma omp simd
-        for (int d = 0; d < 2 * D; ++d) sum[d] += part[d];
-      }
-      T* __restrict dk_dst = at_mut<T>(p.dk, p.dkv_strides, b, s.k_start + j, hk);
-      T* __restrict dv_dst = at_mut<T>(p.dv, p.dkv_strides, b, s.k_start + j, hk);
-#pragma omp simd
-      for (int d = 0; d < D; ++d) {
-        dk_dst[d] = from_acc<T>(sum[d]);
-        dv_dst[d] = from_acc<T>(sum[D + d]);
-      }
-    }
-  }
+  parts.template sum_into_outputs<D, T>();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1077,6 +1038,10 @@ void flash_attn_bwd_cpu(uintptr_t dout, uintptr_t dlse, uintptr_t q, uintptr_t k
   const int64_t lse_size = p.cu_seqlens_q ? n_heads * lse_strides[1] : batch * lse_strides[0];
   PYLLM_CHECK(lse_size >= (p.cu_seqlens_q ? n_heads * total_q : batch * n_heads * seqlen_q),
               "flash_attn: lse_strides (", lse_strides[0], ", ", lse_strides[1], ") do not fit the lse layout");
+  if (dtype == int(DType::bf16) && amx_enabled()) {
+    flash_attn_bwd_amx(p);
+    return;
+  }
   dispatch_head_dim(head_dim, [&](auto d) {
     dispatch_dtype(dtype, [&](auto t) {
       using T = typename decltype(t)::type;

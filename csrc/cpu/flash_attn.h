@@ -1,12 +1,13 @@
 // Pieces of the CPU FlashAttention shared by its two translation units: flash_attn.cpp (every
-// dtype and ISA) and flash_attn_amx.cpp (the bf16 forward on AMX tiles, compiled with the AMX
-// flags). Internal linkage (an anonymous namespace), so each file gets its own copy and no
+// dtype and ISA) and flash_attn_amx.cpp (the bf16 forward and backward on AMX tiles, compiled
+// with the AMX flags). Internal linkage (an anonymous namespace), so each file gets its own copy and no
 // function compiled with the AMX flags can stand in for one of the other file's.
 #pragma once
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <vector>
 
 #include "common/attn_params.h"
 #include "common/dtype.h"
@@ -16,8 +17,10 @@ namespace pyllm {
 // flash_attn_amx.cpp: whether this build has the AMX forward and the CPU and kernel let this
 // process use it (cpuid AMX-BF16 and the tile state granted by arch_prctl; asked once per process).
 bool flash_attn_amx_usable();
-// The bf16 forward on AMX tiles (only when flash_attn_amx_usable()); params as flash_attn.cpp's fwd.
+// The bf16 forward and backward on AMX tiles (only when flash_attn_amx_usable()); params as
+// flash_attn.cpp's fwd and bwd.
 void flash_attn_fwd_amx(const AttnParams& p);
+void flash_attn_bwd_amx(const AttnParams& p);
 
 namespace {
 
@@ -144,6 +147,73 @@ inline void mask_transposed(A* __restrict st, int64_t nk, int64_t j0, const Quer
     for (int64_t i = 0; i < kBlockQ; ++i) row[i] = (key >= qb.lo[i] && key < qb.hi[i]) ? row[i] : ninf;
   }
 }
+
+// The backward's work items (both backwards): item = (b * n_kv_heads + hk) * chunks + c is kv head
+// hk of sequence b with the queries [qa, qz) of chunk c (of every query head of hk's group).
+// The backward wants at least kMinBwdItems work items; with fewer (sequence, kv head) pairs it
+// splits each sequence's queries into chunks. A constant, not the thread count, so that the
+// summation order (and with it every bit of dK and dV) does not depend on how many threads run.
+constexpr int64_t kMinBwdItems = 8;
+inline int64_t bwd_chunks(const AttnParams& p) {
+  const int64_t seq_heads = p.batch * p.n_kv_heads, max_qblocks = (p.seqlen_q + kBlockQ - 1) / kBlockQ;
+  return std::max<int64_t>(1, std::min(max_qblocks, (kMinBwdItems + seq_heads - 1) / seq_heads));
+}
+struct BwdItem {
+  int64_t b, hk, c, qa, qz;  // qa: a multiple of kBlockQ
+  SeqInfo s;
+};
+inline BwdItem bwd_item(const AttnParams& p, int64_t item, int64_t chunks) {
+  BwdItem it;
+  it.b = item / (p.n_kv_heads * chunks), it.hk = (item / chunks) % p.n_kv_heads, it.c = item % chunks;
+  it.s = seq_info(p, it.b);
+  const int64_t per = ((it.s.len_q + kBlockQ - 1) / kBlockQ + chunks - 1) / chunks;  // query blocks per chunk
+  it.qa = std::min(it.s.len_q, it.c * per * kBlockQ), it.qz = std::min(it.s.len_q, (it.c + 1) * per * kBlockQ);
+  return it;
+}
+
+// A split backward's (chunks > 1) dK, dV partial sums: per (chunk, kv head, key token) a row of
+// 2 D accumulators (dK then dV, final scale applied), added in chunk order by sum_into() after the
+// main loop. Empty with one chunk.
+template <typename A>
+struct DkvParts {
+  const AttnParams& p;
+  int64_t chunks, total_k;
+  std::vector<A> data;
+  DkvParts(const AttnParams& p_, int64_t chunks_, int64_t head_dim)
+      : p(p_), chunks(chunks_), total_k(p_.cu_seqlens_k ? int64_t(p_.cu_seqlens_k[p_.batch]) : p_.batch * p_.seqlen_k),
+        data(chunks_ > 1 ? size_t(chunks_ * p_.n_kv_heads * total_k * 2 * head_dim) : 0) {}
+  template <int D>
+  A* row(int64_t c, int64_t hk, int64_t b, const SeqInfo& s, int64_t j) {
+    const int64_t token = (p.cu_seqlens_k ? s.k_start : b * p.seqlen_k) + j;
+    return data.data() + ((c * p.n_kv_heads + hk) * total_k + token) * 2 * D;
+  }
+  template <int D, typename T>
+  void sum_into_outputs() {
+    if (chunks == 1) return;
+    const int64_t kblocks = (p.seqlen_k + kBlockK - 1) / kBlockK, items = p.batch * p.n_kv_heads * kblocks;
+#pragma omp parallel for schedule(dynamic) if (items > 1)
+    for (int64_t item = 0; item < items; ++item) {
+      const int64_t b = item / (p.n_kv_heads * kblocks), hk = (item / kblocks) % p.n_kv_heads, kb = item % kblocks;
+      const SeqInfo s = seq_info(p, b);
+      for (int64_t j = kb * kBlockK; j < std::min(s.len_k, (kb + 1) * kBlockK); ++j) {
+        alignas(64) A sum[2 * D];
+        std::copy(row<D>(0, hk, b, s, j), row<D>(0, hk, b, s, j) + 2 * D, sum);
+        for (int64_t c = 1; c < chunks; ++c) {
+          const A* __restrict part = row<D>(c, hk, b, s, j);
+#pragma omp simd
+          for (int d = 0; d < 2 * D; ++d) sum[d] += part[d];
+        }
+        T* __restrict dk_dst = at_mut<T>(p.dk, p.dkv_strides, b, s.k_start + j, hk);
+        T* __restrict dv_dst = at_mut<T>(p.dv, p.dkv_strides, b, s.k_start + j, hk);
+#pragma omp simd
+        for (int d = 0; d < D; ++d) {
+          dk_dst[d] = from_acc<T>(sum[d]);
+          dv_dst[d] = from_acc<T>(sum[D + d]);
+        }
+      }
+    }
+  }
+};
 
 }  // namespace
 }  // namespace pyllm

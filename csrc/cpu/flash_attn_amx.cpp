@@ -1,4 +1,4 @@
-// FlashAttention forward for bf16 on Intel AMX tiles (TDPBF16PS), chosen at run time by
+// FlashAttention forward and backward for bf16 on Intel AMX tiles (TDPBF16PS), chosen at run time by
 // flash_attn.cpp for bf16 inputs when flash_attn_amx_usable(): the CPU has AMX-BF16 (cpuid) and
 // Linux grants this process the tile state (arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA), asked once
 // per process). PYLLM_ATTN_CPU_AMX=0 turns it off. This file alone is compiled with -mamx-tile
@@ -44,6 +44,44 @@
 // rescale, for a quarter of the FLOPs each).
 // Determinism: every output is summed by one work item in a fixed order of tiles and blocks: the
 // same bits for any thread count.
+//
+// Backward: flash_attn.cpp's (FlashAttention-2, P recomputed from the saved lse; its work items,
+// (sequence, kv head, chunk of queries), key blocks of kBlockK = 64 and query blocks of kBlockQ =
+// 64, dK, dV of a key block complete when its loop ends, dQ accumulated per thread, chunk partials
+// as there) with its five block matmuls on tiles, all in the forward's key x query orientation:
+//   S^T = K Q^T, dP^T = V dO^T:  A = K / V rows [key][d], B = Q / dO as pairs along d [d2][query];
+//                                P^T = exp(scale S^T - lse), dS^T = P^T (dP^T - delta) in fp32, down
+//                                columns as the forward's softmax (lse, delta: vectors of queries);
+//   dV += P^T dO, dK += dS^T Q:  A = P^T / dS^T as bf16 rows [key][query], B = dO / Q as pairs of
+//                                queries [q2][d]; dK is scaled once when it is written;
+//   dQ^T += K^T dS^T:            A = K^T [d][key], B = dS^T as pairs of keys [k2][query] (the forward's
+//                                P^T pairs, from the same conversion as the dS^T rows); dQ^T per query
+//                                block, transposed and scaled once at the end.
+// P and dS are rounded to bf16 (nearest even) for their matmuls, as flash-attn's GPU kernels do;
+// S, dP, the softmax and every accumulator stay fp32 (worst error / test tolerance 0.19-0.34 vs
+// 0.14-0.25 on fp32 tiles, tests/test_flash_attn.py's AMX shapes). Padding queries of a partial
+// block get lse = +inf (P = dS = 0); padding keys are zero rows of K, V and zero P, dS pairs.
+// Memory per thread: per query block of the item's queries (group x chunk) Q and dO in two pair
+// layouts (4 x 64 x D x 2 bytes) and dQ^T (64 x D x 4): 96 KB at D = 128, 6 MB at T = 4096, as the
+// fp32 backward's three fp32 rows; per key block K, V, K^T (3 x 64 x D x 2), dK, dV (2 x 64 x D x
+// 4), S^T, dP^T (2 x 16 KB), P^T, dS^T rows and dS^T pairs (3 x 8 KB).
+// Measured (2026-11-30, the Intel Xeon VM, 1 thread, thread CPU time; the VM was shared with two
+// other jobs, so +-30%): bf16 forward + backward vs SDPA in one process, B = 1, H = 8, T = 1024 /
+// 2048 / 4096, D = 64 / 128, causal or not: 1.25-2.22x (0.48-1.10x with this file's backward
+// off, i.e. on flash_attn.cpp's fp32 tiles), before the 64-byte alignment of its buffers, which
+// then took the backward to 0.70-0.75x the time (BwdAligned64); 400-440 GFLOP/s at T = 1024,
+// D = 128. Where its time went before that fix (T = 1024, D = 128, non-causal, 31 ms; each part
+// left out in turn): S^T and dP^T tiles 9 ms, dV and dK tiles 12, dQ^T tiles 5.5, the vector pass
+// 4, packing and the rest 6. Tile primitives alone (aligned buffers, hot L1): TDPBF16PS 8.7 ns
+// (1.9 TFLOP/s), a tile load 4-4.5 ns, a store 8 ns; matmul_tiles of the S^T shape (64 x 64,
+// K = D = 128, zeroed C) 1.4 TFLOP/s, of the dV shape (64 x 128 C loaded and stored, K = 64
+// queries) 0.94, and 0.51 with its B and C cycling through 16 blocks (L2), as the sweep over a key
+// block's query blocks does: the gradient matmuls pay for their C tiles' loads and stores.
+// Tried, no gain measurable here (unaligned buffers): key blocks 4 at a time per sweep of the query
+// blocks (each query block's operands reused for 4 key blocks; T = 2048 / 4096, bitwise the same
+// results); scores one pair ahead and the gradient matmuls one pair behind (double buffers) in a
+// micro-benchmark. Left: a longer reduction per C load (128 queries per dV, dK block: 0.8-0.85x
+// the time of two 64-query ones in a micro-benchmark; 128 keys per dQ^T block).
 #include "cpu/flash_attn.h"
 
 #if defined(__linux__) && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && \
@@ -74,6 +112,7 @@ namespace pyllm {
 
 bool flash_attn_amx_usable() { return false; }
 void flash_attn_fwd_amx(const AttnParams&) { PYLLM_CHECK(false, "flash_attn: this build has no AMX forward"); }
+void flash_attn_bwd_amx(const AttnParams&) { PYLLM_CHECK(false, "flash_attn: this build has no AMX backward"); }
 
 #else
 
@@ -575,6 +614,249 @@ void fwd_amx(const AttnParams& p) {
   }
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------------------------
+
+// C[M][N] (+)= A[M][K] B[K][N] on tiles, M, N and K multiples of 32: A bf16, rows lda elements
+// apart; B as pairs along K, [K / 2][N] uint32, rows ldb apart; C fp32, rows ldc apart.
+inline void matmul_tiles(int64_t M, int64_t N, int64_t K, const uint16_t* a, int64_t lda, const uint32_t* b,
+                         int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  for (int64_t m = 0; m < M; m += 32)
+    for (int64_t n = 0; n < N; n += 32) {
+      float* cb = c + m * ldc + n;
+      if (accumulate) {
+        load_c_2x2(cb, ldc);
+      } else {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+      }
+      for (int64_t k = 0; k < K; k += 32) dp_2x2(a + m * lda + k, a + (m + 16) * lda + k, lda * 2, b + k / 2 * ldb + n, ldb * 4);
+      store_c_2x2(cb, ldc);
+    }
+}
+
+inline int64_t round_up32(int64_t n) { return (n + 31) / 32 * 32; }
+
+// `rows` tokens x D of one head of a bf16 (B, T, H, D) tensor as bf16 rows of D, rows
+// rows..round_up32(rows) zero ...
+template <int D>
+inline void pack_rows_padded(uint16_t* __restrict dst, const void* base, const int64_t* strides, int64_t b,
+                             int64_t start, int64_t h, int64_t rows) {
+  for (int64_t r = 0; r < rows; ++r)
+    std::memcpy(dst + r * D, row_prefetching<D, bf16>(base, strides, b, start, h, r, rows), D * 2);
+  std::memset(dst + rows * D, 0, (round_up32(rows) - rows) * D * 2);
+}
+// ... transposed, dst[d * ld + r] (columns rows..ld zero) ...
+template <int D>
+inline void pack_transposed(uint16_t* __restrict dst, int64_t ld, const void* base, const int64_t* strides, int64_t b,
+                            int64_t start, int64_t h, int64_t rows) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint16_t* row = reinterpret_cast<const uint16_t*>(row_prefetching<D, bf16>(base, strides, b, start, h, r, rows));
+    for (int d = 0; d < D; ++d) dst[d * ld + r] = row[d];
+  }
+  for (int d = 0; d < D; ++d) std::memset(dst + d * ld + rows, 0, (ld - rows) * 2);
+}
+// ... or as pairs of tokens, dst[r2][d] = (x[2 r2][d], x[2 r2 + 1][d]) for r2 < kBlockQ / 2 (zero past rows).
+template <int D>
+inline void pack_pairs_of_rows(uint32_t* __restrict dst, const void* base, const int64_t* strides, int64_t b,
+                               int64_t start, int64_t h, int64_t rows) {
+  for (int64_t r2 = 0; r2 < kBlockQ / 2; ++r2) {
+    const int64_t r = 2 * r2;
+    const uint16_t* x0 = r < rows ? reinterpret_cast<const uint16_t*>(at<bf16>(base, strides, b, start + r, h)) : nullptr;
+    const uint16_t* x1 = r + 1 < rows ? reinterpret_cast<const uint16_t*>(at<bf16>(base, strides, b, start + r + 1, h)) : nullptr;
+    for (int d = 0; d < D; d += 16) {
+      const __m512i lo = x0 ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x0 + d))) : _mm512_setzero_si512();
+      const __m512i hi = x1 ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x1 + d))) : _mm512_setzero_si512();
+      _mm512_storeu_si512(dst + r2 * D + d, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+    }
+  }
+}
+
+// The backward's tile buffers are 64-byte aligned, so that each 64-byte tile row is one cache
+// line (std::vector's 16-byte alignment split the rows over two lines): backward 0.70-0.75x the
+// time (1 thread, T = 1024 D = 128 non-causal 31.4 -> 23.5 ms, T = 2048 D = 64 causal 38.7 -> 26.7,
+// min of 4 interleaved runs, 2026-11-30).
+template <typename T>
+struct BwdAligned64 {
+  using value_type = T;
+  BwdAligned64() = default;
+  template <typename U>
+  BwdAligned64(const BwdAligned64<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
+  void deallocate(T* ptr, size_t) { ::operator delete(ptr, std::align_val_t(64)); }
+  bool operator==(const BwdAligned64&) const { return true; }
+  bool operator!=(const BwdAligned64&) const { return false; }
+};
+template <typename T>
+using BwdBuf = std::vector<T, BwdAligned64<T>>;
+
+template <int D>
+void bwd_amx(const AttnParams& p) {
+  constexpr int64_t BK = kBlockK;  // keys per block (kBlockK, as the fp32 backward)
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  const __m512 ninf = _mm512_set1_ps(kNegInf), zero = _mm512_setzero_ps(), scale = _mm512_set1_ps(float(p.scale));
+  alignas(64) static const uint16_t kInterleave[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
+                                                       8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i interleave = _mm512_load_si512(kInterleave);
+  const __m512i column = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32(kBlockQ));
+  const int64_t group = p.n_heads / p.n_kv_heads;
+  const float* lse = static_cast<const float*>(p.lse);
+  const float* dlse = static_cast<const float*>(p.dlse);
+  const int64_t chunks = bwd_chunks(p), items = p.batch * p.n_kv_heads * chunks;
+  DkvParts<float> parts(p, chunks, D);
+  // Per query block of an item (blk = g * blocks + qb): Q and dO as pairs along D ([D / 2][kBlockQ],
+  // the B operands of S^T and dP^T), as pairs of queries ([kBlockQ / 2][D], those of dK and dV),
+  // dQ^T accumulators [D][kBlockQ], lse and delta. Offsets into the per-thread buffers below.
+  constexpr int64_t kPairsD = D / 2 * kBlockQ, kPairsQ = kBlockQ / 2 * D, kDqt = D * kBlockQ;
+#pragma omp parallel if (items > 1)
+  {
+    load_tile_config();
+    BwdBuf<uint16_t> kr(BK * D), vr(BK * D), kt(D * BK), pt(BK * kBlockQ), dst(BK * kBlockQ);
+    BwdBuf<uint32_t> dsp(BK / 2 * kBlockQ);
+    BwdBuf<float> st(BK * kBlockQ), dpt(BK * kBlockQ), dk(BK * D), dv(BK * D);
+    static thread_local BwdBuf<uint32_t> qd_all, dod_all, qq_all, doq_all;
+    static thread_local BwdBuf<float> dqt_all, lse_all, delta_all;
+    QueryBounds bounds;
+#pragma omp for schedule(dynamic)
+    for (int64_t item = 0; item < items; ++item) {
+      const BwdItem it = bwd_item(p, item, chunks);
+      const int64_t b = it.b, hk = it.hk, qa = it.qa, qz = it.qz;
+      const SeqInfo& s = it.s;
+      const int64_t blocks = (qz - qa + kBlockQ - 1) / kBlockQ, all = group * blocks;
+      if (qd_all.size() < size_t(all * kPairsD)) {
+        qd_all.resize(all * kPairsD), dod_all.resize(all * kPairsD), qq_all.resize(all * kPairsQ);
+        doq_all.resize(all * kPairsQ), dqt_all.resize(all * kDqt), lse_all.resize(all * kBlockQ);
+        delta_all.resize(all * kBlockQ);
+      }
+      for (int64_t g = 0; g < group; ++g)
+        for (int64_t qb = 0; qb < blocks; ++qb) {
+          const int64_t h = hk * group + g, blk = g * blocks + qb, i0 = qa + qb * kBlockQ;
+          const int64_t mq = std::min(kBlockQ, qz - i0), t0 = s.q_start + i0;
+          pack_pairs_transposed<D>(qd_all.data() + blk * kPairsD, kBlockQ, p.q, p.q_strides, b, t0, h, mq);
+          pack_pairs_transposed<D>(dod_all.data() + blk * kPairsD, kBlockQ, p.dout, p.o_strides, b, t0, h, mq);
+          pack_pairs_of_rows<D>(qq_all.data() + blk * kPairsQ, p.q, p.q_strides, b, t0, h, mq);
+          pack_pairs_of_rows<D>(doq_all.data() + blk * kPairsQ, p.dout, p.o_strides, b, t0, h, mq);
+          // Padding queries get lse = +inf: P = exp(S - lse) = 0 there, and so does dS.
+          float* lse_b = lse_all.data() + blk * kBlockQ;
+          float* delta_b = delta_all.data() + blk * kBlockQ;
+          for (int64_t r = 0; r < kBlockQ; ++r) {
+            if (r >= mq) {
+              lse_b[r] = std::numeric_limits<float>::infinity(), delta_b[r] = 0.f;
+              continue;
+            }
+            const uint16_t* o = reinterpret_cast<const uint16_t*>(at<bf16>(p.out, p.o_strides, b, t0 + r, h));
+            const uint16_t* g_row = reinterpret_cast<const uint16_t*>(at<bf16>(p.dout, p.o_strides, b, t0 + r, h));
+            __m512 acc = zero;
+            for (int d = 0; d < D; d += 16) {
+              auto widen = [](const uint16_t* x) {
+                return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))), 16));
+              };
+              acc = _mm512_fmadd_ps(widen(o + d), widen(g_row + d), acc);
+            }
+            const int64_t idx = lse_index(p, b, h, s, i0 + r);
+            lse_b[r] = lse[idx];
+            delta_b[r] = _mm512_reduce_add_ps(acc) - (dlse ? dlse[idx] : 0.f);
+          }
+        }
+      std::fill(dqt_all.begin(), dqt_all.begin() + all * kDqt, 0.f);
+      for (int64_t j0 = 0; j0 < s.len_k; j0 += BK) {
+        const int64_t nk = std::min(BK, s.len_k - j0), nk32 = round_up32(nk);
+        std::fill(dk.begin(), dk.end(), 0.f);
+        std::fill(dv.begin(), dv.end(), 0.f);
+        const int64_t q_lo = std::max(qa, query_lo(p, j0, s.len_q, s.len_k));
+        const int64_t q_hi = std::min(qz, query_hi(p, j0 + nk - 1, s.len_q, s.len_k));
+        if (q_lo < q_hi) {
+          pack_rows_padded<D>(kr.data(), p.k, p.k_strides, b, s.k_start + j0, hk, nk);
+          pack_rows_padded<D>(vr.data(), p.v, p.v_strides, b, s.k_start + j0, hk, nk);
+          pack_transposed<D>(kt.data(), BK, p.k, p.k_strides, b, s.k_start + j0, hk, nk);
+        }
+        for (int64_t g = 0; g < group && q_lo < q_hi; ++g) {
+          for (int64_t i0 = q_lo / kBlockQ * kBlockQ; i0 < q_hi; i0 += kBlockQ) {
+            const int64_t blk = g * blocks + (i0 - qa) / kBlockQ, mq = std::min(kBlockQ, qz - i0), mq32 = round_up32(mq);
+            matmul_tiles(nk32, mq32, D, kr.data(), D, qd_all.data() + blk * kPairsD, kBlockQ, st.data(), kBlockQ, false);    // S^T = K Q^T
+            matmul_tiles(nk32, mq32, D, vr.data(), D, dod_all.data() + blk * kPairsD, kBlockQ, dpt.data(), kBlockQ, false);  // dP^T = V dO^T
+            const bool masked = !block_unmasked(p, s, i0, mq, j0);
+            if (masked) bounds.set(p, s, i0, mq);
+            const float* lse_b = lse_all.data() + blk * kBlockQ;
+            const float* delta_b = delta_all.data() + blk * kBlockQ;
+            // P^T = exp(scale S^T - lse) and dS^T = P^T (dP^T - delta), by pairs of keys: each as
+            // bf16 rows [key][query] (A of dV, dK) and dS^T also as pairs of keys (B of dQ^T).
+            for (int v = 0; v < mq32 / 16; ++v) {
+              const __m512 lse_v = _mm512_loadu_ps(lse_b + v * 16), delta_v = _mm512_loadu_ps(delta_b + v * 16);
+              const __m512i lo = _mm512_loadu_si512(bounds.lo + v * 16), hi = _mm512_loadu_si512(bounds.hi + v * 16);
+              auto p_ds = [&](int64_t j, __m512& pj, __m512& dsj) {
+                __m512 x = _mm512_mul_ps(_mm512_loadu_ps(st.data() + j * kBlockQ + v * 16), scale);
+                if (masked) {
+                  const __m512i key = _mm512_set1_epi32(int32_t(j0 + j));
+                  x = _mm512_mask_mov_ps(ninf, _mm512_cmpge_epi32_mask(key, lo) & _mm512_cmplt_epi32_mask(key, hi), x);
+                }
+                pj = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, ninf, _CMP_NEQ_UQ), avx512::exp<5>(_mm512_sub_ps(x, lse_v)));
+                dsj = _mm512_mul_ps(pj, _mm512_sub_ps(_mm512_loadu_ps(dpt.data() + j * kBlockQ + v * 16), delta_v));
+              };
+              for (int64_t j = 0; j < nk; j += 2) {
+                __m512 p0, ds0, p1 = zero, ds1 = zero;
+                p_ds(j, p0, ds0);
+                if (j + 1 < nk) p_ds(j + 1, p1, ds1);
+                const __m512i pb = (__m512i)_mm512_cvtne2ps_pbh(p1, p0), db = (__m512i)_mm512_cvtne2ps_pbh(ds1, ds0);
+                _mm256_storeu_si256(reinterpret_cast<__m256i*>(pt.data() + j * kBlockQ + v * 16), _mm512_castsi512_si256(pb));
+                _mm256_storeu_si256(reinterpret_cast<__m256i*>(pt.data() + (j + 1) * kBlockQ + v * 16), _mm512_extracti64x4_epi64(pb, 1));
+                _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst.data() + j * kBlockQ + v * 16), _mm512_castsi512_si256(db));
+                _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst.data() + (j + 1) * kBlockQ + v * 16), _mm512_extracti64x4_epi64(db, 1));
+                _mm512_storeu_si512(dsp.data() + j / 2 * kBlockQ + v * 16, _mm512_permutexvar_epi16(interleave, db));
+              }
+            }
+            // Keys past the block's end (up to the 32-key tile edge) contribute exact zeros.
+            const int64_t even = (nk + 1) / 2 * 2;
+            if (even < nk32) {
+              std::memset(pt.data() + even * kBlockQ, 0, (nk32 - even) * kBlockQ * 2);
+              std::memset(dst.data() + even * kBlockQ, 0, (nk32 - even) * kBlockQ * 2);
+              std::memset(dsp.data() + even / 2 * kBlockQ, 0, (nk32 - even) / 2 * kBlockQ * 4);
+            }
+            matmul_tiles(nk32, D, mq32, pt.data(), kBlockQ, doq_all.data() + blk * kPairsQ, D, dv.data(), D, true);   // dV += P^T dO
+            matmul_tiles(nk32, D, mq32, dst.data(), kBlockQ, qq_all.data() + blk * kPairsQ, D, dk.data(), D, true);  // dK += dS^T Q
+            matmul_tiles(D, mq32, nk32, kt.data(), BK, dsp.data(), kBlockQ, dqt_all.data() + blk * kDqt, kBlockQ, true);  // dQ^T += K^T dS^T
+          }
+        }
+        for (int64_t r = 0; r < nk; ++r) {
+          float* dk_row = dk.data() + r * D;
+          for (int d = 0; d < D; d += 16) _mm512_storeu_ps(dk_row + d, _mm512_mul_ps(_mm512_loadu_ps(dk_row + d), scale));
+          if (chunks > 1) {
+            float* __restrict part = parts.row<D>(it.c, hk, b, s, j0 + r);
+            std::copy(dk_row, dk_row + D, part);
+            std::copy(dv.begin() + r * D, dv.begin() + (r + 1) * D, part + D);
+            continue;
+          }
+          uint16_t* dk_dst = reinterpret_cast<uint16_t*>(at_mut<bf16>(p.dk, p.dkv_strides, b, s.k_start + j0 + r, hk));
+          uint16_t* dv_dst = reinterpret_cast<uint16_t*>(at_mut<bf16>(p.dv, p.dkv_strides, b, s.k_start + j0 + r, hk));
+          for (int d = 0; d < D; d += 16) {
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(dk_dst + d), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(dk_row + d)));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(dv_dst + d), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(dv.data() + r * D + d)));
+          }
+        }
+      }
+      for (int64_t g = 0; g < group; ++g)
+        for (int64_t qb = 0; qb < blocks; ++qb) {
+          const int64_t i0 = qa + qb * kBlockQ, mq = std::min(kBlockQ, qz - i0);
+          const float* dqt = dqt_all.data() + (g * blocks + qb) * kDqt;
+          for (int64_t r = 0; r < mq; ++r) {
+            uint16_t* dq_dst = reinterpret_cast<uint16_t*>(at_mut<bf16>(p.dq, p.o_strides, b, s.q_start + i0 + r, hk * group + g));
+            for (int d = 0; d < D; d += 16) {
+              const __m512 x = _mm512_mul_ps(_mm512_i32gather_ps(column, dqt + d * kBlockQ + r, 4), scale);
+              _mm256_storeu_si256(reinterpret_cast<__m256i*>(dq_dst + d), (__m256i)_mm512_cvtneps_pbh(x));
+            }
+          }
+        }
+    }
+    _tile_release();
+  }
+  parts.sum_into_outputs<D, bf16>();
+}
+
 }  // namespace
 
 bool flash_attn_amx_usable() {
@@ -594,6 +876,11 @@ bool flash_attn_amx_usable() {
 void flash_attn_fwd_amx(const AttnParams& p) {
   PYLLM_CHECK(flash_attn_amx_usable(), "flash_attn: the AMX forward is not usable in this process");
   dispatch_head_dim(p.head_dim, [&](auto d) { fwd_amx<decltype(d)::value>(p); });
+}
+
+void flash_attn_bwd_amx(const AttnParams& p) {
+  PYLLM_CHECK(flash_attn_amx_usable(), "flash_attn: the AMX backward is not usable in this process");
+  dispatch_head_dim(p.head_dim, [&](auto d) { bwd_amx<decltype(d)::value>(p); });
 }
 
 #endif  // PYLLM_AMX

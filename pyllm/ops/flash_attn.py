@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+from array import array
 from typing import Optional
 
 import torch
@@ -290,6 +291,9 @@ _flash_attn.register_autograd(_flash_attn_grad, setup_context=_flash_attn_setup)
 def _flash_attn_with_kvcache_body(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor,
                              k_new: Optional[Tensor], v_new: Optional[Tensor], softmax_scale: float,
                              window_left: int, window_right: int) -> Tensor:
+    # Before anything is written: a bad call leaves the caches as they were.
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("flash_attn_with_kvcache: k_cache and v_cache need a contiguous last dim (they are written in place)")
     n_new = 0 if k_new is None else k_new.shape[1]
     capacity = k_cache.shape[1]
     lengths = None
@@ -310,8 +314,6 @@ def _flash_attn_with_kvcache_body(q: Tensor, k_cache: Tensor, v_cache: Tensor, c
         else:
             seqused_k = cache_seqlens if cache_seqlens.is_contiguous() else cache_seqlens.contiguous()
         q = _last_dim_contiguous(q)
-        if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
-            raise ValueError("flash_attn_with_kvcache: k_cache and v_cache need a contiguous last dim (they are written in place)")
         out = torch.empty(q.shape, dtype=q.dtype)
         lse = torch.empty(_lse_shape(q, False), dtype=_lse_dtype(q))
         flash_attn_forward_into(q, k_cache, v_cache, out, lse, None, None, q.shape[1], capacity, softmax_scale,
@@ -328,8 +330,6 @@ def _flash_attn_with_kvcache_body(q: Tensor, k_cache: Tensor, v_cache: Tensor, c
         v_cache[rows, cols] = v_new
     seqused_k = (cache_seqlens + n_new).to(torch.int32)
     q = _last_dim_contiguous(q)
-    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
-        raise ValueError("flash_attn_with_kvcache: k_cache and v_cache need a contiguous last dim (they are written in place)")
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(_lse_shape(q, False), dtype=_lse_dtype(q), device=q.device)
     if q.is_cuda:
@@ -371,6 +371,124 @@ def _eager_plain_cpu(*tensors) -> bool:
         return False
     return all(t is None or (type(t) is torch.Tensor and t.device.type == "cpu" and not t.requires_grad)
                for t in tensors)
+
+
+# --- eager CPU decode: the kernel called directly ----------------------------------------------
+#
+# A decode step is one token per sequence: at cache 512 the CPU kernel takes ~60 us, and the general
+# path below spent 31-33 us of Python around it (tensor cache_seqlens) or 66-79 us (an int and one
+# new token, as the model calls it): checks that build torch.device objects and stride lists, a
+# torch.full for the int, torch allocations and indexed copies at 1.5-5 us of dispatch each
+# (CPU time per call, B = 1, H = 8, D = 64, 2-core Xeon VM, Nov 2026; bench_attention.py
+# --overhead-only). Generation calls it once per layer per token, so plain eager CPU calls take
+# the shortcut below instead: one pass of cheap checks on attributes read once, then the kernel:
+# 8.5 us and 18 us. Whatever it does not accept (a failed check, a subclass, autograd, tracing,
+# CUDA, an odd layout) goes the general way, unchanged, which raises the clear errors: the
+# shortcut only ever accepts or declines, so the messages stay those of the general path.
+
+# dtype -> (the kernel's dtype code, array typecode of the LSE scratch: fp32, fp64 for fp64 inputs
+# as in _lse_dtype).
+_EAGER_CPU_DTYPES = {torch.float32: (_util.DTYPE_CODES[torch.float32], "f"),
+                     torch.bfloat16: (_util.DTYPE_CODES[torch.bfloat16], "f"),
+                     torch.float64: (_util.DTYPE_CODES[torch.float64], "d")}
+# The kernel reads seqused_k as int32 and writes the LSE through plain host pointers: small Python
+# arrays serve (0.3 us each, vs 1.5-6 us for a torch.tensor / torch.empty). "i" is int32 on every
+# platform torch supports; where not, the shortcut is off.
+_INT32_ARRAY = "i" if array("i").itemsize == 4 else None
+_DEFAULT_SCALES = {d: 1.0 / math.sqrt(d) for d in HEAD_DIMS}
+_NO_WINDOW = (-1, -1)
+_STRIDED = torch.strided
+
+
+def _plain_cpu(t) -> bool:
+    return type(t) is Tensor and t.is_cpu and t.layout is _STRIDED and not t.requires_grad
+
+
+def _append_kv(k_cache: Tensor, v_cache: Tensor, k_new: Tensor, v_new: Tensor, lengths: Optional[list[int]],
+               start: int) -> None:
+    """cache[b, n_b:n_b + n_new] = new[b] for k, then v, n_b = lengths[b] (start for every b when
+    lengths is None), the lengths already checked to lie in [0, capacity - n_new]. copy_ keeps
+    torch's own checks (overlap, inference tensors) and bumps the caches' version counters."""
+    n_new = k_new.shape[1]
+    for cache, new in ((k_cache, k_new), (v_cache, v_new)):
+        if lengths is None:
+            cache.narrow(1, start, n_new).copy_(new)  # 6.6 us for both; the indexed copies ~12
+        else:
+            for b, n in enumerate(lengths):
+                cache[b, n:n + n_new].copy_(new[b])
+
+
+def _kvcache_eager_cpu(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, softmax_scale,
+                       window) -> Optional[Tensor]:
+    """flash_attn_with_kvcache for plain eager CPU calls, or None where the general path must run.
+    Same kernel arguments as the general path, so the same bits (tests/test_flash_attn.py)."""
+    # Tracing first: under torch.compile nothing below runs, the op is traced as before; fake
+    # tensors, make_fx, dispatch / function modes and vmap / grad transforms see the op too.
+    try:  # private torch helpers: where a torch release lacks them, every call takes the op
+        if (torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
+                or torch._C._is_torch_function_mode_enabled() or torch._C._are_functorch_transforms_active()):
+            return None
+    except AttributeError:
+        return None
+    if not (_plain_cpu(q) and _plain_cpu(k_cache) and _plain_cpu(v_cache)) or _INT32_ARRAY is None:
+        return None
+    dtype = q.dtype
+    facts = _EAGER_CPU_DTYPES.get(dtype)
+    if facts is None or k_cache.dtype is not dtype or v_cache.dtype is not dtype:
+        return None
+    code, lse_typecode = facts
+    q_shape, cache_shape = q.shape, k_cache.shape
+    if len(q_shape) != 4 or len(cache_shape) != 4 or v_cache.shape != cache_shape:
+        return None
+    batch, seqlen_q, n_heads, head_dim = q_shape
+    _, capacity, n_kv_heads, _ = cache_shape
+    if (cache_shape[0] != batch or cache_shape[3] != head_dim or head_dim not in _DEFAULT_SCALES
+            or n_kv_heads == 0 or n_heads % n_kv_heads):
+        return None
+    q_strides, k_strides, v_strides = q.stride(), k_cache.stride(), v_cache.stride()
+    if q_strides[3] != 1 or k_strides[3] != 1 or v_strides[3] != 1:
+        return None
+    n_new = 0
+    if k_new is not None or v_new is not None:
+        if not (_plain_cpu(k_new) and _plain_cpu(v_new)) or k_new.dtype is not dtype or v_new.dtype is not dtype:
+            return None
+        new_shape = k_new.shape
+        if (len(new_shape) != 4 or v_new.shape != new_shape or new_shape[0] != batch or new_shape[2] != n_kv_heads
+                or new_shape[3] != head_dim):
+            return None
+        n_new = new_shape[1]
+    limit = capacity - n_new
+    if type(cache_seqlens) is int:
+        lengths, start = None, cache_seqlens
+        if not 0 <= start <= limit:
+            return None
+    elif (type(cache_seqlens) is Tensor and cache_seqlens.dtype is torch.int32 and cache_seqlens.is_cpu
+          and cache_seqlens.layout is _STRIDED and cache_seqlens.shape == (batch,)):
+        lengths, start = cache_seqlens.tolist(), 0
+        for n in lengths:
+            if not 0 <= n <= limit:
+                return None
+    else:
+        return None
+    left, right = _NO_WINDOW if window is _NO_WINDOW else _check_window("flash_attn_with_kvcache", window)
+    if causal:
+        right = 0
+    scale = _DEFAULT_SCALES[head_dim] if softmax_scale is None else _resolve_scale(
+        "flash_attn_with_kvcache", softmax_scale, head_dim)
+    # Checked: from here on the call succeeds (the C++ side re-checks what it is given).
+    if n_new:
+        _append_kv(k_cache, v_cache, k_new, v_new, lengths, start)
+    if lengths is None:
+        seqused_k = array(_INT32_ARRAY, (start + n_new,)) * batch
+    else:
+        seqused_k = array(_INT32_ARRAY, [n + n_new for n in lengths])
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)  # 1.2 us; torch.empty(q.shape) 2.9 us
+    lse = array(lse_typecode, (0.0,)) * (batch * n_heads * seqlen_q)  # (B, H, Tq), not returned
+    _C.flash_attn_fwd_cpu(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), lse.buffer_info()[0],
+                          0, 0, seqused_k.buffer_info()[0], batch, seqlen_q, capacity, n_heads, n_kv_heads, head_dim,
+                          q_strides[:3], k_strides[:3], v_strides[:3], out.stride()[:3],
+                          (n_heads * seqlen_q, seqlen_q), scale, left, right, code)
+    return out
 
 
 # --- public API -------------------------------------------------------------------------------
@@ -458,7 +576,7 @@ def flash_attn(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, softmax
 
 def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens, k_new: Optional[Tensor] = None,
                             v_new: Optional[Tensor] = None, causal: bool = True, *,
-                            softmax_scale: Optional[float] = None, window: tuple[int, int] = (-1, -1)) -> Tensor:
+                            softmax_scale: Optional[float] = None, window: tuple[int, int] = _NO_WINDOW) -> Tensor:
     """Attention of new queries over a KV cache, appending k_new / v_new to the cache in place.
 
     Args:
@@ -481,6 +599,9 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_s
         as :func:`flash_attn`, plus ValueError when seqlen_new exceeds the capacity, or (where
         checked, see cache_seqlens) when cache_seqlens + seqlen_new does.
     """
+    out = _kvcache_eager_cpu(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, softmax_scale, window)
+    if out is not None:
+        return out
     op = "flash_attn_with_kvcache"
     _check_qkv(op, q, k_cache, v_cache, False)
     if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):

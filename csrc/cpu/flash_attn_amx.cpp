@@ -69,7 +69,7 @@
 // other jobs, so +-30%): bf16 forward + backward vs SDPA in one process, B = 1, H = 8, T = 1024 /
 // 2048 / 4096, D = 64 / 128, causal or not: 1.25-2.22x (0.48-1.10x with this file's backward
 // off, i.e. on flash_attn.cpp's fp32 tiles), before the 64-byte alignment of its buffers, which
-// then took the backward to 0.70-0.75x the time (BwdAligned64); 400-440 GFLOP/s at T = 1024,
+// then took the backward to 0.70-0.75x the time (TileBuffer); 400-440 GFLOP/s at T = 1024,
 // D = 128. Where its time went before that fix (T = 1024, D = 128, non-causal, 31 ms; each part
 // left out in turn): S^T and dP^T tiles 9 ms, dV and dK tiles 12, dQ^T tiles 5.5, the vector pass
 // 4, packing and the rest 6. Tile primitives alone (aligned buffers, hot L1): TDPBF16PS 8.7 ns
@@ -180,7 +180,8 @@ inline void dp_2x2(const uint16_t* a, const uint16_t* a16, int64_t lda, const ui
 // against ~8 aligned (2 x 2 blocks, operands hot in L1, 2026-11-30), and the forward's two
 // matmuls ran at ~38 ns per TDPBF16PS (D = 64 and 128, same test; aligned: 10-17). The forward,
 // 1 thread, same outputs bit for bit: 0.65-0.88x the time on the 11 bench rows (128c2048 29.0 ->
-// 17.5 ms, 64n4096 91.6 -> 79.4 ms).
+// 17.5 ms, 64n4096 91.6 -> 79.4 ms); the backward 0.70-0.75x (T = 1024 D = 128 non-causal 31.4 ->
+// 23.5 ms, T = 2048 D = 64 causal 38.7 -> 26.7, min of 4 interleaved runs).
 template <typename T>
 struct Aligned64 {
   using value_type = T;
@@ -621,8 +622,11 @@ void fwd_amx(const AttnParams& p) {
 
 // C[M][N] (+)= A[M][K] B[K][N] on tiles, M, N and K multiples of 32: A bf16, rows lda elements
 // apart; B as pairs along K, [K / 2][N] uint32, rows ldb apart; C fp32, rows ldc apart.
+// GCC's tile intrinsics are asm without a memory clobber: the barriers keep the vector stores of
+// A, B or C before the tile loads, and the vector reads of C after the tile stores.
 inline void matmul_tiles(int64_t M, int64_t N, int64_t K, const uint16_t* a, int64_t lda, const uint32_t* b,
                          int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  asm volatile("" ::: "memory");
   for (int64_t m = 0; m < M; m += 32)
     for (int64_t n = 0; n < N; n += 32) {
       float* cb = c + m * ldc + n;
@@ -637,6 +641,7 @@ inline void matmul_tiles(int64_t M, int64_t N, int64_t K, const uint16_t* a, int
       for (int64_t k = 0; k < K; k += 32) dp_2x2(a + m * lda + k, a + (m + 16) * lda + k, lda * 2, b + k / 2 * ldb + n, ldb * 4);
       store_c_2x2(cb, ldc);
     }
+  asm volatile("" ::: "memory");
 }
 
 inline int64_t round_up32(int64_t n) { return (n + 31) / 32 * 32; }
@@ -676,24 +681,6 @@ inline void pack_pairs_of_rows(uint32_t* __restrict dst, const void* base, const
   }
 }
 
-// The backward's tile buffers are 64-byte aligned, so that each 64-byte tile row is one cache
-// line (std::vector's 16-byte alignment split the rows over two lines): backward 0.70-0.75x the
-// time (1 thread, T = 1024 D = 128 non-causal 31.4 -> 23.5 ms, T = 2048 D = 64 causal 38.7 -> 26.7,
-// min of 4 interleaved runs, 2026-11-30).
-template <typename T>
-struct BwdAligned64 {
-  using value_type = T;
-  BwdAligned64() = default;
-  template <typename U>
-  BwdAligned64(const BwdAligned64<U>&) {}
-  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
-  void deallocate(T* ptr, size_t) { ::operator delete(ptr, std::align_val_t(64)); }
-  bool operator==(const BwdAligned64&) const { return true; }
-  bool operator!=(const BwdAligned64&) const { return false; }
-};
-template <typename T>
-using BwdBuf = std::vector<T, BwdAligned64<T>>;
-
 template <int D>
 void bwd_amx(const AttnParams& p) {
   constexpr int64_t BK = kBlockK;  // keys per block (kBlockK, as the fp32 backward)
@@ -716,11 +703,11 @@ void bwd_amx(const AttnParams& p) {
 #pragma omp parallel if (items > 1)
   {
     load_tile_config();
-    BwdBuf<uint16_t> kr(BK * D), vr(BK * D), kt(D * BK), pt(BK * kBlockQ), dst(BK * kBlockQ);
-    BwdBuf<uint32_t> dsp(BK / 2 * kBlockQ);
-    BwdBuf<float> st(BK * kBlockQ), dpt(BK * kBlockQ), dk(BK * D), dv(BK * D);
-    static thread_local BwdBuf<uint32_t> qd_all, dod_all, qq_all, doq_all;
-    static thread_local BwdBuf<float> dqt_all, lse_all, delta_all;
+    TileBuffer<uint16_t> kr(BK * D), vr(BK * D), kt(D * BK), pt(BK * kBlockQ), dst(BK * kBlockQ);
+    TileBuffer<uint32_t> dsp(BK / 2 * kBlockQ);
+    TileBuffer<float> st(BK * kBlockQ), dpt(BK * kBlockQ), dk(BK * D), dv(BK * D);
+    static thread_local TileBuffer<uint32_t> qd_all, dod_all, qq_all, doq_all;
+    static thread_local TileBuffer<float> dqt_all, lse_all, delta_all;
     QueryBounds bounds;
 #pragma omp for schedule(dynamic)
     for (int64_t item = 0; item < items; ++item) {

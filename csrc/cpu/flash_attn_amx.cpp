@@ -80,8 +80,12 @@
 // Tried, no gain measurable here (unaligned buffers): key blocks 4 at a time per sweep of the query
 // blocks (each query block's operands reused for 4 key blocks; T = 2048 / 4096, bitwise the same
 // results); scores one pair ahead and the gradient matmuls one pair behind (double buffers) in a
-// micro-benchmark. Left: a longer reduction per C load (128 queries per dV, dK block: 0.8-0.85x
-// the time of two 64-query ones in a micro-benchmark; 128 keys per dQ^T block).
+// micro-benchmark. With aligned buffers (1 thread, quiet machine, min of 3 interleaved runs,
+// same bits): a software pipeline, pair n + 1's S^T, dP^T and pair n - 1's gradient matmuls in
+// steps spread over pair n's vector pass (as the forward's), level (T = 1024 D = 128 24.0 vs
+// 24.1 ms, T = 4096 D = 128 344 vs 341, T = 2048 D = 64 causal 26.0 vs 26.5): the vector pass is
+// not what the tiles wait for. Left: a longer reduction per C load (128 queries per dV, dK block:
+// 0.8-0.85x the time of two 64-query ones in a micro-benchmark; 128 keys per dQ^T block).
 #include "cpu/flash_attn.h"
 
 #if defined(__linux__) && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && \

@@ -426,14 +426,14 @@ void fwd(const AttnParams& p) {
 #pragma omp parallel if (items > 1)
   {
     constexpr bool dot = Dot;  // scores by vdpbf16ps from the bf16 values
-    std::vector<A> qt(dot ? 0 : D * kBlockQ), st(kBlockK * kBlockQ), o(kBlockQ * D);
-    std::vector<uint32_t> qp(dot ? D / 2 * kBlockQ : 0);
-    static thread_local std::vector<uint32_t> k_seq16;  // K of the head in bf16 pairs, when dot
+    TileBuffer<A> qt(dot ? 0 : D * kBlockQ), st(kBlockK * kBlockQ), o(kBlockQ * D);
+    TileBuffer<uint32_t> qp(dot ? D / 2 * kBlockQ : 0);
+    static thread_local TileBuffer<uint32_t> k_seq16;  // K of the head in bf16 pairs, when dot
     // K and V of the (sequence, kv head) this thread last worked on, packed block by block as its
     // query blocks first need them: consecutive work items are mostly query blocks of one head,
     // so a key block is packed (and converted from bf16) once per thread instead of once per
     // query block. Kept across calls (2 * Tk * D * 4 bytes per thread); `packed` is per call.
-    static thread_local std::vector<A> k_seq, v_seq;
+    static thread_local TileBuffer<A> k_seq, v_seq;
     std::vector<char> packed;
     int64_t packed_b = -1, packed_hk = -1;
     alignas(64) A m[kBlockQ], l[kBlockQ], corr[kBlockQ];
@@ -631,7 +631,7 @@ void decode(const AttnParams& p) {
   auto head_of = [&](int64_t x) { return x / R * group + (x % R) / p.seqlen_q; };
 #pragma omp parallel if (items > 1)
   {
-    std::vector<float> qs(rows * D), o(rows * D), sc(rows * kDecodeChunk), m(rows), l(rows);
+    TileBuffer<float> qs(rows * D), o(rows * D), sc(rows * kDecodeChunk), m(rows), l(rows);
     std::vector<int64_t> lo(rows), hi(rows);
 #pragma omp for schedule(dynamic)
     for (int64_t item = 0; item < items; ++item) {
@@ -785,15 +785,15 @@ void bwd(const AttnParams& p) {
   DkvParts<A> parts(p, chunks, D);
 #pragma omp parallel if (items > 1)
   {
-    std::vector<A> kr(kBlockK * D), kt(D * kBlockK), vt(D * kBlockK), sc(kBlockQ * kBlockK), dp(kBlockQ * kBlockK),
+    TileBuffer<A> kr(kBlockK * D), kt(D * kBlockK), vt(D * kBlockK), sc(kBlockQ * kBlockK), dp(kBlockQ * kBlockK),
         dk(kBlockK * D), dv(kBlockK * D);
     // The group's q, dout and dq (fp32 accumulators) for the item's queries, plus lse and delta:
     // kept per thread across calls, so the timed path does not fault in fresh pages each step.
-    static thread_local std::vector<A> q_all, do_all, dq_all, lse_all, delta_all;
+    static thread_local TileBuffer<A> q_all, do_all, dq_all, lse_all, delta_all;
     // bf16 inputs with vdpbf16ps: q and dout also as bf16 rows, K^T and V^T as bf16 pairs, for S and dP.
     constexpr bool dot = Dot;
-    static thread_local std::vector<uint32_t> q16_all, do16_all;
-    std::vector<uint32_t> ktp(dot ? D / 2 * kBlockK : 0), vtp(dot ? D / 2 * kBlockK : 0);
+    static thread_local TileBuffer<uint32_t> q16_all, do16_all;
+    TileBuffer<uint32_t> ktp(dot ? D / 2 * kBlockK : 0), vtp(dot ? D / 2 * kBlockK : 0);
 #pragma omp for schedule(dynamic)
     for (int64_t item = 0; item < items; ++item) {
       const BwdItem it = bwd_item(p, item, chunks);

@@ -179,26 +179,7 @@ inline void dp_2x2(const uint16_t* a, const uint16_t* a16, int64_t lda, const ui
   _tile_dpbf16ps(3, 5, 7);
 }
 
-// Every buffer the tiles load or store is 64-byte aligned, so that each 64-byte tile row is one
-// cache line: rows across two lines (std::vector's 16-byte alignment) took ~20 ns per TDPBF16PS
-// against ~8 aligned (2 x 2 blocks, operands hot in L1, 2026-11-30), and the forward's two
-// matmuls ran at ~38 ns per TDPBF16PS (D = 64 and 128, same test; aligned: 10-17). The forward,
-// 1 thread, same outputs bit for bit: 0.65-0.88x the time on the 11 bench rows (128c2048 29.0 ->
-// 17.5 ms, 64n4096 91.6 -> 79.4 ms); the backward 0.70-0.75x (T = 1024 D = 128 non-causal 31.4 ->
-// 23.5 ms, T = 2048 D = 64 causal 38.7 -> 26.7, min of 4 interleaved runs).
-template <typename T>
-struct Aligned64 {
-  using value_type = T;
-  Aligned64() = default;
-  template <typename U>
-  Aligned64(const Aligned64<U>&) {}
-  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
-  void deallocate(T* ptr, size_t) { ::operator delete(ptr, std::align_val_t(64)); }
-  bool operator==(const Aligned64&) const { return true; }
-  bool operator!=(const Aligned64&) const { return false; }
-};
-template <typename T>
-using TileBuffer = std::vector<T, Aligned64<T>>;
+// Every buffer the tiles load or store is a TileBuffer (flash_attn.h): 64-byte aligned.
 
 // The two block matmuls, one 2 x 2 reduction step (dp_2x2: 4 tile loads, 4 TDPBF16PS) per call of
 // step(), so that fwd_amx's softmax loop can interleave them with its vector work (see there).

@@ -1,4 +1,5 @@
 import math
+import zlib
 from pathlib import Path
 
 import pytest
@@ -1090,6 +1091,8 @@ def attn_problems(draw):
 @settings(max_examples=int(__import__("os").environ.get("ATTN_EXAMPLES", 60)), deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(problem=attn_problems())
 def test_random_problems_match_reference(problem):
+    # Inputs seeded by the problem: the same data for an example whatever ran before it.
+    torch.manual_seed(zlib.crc32(repr(sorted(problem.items())).encode()))
     dtype, h, hk, d = problem["dtype"], problem["n_heads"], problem["n_kv_heads"], problem["head_dim"]
     kw = dict(causal=problem["causal"], window=problem["window"], scale=problem["scale"])
     ours_kw = dict(causal=kw["causal"], window=kw["window"], softmax_scale=kw["scale"])
@@ -1114,6 +1117,12 @@ def test_random_problems_match_reference(problem):
     # rounding (worst seen over 500 examples: 8e-6 in a dq whose softmax was nearly one-hot, where
     # FlashAttention's dS = P (dP - rowsum(dO O)) cancels; torch's own error was 4e-6) and far
     # below what a misplaced key or row does (1 / Tk >= 1e-2).
+    # bf16 is not drawn: its rounding is too close to a logic error's size for a fixed bound, and
+    # the house rule (2x torch's bf16 error, as the fixed tests) fails by design on near-degenerate
+    # rows: a query with 2-3 keys whose dS cancels gets dq, dk up to ~9x that bound, because
+    # FlashAttention's delta = rowsum(dO O) uses the stored bf16 O (torch's math reference sums
+    # P dP exactly). Measured 2026-11-30, Tk = 2-3, 300 seeds: AMX and fp32-tile paths alike, and
+    # torch's own fused CPU SDPA the same to 2 digits (8.85x on dq at Tq = 1, Tk = 2).
     bound = 1e-10 if dtype == torch.float64 else 1e-4
     as64 = [t.double() for t in (q, k, v)]
     dout = rand(q.shape, dtype, "cpu")

@@ -84,8 +84,10 @@
 // same bits): a software pipeline, pair n + 1's S^T, dP^T and pair n - 1's gradient matmuls in
 // steps spread over pair n's vector pass (as the forward's), level (T = 1024 D = 128 24.0 vs
 // 24.1 ms, T = 4096 D = 128 344 vs 341, T = 2048 D = 64 causal 26.0 vs 26.5): the vector pass is
-// not what the tiles wait for. Left: a longer reduction per C load (128 queries per dV, dK block:
-// 0.8-0.85x the time of two 64-query ones in a micro-benchmark; 128 keys per dQ^T block).
+// not what the tiles wait for. Two query blocks per step (dV, dK reducing over 128 queries per
+// load and store of C: 0.8-0.85x the time of two 64-query ones in a micro-benchmark; same bits):
+// mixed, not kept (T = 1024 D = 128 21.7 vs 23.7 ms, T = 4096 D = 128 361 vs 343, T = 512 D = 64
+// and T = 2048 D = 64 causal level or slower; min of 3 interleaved runs).
 #include "cpu/flash_attn.h"
 
 #if defined(__linux__) && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && \

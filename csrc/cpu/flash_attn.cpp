@@ -92,8 +92,12 @@
 //   2 threads, T = 1024 / 4096, same 8 shapes, two runs: AMX 0.82-1.23 non-causal, 1.00-1.57 causal;
 //   fp32 tiles 0.29-0.80.
 //   AMX 138-414 GFLOP/s per core. bench/bench_attention.py --quick (2 threads, T = 512 causal):
-//   bf16 forward 1.37x SDPA at D = 64, 1.12x at D = 128. Non-causal D = 64 at long T stays below
-//   SDPA: there the softmax's vector work (~20 ops per 16 scores) outweighs the tiles' matmuls.
+//   bf16 forward 1.37x SDPA at D = 64, 1.12x at D = 128. Non-causal D = 64 at long T stayed below
+//   SDPA: there the softmax's vector work (~20 ops per 16 scores) outweighed the tiles' matmuls.
+//   Later the same day, with that forward retuned (~10 vector ops per 16 scores, tile steps
+//   interleaved with them, 64-byte-aligned tiles) and the backward on AMX tiles too
+//   (flash_attn_amx.cpp has their measurements), bench/bench_attention.py, 2 threads, all 32 bf16
+//   rows: forward 1.20-1.81x SDPA, forward + backward 1.45-3.93x.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>

@@ -34,7 +34,7 @@
 // a thread packs the K / V of fewer heads.
 // Ordering: software-pipelined over key blocks. In the max pass and exp loop of block k, the tile
 // unit runs the scores of block k + 1 (into the other St buffer) and then O^T += V^T P^T of block
-// k - 1 (from the other Pp buffer), one 2 x 2 step (ScoresTiles / PvTiles) every few iterations:
+// k - 1 (from the other Pp buffer), one 2 x 2 step (MatmulSteps) every few iterations:
 // the tiles and the vector units then work at the same time (a loop of dp_2x2 steps with 128
 // independent vector FMAs between them took the time of the tiles alone). O^T is rescaled for
 // block k after its loop, once block k - 1's P V is in. The next block's scores come first, so
@@ -183,68 +183,70 @@ inline void dp_2x2(const uint16_t* a, const uint16_t* a16, int64_t lda, const ui
 
 // Every buffer the tiles load or store is a TileBuffer (flash_attn.h): 64-byte aligned.
 
-// The two block matmuls, one 2 x 2 reduction step (dp_2x2: 4 tile loads, 4 TDPBF16PS) per call of
-// step(), so that fwd_amx's softmax loop can interleave them with its vector work (see there).
-// St[kAmxBlockK][kBlockQ] = K Qp for the key tiles up to nk (rounded up to 32): k holds the block's
-// keys as bf16 rows of D, zero past nk; qp the queries' pairs, Qp[d2][q], zero past the last query.
-template <int D>
-struct ScoresTiles {
-  const uint16_t* k = nullptr;
-  const uint32_t* qp = nullptr;
-  float* st = nullptr;
-  int64_t nk = 0, kt = 0, qt = 0, c = 0;
-  void start(int64_t keys, const uint16_t* k_rows, const uint32_t* q_pairs, float* scores) {
-    k = k_rows, qp = q_pairs, st = scores;
-    nk = (keys + 31) / 32 * 32, kt = qt = c = 0;
+inline int64_t round_up32(int64_t n) { return (n + 31) / 32 * 32; }
+
+// C[M][N] (+)= A[M][K] B[K][N] on tiles, M, N and K multiples of 32: A bf16, rows lda elements
+// apart; B as pairs along K, [K / 2][N] uint32, rows ldb apart; C fp32, rows ldc apart, zeroed
+// first unless accumulate. One 2 x 2 reduction step (dp_2x2: 4 tile loads, 4 TDPBF16PS) per
+// step(), so that fwd_amx's softmax loop can interleave its two matmuls with its vector work (see
+// there); one such matmul at a time holds tmm0-7.
+struct MatmulSteps {
+  const uint16_t* a = nullptr;
+  const uint32_t* b = nullptr;
+  float* c = nullptr;
+  int64_t M = 0, N = 0, K = 0, lda = 0, ldb = 0, ldc = 0, m = 0, n = 0, k = 0;
+  bool accumulate = false;
+  void start(int64_t M_, int64_t N_, int64_t K_, const uint16_t* a_, int64_t lda_, const uint32_t* b_, int64_t ldb_,
+             float* c_, int64_t ldc_, bool accumulate_) {
+    M = M_, N = N_, K = K_, a = a_, lda = lda_, b = b_, ldb = ldb_, c = c_, ldc = ldc_, accumulate = accumulate_;
+    m = n = k = 0;
   }
-  int64_t steps() const { return (nk - kt) / 32 * (kBlockQ / 32) * (D / 32); }  // at start
-  bool done() const { return kt >= nk; }
+  int64_t steps() const { return (M - m) / 32 * (N / 32) * (K / 32); }  // at start
+  bool done() const { return m >= M; }
   void step() {
-    if (c == 0) {
-      _tile_zero(0);
-      _tile_zero(1);
-      _tile_zero(2);
-      _tile_zero(3);
+    float* cb = c + m * ldc + n;
+    if (k == 0) {
+      if (accumulate) {
+        load_c_2x2(cb, ldc);
+      } else {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+      }
     }
-    dp_2x2(k + kt * D + c, k + (kt + 16) * D + c, D * 2, qp + c / 2 * kBlockQ + qt, kBlockQ * 4);
-    if ((c += 32) < D) return;
-    store_c_2x2(st + kt * kBlockQ + qt, kBlockQ);
-    c = 0;
-    if ((qt += 32) == kBlockQ) qt = 0, kt += 32;
+    dp_2x2(a + m * lda + k, a + (m + 16) * lda + k, lda * 2, b + k / 2 * ldb + n, ldb * 4);
+    if ((k += 32) < K) return;
+    store_c_2x2(cb, ldc);
+    k = 0;
+    if ((n += 32) == N) n = 0, m += 32;
   }
   void finish() {
     while (!done()) step();
   }
 };
 
+// The forward's two block matmuls. St[kAmxBlockK][kBlockQ] = K Qp for the key tiles up to nk
+// (rounded up to 32): k holds the block's keys as bf16 rows of D, zero past nk; qp the queries'
+// pairs, Qp[d2][q], zero past the last query.
+template <int D>
+inline void start_scores(MatmulSteps& mm, int64_t nk, const uint16_t* k, const uint32_t* qp, float* st) {
+  mm.start(round_up32(nk), kBlockQ, D, k, D, qp, kBlockQ, st, kBlockQ, false);
+}
 // O^T[D][kBlockQ] += V^T Pp over the key pairs up to nk (rounded up to 32 keys): vt holds V^T of the
 // block, [D][kAmxBlockK] bf16, zero past nk; pp the P^T pairs, [kAmxBlockK / 2][kBlockQ], zero past nk.
 template <int D>
-struct PvTiles {
-  const uint16_t* vt = nullptr;
-  const uint32_t* pp = nullptr;
-  float* ot = nullptr;
-  int64_t nk = 0, d0 = D, q0 = 0, j = 0;
-  void start(int64_t keys, const uint16_t* v_t, const uint32_t* p_pairs, float* o_t) {
-    vt = v_t, pp = p_pairs, ot = o_t;
-    nk = (keys + 31) / 32 * 32, d0 = q0 = j = 0;
-  }
-  int64_t steps() const { return (D - d0) / 32 * (kBlockQ / 32) * (nk / 32); }  // at start
-  bool done() const { return d0 >= D; }
-  void step() {
-    float* c = ot + d0 * kBlockQ + q0;
-    if (j == 0) load_c_2x2(c, kBlockQ);
-    dp_2x2(vt + d0 * kAmxBlockK + j, vt + (d0 + 16) * kAmxBlockK + j, kAmxBlockK * 2, pp + j / 2 * kBlockQ + q0,
-           kBlockQ * 4);
-    if ((j += 32) < nk) return;
-    store_c_2x2(c, kBlockQ);
-    j = 0;
-    if ((q0 += 32) == kBlockQ) q0 = 0, d0 += 32;
-  }
-  void finish() {
-    while (!done()) step();
-  }
-};
+inline void start_pv(MatmulSteps& mm, int64_t nk, const uint16_t* vt, const uint32_t* pp, float* ot) {
+  mm.start(D, kBlockQ, round_up32(nk), vt, kAmxBlockK, pp, kBlockQ, ot, kBlockQ, true);
+}
+
+// bf16 pairs (x[2 j2][q], x[2 j2 + 1][q]) from the 32 bf16 of vcvtne2ps2bf16(row 2 j2 + 1, row 2 j2),
+// whose low half is row 2 j2, by one permute: the forward's P^T pairs, the backward's dS^T pairs.
+inline __m512i pair_interleave() {
+  alignas(64) static const uint16_t kInterleave[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
+                                                       8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  return _mm512_load_si512(kInterleave);
+}
 
 // 2^t for the softmax: t = n + r with n = floor(t), r in [0, 1) (vreduceps, exact), 2^r by a
 // polynomial, and vscalefps multiplies by 2^floor(t) itself, saturating to 0 and inf; t = -inf
@@ -267,7 +269,7 @@ inline __m512 exp2_block(__m512 t) {
 
 // 16 x 16 transpose of 32-bit lanes in registers: four rounds of vpermt2d, each interleaving
 // register i with register i + 8 into registers 2 i and 2 i + 1, rotate the 8-bit (register, lane)
-// index by one bit, so that after four register c holds column c (as pack_v_transposed's 32 x 32).
+// index by one bit, so that after four register c holds column c (as pack_transposed's 32 x 32).
 inline void transpose_16x16_u32(__m512i (&x)[16]) {
   const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
   const __m512i hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
@@ -281,18 +283,19 @@ inline void transpose_16x16_u32(__m512i (&x)[16]) {
   }
 }
 
-// The query block's pairs, qp[d2][r] = (q[r][2 d2], q[r][2 d2 + 1]) with sign_bits xor-ed in,
-// columns rows..kBlockQ zero: flash_attn.h's pack_pairs_transposed, 16 x 16 pairs at a time
+// A query block's pairs along D (Q in the forward, Q and dO in the backward), qp[d2][r] =
+// (x[r][2 d2], x[r][2 d2 + 1]) with sign_bits xor-ed in, columns rows..kBlockQ zero: flash_attn.h's
+// pack_pairs_transposed, 16 x 16 pairs at a time
 // (one 4-byte store per pair took ~5% of the forward's samples at T = 512, perf, 1 thread).
 // With fwd_amx's output by 16 x 16 transposes too (gathers before): 0.88-0.99x the time on 5 rows
 // (128n1024 17.3 -> 15.2 ms, 64n512 5.6 -> 5.5; 1 thread, interleaved, 2026-11-30), same bits.
 template <int D>
-inline void pack_q_pairs(uint32_t* __restrict qp, const AttnParams& p, int64_t b, int64_t start, int64_t h,
-                         int64_t rows, uint32_t sign_bits) {
+inline void pack_pairs_16x16(uint32_t* __restrict qp, const void* base, const int64_t* strides, int64_t b,
+                             int64_t start, int64_t h, int64_t rows, uint32_t sign_bits) {
   const __m512i sign = _mm512_set1_epi32(int32_t(sign_bits));
   const uint32_t* src[kBlockQ];
   for (int64_t r = 0; r < rows; ++r)
-    src[r] = reinterpret_cast<const uint32_t*>(row_prefetching<D, bf16>(p.q, p.q_strides, b, start, h, r, rows));
+    src[r] = reinterpret_cast<const uint32_t*>(row_prefetching<D, bf16>(base, strides, b, start, h, r, rows));
   for (int64_t r0 = 0; r0 < kBlockQ; r0 += 16)
     for (int c0 = 0; c0 < D / 2; c0 += 16) {
       __m512i x[16];
@@ -322,25 +325,25 @@ inline __m512 log_block(__m512 l) {
   return _mm512_fmadd_ps(e, _mm512_set1_ps(0.693147180559945309f), log_f);
 }
 
-// nk keys of a (B, T, H, D) bf16 tensor as rows of D (rows nk..round_up(nk, 32) zero) ...
+// `rows` tokens x D of one head of a bf16 (B, T, H, D) tensor as bf16 rows of D, rows
+// rows..round_up32(rows) zero ...
 template <int D>
-inline void pack_k_rows(uint16_t* __restrict dst, const AttnParams& p, int64_t b, int64_t start, int64_t hk,
-                        int64_t nk) {
-  for (int64_t r = 0; r < nk; ++r)
-    std::memcpy(dst + r * D, row_prefetching<D, bf16>(p.k, p.k_strides, b, start, hk, r, nk), D * 2);
-  const int64_t padded = (nk + 31) / 32 * 32;
-  std::memset(dst + nk * D, 0, (padded - nk) * D * 2);
+inline void pack_rows_padded(uint16_t* __restrict dst, const void* base, const int64_t* strides, int64_t b,
+                             int64_t start, int64_t h, int64_t rows) {
+  for (int64_t r = 0; r < rows; ++r)
+    std::memcpy(dst + r * D, row_prefetching<D, bf16>(base, strides, b, start, h, r, rows), D * 2);
+  std::memset(dst + rows * D, 0, (round_up32(rows) - rows) * D * 2);
 }
-// ... and V transposed, [D][kAmxBlockK] (columns nk..kAmxBlockK zero), 32 keys x 32 dims at a time:
-// five rounds of vpermt2w, each interleaving register i with register i + 16 into registers 2 i
+// ... or transposed, [D][ld] (columns nk..ld zero; the forward's V^T, the backward's K^T), 32 keys x
+// 32 dims at a time: five rounds of vpermt2w, each interleaving register i with register i + 16 into registers 2 i
 // and 2 i + 1, rotate the 10-bit (register, lane) index by one bit, so that after five register c
 // holds column c. Against one 2-byte store per element (packing K and V was ~10% of the forward
 // at T = 512: three more packs per block added 2-3 ms to 64n512's ~7 ms, 1 thread): 0.93-0.97x
 // the time at T = 512 (within the noise), same bits; one pack of K and V is now ~0.3 ms of 64n512's
 // 5.3 ms and ~0.8 of 128n512's 9.7.
 template <int D>
-inline void pack_v_transposed(uint16_t* __restrict dst, const AttnParams& p, int64_t b, int64_t start, int64_t hk,
-                              int64_t nk) {
+inline void pack_transposed(uint16_t* __restrict dst, int64_t ld, const void* base, const int64_t* strides, int64_t b,
+                            int64_t start, int64_t h, int64_t nk) {
   alignas(64) static const uint16_t kLo[32] = {0, 32, 1, 33, 2,  34, 3,  35, 4,  36, 5,  37, 6,  38, 7,  39,
                                                8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
   alignas(64) static const uint16_t kHi[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
@@ -350,7 +353,7 @@ inline void pack_v_transposed(uint16_t* __restrict dst, const AttnParams& p, int
     const int64_t rows = std::min<int64_t>(32, nk - r0);
     const uint16_t* src[32];
     for (int64_t i = 0; i < rows; ++i)
-      src[i] = reinterpret_cast<const uint16_t*>(row_prefetching<D, bf16>(p.v, p.v_strides, b, start, hk, r0 + i, nk));
+      src[i] = reinterpret_cast<const uint16_t*>(row_prefetching<D, bf16>(base, strides, b, start, h, r0 + i, nk));
     for (int d0 = 0; d0 < D; d0 += 32) {
       __m512i x[32], y[32];
       for (int i = 0; i < 32; ++i) x[i] = i < rows ? _mm512_loadu_si512(src[i] + d0) : _mm512_setzero_si512();
@@ -361,12 +364,12 @@ inline void pack_v_transposed(uint16_t* __restrict dst, const AttnParams& p, int
         }
         for (int i = 0; i < 32; ++i) x[i] = y[i];
       }
-      for (int c = 0; c < 32; ++c) _mm512_store_si512(dst + (d0 + c) * kAmxBlockK + r0, x[c]);
+      for (int c = 0; c < 32; ++c) _mm512_store_si512(dst + (d0 + c) * ld + r0, x[c]);
     }
   }
-  const int64_t padded = (nk + 31) / 32 * 32;
-  if (padded < kAmxBlockK)
-    for (int d = 0; d < D; ++d) std::memset(dst + d * kAmxBlockK + padded, 0, (kAmxBlockK - padded) * 2);
+  const int64_t padded = round_up32(nk);
+  if (padded < ld)
+    for (int d = 0; d < D; ++d) std::memset(dst + d * ld + padded, 0, (ld - padded) * 2);
 }
 
 template <int D>
@@ -382,9 +385,7 @@ void fwd_amx(const AttnParams& p) {
   const __m512 scale_log2e = _mm512_set1_ps(float(std::fabs(p.scale) * 1.44269504088896341)),
                log2e = _mm512_set1_ps(1.44269504088896341f);
   // Pairs (St[2 j2][q], St[2 j2 + 1][q]) from the 32 bf16 of vcvtne2ps2bf16 (low half: row 2 j2).
-  alignas(64) static const uint16_t kInterleave[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
-                                                       8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
-  const __m512i interleave = _mm512_load_si512(kInterleave);
+  const __m512i interleave = pair_interleave();
   const int64_t qblocks = fwd_qblocks(p), items = p.batch * p.n_heads * qblocks;
   float* lse_out = static_cast<float*>(p.lse);
 #pragma omp parallel if (items > 1)
@@ -399,11 +400,10 @@ void fwd_amx(const AttnParams& p) {
     int64_t packed_b = -1, packed_hk = -1;
     alignas(64) float m[kBlockQ], l[kBlockQ], corr[kBlockQ];
     QueryBounds bounds;
-    ScoresTiles<D> scores;
-    PvTiles<D> pv;
+    MatmulSteps scores, pv;  // start_scores / start_pv
     // Chunks of up to a whole (sequence, head) of query blocks, so that each thread packs the K / V
     // of fewer heads (with chunks of one item each of 2 threads packed nearly every head: ~6-8% more
-    // work at T = 512, from the pack times at pack_v_transposed), and still 16 chunks per thread for
+    // work at T = 512, from the pack times at pack_transposed), and still 16 chunks per thread for
     // the balance (the last one leaves the others idle). Not timed: 2-thread wall times on this
     // shared VM (load 3-5 on 2 cores) varied 2x between runs.
 #ifdef _OPENMP
@@ -427,7 +427,7 @@ void fwd_amx(const AttnParams& p) {
         }
         packed.assign(kblocks, 0);
       }
-      pack_q_pairs<D>(qp.data(), p, b, s.q_start + i0, h, mq, negate_q ? 0x80008000u : 0u);
+      pack_pairs_16x16<D>(qp.data(), p.q, p.q_strides, b, s.q_start + i0, h, mq, negate_q ? 0x80008000u : 0u);
       bounds.set(p, s, i0, mq);
       std::fill(ot.begin(), ot.end(), 0.f);
       std::fill(m, m + kBlockQ, kNegInf);
@@ -442,13 +442,13 @@ void fwd_amx(const AttnParams& p) {
       auto ensure_packed = [&](int64_t kblk) {
         if (packed[kblk]) return;
         const int64_t j0 = kblk * kAmxBlockK, nk = block_keys(kblk);
-        pack_k_rows<D>(k_seq.data() + j0 * D, p, b, s.k_start + j0, hk, nk);
-        pack_v_transposed<D>(vt_seq.data() + j0 * D, p, b, s.k_start + j0, hk, nk);
+        pack_rows_padded<D>(k_seq.data() + j0 * D, p.k, p.k_strides, b, s.k_start + j0, hk, nk);
+        pack_transposed<D>(vt_seq.data() + j0 * D, kAmxBlockK, p.v, p.v_strides, b, s.k_start + j0, hk, nk);
         packed[kblk] = 1;
       };
       if (kbs.first < kbs.end) {
         ensure_packed(kbs.first);
-        scores.start(block_keys(kbs.first), k_seq.data() + kbs.first * kAmxBlockK * D, qp.data(),
+        start_scores<D>(scores, block_keys(kbs.first), k_seq.data() + kbs.first * kAmxBlockK * D, qp.data(),
                      st.data() + (kbs.first % 2) * kAmxBlockK * kBlockQ);
         scores.finish();
       }
@@ -459,11 +459,11 @@ void fwd_amx(const AttnParams& p) {
         asm volatile("" ::: "memory");
         if (kblk + 1 < kbs.end) {
           ensure_packed(kblk + 1);
-          scores.start(block_keys(kblk + 1), k_seq.data() + (kblk + 1) * kAmxBlockK * D, qp.data(),
+          start_scores<D>(scores, block_keys(kblk + 1), k_seq.data() + (kblk + 1) * kAmxBlockK * D, qp.data(),
                        st.data() + ((kblk + 1) % 2) * kAmxBlockK * kBlockQ);
         }
         if (kblk > kbs.first)
-          pv.start(block_keys(kblk - 1), vt_seq.data() + (kblk - 1) * kAmxBlockK * D,
+          start_pv<D>(pv, block_keys(kblk - 1), vt_seq.data() + (kblk - 1) * kAmxBlockK * D,
                    pp.data() + ((kblk - 1) % 2) * kAmxBlockK / 2 * kBlockQ, ot.data());
         float* __restrict S = st.data() + (kblk % 2) * kAmxBlockK * kBlockQ;
         // The block's max per query, of the raw scores (the scale is positive, see negate_q); masked
@@ -569,7 +569,7 @@ void fwd_amx(const AttnParams& p) {
       }
       if (kbs.first < kbs.end) {
         asm volatile("" ::: "memory");
-        pv.start(block_keys(kbs.end - 1), vt_seq.data() + (kbs.end - 1) * kAmxBlockK * D,
+        start_pv<D>(pv, block_keys(kbs.end - 1), vt_seq.data() + (kbs.end - 1) * kAmxBlockK * D,
                  pp.data() + ((kbs.end - 1) % 2) * kAmxBlockK / 2 * kBlockQ, ot.data());
         pv.finish();
       }
@@ -609,50 +609,20 @@ void fwd_amx(const AttnParams& p) {
 
 // C[M][N] (+)= A[M][K] B[K][N] on tiles, M, N and K multiples of 32: A bf16, rows lda elements
 // apart; B as pairs along K, [K / 2][N] uint32, rows ldb apart; C fp32, rows ldc apart.
-// GCC's tile intrinsics are asm without a memory clobber: the barriers keep the vector stores of
-// A, B or C before the tile loads, and the vector reads of C after the tile stores.
+// A whole MatmulSteps matmul at once. GCC's tile intrinsics are asm without a memory clobber:
+// the barriers keep the vector stores of A, B or C before the tile loads, and the vector reads of
+// C after the tile stores.
 inline void matmul_tiles(int64_t M, int64_t N, int64_t K, const uint16_t* a, int64_t lda, const uint32_t* b,
                          int64_t ldb, float* c, int64_t ldc, bool accumulate) {
   asm volatile("" ::: "memory");
-  for (int64_t m = 0; m < M; m += 32)
-    for (int64_t n = 0; n < N; n += 32) {
-      float* cb = c + m * ldc + n;
-      if (accumulate) {
-        load_c_2x2(cb, ldc);
-      } else {
-        _tile_zero(0);
-        _tile_zero(1);
-        _tile_zero(2);
-        _tile_zero(3);
-      }
-      for (int64_t k = 0; k < K; k += 32) dp_2x2(a + m * lda + k, a + (m + 16) * lda + k, lda * 2, b + k / 2 * ldb + n, ldb * 4);
-      store_c_2x2(cb, ldc);
-    }
+  MatmulSteps mm;
+  mm.start(M, N, K, a, lda, b, ldb, c, ldc, accumulate);
+  mm.finish();
   asm volatile("" ::: "memory");
 }
 
-inline int64_t round_up32(int64_t n) { return (n + 31) / 32 * 32; }
-
-// `rows` tokens x D of one head of a bf16 (B, T, H, D) tensor as bf16 rows of D, rows
-// rows..round_up32(rows) zero ...
-template <int D>
-inline void pack_rows_padded(uint16_t* __restrict dst, const void* base, const int64_t* strides, int64_t b,
-                             int64_t start, int64_t h, int64_t rows) {
-  for (int64_t r = 0; r < rows; ++r)
-    std::memcpy(dst + r * D, row_prefetching<D, bf16>(base, strides, b, start, h, r, rows), D * 2);
-  std::memset(dst + rows * D, 0, (round_up32(rows) - rows) * D * 2);
-}
-// ... transposed, dst[d * ld + r] (columns rows..ld zero) ...
-template <int D>
-inline void pack_transposed(uint16_t* __restrict dst, int64_t ld, const void* base, const int64_t* strides, int64_t b,
-                            int64_t start, int64_t h, int64_t rows) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const uint16_t* row = reinterpret_cast<const uint16_t*>(row_prefetching<D, bf16>(base, strides, b, start, h, r, rows));
-    for (int d = 0; d < D; ++d) dst[d * ld + r] = row[d];
-  }
-  for (int d = 0; d < D; ++d) std::memset(dst + d * ld + rows, 0, (ld - rows) * 2);
-}
-// ... or as pairs of tokens, dst[r2][d] = (x[2 r2][d], x[2 r2 + 1][d]) for r2 < kBlockQ / 2 (zero past rows).
+// `rows` tokens of a bf16 (B, T, H, D) tensor as pairs of tokens, dst[r2][d] = (x[2 r2][d], x[2 r2 + 1][d])
+// for r2 < kBlockQ / 2 (zero past rows): the backward's B operands of dV and dK.
 template <int D>
 inline void pack_pairs_of_rows(uint32_t* __restrict dst, const void* base, const int64_t* strides, int64_t b,
                                int64_t start, int64_t h, int64_t rows) {
@@ -673,9 +643,7 @@ void bwd_amx(const AttnParams& p) {
   constexpr int64_t BK = kBlockK;  // keys per block (kBlockK, as the fp32 backward)
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   const __m512 ninf = _mm512_set1_ps(kNegInf), zero = _mm512_setzero_ps(), scale = _mm512_set1_ps(float(p.scale));
-  alignas(64) static const uint16_t kInterleave[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
-                                                       8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
-  const __m512i interleave = _mm512_load_si512(kInterleave);
+  const __m512i interleave = pair_interleave();
   const __m512i column = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                             _mm512_set1_epi32(kBlockQ));
   const int64_t group = p.n_heads / p.n_kv_heads;
@@ -711,8 +679,8 @@ void bwd_amx(const AttnParams& p) {
         for (int64_t qb = 0; qb < blocks; ++qb) {
           const int64_t h = hk * group + g, blk = g * blocks + qb, i0 = qa + qb * kBlockQ;
           const int64_t mq = std::min(kBlockQ, qz - i0), t0 = s.q_start + i0;
-          pack_pairs_transposed<D>(qd_all.data() + blk * kPairsD, kBlockQ, p.q, p.q_strides, b, t0, h, mq);
-          pack_pairs_transposed<D>(dod_all.data() + blk * kPairsD, kBlockQ, p.dout, p.o_strides, b, t0, h, mq);
+          pack_pairs_16x16<D>(qd_all.data() + blk * kPairsD, p.q, p.q_strides, b, t0, h, mq, 0);
+          pack_pairs_16x16<D>(dod_all.data() + blk * kPairsD, p.dout, p.o_strides, b, t0, h, mq, 0);
           pack_pairs_of_rows<D>(qq_all.data() + blk * kPairsQ, p.q, p.q_strides, b, t0, h, mq);
           pack_pairs_of_rows<D>(doq_all.data() + blk * kPairsQ, p.dout, p.o_strides, b, t0, h, mq);
           // Padding queries get lse = +inf: P = exp(S - lse) = 0 there, and so does dS.

@@ -383,31 +383,6 @@ def test_cuda_misaligned_views_are_copied_not_rejected(monkeypatch, algo):
         assert torch.equal(a, b)
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("algo", BWD_ALGOS)
-def test_cuda_backward_lse_with_odd_size1_stride(algo):
-    # torch calls (1, H, Tq) with strides (Tq, Tq, 1) contiguous (a size-1 dim's stride is free);
-    # the backward's delta scratch, laid out like lse, must still hold B * H * Tq rows (it was
-    # sized batch * lse_strides[0] = Tq). Same bits as with the usual strides; run it under
-    # compute-sanitizer to see the out-of-bounds writes the old sizing made.
-    q, k, v = (rand((1, 40, h, 64), torch.float16, "cuda") for h in (4, 2, 2))
-    out, lse = torch.empty_like(q), torch.empty(1, 4, 40, device="cuda")
-    fa.flash_attn_forward_into(q, k, v, out, lse, None, None, 40, 40, 0.125, -1, 0)
-    odd = torch.empty(4, 1, 40, device="cuda").transpose(0, 1)
-    odd.copy_(lse)
-    assert odd.is_contiguous() and odd.stride(0) == 40
-    dout = rand(q.shape, torch.float16, "cuda")
-    grads = []
-    for lse_in in (lse, odd):
-        dq, dk, dv = (poisoned(t.shape, t.dtype, "cuda") for t in (q, k, v))
-        fa.flash_attn_backward_into(dout, None, q, k, v, out, lse_in, dq, dk, dv, None, None, 40, 40, 0.125, -1, 0,
-                                    True, algo=algo)
-        grads.append((dq, dk, dv))
-    torch.cuda.synchronize()
-    for a, b in zip(*grads):
-        assert torch.equal(a, b)
-
-
 def test_bwd_algo_choice_is_checked(monkeypatch):
     assert fa._cuda_bwd_algo("simt") == 1 and fa._cuda_bwd_algo(None) == 0
     monkeypatch.setenv("PYLLM_ATTN_BWD", "simt")
@@ -419,22 +394,29 @@ def test_bwd_algo_choice_is_checked(monkeypatch):
 
 # --- autograd through lse, gradcheck, opcheck, torch.compile ------------------------------------
 
-def test_backward_takes_lse_with_free_size1_strides():
-    # (1, H, Tq) with strides (Tq, Tq, 1) is contiguous to torch (a size-1 dim's stride is free);
-    # the raw backward took it for a layout that does not fit. Same bits as the usual strides.
-    q, k, v = (rand((1, 40, h, 64), torch.float32, "cpu") for h in (4, 2, 2))
-    out, lse = torch.empty_like(q), torch.empty(1, 4, 40)
+@pytest.mark.parametrize("device,algo", [("cpu", None)] + [pytest.param("cuda", a, marks=pytest.mark.cuda) for a in BWD_ALGOS])
+def test_backward_takes_lse_with_free_size1_strides(device, algo):
+    # (1, H, Tq) with strides (Tq, Tq, 1) is contiguous to torch (a size-1 dim's stride is free).
+    # CPU: the raw backward took it for a layout that does not fit. CUDA: the backward's delta
+    # scratch, laid out like lse, must still hold B * H * Tq rows (it was sized batch *
+    # lse_strides[0] = Tq); run it under compute-sanitizer to see the out-of-bounds writes the old
+    # sizing made. Same bits as with the usual strides.
+    dtype = DTYPES_BY_DEVICE[device][0]
+    q, k, v = (rand((1, 40, h, 64), dtype, device) for h in (4, 2, 2))
+    out, lse = torch.empty_like(q), torch.empty(1, 4, 40, device=device)
     fa.flash_attn_forward_into(q, k, v, out, lse, None, None, 40, 40, 0.125, -1, 0)
-    odd = torch.empty(4, 1, 40).transpose(0, 1)
+    odd = torch.empty(4, 1, 40, device=device).transpose(0, 1)
     odd.copy_(lse)
     assert odd.is_contiguous() and odd.stride(0) == 40
-    dout = rand(q.shape, torch.float32, "cpu")
+    dout = rand(q.shape, dtype, device)
     grads = []
     for lse_in in (lse, odd):
-        dq, dk, dv = (poisoned(t.shape, t.dtype, "cpu") for t in (q, k, v))
+        dq, dk, dv = (poisoned(t.shape, t.dtype, device) for t in (q, k, v))
         fa.flash_attn_backward_into(dout, None, q, k, v, out, lse_in, dq, dk, dv, None, None, 40, 40, 0.125, -1, 0,
-                                    True)
+                                    True, algo=algo)
         grads.append((dq, dk, dv))
+    if device == "cuda":
+        torch.cuda.synchronize()
     for a, b in zip(*grads):
         assert torch.equal(a, b)
 

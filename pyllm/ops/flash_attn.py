@@ -361,16 +361,25 @@ def _(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale, window_le
     return q.new_empty(q.shape)
 
 
-def _eager_plain_cpu(*tensors) -> bool:
+_STRIDED = torch.strided
+
+
+def _plain_cpu(t) -> bool:
+    return type(t) is Tensor and t.is_cpu and t.layout is _STRIDED and not t.requires_grad
+
+
+def _eager_untraced() -> bool:
+    """No torch.compile, dispatch or function mode, vmap / grad transform: what sees the op must
+    get the op (fake tensors, make_fx, ...)."""
     try:  # private torch helpers: where a torch release lacks them, every call takes the op
-        if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
-            return False
-        if torch._C._is_torch_function_mode_enabled():
-            return False
+        return not (torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
+                    or torch._C._is_torch_function_mode_enabled() or torch._C._are_functorch_transforms_active())
     except AttributeError:
         return False
-    return all(t is None or (type(t) is torch.Tensor and t.device.type == "cpu" and not t.requires_grad)
-               for t in tensors)
+
+
+def _eager_plain_cpu(*tensors) -> bool:
+    return _eager_untraced() and all(t is None or _plain_cpu(t) for t in tensors)
 
 
 # --- eager CPU decode: the kernel called directly ----------------------------------------------
@@ -397,11 +406,6 @@ _EAGER_CPU_DTYPES = {torch.float32: (_util.DTYPE_CODES[torch.float32], "f"),
 _INT32_ARRAY = "i" if array("i").itemsize == 4 else None
 _DEFAULT_SCALES = {d: 1.0 / math.sqrt(d) for d in HEAD_DIMS}
 _NO_WINDOW = (-1, -1)
-_STRIDED = torch.strided
-
-
-def _plain_cpu(t) -> bool:
-    return type(t) is Tensor and t.is_cpu and t.layout is _STRIDED and not t.requires_grad
 
 
 def _append_kv(k_cache: Tensor, v_cache: Tensor, k_new: Tensor, v_new: Tensor, lengths: Optional[list[int]],
@@ -422,15 +426,8 @@ def _kvcache_eager_cpu(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal,
                        window) -> Optional[Tensor]:
     """flash_attn_with_kvcache for plain eager CPU calls, or None where the general path must run.
     Same kernel arguments as the general path, so the same bits (tests/test_flash_attn.py)."""
-    # Tracing first: under torch.compile nothing below runs, the op is traced as before; fake
-    # tensors, make_fx, dispatch / function modes and vmap / grad transforms see the op too.
-    try:  # private torch helpers: where a torch release lacks them, every call takes the op
-        if (torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
-                or torch._C._is_torch_function_mode_enabled() or torch._C._are_functorch_transforms_active()):
-            return None
-    except AttributeError:
-        return None
-    if not (_plain_cpu(q) and _plain_cpu(k_cache) and _plain_cpu(v_cache)) or _INT32_ARRAY is None:
+    # Tracing first: under torch.compile nothing below runs, the op is traced as before.
+    if not _eager_plain_cpu(q, k_cache, v_cache) or _INT32_ARRAY is None:
         return None
     dtype = q.dtype
     facts = _EAGER_CPU_DTYPES.get(dtype)

@@ -3,11 +3,14 @@
 // through a few launches whose kernel arguments carry the tensors' pointers and a list of
 // (tensor, chunk) pairs, one chunk of kChunk elements per block (the apex / torch _foreach scheme).
 //
-// 1. Grad sum of squares: each block squares and sums one chunk of one grad (16-byte loads, fp32
-//    per thread, fp32 block reduce) into partials[chunk]; a one-block finaliser adds the partials in
-//    chunk order in fp64 onto the device scalar *sumsq. Deterministic (no atomics), no host sync.
-//    Reads 2 B (bf16/fp16) or 4 B (fp32) per param. The per-thread fp32 sum of up to 128 squares
-//    overflows only for |grad| > ~1e18: it then reads as an inf, i.e. a skipped step.
+// 1. Grad sum of squares: each block squares and sums one chunk of one grad (16-byte loads, fp64
+//    per thread, fp64 block reduce) into partials[chunk] (fp64); a one-block finaliser adds the
+//    partials in chunk order onto the device scalar *sumsq. Deterministic (no atomics), no host
+//    sync. Reads 2 B (bf16/fp16) or 4 B (fp32) per param. fp64, as the CPU twin: an fp32 square
+//    overflows for |grad| > ~1.8e19 and would read as an inf, i.e. a step skipped for finite grads;
+//    in fp64 every finite fp32 grad gives a finite sum. One fp64 FMA per element costs nothing on
+//    A100 / H100 (fp64 at 1/2 the fp32 rate); on GPUs with 1/64-rate fp64 it may approach the
+//    memory time (not measured).
 // 2. Step: every block first reads *sumsq (inf/nan: return, nothing written), the loss scale and
 //    max_grad_norm and folds unscale and clip into one grad multiplier; then, per element,
 //    decoupled weight decay + Adam with bias correction from the tensor's step scalar, exactly as
@@ -106,26 +109,26 @@ __device__ __forceinline__ void store8(T* p, const Vec8<T>& x) {
   }
 }
 
-// Sum over the block, fp32; the result is valid in thread 0. Fixed tree: deterministic.
-__device__ __forceinline__ float block_sum(float x) {
-  __shared__ float warp_sums[kThreads / 32];
+// Sum over the block, fp64; the result is valid in thread 0. Fixed tree: deterministic.
+__device__ __forceinline__ double block_sum(double x) {
+  __shared__ double warp_sums[kThreads / 32];
   for (int o = 16; o > 0; o >>= 1) x += __shfl_down_sync(0xffffffffu, x, o);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   if (lane == 0) warp_sums[warp] = x;
   __syncthreads();
-  x = threadIdx.x < kThreads / 32 ? warp_sums[threadIdx.x] : 0.0f;
+  x = threadIdx.x < kThreads / 32 ? warp_sums[threadIdx.x] : 0.0;
   if (warp == 0)
     for (int o = 16; o > 0; o >>= 1) x += __shfl_down_sync(0xffffffffu, x, o);
   return x;
 }
 
 template <typename G>
-__global__ void __launch_bounds__(kThreads) grad_sumsq_kernel(NormArgs args, float* __restrict__ partials) {
+__global__ void __launch_bounds__(kThreads) grad_sumsq_kernel(NormArgs args, double* __restrict__ partials) {
   const int t = args.chunk_tensor[blockIdx.x];
   const int64_t begin = int64_t(args.chunk_index[blockIdx.x]) * kChunk;
   const int64_t n = min(kChunk, args.numel[t] - begin);
   const G* __restrict__ g = static_cast<const G*>(args.grad[t]) + begin;
-  float acc = 0.0f;
+  double acc = 0.0;
   int64_t scalar_from = 0;
   if (args.aligned[t]) {
     const int64_t n_vec = n / kVec;
@@ -133,15 +136,15 @@ __global__ void __launch_bounds__(kThreads) grad_sumsq_kernel(NormArgs args, flo
       const Vec8<G> x = load8(g + i * kVec);
 #pragma unroll
       for (int k = 0; k < kVec; ++k) {
-        const float f = to_f32(x.v[k]);
-        acc = fmaf(f, f, acc);
+        const double f = to_f32(x.v[k]);
+        acc = fma(f, f, acc);
       }
     }
     scalar_from = n_vec * kVec;
   }
   for (int64_t i = scalar_from + threadIdx.x; i < n; i += kThreads) {
-    const float f = to_f32(g[i]);
-    acc = fmaf(f, f, acc);
+    const double f = to_f32(g[i]);
+    acc = fma(f, f, acc);
   }
   acc = block_sum(acc);
   if (threadIdx.x == 0) partials[args.partial_base + blockIdx.x] = acc;
@@ -149,11 +152,11 @@ __global__ void __launch_bounds__(kThreads) grad_sumsq_kernel(NormArgs args, flo
 
 constexpr int kFinalThreads = 1024;
 
-__global__ void __launch_bounds__(kFinalThreads) sumsq_finalize_kernel(const float* __restrict__ partials, int64_t n,
+__global__ void __launch_bounds__(kFinalThreads) sumsq_finalize_kernel(const double* __restrict__ partials, int64_t n,
                                                                        double* __restrict__ sumsq) {
   __shared__ double sums[kFinalThreads];
   double acc = 0.0;
-  for (int64_t i = threadIdx.x; i < n; i += kFinalThreads) acc += double(partials[i]);
+  for (int64_t i = threadIdx.x; i < n; i += kFinalThreads) acc += partials[i];
   sums[threadIdx.x] = acc;
   __syncthreads();
   for (int s = kFinalThreads / 2; s > 0; s >>= 1) {
@@ -341,11 +344,11 @@ void adamw_grad_sumsq_cuda(uintptr_t table, int64_t n_tensors, int dtype, uintpt
               "adamw_grad_sumsq: grads must be float32, bfloat16 or float16, got ", dtype_name(dtype));
   const int64_t total_chunks = count_chunks(tab);
   PYLLM_CHECK(partials_len >= total_chunks, "adamw_grad_sumsq: partials holds ", partials_len,
-              " floats, the grads have ", total_chunks, " chunks");
+              " doubles, the grads have ", total_chunks, " chunks");
   if (total_chunks == 0) return;
   DeviceGuard guard(device);
   const cudaStream_t s = as_stream(stream);
-  float* part = reinterpret_cast<float*>(partials);
+  double* part = reinterpret_cast<double*>(partials);
   NormArgs args{};
   PYLLM_DISPATCH_CUDA(dtype, G, {
     multi_tensor_apply<kNormTensors, kNormChunks>(

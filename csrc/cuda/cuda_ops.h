@@ -19,7 +19,7 @@ void swiglu_bwd_cuda(uintptr_t dout, uintptr_t gate, uintptr_t up, uintptr_t dga
                      int device, uintptr_t stream);
 
 // adamw.cu: `table` is the host int64[7][n_tensors] of csrc/cpu/adamw.cpp; partials a device
-// float[>= total chunks] workspace; sumsq a device double, added to.
+// double[>= total chunks] workspace; sumsq a device double, added to.
 void adamw_grad_sumsq_cuda(uintptr_t table, int64_t n_tensors, int dtype, uintptr_t partials, int64_t partials_len,
                            uintptr_t sumsq, int device, uintptr_t stream);
 void adamw_step_cuda(uintptr_t table, int64_t n_tensors, int param_dtype, bool has_master, double lr, double beta1,

@@ -57,7 +57,7 @@ def grad_sumsq_(grads: list[Tensor], table: Tensor, sumsq: Tensor) -> None:
     if sumsq.is_cuda:
         _util.check_backend(OP, sumsq.device)  # direct callers skip AdamW's checks
         chunks = sum((g.numel() + CUDA_CHUNK - 1) // CUDA_CHUNK for g in grads)
-        partials = torch.empty(max(chunks, 1), dtype=torch.float32, device=sumsq.device)
+        partials = torch.empty(max(chunks, 1), dtype=torch.float64, device=sumsq.device)
         _C.adamw_grad_sumsq_cuda(table.data_ptr(), n, dtype, partials.data_ptr(), partials.numel(),
                                  sumsq.data_ptr(), sumsq.device.index, _util.stream_of(sumsq))
     else:

@@ -426,6 +426,19 @@ def test_cuda_shuffled_ranks(corpus):
     assert tok.encode_batch(texts, device="cuda") == tok.encode_batch(texts)
 
 
+def test_cuda_text_size_limit(monkeypatch):
+    """The CUDA encoder's 32-bit offsets: a text over the limit is refused in Python, before any
+    launch, with its UTF-8 size (measured only for texts that could exceed it)."""
+    from pyllm.tokenizer import cuda_encoder
+
+    monkeypatch.setattr(cuda_encoder, "_MAX_TEXT_BYTES", 40)
+    cuda_encoder._check_text_sizes(["a" * 40, "\u00e9" * 20, "\u20ac" * 13, "\ud800" * 13, "x" * 10, ""])
+    for text, size in [("a" * 41, 41), ("\u00e9" * 21, 42), ("\u20ac" * 14, 42), ("\ud800" * 14, 42),
+                       ("\U0001F600" * 11, 44)]:
+        with pytest.raises(ValueError, match=f"text 1 is {size} bytes of UTF-8; .* at most 40 bytes"):
+            cuda_encoder._check_text_sizes(["ok", text])
+
+
 def test_cuda_unavailable_raises(gpt4):
     from pyllm.ops import _util
 

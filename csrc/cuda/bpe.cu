@@ -351,8 +351,8 @@ std::vector<std::vector<uint32_t>> CudaEncoder::encode_batch(const std::vector<s
   if (n_texts == 0) return results;
   std::vector<size_t> text_base(n_texts + 1, 0);
   for (size_t t = 0; t < n_texts; ++t) text_base[t + 1] = text_base[t] + texts[t].size();
-  PYLLM_CHECK(text_base[n_texts] < (size_t(1) << 32) - 1, "bpe: a CUDA batch must hold under 4 GiB of text, got ",
-              text_base[n_texts], " bytes (the Python wrapper cuts batches smaller)");
+  PYLLM_CHECK(text_base[n_texts] < (size_t(1) << 32) - 1, "bpe: a CUDA batch must hold under 4 GiB of text (32-bit offsets), got ",
+              text_base[n_texts], " bytes (pyllm/tokenizer/cuda_encoder.py refuses such a text first)");
 
   // 1. Host: specials and pre-tokenization, per text. A piece: (begin in the batch, length, kind)
   //    with kind = special id, kHostPiece (too long for the device) or kDevicePiece.

@@ -11,6 +11,23 @@ from pyllm import _C
 
 # One device call holds the batch's bytes and 4 bytes of scratch per byte on the GPU.
 _MAX_CALL_BYTES = 256 << 20
+# The kernels address a call's bytes, pieces and tokens with 32-bit offsets (csrc/cuda/bpe.cu
+# refuses a call of more bytes). Calls are cut between texts, never inside one, so this bounds a
+# single text's UTF-8 size.
+_MAX_TEXT_BYTES = (1 << 32) - 2
+
+
+def _check_text_sizes(texts: list[str]) -> None:
+    """ValueError, before anything runs, for a text whose UTF-8 form exceeds _MAX_TEXT_BYTES."""
+    for i, text in enumerate(texts):
+        if len(text) * 4 <= _MAX_TEXT_BYTES:  # UTF-8 is at most 4 bytes per char: no need to measure
+            continue
+        # surrogatepass: a lone surrogate takes 3 bytes, as the U+FFFD it is encoded as.
+        size = len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+        if size > _MAX_TEXT_BYTES:
+            raise ValueError(f"encode_batch(device='cuda'): text {i} is {size} bytes of UTF-8; the CUDA encoder takes "
+                             f"at most {_MAX_TEXT_BYTES} bytes (4 GiB, 32-bit offsets) per text (the CPU "
+                             "encoder's limit is 4 GiB too); split the text")
 
 
 def _encoder_for(tok, device: int):
@@ -31,6 +48,7 @@ def encode_batch(tok, texts: list[str], allowed: list[int], disallowed: list[int
     if tok._regex is not None:
         raise ValueError("encode_batch(device='cuda') needs a built-in pattern (gpt2, gpt4, gpt4o); "
                          f"this tokenizer splits with a custom regex: {tok.pattern!r}")
+    _check_text_sizes(texts)
     import torch
 
     device = torch.cuda.current_device()

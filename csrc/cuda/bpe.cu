@@ -130,7 +130,9 @@ __global__ void __launch_bounds__(kShortThreads)
     encode_short_pieces(Vocab v, const uint8_t* __restrict__ bytes, const uint32_t* __restrict__ piece_begin,
                         const uint32_t* __restrict__ piece_len, uint32_t n_pieces, uint32_t* __restrict__ scratch,
                         uint32_t* __restrict__ counts) {
-  const uint32_t k = blockIdx.x * kShortThreads + threadIdx.x;
+  // 64-bit: a call may hold up to 2^32 - 2 one-byte pieces, and the last block's thread indices
+  // would wrap in 32 bits onto the first pieces.
+  const uint64_t k = uint64_t(blockIdx.x) * kShortThreads + threadIdx.x;
   if (k >= n_pieces) return;
   const uint32_t n = piece_len[k];
   if (n > kThreadPiece) return;
@@ -240,7 +242,7 @@ __global__ void __launch_bounds__(kBlockThreads)
 __global__ void compact_pieces(const uint32_t* __restrict__ piece_begin, const uint32_t* __restrict__ counts,
                                const uint32_t* __restrict__ offsets, uint32_t n_pieces,
                                const uint32_t* __restrict__ scratch, uint32_t* __restrict__ packed) {
-  const uint32_t k = blockIdx.x * blockDim.x + threadIdx.x;
+  const uint64_t k = uint64_t(blockIdx.x) * blockDim.x + threadIdx.x;  // 64-bit: as in encode_short_pieces
   if (k >= n_pieces) return;
   const uint32_t* src = scratch + piece_begin[k];
   uint32_t* dst = packed + offsets[k];
@@ -431,8 +433,10 @@ std::vector<std::vector<uint32_t>> CudaEncoder::encode_batch(const std::vector<s
     } events_guard{events};
     PYLLM_CUDA_CHECK(cudaEventCreate(&events[1]));
     PYLLM_CUDA_CHECK(cudaEventRecord(events[0], stream));
-    encode_short_pieces<<<(n_dev + kShortThreads - 1) / kShortThreads, kShortThreads, 0, stream>>>(
-        vocab, d_bytes, d_begin, d_len, n_dev, d_scratch, d_counts);
+    // Grid sizes in 64-bit: n_dev + 127 wraps in uint32 for n_dev near 2^32 (one-byte pieces).
+    const uint32_t short_blocks = uint32_t((uint64_t(n_dev) + kShortThreads - 1) / kShortThreads);
+    encode_short_pieces<<<short_blocks, kShortThreads, 0, stream>>>(vocab, d_bytes, d_begin, d_len, n_dev, d_scratch,
+                                                                     d_counts);
     PYLLM_CUDA_CHECK_LAUNCH("encode_short_pieces");
     if (!block_pieces.empty()) {
       encode_block_pieces<<<uint32_t(block_pieces.size()), kBlockThreads, 0, stream>>>(
@@ -451,7 +455,8 @@ std::vector<std::vector<uint32_t>> CudaEncoder::encode_batch(const std::vector<s
     }
     uint32_t* d_offsets = buf.upload(offsets);
     uint32_t* d_packed = buf.alloc<uint32_t>(total);
-    compact_pieces<<<(n_dev + 255) / 256, 256, 0, stream>>>(d_begin, d_counts, d_offsets, n_dev, d_scratch, d_packed);
+    compact_pieces<<<uint32_t((uint64_t(n_dev) + 255) / 256), 256, 0, stream>>>(d_begin, d_counts, d_offsets, n_dev,
+                                                                                d_scratch, d_packed);
     PYLLM_CUDA_CHECK_LAUNCH("compact_pieces");
     PYLLM_CUDA_CHECK(cudaEventRecord(events[1], stream));
     packed.resize(total);

@@ -75,6 +75,19 @@ py::list bpe_batch_to_list(const std::vector<std::vector<uint32_t>>& batch) {
   for (size_t k = 0; k < batch.size(); ++k) out[k] = bpe_ids_to_list(batch[k]);
   return out;
 }
+
+#ifdef PYLLM_WITH_CUDA
+// The CUDA encoder's destructor waits for the whole device (cudaDeviceSynchronize) before freeing
+// its tables, which can take as long as any kernel another thread queued: it runs without the GIL.
+// Safe: the destructor touches no Python object, pybind11 deregisters the instance before it
+// destroys the holder (no other thread can reach it) and drops keep_alive's Encoder only after.
+struct DeleteWithoutGil {
+  void operator()(pyllm::bpe::CudaEncoder* encoder) const {
+    py::gil_scoped_release nogil;
+    delete encoder;
+  }
+};
+#endif
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -171,7 +184,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_device_count", &pyllm::cuda_device_count);
   m.def("cuda_runtime_version", &pyllm::cuda_runtime_version);
 
-  py::class_<pyllm::bpe::CudaEncoder>(m, "BpeCudaEncoder")
+  py::class_<pyllm::bpe::CudaEncoder, std::unique_ptr<pyllm::bpe::CudaEncoder, DeleteWithoutGil>>(m, "BpeCudaEncoder")
       .def(py::init<const pyllm::bpe::Encoder&, int>(), py::keep_alive<1, 2>(), nogil, arg("encoder"), arg("device"))
       .def("encode_batch",
            [](const pyllm::bpe::CudaEncoder& e, const std::vector<std::string_view>& texts,

@@ -339,7 +339,9 @@ CudaEncoder::~CudaEncoder() {
   if (t == nullptr) return;
   int prev = -1;
   const bool switched = cudaGetDevice(&prev) == cudaSuccess && prev != device_ && cudaSetDevice(device_) == cudaSuccess;
-  cudaDeviceSynchronize();  // no call of ours is in flight (calls synchronize), but another stream may read
+  // No call of ours is in flight (calls synchronize), but a call that threw may have left one
+  // queued. The binding (csrc/bind.cpp) runs this without the GIL.
+  cudaDeviceSynchronize();
   free_tables(t);
   if (switched) cudaSetDevice(prev);
 }

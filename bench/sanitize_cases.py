@@ -29,7 +29,8 @@ def adamw_cases():
 
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for sr in (False, True) if dtype == torch.bfloat16 else (False,):
-            # odd sizes (scalar tails), one misaligned view (scalar path), one tensor of 2+ chunks
+            # views one element into their storage (not 16-byte aligned: the scalar path only), odd
+            # sizes, one tensor of 2+ chunks
             params = [torch.nn.Parameter(torch.randn(n + 1, device="cuda").to(dtype)[1:]) for n in (1, 13, 65536 + 7)]
             opt, scaler = AdamW(params, lr=1e-2, stochastic_rounding=sr), DynamicLossScaler(2.0**4)
             for _ in range(2):
@@ -43,6 +44,40 @@ def adamw_cases():
                 assert torch.isfinite(p).all(), "adamw wrote a non-finite param"
                 if dtype != torch.float32 and not sr:
                     assert torch.equal(p, opt.state[p]["master"].to(dtype)), "adamw 16-bit copy wrong"
+            adamw_vector_case(dtype, sr)
+
+
+def adamw_vector_case(dtype, sr):
+    """Fresh (16-byte aligned) tensors: adamw.cu's 16-byte path, both kernels. Sizes: whole vectors
+    only (8 * 37), vectors and a ragged scalar tail (8 * 37 + 5), and a second chunk that has both
+    (65536 + 8 * 3 + 3). Checked against the CPU twin on the same inputs."""
+    from pyllm.optim import AdamW, DynamicLossScaler
+
+    gen = torch.Generator().manual_seed(5)
+    cpu = [torch.nn.Parameter(torch.randn(n, generator=gen).to(dtype)) for n in (8 * 37, 8 * 37 + 5, 65536 + 8 * 3 + 3)]
+    gpu = [torch.nn.Parameter(p.detach().cuda()) for p in cpu]
+    assert all(p.data_ptr() % 16 == 0 for p in gpu), "adamw vector case: expected 16-byte aligned params"
+    opts = [AdamW(ps, lr=1e-2, stochastic_rounding=sr) for ps in (cpu, gpu)]  # one seed: torch.initial_seed()
+    scalers = [DynamicLossScaler(2.0**4), DynamicLossScaler(2.0**4)]
+    for _ in range(2):
+        for c, g in zip(cpu, gpu):
+            c.grad = (torch.randn(c.shape, generator=gen) * 16).to(dtype)
+            g.grad = c.grad.cuda()
+        for opt, scaler in zip(opts, scalers):
+            opt.step(grad_scaler=scaler, max_grad_norm=1.0)
+            scaler.update()
+        norms = [opt.last_grad_norm.item() for opt in opts]
+        assert abs(norms[1] - norms[0]) <= 1e-9 * norms[0], "adamw vector path: grad norm differs from the CPU"
+    for c, g in zip(cpu, gpu):
+        for key in ("exp_avg", "exp_avg_sq") + (("master",) if dtype != torch.float32 else ()):
+            ref, got = opts[0].state[c][key], opts[1].state[g][key].cpu()
+            # atol: masters near 0 move by ~lr = 1e-2 per step, with fp32 error ~1e-9 of that move
+            atol = 1e-6 if key == "master" else 1e-12
+            assert torch.allclose(got, ref, rtol=1e-5, atol=atol), f"adamw vector path: {key} differs from the CPU"
+        # 16-bit copies: the same rounding of fp32 values that agree to ~1e-7, so at most one ulp apart
+        rtol = 1e-5 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps
+        assert torch.allclose(g.detach().cpu().float(), c.detach().float(), rtol=rtol, atol=1e-6), \
+            "adamw vector path: params differ from the CPU"
 
 
 def bpe_cases():

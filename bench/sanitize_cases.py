@@ -29,8 +29,9 @@ def adamw_cases():
 
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for sr in (False, True) if dtype == torch.bfloat16 else (False,):
-            # views one element into their storage (not 16-byte aligned: the scalar path only), odd
-            # sizes, one tensor of 2+ chunks
+            # param views one element into their storage (not 16-byte aligned: the step kernel's
+            # scalar path; their fresh grads take the norm kernel's 16-byte path), odd sizes, one
+            # tensor of 2+ chunks
             params = [torch.nn.Parameter(torch.randn(n + 1, device="cuda").to(dtype)[1:]) for n in (1, 13, 65536 + 7)]
             opt, scaler = AdamW(params, lr=1e-2, stochastic_rounding=sr), DynamicLossScaler(2.0**4)
             for _ in range(2):

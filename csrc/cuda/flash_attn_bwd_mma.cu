@@ -462,25 +462,13 @@ __global__ void __launch_bounds__(kBwdMmaThreads)
 #endif
 }
 
-// Opts the kernel into `bytes` of dynamic shared memory when that is over the default 48 KB,
-// after checking the device allows it.
-template <typename Kernel>
-void set_dynamic_smem(Kernel kernel, int bytes, int device, const char* what) {
-  if (bytes <= 48 * 1024) return;
-  int optin = 0;
-  PYLLM_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  PYLLM_CHECK_RUNTIME(bytes <= optin, "flash_attn backward: ", what, " needs ", bytes,
-                      " bytes of shared memory per block, device ", device, " allows ", optin);
-  PYLLM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-}
-
 template <typename T, int D>
 void launch_bwd_mma_d(const AttnParams& p, const float* delta, int device, cudaStream_t stream) {
   const float scale_log2 = float(p.scale * 1.4426950408889634);
   if (p.seqlen_k > 0) {
     using Tile = BwdKVTile<D>;
-    auto kernel = flash_attn_bwd_dk_dv_mma_kernel<T, D>;
-    set_dynamic_smem(kernel, Tile::kSmemBytes, device, "the dk_dv kernel");
+    constexpr auto kernel = flash_attn_bwd_dk_dv_mma_kernel<T, D>;
+    opt_in_dynamic_smem<kernel>(Tile::kSmemBytes, device, "the backward's dk_dv kernel");
     const dim3 grid(unsigned((p.seqlen_k + Tile::kBlockN - 1) / Tile::kBlockN), unsigned(p.n_kv_heads),
                     unsigned(p.batch));
     kernel<<<grid, kBwdMmaThreads, Tile::kSmemBytes, stream>>>(p, delta, scale_log2);
@@ -488,8 +476,8 @@ void launch_bwd_mma_d(const AttnParams& p, const float* delta, int device, cudaS
   }
   if (p.seqlen_q > 0) {
     using Tile = BwdQTile<D>;
-    auto kernel = flash_attn_bwd_dq_mma_kernel<T, D>;
-    set_dynamic_smem(kernel, Tile::kSmemBytes, device, "the dq kernel");
+    constexpr auto kernel = flash_attn_bwd_dq_mma_kernel<T, D>;
+    opt_in_dynamic_smem<kernel>(Tile::kSmemBytes, device, "the backward's dq kernel");
     const dim3 grid(unsigned((p.seqlen_q + Tile::kBlockM - 1) / Tile::kBlockM), unsigned(p.n_heads),
                     unsigned(p.batch));
     kernel<<<grid, kBwdMmaThreads, Tile::kSmemBytes, stream>>>(p, delta, scale_log2);

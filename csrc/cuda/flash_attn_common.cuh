@@ -14,6 +14,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 
 #include "common/attn_params.h"
@@ -128,6 +129,29 @@ __device__ __forceinline__ void load_tile_async(T* tile, const T* base, int64_t 
     const T* src = in ? base + row * token_stride + col : base;
     cp_async_16(smem_addr(tile + Swizzle<D>::offset(row, col)), src, in ? 16 : 0);
   }
+}
+
+// Opts Kernel into `bytes` of dynamic shared memory on `device` (the current device: the launchers
+// hold a DeviceGuard), after checking the device's opt-in limit. Once per (kernel, device), not per
+// launch: the attribute query and cudaFuncSetAttribute are driver calls. One bit per device in a
+// static of this instantiation (one per kernel, as Kernel is the template argument); two threads
+// racing on a clear bit both set the same attribute, which is harmless; a failure throws and
+// leaves the bit clear, so the next launch checks again. Devices past 63 are not cached.
+// Assumes the primary context lives as long as the process (torch never resets it): a
+// cudaDeviceReset would drop the attribute while the bit stays set.
+template <auto Kernel>
+void opt_in_dynamic_smem(int bytes, int device, const char* what) {
+  static std::atomic<uint64_t> done{0};
+  const uint64_t bit = device >= 0 && device < 64 ? uint64_t(1) << device : 0;
+  if (bit && (done.load(std::memory_order_acquire) & bit)) return;
+  if (bytes > 48 * 1024) {  // up to 48 KB needs no opt-in
+    int optin = 0;
+    PYLLM_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    PYLLM_CHECK_RUNTIME(bytes <= optin, "flash_attn: ", what, " needs ", bytes,
+                        " bytes of shared memory per block, device ", device, " allows ", optin);
+    PYLLM_CUDA_CHECK(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  }
+  done.fetch_or(bit, std::memory_order_release);
 }
 
 // The tensor-core backward's dk_dv and dq kernels (flash_attn_bwd_mma.cu), launched by

@@ -155,15 +155,30 @@ void dispatch_decode(const AttnParams& p, int n_splits, float* o_part, float* ls
 }  // namespace attn
 
 namespace {
+// One decode call's split count and workspace size. The workspace query
+// (flash_attn_decode_workspace_cuda, which Python allocates from) and the launch both call this
+// with the same arguments, so they agree by construction; the launch still checks the bytes it
+// is given against its own plan, so a caller that passes other sizes gets an error, never an
+// under-sized workspace.
+struct DecodePlan {
+  int n_splits = 1;
+  int64_t workspace_bytes = 0;  // n_splits x (head_dim + 1) fp32 per (query row, head)
+};
+
 // Splits of the KV length: enough blocks for two waves over the SMs, none shorter than
 // kMinKeysPerSplit keys, at most 128.
-int decode_splits(int64_t batch, int64_t seqlen_q, int64_t capacity, int64_t n_heads, int device) {
+DecodePlan decode_plan(int64_t batch, int64_t seqlen_q, int64_t capacity, int64_t n_heads, int64_t head_dim,
+                       int device) {
+  DecodePlan plan;
+  if (batch <= 0 || seqlen_q <= 0) return plan;
   int sms = 0;
   PYLLM_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   const int64_t rows = std::max<int64_t>(1, batch * seqlen_q * n_heads);
   const int64_t by_occupancy = (2 * int64_t(sms) + rows - 1) / rows;
   const int64_t by_length = std::max<int64_t>(1, capacity / attn::kMinKeysPerSplit);
-  return int(std::max<int64_t>(1, std::min<int64_t>({by_occupancy, by_length, 128})));
+  plan.n_splits = int(std::max<int64_t>(1, std::min<int64_t>({by_occupancy, by_length, 128})));
+  plan.workspace_bytes = batch * seqlen_q * n_heads * plan.n_splits * (head_dim + 1) * int64_t(sizeof(float));
+  return plan;
 }
 }  // namespace
 
@@ -171,8 +186,7 @@ int64_t flash_attn_decode_workspace_cuda(int64_t batch, int64_t seqlen_q, int64_
                                          int64_t head_dim, int device) {
   if (batch <= 0 || seqlen_q <= 0) return 0;
   DeviceGuard guard(device);
-  const int n_splits = decode_splits(batch, seqlen_q, capacity, n_heads, device);
-  return batch * seqlen_q * n_heads * n_splits * (head_dim + 1) * int64_t(sizeof(float));
+  return decode_plan(batch, seqlen_q, capacity, n_heads, head_dim, device).workspace_bytes;
 }
 
 void flash_attn_decode_cuda(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, uintptr_t out, uintptr_t lse,
@@ -196,14 +210,14 @@ void flash_attn_decode_cuda(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, u
   PYLLM_CHECK(q && out && lse && ((k_cache && v_cache) || capacity == 0), "flash_attn_with_kvcache: null data pointer");
   DeviceGuard guard(device);
   const int64_t rows = batch * seqlen_q * n_heads;
-  const int n_splits = decode_splits(batch, seqlen_q, capacity, n_heads, device);
+  const DecodePlan plan = decode_plan(batch, seqlen_q, capacity, n_heads, head_dim, device);
+  const int n_splits = plan.n_splits;
   // The split partials live in a workspace the caller allocates (torch's caching allocator; see
   // flash_attn_decode_workspace_cuda for its size): cudaMallocAsync's default pool would hand the
   // memory back to the driver at every sync, a remap per decode step.
-  const int64_t part_bytes = rows * n_splits * (head_dim + 1) * int64_t(sizeof(float));
-  PYLLM_CHECK(workspace && workspace % 16 == 0 && workspace_bytes >= part_bytes, "flash_attn_with_kvcache: the "
-              "workspace needs ", part_bytes, " bytes, 16-byte aligned (flash_attn_decode_workspace_cuda), got ",
-              workspace_bytes);
+  PYLLM_CHECK(workspace && workspace % 16 == 0 && workspace_bytes >= plan.workspace_bytes,
+              "flash_attn_with_kvcache: the workspace needs ", plan.workspace_bytes, " bytes, 16-byte aligned "
+              "(flash_attn_decode_workspace_cuda with the same arguments), got ", workspace_bytes);
   const cudaStream_t s = as_stream(stream);
   float* o_part = reinterpret_cast<float*>(workspace);
   float* lse_part = o_part + rows * n_splits * head_dim;

@@ -226,12 +226,8 @@ __global__ void __launch_bounds__(128) flash_attn_fwd_kernel(const AttnParams p,
 template <typename T, int D>
 void launch_fwd(const AttnParams& p, int device, cudaStream_t stream) {
   using Tile = FwdTile<D>;
-  auto kernel = flash_attn_fwd_kernel<T, D>;
-  int smem_optin = 0;
-  PYLLM_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  PYLLM_CHECK_RUNTIME(Tile::kSmemBytes <= smem_optin, "flash_attn: head_dim ", D, " needs ", Tile::kSmemBytes,
-                      " bytes of shared memory per block, device ", device, " allows ", smem_optin);
-  PYLLM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::kSmemBytes));
+  constexpr auto kernel = flash_attn_fwd_kernel<T, D>;
+  opt_in_dynamic_smem<kernel>(Tile::kSmemBytes, device, "the forward kernel");
   const dim3 grid(unsigned((p.seqlen_q + Tile::kBlockM - 1) / Tile::kBlockM), unsigned(p.n_heads), unsigned(p.batch));
   kernel<<<grid, Tile::kThreads, Tile::kSmemBytes, stream>>>(p, float(p.scale * 1.4426950408889634));
   PYLLM_CUDA_CHECK_LAUNCH("flash_attn_fwd_kernel");

@@ -1,17 +1,49 @@
+import functools
+import os
+
 import pytest
 import torch
 
+from pyllm import _C
 from pyllm.ops import _util
+
+# Set to 1 where the GPU tests must run (bench/gpu_check.sh's machine): unusable CUDA then fails
+# the `cuda` tests instead of skipping them, so that a run cannot pass with all of them skipped.
+REQUIRE_CUDA_ENV = "PYLLM_REQUIRE_CUDA"
+
+
+@functools.cache
+def _cuda_usable() -> bool:
+    return _util.cuda_usable()
+
+
+def _why_cuda_unusable() -> str:
+    if not _util.HAS_CUDA_KERNELS:
+        return "pyllm was built without CUDA kernels"
+    if not torch.cuda.is_available():
+        return "no usable GPU"
+    return (f"torch sees {torch.cuda.device_count()} GPU(s) but pyllm's CUDA runtime "
+            f"{_C.cuda_runtime_version()} sees none (a driver older than that runtime?)")
+
+
+def _must_run_cuda() -> bool:
+    # A GPU that torch can use but pyllm cannot is a broken build, not a machine without a GPU.
+    return os.environ.get(REQUIRE_CUDA_ENV) == "1" or torch.cuda.is_available()
 
 
 def pytest_collection_modifyitems(config, items):
-    if _util.cuda_usable():
-        return
-    why = "no usable GPU" if _util.HAS_CUDA_KERNELS else "pyllm was built without CUDA kernels"
-    skip = pytest.mark.skip(reason=f"cuda: {why}")
+    if _cuda_usable() or _must_run_cuda():
+        return  # unusable here: pytest_runtest_setup fails them
+    skip = pytest.mark.skip(reason=f"cuda: {_why_cuda_unusable()}")
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_runtest_setup(item):
+    if "cuda" in item.keywords and not _cuda_usable() and _must_run_cuda():
+        pytest.fail(f"cuda: {_why_cuda_unusable()} (the GPU tests must run here: torch sees a GPU or "
+                    f"{REQUIRE_CUDA_ENV}=1)", pytrace=False)
 
 
 @pytest.fixture(autouse=True)

@@ -11,6 +11,13 @@ from pyllm.ops import _util
 # the `cuda` tests instead of skipping them, so that a run cannot pass with all of them skipped.
 REQUIRE_CUDA_ENV = "PYLLM_REQUIRE_CUDA"
 
+# A hung kernel must cost one test, not the whole run's time limit (bench/gpu_check.sh gives pytest
+# 240 s): where pytest-timeout is installed (the GPU machine has it) and no timeout was asked for,
+# each cuda test gets this many seconds, setup included (the slowest take ~10 s). The thread method
+# ends the process even when the hang is inside a CUDA call that a signal cannot interrupt; under
+# xdist only that worker goes, a new one takes the remaining tests.
+CUDA_TEST_TIMEOUT_S = 60
+
 
 @functools.cache
 def _cuda_usable() -> bool:
@@ -31,8 +38,20 @@ def _must_run_cuda() -> bool:
     return os.environ.get(REQUIRE_CUDA_ENV) == "1" or torch.cuda.is_available()
 
 
+def _timeout_asked_for(config) -> bool:
+    return (config.getoption("timeout", None) is not None or bool(os.environ.get("PYTEST_TIMEOUT"))
+            or bool(config.getini("timeout")))
+
+
 def pytest_collection_modifyitems(config, items):
-    if _cuda_usable() or _must_run_cuda():
+    if _cuda_usable():
+        if config.pluginmanager.hasplugin("timeout") and not _timeout_asked_for(config):
+            timeout = pytest.mark.timeout(CUDA_TEST_TIMEOUT_S, method="thread")
+            for item in items:
+                if "cuda" in item.keywords and item.get_closest_marker("timeout") is None:
+                    item.add_marker(timeout)
+        return
+    if _must_run_cuda():
         return  # unusable here: pytest_runtest_setup fails them
     skip = pytest.mark.skip(reason=f"cuda: {_why_cuda_unusable()}")
     for item in items:

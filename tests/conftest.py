@@ -1,5 +1,6 @@
 import functools
 import os
+import sys
 
 import pytest
 import torch
@@ -63,6 +64,28 @@ def pytest_runtest_setup(item):
     if "cuda" in item.keywords and not _cuda_usable() and _must_run_cuda():
         pytest.fail(f"cuda: {_why_cuda_unusable()} (the GPU tests must run here: torch sees a GPU or "
                     f"{REQUIRE_CUDA_ENV}=1)", pytrace=False)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """After each cuda test, a device sync: an illegal address or device-side assert is sticky (every
+    later CUDA call in the process raises it), so it is pinned on the test whose kernels raised it,
+    and the process stops instead of failing all its remaining tests with the same error: under
+    xdist the worker exits (reported as crashed while running this test; a new worker takes the
+    rest), otherwise the session stops after this test."""
+    outcome = yield
+    if call.when != "call" or "cuda" not in item.keywords or not _cuda_usable():
+        return
+    try:
+        torch.cuda.synchronize()
+    except Exception as e:  # torch.AcceleratorError (a RuntimeError) in recent torch
+        why = f"CUDA context lost after {item.nodeid}: {e}"
+        report = outcome.get_result()
+        report.outcome, report.longrepr = "failed", why
+        if os.environ.get("PYTEST_XDIST_WORKER"):
+            print(f"\n{why}", file=sys.stderr, flush=True)
+            os._exit(3)
+        item.session.shouldstop = why
 
 
 @pytest.fixture(autouse=True)

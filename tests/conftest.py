@@ -66,13 +66,16 @@ def pytest_runtest_setup(item):
                     f"{REQUIRE_CUDA_ENV}=1)", pytrace=False)
 
 
+_context_lost: list[str] = []  # why this process's CUDA context is unusable, once it is
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """After each cuda test, a device sync: an illegal address or device-side assert is sticky (every
     later CUDA call in the process raises it), so it is pinned on the test whose kernels raised it,
     and the process stops instead of failing all its remaining tests with the same error: under
-    xdist the worker exits (reported as crashed while running this test; a new worker takes the
-    rest), otherwise the session stops after this test."""
+    xdist the worker exits once this test is reported (a new worker takes the rest), otherwise the
+    session stops after this test."""
     outcome = yield
     if call.when != "call" or "cuda" not in item.keywords or not _cuda_usable():
         return
@@ -81,11 +84,19 @@ def pytest_runtest_makereport(item, call):
     except Exception as e:  # torch.AcceleratorError (a RuntimeError) in recent torch
         why = f"CUDA context lost after {item.nodeid}: {e}"
         report = outcome.get_result()
-        report.outcome, report.longrepr = "failed", why
-        if os.environ.get("PYTEST_XDIST_WORKER"):
-            print(f"\n{why}", file=sys.stderr, flush=True)
-            os._exit(3)
-        item.session.shouldstop = why
+        if report.failed:
+            report.sections.append(("CUDA context", why))
+        else:
+            report.outcome, report.longrepr = "failed", why
+        _context_lost.append(why)
+        if not os.environ.get("PYTEST_XDIST_WORKER"):
+            item.session.shouldstop = why
+
+
+def pytest_runtest_logfinish(nodeid, location):
+    if _context_lost and os.environ.get("PYTEST_XDIST_WORKER"):
+        print(f"\n{_context_lost[0]}; this xdist worker exits", file=sys.stderr, flush=True)
+        os._exit(3)
 
 
 @pytest.fixture(autouse=True)

@@ -1,17 +1,102 @@
+import functools
+import os
+import sys
+
 import pytest
 import torch
 
+from pyllm import _C
 from pyllm.ops import _util
+
+# Set to 1 where the GPU tests must run (bench/gpu_check.sh's machine): unusable CUDA then fails
+# the `cuda` tests instead of skipping them, so that a run cannot pass with all of them skipped.
+REQUIRE_CUDA_ENV = "PYLLM_REQUIRE_CUDA"
+
+# A hung kernel must cost one test, not the whole run's time limit (bench/gpu_check.sh gives pytest
+# 240 s): where pytest-timeout is installed (the GPU machine has it) and no timeout was asked for,
+# each cuda test gets this many seconds, setup included (the slowest take ~10 s). The thread method
+# ends the process even when the hang is inside a CUDA call that a signal cannot interrupt; under
+# xdist only that worker goes, a new one takes the remaining tests.
+CUDA_TEST_TIMEOUT_S = 60
+
+
+@functools.cache
+def _cuda_usable() -> bool:
+    return _util.cuda_usable()
+
+
+def _why_cuda_unusable() -> str:
+    if not _util.HAS_CUDA_KERNELS:
+        return "pyllm was built without CUDA kernels"
+    if not torch.cuda.is_available():
+        return "no usable GPU"
+    return (f"torch sees {torch.cuda.device_count()} GPU(s) but pyllm's CUDA runtime "
+            f"{_C.cuda_runtime_version()} sees none (a driver older than that runtime?)")
+
+
+def _must_run_cuda() -> bool:
+    # A GPU that torch can use but pyllm cannot is a broken build, not a machine without a GPU.
+    return os.environ.get(REQUIRE_CUDA_ENV) == "1" or torch.cuda.is_available()
+
+
+def _timeout_asked_for(config) -> bool:
+    return (config.getoption("timeout", None) is not None or bool(os.environ.get("PYTEST_TIMEOUT"))
+            or bool(config.getini("timeout")))
 
 
 def pytest_collection_modifyitems(config, items):
-    if _util.cuda_usable():
+    if _cuda_usable():
+        if config.pluginmanager.hasplugin("timeout") and not _timeout_asked_for(config):
+            timeout = pytest.mark.timeout(CUDA_TEST_TIMEOUT_S, method="thread")
+            for item in items:
+                if "cuda" in item.keywords and item.get_closest_marker("timeout") is None:
+                    item.add_marker(timeout)
         return
-    why = "no usable GPU" if _util.HAS_CUDA_KERNELS else "pyllm was built without CUDA kernels"
-    skip = pytest.mark.skip(reason=f"cuda: {why}")
+    if _must_run_cuda():
+        return  # unusable here: pytest_runtest_setup fails them
+    skip = pytest.mark.skip(reason=f"cuda: {_why_cuda_unusable()}")
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_runtest_setup(item):
+    if "cuda" in item.keywords and not _cuda_usable() and _must_run_cuda():
+        pytest.fail(f"cuda: {_why_cuda_unusable()} (the GPU tests must run here: torch sees a GPU or "
+                    f"{REQUIRE_CUDA_ENV}=1)", pytrace=False)
+
+
+_context_lost: list[str] = []  # why this process's CUDA context is unusable, once it is
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """After each cuda test, a device sync: an illegal address or device-side assert is sticky (every
+    later CUDA call in the process raises it), so it is pinned on the test whose kernels raised it,
+    and the process stops instead of failing all its remaining tests with the same error: under
+    xdist the worker exits once this test is reported (a new worker takes the rest), otherwise the
+    session stops after this test."""
+    outcome = yield
+    if call.when != "call" or "cuda" not in item.keywords or not _cuda_usable():
+        return
+    try:
+        torch.cuda.synchronize()
+    except Exception as e:  # torch.AcceleratorError (a RuntimeError) in recent torch
+        why = f"CUDA context lost after {item.nodeid}: {e}"
+        report = outcome.get_result()
+        if report.failed:
+            report.sections.append(("CUDA context", why))
+        else:
+            report.outcome, report.longrepr = "failed", why
+        _context_lost.append(why)
+        if not os.environ.get("PYTEST_XDIST_WORKER"):
+            item.session.shouldstop = why
+
+
+def pytest_runtest_logfinish(nodeid, location):
+    if _context_lost and os.environ.get("PYTEST_XDIST_WORKER"):
+        print(f"\n{_context_lost[0]}; this xdist worker exits", file=sys.stderr, flush=True)
+        os._exit(3)
 
 
 @pytest.fixture(autouse=True)

@@ -24,9 +24,22 @@ def tolerance(torch_out: torch.Tensor, ref: torch.Tensor) -> float:
     dtype (one rounding of ref), e.g. when a tiny tensor happens to round favourably; that
     unavoidable error is the floor of what any implementation can reach, so the bound is
     2 * max(torch's error, rounding error of ref), never looser than twice the better of the two.
+
+    On a handful of elements both measures are samples of one or two roundings and can land near
+    0 (torch's result and the stored ref the correctly rounded value by luck), which no kernel that
+    rounds more than once can promise: so the floor is at least the worst case of one rounding of
+    the largest element, unit roundoff * max|ref| / ||ref||. That is 2**-24 relative for one fp32
+    element; on a tensor of N similar elements it shrinks like 1/sqrt(N), far below either measure.
+    (Seen with the test data of swiglu's fp32 shape (1,): torch's dup was the correctly rounded
+    value, 0.27 ulp from exact, and the CUDA kernel's dout * g * sigmoid(g), emulated in fp32, 0.73.)
     """
     rounding = rel_err(ref.to(torch_out.dtype), ref)
-    return 2.0 * max(rel_err(torch_out, ref), rounding)
+    exact = ref.detach().double().cpu()
+    one_rounding = 0.0
+    if exact.numel() and torch.isfinite(exact).all() and exact.norm() > 0:
+        unit_roundoff = torch.finfo(torch_out.dtype).eps / 2
+        one_rounding = unit_roundoff * (exact.abs().max() / exact.norm()).item()
+    return 2.0 * max(rel_err(torch_out, ref), rounding, one_rounding)
 
 
 def poisoned(shape, dtype, device) -> torch.Tensor:

@@ -630,11 +630,10 @@ def twin_params(sizes, dtype, misaligned=()):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("sr", [False, True], ids=["nearest", "stochastic"])
+@pytest.mark.parametrize("dtype, sr", [(torch.float32, False), (torch.bfloat16, False), (torch.float16, False),
+                                       (torch.bfloat16, True)],  # stochastic rounding is bf16 only
+                         ids=["float32-nearest", "bfloat16-nearest", "float16-nearest", "bfloat16-stochastic"])
 def test_cuda_matches_cpu_twin_across_launches(dtype, sr):
-    if sr and dtype != torch.bfloat16:
-        pytest.skip("stochastic rounding is bf16 only")
     gen = torch.Generator().manual_seed(9)
     # 70 tensors (more than one launch's 32 slots), one of 330 chunks (more than one launch's 320
     # chunks), empty and odd sizes, and misaligned views.

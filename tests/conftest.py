@@ -35,8 +35,10 @@ def _why_cuda_unusable() -> str:
 
 
 def _must_run_cuda() -> bool:
-    # A GPU that torch can use but pyllm cannot is a broken build, not a machine without a GPU.
-    return os.environ.get(REQUIRE_CUDA_ENV) == "1" or torch.cuda.is_available()
+    # CUDA kernels built and a GPU that torch can use, but pyllm cannot: a broken install (driver
+    # older than the runtime), not a machine without a GPU. A CPU-only build on a GPU machine (no
+    # nvcc at install time, PYLLM_CUDA=auto) is a supported install: its cuda tests skip.
+    return os.environ.get(REQUIRE_CUDA_ENV) == "1" or (_util.HAS_CUDA_KERNELS and torch.cuda.is_available())
 
 
 def _timeout_asked_for(config) -> bool:

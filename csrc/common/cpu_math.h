@@ -40,6 +40,37 @@ inline float exp_f32(float x) {
   return p * bits_to_f32(uint32_t(e) << 23);
 }
 
+// 2^t for t <= 0 (or NaN), for softmaxes that keep their scores in log2 units (log2(e) folded
+// into the scale of Q, so that x - max needs no multiply): t = n + r, n = floor(t), r in [0, 1)
+// exact, 2^r by the polynomial with p(0) = 1 that minimises the relative error on [0, 1) (Lawson
+// iterations in numpy, 2026-11-30); max relative error in fp32: degree 4 3.0e-6 (for bf16 / fp16
+// results), degree 6 8.8e-8 (fp32 results; exp_f32<7>: 7.9e-8, measured over 2e7 points).
+// t < -126 gives 0 (a masked score: -inf), so 2^n stays a normal fp32.
+template <int Degree> struct Exp2Poly;
+template <> struct Exp2Poly<4> {
+  static constexpr float c[4] = {0.6930448412895203f, 0.24128007888793945f, 0.052242740988731384f,
+                                 0.013426518999040127f};
+};
+template <> struct Exp2Poly<6> {
+  static constexpr float c[6] = {0.6931470632553101f, 0.2402293086051941f, 0.055485278367996216f,
+                                 0.009675455279648304f, 0.0012467812048271298f, 0.0002161304437322542f};
+};
+template <int Degree>
+inline float exp2_poly(float r) {
+  float p = Exp2Poly<Degree>::c[Degree - 1];
+  for (int i = Degree - 2; i >= 0; --i) p = std::fma(p, r, Exp2Poly<Degree>::c[i]);
+  return std::fma(p, r, 1.0f);
+}
+template <int Degree>
+inline float exp2_nonpositive_f32(float t) {
+  const bool tiny = t < -126.0f;  // false for NaN, which stays NaN through p
+  t = tiny ? -126.0f : t;
+  const float n = std::floor(t);
+  const float p = exp2_poly<Degree>(t - n);
+  const float scaled = p * bits_to_f32(uint32_t(int32_t(n) + 127) << 23);
+  return tiny ? 0.0f : scaled;
+}
+
 // exp in the accumulation type of storage type T, as accurate as T's rounding needs.
 template <typename T> inline float exp_acc(float x) { return exp_f32<sizeof(T) == 2 ? 5 : 7>(x); }
 template <typename T> inline double exp_acc(double x) { return std::exp(x); }
@@ -54,11 +85,11 @@ template <typename T> inline double sigmoid_acc(double g) { return 1.0 / (1.0 + 
 
 // ---- AVX-512: 16 fp32 lanes, used where the build targets it (-march=native on AVX-512 CPUs) ----
 // The portable loops above leave ~30 vector ops per element for exp + sigmoid + bf16 rounding;
-// these use what AVX-512 (F, BW, VL) has for each step: vscalefps (2^n with inf/0 saturation, so no clamping),
+// these use what AVX-512 (F, BW, VL, DQ) has for each step: vscalefps (2^n with inf/0 saturation, so no clamping),
 // vrndscaleps, vrcp14ps + one Newton step instead of vdivps, and vcvtneps2bf16 (AVX512_BF16) for
 // the bf16 store. Tails use masked loads/stores, so every element of a row takes the same path
 // and gives the same bits wherever it sits; other CPUs use the portable loops.
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
 #include <immintrin.h>
 #define PYLLM_AVX512 1
 
@@ -120,6 +151,17 @@ inline __m512 exp(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
   return _mm512_scalef_ps(p, n);
+}
+
+// 2^t (exp2_nonpositive_f32's polynomial) for any t: vreduceps takes r = t - floor(t) exactly and
+// vscalefps multiplies by 2^floor(t) itself, saturating to 0 and inf, so t = -inf gives exactly 0
+// and NaN stays NaN, with no clamp or select.
+template <int Degree>
+inline __m512 exp2(__m512 t) {
+  const __m512 r = _mm512_reduce_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  __m512 p = _mm512_set1_ps(Exp2Poly<Degree>::c[Degree - 1]);
+  for (int i = Degree - 2; i >= 0; --i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(Exp2Poly<Degree>::c[i]));
+  return _mm512_scalef_ps(_mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f)), t);
 }
 
 // sigmoid(g) = 1 / (1 + exp(-g)). Precise (fp32 results): a true division. Otherwise vrcp14ps and

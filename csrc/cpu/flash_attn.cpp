@@ -49,7 +49,8 @@
 // flash-attn's CUDA kernels do) and running them on vdpbf16ps was tried on the Intel Xeon and was
 // slower there (below); not measured on Zen 4. On CPUs with AMX-BF16 the bf16 forward and
 // backward run on AMX tiles instead (flash_attn_amx.cpp, with its measurements). Softmax rows are explicit vector loops with
-// common/cpu_math.h's exp (vscalefps under AVX-512; no -ffast-math). Math in fp32 for fp32 / bf16
+// common/cpu_math.h's exp2 of (x - m) log2(e) (vreduceps + polynomial + vscalefps under AVX-512; no
+// -ffast-math; vsoftmax_exp below). Math in fp32 for fp32 / bf16
 // storage, fp64 for fp64 (kept for gradcheck; the LSE is then fp64 too). Threading: OpenMP over
 // work items, dynamic schedule.
 //
@@ -149,6 +150,34 @@ inline vec_f64 vexp(vec_f64 x) {
   for (int l = 0; l < 8; ++l) r[l] = std::exp(x[l]);
   return r;
 }
+
+// e^x for the softmaxes, x = score - max (or - lse) <= 0, masked scores -inf, NaN stays NaN: in
+// fp32, 2^(x log2(e)) by cpu_math.h's exp2 (degree 6 for fp32 results, 4 for bf16): 10 vector ops
+// per 16 scores where exp<7> / exp<5> and the select for masked keys took 14-16. The scores stay
+// in natural units (log2(e) is not folded into Q's scale) so that the LSE is m + log(l) and the
+// backward's S - lse is exactly 0 where the forward's x - m was (one key: P = 1, bit for bit).
+// Error: rounding x log2(e) adds |x| 2^-24 relative, so P's absolute error stays <= 8e-8 (exp<7>:
+// 4.4e-8) for x in [-30, 0] (2e7 points each; P <= 1 and the row's max term is 1, so this is what
+// reaches the output), the relative one reaching 3.8e-6 at x = -80 where P ~ 2e-35.
+// Measured (2026-11-30, Intel Xeon VM, 1 thread, perf cpu-clock samples of 100 calls, D = 64,
+// T = 2048, fp32, with the 4-way max below): the forward's work outside its matmuls 6.1-7.1k ->
+// 4.4-4.6k samples, of ~28-32k in all; the fp32 backward's share outside its matmuls 16.7 -> 14.1%.
+// Thread CPU time, separate processes, interleaved, min of 3 x 3: forward 0.92-0.97x the time
+// (D = 64 / 128, T = 1024 causal / 2048 non-causal), forward + backward 0.94-1.03x (noise +-4%).
+template <typename T>
+inline vec_f32 vsoftmax_exp(vec_f32 x) {
+  constexpr int kDegree = sizeof(T) == 2 ? 4 : 6;
+  const vec_f32 t = x * 1.44269504088896341f;
+#ifdef PYLLM_AVX512
+  return (vec_f32)avx512::exp2<kDegree>((__m512)t);
+#else
+  vec_f32 r;
+  for (int l = 0; l < 16; ++l) r[l] = exp2_nonpositive_f32<kDegree>(t[l]);
+  return r;
+#endif
+}
+template <typename T>
+inline vec_f64 vsoftmax_exp(vec_f64 x) { return vexp<T>(x); }
 
 // C[r][0 : NV * lanes] (+)= sum_k A(r, k) * B[k][0 : NV * lanes] for r < R, A(r, k) = a[r*ams + k*aks].
 template <int R, int NV, typename A>
@@ -500,17 +529,28 @@ void fwd(const AttnParams& p) {
         if (!block_unmasked(p, s, i0, mq, j0)) mask_transposed(S, nk, j0, bounds);
         // Online softmax down the columns. The max skips NaN (it must not poison the running max of
         // the other queries), and a query that has seen only masked keys keeps m = -inf; exp is then
-        // taken against 0 so that NaN scores still come out as NaN.
+        // taken against 0 so that NaN scores still come out as NaN, and masked (-inf) ones as 0.
         V m_use[kQV], sum[kQV];
         for (int v = 0; v < qv; ++v) {
-          V blk = ninf;
-          for (int64_t j = 0; j < nk; ++j) {
-            const V x = vload(S + j * kBlockQ + v * L);
-            blk = x > blk ? x : blk;
+          // Four running maxima: one was a chain of nk dependent vmaxps, ~12% of the fp32 forward
+          // outside its matmuls (perf, D = 64); max is exact, so the order changes no bit.
+          const A* col = S + v * L;
+          V b0 = ninf, b1 = ninf, b2 = ninf, b3 = ninf;
+          int64_t j = 0;
+          for (; j + 4 <= nk; j += 4) {
+            const V x0 = vload(col + j * kBlockQ), x1 = vload(col + (j + 1) * kBlockQ);
+            const V x2 = vload(col + (j + 2) * kBlockQ), x3 = vload(col + (j + 3) * kBlockQ);
+            b0 = x0 > b0 ? x0 : b0, b1 = x1 > b1 ? x1 : b1, b2 = x2 > b2 ? x2 : b2, b3 = x3 > b3 ? x3 : b3;
           }
+          for (; j < nk; ++j) {
+            const V x = vload(col + j * kBlockQ);
+            b0 = x > b0 ? x : b0;
+          }
+          b0 = b1 > b0 ? b1 : b0, b2 = b3 > b2 ? b3 : b2;
+          const V blk = b2 > b0 ? b2 : b0;
           const V m_old = vload(m + v * L), m_new = m_old < blk ? blk : m_old;
           m_use[v] = m_new == ninf ? zero : m_new;
-          vstore(corr + v * L, m_old == ninf ? zero : vexp<T>(m_old - m_use[v]));
+          vstore(corr + v * L, m_old == ninf ? zero : vsoftmax_exp<T>(m_old - m_use[v]));
           vstore(m + v * L, m_new);
           sum[v] = zero;
         }
@@ -518,7 +558,7 @@ void fwd(const AttnParams& p) {
           A* __restrict row = S + j * kBlockQ;
 #pragma GCC unroll 8
           for (int v = 0; v < qv; ++v) {
-            const V x = vload(row + v * L), pj = x == ninf ? zero : vexp<T>(x - m_use[v]);
+            const V pj = vsoftmax_exp<T>(vload(row + v * L) - m_use[v]);
             vstore(row + v * L, pj);
             sum[v] += pj;
           }
@@ -779,8 +819,6 @@ void bwd(const AttnParams& p) {
   using A = acc_t<T>;
   using V = typename Vec<A>::type;
   constexpr int L = Vec<A>::lanes, kKV = kBlockK / L;  // vectors per row of S
-  constexpr A kNegInf = neg_inf<A>();
-  const V ninf = V{} + kNegInf, zero = V{};
   const int64_t group = p.n_heads / p.n_kv_heads;
   const A* lse = static_cast<const A*>(p.lse);
   const A* dlse = static_cast<const A*>(p.dlse);
@@ -875,7 +913,7 @@ void bwd(const AttnParams& p) {
               const A lse_r = lse_all[row0 + r], delta_r = delta_all[row0 + r];
 #pragma GCC unroll 8
               for (int v = 0; v < kKV; ++v) {
-                const V x = vload(srow + v * L), pj = x == ninf ? zero : vexp<T>(x - lse_r);
+                const V pj = vsoftmax_exp<T>(vload(srow + v * L) - lse_r);
                 vstore(srow + v * L, pj);
                 vstore(dprow + v * L, pj * (vload(dprow + v * L) - delta_r));  // dS
               }

@@ -248,24 +248,15 @@ inline __m512i pair_interleave() {
   return _mm512_load_si512(kInterleave);
 }
 
-// 2^t for the softmax: t = n + r with n = floor(t), r in [0, 1) (vreduceps, exact), 2^r by a
-// polynomial, and vscalefps multiplies by 2^floor(t) itself, saturating to 0 and inf; t = -inf
-// (a masked score) gives r = 0 and exactly 0, NaN stays NaN. The polynomial is the degree-4
-// fit of 2^r on [0, 1) with p(0) = 1 minimising the relative error (Lawson iterations, numpy;
-// max relative error in fp32: degree 4 3.0e-6, degree 5 1.6e-7; avx512::exp<5>, used before:
-// 2.4e-6). Degree 4: the tests' error / tolerance unchanged to 3 digits (0.11-0.29 of it, out).
+// 2^t for the softmax: cpu_math.h's avx512::exp2 (t = n + r with n = floor(t), r in [0, 1) by
+// vreduceps, exact, 2^r by a polynomial, vscalefps by 2^n saturating to 0 and inf; t = -inf (a
+// masked score) gives exactly 0, NaN stays NaN), degree 4: max relative error in fp32 3.0e-6
+// (degree 5 1.6e-7; avx512::exp<5>, used before: 2.4e-6). Degree 4: the tests' error / tolerance unchanged to 3 digits (0.11-0.29 of it, out).
 // Against the former softmax (scaled St stored back by the max pass, then exp<5> of x - m with its
 // clamps and a -inf compare: ~20 vector ops per 16 scores, now ~10), 1 thread, thread CPU time,
 // min of 3 x 5 interleaved (2026-11-30): 0.81-0.88x the time on 10 of the 11 bench rows (64n4096
 // 106.8 -> 87.5 ms, 128n2048 42.0 -> 37.0 ms), 128n512 level (15.4 / 16.0 ms, noise).
-inline __m512 exp2_block(__m512 t) {
-  const __m512 r = _mm512_reduce_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(0.013426518999040127f), r, _mm512_set1_ps(0.052242740988731384f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.24128007888793945f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.6930448412895203f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, t);
-}
+inline __m512 exp2_block(__m512 t) { return avx512::exp2<4>(t); }
 
 // 16 x 16 transpose of 32-bit lanes in registers: four rounds of vpermt2d, each interleaving
 // register i with register i + 8 into registers 2 i and 2 i + 1, rotate the 8-bit (register, lane)

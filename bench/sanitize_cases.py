@@ -161,6 +161,37 @@ def flash_attn_bwd_mma_cases():
     os.environ.pop("PYLLM_ATTN_BWD")
 
 
+def flash_attn_shapes_cases():
+    # What flash_attn / flash_attn_bwd_mma leave out: head dims 32 and 96 (the 4-chunk swizzle, the
+    # smaller tiles), MQA with a group of 4 and causal Tq > Tk (queries that see no key: lse = +inf
+    # through the backward), both backwards (the SIMT one also at D = 128), and decode with two
+    # queries, a window, D = 256, an empty and a 3-key cache (more splits than keys) and a cache of
+    # capacity 0.
+    import os
+
+    for dtype in (torch.float16, torch.bfloat16):
+        for d in (32, 96, 128):
+            q = torch.randn(1, 45, 4, d, device="cuda", dtype=dtype)
+            k, v = (torch.randn(1, 30, 1, d, device="cuda", dtype=dtype) for _ in range(2))
+            ref = pyllm.flash_attn(*(t.cpu().float() for t in (q, k, v)), causal=True)
+            for algo in ("mma", "simt") if d != 128 else ("simt",):
+                os.environ["PYLLM_ATTN_BWD"] = algo
+                leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+                out = pyllm.flash_attn(*leaves, causal=True)
+                out.backward(torch.randn_like(out))
+                assert (out.detach().cpu().float() - ref).abs().max().item() < 0.05, "flash_attn forward wrong"
+        os.environ.pop("PYLLM_ATTN_BWD")
+        for d in (64, 256):
+            cache_k, cache_v = (torch.randn(2, 50, 2, d, device="cuda", dtype=dtype) for _ in range(2))
+            new = [torch.randn(2, 2, 2, d, device="cuda", dtype=dtype) for _ in range(2)]
+            pyllm.flash_attn_with_kvcache(torch.randn(2, 2, 4, d, device="cuda", dtype=dtype), cache_k, cache_v,
+                                          torch.tensor([0, 3], dtype=torch.int32, device="cuda"), *new,
+                                          window=(8, -1))
+        empty = torch.empty(2, 0, 2, 64, device="cuda", dtype=dtype)
+        pyllm.flash_attn_with_kvcache(torch.randn(2, 1, 2, 64, device="cuda", dtype=dtype), empty, empty.clone(),
+                                      torch.zeros(2, dtype=torch.int32, device="cuda"))
+
+
 def flash_attn_bad_seqlens_cases():
     # Unchecked cu_seqlens / cache_seqlens (CUDA, max_seqlen given, no PYLLM_ATTN_CHECK_SEQLENS):
     # garbage contents must stay in bounds (memcheck), whatever the answers.
@@ -178,7 +209,8 @@ def flash_attn_bad_seqlens_cases():
 
 
 CASES = {"swiglu": swiglu_cases, "adamw": adamw_cases, "bpe": bpe_cases, "flash_attn": flash_attn_cases,
-         "flash_attn_bwd_mma": flash_attn_bwd_mma_cases, "flash_attn_bad_seqlens": flash_attn_bad_seqlens_cases}
+         "flash_attn_bwd_mma": flash_attn_bwd_mma_cases, "flash_attn_shapes": flash_attn_shapes_cases,
+         "flash_attn_bad_seqlens": flash_attn_bad_seqlens_cases}
 
 if __name__ == "__main__":
     names = sys.argv[1:] or list(CASES)

@@ -28,9 +28,12 @@ namespace attn {
 // D = 256 to keep shared memory (Q + 2 stages of K and V) at 80 KB (D = 128) / 96 KB (D = 256),
 // within an A100's 163 KB and leaving room for 2 CTAs per SM up to D = 128.
 // ptxas (nvcc 13.0, sm_90, -O3, 2026-11-30): registers per thread D = 32/64/96/128/256: 103 / 168 /
-// 136 / 172 / 252; only D = 64 spills (16-byte stack frame, 20 B stores / 24 B loads), odd since
-// D = 96 needs fewer registers: a first thing to look at in SASS when tuning (a register array
-// indexed at run time?). At 172 registers D = 128 fits 2 CTAs of 128 threads per SM by registers.
+// 136 / 172 / 252; only D = 64 spills (16-byte stack frame, 20 B stores / 24 B loads). Not an
+// array indexed at run time (row_lo / row_hi as scalars: the same): ptxas caps D = 64 at 168
+// registers on its own, i.e. 3 CTAs per SM, and spills to stay there; __launch_bounds__(128, 1)
+// gives 185 registers, no spill, 2 CTAs per SM (D = 128: 203). Which is faster is a GPU measurement
+// (3 CTAs: more latency hiding, 20 B of L1 spill traffic per thread). At 172 registers D = 128 fits
+// 2 CTAs of 128 threads per SM by registers.
 template <int D>
 struct FwdTile {
   static constexpr int kBlockM = 64;

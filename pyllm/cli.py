@@ -506,6 +506,11 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except BrokenPipeError:
+        # The reader went away (`pyllm info | head`): stop quietly, as other command-line tools do;
+        # stdout goes to devnull so that the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by it
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         if args.command in ("info", "bench"):
             raise

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -207,6 +208,22 @@ def test_every_command_has_help(argv, capsys):
 def test_info_still_works(capsys):
     assert cli.main(["info"]) == 0
     assert "swiglu" in capsys.readouterr().out
+
+
+def test_output_piped_into_a_reader_that_stops_early():
+    # `pyllm info | head -1`: the reader closes the pipe; pyllm stops quietly (no traceback).
+    import subprocess
+
+    env = dict(os.environ, PYTHONUNBUFFERED="1")  # line by line, so most lines come after the close
+    proc = subprocess.Popen([sys.executable, "-m", "pyllm", "info"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=env)
+    first = proc.stdout.readline()
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=120)
+    assert first.startswith(b"pyllm ")
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
+    assert proc.returncode in (0, 141)
 
 
 def test_torchrun_two_cpu_processes_end_to_end(tmp_path):

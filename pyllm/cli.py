@@ -25,7 +25,12 @@ def cmd_info(args) -> int:
         if _util.cuda_usable():
             print(f"GPU usable now: yes, {n} device(s): {', '.join(gpus)}")
         else:
-            why = "torch has no CUDA support" if not torch.cuda.is_available() else "no device visible to pyllm"
+            if torch.version.cuda is None:
+                why = "torch is a CPU-only build"
+            elif not torch.cuda.is_available():
+                why = f"torch (CUDA {torch.version.cuda}) sees no GPU"
+            else:
+                why = "no device visible to pyllm"
             print(f"GPU usable now: no ({why}; driver sees {n} device(s))")
     else:
         print("CUDA kernels: not built (no nvcc at build time, or PYLLM_CUDA=off)")

@@ -214,6 +214,9 @@ CASES = {"swiglu": swiglu_cases, "adamw": adamw_cases, "bpe": bpe_cases, "flash_
 
 if __name__ == "__main__":
     names = sys.argv[1:] or list(CASES)
+    unknown = [n for n in names if n not in CASES]
+    if unknown:
+        sys.exit(f"usage: sanitize_cases.py [CASE ...]; unknown {unknown}, cases: {' '.join(CASES)}")
     for name in names:
         CASES[name]()
         torch.cuda.synchronize()

@@ -183,6 +183,16 @@ def test_nan_input_propagates():
     assert out[0, 1].isnan().all() and not out[0, 0].isnan().any()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nan_in_v_of_a_later_block_stays_there(dtype):
+    # Causal: queries 0..63 see no key past 63, so a NaN in V of key 100 must not reach them (the
+    # AMX forward's 128-key blocks used to take it in with P = 0, and 0 * NaN = NaN).
+    q, k, v = (torch.randn(1, 128, 1, 64) for _ in range(3))
+    v[0, 100, 0, 3] = float("nan")
+    out = pyllm.flash_attn(q.to(dtype), k.to(dtype), v.to(dtype), causal=True)
+    assert not out[0, :64].isnan().any() and out[0, 100:, 0, 3].isnan().all()
+
+
 # --- varlen ---------------------------------------------------------------------------------------
 
 def cu(lengths, device="cpu"):

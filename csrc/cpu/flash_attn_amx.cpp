@@ -44,6 +44,17 @@
 // rescale, for a quarter of the FLOPs each).
 // Determinism: every output is summed by one work item in a fixed order of tiles and blocks: the
 // same bits for any thread count.
+// Tried, not kept (forward; 1 thread, thread CPU time, min over 8 interleaved processes of 3 calls,
+// 2026-11-30, same bits): the pipeline above carried across work items (the next item's first
+// scores during the last block's softmax, the last block's P V during the next item's first one,
+// Q / O^T / m / l in two slots, items taken from an atomic counter so that the next one is known):
+// level or slower, 64n512 1.41 -> 1.47 ms, 128n512 2.35 -> 2.37, 64n1024 4.51 -> 4.68, 128n1024
+// 7.59 -> 7.67, 64n4096 63.3 -> 66.2, 128n4096 117.4 -> 121.8. The tile work it hides is real
+// (doing the first block's scores and the last block's P V twice: ~6-10% more time at T = 512 /
+// 1024), but the loop it moves into is tile-bound (perf, 64n512: most of the kernel's samples on
+// tileloadd / tdpbf16ps): more tile steps per softmax lengthen it by as much. Tile steps in the
+// masked (diagonal) max pass too: causal level or slower (64c512 1.72 -> 1.87 ms, 128c512 2.72 ->
+// 3.10, 3 noisy rounds).
 //
 // Backward: flash_attn.cpp's (FlashAttention-2, P recomputed from the saved lse; its work items,
 // (sequence, kv head, chunk of queries), key blocks of kBlockK = 64 and query blocks of kBlockQ =
@@ -430,6 +441,19 @@ void fwd_amx(const AttnParams& p) {
       // T = 2048 / 4096, D = 64 / 128, causal or not, two runs each, 1.16x vs 1.08x; per row within
       // the noise).
       auto block_keys = [&](int64_t kblk) { return std::min(kAmxBlockK, s.len_k - kblk * kAmxBlockK); };
+      // The keys of block kblk that the tiles and the softmax go over: none past the 64-key block
+      // (kBlockK) holding the item's last seen key. Keys after it are masked for every query of the
+      // item (P = 0); with Tq = Tk causal every other query block's diagonal key block is half such
+      // keys (~10% of the causal work at T = 512, ~5% at 1024). Stopping on kBlockK boundaries goes
+      // over the same keys on the right as flash_attn.cpp's forward: a NaN or inf in V of a key
+      // past them no longer reaches the output (before, V[100] = NaN, T = 128 causal, turned the
+      // bf16 output of queries 0..63 to NaN, the fp32 one not); every finite output is the same bit
+      // for bit (P = 0 added nothing). 1 thread, thread CPU time, min over 5-10 interleaved
+      // processes (2026-11-30): 64c512 1.01 -> 0.93 ms (0.92-0.94x on 5 repeats), 128c512 1.80 ->
+      // 1.68 (0.93-0.98x), 64c1024 / 128c1024 0.97-0.99x, T = 4096 and non-causal level (0.98-1.02x
+      // on repeat, one 64n512 run at 1.06x that 10 x 10 calls put at 1.00x).
+      const int64_t keys_end = std::min(s.len_k, (key_hi(p, i0 + mq - 1, s.len_q, s.len_k) + kBlockK - 1) / kBlockK * kBlockK);
+      auto keys_used = [&](int64_t kblk) { return std::min(kAmxBlockK, keys_end - kblk * kAmxBlockK); };
       auto ensure_packed = [&](int64_t kblk) {
         if (packed[kblk]) return;
         const int64_t j0 = kblk * kAmxBlockK, nk = block_keys(kblk);
@@ -439,22 +463,22 @@ void fwd_amx(const AttnParams& p) {
       };
       if (kbs.first < kbs.end) {
         ensure_packed(kbs.first);
-        start_scores<D>(scores, block_keys(kbs.first), k_seq.data() + kbs.first * kAmxBlockK * D, qp.data(),
+        start_scores<D>(scores, keys_used(kbs.first), k_seq.data() + kbs.first * kAmxBlockK * D, qp.data(),
                      st.data() + (kbs.first % 2) * kAmxBlockK * kBlockQ);
         scores.finish();
       }
       for (int64_t kblk = kbs.first; kblk < kbs.end; ++kblk) {
-        const int64_t j0 = kblk * kAmxBlockK, nk = block_keys(kblk);
+        const int64_t j0 = kblk * kAmxBlockK, nk = keys_used(kblk);
         // The tile loads below read what vector stores wrote (P, O^T): GCC's tile-load intrinsics
         // are asm without a memory clobber, so no store may be moved past them.
         asm volatile("" ::: "memory");
         if (kblk + 1 < kbs.end) {
           ensure_packed(kblk + 1);
-          start_scores<D>(scores, block_keys(kblk + 1), k_seq.data() + (kblk + 1) * kAmxBlockK * D, qp.data(),
+          start_scores<D>(scores, keys_used(kblk + 1), k_seq.data() + (kblk + 1) * kAmxBlockK * D, qp.data(),
                        st.data() + ((kblk + 1) % 2) * kAmxBlockK * kBlockQ);
         }
         if (kblk > kbs.first)
-          start_pv<D>(pv, block_keys(kblk - 1), vt_seq.data() + (kblk - 1) * kAmxBlockK * D,
+          start_pv<D>(pv, keys_used(kblk - 1), vt_seq.data() + (kblk - 1) * kAmxBlockK * D,
                    pp.data() + ((kblk - 1) % 2) * kAmxBlockK / 2 * kBlockQ, ot.data());
         float* __restrict S = st.data() + (kblk % 2) * kAmxBlockK * kBlockQ;
         // The block's max per query, of the raw scores (the scale is positive, see negate_q); masked
@@ -560,7 +584,7 @@ void fwd_amx(const AttnParams& p) {
       }
       if (kbs.first < kbs.end) {
         asm volatile("" ::: "memory");
-        start_pv<D>(pv, block_keys(kbs.end - 1), vt_seq.data() + (kbs.end - 1) * kAmxBlockK * D,
+        start_pv<D>(pv, keys_used(kbs.end - 1), vt_seq.data() + (kbs.end - 1) * kAmxBlockK * D,
                  pp.data() + ((kbs.end - 1) % 2) * kAmxBlockK / 2 * kBlockQ, ot.data());
         pv.finish();
       }

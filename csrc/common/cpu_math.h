@@ -40,11 +40,11 @@ inline float exp_f32(float x) {
   return p * bits_to_f32(uint32_t(e) << 23);
 }
 
-// 2^t for t <= 0 (or NaN), for softmaxes that keep their scores in log2 units (log2(e) folded
-// into the scale of Q, so that x - max needs no multiply): t = n + r, n = floor(t), r in [0, 1)
-// exact, 2^r by the polynomial with p(0) = 1 that minimises the relative error on [0, 1) (Lawson
-// iterations in numpy, 2026-11-30); max relative error in fp32: degree 4 3.0e-6 (for bf16 / fp16
-// results), degree 6 8.8e-8 (fp32 results; exp_f32<7>: 7.9e-8, measured over 2e7 points).
+// 2^t for t <= 0 (or NaN), for softmaxes: t is x - max in log2 units (the caller multiplies by
+// log2(e), or folds it into the scores' scale): t = n + r, n = floor(t), r in [0, 1) exact, 2^r
+// by the polynomial with p(0) = 1 that minimises the relative error on [0, 1) (Lawson iterations
+// in numpy, 2026-11-30); max relative error in fp32: degree 4 3.0e-6 (for bf16 / fp16 results),
+// degree 6 8.8e-8 (fp32 results; exp_f32<7>: 7.9e-8, measured over 2e7 points).
 // t < -126 gives 0 (a masked score: -inf), so 2^n stays a normal fp32.
 template <int Degree> struct Exp2Poly;
 template <> struct Exp2Poly<4> {

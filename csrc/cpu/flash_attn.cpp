@@ -550,7 +550,7 @@ void fwd(const AttnParams& p) {
           const V blk = b2 > b0 ? b2 : b0;
           const V m_old = vload(m + v * L), m_new = m_old < blk ? blk : m_old;
           m_use[v] = m_new == ninf ? zero : m_new;
-          vstore(corr + v * L, m_old == ninf ? zero : vsoftmax_exp<T>(m_old - m_use[v]));
+          vstore(corr + v * L, vsoftmax_exp<T>(m_old - m_use[v]));  // m_old = -inf: 0
           vstore(m + v * L, m_new);
           sum[v] = zero;
         }

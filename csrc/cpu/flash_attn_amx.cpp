@@ -759,7 +759,7 @@ void bwd_amx(const AttnParams& p) {
                   const __m512i key = _mm512_set1_epi32(int32_t(j0 + j));
                   t = _mm512_mask_mov_ps(ninf, _mm512_cmpge_epi32_mask(key, lo) & _mm512_cmplt_epi32_mask(key, hi), t);
                 }
-                pj = avx512::exp2<4>(t);
+                pj = exp2_block(t);
                 dsj = _mm512_mul_ps(pj, _mm512_sub_ps(_mm512_loadu_ps(dpt.data() + j * kBlockQ + v * 16), delta_v));
               };
               for (int64_t j = 0; j < nk; j += 2) {

@@ -165,6 +165,7 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("flash_attn_cpu_bf16_dot", &pyllm::flash_attn_cpu_bf16_dot);
   m.def("flash_attn_cpu_amx", &pyllm::flash_attn_cpu_amx);
+  m.def("flash_attn_cpu_scratch_bytes", &pyllm::flash_attn_cpu_scratch_bytes);
   // Which CPU kernel paths this build compiled (they are chosen at compile time by -march).
   m.attr("cpu_isa") = ""
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)

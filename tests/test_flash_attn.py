@@ -1,3 +1,4 @@
+import itertools
 import math
 import zlib
 from pathlib import Path
@@ -506,6 +507,41 @@ def test_cpu_memory_is_linear_in_t():
     if grown is None:
         pytest.skip("needs Linux /proc/self/clear_refs to reset the peak RSS")
     assert grown < t * t * 4 / 2**20 / 4, f"peak RSS grew {grown:.1f} MiB"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_scratch_kept_between_calls_is_bounded(dtype):
+    # The CPU kernels keep per-thread scratch for the next call (K / V of a head in the forward;
+    # Q, dO, dQ of a GQA group in the backward) up to 32 MB per thread and kernel; a call that
+    # needed more frees its thread's at the end instead of keeping it until exit.
+    held = _C.flash_attn_cpu_scratch_bytes
+    d = 64
+    # Forward: one head (one work item, one thread), 64 queries against 150k keys: at least 4 kept
+    # bytes per key element whatever the path (bf16 on AMX tiles; fp32 tiles 8), 38 MB.
+    q = torch.randn(1, 64, 1, d, dtype=dtype)
+    k, v = (torch.randn(1, 150_000, 1, d, dtype=dtype) for _ in range(2))
+    before = held()
+    pyllm.flash_attn(q, k, v)
+    after_long = held()
+    assert after_long <= before, (before, after_long)
+    pyllm.flash_attn(q, k[:, :1000], v[:, :1000])
+    assert held() > after_long  # short calls keep theirs
+    # Backward: MQA with 8 query heads, varlen with one non-empty sequence among 8 (one work item,
+    # no query chunks): at least 12 kept bytes per query element (q, dO, dQ), 8 x 6000 x 64 x 12 B
+    # = 37 MB.
+    lens_q, lens_k = [6000] + [0] * 7, [16] + [0] * 7
+    cu_q = torch.tensor([0] + list(itertools.accumulate(lens_q)), dtype=torch.int32)
+    cu_k = torch.tensor([0] + list(itertools.accumulate(lens_k)), dtype=torch.int32)
+    q = torch.randn(6000, 8, d, dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(16, 1, d, dtype=dtype, requires_grad=True) for _ in range(2))
+    out = pyllm.flash_attn(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    before = held()
+    torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    after_long = held()
+    assert after_long <= before, (before, after_long)
+    out = pyllm.flash_attn(q[:100], k, v, cu_seqlens_q=cu_q.clamp(max=100), cu_seqlens_k=cu_k)
+    torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    assert held() > after_long
 
 
 def test_gradient_through_lse():

@@ -17,6 +17,9 @@ void adamw_grad_sumsq_cpu(uintptr_t table, int64_t n_tensors, int dtype, uintptr
 void adamw_step_cpu(uintptr_t table, int64_t n_tensors, int param_dtype, bool has_master, double lr, double beta1,
                     double beta2, double eps, double weight_decay, uintptr_t sumsq, uintptr_t loss_scale,
                     double max_grad_norm, bool stochastic_rounding, uint64_t seed);
+// Bytes of CPU attention scratch held now; between calls, what the threads keep for the next one
+// (at most kKeptScratchBytes per thread and kernel, see flash_attn.h).
+int64_t flash_attn_cpu_scratch_bytes();
 // Whether bf16 attention takes the vdpbf16ps scores in this process (see flash_attn.cpp).
 bool flash_attn_cpu_bf16_dot();
 // Whether the bf16 forward runs on AMX tiles in this process: "on", "off" (PYLLM_ATTN_CPU_AMX=0) or

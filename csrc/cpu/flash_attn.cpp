@@ -27,8 +27,9 @@
 // Bytes: the forward reads q once and k, v once per thread that works on the head (each key block
 // is packed into that thread's fp32 copy of the head the first time one of its query blocks needs
 // it), writes out and lse once; the backward reads q, dout, out, k, v once and writes dq, dk, dv
-// once. Scratch, per thread and kept across calls: forward 2 * Tk * D * 4 bytes, backward
-// 3 * group * Tq * D * 4 bytes (q, dout, dq of the group: 6 MB at T = 4096, D = 128, MHA); a split
+// once. Scratch, per thread and kept across calls while under 32 MB (kKeptScratchBytes): forward
+// 2 * Tk * D * 4 bytes, backward 3 * group * Tq * D * 4 bytes (q, dout, dq of the group: 6 MB at
+// T = 4096, D = 128, MHA); a split
 // backward also allocates its partials, chunks (<= 8) times dk + dv in fp32 (34 MB for MQA,
 // B = 1, T = 4096, D = 128).
 // Both are compute-bound: every element packed into a tile takes part in 64-128 FMAs, so the
@@ -481,9 +482,9 @@ void fwd(const AttnParams& p) {
       if (b != packed_b || hk != packed_hk) {
         packed_b = b, packed_hk = hk;
         if (v_seq.size() < size_t(s.len_k * D)) {
-          v_seq.resize(s.len_k * D);
-          if (dot) k_seq16.resize(s.len_k * D / 2);
-          else k_seq.resize(s.len_k * D);
+          grow_to(v_seq, s.len_k * D);
+          if (dot) grow_to(k_seq16, s.len_k * D / 2);
+          else grow_to(k_seq, s.len_k * D);
         }
         packed.assign((s.len_k + kBlockK - 1) / kBlockK, 0);
       }
@@ -584,6 +585,7 @@ void fwd(const AttnParams& p) {
         lse_out[lse_index(p, b, h, s, i0 + r)] = empty ? std::numeric_limits<A>::infinity() : m[r] + std::log(l[r]);
       }
     }
+    release_if_large(k_seq, v_seq, k_seq16);
   }
 }
 
@@ -844,9 +846,9 @@ void bwd(const AttnParams& p) {
       const int64_t len_q = s.len_q, len_k = s.len_k;
       const int64_t n_rows = qz - qa, rows = group * n_rows;
       if (size_t(rows * D) > q_all.size()) {
-        q_all.resize(rows * D), do_all.resize(rows * D), dq_all.resize(rows * D);
-        lse_all.resize(rows), delta_all.resize(rows);
-        if (dot) q16_all.resize(rows * D / 2), do16_all.resize(rows * D / 2);
+        grow_to(q_all, rows * D), grow_to(do_all, rows * D), grow_to(dq_all, rows * D);
+        grow_to(lse_all, rows), grow_to(delta_all, rows);
+        if (dot) grow_to(q16_all, rows * D / 2), grow_to(do16_all, rows * D / 2);
       }
       for (int64_t g = 0; g < group; ++g) {
         const int64_t h = hk * group + g;
@@ -947,6 +949,7 @@ void bwd(const AttnParams& p) {
           for (int d = 0; d < D; ++d) dst[d] = from_acc<T>(src[d] * scale);
         }
     }
+    release_if_large(q_all, do_all, dq_all, lse_all, delta_all, q16_all, do16_all);
   }
   parts.template sum_into_outputs<D, T>();
 }
@@ -1004,6 +1007,12 @@ void dispatch_dtype(int dtype, Fn fn) {
 }
 
 }  // namespace
+
+std::atomic<int64_t>& flash_attn_cpu_scratch_counter() {
+  static std::atomic<int64_t> bytes{0};
+  return bytes;
+}
+int64_t flash_attn_cpu_scratch_bytes() { return flash_attn_cpu_scratch_counter().load(); }
 
 bool flash_attn_cpu_bf16_dot() { return bf16_dot_enabled(); }
 

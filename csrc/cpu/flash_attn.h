@@ -4,6 +4,7 @@
 // function compiled with the AMX flags can stand in for one of the other file's.
 #pragma once
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -22,6 +23,9 @@ bool flash_attn_amx_usable();
 // flash_attn.cpp's fwd and bwd.
 void flash_attn_fwd_amx(const AttnParams& p);
 void flash_attn_bwd_amx(const AttnParams& p);
+
+// flash_attn.cpp: bytes held in tile buffers now, by every thread (Aligned64 below counts them).
+std::atomic<int64_t>& flash_attn_cpu_scratch_counter();
 
 namespace {
 
@@ -44,19 +48,56 @@ constexpr int64_t kBlockK = 64;
 // fp32 tiles (64-byte vector loads, which split in two across cache lines): fp32 forward 0.94-0.96x
 // the time, backward 0.96-0.98x (1 thread, B = 1, H = 8, T = 1024 / 2048, D = 64 / 128, non-causal,
 // min of 3 interleaved runs, 2026-11-30).
+// Every tile buffer's bytes are counted (flash_attn_cpu_scratch_bytes: what the threads keep between
+// calls, for the tests); a relaxed atomic add per allocation, a few per thread per call.
 template <typename T>
 struct Aligned64 {
   using value_type = T;
   Aligned64() = default;
   template <typename U>
   Aligned64(const Aligned64<U>&) {}
-  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
-  void deallocate(T* ptr, size_t) { ::operator delete(ptr, std::align_val_t(64)); }
+  T* allocate(size_t n) {
+    T* ptr = static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64)));
+    flash_attn_cpu_scratch_counter().fetch_add(int64_t(n * sizeof(T)), std::memory_order_relaxed);
+    return ptr;
+  }
+  void deallocate(T* ptr, size_t n) {
+    flash_attn_cpu_scratch_counter().fetch_sub(int64_t(n * sizeof(T)), std::memory_order_relaxed);
+    ::operator delete(ptr, std::align_val_t(64));
+  }
   bool operator==(const Aligned64&) const { return true; }
   bool operator!=(const Aligned64&) const { return false; }
 };
 template <typename T>
 using TileBuffer = std::vector<T, Aligned64<T>>;
+
+// Some scratch is per thread and kept across calls (static thread_local TileBuffers: the K / V of
+// a head in the forwards, a GQA group's Q / dO / dQ in the backwards), so that a training step's
+// calls do not allocate and page-fault it again each time. Without a bound, one long-context call
+// would leave it at its largest on every OpenMP thread until exit (fp32 backward, T = 32k, D = 128:
+// 48 MB per thread for MHA, 384 MB for a GQA group of 8). A thread whose kept buffers of one kernel
+// total more than this frees them when the call ends, as torch's own buffers are freed (32 MB is
+// glibc malloc's largest mmap threshold on 64-bit: torch's CPU buffers above it go back to the
+// system at free too). Faulting the pages in again costs ~14 ms per 32 MB here (2.3 GB/s,
+// 2026-11-30): next to nothing beside the compute of a call that needs that much, except where one
+// side is short: a 64-query chunk against 32k keys at D = 128 is ~11 ms of forward compute per head,
+// so a thread with one such head per call takes up to twice as long.
+constexpr size_t kKeptScratchBytes = size_t(32) << 20;
+// Grows a kept buffer to exactly n elements when it is smaller. Its old contents are not needed, so
+// unlike vector::resize this neither copies them nor doubles the capacity (which would make what a
+// thread keeps depend on the order of its calls).
+template <typename Buffer>
+void grow_to(Buffer& buffer, size_t n) {
+  if (buffer.size() < n) {
+    Buffer().swap(buffer);
+    buffer.resize(n);
+  }
+}
+template <typename... Buffers>
+void release_if_large(Buffers&... buffers) {
+  const size_t bytes = (size_t(0) + ... + (buffers.capacity() * sizeof(typename Buffers::value_type)));
+  if (bytes > kKeptScratchBytes) (Buffers().swap(buffers), ...);
+}
 
 template <typename A> constexpr A neg_inf() { return -std::numeric_limits<A>::infinity(); }
 

@@ -424,8 +424,8 @@ void fwd_amx(const AttnParams& p) {
         packed_b = b, packed_hk = hk;
         const int64_t kblocks = (s.len_k + kAmxBlockK - 1) / kAmxBlockK;
         if (k_seq.size() < size_t(kblocks * kAmxBlockK * D)) {
-          k_seq.resize(kblocks * kAmxBlockK * D);
-          vt_seq.resize(kblocks * kAmxBlockK * D);
+          grow_to(k_seq, kblocks * kAmxBlockK * D);
+          grow_to(vt_seq, kblocks * kAmxBlockK * D);
         }
         packed.assign(kblocks, 0);
       }
@@ -614,6 +614,7 @@ void fwd_amx(const AttnParams& p) {
       }
     }
     _tile_release();
+    release_if_large(k_seq, vt_seq);
   }
 }
 
@@ -687,9 +688,9 @@ void bwd_amx(const AttnParams& p) {
       const SeqInfo& s = it.s;
       const int64_t blocks = (qz - qa + kBlockQ - 1) / kBlockQ, all = group * blocks;
       if (qd_all.size() < size_t(all * kPairsD)) {
-        qd_all.resize(all * kPairsD), dod_all.resize(all * kPairsD), qq_all.resize(all * kPairsQ);
-        doq_all.resize(all * kPairsQ), dqt_all.resize(all * kDqt), lse_all.resize(all * kBlockQ);
-        delta_all.resize(all * kBlockQ);
+        grow_to(qd_all, all * kPairsD), grow_to(dod_all, all * kPairsD), grow_to(qq_all, all * kPairsQ);
+        grow_to(doq_all, all * kPairsQ), grow_to(dqt_all, all * kDqt), grow_to(lse_all, all * kBlockQ);
+        grow_to(delta_all, all * kBlockQ);
       }
       for (int64_t g = 0; g < group; ++g)
         for (int64_t qb = 0; qb < blocks; ++qb) {
@@ -817,6 +818,7 @@ void bwd_amx(const AttnParams& p) {
         }
     }
     _tile_release();
+    release_if_large(qd_all, dod_all, qq_all, doq_all, dqt_all, lse_all, delta_all);
   }
   parts.sum_into_outputs<D, bf16>();
 }

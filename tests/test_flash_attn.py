@@ -593,6 +593,21 @@ def test_opcheck():
                            torch.randn(2, 1, 2, 32), torch.randn(2, 1, 2, 32), 0.25, -1, 0))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_eager_inference_call_matches_the_op(dtype):
+    # Plain eager CPU calls without autograd run the op's body directly (pyllm/ops/_util.py):
+    # the same bits as through the op.
+    q = torch.randn(2, 37, 4, 64, dtype=dtype)
+    k, v = (torch.randn(2, 50, 2, 64, dtype=dtype) for _ in range(2))
+    out, lse = pyllm.flash_attn(q, k, v, causal=True, window=(20, -1), softmax_scale=0.3, return_lse=True)
+    out_op, lse_op = torch.ops.pyllm.flash_attn(q, k, v, None, None, -1, -1, 0.3, 20, 0, False)
+    assert torch.equal(out, out_op) and torch.equal(lse, lse_op)
+    cu_q, cu_k = cu([30, 0, 7]), cu([20, 5, 25])
+    out = pyllm.flash_attn(q[0], k[0], v[0], cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    out_op, _ = torch.ops.pyllm.flash_attn(q[0], k[0], v[0], cu_q, cu_k, 30, 25, 0.125, -1, -1, False)
+    assert torch.equal(out, out_op)
+
+
 def test_torch_compile_fullgraph():
     torch._dynamo.reset()
 

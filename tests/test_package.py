@@ -1,6 +1,9 @@
 """The package itself: import, the extension's build flags, `python -m pyllm info`."""
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 import pyllm
 from pyllm import _C
@@ -33,3 +36,27 @@ def test_info_command():
     assert "CUDA kernels:" in out and "GPU usable now:" in out
     for op in BACKENDS:
         assert op in out
+
+
+def test_inference_does_not_import_torch_dynamo():
+    # torch wraps every custom op's kernel in a dynamo guard imported at its first call (1.1-1.6 s
+    # here); eager CPU calls without autograd run the ops' bodies, so generation starts at once.
+    code = """
+import sys, torch, pyllm
+from pyllm.model import LLM, ModelConfig
+if 'torch._dynamo' in sys.modules:
+    print('preloaded'); sys.exit()
+model = LLM(ModelConfig.from_preset('tiny')).eval()
+model.generate(torch.randint(0, 100, (1, 20)), 4)
+with torch.no_grad():
+    x = torch.randn(3, 64)
+    pyllm.swiglu(x, x), pyllm.swiglu_packed(x)
+    q = torch.randn(1, 5, 2, 32)
+    pyllm.flash_attn(q, q, q, causal=True)
+print('imported' if 'torch._dynamo' in sys.modules else 'not imported')
+"""
+    root = Path(pyllm.__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True).stdout
+    if "preloaded" in out:
+        pytest.skip("this torch imports torch._dynamo at import")
+    assert out.strip() == "not imported"

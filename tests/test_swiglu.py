@@ -186,6 +186,15 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.pyllm.swiglu_packed_backward.default, (torch.randn(4, 6), x.detach()))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_eager_inference_call_matches_the_op(dtype):
+    # Plain eager CPU calls without autograd run the op's body directly (pyllm/ops/_util.py).
+    gate, up = torch.randn(5, 33, dtype=dtype), torch.randn(5, 33, dtype=dtype)
+    assert torch.equal(pyllm.swiglu(gate, up), torch.ops.pyllm.swiglu(gate, up))
+    x = torch.randn(3, 2, 66, dtype=dtype)[:, 1]  # strided
+    assert torch.equal(pyllm.swiglu_packed(x), torch.ops.pyllm.swiglu_packed(x))
+
+
 def test_mlp_matches_llama_mlp():
     dim, hidden = 48, 80
     mlp = SwiGLUMLP(dim, hidden).double()

@@ -12,11 +12,6 @@ from array import array
 from typing import Optional
 
 import torch
-try:
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-except ImportError:  # a torch without it: _eager_plain_cpu then always says no
-    def _get_current_dispatch_mode():
-        raise AttributeError("_get_current_dispatch_mode")
 from torch import Tensor
 
 from pyllm import _C
@@ -227,8 +222,7 @@ def _resolve_max_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
 
 # --- torch.library custom ops ---------------------------------------------------------------
 
-@torch.library.custom_op("pyllm::flash_attn", mutates_args=())
-def _flash_attn(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
+def _flash_attn_body(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
                 max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, window_left: int, window_right: int,
                 deterministic: bool) -> tuple[Tensor, Tensor]:
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
@@ -238,6 +232,11 @@ def _flash_attn(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Optional[Tensor],
     flash_attn_forward_into(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                             softmax_scale, window_left, window_right)
     return out, lse
+
+
+# The op wraps the plain function, kept under its own name for eager calls that skip the dispatch
+# (see _util.eager_plain_cpu), as the KV-cache op below.
+_flash_attn = torch.library.custom_op("pyllm::flash_attn", mutates_args=())(_flash_attn_body)
 
 
 @_flash_attn.register_fake
@@ -350,8 +349,7 @@ def _flash_attn_with_kvcache_body(q: Tensor, k_cache: Tensor, v_cache: Tensor, c
     return out
 
 
-# The op wraps the plain function, kept under its own name so that eager CPU calls can run it
-# without the dispatch (see _eager_plain_cpu), with no reliance on the op object's internals.
+# As _flash_attn: the op wraps the plain function, which eager CPU calls run themselves.
 _flash_attn_with_kvcache = torch.library.custom_op("pyllm::flash_attn_with_kvcache", mutates_args=("k_cache", "v_cache"))(
     _flash_attn_with_kvcache_body)
 
@@ -359,27 +357,6 @@ _flash_attn_with_kvcache = torch.library.custom_op("pyllm::flash_attn_with_kvcac
 @_flash_attn_with_kvcache.register_fake
 def _(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale, window_left, window_right):
     return q.new_empty(q.shape)
-
-
-_STRIDED = torch.strided
-
-
-def _plain_cpu(t) -> bool:
-    return type(t) is Tensor and t.is_cpu and t.layout is _STRIDED and not t.requires_grad
-
-
-def _eager_untraced() -> bool:
-    """No torch.compile, dispatch or function mode, vmap / grad transform: what sees the op must
-    get the op (fake tensors, make_fx, ...)."""
-    try:  # private torch helpers: where a torch release lacks them, every call takes the op
-        return not (torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
-                    or torch._C._is_torch_function_mode_enabled() or torch._C._are_functorch_transforms_active())
-    except AttributeError:
-        return False
-
-
-def _eager_plain_cpu(*tensors) -> bool:
-    return _eager_untraced() and all(t is None or _plain_cpu(t) for t in tensors)
 
 
 # --- eager CPU decode: the kernel called directly ----------------------------------------------
@@ -427,7 +404,7 @@ def _kvcache_eager_cpu(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal,
     """flash_attn_with_kvcache for plain eager CPU calls, or None where the general path must run.
     Same kernel arguments as the general path, so the same bits (tests/test_flash_attn.py)."""
     # Tracing first: under torch.compile nothing below runs, the op is traced as before.
-    if not _eager_plain_cpu(q, k_cache, v_cache) or _INT32_ARRAY is None:
+    if not _util.eager_plain_cpu(q, k_cache, v_cache) or _INT32_ARRAY is None:
         return None
     dtype = q.dtype
     facts = _EAGER_CPU_DTYPES.get(dtype)
@@ -447,7 +424,7 @@ def _kvcache_eager_cpu(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal,
         return None
     n_new = 0
     if k_new is not None or v_new is not None:
-        if not (_plain_cpu(k_new) and _plain_cpu(v_new)) or k_new.dtype is not dtype or v_new.dtype is not dtype:
+        if not (_util.plain_cpu(k_new) and _util.plain_cpu(v_new)) or k_new.dtype is not dtype or v_new.dtype is not dtype:
             return None
         new_shape = k_new.shape
         if (len(new_shape) != 4 or v_new.shape != new_shape or new_shape[0] != batch or new_shape[2] != n_kv_heads
@@ -460,7 +437,7 @@ def _kvcache_eager_cpu(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal,
         if not 0 <= start <= limit:
             return None
     elif (type(cache_seqlens) is Tensor and cache_seqlens.dtype is torch.int32 and cache_seqlens.is_cpu
-          and cache_seqlens.layout is _STRIDED and cache_seqlens.shape == (batch,)):
+          and cache_seqlens.layout is torch.strided and cache_seqlens.shape == (batch,)):
         lengths, start = cache_seqlens.tolist(), 0
         for n in lengths:
             if not 0 <= n <= limit:
@@ -565,9 +542,9 @@ def flash_attn(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, softmax
     if causal:
         right = 0
     scale = _resolve_scale(OP, softmax_scale, q.shape[-1])
-    out, lse = _flash_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, _check_max_seqlen(OP, "max_seqlen_q", max_seqlen_q),
-                           _check_max_seqlen(OP, "max_seqlen_k", max_seqlen_k), scale, left, right,
-                           bool(deterministic))
+    op = _flash_attn_body if _util.eager_plain_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k) else _flash_attn
+    out, lse = op(q, k, v, cu_seqlens_q, cu_seqlens_k, _check_max_seqlen(OP, "max_seqlen_q", max_seqlen_q),
+                  _check_max_seqlen(OP, "max_seqlen_k", max_seqlen_k), scale, left, right, bool(deterministic))
     return (out, lse) if return_lse else out
 
 
@@ -627,10 +604,8 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_s
     if causal:
         right = 0
     scale = _resolve_scale(op, softmax_scale, q.shape[-1])
-    if _eager_plain_cpu(q, k_cache, v_cache, cache_seqlens, k_new, v_new):
-        # The custom op's dispatch cost ~0.1 ms per call here (measured: op 0.20 ms vs its body
-        # 0.10 ms at cache 512, D = 64, H = 8), as much as the kernel: plain eager CPU calls run
-        # the body itself. Tracing, fake tensors, dispatch modes and subclasses still go through
-        # the op, so torch.compile sees it as before.
+    if _util.eager_plain_cpu(q, k_cache, v_cache, cache_seqlens, k_new, v_new):
+        # The op's dispatch cost ~0.1 ms per call here (op 0.20 ms vs its body 0.10 ms at cache
+        # 512, D = 64, H = 8), as much as the kernel.
         return _flash_attn_with_kvcache_body(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, left, right)
     return _flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, left, right)

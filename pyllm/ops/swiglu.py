@@ -92,12 +92,16 @@ def swiglu_packed_backward_into(dout: Tensor, x: Tensor, dx: Tensor) -> None:
 
 # --- torch.library custom ops ---------------------------------------------------------------
 
-@torch.library.custom_op("pyllm::swiglu", mutates_args=())
-def _swiglu(gate: Tensor, up: Tensor) -> Tensor:
+def _swiglu_body(gate: Tensor, up: Tensor) -> Tensor:
     gate, up = gate.contiguous(), up.contiguous()
     out = torch.empty_like(gate)
     swiglu_forward_into(gate, up, out)
     return out
+
+
+# Each forward op wraps its plain function, kept under its own name: plain eager CPU calls without
+# autograd run it directly (see _util.eager_plain_cpu).
+_swiglu = torch.library.custom_op("pyllm::swiglu", mutates_args=())(_swiglu_body)
 
 
 @_swiglu.register_fake
@@ -131,12 +135,14 @@ def _swiglu_grad(ctx, dout):
 _swiglu.register_autograd(_swiglu_grad, setup_context=_swiglu_setup)
 
 
-@torch.library.custom_op("pyllm::swiglu_packed", mutates_args=())
-def _swiglu_packed(x: Tensor) -> Tensor:
+def _swiglu_packed_body(x: Tensor) -> Tensor:
     x = x.contiguous()
     out = x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
     swiglu_packed_forward_into(x, out)
     return out
+
+
+_swiglu_packed = torch.library.custom_op("pyllm::swiglu_packed", mutates_args=())(_swiglu_packed_body)
 
 
 @_swiglu_packed.register_fake
@@ -187,7 +193,7 @@ def swiglu(gate: Tensor, up: Tensor) -> Tensor:
         was built without CUDA kernels.
     """
     _check_pair(gate, up)
-    return _swiglu(gate, up)
+    return (_swiglu_body if _util.eager_plain_cpu(gate, up) else _swiglu)(gate, up)
 
 
 def swiglu_packed(x: Tensor) -> Tensor:
@@ -198,4 +204,4 @@ def swiglu_packed(x: Tensor) -> Tensor:
     is odd. Returns shape (..., H).
     """
     _check_packed(x)
-    return _swiglu_packed(x)
+    return (_swiglu_packed_body if _util.eager_plain_cpu(x) else _swiglu_packed)(x)

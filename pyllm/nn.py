@@ -7,6 +7,7 @@ from torch import nn
 
 from pyllm.ops import _util
 from pyllm.ops import flash_attn as flash_attn_ops
+from pyllm.ops import swiglu as swiglu_ops
 from pyllm.ops.swiglu import swiglu_packed
 
 
@@ -25,8 +26,21 @@ class SwiGLUMLP(nn.Module):
         self.down = nn.Linear(hidden_dim, dim, bias=bias, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = swiglu_packed(self.gate_up(x))  # (..., 2 * hidden) -> (..., hidden)
+        gate_up = self.gate_up(x)  # (..., 2 * hidden)
+        if _swiglu_takes(gate_up):
+            h = swiglu_packed(gate_up)  # (..., hidden)
+        else:  # no kernel for this device (as attention() below): the same function in torch
+            gate, up = gate_up.chunk(2, dim=-1)
+            h = F.silu(gate) * up
         return self.down(h)  # (..., dim)
+
+
+def _swiglu_takes(x: torch.Tensor) -> bool:
+    """Whether the fused SwiGLU kernel takes x: not on devices pyllm has no kernel for (meta, mps,
+    ...), nor on CUDA when this pyllm was built without CUDA kernels (no nvcc at install time)."""
+    if x.is_cpu:
+        return x.dtype in swiglu_ops.DTYPES["cpu"]
+    return x.is_cuda and _util.HAS_CUDA_KERNELS and x.dtype in swiglu_ops.DTYPES["cuda"]
 
 
 class RMSNorm(nn.Module):

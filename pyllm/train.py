@@ -10,6 +10,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
@@ -20,6 +21,7 @@ import torch.distributed as dist
 
 from pyllm.data import TokenLoader, read_header
 from pyllm.model import LLM, ModelConfig, save_weights
+from pyllm.ops import _util
 from pyllm.optim import AdamW, DynamicLossScaler, ZeroAdamW
 
 
@@ -198,15 +200,25 @@ class TorchAdamW(torch.optim.AdamW):
             super().step(closure)
 
 
+def has_kernels_for(device: torch.device) -> bool:
+    """False on a GPU when pyllm was built without CUDA kernels (nvcc was not found at install
+    time): the run then takes torch's attention, SwiGLU and AdamW there instead of failing."""
+    return device.type != "cuda" or _util.HAS_CUDA_KERNELS
+
+
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, info: DistInfo) -> torch.optim.Optimizer:
     """AdamW, weight decay on matrices only (not on norms, biases): pyllm's fused AdamW; its ZeRO-1
-    sharded form under zero1; torch's under FSDP2 (DTensor shards)."""
+    sharded form under zero1; torch's under FSDP2 (DTensor shards), and on a GPU when this pyllm
+    was built without CUDA kernels."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
     hyper = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
-    if any(type(p).__name__ == "DTensor" for p in params):
+    if info.world_size > 1 and cfg.dist_mode == "zero1" and not has_kernels_for(info.device):
+        raise ValueError("--dist-mode zero1 shards pyllm's AdamW, and this pyllm was built without CUDA kernels; "
+                         "use --dist-mode ddp or fsdp, or reinstall pyllm with nvcc on PATH")
+    if any(type(p).__name__ == "DTensor" for p in params) or not has_kernels_for(info.device):
         # FACTS.md: foreach=False ran ~1.3x faster than foreach=True on this CPU.
         return TorchAdamW(groups, **hyper, **({} if info.device.type == "cuda" else {"foreach": False}))
     if info.world_size > 1 and cfg.dist_mode == "zero1":
@@ -424,6 +436,9 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
     else:
         mcfg = ModelConfig.from_preset(cfg.preset, **{"vocab_size": read_header(data / "train.bin")["vocab_size"], **cfg.model})
     seq_len = cfg.seq_len or mcfg.block_size
+    if info.is_main and not has_kernels_for(info.device):
+        print("pyllm: this build has no CUDA kernels (nvcc was not found when it was installed): training "
+              "runs on torch's attention, SwiGLU and AdamW; reinstall with nvcc on PATH for pyllm's", file=sys.stderr)
     model = LLM(mcfg).to(info.device)
     loader = TokenLoader(data / "train.bin", cfg.batch_size, seq_len, cfg.seed, info.rank, info.world_size, info.device)
     wrapped = wrap_model(model, cfg, info)

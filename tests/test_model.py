@@ -146,6 +146,30 @@ def test_generate_streams_and_runs_past_block_size():
     assert int(out.max()) < cfg.vocab_size and int(out.min()) >= 0
 
 
+def test_forward_on_a_device_without_kernels():
+    # meta (shape dry runs): attention and the MLP take torch's functions where pyllm has no
+    # kernel, the same path a GPU takes when pyllm was built without CUDA kernels.
+    cfg = ModelConfig(**SMALL)
+    with torch.device("meta"):
+        model = LLM(cfg)
+        idx = torch.randint(0, cfg.vocab_size, (2, 9))
+        logits, loss = model(idx, idx)
+    assert logits.shape == (2, 9, cfg.vocab_size) and logits.is_meta and loss.shape == ()
+
+
+def test_mlp_without_the_kernel_computes_the_same(monkeypatch):
+    from pyllm import nn as pyllm_nn
+
+    mlp = pyllm_nn.SwiGLUMLP(48, 80).double()
+    x = torch.randn(2, 5, 48, dtype=torch.float64, requires_grad=True)
+    out = mlp(x)
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    monkeypatch.setattr(pyllm_nn, "_swiglu_takes", lambda t: False)
+    out_torch = mlp(x)
+    (grad_torch,) = torch.autograd.grad(out_torch.sum(), x)
+    assert rel_err(out, out_torch) < 1e-12 and rel_err(grad, grad_torch) < 1e-12
+
+
 def test_sample_top_k_top_p():
     logits = torch.tensor([[0.0, 3.0, 2.0, 1.0, -1.0]]).log_softmax(-1)
     g = torch.Generator().manual_seed(0)

@@ -109,6 +109,24 @@ def test_loss_scaler_is_pyllms_for_fp16_only():
     assert trainer.make_loss_scaler("bf16", cfg) is None and trainer.make_loss_scaler("fp32", cfg) is None
 
 
+def test_optimizer_on_a_gpu_without_pyllms_cuda_kernels(monkeypatch):
+    # pip install without nvcc builds the CPU kernels only: a run on the GPU then takes torch's
+    # AdamW (as the model takes torch's attention and SwiGLU) instead of failing at the first step.
+    from pyllm.optim import AdamW
+
+    model = torch.nn.Linear(4, 4)
+    cfg = trainer.TrainConfig()
+    gpu, cpu = trainer.DistInfo(device=torch.device("cuda")), trainer.DistInfo(device=torch.device("cpu"))
+    monkeypatch.setattr(trainer._util, "HAS_CUDA_KERNELS", False)
+    assert type(trainer.make_optimizer(model, cfg, gpu)) is trainer.TorchAdamW
+    assert type(trainer.make_optimizer(model, cfg, cpu)) is AdamW
+    zero1 = trainer.TrainConfig(dist_mode="zero1")
+    with pytest.raises(ValueError, match="zero1 .* without CUDA kernels"):
+        trainer.make_optimizer(model, zero1, trainer.DistInfo(rank=0, world_size=2, device=torch.device("cuda")))
+    monkeypatch.setattr(trainer._util, "HAS_CUDA_KERNELS", True)
+    assert type(trainer.make_optimizer(model, cfg, gpu)) is AdamW
+
+
 def test_persistent_nan_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
     real_forward = trainer.LLM.forward
     calls = {"n": 0}

@@ -67,3 +67,16 @@ def peak_rss_growth_mib(step) -> float | None:
         return None
     step()
     return (kib("VmHWM") - base) / 1024
+
+
+class _ElsewhereTensor(torch.Tensor):
+    """A CPU tensor that reports the mps device: a stand-in for a tensor on a device pyllm has no
+    kernels for, which this machine cannot make (meta is taken: the ops accept it)."""
+
+    @property
+    def device(self):
+        return torch.device("mps")
+
+
+def on_unsupported_device(t: torch.Tensor) -> torch.Tensor:
+    return torch.Tensor._make_subclass(_ElsewhereTensor, t)

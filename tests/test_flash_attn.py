@@ -12,7 +12,7 @@ import pyllm
 from pyllm import _C
 from pyllm.ops import _util
 from pyllm.ops import flash_attn as fa
-from helpers import peak_rss_growth_mib, poisoned, rel_err, tolerance
+from helpers import on_unsupported_device, peak_rss_growth_mib, poisoned, rel_err, tolerance
 
 DTYPES_BY_DEVICE = {"cpu": [torch.float32, torch.bfloat16], "cuda": [torch.float16, torch.bfloat16]}
 DEVICES = [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.cuda)]
@@ -608,6 +608,26 @@ def test_eager_inference_call_matches_the_op(dtype):
     assert torch.equal(out, out_op)
 
 
+def test_meta_tensors_give_shapes():
+    # Dry runs on the meta device (no data): the op's fake implementation answers, for either
+    # device's dtypes, forward and backward.
+    q = torch.empty(2, 10, 4, 64, device="meta", dtype=torch.float16, requires_grad=True)
+    k, v = (torch.empty(2, 12, 2, 64, device="meta", dtype=torch.float16) for _ in range(2))
+    out, lse = pyllm.flash_attn(q, k, v, causal=True, return_lse=True)
+    assert out.is_meta and out.shape == q.shape and out.dtype == q.dtype
+    assert lse.shape == (2, 4, 10) and lse.dtype == torch.float32
+    (dq,) = torch.autograd.grad(out.sum(), q)
+    assert dq.is_meta and dq.shape == q.shape
+    cu_seqlens = torch.empty(3, device="meta", dtype=torch.int32)
+    out = pyllm.flash_attn(q[0], k[0], v[0], cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens)
+    assert out.is_meta and out.shape == (10, 4, 64)
+    cache = torch.empty(2, 16, 2, 64, device="meta", dtype=torch.float16)
+    out = pyllm.flash_attn_with_kvcache(q[:, :1].detach(), cache, cache.clone(), 3, k[:, :1], v[:, :1])
+    assert out.is_meta and out.shape == (2, 1, 4, 64)
+    with pytest.raises(TypeError, match="expected one of .*float16.* on meta"):
+        pyllm.flash_attn(q.to(torch.int32), k, v)
+
+
 def test_torch_compile_fullgraph():
     torch._dynamo.reset()
 
@@ -892,14 +912,15 @@ def test_kvcache_bad_input_raises_and_leaves_the_cache():
         (TypeError, "window", dict(window=3)),
         (TypeError, "softmax_scale", dict(softmax_scale="0.1")),
         (TypeError, "softmax_scale", dict(softmax_scale=float("nan"))),
-        (ValueError, "device", dict(q=q.to("meta"), k_cache=k_cache.to("meta"), v_cache=v_cache.to("meta"))),
+        (ValueError, "device", dict(q=on_unsupported_device(q), k_cache=on_unsupported_device(k_cache),
+                                    v_cache=on_unsupported_device(v_cache))),
     ]
     for exc, match, bad in cases:
         kw = {**dict(q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=3, k_new=k_new, v_new=v_new), **bad}
         before = kw["k_cache"].clone(), kw["v_cache"].clone()
         with pytest.raises(exc, match=match):
             pyllm.flash_attn_with_kvcache(**kw)
-        if not kw["k_cache"].is_meta:
+        if kw["k_cache"].device.type == "cpu":
             assert torch.equal(kw["k_cache"], before[0]) and torch.equal(kw["v_cache"], before[1]), (match, bad)
     assert torch.equal(k_cache, k_before) and torch.equal(v_cache, v_before)
 
@@ -994,7 +1015,7 @@ def test_bad_input_raises_clear_errors():
     with pytest.raises(ValueError, match="4-D"):
         pyllm.flash_attn(q[0], k[0], k[0])
     with pytest.raises(ValueError, match="device"):
-        pyllm.flash_attn(q.to("meta"), k.to("meta"), k.to("meta"))
+        pyllm.flash_attn(on_unsupported_device(q), on_unsupported_device(k), on_unsupported_device(k))
     with pytest.raises(ValueError, match="window"):
         pyllm.flash_attn(q, k, k, window=(-2, 0))
     with pytest.raises(TypeError, match="window"):

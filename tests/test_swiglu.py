@@ -10,7 +10,7 @@ from pyllm import _C
 from pyllm.nn import SwiGLUMLP
 from pyllm.ops import _util
 from pyllm.ops import swiglu as swiglu_ops
-from helpers import CPU_AND_CUDA, poisoned, rel_err, tolerance
+from helpers import CPU_AND_CUDA, on_unsupported_device, poisoned, rel_err, tolerance
 
 SHAPES = [(1,), (7,), (3, 5), (2, 17, 33), (4, 1, 257), (64, 1024), (2, 3, 4, 11)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -195,6 +195,14 @@ def test_eager_inference_call_matches_the_op(dtype):
     assert torch.equal(pyllm.swiglu_packed(x), torch.ops.pyllm.swiglu_packed(x))
 
 
+def test_meta_tensors_give_shapes():
+    gate = torch.empty(3, 5, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    out = pyllm.swiglu(gate, gate)
+    assert out.is_meta and out.shape == (3, 5) and out.dtype == torch.bfloat16
+    (grad,) = torch.autograd.grad(pyllm.swiglu_packed(gate[:, :4]).sum(), gate)
+    assert grad.is_meta and grad.shape == (3, 5)
+
+
 def test_mlp_matches_llama_mlp():
     dim, hidden = 48, 80
     mlp = SwiGLUMLP(dim, hidden).double()
@@ -237,7 +245,7 @@ def test_bad_input_raises_clear_errors():
     with pytest.raises(ValueError, match="must be even"):
         pyllm.swiglu_packed(torch.tensor(1.0))
     with pytest.raises(ValueError, match="device"):
-        pyllm.swiglu(a.to("meta"), a.to("meta"))
+        pyllm.swiglu(on_unsupported_device(a), on_unsupported_device(a))
 
 
 def test_cuda_tensor_without_cuda_kernels_raises(monkeypatch):

@@ -82,6 +82,8 @@ def test_train_end_to_end_cache_resume_generate(corpus, tmp_path, capsys):
 
     assert cli.main(["generate", "--run", str(run), "--max-new-tokens", "8", "--prompt", "def g"]) == 0
     assert capsys.readouterr().out.startswith("def g")
+    assert cli.main(["generate", "--run", str(run), "--max-new-tokens", "8", "--prompt", "def g", "--dtype", "bf16"]) == 0
+    assert capsys.readouterr().out.startswith("def g")
 
 
 def test_config_file_with_cli_override(corpus, tmp_path):

@@ -248,6 +248,33 @@ class LLM(nn.Module):
         model.load_state_dict(state)
         return model.to(device)
 
+    @classmethod
+    def from_hf(cls, folder, device="cpu", dtype=torch.float32) -> "LLM":
+        """A Hugging Face checkpoint folder (config.json and model.safetensors, or shards with their
+        model.safetensors.index.json, as save_pretrained writes them) of LlamaForCausalLM (also
+        Mistral without a sliding window) or GPT2LMHeadModel, with its weights in `dtype` (fp32:
+        master weights for training; the checkpoint's own dtype may be bf16). Read with safetensors
+        alone, no transformers needed. Anything the model cannot compute the same way (biases in
+        LLaMA layers, scaled RoPE, another activation) raises NotImplementedError."""
+        from pathlib import Path
+
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        hf = json.loads((folder / "config.json").read_text())
+        index = folder / "model.safetensors.index.json"
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+        if not all((folder / f).exists() for f in files):
+            raise ValueError(f"{folder}: no model.safetensors (or shards listed in model.safetensors.index.json)")
+        hf_state = {k: v for f in files for k, v in load_file(str(folder / f)).items()}
+        cfg = config_from_hf(hf)
+        model = cls(cfg).to(dtype)
+        state = state_from_hf(hf_state, cfg, hf["model_type"])
+        if cfg.tie_embeddings:
+            state["lm_head.weight"] = state["tok_emb.weight"]
+        model.load_state_dict(state)  # strict: a name or shape the mapping missed raises
+        return model.to(device)
+
     # --- generation -------------------------------------------------------------------------------
 
     def new_kv_cache(self, batch_size: int, max_len: int | None = None):
@@ -311,6 +338,73 @@ def save_weights(state_dict: dict, cfg: ModelConfig, path) -> None:
     state = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()
              if not (cfg.tie_embeddings and k == "lm_head.weight")}
     save_file(state, str(path), metadata={"pyllm_config": json.dumps(cfg.to_dict())})
+
+
+# --- Hugging Face checkpoints -----------------------------------------------------------------------
+
+def config_from_hf(hf: dict) -> ModelConfig:
+    """ModelConfig from a Hugging Face config.json (LLaMA / Mistral or GPT-2)."""
+    kind = hf.get("model_type")
+    if kind == "gpt2":
+        if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise NotImplementedError(f"GPT-2 with activation {hf['activation_function']!r}: only the tanh GELU")
+        if hf.get("scale_attn_by_inverse_layer_idx") or not hf.get("scale_attn_weights", True):
+            raise NotImplementedError("GPT-2 with a non-standard attention scale")
+        return ModelConfig(vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layers=hf["n_layer"],
+                           n_heads=hf["n_head"], dim=hf["n_embd"], mlp_hidden=hf.get("n_inner") or 4 * hf["n_embd"],
+                           norm="layernorm", mlp="gelu", positions="learned", bias=True,
+                           tie_embeddings=hf.get("tie_word_embeddings", True), norm_eps=hf["layer_norm_epsilon"])
+    if kind not in ("llama", "mistral"):
+        raise NotImplementedError(f"Hugging Face model_type {kind!r}: pyllm reads llama, mistral and gpt2")
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}  # transformers 5 / 4
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise NotImplementedError(f"scaled RoPE ({rope}): pyllm's RoPE is the unscaled one")
+    dim, n_heads = hf["hidden_size"], hf["num_attention_heads"]
+    unsupported = {"attention_bias": hf.get("attention_bias"), "mlp_bias": hf.get("mlp_bias"),
+                   "sliding_window": hf.get("sliding_window"),
+                   "hidden_act": None if hf.get("hidden_act", "silu") == "silu" else hf["hidden_act"],
+                   "head_dim": None if hf.get("head_dim") in (None, dim // n_heads) else hf["head_dim"]}
+    for name, value in unsupported.items():
+        if value:
+            raise NotImplementedError(f"{kind} with {name}={value!r}: pyllm's LLaMA has no biases, full "
+                                      "attention, SiLU and head_dim = hidden_size / num_attention_heads")
+    return ModelConfig(vocab_size=hf["vocab_size"], block_size=hf["max_position_embeddings"],
+                       n_layers=hf["num_hidden_layers"], n_heads=n_heads,
+                       n_kv_heads=hf.get("num_key_value_heads") or n_heads, dim=dim, mlp_hidden=hf["intermediate_size"],
+                       tie_embeddings=hf.get("tie_word_embeddings", False), norm_eps=hf.get("rms_norm_eps", 1e-6),
+                       rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+
+
+def state_from_hf(hf_state: dict, cfg: ModelConfig, kind: str) -> dict:
+    """Renames (and, for GPT-2's Conv1D weights, transposes) a Hugging Face state dict into LLM's:
+    q, k, v projections stacked into qkv and gate, up into gate_up, as Attention and SwiGLUMLP
+    hold them."""
+    hf_state = {k.removeprefix("transformer.").removeprefix("model."): v for k, v in hf_state.items()}
+    state = {}
+    if kind == "gpt2":
+        state["tok_emb.weight"], state["pos_emb.weight"] = hf_state["wte.weight"], hf_state["wpe.weight"]
+        names = {"ln_1": "norm1", "ln_2": "norm2", "attn.c_attn": "attn.qkv", "attn.c_proj": "attn.proj",
+                 "mlp.c_fc": "mlp.up", "mlp.c_proj": "mlp.down"}
+        for i in range(cfg.n_layers):
+            for theirs, ours in names.items():
+                weight = hf_state[f"h.{i}.{theirs}.weight"]
+                state[f"blocks.{i}.{ours}.weight"] = weight if theirs.startswith("ln") else weight.t()  # Conv1D: (in, out)
+                state[f"blocks.{i}.{ours}.bias"] = hf_state[f"h.{i}.{theirs}.bias"]
+        state["norm_f.weight"], state["norm_f.bias"] = hf_state["ln_f.weight"], hf_state["ln_f.bias"]
+    else:
+        state["tok_emb.weight"], state["norm_f.weight"] = hf_state["embed_tokens.weight"], hf_state["norm.weight"]
+        for i in range(cfg.n_layers):
+            layer = lambda name: hf_state[f"layers.{i}.{name}.weight"]  # noqa: E731
+            block = f"blocks.{i}."
+            state[block + "norm1.weight"] = layer("input_layernorm")
+            state[block + "norm2.weight"] = layer("post_attention_layernorm")
+            state[block + "attn.qkv.weight"] = torch.cat([layer(f"self_attn.{x}_proj") for x in "qkv"])
+            state[block + "attn.proj.weight"] = layer("self_attn.o_proj")
+            state[block + "mlp.gate_up.weight"] = torch.cat([layer("mlp.gate_proj"), layer("mlp.up_proj")])
+            state[block + "mlp.down.weight"] = layer("mlp.down_proj")
+    if not cfg.tie_embeddings:
+        state["lm_head.weight"] = hf_state["lm_head.weight"]
+    return state
 
 
 def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,

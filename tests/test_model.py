@@ -1,6 +1,7 @@
 """pyllm.model against a plain-torch reference written out below, with the same weights."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -234,3 +235,56 @@ def test_too_long_sequence():
     model = LLM(ModelConfig(**SMALL))
     with pytest.raises(ValueError, match="longer than block_size 32"):
         model(torch.zeros(1, 33, dtype=torch.long))
+
+
+# --- Hugging Face checkpoints ----------------------------------------------------------------------
+
+def hf_models():
+    transformers = pytest.importorskip("transformers")
+    llama = dict(vocab_size=97, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                 max_position_embeddings=64, rms_norm_eps=1e-5)
+    return {
+        "llama-gqa": transformers.LlamaForCausalLM(transformers.LlamaConfig(**llama, num_key_value_heads=2, rope_theta=500.0)),
+        "llama-tied": transformers.LlamaForCausalLM(transformers.LlamaConfig(**llama, tie_word_embeddings=True)),
+        "gpt2": transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=97, n_positions=64, n_embd=64, n_layer=2,
+                                                                     n_head=4)),
+    }
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "llama-tied", "gpt2"])
+def test_from_hf_computes_what_transformers_computes(name, tmp_path):
+    theirs = hf_models()[name].double().eval()
+    with torch.no_grad():  # past the 0.02-std init, so that every weight matters
+        for p in theirs.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    theirs.save_pretrained(tmp_path, max_shard_size="50KB")  # shards and their index.json
+    ours = LLM.from_hf(tmp_path, dtype=torch.float64)
+    idx = torch.randint(0, 97, (2, 19))
+    with torch.no_grad():
+        expected = theirs(idx).logits
+    # transformers' LLaMA computes RoPE's angles in fp32 even in an fp64 model (~1e-7 relative);
+    # a wrong mapping (q / k order, gate / up, a transpose) would be off by O(1).
+    assert rel_err(ours(idx)[0], expected) < (1e-10 if name == "gpt2" else 1e-6)
+    prompt = idx[:, :5]
+    theirs.generation_config.eos_token_id = None  # no early stop, no padding: 12 greedy tokens each
+    expected = theirs.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False,
+                               pad_token_id=0)
+    assert torch.equal(ours.generate(prompt, 12, temperature=0), expected)
+
+
+def test_from_hf_refuses_what_it_cannot_compute(tmp_path):
+    from pyllm.model import config_from_hf
+
+    base = dict(model_type="llama", vocab_size=97, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=64)
+    for extra, message in [(dict(attention_bias=True), "attention_bias"), (dict(sliding_window=4096), "sliding_window"),
+                           (dict(rope_scaling=dict(rope_type="llama3", factor=8.0)), "scaled RoPE"),
+                           (dict(head_dim=32), "head_dim"), (dict(hidden_act="gelu"), "hidden_act"),
+                           (dict(model_type="qwen2"), "model_type 'qwen2'")]:
+        with pytest.raises(NotImplementedError, match=message):
+            config_from_hf({**base, **extra})
+    assert config_from_hf({**base, "rope_theta": 5e5, "rope_scaling": None}).rope_theta == 5e5  # transformers 4's keys
+    assert config_from_hf({**base, "rope_parameters": dict(rope_type="default", rope_theta=5e5)}).rope_theta == 5e5
+    (tmp_path / "config.json").write_text(json.dumps(base))
+    with pytest.raises(ValueError, match="no model.safetensors"):
+        LLM.from_hf(tmp_path)

@@ -550,3 +550,75 @@ def test_encode_batch_packed(pair, corpus):
         tok.encode_batch_packed([EOT])
     ids, offsets = tok.encode_batch_packed([])
     assert len(ids) == 0 and offsets.tolist() == [0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face tokenizer.json (byte-level BPE)
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def hf_byte_level_bpe(corpus, split_regex=None):
+    """A byte-level BPE trained by Hugging Face's tokenizers: GPT-2's pre-tokenizer, or a Split regex
+    then ByteLevel (as Llama 3's tokenizer.json has it)."""
+    tk = pytest.importorskip("tokenizers")
+    hf = tk.Tokenizer(tk.models.BPE())
+    byte_level = tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split_regex is None)
+    hf.pre_tokenizer = byte_level if split_regex is None else tk.pre_tokenizers.Sequence(
+        [tk.pre_tokenizers.Split(tk.Regex(split_regex), behavior="isolated"), byte_level])
+    hf.decoder = tk.decoders.ByteLevel()
+    hf.train_from_iterator(corpus, tk.trainers.BpeTrainer(
+        vocab_size=1200, special_tokens=[EOT], initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    return hf
+
+
+@pytest.fixture(scope="module", params=["ByteLevel", "Split+ByteLevel"])
+def hf_pair(request, corpus, tmp_path_factory):
+    """(ours read from tokenizer.json, the Hugging Face tokenizer that wrote it)."""
+    hf = hf_byte_level_bpe(corpus, None if request.param == "ByteLevel" else LLAMA3_SPLIT)
+    path = tmp_path_factory.mktemp("hf") / "tokenizer.json"
+    hf.save(str(path))
+    return Tokenizer.from_hf(path), hf
+
+
+def test_from_hf_encodes_as_hugging_face(hf_pair):
+    ours, hf = hf_pair
+    stdlib_rest = sorted(glob.glob(os.path.join(STDLIB, "[n-z]*.py")))[:10]  # not in the training corpus
+    texts = SAMPLES + [open(p, encoding="utf-8", errors="replace").read() for p in stdlib_rest]
+    for text in texts:
+        ids = ours.encode_ordinary(text)
+        assert ids == hf.encode(text, add_special_tokens=False).ids, text[:80]
+        assert ours.decode(ids) == hf.decode(ids) == text
+    assert ours.vocab_size == hf.get_vocab_size() and ours.special_tokens == {EOT: hf.token_to_id(EOT)}
+    text = f"a{EOT}b"
+    assert ours.encode(text, allowed_special="all") == hf.encode(text, add_special_tokens=False).ids
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=text_strategy)
+def test_from_hf_encodes_as_hugging_face_hypothesis(hf_pair, text):
+    ours, hf = hf_pair
+    assert ours.encode_ordinary(text) == hf.encode(text, add_special_tokens=False).ids
+
+
+def test_from_hf_refuses_what_tiktoken_semantics_cannot_do(corpus, tmp_path):
+    import json
+
+    hf = hf_byte_level_bpe(corpus[:3])
+    path = tmp_path / "tokenizer.json"
+    hf.save(str(path))
+    good = json.loads(path.read_text())
+    merges = good["model"]["merges"]
+    cases = [
+        ({"normalizer": {"type": "NFC"}}, "normalizer"),
+        ({"pre_tokenizer": {**good["pre_tokenizer"], "add_prefix_space": True}}, "add_prefix_space"),
+        ({"pre_tokenizer": {"type": "Whitespace"}}, "ByteLevel"),
+        ({"model": {**good["model"], "type": "WordPiece"}}, "'WordPiece' model"),
+        ({"model": {**good["model"], "merges": [merges[1], merges[0], *merges[2:]]}}, "out of id order"),
+        ({"model": {**good["model"], "vocab": {**good["model"]["vocab"], "\u4e2d": 5000}}}, "byte-level alphabet"),
+    ]
+    for change, message in cases:
+        path.write_text(json.dumps({**good, **change}))
+        with pytest.raises(NotImplementedError, match=message):
+            Tokenizer.from_hf(path)

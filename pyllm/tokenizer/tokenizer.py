@@ -39,6 +39,34 @@ def _resolve_pattern(pattern) -> tuple[str | None, str, int]:
     return None, pattern, -1
 
 
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level alphabet (Radford et al. 2019, encoder.py), which Hugging Face's byte-level
+    BPE vocabularies are written in: printable Latin-1 bytes stand for themselves, the other 68
+    bytes for code points 256 and up, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), ord("\xff") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(others)}}
+
+
+def _hf_pattern(pre_tokenizer, where: str) -> str:
+    """The split regex of a Hugging Face byte-level pre-tokenizer: ByteLevel's own (GPT-2's: the
+    "gpt2" pattern, which splits the same) or a Split regex followed by a ByteLevel without one."""
+    steps = (pre_tokenizer or {}).get("pretokenizers") if (pre_tokenizer or {}).get("type") == "Sequence" else [pre_tokenizer]
+    steps = [s for s in steps or [] if s]
+    byte_level = [s for s in steps if s.get("type") == "ByteLevel"]
+    if len(byte_level) != 1 or byte_level[0].get("add_prefix_space"):
+        raise NotImplementedError(f"{where}: pre-tokenizer {pre_tokenizer!r}: expected one ByteLevel step without "
+                                  "add_prefix_space")
+    if steps == byte_level and byte_level[0].get("use_regex", True):
+        return "gpt2"
+    split = steps[0] if len(steps) == 2 and steps[1] is byte_level[0] else {}
+    if (split.get("type") != "Split" or "Regex" not in (split.get("pattern") or {}) or split.get("invert")
+            or split.get("behavior") != "Isolated" or byte_level[0].get("use_regex", True)):
+        raise NotImplementedError(f"{where}: pre-tokenizer {pre_tokenizer!r}: expected ByteLevel, or an isolating "
+                                  "Split regex and then ByteLevel without its own")
+    return split["pattern"]["Regex"]
+
+
 def _compile_custom(pattern: str):
     """The slow general path for a custom pattern: Python's `regex` module if installed, else `re`."""
     try:
@@ -503,6 +531,45 @@ class Tokenizer:
         with open(path, "rb") as f:
             data = f.read()
         return cls(_parse_ranks_body(data, f"Tokenizer.load_tiktoken({os.fspath(path)!r})"), pattern, special_tokens)
+
+    @classmethod
+    def from_hf(cls, path) -> "Tokenizer":
+        """A Hugging Face tokenizer.json of a byte-level BPE (GPT-2's, and those of tiktoken's kind:
+        ranks = ids, merges in id order): its vocabulary, split pattern and added tokens (as special
+        tokens: encode(text, allowed_special="all") splits them out as Hugging Face does; plain
+        encode_ordinary does not). What tiktoken's semantics cannot reproduce (a normalizer, a
+        prefix space, word suffixes, byte fallback, merges out of id order, other models or
+        pre-tokenizers) raises NotImplementedError, naming it."""
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        model, where = data.get("model") or {}, f"Tokenizer.from_hf({os.fspath(path)!r})"
+        if model.get("type") != "BPE":
+            raise NotImplementedError(f"{where}: a {model.get('type')!r} model; only byte-level BPE")
+        unsupported = {"normalizer": data.get("normalizer"), "byte_fallback": model.get("byte_fallback"),
+                       "continuing_subword_prefix": model.get("continuing_subword_prefix"),
+                       "end_of_word_suffix": model.get("end_of_word_suffix"), "dropout": model.get("dropout")}
+        for name, value in unsupported.items():
+            if value:
+                raise NotImplementedError(f"{where}: {name} {value!r} has no tiktoken equivalent")
+        pattern = _hf_pattern(data.get("pre_tokenizer"), where)
+        byte_of = {char: byte for byte, char in _bytes_to_unicode().items()}
+        specials = {t["content"]: t["id"] for t in data.get("added_tokens") or []}
+        ranks = {}
+        for token, token_id in model["vocab"].items():
+            if token in specials:
+                continue
+            if any(ch not in byte_of for ch in token):
+                raise NotImplementedError(f"{where}: token {token!r} is not in the byte-level alphabet")
+            ranks[bytes(byte_of[ch] for ch in token)] = token_id
+        last = -1
+        for merge in model.get("merges") or []:
+            left, right = merge.split(" ") if isinstance(merge, str) else merge
+            merged = model["vocab"].get(left + right)
+            if merged is None or merged <= last:
+                raise NotImplementedError(f"{where}: merge {left!r} + {right!r} is out of id order: tiktoken's "
+                                          "semantics (lowest id merges first) would encode differently")
+            last = merged
+        return cls(ranks, pattern, specials, name=os.path.splitext(os.path.basename(os.fspath(path)))[0])
 
     @classmethod
     def from_tiktoken(cls, encoding) -> "Tokenizer":

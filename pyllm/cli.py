@@ -163,6 +163,25 @@ def ensure_tokenizer(inputs, path: Path, vocab_size: int, max_bytes: int):
     return tok
 
 
+def ensure_hf_tokenizer(folder: Path, path: Path):
+    """The tokenizer.json of a Hugging Face checkpoint folder, in pyllm's format at path (converted
+    again only when the source changed: the token files' reuse is keyed on path)."""
+    source = folder / "tokenizer.json"
+    if not source.is_file():
+        raise ValueError(f"{folder}: no tokenizer.json to tokenize --data with (or give --tokenizer)")
+    meta_path = path.with_name(path.name + ".json")
+    meta = {"hf_tokenizer": str(source.resolve()), "mtime": source.stat().st_mtime}
+    Tokenizer = tokenizer_class()
+    if path.exists() and meta_path.exists() and json.loads(meta_path.read_text()) == meta:
+        print(f"tokenizer: reusing {path}")
+        return Tokenizer.load(str(path))
+    tok = Tokenizer.from_hf(source)
+    tok.save(str(path))
+    meta_path.write_text(json.dumps(meta))
+    print(f"tokenizer: {source} ({tok.vocab_size} ids), saved to {path}")
+    return tok
+
+
 def ensure_token_files(inputs, tokenizer, tokenizer_path: Path, out_dir: Path, val_fraction: float) -> Path:
     """out_dir/train.bin and val.bin for inputs, reused when made from the same inputs and
     tokenizer file."""
@@ -213,6 +232,9 @@ def setup_run_data(cfg, cli: dict) -> None:
     else:
         if tokenizer_path:
             tokenizer = tokenizer_class().load(str(tokenizer_path))
+        elif cfg.init_from_hf:
+            tokenizer_path = out / "tokenizer.bpe"
+            tokenizer = ensure_hf_tokenizer(Path(cfg.init_from_hf), tokenizer_path)
         else:
             wanted = cli["vocab_size"] or cfg.model.get("vocab_size") or PRESETS.get(cfg.preset, PRESETS["tiny"])["vocab_size"]
             tokenizer_path = out / "tokenizer.bpe"
@@ -266,7 +288,8 @@ def cmd_train(args) -> int:
         if run["vocab_size"] and "vocab_size" not in cfg.model:
             cfg.model["vocab_size"] = run["vocab_size"]
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"training: preset {cfg.preset}, {cfg.max_steps} steps, batch {cfg.batch_size} x {cfg.grad_accum}, "
+        start = f"from {cfg.init_from_hf}" if cfg.init_from_hf else f"preset {cfg.preset}"
+        print(f"training: {start}, {cfg.max_steps} steps, batch {cfg.batch_size} x {cfg.grad_accum}, "
               f"device {cfg.device}, precision {cfg.precision}, run folder {cfg.out_dir}", flush=True)
     t0 = time.perf_counter()
     try:
@@ -433,6 +456,7 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer-train-bytes", type=int, help="train the tokenizer on an evenly spread sample of about this many bytes of --data (default 0: all of it)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint up to --max-steps")
     p.add_argument("--preset", help="model preset: tiny (default), llama-124m, gpt2-124m, palm-style")
+    p.add_argument("--init-from-hf", metavar="DIR", help="fine-tune a Hugging Face checkpoint folder (LLaMA, Mistral, GPT-2: config.json, *.safetensors, tokenizer.json) instead of a preset; its tokenizer tokenizes --data (set --seq-len: the default is the model's whole context)")
     p.add_argument("--model", dest="model_overrides", action="append", metavar="KEY=VALUE", help="override a ModelConfig field, e.g. --model n_layers=2 --model norm=layernorm (repeatable)")
     p.add_argument("--max-steps", type=int, help="optimizer steps in all (default 600)")
     p.add_argument("--ckpt-every", type=int, help="write the checkpoint every K steps (and at the end; default 200)")

@@ -30,6 +30,7 @@ class TrainConfig:
     data_dir: str = ""  # folder holding train.bin and val.bin
     out_dir: str = "runs/main"
     preset: str = "tiny"
+    init_from_hf: str = ""  # a Hugging Face checkpoint folder to start from (LLM.from_hf) instead of the preset
     model: dict = field(default_factory=dict)  # ModelConfig overrides, e.g. {"n_layers": 2}
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
@@ -431,15 +432,22 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
     out.mkdir(parents=True, exist_ok=True)
     ckpt = load_checkpoint(out) if resume else None
     torch.manual_seed(cfg.seed)
+    data_vocab = read_header(data / "train.bin")["vocab_size"]
     if ckpt is not None:
-        mcfg = ModelConfig(**ckpt["model_config"])
+        model = LLM(ModelConfig(**ckpt["model_config"]))
+    elif cfg.init_from_hf:  # its own config: the preset and model overrides do not apply
+        model = LLM.from_hf(cfg.init_from_hf)
     else:
-        mcfg = ModelConfig.from_preset(cfg.preset, **{"vocab_size": read_header(data / "train.bin")["vocab_size"], **cfg.model})
+        model = LLM(ModelConfig.from_preset(cfg.preset, **{"vocab_size": data_vocab, **cfg.model}))
+    mcfg = model.config
+    if data_vocab > mcfg.vocab_size:
+        raise ValueError(f"the token files hold ids up to {data_vocab - 1}, but the model has {mcfg.vocab_size} "
+                         "embeddings: tokenize with the model's own tokenizer")
     seq_len = cfg.seq_len or mcfg.block_size
     if info.is_main and not has_kernels_for(info.device):
         print("pyllm: this build has no CUDA kernels (nvcc was not found when it was installed): training "
               "runs on torch's attention, SwiGLU and AdamW; reinstall with nvcc on PATH for pyllm's", file=sys.stderr)
-    model = LLM(mcfg).to(info.device)
+    model = model.to(info.device)
     loader = TokenLoader(data / "train.bin", cfg.batch_size, seq_len, cfg.seed, info.rank, info.world_size, info.device)
     wrapped = wrap_model(model, cfg, info)
     optimizer = make_optimizer(model, cfg, info)

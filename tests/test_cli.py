@@ -270,3 +270,42 @@ def test_torchrun_two_cpu_processes_end_to_end(tmp_path):
     import torch
 
     assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 6
+
+
+def test_train_init_from_hf(tmp_path, capsys):
+    # Fine-tuning a Hugging Face checkpoint folder: its weights start the run, its tokenizer.json
+    # tokenizes --data (pyllm's real tokenizer here, not the stand-in).
+    transformers, tokenizers = pytest.importorskip("transformers"), pytest.importorskip("tokenizers")
+    import torch
+
+    from pyllm.model import LLM
+    from pyllm.tokenizer import Tokenizer
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(40):
+        (corpus / f"m{i:02d}.py").write_text(f"def f{i}(x):\n    return x + {i}\n" * 20)
+    hf_tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE())
+    hf_tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf_tokenizer.train_from_iterator([p.read_text() for p in corpus.iterdir()], tokenizers.trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False,
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
+    hf_dir = tmp_path / "hf"
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=hf_tokenizer.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+        num_attention_heads=2, max_position_embeddings=64)).save_pretrained(hf_dir)
+    hf_tokenizer.save(str(hf_dir / "tokenizer.json"))
+
+    run = tmp_path / "run"
+    argv = ["train", "--init-from-hf", str(hf_dir), "--data", str(corpus), "--out", str(run), "--max-steps", "1",
+            "--lr", "1e-12", "--warmup-steps", "0", "--batch-size", "2", "--seq-len", "16", "--eval-every", "0",
+            "--eval-batches", "1", "--device", "cpu", "--sample-tokens", "4"]
+    assert cli.main(argv) == 0
+    assert f"training: from {hf_dir}" in capsys.readouterr().out
+    trained, start = LLM.load(run / "model.safetensors"), LLM.from_hf(hf_dir)
+    assert trained.config == start.config
+    for (name, a), b in zip(trained.state_dict().items(), start.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-9, msg=name)  # one step of lr 1e-12 from the checkpoint
+    ids = Tokenizer.load(str(run / "tokenizer.bpe")).encode_ordinary("def g(y):\n    return y")
+    assert ids == hf_tokenizer.encode("def g(y):\n    return y").ids
+    assert cli.main(argv) == 0 and "tokenizer: reusing" in capsys.readouterr().out

@@ -373,20 +373,23 @@ def cmd_generate(args) -> int:
 
     from pyllm.model import LLM
 
-    run = Path(args.run) if args.run else None
-    model_path = Path(args.model) if args.model else (run / "model.safetensors" if run else None)
-    tokenizer_path = args.tokenizer
-    if tokenizer_path is None and run is not None and (run / "run.json").exists():
-        tokenizer_path = json.loads((run / "run.json").read_text()).get("tokenizer")
-    if model_path is None or tokenizer_path is None:
-        raise ValueError("give --run DIR (a folder `pyllm train` wrote), or both --model and --tokenizer")
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.hf:
+        model, tokenizer = LLM.from_hf(args.hf), tokenizer_class().from_hf(Path(args.hf) / "tokenizer.json")
+    else:
+        run = Path(args.run) if args.run else None
+        model_path = Path(args.model) if args.model else (run / "model.safetensors" if run else None)
+        tokenizer_path = args.tokenizer
+        if tokenizer_path is None and run is not None and (run / "run.json").exists():
+            tokenizer_path = json.loads((run / "run.json").read_text()).get("tokenizer")
+        if model_path is None or tokenizer_path is None:
+            raise ValueError("give --run DIR (a folder `pyllm train` wrote), both --model and --tokenizer, or --hf DIR")
+        model, tokenizer = LLM.load(model_path), tokenizer_class().load(str(tokenizer_path))
     # bf16 on a GPU, where pyllm's attention kernels take 16-bit inputs only (fp32 weights would
     # run on SDPA); fp32 on the CPU, where bf16 decoding measured no faster (llama-124m, 2-core
     # Xeon VM, 2026-11-30: 36-38 tokens/s either way).
     dtype = args.dtype if args.dtype != "auto" else ("bf16" if torch.device(device).type == "cuda" else "fp32")
-    model = LLM.load(model_path, device=device).to(getattr(torch, GENERATE_DTYPES[dtype])).eval()
-    tokenizer = tokenizer_class().load(str(tokenizer_path))
+    model = model.to(device=device, dtype=getattr(torch, GENERATE_DTYPES[dtype])).eval()
     for i in range(args.num_samples):
         stream_sample(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed + i)
         print("\n" + "-" * 60)
@@ -517,6 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", help="a run folder written by `pyllm train` (finds model.safetensors and the tokenizer)")
     p.add_argument("--model", help="a model.safetensors (instead of --run)")
     p.add_argument("--tokenizer", help="the tokenizer the model was trained with (instead of --run)")
+    p.add_argument("--hf", metavar="DIR", help="a Hugging Face checkpoint folder (LLaMA, Mistral, GPT-2: config.json, *.safetensors, tokenizer.json) instead of --run")
     p.add_argument("--prompt", default="def ", help="text to continue (default 'def ')")
     p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default 200)")
     p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 is greedy (default 0.8)")

@@ -272,7 +272,7 @@ def test_torchrun_two_cpu_processes_end_to_end(tmp_path):
     assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 6
 
 
-def test_train_init_from_hf(tmp_path, capsys):
+def test_train_init_from_hf_and_generate(tmp_path, capsys):
     # Fine-tuning a Hugging Face checkpoint folder: its weights start the run, its tokenizer.json
     # tokenizes --data (pyllm's real tokenizer here, not the stand-in).
     transformers, tokenizers = pytest.importorskip("transformers"), pytest.importorskip("tokenizers")
@@ -309,3 +309,5 @@ def test_train_init_from_hf(tmp_path, capsys):
     ids = Tokenizer.load(str(run / "tokenizer.bpe")).encode_ordinary("def g(y):\n    return y")
     assert ids == hf_tokenizer.encode("def g(y):\n    return y").ids
     assert cli.main(argv) == 0 and "tokenizer: reusing" in capsys.readouterr().out
+    assert cli.main(["generate", "--hf", str(hf_dir), "--max-new-tokens", "6", "--prompt", "def g"]) == 0
+    assert capsys.readouterr().out.startswith("def g")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
@@ -256,8 +257,6 @@ class LLM(nn.Module):
         master weights for training; the checkpoint's own dtype may be bf16). Read with safetensors
         alone, no transformers needed. Anything the model cannot compute the same way (biases in
         LLaMA layers, scaled RoPE, another activation) raises NotImplementedError."""
-        from pathlib import Path
-
         from safetensors.torch import load_file
 
         folder = Path(folder)

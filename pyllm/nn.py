@@ -35,12 +35,19 @@ class SwiGLUMLP(nn.Module):
         return self.down(h)  # (..., dim)
 
 
-def _swiglu_takes(x: torch.Tensor) -> bool:
-    """Whether the fused SwiGLU kernel takes x: not on devices pyllm has no kernel for (meta, mps,
-    ...), nor on CUDA when this pyllm was built without CUDA kernels (no nvcc at install time)."""
+def _kernel_dtypes(x: torch.Tensor, by_device: dict) -> tuple:
+    """The dtypes an op's kernel takes on x's device: none on devices pyllm has no kernels for (meta,
+    mps, ...), nor on CUDA when this pyllm was built without CUDA kernels (no nvcc at install)."""
+    # is_cpu / is_cuda, not device.type: asked once per layer per decoded token, and building the
+    # torch.device costs 0.7 us each time (the attention check: 2.9 us -> 0.8 us, beside 8-14 us
+    # of Python in the kvcache call itself).
     if x.is_cpu:
-        return x.dtype in swiglu_ops.DTYPES["cpu"]
-    return x.is_cuda and _util.HAS_CUDA_KERNELS and x.dtype in swiglu_ops.DTYPES["cuda"]
+        return by_device["cpu"]
+    return by_device["cuda"] if x.is_cuda and _util.HAS_CUDA_KERNELS else ()
+
+
+def _swiglu_takes(x: torch.Tensor) -> bool:
+    return x.dtype in _kernel_dtypes(x, swiglu_ops.DTYPES)
 
 
 class RMSNorm(nn.Module):
@@ -81,16 +88,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def _flash_attn_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether pyllm's flash attention has a kernel for these inputs (head dim, dtype, device);
     otherwise torch's SDPA computes the same function (e.g. fp16 on the CPU, head dim 80)."""
-    # is_cpu / is_cuda, not device.type: asked once per layer per decoded token, and building the
-    # torch.device costs 0.7 us each time (this check: 2.9 us -> 0.8 us, beside 8-14 us of Python
-    # in the kvcache call itself).
-    if q.is_cpu:
-        dtypes = flash_attn_ops.DTYPES["cpu"]
-    elif q.is_cuda and _util.HAS_CUDA_KERNELS:
-        dtypes = flash_attn_ops.DTYPES["cuda"]
-    else:  # no kernel on this device (meta, mps, ...), or CUDA kernels not built
-        return False
-    return q.shape[-1] in flash_attn_ops.HEAD_DIMS and q.dtype in dtypes and q.dtype == k.dtype == v.dtype
+    return (q.shape[-1] in flash_attn_ops.HEAD_DIMS and q.dtype in _kernel_dtypes(q, flash_attn_ops.DTYPES)
+            and q.dtype == k.dtype == v.dtype)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True) -> torch.Tensor:

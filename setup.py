@@ -51,6 +51,7 @@ class CMakeBuild(build_ext):
             f"-DPYLLM_CUDA={os.environ.get('PYLLM_CUDA', 'auto')}",
             f"-DPYLLM_CUDA_ARCHS={os.environ.get('PYLLM_CUDA_ARCHS', '80;90')}",
             f"-DPYLLM_MARCH={march()}",
+            f"-DPYLLM_OPENMP={'OFF' if os.environ.get('PYLLM_OPENMP', '1') == '0' else 'ON'}",
         ]
         jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
         subprocess.run(configure, cwd=build_dir, check=True)

@@ -178,6 +178,12 @@ PYBIND11_MODULE(_C, m) {
                       "avx2+fma "
 #endif
                       "portable";
+  // Whether the CPU kernels were built with OpenMP (without it, e.g. Apple clang, they run on one thread).
+#ifdef _OPENMP
+  m.attr("cpu_openmp") = true;
+#else
+  m.attr("cpu_openmp") = false;
+#endif
 
 #ifdef PYLLM_WITH_CUDA
   m.attr("has_cuda") = true;

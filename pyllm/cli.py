@@ -35,7 +35,8 @@ def cmd_info(args) -> int:
     else:
         print("CUDA kernels: not built (no nvcc at build time, or PYLLM_CUDA=off)")
         print(f"GPU usable now: no (torch.cuda.is_available() = {torch.cuda.is_available()})")
-    print(f"CPU kernels: compiled paths {_C.cpu_isa}")
+    threads = f"OpenMP, {torch.get_num_threads()} threads" if _C.cpu_openmp else "one thread (built without OpenMP)"
+    print(f"CPU kernels: compiled paths {_C.cpu_isa}; {threads}")
     if "avx512bf16" in _C.cpu_isa:
         how = "vdpbf16ps dot products" if _C.flash_attn_cpu_bf16_dot() else "fp32 tiles (vdpbf16ps is slow on this CPU)"
         print(f"  bf16 attention scores: {how}; PYLLM_ATTN_CPU_BF16_DOT=0/1 overrides")

@@ -16,7 +16,7 @@ def test_import_and_version():
 
 
 def test_extension_reports_its_build():
-    assert isinstance(_C.has_cuda, bool)
+    assert isinstance(_C.has_cuda, bool) and isinstance(_C.cpu_openmp, bool)
     if _C.has_cuda:
         assert _C.cuda_archs  # e.g. "80,90"
         assert _C.cuda_device_count() >= 0  # 0, not an exception, without a GPU or driver

@@ -558,14 +558,19 @@ LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
-def hf_byte_level_bpe(corpus, split_regex=None):
-    """A byte-level BPE trained by Hugging Face's tokenizers: GPT-2's pre-tokenizer, or a Split regex
-    then ByteLevel (as Llama 3's tokenizer.json has it)."""
+def hf_byte_level_bpe(corpus, pre="ByteLevel"):
+    """A byte-level BPE trained by Hugging Face's tokenizers, with GPT-2's pre-tokenizer (ByteLevel),
+    Digits before it (StarCoder's and SmolLM's), or a Split regex then ByteLevel (Llama 3's)."""
     tk = pytest.importorskip("tokenizers")
     hf = tk.Tokenizer(tk.models.BPE())
-    byte_level = tk.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split_regex is None)
-    hf.pre_tokenizer = byte_level if split_regex is None else tk.pre_tokenizers.Sequence(
-        [tk.pre_tokenizers.Split(tk.Regex(split_regex), behavior="isolated"), byte_level])
+    pt = tk.pre_tokenizers
+    hf.pre_tokenizer = {
+        "ByteLevel": pt.ByteLevel(add_prefix_space=False),
+        "Digits+ByteLevel": pt.Sequence([pt.Digits(individual_digits=True), pt.ByteLevel(add_prefix_space=False)]),
+        "DigitRuns+ByteLevel": pt.Sequence([pt.Digits(individual_digits=False), pt.ByteLevel(add_prefix_space=False)]),
+        "Split+ByteLevel": pt.Sequence([pt.Split(tk.Regex(LLAMA3_SPLIT), behavior="isolated"),
+                                        pt.ByteLevel(add_prefix_space=False, use_regex=False)]),
+    }[pre]
     hf.decoder = tk.decoders.ByteLevel()
     hf.train_from_iterator(corpus, tk.trainers.BpeTrainer(
         vocab_size=1200, special_tokens=[EOT], initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet(),
@@ -573,10 +578,10 @@ def hf_byte_level_bpe(corpus, split_regex=None):
     return hf
 
 
-@pytest.fixture(scope="module", params=["ByteLevel", "Split+ByteLevel"])
+@pytest.fixture(scope="module", params=["ByteLevel", "Digits+ByteLevel", "DigitRuns+ByteLevel", "Split+ByteLevel"])
 def hf_pair(request, corpus, tmp_path_factory):
     """(ours read from tokenizer.json, the Hugging Face tokenizer that wrote it)."""
-    hf = hf_byte_level_bpe(corpus, None if request.param == "ByteLevel" else LLAMA3_SPLIT)
+    hf = hf_byte_level_bpe(corpus, request.param)
     path = tmp_path_factory.mktemp("hf") / "tokenizer.json"
     hf.save(str(path))
     return Tokenizer.from_hf(path), hf

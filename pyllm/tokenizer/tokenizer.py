@@ -48,9 +48,17 @@ def _bytes_to_unicode() -> dict[int, str]:
     return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(others)}}
 
 
+# Hugging Face's Digits pre-tokenizer (StarCoder's and SmolLM's tokenizers put it before GPT-2's
+# ByteLevel) cuts the text at every digit (or digit run) first, and ByteLevel's regex then runs on
+# each piece alone. One regex over the whole text does the same: digits first, no other alternative
+# takes a digit, and the whitespace lookahead sees a digit as the end of the piece it is in.
+_HF_DIGITS_THEN_GPT2 = r"""\p{N}%s|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"""
+
+
 def _hf_pattern(pre_tokenizer, where: str) -> str:
     """The split regex of a Hugging Face byte-level pre-tokenizer: ByteLevel's own (GPT-2's: the
-    "gpt2" pattern, which splits the same) or a Split regex followed by a ByteLevel without one."""
+    "gpt2" pattern, which splits the same), Digits then ByteLevel's own, or a Split regex followed
+    by a ByteLevel without one."""
     steps = (pre_tokenizer or {}).get("pretokenizers") if (pre_tokenizer or {}).get("type") == "Sequence" else [pre_tokenizer]
     steps = [s for s in steps or [] if s]
     byte_level = [s for s in steps if s.get("type") == "ByteLevel"]
@@ -59,6 +67,8 @@ def _hf_pattern(pre_tokenizer, where: str) -> str:
                                   "add_prefix_space")
     if steps == byte_level and byte_level[0].get("use_regex", True):
         return "gpt2"
+    if len(steps) == 2 and steps[0].get("type") == "Digits" and byte_level[0].get("use_regex", True):
+        return _HF_DIGITS_THEN_GPT2 % ("" if steps[0].get("individual_digits") else "+")
     split = steps[0] if len(steps) == 2 and steps[1] is byte_level[0] else {}
     if (split.get("type") != "Split" or "Regex" not in (split.get("pattern") or {}) or split.get("invert")
             or split.get("behavior") != "Isolated" or byte_level[0].get("use_regex", True)):

@@ -234,8 +234,10 @@ def setup_run_data(cfg, cli: dict) -> None:
         if tokenizer_path:
             tokenizer = tokenizer_class().load(str(tokenizer_path))
         elif cfg.init_from_hf:
+            from pyllm.model import hf_folder
+
             tokenizer_path = out / "tokenizer.bpe"
-            tokenizer = ensure_hf_tokenizer(Path(cfg.init_from_hf), tokenizer_path)
+            tokenizer = ensure_hf_tokenizer(hf_folder(cfg.init_from_hf), tokenizer_path)
         else:
             wanted = cli["vocab_size"] or cfg.model.get("vocab_size") or PRESETS.get(cfg.preset, PRESETS["tiny"])["vocab_size"]
             tokenizer_path = out / "tokenizer.bpe"
@@ -372,11 +374,12 @@ GENERATE_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 def cmd_generate(args) -> int:
     import torch
 
-    from pyllm.model import LLM
+    from pyllm.model import LLM, hf_folder
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if args.hf:
-        model, tokenizer = LLM.from_hf(args.hf), tokenizer_class().from_hf(Path(args.hf) / "tokenizer.json")
+        folder = hf_folder(args.hf)
+        model, tokenizer = LLM.from_hf(folder), tokenizer_class().from_hf(folder / "tokenizer.json")
     else:
         run = Path(args.run) if args.run else None
         model_path = Path(args.model) if args.model else (run / "model.safetensors" if run else None)
@@ -460,7 +463,7 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer-train-bytes", type=int, help="train the tokenizer on an evenly spread sample of about this many bytes of --data (default 0: all of it)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint up to --max-steps")
     p.add_argument("--preset", help="model preset: tiny (default), llama-124m, gpt2-124m, palm-style")
-    p.add_argument("--init-from-hf", metavar="DIR", help="fine-tune a Hugging Face checkpoint folder (LLaMA, Mistral, GPT-2: config.json, *.safetensors, tokenizer.json) instead of a preset; its tokenizer tokenizes --data (set --seq-len: the default is the model's whole context)")
+    p.add_argument("--init-from-hf", metavar="DIR", help="fine-tune a Hugging Face checkpoint folder or hub repo id (LLaMA, Mistral, GPT-2: config.json, *.safetensors, tokenizer.json) instead of a preset; its tokenizer tokenizes --data (set --seq-len: the default is the model's whole context)")
     p.add_argument("--model", dest="model_overrides", action="append", metavar="KEY=VALUE", help="override a ModelConfig field, e.g. --model n_layers=2 --model norm=layernorm (repeatable)")
     p.add_argument("--max-steps", type=int, help="optimizer steps in all (default 600)")
     p.add_argument("--ckpt-every", type=int, help="write the checkpoint every K steps (and at the end; default 200)")
@@ -521,7 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", help="a run folder written by `pyllm train` (finds model.safetensors and the tokenizer)")
     p.add_argument("--model", help="a model.safetensors (instead of --run)")
     p.add_argument("--tokenizer", help="the tokenizer the model was trained with (instead of --run)")
-    p.add_argument("--hf", metavar="DIR", help="a Hugging Face checkpoint folder (LLaMA, Mistral, GPT-2: config.json, *.safetensors, tokenizer.json) instead of --run")
+    p.add_argument("--hf", metavar="DIR", help="a Hugging Face checkpoint folder or hub repo id (LLaMA, Mistral, GPT-2: config.json, *.safetensors, tokenizer.json) instead of --run")
     p.add_argument("--prompt", default="def ", help="text to continue (default 'def ')")
     p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default 200)")
     p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 is greedy (default 0.8)")

@@ -254,12 +254,13 @@ class LLM(nn.Module):
         """A Hugging Face checkpoint folder (config.json and model.safetensors, or shards with their
         model.safetensors.index.json, as save_pretrained writes them) of LlamaForCausalLM (also
         Mistral without a sliding window) or GPT2LMHeadModel, with its weights in `dtype` (fp32:
-        master weights for training; the checkpoint's own dtype may be bf16). Read with safetensors
-        alone, no transformers needed. Anything the model cannot compute the same way (biases in
-        LLaMA layers, scaled RoPE, another activation) raises NotImplementedError."""
+        master weights for training; the checkpoint's own dtype may be bf16), or a hub repo id
+        (see hf_folder). Read with safetensors alone, no transformers needed. Anything the model
+        cannot compute the same way (biases in LLaMA layers, scaled RoPE, another activation)
+        raises NotImplementedError."""
         from safetensors.torch import load_file
 
-        folder = Path(folder)
+        folder = hf_folder(folder)
         hf = json.loads((folder / "config.json").read_text())
         index = folder / "model.safetensors.index.json"
         files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
@@ -340,6 +341,22 @@ def save_weights(state_dict: dict, cfg: ModelConfig, path) -> None:
 
 
 # --- Hugging Face checkpoints -----------------------------------------------------------------------
+
+HF_FILES = ["config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors", "tokenizer.json"]
+
+
+def hf_folder(name) -> Path:
+    """name itself when it is a folder; else a Hugging Face hub repo id (e.g. "gpt2",
+    "HuggingFaceTB/SmolLM2-135M"), whose config, safetensors weights and tokenizer.json
+    huggingface_hub fetches into its cache (once) when it is installed."""
+    if Path(name).is_dir():
+        return Path(name)
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ValueError(f"{name}: no such folder (a hub repo id needs huggingface_hub installed)") from None
+    return Path(snapshot_download(str(name), allow_patterns=HF_FILES))
+
 
 def config_from_hf(hf: dict) -> ModelConfig:
     """ModelConfig from a Hugging Face config.json (LLaMA / Mistral or GPT-2)."""

@@ -288,3 +288,16 @@ def test_from_hf_refuses_what_it_cannot_compute(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(base))
     with pytest.raises(ValueError, match="no model.safetensors"):
         LLM.from_hf(tmp_path)
+
+
+def test_from_hf_fetches_a_hub_repo_id(tmp_path, monkeypatch):
+    # No hub here: huggingface_hub's download is stood in for by a folder save_pretrained wrote.
+    hub = pytest.importorskip("huggingface_hub")
+    from pyllm.model import HF_FILES
+
+    hf_models()["gpt2"].save_pretrained(tmp_path)
+    calls = []
+    monkeypatch.setattr(hub, "snapshot_download", lambda repo_id, allow_patterns: calls.append((repo_id, allow_patterns))
+                        or str(tmp_path))
+    model = LLM.from_hf("openai-community/gpt2")
+    assert calls == [("openai-community/gpt2", HF_FILES)] and model.config.positions == "learned"

@@ -563,7 +563,11 @@ class Tokenizer:
                 raise NotImplementedError(f"{where}: {name} {value!r} has no tiktoken equivalent")
         pattern = _hf_pattern(data.get("pre_tokenizer"), where)
         byte_of = {char: byte for byte, char in _bytes_to_unicode().items()}
-        specials = {t["content"]: t["id"] for t in data.get("added_tokens") or []}
+        added = data.get("added_tokens") or []
+        for t in added:
+            if t.get("lstrip") or t.get("rstrip") or t.get("single_word"):
+                raise NotImplementedError(f"{where}: added token {t['content']!r} strips or matches whole words only")
+        specials = {t["content"]: t["id"] for t in added}
         ranks = {}
         for token, token_id in model["vocab"].items():
             if token in specials:

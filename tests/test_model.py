@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from pyllm.model import LLM, PRESETS, ModelConfig, sample
 
-from helpers import rel_err
+from helpers import CPU_AND_CUDA, rel_err, tolerance
 
 
 # --- the reference: the same architectures, written plainly from a state dict ---------------------
@@ -134,6 +134,39 @@ def test_generate_with_cache_equals_without(name):
     without = model.generate(prompt, 20, temperature=0, use_cache=False)
     assert with_cache.shape == (3, 24)
     assert torch.equal(with_cache, without)
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+@pytest.mark.parametrize("name", ["gqa-untied", "palm-mqa"])
+def test_bf16_forward_and_kv_cache_within_twice_torchs_error(device, name, monkeypatch):
+    # The model in bf16 on pyllm's kernels (flash attention, its KV-cache decode, SwiGLU) against
+    # the float64 model, within twice the error of the same bf16 model on torch's own functions
+    # (SDPA, silu(gate) * up): the whole forward, and the cached path (a 7-token prefill, a
+    # 5-token append, then single tokens), which on the GPU is the split-KV decode kernel.
+    from pyllm import nn as pyllm_nn
+
+    cfg = ModelConfig(**CONFIGS[name])
+    model = randomized(cfg)
+    idx = torch.randint(0, cfg.vocab_size, (2, 20))
+    with torch.no_grad():
+        ref = model(idx)[0]  # (B, T, V) float64
+    model = model.to(device=device, dtype=torch.bfloat16)
+    assert pyllm_nn._kernel_dtypes(idx.to(device), {"cpu": "cpu kernels", "cuda": "cuda kernels"})
+
+    @torch.no_grad()
+    def full_and_cached():
+        x = idx.to(device)
+        cache = model.new_kv_cache(2)
+        steps = [model.forward_cached(x[:, :7], cache, 0), model.forward_cached(x[:, 7:12], cache, 7)]
+        steps += [model.forward_cached(x[:, t:t + 1], cache, t) for t in range(12, 20)]
+        return model(x)[0], torch.stack(steps, dim=1)  # (B, T, V), (B, 10, V)
+
+    full, cached = full_and_cached()
+    monkeypatch.setattr(pyllm_nn, "_kernel_dtypes", lambda x, by_device: ())  # torch's own functions
+    torch_full, torch_cached = full_and_cached()
+    ref_cached = ref[:, [6, 11, *range(12, 20)]]
+    assert rel_err(full, ref) <= tolerance(torch_full, ref)
+    assert rel_err(cached, ref_cached) <= tolerance(torch_cached, ref_cached)
 
 
 def test_generate_streams_and_runs_past_block_size():

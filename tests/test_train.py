@@ -3,6 +3,7 @@ checkpoints, fp16 overflow skips, divergence stop, DDP on 2 CPU processes."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -53,6 +54,18 @@ def test_loss_falls_and_outputs_written(data_dir, tmp_path):
     for name in ("checkpoint.pt", "model.safetensors", "loss.png"):
         assert (tmp_path / name).stat().st_size > 0
     assert not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.cuda
+def test_loss_falls_on_the_gpu(data_dir, tmp_path):
+    # The whole stack on the GPU: bf16 autocast into pyllm's flash attention and SwiGLU kernels,
+    # AdamW's fused step on the fp32 masters, evaluation and checkpoints.
+    summary = trainer.train(config(data_dir, tmp_path, device="cuda", max_steps=40, eval_every=20))
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert summary["precision"] == "bf16" and summary["device"].startswith("cuda")
+    assert all(math.isfinite(r["loss"]) for r in records)
+    assert np.mean([r["loss"] for r in records[-5:]]) < np.mean([r["loss"] for r in records[:5]]) - 1.0
+    assert records[19]["val_loss"] > records[39]["val_loss"] == summary["val_loss"]
 
 
 @pytest.mark.parametrize("extra", [dict(), dict(grad_accum=2, schedule="wsd", precision="bf16")])

@@ -29,9 +29,8 @@
 // it), writes out and lse once; the backward reads q, dout, out, k, v once and writes dq, dk, dv
 // once. Scratch, per thread and kept across calls while under 32 MB (kKeptScratchBytes): forward
 // 2 * Tk * D * 4 bytes, backward 3 * group * Tq * D * 4 bytes (q, dout, dq of the group: 6 MB at
-// T = 4096, D = 128, MHA); a split
-// backward also allocates its partials, chunks (<= 8) times dk + dv in fp32 (34 MB for MQA,
-// B = 1, T = 4096, D = 128).
+// T = 4096, D = 128, MHA); a split backward also allocates its partials, chunks (<= 8) times
+// dk + dv in fp32 (34 MB for MQA, B = 1, T = 4096, D = 128).
 // Both are compute-bound: every element packed into a tile takes part in 64-128 FMAs, so the
 // floor is the FMA rate (2 FLOPs x 16 lanes x ~3.6 GHz = 116 GFLOP/s per core measured here).
 //

@@ -60,3 +60,25 @@ print('imported' if 'torch._dynamo' in sys.modules else 'not imported')
     if "preloaded" in out:
         pytest.skip("this torch imports torch._dynamo at import")
     assert out.strip() == "not imported"
+
+
+def test_jit_trace_records_the_ops():
+    # Eager inference calls skip the custom op, but not under torch.jit.trace: the trace must hold
+    # the op, not the body's allocations without its kernel call (a silently wrong trace).
+    import torch
+
+    def fn(gate, up, q, k_cache, v_cache, k_new):
+        attn = pyllm.flash_attn(q, q, q, causal=True)
+        cached = pyllm.flash_attn_with_kvcache(q[:, :1], k_cache, v_cache, 3, k_new, k_new)
+        return pyllm.swiglu(gate, up) * 2, pyllm.swiglu_packed(gate) + 1, attn * 2, cached + 1
+
+    def inputs():
+        q = torch.randn(1, 6, 2, 32)
+        return (torch.randn(4, 8), torch.randn(4, 8), q, torch.randn(1, 8, 2, 32), torch.randn(1, 8, 2, 32),
+                torch.randn(1, 1, 2, 32))
+
+    with torch.no_grad():
+        traced = torch.jit.trace(fn, inputs(), check_trace=False)
+        args = inputs()
+        for got, want in zip(traced(*[a.clone() for a in args]), fn(*args)):
+            torch.testing.assert_close(got, want)

@@ -95,10 +95,11 @@ def plain_cpu(t) -> bool:
 
 
 def eager_untraced() -> bool:
-    """No torch.compile, dispatch or function mode, vmap / grad transform: what sees the op must
-    get the op (fake tensors, make_fx, ...)."""
+    """No torch.compile, torch.jit.trace, dispatch or function mode, vmap / grad transform: what
+    sees the op must get the op (fake tensors, make_fx, a TorchScript trace, which would record the
+    body's allocations but not its kernel call)."""
     try:  # private torch helpers: where a torch release lacks them, every call takes the op
-        return not (torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
+        return not (torch.compiler.is_compiling() or torch.jit.is_tracing() or _get_current_dispatch_mode() is not None
                     or torch._C._is_torch_function_mode_enabled() or torch._C._are_functorch_transforms_active())
     except AttributeError:
         return False

@@ -36,6 +36,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     dropout: float = 0.0
     rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # Llama 3.1's: {"rope_type": "llama3", "factor", "low_freq_factor", ...}
     norm_eps: float = 1e-5
 
     def __post_init__(self):
@@ -63,6 +64,12 @@ class ModelConfig:
             raise ValueError(f"ModelConfig: n_kv_heads ({self.n_kv_heads}) must divide n_heads ({self.n_heads})")
         if self.positions == "rope" and self.head_dim % 2:
             raise ValueError(f"ModelConfig: rope needs an even head dim, got dim/n_heads = {self.head_dim}")
+        if self.rope_scaling is not None:
+            keys = {"rope_type", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
+            if not isinstance(self.rope_scaling, dict) or self.rope_scaling.get("rope_type") != "llama3" \
+                    or set(self.rope_scaling) != keys:
+                raise ValueError(f"ModelConfig.rope_scaling must be None or Llama 3.1's, a dict of {sorted(keys)} "
+                                 f"with rope_type 'llama3', got {self.rope_scaling!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"ModelConfig.dropout must be in [0, 1), got {self.dropout}")
 
@@ -186,7 +193,7 @@ class LLM(nn.Module):
             x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
         else:
             rope = rope_cos_sin(T, self.config.head_dim, self.config.rope_theta, start, idx.device,
-                                torch.promote_types(self.tok_emb.weight.dtype, torch.float32))
+                                torch.promote_types(self.tok_emb.weight.dtype, torch.float32), self.config.rope_scaling)
         return self.dropout(x), rope
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
@@ -373,8 +380,13 @@ def config_from_hf(hf: dict) -> ModelConfig:
     if kind not in ("llama", "mistral"):
         raise NotImplementedError(f"Hugging Face model_type {kind!r}: pyllm reads llama, mistral and gpt2")
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}  # transformers 5 / 4
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise NotImplementedError(f"scaled RoPE ({rope}): pyllm's RoPE is the unscaled one")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "llama3"):
+        raise NotImplementedError(f"scaled RoPE ({rope}): pyllm's RoPE is the unscaled one or Llama 3.1's")
+    scaling_keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    if rope_type == "llama3" and not all(k in rope for k in scaling_keys):
+        raise ValueError(f"llama3 RoPE scaling needs {', '.join(scaling_keys)}; the config has {rope}")
+    scaling = {"rope_type": "llama3", **{k: rope[k] for k in scaling_keys}} if rope_type == "llama3" else None
     dim, n_heads = hf["hidden_size"], hf["num_attention_heads"]
     unsupported = {"attention_bias": hf.get("attention_bias"), "mlp_bias": hf.get("mlp_bias"),
                    "sliding_window": hf.get("sliding_window"),
@@ -388,7 +400,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
                        n_layers=hf["num_hidden_layers"], n_heads=n_heads,
                        n_kv_heads=hf.get("num_key_value_heads") or n_heads, dim=dim, mlp_hidden=hf["intermediate_size"],
                        tie_embeddings=hf.get("tie_word_embeddings", False), norm_eps=hf.get("rms_norm_eps", 1e-6),
-                       rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+                       rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)), rope_scaling=scaling)
 
 
 def state_from_hf(hf_state: dict, cfg: ModelConfig, kind: str) -> dict:

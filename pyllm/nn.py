@@ -1,6 +1,8 @@
 """Modules built on pyllm's ops, drop-in replacements for their LLaMA counterparts."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -66,14 +68,29 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(seq_len: int, head_dim: int, theta: float = 10000.0, start: int = 0, device=None,
-                 dtype=torch.float32):
+                 dtype=torch.float32, scaling: dict | None = None):
     """cos, sin of the rotary angles (Su et al. 2021, eq. 34) for positions start..start+seq_len-1,
     each (seq_len, head_dim // 2), in fp32 (or fp64) whatever the model dtype: angles up to 1e4 rad
-    need it."""
+    need it. scaling: Llama 3.1's long-context rule (see llama3_scaled)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=dtype) / head_dim)
+    if scaling is not None:
+        inv_freq = llama3_scaled(inv_freq, **{k: v for k, v in scaling.items() if k != "rope_type"})
     pos = torch.arange(start, start + seq_len, device=device, dtype=dtype)
     angles = torch.outer(pos, inv_freq)  # (T, D/2)
     return angles.cos(), angles.sin()
+
+
+def llama3_scaled(inv_freq: torch.Tensor, factor: float, low_freq_factor: float, high_freq_factor: float,
+                  original_max_position_embeddings: int) -> torch.Tensor:
+    """Llama 3.1's RoPE frequencies for a longer context (Meta's reference code, apply_scaling):
+    wavelengths shorter than original / high_freq_factor stay, those longer than
+    original / low_freq_factor are stretched by factor, and the band between blends the two."""
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (original_max_position_embeddings / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    long = wavelen > original_max_position_embeddings / low_freq_factor
+    short = wavelen < original_max_position_embeddings / high_freq_factor
+    return torch.where(short, inv_freq, torch.where(long, inv_freq / factor, blended))
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

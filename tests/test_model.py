@@ -279,12 +279,16 @@ def hf_models():
     return {
         "llama-gqa": transformers.LlamaForCausalLM(transformers.LlamaConfig(**llama, num_key_value_heads=2, rope_theta=500.0)),
         "llama-tied": transformers.LlamaForCausalLM(transformers.LlamaConfig(**llama, tie_word_embeddings=True)),
+        # head dim 16: wavelengths 6.3, 20, 63, 199, ... against 32 / 4 and 32 / 1: every branch of the rule
+        "llama3-rope": transformers.LlamaForCausalLM(transformers.LlamaConfig(**llama, rope_scaling=dict(
+            rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+            original_max_position_embeddings=32))),
         "gpt2": transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=97, n_positions=64, n_embd=64, n_layer=2,
                                                                      n_head=4)),
     }
 
 
-@pytest.mark.parametrize("name", ["llama-gqa", "llama-tied", "gpt2"])
+@pytest.mark.parametrize("name", ["llama-gqa", "llama-tied", "llama3-rope", "gpt2"])
 def test_from_hf_computes_what_transformers_computes(name, tmp_path):
     theirs = hf_models()[name].double().eval()
     with torch.no_grad():  # past the 0.02-std init, so that every weight matters
@@ -311,13 +315,15 @@ def test_from_hf_refuses_what_it_cannot_compute(tmp_path):
     base = dict(model_type="llama", vocab_size=97, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                 num_attention_heads=4, max_position_embeddings=64)
     for extra, message in [(dict(attention_bias=True), "attention_bias"), (dict(sliding_window=4096), "sliding_window"),
-                           (dict(rope_scaling=dict(rope_type="llama3", factor=8.0)), "scaled RoPE"),
+                           (dict(rope_scaling=dict(rope_type="yarn", factor=8.0)), "scaled RoPE"),
                            (dict(head_dim=32), "head_dim"), (dict(hidden_act="gelu"), "hidden_act"),
                            (dict(model_type="qwen2"), "model_type 'qwen2'")]:
         with pytest.raises(NotImplementedError, match=message):
             config_from_hf({**base, **extra})
     assert config_from_hf({**base, "rope_theta": 5e5, "rope_scaling": None}).rope_theta == 5e5  # transformers 4's keys
     assert config_from_hf({**base, "rope_parameters": dict(rope_type="default", rope_theta=5e5)}).rope_theta == 5e5
+    with pytest.raises(ValueError, match="needs factor"):
+        config_from_hf({**base, "rope_scaling": dict(rope_type="llama3", factor=8.0)})
     (tmp_path / "config.json").write_text(json.dumps(base))
     with pytest.raises(ValueError, match="no model.safetensors"):
         LLM.from_hf(tmp_path)

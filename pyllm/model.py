@@ -263,8 +263,8 @@ class LLM(nn.Module):
         Mistral without a sliding window) or GPT2LMHeadModel, with its weights in `dtype` (fp32:
         master weights for training; the checkpoint's own dtype may be bf16), or a hub repo id
         (see hf_folder). Read with safetensors alone, no transformers needed. Anything the model
-        cannot compute the same way (biases in LLaMA layers, RoPE scalings other than Llama 3.1's, another activation)
-        raises NotImplementedError."""
+        cannot compute the same way (biases in LLaMA layers, RoPE scalings other than Llama 3.1's,
+        another activation) raises NotImplementedError."""
         from safetensors.torch import load_file
 
         folder = hf_folder(folder)

@@ -580,8 +580,8 @@ class Tokenizer:
             left, right = merge.split(" ") if isinstance(merge, str) else merge
             merged = model["vocab"].get(left + right)
             if merged is None or merged <= last:
-                raise NotImplementedError(f"{where}: merge {left!r} + {right!r} is out of id order: tiktoken's "
-                                          "semantics (lowest id merges first) would encode differently")
+                raise NotImplementedError(f"{where}: merge {left!r} + {right!r} makes no token or is out of id "
+                                          "order: tiktoken's semantics (lowest id merges first) would encode differently")
             last = merged
         return cls(ranks, pattern, specials, name=os.path.splitext(os.path.basename(os.fspath(path)))[0])
 

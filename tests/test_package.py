@@ -62,6 +62,7 @@ print('imported' if 'torch._dynamo' in sys.modules else 'not imported')
     assert out.strip() == "not imported"
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
 def test_jit_trace_records_the_ops():
     # Eager inference calls skip the custom op, but not under torch.jit.trace: the trace must hold
     # the op, not the body's allocations without its kernel call (a silently wrong trace).

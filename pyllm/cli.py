@@ -321,13 +321,14 @@ def cmd_train(args) -> int:
     return 0
 
 
-def stream_sample(model, tokenizer, prompt: str, max_new_tokens: int, temperature: float, top_k, top_p, seed: int) -> str:
-    """Generates after prompt, printing text as it comes (a UTF-8 character split across tokens is
-    printed once its last byte arrives)."""
+def stream_sample(model, tokenizer, prompt: str, max_new_tokens: int, temperature: float, top_k, top_p, seed: int,
+                  prefix_ids=()) -> str:
+    """Generates after prompt (after prefix_ids, e.g. a BOS token), printing text as it comes (a
+    UTF-8 character split across tokens is printed once its last byte arrives)."""
     import torch
 
     device = next(model.parameters()).device
-    ids = tokenizer.encode_ordinary(prompt) or [0]
+    ids = [*prefix_ids, *tokenizer.encode_ordinary(prompt)] or [0]
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     generated: list[int] = []
     printed = prompt
@@ -377,9 +378,13 @@ def cmd_generate(args) -> int:
     from pyllm.model import LLM, hf_folder
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    prefix = []
     if args.hf:
+        from pyllm.tokenizer.tokenizer import hf_prefix_ids
+
         folder = hf_folder(args.hf)
         model, tokenizer = LLM.from_hf(folder), tokenizer_class().from_hf(folder / "tokenizer.json")
+        prefix = hf_prefix_ids(folder / "tokenizer.json")  # Llama 3's <|begin_of_text|>
     else:
         run = Path(args.run) if args.run else None
         model_path = Path(args.model) if args.model else (run / "model.safetensors" if run else None)
@@ -395,7 +400,8 @@ def cmd_generate(args) -> int:
     dtype = args.dtype if args.dtype != "auto" else ("bf16" if torch.device(device).type == "cuda" else "fp32")
     model = model.to(device=device, dtype=getattr(torch, GENERATE_DTYPES[dtype])).eval()
     for i in range(args.num_samples):
-        stream_sample(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed + i)
+        stream_sample(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                      args.seed + i, prefix)
         print("\n" + "-" * 60)
     return 0
 

@@ -628,3 +628,20 @@ def test_from_hf_refuses_what_tiktoken_semantics_cannot_do(corpus, tmp_path):
         path.write_text(json.dumps({**good, **change}))
         with pytest.raises(NotImplementedError, match=message):
             Tokenizer.from_hf(path)
+
+
+def test_hf_prefix_ids(corpus, tmp_path):
+    # Llama 3's post-processor puts <|begin_of_text|> before every text (inside a Sequence with
+    # ByteLevel); GPT-2's puts nothing.
+    tk = pytest.importorskip("tokenizers")
+    from pyllm.tokenizer.tokenizer import hf_prefix_ids
+
+    hf = hf_byte_level_bpe(corpus[:3])
+    path = tmp_path / "tokenizer.json"
+    hf.save(str(path))
+    assert hf_prefix_ids(path) == []
+    begin = hf.token_to_id(EOT)
+    hf.post_processor = tk.processors.Sequence([tk.processors.ByteLevel(trim_offsets=False),
+                                                tk.processors.TemplateProcessing(single=f"{EOT} $A", special_tokens=[(EOT, begin)])])
+    hf.save(str(path))
+    assert hf_prefix_ids(path) == [begin] == hf.encode("def f").ids[:1]

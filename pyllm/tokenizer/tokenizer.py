@@ -77,6 +77,22 @@ def _hf_pattern(pre_tokenizer, where: str) -> str:
     return split["pattern"]["Regex"]
 
 
+def hf_prefix_ids(path) -> list[int]:
+    """The ids a Hugging Face tokenizer.json's post-processor puts before a single text (Llama 3's
+    <|begin_of_text|>; none for GPT-2's): what its models saw at the start of every sequence, for
+    prompts to begin with."""
+    with open(path, encoding="utf-8") as f:
+        post = json.load(f).get("post_processor") or {}
+    for step in post.get("processors", [post]) if post.get("type") == "Sequence" else [post]:
+        if step.get("type") == "TemplateProcessing":
+            ids = []
+            for piece in step.get("single", []):
+                if "Sequence" in piece:
+                    return ids
+                ids += step["special_tokens"][piece["SpecialToken"]["id"]]["ids"]
+    return []
+
+
 def _compile_custom(pattern: str):
     """The slow general path for a custom pattern: Python's `regex` module if installed, else `re`."""
     try:

@@ -183,15 +183,26 @@ def ensure_hf_tokenizer(folder: Path, path: Path):
     return tok
 
 
-def ensure_token_files(inputs, tokenizer, tokenizer_path: Path, out_dir: Path, val_fraction: float) -> Path:
-    """out_dir/train.bin and val.bin for inputs, reused when made from the same inputs and
-    tokenizer file."""
+def hf_doc_markers(folder: Path) -> dict:
+    """A Hugging Face model's document markers for data.prepare: what its tokenizer.json puts before
+    a text (Llama 3's <|begin_of_text|>) and its config's end-of-sequence id (the first of a list),
+    so that fine-tuning documents look like the ones it was trained on."""
+    from pyllm.tokenizer.tokenizer import hf_prefix_ids
+
+    eos = json.loads((folder / "config.json").read_text()).get("eos_token_id")
+    return {"doc_start": hf_prefix_ids(folder / "tokenizer.json"), "doc_end": eos[0] if isinstance(eos, list) else eos}
+
+
+def ensure_token_files(inputs, tokenizer, tokenizer_path: Path, out_dir: Path, val_fraction: float,
+                       doc_markers: dict | None = None) -> Path:
+    """out_dir/train.bin and val.bin for inputs, reused when made from the same inputs, tokenizer
+    file and document markers (data.prepare's doc_start / doc_end; None: its defaults)."""
     from pyllm import data
 
     meta_path = out_dir / "source.json"
     meta = {"inputs": [str(Path(p).resolve()) for p in inputs] if inputs else "stdlib",
             "tokenizer": str(tokenizer_path.resolve()), "tokenizer_mtime": tokenizer_path.stat().st_mtime,
-            "val_fraction": val_fraction}
+            "val_fraction": val_fraction, **({"doc_markers": doc_markers} if doc_markers else {})}
     if meta_path.exists() and json.loads(meta_path.read_text()) == meta:
         try:
             data.read_header(out_dir / "train.bin"), data.read_header(out_dir / "val.bin")
@@ -200,7 +211,7 @@ def ensure_token_files(inputs, tokenizer, tokenizer_path: Path, out_dir: Path, v
         except data.TokenFileError as e:
             print(f"data: {e}; preparing again")
     t0 = time.perf_counter()
-    stats = data.prepare(inputs, tokenizer, out_dir, val_fraction)
+    stats = data.prepare(inputs, tokenizer, out_dir, val_fraction, **(doc_markers or {}))
     meta_path.write_text(json.dumps(meta))
     print(f"data: {stats['files']} files, {stats['bytes'] / 1e6:.1f} MB -> {stats['train_tokens']:,} train and "
           f"{stats['val_tokens']:,} val tokens in {time.perf_counter() - t0:.1f} s")
@@ -227,7 +238,7 @@ def setup_run_data(cfg, cli: dict) -> None:
     out = Path(cfg.out_dir)
     data_arg = cli["data"]
     data_list = None if data_arg is None else (data_arg if isinstance(data_arg, list) else [data_arg])
-    tokenizer_path, vocab_size = cli["tokenizer"], None
+    tokenizer_path, vocab_size, doc_markers = cli["tokenizer"], None, None
     if data_list is not None and len(data_list) == 1 and is_token_dir(data_list[0]):
         data_dir = str(data_list[0])
     else:
@@ -236,13 +247,15 @@ def setup_run_data(cfg, cli: dict) -> None:
         elif cfg.init_from_hf:
             from pyllm.model import hf_folder
 
-            tokenizer_path = out / "tokenizer.bpe"
-            tokenizer = ensure_hf_tokenizer(hf_folder(cfg.init_from_hf), tokenizer_path)
+            folder, tokenizer_path = hf_folder(cfg.init_from_hf), out / "tokenizer.bpe"
+            tokenizer = ensure_hf_tokenizer(folder, tokenizer_path)
+            doc_markers = hf_doc_markers(folder)
         else:
             wanted = cli["vocab_size"] or cfg.model.get("vocab_size") or PRESETS.get(cfg.preset, PRESETS["tiny"])["vocab_size"]
             tokenizer_path = out / "tokenizer.bpe"
             tokenizer = ensure_tokenizer(data_list, tokenizer_path, wanted, cli["tokenizer_train_bytes"])
-        data_dir = str(ensure_token_files(data_list, tokenizer, Path(tokenizer_path), out / "data", cli["val_fraction"]))
+        data_dir = str(ensure_token_files(data_list, tokenizer, Path(tokenizer_path), out / "data", cli["val_fraction"],
+                                          doc_markers))
         vocab_size = tokenizer.vocab_size
     (out / "run.json").write_text(json.dumps({
         "tokenizer": str(Path(tokenizer_path).resolve()) if tokenizer_path else None,

@@ -128,10 +128,16 @@ def _eot_id(tokenizer) -> int | None:
     return ids[0] if len(ids) == 1 else None
 
 
+_EOT_IF_ANY = object()
+
+
 def prepare(inputs: Sequence[str | os.PathLike] | None, tokenizer, out_dir, val_fraction: float = 0.02,
-            show_progress: bool = True, batch_docs: int = 64) -> dict:
+            show_progress: bool = True, batch_docs: int = 64, doc_start: Sequence[int] = (),
+            doc_end=_EOT_IF_ANY) -> dict:
     """Tokenizes text files (or folders; None: the stdlib corpus) into out_dir/train.bin and
-    out_dir/val.bin, documents separated by <|endoftext|> when the tokenizer has it.
+    out_dir/val.bin, each document as doc_start + its ids + doc_end: by default nothing first and
+    <|endoftext|> last when the tokenizer has it (a model's own markers, e.g. Llama 3's
+    <|begin_of_text|> and <|end_of_text|> ids, can be given instead; doc_end=None for none).
 
     The split is by document (every round(1/val_fraction)-th file goes to val) when there are at
     least 1/val_fraction files, else by position (the last val_fraction of the tokens). Returns
@@ -144,7 +150,8 @@ def prepare(inputs: Sequence[str | os.PathLike] | None, tokenizer, out_dir, val_
     files = stdlib_corpus() if inputs is None else collect_files(inputs)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    eot = _eot_id(tokenizer)
+    eot = _eot_id(tokenizer) if doc_end is _EOT_IF_ANY else doc_end
+    start_ids = list(doc_start)
     # Ordinary encoding: a literal "<|endoftext|>" inside a file is text, not a separator.
     encode_batch = getattr(tokenizer, "encode_ordinary_batch", None) or tokenizer.encode_batch
     every = max(2, round(1 / val_fraction))
@@ -157,7 +164,7 @@ def prepare(inputs: Sequence[str | os.PathLike] | None, tokenizer, out_dir, val_
         chunk = files[start:start + batch_docs]
         texts = list(read_texts(chunk))
         for i, ids in enumerate(encode_batch(texts)):
-            doc = np.asarray(ids if eot is None else [*ids, eot], dtype=np.int64)
+            doc = np.asarray([*start_ids, *ids] if eot is None else [*start_ids, *ids, eot], dtype=np.int64)
             (val_parts if by_document and (start + i) % every == every - 1 else train_parts).append(doc)
         bar.update(sum(f.stat().st_size for f in chunk))
     bar.close()

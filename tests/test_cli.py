@@ -276,6 +276,7 @@ def test_train_init_from_hf_and_generate(tmp_path, capsys):
     # Fine-tuning a Hugging Face checkpoint folder: its weights start the run, its tokenizer.json
     # tokenizes --data (pyllm's real tokenizer here, not the stand-in).
     transformers, tokenizers = pytest.importorskip("transformers"), pytest.importorskip("tokenizers")
+    import numpy as np
     import torch
 
     from pyllm.model import LLM
@@ -288,12 +289,13 @@ def test_train_init_from_hf_and_generate(tmp_path, capsys):
     hf_tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE())
     hf_tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
     hf_tokenizer.train_from_iterator([p.read_text() for p in corpus.iterdir()], tokenizers.trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False,
+        vocab_size=300, special_tokens=["<|endoftext|>", "<|end|>"], show_progress=False,
         initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
     hf_dir = tmp_path / "hf"
+    eos = hf_tokenizer.token_to_id("<|end|>")  # the model's own end-of-sequence, not pyllm's default
     transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=hf_tokenizer.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-        num_attention_heads=2, max_position_embeddings=64)).save_pretrained(hf_dir)
+        num_attention_heads=2, max_position_embeddings=64, eos_token_id=eos)).save_pretrained(hf_dir)
     hf_tokenizer.save(str(hf_dir / "tokenizer.json"))
 
     run = tmp_path / "run"
@@ -306,6 +308,11 @@ def test_train_init_from_hf_and_generate(tmp_path, capsys):
     assert trained.config == start.config
     for (name, a), b in zip(trained.state_dict().items(), start.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-9, msg=name)  # one step of lr 1e-12 from the checkpoint
+    # documents end with the config's end-of-sequence id, one per file, and not with <|endoftext|>
+    from pyllm import data
+
+    tokens = np.concatenate([np.asarray(data.open_tokens(run / "data" / f)) for f in ("train.bin", "val.bin")])
+    assert (tokens == eos).sum() == 40 and (tokens == hf_tokenizer.token_to_id("<|endoftext|>")).sum() == 0
     ids = Tokenizer.load(str(run / "tokenizer.bpe")).encode_ordinary("def g(y):\n    return y")
     assert ids == hf_tokenizer.encode("def g(y):\n    return y").ids
     assert cli.main(argv) == 0 and "tokenizer: reusing" in capsys.readouterr().out

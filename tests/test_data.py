@@ -54,6 +54,18 @@ def test_prepare_by_document_round_trip(tmp_path):
     assert "never read" not in "".join(docs)
 
 
+def test_prepare_with_a_models_document_markers(tmp_path):
+    # As a Llama 3 checkpoint wants its documents: <|begin_of_text|> first, <|end_of_text|> last.
+    folder = make_docs(tmp_path, 3)
+    data.prepare([folder], ByteTokenizer(vocab_size=300), tmp_path / "out", val_fraction=0.1, show_progress=False,
+                 doc_start=[298], doc_end=299)
+    train = np.asarray(data.open_tokens(tmp_path / "out/train.bin")).tolist()
+    framed = [t for i in range(3) for t in [298, *f"document {i}\n".encode() * (i + 1), 299]]
+    assert train == framed[:len(train)] and len(train) > 50  # 3 files: val is the last tenth
+    data.prepare([folder], ByteTokenizer(), tmp_path / "bare", val_fraction=0.1, show_progress=False, doc_end=None)
+    assert 256 not in np.asarray(data.open_tokens(tmp_path / "bare/train.bin")).tolist()
+
+
 def test_prepare_single_file_splits_by_position(tmp_path):
     (tmp_path / "a.txt").write_text("x" * 1000)
     stats = data.prepare([tmp_path / "a.txt"], ByteTokenizer(with_eot=False), tmp_path / "out", 0.1, show_progress=False)

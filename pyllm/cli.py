@@ -259,7 +259,8 @@ def setup_run_data(cfg, cli: dict) -> None:
         vocab_size = tokenizer.vocab_size
     (out / "run.json").write_text(json.dumps({
         "tokenizer": str(Path(tokenizer_path).resolve()) if tokenizer_path else None,
-        "data_dir": data_dir, "vocab_size": vocab_size}))
+        "data_dir": data_dir, "vocab_size": vocab_size,
+        "prompt_prefix": doc_markers["doc_start"] if doc_markers else []}))  # samples start as documents do
 
 
 def cmd_train(args) -> int:
@@ -329,7 +330,8 @@ def cmd_train(args) -> int:
     if tokenizer_path and cli["sample_tokens"] > 0:
         tokenizer = tokenizer_class().load(str(tokenizer_path))
         print(f"sample ({cli['sample_tokens']} tokens after {cli['prompt']!r}):\n" + "-" * 60)
-        stream_sample(model_obj, tokenizer, cli["prompt"], cli["sample_tokens"], 0.8, 50, None, seed=cfg.seed)
+        stream_sample(model_obj, tokenizer, cli["prompt"], cli["sample_tokens"], 0.8, 50, None, seed=cfg.seed,
+                      prefix_ids=run.get("prompt_prefix", []))
         print("\n" + "-" * 60)
     return 0
 
@@ -402,8 +404,10 @@ def cmd_generate(args) -> int:
         run = Path(args.run) if args.run else None
         model_path = Path(args.model) if args.model else (run / "model.safetensors" if run else None)
         tokenizer_path = args.tokenizer
-        if tokenizer_path is None and run is not None and (run / "run.json").exists():
-            tokenizer_path = json.loads((run / "run.json").read_text()).get("tokenizer")
+        if run is not None and (run / "run.json").exists():
+            run_info = json.loads((run / "run.json").read_text())
+            tokenizer_path = tokenizer_path or run_info.get("tokenizer")
+            prefix = run_info.get("prompt_prefix", [])
         if model_path is None or tokenizer_path is None:
             raise ValueError("give --run DIR (a folder `pyllm train` wrote), both --model and --tokenizer, or --hf DIR")
         model, tokenizer = LLM.load(model_path), tokenizer_class().load(str(tokenizer_path))

@@ -289,8 +289,11 @@ def test_train_init_from_hf_and_generate(tmp_path, capsys):
     hf_tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE())
     hf_tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
     hf_tokenizer.train_from_iterator([p.read_text() for p in corpus.iterdir()], tokenizers.trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>", "<|end|>"], show_progress=False,
+        vocab_size=300, special_tokens=["<|endoftext|>", "<|begin|>", "<|end|>"], show_progress=False,
         initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
+    begin = hf_tokenizer.token_to_id("<|begin|>")  # put before every text, as Llama 3's <|begin_of_text|>
+    hf_tokenizer.post_processor = tokenizers.processors.TemplateProcessing(single="<|begin|> $A",
+                                                                           special_tokens=[("<|begin|>", begin)])
     hf_dir = tmp_path / "hf"
     eos = hf_tokenizer.token_to_id("<|end|>")  # the model's own end-of-sequence, not pyllm's default
     transformers.LlamaForCausalLM(transformers.LlamaConfig(
@@ -313,8 +316,25 @@ def test_train_init_from_hf_and_generate(tmp_path, capsys):
 
     tokens = np.concatenate([np.asarray(data.open_tokens(run / "data" / f)) for f in ("train.bin", "val.bin")])
     assert (tokens == eos).sum() == 40 and (tokens == hf_tokenizer.token_to_id("<|endoftext|>")).sum() == 0
+    assert (tokens == begin).sum() == 40 and json.loads((run / "run.json").read_text())["prompt_prefix"] == [begin]
     ids = Tokenizer.load(str(run / "tokenizer.bpe")).encode_ordinary("def g(y):\n    return y")
-    assert ids == hf_tokenizer.encode("def g(y):\n    return y").ids
+    assert [begin, *ids] == hf_tokenizer.encode("def g(y):\n    return y").ids
     assert cli.main(argv) == 0 and "tokenizer: reusing" in capsys.readouterr().out
     assert cli.main(["generate", "--hf", str(hf_dir), "--max-new-tokens", "6", "--prompt", "def g"]) == 0
     assert capsys.readouterr().out.startswith("def g")
+
+
+def test_stream_sample_starts_with_the_prefix(capsys):
+    import torch
+
+    seen = {}
+
+    class Model:
+        def parameters(self):
+            yield torch.zeros(1)
+
+        def generate(self, idx, max_new_tokens, **kwargs):
+            seen["idx"] = idx.tolist()
+
+    assert cli.stream_sample(Model(), StandInTokenizer(), "ab", 3, 0.8, None, None, 0, prefix_ids=[256]) == "ab"
+    assert seen["idx"] == [[256, 97, 98]]

@@ -32,6 +32,7 @@ class ModelConfig:
     mlp: str = "swiglu"  # swiglu | gelu
     positions: str = "rope"  # rope | learned
     bias: bool = False  # bias in every Linear and LayerNorm
+    qkv_bias: bool = False  # bias in the q, k, v projections only (Qwen2)
     parallel_block: bool = False  # PaLM: x + attn(norm(x)) + mlp(norm(x))
     tie_embeddings: bool = True
     dropout: float = 0.0
@@ -111,7 +112,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.qkv = nn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=cfg.bias)
+        self.qkv = nn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=cfg.bias or cfg.qkv_bias)
         self.proj = nn.Linear(cfg.dim, cfg.dim, bias=cfg.bias)
         self.use_rope = cfg.positions == "rope"
 
@@ -260,7 +261,7 @@ class LLM(nn.Module):
     def from_hf(cls, folder, device="cpu", dtype=torch.float32) -> "LLM":
         """A Hugging Face checkpoint folder (config.json and model.safetensors, or shards with their
         model.safetensors.index.json, as save_pretrained writes them) of LlamaForCausalLM (also
-        Mistral without a sliding window) or GPT2LMHeadModel, with its weights in `dtype` (fp32:
+        Mistral and Qwen2 without a sliding window) or GPT2LMHeadModel, with its weights in `dtype` (fp32:
         master weights for training; the checkpoint's own dtype may be bf16), or a hub repo id
         (see hf_folder). Read with safetensors alone, no transformers needed. Anything the model
         cannot compute the same way (biases in LLaMA layers, RoPE scalings other than Llama 3.1's,
@@ -377,8 +378,8 @@ def config_from_hf(hf: dict) -> ModelConfig:
                            n_heads=hf["n_head"], dim=hf["n_embd"], mlp_hidden=hf.get("n_inner") or 4 * hf["n_embd"],
                            norm="layernorm", mlp="gelu", positions="learned", bias=True,
                            tie_embeddings=hf.get("tie_word_embeddings", True), norm_eps=hf["layer_norm_epsilon"])
-    if kind not in ("llama", "mistral"):
-        raise NotImplementedError(f"Hugging Face model_type {kind!r}: pyllm reads llama, mistral and gpt2")
+    if kind not in ("llama", "mistral", "qwen2"):
+        raise NotImplementedError(f"Hugging Face model_type {kind!r}: pyllm reads llama, mistral, qwen2 and gpt2")
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}  # transformers 5 / 4
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ("default", "llama3"):
@@ -388,8 +389,12 @@ def config_from_hf(hf: dict) -> ModelConfig:
         raise ValueError(f"llama3 RoPE scaling needs {', '.join(scaling_keys)}; the config has {rope}")
     scaling = {"rope_type": "llama3", **{k: rope[k] for k in scaling_keys}} if rope_type == "llama3" else None
     dim, n_heads = hf["hidden_size"], hf["num_attention_heads"]
+    # Qwen2 states whether its sliding window is used; Mistral's is used whenever it is set.
+    window = hf.get("use_sliding_window") if kind == "qwen2" else hf.get("sliding_window")
     unsupported = {"attention_bias": hf.get("attention_bias"), "mlp_bias": hf.get("mlp_bias"),
-                   "sliding_window": hf.get("sliding_window"),
+                   "sliding_window": hf.get("sliding_window") if window else None,
+                   "layer_types": None if set(hf.get("layer_types") or ["full_attention"]) == {"full_attention"}
+                   else hf["layer_types"],
                    "hidden_act": None if hf.get("hidden_act", "silu") == "silu" else hf["hidden_act"],
                    "head_dim": None if hf.get("head_dim") in (None, dim // n_heads) else hf["head_dim"]}
     for name, value in unsupported.items():
@@ -400,7 +405,8 @@ def config_from_hf(hf: dict) -> ModelConfig:
                        n_layers=hf["num_hidden_layers"], n_heads=n_heads,
                        n_kv_heads=hf.get("num_key_value_heads") or n_heads, dim=dim, mlp_hidden=hf["intermediate_size"],
                        tie_embeddings=hf.get("tie_word_embeddings", False), norm_eps=hf.get("rms_norm_eps", 1e-6),
-                       rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)), rope_scaling=scaling)
+                       rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)), rope_scaling=scaling,
+                       qkv_bias=kind == "qwen2")
 
 
 def state_from_hf(hf_state: dict, cfg: ModelConfig, kind: str) -> dict:
@@ -427,6 +433,8 @@ def state_from_hf(hf_state: dict, cfg: ModelConfig, kind: str) -> dict:
             state[block + "norm1.weight"] = layer("input_layernorm")
             state[block + "norm2.weight"] = layer("post_attention_layernorm")
             state[block + "attn.qkv.weight"] = torch.cat([layer(f"self_attn.{x}_proj") for x in "qkv"])
+            if cfg.qkv_bias:
+                state[block + "attn.qkv.bias"] = torch.cat([hf_state[f"layers.{i}.self_attn.{x}_proj.bias"] for x in "qkv"])
             state[block + "attn.proj.weight"] = layer("self_attn.o_proj")
             state[block + "mlp.gate_up.weight"] = torch.cat([layer("mlp.gate_proj"), layer("mlp.up_proj")])
             state[block + "mlp.down.weight"] = layer("mlp.down_proj")

@@ -570,7 +570,9 @@ def hf_byte_level_bpe(corpus, pre="ByteLevel"):
         "DigitRuns+ByteLevel": pt.Sequence([pt.Digits(individual_digits=False), pt.ByteLevel(add_prefix_space=False)]),
         "Split+ByteLevel": pt.Sequence([pt.Split(tk.Regex(LLAMA3_SPLIT), behavior="isolated"),
                                         pt.ByteLevel(add_prefix_space=False, use_regex=False)]),
-    }[pre]
+    }[pre.removeprefix("NFC+")]
+    if pre.startswith("NFC+"):  # Qwen2's: NFC, then its Split regex and ByteLevel
+        hf.normalizer = tk.normalizers.NFC()
     hf.decoder = tk.decoders.ByteLevel()
     hf.train_from_iterator(corpus, tk.trainers.BpeTrainer(
         vocab_size=1200, special_tokens=[EOT], initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet(),
@@ -578,7 +580,8 @@ def hf_byte_level_bpe(corpus, pre="ByteLevel"):
     return hf
 
 
-@pytest.fixture(scope="module", params=["ByteLevel", "Digits+ByteLevel", "DigitRuns+ByteLevel", "Split+ByteLevel"])
+@pytest.fixture(scope="module", params=["ByteLevel", "Digits+ByteLevel", "DigitRuns+ByteLevel", "Split+ByteLevel",
+                                        "NFC+Split+ByteLevel"])
 def hf_pair(request, corpus, tmp_path_factory):
     """(ours read from tokenizer.json, the Hugging Face tokenizer that wrote it)."""
     hf = hf_byte_level_bpe(corpus, request.param)
@@ -594,7 +597,8 @@ def test_from_hf_encodes_as_hugging_face(hf_pair):
     for text in texts:
         ids = ours.encode_ordinary(text)
         assert ids == hf.encode(text, add_special_tokens=False).ids, text[:80]
-        assert ours.decode(ids) == hf.decode(ids) == text
+        normal = unicodedata.normalize(ours.normalization, text) if ours.normalization else text
+        assert ours.decode(ids) == hf.decode(ids) == normal
     assert ours.vocab_size == hf.get_vocab_size() and ours.special_tokens == {EOT: hf.token_to_id(EOT)}
     text = f"a{EOT}b"
     assert ours.encode(text, allowed_special="all") == hf.encode(text, add_special_tokens=False).ids
@@ -616,7 +620,7 @@ def test_from_hf_refuses_what_tiktoken_semantics_cannot_do(corpus, tmp_path):
     good = json.loads(path.read_text())
     merges = good["model"]["merges"]
     cases = [
-        ({"normalizer": {"type": "NFC"}}, "normalizer"),
+        ({"normalizer": {"type": "Lowercase"}}, "normalizer"),
         ({"pre_tokenizer": {**good["pre_tokenizer"], "add_prefix_space": True}}, "add_prefix_space"),
         ({"pre_tokenizer": {"type": "Whitespace"}}, "ByteLevel"),
         ({"model": {**good["model"], "type": "WordPiece"}}, "'WordPiece' model"),
@@ -645,3 +649,23 @@ def test_hf_prefix_ids(corpus, tmp_path):
                                                 tk.processors.TemplateProcessing(single=f"{EOT} $A", special_tokens=[(EOT, begin)])])
     hf.save(str(path))
     assert hf_prefix_ids(path) == [begin] == hf.encode("def f").ids[:1]
+
+
+def test_from_hf_normalization_is_kept(corpus, tmp_path):
+    # NFC (Qwen2's normalizer): decomposed text encodes as its composed form, as in Hugging Face;
+    # the form survives save / load and pickling; tiktoken has no such step, so no to_tiktoken.
+    import pickle
+
+    hf = hf_byte_level_bpe(corpus, "NFC+Split+ByteLevel")
+    hf.save(str(tmp_path / "tokenizer.json"))
+    ours = Tokenizer.from_hf(tmp_path / "tokenizer.json")
+    decomposed, composed = "Cafe\u0301 \u00c5ngstro\u0308m", "Caf\u00e9 \u00c5ngstr\u00f6m"
+    assert ours.normalization == "NFC" and ours.encode_ordinary(decomposed) == ours.encode_ordinary(composed)
+    assert ours.encode_ordinary(decomposed) == hf.encode(decomposed, add_special_tokens=False).ids
+    ours.save(str(tmp_path / "t.bpe"))
+    for again in (Tokenizer.load(str(tmp_path / "t.bpe")), pickle.loads(pickle.dumps(ours))):
+        assert again.normalization == "NFC" and again.encode_batch([decomposed]) == [ours.encode_ordinary(composed)]
+    ids, offsets = ours.encode_batch_packed([decomposed])
+    assert ids.tolist() == ours.encode_ordinary(composed)
+    with pytest.raises(ValueError, match="normalizes"):
+        ours.to_tiktoken()

@@ -283,12 +283,16 @@ def hf_models():
         "llama3-rope": transformers.LlamaForCausalLM(transformers.LlamaConfig(**llama, rope_scaling=dict(
             rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
             original_max_position_embeddings=32))),
+        # q, k, v biases; real checkpoints set sliding_window with use_sliding_window false
+        "qwen2": transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+            **llama, num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1e6, sliding_window=4096,
+            use_sliding_window=False)),
         "gpt2": transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=97, n_positions=64, n_embd=64, n_layer=2,
                                                                      n_head=4)),
     }
 
 
-@pytest.mark.parametrize("name", ["llama-gqa", "llama-tied", "llama3-rope", "gpt2"])
+@pytest.mark.parametrize("name", ["llama-gqa", "llama-tied", "llama3-rope", "qwen2", "gpt2"])
 def test_from_hf_computes_what_transformers_computes(name, tmp_path):
     theirs = hf_models()[name].double().eval()
     with torch.no_grad():  # past the 0.02-std init, so that every weight matters
@@ -317,7 +321,9 @@ def test_from_hf_refuses_what_it_cannot_compute(tmp_path):
     for extra, message in [(dict(attention_bias=True), "attention_bias"), (dict(sliding_window=4096), "sliding_window"),
                            (dict(rope_scaling=dict(rope_type="yarn", factor=8.0)), "scaled RoPE"),
                            (dict(head_dim=32), "head_dim"), (dict(hidden_act="gelu"), "hidden_act"),
-                           (dict(model_type="qwen2"), "model_type 'qwen2'")]:
+                           (dict(model_type="qwen2", sliding_window=4096, use_sliding_window=True), "sliding_window"),
+                           (dict(layer_types=["sliding_attention", "full_attention"]), "layer_types"),
+                           (dict(model_type="qwen3"), "model_type 'qwen3'")]:
         with pytest.raises(NotImplementedError, match=message):
             config_from_hf({**base, **extra})
     assert config_from_hf({**base, "rope_theta": 5e5, "rope_scaling": None}).rope_theta == 5e5  # transformers 4's keys

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import re
+import unicodedata
 from typing import AbstractSet, Collection, Iterable, Literal, Sequence
 
 from pyllm import _C
@@ -189,10 +190,16 @@ class Tokenizer:
             when `regex` is not installed): correct but several times slower, single-threaded.
             The exact regex strings of the built-ins are recognised as the built-ins.
         special_tokens: dict str -> id; ids must not collide with ranks.
+        normalization: None, or a Unicode form ("NFC", "NFD", "NFKC", "NFKD") applied to every text
+            before it is encoded, as Hugging Face tokenizers with that normalizer do (Qwen2's: NFC).
+            tiktoken has none, so such a tokenizer has no to_tiktoken().
     """
 
     def __init__(self, mergeable_ranks: dict[bytes, int], pattern: str = "gpt4",
-                 special_tokens: dict[str, int] | None = None, *, name: str = "pyllm-bpe"):
+                 special_tokens: dict[str, int] | None = None, *, name: str = "pyllm-bpe",
+                 normalization: str | None = None):
+        if normalization not in (None, "NFC", "NFD", "NFKC", "NFKD"):
+            raise ValueError(f"normalization must be None, 'NFC', 'NFD', 'NFKC' or 'NFKD', got {normalization!r}")
         if not isinstance(mergeable_ranks, dict):
             raise TypeError(f"mergeable_ranks must be a dict bytes -> int, got {type(mergeable_ranks).__name__}")
         for tok, rank in mergeable_ranks.items():
@@ -214,6 +221,7 @@ class Tokenizer:
         if len(set(special_tokens.values())) != len(special_tokens):
             raise ValueError("special_tokens: two special tokens share an id")
         self.name = name
+        self.normalization = normalization
         self._ranks = dict(mergeable_ranks)
         self._pattern_name, self._pattern, self._pattern_code = _resolve_pattern(pattern)
         self._regex = _compile_custom(self._pattern) if self._pattern_code < 0 else None
@@ -266,10 +274,17 @@ class Tokenizer:
     def __getstate__(self):
         # Pickle as the definition (ranks, pattern, specials), e.g. for DataLoader workers.
         return {"ranks": self._ranks, "pattern": self._pattern, "special_tokens": self._special_tokens,
-                "name": self.name}
+                "name": self.name, "normalization": self.normalization}
 
     def __setstate__(self, state):
-        self.__init__(state["ranks"], state["pattern"], state["special_tokens"], name=state["name"])
+        self.__init__(state["ranks"], state["pattern"], state["special_tokens"], name=state["name"],
+                      normalization=state.get("normalization"))
+
+    def _normalized(self, text: str) -> str:
+        return text if self.normalization is None else unicodedata.normalize(self.normalization, text)
+
+    def _normalized_all(self, texts: list[str]) -> list[str]:
+        return texts if self.normalization is None else [unicodedata.normalize(self.normalization, t) for t in texts]
 
     def __repr__(self) -> str:
         return (f"Tokenizer(name={self.name!r}, vocab_size={self.vocab_size}, "
@@ -283,6 +298,7 @@ class Tokenizer:
         """Encodes text, treating special tokens as ordinary text."""
         if not isinstance(text, str):
             raise TypeError(f"encode_ordinary: text must be a str, got {type(text).__name__}")
+        text = self._normalized(text)
         if self._regex is not None:
             return self._encode_pieces(self._split_custom(text))
         try:
@@ -334,6 +350,7 @@ class Tokenizer:
         if not isinstance(text, str):
             raise TypeError(f"encode: text must be a str, got {type(text).__name__}")
         allowed, disallowed = self._special_args(allowed_special, disallowed_special, "encode")
+        text = self._normalized(text)
         if self._regex is not None:
             return self._encode_custom(text, allowed, disallowed)
         try:
@@ -372,6 +389,7 @@ class Tokenizer:
         """
         texts, num_threads = _batch_args(texts, num_threads, "encode_batch")
         allowed, disallowed = self._special_args(allowed_special, disallowed_special, "encode_batch")
+        texts = self._normalized_all(texts)
         if device == "cuda":
             from pyllm.tokenizer import cuda_encoder
 
@@ -394,6 +412,7 @@ class Tokenizer:
 
         texts, num_threads = _batch_args(texts, num_threads, "encode_batch_packed")
         allowed, disallowed = self._special_args(allowed_special, disallowed_special, "encode_batch_packed")
+        texts = self._normalized_all(texts)
         if self._regex is not None:
             lists = [self._encode_custom(t, allowed, disallowed) for t in texts]
             offsets = np.zeros(len(lists) + 1, dtype=np.int64)
@@ -518,7 +537,7 @@ class Tokenizer:
         header = {
             "name": self.name, "pattern": self._pattern, "pattern_name": self._pattern_name,
             "special_tokens": self._special_tokens, "n_ranks": len(self._ranks),
-            "sha256": hashlib.sha256(body).hexdigest(),
+            "sha256": hashlib.sha256(body).hexdigest(), **({"normalization": self.normalization} if self.normalization else {}),
         }
         _atomic_write(path, (_MAGIC + "\n" + json.dumps(header, ensure_ascii=True) + "\n").encode("ascii") + body)
 
@@ -544,7 +563,7 @@ class Tokenizer:
         ranks = _parse_ranks_body(body, where)
         if len(ranks) != n_ranks:
             raise ValueError(f"{where}: corrupt file ({len(ranks)} ranks, the header says {n_ranks})")
-        return cls(ranks, pattern, specials, name=header.get("name", "pyllm-bpe"))
+        return cls(ranks, pattern, specials, name=header.get("name", "pyllm-bpe"), normalization=header.get("normalization"))
 
     def save_tiktoken(self, path) -> None:
         """Writes the ranks as a tiktoken .tiktoken file (base64 token, space, rank per line), atomically.
@@ -561,17 +580,22 @@ class Tokenizer:
     @classmethod
     def from_hf(cls, path) -> "Tokenizer":
         """A Hugging Face tokenizer.json of a byte-level BPE (GPT-2's, and those of tiktoken's kind:
-        ranks = ids, merges in id order): its vocabulary, split pattern and added tokens (as special
-        tokens: encode(text, allowed_special="all") splits them out as Hugging Face does; plain
-        encode_ordinary does not). What tiktoken's semantics cannot reproduce (a normalizer, a
-        prefix space, word suffixes, byte fallback, merges out of id order, other models or
-        pre-tokenizers) raises NotImplementedError, naming it."""
+        ranks = ids, merges in id order): its vocabulary, split pattern, Unicode normalization and
+        added tokens (as special tokens: encode(text, allowed_special="all") splits them out as
+        Hugging Face does; plain encode_ordinary does not). What tiktoken's semantics cannot
+        reproduce (other normalizers, a prefix space, word suffixes, byte fallback, merges out of id
+        order, other models or pre-tokenizers) raises NotImplementedError, naming it."""
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
         model, where = data.get("model") or {}, f"Tokenizer.from_hf({os.fspath(path)!r})"
         if model.get("type") != "BPE":
             raise NotImplementedError(f"{where}: a {model.get('type')!r} model; only byte-level BPE")
-        unsupported = {"normalizer": data.get("normalizer"), "byte_fallback": model.get("byte_fallback"),
+        normalizer = data.get("normalizer") or {}
+        normalization = normalizer.get("type")
+        if normalizer and normalization not in ("NFC", "NFD", "NFKC", "NFKD"):
+            raise NotImplementedError(f"{where}: normalizer {normalizer!r} has no tiktoken equivalent (only the "
+                                      "Unicode forms NFC, NFD, NFKC, NFKD are applied)")
+        unsupported = {"byte_fallback": model.get("byte_fallback"),
                        "continuing_subword_prefix": model.get("continuing_subword_prefix"),
                        "end_of_word_suffix": model.get("end_of_word_suffix"), "dropout": model.get("dropout")}
         for name, value in unsupported.items():
@@ -599,7 +623,8 @@ class Tokenizer:
                 raise NotImplementedError(f"{where}: merge {left!r} + {right!r} makes no token or is out of id "
                                           "order: tiktoken's semantics (lowest id merges first) would encode differently")
             last = merged
-        return cls(ranks, pattern, specials, name=os.path.splitext(os.path.basename(os.fspath(path)))[0])
+        return cls(ranks, pattern, specials, name=os.path.splitext(os.path.basename(os.fspath(path)))[0],
+                   normalization=normalization)
 
     @classmethod
     def from_tiktoken(cls, encoding) -> "Tokenizer":
@@ -612,6 +637,9 @@ class Tokenizer:
 
     def to_tiktoken(self, name: str | None = None):
         """A tiktoken.Encoding with the same ranks, pattern and special tokens (needs tiktoken)."""
+        if self.normalization:
+            raise ValueError(f"to_tiktoken: this tokenizer normalizes its texts ({self.normalization}), which tiktoken "
+                             "cannot do: its ids would differ on text that is not in that form")
         import tiktoken
 
         return tiktoken.Encoding(name=name or self.name, pat_str=self._pattern, mergeable_ranks=self._ranks,

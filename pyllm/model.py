@@ -19,6 +19,10 @@ from torch import nn
 from pyllm.nn import RMSNorm, SwiGLUMLP, apply_rope, attention, attention_with_kvcache, rope_cos_sin
 
 
+# The parameters of Llama 3.1's RoPE scaling (nn.llama3_scaled), besides rope_type = "llama3".
+LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 4096
@@ -66,7 +70,7 @@ class ModelConfig:
         if self.positions == "rope" and self.head_dim % 2:
             raise ValueError(f"ModelConfig: rope needs an even head dim, got dim/n_heads = {self.head_dim}")
         if self.rope_scaling is not None:
-            keys = {"rope_type", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
+            keys = {"rope_type", *LLAMA3_ROPE_KEYS}
             if not isinstance(self.rope_scaling, dict) or self.rope_scaling.get("rope_type") != "llama3" \
                     or set(self.rope_scaling) != keys:
                 raise ValueError(f"ModelConfig.rope_scaling must be None or Llama 3.1's, a dict of {sorted(keys)} "
@@ -367,7 +371,7 @@ def hf_folder(name) -> Path:
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
-    """ModelConfig from a Hugging Face config.json (LLaMA / Mistral or GPT-2)."""
+    """ModelConfig from a Hugging Face config.json (LLaMA / Mistral / Qwen2 or GPT-2)."""
     kind = hf.get("model_type")
     if kind == "gpt2":
         if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
@@ -384,10 +388,9 @@ def config_from_hf(hf: dict) -> ModelConfig:
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ("default", "llama3"):
         raise NotImplementedError(f"scaled RoPE ({rope}): pyllm's RoPE is the unscaled one or Llama 3.1's")
-    scaling_keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-    if rope_type == "llama3" and not all(k in rope for k in scaling_keys):
-        raise ValueError(f"llama3 RoPE scaling needs {', '.join(scaling_keys)}; the config has {rope}")
-    scaling = {"rope_type": "llama3", **{k: rope[k] for k in scaling_keys}} if rope_type == "llama3" else None
+    if rope_type == "llama3" and not all(k in rope for k in LLAMA3_ROPE_KEYS):
+        raise ValueError(f"llama3 RoPE scaling needs {', '.join(LLAMA3_ROPE_KEYS)}; the config has {rope}")
+    scaling = {"rope_type": "llama3", **{k: rope[k] for k in LLAMA3_ROPE_KEYS}} if rope_type == "llama3" else None
     dim, n_heads = hf["hidden_size"], hf["num_attention_heads"]
     # Qwen2 states whether its sliding window is used; Mistral's is used whenever it is set.
     window = hf.get("use_sliding_window") if kind == "qwen2" else hf.get("sliding_window")

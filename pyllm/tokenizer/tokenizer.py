@@ -19,6 +19,8 @@ from pyllm import _C
 from pyllm.tokenizer.patterns import PATTERNS
 
 _MAGIC = "#pyllm-bpe v1"
+# Unicode normalization forms a Tokenizer may apply (unicodedata.normalize's, Hugging Face's normalizers').
+_UNICODE_FORMS = ("NFC", "NFD", "NFKC", "NFKD")
 # Texts are handed to C++ in batches of about this many bytes (bounds the memory of one call).
 _COUNT_BATCH_BYTES = 32 << 20
 
@@ -198,7 +200,7 @@ class Tokenizer:
     def __init__(self, mergeable_ranks: dict[bytes, int], pattern: str = "gpt4",
                  special_tokens: dict[str, int] | None = None, *, name: str = "pyllm-bpe",
                  normalization: str | None = None):
-        if normalization not in (None, "NFC", "NFD", "NFKC", "NFKD"):
+        if normalization is not None and normalization not in _UNICODE_FORMS:
             raise ValueError(f"normalization must be None, 'NFC', 'NFD', 'NFKC' or 'NFKD', got {normalization!r}")
         if not isinstance(mergeable_ranks, dict):
             raise TypeError(f"mergeable_ranks must be a dict bytes -> int, got {type(mergeable_ranks).__name__}")
@@ -592,7 +594,7 @@ class Tokenizer:
             raise NotImplementedError(f"{where}: a {model.get('type')!r} model; only byte-level BPE")
         normalizer = data.get("normalizer") or {}
         normalization = normalizer.get("type")
-        if normalizer and normalization not in ("NFC", "NFD", "NFKC", "NFKD"):
+        if normalizer and normalization not in _UNICODE_FORMS:
             raise NotImplementedError(f"{where}: normalizer {normalizer!r} has no tiktoken equivalent (only the "
                                       "Unicode forms NFC, NFD, NFKC, NFKD are applied)")
         unsupported = {"byte_fallback": model.get("byte_fallback"),

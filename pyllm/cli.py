@@ -102,14 +102,20 @@ def load_config_file(path) -> dict:
 
 
 def parse_overrides(items) -> dict:
-    """['n_layers=2', 'dropout=0.1', 'bias=true'] -> {'n_layers': 2, 'dropout': 0.1, 'bias': True}."""
+    """['n_layers=2', 'dropout=0.1', 'bias=true', 'window_layers=[1, 3]'] -> {'n_layers': 2,
+    'dropout': 0.1, 'bias': True, 'window_layers': [1, 3]}."""
     out = {}
     for item in items or ():
         if "=" not in item:
             raise ValueError(f"--model takes KEY=VALUE, got {item!r}")
         key, value = item.split("=", 1)
         low = value.strip().lower()
-        if low in ("true", "false"):
+        if low.startswith("["):
+            try:
+                out[key] = json.loads(value)
+            except ValueError as e:
+                raise ValueError(f"--model {key}: {value!r} is not a JSON list ({e})") from None
+        elif low in ("true", "false"):
             out[key] = low == "true"
         elif low in ("none", "null"):
             out[key] = None
@@ -486,7 +492,7 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer-train-bytes", type=int, help="train the tokenizer on an evenly spread sample of about this many bytes of --data (default 0: all of it)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint up to --max-steps")
     p.add_argument("--preset", help="model preset: tiny (default), llama-124m, gpt2-124m, palm-style")
-    p.add_argument("--init-from-hf", metavar="DIR", help="fine-tune a Hugging Face checkpoint folder or hub repo id (LLaMA, Mistral, GPT-2: config.json, *.safetensors, tokenizer.json) instead of a preset; its tokenizer tokenizes --data (set --seq-len, the default being the model's whole context, and --lr, whose default 3e-3 is for training from scratch: fine-tuning wants about 1e-5 to 1e-4)")
+    p.add_argument("--init-from-hf", metavar="DIR", help="fine-tune a Hugging Face checkpoint folder or hub repo id (LLaMA, Mistral, Qwen2/3, SmolLM3, GPT-2: config.json, *.safetensors, tokenizer.json) instead of a preset; its tokenizer tokenizes --data (set --seq-len, the default being the model's whole context, and --lr, whose default 3e-3 is for training from scratch: fine-tuning wants about 1e-5 to 1e-4)")
     p.add_argument("--model", dest="model_overrides", action="append", metavar="KEY=VALUE", help="override a ModelConfig field, e.g. --model n_layers=2 --model norm=layernorm (repeatable)")
     p.add_argument("--max-steps", type=int, help="optimizer steps in all (default 600)")
     p.add_argument("--ckpt-every", type=int, help="write the checkpoint every K steps (and at the end; default 200)")
@@ -547,7 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", help="a run folder written by `pyllm train` (finds model.safetensors and the tokenizer)")
     p.add_argument("--model", help="a model.safetensors (instead of --run)")
     p.add_argument("--tokenizer", help="the tokenizer the model was trained with (instead of --run)")
-    p.add_argument("--hf", metavar="DIR", help="a Hugging Face checkpoint folder or hub repo id (LLaMA, Mistral, GPT-2: config.json, *.safetensors, tokenizer.json) instead of --run")
+    p.add_argument("--hf", metavar="DIR", help="a Hugging Face checkpoint folder or hub repo id (LLaMA, Mistral, Qwen2/3, SmolLM3, GPT-2: config.json, *.safetensors, tokenizer.json) instead of --run")
     p.add_argument("--prompt", default="def ", help="text to continue (default 'def ')")
     p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default 200)")
     p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 is greedy (default 0.8)")

@@ -37,6 +37,11 @@ class ModelConfig:
     positions: str = "rope"  # rope | learned
     bias: bool = False  # bias in every Linear and LayerNorm
     qkv_bias: bool = False  # bias in the q, k, v projections only (Qwen2)
+    head_dim: int | None = None  # None: dim // n_heads; n_heads * head_dim may differ from dim (Qwen3)
+    qk_norm: bool = False  # RMSNorm over each head's q and k before RoPE (Qwen3)
+    sliding_window: int | None = None  # a query sees itself and the sliding_window - 1 keys before it
+    window_layers: list[int] | None = None  # the layers sliding_window applies to; None: all of them
+    nope_layers: list[int] | None = None  # layers without RoPE (SmolLM3: every 4th)
     parallel_block: bool = False  # PaLM: x + attn(norm(x)) + mlp(norm(x))
     tie_embeddings: bool = True
     dropout: float = 0.0
@@ -49,11 +54,16 @@ class ModelConfig:
             self.n_kv_heads = self.n_heads
         if self.mlp_hidden is None:
             self.mlp_hidden = 4 * self.dim if self.mlp == "gelu" else 64 * math.ceil(8 * self.dim / 3 / 64)
+        if self.head_dim is None and isinstance(self.n_heads, int) and self.n_heads > 0 and isinstance(self.dim, int) \
+                and self.dim % self.n_heads == 0:
+            self.head_dim = self.dim // self.n_heads
         self.validate()
 
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
+    def layer_window(self, layer: int) -> int:
+        """How many keys before its own position a query of this layer sees (-1: all)."""
+        if self.sliding_window is None or (self.window_layers is not None and layer not in self.window_layers):
+            return -1
+        return self.sliding_window - 1
 
     def validate(self) -> None:
         choices = {"norm": ("rmsnorm", "layernorm"), "mlp": ("swiglu", "gelu"), "positions": ("rope", "learned")}
@@ -63,12 +73,26 @@ class ModelConfig:
         for name in ("vocab_size", "block_size", "n_layers", "n_heads", "n_kv_heads", "dim", "mlp_hidden"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"ModelConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
-        if self.dim % self.n_heads:
-            raise ValueError(f"ModelConfig: n_heads ({self.n_heads}) must divide dim ({self.dim})")
+        if self.head_dim is None:
+            raise ValueError(f"ModelConfig: n_heads ({self.n_heads}) must divide dim ({self.dim}), or give head_dim")
+        if not isinstance(self.head_dim, int) or self.head_dim < 1:
+            raise ValueError(f"ModelConfig.head_dim must be a positive integer or None, got {self.head_dim!r}")
+        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window < 1):
+            raise ValueError(f"ModelConfig.sliding_window must be a positive integer or None, got {self.sliding_window!r}")
+        for name in ("window_layers", "nope_layers"):
+            layers = getattr(self, name)
+            if layers is not None and (not isinstance(layers, (list, tuple)) or not all(
+                    isinstance(i, int) and 0 <= i < self.n_layers for i in layers)):
+                raise ValueError(f"ModelConfig.{name} must be None or a list of layer indices in [0, {self.n_layers}), "
+                                 f"got {layers!r}")
+        if self.window_layers is not None and self.sliding_window is None:
+            raise ValueError("ModelConfig.window_layers needs a sliding_window")
+        if self.nope_layers and self.positions != "rope":
+            raise ValueError("ModelConfig.nope_layers needs positions = 'rope'")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"ModelConfig: n_kv_heads ({self.n_kv_heads}) must divide n_heads ({self.n_heads})")
         if self.positions == "rope" and self.head_dim % 2:
-            raise ValueError(f"ModelConfig: rope needs an even head dim, got dim/n_heads = {self.head_dim}")
+            raise ValueError(f"ModelConfig: rope needs an even head dim, got {self.head_dim}")
         if self.rope_scaling is not None:
             keys = {"rope_type", *LLAMA3_ROPE_KEYS}
             if not isinstance(self.rope_scaling, dict) or self.rope_scaling.get("rope_type") != "llama3" \
@@ -113,25 +137,30 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.qkv = nn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=cfg.bias or cfg.qkv_bias)
-        self.proj = nn.Linear(cfg.dim, cfg.dim, bias=cfg.bias)
-        self.use_rope = cfg.positions == "rope"
+        self.proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.bias)
+        self.q_norm = RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
+        self.use_rope = cfg.positions == "rope" and layer not in (cfg.nope_layers or ())
+        self.window = cfg.layer_window(layer)  # keys before a query's own that it sees; -1: all
 
     def forward(self, x, rope=None, cache=None, cache_seqlen: int = 0):
         B, T, C = x.shape
         H, H_kv, D = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = self.qkv(x).split([H * D, H_kv * D, H_kv * D], dim=-1)
         q, k, v = q.view(B, T, H, D), k.view(B, T, H_kv, D), v.view(B, T, H_kv, D)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.use_rope:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is None:
-            y = attention(q, k, v, causal=True)  # (B, T, H, D)
+            y = attention(q, k, v, causal=True, window_left=self.window)  # (B, T, H, D)
         else:
-            y = attention_with_kvcache(q, cache[0], cache[1], k, v, cache_seqlen)
-        return self.proj(y.reshape(B, T, C))
+            y = attention_with_kvcache(q, cache[0], cache[1], k, v, cache_seqlen, window_left=self.window)
+        return self.proj(y.reshape(B, T, H * D))
 
 
 class GeluMLP(nn.Module):
@@ -145,12 +174,12 @@ class GeluMLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
         self.parallel = cfg.parallel_block
         self.norm1 = make_norm(cfg)
         self.norm2 = None if cfg.parallel_block else make_norm(cfg)  # PaLM shares one norm
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, layer)
         self.mlp = SwiGLUMLP(cfg.dim, cfg.mlp_hidden, bias=cfg.bias) if cfg.mlp == "swiglu" else GeluMLP(cfg.dim, cfg.mlp_hidden, cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
 
@@ -170,7 +199,7 @@ class LLM(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.pos_emb = nn.Embedding(cfg.block_size, cfg.dim) if cfg.positions == "learned" else None
         self.dropout = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layers))
         self.norm_f = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -229,11 +258,13 @@ class LLM(nn.Module):
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Training FLOPs (forward + backward) per token: 6 per matmul weight plus the attention
-        scores and values, 12 * n_layers * dim * T (Chowdhery et al. 2022, appendix B)."""
+        scores and values, 12 * n_layers * dim * T (Chowdhery et al. 2022, appendix B), with
+        n_heads * head_dim for dim and, in sliding-window layers, at most sliding_window for T."""
         cfg = self.config
         T = seq_len or cfg.block_size
+        keys = sum(T if cfg.layer_window(i) < 0 else min(T, cfg.sliding_window) for i in range(cfg.n_layers))
         # non_embedding keeps the lm_head matmul (tied or not) and drops the table lookups.
-        return 6 * self.num_params(non_embedding=True) + 12 * cfg.n_layers * cfg.dim * T
+        return 6 * self.num_params(non_embedding=True) + 12 * cfg.n_heads * cfg.head_dim * keys
 
     # --- weights --------------------------------------------------------------------------------
 
@@ -265,11 +296,12 @@ class LLM(nn.Module):
     def from_hf(cls, folder, device="cpu", dtype=torch.float32) -> "LLM":
         """A Hugging Face checkpoint folder (config.json and model.safetensors, or shards with their
         model.safetensors.index.json, as save_pretrained writes them) of LlamaForCausalLM (also
-        Mistral and Qwen2 without a sliding window) or GPT2LMHeadModel, with its weights in `dtype` (fp32:
-        master weights for training; the checkpoint's own dtype may be bf16), or a hub repo id
-        (see hf_folder). Read with safetensors alone, no transformers needed. Anything the model
-        cannot compute the same way (biases in LLaMA layers, RoPE scalings other than Llama 3.1's,
-        another activation) raises NotImplementedError."""
+        Mistral, Qwen2, Qwen3 and SmolLM3: HF_DECODERS) or GPT2LMHeadModel, with its weights in
+        `dtype` (fp32: master weights for training; the checkpoint's own dtype may be bf16), or a hub
+        repo id (see hf_folder). Read with safetensors alone, no transformers needed. Anything the
+        model cannot compute the same way (biases in LLaMA layers, RoPE scalings other than Llama
+        3.1's, another activation, layer types other than full and sliding-window attention) raises
+        NotImplementedError."""
         from safetensors.torch import load_file
 
         folder = hf_folder(folder)
@@ -371,7 +403,7 @@ def hf_folder(name) -> Path:
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
-    """ModelConfig from a Hugging Face config.json (LLaMA / Mistral / Qwen2 or GPT-2)."""
+    """ModelConfig from a Hugging Face config.json (LLaMA / Mistral / Qwen2 / Qwen3 / SmolLM3, or GPT-2)."""
     kind = hf.get("model_type")
     if kind == "gpt2":
         if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
@@ -382,8 +414,8 @@ def config_from_hf(hf: dict) -> ModelConfig:
                            n_heads=hf["n_head"], dim=hf["n_embd"], mlp_hidden=hf.get("n_inner") or 4 * hf["n_embd"],
                            norm="layernorm", mlp="gelu", positions="learned", bias=True,
                            tie_embeddings=hf.get("tie_word_embeddings", True), norm_eps=hf["layer_norm_epsilon"])
-    if kind not in ("llama", "mistral", "qwen2"):
-        raise NotImplementedError(f"Hugging Face model_type {kind!r}: pyllm reads llama, mistral, qwen2 and gpt2")
+    if kind not in HF_DECODERS:
+        raise NotImplementedError(f"Hugging Face model_type {kind!r}: pyllm reads {', '.join(HF_DECODERS)} and gpt2")
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}  # transformers 5 / 4
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ("default", "llama3"):
@@ -391,25 +423,63 @@ def config_from_hf(hf: dict) -> ModelConfig:
     if rope_type == "llama3" and not all(k in rope for k in LLAMA3_ROPE_KEYS):
         raise ValueError(f"llama3 RoPE scaling needs {', '.join(LLAMA3_ROPE_KEYS)}; the config has {rope}")
     scaling = {"rope_type": "llama3", **{k: rope[k] for k in LLAMA3_ROPE_KEYS}} if rope_type == "llama3" else None
-    dim, n_heads = hf["hidden_size"], hf["num_attention_heads"]
-    # Qwen2 states whether its sliding window is used; Mistral's is used whenever it is set.
-    window = hf.get("use_sliding_window") if kind == "qwen2" else hf.get("sliding_window")
+    n_layers = hf["num_hidden_layers"]
+    window, window_layers = _hf_sliding_window(hf, kind, n_layers)
+    nope_layers = None
+    if kind == "smollm3":
+        nope_layers = [i for i, uses_rope in enumerate(_smollm3_rope_layers(hf)) if not uses_rope] or None
     unsupported = {"attention_bias": hf.get("attention_bias"), "mlp_bias": hf.get("mlp_bias"),
-                   "sliding_window": hf.get("sliding_window") if window else None,
-                   "layer_types": None if set(hf.get("layer_types") or ["full_attention"]) == {"full_attention"}
-                   else hf["layer_types"],
-                   "hidden_act": None if hf.get("hidden_act", "silu") == "silu" else hf["hidden_act"],
-                   "head_dim": None if hf.get("head_dim") in (None, dim // n_heads) else hf["head_dim"]}
+                   "hidden_act": None if hf.get("hidden_act", "silu") == "silu" else hf["hidden_act"]}
     for name, value in unsupported.items():
         if value:
-            raise NotImplementedError(f"{kind} with {name}={value!r}: pyllm's LLaMA has no biases, full "
-                                      "attention, SiLU and head_dim = hidden_size / num_attention_heads")
-    return ModelConfig(vocab_size=hf["vocab_size"], block_size=hf["max_position_embeddings"],
-                       n_layers=hf["num_hidden_layers"], n_heads=n_heads,
-                       n_kv_heads=hf.get("num_key_value_heads") or n_heads, dim=dim, mlp_hidden=hf["intermediate_size"],
+            raise NotImplementedError(f"{kind} with {name}={value!r}: pyllm's LLaMA has no biases in its "
+                                      "output and MLP projections and uses SiLU")
+    return ModelConfig(vocab_size=hf["vocab_size"], block_size=hf["max_position_embeddings"], n_layers=n_layers,
+                       n_heads=hf["num_attention_heads"], n_kv_heads=hf.get("num_key_value_heads") or None,
+                       dim=hf["hidden_size"], head_dim=hf.get("head_dim") or None, mlp_hidden=hf["intermediate_size"],
                        tie_embeddings=hf.get("tie_word_embeddings", False), norm_eps=hf.get("rms_norm_eps", 1e-6),
                        rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)), rope_scaling=scaling,
-                       qkv_bias=kind == "qwen2")
+                       qkv_bias=kind == "qwen2", qk_norm=kind == "qwen3", sliding_window=window,
+                       window_layers=window_layers, nope_layers=nope_layers)
+
+
+def _smollm3_rope_layers(hf: dict) -> list[int]:
+    """SmolLM3's no_rope_layers: 1 where a layer uses RoPE (transformers' default: all but every 4th)."""
+    n, every = hf["num_hidden_layers"], hf.get("no_rope_layer_interval", 4)
+    return hf.get("no_rope_layers") or [int((i + 1) % every != 0) for i in range(n)]
+
+
+# The LLaMA-shaped decoders config_from_hf reads (besides gpt2).
+HF_DECODERS = ("llama", "mistral", "qwen2", "qwen3", "smollm3")
+
+
+def _hf_sliding_window(hf: dict, kind: str, n_layers: int) -> tuple[int | None, list[int] | None]:
+    """(sliding_window, window_layers) as transformers' modeling code reads a config.json: Mistral's
+    window is used in every layer whenever it is set; Qwen2 / Qwen3 / SmolLM3 use theirs only with
+    use_sliding_window, in the layers layer_types marks "sliding_attention" (without layer_types:
+    Qwen's layers from max_window_layers on, SmolLM3's layers without RoPE). LLaMA has none."""
+    types = hf.get("layer_types")
+    if types is not None and (len(types) != n_layers or not set(types) <= {"full_attention", "sliding_attention"}):
+        raise NotImplementedError(f"{kind} with layer_types={types!r}: pyllm's layers use full or sliding-window "
+                                  "attention, one type per layer")
+    window = hf.get("sliding_window")
+    if kind == "llama":
+        if window or (types and "sliding_attention" in types):
+            raise NotImplementedError(f"llama with sliding_window={window!r} / layer_types: transformers' LLaMA "
+                                      "has no sliding window; is this another model_type?")
+        return None, None
+    if kind == "mistral":
+        return window or None, None
+    if not (hf.get("use_sliding_window") and window):
+        return None, None
+    if types is None:
+        if kind == "smollm3":
+            types = ["full_attention" if r else "sliding_attention" for r in _smollm3_rope_layers(hf)]
+        else:
+            types = ["sliding_attention" if i >= hf.get("max_window_layers", 28) else "full_attention"
+                     for i in range(n_layers)]
+    layers = [i for i, t in enumerate(types) if t == "sliding_attention"]
+    return (window, layers) if layers else (None, None)
 
 
 def state_from_hf(hf_state: dict, cfg: ModelConfig, kind: str) -> dict:
@@ -439,6 +509,9 @@ def state_from_hf(hf_state: dict, cfg: ModelConfig, kind: str) -> dict:
             if cfg.qkv_bias:
                 state[block + "attn.qkv.bias"] = torch.cat([hf_state[f"layers.{i}.self_attn.{x}_proj.bias"] for x in "qkv"])
             state[block + "attn.proj.weight"] = layer("self_attn.o_proj")
+            if cfg.qk_norm:
+                state[block + "attn.q_norm.weight"] = layer("self_attn.q_norm")
+                state[block + "attn.k_norm.weight"] = layer("self_attn.k_norm")
             state[block + "mlp.gate_up.weight"] = torch.cat([layer("mlp.gate_proj"), layer("mlp.up_proj")])
             state[block + "mlp.down.weight"] = layer("mlp.down_proj")
     if not cfg.tie_embeddings:

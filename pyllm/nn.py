@@ -109,35 +109,54 @@ def _flash_attn_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool
             and q.dtype == k.dtype == v.dtype)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True) -> torch.Tensor:
+def _window_mask(T: int, S: int, left: int, device) -> torch.Tensor:
+    """(T, S) bool, True where query i (at key position S - T + i, bottom-right aligned) sees key j:
+    causal and, for left >= 0, j >= that position - left (flash_attn's window (left, 0))."""
+    pos = torch.arange(S - T, S, device=device)[:, None]  # (T, 1)
+    keys = torch.arange(S, device=device)[None, :]  # (1, S)
+    seen = keys <= pos
+    return seen & (keys >= pos - left) if left >= 0 else seen
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+              window_left: int = -1) -> torch.Tensor:
     """softmax(q k^T / sqrt(D)) v for q (B, T, H, D) and k, v (B, S, H_kv, D) with H % H_kv == 0
-    (GQA/MQA), returned as (B, T, H, D): pyllm.flash_attn where it has a kernel, else SDPA."""
+    (GQA/MQA), returned as (B, T, H, D): pyllm.flash_attn where it has a kernel, else SDPA.
+    window_left >= 0 (causal only): a query also sees no key more than window_left before its own
+    position (a sliding window of window_left + 1 keys, Mistral's sliding_window)."""
+    if window_left >= 0 and not causal:
+        raise ValueError("attention: window_left needs causal=True")
     if _flash_attn_takes(q, k, v):
-        return flash_attn_ops.flash_attn(q, k, v, causal=causal)
+        return flash_attn_ops.flash_attn(q, k, v, causal=causal, window=(window_left, -1))
+    mask = _window_mask(q.shape[1], k.shape[1], window_left, q.device) if window_left >= 0 else None
     out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal,
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=causal and mask is None,
         enable_gqa=q.shape[2] != k.shape[2],
     )  # (B, H, T, D)
     return out.transpose(1, 2)
 
 
 def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           k: torch.Tensor, v: torch.Tensor, cache_seqlen: int) -> torch.Tensor:
+                           k: torch.Tensor, v: torch.Tensor, cache_seqlen: int, window_left: int = -1) -> torch.Tensor:
     """Decode-time attention, flash_attn_with_kvcache's contract: writes the new k, v (B, T, H_kv, D)
     into k_cache, v_cache (B, S_max, H_kv, D) at positions cache_seqlen..cache_seqlen+T-1, then
     attends q (B, T, H, D) causally over the cache's first cache_seqlen+T positions (the new queries
-    sit at the end, so query i sees keys up to cache_seqlen+i). pyllm.flash_attn_with_kvcache
-    where it has a kernel (split-KV on the GPU), else the same through SDPA."""
+    sit at the end, so query i sees keys up to cache_seqlen+i, and none more than window_left before
+    it when window_left >= 0). pyllm.flash_attn_with_kvcache where it has a kernel (split-KV on the
+    GPU), else the same through SDPA."""
     if _flash_attn_takes(q, k_cache, v_cache) and k.dtype == k_cache.dtype:
-        return flash_attn_ops.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlen, k, v, causal=True)
+        if window_left < 0:  # the default window: the eager CPU shortcut skips checking it
+            return flash_attn_ops.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlen, k, v, causal=True)
+        return flash_attn_ops.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlen, k, v, causal=True,
+                                                      window=(window_left, -1))
     T = q.shape[1]
     end = cache_seqlen + T
     k_cache[:, cache_seqlen:end] = k
     v_cache[:, cache_seqlen:end] = v
     keys, values = k_cache[:, :end], v_cache[:, :end]  # (B, S, H_kv, D)
     mask = None
-    if T > 1:  # bottom-right aligned causal mask; a single new query sees everything
-        mask = torch.ones(T, end, dtype=torch.bool, device=q.device).tril(diagonal=cache_seqlen)
+    if T > 1 or window_left >= 0:  # a single new query without a window sees everything
+        mask = _window_mask(T, end, window_left, q.device)
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask,
         enable_gqa=q.shape[2] != k.shape[2],

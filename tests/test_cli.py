@@ -88,11 +88,16 @@ def test_train_end_to_end_cache_resume_generate(corpus, tmp_path, capsys):
 
 def test_config_file_with_cli_override(corpus, tmp_path):
     (tmp_path / "c.toml").write_text(
-        f'max_steps = 5\nlr = 0.01\ndata = ["{corpus}"]\nout = "{tmp_path / "r"}"\n[model]\nn_layers = 1\ndim = 64\nn_heads = 2\nblock_size = 16\n')
+        f'max_steps = 5\nlr = 0.01\ndata = ["{corpus}"]\nout = "{tmp_path / "r"}"\n[model]\nn_layers = 2\ndim = 64\nn_heads = 2\nblock_size = 16\n'
+        'sliding_window = 4\n')
     assert cli.main(["train", "--config", str(tmp_path / "c.toml"), "--max-steps", "3", "--batch-size", "2",
-                     "--eval-batches", "1", "--device", "cpu", "--sample-tokens", "0"]) == 0
+                     "--eval-batches", "1", "--device", "cpu", "--sample-tokens", "0", "--model", "window_layers=[1]"]) == 0
     records = [json.loads(line) for line in (tmp_path / "r/log.jsonl").read_text().splitlines()]
     assert len(records) == 3 and records[-1]["lr"] < 0.01
+    from pyllm.model import LLM
+
+    cfg = LLM.load(tmp_path / "r/model.safetensors").config
+    assert (cfg.n_layers, cfg.sliding_window, cfg.window_layers) == (2, 4, [1])
 
 
 def test_yaml_config(tmp_path):
@@ -119,6 +124,8 @@ def test_clear_errors(corpus, tmp_path, capsys):
     assert "unknown model preset" in capsys.readouterr().err
     assert cli.main(["train", "--model", "n_heads=5", "--data", str(corpus), "--out", str(tmp_path / "r"), "--max-steps", "1"]) == 2
     assert "n_heads (5) must divide dim (128)" in capsys.readouterr().err
+    assert cli.main(["train", "--model", "window_layers=[1,", "--data", str(corpus), "--out", str(tmp_path / "r")]) == 2
+    assert "--model window_layers: '[1,' is not a JSON list" in capsys.readouterr().err
     assert cli.main(["train", "--lr", "-1", "--data", str(corpus), "--out", str(tmp_path / "r")]) == 2
     assert "TrainConfig.lr must be > 0, got -1" in capsys.readouterr().err
 

@@ -35,21 +35,28 @@ def ref_rope(x, pos, theta):  # x (B, T, H, D), rotating pairs (i, i + D/2)
     return torch.cat([a * cos - b * sin, b * cos + a * sin], -1).to(x.dtype)
 
 
-def ref_attention(cfg, x, sd, prefix):
+def ref_attention(cfg, x, sd, prefix, layer):
     B, T, C = x.shape
     H, Hk, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     qkv = ref_linear(x, sd, prefix + ".qkv")
     q = qkv[..., : H * D].reshape(B, T, H, D)
     k = qkv[..., H * D: (H + Hk) * D].reshape(B, T, Hk, D)
     v = qkv[..., (H + Hk) * D:].reshape(B, T, Hk, D)
-    if cfg.positions == "rope":
+    if cfg.qk_norm:  # over each head's D
+        q = q / torch.sqrt((q * q).mean(-1, keepdim=True) + cfg.norm_eps) * sd[prefix + ".q_norm.weight"]
+        k = k / torch.sqrt((k * k).mean(-1, keepdim=True) + cfg.norm_eps) * sd[prefix + ".k_norm.weight"]
+    if cfg.positions == "rope" and layer not in (cfg.nope_layers or ()):
         pos = torch.arange(T)
         q, k = ref_rope(q, pos, cfg.rope_theta), ref_rope(k, pos, cfg.rope_theta)
     k = k.repeat_interleave(H // Hk, dim=2)  # query head h reads kv head h // (H / Hk)
     v = v.repeat_interleave(H // Hk, dim=2)
     scores = torch.einsum("bthd,bshd->bhts", q, k) / math.sqrt(D)
-    scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
-    y = torch.einsum("bhts,bshd->bthd", scores.softmax(-1), v).reshape(B, T, C)
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    unseen = j > i  # causal
+    if cfg.sliding_window is not None and layer in (cfg.window_layers or range(cfg.n_layers)):
+        unseen |= j <= i - cfg.sliding_window  # the query and the sliding_window - 1 keys before it
+    scores = scores.masked_fill(unseen, float("-inf"))
+    y = torch.einsum("bhts,bshd->bthd", scores.softmax(-1), v).reshape(B, T, H * D)
     return ref_linear(y, sd, prefix + ".proj")
 
 
@@ -68,9 +75,9 @@ def ref_forward(cfg, sd, idx):
         p = f"blocks.{i}"
         h = ref_norm(cfg, x, sd, p + ".norm1")
         if cfg.parallel_block:
-            x = x + ref_attention(cfg, h, sd, p + ".attn") + ref_mlp(cfg, h, sd, p + ".mlp")
+            x = x + ref_attention(cfg, h, sd, p + ".attn", i) + ref_mlp(cfg, h, sd, p + ".mlp")
         else:
-            x = x + ref_attention(cfg, h, sd, p + ".attn")
+            x = x + ref_attention(cfg, h, sd, p + ".attn", i)
             x = x + ref_mlp(cfg, ref_norm(cfg, x, sd, p + ".norm2"), sd, p + ".mlp")
     x = ref_norm(cfg, x, sd, "norm_f")
     return x @ (sd["tok_emb.weight"] if cfg.tie_embeddings else sd["lm_head.weight"]).T
@@ -83,6 +90,12 @@ CONFIGS = {
     "gpt2": dict(SMALL, norm="layernorm", mlp="gelu", positions="learned", bias=True),
     "palm-mqa": dict(SMALL, n_kv_heads=1, norm="layernorm", parallel_block=True),
     "rope-bias-gelu": dict(SMALL, mlp="gelu", bias=True, n_kv_heads=2),
+    # Mistral's: a 3-key sliding window in every layer
+    "window": dict(SMALL, n_kv_heads=2, sliding_window=3),
+    # Qwen3's and SmolLM3's pieces: 4 heads x 64 (256 wide in a 128-wide model), q / k norms, a 5-key
+    # window in layer 1 only, no RoPE in layer 0
+    "qk-norm-window-nope": dict(SMALL, n_kv_heads=2, head_dim=64, qk_norm=True, sliding_window=5, window_layers=[1],
+                                nope_layers=[0]),
 }
 
 
@@ -110,7 +123,7 @@ def test_forward_matches_reference(name):
     assert abs(loss.item() - ref_loss.item()) < 1e-10
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2", "palm-mqa"])
+@pytest.mark.parametrize("name", ["llama", "gpt2", "palm-mqa", "window", "qk-norm-window-nope"])
 def test_cached_forward_matches_full(name):
     cfg = ModelConfig(**CONFIGS[name])
     model = randomized(cfg).eval()
@@ -125,7 +138,7 @@ def test_cached_forward_matches_full(name):
         assert rel_err(g, w) < 1e-12
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2", "palm-mqa"])
+@pytest.mark.parametrize("name", ["llama", "gpt2", "palm-mqa", "window"])
 def test_generate_with_cache_equals_without(name):
     cfg = ModelConfig(**CONFIGS[name])
     model = LLM(cfg)
@@ -137,7 +150,7 @@ def test_generate_with_cache_equals_without(name):
 
 
 @pytest.mark.parametrize("device", CPU_AND_CUDA)
-@pytest.mark.parametrize("name", ["gqa-untied", "palm-mqa"])
+@pytest.mark.parametrize("name", ["gqa-untied", "palm-mqa", "qk-norm-window-nope"])
 def test_bf16_forward_and_kv_cache_within_twice_torchs_error(device, name, monkeypatch):
     # The model in bf16 on pyllm's kernels (flash attention, its KV-cache decode, SwiGLU) against
     # the float64 model, within twice the error of the same bf16 model on torch's own functions
@@ -214,14 +227,18 @@ def test_sample_top_k_top_p():
     assert draws == {1}  # p(1) = 0.64 alone crosses 0.5
 
 
-def test_save_load_roundtrip(tmp_path):
-    cfg = ModelConfig(**CONFIGS["gpt2"])
+@pytest.mark.parametrize("name", ["gpt2", "qk-norm-window-nope"])
+def test_save_load_roundtrip(tmp_path, name):
+    cfg = ModelConfig(**CONFIGS[name])
     model = LLM(cfg)
     model.save(tmp_path / "m.safetensors")
     loaded = LLM.load(tmp_path / "m.safetensors")
     assert loaded.config == cfg
     idx = torch.randint(0, cfg.vocab_size, (2, 9))
     assert torch.equal(model(idx)[0], loaded(idx)[0])
+    # configs saved before head_dim was a field (no such key) get dim // n_heads
+    old = {k: v for k, v in cfg.to_dict().items() if k != "head_dim"}
+    assert ModelConfig(**old).head_dim == 32
     (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 5)
     with pytest.raises(ValueError, match="safetensors"):
         LLM.load(tmp_path / "bad.safetensors")
@@ -235,12 +252,16 @@ def test_counts():
     cfg = model.config
     assert model.flops_per_token() == 6 * (n - 32 * 128) + 12 * cfg.n_layers * cfg.dim * cfg.block_size
     assert LLM(ModelConfig.from_preset("gpt2-124m")).num_params() / 1e6 == pytest.approx(124.5, abs=0.5)
+    # attention FLOPs: n_heads * head_dim wide, over at most sliding_window keys in windowed layers
+    cfg = ModelConfig(**CONFIGS["qk-norm-window-nope"])
+    model = LLM(cfg)
+    assert model.flops_per_token(20) == 6 * model.num_params(non_embedding=True) + 12 * 4 * 64 * (20 + 5)
 
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_presets_build(preset):
     cfg = ModelConfig.from_preset(preset, n_layers=1)
-    assert cfg.n_layers == 1 and cfg.dim % cfg.n_heads == 0
+    assert cfg.n_layers == 1 and cfg.dim % cfg.n_heads == 0 and cfg.head_dim == cfg.dim // cfg.n_heads
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -251,6 +272,12 @@ def test_presets_build(preset):
     (dict(positions="alibi"), "positions must be one of"),
     (dict(n_layers=0), "n_layers must be a positive integer"),
     (dict(dropout=1.5), "dropout"),
+    (dict(head_dim=0), "head_dim must be a positive integer"),
+    (dict(head_dim=31), "rope needs an even head dim, got 31"),
+    (dict(sliding_window=0), "sliding_window must be a positive integer"),
+    (dict(sliding_window=4, window_layers=[2]), r"window_layers must be None or a list of layer indices in \[0, 2\)"),
+    (dict(window_layers=[0]), "window_layers needs a sliding_window"),
+    (dict(nope_layers=[0], positions="learned"), "nope_layers needs positions = 'rope'"),
 ])
 def test_bad_config(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -289,10 +316,26 @@ def hf_models():
             use_sliding_window=False)),
         "gpt2": transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=97, n_positions=64, n_embd=64, n_layer=2,
                                                                      n_head=4)),
+        # Head dims 32 run pyllm's kernels (fp64 on the CPU), 16 torch's SDPA: windows through both.
+        # q / k norms, 4 heads x 32 = 128 wide against a 64-wide model, 6-key windows in layer 1 only
+        "qwen3-window": transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+            **llama, head_dim=32, num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1e6,
+            use_sliding_window=True, sliding_window=6, max_window_layers=1)),
+        "qwen3": transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**llama, head_dim=32, num_key_value_heads=1)),
+        # Mistral's window is in every layer: 4 keys; head dim 16 (SDPA with a mask)
+        "mistral-window": transformers.MistralForCausalLM(transformers.MistralConfig(
+            **llama, num_key_value_heads=2, sliding_window=4)),
+        # layer 1 without RoPE and with a 5-key window (SmolLM3's pairing), layer 0 full with RoPE
+        "smollm3": transformers.SmolLM3ForCausalLM(transformers.SmolLM3Config(
+            **llama, head_dim=32, num_key_value_heads=2, no_rope_layer_interval=2, use_sliding_window=True,
+            sliding_window=5, pad_token_id=None)),
     }
 
 
-@pytest.mark.parametrize("name", ["llama-gqa", "llama-tied", "llama3-rope", "qwen2", "gpt2"])
+HF_NAMES = ["llama-gqa", "llama-tied", "llama3-rope", "qwen2", "gpt2", "qwen3-window", "qwen3", "mistral-window", "smollm3"]
+
+
+@pytest.mark.parametrize("name", HF_NAMES)
 def test_from_hf_computes_what_transformers_computes(name, tmp_path):
     theirs = hf_models()[name].double().eval()
     with torch.no_grad():  # past the 0.02-std init, so that every weight matters
@@ -319,11 +362,13 @@ def test_from_hf_refuses_what_it_cannot_compute(tmp_path):
     base = dict(model_type="llama", vocab_size=97, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                 num_attention_heads=4, max_position_embeddings=64)
     for extra, message in [(dict(attention_bias=True), "attention_bias"), (dict(sliding_window=4096), "sliding_window"),
+                           (dict(model_type="qwen3", attention_bias=True), "attention_bias"),
                            (dict(rope_scaling=dict(rope_type="yarn", factor=8.0)), "scaled RoPE"),
-                           (dict(head_dim=32), "head_dim"), (dict(hidden_act="gelu"), "hidden_act"),
-                           (dict(model_type="qwen2", sliding_window=4096, use_sliding_window=True), "sliding_window"),
+                           (dict(hidden_act="gelu"), "hidden_act"),
                            (dict(layer_types=["sliding_attention", "full_attention"]), "layer_types"),
-                           (dict(model_type="qwen3"), "model_type 'qwen3'")]:
+                           (dict(model_type="qwen3", layer_types=["chunked_attention", "full_attention"]), "layer_types"),
+                           (dict(model_type="qwen3", layer_types=["full_attention"]), "layer_types"),
+                           (dict(model_type="gemma3_text"), "model_type 'gemma3_text'")]:
         with pytest.raises(NotImplementedError, match=message):
             config_from_hf({**base, **extra})
     assert config_from_hf({**base, "rope_theta": 5e5, "rope_scaling": None}).rope_theta == 5e5  # transformers 4's keys

@@ -5,7 +5,9 @@ plain PyTorch: the same architecture written here with F.scaled_dot_product_atte
 SwiGLU (silu(gate) * up), an eager RMSNorm and torch.optim.AdamW(fused=True) (torch has a fused
 CPU AdamW too). Both clip the global grad norm to 1. Each with and without torch.compile (--quick
 skips compile unless --compile is given). Same config, parameter count, batch, precision and
-process; median step time of repeats.
+process; median step time of repeats. --activation-checkpointing recomputes every block in the
+backward in both (torch.utils.checkpoint, non-reentrant, as pyllm's LLM does); "saved MB" is what
+autograd keeps from one forward (saved-tensor hooks: activations, whatever the device).
 
 MFU = model FLOPs per token (6N + 12 L C T) x tokens/s / the GPU's peak bf16 FLOP/s
 (pyllm.train.PEAK_BF16_FLOPS); n/a on the CPU.
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -92,8 +95,9 @@ class PlainLLM(nn.Module):
         ang = torch.outer(torch.arange(T, device=idx.device).float(), inv_freq)
         cos, sin = ang.cos()[None, :, None], ang.sin()[None, :, None]
         x = self.tok_emb(idx)
+        recompute = getattr(self, "activation_checkpointing", False) and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x, cos, sin)
+            x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, use_reentrant=False) if recompute else block(x, cos, sin)
         logits = self.lm_head(self.norm_f(x))
         return logits, F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
 
@@ -106,6 +110,8 @@ def main() -> int:
     parser.add_argument("--precision", choices=["fp32", "bf16"], help="default: bf16 on CUDA, fp32 on the CPU")
     parser.add_argument("--repeat", type=int, default=10, help="timed steps per implementation (default 10)")
     parser.add_argument("--compile", action="store_true", help="time the torch.compile rows even with --quick")
+    parser.add_argument("--activation-checkpointing", action="store_true",
+                        help="recompute each block in the backward, in both models")
     args = parser.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -122,6 +128,7 @@ def main() -> int:
     def make(impl):
         torch.manual_seed(0)
         model = (LLM(cfg) if impl == "pyllm" else PlainLLM(cfg)).to(device)
+        model.activation_checkpointing = args.activation_checkpointing
         if impl == "pyllm":
             opt = make_optimizer(model, TrainConfig(lr=1e-4), DistInfo(device=device))
         else:
@@ -154,14 +161,20 @@ def main() -> int:
 
             ms = common.median_ms(step, args.device, warmup=3 if compiled else 2, repeat=repeat)
             tok_s = B * T / ms * 1e3
+            saved = []
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
+                                                          lambda t: t), autocast(precision, device):
+                fwd(x[:, :-1], x[:, 1:])
             rows.append({"impl": impl, "compile": "yes" if compiled else "no", "ms/step": round(ms, 2),
-                         "tokens/s": round(tok_s), "MFU": f"{flops_per_token * tok_s / peak:.1%}" if peak else "n/a"})
+                         "tokens/s": round(tok_s), "MFU": f"{flops_per_token * tok_s / peak:.1%}" if peak else "n/a",
+                         "saved MB": round(sum(saved) / 2**20, 1)})
             del model, opt, fwd
     base = {r["compile"]: r["ms/step"] for r in rows if r["impl"] == "plain torch"}
     for r in rows:
         r["vs plain torch (same compile)"] = f"{base[r['compile']] / r['ms/step']:.2f}x"
-    common.print_table(rows, ["impl", "compile", "ms/step", "tokens/s", "MFU", "vs plain torch (same compile)"])
+    common.print_table(rows, ["impl", "compile", "ms/step", "tokens/s", "MFU", "saved MB", "vs plain torch (same compile)"])
     common.write_json(args.json, "train", args.device, rows, {"preset": preset, "B": B, "T": T, "precision": precision,
+                                                              "activation_checkpointing": args.activation_checkpointing,
                                                               "params": n_params["pyllm"], "flops_per_token": flops_per_token,
                                                               "peak_flops": peak})
     return 0

@@ -514,6 +514,9 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grad-clip", type=float, help="max global grad norm, 0 for none (default 1.0)")
     p.add_argument("--seed", type=int, help="seed of init, data order and sampling (default 1337)")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    p.add_argument("--activation-checkpointing", action="store_true", default=None,
+                   help="keep only each block's input for the backward and recompute the rest there: activation "
+                        "memory falls to about one (B, T, dim) tensor per layer, for ~1/3 more compute")
     p.add_argument("--dist-mode", choices=["ddp", "fsdp", "zero1"],
                    help="under torchrun with several processes: ddp (default: DistributedDataParallel), fsdp (FSDP2: "
                         "params, grads and optimizer state sharded), zero1 (pyllm's ZeroAdamW: optimizer state sharded)")

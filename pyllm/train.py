@@ -53,6 +53,7 @@ class TrainConfig:
     ckpt_every: int = 200  # 0: only at the end
     seed: int = 1337
     compile: bool = False
+    activation_checkpointing: bool = False  # recompute each block in the backward: less memory, ~1/3 more compute
     dist_mode: str = "ddp"  # ddp | fsdp | zero1 (when launched by torchrun with several processes)
     nan_patience: int = 3  # this many non-finite losses in a row stop the run
     init_loss_scale: float = 2.0 ** 16
@@ -448,6 +449,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
         print("pyllm: this build has no CUDA kernels (nvcc was not found when it was installed): training "
               "runs on torch's attention, SwiGLU and AdamW; reinstall with nvcc on PATH for pyllm's", file=sys.stderr)
     model = model.to(info.device)
+    model.activation_checkpointing = cfg.activation_checkpointing
     loader = TokenLoader(data / "train.bin", cfg.batch_size, seq_len, cfg.seed, info.rank, info.world_size, info.device)
     wrapped = wrap_model(model, cfg, info)
     optimizer = make_optimizer(model, cfg, info)

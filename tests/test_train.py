@@ -80,6 +80,12 @@ def test_exact_resume(data_dir, tmp_path, extra):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_activation_checkpointing_trains_the_same(data_dir, tmp_path):
+    trainer.train(config(data_dir, tmp_path / "plain", model=dict(TINY, dropout=0.1)))
+    trainer.train(config(data_dir, tmp_path / "ac", model=dict(TINY, dropout=0.1), activation_checkpointing=True))
+    assert losses(tmp_path / "ac") == losses(tmp_path / "plain")  # bitwise, dropout masks included
+
+
 def test_checkpoint_write_is_atomic(data_dir, tmp_path, monkeypatch):
     trainer.train(config(data_dir, tmp_path, max_steps=4))
     good = (tmp_path / "checkpoint.pt").read_bytes()
@@ -237,7 +243,9 @@ def test_two_cpu_processes_match_one_and_resume_exactly(data_dir, tmp_path, mode
                   eval_every=4, eval_batches=2, ckpt_every=4, progress=False, lr=1e-2)
     trainer.train(TrainConfig(**common, out_dir=str(tmp_path / "one"), batch_size=4))
     trainer.train(TrainConfig(**common, out_dir=str(tmp_path / "two/cross"), batch_size=4), stop_at=6)
-    run_two_processes({**common, "out_dir": str(tmp_path / "two"), "batch_size": 2, "dist_mode": mode})
+    # ddp and fsdp recompute their blocks in the backward (activation checkpointing): same losses
+    run_two_processes({**common, "out_dir": str(tmp_path / "two"), "batch_size": 2, "dist_mode": mode,
+                       "activation_checkpointing": mode != "zero1"})
     whole, cut = tmp_path / "two/whole", tmp_path / "two/cut"
     np.testing.assert_allclose(losses(whole), losses(tmp_path / "one"), rtol=1e-5)
     assert losses(cut) == losses(whole)  # bitwise

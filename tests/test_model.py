@@ -214,6 +214,20 @@ def test_activation_checkpointing_same_grads_less_saved():
         assert torch.equal(with_flag, model(idx)[0])
 
 
+def test_activation_checkpointing_under_torch_compile():
+    # The whole model in one graph (fullgraph: no break around the checkpointed blocks or the ops).
+    cfg = ModelConfig(**CONFIGS["qk-norm-window-nope"])
+    model = LLM(cfg)
+    idx, targets = torch.randint(0, cfg.vocab_size, (2, 17)), torch.randint(0, cfg.vocab_size, (2, 17))
+    model(idx, targets)[1].backward()
+    eager = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.activation_checkpointing = True
+    torch.compile(model, fullgraph=True)(idx, targets)[1].backward()
+    for got, want in zip((p.grad for p in model.parameters()), eager):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)  # fp32, fused differently
+
+
 def test_generate_streams_and_runs_past_block_size():
     cfg = ModelConfig(**SMALL)
     model = LLM(cfg)

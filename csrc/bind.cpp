@@ -113,6 +113,12 @@ PYBIND11_MODULE(_C, m) {
         .def(py::init<const std::vector<std::string>&, const std::vector<uint32_t>&, int,
                       const std::vector<std::string>&, const std::vector<uint32_t>&>(),
              nogil, arg("tokens"), arg("ranks"), arg("pattern"), arg("special_tokens"), arg("special_ids"))
+        .def(py::init<const std::vector<std::string>&, const std::vector<uint32_t>&, const std::vector<std::string>&,
+                      const std::vector<uint32_t>&, const std::vector<uint32_t>&, const std::vector<uint32_t>&, uint32_t,
+                      bool, bool>(),
+             nogil, arg("tokens"), arg("ranks"), arg("special_tokens"), arg("special_ids"), arg("merges"),
+             arg("byte_fallback"), arg("unk_id"), arg("fuse_unk"), arg("whole_first"))
+        .def_property_readonly("char_level", &Encoder::char_level)
         .def("encode_ordinary", bpe_ids(&Encoder::encode_ordinary), arg("text"))
         .def("encode", bpe_ids(&Encoder::encode), arg("text"), arg("allowed"), arg("disallowed"))
         .def("encode_batch",

@@ -3,6 +3,7 @@ round trips, special tokens, files, and bad input."""
 from __future__ import annotations
 
 import glob
+import json
 import os
 import random
 import sysconfig
@@ -669,3 +670,189 @@ def test_from_hf_normalization_is_kept(corpus, tmp_path):
     assert ids.tolist() == ours.encode_ordinary(composed)
     with pytest.raises(ValueError, match="normalizes"):
         ours.to_tiktoken()
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face tokenizer.json (SentencePiece-style BPE: Llama 2's, Mistral's)
+SPM_SPECIALS = ["<unk>", "<s>", "</s>"]
+BYTE_TOKENS = [f"<0x{b:02X}>" for b in range(256)]
+# A Prepend + Replace normalizer (Llama 2, TinyLlama, Mistral v0.1), or a Metaspace pre-tokenizer
+# (later Mistral and Llama tokenizers) with each prepend scheme, cutting at spaces or not.
+SPM_NORMALIZER = {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "\u2581"},
+                                                      {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]}
+
+
+def metaspace(scheme, split):
+    return {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": scheme, "split": split}
+
+
+@pytest.fixture(scope="module")
+def spm_base(corpus):
+    """tokenizer.json of a SentencePiece-style BPE trained by Hugging Face's tokenizers on the
+    corpus' lines: 256 byte tokens after <unk> <s> </s> (in the vocabulary, not added tokens, as
+    Llama 2's), an alphabet cut to 100 characters, so rarer ones take the byte fallback."""
+    import json
+
+    tk = pytest.importorskip("tokenizers")
+    hf = tk.Tokenizer(tk.models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    hf.pre_tokenizer = tk.pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always", split=True)
+    lines = [line for text in corpus for line in text.splitlines() if line.strip()]
+    hf.train_from_iterator(lines, tk.trainers.BpeTrainer(
+        vocab_size=1500, special_tokens=SPM_SPECIALS + BYTE_TOKENS, limit_alphabet=100, show_progress=False))
+    data = json.loads(hf.to_str())
+    data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] in SPM_SPECIALS]
+    return data
+
+
+SPM_DECODER = {"type": "Sequence", "decoders": [{"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+                                               {"type": "ByteFallback"}, {"type": "Fuse"},
+                                               {"type": "Strip", "content": " ", "start": 1, "stop": 0}]}
+
+
+def spm_variant(base: dict, kind: str) -> dict:
+    data = json.loads(json.dumps(base))
+    model = data["model"]
+    data["decoder"] = SPM_DECODER
+    if kind.startswith("metaspace"):
+        data["decoder"] = {"type": "Sequence", "decoders": [{"type": "ByteFallback"},
+                                                            metaspace(kind.split("-")[1], "split" in kind)]}
+    if kind == "llama2":
+        data["normalizer"], data["pre_tokenizer"] = SPM_NORMALIZER, None
+    elif kind.startswith("metaspace"):  # metaspace-<scheme>[-split]
+        _, scheme, *split = kind.split("-")
+        data["pre_tokenizer"] = metaspace(scheme, bool(split))
+    elif kind.startswith("unk"):  # no byte tokens: characters outside the vocabulary become <unk>
+        data["normalizer"], data["pre_tokenizer"] = SPM_NORMALIZER, None
+        model["byte_fallback"], model["fuse_unk"] = False, kind == "unk-fused"
+    elif kind == "spm-merges":
+        # As transformers converts a SentencePiece model: a merge for every split of every piece into
+        # two pieces, grouped by the merged piece in score (= id) order; within a group, random.
+        vocab, rng = model["vocab"], random.Random(0)
+        merges = []
+        for piece, _ in sorted(vocab.items(), key=lambda kv: kv[1]):
+            splits = [[piece[:k], piece[k:]] for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab]
+            rng.shuffle(splits)
+            merges += splits
+        model["merges"] = merges
+    elif kind == "shuffled-merges":  # any order is a valid tokenizer: the priorities must be the list's
+        random.Random(1).shuffle(model["merges"])
+    elif kind == "byte-tokens-added":  # byte tokens listed as added tokens too, as some conversions do
+        data["added_tokens"] += [{"id": model["vocab"][t], "content": t, "single_word": False, "lstrip": False,
+                                  "rstrip": False, "normalized": False, "special": True} for t in BYTE_TOKENS]
+    elif kind == "ignore-merges":  # a piece that is a token is taken whole first, even one no merge makes
+        model["ignore_merges"] = True
+        model["vocab"]["\u2581qqzx"] = len(model["vocab"])
+    return data
+
+
+SPM_KINDS = ["llama2", "metaspace-always", "metaspace-first", "metaspace-never", "metaspace-always-split",
+             "metaspace-first-split", "unk-fused", "unk-unfused", "spm-merges", "shuffled-merges", "byte-tokens-added",
+             "ignore-merges"]
+
+
+@pytest.fixture(scope="module", params=SPM_KINDS)
+def spm_pair(request, spm_base, tmp_path_factory):
+    tk = pytest.importorskip("tokenizers")
+    path = tmp_path_factory.mktemp("spm") / "tokenizer.json"
+    path.write_text(json.dumps(spm_variant(spm_base, request.param)))
+    return Tokenizer.from_hf(path), tk.Tokenizer.from_file(str(path)), request.param
+
+
+def spm_prefixed(text: str, prepend: str) -> str:
+    """text as the encoder sees it, "▁" as a space: with the space the prepend scheme puts first
+    (Metaspace's: unless the text starts with one)."""
+    if not text or prepend == "never" or (text.startswith(" ") and prepend != "all"):
+        return text
+    return " " + text
+
+
+def test_from_hf_sentencepiece_encodes_as_hugging_face(spm_pair):
+    ours, hf, kind = spm_pair
+    stdlib_rest = sorted(glob.glob(os.path.join(STDLIB, "[n-z]*.py")))[:6]  # not in the training corpus
+    texts = SAMPLES + [open(p, encoding="utf-8", errors="replace").read() for p in stdlib_rest]
+    fallbacks = 0
+    for text in texts:
+        ids = ours.encode_ordinary(text)
+        assert ids == hf.encode(text, add_special_tokens=False).ids, (kind, text[:80])
+        fallbacks += sum(1 for i in ids if i < 3 + 256)  # <unk> or a byte token
+        if "unk" not in kind:  # byte fallback: every text comes back, with the space put first
+            assert ours.decode(ids) == spm_prefixed(text, ours._spm.settings["prepend"])
+        if kind == "llama2":  # whose decoder strips that one space
+            assert ours.decode(ids)[1:] == hf.decode(ids) == text
+    assert fallbacks > 0 or "unk" in kind  # some characters took the fallback
+    assert ours.vocab_size == hf.get_vocab_size()
+    with_specials = " <s>Hi</s> there <s></s>x<unk>  "
+    assert ours.encode(with_specials, allowed_special="all") == hf.encode(with_specials, add_special_tokens=False).ids
+    if kind == "ignore-merges":
+        assert ours.encode_ordinary("a qqzx") == hf.encode("a qqzx", add_special_tokens=False).ids
+        assert ours.encode_ordinary("qqzx") == [1500]
+    # the first segment of a text is the one "first" prepends to
+    assert ours.encode("<s>Hi", allowed_special="all") == hf.encode("<s>Hi", add_special_tokens=False).ids
+
+
+SPM_TEXT = st.lists(st.one_of(text_strategy, st.sampled_from(SPM_SPECIALS + [" ", "  ", "\u2581", "<0x41>", "é"])),
+                    max_size=6).map("".join)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=SPM_TEXT)
+def test_from_hf_sentencepiece_hypothesis(spm_pair, text):
+    ours, hf, kind = spm_pair
+    assert ours.encode(text, allowed_special="all") == hf.encode(text, add_special_tokens=False).ids
+
+
+def test_sentencepiece_tokenizer_keeps_its_form(spm_base, tmp_path):
+    import pickle
+
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(spm_variant(spm_base, "spm-merges")))
+    ours = Tokenizer.from_hf(path)
+    texts = SAMPLES[:8] + [" <s>a</s> b", "日本語 é"]
+    want = [ours.encode(t, allowed_special="all") for t in texts]
+    ours.save(tmp_path / "t.bpe")
+    for again in (Tokenizer.load(tmp_path / "t.bpe"), pickle.loads(pickle.dumps(ours))):
+        assert again.encode_batch(texts, allowed_special="all") == want
+        ids, offsets = again.encode_batch_packed(texts, allowed_special="all")
+        assert [ids[offsets[k]:offsets[k + 1]].tolist() for k in range(len(texts))] == want
+        assert again.decode(want[-1]) == " 日本語 é"
+    # the merges are checksummed with the ranks
+    data = (tmp_path / "t.bpe").read_bytes()
+    (tmp_path / "bad.bpe").write_bytes(data.replace(b'"merges": [[', b'"merges": [[1, 2], [', 1))
+    with pytest.raises(ValueError, match="corrupt"):
+        Tokenizer.load(tmp_path / "bad.bpe")
+    for call in (ours.to_tiktoken, lambda: ours.save_tiktoken(tmp_path / "x.tiktoken")):
+        with pytest.raises(ValueError, match="no tiktoken equivalent"):
+            call()
+    with pytest.raises(NotImplementedError, match="CUDA encoder"):
+        ours.encode_batch(["x"], device="cuda")
+    with pytest.raises(ValueError, match="unknown token id 5000"):
+        ours.decode([3, 5000])
+    with pytest.raises(ValueError, match="unknown token id -1"):
+        ours.decode([-1])
+    with pytest.raises(ValueError, match="disallowed special token"):
+        ours.encode("a<s>")
+    assert ours.split(" a  b") == ["\u2581a", "\u2581", "\u2581b"]  # Metaspace, always, split
+
+
+def test_from_hf_sentencepiece_refuses_other_forms(spm_base, tmp_path):
+    path = tmp_path / "tokenizer.json"
+    good = spm_variant(spm_base, "llama2")
+    added = good["added_tokens"]
+    cases = [
+        ({"normalizer": {"type": "Sequence", "normalizers": [*SPM_NORMALIZER["normalizers"], {"type": "NFKC"}]}},
+         "SentencePiece-style"),
+        ({"normalizer": SPM_NORMALIZER, "pre_tokenizer": metaspace("always", True)}, "no normalizer"),
+        ({"normalizer": None, "pre_tokenizer": {**metaspace("always", True), "replacement": "_"}}, "Metaspace"),
+        ({"added_tokens": [{**added[0], "normalized": True}, *added[1:]]}, "normalized text"),
+        ({"model": {**good["model"], "continuing_subword_prefix": "##"}}, "continuing_subword_prefix"),
+    ]
+    for change, message in cases:
+        path.write_text(json.dumps({**good, **change}))
+        with pytest.raises(NotImplementedError, match=message):
+            Tokenizer.from_hf(path)
+    path.write_text(json.dumps({**good, "model": {**good["model"], "merges": [["\u2581", "zzz-not-a-token"]]}}))
+    with pytest.raises(ValueError, match="not in the vocabulary"):
+        Tokenizer.from_hf(path)
+    with pytest.raises(ValueError, match="prepend"):
+        Tokenizer({b"a": 0}, sentencepiece={"merges": [], "prepend": "sometimes", "split": False, "byte_fallback": False,
+                                            "unk": None, "fuse_unk": False, "whole_first": False})

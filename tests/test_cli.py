@@ -279,9 +279,11 @@ def test_torchrun_two_cpu_processes_end_to_end(tmp_path):
     assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 6
 
 
-def test_train_init_from_hf_and_generate(tmp_path, capsys):
+@pytest.mark.parametrize("kind", ["byte-level", "sentencepiece"])
+def test_train_init_from_hf_and_generate(tmp_path, capsys, kind):
     # Fine-tuning a Hugging Face checkpoint folder: its weights start the run, its tokenizer.json
-    # tokenizes --data (pyllm's real tokenizer here, not the stand-in).
+    # tokenizes --data (pyllm's real tokenizer here, not the stand-in): GPT-2's byte-level BPE, or
+    # Llama 2's SentencePiece-style one (Prepend + Replace normalizer, byte fallback, <s> ... </s>).
     transformers, tokenizers = pytest.importorskip("transformers"), pytest.importorskip("tokenizers")
     import numpy as np
     import torch
@@ -293,16 +295,27 @@ def test_train_init_from_hf_and_generate(tmp_path, capsys):
     corpus.mkdir()
     for i in range(40):
         (corpus / f"m{i:02d}.py").write_text(f"def f{i}(x):\n    return x + {i}\n" * 20)
-    hf_tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE())
-    hf_tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    hf_tokenizer.train_from_iterator([p.read_text() for p in corpus.iterdir()], tokenizers.trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>", "<|begin|>", "<|end|>"], show_progress=False,
-        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
-    begin = hf_tokenizer.token_to_id("<|begin|>")  # put before every text, as Llama 3's <|begin_of_text|>
-    hf_tokenizer.post_processor = tokenizers.processors.TemplateProcessing(single="<|begin|> $A",
-                                                                           special_tokens=[("<|begin|>", begin)])
+    texts = [p.read_text() for p in corpus.iterdir()]
+    if kind == "byte-level":
+        hf_tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE())
+        hf_tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+        hf_tokenizer.train_from_iterator(texts, tokenizers.trainers.BpeTrainer(
+            vocab_size=300, special_tokens=["<|endoftext|>", "<|begin|>", "<|end|>"], show_progress=False,
+            initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
+        begin_text, end_text = "<|begin|>", "<|end|>"
+    else:
+        hf_tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+        hf_tokenizer.normalizer = tokenizers.normalizers.Sequence([tokenizers.normalizers.Prepend("\u2581"),
+                                                                   tokenizers.normalizers.Replace(" ", "\u2581")])
+        hf_tokenizer.train_from_iterator(texts, tokenizers.trainers.BpeTrainer(
+            vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)],
+            show_progress=False))
+        begin_text, end_text = "<s>", "</s>"
+    begin = hf_tokenizer.token_to_id(begin_text)  # put before every text, as Llama 3's <|begin_of_text|>
+    hf_tokenizer.post_processor = tokenizers.processors.TemplateProcessing(single=f"{begin_text} $A",
+                                                                           special_tokens=[(begin_text, begin)])
     hf_dir = tmp_path / "hf"
-    eos = hf_tokenizer.token_to_id("<|end|>")  # the model's own end-of-sequence, not pyllm's default
+    eos = hf_tokenizer.token_to_id(end_text)  # the model's own end-of-sequence, not pyllm's default
     transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=hf_tokenizer.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
         num_attention_heads=2, max_position_embeddings=64, eos_token_id=eos)).save_pretrained(hf_dir)
@@ -322,7 +335,7 @@ def test_train_init_from_hf_and_generate(tmp_path, capsys):
     from pyllm import data
 
     tokens = np.concatenate([np.asarray(data.open_tokens(run / "data" / f)) for f in ("train.bin", "val.bin")])
-    assert (tokens == eos).sum() == 40 and (tokens == hf_tokenizer.token_to_id("<|endoftext|>")).sum() == 0
+    assert (tokens == eos).sum() == 40 and (tokens == (hf_tokenizer.token_to_id("<|endoftext|>") or -1)).sum() == 0
     assert (tokens == begin).sum() == 40 and json.loads((run / "run.json").read_text())["prompt_prefix"] == [begin]
     ids = Tokenizer.load(str(run / "tokenizer.bpe")).encode_ordinary("def g(y):\n    return y")
     assert [begin, *ids] == hf_tokenizer.encode("def g(y):\n    return y").ids

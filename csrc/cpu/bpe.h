@@ -92,7 +92,19 @@ class Encoder {
  public:
   Encoder(const std::vector<std::string>& tokens, const std::vector<uint32_t>& ranks, int pattern,
           const std::vector<std::string>& special_tokens, const std::vector<uint32_t>& special_ids);
+  // SentencePiece-style BPE, as Hugging Face's BPE model with byte_fallback runs it (Llama 2's,
+  // Mistral's): a piece starts as its UTF-8 characters, each the token of that character, else the
+  // tokens of its bytes (byte_fallback[b], when all of them exist), else unk_id (consecutive ones
+  // fused into one when fuse_unk; dropped when unk_id is ~0u); then the listed merges (left, right,
+  // merged triples) apply in list order, not by the merged token's id: the lowest-indexed merge
+  // present, leftmost on ties. whole_first (Hugging Face's ignore_merges) takes a piece that is
+  // itself a token as that token first. Pre-tokenization is the caller's (encode_pieces only).
+  Encoder(const std::vector<std::string>& tokens, const std::vector<uint32_t>& ranks,
+          const std::vector<std::string>& special_tokens, const std::vector<uint32_t>& special_ids,
+          const std::vector<uint32_t>& merges, const std::vector<uint32_t>& byte_fallback, uint32_t unk_id,
+          bool fuse_unk, bool whole_first);
   ~Encoder();
+  bool char_level() const { return char_level_; }
 
   // Ordinary text: the pattern's pre-tokenizer, then BPE on each piece; special tokens are text.
   std::vector<uint32_t> encode_ordinary(std::string_view text) const;
@@ -132,7 +144,16 @@ class Encoder {
   };
   uint32_t lookup_bytes(const uint8_t* p, size_t n) const;  // ~0u when not a token
   uint32_t lookup_bytes(const uint8_t* p, size_t n, uint64_t hash) const;
+  // The priority of a pair (kNone: no merge), and the token a merge of that priority makes: the
+  // same number for tiktoken's vocabularies (priority = the merged token's rank), a merge-list
+  // index for SentencePiece-style ones.
   uint32_t pair_rank(uint32_t left, uint32_t right) const { return pairs_.get(pair_key(left, right)); }
+  uint32_t merged_token(uint32_t priority) const { return merged_.empty() ? priority : merged_[priority]; }
+  size_t priority_count() const { return merged_.empty() ? token_span_.size() : merged_.size(); }
+  // A piece's starting symbols, at most n of them: its bytes' tokens, or (char_level_) the tokens
+  // of its characters with byte fallback and unk.
+  size_t initial_symbols(const uint8_t* p, size_t n, uint32_t* sym) const;
+  void index_vocabulary(const std::vector<std::string>& tokens, const std::vector<uint32_t>& ranks);
   void encode_piece(const uint8_t* p, size_t n, std::vector<uint32_t>& out, PieceCache& cache) const;
   void merge_small(const uint8_t* p, size_t n, std::vector<uint32_t>& out) const;
   void merge_long(const uint8_t* p, size_t n, std::vector<uint32_t>& out, LongPieceScratch& scratch) const;
@@ -152,6 +173,12 @@ class Encoder {
   size_t slot_mask_ = 0;
   PairMap pairs_;                         // (left rank, right rank) -> rank of their concatenation
   uint32_t byte_rank_[256];
+  bool char_level_ = false;               // SentencePiece-style (see the second constructor)
+  bool whole_first_ = true;               // a piece that is a token is that token (tiktoken's rule)
+  std::vector<uint32_t> merged_;          // SentencePiece-style: merge priority -> merged token
+  uint32_t byte_fallback_[256];           // SentencePiece-style: byte -> its <0xXX> token, or kNone
+  uint32_t unk_id_ = ~0u;
+  bool fuse_unk_ = false;
   std::vector<std::string> specials_;
   std::vector<uint32_t> special_ids_;
   mutable std::mutex cache_mutex_;

@@ -60,6 +60,7 @@ struct LongPieceScratch {
     uint32_t sym, next, prev, version;  // sym ~0: absorbed into its left neighbour
   };
   std::vector<Node> nodes;
+  std::vector<uint32_t> symbols;  // a piece's starting symbols
 };
 
 // Per-thread state: the cache of encoded pieces and the long-piece scratch.
@@ -98,9 +99,52 @@ struct PieceCache {
 Encoder::Encoder(const std::vector<std::string>& tokens, const std::vector<uint32_t>& ranks, int pattern,
                  const std::vector<std::string>& special_tokens, const std::vector<uint32_t>& special_ids)
     : pattern_(pattern_from_code(pattern)), specials_(special_tokens), special_ids_(special_ids) {
+  index_vocabulary(tokens, ranks);
+  for (int b = 0; b < 256; ++b) {
+    const uint8_t byte = uint8_t(b);
+    byte_rank_[b] = lookup_bytes(&byte, 1);
+    PYLLM_CHECK(byte_rank_[b] != kNone, "bpe: the vocabulary lacks the single byte ", b,
+                " (a byte-level BPE vocabulary has all 256)");
+  }
+  pairs_.reserve(tokens.size() * 2);
+  for (size_t i = 0; i < tokens.size(); ++i) {
+    const auto* p = reinterpret_cast<const uint8_t*>(tokens[i].data());
+    for (size_t k = 1; k < tokens[i].size(); ++k) {
+      const uint32_t left = lookup_bytes(p, k), right = lookup_bytes(p + k, tokens[i].size() - k);
+      if (left != kNone && right != kNone) pairs_.at_or_insert(pair_key(left, right)) = ranks[i];
+    }
+  }
+}
+
+Encoder::Encoder(const std::vector<std::string>& tokens, const std::vector<uint32_t>& ranks,
+                 const std::vector<std::string>& special_tokens, const std::vector<uint32_t>& special_ids,
+                 const std::vector<uint32_t>& merges, const std::vector<uint32_t>& byte_fallback, uint32_t unk_id,
+                 bool fuse_unk, bool whole_first)
+    : pattern_(Pattern::kCustom), specials_(special_tokens), special_ids_(special_ids), char_level_(true),
+      whole_first_(whole_first), unk_id_(unk_id), fuse_unk_(fuse_unk) {
+  index_vocabulary(tokens, ranks);
+  PYLLM_CHECK(merges.size() % 3 == 0, "bpe: merges must be (left, right, merged) triples, got ", merges.size(),
+              " numbers");
+  PYLLM_CHECK(byte_fallback.empty() || byte_fallback.size() == 256, "bpe: byte_fallback must hold 256 ids or none, got ",
+              byte_fallback.size());
+  for (int b = 0; b < 256; ++b) {
+    byte_rank_[b] = kNone;
+    byte_fallback_[b] = byte_fallback.empty() ? kNone : byte_fallback[b];
+  }
+  const size_t n_merges = merges.size() / 3;
+  PYLLM_CHECK(n_merges < kNone, "bpe: too many merges");
+  merged_.reserve(n_merges);
+  pairs_.reserve(n_merges);
+  for (size_t i = 0; i < n_merges; ++i) {
+    merged_.push_back(merges[3 * i + 2]);
+    pairs_.at_or_insert(pair_key(merges[3 * i], merges[3 * i + 1])) = uint32_t(i);  // a repeat: the last wins, as in HF
+  }
+}
+
+void Encoder::index_vocabulary(const std::vector<std::string>& tokens, const std::vector<uint32_t>& ranks) {
   PYLLM_CHECK(tokens.size() == ranks.size(), "bpe: ", tokens.size(), " tokens but ", ranks.size(), " ranks");
-  PYLLM_CHECK(special_tokens.size() == special_ids.size(), "bpe: ", special_tokens.size(),
-              " special tokens but ", special_ids.size(), " ids");
+  PYLLM_CHECK(specials_.size() == special_ids_.size(), "bpe: ", specials_.size(), " special tokens but ",
+              special_ids_.size(), " ids");
   PYLLM_CHECK(!tokens.empty(), "bpe: empty vocabulary");
   uint32_t max_rank = 0;
   size_t total = 0;
@@ -129,23 +173,41 @@ Encoder::Encoder(const std::vector<std::string>& tokens, const std::vector<uint3
     while (slots_[slot].rank != kNone) slot = (slot + 1) & slot_mask_;
     slots_[slot] = Slot{h, ranks[i]};
   }
-  for (int b = 0; b < 256; ++b) {
-    const uint8_t byte = uint8_t(b);
-    byte_rank_[b] = lookup_bytes(&byte, 1);
-    PYLLM_CHECK(byte_rank_[b] != kNone, "bpe: the vocabulary lacks the single byte ", b,
-                " (a byte-level BPE vocabulary has all 256)");
-  }
-  pairs_.reserve(tokens.size() * 2);
-  for (size_t i = 0; i < tokens.size(); ++i) {
-    const auto* p = reinterpret_cast<const uint8_t*>(tokens[i].data());
-    for (size_t k = 1; k < tokens[i].size(); ++k) {
-      const uint32_t left = lookup_bytes(p, k), right = lookup_bytes(p + k, tokens[i].size() - k);
-      if (left != kNone && right != kNone) pairs_.at_or_insert(pair_key(left, right)) = ranks[i];
-    }
-  }
   for (size_t i = 0; i < specials_.size(); ++i) {
     PYLLM_CHECK(!specials_[i].empty(), "bpe: empty special token");
   }
+}
+
+size_t Encoder::initial_symbols(const uint8_t* p, size_t n, uint32_t* sym) const {
+  if (!char_level_) {
+    for (size_t i = 0; i < n; ++i) sym[i] = byte_rank_[p[i]];
+    return n;
+  }
+  // Hugging Face's BPE::merge_word, character by character (the caller's text is valid UTF-8; a
+  // stray byte counts as a character of its own).
+  size_t m = 0;
+  bool unk_pending = false;
+  for (size_t i = 0; i < n;) {
+    const uint8_t lead = p[i];
+    size_t len = lead < 0x80 ? 1 : (lead >> 5) == 0x6 ? 2 : (lead >> 4) == 0xE ? 3 : (lead >> 3) == 0x1E ? 4 : 1;
+    len = std::min(len, n - i);
+    const uint32_t id = lookup_bytes(p + i, len);
+    if (id != kNone) {
+      if (unk_pending) sym[m++] = unk_id_;
+      unk_pending = false;
+      sym[m++] = id;
+    } else if (std::all_of(p + i, p + i + len, [&](uint8_t b) { return byte_fallback_[b] != kNone; })) {
+      // As Hugging Face: the byte tokens go in, a pending unk stays pending (only possible with an
+      // incomplete set of byte tokens).
+      for (size_t k = 0; k < len; ++k) sym[m++] = byte_fallback_[p[i + k]];
+    } else if (unk_id_ != kNone) {
+      if (unk_pending && !fuse_unk_) sym[m++] = unk_id_;
+      unk_pending = true;
+    }
+    i += len;
+  }
+  if (unk_pending) sym[m++] = unk_id_;
+  return m;
 }
 
 Encoder::~Encoder() = default;
@@ -168,8 +230,7 @@ uint32_t Encoder::lookup_bytes(const uint8_t* p, size_t n, uint64_t h) const {
 void Encoder::merge_small(const uint8_t* p, size_t n, std::vector<uint32_t>& out) const {
   PYLLM_CHECK(n <= kSmallPiece, "bpe: merge_small called on a piece of ", n, " bytes");
   uint32_t sym[kSmallPiece], rank[kSmallPiece];  // rank[i]: of the pair (sym[i], sym[i + 1])
-  size_t m = n;
-  for (size_t i = 0; i < m; ++i) sym[i] = byte_rank_[p[i]];
+  size_t m = initial_symbols(p, n, sym);
   for (size_t i = 0; i + 1 < m; ++i) rank[i] = pair_rank(sym[i], sym[i + 1]);
   while (m > 1) {
     uint32_t best = kNone;
@@ -181,7 +242,7 @@ void Encoder::merge_small(const uint8_t* p, size_t n, std::vector<uint32_t>& out
       }
     }
     if (best == kNone) break;
-    sym[at] = best;
+    sym[at] = merged_token(best);
     // Drop symbol at + 1 and the pair that started there.
     std::memmove(sym + at + 1, sym + at + 2, (m - at - 2) * sizeof(uint32_t));
     if (at + 3 <= m) std::memmove(rank + at + 1, rank + at + 2, (m - at - 3) * sizeof(uint32_t));
@@ -194,12 +255,15 @@ void Encoder::merge_small(const uint8_t* p, size_t n, std::vector<uint32_t>& out
 
 void Encoder::merge_long(const uint8_t* p, size_t n, std::vector<uint32_t>& out, LongPieceScratch& s) const {
   PYLLM_CHECK(n < 0xFFFFFFFFull, "bpe: piece too long");
-  if (s.bucket_of_rank.size() < token_span_.size()) s.bucket_of_rank.assign(token_span_.size(), kNone);
+  if (s.bucket_of_rank.size() < priority_count()) s.bucket_of_rank.assign(priority_count(), kNone);
   // One 16-byte node per symbol: a merge touches 3-4 neighbouring nodes, each one cache line.
   s.nodes.resize(n);
   LongPieceScratch::Node* node = s.nodes.data();
+  s.symbols.resize(n);
+  n = initial_symbols(p, n, s.symbols.data());
+  if (n == 0) return;
   for (size_t i = 0; i < n; ++i) {
-    node[i] = {byte_rank_[p[i]], i + 1 < n ? uint32_t(i + 1) : kNone, i > 0 ? uint32_t(i - 1) : kNone, 0};
+    node[i] = {s.symbols[i], i + 1 < n ? uint32_t(i + 1) : kNone, i > 0 ? uint32_t(i - 1) : kNone, 0};
   }
   const auto later = std::greater<uint64_t>();
   const auto later32 = std::greater<uint32_t>();
@@ -253,7 +317,8 @@ void Encoder::merge_long(const uint8_t* p, size_t n, std::vector<uint32_t>& out,
     LongPieceScratch::Node& left = node[i];
     if (left.sym == kNone || left.version != uint32_t(entry)) continue;  // stale
     LongPieceScratch::Node& right = node[left.next];
-    left.sym = r;
+    const uint32_t merged = merged_token(r);
+    left.sym = merged;
     right.sym = kNone;
     left.next = right.next;
     ++left.version;
@@ -262,11 +327,11 @@ void Encoder::merge_long(const uint8_t* p, size_t n, std::vector<uint32_t>& out,
     if (left.prev != kNone) {
       LongPieceScratch::Node& before = node[left.prev];
       ++before.version;
-      const uint32_t rl = pair_rank(before.sym, r);
+      const uint32_t rl = pair_rank(before.sym, merged);
       if (rl != kNone) insert(rl, left.prev);
     }
     if (left.next != kNone) {
-      const uint32_t rr = pair_rank(r, node[left.next].sym);
+      const uint32_t rr = pair_rank(merged, node[left.next].sym);
       if (rr != kNone) insert(rr, i);
     }
   }
@@ -286,19 +351,22 @@ void Encoder::merge_long(const uint8_t* p, size_t n, std::vector<uint32_t>& out,
   if (n > (size_t(1) << 20)) {
     s.nodes = {};
     s.buckets = {};
+    s.symbols = {};
   }
 }
 
 void Encoder::encode_piece(const uint8_t* p, size_t n, std::vector<uint32_t>& out, PieceCache& cache) const {
-  if (n == 1) {
+  if (n == 1 && !char_level_) {
     out.push_back(byte_rank_[p[0]]);
     return;
   }
   const uint64_t h = hash_bytes(p, n);
-  const uint32_t whole = lookup_bytes(p, n, h);
-  if (whole != kNone) {
-    out.push_back(whole);
-    return;
+  if (whole_first_) {
+    const uint32_t whole = lookup_bytes(p, n, h);
+    if (whole != kNone) {
+      out.push_back(whole);
+      return;
+    }
   }
   if (n > kMaxCachedPiece) {
     if (n <= kSmallPiece) merge_small(p, n, out);
@@ -507,6 +575,7 @@ std::string Encoder::decode_bytes(const std::vector<uint32_t>& ids) const {
 }
 
 std::vector<uint32_t> Encoder::merge_triples() const {
+  PYLLM_CHECK(!char_level_, "bpe: the CUDA encoder takes byte-level vocabularies only, not SentencePiece-style ones");
   std::vector<uint32_t> triples;
   for (uint32_t rank = 0; rank < token_span_.size(); ++rank) {
     if (token_span_[rank] == ~0ull) continue;

@@ -80,6 +80,34 @@ def _hf_pattern(pre_tokenizer, where: str) -> str:
     return split["pattern"]["Regex"]
 
 
+def _hf_sentencepiece(data: dict, where: str) -> dict | None:
+    """{"prepend", "split"} when a tokenizer.json is SentencePiece-style (spaces written "▁" by a
+    Prepend + Replace normalizer, as Llama 2's, or a Metaspace pre-tokenizer, as Mistral's later
+    ones), None when it is byte-level; raises on the forms in between."""
+    normalizer, pre = data.get("normalizer") or {}, data.get("pre_tokenizer") or {}
+    steps = normalizer.get("normalizers", []) if normalizer.get("type") == "Sequence" else [normalizer] if normalizer else []
+    kinds = sorted(step.get("type") for step in steps)
+    replaces_space = [step for step in steps if step.get("type") == "Replace"
+                      and step.get("pattern") == {"String": " "} and step.get("content") == _SPACE]
+    if pre.get("type") == "Metaspace":
+        if steps or pre.get("replacement", _SPACE) != _SPACE:
+            raise NotImplementedError(f"{where}: Metaspace {pre!r} after the normalizer {normalizer!r}: only a "
+                                      "Metaspace with '▁' and no normalizer")
+        scheme = pre.get("prepend_scheme") or ("always" if pre.get("add_prefix_space", True) else "never")
+        if scheme not in ("always", "first", "never"):
+            raise NotImplementedError(f"{where}: Metaspace prepend_scheme {scheme!r}")
+        return {"prepend": scheme, "split": bool(pre.get("split", True))}
+    if not replaces_space and not data.get("model", {}).get("byte_fallback"):
+        return None  # byte-level
+    prepends = [step for step in steps if step.get("type") == "Prepend" and step.get("prepend") == _SPACE]
+    if pre or len(replaces_space) != 1 or kinds not in (["Prepend", "Replace"], ["Replace"]) or (
+            "Prepend" in kinds and not prepends):
+        raise NotImplementedError(f"{where}: normalizer {normalizer!r} and pre-tokenizer {pre!r}: a SentencePiece-style "
+                                  "BPE is read with a Prepend('▁') + Replace(' ', '▁') normalizer (or the "
+                                  "Replace alone) and no pre-tokenizer, or a Metaspace pre-tokenizer")
+    return {"prepend": "all" if prepends else "never", "split": False}
+
+
 def hf_prefix_ids(path) -> list[int]:
     """The ids a Hugging Face tokenizer.json's post-processor puts before a single text (Llama 3's
     <|begin_of_text|>; none for GPT-2's): what its models saw at the start of every sequence, for
@@ -182,6 +210,84 @@ def _batch_args(texts, num_threads, op: str) -> tuple[list[str], int]:
     return texts, num_threads
 
 
+# --- SentencePiece-style BPE (Llama 2's, Mistral's tokenizer.json) ----------------------------------
+
+_SPACE = "\u2581"  # SentencePiece's visible space, "▁"
+_PREPEND = ("all", "always", "first", "never")
+_BEFORE_SPACE = re.compile(f"(?={_SPACE})")
+
+
+def _settings_bytes(settings: dict) -> bytes:
+    return json.dumps(settings, sort_keys=True, ensure_ascii=True).encode("ascii")
+
+
+class _SentencePieceSettings:
+    """Checked settings of a SentencePiece-style Tokenizer (see Tokenizer's sentencepiece argument),
+    with what the C++ encoder takes: merges as (left, right, merged) id triples, the 256 byte tokens."""
+
+    def __init__(self, settings: dict, ranks: dict[bytes, int], specials: dict[str, int]):
+        keys = {"merges", "prepend", "split", "byte_fallback", "unk", "fuse_unk", "whole_first"}
+        if not isinstance(settings, dict) or set(settings) != keys:
+            raise ValueError(f"sentencepiece must be a dict of {sorted(keys)}, got "
+                             f"{sorted(settings) if isinstance(settings, dict) else type(settings).__name__}")
+        if settings["prepend"] not in _PREPEND:
+            raise ValueError(f"sentencepiece['prepend'] must be one of {', '.join(_PREPEND)}, got {settings['prepend']!r}")
+        for name in ("split", "byte_fallback", "fuse_unk", "whole_first"):
+            if not isinstance(settings[name], bool):
+                raise ValueError(f"sentencepiece[{name!r}] must be a bool, got {settings[name]!r}")
+        unk = settings["unk"]
+        ids = set(ranks.values()) | set(specials.values())
+        if unk is not None and unk not in ids:
+            raise ValueError(f"sentencepiece['unk'] must be None or a token id, got {unk!r}")
+        piece_of = {i: b for b, i in ranks.items()}
+        triples = []
+        for k, pair in enumerate(settings["merges"]):
+            if (not isinstance(pair, (list, tuple)) or len(pair) != 2
+                    or any(not isinstance(i, int) or i not in piece_of for i in pair)):
+                raise ValueError(f"sentencepiece['merges'][{k}] must be [left id, right id] of two pieces, got {pair!r}")
+            merged = ranks.get(piece_of[pair[0]] + piece_of[pair[1]])
+            if merged is None:
+                raise ValueError(f"sentencepiece['merges'][{k}]: {piece_of[pair[0]]!r} + {piece_of[pair[1]]!r} is "
+                                 "not a piece of the vocabulary")
+            triples += [pair[0], pair[1], merged]
+        self.settings = {**settings, "merges": [list(p) for p in settings["merges"]]}
+        self.merge_triples = triples
+        none = (1 << 32) - 1
+        # Byte tokens may be added tokens too (Hugging Face's model vocabulary holds both).
+        self.byte_fallback_ids = ([ranks.get(f"<0x{b:02X}>".encode("ascii"), specials.get(f"<0x{b:02X}>", none))
+                                   for b in range(256)] if settings["byte_fallback"] else [])
+        self.unk_id = none if unk is None else unk
+        self.fuse_unk, self.whole_first = settings["fuse_unk"], settings["whole_first"]
+        self._table = None
+
+    def pieces(self, segment: str, first: bool) -> list[str]:
+        """A text between special tokens as the encoder takes it: spaces as "▁", the prefix "▁" per
+        the prepend scheme (first: this segment starts the text), cut before each "▁" if split."""
+        if not segment:
+            return []
+        prepend = self.settings["prepend"]
+        text = segment.replace(" ", _SPACE)
+        if prepend == "all" or (prepend != "never" and (prepend == "always" or first) and not text.startswith(_SPACE)):
+            text = _SPACE + text
+        if not self.settings["split"]:
+            return [text]
+        return [p for p in _BEFORE_SPACE.split(text) if p]  # Metaspace: each "▁" starts a piece
+
+    def decode_table(self, tokenizer: "Tokenizer") -> list:
+        """id -> the bytes it decodes to ("▁" as a space, <0xXX> as that byte; None for holes)."""
+        if self._table is None:
+            table: list = [None] * tokenizer.vocab_size
+            byte_ids = {i: b for b, i in enumerate(self.byte_fallback_ids) if i != (1 << 32) - 1}
+            for piece, i in tokenizer._ranks.items():
+                table[i] = piece.replace(_SPACE.encode(), b" ")
+            for text, i in tokenizer._special_tokens.items():
+                table[i] = text.encode("utf-8")
+            for i, b in byte_ids.items():
+                table[i] = bytes([b])
+            self._table = table
+        return self._table
+
+
 class Tokenizer:
     """Byte-level BPE tokenizer, token-identical with tiktoken for the same ranks, pattern and specials.
 
@@ -195,11 +301,21 @@ class Tokenizer:
         normalization: None, or a Unicode form ("NFC", "NFD", "NFKC", "NFKD") applied to every text
             before it is encoded, as Hugging Face tokenizers with that normalizer do (Qwen2's: NFC).
             tiktoken has none, so such a tokenizer has no to_tiktoken().
+        sentencepiece: None, or the settings of a SentencePiece-style BPE (Llama 2's, Mistral's, as
+            Tokenizer.from_hf reads them from a tokenizer.json; pattern is then ignored): the
+            ranks map each piece's UTF-8 (spaces written "▁", byte tokens "<0xXX>") to its id;
+            keys "merges" (list of [left id, right id], in priority order), "prepend" ("all":
+            "▁" before every text between special tokens, as a Prepend normalizer; "always" /
+            "first" / "never": as a Metaspace pre-tokenizer's prepend_scheme), "split" (pieces cut
+            before each "▁"), "byte_fallback", "unk" (id or None), "fuse_unk", "whole_first"
+            (Hugging Face's ignore_merges). Encoding starts from characters, not bytes; decode
+            turns "▁" back into spaces and byte tokens into their bytes, and keeps the space
+            encode put first (decode(encode(t)) == " " + t with "all" or "always").
     """
 
     def __init__(self, mergeable_ranks: dict[bytes, int], pattern: str = "gpt4",
                  special_tokens: dict[str, int] | None = None, *, name: str = "pyllm-bpe",
-                 normalization: str | None = None):
+                 normalization: str | None = None, sentencepiece: dict | None = None):
         if normalization is not None and normalization not in _UNICODE_FORMS:
             raise ValueError(f"normalization must be None, 'NFC', 'NFD', 'NFKC' or 'NFKD', got {normalization!r}")
         if not isinstance(mergeable_ranks, dict):
@@ -225,19 +341,28 @@ class Tokenizer:
         self.name = name
         self.normalization = normalization
         self._ranks = dict(mergeable_ranks)
-        self._pattern_name, self._pattern, self._pattern_code = _resolve_pattern(pattern)
-        self._regex = _compile_custom(self._pattern) if self._pattern_code < 0 else None
         self._special_tokens = special_tokens
         self._special_list = list(special_tokens)
         self._special_index = {s: k for k, s in enumerate(self._special_list)}
         self._special_regex_cache: dict = {}
         self._all_special_indices = list(range(len(self._special_list)))
-        self._enc = _C.BpeEncoder(
-            list(self._ranks.keys()), list(self._ranks.values()), self._pattern_code,
-            [s.encode("utf-8") for s in self._special_list], [special_tokens[s] for s in self._special_list],
-        )
         self._n_vocab = max([*ranks_used, *special_tokens.values()]) + 1
         self._cuda_encoder = None
+        self._spm = None
+        specials_utf8, special_ids = [s.encode("utf-8") for s in self._special_list], list(special_tokens.values())
+        if sentencepiece is not None:
+            if normalization is not None:
+                raise ValueError("a SentencePiece-style tokenizer takes no Unicode normalization")
+            self._spm = _SentencePieceSettings(sentencepiece, self._ranks, special_tokens)
+            self._pattern_name, self._pattern, self._pattern_code, self._regex = "sentencepiece", None, -1, None
+            self._enc = _C.BpeEncoder(list(self._ranks.keys()), list(self._ranks.values()), specials_utf8, special_ids,
+                                      self._spm.merge_triples, self._spm.byte_fallback_ids, self._spm.unk_id,
+                                      self._spm.fuse_unk, self._spm.whole_first)
+            return
+        self._pattern_name, self._pattern, self._pattern_code = _resolve_pattern(pattern)
+        self._regex = _compile_custom(self._pattern) if self._pattern_code < 0 else None
+        self._enc = _C.BpeEncoder(list(self._ranks.keys()), list(self._ranks.values()), self._pattern_code,
+                                  specials_utf8, special_ids)
 
     # ---------------------------------------------------------------- properties
     @property
@@ -276,11 +401,12 @@ class Tokenizer:
     def __getstate__(self):
         # Pickle as the definition (ranks, pattern, specials), e.g. for DataLoader workers.
         return {"ranks": self._ranks, "pattern": self._pattern, "special_tokens": self._special_tokens,
-                "name": self.name, "normalization": self.normalization}
+                "name": self.name, "normalization": self.normalization,
+                "sentencepiece": None if self._spm is None else self._spm.settings}
 
     def __setstate__(self, state):
-        self.__init__(state["ranks"], state["pattern"], state["special_tokens"], name=state["name"],
-                      normalization=state.get("normalization"))
+        self.__init__(state["ranks"], state["pattern"] or "gpt4", state["special_tokens"], name=state["name"],
+                      normalization=state.get("normalization"), sentencepiece=state.get("sentencepiece"))
 
     def _normalized(self, text: str) -> str:
         return text if self.normalization is None else unicodedata.normalize(self.normalization, text)
@@ -301,6 +427,8 @@ class Tokenizer:
         if not isinstance(text, str):
             raise TypeError(f"encode_ordinary: text must be a str, got {type(text).__name__}")
         text = self._normalized(text)
+        if self._spm is not None:
+            return self._encode_pieces(self._spm.pieces(text, True))
         if self._regex is not None:
             return self._encode_pieces(self._split_custom(text))
         try:
@@ -353,7 +481,7 @@ class Tokenizer:
             raise TypeError(f"encode: text must be a str, got {type(text).__name__}")
         allowed, disallowed = self._special_args(allowed_special, disallowed_special, "encode")
         text = self._normalized(text)
-        if self._regex is not None:
+        if self._regex is not None or self._spm is not None:
             return self._encode_custom(text, allowed, disallowed)
         try:
             return self._enc.encode(text, allowed, disallowed)
@@ -365,8 +493,12 @@ class Tokenizer:
             if self._special_list[d] in text:
                 # The C++ encoder phrases the error as tiktoken does.
                 self._enc.encode(self._special_list[d], [], [d])
+        if self._spm is None:
+            split = lambda segment, start: self._split_custom(segment)  # noqa: E731
+        else:  # the text's first segment is the one a "first" prepend scheme marks
+            split = lambda segment, start: self._spm.pieces(segment, start == 0)  # noqa: E731
         if not allowed:
-            return self._encode_pieces(self._split_custom(text))
+            return self._encode_pieces(split(text, 0))
         key = tuple(allowed)
         special_re = self._special_regex_cache.get(key)
         if special_re is None:
@@ -375,10 +507,10 @@ class Tokenizer:
         out: list[int] = []
         pos = 0
         for m in special_re.finditer(text):
-            out += self._encode_pieces(self._split_custom(text[pos:m.start()]))
+            out += self._encode_pieces(split(text[pos:m.start()], pos))
             out.append(self._special_tokens[m.group(0)])
             pos = m.end()
-        out += self._encode_pieces(self._split_custom(text[pos:]))
+        out += self._encode_pieces(split(text[pos:], pos))
         return out
 
     def encode_batch(self, texts: Sequence[str], num_threads: int | None = None, *,
@@ -392,13 +524,16 @@ class Tokenizer:
         texts, num_threads = _batch_args(texts, num_threads, "encode_batch")
         allowed, disallowed = self._special_args(allowed_special, disallowed_special, "encode_batch")
         texts = self._normalized_all(texts)
+        if device == "cuda" and self._spm is not None:
+            raise NotImplementedError("encode_batch: the CUDA encoder takes byte-level vocabularies, not "
+                                      "SentencePiece-style ones; use device='cpu'")
         if device == "cuda":
             from pyllm.tokenizer import cuda_encoder
 
             return cuda_encoder.encode_batch(self, texts, allowed, disallowed, num_threads)
         if device != "cpu":
             raise ValueError(f"encode_batch: device must be 'cpu' or 'cuda', got {device!r}")
-        if self._regex is not None:
+        if self._regex is not None or self._spm is not None:
             return [self._encode_custom(t, allowed, disallowed) for t in texts]
         try:
             return self._enc.encode_batch(texts, allowed, disallowed, num_threads)
@@ -415,7 +550,7 @@ class Tokenizer:
         texts, num_threads = _batch_args(texts, num_threads, "encode_batch_packed")
         allowed, disallowed = self._special_args(allowed_special, disallowed_special, "encode_batch_packed")
         texts = self._normalized_all(texts)
-        if self._regex is not None:
+        if self._regex is not None or self._spm is not None:
             lists = [self._encode_custom(t, allowed, disallowed) for t in texts]
             offsets = np.zeros(len(lists) + 1, dtype=np.int64)
             np.cumsum([len(x) for x in lists], out=offsets[1:])
@@ -439,6 +574,16 @@ class Tokenizer:
             raise TypeError(f"decode_bytes: ids must be a sequence of ints, got {type(ids).__name__}")
         if not isinstance(ids, list):
             ids = list(ids)
+        if self._spm is not None:
+            table = self._spm.decode_table(self)
+            try:
+                if ids and min(ids) < 0:
+                    raise IndexError
+                return b"".join([table[i] for i in ids])  # a hole (None) raises TypeError
+            except (IndexError, TypeError):
+                _check_ids(ids, "decode_bytes")  # says which element is not an int
+                bad = next(i for i in ids if not 0 <= i < len(table) or table[i] is None)
+                raise ValueError(f"decode_bytes: unknown token id {bad}") from None
         try:
             return self._enc.decode_bytes(ids)
         except TypeError:
@@ -541,6 +686,9 @@ class Tokenizer:
             "special_tokens": self._special_tokens, "n_ranks": len(self._ranks),
             "sha256": hashlib.sha256(body).hexdigest(), **({"normalization": self.normalization} if self.normalization else {}),
         }
+        if self._spm is not None:  # its merges are checksummed with the ranks
+            header["sentencepiece"] = self._spm.settings
+            header["sha256"] = hashlib.sha256(body + _settings_bytes(self._spm.settings)).hexdigest()
         _atomic_write(path, (_MAGIC + "\n" + json.dumps(header, ensure_ascii=True) + "\n").encode("ascii") + body)
 
     @classmethod
@@ -560,16 +708,19 @@ class Tokenizer:
                                                   header["sha256"])
         except (ValueError, KeyError, TypeError):
             raise ValueError(f"{where}: corrupt or truncated file (the header line is not valid)") from None
-        if not newline or hashlib.sha256(body).hexdigest() != digest:
+        spm = header.get("sentencepiece")
+        if not newline or hashlib.sha256(body + (b"" if spm is None else _settings_bytes(spm))).hexdigest() != digest:
             raise ValueError(f"{where}: corrupt or truncated file (the ranks do not match the header's SHA-256)")
         ranks = _parse_ranks_body(body, where)
         if len(ranks) != n_ranks:
             raise ValueError(f"{where}: corrupt file ({len(ranks)} ranks, the header says {n_ranks})")
-        return cls(ranks, pattern, specials, name=header.get("name", "pyllm-bpe"), normalization=header.get("normalization"))
+        return cls(ranks, pattern or "gpt4", specials, name=header.get("name", "pyllm-bpe"),
+                   normalization=header.get("normalization"), sentencepiece=spm)
 
     def save_tiktoken(self, path) -> None:
         """Writes the ranks as a tiktoken .tiktoken file (base64 token, space, rank per line), atomically.
         The pattern and special tokens are not part of that format."""
+        self._no_tiktoken("save_tiktoken")
         _atomic_write(path, _ranks_body(self._ranks))
 
     @classmethod
@@ -585,13 +736,21 @@ class Tokenizer:
         ranks = ids, merges in id order): its vocabulary, split pattern, Unicode normalization and
         added tokens (as special tokens: encode(text, allowed_special="all") splits them out as
         Hugging Face does; plain encode_ordinary does not). What tiktoken's semantics cannot
-        reproduce (other normalizers, a prefix space, word suffixes, byte fallback, merges out of id
-        order, other models or pre-tokenizers) raises NotImplementedError, naming it."""
+        reproduce (other normalizers, a prefix space, word suffixes, merges out of id order, other
+        models or pre-tokenizers) raises NotImplementedError, naming it.
+
+        Or a SentencePiece-style BPE (Llama 2's, TinyLlama's, Mistral's: spaces as "▁" through a
+        Prepend + Replace normalizer or a Metaspace pre-tokenizer, characters as the starting
+        symbols, byte fallback or <unk>, merges in their own list's order): see the sentencepiece
+        argument of Tokenizer."""
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
         model, where = data.get("model") or {}, f"Tokenizer.from_hf({os.fspath(path)!r})"
         if model.get("type") != "BPE":
-            raise NotImplementedError(f"{where}: a {model.get('type')!r} model; only byte-level BPE")
+            raise NotImplementedError(f"{where}: a {model.get('type')!r} model; only BPE")
+        spm = _hf_sentencepiece(data, where)
+        if spm is not None:
+            return cls._from_hf_sentencepiece(data, spm, where, path)
         normalizer = data.get("normalizer") or {}
         normalization = normalizer.get("type")
         if normalizer and normalization not in _UNICODE_FORMS:
@@ -629,6 +788,34 @@ class Tokenizer:
                    normalization=normalization)
 
     @classmethod
+    def _from_hf_sentencepiece(cls, data: dict, spm: dict, where: str, path) -> "Tokenizer":
+        model = data["model"]
+        for name in ("continuing_subword_prefix", "end_of_word_suffix", "dropout"):
+            if model.get(name):
+                raise NotImplementedError(f"{where}: {name} {model[name]!r} is not supported")
+        added = data.get("added_tokens") or []
+        for t in added:
+            if t.get("lstrip") or t.get("rstrip") or t.get("single_word"):
+                raise NotImplementedError(f"{where}: added token {t['content']!r} strips or matches whole words only")
+            if t.get("normalized") and data.get("normalizer"):
+                raise NotImplementedError(f"{where}: added token {t['content']!r} is matched in the normalized text")
+        specials = {t["content"]: t["id"] for t in added}
+        vocab = model["vocab"]
+        ranks = {piece.encode("utf-8"): i for piece, i in vocab.items() if piece not in specials}
+        merges = []
+        for merge in model.get("merges") or []:
+            left, right = merge.split(" ") if isinstance(merge, str) else merge
+            if left not in vocab or right not in vocab:
+                raise ValueError(f"{where}: merge {left!r} + {right!r} names a token that is not in the vocabulary")
+            merges.append([vocab[left], vocab[right]])
+        unk = model.get("unk_token")
+        settings = {**spm, "merges": merges, "byte_fallback": bool(model.get("byte_fallback")),
+                    "unk": vocab.get(unk) if unk is not None else None, "fuse_unk": bool(model.get("fuse_unk")),
+                    "whole_first": bool(model.get("ignore_merges"))}
+        return cls(ranks, special_tokens=specials, name=os.path.splitext(os.path.basename(os.fspath(path)))[0],
+                   sentencepiece=settings)
+
+    @classmethod
     def from_tiktoken(cls, encoding) -> "Tokenizer":
         """The same tokenizer as a tiktoken.Encoding (its ranks, pattern and special tokens)."""
         try:
@@ -639,6 +826,7 @@ class Tokenizer:
 
     def to_tiktoken(self, name: str | None = None):
         """A tiktoken.Encoding with the same ranks, pattern and special tokens (needs tiktoken)."""
+        self._no_tiktoken("to_tiktoken")
         if self.normalization:
             raise ValueError(f"to_tiktoken: this tokenizer normalizes its texts ({self.normalization}), which tiktoken "
                              "cannot do: its ids would differ on text that is not in that form")
@@ -647,11 +835,19 @@ class Tokenizer:
         return tiktoken.Encoding(name=name or self.name, pat_str=self._pattern, mergeable_ranks=self._ranks,
                                  special_tokens=self._special_tokens)
 
+    def _no_tiktoken(self, where: str) -> None:
+        if self._spm is not None:
+            raise ValueError(f"{where}: a SentencePiece-style tokenizer (characters, byte fallback, merges in a "
+                             "list of their own) has no tiktoken equivalent")
+
     # ---------------------------------------------------------------- testing aids
     def split(self, text: str) -> list[str]:
-        """The pre-tokenizer's pieces of text (what the pattern's regex findall would give)."""
+        """The pre-tokenizer's pieces of text (what the pattern's regex findall would give; for a
+        SentencePiece-style tokenizer, the text with its spaces as "▁", cut where it cuts)."""
         if not isinstance(text, str):
             raise TypeError(f"split: text must be a str, got {type(text).__name__}")
+        if self._spm is not None:
+            return self._spm.pieces(text, True)
         if self._regex is not None:
             return self._split_custom(text)
         return split_builtin(self._pattern_code, text)

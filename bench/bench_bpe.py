@@ -5,6 +5,10 @@ One process. Data: the Python standard library's .py files, shuffled with a fixe
 vocabulary (--quick: 8192) with the gpt4 (cl100k) pattern. Rows: training time (ours vs HF's
 BpeTrainer), encoding MB/s on 1 thread and on all threads, whether the ids equal tiktoken's, and
 1 MB of one repeated character (no spaces: one piece) against the per-byte time of normal text.
+SentencePiece-style rows (with HF tokenizers installed): a byte-fallback BPE that HF trains on the
+same training text, read by Tokenizer.from_hf in two forms (Llama 2's Prepend + Replace normalizer;
+Mistral v0.3's Metaspace with prepend_scheme "first"; each encodes a whole text as one piece), ours
+vs HF's encode on the held-out files, ids compared with HF's.
 HF tokenizers slows down in a process that already ran large encodes, so the encoders run
 interleaved, round by round, and the median is taken; HF trains first.
 """
@@ -107,6 +111,58 @@ class _unpack:
             self.ids[self.offsets[k]:self.offsets[k + 1]].tolist() == x for k, x in enumerate(lists))
 
 
+def sentencepiece_rows(train, held, held_bytes, vocab_size, n_threads, repeat) -> list[dict]:
+    try:
+        from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers, trainers
+    except ImportError:
+        return []
+    import json
+    import tempfile
+
+    hf = HFTokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    hf.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always", split=True)
+    hf.train_from_iterator([line for t in train for line in t.splitlines() if line.strip()], trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)],
+        limit_alphabet=1000, show_progress=False))
+    base = json.loads(hf.to_str())
+    base["added_tokens"] = [t for t in base["added_tokens"] if t["content"] in ("<unk>", "<s>", "</s>")]
+    forms = {
+        "llama2": dict(normalizer={"type": "Sequence", "normalizers": [
+            {"type": "Prepend", "prepend": "\u2581"},
+            {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]}, pre_tokenizer=None),
+        "mistral-v0.3": dict(normalizer=None, pre_tokenizer={"type": "Metaspace", "replacement": "\u2581",
+                                                             "prepend_scheme": "first", "split": False}),
+    }
+    rows = []
+    for form, change in forms.items():
+        data = {**base, **change}
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "tokenizer.json")
+            with open(path, "w", encoding="utf-8") as f:
+                json.dump(data, f)
+            ours, theirs = Tokenizer.from_hf(path), HFTokenizer.from_file(path)
+        reference = [e.ids for e in theirs.encode_batch(held, add_special_tokens=False)]
+        impls = {("pyllm", 1): lambda: [ours.encode_ordinary(t) for t in held],
+                 ("hf tokenizers", 1): lambda: [theirs.encode(t, add_special_tokens=False).ids for t in held],
+                 ("pyllm", n_threads): lambda: ours.encode_ordinary_batch(held, num_threads=n_threads),
+                 ("hf tokenizers", n_threads): lambda: [e.ids for e in theirs.encode_batch(held, add_special_tokens=False)]}
+        times = {k: [] for k in impls}
+        identical = {}
+        for _ in range(repeat):
+            for key, fn in impls.items():
+                t0 = time.perf_counter()
+                out = fn()
+                times[key].append(time.perf_counter() - t0)
+                identical[key] = out == reference
+        for (name, th), ts in times.items():
+            s = statistics.median(ts)
+            peer = statistics.median(times[("hf tokenizers", th)])
+            rows.append({"task": f"encode sentencepiece-style ({form})", "impl": name, "threads": th, "s": round(s, 3),
+                         "MB/s": round(held_bytes / 1e6 / s, 1), "vs peer": f"{peer / s:.2f}x HF",
+                         "ids == HF": identical[(name, th)]})
+    return rows
+
+
 def main() -> int:
     parser = common.base_parser(__doc__)
     parser.add_argument("--repeat", type=int, default=3)
@@ -198,7 +254,8 @@ def main() -> int:
                      "vs peer": f"{s / len(long_text) / ref_normal:.2f}x own normal-text per-byte time",
                      "ids == tiktoken": out == enc.encode_ordinary(long_text) if name == "pyllm" else ""})
 
-    common.print_table(rows, ["task", "impl", "threads", "s", "MB/s", "vs peer", "ids == tiktoken"])
+    rows += sentencepiece_rows(train, held, held_bytes, vocab_size, n_threads, args.repeat)
+    common.print_table(rows, ["task", "impl", "threads", "s", "MB/s", "vs peer", "ids == tiktoken", "ids == HF"])
     common.write_json(args.json, "bpe", "cpu", rows, {"vocab_size": vocab_size, "held_out_MB": held_bytes / 1e6,
                                                      "train_MB": train_bytes / 1e6})
     return 0

@@ -739,6 +739,10 @@ def spm_variant(base: dict, kind: str) -> dict:
     elif kind == "byte-tokens-added":  # byte tokens listed as added tokens too, as some conversions do
         data["added_tokens"] += [{"id": model["vocab"][t], "content": t, "single_word": False, "lstrip": False,
                                   "rstrip": False, "normalized": False, "special": True} for t in BYTE_TOKENS]
+    elif kind == "cross-space":  # a token with a space inside ("e▁"), merged first: words interact
+        data["normalizer"], data["pre_tokenizer"] = SPM_NORMALIZER, None
+        model["vocab"]["e\u2581"] = len(model["vocab"])
+        model["merges"].insert(0, ["e", "\u2581"])
     elif kind == "ignore-merges":  # a piece that is a token is taken whole first, even one no merge makes
         model["ignore_merges"] = True
         model["vocab"]["\u2581qqzx"] = len(model["vocab"])
@@ -747,7 +751,7 @@ def spm_variant(base: dict, kind: str) -> dict:
 
 SPM_KINDS = ["llama2", "metaspace-always", "metaspace-first", "metaspace-never", "metaspace-always-split",
              "metaspace-first-split", "unk-fused", "unk-unfused", "spm-merges", "shuffled-merges", "byte-tokens-added",
-             "ignore-merges"]
+             "cross-space", "ignore-merges"]
 
 
 @pytest.fixture(scope="module", params=SPM_KINDS)
@@ -781,6 +785,8 @@ def test_from_hf_sentencepiece_encodes_as_hugging_face(spm_pair):
             assert ours.decode(ids)[1:] == hf.decode(ids) == text
     assert fallbacks > 0 or "unk" in kind  # some characters took the fallback
     assert ours.vocab_size == hf.get_vocab_size()
+    if kind == "cross-space":
+        assert 1500 in ours.encode_ordinary("the  one")  # "e▁"
     with_specials = " <s>Hi</s> there <s></s>x<unk>  "
     assert ours.encode(with_specials, allowed_special="all") == hf.encode(with_specials, add_special_tokens=False).ids
     if kind == "ignore-merges":

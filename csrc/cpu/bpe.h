@@ -179,6 +179,11 @@ class Encoder {
   uint32_t byte_fallback_[256];           // SentencePiece-style: byte -> its <0xXX> token, or kNone
   uint32_t unk_id_ = ~0u;
   bool fuse_unk_ = false;
+  // SentencePiece-style: no token holds another character followed by "▁" (true of SentencePiece's
+  // own vocabularies, whose pieces start at a space or are runs of spaces), so no merge crosses the
+  // point before such a "▁" and a piece is merged word by word there: the same tokens, with the
+  // words cached (a Llama 2 text is one piece of the whole text otherwise).
+  bool cut_words_ = false;
   std::vector<std::string> specials_;
   std::vector<uint32_t> special_ids_;
   mutable std::mutex cache_mutex_;

@@ -131,6 +131,20 @@ Encoder::Encoder(const std::vector<std::string>& tokens, const std::vector<uint3
     byte_rank_[b] = kNone;
     byte_fallback_[b] = byte_fallback.empty() ? kNone : byte_fallback[b];
   }
+  // Where words may be cut (see cut_words_): "▁" (E2 96 81) is a token, and no token has it after
+  // another character (UTF-8 is self-synchronising: E2 96 81 at offset k >= 3 follows "▁" exactly
+  // when bytes k-3..k-1 are E2 96 81 too). Not with whole_first, which looks the whole piece up.
+  const uint8_t space[3] = {0xE2, 0x96, 0x81};
+  cut_words_ = !whole_first && lookup_bytes(space, 3) != kNone;
+  for (size_t i = 0; i < tokens.size() && cut_words_; ++i) {
+    const std::string& t = tokens[i];
+    for (size_t k = t.find("\xE2\x96\x81", 1); k != std::string::npos; k = t.find("\xE2\x96\x81", k + 1)) {
+      if (k < 3 || t.compare(k - 3, 3, "\xE2\x96\x81") != 0) {
+        cut_words_ = false;
+        break;
+      }
+    }
+  }
   const size_t n_merges = merges.size() / 3;
   PYLLM_CHECK(n_merges < kNone, "bpe: too many merges");
   merged_.reserve(n_merges);
@@ -554,7 +568,19 @@ std::vector<uint32_t> Encoder::encode_pieces(const std::vector<std::string_view>
   std::vector<uint32_t> out;
   auto cache = take_cache();
   for (const auto& piece : pieces) {
-    if (!piece.empty()) encode_piece(reinterpret_cast<const uint8_t*>(piece.data()), piece.size(), out, *cache);
+    const auto* p = reinterpret_cast<const uint8_t*>(piece.data());
+    if (!cut_words_) {
+      if (!piece.empty()) encode_piece(p, piece.size(), out, *cache);
+      continue;
+    }
+    // Cut before each "▁" that follows another character.
+    size_t start = 0;
+    for (size_t k = piece.find("\xE2\x96\x81", 1); k != std::string_view::npos; k = piece.find("\xE2\x96\x81", k + 3)) {
+      if (k >= 3 && piece.compare(k - 3, 3, "\xE2\x96\x81") == 0) continue;
+      encode_piece(p + start, k - start, out, *cache);
+      start = k;
+    }
+    if (start < piece.size()) encode_piece(p + start, piece.size() - start, out, *cache);
   }
   give_cache(std::move(cache));
   return out;

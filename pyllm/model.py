@@ -22,6 +22,9 @@ from pyllm.nn import RMSNorm, SwiGLUMLP, apply_rope, attention, attention_with_k
 
 # The parameters of Llama 3.1's RoPE scaling (nn.llama3_scaled), besides rope_type = "llama3".
 LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+# LongRoPE's (Phi-3.5 / Phi-4-mini; nn.rope_cos_sin): per-frequency factors for sequences up to and
+# past original_max_position_embeddings, and the cos / sin scale.
+LONGROPE_KEYS = ("short_factor", "long_factor", "attention_factor", "original_max_position_embeddings")
 
 
 @dataclass
@@ -43,6 +46,7 @@ class ModelConfig:
     sliding_window: int | None = None  # a query sees itself and the sliding_window - 1 keys before it
     window_layers: list[int] | None = None  # the layers sliding_window applies to; None: all of them
     nope_layers: list[int] | None = None  # layers without RoPE (SmolLM3: every 4th)
+    rotary_dim: int | None = None  # RoPE on each head's first rotary_dim dims; None: all (Phi-4-mini: 3/4)
     parallel_block: bool = False  # PaLM: x + attn(norm(x)) + mlp(norm(x))
     tie_embeddings: bool = True
     dropout: float = 0.0
@@ -94,12 +98,22 @@ class ModelConfig:
             raise ValueError(f"ModelConfig: n_kv_heads ({self.n_kv_heads}) must divide n_heads ({self.n_heads})")
         if self.positions == "rope" and self.head_dim % 2:
             raise ValueError(f"ModelConfig: rope needs an even head dim, got {self.head_dim}")
+        if self.rotary_dim is not None and (not isinstance(self.rotary_dim, int) or self.rotary_dim < 2
+                                            or self.rotary_dim % 2 or self.rotary_dim > self.head_dim):
+            raise ValueError(f"ModelConfig.rotary_dim must be None or an even int in [2, head_dim = {self.head_dim}], "
+                             f"got {self.rotary_dim!r}")
         if self.rope_scaling is not None:
-            keys = {"rope_type", *LLAMA3_ROPE_KEYS}
-            if not isinstance(self.rope_scaling, dict) or self.rope_scaling.get("rope_type") != "llama3" \
-                    or set(self.rope_scaling) != keys:
-                raise ValueError(f"ModelConfig.rope_scaling must be None or Llama 3.1's, a dict of {sorted(keys)} "
-                                 f"with rope_type 'llama3', got {self.rope_scaling!r}")
+            kind = self.rope_scaling.get("rope_type") if isinstance(self.rope_scaling, dict) else None
+            keys = {"rope_type", *(LONGROPE_KEYS if kind == "longrope" else LLAMA3_ROPE_KEYS)}
+            if kind not in ("llama3", "longrope") or set(self.rope_scaling) != keys:
+                raise ValueError(f"ModelConfig.rope_scaling must be None, Llama 3.1's (rope_type 'llama3' and "
+                                 f"{', '.join(LLAMA3_ROPE_KEYS)}) or LongRoPE's (rope_type 'longrope' and "
+                                 f"{', '.join(LONGROPE_KEYS)}), got {self.rope_scaling!r}")
+            if kind == "longrope" and not all(
+                    isinstance(f, list) and len(f) == (self.rotary_dim or self.head_dim) // 2
+                    for f in (self.rope_scaling["short_factor"], self.rope_scaling["long_factor"])):
+                raise ValueError("ModelConfig.rope_scaling: LongRoPE's short_factor and long_factor need one number "
+                                 f"per rotated pair ({(self.rotary_dim or self.head_dim) // 2})")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"ModelConfig.dropout must be in [0, 1), got {self.dropout}")
 
@@ -231,8 +245,9 @@ class LLM(nn.Module):
         if self.pos_emb is not None:
             x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
         else:
-            rope = rope_cos_sin(T, self.config.head_dim, self.config.rope_theta, start, idx.device,
-                                torch.promote_types(self.tok_emb.weight.dtype, torch.float32), self.config.rope_scaling)
+            rope = rope_cos_sin(T, self.config.rotary_dim or self.config.head_dim, self.config.rope_theta, start,
+                                idx.device, torch.promote_types(self.tok_emb.weight.dtype, torch.float32),
+                                self.config.rope_scaling)
         return self.dropout(x), rope
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
@@ -304,11 +319,11 @@ class LLM(nn.Module):
     def from_hf(cls, folder, device="cpu", dtype=torch.float32) -> "LLM":
         """A Hugging Face checkpoint folder (config.json and model.safetensors, or shards with their
         model.safetensors.index.json, as save_pretrained writes them) of LlamaForCausalLM (also
-        Mistral, Qwen2, Qwen3 and SmolLM3: HF_DECODERS) or GPT2LMHeadModel, with its weights in
+        Mistral, Qwen2, Qwen3, SmolLM3 and Phi-3: HF_DECODERS) or GPT2LMHeadModel, with its weights in
         `dtype` (fp32: master weights for training; the checkpoint's own dtype may be bf16), or a hub
         repo id (see hf_folder). Read with safetensors alone, no transformers needed. Anything the
         model cannot compute the same way (biases in LLaMA layers, RoPE scalings other than Llama
-        3.1's, another activation, layer types other than full and sliding-window attention) raises
+        3.1's and LongRoPE, another activation, layer types other than full and sliding-window attention) raises
         NotImplementedError."""
         from safetensors.torch import load_file
 
@@ -351,14 +366,20 @@ class LLM(nn.Module):
         """Yields max_new_tokens next tokens (B,) one at a time. temperature 0 is greedy. Past
         block_size the cached path re-reads the last block_size/2 tokens into a fresh cache."""
         block = self.config.block_size
-        cache, cache_len = (self.new_kv_cache(idx.shape[0]) if use_cache else None), 0
+        # As long as this generation can get, not block_size: a 128k-context checkpoint would
+        # otherwise ask for a 128k cache per layer (GBs on a GPU) to sample a few tokens.
+        capacity = min(block, min(idx.shape[1], block) + max_new_tokens)
+        cache, cache_len = (self.new_kv_cache(idx.shape[0], capacity) if use_cache else None), 0
         pending = idx[:, -block:]  # tokens not yet in the cache
+        switch = _longrope_switch(self.config)  # LongRoPE: past this length every position is re-rotated
         for _ in range(max_new_tokens):
             if not use_cache:
                 logits = self(idx[:, -block:])[0][:, -1]
             else:
                 if cache_len + pending.shape[1] > block:  # window full: restart from the recent half
                     pending, cache_len = idx[:, -(block // 2):], 0
+                elif cache_len and cache_len <= switch < cache_len + pending.shape[1]:
+                    pending, cache_len = idx[:, -block:], 0  # as transformers' Phi-3: the cache starts over
                 logits = self.forward_cached(pending, cache, cache_len)
                 cache_len += pending.shape[1]
             next_token = sample(logits, temperature, top_k, top_p, generator)  # (B,)
@@ -381,6 +402,12 @@ class LLM(nn.Module):
                 callback(token)
         self.train(was_training)
         return torch.cat(out, dim=1)
+
+
+def _longrope_switch(cfg: ModelConfig) -> float:
+    """The length past which LongRoPE's long factors rotate every position (inf without LongRoPE)."""
+    scaling = cfg.rope_scaling or {}
+    return scaling["original_max_position_embeddings"] if scaling.get("rope_type") == "longrope" else math.inf
 
 
 def save_weights(state_dict: dict, cfg: ModelConfig, path) -> None:
@@ -411,7 +438,7 @@ def hf_folder(name) -> Path:
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
-    """ModelConfig from a Hugging Face config.json (LLaMA / Mistral / Qwen2 / Qwen3 / SmolLM3, or GPT-2)."""
+    """ModelConfig from a Hugging Face config.json (LLaMA / Mistral / Qwen2 / Qwen3 / SmolLM3 / Phi-3, or GPT-2)."""
     kind = hf.get("model_type")
     if kind == "gpt2":
         if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
@@ -426,11 +453,18 @@ def config_from_hf(hf: dict) -> ModelConfig:
         raise NotImplementedError(f"Hugging Face model_type {kind!r}: pyllm reads {', '.join(HF_DECODERS)} and gpt2")
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}  # transformers 5 / 4
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", "llama3"):
-        raise NotImplementedError(f"scaled RoPE ({rope}): pyllm's RoPE is the unscaled one or Llama 3.1's")
+    if kind == "phi3" and rope_type in ("su", "yarn"):  # Phi-3's early names of LongRoPE, as transformers reads them
+        rope_type = "longrope"
+    if rope_type not in ("default", "llama3", "longrope"):
+        raise NotImplementedError(f"scaled RoPE ({rope}): pyllm's RoPE is the unscaled one, Llama 3.1's or LongRoPE")
     if rope_type == "llama3" and not all(k in rope for k in LLAMA3_ROPE_KEYS):
         raise ValueError(f"llama3 RoPE scaling needs {', '.join(LLAMA3_ROPE_KEYS)}; the config has {rope}")
     scaling = {"rope_type": "llama3", **{k: rope[k] for k in LLAMA3_ROPE_KEYS}} if rope_type == "llama3" else None
+    if rope_type == "longrope":
+        scaling = _hf_longrope(hf, rope)
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+    partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    rotary_dim = int(head_dim * partial) if partial != 1.0 else None
     n_layers = hf["num_hidden_layers"]
     window, window_layers = _hf_sliding_window(hf, kind, n_layers)
     nope_layers = None
@@ -448,7 +482,21 @@ def config_from_hf(hf: dict) -> ModelConfig:
                        tie_embeddings=hf.get("tie_word_embeddings", False), norm_eps=hf.get("rms_norm_eps", 1e-6),
                        rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)), rope_scaling=scaling,
                        qkv_bias=kind == "qwen2", qk_norm=kind == "qwen3", sliding_window=window,
-                       window_layers=window_layers, nope_layers=nope_layers)
+                       window_layers=window_layers, nope_layers=nope_layers, rotary_dim=rotary_dim)
+
+
+def _hf_longrope(hf: dict, rope: dict) -> dict:
+    """ModelConfig.rope_scaling of a LongRoPE config (transformers' _compute_longrope_parameters):
+    the attention factor from factor, or else from max / original positions, when not given."""
+    original = rope.get("original_max_position_embeddings") or hf.get("original_max_position_embeddings")
+    if not original or "short_factor" not in rope or "long_factor" not in rope:
+        raise ValueError(f"LongRoPE needs short_factor, long_factor and original_max_position_embeddings; got {rope}")
+    factor = rope.get("factor") or hf["max_position_embeddings"] / original
+    attention = rope.get("attention_factor")
+    if attention is None:
+        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return {"rope_type": "longrope", "short_factor": list(rope["short_factor"]), "long_factor": list(rope["long_factor"]),
+            "attention_factor": float(attention), "original_max_position_embeddings": int(original)}
 
 
 def _smollm3_rope_layers(hf: dict) -> list[int]:
@@ -458,7 +506,7 @@ def _smollm3_rope_layers(hf: dict) -> list[int]:
 
 
 # The LLaMA-shaped decoders config_from_hf reads (besides gpt2).
-HF_DECODERS = ("llama", "mistral", "qwen2", "qwen3", "smollm3")
+HF_DECODERS = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "phi3")
 
 
 def _hf_sliding_window(hf: dict, kind: str, n_layers: int) -> tuple[int | None, list[int] | None]:
@@ -476,7 +524,7 @@ def _hf_sliding_window(hf: dict, kind: str, n_layers: int) -> tuple[int | None, 
             raise NotImplementedError(f"llama with sliding_window={window!r} / layer_types: transformers' LLaMA "
                                       "has no sliding window; is this another model_type?")
         return None, None
-    if kind == "mistral":
+    if kind in ("mistral", "phi3"):  # every layer
         return window or None, None
     if not (hf.get("use_sliding_window") and window):
         return None, None
@@ -513,14 +561,18 @@ def state_from_hf(hf_state: dict, cfg: ModelConfig, kind: str) -> dict:
             block = f"blocks.{i}."
             state[block + "norm1.weight"] = layer("input_layernorm")
             state[block + "norm2.weight"] = layer("post_attention_layernorm")
-            state[block + "attn.qkv.weight"] = torch.cat([layer(f"self_attn.{x}_proj") for x in "qkv"])
+            if kind == "phi3":  # already stacked as ours: [q; k; v] and [gate; up]
+                state[block + "attn.qkv.weight"] = layer("self_attn.qkv_proj")
+            else:
+                state[block + "attn.qkv.weight"] = torch.cat([layer(f"self_attn.{x}_proj") for x in "qkv"])
             if cfg.qkv_bias:
                 state[block + "attn.qkv.bias"] = torch.cat([hf_state[f"layers.{i}.self_attn.{x}_proj.bias"] for x in "qkv"])
             state[block + "attn.proj.weight"] = layer("self_attn.o_proj")
             if cfg.qk_norm:
                 state[block + "attn.q_norm.weight"] = layer("self_attn.q_norm")
                 state[block + "attn.k_norm.weight"] = layer("self_attn.k_norm")
-            state[block + "mlp.gate_up.weight"] = torch.cat([layer("mlp.gate_proj"), layer("mlp.up_proj")])
+            state[block + "mlp.gate_up.weight"] = (layer("mlp.gate_up_proj") if kind == "phi3" else
+                                                   torch.cat([layer("mlp.gate_proj"), layer("mlp.up_proj")]))
             state[block + "mlp.down.weight"] = layer("mlp.down_proj")
     if not cfg.tie_embeddings:
         state["lm_head.weight"] = hf_state["lm_head.weight"]

@@ -73,11 +73,20 @@ def rope_cos_sin(seq_len: int, head_dim: int, theta: float = 10000.0, start: int
     each (seq_len, head_dim // 2), in fp32 (or fp64) whatever the model dtype: angles up to 1e4 rad
     need it. scaling: Llama 3.1's long-context rule (see llama3_scaled)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=dtype) / head_dim)
-    if scaling is not None:
+    scale = 1.0
+    if scaling is not None and scaling["rope_type"] == "longrope":
+        # LongRoPE (Ding et al. 2024), as Phi-3.5 / Phi-4-mini and transformers apply it: one factor per
+        # frequency, the long ones once this call's last position is past the original context (so a
+        # generation crossing it starts its cache over), and cos / sin scaled by attention_factor.
+        long = start + seq_len > scaling["original_max_position_embeddings"]
+        factors = scaling["long_factor" if long else "short_factor"]
+        inv_freq = inv_freq / torch.tensor(factors, device=device, dtype=dtype)
+        scale = scaling["attention_factor"]
+    elif scaling is not None:
         inv_freq = llama3_scaled(inv_freq, **{k: v for k, v in scaling.items() if k != "rope_type"})
     pos = torch.arange(start, start + seq_len, device=device, dtype=dtype)
     angles = torch.outer(pos, inv_freq)  # (T, D/2)
-    return angles.cos(), angles.sin()
+    return angles.cos() * scale, angles.sin() * scale
 
 
 def llama3_scaled(inv_freq: torch.Tensor, factor: float, low_freq_factor: float, high_freq_factor: float,
@@ -94,12 +103,15 @@ def llama3_scaled(inv_freq: torch.Tensor, factor: float, low_freq_factor: float,
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotates the pairs (x[..., i], x[..., i + D/2]) of x (B, T, H, D) by the angles of their
-    position (the "rotate half" layout of GPT-NeoX / HF LLaMA, not the interleaved one of Meta's)."""
-    half = x.shape[-1] // 2
-    x1, x2 = x.to(cos.dtype)[..., :half], x.to(cos.dtype)[..., half:]  # (B, T, H, D/2)
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]  # (1, T, 1, D/2)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+    """Rotates the pairs (x[..., i], x[..., i + R/2]) of x (B, T, H, D) by the angles of their
+    position (the "rotate half" layout of GPT-NeoX / HF LLaMA, not the interleaved one of Meta's),
+    R = 2 * cos.shape[-1] <= D; dims from R on pass unrotated (partial RoPE, Phi-4-mini's)."""
+    half = cos.shape[-1]
+    x_rot, x_pass = (x, None) if 2 * half == x.shape[-1] else (x[..., :2 * half], x[..., 2 * half:])
+    x1, x2 = x_rot.to(cos.dtype)[..., :half], x_rot.to(cos.dtype)[..., half:]  # (B, T, H, R/2)
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]  # (1, T, 1, R/2)
+    rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+    return rotated if x_pass is None else torch.cat([rotated, x_pass], dim=-1)
 
 
 def _flash_attn_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:

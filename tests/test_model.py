@@ -239,6 +239,16 @@ def test_generate_streams_and_runs_past_block_size():
     assert int(out.max()) < cfg.vocab_size and int(out.min()) >= 0
 
 
+def test_generation_cache_is_as_long_as_the_generation():
+    # Not block_size: a 128k-context checkpoint would ask for a 128k-token cache per layer.
+    model, sizes = LLM(ModelConfig(**SMALL)), []
+    make = model.new_kv_cache
+    model.new_kv_cache = lambda batch, max_len=None: sizes.append(max_len) or make(batch, max_len)
+    model.generate(torch.zeros(1, 3, dtype=torch.long), 5, temperature=0)
+    model.generate(torch.zeros(1, 40, dtype=torch.long), 50, temperature=0)  # past block_size 32: capped
+    assert sizes == [8, 32]
+
+
 def test_forward_on_a_device_without_kernels():
     # meta (shape dry runs): attention and the MLP take torch's functions where pyllm has no
     # kernel, the same path a GPU takes when pyllm was built without CUDA kernels.
@@ -324,6 +334,10 @@ def test_presets_build(preset):
     (dict(sliding_window=4, window_layers=[2]), r"window_layers must be None or a list of layer indices in \[0, 2\)"),
     (dict(window_layers=[0]), "window_layers needs a sliding_window"),
     (dict(nope_layers=[0], positions="learned"), "nope_layers needs positions = 'rope'"),
+    (dict(rotary_dim=3), "rotary_dim must be None or an even int"),
+    (dict(rope_scaling={"rope_type": "longrope", "short_factor": [1.0], "long_factor": [1.0], "attention_factor": 1.0,
+                        "original_max_position_embeddings": 16}), "one number per rotated pair .16."),
+    (dict(rope_scaling={"rope_type": "yarn"}), "rope_scaling must be None"),
 ])
 def test_bad_config(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -375,10 +389,24 @@ def hf_models():
         "smollm3": transformers.SmolLM3ForCausalLM(transformers.SmolLM3Config(
             **llama, head_dim=32, num_key_value_heads=2, no_rope_layer_interval=2, use_sliding_window=True,
             sliding_window=5, pad_token_id=None)),
+        # q, k, v and gate, up fused in the checkpoint; LongRoPE (its short factors up to 16 positions,
+        # long ones past: the 19-token logits and a generation crossing 16) on half of each 32-wide
+        # head (Phi-4-mini's partial rotary); a 6-key window in every layer
+        "phi3-longrope": transformers.Phi3ForCausalLM(transformers.Phi3Config(
+            **PHI3, original_max_position_embeddings=16, sliding_window=6, rope_parameters=dict(
+                rope_type="longrope", rope_theta=10000.0, partial_rotary_factor=0.5,
+                short_factor=[1.0, 1.1, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0],
+                long_factor=[2.0, 3.0, 4.0, 6.0, 8.0, 10.0, 12.0, 16.0]))),
+        "phi3": transformers.Phi3ForCausalLM(transformers.Phi3Config(**PHI3, tie_word_embeddings=True)),
     }
 
 
-HF_NAMES = ["llama-gqa", "llama-tied", "llama3-rope", "qwen2", "gpt2", "qwen3-window", "qwen3", "mistral-window", "smollm3"]
+# Phi3Config's default token ids lie past a 97-id vocabulary.
+PHI3 = dict(vocab_size=97, hidden_size=128, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, pad_token_id=None, bos_token_id=None,
+            eos_token_id=None)
+HF_NAMES = ["llama-gqa", "llama-tied", "llama3-rope", "qwen2", "gpt2", "qwen3-window", "qwen3", "mistral-window", "smollm3",
+            "phi3-longrope", "phi3"]
 
 
 @pytest.mark.parametrize("name", HF_NAMES)
@@ -396,10 +424,10 @@ def test_from_hf_computes_what_transformers_computes(name, tmp_path):
     # a wrong mapping (q / k order, gate / up, a transpose) would be off by O(1).
     assert rel_err(ours(idx)[0], expected) < (1e-10 if name == "gpt2" else 1e-6)
     prompt = idx[:, :5]
-    theirs.generation_config.eos_token_id = None  # no early stop, no padding: 12 greedy tokens each
-    expected = theirs.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False,
+    theirs.generation_config.eos_token_id = None  # no early stop, no padding: 20 greedy tokens each
+    expected = theirs.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20, do_sample=False,
                                pad_token_id=0)
-    assert torch.equal(ours.generate(prompt, 12, temperature=0), expected)
+    assert torch.equal(ours.generate(prompt, 20, temperature=0), expected)
 
 
 def test_from_hf_refuses_what_it_cannot_compute(tmp_path):
@@ -414,13 +442,21 @@ def test_from_hf_refuses_what_it_cannot_compute(tmp_path):
                            (dict(layer_types=["sliding_attention", "full_attention"]), "layer_types"),
                            (dict(model_type="qwen3", layer_types=["chunked_attention", "full_attention"]), "layer_types"),
                            (dict(model_type="qwen3", layer_types=["full_attention"]), "layer_types"),
-                           (dict(model_type="gemma3_text"), "model_type 'gemma3_text'")]:
+                           (dict(model_type="gemma3_text"), "model_type 'gemma3_text'"),
+                           (dict(rope_scaling=dict(rope_type="dynamic", factor=2.0)), "scaled RoPE")]:
         with pytest.raises(NotImplementedError, match=message):
             config_from_hf({**base, **extra})
     assert config_from_hf({**base, "rope_theta": 5e5, "rope_scaling": None}).rope_theta == 5e5  # transformers 4's keys
     assert config_from_hf({**base, "rope_parameters": dict(rope_type="default", rope_theta=5e5)}).rope_theta == 5e5
     with pytest.raises(ValueError, match="needs factor"):
         config_from_hf({**base, "rope_scaling": dict(rope_type="llama3", factor=8.0)})
+    with pytest.raises(ValueError, match="LongRoPE needs"):
+        config_from_hf({**base, "rope_scaling": dict(rope_type="longrope", short_factor=[1.0] * 8)})
+    # transformers 4's Phi-3 configs: "su" for LongRoPE, original_max_position_embeddings at the top
+    phi3 = config_from_hf({**base, "model_type": "phi3", "original_max_position_embeddings": 32,
+                           "rope_scaling": dict(type="su", short_factor=[1.0] * 8, long_factor=[2.0] * 8)})
+    assert phi3.rope_scaling["original_max_position_embeddings"] == 32
+    assert phi3.rope_scaling["attention_factor"] == pytest.approx(math.sqrt(1 + math.log(2) / math.log(32)))
     (tmp_path / "config.json").write_text(json.dumps(base))
     with pytest.raises(ValueError, match="no model.safetensors"):
         LLM.from_hf(tmp_path)

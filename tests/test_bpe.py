@@ -721,6 +721,11 @@ def spm_variant(base: dict, kind: str) -> dict:
     elif kind.startswith("metaspace"):  # metaspace-<scheme>[-split]
         _, scheme, *split = kind.split("-")
         data["pre_tokenizer"] = metaspace(scheme, bool(split))
+    elif kind == "replace-only":  # no "▁" put first; a split at " " that finds none (Gemma's form)
+        data["normalizer"] = SPM_NORMALIZER["normalizers"][1]
+        data["pre_tokenizer"] = {"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious",
+                                 "invert": False}
+        data["decoder"] = {"type": "Sequence", "decoders": SPM_DECODER["decoders"][:3]}  # nothing to strip
     elif kind.startswith("unk"):  # no byte tokens: characters outside the vocabulary become <unk>
         data["normalizer"], data["pre_tokenizer"] = SPM_NORMALIZER, None
         model["byte_fallback"], model["fuse_unk"] = False, kind == "unk-fused"
@@ -749,7 +754,7 @@ def spm_variant(base: dict, kind: str) -> dict:
     return data
 
 
-SPM_KINDS = ["llama2", "metaspace-always", "metaspace-first", "metaspace-never", "metaspace-always-split",
+SPM_KINDS = ["llama2", "replace-only", "metaspace-always", "metaspace-first", "metaspace-never", "metaspace-always-split",
              "metaspace-first-split", "unk-fused", "unk-unfused", "spm-merges", "shuffled-merges", "byte-tokens-added",
              "cross-space", "ignore-merges"]
 
@@ -783,6 +788,8 @@ def test_from_hf_sentencepiece_encodes_as_hugging_face(spm_pair):
             assert ours.decode(ids) == spm_prefixed(text, ours._spm.settings["prepend"])
         if kind == "llama2":  # whose decoder strips that one space
             assert ours.decode(ids)[1:] == hf.decode(ids) == text
+        if kind == "replace-only":  # none put first, none stripped
+            assert ours.decode(ids) == hf.decode(ids) == text
     assert fallbacks > 0 or "unk" in kind  # some characters took the fallback
     assert ours.vocab_size == hf.get_vocab_size()
     if kind == "cross-space":

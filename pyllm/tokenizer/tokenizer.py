@@ -100,6 +100,8 @@ def _hf_sentencepiece(data: dict, where: str) -> dict | None:
     if not replaces_space and not data.get("model", {}).get("byte_fallback"):
         return None  # byte-level
     prepends = [step for step in steps if step.get("type") == "Prepend" and step.get("prepend") == _SPACE]
+    if pre.get("type") == "Split" and pre.get("pattern") == {"String": " "} and not pre.get("invert") and replaces_space:
+        pre = {}  # a split at " " after every " " became "▁" (Gemma's) cuts nothing
     if pre or len(replaces_space) != 1 or kinds not in (["Prepend", "Replace"], ["Replace"]) or (
             "Prepend" in kinds and not prepends):
         raise NotImplementedError(f"{where}: normalizer {normalizer!r} and pre-tokenizer {pre!r}: a SentencePiece-style "

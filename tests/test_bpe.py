@@ -85,7 +85,22 @@ def gpt4(corpus):
 
 # ---------------------------------------------------------------------------------------------
 # Pre-tokenizers == the regex, piece for piece
-ASSIGNED = [c for c in range(0x110000) if unicodedata.category(chr(c)) not in ("Cn", "Cs", "Co")]
+def _same_class_in_regex(codes: list[int]) -> list[int]:
+    """codes whose Unicode classes (those the patterns use) are the same in this Python's unicodedata,
+    which the C++ tables come from, and in the `regex` module, whose Unicode may be newer: U+0295
+    is Ll in Unicode 14 (Python 3.11) and Lo later, which moves a split of o200k's pattern."""
+    text = "".join(map(chr, codes))
+    category = {ch: unicodedata.category(ch) for ch in text}
+    differ = set()
+    for cls in ("L", "Lu", "Ll", "Lt", "Lm", "Lo", "M", "N"):
+        by_regex = set(regex.findall(rf"\p{{{cls}}}", text))
+        by_python = {ch for ch, cat in category.items() if cat.startswith(cls)}
+        differ |= by_regex ^ by_python
+    differ |= set(regex.findall(r"\s", text)) ^ {ch for ch in text if ch.isspace() or ch in "\x1c\x1d\x1e\x1f\x85"}
+    return [c for c in codes if chr(c) not in differ]
+
+
+ASSIGNED = _same_class_in_regex([c for c in range(0x110000) if unicodedata.category(chr(c)) not in ("Cn", "Cs", "Co")])
 ALPHABET = list("  \t\n\r'sStTdDmMlLvVeErR0189aZ.,/-_(){}!?\"") + [
     "ſ", "\u0301", "é", "É", "ǅ", "ʰ", "中", "😀", "\u00a0", "\u2028", "\x0b", "\x85", "٣", "Ⅻ", "\u3000"]
 

@@ -127,9 +127,17 @@ Encoder::Encoder(const std::vector<std::string>& tokens, const std::vector<uint3
               " numbers");
   PYLLM_CHECK(byte_fallback.empty() || byte_fallback.size() == 256, "bpe: byte_fallback must hold 256 ids or none, got ",
               byte_fallback.size());
+  // Every id this mode can emit (byte tokens, unk, merge results) must be a token or a special token.
+  const auto known = [&](uint32_t id) {
+    return (id < token_span_.size() && token_span_[id] != ~0ull) ||
+           std::find(special_ids_.begin(), special_ids_.end(), id) != special_ids_.end();
+  };
+  PYLLM_CHECK(unk_id == kNone || known(unk_id), "bpe: unk id ", unk_id, " is not a token");
   for (int b = 0; b < 256; ++b) {
     byte_rank_[b] = kNone;
     byte_fallback_[b] = byte_fallback.empty() ? kNone : byte_fallback[b];
+    PYLLM_CHECK(byte_fallback_[b] == kNone || known(byte_fallback_[b]), "bpe: byte token id ", byte_fallback_[b],
+                " is not a token");
   }
   // Where words may be cut (see cut_words_): "▁" (E2 96 81) is a token, and no token has it after
   // another character (UTF-8 is self-synchronising: E2 96 81 at offset k >= 3 follows "▁" exactly
@@ -150,6 +158,7 @@ Encoder::Encoder(const std::vector<std::string>& tokens, const std::vector<uint3
   merged_.reserve(n_merges);
   pairs_.reserve(n_merges);
   for (size_t i = 0; i < n_merges; ++i) {
+    PYLLM_CHECK(known(merges[3 * i + 2]), "bpe: merge ", i, " makes id ", merges[3 * i + 2], ", which is not a token");
     merged_.push_back(merges[3 * i + 2]);
     pairs_.at_or_insert(pair_key(merges[3 * i], merges[3 * i + 1])) = uint32_t(i);  // a repeat: the last wins, as in HF
   }

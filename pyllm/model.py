@@ -37,7 +37,7 @@ class ModelConfig:
     dim: int = 128
     mlp_hidden: int | None = None  # None: 4*dim for gelu, 8/3*dim rounded up to 64 for swiglu
     norm: str = "rmsnorm"  # rmsnorm | layernorm
-    mlp: str = "swiglu"  # swiglu | gelu
+    mlp: str = "swiglu"  # swiglu | gelu | geglu (tanh-GELU-gated, Gemma's)
     positions: str = "rope"  # rope | learned
     bias: bool = False  # bias in every Linear and LayerNorm
     qkv_bias: bool = False  # bias in the q, k, v projections only (Qwen2)
@@ -47,6 +47,10 @@ class ModelConfig:
     window_layers: list[int] | None = None  # the layers sliding_window applies to; None: all of them
     nope_layers: list[int] | None = None  # layers without RoPE (SmolLM3: every 4th)
     rotary_dim: int | None = None  # RoPE on each head's first rotary_dim dims; None: all (Phi-4-mini: 3/4)
+    local_rope_theta: float | None = None  # RoPE theta of the sliding-window layers, unscaled (Gemma 3)
+    sandwich_norm: bool = False  # also a norm on the attention's and the MLP's outputs (Gemma 2 / 3)
+    embed_scale: bool = False  # token embeddings times sqrt(dim), rounded to their dtype (Gemma)
+    softmax_scale: float | None = None  # None: 1 / sqrt(head_dim) (Gemma 3: query_pre_attn_scalar ** -0.5)
     parallel_block: bool = False  # PaLM: x + attn(norm(x)) + mlp(norm(x))
     tie_embeddings: bool = True
     dropout: float = 0.0
@@ -71,7 +75,7 @@ class ModelConfig:
         return self.sliding_window - 1
 
     def validate(self) -> None:
-        choices = {"norm": ("rmsnorm", "layernorm"), "mlp": ("swiglu", "gelu"), "positions": ("rope", "learned")}
+        choices = {"norm": ("rmsnorm", "layernorm"), "mlp": ("swiglu", "gelu", "geglu"), "positions": ("rope", "learned")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"ModelConfig.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
@@ -104,11 +108,12 @@ class ModelConfig:
                              f"got {self.rotary_dim!r}")
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("rope_type") if isinstance(self.rope_scaling, dict) else None
-            keys = {"rope_type", *(LONGROPE_KEYS if kind == "longrope" else LLAMA3_ROPE_KEYS)}
-            if kind not in ("llama3", "longrope") or set(self.rope_scaling) != keys:
+            keys = {"rope_type", *{"longrope": LONGROPE_KEYS, "linear": ("factor",)}.get(kind, LLAMA3_ROPE_KEYS)}
+            if kind not in ("llama3", "longrope", "linear") or set(self.rope_scaling) != keys:
                 raise ValueError(f"ModelConfig.rope_scaling must be None, Llama 3.1's (rope_type 'llama3' and "
-                                 f"{', '.join(LLAMA3_ROPE_KEYS)}) or LongRoPE's (rope_type 'longrope' and "
-                                 f"{', '.join(LONGROPE_KEYS)}), got {self.rope_scaling!r}")
+                                 f"{', '.join(LLAMA3_ROPE_KEYS)}), LongRoPE's (rope_type 'longrope' and "
+                                 f"{', '.join(LONGROPE_KEYS)}) or linear (rope_type 'linear' and factor), got "
+                                 f"{self.rope_scaling!r}")
             if kind == "longrope" and not all(
                     isinstance(f, list) and len(f) == (self.rotary_dim or self.head_dim) // 2
                     for f in (self.rope_scaling["short_factor"], self.rope_scaling["long_factor"])):
@@ -161,6 +166,8 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
         self.use_rope = cfg.positions == "rope" and layer not in (cfg.nope_layers or ())
         self.window = cfg.layer_window(layer)  # keys before a query's own that it sees; -1: all
+        self.local_rope = self.window >= 0 and cfg.local_rope_theta is not None  # rope[1], else rope[0]
+        self.softmax_scale = cfg.softmax_scale
 
     def forward(self, x, rope=None, cache=None, cache_seqlen: int = 0):
         B, T, C = x.shape
@@ -170,11 +177,13 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.use_rope:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            cos_sin = rope[1] if self.local_rope else rope[0]
+            q, k = apply_rope(q, *cos_sin), apply_rope(k, *cos_sin)
         if cache is None:
-            y = attention(q, k, v, causal=True, window_left=self.window)  # (B, T, H, D)
+            y = attention(q, k, v, causal=True, window_left=self.window, scale=self.softmax_scale)  # (B, T, H, D)
         else:
-            y = attention_with_kvcache(q, cache[0], cache[1], k, v, cache_seqlen, window_left=self.window)
+            y = attention_with_kvcache(q, cache[0], cache[1], k, v, cache_seqlen, window_left=self.window,
+                                       scale=self.softmax_scale)
         return self.proj(y.reshape(B, T, H * D))
 
 
@@ -188,6 +197,20 @@ class GeluMLP(nn.Module):
         return self.down(F.gelu(self.up(x), approximate="tanh"))  # GPT-2's tanh GELU
 
 
+class GeGLUMLP(nn.Module):
+    """Gemma's MLP, down(gelu_tanh(x W_gate) * (x W_up)), gate and up fused as in SwiGLUMLP (torch's
+    functions: pyllm's fused kernel is SiLU's)."""
+
+    def __init__(self, dim: int, hidden_dim: int, bias: bool):
+        super().__init__()
+        self.gate_up = nn.Linear(dim, 2 * hidden_dim, bias=bias)
+        self.down = nn.Linear(hidden_dim, dim, bias=bias)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)  # (..., hidden) each
+        return self.down(F.gelu(gate, approximate="tanh") * up)
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
@@ -195,16 +218,20 @@ class Block(nn.Module):
         self.norm1 = make_norm(cfg)
         self.norm2 = None if cfg.parallel_block else make_norm(cfg)  # PaLM shares one norm
         self.attn = Attention(cfg, layer)
-        self.mlp = SwiGLUMLP(cfg.dim, cfg.mlp_hidden, bias=cfg.bias) if cfg.mlp == "swiglu" else GeluMLP(cfg.dim, cfg.mlp_hidden, cfg.bias)
+        mlps = {"swiglu": SwiGLUMLP, "gelu": GeluMLP, "geglu": GeGLUMLP}
+        self.mlp = mlps[cfg.mlp](cfg.dim, cfg.mlp_hidden, cfg.bias)
+        # Gemma's sandwich: the attention's and the MLP's outputs are normed before the residual add.
+        self.attn_out_norm = make_norm(cfg) if cfg.sandwich_norm else nn.Identity()
+        self.mlp_out_norm = make_norm(cfg) if cfg.sandwich_norm else nn.Identity()
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x, rope=None, cache=None, cache_seqlen: int = 0):  # x: (B, T, C)
         h = self.norm1(x)
-        a = self.dropout(self.attn(h, rope, cache, cache_seqlen))
+        a = self.dropout(self.attn_out_norm(self.attn(h, rope, cache, cache_seqlen)))
         if self.parallel:
-            return x + a + self.dropout(self.mlp(h))
+            return x + a + self.dropout(self.mlp_out_norm(self.mlp(h)))
         x = x + a
-        return x + self.dropout(self.mlp(self.norm2(x)))
+        return x + self.dropout(self.mlp_out_norm(self.mlp(self.norm2(x))))
 
 
 class LLM(nn.Module):
@@ -240,14 +267,18 @@ class LLM(nn.Module):
         T = idx.shape[1]
         if T + start > self.config.block_size:
             raise ValueError(f"sequence of {T + start} tokens is longer than block_size {self.config.block_size}")
+        cfg = self.config
         x = self.tok_emb(idx)  # (B, T, C)
+        if cfg.embed_scale:  # the scale in x's dtype first, as Gemma's (bf16: sqrt(1152) = 33.94 -> 34)
+            x = x * torch.tensor(math.sqrt(cfg.dim), dtype=x.dtype)
         rope = None
         if self.pos_emb is not None:
             x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
-        else:
-            rope = rope_cos_sin(T, self.config.rotary_dim or self.config.head_dim, self.config.rope_theta, start,
-                                idx.device, torch.promote_types(self.tok_emb.weight.dtype, torch.float32),
-                                self.config.rope_scaling)
+        else:  # (cos, sin) of the layers without a window, and of those with one when they have their own theta
+            dims, dtype = cfg.rotary_dim or cfg.head_dim, torch.promote_types(self.tok_emb.weight.dtype, torch.float32)
+            rope = (rope_cos_sin(T, dims, cfg.rope_theta, start, idx.device, dtype, cfg.rope_scaling),
+                    None if cfg.local_rope_theta is None else rope_cos_sin(T, dims, cfg.local_rope_theta, start,
+                                                                            idx.device, dtype))
         return self.dropout(x), rope
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
@@ -319,7 +350,7 @@ class LLM(nn.Module):
     def from_hf(cls, folder, device="cpu", dtype=torch.float32) -> "LLM":
         """A Hugging Face checkpoint folder (config.json and model.safetensors, or shards with their
         model.safetensors.index.json, as save_pretrained writes them) of LlamaForCausalLM (also
-        Mistral, Qwen2, Qwen3, SmolLM3 and Phi-3: HF_DECODERS) or GPT2LMHeadModel, with its weights in
+        Mistral, Qwen2, Qwen3, SmolLM3 and Phi-3: HF_DECODERS), Gemma3ForCausalLM or GPT2LMHeadModel, with its weights in
         `dtype` (fp32: master weights for training; the checkpoint's own dtype may be bf16), or a hub
         repo id (see hf_folder). Read with safetensors alone, no transformers needed. Anything the
         model cannot compute the same way (biases in LLaMA layers, RoPE scalings other than Llama
@@ -438,7 +469,8 @@ def hf_folder(name) -> Path:
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
-    """ModelConfig from a Hugging Face config.json (LLaMA / Mistral / Qwen2 / Qwen3 / SmolLM3 / Phi-3, or GPT-2)."""
+    """ModelConfig from a Hugging Face config.json (LLaMA / Mistral / Qwen2 / Qwen3 / SmolLM3 / Phi-3, Gemma 3's
+    text model, or GPT-2)."""
     kind = hf.get("model_type")
     if kind == "gpt2":
         if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
@@ -449,8 +481,11 @@ def config_from_hf(hf: dict) -> ModelConfig:
                            n_heads=hf["n_head"], dim=hf["n_embd"], mlp_hidden=hf.get("n_inner") or 4 * hf["n_embd"],
                            norm="layernorm", mlp="gelu", positions="learned", bias=True,
                            tie_embeddings=hf.get("tie_word_embeddings", True), norm_eps=hf["layer_norm_epsilon"])
+    if kind == "gemma3_text":
+        return _gemma3_config(hf)
     if kind not in HF_DECODERS:
-        raise NotImplementedError(f"Hugging Face model_type {kind!r}: pyllm reads {', '.join(HF_DECODERS)} and gpt2")
+        raise NotImplementedError(f"Hugging Face model_type {kind!r}: pyllm reads {', '.join(HF_DECODERS)}, "
+                                  "gemma3_text and gpt2")
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}  # transformers 5 / 4
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if kind == "phi3" and rope_type in ("su", "yarn"):  # Phi-3's early names of LongRoPE, as transformers reads them
@@ -483,6 +518,48 @@ def config_from_hf(hf: dict) -> ModelConfig:
                        rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)), rope_scaling=scaling,
                        qkv_bias=kind == "qwen2", qk_norm=kind == "qwen3", sliding_window=window,
                        window_layers=window_layers, nope_layers=nope_layers, rotary_dim=rotary_dim)
+
+
+def _gemma3_config(hf: dict) -> ModelConfig:
+    """Gemma 3's text model (Gemma3ForCausalLM, the 270M and 1B checkpoints): a LLaMA with
+    sqrt(dim)-scaled embeddings, norms around both sublayers' outputs too, (1 + w) norm weights
+    (folded into w at load), q / k norms, a tanh-GELU-gated MLP, softmax scale
+    query_pre_attn_scalar ** -0.5, sliding-window layers (5 in 6) with their own RoPE theta."""
+    unsupported = {"attn_logit_softcapping": hf.get("attn_logit_softcapping"),
+                   "final_logit_softcapping": hf.get("final_logit_softcapping"),
+                   "attention_bias": hf.get("attention_bias"),
+                   "use_bidirectional_attention": hf.get("use_bidirectional_attention"),
+                   "hidden_activation": None if hf.get("hidden_activation", "gelu_pytorch_tanh") == "gelu_pytorch_tanh"
+                   else hf["hidden_activation"]}
+    for name, value in unsupported.items():
+        if value:
+            raise NotImplementedError(f"gemma3_text with {name}={value!r}")
+    n_layers = hf["num_hidden_layers"]
+    types = hf.get("layer_types") or [  # transformers 4's configs: every sliding_window_pattern-th layer is full
+        "full_attention" if (i + 1) % hf.get("sliding_window_pattern", 6) == 0 else "sliding_attention"
+        for i in range(n_layers)]
+    if len(types) != n_layers or not set(types) <= {"full_attention", "sliding_attention"}:
+        raise NotImplementedError(f"gemma3_text with layer_types={types!r}")
+    params = hf.get("rope_parameters") or {}
+    full, local = params.get("full_attention"), params.get("sliding_attention")
+    if full is None:  # transformers 4: rope_theta, rope_scaling (full layers), rope_local_base_freq
+        full = {**(hf.get("rope_scaling") or {"rope_type": "default"}), "rope_theta": hf.get("rope_theta", 1e6)}
+        local = {"rope_type": "default", "rope_theta": hf.get("rope_local_base_freq", 10000.0)}
+    full_type = full.get("rope_type", full.get("type", "default"))
+    if full_type not in ("default", "linear") or local.get("rope_type", "default") != "default":
+        raise NotImplementedError(f"gemma3_text RoPE {params or hf.get('rope_scaling')}: pyllm reads default or "
+                                  "linear scaling in the full-attention layers, default in the sliding ones")
+    window = hf.get("sliding_window")
+    window_layers = [i for i, t in enumerate(types) if t == "sliding_attention"] if window else None
+    return ModelConfig(vocab_size=hf["vocab_size"], block_size=hf["max_position_embeddings"], n_layers=n_layers,
+                       n_heads=hf["num_attention_heads"], n_kv_heads=hf.get("num_key_value_heads") or None,
+                       dim=hf["hidden_size"], head_dim=hf.get("head_dim") or None, mlp_hidden=hf["intermediate_size"],
+                       mlp="geglu", tie_embeddings=hf.get("tie_word_embeddings", True),
+                       norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=full["rope_theta"],
+                       rope_scaling={"rope_type": "linear", "factor": full["factor"]} if full_type == "linear" else None,
+                       local_rope_theta=local["rope_theta"] if window_layers else None, qk_norm=True, sandwich_norm=True,
+                       embed_scale=True, softmax_scale=hf.get("query_pre_attn_scalar", 256) ** -0.5,
+                       sliding_window=window if window_layers else None, window_layers=window_layers or None)
 
 
 def _hf_longrope(hf: dict, rope: dict) -> dict:
@@ -554,6 +631,21 @@ def state_from_hf(hf_state: dict, cfg: ModelConfig, kind: str) -> dict:
                 state[f"blocks.{i}.{ours}.weight"] = weight if theirs.startswith("ln") else weight.t()  # Conv1D: (in, out)
                 state[f"blocks.{i}.{ours}.bias"] = hf_state[f"h.{i}.{theirs}.bias"]
         state["norm_f.weight"], state["norm_f.bias"] = hf_state["ln_f.weight"], hf_state["ln_f.bias"]
+    elif kind == "gemma3_text":
+        one = lambda w: w + 1.0  # noqa: E731  Gemma's norms scale by (1 + w)
+        state["tok_emb.weight"], state["norm_f.weight"] = hf_state["embed_tokens.weight"], one(hf_state["norm.weight"])
+        norms = {"input_layernorm": "norm1", "post_attention_layernorm": "attn_out_norm",
+                 "pre_feedforward_layernorm": "norm2", "post_feedforward_layernorm": "mlp_out_norm",
+                 "self_attn.q_norm": "attn.q_norm", "self_attn.k_norm": "attn.k_norm"}
+        for i in range(cfg.n_layers):
+            layer = lambda name: hf_state[f"layers.{i}.{name}.weight"]  # noqa: E731
+            block = f"blocks.{i}."
+            for theirs, ours in norms.items():
+                state[block + ours + ".weight"] = one(layer(theirs))
+            state[block + "attn.qkv.weight"] = torch.cat([layer(f"self_attn.{x}_proj") for x in "qkv"])
+            state[block + "attn.proj.weight"] = layer("self_attn.o_proj")
+            state[block + "mlp.gate_up.weight"] = torch.cat([layer("mlp.gate_proj"), layer("mlp.up_proj")])
+            state[block + "mlp.down.weight"] = layer("mlp.down_proj")
     else:
         state["tok_emb.weight"], state["norm_f.weight"] = hf_state["embed_tokens.weight"], hf_state["norm.weight"]
         for i in range(cfg.n_layers):

@@ -82,6 +82,8 @@ def rope_cos_sin(seq_len: int, head_dim: int, theta: float = 10000.0, start: int
         factors = scaling["long_factor" if long else "short_factor"]
         inv_freq = inv_freq / torch.tensor(factors, device=device, dtype=dtype)
         scale = scaling["attention_factor"]
+    elif scaling is not None and scaling["rope_type"] == "linear":  # positions divided by factor
+        inv_freq = inv_freq / scaling["factor"]
     elif scaling is not None:
         inv_freq = llama3_scaled(inv_freq, **{k: v for k, v in scaling.items() if k != "rope_type"})
     pos = torch.arange(start, start + seq_len, device=device, dtype=dtype)
@@ -131,25 +133,27 @@ def _window_mask(T: int, S: int, left: int, device) -> torch.Tensor:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
-              window_left: int = -1) -> torch.Tensor:
+              window_left: int = -1, scale: float | None = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(D)) v for q (B, T, H, D) and k, v (B, S, H_kv, D) with H % H_kv == 0
     (GQA/MQA), returned as (B, T, H, D): pyllm.flash_attn where it has a kernel, else SDPA.
     window_left >= 0 (causal only): a query also sees no key more than window_left before its own
-    position (a sliding window of window_left + 1 keys, Mistral's sliding_window)."""
+    position (a sliding window of window_left + 1 keys, Mistral's sliding_window). scale: of the
+    scores, None for 1 / sqrt(D)."""
     if window_left >= 0 and not causal:
         raise ValueError("attention: window_left needs causal=True")
     if _flash_attn_takes(q, k, v):
-        return flash_attn_ops.flash_attn(q, k, v, causal=causal, window=(window_left, -1))
+        return flash_attn_ops.flash_attn(q, k, v, causal=causal, window=(window_left, -1), softmax_scale=scale)
     mask = _window_mask(q.shape[1], k.shape[1], window_left, q.device) if window_left >= 0 else None
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=causal and mask is None,
-        enable_gqa=q.shape[2] != k.shape[2],
+        enable_gqa=q.shape[2] != k.shape[2], scale=scale,
     )  # (B, H, T, D)
     return out.transpose(1, 2)
 
 
 def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           k: torch.Tensor, v: torch.Tensor, cache_seqlen: int, window_left: int = -1) -> torch.Tensor:
+                           k: torch.Tensor, v: torch.Tensor, cache_seqlen: int, window_left: int = -1,
+                           scale: float | None = None) -> torch.Tensor:
     """Decode-time attention, flash_attn_with_kvcache's contract: writes the new k, v (B, T, H_kv, D)
     into k_cache, v_cache (B, S_max, H_kv, D) at positions cache_seqlen..cache_seqlen+T-1, then
     attends q (B, T, H, D) causally over the cache's first cache_seqlen+T positions (the new queries
@@ -158,9 +162,10 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     GPU), else the same through SDPA."""
     if _flash_attn_takes(q, k_cache, v_cache) and k.dtype == k_cache.dtype:
         if window_left < 0:  # the default window: the eager CPU shortcut skips checking it
-            return flash_attn_ops.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlen, k, v, causal=True)
+            return flash_attn_ops.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlen, k, v, causal=True,
+                                                          softmax_scale=scale)
         return flash_attn_ops.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlen, k, v, causal=True,
-                                                      window=(window_left, -1))
+                                                      window=(window_left, -1), softmax_scale=scale)
     T = q.shape[1]
     end = cache_seqlen + T
     k_cache[:, cache_seqlen:end] = k
@@ -171,6 +176,6 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         mask = _window_mask(T, end, window_left, q.device)
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask,
-        enable_gqa=q.shape[2] != k.shape[2],
+        enable_gqa=q.shape[2] != k.shape[2], scale=scale,
     )
     return out.transpose(1, 2)  # (B, T, H, D)

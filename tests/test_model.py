@@ -26,9 +26,9 @@ def ref_linear(x, sd, prefix):
     return y + sd[prefix + ".bias"] if prefix + ".bias" in sd else y
 
 
-def ref_rope(x, pos, theta):  # x (B, T, H, D), rotating pairs (i, i + D/2)
+def ref_rope(x, pos, theta, factor=1.0):  # x (B, T, H, D), rotating pairs (i, i + D/2); positions / factor
     D = x.shape[-1]
-    freqs = torch.tensor([theta ** (-2 * i / D) for i in range(D // 2)], dtype=torch.float64)
+    freqs = torch.tensor([theta ** (-2 * i / D) / factor for i in range(D // 2)], dtype=torch.float64)
     ang = pos[:, None].double() * freqs[None]  # (T, D/2)
     cos, sin = ang.cos()[None, :, None], ang.sin()[None, :, None]
     a, b = x[..., : D // 2], x[..., D // 2:]
@@ -45,15 +45,19 @@ def ref_attention(cfg, x, sd, prefix, layer):
     if cfg.qk_norm:  # over each head's D
         q = q / torch.sqrt((q * q).mean(-1, keepdim=True) + cfg.norm_eps) * sd[prefix + ".q_norm.weight"]
         k = k / torch.sqrt((k * k).mean(-1, keepdim=True) + cfg.norm_eps) * sd[prefix + ".k_norm.weight"]
+    windowed = cfg.sliding_window is not None and layer in (cfg.window_layers or range(cfg.n_layers))
     if cfg.positions == "rope" and layer not in (cfg.nope_layers or ()):
         pos = torch.arange(T)
-        q, k = ref_rope(q, pos, cfg.rope_theta), ref_rope(k, pos, cfg.rope_theta)
+        theta, factor = cfg.rope_theta, (cfg.rope_scaling or {}).get("factor", 1.0)
+        if windowed and cfg.local_rope_theta is not None:  # the windowed layers' own theta, unscaled
+            theta, factor = cfg.local_rope_theta, 1.0
+        q, k = ref_rope(q, pos, theta, factor), ref_rope(k, pos, theta, factor)
     k = k.repeat_interleave(H // Hk, dim=2)  # query head h reads kv head h // (H / Hk)
     v = v.repeat_interleave(H // Hk, dim=2)
-    scores = torch.einsum("bthd,bshd->bhts", q, k) / math.sqrt(D)
+    scores = torch.einsum("bthd,bshd->bhts", q, k) * (cfg.softmax_scale or 1 / math.sqrt(D))
     i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
     unseen = j > i  # causal
-    if cfg.sliding_window is not None and layer in (cfg.window_layers or range(cfg.n_layers)):
+    if windowed:
         unseen |= j <= i - cfg.sliding_window  # the query and the sliding_window - 1 keys before it
     scores = scores.masked_fill(unseen, float("-inf"))
     y = torch.einsum("bhts,bshd->bthd", scores.softmax(-1), v).reshape(B, T, H * D)
@@ -61,24 +65,26 @@ def ref_attention(cfg, x, sd, prefix, layer):
 
 
 def ref_mlp(cfg, x, sd, prefix):
-    if cfg.mlp == "swiglu":
+    if cfg.mlp in ("swiglu", "geglu"):
         gate, up = ref_linear(x, sd, prefix + ".gate_up").chunk(2, dim=-1)
-        return ref_linear(F.silu(gate) * up, sd, prefix + ".down")
+        act = F.silu(gate) if cfg.mlp == "swiglu" else F.gelu(gate, approximate="tanh")
+        return ref_linear(act * up, sd, prefix + ".down")
     return ref_linear(F.gelu(ref_linear(x, sd, prefix + ".up"), approximate="tanh"), sd, prefix + ".down")
 
 
 def ref_forward(cfg, sd, idx):
-    x = sd["tok_emb.weight"][idx]
+    x = sd["tok_emb.weight"][idx] * (math.sqrt(cfg.dim) if cfg.embed_scale else 1.0)
     if cfg.positions == "learned":
         x = x + sd["pos_emb.weight"][: idx.shape[1]]
     for i in range(cfg.n_layers):
         p = f"blocks.{i}"
+        out_norm = lambda y, name: ref_norm(cfg, y, sd, p + name) if cfg.sandwich_norm else y  # noqa: E731
         h = ref_norm(cfg, x, sd, p + ".norm1")
         if cfg.parallel_block:
             x = x + ref_attention(cfg, h, sd, p + ".attn", i) + ref_mlp(cfg, h, sd, p + ".mlp")
         else:
-            x = x + ref_attention(cfg, h, sd, p + ".attn", i)
-            x = x + ref_mlp(cfg, ref_norm(cfg, x, sd, p + ".norm2"), sd, p + ".mlp")
+            x = x + out_norm(ref_attention(cfg, h, sd, p + ".attn", i), ".attn_out_norm")
+            x = x + out_norm(ref_mlp(cfg, ref_norm(cfg, x, sd, p + ".norm2"), sd, p + ".mlp"), ".mlp_out_norm")
     x = ref_norm(cfg, x, sd, "norm_f")
     return x @ (sd["tok_emb.weight"] if cfg.tie_embeddings else sd["lm_head.weight"]).T
 
@@ -96,6 +102,11 @@ CONFIGS = {
     # window in layer 1 only, no RoPE in layer 0
     "qk-norm-window-nope": dict(SMALL, n_kv_heads=2, head_dim=64, qk_norm=True, sliding_window=5, window_layers=[1],
                                 nope_layers=[0]),
+    # Gemma 3's pieces: scaled embeddings, sandwich norms, GeGLU, MQA, softmax scale 0.1, a 4-key window in
+    # layer 0 with its own RoPE theta, linearly scaled RoPE in layer 1
+    "gemma-style": dict(SMALL, n_kv_heads=1, mlp="geglu", embed_scale=True, sandwich_norm=True, qk_norm=True,
+                        softmax_scale=0.1, sliding_window=4, window_layers=[0], local_rope_theta=100.0,
+                        rope_scaling={"rope_type": "linear", "factor": 3.0}),
 }
 
 
@@ -123,7 +134,7 @@ def test_forward_matches_reference(name):
     assert abs(loss.item() - ref_loss.item()) < 1e-10
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2", "palm-mqa", "window", "qk-norm-window-nope"])
+@pytest.mark.parametrize("name", ["llama", "gpt2", "palm-mqa", "window", "qk-norm-window-nope", "gemma-style"])
 def test_cached_forward_matches_full(name):
     cfg = ModelConfig(**CONFIGS[name])
     model = randomized(cfg).eval()
@@ -150,7 +161,7 @@ def test_generate_with_cache_equals_without(name):
 
 
 @pytest.mark.parametrize("device", CPU_AND_CUDA)
-@pytest.mark.parametrize("name", ["gqa-untied", "palm-mqa", "qk-norm-window-nope"])
+@pytest.mark.parametrize("name", ["gqa-untied", "palm-mqa", "qk-norm-window-nope", "gemma-style"])
 def test_bf16_forward_and_kv_cache_within_twice_torchs_error(device, name, monkeypatch):
     # The model in bf16 on pyllm's kernels (flash attention, its KV-cache decode, SwiGLU) against
     # the float64 model, within twice the error of the same bf16 model on torch's own functions
@@ -398,6 +409,16 @@ def hf_models():
                 short_factor=[1.0, 1.1, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0],
                 long_factor=[2.0, 3.0, 4.0, 6.0, 8.0, 10.0, 12.0, 16.0]))),
         "phi3": transformers.Phi3ForCausalLM(transformers.Phi3Config(**PHI3, tie_word_embeddings=True)),
+        # scaled embeddings, sandwich norms with (1 + w) weights, q / k norms, GeGLU, MQA with a 32-wide head in
+        # a 64-wide model, softmax scale 24 ** -0.5, 5-key windows in layers 0 and 2 with their own RoPE theta,
+        # linear RoPE scaling in the full layer
+        "gemma3": transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(
+            vocab_size=97, hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=1, head_dim=32, max_position_embeddings=64, sliding_window=5, query_pre_attn_scalar=24,
+            pad_token_id=None, bos_token_id=None, eos_token_id=None,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e5},
+                             "sliding_attention": {"rope_type": "default", "rope_theta": 1e3}})),
     }
 
 
@@ -406,7 +427,7 @@ PHI3 = dict(vocab_size=97, hidden_size=128, intermediate_size=160, num_hidden_la
             num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, pad_token_id=None, bos_token_id=None,
             eos_token_id=None)
 HF_NAMES = ["llama-gqa", "llama-tied", "llama3-rope", "qwen2", "gpt2", "qwen3-window", "qwen3", "mistral-window", "smollm3",
-            "phi3-longrope", "phi3"]
+            "phi3-longrope", "phi3", "gemma3"]
 
 
 @pytest.mark.parametrize("name", HF_NAMES)
@@ -442,7 +463,7 @@ def test_from_hf_refuses_what_it_cannot_compute(tmp_path):
                            (dict(layer_types=["sliding_attention", "full_attention"]), "layer_types"),
                            (dict(model_type="qwen3", layer_types=["chunked_attention", "full_attention"]), "layer_types"),
                            (dict(model_type="qwen3", layer_types=["full_attention"]), "layer_types"),
-                           (dict(model_type="gemma3_text"), "model_type 'gemma3_text'"),
+                           (dict(model_type="gemma2"), "model_type 'gemma2'"),
                            (dict(rope_scaling=dict(rope_type="dynamic", factor=2.0)), "scaled RoPE")]:
         with pytest.raises(NotImplementedError, match=message):
             config_from_hf({**base, **extra})

@@ -476,6 +476,19 @@ def test_from_hf_refuses_what_it_cannot_compute(tmp_path):
     # transformers 4's Phi-3 configs: "su" for LongRoPE, original_max_position_embeddings at the top
     phi3 = config_from_hf({**base, "model_type": "phi3", "original_max_position_embeddings": 32,
                            "rope_scaling": dict(type="su", short_factor=[1.0] * 8, long_factor=[2.0] * 8)})
+    # transformers 4's Gemma 3 configs: sliding_window_pattern, rope_local_base_freq, rope_scaling of the full layers
+    gemma = config_from_hf({**base, "model_type": "gemma3_text", "num_hidden_layers": 12, "head_dim": 32,
+                            "sliding_window": 512, "sliding_window_pattern": 6, "rope_theta": 1e6,
+                            "rope_local_base_freq": 1e4, "rope_scaling": {"rope_type": "linear", "factor": 8.0},
+                            "query_pre_attn_scalar": 256})
+    assert gemma.window_layers == [0, 1, 2, 3, 4, 6, 7, 8, 9, 10] and gemma.sliding_window == 512
+    assert (gemma.rope_theta, gemma.local_rope_theta, gemma.rope_scaling) == (1e6, 1e4, {"rope_type": "linear", "factor": 8.0})
+    assert gemma.softmax_scale == 256 ** -0.5 and gemma.mlp == "geglu" and gemma.tie_embeddings
+    for extra, message in [(dict(final_logit_softcapping=30.0), "final_logit_softcapping"),
+                           (dict(hidden_activation="gelu"), "hidden_activation"),
+                           (dict(rope_scaling={"rope_type": "yarn", "factor": 8.0}), "RoPE")]:
+        with pytest.raises(NotImplementedError, match=message):
+            config_from_hf({**base, "model_type": "gemma3_text", **extra})
     assert phi3.rope_scaling["original_max_position_embeddings"] == 32
     assert phi3.rope_scaling["attention_factor"] == pytest.approx(math.sqrt(1 + math.log(2) / math.log(32)))
     (tmp_path / "config.json").write_text(json.dumps(base))

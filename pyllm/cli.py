@@ -266,7 +266,8 @@ def setup_run_data(cfg, cli: dict) -> None:
     (out / "run.json").write_text(json.dumps({
         "tokenizer": str(Path(tokenizer_path).resolve()) if tokenizer_path else None,
         "data_dir": data_dir, "vocab_size": vocab_size,
-        "prompt_prefix": doc_markers["doc_start"] if doc_markers else []}))  # samples start as documents do
+        "prompt_prefix": doc_markers["doc_start"] if doc_markers else [],  # samples start as documents do
+        "init_from_hf": cfg.init_from_hf}))  # `pyllm export` writes the source's config.json
 
 
 def cmd_train(args) -> int:
@@ -429,6 +430,57 @@ def cmd_generate(args) -> int:
     return 0
 
 
+# Files of a Hugging Face checkpoint folder besides config.json and the weights that an exported
+# fine-tune keeps from its source (tokenizer, chat template, generation defaults).
+HF_SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                 "chat_template.jinja")
+
+
+def cmd_export(args) -> int:
+    """A run of `pyllm train` as a Hugging Face checkpoint folder (LLM.to_hf): a fine-tune keeps its
+    source's config.json and tokenizer files; a model pyllm trained from scratch gets a LLaMA,
+    Mistral or GPT-2 config, and its tokenizer as tiktoken's rank file plus pyllm's own."""
+    import shutil
+
+    import torch
+
+    from pyllm.model import LLM, hf_folder
+    from pyllm.train import load_checkpoint
+
+    run, out = Path(args.run), Path(args.out)
+    if not (run / "model.safetensors").exists():
+        raise ValueError(f"{run}: no model.safetensors; give a folder `pyllm train` wrote")
+    model = LLM.load(run / "model.safetensors").to(getattr(torch, GENERATE_DTYPES[args.dtype]))
+    run_info = json.loads((run / "run.json").read_text()) if (run / "run.json").exists() else {}
+    source = run_info.get("init_from_hf")
+    if source is None and (run / "checkpoint.pt").exists():  # runs from before run.json said
+        source = load_checkpoint(run)["train_config"].get("init_from_hf")
+    hf_config = None
+    if source:
+        folder = hf_folder(source)
+        hf_config = json.loads((folder / "config.json").read_text())
+    model.to_hf(out, hf_config)
+    if source:
+        for name in HF_SIDE_FILES:
+            if (folder / name).exists():
+                shutil.copy(folder / name, out / name)
+    else:
+        if run_info.get("tokenizer"):
+            tokenizer = tokenizer_class().load(run_info["tokenizer"])
+            shutil.copy(run_info["tokenizer"], out / "tokenizer.bpe")
+            try:
+                tokenizer.save_tiktoken(str(out / "tokenizer.tiktoken"))
+            except ValueError:  # no tiktoken form (normalization, SentencePiece-style): pyllm's file only
+                pass
+    print(f"exported {run} to {out} ({'config of ' + str(source) if source else 'a ' + model_kind(out) + ' config'}, "
+          f"{args.dtype})")
+    return 0
+
+
+def model_kind(folder: Path) -> str:
+    return json.loads((folder / "config.json").read_text())["model_type"]
+
+
 def measure_flops_per_s(preset: str, device: str, steps: int = 5) -> tuple[float, float]:
     """Achieved training FLOP/s and tokens/s of a few steps of a preset on this device."""
     import torch
@@ -568,6 +620,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=("auto", *GENERATE_DTYPES),
                    help="weights and activations: auto (default: bf16 on a GPU, fp32 on the CPU), fp32, bf16, fp16")
     p.set_defaults(func=cmd_generate)
+    p = sub.add_parser("export", help="write a run as a Hugging Face checkpoint folder (transformers, vLLM, ... load it)")
+    p.add_argument("--run", required=True, help="a run folder written by `pyllm train`")
+    p.add_argument("--out", required=True, help="the folder to write (config.json, model.safetensors, tokenizer files)")
+    p.add_argument("--dtype", default="bf16", choices=tuple(GENERATE_DTYPES),
+                   help="dtype of the exported weights (default bf16)")
+    p.set_defaults(func=cmd_export)
     p = sub.add_parser("plan", help="Chinchilla: compute-optimal params and tokens, and the time it would take here")
     p.add_argument("--compute", help="training budget in FLOPs, e.g. 1e21")
     p.add_argument("--params", help="model size, e.g. 124M, 1.5B")

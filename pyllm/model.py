@@ -373,6 +373,30 @@ class LLM(nn.Module):
         model.load_state_dict(state)  # strict: a name or shape the mapping missed raises
         return model.to(device)
 
+    def to_hf(self, folder, hf_config: dict | None = None) -> Path:
+        """Writes a Hugging Face checkpoint folder (config.json, model.safetensors) that transformers
+        loads as the same function: the inverse of from_hf. hf_config: the config.json this model
+        was read from (kept as it is, its model_type choosing the weight names); None writes a
+        LlamaForCausalLM config for LLaMA-shaped models (RMSNorm, SwiGLU, RoPE, no biases, full or
+        Mistral-style windowed attention) and a GPT2LMHeadModel one for GPT-2-shaped ones, and raises
+        NotImplementedError for what neither computes. Returns the folder."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        hf = dict(hf_config) if hf_config is not None else hf_config_of(self.config)
+        kind = hf.get("model_type")
+        if hf_config is not None and config_from_hf(hf) != self.config:
+            raise ValueError(f"to_hf: hf_config (model_type {kind!r}) does not describe this model's config")
+        state = state_to_hf({k: v.detach() for k, v in self.state_dict().items()}, self.config, kind)
+        save_file({k: v.cpu().contiguous() for k, v in state.items()}, str(folder / "model.safetensors"),
+                  metadata={"format": "pt"})
+        dtypes = {v.dtype for v in state.values()}
+        if len(dtypes) == 1:  # transformers 5 reads "dtype", 4 "torch_dtype"
+            hf["dtype"] = hf["torch_dtype"] = str(dtypes.pop()).removeprefix("torch.")
+        (folder / "config.json").write_text(json.dumps(hf, indent=2))
+        return folder
+
     # --- generation -------------------------------------------------------------------------------
 
     def new_kv_cache(self, batch_size: int, max_len: int | None = None):
@@ -669,6 +693,84 @@ def state_from_hf(hf_state: dict, cfg: ModelConfig, kind: str) -> dict:
     if not cfg.tie_embeddings:
         state["lm_head.weight"] = hf_state["lm_head.weight"]
     return state
+
+
+def hf_config_of(cfg: ModelConfig) -> dict:
+    """A Hugging Face config.json for a model pyllm trained itself: LlamaForCausalLM (Mistral's
+    windowed attention when every layer has the window) or GPT2LMHeadModel, when one computes it."""
+    common = dict(vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_embeddings)
+    if (cfg.norm, cfg.mlp, cfg.positions, cfg.bias, cfg.parallel_block, cfg.head_dim) == (
+            "layernorm", "gelu", "learned", True, False, cfg.dim // cfg.n_heads) and cfg.n_kv_heads == cfg.n_heads:
+        return dict(common, model_type="gpt2", architectures=["GPT2LMHeadModel"], n_positions=cfg.block_size,
+                    n_embd=cfg.dim, n_layer=cfg.n_layers, n_head=cfg.n_heads, n_inner=cfg.mlp_hidden,
+                    activation_function="gelu_new", layer_norm_epsilon=cfg.norm_eps, resid_pdrop=0.0,
+                    embd_pdrop=0.0, attn_pdrop=0.0)
+    plain = (cfg.norm, cfg.mlp, cfg.positions, cfg.bias, cfg.qkv_bias, cfg.parallel_block, cfg.qk_norm, cfg.nope_layers,
+             cfg.rotary_dim, cfg.sandwich_norm, cfg.embed_scale, cfg.softmax_scale, cfg.local_rope_theta,
+             cfg.window_layers) == ("rmsnorm", "swiglu", "rope", False, False, False, False, None, None, False, False,
+                                    None, None, None)
+    if not plain or (cfg.rope_scaling or {}).get("rope_type", "llama3") != "llama3":
+        raise NotImplementedError("to_hf: this model is neither LLaMA- nor GPT-2-shaped; give the hf_config of the "
+                                  "checkpoint it was read from")
+    kind = "mistral" if cfg.sliding_window else "llama"
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta} if cfg.rope_scaling is None else {
+        **cfg.rope_scaling, "rope_theta": cfg.rope_theta}
+    hf = dict(common, model_type=kind, architectures=[f"{kind.capitalize()}ForCausalLM"], hidden_size=cfg.dim,
+              intermediate_size=cfg.mlp_hidden, num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+              num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, max_position_embeddings=cfg.block_size,
+              rms_norm_eps=cfg.norm_eps, hidden_act="silu", rope_theta=cfg.rope_theta, rope_parameters=rope,
+              rope_scaling=cfg.rope_scaling and rope, attention_bias=False, mlp_bias=False)
+    if kind == "mistral":
+        hf["sliding_window"] = cfg.sliding_window
+    return hf
+
+
+def state_to_hf(state: dict, cfg: ModelConfig, kind: str) -> dict:
+    """state_from_hf's inverse: LLM's state dict in a Hugging Face model's names and layouts."""
+    out = {}
+    if kind == "gpt2":
+        out["transformer.wte.weight"], out["transformer.wpe.weight"] = state["tok_emb.weight"], state["pos_emb.weight"]
+        names = {"ln_1": "norm1", "ln_2": "norm2", "attn.c_attn": "attn.qkv", "attn.c_proj": "attn.proj",
+                 "mlp.c_fc": "mlp.up", "mlp.c_proj": "mlp.down"}
+        for i in range(cfg.n_layers):
+            for theirs, ours in names.items():
+                weight = state[f"blocks.{i}.{ours}.weight"]
+                out[f"transformer.h.{i}.{theirs}.weight"] = weight if theirs.startswith("ln") else weight.t()
+                out[f"transformer.h.{i}.{theirs}.bias"] = state[f"blocks.{i}.{ours}.bias"]
+        out["transformer.ln_f.weight"], out["transformer.ln_f.bias"] = state["norm_f.weight"], state["norm_f.bias"]
+        if not cfg.tie_embeddings:
+            out["lm_head.weight"] = state["lm_head.weight"]
+        return out
+    gemma = kind == "gemma3_text"
+    norm = (lambda w: w - 1.0) if gemma else (lambda w: w)  # noqa: E731  Gemma's (1 + w), unfolded
+    H, H_kv, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    out["model.embed_tokens.weight"], out["model.norm.weight"] = state["tok_emb.weight"], norm(state["norm_f.weight"])
+    norms = {"norm1": "input_layernorm", "norm2": "post_attention_layernorm"}
+    if gemma:
+        norms = {"norm1": "input_layernorm", "attn_out_norm": "post_attention_layernorm",
+                 "norm2": "pre_feedforward_layernorm", "mlp_out_norm": "post_feedforward_layernorm"}
+    for i in range(cfg.n_layers):
+        block, layer = f"blocks.{i}.", f"model.layers.{i}."
+        for ours, theirs in norms.items():
+            out[layer + theirs + ".weight"] = norm(state[block + ours + ".weight"])
+        if cfg.qk_norm:
+            out[layer + "self_attn.q_norm.weight"] = norm(state[block + "attn.q_norm.weight"])
+            out[layer + "self_attn.k_norm.weight"] = norm(state[block + "attn.k_norm.weight"])
+        qkv, gate_up = state[block + "attn.qkv.weight"], state[block + "mlp.gate_up.weight"]
+        if kind == "phi3":
+            out[layer + "self_attn.qkv_proj.weight"], out[layer + "mlp.gate_up_proj.weight"] = qkv, gate_up
+        else:
+            for name, w in zip("qkv", qkv.split([H * D, H_kv * D, H_kv * D])):
+                out[layer + f"self_attn.{name}_proj.weight"] = w
+            if cfg.qkv_bias:
+                for name, b in zip("qkv", state[block + "attn.qkv.bias"].split([H * D, H_kv * D, H_kv * D])):
+                    out[layer + f"self_attn.{name}_proj.bias"] = b
+            out[layer + "mlp.gate_proj.weight"], out[layer + "mlp.up_proj.weight"] = gate_up.chunk(2)
+        out[layer + "self_attn.o_proj.weight"] = state[block + "attn.proj.weight"]
+        out[layer + "mlp.down_proj.weight"] = state[block + "mlp.down.weight"]
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = state["lm_head.weight"]
+    return out
 
 
 def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,

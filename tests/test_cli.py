@@ -26,6 +26,9 @@ class StandInTokenizer:
     def save(self, path):
         Path(path).write_text("stand-in")
 
+    def save_tiktoken(self, path):
+        Path(path).write_text("stand-in ranks")
+
     @classmethod
     def load(cls, path):
         if Path(path).read_text() != "stand-in":
@@ -84,6 +87,22 @@ def test_train_end_to_end_cache_resume_generate(corpus, tmp_path, capsys):
     assert capsys.readouterr().out.startswith("def g")
     assert cli.main(["generate", "--run", str(run), "--max-new-tokens", "8", "--prompt", "def g", "--dtype", "bf16"]) == 0
     assert capsys.readouterr().out.startswith("def g")
+
+    # export: a Hugging Face folder transformers loads as the same function (a LLaMA config), with the
+    # tokenizer as tiktoken's rank file and pyllm's own
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from pyllm.model import LLM
+
+    assert cli.main(["export", "--run", str(run), "--out", str(tmp_path / "hf"), "--dtype", "fp32"]) == 0
+    assert "a llama config" in capsys.readouterr().out
+    assert (tmp_path / "hf/tokenizer.tiktoken").exists() and (tmp_path / "hf/tokenizer.bpe").exists()
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ours = LLM.load(run / "model.safetensors").eval()
+    idx = torch.randint(0, ours.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(back(idx).logits, ours(idx)[0], rtol=1e-4, atol=1e-5)
 
 
 def test_config_file_with_cli_override(corpus, tmp_path):
@@ -342,6 +361,16 @@ def test_train_init_from_hf_and_generate(tmp_path, capsys, kind):
     assert cli.main(argv) == 0 and "tokenizer: reusing" in capsys.readouterr().out
     assert cli.main(["generate", "--hf", str(hf_dir), "--max-new-tokens", "6", "--prompt", "def g"]) == 0
     assert capsys.readouterr().out.startswith("def g")
+    # export: the source's config.json and tokenizer.json, the fine-tuned weights (bf16 by default)
+    assert cli.main(["export", "--run", str(run), "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out/tokenizer.json").read_bytes() == (hf_dir / "tokenizer.json").read_bytes()
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    assert next(iter(back.parameters())).dtype == torch.float32 and json.loads(
+        (tmp_path / "out/config.json").read_text())["dtype"] == "bfloat16"
+    with torch.no_grad():
+        idx = torch.tensor([ids])
+        want = trained.to(torch.bfloat16).float()(idx)[0]
+        torch.testing.assert_close(back(idx).logits, want, rtol=1e-4, atol=1e-4)
 
 
 def test_stream_sample_starts_with_the_prefix(capsys):

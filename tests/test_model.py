@@ -507,3 +507,38 @@ def test_from_hf_fetches_a_hub_repo_id(tmp_path, monkeypatch):
                         or str(tmp_path))
     model = LLM.from_hf("openai-community/gpt2")
     assert calls == [("openai-community/gpt2", HF_FILES)] and model.config.positions == "learned"
+
+
+@pytest.mark.parametrize("name", HF_NAMES)
+def test_to_hf_writes_what_transformers_loads(name, tmp_path):
+    # from_hf, change every weight, to_hf with the source's config.json: transformers loads the
+    # changed model and computes what ours computes (a wrong inverse mapping would be off by O(1)).
+    transformers = pytest.importorskip("transformers")
+    theirs = hf_models()[name].double().eval()
+    theirs.save_pretrained(tmp_path / "src")
+    ours = LLM.from_hf(tmp_path / "src", dtype=torch.float64)
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    ours.to_hf(tmp_path / "out", json.loads((tmp_path / "src/config.json").read_text()))
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float64).eval()
+    idx = torch.randint(0, 97, (2, 19))
+    with torch.no_grad():
+        assert rel_err(back(idx).logits, ours(idx)[0]) < (1e-10 if name == "gpt2" else 1e-6)
+
+
+@pytest.mark.parametrize("name, kind", [("gqa-untied", "llama"), ("window", "mistral"), ("gpt2", "gpt2")])
+def test_to_hf_of_a_model_pyllm_trained(name, kind, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    ours = randomized(ModelConfig(**CONFIGS[name])).eval()
+    ours.to_hf(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == kind
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64).eval()
+    idx = torch.randint(0, 97, (2, 19))
+    with torch.no_grad():
+        assert rel_err(back(idx).logits, ours(idx)[0]) < 1e-6
+    assert LLM.from_hf(tmp_path, dtype=torch.float64).config == ours.config
+    with pytest.raises(NotImplementedError, match="neither LLaMA- nor GPT-2-shaped"):
+        LLM(ModelConfig(**CONFIGS["gemma-style"])).to_hf(tmp_path / "x")
+    with pytest.raises(ValueError, match="does not describe"):
+        ours.to_hf(tmp_path / "y", {**json.loads((tmp_path / "config.json").read_text()), "vocab_size": 98})

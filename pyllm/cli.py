@@ -439,7 +439,7 @@ HF_SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.
 def cmd_export(args) -> int:
     """A run of `pyllm train` as a Hugging Face checkpoint folder (LLM.to_hf): a fine-tune keeps its
     source's config.json and tokenizer files; a model pyllm trained from scratch gets a LLaMA,
-    Mistral or GPT-2 config, and its tokenizer as tiktoken's rank file plus pyllm's own."""
+    Mistral or GPT-2 config, and its tokenizer as tokenizer.json (Tokenizer.to_hf) plus pyllm's own."""
     import shutil
 
     import torch
@@ -465,13 +465,14 @@ def cmd_export(args) -> int:
             if (folder / name).exists():
                 shutil.copy(folder / name, out / name)
     else:
-        if run_info.get("tokenizer"):
+        if run_info.get("tokenizer"):  # as tokenizer.json (transformers' fast tokenizer) and pyllm's own file
             tokenizer = tokenizer_class().load(run_info["tokenizer"])
             shutil.copy(run_info["tokenizer"], out / "tokenizer.bpe")
-            try:
-                tokenizer.save_tiktoken(str(out / "tokenizer.tiktoken"))
-            except ValueError:  # no tiktoken form (normalization, SentencePiece-style): pyllm's file only
-                pass
+            tokenizer.to_hf(out / "tokenizer.json")
+            eos = "<|endoftext|>" if "<|endoftext|>" in getattr(tokenizer, "special_tokens", {}) else None
+            (out / "tokenizer_config.json").write_text(json.dumps({
+                "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model.config.block_size,
+                **({"eos_token": eos} if eos else {})}, indent=2))
     print(f"exported {run} to {out} ({'config of ' + str(source) if source else 'a ' + model_kind(out) + ' config'}, "
           f"{args.dtype})")
     return 0

@@ -884,3 +884,37 @@ def test_from_hf_sentencepiece_refuses_other_forms(spm_base, tmp_path):
     with pytest.raises(ValueError, match="prepend"):
         Tokenizer({b"a": 0}, sentencepiece={"merges": [], "prepend": "sometimes", "split": False, "byte_fallback": False,
                                             "unk": None, "fuse_unk": False, "whole_first": False})
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer.to_hf: a tokenizer.json Hugging Face's tokenizers encodes id for id as ours
+@pytest.fixture(scope="module")
+def to_hf_pair(pair, tmp_path_factory):
+    tk = pytest.importorskip("tokenizers")
+    ours = pair[0]
+    path = tmp_path_factory.mktemp("to_hf") / "tokenizer.json"
+    ours.to_hf(path)
+    return ours, tk.Tokenizer.from_file(str(path)), path
+
+
+def test_to_hf_encodes_as_ours(to_hf_pair):
+    ours, hf, path = to_hf_pair
+    stdlib_rest = sorted(glob.glob(os.path.join(STDLIB, "[n-z]*.py")))[:6]
+    for text in SAMPLES + [open(p, encoding="utf-8", errors="replace").read() for p in stdlib_rest]:
+        ids = ours.encode_ordinary(text)
+        assert hf.encode(text, add_special_tokens=False).ids == ids, text[:80]
+        assert hf.decode(ids) == text
+    text = f"a{EOT} b<|fim|>"
+    assert hf.encode(text, add_special_tokens=False).ids == ours.encode(text, allowed_special="all")
+    again = Tokenizer.from_hf(path)  # and back
+    assert again.mergeable_ranks == ours.mergeable_ranks and again.special_tokens == ours.special_tokens
+    transformers = pytest.importorskip("transformers")  # its fast tokenizer reads the file too
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_file=str(path))
+    assert fast.encode(SAMPLES[4], add_special_tokens=False) == ours.encode_ordinary(SAMPLES[4])
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=text_strategy)
+def test_to_hf_encodes_as_ours_hypothesis(to_hf_pair, text):
+    ours, hf, _ = to_hf_pair
+    assert hf.encode(text, add_special_tokens=False).ids == ours.encode_ordinary(text)

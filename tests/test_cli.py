@@ -26,8 +26,8 @@ class StandInTokenizer:
     def save(self, path):
         Path(path).write_text("stand-in")
 
-    def save_tiktoken(self, path):
-        Path(path).write_text("stand-in ranks")
+    def to_hf(self, path):
+        Path(path).write_text("{}")
 
     @classmethod
     def load(cls, path):
@@ -89,7 +89,7 @@ def test_train_end_to_end_cache_resume_generate(corpus, tmp_path, capsys):
     assert capsys.readouterr().out.startswith("def g")
 
     # export: a Hugging Face folder transformers loads as the same function (a LLaMA config), with the
-    # tokenizer as tiktoken's rank file and pyllm's own
+    # tokenizer as tokenizer.json (the stand-in's: Tokenizer.to_hf is tested in test_bpe.py) and pyllm's own
     transformers = pytest.importorskip("transformers")
     import torch
 
@@ -97,7 +97,7 @@ def test_train_end_to_end_cache_resume_generate(corpus, tmp_path, capsys):
 
     assert cli.main(["export", "--run", str(run), "--out", str(tmp_path / "hf"), "--dtype", "fp32"]) == 0
     assert "a llama config" in capsys.readouterr().out
-    assert (tmp_path / "hf/tokenizer.tiktoken").exists() and (tmp_path / "hf/tokenizer.bpe").exists()
+    assert (tmp_path / "hf/tokenizer.json").exists() and (tmp_path / "hf/tokenizer.bpe").exists()
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     ours = LLM.load(run / "model.safetensors").eval()
     idx = torch.randint(0, ours.config.vocab_size, (2, 9))

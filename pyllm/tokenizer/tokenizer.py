@@ -793,7 +793,7 @@ class Tokenizer:
         for merge in model.get("merges") or []:
             left, right = merge.split(" ") if isinstance(merge, str) else merge
             merged = model["vocab"].get(left + right)
-            if merged is None or merged <= last:
+            if merged is None or merged < last:  # several splits of one token may follow each other
                 raise NotImplementedError(f"{where}: merge {left!r} + {right!r} makes no token or is out of id "
                                           "order: tiktoken's semantics (lowest id merges first) would encode differently")
             last = merged
@@ -827,6 +827,43 @@ class Tokenizer:
                     "whole_first": bool(model.get("ignore_merges"))}
         return cls(ranks, special_tokens=specials, name=os.path.splitext(os.path.basename(os.fspath(path)))[0],
                    sentencepiece=settings)
+
+    def to_hf(self, path) -> None:
+        """Writes a Hugging Face tokenizer.json that tokenizers (and transformers' fast tokenizers)
+        encode id for id as this one does: the vocabulary in GPT-2's byte alphabet, every split of
+        every token into two tokens as a merge, grouped by the token's rank (as transformers converts
+        tiktoken's files), ignore_merges (a piece that is a token is that token, tiktoken's first
+        rule), the split regex then ByteLevel, the Unicode normalization, special tokens as added
+        tokens. Byte-level tokenizers only: a SentencePiece-style one came from a tokenizer.json."""
+        if self._spm is not None:
+            raise ValueError("to_hf: a SentencePiece-style tokenizer was read from a tokenizer.json; use that file")
+        char = _bytes_to_unicode()
+        text = lambda token: "".join(char[b] for b in token)  # noqa: E731
+        ranks = self._ranks
+        merges = []
+        for token, _ in sorted(ranks.items(), key=lambda kv: kv[1]):
+            splits = [(token[:k], token[k:]) for k in range(1, len(token)) if token[:k] in ranks and token[k:] in ranks]
+            merges += [[text(a), text(b)] for a, b in sorted(splits, key=lambda ab: (ranks[ab[0]], ranks[ab[1]]))]
+        data = {
+            "version": "1.0", "truncation": None, "padding": None,
+            "added_tokens": [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                              "normalized": False, "special": True} for t, i in sorted(self._special_tokens.items(),
+                                                                                      key=lambda kv: kv[1])],
+            "normalizer": {"type": self.normalization} if self.normalization else None,
+            "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+                # Oniguruma (Hugging Face's regex engine) reads "{1,3}+" as "({1,3})+", not as possessive;
+                # possessive and greedy match the same there (nothing follows in that alternative).
+                {"type": "Split", "pattern": {"Regex": self._pattern.replace("{1,3}+", "{1,3}")}, "behavior": "Isolated",
+                 "invert": False},
+                {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
+            "post_processor": None,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
+                      "vocab": {text(t): i for t, i in sorted(ranks.items(), key=lambda kv: kv[1])},
+                      "merges": merges},
+        }
+        _atomic_write(path, json.dumps(data, ensure_ascii=False).encode("utf-8"))
 
     @classmethod
     def from_tiktoken(cls, encoding) -> "Tokenizer":

@@ -344,20 +344,28 @@ def cmd_train(args) -> int:
 
 
 def stream_sample(model, tokenizer, prompt: str, max_new_tokens: int, temperature: float, top_k, top_p, seed: int,
-                  prefix_ids=()) -> str:
+                  prefix_ids=(), prompt_ids=None, stop_tokens=()) -> str:
     """Generates after prompt (after prefix_ids, e.g. a BOS token), printing text as it comes (a
-    UTF-8 character split across tokens is printed once its last byte arrives)."""
+    UTF-8 character split across tokens is printed once its last byte arrives). prompt_ids: the
+    tokens to continue instead (a rendered chat), not printed; generation ends at a stop token,
+    which is not printed either."""
     import torch
 
     device = next(model.parameters()).device
-    ids = [*prefix_ids, *tokenizer.encode_ordinary(prompt)] or [0]
+    if prompt_ids is not None:
+        ids, prompt = list(prompt_ids), ""
+    else:
+        ids = [*prefix_ids, *tokenizer.encode_ordinary(prompt)] or [0]
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     generated: list[int] = []
     printed = prompt
     sys.stdout.write(prompt)
+    stops = set(stop_tokens)
 
     def on_token(token):
         nonlocal printed
+        if int(token[0]) in stops:
+            return
         generated.append(int(token[0]))
         text = prompt + tokenizer.decode(generated)
         if not text.endswith("\ufffd"):
@@ -366,7 +374,8 @@ def stream_sample(model, tokenizer, prompt: str, max_new_tokens: int, temperatur
             printed = text
 
     gen = torch.Generator(device=device).manual_seed(seed)
-    model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, callback=on_token, generator=gen)
+    model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, callback=on_token, generator=gen,
+                   stop_tokens=stops)
     return prompt + tokenizer.decode(generated)
 
 
@@ -400,13 +409,19 @@ def cmd_generate(args) -> int:
     from pyllm.model import LLM, hf_folder
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    prefix = []
+    prefix, prompt_ids, stops = [], None, []
+    if args.chat and not args.hf:
+        raise ValueError("--chat needs --hf DIR (a checkpoint folder with a chat template)")
     if args.hf:
-        from pyllm.tokenizer.tokenizer import hf_prefix_ids
+        from pyllm.tokenizer.tokenizer import hf_chat_prompt, hf_prefix_ids, hf_stop_ids
 
         folder = hf_folder(args.hf)
         model, tokenizer = LLM.from_hf(folder), tokenizer_class().from_hf(folder / "tokenizer.json")
         prefix = hf_prefix_ids(folder / "tokenizer.json")  # Llama 3's <|begin_of_text|>
+        stops = hf_stop_ids(folder)
+        if args.chat:  # the template writes the BOS and the turn markers itself
+            text = hf_chat_prompt(folder, [{"role": "user", "content": args.prompt}])
+            prompt_ids = tokenizer.encode(text, allowed_special="all")
     else:
         run = Path(args.run) if args.run else None
         model_path = Path(args.model) if args.model else (run / "model.safetensors" if run else None)
@@ -425,7 +440,7 @@ def cmd_generate(args) -> int:
     model = model.to(device=device, dtype=getattr(torch, GENERATE_DTYPES[dtype])).eval()
     for i in range(args.num_samples):
         stream_sample(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                      args.seed + i, prefix)
+                      args.seed + i, prefix, prompt_ids, stops)
         print("\n" + "-" * 60)
     return 0
 
@@ -611,6 +626,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="the tokenizer the model was trained with (instead of --run)")
     p.add_argument("--hf", metavar="DIR", help="a Hugging Face checkpoint folder or hub repo id (LLaMA, Mistral, Qwen2/3, SmolLM3, Phi-3/4, Gemma 3, GPT-2: config.json, *.safetensors, tokenizer.json) instead of --run")
     p.add_argument("--prompt", default="def ", help="text to continue (default 'def ')")
+    p.add_argument("--chat", action="store_true", help="with --hf: --prompt is a user message, put in the folder's chat "
+                   "template (an instruct model's turn format); the reply ends at the model's end-of-sequence token")
     p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default 200)")
     p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 is greedy (default 0.8)")
     p.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens only (default 50)")

@@ -10,7 +10,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -417,9 +417,14 @@ class LLM(nn.Module):
     @torch.no_grad()
     def generate_stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                         top_k: int | None = None, top_p: float | None = None, use_cache: bool = True,
-                        generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
-        """Yields max_new_tokens next tokens (B,) one at a time. temperature 0 is greedy. Past
-        block_size the cached path re-reads the last block_size/2 tokens into a fresh cache."""
+                        generator: torch.Generator | None = None,
+                        stop_tokens: Iterable[int] = ()) -> Iterator[torch.Tensor]:
+        """Yields up to max_new_tokens next tokens (B,) one at a time. temperature 0 is greedy. Past
+        block_size the cached path re-reads the last block_size/2 tokens into a fresh cache. Stops
+        after the step at which every row has sampled one of stop_tokens (e.g. end-of-sequence ids;
+        rows that stopped earlier keep sampling until then)."""
+        stop = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=idx.device)
+        done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
         block = self.config.block_size
         # As long as this generation can get, not block_size: a 128k-context checkpoint would
         # otherwise ask for a 128k cache per layer (GBs on a GPU) to sample a few tokens.
@@ -441,17 +446,22 @@ class LLM(nn.Module):
             idx = torch.cat([idx, next_token[:, None]], dim=1)
             pending = next_token[:, None]
             yield next_token
+            if len(stop):
+                done |= torch.isin(next_token, stop)
+                if bool(done.all()):  # a host sync per token, only when stop tokens are given
+                    return
 
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, use_cache: bool = True,
                  callback: Callable[[torch.Tensor], None] | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-        """idx (B, T) followed by max_new_tokens sampled tokens, (B, T + max_new_tokens); callback
-        gets each new (B,) token as it comes (for streaming)."""
+                 generator: torch.Generator | None = None, stop_tokens: Iterable[int] = ()) -> torch.Tensor:
+        """idx (B, T) followed by up to max_new_tokens sampled tokens, (B, T + n); callback gets each
+        new (B,) token as it comes (for streaming); stop_tokens: see generate_stream."""
         was_training = self.training
         self.eval()
         out = [idx]
-        for token in self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator):
+        for token in self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator,
+                                          stop_tokens):
             out.append(token[:, None])
             if callback is not None:
                 callback(token)

@@ -387,3 +387,39 @@ def test_stream_sample_starts_with_the_prefix(capsys):
 
     assert cli.stream_sample(Model(), StandInTokenizer(), "ab", 3, 0.8, None, None, 0, prefix_ids=[256]) == "ab"
     assert seen["idx"] == [[256, 97, 98]]
+
+
+def test_generate_chat_renders_the_template_as_transformers(tmp_path, capsys):
+    # An instruct model's folder: ChatML turn markers as added tokens, a chat template and eos in
+    # tokenizer_config.json. `--chat` puts the prompt in the template (ids as transformers'
+    # apply_chat_template makes them) and the reply ends at <|im_end|>.
+    transformers, tokenizers = pytest.importorskip("transformers"), pytest.importorskip("tokenizers")
+    from pyllm.tokenizer import Tokenizer
+    from pyllm.tokenizer.tokenizer import hf_chat_prompt, hf_stop_ids
+
+    hf_tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE())
+    hf_tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf_tokenizer.decoder = tokenizers.decoders.ByteLevel()
+    hf_tokenizer.train_from_iterator([f"def f{i}(x):\n    return x + {i}\n" * 20 for i in range(40)],
+                                     tokenizers.trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], show_progress=False,
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
+    folder = tmp_path / "hf"
+    end = hf_tokenizer.token_to_id("<|im_end|>")
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=hf_tokenizer.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+        num_attention_heads=2, max_position_embeddings=128, eos_token_id=end)).save_pretrained(folder)
+    hf_tokenizer.save(str(folder / "tokenizer.json"))
+    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "chat_template": template, "eos_token": "<|im_end|>"}))
+    messages = [{"role": "user", "content": " def g(y): "}]
+    ours = Tokenizer.from_hf(folder / "tokenizer.json").encode(hf_chat_prompt(folder, messages), allowed_special="all")
+    theirs = transformers.AutoTokenizer.from_pretrained(folder).apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert ours == list(theirs) and hf_stop_ids(folder) == [end]
+    assert cli.main(["generate", "--hf", str(folder), "--chat", "--prompt", " def g(y): ", "--max-new-tokens", "5"]) == 0
+    assert "<|im_start|>" not in capsys.readouterr().out  # the reply alone
+    assert cli.main(["generate", "--chat", "--prompt", "hi"]) == 2
+    assert "--chat needs --hf" in capsys.readouterr().err

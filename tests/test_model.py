@@ -250,6 +250,18 @@ def test_generate_streams_and_runs_past_block_size():
     assert int(out.max()) < cfg.vocab_size and int(out.min()) >= 0
 
 
+def test_generate_stops_at_stop_tokens():
+    model = LLM(ModelConfig(**SMALL))
+    prompt = torch.randint(0, 97, (2, 4))
+    full = model.generate(prompt, 12, temperature=0)  # (2, 16)
+    stop = int(full[0, 6])  # row 0's third new token
+    first = [next((k for k in range(12) if int(full[b, 4 + k]) == stop), 12) for b in range(2)]
+    out = model.generate(prompt, 12, temperature=0, stop_tokens=[stop])
+    # every row stopped (or ran out) by the last step taken; rows go on until the last one stops
+    assert torch.equal(out, full[:, :4 + min(12, max(first) + 1)])
+    assert torch.equal(model.generate(prompt[:1], 12, temperature=0, stop_tokens=[stop]), full[:1, :4 + first[0] + 1])
+
+
 def test_generation_cache_is_as_long_as_the_generation():
     # Not block_size: a 128k-context checkpoint would ask for a 128k-token cache per layer.
     model, sizes = LLM(ModelConfig(**SMALL)), []

@@ -110,6 +110,54 @@ def _hf_sentencepiece(data: dict, where: str) -> dict | None:
     return {"prepend": "all" if prepends else "never", "split": False}
 
 
+def hf_chat_prompt(folder, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    """The text a Hugging Face checkpoint folder's chat template makes of messages ([{"role":
+    "user", "content": ...}, ...]), as transformers' apply_chat_template renders it (jinja2 in a
+    sandbox, trim_blocks and lstrip_blocks, bos_token / eos_token from tokenizer_config.json).
+    Encode it with allowed_special="all": the template writes the special tokens as text."""
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    folder = os.fspath(folder)
+    config_path = os.path.join(folder, "tokenizer_config.json")
+    config = json.load(open(config_path, encoding="utf-8")) if os.path.exists(config_path) else {}
+    template = config.get("chat_template")
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+        template = {t["name"]: t["template"] for t in template}.get("default")
+    jinja_path = os.path.join(folder, "chat_template.jinja")
+    if template is None and os.path.exists(jinja_path):
+        template = open(jinja_path, encoding="utf-8").read()
+    if not template:
+        raise ValueError(f"{folder}: no chat template (tokenizer_config.json's chat_template or chat_template.jinja)")
+
+    def token_text(value):
+        return value.get("content") if isinstance(value, dict) else value
+
+    def raise_exception(message):
+        raise ValueError(f"chat template: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = lambda x, indent=None, separators=None, sort_keys=False, ensure_ascii=False: json.dumps(
+        x, indent=indent, separators=separators, sort_keys=sort_keys, ensure_ascii=ensure_ascii)
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: __import__("datetime").datetime.now().strftime(fmt)
+    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                            bos_token=token_text(config.get("bos_token")) or "",
+                                            eos_token=token_text(config.get("eos_token")) or "")
+
+
+def hf_stop_ids(folder) -> list[int]:
+    """The end-of-sequence ids of a Hugging Face checkpoint folder: generation_config.json's and
+    config.json's eos_token_id (an int or a list)."""
+    ids: list[int] = []
+    for name in ("generation_config.json", "config.json"):
+        path = os.path.join(os.fspath(folder), name)
+        if os.path.exists(path):
+            eos = json.load(open(path, encoding="utf-8")).get("eos_token_id")
+            ids += [eos] if isinstance(eos, int) else list(eos or [])
+    return sorted(set(ids))
+
+
 def hf_prefix_ids(path) -> list[int]:
     """The ids a Hugging Face tokenizer.json's post-processor puts before a single text (Llama 3's
     <|begin_of_text|>; none for GPT-2's): what its models saw at the start of every sequence, for

@@ -486,7 +486,8 @@ def save_weights(state_dict: dict, cfg: ModelConfig, path) -> None:
 
 # --- Hugging Face checkpoints -----------------------------------------------------------------------
 
-HF_FILES = ["config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors", "tokenizer.json"]
+HF_FILES = ["config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors", "tokenizer.json",
+            "tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "chat_template.jinja"]
 
 
 def hf_folder(name) -> Path:

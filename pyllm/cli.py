@@ -560,7 +560,7 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer-train-bytes", type=int, help="train the tokenizer on an evenly spread sample of about this many bytes of --data (default 0: all of it)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint up to --max-steps")
     p.add_argument("--preset", help="model preset: tiny (default), llama-124m, gpt2-124m, palm-style")
-    p.add_argument("--init-from-hf", metavar="DIR", help="fine-tune a Hugging Face checkpoint folder or hub repo id (LLaMA, Mistral, Qwen2/3, SmolLM3, Phi-3/4, Gemma 3, GPT-2: config.json, *.safetensors, tokenizer.json) instead of a preset; its tokenizer tokenizes --data (set --seq-len, the default being the model's whole context, and --lr, whose default 3e-3 is for training from scratch: fine-tuning wants about 1e-5 to 1e-4)")
+    p.add_argument("--init-from-hf", metavar="DIR", help="fine-tune a Hugging Face checkpoint folder or hub repo id (LLaMA, Mistral, Qwen2/3, SmolLM3, Phi-3/4, Gemma 3, OLMo 2, GPT-2: config.json, *.safetensors, tokenizer.json) instead of a preset; its tokenizer tokenizes --data (set --seq-len, the default being the model's whole context, and --lr, whose default 3e-3 is for training from scratch: fine-tuning wants about 1e-5 to 1e-4)")
     p.add_argument("--model", dest="model_overrides", action="append", metavar="KEY=VALUE", help="override a ModelConfig field, e.g. --model n_layers=2 --model norm=layernorm (repeatable)")
     p.add_argument("--max-steps", type=int, help="optimizer steps in all (default 600)")
     p.add_argument("--ckpt-every", type=int, help="write the checkpoint every K steps (and at the end; default 200)")
@@ -624,7 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", help="a run folder written by `pyllm train` (finds model.safetensors and the tokenizer)")
     p.add_argument("--model", help="a model.safetensors (instead of --run)")
     p.add_argument("--tokenizer", help="the tokenizer the model was trained with (instead of --run)")
-    p.add_argument("--hf", metavar="DIR", help="a Hugging Face checkpoint folder or hub repo id (LLaMA, Mistral, Qwen2/3, SmolLM3, Phi-3/4, Gemma 3, GPT-2: config.json, *.safetensors, tokenizer.json) instead of --run")
+    p.add_argument("--hf", metavar="DIR", help="a Hugging Face checkpoint folder or hub repo id (LLaMA, Mistral, Qwen2/3, SmolLM3, Phi-3/4, Gemma 3, OLMo 2, GPT-2: config.json, *.safetensors, tokenizer.json) instead of --run")
     p.add_argument("--prompt", default="def ", help="text to continue (default 'def ')")
     p.add_argument("--chat", action="store_true", help="with --hf: --prompt is a user message, put in the folder's chat "
                    "template (an instruct model's turn format); the reply ends at the model's end-of-sequence token")

@@ -43,6 +43,8 @@ class ModelConfig:
     qkv_bias: bool = False  # bias in the q, k, v projections only (Qwen2)
     head_dim: int | None = None  # None: dim // n_heads; n_heads * head_dim may differ from dim (Qwen3)
     qk_norm: bool = False  # RMSNorm over each head's q and k before RoPE (Qwen3)
+    qk_norm_all_heads: bool = False  # with qk_norm: over all of q's (k's) heads at once (OLMo 2)
+    pre_norm: bool = True  # a norm before each sublayer; False with sandwich_norm: after only (OLMo 2)
     sliding_window: int | None = None  # a query sees itself and the sliding_window - 1 keys before it
     window_layers: list[int] | None = None  # the layers sliding_window applies to; None: all of them
     nope_layers: list[int] | None = None  # layers without RoPE (SmolLM3: every 4th)
@@ -96,6 +98,10 @@ class ModelConfig:
                                  f"got {layers!r}")
         if self.window_layers is not None and self.sliding_window is None:
             raise ValueError("ModelConfig.window_layers needs a sliding_window")
+        if not self.pre_norm and not self.sandwich_norm:
+            raise ValueError("ModelConfig.pre_norm=False needs sandwich_norm=True (a norm after each sublayer)")
+        if self.qk_norm_all_heads and not self.qk_norm:
+            raise ValueError("ModelConfig.qk_norm_all_heads needs qk_norm=True")
         if self.nope_layers and self.positions != "rope":
             raise ValueError("ModelConfig.nope_layers needs positions = 'rope'")
         if self.n_heads % self.n_kv_heads:
@@ -162,8 +168,10 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.qkv = nn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=cfg.bias or cfg.qkv_bias)
         self.proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.bias)
-        self.q_norm = RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
+        q_width, k_width = (cfg.n_heads, cfg.n_kv_heads) if cfg.qk_norm_all_heads else (1, 1)
+        self.q_norm = RMSNorm(q_width * cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(k_width * cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
+        self.qk_norm_all_heads = cfg.qk_norm_all_heads
         self.use_rope = cfg.positions == "rope" and layer not in (cfg.nope_layers or ())
         self.window = cfg.layer_window(layer)  # keys before a query's own that it sees; -1: all
         self.local_rope = self.window >= 0 and cfg.local_rope_theta is not None  # rope[1], else rope[0]
@@ -173,8 +181,10 @@ class Attention(nn.Module):
         B, T, C = x.shape
         H, H_kv, D = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = self.qkv(x).split([H * D, H_kv * D, H_kv * D], dim=-1)
+        if self.q_norm is not None and self.qk_norm_all_heads:
+            q, k = self.q_norm(q), self.k_norm(k)  # (B, T, H * D), (B, T, H_kv * D)
         q, k, v = q.view(B, T, H, D), k.view(B, T, H_kv, D), v.view(B, T, H_kv, D)
-        if self.q_norm is not None:
+        if self.q_norm is not None and not self.qk_norm_all_heads:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.use_rope:
             cos_sin = rope[1] if self.local_rope else rope[0]
@@ -215,8 +225,8 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
         self.parallel = cfg.parallel_block
-        self.norm1 = make_norm(cfg)
-        self.norm2 = None if cfg.parallel_block else make_norm(cfg)  # PaLM shares one norm
+        self.norm1 = make_norm(cfg) if cfg.pre_norm else nn.Identity()
+        self.norm2 = None if cfg.parallel_block else make_norm(cfg) if cfg.pre_norm else nn.Identity()  # PaLM: one
         self.attn = Attention(cfg, layer)
         mlps = {"swiglu": SwiGLUMLP, "gelu": GeluMLP, "geglu": GeGLUMLP}
         self.mlp = mlps[cfg.mlp](cfg.dim, cfg.mlp_hidden, cfg.bias)
@@ -350,7 +360,7 @@ class LLM(nn.Module):
     def from_hf(cls, folder, device="cpu", dtype=torch.float32) -> "LLM":
         """A Hugging Face checkpoint folder (config.json and model.safetensors, or shards with their
         model.safetensors.index.json, as save_pretrained writes them) of LlamaForCausalLM (also
-        Mistral, Qwen2, Qwen3, SmolLM3 and Phi-3: HF_DECODERS), Gemma3ForCausalLM or GPT2LMHeadModel, with its weights in
+        Mistral, Qwen2, Qwen3, SmolLM3, Phi-3 and OLMo 2: HF_DECODERS), Gemma3ForCausalLM or GPT2LMHeadModel, with its weights in
         `dtype` (fp32: master weights for training; the checkpoint's own dtype may be bf16), or a hub
         repo id (see hf_folder). Read with safetensors alone, no transformers needed. Anything the
         model cannot compute the same way (biases in LLaMA layers, RoPE scalings other than Llama
@@ -504,8 +514,8 @@ def hf_folder(name) -> Path:
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
-    """ModelConfig from a Hugging Face config.json (LLaMA / Mistral / Qwen2 / Qwen3 / SmolLM3 / Phi-3, Gemma 3's
-    text model, or GPT-2)."""
+    """ModelConfig from a Hugging Face config.json (LLaMA / Mistral / Qwen2 / Qwen3 / SmolLM3 / Phi-3 / OLMo 2,
+    Gemma 3's text model, or GPT-2)."""
     kind = hf.get("model_type")
     if kind == "gpt2":
         if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
@@ -551,7 +561,8 @@ def config_from_hf(hf: dict) -> ModelConfig:
                        dim=hf["hidden_size"], head_dim=hf.get("head_dim") or None, mlp_hidden=hf["intermediate_size"],
                        tie_embeddings=hf.get("tie_word_embeddings", False), norm_eps=hf.get("rms_norm_eps", 1e-6),
                        rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)), rope_scaling=scaling,
-                       qkv_bias=kind == "qwen2", qk_norm=kind == "qwen3", sliding_window=window,
+                       qkv_bias=kind == "qwen2", qk_norm=kind in ("qwen3", "olmo2"), qk_norm_all_heads=kind == "olmo2",
+                       pre_norm=kind != "olmo2", sandwich_norm=kind == "olmo2", sliding_window=window,
                        window_layers=window_layers, nope_layers=nope_layers, rotary_dim=rotary_dim)
 
 
@@ -618,7 +629,7 @@ def _smollm3_rope_layers(hf: dict) -> list[int]:
 
 
 # The LLaMA-shaped decoders config_from_hf reads (besides gpt2).
-HF_DECODERS = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "phi3")
+HF_DECODERS = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "phi3", "olmo2")
 
 
 def _hf_sliding_window(hf: dict, kind: str, n_layers: int) -> tuple[int | None, list[int] | None]:
@@ -631,9 +642,9 @@ def _hf_sliding_window(hf: dict, kind: str, n_layers: int) -> tuple[int | None, 
         raise NotImplementedError(f"{kind} with layer_types={types!r}: pyllm's layers use full or sliding-window "
                                   "attention, one type per layer")
     window = hf.get("sliding_window")
-    if kind == "llama":
+    if kind in ("llama", "olmo2"):
         if window or (types and "sliding_attention" in types):
-            raise NotImplementedError(f"llama with sliding_window={window!r} / layer_types: transformers' LLaMA "
+            raise NotImplementedError(f"{kind} with sliding_window={window!r} / layer_types: transformers' {kind} "
                                       "has no sliding window; is this another model_type?")
         return None, None
     if kind in ("mistral", "phi3"):  # every layer
@@ -686,8 +697,12 @@ def state_from_hf(hf_state: dict, cfg: ModelConfig, kind: str) -> dict:
         for i in range(cfg.n_layers):
             layer = lambda name: hf_state[f"layers.{i}.{name}.weight"]  # noqa: E731
             block = f"blocks.{i}."
-            state[block + "norm1.weight"] = layer("input_layernorm")
-            state[block + "norm2.weight"] = layer("post_attention_layernorm")
+            if kind == "olmo2":  # norms after the sublayers only
+                state[block + "attn_out_norm.weight"] = layer("post_attention_layernorm")
+                state[block + "mlp_out_norm.weight"] = layer("post_feedforward_layernorm")
+            else:
+                state[block + "norm1.weight"] = layer("input_layernorm")
+                state[block + "norm2.weight"] = layer("post_attention_layernorm")
             if kind == "phi3":  # already stacked as ours: [q; k; v] and [gate; up]
                 state[block + "attn.qkv.weight"] = layer("self_attn.qkv_proj")
             else:
@@ -718,8 +733,8 @@ def hf_config_of(cfg: ModelConfig) -> dict:
                     embd_pdrop=0.0, attn_pdrop=0.0)
     plain = (cfg.norm, cfg.mlp, cfg.positions, cfg.bias, cfg.qkv_bias, cfg.parallel_block, cfg.qk_norm, cfg.nope_layers,
              cfg.rotary_dim, cfg.sandwich_norm, cfg.embed_scale, cfg.softmax_scale, cfg.local_rope_theta,
-             cfg.window_layers) == ("rmsnorm", "swiglu", "rope", False, False, False, False, None, None, False, False,
-                                    None, None, None)
+             cfg.window_layers, cfg.pre_norm) == ("rmsnorm", "swiglu", "rope", False, False, False, False, None, None,
+                                                  False, False, None, None, None, True)
     if not plain or (cfg.rope_scaling or {}).get("rope_type", "llama3") != "llama3":
         raise NotImplementedError("to_hf: this model is neither LLaMA- nor GPT-2-shaped; give the hf_config of the "
                                   "checkpoint it was read from")
@@ -757,6 +772,8 @@ def state_to_hf(state: dict, cfg: ModelConfig, kind: str) -> dict:
     H, H_kv, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     out["model.embed_tokens.weight"], out["model.norm.weight"] = state["tok_emb.weight"], norm(state["norm_f.weight"])
     norms = {"norm1": "input_layernorm", "norm2": "post_attention_layernorm"}
+    if kind == "olmo2":
+        norms = {"attn_out_norm": "post_attention_layernorm", "mlp_out_norm": "post_feedforward_layernorm"}
     if gemma:
         norms = {"norm1": "input_layernorm", "attn_out_norm": "post_attention_layernorm",
                  "norm2": "pre_feedforward_layernorm", "mlp_out_norm": "post_feedforward_layernorm"}

@@ -42,9 +42,11 @@ def ref_attention(cfg, x, sd, prefix, layer):
     q = qkv[..., : H * D].reshape(B, T, H, D)
     k = qkv[..., H * D: (H + Hk) * D].reshape(B, T, Hk, D)
     v = qkv[..., (H + Hk) * D:].reshape(B, T, Hk, D)
-    if cfg.qk_norm:  # over each head's D
-        q = q / torch.sqrt((q * q).mean(-1, keepdim=True) + cfg.norm_eps) * sd[prefix + ".q_norm.weight"]
-        k = k / torch.sqrt((k * k).mean(-1, keepdim=True) + cfg.norm_eps) * sd[prefix + ".k_norm.weight"]
+    if cfg.qk_norm:  # over each head's D, or over all heads at once
+        width = (lambda t: t.reshape(B, T, -1)) if cfg.qk_norm_all_heads else (lambda t: t)  # noqa: E731
+        qn, kn = width(q), width(k)
+        q = (qn / torch.sqrt((qn * qn).mean(-1, keepdim=True) + cfg.norm_eps) * sd[prefix + ".q_norm.weight"]).reshape(q.shape)
+        k = (kn / torch.sqrt((kn * kn).mean(-1, keepdim=True) + cfg.norm_eps) * sd[prefix + ".k_norm.weight"]).reshape(k.shape)
     windowed = cfg.sliding_window is not None and layer in (cfg.window_layers or range(cfg.n_layers))
     if cfg.positions == "rope" and layer not in (cfg.nope_layers or ()):
         pos = torch.arange(T)
@@ -79,12 +81,13 @@ def ref_forward(cfg, sd, idx):
     for i in range(cfg.n_layers):
         p = f"blocks.{i}"
         out_norm = lambda y, name: ref_norm(cfg, y, sd, p + name) if cfg.sandwich_norm else y  # noqa: E731
-        h = ref_norm(cfg, x, sd, p + ".norm1")
+        in_norm = lambda y, name: ref_norm(cfg, y, sd, p + name) if cfg.pre_norm else y  # noqa: E731
+        h = in_norm(x, ".norm1")
         if cfg.parallel_block:
             x = x + ref_attention(cfg, h, sd, p + ".attn", i) + ref_mlp(cfg, h, sd, p + ".mlp")
         else:
             x = x + out_norm(ref_attention(cfg, h, sd, p + ".attn", i), ".attn_out_norm")
-            x = x + out_norm(ref_mlp(cfg, ref_norm(cfg, x, sd, p + ".norm2"), sd, p + ".mlp"), ".mlp_out_norm")
+            x = x + out_norm(ref_mlp(cfg, in_norm(x, ".norm2"), sd, p + ".mlp"), ".mlp_out_norm")
     x = ref_norm(cfg, x, sd, "norm_f")
     return x @ (sd["tok_emb.weight"] if cfg.tie_embeddings else sd["lm_head.weight"]).T
 
@@ -107,6 +110,8 @@ CONFIGS = {
     "gemma-style": dict(SMALL, n_kv_heads=1, mlp="geglu", embed_scale=True, sandwich_norm=True, qk_norm=True,
                         softmax_scale=0.1, sliding_window=4, window_layers=[0], local_rope_theta=100.0,
                         rope_scaling={"rope_type": "linear", "factor": 3.0}),
+    # OLMo 2's: norms after the sublayers only, q / k norms across all heads
+    "olmo-style": dict(SMALL, n_kv_heads=2, pre_norm=False, sandwich_norm=True, qk_norm=True, qk_norm_all_heads=True),
 }
 
 
@@ -134,7 +139,8 @@ def test_forward_matches_reference(name):
     assert abs(loss.item() - ref_loss.item()) < 1e-10
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2", "palm-mqa", "window", "qk-norm-window-nope", "gemma-style"])
+@pytest.mark.parametrize("name", ["llama", "gpt2", "palm-mqa", "window", "qk-norm-window-nope", "gemma-style",
+                                  "olmo-style"])
 def test_cached_forward_matches_full(name):
     cfg = ModelConfig(**CONFIGS[name])
     model = randomized(cfg).eval()
@@ -361,6 +367,8 @@ def test_presets_build(preset):
     (dict(rope_scaling={"rope_type": "longrope", "short_factor": [1.0], "long_factor": [1.0], "attention_factor": 1.0,
                         "original_max_position_embeddings": 16}), "one number per rotated pair .16."),
     (dict(rope_scaling={"rope_type": "yarn"}), "rope_scaling must be None"),
+    (dict(pre_norm=False), "pre_norm=False needs sandwich_norm=True"),
+    (dict(qk_norm_all_heads=True), "qk_norm_all_heads needs qk_norm=True"),
 ])
 def test_bad_config(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -424,6 +432,8 @@ def hf_models():
         # scaled embeddings, sandwich norms with (1 + w) weights, q / k norms, GeGLU, MQA with a 32-wide head in
         # a 64-wide model, softmax scale 24 ** -0.5, 5-key windows in layers 0 and 2 with their own RoPE theta,
         # linear RoPE scaling in the full layer
+        "olmo2": transformers.Olmo2ForCausalLM(transformers.Olmo2Config(
+            **llama, num_key_value_heads=2, pad_token_id=None, bos_token_id=None, eos_token_id=None)),
         "gemma3": transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(
             vocab_size=97, hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
             num_key_value_heads=1, head_dim=32, max_position_embeddings=64, sliding_window=5, query_pre_attn_scalar=24,
@@ -439,7 +449,7 @@ PHI3 = dict(vocab_size=97, hidden_size=128, intermediate_size=160, num_hidden_la
             num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, pad_token_id=None, bos_token_id=None,
             eos_token_id=None)
 HF_NAMES = ["llama-gqa", "llama-tied", "llama3-rope", "qwen2", "gpt2", "qwen3-window", "qwen3", "mistral-window", "smollm3",
-            "phi3-longrope", "phi3", "gemma3"]
+            "phi3-longrope", "phi3", "gemma3", "olmo2"]
 
 
 @pytest.mark.parametrize("name", HF_NAMES)

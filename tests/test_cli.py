@@ -410,11 +410,13 @@ def test_generate_chat_renders_the_template_as_transformers(tmp_path, capsys):
         vocab_size=hf_tokenizer.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
         num_attention_heads=2, max_position_embeddings=128, eos_token_id=end)).save_pretrained(folder)
     hf_tokenizer.save(str(folder / "tokenizer.json"))
-    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}<|im_end|>\n{% endfor %}"
-                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' %}{% generation %}"
+                "{{ m['content'] | trim }}{% endgeneration %}{% else %}{{ m['content'] | trim }}{% endif %}<|im_end|>\n"
+                "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
     (folder / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "chat_template": template, "eos_token": "<|im_end|>"}))
-    messages = [{"role": "user", "content": " def g(y): "}]
+    messages = [{"role": "user", "content": " def f(x): "}, {"role": "assistant", "content": "return x"},
+                {"role": "user", "content": " def g(y): "}]
     ours = Tokenizer.from_hf(folder / "tokenizer.json").encode(hf_chat_prompt(folder, messages), allowed_special="all")
     theirs = transformers.AutoTokenizer.from_pretrained(folder).apply_chat_template(
         messages, add_generation_prompt=True, tokenize=True, return_dict=False)

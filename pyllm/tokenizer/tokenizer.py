@@ -116,6 +116,7 @@ def hf_chat_prompt(folder, messages: list[dict], add_generation_prompt: bool = T
     sandbox, trim_blocks and lstrip_blocks, bos_token / eos_token from tokenizer_config.json).
     Encode it with allowed_special="all": the template writes the special tokens as text."""
     import jinja2
+    import jinja2.ext
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     folder = os.fspath(folder)
@@ -136,7 +137,21 @@ def hf_chat_prompt(folder, messages: list[dict], add_generation_prompt: bool = T
     def raise_exception(message):
         raise ValueError(f"chat template: {message}")
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    class Generation(jinja2.ext.Extension):
+        """{% generation %} ... {% endgeneration %} (templates marking the assistant's tokens for
+        training masks, as SmolLM3's): rendered as its body, as transformers renders it."""
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[jinja2.ext.loopcontrols, Generation])
     env.filters["tojson"] = lambda x, indent=None, separators=None, sort_keys=False, ensure_ascii=False: json.dumps(
         x, indent=indent, separators=separators, sort_keys=sort_keys, ensure_ascii=ensure_ascii)
     env.globals["raise_exception"] = raise_exception

@@ -409,19 +409,14 @@ def cmd_generate(args) -> int:
     from pyllm.model import LLM, hf_folder
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    prefix, prompt_ids, stops = [], None, []
-    if args.chat and not args.hf:
-        raise ValueError("--chat needs --hf DIR (a checkpoint folder with a chat template)")
-    if args.hf:
-        from pyllm.tokenizer.tokenizer import hf_chat_prompt, hf_prefix_ids, hf_stop_ids
+    from pyllm.tokenizer.tokenizer import hf_chat_prompt, hf_prefix_ids, hf_stop_ids
 
-        folder = hf_folder(args.hf)
-        model, tokenizer = LLM.from_hf(folder), tokenizer_class().from_hf(folder / "tokenizer.json")
-        prefix = hf_prefix_ids(folder / "tokenizer.json")  # Llama 3's <|begin_of_text|>
-        stops = hf_stop_ids(folder)
-        if args.chat:  # the template writes the BOS and the turn markers itself
-            text = hf_chat_prompt(folder, [{"role": "user", "content": args.prompt}])
-            prompt_ids = tokenizer.encode(text, allowed_special="all")
+    prefix, prompt_ids, stops = [], None, []
+    source = None  # the Hugging Face folder whose chat template and end-of-sequence ids apply
+    if args.hf:
+        source = hf_folder(args.hf)
+        model, tokenizer = LLM.from_hf(source), tokenizer_class().from_hf(source / "tokenizer.json")
+        prefix = hf_prefix_ids(source / "tokenizer.json")  # Llama 3's <|begin_of_text|>
     else:
         run = Path(args.run) if args.run else None
         model_path = Path(args.model) if args.model else (run / "model.safetensors" if run else None)
@@ -430,9 +425,18 @@ def cmd_generate(args) -> int:
             run_info = json.loads((run / "run.json").read_text())
             tokenizer_path = tokenizer_path or run_info.get("tokenizer")
             prefix = run_info.get("prompt_prefix", [])
+            if run_info.get("init_from_hf"):  # a fine-tune: its source's template and stop ids
+                source = hf_folder(run_info["init_from_hf"])
         if model_path is None or tokenizer_path is None:
             raise ValueError("give --run DIR (a folder `pyllm train` wrote), both --model and --tokenizer, or --hf DIR")
         model, tokenizer = LLM.load(model_path), tokenizer_class().load(str(tokenizer_path))
+    if args.chat and source is None:
+        raise ValueError("--chat needs --hf DIR, or a --run fine-tuned from one (--init-from-hf): a chat template")
+    if source is not None:
+        stops = hf_stop_ids(source)
+        if args.chat:  # the template writes the BOS and the turn markers itself
+            text = hf_chat_prompt(source, [{"role": "user", "content": args.prompt}])
+            prompt_ids = tokenizer.encode(text, allowed_special="all")
     # bf16 on a GPU, where pyllm's attention kernels take 16-bit inputs only (fp32 weights would
     # run on SDPA); fp32 on the CPU, where bf16 decoding measured no faster (llama-124m, 2-core
     # Xeon VM, 2026-11-30: 36-38 tokens/s either way).
@@ -626,8 +630,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="the tokenizer the model was trained with (instead of --run)")
     p.add_argument("--hf", metavar="DIR", help="a Hugging Face checkpoint folder or hub repo id (LLaMA, Mistral, Qwen2/3, SmolLM3, Phi-3/4, Gemma 3, OLMo 2, GPT-2: config.json, *.safetensors, tokenizer.json) instead of --run")
     p.add_argument("--prompt", default="def ", help="text to continue (default 'def ')")
-    p.add_argument("--chat", action="store_true", help="with --hf: --prompt is a user message, put in the folder's chat "
-                   "template (an instruct model's turn format); the reply ends at the model's end-of-sequence token")
+    p.add_argument("--chat", action="store_true", help="with --hf (or a --run fine-tuned from one): --prompt is a user "
+                   "message, put in the folder's chat template (an instruct model's turn format); the reply ends at the "
+                   "model's end-of-sequence token")
     p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default 200)")
     p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 is greedy (default 0.8)")
     p.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens only (default 50)")

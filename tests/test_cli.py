@@ -87,6 +87,8 @@ def test_train_end_to_end_cache_resume_generate(corpus, tmp_path, capsys):
     assert capsys.readouterr().out.startswith("def g")
     assert cli.main(["generate", "--run", str(run), "--max-new-tokens", "8", "--prompt", "def g", "--dtype", "bf16"]) == 0
     assert capsys.readouterr().out.startswith("def g")
+    assert cli.main(["generate", "--run", str(run), "--chat", "--prompt", "hi"]) == 2  # no chat template here
+    assert "--chat needs --hf DIR, or a --run fine-tuned from one" in capsys.readouterr().err
 
     # export: a Hugging Face folder transformers loads as the same function (a LLaMA config), with the
     # tokenizer as tokenizer.json (the stand-in's: Tokenizer.to_hf is tested in test_bpe.py) and pyllm's own
@@ -423,5 +425,14 @@ def test_generate_chat_renders_the_template_as_transformers(tmp_path, capsys):
     assert ours == list(theirs) and hf_stop_ids(folder) == [end]
     assert cli.main(["generate", "--hf", str(folder), "--chat", "--prompt", " def g(y): ", "--max-new-tokens", "5"]) == 0
     assert "<|im_start|>" not in capsys.readouterr().out  # the reply alone
-    assert cli.main(["generate", "--chat", "--prompt", "hi"]) == 2
-    assert "--chat needs --hf" in capsys.readouterr().err
+    # a run fine-tuned from the folder chats with its template too
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.py").write_text("def f(x):\n    return x\n" * 200)
+    run = tmp_path / "run"
+    assert cli.main(["train", "--init-from-hf", str(folder), "--data", str(corpus), "--out", str(run), "--max-steps", "1",
+                     "--lr", "1e-12", "--warmup-steps", "0", "--batch-size", "2", "--seq-len", "16", "--eval-every", "0",
+                     "--eval-batches", "1", "--device", "cpu", "--sample-tokens", "0"]) == 0
+    capsys.readouterr()
+    assert cli.main(["generate", "--run", str(run), "--chat", "--prompt", "hi", "--max-new-tokens", "4"]) == 0
+    assert "<|im_start|>" not in capsys.readouterr().out

@@ -360,7 +360,8 @@ class LLM(nn.Module):
     def from_hf(cls, folder, device="cpu", dtype=torch.float32) -> "LLM":
         """A Hugging Face checkpoint folder (config.json and model.safetensors, or shards with their
         model.safetensors.index.json, as save_pretrained writes them) of LlamaForCausalLM (also
-        Mistral, Qwen2, Qwen3, SmolLM3, Phi-3 and OLMo 2: HF_DECODERS), Gemma3ForCausalLM or GPT2LMHeadModel, with its weights in
+        Mistral, Qwen2, Qwen3, SmolLM3, Phi-3 and OLMo 2: HF_DECODERS), Gemma3ForCausalLM (or the
+        language model of a Gemma3ForConditionalGeneration) or GPT2LMHeadModel, with its weights in
         `dtype` (fp32: master weights for training; the checkpoint's own dtype may be bf16), or a hub
         repo id (see hf_folder). Read with safetensors alone, no transformers needed. Anything the
         model cannot compute the same way (biases in LLaMA layers, RoPE scalings other than Llama
@@ -395,6 +396,8 @@ class LLM(nn.Module):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         hf = dict(hf_config) if hf_config is not None else hf_config_of(self.config)
+        if hf.get("model_type") == "gemma3":  # a multimodal source: its language model, as Gemma3ForCausalLM
+            hf = gemma3_text_config(hf)
         kind = hf.get("model_type")
         if hf_config is not None and config_from_hf(hf) != self.config:
             raise ValueError(f"to_hf: hf_config (model_type {kind!r}) does not describe this model's config")
@@ -526,8 +529,10 @@ def config_from_hf(hf: dict) -> ModelConfig:
                            n_heads=hf["n_head"], dim=hf["n_embd"], mlp_hidden=hf.get("n_inner") or 4 * hf["n_embd"],
                            norm="layernorm", mlp="gelu", positions="learned", bias=True,
                            tie_embeddings=hf.get("tie_word_embeddings", True), norm_eps=hf["layer_norm_epsilon"])
+    if kind == "gemma3":  # the multimodal checkpoints (4B and up): their text model alone
+        return _gemma3_config(gemma3_text_config(hf))
     if kind == "gemma3_text":
-        return _gemma3_config(hf)
+        return _gemma3_config({**GEMMA3_TEXT_DEFAULTS, **hf})
     if kind not in HF_DECODERS:
         raise NotImplementedError(f"Hugging Face model_type {kind!r}: pyllm reads {', '.join(HF_DECODERS)}, "
                                   "gemma3_text and gpt2")
@@ -564,6 +569,25 @@ def config_from_hf(hf: dict) -> ModelConfig:
                        qkv_bias=kind == "qwen2", qk_norm=kind in ("qwen3", "olmo2"), qk_norm_all_heads=kind == "olmo2",
                        pre_norm=kind != "olmo2", sandwich_norm=kind == "olmo2", sliding_window=window,
                        window_layers=window_layers, nope_layers=nope_layers, rotary_dim=rotary_dim)
+
+
+# transformers' Gemma3TextConfig defaults: a multimodal checkpoint's text_config lists only the
+# values that differ from them (tests/test_model.py checks them against transformers).
+GEMMA3_TEXT_DEFAULTS = dict(
+    vocab_size=262208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
+    num_key_value_heads=4, head_dim=256, hidden_activation="gelu_pytorch_tanh", max_position_embeddings=131072,
+    rms_norm_eps=1e-6, query_pre_attn_scalar=256, sliding_window=4096, rope_theta=1e6, rope_local_base_freq=10000.0,
+    sliding_window_pattern=6, tie_word_embeddings=True)
+
+
+def gemma3_text_config(hf: dict) -> dict:
+    """The gemma3_text config.json of a Gemma3ForConditionalGeneration checkpoint's language model
+    (its text_config over transformers' defaults), which Gemma3ForCausalLM loads."""
+    text = {**GEMMA3_TEXT_DEFAULTS, **(hf.get("text_config") or {})}
+    text.update(model_type="gemma3_text", architectures=["Gemma3ForCausalLM"])
+    if "tie_word_embeddings" in hf:
+        text["tie_word_embeddings"] = hf["tie_word_embeddings"]
+    return text
 
 
 def _gemma3_config(hf: dict) -> ModelConfig:
@@ -665,6 +689,11 @@ def state_from_hf(hf_state: dict, cfg: ModelConfig, kind: str) -> dict:
     """Renames (and, for GPT-2's Conv1D weights, transposes) a Hugging Face state dict into LLM's:
     q, k, v projections stacked into qkv and gate, up into gate_up, as Attention and SwiGLUMLP
     hold them."""
+    if kind == "gemma3":  # the language model of a multimodal checkpoint; the vision tower stays behind
+        prefixes = ("language_model.model.", "model.language_model.", "language_model.")
+        hf_state = {next((k[len(p):] for p in prefixes if k.startswith(p)), k): v for k, v in hf_state.items()
+                    if k.startswith(prefixes) or k == "lm_head.weight"}
+        kind = "gemma3_text"
     hf_state = {k.removeprefix("transformer.").removeprefix("model."): v for k, v in hf_state.items()}
     state = {}
     if kind == "gpt2":

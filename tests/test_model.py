@@ -564,3 +564,45 @@ def test_to_hf_of_a_model_pyllm_trained(name, kind, tmp_path):
         LLM(ModelConfig(**CONFIGS["gemma-style"])).to_hf(tmp_path / "x")
     with pytest.raises(ValueError, match="does not describe"):
         ours.to_hf(tmp_path / "y", {**json.loads((tmp_path / "config.json").read_text()), "vocab_size": 98})
+
+
+def test_gemma3_multimodal_checkpoint_gives_its_language_model(tmp_path):
+    # Gemma 3 4B and up are Gemma3ForConditionalGeneration checkpoints: from_hf reads the language
+    # model (text_config over transformers' defaults, weights under language_model.), which computes
+    # what the multimodal model computes on text; to_hf writes it back as a Gemma3ForCausalLM.
+    transformers = pytest.importorskip("transformers")
+    from pyllm.model import GEMMA3_TEXT_DEFAULTS
+
+    defaults = transformers.Gemma3TextConfig()
+    for key, value in GEMMA3_TEXT_DEFAULTS.items():
+        if key == "rope_theta":
+            want = defaults.rope_parameters["full_attention"]["rope_theta"]
+        elif key == "rope_local_base_freq":
+            want = defaults.rope_parameters["sliding_attention"]["rope_theta"]
+        elif key == "sliding_window_pattern":
+            want = defaults.layer_types.index("full_attention") + 1
+        else:
+            want = getattr(defaults, key)
+        assert value == want, key
+    text = dict(vocab_size=97, hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=1, head_dim=32, max_position_embeddings=64, sliding_window=5,
+                query_pre_attn_scalar=24, pad_token_id=None, bos_token_id=None, eos_token_id=None,
+                layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    theirs = transformers.Gemma3ForConditionalGeneration(transformers.Gemma3Config(
+        text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=96, boi_token_index=94,
+        eoi_token_index=95)).double().eval()
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    theirs.save_pretrained(tmp_path / "src")
+    ours = LLM.from_hf(tmp_path / "src", dtype=torch.float64)
+    idx = torch.randint(0, 90, (2, 19))
+    with torch.no_grad():
+        assert rel_err(ours(idx)[0], theirs(input_ids=idx).logits) < 1e-6
+    ours.to_hf(tmp_path / "out", json.loads((tmp_path / "src/config.json").read_text()))
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float64).eval()
+    assert type(back).__name__ == "Gemma3ForCausalLM"
+    with torch.no_grad():
+        assert rel_err(back(idx).logits, ours(idx)[0]) < 1e-6

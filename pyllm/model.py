@@ -535,7 +535,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
         return _gemma3_config({**GEMMA3_TEXT_DEFAULTS, **hf})
     if kind not in HF_DECODERS:
         raise NotImplementedError(f"Hugging Face model_type {kind!r}: pyllm reads {', '.join(HF_DECODERS)}, "
-                                  "gemma3_text and gpt2")
+                                  "gemma3, gemma3_text and gpt2")
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}  # transformers 5 / 4
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if kind == "phi3" and rope_type in ("su", "yarn"):  # Phi-3's early names of LongRoPE, as transformers reads them

@@ -449,12 +449,6 @@ def cmd_generate(args) -> int:
     return 0
 
 
-# Files of a Hugging Face checkpoint folder besides config.json and the weights that an exported
-# fine-tune keeps from its source (tokenizer, chat template, generation defaults).
-HF_SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-                 "chat_template.jinja")
-
-
 def cmd_export(args) -> int:
     """A run of `pyllm train` as a Hugging Face checkpoint folder (LLM.to_hf): a fine-tune keeps its
     source's config.json and tokenizer files; a model pyllm trained from scratch gets a LLaMA,
@@ -463,7 +457,7 @@ def cmd_export(args) -> int:
 
     import torch
 
-    from pyllm.model import LLM, hf_folder
+    from pyllm.model import HF_SIDE_FILES, LLM, hf_folder
     from pyllm.train import load_checkpoint
 
     run, out = Path(args.run), Path(args.out)

@@ -499,8 +499,11 @@ def save_weights(state_dict: dict, cfg: ModelConfig, path) -> None:
 
 # --- Hugging Face checkpoints -----------------------------------------------------------------------
 
-HF_FILES = ["config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors", "tokenizer.json",
-            "tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "chat_template.jinja"]
+# A checkpoint folder's files besides config.json and the weights: tokenizer, chat template,
+# generation defaults (an exported fine-tune keeps its source's).
+HF_SIDE_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                 "chat_template.jinja"]
+HF_FILES = ["config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors", *HF_SIDE_FILES]
 
 
 def hf_folder(name) -> Path:
@@ -685,6 +688,21 @@ def _hf_sliding_window(hf: dict, kind: str, n_layers: int) -> tuple[int | None, 
     return (window, layers) if layers else (None, None)
 
 
+# GPT-2's module names -> LLM's (its Conv1D weights are stored transposed).
+GPT2_NAMES = {"ln_1": "norm1", "ln_2": "norm2", "attn.c_attn": "attn.qkv", "attn.c_proj": "attn.proj",
+              "mlp.c_fc": "mlp.up", "mlp.c_proj": "mlp.down"}
+
+
+def hf_layer_norms(kind: str) -> dict:
+    """A LLaMA-shaped Hugging Face layer's norms -> LLM's block norms (q / k norms apart)."""
+    if kind == "olmo2":  # after the sublayers only
+        return {"post_attention_layernorm": "attn_out_norm", "post_feedforward_layernorm": "mlp_out_norm"}
+    if kind == "gemma3_text":  # before and after both sublayers
+        return {"input_layernorm": "norm1", "post_attention_layernorm": "attn_out_norm",
+                "pre_feedforward_layernorm": "norm2", "post_feedforward_layernorm": "mlp_out_norm"}
+    return {"input_layernorm": "norm1", "post_attention_layernorm": "norm2"}
+
+
 def state_from_hf(hf_state: dict, cfg: ModelConfig, kind: str) -> dict:
     """Renames (and, for GPT-2's Conv1D weights, transposes) a Hugging Face state dict into LLM's:
     q, k, v projections stacked into qkv and gate, up into gate_up, as Attention and SwiGLUMLP
@@ -698,40 +716,20 @@ def state_from_hf(hf_state: dict, cfg: ModelConfig, kind: str) -> dict:
     state = {}
     if kind == "gpt2":
         state["tok_emb.weight"], state["pos_emb.weight"] = hf_state["wte.weight"], hf_state["wpe.weight"]
-        names = {"ln_1": "norm1", "ln_2": "norm2", "attn.c_attn": "attn.qkv", "attn.c_proj": "attn.proj",
-                 "mlp.c_fc": "mlp.up", "mlp.c_proj": "mlp.down"}
         for i in range(cfg.n_layers):
-            for theirs, ours in names.items():
+            for theirs, ours in GPT2_NAMES.items():
                 weight = hf_state[f"h.{i}.{theirs}.weight"]
                 state[f"blocks.{i}.{ours}.weight"] = weight if theirs.startswith("ln") else weight.t()  # Conv1D: (in, out)
                 state[f"blocks.{i}.{ours}.bias"] = hf_state[f"h.{i}.{theirs}.bias"]
         state["norm_f.weight"], state["norm_f.bias"] = hf_state["ln_f.weight"], hf_state["ln_f.bias"]
-    elif kind == "gemma3_text":
-        one = lambda w: w + 1.0  # noqa: E731  Gemma's norms scale by (1 + w)
-        state["tok_emb.weight"], state["norm_f.weight"] = hf_state["embed_tokens.weight"], one(hf_state["norm.weight"])
-        norms = {"input_layernorm": "norm1", "post_attention_layernorm": "attn_out_norm",
-                 "pre_feedforward_layernorm": "norm2", "post_feedforward_layernorm": "mlp_out_norm",
-                 "self_attn.q_norm": "attn.q_norm", "self_attn.k_norm": "attn.k_norm"}
-        for i in range(cfg.n_layers):
-            layer = lambda name: hf_state[f"layers.{i}.{name}.weight"]  # noqa: E731
-            block = f"blocks.{i}."
-            for theirs, ours in norms.items():
-                state[block + ours + ".weight"] = one(layer(theirs))
-            state[block + "attn.qkv.weight"] = torch.cat([layer(f"self_attn.{x}_proj") for x in "qkv"])
-            state[block + "attn.proj.weight"] = layer("self_attn.o_proj")
-            state[block + "mlp.gate_up.weight"] = torch.cat([layer("mlp.gate_proj"), layer("mlp.up_proj")])
-            state[block + "mlp.down.weight"] = layer("mlp.down_proj")
     else:
-        state["tok_emb.weight"], state["norm_f.weight"] = hf_state["embed_tokens.weight"], hf_state["norm.weight"]
+        fold = (lambda w: w + 1.0) if kind == "gemma3_text" else (lambda w: w)  # noqa: E731  Gemma's norms scale by (1 + w)
+        state["tok_emb.weight"], state["norm_f.weight"] = hf_state["embed_tokens.weight"], fold(hf_state["norm.weight"])
         for i in range(cfg.n_layers):
             layer = lambda name: hf_state[f"layers.{i}.{name}.weight"]  # noqa: E731
             block = f"blocks.{i}."
-            if kind == "olmo2":  # norms after the sublayers only
-                state[block + "attn_out_norm.weight"] = layer("post_attention_layernorm")
-                state[block + "mlp_out_norm.weight"] = layer("post_feedforward_layernorm")
-            else:
-                state[block + "norm1.weight"] = layer("input_layernorm")
-                state[block + "norm2.weight"] = layer("post_attention_layernorm")
+            for theirs, ours in hf_layer_norms(kind).items():
+                state[block + ours + ".weight"] = fold(layer(theirs))
             if kind == "phi3":  # already stacked as ours: [q; k; v] and [gate; up]
                 state[block + "attn.qkv.weight"] = layer("self_attn.qkv_proj")
             else:
@@ -740,8 +738,8 @@ def state_from_hf(hf_state: dict, cfg: ModelConfig, kind: str) -> dict:
                 state[block + "attn.qkv.bias"] = torch.cat([hf_state[f"layers.{i}.self_attn.{x}_proj.bias"] for x in "qkv"])
             state[block + "attn.proj.weight"] = layer("self_attn.o_proj")
             if cfg.qk_norm:
-                state[block + "attn.q_norm.weight"] = layer("self_attn.q_norm")
-                state[block + "attn.k_norm.weight"] = layer("self_attn.k_norm")
+                state[block + "attn.q_norm.weight"] = fold(layer("self_attn.q_norm"))
+                state[block + "attn.k_norm.weight"] = fold(layer("self_attn.k_norm"))
             state[block + "mlp.gate_up.weight"] = (layer("mlp.gate_up_proj") if kind == "phi3" else
                                                    torch.cat([layer("mlp.gate_proj"), layer("mlp.up_proj")]))
             state[block + "mlp.down.weight"] = layer("mlp.down_proj")
@@ -785,10 +783,8 @@ def state_to_hf(state: dict, cfg: ModelConfig, kind: str) -> dict:
     out = {}
     if kind == "gpt2":
         out["transformer.wte.weight"], out["transformer.wpe.weight"] = state["tok_emb.weight"], state["pos_emb.weight"]
-        names = {"ln_1": "norm1", "ln_2": "norm2", "attn.c_attn": "attn.qkv", "attn.c_proj": "attn.proj",
-                 "mlp.c_fc": "mlp.up", "mlp.c_proj": "mlp.down"}
         for i in range(cfg.n_layers):
-            for theirs, ours in names.items():
+            for theirs, ours in GPT2_NAMES.items():
                 weight = state[f"blocks.{i}.{ours}.weight"]
                 out[f"transformer.h.{i}.{theirs}.weight"] = weight if theirs.startswith("ln") else weight.t()
                 out[f"transformer.h.{i}.{theirs}.bias"] = state[f"blocks.{i}.{ours}.bias"]
@@ -796,19 +792,12 @@ def state_to_hf(state: dict, cfg: ModelConfig, kind: str) -> dict:
         if not cfg.tie_embeddings:
             out["lm_head.weight"] = state["lm_head.weight"]
         return out
-    gemma = kind == "gemma3_text"
-    norm = (lambda w: w - 1.0) if gemma else (lambda w: w)  # noqa: E731  Gemma's (1 + w), unfolded
+    norm = (lambda w: w - 1.0) if kind == "gemma3_text" else (lambda w: w)  # noqa: E731  Gemma's (1 + w), unfolded
     H, H_kv, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     out["model.embed_tokens.weight"], out["model.norm.weight"] = state["tok_emb.weight"], norm(state["norm_f.weight"])
-    norms = {"norm1": "input_layernorm", "norm2": "post_attention_layernorm"}
-    if kind == "olmo2":
-        norms = {"attn_out_norm": "post_attention_layernorm", "mlp_out_norm": "post_feedforward_layernorm"}
-    if gemma:
-        norms = {"norm1": "input_layernorm", "attn_out_norm": "post_attention_layernorm",
-                 "norm2": "pre_feedforward_layernorm", "mlp_out_norm": "post_feedforward_layernorm"}
     for i in range(cfg.n_layers):
         block, layer = f"blocks.{i}.", f"model.layers.{i}."
-        for ours, theirs in norms.items():
+        for theirs, ours in hf_layer_norms(kind).items():
             out[layer + theirs + ".weight"] = norm(state[block + ours + ".weight"])
         if cfg.qk_norm:
             out[layer + "self_attn.q_norm.weight"] = norm(state[block + "attn.q_norm.weight"])

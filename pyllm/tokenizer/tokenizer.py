@@ -824,27 +824,26 @@ class Tokenizer:
         model, where = data.get("model") or {}, f"Tokenizer.from_hf({os.fspath(path)!r})"
         if model.get("type") != "BPE":
             raise NotImplementedError(f"{where}: a {model.get('type')!r} model; only BPE")
-        spm = _hf_sentencepiece(data, where)
-        if spm is not None:
-            return cls._from_hf_sentencepiece(data, spm, where, path)
-        normalizer = data.get("normalizer") or {}
-        normalization = normalizer.get("type")
-        if normalizer and normalization not in _UNICODE_FORMS:
-            raise NotImplementedError(f"{where}: normalizer {normalizer!r} has no tiktoken equivalent (only the "
-                                      "Unicode forms NFC, NFD, NFKC, NFKD are applied)")
-        unsupported = {"byte_fallback": model.get("byte_fallback"),
-                       "continuing_subword_prefix": model.get("continuing_subword_prefix"),
-                       "end_of_word_suffix": model.get("end_of_word_suffix"), "dropout": model.get("dropout")}
-        for name, value in unsupported.items():
-            if value:
-                raise NotImplementedError(f"{where}: {name} {value!r} has no tiktoken equivalent")
-        pattern = _hf_pattern(data.get("pre_tokenizer"), where)
-        byte_of = {char: byte for byte, char in _bytes_to_unicode().items()}
+        for name in ("continuing_subword_prefix", "end_of_word_suffix", "dropout"):
+            if model.get(name):
+                raise NotImplementedError(f"{where}: {name} {model[name]!r} is not supported")
         added = data.get("added_tokens") or []
         for t in added:
             if t.get("lstrip") or t.get("rstrip") or t.get("single_word"):
                 raise NotImplementedError(f"{where}: added token {t['content']!r} strips or matches whole words only")
         specials = {t["content"]: t["id"] for t in added}
+        merge_pairs = [merge.split(" ") if isinstance(merge, str) else merge for merge in model.get("merges") or []]
+        name = os.path.splitext(os.path.basename(os.fspath(path)))[0]
+        spm = _hf_sentencepiece(data, where)
+        if spm is not None:
+            return cls._from_hf_sentencepiece(data, spm, specials, merge_pairs, where, name)
+        normalizer = data.get("normalizer") or {}
+        normalization = normalizer.get("type")
+        if normalizer and normalization not in _UNICODE_FORMS:
+            raise NotImplementedError(f"{where}: normalizer {normalizer!r} has no tiktoken equivalent (only the "
+                                      "Unicode forms NFC, NFD, NFKC, NFKD are applied)")
+        pattern = _hf_pattern(data.get("pre_tokenizer"), where)
+        byte_of = {char: byte for byte, char in _bytes_to_unicode().items()}
         ranks = {}
         for token, token_id in model["vocab"].items():
             if token in specials:
@@ -853,34 +852,25 @@ class Tokenizer:
                 raise NotImplementedError(f"{where}: token {token!r} is not in the byte-level alphabet")
             ranks[bytes(byte_of[ch] for ch in token)] = token_id
         last = -1
-        for merge in model.get("merges") or []:
-            left, right = merge.split(" ") if isinstance(merge, str) else merge
+        for left, right in merge_pairs:
             merged = model["vocab"].get(left + right)
             if merged is None or merged < last:  # several splits of one token may follow each other
                 raise NotImplementedError(f"{where}: merge {left!r} + {right!r} makes no token or is out of id "
                                           "order: tiktoken's semantics (lowest id merges first) would encode differently")
             last = merged
-        return cls(ranks, pattern, specials, name=os.path.splitext(os.path.basename(os.fspath(path)))[0],
-                   normalization=normalization)
+        return cls(ranks, pattern, specials, name=name, normalization=normalization)
 
     @classmethod
-    def _from_hf_sentencepiece(cls, data: dict, spm: dict, where: str, path) -> "Tokenizer":
+    def _from_hf_sentencepiece(cls, data: dict, spm: dict, specials: dict[str, int], merge_pairs: list,
+                               where: str, name: str) -> "Tokenizer":
         model = data["model"]
-        for name in ("continuing_subword_prefix", "end_of_word_suffix", "dropout"):
-            if model.get(name):
-                raise NotImplementedError(f"{where}: {name} {model[name]!r} is not supported")
-        added = data.get("added_tokens") or []
-        for t in added:
-            if t.get("lstrip") or t.get("rstrip") or t.get("single_word"):
-                raise NotImplementedError(f"{where}: added token {t['content']!r} strips or matches whole words only")
+        for t in data.get("added_tokens") or []:
             if t.get("normalized") and data.get("normalizer"):
                 raise NotImplementedError(f"{where}: added token {t['content']!r} is matched in the normalized text")
-        specials = {t["content"]: t["id"] for t in added}
         vocab = model["vocab"]
         ranks = {piece.encode("utf-8"): i for piece, i in vocab.items() if piece not in specials}
         merges = []
-        for merge in model.get("merges") or []:
-            left, right = merge.split(" ") if isinstance(merge, str) else merge
+        for left, right in merge_pairs:
             if left not in vocab or right not in vocab:
                 raise ValueError(f"{where}: merge {left!r} + {right!r} names a token that is not in the vocabulary")
             merges.append([vocab[left], vocab[right]])
@@ -888,8 +878,7 @@ class Tokenizer:
         settings = {**spm, "merges": merges, "byte_fallback": bool(model.get("byte_fallback")),
                     "unk": vocab.get(unk) if unk is not None else None, "fuse_unk": bool(model.get("fuse_unk")),
                     "whole_first": bool(model.get("ignore_merges"))}
-        return cls(ranks, special_tokens=specials, name=os.path.splitext(os.path.basename(os.fspath(path)))[0],
-                   sentencepiece=settings)
+        return cls(ranks, special_tokens=specials, name=name, sentencepiece=settings)
 
     def to_hf(self, path) -> None:
         """Writes a Hugging Face tokenizer.json that tokenizers (and transformers' fast tokenizers)

@@ -200,15 +200,19 @@ def hf_doc_markers(folder: Path) -> dict:
 
 
 def ensure_token_files(inputs, tokenizer, tokenizer_path: Path, out_dir: Path, val_fraction: float,
-                       doc_markers: dict | None = None) -> Path:
+                       doc_markers: dict | None = None, chat_folder: Path | None = None) -> Path:
     """out_dir/train.bin and val.bin for inputs, reused when made from the same inputs, tokenizer
-    file and document markers (data.prepare's doc_start / doc_end; None: its defaults)."""
+    file and document markers (data.prepare's doc_start / doc_end; None: its defaults). With
+    chat_folder, inputs are conversation files tokenized with its chat template (data.prepare_chat)."""
     from pyllm import data
 
     meta_path = out_dir / "source.json"
     meta = {"inputs": [str(Path(p).resolve()) for p in inputs] if inputs else "stdlib",
             "tokenizer": str(tokenizer_path.resolve()), "tokenizer_mtime": tokenizer_path.stat().st_mtime,
             "val_fraction": val_fraction, **({"doc_markers": doc_markers} if doc_markers else {})}
+    if chat_folder is not None:
+        meta["chat_template_of"] = str(Path(chat_folder).resolve())
+        meta["inputs_mtime"] = [Path(p).stat().st_mtime for p in inputs]
     if meta_path.exists() and json.loads(meta_path.read_text()) == meta:
         try:
             data.read_header(out_dir / "train.bin"), data.read_header(out_dir / "val.bin")
@@ -217,6 +221,14 @@ def ensure_token_files(inputs, tokenizer, tokenizer_path: Path, out_dir: Path, v
         except data.TokenFileError as e:
             print(f"data: {e}; preparing again")
     t0 = time.perf_counter()
+    if chat_folder is not None:
+        stats = data.prepare_chat(inputs, tokenizer, chat_folder, out_dir, val_fraction)
+        meta_path.write_text(json.dumps(meta))
+        print(f"data: {stats['conversations']:,} conversations -> {stats['train_conversations']:,} train "
+              f"({stats['train_tokens']:,} tokens, {stats['train_assistant_tokens']:,} the assistant's, trained on) and "
+              f"{stats['val_conversations']:,} val in {time.perf_counter() - t0:.1f} s"
+              + (f"; {stats['without_assistant']} without an assistant reply left out" if stats["without_assistant"] else ""))
+        return out_dir
     stats = data.prepare(inputs, tokenizer, out_dir, val_fraction, **(doc_markers or {}))
     meta_path.write_text(json.dumps(meta))
     print(f"data: {stats['files']} files, {stats['bytes'] / 1e6:.1f} MB -> {stats['train_tokens']:,} train and "
@@ -244,10 +256,15 @@ def setup_run_data(cfg, cli: dict) -> None:
     out = Path(cfg.out_dir)
     data_arg = cli["data"]
     data_list = None if data_arg is None else (data_arg if isinstance(data_arg, list) else [data_arg])
-    tokenizer_path, vocab_size, doc_markers = cli["tokenizer"], None, None
+    tokenizer_path, vocab_size, doc_markers, chat_folder = cli["tokenizer"], None, None, None
     if data_list is not None and len(data_list) == 1 and is_token_dir(data_list[0]):
         data_dir = str(data_list[0])
     else:
+        from pyllm.data import is_chat_data
+
+        if is_chat_data(data_list) and not cfg.init_from_hf:
+            raise ValueError("--data holds conversations ({\"messages\": [...]} lines): fine-tuning on them needs "
+                             "--init-from-hf DIR, whose chat template and tokenizer make their tokens")
         if tokenizer_path:
             tokenizer = tokenizer_class().load(str(tokenizer_path))
         elif cfg.init_from_hf:
@@ -255,18 +272,22 @@ def setup_run_data(cfg, cli: dict) -> None:
 
             folder, tokenizer_path = hf_folder(cfg.init_from_hf), out / "tokenizer.bpe"
             tokenizer = ensure_hf_tokenizer(folder, tokenizer_path)
-            doc_markers = hf_doc_markers(folder)
+            if is_chat_data(data_list):  # the template frames each conversation itself
+                chat_folder = folder
+            else:
+                doc_markers = hf_doc_markers(folder)
         else:
             wanted = cli["vocab_size"] or cfg.model.get("vocab_size") or PRESETS.get(cfg.preset, PRESETS["tiny"])["vocab_size"]
             tokenizer_path = out / "tokenizer.bpe"
             tokenizer = ensure_tokenizer(data_list, tokenizer_path, wanted, cli["tokenizer_train_bytes"])
         data_dir = str(ensure_token_files(data_list, tokenizer, Path(tokenizer_path), out / "data", cli["val_fraction"],
-                                          doc_markers))
+                                          doc_markers, chat_folder))
         vocab_size = tokenizer.vocab_size
     (out / "run.json").write_text(json.dumps({
         "tokenizer": str(Path(tokenizer_path).resolve()) if tokenizer_path else None,
         "data_dir": data_dir, "vocab_size": vocab_size,
         "prompt_prefix": doc_markers["doc_start"] if doc_markers else [],  # samples start as documents do
+        "chat": chat_folder is not None,  # trained on conversations: the sample is a reply
         "init_from_hf": cfg.init_from_hf}))  # `pyllm export` writes the source's config.json
 
 
@@ -336,9 +357,19 @@ def cmd_train(args) -> int:
     print(f"wrote {out / 'checkpoint.pt'}, {out / 'model.safetensors'}, {out / 'log.jsonl'}, {out / 'loss.png'}")
     if tokenizer_path and cli["sample_tokens"] > 0:
         tokenizer = tokenizer_class().load(str(tokenizer_path))
-        print(f"sample ({cli['sample_tokens']} tokens after {cli['prompt']!r}):\n" + "-" * 60)
+        prompt_ids, stops = None, ()
+        if run.get("chat") and cfg.init_from_hf:  # a reply to the prompt as a user's message
+            from pyllm.model import hf_folder
+            from pyllm.tokenizer.tokenizer import hf_chat_prompt, hf_stop_ids
+
+            source = hf_folder(cfg.init_from_hf)
+            prompt_ids = tokenizer.encode(hf_chat_prompt(source, [{"role": "user", "content": cli["prompt"]}]),
+                                          allowed_special="all")
+            stops = hf_stop_ids(source)
+        print(f"sample ({cli['sample_tokens']} tokens {'replying to' if prompt_ids else 'after'} {cli['prompt']!r}):\n"
+              + "-" * 60)
         stream_sample(model_obj, tokenizer, cli["prompt"], cli["sample_tokens"], 0.8, 50, None, seed=cfg.seed,
-                      prefix_ids=run.get("prompt_prefix", []))
+                      prefix_ids=run.get("prompt_prefix", []), prompt_ids=prompt_ids, stop_tokens=stops)
         print("\n" + "-" * 60)
     return 0
 
@@ -552,7 +583,7 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     # Every default is None: unset options fall through to the config file, then TrainConfig.
     p.add_argument("--config", help="TOML or YAML file of options (any option below, as key = value; a [model] table); CLI options override it")
     p.add_argument("--out", help="run folder: checkpoint.pt, log.jsonl, loss.png, model.safetensors, the tokenizer and token files (default runs/main)")
-    p.add_argument("--data", nargs="+", help="text files or folders to train on, or a folder holding train.bin/val.bin from `pyllm prepare` (default: this Python's standard-library source)")
+    p.add_argument("--data", nargs="+", help="text files or folders to train on, or a folder holding train.bin/val.bin from `pyllm prepare` (default: this Python's standard-library source); with --init-from-hf also conversations, *.jsonl files of {\"messages\": [{\"role\": ..., \"content\": ...}, ...]} lines: each is put in the folder's chat template, whole conversations are packed into rows (each attending to itself alone) and the loss is on the assistant's tokens")
     p.add_argument("--tokenizer", help="a saved pyllm tokenizer to use instead of training one on --data")
     p.add_argument("--vocab-size", type=int, help="vocab size of the tokenizer trained on --data (default: the preset's; tiny: 4096)")
     p.add_argument("--tokenizer-train-bytes", type=int, help="train the tokenizer on an evenly spread sample of about this many bytes of --data (default 0: all of it)")

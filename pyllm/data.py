@@ -11,9 +11,15 @@ A token file is a 64-byte header followed by the tokens, little-endian:
 
 `prepare` writes train.bin and val.bin; `TokenLoader` samples (B, T+1) windows from a memmap with
 its own seeded numpy generator, whose state goes into checkpoints.
+
+Conversations for fine-tuning (`prepare_chat`) are token files too, each beside two numpy files:
+NAME.docs.npy, the int64 offsets where each conversation starts (and the total last), and
+NAME.mask.npy, uint8 per token, 1 where the token is the assistant's (trained on). `PackedLoader`
+packs whole conversations into rows and gives the model their offsets (LLM.forward's cu_seqlens).
 """
 from __future__ import annotations
 
+import json
 import os
 import struct
 import sysconfig
@@ -213,3 +219,188 @@ class TokenLoader:
 
     def load_state_dict(self, state: dict) -> None:
         self.rng.bit_generator.state = state["rng"]
+
+
+# --- conversations -------------------------------------------------------------------------------
+
+def read_conversations(path) -> list[list[dict]]:
+    """The conversations of a JSON Lines file, one per line as {"messages": [{"role": ..., "content":
+    ...}, ...]} (the chat format of OpenAI's fine-tuning files and Hugging Face chat datasets)."""
+    conversations = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{number}: not JSON ({e.msg})") from None
+            messages = row.get("messages") if isinstance(row, dict) else None
+            if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
+                raise ValueError(f"{path}:{number}: expected {{\"messages\": [{{\"role\": ..., \"content\": ...}}, ...]}}, "
+                                 f"got {line.strip()[:80]!r}")
+            conversations.append(messages)
+    return conversations
+
+
+def is_chat_data(inputs) -> bool:
+    """Whether inputs are conversation files: every one a *.jsonl file whose first row has "messages"."""
+    if not inputs:
+        return False
+    for item in inputs:
+        path = Path(item)
+        if path.suffix != ".jsonl" or not path.is_file():
+            return False
+        with open(path, encoding="utf-8") as f:
+            first = next((line for line in f if line.strip()), "")
+        try:
+            if "messages" not in json.loads(first):
+                return False
+        except (json.JSONDecodeError, TypeError):
+            return False
+    return True
+
+
+def prepare_chat(inputs: Sequence[str | os.PathLike], tokenizer, folder, out_dir, val_fraction: float = 0.02,
+                 show_progress: bool = True) -> dict:
+    """Tokenizes the conversations of JSON Lines files (read_conversations) with a Hugging Face
+    checkpoint folder's chat template (tokenizer.hf_chat_tokens: the ids apply_chat_template makes,
+    the assistant's tokens marked) into out_dir/{train,val}.bin with their .docs.npy and .mask.npy.
+    Every round(1 / val_fraction)-th conversation goes to val (the last one when there are fewer).
+    Conversations in which the assistant says nothing are left out. Returns counts."""
+    from tqdm import tqdm
+
+    from pyllm.tokenizer.tokenizer import hf_chat_tokens
+
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    conversations = [c for path in inputs for c in read_conversations(path)]
+    if len(conversations) < 2:
+        raise ValueError(f"{', '.join(map(str, inputs))}: {len(conversations)} conversation(s); at least 2 are needed "
+                         "(one for validation)")
+    every = max(2, round(1 / val_fraction))
+    in_val = [i % every == every - 1 for i in range(len(conversations))] if len(conversations) >= every else \
+        [i == len(conversations) - 1 for i in range(len(conversations))]
+    parts = {"train": ([], []), "val": ([], [])}
+    silent = 0
+    for messages, val in zip(tqdm(conversations, desc="tokenizing conversations", disable=not show_progress), in_val):
+        ids, mask = hf_chat_tokens(folder, tokenizer, messages)
+        if not any(mask):
+            silent += 1
+            continue
+        parts["val" if val else "train"][0].append(np.asarray(ids, np.int64))
+        parts["val" if val else "train"][1].append(np.asarray(mask, np.uint8))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stats = {"conversations": len(conversations), "without_assistant": silent}
+    for name, (docs, masks) in parts.items():
+        if not docs:
+            raise ValueError(f"no {name} conversation with an assistant reply left (of {len(conversations)})")
+        write_documents(out_dir / f"{name}.bin", docs, masks, tokenizer.vocab_size)
+        stats[f"{name}_conversations"] = len(docs)
+        stats[f"{name}_tokens"] = int(sum(map(len, docs)))
+        stats[f"{name}_assistant_tokens"] = int(sum(int(m.sum()) for m in masks))
+    return stats
+
+
+def write_documents(path, docs: Sequence[np.ndarray], masks: Sequence[np.ndarray], vocab_size: int) -> None:
+    """A token file of docs, one after another, and its .docs.npy offsets and .mask.npy."""
+    path = Path(path)
+    offsets = np.concatenate([[0], np.cumsum([len(d) for d in docs])]).astype(np.int64)
+    np.save(path.with_suffix(".docs.npy"), offsets)
+    np.save(path.with_suffix(".mask.npy"), np.concatenate(masks).astype(np.uint8))
+    write_tokens(path, np.concatenate(docs), vocab_size)  # last: its presence says the set is whole
+
+
+def has_documents(path) -> bool:
+    return Path(path).with_suffix(".docs.npy").is_file() and Path(path).with_suffix(".mask.npy").is_file()
+
+
+class PackedLoader:
+    """Batches of whole documents (conversations) packed into rows, for fine-tuning.
+
+    Documents are taken in a shuffled order, every one once per epoch (a new order each epoch),
+    and put one after another into rows of seq_len tokens: a document that does not fit in what is
+    left of a row starts the next (one longer than seq_len is cut to it), and the rest of the row
+    is padding. Targets are -1 except where the next token of the same document is marked in the
+    mask (the assistant's tokens): the loss is the assistant's alone. cu_seqlens gives the model
+    the offsets of the documents (and of each row's padding) in the batch's B * T tokens, so each
+    is computed alone. As TokenLoader: a global batch of world_size * B rows is built alike on
+    every rank and this rank takes rows [rank * B, (rank + 1) * B); state_dict() is the epoch and
+    the position in it.
+    """
+
+    def __init__(self, path, batch_size: int, seq_len: int, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 device="cpu"):
+        path = Path(path)
+        self.tokens = open_tokens(path)
+        self.offsets = np.load(path.with_suffix(".docs.npy"))
+        self.mask = np.load(path.with_suffix(".mask.npy"), mmap_mode="r")
+        if (self.offsets.ndim != 1 or len(self.offsets) < 2 or self.offsets[0] != 0
+                or self.offsets[-1] != len(self.tokens) or len(self.mask) != len(self.tokens)
+                or (np.diff(self.offsets) <= 0).any()):
+            raise TokenFileError(f"{path}: its .docs.npy / .mask.npy do not describe its {len(self.tokens)} tokens; "
+                                 "prepare the data again")
+        self.path, self.batch_size, self.seq_len, self.seed = path, batch_size, seq_len, seed
+        self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
+        self.epoch, self.cursor = 0, 0
+        self._order = self._epoch_order(0)
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        return np.random.Generator(np.random.PCG64([self.seed, epoch])).permutation(len(self.offsets) - 1)
+
+    def _next_document(self) -> int:
+        if self.cursor == len(self._order):
+            self.epoch, self.cursor = self.epoch + 1, 0
+            self._order = self._epoch_order(self.epoch)
+        return int(self._order[self.cursor])
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x, y, cu_seqlens): x, y (B, T) int64 (y -1 where not trained), cu_seqlens int32.
+        Sets self.targets (the trained targets in this rank's rows) and self.global_targets (in all
+        ranks' rows): a loss averaged over all of a step's trained tokens weighs each batch's mean
+        by its share."""
+        T = self.seq_len
+        self.targets = self.global_targets = 0
+        x = np.zeros((self.batch_size, T), np.int64)
+        y = np.full((self.batch_size, T), -1, np.int64)
+        cu = [0]
+        for row in range(self.batch_size * self.world_size):
+            mine = row // self.batch_size == self.rank
+            used = 0
+            while True:
+                doc = self._next_document()
+                start, end = int(self.offsets[doc]), int(self.offsets[doc + 1])
+                length = min(end - start, T)
+                if used and used + length > T:
+                    break  # it starts the next row
+                self.cursor += 1
+                nxt = min(start + length + 1, end)  # the targets: tokens start + 1 .. nxt - 1 of this document
+                trained = int(np.count_nonzero(self.mask[start + 1:nxt]))
+                self.global_targets += trained
+                if mine:
+                    self.targets += trained
+                    r = row % self.batch_size
+                    x[r, used:used + length] = self.tokens[start:start + length]
+                    targets = np.asarray(self.tokens[start + 1:nxt], np.int64)
+                    y[r, used:used + len(targets)] = np.where(self.mask[start + 1:nxt] == 1, targets, -1)
+                    cu.append(row % self.batch_size * T + used + length)
+                used += length
+                if used == T:
+                    break
+            if mine and used < T:
+                cu.append((row % self.batch_size + 1) * T)  # the padding, a document of its own
+        batch_x, batch_y = torch.from_numpy(x), torch.from_numpy(y)
+        cu_seqlens = torch.tensor(cu, dtype=torch.int32)
+        if self.device.type == "cuda":
+            batch_x, batch_y = batch_x.pin_memory().to(self.device, non_blocking=True), batch_y.pin_memory().to(
+                self.device, non_blocking=True)
+            cu_seqlens = cu_seqlens.pin_memory().to(self.device, non_blocking=True)
+        return batch_x, batch_y, cu_seqlens
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor, "path": str(self.path)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.cursor = state["epoch"], state["cursor"]
+        self._order = self._epoch_order(self.epoch)

@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from pyllm.nn import RMSNorm, SwiGLUMLP, apply_rope, attention, attention_with_kvcache, rope_cos_sin
+from pyllm.nn import (RMSNorm, SwiGLUMLP, apply_rope, attention, attention_with_kvcache, document_ids,
+                      rope_cos_sin)
 
 
 # The parameters of Llama 3.1's RoPE scaling (nn.llama3_scaled), besides rope_type = "llama3".
@@ -177,7 +180,7 @@ class Attention(nn.Module):
         self.local_rope = self.window >= 0 and cfg.local_rope_theta is not None  # rope[1], else rope[0]
         self.softmax_scale = cfg.softmax_scale
 
-    def forward(self, x, rope=None, cache=None, cache_seqlen: int = 0):
+    def forward(self, x, rope=None, cache=None, cache_seqlen: int = 0, cu_seqlens=None):
         B, T, C = x.shape
         H, H_kv, D = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = self.qkv(x).split([H * D, H_kv * D, H_kv * D], dim=-1)
@@ -190,7 +193,8 @@ class Attention(nn.Module):
             cos_sin = rope[1] if self.local_rope else rope[0]
             q, k = apply_rope(q, *cos_sin), apply_rope(k, *cos_sin)
         if cache is None:
-            y = attention(q, k, v, causal=True, window_left=self.window, scale=self.softmax_scale)  # (B, T, H, D)
+            y = attention(q, k, v, causal=True, window_left=self.window, scale=self.softmax_scale,
+                          cu_seqlens=cu_seqlens)  # (B, T, H, D)
         else:
             y = attention_with_kvcache(q, cache[0], cache[1], k, v, cache_seqlen, window_left=self.window,
                                        scale=self.softmax_scale)
@@ -235,13 +239,33 @@ class Block(nn.Module):
         self.mlp_out_norm = make_norm(cfg) if cfg.sandwich_norm else nn.Identity()
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rope=None, cache=None, cache_seqlen: int = 0):  # x: (B, T, C)
+    def forward(self, x, rope=None, cache=None, cache_seqlen: int = 0, cu_seqlens=None):  # x: (B, T, C)
         h = self.norm1(x)
-        a = self.dropout(self.attn_out_norm(self.attn(h, rope, cache, cache_seqlen)))
+        a = self.dropout(self.attn_out_norm(self.attn(h, rope, cache, cache_seqlen, cu_seqlens)))
         if self.parallel:
             return x + a + self.dropout(self.mlp_out_norm(self.mlp(h)))
         x = x + a
         return x + self.dropout(self.mlp_out_norm(self.mlp(self.norm2(x))))
+
+
+def check_documents(cu_seqlens: torch.Tensor, B: int, T: int, device) -> None:
+    """ValueError unless cu_seqlens is LLM.forward's packing of documents into B rows of T tokens."""
+    if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must be a 1-D int32 tensor of document offsets (N + 1 values), got "
+                         f"{cu_seqlens.dtype} of shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != torch.device(device):
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device}, idx on {device}: put both on one device")
+    if torch.compiler.is_compiling() or (cu_seqlens.is_cuda and os.environ.get("PYLLM_ATTN_CHECK_SEQLENS") != "1"):
+        return  # reading the offsets would break the graph / sync the device
+    offsets = cu_seqlens.cpu().numpy()
+    if offsets[0] != 0 or offsets[-1] != B * T or (offsets[1:] < offsets[:-1]).any():
+        raise ValueError(f"cu_seqlens must rise from 0 to B * T = {B * T} without falling, got "
+                         f"{offsets[:8].tolist()}{' ...' if len(offsets) > 8 else ''} (ending at {offsets[-1]})")
+    rows = np.arange(T, B * T, T)
+    if not np.isin(rows, offsets).all():
+        row = int(rows[~np.isin(rows, offsets)][0])
+        raise ValueError(f"cu_seqlens: a document crosses the end of row {row // T - 1} (offset {row} = row * T "
+                         "is missing): documents are packed into rows, none spilling into the next")
 
 
 class LLM(nn.Module):
@@ -273,7 +297,9 @@ class LLM(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def _embed(self, idx, start: int = 0):
+    def _embed(self, idx, start: int = 0, positions=None):
+        """Token (+ learned position) embeddings and RoPE's (cos, sin) for positions start.. of each
+        row, or for positions (B, T) (packed documents, each starting at 0)."""
         T = idx.shape[1]
         if T + start > self.config.block_size:
             raise ValueError(f"sequence of {T + start} tokens is longer than block_size {self.config.block_size}")
@@ -283,28 +309,49 @@ class LLM(nn.Module):
             x = x * torch.tensor(math.sqrt(cfg.dim), dtype=x.dtype)
         rope = None
         if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
+            x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device) if positions is None else positions)
         else:  # (cos, sin) of the layers without a window, and of those with one when they have their own theta
             dims, dtype = cfg.rotary_dim or cfg.head_dim, torch.promote_types(self.tok_emb.weight.dtype, torch.float32)
             rope = (rope_cos_sin(T, dims, cfg.rope_theta, start, idx.device, dtype, cfg.rope_scaling),
                     None if cfg.local_rope_theta is None else rope_cos_sin(T, dims, cfg.local_rope_theta, start,
                                                                             idx.device, dtype))
+            if positions is not None:  # (T, R/2) tables -> (B, T, R/2), each token at its own position
+                rope = tuple(None if cs is None else (cs[0][positions], cs[1][positions]) for cs in rope)
         return self.dropout(x), rope
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None):
         """idx (B, T) int64 -> logits (B, T, V) and, given targets (B, T), the mean cross-entropy
-        (targets of -1 are ignored)."""
-        x, rope = self._embed(idx)
+        (targets of -1 are ignored).
+
+        cu_seqlens: packed documents. int32 (N + 1,) on idx's device, the offsets in idx.view(-1) where
+        each of N documents starts, then B * T; none may cross the end of a row (every multiple of T
+        is an offset; zero-length documents are allowed). Each document is then computed as if it
+        were alone: its positions start at 0 and its tokens attend to its own tokens only (flash_attn's
+        varlen call). The offsets are checked on the CPU; on CUDA only with PYLLM_ATTN_CHECK_SEQLENS=1
+        (reading them costs a device sync): bad ones there give wrong results, never a bad access."""
+        positions = None
+        if cu_seqlens is not None:
+            B, T = idx.shape
+            check_documents(cu_seqlens, B, T, idx.device)
+            starts = cu_seqlens.long()[document_ids(cu_seqlens, B, T)]  # (B, T): its document's first token
+            positions = torch.arange(B * T, device=idx.device).view(B, T) - starts
+        x, rope = self._embed(idx, positions=positions)
         recompute = self.activation_checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
             # Non-reentrant: works with DDP, FSDP2, torch.compile and inputs that need no grad;
             # the dropout masks are redrawn identically (the RNG state is saved).
-            x = torch.utils.checkpoint.checkpoint(block, x, rope, use_reentrant=False) if recompute else block(x, rope)
+            if recompute:
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, None, 0, cu_seqlens, use_reentrant=False)
+            else:
+                x = block(x, rope, cu_seqlens=cu_seqlens)
         logits = self.lm_head(self.norm_f(x))  # (B, T, V)
         loss = None
         if targets is not None:
             logits32 = logits.to(torch.promote_types(logits.dtype, torch.float32))
-            loss = F.cross_entropy(logits32.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-1)
+            # The sum over the counted targets rather than reduction="mean" (bitwise the same here):
+            # a batch whose targets are all -1 (a packed row of prompts alone) gives 0, not NaN.
+            loss = F.cross_entropy(logits32.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-1,
+                                   reduction="sum") / (targets != -1).sum().clamp(min=1)
         return logits, loss
 
     # --- accounting ---------------------------------------------------------------------------

@@ -107,11 +107,12 @@ def llama3_scaled(inv_freq: torch.Tensor, factor: float, low_freq_factor: float,
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotates the pairs (x[..., i], x[..., i + R/2]) of x (B, T, H, D) by the angles of their
     position (the "rotate half" layout of GPT-NeoX / HF LLaMA, not the interleaved one of Meta's),
-    R = 2 * cos.shape[-1] <= D; dims from R on pass unrotated (partial RoPE, Phi-4-mini's)."""
+    R = 2 * cos.shape[-1] <= D; dims from R on pass unrotated (partial RoPE, Phi-4-mini's).
+    cos, sin: (T, R/2) for every row alike, or (B, T, R/2) (packed documents: positions per row)."""
     half = cos.shape[-1]
     x_rot, x_pass = (x, None) if 2 * half == x.shape[-1] else (x[..., :2 * half], x[..., 2 * half:])
     x1, x2 = x_rot.to(cos.dtype)[..., :half], x_rot.to(cos.dtype)[..., half:]  # (B, T, H, R/2)
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]  # (1, T, 1, R/2)
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # (T, 1, R/2) or (B, T, 1, R/2)
     rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
     return rotated if x_pass is None else torch.cat([rotated, x_pass], dim=-1)
 
@@ -132,20 +133,48 @@ def _window_mask(T: int, S: int, left: int, device) -> torch.Tensor:
     return seen & (keys >= pos - left) if left >= 0 else seen
 
 
+def document_ids(cu_seqlens: torch.Tensor, B: int, T: int) -> torch.Tensor:
+    """(B, T) int64: which document of cu_seqlens (packed over the B * T tokens) each token is in."""
+    tokens = torch.arange(B * T, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    return torch.searchsorted(cu_seqlens[1:], tokens, right=True).view(B, T)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
-              window_left: int = -1, scale: float | None = None) -> torch.Tensor:
+              window_left: int = -1, scale: float | None = None, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(D)) v for q (B, T, H, D) and k, v (B, S, H_kv, D) with H % H_kv == 0
     (GQA/MQA), returned as (B, T, H, D): pyllm.flash_attn where it has a kernel, else SDPA.
     window_left >= 0 (causal only): a query also sees no key more than window_left before its own
     position (a sliding window of window_left + 1 keys, Mistral's sliding_window). scale: of the
-    scores, None for 1 / sqrt(D)."""
+    scores, None for 1 / sqrt(D). cu_seqlens (causal self-attention only): int32 (N + 1,) starts of
+    the N documents packed into the B * T tokens (row-major, none crossing a row's end): a query
+    sees only its own document's keys, as flash_attn's varlen call computes."""
     if window_left >= 0 and not causal:
         raise ValueError("attention: window_left needs causal=True")
+    if cu_seqlens is not None:
+        return _document_attention(q, k, v, cu_seqlens, window_left, scale)
     if _flash_attn_takes(q, k, v):
         return flash_attn_ops.flash_attn(q, k, v, causal=causal, window=(window_left, -1), softmax_scale=scale)
     mask = _window_mask(q.shape[1], k.shape[1], window_left, q.device) if window_left >= 0 else None
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=causal and mask is None,
+        enable_gqa=q.shape[2] != k.shape[2], scale=scale,
+    )  # (B, H, T, D)
+    return out.transpose(1, 2)
+
+
+def _document_attention(q, k, v, cu_seqlens, window_left, scale):
+    B, T, H, D = q.shape
+    if _flash_attn_takes(q, k, v):
+        # max_seqlen = T bounds every document (none crosses a row), so no device sync reads cu_seqlens.
+        out = flash_attn_ops.flash_attn(q.reshape(B * T, H, D), k.reshape(B * T, *k.shape[2:]),
+                                        v.reshape(B * T, *v.shape[2:]), causal=True, window=(window_left, -1),
+                                        softmax_scale=scale, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
+                                        max_seqlen_q=T, max_seqlen_k=T)
+        return out.view(B, T, H, D)
+    doc = document_ids(cu_seqlens, B, T)  # (B, T)
+    mask = (doc[:, :, None] == doc[:, None, :]) & _window_mask(T, T, window_left, q.device)  # (B, T, T)
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None],
         enable_gqa=q.shape[2] != k.shape[2], scale=scale,
     )  # (B, H, T, D)
     return out.transpose(1, 2)

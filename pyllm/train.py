@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pyllm.data import TokenLoader, read_header
+from pyllm.data import PackedLoader, TokenLoader, has_documents, read_header
 from pyllm.model import LLM, ModelConfig, save_weights
 from pyllm.ops import _util
 from pyllm.optim import AdamW, DynamicLossScaler, ZeroAdamW
@@ -263,16 +263,28 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 def evaluate(model, path, cfg: TrainConfig, seq_len: int, precision: str, info: DistInfo) -> float:
     """Mean loss over eval_batches fixed val batches (a fresh generator each time, so every eval
     sees the same windows and the training RNG is untouched)."""
-    loader = TokenLoader(path, cfg.batch_size, seq_len, seed=cfg.seed + 1, rank=info.rank,
-                         world_size=info.world_size, device=info.device)
+    loader = make_loader(path, cfg.batch_size, seq_len, cfg.seed + 1, info)
     model.eval()
     total = torch.zeros((), device=info.device)
+    targets = 0
     for _ in range(cfg.eval_batches):
-        x, y = loader.next_batch()
+        batch = loader.next_batch()
         with autocast(precision, info.device):
-            total += model(x, y)[1].float()
+            loss = model(*batch)[1].float()
+        if isinstance(loader, PackedLoader):  # the mean over all trained tokens, not of the batches' means
+            total, targets = total + loss * loader.targets, targets + loader.global_targets
+        else:
+            total += loss
     model.train()
+    if isinstance(loader, PackedLoader):
+        return float(all_reduce_mean(total, info)) * info.world_size / max(targets, 1)
     return float(all_reduce_mean(total / cfg.eval_batches, info))
+
+
+def make_loader(path, batch_size: int, seq_len: int, seed: int, info: DistInfo):
+    """PackedLoader for token files of conversations (with .docs.npy and .mask.npy), else TokenLoader."""
+    kind = PackedLoader if has_documents(path) else TokenLoader
+    return kind(path, batch_size, seq_len, seed, info.rank, info.world_size, info.device)
 
 
 # --- checkpoints -------------------------------------------------------------------------------------
@@ -423,6 +435,24 @@ def plot_losses(log_path: Path, png_path: Path) -> None:
 
 # --- the loop ------------------------------------------------------------------------------------------
 
+def next_batches(loader, grad_accum: int, world_size: int) -> tuple[list, list[float] | None]:
+    """A step's micro-batches and the weight of each one's mean loss, such that the weighted sum,
+    averaged over the ranks as DDP averages gradients, is the step's mean loss over all its
+    trained tokens: None (divide by grad_accum) for windows (every batch trains on B * T tokens); for packed
+    conversations, whose batches train on different numbers of tokens, each batch's share of the
+    step's (summed over the micro-batches of all ranks) times world_size, so that a batch with few
+    trained tokens does not weigh as much as one with many."""
+    if not isinstance(loader, PackedLoader):
+        return [loader.next_batch() for _ in range(grad_accum)], None
+    batches, mine = [], []
+    total = 0
+    for _ in range(grad_accum):
+        batches.append(loader.next_batch())
+        mine.append(loader.targets)
+        total += loader.global_targets
+    return batches, [n * world_size / max(total, 1) for n in mine]
+
+
 def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) -> dict:
     """Trains per cfg (resuming from cfg.out_dir's checkpoint when resume) up to cfg.max_steps, or
     returns early after step stop_at - 1 (tests use it to stand in for a kill). Returns a summary."""
@@ -450,7 +480,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
               "runs on torch's attention, SwiGLU and AdamW; reinstall with nvcc on PATH for pyllm's", file=sys.stderr)
     model = model.to(info.device)
     model.activation_checkpointing = cfg.activation_checkpointing
-    loader = TokenLoader(data / "train.bin", cfg.batch_size, seq_len, cfg.seed, info.rank, info.world_size, info.device)
+    loader = make_loader(data / "train.bin", cfg.batch_size, seq_len, cfg.seed, info)
     wrapped = wrap_model(model, cfg, info)
     optimizer = make_optimizer(model, cfg, info)
     scaler = make_loss_scaler(precision, cfg)
@@ -486,12 +516,13 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=info.device)
-        for micro in range(cfg.grad_accum):
-            x, y = loader.next_batch()
+        batches, weights = next_batches(loader, cfg.grad_accum, info.world_size)
+        for micro, batch in enumerate(batches):
             last = micro == cfg.grad_accum - 1
             no_sync = wrapped.no_sync() if hasattr(wrapped, "no_sync") and not last else contextlib.nullcontext()
             with no_sync, autocast(precision, info.device):
-                loss = wrapped(x, y)[1] / cfg.grad_accum
+                loss = wrapped(*batch)[1]
+                loss = loss / cfg.grad_accum if weights is None else loss * weights[micro]
             (scaler.scale(loss) if scaler else loss).backward()
             loss_sum += loss.detach()
         loss_value = float(all_reduce_mean(loss_sum, info))

@@ -245,6 +245,117 @@ def test_activation_checkpointing_under_torch_compile():
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)  # fp32, fused differently
 
 
+# --- packed documents (cu_seqlens) ----------------------------------------------------------------
+
+# Row 0 holds documents of 5, 9 and 1 tokens and 1 of padding, row 1 one of 16: T = 16, as a
+# PackedLoader batch looks; lengths 1 and a whole row are the edge cases.
+PACKED_LENGTHS, PACKED_T = [[5, 9, 1, 1], [16]], 16
+
+
+def packed_offsets(lengths=PACKED_LENGTHS) -> torch.Tensor:
+    return torch.tensor([0, *torch.tensor([n for row in lengths for n in row]).cumsum(0).tolist()], dtype=torch.int32)
+
+
+def separately(model, idx, targets, lengths=PACKED_LENGTHS):
+    """Each document run alone: its logits put back in place, and the sum and count of its losses."""
+    logits, loss_sum, count = torch.empty(*idx.shape, model.config.vocab_size, dtype=torch.float64), 0.0, 0
+    for r, row in enumerate(lengths):
+        start = 0
+        for n in row:
+            doc_logits = model(idx[r:r + 1, start:start + n])[0]
+            logits[r, start:start + n] = doc_logits[0].detach()
+            t = targets[r, start:start + n]
+            if (t != -1).any():
+                loss_sum = loss_sum + F.cross_entropy(doc_logits[0].double(), t, ignore_index=-1, reduction="sum")
+                count += int((t != -1).sum())
+            start += n
+    return logits, loss_sum, count
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "window", "qk-norm-window-nope", "gemma-style", "olmo-style",
+                                  "head-dim-80"])
+def test_packed_documents_compute_as_if_alone(name):
+    # LLM.forward(idx, targets, cu_seqlens): every document's logits, loss and gradients are those
+    # of the document run alone (positions from 0, attention within it), in float64 on the CPU
+    # kernels (SDPA with a block-diagonal mask for head dim 80, which has no kernel).
+    cfg = ModelConfig(**(dict(SMALL, n_heads=2, head_dim=80, n_kv_heads=1) if name == "head-dim-80" else CONFIGS[name]))
+    model = randomized(cfg)
+    idx = torch.randint(0, cfg.vocab_size, (2, PACKED_T))
+    targets = torch.randint(0, cfg.vocab_size, (2, PACKED_T))
+    targets[0, :3] = -1  # a prompt
+    targets[0, 15] = -1  # the padding
+    logits, loss = model(idx, targets, packed_offsets())
+    loss.backward()
+    packed_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    ref_logits, ref_sum, count = separately(model, idx, targets)
+    (ref_sum / count).backward()
+    assert rel_err(logits, ref_logits) < 1e-12
+    assert abs(loss.item() - (ref_sum / count).item()) < 1e-12
+    for got, want in zip(packed_grads, (p.grad for p in model.parameters())):
+        assert rel_err(got, want) < 1e-10
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+def test_packed_documents_bf16_within_twice_torchs_error(device, monkeypatch):
+    # bf16 on the varlen kernels (on the GPU: the CUDA varlen forward) against the float64 documents
+    # run alone, within twice the error of the same packed bf16 model on SDPA with a mask.
+    from pyllm import nn as pyllm_nn
+
+    cfg = ModelConfig(**CONFIGS["qk-norm-window-nope"])
+    model = randomized(cfg)
+    idx = torch.randint(0, cfg.vocab_size, (2, PACKED_T))
+    with torch.no_grad():
+        ref = separately(model, idx, torch.full_like(idx, -1))[0]
+    model = model.to(device=device, dtype=torch.bfloat16)
+    with torch.no_grad():
+        ours = model(idx.to(device), cu_seqlens=packed_offsets().to(device))[0]
+        monkeypatch.setattr(pyllm_nn, "_kernel_dtypes", lambda x, by_device: ())
+        theirs = model(idx.to(device), cu_seqlens=packed_offsets().to(device))[0]
+    assert rel_err(ours, ref) <= tolerance(theirs, ref)
+
+
+def test_packed_documents_under_torch_compile_and_checkpointing():
+    cfg = ModelConfig(**CONFIGS["qk-norm-window-nope"])
+    model = LLM(cfg)
+    idx, targets = torch.randint(0, cfg.vocab_size, (2, PACKED_T)), torch.randint(0, cfg.vocab_size, (2, PACKED_T))
+    model(idx, targets, packed_offsets())[1].backward()
+    eager = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.activation_checkpointing = True
+    compiled = torch.compile(model, fullgraph=True)
+    compiled(idx, targets, packed_offsets())[1].backward()
+    for got, want in zip((p.grad for p in model.parameters()), eager):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    other = packed_offsets([[3, 13], [2, 2, 12]])  # another count of documents: traced again, still right
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(idx, None, other)[0], model(idx, None, other)[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("offsets, message", [
+    ([0, 5, 32], "crosses the end of row 0"),
+    ([0, 5, 16, 30], "rise from 0 to B \\* T = 32"),
+    ([0, 16, 5, 32], "without falling"),
+    ([32], "N \\+ 1 values"),
+])
+def test_packed_documents_bad_offsets(offsets, message):
+    model = LLM(ModelConfig(**SMALL))
+    idx = torch.randint(0, 97, (2, 16))
+    with pytest.raises(ValueError, match=message):
+        model(idx, cu_seqlens=torch.tensor(offsets, dtype=torch.int32))
+    with pytest.raises(ValueError, match="int32"):
+        model(idx, cu_seqlens=torch.tensor([0, 16, 32]))
+
+
+def test_loss_of_no_targets_is_zero_not_nan():
+    # A packed batch may hold prompts alone (every target -1): its loss is 0 and its gradients 0.
+    model = LLM(ModelConfig(**SMALL))
+    idx = torch.randint(0, 97, (2, 16))
+    loss = model(idx, torch.full_like(idx, -1))[1]
+    loss.backward()
+    assert loss.item() == 0.0 and all(p.grad.abs().max() == 0 for p in model.parameters())
+
+
 def test_generate_streams_and_runs_past_block_size():
     cfg = ModelConfig(**SMALL)
     model = LLM(cfg)

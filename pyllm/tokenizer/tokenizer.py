@@ -8,12 +8,15 @@ from __future__ import annotations
 import base64
 import binascii
 import collections
+import functools
 import hashlib
 import json
 import os
 import re
 import unicodedata
 from typing import AbstractSet, Collection, Iterable, Literal, Sequence
+
+import numpy as np
 
 from pyllm import _C
 from pyllm.tokenizer.patterns import PATTERNS
@@ -110,16 +113,23 @@ def _hf_sentencepiece(data: dict, where: str) -> dict | None:
     return {"prepend": "all" if prepends else "never", "split": False}
 
 
-def hf_chat_prompt(folder, messages: list[dict], add_generation_prompt: bool = True) -> str:
-    """The text a Hugging Face checkpoint folder's chat template makes of messages ([{"role":
-    "user", "content": ...}, ...]), as transformers' apply_chat_template renders it (jinja2 in a
-    sandbox, trim_blocks and lstrip_blocks, bos_token / eos_token from tokenizer_config.json).
-    Encode it with allowed_special="all": the template writes the special tokens as text."""
+def _chat_template(folder) -> tuple:
+    """_compiled_chat_template of folder, compiled again when its files change."""
+    folder = os.path.abspath(os.fspath(folder))
+    stamps = tuple(os.stat(p).st_mtime_ns if os.path.exists(p) else None
+                   for p in (os.path.join(folder, "tokenizer_config.json"), os.path.join(folder, "chat_template.jinja")))
+    return _compiled_chat_template(folder, stamps)
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled_chat_template(folder: str, stamps: tuple):
+    """(the compiled chat template of a Hugging Face checkpoint folder, its {% generation %} tracker,
+    the variables it is rendered with), as transformers compiles it: jinja2 in a sandbox,
+    trim_blocks and lstrip_blocks, bos_token / eos_token from tokenizer_config.json."""
     import jinja2
     import jinja2.ext
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    folder = os.fspath(folder)
     config_path = os.path.join(folder, "tokenizer_config.json")
     config = json.load(open(config_path, encoding="utf-8")) if os.path.exists(config_path) else {}
     template = config.get("chat_template")
@@ -139,8 +149,15 @@ def hf_chat_prompt(folder, messages: list[dict], add_generation_prompt: bool = T
 
     class Generation(jinja2.ext.Extension):
         """{% generation %} ... {% endgeneration %} (templates marking the assistant's tokens for
-        training masks, as SmolLM3's): rendered as its body, as transformers renders it."""
+        training masks, as SmolLM3's): rendered as its body; while `spans` is a list, each body's
+        (start, end) characters in the output are appended to it, the start being the length of
+        the chunks the template has yielded so far (`chunks`), as transformers' AssistantTracker
+        counts them."""
         tags = {"generation"}
+
+        def __init__(self, environment):
+            super().__init__(environment)
+            self.chunks, self.spans = [], None
 
         def parse(self, parser):
             lineno = next(parser.stream).lineno
@@ -148,7 +165,11 @@ def hf_chat_prompt(folder, messages: list[dict], add_generation_prompt: bool = T
             return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
 
         def _body(self, caller):
-            return caller()
+            text = caller()
+            if self.spans is not None:
+                start = sum(map(len, self.chunks))
+                self.spans.append((start, start + len(text)))
+            return text
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                         extensions=[jinja2.ext.loopcontrols, Generation])
@@ -156,9 +177,89 @@ def hf_chat_prompt(folder, messages: list[dict], add_generation_prompt: bool = T
         x, indent=indent, separators=separators, sort_keys=sort_keys, ensure_ascii=ensure_ascii)
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: __import__("datetime").datetime.now().strftime(fmt)
-    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                            bos_token=token_text(config.get("bos_token")) or "",
-                                            eos_token=token_text(config.get("eos_token")) or "")
+    tracker = next(ext for ext in env.extensions.values() if isinstance(ext, Generation))
+    variables = {"bos_token": token_text(config.get("bos_token")) or "", "eos_token": token_text(config.get("eos_token")) or ""}
+    marked = re.search(r"\{%-?\s*generation\s*[-+]?%\}", template) is not None
+    return env.from_string(template), tracker, variables, marked
+
+
+def hf_chat_prompt(folder, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    """The text a Hugging Face checkpoint folder's chat template makes of messages ([{"role":
+    "user", "content": ...}, ...]), as transformers' apply_chat_template renders it (jinja2 in a
+    sandbox, trim_blocks and lstrip_blocks, bos_token / eos_token from tokenizer_config.json).
+    Encode it with allowed_special="all": the template writes the special tokens as text."""
+    template, _, variables, _ = _chat_template(folder)
+    return template.render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
+
+
+def hf_chat_spans(folder, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """(the rendered conversation, the (start, end) character spans of what the assistant says in
+    it): the template's {% generation %} blocks where it has them (transformers'
+    return_assistant_tokens_mask reads the same), else for each assistant message i what the
+    conversation up to and with it adds to the conversation before it with the generation prompt
+    (the reply and the template's end-of-turn text). The latter needs a template that renders every
+    earlier turn as the whole conversation does; ValueError otherwise."""
+    template, tracker, variables, marked = _chat_template(folder)
+
+    def render(msgs, add_generation_prompt=False):
+        return template.render(messages=msgs, add_generation_prompt=add_generation_prompt, **variables)
+
+    if marked:
+        tracker.chunks, tracker.spans = [], []
+        try:
+            for chunk in template.generate(messages=messages, add_generation_prompt=False, **variables):
+                tracker.chunks.append(chunk)
+            return "".join(tracker.chunks), tracker.spans
+        finally:
+            tracker.chunks, tracker.spans = [], None
+    text, spans = render(messages), []
+    for i, message in enumerate(messages):
+        if message.get("role") != "assistant":
+            continue
+        before, through = render(messages[:i], add_generation_prompt=True), render(messages[:i + 1])
+        if not (through.startswith(before) and text.startswith(through)):
+            raise ValueError(f"{folder}: the chat template renders the conversation before assistant message {i} "
+                             "differently on its own than inside the whole conversation (it rewrites earlier turns, "
+                             "as templates dropping earlier reasoning do), so the assistant's text cannot be found "
+                             "by rendering prefixes; a template with {% generation %} ... {% endgeneration %} around "
+                             "each assistant reply marks it instead")
+        spans.append((len(before), len(through)))
+    return text, spans
+
+
+def hf_chat_tokens(folder, tokenizer: "Tokenizer", messages: list[dict]) -> tuple[list[int], list[int]]:
+    """(ids, mask) of a conversation for fine-tuning: the ids of hf_chat_spans' text (special tokens
+    as written, as apply_chat_template encodes it) and mask[j] = 1 where token j holds a character
+    of an assistant span (a token straddling a span's edge counts: transformers'
+    return_assistant_tokens_mask maps spans to tokens the same way)."""
+    text, spans = hf_chat_spans(folder, messages)
+    ids = tokenizer.encode(text, allowed_special="all")
+    ends = _token_ends(tokenizer, ids, text)  # byte offset in text where each token ends
+    char_bytes = np.concatenate([[0], np.cumsum([len(c.encode("utf-8")) for c in text])]) if text else np.zeros(1, np.int64)
+    mask = [0] * len(ids)
+    for start, end in spans:
+        if end <= start:
+            continue
+        first = int(np.searchsorted(ends, char_bytes[start], side="right"))  # the token holding byte b: first end > b
+        last = int(np.searchsorted(ends, char_bytes[end - 1], side="right"))
+        for j in range(first, min(last, len(ids) - 1) + 1):
+            mask[j] = 1
+    return ids, mask
+
+
+def _token_ends(tokenizer: "Tokenizer", ids: list[int], text: str) -> np.ndarray:
+    """The byte offset in text's UTF-8 where each token's bytes end. The tokens' bytes are text's
+    but for the spaces a SentencePiece-style tokenizer puts first, which are skipped."""
+    data, pos, ends = text.encode("utf-8"), 0, np.zeros(len(ids), np.int64)
+    for j, token in enumerate(ids):
+        for byte in tokenizer.token_bytes(token):
+            if pos < len(data) and data[pos] == byte:
+                pos += 1
+            elif byte != 0x20:
+                raise ValueError(f"token {token} ({tokenizer.token_bytes(token)!r}) does not decode to the text at byte "
+                                 f"{pos}: the assistant's tokens cannot be located")
+        ends[j] = pos
+    return ends
 
 
 def hf_stop_ids(folder) -> list[int]:

@@ -1,0 +1,329 @@
+"""Fine-tuning on conversations: the assistant's tokens of a chat template (against transformers'
+return_assistant_tokens_mask), prepare_chat's files, PackedLoader's rows, and `pyllm train` on
+*.jsonl conversations (resume, gradient accumulation)."""
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pyllm import cli, data
+from pyllm.tokenizer import Tokenizer
+from pyllm.tokenizer.tokenizer import hf_chat_spans, hf_chat_tokens
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+# ChatML, as Qwen's and SmolLM's templates write it; MARKED puts {% generation %} around what the
+# assistant says (its reply and the end of its turn), PLAIN is the same template without.
+CHATML = ("{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' %}"
+          "{% generation %}{{ m['content'] | trim }}<|im_end|>\n{% endgeneration %}{% else %}"
+          "{{ m['content'] | trim }}<|im_end|>\n{% endif %}{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+MARKED, PLAIN = CHATML, CHATML.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def conversation(rng: random.Random, turns: int) -> list[dict]:
+    words = ["def", "f(x):", "return", "x", "+", "1", "é", "größer", "\n", "  ", "日本", "?"]
+    say = lambda: " ".join(rng.choice(words) for _ in range(rng.randint(1, 8)))  # noqa: E731
+    messages = [{"role": "system", "content": "be brief"}] if rng.random() < 0.5 else []
+    for _ in range(turns):
+        messages += [{"role": "user", "content": say()}, {"role": "assistant", "content": say()}]
+    return messages
+
+
+def make_folder(path, template: str, kind: str = "byte-level", model: bool = False):
+    """A Hugging Face checkpoint folder: a tokenizer trained here (byte-level, or SentencePiece-style
+    as Llama 2's), the chat template and eos in tokenizer_config.json, and with model a small LLaMA."""
+    path.mkdir(parents=True, exist_ok=True)
+    texts = [" ".join(conversation(random.Random(i), 2)[-1]["content"] for _ in range(3)) for i in range(200)]
+    texts += [f"what is {i} plus {i + 1}? {2 * i + 1}" for i in range(100)]
+    if kind == "byte-level":
+        hf = tokenizers.Tokenizer(tokenizers.models.BPE())
+        hf.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+        hf.decoder = tokenizers.decoders.ByteLevel()
+        trainer = tokenizers.trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS, show_progress=False,
+                                                 initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    else:  # Llama 2's form: "▁" for spaces, one put first, byte fallback
+        hf = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+        hf.normalizer = tokenizers.normalizers.Sequence([tokenizers.normalizers.Prepend("\u2581"),
+                                                         tokenizers.normalizers.Replace(" ", "\u2581")])
+        hf.decoder = tokenizers.decoders.Sequence([
+            tokenizers.decoders.Replace("\u2581", " "), tokenizers.decoders.ByteFallback(),
+            tokenizers.decoders.Fuse(), tokenizers.decoders.Strip(" ", 1, 0)])
+        trainer = tokenizers.trainers.BpeTrainer(
+            vocab_size=700, special_tokens=["<unk>", "<s>", "</s>", *SPECIALS, *(f"<0x{b:02X}>" for b in range(256))],
+            limit_alphabet=60, show_progress=False)
+    hf.train_from_iterator(texts, trainer)
+    hf.save(str(path / "tokenizer.json"))
+    bos = "<s>" if kind != "byte-level" else ""
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "chat_template": template, "eos_token": "<|im_end|>",
+        **({"bos_token": bos} if bos else {})}))
+    if model:
+        transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=hf.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+            eos_token_id=hf.token_to_id("<|im_end|>"))).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module", params=["byte-level", "sentencepiece"])
+def folders(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(request.param)
+    marked, plain = make_folder(root / "marked", MARKED, request.param), root / "plain"
+    plain.mkdir()
+    (plain / "tokenizer.json").write_text((marked / "tokenizer.json").read_text())
+    config = json.loads((marked / "tokenizer_config.json").read_text())
+    (plain / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": PLAIN}))
+    return marked, plain, Tokenizer.from_hf(marked / "tokenizer.json"), \
+        transformers.AutoTokenizer.from_pretrained(marked)
+
+
+def transformers_ids_and_mask(hf_tokenizer, messages):
+    out = hf_tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    return list(out["input_ids"]), list(out["assistant_masks"])
+
+
+def test_assistant_tokens_as_transformers_marks_them(folders):
+    # A {% generation %} template: the ids and the mask transformers' apply_chat_template gives;
+    # the same template without the markers: the same mask, found by rendering prefixes.
+    marked, plain, ours, theirs = folders
+    rng = random.Random(0)
+    for turns in (1, 2, 3):
+        messages = conversation(rng, turns)
+        ids, mask = hf_chat_tokens(marked, ours, messages)
+        assert (ids, mask) == transformers_ids_and_mask(theirs, messages)
+        assert hf_chat_tokens(plain, ours, messages) == (ids, mask)
+        assert sum(mask) > 0 and mask.count(1) < len(mask)
+        # what the mask marks decodes to the replies and their end of turn
+        text = ours.decode([i for i, m in zip(ids, mask) if m])
+        for m in messages:
+            if m["role"] == "assistant":
+                assert m["content"].strip() in text
+        assert text.count("<|im_end|>") == turns
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(replies=st.lists(st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=20),
+                        min_size=1, max_size=3))
+def test_assistant_tokens_hypothesis(folders, replies):
+    marked, plain, ours, theirs = folders
+    messages = []
+    for i, reply in enumerate(replies):
+        messages += [{"role": "user", "content": f"q{i} é"}, {"role": "assistant", "content": reply}]
+    got = hf_chat_tokens(marked, ours, messages)
+    assert got == transformers_ids_and_mask(theirs, messages)
+    if all(r.strip() == r or not r.strip() for r in replies):  # trim does not reach across a marker
+        assert hf_chat_tokens(plain, ours, messages) == got
+
+
+def test_template_rewriting_earlier_turns_is_refused(tmp_path):
+    # Qwen3's kind: earlier assistant turns lose their reasoning, so prefixes render differently.
+    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' and not loop.last %}"
+                "{{ m['content'].split('</think>')[-1] }}{% else %}{{ m['content'] }}{% endif %}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    folder = tmp_path / "f"
+    folder.mkdir()
+    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "<think>x</think>b"},
+                {"role": "user", "content": "c"}, {"role": "assistant", "content": "<think>y</think>d"}]
+    with pytest.raises(ValueError, match="generation"):
+        hf_chat_spans(folder, messages)
+    assert hf_chat_spans(folder, messages[:2])[1] == [(len("<|im_start|>user\na<|im_end|>\n<|im_start|>assistant\n"),
+                                                       len(hf_chat_spans(folder, messages[:2])[0]))]
+
+
+def test_template_changes_are_seen(folders, tmp_path):
+    # The compiled template is cached per folder, and compiled again when the file changes.
+    marked, _, ours, _ = folders
+    folder = tmp_path / "f"
+    folder.mkdir()
+    config = json.loads((marked / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": "A{{ messages[0]['content'] }}"}))
+    assert hf_chat_spans(folder, [{"role": "user", "content": "x"}])[0] == "Ax"
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": "BB{{ messages[0]['content'] }}"}))
+    assert hf_chat_spans(folder, [{"role": "user", "content": "x"}])[0] == "BBx"
+
+
+# --- prepare_chat and the files ------------------------------------------------------------------
+
+def write_jsonl(path, conversations):
+    path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in conversations))
+    return path
+
+
+def test_prepare_chat_files(folders, tmp_path):
+    marked, _, ours, _ = folders
+    rng = random.Random(1)
+    conversations = [conversation(rng, rng.randint(1, 3)) for _ in range(30)]
+    conversations[7] = [{"role": "user", "content": "hello"}]  # nothing to learn from: left out
+    path = write_jsonl(tmp_path / "chats.jsonl", conversations)
+    assert data.is_chat_data([path]) and not data.is_chat_data([tmp_path]) and not data.is_chat_data(None)
+    stats = data.prepare_chat([path], ours, marked, tmp_path / "out", val_fraction=0.1, show_progress=False)
+    assert stats["without_assistant"] == 1 and stats["train_conversations"] + stats["val_conversations"] == 29
+    expected = {"train": [c for i, c in enumerate(conversations) if i % 10 != 9 and i != 7],
+                "val": [c for i, c in enumerate(conversations) if i % 10 == 9]}
+    for name, convs in expected.items():
+        tokens = np.asarray(data.open_tokens(tmp_path / "out" / f"{name}.bin"))
+        offsets = np.load(tmp_path / "out" / f"{name}.docs.npy")
+        mask = np.load(tmp_path / "out" / f"{name}.mask.npy")
+        assert len(offsets) == len(convs) + 1 and len(mask) == len(tokens) == offsets[-1]
+        for k, messages in enumerate(convs):
+            ids, want = hf_chat_tokens(marked, ours, messages)
+            assert tokens[offsets[k]:offsets[k + 1]].tolist() == ids and mask[offsets[k]:offsets[k + 1]].tolist() == want
+
+
+@pytest.mark.parametrize("line, message", [
+    ("{not json", "chats.jsonl:2: not JSON"),
+    (json.dumps({"text": "hi"}), "chats.jsonl:2: expected"),
+    (json.dumps({"messages": [{"content": "no role"}]}), "chats.jsonl:2: expected"),
+])
+def test_read_conversations_says_which_line(tmp_path, line, message):
+    path = tmp_path / "chats.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "a"}]}) + "\n" + line + "\n")
+    with pytest.raises(ValueError, match=message):
+        data.read_conversations(path)
+
+
+def test_prepare_chat_needs_two_conversations(folders, tmp_path):
+    marked, _, ours, _ = folders
+    path = write_jsonl(tmp_path / "chats.jsonl", [conversation(random.Random(0), 1)])
+    with pytest.raises(ValueError, match="at least 2"):
+        data.prepare_chat([path], ours, marked, tmp_path / "out", show_progress=False)
+
+
+# --- PackedLoader ------------------------------------------------------------------------------
+
+def packed_set(tmp_path, lengths, seed=0):
+    rng = np.random.default_rng(seed)
+    docs = [rng.integers(0, 1000, n) for n in lengths]
+    masks = [(rng.random(n) < 0.5).astype(np.uint8) for n in lengths]
+    data.write_documents(tmp_path / "train.bin", docs, masks, vocab_size=1000)
+    return docs, masks
+
+
+def test_packed_loader_rows(tmp_path):
+    # Every row: whole documents (one longer than T cut to T) one after another, then padding; y the
+    # next token of the same document where the mask marks it, else -1; cu_seqlens their offsets.
+    lengths = [3, 17, 5, 1, 8, 40, 2, 9, 16, 4, 11]
+    docs, masks = packed_set(tmp_path, lengths)
+    T, B = 16, 3
+    loader = data.PackedLoader(tmp_path / "train.bin", B, T, seed=3)
+    seen = []
+    for _ in range(6):  # past the end of the first epoch
+        x, y, cu = loader.next_batch()
+        assert x.shape == y.shape == (B, T) and cu.dtype == torch.int32
+        offsets = cu.tolist()
+        assert offsets[0] == 0 and offsets[-1] == B * T and all(r * T in offsets for r in range(B))
+        targets = 0
+        for start, end in zip(offsets, offsets[1:]):
+            row_x, row_y = x.view(-1)[start:end].numpy(), y.view(-1)[start:end].numpy()
+            match = [d for d in range(len(docs)) if len(row_x) == min(len(docs[d]), T)
+                     and (docs[d][:len(row_x)] == row_x).all()]
+            if not match:  # padding, always last in its row
+                assert (end % T == 0) and (row_y == -1).all() and (row_x == 0).all()
+                continue
+            d = match[0]
+            seen.append(d)
+            n = len(row_x)
+            nxt = np.append(docs[d][1:n + 1], -1)[:n] if n == len(docs[d]) else docs[d][1:n + 1]
+            want = np.where(np.append(masks[d][1:n + 1], 0)[:n] == 1, nxt, -1)
+            assert (row_y == want).all()
+            targets += int((want != -1).sum())
+        assert loader.targets == loader.global_targets == targets
+    assert sorted(seen[:len(docs)]) == list(range(len(docs)))  # each document once in the first epoch
+
+
+def test_packed_loader_ranks_and_resume(tmp_path):
+    packed_set(tmp_path, [random.Random(i).randint(1, 20) for i in range(50)])
+    path = tmp_path / "train.bin"
+    whole = data.PackedLoader(path, 4, 16, seed=1)
+    halves = [data.PackedLoader(path, 2, 16, seed=1, rank=r, world_size=2) for r in range(2)]
+    for _ in range(5):
+        x, y, cu = whole.next_batch()
+        parts = [h.next_batch() for h in halves]
+        assert torch.equal(torch.cat([p[0] for p in parts]), x) and torch.equal(torch.cat([p[1] for p in parts]), y)
+        assert torch.equal(torch.cat([parts[0][2][:-1], parts[1][2] + 32]), cu)
+        assert halves[0].global_targets == whole.global_targets == halves[0].targets + halves[1].targets
+    state = whole.state_dict()
+    after = [whole.next_batch() for _ in range(8)]
+    again = data.PackedLoader(path, 4, 16, seed=1)
+    again.load_state_dict(state)
+    for want in after:
+        assert all(torch.equal(a, b) for a, b in zip(again.next_batch(), want))
+
+
+def test_packed_loader_checks_its_files(tmp_path):
+    packed_set(tmp_path, [4, 5, 6])
+    np.save(tmp_path / "train.docs.npy", np.array([0, 4, 9, 14]))
+    with pytest.raises(data.TokenFileError, match="prepare the data again"):
+        data.PackedLoader(tmp_path / "train.bin", 2, 8)
+
+
+# --- pyllm train on conversations ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def chat_run_inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sft")
+    folder = make_folder(root / "hf", PLAIN, model=True)
+    rng = random.Random(0)
+    convs = []
+    for _ in range(120):
+        a, b = rng.randrange(100), rng.randrange(100)
+        convs.append([{"role": "user", "content": f"what is {a} plus {b}?"}, {"role": "assistant", "content": f"{a + b}"}])
+    return folder, write_jsonl(root / "chats.jsonl", convs)
+
+
+def train_args(folder, chats, out, *extra):
+    return ["train", "--init-from-hf", str(folder), "--data", str(chats), "--out", str(out), "--lr", "1e-3",
+            "--warmup-steps", "2", "--seq-len", "48", "--eval-every", "0", "--eval-batches", "2", "--device", "cpu",
+            "--sample-tokens", "0", "--seed", "5", *extra]
+
+
+def logged(run):
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def test_train_on_conversations_resumes_exactly(chat_run_inputs, tmp_path, capsys):
+    folder, chats = chat_run_inputs
+    assert cli.main(train_args(folder, chats, tmp_path / "a", "--max-steps", "6", "--batch-size", "4")) == 0
+    out = capsys.readouterr().out
+    assert "120 conversations -> " in out and "the assistant's, trained on" in out
+    assert json.loads((tmp_path / "a" / "run.json").read_text())["chat"] is True
+    assert cli.main(train_args(folder, chats, tmp_path / "b", "--max-steps", "3", "--batch-size", "4")) == 0
+    assert cli.main(["train", "--resume", str(tmp_path / "b"), "--max-steps", "6"]) == 0
+    assert [r["loss"] for r in logged(tmp_path / "a")] == [r["loss"] for r in logged(tmp_path / "b")]
+    losses = [r["loss"] for r in logged(tmp_path / "a")]
+    assert losses[-1] < losses[0] and logged(tmp_path / "a")[-1]["val_loss"] is not None
+
+
+def test_train_on_conversations_weighs_tokens_across_micro_batches(chat_run_inputs, tmp_path):
+    # 2 micro-batches of 2 rows are the batch of 4 rows (the same rows: the loader packs them in
+    # one order), so the step's loss is the mean over all its trained tokens either way, not the
+    # mean of the two micro-batches' means; and so the weights after the step.
+    from pyllm.model import LLM
+
+    folder, chats = chat_run_inputs
+    assert cli.main(train_args(folder, chats, tmp_path / "one", "--max-steps", "2", "--batch-size", "4")) == 0
+    assert cli.main(train_args(folder, chats, tmp_path / "two", "--max-steps", "2", "--batch-size", "2",
+                               "--grad-accum", "2")) == 0
+    one, two = logged(tmp_path / "one"), logged(tmp_path / "two")
+    for a, b in zip(one, two):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    w1 = LLM.load(tmp_path / "one" / "model.safetensors").state_dict()
+    w2 = LLM.load(tmp_path / "two" / "model.safetensors").state_dict()
+    for k in w1:  # AdamW's first steps move every weight by ~lr (1e-3): near-zero gradients differ in sign
+        torch.testing.assert_close(w1[k], w2[k], rtol=0, atol=1e-5)
+
+
+def test_conversations_need_a_chat_template(chat_run_inputs, tmp_path, capsys):
+    _, chats = chat_run_inputs
+    assert cli.main(["train", "--data", str(chats), "--out", str(tmp_path / "r"), "--max-steps", "1", "--device", "cpu"]) == 2
+    assert "needs --init-from-hf" in capsys.readouterr().err

@@ -241,6 +241,23 @@ def test_packed_loader_rows(tmp_path):
     assert sorted(seen[:len(docs)]) == list(range(len(docs)))  # each document once in the first epoch
 
 
+def test_packed_loader_window_fills_rows(tmp_path):
+    # Long-tailed lengths: first-fit over a window of waiting documents leaves less padding than
+    # taking them strictly in order (lookahead=1), and both place every document once per epoch.
+    rng = np.random.default_rng(2)
+    lengths = np.clip(rng.lognormal(np.log(50), 0.8, 300).astype(int), 4, 256)
+    packed_set(tmp_path, lengths.tolist())
+    padding = {}
+    for lookahead in (1, 64):
+        loader = data.PackedLoader(tmp_path / "train.bin", 4, 256, seed=0, lookahead=lookahead)
+        positions = pad = 0
+        while loader.epoch == 0:
+            loader.next_batch()
+            positions, pad = positions + 4 * 256, pad + loader.padding
+        padding[lookahead] = pad / positions
+    assert padding[64] < padding[1] / 3
+
+
 def test_packed_loader_ranks_and_resume(tmp_path):
     packed_set(tmp_path, [random.Random(i).randint(1, 20) for i in range(50)])
     path = tmp_path / "train.bin"

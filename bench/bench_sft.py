@@ -1,0 +1,156 @@
+"""Fine-tuning on conversations: packed rows with per-conversation attention vs padded batches.
+
+One epoch over the same conversations, forward + backward (the optimizer step costs the same either
+way and is left out), three ways on the same weights (a LlamaForCausalLM with random weights in
+SmolLM2-135M's shape, 30 layers (--quick: 4), read by pyllm.model.LLM.from_hf):
+- pyllm packed: PackedLoader rows of --seq-len tokens, whole conversations one after another, each
+  attending to itself alone (LLM.forward's cu_seqlens -> flash_attn varlen); padding only at a row's end.
+- pyllm padded: batches of conversations in the same order, each batch padded to its longest (what
+  transformers' DataCollatorWithPadding does), the model's plain causal forward.
+- transformers padded: the same padded batches through transformers' own model (SDPA, attention_mask,
+  labels -100 on padding and prompts).
+The padded batches hold as many conversations as a packed batch holds on average, so each way sees
+about the same real tokens per step ("vs transformers" compares real tokens/s). Conversation lengths are drawn from a log-normal around
+--mean-tokens (SFT sets are long-tailed: most replies short, some long), cut to [16, --seq-len]; the
+second half of each is the assistant's (the loss's). Rows: seconds per epoch (median of --repeat,
+the three interleaved), real tokens/s, the share of computed positions that were padding.
+Needs transformers; prints why and exits 0 without it.
+"""
+from __future__ import annotations
+
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+from pyllm import data  # noqa: E402
+from pyllm.model import LLM  # noqa: E402
+
+
+def padded_batches(docs, masks, order, per_batch):
+    """(x, y, attention_mask, labels) per batch of per_batch conversations in order, padded to the
+    longest: y the next token where trained, else -1 (pyllm's targets); labels the token itself where
+    trained, else -100 (transformers' labels, which its loss shifts)."""
+    batches = []
+    for i in range(0, len(order), per_batch):
+        group = [order[j] for j in range(i, min(i + per_batch, len(order)))]
+        T = max(len(docs[d]) for d in group)
+        x = torch.zeros(len(group), T, dtype=torch.long)
+        y = torch.full((len(group), T), -1, dtype=torch.long)
+        attn = torch.zeros(len(group), T, dtype=torch.long)
+        labels = torch.full((len(group), T), -100, dtype=torch.long)
+        for r, d in enumerate(group):
+            n = len(docs[d])
+            x[r, :n], attn[r, :n] = torch.from_numpy(docs[d]), 1
+            y[r, :n - 1] = torch.from_numpy(np.where(masks[d][1:] == 1, docs[d][1:], -1))
+            labels[r, :n] = torch.from_numpy(np.where(masks[d] == 1, docs[d], -100))
+        batches.append((x, y, attn, labels))
+    return batches
+
+
+def main() -> int:
+    parser = common.base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--conversations", type=int, default=0, help="default 96 (--quick: 32)")
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--rows", type=int, default=2, help="rows per packed batch")
+    parser.add_argument("--mean-tokens", type=int, default=200)
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16")
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    try:
+        import transformers
+    except ImportError:
+        print("bench_sft: transformers is not installed; nothing to compare with")
+        return 0
+    torch.manual_seed(0)
+    n_conv = args.conversations or (32 if args.quick else 96)
+    config = transformers.LlamaConfig(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=4 if args.quick else 30,
+        num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048, rms_norm_eps=1e-5,
+        rope_theta=100000.0, tie_word_embeddings=True, attn_implementation="sdpa")
+    theirs = transformers.LlamaForCausalLM(config)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    rng = np.random.default_rng(0)
+    lengths = np.clip(rng.lognormal(np.log(args.mean_tokens), 0.8, n_conv).astype(int), 16, args.seq_len)
+    docs = [rng.integers(0, config.vocab_size, n) for n in lengths]
+    masks = [(np.arange(n) >= n // 2).astype(np.uint8) for n in lengths]
+    with tempfile.TemporaryDirectory() as folder:
+        theirs.save_pretrained(folder)
+        ours = LLM.from_hf(folder)
+        data.write_documents(Path(folder) / "train.bin", docs, masks, config.vocab_size)
+        packing = {}  # lookahead -> (batches, padded positions): the window's default, and in order
+        for lookahead in (None, 1):
+            loader = data.PackedLoader(Path(folder) / "train.bin", args.rows, args.seq_len, seed=0, lookahead=lookahead)
+            batches, pad = [], 0
+            while loader.epoch == 0:  # the last batch may hold the next epoch's first documents
+                batches.append(loader.next_batch())
+                pad += loader.padding
+            packing[lookahead] = batches, pad
+        packed, packed_padding = packing[None]
+        order = [int(i) for i in loader._epoch_order(0)]
+    ours, theirs = ours.to(args.device, dtype).train(), theirs.to(args.device, dtype).train()
+    per_batch = max(1, round(n_conv / len(packed)))
+    padded = padded_batches(docs, masks, order, per_batch)
+    dev = lambda batch: [t.to(args.device) for t in batch]  # noqa: E731
+
+    def epoch_pyllm_packed(limit=None):
+        for x, y, cu in map(dev, packed[:limit]):
+            ours(x, y, cu)[1].backward()
+
+    def epoch_pyllm_padded(limit=None):
+        for x, y, _, _ in map(dev, padded[:limit]):
+            ours(x, y)[1].backward()
+
+    def epoch_transformers_padded(limit=None):
+        for x, _, attn, labels in map(dev, padded[:limit]):
+            theirs(input_ids=x, attention_mask=attn, labels=labels).loss.backward()
+
+    runs = {"pyllm packed": epoch_pyllm_packed, "pyllm padded": epoch_pyllm_padded,
+            "transformers padded": epoch_transformers_padded}
+    padded_positions = sum(b[0].numel() for b in padded)
+    positions = {"pyllm packed": len(packed) * args.rows * args.seq_len, "pyllm padded": padded_positions,
+                 "transformers padded": padded_positions}
+    real = {"pyllm packed": positions["pyllm packed"] - packed_padding, "pyllm padded": int(lengths.sum()),
+            "transformers padded": int(lengths.sum())}
+    in_order = packing[1][1] / (len(packing[1][0]) * args.rows * args.seq_len)
+    seconds = {name: [] for name in runs}
+    for run in runs.values():  # warm-up
+        run(limit=2)
+    for _ in range(args.repeat):
+        for name, run in runs.items():
+            ours.zero_grad(set_to_none=True)
+            theirs.zero_grad(set_to_none=True)
+            common.sync(args.device)
+            t0 = time.perf_counter()
+            run()
+            common.sync(args.device)
+            seconds[name].append(time.perf_counter() - t0)
+    peer = statistics.median(seconds["transformers padded"])
+    rows = []
+    for name in runs:
+        s = statistics.median(seconds[name])
+        rows.append({"impl": name, "batches": len(packed) if name == "pyllm packed" else len(padded),
+                     "s/epoch": round(s, 2), "real tokens/s": round(real[name] / s),
+                     "padding": f"{1 - real[name] / positions[name]:.0%}",
+                     "vs transformers": f"{peer * real[name] / (s * real['transformers padded']):.2f}x"})
+    print(f"# SFT epoch on {common.device_description(args.device)}: {config.num_hidden_layers} layers, {args.dtype}, "
+          f"{n_conv} conversations, {lengths.sum()} tokens (mean {lengths.mean():.0f}, max {lengths.max()}), packed "
+          f"{args.rows} x {args.seq_len} (padding {in_order:.0%} when packed strictly in order), padded {per_batch} "
+          f"per batch, transformers {transformers.__version__}")
+    common.print_table(rows, ["impl", "batches", "s/epoch", "real tokens/s", "padding", "vs transformers"])
+    common.write_json(args.json, "sft", args.device, rows, {
+        "layers": config.num_hidden_layers, "dtype": args.dtype, "conversations": n_conv, "tokens": int(lengths.sum()),
+        "padding_packed_in_order": round(in_order, 3),
+        "seq_len": args.seq_len, "rows": args.rows, "per_padded_batch": per_batch, "transformers": transformers.__version__})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

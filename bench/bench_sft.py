@@ -2,13 +2,15 @@
 
 One epoch over the same conversations, forward + backward (the optimizer step costs the same either
 way and is left out), three ways on the same weights (a LlamaForCausalLM with random weights in
-SmolLM2-135M's shape, 30 layers (--quick: 4), read by pyllm.model.LLM.from_hf):
+SmolLM2-135M's shape, 30 layers (--layers; --quick: 4), read by pyllm.model.LLM.from_hf):
 - pyllm packed: PackedLoader rows of --seq-len tokens, whole conversations one after another, each
   attending to itself alone (LLM.forward's cu_seqlens -> flash_attn varlen); padding only at a row's end.
 - pyllm padded: batches of conversations in the same order, each batch padded to its longest (what
   transformers' DataCollatorWithPadding does), the model's plain causal forward.
 - transformers padded: the same padded batches through transformers' own model (SDPA, attention_mask,
   labels -100 on padding and prompts).
+- transformers sorted: its best case for padding: batches of conversations of about equal length
+  (the whole set sorted by length, as its Trainer's group_by_length does within mega-batches).
 The padded batches hold as many conversations as a packed batch holds on average, so each way sees
 about the same real tokens per step ("vs transformers" compares real tokens/s). Conversation lengths are drawn from a log-normal around
 --mean-tokens (SFT sets are long-tailed: most replies short, some long), cut to [16, --seq-len]; the
@@ -62,6 +64,7 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=2, help="rows per packed batch")
     parser.add_argument("--mean-tokens", type=int, default=200)
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16")
+    parser.add_argument("--layers", type=int, default=0, help="default 30, SmolLM2-135M's (--quick: 4)")
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     try:
@@ -72,7 +75,7 @@ def main() -> int:
     torch.manual_seed(0)
     n_conv = args.conversations or (32 if args.quick else 96)
     config = transformers.LlamaConfig(
-        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=4 if args.quick else 30,
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=args.layers or (4 if args.quick else 30),
         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048, rms_norm_eps=1e-5,
         rope_theta=100000.0, tie_word_embeddings=True, attn_implementation="sdpa")
     theirs = transformers.LlamaForCausalLM(config)
@@ -98,6 +101,7 @@ def main() -> int:
     ours, theirs = ours.to(args.device, dtype).train(), theirs.to(args.device, dtype).train()
     per_batch = max(1, round(n_conv / len(packed)))
     padded = padded_batches(docs, masks, order, per_batch)
+    by_length = padded_batches(docs, masks, sorted(order, key=lambda d: len(docs[d])), per_batch)
     dev = lambda batch: [t.to(args.device) for t in batch]  # noqa: E731
 
     def epoch_pyllm_packed(limit=None):
@@ -108,17 +112,18 @@ def main() -> int:
         for x, y, _, _ in map(dev, padded[:limit]):
             ours(x, y)[1].backward()
 
-    def epoch_transformers_padded(limit=None):
-        for x, _, attn, labels in map(dev, padded[:limit]):
+    def epoch_transformers_padded(limit=None, batches=padded):
+        for x, _, attn, labels in map(dev, batches[:limit]):
             theirs(input_ids=x, attention_mask=attn, labels=labels).loss.backward()
 
     runs = {"pyllm packed": epoch_pyllm_packed, "pyllm padded": epoch_pyllm_padded,
-            "transformers padded": epoch_transformers_padded}
+            "transformers padded": epoch_transformers_padded,
+            "transformers sorted": lambda limit=None: epoch_transformers_padded(limit, by_length)}
     padded_positions = sum(b[0].numel() for b in padded)
     positions = {"pyllm packed": len(packed) * args.rows * args.seq_len, "pyllm padded": padded_positions,
-                 "transformers padded": padded_positions}
-    real = {"pyllm packed": positions["pyllm packed"] - packed_padding, "pyllm padded": int(lengths.sum()),
-            "transformers padded": int(lengths.sum())}
+                 "transformers padded": padded_positions, "transformers sorted": sum(b[0].numel() for b in by_length)}
+    real = {name: int(lengths.sum()) for name in positions}
+    real["pyllm packed"] = positions["pyllm packed"] - packed_padding
     in_order = packing[1][1] / (len(packing[1][0]) * args.rows * args.seq_len)
     seconds = {name: [] for name in runs}
     for run in runs.values():  # warm-up

@@ -209,7 +209,8 @@ def ensure_token_files(inputs, tokenizer, tokenizer_path: Path, out_dir: Path, v
     meta_path = out_dir / "source.json"
     meta = {"inputs": [str(Path(p).resolve()) for p in inputs] if inputs else "stdlib",
             "tokenizer": str(tokenizer_path.resolve()), "tokenizer_mtime": tokenizer_path.stat().st_mtime,
-            "val_fraction": val_fraction, **({"doc_markers": doc_markers} if doc_markers else {})}
+            "val_fraction": val_fraction, **({"doc_markers": doc_markers} if doc_markers else {}),
+            "header": 2}  # files from before the header recorded the end-of-document id are made again
     if chat_folder is not None:
         meta["chat_template_of"] = str(Path(chat_folder).resolve())
         meta["inputs_mtime"] = [Path(p).stat().st_mtime for p in inputs]
@@ -614,6 +615,11 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--activation-checkpointing", action="store_true", default=None,
                    help="keep only each block's input for the backward and recompute the rest there: activation "
                         "memory falls to about one (B, T, dim) tensor per layer, for ~1/3 more compute")
+    p.add_argument("--doc-mask", action="store_true", default=None,
+                   help="keep each document's tokens from attending to the documents before it in the same training "
+                        "window (cut at the end-of-document token: <|endoftext|>, or an --init-from-hf model's "
+                        "end-of-sequence id), each document's positions starting at 0, as Llama 3 was trained; "
+                        "conversations (*.jsonl) are always computed one by one")
     p.add_argument("--dist-mode", choices=["ddp", "fsdp", "zero1"],
                    help="under torchrun with several processes: ddp (default: DistributedDataParallel), fsdp (FSDP2: "
                         "params, grads and optimizer state sharded), zero1 (pyllm's ZeroAdamW: optimizer state sharded)")

@@ -7,7 +7,9 @@ A token file is a 64-byte header followed by the tokens, little-endian:
     offset 12  uint32   bytes per token (2: uint16, when the vocab fits; else 4: uint32)
     offset 16  uint64   number of tokens
     offset 24  uint32   vocab size of the tokenizer that wrote it
-    offset 28  zeros up to 64
+    offset 28  uint32   the id ending each document, plus 1 (0: none recorded, as in files of
+                        earlier pyllm versions, whose header was zeros from here)
+    offset 32  zeros up to 64
 
 `prepare` writes train.bin and val.bin; `TokenLoader` samples (B, T+1) windows from a memmap with
 its own seeded numpy generator, whose state goes into checkpoints.
@@ -32,7 +34,7 @@ import torch
 MAGIC = b"PYLLMTOK"
 VERSION = 1
 HEADER_BYTES = 64
-_HEADER = struct.Struct("<8sIIQI")
+_HEADER = struct.Struct("<8sIIQII")
 EOT = "<|endoftext|>"
 
 
@@ -81,8 +83,9 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
 
-def write_tokens(path, tokens: np.ndarray, vocab_size: int) -> None:
-    """Writes a token file atomically (temp file, then rename)."""
+def write_tokens(path, tokens: np.ndarray, vocab_size: int, doc_end: int | None = None) -> None:
+    """Writes a token file atomically (temp file, then rename); doc_end: the id that ends each
+    document in it, if any (TokenLoader's doc_mask needs it)."""
     path = Path(path)
     dtype = token_dtype(vocab_size)
     tokens = np.asarray(tokens)
@@ -90,7 +93,8 @@ def write_tokens(path, tokens: np.ndarray, vocab_size: int) -> None:
         raise ValueError(f"{path}: token ids must lie in [0, {vocab_size}), got [{tokens.min()}, {tokens.max()}]")
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
-        f.write(_HEADER.pack(MAGIC, VERSION, dtype.itemsize, tokens.size, vocab_size).ljust(HEADER_BYTES, b"\0"))
+        f.write(_HEADER.pack(MAGIC, VERSION, dtype.itemsize, tokens.size, vocab_size,
+                             0 if doc_end is None else doc_end + 1).ljust(HEADER_BYTES, b"\0"))
         f.write(tokens.astype(dtype.newbyteorder("<"), copy=False).tobytes())
     os.replace(tmp, path)
 
@@ -104,7 +108,7 @@ def read_header(path) -> dict:
         head = f.read(HEADER_BYTES)
     if len(head) < HEADER_BYTES or head[:8] != MAGIC:
         raise TokenFileError(f"{path} is not a pyllm token file (bad magic or a header shorter than {HEADER_BYTES} bytes)")
-    magic, version, itemsize, count, vocab_size = _HEADER.unpack(head[:_HEADER.size])
+    magic, version, itemsize, count, vocab_size, doc_end = _HEADER.unpack(head[:_HEADER.size])
     if version != VERSION:
         raise TokenFileError(f"{path}: token file format version {version}, this pyllm reads version {VERSION}")
     if itemsize not in (2, 4):
@@ -112,7 +116,8 @@ def read_header(path) -> dict:
     expected = HEADER_BYTES + count * itemsize
     if size != expected:
         raise TokenFileError(f"{path} is truncated or corrupt: header promises {count} tokens ({expected} bytes), file has {size} bytes")
-    return {"count": count, "dtype": np.dtype(np.uint16 if itemsize == 2 else np.uint32), "vocab_size": vocab_size}
+    return {"count": count, "dtype": np.dtype(np.uint16 if itemsize == 2 else np.uint32), "vocab_size": vocab_size,
+            "doc_end": doc_end - 1 if doc_end else None}
 
 
 def open_tokens(path) -> np.memmap:
@@ -179,8 +184,8 @@ def prepare(inputs: Sequence[str | os.PathLike] | None, tokenizer, out_dir, val_
     if not by_document:
         n_val = max(1, int(len(train) * val_fraction))
         train, val = train[:-n_val], train[-n_val:]
-    write_tokens(out_dir / "train.bin", train, tokenizer.vocab_size)
-    write_tokens(out_dir / "val.bin", val, tokenizer.vocab_size)
+    write_tokens(out_dir / "train.bin", train, tokenizer.vocab_size, eot)
+    write_tokens(out_dir / "val.bin", val, tokenizer.vocab_size, eot)
     return {"train_tokens": int(len(train)), "val_tokens": int(len(val)), "files": len(files), "bytes": total_bytes}
 
 
@@ -192,26 +197,45 @@ class TokenLoader:
     Each batch is the slice [rank * B, (rank + 1) * B) of a global batch of world_size * B windows
     drawn from one generator seeded alike on every rank, so N processes with batch B see exactly
     the windows one process with batch N * B sees. state_dict() holds the generator's state.
+
+    doc_mask: each batch also gives cu_seqlens, a document starting after every end-of-document
+    token (the id the file's header records) in a window, so that LLM.forward keeps each
+    document's tokens from attending to the one before it in the same window (as Llama 3 was
+    trained) and starts its positions at 0. The targets stay the stream's.
     """
 
     def __init__(self, path, batch_size: int, seq_len: int, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 device="cpu"):
+                 device="cpu", doc_mask: bool = False):
         self.tokens = open_tokens(path)
         self.path, self.batch_size, self.seq_len = Path(path), batch_size, seq_len
         self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
         if len(self.tokens) < seq_len + 1:
             raise TokenFileError(f"{path} holds {len(self.tokens)} tokens, fewer than one window of seq_len + 1 = {seq_len + 1}")
+        self.doc_end = read_header(path)["doc_end"] if doc_mask else None
+        if doc_mask and self.doc_end is None:
+            raise TokenFileError(f"{path} records no end-of-document token, which doc_mask needs: prepare it again "
+                                 "with this pyllm (with a tokenizer that has <|endoftext|>, or a model's end-of-sequence id)")
         self.rng = np.random.Generator(np.random.PCG64(seed))
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x, y), each (B, T) int64, y shifted by one."""
+    def next_batch(self) -> tuple[torch.Tensor, ...]:
+        """(x, y), each (B, T) int64, y shifted by one; with doc_mask (x, y, cu_seqlens)."""
         n_windows = len(self.tokens) - self.seq_len
         starts = self.rng.integers(0, n_windows, size=self.batch_size * self.world_size)
         starts = starts[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
         windows = np.stack([self.tokens[s:s + self.seq_len + 1] for s in starts]).astype(np.int64)
         batch = torch.from_numpy(windows)
+        cu_seqlens = None
+        if self.doc_end is not None:
+            T = self.seq_len
+            ends = np.flatnonzero(windows[:, :T - 1] == self.doc_end)  # in the rows' first T - 1: one starts after
+            starts_after = (ends // (T - 1)) * T + ends % (T - 1) + 1
+            cu_seqlens = torch.from_numpy(np.union1d(starts_after, np.arange(0, len(windows) * T + 1, T)).astype(np.int32))
         if self.device.type == "cuda":
             batch = batch.pin_memory().to(self.device, non_blocking=True)
+            if cu_seqlens is not None:
+                cu_seqlens = cu_seqlens.pin_memory().to(self.device, non_blocking=True)
+        if cu_seqlens is not None:
+            return batch[:, :-1], batch[:, 1:], cu_seqlens
         return batch[:, :-1], batch[:, 1:]
 
     def state_dict(self) -> dict:

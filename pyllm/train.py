@@ -54,6 +54,7 @@ class TrainConfig:
     seed: int = 1337
     compile: bool = False
     activation_checkpointing: bool = False  # recompute each block in the backward: less memory, ~1/3 more compute
+    doc_mask: bool = False  # windows of a token stream: no attention across end-of-document tokens
     dist_mode: str = "ddp"  # ddp | fsdp | zero1 (when launched by torchrun with several processes)
     nan_patience: int = 3  # this many non-finite losses in a row stop the run
     init_loss_scale: float = 2.0 ** 16
@@ -263,7 +264,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 def evaluate(model, path, cfg: TrainConfig, seq_len: int, precision: str, info: DistInfo) -> float:
     """Mean loss over eval_batches fixed val batches (a fresh generator each time, so every eval
     sees the same windows and the training RNG is untouched)."""
-    loader = make_loader(path, cfg.batch_size, seq_len, cfg.seed + 1, info)
+    loader = make_loader(path, cfg, seq_len, cfg.seed + 1, info)
     model.eval()
     total = torch.zeros((), device=info.device)
     targets = 0
@@ -281,10 +282,12 @@ def evaluate(model, path, cfg: TrainConfig, seq_len: int, precision: str, info: 
     return float(all_reduce_mean(total / cfg.eval_batches, info))
 
 
-def make_loader(path, batch_size: int, seq_len: int, seed: int, info: DistInfo):
-    """PackedLoader for token files of conversations (with .docs.npy and .mask.npy), else TokenLoader."""
-    kind = PackedLoader if has_documents(path) else TokenLoader
-    return kind(path, batch_size, seq_len, seed, info.rank, info.world_size, info.device)
+def make_loader(path, cfg: TrainConfig, seq_len: int, seed: int, info: DistInfo):
+    """PackedLoader for token files of conversations (with .docs.npy and .mask.npy: each is
+    computed alone anyway), else TokenLoader (with cfg.doc_mask)."""
+    if has_documents(path):
+        return PackedLoader(path, cfg.batch_size, seq_len, seed, info.rank, info.world_size, info.device)
+    return TokenLoader(path, cfg.batch_size, seq_len, seed, info.rank, info.world_size, info.device, cfg.doc_mask)
 
 
 # --- checkpoints -------------------------------------------------------------------------------------
@@ -480,7 +483,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
               "runs on torch's attention, SwiGLU and AdamW; reinstall with nvcc on PATH for pyllm's", file=sys.stderr)
     model = model.to(info.device)
     model.activation_checkpointing = cfg.activation_checkpointing
-    loader = make_loader(data / "train.bin", cfg.batch_size, seq_len, cfg.seed, info)
+    loader = make_loader(data / "train.bin", cfg, seq_len, cfg.seed, info)
     wrapped = wrap_model(model, cfg, info)
     optimizer = make_optimizer(model, cfg, info)
     scaler = make_loss_scaler(precision, cfg)

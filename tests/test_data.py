@@ -138,3 +138,30 @@ def test_loader_too_few_tokens(tmp_path):
     data.write_tokens(tmp_path / "t.bin", np.arange(10), vocab_size=256)
     with pytest.raises(data.TokenFileError, match="fewer than one window"):
         data.TokenLoader(tmp_path / "t.bin", 2, 16)
+
+
+def test_doc_mask_cuts_windows_after_each_document_end(tmp_path):
+    # Documents of random lengths 1-12 ending in 256 (= <|endoftext|>): with doc_mask, cu_seqlens
+    # holds every row start and every position right after a 256 inside a row.
+    rng = np.random.default_rng(0)
+    docs = [np.append(rng.integers(0, 256, rng.integers(0, 12)), 256) for _ in range(400)]
+    data.write_tokens(tmp_path / "t.bin", np.concatenate(docs), vocab_size=257, doc_end=256)
+    assert data.read_header(tmp_path / "t.bin")["doc_end"] == 256
+    plain = data.TokenLoader(tmp_path / "t.bin", 3, 16, seed=4)
+    masked = data.TokenLoader(tmp_path / "t.bin", 3, 16, seed=4, doc_mask=True)
+    for _ in range(5):
+        x, y = plain.next_batch()
+        xm, ym, cu = masked.next_batch()
+        assert torch.equal(x, xm) and torch.equal(y, ym) and cu.dtype == torch.int32
+        want = {0, 48} | {r * 16 for r in range(3)} | {r * 16 + t + 1 for r in range(3) for t in range(15) if x[r, t] == 256}
+        assert cu.tolist() == sorted(want)
+
+
+def test_doc_mask_needs_the_document_end_in_the_header(tmp_path):
+    data.write_tokens(tmp_path / "t.bin", np.arange(100) % 256, vocab_size=256)
+    assert data.read_header(tmp_path / "t.bin")["doc_end"] is None  # and so in files of earlier versions
+    with pytest.raises(data.TokenFileError, match="records no end-of-document token"):
+        data.TokenLoader(tmp_path / "t.bin", 2, 16, doc_mask=True)
+    (tmp_path / "a.txt").write_text("hello\n" * 50)
+    data.prepare([tmp_path / "a.txt"], ByteTokenizer(), tmp_path / "out", show_progress=False)
+    assert data.read_header(tmp_path / "out" / "train.bin")["doc_end"] == 256  # prepare records <|endoftext|>

@@ -23,14 +23,15 @@ TINY = dict(n_layers=1, n_heads=2, dim=64, block_size=16)  # head dim 32: flash_
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    """A learnable stream: a short repeating phrase with 10% random tokens mixed in."""
+    """A learnable stream: a short repeating phrase with 10% random tokens mixed in; its last
+    token, 32, is recorded as the end of a document (doc_mask cuts after it)."""
     rng = np.random.default_rng(0)
     folder = tmp_path_factory.mktemp("tokens")
     for name, n in (("train.bin", 20000), ("val.bin", 2000)):
         tokens = np.tile(np.array([3, 14, 15, 9, 26, 5, 35, 8, 9, 7, 9, 32]), n // 12 + 1)[:n]
         noise = rng.random(n) < 0.1
         tokens[noise] = rng.integers(0, 64, noise.sum())
-        data.write_tokens(folder / name, tokens, vocab_size=64)
+        data.write_tokens(folder / name, tokens, vocab_size=64, doc_end=32)
     return folder
 
 
@@ -82,7 +83,7 @@ def test_loss_falls_on_the_gpu(data_dir, tmp_path):
     assert records[19]["val_loss"] > records[39]["val_loss"] == summary["val_loss"]
 
 
-@pytest.mark.parametrize("extra", [dict(), dict(grad_accum=2, schedule="wsd", precision="bf16")])
+@pytest.mark.parametrize("extra", [dict(), dict(grad_accum=2, schedule="wsd", precision="bf16"), dict(doc_mask=True)])
 def test_exact_resume(data_dir, tmp_path, extra):
     trainer.train(config(data_dir, tmp_path / "whole", **extra))
     trainer.train(config(data_dir, tmp_path / "cut", **extra), stop_at=6)  # killed after step 5, ckpt at 4
@@ -92,6 +93,16 @@ def test_exact_resume(data_dir, tmp_path, extra):
     a = torch.load(tmp_path / "whole/checkpoint.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "cut/checkpoint.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_doc_mask_changes_what_is_seen(data_dir, tmp_path):
+    # Learned positions see the cut (RoPE alone is blind to where positions start), and attention
+    # does: the losses differ from the plain run's from the first step, and both fall.
+    model = dict(TINY, positions="learned")
+    trainer.train(config(data_dir, tmp_path / "plain", model=model, max_steps=30))
+    trainer.train(config(data_dir, tmp_path / "masked", model=model, max_steps=30, doc_mask=True))
+    plain, masked = losses(tmp_path / "plain"), losses(tmp_path / "masked")
+    assert plain[0] != masked[0] and masked[-1] < masked[0] - 1.0
 
 
 def test_activation_checkpointing_trains_the_same(data_dir, tmp_path):

@@ -484,6 +484,12 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
     model = model.to(info.device)
     model.activation_checkpointing = cfg.activation_checkpointing
     loader = make_loader(data / "train.bin", cfg, seq_len, cfg.seed, info)
+    if isinstance(loader, PackedLoader) and info.is_main:
+        lengths = np.diff(loader.offsets)
+        if (lengths > seq_len).any():
+            print(f"pyllm: {(lengths > seq_len).sum():,} of {len(lengths):,} conversations are longer than seq_len "
+                  f"{seq_len} (the longest: {lengths.max():,} tokens) and are cut to it: what the assistant says past "
+                  "that is not trained on (raise --seq-len)", file=sys.stderr)
     wrapped = wrap_model(model, cfg, info)
     optimizer = make_optimizer(model, cfg, info)
     scaler = make_loss_scaler(precision, cfg)

@@ -314,6 +314,9 @@ def test_train_on_conversations_resumes_exactly(chat_run_inputs, tmp_path, capsy
     out = capsys.readouterr().out
     assert "120 conversations -> " in out and "the assistant's, trained on" in out
     assert json.loads((tmp_path / "a" / "run.json").read_text())["chat"] is True
+    assert cli.main(train_args(folder, chats, tmp_path / "short", "--max-steps", "1", "--batch-size", "2",
+                               "--seq-len", "8")) == 0
+    assert "conversations are longer than seq_len 8" in capsys.readouterr().err
     assert cli.main(train_args(folder, chats, tmp_path / "b", "--max-steps", "3", "--batch-size", "4")) == 0
     assert cli.main(["train", "--resume", str(tmp_path / "b"), "--max-steps", "6"]) == 0
     assert [r["loss"] for r in logged(tmp_path / "a")] == [r["loss"] for r in logged(tmp_path / "b")]

@@ -235,29 +235,37 @@ def hf_chat_tokens(folder, tokenizer: "Tokenizer", messages: list[dict]) -> tupl
     text, spans = hf_chat_spans(folder, messages)
     ids = tokenizer.encode(text, allowed_special="all")
     ends = _token_ends(tokenizer, ids, text)  # byte offset in text where each token ends
-    char_bytes = np.concatenate([[0], np.cumsum([len(c.encode("utf-8")) for c in text])]) if text else np.zeros(1, np.int64)
-    mask = [0] * len(ids)
+    codes = np.frombuffer(text.encode("utf-32-le"), np.uint32)
+    char_bytes = np.concatenate([[0], np.cumsum(1 + (codes >= 0x80) + (codes >= 0x800) + (codes >= 0x10000))])
+    mask = np.zeros(len(ids), np.int64)
     for start, end in spans:
         if end <= start:
             continue
         first = int(np.searchsorted(ends, char_bytes[start], side="right"))  # the token holding byte b: first end > b
         last = int(np.searchsorted(ends, char_bytes[end - 1], side="right"))
-        for j in range(first, min(last, len(ids) - 1) + 1):
-            mask[j] = 1
-    return ids, mask
+        mask[first:min(last, len(ids) - 1) + 1] = 1
+    return ids, mask.tolist()
 
 
 def _token_ends(tokenizer: "Tokenizer", ids: list[int], text: str) -> np.ndarray:
     """The byte offset in text's UTF-8 where each token's bytes end. The tokens' bytes are text's
     but for the spaces a SentencePiece-style tokenizer puts first, which are skipped."""
-    data, pos, ends = text.encode("utf-8"), 0, np.zeros(len(ids), np.int64)
-    for j, token in enumerate(ids):
-        for byte in tokenizer.token_bytes(token):
+    pieces_of = tokenizer.__dict__.setdefault("_piece_cache", {})  # id -> bytes: a conversation set reuses them
+    pieces = [pieces_of.get(i) for i in ids]
+    for j, piece in enumerate(pieces):
+        if piece is None:
+            pieces[j] = pieces_of[ids[j]] = tokenizer.token_bytes(ids[j])
+    data = text.encode("utf-8")
+    if b"".join(pieces) == data:  # byte-level: the tokens are the text
+        return np.cumsum([len(piece) for piece in pieces], dtype=np.int64)
+    pos, ends = 0, np.zeros(len(ids), np.int64)
+    for j, piece in enumerate(pieces):
+        for byte in piece:
             if pos < len(data) and data[pos] == byte:
                 pos += 1
             elif byte != 0x20:
-                raise ValueError(f"token {token} ({tokenizer.token_bytes(token)!r}) does not decode to the text at byte "
-                                 f"{pos}: the assistant's tokens cannot be located")
+                raise ValueError(f"token {ids[j]} ({piece!r}) does not decode to the text at byte {pos}: the "
+                                 "assistant's tokens cannot be located")
         ends[j] = pos
     return ends
 

@@ -223,7 +223,7 @@ def ensure_token_files(inputs, tokenizer, tokenizer_path: Path, out_dir: Path, v
             print(f"data: {e}; preparing again")
     t0 = time.perf_counter()
     if chat_folder is not None:
-        stats = data.prepare_chat(inputs, tokenizer, chat_folder, out_dir, val_fraction)
+        stats = data.prepare_chat(inputs, tokenizer, chat_folder, out_dir, val_fraction, **(doc_markers or {}))
         meta_path.write_text(json.dumps(meta))
         print(f"data: {stats['conversations']:,} conversations -> {stats['train_conversations']:,} train "
               f"({stats['train_tokens']:,} tokens, {stats['train_assistant_tokens']:,} the assistant's, trained on) and "
@@ -253,6 +253,7 @@ def setup_run_data(cfg, cli: dict) -> None:
     """Finds or makes the token files (and the tokenizer) for a new run; records them in
     out_dir/run.json."""
     from pyllm.model import PRESETS
+    from pyllm.tokenizer.tokenizer import hf_has_chat_template
 
     out = Path(cfg.out_dir)
     data_arg = cli["data"]
@@ -264,8 +265,9 @@ def setup_run_data(cfg, cli: dict) -> None:
         from pyllm.data import is_chat_data
 
         if is_chat_data(data_list) and not cfg.init_from_hf:
-            raise ValueError("--data holds conversations ({\"messages\": [...]} lines): fine-tuning on them needs "
-                             "--init-from-hf DIR, whose chat template and tokenizer make their tokens")
+            raise ValueError("--data holds fine-tuning examples ({\"messages\": [...]} or {\"prompt\": ..., "
+                             "\"completion\": ...} lines): fine-tuning on them needs --init-from-hf DIR, whose "
+                             "tokenizer (and chat template, for messages) make their tokens")
         if tokenizer_path:
             tokenizer = tokenizer_class().load(str(tokenizer_path))
         elif cfg.init_from_hf:
@@ -273,10 +275,8 @@ def setup_run_data(cfg, cli: dict) -> None:
 
             folder, tokenizer_path = hf_folder(cfg.init_from_hf), out / "tokenizer.bpe"
             tokenizer = ensure_hf_tokenizer(folder, tokenizer_path)
-            if is_chat_data(data_list):  # the template frames each conversation itself
-                chat_folder = folder
-            else:
-                doc_markers = hf_doc_markers(folder)
+            doc_markers = hf_doc_markers(folder)  # the chat template frames conversations itself
+            chat_folder = folder if is_chat_data(data_list) else None
         else:
             wanted = cli["vocab_size"] or cfg.model.get("vocab_size") or PRESETS.get(cfg.preset, PRESETS["tiny"])["vocab_size"]
             tokenizer_path = out / "tokenizer.bpe"
@@ -288,7 +288,7 @@ def setup_run_data(cfg, cli: dict) -> None:
         "tokenizer": str(Path(tokenizer_path).resolve()) if tokenizer_path else None,
         "data_dir": data_dir, "vocab_size": vocab_size,
         "prompt_prefix": doc_markers["doc_start"] if doc_markers else [],  # samples start as documents do
-        "chat": chat_folder is not None,  # trained on conversations: the sample is a reply
+        "chat": chat_folder is not None and hf_has_chat_template(chat_folder),  # on conversations: the sample is a reply
         "init_from_hf": cfg.init_from_hf}))  # `pyllm export` writes the source's config.json
 
 
@@ -584,7 +584,7 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     # Every default is None: unset options fall through to the config file, then TrainConfig.
     p.add_argument("--config", help="TOML or YAML file of options (any option below, as key = value; a [model] table); CLI options override it")
     p.add_argument("--out", help="run folder: checkpoint.pt, log.jsonl, loss.png, model.safetensors, the tokenizer and token files (default runs/main)")
-    p.add_argument("--data", nargs="+", help="text files or folders to train on, or a folder holding train.bin/val.bin from `pyllm prepare` (default: this Python's standard-library source); with --init-from-hf also conversations, *.jsonl files of {\"messages\": [{\"role\": ..., \"content\": ...}, ...]} lines: each is put in the folder's chat template, whole conversations are packed into rows (each attending to itself alone) and the loss is on the assistant's tokens")
+    p.add_argument("--data", nargs="+", help="text files or folders to train on, or a folder holding train.bin/val.bin from `pyllm prepare` (default: this Python's standard-library source); with --init-from-hf also fine-tuning examples, *.jsonl files of {\"messages\": [{\"role\": ..., \"content\": ...}, ...]} lines (each put in the folder's chat template, the loss on the assistant's tokens) or {\"prompt\": ..., \"completion\": ...} lines (text, or lists of messages; the loss on the completion): whole examples are packed into rows, each attending to itself alone")
     p.add_argument("--tokenizer", help="a saved pyllm tokenizer to use instead of training one on --data")
     p.add_argument("--vocab-size", type=int, help="vocab size of the tokenizer trained on --data (default: the preset's; tiny: 4096)")
     p.add_argument("--tokenizer-train-bytes", type=int, help="train the tokenizer on an evenly spread sample of about this many bytes of --data (default 0: all of it)")

@@ -247,10 +247,15 @@ class TokenLoader:
 
 # --- conversations -------------------------------------------------------------------------------
 
-def read_conversations(path) -> list[list[dict]]:
-    """The conversations of a JSON Lines file, one per line as {"messages": [{"role": ..., "content":
-    ...}, ...]} (the chat format of OpenAI's fine-tuning files and Hugging Face chat datasets)."""
-    conversations = []
+def read_conversations(path) -> list[dict]:
+    """The examples of a JSON Lines file for fine-tuning, one per line, in the formats of OpenAI's
+    fine-tuning files and Hugging Face / TRL datasets:
+      {"messages": [{"role": ..., "content": ...}, ...]}     a conversation (the assistant's turns trained)
+      {"prompt": [messages], "completion": [messages]}       the completion's assistant turns trained
+      {"prompt": "text", "completion": "text"}               no chat template: the completion trained
+    returned as {"messages": [...], "train_from": index of the first trainable message} or
+    {"prompt": str, "completion": str}."""
+    examples = []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
@@ -259,16 +264,32 @@ def read_conversations(path) -> list[list[dict]]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{number}: not JSON ({e.msg})") from None
-            messages = row.get("messages") if isinstance(row, dict) else None
-            if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
-                raise ValueError(f"{path}:{number}: expected {{\"messages\": [{{\"role\": ..., \"content\": ...}}, ...]}}, "
-                                 f"got {line.strip()[:80]!r}")
-            conversations.append(messages)
-    return conversations
+            example = _example(row) if isinstance(row, dict) else None
+            if example is None:
+                raise ValueError(f"{path}:{number}: expected {{\"messages\": [{{\"role\": ..., \"content\": ...}}, ...]}} "
+                                 f"or {{\"prompt\": ..., \"completion\": ...}} (both text or both messages), got "
+                                 f"{line.strip()[:80]!r}")
+            examples.append(example)
+    return examples
+
+
+def _example(row: dict) -> dict | None:
+    def messages(value):
+        return isinstance(value, list) and all(isinstance(m, dict) and "role" in m for m in value)
+
+    if "messages" in row:
+        return {"messages": row["messages"], "train_from": 0} if messages(row["messages"]) else None
+    prompt, completion = row.get("prompt"), row.get("completion")
+    if isinstance(prompt, str) and isinstance(completion, str):
+        return {"prompt": prompt, "completion": completion}
+    if messages(prompt) and messages(completion):
+        return {"messages": prompt + completion, "train_from": len(prompt)}
+    return None
 
 
 def is_chat_data(inputs) -> bool:
-    """Whether inputs are conversation files: every one a *.jsonl file whose first row has "messages"."""
+    """Whether inputs are fine-tuning examples: every one a *.jsonl file whose first row has
+    "messages", or "prompt" and "completion"."""
     if not inputs:
         return False
     for item in inputs:
@@ -278,23 +299,39 @@ def is_chat_data(inputs) -> bool:
         with open(path, encoding="utf-8") as f:
             first = next((line for line in f if line.strip()), "")
         try:
-            if "messages" not in json.loads(first):
-                return False
-        except (json.JSONDecodeError, TypeError):
+            row = json.loads(first)
+        except json.JSONDecodeError:
+            return False
+        if not isinstance(row, dict) or not ("messages" in row or {"prompt", "completion"} <= row.keys()):
             return False
     return True
 
 
-def prepare_chat(inputs: Sequence[str | os.PathLike], tokenizer, folder, out_dir, val_fraction: float = 0.02,
-                 show_progress: bool = True) -> dict:
-    """Tokenizes the conversations of JSON Lines files (read_conversations) with a Hugging Face
-    checkpoint folder's chat template (tokenizer.hf_chat_tokens: the ids apply_chat_template makes,
-    the assistant's tokens marked) into out_dir/{train,val}.bin with their .docs.npy and .mask.npy.
-    Every round(1 / val_fraction)-th conversation goes to val (the last one when there are fewer).
-    Conversations in which the assistant says nothing are left out. Returns counts."""
-    from tqdm import tqdm
+def example_tokens(example: dict, tokenizer, folder=None, doc_start: Sequence[int] = (),
+                   doc_end: int | None = None) -> tuple[list[int], list[int]]:
+    """(ids, mask) of one of read_conversations' examples, mask 1 on the tokens trained on. Messages
+    go through folder's chat template (tokenizer.hf_chat_tokens), which frames them itself; a text
+    prompt and completion are doc_start + prompt + completion + doc_end (each encoded alone, so the
+    completion's tokens are its own), the completion and doc_end trained on."""
+    if "messages" in example:
+        from pyllm.tokenizer.tokenizer import hf_chat_tokens
 
-    from pyllm.tokenizer.tokenizer import hf_chat_tokens
+        if folder is None:
+            raise ValueError("examples with messages need a chat template: fine-tune a Hugging Face folder that has one")
+        return hf_chat_tokens(folder, tokenizer, example["messages"], example["train_from"])
+    prompt = [*doc_start, *tokenizer.encode_ordinary(example["prompt"])]
+    completion = [*tokenizer.encode_ordinary(example["completion"]), *([] if doc_end is None else [doc_end])]
+    return prompt + completion, [0] * len(prompt) + [1] * len(completion)
+
+
+def prepare_chat(inputs: Sequence[str | os.PathLike], tokenizer, folder, out_dir, val_fraction: float = 0.02,
+                 show_progress: bool = True, doc_start: Sequence[int] = (), doc_end: int | None = None) -> dict:
+    """Tokenizes the examples of JSON Lines files (read_conversations; example_tokens: messages with
+    a Hugging Face checkpoint folder's chat template, the ids apply_chat_template makes with the
+    assistant's tokens marked) into out_dir/{train,val}.bin with their .docs.npy and .mask.npy.
+    Every round(1 / val_fraction)-th example goes to val (the last one when there are fewer).
+    Examples with nothing to train on are left out. Returns counts."""
+    from tqdm import tqdm
 
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
@@ -307,8 +344,8 @@ def prepare_chat(inputs: Sequence[str | os.PathLike], tokenizer, folder, out_dir
         [i == len(conversations) - 1 for i in range(len(conversations))]
     parts = {"train": ([], []), "val": ([], [])}
     silent = 0
-    for messages, val in zip(tqdm(conversations, desc="tokenizing conversations", disable=not show_progress), in_val):
-        ids, mask = hf_chat_tokens(folder, tokenizer, messages)
+    for example, val in zip(tqdm(conversations, desc="tokenizing conversations", disable=not show_progress), in_val):
+        ids, mask = example_tokens(example, tokenizer, folder, doc_start, doc_end)
         if not any(mask):
             silent += 1
             continue

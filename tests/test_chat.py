@@ -192,6 +192,57 @@ def test_read_conversations_says_which_line(tmp_path, line, message):
         data.read_conversations(path)
 
 
+def test_prompt_completion_examples(folders, tmp_path):
+    # TRL's prompt-completion formats. Messages: the conversation's tokens, the completion's
+    # assistant turns alone trained (not an assistant turn inside the prompt). Text: prompt then
+    # completion, each encoded alone, between the model's document markers, the completion trained.
+    marked, plain, ours, _ = folders
+    rng = random.Random(5)
+    talk = conversation(rng, 2)
+    prompt, completion = talk[:-1], talk[-1:]
+    path = tmp_path / "pc.jsonl"
+    path.write_text(json.dumps({"prompt": prompt, "completion": completion}) + "\n"
+                    + json.dumps({"prompt": "def f(x):", "completion": " return x + 1"}) + "\n")
+    chat, text = data.read_conversations(path)
+    assert chat == {"messages": talk, "train_from": len(prompt)}
+    for folder in (marked, plain):
+        ids, mask = data.example_tokens(chat, ours, folder)
+        full_ids, full_mask = hf_chat_tokens(folder, ours, talk)
+        prompt_ids, prompt_mask = hf_chat_tokens(folder, ours, prompt)  # marks the prompt's assistant turn
+        assert ids == full_ids and full_ids[:len(prompt_ids)] == prompt_ids
+        assert mask == [m - (prompt_mask[j] if j < len(prompt_mask) else 0) for j, m in enumerate(full_mask)]
+        assert 0 < sum(mask) < sum(full_mask)
+    ids, mask = data.example_tokens(text, ours, None, doc_start=[7], doc_end=9)
+    head, tail = [7, *ours.encode_ordinary("def f(x):")], [*ours.encode_ordinary(" return x + 1"), 9]
+    assert ids == head + tail and mask == [0] * len(head) + [1] * len(tail)
+    with pytest.raises(ValueError, match="need a chat template"):
+        data.example_tokens(chat, ours, None)
+    path.write_text(json.dumps({"prompt": "a", "completion": [{"role": "assistant", "content": "b"}]}) + "\n")
+    with pytest.raises(ValueError, match="pc.jsonl:1: expected"):
+        data.read_conversations(path)
+    assert data.is_chat_data([write_jsonl(tmp_path / "m.jsonl", [talk])])
+
+
+def test_train_on_text_prompt_completion_without_a_chat_template(chat_run_inputs, tmp_path):
+    # A base model's folder (no chat template): text pairs train, the sample is a continuation.
+    folder, _ = chat_run_inputs
+    base = tmp_path / "base"
+    base.mkdir()
+    for f in folder.iterdir():
+        if f.name != "tokenizer_config.json":
+            (base / f.name).write_bytes(f.read_bytes())
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"what is {i} plus {i}?", "completion": f" {2 * i}"}) + "\n"
+                             for i in range(60)))
+    assert cli.main(train_args(base, pairs, tmp_path / "run", "--max-steps", "3", "--batch-size", "4",
+                               "--sample-tokens", "3")) == 0
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["chat"] is False and data.has_documents(tmp_path / "run" / "data" / "train.bin")
+    mask = np.load(tmp_path / "run" / "data" / "train.mask.npy")
+    offsets = np.load(tmp_path / "run" / "data" / "train.docs.npy")
+    assert mask[offsets[:-1]].sum() == 0 and mask[offsets[1:] - 1].all()  # prompts untrained, the end trained
+
+
 def test_prepare_chat_needs_two_conversations(folders, tmp_path):
     marked, _, ours, _ = folders
     path = write_jsonl(tmp_path / "chats.jsonl", [conversation(random.Random(0), 1)])

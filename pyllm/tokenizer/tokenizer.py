@@ -183,6 +183,14 @@ def _compiled_chat_template(folder: str, stamps: tuple):
     return env.from_string(template), tracker, variables, marked
 
 
+def hf_has_chat_template(folder) -> bool:
+    try:
+        _chat_template(folder)
+    except ValueError:
+        return False
+    return True
+
+
 def hf_chat_prompt(folder, messages: list[dict], add_generation_prompt: bool = True) -> str:
     """The text a Hugging Face checkpoint folder's chat template makes of messages ([{"role":
     "user", "content": ...}, ...]), as transformers' apply_chat_template renders it (jinja2 in a
@@ -192,13 +200,14 @@ def hf_chat_prompt(folder, messages: list[dict], add_generation_prompt: bool = T
     return template.render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
 
 
-def hf_chat_spans(folder, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+def hf_chat_spans(folder, messages: list[dict], train_from: int = 0) -> tuple[str, list[tuple[int, int]]]:
     """(the rendered conversation, the (start, end) character spans of what the assistant says in
     it): the template's {% generation %} blocks where it has them (transformers'
     return_assistant_tokens_mask reads the same), else for each assistant message i what the
     conversation up to and with it adds to the conversation before it with the generation prompt
     (the reply and the template's end-of-turn text). The latter needs a template that renders every
-    earlier turn as the whole conversation does; ValueError otherwise."""
+    earlier turn as the whole conversation does; ValueError otherwise. train_from: the spans of the
+    assistant messages from this index on only (a prompt's own assistant turns are not trained on)."""
     template, tracker, variables, marked = _chat_template(folder)
 
     def render(msgs, add_generation_prompt=False):
@@ -209,12 +218,19 @@ def hf_chat_spans(folder, messages: list[dict]) -> tuple[str, list[tuple[int, in
         try:
             for chunk in template.generate(messages=messages, add_generation_prompt=False, **variables):
                 tracker.chunks.append(chunk)
-            return "".join(tracker.chunks), tracker.spans
+            text, spans = "".join(tracker.chunks), tracker.spans
         finally:
             tracker.chunks, tracker.spans = [], None
+        if train_from == 0:
+            return text, spans
+        replies = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
+        if len(spans) != len(replies):
+            raise ValueError(f"{folder}: the chat template marks {len(spans)} {{% generation %}} blocks for "
+                             f"{len(replies)} assistant messages, so the prompt's cannot be told from the completion's")
+        return text, [span for span, i in zip(spans, replies) if i >= train_from]
     text, spans = render(messages), []
     for i, message in enumerate(messages):
-        if message.get("role") != "assistant":
+        if message.get("role") != "assistant" or i < train_from:
             continue
         before, through = render(messages[:i], add_generation_prompt=True), render(messages[:i + 1])
         if not (through.startswith(before) and text.startswith(through)):
@@ -227,12 +243,12 @@ def hf_chat_spans(folder, messages: list[dict]) -> tuple[str, list[tuple[int, in
     return text, spans
 
 
-def hf_chat_tokens(folder, tokenizer: "Tokenizer", messages: list[dict]) -> tuple[list[int], list[int]]:
+def hf_chat_tokens(folder, tokenizer: "Tokenizer", messages: list[dict], train_from: int = 0) -> tuple[list[int], list[int]]:
     """(ids, mask) of a conversation for fine-tuning: the ids of hf_chat_spans' text (special tokens
     as written, as apply_chat_template encodes it) and mask[j] = 1 where token j holds a character
     of an assistant span (a token straddling a span's edge counts: transformers'
     return_assistant_tokens_mask maps spans to tokens the same way)."""
-    text, spans = hf_chat_spans(folder, messages)
+    text, spans = hf_chat_spans(folder, messages, train_from)
     ids = tokenizer.encode(text, allowed_special="all")
     ends = _token_ends(tokenizer, ids, text)  # byte offset in text where each token ends
     codes = np.frombuffer(text.encode("utf-32-le"), np.uint32)

@@ -37,10 +37,7 @@ def main() -> int:
         print("bench_generate: transformers is not installed; nothing to compare with")
         return 0
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=6 if args.quick else 30,
-        num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048, rms_norm_eps=1e-5,
-        rope_theta=100000.0, tie_word_embeddings=True)
+    config = common.smollm2_config(transformers, 6 if args.quick else 30)
     theirs = transformers.LlamaForCausalLM(config).eval()
     theirs.generation_config.eos_token_id = None
     with tempfile.TemporaryDirectory() as folder:

@@ -74,10 +74,7 @@ def main() -> int:
         return 0
     torch.manual_seed(0)
     n_conv = args.conversations or (32 if args.quick else 96)
-    config = transformers.LlamaConfig(
-        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=args.layers or (4 if args.quick else 30),
-        num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048, rms_norm_eps=1e-5,
-        rope_theta=100000.0, tie_word_embeddings=True, attn_implementation="sdpa")
+    config = common.smollm2_config(transformers, args.layers or (4 if args.quick else 30), attn_implementation="sdpa")
     theirs = transformers.LlamaForCausalLM(config)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     rng = np.random.default_rng(0)

@@ -140,3 +140,13 @@ def peak_memory_mb(step, device: str) -> float:
     step()
     return (_vm_kib("VmHWM") - base) / 1024
 
+
+
+def smollm2_config(transformers, layers: int, **extra):
+    """transformers' LlamaConfig in SmolLM2-135M's shape (dim 576, 9 query / 3 KV heads of 64, MLP
+    1536, vocab 49152, tied embeddings; 30 layers in the real one): the model the benchmarks that
+    compare with transformers build with random weights."""
+    return transformers.LlamaConfig(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=layers,
+        num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048, rms_norm_eps=1e-5,
+        rope_theta=100000.0, tie_word_embeddings=True, **extra)

@@ -84,7 +84,10 @@ if want bench; then
   status "benchmarks"
   : > "$OUT/bench.log"
   deadline=$(( $(date +%s) + ${BENCH_LIMIT:-420} ))
-  for script in bench/bench_*.py; do
+  # The kernels' own benchmarks first (#7 needs them), then the model-level ones, then any other.
+  ordered="attention swiglu optim bpe train generate sft"
+  scripts=$(for n in $ordered; do echo bench/bench_$n.py; done; ls bench/bench_*.py | grep -v -E "bench_($(echo $ordered | tr ' ' '|'))\.py")
+  for script in $scripts; do
     name=$(basename "$script" .py)
     left=$(( deadline - $(date +%s) ))
     if [ $left -le 0 ]; then echo "$name skipped: BENCH_LIMIT reached" | tee -a "$OUT/bench.log"; continue; fi

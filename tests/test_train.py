@@ -259,7 +259,8 @@ def run_two_processes(args: dict, timeout: float = 150) -> None:
 
 
 @pytest.mark.parametrize("mode, kind", [("ddp", "windows"), ("fsdp", "windows"), ("zero1", "windows"),
-                                        ("ddp", "conversations")])
+                                        ("ddp", "conversations"), ("fsdp", "conversations"),
+                                        ("zero1", "conversations")])
 def test_two_cpu_processes_match_one_and_resume_exactly(data_dir, chat_dir, tmp_path, mode, kind):
     """2 gloo processes with batch 2 each = 1 process with batch 4 (to float rounding), both with 2
     micro-steps of gradient accumulation; a 2-process

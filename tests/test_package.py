@@ -1,4 +1,5 @@
 """The package itself: import, the extension's build flags, `python -m pyllm info`."""
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,18 @@ def test_extension_reports_its_build():
         assert _C.cuda_archs  # e.g. "80,90"
         assert _C.cuda_device_count() >= 0  # 0, not an exception, without a GPU or driver
         assert _C.cuda_runtime_version().count(".") == 1
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or shutil.which("nm") is None, reason="needs Linux and nm")
+def test_extension_keeps_static_libraries_private():
+    # A toolchain that links libstdc++ statically must not export it: torch's libstdc++.so.6 would
+    # take over part of it and C++ error messages segfault (seen on the H200 machine, 2026-11-30).
+    # These are libstdc++'s own definitions, never instantiated in pyllm's files.
+    out = subprocess.run(["nm", "-D", "--defined-only", "-C", _C.__file__], capture_output=True, text=True,
+                         check=True).stdout
+    leaked = [line for line in out.splitlines()
+              if any(name in line for name in ("std::locale::classic", "std::ios_base::Init", "__cxa_throw"))]
+    assert not leaked, leaked
 
 
 def test_dtype_codes_match_the_cpp_side():

@@ -8,11 +8,13 @@
 #   STAGES="build test" bash bench/gpu_check.sh ; STAGES="sanitize" ... ; STAGES="bench" BENCH_ARGS=--quick ...
 # Each stage also has a time limit (seconds, env TEST_LIMIT, SANITIZE_LIMIT, BENCH_LIMIT) so that one
 # hang still leaves the logs of the stages before it under $OUT.
-# A lent GPU comes with ~15 device minutes in all, start-up included: plan two calls,
-#   1. STAGES="build test sanitize" TEST_LIMIT=240 SANITIZE_LIMIT=150   (device timeout_s ~570)
-#   2. STAGES=bench BENCH_ARGS=--quick BENCH_LIMIT=240                   (after fixes: carry, rerun 1)
-# pytest runs on 4 xdist workers where pytest-xdist is installed (PYTEST_ARGS overrides), and the
-# sanitizer runs its (tool, case) pairs SANITIZE_JOBS (6) at a time: each is a python process that
+# A lent GPU comes with ~15 device minutes in all, start-up included. Measured on the H200
+# (2026-11-30): start ~30 s, build 28 s, sanitize (14 pairs at once) ~30 s, bench --quick ~150 s,
+# and pytest -m cuda did not finish 426 tests in 210-250 s (8-14 workers). So one call first,
+#   STAGES="build test sanitize bench" TEST_LIMIT=280 SANITIZE_LIMIT=100 BENCH_ARGS=--quick BENCH_LIMIT=150
+#   (device timeout_s 590), which leaves ~4.5 minutes: one more start, to rerun what failed after fixes.
+# pytest runs on 8 xdist workers where pytest-xdist is installed (PYTEST_ARGS overrides), and the
+# sanitizer runs its (tool, case) pairs SANITIZE_JOBS (14, all) at a time: each is a python process that
 # imports torch under compute-sanitizer, slow to start, and one GPU holds them all.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -42,10 +44,17 @@ $PY -m pyllm info | tee -a "$OUT/device.txt"
 
 if want test; then
   status "pytest -m cuda"
-  default_args=$($PY -c "import xdist" 2>/dev/null && echo "-n 4")
-  timeout "${TEST_LIMIT:-300}" $PY -m pytest -m cuda -q -p no:cacheprovider ${PYTEST_ARGS-$default_args} > "$OUT/pytest_cuda.log" 2>&1
+  # -v: one line per finished test, so a log cut by the limit still names what passed and what
+  # failed (2026-11-30, H200: two cut -q logs showed an 'F' that no line named). pytest-timeout's
+  # --session-timeout ends the session 20 s before the hard limit, so the failure summary and the
+  # slowest tests are printed; --timeout turns one hung test into one failure, not a lost stage.
+  limit=${TEST_LIMIT:-300}
+  default_args=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")
+  $PY -c "import pytest_timeout" 2>/dev/null && default_args+=" --timeout 120 --timeout-method thread --session-timeout $(( limit - 20 ))"
+  timeout "$limit" $PY -m pytest -m cuda -v -rfE --durations=30 -p no:cacheprovider ${PYTEST_ARGS-$default_args} > "$OUT/pytest_cuda.log" 2>&1
   pytest_rc=$?
-  tail -25 "$OUT/pytest_cuda.log"
+  grep -E "^(FAILED|ERROR)|node down|Timeout" "$OUT/pytest_cuda.log" | head -40
+  tail -5 "$OUT/pytest_cuda.log"
 fi
 
 if want sanitize; then
@@ -57,7 +66,7 @@ if want sanitize; then
   export PY OUT SAN SANITIZE_LIMIT=${SANITIZE_LIMIT:-300}
   # One line per (tool, case) pair, run SANITIZE_JOBS at a time; each writes its own log and rc file.
   for tool in memcheck racecheck; do for case in $cases; do echo "$tool $case"; done; done |
-    xargs -P "${SANITIZE_JOBS:-6}" -L 1 bash -c '
+    xargs -P "${SANITIZE_JOBS:-14}" -L 1 bash -c '
       log="$OUT/.san/$0.$1.log"
       timeout "$SANITIZE_LIMIT" "$SAN" --tool "$0" --error-exitcode 9 $PY bench/sanitize_cases.py "$1" > "$log" 2>&1
       echo $? > "$OUT/.san/$0.$1.rc"'

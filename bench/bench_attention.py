@@ -93,7 +93,8 @@ def decode_rows(device: str, h: int, quick: bool) -> list[dict]:
                 seqlens = torch.full((b,), t, dtype=torch.int32, device=device)
                 impls = {"pyllm": lambda: pyllm.flash_attn_with_kvcache(q, k_cache, v_cache, seqlens)}
                 for name, fn in impls_for(device).items():
-                    if name != "pyllm":
+                    # SIMT_BWD is a backward: here it would time our plain forward under its name.
+                    if name not in ("pyllm", SIMT_BWD):
                         impls[name] = lambda fn=fn: fn(q, k_cache, v_cache, False)
                 base, ours_ms = None, None
                 for name, fn in impls.items():

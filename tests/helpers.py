@@ -77,6 +77,10 @@ class _ElsewhereTensor(torch.Tensor):
     def device(self):
         return torch.device("mps")
 
+    @property
+    def is_cpu(self):  # as a real mps tensor answers (the ops' checks read is_cpu / is_cuda first)
+        return False
+
 
 def on_unsupported_device(t: torch.Tensor) -> torch.Tensor:
     return torch.Tensor._make_subclass(_ElsewhereTensor, t)

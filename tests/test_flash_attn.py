@@ -12,7 +12,7 @@ import pyllm
 from pyllm import _C
 from pyllm.ops import _util
 from pyllm.ops import flash_attn as fa
-from helpers import on_unsupported_device, peak_rss_growth_mib, poisoned, rel_err, tolerance
+from helpers import CPU_AND_CUDA, on_unsupported_device, peak_rss_growth_mib, poisoned, rel_err, tolerance
 
 DTYPES_BY_DEVICE = {"cpu": [torch.float32, torch.bfloat16], "cuda": [torch.float16, torch.bfloat16]}
 DEVICES = [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.cuda)]
@@ -606,6 +606,38 @@ def test_eager_inference_call_matches_the_op(dtype):
     out = pyllm.flash_attn(q[0], k[0], v[0], cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
     out_op, _ = torch.ops.pyllm.flash_attn(q[0], k[0], v[0], cu_q, cu_k, 30, 25, 0.125, -1, -1, False)
     assert torch.equal(out, out_op)
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+def test_eager_autograd_call_matches_the_op(device):
+    # Eager calls with autograd run the op's body in a plain autograd.Function (pyllm/ops/_util.py):
+    # the same bits forward and backward (lse too) as through the op's own autograd, which
+    # torch.compile keeps using.
+    dtype = torch.bfloat16
+    q = torch.randn(2, 37, 4, 64, dtype=dtype, device=device, requires_grad=True)
+    k, v = (torch.randn(2, 50, 2, 64, dtype=dtype, device=device, requires_grad=True) for _ in range(2))
+    dout, dlse = torch.randn(2, 37, 4, 64, dtype=dtype, device=device), torch.randn(2, 4, 37, device=device)
+    out, lse = pyllm.flash_attn(q, k, v, causal=True, window=(20, -1), softmax_scale=0.3, return_lse=True)
+    assert type(out.grad_fn).__name__ == "_FlashAttnFunctionBackward"
+    grads = torch.autograd.grad((out, lse), (q, k, v), (dout, dlse))
+    out_op, lse_op = torch.ops.pyllm.flash_attn(q, k, v, None, None, -1, -1, 0.3, 20, 0, False)
+    assert "pyllm_flash_attn" in type(out_op.grad_fn).__name__
+    grads_op = torch.autograd.grad((out_op, lse_op), (q, k, v), (dout, dlse))
+    assert torch.equal(out, out_op) and torch.equal(lse, lse_op)
+    for g, g_op in zip(grads, grads_op):
+        assert torch.equal(g, g_op)
+    # A double backward is refused as through the op (the backward op has no autograd), not
+    # answered with gradients that miss the second-order terms.
+    out = pyllm.flash_attn(q, k, v, causal=True)
+    (dq,) = torch.autograd.grad(out, q, torch.randn_like(out), create_graph=True)
+    with pytest.raises(RuntimeError):
+        dq.sum().backward()
+    # Saved inputs changed in place before the backward: autograd's version check still fires.
+    out = pyllm.flash_attn(q, k, v, causal=True)
+    with torch.no_grad():
+        k.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
 
 
 def test_meta_tensors_give_shapes():

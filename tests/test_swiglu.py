@@ -195,6 +195,27 @@ def test_eager_inference_call_matches_the_op(dtype):
     assert torch.equal(pyllm.swiglu_packed(x), torch.ops.pyllm.swiglu_packed(x))
 
 
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+def test_eager_autograd_call_matches_the_op(device):
+    # Eager calls with autograd run the op's body in a plain autograd.Function (pyllm/ops/_util.py):
+    # the same bits forward and backward as through the op's own autograd.
+    gate, up = (torch.randn(5, 33, dtype=torch.bfloat16, device=device, requires_grad=True) for _ in range(2))
+    x = torch.randn(3, 2, 66, dtype=torch.bfloat16, device=device).requires_grad_()
+    dout = torch.randn(5, 33, dtype=torch.bfloat16, device=device)
+    out, out_op = pyllm.swiglu(gate, up), torch.ops.pyllm.swiglu(gate, up)
+    assert type(out.grad_fn).__name__ == "_SwigluFunctionBackward"
+    assert "pyllm_swiglu" in type(out_op.grad_fn).__name__
+    assert torch.equal(out, out_op)
+    for g, g_op in zip(torch.autograd.grad(out, (gate, up), dout), torch.autograd.grad(out_op, (gate, up), dout)):
+        assert torch.equal(g, g_op)
+    packed, packed_op = pyllm.swiglu_packed(x[:, 1]), torch.ops.pyllm.swiglu_packed(x[:, 1])
+    assert type(packed.grad_fn).__name__ == "_SwigluPackedFunctionBackward"
+    assert torch.equal(torch.autograd.grad(packed, x, dout[:3])[0], torch.autograd.grad(packed_op, x, dout[:3])[0])
+    (dgate,) = torch.autograd.grad(pyllm.swiglu(gate, up).sum(), gate, create_graph=True)
+    with pytest.raises(RuntimeError):  # no double backward, as through the op
+        dgate.sum().backward()
+
+
 def test_meta_tensors_give_shapes():
     gate = torch.empty(3, 5, device="meta", dtype=torch.bfloat16, requires_grad=True)
     out = pyllm.swiglu(gate, gate)

@@ -235,7 +235,7 @@ def _flash_attn_body(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Optional[Ten
 
 
 # The op wraps the plain function, kept under its own name for eager calls that skip the dispatch
-# (see _util.eager_plain_cpu), as the KV-cache op below.
+# (see _util.call), as the backward and KV-cache ops below.
 _flash_attn = torch.library.custom_op("pyllm::flash_attn", mutates_args=())(_flash_attn_body)
 
 
@@ -247,8 +247,7 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_s
     return out, lse
 
 
-@torch.library.custom_op("pyllm::flash_attn_backward", mutates_args=())
-def _flash_attn_backward(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+def _flash_attn_backward_body(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor,
                          lse: Tensor, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
                          max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, window_left: int,
                          window_right: int, deterministic: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -262,6 +261,10 @@ def _flash_attn_backward(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Ten
     flash_attn_backward_into(dout, dlse, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                              max_seqlen_k, softmax_scale, window_left, window_right, deterministic)
     return dq, dk, dv
+
+
+_flash_attn_backward = torch.library.custom_op("pyllm::flash_attn_backward", mutates_args=())(
+    _flash_attn_backward_body)
 
 
 @_flash_attn_backward.register_fake
@@ -279,12 +282,24 @@ def _flash_attn_setup(ctx, inputs, output):
 
 def _flash_attn_grad(ctx, dout, dlse):
     q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
-    dq, dk, dv = torch.ops.pyllm.flash_attn_backward(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
-                                                     *ctx.args)
+    dq, dk, dv = _util.call(_flash_attn_backward_body, torch.ops.pyllm.flash_attn_backward, None, dout, dlse, q, k,
+                            v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.args)
     return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 _flash_attn.register_autograd(_flash_attn_grad, setup_context=_flash_attn_setup)
+
+
+class _FlashAttnFunction(torch.autograd.Function):
+    """The op's autograd for eager calls, without its dispatch (see _util.call)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _flash_attn_body(*inputs)
+        _flash_attn_setup(ctx, inputs, output)
+        return output
+
+    backward = staticmethod(_flash_attn_grad)
 
 
 def _flash_attn_with_kvcache_body(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor,
@@ -542,9 +557,9 @@ def flash_attn(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, softmax
     if causal:
         right = 0
     scale = _resolve_scale(OP, softmax_scale, q.shape[-1])
-    op = _flash_attn_body if _util.eager_plain_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k) else _flash_attn
-    out, lse = op(q, k, v, cu_seqlens_q, cu_seqlens_k, _check_max_seqlen(OP, "max_seqlen_q", max_seqlen_q),
-                  _check_max_seqlen(OP, "max_seqlen_k", max_seqlen_k), scale, left, right, bool(deterministic))
+    out, lse = _util.call(_flash_attn_body, _flash_attn, _FlashAttnFunction, q, k, v, cu_seqlens_q, cu_seqlens_k,
+                          _check_max_seqlen(OP, "max_seqlen_q", max_seqlen_q),
+                          _check_max_seqlen(OP, "max_seqlen_k", max_seqlen_k), scale, left, right, bool(deterministic))
     return (out, lse) if return_lse else out
 
 
@@ -604,8 +619,7 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_s
     if causal:
         right = 0
     scale = _resolve_scale(op, softmax_scale, q.shape[-1])
-    if _util.eager_plain_cpu(q, k_cache, v_cache, cache_seqlens, k_new, v_new):
-        # The op's dispatch cost ~0.1 ms per call here (op 0.20 ms vs its body 0.10 ms at cache
-        # 512, D = 64, H = 8), as much as the kernel.
-        return _flash_attn_with_kvcache_body(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, left, right)
-    return _flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, scale, left, right)
+    # The op's dispatch cost ~0.1 ms per call on the CPU (op 0.20 ms vs its body 0.10 ms at cache
+    # 512, D = 64, H = 8), as much as the kernel. Not differentiable: calls that need grad take the op.
+    return _util.call(_flash_attn_with_kvcache_body, _flash_attn_with_kvcache, None, q, k_cache, v_cache,
+                      cache_seqlens, k_new, v_new, scale, left, right)

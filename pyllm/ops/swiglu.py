@@ -99,8 +99,8 @@ def _swiglu_body(gate: Tensor, up: Tensor) -> Tensor:
     return out
 
 
-# Each forward op wraps its plain function, kept under its own name: plain eager CPU calls without
-# autograd run it directly (see _util.eager_plain_cpu).
+# Each op wraps its plain function, kept under its own name: eager calls run it directly (see
+# _util.call), torch.compile and the other tracers see the op.
 _swiglu = torch.library.custom_op("pyllm::swiglu", mutates_args=())(_swiglu_body)
 
 
@@ -109,12 +109,14 @@ def _(gate, up):
     return torch.empty_like(gate, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("pyllm::swiglu_backward", mutates_args=())
-def _swiglu_backward(dout: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
+def _swiglu_backward_body(dout: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
     dout, gate, up = dout.contiguous(), gate.contiguous(), up.contiguous()
     dgate, dup = torch.empty_like(gate), torch.empty_like(up)
     swiglu_backward_into(dout, gate, up, dgate, dup)
     return dgate, dup
+
+
+_swiglu_backward = torch.library.custom_op("pyllm::swiglu_backward", mutates_args=())(_swiglu_backward_body)
 
 
 @_swiglu_backward.register_fake
@@ -129,10 +131,22 @@ def _swiglu_setup(ctx, inputs, output):
 
 def _swiglu_grad(ctx, dout):
     gate, up = ctx.saved_tensors
-    return torch.ops.pyllm.swiglu_backward(dout, gate, up)
+    return _util.call(_swiglu_backward_body, torch.ops.pyllm.swiglu_backward, None, dout, gate, up)
 
 
 _swiglu.register_autograd(_swiglu_grad, setup_context=_swiglu_setup)
+
+
+class _SwigluFunction(torch.autograd.Function):
+    """The op's autograd for eager calls, without its dispatch (see _util.call)."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        out = _swiglu_body(gate, up)
+        _swiglu_setup(ctx, (gate, up), out)
+        return out
+
+    backward = staticmethod(_swiglu_grad)
 
 
 def _swiglu_packed_body(x: Tensor) -> Tensor:
@@ -150,12 +164,15 @@ def _(x):
     return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
 
 
-@torch.library.custom_op("pyllm::swiglu_packed_backward", mutates_args=())
-def _swiglu_packed_backward(dout: Tensor, x: Tensor) -> Tensor:
+def _swiglu_packed_backward_body(dout: Tensor, x: Tensor) -> Tensor:
     dout, x = dout.contiguous(), x.contiguous()
     dx = torch.empty_like(x)
     swiglu_packed_backward_into(dout, x, dx)
     return dx
+
+
+_swiglu_packed_backward = torch.library.custom_op("pyllm::swiglu_packed_backward", mutates_args=())(
+    _swiglu_packed_backward_body)
 
 
 @_swiglu_packed_backward.register_fake
@@ -169,10 +186,22 @@ def _swiglu_packed_setup(ctx, inputs, output):
 
 def _swiglu_packed_grad(ctx, dout):
     (x,) = ctx.saved_tensors
-    return torch.ops.pyllm.swiglu_packed_backward(dout, x)
+    return _util.call(_swiglu_packed_backward_body, torch.ops.pyllm.swiglu_packed_backward, None, dout, x)
 
 
 _swiglu_packed.register_autograd(_swiglu_packed_grad, setup_context=_swiglu_packed_setup)
+
+
+class _SwigluPackedFunction(torch.autograd.Function):
+    """As _SwigluFunction, for swiglu_packed."""
+
+    @staticmethod
+    def forward(ctx, x):
+        out = _swiglu_packed_body(x)
+        _swiglu_packed_setup(ctx, (x,), out)
+        return out
+
+    backward = staticmethod(_swiglu_packed_grad)
 
 
 # --- public API -------------------------------------------------------------------------------
@@ -193,7 +222,7 @@ def swiglu(gate: Tensor, up: Tensor) -> Tensor:
         was built without CUDA kernels.
     """
     _check_pair(gate, up)
-    return (_swiglu_body if _util.eager_plain_cpu(gate, up) else _swiglu)(gate, up)
+    return _util.call(_swiglu_body, _swiglu, _SwigluFunction, gate, up)
 
 
 def swiglu_packed(x: Tensor) -> Tensor:
@@ -204,4 +233,4 @@ def swiglu_packed(x: Tensor) -> Tensor:
     is odd. Returns shape (..., H).
     """
     _check_packed(x)
-    return (_swiglu_packed_body if _util.eager_plain_cpu(x) else _swiglu_packed)(x)
+    return _util.call(_swiglu_packed_body, _swiglu_packed, _SwigluPackedFunction, x)

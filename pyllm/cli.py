@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -203,7 +204,8 @@ def ensure_token_files(inputs, tokenizer, tokenizer_path: Path, out_dir: Path, v
                        doc_markers: dict | None = None, chat_folder: Path | None = None) -> Path:
     """out_dir/train.bin and val.bin for inputs, reused when made from the same inputs, tokenizer
     file and document markers (data.prepare's doc_start / doc_end; None: its defaults). With
-    chat_folder, inputs are conversation files tokenized with its chat template (data.prepare_chat)."""
+    chat_folder, or when inputs are fine-tuning examples, they are tokenized by data.prepare_chat (messages
+    with chat_folder's chat template)."""
     from pyllm import data
 
     meta_path = out_dir / "source.json"
@@ -211,8 +213,9 @@ def ensure_token_files(inputs, tokenizer, tokenizer_path: Path, out_dir: Path, v
             "tokenizer": str(tokenizer_path.resolve()), "tokenizer_mtime": tokenizer_path.stat().st_mtime,
             "val_fraction": val_fraction, **({"doc_markers": doc_markers} if doc_markers else {}),
             "header": 2}  # files from before the header recorded the end-of-document id are made again
-    if chat_folder is not None:
-        meta["chat_template_of"] = str(Path(chat_folder).resolve())
+    examples = chat_folder is not None or data.is_chat_data(inputs)  # prompt-completion pairs need no template
+    if examples:
+        meta["chat_template_of"] = str(Path(chat_folder).resolve()) if chat_folder is not None else None
         meta["inputs_mtime"] = [Path(p).stat().st_mtime for p in inputs]
     if meta_path.exists() and json.loads(meta_path.read_text()) == meta:
         try:
@@ -222,7 +225,7 @@ def ensure_token_files(inputs, tokenizer, tokenizer_path: Path, out_dir: Path, v
         except data.TokenFileError as e:
             print(f"data: {e}; preparing again")
     t0 = time.perf_counter()
-    if chat_folder is not None:
+    if examples:
         stats = data.prepare_chat(inputs, tokenizer, chat_folder, out_dir, val_fraction, **(doc_markers or {}))
         meta_path.write_text(json.dumps(meta))
         print(f"data: {stats['conversations']:,} conversations -> {stats['train_conversations']:,} train "
@@ -259,24 +262,34 @@ def setup_run_data(cfg, cli: dict) -> None:
     data_arg = cli["data"]
     data_list = None if data_arg is None else (data_arg if isinstance(data_arg, list) else [data_arg])
     tokenizer_path, vocab_size, doc_markers, chat_folder = cli["tokenizer"], None, None, None
+    # A run fine-tuned from a Hugging Face model passes it on: its chat template, markers, config.
+    hf_source = cfg.init_from_hf or (source_run_info(cfg.init_from_run).get("init_from_hf") or ""
+                                     if cfg.init_from_run else "")
     if data_list is not None and len(data_list) == 1 and is_token_dir(data_list[0]):
         data_dir = str(data_list[0])
     else:
-        from pyllm.data import is_chat_data
+        from pyllm import data
 
-        if is_chat_data(data_list) and not cfg.init_from_hf:
+        if data.is_chat_data(data_list) and not (cfg.init_from_hf or cfg.init_from_run):
             raise ValueError("--data holds fine-tuning examples ({\"messages\": [...]} or {\"prompt\": ..., "
-                             "\"completion\": ...} lines): fine-tuning on them needs --init-from-hf DIR, whose "
-                             "tokenizer (and chat template, for messages) make their tokens")
+                             "\"completion\": ...} lines): fine-tuning on them needs --init-from-hf DIR (or "
+                             "--init-from-run DIR), whose tokenizer (and chat template, for messages) make their tokens")
         if tokenizer_path:
             tokenizer = tokenizer_class().load(str(tokenizer_path))
-        elif cfg.init_from_hf:
+        elif hf_source:
             from pyllm.model import hf_folder
 
-            folder, tokenizer_path = hf_folder(cfg.init_from_hf), out / "tokenizer.bpe"
+            folder, tokenizer_path = hf_folder(hf_source), out / "tokenizer.bpe"
             tokenizer = ensure_hf_tokenizer(folder, tokenizer_path)
             doc_markers = hf_doc_markers(folder)  # the chat template frames conversations itself
-            chat_folder = folder if is_chat_data(data_list) else None
+            chat_folder = folder if data.is_chat_data(data_list) else None
+        elif cfg.init_from_run:  # the run's own tokenizer, copied: the new run stands alone
+            source, tokenizer_path = Path(source_run_info(cfg.init_from_run)["tokenizer"]), out / "tokenizer.bpe"
+            if not tokenizer_path.exists() or tokenizer_path.read_bytes() != source.read_bytes():
+                shutil.copy2(source, tokenizer_path)
+            tokenizer = tokenizer_class().load(str(tokenizer_path))
+            # Prompt-completion pairs end as its pretraining documents did, so it learns to stop.
+            doc_markers = {"doc_start": [], "doc_end": data._eot_id(tokenizer)}
         else:
             wanted = cli["vocab_size"] or cfg.model.get("vocab_size") or PRESETS.get(cfg.preset, PRESETS["tiny"])["vocab_size"]
             tokenizer_path = out / "tokenizer.bpe"
@@ -289,7 +302,23 @@ def setup_run_data(cfg, cli: dict) -> None:
         "data_dir": data_dir, "vocab_size": vocab_size,
         "prompt_prefix": doc_markers["doc_start"] if doc_markers else [],  # samples start as documents do
         "chat": chat_folder is not None and hf_has_chat_template(chat_folder),  # on conversations: the sample is a reply
-        "init_from_hf": cfg.init_from_hf}))  # `pyllm export` writes the source's config.json
+        "init_from_hf": hf_source,  # `pyllm export` writes the source's config.json
+        **({"init_from_run": str(Path(cfg.init_from_run).resolve())} if cfg.init_from_run else {})}))
+
+
+def source_run_info(run_dir) -> dict:
+    """What a new run takes from a folder `pyllm train` wrote: its tokenizer file (run.json's, else
+    the folder's tokenizer.bpe) and the Hugging Face model it was itself fine-tuned from, if any."""
+    run_dir = Path(run_dir)
+    from pyllm.train import source_run_weights
+
+    source_run_weights(run_dir)  # the folder is a finished run
+    info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
+    tokenizer = next((Path(p) for p in (info.get("tokenizer"), run_dir / "tokenizer.bpe") if p and Path(p).is_file()), None)
+    if tokenizer is None:
+        raise ValueError(f"{run_dir}: its tokenizer is gone (run.json names {info.get('tokenizer')!r}, and there is no "
+                         "tokenizer.bpe): give the one it was trained with as --tokenizer")
+    return {"tokenizer": str(tokenizer), "init_from_hf": info.get("init_from_hf") or ""}
 
 
 def cmd_train(args) -> int:
@@ -334,7 +363,8 @@ def cmd_train(args) -> int:
         if run["vocab_size"] and "vocab_size" not in cfg.model:
             cfg.model["vocab_size"] = run["vocab_size"]
     if int(os.environ.get("RANK", "0")) == 0:
-        start = f"from {cfg.init_from_hf}" if cfg.init_from_hf else f"preset {cfg.preset}"
+        start = (f"from {cfg.init_from_hf}" if cfg.init_from_hf else f"from the run {cfg.init_from_run}"
+                 if cfg.init_from_run else f"preset {cfg.preset}")
         print(f"training: {start}, {cfg.max_steps} steps, batch {cfg.batch_size} x {cfg.grad_accum}, "
               f"device {cfg.device}, precision {cfg.precision}, run folder {cfg.out_dir}", flush=True)
     t0 = time.perf_counter()
@@ -359,11 +389,11 @@ def cmd_train(args) -> int:
     if tokenizer_path and cli["sample_tokens"] > 0:
         tokenizer = tokenizer_class().load(str(tokenizer_path))
         prompt_ids, stops = None, ()
-        if run.get("chat") and cfg.init_from_hf:  # a reply to the prompt as a user's message
+        if run.get("chat") and run.get("init_from_hf"):  # a reply to the prompt as a user's message
             from pyllm.model import hf_folder
             from pyllm.tokenizer.tokenizer import hf_chat_prompt, hf_stop_ids
 
-            source = hf_folder(cfg.init_from_hf)
+            source = hf_folder(run["init_from_hf"])
             prompt_ids = tokenizer.encode(hf_chat_prompt(source, [{"role": "user", "content": cli["prompt"]}]),
                                           allowed_special="all")
             stops = hf_stop_ids(source)
@@ -591,6 +621,7 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint up to --max-steps")
     p.add_argument("--preset", help="model preset: tiny (default), llama-124m, gpt2-124m, palm-style")
     p.add_argument("--init-from-hf", metavar="DIR", help="fine-tune a Hugging Face checkpoint folder or hub repo id (LLaMA, Mistral, Qwen2/3, SmolLM3, Phi-3/4, Gemma 3, OLMo 2, GPT-2: config.json, *.safetensors, tokenizer.json) instead of a preset; its tokenizer tokenizes --data (set --seq-len, the default being the model's whole context, and --lr, whose default 3e-3 is for training from scratch: fine-tuning wants about 1e-5 to 1e-4)")
+    p.add_argument("--init-from-run", metavar="DIR", help="start from the final weights of a folder `pyllm train` wrote (model.safetensors; its own model config) instead of a preset, with its tokenizer: continue pretraining on new --data, or fine-tune on {\"prompt\": ..., \"completion\": ...} lines (each ending in <|endoftext|>, as its documents did; a run fine-tuned from a Hugging Face model passes on that model's chat template, for {\"messages\"} lines). The optimizer starts afresh (--resume continues a run instead)")
     p.add_argument("--model", dest="model_overrides", action="append", metavar="KEY=VALUE", help="override a ModelConfig field, e.g. --model n_layers=2 --model norm=layernorm (repeatable)")
     p.add_argument("--max-steps", type=int, help="optimizer steps in all (default 600)")
     p.add_argument("--ckpt-every", type=int, help="write the checkpoint every K steps (and at the end; default 200)")

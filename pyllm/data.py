@@ -317,7 +317,8 @@ def example_tokens(example: dict, tokenizer, folder=None, doc_start: Sequence[in
         from pyllm.tokenizer.tokenizer import hf_chat_tokens
 
         if folder is None:
-            raise ValueError("examples with messages need a chat template: fine-tune a Hugging Face folder that has one")
+            raise ValueError("examples with messages need a chat template: fine-tune a Hugging Face folder that has one "
+                             "(or a run fine-tuned from one)")
         return hf_chat_tokens(folder, tokenizer, example["messages"], example["train_from"])
     prompt = [*doc_start, *tokenizer.encode_ordinary(example["prompt"])]
     completion = [*tokenizer.encode_ordinary(example["completion"]), *([] if doc_end is None else [doc_end])]

@@ -31,6 +31,7 @@ class TrainConfig:
     out_dir: str = "runs/main"
     preset: str = "tiny"
     init_from_hf: str = ""  # a Hugging Face checkpoint folder to start from (LLM.from_hf) instead of the preset
+    init_from_run: str = ""  # a folder `pyllm train` wrote: start from its model.safetensors instead of the preset
     model: dict = field(default_factory=dict)  # ModelConfig overrides, e.g. {"n_layers": 2}
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
@@ -90,6 +91,8 @@ class TrainConfig:
         for name, (valid, text) in bounds.items():
             if not valid(getattr(self, name)):
                 raise ValueError(f"TrainConfig.{name} must be {text}, got {getattr(self, name)}")
+        if self.init_from_hf and self.init_from_run:
+            raise ValueError("TrainConfig: give init_from_hf or init_from_run, not both")
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -362,6 +365,15 @@ def save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
+def source_run_weights(run_dir) -> Path:
+    """The final weights of a folder `pyllm train` wrote (to fine-tune from), or ValueError."""
+    path = Path(run_dir) / "model.safetensors"
+    if not path.is_file():
+        raise ValueError(f"{run_dir}: no model.safetensors; --init-from-run takes a folder `pyllm train` wrote "
+                         "(it writes the weights at the end of a run)")
+    return path
+
+
 def load_checkpoint(run_dir) -> dict:
     path = Path(run_dir) / CHECKPOINT
     if not path.is_file():
@@ -471,6 +483,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
         model = LLM(ModelConfig(**ckpt["model_config"]))
     elif cfg.init_from_hf:  # its own config: the preset and model overrides do not apply
         model = LLM.from_hf(cfg.init_from_hf)
+    elif cfg.init_from_run:  # likewise
+        model = LLM.load(source_run_weights(cfg.init_from_run))
     else:
         model = LLM(ModelConfig.from_preset(cfg.preset, **{"vocab_size": data_vocab, **cfg.model}))
     mcfg = model.config

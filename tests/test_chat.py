@@ -394,6 +394,21 @@ def test_train_on_conversations_weighs_tokens_across_micro_batches(chat_run_inpu
         torch.testing.assert_close(w1[k], w2[k], rtol=0, atol=1e-5)
 
 
+def test_fine_tune_a_fine_tuned_run(chat_run_inputs, tmp_path, capsys):
+    # A run fine-tuned from a Hugging Face model passes it on to --init-from-run: its chat template
+    # for messages, its markers, its config for `pyllm export`, the sample as a reply.
+    folder, chats = chat_run_inputs
+    assert cli.main(train_args(folder, chats, tmp_path / "a", "--max-steps", "1", "--batch-size", "4")) == 0
+    args = train_args(folder, chats, tmp_path / "b", "--max-steps", "1", "--batch-size", "4")
+    args[args.index("--init-from-hf"):args.index("--init-from-hf") + 2] = ["--init-from-run", str(tmp_path / "a")]
+    capsys.readouterr()
+    assert cli.main(args) == 0
+    assert "the assistant's, trained on" in capsys.readouterr().out
+    run = json.loads((tmp_path / "b" / "run.json").read_text())
+    assert run["chat"] is True and run["init_from_hf"] == str(folder)
+    assert np.array_equal(np.load(tmp_path / "a" / "data" / "train.mask.npy"), np.load(tmp_path / "b" / "data" / "train.mask.npy"))
+
+
 def test_conversations_need_a_chat_template(chat_run_inputs, tmp_path, capsys):
     _, chats = chat_run_inputs
     assert cli.main(["train", "--data", str(chats), "--out", str(tmp_path / "r"), "--max-steps", "1", "--device", "cpu"]) == 2

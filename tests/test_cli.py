@@ -62,6 +62,56 @@ SMALL = ["--model", "n_layers=1", "--model", "dim=64", "--model", "n_heads=2", "
          "--batch-size", "4", "--eval-every", "0", "--eval-batches", "2", "--device", "cpu", "--sample-tokens", "12"]
 
 
+def test_fine_tune_a_run(corpus, tmp_path, capsys):
+    # --init-from-run starts from a finished run's weights (its own config) and tokenizer: on
+    # prompt-completion pairs, each ends in <|endoftext|> as the run's documents did, that end and
+    # the completion trained, the prompt not.
+    import numpy as np
+    from safetensors.torch import load_file
+
+    base, ft = tmp_path / "base", tmp_path / "ft"
+    assert cli.main(["train", "--data", str(corpus), "--out", str(base), "--max-steps", "2", *SMALL]) == 0
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"def f{i}(x):\n", "completion": f"    return x + {i}\n"}) + "\n"
+                             for i in range(40)))
+    capsys.readouterr()
+    # lr 1e-12: one step leaves the weights where they started, which must be the run's
+    assert cli.main(["train", "--init-from-run", str(base), "--data", str(pairs), "--out", str(ft), "--max-steps", "1",
+                     "--lr", "1e-12", "--batch-size", "2", "--seq-len", "32", "--eval-every", "0", "--eval-batches", "1",
+                     "--device", "cpu", "--sample-tokens", "4"]) == 0
+    assert f"training: from the run {base}" in capsys.readouterr().out
+    start, after = load_file(str(base / "model.safetensors")), load_file(str(ft / "model.safetensors"))
+    assert start.keys() == after.keys()
+    for name in start:
+        assert (start[name] - after[name]).abs().max() < 1e-8, name
+    run = json.loads((ft / "run.json").read_text())
+    assert run["init_from_run"] == str(base.resolve()) and run["tokenizer"] == str((ft / "tokenizer.bpe").resolve())
+    assert run["chat"] is False and not run["init_from_hf"]
+    from pyllm.data import open_tokens
+
+    ids = np.asarray(open_tokens(ft / "data" / "train.bin"))
+    offsets, mask = np.load(ft / "data" / "train.docs.npy"), np.load(ft / "data" / "train.mask.npy")
+    ends = offsets[1:] - 1
+    assert (ids[ends] == 256).all() and mask[ends].all() and mask[offsets[:-1]].sum() == 0
+    first = ids[offsets[0]:offsets[1]]
+    assert bytes(first[mask[offsets[0]:offsets[1]] == 0].tolist()).decode().startswith("def f")
+    assert cli.main(["generate", "--run", str(ft), "--max-new-tokens", "4", "--prompt", "def g"]) == 0
+    # continued pretraining on plain text, with the run's tokenizer (none trained)
+    assert cli.main(["train", "--init-from-run", str(base), "--data", str(corpus), "--out", str(tmp_path / "more"),
+                     "--max-steps", "1", "--batch-size", "2", "--eval-every", "0", "--eval-batches", "1",
+                     "--device", "cpu", "--sample-tokens", "0"]) == 0
+    assert "tokenizer: training" not in capsys.readouterr().out
+
+
+def test_init_from_run_errors(corpus, tmp_path, capsys):
+    assert cli.main(["train", "--init-from-run", str(tmp_path), "--data", str(corpus), "--out", str(tmp_path / "r"),
+                     "--device", "cpu"]) == 2
+    assert "no model.safetensors" in capsys.readouterr().err
+    assert cli.main(["train", "--init-from-run", str(tmp_path), "--init-from-hf", str(tmp_path), "--data", str(corpus),
+                     "--out", str(tmp_path / "r"), "--device", "cpu"]) == 2
+    assert "not both" in capsys.readouterr().err
+
+
 def test_train_end_to_end_cache_resume_generate(corpus, tmp_path, capsys):
     run = tmp_path / "run"
     assert cli.main(["train", "--data", str(corpus), "--out", str(run), "--max-steps", "6", "--ckpt-every", "3", *SMALL]) == 0

@@ -212,13 +212,15 @@ class TokenLoader:
         if len(self.tokens) < seq_len + 1:
             raise TokenFileError(f"{path} holds {len(self.tokens)} tokens, fewer than one window of seq_len + 1 = {seq_len + 1}")
         self.doc_end = read_header(path)["doc_end"] if doc_mask else None
+        self.lengths = None
         if doc_mask and self.doc_end is None:
             raise TokenFileError(f"{path} records no end-of-document token, which doc_mask needs: prepare it again "
                                  "with this pyllm (with a tokenizer that has <|endoftext|>, or a model's end-of-sequence id)")
         self.rng = np.random.Generator(np.random.PCG64(seed))
 
     def next_batch(self) -> tuple[torch.Tensor, ...]:
-        """(x, y), each (B, T) int64, y shifted by one; with doc_mask (x, y, cu_seqlens)."""
+        """(x, y), each (B, T) int64, y shifted by one; with doc_mask (x, y, cu_seqlens) and
+        self.lengths, the documents' lengths (for the FLOPs count; None without doc_mask: rows of T)."""
         n_windows = len(self.tokens) - self.seq_len
         starts = self.rng.integers(0, n_windows, size=self.batch_size * self.world_size)
         starts = starts[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
@@ -230,6 +232,7 @@ class TokenLoader:
             ends = np.flatnonzero(windows[:, :T - 1] == self.doc_end)  # in the rows' first T - 1: one starts after
             starts_after = (ends // (T - 1)) * T + ends % (T - 1) + 1
             cu_seqlens = torch.from_numpy(np.union1d(starts_after, np.arange(0, len(windows) * T + 1, T)).astype(np.int32))
+            self.lengths = np.diff(cu_seqlens.numpy()).tolist()
         if self.device.type == "cuda":
             batch = batch.pin_memory().to(self.device, non_blocking=True)
             if cu_seqlens is not None:
@@ -438,9 +441,11 @@ class PackedLoader:
         """(x, y, cu_seqlens): x, y (B, T) int64 (y -1 where not trained), cu_seqlens int32.
         Sets self.targets (the trained targets in this rank's rows), self.global_targets (in all
         ranks' rows) and self.padding (this rank's padded positions): a loss averaged over all of a
-        step's trained tokens weighs each batch's mean by its share."""
+        step's trained tokens weighs each batch's mean by its share; self.lengths, the lengths of
+        this rank's documents (padding not counted), for the FLOPs count."""
         T = self.seq_len
         self.targets = self.global_targets = self.padding = 0
+        self.lengths = []
         x = np.zeros((self.batch_size, T), np.int64)
         y = np.full((self.batch_size, T), -1, np.int64)
         cu = [0]
@@ -464,6 +469,7 @@ class PackedLoader:
                     targets = np.asarray(self.tokens[start + 1:nxt], np.int64)
                     y[r, used:used + len(targets)] = np.where(self.mask[start + 1:nxt] == 1, targets, -1)
                     cu.append(r * T + used + length)
+                    self.lengths.append(length)
                 used += length
                 if used == T:
                     break

@@ -377,6 +377,16 @@ class LLM(nn.Module):
         # non_embedding keeps the lm_head matmul (tied or not) and drops the table lookups.
         return 6 * self.num_params(non_embedding=True) + 12 * cfg.n_heads * cfg.head_dim * keys
 
+    def flops_of_documents(self, lengths) -> float:
+        """flops_per_token's count for documents of these lengths, each token's keys being its own
+        document's (what packed and document-masked batches compute): less than rows of T
+        would count, whose attention term assumes every token sees T keys. [T] gives T *
+        flops_per_token(T)."""
+        cfg = self.config
+        windows = [cfg.layer_window(i) for i in range(cfg.n_layers)]
+        keys = sum(n * (n if w < 0 else min(n, cfg.sliding_window)) for n in lengths for w in windows)
+        return 6 * self.num_params(non_embedding=True) * sum(lengths) + 12 * cfg.n_heads * cfg.head_dim * keys
+
     # --- weights --------------------------------------------------------------------------------
 
     def save(self, path) -> None:

@@ -450,22 +450,27 @@ def plot_losses(log_path: Path, png_path: Path) -> None:
 
 # --- the loop ------------------------------------------------------------------------------------------
 
-def next_batches(loader, grad_accum: int, world_size: int) -> tuple[list, list[float] | None]:
-    """A step's micro-batches and the weight of each one's mean loss, such that the weighted sum,
+def next_batches(loader, grad_accum: int, world_size: int) -> tuple[list, list[float] | None, list[int] | None]:
+    """A step's micro-batches, the weight of each one's mean loss, and the lengths of this rank's
+    documents in them (packed or document-masked batches; None for plain windows). The weighted sum,
     averaged over the ranks as DDP averages gradients, is the step's mean loss over all its
     trained tokens: None (divide by grad_accum) for windows (every batch trains on B * T tokens); for packed
     conversations, whose batches train on different numbers of tokens, each batch's share of the
     step's (summed over the micro-batches of all ranks) times world_size, so that a batch with few
     trained tokens does not weigh as much as one with many."""
+    batches, lengths = [], []
     if not isinstance(loader, PackedLoader):
-        return [loader.next_batch() for _ in range(grad_accum)], None
-    batches, mine = [], []
-    total = 0
+        for _ in range(grad_accum):
+            batches.append(loader.next_batch())
+            lengths = None if loader.lengths is None else lengths + loader.lengths
+        return batches, None, lengths
+    mine, total = [], 0
     for _ in range(grad_accum):
         batches.append(loader.next_batch())
         mine.append(loader.targets)
         total += loader.global_targets
-    return batches, [n * world_size / max(total, 1) for n in mine]
+        lengths += loader.lengths
+    return batches, [n * world_size / max(total, 1) for n in mine], lengths
 
 
 def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) -> dict:
@@ -539,7 +544,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=info.device)
-        batches, weights = next_batches(loader, cfg.grad_accum, info.world_size)
+        batches, weights, lengths = next_batches(loader, cfg.grad_accum, info.world_size)
         for micro, batch in enumerate(batches):
             last = micro == cfg.grad_accum - 1
             no_sync = wrapped.no_sync() if hasattr(wrapped, "no_sync") and not last else contextlib.nullcontext()
@@ -562,8 +567,12 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
                     f"stopping. The last good checkpoint is kept in {out / CHECKPOINT} (lower --lr or use --precision fp32/bf16)")
         skipped += not stepped
         dt = time.perf_counter() - t0
-        tok_s = tokens_per_step / dt
-        mfu = flops_per_token * tok_s / (peak * info.world_size) if peak else None
+        if lengths is None:  # windows of seq_len tokens
+            tok_s, step_flops = tokens_per_step / dt, flops_per_token * tokens_per_step
+        else:  # documents: their tokens alone (not the padding), each attending to its own document
+            tok_s = sum(lengths) * info.world_size / dt  # this rank's, as every rank's
+            step_flops = model.flops_of_documents(lengths) * info.world_size
+        mfu = step_flops / dt / (peak * info.world_size) if peak else None
         record = {"step": step, "loss": loss_value if math.isfinite(loss_value) else None, "lr": lr,
                   "grad_norm": grad_norm if math.isfinite(grad_norm) else None, "tokens_per_s": round(tok_s, 1),
                   "mfu": mfu, "skipped": not stepped}

@@ -273,7 +273,7 @@ def test_packed_loader_rows(tmp_path):
         assert x.shape == y.shape == (B, T) and cu.dtype == torch.int32
         offsets = cu.tolist()
         assert offsets[0] == 0 and offsets[-1] == B * T and all(r * T in offsets for r in range(B))
-        targets = 0
+        targets, documents = 0, []
         for start, end in zip(offsets, offsets[1:]):
             row_x, row_y = x.view(-1)[start:end].numpy(), y.view(-1)[start:end].numpy()
             match = [d for d in range(len(docs)) if len(row_x) == min(len(docs[d]), T)
@@ -283,12 +283,14 @@ def test_packed_loader_rows(tmp_path):
                 continue
             d = match[0]
             seen.append(d)
+            documents.append(end - start)
             n = len(row_x)
             nxt = np.append(docs[d][1:n + 1], -1)[:n] if n == len(docs[d]) else docs[d][1:n + 1]
             want = np.where(np.append(masks[d][1:n + 1], 0)[:n] == 1, nxt, -1)
             assert (row_y == want).all()
             targets += int((want != -1).sum())
         assert loader.targets == loader.global_targets == targets
+        assert loader.lengths == documents and sum(documents) == B * T - loader.padding  # for the FLOPs count
     assert sorted(seen[:len(docs)]) == list(range(len(docs)))  # each document once in the first epoch
 
 

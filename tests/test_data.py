@@ -155,6 +155,7 @@ def test_doc_mask_cuts_windows_after_each_document_end(tmp_path):
         assert torch.equal(x, xm) and torch.equal(y, ym) and cu.dtype == torch.int32
         want = {0, 48} | {r * 16 for r in range(3)} | {r * 16 + t + 1 for r in range(3) for t in range(15) if x[r, t] == 256}
         assert cu.tolist() == sorted(want)
+        assert masked.lengths == np.diff(sorted(want)).tolist() and plain.lengths is None  # for the FLOPs count
 
 
 def test_doc_mask_needs_the_document_end_in_the_header(tmp_path):

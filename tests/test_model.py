@@ -452,6 +452,10 @@ def test_counts():
     cfg = ModelConfig(**CONFIGS["qk-norm-window-nope"])
     model = LLM(cfg)
     assert model.flops_per_token(20) == 6 * model.num_params(non_embedding=True) + 12 * 4 * 64 * (20 + 5)
+    # packed documents: each token's keys are its own document's
+    for lengths in ([20], [3], [20, 3, 7]):
+        assert model.flops_of_documents(lengths) == sum(n * model.flops_per_token(n) for n in lengths)
+    assert model.flops_of_documents([10, 10]) < 20 * model.flops_per_token(20)
 
 
 @pytest.mark.parametrize("preset", PRESETS)

@@ -853,6 +853,40 @@ def test_kvcache_public_call_takes_the_shortcut(monkeypatch):
     pyllm.flash_attn_with_kvcache(q, k_cache, v_cache, torch.tensor([4, 2], dtype=torch.int32))
 
 
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+@pytest.mark.parametrize("n_new", [0, 1, 3])
+def test_kvcache_int_length_path_matches_the_op(monkeypatch, device, n_new):
+    # An int cache length (the model's decode step) is checked on the host and appended with slice
+    # copies, not the op's clamped index_put (fa._kvcache_with_int_length: what CUDA calls take;
+    # here on the CPU with the CPU shortcut declining). The same bits in out and in the caches.
+    monkeypatch.setattr(fa, "_kvcache_eager_cpu", lambda *args: None)
+
+    def refuse(*args):
+        raise AssertionError("the general path ran")
+
+    dtype = torch.bfloat16
+    b, cap, h, hk, d, length = 3, 40, 4, 2, 64, 30
+    q, k_new, v_new = new_kv(b, max(n_new, 2), h, hk, d, dtype, "packed")
+    q, k_new, v_new = q[:, :2].to(device), k_new[:, :n_new].to(device), v_new[:, :n_new].to(device)
+    k_new, v_new = (k_new, v_new) if n_new else (None, None)
+    k_cache, v_cache, base = kv_cache_pair(b, cap, hk, d, dtype, "interleaved")
+    ref_k, ref_v, _ = kv_cache_pair(b, cap, hk, d, dtype, "interleaved", base)
+    k_cache, v_cache, ref_k, ref_v = (t.to(device) for t in (k_cache, v_cache, ref_k, ref_v))
+    lengths_t = torch.full((b,), length, dtype=torch.int32, device=device)
+    want = torch.ops.pyllm.flash_attn_with_kvcache(q, ref_k, ref_v, lengths_t, k_new, v_new, 0.125, 7, 0)
+    with monkeypatch.context() as m:
+        m.setattr(fa, "_flash_attn_with_kvcache", refuse)
+        m.setattr(fa, "_flash_attn_with_kvcache_body", refuse)
+        out = pyllm.flash_attn_with_kvcache(q, k_cache, v_cache, length, k_new, v_new, window=(7, -1))
+    assert torch.equal(out, want) and torch.equal(k_cache, ref_k) and torch.equal(v_cache, ref_v)
+    before = k_cache.clone(), v_cache.clone()
+    with pytest.raises(ValueError, match="must lie in"):
+        pyllm.flash_attn_with_kvcache(q, k_cache, v_cache, cap - n_new + 1, k_new, v_new)
+    with pytest.raises(ValueError, match="must lie in"):
+        pyllm.flash_attn_with_kvcache(q, k_cache, v_cache, -1, k_new, v_new)
+    assert torch.equal(k_cache, before[0]) and torch.equal(v_cache, before[1])
+
+
 def test_kvcache_shortcut_leaves_tracing_and_autograd_to_the_op():
     from torch.fx.experimental.proxy_tensor import make_fx
 

@@ -342,7 +342,15 @@ def _flash_attn_with_kvcache_body(q: Tensor, k_cache: Tensor, v_cache: Tensor, c
         cols = cache_seqlens.long().unsqueeze(1) + torch.arange(n_new, device=q.device)
         k_cache[rows, cols] = k_new
         v_cache[rows, cols] = v_new
-    seqused_k = (cache_seqlens + n_new).to(torch.int32)
+    return _attend_cache(q, k_cache, v_cache, (cache_seqlens + n_new).to(torch.int32), softmax_scale, window_left,
+                         window_right)
+
+
+def _attend_cache(q: Tensor, k_cache: Tensor, v_cache: Tensor, seqused_k: Tensor, softmax_scale: float,
+                  window_left: int, window_right: int) -> Tensor:
+    """Attention of q over each cache's first seqused_k[b] (int32, valid) keys: the split-KV decode
+    kernel on the GPU, the forward kernel on the CPU."""
+    capacity = k_cache.shape[1]
     q = _last_dim_contiguous(q)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(_lse_shape(q, False), dtype=_lse_dtype(q), device=q.device)
@@ -372,6 +380,25 @@ _flash_attn_with_kvcache = torch.library.custom_op("pyllm::flash_attn_with_kvcac
 @_flash_attn_with_kvcache.register_fake
 def _(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale, window_left, window_right):
     return q.new_empty(q.shape)
+
+
+def _kvcache_with_int_length(q, k_cache, v_cache, length: int, k_new, v_new, softmax_scale: float, window_left: int,
+                             window_right: int) -> Tensor:
+    """The op's body for eager calls whose cache length is one int for every sequence (the model's
+    decode step; CPU calls the shortcut below declines): known on the host, it is checked there
+    (no sync), the append is one slice copy per cache and the lengths one fill, so on the GPU 4
+    kernel launches where the body's clamped index_put path takes about 12 (its lengths are a
+    device tensor that cannot be read without a sync). The same kernel arguments: the same bits."""
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("flash_attn_with_kvcache: k_cache and v_cache need a contiguous last dim (they are written in place)")
+    n_new, capacity = (0 if k_new is None else k_new.shape[1]), k_cache.shape[1]
+    if length < 0 or length + n_new > capacity:
+        raise ValueError(f"flash_attn_with_kvcache: cache_seqlens + new tokens ({n_new}) must lie in [0, {capacity}] "
+                         f"(the cache's capacity), got cache_seqlens {length}")
+    if n_new:
+        _append_kv(k_cache, v_cache, k_new, v_new, None, length)
+    seqused_k = torch.full((q.shape[0],), length + n_new, dtype=torch.int32, device=q.device)
+    return _attend_cache(q, k_cache, v_cache, seqused_k, softmax_scale, window_left, window_right)
 
 
 # --- eager CPU decode: the kernel called directly ----------------------------------------------
@@ -574,7 +601,7 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_s
             in place at positions cache_seqlens[b] .. cache_seqlens[b] + seqlen_new.
         cache_seqlens: int32 (batch,) tensor (or an int for every sequence): tokens already in the
             cache. Not updated here: add seqlen_new yourself after the call. Its values (each in
-            [0, capacity - seqlen_new]) are checked for CPU tensors, and for CUDA tensors only
+            [0, capacity - seqlen_new]) are checked for an int and CPU tensors, and for CUDA tensors only
             with PYLLM_ATTN_CHECK_SEQLENS=1 (reading them is a device sync, which decode and CUDA
             graphs cannot afford); unchecked, they are clamped into that range, so bad values give
             wrong results, never out-of-bounds accesses. dtype, shape and device are always checked.
@@ -593,8 +620,9 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_s
         return out
     op = "flash_attn_with_kvcache"
     _check_qkv(op, q, k_cache, v_cache, False)
+    length = None  # one int for every sequence, known on the host
     if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
-        cache_seqlens = torch.full((q.shape[0],), cache_seqlens, dtype=torch.int32, device=q.device)
+        length, cache_seqlens = cache_seqlens, torch.full((q.shape[0],), cache_seqlens, dtype=torch.int32, device=q.device)
     if not isinstance(cache_seqlens, torch.Tensor):
         raise TypeError(f"{op}: cache_seqlens must be an int32 tensor or an int, got {type(cache_seqlens).__name__}")
     if cache_seqlens.dtype != torch.int32:
@@ -619,6 +647,9 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_s
     if causal:
         right = 0
     scale = _resolve_scale(op, softmax_scale, q.shape[-1])
+    if length is not None and _util.eager_untraced() and not (torch.is_grad_enabled() and q.requires_grad) and all(
+            t is None or _util.plain(t) for t in (q, k_cache, v_cache, k_new, v_new)):
+        return _kvcache_with_int_length(q, k_cache, v_cache, length, k_new, v_new, scale, left, right)
     # The op's dispatch cost ~0.1 ms per call on the CPU (op 0.20 ms vs its body 0.10 ms at cache
     # 512, D = 64, H = 8), as much as the kernel. Not differentiable: calls that need grad take the op.
     return _util.call(_flash_attn_with_kvcache_body, _flash_attn_with_kvcache, None, q, k_cache, v_cache,

@@ -377,6 +377,29 @@ class LLM(nn.Module):
         # non_embedding keeps the lm_head matmul (tied or not) and drops the table lookups.
         return 6 * self.num_params(non_embedding=True) + 12 * cfg.n_heads * cfg.head_dim * keys
 
+    def add_lora(self, rank: int, alpha: float) -> None:
+        """Freezes every weight and gives each block's linear layers (attention's qkv and output,
+        the MLP's) a trainable rank-`rank` update scaled by alpha / rank (nn.LoRALinear): LoRA. The
+        fused qkv and gate_up projections take one update each (rank `rank` over the fused output,
+        where PEFT gives q, k and v one each). The model computes what it did until trained."""
+        from pyllm.nn import LoRALinear
+
+        if not (isinstance(rank, int) and rank >= 1):
+            raise ValueError(f"LoRA rank must be an int >= 1, got {rank!r}")
+        for p in self.parameters():
+            p.requires_grad_(False)
+        for block in self.blocks:
+            for parent in list(block.modules()):
+                for name, child in list(parent.named_children()):
+                    if type(child) is nn.Linear:
+                        setattr(parent, name, LoRALinear(child, rank, alpha))
+
+    def lora_scale(self) -> float | None:
+        """alpha / rank of the LoRA layers (add_lora), None without them."""
+        from pyllm.nn import LoRALinear
+
+        return next((m.scale for m in self.modules() if isinstance(m, LoRALinear)), None)
+
     def flops_of_documents(self, lengths) -> float:
         """flops_per_token's count for documents of these lengths, each token's keys being its own
         document's (what packed and document-masked batches compute): less than rows of T
@@ -390,8 +413,9 @@ class LLM(nn.Module):
     # --- weights --------------------------------------------------------------------------------
 
     def save(self, path) -> None:
-        """Weights as safetensors, the config in its metadata (tied weights stored once)."""
-        save_weights(self.state_dict(), self.config, path)
+        """Weights as safetensors, the config in its metadata (tied weights stored once; LoRA
+        updates merged in: the file is the plain model's)."""
+        save_weights(self.state_dict(), self.config, path, self.lora_scale())
 
     @classmethod
     def load(cls, path, device="cpu") -> "LLM":
@@ -545,10 +569,27 @@ def _longrope_switch(cfg: ModelConfig) -> float:
     return scaling["original_max_position_embeddings"] if scaling.get("rope_type") == "longrope" else math.inf
 
 
-def save_weights(state_dict: dict, cfg: ModelConfig, path) -> None:
-    """Writes a state dict (e.g. gathered from FSDP shards) as LLM.load reads it."""
+def merge_lora_state(state_dict: dict, scale: float) -> dict:
+    """A state dict with LoRA layers (LLM.add_lora) as the plain model's: each X.weight plus
+    scale * X.lora_b @ X.lora_a, the lora_* entries dropped."""
+    from pyllm.nn import merge_lora
+
+    merged = {k: v for k, v in state_dict.items() if not k.endswith((".lora_a", ".lora_b"))}
+    for key in state_dict:
+        if key.endswith(".lora_a"):
+            prefix = key[:-len("lora_a")]
+            merged[prefix + "weight"] = merge_lora(state_dict[prefix + "weight"], state_dict[key],
+                                                   state_dict[prefix + "lora_b"], scale)
+    return merged
+
+
+def save_weights(state_dict: dict, cfg: ModelConfig, path, lora_scale: float | None = None) -> None:
+    """Writes a state dict (e.g. gathered from FSDP shards) as LLM.load reads it; LoRA layers' (with
+    their lora_scale) merged into the weights they update."""
     from safetensors.torch import save_file
 
+    if lora_scale is not None:
+        state_dict = merge_lora_state(state_dict, lora_scale)
     state = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()
              if not (cfg.tie_embeddings and k == "lm_head.weight")}
     save_file(state, str(path), metadata={"pyllm_config": json.dumps(cfg.to_dict())})

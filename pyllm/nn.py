@@ -37,6 +37,40 @@ class SwiGLUMLP(nn.Module):
         return self.down(h)  # (..., dim)
 
 
+class LoRALinear(nn.Module):
+    """A frozen linear layer plus a trainable low-rank update (LoRA, Hu et al. 2021):
+    y = x W^T + b + (alpha / rank) * (x A^T) B^T, with A (rank, in) drawn as nn.Linear draws its
+    weights (as PEFT does) and B (out, rank) zeros, so the layer starts as its base did. weight and
+    bias keep nn.Linear's names (a state dict reads as the base's plus lora_a, lora_b), and
+    merged_weight() folds the update in for a plain nn.Linear."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias  # the same Parameters, frozen
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.rank, self.scale = rank, alpha / rank
+        kw = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_a = nn.Parameter(torch.empty(rank, self.in_features, **kw))
+        self.lora_b = nn.Parameter(torch.zeros(self.out_features, rank, **kw))
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias) + F.linear(F.linear(x, self.lora_a), self.lora_b) * self.scale
+
+    def merged_weight(self) -> torch.Tensor:
+        return merge_lora(self.weight, self.lora_a, self.lora_b, self.scale)
+
+
+def merge_lora(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
+    """W + scale * B A, summed in fp32 at least (a bf16 model's update can be below its weights' rounding
+    step one element at a time, not in the product)."""
+    acc = torch.promote_types(weight.dtype, torch.float32)
+    return (weight.to(acc) + (lora_b.to(acc) @ lora_a.to(acc)) * scale).to(weight.dtype)
+
+
 def _kernel_dtypes(x: torch.Tensor, by_device: dict) -> tuple:
     """The dtypes an op's kernel takes on x's device: none on devices pyllm has no kernels for (meta,
     mps, ...), nor on CUDA when this pyllm was built without CUDA kernels (no nvcc at install)."""

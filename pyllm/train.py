@@ -32,6 +32,8 @@ class TrainConfig:
     preset: str = "tiny"
     init_from_hf: str = ""  # a Hugging Face checkpoint folder to start from (LLM.from_hf) instead of the preset
     init_from_run: str = ""  # a folder `pyllm train` wrote: start from its model.safetensors instead of the preset
+    lora_rank: int = 0  # > 0: train LoRA updates of this rank on the blocks' linear layers, every weight frozen
+    lora_alpha: float = 0.0  # LoRA's alpha (updates scaled by alpha / rank); 0: 2 * lora_rank
     model: dict = field(default_factory=dict)  # ModelConfig overrides, e.g. {"n_layers": 2}
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
@@ -93,6 +95,8 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be {text}, got {getattr(self, name)}")
         if self.init_from_hf and self.init_from_run:
             raise ValueError("TrainConfig: give init_from_hf or init_from_run, not both")
+        if self.lora_rank < 0 or self.lora_alpha < 0:
+            raise ValueError(f"TrainConfig.lora_rank and lora_alpha must be >= 0, got {self.lora_rank} and {self.lora_alpha}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -493,6 +497,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
     else:
         model = LLM(ModelConfig.from_preset(cfg.preset, **{"vocab_size": data_vocab, **cfg.model}))
     mcfg = model.config
+    if cfg.lora_rank:  # before the checkpoint's weights load: they hold the LoRA layers' too
+        model.add_lora(cfg.lora_rank, cfg.lora_alpha or 2.0 * cfg.lora_rank)
     if data_vocab > mcfg.vocab_size:
         raise ValueError(f"the token files hold ids up to {data_vocab - 1}, but the model has {mcfg.vocab_size} "
                          "embeddings: tokenize with the model's own tokenizer")
@@ -591,7 +597,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
     if stop_at is None:
         model_state = full_model_state(model, cfg, info)
         if info.is_main:
-            save_weights(model_state, mcfg, out / "model.safetensors")
+            save_weights(model_state, mcfg, out / "model.safetensors", model.lora_scale())  # LoRA merged in
             plot_losses(out / "log.jsonl", out / "loss.png")
     if info.world_size > 1:
         dist.barrier()  # rank 0's files are complete when any rank returns

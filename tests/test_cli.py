@@ -103,6 +103,37 @@ def test_fine_tune_a_run(corpus, tmp_path, capsys):
     assert "tokenizer: training" not in capsys.readouterr().out
 
 
+def test_lora_fine_tune_of_a_run(corpus, tmp_path):
+    # --lora-rank: the run's weights frozen, rank-2 updates trained on the blocks' linear layers and
+    # merged into its model.safetensors (norms and embeddings bitwise the base's); resume is exact.
+    import torch
+    from safetensors.torch import load_file
+
+    base = tmp_path / "base"
+    assert cli.main(["train", "--data", str(corpus), "--out", str(base), "--max-steps", "2", *SMALL]) == 0
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"def f{i}(x):\n", "completion": f"    return x + {i}\n"}) + "\n"
+                             for i in range(40)))
+    common = ["--init-from-run", str(base), "--data", str(pairs), "--lora-rank", "2", "--lr", "1e-2", "--batch-size", "2",
+              "--seq-len", "32", "--eval-every", "0", "--eval-batches", "1", "--device", "cpu", "--sample-tokens", "0"]
+    assert cli.main(["train", *common, "--out", str(tmp_path / "a"), "--max-steps", "4"]) == 0
+    assert cli.main(["train", *common, "--out", str(tmp_path / "b"), "--max-steps", "2"]) == 0
+    assert cli.main(["train", "--resume", str(tmp_path / "b"), "--max-steps", "4", "--sample-tokens", "0"]) == 0
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / r / "log.jsonl").read_text().splitlines()] for r in "ab"]
+    assert losses[0] == losses[1] and len(losses[0]) == 4
+    start, tuned = load_file(str(base / "model.safetensors")), load_file(str(tmp_path / "a" / "model.safetensors"))
+    assert start.keys() == tuned.keys()
+    changed = 0
+    for name, w in start.items():
+        delta = (tuned[name].double() - w.double())
+        if name.endswith(("qkv.weight", "proj.weight", "gate_up.weight", "down.weight")) and ".blocks." in f".{name}":
+            assert 0 < torch.linalg.matrix_rank(delta, rtol=1e-3).item() <= 2, name  # beyond fp32 rounding
+            changed += 1
+        else:
+            assert torch.equal(tuned[name], w), name
+    assert changed == 4
+
+
 def test_init_from_run_errors(corpus, tmp_path, capsys):
     assert cli.main(["train", "--init-from-run", str(tmp_path), "--data", str(corpus), "--out", str(tmp_path / "r"),
                      "--device", "cpu"]) == 2

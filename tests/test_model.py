@@ -440,6 +440,47 @@ def test_save_load_roundtrip(tmp_path, name):
         LLM.load(tmp_path / "bad.safetensors")
 
 
+@pytest.mark.parametrize("name", ["llama", "gpt2", "gqa-untied"])
+def test_lora(name, tmp_path):
+    # LoRA (add_lora): only the updates train; the model starts as it was (bitwise: B = 0); a
+    # trained update saves merged into plain weights that compute what the LoRA model does.
+    from pyllm.nn import LoRALinear
+
+    torch.manual_seed(0)
+    model = LLM(ModelConfig(**CONFIGS[name])).double()
+    idx = torch.randint(0, model.config.vocab_size, (2, 12))
+    before = model(idx)[0]
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.add_lora(4, 8.0)
+    assert torch.equal(model(idx)[0], before)
+    loras = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    assert len(loras) == 4 * model.config.n_layers and model.lora_scale() == 2.0
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n in model.state_dict() if n.endswith((".lora_a", ".lora_b"))}
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == sum(
+        4 * (m.in_features + m.out_features) for m in loras)
+    logits, loss = model(idx, idx)
+    loss.backward()
+    assert all((p.grad is not None) == p.requires_grad for p in model.parameters())
+    with torch.no_grad():
+        for m in loras:
+            m.lora_b.normal_()
+    trained = model(idx)[0]
+    assert not torch.allclose(trained, before)
+    from pyllm.model import merge_lora_state
+
+    merged = LLM(ModelConfig(**CONFIGS[name])).double()
+    merged.load_state_dict(merge_lora_state(model.state_dict(), model.lora_scale()))
+    assert rel_err(merged(idx)[0], trained) < 1e-12
+    model.save(tmp_path / "m.safetensors")  # the plain model's file, merged
+    loaded = LLM.load(tmp_path / "m.safetensors").state_dict()
+    assert loaded.keys() == base_state.keys()
+    assert all(torch.equal(loaded[k], v.float()) for k, v in merged.state_dict().items())
+    for key, value in merged.state_dict().items():  # the updates alone changed, each of rank <= 4
+        delta = value - base_state[key]
+        assert torch.linalg.matrix_rank(delta).item() <= 4 if delta.dim() == 2 and delta.any() else not delta.any()
+
+
 def test_counts():
     model = LLM(ModelConfig(**CONFIGS["gpt2"]))
     n = model.num_params()

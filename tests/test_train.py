@@ -260,15 +260,18 @@ def run_two_processes(args: dict, timeout: float = 150) -> None:
 
 @pytest.mark.parametrize("mode, kind", [("ddp", "windows"), ("fsdp", "windows"), ("zero1", "windows"),
                                         ("ddp", "conversations"), ("fsdp", "conversations"),
-                                        ("zero1", "conversations")])
+                                        ("zero1", "conversations"), ("ddp", "lora"), ("fsdp", "lora"),
+                                        ("zero1", "lora")])
 def test_two_cpu_processes_match_one_and_resume_exactly(data_dir, chat_dir, tmp_path, mode, kind):
     """2 gloo processes with batch 2 each = 1 process with batch 4 (to float rounding), both with 2
     micro-steps of gradient accumulation; a 2-process
     run stopped at step 6 and resumed from its step-4 checkpoint = the uninterrupted one, bitwise;
     a 1-process checkpoint resumes on 2 processes in this mode. Conversations (PackedLoader): the
-    loss is over all of a step's trained tokens, which the ranks' rows hold in unequal numbers."""
-    common = dict(data_dir=str(data_dir if kind == "windows" else chat_dir), model=dict(TINY), device="cpu", max_steps=8, warmup_steps=1, grad_accum=2,
-                  eval_every=4, eval_batches=2, ckpt_every=4, progress=False, lr=1e-2)
+    loss is over all of a step's trained tokens, which the ranks' rows hold in unequal numbers.
+    LoRA: frozen weights, rank-2 updates trained (no gradients, no optimizer state for the rest)."""
+    common = dict(data_dir=str(chat_dir if kind == "conversations" else data_dir), model=dict(TINY), device="cpu",
+                  max_steps=8, warmup_steps=1, grad_accum=2, eval_every=4, eval_batches=2, ckpt_every=4,
+                  progress=False, lr=1e-2, **({"lora_rank": 2} if kind == "lora" else {}))
     trainer.train(TrainConfig(**common, out_dir=str(tmp_path / "one"), batch_size=4))
     trainer.train(TrainConfig(**common, out_dir=str(tmp_path / "two/cross"), batch_size=4), stop_at=6)
     # ddp and fsdp recompute their blocks in the backward (activation checkpointing): same losses
@@ -281,6 +284,9 @@ def test_two_cpu_processes_match_one_and_resume_exactly(data_dir, chat_dir, tmp_
     one, a, b = (torch.load(d / "checkpoint.pt", weights_only=True) for d in (tmp_path / "one", whole, cut))
     assert a["step"] == b["step"] == 8
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    if kind == "lora":  # state for the updates alone
+        n_lora = sum(k.endswith((".lora_a", ".lora_b")) for k in one["model"])
+        assert n_lora and len(one["optimizer"]["state"]) == len(a["optimizer"]["state"]) == n_lora
     # The checkpoint holds the whole optimizer state (gathered from the shards under fsdp and zero1).
     for i, state in one["optimizer"]["state"].items():
         for key in ("exp_avg", "exp_avg_sq"):

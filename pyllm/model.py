@@ -367,15 +367,25 @@ class LLM(nn.Module):
                 n -= self.tok_emb.weight.numel()
         return n
 
+    def _weight_flops_per_token(self) -> int:
+        """6 per matmul weight (forward, input grad, weight grad), 4 per frozen one (no weight grad:
+        LoRA's base weights). non_embedding keeps the lm_head matmul (tied or not) and drops the
+        table lookups."""
+        frozen = sum(p.numel() for p in self.parameters() if not p.requires_grad)
+        if frozen and self.pos_emb is not None and not self.pos_emb.weight.requires_grad:
+            frozen -= self.pos_emb.weight.numel()
+        if frozen and not self.config.tie_embeddings and not self.tok_emb.weight.requires_grad:
+            frozen -= self.tok_emb.weight.numel()
+        return 6 * self.num_params(non_embedding=True) - 2 * frozen
+
     def flops_per_token(self, seq_len: int | None = None) -> float:
-        """Training FLOPs (forward + backward) per token: 6 per matmul weight plus the attention
-        scores and values, 12 * n_layers * dim * T (Chowdhery et al. 2022, appendix B), with
-        n_heads * head_dim for dim and, in sliding-window layers, at most sliding_window for T."""
+        """Training FLOPs (forward + backward) per token: 6 per matmul weight (4 if frozen) plus the
+        attention scores and values, 12 * n_layers * dim * T (Chowdhery et al. 2022, appendix B),
+        with n_heads * head_dim for dim and, in sliding-window layers, at most sliding_window for T."""
         cfg = self.config
         T = seq_len or cfg.block_size
         keys = sum(T if cfg.layer_window(i) < 0 else min(T, cfg.sliding_window) for i in range(cfg.n_layers))
-        # non_embedding keeps the lm_head matmul (tied or not) and drops the table lookups.
-        return 6 * self.num_params(non_embedding=True) + 12 * cfg.n_heads * cfg.head_dim * keys
+        return self._weight_flops_per_token() + 12 * cfg.n_heads * cfg.head_dim * keys
 
     def add_lora(self, rank: int, alpha: float) -> None:
         """Freezes every weight and gives each block's linear layers (attention's qkv and output,
@@ -408,7 +418,7 @@ class LLM(nn.Module):
         cfg = self.config
         windows = [cfg.layer_window(i) for i in range(cfg.n_layers)]
         keys = sum(n * (n if w < 0 else min(n, cfg.sliding_window)) for n in lengths for w in windows)
-        return 6 * self.num_params(non_embedding=True) * sum(lengths) + 12 * cfg.n_heads * cfg.head_dim * keys
+        return self._weight_flops_per_token() * sum(lengths) + 12 * cfg.n_heads * cfg.head_dim * keys
 
     # --- weights --------------------------------------------------------------------------------
 

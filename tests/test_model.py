@@ -497,6 +497,12 @@ def test_counts():
     for lengths in ([20], [3], [20, 3, 7]):
         assert model.flops_of_documents(lengths) == sum(n * model.flops_per_token(n) for n in lengths)
     assert model.flops_of_documents([10, 10]) < 20 * model.flops_per_token(20)
+    # LoRA: no weight gradients for the frozen weights (4 FLOPs each, not 6), 6 for the updates
+    attention = model.flops_per_token(20) - 6 * model.num_params(non_embedding=True)
+    frozen = model.num_params(non_embedding=True)
+    model.add_lora(2, 4.0)
+    lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert model.flops_per_token(20) == 4 * frozen + 6 * lora + attention
 
 
 @pytest.mark.parametrize("preset", PRESETS)

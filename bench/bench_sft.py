@@ -11,6 +11,9 @@ SmolLM2-135M's shape, 30 layers (--layers; --quick: 4), read by pyllm.model.LLM.
   labels -100 on padding and prompts).
 - transformers sorted: its best case for padding: batches of conversations of about equal length
   (the whole set sorted by length, as its Trainer's group_by_length does within mega-batches).
+--lora R: LoRA fine-tuning instead, rank R, alpha 2R, on both sides: pyllm's LLM.add_lora (4 updates
+per block: fused qkv, output, fused gate-up, down) vs PEFT's get_peft_model on "all-linear" (7: q, k,
+v, o, gate, up, down); needs peft.
 The padded batches hold as many conversations as a packed batch holds on average, so each way sees
 about the same real tokens per step ("vs transformers" compares real tokens/s). Conversation lengths are drawn from a log-normal around
 --mean-tokens (SFT sets are long-tailed: most replies short, some long), cut to [16, --seq-len]; the
@@ -66,6 +69,7 @@ def main() -> int:
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16")
     parser.add_argument("--layers", type=int, default=0, help="default 30, SmolLM2-135M's (--quick: 4)")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--lora", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
     args = parser.parse_args()
     try:
         import transformers
@@ -95,6 +99,17 @@ def main() -> int:
             packing[lookahead] = batches, pad
         packed, packed_padding = packing[None]
         order = [int(i) for i in loader._epoch_order(0)]
+    peft_version = None
+    if args.lora:
+        try:
+            import peft
+        except ImportError:
+            print("bench_sft: --lora compares with PEFT, which is not installed")
+            return 0
+        peft_version = peft.__version__
+        ours.add_lora(args.lora, 2.0 * args.lora)
+        theirs = peft.get_peft_model(theirs, peft.LoraConfig(r=args.lora, lora_alpha=2 * args.lora, lora_dropout=0.0,
+                                                             target_modules="all-linear"))
     ours, theirs = ours.to(args.device, dtype).train(), theirs.to(args.device, dtype).train()
     per_batch = max(1, round(n_conv / len(packed)))
     padded = padded_batches(docs, masks, order, per_batch)
@@ -145,12 +160,14 @@ def main() -> int:
     print(f"# SFT epoch on {common.device_description(args.device)}: {config.num_hidden_layers} layers, {args.dtype}, "
           f"{n_conv} conversations, {lengths.sum()} tokens (mean {lengths.mean():.0f}, max {lengths.max()}), packed "
           f"{args.rows} x {args.seq_len} (padding {in_order:.0%} when packed strictly in order), padded {per_batch} "
-          f"per batch, transformers {transformers.__version__}")
+          f"per batch, transformers {transformers.__version__}"
+          + (f", LoRA rank {args.lora} (PEFT {peft_version})" if args.lora else ""))
     common.print_table(rows, ["impl", "batches", "s/epoch", "real tokens/s", "padding", "vs transformers"])
     common.write_json(args.json, "sft", args.device, rows, {
         "layers": config.num_hidden_layers, "dtype": args.dtype, "conversations": n_conv, "tokens": int(lengths.sum()),
         "padding_packed_in_order": round(in_order, 3),
-        "seq_len": args.seq_len, "rows": args.rows, "per_padded_batch": per_batch, "transformers": transformers.__version__})
+        "seq_len": args.seq_len, "rows": args.rows, "per_padded_batch": per_batch, "transformers": transformers.__version__,
+        "lora_rank": args.lora, "peft": peft_version})
     return 0
 
 

@@ -25,8 +25,8 @@
 // the last whole vector are scalar.
 //
 // Tuning constants: kChunk = 64K elements and 512 threads (128 elements per thread) follow apex's
-// multi_tensor_apply defaults; kMax* fill the 4 KB kernel-argument limit. NOT yet measured on a GPU:
-// the README's kernel table lists these kernels as unverified until bench/gpu_check.sh has run.
+// multi_tensor_apply defaults; kMax* fill the 4 KB kernel-argument limit. Not yet tuned. On an H200
+// (2026-11-30, 10M params in 10 tensors): 1.67-1.86x torch's foreach AdamW, 0.81-0.90x its fused one.
 #include <algorithm>
 #include <vector>
 

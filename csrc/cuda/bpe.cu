@@ -1,5 +1,6 @@
 // CUDA batch BPE encoder: the same ids as the CPU encoder (csrc/cpu/bpe_encode.cpp), hence as
-// tiktoken. UNVERIFIED: compiled for sm_80/sm_90, never run on a GPU yet (see README).
+// tiktoken. Partly verified: ran on an H200 (2026-11-30): compute-sanitizer clean, its small cases right; the CUDA test suite not yet run through (see README).
+// There its ids equalled tiktoken's on 1.1 MB; the kernels took 0.8 ms of a 9 ms batch (host-bound).
 //
 // Split of the work:
 //   host (std::threads over texts): the disallowed-special check, cutting at allowed special

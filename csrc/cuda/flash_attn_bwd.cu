@@ -1,5 +1,6 @@
 // FlashAttention backward on CUDA: recomputes P = exp(S - lse) from the saved LSE.
-// UNVERIFIED: compiled for sm_80 / sm_90 but not yet run on a GPU (see README).
+// Partly verified: ran on an H200 (2026-11-30): compute-sanitizer clean, its small cases right; the CUDA test suite not yet run through (see README).
+// The fp32 SIMT reference: 5-7 TFLOP/s fwd+bwd there, 10-30x slower than the mma backward.
 //
 // flash_attn_bwd_cuda runs the delta kernel below, then one of two implementations of dK, dV, dQ
 // chosen by its `algo` argument (Python: PYLLM_ATTN_BWD=mma|simt, default mma):

@@ -1,5 +1,6 @@
 // FlashAttention-2 backward on tensor cores (sm80 mma.sync m16n8k16; runs unchanged on sm90).
-// UNVERIFIED: compiled for sm_80 / sm_90 but not yet run on a GPU (see README).
+// Partly verified: ran on an H200 (2026-11-30): compute-sanitizer clean, its small cases right; the CUDA test suite not yet run through (see README).
+// Speed there: fwd+bwd 0.30-0.50x torch SDPA's flash backend (bf16, D = 64 / 128): not tuned yet.
 //
 // Called by flash_attn_bwd_cuda (flash_attn_bwd.cu) after its delta kernel has written
 // delta_i = dO_i . O_i - dlse_i; P is recomputed from the forward's LSE, nothing T x T is stored.
@@ -65,7 +66,7 @@
 // cp.async groups and real rounding are not covered by that: compute-sanitizer
 // (bench/sanitize_cases.py) and the `cuda` tests are.
 //
-// Tile sizes: NOT YET MEASURED (no GPU has run this code). Chosen so that the fp32 accumulators
+// Tile sizes: not yet tuned (first GPU run above). Chosen so that the fp32 accumulators
 // fit in registers (dk_dv: kSliceD for dK, dV + kBlockM for S^T, dP^T = at most 160 floats per
 // thread; ptxas, nvcc 13.0: 134-248 registers on sm_80, no spills but 4 bytes in dq at D = 64;
 // 100-250 on sm_90, no spills) and

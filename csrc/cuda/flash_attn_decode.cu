@@ -1,5 +1,6 @@
 // Split-KV decode attention over a KV cache (flash_attn_with_kvcache on CUDA).
-// UNVERIFIED: compiled for sm_80 / sm_90 but not yet run on a GPU (see README).
+// Partly verified: ran on an H200 (2026-11-30): compute-sanitizer clean, its small cases right; the CUDA test suite not yet run through (see README).
+// One decode call (B = 1, T = 2048) took 0.23-0.26 ms there, host-bound (the Python around it).
 //
 // With one query token per sequence, (batch x heads) CTAs would leave most SMs idle while each
 // streams its whole cache. So the keys a query sees are cut into n_splits ranges, one CTA each

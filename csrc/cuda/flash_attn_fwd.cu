@@ -1,5 +1,6 @@
 // FlashAttention-2 forward on tensor cores (sm80 mma.sync; runs unchanged on sm90).
-// UNVERIFIED: compiled for sm_80 / sm_90 but not yet run on a GPU (see README).
+// Partly verified: ran on an H200 (2026-11-30): compute-sanitizer clean, its small cases right; the CUDA test suite not yet run through (see README).
+// Speed there (bf16, H = 8): 68-154 TFLOP/s, 0.52-0.66x torch SDPA's flash backend: not tuned yet.
 //
 // Grid (ceil(Tq / kBlockM), n_heads, batch); one CTA = 4 warps = 64 query rows of one head,
 // each warp owning 16 rows. Per key block of kBlockN keys (only the blocks the mask leaves):
@@ -23,7 +24,7 @@
 namespace pyllm {
 namespace attn {
 
-// Tile sizes, NOT YET MEASURED (no GPU has run this code): kBlockM = 64 rows (4 warps x 16) as in
+// Tile sizes, not yet tuned (first GPU run: 0.52-0.66x SDPA-flash, see above): kBlockM = 64 rows (4 warps x 16) as in
 // FlashAttention-2's sm80 defaults for small CTAs; kBlockN = 64 keys up to D = 128 and 32 at
 // D = 256 to keep shared memory (Q + 2 stages of K and V) at 80 KB (D = 128) / 96 KB (D = 256),
 // within an A100's 163 KB and leaving room for 2 CTAs per SM up to D = 128.

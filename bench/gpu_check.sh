@@ -49,9 +49,14 @@ if want test; then
   # --session-timeout ends the session 20 s before the hard limit, so the failure summary and the
   # slowest tests are printed; --timeout turns one hung test into one failure, not a lost stage.
   limit=${TEST_LIMIT:-300}
-  default_args=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")
+  workers=$($PY -c "import xdist" 2>/dev/null && echo 8 || echo 1)
+  default_args=$([ "$workers" -gt 1 ] && echo "-n $workers")
+  # The tests' float64 references run on the CPU: each worker's torch would start one OpenMP thread
+  # per core (16 there), 8-14 workers oversubscribing the cores many times over while their threads
+  # spin (the likely cause of the slow tail that kept both 2026-11-30 runs from finishing).
+  threads=${OMP_NUM_THREADS:-$(( $(nproc) / workers > 0 ? $(nproc) / workers : 1 ))}  # this stage only
   $PY -c "import pytest_timeout" 2>/dev/null && default_args+=" --timeout 120 --timeout-method thread --session-timeout $(( limit - 20 ))"
-  timeout "$limit" $PY -m pytest -m cuda -v -rfE --durations=30 -p no:cacheprovider ${PYTEST_ARGS-$default_args} > "$OUT/pytest_cuda.log" 2>&1
+  OMP_NUM_THREADS=$threads timeout "$limit" $PY -m pytest -m cuda -v -rfE --durations=30 -p no:cacheprovider ${PYTEST_ARGS-$default_args} > "$OUT/pytest_cuda.log" 2>&1
   pytest_rc=$?
   grep -E "^(FAILED|ERROR)|node down|Timeout" "$OUT/pytest_cuda.log" | head -40
   tail -5 "$OUT/pytest_cuda.log"

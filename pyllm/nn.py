@@ -58,7 +58,19 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias) + F.linear(F.linear(x, self.lora_a), self.lora_b) * self.scale
+        weight, bias = self.weight, self.bias
+        # The frozen weights may be held in the training's 16-bit dtype (freeze_to): autocast casts
+        # x to it; outside autocast (sampling, eval in fp32) the weights follow x.
+        if weight.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+            weight, bias = weight.to(x.dtype), None if bias is None else bias.to(x.dtype)
+        return F.linear(x, weight, bias) + F.linear(F.linear(x, self.lora_a), self.lora_b) * self.scale
+
+    def freeze_to(self, dtype: torch.dtype) -> None:
+        """Holds the frozen weight and bias in dtype (the compute dtype of a bf16 / fp16 run: half
+        the memory, no cast per forward); the updates keep theirs."""
+        self.weight = nn.Parameter(self.weight.detach().to(dtype), requires_grad=False)
+        if self.bias is not None:
+            self.bias = nn.Parameter(self.bias.detach().to(dtype), requires_grad=False)
 
     def merged_weight(self) -> torch.Tensor:
         return merge_lora(self.weight, self.lora_a, self.lora_b, self.scale)
@@ -66,9 +78,11 @@ class LoRALinear(nn.Module):
 
 def merge_lora(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
     """W + scale * B A, summed in fp32 at least (a bf16 model's update can be below its weights' rounding
-    step one element at a time, not in the product)."""
+    step one element at a time, not in the product), in the wider of the weight's and the update's
+    dtypes (bf16-held weights with fp32 updates: fp32)."""
     acc = torch.promote_types(weight.dtype, torch.float32)
-    return (weight.to(acc) + (lora_b.to(acc) @ lora_a.to(acc)) * scale).to(weight.dtype)
+    merged = weight.to(acc) + (lora_b.to(acc) @ lora_a.to(acc)) * scale
+    return merged.to(torch.promote_types(weight.dtype, lora_a.dtype))
 
 
 def _kernel_dtypes(x: torch.Tensor, by_device: dict) -> tuple:

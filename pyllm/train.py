@@ -506,6 +506,12 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
     if info.is_main and not has_kernels_for(info.device):
         print("pyllm: this build has no CUDA kernels (nvcc was not found when it was installed): training "
               "runs on torch's attention, SwiGLU and AdamW; reinstall with nvcc on PATH for pyllm's", file=sys.stderr)
+    if cfg.lora_rank and precision != "fp32" and not (info.world_size > 1 and cfg.dist_mode == "fsdp"):
+        # Frozen weights need no fp32 master: held in the compute dtype (half their memory, no cast
+        # per forward). Not under FSDP2, which all-gathers a block's parameters in one dtype.
+        for m in model.modules():
+            if hasattr(m, "freeze_to"):
+                m.freeze_to(torch.bfloat16 if precision == "bf16" else torch.float16)
     model = model.to(info.device)
     model.activation_checkpointing = cfg.activation_checkpointing
     loader = make_loader(data / "train.bin", cfg, seq_len, cfg.seed, info)

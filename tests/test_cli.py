@@ -132,6 +132,16 @@ def test_lora_fine_tune_of_a_run(corpus, tmp_path):
         else:
             assert torch.equal(tuned[name], w), name
     assert changed == 4
+    # bf16: the frozen block weights are held in bf16 (the updates in fp32); sampling after the run
+    # (outside autocast) and the merged file work
+    assert cli.main(["train", *common[:-1], "4", "--out", str(tmp_path / "c"), "--max-steps", "2",
+                     "--precision", "bf16"]) == 0
+    state = torch.load(tmp_path / "c" / "checkpoint.pt", weights_only=True)["model"]
+    assert state["blocks.0.attn.qkv.weight"].dtype == torch.bfloat16
+    assert state["blocks.0.attn.qkv.lora_a"].dtype == state["tok_emb.weight"].dtype == torch.float32
+    from pyllm.model import LLM
+
+    LLM.load(tmp_path / "c" / "model.safetensors")
 
 
 def test_init_from_run_errors(corpus, tmp_path, capsys):

@@ -271,16 +271,18 @@ def test_two_cpu_processes_match_one_and_resume_exactly(data_dir, chat_dir, tmp_
     LoRA: frozen weights, rank-2 updates trained (no gradients, no optimizer state for the rest)."""
     common = dict(data_dir=str(chat_dir if kind == "conversations" else data_dir), model=dict(TINY), device="cpu",
                   max_steps=8, warmup_steps=1, grad_accum=2, eval_every=4, eval_batches=2, ckpt_every=4,
-                  progress=False, lr=1e-2, **({"lora_rank": 2} if kind == "lora" else {}))
+                  progress=False, lr=1e-2, **({"lora_rank": 2, "precision": "bf16"} if kind == "lora" else {}))
     trainer.train(TrainConfig(**common, out_dir=str(tmp_path / "one"), batch_size=4))
     trainer.train(TrainConfig(**common, out_dir=str(tmp_path / "two/cross"), batch_size=4), stop_at=6)
     # ddp and fsdp recompute their blocks in the backward (activation checkpointing): same losses
     run_two_processes({**common, "out_dir": str(tmp_path / "two"), "batch_size": 2, "dist_mode": mode,
                        "activation_checkpointing": mode != "zero1"})
     whole, cut = tmp_path / "two/whole", tmp_path / "two/cut"
-    np.testing.assert_allclose(losses(whole), losses(tmp_path / "one"), rtol=1e-5)
+    # bf16 (the LoRA runs: frozen weights held in bf16): its matmuls round per batch shape
+    rtol = 1e-4 if common.get("precision") == "bf16" else 1e-5
+    np.testing.assert_allclose(losses(whole), losses(tmp_path / "one"), rtol=rtol)
     assert losses(cut) == losses(whole)  # bitwise
-    np.testing.assert_allclose(losses(tmp_path / "two/cross")[4:], losses(tmp_path / "one")[4:], rtol=1e-5)
+    np.testing.assert_allclose(losses(tmp_path / "two/cross")[4:], losses(tmp_path / "one")[4:], rtol=rtol)
     one, a, b = (torch.load(d / "checkpoint.pt", weights_only=True) for d in (tmp_path / "one", whole, cut))
     assert a["step"] == b["step"] == 8
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
@@ -291,5 +293,6 @@ def test_two_cpu_processes_match_one_and_resume_exactly(data_dir, chat_dir, tmp_
     for i, state in one["optimizer"]["state"].items():
         for key in ("exp_avg", "exp_avg_sq"):
             scale = float(state[key].abs().max())  # moments near 0 differ by rounding relative to the largest
-            torch.testing.assert_close(a["optimizer"]["state"][i][key], state[key], rtol=1e-3, atol=1e-4 * scale)
+            near = 1e-2 if rtol > 1e-5 else 1e-4  # bf16: gradients to ~3 significant digits
+            torch.testing.assert_close(a["optimizer"]["state"][i][key], state[key], rtol=1e-3, atol=near * scale)
             assert torch.equal(a["optimizer"]["state"][i][key], b["optimizer"]["state"][i][key])

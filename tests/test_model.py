@@ -481,6 +481,24 @@ def test_lora(name, tmp_path):
         assert torch.linalg.matrix_rank(delta).item() <= 4 if delta.dim() == 2 and delta.any() else not delta.any()
 
 
+def test_lora_under_compile_and_bf16_autocast():
+    # torch.compile(fullgraph=True) traces LoRALinear with its weights held in bf16 (freeze_to), as a
+    # bf16 LoRA run trains: the same loss as eager to float rounding, the updates' gradients there.
+    torch.manual_seed(0)
+    model = LLM(ModelConfig(vocab_size=128, n_layers=2, n_heads=2, dim=64, block_size=32))
+    model.add_lora(2, 4.0)
+    for m in model.modules():
+        if hasattr(m, "freeze_to"):
+            m.freeze_to(torch.bfloat16)
+    x = torch.randint(0, 128, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager = model(x, x)[1]
+        loss = torch.compile(model, fullgraph=True)(x, x)[1]
+    loss.backward()
+    assert float(loss) == pytest.approx(float(eager), rel=1e-3)
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
 def test_counts():
     model = LLM(ModelConfig(**CONFIGS["gpt2"]))
     n = model.num_params()

@@ -523,6 +523,8 @@ def cmd_export(args) -> int:
     from pyllm.train import load_checkpoint
 
     run, out = Path(args.run), Path(args.out)
+    if args.adapter:
+        return export_adapter(run, out, args.dtype)
     if not (run / "model.safetensors").exists():
         raise ValueError(f"{run}: no model.safetensors; give a folder `pyllm train` wrote")
     model = LLM.load(run / "model.safetensors").to(getattr(torch, GENERATE_DTYPES[args.dtype]))
@@ -550,6 +552,38 @@ def cmd_export(args) -> int:
                 **({"eos_token": eos} if eos else {})}, indent=2))
     print(f"exported {run} to {out} ({'config of ' + str(source) if source else 'a ' + model_kind(out) + ' config'}, "
           f"{args.dtype})")
+    return 0
+
+
+def export_adapter(run: Path, out: Path, dtype: str) -> int:
+    """A LoRA run (--lora-rank, --init-from-hf) as a PEFT adapter folder (adapter_model.safetensors,
+    adapter_config.json) over its Hugging Face source: PeftModel.from_pretrained(base, out) loads it."""
+    import torch
+    from safetensors.torch import save_file
+
+    from pyllm.model import ModelConfig, hf_folder, lora_state_to_peft
+    from pyllm.train import load_checkpoint
+
+    ckpt = load_checkpoint(run)
+    train_config = ckpt["train_config"]
+    if not train_config.get("lora_rank"):
+        raise ValueError(f"{run}: not a LoRA run (train with --lora-rank R); export it without --adapter")
+    source = train_config.get("init_from_hf")
+    if not source:
+        raise ValueError(f"{run}: an adapter applies to a Hugging Face model, and this run started from "
+                         f"{train_config.get('init_from_run') or 'a preset'}: export it without --adapter (merged weights)")
+    kind = json.loads((hf_folder(source) / "config.json").read_text())["model_type"]
+    rank = train_config["lora_rank"]
+    alpha = train_config.get("lora_alpha") or 2.0 * rank
+    tensors, targets = lora_state_to_peft(ckpt["model"], ModelConfig(**ckpt["model_config"]), kind)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.to(getattr(torch, GENERATE_DTYPES[dtype])) for k, v in tensors.items()},
+              str(out / "adapter_model.safetensors"))
+    (out / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(source), "r": rank,
+        "lora_alpha": alpha, "lora_dropout": 0.0, "target_modules": targets, "bias": "none", "fan_in_fan_out": False,
+        "use_rslora": False, "inference_mode": True}, indent=2))
+    print(f"exported the LoRA adapter of {run} (rank {rank}, alpha {alpha:g}, over {source}) to {out}")
     return 0
 
 
@@ -712,6 +746,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the folder to write (config.json, model.safetensors, tokenizer files)")
     p.add_argument("--dtype", default="bf16", choices=tuple(GENERATE_DTYPES),
                    help="dtype of the exported weights (default bf16)")
+    p.add_argument("--adapter", action="store_true", help="a LoRA run (--lora-rank, --init-from-hf): write its "
+                   "updates alone as a PEFT adapter (adapter_model.safetensors, adapter_config.json) over the source model")
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("plan", help="Chinchilla: compute-optimal params and tokens, and the time it would take here")
     p.add_argument("--compute", help="training budget in FLOPs, e.g. 1e21")

@@ -886,6 +886,46 @@ def hf_config_of(cfg: ModelConfig) -> dict:
     return hf
 
 
+# Hugging Face model types whose layers PEFT names model.layers.{i}.self_attn.* / mlp.* (the kinds
+# lora_state_to_peft writes adapters for; GPT-2's Conv1D layers and Gemma 3's multimodal wrapper not).
+PEFT_KINDS = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2", "gemma3_text", "phi3")
+
+
+def lora_state_to_peft(state: dict, cfg: ModelConfig, kind: str) -> tuple[dict, list[str]]:
+    """The LoRA updates of a state dict (LLM.add_lora) as a PEFT adapter for the Hugging Face model
+    of this kind: (adapter_model.safetensors' tensors, target_modules). Exact: a fused update
+    (alpha / r) B A of [q; k; v] (or [gate; up]) is PEFT's q_proj, k_proj, v_proj updates with the same
+    A and B's row blocks (Phi-3 keeps its fused qkv_proj / gate_up_proj)."""
+    if kind not in PEFT_KINDS:
+        raise ValueError(f"no PEFT adapter for model_type {kind!r} (adapters are written for {', '.join(PEFT_KINDS)})")
+    H, H_kv, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    out, targets = {}, set()
+
+    def put(layer: str, module: str, a: torch.Tensor, b: torch.Tensor) -> None:
+        out[f"base_model.model.model.layers.{layer}.{module}.lora_A.weight"] = a.clone()  # one copy per module
+        out[f"base_model.model.model.layers.{layer}.{module}.lora_B.weight"] = b.contiguous()
+        targets.add(module.split(".")[-1])
+
+    for i in range(cfg.n_layers):
+        def ab(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+            if f"blocks.{i}.{name}.lora_a" not in state:
+                raise ValueError(f"the state dict has no LoRA update for blocks.{i}.{name}: train with --lora-rank")
+            return state[f"blocks.{i}.{name}.lora_a"], state[f"blocks.{i}.{name}.lora_b"]
+
+        (qkv_a, qkv_b), (gu_a, gu_b) = ab("attn.qkv"), ab("mlp.gate_up")
+        if kind == "phi3":
+            put(str(i), "self_attn.qkv_proj", qkv_a, qkv_b)
+            put(str(i), "mlp.gate_up_proj", gu_a, gu_b)
+        else:
+            for name, b in zip("qkv", qkv_b.split([H * D, H_kv * D, H_kv * D])):
+                put(str(i), f"self_attn.{name}_proj", qkv_a, b)
+            for name, b in zip(("gate", "up"), gu_b.chunk(2)):
+                put(str(i), f"mlp.{name}_proj", gu_a, b)
+        put(str(i), "self_attn.o_proj", *ab("attn.proj"))
+        put(str(i), "mlp.down_proj", *ab("mlp.down"))
+    return out, sorted(targets)
+
+
 def state_to_hf(state: dict, cfg: ModelConfig, kind: str) -> dict:
     """state_from_hf's inverse: LLM's state dict in a Hugging Face model's names and layouts."""
     out = {}

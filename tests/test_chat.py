@@ -411,6 +411,53 @@ def test_fine_tune_a_fine_tuned_run(chat_run_inputs, tmp_path, capsys):
     assert np.array_equal(np.load(tmp_path / "a" / "data" / "train.mask.npy"), np.load(tmp_path / "b" / "data" / "train.mask.npy"))
 
 
+def test_lora_run_exports_a_peft_adapter(chat_run_inputs, tmp_path):
+    # `pyllm export --adapter`: the updates alone, in PEFT's names over the source model; the
+    # source's weights plus them are the merged export's (and, with peft, PeftModel computes what the
+    # merged model does).
+    from safetensors.torch import load_file
+
+    folder, chats = chat_run_inputs
+    run = tmp_path / "r"
+    assert cli.main(train_args(folder, chats, run, "--max-steps", "2", "--batch-size", "4", "--lora-rank", "4",
+                               "--lr", "3e-2")) == 0
+    assert cli.main(["export", "--run", str(run), "--out", str(tmp_path / "adapter"), "--adapter", "--dtype", "fp32"]) == 0
+    assert cli.main(["export", "--run", str(run), "--out", str(tmp_path / "merged"), "--dtype", "fp32"]) == 0
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["lora_alpha"] == 8 and config["base_model_name_or_path"] == str(folder)
+    assert config["target_modules"] == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    adapter = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    base, merged = load_file(str(folder / "model.safetensors")), load_file(str(tmp_path / "merged" / "model.safetensors"))
+    updated = 0
+    for name, w in base.items():
+        key = "base_model.model." + name.removesuffix(".weight")
+        if key + ".lora_A.weight" in adapter:
+            a, b = adapter[key + ".lora_A.weight"].double(), adapter[key + ".lora_B.weight"].double()
+            assert b.abs().max() > 0, name
+            torch.testing.assert_close(merged[name].double(), w.double() + 2.0 * b @ a, rtol=1e-6, atol=1e-7)
+            updated += 1
+        else:
+            assert torch.equal(merged[name], w), name
+    assert updated == 7 * 2 and len(adapter) == 2 * updated
+    try:
+        import peft
+    except ImportError:
+        return
+    theirs = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(folder),
+                                            tmp_path / "adapter").eval()
+    full = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    idx = torch.randint(0, full.config.vocab_size, (2, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(idx).logits, full(idx).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_adapter_export_needs_a_lora_run_from_hf(chat_run_inputs, tmp_path, capsys):
+    folder, chats = chat_run_inputs
+    assert cli.main(train_args(folder, chats, tmp_path / "full", "--max-steps", "1", "--batch-size", "4")) == 0
+    assert cli.main(["export", "--run", str(tmp_path / "full"), "--out", str(tmp_path / "x"), "--adapter"]) == 2
+    assert "not a LoRA run" in capsys.readouterr().err
+
+
 def test_conversations_need_a_chat_template(chat_run_inputs, tmp_path, capsys):
     _, chats = chat_run_inputs
     assert cli.main(["train", "--data", str(chats), "--out", str(tmp_path / "r"), "--max-steps", "1", "--device", "cpu"]) == 2

@@ -477,7 +477,7 @@ def cmd_generate(args) -> int:
     source = None  # the Hugging Face folder whose chat template and end-of-sequence ids apply
     if args.hf:
         source = hf_folder(args.hf)
-        model, tokenizer = LLM.from_hf(source), tokenizer_class().from_hf(source / "tokenizer.json")
+        model, tokenizer = LLM.from_hf(source, adapter=args.adapter), tokenizer_class().from_hf(source / "tokenizer.json")
         prefix = hf_prefix_ids(source / "tokenizer.json")  # Llama 3's <|begin_of_text|>
     else:
         run = Path(args.run) if args.run else None
@@ -492,6 +492,8 @@ def cmd_generate(args) -> int:
         if model_path is None or tokenizer_path is None:
             raise ValueError("give --run DIR (a folder `pyllm train` wrote), both --model and --tokenizer, or --hf DIR")
         model, tokenizer = LLM.load(model_path), tokenizer_class().load(str(tokenizer_path))
+    if args.adapter and not args.hf:
+        raise ValueError("--adapter goes with --hf DIR (the model the adapter was trained on)")
     if args.chat and source is None:
         raise ValueError("--chat needs --hf DIR, or a --run fine-tuned from one (--init-from-hf): a chat template")
     if source is not None:
@@ -727,6 +729,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="a model.safetensors (instead of --run)")
     p.add_argument("--tokenizer", help="the tokenizer the model was trained with (instead of --run)")
     p.add_argument("--hf", metavar="DIR", help="a Hugging Face checkpoint folder or hub repo id (LLaMA, Mistral, Qwen2/3, SmolLM3, Phi-3/4, Gemma 3, OLMo 2, GPT-2: config.json, *.safetensors, tokenizer.json) instead of --run")
+    p.add_argument("--adapter", metavar="DIR", help="with --hf: a PEFT LoRA adapter folder trained on that model, merged into its weights")
     p.add_argument("--prompt", default="def ", help="text to continue (default 'def ')")
     p.add_argument("--chat", action="store_true", help="with --hf (or a --run fine-tuned from one): --prompt is a user "
                    "message, put in the folder's chat template (an instruct model's turn format); the reply ends at the "

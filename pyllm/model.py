@@ -448,7 +448,7 @@ class LLM(nn.Module):
         return model.to(device)
 
     @classmethod
-    def from_hf(cls, folder, device="cpu", dtype=torch.float32) -> "LLM":
+    def from_hf(cls, folder, device="cpu", dtype=torch.float32, adapter=None) -> "LLM":
         """A Hugging Face checkpoint folder (config.json and model.safetensors, or shards with their
         model.safetensors.index.json, as save_pretrained writes them) of LlamaForCausalLM (also
         Mistral, Qwen2, Qwen3, SmolLM3, Phi-3 and OLMo 2: HF_DECODERS), Gemma3ForCausalLM (or the
@@ -457,7 +457,8 @@ class LLM(nn.Module):
         repo id (see hf_folder). Read with safetensors alone, no transformers needed. Anything the
         model cannot compute the same way (biases in LLaMA layers, RoPE scalings other than Llama
         3.1's and LongRoPE, another activation, layer types other than full and sliding-window attention) raises
-        NotImplementedError."""
+        NotImplementedError. adapter: a PEFT LoRA adapter folder (adapter_config.json,
+        adapter_model.safetensors) trained on this model, merged into its weights (merge_peft_adapter)."""
         from safetensors.torch import load_file
 
         folder = hf_folder(folder)
@@ -467,6 +468,8 @@ class LLM(nn.Module):
         if not all((folder / f).exists() for f in files):
             raise ValueError(f"{folder}: no model.safetensors (or shards listed in model.safetensors.index.json)")
         hf_state = {k: v for f in files for k, v in load_file(str(folder / f)).items()}
+        if adapter is not None:
+            merge_peft_adapter(hf_state, adapter)
         cfg = config_from_hf(hf)
         model = cls(cfg).to(dtype)
         state = state_from_hf(hf_state, cfg, hf["model_type"])
@@ -889,6 +892,44 @@ def hf_config_of(cfg: ModelConfig) -> dict:
 # Hugging Face model types whose layers PEFT names model.layers.{i}.self_attn.* / mlp.* (the kinds
 # lora_state_to_peft writes adapters for; GPT-2's Conv1D layers and Gemma 3's multimodal wrapper not).
 PEFT_KINDS = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2", "gemma3_text", "phi3")
+
+
+def merge_peft_adapter(hf_state: dict, adapter) -> None:
+    """Adds a PEFT LoRA adapter's updates, scale * B A (scale alpha / r, or alpha / sqrt(r) with
+    rsLoRA), to the Hugging Face state dict's weights they were trained on, in place (in fp32 at
+    least). What would need more than a weight update is refused: DoRA, per-module ranks or alphas,
+    trained biases or whole modules, embedding adapters, Conv1D (GPT-2) layouts."""
+    from safetensors.torch import load_file
+
+    from pyllm.nn import merge_lora
+
+    adapter = Path(adapter)
+    if not (adapter / "adapter_config.json").is_file() or not (adapter / "adapter_model.safetensors").is_file():
+        raise ValueError(f"{adapter}: not a PEFT adapter folder (adapter_config.json, adapter_model.safetensors)")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    unsupported = {"peft_type": config.get("peft_type", "LORA") != "LORA", "use_dora": config.get("use_dora"),
+                   "rank_pattern": config.get("rank_pattern"), "alpha_pattern": config.get("alpha_pattern"),
+                   "bias": config.get("bias", "none") != "none", "modules_to_save": config.get("modules_to_save"),
+                   "fan_in_fan_out": config.get("fan_in_fan_out")}
+    refused = [name for name, bad in unsupported.items() if bad]
+    if refused:
+        raise NotImplementedError(f"{adapter}: adapter_config.json sets {', '.join(refused)}; pyllm merges plain "
+                                  "LoRA adapters only (peft_type LORA, no DoRA, one rank and alpha, bias none, no "
+                                  "modules_to_save, no fan_in_fan_out)")
+    rank, alpha = config["r"], config["lora_alpha"]
+    scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    prefix = "base_model.model."
+    for key in tensors:
+        if not key.endswith(".lora_A.weight"):
+            if not key.endswith(".lora_B.weight"):
+                raise NotImplementedError(f"{adapter}: {key} is no LoRA A / B matrix of a linear layer")
+            continue
+        name = key[len(prefix) if key.startswith(prefix) else 0:-len(".lora_A.weight")] + ".weight"
+        if name not in hf_state:
+            raise ValueError(f"{adapter}: {key} updates {name}, which the model does not have")
+        hf_state[name] = merge_lora(hf_state[name].float(), tensors[key], tensors[key[:-len("lora_A.weight")] + "lora_B.weight"],
+                                    scale)
 
 
 def lora_state_to_peft(state: dict, cfg: ModelConfig, kind: str) -> tuple[dict, list[str]]:

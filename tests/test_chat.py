@@ -451,6 +451,37 @@ def test_lora_run_exports_a_peft_adapter(chat_run_inputs, tmp_path):
         torch.testing.assert_close(theirs(idx).logits, full(idx).logits, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rslora", [False, True])
+def test_peft_adapter_merges_into_from_hf(chat_run_inputs, tmp_path, capsys, rslora):
+    # A LoRA adapter PEFT trained (here: drawn) on a Hugging Face model, merged into pyllm's copy of
+    # it: the logits PeftModel gives. Refused where a weight update would not say it all.
+    peft = pytest.importorskip("peft")
+    from pyllm.model import LLM
+
+    folder, _ = chat_run_inputs
+    torch.manual_seed(0)
+    base = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    theirs = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=12, target_modules="all-linear",
+                                                       use_rslora=rslora)).eval()
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    theirs.save_pretrained(tmp_path / "adapter")
+    ours = LLM.from_hf(folder, adapter=tmp_path / "adapter").eval()
+    idx = torch.randint(0, base.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        want = theirs(idx).logits
+    assert not torch.allclose(want, LLM.from_hf(folder)(idx)[0].detach(), atol=1e-3)  # the adapter matters
+    torch.testing.assert_close(ours(idx)[0].detach(), want, rtol=1e-5, atol=1e-5)
+    assert cli.main(["generate", "--hf", str(folder), "--adapter", str(tmp_path / "adapter"), "--max-new-tokens", "3",
+                     "--prompt", "what"]) == 0
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    with pytest.raises(NotImplementedError, match="use_dora"):
+        LLM.from_hf(folder, adapter=tmp_path / "adapter")
+
+
 def test_adapter_export_needs_a_lora_run_from_hf(chat_run_inputs, tmp_path, capsys):
     folder, chats = chat_run_inputs
     assert cli.main(train_args(folder, chats, tmp_path / "full", "--max-steps", "1", "--batch-size", "4")) == 0

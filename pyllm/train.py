@@ -32,6 +32,7 @@ class TrainConfig:
     preset: str = "tiny"
     init_from_hf: str = ""  # a Hugging Face checkpoint folder to start from (LLM.from_hf) instead of the preset
     init_from_run: str = ""  # a folder `pyllm train` wrote: start from its model.safetensors instead of the preset
+    init_adapter: str = ""  # with init_from_hf: a PEFT LoRA adapter folder merged into its weights first
     lora_rank: int = 0  # > 0: train LoRA updates of this rank on the blocks' linear layers, every weight frozen
     lora_alpha: float = 0.0  # LoRA's alpha (updates scaled by alpha / rank); 0: 2 * lora_rank
     model: dict = field(default_factory=dict)  # ModelConfig overrides, e.g. {"n_layers": 2}
@@ -95,6 +96,8 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be {text}, got {getattr(self, name)}")
         if self.init_from_hf and self.init_from_run:
             raise ValueError("TrainConfig: give init_from_hf or init_from_run, not both")
+        if self.init_adapter and not self.init_from_hf:
+            raise ValueError("TrainConfig.init_adapter goes with init_from_hf (the model the adapter was trained on)")
         if self.lora_rank < 0 or self.lora_alpha < 0:
             raise ValueError(f"TrainConfig.lora_rank and lora_alpha must be >= 0, got {self.lora_rank} and {self.lora_alpha}")
 
@@ -491,7 +494,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
     if ckpt is not None:
         model = LLM(ModelConfig(**ckpt["model_config"]))
     elif cfg.init_from_hf:  # its own config: the preset and model overrides do not apply
-        model = LLM.from_hf(cfg.init_from_hf)
+        model = LLM.from_hf(cfg.init_from_hf, adapter=cfg.init_adapter or None)
     elif cfg.init_from_run:  # likewise
         model = LLM.load(source_run_weights(cfg.init_from_run))
     else:

@@ -476,6 +476,13 @@ def test_peft_adapter_merges_into_from_hf(chat_run_inputs, tmp_path, capsys, rsl
     torch.testing.assert_close(ours(idx)[0].detach(), want, rtol=1e-5, atol=1e-5)
     assert cli.main(["generate", "--hf", str(folder), "--adapter", str(tmp_path / "adapter"), "--max-new-tokens", "3",
                      "--prompt", "what"]) == 0
+    if not rslora:  # training goes on from the adapted model: its first loss is the adapted model's
+        _, chats = chat_run_inputs
+        assert cli.main(train_args(folder, chats, tmp_path / "r", "--max-steps", "1", "--batch-size", "4", "--lr", "1e-9",
+                                   "--init-adapter", str(tmp_path / "adapter"))) == 0
+        tuned = LLM.load(tmp_path / "r" / "model.safetensors").state_dict()
+        for k, v in ours.state_dict().items():
+            torch.testing.assert_close(tuned[k], v, rtol=0, atol=1e-6)
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
     with pytest.raises(NotImplementedError, match="use_dora"):

@@ -163,7 +163,7 @@ def main() -> int:
           f"per batch, transformers {transformers.__version__}"
           + (f", LoRA rank {args.lora} (PEFT {peft_version})" if args.lora else ""))
     common.print_table(rows, ["impl", "batches", "s/epoch", "real tokens/s", "padding", "vs transformers"])
-    common.write_json(args.json, "sft", args.device, rows, {
+    common.write_json(args.json, "sft_lora" if args.lora else "sft", args.device, rows, {
         "layers": config.num_hidden_layers, "dtype": args.dtype, "conversations": n_conv, "tokens": int(lengths.sum()),
         "padding_packed_in_order": round(in_order, 3),
         "seq_len": args.seq_len, "rows": args.rows, "per_padded_batch": per_batch, "transformers": transformers.__version__,

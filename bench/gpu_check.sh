@@ -107,6 +107,11 @@ if want bench; then
     if [ $left -le 0 ]; then echo "$name skipped: BENCH_LIMIT reached" | tee -a "$OUT/bench.log"; continue; fi
     timeout $left $PY "$script" --device cuda $BENCH_ARGS --json "$OUT/$name.json" 2>&1 | tee -a "$OUT/bench.log"
   done
+  # LoRA fine-tuning against PEFT (installed on the lent machine), if time is left
+  left=$(( deadline - $(date +%s) ))
+  if [ $left -gt 0 ]; then
+    timeout $left $PY bench/bench_sft.py --device cuda $BENCH_ARGS --lora 8 --json "$OUT/bench_sft_lora.json" 2>&1 | tee -a "$OUT/bench.log"
+  fi
 fi
 
 status "summary"

@@ -262,9 +262,9 @@ def setup_run_data(cfg, cli: dict) -> None:
     data_arg = cli["data"]
     data_list = None if data_arg is None else (data_arg if isinstance(data_arg, list) else [data_arg])
     tokenizer_path, vocab_size, doc_markers, chat_folder = cli["tokenizer"], None, None, None
+    source_run = source_run_info(cfg.init_from_run) if cfg.init_from_run else {}
     # A run fine-tuned from a Hugging Face model passes it on: its chat template, markers, config.
-    hf_source = cfg.init_from_hf or (source_run_info(cfg.init_from_run).get("init_from_hf") or ""
-                                     if cfg.init_from_run else "")
+    hf_source = cfg.init_from_hf or source_run.get("init_from_hf", "")
     if data_list is not None and len(data_list) == 1 and is_token_dir(data_list[0]):
         data_dir = str(data_list[0])
     else:
@@ -284,7 +284,7 @@ def setup_run_data(cfg, cli: dict) -> None:
             doc_markers = hf_doc_markers(folder)  # the chat template frames conversations itself
             chat_folder = folder if data.is_chat_data(data_list) else None
         elif cfg.init_from_run:  # the run's own tokenizer, copied: the new run stands alone
-            source, tokenizer_path = Path(source_run_info(cfg.init_from_run)["tokenizer"]), out / "tokenizer.bpe"
+            source, tokenizer_path = Path(source_run["tokenizer"]), out / "tokenizer.bpe"
             if not tokenizer_path.exists() or tokenizer_path.read_bytes() != source.read_bytes():
                 shutil.copy2(source, tokenizer_path)
             tokenizer = tokenizer_class().load(str(tokenizer_path))

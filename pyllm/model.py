@@ -356,27 +356,23 @@ class LLM(nn.Module):
 
     # --- accounting ---------------------------------------------------------------------------
 
-    def num_params(self, non_embedding: bool = False) -> int:
+    def num_params(self, non_embedding: bool = False, frozen: bool = False) -> int:
         """Unique parameters (tied weights counted once); non_embedding drops the position table
-        and the token table (the latter only when it is not also the output layer's matmul)."""
-        n = sum(p.numel() for p in self.parameters())
+        and the token table (the latter only when it is not also the output layer's matmul);
+        frozen counts only those that do not require grad."""
+        counted = [p for p in self.parameters() if not (frozen and p.requires_grad)]
         if non_embedding:
-            if self.pos_emb is not None:
-                n -= self.pos_emb.weight.numel()
+            tables = [self.pos_emb.weight] if self.pos_emb is not None else []
             if not self.config.tie_embeddings:
-                n -= self.tok_emb.weight.numel()
-        return n
+                tables.append(self.tok_emb.weight)
+            counted = [p for p in counted if all(p is not t for t in tables)]
+        return sum(p.numel() for p in counted)
 
     def _weight_flops_per_token(self) -> int:
         """6 per matmul weight (forward, input grad, weight grad), 4 per frozen one (no weight grad:
         LoRA's base weights). non_embedding keeps the lm_head matmul (tied or not) and drops the
         table lookups."""
-        frozen = sum(p.numel() for p in self.parameters() if not p.requires_grad)
-        if frozen and self.pos_emb is not None and not self.pos_emb.weight.requires_grad:
-            frozen -= self.pos_emb.weight.numel()
-        if frozen and not self.config.tie_embeddings and not self.tok_emb.weight.requires_grad:
-            frozen -= self.tok_emb.weight.numel()
-        return 6 * self.num_params(non_embedding=True) - 2 * frozen
+        return 6 * self.num_params(non_embedding=True) - 2 * self.num_params(non_embedding=True, frozen=True)
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Training FLOPs (forward + backward) per token: 6 per matmul weight (4 if frozen) plus the

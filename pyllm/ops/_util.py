@@ -133,12 +133,27 @@ def plain(t) -> bool:
     return type(t) is Tensor and t.layout is _STRIDED and (t.is_cpu or t.is_cuda)
 
 
+def _direct(tensors) -> bool:
+    return eager_untraced() and all(plain(t) for t in tensors)
+
+
+def _needs_grad(tensors) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def runs_body(*tensors) -> bool:
+    """Whether an eager call on these tensors (None allowed) may run an op's body itself: what call
+    does for ops without autograd."""
+    tensors = [t for t in tensors if t is not None]
+    return _direct(tensors) and not _needs_grad(tensors)
+
+
 def call(body, op, function, *args):
     """op(*args), or what it would run without its dispatch: body(*args) when no tensor argument
     needs grad, function.apply(*args) (function: None where the op has no autograd) when one does."""
     tensors = [a for a in args if isinstance(a, Tensor)]
-    if not (eager_untraced() and all(plain(t) for t in tensors)):
+    if not _direct(tensors):
         return op(*args)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+    if _needs_grad(tensors):
         return op(*args) if function is None else function.apply(*args)
     return body(*args)

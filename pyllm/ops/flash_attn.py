@@ -620,16 +620,16 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_s
         return out
     op = "flash_attn_with_kvcache"
     _check_qkv(op, q, k_cache, v_cache, False)
-    length = None  # one int for every sequence, known on the host
-    if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
-        length, cache_seqlens = cache_seqlens, torch.full((q.shape[0],), cache_seqlens, dtype=torch.int32, device=q.device)
-    if not isinstance(cache_seqlens, torch.Tensor):
-        raise TypeError(f"{op}: cache_seqlens must be an int32 tensor or an int, got {type(cache_seqlens).__name__}")
-    if cache_seqlens.dtype != torch.int32:
-        raise TypeError(f"{op}: cache_seqlens must be int32, got {cache_seqlens.dtype}")
-    if cache_seqlens.shape != (q.shape[0],) or cache_seqlens.device != q.device:
-        raise ValueError(f"{op}: cache_seqlens must be ({q.shape[0]},) on {q.device}, got "
-                         f"{tuple(cache_seqlens.shape)} on {cache_seqlens.device}")
+    # One int for every sequence is known on the host: made a tensor only where the op needs one.
+    length = cache_seqlens if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool) else None
+    if length is None:
+        if not isinstance(cache_seqlens, torch.Tensor):
+            raise TypeError(f"{op}: cache_seqlens must be an int32 tensor or an int, got {type(cache_seqlens).__name__}")
+        if cache_seqlens.dtype != torch.int32:
+            raise TypeError(f"{op}: cache_seqlens must be int32, got {cache_seqlens.dtype}")
+        if cache_seqlens.shape != (q.shape[0],) or cache_seqlens.device != q.device:
+            raise ValueError(f"{op}: cache_seqlens must be ({q.shape[0]},) on {q.device}, got "
+                             f"{tuple(cache_seqlens.shape)} on {cache_seqlens.device}")
     if (k_new is None) != (v_new is None):
         raise ValueError(f"{op}: give both k_new and v_new or neither")
     if k_new is not None:
@@ -647,9 +647,10 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_s
     if causal:
         right = 0
     scale = _resolve_scale(op, softmax_scale, q.shape[-1])
-    if length is not None and _util.eager_untraced() and not (torch.is_grad_enabled() and q.requires_grad) and all(
-            t is None or _util.plain(t) for t in (q, k_cache, v_cache, k_new, v_new)):
-        return _kvcache_with_int_length(q, k_cache, v_cache, length, k_new, v_new, scale, left, right)
+    if length is not None:
+        if _util.runs_body(q, k_cache, v_cache, k_new, v_new):
+            return _kvcache_with_int_length(q, k_cache, v_cache, length, k_new, v_new, scale, left, right)
+        cache_seqlens = torch.full((q.shape[0],), length, dtype=torch.int32, device=q.device)
     # The op's dispatch cost ~0.1 ms per call on the CPU (op 0.20 ms vs its body 0.10 ms at cache
     # 512, D = 64, H = 8), as much as the kernel. Not differentiable: calls that need grad take the op.
     return _util.call(_flash_attn_with_kvcache_body, _flash_attn_with_kvcache, None, q, k_cache, v_cache,

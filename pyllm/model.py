@@ -383,11 +383,12 @@ class LLM(nn.Module):
         keys = sum(T if cfg.layer_window(i) < 0 else min(T, cfg.sliding_window) for i in range(cfg.n_layers))
         return self._weight_flops_per_token() + 12 * cfg.n_heads * cfg.head_dim * keys
 
-    def add_lora(self, rank: int, alpha: float) -> None:
+    def add_lora(self, rank: int, alpha: float, frozen_dtype: torch.dtype | None = None) -> None:
         """Freezes every weight and gives each block's linear layers (attention's qkv and output,
         the MLP's) a trainable rank-`rank` update scaled by alpha / rank (nn.LoRALinear): LoRA. The
         fused qkv and gate_up projections take one update each (rank `rank` over the fused output,
-        where PEFT gives q, k and v one each). The model computes what it did until trained."""
+        where PEFT gives q, k and v one each). The model computes what it did until trained (up to
+        frozen_dtype's rounding: the blocks' frozen linear weights held in it, see LoRALinear)."""
         from pyllm.nn import LoRALinear
 
         if not (isinstance(rank, int) and rank >= 1):
@@ -398,7 +399,7 @@ class LLM(nn.Module):
             for parent in list(block.modules()):
                 for name, child in list(parent.named_children()):
                     if type(child) is nn.Linear:
-                        setattr(parent, name, LoRALinear(child, rank, alpha))
+                        setattr(parent, name, LoRALinear(child, rank, alpha, frozen_dtype))
 
     def lora_scale(self) -> float | None:
         """alpha / rank of the LoRA layers (add_lora), None without them."""

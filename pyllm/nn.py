@@ -41,39 +41,35 @@ class LoRALinear(nn.Module):
     """A frozen linear layer plus a trainable low-rank update (LoRA, Hu et al. 2021):
     y = x W^T + b + (alpha / rank) * (x A^T) B^T, with A (rank, in) drawn as nn.Linear draws its
     weights (as PEFT does) and B (out, rank) zeros, so the layer starts as its base did. weight and
-    bias keep nn.Linear's names (a state dict reads as the base's plus lora_a, lora_b), and
-    merged_weight() folds the update in for a plain nn.Linear."""
+    bias keep nn.Linear's names (a state dict reads as the base's plus lora_a, lora_b; merge_lora
+    folds the update in). frozen_dtype: hold the frozen weight and bias in it (the compute dtype of
+    a bf16 / fp16 run: half the memory, no cast per forward); the updates keep the base's dtype."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, frozen_dtype: torch.dtype | None = None):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight, self.bias = base.weight, base.bias  # the same Parameters, frozen
-        self.weight.requires_grad_(False)
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
-        self.rank, self.scale = rank, alpha / rank
         kw = dict(device=base.weight.device, dtype=base.weight.dtype)
+        if frozen_dtype is None:
+            self.weight, self.bias = base.weight, base.bias  # the same Parameters, frozen
+            self.weight.requires_grad_(False)
+            if self.bias is not None:
+                self.bias.requires_grad_(False)
+        else:
+            self.weight = nn.Parameter(base.weight.detach().to(frozen_dtype), requires_grad=False)
+            self.bias = None if base.bias is None else nn.Parameter(base.bias.detach().to(frozen_dtype),
+                                                                    requires_grad=False)
+        self.rank, self.scale = rank, alpha / rank
         self.lora_a = nn.Parameter(torch.empty(rank, self.in_features, **kw))
         self.lora_b = nn.Parameter(torch.zeros(self.out_features, rank, **kw))
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.weight, self.bias
-        # The frozen weights may be held in the training's 16-bit dtype (freeze_to): autocast casts
+        # The frozen weights may be held in the training's 16-bit dtype (frozen_dtype): autocast casts
         # x to it; outside autocast (sampling, eval in fp32) the weights follow x.
         if weight.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
             weight, bias = weight.to(x.dtype), None if bias is None else bias.to(x.dtype)
         return F.linear(x, weight, bias) + F.linear(F.linear(x, self.lora_a), self.lora_b) * self.scale
-
-    def freeze_to(self, dtype: torch.dtype) -> None:
-        """Holds the frozen weight and bias in dtype (the compute dtype of a bf16 / fp16 run: half
-        the memory, no cast per forward); the updates keep theirs."""
-        self.weight = nn.Parameter(self.weight.detach().to(dtype), requires_grad=False)
-        if self.bias is not None:
-            self.bias = nn.Parameter(self.bias.detach().to(dtype), requires_grad=False)
-
-    def merged_weight(self) -> torch.Tensor:
-        return merge_lora(self.weight, self.lora_a, self.lora_b, self.scale)
 
 
 def merge_lora(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:

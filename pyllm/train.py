@@ -501,7 +501,11 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
         model = LLM(ModelConfig.from_preset(cfg.preset, **{"vocab_size": data_vocab, **cfg.model}))
     mcfg = model.config
     if cfg.lora_rank:  # before the checkpoint's weights load: they hold the LoRA layers' too
-        model.add_lora(cfg.lora_rank, cfg.lora_alpha or 2.0 * cfg.lora_rank)
+        # Frozen weights need no fp32 master: held in the compute dtype (half their memory, no cast
+        # per forward). Not under FSDP2, which all-gathers a block's parameters in one dtype.
+        fsdp = info.world_size > 1 and cfg.dist_mode == "fsdp"
+        frozen_dtype = None if fsdp else {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        model.add_lora(cfg.lora_rank, cfg.lora_alpha or 2.0 * cfg.lora_rank, frozen_dtype)
     if data_vocab > mcfg.vocab_size:
         raise ValueError(f"the token files hold ids up to {data_vocab - 1}, but the model has {mcfg.vocab_size} "
                          "embeddings: tokenize with the model's own tokenizer")
@@ -509,12 +513,6 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
     if info.is_main and not has_kernels_for(info.device):
         print("pyllm: this build has no CUDA kernels (nvcc was not found when it was installed): training "
               "runs on torch's attention, SwiGLU and AdamW; reinstall with nvcc on PATH for pyllm's", file=sys.stderr)
-    if cfg.lora_rank and precision != "fp32" and not (info.world_size > 1 and cfg.dist_mode == "fsdp"):
-        # Frozen weights need no fp32 master: held in the compute dtype (half their memory, no cast
-        # per forward). Not under FSDP2, which all-gathers a block's parameters in one dtype.
-        for m in model.modules():
-            if hasattr(m, "freeze_to"):
-                m.freeze_to(torch.bfloat16 if precision == "bf16" else torch.float16)
     model = model.to(info.device)
     model.activation_checkpointing = cfg.activation_checkpointing
     loader = make_loader(data / "train.bin", cfg, seq_len, cfg.seed, info)

@@ -482,14 +482,11 @@ def test_lora(name, tmp_path):
 
 
 def test_lora_under_compile_and_bf16_autocast():
-    # torch.compile(fullgraph=True) traces LoRALinear with its weights held in bf16 (freeze_to), as a
+    # torch.compile(fullgraph=True) traces LoRALinear with its weights held in bf16 (frozen_dtype), as a
     # bf16 LoRA run trains: the same loss as eager to float rounding, the updates' gradients there.
     torch.manual_seed(0)
     model = LLM(ModelConfig(vocab_size=128, n_layers=2, n_heads=2, dim=64, block_size=32))
-    model.add_lora(2, 4.0)
-    for m in model.modules():
-        if hasattr(m, "freeze_to"):
-            m.freeze_to(torch.bfloat16)
+    model.add_lora(2, 4.0, torch.bfloat16)
     x = torch.randint(0, 128, (2, 16))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         eager = model(x, x)[1]

@@ -31,10 +31,9 @@ def main() -> int:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
-    try:
-        import transformers
-    except ImportError:
-        print("bench_generate: transformers is not installed; nothing to compare with")
+    transformers = common.peer_module("transformers", "bench_generate",
+                                      "transformers is not installed; nothing to compare with")
+    if transformers is None:
         return 0
     torch.manual_seed(0)
     config = common.smollm2_config(transformers, 6 if args.quick else 30)

@@ -71,10 +71,8 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--lora", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
     args = parser.parse_args()
-    try:
-        import transformers
-    except ImportError:
-        print("bench_sft: transformers is not installed; nothing to compare with")
+    transformers = common.peer_module("transformers", "bench_sft", "transformers is not installed; nothing to compare with")
+    if transformers is None:
         return 0
     torch.manual_seed(0)
     n_conv = args.conversations or (32 if args.quick else 96)
@@ -101,10 +99,8 @@ def main() -> int:
         order = [int(i) for i in loader._epoch_order(0)]
     peft_version = None
     if args.lora:
-        try:
-            import peft
-        except ImportError:
-            print("bench_sft: --lora compares with PEFT, which is not installed")
+        peft = common.peer_module("peft", "bench_sft", "--lora compares with PEFT, which is not installed")
+        if peft is None:
             return 0
         peft_version = peft.__version__
         ours.add_lora(args.lora, 2.0 * args.lora)

@@ -142,6 +142,18 @@ def peak_memory_mb(step, device: str) -> float:
 
 
 
+def peer_module(name: str, bench: str, missing: str):
+    """The peer library `name` imported, or None after printing "bench: missing" (the benchmark
+    then exits 0: a peer that is not installed is no failure)."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        print(f"{bench}: {missing}")
+        return None
+
+
 def smollm2_config(transformers, layers: int, **extra):
     """transformers' LlamaConfig in SmolLM2-135M's shape (dim 576, 9 query / 3 KV heads of 64, MLP
     1536, vocab 49152, tied embeddings; 30 layers in the real one): the model the benchmarks that

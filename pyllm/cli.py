@@ -574,7 +574,7 @@ def export_adapter(run: Path, out: Path, dtype: str) -> int:
     if not source:
         raise ValueError(f"{run}: an adapter applies to a Hugging Face model, and this run started from "
                          f"{train_config.get('init_from_run') or 'a preset'}: export it without --adapter (merged weights)")
-    kind = json.loads((hf_folder(source) / "config.json").read_text())["model_type"]
+    kind = model_kind(hf_folder(source))
     rank = train_config["lora_rank"]
     alpha = train_config.get("lora_alpha") or 2.0 * rank
     tensors, targets = lora_state_to_peft(ckpt["model"], ModelConfig(**ckpt["model_config"]), kind)

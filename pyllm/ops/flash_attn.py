@@ -302,20 +302,30 @@ class _FlashAttnFunction(torch.autograd.Function):
     backward = staticmethod(_flash_attn_grad)
 
 
-def _flash_attn_with_kvcache_body(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor,
-                             k_new: Optional[Tensor], v_new: Optional[Tensor], softmax_scale: float,
-                             window_left: int, window_right: int) -> Tensor:
+def _check_cache_layout(k_cache: Tensor, v_cache: Tensor) -> None:
     # Before anything is written: a bad call leaves the caches as they were.
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("flash_attn_with_kvcache: k_cache and v_cache need a contiguous last dim (they are written in place)")
+
+
+def _check_cache_lengths(lengths: list[int], n_new: int, capacity: int, shown=None) -> None:
+    """Each cache length known on the host, plus the new tokens, inside the cache (shown: what the
+    message names as cache_seqlens, the list by default)."""
+    if any(n < 0 or n + n_new > capacity for n in lengths):
+        raise ValueError(f"flash_attn_with_kvcache: cache_seqlens + new tokens ({n_new}) must lie in "
+                         f"[0, {capacity}] (the cache's capacity), got cache_seqlens {lengths if shown is None else shown}")
+
+
+def _flash_attn_with_kvcache_body(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor,
+                             k_new: Optional[Tensor], v_new: Optional[Tensor], softmax_scale: float,
+                             window_left: int, window_right: int) -> Tensor:
+    _check_cache_layout(k_cache, v_cache)
     n_new = 0 if k_new is None else k_new.shape[1]
     capacity = k_cache.shape[1]
     lengths = None
     if _check_seqlens_on_host(cache_seqlens):
         lengths = cache_seqlens.tolist()  # a sync for CUDA tensors: only when asked for
-        if any(n < 0 or n + n_new > capacity for n in lengths):
-            raise ValueError(f"flash_attn_with_kvcache: cache_seqlens + new tokens ({n_new}) must lie in "
-                             f"[0, {capacity}] (the cache's capacity), got cache_seqlens {lengths}")
+        _check_cache_lengths(lengths, n_new, capacity)
     if lengths is not None and not q.is_cuda:
         # CPU fast path (decode steps are short: the general path below cost ~0.1 ms of Python and
         # tensor ops per call, about the kernel's own time at cache 512): the lengths are known and
@@ -389,12 +399,9 @@ def _kvcache_with_int_length(q, k_cache, v_cache, length: int, k_new, v_new, sof
     (no sync), the append is one slice copy per cache and the lengths one fill, so on the GPU 4
     kernel launches where the body's clamped index_put path takes about 12 (its lengths are a
     device tensor that cannot be read without a sync). The same kernel arguments: the same bits."""
-    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
-        raise ValueError("flash_attn_with_kvcache: k_cache and v_cache need a contiguous last dim (they are written in place)")
-    n_new, capacity = (0 if k_new is None else k_new.shape[1]), k_cache.shape[1]
-    if length < 0 or length + n_new > capacity:
-        raise ValueError(f"flash_attn_with_kvcache: cache_seqlens + new tokens ({n_new}) must lie in [0, {capacity}] "
-                         f"(the cache's capacity), got cache_seqlens {length}")
+    _check_cache_layout(k_cache, v_cache)
+    n_new = 0 if k_new is None else k_new.shape[1]
+    _check_cache_lengths([length], n_new, k_cache.shape[1], shown=length)
     if n_new:
         _append_kv(k_cache, v_cache, k_new, v_new, None, length)
     seqused_k = torch.full((q.shape[0],), length + n_new, dtype=torch.int32, device=q.device)

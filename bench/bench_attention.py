@@ -10,6 +10,7 @@ one new token against a KV cache of T tokens (flash_attn_with_kvcache vs SDPA on
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -43,13 +44,32 @@ def sdpa(backend):
 # Our fp32 SIMT CUDA backward (PYLLM_ATTN_BWD=simt), the reference of the tensor-core one: timed
 # in fwd+bwd up to T = 4096 only, to show what the mma kernels buy.
 SIMT_BWD = "pyllm simt-bwd"
+# The forward with 128-query tiles (2 m-tiles per warp, D = 64 / 128), not yet measured: until a
+# GPU run picks one, both forwards are timed side by side.
+FWD_M128 = "pyllm fwd-m128"
+# The environment each variant of ours runs under, set around its timing only.
+VARIANT_ENV = {SIMT_BWD: {"PYLLM_ATTN_BWD": "simt"}, FWD_M128: {"PYLLM_ATTN_FWD_BLOCK_M": "128"}}
+
+
+@contextlib.contextmanager
+def variant_env(name: str):
+    saved = {key: os.environ.get(key) for key in VARIANT_ENV.get(name, {})}
+    os.environ.update(VARIANT_ENV.get(name, {}))
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def impls_for(device: str) -> dict:
     from torch.nn.attention import SDPBackend
 
     if device == "cuda":
-        return {"pyllm": ours, SIMT_BWD: ours, "sdpa flash": sdpa(SDPBackend.FLASH_ATTENTION),
+        return {"pyllm": ours, FWD_M128: ours, SIMT_BWD: ours, "sdpa flash": sdpa(SDPBackend.FLASH_ATTENTION),
                 "sdpa cudnn": sdpa(SDPBackend.CUDNN_ATTENTION)}
     return {"pyllm": ours, "sdpa": sdpa(SDPBackend.FLASH_ATTENTION)}
 
@@ -93,8 +113,8 @@ def decode_rows(device: str, h: int, quick: bool) -> list[dict]:
                 seqlens = torch.full((b,), t, dtype=torch.int32, device=device)
                 impls = {"pyllm": lambda: pyllm.flash_attn_with_kvcache(q, k_cache, v_cache, seqlens)}
                 for name, fn in impls_for(device).items():
-                    # SIMT_BWD is a backward: here it would time our plain forward under its name.
-                    if name not in ("pyllm", SIMT_BWD):
+                    # Our variants are full-attention kernels: here they would time the plain forward.
+                    if name != "pyllm" and name not in VARIANT_ENV:
                         impls[name] = lambda fn=fn: fn(q, k_cache, v_cache, False)
                 base, ours_ms = None, None
                 for name, fn in impls.items():
@@ -170,7 +190,7 @@ def memory_rows(device: str, impls: dict, h: int, quick: bool) -> list[dict]:
     for t in (256, 1024, 2048, 4096) if quick else (256, 2048, 4096, 8192, 16384):
         q, k, v, dout = (torch.randn(1, t, h, 128, device=device, dtype=torch.bfloat16) for _ in range(4))
         for name, fn in impls.items():
-            if name == SIMT_BWD:
+            if name in VARIANT_ENV:
                 continue
             leaves = [x.detach().requires_grad_() for x in (q, k, v)]
             try:
@@ -222,26 +242,20 @@ def main() -> int:
 
                     def step():
                         return torch.autograd.grad(fn(*leaves, causal), leaves, dout)
-                saved_algo = os.environ.get("PYLLM_ATTN_BWD")
-                if name == SIMT_BWD:
-                    os.environ["PYLLM_ATTN_BWD"] = "simt"
                 try:
-                    ms = common.median_ms(step, device, warmup=1 if device == "cpu" else 3, repeat=repeat)
+                    with variant_env(name):
+                        ms = common.median_ms(step, device, warmup=1 if device == "cpu" else 3, repeat=repeat)
                 except RuntimeError as e:  # a backend that refuses this config
                     rows.append({"dtype": str(dtype).removeprefix("torch."), "B": b, "T": t, "D": d,
                                  "causal": causal, "mode": mode, "impl": name, "ms": "n/a", "note": str(e)[:60]})
                     continue
-                finally:
-                    if name == SIMT_BWD:
-                        os.environ.pop("PYLLM_ATTN_BWD")
-                        if saved_algo is not None:
-                            os.environ["PYLLM_ATTN_BWD"] = saved_algo
                 base = ms if base is None and not name.startswith("pyllm") else base
                 rows.append({"dtype": str(dtype).removeprefix("torch."), "B": b, "T": t, "D": d, "causal": causal,
-                             "mode": mode, "impl": name, "ms": round(ms, 2), "TFLOPs": round(work / ms / 1e9, 3)})
-            ours_row = next(r for r in rows[::-1] if r["impl"] == "pyllm" and r["mode"] == mode)
-            if base and isinstance(ours_row["ms"], float):
-                ours_row["vs sdpa"] = f"{base / ours_row['ms']:.2f}x"
+                             "mode": mode, "impl": name, "ms": round(ms, 4), "TFLOPs": round(work / ms / 1e9, 3)})
+            for ours_row in rows[len(rows) - len(impls):]:
+                mine = ours_row["impl"].startswith("pyllm") and ours_row["mode"] == mode
+                if base and mine and isinstance(ours_row["ms"], float):
+                    ours_row["vs sdpa"] = f"{base / ours_row['ms']:.2f}x"
     if not args.memory_only:
         rows += decode_rows(device, h, args.quick)
     if not args.decode_only:

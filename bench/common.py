@@ -27,20 +27,34 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def median_ms(fn, device: str, warmup: int = 3, repeat: int = 15) -> float:
-    """Median wall time of fn() in ms. On the GPU each call is bracketed by CUDA events."""
+def median_ms(fn, device: str, warmup: int = 3, repeat: int = 15, burst_ms: float = 1.0) -> float:
+    """Median time per call of fn() in ms. CPU: the wall time of one call. GPU: CUDA events around a
+    burst of back-to-back calls (enough to fill about burst_ms, 1 to 64 of them) over their number,
+    i.e. the rate a loop of such calls runs at: each call's Python and launch cost overlaps the
+    kernels queued before it, as in a training step, and a call whose host cost exceeds its kernels
+    shows as host time. burst_ms=0 times single calls, host cost included (the only way until
+    2026-12-01: GPU results before then include it)."""
     for _ in range(warmup):
         fn()
     sync(device)
+    calls = 1
+    if device == "cuda" and burst_ms > 0:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        calls = max(1, min(64, int(burst_ms / max(start.elapsed_time(end), 1e-3))))
     times = []
     for _ in range(repeat):
         if device == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            fn()
+            for _ in range(calls):
+                fn()
             end.record()
             end.synchronize()
-            times.append(start.elapsed_time(end))
+            times.append(start.elapsed_time(end) / calls)
         else:
             t0 = time.perf_counter()
             fn()

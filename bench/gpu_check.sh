@@ -14,8 +14,12 @@
 #   STAGES="build test sanitize bench" TEST_LIMIT=280 SANITIZE_LIMIT=100 BENCH_ARGS=--quick BENCH_LIMIT=150
 #   (device timeout_s 590), which leaves ~4.5 minutes: one more start, to rerun what failed after fixes.
 # pytest runs on 8 xdist workers where pytest-xdist is installed (PYTEST_ARGS overrides), and the
-# sanitizer runs its (tool, case) pairs SANITIZE_JOBS (14, all) at a time: each is a python process that
+# sanitizer runs its (tool, case) pairs SANITIZE_JOBS (16, all) at a time: each is a python process that
 # imports torch under compute-sanitizer, slow to start, and one GPU holds them all.
+# Since 2026-12-01 (not yet run): the forward's 128-row tiles have their own tests
+# (-k 128_row_tiles: 64 of them), sanitizer case (flash_attn_fwd_m128) and bench rows
+# ("pyllm fwd-m128"); the bench times bursts of calls (bench/common.py median_ms), so GPU rows are
+# no longer comparable with 2026-11-30's single calls.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/pyllm-gpu}
@@ -71,7 +75,7 @@ if want sanitize; then
   export PY OUT SAN SANITIZE_LIMIT=${SANITIZE_LIMIT:-300}
   # One line per (tool, case) pair, run SANITIZE_JOBS at a time; each writes its own log and rc file.
   for tool in memcheck racecheck; do for case in $cases; do echo "$tool $case"; done; done |
-    xargs -P "${SANITIZE_JOBS:-14}" -L 1 bash -c '
+    xargs -P "${SANITIZE_JOBS:-16}" -L 1 bash -c '
       log="$OUT/.san/$0.$1.log"
       timeout "$SANITIZE_LIMIT" "$SAN" --tool "$0" --error-exitcode 9 $PY bench/sanitize_cases.py "$1" > "$log" 2>&1
       echo $? > "$OUT/.san/$0.$1.rc"'

@@ -192,6 +192,28 @@ def flash_attn_shapes_cases():
                                       torch.zeros(2, dtype=torch.int32, device="cuda"))
 
 
+def flash_attn_fwd_m128_cases():
+    # The forward's 128-row tiles (PYLLM_ATTN_FWD_BLOCK_M=128, D = 64 / 128): two query blocks, the
+    # second partial, causal Tq < Tk with a window, GQA, varlen with an empty sequence. The same
+    # bits as the 64-row forward: each row takes the same steps, plus key blocks its tile's other
+    # rows need, fully masked for it (o * 1 + 0).
+    import os
+
+    for dtype in (torch.float16, torch.bfloat16):
+        for d in (64, 128):
+            q = torch.randn(2, 150, 4, d, device="cuda", dtype=dtype)
+            k, v = (torch.randn(2, 170, 2, d, device="cuda", dtype=dtype) for _ in range(2))
+            cu = torch.tensor([0, 0, 131, 150], dtype=torch.int32, device="cuda")
+            runs = []
+            for block_m in ("64", "128"):
+                os.environ["PYLLM_ATTN_FWD_BLOCK_M"] = block_m
+                runs.append((pyllm.flash_attn(q, k, v, causal=True, window=(90, -1)),
+                             pyllm.flash_attn(q[0], q[0], q[0], causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu)))
+            for a, b in zip(*runs):
+                assert torch.equal(a, b), "flash_attn 128-row forward differs from the 64-row one"
+    os.environ.pop("PYLLM_ATTN_FWD_BLOCK_M")
+
+
 def flash_attn_bad_seqlens_cases():
     # Unchecked cu_seqlens / cache_seqlens (CUDA, max_seqlen given, no PYLLM_ATTN_CHECK_SEQLENS):
     # garbage contents must stay in bounds (memcheck), whatever the answers.
@@ -210,7 +232,7 @@ def flash_attn_bad_seqlens_cases():
 
 CASES = {"swiglu": swiglu_cases, "adamw": adamw_cases, "bpe": bpe_cases, "flash_attn": flash_attn_cases,
          "flash_attn_bwd_mma": flash_attn_bwd_mma_cases, "flash_attn_shapes": flash_attn_shapes_cases,
-         "flash_attn_bad_seqlens": flash_attn_bad_seqlens_cases}
+         "flash_attn_fwd_m128": flash_attn_fwd_m128_cases, "flash_attn_bad_seqlens": flash_attn_bad_seqlens_cases}
 
 if __name__ == "__main__":
     names = sys.argv[1:] or list(CASES)

@@ -394,6 +394,64 @@ def test_cuda_misaligned_views_are_copied_not_rejected(monkeypatch, algo):
         assert torch.equal(a, b)
 
 
+# --- the CUDA forward's 128-row tiles (PYLLM_ATTN_FWD_BLOCK_M=128, D = 64 / 128; default 64) ------
+
+# Several 128-row query blocks with partial last ones, Tq < Tk and Tq > Tk (queries that see no
+# key), GQA and MQA, both head dims the 128-row tiles are built for; D = 32 checks that the setting
+# leaves other head dims on the 64-row tiles.
+FWD_SHAPES = [(2, 1, 1, 2, 2, 64), (2, 65, 130, 4, 2, 64), (1, 100, 37, 4, 1, 128), (1, 300, 300, 4, 2, 128),
+              (2, 129, 257, 8, 1, 64), (1, 257, 129, 2, 2, 128), (1, 77, 77, 4, 4, 32)]
+
+
+def forward_with_block_m(monkeypatch, block_m, q, k, v, causal, window):
+    """out and lse of the forward kernel with poisoned outputs, PYLLM_ATTN_FWD_BLOCK_M=block_m."""
+    monkeypatch.setenv("PYLLM_ATTN_FWD_BLOCK_M", block_m)
+    (b, tq, h, d), tk = q.shape, k.shape[1]
+    out, lse = poisoned(q.shape, q.dtype, "cuda"), poisoned((b, h, tq), torch.float32, "cuda")
+    fa.flash_attn_forward_into(q, k, v, out, lse, None, None, tq, tk, d ** -0.5, window[0], 0 if causal else window[1])
+    return out, lse
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("causal,window", [(False, (-1, -1)), (True, (-1, -1)), (False, (5, 3)), (True, (100, -1))],
+                         ids=str)
+@pytest.mark.parametrize("shape", FWD_SHAPES, ids=str)
+def test_cuda_forward_128_row_tiles_match_reference(monkeypatch, dtype, shape, causal, window):
+    b, tq, tk, h, hk, d = shape
+    q, k, v = rand((b, tq, h, d), dtype, "cuda"), rand((b, tk, hk, d), dtype, "cuda"), rand((b, tk, hk, d), dtype, "cuda")
+    out, lse = forward_with_block_m(monkeypatch, "128", q, k, v, causal, window)
+    ref, ref_lse = attention(*(t.double().cpu() for t in (q, k, v)), causal, window)
+    assert rel_err(out, ref) <= tolerance(attention(q, k, v, causal, window)[0], ref)
+    seen = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isinf(lse.cpu()), ~seen)  # +inf where a query sees no key, never NaN
+    assert (lse.cpu()[seen] - ref_lse[seen]).abs().max() < 1e-3
+    unseen_rows = out.cpu()[~seen.transpose(1, 2)]
+    assert torch.equal(unseen_rows, torch.zeros_like(unseen_rows))
+    # The same bits as the 64-row tiles: every row takes the same steps, plus key blocks that only
+    # its tile's other rows need, fully masked for it (o * 1 + 0, l * 1 + 0).
+    out_64, lse_64 = forward_with_block_m(monkeypatch, "64", q, k, v, causal, window)
+    assert torch.equal(out, out_64) and torch.equal(lse, lse_64)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_cuda_forward_128_row_tiles_varlen_and_gradients(monkeypatch, dtype, d, causal):
+    monkeypatch.setenv("PYLLM_ATTN_FWD_BLOCK_M", "128")
+    lens_q, lens_k = [0, 1, 130, 5, 0, 260, 3, 1], [0, 1, 70, 9, 4, 260, 0, 200]  # empty, length-1, Tq != Tk
+    cu_q, cu_k = cu(lens_q, "cuda"), cu(lens_k, "cuda")
+    q = rand((sum(lens_q), 4, d), dtype, "cuda")
+    k, v = rand((sum(lens_k), 2, d), dtype, "cuda"), rand((sum(lens_k), 2, d), dtype, "cuda")
+    run = lambda q, k, v: pyllm.flash_attn(q, k, v, causal=causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)  # noqa: E731
+    check_against_reference(q, k, v, rand(q.shape, dtype, "cuda"), run,
+                            lambda q, k, v: attention_varlen(q, k, v, cu_q.cpu(), cu_k.cpu(), causal=causal)[0])
+    out_128 = run(q, k, v)
+    monkeypatch.setenv("PYLLM_ATTN_FWD_BLOCK_M", "64")
+    assert torch.equal(out_128, run(q, k, v))  # the same bits, as above
+
+
 def test_bwd_algo_choice_is_checked(monkeypatch):
     assert fa._cuda_bwd_algo("simt") == 1 and fa._cuda_bwd_algo(None) == 0
     monkeypatch.setenv("PYLLM_ATTN_BWD", "simt")

@@ -1,9 +1,11 @@
 // FlashAttention-2 forward on tensor cores (sm80 mma.sync; runs unchanged on sm90).
 // Partly verified: ran on an H200 (2026-11-30): compute-sanitizer clean, its small cases right; the CUDA test suite not yet run through (see README).
 // Speed there (bf16, H = 8): 68-154 TFLOP/s, 0.52-0.66x torch SDPA's flash backend: not tuned yet.
+// The 128-row tiles (MT = 2, PYLLM_ATTN_FWD_BLOCK_M=128) are unverified: never run on a GPU.
 //
-// Grid (ceil(Tq / kBlockM), n_heads, batch); one CTA = 4 warps = 64 query rows of one head,
-// each warp owning 16 rows. Per key block of kBlockN keys (only the blocks the mask leaves):
+// Grid (ceil(Tq / kBlockM), n_heads, batch); one CTA = 4 warps = 64 * MT query rows of one head,
+// each warp owning MT m-tiles of 16 rows (MT = 1 by default, see FwdTile). Per key block of
+// kBlockN keys (only the blocks the mask leaves):
 //   S = Q K^T          mma.m16n8k16, Q from shared memory (ldmatrix), K via ldmatrix (non-trans)
 //   S *= scale*log2(e), masked (-inf) only on blocks that cross the mask or the sequence end
 //   online softmax per row in registers (the 4 lanes of a row reduce with shuffles), exp2
@@ -17,6 +19,8 @@
 // Layout, mask (bottom-right causal, windows), varlen and KV-cache conventions:
 // csrc/common/attn_params.h; csrc/cpu/flash_attn.cpp is the reference twin.
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 
 #include "cuda/cuda_ops.h"
 #include "cuda/flash_attn_common.cuh"
@@ -35,20 +39,40 @@ namespace attn {
 // gives 185 registers, no spill, 2 CTAs per SM (D = 128: 203). Which is faster is a GPU measurement
 // (3 CTAs: more latency hiding, 20 B of L1 spill traffic per thread). At 172 registers D = 128 fits
 // 2 CTAs of 128 threads per SM by registers.
-template <int D>
+// MT: 16-row m-tiles per warp. Shared memory moves 128 B per clock per SM, so one ldmatrix.x4
+// (512 B) takes 4 clocks; with MT = 1 each K or V fragment feeds 2 mma.m16n8k16 (4096 FMAs) and
+// the Q fragments add a fifth load per 4, so shared memory alone caps the kernel at ~820 FMAs per
+// clock per SM: ~430 TFLOP/s on an H200 (132 SMs, 1.98 GHz), ~40% of its dense bf16 peak, before
+// the softmax's share. MT = 2 (128 rows per CTA, 4 warps, as FlashAttention-2's sm80 forward at
+// D = 64 / 128) feeds 4 mmas per fragment: ~1365 FMAs per clock, ~710 TFLOP/s, out of the way.
+// Prediction: the compute-bound rows (T = 2048) of the forward 1.3-1.6x faster, less at T = 512
+// (fewer CTAs: B = 16, H = 8, T = 512 gives 512 CTAs of 128 rows for 132 SMs). Built for D = 64 /
+// 128 only, chosen at run time by PYLLM_ATTN_FWD_BLOCK_M=128 until a GPU run measures it:
+// UNVERIFIED (never run on a GPU). Every row takes the same steps as with MT = 1 (plus key blocks
+// only the tile's other rows need, fully masked for it: o * 1 + 0), so the output bits must match.
+// ptxas (nvcc 13.0, sm_90, 2026-12-01), MT = 2: D = 64: 236 registers, no spill (2 CTAs per SM);
+// D = 128: 255 registers, 16 B spill stores / 48 B loads (FlashAttention-2 sits at 255 there too).
+// The MT = 1 kernels' PTX is the same as before MT existed, up to register names and operand order.
+template <int D, int MT = 1>
 struct FwdTile {
-  static constexpr int kBlockM = 64;
+  static constexpr int kBlockM = 64 * MT;
   static constexpr int kBlockN = D <= 128 ? 64 : 32;
   static constexpr int kThreads = 128;
   static constexpr int kSmemBytes = (kBlockM * D + 4 * kBlockN * D) * 2;
 };
 
-template <typename T, int D>
+template <typename T, int D, int MT>
 __global__ void __launch_bounds__(128) flash_attn_fwd_kernel(const AttnParams p, float scale_log2) {
 #ifdef PYLLM_ATTN_UNSUPPORTED_ARCH
   __trap();
 #else
-  using Tile = FwdTile<D>;
+#if __CUDA_ARCH__ < 900
+  if constexpr (MT > 1) {  // Hopper only while it is an experiment: half the compile (fwd_m_tiles)
+    __trap();
+    return;
+  }
+#endif
+  using Tile = FwdTile<D, MT>;
   constexpr int BM = Tile::kBlockM, BN = Tile::kBlockN, NT = BN / 8, DT = D / 8;
   static_assert(NT % 2 == 0 && DT % 2 == 0, "tiles pair up for ldmatrix.x4");
   extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -63,6 +87,7 @@ __global__ void __launch_bounds__(128) flash_attn_fwd_kernel(const AttnParams p,
   const int mq = int(min(int64_t(BM), s.len_q - i0));
   const int hk = h / int(p.n_heads / p.n_kv_heads);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int warp_row = warp * 16 * MT;  // this warp's first row in the tile; m-tile mt starts 16 * mt below
 
   const T* q_base = static_cast<const T*>(p.q) + b * p.q_strides[0] + (s.q_start + i0) * p.q_strides[1] +
                     h * p.q_strides[2];
@@ -78,13 +103,17 @@ __global__ void __launch_bounds__(128) flash_attn_fwd_kernel(const AttnParams p,
     }
   }
   const int64_t lo_last = key_lo(p, i0 + mq - 1, s.len_q, s.len_k), hi_first = key_hi(p, i0, s.len_q, s.len_k);
-  // Keys [row_lo, row_hi) seen by this lane's rows g and g + 8 (int: sequence lengths are int32).
-  int row_lo[2], row_hi[2];
+  // Keys [row_lo, row_hi) seen by this lane's rows g and g + 8 of each m-tile (int: sequence
+  // lengths are int32).
+  int row_lo[MT][2], row_hi[MT][2];
 #pragma unroll
-  for (int rr = 0; rr < 2; ++rr) {
-    const int64_t i = i0 + warp * 16 + g + rr * 8;
-    row_lo[rr] = int(key_lo(p, i, s.len_q, s.len_k));
-    row_hi[rr] = int(key_hi(p, i, s.len_q, s.len_k));
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      const int64_t i = i0 + warp_row + mt * 16 + g + rr * 8;
+      row_lo[mt][rr] = int(key_lo(p, i, s.len_q, s.len_k));
+      row_hi[mt][rr] = int(key_hi(p, i, s.len_q, s.len_k));
+    }
   }
 
   auto load_kv = [&](int nb, int stage) {
@@ -98,10 +127,14 @@ __global__ void __launch_bounds__(128) flash_attn_fwd_kernel(const AttnParams p,
   if (n_first < n_end) load_kv(n_first, 0);
   cp_async_commit();
 
-  float o[DT][4];
+  float o[MT][DT][4];
 #pragma unroll
-  for (int dt = 0; dt < DT; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.f;
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt) o[mt][dt][0] = o[mt][dt][1] = o[mt][dt][2] = o[mt][dt][3] = 0.f;
+  float m[MT][2], l[MT][2];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) m[mt][0] = m[mt][1] = -INFINITY, l[mt][0] = l[mt][1] = 0.f;
 
   for (int nb = n_first; nb < n_end; ++nb) {
     const int stage = (nb - n_first) & 1;
@@ -116,23 +149,30 @@ __global__ void __launch_bounds__(128) flash_attn_fwd_kernel(const AttnParams p,
     const T* cK = sK + stage * BN * D;
     const T* cV = sV + stage * BN * D;
 
-    // S = Q K^T for this warp's 16 rows x BN keys.
-    float sacc[NT][4];
+    // S = Q K^T for this warp's 16 * MT rows x BN keys: each K fragment feeds MT m-tiles.
+    float sacc[MT][NT][4];
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) sacc[nt][0] = sacc[nt][1] = sacc[nt][2] = sacc[nt][3] = 0.f;
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) sacc[mt][nt][0] = sacc[mt][nt][1] = sacc[mt][nt][2] = sacc[mt][nt][3] = 0.f;
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
-      uint32_t a[4];
-      ldmatrix_x4(a, smem_addr(sQ + Swizzle<D>::offset(warp * 16 + (lane % 8) + ((lane / 8) % 2) * 8,
-                                                       kk * 16 + (lane / 16) * 8)));
+      uint32_t a[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+        ldmatrix_x4(a[mt], smem_addr(sQ + Swizzle<D>::offset(warp_row + mt * 16 + (lane % 8) + ((lane / 8) % 2) * 8,
+                                                             kk * 16 + (lane / 16) * 8)));
 #pragma unroll
       for (int nt = 0; nt < NT; nt += 2) {
         uint32_t bb[4];
         ldmatrix_x4(bb, smem_addr(cK + Swizzle<D>::offset(nt * 8 + (lane % 8) + (lane / 16) * 8,
                                                           kk * 16 + ((lane / 8) % 2) * 8)));
         const uint32_t b0[2] = {bb[0], bb[1]}, b1[2] = {bb[2], bb[3]};
-        mma_16x8x16<T>(sacc[nt], a, b0);
-        mma_16x8x16<T>(sacc[nt + 1], a, b1);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          mma_16x8x16<T>(sacc[mt][nt], a[mt], b0);
+          mma_16x8x16<T>(sacc[mt][nt + 1], a[mt], b1);
+        }
       }
     }
 
@@ -140,61 +180,77 @@ __global__ void __launch_bounds__(128) flash_attn_fwd_kernel(const AttnParams p,
     const int64_t j0 = int64_t(nb) * BN;
     const bool need_mask = !(lo_last <= j0 && j0 + BN <= hi_first);
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float x = sacc[nt][e] * scale_log2;
-        if (need_mask) {
-          const int j = int(j0) + nt * 8 + 2 * t + (e & 1);
-          if (j < row_lo[e / 2] || j >= row_hi[e / 2]) x = -INFINITY;
-        }
-        sacc[nt][e] = x;
-      }
-    }
-
-    // Online softmax for rows g (rr = 0) and g + 8 (rr = 1). fmaxf skips NaN, so one NaN score does
-    // not poison the running max; exp2 of it is NaN and reaches the output. A row that has seen
-    // only masked keys keeps m = -inf and takes exp2 against 0 (exp2(-inf) = 0, no inf - inf).
-#pragma unroll
-    for (int rr = 0; rr < 2; ++rr) {
-      float mx = -INFINITY;
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) mx = fmaxf(mx, fmaxf(sacc[nt][2 * rr], sacc[nt][2 * rr + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(m[rr], mx);
-      const float m_use = m_new == -INFINITY ? 0.f : m_new;
-      const float corr = exp2f(m[rr] - m_use);
-      m[rr] = m_new;
-      float sum = 0.f;
+    for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
-        sacc[nt][2 * rr] = exp2f(sacc[nt][2 * rr] - m_use);
-        sacc[nt][2 * rr + 1] = exp2f(sacc[nt][2 * rr + 1] - m_use);
-        sum += sacc[nt][2 * rr] + sacc[nt][2 * rr + 1];
-      }
-      l[rr] = l[rr] * corr + sum;  // this lane's partial row sum; the 4 lanes are summed at the end
 #pragma unroll
-      for (int dt = 0; dt < DT; ++dt) {
-        o[dt][2 * rr] *= corr;
-        o[dt][2 * rr + 1] *= corr;
+        for (int e = 0; e < 4; ++e) {
+          float x = sacc[mt][nt][e] * scale_log2;
+          if (need_mask) {
+            const int j = int(j0) + nt * 8 + 2 * t + (e & 1);
+            if (j < row_lo[mt][e / 2] || j >= row_hi[mt][e / 2]) x = -INFINITY;
+          }
+          sacc[mt][nt][e] = x;
+        }
       }
     }
 
-    // O += P V: the S accumulators of key tiles 2kk, 2kk+1 are the A fragment of k-step kk.
+    // Online softmax for rows g (rr = 0) and g + 8 (rr = 1) of each m-tile. fmaxf skips NaN, so one
+    // NaN score does not poison the running max; exp2 of it is NaN and reaches the output. A row
+    // that has seen only masked keys keeps m = -inf and takes exp2 against 0 (exp2(-inf) = 0, no
+    // inf - inf).
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+      for (int rr = 0; rr < 2; ++rr) {
+        float mx = -INFINITY;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) mx = fmaxf(mx, fmaxf(sacc[mt][nt][2 * rr], sacc[mt][nt][2 * rr + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_new = fmaxf(m[mt][rr], mx);
+        const float m_use = m_new == -INFINITY ? 0.f : m_new;
+        const float corr = exp2f(m[mt][rr] - m_use);
+        m[mt][rr] = m_new;
+        float sum = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          sacc[mt][nt][2 * rr] = exp2f(sacc[mt][nt][2 * rr] - m_use);
+          sacc[mt][nt][2 * rr + 1] = exp2f(sacc[mt][nt][2 * rr + 1] - m_use);
+          sum += sacc[mt][nt][2 * rr] + sacc[mt][nt][2 * rr + 1];
+        }
+        l[mt][rr] = l[mt][rr] * corr + sum;  // this lane's partial row sum; the 4 lanes are summed at the end
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt) {
+          o[mt][dt][2 * rr] *= corr;
+          o[mt][dt][2 * rr + 1] *= corr;
+        }
+      }
+    }
+
+    // O += P V: the S accumulators of key tiles 2kk, 2kk+1 are the A fragment of k-step kk; each V
+    // fragment feeds MT m-tiles.
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk) {
-      const uint32_t a[4] = {pack2<T>(sacc[2 * kk][0], sacc[2 * kk][1]), pack2<T>(sacc[2 * kk][2], sacc[2 * kk][3]),
-                             pack2<T>(sacc[2 * kk + 1][0], sacc[2 * kk + 1][1]),
-                             pack2<T>(sacc[2 * kk + 1][2], sacc[2 * kk + 1][3])};
+      uint32_t a[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        a[mt][0] = pack2<T>(sacc[mt][2 * kk][0], sacc[mt][2 * kk][1]);
+        a[mt][1] = pack2<T>(sacc[mt][2 * kk][2], sacc[mt][2 * kk][3]);
+        a[mt][2] = pack2<T>(sacc[mt][2 * kk + 1][0], sacc[mt][2 * kk + 1][1]);
+        a[mt][3] = pack2<T>(sacc[mt][2 * kk + 1][2], sacc[mt][2 * kk + 1][3]);
+      }
 #pragma unroll
       for (int dt = 0; dt < DT; dt += 2) {
         uint32_t bb[4];
         ldmatrix_x4_trans(bb, smem_addr(cV + Swizzle<D>::offset(kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8,
                                                                 dt * 8 + (lane / 16) * 8)));
         const uint32_t b0[2] = {bb[0], bb[1]}, b1[2] = {bb[2], bb[3]};
-        mma_16x8x16<T>(o[dt], a, b0);
-        mma_16x8x16<T>(o[dt + 1], a, b1);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          mma_16x8x16<T>(o[mt][dt], a[mt], b0);
+          mma_16x8x16<T>(o[mt][dt + 1], a[mt], b1);
+        }
       }
     }
     __syncthreads();  // every warp is done with this stage before it is refilled
@@ -203,34 +259,54 @@ __global__ void __launch_bounds__(128) flash_attn_fwd_kernel(const AttnParams p,
 
   // Epilogue: full row sums, out = O / l, lse in natural log units.
 #pragma unroll
-  for (int rr = 0; rr < 2; ++rr) {
-    l[rr] += __shfl_xor_sync(0xffffffffu, l[rr], 1);
-    l[rr] += __shfl_xor_sync(0xffffffffu, l[rr], 2);
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      l[mt][rr] += __shfl_xor_sync(0xffffffffu, l[mt][rr], 1);
+      l[mt][rr] += __shfl_xor_sync(0xffffffffu, l[mt][rr], 2);
+    }
   }
   float* lse = static_cast<float*>(p.lse);
 #pragma unroll
-  for (int rr = 0; rr < 2; ++rr) {
-    const int row = warp * 16 + g + rr * 8;
-    if (row >= mq) continue;
-    const bool empty = l[rr] == 0.f;  // saw no key (NaN stays NaN)
-    const float inv = empty ? 0.f : 1.f / l[rr];
-    T* dst = static_cast<T*>(p.out) + b * p.o_strides[0] + (s.q_start + i0 + row) * p.o_strides[1] + h * p.o_strides[2];
+  for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-    for (int dt = 0; dt < DT; ++dt)
-      *reinterpret_cast<uint32_t*>(dst + dt * 8 + 2 * t) = pack2<T>(o[dt][2 * rr] * inv, o[dt][2 * rr + 1] * inv);
-    if (t == 0) {
-      const int64_t token = (p.cu_seqlens_q ? s.q_start : 0) + i0 + row;
-      lse[b * p.lse_strides[0] + h * p.lse_strides[1] + token] =
-          empty ? INFINITY : m[rr] * 0.69314718055994531f + logf(l[rr]);
+    for (int rr = 0; rr < 2; ++rr) {
+      const int row = warp_row + mt * 16 + g + rr * 8;
+      if (row >= mq) continue;
+      const bool empty = l[mt][rr] == 0.f;  // saw no key (NaN stays NaN)
+      const float inv = empty ? 0.f : 1.f / l[mt][rr];
+      T* dst =
+          static_cast<T*>(p.out) + b * p.o_strides[0] + (s.q_start + i0 + row) * p.o_strides[1] + h * p.o_strides[2];
+#pragma unroll
+      for (int dt = 0; dt < DT; ++dt)
+        *reinterpret_cast<uint32_t*>(dst + dt * 8 + 2 * t) =
+            pack2<T>(o[mt][dt][2 * rr] * inv, o[mt][dt][2 * rr + 1] * inv);
+      if (t == 0) {
+        const int64_t token = (p.cu_seqlens_q ? s.q_start : 0) + i0 + row;
+        lse[b * p.lse_strides[0] + h * p.lse_strides[1] + token] =
+            empty ? INFINITY : m[mt][rr] * 0.69314718055994531f + logf(l[mt][rr]);
+      }
     }
   }
 #endif
 }
 
-template <typename T, int D>
+// The run-time tile choice while MT = 2 is unmeasured (see FwdTile): read per launch, so a
+// benchmark or test can switch it within one process. MT = 2 is built for sm_90 only (the
+// experiment's GPU; 10 s more nvcc per arch), so other devices keep MT = 1 whatever the setting.
+inline int fwd_m_tiles(int head_dim, int device) {
+  if (head_dim != 64 && head_dim != 128) return 1;
+  const char* env = std::getenv("PYLLM_ATTN_FWD_BLOCK_M");
+  if (!env || std::strcmp(env, "128") != 0) return 1;
+  int major = 0;
+  PYLLM_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  return major == 9 ? 2 : 1;
+}
+
+template <typename T, int D, int MT>
 void launch_fwd(const AttnParams& p, int device, cudaStream_t stream) {
-  using Tile = FwdTile<D>;
-  constexpr auto kernel = flash_attn_fwd_kernel<T, D>;
+  using Tile = FwdTile<D, MT>;
+  constexpr auto kernel = flash_attn_fwd_kernel<T, D, MT>;
   opt_in_dynamic_smem<kernel>(Tile::kSmemBytes, device, "the forward kernel");
   const dim3 grid(unsigned((p.seqlen_q + Tile::kBlockM - 1) / Tile::kBlockM), unsigned(p.n_heads), unsigned(p.batch));
   kernel<<<grid, Tile::kThreads, Tile::kSmemBytes, stream>>>(p, float(p.scale * 1.4426950408889634));
@@ -239,7 +315,14 @@ void launch_fwd(const AttnParams& p, int device, cudaStream_t stream) {
 
 template <typename T>
 void dispatch_fwd(const AttnParams& p, int device, cudaStream_t stream) {
-  dispatch_head_dim(p.head_dim, [&](auto d) { launch_fwd<T, decltype(d)::value>(p, device, stream); });
+  if (fwd_m_tiles(int(p.head_dim), device) == 2) {
+    if (p.head_dim == 64)
+      launch_fwd<T, 64, 2>(p, device, stream);
+    else
+      launch_fwd<T, 128, 2>(p, device, stream);
+    return;
+  }
+  dispatch_head_dim(p.head_dim, [&](auto d) { launch_fwd<T, decltype(d)::value, 1>(p, device, stream); });
 }
 
 }  // namespace attn

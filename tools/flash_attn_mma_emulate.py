@@ -1,6 +1,7 @@
 """Checks the index logic of the FlashAttention tensor-core kernels without a GPU.
 
-A line-by-line numpy transliteration of csrc/cuda/flash_attn_fwd.cu (flash_attn_fwd_kernel) and
+A line-by-line numpy transliteration of csrc/cuda/flash_attn_fwd.cu (flash_attn_fwd_kernel, 64- and
+128-row tiles) and
 csrc/cuda/flash_attn_bwd_mma.cu (the dk_dv and dq kernels): shared-memory tiles with the same
 swizzle, ldmatrix(.trans) and mma.m16n8k16 emulated per lane from the PTX ISA fragment layouts,
 in float64, one warp at a time. Each run compares with a float64 autograd reference (expect
@@ -10,6 +11,7 @@ address is 16-byte aligned and inside its tile. It does NOT check barriers, cp.a
 
     python tools/flash_attn_mma_emulate.py            # every case (a few minutes on 2 cores)
     python tools/flash_attn_mma_emulate.py 0 3        # some cases
+tests/test_flash_attn.py runs a few cases (test_emulated_tensor_core_kernels_match_reference).
 """
 import math
 import sys
@@ -390,8 +392,8 @@ def run_bwd(b, tq, tk, h, hk, d, causal, window, varlen=None, seed=0, garbage_cu
 
 
 
-def fwd_cta(p, D, b, h, bx):
-    BM, BN = 64, (64 if D <= 128 else 32)
+def fwd_cta(p, D, b, h, bx, MT=1):
+    BM, BN = 64 * MT, (64 if D <= 128 else 32)
     NT, DT = BN // 8, D // 8
     q_start, k_start, len_q, len_k = seq_info(p, b)
     bi = 0 if p.cu_q is not None else b
@@ -407,15 +409,19 @@ def fwd_cta(p, D, b, h, bx):
     lo_last, hi_first = key_lo(p, i0 + mq - 1, len_q, len_k), key_hi(p, i0, len_q, len_k)
     sQ = np.full(BM * D, np.nan)
     load_tile(sQ, BM, D, p.q[bi, q_start + i0:, h], mq)
-    state = []
+    state = []  # state[warp][mt]: m-tile mt of the warp, rows warp * 16 * MT + mt * 16 + (0..15)
     for warp in range(4):
-        row_lo, row_hi = np.zeros((2, 32), int), np.zeros((2, 32), int)
-        for rr in range(2):
-            for lane in range(32):
-                i = i0 + warp * 16 + G[lane] + rr * 8
-                row_lo[rr, lane] = key_lo(p, i, len_q, len_k)
-                row_hi[rr, lane] = key_hi(p, i, len_q, len_k)
-        state.append(dict(o=np.zeros((DT, 32, 4)), m=np.full((2, 32), -np.inf), l=np.zeros((2, 32)), lo=row_lo, hi=row_hi))
+        tiles = []
+        for mt in range(MT):
+            row_lo, row_hi = np.zeros((2, 32), int), np.zeros((2, 32), int)
+            for rr in range(2):
+                for lane in range(32):
+                    i = i0 + warp * 16 * MT + mt * 16 + G[lane] + rr * 8
+                    row_lo[rr, lane] = key_lo(p, i, len_q, len_k)
+                    row_hi[rr, lane] = key_hi(p, i, len_q, len_k)
+            tiles.append(dict(o=np.zeros((DT, 32, 4)), m=np.full((2, 32), -np.inf), l=np.zeros((2, 32)), lo=row_lo,
+                              hi=row_hi))
+        state.append(tiles)
     for nb in range(n_first, n_end):
         j0 = nb * BN
         valid = min(BN, len_k - j0)
@@ -424,64 +430,72 @@ def fwd_cta(p, D, b, h, bx):
         load_tile(cV, BN, D, p.v[bi, k_start + j0:, hk], valid)
         need_mask = not (lo_last <= j0 and j0 + BN <= hi_first)
         for warp in range(4):
-            S = state[warp]
-            sacc = np.zeros((NT, 32, 4))
+            sacc = np.zeros((MT, NT, 32, 4))
             for kk in range(D // 16):
-                a = ldmatrix(sQ, swz(D, warp * 16 + (LANE % 8) + ((LANE // 8) % 2) * 8, kk * 16 + (LANE // 16) * 8))
+                a = [ldmatrix(sQ, swz(D, warp * 16 * MT + mt * 16 + (LANE % 8) + ((LANE // 8) % 2) * 8,
+                                      kk * 16 + (LANE // 16) * 8)) for mt in range(MT)]
                 for nt in range(0, NT, 2):
                     bb = ldmatrix(cK, swz(D, nt * 8 + (LANE % 8) + (LANE // 16) * 8, kk * 16 + ((LANE // 8) % 2) * 8))
-                    mma(sacc[nt], a, bb[0:2]); mma(sacc[nt + 1], a, bb[2:4])
-            for nt in range(NT):
-                for e in range(4):
-                    x = sacc[nt][:, e] * p.scale_log2
-                    if need_mask:
-                        j = j0 + nt * 8 + 2 * T + (e & 1)
-                        x = np.where((j < S['lo'][e // 2]) | (j >= S['hi'][e // 2]), -np.inf, x)
-                    sacc[nt][:, e] = x
-            for rr in range(2):
-                mx = np.full(32, -np.inf)
+                    for mt in range(MT):
+                        mma(sacc[mt][nt], a[mt], bb[0:2]); mma(sacc[mt][nt + 1], a[mt], bb[2:4])
+            for mt in range(MT):
+                S = state[warp][mt]
                 for nt in range(NT):
-                    mx = np.fmax(mx, np.fmax(sacc[nt][:, 2 * rr], sacc[nt][:, 2 * rr + 1]))
-                mx = np.fmax(mx, mx[LANE ^ 1]); mx = np.fmax(mx, mx[LANE ^ 2])
-                m_new = np.fmax(S['m'][rr], mx)
-                m_use = np.where(m_new == -np.inf, 0.0, m_new)
-                corr = np.exp2(S['m'][rr] - m_use)
-                S['m'][rr] = m_new
-                tot = np.zeros(32)
-                for nt in range(NT):
-                    sacc[nt][:, 2 * rr] = np.exp2(sacc[nt][:, 2 * rr] - m_use)
-                    sacc[nt][:, 2 * rr + 1] = np.exp2(sacc[nt][:, 2 * rr + 1] - m_use)
-                    tot += sacc[nt][:, 2 * rr] + sacc[nt][:, 2 * rr + 1]
-                S['l'][rr] = S['l'][rr] * corr + tot
-                for dt in range(DT):
-                    S['o'][dt][:, 2 * rr] *= corr; S['o'][dt][:, 2 * rr + 1] *= corr
+                    for e in range(4):
+                        x = sacc[mt][nt][:, e] * p.scale_log2
+                        if need_mask:
+                            j = j0 + nt * 8 + 2 * T + (e & 1)
+                            x = np.where((j < S['lo'][e // 2]) | (j >= S['hi'][e // 2]), -np.inf, x)
+                        sacc[mt][nt][:, e] = x
+            for mt in range(MT):
+                S = state[warp][mt]
+                for rr in range(2):
+                    mx = np.full(32, -np.inf)
+                    for nt in range(NT):
+                        mx = np.fmax(mx, np.fmax(sacc[mt][nt][:, 2 * rr], sacc[mt][nt][:, 2 * rr + 1]))
+                    mx = np.fmax(mx, mx[LANE ^ 1]); mx = np.fmax(mx, mx[LANE ^ 2])
+                    m_new = np.fmax(S['m'][rr], mx)
+                    m_use = np.where(m_new == -np.inf, 0.0, m_new)
+                    corr = np.exp2(S['m'][rr] - m_use)
+                    S['m'][rr] = m_new
+                    tot = np.zeros(32)
+                    for nt in range(NT):
+                        sacc[mt][nt][:, 2 * rr] = np.exp2(sacc[mt][nt][:, 2 * rr] - m_use)
+                        sacc[mt][nt][:, 2 * rr + 1] = np.exp2(sacc[mt][nt][:, 2 * rr + 1] - m_use)
+                        tot += sacc[mt][nt][:, 2 * rr] + sacc[mt][nt][:, 2 * rr + 1]
+                    S['l'][rr] = S['l'][rr] * corr + tot
+                    for dt in range(DT):
+                        S['o'][dt][:, 2 * rr] *= corr; S['o'][dt][:, 2 * rr + 1] *= corr
             for kk in range(BN // 16):
-                a = acc_to_a(sacc[2 * kk], sacc[2 * kk + 1])
+                a = [acc_to_a(sacc[mt][2 * kk], sacc[mt][2 * kk + 1]) for mt in range(MT)]
                 for dt in range(0, DT, 2):
                     bb = ldmatrix(cV, swz(D, kk * 16 + (LANE % 8) + ((LANE // 8) % 2) * 8, dt * 8 + (LANE // 16) * 8), trans=True)
-                    mma(S['o'][dt], a, bb[0:2]); mma(S['o'][dt + 1], a, bb[2:4])
+                    for mt in range(MT):
+                        o = state[warp][mt]['o']
+                        mma(o[dt], a[mt], bb[0:2]); mma(o[dt + 1], a[mt], bb[2:4])
     for warp in range(4):
-        S = state[warp]
-        for rr in range(2):
-            S['l'][rr] = S['l'][rr] + S['l'][rr][LANE ^ 1]
-            S['l'][rr] = S['l'][rr] + S['l'][rr][LANE ^ 2]
-        for rr in range(2):
-            for lane in range(32):
-                row = warp * 16 + G[lane] + rr * 8
-                if row >= mq:
-                    continue
-                l = S['l'][rr][lane]
-                inv = 0.0 if l == 0 else 1 / l
-                for dt in range(DT):
-                    col = dt * 8 + 2 * T[lane]
-                    assert np.isnan(p.out[bi, q_start + i0 + row, h, col:col + 2]).all()
-                    p.out[bi, q_start + i0 + row, h, col:col + 2] = S['o'][dt][lane, 2 * rr:2 * rr + 2] * inv
-                if T[lane] == 0:
-                    tok = (q_start if p.cu_q is not None else 0) + i0 + row
-                    p.lse[bi, h, tok] = np.inf if l == 0 else S['m'][rr][lane] * math.log(2) + math.log(l)
+        for mt in range(MT):
+            S = state[warp][mt]
+            for rr in range(2):
+                S['l'][rr] = S['l'][rr] + S['l'][rr][LANE ^ 1]
+                S['l'][rr] = S['l'][rr] + S['l'][rr][LANE ^ 2]
+            for rr in range(2):
+                for lane in range(32):
+                    row = warp * 16 * MT + mt * 16 + G[lane] + rr * 8
+                    if row >= mq:
+                        continue
+                    l = S['l'][rr][lane]
+                    inv = 0.0 if l == 0 else 1 / l
+                    for dt in range(DT):
+                        col = dt * 8 + 2 * T[lane]
+                        assert np.isnan(p.out[bi, q_start + i0 + row, h, col:col + 2]).all()
+                        p.out[bi, q_start + i0 + row, h, col:col + 2] = S['o'][dt][lane, 2 * rr:2 * rr + 2] * inv
+                    if T[lane] == 0:
+                        tok = (q_start if p.cu_q is not None else 0) + i0 + row
+                        p.lse[bi, h, tok] = np.inf if l == 0 else S['m'][rr][lane] * math.log(2) + math.log(l)
 
 
-def run_fwd(b, tq, tk, h, hk, d, causal, window, varlen=None, seed=0):
+def run_fwd(b, tq, tk, h, hk, d, causal, window, varlen=None, seed=0, m_tiles=1):
     rng = np.random.default_rng(seed)
     p = P(); p.H, p.HK = h, hk
     scale = 1 / math.sqrt(d); p.scale, p.scale_log2 = scale, scale * math.log2(math.e)
@@ -504,12 +518,12 @@ def run_fwd(b, tq, tk, h, hk, d, causal, window, varlen=None, seed=0):
     p.out, p.lse = np.full(q.shape, np.nan), np.full(rlse.shape, np.nan)
     for bb in range(nb):
         for hh in range(h):
-            for bx in range((p.lq + 63) // 64):
-                fwd_cta(p, d, bb, hh, bx)
+            for bx in range((p.lq + 64 * m_tiles - 1) // (64 * m_tiles)):
+                fwd_cta(p, d, bb, hh, bx, m_tiles)
     assert not np.isnan(p.out).any() and not np.isnan(p.lse).any()
     fin = np.isfinite(rlse)
     assert (np.isfinite(p.lse) == fin).all()
-    return np.abs(p.out - rout).max(), np.abs(p.lse[fin] - rlse[fin]).max()
+    return np.abs(p.out - rout).max(), np.abs(p.lse[fin] - rlse[fin]).max(), p.out, p.lse
 
 
 
@@ -527,6 +541,18 @@ CASES = [
     dict(b=1, tq=0, tk=0, h=2, hk=1, d=96, causal=False, window=(4, 9), varlen=([1, 40, 0], [66, 40, 3])),
 ]
 
+# The forward's 128-row tiles (MT = 2, D = 64 / 128 only): two or more 128-row query blocks with a
+# partial last one, Tq != Tk both ways, windows, GQA / MQA, varlen with empty and length-1 sequences.
+# Besides the reference, the output must equal the 64-row tiles' exactly (same steps per row).
+M128_CASES = [
+    dict(b=1, tq=300, tk=300, h=2, hk=1, d=64, causal=True, window=(-1, -1)),
+    dict(b=2, tq=129, tk=257, h=2, hk=2, d=128, causal=False, window=(5, 3)),
+    dict(b=1, tq=257, tk=129, h=4, hk=1, d=64, causal=True, window=(100, -1)),
+    dict(b=1, tq=200, tk=200, h=2, hk=1, d=128, causal=False, window=(-1, -1)),
+    dict(b=1, tq=0, tk=0, h=2, hk=1, d=64, causal=True, window=(-1, -1),
+         varlen=([0, 1, 130, 5, 0, 260, 3], [0, 1, 70, 9, 4, 260, 0])),
+]
+
 # Unchecked garbage cu_seqlens over 10 packed tokens (max_seqlen 10): clamped, never out of bounds.
 GARBAGE = [[0, 7, 3, 10], [-5, 2**30, -2**31, 10], [3, 3, 3, 3], [0, 10, 20, 40], [12, -1, 5, 2**31 - 1]]
 
@@ -536,8 +562,16 @@ if __name__ == "__main__":
             run_bwd(1, 0, 0, 2, 1, 64, True, (-1, -1), varlen=([10], [10]), garbage_cu=cu)
         print("garbage cu_seqlens: every access in bounds", flush=True)
     for i in [int(x) for x in sys.argv[1:]] or range(len(CASES)):
-        out_err, lse_err = run_fwd(**CASES[i])
+        out_err, lse_err = run_fwd(**CASES[i])[:2]
         dq_err, dk_err, dv_err = run_bwd(**CASES[i])
         print(f"case {i} {CASES[i]}: fwd out {out_err:.1e} lse {lse_err:.1e}; "
               f"bwd dq {dq_err:.1e} dk {dk_err:.1e} dv {dv_err:.1e}", flush=True)
         assert max(out_err, lse_err) < 1e-9
+    if not sys.argv[1:]:
+        for case in M128_CASES:
+            out_err, lse_err, out, lse = run_fwd(**case, m_tiles=2)
+            out_64, lse_64 = run_fwd(**case)[2:]
+            same = np.array_equal(out, out_64) and np.array_equal(lse, lse_64)
+            print(f"128-row tiles {case}: fwd out {out_err:.1e} lse {lse_err:.1e}, "
+                  f"{'the same bits as' if same else 'DIFFERENT from'} the 64-row tiles", flush=True)
+            assert max(out_err, lse_err) < 1e-9 and same

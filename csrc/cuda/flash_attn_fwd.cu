@@ -53,6 +53,9 @@ namespace attn {
 // ptxas (nvcc 13.0, sm_90, 2026-12-01), MT = 2: D = 64: 236 registers, no spill (2 CTAs per SM);
 // D = 128: 255 registers, 16 B spill stores / 48 B loads (FlashAttention-2 sits at 255 there too).
 // The MT = 1 kernels' PTX is the same as before MT existed, up to register names and operand order.
+// Checked without a GPU: tools/flash_attn_mma_emulate.py transliterates both tile heights (its
+// M128_CASES: several 128-row blocks, windows, GQA, varlen): 1e-15 from float64, MT = 2 the same
+// bits as MT = 1. Barriers, cp.async and registers are the GPU's to check.
 template <int D, int MT = 1>
 struct FwdTile {
   static constexpr int kBlockM = 64 * MT;

@@ -16,7 +16,8 @@
 # pytest runs on 8 xdist workers where pytest-xdist is installed (PYTEST_ARGS overrides), and the
 # sanitizer runs its (tool, case) pairs SANITIZE_JOBS (16, all) at a time: each is a python process that
 # imports torch under compute-sanitizer, slow to start, and one GPU holds them all.
-# Since 2026-12-01 (not yet run): the forward's 128-row tiles have their own tests
+# Since 2026-12-01 (not yet run): the tests of what no GPU has run yet go first, in a short pass of
+# their own (FIRST_K, log pytest_cuda_first.log; 71 tests); the forward's 128-row tiles have their own tests
 # (-k 128_row_tiles: 64 of them), sanitizer case (flash_attn_fwd_m128) and bench rows
 # ("pyllm fwd-m128"); the bench times bursts of calls (bench/common.py median_ms), so GPU rows are
 # no longer comparable with 2026-11-30's single calls.
@@ -59,9 +60,26 @@ if want test; then
   # per core (16 there), 8-14 workers oversubscribing the cores many times over while their threads
   # spin (the likely cause of the slow tail that kept both 2026-11-30 runs from finishing).
   threads=${OMP_NUM_THREADS:-$(( $(nproc) / workers > 0 ? $(nproc) / workers : 1 ))}  # this stage only
-  $PY -c "import pytest_timeout" 2>/dev/null && default_args+=" --timeout 120 --timeout-method thread --session-timeout $(( limit - 20 ))"
-  OMP_NUM_THREADS=$threads timeout "$limit" $PY -m pytest -m cuda -v -rfE --durations=30 -p no:cacheprovider ${PYTEST_ARGS-$default_args} > "$OUT/pytest_cuda.log" 2>&1
+  # per pass: the session's own limit, 20 s under the hard one
+  session_timeout() { $PY -c "import pytest_timeout" 2>/dev/null && echo "--timeout 120 --timeout-method thread --session-timeout $(( $1 - 20 ))"; }
+  # What no GPU has run yet goes first, in its own short session (its own log), so that a cut
+  # full run still answers for it; the full run then leaves it out. FIRST_K="" skips this pass.
+  first_k=${FIRST_K-128_row or rechecks_raw or int_length or eager_autograd or lora_run_from_a_run}
+  first_rc=0
+  if [ -n "$first_k" ]; then
+    start=$(date +%s)
+    OMP_NUM_THREADS=$threads timeout 120 $PY -m pytest -m cuda -k "$first_k" -v -rfE -p no:cacheprovider \
+      ${PYTEST_ARGS-$default_args $(session_timeout 120)} > "$OUT/pytest_cuda_first.log" 2>&1
+    first_rc=$?
+    grep -E "^(FAILED|ERROR)|node down|Timeout" "$OUT/pytest_cuda_first.log" | head -20
+    tail -2 "$OUT/pytest_cuda_first.log"
+    limit=$(( limit - ($(date +%s) - start) ))
+    first_k="not ($first_k)"
+  fi
+  OMP_NUM_THREADS=$threads timeout "$limit" $PY -m pytest -m cuda ${first_k:+-k "$first_k"} -v -rfE --durations=30 \
+    -p no:cacheprovider ${PYTEST_ARGS-$default_args $(session_timeout $limit)} > "$OUT/pytest_cuda.log" 2>&1
   pytest_rc=$?
+  [ $pytest_rc -eq 0 ] && pytest_rc=$first_rc
   grep -E "^(FAILED|ERROR)|node down|Timeout" "$OUT/pytest_cuda.log" | head -40
   tail -5 "$OUT/pytest_cuda.log"
 fi

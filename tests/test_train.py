@@ -296,3 +296,30 @@ def test_two_cpu_processes_match_one_and_resume_exactly(data_dir, chat_dir, tmp_
             near = 1e-2 if rtol > 1e-5 else 1e-4  # bf16: gradients to ~3 significant digits
             torch.testing.assert_close(a["optimizer"]["state"][i][key], state[key], rtol=1e-3, atol=near * scale)
             assert torch.equal(a["optimizer"]["state"][i][key], b["optimizer"]["state"][i][key])
+
+
+@pytest.mark.parametrize("device", [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_lora_run_from_a_run_learns_with_the_base_frozen(data_dir, tmp_path, device):
+    # LoRA in bf16 on each device (on the GPU: LoRALinear's bf16 frozen weights beside fp32 updates
+    # under autocast, into pyllm's kernels): the val loss falls from where the base run left it, only
+    # the updates have optimizer state, and the merged weights differ from the base's only in the
+    # blocks' linear layers, there by a matrix of rank <= 2.
+    from safetensors.torch import load_file
+
+    before = trainer.train(config(data_dir, tmp_path / "base", device=device, max_steps=3, eval_every=0,
+                                  precision="bf16"))
+    summary = trainer.train(config(data_dir, tmp_path / "lora", device=device, init_from_run=str(tmp_path / "base"),
+                                   lora_rank=2, max_steps=30, eval_every=0, precision="bf16"))
+    assert all(math.isfinite(x) for x in losses(tmp_path / "lora"))
+    assert summary["val_loss"] < before["val_loss"] - 0.2  # CPU: 3.09 -> 2.52
+    state = torch.load(tmp_path / "lora" / "checkpoint.pt", weights_only=True)
+    assert state["model"]["blocks.0.attn.qkv.weight"].dtype == torch.bfloat16
+    n_lora = sum(k.endswith((".lora_a", ".lora_b")) for k in state["model"])
+    assert n_lora == 8 and len(state["optimizer"]["state"]) == n_lora
+    base, tuned = load_file(str(tmp_path / "base" / "model.safetensors")), load_file(str(tmp_path / "lora" / "model.safetensors"))
+    for name, w in base.items():
+        if name.startswith("blocks.") and name.endswith(("qkv.weight", "proj.weight", "gate_up.weight", "down.weight")):
+            assert 0 < torch.linalg.matrix_rank((tuned[name].double() - w.double()), rtol=1e-2).item() <= 2, name
+        else:
+            assert torch.equal(tuned[name], w), name
+    assert summary["device"].startswith(device)

@@ -583,7 +583,7 @@ def export_adapter(run: Path, out: Path, dtype: str) -> int:
               str(out / "adapter_model.safetensors"))
     (out / "adapter_config.json").write_text(json.dumps({
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(source), "r": rank,
-        "lora_alpha": alpha, "lora_dropout": 0.0, "target_modules": targets, "bias": "none", "fan_in_fan_out": False,
+        "lora_alpha": alpha, "lora_dropout": train_config.get("lora_dropout", 0.0), "target_modules": targets, "bias": "none", "fan_in_fan_out": False,
         "use_rslora": False, "inference_mode": True}, indent=2))
     print(f"exported the LoRA adapter of {run} (rank {rank}, alpha {alpha:g}, over {source}) to {out}")
     return 0
@@ -661,6 +661,11 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init-from-run", metavar="DIR", help="start from the final weights of a folder `pyllm train` wrote (model.safetensors; its own model config) instead of a preset, with its tokenizer: continue pretraining on new --data, or fine-tune on {\"prompt\": ..., \"completion\": ...} lines (each ending in <|endoftext|>, as its documents did; a run fine-tuned from a Hugging Face model passes on that model's chat template, for {\"messages\"} lines). The optimizer starts afresh (--resume continues a run instead)")
     p.add_argument("--lora-rank", type=int, help="train LoRA (low-rank) updates of this rank on every block's linear layers instead of all the weights, which stay frozen (no gradients or optimizer state for them); the run's model.safetensors has the updates merged in (default 0: full fine-tuning)")
     p.add_argument("--lora-alpha", type=float, help="LoRA's alpha: the updates are scaled by alpha / rank (default 2 * rank)")
+    p.add_argument("--lora-targets", metavar="NAMES", help="LoRA on these projections only, each its own update as PEFT "
+                   "gives them: comma-separated q, k, v, o, gate, up, down (or PEFT's q_proj ...; all-linear for every "
+                   "one); default: every linear layer, the fused qkv and gate_up one update each")
+    p.add_argument("--lora-dropout", type=float, help="dropout on the LoRA updates' inputs while training (PEFT's "
+                   "lora_dropout; default 0)")
     p.add_argument("--model", dest="model_overrides", action="append", metavar="KEY=VALUE", help="override a ModelConfig field, e.g. --model n_layers=2 --model norm=layernorm (repeatable)")
     p.add_argument("--max-steps", type=int, help="optimizer steps in all (default 600)")
     p.add_argument("--ckpt-every", type=int, help="write the checkpoint every K steps (and at the end; default 200)")

@@ -383,23 +383,52 @@ class LLM(nn.Module):
         keys = sum(T if cfg.layer_window(i) < 0 else min(T, cfg.sliding_window) for i in range(cfg.n_layers))
         return self._weight_flops_per_token() + 12 * cfg.n_heads * cfg.head_dim * keys
 
-    def add_lora(self, rank: int, alpha: float, frozen_dtype: torch.dtype | None = None) -> None:
-        """Freezes every weight and gives each block's linear layers (attention's qkv and output,
-        the MLP's) a trainable rank-`rank` update scaled by alpha / rank (nn.LoRALinear): LoRA. The
-        fused qkv and gate_up projections take one update each (rank `rank` over the fused output,
-        where PEFT gives q, k and v one each). The model computes what it did until trained (up to
-        frozen_dtype's rounding: the blocks' frozen linear weights held in it, see LoRALinear)."""
+    def add_lora(self, rank: int, alpha: float, frozen_dtype: torch.dtype | None = None, targets=None,
+                 dropout: float = 0.0) -> None:
+        """Freezes every weight and gives each block's linear layers a trainable rank-`rank` update
+        scaled by alpha / rank (nn.LoRALinear): LoRA. The model computes what it did until trained (up
+        to frozen_dtype's rounding: the blocks' frozen linear weights held in it, see LoRALinear).
+
+        targets None: every linear layer of the blocks, the fused qkv and gate_up projections one
+        update each (rank `rank` over the fused output). targets, PEFT's way: the projections named
+        (lora_targets: q, k, v, o, gate, up, down, or PEFT's q_proj ... down_proj, or "all-linear"),
+        each its own update, also inside a fused layer. dropout: on each update's input (PEFT's
+        lora_dropout)."""
         from pyllm.nn import LoRALinear
 
         if not (isinstance(rank, int) and rank >= 1):
             raise ValueError(f"LoRA rank must be an int >= 1, got {rank!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
+        wanted = None if targets is None else set(lora_targets(targets))
         for p in self.parameters():
             p.requires_grad_(False)
         for block in self.blocks:
             for parent in list(block.modules()):
                 for name, child in list(parent.named_children()):
-                    if type(child) is nn.Linear:
-                        setattr(parent, name, LoRALinear(child, rank, alpha, frozen_dtype))
+                    if type(child) is not nn.Linear:
+                        continue
+                    parts = None
+                    if wanted is not None:
+                        names = self._projections(parent, name)
+                        adapted = [part in wanted for part, _ in names]
+                        if not any(adapted):
+                            continue
+                        parts = [(rows, a) for (_, rows), a in zip(names, adapted)] if len(names) > 1 else None
+                    setattr(parent, name, LoRALinear(child, rank, alpha, frozen_dtype, parts, dropout))
+
+    def _projections(self, parent: nn.Module, name: str) -> list[tuple[str, int]]:
+        """The projections (lora_targets' names) a block's linear layer computes, with their output
+        sizes, in order: [("q", H * D), ("k", H_kv * D), ("v", H_kv * D)] for attention's qkv."""
+        cfg, out = self.config, getattr(parent, name).out_features
+        if isinstance(parent, Attention):
+            return ([("q", cfg.n_heads * cfg.head_dim), ("k", cfg.n_kv_heads * cfg.head_dim),
+                     ("v", cfg.n_kv_heads * cfg.head_dim)] if name == "qkv" else [("o", out)])
+        if name == "gate_up":
+            return [("gate", out // 2), ("up", out // 2)]
+        if name in ("up", "down"):
+            return [(name, out)]
+        raise ValueError(f"add_lora: no projection name for the linear layer {type(parent).__name__}.{name}")
 
     def lora_scale(self) -> float | None:
         """alpha / rank of the LoRA layers (add_lora), None without them."""
@@ -581,16 +610,35 @@ def _longrope_switch(cfg: ModelConfig) -> float:
 
 def merge_lora_state(state_dict: dict, scale: float) -> dict:
     """A state dict with LoRA layers (LLM.add_lora) as the plain model's: each X.weight plus
-    scale * X.lora_b @ X.lora_a, the lora_* entries dropped."""
+    scale * X.lora_b @ X.lora_a (per part where X.lora_parts says so), the lora_* entries dropped."""
     from pyllm.nn import merge_lora
 
-    merged = {k: v for k, v in state_dict.items() if not k.endswith((".lora_a", ".lora_b"))}
+    merged = {k: v for k, v in state_dict.items() if not k.endswith((".lora_a", ".lora_b", ".lora_parts"))}
     for key in state_dict:
         if key.endswith(".lora_a"):
             prefix = key[:-len("lora_a")]
             merged[prefix + "weight"] = merge_lora(state_dict[prefix + "weight"], state_dict[key],
-                                                   state_dict[prefix + "lora_b"], scale)
+                                                   state_dict[prefix + "lora_b"], scale,
+                                                   state_dict.get(prefix + "lora_parts"))
     return merged
+
+
+# LoRA targets by projection (LLM.add_lora), and the names PEFT gives the same layers.
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def lora_targets(targets) -> list[str]:
+    """LLM.add_lora's targets as projection names: a list or a comma-separated string of q, k, v, o,
+    gate, up, down or PEFT's q_proj ... down_proj; "all-linear" (or "all") for all of them."""
+    names = [t.strip() for t in (targets.split(",") if isinstance(targets, str) else targets) if t.strip()]
+    if names in (["all-linear"], ["all"]):
+        return list(LORA_TARGETS)
+    out = [n.removesuffix("_proj") for n in names]
+    bad = [n for n, o in zip(names, out) if o not in LORA_TARGETS]
+    if bad or not out:
+        raise ValueError(f"LoRA targets must be among {', '.join(LORA_TARGETS)} (or PEFT's q_proj ... down_proj, "
+                         f"or all-linear), got {', '.join(bad) if bad else 'none'}")
+    return sorted(set(out), key=LORA_TARGETS.index)
 
 
 def save_weights(state_dict: dict, cfg: ModelConfig, path, lora_scale: float | None = None) -> None:
@@ -933,34 +981,47 @@ def lora_state_to_peft(state: dict, cfg: ModelConfig, kind: str) -> tuple[dict, 
     """The LoRA updates of a state dict (LLM.add_lora) as a PEFT adapter for the Hugging Face model
     of this kind: (adapter_model.safetensors' tensors, target_modules). Exact: a fused update
     (alpha / r) B A of [q; k; v] (or [gate; up]) is PEFT's q_proj, k_proj, v_proj updates with the same
-    A and B's row blocks (Phi-3 keeps its fused qkv_proj / gate_up_proj)."""
+    A and B's row blocks (Phi-3 keeps its fused qkv_proj / gate_up_proj); per-projection updates
+    (add_lora's targets) are PEFT's as they are (not for Phi-3's fused layers: refused)."""
     if kind not in PEFT_KINDS:
         raise ValueError(f"no PEFT adapter for model_type {kind!r} (adapters are written for {', '.join(PEFT_KINDS)})")
     H, H_kv, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     out, targets = {}, set()
 
-    def put(layer: str, module: str, a: torch.Tensor, b: torch.Tensor) -> None:
+    def put(layer: int, module: str, a: torch.Tensor, b: torch.Tensor) -> None:
         out[f"base_model.model.model.layers.{layer}.{module}.lora_A.weight"] = a.clone()  # one copy per module
         out[f"base_model.model.model.layers.{layer}.{module}.lora_B.weight"] = b.contiguous()
         targets.add(module.split(".")[-1])
 
     for i in range(cfg.n_layers):
-        def ab(name: str) -> tuple[torch.Tensor, torch.Tensor]:
-            if f"blocks.{i}.{name}.lora_a" not in state:
-                raise ValueError(f"the state dict has no LoRA update for blocks.{i}.{name}: train with --lora-rank")
-            return state[f"blocks.{i}.{name}.lora_a"], state[f"blocks.{i}.{name}.lora_b"]
-
-        (qkv_a, qkv_b), (gu_a, gu_b) = ab("attn.qkv"), ab("mlp.gate_up")
-        if kind == "phi3":
-            put(str(i), "self_attn.qkv_proj", qkv_a, qkv_b)
-            put(str(i), "mlp.gate_up_proj", gu_a, gu_b)
-        else:
-            for name, b in zip("qkv", qkv_b.split([H * D, H_kv * D, H_kv * D])):
-                put(str(i), f"self_attn.{name}_proj", qkv_a, b)
-            for name, b in zip(("gate", "up"), gu_b.chunk(2)):
-                put(str(i), f"mlp.{name}_proj", gu_a, b)
-        put(str(i), "self_attn.o_proj", *ab("attn.proj"))
-        put(str(i), "mlp.down_proj", *ab("mlp.down"))
+        for ours, fused, names in (("attn.qkv", "self_attn.qkv_proj", ("q", "k", "v")),
+                                   ("mlp.gate_up", "mlp.gate_up_proj", ("gate", "up")),
+                                   ("attn.proj", "self_attn.o_proj", ("o",)), ("mlp.down", "mlp.down_proj", ("down",))):
+            key = f"blocks.{i}.{ours}."
+            if key + "lora_a" not in state:
+                continue  # not a target
+            a, b, parts = state[key + "lora_a"], state[key + "lora_b"], state.get(key + "lora_parts")
+            module = lambda name: ("self_attn." if name in ("q", "k", "v", "o") else "mlp.") + f"{name}_proj"  # noqa: E731
+            if len(names) == 1:
+                put(i, module(names[0]), a, b)
+            elif parts is None and kind == "phi3":
+                put(i, fused, a, b)
+            elif parts is None:  # one update over the fused output: the same A for each projection
+                sizes = [H * D, H_kv * D, H_kv * D] if len(names) == 3 else [b.shape[0] // 2] * 2
+                for name, b_part in zip(names, b.split(sizes)):
+                    put(i, module(name), a, b_part)
+            elif kind == "phi3":
+                raise ValueError("Phi-3 fuses qkv_proj and gate_up_proj: PEFT gives each one update, and a "
+                                 "per-projection LoRA run (targets) has one per projection; train it without "
+                                 "--lora-targets to export an adapter")
+            else:
+                rank, row, k = b.shape[1], 0, 0
+                for name, (rows, adapted) in zip(names, parts.tolist()):
+                    if adapted:
+                        put(i, module(name), a[k * rank:(k + 1) * rank], b[row:row + rows])
+                        row, k = row + rows, k + 1
+    if not out:
+        raise ValueError("the state dict has no LoRA updates: train with --lora-rank")
     return out, sorted(targets)
 
 

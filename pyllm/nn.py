@@ -39,13 +39,22 @@ class SwiGLUMLP(nn.Module):
 
 class LoRALinear(nn.Module):
     """A frozen linear layer plus a trainable low-rank update (LoRA, Hu et al. 2021):
-    y = x W^T + b + (alpha / rank) * (x A^T) B^T, with A (rank, in) drawn as nn.Linear draws its
-    weights (as PEFT does) and B (out, rank) zeros, so the layer starts as its base did. weight and
-    bias keep nn.Linear's names (a state dict reads as the base's plus lora_a, lora_b; merge_lora
+    y = x W^T + b + (alpha / rank) * (dropout(x) A^T) B^T, with A (rank, in) drawn as nn.Linear draws
+    its weights (as PEFT does) and B (out, rank) zeros, so the layer starts as its base did. weight
+    and bias keep nn.Linear's names (a state dict reads as the base's plus lora_a, lora_b; merge_lora
     folds the update in). frozen_dtype: hold the frozen weight and bias in it (the compute dtype of
-    a bf16 / fp16 run: half the memory, no cast per forward); the updates keep the base's dtype."""
+    a bf16 / fp16 run: half the memory, no cast per forward); the updates keep the base's dtype.
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, frozen_dtype: torch.dtype | None = None):
+    parts: for a layer that fuses several projections (q, k, v; gate, up), their output sizes in
+    order, each with whether it is adapted: every adapted part gets an update of its own, as PEFT
+    gives each projection (A stacks their A_i, (parts * rank, in); B their B_i, (adapted rows,
+    rank); the update is B's blocks on the diagonal times A, 0 for the parts left out). The layout
+    is kept in a `lora_parts` buffer, so a state dict says how to merge it. None: one update over
+    the whole output (no buffer).
+    dropout: PEFT's lora_dropout, on the update's input only."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, frozen_dtype: torch.dtype | None = None,
+                 parts: list[tuple[int, bool]] | None = None, dropout: float = 0.0):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
         kw = dict(device=base.weight.device, dtype=base.weight.dtype)
@@ -58,10 +67,20 @@ class LoRALinear(nn.Module):
             self.weight = nn.Parameter(base.weight.detach().to(frozen_dtype), requires_grad=False)
             self.bias = None if base.bias is None else nn.Parameter(base.bias.detach().to(frozen_dtype),
                                                                     requires_grad=False)
-        self.rank, self.scale = rank, alpha / rank
-        self.lora_a = nn.Parameter(torch.empty(rank, self.in_features, **kw))
-        self.lora_b = nn.Parameter(torch.zeros(self.out_features, rank, **kw))
-        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+        if parts is not None and (sum(rows for rows, _ in parts) != self.out_features
+                                  or not any(adapted for _, adapted in parts)):
+            raise ValueError(f"LoRALinear: parts {parts} must split the {self.out_features} outputs and adapt one")
+        self.rank, self.scale, self.dropout = rank, alpha / rank, dropout
+        n_adapted = 1 if parts is None else sum(adapted for _, adapted in parts)
+        adapted_rows = self.out_features if parts is None else sum(rows for rows, adapted in parts if adapted)
+        self.lora_a = nn.Parameter(torch.empty(n_adapted * rank, self.in_features, **kw))
+        self.lora_b = nn.Parameter(torch.zeros(adapted_rows, rank, **kw))
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))  # fan_in = in: each A_i drawn as alone
+        # The layout as Python for the forward (reading the buffer there would sync with the GPU),
+        # and as a buffer in the state dict for merging from it.
+        self.parts = None if parts is None else tuple((int(rows), bool(adapted)) for rows, adapted in parts)
+        if parts is not None:
+            self.register_buffer("lora_parts", torch.tensor([[rows, int(adapted)] for rows, adapted in self.parts]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.weight, self.bias
@@ -69,15 +88,36 @@ class LoRALinear(nn.Module):
         # x to it; outside autocast (sampling, eval in fp32) the weights follow x.
         if weight.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
             weight, bias = weight.to(x.dtype), None if bias is None else bias.to(x.dtype)
-        return F.linear(x, weight, bias) + F.linear(F.linear(x, self.lora_a), self.lora_b) * self.scale
+        h = F.linear(F.dropout(x, self.dropout, self.training) if self.dropout else x, self.lora_a)
+        return F.linear(x, weight, bias) + F.linear(h, lora_b_full(self.lora_b, self.parts)) * self.scale
 
 
-def merge_lora(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
+def lora_b_full(lora_b: torch.Tensor, parts) -> torch.Tensor:
+    """B of a LoRALinear as one (out, parts * rank) matrix: its per-part blocks B_i on the diagonal,
+    zero rows for the parts left out; B itself for a single update (parts None). parts: LoRALinear's
+    layout, [(rows, adapted)], or its lora_parts buffer."""
+    if parts is None:
+        return lora_b
+    if isinstance(parts, torch.Tensor):
+        parts = parts.tolist()
+    rank, n = lora_b.shape[1], sum(1 for _, adapted in parts if adapted)
+    blocks, row, k = [], 0, 0
+    for rows, adapted in parts:
+        if adapted:
+            blocks.append(F.pad(lora_b[row:row + rows], (k * rank, (n - 1 - k) * rank)))
+            row, k = row + rows, k + 1
+        else:
+            blocks.append(lora_b.new_zeros(rows, n * rank))
+    return torch.cat(blocks)
+
+
+def merge_lora(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
+               parts: torch.Tensor | None = None) -> torch.Tensor:
     """W + scale * B A, summed in fp32 at least (a bf16 model's update can be below its weights' rounding
     step one element at a time, not in the product), in the wider of the weight's and the update's
-    dtypes (bf16-held weights with fp32 updates: fp32)."""
+    dtypes (bf16-held weights with fp32 updates: fp32). parts: LoRALinear's layout (lora_b_full)."""
     acc = torch.promote_types(weight.dtype, torch.float32)
-    merged = weight.to(acc) + (lora_b.to(acc) @ lora_a.to(acc)) * scale
+    merged = weight.to(acc) + (lora_b_full(lora_b.to(acc), parts) @ lora_a.to(acc)) * scale
     return merged.to(torch.promote_types(weight.dtype, lora_a.dtype))
 
 

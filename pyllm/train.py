@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from pyllm.data import PackedLoader, TokenLoader, has_documents, read_header
-from pyllm.model import LLM, ModelConfig, save_weights
+from pyllm.model import LLM, ModelConfig, lora_targets, save_weights
 from pyllm.ops import _util
 from pyllm.optim import AdamW, DynamicLossScaler, ZeroAdamW
 
@@ -35,6 +35,8 @@ class TrainConfig:
     init_adapter: str = ""  # with init_from_hf: a PEFT LoRA adapter folder merged into its weights first
     lora_rank: int = 0  # > 0: train LoRA updates of this rank on the blocks' linear layers, every weight frozen
     lora_alpha: float = 0.0  # LoRA's alpha (updates scaled by alpha / rank); 0: 2 * lora_rank
+    lora_targets: str = ""  # LoRA on these projections, each its own update (q,k,v,o,gate,up,down; all-linear); "": every linear layer, fused ones one update
+    lora_dropout: float = 0.0  # dropout on the LoRA updates' inputs (PEFT's lora_dropout)
     model: dict = field(default_factory=dict)  # ModelConfig overrides, e.g. {"n_layers": 2}
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
@@ -100,6 +102,12 @@ class TrainConfig:
             raise ValueError("TrainConfig.init_adapter goes with init_from_hf (the model the adapter was trained on)")
         if self.lora_rank < 0 or self.lora_alpha < 0:
             raise ValueError(f"TrainConfig.lora_rank and lora_alpha must be >= 0, got {self.lora_rank} and {self.lora_alpha}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"TrainConfig.lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if (self.lora_targets or self.lora_dropout) and not self.lora_rank:
+            raise ValueError("TrainConfig.lora_targets and lora_dropout go with lora_rank (a LoRA run)")
+        if self.lora_targets:
+            lora_targets(self.lora_targets)  # names checked before any work
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -505,7 +513,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
         # per forward). Not under FSDP2, which all-gathers a block's parameters in one dtype.
         fsdp = info.world_size > 1 and cfg.dist_mode == "fsdp"
         frozen_dtype = None if fsdp else {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-        model.add_lora(cfg.lora_rank, cfg.lora_alpha or 2.0 * cfg.lora_rank, frozen_dtype)
+        model.add_lora(cfg.lora_rank, cfg.lora_alpha or 2.0 * cfg.lora_rank, frozen_dtype,
+                       cfg.lora_targets or None, cfg.lora_dropout)
     if data_vocab > mcfg.vocab_size:
         raise ValueError(f"the token files hold ids up to {data_vocab - 1}, but the model has {mcfg.vocab_size} "
                          "embeddings: tokenize with the model's own tokenizer")

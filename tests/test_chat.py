@@ -451,6 +451,42 @@ def test_lora_run_exports_a_peft_adapter(chat_run_inputs, tmp_path):
         torch.testing.assert_close(theirs(idx).logits, full(idx).logits, rtol=1e-5, atol=1e-5)
 
 
+def test_lora_targets_run_exports_per_projection_adapters(chat_run_inputs, tmp_path):
+    # --lora-targets q,v,down (each its own update, as PEFT trains them) and --lora-dropout: the
+    # adapter holds exactly those modules, its config the run's dropout, and PeftModel computes what
+    # the merged export does.
+    from safetensors.torch import load_file
+
+    folder, chats = chat_run_inputs
+    run = tmp_path / "r"
+    assert cli.main(train_args(folder, chats, run, "--max-steps", "2", "--batch-size", "4", "--lora-rank", "4",
+                               "--lr", "3e-2", "--lora-targets", "q_proj,v,down", "--lora-dropout", "0.1")) == 0
+    assert cli.main(["export", "--run", str(run), "--out", str(tmp_path / "adapter"), "--adapter", "--dtype", "fp32"]) == 0
+    assert cli.main(["export", "--run", str(run), "--out", str(tmp_path / "merged"), "--dtype", "fp32"]) == 0
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["down_proj", "q_proj", "v_proj"] and config["lora_dropout"] == 0.1
+    adapter = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    base, merged = load_file(str(folder / "model.safetensors")), load_file(str(tmp_path / "merged" / "model.safetensors"))
+    updated = 0
+    for name, w in base.items():
+        key = "base_model.model." + name.removesuffix(".weight")
+        if key + ".lora_A.weight" in adapter:
+            a, b = adapter[key + ".lora_A.weight"].double(), adapter[key + ".lora_B.weight"].double()
+            assert a.shape[0] == b.shape[1] == 4 and b.abs().max() > 0, name
+            torch.testing.assert_close(merged[name].double(), w.double() + 2.0 * b @ a, rtol=1e-6, atol=1e-7)
+            updated += 1
+        else:
+            assert torch.equal(merged[name], w), name
+    assert updated == 3 * 2 and len(adapter) == 2 * updated
+    peft = pytest.importorskip("peft")
+    theirs = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(folder),
+                                            tmp_path / "adapter").eval()
+    full = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    idx = torch.randint(0, full.config.vocab_size, (2, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(idx).logits, full(idx).logits, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("rslora", [False, True])
 def test_peft_adapter_merges_into_from_hf(chat_run_inputs, tmp_path, capsys, rslora):
     # A LoRA adapter PEFT trained (here: drawn) on a Hugging Face model, merged into pyllm's copy of

@@ -481,12 +481,95 @@ def test_lora(name, tmp_path):
         assert torch.linalg.matrix_rank(delta).item() <= 4 if delta.dim() == 2 and delta.any() else not delta.any()
 
 
+@pytest.mark.parametrize("name,targets", [("gqa-untied", "q,v,down"), ("gemma-style", "all-linear"),
+                                          ("gpt2", ["up_proj", "o_proj", "k"])])
+def test_lora_targets_give_each_projection_its_own_update(name, targets):
+    # PEFT's way (add_lora's targets): each named projection its own rank-r update, also inside the
+    # fused qkv / gate_up layers (B's blocks on the diagonal); the others' rows and layers untouched.
+    from pyllm.model import lora_targets, merge_lora_state
+    from pyllm.nn import LoRALinear
+
+    torch.manual_seed(0)
+    cfg, r = ModelConfig(**CONFIGS[name]), 3
+    model = LLM(cfg).double()
+    idx = torch.randint(0, cfg.vocab_size, (2, 12))
+    before = model(idx)[0]
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.add_lora(r, 6.0, targets=targets)
+    assert torch.equal(model(idx)[0], before)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_b.normal_()
+    trained = model(idx)[0]
+    merged_state = merge_lora_state(model.state_dict(), model.lora_scale())
+    assert merged_state.keys() == base_state.keys()
+
+    wanted = set(lora_targets(targets))
+    H, H_kv, D, hidden = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.mlp_hidden
+    layers = {"attn.qkv": [("q", H * D), ("k", H_kv * D), ("v", H_kv * D)], "attn.proj": [("o", cfg.dim)],
+              "mlp.down": [("down", cfg.dim)]}
+    layers.update({"mlp.up": [("up", hidden)]} if cfg.mlp == "gelu" else {"mlp.gate_up": [("gate", hidden), ("up", hidden)]})
+    n_trainable = 0
+    for i in range(cfg.n_layers):
+        for layer, parts in layers.items():
+            name = f"blocks.{i}.{layer}"
+            module = model.get_submodule(name)
+            delta = merged_state[name + ".weight"] - base_state[name + ".weight"]
+            adapted = [part in wanted for part, _ in parts]
+            assert isinstance(module, LoRALinear) == any(adapted), name
+            row, b_row, k = 0, 0, 0
+            for (part, rows), on in zip(parts, adapted):
+                if on:  # exactly (alpha / r) B_k A_k
+                    a_k, b_k = module.lora_a[k * r:(k + 1) * r], module.lora_b[b_row:b_row + rows]
+                    assert rel_err(delta[row:row + rows], 2.0 * b_k @ a_k) < 1e-12, (name, part)
+                    n_trainable += a_k.numel() + b_k.numel()
+                    b_row, k = b_row + rows, k + 1
+                else:
+                    assert not delta[row:row + rows].any(), (name, part)
+                row += rows
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == n_trainable > 0
+    for key in base_state:  # nothing else moved
+        if not key.endswith(".weight") or key.rsplit(".", 2)[-2] not in ("qkv", "proj", "down", "up", "gate_up"):
+            assert torch.equal(merged_state[key], base_state[key]), key
+    merged = LLM(cfg).double()
+    merged.load_state_dict(merged_state)
+    assert rel_err(merged(idx)[0], trained) < 1e-12
+
+
+def test_lora_dropout_acts_in_training_only():
+    from pyllm.nn import LoRALinear
+
+    torch.manual_seed(0)
+    model = LLM(ModelConfig(**CONFIGS["llama"])).double()
+    model.add_lora(2, 4.0, dropout=0.5)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_b.normal_()
+    idx = torch.randint(0, model.config.vocab_size, (2, 12))
+    model.eval()
+    calm = model(idx)[0]
+    assert torch.equal(model(idx)[0], calm)
+    model.train()
+    noisy = model(idx)[0]
+    assert not torch.allclose(noisy, calm)
+    for m in model.modules():  # dropout off: the eval output
+        if isinstance(m, LoRALinear):
+            m.dropout = 0.0
+    assert torch.equal(model(idx)[0], calm)
+    with pytest.raises(ValueError, match="dropout"):
+        LLM(ModelConfig(**CONFIGS["llama"])).add_lora(2, 4.0, dropout=1.0)
+    with pytest.raises(ValueError, match="q, k, v, o, gate, up, down"):
+        LLM(ModelConfig(**CONFIGS["llama"])).add_lora(2, 4.0, targets="q,attn")
+
+
 def test_lora_under_compile_and_bf16_autocast():
     # torch.compile(fullgraph=True) traces LoRALinear with its weights held in bf16 (frozen_dtype), as a
-    # bf16 LoRA run trains: the same loss as eager to float rounding, the updates' gradients there.
+    # bf16 LoRA run trains, and per-projection updates inside the fused layers: the same loss as eager to float rounding, the updates' gradients there.
     torch.manual_seed(0)
     model = LLM(ModelConfig(vocab_size=128, n_layers=2, n_heads=2, dim=64, block_size=32))
-    model.add_lora(2, 4.0, torch.bfloat16)
+    model.add_lora(2, 4.0, torch.bfloat16, targets="q,v,gate,down")  # per-projection: the fused layers' block B
     x = torch.randint(0, 128, (2, 16))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         eager = model(x, x)[1]

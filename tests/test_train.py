@@ -83,7 +83,8 @@ def test_loss_falls_on_the_gpu(data_dir, tmp_path):
     assert records[19]["val_loss"] > records[39]["val_loss"] == summary["val_loss"]
 
 
-@pytest.mark.parametrize("extra", [dict(), dict(grad_accum=2, schedule="wsd", precision="bf16"), dict(doc_mask=True)])
+@pytest.mark.parametrize("extra", [dict(), dict(grad_accum=2, schedule="wsd", precision="bf16"), dict(doc_mask=True),
+                                   dict(lora_rank=2, lora_targets="q,v,down", lora_dropout=0.2)])
 def test_exact_resume(data_dir, tmp_path, extra):
     trainer.train(config(data_dir, tmp_path / "whole", **extra))
     trainer.train(config(data_dir, tmp_path / "cut", **extra), stop_at=6)  # killed after step 5, ckpt at 4
@@ -268,10 +269,12 @@ def test_two_cpu_processes_match_one_and_resume_exactly(data_dir, chat_dir, tmp_
     run stopped at step 6 and resumed from its step-4 checkpoint = the uninterrupted one, bitwise;
     a 1-process checkpoint resumes on 2 processes in this mode. Conversations (PackedLoader): the
     loss is over all of a step's trained tokens, which the ranks' rows hold in unequal numbers.
-    LoRA: frozen weights, rank-2 updates trained (no gradients, no optimizer state for the rest)."""
+    LoRA: frozen weights, rank-2 updates trained (no gradients, no optimizer state for the rest);
+    under fsdp per projection (lora_targets: the fused layers' block-diagonal B, the layout buffer)."""
     common = dict(data_dir=str(chat_dir if kind == "conversations" else data_dir), model=dict(TINY), device="cpu",
                   max_steps=8, warmup_steps=1, grad_accum=2, eval_every=4, eval_batches=2, ckpt_every=4,
-                  progress=False, lr=1e-2, **({"lora_rank": 2, "precision": "bf16"} if kind == "lora" else {}))
+                  progress=False, lr=1e-2, **({"lora_rank": 2, "precision": "bf16"} if kind == "lora" else {}),
+                  **({"lora_targets": "q,v,gate,down"} if kind == "lora" and mode == "fsdp" else {}))
     trainer.train(TrainConfig(**common, out_dir=str(tmp_path / "one"), batch_size=4))
     trainer.train(TrainConfig(**common, out_dir=str(tmp_path / "two/cross"), batch_size=4), stop_at=6)
     # ddp and fsdp recompute their blocks in the backward (activation checkpointing): same losses
@@ -323,3 +326,11 @@ def test_lora_run_from_a_run_learns_with_the_base_frozen(data_dir, tmp_path, dev
         else:
             assert torch.equal(tuned[name], w), name
     assert summary["device"].startswith(device)
+
+
+def test_lora_options_are_checked(tmp_path):
+    for options, message in ((dict(lora_dropout=0.1), "go with lora_rank"),
+                             (dict(lora_rank=2, lora_dropout=1.5), "lora_dropout must be in"),
+                             (dict(lora_rank=2, lora_targets="q,mlp"), "LoRA targets must be among")):
+        with pytest.raises(ValueError, match=message):
+            TrainConfig(out_dir=str(tmp_path), **options).validate()

@@ -6,7 +6,9 @@ by pyllm.model.LLM.from_hf, so both sides hold the same numbers. Each generates 
 same prompt, batch 1, with its own KV cache (transformers' generate, end-of-sequence off); rows give
 tokens/s (prompt processing included, as a user waits for it), one process, the two interleaved,
 median of repeats, in fp32 and bf16. "same tokens" says whether the greedy continuations agree
-(bf16 rounding can make them part after a near-tie; fp32 should agree).
+(bf16 rounding can make them part after a near-tie; fp32 should agree). On a GPU a third row,
+"pyllm cuda-graph", replays each one-token step as a captured CUDA graph (generate(cuda_graph=True)),
+its tokens checked against pyllm's eager steps.
 Needs transformers; prints why and exits 0 without it.
 """
 from __future__ import annotations
@@ -52,6 +54,9 @@ def main() -> int:
             "transformers": lambda: models["transformers"].generate(
                 x, attention_mask=torch.ones_like(x), max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0),
         }
+        if args.device.startswith("cuda"):  # each token one graph replay (unverified until a GPU run)
+            runs["pyllm cuda-graph"] = lambda: models["pyllm"].generate(x, args.new_tokens, temperature=0,
+                                                                        cuda_graph=True)
         outputs = {name: run() for name, run in runs.items()}  # warm-up, and the tokens compared
         seconds = {name: [] for name in runs}
         for _ in range(args.repeat):
@@ -63,6 +68,8 @@ def main() -> int:
                 common.sync(args.device)
                 seconds[name].append(time.perf_counter() - t0)
         same = torch.equal(outputs["pyllm"], outputs["transformers"])
+        if "pyllm cuda-graph" in outputs:  # the graph must give the eager steps' tokens
+            same = f"{same}, graph {torch.equal(outputs['pyllm cuda-graph'], outputs['pyllm'])}"
         peer = statistics.median(seconds["transformers"])
         for name in runs:
             s = statistics.median(seconds[name])

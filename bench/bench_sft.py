@@ -11,9 +11,10 @@ SmolLM2-135M's shape, 30 layers (--layers; --quick: 4), read by pyllm.model.LLM.
   labels -100 on padding and prompts).
 - transformers sorted: its best case for padding: batches of conversations of about equal length
   (the whole set sorted by length, as its Trainer's group_by_length does within mega-batches).
---lora R: LoRA fine-tuning instead, rank R, alpha 2R, on both sides: pyllm's LLM.add_lora (4 updates
-per block: fused qkv, output, fused gate-up, down) vs PEFT's get_peft_model on "all-linear" (7: q, k,
-v, o, gate, up, down); needs peft.
+--lora R: LoRA fine-tuning instead, rank R, alpha 2R, on both sides: the same 7 updates per block (q, k,
+v, o, gate, up, down): pyllm's LLM.add_lora(targets="all-linear") (per projection inside its fused qkv
+and gate-up layers) vs PEFT's get_peft_model on "all-linear"; needs peft. (Until 2026-12-01 pyllm's
+side took its default, 4 updates per block: fused qkv, output, fused gate-up, down.)
 The padded batches hold as many conversations as a packed batch holds on average, so each way sees
 about the same real tokens per step ("vs transformers" compares real tokens/s). Conversation lengths are drawn from a log-normal around
 --mean-tokens (SFT sets are long-tailed: most replies short, some long), cut to [16, --seq-len]; the
@@ -103,7 +104,7 @@ def main() -> int:
         if peft is None:
             return 0
         peft_version = peft.__version__
-        ours.add_lora(args.lora, 2.0 * args.lora)
+        ours.add_lora(args.lora, 2.0 * args.lora, targets="all-linear")
         theirs = peft.get_peft_model(theirs, peft.LoraConfig(r=args.lora, lora_alpha=2 * args.lora, lora_dropout=0.0,
                                                              target_modules="all-linear"))
     ours, theirs = ours.to(args.device, dtype).train(), theirs.to(args.device, dtype).train()

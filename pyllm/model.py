@@ -297,11 +297,15 @@ class LLM(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def _embed(self, idx, start: int = 0, positions=None):
+    def _embed(self, idx, start: int | torch.Tensor = 0, positions=None):
         """Token (+ learned position) embeddings and RoPE's (cos, sin) for positions start.. of each
-        row, or for positions (B, T) (packed documents, each starting at 0)."""
+        row, or for positions (B, T) (packed documents, each starting at 0). start may be an int
+        tensor (B,) of each row's first position, read on its device only (decode_step)."""
         T = idx.shape[1]
-        if T + start > self.config.block_size:
+        on_device = isinstance(start, torch.Tensor)
+        if on_device:  # (B, T) positions; their bounds are the caller's (no host read)
+            positions, start = start.long()[:, None] + torch.arange(T, device=idx.device), 0
+        elif T + start > self.config.block_size:
             raise ValueError(f"sequence of {T + start} tokens is longer than block_size {self.config.block_size}")
         cfg = self.config
         x = self.tok_emb(idx)  # (B, T, C)
@@ -312,10 +316,11 @@ class LLM(nn.Module):
             x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device) if positions is None else positions)
         else:  # (cos, sin) of the layers without a window, and of those with one when they have their own theta
             dims, dtype = cfg.rotary_dim or cfg.head_dim, torch.promote_types(self.tok_emb.weight.dtype, torch.float32)
-            rope = (rope_cos_sin(T, dims, cfg.rope_theta, start, idx.device, dtype, cfg.rope_scaling),
+            at = positions if on_device else None  # (B, T, R/2) computed at each position
+            rope = (rope_cos_sin(T, dims, cfg.rope_theta, start, idx.device, dtype, cfg.rope_scaling, at),
                     None if cfg.local_rope_theta is None else rope_cos_sin(T, dims, cfg.local_rope_theta, start,
-                                                                            idx.device, dtype))
-            if positions is not None:  # (T, R/2) tables -> (B, T, R/2), each token at its own position
+                                                                            idx.device, dtype, positions=at))
+            if positions is not None and not on_device:  # (T, R/2) tables -> (B, T, R/2), each token at its own position
                 rope = tuple(None if cs is None else (cs[0][positions], cs[1][positions]) for cs in rope)
         return self.dropout(x), rope
 
@@ -547,15 +552,31 @@ class LLM(nn.Module):
             x = block(x, rope, layer_cache, start)
         return self.lm_head(self.norm_f(x[:, -1]))
 
+    def decode_step(self, token: torch.Tensor, cache, lengths: torch.Tensor) -> torch.Tensor:
+        """forward_cached for one new token per row at positions held on the device: token (B, 1),
+        lengths int32 (B,) (each row's tokens already in the cache, where the new one goes; < the
+        cache's capacity, not checked: that would read them on the host). Logits (B, V). With no
+        host read and no shape that changes from token to token, a CUDA graph can hold it
+        (generate_stream's cuda_graph)."""
+        x, rope = self._embed(token, lengths)
+        for block, layer_cache in zip(self.blocks, cache):
+            x = block(x, rope, layer_cache, lengths)
+        return self.lm_head(self.norm_f(x[:, -1]))
+
     @torch.no_grad()
     def generate_stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                         top_k: int | None = None, top_p: float | None = None, use_cache: bool = True,
                         generator: torch.Generator | None = None,
-                        stop_tokens: Iterable[int] = ()) -> Iterator[torch.Tensor]:
+                        stop_tokens: Iterable[int] = (), cuda_graph: bool = False) -> Iterator[torch.Tensor]:
         """Yields up to max_new_tokens next tokens (B,) one at a time. temperature 0 is greedy. Past
         block_size the cached path re-reads the last block_size/2 tokens into a fresh cache. Stops
         after the step at which every row has sampled one of stop_tokens (e.g. end-of-sequence ids;
-        rows that stopped earlier keep sampling until then)."""
+        rows that stopped earlier keep sampling until then).
+
+        cuda_graph (CUDA, use_cache): each one-token step replays a CUDA graph of decode_step
+        (captured once per call, before the prompt fills the cache) instead of launching its kernels
+        from Python one by one: generation of small models is bound by those launches. The same
+        tokens as without it (the same kernels). Not with LongRoPE. UNVERIFIED: not yet run on a GPU."""
         stop = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=idx.device)
         done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
         block = self.config.block_size
@@ -565,6 +586,13 @@ class LLM(nn.Module):
         cache, cache_len = (self.new_kv_cache(idx.shape[0], capacity) if use_cache else None), 0
         pending = idx[:, -block:]  # tokens not yet in the cache
         switch = _longrope_switch(self.config)  # LongRoPE: past this length every position is re-rotated
+        graph = None
+        if cuda_graph:
+            if not (use_cache and idx.is_cuda):
+                raise ValueError("generate: cuda_graph needs use_cache and the model on a CUDA device")
+            if switch != math.inf:
+                raise NotImplementedError("generate: cuda_graph does not take LongRoPE (its factors change with the position)")
+            graph = _DecodeGraph(self, cache, idx.shape[0])  # captured before the prompt fills the cache
         for _ in range(max_new_tokens):
             if not use_cache:
                 logits = self(idx[:, -block:])[0][:, -1]
@@ -573,7 +601,10 @@ class LLM(nn.Module):
                     pending, cache_len = idx[:, -(block // 2):], 0
                 elif cache_len and cache_len <= switch < cache_len + pending.shape[1]:
                     pending, cache_len = idx[:, -block:], 0  # as transformers' Phi-3: the cache starts over
-                logits = self.forward_cached(pending, cache, cache_len)
+                if graph is not None and pending.shape[1] == 1:
+                    logits = graph(pending, cache_len)
+                else:
+                    logits = self.forward_cached(pending, cache, cache_len)
                 cache_len += pending.shape[1]
             next_token = sample(logits, temperature, top_k, top_p, generator)  # (B,)
             idx = torch.cat([idx, next_token[:, None]], dim=1)
@@ -587,14 +618,15 @@ class LLM(nn.Module):
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, use_cache: bool = True,
                  callback: Callable[[torch.Tensor], None] | None = None,
-                 generator: torch.Generator | None = None, stop_tokens: Iterable[int] = ()) -> torch.Tensor:
+                 generator: torch.Generator | None = None, stop_tokens: Iterable[int] = (),
+                 cuda_graph: bool = False) -> torch.Tensor:
         """idx (B, T) followed by up to max_new_tokens sampled tokens, (B, T + n); callback gets each
-        new (B,) token as it comes (for streaming); stop_tokens: see generate_stream."""
+        new (B,) token as it comes (for streaming); stop_tokens, cuda_graph: see generate_stream."""
         was_training = self.training
         self.eval()
         out = [idx]
         for token in self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator,
-                                          stop_tokens):
+                                          stop_tokens, cuda_graph):
             out.append(token[:, None])
             if callback is not None:
                 callback(token)
@@ -606,6 +638,35 @@ def _longrope_switch(cfg: ModelConfig) -> float:
     """The length past which LongRoPE's long factors rotate every position (inf without LongRoPE)."""
     scaling = cfg.rope_scaling or {}
     return scaling["original_max_position_embeddings"] if scaling.get("rope_type") == "longrope" else math.inf
+
+
+class _DecodeGraph:
+    """LLM.decode_step for a batch of B rows captured as one CUDA graph over a KV cache whose tensors
+    stay put (generate_stream's cuda_graph): a call copies the new tokens and their position into
+    the graph's inputs and replays it. Built while the cache is still empty: the warm-up steps that
+    capturing needs write position 0, which the prompt overwrites. UNVERIFIED: not yet run on a GPU."""
+
+    def __init__(self, model: "LLM", cache, batch: int):
+        device = model.lm_head.weight.device
+        self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.lengths = torch.zeros(batch, dtype=torch.int32, device=device)
+        # Warm-up off the default stream, as torch.cuda.graph wants: first calls set kernels' shared-
+        # memory attributes and the allocator's blocks, which a capture must not do.
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                model.decode_step(self.token, cache, self.lengths)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = model.decode_step(self.token, cache, self.lengths)  # (B, V), the graph's own memory
+
+    def __call__(self, token: torch.Tensor, length: int) -> torch.Tensor:
+        self.token.copy_(token)
+        self.lengths.fill_(length)
+        self.graph.replay()
+        return self.logits
 
 
 def merge_lora_state(state_dict: dict, scale: float) -> dict:

@@ -152,12 +152,16 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(seq_len: int, head_dim: int, theta: float = 10000.0, start: int = 0, device=None,
-                 dtype=torch.float32, scaling: dict | None = None):
+                 dtype=torch.float32, scaling: dict | None = None, positions: torch.Tensor | None = None):
     """cos, sin of the rotary angles (Su et al. 2021, eq. 34) for positions start..start+seq_len-1,
     each (seq_len, head_dim // 2), in fp32 (or fp64) whatever the model dtype: angles up to 1e4 rad
-    need it. scaling: Llama 3.1's long-context rule (see llama3_scaled)."""
+    need it. scaling: Llama 3.1's long-context rule (see llama3_scaled). positions: an int tensor of
+    positions instead (read on its device, never on the host: a CUDA graph's decode step), giving
+    (*positions.shape, head_dim // 2); not with LongRoPE, whose factors depend on the position."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=dtype) / head_dim)
     scale = 1.0
+    if positions is not None and scaling is not None and scaling["rope_type"] == "longrope":
+        raise NotImplementedError("rope_cos_sin: LongRoPE picks its factors by position on the host; give start")
     if scaling is not None and scaling["rope_type"] == "longrope":
         # LongRoPE (Ding et al. 2024), as Phi-3.5 / Phi-4-mini and transformers apply it: one factor per
         # frequency, the long ones once this call's last position is past the original context (so a
@@ -170,8 +174,10 @@ def rope_cos_sin(seq_len: int, head_dim: int, theta: float = 10000.0, start: int
         inv_freq = inv_freq / scaling["factor"]
     elif scaling is not None:
         inv_freq = llama3_scaled(inv_freq, **{k: v for k, v in scaling.items() if k != "rope_type"})
-    pos = torch.arange(start, start + seq_len, device=device, dtype=dtype)
-    angles = torch.outer(pos, inv_freq)  # (T, D/2)
+    if positions is not None:  # the same products as the outer product below
+        angles = positions.to(dtype)[..., None] * inv_freq  # (..., D/2)
+    else:
+        angles = torch.outer(torch.arange(start, start + seq_len, device=device, dtype=dtype), inv_freq)  # (T, D/2)
     return angles.cos() * scale, angles.sin() * scale
 
 
@@ -215,6 +221,25 @@ def _window_mask(T: int, S: int, left: int, device) -> torch.Tensor:
     keys = torch.arange(S, device=device)[None, :]  # (1, S)
     seen = keys <= pos
     return seen & (keys >= pos - left) if left >= 0 else seen
+
+
+def _kvcache_sdpa_at(q, k_cache, v_cache, k, v, cache_seqlens, window_left, scale):
+    """attention_with_kvcache through SDPA for per-row lengths held in a tensor: scattered writes and
+    a (B, T, S_max) mask over the whole cache, no host read of the lengths."""
+    B, T = q.shape[:2]
+    rows = torch.arange(B, device=q.device)[:, None]  # (B, 1)
+    pos = cache_seqlens.long()[:, None] + torch.arange(T, device=q.device)  # (B, T): the new tokens' positions
+    k_cache[rows, pos] = k.to(k_cache.dtype)
+    v_cache[rows, pos] = v.to(v_cache.dtype)
+    keys = torch.arange(k_cache.shape[1], device=q.device)  # (S_max,)
+    seen = keys <= pos[:, :, None]  # (B, T, S_max)
+    if window_left >= 0:
+        seen &= keys >= pos[:, :, None] - window_left
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k_cache.transpose(1, 2).to(q.dtype), v_cache.transpose(1, 2).to(q.dtype),
+        attn_mask=seen[:, None], enable_gqa=q.shape[2] != k_cache.shape[2], scale=scale,
+    )
+    return out.transpose(1, 2)  # (B, T, H, D)
 
 
 def document_ids(cu_seqlens: torch.Tensor, B: int, T: int) -> torch.Tensor:
@@ -265,14 +290,17 @@ def _document_attention(q, k, v, cu_seqlens, window_left, scale):
 
 
 def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           k: torch.Tensor, v: torch.Tensor, cache_seqlen: int, window_left: int = -1,
+                           k: torch.Tensor, v: torch.Tensor, cache_seqlen: int | torch.Tensor, window_left: int = -1,
                            scale: float | None = None) -> torch.Tensor:
     """Decode-time attention, flash_attn_with_kvcache's contract: writes the new k, v (B, T, H_kv, D)
     into k_cache, v_cache (B, S_max, H_kv, D) at positions cache_seqlen..cache_seqlen+T-1, then
     attends q (B, T, H, D) causally over the cache's first cache_seqlen+T positions (the new queries
     sit at the end, so query i sees keys up to cache_seqlen+i, and none more than window_left before
-    it when window_left >= 0). pyllm.flash_attn_with_kvcache where it has a kernel (split-KV on the
-    GPU), else the same through SDPA."""
+    it when window_left >= 0). cache_seqlen: an int, or an int32 (B,) tensor of each row's length,
+    read on its device only (the lengths' bounds are the caller's to keep). pyllm.flash_attn_with_kvcache
+    where it has a kernel (split-KV on the GPU), else the same through SDPA."""
+    if isinstance(cache_seqlen, torch.Tensor) and not _flash_attn_takes(q, k_cache, v_cache):
+        return _kvcache_sdpa_at(q, k_cache, v_cache, k, v, cache_seqlen, window_left, scale)
     if _flash_attn_takes(q, k_cache, v_cache) and k.dtype == k_cache.dtype:
         if window_left < 0:  # the default window: the eager CPU shortcut skips checking it
             return flash_attn_ops.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlen, k, v, causal=True,

@@ -155,6 +155,61 @@ def test_cached_forward_matches_full(name):
         assert rel_err(g, w) < 1e-12
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("name", ["llama", "gpt2", "palm-mqa", "window", "gemma-style", "olmo-style"])
+def test_decode_step_at_device_positions_matches_forward_cached(name, dtype):
+    # decode_step (positions in an int32 tensor, never read on the host: what a CUDA graph replays)
+    # computes forward_cached's logits bitwise, on pyllm's kernels (fp32, bf16) and on SDPA (fp64),
+    # also with rows at different lengths (each row as if alone).
+    torch.manual_seed(0)
+    cfg = ModelConfig(**CONFIGS[name])
+    model = randomized(cfg).to(dtype).eval()
+    idx = torch.randint(0, cfg.vocab_size, (2, 12))
+    with torch.no_grad():
+        caches = [model.new_kv_cache(2, 16) for _ in range(2)]
+        for cache in caches:
+            model.forward_cached(idx[:, :9], cache, 0)
+        want = model.forward_cached(idx[:, 9:10], caches[0], 9)
+        got = model.decode_step(idx[:, 9:10], caches[1], torch.full((2,), 9, dtype=torch.int32))
+        assert torch.equal(got, want)
+        for layer_a, layer_b in zip(*caches):  # (k, v) per layer: the same token written
+            for a, b in zip(layer_a, layer_b):
+                assert torch.equal(a[:, :10], b[:, :10])
+        # ragged: row 0 holds 5 tokens, row 1 holds 9; each row's logits as its own forward_cached's
+        ragged = model.new_kv_cache(2, 16)
+        model.forward_cached(idx[:, :9], ragged, 0)
+        got = model.decode_step(idx[:, 9:10], ragged, torch.tensor([5, 9], dtype=torch.int32))
+        for row, n in enumerate((5, 9)):
+            alone = model.new_kv_cache(1, 16)
+            model.forward_cached(idx[row:row + 1, :n], alone, 0)
+            assert rel_err(got[row], model.forward_cached(idx[row:row + 1, 9:10], alone, n)[0]) < (
+                1e-12 if dtype == torch.float64 else 1e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["llama", "gpt2", "window"])
+def test_generate_with_a_cuda_graph_gives_the_same_tokens(name):
+    # cuda_graph replays decode_step captured once: the same greedy tokens as the eager steps, also
+    # past block_size (the restart from the recent half runs eagerly, then the graph goes on), and
+    # the same sampled ones from one generator seed.
+    torch.manual_seed(0)
+    cfg = ModelConfig(**CONFIGS[name])
+    model = LLM(cfg).to("cuda", torch.bfloat16).eval()
+    prompt = torch.randint(0, cfg.vocab_size, (3, 5), device="cuda")
+    for n in (20, cfg.block_size + 10):
+        eager = model.generate(prompt, n, temperature=0)
+        assert torch.equal(model.generate(prompt, n, temperature=0, cuda_graph=True), eager)
+    sampled = [model.generate(prompt, 20, temperature=1.0, top_k=10, cuda_graph=graph,
+                              generator=torch.Generator("cuda").manual_seed(3)) for graph in (False, True)]
+    assert torch.equal(*sampled)
+
+
+def test_cuda_graph_generation_needs_cuda():
+    model = LLM(ModelConfig(**CONFIGS["llama"]))
+    with pytest.raises(ValueError, match="cuda_graph"):
+        model.generate(torch.zeros(1, 3, dtype=torch.long), 2, cuda_graph=True)
+
+
 @pytest.mark.parametrize("name", ["llama", "gpt2", "palm-mqa", "window"])
 def test_generate_with_cache_equals_without(name):
     cfg = ModelConfig(**CONFIGS[name])

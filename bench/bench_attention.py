@@ -47,8 +47,13 @@ SIMT_BWD = "pyllm simt-bwd"
 # The forward with 128-query tiles (2 m-tiles per warp, D = 64 / 128), not yet measured: until a
 # GPU run picks one, both forwards are timed side by side.
 FWD_M128 = "pyllm fwd-m128"
+# The same for the backward's dq kernel (fwd+bwd rows only), and both together.
+DQ_M128 = "pyllm dq-m128"
+BOTH_M128 = "pyllm fwd+dq-m128"
 # The environment each variant of ours runs under, set around its timing only.
-VARIANT_ENV = {SIMT_BWD: {"PYLLM_ATTN_BWD": "simt"}, FWD_M128: {"PYLLM_ATTN_FWD_BLOCK_M": "128"}}
+VARIANT_ENV = {SIMT_BWD: {"PYLLM_ATTN_BWD": "simt"}, FWD_M128: {"PYLLM_ATTN_FWD_BLOCK_M": "128"},
+               DQ_M128: {"PYLLM_ATTN_BWD_DQ_BLOCK_M": "128"},
+               BOTH_M128: {"PYLLM_ATTN_FWD_BLOCK_M": "128", "PYLLM_ATTN_BWD_DQ_BLOCK_M": "128"}}
 
 
 @contextlib.contextmanager
@@ -69,7 +74,8 @@ def impls_for(device: str) -> dict:
     from torch.nn.attention import SDPBackend
 
     if device == "cuda":
-        return {"pyllm": ours, FWD_M128: ours, SIMT_BWD: ours, "sdpa flash": sdpa(SDPBackend.FLASH_ATTENTION),
+        return {"pyllm": ours, FWD_M128: ours, DQ_M128: ours, BOTH_M128: ours, SIMT_BWD: ours,
+                "sdpa flash": sdpa(SDPBackend.FLASH_ATTENTION),
                 "sdpa cudnn": sdpa(SDPBackend.CUDNN_ATTENTION)}
     return {"pyllm": ours, "sdpa": sdpa(SDPBackend.FLASH_ATTENTION)}
 
@@ -234,6 +240,8 @@ def main() -> int:
             base = None
             for name, fn in impls.items():
                 if name == SIMT_BWD and (mode == "fwd" or t > 4096):
+                    continue
+                if name in (DQ_M128, BOTH_M128) and mode == "fwd":  # the forward is fwd-m128's row
                     continue
                 if mode == "fwd":
                     def step():

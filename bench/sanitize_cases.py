@@ -193,7 +193,8 @@ def flash_attn_shapes_cases():
 
 
 def flash_attn_fwd_m128_cases():
-    # The forward's 128-row tiles (PYLLM_ATTN_FWD_BLOCK_M=128, D = 64 / 128): two query blocks, the
+    # The forward's and the dq kernel's 128-row tiles (PYLLM_ATTN_FWD_BLOCK_M=128 /
+    # PYLLM_ATTN_BWD_DQ_BLOCK_M=128, D = 64 / 128): two query blocks, the
     # second partial, causal Tq < Tk with a window, GQA, varlen with an empty sequence. The same
     # bits as the 64-row forward: each row takes the same steps, plus key blocks its tile's other
     # rows need, fully masked for it (o * 1 + 0).
@@ -211,7 +212,17 @@ def flash_attn_fwd_m128_cases():
                              pyllm.flash_attn(q[0], q[0], q[0], causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu)))
             for a, b in zip(*runs):
                 assert torch.equal(a, b), "flash_attn 128-row forward differs from the 64-row one"
-    os.environ.pop("PYLLM_ATTN_FWD_BLOCK_M")
+            os.environ.pop("PYLLM_ATTN_FWD_BLOCK_M")
+            # the dq kernel's 128-row tiles (PYLLM_ATTN_BWD_DQ_BLOCK_M): causal without a window,
+            # so the same dq bits as the 64-row tiles
+            dqs = []
+            for block_m in ("64", "128"):
+                os.environ["PYLLM_ATTN_BWD_DQ_BLOCK_M"] = block_m
+                leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+                pyllm.flash_attn(*leaves, causal=True).backward(torch.ones_like(q))
+                dqs.append(leaves[0].grad)
+            assert torch.equal(*dqs), "flash_attn 128-row dq differs from the 64-row one"
+    os.environ.pop("PYLLM_ATTN_BWD_DQ_BLOCK_M")
 
 
 def flash_attn_bad_seqlens_cases():

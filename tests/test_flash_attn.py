@@ -395,7 +395,7 @@ def test_cuda_misaligned_views_are_copied_not_rejected(monkeypatch, algo):
         assert torch.equal(a, b)
 
 
-# --- the CUDA forward's 128-row tiles (PYLLM_ATTN_FWD_BLOCK_M=128, D = 64 / 128; default 64) ------
+# --- 128-row tiles of the CUDA forward and dq kernel (PYLLM_ATTN_FWD_BLOCK_M / _BWD_DQ_BLOCK_M=128) -----
 
 # Several 128-row query blocks with partial last ones, Tq < Tk and Tq > Tk (queries that see no
 # key), GQA and MQA, both head dims the 128-row tiles are built for; D = 32 checks that the setting
@@ -437,10 +437,32 @@ def test_cuda_forward_128_row_tiles_match_reference(monkeypatch, dtype, shape, c
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("causal,window", [(False, (-1, -1)), (True, (-1, -1)), (False, (5, 3)), (True, (20, -1))],
+                         ids=str)
+@pytest.mark.parametrize("shape", FWD_SHAPES, ids=str)
+def test_cuda_backward_dq_128_row_tiles_match_reference(monkeypatch, dtype, shape, causal, window):
+    # The dq kernel's 128-row tiles (PYLLM_ATTN_BWD_DQ_BLOCK_M=128): gradients within twice torch's
+    # error; without a left window the same dq bits as the 64-row tiles (see BwdQTile).
+    b, tq, tk, h, hk, d = shape
+    q, k, v = rand((b, tq, h, d), dtype, "cuda"), rand((b, tk, hk, d), dtype, "cuda"), rand((b, tk, hk, d), dtype, "cuda")
+    dout = rand((b, tq, h, d), dtype, "cuda")
+    run = lambda q, k, v: pyllm.flash_attn(q, k, v, causal=causal, window=window)  # noqa: E731
+    monkeypatch.setenv("PYLLM_ATTN_BWD_DQ_BLOCK_M", "128")
+    check_against_reference(q, k, v, dout, run, lambda q, k, v: attention(q, k, v, causal, window)[0])
+    if window[0] < 0:
+        dq_128 = grads_of(run, (q, k, v), dout)[1][0]
+        monkeypatch.setenv("PYLLM_ATTN_BWD_DQ_BLOCK_M", "64")
+        assert torch.equal(dq_128, grads_of(run, (q, k, v), dout)[1][0])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("tiles", ["fwd", "dq"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("causal", [False, True])
-def test_cuda_forward_128_row_tiles_varlen_and_gradients(monkeypatch, dtype, d, causal):
-    monkeypatch.setenv("PYLLM_ATTN_FWD_BLOCK_M", "128")
+def test_cuda_forward_128_row_tiles_varlen_and_gradients(monkeypatch, tiles, dtype, d, causal):
+    env = {"fwd": "PYLLM_ATTN_FWD_BLOCK_M", "dq": "PYLLM_ATTN_BWD_DQ_BLOCK_M"}[tiles]
+    monkeypatch.setenv(env, "128")
     lens_q, lens_k = [0, 1, 130, 5, 0, 260, 3, 1], [0, 1, 70, 9, 4, 260, 0, 200]  # empty, length-1, Tq != Tk
     cu_q, cu_k = cu(lens_q, "cuda"), cu(lens_k, "cuda")
     q = rand((sum(lens_q), 4, d), dtype, "cuda")
@@ -448,9 +470,10 @@ def test_cuda_forward_128_row_tiles_varlen_and_gradients(monkeypatch, dtype, d, 
     run = lambda q, k, v: pyllm.flash_attn(q, k, v, causal=causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)  # noqa: E731
     check_against_reference(q, k, v, rand(q.shape, dtype, "cuda"), run,
                             lambda q, k, v: attention_varlen(q, k, v, cu_q.cpu(), cu_k.cpu(), causal=causal)[0])
-    out_128 = run(q, k, v)
-    monkeypatch.setenv("PYLLM_ATTN_FWD_BLOCK_M", "64")
-    assert torch.equal(out_128, run(q, k, v))  # the same bits, as above
+    if tiles == "fwd":
+        out_128 = run(q, k, v)
+        monkeypatch.setenv(env, "64")
+        assert torch.equal(out_128, run(q, k, v))  # the same bits, as above
 
 
 def test_emulated_tensor_core_kernels_match_reference():
@@ -465,11 +488,14 @@ def test_emulated_tensor_core_kernels_match_reference():
     spec.loader.exec_module(em)
     case = em.CASES[2]  # Tq != Tk, a window, GQA, two query blocks
     assert max(em.run_fwd(**case)[:2]) < 1e-9 and max(em.run_bwd(**case)) < 1e-9
-    for case in (em.M128_CASES[1], em.M128_CASES[4]):  # D = 128 with a window; varlen
+    varlen = next(case for case in em.M128_CASES if "varlen" in case)
+    for case in (em.M128_CASES[1], varlen):  # D = 128 with a window; varlen
         out_err, lse_err, out, lse = em.run_fwd(**case, m_tiles=2)
         assert max(out_err, lse_err) < 1e-9
         out_64, lse_64 = em.run_fwd(**case)[2:]
         assert np.array_equal(out, out_64) and np.array_equal(lse, lse_64)
+    errs, dq = em.run_bwd(**varlen, dq_m_tiles=2, return_dq=True)  # the dq kernel's
+    assert max(errs) < 1e-9 and np.array_equal(dq, em.run_bwd(**varlen, return_dq=True)[1])
 
 
 def test_bwd_algo_choice_is_checked(monkeypatch):

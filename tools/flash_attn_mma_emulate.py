@@ -2,7 +2,7 @@
 
 A line-by-line numpy transliteration of csrc/cuda/flash_attn_fwd.cu (flash_attn_fwd_kernel, 64- and
 128-row tiles) and
-csrc/cuda/flash_attn_bwd_mma.cu (the dk_dv and dq kernels): shared-memory tiles with the same
+csrc/cuda/flash_attn_bwd_mma.cu (the dk_dv and dq kernels, dq with 64- and 128-row tiles): shared-memory tiles with the same
 swizzle, ldmatrix(.trans) and mma.m16n8k16 emulated per lane from the PTX ISA fragment layouts,
 in float64, one warp at a time. Each run compares with a float64 autograd reference (expect
 ~1e-15), asserts that every output element is written exactly once, and that every ldmatrix
@@ -230,12 +230,12 @@ def dk_dv_cta(p, D, b, hk, bx):
                     p.dv[(0 if p.cu_q is not None else b), tok, hk, col:col + 2] = dv[warp][dt][lane, 2 * rr:2 * rr + 2]
 
 
-def dq_tile(D):
-    return 64, (64 if D <= 64 else 32 if D <= 128 else 16)
+def dq_tile(D, MT=1):
+    return 64 * MT, (64 if D <= 64 else 32 if D <= 128 else 16) // MT
 
 
-def dq_cta(p, D, b, h, bx):
-    BM, BN = dq_tile(D)
+def dq_cta(p, D, b, h, bx, MT=1):
+    BM, BN = dq_tile(D, MT)
     NT, DT = BN // 8, D // 8
     q_start, k_start, len_q, len_k = seq_info(p, b)
     i0 = bx * BM
@@ -250,7 +250,7 @@ def dq_cta(p, D, b, h, bx):
     load_tile(sQ, BM, D, p.q[(0 if p.cu_q is not None else b), q_start + i0:, h], mq)
     load_tile(sdO, BM, D, p.do[(0 if p.cu_q is not None else b), q_start + i0:, h], mq)
     lo = q_start if p.cu_q is not None else 0
-    dq = [np.zeros((DT, 32, 4)) for _ in range(4)]
+    dq = [[np.zeros((DT, 32, 4)) for _ in range(MT)] for _ in range(4)]  # [warp][m-tile]
     for nb in range(n_blocks):
         j0 = k_lo + nb * BN
         valid = min(BN, len_k - j0)
@@ -260,53 +260,59 @@ def dq_cta(p, D, b, h, bx):
         load_tile(cV, BN, D, p.v[(0 if p.cu_q is not None else b), k_start + j0:, hk], valid)
         need_mask = not (klo_last <= j0 and j0 + BN <= khi_first)
         for warp in range(4):
-            row_lo, row_hi = np.zeros((2, 32), int), np.zeros((2, 32), int)
-            lse2, drow = np.full((2, 32), INF), np.zeros((2, 32))
-            for rr in range(2):
-                for lane in range(32):
-                    i = i0 + warp * 16 + G[lane] + rr * 8
-                    if i < len_q:
-                        row_lo[rr, lane] = key_lo(p, i, len_q, len_k)
-                        row_hi[rr, lane] = key_hi(p, i, len_q, len_k)
-                        lse2[rr, lane] = p.lse[(0 if p.cu_q is not None else b), h, lo + i] * math.log2(math.e)
-                        drow[rr, lane] = p.delta[(0 if p.cu_q is not None else b), h, lo + i]
-            sacc, dpacc = np.zeros((NT, 32, 4)), np.zeros((NT, 32, 4))
+            warp_row = warp * 16 * MT
+            row_lo, row_hi = np.zeros((MT, 2, 32), int), np.zeros((MT, 2, 32), int)
+            lse2, drow = np.full((MT, 2, 32), INF), np.zeros((MT, 2, 32))
+            for mt in range(MT):
+                for rr in range(2):
+                    for lane in range(32):
+                        i = i0 + warp_row + mt * 16 + G[lane] + rr * 8
+                        if i < len_q:
+                            row_lo[mt, rr, lane] = key_lo(p, i, len_q, len_k)
+                            row_hi[mt, rr, lane] = key_hi(p, i, len_q, len_k)
+                            lse2[mt, rr, lane] = p.lse[(0 if p.cu_q is not None else b), h, lo + i] * math.log2(math.e)
+                            drow[mt, rr, lane] = p.delta[(0 if p.cu_q is not None else b), h, lo + i]
+            sacc, dpacc = np.zeros((MT, NT, 32, 4)), np.zeros((MT, NT, 32, 4))
             for kk in range(D // 16):
-                aq = ldmatrix(sQ, addr_m(D, warp * 16, kk * 16))
-                ado = ldmatrix(sdO, addr_m(D, warp * 16, kk * 16))
+                aq = [ldmatrix(sQ, addr_m(D, warp_row + mt * 16, kk * 16)) for mt in range(MT)]
+                ado = [ldmatrix(sdO, addr_m(D, warp_row + mt * 16, kk * 16)) for mt in range(MT)]
                 for nt in range(0, NT, 2):
                     bk = ldmatrix(cK, addr_n(D, nt * 8, kk * 16))
                     bv = ldmatrix(cV, addr_n(D, nt * 8, kk * 16))
-                    mma(sacc[nt], aq, bk[0:2])
-                    mma(sacc[nt + 1], aq, bk[2:4])
-                    mma(dpacc[nt], ado, bv[0:2])
-                    mma(dpacc[nt + 1], ado, bv[2:4])
-            for nt in range(NT):
-                for e in range(4):
-                    with np.errstate(invalid="ignore"):
-                        pr = np.exp2(sacc[nt][:, e] * p.scale_log2 - lse2[e // 2])
-                        ds = pr * (dpacc[nt][:, e] - drow[e // 2])
-                    if need_mask:
-                        j = j0 + nt * 8 + 2 * T + (e & 1)
-                        ds = np.where((j < row_lo[e // 2]) | (j >= row_hi[e // 2]), 0.0, ds)
-                    dpacc[nt][:, e] = ds
+                    for mt in range(MT):
+                        mma(sacc[mt][nt], aq[mt], bk[0:2])
+                        mma(sacc[mt][nt + 1], aq[mt], bk[2:4])
+                        mma(dpacc[mt][nt], ado[mt], bv[0:2])
+                        mma(dpacc[mt][nt + 1], ado[mt], bv[2:4])
+            for mt in range(MT):
+                for nt in range(NT):
+                    for e in range(4):
+                        with np.errstate(invalid="ignore"):
+                            pr = np.exp2(sacc[mt][nt][:, e] * p.scale_log2 - lse2[mt, e // 2])
+                            ds = pr * (dpacc[mt][nt][:, e] - drow[mt, e // 2])
+                        if need_mask:
+                            j = j0 + nt * 8 + 2 * T + (e & 1)
+                            ds = np.where((j < row_lo[mt, e // 2]) | (j >= row_hi[mt, e // 2]), 0.0, ds)
+                        dpacc[mt][nt][:, e] = ds
             for kk in range(BN // 16):
-                a = acc_to_a(dpacc[2 * kk], dpacc[2 * kk + 1])
+                a = [acc_to_a(dpacc[mt][2 * kk], dpacc[mt][2 * kk + 1]) for mt in range(MT)]
                 for dt in range(0, DT, 2):
                     bb = ldmatrix(cK, addr_m(D, kk * 16, dt * 8), trans=True)
-                    mma(dq[warp][dt], a, bb[0:2])
-                    mma(dq[warp][dt + 1], a, bb[2:4])
+                    for mt in range(MT):
+                        mma(dq[warp][mt][dt], a[mt], bb[0:2])
+                        mma(dq[warp][mt][dt + 1], a[mt], bb[2:4])
     for warp in range(4):
-        for rr in range(2):
-            for lane in range(32):
-                row = warp * 16 + G[lane] + rr * 8
-                if row >= mq:
-                    continue
-                for dt in range(DT):
-                    col = dt * 8 + 2 * T[lane]
-                    tok = q_start + i0 + row
-                    assert getattr(p, 'dq_written', False) or np.all(np.isnan(p.dq[(0 if p.cu_q is not None else b), tok, h, col:col + 2]))
-                    p.dq[(0 if p.cu_q is not None else b), tok, h, col:col + 2] = dq[warp][dt][lane, 2 * rr:2 * rr + 2] * p.scale
+        for mt in range(MT):
+            for rr in range(2):
+                for lane in range(32):
+                    row = warp * 16 * MT + mt * 16 + G[lane] + rr * 8
+                    if row >= mq:
+                        continue
+                    for dt in range(DT):
+                        col = dt * 8 + 2 * T[lane]
+                        tok = q_start + i0 + row
+                        assert getattr(p, 'dq_written', False) or np.all(np.isnan(p.dq[(0 if p.cu_q is not None else b), tok, h, col:col + 2]))
+                        p.dq[(0 if p.cu_q is not None else b), tok, h, col:col + 2] = dq[warp][mt][dt][lane, 2 * rr:2 * rr + 2] * p.scale
 
 
 def reference(q, k, v, do, causal, window, scale):
@@ -334,7 +340,8 @@ def reference(q, k, v, do, causal, window, scale):
     return lse.detach().numpy(), out.detach().numpy(), q.grad.numpy(), k.grad.numpy(), v.grad.numpy()
 
 
-def run_bwd(b, tq, tk, h, hk, d, causal, window, varlen=None, seed=0, garbage_cu=None):
+def run_bwd(b, tq, tk, h, hk, d, causal, window, varlen=None, seed=0, garbage_cu=None, dq_m_tiles=1,
+            return_dq=False):
     rng = np.random.default_rng(seed)
     p = P()
     p.H, p.HK = h, hk
@@ -362,14 +369,14 @@ def run_bwd(b, tq, tk, h, hk, d, causal, window, varlen=None, seed=0, garbage_cu
     p.q, p.k, p.v, p.do, p.lse, p.delta = q, k, v, do, lse, delta
     p.dq, p.dk, p.dv = np.full(q.shape, np.nan), np.full(k.shape, np.nan), np.full(v.shape, np.nan)
     BN = kv_tile(d)[1]
-    BMq = dq_tile(d)[0]
+    BMq = dq_tile(d, dq_m_tiles)[0]
     for bb in range(nb):
         for hh in range(hk):
             for bx in range((p.lk + BN - 1) // BN):
                 dk_dv_cta(p, d, bb, hh, bx)
         for hh in range(h):
             for bx in range((p.lq + BMq - 1) // BMq):
-                dq_cta(p, d, bb, hh, bx)
+                dq_cta(p, d, bb, hh, bx, dq_m_tiles)
     if garbage_cu is not None:  # contents not checked: only in-bounds accesses matter (numpy raises)
         p.cu_q = p.cu_k = garbage_cu
         p.dq, p.dk, p.dv = np.full(q.shape, np.nan), np.full(k.shape, np.nan), np.full(v.shape, np.nan)
@@ -380,7 +387,7 @@ def run_bwd(b, tq, tk, h, hk, d, causal, window, varlen=None, seed=0, garbage_cu
                     dk_dv_cta(p, d, bb, hh, bx)
             for hh in range(h):
                 for bx in range((p.lq + BMq - 1) // BMq):
-                    dq_cta(p, d, bb, hh, bx)
+                    dq_cta(p, d, bb, hh, bx, dq_m_tiles)
         return [0.0, 0.0, 0.0]
     errs = []
     for name, ours, ref in (("dq", p.dq, rdq), ("dk", p.dk, rdk), ("dv", p.dv, rdv)):
@@ -388,7 +395,7 @@ def run_bwd(b, tq, tk, h, hk, d, causal, window, varlen=None, seed=0, garbage_cu
         err = np.abs(ours - ref).max() / max(np.abs(ref).max(), np.abs(rdv).max(), 1e-30)
         errs.append(err)
         assert err < 1e-9, f"{name}: rel err {err}"
-    return errs
+    return (errs, p.dq) if return_dq else errs
 
 
 
@@ -541,14 +548,19 @@ CASES = [
     dict(b=1, tq=0, tk=0, h=2, hk=1, d=96, causal=False, window=(4, 9), varlen=([1, 40, 0], [66, 40, 3])),
 ]
 
-# The forward's 128-row tiles (MT = 2, D = 64 / 128 only): two or more 128-row query blocks with a
-# partial last one, Tq != Tk both ways, windows, GQA / MQA, varlen with empty and length-1 sequences.
-# Besides the reference, the output must equal the 64-row tiles' exactly (same steps per row).
+# The forward's and the dq kernel's 128-row tiles (MT = 2, D = 64 / 128 only): two or more 128-row
+# query blocks with a partial last one, Tq != Tk both ways, windows, GQA / MQA, varlen with empty and
+# length-1 sequences. Besides the reference, the forward's output must equal the 64-row tiles'
+# exactly (the same steps per row: its key blocks sit at multiples of the block size); the dq
+# kernel's too where no left window moves a tile's first key (its key blocks start there, so the
+# 16-key groups its mmas sum can differ, a rounding-level change).
 M128_CASES = [
     dict(b=1, tq=300, tk=300, h=2, hk=1, d=64, causal=True, window=(-1, -1)),
     dict(b=2, tq=129, tk=257, h=2, hk=2, d=128, causal=False, window=(5, 3)),
     dict(b=1, tq=257, tk=129, h=4, hk=1, d=64, causal=True, window=(100, -1)),
     dict(b=1, tq=200, tk=200, h=2, hk=1, d=128, causal=False, window=(-1, -1)),
+    # a window whose start is clamped at key 0 for some rows of a 128-row tile, not for others
+    dict(b=1, tq=200, tk=200, h=1, hk=1, d=64, causal=True, window=(20, -1)),
     dict(b=1, tq=0, tk=0, h=2, hk=1, d=64, causal=True, window=(-1, -1),
          varlen=([0, 1, 130, 5, 0, 260, 3], [0, 1, 70, 9, 4, 260, 0])),
 ]
@@ -575,3 +587,10 @@ if __name__ == "__main__":
             print(f"128-row tiles {case}: fwd out {out_err:.1e} lse {lse_err:.1e}, "
                   f"{'the same bits as' if same else 'DIFFERENT from'} the 64-row tiles", flush=True)
             assert max(out_err, lse_err) < 1e-9 and same
+            # the dq kernel's 128-row tiles (half the keys per step): 1e-15 from the reference, and
+            # without a left window (every row's keys from 0) the same bits as its 64-row ones
+            errs, dq = run_bwd(**case, dq_m_tiles=2, return_dq=True)
+            same = np.array_equal(dq, run_bwd(**case, return_dq=True)[1])
+            print(f"  dq 128-row tiles: dq {errs[0]:.1e}, {'the same bits as' if same else 'not the bits of'} "
+                  "the 64-row tiles", flush=True)
+            assert same or case["window"][0] >= 0

@@ -1,6 +1,7 @@
 // FlashAttention-2 backward on tensor cores (sm80 mma.sync m16n8k16; runs unchanged on sm90).
 // Partly verified: ran on an H200 (2026-11-30): compute-sanitizer clean, its small cases right; the CUDA test suite not yet run through (see README).
 // Speed there: fwd+bwd 0.30-0.50x torch SDPA's flash backend (bf16, D = 64 / 128): not tuned yet.
+// The dq kernel's 128-row tiles (MT = 2, PYLLM_ATTN_BWD_DQ_BLOCK_M=128) are unverified: never run on a GPU.
 //
 // Called by flash_attn_bwd_cuda (flash_attn_bwd.cu) after its delta kernel has written
 // delta_i = dO_i . O_i - dlse_i; P is recomputed from the forward's LSE, nothing T x T is stored.
@@ -73,6 +74,8 @@
 // shared memory stays under the 99 KB a CTA may opt into on sm86 / sm89 (the smallest sm80+
 // limit), see the static_asserts.
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 
 #include "cuda/flash_attn_common.cuh"
 
@@ -96,10 +99,20 @@ struct BwdKVTile {
   static_assert((kSliceD / 8) % 2 == 0 && (kBlockM / 8) % 2 == 0, "tiles pair up for ldmatrix.x4");
 };
 
-template <int D>
+// MT: 16-row m-tiles per warp, as in the forward (flash_attn_fwd.cu's FwdTile): MT = 2 (128 query
+// rows per CTA) makes each K / V fragment feed two m-tiles, 2.4 mmas per ldmatrix.x4 instead of 1.7
+// at D = 64 (per key block and warp: MT = 1, BN = 64: 56 loads, 96 mmas; MT = 2, BN = 32: 40 loads,
+// 96 mmas), with keys per step halved so that the S and dP accumulators stay as many (dQ's double:
+// ptxas, see flash_attn_bwd_dq_mma_kernel). Built for D = 64 / 128 on sm_90 only, chosen by
+// PYLLM_ATTN_BWD_DQ_BLOCK_M=128 until a GPU run measures it: UNVERIFIED (never run on a GPU). Without
+// a left window every row's dQ takes the same mmas in the same key order as with MT = 1 (16 keys per
+// k-step from key 0 either way; key blocks only other rows need add dS = 0), so the bits must match;
+// with one, the 16-key groups start at the tile's first key, which the taller tile can move: a
+// rounding-level difference. tools/flash_attn_mma_emulate.py checks both (its M128_CASES).
+template <int D, int MT = 1>
 struct BwdQTile {
-  static constexpr int kBlockM = 16 * (kBwdMmaThreads / 32);          // 64 queries, 16 per warp
-  static constexpr int kBlockN = D <= 64 ? 64 : (D <= 128 ? 32 : 16);  // keys per step
+  static constexpr int kBlockM = 16 * (kBwdMmaThreads / 32) * MT;        // 64 queries per m-tile row of warps
+  static constexpr int kBlockN = (D <= 64 ? 64 : (D <= 128 ? 32 : 16)) / MT;  // keys per step
   // Q, dO (one stage) + K, V (two stages).
   static constexpr int kSmemBytes = (2 * kBlockM * D + 4 * kBlockN * D) * 2;
   static_assert(kSmemBytes <= kMaxSmemBytes, "dq tile over 99 KB of shared memory");
@@ -314,13 +327,19 @@ __global__ void __launch_bounds__(kBwdMmaThreads)
 #endif
 }
 
-template <typename T, int D>
+template <typename T, int D, int MT>
 __global__ void __launch_bounds__(kBwdMmaThreads)
     flash_attn_bwd_dq_mma_kernel(const AttnParams p, const float* __restrict__ delta, float scale_log2) {
 #ifdef PYLLM_ATTN_UNSUPPORTED_ARCH
   __trap();
 #else
-  using Tile = BwdQTile<D>;
+#if __CUDA_ARCH__ < 900
+  if constexpr (MT > 1) {  // Hopper only while it is an experiment (see BwdQTile)
+    __trap();
+    return;
+  }
+#endif
+  using Tile = BwdQTile<D, MT>;
   constexpr int BM = Tile::kBlockM, BN = Tile::kBlockN, NT = BN / 8, DT = D / 8;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);
@@ -335,23 +354,27 @@ __global__ void __launch_bounds__(kBwdMmaThreads)
   const int mq = int(min(int64_t(BM), s.len_q - i0));
   const int hk = h / int(p.n_heads / p.n_kv_heads);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int warp_row = warp * 16 * MT;  // this warp's first row in the tile; m-tile mt starts 16 * mt below
 
   // Keys any of the block's queries see (both bounds monotone in the query), BN at a time.
   const int64_t k_lo = key_lo(p, i0, s.len_q, s.len_k), k_hi = key_hi(p, i0 + mq - 1, s.len_q, s.len_k);
   const int n_blocks = k_hi > k_lo ? int((k_hi - k_lo + BN - 1) / BN) : 0;
   const int64_t klo_last = key_lo(p, i0 + mq - 1, s.len_q, s.len_k), khi_first = key_hi(p, i0, s.len_q, s.len_k);
-  // Per lane, rows g and g + 8 of the warp's 16: key bounds, lse (log2 units) and delta.
-  int row_lo[2], row_hi[2];
-  float lse2[2], delta_row[2];
+  // Per lane, rows g and g + 8 of each of the warp's m-tiles: key bounds, lse (log2 units), delta.
+  int row_lo[MT][2], row_hi[MT][2];
+  float lse2[MT][2], delta_row[MT][2];
 #pragma unroll
-  for (int rr = 0; rr < 2; ++rr) {
-    const int64_t i = i0 + warp * 16 + g + rr * 8;
-    const bool in = i < s.len_q;
-    row_lo[rr] = in ? int(key_lo(p, i, s.len_q, s.len_k)) : 0;
-    row_hi[rr] = in ? int(key_hi(p, i, s.len_q, s.len_k)) : 0;
-    const int64_t idx = in ? lse_index(p, b, h, s, i) : 0;
-    lse2[rr] = in ? static_cast<const float*>(p.lse)[idx] * kLog2e : INFINITY;
-    delta_row[rr] = in ? delta[idx] : 0.f;
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      const int64_t i = i0 + warp_row + mt * 16 + g + rr * 8;
+      const bool in = i < s.len_q;
+      row_lo[mt][rr] = in ? int(key_lo(p, i, s.len_q, s.len_k)) : 0;
+      row_hi[mt][rr] = in ? int(key_hi(p, i, s.len_q, s.len_k)) : 0;
+      const int64_t idx = in ? lse_index(p, b, h, s, i) : 0;
+      lse2[mt][rr] = in ? static_cast<const float*>(p.lse)[idx] * kLog2e : INFINITY;
+      delta_row[mt][rr] = in ? delta[idx] : 0.f;
+    }
   }
 
   const T* q_src = static_cast<const T*>(p.q) + b * p.q_strides[0] + (s.q_start + i0) * p.q_strides[1] +
@@ -372,9 +395,11 @@ __global__ void __launch_bounds__(kBwdMmaThreads)
   if (n_blocks > 0) load_kv(0, 0);
   cp_async_commit();
 
-  float dq[DT][4];
+  float dq[MT][DT][4];
 #pragma unroll
-  for (int dt = 0; dt < DT; ++dt) dq[dt][0] = dq[dt][1] = dq[dt][2] = dq[dt][3] = 0.f;
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt) dq[mt][dt][0] = dq[mt][dt][1] = dq[mt][dt][2] = dq[mt][dt][3] = 0.f;
 
   for (int nb = 0; nb < n_blocks; ++nb) {
     const int stage = nb & 1;
@@ -390,17 +415,23 @@ __global__ void __launch_bounds__(kBwdMmaThreads)
     const T* cV = sV + stage * BN * D;
     const int64_t j0 = k_lo + int64_t(nb) * BN;
 
-    // S = Q K^T and dP = dO V^T for this warp's 16 rows x BN keys.
-    float sacc[NT][4], dpacc[NT][4];
+    // S = Q K^T and dP = dO V^T for this warp's 16 * MT rows x BN keys: each K / V fragment feeds
+    // MT m-tiles.
+    float sacc[MT][NT][4], dpacc[MT][NT][4];
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) sacc[nt][e] = dpacc[nt][e] = 0.f;
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) sacc[mt][nt][e] = dpacc[mt][nt][e] = 0.f;
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
-      uint32_t aq[4], ado[4];
-      ldmatrix_x4(aq, frag_addr_rows_m<D>(sQ, warp * 16, kk * 16, lane));
-      ldmatrix_x4(ado, frag_addr_rows_m<D>(sdO, warp * 16, kk * 16, lane));
+      uint32_t aq[MT][4], ado[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        ldmatrix_x4(aq[mt], frag_addr_rows_m<D>(sQ, warp_row + mt * 16, kk * 16, lane));
+        ldmatrix_x4(ado[mt], frag_addr_rows_m<D>(sdO, warp_row + mt * 16, kk * 16, lane));
+      }
 #pragma unroll
       for (int nt = 0; nt < NT; nt += 2) {
         uint32_t bk[4], bv[4];
@@ -408,41 +439,52 @@ __global__ void __launch_bounds__(kBwdMmaThreads)
         ldmatrix_x4(bv, frag_addr_rows_n<D>(cV, nt * 8, kk * 16, lane));
         const uint32_t bk0[2] = {bk[0], bk[1]}, bk1[2] = {bk[2], bk[3]};
         const uint32_t bv0[2] = {bv[0], bv[1]}, bv1[2] = {bv[2], bv[3]};
-        mma_16x8x16<T>(sacc[nt], aq, bk0);
-        mma_16x8x16<T>(sacc[nt + 1], aq, bk1);
-        mma_16x8x16<T>(dpacc[nt], ado, bv0);
-        mma_16x8x16<T>(dpacc[nt + 1], ado, bv1);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          mma_16x8x16<T>(sacc[mt][nt], aq[mt], bk0);
+          mma_16x8x16<T>(sacc[mt][nt + 1], aq[mt], bk1);
+          mma_16x8x16<T>(dpacc[mt][nt], ado[mt], bv0);
+          mma_16x8x16<T>(dpacc[mt][nt + 1], ado[mt], bv1);
+        }
       }
     }
 
     // dS in place of dP. Element e of tile nt: query row g + 8 * (e / 2), key nt * 8 + 2t + e % 2.
     const bool need_mask = !(klo_last <= j0 && j0 + BN <= khi_first);
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
+    for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float pr = exp2f(sacc[nt][e] * scale_log2 - lse2[e / 2]);
-        float ds = pr * (dpacc[nt][e] - delta_row[e / 2]);
-        if (need_mask) {
-          const int j = int(j0) + nt * 8 + 2 * t + (e & 1);
-          if (j < row_lo[e / 2] || j >= row_hi[e / 2]) ds = 0.f;
+      for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float pr = exp2f(sacc[mt][nt][e] * scale_log2 - lse2[mt][e / 2]);
+          float ds = pr * (dpacc[mt][nt][e] - delta_row[mt][e / 2]);
+          if (need_mask) {
+            const int j = int(j0) + nt * 8 + 2 * t + (e & 1);
+            if (j < row_lo[mt][e / 2] || j >= row_hi[mt][e / 2]) ds = 0.f;
+          }
+          dpacc[mt][nt][e] = ds;
         }
-        dpacc[nt][e] = ds;
       }
     }
 
-    // dQ += dS K: the dS accumulators of key tiles 2kk, 2kk+1 are the A fragment of k-step kk.
+    // dQ += dS K: the dS accumulators of key tiles 2kk, 2kk+1 are the A fragment of k-step kk; each
+    // K fragment feeds MT m-tiles.
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk) {
-      uint32_t a[4];
-      acc_to_a<T>(a, dpacc[2 * kk], dpacc[2 * kk + 1]);
+      uint32_t a[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) acc_to_a<T>(a[mt], dpacc[mt][2 * kk], dpacc[mt][2 * kk + 1]);
 #pragma unroll
       for (int dt = 0; dt < DT; dt += 2) {
         uint32_t bb[4];
         ldmatrix_x4_trans(bb, frag_addr_rows_m<D>(cK, kk * 16, dt * 8, lane));
         const uint32_t b0[2] = {bb[0], bb[1]}, b1[2] = {bb[2], bb[3]};
-        mma_16x8x16<T>(dq[dt], a, b0);
-        mma_16x8x16<T>(dq[dt + 1], a, b1);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          mma_16x8x16<T>(dq[mt][dt], a[mt], b0);
+          mma_16x8x16<T>(dq[mt][dt + 1], a[mt], b1);
+        }
       }
     }
     __syncthreads();  // every warp is done with this stage before it is refilled
@@ -451,16 +493,42 @@ __global__ void __launch_bounds__(kBwdMmaThreads)
 
   const float scale = float(p.scale);
 #pragma unroll
-  for (int rr = 0; rr < 2; ++rr) {
-    const int row = warp * 16 + g + rr * 8;
-    if (row >= mq) continue;
-    T* dst = static_cast<T*>(p.dq) + b * p.o_strides[0] + (s.q_start + i0 + row) * p.o_strides[1] +
-             h * p.o_strides[2];
+  for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-    for (int dt = 0; dt < DT; ++dt)
-      *reinterpret_cast<uint32_t*>(dst + dt * 8 + 2 * t) = pack2<T>(dq[dt][2 * rr] * scale, dq[dt][2 * rr + 1] * scale);
+    for (int rr = 0; rr < 2; ++rr) {
+      const int row = warp_row + mt * 16 + g + rr * 8;
+      if (row >= mq) continue;
+      T* dst = static_cast<T*>(p.dq) + b * p.o_strides[0] + (s.q_start + i0 + row) * p.o_strides[1] +
+               h * p.o_strides[2];
+#pragma unroll
+      for (int dt = 0; dt < DT; ++dt)
+        *reinterpret_cast<uint32_t*>(dst + dt * 8 + 2 * t) =
+            pack2<T>(dq[mt][dt][2 * rr] * scale, dq[mt][dt][2 * rr + 1] * scale);
+    }
   }
 #endif
+}
+
+// The dq kernel's m-tiles per warp while MT = 2 is unmeasured (BwdQTile): read per launch, so a
+// benchmark or test can switch it within one process; MT = 2 is built for sm_90 only.
+inline int dq_m_tiles(int head_dim, int device) {
+  if (head_dim != 64 && head_dim != 128) return 1;
+  const char* env = std::getenv("PYLLM_ATTN_BWD_DQ_BLOCK_M");
+  if (!env || std::strcmp(env, "128") != 0) return 1;
+  int major = 0;
+  PYLLM_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  return major == 9 ? 2 : 1;
+}
+
+template <typename T, int D, int MT>
+void launch_dq(const AttnParams& p, const float* delta, float scale_log2, int device, cudaStream_t stream) {
+  using Tile = BwdQTile<D, MT>;
+  constexpr auto kernel = flash_attn_bwd_dq_mma_kernel<T, D, MT>;
+  opt_in_dynamic_smem<kernel>(Tile::kSmemBytes, device, "the backward's dq kernel");
+  const dim3 grid(unsigned((p.seqlen_q + Tile::kBlockM - 1) / Tile::kBlockM), unsigned(p.n_heads),
+                  unsigned(p.batch));
+  kernel<<<grid, kBwdMmaThreads, Tile::kSmemBytes, stream>>>(p, delta, scale_log2);
+  PYLLM_CUDA_CHECK_LAUNCH("flash_attn_bwd_dq_mma_kernel");
 }
 
 template <typename T, int D>
@@ -476,13 +544,10 @@ void launch_bwd_mma_d(const AttnParams& p, const float* delta, int device, cudaS
     PYLLM_CUDA_CHECK_LAUNCH("flash_attn_bwd_dk_dv_mma_kernel");
   }
   if (p.seqlen_q > 0) {
-    using Tile = BwdQTile<D>;
-    constexpr auto kernel = flash_attn_bwd_dq_mma_kernel<T, D>;
-    opt_in_dynamic_smem<kernel>(Tile::kSmemBytes, device, "the backward's dq kernel");
-    const dim3 grid(unsigned((p.seqlen_q + Tile::kBlockM - 1) / Tile::kBlockM), unsigned(p.n_heads),
-                    unsigned(p.batch));
-    kernel<<<grid, kBwdMmaThreads, Tile::kSmemBytes, stream>>>(p, delta, scale_log2);
-    PYLLM_CUDA_CHECK_LAUNCH("flash_attn_bwd_dq_mma_kernel");
+    if constexpr (D == 64 || D == 128) {
+      if (dq_m_tiles(D, device) == 2) return launch_dq<T, D, 2>(p, delta, scale_log2, device, stream);
+    }
+    launch_dq<T, D, 1>(p, delta, scale_log2, device, stream);
   }
 }
 

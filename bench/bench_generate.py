@@ -9,6 +9,9 @@ median of repeats, in fp32 and bf16. "same tokens" says whether the greedy conti
 (bf16 rounding can make them part after a near-tie; fp32 should agree). On a GPU a third row,
 "pyllm cuda-graph", replays each one-token step as a captured CUDA graph (generate(cuda_graph=True)),
 its tokens checked against pyllm's eager steps.
+Batch rows (--batch B, default 8): B prompts of different lengths at once, pyllm's generate_batch
+(no padding: each row at its own position) vs transformers' generate on the left-padded batch (its
+attention mask) and pyllm one prompt after another; tokens/s counts all rows' new tokens.
 Needs transformers; prints why and exits 0 without it.
 """
 from __future__ import annotations
@@ -32,6 +35,7 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=8, help="prompts in the ragged-batch rows (0: none)")
     args = parser.parse_args()
     transformers = common.peer_module("transformers", "bench_generate",
                                       "transformers is not installed; nothing to compare with")
@@ -45,6 +49,8 @@ def main() -> int:
         theirs.save_pretrained(folder)
         ours = LLM.from_hf(folder).eval()
     prompt = torch.randint(0, config.vocab_size, (1, args.prompt_tokens))
+    # The ragged batch: prompt lengths spread evenly from a quarter of --prompt-tokens to all of it.
+    lengths = torch.linspace(max(1, args.prompt_tokens // 4), args.prompt_tokens, max(args.batch, 1)).long().tolist()
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
         models = {"pyllm": ours.to(args.device, dtype), "transformers": theirs.to(args.device, dtype)}
@@ -57,32 +63,72 @@ def main() -> int:
         if args.device.startswith("cuda"):  # each token one graph replay (unverified until a GPU run)
             runs["pyllm cuda-graph"] = lambda: models["pyllm"].generate(x, args.new_tokens, temperature=0,
                                                                         cuda_graph=True)
-        outputs = {name: run() for name, run in runs.items()}  # warm-up, and the tokens compared
-        seconds = {name: [] for name in runs}
-        for _ in range(args.repeat):
-            for name, run in runs.items():
-                common.sync(args.device)
-                t0 = time.perf_counter()
-                with torch.no_grad():
-                    run()
-                common.sync(args.device)
-                seconds[name].append(time.perf_counter() - t0)
-        same = torch.equal(outputs["pyllm"], outputs["transformers"])
-        if "pyllm cuda-graph" in outputs:  # the graph must give the eager steps' tokens
-            same = f"{same}, graph {torch.equal(outputs['pyllm cuda-graph'], outputs['pyllm'])}"
-        peer = statistics.median(seconds["transformers"])
-        for name in runs:
-            s = statistics.median(seconds[name])
-            rows.append({"dtype": str(dtype).removeprefix("torch."), "impl": name, "s": round(s, 3),
-                         "tokens/s": round(args.new_tokens / s, 1), "vs transformers": f"{peer / s:.2f}x",
-                         "same tokens": same})
+        rows += timed_rows(args, runs, dtype, 1, lambda out: torch.equal(out["pyllm"], out["transformers"]))
+        if args.batch:
+            rows += batch_rows(args, models, x, lengths, dtype)
     print(f"# generate on {common.device_description(args.device)}: {config.num_hidden_layers} layers, "
-          f"prompt {args.prompt_tokens}, {args.new_tokens} new tokens, transformers {transformers.__version__}")
-    common.print_table(rows, ["dtype", "impl", "s", "tokens/s", "vs transformers", "same tokens"])
+          f"prompt {args.prompt_tokens}, {args.new_tokens} new tokens, transformers {transformers.__version__}; "
+          f"B = {len(lengths)} rows: prompts of {lengths[0]}..{lengths[-1]} tokens")
+    common.print_table(rows, ["dtype", "B", "impl", "s", "tokens/s", "vs transformers", "same tokens"])
     common.write_json(args.json, "generate", args.device, rows, {
         "layers": config.num_hidden_layers, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
-        "transformers": transformers.__version__})
+        "batch_prompt_tokens": lengths if args.batch else [], "transformers": transformers.__version__})
     return 0
+
+
+def timed_rows(args, runs: dict, dtype, batch: int, same_of) -> list[dict]:
+    """Median seconds of each run (interleaved, after a warm-up whose outputs same_of compares);
+    tokens/s counts batch * --new-tokens new tokens."""
+    outputs = {name: run() for name, run in runs.items()}  # warm-up, and the tokens compared
+    seconds = {name: [] for name in runs}
+    for _ in range(args.repeat):
+        for name, run in runs.items():
+            common.sync(args.device)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                run()
+            common.sync(args.device)
+            seconds[name].append(time.perf_counter() - t0)
+    same = same_of(outputs)
+    graph = next((name for name in outputs if "cuda-graph" in name), None)
+    if graph is not None:  # the graph must give the eager steps' tokens
+        ours, eager = outputs[graph], outputs[graph.removesuffix(" cuda-graph")]
+        same = f"{same}, graph {ours == eager if isinstance(ours, list) else torch.equal(ours, eager)}"
+    peer = statistics.median(seconds[next(name for name in runs if name.startswith("transformers"))])
+    rows = []
+    for name in runs:
+        s = statistics.median(seconds[name])
+        rows.append({"dtype": str(dtype).removeprefix("torch."), "B": batch, "impl": name, "s": round(s, 3),
+                     "tokens/s": round(batch * args.new_tokens / s, 1), "vs transformers": f"{peer / s:.2f}x",
+                     "same tokens": same})
+    return rows
+
+
+def batch_rows(args, models: dict, x, lengths: list[int], dtype) -> list[dict]:
+    """Prompts of different lengths at once: pyllm's generate_batch (each row at its own position, no
+    padding) vs transformers' generate on the left-padded batch (its attention mask), and pyllm's
+    generate on one prompt after another."""
+    prompts = [x[0, :n] for n in lengths]
+    longest = max(lengths)
+    padded = torch.zeros(len(lengths), longest, dtype=torch.long, device=x.device)
+    mask = torch.zeros_like(padded)
+    for b, n in enumerate(lengths):
+        padded[b, longest - n:], mask[b, longest - n:] = prompts[b], 1
+    runs = {
+        "pyllm batch": lambda: models["pyllm"].generate_batch(prompts, args.new_tokens, temperature=0),
+        "pyllm one by one": lambda: [models["pyllm"].generate(p[None], args.new_tokens, temperature=0)[0, len(p):].tolist()
+                                     for p in prompts],
+        "transformers padded": lambda: models["transformers"].generate(
+            padded, attention_mask=mask, max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0),
+    }
+    if args.device.startswith("cuda"):
+        runs["pyllm batch cuda-graph"] = lambda: models["pyllm"].generate_batch(prompts, args.new_tokens, temperature=0,
+                                                                                cuda_graph=True)
+
+    def same(outputs):  # pyllm's rows against the new tokens of transformers' rows
+        return outputs["pyllm batch"] == outputs["transformers padded"][:, longest:].tolist()
+
+    return timed_rows(args, runs, dtype, len(lengths), same)
 
 
 if __name__ == "__main__":

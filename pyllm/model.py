@@ -544,13 +544,15 @@ class LLM(nn.Module):
         return [(torch.empty(shape, device=p.device, dtype=p.dtype), torch.empty(shape, device=p.device, dtype=p.dtype))
                 for _ in range(cfg.n_layers)]
 
-    def forward_cached(self, idx: torch.Tensor, cache, start: int) -> torch.Tensor:
+    def forward_cached(self, idx: torch.Tensor, cache, start: int, last: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, V) of the last position of idx (B, T), which continues a sequence whose first
-        `start` positions are in the cache; appends idx's keys and values to the cache."""
+        `start` positions are in the cache; appends idx's keys and values to the cache. last: (B,)
+        each row's position in idx to give the logits of instead (right-padded rows)."""
         x, rope = self._embed(idx, start)
         for block, layer_cache in zip(self.blocks, cache):
             x = block(x, rope, layer_cache, start)
-        return self.lm_head(self.norm_f(x[:, -1]))
+        x = x[:, -1] if last is None else x[torch.arange(x.shape[0], device=x.device), last]  # (B, C)
+        return self.lm_head(self.norm_f(x))
 
     def decode_step(self, token: torch.Tensor, cache, lengths: torch.Tensor) -> torch.Tensor:
         """forward_cached for one new token per row at positions held on the device: token (B, 1),
@@ -633,6 +635,65 @@ class LLM(nn.Module):
         self.train(was_training)
         return torch.cat(out, dim=1)
 
+    @torch.no_grad()
+    def generate_batch(self, prompts, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                       top_p: float | None = None, generator: torch.Generator | None = None,
+                       stop_tokens: Iterable[int] = (), cuda_graph: bool = False) -> list[list[int]]:
+        """Continues several prompts of different lengths at once: one prefill of the prompts (each a
+        list of ids or a 1-D tensor, at least one token) padded on the right, then every step samples
+        one token per row at each row's own position (decode_step), no padding in between. Returns each prompt's
+        new tokens, up to max_new_tokens, cut after its first stop token. Greedy rows get the tokens
+        generate() gives that prompt alone (the same function per row, rounding aside).
+        prompt length + max_new_tokens must fit in block_size (no sliding restart here: generate()
+        has one). cuda_graph: as in generate_stream (CUDA; unverified)."""
+        device = self.lm_head.weight.device
+        rows = [torch.as_tensor(p, dtype=torch.long, device=device).view(-1) for p in prompts]
+        if not rows or min(len(r) for r in rows) == 0:
+            raise ValueError("generate_batch: give at least one prompt, each of at least one token")
+        longest = max(len(r) for r in rows)
+        if longest + max_new_tokens > self.config.block_size:
+            raise ValueError(f"generate_batch: a prompt of {longest} tokens + {max_new_tokens} new ones is more than "
+                             f"block_size {self.config.block_size}; shorten them, or generate() that prompt alone")
+        was_training = self.training
+        self.eval()
+        cache = self.new_kv_cache(len(rows), longest + max_new_tokens)
+        graph = None
+        if cuda_graph:
+            if device.type != "cuda":
+                raise ValueError("generate_batch: cuda_graph needs the model on a CUDA device")
+            if _longrope_switch(self.config) != math.inf:
+                raise NotImplementedError("generate_batch: cuda_graph does not take LongRoPE")
+            graph = _DecodeGraph(self, cache, len(rows))  # before the prompts fill the cache
+        # One prefill of the right-padded prompts: causal attention keeps each row's real tokens from
+        # its padding, whose keys and values land past the row's length, where decode_step writes
+        # its next token and never looks beyond.
+        lengths = torch.tensor([len(r) for r in rows], dtype=torch.int32, device=device)
+        padded = torch.zeros(len(rows), longest, dtype=torch.long, device=device)
+        for b, r in enumerate(rows):
+            padded[b, :len(r)] = r
+        logits = self.forward_cached(padded, cache, 0, last=lengths.long() - 1)  # (B, V)
+        stop = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=device)
+        done = torch.zeros(len(rows), dtype=torch.bool, device=device)
+        out = []
+        for step in range(max_new_tokens):
+            token = sample(logits, temperature, top_k, top_p, generator)  # (B,)
+            out.append(token)
+            if len(stop):
+                done |= torch.isin(token, stop)
+                if bool(done.all()):  # a host sync per token, only when stop tokens are given
+                    break
+            if step + 1 < max_new_tokens:
+                logits = graph(token[:, None], lengths) if graph is not None else self.decode_step(token[:, None], cache,
+                                                                                                   lengths)
+                lengths += 1
+        self.train(was_training)
+        new = torch.stack(out, dim=1).tolist()  # (B, n)
+        stops = set(stop.tolist())
+        for row in new:
+            cut = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
+            del row[cut:]
+        return new
+
 
 def _longrope_switch(cfg: ModelConfig) -> float:
     """The length past which LongRoPE's long factors rotate every position (inf without LongRoPE)."""
@@ -662,9 +723,13 @@ class _DecodeGraph:
         with torch.cuda.graph(self.graph):
             self.logits = model.decode_step(self.token, cache, self.lengths)  # (B, V), the graph's own memory
 
-    def __call__(self, token: torch.Tensor, length: int) -> torch.Tensor:
+    def __call__(self, token: torch.Tensor, length: int | torch.Tensor) -> torch.Tensor:
+        """token (B, 1); length: every row's cached tokens (an int) or each row's (int32 (B,))."""
         self.token.copy_(token)
-        self.lengths.fill_(length)
+        if isinstance(length, torch.Tensor):
+            self.lengths.copy_(length)
+        else:
+            self.lengths.fill_(length)
         self.graph.replay()
         return self.logits
 

@@ -202,6 +202,36 @@ def test_generate_with_a_cuda_graph_gives_the_same_tokens(name):
     sampled = [model.generate(prompt, 20, temperature=1.0, top_k=10, cuda_graph=graph,
                               generator=torch.Generator("cuda").manual_seed(3)) for graph in (False, True)]
     assert torch.equal(*sampled)
+    prompts = [prompt[0, :n] for n in (2, 5, 4)]  # ragged rows: the graph takes each row's length
+    assert (model.generate_batch(prompts, 10, temperature=0, cuda_graph=True)
+            == model.generate_batch(prompts, 10, temperature=0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("name", ["llama", "gpt2", "window", "gemma-style"])
+def test_generate_batch_of_ragged_prompts_matches_each_alone(name, dtype):
+    # Prompts of 3, 7 and 5 tokens in one batch, no padding: greedy, each row continues as generate()
+    # continues that prompt alone; stop tokens cut each row after its own first one.
+    torch.manual_seed(0)
+    cfg = ModelConfig(**CONFIGS[name])
+    model = randomized(cfg).to(dtype)
+    prompts = [torch.randint(0, cfg.vocab_size, (n,)) for n in (3, 7, 5)]
+    alone = [model.generate(p[None], 8, temperature=0)[0, len(p):].tolist() for p in prompts]
+    assert model.generate_batch([p.tolist() for p in prompts], 8, temperature=0) == alone
+    stop = alone[1][2]
+    cut = model.generate_batch(prompts, 8, temperature=0, stop_tokens=[stop])
+    assert cut == [row[:row.index(stop) + 1] if stop in row else row for row in alone]
+    sampled = [model.generate_batch(prompts, 6, temperature=1.0, top_k=5, generator=torch.Generator().manual_seed(1))
+               for _ in range(2)]
+    assert sampled[0] == sampled[1] and all(len(row) == 6 for row in sampled[0])
+
+
+def test_generate_batch_refuses_what_it_cannot_do():
+    model = LLM(ModelConfig(**CONFIGS["llama"]))
+    with pytest.raises(ValueError, match="at least one token"):
+        model.generate_batch([[1, 2], []], 3)
+    with pytest.raises(ValueError, match="block_size"):
+        model.generate_batch([[1] * model.config.block_size], 1)
 
 
 def test_cuda_graph_generation_needs_cuda():

@@ -441,6 +441,53 @@ def stream_sample(model, tokenizer, prompt: str, max_new_tokens: int, temperatur
     return prompt + tokenizer.decode(generated)
 
 
+def generate_file(model, tokenizer, args, prefix_ids, stop_tokens, source) -> int:
+    """`pyllm generate --prompts-file F`: one {"prompt": ...} per line of F (JSONL, as training's
+    prompt-completion files), --batch-size of them at a time through LLM.generate_batch; writes
+    {"prompt": ..., "completion": ...} lines to --out (or stdout), in F's order. --chat puts each
+    prompt in the chat template; completions end before a stop token."""
+    import torch
+
+    from pyllm.tokenizer.tokenizer import hf_chat_prompt
+
+    path = Path(args.prompts_file)
+    prompts = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise ValueError(f"{path}:{n}: expected a JSON object with a \"prompt\" string")
+        prompts.append(record["prompt"])
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+
+    def ids_of(prompt: str) -> list[int]:
+        if args.chat:  # the template writes the BOS and the turn markers itself
+            return tokenizer.encode(hf_chat_prompt(source, [{"role": "user", "content": prompt}]), allowed_special="all")
+        return [*prefix_ids, *tokenizer.encode_ordinary(prompt)] or [0]
+
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    stops = set(stop_tokens)
+    out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
+    try:
+        for start in range(0, len(prompts), args.batch_size):
+            chunk = prompts[start:start + args.batch_size]
+            new = model.generate_batch([ids_of(p) for p in chunk], args.max_new_tokens, args.temperature, args.top_k,
+                                       args.top_p, generator, stops)
+            for prompt, tokens in zip(chunk, new):
+                completion = tokenizer.decode([t for t in tokens if t not in stops])
+                out.write(json.dumps({"prompt": prompt, "completion": completion}, ensure_ascii=False) + "\n")
+            out.flush()
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    if args.out:
+        print(f"wrote {len(prompts)} completions to {args.out}")
+    return 0
+
+
 # --- prepare, tokenizer, generate, plan ------------------------------------------------------------
 
 def cmd_prepare(args) -> int:
@@ -506,6 +553,8 @@ def cmd_generate(args) -> int:
     # Xeon VM, 2026-11-30: 36-38 tokens/s either way).
     dtype = args.dtype if args.dtype != "auto" else ("bf16" if torch.device(device).type == "cuda" else "fp32")
     model = model.to(device=device, dtype=getattr(torch, GENERATE_DTYPES[dtype])).eval()
+    if args.prompts_file:
+        return generate_file(model, tokenizer, args, prefix, stops, source)
     for i in range(args.num_samples):
         stream_sample(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                       args.seed + i, prefix, prompt_ids, stops)
@@ -745,6 +794,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens only (default 50)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: the smallest set of tokens with this much probability")
     p.add_argument("--num-samples", type=int, default=1, help="independent samples (default 1)")
+    p.add_argument("--prompts-file", metavar="FILE", help="continue every prompt of a JSONL file ({\"prompt\": ...} "
+                   "per line) instead of --prompt, --batch-size at a time (prompts of different lengths in one "
+                   "batch, no padding between them); writes {\"prompt\", \"completion\"} lines to --out or stdout")
+    p.add_argument("--out", metavar="FILE", help="with --prompts-file: the JSONL file to write (default: stdout)")
+    p.add_argument("--batch-size", type=int, default=16, help="with --prompts-file: prompts generated at once (default 16)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda")
     p.add_argument("--dtype", default="auto", choices=("auto", *GENERATE_DTYPES),

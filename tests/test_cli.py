@@ -144,6 +144,35 @@ def test_lora_fine_tune_of_a_run(corpus, tmp_path):
     LLM.load(tmp_path / "c" / "model.safetensors")
 
 
+def test_generate_a_prompts_file(corpus, tmp_path, capsys):
+    # --prompts-file: every prompt of a JSONL file, 2 at a time (prompts of different lengths in one
+    # batch), in the file's order; greedy completions are what `generate` gives each prompt alone.
+    import torch
+
+    from pyllm.model import LLM
+
+    run = tmp_path / "run"
+    assert cli.main(["train", "--data", str(corpus), "--out", str(run), "--max-steps", "2", *SMALL]) == 0
+    prompts = ["def f", "def g(x):\n    return", "x", "é"]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts) + "\n")
+    args = ["generate", "--run", str(run), "--prompts-file", str(tmp_path / "p.jsonl"), "--max-new-tokens", "6",
+            "--temperature", "0", "--batch-size", "2"]
+    assert cli.main([*args, "--out", str(tmp_path / "c.jsonl")]) == 0
+    lines = [json.loads(line) for line in (tmp_path / "c.jsonl").read_text().splitlines()]
+    assert [line["prompt"] for line in lines] == prompts
+    model, tokenizer = LLM.load(run / "model.safetensors").eval(), cli.tokenizer_class().load(str(run / "tokenizer.bpe"))
+    for line in lines:
+        ids = tokenizer.encode_ordinary(line["prompt"])
+        alone = model.generate(torch.tensor([ids]), 6, temperature=0)[0, len(ids):].tolist()
+        assert line["completion"] == tokenizer.decode(alone)
+    capsys.readouterr()
+    assert cli.main(args) == 0  # stdout
+    assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == lines
+    (tmp_path / "bad.jsonl").write_text('{"text": "x"}\n')
+    assert cli.main([*args[:4], str(tmp_path / "bad.jsonl")]) == 2
+    assert 'bad.jsonl:1: expected a JSON object with a "prompt" string' in capsys.readouterr().err
+
+
 def test_init_from_run_errors(corpus, tmp_path, capsys):
     assert cli.main(["train", "--init-from-run", str(tmp_path), "--data", str(corpus), "--out", str(tmp_path / "r"),
                      "--device", "cpu"]) == 2

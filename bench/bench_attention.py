@@ -47,13 +47,16 @@ SIMT_BWD = "pyllm simt-bwd"
 # The forward with 128-query tiles (2 m-tiles per warp, D = 64 / 128), not yet measured: until a
 # GPU run picks one, both forwards are timed side by side.
 FWD_M128 = "pyllm fwd-m128"
-# The same for the backward's dq kernel (fwd+bwd rows only), and both together.
+# The same for the backward's dq kernel (128 query rows) and dk_dv kernel (128 keys, D = 64), fwd+bwd
+# rows only, and all three together.
 DQ_M128 = "pyllm dq-m128"
-BOTH_M128 = "pyllm fwd+dq-m128"
+DKV_M128 = "pyllm dkv-n128"
+ALL_M128 = "pyllm all-128"
+_TALL = {"PYLLM_ATTN_FWD_BLOCK_M": "128", "PYLLM_ATTN_BWD_DQ_BLOCK_M": "128", "PYLLM_ATTN_BWD_DKV_BLOCK_N": "128"}
 # The environment each variant of ours runs under, set around its timing only.
 VARIANT_ENV = {SIMT_BWD: {"PYLLM_ATTN_BWD": "simt"}, FWD_M128: {"PYLLM_ATTN_FWD_BLOCK_M": "128"},
-               DQ_M128: {"PYLLM_ATTN_BWD_DQ_BLOCK_M": "128"},
-               BOTH_M128: {"PYLLM_ATTN_FWD_BLOCK_M": "128", "PYLLM_ATTN_BWD_DQ_BLOCK_M": "128"}}
+               DQ_M128: {"PYLLM_ATTN_BWD_DQ_BLOCK_M": "128"}, DKV_M128: {"PYLLM_ATTN_BWD_DKV_BLOCK_N": "128"},
+               ALL_M128: _TALL}
 
 
 @contextlib.contextmanager
@@ -74,7 +77,7 @@ def impls_for(device: str) -> dict:
     from torch.nn.attention import SDPBackend
 
     if device == "cuda":
-        return {"pyllm": ours, FWD_M128: ours, DQ_M128: ours, BOTH_M128: ours, SIMT_BWD: ours,
+        return {"pyllm": ours, FWD_M128: ours, DQ_M128: ours, DKV_M128: ours, ALL_M128: ours, SIMT_BWD: ours,
                 "sdpa flash": sdpa(SDPBackend.FLASH_ATTENTION),
                 "sdpa cudnn": sdpa(SDPBackend.CUDNN_ATTENTION)}
     return {"pyllm": ours, "sdpa": sdpa(SDPBackend.FLASH_ATTENTION)}
@@ -241,7 +244,9 @@ def main() -> int:
             for name, fn in impls.items():
                 if name == SIMT_BWD and (mode == "fwd" or t > 4096):
                     continue
-                if name in (DQ_M128, BOTH_M128) and mode == "fwd":  # the forward is fwd-m128's row
+                if name in (DQ_M128, DKV_M128, ALL_M128) and mode == "fwd":  # the forward is fwd-m128's row
+                    continue
+                if name == DKV_M128 and d != 64:  # built for D = 64 only: the default tiles' row again
                     continue
                 if mode == "fwd":
                     def step():

@@ -192,12 +192,11 @@ def flash_attn_shapes_cases():
                                       torch.zeros(2, dtype=torch.int32, device="cuda"))
 
 
-def flash_attn_fwd_m128_cases():
-    # The forward's and the dq kernel's 128-row tiles (PYLLM_ATTN_FWD_BLOCK_M=128 /
-    # PYLLM_ATTN_BWD_DQ_BLOCK_M=128, D = 64 / 128): two query blocks, the
-    # second partial, causal Tq < Tk with a window, GQA, varlen with an empty sequence. The same
-    # bits as the 64-row forward: each row takes the same steps, plus key blocks its tile's other
-    # rows need, fully masked for it (o * 1 + 0).
+def flash_attn_tall_tiles_cases():
+    # The taller tiles (PYLLM_ATTN_FWD_BLOCK_M, PYLLM_ATTN_BWD_DQ_BLOCK_M, PYLLM_ATTN_BWD_DKV_BLOCK_N
+    # = 128; D = 64 / 128, dk_dv D = 64): two query blocks, the second partial, causal Tq < Tk with
+    # a window, GQA, varlen with an empty sequence. The forward gives the 64-row tiles' bits: each
+    # row takes the same steps, plus key blocks its tile's other rows need, fully masked for it.
     import os
 
     for dtype in (torch.float16, torch.bfloat16):
@@ -213,16 +212,20 @@ def flash_attn_fwd_m128_cases():
             for a, b in zip(*runs):
                 assert torch.equal(a, b), "flash_attn 128-row forward differs from the 64-row one"
             os.environ.pop("PYLLM_ATTN_FWD_BLOCK_M")
-            # the dq kernel's 128-row tiles (PYLLM_ATTN_BWD_DQ_BLOCK_M): causal without a window,
-            # so the same dq bits as the 64-row tiles
-            dqs = []
-            for block_m in ("64", "128"):
-                os.environ["PYLLM_ATTN_BWD_DQ_BLOCK_M"] = block_m
-                leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-                pyllm.flash_attn(*leaves, causal=True).backward(torch.ones_like(q))
-                dqs.append(leaves[0].grad)
-            assert torch.equal(*dqs), "flash_attn 128-row dq differs from the 64-row one"
-    os.environ.pop("PYLLM_ATTN_BWD_DQ_BLOCK_M")
+            # The dq kernel's 128-row tiles, causal without a window (no left window: the same dq
+            # bits), and the dk_dv kernel's 128-key tiles, non-causal (no right window: the same
+            # dk, dv bits); at D = 128 the latter's setting leaves the default tiles.
+            for env, causal, which in (("PYLLM_ATTN_BWD_DQ_BLOCK_M", True, (0,)),
+                                       ("PYLLM_ATTN_BWD_DKV_BLOCK_N", False, (1, 2))):
+                grads = []
+                for block in ("64", "128"):
+                    os.environ[env] = block
+                    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+                    pyllm.flash_attn(*leaves, causal=causal).backward(torch.ones_like(q))
+                    grads.append([leaves[i].grad for i in which])
+                os.environ.pop(env)
+                for a, b in zip(*grads):
+                    assert torch.equal(a, b), f"flash_attn backward with {env}=128 differs from the default tiles"
 
 
 def flash_attn_bad_seqlens_cases():
@@ -243,7 +246,7 @@ def flash_attn_bad_seqlens_cases():
 
 CASES = {"swiglu": swiglu_cases, "adamw": adamw_cases, "bpe": bpe_cases, "flash_attn": flash_attn_cases,
          "flash_attn_bwd_mma": flash_attn_bwd_mma_cases, "flash_attn_shapes": flash_attn_shapes_cases,
-         "flash_attn_fwd_m128": flash_attn_fwd_m128_cases, "flash_attn_bad_seqlens": flash_attn_bad_seqlens_cases}
+         "flash_attn_tall_tiles": flash_attn_tall_tiles_cases, "flash_attn_bad_seqlens": flash_attn_bad_seqlens_cases}
 
 if __name__ == "__main__":
     names = sys.argv[1:] or list(CASES)

@@ -395,7 +395,7 @@ def test_cuda_misaligned_views_are_copied_not_rejected(monkeypatch, algo):
         assert torch.equal(a, b)
 
 
-# --- 128-row tiles of the CUDA forward and dq kernel (PYLLM_ATTN_FWD_BLOCK_M / _BWD_DQ_BLOCK_M=128) -----
+# --- taller tiles of the CUDA kernels (PYLLM_ATTN_FWD_BLOCK_M, _BWD_DQ_BLOCK_M, _BWD_DKV_BLOCK_N=128) ------
 
 # Several 128-row query blocks with partial last ones, Tq < Tk and Tq > Tk (queries that see no
 # key), GQA and MQA, both head dims the 128-row tiles are built for; D = 32 checks that the setting
@@ -435,33 +435,41 @@ def test_cuda_forward_128_row_tiles_match_reference(monkeypatch, dtype, shape, c
     assert torch.equal(out, out_64) and torch.equal(lse, lse_64)
 
 
+TALL_TILES_ENV = {"fwd": "PYLLM_ATTN_FWD_BLOCK_M", "dq": "PYLLM_ATTN_BWD_DQ_BLOCK_M", "dkv": "PYLLM_ATTN_BWD_DKV_BLOCK_N"}
+
+
 @pytest.mark.cuda
+@pytest.mark.parametrize("kernel", ["dq", "dkv"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("causal,window", [(False, (-1, -1)), (True, (-1, -1)), (False, (5, 3)), (True, (20, -1))],
                          ids=str)
 @pytest.mark.parametrize("shape", FWD_SHAPES, ids=str)
-def test_cuda_backward_dq_128_row_tiles_match_reference(monkeypatch, dtype, shape, causal, window):
-    # The dq kernel's 128-row tiles (PYLLM_ATTN_BWD_DQ_BLOCK_M=128): gradients within twice torch's
-    # error; without a left window the same dq bits as the 64-row tiles (see BwdQTile).
+def test_cuda_backward_128_row_tiles_match_reference(monkeypatch, kernel, dtype, shape, causal, window):
+    # The backward's taller tiles: the dq kernel's 128 query rows (PYLLM_ATTN_BWD_DQ_BLOCK_M=128, D =
+    # 64 / 128) or the dk_dv kernel's 128 keys (PYLLM_ATTN_BWD_DKV_BLOCK_N=128, D = 64): gradients
+    # within twice torch's error, and the same bits as the default tiles where a tile's first key
+    # (dq: no left window) or first query (dk_dv: no right window) cannot move (BwdQTile, BwdKVTile).
     b, tq, tk, h, hk, d = shape
     q, k, v = rand((b, tq, h, d), dtype, "cuda"), rand((b, tk, hk, d), dtype, "cuda"), rand((b, tk, hk, d), dtype, "cuda")
     dout = rand((b, tq, h, d), dtype, "cuda")
     run = lambda q, k, v: pyllm.flash_attn(q, k, v, causal=causal, window=window)  # noqa: E731
-    monkeypatch.setenv("PYLLM_ATTN_BWD_DQ_BLOCK_M", "128")
+    monkeypatch.setenv(TALL_TILES_ENV[kernel], "128")
     check_against_reference(q, k, v, dout, run, lambda q, k, v: attention(q, k, v, causal, window)[0])
-    if window[0] < 0:
-        dq_128 = grads_of(run, (q, k, v), dout)[1][0]
-        monkeypatch.setenv("PYLLM_ATTN_BWD_DQ_BLOCK_M", "64")
-        assert torch.equal(dq_128, grads_of(run, (q, k, v), dout)[1][0])
+    same_bits = window[0] < 0 if kernel == "dq" else not causal and window[1] < 0
+    if same_bits:
+        tall = grads_of(run, (q, k, v), dout)[1]
+        monkeypatch.setenv(TALL_TILES_ENV[kernel], "64")
+        for a, b_ in zip(tall, grads_of(run, (q, k, v), dout)[1]):
+            assert torch.equal(a, b_)
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("tiles", ["fwd", "dq"])
+@pytest.mark.parametrize("tiles", ["fwd", "dq", "dkv"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("causal", [False, True])
-def test_cuda_forward_128_row_tiles_varlen_and_gradients(monkeypatch, tiles, dtype, d, causal):
-    env = {"fwd": "PYLLM_ATTN_FWD_BLOCK_M", "dq": "PYLLM_ATTN_BWD_DQ_BLOCK_M"}[tiles]
+def test_cuda_128_row_tiles_varlen_and_gradients(monkeypatch, tiles, dtype, d, causal):
+    env = TALL_TILES_ENV[tiles]
     monkeypatch.setenv(env, "128")
     lens_q, lens_k = [0, 1, 130, 5, 0, 260, 3, 1], [0, 1, 70, 9, 4, 260, 0, 200]  # empty, length-1, Tq != Tk
     cu_q, cu_k = cu(lens_q, "cuda"), cu(lens_k, "cuda")
@@ -494,8 +502,11 @@ def test_emulated_tensor_core_kernels_match_reference():
         assert max(out_err, lse_err) < 1e-9
         out_64, lse_64 = em.run_fwd(**case)[2:]
         assert np.array_equal(out, out_64) and np.array_equal(lse, lse_64)
-    errs, dq = em.run_bwd(**varlen, dq_m_tiles=2, return_dq=True)  # the dq kernel's
-    assert max(errs) < 1e-9 and np.array_equal(dq, em.run_bwd(**varlen, return_dq=True)[1])
+    dq, dk, dv = em.run_bwd(**varlen, return_grads=True)[1]  # the backward's taller tiles (D = 64 here)
+    errs, grads = em.run_bwd(**varlen, dq_m_tiles=2, return_grads=True)
+    assert max(errs) < 1e-9 and np.array_equal(grads[0], dq)  # no left window: the same bits
+    errs, grads = em.run_bwd(**varlen, dkv_m_tiles=2, return_grads=True)
+    assert max(errs) < 1e-9  # causal: a 128-key tile's first query can move, so rounding may differ
 
 
 def test_bwd_algo_choice_is_checked(monkeypatch):

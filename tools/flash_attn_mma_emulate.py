@@ -2,7 +2,7 @@
 
 A line-by-line numpy transliteration of csrc/cuda/flash_attn_fwd.cu (flash_attn_fwd_kernel, 64- and
 128-row tiles) and
-csrc/cuda/flash_attn_bwd_mma.cu (the dk_dv and dq kernels, dq with 64- and 128-row tiles): shared-memory tiles with the same
+csrc/cuda/flash_attn_bwd_mma.cu (the dk_dv and dq kernels, with their default and taller tiles): shared-memory tiles with the same
 swizzle, ldmatrix(.trans) and mma.m16n8k16 emulated per lane from the PTX ISA fragment layouts,
 in float64, one warp at a time. Each run compares with a float64 autograd reference (expect
 ~1e-15), asserts that every output element is written exactly once, and that every ldmatrix
@@ -129,15 +129,15 @@ def seq_info(p, b):
     return 0, 0, p.lq, p.lk
 
 
-def kv_tile(D):
+def kv_tile(D, MK=1):
     WD = 1 if D <= 128 else 2
-    BN = 16 * 4 // WD
-    BM = 64 if D <= 64 else 32
+    BN = 16 * MK * 4 // WD
+    BM = (64 if D <= 64 else 32) // MK
     return WD, BN, BM, D // WD
 
 
-def dk_dv_cta(p, D, b, hk, bx):
-    WD, BN, BM, SD = kv_tile(D)
+def dk_dv_cta(p, D, b, hk, bx, MK=1):
+    WD, BN, BM, SD = kv_tile(D, MK)
     MT, ST = BM // 8, SD // 8
     q_start, k_start, len_q, len_k = seq_info(p, b)
     j0 = bx * BN
@@ -153,8 +153,8 @@ def dk_dv_cta(p, D, b, hk, bx):
     if n_steps > 0:
         load_tile(sK, BN, D, p.k[(0 if p.cu_q is not None else b), k_start + j0:, hk], nk)
         load_tile(sV, BN, D, p.v[(0 if p.cu_q is not None else b), k_start + j0:, hk], nk)
-    dk = [np.zeros((ST, 32, 4)) for _ in range(4)]
-    dv = [np.zeros((ST, 32, 4)) for _ in range(4)]
+    dk = [[np.zeros((ST, 32, 4)) for _ in range(MK)] for _ in range(4)]  # [warp][key tile]
+    dv = [[np.zeros((ST, 32, 4)) for _ in range(MK)] for _ in range(4)]
     for step in range(n_steps):
         hq = hk * group + step // n_qblocks
         i0 = q_lo + (step % n_qblocks) * BM
@@ -170,64 +170,69 @@ def dk_dv_cta(p, D, b, hk, bx):
             cDelta[r] = p.delta[(0 if p.cu_q is not None else b), hq, (q_start if p.cu_q is not None else 0) + i0 + r]
         need_mask = not (nk == BN and qlo_last <= i0 and i0 + BM <= qhi_first)
         for warp in range(4):
-            key_row0 = (warp // WD) * 16
+            key_row0 = (warp // WD) * 16 * MK
             dt0 = (warp % WD) * ST
-            row_qlo, row_qhi = np.zeros((2, 32), int), np.zeros((2, 32), int)
-            for rr in range(2):
-                for lane in range(32):
-                    j = j0 + key_row0 + G[lane] + rr * 8
-                    if j < len_k:
-                        row_qlo[rr, lane] = query_lo(p, j, len_q, len_k)
-                        row_qhi[rr, lane] = query_hi(p, j, len_q, len_k)
-            st = np.zeros((MT, 32, 4))
-            dpt = np.zeros((MT, 32, 4))
+            row_qlo, row_qhi = np.zeros((MK, 2, 32), int), np.zeros((MK, 2, 32), int)
+            for mk in range(MK):
+                for rr in range(2):
+                    for lane in range(32):
+                        j = j0 + key_row0 + mk * 16 + G[lane] + rr * 8
+                        if j < len_k:
+                            row_qlo[mk, rr, lane] = query_lo(p, j, len_q, len_k)
+                            row_qhi[mk, rr, lane] = query_hi(p, j, len_q, len_k)
+            st = np.zeros((MK, MT, 32, 4))
+            dpt = np.zeros((MK, MT, 32, 4))
             for kk in range(D // 16):
-                ak = ldmatrix(sK, addr_m(D, key_row0, kk * 16))
-                av = ldmatrix(sV, addr_m(D, key_row0, kk * 16))
+                ak = [ldmatrix(sK, addr_m(D, key_row0 + mk * 16, kk * 16)) for mk in range(MK)]
+                av = [ldmatrix(sV, addr_m(D, key_row0 + mk * 16, kk * 16)) for mk in range(MK)]
                 for mt in range(0, MT, 2):
                     bq = ldmatrix(cQ, addr_n(D, mt * 8, kk * 16))
                     bdo = ldmatrix(cdO, addr_n(D, mt * 8, kk * 16))
-                    mma(st[mt], ak, bq[0:2])
-                    mma(st[mt + 1], ak, bq[2:4])
-                    mma(dpt[mt], av, bdo[0:2])
-                    mma(dpt[mt + 1], av, bdo[2:4])
-            for mt in range(MT):
-                for e in range(4):
-                    col = mt * 8 + 2 * T + (e & 1)
-                    with np.errstate(invalid="ignore"):
-                        pr = np.exp2(st[mt][:, e] * p.scale_log2 - cLse2[col])
-                        ds = pr * (dpt[mt][:, e] - cDelta[col])
-                    if need_mask:
-                        i = i0 + col
-                        m = (i < row_qlo[e // 2]) | (i >= row_qhi[e // 2])
-                        pr = np.where(m, 0.0, pr)
-                        ds = np.where(m, 0.0, ds)
-                    st[mt][:, e] = pr
-                    dpt[mt][:, e] = ds
+                    for mk in range(MK):
+                        mma(st[mk][mt], ak[mk], bq[0:2])
+                        mma(st[mk][mt + 1], ak[mk], bq[2:4])
+                        mma(dpt[mk][mt], av[mk], bdo[0:2])
+                        mma(dpt[mk][mt + 1], av[mk], bdo[2:4])
+            for mk in range(MK):
+                for mt in range(MT):
+                    for e in range(4):
+                        col = mt * 8 + 2 * T + (e & 1)
+                        with np.errstate(invalid="ignore"):
+                            pr = np.exp2(st[mk][mt][:, e] * p.scale_log2 - cLse2[col])
+                            ds = pr * (dpt[mk][mt][:, e] - cDelta[col])
+                        if need_mask:
+                            i = i0 + col
+                            m = (i < row_qlo[mk, e // 2]) | (i >= row_qhi[mk, e // 2])
+                            pr = np.where(m, 0.0, pr)
+                            ds = np.where(m, 0.0, ds)
+                        st[mk][mt][:, e] = pr
+                        dpt[mk][mt][:, e] = ds
             for kq in range(BM // 16):
-                ap = acc_to_a(st[2 * kq], st[2 * kq + 1])
-                ads = acc_to_a(dpt[2 * kq], dpt[2 * kq + 1])
+                ap = [acc_to_a(st[mk][2 * kq], st[mk][2 * kq + 1]) for mk in range(MK)]
+                ads = [acc_to_a(dpt[mk][2 * kq], dpt[mk][2 * kq + 1]) for mk in range(MK)]
                 for dt in range(0, ST, 2):
                     bdo = ldmatrix(cdO, addr_m(D, kq * 16, (dt0 + dt) * 8), trans=True)
                     bq = ldmatrix(cQ, addr_m(D, kq * 16, (dt0 + dt) * 8), trans=True)
-                    mma(dv[warp][dt], ap, bdo[0:2])
-                    mma(dv[warp][dt + 1], ap, bdo[2:4])
-                    mma(dk[warp][dt], ads, bq[0:2])
-                    mma(dk[warp][dt + 1], ads, bq[2:4])
+                    for mk in range(MK):
+                        mma(dv[warp][mk][dt], ap[mk], bdo[0:2])
+                        mma(dv[warp][mk][dt + 1], ap[mk], bdo[2:4])
+                        mma(dk[warp][mk][dt], ads[mk], bq[0:2])
+                        mma(dk[warp][mk][dt + 1], ads[mk], bq[2:4])
     for warp in range(4):
-        key_row0 = (warp // WD) * 16
+        key_row0 = (warp // WD) * 16 * MK
         dt0 = (warp % WD) * ST
-        for rr in range(2):
-            for lane in range(32):
-                row = key_row0 + G[lane] + rr * 8
-                if row >= nk:
-                    continue
-                for dt in range(ST):
-                    col = (dt0 + dt) * 8 + 2 * T[lane]
-                    tok = k_start + j0 + row
-                    assert getattr(p, 'dq_written', False) or np.all(np.isnan(p.dk[(0 if p.cu_q is not None else b), tok, hk, col:col + 2]))
-                    p.dk[(0 if p.cu_q is not None else b), tok, hk, col:col + 2] = dk[warp][dt][lane, 2 * rr:2 * rr + 2] * p.scale
-                    p.dv[(0 if p.cu_q is not None else b), tok, hk, col:col + 2] = dv[warp][dt][lane, 2 * rr:2 * rr + 2]
+        for mk in range(MK):
+            for rr in range(2):
+                for lane in range(32):
+                    row = key_row0 + mk * 16 + G[lane] + rr * 8
+                    if row >= nk:
+                        continue
+                    for dt in range(ST):
+                        col = (dt0 + dt) * 8 + 2 * T[lane]
+                        tok = k_start + j0 + row
+                        assert getattr(p, 'dq_written', False) or np.all(np.isnan(p.dk[(0 if p.cu_q is not None else b), tok, hk, col:col + 2]))
+                        p.dk[(0 if p.cu_q is not None else b), tok, hk, col:col + 2] = dk[warp][mk][dt][lane, 2 * rr:2 * rr + 2] * p.scale
+                        p.dv[(0 if p.cu_q is not None else b), tok, hk, col:col + 2] = dv[warp][mk][dt][lane, 2 * rr:2 * rr + 2]
 
 
 def dq_tile(D, MT=1):
@@ -341,7 +346,7 @@ def reference(q, k, v, do, causal, window, scale):
 
 
 def run_bwd(b, tq, tk, h, hk, d, causal, window, varlen=None, seed=0, garbage_cu=None, dq_m_tiles=1,
-            return_dq=False):
+            return_grads=False, dkv_m_tiles=1):
     rng = np.random.default_rng(seed)
     p = P()
     p.H, p.HK = h, hk
@@ -368,12 +373,12 @@ def run_bwd(b, tq, tk, h, hk, d, causal, window, varlen=None, seed=0, garbage_cu
         delta = (do * out).sum(-1).transpose(0, 2, 1)
     p.q, p.k, p.v, p.do, p.lse, p.delta = q, k, v, do, lse, delta
     p.dq, p.dk, p.dv = np.full(q.shape, np.nan), np.full(k.shape, np.nan), np.full(v.shape, np.nan)
-    BN = kv_tile(d)[1]
+    BN = kv_tile(d, dkv_m_tiles)[1]
     BMq = dq_tile(d, dq_m_tiles)[0]
     for bb in range(nb):
         for hh in range(hk):
             for bx in range((p.lk + BN - 1) // BN):
-                dk_dv_cta(p, d, bb, hh, bx)
+                dk_dv_cta(p, d, bb, hh, bx, dkv_m_tiles)
         for hh in range(h):
             for bx in range((p.lq + BMq - 1) // BMq):
                 dq_cta(p, d, bb, hh, bx, dq_m_tiles)
@@ -384,7 +389,7 @@ def run_bwd(b, tq, tk, h, hk, d, causal, window, varlen=None, seed=0, garbage_cu
         for bb in range(len(garbage_cu) - 1):
             for hh in range(hk):
                 for bx in range((p.lk + BN - 1) // BN):
-                    dk_dv_cta(p, d, bb, hh, bx)
+                    dk_dv_cta(p, d, bb, hh, bx, dkv_m_tiles)
             for hh in range(h):
                 for bx in range((p.lq + BMq - 1) // BMq):
                     dq_cta(p, d, bb, hh, bx, dq_m_tiles)
@@ -395,7 +400,7 @@ def run_bwd(b, tq, tk, h, hk, d, causal, window, varlen=None, seed=0, garbage_cu
         err = np.abs(ours - ref).max() / max(np.abs(ref).max(), np.abs(rdv).max(), 1e-30)
         errs.append(err)
         assert err < 1e-9, f"{name}: rel err {err}"
-    return (errs, p.dq) if return_dq else errs
+    return (errs, (p.dq, p.dk, p.dv)) if return_grads else errs
 
 
 
@@ -587,10 +592,19 @@ if __name__ == "__main__":
             print(f"128-row tiles {case}: fwd out {out_err:.1e} lse {lse_err:.1e}, "
                   f"{'the same bits as' if same else 'DIFFERENT from'} the 64-row tiles", flush=True)
             assert max(out_err, lse_err) < 1e-9 and same
-            # the dq kernel's 128-row tiles (half the keys per step): 1e-15 from the reference, and
-            # without a left window (every row's keys from 0) the same bits as its 64-row ones
-            errs, dq = run_bwd(**case, dq_m_tiles=2, return_dq=True)
-            same = np.array_equal(dq, run_bwd(**case, return_dq=True)[1])
+            # the backward's taller tiles: the dq kernel's 128 rows (half the keys per step) and, at
+            # D = 64, the dk_dv kernel's 128 keys (half the queries per step): 1e-15 from the
+            # reference, and the same bits as the 64-row / 64-key tiles where their first key / query
+            # does not move (dq: no left window; dk_dv: no right window)
+            dq, dk, dv = run_bwd(**case, return_grads=True)[1]
+            errs, grads = run_bwd(**case, dq_m_tiles=2, return_grads=True)
+            same = np.array_equal(grads[0], dq)
             print(f"  dq 128-row tiles: dq {errs[0]:.1e}, {'the same bits as' if same else 'not the bits of'} "
                   "the 64-row tiles", flush=True)
             assert same or case["window"][0] >= 0
+            if case["d"] == 64:
+                errs, grads = run_bwd(**case, dkv_m_tiles=2, return_grads=True)
+                same = np.array_equal(grads[1], dk) and np.array_equal(grads[2], dv)
+                print(f"  dk_dv 128-key tiles: dk {errs[1]:.1e} dv {errs[2]:.1e}, "
+                      f"{'the same bits as' if same else 'not the bits of'} the 64-key tiles", flush=True)
+                assert same or case["causal"] or case["window"][1] >= 0

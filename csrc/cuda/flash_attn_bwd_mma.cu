@@ -1,7 +1,8 @@
 // FlashAttention-2 backward on tensor cores (sm80 mma.sync m16n8k16; runs unchanged on sm90).
 // Partly verified: ran on an H200 (2026-11-30): compute-sanitizer clean, its small cases right; the CUDA test suite not yet run through (see README).
 // Speed there: fwd+bwd 0.30-0.50x torch SDPA's flash backend (bf16, D = 64 / 128): not tuned yet.
-// The dq kernel's 128-row tiles (MT = 2, PYLLM_ATTN_BWD_DQ_BLOCK_M=128) are unverified: never run on a GPU.
+// The taller tiles (the dq kernel's 128 rows, PYLLM_ATTN_BWD_DQ_BLOCK_M=128; the dk_dv kernel's 128
+// keys at D = 64, PYLLM_ATTN_BWD_DKV_BLOCK_N=128) are unverified: never run on a GPU.
 //
 // Called by flash_attn_bwd_cuda (flash_attn_bwd.cu) after its delta kernel has written
 // delta_i = dO_i . O_i - dlse_i; P is recomputed from the forward's LSE, nothing T x T is stored.
@@ -86,13 +87,21 @@ constexpr int kBwdMmaThreads = 128;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr int kMaxSmemBytes = 99 * 1024;
 
-template <int D>
+// MK: 16-key m-tiles per warp. MK = 2 (128 keys per CTA, D = 64 only: at D = 128 the dK and dV
+// accumulators alone would be 256 registers) makes each Q / dO fragment feed two key tiles, with
+// queries per step halved so that the S^T and dP^T accumulators stay as many: per step and warp
+// (D = 64) MK = 1, BM = 64: 72 ldmatrix.x4 for 128 mmas (1.8 per load); MK = 2, BM = 32: 48 for 128
+// (2.7). Built for sm_90 only, chosen by PYLLM_ATTN_BWD_DKV_BLOCK_N=128 until a GPU run measures
+// it: UNVERIFIED (never run on a GPU). Where a key tile's first query does not move with the
+// taller tile (no right window clamping it, e.g. non-causal without a window), the 16-query groups
+// its mmas sum are the same and so are the bits; otherwise a rounding-level difference.
+template <int D, int MK = 1>
 struct BwdKVTile {
   static constexpr int kWarps = kBwdMmaThreads / 32;
-  static constexpr int kWarpsD = D <= 128 ? 1 : 2;            // warps splitting the head dim of dK / dV
-  static constexpr int kBlockN = 16 * kWarps / kWarpsD;         // keys per CTA: 64, or 32 at D = 256
-  static constexpr int kBlockM = D <= 64 ? 64 : 32;             // queries per step
-  static constexpr int kSliceD = D / kWarpsD;                   // dK / dV columns per warp
+  static constexpr int kWarpsD = D <= 128 ? 1 : 2;               // warps splitting the head dim of dK / dV
+  static constexpr int kBlockN = 16 * MK * kWarps / kWarpsD;       // keys per CTA: 64 (128 with MK = 2), 32 at D = 256
+  static constexpr int kBlockM = (D <= 64 ? 64 : 32) / MK;         // queries per step
+  static constexpr int kSliceD = D / kWarpsD;                      // dK / dV columns per warp
   // K, V (one stage) + Q, dO (two stages) in 16-bit, + lse2, delta (two stages) in fp32.
   static constexpr int kSmemBytes = (2 * kBlockN * D + 4 * kBlockM * D) * 2 + 4 * kBlockM * 4;
   static_assert(kSmemBytes <= kMaxSmemBytes, "dk_dv tile over 99 KB of shared memory");
@@ -147,13 +156,19 @@ __device__ __forceinline__ void acc_to_a(uint32_t (&a)[4], const float (&c0)[4],
   a[3] = pack2<T>(c1[2], c1[3]);
 }
 
-template <typename T, int D>
+template <typename T, int D, int MK>
 __global__ void __launch_bounds__(kBwdMmaThreads)
     flash_attn_bwd_dk_dv_mma_kernel(const AttnParams p, const float* __restrict__ delta, float scale_log2) {
 #ifdef PYLLM_ATTN_UNSUPPORTED_ARCH
   __trap();
 #else
-  using Tile = BwdKVTile<D>;
+#if __CUDA_ARCH__ < 900
+  if constexpr (MK > 1) {  // Hopper only while it is an experiment (see BwdKVTile)
+    __trap();
+    return;
+  }
+#endif
+  using Tile = BwdKVTile<D, MK>;
   constexpr int BN = Tile::kBlockN, BM = Tile::kBlockM, MT = BM / 8, ST = Tile::kSliceD / 8;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T* sK = reinterpret_cast<T*>(smem_raw);
@@ -169,8 +184,8 @@ __global__ void __launch_bounds__(kBwdMmaThreads)
   if (j0 >= s.len_k) return;  // uniform per CTA: before any barrier
   const int nk = int(min(int64_t(BN), s.len_k - j0));
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  const int key_row0 = (warp / Tile::kWarpsD) * 16;  // this warp's 16 keys within the block
-  const int dt0 = (warp % Tile::kWarpsD) * ST;       // its first 8-wide column tile of dK / dV
+  const int key_row0 = (warp / Tile::kWarpsD) * 16 * MK;  // this warp's 16 * MK keys within the block
+  const int dt0 = (warp % Tile::kWarpsD) * ST;            // its first 8-wide column tile of dK / dV
   const int group = int(p.n_heads / p.n_kv_heads);
 
   // Queries that see any of this block's keys (both bounds are monotone in the key), cut into
@@ -178,14 +193,18 @@ __global__ void __launch_bounds__(kBwdMmaThreads)
   const int64_t q_lo = query_lo(p, j0, s.len_q, s.len_k), q_hi = query_hi(p, j0 + nk - 1, s.len_q, s.len_k);
   const int n_qblocks = q_hi > q_lo ? int((q_hi - q_lo + BM - 1) / BM) : 0;
   const int n_steps = n_qblocks * group;
-  // Queries [row_qlo, row_qhi) that see this lane's key rows g and g + 8 (none past the end).
-  int row_qlo[2], row_qhi[2];
+  // Queries [row_qlo, row_qhi) that see this lane's key rows g and g + 8 of each key tile (none
+  // past the end).
+  int row_qlo[MK][2], row_qhi[MK][2];
 #pragma unroll
-  for (int rr = 0; rr < 2; ++rr) {
-    const int64_t j = j0 + key_row0 + g + rr * 8;
-    const bool in = j < s.len_k;
-    row_qlo[rr] = in ? int(query_lo(p, j, s.len_q, s.len_k)) : 0;
-    row_qhi[rr] = in ? int(query_hi(p, j, s.len_q, s.len_k)) : 0;
+  for (int mk = 0; mk < MK; ++mk) {
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      const int64_t j = j0 + key_row0 + mk * 16 + g + rr * 8;
+      const bool in = j < s.len_k;
+      row_qlo[mk][rr] = in ? int(query_lo(p, j, s.len_q, s.len_k)) : 0;
+      row_qhi[mk][rr] = in ? int(query_hi(p, j, s.len_q, s.len_k)) : 0;
+    }
   }
   const int64_t qlo_last = query_lo(p, j0 + BN - 1, s.len_q, s.len_k), qhi_first = query_hi(p, j0, s.len_q, s.len_k);
 
@@ -209,11 +228,13 @@ __global__ void __launch_bounds__(kBwdMmaThreads)
     }
   };
 
-  float dk[ST][4], dv[ST][4];
+  float dk[MK][ST][4], dv[MK][ST][4];
 #pragma unroll
-  for (int dt = 0; dt < ST; ++dt)
+  for (int mk = 0; mk < MK; ++mk)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) dk[dt][e] = dv[dt][e] = 0.f;
+    for (int dt = 0; dt < ST; ++dt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dk[mk][dt][e] = dv[mk][dt][e] = 0.f;
 
   if (n_steps > 0) {
     const T* k_src = static_cast<const T*>(p.k) + b * p.k_strides[0] + (s.k_start + j0) * p.k_strides[1] +
@@ -242,17 +263,23 @@ __global__ void __launch_bounds__(kBwdMmaThreads)
     const float* cDelta = sDelta + stage * BM;
     const int64_t i0 = q_lo + int64_t(step % n_qblocks) * BM;
 
-    // S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys x BM queries.
-    float st[MT][4], dpt[MT][4];
+    // S^T = K Q^T and dP^T = V dO^T for this warp's 16 * MK keys x BM queries: each Q / dO
+    // fragment feeds MK key tiles.
+    float st[MK][MT][4], dpt[MK][MT][4];
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
+    for (int mk = 0; mk < MK; ++mk)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) st[mt][e] = dpt[mt][e] = 0.f;
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) st[mk][mt][e] = dpt[mk][mt][e] = 0.f;
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
-      uint32_t ak[4], av[4];
-      ldmatrix_x4(ak, frag_addr_rows_m<D>(sK, key_row0, kk * 16, lane));
-      ldmatrix_x4(av, frag_addr_rows_m<D>(sV, key_row0, kk * 16, lane));
+      uint32_t ak[MK][4], av[MK][4];
+#pragma unroll
+      for (int mk = 0; mk < MK; ++mk) {
+        ldmatrix_x4(ak[mk], frag_addr_rows_m<D>(sK, key_row0 + mk * 16, kk * 16, lane));
+        ldmatrix_x4(av[mk], frag_addr_rows_m<D>(sV, key_row0 + mk * 16, kk * 16, lane));
+      }
 #pragma unroll
       for (int mt = 0; mt < MT; mt += 2) {
         uint32_t bq[4], bdo[4];
@@ -260,37 +287,48 @@ __global__ void __launch_bounds__(kBwdMmaThreads)
         ldmatrix_x4(bdo, frag_addr_rows_n<D>(cdO, mt * 8, kk * 16, lane));
         const uint32_t bq0[2] = {bq[0], bq[1]}, bq1[2] = {bq[2], bq[3]};
         const uint32_t bdo0[2] = {bdo[0], bdo[1]}, bdo1[2] = {bdo[2], bdo[3]};
-        mma_16x8x16<T>(st[mt], ak, bq0);
-        mma_16x8x16<T>(st[mt + 1], ak, bq1);
-        mma_16x8x16<T>(dpt[mt], av, bdo0);
-        mma_16x8x16<T>(dpt[mt + 1], av, bdo1);
+#pragma unroll
+        for (int mk = 0; mk < MK; ++mk) {
+          mma_16x8x16<T>(st[mk][mt], ak[mk], bq0);
+          mma_16x8x16<T>(st[mk][mt + 1], ak[mk], bq1);
+          mma_16x8x16<T>(dpt[mk][mt], av[mk], bdo0);
+          mma_16x8x16<T>(dpt[mk][mt + 1], av[mk], bdo1);
+        }
       }
     }
 
-    // P^T and dS^T in place. Element e of tile mt: key row g + 8 * (e / 2), query mt * 8 + 2t + e % 2.
+    // P^T and dS^T in place. Element e of tile mt: key row g + 8 * (e / 2) of key tile mk, query
+    // mt * 8 + 2t + e % 2.
     const bool need_mask = !(nk == BN && qlo_last <= i0 && i0 + BM <= qhi_first);
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
+    for (int mk = 0; mk < MK; ++mk) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int col = mt * 8 + 2 * t + (e & 1);
-        float pr = exp2f(st[mt][e] * scale_log2 - cLse2[col]);
-        float ds = pr * (dpt[mt][e] - cDelta[col]);
-        if (need_mask) {
-          const int i = int(i0) + col;
-          if (i < row_qlo[e / 2] || i >= row_qhi[e / 2]) pr = ds = 0.f;
+      for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int col = mt * 8 + 2 * t + (e & 1);
+          float pr = exp2f(st[mk][mt][e] * scale_log2 - cLse2[col]);
+          float ds = pr * (dpt[mk][mt][e] - cDelta[col]);
+          if (need_mask) {
+            const int i = int(i0) + col;
+            if (i < row_qlo[mk][e / 2] || i >= row_qhi[mk][e / 2]) pr = ds = 0.f;
+          }
+          st[mk][mt][e] = pr;
+          dpt[mk][mt][e] = ds;
         }
-        st[mt][e] = pr;
-        dpt[mt][e] = ds;
       }
     }
 
-    // dV += P^T dO and dK += dS^T Q over the block's queries, 16 per k-step, this warp's columns.
+    // dV += P^T dO and dK += dS^T Q over the block's queries, 16 per k-step, this warp's columns;
+    // each dO / Q fragment feeds MK key tiles.
 #pragma unroll
     for (int kq = 0; kq < BM / 16; ++kq) {
-      uint32_t ap[4], ads[4];
-      acc_to_a<T>(ap, st[2 * kq], st[2 * kq + 1]);
-      acc_to_a<T>(ads, dpt[2 * kq], dpt[2 * kq + 1]);
+      uint32_t ap[MK][4], ads[MK][4];
+#pragma unroll
+      for (int mk = 0; mk < MK; ++mk) {
+        acc_to_a<T>(ap[mk], st[mk][2 * kq], st[mk][2 * kq + 1]);
+        acc_to_a<T>(ads[mk], dpt[mk][2 * kq], dpt[mk][2 * kq + 1]);
+      }
 #pragma unroll
       for (int dt = 0; dt < ST; dt += 2) {
         uint32_t bdo[4], bq[4];
@@ -298,10 +336,13 @@ __global__ void __launch_bounds__(kBwdMmaThreads)
         ldmatrix_x4_trans(bq, frag_addr_rows_m<D>(cQ, kq * 16, (dt0 + dt) * 8, lane));
         const uint32_t bdo0[2] = {bdo[0], bdo[1]}, bdo1[2] = {bdo[2], bdo[3]};
         const uint32_t bq0[2] = {bq[0], bq[1]}, bq1[2] = {bq[2], bq[3]};
-        mma_16x8x16<T>(dv[dt], ap, bdo0);
-        mma_16x8x16<T>(dv[dt + 1], ap, bdo1);
-        mma_16x8x16<T>(dk[dt], ads, bq0);
-        mma_16x8x16<T>(dk[dt + 1], ads, bq1);
+#pragma unroll
+        for (int mk = 0; mk < MK; ++mk) {
+          mma_16x8x16<T>(dv[mk][dt], ap[mk], bdo0);
+          mma_16x8x16<T>(dv[mk][dt + 1], ap[mk], bdo1);
+          mma_16x8x16<T>(dk[mk][dt], ads[mk], bq0);
+          mma_16x8x16<T>(dk[mk][dt + 1], ads[mk], bq1);
+        }
       }
     }
     __syncthreads();  // every warp is done with this stage before it is refilled
@@ -311,17 +352,21 @@ __global__ void __launch_bounds__(kBwdMmaThreads)
   // Every key row of the sequence in this block is written, zeros for keys no query sees.
   const float scale = float(p.scale);
 #pragma unroll
-  for (int rr = 0; rr < 2; ++rr) {
-    const int row = key_row0 + g + rr * 8;
-    if (row >= nk) continue;
-    const int64_t off = b * p.dkv_strides[0] + (s.k_start + j0 + row) * p.dkv_strides[1] + hk * p.dkv_strides[2];
-    T* dk_row = static_cast<T*>(p.dk) + off;
-    T* dv_row = static_cast<T*>(p.dv) + off;
+  for (int mk = 0; mk < MK; ++mk) {
 #pragma unroll
-    for (int dt = 0; dt < ST; ++dt) {
-      const int col = (dt0 + dt) * 8 + 2 * t;
-      *reinterpret_cast<uint32_t*>(dk_row + col) = pack2<T>(dk[dt][2 * rr] * scale, dk[dt][2 * rr + 1] * scale);
-      *reinterpret_cast<uint32_t*>(dv_row + col) = pack2<T>(dv[dt][2 * rr], dv[dt][2 * rr + 1]);
+    for (int rr = 0; rr < 2; ++rr) {
+      const int row = key_row0 + mk * 16 + g + rr * 8;
+      if (row >= nk) continue;
+      const int64_t off = b * p.dkv_strides[0] + (s.k_start + j0 + row) * p.dkv_strides[1] + hk * p.dkv_strides[2];
+      T* dk_row = static_cast<T*>(p.dk) + off;
+      T* dv_row = static_cast<T*>(p.dv) + off;
+#pragma unroll
+      for (int dt = 0; dt < ST; ++dt) {
+        const int col = (dt0 + dt) * 8 + 2 * t;
+        *reinterpret_cast<uint32_t*>(dk_row + col) =
+            pack2<T>(dk[mk][dt][2 * rr] * scale, dk[mk][dt][2 * rr + 1] * scale);
+        *reinterpret_cast<uint32_t*>(dv_row + col) = pack2<T>(dv[mk][dt][2 * rr], dv[mk][dt][2 * rr + 1]);
+      }
     }
   }
 #endif
@@ -509,15 +554,26 @@ __global__ void __launch_bounds__(kBwdMmaThreads)
 #endif
 }
 
-// The dq kernel's m-tiles per warp while MT = 2 is unmeasured (BwdQTile): read per launch, so a
-// benchmark or test can switch it within one process; MT = 2 is built for sm_90 only.
-inline int dq_m_tiles(int head_dim, int device) {
-  if (head_dim != 64 && head_dim != 128) return 1;
-  const char* env = std::getenv("PYLLM_ATTN_BWD_DQ_BLOCK_M");
+// The kernels' m-tiles per warp while 2 is unmeasured (BwdKVTile, BwdQTile): 2 where the variable
+// `env` says 128, read per launch so that a benchmark or test can switch it within one process;
+// built for sm_90 only, so 1 elsewhere. The callers instantiate 2 only for the head dims it has.
+inline int bwd_m_tiles(int device, const char* env_name) {
+  const char* env = std::getenv(env_name);
   if (!env || std::strcmp(env, "128") != 0) return 1;
   int major = 0;
   PYLLM_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
   return major == 9 ? 2 : 1;
+}
+
+template <typename T, int D, int MK>
+void launch_dk_dv(const AttnParams& p, const float* delta, float scale_log2, int device, cudaStream_t stream) {
+  using Tile = BwdKVTile<D, MK>;
+  constexpr auto kernel = flash_attn_bwd_dk_dv_mma_kernel<T, D, MK>;
+  opt_in_dynamic_smem<kernel>(Tile::kSmemBytes, device, "the backward's dk_dv kernel");
+  const dim3 grid(unsigned((p.seqlen_k + Tile::kBlockN - 1) / Tile::kBlockN), unsigned(p.n_kv_heads),
+                  unsigned(p.batch));
+  kernel<<<grid, kBwdMmaThreads, Tile::kSmemBytes, stream>>>(p, delta, scale_log2);
+  PYLLM_CUDA_CHECK_LAUNCH("flash_attn_bwd_dk_dv_mma_kernel");
 }
 
 template <typename T, int D, int MT>
@@ -535,19 +591,24 @@ template <typename T, int D>
 void launch_bwd_mma_d(const AttnParams& p, const float* delta, int device, cudaStream_t stream) {
   const float scale_log2 = float(p.scale * 1.4426950408889634);
   if (p.seqlen_k > 0) {
-    using Tile = BwdKVTile<D>;
-    constexpr auto kernel = flash_attn_bwd_dk_dv_mma_kernel<T, D>;
-    opt_in_dynamic_smem<kernel>(Tile::kSmemBytes, device, "the backward's dk_dv kernel");
-    const dim3 grid(unsigned((p.seqlen_k + Tile::kBlockN - 1) / Tile::kBlockN), unsigned(p.n_kv_heads),
-                    unsigned(p.batch));
-    kernel<<<grid, kBwdMmaThreads, Tile::kSmemBytes, stream>>>(p, delta, scale_log2);
-    PYLLM_CUDA_CHECK_LAUNCH("flash_attn_bwd_dk_dv_mma_kernel");
+    if constexpr (D == 64) {  // the taller tiles exist at D = 64 only (BwdKVTile)
+      if (bwd_m_tiles(device, "PYLLM_ATTN_BWD_DKV_BLOCK_N") == 2)
+        launch_dk_dv<T, D, 2>(p, delta, scale_log2, device, stream);
+      else
+        launch_dk_dv<T, D, 1>(p, delta, scale_log2, device, stream);
+    } else {
+      launch_dk_dv<T, D, 1>(p, delta, scale_log2, device, stream);
+    }
   }
   if (p.seqlen_q > 0) {
-    if constexpr (D == 64 || D == 128) {
-      if (dq_m_tiles(D, device) == 2) return launch_dq<T, D, 2>(p, delta, scale_log2, device, stream);
+    if constexpr (D == 64 || D == 128) {  // likewise at D = 64 / 128 (BwdQTile)
+      if (bwd_m_tiles(device, "PYLLM_ATTN_BWD_DQ_BLOCK_M") == 2)
+        launch_dq<T, D, 2>(p, delta, scale_log2, device, stream);
+      else
+        launch_dq<T, D, 1>(p, delta, scale_log2, device, stream);
+    } else {
+      launch_dq<T, D, 1>(p, delta, scale_log2, device, stream);
     }
-    launch_dq<T, D, 1>(p, delta, scale_log2, device, stream);
   }
 }
 

@@ -71,7 +71,7 @@ if want test; then
   if [ -n "$first_k" ]; then
     start=$(date +%s)
     OMP_NUM_THREADS=$threads timeout 150 $PY -m pytest -m cuda -k "$first_k" -v -rfE -p no:cacheprovider \
-      ${PYTEST_ARGS-$default_args $(session_timeout 150)} > "$OUT/pytest_cuda_first.log" 2>      ${PYTEST_ARGS-$default_args $(session_timeout 120)} > "$OUT/pytest_cuda_first.log" 2>&11
+      ${PYTEST_ARGS-$default_args $(session_timeout 150)} > "$OUT/pytest_cuda_first.log" 2>&1
     first_rc=$?
     grep -E "^(FAILED|ERROR)|node down|Timeout" "$OUT/pytest_cuda_first.log" | head -20
     tail -2 "$OUT/pytest_cuda_first.log"

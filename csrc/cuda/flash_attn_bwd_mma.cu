@@ -91,7 +91,8 @@ constexpr int kMaxSmemBytes = 99 * 1024;
 // accumulators alone would be 256 registers) makes each Q / dO fragment feed two key tiles, with
 // queries per step halved so that the S^T and dP^T accumulators stay as many: per step and warp
 // (D = 64) MK = 1, BM = 64: 72 ldmatrix.x4 for 128 mmas (1.8 per load); MK = 2, BM = 32: 48 for 128
-// (2.7). Built for sm_90 only, chosen by PYLLM_ATTN_BWD_DKV_BLOCK_N=128 until a GPU run measures
+// (2.7); ptxas (nvcc 13.0, sm_90): 255 registers, no spill (MK = 1: 233). Built for sm_90 only,
+// chosen by PYLLM_ATTN_BWD_DKV_BLOCK_N=128 until a GPU run measures
 // it: UNVERIFIED (never run on a GPU). Where a key tile's first query does not move with the
 // taller tile (no right window clamping it, e.g. non-causal without a window), the 16-query groups
 // its mmas sum are the same and so are the bits; otherwise a rounding-level difference.
@@ -111,8 +112,9 @@ struct BwdKVTile {
 // MT: 16-row m-tiles per warp, as in the forward (flash_attn_fwd.cu's FwdTile): MT = 2 (128 query
 // rows per CTA) makes each K / V fragment feed two m-tiles, 2.4 mmas per ldmatrix.x4 instead of 1.7
 // at D = 64 (per key block and warp: MT = 1, BN = 64: 56 loads, 96 mmas; MT = 2, BN = 32: 40 loads,
-// 96 mmas), with keys per step halved so that the S and dP accumulators stay as many (dQ's double:
-// ptxas, see flash_attn_bwd_dq_mma_kernel). Built for D = 64 / 128 on sm_90 only, chosen by
+// 96 mmas), with keys per step halved so that the S and dP accumulators stay as many (dQ's double;
+// ptxas, nvcc 13.0, sm_90: 248 registers at D = 64, no spill; 255 at D = 128, 4 B of spill, as
+// against 168 / 174 for MT = 1). Built for D = 64 / 128 on sm_90 only, chosen by
 // PYLLM_ATTN_BWD_DQ_BLOCK_M=128 until a GPU run measures it: UNVERIFIED (never run on a GPU). Without
 // a left window every row's dQ takes the same mmas in the same key order as with MT = 1 (16 keys per
 // k-step from key 0 either way; key blocks only other rows need add dS = 0), so the bits must match;

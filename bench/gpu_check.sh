@@ -6,6 +6,7 @@
 # One device call may run 10 minutes at most. When the whole check does not fit, split it over
 # calls (the machine stays warm and keeps the build between them):
 #   STAGES="build test" bash bench/gpu_check.sh ; STAGES="sanitize" ... ; STAGES="bench" BENCH_ARGS=--quick ...
+#   (STAGES="profile": Nsight Compute on the attention kernels, not in the default set; see below)
 # Each stage also has a time limit (seconds, env TEST_LIMIT, SANITIZE_LIMIT, BENCH_LIMIT) so that one
 # hang still leaves the logs of the stages before it under $OUT.
 # A lent GPU comes with ~15 device minutes in all, start-up included. Measured on the H200
@@ -116,6 +117,25 @@ if want sanitize; then
     sanitizer_rc=-2
   fi
   rm -rf "$OUT/.san"
+fi
+
+# Not in the default STAGES (about a minute; the second call's slot): Nsight Compute's counters for
+# the attention kernels, each tile variant once (bench/profile_attention.py): SM and tensor-pipe
+# throughput, shared-memory traffic and bank conflicts, stall reasons, occupancy. Firecracker
+# machines only (gVisor's ncu reads no counters).
+if want profile; then
+  status "ncu"
+  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  if [ -z "$NCU" ]; then
+    echo "ncu: not found"
+  else
+    timeout "${PROFILE_LIMIT:-150}" "$NCU" --clock-control none --profile-from-start off -k regex:flash_attn \
+      --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+      --section WarpStateStats --section Occupancy --section LaunchStats \
+      $PY bench/profile_attention.py > "$OUT/ncu.txt" 2>&1
+    echo "ncu rc=$?"
+    grep -E "flash_attn_[a-z_]*kernel|Duration|Compute \(SM\) Throughput|Memory Throughput|Achieved Occupancy" "$OUT/ncu.txt" | head -60
+  fi
 fi
 
 if want bench; then

@@ -7,7 +7,10 @@ CPU AdamW too). Both clip the global grad norm to 1. Each with and without torch
 skips compile unless --compile is given). Same config, parameter count, batch, precision and
 process; median step time of repeats. --activation-checkpointing recomputes every block in the
 backward in both (torch.utils.checkpoint, non-reentrant, as pyllm's LLM does); "saved MB" is what
-autograd keeps from one forward (saved-tensor hooks: activations, whatever the device).
+autograd keeps from one forward (saved-tensor hooks: activations, whatever the device), "peak MB"
+the peak memory of one step above what was held before it (CUDA allocator peak; CPU peak RSS). A
+third row, "pyllm fused-loss", computes the loss with pyllm.nn.linear_cross_entropy (LLM.fused_loss):
+the (B, T, vocab) logits and their gradient never exist.
 
 MFU = model FLOPs per token (6N + 12 L C T) x tokens/s / the GPU's peak bf16 FLOP/s
 (pyllm.train.PEAK_BF16_FLOPS); n/a on the CPU.
@@ -28,6 +31,10 @@ import common  # noqa: E402
 
 from pyllm.model import LLM, ModelConfig  # noqa: E402
 from pyllm.train import DistInfo, TrainConfig, autocast, make_optimizer, peak_flops  # noqa: E402
+
+
+# pyllm's model with fused_loss: the loss by pyllm.nn.linear_cross_entropy, no (B, T, V) logits.
+FUSED = "pyllm fused-loss"
 
 
 # --- the plain-PyTorch model (LLaMA-style configs: rmsnorm, swiglu, rope, any n_kv_heads) ----------
@@ -127,9 +134,11 @@ def main() -> int:
 
     def make(impl):
         torch.manual_seed(0)
-        model = (LLM(cfg) if impl == "pyllm" else PlainLLM(cfg)).to(device)
+        model = (LLM(cfg) if impl.startswith("pyllm") else PlainLLM(cfg)).to(device)
         model.activation_checkpointing = args.activation_checkpointing
-        if impl == "pyllm":
+        if impl == FUSED:
+            model.fused_loss = True
+        if impl.startswith("pyllm"):
             opt = make_optimizer(model, TrainConfig(lr=1e-4), DistInfo(device=device))
         else:
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
@@ -144,7 +153,7 @@ def main() -> int:
           f"B={B}, T={T}, {precision}, {flops_per_token / 1e6:.0f} MFLOPs/token, MFU vs "
           + (f"{peak / 1e12:.0f} TFLOP/s bf16 peak" if peak else "no known peak (n/a)"))
     for compiled in ([False] if args.quick and not args.compile else [False, True]):
-        for impl in ("pyllm", "plain torch"):
+        for impl in ("pyllm", FUSED, "plain torch"):
             model, opt = make(impl)
             fwd = torch.compile(model) if compiled else model
 
@@ -152,7 +161,7 @@ def main() -> int:
                 with autocast(precision, device):
                     loss = fwd(x[:, :-1], x[:, 1:])[1]
                 loss.backward()
-                if impl == "pyllm":
+                if impl.startswith("pyllm"):
                     opt.step(max_grad_norm=1.0)
                 else:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -160,6 +169,7 @@ def main() -> int:
                 opt.zero_grad(set_to_none=True)
 
             ms = common.median_ms(step, args.device, warmup=3 if compiled else 2, repeat=repeat)
+            peak_mb = common.peak_memory_mb(step, args.device)
             tok_s = B * T / ms * 1e3
             saved = []
             with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
@@ -167,12 +177,13 @@ def main() -> int:
                 fwd(x[:, :-1], x[:, 1:])
             rows.append({"impl": impl, "compile": "yes" if compiled else "no", "ms/step": round(ms, 2),
                          "tokens/s": round(tok_s), "MFU": f"{flops_per_token * tok_s / peak:.1%}" if peak else "n/a",
-                         "saved MB": round(sum(saved) / 2**20, 1)})
+                         "saved MB": round(sum(saved) / 2**20, 1), "peak MB": round(peak_mb, 1)})
             del model, opt, fwd
     base = {r["compile"]: r["ms/step"] for r in rows if r["impl"] == "plain torch"}
     for r in rows:
         r["vs plain torch (same compile)"] = f"{base[r['compile']] / r['ms/step']:.2f}x"
-    common.print_table(rows, ["impl", "compile", "ms/step", "tokens/s", "MFU", "saved MB", "vs plain torch (same compile)"])
+    common.print_table(rows, ["impl", "compile", "ms/step", "tokens/s", "MFU", "saved MB", "peak MB",
+                              "vs plain torch (same compile)"])
     common.write_json(args.json, "train", args.device, rows, {"preset": preset, "B": B, "T": T, "precision": precision,
                                                               "activation_checkpointing": args.activation_checkpointing,
                                                               "params": n_params["pyllm"], "flops_per_token": flops_per_token,

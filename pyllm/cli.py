@@ -739,6 +739,10 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--activation-checkpointing", action="store_true", default=None,
                    help="keep only each block's input for the backward and recompute the rest there: activation "
                         "memory falls to about one (B, T, dim) tensor per layer, for ~1/3 more compute")
+    p.add_argument("--fused-loss", action="store_true", default=None,
+                   help="compute the loss chunk by chunk with its gradients (pyllm.nn.linear_cross_entropy): the "
+                        "(batch, seq, vocab) logits and their gradient never exist, which is most of the activation "
+                        "memory with a large vocabulary")
     p.add_argument("--doc-mask", action="store_true", default=None,
                    help="keep each document's tokens from attending to the documents before it in the same training "
                         "window (cut at the end-of-document token: <|endoftext|>, or an --init-from-hf model's "

@@ -20,7 +20,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from pyllm.nn import (RMSNorm, SwiGLUMLP, apply_rope, attention, attention_with_kvcache, document_ids,
-                      rope_cos_sin)
+                      linear_cross_entropy, rope_cos_sin)
 
 
 # The parameters of Llama 3.1's RoPE scaling (nn.llama3_scaled), besides rope_type = "llama3".
@@ -282,6 +282,10 @@ class LLM(nn.Module):
         # backward (one more forward of the blocks: ~1/3 more compute), when set. Not part of the
         # config: it changes memory and time, not the function.
         self.activation_checkpointing = False
+        # forward(idx, targets) computes the loss with linear_cross_entropy and returns no logits,
+        # when set: the (B, T, V) logits and their gradient never exist (big vocabularies). Likewise
+        # not part of the config.
+        self.fused_loss = False
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.apply(self._init_weights)
@@ -326,7 +330,8 @@ class LLM(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None):
         """idx (B, T) int64 -> logits (B, T, V) and, given targets (B, T), the mean cross-entropy
-        (targets of -1 are ignored).
+        (targets of -1 are ignored). With fused_loss set and targets given, logits is None (the
+        loss came from linear_cross_entropy, chunk by chunk).
 
         cu_seqlens: packed documents. int32 (N + 1,) on idx's device, the offsets in idx.view(-1) where
         each of N documents starts, then B * T; none may cross the end of a row (every multiple of T
@@ -349,6 +354,9 @@ class LLM(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(block, x, rope, None, 0, cu_seqlens, use_reentrant=False)
             else:
                 x = block(x, rope, cu_seqlens=cu_seqlens)
+        if targets is not None and self.fused_loss:  # no (B, T, V) logits at all (linear_cross_entropy)
+            loss = linear_cross_entropy(self.norm_f(x), self.lm_head.weight, targets)
+            return None, loss / (targets != -1).sum().clamp(min=1)
         logits = self.lm_head(self.norm_f(x))  # (B, T, V)
         loss = None
         if targets is not None:

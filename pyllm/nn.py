@@ -121,6 +121,73 @@ def merge_lora(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
     return merged.to(torch.promote_types(weight.dtype, lora_a.dtype))
 
 
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum over rows of cross_entropy(x W^T, targets) (targets -1 ignored), its gradients computed
+    in the forward, chunk by chunk (Liger-Kernel's fused linear cross-entropy, in torch ops): the
+    (rows, vocab) logits exist one chunk at a time, never whole, and are not kept for the backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, chunk_rows):  # x (N, C), weight (V, C), targets (N,)
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        acc = torch.promote_types(x.dtype, torch.float32)  # the logits' dtype, fp32 at least
+        total = torch.zeros((), dtype=torch.float64, device=x.device)  # chunk sums add up without drift
+        grad_x = torch.empty_like(x) if need_x else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32),
+                             device=x.device) if need_w else None
+        for start in range(0, x.shape[0], chunk_rows):
+            xc, tc = x[start:start + chunk_rows], targets[start:start + chunk_rows]
+            logits = (xc @ weight.t()).to(acc)  # (c, V): the matmul in x's dtype, as nn.Linear
+            valid = tc != -1
+            picked = tc.clamp(min=0)[:, None]
+            picked_logit = logits.gather(1, picked)[:, 0]
+            # One exp pass, in place: exp(logits - max) gives both the log-sum-exp and the softmax.
+            top = logits.amax(dim=-1, keepdim=True)
+            sums = logits.sub_(top).exp_().sum(dim=-1)  # (c,)
+            total += ((top[:, 0] + sums.log() - picked_logit) * valid).sum()
+            if need_x or need_w:
+                # d(sum of losses) / d logits = softmax - one_hot, 0 on ignored rows
+                grad = logits.div_(sums[:, None])
+                grad.scatter_add_(1, picked, -valid[:, None].to(grad.dtype))
+                grad.mul_(valid[:, None])
+                grad = grad.to(x.dtype)
+                if need_x:
+                    grad_x[start:start + chunk_rows] = grad @ weight
+                if need_w:  # fp32 accumulation over chunks (a 16-bit chunk product rounds once)
+                    if x.dtype == grad_w.dtype:
+                        grad_w.addmm_(grad.t(), xc)
+                    else:
+                        grad_w += (grad.t() @ xc).to(grad_w.dtype)
+        ctx.save_for_backward(grad_x, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return total.to(acc)
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_x, grad_w = ctx.saved_tensors
+        return (None if grad_x is None else grad_x * grad_total.to(grad_x.dtype),
+                None if grad_w is None else (grad_w * grad_total).to(ctx.weight_dtype), None, None)
+
+
+def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         chunk_rows: int | None = None) -> torch.Tensor:
+    """The sum over rows of F.cross_entropy(x @ weight.T, targets), -1 targets ignored, in fp32, with
+    its gradients for x and weight computed chunk by chunk in the forward (a fused linear
+    cross-entropy): memory O(chunk_rows * vocab) for the logits instead of O(rows * vocab) twice
+    (logits and their gradient), no recomputation. x (..., C), weight (V, C), targets (...).
+    Under autocast, x and weight are cast to its dtype first, as nn.Linear would be. chunk_rows:
+    rows of logits at a time (default: as many as 64 MiB of fp32 logits hold, at least 1)."""
+    x, targets = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
+    else:
+        weight = weight.to(x.dtype)
+    if chunk_rows is None:
+        chunk_rows = max(1, (64 << 20) // (4 * weight.shape[0]))
+    with torch.autocast(x.device.type, enabled=False):
+        return _LinearCrossEntropy.apply(x, weight, targets, int(chunk_rows))
+
+
 def _kernel_dtypes(x: torch.Tensor, by_device: dict) -> tuple:
     """The dtypes an op's kernel takes on x's device: none on devices pyllm has no kernels for (meta,
     mps, ...), nor on CUDA when this pyllm was built without CUDA kernels (no nvcc at install)."""

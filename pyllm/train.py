@@ -37,6 +37,7 @@ class TrainConfig:
     lora_alpha: float = 0.0  # LoRA's alpha (updates scaled by alpha / rank); 0: 2 * lora_rank
     lora_targets: str = ""  # LoRA on these projections, each its own update (q,k,v,o,gate,up,down; all-linear); "": every linear layer, fused ones one update
     lora_dropout: float = 0.0  # dropout on the LoRA updates' inputs (PEFT's lora_dropout)
+    fused_loss: bool = False  # the loss by linear_cross_entropy: no (batch, seq, vocab) logits in memory
     model: dict = field(default_factory=dict)  # ModelConfig overrides, e.g. {"n_layers": 2}
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
@@ -524,6 +525,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
               "runs on torch's attention, SwiGLU and AdamW; reinstall with nvcc on PATH for pyllm's", file=sys.stderr)
     model = model.to(info.device)
     model.activation_checkpointing = cfg.activation_checkpointing
+    model.fused_loss = cfg.fused_loss
     loader = make_loader(data / "train.bin", cfg, seq_len, cfg.seed, info)
     if isinstance(loader, PackedLoader) and info.is_main:
         lengths = np.diff(loader.offsets)

@@ -649,12 +649,61 @@ def test_lora_dropout_acts_in_training_only():
         LLM(ModelConfig(**CONFIGS["llama"])).add_lora(2, 4.0, targets="q,attn")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("chunk_rows", [1, 37, None])
+def test_linear_cross_entropy_matches_float64(dtype, chunk_rows):
+    # The fused linear cross-entropy (sum over rows, -1 targets ignored): loss and both gradients
+    # within twice torch's own error in that dtype (x @ W^T in it, the softmax in fp32), whatever
+    # the chunking.
+    from pyllm.nn import linear_cross_entropy
+
+    torch.manual_seed(0)
+    x64, w64 = torch.randn(300, 64, dtype=torch.float64), torch.randn(1000, 64, dtype=torch.float64) * 0.2
+    targets = torch.randint(0, 1000, (300,))
+    targets[::7] = -1
+
+    def run(fn, dtype):
+        x, w = x64.to(dtype, copy=True).requires_grad_(), w64.to(dtype, copy=True).requires_grad_()
+        loss = fn(x, w)
+        loss.backward()
+        return loss.detach(), x.grad, w.grad
+
+    ref = run(lambda x, w: F.cross_entropy(x @ w.t(), targets, ignore_index=-1, reduction="sum"), torch.float64)
+    theirs = run(lambda x, w: F.cross_entropy((x @ w.t()).float(), targets, ignore_index=-1, reduction="sum"), dtype)
+    ours = run(lambda x, w: linear_cross_entropy(x, w, targets, chunk_rows), dtype)
+    for name, got, torch_value, exact in zip(("loss", "dx", "dw"), ours, theirs, ref):
+        assert got.dtype == (torch.float32 if name == "loss" else dtype)
+        assert rel_err(got, exact) <= tolerance(torch_value, exact), name
+
+
+@pytest.mark.parametrize("name", ["llama", "gqa-untied", "gpt2"])
+def test_fused_loss_gives_the_model_loss_and_gradients(name):
+    # LLM.fused_loss: the same loss and gradients (fp64: to rounding), tied or untied output layer,
+    # no logits returned; with LoRA the frozen output layer takes no gradient.
+    cfg = ModelConfig(**CONFIGS[name])
+    model = randomized(cfg)
+    idx = torch.randint(0, cfg.vocab_size, (2, 12))
+    targets = idx.roll(-1, dims=1)
+    targets[:, :3] = -1
+    params = [p for p in model.parameters()]
+    loss = model(idx, targets)[1]
+    grads = torch.autograd.grad(loss, params)
+    model.fused_loss = True
+    logits, fused = model(idx, targets)
+    assert logits is None and rel_err(fused, loss) < 1e-14
+    for p, g, f in zip(params, grads, torch.autograd.grad(fused, params)):
+        assert rel_err(f, g) < 1e-12
+    model.add_lora(2, 4.0)
+    assert model(idx, targets)[1].requires_grad and model.lm_head.weight.grad is None
+
+
 def test_lora_under_compile_and_bf16_autocast():
     # torch.compile(fullgraph=True) traces LoRALinear with its weights held in bf16 (frozen_dtype), as a
-    # bf16 LoRA run trains, and per-projection updates inside the fused layers: the same loss as eager to float rounding, the updates' gradients there.
+    # bf16 LoRA run trains, per-projection updates inside the fused layers and the fused loss: the same loss as eager to float rounding, the updates' gradients there.
     torch.manual_seed(0)
     model = LLM(ModelConfig(vocab_size=128, n_layers=2, n_heads=2, dim=64, block_size=32))
     model.add_lora(2, 4.0, torch.bfloat16, targets="q,v,gate,down")  # per-projection: the fused layers' block B
+    model.fused_loss = True  # and the loss by linear_cross_entropy
     x = torch.randint(0, 128, (2, 16))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         eager = model(x, x)[1]

@@ -84,7 +84,8 @@ def test_loss_falls_on_the_gpu(data_dir, tmp_path):
 
 
 @pytest.mark.parametrize("extra", [dict(), dict(grad_accum=2, schedule="wsd", precision="bf16"), dict(doc_mask=True),
-                                   dict(lora_rank=2, lora_targets="q,v,down", lora_dropout=0.2)])
+                                   dict(lora_rank=2, lora_targets="q,v,down", lora_dropout=0.2),
+                                   dict(fused_loss=True, precision="bf16")])
 def test_exact_resume(data_dir, tmp_path, extra):
     trainer.train(config(data_dir, tmp_path / "whole", **extra))
     trainer.train(config(data_dir, tmp_path / "cut", **extra), stop_at=6)  # killed after step 5, ckpt at 4
@@ -334,3 +335,10 @@ def test_lora_options_are_checked(tmp_path):
                              (dict(lora_rank=2, lora_targets="q,mlp"), "LoRA targets must be among")):
         with pytest.raises(ValueError, match=message):
             TrainConfig(out_dir=str(tmp_path), **options).validate()
+
+
+def test_fused_loss_trains_as_the_plain_loss(data_dir, tmp_path):
+    # --fused-loss: the same losses to fp32 rounding (the softmax is summed chunk by chunk).
+    trainer.train(config(data_dir, tmp_path / "plain"))
+    trainer.train(config(data_dir, tmp_path / "fused", fused_loss=True))
+    np.testing.assert_allclose(losses(tmp_path / "fused"), losses(tmp_path / "plain"), rtol=1e-5)

@@ -263,7 +263,7 @@ def run_two_processes(args: dict, timeout: float = 150) -> None:
 @pytest.mark.parametrize("mode, kind", [("ddp", "windows"), ("fsdp", "windows"), ("zero1", "windows"),
                                         ("ddp", "conversations"), ("fsdp", "conversations"),
                                         ("zero1", "conversations"), ("ddp", "lora"), ("fsdp", "lora"),
-                                        ("zero1", "lora")])
+                                        ("zero1", "lora"), ("fsdp", "fused-loss")])
 def test_two_cpu_processes_match_one_and_resume_exactly(data_dir, chat_dir, tmp_path, mode, kind):
     """2 gloo processes with batch 2 each = 1 process with batch 4 (to float rounding), both with 2
     micro-steps of gradient accumulation; a 2-process
@@ -271,11 +271,14 @@ def test_two_cpu_processes_match_one_and_resume_exactly(data_dir, chat_dir, tmp_
     a 1-process checkpoint resumes on 2 processes in this mode. Conversations (PackedLoader): the
     loss is over all of a step's trained tokens, which the ranks' rows hold in unequal numbers.
     LoRA: frozen weights, rank-2 updates trained (no gradients, no optimizer state for the rest);
-    under fsdp per projection (lora_targets: the fused layers' block-diagonal B, the layout buffer)."""
+    under fsdp per projection (lora_targets: the fused layers' block-diagonal B, the layout buffer).
+    fused-loss: the loss by linear_cross_entropy (its gradients computed in the forward, on the
+    gathered output layer)."""
     common = dict(data_dir=str(chat_dir if kind == "conversations" else data_dir), model=dict(TINY), device="cpu",
                   max_steps=8, warmup_steps=1, grad_accum=2, eval_every=4, eval_batches=2, ckpt_every=4,
                   progress=False, lr=1e-2, **({"lora_rank": 2, "precision": "bf16"} if kind == "lora" else {}),
-                  **({"lora_targets": "q,v,gate,down"} if kind == "lora" and mode == "fsdp" else {}))
+                  **({"lora_targets": "q,v,gate,down"} if kind == "lora" and mode == "fsdp" else {}),
+                  **({"fused_loss": True} if kind == "fused-loss" else {}))
     trainer.train(TrainConfig(**common, out_dir=str(tmp_path / "one"), batch_size=4))
     trainer.train(TrainConfig(**common, out_dir=str(tmp_path / "two/cross"), batch_size=4), stop_at=6)
     # ddp and fsdp recompute their blocks in the backward (activation checkpointing): same losses

@@ -649,9 +649,10 @@ def test_lora_dropout_acts_in_training_only():
         LLM(ModelConfig(**CONFIGS["llama"])).add_lora(2, 4.0, targets="q,attn")
 
 
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("chunk_rows", [1, 37, None])
-def test_linear_cross_entropy_matches_float64(dtype, chunk_rows):
+def test_linear_cross_entropy_matches_float64(device, dtype, chunk_rows):
     # The fused linear cross-entropy (sum over rows, -1 targets ignored): loss and both gradients
     # within twice torch's own error in that dtype (x @ W^T in it, the softmax in fp32), whatever
     # the chunking.
@@ -662,15 +663,16 @@ def test_linear_cross_entropy_matches_float64(dtype, chunk_rows):
     targets = torch.randint(0, 1000, (300,))
     targets[::7] = -1
 
-    def run(fn, dtype):
-        x, w = x64.to(dtype, copy=True).requires_grad_(), w64.to(dtype, copy=True).requires_grad_()
-        loss = fn(x, w)
+    def run(fn, dtype, device="cpu"):
+        x, w = (t.to(device, dtype, copy=True).requires_grad_() for t in (x64, w64))
+        loss = fn(x, w, targets.to(device))
         loss.backward()
         return loss.detach(), x.grad, w.grad
 
-    ref = run(lambda x, w: F.cross_entropy(x @ w.t(), targets, ignore_index=-1, reduction="sum"), torch.float64)
-    theirs = run(lambda x, w: F.cross_entropy((x @ w.t()).float(), targets, ignore_index=-1, reduction="sum"), dtype)
-    ours = run(lambda x, w: linear_cross_entropy(x, w, targets, chunk_rows), dtype)
+    ref = run(lambda x, w, t: F.cross_entropy(x @ w.t(), t, ignore_index=-1, reduction="sum"), torch.float64)
+    theirs = run(lambda x, w, t: F.cross_entropy((x @ w.t()).float(), t, ignore_index=-1, reduction="sum"), dtype,
+                 device)
+    ours = run(lambda x, w, t: linear_cross_entropy(x, w, t, chunk_rows), dtype, device)
     for name, got, torch_value, exact in zip(("loss", "dx", "dw"), ours, theirs, ref):
         assert got.dtype == (torch.float32 if name == "loss" else dtype)
         assert rel_err(got, exact) <= tolerance(torch_value, exact), name

@@ -18,7 +18,7 @@
 # sanitizer runs its (tool, case) pairs SANITIZE_JOBS (16, all) at a time: each is a python process that
 # imports torch under compute-sanitizer, slow to start, and one GPU holds them all.
 # Since 2026-12-01 (not yet run): the tests of what no GPU has run yet go first, in a short pass of
-# their own (FIRST_K, log pytest_cuda_first.log; ~200 tests); taller tiles of the forward (128 query
+# their own (FIRST_K, log pytest_cuda_first.log; 208 tests); taller tiles of the forward (128 query
 # rows), the backward's dq kernel (128 rows) and its dk_dv kernel (128 keys, D = 64) have their own
 # tests (-k 128_row), sanitizer case (flash_attn_tall_tiles) and bench rows ("pyllm fwd-m128",
 # "pyllm dq-m128", "pyllm dkv-n128", "pyllm all-128"); bench_generate has "cuda-graph" and batch

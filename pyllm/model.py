@@ -567,11 +567,9 @@ class LLM(nn.Module):
         lengths int32 (B,) (each row's tokens already in the cache, where the new one goes; < the
         cache's capacity, not checked: that would read them on the host). Logits (B, V). With no
         host read and no shape that changes from token to token, a CUDA graph can hold it
-        (generate_stream's cuda_graph)."""
-        x, rope = self._embed(token, lengths)
-        for block, layer_cache in zip(self.blocks, cache):
-            x = block(x, rope, layer_cache, lengths)
-        return self.lm_head(self.norm_f(x[:, -1]))
+        (generate_stream's cuda_graph). forward_cached with a tensor start: _embed and the
+        attention read it on the device."""
+        return self.forward_cached(token, cache, lengths)
 
     @torch.no_grad()
     def generate_stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
@@ -598,10 +596,8 @@ class LLM(nn.Module):
         switch = _longrope_switch(self.config)  # LongRoPE: past this length every position is re-rotated
         graph = None
         if cuda_graph:
-            if not (use_cache and idx.is_cuda):
-                raise ValueError("generate: cuda_graph needs use_cache and the model on a CUDA device")
-            if switch != math.inf:
-                raise NotImplementedError("generate: cuda_graph does not take LongRoPE (its factors change with the position)")
+            if not use_cache:
+                raise ValueError("generate: cuda_graph needs use_cache (it replays the cached decode step)")
             graph = _DecodeGraph(self, cache, idx.shape[0])  # captured before the prompt fills the cache
         for _ in range(max_new_tokens):
             if not use_cache:
@@ -665,13 +661,7 @@ class LLM(nn.Module):
         was_training = self.training
         self.eval()
         cache = self.new_kv_cache(len(rows), longest + max_new_tokens)
-        graph = None
-        if cuda_graph:
-            if device.type != "cuda":
-                raise ValueError("generate_batch: cuda_graph needs the model on a CUDA device")
-            if _longrope_switch(self.config) != math.inf:
-                raise NotImplementedError("generate_batch: cuda_graph does not take LongRoPE")
-            graph = _DecodeGraph(self, cache, len(rows))  # before the prompts fill the cache
+        graph = _DecodeGraph(self, cache, len(rows)) if cuda_graph else None  # before the prompts fill the cache
         # One prefill of the right-padded prompts: causal attention keeps each row's real tokens from
         # its padding, whose keys and values land past the row's length, where decode_step writes
         # its next token and never looks beyond.
@@ -717,6 +707,10 @@ class _DecodeGraph:
 
     def __init__(self, model: "LLM", cache, batch: int):
         device = model.lm_head.weight.device
+        if device.type != "cuda":
+            raise ValueError("generate: cuda_graph needs the model on a CUDA device")
+        if _longrope_switch(model.config) != math.inf:
+            raise NotImplementedError("generate: cuda_graph does not take LongRoPE (its factors change with the position)")
         self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.lengths = torch.zeros(batch, dtype=torch.int32, device=device)
         # Warm-up off the default stream, as torch.cuda.graph wants: first calls set kernels' shared-

@@ -366,14 +366,14 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     it when window_left >= 0). cache_seqlen: an int, or an int32 (B,) tensor of each row's length,
     read on its device only (the lengths' bounds are the caller's to keep). pyllm.flash_attn_with_kvcache
     where it has a kernel (split-KV on the GPU), else the same through SDPA."""
-    if isinstance(cache_seqlen, torch.Tensor) and not _flash_attn_takes(q, k_cache, v_cache):
-        return _kvcache_sdpa_at(q, k_cache, v_cache, k, v, cache_seqlen, window_left, scale)
     if _flash_attn_takes(q, k_cache, v_cache) and k.dtype == k_cache.dtype:
         if window_left < 0:  # the default window: the eager CPU shortcut skips checking it
             return flash_attn_ops.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlen, k, v, causal=True,
                                                           softmax_scale=scale)
         return flash_attn_ops.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlen, k, v, causal=True,
                                                       window=(window_left, -1), softmax_scale=scale)
+    if isinstance(cache_seqlen, torch.Tensor):  # lengths on the device: nothing below can slice by them
+        return _kvcache_sdpa_at(q, k_cache, v_cache, k, v, cache_seqlen, window_left, scale)
     T = q.shape[1]
     end = cache_seqlen + T
     k_cache[:, cache_seqlen:end] = k

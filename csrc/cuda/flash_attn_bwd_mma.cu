@@ -75,8 +75,6 @@
 // shared memory stays under the 99 KB a CTA may opt into on sm86 / sm89 (the smallest sm80+
 // limit), see the static_asserts.
 #include <cmath>
-#include <cstdlib>
-#include <cstring>
 
 #include "cuda/flash_attn_common.cuh"
 
@@ -556,17 +554,6 @@ __global__ void __launch_bounds__(kBwdMmaThreads)
 #endif
 }
 
-// The kernels' m-tiles per warp while 2 is unmeasured (BwdKVTile, BwdQTile): 2 where the variable
-// `env` says 128, read per launch so that a benchmark or test can switch it within one process;
-// built for sm_90 only, so 1 elsewhere. The callers instantiate 2 only for the head dims it has.
-inline int bwd_m_tiles(int device, const char* env_name) {
-  const char* env = std::getenv(env_name);
-  if (!env || std::strcmp(env, "128") != 0) return 1;
-  int major = 0;
-  PYLLM_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  return major == 9 ? 2 : 1;
-}
-
 template <typename T, int D, int MK>
 void launch_dk_dv(const AttnParams& p, const float* delta, float scale_log2, int device, cudaStream_t stream) {
   using Tile = BwdKVTile<D, MK>;
@@ -594,7 +581,7 @@ void launch_bwd_mma_d(const AttnParams& p, const float* delta, int device, cudaS
   const float scale_log2 = float(p.scale * 1.4426950408889634);
   if (p.seqlen_k > 0) {
     if constexpr (D == 64) {  // the taller tiles exist at D = 64 only (BwdKVTile)
-      if (bwd_m_tiles(device, "PYLLM_ATTN_BWD_DKV_BLOCK_N") == 2)
+      if (tall_tiles(device, "PYLLM_ATTN_BWD_DKV_BLOCK_N") == 2)
         launch_dk_dv<T, D, 2>(p, delta, scale_log2, device, stream);
       else
         launch_dk_dv<T, D, 1>(p, delta, scale_log2, device, stream);
@@ -604,7 +591,7 @@ void launch_bwd_mma_d(const AttnParams& p, const float* delta, int device, cudaS
   }
   if (p.seqlen_q > 0) {
     if constexpr (D == 64 || D == 128) {  // likewise at D = 64 / 128 (BwdQTile)
-      if (bwd_m_tiles(device, "PYLLM_ATTN_BWD_DQ_BLOCK_M") == 2)
+      if (tall_tiles(device, "PYLLM_ATTN_BWD_DQ_BLOCK_M") == 2)
         launch_dq<T, D, 2>(p, delta, scale_log2, device, stream);
       else
         launch_dq<T, D, 1>(p, delta, scale_log2, device, stream);

@@ -16,6 +16,8 @@
 
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #include "common/attn_params.h"
 #include "cuda/cuda_common.cuh"
@@ -152,6 +154,19 @@ void opt_in_dynamic_smem(int bytes, int device, const char* what) {
     PYLLM_CUDA_CHECK(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
   }
   done.fetch_or(bit, std::memory_order_release);
+}
+
+// The taller tiles of the tensor-core kernels while they are unmeasured (flash_attn_fwd.cu's
+// FwdTile, flash_attn_bwd_mma.cu's BwdKVTile and BwdQTile): 2 m-tiles per warp where the variable
+// env_name says 128, else 1. Read per launch, so that a benchmark or test can switch it within one
+// process; built for sm_90 only (the experiment's GPU), so 1 on other devices whatever it says.
+// The callers instantiate 2 only for the head dims that have it.
+inline int tall_tiles(int device, const char* env_name) {
+  const char* env = std::getenv(env_name);
+  if (!env || std::strcmp(env, "128") != 0) return 1;
+  int major = 0;
+  PYLLM_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  return major == 9 ? 2 : 1;
 }
 
 // The tensor-core backward's dk_dv and dq kernels (flash_attn_bwd_mma.cu), launched by

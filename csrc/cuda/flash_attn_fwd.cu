@@ -19,8 +19,6 @@
 // Layout, mask (bottom-right causal, windows), varlen and KV-cache conventions:
 // csrc/common/attn_params.h; csrc/cpu/flash_attn.cpp is the reference twin.
 #include <cmath>
-#include <cstdlib>
-#include <cstring>
 
 #include "cuda/cuda_ops.h"
 #include "cuda/flash_attn_common.cuh"
@@ -70,7 +68,7 @@ __global__ void __launch_bounds__(128) flash_attn_fwd_kernel(const AttnParams p,
   __trap();
 #else
 #if __CUDA_ARCH__ < 900
-  if constexpr (MT > 1) {  // Hopper only while it is an experiment: half the compile (fwd_m_tiles)
+  if constexpr (MT > 1) {  // Hopper only while it is an experiment: half the compile (tall_tiles)
     __trap();
     return;
   }
@@ -294,18 +292,6 @@ __global__ void __launch_bounds__(128) flash_attn_fwd_kernel(const AttnParams p,
 #endif
 }
 
-// The run-time tile choice while MT = 2 is unmeasured (see FwdTile): read per launch, so a
-// benchmark or test can switch it within one process. MT = 2 is built for sm_90 only (the
-// experiment's GPU; 10 s more nvcc per arch), so other devices keep MT = 1 whatever the setting.
-inline int fwd_m_tiles(int head_dim, int device) {
-  if (head_dim != 64 && head_dim != 128) return 1;
-  const char* env = std::getenv("PYLLM_ATTN_FWD_BLOCK_M");
-  if (!env || std::strcmp(env, "128") != 0) return 1;
-  int major = 0;
-  PYLLM_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  return major == 9 ? 2 : 1;
-}
-
 template <typename T, int D, int MT>
 void launch_fwd(const AttnParams& p, int device, cudaStream_t stream) {
   using Tile = FwdTile<D, MT>;
@@ -318,7 +304,8 @@ void launch_fwd(const AttnParams& p, int device, cudaStream_t stream) {
 
 template <typename T>
 void dispatch_fwd(const AttnParams& p, int device, cudaStream_t stream) {
-  if (fwd_m_tiles(int(p.head_dim), device) == 2) {
+  // MT = 2 exists at D = 64 / 128 only (FwdTile); 10 s more nvcc per arch, hence sm_90 alone.
+  if ((p.head_dim == 64 || p.head_dim == 128) && tall_tiles(device, "PYLLM_ATTN_FWD_BLOCK_M") == 2) {
     if (p.head_dim == 64)
       launch_fwd<T, 64, 2>(p, device, stream);
     else

@@ -52,11 +52,12 @@ FWD_M128 = "pyllm fwd-m128"
 DQ_M128 = "pyllm dq-m128"
 DKV_M128 = "pyllm dkv-n128"
 ALL_M128 = "pyllm all-128"
-_TALL = {"PYLLM_ATTN_FWD_BLOCK_M": "128", "PYLLM_ATTN_BWD_DQ_BLOCK_M": "128", "PYLLM_ATTN_BWD_DKV_BLOCK_N": "128"}
+# Each taller-tile variant's setting (128 where it is on).
+TALL_TILES = {FWD_M128: "PYLLM_ATTN_FWD_BLOCK_M", DQ_M128: "PYLLM_ATTN_BWD_DQ_BLOCK_M",
+              DKV_M128: "PYLLM_ATTN_BWD_DKV_BLOCK_N"}
 # The environment each variant of ours runs under, set around its timing only.
-VARIANT_ENV = {SIMT_BWD: {"PYLLM_ATTN_BWD": "simt"}, FWD_M128: {"PYLLM_ATTN_FWD_BLOCK_M": "128"},
-               DQ_M128: {"PYLLM_ATTN_BWD_DQ_BLOCK_M": "128"}, DKV_M128: {"PYLLM_ATTN_BWD_DKV_BLOCK_N": "128"},
-               ALL_M128: _TALL}
+VARIANT_ENV = {SIMT_BWD: {"PYLLM_ATTN_BWD": "simt"}, **{name: {var: "128"} for name, var in TALL_TILES.items()},
+               ALL_M128: {var: "128" for var in TALL_TILES.values()}}
 
 
 @contextlib.contextmanager
@@ -240,7 +241,7 @@ def main() -> int:
         q, k, v, dout = (torch.randn(b, t, h, d, device=device, dtype=dtype) for _ in range(4))
         repeat = 5 if device == "cpu" or t >= 8192 else 20  # a 16k fwd+bwd call takes tens of ms on the GPU
         for mode, work in (("fwd", flops), ("fwd+bwd", 3.5 * flops)):
-            base = None
+            base, first = None, len(rows)
             for name, fn in impls.items():
                 if name == SIMT_BWD and (mode == "fwd" or t > 4096):
                     continue
@@ -267,9 +268,8 @@ def main() -> int:
                 base = ms if base is None and not name.startswith("pyllm") else base
                 rows.append({"dtype": str(dtype).removeprefix("torch."), "B": b, "T": t, "D": d, "causal": causal,
                              "mode": mode, "impl": name, "ms": round(ms, 4), "TFLOPs": round(work / ms / 1e9, 3)})
-            for ours_row in rows[len(rows) - len(impls):]:
-                mine = ours_row["impl"].startswith("pyllm") and ours_row["mode"] == mode
-                if base and mine and isinstance(ours_row["ms"], float):
+            for ours_row in rows[first:]:  # this mode's rows
+                if base and ours_row["impl"].startswith("pyllm") and isinstance(ours_row["ms"], float):
                     ours_row["vs sdpa"] = f"{base / ours_row['ms']:.2f}x"
     if not args.memory_only:
         rows += decode_rows(device, h, args.quick)

@@ -14,10 +14,9 @@ import sys
 
 import torch
 
-import pyllm
+from bench_attention import DKV_M128, TALL_TILES  # the variants' settings, as the benchmark times them
 
-TALL = {"fwd-m128": {"PYLLM_ATTN_FWD_BLOCK_M": "128"}, "dq-m128": {"PYLLM_ATTN_BWD_DQ_BLOCK_M": "128"},
-        "dkv-n128": {"PYLLM_ATTN_BWD_DKV_BLOCK_N": "128"}}
+import pyllm
 
 
 def fwd_bwd(q, k, v, dout):
@@ -31,9 +30,10 @@ def main() -> int:
         return 1
     for d in (64, 128):
         q, k, v, dout = (torch.randn(4, 2048, 8, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
-        for name, env in {"default": {}, **TALL}.items():
-            if name == "dkv-n128" and d != 64:  # built for D = 64 only
+        for name, var in {"default": None, **TALL_TILES}.items():
+            if name == DKV_M128 and d != 64:  # built for D = 64 only
                 continue
+            env = {} if var is None else {var: "128"}
             os.environ.update(env)
             for _ in range(2):  # first-call work (attributes, allocator) stays out of the counters
                 fwd_bwd(q, k, v, dout)

@@ -213,7 +213,8 @@ def ensure_token_files(inputs, tokenizer, tokenizer_path: Path, out_dir: Path, v
             "tokenizer": str(tokenizer_path.resolve()), "tokenizer_mtime": tokenizer_path.stat().st_mtime,
             "val_fraction": val_fraction, **({"doc_markers": doc_markers} if doc_markers else {}),
             "header": 2}  # files from before the header recorded the end-of-document id are made again
-    examples = chat_folder is not None or data.is_chat_data(inputs)  # prompt-completion pairs need no template
+    preferences = data.is_preference_data(inputs)
+    examples = chat_folder is not None or preferences or data.is_chat_data(inputs)  # text pairs need no template
     if examples:
         meta["chat_template_of"] = str(Path(chat_folder).resolve()) if chat_folder is not None else None
         meta["inputs_mtime"] = [Path(p).stat().st_mtime for p in inputs]
@@ -225,6 +226,13 @@ def ensure_token_files(inputs, tokenizer, tokenizer_path: Path, out_dir: Path, v
         except data.TokenFileError as e:
             print(f"data: {e}; preparing again")
     t0 = time.perf_counter()
+    if preferences:
+        stats = data.prepare_preferences(inputs, tokenizer, chat_folder, out_dir, val_fraction, **(doc_markers or {}))
+        meta_path.write_text(json.dumps(meta))
+        print(f"data: {stats['pairs']:,} preference pairs -> {stats['train_pairs']:,} train ({stats['train_tokens']:,} "
+              f"tokens) and {stats['val_pairs']:,} val in {time.perf_counter() - t0:.1f} s"
+              + (f"; {stats['without_reply']} without a reply on both sides left out" if stats["without_reply"] else ""))
+        return out_dir
     if examples:
         stats = data.prepare_chat(inputs, tokenizer, chat_folder, out_dir, val_fraction, **(doc_markers or {}))
         meta_path.write_text(json.dumps(meta))
@@ -270,10 +278,12 @@ def setup_run_data(cfg, cli: dict) -> None:
     else:
         from pyllm import data
 
-        if data.is_chat_data(data_list) and not (cfg.init_from_hf or cfg.init_from_run):
-            raise ValueError("--data holds fine-tuning examples ({\"messages\": [...]} or {\"prompt\": ..., "
-                             "\"completion\": ...} lines): fine-tuning on them needs --init-from-hf DIR (or "
-                             "--init-from-run DIR), whose tokenizer (and chat template, for messages) make their tokens")
+        examples = data.is_chat_data(data_list) or data.is_preference_data(data_list)
+        if examples and not (cfg.init_from_hf or cfg.init_from_run):
+            raise ValueError("--data holds fine-tuning examples ({\"messages\": [...]}, {\"prompt\": ..., "
+                             "\"completion\": ...} or {\"prompt\": ..., \"chosen\": ..., \"rejected\": ...} lines): "
+                             "fine-tuning on them needs --init-from-hf DIR (or --init-from-run DIR), whose tokenizer "
+                             "(and chat template, for messages) make their tokens")
         if tokenizer_path:
             tokenizer = tokenizer_class().load(str(tokenizer_path))
         elif hf_source:
@@ -282,7 +292,7 @@ def setup_run_data(cfg, cli: dict) -> None:
             folder, tokenizer_path = hf_folder(hf_source), out / "tokenizer.bpe"
             tokenizer = ensure_hf_tokenizer(folder, tokenizer_path)
             doc_markers = hf_doc_markers(folder)  # the chat template frames conversations itself
-            chat_folder = folder if data.is_chat_data(data_list) else None
+            chat_folder = folder if examples else None
         elif cfg.init_from_run:  # the run's own tokenizer, copied: the new run stands alone
             source, tokenizer_path = Path(source_run["tokenizer"]), out / "tokenizer.bpe"
             if not tokenizer_path.exists() or tokenizer_path.read_bytes() != source.read_bytes():
@@ -743,6 +753,13 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                    help="compute the loss chunk by chunk with its gradients (pyllm.nn.linear_cross_entropy): the "
                         "(batch, seq, vocab) logits and their gradient never exist, which is most of the activation "
                         "memory with a large vocabulary")
+    p.add_argument("--dpo-beta", type=float,
+                   help="Direct Preference Optimization (Rafailov et al. 2023) on --data of preference pairs: *.jsonl "
+                        "lines of {\"prompt\": ..., \"chosen\": ..., \"rejected\": ...} (text, or lists of messages "
+                        "put in the chat template; or {\"chosen\": [messages], \"rejected\": [messages]} with a prompt "
+                        "in common), as TRL takes them; beta weighs the policy's log-probability ratios to the "
+                        "starting model, whose log-probabilities of every pair are computed once before training "
+                        "(TRL's default 0.1; with --init-from-hf or --init-from-run, and --lora-rank if you like)")
     p.add_argument("--doc-mask", action="store_true", default=None,
                    help="keep each document's tokens from attending to the documents before it in the same training "
                         "window (cut at the end-of-document token: <|endoftext|>, or an --init-from-hf model's "

@@ -18,6 +18,8 @@ Conversations for fine-tuning (`prepare_chat`) are token files too, each beside 
 NAME.docs.npy, the int64 offsets where each conversation starts (and the total last), and
 NAME.mask.npy, uint8 per token, 1 where the token is the assistant's (trained on). `PackedLoader`
 packs whole conversations into rows and gives the model their offsets (LLM.forward's cu_seqlens).
+Preference pairs for DPO (`prepare_preferences`) add NAME.pairs.npy, the (P, 2) int64 indices of
+each pair's chosen and rejected documents, which PackedLoader then places side by side in one row.
 """
 from __future__ import annotations
 
@@ -290,24 +292,25 @@ def _example(row: dict) -> dict | None:
     return None
 
 
+def _first_row_keys(item) -> set:
+    """The keys of a *.jsonl file's first row (an empty set for anything else)."""
+    path = Path(item)
+    if path.suffix != ".jsonl" or not path.is_file():
+        return set()
+    with open(path, encoding="utf-8") as f:
+        first = next((line for line in f if line.strip()), "")
+    try:
+        row = json.loads(first)
+    except json.JSONDecodeError:
+        return set()
+    return set(row) if isinstance(row, dict) else set()
+
+
 def is_chat_data(inputs) -> bool:
     """Whether inputs are fine-tuning examples: every one a *.jsonl file whose first row has
     "messages", or "prompt" and "completion"."""
-    if not inputs:
-        return False
-    for item in inputs:
-        path = Path(item)
-        if path.suffix != ".jsonl" or not path.is_file():
-            return False
-        with open(path, encoding="utf-8") as f:
-            first = next((line for line in f if line.strip()), "")
-        try:
-            row = json.loads(first)
-        except json.JSONDecodeError:
-            return False
-        if not isinstance(row, dict) or not ("messages" in row or {"prompt", "completion"} <= row.keys()):
-            return False
-    return True
+    return bool(inputs) and all("messages" in keys or {"prompt", "completion"} <= keys
+                                for keys in map(_first_row_keys, inputs))
 
 
 def example_tokens(example: dict, tokenizer, folder=None, doc_start: Sequence[int] = (),
@@ -368,9 +371,102 @@ def prepare_chat(inputs: Sequence[str | os.PathLike], tokenizer, folder, out_dir
     return stats
 
 
-def write_documents(path, docs: Sequence[np.ndarray], masks: Sequence[np.ndarray], vocab_size: int) -> None:
-    """A token file of docs, one after another, and its .docs.npy offsets and .mask.npy."""
+# --- preference pairs (DPO) --------------------------------------------------------------------------
+
+def read_preferences(path) -> list[tuple[dict, dict]]:
+    """The preference pairs of a JSON Lines file, in TRL's formats, one per line:
+      {"prompt": "text", "chosen": "text", "rejected": "text"}                 text (no chat template)
+      {"prompt": [messages], "chosen": [messages], "rejected": [messages]}     conversations
+      {"chosen": [messages], "rejected": [messages]}                           the prompt: their common first messages
+    returned as (chosen, rejected) examples in read_conversations' form (the chosen and the rejected
+    reply each after the same prompt, the replies trained)."""
+    def messages(value):
+        return isinstance(value, list) and all(isinstance(m, dict) and "role" in m for m in value)
+
+    pairs = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{number}: not JSON ({e.msg})") from None
+            row = row if isinstance(row, dict) else {}
+            prompt, chosen, rejected = row.get("prompt"), row.get("chosen"), row.get("rejected")
+            pair = None
+            if isinstance(prompt, str) and isinstance(chosen, str) and isinstance(rejected, str):
+                pair = ({"prompt": prompt, "completion": chosen}, {"prompt": prompt, "completion": rejected})
+            elif messages(chosen) and messages(rejected) and (prompt is None or messages(prompt)):
+                if prompt is None:  # TRL's implicit prompt: the messages both sides start with
+                    common = 0
+                    while common < min(len(chosen), len(rejected)) and chosen[common] == rejected[common]:
+                        common += 1
+                    prompt, chosen, rejected = chosen[:common], chosen[common:], rejected[common:]
+                if prompt and chosen and rejected:
+                    pair = tuple({"messages": prompt + reply, "train_from": len(prompt)} for reply in (chosen, rejected))
+            if pair is None:
+                raise ValueError(f"{path}:{number}: expected {{\"prompt\": ..., \"chosen\": ..., \"rejected\": ...}} "
+                                 "(all text, or all lists of messages) or {\"chosen\": [messages], \"rejected\": "
+                                 f"[messages]}} with a prompt in common, got {line.strip()[:80]!r}")
+            pairs.append(pair)
+    return pairs
+
+
+def is_preference_data(inputs) -> bool:
+    """Whether inputs are preference pairs: every one a *.jsonl file whose first row has "chosen"
+    and "rejected"."""
+    return bool(inputs) and all(_first_row_keys(item) >= {"chosen", "rejected"} for item in inputs)
+
+
+def prepare_preferences(inputs: Sequence[str | os.PathLike], tokenizer, folder, out_dir, val_fraction: float = 0.02,
+                        show_progress: bool = True, doc_start: Sequence[int] = (), doc_end: int | None = None) -> dict:
+    """prepare_chat for preference pairs (read_preferences): each pair's chosen and rejected
+    sequences are two documents, one after the other, in out_dir/{train,val}.bin with their
+    .docs.npy and .mask.npy (the replies' tokens marked), and .pairs.npy, the (P, 2) document
+    indices of each pair. A pair with nothing to train on either side is left out. Returns counts."""
+    from tqdm import tqdm
+
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    pairs = [p for path in inputs for p in read_preferences(path)]
+    if len(pairs) < 2:
+        raise ValueError(f"{', '.join(map(str, inputs))}: {len(pairs)} preference pair(s); at least 2 are needed "
+                         "(one for validation)")
+    every = max(2, round(1 / val_fraction))
+    in_val = [i % every == every - 1 for i in range(len(pairs))] if len(pairs) >= every else \
+        [i == len(pairs) - 1 for i in range(len(pairs))]
+    parts = {"train": ([], []), "val": ([], [])}
+    silent = 0
+    for pair, val in zip(tqdm(pairs, desc="tokenizing preference pairs", disable=not show_progress), in_val):
+        sides = [example_tokens(example, tokenizer, folder, doc_start, doc_end) for example in pair]
+        if not all(any(mask) for _, mask in sides):
+            silent += 1
+            continue
+        for ids, mask in sides:
+            parts["val" if val else "train"][0].append(np.asarray(ids, np.int64))
+            parts["val" if val else "train"][1].append(np.asarray(mask, np.uint8))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stats = {"pairs": len(pairs), "without_reply": silent}
+    for name, (docs, masks) in parts.items():
+        if not docs:
+            raise ValueError(f"no {name} pair with a reply on both sides left (of {len(pairs)})")
+        write_documents(out_dir / f"{name}.bin", docs, masks, tokenizer.vocab_size, np.arange(len(docs)).reshape(-1, 2))
+        stats[f"{name}_pairs"] = len(docs) // 2
+        stats[f"{name}_tokens"] = int(sum(map(len, docs)))
+    return stats
+
+
+def write_documents(path, docs: Sequence[np.ndarray], masks: Sequence[np.ndarray], vocab_size: int,
+                    pairs: np.ndarray | None = None) -> None:
+    """A token file of docs, one after another, and its .docs.npy offsets and .mask.npy; with pairs
+    ((P, 2) document indices) a .pairs.npy too (else one left by earlier data is removed)."""
     path = Path(path)
+    if pairs is not None:
+        np.save(path.with_suffix(".pairs.npy"), np.asarray(pairs, np.int64))
+    else:
+        path.with_suffix(".pairs.npy").unlink(missing_ok=True)
     offsets = np.concatenate([[0], np.cumsum([len(d) for d in docs])]).astype(np.int64)
     np.save(path.with_suffix(".docs.npy"), offsets)
     np.save(path.with_suffix(".mask.npy"), np.concatenate(masks).astype(np.uint8))
@@ -379,6 +475,18 @@ def write_documents(path, docs: Sequence[np.ndarray], masks: Sequence[np.ndarray
 
 def has_documents(path) -> bool:
     return Path(path).with_suffix(".docs.npy").is_file() and Path(path).with_suffix(".mask.npy").is_file()
+
+
+def pair_lengths(chosen: int, rejected: int, seq_len: int) -> tuple[int, int]:
+    """How many tokens of a preference pair's two sequences fit one row of seq_len together: both
+    whole when they fit; else the shorter whole if it is at most half the row and the longer cut
+    to the rest, or both cut to half (their ends, the replies, are what is cut)."""
+    if chosen + rejected <= seq_len:
+        return chosen, rejected
+    half = seq_len // 2
+    if min(chosen, rejected) <= half:
+        return (chosen, seq_len - chosen) if chosen <= rejected else (seq_len - rejected, rejected)
+    return half, seq_len - half
 
 
 class PackedLoader:
@@ -394,6 +502,11 @@ class PackedLoader:
     batch's B * T tokens, so each is computed alone. As TokenLoader: a global batch of world_size *
     B rows is built alike on every rank and this rank takes rows [rank * B, (rank + 1) * B);
     state_dict() is the epoch, the position in its order and the waiting documents.
+
+    Preference pairs (a .pairs.npy beside the token file: prepare_preferences) are placed as one:
+    a pair's two documents go into the same row one after the other (chosen, then rejected), cut
+    together to fit a row when they do not (pair_lengths). shuffle=False takes documents (pairs) in
+    their order (reference_logps' pass over a set).
     """
 
     # Documents a row may choose from. 1000 of bench/bench_sft.py's conversations (log-normal
@@ -404,7 +517,7 @@ class PackedLoader:
     LOOKAHEAD = 64
 
     def __init__(self, path, batch_size: int, seq_len: int, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 device="cpu", lookahead: int | None = None):
+                 device="cpu", lookahead: int | None = None, shuffle: bool = True):
         path = Path(path)
         self.tokens = open_tokens(path)
         self.offsets = np.load(path.with_suffix(".docs.npy"))
@@ -414,14 +527,28 @@ class PackedLoader:
                 or (np.diff(self.offsets) <= 0).any()):
             raise TokenFileError(f"{path}: its .docs.npy / .mask.npy do not describe its {len(self.tokens)} tokens; "
                                  "prepare the data again")
+        self.pairs = None  # (P, 2) document indices, or None: every document on its own
+        if path.with_suffix(".pairs.npy").is_file():
+            self.pairs = np.load(path.with_suffix(".pairs.npy"))
+            n = len(self.offsets) - 1
+            if self.pairs.ndim != 2 or self.pairs.shape[1] != 2 or not np.array_equal(np.sort(self.pairs, None), np.arange(n)):
+                raise TokenFileError(f"{path}: its .pairs.npy does not pair up its {n} documents; prepare the data again")
         self.path, self.batch_size, self.seq_len, self.seed = path, batch_size, seq_len, seed
         self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
         self.lookahead = max(1, self.LOOKAHEAD if lookahead is None else lookahead)
+        self.shuffle = shuffle
         self.epoch, self.cursor, self.waiting = 0, 0, []
         self._order = self._epoch_order(0)
 
+    @property
+    def units(self) -> int:
+        """What is placed as one: pairs, or documents."""
+        return len(self.offsets) - 1 if self.pairs is None else len(self.pairs)
+
     def _epoch_order(self, epoch: int) -> np.ndarray:
-        return np.random.Generator(np.random.PCG64([self.seed, epoch])).permutation(len(self.offsets) - 1)
+        if not self.shuffle:
+            return np.arange(self.units)
+        return np.random.Generator(np.random.PCG64([self.seed, epoch])).permutation(self.units)
 
     def _fill_window(self) -> None:
         """Tops the window up from this epoch's order; the next epoch starts once the window is
@@ -434,18 +561,25 @@ class PackedLoader:
             self.waiting += self._order[self.cursor:self.cursor + take].tolist()
             self.cursor += take
 
-    def _length(self, doc: int) -> int:
-        return min(int(self.offsets[doc + 1] - self.offsets[doc]), self.seq_len)
+    def _placed(self, unit: int) -> list[tuple[int, int]]:
+        """(document, tokens of it placed) for each document of a unit."""
+        if self.pairs is None:
+            return [(unit, min(int(self.offsets[unit + 1] - self.offsets[unit]), self.seq_len))]
+        docs = [int(d) for d in self.pairs[unit]]
+        lengths = pair_lengths(*(int(self.offsets[d + 1] - self.offsets[d]) for d in docs), self.seq_len)
+        return list(zip(docs, lengths))
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(x, y, cu_seqlens): x, y (B, T) int64 (y -1 where not trained), cu_seqlens int32.
         Sets self.targets (the trained targets in this rank's rows), self.global_targets (in all
         ranks' rows) and self.padding (this rank's padded positions): a loss averaged over all of a
         step's trained tokens weighs each batch's mean by its share; self.lengths, the lengths of
-        this rank's documents (padding not counted), for the FLOPs count."""
+        this rank's documents (padding not counted), for the FLOPs count; self.docs, the document
+        index of each of cu_seqlens' segments (-1: padding); self.placed / self.global_placed, the
+        units (documents, or pairs) in this rank's rows / all ranks'."""
         T = self.seq_len
-        self.targets = self.global_targets = self.padding = 0
-        self.lengths = []
+        self.targets = self.global_targets = self.padding = self.placed = self.global_placed = 0
+        self.lengths, self.docs = [], []
         x = np.zeros((self.batch_size, T), np.int64)
         y = np.full((self.batch_size, T), -1, np.int64)
         cu = [0]
@@ -454,27 +588,32 @@ class PackedLoader:
             used = 0
             while True:
                 self._fill_window()
-                pick = next((i for i, doc in enumerate(self.waiting) if used + self._length(doc) <= T), None)
+                pick = next((i for i, unit in enumerate(self.waiting)
+                             if used + sum(n for _, n in self._placed(unit)) <= T), None)
                 if pick is None:
                     break
-                doc = self.waiting.pop(pick)
-                start, end = int(self.offsets[doc]), int(self.offsets[doc + 1])
-                length = self._length(doc)
-                nxt = min(start + length + 1, end)  # the targets: tokens start + 1 .. nxt - 1 of this document
-                trained = int(np.count_nonzero(self.mask[start + 1:nxt]))
-                self.global_targets += trained
-                if mine:
-                    self.targets += trained
-                    x[r, used:used + length] = self.tokens[start:start + length]
-                    targets = np.asarray(self.tokens[start + 1:nxt], np.int64)
-                    y[r, used:used + len(targets)] = np.where(self.mask[start + 1:nxt] == 1, targets, -1)
-                    cu.append(r * T + used + length)
-                    self.lengths.append(length)
-                used += length
+                unit = self.waiting.pop(pick)
+                self.global_placed += 1
+                self.placed += mine
+                for doc, length in self._placed(unit):
+                    start, end = int(self.offsets[doc]), int(self.offsets[doc + 1])
+                    nxt = min(start + length + 1, end)  # the targets: tokens start + 1 .. nxt - 1 of this document
+                    trained = int(np.count_nonzero(self.mask[start + 1:nxt]))
+                    self.global_targets += trained
+                    if mine:
+                        self.targets += trained
+                        x[r, used:used + length] = self.tokens[start:start + length]
+                        targets = np.asarray(self.tokens[start + 1:nxt], np.int64)
+                        y[r, used:used + len(targets)] = np.where(self.mask[start + 1:nxt] == 1, targets, -1)
+                        cu.append(r * T + used + length)
+                        self.lengths.append(length)
+                        self.docs.append(doc)
+                    used += length
                 if used == T:
                     break
             if mine and used < T:
                 cu.append((r + 1) * T)  # the padding, a document of its own
+                self.docs.append(-1)
                 self.padding += T - used
         batch_x, batch_y = torch.from_numpy(x), torch.from_numpy(y)
         cu_seqlens = torch.tensor(cu, dtype=torch.int32)

@@ -188,6 +188,29 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
         return _LinearCrossEntropy.apply(x, weight, targets, int(chunk_rows))
 
 
+def sequence_logps(logits: torch.Tensor, targets: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """(N,) fp32: each of the N documents of cu_seqlens (packed into logits' B * T positions, as
+    LLM.forward takes them) summed log-probability of its targets, -1 targets left out: a
+    sequence's log p(completion | prompt) for preference losses. logits (B, T, V), targets (B, T)."""
+    B, T, V = logits.shape
+    logits32 = logits.reshape(-1, V).to(torch.promote_types(logits.dtype, torch.float32))
+    token = -F.cross_entropy(logits32, targets.reshape(-1), ignore_index=-1, reduction="none")  # 0 where ignored
+    doc = document_ids(cu_seqlens, B, T).reshape(-1)
+    return token.new_zeros(cu_seqlens.numel() - 1).index_add(0, doc, token)
+
+
+def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,
+             ref_rejected_logps: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Direct Preference Optimization's loss (Rafailov et al. 2023), per pair:
+    -log sigmoid(beta * ((chosen - ref_chosen) - (rejected - ref_rejected))) of the policy's and the
+    reference model's sequence log-probabilities (sequence_logps), with the implicit rewards
+    beta * (logps - ref_logps) of the chosen and rejected sequences (detached). Each (P,)."""
+    chosen_rewards = beta * (chosen_logps - ref_chosen_logps)
+    rejected_rewards = beta * (rejected_logps - ref_rejected_logps)
+    losses = -F.logsigmoid(chosen_rewards - rejected_rewards)
+    return losses, chosen_rewards.detach(), rejected_rewards.detach()
+
+
 def _kernel_dtypes(x: torch.Tensor, by_device: dict) -> tuple:
     """The dtypes an op's kernel takes on x's device: none on devices pyllm has no kernels for (meta,
     mps, ...), nor on CUDA when this pyllm was built without CUDA kernels (no nvcc at install)."""

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from pyllm.data import PackedLoader, TokenLoader, has_documents, read_header
 from pyllm.model import LLM, ModelConfig, lora_targets, save_weights
+from pyllm.nn import dpo_loss, sequence_logps
 from pyllm.ops import _util
 from pyllm.optim import AdamW, DynamicLossScaler, ZeroAdamW
 
@@ -38,6 +39,7 @@ class TrainConfig:
     lora_targets: str = ""  # LoRA on these projections, each its own update (q,k,v,o,gate,up,down; all-linear); "": every linear layer, fused ones one update
     lora_dropout: float = 0.0  # dropout on the LoRA updates' inputs (PEFT's lora_dropout)
     fused_loss: bool = False  # the loss by linear_cross_entropy: no (batch, seq, vocab) logits in memory
+    dpo_beta: float = 0.0  # > 0: Direct Preference Optimization on preference pairs, with this beta
     model: dict = field(default_factory=dict)  # ModelConfig overrides, e.g. {"n_layers": 2}
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
@@ -109,6 +111,11 @@ class TrainConfig:
             raise ValueError("TrainConfig.lora_targets and lora_dropout go with lora_rank (a LoRA run)")
         if self.lora_targets:
             lora_targets(self.lora_targets)  # names checked before any work
+        if not 0.0 <= self.dpo_beta < math.inf:
+            raise ValueError(f"TrainConfig.dpo_beta must be >= 0 and finite, got {self.dpo_beta}")
+        if self.dpo_beta and self.fused_loss:
+            raise ValueError("TrainConfig.dpo_beta: DPO needs each sequence's log-probabilities, which fused_loss "
+                             "(one summed loss) does not give; leave fused_loss off")
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -301,6 +308,68 @@ def evaluate(model, path, cfg: TrainConfig, seq_len: int, precision: str, info: 
     return float(all_reduce_mean(total / cfg.eval_batches, info))
 
 
+@torch.no_grad()
+def evaluate_dpo(model, path, reference: np.ndarray, cfg: TrainConfig, seq_len: int, precision: str,
+                 info: DistInfo) -> tuple[float, float]:
+    """DPO's mean loss and reward accuracy (the chosen reply's reward above the rejected one's) over
+    the preference pairs of eval_batches fixed val batches."""
+    loader = make_loader(path, cfg, seq_len, cfg.seed + 1, info)
+    model.eval()
+    total, pairs = torch.zeros(2, device=info.device), 0
+    for _ in range(cfg.eval_batches):
+        batch = (*loader.next_batch(), loader.docs)
+        with autocast(precision, info.device):
+            loss, stats = dpo_batch_loss(model, batch, reference, cfg.dpo_beta)
+        total += torch.stack([loss.float(), stats[2]]) * loader.placed
+        pairs += loader.global_placed
+    model.train()
+    loss, accuracy = (all_reduce_mean(total, info) * info.world_size / max(pairs, 1)).tolist()
+    return loss, accuracy
+
+
+@torch.no_grad()
+def reference_logps(model, path, cfg: TrainConfig, seq_len: int, precision: str, info: DistInfo) -> np.ndarray:
+    """Every document's sequence_logps (float64, by document index) under model as it is now, in
+    eval mode: DPO's reference model, computed once before training (as TRL's
+    precompute_ref_log_probs), so that no second model is held in memory. One pass over the
+    documents in their order, packed and cut as training packs them; every rank runs the same
+    number of forwards (FSDP2 gathers in each), each on its own rows."""
+    loader = PackedLoader(path, cfg.batch_size, seq_len, 0, info.rank, info.world_size, info.device, shuffle=False)
+    n = len(loader.offsets) - 1
+    sums = torch.zeros(2, n, dtype=torch.float64, device=info.device)  # log-probabilities, times computed
+    model.eval()
+    while True:
+        x, y, cu = loader.next_batch()
+        with autocast(precision, info.device):
+            logps = sequence_logps(model(x, None, cu)[0], y, cu)
+        real = [i for i, d in enumerate(loader.docs) if d >= 0]
+        docs = torch.tensor([loader.docs[i] for i in real], dtype=torch.long, device=info.device)
+        sums[0].index_add_(0, docs, logps[real].double())  # a document of the next epoch's first batch may come twice
+        sums[1].index_add_(0, docs, torch.ones_like(docs, dtype=torch.float64))
+        if loader.epoch > 0 or (loader.cursor == loader.units and not loader.waiting):
+            break
+    model.train()
+    if info.world_size > 1:
+        dist.all_reduce(sums)
+    return (sums[0] / sums[1]).cpu().numpy()
+
+
+def dpo_batch_loss(model, batch, reference: np.ndarray, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """DPO's mean loss over a PackedLoader batch's preference pairs (x, y, cu_seqlens, docs: each
+    pair's chosen and rejected documents one after the other), and the means of the chosen and
+    rejected rewards and of the accuracy (chosen above rejected), detached. 0 for a batch without
+    pairs. reference: reference_logps's array."""
+    x, y, cu, docs = batch
+    logps = sequence_logps(model(x, None, cu)[0], y, cu)  # (N,) of every segment, padding too
+    real = [i for i, d in enumerate(docs) if d >= 0]
+    chosen, rejected = real[0::2], real[1::2]
+    ref = torch.from_numpy(reference[[docs[i] for i in real]]).to(logps)
+    losses, chosen_rewards, rejected_rewards = dpo_loss(logps[chosen], logps[rejected], ref[0::2], ref[1::2], beta)
+    n = max(len(chosen), 1)
+    stats = torch.stack([chosen_rewards.sum(), rejected_rewards.sum(), (chosen_rewards > rejected_rewards).sum()]) / n
+    return losses.sum() / n, stats
+
+
 def make_loader(path, cfg: TrainConfig, seq_len: int, seed: int, info: DistInfo):
     """PackedLoader for token files of conversations (with .docs.npy and .mask.npy: each is
     computed alone anyway), else TokenLoader (with cfg.doc_mask)."""
@@ -473,7 +542,8 @@ def next_batches(loader, grad_accum: int, world_size: int) -> tuple[list, list[f
     trained tokens: None (divide by grad_accum) for windows (every batch trains on B * T tokens); for packed
     conversations, whose batches train on different numbers of tokens, each batch's share of the
     step's (summed over the micro-batches of all ranks) times world_size, so that a batch with few
-    trained tokens does not weigh as much as one with many."""
+    trained tokens does not weigh as much as one with many. Preference pairs likewise by pairs
+    (DPO's loss is a mean over pairs), their batches with the loader's docs as a fourth item."""
     batches, lengths = [], []
     if not isinstance(loader, PackedLoader):
         for _ in range(grad_accum):
@@ -482,9 +552,14 @@ def next_batches(loader, grad_accum: int, world_size: int) -> tuple[list, list[f
         return batches, None, lengths
     mine, total = [], 0
     for _ in range(grad_accum):
-        batches.append(loader.next_batch())
-        mine.append(loader.targets)
-        total += loader.global_targets
+        if loader.pairs is None:
+            batches.append(loader.next_batch())
+            mine.append(loader.targets)
+            total += loader.global_targets
+        else:  # preference pairs: DPO's loss is a mean over pairs, and needs to know which they are
+            batches.append((*loader.next_batch(), loader.docs))
+            mine.append(loader.placed)
+            total += loader.global_placed
         lengths += loader.lengths
     return batches, [n * world_size / max(total, 1) for n in mine], lengths
 
@@ -527,7 +602,18 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
     model.activation_checkpointing = cfg.activation_checkpointing
     model.fused_loss = cfg.fused_loss
     loader = make_loader(data / "train.bin", cfg, seq_len, cfg.seed, info)
-    if isinstance(loader, PackedLoader) and info.is_main:
+    pairs = isinstance(loader, PackedLoader) and loader.pairs is not None
+    if pairs != bool(cfg.dpo_beta):
+        raise ValueError("preference pairs ({\"prompt\", \"chosen\", \"rejected\"} lines) train by DPO: give dpo_beta "
+                         "(--dpo-beta 0.1)" if pairs else "dpo_beta: DPO trains on preference pairs ({\"prompt\", "
+                         "\"chosen\", \"rejected\"} lines), and these token files hold none")
+    if pairs and info.is_main:
+        lengths = np.diff(loader.offsets)[loader.pairs].sum(1)
+        if (lengths > seq_len).any():
+            print(f"pyllm: {(lengths > seq_len).sum():,} of {len(lengths):,} preference pairs are longer than seq_len "
+                  f"{seq_len} together (the longest: {lengths.max():,} tokens) and are cut to fit one row: what their "
+                  "replies say past that is not compared (raise --seq-len)", file=sys.stderr)
+    elif isinstance(loader, PackedLoader) and info.is_main:
         lengths = np.diff(loader.offsets)
         if (lengths > seq_len).any():
             print(f"pyllm: {(lengths > seq_len).sum():,} of {len(lengths):,} conversations are longer than seq_len "
@@ -540,6 +626,15 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
     if ckpt is not None:
         restore(ckpt, model, optimizer, scaler, loader, cfg, info)
         start_step, skipped = ckpt["step"], ckpt["skipped_steps"]
+    reference = None  # DPO: the starting model's log-probability of every train and val document
+    if cfg.dpo_beta:
+        if ckpt is not None:
+            reference = {k: v.numpy() for k, v in ckpt["reference_logps"].items()}
+        else:
+            if info.is_main:
+                print("DPO: computing the reference model's log-probabilities of the preference pairs", file=sys.stderr)
+            reference = {name: reference_logps(wrapped, data / f"{name}.bin", cfg, seq_len, precision, info)
+                         for name in ("train", "val")}
     log = RunLog(out / "log.jsonl", start_step, info.is_main)
     tokens_per_step = cfg.batch_size * seq_len * cfg.grad_accum * info.world_size
     peak = peak_flops(info.device)
@@ -558,7 +653,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
         save_checkpoint(out / CHECKPOINT, {
             "model": model_state, "optimizer": optim_state, "scaler": scaler.state_dict() if scaler else None,
             "rng": rng_state(info.device), "loader": loader.state_dict(), "step": step_done,
-            "skipped_steps": skipped, "model_config": mcfg.to_dict(), "train_config": asdict(cfg)})
+            "skipped_steps": skipped, "model_config": mcfg.to_dict(), "train_config": asdict(cfg),
+            **({"reference_logps": {k: torch.from_numpy(v) for k, v in reference.items()}} if reference else {})})
 
     for step in range(start_step, cfg.max_steps):
         if stop_at is not None and step >= stop_at:
@@ -568,12 +664,17 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=info.device)
+        dpo_sums = torch.zeros(3, device=info.device)  # mean chosen reward, rejected reward, accuracy
         batches, weights, lengths = next_batches(loader, cfg.grad_accum, info.world_size)
         for micro, batch in enumerate(batches):
             last = micro == cfg.grad_accum - 1
             no_sync = wrapped.no_sync() if hasattr(wrapped, "no_sync") and not last else contextlib.nullcontext()
             with no_sync, autocast(precision, info.device):
-                loss = wrapped(*batch)[1]
+                if reference is not None:
+                    loss, stats = dpo_batch_loss(wrapped, batch, reference["train"], cfg.dpo_beta)
+                    dpo_sums += stats * weights[micro]
+                else:
+                    loss = wrapped(*batch)[1]
                 loss = loss / cfg.grad_accum if weights is None else loss * weights[micro]
             (scaler.scale(loss) if scaler else loss).backward()
             loss_sum += loss.detach()
@@ -602,9 +703,20 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
                   "mfu": mfu, "skipped": not stepped}
         if scaler:
             record["loss_scale"] = scaler.get_scale()
+        if reference is not None:
+            chosen, rejected, accuracy = all_reduce_mean(dpo_sums, info).tolist()
+            record.update(reward_chosen=chosen, reward_rejected=rejected, reward_margin=chosen - rejected,
+                          reward_accuracy=accuracy)
         if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step == cfg.max_steps - 1:
-            val_loss = record["val_loss"] = evaluate(wrapped, data / "val.bin", cfg, seq_len, precision, info)
-            say(info, bar, f"step {step + 1}: val loss {val_loss:.4f}")
+            if reference is not None:
+                val_loss, record["val_reward_accuracy"] = evaluate_dpo(wrapped, data / "val.bin", reference["val"], cfg,
+                                                                       seq_len, precision, info)
+                record["val_loss"] = val_loss
+                say(info, bar, f"step {step + 1}: val DPO loss {val_loss:.4f}, reward accuracy "
+                               f"{record['val_reward_accuracy']:.1%}")
+            else:
+                val_loss = record["val_loss"] = evaluate(wrapped, data / "val.bin", cfg, seq_len, precision, info)
+                say(info, bar, f"step {step + 1}: val loss {val_loss:.4f}")
         log.write(record)
         bar.set_postfix_str(f"loss {loss_value:.3f}  {tok_s:,.0f} tok/s  MFU {f'{mfu:.1%}' if mfu else 'n/a'}"
                             + (f"  skipped {skipped}" if skipped else ""))

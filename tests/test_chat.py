@@ -506,3 +506,142 @@ def test_conversations_need_a_chat_template(chat_run_inputs, tmp_path, capsys):
     _, chats = chat_run_inputs
     assert cli.main(["train", "--data", str(chats), "--out", str(tmp_path / "r"), "--max-steps", "1", "--device", "cpu"]) == 2
     assert "needs --init-from-hf" in capsys.readouterr().err
+
+
+# --- preference pairs (DPO) ---------------------------------------------------------------------
+
+def test_read_preferences_formats(tmp_path):
+    # TRL's three forms: text, messages with an explicit prompt, messages with the prompt implicit
+    # (the messages both start with); each side becomes read_conversations' example of its reply.
+    user = [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]
+    good, bad = [{"role": "assistant", "content": "yes"}], [{"role": "assistant", "content": "no"}]
+    path = tmp_path / "prefs.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in (
+        {"prompt": "2+2=", "chosen": "4", "rejected": "5"},
+        {"prompt": user, "chosen": good, "rejected": bad},
+        {"chosen": user + good, "rejected": user + bad}, {})[:3]) + "\n")
+    assert data.is_preference_data([path]) and not data.is_chat_data([path])
+    text, explicit, implicit = data.read_preferences(path)
+    assert text == ({"prompt": "2+2=", "completion": "4"}, {"prompt": "2+2=", "completion": "5"})
+    assert explicit == implicit == ({"messages": user + good, "train_from": 2}, {"messages": user + bad, "train_from": 2})
+
+
+@pytest.mark.parametrize("row", [
+    {"prompt": "a", "chosen": "b"},
+    {"prompt": "a", "chosen": [{"role": "assistant", "content": "b"}], "rejected": "c"},
+    {"chosen": [{"role": "user", "content": "a"}], "rejected": [{"role": "user", "content": "a"}]},  # no reply
+    {"chosen": [{"role": "assistant", "content": "b"}], "rejected": [{"role": "assistant", "content": "c"}]},  # no prompt
+])
+def test_read_preferences_says_which_line(tmp_path, row):
+    path = tmp_path / "prefs.jsonl"
+    path.write_text(json.dumps({"prompt": "a", "chosen": "b", "rejected": "c"}) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(ValueError, match="prefs.jsonl:2: expected"):
+        data.read_preferences(path)
+
+
+def test_prepare_preferences_files(folders, tmp_path):
+    # Each pair: its chosen and rejected sequences as two documents, one after the other, each the
+    # tokens of its example as prepare_chat makes them; .pairs.npy names them; val every 10th pair.
+    marked, _, ours, _ = folders
+    rng = random.Random(3)
+    rows = []
+    for i in range(30):
+        prompt = conversation(rng, 1)[:-1]
+        replies = [[{"role": "assistant", "content": conversation(rng, 1)[-1]["content"]}] for _ in range(2)]
+        rows.append({"prompt": prompt, "chosen": replies[0], "rejected": replies[1]} if i % 2
+                    else {"chosen": prompt + replies[0], "rejected": prompt + replies[1]})
+    path = tmp_path / "prefs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "out").mkdir()
+    stats = data.prepare_preferences([path], ours, marked, tmp_path / "out", val_fraction=0.1, show_progress=False)
+    assert stats["train_pairs"] == 27 and stats["val_pairs"] == 3
+    pairs = data.read_preferences(path)
+    for name, chosen in (("train", [p for i, p in enumerate(pairs) if i % 10 != 9]),
+                         ("val", [p for i, p in enumerate(pairs) if i % 10 == 9])):
+        tokens = np.asarray(data.open_tokens(tmp_path / "out" / f"{name}.bin"))
+        offsets = np.load(tmp_path / "out" / f"{name}.docs.npy")
+        mask = np.load(tmp_path / "out" / f"{name}.mask.npy")
+        assert np.load(tmp_path / "out" / f"{name}.pairs.npy").tolist() == [[2 * k, 2 * k + 1] for k in range(len(chosen))]
+        for k, pair in enumerate(chosen):
+            for side, example in enumerate(pair):
+                ids, want = data.example_tokens(example, ours, marked)
+                doc = slice(offsets[2 * k + side], offsets[2 * k + side + 1])
+                assert tokens[doc].tolist() == ids and mask[doc].tolist() == want and any(want)
+    # conversations written over them leave no pairs behind
+    write_jsonl(tmp_path / "chats.jsonl", [conversation(rng, 1) for _ in range(4)])
+    data.prepare_chat([tmp_path / "chats.jsonl"], ours, marked, tmp_path / "out", show_progress=False)
+    assert data.PackedLoader(tmp_path / "out" / "train.bin", 1, 64).pairs is None
+
+
+@pytest.mark.parametrize("lengths, want", [
+    ((5, 7, 12), (5, 7)), ((5, 9, 12), (5, 7)), ((9, 5, 12), (7, 5)), ((9, 9, 12), (6, 6)),
+    ((20, 30, 13), (6, 7)), ((6, 30, 12), (6, 6)),
+])
+def test_pair_lengths(lengths, want):
+    assert data.pair_lengths(*lengths) == want and sum(want) <= lengths[2]
+
+
+def test_packed_loader_places_pairs_together(tmp_path):
+    # A pair's two documents side by side in one row (chosen first), cut together to fit; every
+    # pair once per epoch; docs names each segment; placed counts pairs; ranks split the rows.
+    rng = np.random.default_rng(4)
+    lengths = [int(n) for n in rng.integers(1, 14, 60)]
+    docs, _ = packed_set(tmp_path, lengths)
+    order = rng.permutation(30)
+    pairs = np.stack([order, order + 30], 1)  # any pairing of the documents
+    np.save(tmp_path / "train.pairs.npy", pairs)
+    T, B = 16, 3
+    loader = data.PackedLoader(tmp_path / "train.bin", B, T, seed=1)
+    whole = data.PackedLoader(tmp_path / "train.bin", 4, T, seed=1)
+    halves = [data.PackedLoader(tmp_path / "train.bin", 2, T, seed=1, rank=r, world_size=2) for r in range(2)]
+    seen = []
+    for _ in range(16):
+        x, y, cu = loader.next_batch()
+        offsets = cu.tolist()
+        assert len(offsets) == len(loader.docs) + 1
+        real = [(i, d) for i, d in enumerate(loader.docs) if d >= 0]
+        assert loader.placed == loader.global_placed == len(real) // 2
+        for (i, c), (j, r) in zip(real[0::2], real[1::2]):
+            assert j == i + 1 and offsets[i] // T == (offsets[j + 1] - 1) // T  # side by side in one row
+            k = [list(p) for p in pairs].index([c, r])
+            want = data.pair_lengths(lengths[c], lengths[r], T)
+            assert (offsets[j] - offsets[i], offsets[j + 1] - offsets[j]) == want
+            assert (x.view(-1)[offsets[i]:offsets[j]].numpy() == docs[c][:want[0]]).all()
+            seen.append(k)
+        for i, d in enumerate(loader.docs):
+            if d < 0:
+                assert offsets[i + 1] % T == 0 and (y.view(-1)[offsets[i]:offsets[i + 1]] == -1).all()
+        whole_cu = whole.next_batch()[2]
+        parts = [h.next_batch() for h in halves]  # 2 ranks of 2 rows: the 4 rows of one process
+        assert halves[0].global_placed == whole.placed == halves[0].placed + halves[1].placed
+        assert halves[0].docs + halves[1].docs == whole.docs
+        assert torch.equal(torch.cat([parts[0][2][:-1], parts[1][2] + 2 * T]), whole_cu)
+    assert sorted(seen[:30]) == list(range(30))
+    np.save(tmp_path / "train.pairs.npy", pairs[:-1])
+    with pytest.raises(data.TokenFileError, match="does not pair up"):
+        data.PackedLoader(tmp_path / "train.bin", 2, 8)
+
+
+def test_dpo_on_preference_pairs(chat_run_inputs, tmp_path, capsys):
+    # `pyllm train --dpo-beta` on TRL-style pairs in the chat template, from a Hugging Face folder
+    # and then from that run; without --dpo-beta the pairs are refused with a message.
+    folder, _ = chat_run_inputs
+    rng = random.Random(2)
+    path = tmp_path / "prefs.jsonl"
+    with open(path, "w") as f:
+        for _ in range(60):
+            a, b = rng.randrange(100), rng.randrange(100)
+            f.write(json.dumps({"prompt": [{"role": "user", "content": f"what is {a} plus {b}?"}],
+                                "chosen": [{"role": "assistant", "content": f"{a + b}"}],
+                                "rejected": [{"role": "assistant", "content": f"{a * b}"}]}) + "\n")
+    assert cli.main(train_args(folder, path, tmp_path / "a", "--max-steps", "3", "--batch-size", "4",
+                               "--dpo-beta", "0.1", "--ckpt-every", "2")) == 0
+    out = capsys.readouterr()
+    assert "60 preference pairs -> " in out.out and "reference model's log-probabilities" in out.err
+    log = logged(tmp_path / "a")
+    assert log[0]["loss"] == pytest.approx(np.log(2), abs=1e-6) and {"reward_margin", "val_reward_accuracy"} <= log[-1].keys()
+    assert cli.main(["train", "--resume", str(tmp_path / "a"), "--max-steps", "4"]) == 0
+    assert len(logged(tmp_path / "a")) == 4
+    args = train_args(folder, path, tmp_path / "b", "--max-steps", "1", "--batch-size", "4")
+    assert cli.main(args) == 2
+    assert "give dpo_beta" in capsys.readouterr().err

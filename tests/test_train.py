@@ -49,6 +49,27 @@ def chat_dir(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="module")
+def pairs_dir(tmp_path_factory):
+    """Preference pairs as prepare_preferences writes them: a prompt of 2-10 tokens of the phrase
+    above (from a random point), then a reply of 2-8 tokens: the phrase going on (chosen) or random
+    tokens (rejected), the replies marked; some rejected replies as long as the row."""
+    rng = np.random.default_rng(2)
+    folder = tmp_path_factory.mktemp("pairs")
+    phrase = np.array([3, 14, 15, 9, 26, 5, 35, 8, 9, 7, 9, 32])
+    for name, n in (("train.bin", 200), ("val.bin", 20)):
+        docs, masks = [], []
+        for i in range(n):
+            prompt, reply = int(rng.integers(2, 11)), int(rng.integers(2, 9))
+            good = np.roll(phrase, -int(rng.integers(12)))[np.arange(prompt + reply) % 12]
+            bad = np.concatenate([good[:prompt], rng.integers(0, 64, 16 if i % 10 == 0 else reply)])
+            for doc in (good, bad):
+                docs.append(doc)
+                masks.append((np.arange(len(doc)) >= prompt).astype(np.uint8))
+        data.write_documents(folder / name, docs, masks, vocab_size=64, pairs=np.arange(2 * n).reshape(-1, 2))
+    return folder
+
+
 def config(data_dir, out, **kw) -> TrainConfig:
     base = dict(data_dir=str(data_dir), out_dir=str(out), model=dict(TINY), device="cpu", batch_size=4,
                 max_steps=8, warmup_steps=2, lr=1e-2, eval_every=4, eval_batches=2, ckpt_every=4, progress=False)
@@ -263,8 +284,8 @@ def run_two_processes(args: dict, timeout: float = 150) -> None:
 @pytest.mark.parametrize("mode, kind", [("ddp", "windows"), ("fsdp", "windows"), ("zero1", "windows"),
                                         ("ddp", "conversations"), ("fsdp", "conversations"),
                                         ("zero1", "conversations"), ("ddp", "lora"), ("fsdp", "lora"),
-                                        ("zero1", "lora"), ("fsdp", "fused-loss")])
-def test_two_cpu_processes_match_one_and_resume_exactly(data_dir, chat_dir, tmp_path, mode, kind):
+                                        ("zero1", "lora"), ("fsdp", "fused-loss"), ("ddp", "dpo"), ("fsdp", "dpo")])
+def test_two_cpu_processes_match_one_and_resume_exactly(data_dir, chat_dir, pairs_dir, tmp_path, mode, kind):
     """2 gloo processes with batch 2 each = 1 process with batch 4 (to float rounding), both with 2
     micro-steps of gradient accumulation; a 2-process
     run stopped at step 6 and resumed from its step-4 checkpoint = the uninterrupted one, bitwise;
@@ -273,12 +294,14 @@ def test_two_cpu_processes_match_one_and_resume_exactly(data_dir, chat_dir, tmp_
     LoRA: frozen weights, rank-2 updates trained (no gradients, no optimizer state for the rest);
     under fsdp per projection (lora_targets: the fused layers' block-diagonal B, the layout buffer).
     fused-loss: the loss by linear_cross_entropy (its gradients computed in the forward, on the
-    gathered output layer)."""
-    common = dict(data_dir=str(chat_dir if kind == "conversations" else data_dir), model=dict(TINY), device="cpu",
+    gathered output layer). dpo: preference pairs, the loss a mean over all of a step's pairs, the
+    reference log-probabilities computed by both ranks' rows (and kept in the checkpoint)."""
+    folder = {"conversations": chat_dir, "dpo": pairs_dir}.get(kind, data_dir)
+    common = dict(data_dir=str(folder), model=dict(TINY), device="cpu",
                   max_steps=8, warmup_steps=1, grad_accum=2, eval_every=4, eval_batches=2, ckpt_every=4,
                   progress=False, lr=1e-2, **({"lora_rank": 2, "precision": "bf16"} if kind == "lora" else {}),
                   **({"lora_targets": "q,v,gate,down"} if kind == "lora" and mode == "fsdp" else {}),
-                  **({"fused_loss": True} if kind == "fused-loss" else {}))
+                  **({"fused_loss": True} if kind == "fused-loss" else {}), **({"dpo_beta": 0.5} if kind == "dpo" else {}))
     trainer.train(TrainConfig(**common, out_dir=str(tmp_path / "one"), batch_size=4))
     trainer.train(TrainConfig(**common, out_dir=str(tmp_path / "two/cross"), batch_size=4), stop_at=6)
     # ddp and fsdp recompute their blocks in the backward (activation checkpointing): same losses
@@ -345,3 +368,87 @@ def test_fused_loss_trains_as_the_plain_loss(data_dir, tmp_path):
     trainer.train(config(data_dir, tmp_path / "plain"))
     trainer.train(config(data_dir, tmp_path / "fused", fused_loss=True))
     np.testing.assert_allclose(losses(tmp_path / "fused"), losses(tmp_path / "plain"), rtol=1e-5)
+
+
+# --- DPO ------------------------------------------------------------------------------------------
+
+def test_dpo_batch_loss_is_each_sequence_alone(pairs_dir):
+    # fp64: the packed batch's DPO loss and gradients are those of the formula on each sequence's
+    # log-probability computed alone (its replies' tokens, cut as the loader cuts pairs to a row).
+    from pyllm.model import LLM, ModelConfig
+
+    torch.manual_seed(0)
+    model = LLM(ModelConfig.from_preset("tiny", **{**TINY, "vocab_size": 64})).double()
+    policy = LLM(ModelConfig.from_preset("tiny", **{**TINY, "vocab_size": 64})).double()
+    loader = data.PackedLoader(pairs_dir / "train.bin", 3, 16, seed=4)
+    with torch.no_grad():
+        reference = trainer.reference_logps(model, pairs_dir / "train.bin", TrainConfig(batch_size=3), 16, "fp32",
+                                            trainer.DistInfo())
+    batch = (*loader.next_batch(), loader.docs)
+    loss, stats = trainer.dpo_batch_loss(policy, batch, reference, beta=0.3)
+    loss.backward()
+    got = [p.grad.clone() for p in policy.parameters()]
+    policy.zero_grad()
+
+    def alone(m, doc, length):  # sum of log p over the doc's trained targets within its first length tokens
+        start, end = loader.offsets[doc], loader.offsets[doc + 1]
+        ids = torch.from_numpy(np.asarray(loader.tokens[start:end], np.int64))
+        mask = torch.from_numpy(np.asarray(loader.mask[start:end], np.int64))
+        n = min(length + 1, end - start)
+        logits = m(ids[None, :min(length, n)])[0][0]
+        logp = torch.log_softmax(logits, -1)[torch.arange(n - 1), ids[1:n]]
+        return (logp * mask[1:n]).sum()
+
+    real = [d for d in batch[3] if d >= 0]
+    lengths = [n for n in loader.lengths]
+    assert len(real) == len(lengths) and len(real) % 2 == 0 and loader.placed == len(real) // 2
+    terms, margins = [], []
+    for c, r, lc, lr in zip(real[0::2], real[1::2], lengths[0::2], lengths[1::2]):
+        assert loader.pairs.tolist().count([c, r]) == 1
+        with torch.no_grad():
+            ref_c, ref_r = alone(model, c, lc), alone(model, r, lr)
+        assert reference[c] == pytest.approx(float(ref_c), rel=1e-12) and reference[r] == pytest.approx(float(ref_r), rel=1e-12)
+        z = 0.3 * ((alone(policy, c, lc) - ref_c) - (alone(policy, r, lr) - ref_r))
+        terms.append(-torch.nn.functional.logsigmoid(z))
+        margins.append(z.detach().item())
+    want = torch.stack(terms).mean()
+    want.backward()
+    assert loss.item() == pytest.approx(want.item(), rel=1e-12)
+    assert float(stats[0] - stats[1]) == pytest.approx(float(np.mean(margins)), rel=1e-10, abs=1e-14)
+    assert float(stats[2]) == np.mean([m > 0 for m in margins])
+    for g, p in zip(got, policy.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=1e-9, atol=1e-14)
+
+
+def test_dpo_learns_and_resumes_exactly(pairs_dir, tmp_path):
+    # The first step's loss is log 2 (the policy is the reference); the chosen replies (the phrase
+    # going on) win more often as it trains; a run stopped and resumed gives the same losses, bitwise.
+    kw = dict(dpo_beta=0.5, max_steps=16, eval_every=8, ckpt_every=4, lr=3e-3)
+    trainer.train(config(pairs_dir, tmp_path / "whole", **kw))
+    log = [json.loads(line) for line in (tmp_path / "whole/log.jsonl").read_text().splitlines()]
+    assert log[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and abs(log[0]["reward_margin"]) < 1e-6
+    assert np.mean([r["loss"] for r in log[-4:]]) < math.log(2) - 0.05
+    assert np.mean([r["reward_accuracy"] for r in log[-8:]]) > 0.6 and log[-1]["val_reward_accuracy"] > 0.6
+    assert log[-1]["val_loss"] < 0.5
+    trainer.train(config(pairs_dir, tmp_path / "cut", **kw), stop_at=6)
+    trainer.train(config(pairs_dir, tmp_path / "cut", **kw), resume=True)
+    assert losses(tmp_path / "cut") == losses(tmp_path / "whole")
+
+
+def test_dpo_with_lora(pairs_dir, tmp_path):
+    # LoRA: the reference is the frozen model (the updates start at 0), only the updates train.
+    trainer.train(config(pairs_dir, tmp_path / "lora", dpo_beta=0.5, lora_rank=4, max_steps=12, lr=1e-2))
+    log = [json.loads(line) for line in (tmp_path / "lora/log.jsonl").read_text().splitlines()]
+    assert log[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and log[-1]["loss"] < log[0]["loss"]
+
+
+def test_dpo_options_are_checked(data_dir, chat_dir, pairs_dir, tmp_path):
+    with pytest.raises(ValueError, match="train by DPO: give dpo_beta"):
+        trainer.train(config(pairs_dir, tmp_path / "a"))
+    for folder in (data_dir, chat_dir):
+        with pytest.raises(ValueError, match="these token files hold none"):
+            trainer.train(config(folder, tmp_path / "b", dpo_beta=0.1))
+    for options, message in ((dict(dpo_beta=-1.0), "dpo_beta must be >= 0"),
+                             (dict(dpo_beta=0.1, fused_loss=True), "leave fused_loss off")):
+        with pytest.raises(ValueError, match=message):
+            TrainConfig(out_dir=str(tmp_path), **options).validate()

@@ -1,0 +1,179 @@
+"""Preference tuning (DPO): pairs packed side by side vs TRL's padded concatenated batches.
+
+One epoch over the same preference pairs, forward + backward of the DPO loss (the optimizer step
+costs the same either way and is left out; both sides take the reference log-probabilities as
+precomputed, TRL's precompute_ref_log_probs, outside the timing), on the same weights (a
+LlamaForCausalLM with random weights in SmolLM2-135M's shape, 30 layers (--layers; --quick: 4), read
+by pyllm.model.LLM.from_hf):
+- pyllm packed: PackedLoader rows of --seq-len tokens holding whole pairs, each pair's chosen and
+  rejected sequences side by side, each attending to itself alone (cu_seqlens -> flash_attn varlen);
+  pyllm.train.dpo_batch_loss.
+- transformers padded: what TRL's DPOTrainer computes per step (its concatenated_forward): a batch's
+  chosen sequences then its rejected ones in one batch padded to the longest, transformers' model with
+  its attention_mask, each sequence's log-probability summed over its reply's tokens, the same loss.
+- transformers sorted: its best case for padding: pairs in batches of about equal length (sorted by
+  their longer sequence).
+The padded batches hold as many pairs as a packed batch holds on average. Prompt and reply lengths
+are drawn from log-normals around --mean-prompt / --mean-reply (cut to [8, ...]); each pair's two
+replies differ in length. Rows: seconds per epoch (median of --repeat, interleaved), real tokens/s,
+the share of computed positions that were padding. Needs transformers; prints why and exits 0
+without it. (TRL itself is not imported: its trainer's loop around this computation is not what is
+measured.)
+"""
+from __future__ import annotations
+
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+from pyllm import data  # noqa: E402
+from pyllm.model import LLM  # noqa: E402
+from pyllm.nn import dpo_loss  # noqa: E402
+from pyllm.train import dpo_batch_loss  # noqa: E402
+
+BETA = 0.1
+
+
+def concatenated_batches(docs, masks, pair_order, per_batch, seq_len):
+    """TRL's concatenated batches: (input_ids, attention_mask, loss_mask, pairs) per batch of
+    per_batch pairs, the chosen sequences then the rejected ones, each cut to seq_len and padded to
+    the batch's longest; loss_mask marks the reply's tokens (as TRL's completion mask)."""
+    batches = []
+    for i in range(0, len(pair_order), per_batch):
+        pairs = pair_order[i:i + per_batch]
+        seqs = [2 * p for p in pairs] + [2 * p + 1 for p in pairs]
+        T = max(min(len(docs[d]), seq_len) for d in seqs)
+        x = torch.zeros(len(seqs), T, dtype=torch.long)
+        attn = torch.zeros(len(seqs), T, dtype=torch.long)
+        loss_mask = torch.zeros(len(seqs), T, dtype=torch.bool)
+        for r, d in enumerate(seqs):
+            n = min(len(docs[d]), seq_len)
+            x[r, :n], attn[r, :n] = torch.from_numpy(docs[d][:n]), 1
+            loss_mask[r, :n] = torch.from_numpy(masks[d][:n] == 1)
+        batches.append((x, attn, loss_mask, torch.tensor(pairs)))
+    return batches
+
+
+def concatenated_logps(model, x, attn, loss_mask):
+    """Each sequence's summed log-probability of its reply tokens, as TRL's concatenated_forward."""
+    logits = model(input_ids=x, attention_mask=attn).logits[:, :-1].float()
+    labels, keep = x[:, 1:], loss_mask[:, 1:]
+    token = torch.gather(F.log_softmax(logits, -1), 2, labels[..., None])[..., 0]
+    return (token * keep).sum(-1)
+
+
+def main() -> int:
+    parser = common.base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--pairs", type=int, default=0, help="default 64 (--quick: 24)")
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--rows", type=int, default=2, help="rows per packed batch")
+    parser.add_argument("--mean-prompt", type=int, default=120)
+    parser.add_argument("--mean-reply", type=int, default=100)
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16")
+    parser.add_argument("--layers", type=int, default=0, help="default 30, SmolLM2-135M's (--quick: 4)")
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    transformers = common.peer_module("transformers", "bench_dpo", "transformers is not installed; nothing to compare with")
+    if transformers is None:
+        return 0
+    torch.manual_seed(0)
+    n_pairs = args.pairs or (24 if args.quick else 64)
+    config = common.smollm2_config(transformers, args.layers or (4 if args.quick else 30), attn_implementation="sdpa")
+    theirs = transformers.LlamaForCausalLM(config)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    rng = np.random.default_rng(0)
+    draw = lambda mean: np.clip(rng.lognormal(np.log(mean), 0.7, n_pairs).astype(int), 8, args.seq_len // 4)  # noqa: E731
+    prompts, chosen, rejected = draw(args.mean_prompt), draw(args.mean_reply), draw(args.mean_reply)
+    docs, masks = [], []
+    for p, c, r in zip(prompts, chosen, rejected):
+        prompt = rng.integers(0, config.vocab_size, p)
+        for reply in (c, r):
+            docs.append(np.concatenate([prompt, rng.integers(0, config.vocab_size, reply)]))
+            masks.append((np.arange(p + reply) >= p).astype(np.uint8))
+    lengths = np.array([len(d) for d in docs])
+    with tempfile.TemporaryDirectory() as folder:
+        theirs.save_pretrained(folder)
+        ours = LLM.from_hf(folder)
+        path = Path(folder) / "train.bin"
+        data.write_documents(path, docs, masks, config.vocab_size, np.arange(2 * n_pairs).reshape(-1, 2))
+        loader = data.PackedLoader(path, args.rows, args.seq_len, seed=0)
+        packed, pad = [], 0
+        while loader.epoch == 0:  # the last batch may hold the next epoch's first pairs
+            packed.append((*loader.next_batch(), loader.docs))
+            pad += loader.padding
+        order = [int(i) for i in loader._epoch_order(0)]
+    ours, theirs = ours.to(args.device, dtype).train(), theirs.to(args.device, dtype).train()
+    per_batch = max(1, round(n_pairs / len(packed)))
+    padded = concatenated_batches(docs, masks, order, per_batch, args.seq_len)
+    longer = lambda p: max(len(docs[2 * p]), len(docs[2 * p + 1]))  # noqa: E731
+    by_length = concatenated_batches(docs, masks, sorted(order, key=longer), per_batch, args.seq_len)
+    # Reference log-probabilities: precomputed, as both sides would (any values serve the timing;
+    # these are the starting model's, so the losses start at log 2).
+    reference = np.zeros(2 * n_pairs)
+    with torch.no_grad():
+        for x, attn, loss_mask, pairs in padded:
+            logps = concatenated_logps(theirs, x.to(args.device), attn.to(args.device), loss_mask.to(args.device))
+            reference[torch.cat([2 * pairs, 2 * pairs + 1]).numpy()] = logps.double().cpu().numpy()
+
+    def epoch_pyllm_packed(limit=None):
+        for x, y, cu, docs_of in packed[:limit]:
+            batch = (x.to(args.device), y.to(args.device), cu.to(args.device), docs_of)
+            dpo_batch_loss(ours, batch, reference, BETA)[0].backward()
+
+    def epoch_transformers(limit=None, batches=padded):
+        for x, attn, loss_mask, pairs in batches[:limit]:
+            logps = concatenated_logps(theirs, x.to(args.device), attn.to(args.device), loss_mask.to(args.device))
+            n = len(pairs)
+            ref = torch.from_numpy(reference[torch.cat([2 * pairs, 2 * pairs + 1]).numpy()]).to(logps)
+            losses = dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], BETA)[0]
+            losses.mean().backward()
+
+    runs = {"pyllm packed": epoch_pyllm_packed, "transformers padded": epoch_transformers,
+            "transformers sorted": lambda limit=None: epoch_transformers(limit, by_length)}
+    positions = {"pyllm packed": len(packed) * args.rows * args.seq_len,
+                 "transformers padded": sum(b[0].numel() for b in padded),
+                 "transformers sorted": sum(b[0].numel() for b in by_length)}
+    real = {name: int(np.minimum(lengths, args.seq_len).sum()) for name in positions}
+    real["pyllm packed"] = positions["pyllm packed"] - pad
+    seconds = {name: [] for name in runs}
+    for run in runs.values():  # warm-up
+        run(limit=2)
+    for _ in range(args.repeat):
+        for name, run in runs.items():
+            ours.zero_grad(set_to_none=True)
+            theirs.zero_grad(set_to_none=True)
+            common.sync(args.device)
+            t0 = time.perf_counter()
+            run()
+            common.sync(args.device)
+            seconds[name].append(time.perf_counter() - t0)
+    peer = statistics.median(seconds["transformers padded"])
+    rows = []
+    for name in runs:
+        s = statistics.median(seconds[name])
+        rows.append({"impl": name, "batches": len(packed) if name == "pyllm packed" else len(padded),
+                     "s/epoch": round(s, 2), "real tokens/s": round(real[name] / s),
+                     "padding": f"{1 - real[name] / positions[name]:.0%}",
+                     "vs transformers": f"{peer * real[name] / (s * real['transformers padded']):.2f}x"})
+    print(f"# DPO epoch on {common.device_description(args.device)}: {config.num_hidden_layers} layers, {args.dtype}, "
+          f"{n_pairs} pairs, {lengths.sum()} tokens (sequences of mean {lengths.mean():.0f}, max {lengths.max()}), "
+          f"packed {args.rows} x {args.seq_len}, padded {per_batch} pairs per batch, transformers {transformers.__version__}")
+    common.print_table(rows, ["impl", "batches", "s/epoch", "real tokens/s", "padding", "vs transformers"])
+    common.write_json(args.json, "dpo", args.device, rows, {
+        "layers": config.num_hidden_layers, "dtype": args.dtype, "pairs": n_pairs, "tokens": int(lengths.sum()),
+        "seq_len": args.seq_len, "rows": args.rows, "pairs_per_padded_batch": per_batch,
+        "transformers": transformers.__version__, "beta": BETA})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

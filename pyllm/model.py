@@ -20,7 +20,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from pyllm.nn import (RMSNorm, SwiGLUMLP, apply_rope, attention, attention_with_kvcache, document_ids,
-                      linear_cross_entropy, rope_cos_sin)
+                      linear_cross_entropy, linear_token_logps, rope_cos_sin, token_logps)
 
 
 # The parameters of Llama 3.1's RoPE scaling (nn.llama3_scaled), besides rope_type = "llama3".
@@ -328,10 +328,13 @@ class LLM(nn.Module):
                 rope = tuple(None if cs is None else (cs[0][positions], cs[1][positions]) for cs in rope)
         return self.dropout(x), rope
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+                per_token: bool = False):
         """idx (B, T) int64 -> logits (B, T, V) and, given targets (B, T), the mean cross-entropy
         (targets of -1 are ignored). With fused_loss set and targets given, logits is None (the
-        loss came from linear_cross_entropy, chunk by chunk).
+        loss came from linear_cross_entropy, chunk by chunk). per_token: instead of the loss, each
+        target's log-probability (B, T) fp32, 0 where the target is -1 (for sequence-level losses:
+        nn.sequence_logps; with fused_loss by nn.linear_token_logps, no logits again).
 
         cu_seqlens: packed documents. int32 (N + 1,) on idx's device, the offsets in idx.view(-1) where
         each of N documents starts, then B * T; none may cross the end of a row (every multiple of T
@@ -354,6 +357,11 @@ class LLM(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(block, x, rope, None, 0, cu_seqlens, use_reentrant=False)
             else:
                 x = block(x, rope, cu_seqlens=cu_seqlens)
+        if targets is not None and per_token:
+            if self.fused_loss:
+                return None, linear_token_logps(self.norm_f(x), self.lm_head.weight, targets)
+            logits = self.lm_head(self.norm_f(x))
+            return logits, token_logps(logits, targets)
         if targets is not None and self.fused_loss:  # no (B, T, V) logits at all (linear_cross_entropy)
             loss = linear_cross_entropy(self.norm_f(x), self.lm_head.weight, targets)
             return None, loss / (targets != -1).sum().clamp(min=1)

@@ -188,15 +188,88 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
         return _LinearCrossEntropy.apply(x, weight, targets, int(chunk_rows))
 
 
-def sequence_logps(logits: torch.Tensor, targets: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """(N,) fp32: each of the N documents of cu_seqlens (packed into logits' B * T positions, as
-    LLM.forward takes them) summed log-probability of its targets, -1 targets left out: a
-    sequence's log p(completion | prompt) for preference losses. logits (B, T, V), targets (B, T)."""
-    B, T, V = logits.shape
-    logits32 = logits.reshape(-1, V).to(torch.promote_types(logits.dtype, torch.float32))
-    token = -F.cross_entropy(logits32, targets.reshape(-1), ignore_index=-1, reduction="none")  # 0 where ignored
+class _LinearTokenLogps(torch.autograd.Function):
+    """log softmax(x W^T)[target] per row (0 where the target is -1), chunk by chunk: the (rows,
+    vocab) logits exist one chunk at a time. Unlike _LinearCrossEntropy the gradient cannot be
+    computed in the forward (a sequence-level loss, DPO's, weighs each row by what the others
+    give), so the backward recomputes each chunk's logits from x and the saved log-sum-exp: one
+    more (rows x C x V) matmul for O(chunk_rows * vocab) memory."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, chunk_rows):  # x (N, C), weight (V, C), targets (N,)
+        acc = torch.promote_types(x.dtype, torch.float32)
+        out = torch.empty(x.shape[0], dtype=acc, device=x.device)
+        lse = torch.empty(x.shape[0], dtype=acc, device=x.device)
+        for start in range(0, x.shape[0], chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            logits = (x[rows] @ weight.t()).to(acc)  # (c, V)
+            tc = targets[rows]
+            lse[rows] = torch.logsumexp(logits, dim=-1)
+            out[rows] = (logits.gather(1, tc.clamp(min=0)[:, None])[:, 0] - lse[rows]) * (tc != -1)
+        ctx.save_for_backward(x, weight, targets, lse)
+        ctx.chunk_rows = chunk_rows
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, targets, lse = ctx.saved_tensors
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_x = torch.empty_like(x) if need_x else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32),
+                             device=x.device) if need_w else None
+        for start in range(0, x.shape[0], ctx.chunk_rows):
+            rows = slice(start, start + ctx.chunk_rows)
+            xc, tc = x[rows], targets[rows]
+            g = grad_out[rows].to(lse.dtype) * (tc != -1)  # (c,)
+            # d logp / d logits = one_hot - softmax, times each row's incoming gradient
+            grad = (xc @ weight.t()).to(lse.dtype).sub_(lse[rows, None]).exp_().mul_(-g[:, None])
+            grad.scatter_add_(1, tc.clamp(min=0)[:, None], g[:, None])
+            grad = grad.to(x.dtype)
+            if need_x:
+                grad_x[rows] = grad @ weight
+            if need_w:
+                if x.dtype == grad_w.dtype:
+                    grad_w.addmm_(grad.t(), xc)
+                else:
+                    grad_w += (grad.t() @ xc).to(grad_w.dtype)
+        return grad_x, None if grad_w is None else grad_w.to(weight.dtype), None, None
+
+
+def linear_token_logps(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                       chunk_rows: int | None = None) -> torch.Tensor:
+    """log_softmax(x @ weight.T)[targets] per row, in fp32 (at least), 0 where targets is -1,
+    without the (rows, vocab) logits in memory: chunk by chunk in the forward, and again in the
+    backward (recomputed from x and the saved log-sum-exp). x (..., C), weight (V, C), targets (...)
+    -> (...). For losses over sequences (DPO's sequence_logps), where linear_cross_entropy's
+    gradients-in-the-forward cannot serve. Under autocast, x and weight are cast to its dtype
+    first, as nn.Linear would be. chunk_rows: as in linear_cross_entropy."""
+    shape = targets.shape
+    x, targets = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
+    else:
+        weight = weight.to(x.dtype)
+    if chunk_rows is None:
+        chunk_rows = max(1, (64 << 20) // (4 * weight.shape[0]))
+    with torch.autocast(x.device.type, enabled=False):
+        return _LinearTokenLogps.apply(x, weight, targets, int(chunk_rows)).view(shape)
+
+
+def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log_softmax(logits)[targets] in fp32 (at least), 0 where targets is -1. logits (..., V)."""
+    logits32 = logits.reshape(-1, logits.shape[-1]).to(torch.promote_types(logits.dtype, torch.float32))
+    return -F.cross_entropy(logits32, targets.reshape(-1), ignore_index=-1, reduction="none").view(targets.shape)
+
+
+def sequence_logps(token_logps: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """(N,): each of the N documents of cu_seqlens (packed into the B * T positions, as
+    LLM.forward takes them) summed log-probability of its targets, from token_logps (B, T) (0 where
+    no target: LLM.forward(..., per_token=True)): a sequence's log p(completion | prompt) for
+    preference losses."""
+    B, T = token_logps.shape
     doc = document_ids(cu_seqlens, B, T).reshape(-1)
-    return token.new_zeros(cu_seqlens.numel() - 1).index_add(0, doc, token)
+    return token_logps.new_zeros(cu_seqlens.numel() - 1).index_add(0, doc, token_logps.reshape(-1))
 
 
 def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,

@@ -113,9 +113,6 @@ class TrainConfig:
             lora_targets(self.lora_targets)  # names checked before any work
         if not 0.0 <= self.dpo_beta < math.inf:
             raise ValueError(f"TrainConfig.dpo_beta must be >= 0 and finite, got {self.dpo_beta}")
-        if self.dpo_beta and self.fused_loss:
-            raise ValueError("TrainConfig.dpo_beta: DPO needs each sequence's log-probabilities, which fused_loss "
-                             "(one summed loss) does not give; leave fused_loss off")
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -341,7 +338,7 @@ def reference_logps(model, path, cfg: TrainConfig, seq_len: int, precision: str,
     while True:
         x, y, cu = loader.next_batch()
         with autocast(precision, info.device):
-            logps = sequence_logps(model(x, None, cu)[0], y, cu)
+            logps = sequence_logps(model(x, y, cu, per_token=True)[1], cu)
         real = [i for i, d in enumerate(loader.docs) if d >= 0]
         docs = torch.tensor([loader.docs[i] for i in real], dtype=torch.long, device=info.device)
         sums[0].index_add_(0, docs, logps[real].double())  # a document of the next epoch's first batch may come twice
@@ -360,7 +357,7 @@ def dpo_batch_loss(model, batch, reference: np.ndarray, beta: float) -> tuple[to
     rejected rewards and of the accuracy (chosen above rejected), detached. 0 for a batch without
     pairs. reference: reference_logps's array."""
     x, y, cu, docs = batch
-    logps = sequence_logps(model(x, None, cu)[0], y, cu)  # (N,) of every segment, padding too
+    logps = sequence_logps(model(x, y, cu, per_token=True)[1], cu)  # (N,) of every segment, padding too
     real = [i for i, d in enumerate(docs) if d >= 0]
     chosen, rejected = real[0::2], real[1::2]
     ref = torch.from_numpy(reference[[docs[i] for i in real]]).to(logps)

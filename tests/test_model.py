@@ -678,6 +678,70 @@ def test_linear_cross_entropy_matches_float64(device, dtype, chunk_rows):
         assert rel_err(got, exact) <= tolerance(torch_value, exact), name
 
 
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("chunk_rows", [1, 37, None])
+def test_linear_token_logps_matches_float64(device, dtype, chunk_rows):
+    # Each row's log-probability of its target without the logits in memory (recomputed in the
+    # backward): values and both gradients, under a random weight per row (as a sequence-level loss
+    # gives), within twice torch's own error in that dtype.
+    from pyllm.nn import linear_token_logps
+
+    torch.manual_seed(1)
+    x64, w64 = torch.randn(300, 64, dtype=torch.float64), torch.randn(1000, 64, dtype=torch.float64) * 0.2
+    targets = torch.randint(0, 1000, (300,))
+    targets[::7] = -1
+    weights = torch.randn(300, dtype=torch.float64)
+
+    def run(fn, dtype, device="cpu"):
+        x, w = (t.to(device, dtype, copy=True).requires_grad_() for t in (x64, w64))
+        out = fn(x, w, targets.to(device))
+        (out * weights.to(device, out.dtype)).sum().backward()
+        return out.detach(), x.grad, w.grad
+
+    def plain(x, w, t):
+        return -F.cross_entropy(x @ w.t() if x.dtype == torch.float64 else (x @ w.t()).float(), t, ignore_index=-1,
+                                reduction="none")
+
+    ref = run(plain, torch.float64)
+    theirs = run(plain, dtype, device)
+    ours = run(lambda x, w, t: linear_token_logps(x, w, t, chunk_rows), dtype, device)
+    assert torch.equal(ours[0][::7].cpu(), torch.zeros(43))  # ignored rows: 0
+    for name, got, torch_value, exact in zip(("logps", "dx", "dw"), ours, theirs, ref):
+        assert got.dtype == (torch.float32 if name == "logps" else dtype)
+        assert rel_err(got, exact) <= tolerance(torch_value, exact), name
+
+
+@pytest.mark.parametrize("name", ["llama", "gqa-untied", "gpt2"])
+def test_per_token_logps_of_the_model(name):
+    # forward(..., per_token=True): each target's log-probability, 0 where -1, the same with
+    # fused_loss (no logits) to fp64 rounding, gradients too; summed per document by sequence_logps.
+    from pyllm.nn import sequence_logps
+
+    cfg = ModelConfig(**CONFIGS[name])
+    model = randomized(cfg)
+    idx = torch.randint(0, cfg.vocab_size, (2, 12))
+    targets = idx.roll(-1, dims=1)
+    targets[:, :3] = -1
+    logits, logps = model(idx, targets, per_token=True)
+    want = torch.log_softmax(logits, -1).gather(2, targets.clamp(min=0)[..., None])[..., 0] * (targets != -1)
+    assert logps.shape == (2, 12) and rel_err(logps, want) < 1e-14
+    cu = torch.tensor([0, 5, 12, 20, 24], dtype=torch.int32)
+    params = [p for p in model.parameters()]
+    packed = model(idx, targets, cu, per_token=True)[1]
+    seq = sequence_logps(packed, cu)
+    rows = packed.detach().reshape(-1)
+    assert seq.shape == (4,) and rel_err(seq, torch.stack([rows[a:b].sum() for a, b in zip(cu[:-1], cu[1:])])) < 1e-15
+    grads = torch.autograd.grad(seq @ torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=seq.dtype), params)
+    model.fused_loss = True
+    none, fused = model(idx, targets, cu, per_token=True)
+    assert none is None
+    fused_seq = sequence_logps(fused, cu)
+    assert rel_err(fused_seq, seq) < 1e-14
+    for g, f in zip(grads, torch.autograd.grad(fused_seq @ torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=seq.dtype), params)):
+        assert rel_err(f, g) < 1e-12
+
+
 @pytest.mark.parametrize("name", ["llama", "gqa-untied", "gpt2"])
 def test_fused_loss_gives_the_model_loss_and_gradients(name):
     # LLM.fused_loss: the same loss and gradients (fp64: to rounding), tied or untied output layer,

@@ -261,6 +261,19 @@ def read_conversations(path) -> list[dict]:
     returned as {"messages": [...], "train_from": index of the first trainable message} or
     {"prompt": str, "completion": str}."""
     examples = []
+    for number, row, line in _jsonl_rows(path):
+        example = _example(row)
+        if example is None:
+            raise ValueError(f"{path}:{number}: expected {{\"messages\": [{{\"role\": ..., \"content\": ...}}, ...]}} "
+                             f"or {{\"prompt\": ..., \"completion\": ...}} (both text or both messages), got "
+                             f"{line.strip()[:80]!r}")
+        examples.append(example)
+    return examples
+
+
+def _jsonl_rows(path):
+    """(line number, the line's object ({} if not an object), the line) for each non-blank line;
+    ValueError naming the line that is not JSON."""
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
@@ -269,25 +282,21 @@ def read_conversations(path) -> list[dict]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{number}: not JSON ({e.msg})") from None
-            example = _example(row) if isinstance(row, dict) else None
-            if example is None:
-                raise ValueError(f"{path}:{number}: expected {{\"messages\": [{{\"role\": ..., \"content\": ...}}, ...]}} "
-                                 f"or {{\"prompt\": ..., \"completion\": ...}} (both text or both messages), got "
-                                 f"{line.strip()[:80]!r}")
-            examples.append(example)
-    return examples
+            yield number, row if isinstance(row, dict) else {}, line
+
+
+def _is_messages(value) -> bool:
+    """Whether value is a list of chat messages (dicts with a "role")."""
+    return isinstance(value, list) and all(isinstance(m, dict) and "role" in m for m in value)
 
 
 def _example(row: dict) -> dict | None:
-    def messages(value):
-        return isinstance(value, list) and all(isinstance(m, dict) and "role" in m for m in value)
-
     if "messages" in row:
-        return {"messages": row["messages"], "train_from": 0} if messages(row["messages"]) else None
+        return {"messages": row["messages"], "train_from": 0} if _is_messages(row["messages"]) else None
     prompt, completion = row.get("prompt"), row.get("completion")
     if isinstance(prompt, str) and isinstance(completion, str):
         return {"prompt": prompt, "completion": completion}
-    if messages(prompt) and messages(completion):
+    if _is_messages(prompt) and _is_messages(completion):
         return {"messages": prompt + completion, "train_from": len(prompt)}
     return None
 
@@ -331,6 +340,17 @@ def example_tokens(example: dict, tokenizer, folder=None, doc_start: Sequence[in
     return prompt + completion, [0] * len(prompt) + [1] * len(completion)
 
 
+def _val_split(n: int, val_fraction: float, inputs, what: str) -> list[bool]:
+    """Which of n examples go to val: every round(1 / val_fraction)-th (the last one when there are
+    fewer). ValueError for a bad fraction or fewer than 2 examples."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if n < 2:
+        raise ValueError(f"{', '.join(map(str, inputs))}: {n} {what}; at least 2 are needed (one for validation)")
+    every = max(2, round(1 / val_fraction))
+    return [i % every == every - 1 if n >= every else i == n - 1 for i in range(n)]
+
+
 def prepare_chat(inputs: Sequence[str | os.PathLike], tokenizer, folder, out_dir, val_fraction: float = 0.02,
                  show_progress: bool = True, doc_start: Sequence[int] = (), doc_end: int | None = None) -> dict:
     """Tokenizes the examples of JSON Lines files (read_conversations; example_tokens: messages with
@@ -340,15 +360,8 @@ def prepare_chat(inputs: Sequence[str | os.PathLike], tokenizer, folder, out_dir
     Examples with nothing to train on are left out. Returns counts."""
     from tqdm import tqdm
 
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     conversations = [c for path in inputs for c in read_conversations(path)]
-    if len(conversations) < 2:
-        raise ValueError(f"{', '.join(map(str, inputs))}: {len(conversations)} conversation(s); at least 2 are needed "
-                         "(one for validation)")
-    every = max(2, round(1 / val_fraction))
-    in_val = [i % every == every - 1 for i in range(len(conversations))] if len(conversations) >= every else \
-        [i == len(conversations) - 1 for i in range(len(conversations))]
+    in_val = _val_split(len(conversations), val_fraction, inputs, "conversation(s)")
     parts = {"train": ([], []), "val": ([], [])}
     silent = 0
     for example, val in zip(tqdm(conversations, desc="tokenizing conversations", disable=not show_progress), in_val):
@@ -380,36 +393,25 @@ def read_preferences(path) -> list[tuple[dict, dict]]:
       {"chosen": [messages], "rejected": [messages]}                           the prompt: their common first messages
     returned as (chosen, rejected) examples in read_conversations' form (the chosen and the rejected
     reply each after the same prompt, the replies trained)."""
-    def messages(value):
-        return isinstance(value, list) and all(isinstance(m, dict) and "role" in m for m in value)
-
     pairs = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{number}: not JSON ({e.msg})") from None
-            row = row if isinstance(row, dict) else {}
-            prompt, chosen, rejected = row.get("prompt"), row.get("chosen"), row.get("rejected")
-            pair = None
-            if isinstance(prompt, str) and isinstance(chosen, str) and isinstance(rejected, str):
-                pair = ({"prompt": prompt, "completion": chosen}, {"prompt": prompt, "completion": rejected})
-            elif messages(chosen) and messages(rejected) and (prompt is None or messages(prompt)):
-                if prompt is None:  # TRL's implicit prompt: the messages both sides start with
-                    common = 0
-                    while common < min(len(chosen), len(rejected)) and chosen[common] == rejected[common]:
-                        common += 1
-                    prompt, chosen, rejected = chosen[:common], chosen[common:], rejected[common:]
-                if prompt and chosen and rejected:
-                    pair = tuple({"messages": prompt + reply, "train_from": len(prompt)} for reply in (chosen, rejected))
-            if pair is None:
-                raise ValueError(f"{path}:{number}: expected {{\"prompt\": ..., \"chosen\": ..., \"rejected\": ...}} "
-                                 "(all text, or all lists of messages) or {\"chosen\": [messages], \"rejected\": "
-                                 f"[messages]}} with a prompt in common, got {line.strip()[:80]!r}")
-            pairs.append(pair)
+    for number, row, line in _jsonl_rows(path):
+        prompt, chosen, rejected = row.get("prompt"), row.get("chosen"), row.get("rejected")
+        pair = None
+        if isinstance(prompt, str) and isinstance(chosen, str) and isinstance(rejected, str):
+            pair = ({"prompt": prompt, "completion": chosen}, {"prompt": prompt, "completion": rejected})
+        elif _is_messages(chosen) and _is_messages(rejected) and (prompt is None or _is_messages(prompt)):
+            if prompt is None:  # TRL's implicit prompt: the messages both sides start with
+                common = 0
+                while common < min(len(chosen), len(rejected)) and chosen[common] == rejected[common]:
+                    common += 1
+                prompt, chosen, rejected = chosen[:common], chosen[common:], rejected[common:]
+            if prompt and chosen and rejected:
+                pair = tuple({"messages": prompt + reply, "train_from": len(prompt)} for reply in (chosen, rejected))
+        if pair is None:
+            raise ValueError(f"{path}:{number}: expected {{\"prompt\": ..., \"chosen\": ..., \"rejected\": ...}} "
+                             "(all text, or all lists of messages) or {\"chosen\": [messages], \"rejected\": "
+                             f"[messages]}} with a prompt in common, got {line.strip()[:80]!r}")
+        pairs.append(pair)
     return pairs
 
 
@@ -427,15 +429,8 @@ def prepare_preferences(inputs: Sequence[str | os.PathLike], tokenizer, folder, 
     indices of each pair. A pair with nothing to train on either side is left out. Returns counts."""
     from tqdm import tqdm
 
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     pairs = [p for path in inputs for p in read_preferences(path)]
-    if len(pairs) < 2:
-        raise ValueError(f"{', '.join(map(str, inputs))}: {len(pairs)} preference pair(s); at least 2 are needed "
-                         "(one for validation)")
-    every = max(2, round(1 / val_fraction))
-    in_val = [i % every == every - 1 for i in range(len(pairs))] if len(pairs) >= every else \
-        [i == len(pairs) - 1 for i in range(len(pairs))]
+    in_val = _val_split(len(pairs), val_fraction, inputs, "preference pair(s)")
     parts = {"train": ([], []), "val": ([], [])}
     silent = 0
     for pair, val in zip(tqdm(pairs, desc="tokenizing preference pairs", disable=not show_progress), in_val):

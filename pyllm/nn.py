@@ -176,16 +176,21 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     (logits and their gradient), no recomputation. x (..., C), weight (V, C), targets (...).
     Under autocast, x and weight are cast to its dtype first, as nn.Linear would be. chunk_rows:
     rows of logits at a time (default: as many as 64 MiB of fp32 logits hold, at least 1)."""
-    x, targets = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
+    x, weight, chunk_rows = _fused_linear_inputs(x, weight, chunk_rows)
+    with torch.autocast(x.device.type, enabled=False):
+        return _LinearCrossEntropy.apply(x, weight, targets.reshape(-1), chunk_rows)
+
+
+def _fused_linear_inputs(x, weight, chunk_rows):
+    """x as rows (N, C) and weight in the dtype nn.Linear would compute in (autocast's, else x's),
+    and the rows per chunk (default: as many as 64 MiB of fp32 logits hold, at least 1)."""
+    x = x.reshape(-1, x.shape[-1])
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(dtype), weight.to(dtype)
     else:
         weight = weight.to(x.dtype)
-    if chunk_rows is None:
-        chunk_rows = max(1, (64 << 20) // (4 * weight.shape[0]))
-    with torch.autocast(x.device.type, enabled=False):
-        return _LinearCrossEntropy.apply(x, weight, targets, int(chunk_rows))
+    return x, weight, int(max(1, (64 << 20) // (4 * weight.shape[0])) if chunk_rows is None else chunk_rows)
 
 
 class _LinearTokenLogps(torch.autograd.Function):
@@ -243,17 +248,9 @@ def linear_token_logps(x: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     -> (...). For losses over sequences (DPO's sequence_logps), where linear_cross_entropy's
     gradients-in-the-forward cannot serve. Under autocast, x and weight are cast to its dtype
     first, as nn.Linear would be. chunk_rows: as in linear_cross_entropy."""
-    shape = targets.shape
-    x, targets = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, weight = x.to(dtype), weight.to(dtype)
-    else:
-        weight = weight.to(x.dtype)
-    if chunk_rows is None:
-        chunk_rows = max(1, (64 << 20) // (4 * weight.shape[0]))
+    x, weight, chunk_rows = _fused_linear_inputs(x, weight, chunk_rows)
     with torch.autocast(x.device.type, enabled=False):
-        return _LinearTokenLogps.apply(x, weight, targets, int(chunk_rows)).view(shape)
+        return _LinearTokenLogps.apply(x, weight, targets.reshape(-1), chunk_rows).view(targets.shape)
 
 
 def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -522,16 +522,14 @@ def cmd_tokenizer_train(args) -> int:
 GENERATE_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
-def cmd_generate(args) -> int:
-    import torch
-
+def load_model(args):
+    """(model, tokenizer, prefix, source) for generate and eval: --hf DIR (with --adapter), or --run
+    DIR (or --model and --tokenizer); prefix the ids its documents start with, source the Hugging
+    Face folder whose chat template and end-of-sequence ids apply (None for a model trained here)."""
     from pyllm.model import LLM, hf_folder
+    from pyllm.tokenizer.tokenizer import hf_prefix_ids
 
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    from pyllm.tokenizer.tokenizer import hf_chat_prompt, hf_prefix_ids, hf_stop_ids
-
-    prefix, prompt_ids, stops = [], None, []
-    source = None  # the Hugging Face folder whose chat template and end-of-sequence ids apply
+    prefix, source = [], None
     if args.hf:
         source = hf_folder(args.hf)
         model, tokenizer = LLM.from_hf(source, adapter=args.adapter), tokenizer_class().from_hf(source / "tokenizer.json")
@@ -551,6 +549,26 @@ def cmd_generate(args) -> int:
         model, tokenizer = LLM.load(model_path), tokenizer_class().load(str(tokenizer_path))
     if args.adapter and not args.hf:
         raise ValueError("--adapter goes with --hf DIR (the model the adapter was trained on)")
+    return model, tokenizer, prefix, source
+
+
+def inference_device_dtype(args) -> tuple[str, str]:
+    """--device and --dtype resolved: bf16 on a GPU, where pyllm's attention kernels take 16-bit
+    inputs only (fp32 weights would run on SDPA); fp32 on the CPU, where bf16 decoding measured no
+    faster (llama-124m, 2-core Xeon VM, 2026-11-30: 36-38 tokens/s either way)."""
+    import torch
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    return device, args.dtype if args.dtype != "auto" else ("bf16" if torch.device(device).type == "cuda" else "fp32")
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from pyllm.tokenizer.tokenizer import hf_chat_prompt, hf_stop_ids
+
+    model, tokenizer, prefix, source = load_model(args)
+    prompt_ids, stops = None, []
     if args.chat and source is None:
         raise ValueError("--chat needs --hf DIR, or a --run fine-tuned from one (--init-from-hf): a chat template")
     if source is not None:
@@ -558,10 +576,7 @@ def cmd_generate(args) -> int:
         if args.chat:  # the template writes the BOS and the turn markers itself
             text = hf_chat_prompt(source, [{"role": "user", "content": args.prompt}])
             prompt_ids = tokenizer.encode(text, allowed_special="all")
-    # bf16 on a GPU, where pyllm's attention kernels take 16-bit inputs only (fp32 weights would
-    # run on SDPA); fp32 on the CPU, where bf16 decoding measured no faster (llama-124m, 2-core
-    # Xeon VM, 2026-11-30: 36-38 tokens/s either way).
-    dtype = args.dtype if args.dtype != "auto" else ("bf16" if torch.device(device).type == "cuda" else "fp32")
+    device, dtype = inference_device_dtype(args)
     model = model.to(device=device, dtype=getattr(torch, GENERATE_DTYPES[dtype])).eval()
     if args.prompts_file:
         return generate_file(model, tokenizer, args, prefix, stops, source)
@@ -569,6 +584,37 @@ def cmd_generate(args) -> int:
         stream_sample(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                       args.seed + i, prefix, prompt_ids, stops)
         print("\n" + "-" * 60)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    from pyllm import evaluate
+
+    if not (args.choices or args.text):
+        raise ValueError("give --choices FILE (multiple-choice examples) and/or --text FILE")
+    model, tokenizer, prefix, _ = load_model(args)
+    device, dtype = inference_device_dtype(args)
+    model = model.to(device=device, dtype=getattr(torch, GENERATE_DTYPES[dtype])).eval()
+    seq_len = args.seq_len or min(model.config.block_size, 2048)
+    if not 1 <= seq_len <= model.config.block_size:
+        raise ValueError(f"--seq-len must be in [1, {model.config.block_size}] (the model's block_size), got {seq_len}")
+    results = {"device": device, "dtype": dtype, "seq_len": seq_len}
+    for path in args.choices or []:
+        examples = evaluate.read_choices(path)[:args.limit]
+        score = evaluate.score_choices(model, tokenizer, examples, seq_len, args.batch_size, prefix)
+        score.pop("logps")
+        results[str(path)] = score
+        print(f"{path}: {score['examples']:,} examples: acc {score['acc']:.4f}, acc_norm {score['acc_norm']:.4f}, "
+              f"acc per token {score['acc_per_token']:.4f}")
+    if args.text:
+        texts = [Path(p).read_text(encoding="utf-8", errors="replace") for p in args.text]
+        loss = results["text"] = evaluate.text_loss(model, tokenizer, texts, seq_len, args.batch_size, prefix)
+        print(f"text ({loss['bytes']:,} bytes, {loss['tokens']:,} tokens predicted): loss {loss['loss']:.4f} nats/token, "
+              f"perplexity {loss['perplexity']:.2f}, {loss['bits_per_byte']:.4f} bits/byte")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
     return 0
 
 
@@ -825,6 +871,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=("auto", *GENERATE_DTYPES),
                    help="weights and activations: auto (default: bf16 on a GPU, fp32 on the CPU), fp32, bf16, fp16")
     p.set_defaults(func=cmd_generate)
+    p = sub.add_parser("eval", help="a model's multiple-choice accuracy (HellaSwag-style files) and loss on text")
+    p.add_argument("--run", help="a run folder written by `pyllm train` (finds model.safetensors and the tokenizer)")
+    p.add_argument("--model", help="a model.safetensors (instead of --run)")
+    p.add_argument("--tokenizer", help="the tokenizer the model was trained with (instead of --run)")
+    p.add_argument("--hf", metavar="DIR", help="a Hugging Face checkpoint folder or hub repo id instead of --run")
+    p.add_argument("--adapter", metavar="DIR", help="with --hf: a PEFT LoRA adapter folder merged into its weights")
+    p.add_argument("--choices", nargs="+", metavar="FILE", help="JSONL files of multiple-choice examples, "
+                   "{\"ctx\": ..., \"endings\": [...], \"label\": i} lines (HellaSwag's files as they are): accuracy "
+                   "by each ending's summed log-probability after the context (acc), per byte (acc_norm) and per token")
+    p.add_argument("--text", nargs="+", metavar="FILE", help="text files: the loss per token, perplexity and bits per "
+                   "byte over non-overlapping windows of --seq-len tokens")
+    p.add_argument("--limit", type=int, help="the first N examples of each --choices file only")
+    p.add_argument("--seq-len", type=int, help="tokens per row (default: the model's block_size, at most 2048)")
+    p.add_argument("--batch-size", type=int, default=8, help="rows per forward (default 8)")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda")
+    p.add_argument("--dtype", default="auto", choices=("auto", *GENERATE_DTYPES),
+                   help="weights and activations: auto (default: bf16 on a GPU, fp32 on the CPU), fp32, bf16, fp16")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.set_defaults(func=cmd_eval)
     p = sub.add_parser("export", help="write a run as a Hugging Face checkpoint folder (transformers, vLLM, ... load it)")
     p.add_argument("--run", required=True, help="a run folder written by `pyllm train`")
     p.add_argument("--out", required=True, help="the folder to write (config.json, model.safetensors, tokenizer files)")

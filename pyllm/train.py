@@ -325,15 +325,15 @@ def evaluate_dpo(model, path, reference: np.ndarray, cfg: TrainConfig, seq_len: 
 
 
 @torch.no_grad()
-def reference_logps(model, path, cfg: TrainConfig, seq_len: int, precision: str, info: DistInfo) -> np.ndarray:
-    """Every document's sequence_logps (float64, by document index) under model as it is now, in
-    eval mode: DPO's reference model, computed once before training (as TRL's
-    precompute_ref_log_probs), so that no second model is held in memory. One pass over the
-    documents in their order, packed and cut as training packs them; every rank runs the same
-    number of forwards (FSDP2 gathers in each), each on its own rows."""
-    loader = PackedLoader(path, cfg.batch_size, seq_len, 0, info.rank, info.world_size, info.device, shuffle=False)
+def document_logps(model, path, batch_size: int, seq_len: int, precision: str, info: DistInfo) -> np.ndarray:
+    """Every document's sequence_logps (float64, by document index) of a set of documents
+    (write_documents' files; pairs too), under model as it is now, in eval mode: one pass over the
+    documents in their order, packed and cut as training packs them (PackedLoader); every rank runs
+    the same number of forwards (FSDP2 gathers in each), each on its own rows."""
+    loader = PackedLoader(path, batch_size, seq_len, 0, info.rank, info.world_size, info.device, shuffle=False)
     n = len(loader.offsets) - 1
     sums = torch.zeros(2, n, dtype=torch.float64, device=info.device)  # log-probabilities, times computed
+    was_training = model.training
     model.eval()
     while True:
         x, y, cu = loader.next_batch()
@@ -345,10 +345,16 @@ def reference_logps(model, path, cfg: TrainConfig, seq_len: int, precision: str,
         sums[1].index_add_(0, docs, torch.ones_like(docs, dtype=torch.float64))
         if loader.epoch > 0 or (loader.cursor == loader.units and not loader.waiting):
             break
-    model.train()
+    model.train(was_training)
     if info.world_size > 1:
         dist.all_reduce(sums)
     return (sums[0] / sums[1]).cpu().numpy()
+
+
+def reference_logps(model, path, cfg: TrainConfig, seq_len: int, precision: str, info: DistInfo) -> np.ndarray:
+    """DPO's reference model: document_logps of the starting model, computed once before training
+    (as TRL's precompute_ref_log_probs), so that no second model is held in memory."""
+    return document_logps(model, path, cfg.batch_size, seq_len, precision, info)
 
 
 def dpo_batch_loss(model, batch, reference: np.ndarray, beta: float) -> tuple[torch.Tensor, torch.Tensor]:

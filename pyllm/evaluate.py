@@ -1,0 +1,127 @@
+"""Evaluating a finished model: multiple-choice accuracy and perplexity on text (`pyllm eval`).
+
+Multiple choice (HellaSwag and the like): each example's context followed by each of its endings is
+a document; the model's log-probability of each ending's tokens is summed, and the example counts
+as right when the labelled ending scores highest: by the sum (`acc`), by the sum per byte of the
+ending's text (`acc_norm`, lm-evaluation-harness's length normalisation) and per token
+(`acc_per_token`, llm.c's HellaSwag eval). The candidates are packed into rows and computed each
+alone (the varlen attention), as training packs conversations, so short candidates cost no padding.
+
+Text: the mean loss over non-overlapping windows of seq_len tokens (each token predicted from the
+ones before it in its window), as nats per token, perplexity and bits per byte (the summed loss over
+the text's UTF-8 bytes: comparable across tokenizers).
+"""
+from __future__ import annotations
+
+import math
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from pyllm import data
+from pyllm.train import DistInfo, document_logps
+
+_CONTEXT_KEYS, _ENDING_KEYS, _LABEL_KEYS = ("ctx", "context", "query"), ("endings", "choices"), ("label", "gold")
+
+
+def read_choices(path) -> list[dict]:
+    """The examples of a JSON Lines file of multiple-choice questions, one per line:
+    {"ctx": "text", "endings": ["text", ...], "label": i} (HellaSwag's own files; "context" or
+    "query" for "ctx", "choices" for "endings", "gold" for "label" too), label the index of the
+    right ending (an int or a string of one). Returned as {"context", "endings", "label"}."""
+    examples = []
+    for number, row, line in data._jsonl_rows(path):
+        context = next((row[k] for k in _CONTEXT_KEYS if k in row), None)
+        endings = next((row[k] for k in _ENDING_KEYS if k in row), None)
+        label = next((row[k] for k in _LABEL_KEYS if k in row), None)
+        if isinstance(label, str) and label.strip().isdigit():
+            label = int(label)
+        if not (isinstance(context, str) and isinstance(endings, list) and len(endings) >= 2
+                and all(isinstance(e, str) and e for e in endings) and isinstance(label, int)
+                and not isinstance(label, bool) and 0 <= label < len(endings)):
+            raise ValueError(f"{path}:{number}: expected {{\"ctx\": \"text\", \"endings\": [\"text\", ...] (2 or more, "
+                             f"none empty), \"label\": index of the right one}}, got {line.strip()[:80]!r}")
+        examples.append({"context": context, "endings": endings, "label": label})
+    return examples
+
+
+def choice_documents(examples: Sequence[dict], tokenizer, prefix: Sequence[int] = ()) -> tuple[list, list]:
+    """(docs, masks): for each example, for each ending, prefix + the context's tokens + the
+    ending's, the ending's marked. The context and the ending are encoded apart (so each ending's
+    tokens are its own); an ending that does not start with whitespace gets one space before it, as
+    HellaSwag's evaluations join them."""
+    docs, masks = [], []
+    for example in examples:
+        context = [*prefix, *tokenizer.encode_ordinary(example["context"])]
+        for ending in example["endings"]:
+            tokens = tokenizer.encode_ordinary(ending if ending[:1].isspace() else " " + ending)
+            docs.append(np.asarray(context + tokens, np.int64))
+            masks.append(np.asarray([0] * len(context) + [1] * len(tokens), np.uint8))
+    return docs, masks
+
+
+@torch.no_grad()
+def score_choices(model, tokenizer, examples: Sequence[dict], seq_len: int, batch_size: int = 8,
+                  prefix: Sequence[int] = (), precision: str = "fp32") -> dict:
+    """Accuracy of model on multiple-choice examples (read_choices): acc, acc_norm, acc_per_token
+    (see the module's docstring), the number of examples, and logps, each candidate's summed
+    log-probability (examples in order, each one's endings in order). ValueError when a candidate
+    is longer than seq_len (it would be cut)."""
+    docs, masks = choice_documents(examples, tokenizer, prefix)
+    longest = max(len(d) for d in docs)
+    if longest > seq_len:
+        raise ValueError(f"a context with its ending is {longest} tokens, longer than seq_len {seq_len}: raise it "
+                         f"(up to the model's block_size, {model.config.block_size})")
+    device = next(model.parameters()).device
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "choices.bin"
+        data.write_documents(path, docs, masks, max(tokenizer.vocab_size, 1))
+        logps = document_logps(model, path, batch_size, seq_len, precision, DistInfo(device=device))
+    right = {"acc": 0, "acc_norm": 0, "acc_per_token": 0}
+    start = 0
+    for example in examples:
+        n = len(example["endings"])
+        scores = logps[start:start + n]
+        tokens = np.array([int(m.sum()) for m in masks[start:start + n]])
+        size = np.array([len((e if e[:1].isspace() else " " + e).encode("utf-8")) for e in example["endings"]])
+        for name, value in (("acc", scores), ("acc_norm", scores / size), ("acc_per_token", scores / tokens)):
+            right[name] += int(np.argmax(value) == example["label"])
+        start += n
+    return {"examples": len(examples), **{k: v / max(len(examples), 1) for k, v in right.items()}, "logps": logps}
+
+
+@torch.no_grad()
+def text_loss(model, tokenizer, texts: Sequence[str], seq_len: int, batch_size: int = 8, prefix: Sequence[int] = (),
+              precision: str = "fp32") -> dict:
+    """The model's loss on texts, each tokenized alone after prefix and cut into non-overlapping
+    windows of seq_len + 1 tokens (each window's first token is not predicted; the last, shorter
+    window too): nats per predicted token, perplexity, bits per byte of the texts, and the counts."""
+    from pyllm.train import autocast
+
+    device = next(model.parameters()).device
+    windows = []
+    for text in texts:
+        ids = [*prefix, *tokenizer.encode_ordinary(text)]
+        windows += [ids[i:i + seq_len + 1] for i in range(0, max(len(ids) - 1, 0), seq_len)]
+    total, predicted = 0.0, 0
+    was_training = model.training
+    model.eval()
+    for i in range(0, len(windows), batch_size):
+        group = windows[i:i + batch_size]
+        T = max(len(w) for w in group) - 1
+        x = torch.zeros(len(group), T, dtype=torch.long)
+        y = torch.full((len(group), T), -1, dtype=torch.long)
+        for r, w in enumerate(group):
+            x[r, :len(w) - 1], y[r, :len(w) - 1] = torch.tensor(w[:-1]), torch.tensor(w[1:])
+        with autocast(precision, device):
+            logps = model(x.to(device), y.to(device), per_token=True)[1]
+        total -= float(logps.double().sum())
+        predicted += int((y != -1).sum())
+    model.train(was_training)
+    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    loss = total / max(predicted, 1)
+    return {"loss": loss, "perplexity": math.exp(loss), "bits_per_byte": total / (max(n_bytes, 1) * math.log(2)),
+            "tokens": predicted, "bytes": n_bytes}

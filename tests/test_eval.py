@@ -1,0 +1,157 @@
+"""`pyllm eval`: multiple-choice accuracy (each candidate's log-probability, packed, against each
+run alone and against transformers) and the loss on text."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from pyllm import cli, evaluate
+from pyllm.model import LLM, ModelConfig
+from pyllm.tokenizer import Tokenizer
+
+WORDS = ["the", "cat", "sat", "on", "a", "mat", "dog", "ran", "é", "日本", "42", "\n", "ate", "fish", "quickly"]
+
+
+def sentence(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+@pytest.fixture(scope="module")
+def setup():
+    rng = random.Random(0)
+    tokenizer = Tokenizer.train([sentence(rng, 40) for _ in range(50)], 290, show_progress=False)
+    torch.manual_seed(0)
+    model = LLM(ModelConfig(vocab_size=tokenizer.vocab_size, n_layers=2, n_heads=4, n_kv_heads=2, dim=64,
+                            block_size=128)).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)  # norms too, so no term hides
+    examples = [{"context": sentence(rng, rng.randint(1, 12)), "endings": [sentence(rng, rng.randint(1, 6)) for _ in range(4)],
+                 "label": rng.randrange(4)} for _ in range(12)]
+    examples[3]["endings"][1] = "\n" + examples[3]["endings"][1]  # starts with whitespace: no space added
+    return tokenizer, model, examples
+
+
+def alone(model, ids, n_ending):
+    """The summed log-probability of the last n_ending tokens of ids, the sequence run alone."""
+    ids = torch.tensor(ids)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids[None])[0][0].double(), -1)
+    return float(logp[torch.arange(len(ids) - n_ending - 1, len(ids) - 1), ids[-n_ending:]].sum())
+
+
+def test_read_choices_formats_and_errors(tmp_path):
+    path = tmp_path / "c.jsonl"
+    rows = [{"ctx": "a", "endings": ["b", "c"], "label": 1}, {"context": "a", "choices": ["b", "c", "d"], "gold": "2"},
+            {"query": "q", "endings": ["x", "y"], "label": 0, "activity_label": "ignored"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "\n")
+    assert evaluate.read_choices(path) == [{"context": "a", "endings": ["b", "c"], "label": 1},
+                                           {"context": "a", "endings": ["b", "c", "d"], "label": 2},
+                                           {"context": "q", "endings": ["x", "y"], "label": 0}]
+    for bad in ({"ctx": "a", "endings": ["b", "c"], "label": 2}, {"ctx": "a", "endings": ["b"], "label": 0},
+                {"ctx": "a", "endings": ["b", ""], "label": 0}, {"ctx": "a", "endings": ["b", "c"], "label": True},
+                {"endings": ["b", "c"], "label": 0}):
+        path.write_text(json.dumps(rows[0]) + "\n" + json.dumps(bad) + "\n")
+        with pytest.raises(ValueError, match="c.jsonl:2: expected"):
+            evaluate.read_choices(path)
+
+
+def test_choice_documents(setup):
+    tokenizer, _, examples = setup
+    docs, masks = evaluate.choice_documents(examples[:4], tokenizer, prefix=[7])
+    assert len(docs) == 16
+    for k, (doc, mask) in enumerate(zip(docs, masks)):
+        example, ending = examples[k // 4], examples[k // 4]["endings"][k % 4]
+        context = [7, *tokenizer.encode_ordinary(example["context"])]
+        tokens = tokenizer.encode_ordinary(ending if ending.startswith("\n") else " " + ending)
+        assert doc.tolist() == context + tokens and mask.tolist() == [0] * len(context) + [1] * len(tokens)
+
+
+@pytest.mark.parametrize("seq_len, batch_size", [(128, 8), (40, 2)])
+def test_score_choices_is_each_candidate_alone(setup, seq_len, batch_size):
+    # Candidates packed several to a row (and rows to a batch) score what each scores alone (fp64);
+    # the accuracies are the argmax of the sum, the sum per byte and the sum per token.
+    tokenizer, model, examples = setup
+    score = evaluate.score_choices(model, tokenizer, examples, seq_len, batch_size)
+    docs, masks = evaluate.choice_documents(examples, tokenizer)
+    want = np.array([alone(model, d.tolist(), int(m.sum())) for d, m in zip(docs, masks)])
+    np.testing.assert_allclose(score["logps"], want, rtol=1e-12)
+    right = {"acc": 0, "acc_norm": 0, "acc_per_token": 0}
+    for i, example in enumerate(examples):
+        s = want[4 * i:4 * i + 4]
+        size = [len((e if e.startswith("\n") else " " + e).encode()) for e in example["endings"]]
+        tokens = [int(m.sum()) for m in masks[4 * i:4 * i + 4]]
+        for name, value in (("acc", s), ("acc_norm", s / size), ("acc_per_token", s / tokens)):
+            right[name] += int(np.argmax(value) == example["label"])
+    assert score["examples"] == 12 and all(score[k] == right[k] / 12 for k in right)
+    assert model.training is False  # left as it was
+    with pytest.raises(ValueError, match="longer than seq_len 8"):
+        evaluate.score_choices(model, tokenizer, examples, 8)
+
+
+def test_score_choices_as_transformers(setup, tmp_path):
+    # The same model in transformers (LLM.to_hf): each candidate's log-probability as a loop over
+    # transformers' logits, one candidate at a time, computes it (lm-evaluation-harness's way).
+    transformers = pytest.importorskip("transformers")
+    tokenizer, model, examples = setup
+    model.to_hf(tmp_path / "hf")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float64).eval()
+    docs, masks = evaluate.choice_documents(examples, tokenizer)
+    want = []
+    with torch.no_grad():
+        for doc, mask in zip(docs, masks):
+            ids, n = torch.from_numpy(doc), int(mask.sum())
+            logp = torch.log_softmax(theirs(ids[None]).logits[0], -1)
+            want.append(float(logp[torch.arange(len(ids) - n - 1, len(ids) - 1), ids[-n:]].sum()))
+    # 1e-6: transformers computes RoPE's angles in fp32 whatever the model's dtype
+    np.testing.assert_allclose(evaluate.score_choices(model, tokenizer, examples, 128)["logps"], want, rtol=1e-6)
+
+
+def test_text_loss(setup):
+    # Non-overlapping windows of seq_len + 1 tokens, each text alone after the prefix: the mean
+    # over every predicted token, and the bits per byte of the texts.
+    tokenizer, model, _ = setup
+    rng = random.Random(4)
+    texts = [sentence(rng, 60), sentence(rng, 3), "x"]
+    got = evaluate.text_loss(model, tokenizer, texts, seq_len=16, batch_size=3, prefix=[5])
+    total, count = 0.0, 0
+    for text in texts:
+        ids = [5, *tokenizer.encode_ordinary(text)]
+        for start in range(0, len(ids) - 1, 16):
+            window = ids[start:start + 17]
+            total -= alone(model, window, len(window) - 1)
+            count += len(window) - 1
+    n_bytes = sum(len(t.encode()) for t in texts)
+    assert got["tokens"] == count and got["bytes"] == n_bytes
+    assert got["loss"] == pytest.approx(total / count, rel=1e-12)
+    assert got["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-12)
+    assert got["bits_per_byte"] == pytest.approx(total / n_bytes / math.log(2), rel=1e-12)
+
+
+def test_eval_command(setup, tmp_path, capsys):
+    tokenizer, model, examples = setup
+    copy.deepcopy(model).float().save(tmp_path / "model.safetensors")
+    tokenizer.save(tmp_path / "tok.bpe")
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"ctx": e["context"], "endings": e["endings"],
+                                                          "label": e["label"]}) + "\n" for e in examples))
+    (tmp_path / "t.txt").write_text(sentence(random.Random(1), 80))
+    base = ["eval", "--model", str(tmp_path / "model.safetensors"), "--tokenizer", str(tmp_path / "tok.bpe"),
+            "--device", "cpu"]
+    assert cli.main([*base, "--choices", str(tmp_path / "c.jsonl"), "--text", str(tmp_path / "t.txt"), "--limit", "10",
+                     "--seq-len", "64", "--json", str(tmp_path / "r.json")]) == 0
+    out = capsys.readouterr().out
+    assert "10 examples: acc " in out and "bits/byte" in out
+    result = json.loads((tmp_path / "r.json").read_text())
+    reference = evaluate.score_choices(LLM.load(tmp_path / "model.safetensors"), tokenizer, examples[:10], 64)
+    assert {k: result[str(tmp_path / "c.jsonl")][k] for k in ("acc", "acc_norm")} == \
+        {k: reference[k] for k in ("acc", "acc_norm")}
+    assert result["text"]["tokens"] > 0 and result["seq_len"] == 64
+    assert cli.main(base) == 2 and "give --choices" in capsys.readouterr().err
+    assert cli.main([*base, "--text", str(tmp_path / "t.txt"), "--seq-len", "500"]) == 2
+    assert "--seq-len must be in [1, 128]" in capsys.readouterr().err

@@ -7,7 +7,7 @@ LlamaForCausalLM with random weights in SmolLM2-135M's shape, 30 layers (--layer
 by pyllm.model.LLM.from_hf):
 - pyllm packed: PackedLoader rows of --seq-len tokens holding whole pairs, each pair's chosen and
   rejected sequences side by side, each attending to itself alone (cu_seqlens -> flash_attn varlen);
-  pyllm.train.dpo_batch_loss.
+  pyllm.train.preference_batch_loss (kind dpo).
 - transformers padded: what TRL's DPOTrainer computes per step (its concatenated_forward): a batch's
   chosen sequences then its rejected ones in one batch padded to the longest, transformers' model with
   its attention_mask, each sequence's log-probability summed over its reply's tokens, the same loss.
@@ -37,8 +37,8 @@ import common  # noqa: E402
 
 from pyllm import data  # noqa: E402
 from pyllm.model import LLM  # noqa: E402
-from pyllm.nn import dpo_loss  # noqa: E402
-from pyllm.train import dpo_batch_loss  # noqa: E402
+from pyllm.nn import preference_loss  # noqa: E402
+from pyllm.train import preference_batch_loss  # noqa: E402
 
 BETA = 0.1
 
@@ -127,14 +127,15 @@ def main() -> int:
     def epoch_pyllm_packed(limit=None):
         for x, y, cu, docs_of in packed[:limit]:
             batch = (x.to(args.device), y.to(args.device), cu.to(args.device), docs_of)
-            dpo_batch_loss(ours, batch, reference, BETA)[0].backward()
+            preference_batch_loss(ours, batch, reference, kind="dpo", beta=BETA)[0].backward()
 
     def epoch_transformers(limit=None, batches=padded):
         for x, attn, loss_mask, pairs in batches[:limit]:
             logps = concatenated_logps(theirs, x.to(args.device), attn.to(args.device), loss_mask.to(args.device))
             n = len(pairs)
             ref = torch.from_numpy(reference[torch.cat([2 * pairs, 2 * pairs + 1]).numpy()]).to(logps)
-            losses = dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], BETA)[0]
+            tokens = loss_mask[:, 1:].sum(-1).to(logps)
+            losses = preference_loss("dpo", logps[:n], logps[n:], tokens[:n], tokens[n:], ref[:n], ref[n:], BETA)[0]
             losses.mean().backward()
 
     runs = {"pyllm packed": epoch_pyllm_packed, "transformers padded": epoch_transformers,

@@ -799,13 +799,19 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                    help="compute the loss chunk by chunk with its gradients (pyllm.nn.linear_cross_entropy): the "
                         "(batch, seq, vocab) logits and their gradient never exist, which is most of the activation "
                         "memory with a large vocabulary")
-    p.add_argument("--dpo-beta", type=float,
-                   help="Direct Preference Optimization (Rafailov et al. 2023) on --data of preference pairs: *.jsonl "
-                        "lines of {\"prompt\": ..., \"chosen\": ..., \"rejected\": ...} (text, or lists of messages "
-                        "put in the chat template; or {\"chosen\": [messages], \"rejected\": [messages]} with a prompt "
-                        "in common), as TRL takes them; beta weighs the policy's log-probability ratios to the "
-                        "starting model, whose log-probabilities of every pair are computed once before training "
-                        "(TRL's default 0.1; with --init-from-hf or --init-from-run, and --lora-rank if you like)")
+    p.add_argument("--preference", choices=["dpo", "ipo", "hinge", "simpo", "orpo"],
+                   help="preference tuning on --data of preference pairs: *.jsonl lines of {\"prompt\": ..., "
+                        "\"chosen\": ..., \"rejected\": ...} (text, or lists of messages put in the chat template; or "
+                        "{\"chosen\": [messages], \"rejected\": [messages]} with a prompt in common), as TRL takes them, "
+                        "with --init-from-hf or --init-from-run (and --lora-rank if you like). dpo (Rafailov et al. "
+                        "2023), ipo and hinge compare with the starting model, whose log-probabilities of every pair "
+                        "are computed once before training; simpo (Meng et al. 2024) and orpo (Hong et al. 2024) "
+                        "need no reference")
+    p.add_argument("--beta", type=float, help="the preference loss's beta (orpo: its lambda; default: dpo, ipo, hinge "
+                   "and orpo 0.1 as TRL's, simpo 2.0)")
+    p.add_argument("--simpo-gamma", type=float, help="SimPO's target reward margin (default 0.5)")
+    p.add_argument("--label-smoothing", type=float, help="with --preference dpo: the share of pairs taken to be "
+                   "mislabelled (conservative DPO; default 0)")
     p.add_argument("--doc-mask", action="store_true", default=None,
                    help="keep each document's tokens from attending to the documents before it in the same training "
                         "window (cut at the end-of-document token: <|endoftext|>, or an --init-from-hf model's "

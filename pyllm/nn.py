@@ -269,15 +269,58 @@ def sequence_logps(token_logps: torch.Tensor, cu_seqlens: torch.Tensor) -> torch
     return token_logps.new_zeros(cu_seqlens.numel() - 1).index_add(0, doc, token_logps.reshape(-1))
 
 
-def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,
-             ref_rejected_logps: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Direct Preference Optimization's loss (Rafailov et al. 2023), per pair:
-    -log sigmoid(beta * ((chosen - ref_chosen) - (rejected - ref_rejected))) of the policy's and the
-    reference model's sequence log-probabilities (sequence_logps), with the implicit rewards
-    beta * (logps - ref_logps) of the chosen and rejected sequences (detached). Each (P,)."""
-    chosen_rewards = beta * (chosen_logps - ref_chosen_logps)
-    rejected_rewards = beta * (rejected_logps - ref_rejected_logps)
-    losses = -F.logsigmoid(chosen_rewards - rejected_rewards)
+PREFERENCE_LOSSES = ("dpo", "ipo", "hinge", "simpo", "orpo")
+REFERENCE_FREE = ("simpo", "orpo")  # no reference model's log-probabilities needed
+
+
+def preference_loss(kind: str, chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, chosen_tokens: torch.Tensor,
+                    rejected_tokens: torch.Tensor, ref_chosen_logps: torch.Tensor | None = None,
+                    ref_rejected_logps: torch.Tensor | None = None, beta: float = 0.1, gamma: float = 0.5,
+                    label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair losses of preference tuning from each pair's chosen and rejected replies' summed
+    log-probabilities (sequence_logps) and their numbers of tokens, with the implicit rewards of the
+    chosen and rejected replies (detached). Each (P,). As TRL computes them:
+      dpo    Direct Preference Optimization (Rafailov et al. 2023): with d = (chosen - ref_chosen) -
+             (rejected - ref_rejected), -log sigmoid(beta d); with label_smoothing e (the
+             conservative DPO of Mitchell 2023), -(1 - e) log sigmoid(beta d) - e log sigmoid(-beta d).
+             Rewards beta * (logps - ref_logps).
+      ipo    IPO (Azar et al. 2023): (d - 1 / (2 beta))^2, d from log-probabilities per token.
+      hinge  SLiC's hinge (Zhao et al. 2023): max(0, 1 - beta d).
+      simpo  SimPO (Meng et al. 2024), no reference: -log sigmoid(beta (chosen - rejected) - gamma) of
+             the log-probabilities per token. Rewards beta * logps per token.
+      orpo   ORPO (Hong et al. 2024), no reference: the chosen reply's negative log-likelihood per
+             token plus beta * -log sigmoid(log odds(chosen) - log odds(rejected)), odds(y) = p / (1 - p)
+             with p the probability per token, exp(logps / tokens). Rewards beta * logps per token."""
+    if kind not in PREFERENCE_LOSSES:
+        raise ValueError(f"preference loss must be one of {', '.join(PREFERENCE_LOSSES)}, got {kind!r}")
+    if kind not in REFERENCE_FREE and (ref_chosen_logps is None or ref_rejected_logps is None):
+        raise ValueError(f"the {kind} loss needs the reference model's log-probabilities")
+    per_token = kind in ("ipo", "simpo", "orpo")
+    if per_token:  # a reply's mean log-probability per token (empty replies: 0)
+        chosen_logps, rejected_logps = chosen_logps / chosen_tokens.clamp(min=1), rejected_logps / rejected_tokens.clamp(min=1)
+        if kind == "ipo":
+            ref_chosen_logps = ref_chosen_logps / chosen_tokens.clamp(min=1)
+            ref_rejected_logps = ref_rejected_logps / rejected_tokens.clamp(min=1)
+    if kind in REFERENCE_FREE:
+        chosen_rewards, rejected_rewards = beta * chosen_logps, beta * rejected_logps
+    else:
+        chosen_rewards = beta * (chosen_logps - ref_chosen_logps)
+        rejected_rewards = beta * (rejected_logps - ref_rejected_logps)
+    if kind == "dpo":
+        margin = chosen_rewards - rejected_rewards  # beta d
+        losses = -(1 - label_smoothing) * F.logsigmoid(margin) - label_smoothing * F.logsigmoid(-margin)
+    elif kind == "ipo":
+        losses = ((chosen_rewards - rejected_rewards) / beta - 1 / (2 * beta)) ** 2
+    elif kind == "hinge":
+        losses = torch.relu(1 - (chosen_rewards - rejected_rewards))
+    elif kind == "simpo":
+        losses = -F.logsigmoid(chosen_rewards - rejected_rewards - gamma)
+    else:  # orpo; log(1 - p) as log(-expm1(log p)): exact as p nears 1 (and finite for a cut-off, empty reply)
+        def log_odds(logp):
+            return logp - torch.log(-torch.expm1(logp.clamp(max=-1e-12)))
+
+        log_odds = log_odds(chosen_logps) - log_odds(rejected_logps)
+        losses = -chosen_logps - beta * F.logsigmoid(log_odds)
     return losses, chosen_rewards.detach(), rejected_rewards.detach()
 
 

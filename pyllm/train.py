@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from pyllm.data import PackedLoader, TokenLoader, has_documents, read_header
 from pyllm.model import LLM, ModelConfig, lora_targets, save_weights
-from pyllm.nn import dpo_loss, sequence_logps
+from pyllm.nn import PREFERENCE_LOSSES, REFERENCE_FREE, preference_loss, sequence_logps
 from pyllm.ops import _util
 from pyllm.optim import AdamW, DynamicLossScaler, ZeroAdamW
 
@@ -39,7 +39,10 @@ class TrainConfig:
     lora_targets: str = ""  # LoRA on these projections, each its own update (q,k,v,o,gate,up,down; all-linear); "": every linear layer, fused ones one update
     lora_dropout: float = 0.0  # dropout on the LoRA updates' inputs (PEFT's lora_dropout)
     fused_loss: bool = False  # the loss by linear_cross_entropy: no (batch, seq, vocab) logits in memory
-    dpo_beta: float = 0.0  # > 0: Direct Preference Optimization on preference pairs, with this beta
+    preference: str = ""  # on preference pairs: dpo | ipo | hinge | simpo | orpo ("": not preference tuning)
+    beta: float = 0.0  # the preference loss's beta (ORPO's lambda); 0: its usual value (PREFERENCE_BETA)
+    simpo_gamma: float = 0.5  # SimPO's target reward margin
+    label_smoothing: float = 0.0  # dpo: the share of pairs taken to be mislabelled (conservative DPO)
     model: dict = field(default_factory=dict)  # ModelConfig overrides, e.g. {"n_layers": 2}
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
@@ -111,8 +114,15 @@ class TrainConfig:
             raise ValueError("TrainConfig.lora_targets and lora_dropout go with lora_rank (a LoRA run)")
         if self.lora_targets:
             lora_targets(self.lora_targets)  # names checked before any work
-        if not 0.0 <= self.dpo_beta < math.inf:
-            raise ValueError(f"TrainConfig.dpo_beta must be >= 0 and finite, got {self.dpo_beta}")
+        if self.preference and self.preference not in PREFERENCE_LOSSES:
+            raise ValueError(f"TrainConfig.preference must be one of {', '.join(PREFERENCE_LOSSES)} (or empty), "
+                             f"got {self.preference!r}")
+        if not 0.0 <= self.beta < math.inf or not 0.0 <= self.simpo_gamma < math.inf:
+            raise ValueError(f"TrainConfig.beta and simpo_gamma must be >= 0 and finite, got {self.beta} and {self.simpo_gamma}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"TrainConfig.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.label_smoothing and self.preference != "dpo":
+            raise ValueError("TrainConfig.label_smoothing goes with preference dpo")
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -121,6 +131,16 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown training option(s) {', '.join(sorted(unknown))}; options: {', '.join(sorted(known))}")
         return cls(**d)
+
+
+# Each preference loss's usual beta: TRL's defaults (DPOConfig, ORPOConfig), SimPO's paper's 2.0.
+PREFERENCE_BETA = {"dpo": 0.1, "ipo": 0.1, "hinge": 0.1, "simpo": 2.0, "orpo": 0.1}
+
+
+def preference_options(cfg) -> dict:
+    """The keyword arguments of preference_loss for cfg."""
+    return {"kind": cfg.preference, "beta": cfg.beta or PREFERENCE_BETA[cfg.preference], "gamma": cfg.simpo_gamma,
+            "label_smoothing": cfg.label_smoothing}
 
 
 class TrainingDiverged(RuntimeError):
@@ -306,17 +326,17 @@ def evaluate(model, path, cfg: TrainConfig, seq_len: int, precision: str, info: 
 
 
 @torch.no_grad()
-def evaluate_dpo(model, path, reference: np.ndarray, cfg: TrainConfig, seq_len: int, precision: str,
-                 info: DistInfo) -> tuple[float, float]:
-    """DPO's mean loss and reward accuracy (the chosen reply's reward above the rejected one's) over
-    the preference pairs of eval_batches fixed val batches."""
+def evaluate_preference(model, path, reference: np.ndarray | None, cfg: TrainConfig, seq_len: int, precision: str,
+                        info: DistInfo) -> tuple[float, float]:
+    """The preference loss's mean and the reward accuracy (the chosen reply's reward above the
+    rejected one's) over the preference pairs of eval_batches fixed val batches."""
     loader = make_loader(path, cfg, seq_len, cfg.seed + 1, info)
     model.eval()
     total, pairs = torch.zeros(2, device=info.device), 0
     for _ in range(cfg.eval_batches):
         batch = (*loader.next_batch(), loader.docs)
         with autocast(precision, info.device):
-            loss, stats = dpo_batch_loss(model, batch, reference, cfg.dpo_beta)
+            loss, stats = preference_batch_loss(model, batch, reference, **preference_options(cfg))
         total += torch.stack([loss.float(), stats[2]]) * loader.placed
         pairs += loader.global_placed
     model.train()
@@ -357,17 +377,22 @@ def reference_logps(model, path, cfg: TrainConfig, seq_len: int, precision: str,
     return document_logps(model, path, cfg.batch_size, seq_len, precision, info)
 
 
-def dpo_batch_loss(model, batch, reference: np.ndarray, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """DPO's mean loss over a PackedLoader batch's preference pairs (x, y, cu_seqlens, docs: each
-    pair's chosen and rejected documents one after the other), and the means of the chosen and
-    rejected rewards and of the accuracy (chosen above rejected), detached. 0 for a batch without
-    pairs. reference: reference_logps's array."""
+def preference_batch_loss(model, batch, reference: np.ndarray | None, **options) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean preference loss (nn.preference_loss with options: kind, beta, ...) over a
+    PackedLoader batch's pairs (x, y, cu_seqlens, docs: each pair's chosen and rejected documents
+    one after the other), and the means of the chosen and rejected rewards and of the accuracy
+    (chosen above rejected), detached. 0 for a batch without pairs. reference: reference_logps's
+    array (None for the reference-free losses)."""
     x, y, cu, docs = batch
     logps = sequence_logps(model(x, y, cu, per_token=True)[1], cu)  # (N,) of every segment, padding too
+    tokens = sequence_logps((y != -1).to(logps.dtype), cu)  # each segment's trained tokens
     real = [i for i, d in enumerate(docs) if d >= 0]
     chosen, rejected = real[0::2], real[1::2]
-    ref = torch.from_numpy(reference[[docs[i] for i in real]]).to(logps)
-    losses, chosen_rewards, rejected_rewards = dpo_loss(logps[chosen], logps[rejected], ref[0::2], ref[1::2], beta)
+    ref = None if reference is None else torch.from_numpy(reference[[docs[i] for i in real]]).to(logps)
+    losses, chosen_rewards, rejected_rewards = preference_loss(
+        chosen_logps=logps[chosen], rejected_logps=logps[rejected], chosen_tokens=tokens[chosen],
+        rejected_tokens=tokens[rejected], ref_chosen_logps=None if ref is None else ref[0::2],
+        ref_rejected_logps=None if ref is None else ref[1::2], **options)
     n = max(len(chosen), 1)
     stats = torch.stack([chosen_rewards.sum(), rejected_rewards.sum(), (chosen_rewards > rejected_rewards).sum()]) / n
     return losses.sum() / n, stats
@@ -606,10 +631,10 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
     model.fused_loss = cfg.fused_loss
     loader = make_loader(data / "train.bin", cfg, seq_len, cfg.seed, info)
     pairs = isinstance(loader, PackedLoader) and loader.pairs is not None
-    if pairs != bool(cfg.dpo_beta):
-        raise ValueError("preference pairs ({\"prompt\", \"chosen\", \"rejected\"} lines) train by DPO: give dpo_beta "
-                         "(--dpo-beta 0.1)" if pairs else "dpo_beta: DPO trains on preference pairs ({\"prompt\", "
-                         "\"chosen\", \"rejected\"} lines), and these token files hold none")
+    if pairs != bool(cfg.preference):
+        raise ValueError("preference pairs ({\"prompt\", \"chosen\", \"rejected\"} lines) train by a preference loss: "
+                         "give preference (--preference dpo)" if pairs else f"preference {cfg.preference}: it trains on "
+                         "preference pairs ({\"prompt\", \"chosen\", \"rejected\"} lines), and these token files hold none")
     if pairs and info.is_main:
         lengths = np.diff(loader.offsets)[loader.pairs].sum(1)
         if (lengths > seq_len).any():
@@ -629,13 +654,14 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
     if ckpt is not None:
         restore(ckpt, model, optimizer, scaler, loader, cfg, info)
         start_step, skipped = ckpt["step"], ckpt["skipped_steps"]
-    reference = None  # DPO: the starting model's log-probability of every train and val document
-    if cfg.dpo_beta:
+    reference = None  # DPO, IPO, hinge: the starting model's log-probability of every train and val document
+    if cfg.preference and cfg.preference not in REFERENCE_FREE:
         if ckpt is not None:
             reference = {k: v.numpy() for k, v in ckpt["reference_logps"].items()}
         else:
             if info.is_main:
-                print("DPO: computing the reference model's log-probabilities of the preference pairs", file=sys.stderr)
+                print(f"{cfg.preference}: computing the reference model's log-probabilities of the preference pairs",
+                      file=sys.stderr)
             reference = {name: reference_logps(wrapped, data / f"{name}.bin", cfg, seq_len, precision, info)
                          for name in ("train", "val")}
     log = RunLog(out / "log.jsonl", start_step, info.is_main)
@@ -667,15 +693,16 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=info.device)
-        dpo_sums = torch.zeros(3, device=info.device)  # mean chosen reward, rejected reward, accuracy
+        pref_sums = torch.zeros(3, device=info.device)  # mean chosen reward, rejected reward, accuracy
         batches, weights, lengths = next_batches(loader, cfg.grad_accum, info.world_size)
         for micro, batch in enumerate(batches):
             last = micro == cfg.grad_accum - 1
             no_sync = wrapped.no_sync() if hasattr(wrapped, "no_sync") and not last else contextlib.nullcontext()
             with no_sync, autocast(precision, info.device):
-                if reference is not None:
-                    loss, stats = dpo_batch_loss(wrapped, batch, reference["train"], cfg.dpo_beta)
-                    dpo_sums += stats * weights[micro]
+                if cfg.preference:
+                    loss, stats = preference_batch_loss(wrapped, batch, reference and reference["train"],
+                                                        **preference_options(cfg))
+                    pref_sums += stats * weights[micro]
                 else:
                     loss = wrapped(*batch)[1]
                 loss = loss / cfg.grad_accum if weights is None else loss * weights[micro]
@@ -706,16 +733,16 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
                   "mfu": mfu, "skipped": not stepped}
         if scaler:
             record["loss_scale"] = scaler.get_scale()
-        if reference is not None:
-            chosen, rejected, accuracy = all_reduce_mean(dpo_sums, info).tolist()
+        if cfg.preference:
+            chosen, rejected, accuracy = all_reduce_mean(pref_sums, info).tolist()
             record.update(reward_chosen=chosen, reward_rejected=rejected, reward_margin=chosen - rejected,
                           reward_accuracy=accuracy)
         if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step == cfg.max_steps - 1:
-            if reference is not None:
-                val_loss, record["val_reward_accuracy"] = evaluate_dpo(wrapped, data / "val.bin", reference["val"], cfg,
-                                                                       seq_len, precision, info)
+            if cfg.preference:
+                val_loss, record["val_reward_accuracy"] = evaluate_preference(
+                    wrapped, data / "val.bin", reference and reference["val"], cfg, seq_len, precision, info)
                 record["val_loss"] = val_loss
-                say(info, bar, f"step {step + 1}: val DPO loss {val_loss:.4f}, reward accuracy "
+                say(info, bar, f"step {step + 1}: val {cfg.preference} loss {val_loss:.4f}, reward accuracy "
                                f"{record['val_reward_accuracy']:.1%}")
             else:
                 val_loss = record["val_loss"] = evaluate(wrapped, data / "val.bin", cfg, seq_len, precision, info)

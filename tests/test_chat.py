@@ -623,8 +623,8 @@ def test_packed_loader_places_pairs_together(tmp_path):
 
 
 def test_dpo_on_preference_pairs(chat_run_inputs, tmp_path, capsys):
-    # `pyllm train --dpo-beta` on TRL-style pairs in the chat template, from a Hugging Face folder
-    # and then from that run; without --dpo-beta the pairs are refused with a message.
+    # `pyllm train --preference dpo` on TRL-style pairs in the chat template, from a Hugging Face folder
+    # and then from that run; without --preference the pairs are refused with a message.
     folder, _ = chat_run_inputs
     rng = random.Random(2)
     path = tmp_path / "prefs.jsonl"
@@ -635,7 +635,7 @@ def test_dpo_on_preference_pairs(chat_run_inputs, tmp_path, capsys):
                                 "chosen": [{"role": "assistant", "content": f"{a + b}"}],
                                 "rejected": [{"role": "assistant", "content": f"{a * b}"}]}) + "\n")
     assert cli.main(train_args(folder, path, tmp_path / "a", "--max-steps", "3", "--batch-size", "4",
-                               "--dpo-beta", "0.1", "--ckpt-every", "2")) == 0
+                               "--preference", "dpo", "--ckpt-every", "2")) == 0
     out = capsys.readouterr()
     assert "60 preference pairs -> " in out.out and "reference model's log-probabilities" in out.err
     log = logged(tmp_path / "a")
@@ -644,4 +644,4 @@ def test_dpo_on_preference_pairs(chat_run_inputs, tmp_path, capsys):
     assert len(logged(tmp_path / "a")) == 4
     args = train_args(folder, path, tmp_path / "b", "--max-steps", "1", "--batch-size", "4")
     assert cli.main(args) == 2
-    assert "give dpo_beta" in capsys.readouterr().err
+    assert "give preference" in capsys.readouterr().err

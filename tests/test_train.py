@@ -284,7 +284,7 @@ def run_two_processes(args: dict, timeout: float = 150) -> None:
 @pytest.mark.parametrize("mode, kind", [("ddp", "windows"), ("fsdp", "windows"), ("zero1", "windows"),
                                         ("ddp", "conversations"), ("fsdp", "conversations"),
                                         ("zero1", "conversations"), ("ddp", "lora"), ("fsdp", "lora"),
-                                        ("zero1", "lora"), ("fsdp", "fused-loss"), ("ddp", "dpo"), ("fsdp", "dpo")])
+                                        ("zero1", "lora"), ("fsdp", "fused-loss"), ("ddp", "dpo"), ("fsdp", "orpo")])
 def test_two_cpu_processes_match_one_and_resume_exactly(data_dir, chat_dir, pairs_dir, tmp_path, mode, kind):
     """2 gloo processes with batch 2 each = 1 process with batch 4 (to float rounding), both with 2
     micro-steps of gradient accumulation; a 2-process
@@ -295,13 +295,14 @@ def test_two_cpu_processes_match_one_and_resume_exactly(data_dir, chat_dir, pair
     under fsdp per projection (lora_targets: the fused layers' block-diagonal B, the layout buffer).
     fused-loss: the loss by linear_cross_entropy (its gradients computed in the forward, on the
     gathered output layer). dpo: preference pairs, the loss a mean over all of a step's pairs, the
-    reference log-probabilities computed by both ranks' rows (and kept in the checkpoint)."""
-    folder = {"conversations": chat_dir, "dpo": pairs_dir}.get(kind, data_dir)
+    reference log-probabilities computed by both ranks' rows (and kept in the checkpoint); orpo
+    likewise without a reference."""
+    folder = {"conversations": chat_dir, "dpo": pairs_dir, "orpo": pairs_dir}.get(kind, data_dir)
     common = dict(data_dir=str(folder), model=dict(TINY), device="cpu",
                   max_steps=8, warmup_steps=1, grad_accum=2, eval_every=4, eval_batches=2, ckpt_every=4,
                   progress=False, lr=1e-2, **({"lora_rank": 2, "precision": "bf16"} if kind == "lora" else {}),
                   **({"lora_targets": "q,v,gate,down"} if kind == "lora" and mode == "fsdp" else {}),
-                  **({"fused_loss": True} if kind == "fused-loss" else {}), **({"dpo_beta": 0.5} if kind == "dpo" else {}))
+                  **({"fused_loss": True} if kind == "fused-loss" else {}), **({"preference": kind, "beta": 0.5} if kind in ("dpo", "orpo") else {}))
     trainer.train(TrainConfig(**common, out_dir=str(tmp_path / "one"), batch_size=4))
     trainer.train(TrainConfig(**common, out_dir=str(tmp_path / "two/cross"), batch_size=4), stop_at=6)
     # ddp and fsdp recompute their blocks in the backward (activation checkpointing): same losses
@@ -372,8 +373,29 @@ def test_fused_loss_trains_as_the_plain_loss(data_dir, tmp_path):
 
 # --- DPO ------------------------------------------------------------------------------------------
 
-def test_dpo_batch_loss_is_each_sequence_alone(pairs_dir):
-    # fp64: the packed batch's DPO loss and gradients are those of the formula on each sequence's
+def formula(kind, pc, pr, nc, nr, rc, rr, beta, gamma=0.5, smoothing=0.0):
+    """The preference losses written out from their papers (TRL's forms), for one pair: policy and
+    reference summed log-probabilities of the chosen and rejected replies, their token counts."""
+    F = torch.nn.functional
+    if kind == "dpo":
+        d = beta * ((pc - rc) - (pr - rr))
+        return -(1 - smoothing) * F.logsigmoid(d) - smoothing * F.logsigmoid(-d), beta * (pc - rc), beta * (pr - rr)
+    if kind == "ipo":
+        d = (pc / nc - rc / nc) - (pr / nr - rr / nr)
+        return (d - 1 / (2 * beta)) ** 2, beta * (pc - rc) / nc, beta * (pr - rr) / nr
+    if kind == "hinge":
+        return torch.relu(1 - beta * ((pc - rc) - (pr - rr))), beta * (pc - rc), beta * (pr - rr)
+    mc, mr = pc / nc, pr / nr
+    if kind == "simpo":
+        return -F.logsigmoid(beta * (mc - mr) - gamma), beta * mc, beta * mr
+    odds = lambda m: torch.exp(m) / (1 - torch.exp(m))  # noqa: E731
+    return -mc - beta * F.logsigmoid(torch.log(odds(mc)) - torch.log(odds(mr))), beta * mc, beta * mr
+
+
+@pytest.mark.parametrize("kind, options", [("dpo", {}), ("dpo", {"label_smoothing": 0.2}), ("ipo", {}), ("hinge", {}),
+                                           ("simpo", {"gamma": 0.3}), ("orpo", {})])
+def test_preference_batch_loss_is_each_sequence_alone(pairs_dir, kind, options):
+    # fp64: the packed batch's loss and gradients are those of the formula on each sequence's
     # log-probability computed alone (its replies' tokens, cut as the loader cuts pairs to a row).
     from pyllm.model import LLM, ModelConfig
 
@@ -385,37 +407,42 @@ def test_dpo_batch_loss_is_each_sequence_alone(pairs_dir):
         reference = trainer.reference_logps(model, pairs_dir / "train.bin", TrainConfig(batch_size=3), 16, "fp32",
                                             trainer.DistInfo())
     batch = (*loader.next_batch(), loader.docs)
-    loss, stats = trainer.dpo_batch_loss(policy, batch, reference, beta=0.3)
+    beta = 0.3
+    loss, stats = trainer.preference_batch_loss(policy, batch, None if kind in ("simpo", "orpo") else reference,
+                                                kind=kind, beta=beta, **options)
     loss.backward()
     got = [p.grad.clone() for p in policy.parameters()]
     policy.zero_grad()
 
-    def alone(m, doc, length):  # sum of log p over the doc's trained targets within its first length tokens
+    def alone(m, doc, length):  # (sum of log p, count) over the doc's trained targets within its first length tokens
         start, end = loader.offsets[doc], loader.offsets[doc + 1]
         ids = torch.from_numpy(np.asarray(loader.tokens[start:end], np.int64))
         mask = torch.from_numpy(np.asarray(loader.mask[start:end], np.int64))
         n = min(length + 1, end - start)
         logits = m(ids[None, :min(length, n)])[0][0]
         logp = torch.log_softmax(logits, -1)[torch.arange(n - 1), ids[1:n]]
-        return (logp * mask[1:n]).sum()
+        return (logp * mask[1:n]).sum(), int(mask[1:n].sum())
 
     real = [d for d in batch[3] if d >= 0]
     lengths = [n for n in loader.lengths]
     assert len(real) == len(lengths) and len(real) % 2 == 0 and loader.placed == len(real) // 2
-    terms, margins = [], []
+    terms, rewards = [], []
     for c, r, lc, lr in zip(real[0::2], real[1::2], lengths[0::2], lengths[1::2]):
         assert loader.pairs.tolist().count([c, r]) == 1
         with torch.no_grad():
-            ref_c, ref_r = alone(model, c, lc), alone(model, r, lr)
+            (ref_c, _), (ref_r, _) = alone(model, c, lc), alone(model, r, lr)
         assert reference[c] == pytest.approx(float(ref_c), rel=1e-12) and reference[r] == pytest.approx(float(ref_r), rel=1e-12)
-        z = 0.3 * ((alone(policy, c, lc) - ref_c) - (alone(policy, r, lr) - ref_r))
-        terms.append(-torch.nn.functional.logsigmoid(z))
-        margins.append(z.detach().item())
+        (pc, nc), (pr, nr) = alone(policy, c, lc), alone(policy, r, lr)
+        term, chosen_reward, rejected_reward = formula(kind, pc, pr, nc, nr, ref_c, ref_r, beta,
+                                                       options.get("gamma", 0.5), options.get("label_smoothing", 0.0))
+        terms.append(term)
+        rewards.append((chosen_reward.item(), rejected_reward.item()))
     want = torch.stack(terms).mean()
     want.backward()
     assert loss.item() == pytest.approx(want.item(), rel=1e-12)
-    assert float(stats[0] - stats[1]) == pytest.approx(float(np.mean(margins)), rel=1e-10, abs=1e-14)
-    assert float(stats[2]) == np.mean([m > 0 for m in margins])
+    chosen, rejected = np.mean(rewards, axis=0)
+    assert stats[0].item() == pytest.approx(chosen, rel=1e-10) and stats[1].item() == pytest.approx(rejected, rel=1e-10)
+    assert stats[2].item() == np.mean([a > b for a, b in rewards])
     for g, p in zip(got, policy.parameters()):
         torch.testing.assert_close(g, p.grad, rtol=1e-9, atol=1e-14)
 
@@ -423,7 +450,7 @@ def test_dpo_batch_loss_is_each_sequence_alone(pairs_dir):
 def test_dpo_learns_and_resumes_exactly(pairs_dir, tmp_path):
     # The first step's loss is log 2 (the policy is the reference); the chosen replies (the phrase
     # going on) win more often as it trains; a run stopped and resumed gives the same losses, bitwise.
-    kw = dict(dpo_beta=0.5, max_steps=16, eval_every=8, ckpt_every=4, lr=3e-3)
+    kw = dict(preference="dpo", beta=0.5, max_steps=16, eval_every=8, ckpt_every=4, lr=3e-3)
     trainer.train(config(pairs_dir, tmp_path / "whole", **kw))
     log = [json.loads(line) for line in (tmp_path / "whole/log.jsonl").read_text().splitlines()]
     assert log[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and abs(log[0]["reward_margin"]) < 1e-6
@@ -441,7 +468,7 @@ def test_dpo_with_lora(pairs_dir, tmp_path, device):
     # the GPU in bf16 with the fused loss (linear_token_logps there), the first loss log 2 to bf16
     # rounding (the reference pass packs the pairs into other rows).
     extra = dict(precision="bf16", fused_loss=True) if device == "cuda" else {}
-    trainer.train(config(pairs_dir, tmp_path / "lora", dpo_beta=0.5, lora_rank=4, max_steps=12, lr=1e-2,
+    trainer.train(config(pairs_dir, tmp_path / "lora", preference="dpo", beta=0.5, lora_rank=4, max_steps=12, lr=1e-2,
                          device=device, **extra))
     log = [json.loads(line) for line in (tmp_path / "lora/log.jsonl").read_text().splitlines()]
     assert log[0]["loss"] == pytest.approx(math.log(2), abs=1e-6 if device == "cpu" else 2e-3)
@@ -450,16 +477,33 @@ def test_dpo_with_lora(pairs_dir, tmp_path, device):
 
 def test_dpo_with_fused_loss_trains_as_without(pairs_dir, tmp_path):
     # --fused-loss under DPO: log-probabilities by linear_token_logps (no logits): the same losses.
-    trainer.train(config(pairs_dir, tmp_path / "plain", dpo_beta=0.5))
-    trainer.train(config(pairs_dir, tmp_path / "fused", dpo_beta=0.5, fused_loss=True))
+    trainer.train(config(pairs_dir, tmp_path / "plain", preference="dpo", beta=0.5))
+    trainer.train(config(pairs_dir, tmp_path / "fused", preference="dpo", beta=0.5, fused_loss=True))
     np.testing.assert_allclose(losses(tmp_path / "fused"), losses(tmp_path / "plain"), rtol=1e-5)
 
 
-def test_dpo_options_are_checked(data_dir, chat_dir, pairs_dir, tmp_path):
-    with pytest.raises(ValueError, match="train by DPO: give dpo_beta"):
+@pytest.mark.parametrize("kind", ["simpo", "orpo"])
+def test_reference_free_preference_losses_learn(pairs_dir, tmp_path, kind, capsys):
+    # SimPO and ORPO: no reference pass, none in the checkpoint; the chosen replies come to win
+    # (rows of 48 tokens: at 16 most pairs are cut, some replies to nothing).
+    trainer.train(config(pairs_dir, tmp_path / kind, preference=kind, max_steps=16, lr=3e-3,
+                         model={**TINY, "block_size": 48}))
+    assert "reference model" not in capsys.readouterr().err
+    log = [json.loads(line) for line in (tmp_path / kind / "log.jsonl").read_text().splitlines()]
+    assert np.mean([r["reward_accuracy"] for r in log[-8:]]) > 0.9 and log[-1]["val_reward_accuracy"] > 0.9
+    assert np.mean([r["loss"] for r in log[-4:]]) < 0.7 * np.mean([r["loss"] for r in log[:4]])
+    assert "reference_logps" not in torch.load(tmp_path / kind / "checkpoint.pt", weights_only=True)
+
+
+def test_preference_options_are_checked(data_dir, chat_dir, pairs_dir, tmp_path):
+    with pytest.raises(ValueError, match="give preference"):
         trainer.train(config(pairs_dir, tmp_path / "a"))
     for folder in (data_dir, chat_dir):
         with pytest.raises(ValueError, match="these token files hold none"):
-            trainer.train(config(folder, tmp_path / "b", dpo_beta=0.1))
-    with pytest.raises(ValueError, match="dpo_beta must be >= 0"):
-        TrainConfig(out_dir=str(tmp_path), dpo_beta=-1.0).validate()
+            trainer.train(config(folder, tmp_path / "b", preference="dpo"))
+    for options, message in ((dict(preference="kto"), "preference must be one of dpo, ipo, hinge, simpo, orpo"),
+                             (dict(preference="dpo", beta=-1.0), "beta and simpo_gamma must be >= 0"),
+                             (dict(preference="dpo", label_smoothing=0.5), r"label_smoothing must be in \[0, 0.5\)"),
+                             (dict(preference="simpo", label_smoothing=0.1), "goes with preference dpo")):
+        with pytest.raises(ValueError, match=message):
+            TrainConfig(out_dir=str(tmp_path), **options).validate()

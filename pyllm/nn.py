@@ -290,7 +290,9 @@ def preference_loss(kind: str, chosen_logps: torch.Tensor, rejected_logps: torch
              the log-probabilities per token. Rewards beta * logps per token.
       orpo   ORPO (Hong et al. 2024), no reference: the chosen reply's negative log-likelihood per
              token plus beta * -log sigmoid(log odds(chosen) - log odds(rejected)), odds(y) = p / (1 - p)
-             with p the probability per token, exp(logps / tokens). Rewards beta * logps per token."""
+             with p the probability per token, exp(logps / tokens). Rewards beta * logps per token.
+             (The NLL is each pair's mean over its reply's tokens, so the mean loss weighs pairs
+             alike; TRL's ORPOTrainer averages it over all of a batch's chosen tokens.)"""
     if kind not in PREFERENCE_LOSSES:
         raise ValueError(f"preference loss must be one of {', '.join(PREFERENCE_LOSSES)}, got {kind!r}")
     if kind not in REFERENCE_FREE and (ref_chosen_logps is None or ref_rejected_logps is None):

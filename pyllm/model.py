@@ -56,6 +56,8 @@ class ModelConfig:
     sandwich_norm: bool = False  # also a norm on the attention's and the MLP's outputs (Gemma 2 / 3)
     embed_scale: bool = False  # token embeddings times sqrt(dim), rounded to their dtype (Gemma)
     softmax_scale: float | None = None  # None: 1 / sqrt(head_dim) (Gemma 3: query_pre_attn_scalar ** -0.5)
+    attn_softcap: float | None = None  # attention scores capped as softcap * tanh(s / softcap) (Gemma 2: 50)
+    final_softcap: float | None = None  # the output logits likewise (Gemma 2: 30)
     parallel_block: bool = False  # PaLM: x + attn(norm(x)) + mlp(norm(x))
     tie_embeddings: bool = True
     dropout: float = 0.0
@@ -107,6 +109,10 @@ class ModelConfig:
             raise ValueError("ModelConfig.qk_norm_all_heads needs qk_norm=True")
         if self.nope_layers and self.positions != "rope":
             raise ValueError("ModelConfig.nope_layers needs positions = 'rope'")
+        for name in ("attn_softcap", "final_softcap"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
+                raise ValueError(f"ModelConfig.{name} must be None or a positive number, got {value!r}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"ModelConfig: n_kv_heads ({self.n_kv_heads}) must divide n_heads ({self.n_heads})")
         if self.positions == "rope" and self.head_dim % 2:
@@ -179,6 +185,7 @@ class Attention(nn.Module):
         self.window = cfg.layer_window(layer)  # keys before a query's own that it sees; -1: all
         self.local_rope = self.window >= 0 and cfg.local_rope_theta is not None  # rope[1], else rope[0]
         self.softmax_scale = cfg.softmax_scale
+        self.softcap = cfg.attn_softcap
 
     def forward(self, x, rope=None, cache=None, cache_seqlen: int = 0, cu_seqlens=None):
         B, T, C = x.shape
@@ -194,10 +201,10 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *cos_sin), apply_rope(k, *cos_sin)
         if cache is None:
             y = attention(q, k, v, causal=True, window_left=self.window, scale=self.softmax_scale,
-                          cu_seqlens=cu_seqlens)  # (B, T, H, D)
+                          cu_seqlens=cu_seqlens, softcap=self.softcap)  # (B, T, H, D)
         else:
             y = attention_with_kvcache(q, cache[0], cache[1], k, v, cache_seqlen, window_left=self.window,
-                                       scale=self.softmax_scale)
+                                       scale=self.softmax_scale, softcap=self.softcap)
         return self.proj(y.reshape(B, T, H * D))
 
 
@@ -357,15 +364,19 @@ class LLM(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(block, x, rope, None, 0, cu_seqlens, use_reentrant=False)
             else:
                 x = block(x, rope, cu_seqlens=cu_seqlens)
+        fused = targets is not None and self.fused_loss
+        if fused and self.config.final_softcap:
+            raise ValueError("fused_loss does not take a model with final_softcap (Gemma 2's capped logits): "
+                             "leave fused_loss off")
         if targets is not None and per_token:
-            if self.fused_loss:
+            if fused:
                 return None, linear_token_logps(self.norm_f(x), self.lm_head.weight, targets)
-            logits = self.lm_head(self.norm_f(x))
+            logits = self._logits(self.norm_f(x))
             return logits, token_logps(logits, targets)
-        if targets is not None and self.fused_loss:  # no (B, T, V) logits at all (linear_cross_entropy)
+        if fused:  # no (B, T, V) logits at all (linear_cross_entropy)
             loss = linear_cross_entropy(self.norm_f(x), self.lm_head.weight, targets)
             return None, loss / (targets != -1).sum().clamp(min=1)
-        logits = self.lm_head(self.norm_f(x))  # (B, T, V)
+        logits = self._logits(self.norm_f(x))  # (B, T, V)
         loss = None
         if targets is not None:
             logits32 = logits.to(torch.promote_types(logits.dtype, torch.float32))
@@ -374,6 +385,11 @@ class LLM(nn.Module):
             loss = F.cross_entropy(logits32.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-1,
                                    reduction="sum") / (targets != -1).sum().clamp(min=1)
         return logits, loss
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(h)
+        cap = self.config.final_softcap
+        return logits if cap is None else cap * torch.tanh(logits / cap)  # Gemma 2's capped logits
 
     # --- accounting ---------------------------------------------------------------------------
 
@@ -498,8 +514,9 @@ class LLM(nn.Module):
     def from_hf(cls, folder, device="cpu", dtype=torch.float32, adapter=None) -> "LLM":
         """A Hugging Face checkpoint folder (config.json and model.safetensors, or shards with their
         model.safetensors.index.json, as save_pretrained writes them) of LlamaForCausalLM (also
-        Mistral, Qwen2, Qwen3, SmolLM3, Phi-3 and OLMo 2: HF_DECODERS), Gemma3ForCausalLM (or the
-        language model of a Gemma3ForConditionalGeneration) or GPT2LMHeadModel, with its weights in
+        Mistral, Qwen2, Qwen3, SmolLM3, Phi-3 and OLMo 2: HF_DECODERS), Gemma2ForCausalLM,
+        Gemma3ForCausalLM (or the language model of a Gemma3ForConditionalGeneration) or
+        GPT2LMHeadModel, with its weights in
         `dtype` (fp32: master weights for training; the checkpoint's own dtype may be bf16), or a hub
         repo id (see hf_folder). Read with safetensors alone, no transformers needed. Anything the
         model cannot compute the same way (biases in LLaMA layers, RoPE scalings other than Llama
@@ -568,7 +585,7 @@ class LLM(nn.Module):
         for block, layer_cache in zip(self.blocks, cache):
             x = block(x, rope, layer_cache, start)
         x = x[:, -1] if last is None else x[torch.arange(x.shape[0], device=x.device), last]  # (B, C)
-        return self.lm_head(self.norm_f(x))
+        return self._logits(self.norm_f(x))
 
     def decode_step(self, token: torch.Tensor, cache, lengths: torch.Tensor) -> torch.Tensor:
         """forward_cached for one new token per row at positions held on the device: token (B, 1),
@@ -813,7 +830,7 @@ def hf_folder(name) -> Path:
 
 def config_from_hf(hf: dict) -> ModelConfig:
     """ModelConfig from a Hugging Face config.json (LLaMA / Mistral / Qwen2 / Qwen3 / SmolLM3 / Phi-3 / OLMo 2,
-    Gemma 3's text model, or GPT-2)."""
+    Gemma 2, Gemma 3's text model, or GPT-2)."""
     kind = hf.get("model_type")
     if kind == "gpt2":
         if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
@@ -828,9 +845,11 @@ def config_from_hf(hf: dict) -> ModelConfig:
         return _gemma3_config(gemma3_text_config(hf))
     if kind == "gemma3_text":
         return _gemma3_config({**GEMMA3_TEXT_DEFAULTS, **hf})
+    if kind == "gemma2":
+        return _gemma2_config({**GEMMA2_DEFAULTS, **hf})
     if kind not in HF_DECODERS:
         raise NotImplementedError(f"Hugging Face model_type {kind!r}: pyllm reads {', '.join(HF_DECODERS)}, "
-                                  "gemma3, gemma3_text and gpt2")
+                                  "gemma2, gemma3, gemma3_text and gpt2")
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}  # transformers 5 / 4
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if kind == "phi3" and rope_type in ("su", "yarn"):  # Phi-3's early names of LongRoPE, as transformers reads them
@@ -873,6 +892,48 @@ GEMMA3_TEXT_DEFAULTS = dict(
     num_key_value_heads=4, head_dim=256, hidden_activation="gelu_pytorch_tanh", max_position_embeddings=131072,
     rms_norm_eps=1e-6, query_pre_attn_scalar=256, sliding_window=4096, rope_theta=1e6, rope_local_base_freq=10000.0,
     sliding_window_pattern=6, tie_word_embeddings=True)
+
+
+# The Gemma families whose checkpoints store norm weights as w for (1 + w) and norm around both sublayers.
+GEMMA_KINDS = ("gemma2", "gemma3_text")
+
+# transformers' Gemma2Config defaults (tests/test_model.py checks them against transformers).
+GEMMA2_DEFAULTS = dict(
+    vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
+    num_key_value_heads=4, head_dim=256, hidden_activation="gelu_pytorch_tanh", max_position_embeddings=8192,
+    rms_norm_eps=1e-6, rope_theta=10000.0, query_pre_attn_scalar=256, sliding_window=4096,
+    final_logit_softcapping=30.0, attn_logit_softcapping=50.0, tie_word_embeddings=True)
+
+
+def _gemma2_config(hf: dict) -> ModelConfig:
+    """Gemma 2 (Gemma2ForCausalLM: 2B, 9B, 27B): Gemma 3's layout without q / k norms and with one
+    RoPE theta, sliding windows in every other layer (the first one too), and capped attention
+    scores and output logits (attn_logit_softcapping, final_logit_softcapping: softcap * tanh(x /
+    softcap)); the attention's cap has no kernel here, so its layers run on torch's ops."""
+    unsupported = {"attention_bias": hf.get("attention_bias"),
+                   "hidden_activation": None if hf.get("hidden_activation", "gelu_pytorch_tanh") == "gelu_pytorch_tanh"
+                   else hf["hidden_activation"]}
+    for name, value in unsupported.items():
+        if value:
+            raise NotImplementedError(f"gemma2 with {name}={value!r}")
+    n_layers = hf["num_hidden_layers"]
+    types = hf.get("layer_types") or ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n_layers)]
+    if len(types) != n_layers or not set(types) <= {"full_attention", "sliding_attention"}:
+        raise NotImplementedError(f"gemma2 with layer_types={types!r}")
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise NotImplementedError(f"gemma2 with scaled RoPE ({rope}): pyllm reads its unscaled RoPE")
+    window = hf.get("sliding_window")
+    window_layers = [i for i, t in enumerate(types) if t == "sliding_attention"] if window else None
+    return ModelConfig(vocab_size=hf["vocab_size"], block_size=hf["max_position_embeddings"], n_layers=n_layers,
+                       n_heads=hf["num_attention_heads"], n_kv_heads=hf.get("num_key_value_heads") or None,
+                       dim=hf["hidden_size"], head_dim=hf.get("head_dim") or None, mlp_hidden=hf["intermediate_size"],
+                       mlp="geglu", tie_embeddings=hf.get("tie_word_embeddings", True),
+                       norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=rope.get("rope_theta", hf.get("rope_theta")),
+                       sandwich_norm=True, embed_scale=True, softmax_scale=hf.get("query_pre_attn_scalar", 256) ** -0.5,
+                       attn_softcap=hf.get("attn_logit_softcapping") or None,
+                       final_softcap=hf.get("final_logit_softcapping") or None,
+                       sliding_window=window if window_layers else None, window_layers=window_layers or None)
 
 
 def gemma3_text_config(hf: dict) -> dict:
@@ -989,7 +1050,7 @@ def hf_layer_norms(kind: str) -> dict:
     """A LLaMA-shaped Hugging Face layer's norms -> LLM's block norms (q / k norms apart)."""
     if kind == "olmo2":  # after the sublayers only
         return {"post_attention_layernorm": "attn_out_norm", "post_feedforward_layernorm": "mlp_out_norm"}
-    if kind == "gemma3_text":  # before and after both sublayers
+    if kind in GEMMA_KINDS:  # before and after both sublayers
         return {"input_layernorm": "norm1", "post_attention_layernorm": "attn_out_norm",
                 "pre_feedforward_layernorm": "norm2", "post_feedforward_layernorm": "mlp_out_norm"}
     return {"input_layernorm": "norm1", "post_attention_layernorm": "norm2"}
@@ -1015,7 +1076,7 @@ def state_from_hf(hf_state: dict, cfg: ModelConfig, kind: str) -> dict:
                 state[f"blocks.{i}.{ours}.bias"] = hf_state[f"h.{i}.{theirs}.bias"]
         state["norm_f.weight"], state["norm_f.bias"] = hf_state["ln_f.weight"], hf_state["ln_f.bias"]
     else:
-        fold = (lambda w: w + 1.0) if kind == "gemma3_text" else (lambda w: w)  # noqa: E731  Gemma's norms scale by (1 + w)
+        fold = (lambda w: w + 1.0) if kind in GEMMA_KINDS else (lambda w: w)  # noqa: E731  Gemma's norms scale by (1 + w)
         state["tok_emb.weight"], state["norm_f.weight"] = hf_state["embed_tokens.weight"], fold(hf_state["norm.weight"])
         for i in range(cfg.n_layers):
             layer = lambda name: hf_state[f"layers.{i}.{name}.weight"]  # noqa: E731
@@ -1072,7 +1133,7 @@ def hf_config_of(cfg: ModelConfig) -> dict:
 
 # Hugging Face model types whose layers PEFT names model.layers.{i}.self_attn.* / mlp.* (the kinds
 # lora_state_to_peft writes adapters for; GPT-2's Conv1D layers and Gemma 3's multimodal wrapper not).
-PEFT_KINDS = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2", "gemma3_text", "phi3")
+PEFT_KINDS = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2", "gemma2", "gemma3_text", "phi3")
 
 
 def merge_peft_adapter(hf_state: dict, adapter) -> None:
@@ -1175,7 +1236,7 @@ def state_to_hf(state: dict, cfg: ModelConfig, kind: str) -> dict:
         if not cfg.tie_embeddings:
             out["lm_head.weight"] = state["lm_head.weight"]
         return out
-    norm = (lambda w: w - 1.0) if kind == "gemma3_text" else (lambda w: w)  # noqa: E731  Gemma's (1 + w), unfolded
+    norm = (lambda w: w - 1.0) if kind in GEMMA_KINDS else (lambda w: w)  # noqa: E731  Gemma's (1 + w), unfolded
     H, H_kv, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     out["model.embed_tokens.weight"], out["model.norm.weight"] = state["tok_emb.weight"], norm(state["norm_f.weight"])
     for i in range(cfg.n_layers):

@@ -428,7 +428,32 @@ def _window_mask(T: int, S: int, left: int, device) -> torch.Tensor:
     return seen & (keys >= pos - left) if left >= 0 else seen
 
 
-def _kvcache_sdpa_at(q, k_cache, v_cache, k, v, cache_seqlens, window_left, scale):
+def _sdpa(q, k, v, mask=None, is_causal=False, scale=None, softcap=None):
+    """SDPA on (B, T, H, D) q and (B, S, H_kv, D) k, v (GQA), returned as (B, T, H, D); mask: bool,
+    broadcast to (B, H, T, S), True where seen. softcap: Gemma 2's scores, softcap * tanh(scores /
+    softcap), before the mask and the softmax; no fused kernel (torch's nor pyllm's) takes it, so
+    the (B, H, T, S) scores are computed whole then, in q's dtype as SDPA's math path does."""
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D), (B, H_kv, S, D)
+    if not softcap:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
+                                             enable_gqa=q.shape[1] != k.shape[1])
+        return out.transpose(1, 2)
+    if k.shape[1] != q.shape[1]:
+        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+    scores = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)  # (B, H, T, S)
+    scores = softcap * torch.tanh(scores / softcap)
+    if is_causal:
+        mask = _window_mask(q.shape[2], k.shape[2], -1, q.device)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+        # Keys no query sees may be a cache's unwritten memory (NaN, inf): 0 * NaN would reach the output.
+        v = v.masked_fill(~mask.any(dim=-2)[..., None], 0)
+    acc = torch.promote_types(scores.dtype, torch.float32)  # the softmax in fp32 at least
+    probs = torch.softmax(scores.to(acc), dim=-1).nan_to_num(0.0).to(q.dtype)  # a query seeing no key: 0
+    return (probs @ v).transpose(1, 2)
+
+
+def _kvcache_sdpa_at(q, k_cache, v_cache, k, v, cache_seqlens, window_left, scale, softcap=None):
     """attention_with_kvcache through SDPA for per-row lengths held in a tensor: scattered writes and
     a (B, T, S_max) mask over the whole cache, no host read of the lengths."""
     B, T = q.shape[:2]
@@ -440,11 +465,7 @@ def _kvcache_sdpa_at(q, k_cache, v_cache, k, v, cache_seqlens, window_left, scal
     seen = keys <= pos[:, :, None]  # (B, T, S_max)
     if window_left >= 0:
         seen &= keys >= pos[:, :, None] - window_left
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k_cache.transpose(1, 2).to(q.dtype), v_cache.transpose(1, 2).to(q.dtype),
-        attn_mask=seen[:, None], enable_gqa=q.shape[2] != k_cache.shape[2], scale=scale,
-    )
-    return out.transpose(1, 2)  # (B, T, H, D)
+    return _sdpa(q, k_cache.to(q.dtype), v_cache.to(q.dtype), seen[:, None], scale=scale, softcap=softcap)
 
 
 def document_ids(cu_seqlens: torch.Tensor, B: int, T: int) -> torch.Tensor:
@@ -454,31 +475,29 @@ def document_ids(cu_seqlens: torch.Tensor, B: int, T: int) -> torch.Tensor:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
-              window_left: int = -1, scale: float | None = None, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+              window_left: int = -1, scale: float | None = None, cu_seqlens: torch.Tensor | None = None,
+              softcap: float | None = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(D)) v for q (B, T, H, D) and k, v (B, S, H_kv, D) with H % H_kv == 0
     (GQA/MQA), returned as (B, T, H, D): pyllm.flash_attn where it has a kernel, else SDPA.
     window_left >= 0 (causal only): a query also sees no key more than window_left before its own
     position (a sliding window of window_left + 1 keys, Mistral's sliding_window). scale: of the
     scores, None for 1 / sqrt(D). cu_seqlens (causal self-attention only): int32 (N + 1,) starts of
     the N documents packed into the B * T tokens (row-major, none crossing a row's end): a query
-    sees only its own document's keys, as flash_attn's varlen call computes."""
+    sees only its own document's keys, as flash_attn's varlen call computes. softcap: Gemma 2's
+    capped scores, softcap * tanh(scores / softcap) (torch ops: no kernel takes them)."""
     if window_left >= 0 and not causal:
         raise ValueError("attention: window_left needs causal=True")
     if cu_seqlens is not None:
-        return _document_attention(q, k, v, cu_seqlens, window_left, scale)
-    if _flash_attn_takes(q, k, v):
+        return _document_attention(q, k, v, cu_seqlens, window_left, scale, softcap)
+    if not softcap and _flash_attn_takes(q, k, v):
         return flash_attn_ops.flash_attn(q, k, v, causal=causal, window=(window_left, -1), softmax_scale=scale)
     mask = _window_mask(q.shape[1], k.shape[1], window_left, q.device) if window_left >= 0 else None
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=causal and mask is None,
-        enable_gqa=q.shape[2] != k.shape[2], scale=scale,
-    )  # (B, H, T, D)
-    return out.transpose(1, 2)
+    return _sdpa(q, k, v, mask, causal and mask is None, scale, softcap)
 
 
-def _document_attention(q, k, v, cu_seqlens, window_left, scale):
+def _document_attention(q, k, v, cu_seqlens, window_left, scale, softcap=None):
     B, T, H, D = q.shape
-    if _flash_attn_takes(q, k, v):
+    if not softcap and _flash_attn_takes(q, k, v):
         # max_seqlen = T bounds every document (none crosses a row), so no device sync reads cu_seqlens.
         out = flash_attn_ops.flash_attn(q.reshape(B * T, H, D), k.reshape(B * T, *k.shape[2:]),
                                         v.reshape(B * T, *v.shape[2:]), causal=True, window=(window_left, -1),
@@ -487,31 +506,29 @@ def _document_attention(q, k, v, cu_seqlens, window_left, scale):
         return out.view(B, T, H, D)
     doc = document_ids(cu_seqlens, B, T)  # (B, T)
     mask = (doc[:, :, None] == doc[:, None, :]) & _window_mask(T, T, window_left, q.device)  # (B, T, T)
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None],
-        enable_gqa=q.shape[2] != k.shape[2], scale=scale,
-    )  # (B, H, T, D)
-    return out.transpose(1, 2)
+    return _sdpa(q, k, v, mask[:, None], scale=scale, softcap=softcap)
 
 
 def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            k: torch.Tensor, v: torch.Tensor, cache_seqlen: int | torch.Tensor, window_left: int = -1,
-                           scale: float | None = None) -> torch.Tensor:
+                           scale: float | None = None, softcap: float | None = None) -> torch.Tensor:
     """Decode-time attention, flash_attn_with_kvcache's contract: writes the new k, v (B, T, H_kv, D)
     into k_cache, v_cache (B, S_max, H_kv, D) at positions cache_seqlen..cache_seqlen+T-1, then
     attends q (B, T, H, D) causally over the cache's first cache_seqlen+T positions (the new queries
     sit at the end, so query i sees keys up to cache_seqlen+i, and none more than window_left before
     it when window_left >= 0). cache_seqlen: an int, or an int32 (B,) tensor of each row's length,
     read on its device only (the lengths' bounds are the caller's to keep). pyllm.flash_attn_with_kvcache
-    where it has a kernel (split-KV on the GPU), else the same through SDPA."""
-    if _flash_attn_takes(q, k_cache, v_cache) and k.dtype == k_cache.dtype:
+    where it has a kernel (split-KV on the GPU), else the same through SDPA (and always with softcap)."""
+    if not softcap and _flash_attn_takes(q, k_cache, v_cache) and k.dtype == k_cache.dtype:
         if window_left < 0:  # the default window: the eager CPU shortcut skips checking it
             return flash_attn_ops.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlen, k, v, causal=True,
                                                           softmax_scale=scale)
         return flash_attn_ops.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlen, k, v, causal=True,
                                                       window=(window_left, -1), softmax_scale=scale)
+    if softcap and not isinstance(cache_seqlen, torch.Tensor):  # as decode_step's tensor lengths do: the same bits
+        cache_seqlen = torch.full((q.shape[0],), cache_seqlen, dtype=torch.int32, device=q.device)
     if isinstance(cache_seqlen, torch.Tensor):  # lengths on the device: nothing below can slice by them
-        return _kvcache_sdpa_at(q, k_cache, v_cache, k, v, cache_seqlen, window_left, scale)
+        return _kvcache_sdpa_at(q, k_cache, v_cache, k, v, cache_seqlen, window_left, scale, softcap)
     T = q.shape[1]
     end = cache_seqlen + T
     k_cache[:, cache_seqlen:end] = k
@@ -520,8 +537,4 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     mask = None
     if T > 1 or window_left >= 0:  # a single new query without a window sees everything
         mask = _window_mask(T, end, window_left, q.device)
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask,
-        enable_gqa=q.shape[2] != k.shape[2], scale=scale,
-    )
-    return out.transpose(1, 2)  # (B, T, H, D)
+    return _sdpa(q, keys, values, mask, scale=scale, softcap=softcap)

@@ -619,6 +619,9 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
         frozen_dtype = None if fsdp else {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         model.add_lora(cfg.lora_rank, cfg.lora_alpha or 2.0 * cfg.lora_rank, frozen_dtype,
                        cfg.lora_targets or None, cfg.lora_dropout)
+    if cfg.fused_loss and mcfg.final_softcap:
+        raise ValueError("fused_loss: this model caps its logits (final_softcap, Gemma 2's), which the fused loss does "
+                         "not compute; leave fused_loss off")
     if data_vocab > mcfg.vocab_size:
         raise ValueError(f"the token files hold ids up to {data_vocab - 1}, but the model has {mcfg.vocab_size} "
                          "embeddings: tokenize with the model's own tokenizer")

@@ -57,6 +57,8 @@ def ref_attention(cfg, x, sd, prefix, layer):
     k = k.repeat_interleave(H // Hk, dim=2)  # query head h reads kv head h // (H / Hk)
     v = v.repeat_interleave(H // Hk, dim=2)
     scores = torch.einsum("bthd,bshd->bhts", q, k) * (cfg.softmax_scale or 1 / math.sqrt(D))
+    if cfg.attn_softcap:  # Gemma 2
+        scores = cfg.attn_softcap * torch.tanh(scores / cfg.attn_softcap)
     i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
     unseen = j > i  # causal
     if windowed:
@@ -89,7 +91,8 @@ def ref_forward(cfg, sd, idx):
             x = x + out_norm(ref_attention(cfg, h, sd, p + ".attn", i), ".attn_out_norm")
             x = x + out_norm(ref_mlp(cfg, in_norm(x, ".norm2"), sd, p + ".mlp"), ".mlp_out_norm")
     x = ref_norm(cfg, x, sd, "norm_f")
-    return x @ (sd["tok_emb.weight"] if cfg.tie_embeddings else sd["lm_head.weight"]).T
+    logits = x @ (sd["tok_emb.weight"] if cfg.tie_embeddings else sd["lm_head.weight"]).T
+    return logits if cfg.final_softcap is None else cfg.final_softcap * torch.tanh(logits / cfg.final_softcap)
 
 
 SMALL = dict(vocab_size=97, block_size=32, n_layers=2, n_heads=4, dim=128)  # head dim 32, as flash_attn needs
@@ -112,6 +115,10 @@ CONFIGS = {
                         rope_scaling={"rope_type": "linear", "factor": 3.0}),
     # OLMo 2's: norms after the sublayers only, q / k norms across all heads
     "olmo-style": dict(SMALL, n_kv_heads=2, pre_norm=False, sandwich_norm=True, qk_norm=True, qk_norm_all_heads=True),
+    # Gemma 2's: capped attention scores and logits (caps that bind on these weights), sandwich norms,
+    # GeGLU, a 4-key window in layer 0
+    "softcap": dict(SMALL, n_kv_heads=2, mlp="geglu", embed_scale=True, sandwich_norm=True, softmax_scale=0.1,
+                    sliding_window=4, window_layers=[0], attn_softcap=1.5, final_softcap=2.5),
 }
 
 
@@ -140,7 +147,7 @@ def test_forward_matches_reference(name):
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2", "palm-mqa", "window", "qk-norm-window-nope", "gemma-style",
-                                  "olmo-style"])
+                                  "olmo-style", "softcap"])
 def test_cached_forward_matches_full(name):
     cfg = ModelConfig(**CONFIGS[name])
     model = randomized(cfg).eval()
@@ -156,7 +163,7 @@ def test_cached_forward_matches_full(name):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
-@pytest.mark.parametrize("name", ["llama", "gpt2", "palm-mqa", "window", "gemma-style", "olmo-style"])
+@pytest.mark.parametrize("name", ["llama", "gpt2", "palm-mqa", "window", "gemma-style", "olmo-style", "softcap"])
 def test_decode_step_at_device_positions_matches_forward_cached(name, dtype):
     # decode_step (positions in an int32 tensor, never read on the host: what a CUDA graph replays)
     # computes forward_cached's logits bitwise, on pyllm's kernels (fp32, bf16) and on SDPA (fp64),
@@ -208,7 +215,7 @@ def test_generate_with_a_cuda_graph_gives_the_same_tokens(name):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
-@pytest.mark.parametrize("name", ["llama", "gpt2", "window", "gemma-style"])
+@pytest.mark.parametrize("name", ["llama", "gpt2", "window", "gemma-style", "softcap"])
 def test_generate_batch_of_ragged_prompts_matches_each_alone(name, dtype):
     # Prompts of 3, 7 and 5 tokens in one batch, no padding: greedy, each row continues as generate()
     # continues that prompt alone; stop tokens cut each row after its own first one.
@@ -358,7 +365,7 @@ def separately(model, idx, targets, lengths=PACKED_LENGTHS):
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2", "window", "qk-norm-window-nope", "gemma-style", "olmo-style",
-                                  "head-dim-80"])
+                                  "head-dim-80", "softcap"])
 def test_packed_documents_compute_as_if_alone(name):
     # LLM.forward(idx, targets, cu_seqlens): every document's logits, loss and gradients are those
     # of the document run alone (positions from 0, attention within it), in float64 on the CPU
@@ -761,6 +768,10 @@ def test_fused_loss_gives_the_model_loss_and_gradients(name):
         assert rel_err(f, g) < 1e-12
     model.add_lora(2, 4.0)
     assert model(idx, targets)[1].requires_grad and model.lm_head.weight.grad is None
+    capped = LLM(ModelConfig(**CONFIGS["softcap"]))
+    capped.fused_loss = True
+    with pytest.raises(ValueError, match="final_softcap"):
+        capped(idx, targets)
 
 
 def test_lora_under_compile_and_bf16_autocast():
@@ -901,6 +912,14 @@ def hf_models():
             layer_types=["sliding_attention", "full_attention", "sliding_attention"],
             rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e5},
                              "sliding_attention": {"rope_type": "default", "rope_theta": 1e3}})),
+        # Gemma 3's layout without q / k norms, capped attention scores and logits (caps low enough to
+        # bind on these random weights' scores), 5-key windows in layers 0 and 2 (its default pattern),
+        # GQA with a 32-wide head in a 64-wide model, softmax scale 24 ** -0.5
+        "gemma2": transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+            vocab_size=97, hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=32, max_position_embeddings=64, sliding_window=5, query_pre_attn_scalar=24,
+            attn_logit_softcapping=2.0, final_logit_softcapping=3.0, pad_token_id=None, bos_token_id=None,
+            eos_token_id=None)),
     }
 
 
@@ -909,7 +928,7 @@ PHI3 = dict(vocab_size=97, hidden_size=128, intermediate_size=160, num_hidden_la
             num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, pad_token_id=None, bos_token_id=None,
             eos_token_id=None)
 HF_NAMES = ["llama-gqa", "llama-tied", "llama3-rope", "qwen2", "gpt2", "qwen3-window", "qwen3", "mistral-window", "smollm3",
-            "phi3-longrope", "phi3", "gemma3", "olmo2"]
+            "phi3-longrope", "phi3", "gemma3", "gemma2", "olmo2"]
 
 
 @pytest.mark.parametrize("name", HF_NAMES)
@@ -945,7 +964,8 @@ def test_from_hf_refuses_what_it_cannot_compute(tmp_path):
                            (dict(layer_types=["sliding_attention", "full_attention"]), "layer_types"),
                            (dict(model_type="qwen3", layer_types=["chunked_attention", "full_attention"]), "layer_types"),
                            (dict(model_type="qwen3", layer_types=["full_attention"]), "layer_types"),
-                           (dict(model_type="gemma2"), "model_type 'gemma2'"),
+                           (dict(model_type="gemma"), "model_type 'gemma'"),
+                           (dict(model_type="gemma2", attention_bias=True), "gemma2 with attention_bias"),
                            (dict(rope_scaling=dict(rope_type="dynamic", factor=2.0)), "scaled RoPE")]:
         with pytest.raises(NotImplementedError, match=message):
             config_from_hf({**base, **extra})
@@ -1024,6 +1044,21 @@ def test_to_hf_of_a_model_pyllm_trained(name, kind, tmp_path):
         LLM(ModelConfig(**CONFIGS["gemma-style"])).to_hf(tmp_path / "x")
     with pytest.raises(ValueError, match="does not describe"):
         ours.to_hf(tmp_path / "y", {**json.loads((tmp_path / "config.json").read_text()), "vocab_size": 98})
+
+
+def test_gemma2_defaults_and_layout():
+    # config_from_hf fills what a Gemma 2 config.json leaves out with transformers' defaults; the
+    # windowed layers are the even ones, as Gemma2Config's default layer_types.
+    transformers = pytest.importorskip("transformers")
+    from pyllm.model import GEMMA2_DEFAULTS, config_from_hf
+
+    defaults = transformers.Gemma2Config()
+    for key, value in GEMMA2_DEFAULTS.items():
+        want = defaults.rope_parameters["rope_theta"] if key == "rope_theta" else getattr(defaults, key)
+        assert value == want, key
+    cfg = config_from_hf({"model_type": "gemma2", "num_hidden_layers": 4})
+    assert cfg.window_layers == [i for i, t in enumerate(defaults.layer_types[:4]) if t == "sliding_attention"] == [0, 2]
+    assert (cfg.attn_softcap, cfg.final_softcap, cfg.softmax_scale, cfg.qk_norm) == (50.0, 30.0, 256 ** -0.5, False)
 
 
 def test_gemma3_multimodal_checkpoint_gives_its_language_model(tmp_path):

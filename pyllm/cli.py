@@ -257,7 +257,7 @@ def is_token_dir(path) -> bool:
 # CLI-only keys (the rest are TrainConfig fields): where the text comes from and what to do after.
 _CLI_KEYS = {"data": None, "tokenizer": None, "vocab_size": None, "tokenizer_train_bytes": 0,
              "val_fraction": 0.02, "sample_tokens": 200, "prompt": "def ", "config": None, "resume": None,
-             "model_overrides": None}
+             "model_overrides": None, "eval_choices_file": None, "eval_choices_limit": None}
 
 
 def setup_run_data(cfg, cli: dict) -> None:
@@ -372,6 +372,22 @@ def cmd_train(args) -> int:
         tokenizer_path, cfg.data_dir = run["tokenizer"], run["data_dir"]
         if run["vocab_size"] and "vocab_size" not in cfg.model:
             cfg.model["vocab_size"] = run["vocab_size"]
+        if cli["eval_choices_file"]:  # tokenized once, as the run's documents start; the trainer scores the file
+            if not tokenizer_path:
+                raise ValueError("--eval-choices needs the run's tokenizer (give --tokenizer)")
+            from pyllm import evaluate
+
+            choices = Path(cfg.out_dir) / "data" / "choices.bin"
+            choices.parent.mkdir(parents=True, exist_ok=True)
+            if int(os.environ.get("RANK", "0")) == 0:
+                examples = evaluate.read_choices(cli["eval_choices_file"])[:cli["eval_choices_limit"]]
+                evaluate.write_choices(examples, tokenizer_class().load(str(tokenizer_path)), choices,
+                                       run.get("prompt_prefix", []))
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                import torch.distributed as dist
+
+                dist.barrier()
+            cfg.eval_choices = str(choices)
     if int(os.environ.get("RANK", "0")) == 0:
         start = (f"from {cfg.init_from_hf}" if cfg.init_from_hf else f"from the run {cfg.init_from_run}"
                  if cfg.init_from_run else f"preset {cfg.preset}")
@@ -776,6 +792,11 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt-every", type=int, help="write the checkpoint every K steps (and at the end; default 200)")
     p.add_argument("--eval-every", type=int, help="val loss every K steps (and at the end; default 100)")
     p.add_argument("--eval-batches", type=int, help="batches per val evaluation (default 8)")
+    p.add_argument("--eval-choices", dest="eval_choices_file", metavar="FILE",
+                   help="at each evaluation also score a JSONL file of multiple-choice examples ({\"ctx\", "
+                        "\"endings\", \"label\"} lines, HellaSwag's files as they are; see `pyllm eval`): acc and "
+                        "acc_norm go to log.jsonl, as llm.c reports HellaSwag while it trains")
+    p.add_argument("--eval-choices-limit", type=int, help="with --eval-choices: its first N examples only")
     p.add_argument("--device", help="auto (default: cuda when available), cpu, cuda, cuda:N")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], help="auto (default): bf16 on CUDA, fp32 on CPU; fp16 uses a dynamic loss scaler")
     p.add_argument("--batch-size", type=int, help="sequences per process per micro-step (default 16)")

@@ -13,6 +13,7 @@ the text's UTF-8 bytes: comparable across tokenizers).
 """
 from __future__ import annotations
 
+import json
 import math
 import tempfile
 from pathlib import Path
@@ -48,6 +49,11 @@ def read_choices(path) -> list[dict]:
     return examples
 
 
+def _ending_text(ending: str) -> str:
+    """An ending as it follows its context: a space before it unless it starts with whitespace."""
+    return ending if ending[:1].isspace() else " " + ending
+
+
 def choice_documents(examples: Sequence[dict], tokenizer, prefix: Sequence[int] = ()) -> tuple[list, list]:
     """(docs, masks): for each example, for each ending, prefix + the context's tokens + the
     ending's, the ending's marked. The context and the ending are encoded apart (so each ending's
@@ -57,10 +63,51 @@ def choice_documents(examples: Sequence[dict], tokenizer, prefix: Sequence[int] 
     for example in examples:
         context = [*prefix, *tokenizer.encode_ordinary(example["context"])]
         for ending in example["endings"]:
-            tokens = tokenizer.encode_ordinary(ending if ending[:1].isspace() else " " + ending)
+            tokens = tokenizer.encode_ordinary(_ending_text(ending))
             docs.append(np.asarray(context + tokens, np.int64))
             masks.append(np.asarray([0] * len(context) + [1] * len(tokens), np.uint8))
     return docs, masks
+
+
+def write_choices(examples: Sequence[dict], tokenizer, path, prefix: Sequence[int] = ()) -> None:
+    """Tokenizes multiple-choice examples (read_choices) into a document file (choice_documents'
+    candidates, write_documents) and its .choices.json (each example's label, number of endings and
+    the endings' sizes in bytes): what score_choice_files, and the trainer's --eval-choices, read."""
+    docs, masks = choice_documents(examples, tokenizer, prefix)
+    path = Path(path)
+    path.with_suffix(".choices.json").write_text(json.dumps({
+        "labels": [e["label"] for e in examples],
+        "bytes": [[len(_ending_text(x).encode("utf-8")) for x in e["endings"]] for e in examples]}))
+    data.write_documents(path, docs, masks, max(tokenizer.vocab_size, 1))
+
+
+@torch.no_grad()
+def score_choice_files(model, path, seq_len: int, batch_size: int = 8, precision: str = "fp32",
+                       info: DistInfo | None = None) -> dict:
+    """score_choices on write_choices' files: acc, acc_norm, acc_per_token, examples, logps. With
+    info, every rank of a process group takes its share of the rows (document_logps)."""
+    path = Path(path)
+    meta = json.loads(path.with_suffix(".choices.json").read_text())
+    offsets = np.load(path.with_suffix(".docs.npy"))
+    mask = np.load(path.with_suffix(".mask.npy"))
+    longest = int(np.diff(offsets).max())
+    if longest > seq_len:
+        raise ValueError(f"a context with its ending is {longest} tokens, longer than seq_len {seq_len}: raise it "
+                         f"(up to the model's block_size, {model.config.block_size})")
+    info = info or DistInfo(device=next(model.parameters()).device)
+    logps = document_logps(model, path, batch_size, seq_len, precision, info)
+    tokens = np.add.reduceat(mask.astype(np.int64), offsets[:-1])  # each candidate's ending tokens
+    right = {"acc": 0, "acc_norm": 0, "acc_per_token": 0}
+    start = 0
+    for label, size in zip(meta["labels"], meta["bytes"]):
+        n = len(size)
+        scores = logps[start:start + n]
+        for name, value in (("acc", scores), ("acc_norm", scores / np.array(size)),
+                            ("acc_per_token", scores / tokens[start:start + n])):
+            right[name] += int(np.argmax(value) == label)
+        start += n
+    n_examples = len(meta["labels"])
+    return {"examples": n_examples, **{k: v / max(n_examples, 1) for k, v in right.items()}, "logps": logps}
 
 
 @torch.no_grad()
@@ -70,27 +117,10 @@ def score_choices(model, tokenizer, examples: Sequence[dict], seq_len: int, batc
     (see the module's docstring), the number of examples, and logps, each candidate's summed
     log-probability (examples in order, each one's endings in order). ValueError when a candidate
     is longer than seq_len (it would be cut)."""
-    docs, masks = choice_documents(examples, tokenizer, prefix)
-    longest = max(len(d) for d in docs)
-    if longest > seq_len:
-        raise ValueError(f"a context with its ending is {longest} tokens, longer than seq_len {seq_len}: raise it "
-                         f"(up to the model's block_size, {model.config.block_size})")
-    device = next(model.parameters()).device
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "choices.bin"
-        data.write_documents(path, docs, masks, max(tokenizer.vocab_size, 1))
-        logps = document_logps(model, path, batch_size, seq_len, precision, DistInfo(device=device))
-    right = {"acc": 0, "acc_norm": 0, "acc_per_token": 0}
-    start = 0
-    for example in examples:
-        n = len(example["endings"])
-        scores = logps[start:start + n]
-        tokens = np.array([int(m.sum()) for m in masks[start:start + n]])
-        size = np.array([len((e if e[:1].isspace() else " " + e).encode("utf-8")) for e in example["endings"]])
-        for name, value in (("acc", scores), ("acc_norm", scores / size), ("acc_per_token", scores / tokens)):
-            right[name] += int(np.argmax(value) == example["label"])
-        start += n
-    return {"examples": len(examples), **{k: v / max(len(examples), 1) for k, v in right.items()}, "logps": logps}
+        write_choices(examples, tokenizer, path, prefix)
+        return score_choice_files(model, path, seq_len, batch_size, precision)
 
 
 @torch.no_grad()

@@ -62,6 +62,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0: off
     eval_every: int = 100  # 0: only at the end
     eval_batches: int = 8
+    eval_choices: str = ""  # multiple-choice examples (evaluate.write_choices' file) scored at each eval
     ckpt_every: int = 200  # 0: only at the end
     seed: int = 1337
     compile: bool = False
@@ -671,6 +672,13 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
     tokens_per_step = cfg.batch_size * seq_len * cfg.grad_accum * info.world_size
     peak = peak_flops(info.device)
     flops_per_token = model.flops_per_token(seq_len)
+    choices_len = 0  # rows for the multiple-choice candidates: seq_len, or the longest candidate
+    if cfg.eval_choices:
+        longest = int(np.diff(np.load(Path(cfg.eval_choices).with_suffix(".docs.npy"))).max())
+        if longest > mcfg.block_size:
+            raise ValueError(f"eval_choices: a context with its ending is {longest} tokens, longer than the model's "
+                             f"block_size {mcfg.block_size}")
+        choices_len = max(seq_len, longest)
     bar = make_progress(cfg, start_step, info)
     bad_in_a_row, val_loss, tok_s = 0, None, 0.0
 
@@ -750,6 +758,13 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
             else:
                 val_loss = record["val_loss"] = evaluate(wrapped, data / "val.bin", cfg, seq_len, precision, info)
                 say(info, bar, f"step {step + 1}: val loss {val_loss:.4f}")
+            if cfg.eval_choices:
+                from pyllm.evaluate import score_choice_files
+
+                score = score_choice_files(wrapped, cfg.eval_choices, choices_len, cfg.batch_size, precision, info)
+                record.update(choices_acc=score["acc"], choices_acc_norm=score["acc_norm"])
+                say(info, bar, f"step {step + 1}: {score['examples']:,} multiple-choice examples: acc "
+                               f"{score['acc']:.4f}, acc_norm {score['acc_norm']:.4f}")
         log.write(record)
         bar.set_postfix_str(f"loss {loss_value:.3f}  {tok_s:,.0f} tok/s  MFU {f'{mfu:.1%}' if mfu else 'n/a'}"
                             + (f"  skipped {skipped}" if skipped else ""))

@@ -556,3 +556,17 @@ def test_generate_chat_renders_the_template_as_transformers(tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(["generate", "--run", str(run), "--chat", "--prompt", "hi", "--max-new-tokens", "4"]) == 0
     assert "<|im_start|>" not in capsys.readouterr().out
+
+
+def test_train_scores_multiple_choice_examples_at_each_eval(corpus, tmp_path, capsys):
+    # --eval-choices: the JSONL file tokenized once into the run's data folder (its first
+    # --eval-choices-limit examples), scored at each evaluation, acc / acc_norm in log.jsonl.
+    rows = [{"ctx": f"def f{i}(x):\n    return", "endings": [f" x + {i}", " y", " 1 / 0"], "label": 0} for i in range(6)]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = tmp_path / "run"
+    assert cli.main(["train", "--data", str(corpus), "--out", str(run), "--max-steps", "2", *SMALL, "--eval-every", "1",
+                     "--eval-choices", str(tmp_path / "c.jsonl"), "--eval-choices-limit", "4"]) == 0
+    assert "step 2: 4 multiple-choice examples: acc " in capsys.readouterr().out
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert all(0 <= r["choices_acc"] <= 1 and "choices_acc_norm" in r for r in log)
+    assert json.loads((run / "data" / "choices.choices.json").read_text())["labels"] == [0] * 4

@@ -507,3 +507,36 @@ def test_preference_options_are_checked(data_dir, chat_dir, pairs_dir, tmp_path)
                              (dict(preference="simpo", label_smoothing=0.1), "goes with preference dpo")):
         with pytest.raises(ValueError, match=message):
             TrainConfig(out_dir=str(tmp_path), **options).validate()
+
+
+class CharTokenizer:
+    """Characters as ids below 64: enough to write multiple-choice files for the synthetic runs."""
+    vocab_size = 64
+
+    @staticmethod
+    def encode_ordinary(text):
+        return [ord(c) % 64 for c in text]
+
+
+def test_multiple_choice_eval_while_training(data_dir, tmp_path):
+    # eval_choices: at each evaluation the examples are scored as `pyllm eval` scores them (the
+    # final model's accuracies are what score_choice_files gives it afterwards), candidates longer
+    # than seq_len too (rows as long as the longest).
+    from pyllm import evaluate
+    from pyllm.model import LLM
+
+    rng = np.random.default_rng(3)
+    examples = [{"context": "".join(chr(65 + int(c)) for c in rng.integers(0, 20, rng.integers(3, 12))),
+                 "endings": ["".join(chr(65 + int(c)) for c in rng.integers(0, 20, rng.integers(1, 8))) for _ in range(4)],
+                 "label": int(rng.integers(4))} for _ in range(10)]
+    examples[0]["context"] = "x" * 20  # 20 + 2..8 tokens: longer than seq_len 16
+    evaluate.write_choices(examples, CharTokenizer, tmp_path / "choices.bin")
+    trainer.train(config(data_dir, tmp_path / "run", eval_choices=str(tmp_path / "choices.bin"), max_steps=4,
+                         model={**TINY, "block_size": 32}, seq_len=16))
+    log = [json.loads(line) for line in (tmp_path / "run/log.jsonl").read_text().splitlines()]
+    assert [("choices_acc" in r) for r in log] == [False, False, False, True]
+    final = LLM.load(tmp_path / "run/model.safetensors")
+    score = evaluate.score_choice_files(final, tmp_path / "choices.bin", 32)
+    assert (log[-1]["choices_acc"], log[-1]["choices_acc_norm"]) == (score["acc"], score["acc_norm"])
+    with pytest.raises(ValueError, match="longer than the model's block_size 16"):
+        trainer.train(config(data_dir, tmp_path / "short", eval_choices=str(tmp_path / "choices.bin")))

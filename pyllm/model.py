@@ -339,9 +339,10 @@ class LLM(nn.Module):
                 per_token: bool = False):
         """idx (B, T) int64 -> logits (B, T, V) and, given targets (B, T), the mean cross-entropy
         (targets of -1 are ignored). With fused_loss set and targets given, logits is None (the
-        loss came from linear_cross_entropy, chunk by chunk). per_token: instead of the loss, each
-        target's log-probability (B, T) fp32, 0 where the target is -1 (for sequence-level losses:
-        nn.sequence_logps; with fused_loss by nn.linear_token_logps, no logits again).
+        loss came from linear_cross_entropy, chunk by chunk). per_token: instead of the logits and
+        the loss, None and each target's log-probability (B, T) fp32, 0 where the target is -1 (for
+        sequence-level losses: nn.sequence_logps), the output layer computed at the targets'
+        positions only (all of them under torch.compile); with fused_loss by nn.linear_token_logps.
 
         cu_seqlens: packed documents. int32 (N + 1,) on idx's device, the offsets in idx.view(-1) where
         each of N documents starts, then B * T; none may cross the end of a row (every multiple of T
@@ -369,10 +370,16 @@ class LLM(nn.Module):
             raise ValueError("fused_loss does not take a model with final_softcap (Gemma 2's capped logits): "
                              "leave fused_loss off")
         if targets is not None and per_token:
-            if fused:
-                return None, linear_token_logps(self.norm_f(x), self.lm_head.weight, targets)
-            logits = self._logits(self.norm_f(x))
-            return logits, token_logps(logits, targets)
+            h = self.norm_f(x)  # (B, T, C)
+            if torch.compiler.is_compiling():  # every position: a shape that does not depend on the data
+                return None, (linear_token_logps(h, self.lm_head.weight, targets) if fused
+                              else token_logps(self._logits(h), targets))
+            # The output layer at the targets' positions alone: a preference pair's or a multiple-choice
+            # candidate's prompt takes no logits (its tokens are -1), often most of the row.
+            at = (targets != -1).nonzero(as_tuple=True)
+            h_at, t_at = h[at], targets[at]  # (N, C), (N,)
+            logps = linear_token_logps(h_at, self.lm_head.weight, t_at) if fused else token_logps(self._logits(h_at), t_at)
+            return None, logps.new_zeros(targets.shape).index_put(at, logps)
         if fused:  # no (B, T, V) logits at all (linear_cross_entropy)
             loss = linear_cross_entropy(self.norm_f(x), self.lm_head.weight, targets)
             return None, loss / (targets != -1).sum().clamp(min=1)

@@ -369,20 +369,22 @@ class LLM(nn.Module):
         if fused and self.config.final_softcap:
             raise ValueError("fused_loss does not take a model with final_softcap (Gemma 2's capped logits): "
                              "leave fused_loss off")
-        if targets is not None and per_token:
+        if targets is not None and (per_token or fused):
             h = self.norm_f(x)  # (B, T, C)
-            if torch.compiler.is_compiling():  # every position: a shape that does not depend on the data
-                return None, (linear_token_logps(h, self.lm_head.weight, targets) if fused
-                              else token_logps(self._logits(h), targets))
-            # The output layer at the targets' positions alone: a preference pair's or a multiple-choice
-            # candidate's prompt takes no logits (its tokens are -1), often most of the row.
-            at = (targets != -1).nonzero(as_tuple=True)
-            h_at, t_at = h[at], targets[at]  # (N, C), (N,)
-            logps = linear_token_logps(h_at, self.lm_head.weight, t_at) if fused else token_logps(self._logits(h_at), t_at)
-            return None, logps.new_zeros(targets.shape).index_put(at, logps)
-        if fused:  # no (B, T, V) logits at all (linear_cross_entropy)
-            loss = linear_cross_entropy(self.norm_f(x), self.lm_head.weight, targets)
-            return None, loss / (targets != -1).sum().clamp(min=1)
+            at = None
+            if not torch.compiler.is_compiling():  # (compiled: every position, a shape that does not depend on the data)
+                # The output layer at the targets' positions alone: a prompt's tokens (-1) take no
+                # logits, often most of a packed row of conversations or preference pairs.
+                at = (targets != -1).nonzero(as_tuple=True)
+                h, targets_at = h[at], targets[at]  # (N, C), (N,)
+            else:
+                targets_at = targets
+            if not per_token:  # no (B, T, V) logits at all (linear_cross_entropy)
+                loss = linear_cross_entropy(h, self.lm_head.weight, targets_at)
+                return None, loss / (targets != -1).sum().clamp(min=1)
+            logps = (linear_token_logps(h, self.lm_head.weight, targets_at) if fused
+                     else token_logps(self._logits(h), targets_at))
+            return None, logps if at is None else logps.new_zeros(targets.shape).index_put(at, logps)
         logits = self._logits(self.norm_f(x))  # (B, T, V)
         loss = None
         if targets is not None:

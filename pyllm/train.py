@@ -315,7 +315,8 @@ def evaluate(model, path, cfg: TrainConfig, seq_len: int, precision: str, info: 
     for _ in range(cfg.eval_batches):
         batch = loader.next_batch()
         with autocast(precision, info.device):
-            loss = model(*batch)[1].float()
+            packed = isinstance(loader, PackedLoader) and not cfg.fused_loss
+            loss = (packed_loss(model, batch) if packed else model(*batch)[1]).float()
         if isinstance(loader, PackedLoader):  # the mean over all trained tokens, not of the batches' means
             total, targets = total + loss * loader.targets, targets + loader.global_targets
         else:
@@ -397,6 +398,16 @@ def preference_batch_loss(model, batch, reference: np.ndarray | None, **options)
     n = max(len(chosen), 1)
     stats = torch.stack([chosen_rewards.sum(), rejected_rewards.sum(), (chosen_rewards > rejected_rewards).sum()]) / n
     return losses.sum() / n, stats
+
+
+def packed_loss(model, batch) -> torch.Tensor:
+    """The mean loss over a PackedLoader batch's trained tokens, as model(*batch)[1], from the
+    per-token log-probabilities: the output layer runs at the trained positions only (the prompts',
+    users' and padding's tokens take no logits; the assistant's share of a conversation is often
+    half or less). Not with fused_loss, whose forward already computes the loss at those positions
+    alone, its gradients in the forward (linear_token_logps would recompute the logits)."""
+    x, y, cu = batch
+    return -model(x, y, cu, per_token=True)[1].sum() / (y != -1).sum().clamp(min=1)
 
 
 def make_loader(path, cfg: TrainConfig, seq_len: int, seed: int, info: DistInfo):
@@ -714,6 +725,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
                     loss, stats = preference_batch_loss(wrapped, batch, reference and reference["train"],
                                                         **preference_options(cfg))
                     pref_sums += stats * weights[micro]
+                elif weights is not None and not cfg.fused_loss:  # packed conversations
+                    loss = packed_loss(wrapped, batch)
                 else:
                     loss = wrapped(*batch)[1]
                 loss = loss / cfg.grad_accum if weights is None else loss * weights[micro]

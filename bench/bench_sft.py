@@ -4,7 +4,9 @@ One epoch over the same conversations, forward + backward (the optimizer step co
 way and is left out), three ways on the same weights (a LlamaForCausalLM with random weights in
 SmolLM2-135M's shape, 30 layers (--layers; --quick: 4), read by pyllm.model.LLM.from_hf):
 - pyllm packed: PackedLoader rows of --seq-len tokens, whole conversations one after another, each
-  attending to itself alone (LLM.forward's cu_seqlens -> flash_attn varlen); padding only at a row's end.
+  attending to itself alone (LLM.forward's cu_seqlens -> flash_attn varlen); padding only at a row's end;
+  the loss as the trainer computes it (pyllm.train.packed_loss: the output layer at the trained
+  positions only, since 2026-12-01).
 - pyllm padded: batches of conversations in the same order, each batch padded to its longest (what
   transformers' DataCollatorWithPadding does), the model's plain causal forward.
 - transformers padded: the same padded batches through transformers' own model (SDPA, attention_mask,
@@ -38,6 +40,7 @@ import common  # noqa: E402
 
 from pyllm import data  # noqa: E402
 from pyllm.model import LLM  # noqa: E402
+from pyllm.train import packed_loss  # noqa: E402
 
 
 def padded_batches(docs, masks, order, per_batch):
@@ -114,8 +117,8 @@ def main() -> int:
     dev = lambda batch: [t.to(args.device) for t in batch]  # noqa: E731
 
     def epoch_pyllm_packed(limit=None):
-        for x, y, cu in map(dev, packed[:limit]):
-            ours(x, y, cu)[1].backward()
+        for batch in map(dev, packed[:limit]):
+            packed_loss(ours, batch).backward()  # as the trainer computes it: logits at the trained positions
 
     def epoch_pyllm_padded(limit=None):
         for x, y, _, _ in map(dev, padded[:limit]):

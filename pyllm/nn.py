@@ -295,6 +295,8 @@ def preference_loss(kind: str, chosen_logps: torch.Tensor, rejected_logps: torch
              alike; TRL's ORPOTrainer averages it over all of a batch's chosen tokens.)"""
     if kind not in PREFERENCE_LOSSES:
         raise ValueError(f"preference loss must be one of {', '.join(PREFERENCE_LOSSES)}, got {kind!r}")
+    if not beta > 0:
+        raise ValueError(f"preference loss: beta must be > 0, got {beta}")
     if kind not in REFERENCE_FREE and (ref_chosen_logps is None or ref_rejected_logps is None):
         raise ValueError(f"the {kind} loss needs the reference model's log-probabilities")
     per_token = kind in ("ipo", "simpo", "orpo")

@@ -540,3 +540,20 @@ def test_multiple_choice_eval_while_training(data_dir, tmp_path):
     assert (log[-1]["choices_acc"], log[-1]["choices_acc_norm"]) == (score["acc"], score["acc_norm"])
     with pytest.raises(ValueError, match="longer than the model's block_size 16"):
         trainer.train(config(data_dir, tmp_path / "short", eval_choices=str(tmp_path / "choices.bin")))
+
+
+def test_packed_loss_is_the_models_loss(chat_dir):
+    # The trainer's loss on packed conversations (the output layer at the trained positions only)
+    # is the model's own loss over every position, gradients too (fp64: to rounding).
+    from pyllm.model import LLM, ModelConfig
+
+    torch.manual_seed(0)
+    model = LLM(ModelConfig.from_preset("tiny", **{**TINY, "vocab_size": 64})).double()
+    batch = data.PackedLoader(chat_dir / "train.bin", 3, 16, seed=2).next_batch()
+    assert (batch[1] == -1).any() and (batch[1] != -1).any()
+    params = list(model.parameters())
+    want = model(*batch)[1]
+    got = trainer.packed_loss(model, batch)
+    assert got.item() == pytest.approx(want.item(), rel=1e-13)
+    for g, w in zip(torch.autograd.grad(got, params), torch.autograd.grad(want, params)):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-14)

@@ -575,7 +575,7 @@ def plot_losses(log_path: Path, png_path: Path) -> None:
 
 # --- the loop ------------------------------------------------------------------------------------------
 
-def next_batches(loader, grad_accum: int, world_size: int) -> tuple[list, list[float] | None, list[int] | None]:
+def next_batches(loader, grad_accum: int, world_size: int) -> tuple[list, list[float] | None, list[int] | None, int]:
     """A step's micro-batches, the weight of each one's mean loss, and the lengths of this rank's
     documents in them (packed or document-masked batches; None for plain windows). The weighted sum,
     averaged over the ranks as DDP averages gradients, is the step's mean loss over all its
@@ -583,14 +583,15 @@ def next_batches(loader, grad_accum: int, world_size: int) -> tuple[list, list[f
     conversations, whose batches train on different numbers of tokens, each batch's share of the
     step's (summed over the micro-batches of all ranks) times world_size, so that a batch with few
     trained tokens does not weigh as much as one with many. Preference pairs likewise by pairs
-    (DPO's loss is a mean over pairs), their batches with the loader's docs as a fourth item."""
+    (DPO's loss is a mean over pairs), their batches with the loader's docs as a fourth item. Last,
+    this rank's trained targets in packed batches (where the output layer runs), else 0."""
     batches, lengths = [], []
     if not isinstance(loader, PackedLoader):
         for _ in range(grad_accum):
             batches.append(loader.next_batch())
             lengths = None if loader.lengths is None else lengths + loader.lengths
-        return batches, None, lengths
-    mine, total = [], 0
+        return batches, None, lengths, 0
+    mine, total, outputs = [], 0, 0
     for _ in range(grad_accum):
         if loader.pairs is None:
             batches.append(loader.next_batch())
@@ -601,7 +602,8 @@ def next_batches(loader, grad_accum: int, world_size: int) -> tuple[list, list[f
             mine.append(loader.placed)
             total += loader.global_placed
         lengths += loader.lengths
-    return batches, [n * world_size / max(total, 1) for n in mine], lengths
+        outputs += loader.targets
+    return batches, [n * world_size / max(total, 1) for n in mine], lengths, outputs
 
 
 def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) -> dict:
@@ -716,7 +718,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
             group["lr"] = lr
         loss_sum = torch.zeros((), device=info.device)
         pref_sums = torch.zeros(3, device=info.device)  # mean chosen reward, rejected reward, accuracy
-        batches, weights, lengths = next_batches(loader, cfg.grad_accum, info.world_size)
+        batches, weights, lengths, outputs = next_batches(loader, cfg.grad_accum, info.world_size)
         for micro, batch in enumerate(batches):
             last = micro == cfg.grad_accum - 1
             no_sync = wrapped.no_sync() if hasattr(wrapped, "no_sync") and not last else contextlib.nullcontext()
@@ -750,7 +752,9 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
             tok_s, step_flops = tokens_per_step / dt, flops_per_token * tokens_per_step
         else:  # documents: their tokens alone (not the padding), each attending to its own document
             tok_s = sum(lengths) * info.world_size / dt  # this rank's, as every rank's
-            step_flops = model.flops_of_documents(lengths) * info.world_size
+            # packed batches: the output layer at the trained tokens only (every position when compiled)
+            skipped_outputs = isinstance(loader, PackedLoader) and not cfg.compile
+            step_flops = model.flops_of_documents(lengths, outputs if skipped_outputs else None) * info.world_size
         mfu = step_flops / dt / (peak * info.world_size) if peak else None
         record = {"step": step, "loss": loss_value if math.isfinite(loss_value) else None, "lr": lr,
                   "grad_norm": grad_norm if math.isfinite(grad_norm) else None, "tokens_per_s": round(tok_s, 1),

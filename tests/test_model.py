@@ -807,6 +807,9 @@ def test_counts():
     for lengths in ([20], [3], [20, 3, 7]):
         assert model.flops_of_documents(lengths) == sum(n * model.flops_per_token(n) for n in lengths)
     assert model.flops_of_documents([10, 10]) < 20 * model.flops_per_token(20)
+    # the output layer at 12 of the 30 tokens only (packed conversations' trained tokens)
+    assert model.flops_of_documents([20, 3, 7], output_tokens=12) == \
+        model.flops_of_documents([20, 3, 7]) - 6 * cfg.vocab_size * cfg.dim * 18
     # LoRA: no weight gradients for the frozen weights (4 FLOPs each, not 6), 6 for the updates
     attention = model.flops_per_token(20) - 6 * model.num_params(non_embedding=True)
     frozen = model.num_params(non_embedding=True)

@@ -570,3 +570,33 @@ def test_train_scores_multiple_choice_examples_at_each_eval(corpus, tmp_path, ca
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert all(0 <= r["choices_acc"] <= 1 and "choices_acc_norm" in r for r in log)
     assert json.loads((run / "data" / "choices.choices.json").read_text())["labels"] == [0] * 4
+
+
+@pytest.mark.parametrize("loss", ["dpo", "orpo"])
+def test_preference_tuning_a_run_on_text_pairs(corpus, tmp_path, capsys, loss):
+    # --init-from-run with text preference pairs: each side prompt + reply + <|endoftext|> (as the
+    # run's documents end), the replies and that end marked; the pairs' documents side by side.
+    import numpy as np
+
+    base, ft = tmp_path / "base", tmp_path / "ft"
+    assert cli.main(["train", "--data", str(corpus), "--out", str(base), "--max-steps", "2", *SMALL]) == 0
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text("".join(json.dumps({"prompt": f"def f{i}(x):\n", "chosen": f"    return x + {i}\n",
+                                         "rejected": "    pass\n"}) + "\n" for i in range(40)))
+    capsys.readouterr()
+    assert cli.main(["train", "--init-from-run", str(base), "--data", str(prefs), "--out", str(ft), "--max-steps", "2",
+                     "--preference", loss, "--batch-size", "2", "--seq-len", "32", "--eval-every", "0",
+                     "--eval-batches", "1", "--device", "cpu", "--sample-tokens", "0"]) == 0
+    assert "40 preference pairs -> " in capsys.readouterr().out
+    from pyllm.data import open_tokens
+
+    ids = np.asarray(open_tokens(ft / "data" / "train.bin"))
+    offsets, mask = np.load(ft / "data" / "train.docs.npy"), np.load(ft / "data" / "train.mask.npy")
+    pairs = np.load(ft / "data" / "train.pairs.npy")
+    assert (pairs == np.arange(len(offsets) - 1).reshape(-1, 2)).all()
+    ends = offsets[1:] - 1
+    assert (ids[ends] == 256).all() and mask[ends].all() and mask[offsets[:-1]].sum() == 0
+    rejected = ids[offsets[1]:offsets[2]]
+    assert bytes(rejected[mask[offsets[1]:offsets[2]] == 1][:-1].tolist()).decode() == "    pass\n"
+    log = [json.loads(line) for line in (ft / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 2 and "reward_accuracy" in log[-1] and log[-1]["val_loss"] is not None

@@ -55,17 +55,19 @@ def _ending_text(ending: str) -> str:
 
 
 def choice_documents(examples: Sequence[dict], tokenizer, prefix: Sequence[int] = ()) -> tuple[list, list]:
-    """(docs, masks): for each example, for each ending, prefix + the context's tokens + the
-    ending's, the ending's marked. The context and the ending are encoded apart (so each ending's
-    tokens are its own); an ending that does not start with whitespace gets one space before it, as
-    HellaSwag's evaluations join them."""
+    """(docs, masks): for each example, for each ending, prefix + the tokens of the context and
+    the ending written together, the ending's marked: those past the context's own tokens, as
+    lm-evaluation-harness splits them (encoding the ending alone would differ where a tokenizer
+    treats a text's start specially: SentencePiece-style ones put a "▁" first). An ending that does
+    not start with whitespace gets one space before it, as HellaSwag's evaluations join them."""
     docs, masks = [], []
     for example in examples:
-        context = [*prefix, *tokenizer.encode_ordinary(example["context"])]
+        n_context = len(tokenizer.encode_ordinary(example["context"]))
         for ending in example["endings"]:
-            tokens = tokenizer.encode_ordinary(_ending_text(ending))
-            docs.append(np.asarray(context + tokens, np.int64))
-            masks.append(np.asarray([0] * len(context) + [1] * len(tokens), np.uint8))
+            whole = [*prefix, *tokenizer.encode_ordinary(example["context"] + _ending_text(ending))]
+            start = min(len(prefix) + n_context, len(whole) - 1)  # at least one token scored
+            docs.append(np.asarray(whole, np.int64))
+            masks.append(np.asarray([0] * start + [1] * (len(whole) - start), np.uint8))
     return docs, masks
 
 

@@ -68,9 +68,9 @@ def test_choice_documents(setup):
     assert len(docs) == 16
     for k, (doc, mask) in enumerate(zip(docs, masks)):
         example, ending = examples[k // 4], examples[k // 4]["endings"][k % 4]
-        context = [7, *tokenizer.encode_ordinary(example["context"])]
-        tokens = tokenizer.encode_ordinary(ending if ending.startswith("\n") else " " + ending)
-        assert doc.tolist() == context + tokens and mask.tolist() == [0] * len(context) + [1] * len(tokens)
+        whole = [7, *tokenizer.encode_ordinary(example["context"] + (ending if ending.startswith("\n") else " " + ending))]
+        n = 1 + len(tokenizer.encode_ordinary(example["context"]))
+        assert doc.tolist() == whole and mask.tolist() == [0] * n + [1] * (len(whole) - n)
 
 
 @pytest.mark.parametrize("seq_len, batch_size", [(128, 8), (40, 2)])

@@ -833,6 +833,11 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--simpo-gamma", type=float, help="SimPO's target reward margin (default 0.5)")
     p.add_argument("--label-smoothing", type=float, help="with --preference dpo: the share of pairs taken to be "
                    "mislabelled (conservative DPO; default 0)")
+    p.add_argument("--reference", choices=["precomputed", "lora-off"],
+                   help="dpo, ipo, hinge: the reference model's log-probabilities computed once before training by "
+                        "the starting model (precomputed, the default: kept in the checkpoint) or, with --lora-rank, "
+                        "at each step by the model with its LoRA updates off (lora-off: no pass over the whole set "
+                        "first, one more forward per step; PEFT's disable_adapter, TRL's default for PEFT models)")
     p.add_argument("--doc-mask", action="store_true", default=None,
                    help="keep each document's tokens from attending to the documents before it in the same training "
                         "window (cut at the end-of-document token: <|endoftext|>, or an --init-from-hf model's "

@@ -6,6 +6,7 @@ heads, D head dim, V vocab.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -475,6 +476,21 @@ class LLM(nn.Module):
         if name in ("up", "down"):
             return [(name, out)]
         raise ValueError(f"add_lora: no projection name for the linear layer {type(parent).__name__}.{name}")
+
+    @contextlib.contextmanager
+    def lora_disabled(self):
+        """Within it the model computes without its LoRA updates (the frozen base model): DPO's
+        reference model at no memory cost, as PEFT's disable_adapter()."""
+        from pyllm.nn import LoRALinear
+
+        layers = [m for m in self.modules() if isinstance(m, LoRALinear)]
+        for m in layers:
+            m.disabled = True
+        try:
+            yield
+        finally:
+            for m in layers:
+                m.disabled = False
 
     def lora_scale(self) -> float | None:
         """alpha / rank of the LoRA layers (add_lora), None without them."""

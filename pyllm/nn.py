@@ -81,6 +81,7 @@ class LoRALinear(nn.Module):
         self.parts = None if parts is None else tuple((int(rows), bool(adapted)) for rows, adapted in parts)
         if parts is not None:
             self.register_buffer("lora_parts", torch.tensor([[rows, int(adapted)] for rows, adapted in self.parts]))
+        self.disabled = False  # the base layer alone (LLM.lora_disabled: the reference model of DPO)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.weight, self.bias
@@ -88,6 +89,8 @@ class LoRALinear(nn.Module):
         # x to it; outside autocast (sampling, eval in fp32) the weights follow x.
         if weight.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
             weight, bias = weight.to(x.dtype), None if bias is None else bias.to(x.dtype)
+        if self.disabled:
+            return F.linear(x, weight, bias)
         h = F.linear(F.dropout(x, self.dropout, self.training) if self.dropout else x, self.lora_a)
         return F.linear(x, weight, bias) + F.linear(h, lora_b_full(self.lora_b, self.parts)) * self.scale
 

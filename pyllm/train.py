@@ -43,6 +43,7 @@ class TrainConfig:
     beta: float = 0.0  # the preference loss's beta (ORPO's lambda); 0: its usual value (PREFERENCE_BETA)
     simpo_gamma: float = 0.5  # SimPO's target reward margin
     label_smoothing: float = 0.0  # dpo: the share of pairs taken to be mislabelled (conservative DPO)
+    reference: str = "precomputed"  # dpo / ipo / hinge: precomputed (once, before training) | lora-off (LoRA runs: each step, adapters off)
     model: dict = field(default_factory=dict)  # ModelConfig overrides, e.g. {"n_layers": 2}
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
@@ -124,6 +125,11 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if self.label_smoothing and self.preference != "dpo":
             raise ValueError("TrainConfig.label_smoothing goes with preference dpo")
+        if self.reference not in ("precomputed", "lora-off"):
+            raise ValueError(f"TrainConfig.reference must be precomputed or lora-off, got {self.reference!r}")
+        if self.reference == "lora-off" and not (self.lora_rank and self.preference in ("dpo", "ipo", "hinge")):
+            raise ValueError("TrainConfig.reference lora-off (the model with its LoRA updates off) needs lora_rank and "
+                             "a preference loss with a reference (dpo, ipo, hinge)")
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -379,18 +385,41 @@ def reference_logps(model, path, cfg: TrainConfig, seq_len: int, precision: str,
     return document_logps(model, path, cfg.batch_size, seq_len, precision, info)
 
 
-def preference_batch_loss(model, batch, reference: np.ndarray | None, **options) -> tuple[torch.Tensor, torch.Tensor]:
+def lora_off_reference(model: LLM, wrapped):
+    """The reference log-probabilities of a batch's segments computed on the fly by the model with
+    its LoRA updates off (LLM.lora_disabled), in eval mode, without gradients: a LoRA run's
+    reference model at the cost of one more forward per step, no pass before training."""
+    @torch.no_grad()
+    def reference(batch) -> torch.Tensor:
+        x, y, cu = batch[:3]
+        training = wrapped.training
+        wrapped.eval()
+        with model.lora_disabled():
+            logps = sequence_logps(wrapped(x, y, cu, per_token=True)[1], cu)
+        wrapped.train(training)
+        return logps
+
+    return reference
+
+
+def preference_batch_loss(model, batch, reference, **options) -> tuple[torch.Tensor, torch.Tensor]:
     """The mean preference loss (nn.preference_loss with options: kind, beta, ...) over a
     PackedLoader batch's pairs (x, y, cu_seqlens, docs: each pair's chosen and rejected documents
     one after the other), and the means of the chosen and rejected rewards and of the accuracy
     (chosen above rejected), detached. 0 for a batch without pairs. reference: reference_logps's
-    array (None for the reference-free losses)."""
+    array, or a function of the batch giving every segment's (lora_off_reference), or None (the
+    reference-free losses)."""
     x, y, cu, docs = batch
+    real = [i for i, d in enumerate(docs) if d >= 0]
+    ref = None
+    if callable(reference):
+        ref = reference(batch)[real]
+    elif reference is not None:
+        ref = torch.from_numpy(reference[[docs[i] for i in real]])
     logps = sequence_logps(model(x, y, cu, per_token=True)[1], cu)  # (N,) of every segment, padding too
     tokens = sequence_logps((y != -1).to(logps.dtype), cu)  # each segment's trained tokens
-    real = [i for i, d in enumerate(docs) if d >= 0]
     chosen, rejected = real[0::2], real[1::2]
-    ref = None if reference is None else torch.from_numpy(reference[[docs[i] for i in real]]).to(logps)
+    ref = None if ref is None else ref.to(logps)
     losses, chosen_rewards, rejected_rewards = preference_loss(
         chosen_logps=logps[chosen], rejected_logps=logps[rejected], chosen_tokens=tokens[chosen],
         rejected_tokens=tokens[rejected], ref_chosen_logps=None if ref is None else ref[0::2],
@@ -672,7 +701,9 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
         restore(ckpt, model, optimizer, scaler, loader, cfg, info)
         start_step, skipped = ckpt["step"], ckpt["skipped_steps"]
     reference = None  # DPO, IPO, hinge: the starting model's log-probability of every train and val document
-    if cfg.preference and cfg.preference not in REFERENCE_FREE:
+    if cfg.preference and cfg.preference not in REFERENCE_FREE and cfg.reference == "lora-off":
+        reference = dict.fromkeys(("train", "val"), lora_off_reference(model, wrapped))
+    elif cfg.preference and cfg.preference not in REFERENCE_FREE:
         if ckpt is not None:
             reference = {k: v.numpy() for k, v in ckpt["reference_logps"].items()}
         else:
@@ -707,7 +738,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
             "model": model_state, "optimizer": optim_state, "scaler": scaler.state_dict() if scaler else None,
             "rng": rng_state(info.device), "loader": loader.state_dict(), "step": step_done,
             "skipped_steps": skipped, "model_config": mcfg.to_dict(), "train_config": asdict(cfg),
-            **({"reference_logps": {k: torch.from_numpy(v) for k, v in reference.items()}} if reference else {})})
+            **({"reference_logps": {k: torch.from_numpy(v) for k, v in reference.items()}}
+               if reference and cfg.reference == "precomputed" else {})})
 
     for step in range(start_step, cfg.max_steps):
         if stop_at is not None and step >= stop_at:

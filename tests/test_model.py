@@ -775,6 +775,25 @@ def test_fused_loss_gives_the_model_loss_and_gradients(name):
         capped(idx, targets)
 
 
+def test_lora_disabled_is_the_base_model():
+    # LLM.lora_disabled: inside, the frozen base model's logits bitwise (DPO's lora-off reference);
+    # after, the updates again.
+    torch.manual_seed(0)
+    model = randomized(ModelConfig(**CONFIGS["gqa-untied"]))
+    idx = torch.randint(0, 97, (2, 9))
+    base = model(idx)[0]
+    model.add_lora(2, 4.0, targets="q,v,down")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_b"):
+                p.normal_()
+    adapted = model(idx)[0]
+    assert not torch.equal(adapted, base)
+    with model.lora_disabled():
+        assert torch.equal(model(idx)[0], base)
+    assert torch.equal(model(idx)[0], adapted)
+
+
 def test_lora_under_compile_and_bf16_autocast():
     # torch.compile(fullgraph=True) traces LoRALinear with its weights held in bf16 (frozen_dtype), as a
     # bf16 LoRA run trains, per-projection updates inside the fused layers and the fused loss: the same loss as eager to float rounding, the updates' gradients there.

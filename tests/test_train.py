@@ -284,7 +284,8 @@ def run_two_processes(args: dict, timeout: float = 150) -> None:
 @pytest.mark.parametrize("mode, kind", [("ddp", "windows"), ("fsdp", "windows"), ("zero1", "windows"),
                                         ("ddp", "conversations"), ("fsdp", "conversations"),
                                         ("zero1", "conversations"), ("ddp", "lora"), ("fsdp", "lora"),
-                                        ("zero1", "lora"), ("fsdp", "fused-loss"), ("ddp", "dpo"), ("fsdp", "orpo")])
+                                        ("zero1", "lora"), ("fsdp", "fused-loss"), ("ddp", "dpo"), ("fsdp", "orpo"),
+                                        ("fsdp", "dpo-lora-off")])
 def test_two_cpu_processes_match_one_and_resume_exactly(data_dir, chat_dir, pairs_dir, tmp_path, mode, kind):
     """2 gloo processes with batch 2 each = 1 process with batch 4 (to float rounding), both with 2
     micro-steps of gradient accumulation; a 2-process
@@ -296,13 +297,16 @@ def test_two_cpu_processes_match_one_and_resume_exactly(data_dir, chat_dir, pair
     fused-loss: the loss by linear_cross_entropy (its gradients computed in the forward, on the
     gathered output layer). dpo: preference pairs, the loss a mean over all of a step's pairs, the
     reference log-probabilities computed by both ranks' rows (and kept in the checkpoint); orpo
-    likewise without a reference."""
-    folder = {"conversations": chat_dir, "dpo": pairs_dir, "orpo": pairs_dir}.get(kind, data_dir)
+    likewise without a reference; dpo-lora-off: the reference by the sharded model with its LoRA
+    updates off, at each step."""
+    folder = {"conversations": chat_dir, "dpo": pairs_dir, "orpo": pairs_dir, "dpo-lora-off": pairs_dir}.get(kind, data_dir)
     common = dict(data_dir=str(folder), model=dict(TINY), device="cpu",
                   max_steps=8, warmup_steps=1, grad_accum=2, eval_every=4, eval_batches=2, ckpt_every=4,
                   progress=False, lr=1e-2, **({"lora_rank": 2, "precision": "bf16"} if kind == "lora" else {}),
                   **({"lora_targets": "q,v,gate,down"} if kind == "lora" and mode == "fsdp" else {}),
-                  **({"fused_loss": True} if kind == "fused-loss" else {}), **({"preference": kind, "beta": 0.5} if kind in ("dpo", "orpo") else {}))
+                  **({"fused_loss": True} if kind == "fused-loss" else {}), **({"preference": kind, "beta": 0.5} if kind in ("dpo", "orpo") else {}),
+                  **({"preference": "dpo", "beta": 0.5, "lora_rank": 2, "reference": "lora-off"}
+                     if kind == "dpo-lora-off" else {}))
     trainer.train(TrainConfig(**common, out_dir=str(tmp_path / "one"), batch_size=4))
     trainer.train(TrainConfig(**common, out_dir=str(tmp_path / "two/cross"), batch_size=4), stop_at=6)
     # ddp and fsdp recompute their blocks in the backward (activation checkpointing): same losses
@@ -473,6 +477,24 @@ def test_dpo_with_lora(pairs_dir, tmp_path, device):
     log = [json.loads(line) for line in (tmp_path / "lora/log.jsonl").read_text().splitlines()]
     assert log[0]["loss"] == pytest.approx(math.log(2), abs=1e-6 if device == "cpu" else 2e-3)
     assert log[-1]["loss"] < log[0]["loss"]
+
+
+def test_dpo_reference_of_a_lora_run_on_the_fly(pairs_dir, tmp_path, capsys):
+    # reference lora-off: the model with its updates off at each step computes the same reference
+    # as the pass before training (no such pass, nothing in the checkpoint); resume is exact.
+    kw = dict(preference="dpo", beta=0.5, lora_rank=4, max_steps=8, lr=1e-2)
+    trainer.train(config(pairs_dir, tmp_path / "pre", **kw))
+    capsys.readouterr()
+    trainer.train(config(pairs_dir, tmp_path / "fly", reference="lora-off", **kw))
+    assert "reference model's log-probabilities" not in capsys.readouterr().err
+    np.testing.assert_allclose(losses(tmp_path / "fly"), losses(tmp_path / "pre"), rtol=1e-5)
+    assert losses(tmp_path / "fly")[0] == pytest.approx(math.log(2), abs=1e-7)
+    assert "reference_logps" not in torch.load(tmp_path / "fly/checkpoint.pt", weights_only=True)
+    trainer.train(config(pairs_dir, tmp_path / "cut", reference="lora-off", **kw), stop_at=6)
+    trainer.train(config(pairs_dir, tmp_path / "cut", reference="lora-off", **kw), resume=True)
+    assert losses(tmp_path / "cut") == losses(tmp_path / "fly")
+    with pytest.raises(ValueError, match="needs lora_rank"):
+        TrainConfig(out_dir=str(tmp_path), preference="dpo", reference="lora-off").validate()
 
 
 def test_dpo_with_fused_loss_trains_as_without(pairs_dir, tmp_path):

@@ -161,13 +161,13 @@ PYBIND11_MODULE(_C, m) {
         arg("lse"), arg("cu_seqlens_q"), arg("cu_seqlens_k"), arg("seqused_k"), arg("batch"), arg("seqlen_q"),
         arg("seqlen_k"), arg("n_heads"), arg("n_kv_heads"), arg("head_dim"), arg("q_strides"), arg("k_strides"),
         arg("v_strides"), arg("o_strides"), arg("lse_strides"), arg("scale"), arg("window_left"),
-        arg("window_right"), arg("dtype"));
+        arg("window_right"), arg("dtype"), arg("softcap") = 0.0);
   m.def("flash_attn_bwd_cpu", &pyllm::flash_attn_bwd_cpu, nogil, arg("dout"), arg("dlse"), arg("q"), arg("k"),
         arg("v"), arg("out"), arg("lse"), arg("dq"), arg("dk"), arg("dv"), arg("cu_seqlens_q"),
         arg("cu_seqlens_k"), arg("batch"), arg("seqlen_q"), arg("seqlen_k"), arg("n_heads"), arg("n_kv_heads"),
         arg("head_dim"), arg("q_strides"), arg("k_strides"), arg("v_strides"), arg("o_strides"),
         arg("dkv_strides"), arg("lse_strides"), arg("scale"), arg("window_left"), arg("window_right"),
-        arg("dtype"));
+        arg("dtype"), arg("softcap") = 0.0);
 
   m.def("flash_attn_cpu_bf16_dot", &pyllm::flash_attn_cpu_bf16_dot);
   m.def("flash_attn_cpu_amx", &pyllm::flash_attn_cpu_amx);

@@ -4,9 +4,9 @@
     from pyllm.flash_attn_interface import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
 
 Same layouts, same bottom-right causal alignment, same window semantics, same LSE shapes
-((batch, n_heads, seqlen_q); (n_heads, total_q) for varlen). Options pyllm has no kernel for
-(dropout, softcap, ALiBi, rotary embedding inside the kv-cache call, paged or indexed caches)
-raise NotImplementedError naming the option instead of being ignored: silently dropping one would
+((batch, n_heads, seqlen_q); (n_heads, total_q) for varlen); softcap on the CPU kernels. Options
+pyllm has no kernel for (dropout, softcap on CUDA or in the kv-cache call, ALiBi, rotary embedding
+inside the kv-cache call, paged or indexed caches) raise NotImplementedError naming the option instead of being ignored: silently dropping one would
 give a different model. `return_attn_probs=True` returns (out, softmax_lse, None): flash-attn's
 third value only carries a dropout pattern for its own tests. `num_splits` is a tuning hint and is
 ignored (pyllm picks the split-KV count itself). Unlike flash-attn, CPU tensors work too (fp32,
@@ -30,9 +30,9 @@ def _unsupported(op: str, **options) -> None:
 
 def _attn(op, q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
           return_attn_probs, **varlen):
-    _unsupported(op, dropout_p=(dropout_p, 0.0), softcap=(softcap, 0.0), alibi_slopes=(alibi_slopes, None))
+    _unsupported(op, dropout_p=(dropout_p, 0.0), alibi_slopes=(alibi_slopes, None))
     result = flash_attn(q, k, v, causal=causal, softmax_scale=softmax_scale, window=tuple(window_size),
-                        return_lse=return_attn_probs, deterministic=deterministic, **varlen)
+                        return_lse=return_attn_probs, deterministic=deterministic, softcap=softcap, **varlen)
     return (*result, None) if return_attn_probs else result
 
 

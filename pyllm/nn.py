@@ -489,25 +489,26 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     scores, None for 1 / sqrt(D). cu_seqlens (causal self-attention only): int32 (N + 1,) starts of
     the N documents packed into the B * T tokens (row-major, none crossing a row's end): a query
     sees only its own document's keys, as flash_attn's varlen call computes. softcap: Gemma 2's
-    capped scores, softcap * tanh(scores / softcap) (torch ops: no kernel takes them)."""
+    capped scores, softcap * tanh(scores / softcap) (pyllm's CPU kernels; torch ops on other devices)."""
     if window_left >= 0 and not causal:
         raise ValueError("attention: window_left needs causal=True")
     if cu_seqlens is not None:
         return _document_attention(q, k, v, cu_seqlens, window_left, scale, softcap)
-    if not softcap and _flash_attn_takes(q, k, v):
-        return flash_attn_ops.flash_attn(q, k, v, causal=causal, window=(window_left, -1), softmax_scale=scale)
+    if _flash_attn_takes(q, k, v) and (not softcap or q.is_cpu):  # capped scores: CPU kernels only
+        return flash_attn_ops.flash_attn(q, k, v, causal=causal, window=(window_left, -1), softmax_scale=scale,
+                                         softcap=softcap or 0.0)
     mask = _window_mask(q.shape[1], k.shape[1], window_left, q.device) if window_left >= 0 else None
     return _sdpa(q, k, v, mask, causal and mask is None, scale, softcap)
 
 
 def _document_attention(q, k, v, cu_seqlens, window_left, scale, softcap=None):
     B, T, H, D = q.shape
-    if not softcap and _flash_attn_takes(q, k, v):
+    if _flash_attn_takes(q, k, v) and (not softcap or q.is_cpu):
         # max_seqlen = T bounds every document (none crosses a row), so no device sync reads cu_seqlens.
         out = flash_attn_ops.flash_attn(q.reshape(B * T, H, D), k.reshape(B * T, *k.shape[2:]),
                                         v.reshape(B * T, *v.shape[2:]), causal=True, window=(window_left, -1),
                                         softmax_scale=scale, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
-                                        max_seqlen_q=T, max_seqlen_k=T)
+                                        max_seqlen_q=T, max_seqlen_k=T, softcap=softcap or 0.0)
         return out.view(B, T, H, D)
     doc = document_ids(cu_seqlens, B, T)  # (B, T)
     mask = (doc[:, :, None] == doc[:, None, :]) & _window_mask(T, T, window_left, q.device)  # (B, T, T)

@@ -36,14 +36,17 @@ def mask_of(tq: int, tk: int, causal: bool, window) -> torch.Tensor:
     return seen
 
 
-def attention(q, k, v, causal=False, window=(-1, -1), scale=None):
+def attention(q, k, v, causal=False, window=(-1, -1), scale=None, softcap=0.0):
     """Plain attention in q's dtype and device: the float64 reference, or torch's own in a low
-    precision dtype. (B, T, H, D) layout; queries that see no key give 0; returns (out, lse)."""
+    precision dtype. (B, T, H, D) layout; queries that see no key give 0; returns (out, lse).
+    softcap: the scaled scores capped as softcap * tanh(s / softcap) first."""
     b, tq, h, d = q.shape
     tk, hk = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     k, v = k.repeat_interleave(h // hk, dim=2), v.repeat_interleave(h // hk, dim=2)
     s = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
     seen = mask_of(tq, tk, causal, window).to(q.device)
     s = s.masked_fill(~seen, -math.inf)
     lse = torch.logsumexp(s.float() if s.dtype != torch.float64 else s, dim=-1)
@@ -196,6 +199,52 @@ def test_nan_in_v_of_a_later_block_stays_there(dtype):
 
 
 # --- varlen ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("causal,window", [(False, (-1, -1)), (True, (-1, -1)), (False, (5, 3)), (True, (16, -1))],
+                         ids=str)
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[2], SHAPES[3], SHAPES[6]], ids=str)
+def test_softcap_matches_float64_reference(dtype, shape, causal, window):
+    # Gemma 2's capped scores (flash-attn's softcap), forward and backward on the CPU kernels (bf16
+    # off the AMX path, which takes no cap): inputs twice unit size so that the cap of 1.5 binds.
+    b, tq, tk, h, hk, d = shape
+    q, k, v = (2 * rand(s, dtype, "cpu") for s in ((b, tq, h, d), (b, tk, hk, d), (b, tk, hk, d)))
+    dout = rand((b, tq, h, d), dtype, "cpu")
+    ours = lambda q, k, v: pyllm.flash_attn(q, k, v, causal=causal, window=window, softcap=1.5)  # noqa: E731
+    reference = lambda q, k, v: attention(q, k, v, causal, window, softcap=1.5)[0]  # noqa: E731
+    if dtype == torch.float64:  # the reference's own dtype: to rounding (torch's "error" would be 0)
+        (out, grads), (ref, ref_grads) = grads_of(ours, (q, k, v), dout), grads_of(reference, (q, k, v), dout)
+        for a, b in zip((out, *grads), (ref, *ref_grads)):  # dq, dk of one key are 0: against dv's size then
+            assert (a - b).norm() <= 1e-13 * max(b.norm(), ref_grads[2].norm())
+    else:
+        check_against_reference(q, k, v, dout, ours, reference)
+    _, lse = pyllm.flash_attn(q, k, v, causal=causal, window=window, softcap=1.5, return_lse=True)
+    ref_lse = attention(q.double(), k.double(), v.double(), causal, window, softcap=1.5)[1]
+    seen = torch.isfinite(ref_lse)
+    assert (lse[seen].double() - ref_lse[seen]).abs().max() < (1e-10 if dtype == torch.float64 else 1e-2)
+
+
+def test_softcap_varlen_and_checks():
+    lens = [0, 1, 70, 5, 130]
+    cu_q = cu(lens)
+    q, k, v = (2 * rand((sum(lens), 4 if i == 0 else 2, 64), torch.float32, "cpu") for i in range(3))
+    dout = rand(q.shape, torch.float32, "cpu")
+    check_against_reference(
+        q, k, v, dout,
+        lambda q, k, v: pyllm.flash_attn(q, k, v, causal=True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_q, softcap=3.0),
+        lambda q, k, v: attention_varlen(q, k, v, cu_q, cu_q, causal=True, softcap=3.0)[0],
+    )
+    for bad in (-1.0, math.inf, "1"):
+        with pytest.raises(ValueError, match="softcap must be a finite number >= 0"):
+            pyllm.flash_attn(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_q, softcap=bad)
+
+
+@pytest.mark.cuda
+def test_softcap_has_no_cuda_kernel_yet():
+    q = torch.randn(1, 8, 2, 64, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(NotImplementedError, match="CPU kernel only"):
+        pyllm.flash_attn(q, q, q, softcap=2.0)
+
 
 def cu(lengths, device="cpu"):
     return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
@@ -775,12 +824,13 @@ def test_meta_tensors_give_shapes():
         pyllm.flash_attn(q.to(torch.int32), k, v)
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("softcap", [0.0, 2.0])
+def test_torch_compile_fullgraph(softcap):
     torch._dynamo.reset()
 
     def block(x, w):
         qkv = (x @ w).view(1, 12, 3, 2, 32)
-        return pyllm.flash_attn(*qkv.unbind(dim=2), causal=True).sum()
+        return pyllm.flash_attn(*qkv.unbind(dim=2), causal=True, softcap=softcap).sum()
 
     x, w = torch.randn(12, 16), torch.randn(16, 192, requires_grad=True)
     compiled = torch.compile(block, fullgraph=True)
@@ -1303,8 +1353,10 @@ def test_flash_attn_interface_kvcache_and_unsupported_options():
     with pytest.raises(ValueError, match="needs cache_seqlens"):
         fai.flash_attn_with_kvcache(q, *cache, *new)
     k = cache[0]
+    # softcap: flash-attn's capped scores, on the CPU kernels (not in the kv-cache call)
+    assert torch.equal(fai.flash_attn_func(q, k, k, softcap=30.0), pyllm.flash_attn(q, k, k, softcap=30.0))
     for call, option in ((lambda: fai.flash_attn_func(q, k, k, dropout_p=0.1), "dropout_p"),
-                         (lambda: fai.flash_attn_func(q, k, k, softcap=30.0), "softcap"),
+                         (lambda: fai.flash_attn_with_kvcache(q, k, k, softcap=30.0), "softcap"),
                          (lambda: fai.flash_attn_func(q, k, k, alibi_slopes=torch.ones(4)), "alibi_slopes"),
                          (lambda: fai.flash_attn_varlen_func(q[0], k[0], k[0], seqlens, seqlens, 1, 1,
                                                              block_table=seqlens), "block_table"),

@@ -52,6 +52,7 @@ struct AttnParams {
   int64_t dkv_strides[3] = {0, 0, 0};  // dk, dv
   int64_t lse_strides[2] = {0, 0};    // (batch, head); the token stride is 1
   double scale = 1.0;
+  double softcap = 0.0;  // > 0: the scaled scores capped as softcap * tanh(s / softcap) (Gemma 2; CPU kernels only)
   int64_t window_left = -1, window_right = -1;  // causal folded in as window_right = 0
   bool deterministic = false;
   int dtype = 0;

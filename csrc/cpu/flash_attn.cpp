@@ -23,6 +23,10 @@
 //   writes fp32 partials and a last pass adds them in chunk order. Every gradient element is thus
 //   summed in a fixed order that depends on the shape only: the CPU backward is always bitwise
 //   deterministic, for any thread count, with no atomics.
+// Capped scores (softcap > 0, Gemma 2): S -> c tanh(S / c) after the scale, before the mask, so
+// the LSE is of the capped scores; the backward recomputes the cap and multiplies dS by its
+// derivative 1 - (S' / c)^2. The AMX and decode paths do not take it (dispatch sends such calls
+// to the tiles here).
 // FLOPs: 4 * Tq * Tk * D per head forward (2 matmuls), 10 backward (5), halved for causal.
 // Bytes: the forward reads q once and k, v once per thread that works on the head (each key block
 // is packed into that thread's fp32 copy of the head the first time one of its query blocks needs
@@ -418,6 +422,16 @@ inline void mask_row(A* __restrict srow, int64_t lo, int64_t hi) {
   for (int64_t j = 0; j < kBlockK; ++j) srow[j] = (j >= lo && j < hi) ? srow[j] : ninf;
 }
 
+// Gemma 2's capped scores, s -> cap * tanh(s / cap), in place on n scaled scores (before the mask:
+// a masked -inf stays the mask's). Scalar tanh: ~10 ns an element, a 64 x 64 tile ~40 us beside
+// its ~20 us of matmuls, so capped attention runs at a half to a third of the uncapped speed here
+// (not measured; a vector tanh is the next step if it matters).
+template <typename A>
+inline void softcap_scores(A* __restrict s, int64_t n, A cap) {
+  const A inv = A(1) / cap;
+  for (int64_t i = 0; i < n; ++i) s[i] = cap * std::tanh(s[i] * inv);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------------------------
@@ -526,6 +540,7 @@ void fwd(const AttnParams& p) {
         } else {
           scores_transposed<D>(qv, nk, kr, kld, qt.data(), S);  // St = K (scale Q)^T
         }
+        if (p.softcap > 0) softcap_scores(S, nk * kBlockQ, A(p.softcap));
         if (!block_unmasked(p, s, i0, mq, j0)) mask_transposed(S, nk, j0, bounds);
         // Online softmax down the columns. The max skips NaN (it must not poison the running max of
         // the other queries), and a query that has seen only masked keys keeps m = -inf; exp is then
@@ -644,7 +659,7 @@ inline float hsum(vec_f32 x) {
 // PYLLM_ATTN_CPU_DECODE=0 turns it off (same-process A/B against the tiled path).
 inline bool decode_path(const AttnParams& p) {
   static const bool enabled = env_switch("PYLLM_ATTN_CPU_DECODE", true);
-  return enabled && (p.dtype == int(DType::f32) || p.dtype == int(DType::bf16)) && p.seqused_k &&
+  return enabled && p.softcap == 0 && (p.dtype == int(DType::f32) || p.dtype == int(DType::bf16)) && p.seqused_k &&
          !p.cu_seqlens_q && !p.cu_seqlens_k && p.seqlen_q <= kDecodeMaxQueries;
 }
 
@@ -823,7 +838,7 @@ void bwd(const AttnParams& p) {
   const int64_t group = p.n_heads / p.n_kv_heads;
   const A* lse = static_cast<const A*>(p.lse);
   const A* dlse = static_cast<const A*>(p.dlse);
-  const A scale = A(p.scale);
+  const A scale = A(p.scale), cap = A(p.softcap);
   const int64_t chunks = bwd_chunks(p), items = p.batch * p.n_kv_heads * chunks;
   DkvParts<A> parts(p, chunks, D);
 #pragma omp parallel if (items > 1)
@@ -910,8 +925,21 @@ void bwd(const AttnParams& p) {
               A* __restrict dprow = dp.data() + r * kBlockK;
               if constexpr (dot)
                 for (int v = 0; v < kKV; ++v) vstore(srow + v * L, vload(srow + v * L) * scale);
+              if (cap > 0) softcap_scores(srow, kBlockK, cap);
               if (!unmasked) mask_row(srow, key_lo(p, i0 + r, len_q, len_k) - j0, key_hi(p, i0 + r, len_q, len_k) - j0);
               const A lse_r = lse_all[row0 + r], delta_r = delta_all[row0 + r];
+              if (cap > 0) {
+                // Through the cap: d(cap tanh(s / cap)) / ds = 1 - (s' / cap)^2 of the capped s'; the
+                // square clamped at 1 so that a masked s' = -inf gives 0, not 0 * -inf.
+                const V inv_cap = V{} + A(1) / cap, one = V{} + A(1);
+                for (int v = 0; v < kKV; ++v) {
+                  const V sv = vload(srow + v * L), t = sv * inv_cap, t2 = t * t;
+                  const V pj = vsoftmax_exp<T>(sv - lse_r);
+                  vstore(srow + v * L, pj);
+                  vstore(dprow + v * L, pj * (vload(dprow + v * L) - delta_r) * (one - (t2 < one ? t2 : one)));
+                }
+                continue;
+              }
 #pragma GCC unroll 8
               for (int v = 0; v < kKV; ++v) {
                 const V pj = vsoftmax_exp<T>(vload(srow + v * L) - lse_r);
@@ -1015,6 +1043,11 @@ int64_t flash_attn_cpu_scratch_bytes() { return flash_attn_cpu_scratch_counter()
 
 bool flash_attn_cpu_bf16_dot() { return bf16_dot_enabled(); }
 
+static double checked_softcap(double softcap) {
+  PYLLM_CHECK(std::isfinite(softcap) && softcap >= 0, "flash_attn: softcap must be finite and >= 0, got ", softcap);
+  return softcap;
+}
+
 const char* flash_attn_cpu_amx() {
   return amx_enabled() ? "on" : flash_attn_amx_usable() ? "off" : "unavailable";
 }
@@ -1025,11 +1058,12 @@ void flash_attn_fwd_cpu(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, ui
                         const std::vector<int64_t>& q_strides, const std::vector<int64_t>& k_strides,
                         const std::vector<int64_t>& v_strides, const std::vector<int64_t>& o_strides,
                         const std::vector<int64_t>& lse_strides, double scale, int64_t window_left,
-                        int64_t window_right, int dtype) {
+                        int64_t window_right, int dtype, double softcap) {
   AttnParams p = make_attn_params(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, batch, seqlen_q, seqlen_k,
                                   n_heads, n_kv_heads, head_dim, q_strides, k_strides, v_strides, o_strides,
                                   lse_strides, scale, window_left, window_right, dtype);
   check_cpu_dtype(dtype);
+  p.softcap = checked_softcap(softcap);
   p.out = reinterpret_cast<void*>(out);
   p.lse = reinterpret_cast<void*>(lse);
   const int64_t total_q = total_tokens(p.cu_seqlens_q, batch, seqlen_q);
@@ -1045,7 +1079,7 @@ void flash_attn_fwd_cpu(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, ui
     });
     return;
   }
-  if (dtype == int(DType::bf16) && amx_enabled()) {
+  if (dtype == int(DType::bf16) && amx_enabled() && p.softcap == 0) {  // the AMX kernels take no softcap
     flash_attn_fwd_amx(p);
     return;
   }
@@ -1064,11 +1098,12 @@ void flash_attn_bwd_cpu(uintptr_t dout, uintptr_t dlse, uintptr_t q, uintptr_t k
                         const std::vector<int64_t>& q_strides, const std::vector<int64_t>& k_strides,
                         const std::vector<int64_t>& v_strides, const std::vector<int64_t>& o_strides,
                         const std::vector<int64_t>& dkv_strides, const std::vector<int64_t>& lse_strides,
-                        double scale, int64_t window_left, int64_t window_right, int dtype) {
+                        double scale, int64_t window_left, int64_t window_right, int dtype, double softcap) {
   AttnParams p = make_attn_params(q, k, v, cu_seqlens_q, cu_seqlens_k, 0, batch, seqlen_q, seqlen_k, n_heads,
                                   n_kv_heads, head_dim, q_strides, k_strides, v_strides, o_strides, lse_strides,
                                   scale, window_left, window_right, dtype);
   check_cpu_dtype(dtype);
+  p.softcap = checked_softcap(softcap);
   copy_strides(p.dkv_strides, dkv_strides, 3, "dkv_strides");
   p.out = reinterpret_cast<void*>(out);
   p.lse = reinterpret_cast<void*>(lse);
@@ -1088,7 +1123,7 @@ void flash_attn_bwd_cpu(uintptr_t dout, uintptr_t dlse, uintptr_t q, uintptr_t k
   const int64_t lse_size = p.cu_seqlens_q ? n_heads * lse_strides[1] : batch * lse_strides[0];
   PYLLM_CHECK(lse_size >= (p.cu_seqlens_q ? n_heads * total_q : batch * n_heads * seqlen_q),
               "flash_attn: lse_strides (", lse_strides[0], ", ", lse_strides[1], ") do not fit the lse layout");
-  if (dtype == int(DType::bf16) && amx_enabled()) {
+  if (dtype == int(DType::bf16) && amx_enabled() && p.softcap == 0) {
     flash_attn_bwd_amx(p);
     return;
   }

@@ -127,9 +127,16 @@ def _opt_ptr(t: Optional[Tensor]) -> int:
     return 0 if t is None else _util.ptr(t)
 
 
+def _check_softcap_device(q: Tensor, softcap: float) -> None:
+    if softcap and q.is_cuda:
+        raise NotImplementedError(f"{OP}: softcap (capped scores) has a CPU kernel only; on CUDA leave it 0 "
+                                  "(pyllm's models compute capped attention with torch's ops there)")
+
+
 def flash_attn_forward_into(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                            scale, window_left, window_right, seqused_k=None) -> None:
+                            scale, window_left, window_right, seqused_k=None, softcap: float = 0.0) -> None:
     """Runs the forward kernel into out (q's shape, contiguous) and lse. Inputs already checked."""
+    _check_softcap_device(q, softcap)
     varlen = cu_seqlens_q is not None
     batch, seqlen_q, seqlen_k = _sizes(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     args = (_util.ptr(q), _util.ptr(k), _util.ptr(v), _util.ptr(out), _util.ptr(lse), _opt_ptr(cu_seqlens_q),
@@ -139,7 +146,7 @@ def flash_attn_forward_into(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_s
     if q.is_cuda:
         _C.flash_attn_fwd_cuda(*args, q.device.index, _util.stream_of(q), **_packed_totals(q, k, varlen))
     else:
-        _C.flash_attn_fwd_cpu(*args)
+        _C.flash_attn_fwd_cpu(*args, softcap=float(softcap))
 
 
 # The CUDA backward's two implementations (csrc/cuda/flash_attn_bwd.cu): the tensor-core kernels
@@ -157,11 +164,12 @@ def _cuda_bwd_algo(algo: Optional[str]) -> int:
 
 def flash_attn_backward_into(dout, dlse, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                              max_seqlen_k, scale, window_left, window_right, deterministic,
-                             algo: Optional[str] = None) -> None:
+                             algo: Optional[str] = None, softcap: float = 0.0) -> None:
     """dq, dk, dv from dout (and dlse, or None). out, dout and dq share one layout, dk and dv one.
 
     algo: the CUDA backward, "mma" or "simt"; None reads PYLLM_ATTN_BWD (default "mma").
     """
+    _check_softcap_device(q, softcap)
     varlen = cu_seqlens_q is not None
     batch, seqlen_q, seqlen_k = _sizes(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     args = (_util.ptr(dout), _opt_ptr(dlse), _util.ptr(q), _util.ptr(k), _util.ptr(v), _util.ptr(out),
@@ -178,7 +186,7 @@ def flash_attn_backward_into(dout, dlse, q, k, v, out, lse, dq, dk, dv, cu_seqle
                                _cuda_bwd_algo(algo), **_packed_totals(q, k, varlen), delta=_opt_ptr(delta),
                                delta_capacity=delta_capacity)
     else:
-        _C.flash_attn_bwd_cpu(*args)  # always deterministic on the CPU
+        _C.flash_attn_bwd_cpu(*args, softcap=float(softcap))  # always deterministic on the CPU
 
 
 def _last_dim_contiguous(t: Tensor) -> Tensor:
@@ -224,13 +232,13 @@ def _resolve_max_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
 
 def _flash_attn_body(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
                      max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, window_left: int, window_right: int,
-                     deterministic: bool) -> tuple[Tensor, Tensor]:
+                     deterministic: bool, softcap: float = 0.0) -> tuple[Tensor, Tensor]:
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
     max_seqlen_q, max_seqlen_k = _resolve_max_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(_lse_shape(q, cu_seqlens_q is not None), dtype=_lse_dtype(q), device=q.device)
     flash_attn_forward_into(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                            softmax_scale, window_left, window_right)
+                            softmax_scale, window_left, window_right, softcap=softcap)
     return out, lse
 
 
@@ -241,7 +249,7 @@ _flash_attn = torch.library.custom_op("pyllm::flash_attn", mutates_args=())(_fla
 
 @_flash_attn.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right,
-      deterministic):
+      deterministic, softcap=0.0):
     out = q.new_empty(q.shape)
     lse = q.new_empty(_lse_shape(q, cu_seqlens_q is not None), dtype=_lse_dtype(q))
     return out, lse
@@ -250,7 +258,7 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_s
 def _flash_attn_backward_body(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor,
                          lse: Tensor, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
                          max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, window_left: int,
-                         window_right: int, deterministic: bool) -> tuple[Tensor, Tensor, Tensor]:
+                         window_right: int, deterministic: bool, softcap: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
     dout, out, lse = _last_dim_contiguous(dout.contiguous()), out.contiguous(), lse.contiguous()
     dlse = None if dlse is None else dlse.contiguous()
@@ -259,7 +267,7 @@ def _flash_attn_backward_body(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     flash_attn_backward_into(dout, dlse, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                             max_seqlen_k, softmax_scale, window_left, window_right, deterministic)
+                             max_seqlen_k, softmax_scale, window_left, window_right, deterministic, softcap=softcap)
     return dq, dk, dv
 
 
@@ -269,22 +277,23 @@ _flash_attn_backward = torch.library.custom_op("pyllm::flash_attn_backward", mut
 
 @_flash_attn_backward.register_fake
 def _(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-      window_left, window_right, deterministic):
+      window_left, window_right, deterministic, softcap=0.0):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _flash_attn_setup(ctx, inputs, output):
-    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, deterministic = inputs
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, deterministic = inputs[:11]
+    softcap = inputs[11] if len(inputs) > 11 else 0.0
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
-    ctx.args = (max_seqlen_q, max_seqlen_k, scale, left, right, deterministic)
+    ctx.args = (max_seqlen_q, max_seqlen_k, scale, left, right, deterministic, softcap)
 
 
 def _flash_attn_grad(ctx, dout, dlse):
     q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
     dq, dk, dv = _util.call(_flash_attn_backward_body, torch.ops.pyllm.flash_attn_backward, None, dout, dlse, q, k,
                             v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
 _flash_attn.register_autograd(_flash_attn_grad, setup_context=_flash_attn_setup)
@@ -535,7 +544,8 @@ def _check_max_seqlen(op: str, name: str, value) -> int:
 def flash_attn(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, softmax_scale: Optional[float] = None,
                window: tuple[int, int] = (-1, -1), cu_seqlens_q: Optional[Tensor] = None,
                cu_seqlens_k: Optional[Tensor] = None, max_seqlen_q: Optional[int] = None,
-               max_seqlen_k: Optional[int] = None, return_lse: bool = False, deterministic: bool = False):
+               max_seqlen_k: Optional[int] = None, return_lse: bool = False, deterministic: bool = False,
+               softcap: float = 0.0):
     """Exact attention softmax(q k^T * scale) v, tiled (FlashAttention-2), differentiable.
 
     Args:
@@ -569,6 +579,9 @@ def flash_attn(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, softmax
             every gradient element has one owner that sums in a fixed order (no atomics). The
             CUDA backward runs on tensor cores; PYLLM_ATTN_BWD=simt selects the fp32 SIMT
             reference kernels instead (for testing).
+        softcap: > 0 caps the scaled scores as softcap * tanh(s / softcap) before the mask and the
+            softmax (Gemma 2's attn_logit_softcapping, flash-attn's softcap); the LSE is of the
+            capped scores. CPU kernels only for now: NotImplementedError on CUDA.
     Returns:
         out, shaped like q (contiguous), or (out, lse) with return_lse.
     Raises:
@@ -591,9 +604,13 @@ def flash_attn(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, softmax
     if causal:
         right = 0
     scale = _resolve_scale(OP, softmax_scale, q.shape[-1])
+    if not isinstance(softcap, (int, float)) or isinstance(softcap, bool) or not 0 <= softcap < math.inf:
+        raise ValueError(f"{OP}: softcap must be a finite number >= 0 (0: no cap), got {softcap!r}")
+    _check_softcap_device(q, softcap)
     out, lse = _util.call(_flash_attn_body, _flash_attn, _FlashAttnFunction, q, k, v, cu_seqlens_q, cu_seqlens_k,
                           _check_max_seqlen(OP, "max_seqlen_q", max_seqlen_q),
-                          _check_max_seqlen(OP, "max_seqlen_k", max_seqlen_k), scale, left, right, bool(deterministic))
+                          _check_max_seqlen(OP, "max_seqlen_k", max_seqlen_k), scale, left, right, bool(deterministic),
+                          float(softcap))
     return (out, lse) if return_lse else out
 
 

@@ -940,7 +940,8 @@ def _gemma2_config(hf: dict) -> ModelConfig:
     """Gemma 2 (Gemma2ForCausalLM: 2B, 9B, 27B): Gemma 3's layout without q / k norms and with one
     RoPE theta, sliding windows in every other layer (the first one too), and capped attention
     scores and output logits (attn_logit_softcapping, final_logit_softcapping: softcap * tanh(x /
-    softcap)); the attention's cap has no kernel here, so its layers run on torch's ops."""
+    softcap)); the capped attention runs on pyllm's CPU kernels (flash_attn(softcap=)), on torch's
+    ops on CUDA and in KV-cache calls."""
     unsupported = {"attention_bias": hf.get("attention_bias"),
                    "hidden_activation": None if hf.get("hidden_activation", "gelu_pytorch_tanh") == "gelu_pytorch_tanh"
                    else hf["hidden_activation"]}

@@ -358,30 +358,45 @@ def prepare_chat(inputs: Sequence[str | os.PathLike], tokenizer, folder, out_dir
     assistant's tokens marked) into out_dir/{train,val}.bin with their .docs.npy and .mask.npy.
     Every round(1 / val_fraction)-th example goes to val (the last one when there are fewer).
     Examples with nothing to train on are left out. Returns counts."""
-    from tqdm import tqdm
-
     conversations = [c for path in inputs for c in read_conversations(path)]
     in_val = _val_split(len(conversations), val_fraction, inputs, "conversation(s)")
-    parts = {"train": ([], []), "val": ([], [])}
-    silent = 0
-    for example, val in zip(tqdm(conversations, desc="tokenizing conversations", disable=not show_progress), in_val):
-        ids, mask = example_tokens(example, tokenizer, folder, doc_start, doc_end)
-        if not any(mask):
-            silent += 1
-            continue
-        parts["val" if val else "train"][0].append(np.asarray(ids, np.int64))
-        parts["val" if val else "train"][1].append(np.asarray(mask, np.uint8))
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    parts, silent = _write_units([(c,) for c in conversations], in_val, tokenizer, folder, out_dir, show_progress,
+                                 doc_start, doc_end, "conversation(s)", "conversation with an assistant reply")
     stats = {"conversations": len(conversations), "without_assistant": silent}
     for name, (docs, masks) in parts.items():
-        if not docs:
-            raise ValueError(f"no {name} conversation with an assistant reply left (of {len(conversations)})")
-        write_documents(out_dir / f"{name}.bin", docs, masks, tokenizer.vocab_size)
         stats[f"{name}_conversations"] = len(docs)
         stats[f"{name}_tokens"] = int(sum(map(len, docs)))
         stats[f"{name}_assistant_tokens"] = int(sum(int(m.sum()) for m in masks))
     return stats
+
+
+def _write_units(units: Sequence[tuple], in_val: Sequence[bool], tokenizer, folder, out_dir, show_progress: bool,
+                 doc_start: Sequence[int], doc_end: int | None, what: str, kept: str) -> tuple[dict, int]:
+    """Tokenizes units of examples (example_tokens; a conversation alone, or a preference pair's
+    chosen and rejected sides) into out_dir/{train,val}.bin (write_documents), each unit's
+    documents one after the other, and with pairs the .pairs.npy naming them. A unit with a side
+    that has nothing to train on is left out. Returns ({split: (docs, masks)}, units left out)."""
+    from tqdm import tqdm
+
+    parts = {"train": ([], []), "val": ([], [])}
+    silent = 0
+    for unit, val in zip(tqdm(units, desc=f"tokenizing {what.replace('(s)', 's')}", disable=not show_progress), in_val):
+        sides = [example_tokens(example, tokenizer, folder, doc_start, doc_end) for example in unit]
+        if not all(any(mask) for _, mask in sides):
+            silent += 1
+            continue
+        for ids, mask in sides:
+            parts["val" if val else "train"][0].append(np.asarray(ids, np.int64))
+            parts["val" if val else "train"][1].append(np.asarray(mask, np.uint8))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    size = len(units[0])
+    for name, (docs, masks) in parts.items():
+        if not docs:
+            raise ValueError(f"no {name} {kept} left (of {len(units)})")
+        write_documents(out_dir / f"{name}.bin", docs, masks, tokenizer.vocab_size,
+                        np.arange(len(docs)).reshape(-1, size) if size > 1 else None)
+    return parts, silent
 
 
 # --- preference pairs (DPO) --------------------------------------------------------------------------
@@ -427,27 +442,12 @@ def prepare_preferences(inputs: Sequence[str | os.PathLike], tokenizer, folder, 
     sequences are two documents, one after the other, in out_dir/{train,val}.bin with their
     .docs.npy and .mask.npy (the replies' tokens marked), and .pairs.npy, the (P, 2) document
     indices of each pair. A pair with nothing to train on either side is left out. Returns counts."""
-    from tqdm import tqdm
-
     pairs = [p for path in inputs for p in read_preferences(path)]
     in_val = _val_split(len(pairs), val_fraction, inputs, "preference pair(s)")
-    parts = {"train": ([], []), "val": ([], [])}
-    silent = 0
-    for pair, val in zip(tqdm(pairs, desc="tokenizing preference pairs", disable=not show_progress), in_val):
-        sides = [example_tokens(example, tokenizer, folder, doc_start, doc_end) for example in pair]
-        if not all(any(mask) for _, mask in sides):
-            silent += 1
-            continue
-        for ids, mask in sides:
-            parts["val" if val else "train"][0].append(np.asarray(ids, np.int64))
-            parts["val" if val else "train"][1].append(np.asarray(mask, np.uint8))
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    parts, silent = _write_units(pairs, in_val, tokenizer, folder, out_dir, show_progress, doc_start, doc_end,
+                                 "preference pair(s)", "pair with a reply on both sides")
     stats = {"pairs": len(pairs), "without_reply": silent}
-    for name, (docs, masks) in parts.items():
-        if not docs:
-            raise ValueError(f"no {name} pair with a reply on both sides left (of {len(pairs)})")
-        write_documents(out_dir / f"{name}.bin", docs, masks, tokenizer.vocab_size, np.arange(len(docs)).reshape(-1, 2))
+    for name, (docs, _) in parts.items():
         stats[f"{name}_pairs"] = len(docs) // 2
         stats[f"{name}_tokens"] = int(sum(map(len, docs)))
     return stats

@@ -850,6 +850,22 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", help="prompt of the sample printed at the end (default 'def ')")
 
 
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    """Where a finished model comes from (load_model reads them): generate and eval."""
+    p.add_argument("--run", help="a run folder written by `pyllm train` (finds model.safetensors and the tokenizer)")
+    p.add_argument("--model", help="a model.safetensors (instead of --run)")
+    p.add_argument("--tokenizer", help="the tokenizer the model was trained with (instead of --run)")
+    p.add_argument("--hf", metavar="DIR", help="a Hugging Face checkpoint folder or hub repo id (LLaMA, Mistral, Qwen2/3, SmolLM3, Phi-3/4, Gemma 2/3, OLMo 2, GPT-2: config.json, *.safetensors, tokenizer.json) instead of --run")
+    p.add_argument("--adapter", metavar="DIR", help="with --hf: a PEFT LoRA adapter folder trained on that model, merged into its weights")
+
+
+def add_device_options(p: argparse.ArgumentParser) -> None:
+    """--device and --dtype (inference_device_dtype resolves them): generate and eval."""
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda")
+    p.add_argument("--dtype", default="auto", choices=("auto", *GENERATE_DTYPES),
+                   help="weights and activations: auto (default: bf16 on a GPU, fp32 on the CPU), fp32, bf16, fp16")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pyllm", description="pyllm: LLM training kernels, model and trainer")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -879,11 +895,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-bytes", type=int, default=0, help="train on an evenly spread sample of about this many bytes (default 0: all)")
     p.set_defaults(func=cmd_tokenizer_train)
     p = sub.add_parser("generate", help="sample text from a trained model, streaming it")
-    p.add_argument("--run", help="a run folder written by `pyllm train` (finds model.safetensors and the tokenizer)")
-    p.add_argument("--model", help="a model.safetensors (instead of --run)")
-    p.add_argument("--tokenizer", help="the tokenizer the model was trained with (instead of --run)")
-    p.add_argument("--hf", metavar="DIR", help="a Hugging Face checkpoint folder or hub repo id (LLaMA, Mistral, Qwen2/3, SmolLM3, Phi-3/4, Gemma 2/3, OLMo 2, GPT-2: config.json, *.safetensors, tokenizer.json) instead of --run")
-    p.add_argument("--adapter", metavar="DIR", help="with --hf: a PEFT LoRA adapter folder trained on that model, merged into its weights")
+    add_model_options(p)
     p.add_argument("--prompt", default="def ", help="text to continue (default 'def ')")
     p.add_argument("--chat", action="store_true", help="with --hf (or a --run fine-tuned from one): --prompt is a user "
                    "message, put in the folder's chat template (an instruct model's turn format); the reply ends at the "
@@ -899,16 +911,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="FILE", help="with --prompts-file: the JSONL file to write (default: stdout)")
     p.add_argument("--batch-size", type=int, default=16, help="with --prompts-file: prompts generated at once (default 16)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda")
-    p.add_argument("--dtype", default="auto", choices=("auto", *GENERATE_DTYPES),
-                   help="weights and activations: auto (default: bf16 on a GPU, fp32 on the CPU), fp32, bf16, fp16")
+    add_device_options(p)
     p.set_defaults(func=cmd_generate)
     p = sub.add_parser("eval", help="a model's multiple-choice accuracy (HellaSwag-style files) and loss on text")
-    p.add_argument("--run", help="a run folder written by `pyllm train` (finds model.safetensors and the tokenizer)")
-    p.add_argument("--model", help="a model.safetensors (instead of --run)")
-    p.add_argument("--tokenizer", help="the tokenizer the model was trained with (instead of --run)")
-    p.add_argument("--hf", metavar="DIR", help="a Hugging Face checkpoint folder or hub repo id instead of --run")
-    p.add_argument("--adapter", metavar="DIR", help="with --hf: a PEFT LoRA adapter folder merged into its weights")
+    add_model_options(p)
     p.add_argument("--choices", nargs="+", metavar="FILE", help="JSONL files of multiple-choice examples, "
                    "{\"ctx\": ..., \"endings\": [...], \"label\": i} lines (HellaSwag's files as they are): accuracy "
                    "by each ending's summed log-probability after the context (acc), per byte (acc_norm) and per token")
@@ -917,9 +923,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="the first N examples of each --choices file only")
     p.add_argument("--seq-len", type=int, help="tokens per row (default: the model's block_size, at most 2048)")
     p.add_argument("--batch-size", type=int, default=8, help="rows per forward (default 8)")
-    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda")
-    p.add_argument("--dtype", default="auto", choices=("auto", *GENERATE_DTYPES),
-                   help="weights and activations: auto (default: bf16 on a GPU, fp32 on the CPU), fp32, bf16, fp16")
+    add_device_options(p)
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("export", help="write a run as a Hugging Face checkpoint folder (transformers, vLLM, ... load it)")

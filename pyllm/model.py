@@ -936,22 +936,31 @@ GEMMA2_DEFAULTS = dict(
     final_logit_softcapping=30.0, attn_logit_softcapping=50.0, tie_word_embeddings=True)
 
 
+def _gemma_layer_types(hf: dict, kind: str, unsupported: dict, default: list[str]) -> list[str]:
+    """A Gemma config's layer types (hf's layer_types, else default), after refusing what pyllm's
+    Gemma layout cannot compute: any truthy value in unsupported (name -> value), attention biases,
+    an activation other than the tanh GELU, layer types other than full and sliding-window."""
+    unsupported = {**unsupported, "attention_bias": hf.get("attention_bias"),
+                   "hidden_activation": None if hf.get("hidden_activation", "gelu_pytorch_tanh") == "gelu_pytorch_tanh"
+                   else hf["hidden_activation"]}
+    for name, value in unsupported.items():
+        if value:
+            raise NotImplementedError(f"{kind} with {name}={value!r}")
+    types = hf.get("layer_types") or default
+    if len(types) != hf["num_hidden_layers"] or not set(types) <= {"full_attention", "sliding_attention"}:
+        raise NotImplementedError(f"{kind} with layer_types={types!r}")
+    return types
+
+
 def _gemma2_config(hf: dict) -> ModelConfig:
     """Gemma 2 (Gemma2ForCausalLM: 2B, 9B, 27B): Gemma 3's layout without q / k norms and with one
     RoPE theta, sliding windows in every other layer (the first one too), and capped attention
     scores and output logits (attn_logit_softcapping, final_logit_softcapping: softcap * tanh(x /
     softcap)); the capped attention runs on pyllm's CPU kernels (flash_attn(softcap=)), on torch's
     ops on CUDA and in KV-cache calls."""
-    unsupported = {"attention_bias": hf.get("attention_bias"),
-                   "hidden_activation": None if hf.get("hidden_activation", "gelu_pytorch_tanh") == "gelu_pytorch_tanh"
-                   else hf["hidden_activation"]}
-    for name, value in unsupported.items():
-        if value:
-            raise NotImplementedError(f"gemma2 with {name}={value!r}")
     n_layers = hf["num_hidden_layers"]
-    types = hf.get("layer_types") or ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n_layers)]
-    if len(types) != n_layers or not set(types) <= {"full_attention", "sliding_attention"}:
-        raise NotImplementedError(f"gemma2 with layer_types={types!r}")
+    types = _gemma_layer_types(hf, "gemma2", {}, [  # transformers' default: the even layers windowed
+        "sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n_layers)])
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) != "default":
         raise NotImplementedError(f"gemma2 with scaled RoPE ({rope}): pyllm reads its unscaled RoPE")
@@ -983,21 +992,12 @@ def _gemma3_config(hf: dict) -> ModelConfig:
     sqrt(dim)-scaled embeddings, norms around both sublayers' outputs too, (1 + w) norm weights
     (folded into w at load), q / k norms, a tanh-GELU-gated MLP, softmax scale
     query_pre_attn_scalar ** -0.5, sliding-window layers (5 in 6) with their own RoPE theta."""
-    unsupported = {"attn_logit_softcapping": hf.get("attn_logit_softcapping"),
-                   "final_logit_softcapping": hf.get("final_logit_softcapping"),
-                   "attention_bias": hf.get("attention_bias"),
-                   "use_bidirectional_attention": hf.get("use_bidirectional_attention"),
-                   "hidden_activation": None if hf.get("hidden_activation", "gelu_pytorch_tanh") == "gelu_pytorch_tanh"
-                   else hf["hidden_activation"]}
-    for name, value in unsupported.items():
-        if value:
-            raise NotImplementedError(f"gemma3_text with {name}={value!r}")
     n_layers = hf["num_hidden_layers"]
-    types = hf.get("layer_types") or [  # transformers 4's configs: every sliding_window_pattern-th layer is full
+    unsupported = {name: hf.get(name) for name in ("attn_logit_softcapping", "final_logit_softcapping",
+                                                   "use_bidirectional_attention")}
+    types = _gemma_layer_types(hf, "gemma3_text", unsupported, [  # transformers 4's: every pattern-th layer full
         "full_attention" if (i + 1) % hf.get("sliding_window_pattern", 6) == 0 else "sliding_attention"
-        for i in range(n_layers)]
-    if len(types) != n_layers or not set(types) <= {"full_attention", "sliding_attention"}:
-        raise NotImplementedError(f"gemma3_text with layer_types={types!r}")
+        for i in range(n_layers)])
     params = hf.get("rope_parameters") or {}
     full, local = params.get("full_attention"), params.get("sliding_attention")
     if full is None:  # transformers 4: rope_theta, rope_scaling (full layers), rope_local_base_freq

@@ -22,10 +22,8 @@ measured.)
 """
 from __future__ import annotations
 
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -145,22 +143,14 @@ def main() -> int:
                  "transformers sorted": sum(b[0].numel() for b in by_length)}
     real = {name: int(np.minimum(lengths, args.seq_len).sum()) for name in positions}
     real["pyllm packed"] = positions["pyllm packed"] - pad
-    seconds = {name: [] for name in runs}
     for run in runs.values():  # warm-up
         run(limit=2)
-    for _ in range(args.repeat):
-        for name, run in runs.items():
-            ours.zero_grad(set_to_none=True)
-            theirs.zero_grad(set_to_none=True)
-            common.sync(args.device)
-            t0 = time.perf_counter()
-            run()
-            common.sync(args.device)
-            seconds[name].append(time.perf_counter() - t0)
-    peer = statistics.median(seconds["transformers padded"])
+    seconds = common.interleaved_seconds(runs, args.repeat, args.device, before=lambda: (
+        ours.zero_grad(set_to_none=True), theirs.zero_grad(set_to_none=True)))
+    peer = seconds["transformers padded"]
     rows = []
     for name in runs:
-        s = statistics.median(seconds[name])
+        s = seconds[name]
         rows.append({"impl": name, "batches": len(packed) if name == "pyllm packed" else len(padded),
                      "s/epoch": round(s, 2), "real tokens/s": round(real[name] / s),
                      "padding": f"{1 - real[name] / positions[name]:.0%}",

@@ -16,10 +16,8 @@ Needs transformers; prints why and exits 0 without it.
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -108,14 +106,7 @@ def main() -> int:
         runs = {"pyllm packed": pyllm_packed, "transformers sorted": transformers_sorted}
         for run in runs.values():  # warm-up (and the scores compared below)
             run()
-        seconds = {name: [] for name in runs}
-        for _ in range(args.repeat):
-            for name, run in runs.items():
-                common.sync(args.device)
-                t0 = time.perf_counter()
-                run()
-                common.sync(args.device)
-                seconds[name].append(time.perf_counter() - t0)
+        seconds = common.interleaved_seconds(runs, args.repeat, args.device)
         packed = data.PackedLoader(path, args.batch_size, args.seq_len, shuffle=False)
         pad, rows = 0, 0
         while True:
@@ -125,10 +116,10 @@ def main() -> int:
                 break
     positions = {"pyllm packed": rows * args.seq_len, "transformers sorted": sum(b[0].numel() for b in batches)}
     real = {"pyllm packed": positions["pyllm packed"] - pad, "transformers sorted": int(lengths.sum())}
-    peer = statistics.median(seconds["transformers sorted"])
+    peer = seconds["transformers sorted"]
     rows_out = []
     for name in runs:
-        s = statistics.median(seconds[name])
+        s = seconds[name]
         rows_out.append({"impl": name, "s": round(s, 2), "candidates/s": round(len(docs) / s, 1),
                          "padding": f"{1 - real[name] / positions[name]:.0%}", "vs transformers": f"{peer / s:.2f}x"})
     diff = float(np.abs(scores["pyllm"] - scores["transformers"]).max() / np.abs(scores["transformers"]).max())

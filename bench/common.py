@@ -62,6 +62,23 @@ def median_ms(fn, device: str, warmup: int = 3, repeat: int = 15, burst_ms: floa
     return statistics.median(times)
 
 
+def interleaved_seconds(runs: dict, repeat: int, device: str, before=None) -> dict:
+    """The median wall seconds of each of runs (name -> callable), each timed once per round for
+    repeat rounds in turn (a busy spell of the machine touches them alike), the device synchronized
+    around every call; before(), when given, runs untimed ahead of each (zeroing grads, say)."""
+    seconds = {name: [] for name in runs}
+    for _ in range(repeat):
+        for name, run in runs.items():
+            if before is not None:
+                before()
+            sync(device)
+            t0 = time.perf_counter()
+            run()
+            sync(device)
+            seconds[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(values) for name, values in seconds.items()}
+
+
 def copy_bandwidth_gbs(device: str, nbytes: int = 256 << 20) -> float:
     """Measured ceiling: a large device-to-device (or RAM-to-RAM) copy, bytes read + written."""
     src = torch.randn(nbytes // 4, device=device)

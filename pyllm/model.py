@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from pyllm.nn import (RMSNorm, SwiGLUMLP, apply_rope, attention, attention_with_kvcache, document_ids,
+from pyllm.nn import (MoEMLP, RMSNorm, SwiGLUMLP, apply_rope, attention, attention_with_kvcache, document_ids,
                       linear_cross_entropy, linear_token_logps, rope_cos_sin, token_logps)
 
 
@@ -60,6 +60,14 @@ class ModelConfig:
     attn_softcap: float | None = None  # attention scores capped as softcap * tanh(s / softcap) (Gemma 2: 50)
     final_softcap: float | None = None  # the output logits likewise (Gemma 2: 30)
     parallel_block: bool = False  # PaLM: x + attn(norm(x)) + mlp(norm(x))
+    # Mixture of experts (nn.MoEMLP; Mixtral, Qwen3-MoE, OLMoE): n_experts SwiGLU experts of
+    # mlp_hidden each in every block, experts_per_token of them per token. None: one dense MLP.
+    n_experts: int | None = None
+    experts_per_token: int = 2
+    norm_topk_prob: bool = True  # the chosen experts' weights renormalized to sum to 1 (Mixtral's)
+    # Training adds router_aux_loss_coef times the load-balancing loss (LLM.router_aux_loss; Switch
+    # Transformer's alpha = 0.01); from_hf sets the checkpoint's when its config asks for router logits.
+    router_aux_loss_coef: float = 0.01
     tie_embeddings: bool = True
     dropout: float = 0.0
     rope_theta: float = 10000.0
@@ -137,6 +145,19 @@ class ModelConfig:
                                  f"per rotated pair ({(self.rotary_dim or self.head_dim) // 2})")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"ModelConfig.dropout must be in [0, 1), got {self.dropout}")
+        if self.n_experts is not None:
+            if isinstance(self.n_experts, bool) or not isinstance(self.n_experts, int) or self.n_experts < 1:
+                raise ValueError(f"ModelConfig.n_experts must be None or a positive integer, got {self.n_experts!r}")
+            if isinstance(self.experts_per_token, bool) or not isinstance(self.experts_per_token, int) \
+                    or not 1 <= self.experts_per_token <= self.n_experts:
+                raise ValueError(f"ModelConfig.experts_per_token must be an integer in [1, n_experts = "
+                                 f"{self.n_experts}], got {self.experts_per_token!r}")
+            if self.mlp != "swiglu" or self.bias:
+                raise ValueError(f"ModelConfig.n_experts: the experts are SwiGLU MLPs without biases, got "
+                                 f"mlp={self.mlp!r}, bias={self.bias}")
+        if isinstance(self.router_aux_loss_coef, bool) or not isinstance(self.router_aux_loss_coef, (int, float)) \
+                or not self.router_aux_loss_coef >= 0:
+            raise ValueError(f"ModelConfig.router_aux_loss_coef must be a number >= 0, got {self.router_aux_loss_coef!r}")
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "ModelConfig":
@@ -241,7 +262,8 @@ class Block(nn.Module):
         self.norm2 = None if cfg.parallel_block else make_norm(cfg) if cfg.pre_norm else nn.Identity()  # PaLM: one
         self.attn = Attention(cfg, layer)
         mlps = {"swiglu": SwiGLUMLP, "gelu": GeluMLP, "geglu": GeGLUMLP}
-        self.mlp = mlps[cfg.mlp](cfg.dim, cfg.mlp_hidden, cfg.bias)
+        self.mlp = (MoEMLP(cfg.dim, cfg.mlp_hidden, cfg.n_experts, cfg.experts_per_token, cfg.norm_topk_prob)
+                    if cfg.n_experts else mlps[cfg.mlp](cfg.dim, cfg.mlp_hidden, cfg.bias))
         # Gemma's sandwich: the attention's and the MLP's outputs are normed before the residual add.
         self.attn_out_norm = make_norm(cfg) if cfg.sandwich_norm else nn.Identity()
         self.mlp_out_norm = make_norm(cfg) if cfg.sandwich_norm else nn.Identity()
@@ -294,12 +316,13 @@ class LLM(nn.Module):
         # when set: the (B, T, V) logits and their gradient never exist (big vocabularies). Likewise
         # not part of the config.
         self.fused_loss = False
+        self.aux_loss = None  # the last training forward's weighted load-balancing loss (MoE; forward)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.apply(self._init_weights)
         # GPT-2's scaled init of the residual projections: std 0.02 / sqrt(2 * n_layers).
         for name, p in self.named_parameters():
-            if name.endswith(("attn.proj.weight", "mlp.down.weight")):
+            if name.endswith(("attn.proj.weight", "mlp.down.weight", "mlp.down")):  # "mlp.down": the experts'
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
 
     @staticmethod
@@ -308,6 +331,9 @@ class LLM(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
+        if isinstance(module, MoEMLP):
+            nn.init.normal_(module.gate_up, mean=0.0, std=0.02)
+            nn.init.normal_(module.down, mean=0.0, std=0.02)
 
     def _embed(self, idx, start: int | torch.Tensor = 0, positions=None):
         """Token (+ learned position) embeddings and RoPE's (cos, sin) for positions start.. of each
@@ -344,6 +370,8 @@ class LLM(nn.Module):
         the loss, None and each target's log-probability (B, T) fp32, 0 where the target is -1 (for
         sequence-level losses: nn.sequence_logps), the output layer computed at the targets'
         positions only (all of them under torch.compile); with fused_loss by nn.linear_token_logps.
+        Mixture-of-experts models in training add router_aux_loss_coef times router_aux_loss() to
+        the loss, also kept as aux_loss (for per_token's callers to add; None otherwise).
 
         cu_seqlens: packed documents. int32 (N + 1,) on idx's device, the offsets in idx.view(-1) where
         each of N documents starts, then B * T; none may cross the end of a row (every multiple of T
@@ -366,6 +394,9 @@ class LLM(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(block, x, rope, None, 0, cu_seqlens, use_reentrant=False)
             else:
                 x = block(x, rope, cu_seqlens=cu_seqlens)
+        self.aux_loss = None
+        if self.config.n_experts and self.config.router_aux_loss_coef and self.training and torch.is_grad_enabled():
+            self.aux_loss = self.config.router_aux_loss_coef * self.router_aux_loss()
         fused = targets is not None and self.fused_loss
         if fused and self.config.final_softcap:
             raise ValueError("fused_loss does not take a model with final_softcap (Gemma 2's capped logits): "
@@ -381,8 +412,8 @@ class LLM(nn.Module):
             else:
                 targets_at = targets
             if not per_token:  # no (B, T, V) logits at all (linear_cross_entropy)
-                loss = linear_cross_entropy(h, self.lm_head.weight, targets_at)
-                return None, loss / (targets != -1).sum().clamp(min=1)
+                loss = linear_cross_entropy(h, self.lm_head.weight, targets_at) / (targets != -1).sum().clamp(min=1)
+                return None, loss if self.aux_loss is None else loss + self.aux_loss
             logps = (linear_token_logps(h, self.lm_head.weight, targets_at) if fused
                      else token_logps(self._logits(h), targets_at))
             return None, logps if at is None else logps.new_zeros(targets.shape).index_put(at, logps)
@@ -394,7 +425,18 @@ class LLM(nn.Module):
             # a batch whose targets are all -1 (a packed row of prompts alone) gives 0, not NaN.
             loss = F.cross_entropy(logits32.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-1,
                                    reduction="sum") / (targets != -1).sum().clamp(min=1)
+            if self.aux_loss is not None:
+                loss = loss + self.aux_loss
         return logits, loss
+
+    def router_aux_loss(self) -> torch.Tensor:
+        """The load-balancing loss of the last training forward's routers (Fedus et al. 2021, as
+        transformers' load_balancing_loss_func takes it over all MoE layers' tokens at once): E *
+        sum_e f_e * P_e, f_e the picks of expert e per token (summing to top_k), P_e its mean router
+        probability; top_k when the load is even. Only P carries a gradient."""
+        stats = [block.mlp.stats for block in self.blocks if isinstance(block.mlp, MoEMLP)]
+        picks, probs, tokens = (sum(s[i] for s in stats) for i in range(3))
+        return self.config.n_experts * (picks.to(probs.dtype) / tokens * probs / tokens).sum()
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(h)
@@ -418,8 +460,17 @@ class LLM(nn.Module):
     def _weight_flops_per_token(self) -> int:
         """6 per matmul weight (forward, input grad, weight grad), 4 per frozen one (no weight grad:
         LoRA's base weights). non_embedding keeps the lm_head matmul (tied or not) and drops the
-        table lookups."""
-        return 6 * self.num_params(non_embedding=True) - 2 * self.num_params(non_embedding=True, frozen=True)
+        table lookups; a token goes through experts_per_token of a MoE layer's n_experts experts."""
+        return (6 * (self.num_params(non_embedding=True) - self._idle_expert_params())
+                - 2 * (self.num_params(non_embedding=True, frozen=True) - self._idle_expert_params(frozen=True)))
+
+    def _idle_expert_params(self, frozen: bool = False) -> int:
+        """The expert weights one token does not go through: (E - k) / E of each MoE layer's
+        (frozen: of those that do not require grad)."""
+        cfg = self.config
+        experts = [p for block in self.blocks if isinstance(block.mlp, MoEMLP) for p in (block.mlp.gate_up, block.mlp.down)
+                   if not (frozen and p.requires_grad)]
+        return sum(p.numel() for p in experts) * (cfg.n_experts - cfg.experts_per_token) // cfg.n_experts if experts else 0
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Training FLOPs (forward + backward) per token: 6 per matmul weight (4 if frozen) plus the
@@ -440,7 +491,8 @@ class LLM(nn.Module):
         update each (rank `rank` over the fused output). targets, PEFT's way: the projections named
         (lora_targets: q, k, v, o, gate, up, down, or PEFT's q_proj ... down_proj, or "all-linear"),
         each its own update, also inside a fused layer. dropout: on each update's input (PEFT's
-        lora_dropout)."""
+        lora_dropout). A mixture-of-experts model's experts and router are not adapted (as PEFT's
+        all-linear on transformers 5's MoE models, whose experts are no linear layers)."""
         from pyllm.nn import LoRALinear
 
         if not (isinstance(rank, int) and rank >= 1):
@@ -448,10 +500,17 @@ class LLM(nn.Module):
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
         wanted = None if targets is None else set(lora_targets(targets))
+        all_linear = targets is not None and [t.strip() for t in (targets.split(",") if isinstance(targets, str)
+                                                               else targets)] in (["all-linear"], ["all"])
+        if self.config.n_experts and wanted and wanted & {"gate", "up", "down"} and not all_linear:
+            raise ValueError(f"LoRA targets {', '.join(sorted(wanted & {'gate', 'up', 'down'}))}: a mixture-of-experts "
+                             "model's experts take no LoRA update (its attention projections do: q, k, v, o)")
         for p in self.parameters():
             p.requires_grad_(False)
         for block in self.blocks:
             for parent in list(block.modules()):
+                if isinstance(parent, MoEMLP):  # the router stays as it is, as PEFT leaves it
+                    continue
                 for name, child in list(parent.named_children()):
                     if type(child) is not nn.Linear:
                         continue
@@ -545,7 +604,8 @@ class LLM(nn.Module):
     def from_hf(cls, folder, device="cpu", dtype=torch.float32, adapter=None) -> "LLM":
         """A Hugging Face checkpoint folder (config.json and model.safetensors, or shards with their
         model.safetensors.index.json, as save_pretrained writes them) of LlamaForCausalLM (also
-        Mistral, Qwen2, Qwen3, SmolLM3, Phi-3 and OLMo 2: HF_DECODERS), Gemma2ForCausalLM,
+        Mistral, Qwen2, Qwen3, SmolLM3, Phi-3, OLMo 2 and the mixtures of experts Mixtral, Qwen3-MoE and
+        OLMoE: HF_DECODERS), Gemma2ForCausalLM,
         Gemma3ForCausalLM (or the language model of a Gemma3ForConditionalGeneration) or
         GPT2LMHeadModel, with its weights in
         `dtype` (fp32: master weights for training; the checkpoint's own dtype may be bf16), or a hub
@@ -861,7 +921,7 @@ def hf_folder(name) -> Path:
 
 def config_from_hf(hf: dict) -> ModelConfig:
     """ModelConfig from a Hugging Face config.json (LLaMA / Mistral / Qwen2 / Qwen3 / SmolLM3 / Phi-3 / OLMo 2,
-    Gemma 2, Gemma 3's text model, or GPT-2)."""
+    Mixtral / Qwen3-MoE / OLMoE, Gemma 2, Gemma 3's text model, or GPT-2)."""
     kind = hf.get("model_type")
     if kind == "gpt2":
         if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
@@ -908,12 +968,37 @@ def config_from_hf(hf: dict) -> ModelConfig:
                                       "output and MLP projections and uses SiLU")
     return ModelConfig(vocab_size=hf["vocab_size"], block_size=hf["max_position_embeddings"], n_layers=n_layers,
                        n_heads=hf["num_attention_heads"], n_kv_heads=hf.get("num_key_value_heads") or None,
-                       dim=hf["hidden_size"], head_dim=hf.get("head_dim") or None, mlp_hidden=hf["intermediate_size"],
+                       dim=hf["hidden_size"], head_dim=hf.get("head_dim") or None,
+                       mlp_hidden=hf.get("moe_intermediate_size") or hf["intermediate_size"],  # Qwen3-MoE's experts'
                        tie_embeddings=hf.get("tie_word_embeddings", False), norm_eps=hf.get("rms_norm_eps", 1e-6),
                        rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)), rope_scaling=scaling,
-                       qkv_bias=kind == "qwen2", qk_norm=kind in ("qwen3", "olmo2"), qk_norm_all_heads=kind == "olmo2",
-                       pre_norm=kind != "olmo2", sandwich_norm=kind == "olmo2", sliding_window=window,
-                       window_layers=window_layers, nope_layers=nope_layers, rotary_dim=rotary_dim)
+                       qkv_bias=kind == "qwen2", qk_norm=kind in ("qwen3", "olmo2", "qwen3_moe", "olmoe"),
+                       qk_norm_all_heads=kind in ("olmo2", "olmoe"), pre_norm=kind != "olmo2",
+                       sandwich_norm=kind == "olmo2", sliding_window=window, window_layers=window_layers,
+                       nope_layers=nope_layers, rotary_dim=rotary_dim, **_hf_experts(hf, kind))
+
+
+# The mixture-of-experts decoders among HF_DECODERS: Mixtral's router and experts sit in each layer's
+# block_sparse_moe, Qwen3-MoE's and OLMoE's in its mlp.
+HF_MOE = {"mixtral": "block_sparse_moe", "qwen3_moe": "mlp", "olmoe": "mlp"}
+
+
+def _hf_experts(hf: dict, kind: str) -> dict:
+    """ModelConfig's mixture-of-experts fields of an HF_MOE config ({} for the dense ones): every
+    layer sparse; the load-balancing loss in training only where the config asks for router logits
+    (as transformers adds it)."""
+    if kind not in HF_MOE:
+        return {}
+    unsupported = {"router_jitter_noise": hf.get("router_jitter_noise"), "clip_qkv": hf.get("clip_qkv"),
+                   "mlp_only_layers": hf.get("mlp_only_layers"),
+                   "decoder_sparse_step": None if hf.get("decoder_sparse_step", 1) == 1 else hf["decoder_sparse_step"]}
+    for name, value in unsupported.items():
+        if value:
+            raise NotImplementedError(f"{kind} with {name}={value!r}: pyllm's MoE layers are all sparse, with no "
+                                      "router noise or q / k / v clipping")
+    return dict(n_experts=hf.get("num_local_experts") or hf["num_experts"], experts_per_token=hf["num_experts_per_tok"],
+                norm_topk_prob=kind == "mixtral" or bool(hf.get("norm_topk_prob", False)),
+                router_aux_loss_coef=hf.get("router_aux_loss_coef", 0.001) if hf.get("output_router_logits") else 0.0)
 
 
 # transformers' Gemma3TextConfig defaults: a multimodal checkpoint's text_config lists only the
@@ -1041,28 +1126,31 @@ def _smollm3_rope_layers(hf: dict) -> list[int]:
 
 
 # The LLaMA-shaped decoders config_from_hf reads (besides gpt2).
-HF_DECODERS = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "phi3", "olmo2")
+HF_DECODERS = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "phi3", "olmo2", "mixtral", "qwen3_moe", "olmoe")
 
 
 def _hf_sliding_window(hf: dict, kind: str, n_layers: int) -> tuple[int | None, list[int] | None]:
     """(sliding_window, window_layers) as transformers' modeling code reads a config.json: Mistral's
-    window is used in every layer whenever it is set; Qwen2 / Qwen3 / SmolLM3 use theirs only with
+    (and Mixtral's) window is used in every layer whenever it is set, Qwen3-MoE's in every layer with
+    use_sliding_window; Qwen2 / Qwen3 / SmolLM3 use theirs only with
     use_sliding_window, in the layers layer_types marks "sliding_attention" (without layer_types:
-    Qwen's layers from max_window_layers on, SmolLM3's layers without RoPE). LLaMA has none."""
+    Qwen's layers from max_window_layers on, SmolLM3's layers without RoPE). LLaMA and OLMo have none."""
     types = hf.get("layer_types")
     if types is not None and (len(types) != n_layers or not set(types) <= {"full_attention", "sliding_attention"}):
         raise NotImplementedError(f"{kind} with layer_types={types!r}: pyllm's layers use full or sliding-window "
                                   "attention, one type per layer")
     window = hf.get("sliding_window")
-    if kind in ("llama", "olmo2"):
+    if kind in ("llama", "olmo2", "olmoe"):
         if window or (types and "sliding_attention" in types):
             raise NotImplementedError(f"{kind} with sliding_window={window!r} / layer_types: transformers' {kind} "
                                       "has no sliding window; is this another model_type?")
         return None, None
-    if kind in ("mistral", "phi3"):  # every layer
+    if kind in ("mistral", "phi3", "mixtral"):  # every layer
         return window or None, None
     if not (hf.get("use_sliding_window") and window):
         return None, None
+    if kind == "qwen3_moe":  # every layer, when used
+        return window, None
     if types is None:
         if kind == "smollm3":
             types = ["full_attention" if r else "sliding_attention" for r in _smollm3_rope_layers(hf)]
@@ -1125,6 +1213,9 @@ def state_from_hf(hf_state: dict, cfg: ModelConfig, kind: str) -> dict:
             if cfg.qk_norm:
                 state[block + "attn.q_norm.weight"] = fold(layer("self_attn.q_norm"))
                 state[block + "attn.k_norm.weight"] = fold(layer("self_attn.k_norm"))
+            if cfg.n_experts:
+                state.update({block + k: v for k, v in experts_from_hf(hf_state, i, cfg, kind).items()})
+                continue
             state[block + "mlp.gate_up.weight"] = (layer("mlp.gate_up_proj") if kind == "phi3" else
                                                    torch.cat([layer("mlp.gate_proj"), layer("mlp.up_proj")]))
             state[block + "mlp.down.weight"] = layer("mlp.down_proj")
@@ -1133,9 +1224,43 @@ def state_from_hf(hf_state: dict, cfg: ModelConfig, kind: str) -> dict:
     return state
 
 
+# The checkpoints' names of an expert's gate, up and down projections.
+HF_EXPERT_NAMES = {"mixtral": ("w1", "w3", "w2"), "qwen3_moe": ("gate_proj", "up_proj", "down_proj"),
+                   "olmoe": ("gate_proj", "up_proj", "down_proj")}
+
+
+def experts_from_hf(hf_state: dict, layer: int, cfg: ModelConfig, kind: str) -> dict:
+    """A MoE layer's router and experts (names under the block) from a Hugging Face state dict
+    (its "model." dropped): each expert's projections stacked into MoEMLP's gate_up (E, 2 * hidden,
+    C) and down (E, C, hidden), or transformers 5's fused gate_up_proj / down_proj taken as they are."""
+    moe = f"layers.{layer}.{HF_MOE[kind]}."
+    out = {"mlp.router.weight": hf_state[moe + "gate.weight"]}
+    if moe + "experts.gate_up_proj" in hf_state:
+        out["mlp.gate_up"], out["mlp.down"] = hf_state[moe + "experts.gate_up_proj"], hf_state[moe + "experts.down_proj"]
+        return out
+    gate, up, down = HF_EXPERT_NAMES[kind]
+    expert = lambda e, name: hf_state[f"{moe}experts.{e}.{name}.weight"]  # noqa: E731
+    out["mlp.gate_up"] = torch.stack([torch.cat([expert(e, gate), expert(e, up)]) for e in range(cfg.n_experts)])
+    out["mlp.down"] = torch.stack([expert(e, down) for e in range(cfg.n_experts)])
+    return out
+
+
+def experts_to_hf(state: dict, block: str, layer: int, kind: str) -> dict:
+    """experts_from_hf's inverse, in the hub checkpoints' per-expert names (which transformers 4 and
+    5, vLLM and llama.cpp all read)."""
+    moe = f"model.layers.{layer}.{HF_MOE[kind]}."
+    gate, up, down = HF_EXPERT_NAMES[kind]
+    out = {moe + "gate.weight": state[block + "mlp.router.weight"]}
+    for e, (gate_up, down_w) in enumerate(zip(state[block + "mlp.gate_up"], state[block + "mlp.down"])):
+        out[f"{moe}experts.{e}.{gate}.weight"], out[f"{moe}experts.{e}.{up}.weight"] = gate_up.chunk(2)
+        out[f"{moe}experts.{e}.{down}.weight"] = down_w
+    return out
+
+
 def hf_config_of(cfg: ModelConfig) -> dict:
     """A Hugging Face config.json for a model pyllm trained itself: LlamaForCausalLM (Mistral's
-    windowed attention when every layer has the window) or GPT2LMHeadModel, when one computes it."""
+    windowed attention when every layer has the window; Mixtral's with experts) or GPT2LMHeadModel,
+    when one computes it."""
     common = dict(vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_embeddings)
     if (cfg.norm, cfg.mlp, cfg.positions, cfg.bias, cfg.parallel_block, cfg.head_dim) == (
             "layernorm", "gelu", "learned", True, False, cfg.dim // cfg.n_heads) and cfg.n_kv_heads == cfg.n_heads:
@@ -1150,7 +1275,11 @@ def hf_config_of(cfg: ModelConfig) -> dict:
     if not plain or (cfg.rope_scaling or {}).get("rope_type", "llama3") != "llama3":
         raise NotImplementedError("to_hf: this model is neither LLaMA- nor GPT-2-shaped; give the hf_config of the "
                                   "checkpoint it was read from")
-    kind = "mistral" if cfg.sliding_window else "llama"
+    if cfg.n_experts and not cfg.norm_topk_prob:
+        raise NotImplementedError("to_hf: experts whose weights are not renormalized over the chosen ones "
+                                  "(norm_topk_prob=False) are no Mixtral; give the hf_config of the checkpoint "
+                                  "it was read from")
+    kind = "mixtral" if cfg.n_experts else "mistral" if cfg.sliding_window else "llama"
     rope = {"rope_type": "default", "rope_theta": cfg.rope_theta} if cfg.rope_scaling is None else {
         **cfg.rope_scaling, "rope_theta": cfg.rope_theta}
     hf = dict(common, model_type=kind, architectures=[f"{kind.capitalize()}ForCausalLM"], hidden_size=cfg.dim,
@@ -1158,14 +1287,18 @@ def hf_config_of(cfg: ModelConfig) -> dict:
               num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, max_position_embeddings=cfg.block_size,
               rms_norm_eps=cfg.norm_eps, hidden_act="silu", rope_theta=cfg.rope_theta, rope_parameters=rope,
               rope_scaling=cfg.rope_scaling and rope, attention_bias=False, mlp_bias=False)
-    if kind == "mistral":
+    if kind in ("mistral", "mixtral"):
         hf["sliding_window"] = cfg.sliding_window
+    if kind == "mixtral":
+        hf.update(num_local_experts=cfg.n_experts, num_experts_per_tok=cfg.experts_per_token, router_jitter_noise=0.0,
+                  router_aux_loss_coef=cfg.router_aux_loss_coef, output_router_logits=cfg.router_aux_loss_coef > 0)
     return hf
 
 
 # Hugging Face model types whose layers PEFT names model.layers.{i}.self_attn.* / mlp.* (the kinds
 # lora_state_to_peft writes adapters for; GPT-2's Conv1D layers and Gemma 3's multimodal wrapper not).
-PEFT_KINDS = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2", "gemma2", "gemma3_text", "phi3")
+PEFT_KINDS = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2", "gemma2", "gemma3_text", "phi3", "mixtral",
+              "qwen3_moe", "olmoe")
 
 
 def merge_peft_adapter(hf_state: dict, adapter) -> None:
@@ -1278,7 +1411,7 @@ def state_to_hf(state: dict, cfg: ModelConfig, kind: str) -> dict:
         if cfg.qk_norm:
             out[layer + "self_attn.q_norm.weight"] = norm(state[block + "attn.q_norm.weight"])
             out[layer + "self_attn.k_norm.weight"] = norm(state[block + "attn.k_norm.weight"])
-        qkv, gate_up = state[block + "attn.qkv.weight"], state[block + "mlp.gate_up.weight"]
+        qkv, gate_up = state[block + "attn.qkv.weight"], state.get(block + "mlp.gate_up.weight")
         if kind == "phi3":
             out[layer + "self_attn.qkv_proj.weight"], out[layer + "mlp.gate_up_proj.weight"] = qkv, gate_up
         else:
@@ -1287,8 +1420,12 @@ def state_to_hf(state: dict, cfg: ModelConfig, kind: str) -> dict:
             if cfg.qkv_bias:
                 for name, b in zip("qkv", state[block + "attn.qkv.bias"].split([H * D, H_kv * D, H_kv * D])):
                     out[layer + f"self_attn.{name}_proj.bias"] = b
-            out[layer + "mlp.gate_proj.weight"], out[layer + "mlp.up_proj.weight"] = gate_up.chunk(2)
         out[layer + "self_attn.o_proj.weight"] = state[block + "attn.proj.weight"]
+        if cfg.n_experts:
+            out.update(experts_to_hf(state, block, i, kind))
+            continue
+        if kind != "phi3":
+            out[layer + "mlp.gate_proj.weight"], out[layer + "mlp.up_proj.weight"] = gate_up.chunk(2)
         out[layer + "mlp.down_proj.weight"] = state[block + "mlp.down.weight"]
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = state["lm_head.weight"]

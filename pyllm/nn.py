@@ -37,6 +37,178 @@ class SwiGLUMLP(nn.Module):
         return self.down(h)  # (..., dim)
 
 
+def _swiglu(h: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of h = [gate | up] (..., 2 * hidden): the kernel where there is one."""
+    if _swiglu_takes(h):
+        return swiglu_packed(h)
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+class MoEMLP(nn.Module):
+    """A mixture of SwiGLU experts (Mixtral, Qwen3-MoE, OLMoE): a linear router scores the n_experts
+    experts for each token, which goes through its top_k best; their outputs are summed weighted by
+    the router's softmax probabilities, renormalized over the chosen ones when norm_topk_prob
+    (Mixtral's and Qwen3-MoE-30B's; OLMoE's are not). Each expert is a SwiGLUMLP whose weights are
+    one slice of gate_up (E, 2 * hidden, dim) = [W_gate; W_up] and down (E, dim, hidden): one
+    parameter each for all experts (transformers 5's layout; FSDP shards it like any other).
+
+    The tokens are sorted by expert and each expert runs one matmul on its contiguous share (the
+    shares' sizes read on the host: free on the CPU, a sync per layer on CUDA), then the weighted
+    outputs are added back to their tokens. A few tokens on CUDA (decoding: N * top_k <= E, or
+    during CUDA-graph capture) take the gathered path instead, which reads each chosen expert's
+    weights per token with no host read.
+
+    After each forward in training with autograd on, `stats` holds the router's statistics for the
+    load-balancing loss (LLM.router_aux_loss): top-k picks per expert (E,), summed probabilities
+    (E,), tokens."""
+
+    def __init__(self, dim: int, hidden_dim: int, n_experts: int, top_k: int, norm_topk_prob: bool = True,
+                 device=None, dtype=None):
+        super().__init__()
+        self.dim, self.hidden_dim, self.n_experts, self.top_k = dim, hidden_dim, n_experts, top_k
+        self.norm_topk_prob = norm_topk_prob
+        self.router = nn.Linear(dim, n_experts, bias=False, device=device, dtype=dtype)
+        self.gate_up = nn.Parameter(torch.empty(n_experts, 2 * hidden_dim, dim, device=device, dtype=dtype))
+        self.down = nn.Parameter(torch.empty(n_experts, dim, hidden_dim, device=device, dtype=dtype))
+        for w in (self.gate_up, self.down):  # each expert as nn.Linear draws its weights
+            for e in range(n_experts):
+                nn.init.kaiming_uniform_(w.data[e], a=math.sqrt(5))
+        self.stats = None
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (N, dim) -> router probabilities (N, E) in fp32 (or fp64), chosen experts (N, k), their
+        weights (N, k), renormalized over the k when norm_topk_prob."""
+        logits = self.router(x)  # (N, E)
+        probs = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(-1)
+        weights, experts = probs.topk(self.top_k, dim=-1)  # (N, k) each
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(-1, keepdim=True)
+        return probs, experts, weights
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, self.dim)  # (N, C)
+        probs, experts, weights = self.route(x)
+        if self.training and torch.is_grad_enabled():
+            picks = torch.bincount(experts.flatten(), minlength=self.n_experts)  # (E,)
+            self.stats = (picks, probs.sum(0), x.shape[0])
+        gathered = x.is_cuda and (x.shape[0] * self.top_k <= self.n_experts or torch.cuda.is_current_stream_capturing())
+        y = (moe_experts_gathered if gathered else moe_experts_sorted)(x, experts, weights, self.gate_up, self.down)
+        return y.reshape(*shape[:-1], y.shape[-1])
+
+
+def moe_experts_sorted(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
+                       down: torch.Tensor) -> torch.Tensor:
+    """sum_j weights[n, j] * expert_{experts[n, j]}(x[n]) for each token n of x (N, C), experts and
+    weights (N, k): the tokens sorted by expert, one matmul pair per expert that has any (an expert
+    with none does nothing; its weights get zero gradients). Under autocast the matmuls run in its
+    dtype, as nn.Linear's would."""
+    N, k = experts.shape
+    if N == 0:
+        return x.new_zeros(0, down.shape[1])
+    flat = experts.flatten()  # (N * k,) in token order
+    order = flat.argsort(stable=True)  # the (token, choice) pairs grouped by expert
+    counts = torch.bincount(flat, minlength=gate_up.shape[0]).tolist()
+    token = order // k
+    if torch.is_autocast_enabled(x.device.type):  # the casts outside: their backward gives fp32 masters their grads
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, gate_up, down = x.to(dtype), gate_up.to(dtype), down.to(dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        ys = _SortedExperts.apply(x[token], gate_up, down, counts)  # (N * k, C)
+    ys = ys * weights.flatten()[order, None].to(ys.dtype)
+    return ys.new_zeros(N, ys.shape[1]).index_add_(0, token, ys)
+
+
+def _swiglu_into(h: torch.Tensor, out: torch.Tensor) -> None:
+    if _swiglu_takes(h):
+        swiglu_ops.swiglu_packed_forward_into(h, out)
+    else:
+        gate, up = h.chunk(2, dim=-1)
+        torch.mul(F.silu(gate), up, out=out)
+
+
+def _swiglu_backward_into(d_out: torch.Tensor, h: torch.Tensor, dh: torch.Tensor) -> None:
+    if _swiglu_takes(h):
+        swiglu_ops.swiglu_packed_backward_into(d_out, h, dh)
+    else:
+        gate, up = h.chunk(2, dim=-1)
+        sig = torch.sigmoid(gate)
+        dh[:, h.shape[1] // 2:] = d_out * gate * sig
+        dh[:, :h.shape[1] // 2] = d_out * up * sig * (1 + gate * (1 - sig))
+
+
+class _SortedExperts(torch.autograd.Function):
+    """Each expert e on its contiguous share of xs (S, C) (counts[e] rows, in expert order):
+    down_e(silu(xs W_gate,e^T) * (xs W_up,e^T)). Every matmul writes into one (S, ...) or (E, ...)
+    tensor in place (torch.mm's out=), where autograd through per-expert F.linear calls would
+    concatenate the experts' outputs and stack their weight gradients (a copy of every expert's
+    gradient: 25% of a training step's time here, bench_moe). Saves xs and the gate / up
+    projections; recomputes the SwiGLU in the backward. Weight gradients only when asked for
+    (frozen experts: LoRA)."""
+
+    @staticmethod
+    def forward(ctx, xs, gate_up, down, counts):
+        S, H = xs.shape[0], down.shape[2]
+        h = xs.new_empty(S, 2 * H)  # each row's [gate | up]
+        act = xs.new_empty(S, H)
+        ys = xs.new_empty(S, down.shape[1])
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                rows = slice(start, start + n)
+                torch.mm(xs[rows], gate_up[e].t(), out=h[rows])
+                _swiglu_into(h[rows], act[rows])
+                torch.mm(act[rows], down[e].t(), out=ys[rows])
+                start += n
+        ctx.save_for_backward(xs, gate_up, down, h)
+        ctx.counts = counts
+        return ys
+
+    @staticmethod
+    def backward(ctx, d_ys):
+        xs, gate_up, down, h = ctx.saved_tensors
+        need_x, need_gate_up, need_down = ctx.needs_input_grad[:3]
+        d_ys = d_ys.contiguous()
+        d_xs = torch.empty_like(xs) if need_x else None
+        d_gate_up = torch.empty_like(gate_up) if need_gate_up else None
+        d_down = torch.empty_like(down) if need_down else None
+        H = down.shape[2]
+        act, d_act, dh = (xs.new_empty(max(ctx.counts), width) for width in (H, H, 2 * H))  # one expert's rows
+        start = 0
+        for e, n in enumerate(ctx.counts):
+            if not n:  # an expert no token went to
+                for grad in (d_gate_up, d_down):
+                    if grad is not None:
+                        grad[e].zero_()
+                continue
+            rows = slice(start, start + n)
+            if need_down:
+                _swiglu_into(h[rows], act[:n])
+                torch.mm(d_ys[rows].t(), act[:n], out=d_down[e])
+            torch.mm(d_ys[rows], down[e], out=d_act[:n])
+            _swiglu_backward_into(d_act[:n], h[rows], dh[:n])
+            if need_gate_up:
+                torch.mm(dh[:n].t(), xs[rows], out=d_gate_up[e])
+            if need_x:
+                torch.mm(dh[:n], gate_up[e], out=d_xs[rows])
+            start += n
+        return d_xs, d_gate_up, d_down, None
+
+
+def moe_experts_gathered(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
+                         down: torch.Tensor) -> torch.Tensor:
+    """moe_experts_sorted's function with no host read and no data-dependent shape: each (token,
+    choice) pair's expert weights gathered, (N * k, 2 * hidden, C) and (N * k, C, hidden), and
+    batched matmuls. For a few tokens (decoding; CUDA graphs): its memory is N * k experts."""
+    N, k = experts.shape
+    flat = experts.flatten()  # (N * k,)
+    xs = x.repeat_interleave(k, dim=0)  # (N * k, C)
+    h = _swiglu(torch.bmm(gate_up[flat], xs[:, :, None]).squeeze(-1))  # (N * k, hidden)
+    ys = torch.bmm(down[flat], h[:, :, None]).squeeze(-1)  # (N * k, C)
+    return (ys * weights.flatten()[:, None].to(ys.dtype)).view(N, k, -1).sum(1)
+
+
 class LoRALinear(nn.Module):
     """A frozen linear layer plus a trainable low-rank update (LoRA, Hu et al. 2021):
     y = x W^T + b + (alpha / rank) * (dropout(x) A^T) B^T, with A (rank, in) drawn as nn.Linear draws
@@ -124,6 +296,16 @@ def merge_lora(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
     return merged.to(torch.promote_types(weight.dtype, lora_a.dtype))
 
 
+def _rows_times(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b for a chunk a of a few rows or more. Under 4 rows padded to 4 with zeros: the CPU BLAS
+    takes 1-3 rows as matrix-vector products, which round worse than its matrix products on some
+    CPUs (AMD EPYC: dx of a 1000-long sum at 5.7e-7 against 2.4e-7 relative, fp32), enough to
+    leave twice torch's own error in the fused losses' one-row chunks."""
+    if a.shape[0] >= 4 or not a.is_cpu:
+        return a @ b
+    return (torch.cat([a, a.new_zeros(4 - a.shape[0], a.shape[1])]) @ b)[:a.shape[0]]
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """sum over rows of cross_entropy(x W^T, targets) (targets -1 ignored), its gradients computed
     in the forward, chunk by chunk (Liger-Kernel's fused linear cross-entropy, in torch ops): the
@@ -154,7 +336,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad.mul_(valid[:, None])
                 grad = grad.to(x.dtype)
                 if need_x:
-                    grad_x[start:start + chunk_rows] = grad @ weight
+                    grad_x[start:start + chunk_rows] = _rows_times(grad, weight)
                 if need_w:  # fp32 accumulation over chunks (a 16-bit chunk product rounds once)
                     if x.dtype == grad_w.dtype:
                         grad_w.addmm_(grad.t(), xc)
@@ -234,7 +416,7 @@ class _LinearTokenLogps(torch.autograd.Function):
             grad.scatter_add_(1, tc.clamp(min=0)[:, None], g[:, None])
             grad = grad.to(x.dtype)
             if need_x:
-                grad_x[rows] = grad @ weight
+                grad_x[rows] = _rows_times(grad, weight)
             if need_w:
                 if x.dtype == grad_w.dtype:
                     grad_w.addmm_(grad.t(), xc)

@@ -749,6 +749,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=info.device)
+        aux_sum = torch.zeros((), device=info.device)  # the part of loss_sum that is load balancing (MoE)
         pref_sums = torch.zeros(3, device=info.device)  # mean chosen reward, rejected reward, accuracy
         batches, weights, lengths, outputs = next_batches(loader, cfg.grad_accum, info.world_size)
         for micro, batch in enumerate(batches):
@@ -763,6 +764,11 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
                     loss = packed_loss(wrapped, batch)
                 else:
                     loss = wrapped(*batch)[1]
+                if model.aux_loss is not None:  # a MoE's load balancing (in the loss unless the forward was per token)
+                    if cfg.preference or (weights is not None and not cfg.fused_loss):
+                        loss = loss + model.aux_loss
+                    aux = model.aux_loss.detach()
+                    aux_sum += aux / cfg.grad_accum if weights is None else aux * weights[micro]
                 loss = loss / cfg.grad_accum if weights is None else loss * weights[micro]
             (scaler.scale(loss) if scaler else loss).backward()
             loss_sum += loss.detach()
@@ -793,6 +799,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
                   "mfu": mfu, "skipped": not stepped}
         if scaler:
             record["loss_scale"] = scaler.get_scale()
+        if mcfg.n_experts and mcfg.router_aux_loss_coef:
+            record["aux_loss"] = float(all_reduce_mean(aux_sum, info))
         if cfg.preference:
             chosen, rejected, accuracy = all_reduce_mean(pref_sums, info).tolist()
             record.update(reward_chosen=chosen, reward_rejected=rejected, reward_margin=chosen - rejected,

@@ -68,7 +68,19 @@ def ref_attention(cfg, x, sd, prefix, layer):
     return ref_linear(y, sd, prefix + ".proj")
 
 
-def ref_mlp(cfg, x, sd, prefix):
+def ref_mlp(cfg, x, sd, prefix, router_probs=None):
+    if cfg.n_experts:  # every expert on every token, each weighted by its router weight (0 unless chosen)
+        probs = ref_linear(x, sd, prefix + ".router").softmax(-1)  # (B, T, E)
+        if router_probs is not None:
+            router_probs.append(probs.reshape(-1, cfg.n_experts))
+        top, chosen = probs.topk(cfg.experts_per_token, dim=-1)
+        if cfg.norm_topk_prob:
+            top = top / top.sum(-1, keepdim=True)
+        out = torch.zeros_like(x)
+        for e in range(cfg.n_experts):
+            gate, up = (x @ sd[prefix + ".gate_up"][e].T).chunk(2, dim=-1)
+            out += (top * (chosen == e)).sum(-1, keepdim=True) * ((F.silu(gate) * up) @ sd[prefix + ".down"][e].T)
+        return out
     if cfg.mlp in ("swiglu", "geglu"):
         gate, up = ref_linear(x, sd, prefix + ".gate_up").chunk(2, dim=-1)
         act = F.silu(gate) if cfg.mlp == "swiglu" else F.gelu(gate, approximate="tanh")
@@ -76,7 +88,14 @@ def ref_mlp(cfg, x, sd, prefix):
     return ref_linear(F.gelu(ref_linear(x, sd, prefix + ".up"), approximate="tanh"), sd, prefix + ".down")
 
 
-def ref_forward(cfg, sd, idx):
+def ref_router_aux_loss(cfg, router_probs):
+    """transformers' load_balancing_loss_func over all layers' tokens: E * sum_e f_e * P_e."""
+    probs = torch.cat(router_probs)  # (L * N, E)
+    picks = F.one_hot(probs.topk(cfg.experts_per_token, dim=-1).indices, cfg.n_experts).sum(1)  # (L * N, E)
+    return cfg.n_experts * (picks.double().mean(0) * probs.mean(0)).sum()
+
+
+def ref_forward(cfg, sd, idx, router_probs=None):
     x = sd["tok_emb.weight"][idx] * (math.sqrt(cfg.dim) if cfg.embed_scale else 1.0)
     if cfg.positions == "learned":
         x = x + sd["pos_emb.weight"][: idx.shape[1]]
@@ -89,7 +108,7 @@ def ref_forward(cfg, sd, idx):
             x = x + ref_attention(cfg, h, sd, p + ".attn", i) + ref_mlp(cfg, h, sd, p + ".mlp")
         else:
             x = x + out_norm(ref_attention(cfg, h, sd, p + ".attn", i), ".attn_out_norm")
-            x = x + out_norm(ref_mlp(cfg, in_norm(x, ".norm2"), sd, p + ".mlp"), ".mlp_out_norm")
+            x = x + out_norm(ref_mlp(cfg, in_norm(x, ".norm2"), sd, p + ".mlp", router_probs), ".mlp_out_norm")
     x = ref_norm(cfg, x, sd, "norm_f")
     logits = x @ (sd["tok_emb.weight"] if cfg.tie_embeddings else sd["lm_head.weight"]).T
     return logits if cfg.final_softcap is None else cfg.final_softcap * torch.tanh(logits / cfg.final_softcap)
@@ -119,6 +138,10 @@ CONFIGS = {
     # GeGLU, a 4-key window in layer 0
     "softcap": dict(SMALL, n_kv_heads=2, mlp="geglu", embed_scale=True, sandwich_norm=True, softmax_scale=0.1,
                     sliding_window=4, window_layers=[0], attn_softcap=1.5, final_softcap=2.5),
+    # Mixtral's: 5 experts, 2 per token
+    "moe": dict(SMALL, n_kv_heads=2, n_experts=5, experts_per_token=2),
+    # OLMoE's: 3 of 4 experts, the chosen weights not renormalized
+    "moe-unnormalized": dict(SMALL, n_kv_heads=2, n_experts=4, experts_per_token=3, norm_topk_prob=False),
 }
 
 
@@ -139,15 +162,28 @@ def test_forward_matches_reference(name):
     idx = torch.randint(0, cfg.vocab_size, (2, 17))
     targets = torch.randint(0, cfg.vocab_size, (2, 17))
     logits, loss = model(idx, targets)
-    ref = ref_forward(cfg, sd, idx)
+    router_probs = []
+    ref = ref_forward(cfg, sd, idx, router_probs)
     assert logits.shape == (2, 17, cfg.vocab_size)
     assert rel_err(logits, ref) < 1e-12
     ref_loss = F.cross_entropy(ref.reshape(-1, cfg.vocab_size), targets.reshape(-1))
+    if cfg.n_experts:  # training adds the weighted load-balancing loss; its gradient reaches the routers
+        ref_aux = ref_router_aux_loss(cfg, router_probs)
+        assert abs(model.aux_loss.item() - cfg.router_aux_loss_coef * ref_aux.item()) < 1e-12
+        ref_loss = ref_loss + cfg.router_aux_loss_coef * ref_aux
+        router, live = model.blocks[0].mlp.router.weight, []  # the reference on the parameters themselves
+        ref_forward(cfg, model.state_dict(keep_vars=True), idx, live)
+        aux_grad, = torch.autograd.grad(model.aux_loss, router, retain_graph=True)
+        ref_grad, = torch.autograd.grad(cfg.router_aux_loss_coef * ref_router_aux_loss(cfg, live), router)
+        assert rel_err(aux_grad, ref_grad) < 1e-10
+        with torch.no_grad():  # none in eval
+            assert abs(model.eval()(idx, targets)[1].item() - (loss - cfg.router_aux_loss_coef * ref_aux).item()) < 1e-10
+            assert model.aux_loss is None
     assert abs(loss.item() - ref_loss.item()) < 1e-10
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2", "palm-mqa", "window", "qk-norm-window-nope", "gemma-style",
-                                  "olmo-style", "softcap"])
+                                  "olmo-style", "softcap", "moe"])
 def test_cached_forward_matches_full(name):
     cfg = ModelConfig(**CONFIGS[name])
     model = randomized(cfg).eval()
@@ -163,7 +199,7 @@ def test_cached_forward_matches_full(name):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
-@pytest.mark.parametrize("name", ["llama", "gpt2", "palm-mqa", "window", "gemma-style", "olmo-style", "softcap"])
+@pytest.mark.parametrize("name", ["llama", "gpt2", "palm-mqa", "window", "gemma-style", "olmo-style", "softcap", "moe"])
 def test_decode_step_at_device_positions_matches_forward_cached(name, dtype):
     # decode_step (positions in an int32 tensor, never read on the host: what a CUDA graph replays)
     # computes forward_cached's logits bitwise, on pyllm's kernels (fp32, bf16) and on SDPA (fp64),
@@ -194,7 +230,7 @@ def test_decode_step_at_device_positions_matches_forward_cached(name, dtype):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("name", ["llama", "gpt2", "window"])
+@pytest.mark.parametrize("name", ["llama", "gpt2", "window", "moe"])
 def test_generate_with_a_cuda_graph_gives_the_same_tokens(name):
     # cuda_graph replays decode_step captured once: the same greedy tokens as the eager steps, also
     # past block_size (the restart from the recent half runs eagerly, then the graph goes on), and
@@ -215,7 +251,7 @@ def test_generate_with_a_cuda_graph_gives_the_same_tokens(name):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
-@pytest.mark.parametrize("name", ["llama", "gpt2", "window", "gemma-style", "softcap"])
+@pytest.mark.parametrize("name", ["llama", "gpt2", "window", "gemma-style", "softcap", "moe"])
 def test_generate_batch_of_ragged_prompts_matches_each_alone(name, dtype):
     # Prompts of 3, 7 and 5 tokens in one batch, no padding: greedy, each row continues as generate()
     # continues that prompt alone; stop tokens cut each row after its own first one.
@@ -259,7 +295,7 @@ def test_generate_with_cache_equals_without(name):
 
 
 @pytest.mark.parametrize("device", CPU_AND_CUDA)
-@pytest.mark.parametrize("name", ["gqa-untied", "palm-mqa", "qk-norm-window-nope", "gemma-style"])
+@pytest.mark.parametrize("name", ["gqa-untied", "palm-mqa", "qk-norm-window-nope", "gemma-style", "moe"])
 def test_bf16_forward_and_kv_cache_within_twice_torchs_error(device, name, monkeypatch):
     # The model in bf16 on pyllm's kernels (flash attention, its KV-cache decode, SwiGLU) against
     # the float64 model, within twice the error of the same bf16 model on torch's own functions
@@ -365,12 +401,14 @@ def separately(model, idx, targets, lengths=PACKED_LENGTHS):
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2", "window", "qk-norm-window-nope", "gemma-style", "olmo-style",
-                                  "head-dim-80", "softcap"])
+                                  "head-dim-80", "softcap", "moe"])
 def test_packed_documents_compute_as_if_alone(name):
     # LLM.forward(idx, targets, cu_seqlens): every document's logits, loss and gradients are those
     # of the document run alone (positions from 0, attention within it), in float64 on the CPU
     # kernels (SDPA with a block-diagonal mask for head dim 80, which has no kernel).
-    cfg = ModelConfig(**(dict(SMALL, n_heads=2, head_dim=80, n_kv_heads=1) if name == "head-dim-80" else CONFIGS[name]))
+    # (The load-balancing loss of a MoE is one statistic of the whole batch, not a sum over its documents: off.)
+    cfg = ModelConfig(**(dict(SMALL, n_heads=2, head_dim=80, n_kv_heads=1) if name == "head-dim-80" else CONFIGS[name]),
+                      **({"router_aux_loss_coef": 0.0} if name == "moe" else {}))
     model = randomized(cfg)
     idx = torch.randint(0, cfg.vocab_size, (2, PACKED_T))
     targets = torch.randint(0, cfg.vocab_size, (2, PACKED_T))
@@ -515,7 +553,7 @@ def test_sample_top_k_top_p():
     assert draws == {1}  # p(1) = 0.64 alone crosses 0.5
 
 
-@pytest.mark.parametrize("name", ["gpt2", "qk-norm-window-nope"])
+@pytest.mark.parametrize("name", ["gpt2", "qk-norm-window-nope", "moe"])
 def test_save_load_roundtrip(tmp_path, name):
     cfg = ModelConfig(**CONFIGS[name])
     model = LLM(cfg)
@@ -532,7 +570,7 @@ def test_save_load_roundtrip(tmp_path, name):
         LLM.load(tmp_path / "bad.safetensors")
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2", "gqa-untied"])
+@pytest.mark.parametrize("name", ["llama", "gpt2", "gqa-untied", "moe"])
 def test_lora(name, tmp_path):
     # LoRA (add_lora): only the updates train; the model starts as it was (bitwise: B = 0); a
     # trained update saves merged into plain weights that compute what the LoRA model does.
@@ -546,7 +584,8 @@ def test_lora(name, tmp_path):
     model.add_lora(4, 8.0)
     assert torch.equal(model(idx)[0], before)
     loras = [m for m in model.modules() if isinstance(m, LoRALinear)]
-    assert len(loras) == 4 * model.config.n_layers and model.lora_scale() == 2.0
+    per_block = 2 if model.config.n_experts else 4  # qkv, proj (a MoE's experts and router take none), gate_up, down
+    assert len(loras) == per_block * model.config.n_layers and model.lora_scale() == 2.0
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {n for n in model.state_dict() if n.endswith((".lora_a", ".lora_b"))}
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == sum(
@@ -719,7 +758,7 @@ def test_linear_token_logps_matches_float64(device, dtype, chunk_rows):
         assert rel_err(got, exact) <= tolerance(torch_value, exact), name
 
 
-@pytest.mark.parametrize("name", ["llama", "gqa-untied", "gpt2"])
+@pytest.mark.parametrize("name", ["llama", "gqa-untied", "gpt2", "moe"])
 def test_per_token_logps_of_the_model(name):
     # forward(..., per_token=True): each target's log-probability, 0 where -1, the same with
     # fused_loss (no logits) to fp64 rounding, gradients too; summed per document by sequence_logps.
@@ -750,7 +789,7 @@ def test_per_token_logps_of_the_model(name):
         assert rel_err(f, g) < 1e-12
 
 
-@pytest.mark.parametrize("name", ["llama", "gqa-untied", "gpt2"])
+@pytest.mark.parametrize("name", ["llama", "gqa-untied", "gpt2", "moe"])
 def test_fused_loss_gives_the_model_loss_and_gradients(name):
     # LLM.fused_loss: the same loss and gradients (fp64: to rounding), tied or untied output layer,
     # no logits returned; with LoRA the frozen output layer takes no gradient.
@@ -943,6 +982,19 @@ def hf_models():
             num_key_value_heads=2, head_dim=32, max_position_embeddings=64, sliding_window=5, query_pre_attn_scalar=24,
             attn_logit_softcapping=2.0, final_logit_softcapping=3.0, pad_token_id=None, bos_token_id=None,
             eos_token_id=None)),
+        # Mixtures of experts (transformers' eager experts: its grouped_mm takes no fp64): 4 experts, 2 per
+        # token (renormalized), a 6-key window in every layer
+        "mixtral": transformers.MixtralForCausalLM(transformers.MixtralConfig(
+            **llama, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, sliding_window=6,
+            experts_implementation="eager")),
+        # Qwen3-MoE-30B's routing (norm_topk_prob), experts of moe_intermediate_size, per-head q / k norms
+        "qwen3-moe": transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
+            **llama, head_dim=32, num_key_value_heads=2, num_experts=5, num_experts_per_tok=3,
+            moe_intermediate_size=48, norm_topk_prob=True, experts_implementation="eager")),
+        # OLMoE's: the chosen experts' weights not renormalized, q / k norms over all heads
+        "olmoe": transformers.OlmoeForCausalLM(transformers.OlmoeConfig(
+            **llama, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, pad_token_id=None,
+            bos_token_id=None, eos_token_id=None, experts_implementation="eager")),
     }
 
 
@@ -950,8 +1002,9 @@ def hf_models():
 PHI3 = dict(vocab_size=97, hidden_size=128, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, pad_token_id=None, bos_token_id=None,
             eos_token_id=None)
+HF_EAGER_EXPERTS = dict(experts_implementation="eager")  # transformers' default grouped_mm takes no fp64
 HF_NAMES = ["llama-gqa", "llama-tied", "llama3-rope", "qwen2", "gpt2", "qwen3-window", "qwen3", "mistral-window", "smollm3",
-            "phi3-longrope", "phi3", "gemma3", "gemma2", "olmo2"]
+            "phi3-longrope", "phi3", "gemma3", "gemma2", "olmo2", "mixtral", "qwen3-moe", "olmoe"]
 
 
 @pytest.mark.parametrize("name", HF_NAMES)
@@ -989,9 +1042,25 @@ def test_from_hf_refuses_what_it_cannot_compute(tmp_path):
                            (dict(model_type="qwen3", layer_types=["full_attention"]), "layer_types"),
                            (dict(model_type="gemma"), "model_type 'gemma'"),
                            (dict(model_type="gemma2", attention_bias=True), "gemma2 with attention_bias"),
-                           (dict(rope_scaling=dict(rope_type="dynamic", factor=2.0)), "scaled RoPE")]:
+                           (dict(rope_scaling=dict(rope_type="dynamic", factor=2.0)), "scaled RoPE"),
+                           (dict(model_type="mixtral", num_local_experts=4, num_experts_per_tok=2,
+                                 router_jitter_noise=0.1), "router_jitter_noise"),
+                           (dict(model_type="olmoe", num_experts=4, num_experts_per_tok=2, clip_qkv=8.0), "clip_qkv"),
+                           (dict(model_type="qwen3_moe", num_experts=4, num_experts_per_tok=2, mlp_only_layers=[0]),
+                            "mlp_only_layers"),
+                           (dict(model_type="qwen3_moe", num_experts=4, num_experts_per_tok=2, decoder_sparse_step=2),
+                            "decoder_sparse_step")]:
         with pytest.raises(NotImplementedError, match=message):
             config_from_hf({**base, **extra})
+    # transformers adds the load-balancing loss only where the config asks for router logits; Qwen3-MoE's
+    # experts are moe_intermediate_size wide; its window (with use_sliding_window) is in every layer
+    moe = dict(base, model_type="qwen3_moe", num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+               router_aux_loss_coef=0.02, sliding_window=16, use_sliding_window=True)
+    assert (config_from_hf(moe).router_aux_loss_coef, config_from_hf({**moe, "output_router_logits": True})
+            .router_aux_loss_coef) == (0.0, 0.02)
+    qwen3_moe = config_from_hf(moe)
+    assert (qwen3_moe.mlp_hidden, qwen3_moe.n_experts, qwen3_moe.norm_topk_prob) == (32, 8, False)
+    assert (qwen3_moe.sliding_window, qwen3_moe.window_layers) == (16, None)
     assert config_from_hf({**base, "rope_theta": 5e5, "rope_scaling": None}).rope_theta == 5e5  # transformers 4's keys
     assert config_from_hf({**base, "rope_parameters": dict(rope_type="default", rope_theta=5e5)}).rope_theta == 5e5
     with pytest.raises(ValueError, match="needs factor"):
@@ -1046,25 +1115,29 @@ def test_to_hf_writes_what_transformers_loads(name, tmp_path):
         for p in ours.parameters():
             p.add_(torch.randn_like(p) * 0.1)
     ours.to_hf(tmp_path / "out", json.loads((tmp_path / "src/config.json").read_text()))
-    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float64).eval()
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float64,
+                                                             **HF_EAGER_EXPERTS).eval()
     idx = torch.randint(0, 97, (2, 19))
     with torch.no_grad():
         assert rel_err(back(idx).logits, ours(idx)[0]) < (1e-10 if name == "gpt2" else 1e-6)
 
 
-@pytest.mark.parametrize("name, kind", [("gqa-untied", "llama"), ("window", "mistral"), ("gpt2", "gpt2")])
+@pytest.mark.parametrize("name, kind", [("gqa-untied", "llama"), ("window", "mistral"), ("gpt2", "gpt2"),
+                                        ("moe", "mixtral")])
 def test_to_hf_of_a_model_pyllm_trained(name, kind, tmp_path):
     transformers = pytest.importorskip("transformers")
     ours = randomized(ModelConfig(**CONFIGS[name])).eval()
     ours.to_hf(tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == kind
-    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64).eval()
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64, **HF_EAGER_EXPERTS).eval()
     idx = torch.randint(0, 97, (2, 19))
     with torch.no_grad():
         assert rel_err(back(idx).logits, ours(idx)[0]) < 1e-6
     assert LLM.from_hf(tmp_path, dtype=torch.float64).config == ours.config
     with pytest.raises(NotImplementedError, match="neither LLaMA- nor GPT-2-shaped"):
         LLM(ModelConfig(**CONFIGS["gemma-style"])).to_hf(tmp_path / "x")
+    with pytest.raises(NotImplementedError, match="norm_topk_prob=False"):
+        LLM(ModelConfig(**CONFIGS["moe-unnormalized"])).to_hf(tmp_path / "x")
     with pytest.raises(ValueError, match="does not describe"):
         ours.to_hf(tmp_path / "y", {**json.loads((tmp_path / "config.json").read_text()), "vocab_size": 98})
 
@@ -1120,7 +1193,8 @@ def test_gemma3_multimodal_checkpoint_gives_its_language_model(tmp_path):
     with torch.no_grad():
         assert rel_err(ours(idx)[0], theirs(input_ids=idx).logits) < 1e-6
     ours.to_hf(tmp_path / "out", json.loads((tmp_path / "src/config.json").read_text()))
-    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float64).eval()
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float64,
+                                                             **HF_EAGER_EXPERTS).eval()
     assert type(back).__name__ == "Gemma3ForCausalLM"
     with torch.no_grad():
         assert rel_err(back(idx).logits, ours(idx)[0]) < 1e-6

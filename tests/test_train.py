@@ -106,7 +106,8 @@ def test_loss_falls_on_the_gpu(data_dir, tmp_path):
 
 @pytest.mark.parametrize("extra", [dict(), dict(grad_accum=2, schedule="wsd", precision="bf16"), dict(doc_mask=True),
                                    dict(lora_rank=2, lora_targets="q,v,down", lora_dropout=0.2),
-                                   dict(fused_loss=True, precision="bf16")])
+                                   dict(fused_loss=True, precision="bf16"),
+                                   dict(model=dict(TINY, n_experts=4), grad_accum=2)])
 def test_exact_resume(data_dir, tmp_path, extra):
     trainer.train(config(data_dir, tmp_path / "whole", **extra))
     trainer.train(config(data_dir, tmp_path / "cut", **extra), stop_at=6)  # killed after step 5, ckpt at 4
@@ -285,7 +286,7 @@ def run_two_processes(args: dict, timeout: float = 150) -> None:
                                         ("ddp", "conversations"), ("fsdp", "conversations"),
                                         ("zero1", "conversations"), ("ddp", "lora"), ("fsdp", "lora"),
                                         ("zero1", "lora"), ("fsdp", "fused-loss"), ("ddp", "dpo"), ("fsdp", "orpo"),
-                                        ("fsdp", "dpo-lora-off")])
+                                        ("fsdp", "dpo-lora-off"), ("ddp", "moe"), ("fsdp", "moe")])
 def test_two_cpu_processes_match_one_and_resume_exactly(data_dir, chat_dir, pairs_dir, tmp_path, mode, kind):
     """2 gloo processes with batch 2 each = 1 process with batch 4 (to float rounding), both with 2
     micro-steps of gradient accumulation; a 2-process
@@ -298,9 +299,12 @@ def test_two_cpu_processes_match_one_and_resume_exactly(data_dir, chat_dir, pair
     gathered output layer). dpo: preference pairs, the loss a mean over all of a step's pairs, the
     reference log-probabilities computed by both ranks' rows (and kept in the checkpoint); orpo
     likewise without a reference; dpo-lora-off: the reference by the sharded model with its LoRA
-    updates off, at each step."""
+    updates off, at each step. moe: 4 experts, 2 per token, without the load-balancing loss (a
+    statistic of each rank's micro-batch, as transformers and Megatron-LM compute it: not the same
+    on 2 ranks as on 1)."""
     folder = {"conversations": chat_dir, "dpo": pairs_dir, "orpo": pairs_dir, "dpo-lora-off": pairs_dir}.get(kind, data_dir)
-    common = dict(data_dir=str(folder), model=dict(TINY), device="cpu",
+    moe = dict(n_experts=4, router_aux_loss_coef=0.0) if kind == "moe" else {}
+    common = dict(data_dir=str(folder), model=dict(TINY, **moe), device="cpu",
                   max_steps=8, warmup_steps=1, grad_accum=2, eval_every=4, eval_batches=2, ckpt_every=4,
                   progress=False, lr=1e-2, **({"lora_rank": 2, "precision": "bf16"} if kind == "lora" else {}),
                   **({"lora_targets": "q,v,gate,down"} if kind == "lora" and mode == "fsdp" else {}),
@@ -328,7 +332,8 @@ def test_two_cpu_processes_match_one_and_resume_exactly(data_dir, chat_dir, pair
     for i, state in one["optimizer"]["state"].items():
         for key in ("exp_avg", "exp_avg_sq"):
             scale = float(state[key].abs().max())  # moments near 0 differ by rounding relative to the largest
-            near = 1e-2 if rtol > 1e-5 else 1e-4  # bf16: gradients to ~3 significant digits
+            # bf16: gradients to ~3 significant digits (one moment of 768 1.5e-2 of the largest off on an AMD EPYC)
+            near = 2e-2 if rtol > 1e-5 else 1e-4
             torch.testing.assert_close(a["optimizer"]["state"][i][key], state[key], rtol=1e-3, atol=near * scale)
             assert torch.equal(a["optimizer"]["state"][i][key], b["optimizer"]["state"][i][key])
 
@@ -562,6 +567,27 @@ def test_multiple_choice_eval_while_training(data_dir, tmp_path):
     assert (log[-1]["choices_acc"], log[-1]["choices_acc_norm"]) == (score["acc"], score["acc_norm"])
     with pytest.raises(ValueError, match="longer than the model's block_size 16"):
         trainer.train(config(data_dir, tmp_path / "short", eval_choices=str(tmp_path / "choices.bin")))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_moe_trains_with_its_load_balancing_loss(data_dir, chat_dir, tmp_path, fused):
+    # A mixture of experts learns; the load-balancing term is logged as aux_loss, part of loss, in
+    # windows (the model's loss) and in packed conversations (the per-token loss, or the fused one,
+    # plus the term): loss - aux_loss does not depend on the coefficient at step 0.
+    model = dict(TINY, n_experts=4, experts_per_token=2)
+    trainer.train(config(data_dir, tmp_path / "windows", model=model, max_steps=30, fused_loss=fused))
+    records = [json.loads(line) for line in (tmp_path / "windows/log.jsonl").read_text().splitlines()]
+    assert np.mean([r["loss"] for r in records[-5:]]) < np.mean([r["loss"] for r in records[:5]]) - 1.0
+    assert all(0.015 < r["aux_loss"] < 0.03 for r in records)  # 0.01 x about top_k = 2: kept near even
+    assert abs(np.mean([r["aux_loss"] for r in records[-5:]]) - 0.02) < 0.001
+    first = {}
+    for coef in (0.0, 1.0):
+        out = tmp_path / f"chats-{coef}"
+        trainer.train(config(chat_dir, out, model=dict(model, router_aux_loss_coef=coef), max_steps=1,
+                             fused_loss=fused))
+        first[coef] = json.loads((out / "log.jsonl").read_text().splitlines()[0])
+    assert "aux_loss" not in first[0.0] and first[1.0]["aux_loss"] >= 2.0
+    assert first[1.0]["loss"] - first[1.0]["aux_loss"] == pytest.approx(first[0.0]["loss"], rel=1e-6)
 
 
 def test_packed_loss_is_the_models_loss(chat_dir):

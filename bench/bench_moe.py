@@ -1,0 +1,109 @@
+"""A mixture-of-experts layer: pyllm's nn.MoEMLP vs transformers' Qwen3-MoE block, one process.
+
+The same router and expert weights in both, bf16, side by side: a training step's forward +
+backward (input and weight gradients) over a micro-batch of tokens, a prefill's forward, and
+decoding's forward of a few tokens. transformers is measured with each of its expert
+implementations that runs here (eager: a loop over the experts hit; grouped_mm: torch's grouped
+GEMM; batched_mm: each token's expert weights gathered). Shape: OLMoE-1B-7B's routing (64 experts,
+8 per token) at half its width (dim 1024, expert hidden 512) by default, so that a 2-core machine
+runs it in seconds. FLOP/s count the matmuls of the experts a token goes through (forward 6 * dim
+* hidden per token and choice, forward + backward 3x that).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+from pyllm.nn import MoEMLP  # noqa: E402
+
+
+def their_block(transformers, ours: MoEMLP, implementation: str):
+    cfg = transformers.Qwen3MoeConfig(hidden_size=ours.dim, moe_intermediate_size=ours.hidden_dim,
+                                      num_experts=ours.n_experts, num_experts_per_tok=ours.top_k,
+                                      norm_topk_prob=ours.norm_topk_prob, experts_implementation=implementation)
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
+    block = Qwen3MoeSparseMoeBlock(cfg).to(ours.gate_up.dtype)
+    with torch.no_grad():
+        block.gate.weight.copy_(ours.router.weight)
+        block.experts.gate_up_proj.copy_(ours.gate_up)
+        block.experts.down_proj.copy_(ours.down)
+    return block
+
+
+def main() -> int:
+    parser = common.base_parser(__doc__)
+    parser.add_argument("--dim", type=int, default=1024)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--experts", type=int, default=64)
+    parser.add_argument("--top-k", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=2048, help="tokens of a training micro-batch / prefill")
+    parser.add_argument("--repeat", type=int, default=7)
+    args = parser.parse_args()
+    transformers = common.peer_module("transformers", "bench_moe", "transformers is not installed: no peer to measure")
+    if transformers is None:
+        return 0
+    device, dtype = args.device, torch.bfloat16
+    torch.manual_seed(0)
+    ours = MoEMLP(args.dim, args.hidden, args.experts, args.top_k, norm_topk_prob=False).to(device, dtype)
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.normal_(0, 0.02)
+    impls = {"pyllm": ours}
+    for name in ("eager", "grouped_mm", "batched_mm"):
+        impls[f"transformers {name}"] = their_block(transformers, ours, name).to(device)
+    print(f"# MoE layer on {common.device_description(device)}: dim {args.dim}, {args.experts} experts of "
+          f"{args.hidden}, {args.top_k} per token, bf16")
+    rows = []
+    for mode, tokens in (("train fwd+bwd", args.tokens), ("prefill fwd", args.tokens), ("decode fwd", 1),
+                         ("decode fwd", 8)):
+        if args.quick and tokens == args.tokens and mode == "prefill fwd":
+            continue
+        x = torch.randn(1, tokens, args.dim, device=device, dtype=dtype)
+        runs, outs, failed = {}, {}, {}
+        for name, block in impls.items():
+            def run(block=block, name=name):
+                if mode == "train fwd+bwd":
+                    xg = x.detach().requires_grad_()
+                    out = block(xg)
+                    out.float().square().sum().backward()
+                    for p in block.parameters():
+                        p.grad = None
+                else:
+                    with torch.no_grad():
+                        out = block(x)
+                outs[name] = out.detach()
+            try:
+                run()
+            except Exception as e:  # an implementation that does not run on this device / dtype
+                failed[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
+                continue
+            runs[name] = run
+        repeat = args.repeat if tokens > 1 else 10 * args.repeat
+        seconds = common.interleaved_seconds(runs, repeat, device)
+        flops = 6 * args.dim * args.hidden * tokens * args.top_k * (3 if mode.startswith("train") else 1)
+        base = seconds["pyllm"]
+        for name in impls:
+            row = {"mode": mode, "tokens": tokens, "impl": name}
+            if name in failed:
+                row["error"] = failed[name]
+            else:
+                ref = outs["transformers eager"].float()
+                row.update(ms=round(seconds[name] * 1e3, 3), gflops=round(flops / seconds[name] / 1e9, 1),
+                           speedup_of_pyllm=round(seconds[name] / base, 2),
+                           max_rel_diff=float(f"{((outs[name].float() - ref).abs().max() / ref.abs().max()).item():.2e}"))
+            rows.append(row)
+    common.print_table(rows, ["mode", "tokens", "impl", "ms", "gflops", "speedup_of_pyllm", "max_rel_diff", "error"])
+    common.write_json(args.json, "moe", device, rows, {"dim": args.dim, "hidden": args.hidden, "experts": args.experts,
+                                                       "top_k": args.top_k, "dtype": "bf16",
+                                                       "transformers": transformers.__version__})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

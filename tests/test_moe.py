@@ -1,0 +1,163 @@
+"""nn.MoEMLP (mixtures of experts) against a float64 reference that runs every expert on every token."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pyllm.model import LLM, ModelConfig
+from pyllm.nn import MoEMLP, moe_experts_gathered, moe_experts_sorted
+
+from helpers import CPU_AND_CUDA, rel_err, tolerance
+
+
+def reference(x, router, gate_up, down, top_k, norm_topk_prob):
+    """Each expert on every token, weighted by its router weight (0 where it was not chosen)."""
+    probs = (x @ router.T).softmax(-1)  # (N, E)
+    top, chosen = probs.topk(top_k, dim=-1)
+    if norm_topk_prob:
+        top = top / top.sum(-1, keepdim=True)
+    out = torch.zeros(x.shape[0], down.shape[1], dtype=x.dtype, device=x.device)
+    for e in range(gate_up.shape[0]):
+        gate, up = (x @ gate_up[e].T).chunk(2, dim=-1)
+        out = out + (top * (chosen == e)).sum(-1, keepdim=True).to(x.dtype) * ((F.silu(gate) * up) @ down[e].T)
+    return out
+
+
+def random_moe(n_experts=6, top_k=2, norm_topk_prob=True, dim=48, hidden=40, device="cpu"):
+    torch.manual_seed(0)
+    moe = MoEMLP(dim, hidden, n_experts, top_k, norm_topk_prob).double().to(device)
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(0, 0.3)
+    return moe
+
+
+def weights64(moe):
+    return [w.detach().double().cpu().requires_grad_() for w in (moe.router.weight, moe.gate_up, moe.down)]
+
+
+@pytest.mark.parametrize("n_experts, top_k, norm", [(6, 2, True), (6, 2, False), (4, 1, True), (3, 3, True)])
+@pytest.mark.parametrize("path", [moe_experts_sorted, moe_experts_gathered], ids=["sorted", "gathered"])
+def test_float64_forward_and_gradients_match_the_reference(n_experts, top_k, norm, path, monkeypatch):
+    # Every path the layer takes (tokens sorted by expert; weights gathered per token) computes the
+    # reference's outputs and all gradients (input, router, experts) in float64, with experts that
+    # get no token (5 tokens x 1 of 4 experts leaves some idle: their gradients are zeros).
+    import pyllm.nn
+
+    moe = random_moe(n_experts, top_k, norm)
+    monkeypatch.setattr(pyllm.nn, "moe_experts_sorted", path)  # the path forward takes on the CPU
+    for n in (5, 37):
+        x = torch.randn(n, 48, dtype=torch.float64, requires_grad=True)
+        dy = torch.randn(n, 48, dtype=torch.float64)
+        out = moe(x)
+        grads = torch.autograd.grad(out, [x, moe.router.weight, moe.gate_up, moe.down], dy)
+        x64, ws = x.detach().clone().requires_grad_(), weights64(moe)
+        ref = reference(x64, *ws, top_k, norm)
+        want = torch.autograd.grad(ref, [x64, *ws], dy)
+        assert rel_err(out, ref) < 1e-13
+        for got, exp in zip(grads, want):  # (atol: top_k 1 renormalized, a weight of 1, the router's gradient roundoff)
+            torch.testing.assert_close(got, exp, rtol=1e-10, atol=1e-12)
+    idle = torch.ones(n_experts, dtype=torch.bool)
+    idle[moe.route(x.detach()[:5])[1].flatten()] = False
+    if idle.any():  # the first 5 tokens alone: the idle experts' gradients are exactly 0
+        out = moe(x.detach()[:5])
+        g, = torch.autograd.grad(out, moe.gate_up, dy[:5])
+        assert not g[idle].any() and g[~idle].abs().sum(dim=(1, 2)).all()
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_low_precision_within_twice_torchs_error(device, dtype):
+    # The layer in dtype (the swiglu kernel between the matmuls) against float64, within twice the
+    # error of the reference run in dtype by torch: the same router matmul in both, so the same
+    # experts are chosen even where float64 would choose otherwise.
+    moe = random_moe(n_experts=8, top_k=2, device=device).to(dtype)
+    x = torch.randn(300, 48, device=device).to(dtype).requires_grad_()
+    dy = torch.randn(300, 48, device=device).to(dtype)
+    out = moe(x)
+    dx, dgate_up = torch.autograd.grad(out, [x, moe.gate_up], dy)
+    ws = [w.detach().requires_grad_() for w in (moe.router.weight, moe.gate_up, moe.down)]
+    xt = x.detach().clone().requires_grad_()
+    theirs = reference(xt, *ws, 2, True)
+    their_dx, their_dgate_up = torch.autograd.grad(theirs, [xt, ws[1]], dy)
+    # float64 with the experts dtype chose (from the dtype router's probabilities)
+    chosen = moe.route(x.detach())[1]
+    x64, ws64 = x.detach().double().cpu().requires_grad_(), weights64(moe)
+    ref = routed_reference(x64, ws64, chosen.cpu())
+    ref_dx, ref_dgate_up = torch.autograd.grad(ref, [x64, ws64[1]], dy.double().cpu())
+    assert rel_err(out, ref) <= tolerance(theirs, ref)
+    assert rel_err(dx, ref_dx) <= tolerance(their_dx, ref_dx)
+    assert rel_err(dgate_up, ref_dgate_up) <= tolerance(their_dgate_up, ref_dgate_up)
+
+
+def routed_reference(x, ws, chosen):
+    """reference with the experts given (chosen (N, k)) rather than chosen from x's probabilities."""
+    router, gate_up, down = ws
+    probs = (x @ router.T).softmax(-1)
+    top = probs.gather(1, chosen)
+    top = top / top.sum(-1, keepdim=True)
+    out = torch.zeros_like(x)
+    for e in range(gate_up.shape[0]):
+        gate, up = (x @ gate_up[e].T).chunk(2, dim=-1)
+        out = out + (top * (chosen == e)).sum(-1, keepdim=True) * ((F.silu(gate) * up) @ down[e].T)
+    return out
+
+
+def test_no_tokens_and_shapes():
+    moe = random_moe()
+    assert moe(torch.randn(0, 48, dtype=torch.float64)).shape == (0, 48)
+    x = torch.randn(2, 3, 48, dtype=torch.float64)
+    assert torch.equal(moe(x), moe(x.reshape(6, 48)).reshape(2, 3, 48))  # any leading shape
+
+
+def test_router_statistics_only_in_training_with_grad():
+    moe = random_moe()
+    x = torch.randn(9, 48, dtype=torch.float64)
+    moe.eval()
+    moe(x)
+    assert moe.stats is None
+    moe.train()
+    with torch.no_grad():
+        moe(x)
+    assert moe.stats is None
+    moe(x)
+    picks, probs, tokens = moe.stats
+    assert tokens == 9 and picks.sum() == 9 * 2 and torch.allclose(probs.sum(), torch.tensor(9.0, dtype=torch.float64))
+    assert torch.equal(picks, torch.bincount(moe.route(x)[1].flatten(), minlength=6))
+
+
+def test_flops_count_the_experts_a_token_goes_through():
+    cfg = ModelConfig(vocab_size=97, block_size=32, n_layers=2, n_heads=4, dim=64, n_experts=8, experts_per_token=2)
+    model = LLM(cfg)
+    experts = sum(p.numel() for n, p in model.named_parameters() if n.endswith(("mlp.gate_up", "mlp.down")))
+    attention = 12 * cfg.n_layers * cfg.dim * 20
+    assert model.flops_per_token(20) == 6 * (model.num_params(non_embedding=True) - experts * 6 // 8) + attention
+    dense = LLM(ModelConfig(vocab_size=97, block_size=32, n_layers=2, n_heads=4, dim=64, mlp_hidden=2 * cfg.mlp_hidden))
+    router = 2 * 64 * 8
+    assert model.flops_per_token(20) == dense.flops_per_token(20) + 6 * router  # 2 of 8 experts = twice as wide an MLP
+    model.add_lora(2, 4.0)  # frozen experts: 4 FLOPs per active weight
+    lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = model.num_params(non_embedding=True, frozen=True) - experts * 6 // 8
+    assert model.flops_per_token(20) == 4 * frozen + 6 * lora + attention
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(n_experts=0), "n_experts must be None or a positive integer"),
+    (dict(n_experts=4, experts_per_token=5), r"experts_per_token must be an integer in \[1, n_experts = 4\]"),
+    (dict(n_experts=4, mlp="gelu"), "the experts are SwiGLU MLPs without biases"),
+    (dict(n_experts=4, bias=True), "the experts are SwiGLU MLPs without biases"),
+    (dict(router_aux_loss_coef=-1.0), "router_aux_loss_coef must be a number >= 0"),
+])
+def test_bad_config(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(**kwargs)
+
+
+def test_lora_adapts_attention_not_experts():
+    model = LLM(ModelConfig(vocab_size=97, block_size=32, n_layers=2, n_heads=4, dim=64, n_experts=4))
+    with pytest.raises(ValueError, match="experts take no LoRA update"):
+        model.add_lora(2, 4.0, targets="q,gate")
+    model.add_lora(2, 4.0, targets="all-linear")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".attn." in n for n in trainable)

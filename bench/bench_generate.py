@@ -12,6 +12,8 @@ its tokens checked against pyllm's eager steps.
 Batch rows (--batch B, default 8): B prompts of different lengths at once, pyllm's generate_batch
 (no padding: each row at its own position) vs transformers' generate on the left-padded batch (its
 attention mask) and pyllm one prompt after another; tokens/s counts all rows' new tokens.
+--moe E,K: a mixture of experts instead (Qwen3MoeForCausalLM, common.smollm2_moe_config; transformers
+with its default experts implementation, grouped_mm).
 Needs transformers; prints why and exits 0 without it.
 """
 from __future__ import annotations
@@ -36,14 +38,21 @@ def main() -> int:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--batch", type=int, default=8, help="prompts in the ragged-batch rows (0: none)")
+    parser.add_argument("--moe", metavar="E,K", help="a mixture of E experts, K per token (Qwen3-MoE), instead of "
+                                                     "SmolLM2's MLP")
     args = parser.parse_args()
     transformers = common.peer_module("transformers", "bench_generate",
                                       "transformers is not installed; nothing to compare with")
     if transformers is None:
         return 0
     torch.manual_seed(0)
-    config = common.smollm2_config(transformers, 6 if args.quick else 30)
-    theirs = transformers.LlamaForCausalLM(config).eval()
+    layers = 6 if args.quick else 30
+    if args.moe:
+        config = common.smollm2_moe_config(transformers, layers, *(int(v) for v in args.moe.split(",")))
+        theirs = transformers.Qwen3MoeForCausalLM(config).eval()
+    else:
+        config = common.smollm2_config(transformers, layers)
+        theirs = transformers.LlamaForCausalLM(config).eval()
     theirs.generation_config.eos_token_id = None
     with tempfile.TemporaryDirectory() as folder:
         theirs.save_pretrained(folder)
@@ -68,9 +77,10 @@ def main() -> int:
             rows += batch_rows(args, models, x, lengths, dtype)
     print(f"# generate on {common.device_description(args.device)}: {config.num_hidden_layers} layers, "
           f"prompt {args.prompt_tokens}, {args.new_tokens} new tokens, transformers {transformers.__version__}; "
-          f"B = {len(lengths)} rows: prompts of {lengths[0]}..{lengths[-1]} tokens")
+          f"B = {len(lengths)} rows: prompts of {lengths[0]}..{lengths[-1]} tokens"
+          + (f"; {args.moe.split(',')[0]} experts, {args.moe.split(',')[1]} per token" if args.moe else ""))
     common.print_table(rows, ["dtype", "B", "impl", "s", "tokens/s", "vs transformers", "same tokens"])
-    common.write_json(args.json, "generate", args.device, rows, {
+    common.write_json(args.json, "generate_moe" if args.moe else "generate", args.device, rows, {"moe": args.moe,
         "layers": config.num_hidden_layers, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
         "batch_prompt_tokens": lengths if args.batch else [], "transformers": transformers.__version__})
     return 0

@@ -17,6 +17,9 @@ SmolLM2-135M's shape, 30 layers (--layers; --quick: 4), read by pyllm.model.LLM.
 v, o, gate, up, down): pyllm's LLM.add_lora(targets="all-linear") (per projection inside its fused qkv
 and gate-up layers) vs PEFT's get_peft_model on "all-linear"; needs peft. (Until 2026-12-01 pyllm's
 side took its default, 4 updates per block: fused qkv, output, fused gate-up, down.)
+--moe E,K: a mixture of experts instead (Qwen3MoeForCausalLM, common.smollm2_moe_config: E experts,
+K per token, a token's MLP FLOPs the dense model's; transformers with its default experts
+implementation, grouped_mm).
 The padded batches hold as many conversations as a packed batch holds on average, so each way sees
 about the same real tokens per step ("vs transformers" compares real tokens/s). Conversation lengths are drawn from a log-normal around
 --mean-tokens (SFT sets are long-tailed: most replies short, some long), cut to [16, --seq-len]; the
@@ -72,14 +75,21 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=0, help="default 30, SmolLM2-135M's (--quick: 4)")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--lora", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
+    parser.add_argument("--moe", metavar="E,K", help="a mixture of E experts, K per token, instead of SmolLM2's MLP")
     args = parser.parse_args()
     transformers = common.peer_module("transformers", "bench_sft", "transformers is not installed; nothing to compare with")
     if transformers is None:
         return 0
     torch.manual_seed(0)
     n_conv = args.conversations or (32 if args.quick else 96)
-    config = common.smollm2_config(transformers, args.layers or (4 if args.quick else 30), attn_implementation="sdpa")
-    theirs = transformers.LlamaForCausalLM(config)
+    layers = args.layers or (4 if args.quick else 30)
+    if args.moe:
+        n_experts, top_k = (int(v) for v in args.moe.split(","))
+        config = common.smollm2_moe_config(transformers, layers, n_experts, top_k, attn_implementation="sdpa")
+        theirs = transformers.Qwen3MoeForCausalLM(config)
+    else:
+        config = common.smollm2_config(transformers, layers, attn_implementation="sdpa")
+        theirs = transformers.LlamaForCausalLM(config)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     rng = np.random.default_rng(0)
     lengths = np.clip(rng.lognormal(np.log(args.mean_tokens), 0.8, n_conv).astype(int), 16, args.seq_len)
@@ -151,9 +161,11 @@ def main() -> int:
           f"{n_conv} conversations, {lengths.sum()} tokens (mean {lengths.mean():.0f}, max {lengths.max()}), packed "
           f"{args.rows} x {args.seq_len} (padding {in_order:.0%} when packed strictly in order), padded {per_batch} "
           f"per batch, transformers {transformers.__version__}"
-          + (f", LoRA rank {args.lora} (PEFT {peft_version})" if args.lora else ""))
+          + (f", LoRA rank {args.lora} (PEFT {peft_version})" if args.lora else "")
+          + (f", {args.moe.split(',')[0]} experts, {args.moe.split(',')[1]} per token" if args.moe else ""))
     common.print_table(rows, ["impl", "batches", "s/epoch", "real tokens/s", "padding", "vs transformers"])
-    common.write_json(args.json, "sft_lora" if args.lora else "sft", args.device, rows, {
+    common.write_json(args.json, ("sft_lora" if args.lora else "sft") + ("_moe" if args.moe else ""), args.device, rows, {
+        "moe": args.moe,
         "layers": config.num_hidden_layers, "dtype": args.dtype, "conversations": n_conv, "tokens": int(lengths.sum()),
         "padding_packed_in_order": round(in_order, 3),
         "seq_len": args.seq_len, "rows": args.rows, "per_padded_batch": per_batch, "transformers": transformers.__version__,

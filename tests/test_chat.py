@@ -38,9 +38,10 @@ def conversation(rng: random.Random, turns: int) -> list[dict]:
     return messages
 
 
-def make_folder(path, template: str, kind: str = "byte-level", model: bool = False):
+def make_folder(path, template: str, kind: str = "byte-level", model: bool | str = False):
     """A Hugging Face checkpoint folder: a tokenizer trained here (byte-level, or SentencePiece-style
-    as Llama 2's), the chat template and eos in tokenizer_config.json, and with model a small LLaMA."""
+    as Llama 2's), the chat template and eos in tokenizer_config.json, and with model a small LLaMA
+    (model="mixtral": a small Mixtral, 4 experts, 2 per token)."""
     path.mkdir(parents=True, exist_ok=True)
     texts = [" ".join(conversation(random.Random(i), 2)[-1]["content"] for _ in range(3)) for i in range(200)]
     texts += [f"what is {i} plus {i + 1}? {2 * i + 1}" for i in range(100)]
@@ -66,11 +67,14 @@ def make_folder(path, template: str, kind: str = "byte-level", model: bool = Fal
     (path / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "chat_template": template, "eos_token": "<|im_end|>",
         **({"bos_token": bos} if bos else {})}))
-    if model:
-        transformers.LlamaForCausalLM(transformers.LlamaConfig(
-            vocab_size=hf.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-            eos_token_id=hf.token_to_id("<|im_end|>"))).save_pretrained(path)
+    shape = dict(vocab_size=hf.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                 eos_token_id=hf.token_to_id("<|im_end|>"))
+    if model == "mixtral":
+        transformers.MixtralForCausalLM(transformers.MixtralConfig(
+            **shape, num_local_experts=4, num_experts_per_tok=2)).save_pretrained(path)
+    elif model:
+        transformers.LlamaForCausalLM(transformers.LlamaConfig(**shape)).save_pretrained(path)
     return path
 
 
@@ -453,6 +457,40 @@ def test_lora_run_exports_a_peft_adapter(chat_run_inputs, tmp_path, options, mod
                                             tmp_path / "adapter").eval()
     full = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     idx = torch.randint(0, full.config.vocab_size, (2, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(idx).logits, full(idx).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_mixture_of_experts_checkpoint_fine_tunes_and_exports(chat_run_inputs, tmp_path, lora):
+    # A Mixtral checkpoint fine-tuned on conversations (all its weights, or LoRA on its attention);
+    # the export is a Mixtral transformers loads and computes as pyllm does; a LoRA run's adapter
+    # is PEFT's (attention modules only), which PeftModel adds to the source as the merged export.
+    from pyllm.model import LLM
+
+    _, chats = chat_run_inputs
+    folder = make_folder(tmp_path / "hf", PLAIN, model="mixtral")
+    run = tmp_path / "run"
+    assert cli.main(train_args(folder, chats, run, "--max-steps", "2", "--batch-size", "4", "--lr", "3e-2",
+                               *(("--lora-rank", "4") if lora else ()))) == 0
+    records = logged(run)
+    assert "aux_loss" not in records[0]  # transformers' config asks for no router logits: no balancing term
+    assert cli.main(["export", "--run", str(run), "--out", str(tmp_path / "merged"), "--dtype", "fp32"]) == 0
+    ours = LLM.from_hf(tmp_path / "merged").eval()
+    assert ours.config.n_experts == 4
+    full = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    source = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    idx = torch.randint(0, full.config.vocab_size, (2, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(full(idx).logits, ours(idx)[0], rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(full(idx).logits, source(idx).logits, atol=1e-3)  # it was trained
+    if not lora:
+        return
+    assert cli.main(["export", "--run", str(run), "--out", str(tmp_path / "adapter"), "--adapter", "--dtype", "fp32"]) == 0
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    peft = pytest.importorskip("peft")
+    theirs = peft.PeftModel.from_pretrained(source, tmp_path / "adapter").eval()
     with torch.no_grad():
         torch.testing.assert_close(theirs(idx).logits, full(idx).logits, rtol=1e-5, atol=1e-5)
 

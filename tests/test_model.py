@@ -283,15 +283,16 @@ def test_cuda_graph_generation_needs_cuda():
         model.generate(torch.zeros(1, 3, dtype=torch.long), 2, cuda_graph=True)
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2", "palm-mqa", "window"])
+@pytest.mark.parametrize("name", ["llama", "gpt2", "palm-mqa", "window", "moe"])
 def test_generate_with_cache_equals_without(name):
     cfg = ModelConfig(**CONFIGS[name])
     model = LLM(cfg)
-    prompt = torch.randint(0, cfg.vocab_size, (3, 4))
-    with_cache = model.generate(prompt, 20, temperature=0)
-    without = model.generate(prompt, 20, temperature=0, use_cache=False)
-    assert with_cache.shape == (3, 24)
-    assert torch.equal(with_cache, without)
+    for rows in (3, 1):  # (one row: a MoE decodes each token on its one-token path)
+        prompt = torch.randint(0, cfg.vocab_size, (rows, 4))
+        with_cache = model.generate(prompt, 20, temperature=0)
+        without = model.generate(prompt, 20, temperature=0, use_cache=False)
+        assert with_cache.shape == (rows, 24)
+        assert torch.equal(with_cache, without)
 
 
 @pytest.mark.parametrize("device", CPU_AND_CUDA)

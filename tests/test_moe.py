@@ -104,6 +104,17 @@ def routed_reference(x, ws, chosen):
     return out
 
 
+@pytest.mark.parametrize("top_k, norm", [(2, True), (3, False), (6, True)])
+def test_one_token_without_autograd(top_k, norm):
+    # Decoding one sequence on the CPU (one token, no autograd) takes its own path: the reference's value.
+    moe = random_moe(6, top_k, norm)
+    for _ in range(5):
+        x = torch.randn(1, 48, dtype=torch.float64)
+        with torch.no_grad():
+            out = moe(x)
+        assert rel_err(out, reference(x, *weights64(moe), top_k, norm)) < 1e-13
+
+
 def test_no_tokens_and_shapes():
     moe = random_moe()
     assert moe(torch.randn(0, 48, dtype=torch.float64)).shape == (0, 48)

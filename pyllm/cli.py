@@ -838,6 +838,16 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                         "the starting model (precomputed, the default: kept in the checkpoint) or, with --lora-rank, "
                         "at each step by the model with its LoRA updates off (lora-off: no pass over the whole set "
                         "first, one more forward per step; PEFT's disable_adapter, TRL's default for PEFT models)")
+    p.add_argument("--teacher", metavar="DIR", help="distill from this model: a Hugging Face checkpoint folder or hub "
+                   "repo id, or a folder `pyllm train` wrote, over the student's vocabulary (the same tokenizer). The "
+                   "loss at each trained token is --distill-alpha times the divergence between the two models' "
+                   "next-token distributions (fused: no logits in memory) plus 1 - alpha times the cross-entropy on "
+                   "the data, as TRL's GKD (off-policy) and Hinton's distillation; val loss stays the cross-entropy")
+    p.add_argument("--distill-beta", type=float, help="GKD's generalized Jensen-Shannon divergence: 0 (default) the "
+                   "forward KL(teacher || student), 1 the reverse KL(student || teacher), in between the mixture's")
+    p.add_argument("--distill-temperature", type=float, help="both models' logits divided by it first (default 1)")
+    p.add_argument("--distill-alpha", type=float, help="the divergence's weight in the loss, the cross-entropy's being "
+                   "1 - alpha (default 1: the divergence alone)")
     p.add_argument("--doc-mask", action="store_true", default=None,
                    help="keep each document's tokens from attending to the documents before it in the same training "
                         "window (cut at the end-of-document token: <|endoftext|>, or an --init-from-hf model's "

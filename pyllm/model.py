@@ -21,7 +21,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from pyllm.nn import (MoEMLP, RMSNorm, SwiGLUMLP, apply_rope, attention, attention_with_kvcache, document_ids,
-                      linear_cross_entropy, linear_token_logps, rope_cos_sin, token_logps)
+                      linear_cross_entropy, linear_distill, linear_token_logps, rope_cos_sin, token_logps)
 
 
 # The parameters of Llama 3.1's RoPE scaling (nn.llama3_scaled), besides rope_type = "llama3".
@@ -363,7 +363,7 @@ class LLM(nn.Module):
         return self.dropout(x), rope
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
-                per_token: bool = False):
+                per_token: bool = False, hidden: bool = False, distill: dict | None = None):
         """idx (B, T) int64 -> logits (B, T, V) and, given targets (B, T), the mean cross-entropy
         (targets of -1 are ignored). With fused_loss set and targets given, logits is None (the
         loss came from linear_cross_entropy, chunk by chunk). per_token: instead of the logits and
@@ -372,6 +372,13 @@ class LLM(nn.Module):
         positions only (all of them under torch.compile); with fused_loss by nn.linear_token_logps.
         Mixture-of-experts models in training add router_aux_loss_coef times router_aux_loss() to
         the loss, also kept as aux_loss (for per_token's callers to add; None otherwise).
+
+        Distillation (with targets): hidden gives (None, the final hidden states (N, C) at the N
+        targets that are not -1), what a teacher gives its student; distill = {"teacher_hidden": those,
+        "teacher_weight": the teacher's output layer, "beta", "temperature", "alpha"} gives (None,
+        alpha times the mean over those targets of nn.distill_divergence between the student's and
+        the teacher's next-token distributions + (1 - alpha) times the cross-entropy), both fused
+        (nn.linear_distill, linear_cross_entropy): no (N, V) logits. Not under torch.compile.
 
         cu_seqlens: packed documents. int32 (N + 1,) on idx's device, the offsets in idx.view(-1) where
         each of N documents starts, then B * T; none may cross the end of a row (every multiple of T
@@ -401,7 +408,11 @@ class LLM(nn.Module):
         if fused and self.config.final_softcap:
             raise ValueError("fused_loss does not take a model with final_softcap (Gemma 2's capped logits): "
                              "leave fused_loss off")
-        if targets is not None and (per_token or fused):
+        if targets is not None and (hidden or distill is not None) and (torch.compiler.is_compiling()
+                                                                        or self.config.final_softcap):
+            raise NotImplementedError("distillation (LLM.forward's hidden / distill) is neither compiled nor "
+                                      "computed with final_softcap (capped logits)")
+        if targets is not None and (per_token or fused or hidden or distill is not None):
             h = self.norm_f(x)  # (B, T, C)
             at = None
             if not torch.compiler.is_compiling():  # (compiled: every position, a shape that does not depend on the data)
@@ -411,6 +422,15 @@ class LLM(nn.Module):
                 h, targets_at = h[at], targets[at]  # (N, C), (N,)
             else:
                 targets_at = targets
+            if hidden:
+                return None, h  # (N, C)
+            if distill is not None:
+                n, alpha = (targets != -1).sum().clamp(min=1), distill["alpha"]
+                loss = alpha * linear_distill(h, self.lm_head.weight, distill["teacher_hidden"], distill["teacher_weight"],
+                                              distill["beta"], distill["temperature"]) / n
+                if alpha < 1:
+                    loss = loss + (1 - alpha) * linear_cross_entropy(h, self.lm_head.weight, targets_at) / n
+                return None, loss if self.aux_loss is None else loss + self.aux_loss
             if not per_token:  # no (B, T, V) logits at all (linear_cross_entropy)
                 loss = linear_cross_entropy(h, self.lm_head.weight, targets_at) / (targets != -1).sum().clamp(min=1)
                 return None, loss if self.aux_loss is None else loss + self.aux_loss

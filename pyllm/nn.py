@@ -462,6 +462,104 @@ def linear_token_logps(x: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
         return _LinearTokenLogps.apply(x, weight, targets.reshape(-1), chunk_rows).view(targets.shape)
 
 
+def distill_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float = 0.0,
+                       temperature: float = 1.0) -> torch.Tensor:
+    """Per row, the generalized Jensen-Shannon divergence of GKD (Agarwal et al. 2024) between the
+    student's and the teacher's next-token distributions at temperature T, as TRL's
+    generalized_jsd_loss: beta 0 the forward KL(teacher || student) (Hinton's distillation), 1 the
+    reverse KL(student || teacher), else beta KL(teacher || M) + (1 - beta) KL(student || M) with
+    M = beta teacher + (1 - beta) student. logits (..., V) -> (...) in fp32 (at least). The
+    reference linear_distill's fused chunks compute."""
+    acc = torch.promote_types(student_logits.dtype, torch.float32)
+    s = F.log_softmax(student_logits.to(acc) / temperature, dim=-1)
+    t = F.log_softmax(teacher_logits.to(acc) / temperature, dim=-1)
+    if beta == 0:
+        return (t.exp() * (t - s)).sum(-1)
+    if beta == 1:
+        return (s.exp() * (s - t)).sum(-1)
+    m = torch.logaddexp(s + math.log(1 - beta), t + math.log(beta))
+    return beta * (t.exp() * (t - m)).sum(-1) + (1 - beta) * (s.exp() * (s - m)).sum(-1)
+
+
+class _LinearDistill(torch.autograd.Function):
+    """sum over rows of distill_divergence(x W^T, x_t W_t^T), its gradients for x and W computed
+    in the forward chunk by chunk, as _LinearCrossEntropy's: neither the student's nor the teacher's
+    (rows, vocab) logits exist whole. With s, t the log-softmaxes at temperature T, p = e^s, the
+    gradient for the student's logits is (p - e^t) / T (forward KL), p (s - t - KL(p || q)) / T
+    (reverse) or (1 - beta) p (s - m - KL(p || M)) / T (the mixture; its teacher term's gradient
+    cancels with part of the student's)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, x_teacher, weight_teacher, beta, temperature, chunk_rows):
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        acc = torch.promote_types(x.dtype, torch.float32)
+        total = torch.zeros((), dtype=torch.float64, device=x.device)
+        grad_x = torch.empty_like(x) if need_x else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32),
+                             device=x.device) if need_w else None
+        for start in range(0, x.shape[0], chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            xc = x[rows]
+            s = F.log_softmax((xc @ weight.t()).to(acc) / temperature, dim=-1)  # (c, V)
+            t = F.log_softmax((x_teacher[rows] @ weight_teacher.t()).to(acc) / temperature, dim=-1)
+            p = s.exp()
+            if beta == 0:
+                q = t.exp()
+                total += (q * (t - s)).sum()
+                grad = p.sub_(q)
+            else:
+                if beta == 1:
+                    diff = s - t
+                    scale = 1.0
+                else:
+                    q = t.exp()
+                    m = torch.logaddexp(s + math.log(1 - beta), t + math.log(beta))  # log M, no underflow
+                    total += beta * (q * (t - m)).sum()
+                    diff, scale = s - m, 1 - beta
+                kl = (p * diff).sum(-1, keepdim=True)  # (c, 1): KL(student || q or M)
+                total += scale * kl.sum()
+                grad = p.mul_(diff.sub_(kl)).mul_(scale)
+            if need_x or need_w:
+                grad = grad.div_(temperature).to(x.dtype)
+                if need_x:
+                    grad_x[rows] = _rows_times(grad, weight)
+                if need_w:
+                    if x.dtype == grad_w.dtype:
+                        grad_w.addmm_(grad.t(), xc)
+                    else:
+                        grad_w += (grad.t() @ xc).to(grad_w.dtype)
+        ctx.save_for_backward(grad_x, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return total.to(acc)
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_x, grad_w = ctx.saved_tensors
+        return (None if grad_x is None else grad_x * grad_total.to(grad_x.dtype),
+                None if grad_w is None else (grad_w * grad_total).to(ctx.weight_dtype), None, None, None, None, None)
+
+
+def linear_distill(x: torch.Tensor, weight: torch.Tensor, x_teacher: torch.Tensor, weight_teacher: torch.Tensor,
+                   beta: float = 0.0, temperature: float = 1.0, chunk_rows: int | None = None) -> torch.Tensor:
+    """The sum over rows of distill_divergence(x @ weight.T, x_teacher @ weight_teacher.T, beta,
+    temperature), fp32, fused as linear_cross_entropy (Liger-Kernel's fused linear JSD): the student's
+    gradients computed chunk by chunk in the forward, the teacher's logits a chunk at a time (no
+    gradient for the teacher). x (N, C), weight (V, C), x_teacher (N, C_teacher), weight_teacher (V,
+    C_teacher): the two models' final hidden states at the same N positions and output layers over
+    one vocabulary. Under autocast all four are cast to its dtype first."""
+    if not 0.0 <= beta <= 1.0 or not temperature > 0:
+        raise ValueError(f"linear_distill: beta must be in [0, 1] and temperature > 0, got {beta}, {temperature}")
+    if weight.shape[0] != weight_teacher.shape[0] or x.shape[0] != x_teacher.shape[0]:
+        raise ValueError(f"linear_distill: the student's and the teacher's rows and vocabularies must match, got "
+                         f"{x.shape[0]} / {x_teacher.shape[0]} rows, {weight.shape[0]} / {weight_teacher.shape[0]} words")
+    x, weight, chunk_rows = _fused_linear_inputs(x, weight, chunk_rows)
+    x_teacher = x_teacher.to(x.dtype)
+    weight_teacher = weight_teacher.to(x.dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        return _LinearDistill.apply(x, weight, x_teacher.detach(), weight_teacher.detach(), float(beta),
+                                    float(temperature), chunk_rows)
+
+
 def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log_softmax(logits)[targets] in fp32 (at least), 0 where targets is -1. logits (..., V)."""
     logits32 = logits.reshape(-1, logits.shape[-1]).to(torch.promote_types(logits.dtype, torch.float32))

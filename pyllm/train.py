@@ -44,6 +44,10 @@ class TrainConfig:
     simpo_gamma: float = 0.5  # SimPO's target reward margin
     label_smoothing: float = 0.0  # dpo: the share of pairs taken to be mislabelled (conservative DPO)
     reference: str = "precomputed"  # dpo / ipo / hinge: precomputed (once, before training) | lora-off (LoRA runs: each step, adapters off)
+    teacher: str = ""  # distillation: a Hugging Face checkpoint folder (or hub id) or a pyllm run, over the same vocabulary
+    distill_beta: float = 0.0  # GKD's generalized JSD: 0 forward KL(teacher || student), 1 reverse KL, else the mixture's
+    distill_temperature: float = 1.0  # both models' logits divided by it before their softmax
+    distill_alpha: float = 1.0  # the loss: alpha * divergence + (1 - alpha) * cross-entropy on the data
     model: dict = field(default_factory=dict)  # ModelConfig overrides, e.g. {"n_layers": 2}
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
@@ -125,6 +129,13 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if self.label_smoothing and self.preference != "dpo":
             raise ValueError("TrainConfig.label_smoothing goes with preference dpo")
+        if not 0.0 <= self.distill_beta <= 1.0 or not 0.0 <= self.distill_alpha <= 1.0:
+            raise ValueError(f"TrainConfig.distill_beta and distill_alpha must be in [0, 1], got {self.distill_beta} "
+                             f"and {self.distill_alpha}")
+        if not 0.0 < self.distill_temperature < math.inf:
+            raise ValueError(f"TrainConfig.distill_temperature must be > 0, got {self.distill_temperature}")
+        if self.teacher and (self.preference or self.compile):
+            raise ValueError("TrainConfig.teacher (distillation) goes with neither preference tuning nor compile")
         if self.reference not in ("precomputed", "lora-off"):
             raise ValueError(f"TrainConfig.reference must be precomputed or lora-off, got {self.reference!r}")
         if self.reference == "lora-off" and not (self.lora_rank and self.preference in ("dpo", "ipo", "hinge")):
@@ -439,6 +450,38 @@ def packed_loss(model, batch) -> torch.Tensor:
     return -model(x, y, cu, per_token=True)[1].sum() / (y != -1).sum().clamp(min=1)
 
 
+def load_teacher(cfg: TrainConfig, student: LLM, precision: str, device: torch.device) -> LLM:
+    """The distillation teacher (cfg.teacher: a pyllm run folder, else a Hugging Face checkpoint),
+    frozen, in eval mode, on device, its weights in the compute dtype (bf16 / fp16 runs: no fp32
+    copy, as no optimizer steps it). It must predict over the student's vocabulary."""
+    path = Path(cfg.teacher)
+    pyllm_run = path.is_dir() and not (path / "config.json").exists()  # else a Hugging Face folder or hub id
+    teacher = LLM.load(source_run_weights(path)) if pyllm_run else LLM.from_hf(cfg.teacher)
+    if teacher.config.vocab_size != student.config.vocab_size:
+        raise ValueError(f"teacher {cfg.teacher}: its vocabulary has {teacher.config.vocab_size} ids, the student's "
+                         f"{student.config.vocab_size}: distillation compares their next-token distributions id by id "
+                         "(the same tokenizer)")
+    if teacher.config.final_softcap or student.config.final_softcap:
+        raise ValueError("distillation: a model that caps its logits (final_softcap, Gemma 2's) is not distilled "
+                         "from or into (the fused divergence does not cap)")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    teacher = teacher.to(device, dtype).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def distill_loss(model, teacher: LLM, batch, cfg: TrainConfig) -> torch.Tensor:
+    """The distillation loss of a batch (x, y, cu_seqlens or None) at its trained targets: the
+    teacher's final hidden states there (no autograd), then the student's fused divergence from
+    them (LLM.forward's distill)."""
+    with torch.no_grad():
+        teacher_hidden = teacher(*batch, hidden=True)[1]
+    return model(*batch, distill={"teacher_hidden": teacher_hidden, "teacher_weight": teacher.lm_head.weight,
+                                  "beta": cfg.distill_beta, "temperature": cfg.distill_temperature,
+                                  "alpha": cfg.distill_alpha})[1]
+
+
 def make_loader(path, cfg: TrainConfig, seq_len: int, seed: int, info: DistInfo):
     """PackedLoader for token files of conversations (with .docs.npy and .mask.npy: each is
     computed alone anyway), else TokenLoader (with cfg.doc_mask)."""
@@ -668,6 +711,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
     if data_vocab > mcfg.vocab_size:
         raise ValueError(f"the token files hold ids up to {data_vocab - 1}, but the model has {mcfg.vocab_size} "
                          "embeddings: tokenize with the model's own tokenizer")
+    teacher = load_teacher(cfg, model, precision, info.device) if cfg.teacher else None
     seq_len = cfg.seq_len or mcfg.block_size
     if info.is_main and not has_kernels_for(info.device):
         print("pyllm: this build has no CUDA kernels (nvcc was not found when it was installed): training "
@@ -760,6 +804,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
                     loss, stats = preference_batch_loss(wrapped, batch, reference and reference["train"],
                                                         **preference_options(cfg))
                     pref_sums += stats * weights[micro]
+                elif teacher is not None:
+                    loss = distill_loss(wrapped, teacher, batch, cfg)
                 elif weights is not None and not cfg.fused_loss:  # packed conversations
                     loss = packed_loss(wrapped, batch)
                 else:

@@ -495,6 +495,20 @@ def test_mixture_of_experts_checkpoint_fine_tunes_and_exports(chat_run_inputs, t
         torch.testing.assert_close(theirs(idx).logits, full(idx).logits, rtol=1e-5, atol=1e-5)
 
 
+def test_distill_from_a_hugging_face_teacher(chat_run_inputs, tmp_path):
+    # `pyllm train --teacher DIR`: the source model as its own teacher gives a divergence of 0 at the
+    # first step (the same distributions); with --distill-alpha 0.5 half the plain run's cross-entropy.
+    folder, chats = chat_run_inputs
+    common = ("--max-steps", "1", "--batch-size", "4")
+    assert cli.main(train_args(folder, chats, tmp_path / "kd", *common, "--teacher", str(folder),
+                               "--distill-beta", "0.5", "--distill-temperature", "2")) == 0
+    assert abs(logged(tmp_path / "kd")[0]["loss"]) < 1e-6
+    assert cli.main(train_args(folder, chats, tmp_path / "half", *common, "--teacher", str(folder),
+                               "--distill-alpha", "0.5")) == 0
+    assert cli.main(train_args(folder, chats, tmp_path / "plain", *common)) == 0
+    assert logged(tmp_path / "half")[0]["loss"] == pytest.approx(0.5 * logged(tmp_path / "plain")[0]["loss"], rel=1e-5)
+
+
 @pytest.mark.parametrize("rslora", [False, True])
 def test_peft_adapter_merges_into_from_hf(chat_run_inputs, tmp_path, capsys, rslora):
     # A LoRA adapter PEFT trained (here: drawn) on a Hugging Face model, merged into pyllm's copy of

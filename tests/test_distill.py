@@ -1,0 +1,161 @@
+"""Distillation: the generalized JSD of GKD, its fused linear form, the model's and the trainer's use of it."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pyllm import train as trainer
+from pyllm.model import LLM, ModelConfig
+from pyllm.nn import distill_divergence, linear_distill
+from pyllm.train import TrainConfig
+
+from helpers import CPU_AND_CUDA, rel_err, tolerance
+from test_train import TINY, chat_dir, config, data_dir, losses  # noqa: F401  (fixtures)
+
+
+def trl_jsd(student_logits, teacher_logits, beta, temperature):
+    """TRL's GKDTrainer.generalized_jsd_loss per token, written out with F.kl_div (KL(target || input))."""
+    s = F.log_softmax(student_logits / temperature, dim=-1)
+    t = F.log_softmax(teacher_logits / temperature, dim=-1)
+    if beta == 0:
+        return F.kl_div(s, t, reduction="none", log_target=True).sum(-1)
+    if beta == 1:
+        return F.kl_div(t, s, reduction="none", log_target=True).sum(-1)
+    m = torch.logsumexp(torch.stack([s + np.log(1 - beta), t + np.log(beta)]), dim=0)
+    return (beta * F.kl_div(m, t, reduction="none", log_target=True)
+            + (1 - beta) * F.kl_div(m, s, reduction="none", log_target=True)).sum(-1)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.3, 0.5, 1.0])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_divergence_is_trls(beta, temperature):
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 7, 50, dtype=torch.float64) * 3, torch.randn(2, 7, 50, dtype=torch.float64) * 3
+    got = distill_divergence(student, teacher, beta, temperature)
+    assert got.shape == (2, 7) and (got >= 0).all()
+    assert rel_err(got, trl_jsd(student, teacher, beta, temperature)) < 1e-13
+    assert distill_divergence(student, student, beta, temperature).abs().max() < 1e-13  # 0 for the same model
+
+
+def reference(x, w, xt, wt, beta, temperature):
+    return distill_divergence(x @ w.t(), xt @ wt.t(), beta, temperature).sum()
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.4, 1.0])
+@pytest.mark.parametrize("chunk_rows", [1, 7, None])
+def test_linear_distill_float64(beta, chunk_rows):
+    # The fused form (gradients in the forward, chunk by chunk) = the divergence of the whole logits
+    # and autograd's gradients, in float64, at two temperatures; the teacher gets no gradient.
+    torch.manual_seed(0)
+    x = torch.randn(40, 16, dtype=torch.float64, requires_grad=True)
+    w = (torch.randn(300, 16, dtype=torch.float64) * 0.4).requires_grad_()
+    xt, wt = torch.randn(40, 24, dtype=torch.float64), torch.randn(300, 24, dtype=torch.float64) * 0.4
+    for temperature in (1.0, 1.7):
+        want = reference(x, w, xt, wt, beta, temperature)
+        want_grads = torch.autograd.grad(want, [x, w])
+        got = linear_distill(x, w, xt, wt, beta, temperature, chunk_rows)
+        assert rel_err(got, want) < 1e-13
+        for g, ref in zip(torch.autograd.grad(got, [x, w]), want_grads):
+            assert rel_err(g, ref) < 1e-12
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("beta", [0.0, 0.5])
+def test_linear_distill_within_twice_torchs_error(device, dtype, beta):
+    torch.manual_seed(0)
+    x64, w64 = torch.randn(200, 64, dtype=torch.float64), torch.randn(1000, 64, dtype=torch.float64) * 0.2
+    xt64, wt64 = torch.randn(200, 48, dtype=torch.float64), torch.randn(1000, 48, dtype=torch.float64) * 0.2
+
+    def run(fn, dtype, device="cpu"):
+        x, w = (t.to(device, dtype, copy=True).requires_grad_() for t in (x64, w64))
+        loss = fn(x, w, xt64.to(device, dtype), wt64.to(device, dtype))
+        loss.backward()
+        return loss.detach(), x.grad, w.grad
+
+    exact = run(lambda x, w, xt, wt: reference(x, w, xt, wt, beta, 2.0), torch.float64)
+    theirs = run(lambda x, w, xt, wt: reference(x, w, xt, wt, beta, 2.0), dtype, device)
+    ours = run(lambda x, w, xt, wt: linear_distill(x, w, xt, wt, beta, 2.0, chunk_rows=37), dtype, device)
+    for name, got, torch_value, want in zip(("loss", "dx", "dw"), ours, theirs, exact):
+        assert rel_err(got, want) <= tolerance(torch_value, want), name
+
+
+def test_bad_arguments():
+    x, w = torch.randn(4, 8), torch.randn(10, 8)
+    with pytest.raises(ValueError, match="beta must be in"):
+        linear_distill(x, w, x, w, beta=1.5)
+    with pytest.raises(ValueError, match="vocabularies must match"):
+        linear_distill(x, w, x, torch.randn(11, 8))
+
+
+SMALL = dict(vocab_size=97, block_size=32, n_layers=2, n_heads=4, dim=64)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("alpha", [1.0, 0.3])
+def test_model_distill_loss_is_the_mean_divergence_at_the_targets(packed, alpha):
+    # LLM.forward(distill=...): alpha x the divergence of the student's and the teacher's logits,
+    # averaged over the targets that are not -1, + (1 - alpha) x the cross-entropy there; the
+    # teacher's hidden states from forward(hidden=True) at the same targets; packed documents too.
+    torch.manual_seed(0)
+    student, teacher = LLM(ModelConfig(**SMALL)).double(), LLM(ModelConfig(**{**SMALL, "n_layers": 3, "dim": 96, "n_heads": 3})).double()
+    idx, targets = torch.randint(0, 97, (2, 16)), torch.randint(0, 97, (2, 16))
+    targets[0, :5] = -1  # a prompt
+    cu = torch.tensor([0, 5, 16, 32], dtype=torch.int32) if packed else None
+    with torch.no_grad():
+        hidden = teacher(idx, targets, cu, hidden=True)[1]
+    assert hidden.shape == (27, 96)
+    loss = student(idx, targets, cu, distill=dict(teacher_hidden=hidden, teacher_weight=teacher.lm_head.weight,
+                                                  beta=0.5, temperature=1.5, alpha=alpha))[1]
+    keep = targets != -1
+    s_logits, t_logits = student(idx, cu_seqlens=cu)[0][keep], teacher(idx, cu_seqlens=cu)[0][keep].detach()
+    want = alpha * distill_divergence(s_logits, t_logits, 0.5, 1.5).mean() + (1 - alpha) * F.cross_entropy(
+        s_logits, targets[keep])
+    assert rel_err(loss, want) < 1e-12
+    g = torch.autograd.grad(loss, student.lm_head.weight)[0]
+    assert rel_err(g, torch.autograd.grad(want, student.lm_head.weight)[0]) < 1e-10
+
+
+@pytest.fixture(scope="module")
+def teacher_run(data_dir, tmp_path_factory):  # noqa: F811
+    out = tmp_path_factory.mktemp("teacher")
+    trainer.train(config(data_dir, out, model=dict(TINY, n_layers=2, dim=96, n_heads=3, n_kv_heads=1), max_steps=40,
+                                           eval_every=40))
+    return out
+
+
+def test_distillation_trains_the_student_toward_the_teacher(data_dir, teacher_run, tmp_path):  # noqa: F811
+    # A student distilled from a trained teacher (a pyllm run, wider): the divergence falls; with
+    # alpha 0 the loss is the cross-entropy alone (the fused loss's run, to rounding); exact resume.
+    trainer.train(config(data_dir, tmp_path / "kd", teacher=str(teacher_run), max_steps=30, distill_temperature=2.0))
+    kd = losses(tmp_path / "kd")
+    assert np.mean(kd[-5:]) < 0.5 * np.mean(kd[:5])
+    trainer.train(config(data_dir, tmp_path / "ce", teacher=str(teacher_run), distill_alpha=0.0))
+    trainer.train(config(data_dir, tmp_path / "fused", fused_loss=True))
+    np.testing.assert_allclose(losses(tmp_path / "ce"), losses(tmp_path / "fused"), rtol=1e-5)
+    kw = dict(teacher=str(teacher_run), distill_beta=0.5, grad_accum=2)
+    trainer.train(config(data_dir, tmp_path / "whole", **kw))
+    trainer.train(config(data_dir, tmp_path / "cut", **kw), stop_at=6)
+    trainer.train(config(data_dir, tmp_path / "cut", **kw), resume=True)
+    assert losses(tmp_path / "cut") == losses(tmp_path / "whole")
+
+
+def test_distillation_on_conversations(chat_dir, teacher_run, tmp_path):  # noqa: F811
+    # Packed conversations: the divergence at the assistant's tokens only, the val loss the cross-entropy.
+    trainer.train(config(chat_dir, tmp_path / "kd", teacher=str(teacher_run), max_steps=20, eval_every=20))
+    records = [json.loads(line) for line in (tmp_path / "kd/log.jsonl").read_text().splitlines()]
+    assert records[-1]["loss"] < records[0]["loss"] and records[-1]["val_loss"] > 0
+
+
+def test_distillation_options_are_checked(data_dir, teacher_run, tmp_path):  # noqa: F811
+    for kwargs, message in [(dict(distill_beta=1.5), "distill_beta and distill_alpha must be in"),
+                            (dict(distill_temperature=0.0), "distill_temperature must be > 0"),
+                            (dict(teacher="x", compile=True), "goes with neither preference tuning nor compile")]:
+        with pytest.raises(ValueError, match=message):
+            TrainConfig(**kwargs).validate()
+    with pytest.raises(ValueError, match="its vocabulary has 64 ids, the student's 80"):
+        trainer.train(config(data_dir, tmp_path / "x", teacher=str(teacher_run), model=dict(TINY, vocab_size=80)))

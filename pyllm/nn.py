@@ -330,6 +330,27 @@ def _rows_times(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (torch.cat([a, a.new_zeros(4 - a.shape[0], a.shape[1])]) @ b)[:a.shape[0]]
 
 
+def _add_chunk_grads(grad: torch.Tensor, xc: torch.Tensor, weight: torch.Tensor, rows: slice, grad_x, grad_w) -> None:
+    """A chunk of rows' share of the fused output-layer losses' gradients, from its logits' gradient
+    grad (c, V) in x's dtype: grad_x's rows (grad W) and grad_w += grad^T x, accumulated in fp32 (a
+    16-bit chunk product rounds once)."""
+    if grad_x is not None:
+        grad_x[rows] = _rows_times(grad, weight)
+    if grad_w is not None:
+        if xc.dtype == grad_w.dtype:
+            grad_w.addmm_(grad.t(), xc)
+        else:
+            grad_w += (grad.t() @ xc).to(grad_w.dtype)
+
+
+def _saved_grads_times(ctx, grad_total: torch.Tensor, n_other_inputs: int) -> tuple:
+    """The backward of a loss whose gradients the forward made and saved (grad_x, grad_w): them
+    times the loss's incoming gradient, None for the other inputs."""
+    grad_x, grad_w = ctx.saved_tensors
+    return (None if grad_x is None else grad_x * grad_total.to(grad_x.dtype),
+            None if grad_w is None else (grad_w * grad_total).to(ctx.weight_dtype), *([None] * n_other_inputs))
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """sum over rows of cross_entropy(x W^T, targets) (targets -1 ignored), its gradients computed
     in the forward, chunk by chunk (Liger-Kernel's fused linear cross-entropy, in torch ops): the
@@ -358,23 +379,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad = logits.div_(sums[:, None])
                 grad.scatter_add_(1, picked, -valid[:, None].to(grad.dtype))
                 grad.mul_(valid[:, None])
-                grad = grad.to(x.dtype)
-                if need_x:
-                    grad_x[start:start + chunk_rows] = _rows_times(grad, weight)
-                if need_w:  # fp32 accumulation over chunks (a 16-bit chunk product rounds once)
-                    if x.dtype == grad_w.dtype:
-                        grad_w.addmm_(grad.t(), xc)
-                    else:
-                        grad_w += (grad.t() @ xc).to(grad_w.dtype)
+                _add_chunk_grads(grad.to(x.dtype), xc, weight, slice(start, start + chunk_rows), grad_x, grad_w)
         ctx.save_for_backward(grad_x, grad_w)
         ctx.weight_dtype = weight.dtype
         return total.to(acc)
 
     @staticmethod
     def backward(ctx, grad_total):
-        grad_x, grad_w = ctx.saved_tensors
-        return (None if grad_x is None else grad_x * grad_total.to(grad_x.dtype),
-                None if grad_w is None else (grad_w * grad_total).to(ctx.weight_dtype), None, None)
+        return _saved_grads_times(ctx, grad_total, 2)
 
 
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -438,14 +450,7 @@ class _LinearTokenLogps(torch.autograd.Function):
             # d logp / d logits = one_hot - softmax, times each row's incoming gradient
             grad = (xc @ weight.t()).to(lse.dtype).sub_(lse[rows, None]).exp_().mul_(-g[:, None])
             grad.scatter_add_(1, tc.clamp(min=0)[:, None], g[:, None])
-            grad = grad.to(x.dtype)
-            if need_x:
-                grad_x[rows] = _rows_times(grad, weight)
-            if need_w:
-                if x.dtype == grad_w.dtype:
-                    grad_w.addmm_(grad.t(), xc)
-                else:
-                    grad_w += (grad.t() @ xc).to(grad_w.dtype)
+            _add_chunk_grads(grad.to(x.dtype), xc, weight, rows, grad_x, grad_w)
         return grad_x, None if grad_w is None else grad_w.to(weight.dtype), None, None
 
 
@@ -520,23 +525,14 @@ class _LinearDistill(torch.autograd.Function):
                 total += scale * kl.sum()
                 grad = p.mul_(diff.sub_(kl)).mul_(scale)
             if need_x or need_w:
-                grad = grad.div_(temperature).to(x.dtype)
-                if need_x:
-                    grad_x[rows] = _rows_times(grad, weight)
-                if need_w:
-                    if x.dtype == grad_w.dtype:
-                        grad_w.addmm_(grad.t(), xc)
-                    else:
-                        grad_w += (grad.t() @ xc).to(grad_w.dtype)
+                _add_chunk_grads(grad.div_(temperature).to(x.dtype), xc, weight, rows, grad_x, grad_w)
         ctx.save_for_backward(grad_x, grad_w)
         ctx.weight_dtype = weight.dtype
         return total.to(acc)
 
     @staticmethod
     def backward(ctx, grad_total):
-        grad_x, grad_w = ctx.saved_tensors
-        return (None if grad_x is None else grad_x * grad_total.to(grad_x.dtype),
-                None if grad_w is None else (grad_w * grad_total).to(ctx.weight_dtype), None, None, None, None, None)
+        return _saved_grads_times(ctx, grad_total, 5)
 
 
 def linear_distill(x: torch.Tensor, weight: torch.Tensor, x_teacher: torch.Tensor, weight_teacher: torch.Tensor,

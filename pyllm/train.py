@@ -811,7 +811,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
                 else:
                     loss = wrapped(*batch)[1]
                 if model.aux_loss is not None:  # a MoE's load balancing (in the loss unless the forward was per token)
-                    if cfg.preference or (weights is not None and not cfg.fused_loss):
+                    if cfg.preference or (teacher is None and weights is not None and not cfg.fused_loss):
                         loss = loss + model.aux_loss
                     aux = model.aux_loss.detach()
                     aux_sum += aux / cfg.grad_accum if weights is None else aux * weights[micro]

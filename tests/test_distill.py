@@ -151,6 +151,19 @@ def test_distillation_on_conversations(chat_dir, teacher_run, tmp_path):  # noqa
     assert records[-1]["loss"] < records[0]["loss"] and records[-1]["val_loss"] > 0
 
 
+def test_distilling_a_mixture_of_experts_counts_its_balancing_once(chat_dir, teacher_run, tmp_path):  # noqa: F811
+    # A MoE student on packed conversations: loss - aux_loss (the balancing term, added once) does not
+    # depend on the term's coefficient at the first step.
+    first = {}
+    for coef in (0.0, 1.0):
+        out = tmp_path / f"moe-{coef}"
+        trainer.train(config(chat_dir, out, teacher=str(teacher_run), max_steps=1,
+                             model=dict(TINY, n_experts=4, router_aux_loss_coef=coef)))
+        first[coef] = json.loads((out / "log.jsonl").read_text().splitlines()[0])
+    assert first[1.0]["aux_loss"] >= 2.0
+    assert first[1.0]["loss"] - first[1.0]["aux_loss"] == pytest.approx(first[0.0]["loss"], rel=1e-5)
+
+
 def test_distillation_options_are_checked(data_dir, teacher_run, tmp_path):  # noqa: F811
     for kwargs, message in [(dict(distill_beta=1.5), "distill_beta and distill_alpha must be in"),
                             (dict(distill_temperature=0.0), "distill_temperature must be > 0"),

@@ -55,10 +55,11 @@ class MoEMLP(nn.Module):
 
     The tokens are sorted by expert and each expert runs one matmul on its contiguous share (the
     shares' sizes read on the host: free on the CPU, a sync per layer on CUDA), then the weighted
-    outputs are added back to their tokens. A few tokens on CUDA (decoding: N * top_k <= E, or
-    during CUDA-graph capture) take the gathered path instead, which reads each chosen expert's
-    weights per token with no host read; one token on the CPU without autograd (decoding) the
-    one-token path, with no sort.
+    outputs are added back to their tokens. On CUDA in bf16 the shares go through torch's grouped
+    GEMM instead (moe_experts_grouped: no host read, one kernel per projection for all experts,
+    as transformers 5 does); a few tokens on CUDA (decoding: N * top_k <= E; CUDA-graph capture
+    in other dtypes) take the gathered path, which reads each chosen expert's weights per token
+    with no host read; one token on the CPU without autograd (decoding) the one-token path.
 
     After each forward in training with autograd on, `stats` holds the router's statistics for the
     load-balancing loss (LLM.router_aux_loss): top-k picks per expert (E,), summed probabilities
@@ -94,7 +95,11 @@ class MoEMLP(nn.Module):
         if self.training and torch.is_grad_enabled():
             picks = torch.bincount(experts.flatten(), minlength=self.n_experts)  # (E,)
             self.stats = (picks, probs.sum(0), x.shape[0])
-        if x.is_cuda and (x.shape[0] * self.top_k <= self.n_experts or torch.cuda.is_current_stream_capturing()):
+        if x.is_cuda and x.shape[0] * self.top_k <= self.n_experts:
+            path = moe_experts_gathered
+        elif x.is_cuda and _grouped_mm_takes(x, self.gate_up):
+            path = moe_experts_grouped
+        elif x.is_cuda and torch.cuda.is_current_stream_capturing():
             path = moe_experts_gathered
         elif x.shape[0] == 1 and not torch.is_grad_enabled():  # decoding one sequence on the CPU
             path = moe_experts_one_token
@@ -199,6 +204,41 @@ class _SortedExperts(torch.autograd.Function):
                 torch.mm(dh[:n], gate_up[e], out=d_xs[rows])
             start += n
         return d_xs, d_gate_up, d_down, None
+
+
+def _grouped_mm_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether moe_experts_grouped runs here: torch's grouped GEMM takes bf16 (autocast's or the
+    tensors' own) on CUDA (sm80 and newer; torch 2.8 and newer)."""
+    if not hasattr(F, "grouped_mm"):
+        return False
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+    return dtype == torch.bfloat16 and (weight.dtype == torch.bfloat16 or torch.is_autocast_enabled("cuda")) \
+        and torch.cuda.get_device_capability(x.device)[0] >= 8
+
+
+def moe_experts_grouped(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
+                        down: torch.Tensor) -> torch.Tensor:
+    """moe_experts_sorted's function through torch's grouped GEMM (F.grouped_mm): the (token,
+    choice) pairs sorted by expert, the experts' shares given as device offsets, so nothing is read
+    on the host (no sync; CUDA graphs can capture it) and each projection is one kernel for all
+    experts. bf16 (torch's CPU grouped GEMM runs it too, which is how the tests check it)."""
+    N, k = experts.shape
+    if N == 0:
+        return x.new_zeros(0, down.shape[1])
+    flat = experts.flatten()
+    order = flat.argsort(stable=True)
+    token = order // k
+    counts = torch.zeros(gate_up.shape[0], dtype=torch.int64, device=x.device).scatter_add_(
+        0, flat, torch.ones_like(flat))  # (E,): bincount's, without its host read of the largest id
+    offsets = counts.cumsum(0).to(torch.int32)  # each expert's share ends here
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, gate_up, down = x.to(dtype), gate_up.to(dtype), down.to(dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        h = F.grouped_mm(x[token], gate_up.transpose(-2, -1), offs=offsets)  # (N * k, 2 * hidden)
+        ys = F.grouped_mm(_swiglu(h), down.transpose(-2, -1), offs=offsets)  # (N * k, C)
+    ys = ys * weights.flatten()[order, None].to(ys.dtype)
+    return ys.new_zeros(N, ys.shape[1]).index_add_(0, token, ys)
 
 
 def moe_experts_one_token(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,

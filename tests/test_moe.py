@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from pyllm.model import LLM, ModelConfig
-from pyllm.nn import MoEMLP, moe_experts_gathered, moe_experts_sorted
+from pyllm.nn import MoEMLP, moe_experts_gathered, moe_experts_grouped, moe_experts_sorted
 
 from helpers import CPU_AND_CUDA, rel_err, tolerance
 
@@ -89,6 +89,31 @@ def test_low_precision_within_twice_torchs_error(device, dtype):
     assert rel_err(out, ref) <= tolerance(theirs, ref)
     assert rel_err(dx, ref_dx) <= tolerance(their_dx, ref_dx)
     assert rel_err(dgate_up, ref_dgate_up) <= tolerance(their_dgate_up, ref_dgate_up)
+
+
+@pytest.mark.skipif(not hasattr(F, "grouped_mm"), reason="torch without F.grouped_mm")
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+def test_grouped_gemm_path_in_bf16(device):
+    # The path CUDA takes in bf16 (torch's grouped GEMM, device offsets, no host read), run here
+    # through torch's CPU grouped GEMM: outputs and gradients within twice torch's error of float64
+    # (the experts chosen in bf16), idle experts included.
+    moe = random_moe(n_experts=8, top_k=2, device=device).to(torch.bfloat16)
+    for n in (300, 3):
+        x = torch.randn(n, 48, device=device).to(torch.bfloat16).requires_grad_()
+        dy = torch.randn(n, 48, device=device).to(torch.bfloat16)
+        _, chosen, weights = moe.route(x)  # (the reference's weights depend on x too)
+        out = moe_experts_grouped(x, chosen, weights, moe.gate_up, moe.down)
+        got = torch.autograd.grad(out, [x, moe.gate_up, moe.down], dy)
+        ws = [w.detach().requires_grad_() for w in (moe.router.weight, moe.gate_up, moe.down)]
+        xt = x.detach().clone().requires_grad_()
+        theirs = routed_reference(xt, ws, chosen)
+        their_grads = torch.autograd.grad(theirs, [xt, ws[1], ws[2]], dy)
+        x64, ws64 = x.detach().double().cpu().requires_grad_(), weights64(moe)
+        ref = routed_reference(x64, ws64, chosen.cpu())
+        ref_grads = torch.autograd.grad(ref, [x64, ws64[1], ws64[2]], dy.double().cpu())
+        assert rel_err(out, ref) <= tolerance(theirs, ref)
+        for g, t, r in zip(got, their_grads, ref_grads):
+            assert rel_err(g, r) <= tolerance(t, r)
 
 
 def routed_reference(x, ws, chosen):

@@ -177,6 +177,10 @@ PRESETS: dict[str, dict] = {
     # The CPU default: 1.3M params (0.5M of them the tied 4096 x 128 token table); one 16 x 128
     # training step takes about 0.17 s on 2 shared cores here (fp32, eager).
     "tiny": dict(vocab_size=4096, block_size=128, n_layers=4, n_heads=4, n_kv_heads=2, dim=128),
+    # tiny as a mixture of experts: 8 experts of half tiny's MLP width, 2 per token (tiny's FLOPs per
+    # token, 4x its MLP weights), Mixtral's routing and load balancing.
+    "tiny-moe": dict(vocab_size=4096, block_size=128, n_layers=4, n_heads=4, n_kv_heads=2, dim=128, mlp_hidden=192,
+                     n_experts=8, experts_per_token=2),
     # LLaMA's recipe at GPT-2-small size.
     "llama-124m": dict(vocab_size=50304, block_size=1024, n_layers=12, n_heads=12, dim=768),
     "gpt2-124m": dict(vocab_size=50304, block_size=1024, n_layers=12, n_heads=12, dim=768, norm="layernorm",

@@ -777,7 +777,7 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer-train-bytes", type=int, help="train the tokenizer on an evenly spread sample of about this many bytes of --data (default 0: all of it)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint up to --max-steps")
     p.add_argument("--preset", help="model preset: tiny (default), tiny-moe, llama-124m, gpt2-124m, palm-style")
-    p.add_argument("--init-from-hf", metavar="DIR", help="fine-tune a Hugging Face checkpoint folder or hub repo id (LLaMA, Mistral, Qwen2/3, SmolLM3, Phi-3/4, Gemma 2/3, OLMo 2, GPT-2, and the mixtures of experts Mixtral, Qwen3-MoE, OLMoE: config.json, *.safetensors, tokenizer.json) instead of a preset; its tokenizer tokenizes --data (set --seq-len, the default being the model's whole context, and --lr, whose default 3e-3 is for training from scratch: fine-tuning wants about 1e-5 to 1e-4)")
+    p.add_argument("--init-from-hf", metavar="DIR", help="fine-tune a Hugging Face checkpoint folder or hub repo id (LLaMA, Mistral, Qwen2/3, SmolLM3, Phi-3/4, Gemma 2/3, OLMo 2, GPT-2, and the mixtures of experts Mixtral, Qwen3-MoE, OLMoE, Qwen2-MoE: config.json, *.safetensors, tokenizer.json) instead of a preset; its tokenizer tokenizes --data (set --seq-len, the default being the model's whole context, and --lr, whose default 3e-3 is for training from scratch: fine-tuning wants about 1e-5 to 1e-4)")
     p.add_argument("--init-adapter", metavar="DIR", help="with --init-from-hf: a PEFT LoRA adapter folder trained on that model, merged into its weights before training")
     p.add_argument("--init-from-run", metavar="DIR", help="start from the final weights of a folder `pyllm train` wrote (model.safetensors; its own model config) instead of a preset, with its tokenizer: continue pretraining on new --data, or fine-tune on {\"prompt\": ..., \"completion\": ...} lines (each ending in <|endoftext|>, as its documents did; a run fine-tuned from a Hugging Face model passes on that model's chat template, for {\"messages\"} lines). The optimizer starts afresh (--resume continues a run instead)")
     p.add_argument("--lora-rank", type=int, help="train LoRA (low-rank) updates of this rank on every block's linear layers instead of all the weights, which stay frozen (no gradients or optimizer state for them); the run's model.safetensors has the updates merged in (default 0: full fine-tuning)")
@@ -865,7 +865,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", help="a run folder written by `pyllm train` (finds model.safetensors and the tokenizer)")
     p.add_argument("--model", help="a model.safetensors (instead of --run)")
     p.add_argument("--tokenizer", help="the tokenizer the model was trained with (instead of --run)")
-    p.add_argument("--hf", metavar="DIR", help="a Hugging Face checkpoint folder or hub repo id (LLaMA, Mistral, Qwen2/3, SmolLM3, Phi-3/4, Gemma 2/3, OLMo 2, GPT-2, and the mixtures of experts Mixtral, Qwen3-MoE, OLMoE: config.json, *.safetensors, tokenizer.json) instead of --run")
+    p.add_argument("--hf", metavar="DIR", help="a Hugging Face checkpoint folder or hub repo id (LLaMA, Mistral, Qwen2/3, SmolLM3, Phi-3/4, Gemma 2/3, OLMo 2, GPT-2, and the mixtures of experts Mixtral, Qwen3-MoE, OLMoE, Qwen2-MoE: config.json, *.safetensors, tokenizer.json) instead of --run")
     p.add_argument("--adapter", metavar="DIR", help="with --hf: a PEFT LoRA adapter folder trained on that model, merged into its weights")
 
 

@@ -65,6 +65,7 @@ class ModelConfig:
     n_experts: int | None = None
     experts_per_token: int = 2
     norm_topk_prob: bool = True  # the chosen experts' weights renormalized to sum to 1 (Mixtral's)
+    shared_expert_hidden: int | None = None  # Qwen2-MoE: a gated SwiGLU expert of this width for every token
     # Training adds router_aux_loss_coef times the load-balancing loss (LLM.router_aux_loss; Switch
     # Transformer's alpha = 0.01); from_hf sets the checkpoint's when its config asks for router logits.
     router_aux_loss_coef: float = 0.01
@@ -155,6 +156,11 @@ class ModelConfig:
             if self.mlp != "swiglu" or self.bias:
                 raise ValueError(f"ModelConfig.n_experts: the experts are SwiGLU MLPs without biases, got "
                                  f"mlp={self.mlp!r}, bias={self.bias}")
+        if self.shared_expert_hidden is not None and (not self.n_experts or isinstance(self.shared_expert_hidden, bool)
+                                                      or not isinstance(self.shared_expert_hidden, int)
+                                                      or self.shared_expert_hidden < 1):
+            raise ValueError(f"ModelConfig.shared_expert_hidden must be None or a positive integer, with n_experts; got "
+                             f"{self.shared_expert_hidden!r} (n_experts {self.n_experts!r})")
         if isinstance(self.router_aux_loss_coef, bool) or not isinstance(self.router_aux_loss_coef, (int, float)) \
                 or not self.router_aux_loss_coef >= 0:
             raise ValueError(f"ModelConfig.router_aux_loss_coef must be a number >= 0, got {self.router_aux_loss_coef!r}")
@@ -266,8 +272,8 @@ class Block(nn.Module):
         self.norm2 = None if cfg.parallel_block else make_norm(cfg) if cfg.pre_norm else nn.Identity()  # PaLM: one
         self.attn = Attention(cfg, layer)
         mlps = {"swiglu": SwiGLUMLP, "gelu": GeluMLP, "geglu": GeGLUMLP}
-        self.mlp = (MoEMLP(cfg.dim, cfg.mlp_hidden, cfg.n_experts, cfg.experts_per_token, cfg.norm_topk_prob)
-                    if cfg.n_experts else mlps[cfg.mlp](cfg.dim, cfg.mlp_hidden, cfg.bias))
+        self.mlp = (MoEMLP(cfg.dim, cfg.mlp_hidden, cfg.n_experts, cfg.experts_per_token, cfg.norm_topk_prob,
+                           cfg.shared_expert_hidden) if cfg.n_experts else mlps[cfg.mlp](cfg.dim, cfg.mlp_hidden, cfg.bias))
         # Gemma's sandwich: the attention's and the MLP's outputs are normed before the residual add.
         self.attn_out_norm = make_norm(cfg) if cfg.sandwich_norm else nn.Identity()
         self.mlp_out_norm = make_norm(cfg) if cfg.sandwich_norm else nn.Identity()
@@ -532,8 +538,9 @@ class LLM(nn.Module):
         for p in self.parameters():
             p.requires_grad_(False)
         for block in self.blocks:
+            moe = set(block.mlp.modules()) if isinstance(block.mlp, MoEMLP) else set()
             for parent in list(block.modules()):
-                if isinstance(parent, MoEMLP):  # the router stays as it is, as PEFT leaves it
+                if parent in moe:  # the router (and a shared expert) stay as they are, as PEFT's all-linear leaves them
                     continue
                 for name, child in list(parent.named_children()):
                     if type(child) is not nn.Linear:
@@ -628,8 +635,8 @@ class LLM(nn.Module):
     def from_hf(cls, folder, device="cpu", dtype=torch.float32, adapter=None) -> "LLM":
         """A Hugging Face checkpoint folder (config.json and model.safetensors, or shards with their
         model.safetensors.index.json, as save_pretrained writes them) of LlamaForCausalLM (also
-        Mistral, Qwen2, Qwen3, SmolLM3, Phi-3, OLMo 2 and the mixtures of experts Mixtral, Qwen3-MoE and
-        OLMoE: HF_DECODERS), Gemma2ForCausalLM,
+        Mistral, Qwen2, Qwen3, SmolLM3, Phi-3, OLMo 2 and the mixtures of experts Mixtral, Qwen3-MoE,
+        OLMoE and Qwen2-MoE: HF_DECODERS), Gemma2ForCausalLM,
         Gemma3ForCausalLM (or the language model of a Gemma3ForConditionalGeneration) or
         GPT2LMHeadModel, with its weights in
         `dtype` (fp32: master weights for training; the checkpoint's own dtype may be bf16), or a hub
@@ -945,7 +952,7 @@ def hf_folder(name) -> Path:
 
 def config_from_hf(hf: dict) -> ModelConfig:
     """ModelConfig from a Hugging Face config.json (LLaMA / Mistral / Qwen2 / Qwen3 / SmolLM3 / Phi-3 / OLMo 2,
-    Mixtral / Qwen3-MoE / OLMoE, Gemma 2, Gemma 3's text model, or GPT-2)."""
+    Mixtral / Qwen3-MoE / OLMoE / Qwen2-MoE, Gemma 2, Gemma 3's text model, or GPT-2)."""
     kind = hf.get("model_type")
     if kind == "gpt2":
         if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
@@ -996,15 +1003,16 @@ def config_from_hf(hf: dict) -> ModelConfig:
                        mlp_hidden=hf.get("moe_intermediate_size") or hf["intermediate_size"],  # Qwen3-MoE's experts'
                        tie_embeddings=hf.get("tie_word_embeddings", False), norm_eps=hf.get("rms_norm_eps", 1e-6),
                        rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)), rope_scaling=scaling,
-                       qkv_bias=kind == "qwen2", qk_norm=kind in ("qwen3", "olmo2", "qwen3_moe", "olmoe"),
+                       qkv_bias=kind == "qwen2" or (kind == "qwen2_moe" and hf.get("qkv_bias", True)),
+                       qk_norm=kind in ("qwen3", "olmo2", "qwen3_moe", "olmoe"),
                        qk_norm_all_heads=kind in ("olmo2", "olmoe"), pre_norm=kind != "olmo2",
                        sandwich_norm=kind == "olmo2", sliding_window=window, window_layers=window_layers,
                        nope_layers=nope_layers, rotary_dim=rotary_dim, **_hf_experts(hf, kind))
 
 
 # The mixture-of-experts decoders among HF_DECODERS: Mixtral's router and experts sit in each layer's
-# block_sparse_moe, Qwen3-MoE's and OLMoE's in its mlp.
-HF_MOE = {"mixtral": "block_sparse_moe", "qwen3_moe": "mlp", "olmoe": "mlp"}
+# block_sparse_moe, Qwen3-MoE's, OLMoE's and Qwen2-MoE's (with its shared expert) in its mlp.
+HF_MOE = {"mixtral": "block_sparse_moe", "qwen3_moe": "mlp", "olmoe": "mlp", "qwen2_moe": "mlp"}
 
 
 def _hf_experts(hf: dict, kind: str) -> dict:
@@ -1021,6 +1029,7 @@ def _hf_experts(hf: dict, kind: str) -> dict:
             raise NotImplementedError(f"{kind} with {name}={value!r}: pyllm's MoE layers are all sparse, with no "
                                       "router noise or q / k / v clipping")
     return dict(n_experts=hf.get("num_local_experts") or hf["num_experts"], experts_per_token=hf["num_experts_per_tok"],
+                shared_expert_hidden=hf.get("shared_expert_intermediate_size", 5632) if kind == "qwen2_moe" else None,
                 norm_topk_prob=kind == "mixtral" or bool(hf.get("norm_topk_prob", False)),
                 router_aux_loss_coef=hf.get("router_aux_loss_coef", 0.001) if hf.get("output_router_logits") else 0.0)
 
@@ -1150,7 +1159,8 @@ def _smollm3_rope_layers(hf: dict) -> list[int]:
 
 
 # The LLaMA-shaped decoders config_from_hf reads (besides gpt2).
-HF_DECODERS = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "phi3", "olmo2", "mixtral", "qwen3_moe", "olmoe")
+HF_DECODERS = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "phi3", "olmo2", "mixtral", "qwen3_moe", "olmoe",
+               "qwen2_moe")
 
 
 def _hf_sliding_window(hf: dict, kind: str, n_layers: int) -> tuple[int | None, list[int] | None]:
@@ -1250,7 +1260,7 @@ def state_from_hf(hf_state: dict, cfg: ModelConfig, kind: str) -> dict:
 
 # The checkpoints' names of an expert's gate, up and down projections.
 HF_EXPERT_NAMES = {"mixtral": ("w1", "w3", "w2"), "qwen3_moe": ("gate_proj", "up_proj", "down_proj"),
-                   "olmoe": ("gate_proj", "up_proj", "down_proj")}
+                   "olmoe": ("gate_proj", "up_proj", "down_proj"), "qwen2_moe": ("gate_proj", "up_proj", "down_proj")}
 
 
 def experts_from_hf(hf_state: dict, layer: int, cfg: ModelConfig, kind: str) -> dict:
@@ -1259,6 +1269,10 @@ def experts_from_hf(hf_state: dict, layer: int, cfg: ModelConfig, kind: str) -> 
     C) and down (E, C, hidden), or transformers 5's fused gate_up_proj / down_proj taken as they are."""
     moe = f"layers.{layer}.{HF_MOE[kind]}."
     out = {"mlp.router.weight": hf_state[moe + "gate.weight"]}
+    if cfg.shared_expert_hidden:  # Qwen2-MoE's
+        shared = lambda name: hf_state[f"{moe}shared_expert.{name}.weight"]  # noqa: E731
+        out["mlp.shared.gate_up.weight"] = torch.cat([shared("gate_proj"), shared("up_proj")])
+        out["mlp.shared.down.weight"], out["mlp.shared_gate.weight"] = shared("down_proj"), hf_state[moe + "shared_expert_gate.weight"]
     if moe + "experts.gate_up_proj" in hf_state:
         out["mlp.gate_up"], out["mlp.down"] = hf_state[moe + "experts.gate_up_proj"], hf_state[moe + "experts.down_proj"]
         return out
@@ -1275,6 +1289,11 @@ def experts_to_hf(state: dict, block: str, layer: int, kind: str) -> dict:
     moe = f"model.layers.{layer}.{HF_MOE[kind]}."
     gate, up, down = HF_EXPERT_NAMES[kind]
     out = {moe + "gate.weight": state[block + "mlp.router.weight"]}
+    if block + "mlp.shared_gate.weight" in state:  # Qwen2-MoE's shared expert
+        out[moe + "shared_expert.gate_proj.weight"], out[moe + "shared_expert.up_proj.weight"] = \
+            state[block + "mlp.shared.gate_up.weight"].chunk(2)
+        out[moe + "shared_expert.down_proj.weight"] = state[block + "mlp.shared.down.weight"]
+        out[moe + "shared_expert_gate.weight"] = state[block + "mlp.shared_gate.weight"]
     for e, (gate_up, down_w) in enumerate(zip(state[block + "mlp.gate_up"], state[block + "mlp.down"])):
         out[f"{moe}experts.{e}.{gate}.weight"], out[f"{moe}experts.{e}.{up}.weight"] = gate_up.chunk(2)
         out[f"{moe}experts.{e}.{down}.weight"] = down_w
@@ -1299,6 +1318,9 @@ def hf_config_of(cfg: ModelConfig) -> dict:
     if not plain or (cfg.rope_scaling or {}).get("rope_type", "llama3") != "llama3":
         raise NotImplementedError("to_hf: this model is neither LLaMA- nor GPT-2-shaped; give the hf_config of the "
                                   "checkpoint it was read from")
+    if cfg.shared_expert_hidden:
+        raise NotImplementedError("to_hf: a shared expert is Qwen2-MoE's, which pyllm exports only with the "
+                                  "hf_config of the checkpoint it was read from")
     if cfg.n_experts and not cfg.norm_topk_prob:
         raise NotImplementedError("to_hf: experts whose weights are not renormalized over the chosen ones "
                                   "(norm_topk_prob=False) are no Mixtral; give the hf_config of the checkpoint "
@@ -1322,7 +1344,7 @@ def hf_config_of(cfg: ModelConfig) -> dict:
 # Hugging Face model types whose layers PEFT names model.layers.{i}.self_attn.* / mlp.* (the kinds
 # lora_state_to_peft writes adapters for; GPT-2's Conv1D layers and Gemma 3's multimodal wrapper not).
 PEFT_KINDS = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2", "gemma2", "gemma3_text", "phi3", "mixtral",
-              "qwen3_moe", "olmoe")
+              "qwen3_moe", "olmoe", "qwen2_moe")
 
 
 def merge_peft_adapter(hf_state: dict, adapter) -> None:

@@ -63,14 +63,18 @@ class MoEMLP(nn.Module):
 
     After each forward in training with autograd on, `stats` holds the router's statistics for the
     load-balancing loss (LLM.router_aux_loss): top-k picks per expert (E,), summed probabilities
-    (E,), tokens."""
+    (E,), tokens. shared_hidden: Qwen2-MoE's shared expert (a SwiGLUMLP of that width every token goes
+    through, its output times sigmoid(x w_shared_gate))."""
 
     def __init__(self, dim: int, hidden_dim: int, n_experts: int, top_k: int, norm_topk_prob: bool = True,
-                 device=None, dtype=None):
+                 shared_hidden: int | None = None, device=None, dtype=None):
         super().__init__()
         self.dim, self.hidden_dim, self.n_experts, self.top_k = dim, hidden_dim, n_experts, top_k
         self.norm_topk_prob = norm_topk_prob
         self.router = nn.Linear(dim, n_experts, bias=False, device=device, dtype=dtype)
+        # Qwen2-MoE's shared expert: every token goes through it too, its output scaled by a gate of its own
+        self.shared = SwiGLUMLP(dim, shared_hidden, device=device, dtype=dtype) if shared_hidden else None
+        self.shared_gate = nn.Linear(dim, 1, bias=False, device=device, dtype=dtype) if shared_hidden else None
         self.gate_up = nn.Parameter(torch.empty(n_experts, 2 * hidden_dim, dim, device=device, dtype=dtype))
         self.down = nn.Parameter(torch.empty(n_experts, dim, hidden_dim, device=device, dtype=dtype))
         for w in (self.gate_up, self.down):  # each expert as nn.Linear draws its weights
@@ -106,6 +110,8 @@ class MoEMLP(nn.Module):
         else:
             path = moe_experts_sorted
         y = path(x, experts, weights, self.gate_up, self.down)
+        if self.shared is not None:  # (N, C) + sigmoid((N, 1)) * (N, C)
+            y = y + torch.sigmoid(self.shared_gate(x)) * self.shared(x)
         return y.reshape(*shape[:-1], y.shape[-1])
 
 

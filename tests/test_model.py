@@ -80,6 +80,10 @@ def ref_mlp(cfg, x, sd, prefix, router_probs=None):
         for e in range(cfg.n_experts):
             gate, up = (x @ sd[prefix + ".gate_up"][e].T).chunk(2, dim=-1)
             out += (top * (chosen == e)).sum(-1, keepdim=True) * ((F.silu(gate) * up) @ sd[prefix + ".down"][e].T)
+        if cfg.shared_expert_hidden:  # Qwen2-MoE's shared expert, gated
+            gate, up = ref_linear(x, sd, prefix + ".shared.gate_up").chunk(2, dim=-1)
+            out = out + torch.sigmoid(ref_linear(x, sd, prefix + ".shared_gate")) * ref_linear(
+                F.silu(gate) * up, sd, prefix + ".shared.down")
         return out
     if cfg.mlp in ("swiglu", "geglu"):
         gate, up = ref_linear(x, sd, prefix + ".gate_up").chunk(2, dim=-1)
@@ -142,6 +146,9 @@ CONFIGS = {
     "moe": dict(SMALL, n_kv_heads=2, n_experts=5, experts_per_token=2),
     # OLMoE's: 3 of 4 experts, the chosen weights not renormalized
     "moe-unnormalized": dict(SMALL, n_kv_heads=2, n_experts=4, experts_per_token=3, norm_topk_prob=False),
+    # Qwen2-MoE's: a gated shared expert beside 4 routed ones, q / k / v biases
+    "moe-shared": dict(SMALL, n_kv_heads=2, n_experts=4, experts_per_token=2, norm_topk_prob=False,
+                       shared_expert_hidden=96, qkv_bias=True),
 }
 
 
@@ -183,7 +190,7 @@ def test_forward_matches_reference(name):
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2", "palm-mqa", "window", "qk-norm-window-nope", "gemma-style",
-                                  "olmo-style", "softcap", "moe"])
+                                  "olmo-style", "softcap", "moe", "moe-shared"])
 def test_cached_forward_matches_full(name):
     cfg = ModelConfig(**CONFIGS[name])
     model = randomized(cfg).eval()
@@ -571,7 +578,7 @@ def test_save_load_roundtrip(tmp_path, name):
         LLM.load(tmp_path / "bad.safetensors")
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2", "gqa-untied", "moe"])
+@pytest.mark.parametrize("name", ["llama", "gpt2", "gqa-untied", "moe", "moe-shared"])
 def test_lora(name, tmp_path):
     # LoRA (add_lora): only the updates train; the model starts as it was (bitwise: B = 0); a
     # trained update saves merged into plain weights that compute what the LoRA model does.
@@ -992,6 +999,10 @@ def hf_models():
         "qwen3-moe": transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
             **llama, head_dim=32, num_key_value_heads=2, num_experts=5, num_experts_per_tok=3,
             moe_intermediate_size=48, norm_topk_prob=True, experts_implementation="eager")),
+        # Qwen2-MoE's (Qwen1.5-MoE-A2.7B, Qwen2-57B-A14B): a gated shared expert, q / k / v biases
+        "qwen2-moe": transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(
+            **llama, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+            shared_expert_intermediate_size=80, experts_implementation="eager")),
         # OLMoE's: the chosen experts' weights not renormalized, q / k norms over all heads
         "olmoe": transformers.OlmoeForCausalLM(transformers.OlmoeConfig(
             **llama, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, pad_token_id=None,
@@ -1005,7 +1016,8 @@ PHI3 = dict(vocab_size=97, hidden_size=128, intermediate_size=160, num_hidden_la
             eos_token_id=None)
 HF_EAGER_EXPERTS = dict(experts_implementation="eager")  # transformers' default grouped_mm takes no fp64
 HF_NAMES = ["llama-gqa", "llama-tied", "llama3-rope", "qwen2", "gpt2", "qwen3-window", "qwen3", "mistral-window", "smollm3",
-            "phi3-longrope", "phi3", "gemma3", "gemma2", "olmo2", "mixtral", "qwen3-moe", "olmoe"]
+            "phi3-longrope", "phi3", "gemma3", "gemma2", "olmo2", "mixtral", "qwen3-moe", "olmoe",
+            "qwen2-moe"]
 
 
 @pytest.mark.parametrize("name", HF_NAMES)

@@ -59,7 +59,8 @@ class MoEMLP(nn.Module):
     GEMM instead (moe_experts_grouped: no host read, one kernel per projection for all experts,
     as transformers 5 does); a few tokens on CUDA (decoding: N * top_k <= E; CUDA-graph capture
     in other dtypes) take the gathered path, which reads each chosen expert's weights per token
-    with no host read; one token on the CPU without autograd (decoding) the one-token path.
+    with no host read; one token on the CPU without autograd (decoding) the one-token path, a few
+    (batched decoding) torch's grouped GEMM.
 
     After each forward in training with autograd on, `stats` holds the router's statistics for the
     load-balancing loss (LLM.router_aux_loss): top-k picks per expert (E,), summed probabilities
@@ -107,6 +108,11 @@ class MoEMLP(nn.Module):
             path = moe_experts_gathered
         elif x.shape[0] == 1 and not torch.is_grad_enabled():  # decoding one sequence on the CPU
             path = moe_experts_one_token
+        elif (not torch.is_grad_enabled() and x.shape[0] * self.top_k <= 4 * self.n_experts and hasattr(F, "grouped_mm")
+              and x.dtype in (torch.float32, torch.bfloat16) and not torch.is_autocast_enabled("cpu")):
+            # decoding a batch on the CPU: torch's grouped GEMM loops over the experts in C++ (8 tokens,
+            # 64 experts, 8 each: 8.8 ms against the sorted path's 9.9, bf16; 23.4 vs 24.5 fp32)
+            path = moe_experts_grouped
         else:
             path = moe_experts_sorted
         y = path(x, experts, weights, self.gate_up, self.down)

@@ -140,6 +140,20 @@ def test_one_token_without_autograd(top_k, norm):
         assert rel_err(out, reference(x, *weights64(moe), top_k, norm)) < 1e-13
 
 
+@pytest.mark.skipif(not hasattr(F, "grouped_mm"), reason="torch without F.grouped_mm")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_a_few_tokens_without_autograd(dtype):
+    # Batched decoding on the CPU (a few tokens, no autograd) goes through torch's grouped GEMM: the
+    # sorted path's values to rounding.
+    moe = random_moe(8, 2).to(dtype)
+    x = torch.randn(5, 48).to(dtype)
+    with torch.no_grad():
+        got = moe(x)
+        _, chosen, weights = moe.route(x)
+        want = moe_experts_sorted(x, chosen, weights, moe.gate_up, moe.down)
+    assert rel_err(got, want) < (1e-6 if dtype == torch.float32 else 1e-2)
+
+
 def test_no_tokens_and_shapes():
     moe = random_moe()
     assert moe(torch.randn(0, 48, dtype=torch.float64)).shape == (0, 48)

@@ -214,7 +214,8 @@ def ensure_token_files(inputs, tokenizer, tokenizer_path: Path, out_dir: Path, v
             "val_fraction": val_fraction, **({"doc_markers": doc_markers} if doc_markers else {}),
             "header": 2}  # files from before the header recorded the end-of-document id are made again
     preferences = data.is_preference_data(inputs)
-    examples = chat_folder is not None or preferences or data.is_chat_data(inputs)  # text pairs need no template
+    kto = data.is_kto_data(inputs)
+    examples = chat_folder is not None or preferences or kto or data.is_chat_data(inputs)  # text pairs need no template
     if examples:
         meta["chat_template_of"] = str(Path(chat_folder).resolve()) if chat_folder is not None else None
         meta["inputs_mtime"] = [Path(p).stat().st_mtime for p in inputs]
@@ -226,6 +227,14 @@ def ensure_token_files(inputs, tokenizer, tokenizer_path: Path, out_dir: Path, v
         except data.TokenFileError as e:
             print(f"data: {e}; preparing again")
     t0 = time.perf_counter()
+    if kto:
+        stats = data.prepare_kto(inputs, tokenizer, chat_folder, out_dir, val_fraction, **(doc_markers or {}))
+        meta_path.write_text(json.dumps(meta))
+        print(f"data: {stats['examples']:,} unpaired examples ({stats['desirable']:,} desirable) -> "
+              f"{stats['train_examples']:,} train ({stats['train_tokens']:,} tokens, their KL examples too) and "
+              f"{stats['val_examples']:,} val in {time.perf_counter() - t0:.1f} s"
+              + (f"; {stats['without_completion']} without a completion left out" if stats["without_completion"] else ""))
+        return out_dir
     if preferences:
         stats = data.prepare_preferences(inputs, tokenizer, chat_folder, out_dir, val_fraction, **(doc_markers or {}))
         meta_path.write_text(json.dumps(meta))
@@ -278,7 +287,7 @@ def setup_run_data(cfg, cli: dict) -> None:
     else:
         from pyllm import data
 
-        examples = data.is_chat_data(data_list) or data.is_preference_data(data_list)
+        examples = data.is_chat_data(data_list) or data.is_preference_data(data_list) or data.is_kto_data(data_list)
         if examples and not (cfg.init_from_hf or cfg.init_from_run):
             raise ValueError("--data holds fine-tuning examples ({\"messages\": [...]}, {\"prompt\": ..., "
                              "\"completion\": ...} or {\"prompt\": ..., \"chosen\": ..., \"rejected\": ...} lines): "
@@ -820,14 +829,17 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                    help="compute the loss chunk by chunk with its gradients (pyllm.nn.linear_cross_entropy): the "
                         "(batch, seq, vocab) logits and their gradient never exist, which is most of the activation "
                         "memory with a large vocabulary")
-    p.add_argument("--preference", choices=["dpo", "ipo", "hinge", "simpo", "orpo"],
+    p.add_argument("--preference", choices=["dpo", "ipo", "hinge", "simpo", "orpo", "kto"],
                    help="preference tuning on --data of preference pairs: *.jsonl lines of {\"prompt\": ..., "
                         "\"chosen\": ..., \"rejected\": ...} (text, or lists of messages put in the chat template; or "
                         "{\"chosen\": [messages], \"rejected\": [messages]} with a prompt in common), as TRL takes them, "
                         "with --init-from-hf or --init-from-run (and --lora-rank if you like). dpo (Rafailov et al. "
                         "2023), ipo and hinge compare with the starting model, whose log-probabilities of every pair "
                         "are computed once before training; simpo (Meng et al. 2024) and orpo (Hong et al. 2024) "
-                        "need no reference")
+                        "need no reference. kto (Ethayarajh et al. 2024) trains on unpaired examples instead: lines of "
+                        "{\"prompt\": ..., \"completion\": ..., \"label\": true or false} (TRL's KTO format)")
+    p.add_argument("--desirable-weight", type=float, help="kto: the desirable examples' weight (default 1)")
+    p.add_argument("--undesirable-weight", type=float, help="kto: the undesirable examples' weight (default 1)")
     p.add_argument("--beta", type=float, help="the preference loss's beta (orpo: its lambda; default: dpo, ipo, hinge "
                    "and orpo 0.1 as TRL's, simpo 2.0)")
     p.add_argument("--simpo-gamma", type=float, help="SimPO's target reward margin (default 0.5)")

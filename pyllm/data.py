@@ -371,16 +371,20 @@ def prepare_chat(inputs: Sequence[str | os.PathLike], tokenizer, folder, out_dir
 
 
 def _write_units(units: Sequence[tuple], in_val: Sequence[bool], tokenizer, folder, out_dir, show_progress: bool,
-                 doc_start: Sequence[int], doc_end: int | None, what: str, kept: str) -> tuple[dict, int]:
+                 doc_start: Sequence[int], doc_end: int | None, what: str, kept: str,
+                 labels: Sequence[bool] | None = None) -> tuple[dict, int]:
     """Tokenizes units of examples (example_tokens; a conversation alone, or a preference pair's
     chosen and rejected sides) into out_dir/{train,val}.bin (write_documents), each unit's
-    documents one after the other, and with pairs the .pairs.npy naming them. A unit with a side
-    that has nothing to train on is left out. Returns ({split: (docs, masks)}, units left out)."""
+    documents one after the other, and with pairs the .pairs.npy naming them; labels (one per unit,
+    KTO's): a .labels.npy of the units kept. A unit with a side that has nothing to train on is left
+    out. Returns ({split: (docs, masks)}, units left out)."""
     from tqdm import tqdm
 
     parts = {"train": ([], []), "val": ([], [])}
+    kept_labels = {"train": [], "val": []}
     silent = 0
-    for unit, val in zip(tqdm(units, desc=f"tokenizing {what.replace('(s)', 's')}", disable=not show_progress), in_val):
+    for i, (unit, val) in enumerate(zip(tqdm(units, desc=f"tokenizing {what.replace('(s)', 's')}",
+                                             disable=not show_progress), in_val)):
         sides = [example_tokens(example, tokenizer, folder, doc_start, doc_end) for example in unit]
         if not all(any(mask) for _, mask in sides):
             silent += 1
@@ -388,12 +392,18 @@ def _write_units(units: Sequence[tuple], in_val: Sequence[bool], tokenizer, fold
         for ids, mask in sides:
             parts["val" if val else "train"][0].append(np.asarray(ids, np.int64))
             parts["val" if val else "train"][1].append(np.asarray(mask, np.uint8))
+        if labels is not None:
+            kept_labels["val" if val else "train"].append(bool(labels[i]))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     size = len(units[0])
     for name, (docs, masks) in parts.items():
         if not docs:
             raise ValueError(f"no {name} {kept} left (of {len(units)})")
+        if labels is not None:  # before the token file, whose presence says the set is whole
+            np.save(out_dir / f"{name}.labels.npy", np.asarray(kept_labels[name], np.bool_))
+        else:
+            (out_dir / f"{name}.labels.npy").unlink(missing_ok=True)
         write_documents(out_dir / f"{name}.bin", docs, masks, tokenizer.vocab_size,
                         np.arange(len(docs)).reshape(-1, size) if size > 1 else None)
     return parts, silent
@@ -449,6 +459,66 @@ def prepare_preferences(inputs: Sequence[str | os.PathLike], tokenizer, folder, 
     stats = {"pairs": len(pairs), "without_reply": silent}
     for name, (docs, _) in parts.items():
         stats[f"{name}_pairs"] = len(docs) // 2
+        stats[f"{name}_tokens"] = int(sum(map(len, docs)))
+    return stats
+
+
+# --- unpaired examples (KTO) ----------------------------------------------------------------------
+
+def read_kto(path) -> list[tuple[dict, bool]]:
+    """The examples of a JSON Lines file in TRL's unpaired preference format, one per line:
+      {"prompt": "text", "completion": "text", "label": true}                  text
+      {"prompt": [messages], "completion": [messages], "label": false}         conversations
+    as (example in read_conversations' form, desirable)."""
+    out = []
+    for number, row, line in _jsonl_rows(path):
+        prompt, completion, label = row.get("prompt"), row.get("completion"), row.get("label")
+        example = None
+        if isinstance(prompt, str) and isinstance(completion, str):
+            example = {"prompt": prompt, "completion": completion}
+        elif _is_messages(prompt) and _is_messages(completion) and prompt and completion:
+            example = {"messages": prompt + completion, "train_from": len(prompt)}
+        if example is None or not isinstance(label, bool):
+            raise ValueError(f"{path}:{number}: expected {{\"prompt\": ..., \"completion\": ..., \"label\": true or "
+                             f"false}} (text, or lists of messages), got {line.strip()[:80]!r}")
+        out.append((example, label))
+    return out
+
+
+def is_kto_data(inputs) -> bool:
+    """Whether inputs are unpaired preference examples: every one a *.jsonl file whose first row has
+    "prompt", "completion" and "label"."""
+    return bool(inputs) and all(_first_row_keys(item) >= {"prompt", "completion", "label"} for item in inputs)
+
+
+def _mismatched(example: dict, other: dict) -> dict:
+    """example's prompt with other's completion (KTO's KL term's input)."""
+    if "messages" in example:
+        return {"messages": example["messages"][:example["train_from"]] + other["messages"][other["train_from"]:],
+                "train_from": example["train_from"]}
+    return {"prompt": example["prompt"], "completion": other["completion"]}
+
+
+def prepare_kto(inputs: Sequence[str | os.PathLike], tokenizer, folder, out_dir, val_fraction: float = 0.02,
+                show_progress: bool = True, doc_start: Sequence[int] = (), doc_end: int | None = None) -> dict:
+    """prepare_preferences for KTO's unpaired examples (read_kto): each example is written with its
+    KL example, its prompt followed by the next example's completion in its split (TRL's KL
+    dataset: completions shifted by one), as a pair of documents (.pairs.npy) the loader places
+    side by side, and its label in .labels.npy. Returns counts."""
+    rows = [r for path in inputs for r in read_kto(path)]
+    if len({"messages" in example for example, _ in rows}) > 1:  # a KL example joins one's prompt to another's completion
+        raise ValueError("KTO examples must be all text or all lists of messages, not both")
+    in_val = _val_split(len(rows), val_fraction, inputs, "example(s)")
+    units = [None] * len(rows)
+    for split in (True, False):
+        idx = [i for i, v in enumerate(in_val) if v == split]
+        for j, i in enumerate(idx):
+            units[i] = (rows[i][0], _mismatched(rows[i][0], rows[idx[(j + 1) % len(idx)]][0]))
+    parts, silent = _write_units(units, in_val, tokenizer, folder, out_dir, show_progress, doc_start, doc_end,
+                                 "example(s)", "example with a completion", labels=[label for _, label in rows])
+    stats = {"examples": len(rows), "desirable": sum(label for _, label in rows), "without_completion": silent}
+    for name, (docs, _) in parts.items():
+        stats[f"{name}_examples"] = len(docs) // 2
         stats[f"{name}_tokens"] = int(sum(map(len, docs)))
     return stats
 
@@ -528,6 +598,11 @@ class PackedLoader:
             n = len(self.offsets) - 1
             if self.pairs.ndim != 2 or self.pairs.shape[1] != 2 or not np.array_equal(np.sort(self.pairs, None), np.arange(n)):
                 raise TokenFileError(f"{path}: its .pairs.npy does not pair up its {n} documents; prepare the data again")
+        self.labels = None  # KTO: each pair's (example's) label, from a .labels.npy
+        if path.with_suffix(".labels.npy").is_file():
+            self.labels = np.load(path.with_suffix(".labels.npy"))
+            if self.pairs is None or self.labels.shape != (len(self.pairs),):
+                raise TokenFileError(f"{path}: its .labels.npy does not label its pairs; prepare the data again")
         self.path, self.batch_size, self.seq_len, self.seed = path, batch_size, seq_len, seed
         self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
         self.lookahead = max(1, self.LOOKAHEAD if lookahead is None else lookahead)

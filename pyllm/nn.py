@@ -624,14 +624,15 @@ def sequence_logps(token_logps: torch.Tensor, cu_seqlens: torch.Tensor) -> torch
     return token_logps.new_zeros(cu_seqlens.numel() - 1).index_add(0, doc, token_logps.reshape(-1))
 
 
-PREFERENCE_LOSSES = ("dpo", "ipo", "hinge", "simpo", "orpo")
+PREFERENCE_LOSSES = ("dpo", "ipo", "hinge", "simpo", "orpo", "kto")
 REFERENCE_FREE = ("simpo", "orpo")  # no reference model's log-probabilities needed
 
 
 def preference_loss(kind: str, chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, chosen_tokens: torch.Tensor,
                     rejected_tokens: torch.Tensor, ref_chosen_logps: torch.Tensor | None = None,
                     ref_rejected_logps: torch.Tensor | None = None, beta: float = 0.1, gamma: float = 0.5,
-                    label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    label_smoothing: float = 0.0, desirable: torch.Tensor | None = None, desirable_weight: float = 1.0,
+                    undesirable_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pair losses of preference tuning from each pair's chosen and rejected replies' summed
     log-probabilities (sequence_logps) and their numbers of tokens, with the implicit rewards of the
     chosen and rejected replies (detached). Each (P,). As TRL computes them:
@@ -647,7 +648,14 @@ def preference_loss(kind: str, chosen_logps: torch.Tensor, rejected_logps: torch
              token plus beta * -log sigmoid(log odds(chosen) - log odds(rejected)), odds(y) = p / (1 - p)
              with p the probability per token, exp(logps / tokens). Rewards beta * logps per token.
              (The NLL is each pair's mean over its reply's tokens, so the mean loss weighs pairs
-             alike; TRL's ORPOTrainer averages it over all of a batch's chosen tokens.)"""
+             alike; TRL's ORPOTrainer averages it over all of a batch's chosen tokens.)
+      kto    KTO (Ethayarajh et al. 2024), unpaired: "chosen" is each example, "rejected" the same
+             prompt with another example's completion, desirable (P,) bool its label. With z the
+             batch's KL estimate, mean(rejected - ref_rejected) clamped at 0 and detached (TRL's
+             KL term, computed without gradient), r = chosen - ref_chosen: desirable examples
+             desirable_weight (1 - sigmoid(beta (r - z))), undesirable ones undesirable_weight
+             (1 - sigmoid(beta (z - r))). Rewards beta r (chosen) and beta times the mismatched
+             pairs' log-ratio (rejected)."""
     if kind not in PREFERENCE_LOSSES:
         raise ValueError(f"preference loss must be one of {', '.join(PREFERENCE_LOSSES)}, got {kind!r}")
     if not beta > 0:
@@ -674,6 +682,13 @@ def preference_loss(kind: str, chosen_logps: torch.Tensor, rejected_logps: torch
         losses = torch.relu(1 - (chosen_rewards - rejected_rewards))
     elif kind == "simpo":
         losses = -F.logsigmoid(chosen_rewards - rejected_rewards - gamma)
+    elif kind == "kto":
+        if desirable is None:
+            raise ValueError("the kto loss needs each example's label (desirable)")
+        z = (rejected_logps - ref_rejected_logps).mean().clamp(min=0).detach()
+        ratio = chosen_logps - ref_chosen_logps
+        losses = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (ratio - z))),
+                             undesirable_weight * (1 - torch.sigmoid(beta * (z - ratio))))
     else:  # orpo; log(1 - p) as log(-expm1(log p)): exact as p nears 1 (and finite for a cut-off, empty reply)
         def log_odds(logp):
             return logp - torch.log(-torch.expm1(logp.clamp(max=-1e-12)))

@@ -43,6 +43,8 @@ class TrainConfig:
     beta: float = 0.0  # the preference loss's beta (ORPO's lambda); 0: its usual value (PREFERENCE_BETA)
     simpo_gamma: float = 0.5  # SimPO's target reward margin
     label_smoothing: float = 0.0  # dpo: the share of pairs taken to be mislabelled (conservative DPO)
+    desirable_weight: float = 1.0  # kto: the desirable examples' weight in the loss
+    undesirable_weight: float = 1.0  # kto: the undesirable examples'
     reference: str = "precomputed"  # dpo / ipo / hinge: precomputed (once, before training) | lora-off (LoRA runs: each step, adapters off)
     teacher: str = ""  # distillation: a Hugging Face checkpoint folder (or hub id) or a pyllm run, over the same vocabulary
     distill_beta: float = 0.0  # GKD's generalized JSD: 0 forward KL(teacher || student), 1 reverse KL, else the mixture's
@@ -127,6 +129,9 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.beta and simpo_gamma must be >= 0 and finite, got {self.beta} and {self.simpo_gamma}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"TrainConfig.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if not (0 < self.desirable_weight < math.inf and 0 < self.undesirable_weight < math.inf):
+            raise ValueError(f"TrainConfig.desirable_weight and undesirable_weight must be > 0, got "
+                             f"{self.desirable_weight} and {self.undesirable_weight}")
         if self.label_smoothing and self.preference != "dpo":
             raise ValueError("TrainConfig.label_smoothing goes with preference dpo")
         if not 0.0 <= self.distill_beta <= 1.0 or not 0.0 <= self.distill_alpha <= 1.0:
@@ -138,7 +143,7 @@ class TrainConfig:
             raise ValueError("TrainConfig.teacher (distillation) goes with neither preference tuning nor compile")
         if self.reference not in ("precomputed", "lora-off"):
             raise ValueError(f"TrainConfig.reference must be precomputed or lora-off, got {self.reference!r}")
-        if self.reference == "lora-off" and not (self.lora_rank and self.preference in ("dpo", "ipo", "hinge")):
+        if self.reference == "lora-off" and not (self.lora_rank and self.preference in ("dpo", "ipo", "hinge", "kto")):
             raise ValueError("TrainConfig.reference lora-off (the model with its LoRA updates off) needs lora_rank and "
                              "a preference loss with a reference (dpo, ipo, hinge)")
 
@@ -152,13 +157,14 @@ class TrainConfig:
 
 
 # Each preference loss's usual beta: TRL's defaults (DPOConfig, ORPOConfig), SimPO's paper's 2.0.
-PREFERENCE_BETA = {"dpo": 0.1, "ipo": 0.1, "hinge": 0.1, "simpo": 2.0, "orpo": 0.1}
+PREFERENCE_BETA = {"dpo": 0.1, "ipo": 0.1, "hinge": 0.1, "simpo": 2.0, "orpo": 0.1, "kto": 0.1}
 
 
 def preference_options(cfg) -> dict:
     """The keyword arguments of preference_loss for cfg."""
     return {"kind": cfg.preference, "beta": cfg.beta or PREFERENCE_BETA[cfg.preference], "gamma": cfg.simpo_gamma,
-            "label_smoothing": cfg.label_smoothing}
+            "label_smoothing": cfg.label_smoothing, "desirable_weight": cfg.desirable_weight,
+            "undesirable_weight": cfg.undesirable_weight}
 
 
 class TrainingDiverged(RuntimeError):
@@ -355,7 +361,7 @@ def evaluate_preference(model, path, reference: np.ndarray | None, cfg: TrainCon
     for _ in range(cfg.eval_batches):
         batch = (*loader.next_batch(), loader.docs)
         with autocast(precision, info.device):
-            loss, stats = preference_batch_loss(model, batch, reference, **preference_options(cfg))
+            loss, stats = preference_batch_loss(model, batch, reference, loader.labels, **preference_options(cfg))
         total += torch.stack([loss.float(), stats[2]]) * loader.placed
         pairs += loader.global_placed
     model.train()
@@ -413,13 +419,16 @@ def lora_off_reference(model: LLM, wrapped):
     return reference
 
 
-def preference_batch_loss(model, batch, reference, **options) -> tuple[torch.Tensor, torch.Tensor]:
+def preference_batch_loss(model, batch, reference, labels: np.ndarray | None = None,
+                          **options) -> tuple[torch.Tensor, torch.Tensor]:
     """The mean preference loss (nn.preference_loss with options: kind, beta, ...) over a
     PackedLoader batch's pairs (x, y, cu_seqlens, docs: each pair's chosen and rejected documents
     one after the other), and the means of the chosen and rejected rewards and of the accuracy
     (chosen above rejected), detached. 0 for a batch without pairs. reference: reference_logps's
     array, or a function of the batch giving every segment's (lora_off_reference), or None (the
-    reference-free losses)."""
+    reference-free losses). KTO: labels, each pair's (the loader's), and the stats are the mean
+    rewards of the desirable and of the undesirable examples and the share whose reward lies on its
+    label's side of the KL baseline (beta z: above for desirable, below for undesirable)."""
     x, y, cu, docs = batch
     real = [i for i, d in enumerate(docs) if d >= 0]
     ref = None
@@ -431,12 +440,22 @@ def preference_batch_loss(model, batch, reference, **options) -> tuple[torch.Ten
     tokens = sequence_logps((y != -1).to(logps.dtype), cu)  # each segment's trained tokens
     chosen, rejected = real[0::2], real[1::2]
     ref = None if ref is None else ref.to(logps)
+    desirable = None
+    if options.get("kind") == "kto":  # a unit's documents are 2u, 2u + 1 (prepare_kto)
+        desirable = torch.tensor(labels[[docs[i] // 2 for i in chosen]], dtype=torch.bool, device=logps.device)
     losses, chosen_rewards, rejected_rewards = preference_loss(
         chosen_logps=logps[chosen], rejected_logps=logps[rejected], chosen_tokens=tokens[chosen],
         rejected_tokens=tokens[rejected], ref_chosen_logps=None if ref is None else ref[0::2],
-        ref_rejected_logps=None if ref is None else ref[1::2], **options)
+        ref_rejected_logps=None if ref is None else ref[1::2], desirable=desirable, **options)
     n = max(len(chosen), 1)
-    stats = torch.stack([chosen_rewards.sum(), rejected_rewards.sum(), (chosen_rewards > rejected_rewards).sum()]) / n
+    if desirable is not None:  # the accuracy: the reward on the label's side of the KL baseline beta z
+        good, bad = chosen_rewards[desirable], chosen_rewards[~desirable]
+        baseline = rejected_rewards.mean().clamp(min=0) if len(chosen) else chosen_rewards.new_zeros(())
+        stats = torch.stack([good.sum() / max(len(good), 1), bad.sum() / max(len(bad), 1),
+                             ((chosen_rewards > baseline) == desirable).to(chosen_rewards.dtype).sum() / n])
+    else:
+        stats = torch.stack([chosen_rewards.sum(), rejected_rewards.sum(),
+                             (chosen_rewards > rejected_rewards).sum()]) / n
     return losses.sum() / n, stats
 
 
@@ -721,6 +740,11 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
     model.fused_loss = cfg.fused_loss
     loader = make_loader(data / "train.bin", cfg, seq_len, cfg.seed, info)
     pairs = isinstance(loader, PackedLoader) and loader.pairs is not None
+    labelled = isinstance(loader, PackedLoader) and loader.labels is not None
+    if labelled != (cfg.preference == "kto"):
+        raise ValueError("unpaired examples ({\"prompt\", \"completion\", \"label\"} lines) train by preference kto"
+                         if labelled else "preference kto trains on unpaired examples ({\"prompt\", \"completion\", "
+                         "\"label\"} lines), and these token files hold none")
     if pairs != bool(cfg.preference):
         raise ValueError("preference pairs ({\"prompt\", \"chosen\", \"rejected\"} lines) train by a preference loss: "
                          "give preference (--preference dpo)" if pairs else f"preference {cfg.preference}: it trains on "
@@ -801,7 +825,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
             no_sync = wrapped.no_sync() if hasattr(wrapped, "no_sync") and not last else contextlib.nullcontext()
             with no_sync, autocast(precision, info.device):
                 if cfg.preference:
-                    loss, stats = preference_batch_loss(wrapped, batch, reference and reference["train"],
+                    loss, stats = preference_batch_loss(wrapped, batch, reference and reference["train"], loader.labels,
                                                         **preference_options(cfg))
                     pref_sums += stats * weights[micro]
                 elif teacher is not None:

@@ -509,6 +509,46 @@ def test_distill_from_a_hugging_face_teacher(chat_run_inputs, tmp_path):
     assert logged(tmp_path / "half")[0]["loss"] == pytest.approx(0.5 * logged(tmp_path / "plain")[0]["loss"], rel=1e-5)
 
 
+def test_kto_on_unpaired_examples(chat_run_inputs, tmp_path, capsys):
+    # `pyllm train --preference kto` on TRL's unpaired format (text and messages): each example
+    # written with its KL example (its prompt, the next example's completion in its split) as a
+    # pair, the labels beside them; the first loss 0.5 (policy = reference), rewards logged.
+    folder, _ = chat_run_inputs
+    rng = random.Random(1)
+    texts, messages = [], []
+    for i in range(40):
+        a, b = rng.randrange(100), rng.randrange(100)
+        prompt, completion = f"what is {a} plus {b}?", f"{a + b if i % 2 == 0 else a * b}"
+        texts.append({"prompt": prompt, "completion": completion, "label": i % 2 == 0})
+        messages.append({"prompt": [{"role": "user", "content": prompt}],
+                         "completion": [{"role": "assistant", "content": completion}], "label": i % 2 == 0})
+    jsonl = lambda name, rows: (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows)) and tmp_path / name  # noqa: E731
+    mixed = jsonl("mixed.jsonl", texts[:3] + messages[3:6])
+    with pytest.raises(ValueError, match="all text or all lists of messages"):
+        data.prepare_kto([mixed], None, folder, tmp_path / "mixed")
+    assert cli.main(train_args(folder, jsonl("chat.jsonl", messages), tmp_path / "chat", "--max-steps", "1",
+                               "--batch-size", "4", "--preference", "kto")) == 0
+    path = jsonl("kto.jsonl", texts)
+    assert cli.main(train_args(folder, path, tmp_path / "run", "--max-steps", "2", "--batch-size", "4",
+                               "--preference", "kto", "--beta", "0.2", "--desirable-weight", "1.3")) == 0
+    assert "unpaired examples (20 desirable)" in capsys.readouterr().out
+    data_dir = tmp_path / "run" / "data"
+    labels = np.load(data_dir / "train.labels.npy")
+    pairs, offsets = np.load(data_dir / "train.pairs.npy"), np.load(data_dir / "train.docs.npy")
+    assert len(labels) == len(pairs) and labels.any() and not labels.all()
+    tokens = data.open_tokens(data_dir / "train.bin")
+    mask = np.load(data_dir / "train.mask.npy")
+    doc = lambda d: np.asarray(tokens[offsets[d]:offsets[d + 1]])  # noqa: E731
+    trained = lambda d: mask[offsets[d]:offsets[d + 1]].astype(bool)  # noqa: E731
+    for u in range(len(pairs)):  # the KL document: this prompt, the next example's completion
+        nxt = (u + 1) % len(pairs)
+        assert np.array_equal(doc(2 * u + 1)[~trained(2 * u + 1)], doc(2 * u)[~trained(2 * u)])
+        assert np.array_equal(doc(2 * u + 1)[trained(2 * u + 1)], doc(2 * nxt)[trained(2 * nxt)])
+    assert logged(tmp_path / "chat")[0]["loss"] == pytest.approx(0.5, abs=1e-6)  # weights 1: 1 - sigmoid(0)
+    log = logged(tmp_path / "run")  # desirable ones weigh 1.3
+    assert 0.5 < log[0]["loss"] <= 0.5 * 1.3 and "reward_accuracy" in log[0]
+
+
 @pytest.mark.parametrize("rslora", [False, True])
 def test_peft_adapter_merges_into_from_hf(chat_run_inputs, tmp_path, capsys, rslora):
     # A LoRA adapter PEFT trained (here: drawn) on a Hugging Face model, merged into pyllm's copy of

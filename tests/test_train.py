@@ -535,7 +535,8 @@ def test_preference_options_are_checked(data_dir, chat_dir, pairs_dir, tmp_path)
     for folder in (data_dir, chat_dir):
         with pytest.raises(ValueError, match="these token files hold none"):
             trainer.train(config(folder, tmp_path / "b", preference="dpo"))
-    for options, message in ((dict(preference="kto"), "preference must be one of dpo, ipo, hinge, simpo, orpo"),
+    for options, message in ((dict(preference="cpo"), "preference must be one of dpo, ipo, hinge, simpo, orpo, kto"),
+                             (dict(preference="kto", desirable_weight=0.0), "desirable_weight and undesirable_weight"),
                              (dict(preference="dpo", beta=-1.0), "beta and simpo_gamma must be >= 0"),
                              (dict(preference="dpo", label_smoothing=0.5), r"label_smoothing must be in \[0, 0.5\)"),
                              (dict(preference="simpo", label_smoothing=0.1), "goes with preference dpo")):
@@ -612,3 +613,98 @@ def test_packed_loss_is_the_models_loss(chat_dir):
     assert got.item() == pytest.approx(want.item(), rel=1e-13)
     for g, w in zip(torch.autograd.grad(got, params), torch.autograd.grad(want, params)):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-14)
+
+
+@pytest.fixture(scope="module")
+def kto_dir(tmp_path_factory):
+    """Unpaired examples as prepare_kto writes them: a prompt of 2-10 tokens of the phrase, then a
+    completion of 2-8 tokens, the phrase going on (desirable, even examples) or random tokens
+    (undesirable, odd ones); each example's document followed by its KL document (its prompt with
+    the next example's completion), the pairs and labels beside them."""
+    rng = np.random.default_rng(3)
+    folder = tmp_path_factory.mktemp("kto")
+    phrase = np.array([3, 14, 15, 9, 26, 5, 35, 8, 9, 7, 9, 32])
+    for name, n in (("train.bin", 200), ("val.bin", 20)):
+        examples = []
+        for i in range(n):
+            prompt, reply = int(rng.integers(2, 11)), int(rng.integers(2, 9))
+            good = np.roll(phrase, -int(rng.integers(12)))[np.arange(prompt + reply) % 12]
+            completion = good[prompt:] if i % 2 == 0 else rng.integers(0, 64, reply)
+            examples.append((good[:prompt], completion))
+        docs, masks = [], []
+        for i, (prompt, completion) in enumerate(examples):
+            for doc_completion in (completion, examples[(i + 1) % n][1]):
+                docs.append(np.concatenate([prompt, doc_completion]))
+                masks.append((np.arange(len(docs[-1])) >= len(prompt)).astype(np.uint8))
+        np.save(folder / name.replace(".bin", ".labels.npy"), np.arange(n) % 2 == 0)
+        data.write_documents(folder / name, docs, masks, vocab_size=64, pairs=np.arange(2 * n).reshape(-1, 2))
+    return folder
+
+
+def test_kto_batch_loss_is_each_sequence_alone(kto_dir):
+    # fp64: KTO's loss and gradients on a packed batch are TRL's formula on each sequence alone: the
+    # KL estimate z from the mismatched documents (clamped, no gradient), 1 - sigmoid(beta (r - z))
+    # for desirable examples and 1 - sigmoid(beta (z - r)) weighted for undesirable ones.
+    from pyllm.model import LLM, ModelConfig
+
+    torch.manual_seed(0)
+    model = LLM(ModelConfig.from_preset("tiny", **{**TINY, "vocab_size": 64})).double()
+    policy = LLM(ModelConfig.from_preset("tiny", **{**TINY, "vocab_size": 64})).double()
+    loader = data.PackedLoader(kto_dir / "train.bin", 3, 16, seed=4)
+    with torch.no_grad():
+        reference = trainer.reference_logps(model, kto_dir / "train.bin", TrainConfig(batch_size=3), 16, "fp32",
+                                            trainer.DistInfo())
+    batch = (*loader.next_batch(), loader.docs)
+    beta, weights = 0.3, dict(desirable_weight=1.5, undesirable_weight=0.7)
+    loss, stats = trainer.preference_batch_loss(policy, batch, reference, loader.labels, kind="kto", beta=beta, **weights)
+    loss.backward()
+    got = [p.grad.clone() for p in policy.parameters()]
+    policy.zero_grad()
+
+    def alone(m, doc, length):
+        start, end = loader.offsets[doc], loader.offsets[doc + 1]
+        ids = torch.from_numpy(np.asarray(loader.tokens[start:end], np.int64))
+        mask = torch.from_numpy(np.asarray(loader.mask[start:end], np.int64))
+        n = min(length + 1, end - start)
+        logp = torch.log_softmax(m(ids[None, :min(length, n)])[0][0], -1)[torch.arange(n - 1), ids[1:n]]
+        return (logp * mask[1:n]).sum()
+
+    real, lengths = [d for d in batch[3] if d >= 0], list(loader.lengths)
+    examples, kls = list(zip(real[0::2], lengths[0::2])), list(zip(real[1::2], lengths[1::2]))
+    with torch.no_grad():
+        z = torch.stack([alone(policy, d, n) - reference[d] for d, n in kls]).mean().clamp(min=0)
+    terms, rewards = [], []
+    for d, n in examples:
+        with torch.no_grad():
+            assert reference[d] == pytest.approx(float(alone(model, d, n)), rel=1e-12)
+        r = alone(policy, d, n) - reference[d]
+        good = bool(loader.labels[d // 2])
+        terms.append(1.5 * (1 - torch.sigmoid(beta * (r - z))) if good else 0.7 * (1 - torch.sigmoid(beta * (z - r))))
+        rewards.append((good, beta * r.item()))
+    want = torch.stack(terms).mean()
+    want.backward()
+    assert loss.item() == pytest.approx(want.item(), rel=1e-12)
+    good, bad = [r for g, r in rewards if g], [r for g, r in rewards if not g]
+    assert stats[0].item() == pytest.approx(np.mean(good) if good else 0.0, rel=1e-10, abs=1e-14)
+    assert stats[1].item() == pytest.approx(np.mean(bad) if bad else 0.0, rel=1e-10, abs=1e-14)
+    assert stats[2].item() == pytest.approx(np.mean([(r > beta * z.item()) == g for g, r in rewards]), rel=1e-12)
+    for g, p in zip(got, policy.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=1e-9, atol=1e-14)
+
+
+def test_kto_learns_and_resumes_exactly(kto_dir, pairs_dir, tmp_path):
+    # The first loss is 0.5 (the policy is the reference: r = z = 0); desirable examples' rewards
+    # rise above the undesirable ones'; bitwise resume; the data and the loss must go together.
+    kw = dict(preference="kto", beta=0.5, max_steps=16, eval_every=8, ckpt_every=4, lr=3e-3)
+    trainer.train(config(kto_dir, tmp_path / "whole", **kw))
+    log = [json.loads(line) for line in (tmp_path / "whole/log.jsonl").read_text().splitlines()]
+    assert log[0]["loss"] == pytest.approx(0.5, abs=1e-6)
+    assert np.mean([r["reward_chosen"] - r["reward_rejected"] for r in log[-4:]]) > 0
+    assert log[-1]["val_reward_accuracy"] > 0.6
+    trainer.train(config(kto_dir, tmp_path / "cut", **kw), stop_at=6)
+    trainer.train(config(kto_dir, tmp_path / "cut", **kw), resume=True)
+    assert losses(tmp_path / "cut") == losses(tmp_path / "whole")
+    with pytest.raises(ValueError, match="train by preference kto"):
+        trainer.train(config(kto_dir, tmp_path / "x", preference="dpo"))
+    with pytest.raises(ValueError, match="preference kto trains on unpaired examples"):
+        trainer.train(config(pairs_dir, tmp_path / "y", preference="kto"))

@@ -227,34 +227,36 @@ def ensure_token_files(inputs, tokenizer, tokenizer_path: Path, out_dir: Path, v
         except data.TokenFileError as e:
             print(f"data: {e}; preparing again")
     t0 = time.perf_counter()
-    if kto:
-        stats = data.prepare_kto(inputs, tokenizer, chat_folder, out_dir, val_fraction, **(doc_markers or {}))
+    kind = "kto" if kto else "preferences" if preferences else "chat" if examples else None
+    if kind is not None:  # fine-tuning examples: prepare_kto / prepare_preferences / prepare_chat
+        prepare = {"kto": data.prepare_kto, "preferences": data.prepare_preferences, "chat": data.prepare_chat}[kind]
+        stats = prepare(inputs, tokenizer, chat_folder, out_dir, val_fraction, **(doc_markers or {}))
         meta_path.write_text(json.dumps(meta))
-        print(f"data: {stats['examples']:,} unpaired examples ({stats['desirable']:,} desirable) -> "
-              f"{stats['train_examples']:,} train ({stats['train_tokens']:,} tokens, their KL examples too) and "
-              f"{stats['val_examples']:,} val in {time.perf_counter() - t0:.1f} s"
-              + (f"; {stats['without_completion']} without a completion left out" if stats["without_completion"] else ""))
-        return out_dir
-    if preferences:
-        stats = data.prepare_preferences(inputs, tokenizer, chat_folder, out_dir, val_fraction, **(doc_markers or {}))
-        meta_path.write_text(json.dumps(meta))
-        print(f"data: {stats['pairs']:,} preference pairs -> {stats['train_pairs']:,} train ({stats['train_tokens']:,} "
-              f"tokens) and {stats['val_pairs']:,} val in {time.perf_counter() - t0:.1f} s"
-              + (f"; {stats['without_reply']} without a reply on both sides left out" if stats["without_reply"] else ""))
-        return out_dir
-    if examples:
-        stats = data.prepare_chat(inputs, tokenizer, chat_folder, out_dir, val_fraction, **(doc_markers or {}))
-        meta_path.write_text(json.dumps(meta))
-        print(f"data: {stats['conversations']:,} conversations -> {stats['train_conversations']:,} train "
-              f"({stats['train_tokens']:,} tokens, {stats['train_assistant_tokens']:,} the assistant's, trained on) and "
-              f"{stats['val_conversations']:,} val in {time.perf_counter() - t0:.1f} s"
-              + (f"; {stats['without_assistant']} without an assistant reply left out" if stats["without_assistant"] else ""))
+        print(f"data: {_examples_line(kind, stats)} in {time.perf_counter() - t0:.1f} s")
         return out_dir
     stats = data.prepare(inputs, tokenizer, out_dir, val_fraction, **(doc_markers or {}))
     meta_path.write_text(json.dumps(meta))
     print(f"data: {stats['files']} files, {stats['bytes'] / 1e6:.1f} MB -> {stats['train_tokens']:,} train and "
           f"{stats['val_tokens']:,} val tokens in {time.perf_counter() - t0:.1f} s")
     return out_dir
+
+
+def _examples_line(kind: str, stats: dict) -> str:
+    """What prepare_kto / prepare_preferences / prepare_chat made of the examples, for the log."""
+    if kind == "kto":
+        line = (f"{stats['examples']:,} unpaired examples ({stats['desirable']:,} desirable) -> {stats['train_examples']:,} "
+                f"train ({stats['train_tokens']:,} tokens, their KL examples too) and {stats['val_examples']:,} val")
+        dropped, why = stats["without_completion"], "without a completion"
+    elif kind == "preferences":
+        line = (f"{stats['pairs']:,} preference pairs -> {stats['train_pairs']:,} train ({stats['train_tokens']:,} "
+                f"tokens) and {stats['val_pairs']:,} val")
+        dropped, why = stats["without_reply"], "without a reply on both sides"
+    else:
+        line = (f"{stats['conversations']:,} conversations -> {stats['train_conversations']:,} train "
+                f"({stats['train_tokens']:,} tokens, {stats['train_assistant_tokens']:,} the assistant's, trained on) "
+                f"and {stats['val_conversations']:,} val")
+        dropped, why = stats["without_assistant"], "without an assistant reply"
+    return line + (f"; {dropped} {why} left out" if dropped else "")
 
 
 def is_token_dir(path) -> bool:

@@ -632,7 +632,8 @@ def preference_loss(kind: str, chosen_logps: torch.Tensor, rejected_logps: torch
                     rejected_tokens: torch.Tensor, ref_chosen_logps: torch.Tensor | None = None,
                     ref_rejected_logps: torch.Tensor | None = None, beta: float = 0.1, gamma: float = 0.5,
                     label_smoothing: float = 0.0, desirable: torch.Tensor | None = None, desirable_weight: float = 1.0,
-                    undesirable_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    undesirable_weight: float = 1.0, kl: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pair losses of preference tuning from each pair's chosen and rejected replies' summed
     log-probabilities (sequence_logps) and their numbers of tokens, with the implicit rewards of the
     chosen and rejected replies (detached). Each (P,). As TRL computes them:
@@ -655,7 +656,8 @@ def preference_loss(kind: str, chosen_logps: torch.Tensor, rejected_logps: torch
              KL term, computed without gradient), r = chosen - ref_chosen: desirable examples
              desirable_weight (1 - sigmoid(beta (r - z))), undesirable ones undesirable_weight
              (1 - sigmoid(beta (z - r))). Rewards beta r (chosen) and beta times the mismatched
-             pairs' log-ratio (rejected)."""
+             pairs' log-ratio (rejected). kl: z given (over more pairs than these: all ranks'), else
+             from these pairs."""
     if kind not in PREFERENCE_LOSSES:
         raise ValueError(f"preference loss must be one of {', '.join(PREFERENCE_LOSSES)}, got {kind!r}")
     if not beta > 0:
@@ -685,7 +687,7 @@ def preference_loss(kind: str, chosen_logps: torch.Tensor, rejected_logps: torch
     elif kind == "kto":
         if desirable is None:
             raise ValueError("the kto loss needs each example's label (desirable)")
-        z = (rejected_logps - ref_rejected_logps).mean().clamp(min=0).detach()
+        z = ((rejected_logps - ref_rejected_logps).mean() if kl is None else kl).clamp(min=0).detach()
         ratio = chosen_logps - ref_chosen_logps
         losses = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (ratio - z))),
                              undesirable_weight * (1 - torch.sigmoid(beta * (z - ratio))))

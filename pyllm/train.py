@@ -440,17 +440,24 @@ def preference_batch_loss(model, batch, reference, labels: np.ndarray | None = N
     tokens = sequence_logps((y != -1).to(logps.dtype), cu)  # each segment's trained tokens
     chosen, rejected = real[0::2], real[1::2]
     ref = None if ref is None else ref.to(logps)
-    desirable = None
+    desirable = kl = None
     if options.get("kind") == "kto":  # a unit's documents are 2u, 2u + 1 (prepare_kto)
         desirable = torch.tensor(labels[[docs[i] // 2 for i in chosen]], dtype=torch.bool, device=logps.device)
+        # The KL estimate over all ranks' pairs of this micro-step (TRL gathers it too): the same
+        # global rows give the same z whatever the number of processes.
+        kl_sums = torch.stack([(logps[rejected].detach() - ref[1::2]).sum(), torch.tensor(float(len(rejected)))
+                               .to(logps)])
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(kl_sums)
+        kl = kl_sums[0] / kl_sums[1].clamp(min=1)
     losses, chosen_rewards, rejected_rewards = preference_loss(
         chosen_logps=logps[chosen], rejected_logps=logps[rejected], chosen_tokens=tokens[chosen],
         rejected_tokens=tokens[rejected], ref_chosen_logps=None if ref is None else ref[0::2],
-        ref_rejected_logps=None if ref is None else ref[1::2], desirable=desirable, **options)
+        ref_rejected_logps=None if ref is None else ref[1::2], desirable=desirable, kl=kl, **options)
     n = max(len(chosen), 1)
     if desirable is not None:  # the accuracy: the reward on the label's side of the KL baseline beta z
         good, bad = chosen_rewards[desirable], chosen_rewards[~desirable]
-        baseline = rejected_rewards.mean().clamp(min=0) if len(chosen) else chosen_rewards.new_zeros(())
+        baseline = options.get("beta", 0.1) * kl.clamp(min=0)
         stats = torch.stack([good.sum() / max(len(good), 1), bad.sum() / max(len(bad), 1),
                              ((chosen_rewards > baseline) == desirable).to(chosen_rewards.dtype).sum() / n])
     else:

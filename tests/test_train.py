@@ -287,8 +287,8 @@ def run_two_processes(args: dict, timeout: float = 150) -> None:
                                         ("zero1", "conversations"), ("ddp", "lora"), ("fsdp", "lora"),
                                         ("zero1", "lora"), ("fsdp", "fused-loss"), ("ddp", "dpo"), ("fsdp", "orpo"),
                                         ("fsdp", "dpo-lora-off"), ("ddp", "moe"), ("fsdp", "moe"), ("ddp", "distill"),
-                                        ("fsdp", "distill")])
-def test_two_cpu_processes_match_one_and_resume_exactly(data_dir, chat_dir, pairs_dir, tmp_path, mode, kind):
+                                        ("fsdp", "distill"), ("ddp", "kto")])
+def test_two_cpu_processes_match_one_and_resume_exactly(data_dir, chat_dir, pairs_dir, kto_dir, tmp_path, mode, kind):
     """2 gloo processes with batch 2 each = 1 process with batch 4 (to float rounding), both with 2
     micro-steps of gradient accumulation; a 2-process
     run stopped at step 6 and resumed from its step-4 checkpoint = the uninterrupted one, bitwise;
@@ -303,19 +303,22 @@ def test_two_cpu_processes_match_one_and_resume_exactly(data_dir, chat_dir, pair
     updates off, at each step. moe: 4 experts, 2 per token, without the load-balancing loss (a
     statistic of each rank's micro-batch, as transformers and Megatron-LM compute it: not the same
     on 2 ranks as on 1). distill: a teacher (a 2-step run of a wider model, whole on each rank), the
-    JSD's mixture at temperature 2 and some cross-entropy."""
+    JSD's mixture at temperature 2 and some cross-entropy. kto: its KL estimate over both ranks'
+    pairs of each micro-step."""
     distill = {}
     if kind == "distill":
         trainer.train(config(data_dir, tmp_path / "teacher", model=dict(TINY, dim=96, n_heads=3, n_kv_heads=1),
                              max_steps=2))
         distill = dict(teacher=str(tmp_path / "teacher"), distill_beta=0.5, distill_temperature=2.0, distill_alpha=0.7)
-    folder = {"conversations": chat_dir, "dpo": pairs_dir, "orpo": pairs_dir, "dpo-lora-off": pairs_dir}.get(kind, data_dir)
+    folder = {"conversations": chat_dir, "dpo": pairs_dir, "orpo": pairs_dir, "dpo-lora-off": pairs_dir,
+              "kto": kto_dir}.get(kind, data_dir)
     moe = dict(n_experts=4, router_aux_loss_coef=0.0) if kind == "moe" else {}
     common = dict(data_dir=str(folder), model=dict(TINY, **moe), device="cpu", **distill,
                   max_steps=8, warmup_steps=1, grad_accum=2, eval_every=4, eval_batches=2, ckpt_every=4,
                   progress=False, lr=1e-2, **({"lora_rank": 2, "precision": "bf16"} if kind == "lora" else {}),
                   **({"lora_targets": "q,v,gate,down"} if kind == "lora" and mode == "fsdp" else {}),
-                  **({"fused_loss": True} if kind == "fused-loss" else {}), **({"preference": kind, "beta": 0.5} if kind in ("dpo", "orpo") else {}),
+                  **({"fused_loss": True} if kind == "fused-loss" else {}),
+                  **({"preference": kind, "beta": 0.5} if kind in ("dpo", "orpo", "kto") else {}),
                   **({"preference": "dpo", "beta": 0.5, "lora_rank": 2, "reference": "lora-off"}
                      if kind == "dpo-lora-off" else {}))
     trainer.train(TrainConfig(**common, out_dir=str(tmp_path / "one"), batch_size=4))

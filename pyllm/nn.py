@@ -46,7 +46,7 @@ def _swiglu(h: torch.Tensor) -> torch.Tensor:
 
 
 class MoEMLP(nn.Module):
-    """A mixture of SwiGLU experts (Mixtral, Qwen3-MoE, OLMoE): a linear router scores the n_experts
+    """A mixture of SwiGLU experts (Mixtral, Qwen3-MoE, OLMoE, Qwen2-MoE): a linear router scores the n_experts
     experts for each token, which goes through its top_k best; their outputs are summed weighted by
     the router's softmax probabilities, renormalized over the chosen ones when norm_topk_prob
     (Mixtral's and Qwen3-MoE-30B's; OLMoE's are not). Each expert is a SwiGLUMLP whose weights are

@@ -56,6 +56,11 @@ class ModelConfig:
     local_rope_theta: float | None = None  # RoPE theta of the sliding-window layers, unscaled (Gemma 3)
     sandwich_norm: bool = False  # also a norm on the attention's and the MLP's outputs (Gemma 2 / 3)
     embed_scale: bool = False  # token embeddings times sqrt(dim), rounded to their dtype (Gemma)
+    # IBM Granite's scalars: token embeddings times embed_multiplier, each sublayer's output times
+    # residual_multiplier before the residual add, the output logits divided by logits_scaling.
+    embed_multiplier: float | None = None
+    residual_multiplier: float | None = None
+    logits_scaling: float | None = None
     softmax_scale: float | None = None  # None: 1 / sqrt(head_dim) (Gemma 3: query_pre_attn_scalar ** -0.5)
     attn_softcap: float | None = None  # attention scores capped as softcap * tanh(s / softcap) (Gemma 2: 50)
     final_softcap: float | None = None  # the output logits likewise (Gemma 2: 30)
@@ -119,7 +124,7 @@ class ModelConfig:
             raise ValueError("ModelConfig.qk_norm_all_heads needs qk_norm=True")
         if self.nope_layers and self.positions != "rope":
             raise ValueError("ModelConfig.nope_layers needs positions = 'rope'")
-        for name in ("attn_softcap", "final_softcap"):
+        for name in ("attn_softcap", "final_softcap", "embed_multiplier", "residual_multiplier", "logits_scaling"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
                 raise ValueError(f"ModelConfig.{name} must be None or a positive number, got {value!r}")
@@ -277,15 +282,19 @@ class Block(nn.Module):
         # Gemma's sandwich: the attention's and the MLP's outputs are normed before the residual add.
         self.attn_out_norm = make_norm(cfg) if cfg.sandwich_norm else nn.Identity()
         self.mlp_out_norm = make_norm(cfg) if cfg.sandwich_norm else nn.Identity()
+        self.residual_multiplier = cfg.residual_multiplier
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x, rope=None, cache=None, cache_seqlen: int = 0, cu_seqlens=None):  # x: (B, T, C)
         h = self.norm1(x)
-        a = self.dropout(self.attn_out_norm(self.attn(h, rope, cache, cache_seqlen, cu_seqlens)))
+        a = self.dropout(self.scaled(self.attn_out_norm(self.attn(h, rope, cache, cache_seqlen, cu_seqlens))))
         if self.parallel:
-            return x + a + self.dropout(self.mlp_out_norm(self.mlp(h)))
+            return x + a + self.dropout(self.scaled(self.mlp_out_norm(self.mlp(h))))
         x = x + a
-        return x + self.dropout(self.mlp_out_norm(self.mlp(self.norm2(x))))
+        return x + self.dropout(self.scaled(self.mlp_out_norm(self.mlp(self.norm2(x)))))
+
+    def scaled(self, y):
+        return y if self.residual_multiplier is None else y * self.residual_multiplier  # Granite's
 
 
 def check_documents(cu_seqlens: torch.Tensor, B: int, T: int, device) -> None:
@@ -357,6 +366,8 @@ class LLM(nn.Module):
             raise ValueError(f"sequence of {T + start} tokens is longer than block_size {self.config.block_size}")
         cfg = self.config
         x = self.tok_emb(idx)  # (B, T, C)
+        if cfg.embed_multiplier is not None:  # Granite's
+            x = x * cfg.embed_multiplier
         if cfg.embed_scale:  # the scale in x's dtype first, as Gemma's (bf16: sqrt(1152) = 33.94 -> 34)
             x = x * torch.tensor(math.sqrt(cfg.dim), dtype=x.dtype)
         rope = None
@@ -436,15 +447,15 @@ class LLM(nn.Module):
                 return None, h  # (N, C)
             if distill is not None:
                 n, alpha = (targets != -1).sum().clamp(min=1), distill["alpha"]
-                loss = alpha * linear_distill(h, self.lm_head.weight, distill["teacher_hidden"], distill["teacher_weight"],
+                loss = alpha * linear_distill(h, self.output_weight(), distill["teacher_hidden"], distill["teacher_weight"],
                                               distill["beta"], distill["temperature"]) / n
                 if alpha < 1:
-                    loss = loss + (1 - alpha) * linear_cross_entropy(h, self.lm_head.weight, targets_at) / n
+                    loss = loss + (1 - alpha) * linear_cross_entropy(h, self.output_weight(), targets_at) / n
                 return None, loss if self.aux_loss is None else loss + self.aux_loss
             if not per_token:  # no (B, T, V) logits at all (linear_cross_entropy)
-                loss = linear_cross_entropy(h, self.lm_head.weight, targets_at) / (targets != -1).sum().clamp(min=1)
+                loss = linear_cross_entropy(h, self.output_weight(), targets_at) / (targets != -1).sum().clamp(min=1)
                 return None, loss if self.aux_loss is None else loss + self.aux_loss
-            logps = (linear_token_logps(h, self.lm_head.weight, targets_at) if fused
+            logps = (linear_token_logps(h, self.output_weight(), targets_at) if fused
                      else token_logps(self._logits(h), targets_at))
             return None, logps if at is None else logps.new_zeros(targets.shape).index_put(at, logps)
         logits = self._logits(self.norm_f(x))  # (B, T, V)
@@ -470,8 +481,16 @@ class LLM(nn.Module):
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(h)
+        if self.config.logits_scaling is not None:  # Granite's
+            logits = logits / self.config.logits_scaling
         cap = self.config.final_softcap
         return logits if cap is None else cap * torch.tanh(logits / cap)  # Gemma 2's capped logits
+
+    def output_weight(self) -> torch.Tensor:
+        """The output layer's weight as the fused losses multiply by it: h @ W^T are the logits
+        (W / logits_scaling for Granite's scaled logits)."""
+        w = self.lm_head.weight
+        return w if self.config.logits_scaling is None else w / self.config.logits_scaling
 
     # --- accounting ---------------------------------------------------------------------------
 
@@ -635,8 +654,8 @@ class LLM(nn.Module):
     def from_hf(cls, folder, device="cpu", dtype=torch.float32, adapter=None) -> "LLM":
         """A Hugging Face checkpoint folder (config.json and model.safetensors, or shards with their
         model.safetensors.index.json, as save_pretrained writes them) of LlamaForCausalLM (also
-        Mistral, Qwen2, Qwen3, SmolLM3, Phi-3, OLMo 2 and the mixtures of experts Mixtral, Qwen3-MoE,
-        OLMoE and Qwen2-MoE: HF_DECODERS), Gemma2ForCausalLM,
+        Mistral, Qwen2, Qwen3, SmolLM3, Phi-3, OLMo 2, Granite and the mixtures of experts Mixtral, Qwen3-MoE,
+        OLMoE, Qwen2-MoE and GraniteMoE: HF_DECODERS), Gemma2ForCausalLM,
         Gemma3ForCausalLM (or the language model of a Gemma3ForConditionalGeneration) or
         GPT2LMHeadModel, with its weights in
         `dtype` (fp32: master weights for training; the checkpoint's own dtype may be bf16), or a hub
@@ -952,7 +971,7 @@ def hf_folder(name) -> Path:
 
 def config_from_hf(hf: dict) -> ModelConfig:
     """ModelConfig from a Hugging Face config.json (LLaMA / Mistral / Qwen2 / Qwen3 / SmolLM3 / Phi-3 / OLMo 2,
-    Mixtral / Qwen3-MoE / OLMoE / Qwen2-MoE, Gemma 2, Gemma 3's text model, or GPT-2)."""
+    Granite, Mixtral / Qwen3-MoE / OLMoE / Qwen2-MoE / GraniteMoE, Gemma 2, Gemma 3's text model, or GPT-2)."""
     kind = hf.get("model_type")
     if kind == "gpt2":
         if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
@@ -1007,12 +1026,24 @@ def config_from_hf(hf: dict) -> ModelConfig:
                        qk_norm=kind in ("qwen3", "olmo2", "qwen3_moe", "olmoe"),
                        qk_norm_all_heads=kind in ("olmo2", "olmoe"), pre_norm=kind != "olmo2",
                        sandwich_norm=kind == "olmo2", sliding_window=window, window_layers=window_layers,
-                       nope_layers=nope_layers, rotary_dim=rotary_dim, **_hf_experts(hf, kind))
+                       nope_layers=nope_layers, rotary_dim=rotary_dim, **_hf_experts(hf, kind), **_hf_granite(hf, kind))
+
+
+def _hf_granite(hf: dict, kind: str) -> dict:
+    """ModelConfig's fields of IBM Granite's scalars ({} for other kinds): embedding_multiplier,
+    residual_multiplier, logits_scaling, and attention_multiplier as the softmax scale."""
+    if kind not in ("granite", "granitemoe"):
+        return {}
+    return dict(embed_multiplier=float(hf.get("embedding_multiplier", 1.0)),
+                residual_multiplier=float(hf.get("residual_multiplier", 1.0)),
+                logits_scaling=float(hf.get("logits_scaling", 1.0)),
+                softmax_scale=float(hf.get("attention_multiplier", 1.0)))
 
 
 # The mixture-of-experts decoders among HF_DECODERS: Mixtral's router and experts sit in each layer's
 # block_sparse_moe, Qwen3-MoE's, OLMoE's and Qwen2-MoE's (with its shared expert) in its mlp.
-HF_MOE = {"mixtral": "block_sparse_moe", "qwen3_moe": "mlp", "olmoe": "mlp", "qwen2_moe": "mlp"}
+HF_MOE = {"mixtral": "block_sparse_moe", "qwen3_moe": "mlp", "olmoe": "mlp", "qwen2_moe": "mlp",
+          "granitemoe": "block_sparse_moe"}
 
 
 def _hf_experts(hf: dict, kind: str) -> dict:
@@ -1030,7 +1061,7 @@ def _hf_experts(hf: dict, kind: str) -> dict:
                                       "router noise or q / k / v clipping")
     return dict(n_experts=hf.get("num_local_experts") or hf["num_experts"], experts_per_token=hf["num_experts_per_tok"],
                 shared_expert_hidden=hf.get("shared_expert_intermediate_size", 5632) if kind == "qwen2_moe" else None,
-                norm_topk_prob=kind == "mixtral" or bool(hf.get("norm_topk_prob", False)),
+                norm_topk_prob=kind in ("mixtral", "granitemoe") or bool(hf.get("norm_topk_prob", False)),
                 router_aux_loss_coef=hf.get("router_aux_loss_coef", 0.001) if hf.get("output_router_logits") else 0.0)
 
 
@@ -1160,7 +1191,7 @@ def _smollm3_rope_layers(hf: dict) -> list[int]:
 
 # The LLaMA-shaped decoders config_from_hf reads (besides gpt2).
 HF_DECODERS = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "phi3", "olmo2", "mixtral", "qwen3_moe", "olmoe",
-               "qwen2_moe")
+               "qwen2_moe", "granite", "granitemoe")
 
 
 def _hf_sliding_window(hf: dict, kind: str, n_layers: int) -> tuple[int | None, list[int] | None]:
@@ -1268,6 +1299,9 @@ def experts_from_hf(hf_state: dict, layer: int, cfg: ModelConfig, kind: str) -> 
     (its "model." dropped): each expert's projections stacked into MoEMLP's gate_up (E, 2 * hidden,
     C) and down (E, C, hidden), or transformers 5's fused gate_up_proj / down_proj taken as they are."""
     moe = f"layers.{layer}.{HF_MOE[kind]}."
+    if kind == "granitemoe":  # its own names, the experts already stacked as ours
+        return {"mlp.router.weight": hf_state[moe + "router.layer.weight"],
+                "mlp.gate_up": hf_state[moe + "input_linear.weight"], "mlp.down": hf_state[moe + "output_linear.weight"]}
     out = {"mlp.router.weight": hf_state[moe + "gate.weight"]}
     if cfg.shared_expert_hidden:  # Qwen2-MoE's
         shared = lambda name: hf_state[f"{moe}shared_expert.{name}.weight"]  # noqa: E731
@@ -1287,6 +1321,9 @@ def experts_to_hf(state: dict, block: str, layer: int, kind: str) -> dict:
     """experts_from_hf's inverse, in the hub checkpoints' per-expert names (which transformers 4 and
     5, vLLM and llama.cpp all read)."""
     moe = f"model.layers.{layer}.{HF_MOE[kind]}."
+    if kind == "granitemoe":
+        return {moe + "router.layer.weight": state[block + "mlp.router.weight"],
+                moe + "input_linear.weight": state[block + "mlp.gate_up"], moe + "output_linear.weight": state[block + "mlp.down"]}
     gate, up, down = HF_EXPERT_NAMES[kind]
     out = {moe + "gate.weight": state[block + "mlp.router.weight"]}
     if block + "mlp.shared_gate.weight" in state:  # Qwen2-MoE's shared expert
@@ -1313,8 +1350,9 @@ def hf_config_of(cfg: ModelConfig) -> dict:
                     embd_pdrop=0.0, attn_pdrop=0.0)
     plain = (cfg.norm, cfg.mlp, cfg.positions, cfg.bias, cfg.qkv_bias, cfg.parallel_block, cfg.qk_norm, cfg.nope_layers,
              cfg.rotary_dim, cfg.sandwich_norm, cfg.embed_scale, cfg.softmax_scale, cfg.local_rope_theta,
-             cfg.window_layers, cfg.pre_norm) == ("rmsnorm", "swiglu", "rope", False, False, False, False, None, None,
-                                                  False, False, None, None, None, True)
+             cfg.window_layers, cfg.pre_norm, cfg.embed_multiplier, cfg.residual_multiplier, cfg.logits_scaling,
+             cfg.attn_softcap, cfg.final_softcap) == ("rmsnorm", "swiglu", "rope", False, False, False, False, None, None,
+                                                      False, False, None, None, None, True, None, None, None, None, None)
     if not plain or (cfg.rope_scaling or {}).get("rope_type", "llama3") != "llama3":
         raise NotImplementedError("to_hf: this model is neither LLaMA- nor GPT-2-shaped; give the hf_config of the "
                                   "checkpoint it was read from")

@@ -503,7 +503,7 @@ def distill_loss(model, teacher: LLM, batch, cfg: TrainConfig) -> torch.Tensor:
     them (LLM.forward's distill)."""
     with torch.no_grad():
         teacher_hidden = teacher(*batch, hidden=True)[1]
-    return model(*batch, distill={"teacher_hidden": teacher_hidden, "teacher_weight": teacher.lm_head.weight,
+    return model(*batch, distill={"teacher_hidden": teacher_hidden, "teacher_weight": teacher.output_weight(),
                                   "beta": cfg.distill_beta, "temperature": cfg.distill_temperature,
                                   "alpha": cfg.distill_alpha})[1]
 

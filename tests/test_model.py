@@ -100,21 +100,23 @@ def ref_router_aux_loss(cfg, router_probs):
 
 
 def ref_forward(cfg, sd, idx, router_probs=None):
-    x = sd["tok_emb.weight"][idx] * (math.sqrt(cfg.dim) if cfg.embed_scale else 1.0)
+    x = sd["tok_emb.weight"][idx] * (math.sqrt(cfg.dim) if cfg.embed_scale else 1.0) * (cfg.embed_multiplier or 1.0)
     if cfg.positions == "learned":
         x = x + sd["pos_emb.weight"][: idx.shape[1]]
     for i in range(cfg.n_layers):
         p = f"blocks.{i}"
-        out_norm = lambda y, name: ref_norm(cfg, y, sd, p + name) if cfg.sandwich_norm else y  # noqa: E731
+        out_norm = lambda y, name: (ref_norm(cfg, y, sd, p + name) if cfg.sandwich_norm else y) * (  # noqa: E731
+            cfg.residual_multiplier or 1.0)
         in_norm = lambda y, name: ref_norm(cfg, y, sd, p + name) if cfg.pre_norm else y  # noqa: E731
         h = in_norm(x, ".norm1")
         if cfg.parallel_block:
-            x = x + ref_attention(cfg, h, sd, p + ".attn", i) + ref_mlp(cfg, h, sd, p + ".mlp")
+            x = x + (ref_attention(cfg, h, sd, p + ".attn", i) + ref_mlp(cfg, h, sd, p + ".mlp")) * (
+                cfg.residual_multiplier or 1.0)
         else:
             x = x + out_norm(ref_attention(cfg, h, sd, p + ".attn", i), ".attn_out_norm")
             x = x + out_norm(ref_mlp(cfg, in_norm(x, ".norm2"), sd, p + ".mlp", router_probs), ".mlp_out_norm")
     x = ref_norm(cfg, x, sd, "norm_f")
-    logits = x @ (sd["tok_emb.weight"] if cfg.tie_embeddings else sd["lm_head.weight"]).T
+    logits = x @ (sd["tok_emb.weight"] if cfg.tie_embeddings else sd["lm_head.weight"]).T / (cfg.logits_scaling or 1.0)
     return logits if cfg.final_softcap is None else cfg.final_softcap * torch.tanh(logits / cfg.final_softcap)
 
 
@@ -146,6 +148,9 @@ CONFIGS = {
     "moe": dict(SMALL, n_kv_heads=2, n_experts=5, experts_per_token=2),
     # OLMoE's: 3 of 4 experts, the chosen weights not renormalized
     "moe-unnormalized": dict(SMALL, n_kv_heads=2, n_experts=4, experts_per_token=3, norm_topk_prob=False),
+    # IBM Granite's scalars (embeddings x 3, sublayer outputs x 0.3, logits / 2.5, softmax scale 0.05), as a MoE
+    "granite-moe": dict(SMALL, n_kv_heads=2, embed_multiplier=3.0, residual_multiplier=0.3, logits_scaling=2.5,
+                        softmax_scale=0.05, n_experts=4, experts_per_token=2),
     # Qwen2-MoE's: a gated shared expert beside 4 routed ones, q / k / v biases
     "moe-shared": dict(SMALL, n_kv_heads=2, n_experts=4, experts_per_token=2, norm_topk_prob=False,
                        shared_expert_hidden=96, qkv_bias=True),
@@ -190,7 +195,7 @@ def test_forward_matches_reference(name):
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2", "palm-mqa", "window", "qk-norm-window-nope", "gemma-style",
-                                  "olmo-style", "softcap", "moe", "moe-shared"])
+                                  "olmo-style", "softcap", "moe", "moe-shared", "granite-moe"])
 def test_cached_forward_matches_full(name):
     cfg = ModelConfig(**CONFIGS[name])
     model = randomized(cfg).eval()
@@ -766,7 +771,7 @@ def test_linear_token_logps_matches_float64(device, dtype, chunk_rows):
         assert rel_err(got, exact) <= tolerance(torch_value, exact), name
 
 
-@pytest.mark.parametrize("name", ["llama", "gqa-untied", "gpt2", "moe"])
+@pytest.mark.parametrize("name", ["llama", "gqa-untied", "gpt2", "moe", "granite-moe"])
 def test_per_token_logps_of_the_model(name):
     # forward(..., per_token=True): each target's log-probability, 0 where -1, the same with
     # fused_loss (no logits) to fp64 rounding, gradients too; summed per document by sequence_logps.
@@ -797,7 +802,7 @@ def test_per_token_logps_of_the_model(name):
         assert rel_err(f, g) < 1e-12
 
 
-@pytest.mark.parametrize("name", ["llama", "gqa-untied", "gpt2", "moe"])
+@pytest.mark.parametrize("name", ["llama", "gqa-untied", "gpt2", "moe", "granite-moe"])
 def test_fused_loss_gives_the_model_loss_and_gradients(name):
     # LLM.fused_loss: the same loss and gradients (fp64: to rounding), tied or untied output layer,
     # no logits returned; with LoRA the frozen output layer takes no gradient.
@@ -1003,6 +1008,13 @@ def hf_models():
         "qwen2-moe": transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(
             **llama, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
             shared_expert_intermediate_size=80, experts_implementation="eager")),
+        # IBM Granite 3's scalars: embeddings x 12, sublayer outputs x 0.22, logits / 8, softmax scale 1/64
+        "granite": transformers.GraniteForCausalLM(transformers.GraniteConfig(
+            **llama, num_key_value_heads=2, embedding_multiplier=12.0, residual_multiplier=0.22, logits_scaling=8.0,
+            attention_multiplier=0.015625, tie_word_embeddings=True)),
+        "granitemoe": transformers.GraniteMoeForCausalLM(transformers.GraniteMoeConfig(
+            **llama, num_key_value_heads=2, embedding_multiplier=12.0, residual_multiplier=0.22, logits_scaling=8.0,
+            attention_multiplier=0.015625, num_local_experts=4, num_experts_per_tok=2, experts_implementation="eager")),
         # OLMoE's: the chosen experts' weights not renormalized, q / k norms over all heads
         "olmoe": transformers.OlmoeForCausalLM(transformers.OlmoeConfig(
             **llama, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, pad_token_id=None,
@@ -1017,7 +1029,7 @@ PHI3 = dict(vocab_size=97, hidden_size=128, intermediate_size=160, num_hidden_la
 HF_EAGER_EXPERTS = dict(experts_implementation="eager")  # transformers' default grouped_mm takes no fp64
 HF_NAMES = ["llama-gqa", "llama-tied", "llama3-rope", "qwen2", "gpt2", "qwen3-window", "qwen3", "mistral-window", "smollm3",
             "phi3-longrope", "phi3", "gemma3", "gemma2", "olmo2", "mixtral", "qwen3-moe", "olmoe",
-            "qwen2-moe"]
+            "qwen2-moe", "granite", "granitemoe"]
 
 
 @pytest.mark.parametrize("name", HF_NAMES)

@@ -199,6 +199,7 @@ def test_flops_count_the_experts_a_token_goes_through():
     (dict(n_experts=4, bias=True), "the experts are SwiGLU MLPs without biases"),
     (dict(router_aux_loss_coef=-1.0), "router_aux_loss_coef must be a number >= 0"),
     (dict(shared_expert_hidden=64), "shared_expert_hidden must be None or a positive integer, with n_experts"),
+    (dict(logits_scaling=0.0), "logits_scaling must be None or a positive number"),
 ])
 def test_bad_config(kwargs, message):
     with pytest.raises(ValueError, match=message):

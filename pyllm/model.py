@@ -1382,7 +1382,7 @@ def hf_config_of(cfg: ModelConfig) -> dict:
 # Hugging Face model types whose layers PEFT names model.layers.{i}.self_attn.* / mlp.* (the kinds
 # lora_state_to_peft writes adapters for; GPT-2's Conv1D layers and Gemma 3's multimodal wrapper not).
 PEFT_KINDS = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2", "gemma2", "gemma3_text", "phi3", "mixtral",
-              "qwen3_moe", "olmoe", "qwen2_moe")
+              "qwen3_moe", "olmoe", "qwen2_moe", "granite", "granitemoe")
 
 
 def merge_peft_adapter(hf_state: dict, adapter) -> None:

@@ -1167,6 +1167,33 @@ def test_to_hf_of_a_model_pyllm_trained(name, kind, tmp_path):
         ours.to_hf(tmp_path / "y", {**json.loads((tmp_path / "config.json").read_text()), "vocab_size": 98})
 
 
+@pytest.mark.parametrize("name", ["llama-gqa", "qwen2", "granite", "granitemoe", "mixtral", "qwen2-moe"])
+def test_lora_updates_are_the_peft_adapter_of_the_hf_model(name, tmp_path):
+    # add_lora's trained updates (all-linear: each projection its own) written as a PEFT adapter
+    # (lora_state_to_peft) and loaded by PEFT onto transformers' model compute what pyllm's LoRA
+    # model computes; a mixture of experts adapts its attention only, as PEFT's all-linear there.
+    peft = pytest.importorskip("peft")
+    from pyllm.model import lora_state_to_peft
+
+    theirs = hf_models()[name].double().eval()
+    theirs.save_pretrained(tmp_path)
+    kind = json.loads((tmp_path / "config.json").read_text())["model_type"]
+    ours = LLM.from_hf(tmp_path, dtype=torch.float64)
+    ours.add_lora(4, 8.0, targets="all-linear")
+    with torch.no_grad():
+        for name_, p in ours.named_parameters():
+            if name_.endswith("lora_b"):
+                p.normal_(0, 0.1)
+    adapter, targets = lora_state_to_peft(ours.state_dict(), ours.config, kind)
+    if ours.config.n_experts:
+        assert targets == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    model = peft.get_peft_model(theirs, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    peft.set_peft_model_state_dict(model, adapter)  # as PeftModel.from_pretrained reads adapter_model.safetensors
+    idx = torch.randint(0, 97, (2, 11))
+    with torch.no_grad():
+        assert rel_err(model(idx).logits, ours.eval()(idx)[0]) < 1e-6
+
+
 def test_gemma2_defaults_and_layout():
     # config_from_hf fills what a Gemma 2 config.json leaves out with transformers' defaults; the
     # windowed layers are the even ones, as Gemma2Config's default layer_types.

@@ -121,26 +121,39 @@ class MoEMLP(nn.Module):
         return y.reshape(*shape[:-1], y.shape[-1])
 
 
-def moe_experts_sorted(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
-                       down: torch.Tensor) -> torch.Tensor:
-    """sum_j weights[n, j] * expert_{experts[n, j]}(x[n]) for each token n of x (N, C), experts and
-    weights (N, k): the tokens sorted by expert, one matmul pair per expert that has any (an expert
-    with none does nothing; its weights get zero gradients). Under autocast the matmuls run in its
-    dtype, as nn.Linear's would."""
+def _through_experts(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
+                     down: torch.Tensor, compute) -> torch.Tensor:
+    """What the sorted and grouped paths share: the (token, choice) pairs sorted by expert, the
+    inputs cast to autocast's dtype (outside, so the fp32 masters get their grads through the
+    casts, as nn.Linear's would), compute(xs (N * k, C) in expert order, the experts' ids in token
+    order, gate_up, down) -> (N * k, C) without autocast, the outputs weighted and added back to
+    their tokens."""
     N, k = experts.shape
     if N == 0:
         return x.new_zeros(0, down.shape[1])
     flat = experts.flatten()  # (N * k,) in token order
     order = flat.argsort(stable=True)  # the (token, choice) pairs grouped by expert
-    counts = torch.bincount(flat, minlength=gate_up.shape[0]).tolist()
     token = order // k
-    if torch.is_autocast_enabled(x.device.type):  # the casts outside: their backward gives fp32 masters their grads
+    if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
         x, gate_up, down = x.to(dtype), gate_up.to(dtype), down.to(dtype)
     with torch.autocast(x.device.type, enabled=False):
-        ys = _SortedExperts.apply(x[token], gate_up, down, counts)  # (N * k, C)
+        ys = compute(x[token], flat, gate_up, down)  # (N * k, C)
     ys = ys * weights.flatten()[order, None].to(ys.dtype)
     return ys.new_zeros(N, ys.shape[1]).index_add_(0, token, ys)
+
+
+def moe_experts_sorted(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
+                       down: torch.Tensor) -> torch.Tensor:
+    """sum_j weights[n, j] * expert_{experts[n, j]}(x[n]) for each token n of x (N, C), experts and
+    weights (N, k): the tokens sorted by expert, one matmul pair per expert that has any (an expert
+    with none does nothing; its weights get zero gradients), the experts' shares read on the host.
+    Under autocast the matmuls run in its dtype, as nn.Linear's would."""
+    def compute(xs, flat, gate_up, down):
+        counts = torch.bincount(flat, minlength=gate_up.shape[0]).tolist()
+        return _SortedExperts.apply(xs, gate_up, down, counts)
+
+    return _through_experts(x, experts, weights, gate_up, down, compute)
 
 
 def _swiglu_into(h: torch.Tensor, out: torch.Tensor) -> None:
@@ -234,23 +247,14 @@ def moe_experts_grouped(x: torch.Tensor, experts: torch.Tensor, weights: torch.T
     choice) pairs sorted by expert, the experts' shares given as device offsets, so nothing is read
     on the host (no sync; CUDA graphs can capture it) and each projection is one kernel for all
     experts. bf16 (torch's CPU grouped GEMM runs it too, which is how the tests check it)."""
-    N, k = experts.shape
-    if N == 0:
-        return x.new_zeros(0, down.shape[1])
-    flat = experts.flatten()
-    order = flat.argsort(stable=True)
-    token = order // k
-    counts = torch.zeros(gate_up.shape[0], dtype=torch.int64, device=x.device).scatter_add_(
-        0, flat, torch.ones_like(flat))  # (E,): bincount's, without its host read of the largest id
-    offsets = counts.cumsum(0).to(torch.int32)  # each expert's share ends here
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, gate_up, down = x.to(dtype), gate_up.to(dtype), down.to(dtype)
-    with torch.autocast(x.device.type, enabled=False):
-        h = F.grouped_mm(x[token], gate_up.transpose(-2, -1), offs=offsets)  # (N * k, 2 * hidden)
-        ys = F.grouped_mm(_swiglu(h), down.transpose(-2, -1), offs=offsets)  # (N * k, C)
-    ys = ys * weights.flatten()[order, None].to(ys.dtype)
-    return ys.new_zeros(N, ys.shape[1]).index_add_(0, token, ys)
+    def compute(xs, flat, gate_up, down):
+        counts = torch.zeros(gate_up.shape[0], dtype=torch.int64, device=xs.device).scatter_add_(
+            0, flat, torch.ones_like(flat))  # (E,): bincount's, without its host read of the largest id
+        offsets = counts.cumsum(0).to(torch.int32)  # each expert's share ends here
+        h = F.grouped_mm(xs, gate_up.transpose(-2, -1), offs=offsets)  # (N * k, 2 * hidden)
+        return F.grouped_mm(_swiglu(h), down.transpose(-2, -1), offs=offsets)  # (N * k, C)
+
+    return _through_experts(x, experts, weights, gate_up, down, compute)
 
 
 def moe_experts_one_token(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,

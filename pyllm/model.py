@@ -65,7 +65,7 @@ class ModelConfig:
     attn_softcap: float | None = None  # attention scores capped as softcap * tanh(s / softcap) (Gemma 2: 50)
     final_softcap: float | None = None  # the output logits likewise (Gemma 2: 30)
     parallel_block: bool = False  # PaLM: x + attn(norm(x)) + mlp(norm(x))
-    # Mixture of experts (nn.MoEMLP; Mixtral, Qwen3-MoE, OLMoE): n_experts SwiGLU experts of
+    # Mixture of experts (nn.MoEMLP; Mixtral, Qwen3-MoE, OLMoE, Qwen2-MoE, GraniteMoE): n_experts SwiGLU experts of
     # mlp_hidden each in every block, experts_per_token of them per token. None: one dense MLP.
     n_experts: int | None = None
     experts_per_token: int = 2
@@ -549,8 +549,7 @@ class LLM(nn.Module):
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
         wanted = None if targets is None else set(lora_targets(targets))
-        all_linear = targets is not None and [t.strip() for t in (targets.split(",") if isinstance(targets, str)
-                                                               else targets)] in (["all-linear"], ["all"])
+        all_linear = targets is not None and _lora_target_names(targets) in (["all-linear"], ["all"])
         if self.config.n_experts and wanted and wanted & {"gate", "up", "down"} and not all_linear:
             raise ValueError(f"LoRA targets {', '.join(sorted(wanted & {'gate', 'up', 'down'}))}: a mixture-of-experts "
                              "model's experts take no LoRA update (its attention projections do: q, k, v, o)")
@@ -921,10 +920,15 @@ def merge_lora_state(state_dict: dict, scale: float) -> dict:
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
+def _lora_target_names(targets) -> list[str]:
+    """The names given as LoRA targets (a list or a comma-separated string), stripped."""
+    return [t.strip() for t in (targets.split(",") if isinstance(targets, str) else targets) if t.strip()]
+
+
 def lora_targets(targets) -> list[str]:
     """LLM.add_lora's targets as projection names: a list or a comma-separated string of q, k, v, o,
     gate, up, down or PEFT's q_proj ... down_proj; "all-linear" (or "all") for all of them."""
-    names = [t.strip() for t in (targets.split(",") if isinstance(targets, str) else targets) if t.strip()]
+    names = _lora_target_names(targets)
     if names in (["all-linear"], ["all"]):
         return list(LORA_TARGETS)
     out = [n.removesuffix("_proj") for n in names]

@@ -143,9 +143,10 @@ class TrainConfig:
             raise ValueError("TrainConfig.teacher (distillation) goes with neither preference tuning nor compile")
         if self.reference not in ("precomputed", "lora-off"):
             raise ValueError(f"TrainConfig.reference must be precomputed or lora-off, got {self.reference!r}")
-        if self.reference == "lora-off" and not (self.lora_rank and self.preference in ("dpo", "ipo", "hinge", "kto")):
+        if self.reference == "lora-off" and not (self.lora_rank and self.preference
+                                                 and self.preference not in REFERENCE_FREE):
             raise ValueError("TrainConfig.reference lora-off (the model with its LoRA updates off) needs lora_rank and "
-                             "a preference loss with a reference (dpo, ipo, hinge)")
+                             "a preference loss with a reference (dpo, ipo, hinge, kto)")
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":

@@ -2,6 +2,7 @@
 checkpoints, fp16 overflow skips, divergence stop, DDP on 2 CPU processes."""
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -414,6 +415,17 @@ def formula(kind, pc, pr, nc, nr, rc, rr, beta, gamma=0.5, smoothing=0.0):
     return -mc - beta * F.logsigmoid(torch.log(odds(mc)) - torch.log(odds(mr))), beta * mc, beta * mr
 
 
+def logps_alone(loader, m, doc, length):
+    """(sum of log p, count) over a document's trained targets within its first length tokens, the
+    document run alone through m (as a loader batch cuts it to length)."""
+    start, end = loader.offsets[doc], loader.offsets[doc + 1]
+    ids = torch.from_numpy(np.asarray(loader.tokens[start:end], np.int64))
+    mask = torch.from_numpy(np.asarray(loader.mask[start:end], np.int64))
+    n = min(length + 1, end - start)
+    logp = torch.log_softmax(m(ids[None, :min(length, n)])[0][0], -1)[torch.arange(n - 1), ids[1:n]]
+    return (logp * mask[1:n]).sum(), int(mask[1:n].sum())
+
+
 @pytest.mark.parametrize("kind, options", [("dpo", {}), ("dpo", {"label_smoothing": 0.2}), ("ipo", {}), ("hinge", {}),
                                            ("simpo", {"gamma": 0.3}), ("orpo", {})])
 def test_preference_batch_loss_is_each_sequence_alone(pairs_dir, kind, options):
@@ -436,14 +448,7 @@ def test_preference_batch_loss_is_each_sequence_alone(pairs_dir, kind, options):
     got = [p.grad.clone() for p in policy.parameters()]
     policy.zero_grad()
 
-    def alone(m, doc, length):  # (sum of log p, count) over the doc's trained targets within its first length tokens
-        start, end = loader.offsets[doc], loader.offsets[doc + 1]
-        ids = torch.from_numpy(np.asarray(loader.tokens[start:end], np.int64))
-        mask = torch.from_numpy(np.asarray(loader.mask[start:end], np.int64))
-        n = min(length + 1, end - start)
-        logits = m(ids[None, :min(length, n)])[0][0]
-        logp = torch.log_softmax(logits, -1)[torch.arange(n - 1), ids[1:n]]
-        return (logp * mask[1:n]).sum(), int(mask[1:n].sum())
+    alone = functools.partial(logps_alone, loader)
 
     real = [d for d in batch[3] if d >= 0]
     lengths = [n for n in loader.lengths]
@@ -668,12 +673,7 @@ def test_kto_batch_loss_is_each_sequence_alone(kto_dir):
     policy.zero_grad()
 
     def alone(m, doc, length):
-        start, end = loader.offsets[doc], loader.offsets[doc + 1]
-        ids = torch.from_numpy(np.asarray(loader.tokens[start:end], np.int64))
-        mask = torch.from_numpy(np.asarray(loader.mask[start:end], np.int64))
-        n = min(length + 1, end - start)
-        logp = torch.log_softmax(m(ids[None, :min(length, n)])[0][0], -1)[torch.arange(n - 1), ids[1:n]]
-        return (logp * mask[1:n]).sum()
+        return logps_alone(loader, m, doc, length)[0]
 
     real, lengths = [d for d in batch[3] if d >= 0], list(loader.lengths)
     examples, kls = list(zip(real[0::2], lengths[0::2])), list(zip(real[1::2], lengths[1::2]))

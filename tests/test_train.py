@@ -415,6 +415,21 @@ def formula(kind, pc, pr, nc, nr, rc, rr, beta, gamma=0.5, smoothing=0.0):
     return -mc - beta * F.logsigmoid(torch.log(odds(mc)) - torch.log(odds(mr))), beta * mc, beta * mr
 
 
+def batch_of_pairs(folder):
+    """fp64 reference and policy models (tiny, different weights), a PackedLoader over folder's pairs
+    (rows of 16, 3 a batch), the reference's log-probabilities of every document, its first batch."""
+    from pyllm.model import LLM, ModelConfig
+
+    torch.manual_seed(0)
+    model = LLM(ModelConfig.from_preset("tiny", **{**TINY, "vocab_size": 64})).double()
+    policy = LLM(ModelConfig.from_preset("tiny", **{**TINY, "vocab_size": 64})).double()
+    loader = data.PackedLoader(folder / "train.bin", 3, 16, seed=4)
+    with torch.no_grad():
+        reference = trainer.reference_logps(model, folder / "train.bin", TrainConfig(batch_size=3), 16, "fp32",
+                                            trainer.DistInfo())
+    return model, policy, loader, reference, (*loader.next_batch(), loader.docs)
+
+
 def logps_alone(loader, m, doc, length):
     """(sum of log p, count) over a document's trained targets within its first length tokens, the
     document run alone through m (as a loader batch cuts it to length)."""
@@ -431,16 +446,7 @@ def logps_alone(loader, m, doc, length):
 def test_preference_batch_loss_is_each_sequence_alone(pairs_dir, kind, options):
     # fp64: the packed batch's loss and gradients are those of the formula on each sequence's
     # log-probability computed alone (its replies' tokens, cut as the loader cuts pairs to a row).
-    from pyllm.model import LLM, ModelConfig
-
-    torch.manual_seed(0)
-    model = LLM(ModelConfig.from_preset("tiny", **{**TINY, "vocab_size": 64})).double()
-    policy = LLM(ModelConfig.from_preset("tiny", **{**TINY, "vocab_size": 64})).double()
-    loader = data.PackedLoader(pairs_dir / "train.bin", 3, 16, seed=4)
-    with torch.no_grad():
-        reference = trainer.reference_logps(model, pairs_dir / "train.bin", TrainConfig(batch_size=3), 16, "fp32",
-                                            trainer.DistInfo())
-    batch = (*loader.next_batch(), loader.docs)
+    model, policy, loader, reference, batch = batch_of_pairs(pairs_dir)
     beta = 0.3
     loss, stats = trainer.preference_batch_loss(policy, batch, None if kind in ("simpo", "orpo") else reference,
                                                 kind=kind, beta=beta, **options)
@@ -656,16 +662,7 @@ def test_kto_batch_loss_is_each_sequence_alone(kto_dir):
     # fp64: KTO's loss and gradients on a packed batch are TRL's formula on each sequence alone: the
     # KL estimate z from the mismatched documents (clamped, no gradient), 1 - sigmoid(beta (r - z))
     # for desirable examples and 1 - sigmoid(beta (z - r)) weighted for undesirable ones.
-    from pyllm.model import LLM, ModelConfig
-
-    torch.manual_seed(0)
-    model = LLM(ModelConfig.from_preset("tiny", **{**TINY, "vocab_size": 64})).double()
-    policy = LLM(ModelConfig.from_preset("tiny", **{**TINY, "vocab_size": 64})).double()
-    loader = data.PackedLoader(kto_dir / "train.bin", 3, 16, seed=4)
-    with torch.no_grad():
-        reference = trainer.reference_logps(model, kto_dir / "train.bin", TrainConfig(batch_size=3), 16, "fp32",
-                                            trainer.DistInfo())
-    batch = (*loader.next_batch(), loader.docs)
+    model, policy, loader, reference, batch = batch_of_pairs(kto_dir)
     beta, weights = 0.3, dict(desirable_weight=1.5, undesirable_weight=0.7)
     loss, stats = trainer.preference_batch_loss(policy, batch, reference, loader.labels, kind="kto", beta=beta, **weights)
     loss.backward()

@@ -1,4 +1,4 @@
-"""Preference tuning (DPO): pairs packed side by side vs TRL's padded concatenated batches.
+"""Preference tuning (DPO, KTO): pairs packed side by side vs TRL's padded batches.
 
 One epoch over the same preference pairs, forward + backward of the DPO loss (the optimizer step
 costs the same either way and is left out; both sides take the reference log-probabilities as
@@ -13,6 +13,10 @@ by pyllm.model.LLM.from_hf):
   its attention_mask, each sequence's log-probability summed over its reply's tokens, the same loss.
 - transformers sorted: its best case for padding: pairs in batches of about equal length (sorted by
   their longer sequence).
+--loss kto: KTO on unpaired examples, each packed with its KL sequence (its prompt with the next
+example's reply, data.prepare_kto's), against TRL's KTOTrainer computation: the KL sequences padded
+and run without autograd, then the examples padded, forward and backward. "pyllm one pass" is what
+pyllm ran before 2026-12-01: the KL sequences in the examples' pass, under autograd.
 The padded batches hold as many pairs as a packed batch holds on average. Prompt and reply lengths
 are drawn from log-normals around --mean-prompt / --mean-reply (cut to [8, ...]); each pair's two
 replies differ in length. Rows: seconds per epoch (median of --repeat, interleaved), real tokens/s,
@@ -35,29 +39,39 @@ import common  # noqa: E402
 
 from pyllm import data  # noqa: E402
 from pyllm.model import LLM  # noqa: E402
-from pyllm.nn import preference_loss  # noqa: E402
+from pyllm.nn import preference_loss, sequence_logps  # noqa: E402
 from pyllm.train import preference_batch_loss  # noqa: E402
 
 BETA = 0.1
 
 
-def concatenated_batches(docs, masks, pair_order, per_batch, seq_len):
-    """TRL's concatenated batches: (input_ids, attention_mask, loss_mask, pairs) per batch of
-    per_batch pairs, the chosen sequences then the rejected ones, each cut to seq_len and padded to
-    the batch's longest; loss_mask marks the reply's tokens (as TRL's completion mask)."""
+def padded(docs, masks, seqs, seq_len):
+    """(input_ids, attention_mask, loss_mask) of documents seqs, each cut to seq_len and padded to
+    the longest; loss_mask marks the reply's tokens (as TRL's completion mask)."""
+    T = max(min(len(docs[d]), seq_len) for d in seqs)
+    x = torch.zeros(len(seqs), T, dtype=torch.long)
+    attn = torch.zeros(len(seqs), T, dtype=torch.long)
+    loss_mask = torch.zeros(len(seqs), T, dtype=torch.bool)
+    for r, d in enumerate(seqs):
+        n = min(len(docs[d]), seq_len)
+        x[r, :n], attn[r, :n] = torch.from_numpy(docs[d][:n]), 1
+        loss_mask[r, :n] = torch.from_numpy(masks[d][:n] == 1)
+    return x, attn, loss_mask
+
+
+def concatenated_batches(docs, masks, pair_order, per_batch, seq_len, kto=False):
+    """TRL's batches of per_batch pairs: DPO's concatenated ones, (input_ids, attention_mask,
+    loss_mask, pairs), the chosen sequences then the rejected ones, padded together; KTO's, the
+    examples padded and their KL sequences padded apart, (examples..., KL..., units)."""
     batches = []
     for i in range(0, len(pair_order), per_batch):
         pairs = pair_order[i:i + per_batch]
-        seqs = [2 * p for p in pairs] + [2 * p + 1 for p in pairs]
-        T = max(min(len(docs[d]), seq_len) for d in seqs)
-        x = torch.zeros(len(seqs), T, dtype=torch.long)
-        attn = torch.zeros(len(seqs), T, dtype=torch.long)
-        loss_mask = torch.zeros(len(seqs), T, dtype=torch.bool)
-        for r, d in enumerate(seqs):
-            n = min(len(docs[d]), seq_len)
-            x[r, :n], attn[r, :n] = torch.from_numpy(docs[d][:n]), 1
-            loss_mask[r, :n] = torch.from_numpy(masks[d][:n] == 1)
-        batches.append((x, attn, loss_mask, torch.tensor(pairs)))
+        first, second = [2 * p for p in pairs], [2 * p + 1 for p in pairs]
+        if kto:
+            batches.append((*padded(docs, masks, first, seq_len), *padded(docs, masks, second, seq_len),
+                            torch.tensor(pairs)))
+        else:
+            batches.append((*padded(docs, masks, first + second, seq_len), torch.tensor(pairs)))
     return batches
 
 
@@ -79,7 +93,10 @@ def main() -> int:
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16")
     parser.add_argument("--layers", type=int, default=0, help="default 30, SmolLM2-135M's (--quick: 4)")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--loss", choices=["dpo", "kto"], default="dpo",
+                        help="kto: unpaired examples, each with its KL sequence (its prompt, the next example's reply)")
     args = parser.parse_args()
+    kto = args.loss == "kto"
     transformers = common.peer_module("transformers", "bench_dpo", "transformers is not installed; nothing to compare with")
     if transformers is None:
         return 0
@@ -91,12 +108,16 @@ def main() -> int:
     rng = np.random.default_rng(0)
     draw = lambda mean: np.clip(rng.lognormal(np.log(mean), 0.7, n_pairs).astype(int), 8, args.seq_len // 4)  # noqa: E731
     prompts, chosen, rejected = draw(args.mean_prompt), draw(args.mean_reply), draw(args.mean_reply)
+    prompts = [rng.integers(0, config.vocab_size, p) for p in prompts]
+    replies = [[rng.integers(0, config.vocab_size, n) for n in pair] for pair in zip(chosen, rejected)]
+    if kto:  # an example's reply, then the next example's (its KL sequence: data.prepare_kto)
+        replies = [(replies[i][0], replies[(i + 1) % n_pairs][0]) for i in range(n_pairs)]
+    labels = rng.random(n_pairs) < 0.5
     docs, masks = [], []
-    for p, c, r in zip(prompts, chosen, rejected):
-        prompt = rng.integers(0, config.vocab_size, p)
-        for reply in (c, r):
-            docs.append(np.concatenate([prompt, rng.integers(0, config.vocab_size, reply)]))
-            masks.append((np.arange(p + reply) >= p).astype(np.uint8))
+    for prompt, pair in zip(prompts, replies):
+        for reply in pair:
+            docs.append(np.concatenate([prompt, reply]))
+            masks.append((np.arange(len(docs[-1])) >= len(prompt)).astype(np.uint8))
     lengths = np.array([len(d) for d in docs])
     with tempfile.TemporaryDirectory() as folder:
         theirs.save_pretrained(folder)
@@ -111,38 +132,70 @@ def main() -> int:
         order = [int(i) for i in loader._epoch_order(0)]
     ours, theirs = ours.to(args.device, dtype).train(), theirs.to(args.device, dtype).train()
     per_batch = max(1, round(n_pairs / len(packed)))
-    padded = concatenated_batches(docs, masks, order, per_batch, args.seq_len)
+    batches = concatenated_batches(docs, masks, order, per_batch, args.seq_len, kto)
     longer = lambda p: max(len(docs[2 * p]), len(docs[2 * p + 1]))  # noqa: E731
-    by_length = concatenated_batches(docs, masks, sorted(order, key=longer), per_batch, args.seq_len)
+    by_length = concatenated_batches(docs, masks, sorted(order, key=longer), per_batch, args.seq_len, kto)
     # Reference log-probabilities: precomputed, as both sides would (any values serve the timing;
-    # these are the starting model's, so the losses start at log 2).
+    # these are the starting model's, so DPO's losses start at log 2, KTO's at 0.5).
     reference = np.zeros(2 * n_pairs)
     with torch.no_grad():
-        for x, attn, loss_mask, pairs in padded:
-            logps = concatenated_logps(theirs, x.to(args.device), attn.to(args.device), loss_mask.to(args.device))
-            reference[torch.cat([2 * pairs, 2 * pairs + 1]).numpy()] = logps.double().cpu().numpy()
+        for i in range(0, 2 * n_pairs, 2 * per_batch):
+            seqs = list(range(i, min(i + 2 * per_batch, 2 * n_pairs)))
+            x, attn, loss_mask = (t.to(args.device) for t in padded(docs, masks, seqs, args.seq_len))
+            reference[seqs] = concatenated_logps(theirs, x, attn, loss_mask).double().cpu().numpy()
+    options = dict(kind="kto", beta=BETA) if kto else dict(kind="dpo", beta=BETA)
 
     def epoch_pyllm_packed(limit=None):
         for x, y, cu, docs_of in packed[:limit]:
             batch = (x.to(args.device), y.to(args.device), cu.to(args.device), docs_of)
-            preference_batch_loss(ours, batch, reference, kind="dpo", beta=BETA)[0].backward()
+            preference_batch_loss(ours, batch, reference, labels, **options)[0].backward()
 
-    def epoch_transformers(limit=None, batches=padded):
-        for x, attn, loss_mask, pairs in batches[:limit]:
-            logps = concatenated_logps(theirs, x.to(args.device), attn.to(args.device), loss_mask.to(args.device))
-            n = len(pairs)
-            ref = torch.from_numpy(reference[torch.cat([2 * pairs, 2 * pairs + 1]).numpy()]).to(logps)
-            tokens = loss_mask[:, 1:].sum(-1).to(logps)
-            losses = preference_loss("dpo", logps[:n], logps[n:], tokens[:n], tokens[n:], ref[:n], ref[n:], BETA)[0]
+    def epoch_pyllm_one_pass(limit=None):
+        """KTO as pyllm computed it before 2026-12-01: the KL sequences in the examples' pass, with
+        autograd (their log-probabilities detached), rather than in a pass of their own without."""
+        for x, y, cu, docs_of in packed[:limit]:
+            x, y, cu = x.to(args.device), y.to(args.device), cu.to(args.device)
+            logps = sequence_logps(ours(x, y, cu, per_token=True)[1], cu)
+            real = [i for i, d in enumerate(docs_of) if d >= 0]
+            units = [docs_of[i] // 2 for i in real[0::2]]
+            ref = torch.from_numpy(reference[[docs_of[i] for i in real]]).to(logps)
+            tokens = sequence_logps((y != -1).to(logps), cu)
+            losses = preference_loss("kto", logps[real[0::2]], logps[real[1::2]].detach(), tokens[real[0::2]],
+                                     tokens[real[1::2]], ref[0::2], ref[1::2], BETA,
+                                     desirable=torch.from_numpy(labels[units]).to(args.device))[0]
             losses.mean().backward()
 
-    runs = {"pyllm packed": epoch_pyllm_packed, "transformers padded": epoch_transformers,
+    def epoch_transformers(limit=None, batches=batches):
+        for batch in batches[:limit]:
+            pairs = batch[-1]
+            ref = torch.from_numpy(reference[torch.cat([2 * pairs, 2 * pairs + 1]).numpy()]).to(args.device)
+            n = len(pairs)
+            if kto:  # TRL's KTOTrainer: the KL sequences' log-probabilities without autograd
+                x, attn, loss_mask, kl_x, kl_attn, kl_mask = (t.to(args.device) for t in batch[:6])
+                with torch.no_grad():
+                    kl_logps = concatenated_logps(theirs, kl_x, kl_attn, kl_mask)
+                logps = torch.cat([concatenated_logps(theirs, x, attn, loss_mask), kl_logps])
+                tokens = torch.cat([loss_mask[:, 1:].sum(-1), kl_mask[:, 1:].sum(-1)]).to(logps)
+                desirable = torch.from_numpy(labels[pairs.numpy()]).to(args.device)
+            else:
+                x, attn, loss_mask = (t.to(args.device) for t in batch[:3])
+                logps = concatenated_logps(theirs, x, attn, loss_mask)
+                tokens, desirable = loss_mask[:, 1:].sum(-1).to(logps), None
+            ref = ref.to(logps)
+            losses = preference_loss(args.loss, logps[:n], logps[n:], tokens[:n], tokens[n:], ref[:n], ref[n:], BETA,
+                                     desirable=desirable)[0]
+            losses.mean().backward()
+
+    runs = {"pyllm packed": epoch_pyllm_packed, **({"pyllm one pass": epoch_pyllm_one_pass} if kto else {}),
+            "transformers padded": epoch_transformers,
             "transformers sorted": lambda limit=None: epoch_transformers(limit, by_length)}
     positions = {"pyllm packed": len(packed) * args.rows * args.seq_len,
-                 "transformers padded": sum(b[0].numel() for b in padded),
-                 "transformers sorted": sum(b[0].numel() for b in by_length)}
+                 "transformers padded": sum(b[0].numel() + (b[3].numel() if kto else 0) for b in batches),
+                 "transformers sorted": sum(b[0].numel() + (b[3].numel() if kto else 0) for b in by_length)}
     real = {name: int(np.minimum(lengths, args.seq_len).sum()) for name in positions}
     real["pyllm packed"] = positions["pyllm packed"] - pad
+    if kto:
+        positions["pyllm one pass"], real["pyllm one pass"] = positions["pyllm packed"], real["pyllm packed"]
     for run in runs.values():  # warm-up
         run(limit=2)
     seconds = common.interleaved_seconds(runs, args.repeat, args.device, before=lambda: (
@@ -151,15 +204,15 @@ def main() -> int:
     rows = []
     for name in runs:
         s = seconds[name]
-        rows.append({"impl": name, "batches": len(packed) if name == "pyllm packed" else len(padded),
+        rows.append({"impl": name, "batches": len(packed) if name.startswith("pyllm") else len(batches),
                      "s/epoch": round(s, 2), "real tokens/s": round(real[name] / s),
                      "padding": f"{1 - real[name] / positions[name]:.0%}",
                      "vs transformers": f"{peer * real[name] / (s * real['transformers padded']):.2f}x"})
-    print(f"# DPO epoch on {common.device_description(args.device)}: {config.num_hidden_layers} layers, {args.dtype}, "
+    print(f"# {args.loss.upper()} epoch on {common.device_description(args.device)}: {config.num_hidden_layers} layers, {args.dtype}, "
           f"{n_pairs} pairs, {lengths.sum()} tokens (sequences of mean {lengths.mean():.0f}, max {lengths.max()}), "
           f"packed {args.rows} x {args.seq_len}, padded {per_batch} pairs per batch, transformers {transformers.__version__}")
     common.print_table(rows, ["impl", "batches", "s/epoch", "real tokens/s", "padding", "vs transformers"])
-    common.write_json(args.json, "dpo", args.device, rows, {
+    common.write_json(args.json, args.loss, args.device, rows, {
         "layers": config.num_hidden_layers, "dtype": args.dtype, "pairs": n_pairs, "tokens": int(lengths.sum()),
         "seq_len": args.seq_len, "rows": args.rows, "pairs_per_padded_batch": per_batch,
         "transformers": transformers.__version__, "beta": BETA})

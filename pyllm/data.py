@@ -644,12 +644,13 @@ class PackedLoader:
         Sets self.targets (the trained targets in this rank's rows), self.global_targets (in all
         ranks' rows) and self.padding (this rank's padded positions): a loss averaged over all of a
         step's trained tokens weighs each batch's mean by its share; self.lengths, the lengths of
-        this rank's documents (padding not counted), for the FLOPs count; self.docs, the document
-        index of each of cu_seqlens' segments (-1: padding); self.placed / self.global_placed, the
+        this rank's documents (padding not counted), for the FLOPs count, and self.doc_targets,
+        their trained targets; self.docs, the document index of each of cu_seqlens' segments (-1:
+        padding); self.placed / self.global_placed, the
         units (documents, or pairs) in this rank's rows / all ranks'."""
         T = self.seq_len
         self.targets = self.global_targets = self.padding = self.placed = self.global_placed = 0
-        self.lengths, self.docs = [], []
+        self.lengths, self.docs, self.doc_targets = [], [], []
         x = np.zeros((self.batch_size, T), np.int64)
         y = np.full((self.batch_size, T), -1, np.int64)
         cu = [0]
@@ -678,6 +679,7 @@ class PackedLoader:
                         cu.append(r * T + used + length)
                         self.lengths.append(length)
                         self.docs.append(doc)
+                        self.doc_targets.append(trained)
                     used += length
                 if used == T:
                     break

@@ -606,20 +606,24 @@ class LLM(nn.Module):
 
         return next((m.scale for m in self.modules() if isinstance(m, LoRALinear)), None)
 
-    def flops_of_documents(self, lengths, output_tokens: int | None = None) -> float:
+    def flops_of_documents(self, lengths, output_tokens: int | None = None, forward_only: bool = False) -> float:
         """flops_per_token's count for documents of these lengths, each token's keys being its own
         document's (what packed and document-masked batches compute): less than rows of T
         would count, whose attention term assumes every token sees T keys. [T] gives T *
         flops_per_token(T). output_tokens: how many of the tokens the output layer runs at (the
         trained ones, for packed conversations and preference pairs: forward(per_token=True) and
-        the fused loss skip the rest); None: all."""
+        the fused loss skip the rest); None: all. forward_only: a pass without backward (KTO's KL
+        documents): 2 FLOPs per weight and token, a third of the attention's."""
         cfg = self.config
         windows = [cfg.layer_window(i) for i in range(cfg.n_layers)]
         keys = sum(n * (n if w < 0 else min(n, cfg.sliding_window)) for n in lengths for w in windows)
-        flops = self._weight_flops_per_token() * sum(lengths) + 12 * cfg.n_heads * cfg.head_dim * keys
-        if output_tokens is not None:  # 6 FLOPs per output weight and token (4 when it is frozen)
-            per_token = (6 if self.lm_head.weight.requires_grad else 4) * self.lm_head.weight.numel()
-            flops -= per_token * (sum(lengths) - output_tokens)
+        if forward_only:
+            weights, output = 2 * (self.num_params(non_embedding=True) - self._idle_expert_params()), 2
+        else:  # 6 FLOPs per output weight and token (4 when it is frozen)
+            weights, output = self._weight_flops_per_token(), 6 if self.lm_head.weight.requires_grad else 4
+        flops = weights * sum(lengths) + (4 if forward_only else 12) * cfg.n_heads * cfg.head_dim * keys
+        if output_tokens is not None:
+            flops -= output * self.lm_head.weight.numel() * (sum(lengths) - output_tokens)
         return flops
 
     # --- weights --------------------------------------------------------------------------------

@@ -420,6 +420,41 @@ def lora_off_reference(model: LLM, wrapped):
     return reference
 
 
+def segments_alone(x: torch.Tensor, y: torch.Tensor, cu: torch.Tensor, segments: list[int]) -> tuple:
+    """(x, y, cu_seqlens, at): the packed batch (x, y (B, T), cu) cut to some of its segments
+    (indices into cu's), packed again in their order into rows of T (a row takes the next segment
+    while it fits; the rest of a row is padding, a segment of its own), at least one row; at: the
+    index of each taken segment in the new cu_seqlens. What a pass over part of a batch computes
+    with: each segment is computed alone either way, and the rows left out are work saved."""
+    B, T = x.shape
+    offsets = cu.tolist()
+    index, cu_new, at, used = [], [0], [], 0  # index: each new position's old one (-1: padding)
+    for s in segments:
+        start, length = offsets[s], offsets[s + 1] - offsets[s]
+        if used + length > T:  # the row is full: pad it out
+            index += [-1] * (T - used)
+            cu_new.append(cu_new[-1] + T - used)
+            used = 0
+        index += range(start, start + length)
+        cu_new.append(cu_new[-1] + length)
+        at.append(len(cu_new) - 2)
+        used += length
+    if used < T or not index:
+        index += [-1] * (T - used)
+        cu_new.append(cu_new[-1] + T - used)
+    index = torch.tensor(index, device=x.device).view(-1, T)
+    taken = index.clamp(min=0)
+    return (torch.where(index >= 0, x.view(-1)[taken], 0), torch.where(index >= 0, y.view(-1)[taken], -1),
+            torch.tensor(cu_new, dtype=torch.int32, device=x.device), at)
+
+
+def segment_logps(model, batch, segments: list[int]) -> torch.Tensor:
+    """Each of a packed batch's segments' summed log-probability (sequence_logps) from a pass of
+    the model over those segments alone (segments_alone)."""
+    x, y, cu, at = segments_alone(*batch[:3], segments)
+    return sequence_logps(model(x, y, cu, per_token=True)[1], cu)[at]
+
+
 def preference_batch_loss(model, batch, reference, labels: np.ndarray | None = None,
                           **options) -> tuple[torch.Tensor, torch.Tensor]:
     """The mean preference loss (nn.preference_loss with options: kind, beta, ...) over a
@@ -437,22 +472,32 @@ def preference_batch_loss(model, batch, reference, labels: np.ndarray | None = N
         ref = reference(batch)[real]
     elif reference is not None:
         ref = torch.from_numpy(reference[[docs[i] for i in real]])
-    logps = sequence_logps(model(x, y, cu, per_token=True)[1], cu)  # (N,) of every segment, padding too
-    tokens = sequence_logps((y != -1).to(logps.dtype), cu)  # each segment's trained tokens
     chosen, rejected = real[0::2], real[1::2]
-    ref = None if ref is None else ref.to(logps)
     desirable = kl = None
     if options.get("kind") == "kto":  # a unit's documents are 2u, 2u + 1 (prepare_kto)
-        desirable = torch.tensor(labels[[docs[i] // 2 for i in chosen]], dtype=torch.bool, device=logps.device)
+        # The KL documents (the mismatched completions) only give the detached estimate z: a
+        # forward without autograd over them alone (TRL's KL pass), before the examples' pass so
+        # that the model's aux_loss is the examples'. In one pass with the examples they would
+        # take half of the backward's work for no gradient.
+        with torch.no_grad():
+            rejected_logps = segment_logps(model, batch, rejected)
+        chosen_logps = segment_logps(model, batch, chosen)
+        desirable = torch.tensor(labels[[docs[i] // 2 for i in chosen]], dtype=torch.bool, device=chosen_logps.device)
+        ref = None if ref is None else ref.to(chosen_logps)
         # The KL estimate over all ranks' pairs of this micro-step (TRL gathers it too): the same
         # global rows give the same z whatever the number of processes.
-        kl_sums = torch.stack([(logps[rejected].detach() - ref[1::2]).sum(), torch.tensor(float(len(rejected)))
-                               .to(logps)])
+        kl_sums = torch.stack([(rejected_logps - ref[1::2]).sum(), torch.tensor(float(len(rejected)))
+                               .to(chosen_logps)])
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(kl_sums)
         kl = kl_sums[0] / kl_sums[1].clamp(min=1)
+    else:
+        logps = sequence_logps(model(x, y, cu, per_token=True)[1], cu)  # (N,) of every segment, padding too
+        chosen_logps, rejected_logps = logps[chosen], logps[rejected]
+        ref = None if ref is None else ref.to(logps)
+    tokens = sequence_logps((y != -1).to(chosen_logps.dtype), cu)  # each segment's trained tokens
     losses, chosen_rewards, rejected_rewards = preference_loss(
-        chosen_logps=logps[chosen], rejected_logps=logps[rejected], chosen_tokens=tokens[chosen],
+        chosen_logps=chosen_logps, rejected_logps=rejected_logps, chosen_tokens=tokens[chosen],
         rejected_tokens=tokens[rejected], ref_chosen_logps=None if ref is None else ref[0::2],
         ref_rejected_logps=None if ref is None else ref[1::2], desirable=desirable, kl=kl, **options)
     n = max(len(chosen), 1)
@@ -674,7 +719,8 @@ def plot_losses(log_path: Path, png_path: Path) -> None:
 
 # --- the loop ------------------------------------------------------------------------------------------
 
-def next_batches(loader, grad_accum: int, world_size: int) -> tuple[list, list[float] | None, list[int] | None, int]:
+def next_batches(loader, grad_accum: int, world_size: int) -> tuple[list, list[float] | None, list[int] | None, int,
+                                                                    tuple[list[int], int] | None]:
     """A step's micro-batches, the weight of each one's mean loss, and the lengths of this rank's
     documents in them (packed or document-masked batches; None for plain windows). The weighted sum,
     averaged over the ranks as DDP averages gradients, is the step's mean loss over all its
@@ -683,14 +729,17 @@ def next_batches(loader, grad_accum: int, world_size: int) -> tuple[list, list[f
     step's (summed over the micro-batches of all ranks) times world_size, so that a batch with few
     trained tokens does not weigh as much as one with many. Preference pairs likewise by pairs
     (DPO's loss is a mean over pairs), their batches with the loader's docs as a fourth item. Last,
-    this rank's trained targets in packed batches (where the output layer runs), else 0."""
+    this rank's trained targets in packed batches (where the output layer runs), else 0. KTO
+    (labelled pairs): the lengths and targets are the examples', and a fifth item, the KL documents'
+    lengths and targets (a pass without backward: preference_batch_loss); else None."""
     batches, lengths = [], []
     if not isinstance(loader, PackedLoader):
         for _ in range(grad_accum):
             batches.append(loader.next_batch())
             lengths = None if loader.lengths is None else lengths + loader.lengths
-        return batches, None, lengths, 0
+        return batches, None, lengths, 0, None
     mine, total, outputs = [], 0, 0
+    kl = ([], 0) if loader.labels is not None else None
     for _ in range(grad_accum):
         if loader.pairs is None:
             batches.append(loader.next_batch())
@@ -700,9 +749,18 @@ def next_batches(loader, grad_accum: int, world_size: int) -> tuple[list, list[f
             batches.append((*loader.next_batch(), loader.docs))
             mine.append(loader.placed)
             total += loader.global_placed
-        lengths += loader.lengths
-        outputs += loader.targets
-    return batches, [n * world_size / max(total, 1) for n in mine], lengths, outputs
+        if kl is None:
+            lengths += loader.lengths
+            outputs += loader.targets
+            continue
+        for i, (length, targets) in enumerate(zip(loader.lengths, loader.doc_targets)):
+            if i % 2 == 0:  # an example; its KL document follows it (a pair's two documents, in order)
+                lengths.append(length)
+                outputs += targets
+            else:
+                kl[0].append(length)
+                kl = (kl[0], kl[1] + targets)
+    return batches, [n * world_size / max(total, 1) for n in mine], lengths, outputs, kl
 
 
 def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) -> dict:
@@ -827,7 +885,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
         loss_sum = torch.zeros((), device=info.device)
         aux_sum = torch.zeros((), device=info.device)  # the part of loss_sum that is load balancing (MoE)
         pref_sums = torch.zeros(3, device=info.device)  # mean chosen reward, rejected reward, accuracy
-        batches, weights, lengths, outputs = next_batches(loader, cfg.grad_accum, info.world_size)
+        batches, weights, lengths, outputs, forward_only = next_batches(loader, cfg.grad_accum, info.world_size)
         for micro, batch in enumerate(batches):
             last = micro == cfg.grad_accum - 1
             no_sync = wrapped.no_sync() if hasattr(wrapped, "no_sync") and not last else contextlib.nullcontext()
@@ -867,10 +925,15 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
         if lengths is None:  # windows of seq_len tokens
             tok_s, step_flops = tokens_per_step / dt, flops_per_token * tokens_per_step
         else:  # documents: their tokens alone (not the padding), each attending to its own document
-            tok_s = sum(lengths) * info.world_size / dt  # this rank's, as every rank's
             # packed batches: the output layer at the trained tokens only (every position when compiled)
             skipped_outputs = isinstance(loader, PackedLoader) and not cfg.compile
-            step_flops = model.flops_of_documents(lengths, outputs if skipped_outputs else None) * info.world_size
+            step_flops = model.flops_of_documents(lengths, outputs if skipped_outputs else None)
+            if forward_only is not None:  # KTO's KL documents
+                step_flops += model.flops_of_documents(forward_only[0], forward_only[1] if skipped_outputs else None,
+                                                       forward_only=True)
+                lengths = lengths + forward_only[0]
+            step_flops *= info.world_size  # this rank's, as every rank's
+            tok_s = sum(lengths) * info.world_size / dt
         mfu = step_flops / dt / (peak * info.world_size) if peak else None
         record = {"step": step, "loss": loss_value if math.isfinite(loss_value) else None, "lr": lr,
                   "grad_norm": grad_norm if math.isfinite(grad_norm) else None, "tokens_per_s": round(tok_s, 1),

@@ -881,12 +881,17 @@ def test_counts():
     # the output layer at 12 of the 30 tokens only (packed conversations' trained tokens)
     assert model.flops_of_documents([20, 3, 7], output_tokens=12) == \
         model.flops_of_documents([20, 3, 7]) - 6 * cfg.vocab_size * cfg.dim * 18
+    # a pass without backward (KTO's KL documents): a third of the work, 2 FLOPs per output weight and token
+    assert 3 * model.flops_of_documents([20, 3, 7], forward_only=True) == model.flops_of_documents([20, 3, 7])
+    assert model.flops_of_documents([20, 3, 7], output_tokens=12, forward_only=True) == \
+        model.flops_of_documents([20, 3, 7], forward_only=True) - 2 * cfg.vocab_size * cfg.dim * 18
     # LoRA: no weight gradients for the frozen weights (4 FLOPs each, not 6), 6 for the updates
     attention = model.flops_per_token(20) - 6 * model.num_params(non_embedding=True)
     frozen = model.num_params(non_embedding=True)
     model.add_lora(2, 4.0)
     lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert model.flops_per_token(20) == 4 * frozen + 6 * lora + attention
+    assert model.flops_of_documents([20], forward_only=True) == 20 * (2 * (frozen + lora) + attention / 3)
 
 
 @pytest.mark.parametrize("preset", PRESETS)

@@ -695,6 +695,55 @@ def test_kto_batch_loss_is_each_sequence_alone(kto_dir):
         torch.testing.assert_close(g, p.grad, rtol=1e-9, atol=1e-14)
 
 
+def test_segments_alone_repacks_a_batch(kto_dir):
+    # Some of a packed batch's segments packed again into rows of T, in their order (a row takes
+    # the next one while it fits): each one's tokens, targets and log-probability as in the batch
+    # (each segment is computed alone either way); no segments give one row of padding.
+    from pyllm import nn
+    from pyllm.model import LLM, ModelConfig
+
+    torch.manual_seed(0)
+    model = LLM(ModelConfig.from_preset("tiny", **{**TINY, "vocab_size": 64})).double()
+    loader = data.PackedLoader(kto_dir / "train.bin", 4, 16, seed=1)
+    x, y, cu = loader.next_batch()
+    real = [i for i, d in enumerate(loader.docs) if d >= 0]
+    logps = nn.sequence_logps(model(x, y, cu, per_token=True)[1], cu)
+    for taken in (real[0::2], real[1::2], real, real[:1]):
+        x2, y2, cu2, at = trainer.segments_alone(x, y, cu, taken)
+        assert x2.shape[1] == 16 and x2.shape[0] <= 4 and cu2[-1] == x2.numel()
+        old, new = cu.tolist(), cu2.tolist()
+        for s, t in zip(taken, at):
+            assert torch.equal(x.view(-1)[old[s]:old[s + 1]], x2.view(-1)[new[t]:new[t + 1]])
+            assert torch.equal(y.view(-1)[old[s]:old[s + 1]], y2.view(-1)[new[t]:new[t + 1]])
+        rest = np.ones(x2.numel(), bool)  # what no taken segment holds is padding: token 0, no target
+        for t in at:
+            rest[new[t]:new[t + 1]] = False
+        assert (x2.view(-1)[rest] == 0).all() and (y2.view(-1)[rest] == -1).all()
+        assert rest.sum() == x2.numel() - sum(old[s + 1] - old[s] for s in taken)
+        torch.testing.assert_close(trainer.segment_logps(model, (x, y, cu), taken), logps[taken], rtol=1e-12, atol=0)
+    x2, y2, cu2, at = trainer.segments_alone(x, y, cu, [])
+    assert x2.shape == (1, 16) and cu2.tolist() == [0, 16] and at == [] and (y2 == -1).all()
+
+
+def test_kto_runs_its_kl_documents_without_backward(kto_dir):
+    # The KL documents only give the detached estimate z: their pass runs without autograd, and the
+    # pass with autograd holds the examples' tokens alone (TRL's KL pass; half the backward's work).
+    model, policy, loader, reference, batch = batch_of_pairs(kto_dir)
+    passes = []
+    policy.register_forward_hook(lambda m, args, out: passes.append(
+        (torch.is_grad_enabled(), int((args[0] != 0).sum()), int((args[1] != -1).sum()))))
+    trainer.preference_batch_loss(policy, batch, reference, loader.labels, kind="kto", beta=0.1)[0].backward()
+    x, y, cu, docs = batch
+    offsets = cu.tolist()
+    segments = [i for i, d in enumerate(docs) if d >= 0]
+
+    def count(which):  # the nonzero tokens and the targets of those segments
+        return (sum(int((x.view(-1)[offsets[i]:offsets[i + 1]] != 0).sum()) for i in which),
+                sum(int((y.view(-1)[offsets[i]:offsets[i + 1]] != -1).sum()) for i in which))
+
+    assert passes == [(False, *count(segments[1::2])), (True, *count(segments[0::2]))]
+
+
 def test_kto_learns_and_resumes_exactly(kto_dir, pairs_dir, tmp_path):
     # The first loss is 0.5 (the policy is the reference: r = z = 0); desirable examples' rewards
     # rise above the undesirable ones'; bitwise resume; the data and the loss must go together.

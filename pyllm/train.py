@@ -850,6 +850,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
     tokens_per_step = cfg.batch_size * seq_len * cfg.grad_accum * info.world_size
     peak = peak_flops(info.device)
     flops_per_token = model.flops_per_token(seq_len)
+    if teacher is not None:  # the teacher's forward is work the hardware does each step too
+        flops_per_token += teacher.flops_of_documents([seq_len], forward_only=True) / seq_len
     choices_len = 0  # rows for the multiple-choice candidates: seq_len, or the longest candidate
     if cfg.eval_choices:
         longest = int(np.diff(np.load(Path(cfg.eval_choices).with_suffix(".docs.npy"))).max())
@@ -932,6 +934,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
                 step_flops += model.flops_of_documents(forward_only[0], forward_only[1] if skipped_outputs else None,
                                                        forward_only=True)
                 lengths = lengths + forward_only[0]
+            if teacher is not None:  # (its output layer at the trained targets alone: linear_distill)
+                step_flops += teacher.flops_of_documents(lengths, outputs if skipped_outputs else None, forward_only=True)
             step_flops *= info.world_size  # this rank's, as every rank's
             tok_s = sum(lengths) * info.world_size / dt
         mfu = step_flops / dt / (peak * info.world_size) if peak else None

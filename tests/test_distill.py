@@ -144,6 +144,23 @@ def test_distillation_trains_the_student_toward_the_teacher(data_dir, teacher_ru
     assert losses(tmp_path / "cut") == losses(tmp_path / "whole")
 
 
+def test_mfu_counts_the_teachers_forward(data_dir, teacher_run, tmp_path, monkeypatch):  # noqa: F811
+    # MFU's FLOPs per token (mfu * peak / tokens_per_s) of a distilled student: the student's
+    # training FLOPs plus the teacher's forward (2 per weight, a third of the attention's).
+    monkeypatch.setattr(trainer, "peak_flops", lambda device: 1e12)
+    per_token = {}
+    for name, kw in (("plain", {}), ("kd", dict(teacher=str(teacher_run)))):
+        trainer.train(config(data_dir, tmp_path / name, max_steps=2, **kw))
+        record = json.loads((tmp_path / name / "log.jsonl").read_text().splitlines()[-1])
+        per_token[name] = record["mfu"] * 1e12 / record["tokens_per_s"]
+    T = TINY["block_size"]  # seq_len: the block size by default
+    teacher = LLM.load(trainer.source_run_weights(teacher_run))
+    assert per_token["kd"] - per_token["plain"] == pytest.approx(
+        teacher.flops_of_documents([T], forward_only=True) / T, rel=1e-4)
+    assert teacher.flops_of_documents([T], forward_only=True) == T * (
+        2 * teacher.num_params(non_embedding=True) + 4 * teacher.config.n_layers * teacher.config.dim * T)
+
+
 def test_distillation_on_conversations(chat_dir, teacher_run, tmp_path):  # noqa: F811
     # Packed conversations: the divergence at the assistant's tokens only, the val loss the cross-entropy.
     trainer.train(config(chat_dir, tmp_path / "kd", teacher=str(teacher_run), max_steps=20, eval_every=20))

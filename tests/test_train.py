@@ -744,6 +744,23 @@ def test_kto_runs_its_kl_documents_without_backward(kto_dir):
     assert passes == [(False, *count(segments[1::2])), (True, *count(segments[0::2]))]
 
 
+def test_kto_batches_count_their_kl_documents_apart(kto_dir):
+    # next_batches' lengths and targets (MFU's count) are the examples'; the KL documents', run
+    # without backward, come apart as its fifth item.
+    loader, replay = (data.PackedLoader(kto_dir / "train.bin", 3, 16, seed=2) for _ in range(2))
+    batches, weights, lengths, outputs, kl = trainer.next_batches(loader, 2, 1)
+    docs, all_lengths, targets = [], [], []
+    for _ in range(2):
+        replay.next_batch()
+        docs += [d for d in replay.docs if d >= 0]
+        all_lengths += replay.lengths
+        targets += replay.doc_targets
+    assert all(d % 2 == 0 for d in docs[0::2]) and all(d % 2 == 1 for d in docs[1::2])
+    assert lengths == all_lengths[0::2] and outputs == sum(targets[0::2])
+    assert kl == (all_lengths[1::2], sum(targets[1::2]))
+    assert sum(replay.doc_targets) == replay.targets > 0
+
+
 def test_kto_learns_and_resumes_exactly(kto_dir, pairs_dir, tmp_path):
     # The first loss is 0.5 (the policy is the reference: r = z = 0); desirable examples' rewards
     # rise above the undesirable ones'; bitwise resume; the data and the loss must go together.

@@ -709,14 +709,15 @@ def export_adapter(run: Path, out: Path, dtype: str) -> int:
     kind = model_kind(hf_folder(source))
     rank = train_config["lora_rank"]
     alpha = train_config.get("lora_alpha") or 2.0 * rank
-    tensors, targets = lora_state_to_peft(ckpt["model"], ModelConfig(**ckpt["model_config"]), kind)
+    tensors, targets, parameters = lora_state_to_peft(ckpt["model"], ModelConfig(**ckpt["model_config"]), kind)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.to(getattr(torch, GENERATE_DTYPES[dtype])) for k, v in tensors.items()},
               str(out / "adapter_model.safetensors"))
     (out / "adapter_config.json").write_text(json.dumps({
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(source), "r": rank,
         "lora_alpha": alpha, "lora_dropout": train_config.get("lora_dropout", 0.0), "target_modules": targets, "bias": "none", "fan_in_fan_out": False,
-        "use_rslora": False, "inference_mode": True}, indent=2))
+        "use_rslora": False, "inference_mode": True, **({"target_parameters": parameters} if parameters else {})},
+        indent=2))
     print(f"exported the LoRA adapter of {run} (rank {rank}, alpha {alpha:g}, over {source}) to {out}")
     return 0
 
@@ -795,7 +796,9 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-alpha", type=float, help="LoRA's alpha: the updates are scaled by alpha / rank (default 2 * rank)")
     p.add_argument("--lora-targets", metavar="NAMES", help="LoRA on these projections only, each its own update as PEFT "
                    "gives them: comma-separated q, k, v, o, gate, up, down (or PEFT's q_proj ...; all-linear for every "
-                   "one); default: every linear layer, the fused qkv and gate_up one update each")
+                   "one); a mixture of experts' experts: experts (each expert its own updates; PEFT's target_parameters "
+                   "experts.gate_up_proj, experts.down_proj); default: every linear layer, the fused qkv and gate_up one "
+                   "update each")
     p.add_argument("--lora-dropout", type=float, help="dropout on the LoRA updates' inputs while training (PEFT's "
                    "lora_dropout; default 0)")
     p.add_argument("--model", dest="model_overrides", action="append", metavar="KEY=VALUE", help="override a ModelConfig field, e.g. --model n_layers=2 --model norm=layernorm (repeatable)")

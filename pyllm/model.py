@@ -517,8 +517,9 @@ class LLM(nn.Module):
         """The expert weights one token does not go through: (E - k) / E of each MoE layer's
         (frozen: of those that do not require grad)."""
         cfg = self.config
-        experts = [p for block in self.blocks if isinstance(block.mlp, MoEMLP) for p in (block.mlp.gate_up, block.mlp.down)
-                   if not (frozen and p.requires_grad)]
+        experts = [p for block in self.blocks if isinstance(block.mlp, MoEMLP)
+                   for name, p in block.mlp.named_parameters(recurse=False) if name.startswith(("gate_up", "down"))
+                   and not (frozen and p.requires_grad)]  # the experts' weights and their LoRA updates
         return sum(p.numel() for p in experts) * (cfg.n_experts - cfg.experts_per_token) // cfg.n_experts if experts else 0
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
@@ -540,8 +541,12 @@ class LLM(nn.Module):
         update each (rank `rank` over the fused output). targets, PEFT's way: the projections named
         (lora_targets: q, k, v, o, gate, up, down, or PEFT's q_proj ... down_proj, or "all-linear"),
         each its own update, also inside a fused layer. dropout: on each update's input (PEFT's
-        lora_dropout). A mixture-of-experts model's experts and router are not adapted (as PEFT's
-        all-linear on transformers 5's MoE models, whose experts are no linear layers)."""
+        lora_dropout). A mixture-of-experts model's experts and router are not adapted by default
+        (as PEFT's all-linear on transformers 5's MoE models, whose experts are no linear layers);
+        targets experts (both projections) or experts.gate_up / experts.down (PEFT's target_parameters
+        experts.gate_up_proj / experts.down_proj) give each expert updates of its own
+        (MoEMLP.add_lora; no dropout there, as PEFT's ParamWrapper). The frozen experts are held in
+        frozen_dtype too."""
         from pyllm.nn import LoRALinear
 
         if not (isinstance(rank, int) and rank >= 1):
@@ -549,12 +554,25 @@ class LLM(nn.Module):
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
         wanted = None if targets is None else set(lora_targets(targets))
-        all_linear = targets is not None and _lora_target_names(targets) in (["all-linear"], ["all"])
+        all_linear = targets is not None and bool({"all-linear", "all"} & set(_lora_target_names(targets)))
         if self.config.n_experts and wanted and wanted & {"gate", "up", "down"} and not all_linear:
             raise ValueError(f"LoRA targets {', '.join(sorted(wanted & {'gate', 'up', 'down'}))}: a mixture-of-experts "
-                             "model's experts take no LoRA update (its attention projections do: q, k, v, o)")
+                             "model's experts take no LoRA update of a linear layer (its attention projections do: q, "
+                             "k, v, o; its experts through experts, or experts.gate_up_proj / experts.down_proj)")
+        experts = [t.removeprefix("experts.") for t in LORA_EXPERT_TARGETS if wanted and t in wanted]
+        if experts and not self.config.n_experts:
+            raise ValueError(f"LoRA targets {', '.join('experts.' + e for e in experts)}: the model has no experts "
+                             "(n_experts is not set)")
+        if experts and dropout:
+            raise ValueError("LoRA dropout does not go with expert updates (targets experts...): PEFT's ParamWrapper "
+                             "refuses it too (the input of one expert's update is not the layer's)")
         for p in self.parameters():
             p.requires_grad_(False)
+        for block in self.blocks:
+            if isinstance(block.mlp, MoEMLP) and (experts or frozen_dtype is not None):
+                block.mlp.add_lora(rank, alpha, experts, frozen_dtype)
+        if wanted is not None and not wanted - set(LORA_EXPERT_TARGETS):
+            return  # the experts alone
         for block in self.blocks:
             moe = set(block.mlp.modules()) if isinstance(block.mlp, MoEMLP) else set()
             for parent in list(block.modules()):
@@ -592,19 +610,25 @@ class LLM(nn.Module):
         from pyllm.nn import LoRALinear
 
         layers = [m for m in self.modules() if isinstance(m, LoRALinear)]
+        moes = [m for m in self.modules() if isinstance(m, MoEMLP)]
         for m in layers:
             m.disabled = True
+        for m in moes:
+            m.lora_disabled = True
         try:
             yield
         finally:
             for m in layers:
                 m.disabled = False
+            for m in moes:
+                m.lora_disabled = False
 
     def lora_scale(self) -> float | None:
         """alpha / rank of the LoRA layers (add_lora), None without them."""
         from pyllm.nn import LoRALinear
 
-        return next((m.scale for m in self.modules() if isinstance(m, LoRALinear)), None)
+        return next((m.scale for m in self.modules() if isinstance(m, LoRALinear)),
+                    next((m.lora_scale for m in self.modules() if isinstance(m, MoEMLP) and m.lora_factors()), None))
 
     def flops_of_documents(self, lengths, output_tokens: int | None = None, forward_only: bool = False) -> float:
         """flops_per_token's count for documents of these lengths, each token's keys being its own
@@ -907,21 +931,30 @@ class _DecodeGraph:
 
 def merge_lora_state(state_dict: dict, scale: float) -> dict:
     """A state dict with LoRA layers (LLM.add_lora) as the plain model's: each X.weight plus
-    scale * X.lora_b @ X.lora_a (per part where X.lora_parts says so), the lora_* entries dropped."""
+    scale * X.lora_b @ X.lora_a (per part where X.lora_parts says so), and each expert stack X
+    (MoEMLP's gate_up, down) plus scale * X_lora_b @ X_lora_a, expert by expert; the lora entries
+    dropped."""
     from pyllm.nn import merge_lora
 
-    merged = {k: v for k, v in state_dict.items() if not k.endswith((".lora_a", ".lora_b", ".lora_parts"))}
+    merged = {k: v for k, v in state_dict.items() if not k.endswith((".lora_a", ".lora_b", ".lora_parts",
+                                                                      "_lora_a", "_lora_b"))}
     for key in state_dict:
         if key.endswith(".lora_a"):
             prefix = key[:-len("lora_a")]
             merged[prefix + "weight"] = merge_lora(state_dict[prefix + "weight"], state_dict[key],
                                                    state_dict[prefix + "lora_b"], scale,
                                                    state_dict.get(prefix + "lora_parts"))
+        elif key.endswith("_lora_a"):  # (E, out, r) @ (E, r, in): one product per expert
+            weight = key[:-len("_lora_a")]
+            merged[weight] = merge_lora(state_dict[weight], state_dict[key], state_dict[weight + "_lora_b"], scale)
     return merged
 
 
-# LoRA targets by projection (LLM.add_lora), and the names PEFT gives the same layers.
-LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+# LoRA targets by projection (LLM.add_lora), and the names PEFT gives the same layers; a MoE's
+# experts (not in all-linear, as PEFT's: they are no linear layers), PEFT's target_parameters.
+LORA_LINEAR_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+LORA_EXPERT_TARGETS = ("experts.gate_up", "experts.down")
+LORA_TARGETS = LORA_LINEAR_TARGETS + LORA_EXPERT_TARGETS
 
 
 def _lora_target_names(targets) -> list[str]:
@@ -931,15 +964,22 @@ def _lora_target_names(targets) -> list[str]:
 
 def lora_targets(targets) -> list[str]:
     """LLM.add_lora's targets as projection names: a list or a comma-separated string of q, k, v, o,
-    gate, up, down or PEFT's q_proj ... down_proj; "all-linear" (or "all") for all of them."""
+    gate, up, down or PEFT's q_proj ... down_proj; "all-linear" (or "all") for all of them; a MoE's
+    experts.gate_up, experts.down (PEFT's experts.gate_up_proj, experts.down_proj), or experts for
+    both."""
     names = _lora_target_names(targets)
     if names in (["all-linear"], ["all"]):
-        return list(LORA_TARGETS)
-    out = [n.removesuffix("_proj") for n in names]
-    bad = [n for n, o in zip(names, out) if o not in LORA_TARGETS]
+        return list(LORA_LINEAR_TARGETS)
+    out = []
+    for n in names:
+        out += list(LORA_EXPERT_TARGETS) if n in ("experts", "all-experts") else [n.removesuffix("_proj")]
+    out = ["all-linear" if o == "all" else o for o in out]
+    if "all-linear" in out:  # all-linear plus the experts
+        out = [o for o in out if o != "all-linear"] + list(LORA_LINEAR_TARGETS)
+    bad = [n for n in out if n not in LORA_TARGETS]
     if bad or not out:
-        raise ValueError(f"LoRA targets must be among {', '.join(LORA_TARGETS)} (or PEFT's q_proj ... down_proj, "
-                         f"or all-linear), got {', '.join(bad) if bad else 'none'}")
+        raise ValueError(f"LoRA targets must be among {', '.join(LORA_TARGETS)}, experts (or PEFT's q_proj ... down_proj, "
+                         f"experts.gate_up_proj, experts.down_proj, or all-linear), got {', '.join(bad) if bad else 'none'}")
     return sorted(set(out), key=LORA_TARGETS.index)
 
 
@@ -1409,12 +1449,12 @@ def merge_peft_adapter(hf_state: dict, adapter) -> None:
     unsupported = {"peft_type": config.get("peft_type", "LORA") != "LORA", "use_dora": config.get("use_dora"),
                    "rank_pattern": config.get("rank_pattern"), "alpha_pattern": config.get("alpha_pattern"),
                    "bias": config.get("bias", "none") != "none", "modules_to_save": config.get("modules_to_save"),
-                   "fan_in_fan_out": config.get("fan_in_fan_out")}
+                   "fan_in_fan_out": config.get("fan_in_fan_out"), "target_parameters": config.get("target_parameters")}
     refused = [name for name, bad in unsupported.items() if bad]
     if refused:
         raise NotImplementedError(f"{adapter}: adapter_config.json sets {', '.join(refused)}; pyllm merges plain "
-                                  "LoRA adapters only (peft_type LORA, no DoRA, one rank and alpha, bias none, no "
-                                  "modules_to_save, no fan_in_fan_out)")
+                                  "LoRA adapters of linear layers only (peft_type LORA, no DoRA, one rank and alpha, "
+                                  "bias none, no modules_to_save, no fan_in_fan_out, no target_parameters: experts)")
     rank, alpha = config["r"], config["lora_alpha"]
     scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
     tensors = load_file(str(adapter / "adapter_model.safetensors"))
@@ -1431,12 +1471,16 @@ def merge_peft_adapter(hf_state: dict, adapter) -> None:
                                     scale)
 
 
-def lora_state_to_peft(state: dict, cfg: ModelConfig, kind: str) -> tuple[dict, list[str]]:
+def lora_state_to_peft(state: dict, cfg: ModelConfig, kind: str) -> tuple[dict, list[str], list[str]]:
     """The LoRA updates of a state dict (LLM.add_lora) as a PEFT adapter for the Hugging Face model
-    of this kind: (adapter_model.safetensors' tensors, target_modules). Exact: a fused update
-    (alpha / r) B A of [q; k; v] (or [gate; up]) is PEFT's q_proj, k_proj, v_proj updates with the same
-    A and B's row blocks (Phi-3 keeps its fused qkv_proj / gate_up_proj); per-projection updates
-    (add_lora's targets) are PEFT's as they are (not for Phi-3's fused layers: refused)."""
+    of this kind: (adapter_model.safetensors' tensors, target_modules, target_parameters). Exact: a
+    fused update (alpha / r) B A of [q; k; v] (or [gate; up]) is PEFT's q_proj, k_proj, v_proj updates
+    with the same A and B's row blocks (Phi-3 keeps its fused qkv_proj / gate_up_proj); per-projection
+    updates (add_lora's targets) are PEFT's as they are (not for Phi-3's fused layers: refused). A
+    MoE's expert updates are PEFT's ParamWrapper's on transformers 5's fused experts (target_parameters
+    experts.gate_up_proj / experts.down_proj): A (E, r, in) as one (E * r, in) matrix, B (E, out, r)
+    as (out, r * E) with expert e's column j at j * E + e (its layout), the down projection's wrapper
+    around the gate-up one's when both are adapted (PEFT wraps them in the experts' parameter order)."""
     if kind not in PEFT_KINDS:
         raise ValueError(f"no PEFT adapter for model_type {kind!r} (adapters are written for {', '.join(PEFT_KINDS)})")
     H, H_kv, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -1474,9 +1518,19 @@ def lora_state_to_peft(state: dict, cfg: ModelConfig, kind: str) -> tuple[dict, 
                     if adapted:
                         put(i, module(name), a[k * rank:(k + 1) * rank], b[row:row + rows])
                         row, k = row + rows, k + 1
+    parameters = []
+    for i in range(cfg.n_layers):
+        adapted = [name for name in ("gate_up", "down") if f"blocks.{i}.mlp.{name}_lora_a" in state]
+        experts = f"base_model.model.model.layers.{i}.{'block_sparse_moe' if kind == 'granitemoe' else 'mlp'}.experts."
+        for name in adapted:
+            a, b = state[f"blocks.{i}.mlp.{name}_lora_a"], state[f"blocks.{i}.mlp.{name}_lora_b"]  # (E, r, in), (E, out, r)
+            module = experts + ("base_layer." if name == "gate_up" and len(adapted) == 2 else "")
+            out[module + "lora_A.weight"] = a.reshape(-1, a.shape[2]).clone()
+            out[module + "lora_B.weight"] = b.permute(1, 2, 0).reshape(b.shape[1], -1).contiguous()
+            parameters.append(f"experts.{name}_proj")
     if not out:
         raise ValueError("the state dict has no LoRA updates: train with --lora-rank")
-    return out, sorted(targets)
+    return out, sorted(targets), sorted(set(parameters))
 
 
 def state_to_hf(state: dict, cfg: ModelConfig, kind: str) -> dict:

@@ -1,6 +1,7 @@
 """Modules built on pyllm's ops, drop-in replacements for their LLaMA counterparts."""
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -65,7 +66,13 @@ class MoEMLP(nn.Module):
     After each forward in training with autograd on, `stats` holds the router's statistics for the
     load-balancing loss (LLM.router_aux_loss): top-k picks per expert (E,), summed probabilities
     (E,), tokens. shared_hidden: Qwen2-MoE's shared expert (a SwiGLUMLP of that width every token goes
-    through, its output times sigmoid(x w_shared_gate))."""
+    through, its output times sigmoid(x w_shared_gate)).
+
+    add_lora gives the experts LoRA updates of their own (PEFT's target_parameters); with them the
+    layer takes moe_experts_lora's path."""
+
+    # The expert projections LoRA can update (add_lora), with PEFT's target_parameters names.
+    LORA_PROJECTIONS = {"gate_up": "experts.gate_up_proj", "down": "experts.down_proj"}
 
     def __init__(self, dim: int, hidden_dim: int, n_experts: int, top_k: int, norm_topk_prob: bool = True,
                  shared_hidden: int | None = None, device=None, dtype=None):
@@ -82,6 +89,43 @@ class MoEMLP(nn.Module):
             for e in range(n_experts):
                 nn.init.kaiming_uniform_(w.data[e], a=math.sqrt(5))
         self.stats = None
+        self.lora_scale, self.lora_disabled = None, False
+
+    def add_lora(self, rank: int, alpha: float, projections=("gate_up", "down"), frozen_dtype: torch.dtype | None = None
+                 ) -> None:
+        """LoRA on the experts, PEFT's way for transformers 5's fused experts (target_parameters
+        experts.gate_up_proj / experts.down_proj, its ParamWrapper): each expert's weight W_e of
+        the named projections gets a rank-`rank` update of its own, (alpha / rank) B_e A_e, A
+        (E, rank, in) drawn as PEFT draws it (nn.Linear's bound, 1 / sqrt(in)), B (E, out, rank)
+        zeros: parameters <projection>_lora_a and _lora_b. The experts' weights freeze (held in
+        frozen_dtype when given: most of a MoE's memory). The updates are added as their own
+        low-rank products (x A_e^T) B_e^T (moe_experts_lora), not merged into the weights each
+        step (PEFT's way): the weights' gradients are never formed, and a small update is not lost
+        to a 16-bit weight's rounding."""
+        for name in projections:
+            if name not in self.LORA_PROJECTIONS:
+                raise ValueError(f"MoEMLP.add_lora: projections are among {', '.join(self.LORA_PROJECTIONS)}, got {name!r}")
+        for name in ("gate_up", "down"):
+            weight = getattr(self, name)
+            if frozen_dtype is not None and weight.dtype != frozen_dtype:
+                setattr(self, name, nn.Parameter(weight.detach().to(frozen_dtype), requires_grad=False))
+            getattr(self, name).requires_grad_(False)
+        for name in projections:
+            E, out, inner = getattr(self, name).shape
+            kw = dict(device=self.router.weight.device, dtype=self.router.weight.dtype)
+            a = nn.Parameter(torch.empty(E, rank, inner, **kw))
+            nn.init.uniform_(a, -1 / math.sqrt(inner), 1 / math.sqrt(inner))  # kaiming_uniform(a=sqrt(5))'s bound
+            self.register_parameter(f"{name}_lora_a", a)
+            self.register_parameter(f"{name}_lora_b", nn.Parameter(torch.zeros(E, out, rank, **kw)))
+        if projections:
+            self.lora_scale = alpha / rank
+
+    def lora_factors(self) -> tuple | None:
+        """(gate_up A, gate_up B, down A, down B), None for a projection without an update; None
+        when the layer has no updates or they are off (LLM.lora_disabled)."""
+        if self.lora_scale is None or self.lora_disabled:
+            return None
+        return tuple(getattr(self, f"{name}_lora_{ab}", None) for name in ("gate_up", "down") for ab in "ab")
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (N, dim) -> router probabilities (N, E) in fp32 (or fp64), chosen experts (N, k), their
@@ -100,7 +144,13 @@ class MoEMLP(nn.Module):
         if self.training and torch.is_grad_enabled():
             picks = torch.bincount(experts.flatten(), minlength=self.n_experts)  # (E,)
             self.stats = (picks, probs.sum(0), x.shape[0])
-        if x.is_cuda and x.shape[0] * self.top_k <= self.n_experts:
+        gate_up, down = self.gate_up, self.down
+        if gate_up.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+            gate_up, down = gate_up.to(x.dtype), down.to(x.dtype)  # frozen 16-bit experts (add_lora), fp32 x
+        factors = self.lora_factors()
+        if factors is not None:
+            path = functools.partial(moe_experts_lora, factors=factors, scale=self.lora_scale)
+        elif x.is_cuda and x.shape[0] * self.top_k <= self.n_experts:
             path = moe_experts_gathered
         elif x.is_cuda and _grouped_mm_takes(x, self.gate_up):
             path = moe_experts_grouped
@@ -115,19 +165,19 @@ class MoEMLP(nn.Module):
             path = moe_experts_grouped
         else:
             path = moe_experts_sorted
-        y = path(x, experts, weights, self.gate_up, self.down)
+        y = path(x, experts, weights, gate_up, down)
         if self.shared is not None:  # (N, C) + sigmoid((N, 1)) * (N, C)
             y = y + torch.sigmoid(self.shared_gate(x)) * self.shared(x)
         return y.reshape(*shape[:-1], y.shape[-1])
 
 
 def _through_experts(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
-                     down: torch.Tensor, compute) -> torch.Tensor:
+                     down: torch.Tensor, compute, *extra) -> torch.Tensor:
     """What the sorted and grouped paths share: the (token, choice) pairs sorted by expert, the
     inputs cast to autocast's dtype (outside, so the fp32 masters get their grads through the
     casts, as nn.Linear's would), compute(xs (N * k, C) in expert order, the experts' ids in token
-    order, gate_up, down) -> (N * k, C) without autocast, the outputs weighted and added back to
-    their tokens."""
+    order, gate_up, down, *extra (more weights: LoRA's; None passes as None)) -> (N * k, C) without
+    autocast, the outputs weighted and added back to their tokens."""
     N, k = experts.shape
     if N == 0:
         return x.new_zeros(0, down.shape[1])
@@ -137,8 +187,9 @@ def _through_experts(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tens
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
         x, gate_up, down = x.to(dtype), gate_up.to(dtype), down.to(dtype)
+        extra = [None if t is None else t.to(dtype) for t in extra]
     with torch.autocast(x.device.type, enabled=False):
-        ys = compute(x[token], flat, gate_up, down)  # (N * k, C)
+        ys = compute(x[token], flat, gate_up, down, *extra)  # (N * k, C)
     ys = ys * weights.flatten()[order, None].to(ys.dtype)
     return ys.new_zeros(N, ys.shape[1]).index_add_(0, token, ys)
 
@@ -255,6 +306,77 @@ def moe_experts_grouped(x: torch.Tensor, experts: torch.Tensor, weights: torch.T
         return F.grouped_mm(_swiglu(h), down.transpose(-2, -1), offs=offsets)  # (N * k, C)
 
     return _through_experts(x, experts, weights, gate_up, down, compute)
+
+
+class _GroupedLinear(torch.autograd.Function):
+    """x_e W_e^T for each expert e's contiguous share x_e of x (S, in) (counts[e] rows, in expert
+    order), W (E, out, in): one in-place matmul per expert into one (S, out) tensor (as
+    _SortedExperts). W's gradient only when asked for (frozen experts under LoRA: none)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, counts):
+        y = x.new_empty(x.shape[0], weight.shape[1])
+        for e, (x_e, y_e) in enumerate(zip(x.split(counts), y.split(counts))):
+            if counts[e]:
+                torch.mm(x_e, weight[e].t(), out=y_e)
+        ctx.save_for_backward(x, weight)
+        ctx.counts = counts
+        return y
+
+    @staticmethod
+    def backward(ctx, d_y):
+        x, weight = ctx.saved_tensors
+        d_y = d_y.contiguous()
+        d_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        d_w = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None  # an expert with no rows: 0
+        d_xs = d_x.split(ctx.counts) if d_x is not None else [None] * len(ctx.counts)
+        for e, (x_e, dy_e, dx_e) in enumerate(zip(x.split(ctx.counts), d_y.split(ctx.counts), d_xs)):
+            if not ctx.counts[e]:
+                continue
+            if dx_e is not None:
+                torch.mm(dy_e, weight[e], out=dx_e)
+            if d_w is not None:
+                torch.mm(dy_e.t(), x_e, out=d_w[e])
+        return d_x, d_w, None
+
+
+def moe_experts_lora(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
+                     down: torch.Tensor, factors: tuple, scale: float, grouped: bool | None = None) -> torch.Tensor:
+    """moe_experts_sorted's function with LoRA updates of the experts (MoEMLP.add_lora): factors =
+    (gate_up A (E, r, C), gate_up B (E, 2 * hidden, r), down A (E, r, hidden), down B (E, C, r)),
+    None for a projection without one. Each projection x W_e^T + scale (x A_e^T) B_e^T, the
+    low-rank products as their own matmuls per expert: no (E, out, in) update is formed, no weight
+    gradient of the frozen experts either. Tokens sorted by expert; each projection one matmul per
+    expert (the shares read on the host), or on CUDA in bf16 torch's grouped GEMM (device offsets;
+    rank a multiple of 8: its 16-byte row alignment); grouped True / False forces the choice."""
+    if grouped is None:
+        rank = factors[0 if factors[0] is not None else 2].shape[1]
+        grouped = x.is_cuda and _grouped_mm_takes(x, gate_up) and rank % 8 == 0
+
+    def compute(xs, flat, gate_up, down, gate_up_a, gate_up_b, down_a, down_b):
+        if grouped:
+            counts = torch.zeros(gate_up.shape[0], dtype=torch.int64, device=xs.device).scatter_add_(
+                0, flat, torch.ones_like(flat))
+            offsets = counts.cumsum(0).to(torch.int32)
+
+            def linear(t, w):
+                return F.grouped_mm(t, w.transpose(-2, -1), offs=offsets)
+        else:
+            counts = torch.bincount(flat, minlength=gate_up.shape[0]).tolist()
+
+            def linear(t, w):
+                return _GroupedLinear.apply(t, w, counts)
+
+        h = linear(xs, gate_up)  # (S, 2 * hidden)
+        if gate_up_a is not None:
+            h = h + linear(linear(xs, gate_up_a), gate_up_b) * scale
+        act = _swiglu(h)  # (S, hidden)
+        ys = linear(act, down)  # (S, C)
+        if down_a is not None:
+            ys = ys + linear(linear(act, down_a), down_b) * scale
+        return ys
+
+    return _through_experts(x, experts, weights, gate_up, down, compute, *factors)
 
 
 def moe_experts_one_token(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,

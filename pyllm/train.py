@@ -36,7 +36,7 @@ class TrainConfig:
     init_adapter: str = ""  # with init_from_hf: a PEFT LoRA adapter folder merged into its weights first
     lora_rank: int = 0  # > 0: train LoRA updates of this rank on the blocks' linear layers, every weight frozen
     lora_alpha: float = 0.0  # LoRA's alpha (updates scaled by alpha / rank); 0: 2 * lora_rank
-    lora_targets: str = ""  # LoRA on these projections, each its own update (q,k,v,o,gate,up,down; all-linear); "": every linear layer, fused ones one update
+    lora_targets: str = ""  # LoRA on these projections, each its own update (q,k,v,o,gate,up,down; all-linear; experts); "": every linear layer, fused ones one update
     lora_dropout: float = 0.0  # dropout on the LoRA updates' inputs (PEFT's lora_dropout)
     fused_loss: bool = False  # the loss by linear_cross_entropy: no (batch, seq, vocab) logits in memory
     preference: str = ""  # on preference pairs: dpo | ipo | hinge | simpo | orpo ("": not preference tuning)

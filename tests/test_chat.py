@@ -461,18 +461,19 @@ def test_lora_run_exports_a_peft_adapter(chat_run_inputs, tmp_path, options, mod
         torch.testing.assert_close(theirs(idx).logits, full(idx).logits, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("lora", [False, True])
+@pytest.mark.parametrize("lora", [(), ("--lora-rank", "4"), ("--lora-rank", "4", "--lora-targets", "q,v,experts")],
+                         ids=["full", "lora", "lora-experts"])
 def test_mixture_of_experts_checkpoint_fine_tunes_and_exports(chat_run_inputs, tmp_path, lora):
-    # A Mixtral checkpoint fine-tuned on conversations (all its weights, or LoRA on its attention);
-    # the export is a Mixtral transformers loads and computes as pyllm does; a LoRA run's adapter
-    # is PEFT's (attention modules only), which PeftModel adds to the source as the merged export.
+    # A Mixtral checkpoint fine-tuned on conversations (all its weights, LoRA on its attention, or
+    # LoRA on q, v and every expert); the export is a Mixtral transformers loads and computes as
+    # pyllm does; a LoRA run's adapter is PEFT's (attention modules, and the experts as
+    # target_parameters), which PeftModel adds to the source as the merged export.
     from pyllm.model import LLM
 
     _, chats = chat_run_inputs
     folder = make_folder(tmp_path / "hf", PLAIN, model="mixtral")
     run = tmp_path / "run"
-    assert cli.main(train_args(folder, chats, run, "--max-steps", "2", "--batch-size", "4", "--lr", "3e-2",
-                               *(("--lora-rank", "4") if lora else ()))) == 0
+    assert cli.main(train_args(folder, chats, run, "--max-steps", "2", "--batch-size", "4", "--lr", "3e-2", *lora)) == 0
     records = logged(run)
     assert "aux_loss" not in records[0]  # transformers' config asks for no router logits: no balancing term
     assert cli.main(["export", "--run", str(run), "--out", str(tmp_path / "merged"), "--dtype", "fp32"]) == 0
@@ -488,7 +489,11 @@ def test_mixture_of_experts_checkpoint_fine_tunes_and_exports(chat_run_inputs, t
         return
     assert cli.main(["export", "--run", str(run), "--out", str(tmp_path / "adapter"), "--adapter", "--dtype", "fp32"]) == 0
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    assert config["target_modules"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    if "--lora-targets" in lora:
+        assert config["target_modules"] == ["q_proj", "v_proj"]
+        assert config["target_parameters"] == ["experts.down_proj", "experts.gate_up_proj"]
+    else:
+        assert config["target_modules"] == ["k_proj", "o_proj", "q_proj", "v_proj"] and "target_parameters" not in config
     peft = pytest.importorskip("peft")
     theirs = peft.PeftModel.from_pretrained(source, tmp_path / "adapter").eval()
     with torch.no_grad():

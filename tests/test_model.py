@@ -1189,7 +1189,8 @@ def test_lora_updates_are_the_peft_adapter_of_the_hf_model(name, tmp_path):
         for name_, p in ours.named_parameters():
             if name_.endswith("lora_b"):
                 p.normal_(0, 0.1)
-    adapter, targets = lora_state_to_peft(ours.state_dict(), ours.config, kind)
+    adapter, targets, parameters = lora_state_to_peft(ours.state_dict(), ours.config, kind)
+    assert parameters == []
     if ours.config.n_experts:
         assert targets == ["k_proj", "o_proj", "q_proj", "v_proj"]
     model = peft.get_peft_model(theirs, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
@@ -1197,6 +1198,44 @@ def test_lora_updates_are_the_peft_adapter_of_the_hf_model(name, tmp_path):
     idx = torch.randint(0, 97, (2, 11))
     with torch.no_grad():
         assert rel_err(model(idx).logits, ours.eval()(idx)[0]) < 1e-6
+
+
+@pytest.mark.parametrize("name, targets", [("mixtral", "experts"), ("qwen3-moe", "q,experts.down_proj"),
+                                           ("olmoe", "experts.gate_up_proj"), ("qwen2-moe", "all-linear,experts"),
+                                           ("granitemoe", "experts")])
+def test_expert_lora_updates_are_the_peft_adapter_of_the_hf_model(name, targets, tmp_path):
+    # Each expert's own LoRA updates (add_lora's experts targets) written as a PEFT adapter of
+    # transformers 5's fused experts (target_parameters, its ParamWrapper) and loaded by PEFT compute
+    # what pyllm's LoRA model computes; merged in (save_weights' merge_lora_state), the same; with
+    # the updates off (lora_disabled: DPO's lora-off reference), PEFT's base model.
+    peft = pytest.importorskip("peft")
+    from pyllm.model import lora_state_to_peft, merge_lora_state
+
+    theirs = hf_models()[name].double().eval()
+    theirs.save_pretrained(tmp_path)
+    kind = json.loads((tmp_path / "config.json").read_text())["model_type"]
+    ours = LLM.from_hf(tmp_path, dtype=torch.float64)
+    ours.add_lora(4, 8.0, targets=targets)
+    with torch.no_grad():
+        for name_, p in ours.named_parameters():
+            if name_.endswith(("lora_b", "lora_a")):
+                p.normal_(0, 0.1)
+    adapter, modules, parameters = lora_state_to_peft(ours.state_dict(), ours.config, kind)
+    want_parameters = {"experts": ["experts.down_proj", "experts.gate_up_proj"], "q,experts.down_proj": ["experts.down_proj"],
+                       "experts.gate_up_proj": ["experts.gate_up_proj"]}
+    assert parameters == want_parameters.get(targets, want_parameters["experts"])
+    model = peft.get_peft_model(theirs, peft.LoraConfig(r=4, lora_alpha=8, target_modules=modules,
+                                                        target_parameters=parameters))
+    peft.set_peft_model_state_dict(model, adapter)
+    idx = torch.randint(0, 97, (2, 11))
+    with torch.no_grad():
+        got = ours.eval()(idx)[0]
+        assert rel_err(model(idx).logits, got) < 1e-6
+        plain = LLM(ours.config).double()
+        plain.load_state_dict(merge_lora_state(ours.state_dict(), ours.lora_scale()))
+        assert rel_err(plain(idx)[0], got) < 1e-10
+        with ours.lora_disabled(), model.disable_adapter():  # the base models
+            assert rel_err(ours(idx)[0], model(idx).logits) < 1e-6
 
 
 def test_gemma2_defaults_and_layout():

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from pyllm.model import LLM, ModelConfig
-from pyllm.nn import MoEMLP, moe_experts_gathered, moe_experts_grouped, moe_experts_sorted
+from pyllm.nn import MoEMLP, moe_experts_gathered, moe_experts_grouped, moe_experts_lora, moe_experts_sorted
 
 from helpers import CPU_AND_CUDA, rel_err, tolerance
 
@@ -190,6 +190,11 @@ def test_flops_count_the_experts_a_token_goes_through():
     lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = model.num_params(non_embedding=True, frozen=True) - experts * 6 // 8
     assert model.flops_per_token(20) == 4 * frozen + 6 * lora + attention
+    model = LLM(cfg)
+    model.add_lora(2, 4.0, targets="experts")  # each expert's updates: a token goes through k of E of them
+    lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = model.num_params(non_embedding=True, frozen=True) - experts * 6 // 8
+    assert model.flops_per_token(20) == 4 * frozen + 6 * (lora - lora * 6 // 8) + attention
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -206,13 +211,132 @@ def test_bad_config(kwargs, message):
         ModelConfig(**kwargs)
 
 
-def test_lora_adapts_attention_not_experts():
+def test_lora_adapts_attention_not_experts_unless_asked():
     model = LLM(ModelConfig(vocab_size=97, block_size=32, n_layers=2, n_heads=4, dim=64, n_experts=4))
-    with pytest.raises(ValueError, match="experts take no LoRA update"):
+    with pytest.raises(ValueError, match="experts take no LoRA update of a linear layer"):
         model.add_lora(2, 4.0, targets="q,gate")
+    with pytest.raises(ValueError, match="LoRA dropout does not go with expert updates"):
+        model.add_lora(2, 4.0, targets="experts", dropout=0.1)
+    with pytest.raises(ValueError, match="the model has no experts"):
+        LLM(ModelConfig(vocab_size=97, block_size=32, n_layers=1, n_heads=4, dim=64)).add_lora(2, 4.0, targets="experts")
+    with pytest.raises(ValueError, match="LoRA targets must be among"):
+        model.add_lora(2, 4.0, targets="experts.up_proj")
     model.add_lora(2, 4.0, targets="all-linear")
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".attn." in n for n in trainable)
+    model = LLM(ModelConfig(vocab_size=97, block_size=32, n_layers=2, n_heads=4, dim=64, n_experts=4))
+    model.add_lora(2, 4.0, targets="o,experts.down_proj", frozen_dtype=torch.bfloat16)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"blocks.{i}.{n}" for i in (0, 1) for n in ("attn.proj.lora_a", "attn.proj.lora_b",
+                                                                     "mlp.down_lora_a", "mlp.down_lora_b")}
+    assert model.blocks[0].mlp.gate_up.dtype == model.blocks[0].mlp.down.dtype == torch.bfloat16  # frozen, 16-bit
+    idx = torch.randint(0, 97, (2, 9))
+    assert model(idx)[0].dtype == torch.float32  # fp32 outside autocast: the 16-bit experts follow x
+
+
+def lora_reference(x, ws, factors, scale, chosen, top=None):
+    """routed_reference with LoRA updates of the experts, each projection x W_e^T + scale (x A_e^T) B_e^T;
+    top: the chosen experts' weights given (else from the router's probabilities)."""
+    router, gate_up, down = ws
+    gate_up_a, gate_up_b, down_a, down_b = factors
+    if top is None:
+        top = (x @ router.T).softmax(-1).gather(1, chosen)
+        top = top / top.sum(-1, keepdim=True)
+    out = torch.zeros_like(x)
+    for e in range(gate_up.shape[0]):
+        h = x @ gate_up[e].T
+        if gate_up_a is not None:
+            h = h + ((x @ gate_up_a[e].T) @ gate_up_b[e].T) * scale
+        gate, up = h.chunk(2, dim=-1)
+        act = F.silu(gate) * up
+        y = act @ down[e].T
+        if down_a is not None:
+            y = y + ((act @ down_a[e].T) @ down_b[e].T) * scale
+        out = out + (top * (chosen == e)).sum(-1, keepdim=True) * y
+    return out
+
+
+def random_lora_moe(projections, n_experts=6, top_k=2, dtype=torch.float64, device="cpu"):
+    moe = random_moe(n_experts, top_k, device=device)
+    moe.add_lora(3, 6.0, projections)
+    with torch.no_grad():
+        for name, p in moe.named_parameters():
+            if "lora" in name:
+                p.normal_(0, 0.3)
+    return moe.to(dtype)
+
+
+def lora_inputs(moe):
+    """The weights a LoRA layer trains (and its router's), and its factors in moe_experts_lora's order."""
+    factors = tuple(getattr(moe, f"{name}_lora_{ab}", None) for name in ("gate_up", "down") for ab in "ab")
+    return [moe.router.weight] + [f for f in factors if f is not None], factors
+
+
+@pytest.mark.parametrize("projections", [("gate_up", "down"), ("gate_up",), ("down",)])
+@pytest.mark.parametrize("n_experts, top_k", [(6, 2), (4, 1), (3, 3)])
+def test_expert_lora_float64(projections, n_experts, top_k):
+    # Each expert's own LoRA updates (MoEMLP.add_lora): the layer's output and the gradients of x,
+    # the router and every update's A and B are the reference's in float64 (the low-rank products
+    # as their own matmuls); the frozen experts take none; idle experts' updates get zeros.
+    moe = random_lora_moe(projections, n_experts, top_k)
+    assert not moe.gate_up.requires_grad and not moe.down.requires_grad
+    for n in (5, 37):
+        x = torch.randn(n, 48, dtype=torch.float64, requires_grad=True)
+        dy = torch.randn(n, 48, dtype=torch.float64)
+        trained, factors = lora_inputs(moe)
+        out = moe(x)
+        grads = torch.autograd.grad(out, [x, *trained], dy)
+        chosen = moe.route(x.detach())[1]
+        xr = x.detach().clone().requires_grad_()
+        ws = [moe.router.weight.detach().requires_grad_(), moe.gate_up, moe.down]
+        rf = tuple(None if f is None else f.detach().requires_grad_() for f in factors)
+        ref = lora_reference(xr, ws, rf, moe.lora_scale, chosen)
+        want = torch.autograd.grad(ref, [xr, ws[0], *[f for f in rf if f is not None]], dy)
+        assert rel_err(out, ref) < 1e-13
+        for got, exp in zip(grads, want):
+            torch.testing.assert_close(got, exp, rtol=1e-10, atol=1e-12)
+    idle = torch.ones(n_experts, dtype=torch.bool)
+    idle[moe.route(x.detach()[:2])[1].flatten()] = False
+    if idle.any():
+        a = trained[1]
+        g, = torch.autograd.grad(moe(x.detach()[:2]), a, dy[:2])
+        assert not g[idle].any() and g[~idle].abs().sum(dim=(1, 2)).all()
+
+
+@pytest.mark.parametrize("grouped", [False, pytest.param(True, marks=pytest.mark.skipif(
+    not hasattr(F, "grouped_mm"), reason="torch without F.grouped_mm"))], ids=["sorted", "grouped"])
+def test_expert_lora_in_bf16(grouped):
+    # bf16 (the model's dtype, or autocast's): the sorted per-expert matmuls (the CPU's path) and
+    # torch's grouped GEMM (CUDA's path, run here through torch's CPU grouped GEMM; rank 8) within
+    # twice torch's error of float64, the experts and their weights chosen in bf16.
+    torch.manual_seed(1)
+    moe = random_moe(8, 2)
+    moe.add_lora(8, 16.0)
+    with torch.no_grad():
+        for name, p in moe.named_parameters():
+            if "lora" in name:
+                p.normal_(0, 0.3)
+    moe = moe.to(torch.bfloat16)
+    x = torch.randn(300, 48).to(torch.bfloat16).requires_grad_()
+    dy = torch.randn(300, 48).to(torch.bfloat16)
+    _, chosen, weights = moe.route(x)
+    trained, factors = lora_inputs(moe)
+    weights = weights.detach()  # (the reference takes them as given)
+    out = moe_experts_lora(x, chosen, weights, moe.gate_up, moe.down, factors, moe.lora_scale, grouped=grouped)
+    got = torch.autograd.grad(out, [x, *trained[1:]], dy)
+
+    def run(dtype):
+        xr = x.detach().to(dtype).requires_grad_()
+        rf = tuple(f.detach().to(dtype).requires_grad_() for f in factors)
+        ws = [w.detach().to(dtype) for w in (moe.router.weight, moe.gate_up, moe.down)]
+        y = lora_reference(xr, ws, rf, moe.lora_scale, chosen, weights.to(dtype))
+        return y, torch.autograd.grad(y, [xr, *rf], dy.to(dtype))
+
+    theirs, their_grads = run(torch.bfloat16)
+    ref, ref_grads = run(torch.float64)
+    assert rel_err(out, ref) <= tolerance(theirs, ref)
+    for g, t, r in zip(got, their_grads, ref_grads):
+        assert rel_err(g, r) <= tolerance(t, r)
 
 
 def test_activation_checkpointing_gives_the_same_loss_and_gradients():

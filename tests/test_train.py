@@ -291,7 +291,7 @@ def run_two_processes(args: dict, timeout: float = 150) -> None:
                                         ("zero1", "conversations"), ("ddp", "lora"), ("fsdp", "lora"),
                                         ("zero1", "lora"), ("fsdp", "fused-loss"), ("ddp", "dpo"), ("fsdp", "orpo"),
                                         ("fsdp", "dpo-lora-off"), ("ddp", "moe"), ("fsdp", "moe"), ("ddp", "distill"),
-                                        ("fsdp", "distill"), ("ddp", "kto")])
+                                        ("fsdp", "distill"), ("ddp", "kto"), ("fsdp", "moe-lora")])
 def test_two_cpu_processes_match_one_and_resume_exactly(data_dir, chat_dir, pairs_dir, kto_dir, tmp_path, mode, kind):
     """2 gloo processes with batch 2 each = 1 process with batch 4 (to float rounding), both with 2
     micro-steps of gradient accumulation; a 2-process
@@ -306,7 +306,7 @@ def test_two_cpu_processes_match_one_and_resume_exactly(data_dir, chat_dir, pair
     likewise without a reference; dpo-lora-off: the reference by the sharded model with its LoRA
     updates off, at each step. moe: 4 experts, 2 per token, without the load-balancing loss (a
     statistic of each rank's micro-batch, as transformers and Megatron-LM compute it: not the same
-    on 2 ranks as on 1). distill: a teacher (a 2-step run of a wider model, whole on each rank), the
+    on 2 ranks as on 1); moe-lora: LoRA on q and every expert (each expert's own updates), fp32. distill: a teacher (a 2-step run of a wider model, whole on each rank), the
     JSD's mixture at temperature 2 and some cross-entropy. kto: its KL estimate over both ranks'
     pairs of each micro-step."""
     distill = {}
@@ -316,12 +316,13 @@ def test_two_cpu_processes_match_one_and_resume_exactly(data_dir, chat_dir, pair
         distill = dict(teacher=str(tmp_path / "teacher"), distill_beta=0.5, distill_temperature=2.0, distill_alpha=0.7)
     folder = {"conversations": chat_dir, "dpo": pairs_dir, "orpo": pairs_dir, "dpo-lora-off": pairs_dir,
               "kto": kto_dir}.get(kind, data_dir)
-    moe = dict(n_experts=4, router_aux_loss_coef=0.0) if kind == "moe" else {}
+    moe = dict(n_experts=4, router_aux_loss_coef=0.0) if kind in ("moe", "moe-lora") else {}
     common = dict(data_dir=str(folder), model=dict(TINY, **moe), device="cpu", **distill,
                   max_steps=8, warmup_steps=1, grad_accum=2, eval_every=4, eval_batches=2, ckpt_every=4,
                   progress=False, lr=1e-2, **({"lora_rank": 2, "precision": "bf16"} if kind == "lora" else {}),
                   **({"lora_targets": "q,v,gate,down"} if kind == "lora" and mode == "fsdp" else {}),
                   **({"fused_loss": True} if kind == "fused-loss" else {}),
+                  **({"lora_rank": 2, "lora_targets": "q,experts"} if kind == "moe-lora" else {}),
                   **({"preference": kind, "beta": 0.5} if kind in ("dpo", "orpo", "kto") else {}),
                   **({"preference": "dpo", "beta": 0.5, "lora_rank": 2, "reference": "lora-off"}
                      if kind == "dpo-lora-off" else {}))
@@ -339,8 +340,8 @@ def test_two_cpu_processes_match_one_and_resume_exactly(data_dir, chat_dir, pair
     one, a, b = (torch.load(d / "checkpoint.pt", weights_only=True) for d in (tmp_path / "one", whole, cut))
     assert a["step"] == b["step"] == 8
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    if kind == "lora":  # state for the updates alone
-        n_lora = sum(k.endswith((".lora_a", ".lora_b")) for k in one["model"])
+    if kind in ("lora", "moe-lora"):  # state for the updates alone
+        n_lora = sum(k.endswith(("lora_a", "lora_b")) for k in one["model"])
         assert n_lora and len(one["optimizer"]["state"]) == len(a["optimizer"]["state"]) == n_lora
     # The checkpoint holds the whole optimizer state (gathered from the shards under fsdp and zero1).
     for i, state in one["optimizer"]["state"].items():
@@ -377,6 +378,36 @@ def test_lora_run_from_a_run_learns_with_the_base_frozen(data_dir, tmp_path, dev
         else:
             assert torch.equal(tuned[name], w), name
     assert summary["device"].startswith(device)
+
+
+def test_expert_lora_run_learns_with_the_experts_frozen(data_dir, tmp_path):
+    # LoRA on a mixture of experts' experts alone (--lora-targets experts), bf16: the val loss falls
+    # from the base run's, the frozen experts are held in bf16, only the updates have optimizer
+    # state, the merged weights differ from the base's in the experts alone, each expert's by a
+    # matrix of rank <= 2; resume is exact.
+    from safetensors.torch import load_file
+
+    moe = dict(TINY, n_experts=4, experts_per_token=2)
+    before = trainer.train(config(data_dir, tmp_path / "base", model=moe, max_steps=3, eval_every=0, precision="bf16"))
+    kw = dict(init_from_run=str(tmp_path / "base"), lora_rank=2, lora_targets="experts", max_steps=24, eval_every=0,
+              precision="bf16", ckpt_every=4)
+    summary = trainer.train(config(data_dir, tmp_path / "lora", **kw))
+    assert summary["val_loss"] < before["val_loss"] - 0.2
+    state = torch.load(tmp_path / "lora" / "checkpoint.pt", weights_only=True)
+    assert state["model"]["blocks.0.mlp.gate_up"].dtype == torch.bfloat16
+    assert sorted(k for k in state["model"] if "lora" in k) == [f"blocks.0.mlp.{n}_lora_{ab}" for n in ("down", "gate_up")
+                                                                 for ab in "ab"]
+    assert len(state["optimizer"]["state"]) == 4
+    base, tuned = load_file(str(tmp_path / "base" / "model.safetensors")), load_file(str(tmp_path / "lora" / "model.safetensors"))
+    for name, w in base.items():
+        if name.endswith(("mlp.gate_up", "mlp.down")):
+            for e in range(4):
+                assert 0 < torch.linalg.matrix_rank((tuned[name][e].double() - w[e].double()), rtol=1e-2).item() <= 2, name
+        else:
+            assert torch.equal(tuned[name], w), name
+    trainer.train(config(data_dir, tmp_path / "cut", **kw), stop_at=6)
+    trainer.train(config(data_dir, tmp_path / "cut", **kw), resume=True)
+    assert losses(tmp_path / "cut") == losses(tmp_path / "lora")
 
 
 def test_lora_options_are_checked(tmp_path):

@@ -8,6 +8,12 @@ torch's grouped GEMM; batched_mm: each token's expert weights gathered, for deco
 8 per token) at half its width (dim 1024, expert hidden 512) by default, so that a 2-core machine
 runs it in seconds. FLOP/s count the matmuls of the experts a token goes through (forward 6 * dim
 * hidden per token and choice, forward + backward 3x that).
+
+--lora R: LoRA fine-tuning of the experts instead (training and prefill): the experts frozen, each
+with rank-R updates of its own on both projections, the same values on both sides: pyllm's
+MoEMLP.add_lora (the low-rank products as their own matmuls per expert) vs PEFT's target_parameters
+(its ParamWrapper, injected into transformers' block: B A merged into the expert stacks each
+forward, the gradient taken through them). FLOP/s still count the frozen experts' matmuls alone.
 """
 from __future__ import annotations
 
@@ -44,6 +50,7 @@ def main() -> int:
     parser.add_argument("--top-k", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=2048, help="tokens of a training micro-batch / prefill")
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--lora", type=int, default=0, help="LoRA rank of the experts' updates (0: full training)")
     args = parser.parse_args()
     transformers = common.peer_module("transformers", "bench_moe", "transformers is not installed: no peer to measure")
     if transformers is None:
@@ -57,12 +64,35 @@ def main() -> int:
     impls = {"pyllm": ours}
     for name in ("eager", "grouped_mm", "batched_mm"):
         impls[f"transformers {name}"] = their_block(transformers, ours, name).to(device)
+    peft_version = None
+    if args.lora:
+        peft = common.peer_module("peft", "bench_moe", "--lora compares with PEFT, which is not installed")
+        if peft is None:
+            return 0
+        peft_version = peft.__version__
+        ours.add_lora(args.lora, 2.0 * args.lora)
+        with torch.no_grad():
+            for name in ("gate_up", "down"):
+                getattr(ours, f"{name}_lora_b").normal_(0, 0.02)
+        for name, block in list(impls.items())[1:]:
+            block.requires_grad_(False)
+            impls[name] = block = peft.inject_adapter_in_model(peft.LoraConfig(
+                r=args.lora, lora_alpha=2 * args.lora, target_modules=[],
+                target_parameters=["experts.gate_up_proj", "experts.down_proj"]), block)
+            with torch.no_grad():  # PEFT's layout: A (E r, in), B (out, r E) with expert e's column j at j E + e
+                for wrapper in (m for m in block.modules() if type(m).__name__ == "ParamWrapper"):
+                    a, b = getattr(ours, f"{wrapper.parameter_name.removesuffix('_proj')}_lora_a"), \
+                        getattr(ours, f"{wrapper.parameter_name.removesuffix('_proj')}_lora_b")
+                    wrapper.lora_A["default"].weight.copy_(a.reshape(-1, a.shape[2]))
+                    wrapper.lora_B["default"].weight.copy_(b.permute(1, 2, 0).reshape(b.shape[1], -1))
+            block.to(device, dtype)
     print(f"# MoE layer on {common.device_description(device)}: dim {args.dim}, {args.experts} experts of "
-          f"{args.hidden}, {args.top_k} per token, bf16")
+          f"{args.hidden}, {args.top_k} per token, bf16"
+          + (f", LoRA rank {args.lora} on every expert (PEFT {peft_version})" if args.lora else ""))
     rows = []
-    for mode, tokens in (("train fwd+bwd", args.tokens), ("prefill fwd", args.tokens), ("decode fwd", 1),
-                         ("decode fwd", 8)):
-        if args.quick and tokens == args.tokens and mode == "prefill fwd":
+    modes = (("train fwd+bwd", args.tokens), ("prefill fwd", args.tokens), ("decode fwd", 1), ("decode fwd", 8))
+    for mode, tokens in modes[:2] if args.lora else modes:
+        if args.quick and tokens == args.tokens and mode == "prefill fwd" and not args.lora:
             continue
         x = torch.randn(1, tokens, args.dim, device=device, dtype=dtype)
         runs, outs, failed = {}, {}, {}
@@ -102,9 +132,9 @@ def main() -> int:
                            max_rel_diff=float(f"{((outs[name].float() - ref).abs().max() / ref.abs().max()).item():.2e}"))
             rows.append(row)
     common.print_table(rows, ["mode", "tokens", "impl", "ms", "gflops", "speedup_of_pyllm", "max_rel_diff", "error"])
-    common.write_json(args.json, "moe", device, rows, {"dim": args.dim, "hidden": args.hidden, "experts": args.experts,
-                                                       "top_k": args.top_k, "dtype": "bf16",
-                                                       "transformers": transformers.__version__})
+    common.write_json(args.json, "moe_lora" if args.lora else "moe", device, rows, {
+        "dim": args.dim, "hidden": args.hidden, "experts": args.experts, "top_k": args.top_k, "dtype": "bf16",
+        "transformers": transformers.__version__, "lora_rank": args.lora, "peft": peft_version})
     return 0
 
 

@@ -17,6 +17,10 @@ SmolLM2-135M's shape, 30 layers (--layers; --quick: 4), read by pyllm.model.LLM.
 v, o, gate, up, down): pyllm's LLM.add_lora(targets="all-linear") (per projection inside its fused qkv
 and gate-up layers) vs PEFT's get_peft_model on "all-linear"; needs peft. (Until 2026-12-01 pyllm's
 side took its default, 4 updates per block: fused qkv, output, fused gate-up, down.)
+--lora-experts (with --lora and --moe): every expert's own updates too, both sides: pyllm's
+targets "all-linear,experts" (MoEMLP.add_lora: the low-rank products as their own matmuls) vs PEFT's
+target_parameters experts.gate_up_proj / experts.down_proj (its ParamWrapper: B A merged into the
+expert stack each forward).
 --moe E,K: a mixture of experts instead (Qwen3MoeForCausalLM, common.smollm2_moe_config: E experts,
 K per token, a token's MLP FLOPs the dense model's; transformers with its default experts
 implementation, grouped_mm).
@@ -76,6 +80,7 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--lora", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
     parser.add_argument("--moe", metavar="E,K", help="a mixture of E experts, K per token, instead of SmolLM2's MLP")
+    parser.add_argument("--lora-experts", action="store_true", help="with --lora and --moe: LoRA on every expert too")
     args = parser.parse_args()
     transformers = common.peer_module("transformers", "bench_sft", "transformers is not installed; nothing to compare with")
     if transformers is None:
@@ -115,9 +120,11 @@ def main() -> int:
         if peft is None:
             return 0
         peft_version = peft.__version__
-        ours.add_lora(args.lora, 2.0 * args.lora, targets="all-linear")
-        theirs = peft.get_peft_model(theirs, peft.LoraConfig(r=args.lora, lora_alpha=2 * args.lora, lora_dropout=0.0,
-                                                             target_modules="all-linear"))
+        experts = args.lora_experts and bool(args.moe)
+        ours.add_lora(args.lora, 2.0 * args.lora, targets="all-linear,experts" if experts else "all-linear")
+        theirs = peft.get_peft_model(theirs, peft.LoraConfig(
+            r=args.lora, lora_alpha=2 * args.lora, lora_dropout=0.0, target_modules="all-linear",
+            **({"target_parameters": ["experts.gate_up_proj", "experts.down_proj"]} if experts else {})))
     ours, theirs = ours.to(args.device, dtype).train(), theirs.to(args.device, dtype).train()
     per_batch = max(1, round(n_conv / len(packed)))
     padded = padded_batches(docs, masks, order, per_batch)
@@ -162,6 +169,7 @@ def main() -> int:
           f"{args.rows} x {args.seq_len} (padding {in_order:.0%} when packed strictly in order), padded {per_batch} "
           f"per batch, transformers {transformers.__version__}"
           + (f", LoRA rank {args.lora} (PEFT {peft_version})" if args.lora else "")
+          + (" on the experts too" if args.lora and args.moe and args.lora_experts else "")
           + (f", {args.moe.split(',')[0]} experts, {args.moe.split(',')[1]} per token" if args.moe else ""))
     common.print_table(rows, ["impl", "batches", "s/epoch", "real tokens/s", "padding", "vs transformers"])
     common.write_json(args.json, ("sft_lora" if args.lora else "sft") + ("_moe" if args.moe else ""), args.device, rows, {
@@ -169,7 +177,7 @@ def main() -> int:
         "layers": config.num_hidden_layers, "dtype": args.dtype, "conversations": n_conv, "tokens": int(lengths.sum()),
         "padding_packed_in_order": round(in_order, 3),
         "seq_len": args.seq_len, "rows": args.rows, "per_padded_batch": per_batch, "transformers": transformers.__version__,
-        "lora_rank": args.lora, "peft": peft_version})
+        "lora_rank": args.lora, "peft": peft_version, "lora_experts": bool(args.lora and args.moe and args.lora_experts)})
     return 0
 
 

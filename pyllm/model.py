@@ -10,6 +10,7 @@ import contextlib
 import json
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -700,11 +701,15 @@ class LLM(nn.Module):
         if not all((folder / f).exists() for f in files):
             raise ValueError(f"{folder}: no model.safetensors (or shards listed in model.safetensors.index.json)")
         hf_state = {k: v for f in files for k, v in load_file(str(folder / f)).items()}
-        if adapter is not None:
-            merge_peft_adapter(hf_state, adapter)
+        expert_updates = merge_peft_adapter(hf_state, adapter) if adapter is not None else {}
         cfg = config_from_hf(hf)
         model = cls(cfg).to(dtype)
         state = state_from_hf(hf_state, cfg, hf["model_type"])
+        for name, update in expert_updates.items():  # a MoE's experts, in pyllm's layout whatever the checkpoint's
+            if name not in state or state[name].shape != update.shape:
+                raise ValueError(f"{adapter}: an update of shape {tuple(update.shape)} for {name}, which the model "
+                                 f"{'has as ' + str(tuple(state[name].shape)) if name in state else 'does not have'}")
+            state[name] = state[name].to(torch.promote_types(state[name].dtype, torch.float32)) + update
         if cfg.tie_embeddings:
             state["lm_head.weight"] = state["tok_emb.weight"]
         model.load_state_dict(state)  # strict: a name or shape the mapping missed raises
@@ -1433,11 +1438,15 @@ PEFT_KINDS = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2", "gemma2"
               "qwen3_moe", "olmoe", "qwen2_moe", "granite", "granitemoe")
 
 
-def merge_peft_adapter(hf_state: dict, adapter) -> None:
+def merge_peft_adapter(hf_state: dict, adapter) -> dict:
     """Adds a PEFT LoRA adapter's updates, scale * B A (scale alpha / r, or alpha / sqrt(r) with
     rsLoRA), to the Hugging Face state dict's weights they were trained on, in place (in fp32 at
     least). What would need more than a weight update is refused: DoRA, per-module ranks or alphas,
-    trained biases or whole modules, embedding adapters, Conv1D (GPT-2) layouts."""
+    trained biases or whole modules, embedding adapters, Conv1D (GPT-2) layouts. Returns the updates
+    of a MoE's experts (target_parameters experts.gate_up_proj / experts.down_proj, PEFT's
+    ParamWrapper on transformers 5's fused experts) by pyllm's names, blocks.{i}.mlp.gate_up / down,
+    (E, out, in) each, for the caller to add in pyllm's layout (the checkpoint may hold each expert
+    apart: the hub's names)."""
     from safetensors.torch import load_file
 
     from pyllm.nn import merge_lora
@@ -1449,17 +1458,31 @@ def merge_peft_adapter(hf_state: dict, adapter) -> None:
     unsupported = {"peft_type": config.get("peft_type", "LORA") != "LORA", "use_dora": config.get("use_dora"),
                    "rank_pattern": config.get("rank_pattern"), "alpha_pattern": config.get("alpha_pattern"),
                    "bias": config.get("bias", "none") != "none", "modules_to_save": config.get("modules_to_save"),
-                   "fan_in_fan_out": config.get("fan_in_fan_out"), "target_parameters": config.get("target_parameters")}
+                   "fan_in_fan_out": config.get("fan_in_fan_out"),
+                   "target_parameters": set(config.get("target_parameters") or ()) - set(PEFT_EXPERT_PARAMETERS)}
     refused = [name for name, bad in unsupported.items() if bad]
     if refused:
         raise NotImplementedError(f"{adapter}: adapter_config.json sets {', '.join(refused)}; pyllm merges plain "
                                   "LoRA adapters of linear layers only (peft_type LORA, no DoRA, one rank and alpha, "
-                                  "bias none, no modules_to_save, no fan_in_fan_out, no target_parameters: experts)")
+                                  "bias none, no modules_to_save, no fan_in_fan_out, target_parameters of the "
+                                  f"experts alone: {', '.join(PEFT_EXPERT_PARAMETERS)})")
     rank, alpha = config["r"], config["lora_alpha"]
     scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
     tensors = load_file(str(adapter / "adapter_model.safetensors"))
     prefix = "base_model.model."
+    experts = [p for p in PEFT_EXPERT_PARAMETERS if p in (config.get("target_parameters") or ())]
+    expert_updates = {}
     for key in tensors:
+        found = re.fullmatch(r"(?:base_model\.model\.)?model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\."
+                             r"(base_layer\.)?lora_A\.weight", key) if experts else None
+        if found:  # PEFT wraps the experts' parameters in their order, gate_up_proj innermost
+            param = experts[0] if found.group(2) or len(experts) == 1 else experts[1]
+            acc = torch.promote_types(tensors[key].dtype, torch.float32)
+            a, b = tensors[key].to(acc), tensors[key[:-len("lora_A.weight")] + "lora_B.weight"].to(acc)
+            E = a.shape[0] // rank  # A (E r, in), B (out, r E): expert e's column j at j E + e
+            update = torch.einsum("ore,eri->eoi", b.view(b.shape[0], rank, E), a.view(E, rank, a.shape[1])) * scale
+            expert_updates[f"blocks.{found.group(1)}.mlp.{param.removeprefix('experts.').removesuffix('_proj')}"] = update
+            continue
         if not key.endswith(".lora_A.weight"):
             if not key.endswith(".lora_B.weight"):
                 raise NotImplementedError(f"{adapter}: {key} is no LoRA A / B matrix of a linear layer")
@@ -1469,6 +1492,12 @@ def merge_peft_adapter(hf_state: dict, adapter) -> None:
             raise ValueError(f"{adapter}: {key} updates {name}, which the model does not have")
         hf_state[name] = merge_lora(hf_state[name].float(), tensors[key], tensors[key[:-len("lora_A.weight")] + "lora_B.weight"],
                                     scale)
+    return expert_updates
+
+
+# The expert parameters a PEFT adapter may target (target_parameters) on transformers 5's MoEs, in
+# the order their wrappers nest (the first innermost).
+PEFT_EXPERT_PARAMETERS = ("experts.gate_up_proj", "experts.down_proj")
 
 
 def lora_state_to_peft(state: dict, cfg: ModelConfig, kind: str) -> tuple[dict, list[str], list[str]]:

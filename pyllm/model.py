@@ -744,10 +744,14 @@ class LLM(nn.Module):
     # --- generation -------------------------------------------------------------------------------
 
     def new_kv_cache(self, batch_size: int, max_len: int | None = None):
-        """One (k, v) pair per layer, each (B, S_max, H_kv, D), in the dtype of the weights."""
+        """One (k, v) pair per layer, each (B, S_max, H_kv, D), in the dtype of the weights, zeros.
+        Zeros, not torch.empty's leftovers: the SDPA fallback for per-row lengths (head dims the
+        kernels do not take, softcap) multiplies the whole cache by its masked weights, and 0 times
+        a leftover NaN or inf is NaN (generate_batch sampled from NaN logits, now and then, with
+        head_dim 16; the kernels read no position past a row's length)."""
         cfg, p = self.config, self.lm_head.weight
         shape = (batch_size, max_len or cfg.block_size, cfg.n_kv_heads, cfg.head_dim)
-        return [(torch.empty(shape, device=p.device, dtype=p.dtype), torch.empty(shape, device=p.device, dtype=p.dtype))
+        return [(torch.zeros(shape, device=p.device, dtype=p.dtype), torch.zeros(shape, device=p.device, dtype=p.dtype))
                 for _ in range(cfg.n_layers)]
 
     def forward_cached(self, idx: torch.Tensor, cache, start: int, last: torch.Tensor | None = None) -> torch.Tensor:

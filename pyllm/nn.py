@@ -1003,7 +1003,9 @@ def _sdpa(q, k, v, mask=None, is_causal=False, scale=None, softcap=None):
 
 def _kvcache_sdpa_at(q, k_cache, v_cache, k, v, cache_seqlens, window_left, scale, softcap=None):
     """attention_with_kvcache through SDPA for per-row lengths held in a tensor: scattered writes and
-    a (B, T, S_max) mask over the whole cache, no host read of the lengths."""
+    a (B, T, S_max) mask over the whole cache, no host read of the lengths. The cache's unseen
+    positions must hold finite values (LLM.new_kv_cache's zeros): masked weights of 0 times NaN
+    are NaN."""
     B, T = q.shape[:2]
     rows = torch.arange(B, device=q.device)[:, None]  # (B, 1)
     pos = cache_seqlens.long()[:, None] + torch.arange(T, device=q.device)  # (B, T): the new tokens' positions

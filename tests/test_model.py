@@ -281,6 +281,18 @@ def test_generate_batch_of_ragged_prompts_matches_each_alone(name, dtype):
     assert sampled[0] == sampled[1] and all(len(row) == 6 for row in sampled[0])
 
 
+def test_kv_cache_starts_at_zero():
+    # The SDPA fallback for per-row lengths (head dims without a kernel, softcap) weighs the whole
+    # cache, its unseen positions by 0: leftovers of freed memory there (torch.empty's) made NaN
+    # logits now and then (generate_batch, head_dim 16). The cache is zeros, even where NaN was.
+    model = LLM(ModelConfig(**CONFIGS["softcap"]))
+    shape = (3, 16, model.config.n_kv_heads, model.config.head_dim)
+    for _ in range(3):
+        junk = [torch.full(shape, float("nan")) for _ in range(4 * model.config.n_layers)]
+        del junk
+        assert all(not k.any() and not v.any() for k, v in model.new_kv_cache(3, 16))
+
+
 def test_generate_batch_refuses_what_it_cannot_do():
     model = LLM(ModelConfig(**CONFIGS["llama"]))
     with pytest.raises(ValueError, match="at least one token"):

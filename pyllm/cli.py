@@ -381,6 +381,12 @@ def cmd_train(args) -> int:
             dist.barrier()
         run = json.loads((Path(cfg.out_dir) / "run.json").read_text())
         tokenizer_path, cfg.data_dir = run["tokenizer"], run["data_dir"]
+        if cfg.distill_lmbda and not cfg.distill_stop_tokens and (run.get("init_from_hf") or cfg.init_from_hf):
+            from pyllm.model import hf_folder
+            from pyllm.tokenizer.tokenizer import hf_stop_ids
+
+            # on-policy samples end where the model's replies end: its end-of-sequence ids
+            cfg.distill_stop_tokens = hf_stop_ids(hf_folder(run.get("init_from_hf") or cfg.init_from_hf))
         if run["vocab_size"] and "vocab_size" not in cfg.model:
             cfg.model["vocab_size"] = run["vocab_size"]
         if cli["eval_choices_file"]:  # tokenized once, as the run's documents start; the trainer scores the file
@@ -865,6 +871,12 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--distill-temperature", type=float, help="both models' logits divided by it first (default 1)")
     p.add_argument("--distill-alpha", type=float, help="the divergence's weight in the loss, the cross-entropy's being "
                    "1 - alpha (default 1: the divergence alone)")
+    p.add_argument("--distill-lmbda", type=float, help="GKD's lmbda: the share of micro-batches (drawn at random) "
+                   "whose conversations' last replies are replaced by the student's own samples, the divergence taken "
+                   "on those (on-policy distillation; default 0: the data's replies alone)")
+    p.add_argument("--distill-max-new-tokens", type=int, help="on-policy samples: at most this many tokens (default 128)")
+    p.add_argument("--distill-sample-temperature", type=float,
+                   help="on-policy samples drawn at this temperature (default 0.9, TRL's)")
     p.add_argument("--doc-mask", action="store_true", default=None,
                    help="keep each document's tokens from attending to the documents before it in the same training "
                         "window (cut at the end-of-document token: <|endoftext|>, or an --init-from-hf model's "

@@ -50,6 +50,10 @@ class TrainConfig:
     distill_beta: float = 0.0  # GKD's generalized JSD: 0 forward KL(teacher || student), 1 reverse KL, else the mixture's
     distill_temperature: float = 1.0  # both models' logits divided by it before their softmax
     distill_alpha: float = 1.0  # the loss: alpha * divergence + (1 - alpha) * cross-entropy on the data
+    distill_lmbda: float = 0.0  # GKD's lmbda: the share of micro-batches whose last replies are the student's own samples
+    distill_max_new_tokens: int = 128  # on-policy samples: at most this many tokens each (TRL's GKD default)
+    distill_sample_temperature: float = 0.9  # on-policy samples drawn at this temperature (TRL's GKD default)
+    distill_stop_tokens: list = field(default_factory=list)  # on-policy samples end at one of these ids (the CLI: the model's end-of-sequence ids)
     model: dict = field(default_factory=dict)  # ModelConfig overrides, e.g. {"n_layers": 2}
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
@@ -141,6 +145,15 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.distill_temperature must be > 0, got {self.distill_temperature}")
         if self.teacher and (self.preference or self.compile):
             raise ValueError("TrainConfig.teacher (distillation) goes with neither preference tuning nor compile")
+        if not 0.0 <= self.distill_lmbda <= 1.0 or self.distill_max_new_tokens < 1 or not self.distill_sample_temperature >= 0:
+            raise ValueError(f"TrainConfig.distill_lmbda must be in [0, 1], distill_max_new_tokens >= 1 and "
+                             f"distill_sample_temperature >= 0, got {self.distill_lmbda}, {self.distill_max_new_tokens} "
+                             f"and {self.distill_sample_temperature}")
+        if self.distill_lmbda and not self.teacher:
+            raise ValueError("TrainConfig.distill_lmbda (on-policy samples) goes with a teacher (distillation)")
+        if self.distill_lmbda and self.dist_mode == "fsdp":
+            raise NotImplementedError("on-policy distillation samples (distill_lmbda) are drawn from the whole model on "
+                                      "each rank: use ddp or zero1, not fsdp")
         if self.reference not in ("precomputed", "lora-off"):
             raise ValueError(f"TrainConfig.reference must be precomputed or lora-off, got {self.reference!r}")
         if self.reference == "lora-off" and not (self.lora_rank and self.preference
@@ -554,6 +567,57 @@ def distill_loss(model, teacher: LLM, batch, cfg: TrainConfig) -> torch.Tensor:
                                   "alpha": cfg.distill_alpha})[1]
 
 
+def on_policy_batch(model: LLM, batch, cfg: TrainConfig, generator: torch.Generator | None = None) -> tuple:
+    """GKD's on-policy batch (Agarwal et al. 2024; TRL's GKDTrainer with lmbda): each conversation
+    of a packed batch (x, y, cu_seqlens) with trained targets, its last reply (the last run of them)
+    replaced by the student's own sample from its prompt (everything before that reply; up to
+    cfg.distill_max_new_tokens at cfg.distill_sample_temperature, ending at one of
+    cfg.distill_stop_tokens), the sample's tokens the only trained targets; packed again into rows
+    of T in order (a row takes the next sequence while it fits; cut to T). Conversations with no
+    trained target or a prompt that fills T are left out (at least one row of padding comes back).
+    The model samples in eval mode without autograd (generate_batch: all prompts at once), in its
+    own dtype, outside autocast."""
+    x, y, cu = batch
+    T = x.shape[1]
+    offsets = cu.tolist()
+    tokens, trained = x.view(-1).tolist(), (y.view(-1) != -1).tolist()
+    prompts = []
+    for start, end in zip(offsets[:-1], offsets[1:]):
+        at = [t for t in range(start, end) if trained[t]]
+        if not at:
+            continue
+        first = at[-1]  # the last reply's first target is at its first token's position - 1
+        while first - 1 >= start and trained[first - 1]:
+            first -= 1
+        if first + 1 - start < T:
+            prompts.append(tokens[start:first + 1])
+    sequences = []
+    if prompts:
+        new = min(cfg.distill_max_new_tokens, model.config.block_size - max(len(p) for p in prompts))
+        with torch.autocast(x.device.type, enabled=False):
+            samples = model.generate_batch(prompts, new, cfg.distill_sample_temperature, generator=generator,
+                                           stop_tokens=cfg.distill_stop_tokens)
+        sequences = [((prompt + sample)[:T], len(prompt)) for prompt, sample in zip(prompts, samples)]
+    rows, cu_new = [[]], [0]  # rows of (token, target) pairs
+    for ids, prompt_len in sequences:
+        if len(rows[-1]) + len(ids) > T:  # pad this row out (a segment of its own); the next one takes it
+            if len(rows[-1]) < T:
+                cu_new.append(cu_new[-1] + T - len(rows[-1]))
+            rows.append([])
+        targets = [-1] * (prompt_len - 1) + ids[prompt_len:] + [-1]  # the sample's tokens, at the positions before them
+        rows[-1] += zip(ids, targets)
+        cu_new.append(cu_new[-1] + len(ids))
+    if len(rows[-1]) < T:
+        cu_new.append(cu_new[-1] + T - len(rows[-1]))
+    x_new = torch.zeros(len(rows), T, dtype=torch.long)
+    y_new = torch.full((len(rows), T), -1, dtype=torch.long)
+    for r, pairs in enumerate(rows):
+        if pairs:
+            x_new[r, :len(pairs)] = torch.tensor([a for a, _ in pairs])
+            y_new[r, :len(pairs)] = torch.tensor([b for _, b in pairs])
+    return x_new.to(x.device), y_new.to(x.device), torch.tensor(cu_new, dtype=torch.int32, device=x.device)
+
+
 def make_loader(path, cfg: TrainConfig, seq_len: int, seed: int, info: DistInfo):
     """PackedLoader for token files of conversations (with .docs.npy and .mask.npy: each is
     computed alone anyway), else TokenLoader (with cfg.doc_mask)."""
@@ -807,6 +871,9 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
     loader = make_loader(data / "train.bin", cfg, seq_len, cfg.seed, info)
     pairs = isinstance(loader, PackedLoader) and loader.pairs is not None
     labelled = isinstance(loader, PackedLoader) and loader.labels is not None
+    if cfg.distill_lmbda and not isinstance(loader, PackedLoader):
+        raise ValueError("distill_lmbda (on-policy samples) continues the conversations' prompts: it needs conversations "
+                         "(*.jsonl), not text windows")
     if labelled != (cfg.preference == "kto"):
         raise ValueError("unpaired examples ({\"prompt\", \"completion\", \"label\"} lines) train by preference kto"
                          if labelled else "preference kto trains on unpaired examples ({\"prompt\", \"completion\", "
@@ -887,6 +954,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
         loss_sum = torch.zeros((), device=info.device)
         aux_sum = torch.zeros((), device=info.device)  # the part of loss_sum that is load balancing (MoE)
         pref_sums = torch.zeros(3, device=info.device)  # mean chosen reward, rejected reward, accuracy
+        on_policy = 0  # micro-batches of the student's own samples (distill_lmbda)
         batches, weights, lengths, outputs, forward_only = next_batches(loader, cfg.grad_accum, info.world_size)
         for micro, batch in enumerate(batches):
             last = micro == cfg.grad_accum - 1
@@ -897,6 +965,13 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
                                                         **preference_options(cfg))
                     pref_sums += stats * weights[micro]
                 elif teacher is not None:
+                    # GKD's lmbda: the same draw on every rank (seeded by step and micro-step), each
+                    # rank's samples its own; the on-policy batch keeps the weight of the one it replaced
+                    if cfg.distill_lmbda and np.random.default_rng([cfg.seed, step, micro]).random() < cfg.distill_lmbda:
+                        sampler = torch.Generator(info.device).manual_seed(
+                            int(np.random.default_rng([cfg.seed, step, micro, info.rank]).integers(2 ** 62)))
+                        batch = on_policy_batch(model, batch, cfg, sampler)
+                        on_policy += 1
                     loss = distill_loss(wrapped, teacher, batch, cfg)
                 elif weights is not None and not cfg.fused_loss:  # packed conversations
                     loss = packed_loss(wrapped, batch)
@@ -946,6 +1021,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
             record["loss_scale"] = scaler.get_scale()
         if mcfg.n_experts and mcfg.router_aux_loss_coef:
             record["aux_loss"] = float(all_reduce_mean(aux_sum, info))
+        if cfg.distill_lmbda:
+            record["on_policy"] = on_policy / cfg.grad_accum
         if cfg.preference:
             chosen, rejected, accuracy = all_reduce_mean(pref_sums, info).tolist()
             record.update(reward_chosen=chosen, reward_rejected=rejected, reward_margin=chosen - rejected,

@@ -512,6 +512,14 @@ def test_distill_from_a_hugging_face_teacher(chat_run_inputs, tmp_path):
                                "--distill-alpha", "0.5")) == 0
     assert cli.main(train_args(folder, chats, tmp_path / "plain", *common)) == 0
     assert logged(tmp_path / "half")[0]["loss"] == pytest.approx(0.5 * logged(tmp_path / "plain")[0]["loss"], rel=1e-5)
+    # on-policy (--distill-lmbda 1): the student's samples, ending at the checkpoint's end-of-sequence ids
+    from pyllm.tokenizer.tokenizer import hf_stop_ids
+
+    assert cli.main(train_args(folder, chats, tmp_path / "gkd", *common, "--teacher", str(folder), "--distill-lmbda", "1",
+                               "--distill-max-new-tokens", "4")) == 0
+    assert logged(tmp_path / "gkd")[0]["on_policy"] == 1.0 and abs(logged(tmp_path / "gkd")[0]["loss"]) < 1e-6
+    saved = torch.load(tmp_path / "gkd" / "checkpoint.pt", weights_only=False)["train_config"]
+    assert saved["distill_stop_tokens"] == hf_stop_ids(folder) != []
 
 
 def test_kto_on_unpaired_examples(chat_run_inputs, tmp_path, capsys):

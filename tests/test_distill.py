@@ -8,7 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pyllm import data
 from pyllm import train as trainer
+from pyllm.model import check_documents
 from pyllm.model import LLM, ModelConfig
 from pyllm.nn import distill_divergence, linear_distill
 from pyllm.train import TrainConfig
@@ -181,11 +183,82 @@ def test_distilling_a_mixture_of_experts_counts_its_balancing_once(chat_dir, tea
     assert first[1.0]["loss"] - first[1.0]["aux_loss"] == pytest.approx(first[0.0]["loss"], rel=1e-5)
 
 
+def multi_turn_dir(folder):
+    """Conversations of two assistant replies each (user 2-4 tokens, reply 2-4, twice), so that the
+    prompt of the last reply holds an earlier one; a token file as prepare_chat writes it."""
+    rng = np.random.default_rng(5)
+    docs, masks = [], []
+    for _ in range(60):
+        turns = [rng.integers(1, 64, int(rng.integers(2, 5))) for _ in range(4)]
+        docs.append(np.concatenate(turns))
+        masks.append(np.concatenate([np.full(len(t), i % 2, np.uint8) for i, t in enumerate(turns)]))
+    data.write_documents(folder / "train.bin", docs, masks, vocab_size=64)
+    return folder / "train.bin", docs, masks
+
+
+def test_on_policy_batch_replaces_the_last_replies(tmp_path):
+    # GKD's on-policy batch: each conversation's prompt (all before its last reply, earlier replies
+    # too) continued by the student (generate_batch, the same generator), the sample's tokens the
+    # only targets; packed in order into valid rows of T.
+    path, docs, masks = multi_turn_dir(tmp_path)
+    torch.manual_seed(0)
+    model = LLM(ModelConfig.from_preset("tiny", **{**TINY, "vocab_size": 64, "block_size": 32}))
+    loader = data.PackedLoader(path, 3, 24, seed=0)
+    batch = loader.next_batch()
+    cfg = TrainConfig(distill_max_new_tokens=6, distill_sample_temperature=1.0, distill_stop_tokens=[7])
+    x, y, cu = trainer.on_policy_batch(model, batch, cfg, torch.Generator().manual_seed(3))
+    prompts = []
+    for doc, length in zip([d for d in loader.docs if d >= 0], loader.lengths):
+        mask = masks[doc][:length + 1]  # (a target may be the token past the cut)
+        last = max(i for i in range(1, len(mask)) if mask[i])
+        first = last
+        while mask[first - 1]:
+            first -= 1
+        prompts.append(list(docs[doc][:first]))
+    samples = model.generate_batch(prompts, min(6, 32 - max(map(len, prompts))), 1.0,
+                                   generator=torch.Generator().manual_seed(3), stop_tokens=[7])
+    check_documents(cu, *x.shape, "cpu")
+    offsets = cu.tolist()
+    segments = [(a, b) for a, b in zip(offsets[:-1], offsets[1:]) if (x.view(-1)[a:b] != 0).any()]
+    assert len(segments) == len(prompts) and x.shape[1] == 24
+    for (a, b), prompt, sample in zip(segments, prompts, samples):
+        want = (prompt + sample)[:24]
+        assert x.view(-1)[a:b].tolist() == want
+        targets = y.view(-1)[a:b].tolist()
+        assert targets == [-1] * (len(prompt) - 1) + want[len(prompt):] + [-1]
+    assert all(s[-1] == 7 or len(s) == min(6, 32 - max(map(len, prompts))) for s in samples)
+    assert (y.view(-1) != -1).sum() == sum(min(len(p) + len(q), 24) - len(p) for p, q in zip(prompts, samples))
+
+
+def test_on_policy_distillation_learns_and_resumes_exactly(chat_dir, teacher_run, tmp_path):  # noqa: F811
+    # distill_lmbda 1: every micro-batch the student's own samples, the divergence falls; 0.5: the
+    # draws are logged, and resume is exact (the draws and samples seeded by step and micro-step).
+    trainer.train(config(chat_dir, tmp_path / "all", teacher=str(teacher_run), distill_lmbda=1.0, max_steps=20,
+                         eval_every=20, distill_max_new_tokens=8))
+    log = [json.loads(line) for line in (tmp_path / "all/log.jsonl").read_text().splitlines()]
+    assert all(r["on_policy"] == 1.0 for r in log)
+    assert np.mean([r["loss"] for r in log[-5:]]) < np.mean([r["loss"] for r in log[:5]])
+    kw = dict(teacher=str(teacher_run), distill_lmbda=0.5, grad_accum=2, distill_max_new_tokens=8)
+    trainer.train(config(chat_dir, tmp_path / "whole", **kw))
+    draws = [json.loads(line)["on_policy"] for line in (tmp_path / "whole/log.jsonl").read_text().splitlines()]
+    assert set(draws) <= {0.0, 0.5, 1.0} and 0 < np.mean(draws) < 1
+    trainer.train(config(chat_dir, tmp_path / "cut", **kw), stop_at=6)
+    trainer.train(config(chat_dir, tmp_path / "cut", **kw), resume=True)
+    assert losses(tmp_path / "cut") == losses(tmp_path / "whole")
+
+
 def test_distillation_options_are_checked(data_dir, teacher_run, tmp_path):  # noqa: F811
     for kwargs, message in [(dict(distill_beta=1.5), "distill_beta and distill_alpha must be in"),
                             (dict(distill_temperature=0.0), "distill_temperature must be > 0"),
-                            (dict(teacher="x", compile=True), "goes with neither preference tuning nor compile")]:
+                            (dict(teacher="x", compile=True), "goes with neither preference tuning nor compile"),
+                            (dict(distill_lmbda=0.5), "goes with a teacher"),
+                            (dict(distill_lmbda=1.5), "distill_lmbda must be in"),
+                            (dict(distill_max_new_tokens=0), "distill_max_new_tokens >= 1")]:
         with pytest.raises(ValueError, match=message):
             TrainConfig(**kwargs).validate()
     with pytest.raises(ValueError, match="its vocabulary has 64 ids, the student's 80"):
         trainer.train(config(data_dir, tmp_path / "x", teacher=str(teacher_run), model=dict(TINY, vocab_size=80)))
+    with pytest.raises(ValueError, match="it needs conversations"):
+        trainer.train(config(data_dir, tmp_path / "w", teacher=str(teacher_run), distill_lmbda=0.5))
+    with pytest.raises(NotImplementedError, match="use ddp or zero1, not fsdp"):
+        TrainConfig(teacher="x", distill_lmbda=0.5, dist_mode="fsdp").validate()

@@ -976,15 +976,10 @@ def lora_targets(targets) -> list[str]:
     gate, up, down or PEFT's q_proj ... down_proj; "all-linear" (or "all") for all of them; a MoE's
     experts.gate_up, experts.down (PEFT's experts.gate_up_proj, experts.down_proj), or experts for
     both."""
-    names = _lora_target_names(targets)
-    if names in (["all-linear"], ["all"]):
-        return list(LORA_LINEAR_TARGETS)
     out = []
-    for n in names:
-        out += list(LORA_EXPERT_TARGETS) if n in ("experts", "all-experts") else [n.removesuffix("_proj")]
-    out = ["all-linear" if o == "all" else o for o in out]
-    if "all-linear" in out:  # all-linear plus the experts
-        out = [o for o in out if o != "all-linear"] + list(LORA_LINEAR_TARGETS)
+    for n in _lora_target_names(targets):
+        out += (LORA_LINEAR_TARGETS if n in ("all-linear", "all") else LORA_EXPERT_TARGETS if n == "experts"
+                else [n.removesuffix("_proj")])
     bad = [n for n in out if n not in LORA_TARGETS]
     if bad or not out:
         raise ValueError(f"LoRA targets must be among {', '.join(LORA_TARGETS)}, experts (or PEFT's q_proj ... down_proj, "

@@ -71,8 +71,7 @@ class MoEMLP(nn.Module):
     add_lora gives the experts LoRA updates of their own (PEFT's target_parameters); with them the
     layer takes moe_experts_lora's path."""
 
-    # The expert projections LoRA can update (add_lora), with PEFT's target_parameters names.
-    LORA_PROJECTIONS = {"gate_up": "experts.gate_up_proj", "down": "experts.down_proj"}
+    LORA_PROJECTIONS = ("gate_up", "down")  # the expert weights LoRA can update (add_lora)
 
     def __init__(self, dim: int, hidden_dim: int, n_experts: int, top_k: int, norm_topk_prob: bool = True,
                  shared_hidden: int | None = None, device=None, dtype=None):

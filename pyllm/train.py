@@ -433,29 +433,39 @@ def lora_off_reference(model: LLM, wrapped):
     return reference
 
 
+def pack_in_order(lengths: list[int], T: int) -> tuple[list[int], list[int], list[int]]:
+    """Sequences of these lengths (each <= T) packed in their order into rows of T, a row taking
+    the next one while it fits (the rest of a row is padding, a segment of its own): (each
+    sequence's start in the rows' positions, its segment's index in cu_seqlens, cu_seqlens: at
+    least one row, cu_seqlens[-1] // T of them)."""
+    starts, at, cu, used = [], [], [0], 0
+    for length in lengths:
+        if used + length > T:  # the row is full: pad it out
+            if used < T:
+                cu.append(cu[-1] + T - used)
+            used = 0
+        starts.append(cu[-1])
+        at.append(len(cu) - 1)
+        cu.append(cu[-1] + length)
+        used += length
+    if used < T or not lengths:
+        cu.append(cu[-1] + T - used)
+    return starts, at, cu
+
+
 def segments_alone(x: torch.Tensor, y: torch.Tensor, cu: torch.Tensor, segments: list[int]) -> tuple:
     """(x, y, cu_seqlens, at): the packed batch (x, y (B, T), cu) cut to some of its segments
-    (indices into cu's), packed again in their order into rows of T (a row takes the next segment
-    while it fits; the rest of a row is padding, a segment of its own), at least one row; at: the
-    index of each taken segment in the new cu_seqlens. What a pass over part of a batch computes
-    with: each segment is computed alone either way, and the rows left out are work saved."""
-    B, T = x.shape
+    (indices into cu's), packed again in their order (pack_in_order); at: the index of each taken
+    segment in the new cu_seqlens. What a pass over part of a batch computes with: each segment is
+    computed alone either way, and the rows left out are work saved."""
+    T = x.shape[1]
     offsets = cu.tolist()
-    index, cu_new, at, used = [], [0], [], 0  # index: each new position's old one (-1: padding)
-    for s in segments:
-        start, length = offsets[s], offsets[s + 1] - offsets[s]
-        if used + length > T:  # the row is full: pad it out
-            index += [-1] * (T - used)
-            cu_new.append(cu_new[-1] + T - used)
-            used = 0
-        index += range(start, start + length)
-        cu_new.append(cu_new[-1] + length)
-        at.append(len(cu_new) - 2)
-        used += length
-    if used < T or not index:
-        index += [-1] * (T - used)
-        cu_new.append(cu_new[-1] + T - used)
-    index = torch.tensor(index, device=x.device).view(-1, T)
+    lengths = [offsets[s + 1] - offsets[s] for s in segments]
+    starts, at, cu_new = pack_in_order(lengths, T)
+    index = torch.full((cu_new[-1],), -1, dtype=torch.long)  # each new position's old one (-1: padding)
+    for s, start, length in zip(segments, starts, lengths):
+        index[start:start + length] = torch.arange(offsets[s], offsets[s] + length)
+    index = index.view(-1, T).to(x.device)
     taken = index.clamp(min=0)
     return (torch.where(index >= 0, x.view(-1)[taken], 0), torch.where(index >= 0, y.view(-1)[taken], -1),
             torch.tensor(cu_new, dtype=torch.int32, device=x.device), at)
@@ -583,13 +593,14 @@ def on_policy_batch(model: LLM, batch, cfg: TrainConfig, generator: torch.Genera
     tokens, trained = x.view(-1).tolist(), (y.view(-1) != -1).tolist()
     prompts = []
     for start, end in zip(offsets[:-1], offsets[1:]):
-        at = [t for t in range(start, end) if trained[t]]
-        if not at:
-            continue
-        first = at[-1]  # the last reply's first target is at its first token's position - 1
-        while first - 1 >= start and trained[first - 1]:
+        first = end - 1  # back to the last trained target, then to the first of its run: the last reply's
+        while first >= start and not trained[first]:
             first -= 1
-        if first + 1 - start < T:
+        if first < start:
+            continue
+        while first > start and trained[first - 1]:
+            first -= 1
+        if first + 1 - start < T:  # the prompt: up to the token whose target is the reply's first
             prompts.append(tokens[start:first + 1])
     sequences = []
     if prompts:
@@ -598,24 +609,14 @@ def on_policy_batch(model: LLM, batch, cfg: TrainConfig, generator: torch.Genera
             samples = model.generate_batch(prompts, new, cfg.distill_sample_temperature, generator=generator,
                                            stop_tokens=cfg.distill_stop_tokens)
         sequences = [((prompt + sample)[:T], len(prompt)) for prompt, sample in zip(prompts, samples)]
-    rows, cu_new = [[]], [0]  # rows of (token, target) pairs
-    for ids, prompt_len in sequences:
-        if len(rows[-1]) + len(ids) > T:  # pad this row out (a segment of its own); the next one takes it
-            if len(rows[-1]) < T:
-                cu_new.append(cu_new[-1] + T - len(rows[-1]))
-            rows.append([])
-        targets = [-1] * (prompt_len - 1) + ids[prompt_len:] + [-1]  # the sample's tokens, at the positions before them
-        rows[-1] += zip(ids, targets)
-        cu_new.append(cu_new[-1] + len(ids))
-    if len(rows[-1]) < T:
-        cu_new.append(cu_new[-1] + T - len(rows[-1]))
-    x_new = torch.zeros(len(rows), T, dtype=torch.long)
-    y_new = torch.full((len(rows), T), -1, dtype=torch.long)
-    for r, pairs in enumerate(rows):
-        if pairs:
-            x_new[r, :len(pairs)] = torch.tensor([a for a, _ in pairs])
-            y_new[r, :len(pairs)] = torch.tensor([b for _, b in pairs])
-    return x_new.to(x.device), y_new.to(x.device), torch.tensor(cu_new, dtype=torch.int32, device=x.device)
+    starts, _, cu_new = pack_in_order([len(ids) for ids, _ in sequences], T)
+    x_new = torch.zeros(cu_new[-1], dtype=torch.long)
+    y_new = torch.full((cu_new[-1],), -1, dtype=torch.long)
+    for (ids, prompt_len), start in zip(sequences, starts):
+        x_new[start:start + len(ids)] = torch.tensor(ids)
+        y_new[start + prompt_len - 1:start + len(ids) - 1] = torch.tensor(ids[prompt_len:])  # the sample's tokens
+    return (x_new.view(-1, T).to(x.device), y_new.view(-1, T).to(x.device),
+            torch.tensor(cu_new, dtype=torch.int32, device=x.device))
 
 
 def make_loader(path, cfg: TrainConfig, seq_len: int, seed: int, info: DistInfo):
@@ -803,7 +804,8 @@ def next_batches(loader, grad_accum: int, world_size: int) -> tuple[list, list[f
             lengths = None if loader.lengths is None else lengths + loader.lengths
         return batches, None, lengths, 0, None
     mine, total, outputs = [], 0, 0
-    kl = ([], 0) if loader.labels is not None else None
+    kto = loader.labels is not None
+    kl_lengths, kl_outputs = [], 0
     for _ in range(grad_accum):
         if loader.pairs is None:
             batches.append(loader.next_batch())
@@ -813,18 +815,17 @@ def next_batches(loader, grad_accum: int, world_size: int) -> tuple[list, list[f
             batches.append((*loader.next_batch(), loader.docs))
             mine.append(loader.placed)
             total += loader.global_placed
-        if kl is None:
+        if not kto:
             lengths += loader.lengths
             outputs += loader.targets
             continue
-        for i, (length, targets) in enumerate(zip(loader.lengths, loader.doc_targets)):
-            if i % 2 == 0:  # an example; its KL document follows it (a pair's two documents, in order)
-                lengths.append(length)
-                outputs += targets
-            else:
-                kl[0].append(length)
-                kl = (kl[0], kl[1] + targets)
-    return batches, [n * world_size / max(total, 1) for n in mine], lengths, outputs, kl
+        # an example, then its KL document (a pair's two documents, in order)
+        lengths += loader.lengths[0::2]
+        outputs += sum(loader.doc_targets[0::2])
+        kl_lengths += loader.lengths[1::2]
+        kl_outputs += sum(loader.doc_targets[1::2])
+    return (batches, [n * world_size / max(total, 1) for n in mine], lengths, outputs,
+            (kl_lengths, kl_outputs) if kto else None)
 
 
 def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) -> dict:

@@ -381,7 +381,8 @@ def cmd_train(args) -> int:
             dist.barrier()
         run = json.loads((Path(cfg.out_dir) / "run.json").read_text())
         tokenizer_path, cfg.data_dir = run["tokenizer"], run["data_dir"]
-        if cfg.distill_lmbda and not cfg.distill_stop_tokens and (run.get("init_from_hf") or cfg.init_from_hf):
+        if ((cfg.distill_lmbda or cfg.distill_seq_kd) and not cfg.distill_stop_tokens
+                and (run.get("init_from_hf") or cfg.init_from_hf)):
             from pyllm.model import hf_folder
             from pyllm.tokenizer.tokenizer import hf_stop_ids
 
@@ -874,6 +875,9 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--distill-lmbda", type=float, help="GKD's lmbda: the share of micro-batches (drawn at random) "
                    "whose conversations' last replies are replaced by the student's own samples, the divergence taken "
                    "on those (on-policy distillation; default 0: the data's replies alone)")
+    p.add_argument("--distill-seq-kd", action="store_true", default=None,
+                   help="GKD's seq_kd: the conversations' last replies replaced by the teacher's samples first (sequence-"
+                        "level distillation; --distill-lmbda's draws then take the student's instead)")
     p.add_argument("--distill-max-new-tokens", type=int, help="on-policy samples: at most this many tokens (default 128)")
     p.add_argument("--distill-sample-temperature", type=float,
                    help="on-policy samples drawn at this temperature (default 0.9, TRL's)")

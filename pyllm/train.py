@@ -54,6 +54,7 @@ class TrainConfig:
     distill_max_new_tokens: int = 128  # on-policy samples: at most this many tokens each (TRL's GKD default)
     distill_sample_temperature: float = 0.9  # on-policy samples drawn at this temperature (TRL's GKD default)
     distill_stop_tokens: list = field(default_factory=list)  # on-policy samples end at one of these ids (the CLI: the model's end-of-sequence ids)
+    distill_seq_kd: bool = False  # GKD's seq_kd: every micro-batch's last replies the teacher's samples first (sequence-level KD)
     model: dict = field(default_factory=dict)  # ModelConfig overrides, e.g. {"n_layers": 2}
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
@@ -149,8 +150,9 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.distill_lmbda must be in [0, 1], distill_max_new_tokens >= 1 and "
                              f"distill_sample_temperature >= 0, got {self.distill_lmbda}, {self.distill_max_new_tokens} "
                              f"and {self.distill_sample_temperature}")
-        if self.distill_lmbda and not self.teacher:
-            raise ValueError("TrainConfig.distill_lmbda (on-policy samples) goes with a teacher (distillation)")
+        if (self.distill_lmbda or self.distill_seq_kd) and not self.teacher:
+            raise ValueError("TrainConfig.distill_lmbda and distill_seq_kd (samples to distill on) go with a teacher "
+                             "(distillation)")
         if self.distill_lmbda and self.dist_mode == "fsdp":
             raise NotImplementedError("on-policy distillation samples (distill_lmbda) are drawn from the whole model on "
                                       "each rank: use ddp or zero1, not fsdp")
@@ -578,13 +580,14 @@ def distill_loss(model, teacher: LLM, batch, cfg: TrainConfig) -> torch.Tensor:
 
 
 def on_policy_batch(model: LLM, batch, cfg: TrainConfig, generator: torch.Generator | None = None) -> tuple:
-    """GKD's on-policy batch (Agarwal et al. 2024; TRL's GKDTrainer with lmbda): each conversation
+    """GKD's on-policy batch (Agarwal et al. 2024; TRL's GKDTrainer with lmbda; with the teacher as
+    model, its seq_kd): each conversation
     of a packed batch (x, y, cu_seqlens) with trained targets, its last reply (the last run of them)
-    replaced by the student's own sample from its prompt (everything before that reply; up to
+    replaced by the model's own sample from its prompt (everything before that reply; up to
     cfg.distill_max_new_tokens at cfg.distill_sample_temperature, ending at one of
     cfg.distill_stop_tokens), the sample's tokens the only trained targets; packed again into rows
     of T in order (a row takes the next sequence while it fits; cut to T). Conversations with no
-    trained target or a prompt that fills T are left out (at least one row of padding comes back).
+    trained target or a prompt that fills T (or the model's block_size) are left out (at least one row of padding comes back).
     The model samples in eval mode without autograd (generate_batch: all prompts at once), in its
     own dtype, outside autocast."""
     x, y, cu = batch
@@ -600,7 +603,7 @@ def on_policy_batch(model: LLM, batch, cfg: TrainConfig, generator: torch.Genera
             continue
         while first > start and trained[first - 1]:
             first -= 1
-        if first + 1 - start < T:  # the prompt: up to the token whose target is the reply's first
+        if first + 1 - start < min(T, model.config.block_size):  # the prompt: up to the token whose target is the reply's first
             prompts.append(tokens[start:first + 1])
     sequences = []
     if prompts:
@@ -872,9 +875,9 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
     loader = make_loader(data / "train.bin", cfg, seq_len, cfg.seed, info)
     pairs = isinstance(loader, PackedLoader) and loader.pairs is not None
     labelled = isinstance(loader, PackedLoader) and loader.labels is not None
-    if cfg.distill_lmbda and not isinstance(loader, PackedLoader):
-        raise ValueError("distill_lmbda (on-policy samples) continues the conversations' prompts: it needs conversations "
-                         "(*.jsonl), not text windows")
+    if (cfg.distill_lmbda or cfg.distill_seq_kd) and not isinstance(loader, PackedLoader):
+        raise ValueError("distill_lmbda and distill_seq_kd (samples to distill on) continue the conversations' prompts: "
+                         "they need conversations (*.jsonl), not text windows")
     if labelled != (cfg.preference == "kto"):
         raise ValueError("unpaired examples ({\"prompt\", \"completion\", \"label\"} lines) train by preference kto"
                          if labelled else "preference kto trains on unpaired examples ({\"prompt\", \"completion\", "
@@ -966,12 +969,14 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
                                                         **preference_options(cfg))
                     pref_sums += stats * weights[micro]
                 elif teacher is not None:
-                    # GKD's lmbda: the same draw on every rank (seeded by step and micro-step), each
-                    # rank's samples its own; the on-policy batch keeps the weight of the one it replaced
+                    # GKD's seq_kd (the teacher's samples), then lmbda (the student's): the same draw on
+                    # every rank (seeded by step and micro-step), each rank's samples its own; a batch
+                    # of samples keeps the weight of the one it replaced
+                    seeds = np.random.default_rng([cfg.seed, step, micro, info.rank]).integers(2 ** 62, size=2)
+                    if cfg.distill_seq_kd:
+                        batch = on_policy_batch(teacher, batch, cfg, torch.Generator(info.device).manual_seed(int(seeds[0])))
                     if cfg.distill_lmbda and np.random.default_rng([cfg.seed, step, micro]).random() < cfg.distill_lmbda:
-                        sampler = torch.Generator(info.device).manual_seed(
-                            int(np.random.default_rng([cfg.seed, step, micro, info.rank]).integers(2 ** 62)))
-                        batch = on_policy_batch(model, batch, cfg, sampler)
+                        batch = on_policy_batch(model, batch, cfg, torch.Generator(info.device).manual_seed(int(seeds[1])))
                         on_policy += 1
                     loss = distill_loss(wrapped, teacher, batch, cfg)
                 elif weights is not None and not cfg.fused_loss:  # packed conversations

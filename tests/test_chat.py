@@ -520,6 +520,9 @@ def test_distill_from_a_hugging_face_teacher(chat_run_inputs, tmp_path):
     assert logged(tmp_path / "gkd")[0]["on_policy"] == 1.0 and abs(logged(tmp_path / "gkd")[0]["loss"]) < 1e-6
     saved = torch.load(tmp_path / "gkd" / "checkpoint.pt", weights_only=False)["train_config"]
     assert saved["distill_stop_tokens"] == hf_stop_ids(folder) != []
+    assert cli.main(train_args(folder, chats, tmp_path / "seq", *common, "--teacher", str(folder), "--distill-seq-kd",
+                               "--distill-max-new-tokens", "4")) == 0  # the teacher's samples
+    assert abs(logged(tmp_path / "seq")[0]["loss"]) < 1e-6
 
 
 def test_kto_on_unpaired_examples(chat_run_inputs, tmp_path, capsys):

@@ -247,18 +247,33 @@ def test_on_policy_distillation_learns_and_resumes_exactly(chat_dir, teacher_run
     assert losses(tmp_path / "cut") == losses(tmp_path / "whole")
 
 
+def test_sequence_level_distillation_on_the_teachers_samples(chat_dir, teacher_run, tmp_path):  # noqa: F811
+    # distill_seq_kd: every micro-batch's last replies the teacher's samples (GKD's seq_kd), the
+    # divergence on them falls; with lmbda the student's replace them at its draws; exact resume.
+    kw = dict(teacher=str(teacher_run), distill_seq_kd=True, distill_max_new_tokens=8, max_steps=16, eval_every=16)
+    trainer.train(config(chat_dir, tmp_path / "seq", **kw))
+    log = losses(tmp_path / "seq")
+    assert np.mean(log[-4:]) < np.mean(log[:4])
+    kw.update(distill_lmbda=0.5, grad_accum=2, max_steps=8, eval_every=4)
+    trainer.train(config(chat_dir, tmp_path / "whole", **kw))
+    trainer.train(config(chat_dir, tmp_path / "cut", **kw), stop_at=6)
+    trainer.train(config(chat_dir, tmp_path / "cut", **kw), resume=True)
+    assert losses(tmp_path / "cut") == losses(tmp_path / "whole")
+
+
 def test_distillation_options_are_checked(data_dir, teacher_run, tmp_path):  # noqa: F811
     for kwargs, message in [(dict(distill_beta=1.5), "distill_beta and distill_alpha must be in"),
                             (dict(distill_temperature=0.0), "distill_temperature must be > 0"),
                             (dict(teacher="x", compile=True), "goes with neither preference tuning nor compile"),
-                            (dict(distill_lmbda=0.5), "goes with a teacher"),
+                            (dict(distill_lmbda=0.5), "go with a teacher"),
+                            (dict(distill_seq_kd=True), "go with a teacher"),
                             (dict(distill_lmbda=1.5), "distill_lmbda must be in"),
                             (dict(distill_max_new_tokens=0), "distill_max_new_tokens >= 1")]:
         with pytest.raises(ValueError, match=message):
             TrainConfig(**kwargs).validate()
     with pytest.raises(ValueError, match="its vocabulary has 64 ids, the student's 80"):
         trainer.train(config(data_dir, tmp_path / "x", teacher=str(teacher_run), model=dict(TINY, vocab_size=80)))
-    with pytest.raises(ValueError, match="it needs conversations"):
+    with pytest.raises(ValueError, match="they need conversations"):
         trainer.train(config(data_dir, tmp_path / "w", teacher=str(teacher_run), distill_lmbda=0.5))
     with pytest.raises(NotImplementedError, match="use ddp or zero1, not fsdp"):
         TrainConfig(teacher="x", distill_lmbda=0.5, dist_mode="fsdp").validate()

@@ -430,7 +430,7 @@ def cmd_train(args) -> int:
           f"{model_obj.num_params() / 1e6:.2f}M params, val loss {summary['val_loss']:.4f}, "
           f"{summary['skipped_steps']} skipped steps")
     print(f"wrote {out / 'checkpoint.pt'}, {out / 'model.safetensors'}, {out / 'log.jsonl'}, {out / 'loss.png'}")
-    if tokenizer_path and cli["sample_tokens"] > 0:
+    if tokenizer_path and cli["sample_tokens"] > 0 and not model_obj.config.num_labels:  # (a reward model scores)
         tokenizer = tokenizer_class().load(str(tokenizer_path))
         prompt_ids, stops = None, ()
         if run.get("chat") and run.get("init_from_hf"):  # a reply to the prompt as a user's message
@@ -841,7 +841,7 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                    help="compute the loss chunk by chunk with its gradients (pyllm.nn.linear_cross_entropy): the "
                         "(batch, seq, vocab) logits and their gradient never exist, which is most of the activation "
                         "memory with a large vocabulary")
-    p.add_argument("--preference", choices=["dpo", "ipo", "hinge", "simpo", "orpo", "kto"],
+    p.add_argument("--preference", choices=["dpo", "ipo", "hinge", "simpo", "orpo", "kto", "reward"],
                    help="preference tuning on --data of preference pairs: *.jsonl lines of {\"prompt\": ..., "
                         "\"chosen\": ..., \"rejected\": ...} (text, or lists of messages put in the chat template; or "
                         "{\"chosen\": [messages], \"rejected\": [messages]} with a prompt in common), as TRL takes them, "
@@ -849,7 +849,9 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                         "2023), ipo and hinge compare with the starting model, whose log-probabilities of every pair "
                         "are computed once before training; simpo (Meng et al. 2024) and orpo (Hong et al. 2024) "
                         "need no reference. kto (Ethayarajh et al. 2024) trains on unpaired examples instead: lines of "
-                        "{\"prompt\": ..., \"completion\": ..., \"label\": true or false} (TRL's KTO format)")
+                        "{\"prompt\": ..., \"completion\": ..., \"label\": true or false} (TRL's KTO format). "
+                        "reward trains a reward model on the pairs (a score head at each reply's last token, "
+                        "-log sigmoid(score chosen - score rejected): TRL's RewardTrainer)")
     p.add_argument("--desirable-weight", type=float, help="kto: the desirable examples' weight (default 1)")
     p.add_argument("--undesirable-weight", type=float, help="kto: the undesirable examples' weight (default 1)")
     p.add_argument("--beta", type=float, help="the preference loss's beta (orpo: its lambda; default: dpo, ipo, hinge "

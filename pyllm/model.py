@@ -75,6 +75,9 @@ class ModelConfig:
     # Training adds router_aux_loss_coef times the load-balancing loss (LLM.router_aux_loss; Switch
     # Transformer's alpha = 0.01); from_hf sets the checkpoint's when its config asks for router logits.
     router_aux_loss_coef: float = 0.01
+    # > 0: a score head, Linear(dim, num_labels) at each sequence's last token (LLM.forward's scores;
+    # reward models: 1, as transformers' *ForSequenceClassification); the LM head stays.
+    num_labels: int = 0
     tie_embeddings: bool = True
     dropout: float = 0.0
     rope_theta: float = 10000.0
@@ -170,6 +173,8 @@ class ModelConfig:
         if isinstance(self.router_aux_loss_coef, bool) or not isinstance(self.router_aux_loss_coef, (int, float)) \
                 or not self.router_aux_loss_coef >= 0:
             raise ValueError(f"ModelConfig.router_aux_loss_coef must be a number >= 0, got {self.router_aux_loss_coef!r}")
+        if isinstance(self.num_labels, bool) or not isinstance(self.num_labels, int) or self.num_labels < 0:
+            raise ValueError(f"ModelConfig.num_labels must be an integer >= 0, got {self.num_labels!r}")
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "ModelConfig":
@@ -328,6 +333,7 @@ class LLM(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layers))
         self.norm_f = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.score = nn.Linear(cfg.dim, cfg.num_labels, bias=False) if cfg.num_labels else None
         # Training with autograd keeps only each block's input and recomputes the rest during the
         # backward (one more forward of the blocks: ~1/3 more compute), when set. Not part of the
         # config: it changes memory and time, not the function.
@@ -384,8 +390,20 @@ class LLM(nn.Module):
                 rope = tuple(None if cs is None else (cs[0][positions], cs[1][positions]) for cs in rope)
         return self.dropout(x), rope
 
+    def add_score_head(self, num_labels: int = 1) -> None:
+        """A score head (ModelConfig.num_labels) on a model without one, drawn as transformers draws
+        its *ForSequenceClassification's (normal, std 0.02): a reward model's start from a language
+        model."""
+        if self.score is not None:
+            raise ValueError(f"add_score_head: the model has a score head already ({self.config.num_labels} labels)")
+        self.config.num_labels = num_labels
+        self.config.validate()
+        w = self.norm_f.weight
+        self.score = nn.Linear(self.config.dim, num_labels, bias=False, device=w.device, dtype=w.dtype)
+        nn.init.normal_(self.score.weight, mean=0.0, std=0.02)
+
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
-                per_token: bool = False, hidden: bool = False, distill: dict | None = None):
+                per_token: bool = False, hidden: bool = False, distill: dict | None = None, scores: bool = False):
         """idx (B, T) int64 -> logits (B, T, V) and, given targets (B, T), the mean cross-entropy
         (targets of -1 are ignored). With fused_loss set and targets given, logits is None (the
         loss came from linear_cross_entropy, chunk by chunk). per_token: instead of the logits and
@@ -401,6 +419,11 @@ class LLM(nn.Module):
         alpha times the mean over those targets of nn.distill_divergence between the student's and
         the teacher's next-token distributions + (1 - alpha) times the cross-entropy), both fused
         (nn.linear_distill, linear_cross_entropy): no (N, V) logits. Not under torch.compile.
+
+        scores (a model with a score head, ModelConfig.num_labels): (None, the head's scores (N,
+        num_labels), fp32 at least, at the last token of each of cu_seqlens' N documents, or of each
+        row without them), as transformers' *ForSequenceClassification pools them (its last token
+        that is not padding); targets are not read. A reward model's rewards.
 
         cu_seqlens: packed documents. int32 (N + 1,) on idx's device, the offsets in idx.view(-1) where
         each of N documents starts, then B * T; none may cross the end of a row (every multiple of T
@@ -426,6 +449,16 @@ class LLM(nn.Module):
         self.aux_loss = None
         if self.config.n_experts and self.config.router_aux_loss_coef and self.training and torch.is_grad_enabled():
             self.aux_loss = self.config.router_aux_loss_coef * self.router_aux_loss()
+        if scores:
+            if self.score is None:
+                raise ValueError("forward(scores=True): the model has no score head (ModelConfig.num_labels, "
+                                 "LLM.add_score_head)")
+            B, T = idx.shape
+            last = (cu_seqlens[1:].long() - 1 if cu_seqlens is not None
+                    else torch.arange(1, B + 1, device=idx.device) * T - 1)  # (N,) in the B * T positions
+            h = self.norm_f(x.reshape(B * T, -1)[last.clamp(min=0)])  # (N, C)
+            out = self.score(h)
+            return None, out.to(torch.promote_types(out.dtype, torch.float32))
         fused = targets is not None and self.fused_loss
         if fused and self.config.final_softcap:
             raise ValueError("fused_loss does not take a model with final_softcap (Gemma 2's capped logits): "
@@ -721,7 +754,9 @@ class LLM(nn.Module):
         was read from (kept as it is, its model_type choosing the weight names); None writes a
         LlamaForCausalLM config for LLaMA-shaped models (RMSNorm, SwiGLU, RoPE, no biases, full or
         Mistral-style windowed attention) and a GPT2LMHeadModel one for GPT-2-shaped ones, and raises
-        NotImplementedError for what neither computes. Returns the folder."""
+        NotImplementedError for what neither computes. A model with a score head (a reward model)
+        is written as that kind's *ForSequenceClassification (its score head, no LM head; from_hf
+        reads it back). Returns the folder."""
         from safetensors.torch import save_file
 
         folder = Path(folder)
@@ -730,6 +765,13 @@ class LLM(nn.Module):
         if hf.get("model_type") == "gemma3":  # a multimodal source: its language model, as Gemma3ForCausalLM
             hf = gemma3_text_config(hf)
         kind = hf.get("model_type")
+        if self.config.num_labels:  # a reward model: transformers' *ForSequenceClassification of this kind
+            causal = (hf.get("architectures") or ["LlamaForCausalLM"])[0]
+            hf.update(architectures=[causal.replace("ForCausalLM", "ForSequenceClassification")
+                                     .replace("LMHeadModel", "ForSequenceClassification")],
+                      id2label={str(i): f"LABEL_{i}" for i in range(self.config.num_labels)},
+                      label2id={f"LABEL_{i}": i for i in range(self.config.num_labels)})
+            hf.pop("num_labels", None)
         if hf_config is not None and config_from_hf(hf) != self.config:
             raise ValueError(f"to_hf: hf_config (model_type {kind!r}) does not describe this model's config")
         state = state_to_hf({k: v.detach() for k, v in self.state_dict().items()}, self.config, kind)
@@ -1023,7 +1065,15 @@ def hf_folder(name) -> Path:
 
 def config_from_hf(hf: dict) -> ModelConfig:
     """ModelConfig from a Hugging Face config.json (LLaMA / Mistral / Qwen2 / Qwen3 / SmolLM3 / Phi-3 / OLMo 2,
-    Granite, Mixtral / Qwen3-MoE / OLMoE / Qwen2-MoE / GraniteMoE, Gemma 2, Gemma 3's text model, or GPT-2)."""
+    Granite, Mixtral / Qwen3-MoE / OLMoE / Qwen2-MoE / GraniteMoE, Gemma 2, Gemma 3's text model, or GPT-2);
+    a *ForSequenceClassification's (a reward model) with its num_labels (its id2label's)."""
+    cfg = _decoder_config_from_hf(hf)
+    if any(a.endswith("ForSequenceClassification") for a in hf.get("architectures") or ()):
+        cfg.num_labels = hf.get("num_labels") or len(hf.get("id2label") or {0: 0, 1: 1})  # (transformers' default 2)
+    return cfg
+
+
+def _decoder_config_from_hf(hf: dict) -> ModelConfig:
     kind = hf.get("model_type")
     if kind == "gpt2":
         if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
@@ -1336,8 +1386,10 @@ def state_from_hf(hf_state: dict, cfg: ModelConfig, kind: str) -> dict:
             state[block + "mlp.gate_up.weight"] = (layer("mlp.gate_up_proj") if kind == "phi3" else
                                                    torch.cat([layer("mlp.gate_proj"), layer("mlp.up_proj")]))
             state[block + "mlp.down.weight"] = layer("mlp.down_proj")
-    if not cfg.tie_embeddings:
-        state["lm_head.weight"] = hf_state["lm_head.weight"]
+    if not cfg.tie_embeddings:  # a sequence classifier has none: its embeddings (the score head computes)
+        state["lm_head.weight"] = hf_state.get("lm_head.weight", state["tok_emb.weight"] if cfg.num_labels else None)
+    if cfg.num_labels:
+        state["score.weight"] = hf_state["score.weight"]
     return state
 
 
@@ -1572,8 +1624,10 @@ def state_to_hf(state: dict, cfg: ModelConfig, kind: str) -> dict:
                 out[f"transformer.h.{i}.{theirs}.weight"] = weight if theirs.startswith("ln") else weight.t()
                 out[f"transformer.h.{i}.{theirs}.bias"] = state[f"blocks.{i}.{ours}.bias"]
         out["transformer.ln_f.weight"], out["transformer.ln_f.bias"] = state["norm_f.weight"], state["norm_f.bias"]
-        if not cfg.tie_embeddings:
+        if not cfg.tie_embeddings and not cfg.num_labels:
             out["lm_head.weight"] = state["lm_head.weight"]
+        if cfg.num_labels:  # GPT2ForSequenceClassification: the score head instead of the LM head
+            out["score.weight"] = state["score.weight"]
         return out
     norm = (lambda w: w - 1.0) if kind in GEMMA_KINDS else (lambda w: w)  # noqa: E731  Gemma's (1 + w), unfolded
     H, H_kv, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -1601,8 +1655,10 @@ def state_to_hf(state: dict, cfg: ModelConfig, kind: str) -> dict:
         if kind != "phi3":
             out[layer + "mlp.gate_proj.weight"], out[layer + "mlp.up_proj.weight"] = gate_up.chunk(2)
         out[layer + "mlp.down_proj.weight"] = state[block + "mlp.down.weight"]
-    if not cfg.tie_embeddings:
+    if not cfg.tie_embeddings and not cfg.num_labels:
         out["lm_head.weight"] = state["lm_head.weight"]
+    if cfg.num_labels:  # *ForSequenceClassification: the score head instead of the LM head
+        out["score.weight"] = state["score.weight"]
     return out
 
 

@@ -797,8 +797,8 @@ def sequence_logps(token_logps: torch.Tensor, cu_seqlens: torch.Tensor) -> torch
     return token_logps.new_zeros(cu_seqlens.numel() - 1).index_add(0, doc, token_logps.reshape(-1))
 
 
-PREFERENCE_LOSSES = ("dpo", "ipo", "hinge", "simpo", "orpo", "kto")
-REFERENCE_FREE = ("simpo", "orpo")  # no reference model's log-probabilities needed
+PREFERENCE_LOSSES = ("dpo", "ipo", "hinge", "simpo", "orpo", "kto", "reward")
+REFERENCE_FREE = ("simpo", "orpo", "reward")  # no reference model's log-probabilities needed
 
 
 def preference_loss(kind: str, chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, chosen_tokens: torch.Tensor,
@@ -830,7 +830,10 @@ def preference_loss(kind: str, chosen_logps: torch.Tensor, rejected_logps: torch
              desirable_weight (1 - sigmoid(beta (r - z))), undesirable ones undesirable_weight
              (1 - sigmoid(beta (z - r))). Rewards beta r (chosen) and beta times the mismatched
              pairs' log-ratio (rejected). kl: z given (over more pairs than these: all ranks'), else
-             from these pairs."""
+             from these pairs.
+      reward a reward model's Bradley-Terry loss (Ouyang et al. 2022; TRL's RewardTrainer): "logps" are
+             the model's scores of each reply (LLM.forward's scores), -log sigmoid(chosen - rejected);
+             the rewards are the scores (beta is not used)."""
     if kind not in PREFERENCE_LOSSES:
         raise ValueError(f"preference loss must be one of {', '.join(PREFERENCE_LOSSES)}, got {kind!r}")
     if not beta > 0:
@@ -843,7 +846,9 @@ def preference_loss(kind: str, chosen_logps: torch.Tensor, rejected_logps: torch
         if kind == "ipo":
             ref_chosen_logps = ref_chosen_logps / chosen_tokens.clamp(min=1)
             ref_rejected_logps = ref_rejected_logps / rejected_tokens.clamp(min=1)
-    if kind in REFERENCE_FREE:
+    if kind == "reward":
+        chosen_rewards, rejected_rewards = chosen_logps, rejected_logps
+    elif kind in REFERENCE_FREE:
         chosen_rewards, rejected_rewards = beta * chosen_logps, beta * rejected_logps
     else:
         chosen_rewards = beta * (chosen_logps - ref_chosen_logps)
@@ -857,6 +862,8 @@ def preference_loss(kind: str, chosen_logps: torch.Tensor, rejected_logps: torch
         losses = torch.relu(1 - (chosen_rewards - rejected_rewards))
     elif kind == "simpo":
         losses = -F.logsigmoid(chosen_rewards - rejected_rewards - gamma)
+    elif kind == "reward":
+        losses = -F.logsigmoid(chosen_rewards - rejected_rewards)
     elif kind == "kto":
         if desirable is None:
             raise ValueError("the kto loss needs each example's label (desirable)")

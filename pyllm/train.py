@@ -173,7 +173,7 @@ class TrainConfig:
 
 
 # Each preference loss's usual beta: TRL's defaults (DPOConfig, ORPOConfig), SimPO's paper's 2.0.
-PREFERENCE_BETA = {"dpo": 0.1, "ipo": 0.1, "hinge": 0.1, "simpo": 2.0, "orpo": 0.1, "kto": 0.1}
+PREFERENCE_BETA = {"dpo": 0.1, "ipo": 0.1, "hinge": 0.1, "simpo": 2.0, "orpo": 0.1, "kto": 0.1, "reward": 1.0}
 
 
 def preference_options(cfg) -> dict:
@@ -516,8 +516,9 @@ def preference_batch_loss(model, batch, reference, labels: np.ndarray | None = N
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(kl_sums)
         kl = kl_sums[0] / kl_sums[1].clamp(min=1)
-    else:
-        logps = sequence_logps(model(x, y, cu, per_token=True)[1], cu)  # (N,) of every segment, padding too
+    else:  # (N,) of every segment, padding too: log-probabilities, or a reward model's scores
+        logps = (model(x, y, cu, scores=True)[1][:, 0] if options.get("kind") == "reward"
+                 else sequence_logps(model(x, y, cu, per_token=True)[1], cu))
         chosen_logps, rejected_logps = logps[chosen], logps[rejected]
         ref = None if ref is None else ref.to(logps)
     tokens = sequence_logps((y != -1).to(chosen_logps.dtype), cu)  # each segment's trained tokens
@@ -851,6 +852,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
     else:
         model = LLM(ModelConfig.from_preset(cfg.preset, **{"vocab_size": data_vocab, **cfg.model}))
     mcfg = model.config
+    if cfg.preference == "reward" and model.score is None:  # a reward model from a language model
+        model.add_score_head(1)
     if cfg.lora_rank:  # before the checkpoint's weights load: they hold the LoRA layers' too
         # Frozen weights need no fp32 master: held in the compute dtype (half their memory, no cast
         # per forward). Not under FSDP2, which all-gathers a block's parameters in one dtype.
@@ -858,6 +861,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
         frozen_dtype = None if fsdp else {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         model.add_lora(cfg.lora_rank, cfg.lora_alpha or 2.0 * cfg.lora_rank, frozen_dtype,
                        cfg.lora_targets or None, cfg.lora_dropout)
+        if cfg.preference == "reward":  # the new head is trained whole (PEFT's modules_to_save for SEQ_CLS)
+            model.score.requires_grad_(True)
     if cfg.fused_loss and mcfg.final_softcap:
         raise ValueError("fused_loss: this model caps its logits (final_softcap, Gemma 2's), which the fused loss does "
                          "not compute; leave fused_loss off")

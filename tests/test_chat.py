@@ -753,3 +753,17 @@ def test_dpo_on_preference_pairs(chat_run_inputs, tmp_path, capsys):
     args = train_args(folder, path, tmp_path / "b", "--max-steps", "1", "--batch-size", "4")
     assert cli.main(args) == 2
     assert "give preference" in capsys.readouterr().err
+    # --preference reward: a reward model on the same pairs, exported as transformers' sequence
+    # classifier, which scores as the run's model does
+    assert cli.main(train_args(folder, path, tmp_path / "rm", "--max-steps", "3", "--batch-size", "4",
+                               "--preference", "reward")) == 0
+    assert "sample (" not in capsys.readouterr().out  # a reward model scores; it is not sampled from
+    assert {"reward_accuracy", "val_reward_accuracy"} <= logged(tmp_path / "rm")[-1].keys()
+    assert cli.main(["export", "--run", str(tmp_path / "rm"), "--out", str(tmp_path / "rm-hf"), "--dtype", "fp32"]) == 0
+    from pyllm.model import LLM
+
+    ours = LLM.load(tmp_path / "rm" / "model.safetensors").eval()
+    theirs = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm-hf").eval()
+    idx = torch.randint(0, theirs.config.vocab_size, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(idx).logits, ours(idx, scores=True)[1], rtol=1e-4, atol=1e-5)

@@ -293,6 +293,53 @@ def test_kv_cache_starts_at_zero():
         assert all(not k.any() and not v.any() for k, v in model.new_kv_cache(3, 16))
 
 
+def test_score_head_scores_each_sequence_at_its_last_token(tmp_path):
+    # A reward model's score head (add_score_head; ModelConfig.num_labels): the score at each packed
+    # document's last token is the document's own alone (fp64), each row's last token without
+    # cu_seqlens; it saves and loads with the model.
+    torch.manual_seed(0)
+    model = randomized(ModelConfig(**CONFIGS["llama"])).double()
+    with pytest.raises(ValueError, match="no score head"):
+        model(torch.zeros(1, 4, dtype=torch.long), scores=True)
+    model.add_score_head(2)
+    with pytest.raises(ValueError, match="has a score head already"):
+        model.add_score_head(1)
+    idx = torch.randint(0, 97, (2, 16))
+    cu = torch.tensor([0, 5, 16, 20, 32], dtype=torch.int32)
+    got = model(idx, None, cu, scores=True)[1]
+    assert got.shape == (4, 2) and got.dtype == torch.float64
+    for (a, b), row in zip([(0, 5), (5, 16), (16, 20), (20, 32)], got):
+        h = model(idx.view(-1)[a:b][None], torch.zeros(1, b - a, dtype=torch.long), hidden=True)[1]  # (b - a, C), normed
+        assert rel_err(row, model.score(h[-1])) < 1e-12
+    rows = torch.tensor([0, 16, 32], dtype=torch.int32)  # without cu_seqlens: each row one sequence
+    assert rel_err(model(idx, scores=True)[1], model(idx, None, rows, scores=True)[1]) < 1e-12
+    model.save(tmp_path / "rm.safetensors")
+    back = LLM.load(tmp_path / "rm.safetensors").double()  # (loaded into fp32 parameters first)
+    assert back.config.num_labels == 2 and rel_err(back(idx, None, cu, scores=True)[1], got) < 1e-6
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "qwen2", "gpt2"])
+def test_reward_model_is_transformers_sequence_classifier(name, tmp_path):
+    # A reward model (a language model given a score head) written by to_hf is transformers'
+    # *ForSequenceClassification of its kind: the same score at each sequence's last token (fp64);
+    # from_hf reads it back with its head.
+    transformers = pytest.importorskip("transformers")
+    theirs = hf_models()[name]
+    theirs.save_pretrained(tmp_path / "lm")
+    ours = LLM.from_hf(tmp_path / "lm", dtype=torch.float64)
+    ours.add_score_head(1)
+    torch.nn.init.normal_(ours.score.weight, std=0.5)
+    ours.to_hf(tmp_path / "rm", json.loads((tmp_path / "lm" / "config.json").read_text()))
+    classifier = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm", dtype=torch.float64)
+    assert type(classifier).__name__.endswith("ForSequenceClassification") and classifier.config.num_labels == 1
+    idx = torch.randint(0, 97, (1, 13))
+    with torch.no_grad():
+        want = classifier.eval()(idx).logits  # (1, 1): one sequence, no padding
+        assert rel_err(ours.eval()(idx, scores=True)[1], want) < 1e-6  # (its RMSNorm computes in fp32)
+        back = LLM.from_hf(tmp_path / "rm", dtype=torch.float64).eval()
+        assert back.config.num_labels == 1 and rel_err(back(idx, scores=True)[1], want) < 1e-6
+
+
 def test_generate_batch_refuses_what_it_cannot_do():
     model = LLM(ModelConfig(**CONFIGS["llama"]))
     with pytest.raises(ValueError, match="at least one token"):

@@ -17,6 +17,7 @@ import torch
 
 from pyllm import data
 from pyllm import train as trainer
+from pyllm.model import LLM
 from pyllm.train import TrainConfig
 
 TINY = dict(n_layers=1, n_heads=2, dim=64, block_size=16)  # head dim 32: flash_attn takes 32..256
@@ -564,10 +565,48 @@ def test_dpo_with_fused_loss_trains_as_without(pairs_dir, tmp_path):
     np.testing.assert_allclose(losses(tmp_path / "fused"), losses(tmp_path / "plain"), rtol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["simpo", "orpo"])
+def test_reward_model_batch_loss_is_each_sequence_alone(pairs_dir):
+    # fp64: a reward model's loss and gradients on a packed batch are the Bradley-Terry loss of the
+    # score head at each reply's last token, each sequence run alone; the rewards are the scores.
+    _, policy, loader, _, batch = batch_of_pairs(pairs_dir)
+    policy.add_score_head(1)
+    torch.nn.init.normal_(policy.score.weight, std=0.5)
+    loss, stats = trainer.preference_batch_loss(policy, batch, None, kind="reward")
+    loss.backward()
+    got = [p.grad.clone() for p in policy.parameters()]
+    policy.zero_grad()
+    real, lengths = [d for d in batch[3] if d >= 0], list(loader.lengths)
+
+    def score(doc, length):
+        ids = torch.from_numpy(np.asarray(loader.tokens[loader.offsets[doc]:loader.offsets[doc] + length], np.int64))
+        return policy(ids[None], scores=True)[1][0, 0]
+
+    chosen = torch.stack([score(d, n) for d, n in zip(real[0::2], lengths[0::2])])
+    rejected = torch.stack([score(d, n) for d, n in zip(real[1::2], lengths[1::2])])
+    want = -torch.nn.functional.logsigmoid(chosen - rejected).mean()
+    want.backward()
+    assert loss.item() == pytest.approx(want.item(), rel=1e-12)
+    np.testing.assert_allclose(stats.tolist(), [chosen.mean().item(), rejected.mean().item(),
+                                                (chosen > rejected).double().mean().item()], rtol=1e-10)
+    for g, p in zip(got, policy.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=1e-9, atol=1e-14)
+
+
+def test_reward_model_with_lora_trains_its_head_whole(pairs_dir, tmp_path):
+    # LoRA on a reward model: the new score head trains whole beside the updates (PEFT's
+    # modules_to_save for sequence classification); the run's model keeps the head.
+    trainer.train(config(pairs_dir, tmp_path / "rm", preference="reward", lora_rank=2, max_steps=4))
+    state = torch.load(tmp_path / "rm" / "checkpoint.pt", weights_only=True)
+    trained = sorted(k for k in state["model"] if k.endswith(("lora_a", "lora_b")) or k == "score.weight")
+    assert "score.weight" in trained and len(state["optimizer"]["state"]) == len(trained)
+    model = LLM.load(tmp_path / "rm" / "model.safetensors")
+    assert model.config.num_labels == 1 and model.score is not None
+
+
+@pytest.mark.parametrize("kind", ["simpo", "orpo", "reward"])
 def test_reference_free_preference_losses_learn(pairs_dir, tmp_path, kind, capsys):
-    # SimPO and ORPO: no reference pass, none in the checkpoint; the chosen replies come to win
-    # (rows of 48 tokens: at 16 most pairs are cut, some replies to nothing).
+    # SimPO, ORPO and a reward model: no reference pass, none in the checkpoint; the chosen replies
+    # come to win (rows of 48 tokens: at 16 most pairs are cut, some replies to nothing).
     trainer.train(config(pairs_dir, tmp_path / kind, preference=kind, max_steps=16, lr=3e-3,
                          model={**TINY, "block_size": 48}))
     assert "reference model" not in capsys.readouterr().err

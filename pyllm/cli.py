@@ -859,6 +859,9 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--simpo-gamma", type=float, help="SimPO's target reward margin (default 0.5)")
     p.add_argument("--label-smoothing", type=float, help="with --preference dpo: the share of pairs taken to be "
                    "mislabelled (conservative DPO; default 0)")
+    p.add_argument("--center-rewards", type=float, help="with --preference reward: TRL's center_rewards_coefficient, "
+                   "times the mean squared sum of each pair's scores added to the loss (keeps the scores near 0; "
+                   "default 0)")
     p.add_argument("--reference", choices=["precomputed", "lora-off"],
                    help="dpo, ipo, hinge: the reference model's log-probabilities computed once before training by "
                         "the starting model (precomputed, the default: kept in the checkpoint) or, with --lora-rank, "

@@ -45,6 +45,7 @@ class TrainConfig:
     label_smoothing: float = 0.0  # dpo: the share of pairs taken to be mislabelled (conservative DPO)
     desirable_weight: float = 1.0  # kto: the desirable examples' weight in the loss
     undesirable_weight: float = 1.0  # kto: the undesirable examples'
+    center_rewards: float = 0.0  # reward: TRL's center_rewards_coefficient (times the mean of (chosen + rejected)^2)
     reference: str = "precomputed"  # dpo / ipo / hinge: precomputed (once, before training) | lora-off (LoRA runs: each step, adapters off)
     teacher: str = ""  # distillation: a Hugging Face checkpoint folder (or hub id) or a pyllm run, over the same vocabulary
     distill_beta: float = 0.0  # GKD's generalized JSD: 0 forward KL(teacher || student), 1 reverse KL, else the mixture's
@@ -139,6 +140,9 @@ class TrainConfig:
                              f"{self.desirable_weight} and {self.undesirable_weight}")
         if self.label_smoothing and self.preference != "dpo":
             raise ValueError("TrainConfig.label_smoothing goes with preference dpo")
+        if not 0.0 <= self.center_rewards < math.inf or (self.center_rewards and self.preference != "reward"):
+            raise ValueError(f"TrainConfig.center_rewards must be >= 0 and goes with preference reward, got "
+                             f"{self.center_rewards} (preference {self.preference!r})")
         if not 0.0 <= self.distill_beta <= 1.0 or not 0.0 <= self.distill_alpha <= 1.0:
             raise ValueError(f"TrainConfig.distill_beta and distill_alpha must be in [0, 1], got {self.distill_beta} "
                              f"and {self.distill_alpha}")
@@ -180,7 +184,7 @@ def preference_options(cfg) -> dict:
     """The keyword arguments of preference_loss for cfg."""
     return {"kind": cfg.preference, "beta": cfg.beta or PREFERENCE_BETA[cfg.preference], "gamma": cfg.simpo_gamma,
             "label_smoothing": cfg.label_smoothing, "desirable_weight": cfg.desirable_weight,
-            "undesirable_weight": cfg.undesirable_weight}
+            "undesirable_weight": cfg.undesirable_weight, "center_rewards": cfg.center_rewards}
 
 
 class TrainingDiverged(RuntimeError):

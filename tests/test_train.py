@@ -565,13 +565,15 @@ def test_dpo_with_fused_loss_trains_as_without(pairs_dir, tmp_path):
     np.testing.assert_allclose(losses(tmp_path / "fused"), losses(tmp_path / "plain"), rtol=1e-5)
 
 
-def test_reward_model_batch_loss_is_each_sequence_alone(pairs_dir):
+@pytest.mark.parametrize("center", [0.0, 0.3])
+def test_reward_model_batch_loss_is_each_sequence_alone(pairs_dir, center):
     # fp64: a reward model's loss and gradients on a packed batch are the Bradley-Terry loss of the
-    # score head at each reply's last token, each sequence run alone; the rewards are the scores.
+    # score head at each reply's last token (+ TRL's centering term), each sequence run alone; the
+    # rewards are the scores.
     _, policy, loader, _, batch = batch_of_pairs(pairs_dir)
     policy.add_score_head(1)
     torch.nn.init.normal_(policy.score.weight, std=0.5)
-    loss, stats = trainer.preference_batch_loss(policy, batch, None, kind="reward")
+    loss, stats = trainer.preference_batch_loss(policy, batch, None, kind="reward", center_rewards=center)
     loss.backward()
     got = [p.grad.clone() for p in policy.parameters()]
     policy.zero_grad()
@@ -583,7 +585,7 @@ def test_reward_model_batch_loss_is_each_sequence_alone(pairs_dir):
 
     chosen = torch.stack([score(d, n) for d, n in zip(real[0::2], lengths[0::2])])
     rejected = torch.stack([score(d, n) for d, n in zip(real[1::2], lengths[1::2])])
-    want = -torch.nn.functional.logsigmoid(chosen - rejected).mean()
+    want = -torch.nn.functional.logsigmoid(chosen - rejected).mean() + center * ((chosen + rejected) ** 2).mean()
     want.backward()
     assert loss.item() == pytest.approx(want.item(), rel=1e-12)
     np.testing.assert_allclose(stats.tolist(), [chosen.mean().item(), rejected.mean().item(),

@@ -628,7 +628,9 @@ def test_preference_options_are_checked(data_dir, chat_dir, pairs_dir, tmp_path)
                              (dict(preference="kto", desirable_weight=0.0), "desirable_weight and undesirable_weight"),
                              (dict(preference="dpo", beta=-1.0), "beta and simpo_gamma must be >= 0"),
                              (dict(preference="dpo", label_smoothing=0.5), r"label_smoothing must be in \[0, 0.5\)"),
-                             (dict(preference="simpo", label_smoothing=0.1), "goes with preference dpo")):
+                             (dict(preference="simpo", label_smoothing=0.1), "goes with preference dpo"),
+                             (dict(preference="dpo", center_rewards=0.1), "goes with preference reward"),
+                             (dict(preference="reward", center_rewards=-1.0), "center_rewards must be >= 0")):
         with pytest.raises(ValueError, match=message):
             TrainConfig(out_dir=str(tmp_path), **options).validate()
 

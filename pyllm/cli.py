@@ -450,7 +450,7 @@ def cmd_train(args) -> int:
 
 
 def stream_sample(model, tokenizer, prompt: str, max_new_tokens: int, temperature: float, top_k, top_p, seed: int,
-                  prefix_ids=(), prompt_ids=None, stop_tokens=()) -> str:
+                  prefix_ids=(), prompt_ids=None, stop_tokens=(), cuda_graph: bool = False) -> str:
     """Generates after prompt (after prefix_ids, e.g. a BOS token), printing text as it comes (a
     UTF-8 character split across tokens is printed once its last byte arrives). prompt_ids: the
     tokens to continue instead (a rendered chat), not printed; generation ends at a stop token,
@@ -481,7 +481,7 @@ def stream_sample(model, tokenizer, prompt: str, max_new_tokens: int, temperatur
 
     gen = torch.Generator(device=device).manual_seed(seed)
     model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, callback=on_token, generator=gen,
-                   stop_tokens=stops)
+                   stop_tokens=stops, cuda_graph=cuda_graph)
     return prompt + tokenizer.decode(generated)
 
 
@@ -519,7 +519,7 @@ def generate_file(model, tokenizer, args, prefix_ids, stop_tokens, source) -> in
         for start in range(0, len(prompts), args.batch_size):
             chunk = prompts[start:start + args.batch_size]
             new = model.generate_batch([ids_of(p) for p in chunk], args.max_new_tokens, args.temperature, args.top_k,
-                                       args.top_p, generator, stops)
+                                       args.top_p, generator, stops, cuda_graph=args.cuda_graph)
             for prompt, tokens in zip(chunk, new):
                 completion = tokenizer.decode([t for t in tokens if t not in stops])
                 out.write(json.dumps({"prompt": prompt, "completion": completion}, ensure_ascii=False) + "\n")
@@ -616,7 +616,7 @@ def cmd_generate(args) -> int:
         return generate_file(model, tokenizer, args, prefix, stops, source)
     for i in range(args.num_samples):
         stream_sample(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                      args.seed + i, prefix, prompt_ids, stops)
+                      args.seed + i, prefix, prompt_ids, stops, args.cuda_graph)
         print("\n" + "-" * 60)
     return 0
 
@@ -959,6 +959,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="FILE", help="with --prompts-file: the JSONL file to write (default: stdout)")
     p.add_argument("--batch-size", type=int, default=16, help="with --prompts-file: prompts generated at once (default 16)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--cuda-graph", action="store_true", help="on CUDA: each decode step replays a CUDA graph instead "
+                   "of launching its kernels one by one (small models are bound by those launches; the same tokens). "
+                   "UNVERIFIED: not yet run on a GPU")
     add_device_options(p)
     p.set_defaults(func=cmd_generate)
     p = sub.add_parser("eval", help="a model's multiple-choice accuracy (HellaSwag-style files) and loss on text")

@@ -209,6 +209,8 @@ def test_train_end_to_end_cache_resume_generate(corpus, tmp_path, capsys):
     assert capsys.readouterr().out.startswith("def g")
     assert cli.main(["generate", "--run", str(run), "--chat", "--prompt", "hi"]) == 2  # no chat template here
     assert "--chat needs --hf DIR, or a --run fine-tuned from one" in capsys.readouterr().err
+    assert cli.main(["generate", "--run", str(run), "--max-new-tokens", "4", "--cuda-graph"]) == 2  # (CUDA only)
+    assert "cuda_graph" in capsys.readouterr().err
 
     # export: a Hugging Face folder transformers loads as the same function (a LLaMA config), with the
     # tokenizer as tokenizer.json (the stand-in's: Tokenizer.to_hf is tested in test_bpe.py) and pyllm's own

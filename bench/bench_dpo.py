@@ -1,4 +1,4 @@
-"""Preference tuning (DPO, KTO): pairs packed side by side vs TRL's padded batches.
+"""Preference tuning (DPO, KTO, reward models): pairs packed side by side vs TRL's padded batches.
 
 One epoch over the same preference pairs, forward + backward of the DPO loss (the optimizer step
 costs the same either way and is left out; both sides take the reference log-probabilities as
@@ -17,6 +17,10 @@ by pyllm.model.LLM.from_hf):
 example's reply, data.prepare_kto's), against TRL's KTOTrainer computation: the KL sequences padded
 and run without autograd, then the examples padded, forward and backward. "pyllm one pass" is what
 pyllm ran before 2026-12-01: the KL sequences in the examples' pass, under autograd.
+--loss reward: a reward model's Bradley-Terry loss on the pairs (pyllm: a score head at each
+packed sequence's last token, preference_batch_loss kind reward) against TRL's RewardTrainer
+computation: transformers' LlamaForSequenceClassification on the same weights, a batch's chosen
+then rejected sequences padded together (its pad id pooling the last real token).
 The padded batches hold as many pairs as a packed batch holds on average. Prompt and reply lengths
 are drawn from log-normals around --mean-prompt / --mean-reply (cut to [8, ...]); each pair's two
 replies differ in length. Rows: seconds per epoch (median of --repeat, interleaved), real tokens/s,
@@ -93,10 +97,11 @@ def main() -> int:
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16")
     parser.add_argument("--layers", type=int, default=0, help="default 30, SmolLM2-135M's (--quick: 4)")
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--loss", choices=["dpo", "kto"], default="dpo",
-                        help="kto: unpaired examples, each with its KL sequence (its prompt, the next example's reply)")
+    parser.add_argument("--loss", choices=["dpo", "kto", "reward"], default="dpo",
+                        help="kto: unpaired examples, each with its KL sequence (its prompt, the next example's reply); "
+                             "reward: a reward model's Bradley-Terry loss")
     args = parser.parse_args()
-    kto = args.loss == "kto"
+    kto, reward = args.loss == "kto", args.loss == "reward"
     transformers = common.peer_module("transformers", "bench_dpo", "transformers is not installed; nothing to compare with")
     if transformers is None:
         return 0
@@ -108,8 +113,9 @@ def main() -> int:
     rng = np.random.default_rng(0)
     draw = lambda mean: np.clip(rng.lognormal(np.log(mean), 0.7, n_pairs).astype(int), 8, args.seq_len // 4)  # noqa: E731
     prompts, chosen, rejected = draw(args.mean_prompt), draw(args.mean_reply), draw(args.mean_reply)
-    prompts = [rng.integers(0, config.vocab_size, p) for p in prompts]
-    replies = [[rng.integers(0, config.vocab_size, n) for n in pair] for pair in zip(chosen, rejected)]
+    high = config.vocab_size - 1 if reward else config.vocab_size  # reward: the last id pads (pooling skips it)
+    prompts = [rng.integers(0, high, p) for p in prompts]
+    replies = [[rng.integers(0, high, n) for n in pair] for pair in zip(chosen, rejected)]
     if kto:  # an example's reply, then the next example's (its KL sequence: data.prepare_kto)
         replies = [(replies[i][0], replies[(i + 1) % n_pairs][0]) for i in range(n_pairs)]
     labels = rng.random(n_pairs) < 0.5
@@ -122,6 +128,14 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as folder:
         theirs.save_pretrained(folder)
         ours = LLM.from_hf(folder)
+        if reward:  # TRL's RewardTrainer: transformers' sequence classifier (num_labels 1) on the same weights
+            ours.add_score_head(1)
+            config.num_labels, config.pad_token_id = 1, config.vocab_size - 1
+            classifier = transformers.LlamaForSequenceClassification(config)
+            missing = classifier.load_state_dict({**theirs.state_dict(), "score.weight": ours.score.weight.detach()},
+                                                 strict=False)
+            assert missing.missing_keys == [], missing
+            theirs = classifier
         path = Path(folder) / "train.bin"
         data.write_documents(path, docs, masks, config.vocab_size, np.arange(2 * n_pairs).reshape(-1, 2))
         loader = data.PackedLoader(path, args.rows, args.seq_len, seed=0)
@@ -139,16 +153,16 @@ def main() -> int:
     # these are the starting model's, so DPO's losses start at log 2, KTO's at 0.5).
     reference = np.zeros(2 * n_pairs)
     with torch.no_grad():
-        for i in range(0, 2 * n_pairs, 2 * per_batch):
+        for i in range(0, 2 * n_pairs if not reward else 0, 2 * per_batch):
             seqs = list(range(i, min(i + 2 * per_batch, 2 * n_pairs)))
             x, attn, loss_mask = (t.to(args.device) for t in padded(docs, masks, seqs, args.seq_len))
             reference[seqs] = concatenated_logps(theirs, x, attn, loss_mask).double().cpu().numpy()
-    options = dict(kind="kto", beta=BETA) if kto else dict(kind="dpo", beta=BETA)
+    options = dict(kind=args.loss) if reward else dict(kind=args.loss, beta=BETA)
 
     def epoch_pyllm_packed(limit=None):
         for x, y, cu, docs_of in packed[:limit]:
             batch = (x.to(args.device), y.to(args.device), cu.to(args.device), docs_of)
-            preference_batch_loss(ours, batch, reference, labels, **options)[0].backward()
+            preference_batch_loss(ours, batch, None if reward else reference, labels, **options)[0].backward()
 
     def epoch_pyllm_one_pass(limit=None):
         """KTO as pyllm computed it before 2026-12-01: the KL sequences in the examples' pass, with
@@ -177,6 +191,11 @@ def main() -> int:
                 logps = torch.cat([concatenated_logps(theirs, x, attn, loss_mask), kl_logps])
                 tokens = torch.cat([loss_mask[:, 1:].sum(-1), kl_mask[:, 1:].sum(-1)]).to(logps)
                 desirable = torch.from_numpy(labels[pairs.numpy()]).to(args.device)
+            elif reward:  # the scores at each sequence's last token (right padding, its pad id)
+                x, attn = (t.to(args.device) for t in batch[:2])
+                scores = theirs(input_ids=torch.where(attn.bool(), x, config.pad_token_id), attention_mask=attn).logits[:, 0]
+                torch.nn.functional.logsigmoid(scores[:n] - scores[n:]).neg().mean().backward()
+                continue
             else:
                 x, attn, loss_mask = (t.to(args.device) for t in batch[:3])
                 logps = concatenated_logps(theirs, x, attn, loss_mask)

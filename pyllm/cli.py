@@ -381,13 +381,13 @@ def cmd_train(args) -> int:
             dist.barrier()
         run = json.loads((Path(cfg.out_dir) / "run.json").read_text())
         tokenizer_path, cfg.data_dir = run["tokenizer"], run["data_dir"]
-        if ((cfg.distill_lmbda or cfg.distill_seq_kd) and not cfg.distill_stop_tokens
+        if ((cfg.distill_lmbda or cfg.distill_seq_kd or cfg.grpo_reward) and not cfg.sample_stop_tokens
                 and (run.get("init_from_hf") or cfg.init_from_hf)):
             from pyllm.model import hf_folder
             from pyllm.tokenizer.tokenizer import hf_stop_ids
 
-            # on-policy samples end where the model's replies end: its end-of-sequence ids
-            cfg.distill_stop_tokens = hf_stop_ids(hf_folder(run.get("init_from_hf") or cfg.init_from_hf))
+            # samples end where the model's replies end: its end-of-sequence ids
+            cfg.sample_stop_tokens = hf_stop_ids(hf_folder(run.get("init_from_hf") or cfg.init_from_hf))
         if run["vocab_size"] and "vocab_size" not in cfg.model:
             cfg.model["vocab_size"] = run["vocab_size"]
         if cli["eval_choices_file"]:  # tokenized once, as the run's documents start; the trainer scores the file
@@ -880,6 +880,15 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--distill-lmbda", type=float, help="GKD's lmbda: the share of micro-batches (drawn at random) "
                    "whose conversations' last replies are replaced by the student's own samples, the divergence taken "
                    "on those (on-policy distillation; default 0: the data's replies alone)")
+    p.add_argument("--grpo-reward", metavar="SPEC", help="GRPO (DeepSeekMath; TRL's GRPOTrainer, beta 0) on --data of "
+                   "conversations or prompt-completion lines: each one's last reply replaced by --grpo-generations "
+                   "samples of the model, rewarded by SPEC: a reward model (a `pyllm train --preference reward` run or "
+                   "a Hugging Face *ForSequenceClassification folder, same tokenizer) or module:function, called with "
+                   "the prompts' and the samples' token-id lists and giving a number per sample; the advantage is "
+                   "the reward normalized in its group")
+    p.add_argument("--grpo-generations", type=int, help="GRPO: samples per prompt (default 8)")
+    p.add_argument("--grpo-max-new-tokens", type=int, help="GRPO: at most this many tokens a sample (default 128)")
+    p.add_argument("--grpo-temperature", type=float, help="GRPO: samples drawn at this temperature (default 1)")
     p.add_argument("--distill-seq-kd", action="store_true", default=None,
                    help="GKD's seq_kd: the conversations' last replies replaced by the teacher's samples first (sequence-"
                         "level distillation; --distill-lmbda's draws then take the student's instead)")

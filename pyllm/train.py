@@ -54,7 +54,11 @@ class TrainConfig:
     distill_lmbda: float = 0.0  # GKD's lmbda: the share of micro-batches whose last replies are the student's own samples
     distill_max_new_tokens: int = 128  # on-policy samples: at most this many tokens each (TRL's GKD default)
     distill_sample_temperature: float = 0.9  # on-policy samples drawn at this temperature (TRL's GKD default)
-    distill_stop_tokens: list = field(default_factory=list)  # on-policy samples end at one of these ids (the CLI: the model's end-of-sequence ids)
+    sample_stop_tokens: list = field(default_factory=list)  # samples (on-policy, GRPO) end at one of these ids (the CLI: the model's end-of-sequence ids)
+    grpo_reward: str = ""  # GRPO on the conversations' prompts, rewarded by a reward model (pyllm run or HF folder) or "module:function"
+    grpo_generations: int = 8  # GRPO: samples per prompt, the group whose rewards are normalized (TRL's num_generations)
+    grpo_max_new_tokens: int = 128  # GRPO: at most this many tokens a sample
+    grpo_temperature: float = 1.0  # GRPO: samples drawn at this temperature (TRL's default)
     distill_seq_kd: bool = False  # GKD's seq_kd: every micro-batch's last replies the teacher's samples first (sequence-level KD)
     model: dict = field(default_factory=dict)  # ModelConfig overrides, e.g. {"n_layers": 2}
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -157,6 +161,15 @@ class TrainConfig:
         if (self.distill_lmbda or self.distill_seq_kd) and not self.teacher:
             raise ValueError("TrainConfig.distill_lmbda and distill_seq_kd (samples to distill on) go with a teacher "
                              "(distillation)")
+        if self.grpo_reward and (self.preference or self.teacher):
+            raise ValueError("TrainConfig.grpo_reward (GRPO) goes with neither preference tuning nor distillation")
+        if self.grpo_generations < 2 or self.grpo_max_new_tokens < 1 or not self.grpo_temperature > 0:
+            raise ValueError(f"TrainConfig.grpo_generations must be >= 2, grpo_max_new_tokens >= 1 and "
+                             f"grpo_temperature > 0, got {self.grpo_generations}, {self.grpo_max_new_tokens} and "
+                             f"{self.grpo_temperature}")
+        if self.grpo_reward and self.dist_mode == "fsdp":
+            raise NotImplementedError("GRPO's samples (grpo_reward) are drawn from the whole model on each rank: use "
+                                      "ddp or zero1, not fsdp")
         if self.distill_lmbda and self.dist_mode == "fsdp":
             raise NotImplementedError("on-policy distillation samples (distill_lmbda) are drawn from the whole model on "
                                       "each rank: use ddp or zero1, not fsdp")
@@ -584,19 +597,11 @@ def distill_loss(model, teacher: LLM, batch, cfg: TrainConfig) -> torch.Tensor:
                                   "alpha": cfg.distill_alpha})[1]
 
 
-def on_policy_batch(model: LLM, batch, cfg: TrainConfig, generator: torch.Generator | None = None) -> tuple:
-    """GKD's on-policy batch (Agarwal et al. 2024; TRL's GKDTrainer with lmbda; with the teacher as
-    model, its seq_kd): each conversation
-    of a packed batch (x, y, cu_seqlens) with trained targets, its last reply (the last run of them)
-    replaced by the model's own sample from its prompt (everything before that reply; up to
-    cfg.distill_max_new_tokens at cfg.distill_sample_temperature, ending at one of
-    cfg.distill_stop_tokens), the sample's tokens the only trained targets; packed again into rows
-    of T in order (a row takes the next sequence while it fits; cut to T). Conversations with no
-    trained target or a prompt that fills T (or the model's block_size) are left out (at least one row of padding comes back).
-    The model samples in eval mode without autograd (generate_batch: all prompts at once), in its
-    own dtype, outside autocast."""
+def last_reply_prompts(batch, limit: int) -> list[list[int]]:
+    """The prompt of each conversation of a packed batch (x, y, cu_seqlens) that has trained targets:
+    its tokens before its last reply (the last run of trained targets; earlier replies kept), those
+    of fewer than limit tokens."""
     x, y, cu = batch
-    T = x.shape[1]
     offsets = cu.tolist()
     tokens, trained = x.view(-1).tolist(), (y.view(-1) != -1).tolist()
     prompts = []
@@ -608,23 +613,112 @@ def on_policy_batch(model: LLM, batch, cfg: TrainConfig, generator: torch.Genera
             continue
         while first > start and trained[first - 1]:
             first -= 1
-        if first + 1 - start < min(T, model.config.block_size):  # the prompt: up to the token whose target is the reply's first
+        if first + 1 - start < limit:  # the prompt: up to the token whose target is the reply's first
             prompts.append(tokens[start:first + 1])
-    sequences = []
-    if prompts:
-        new = min(cfg.distill_max_new_tokens, model.config.block_size - max(len(p) for p in prompts))
-        with torch.autocast(x.device.type, enabled=False):
-            samples = model.generate_batch(prompts, new, cfg.distill_sample_temperature, generator=generator,
-                                           stop_tokens=cfg.distill_stop_tokens)
-        sequences = [((prompt + sample)[:T], len(prompt)) for prompt, sample in zip(prompts, samples)]
-    starts, _, cu_new = pack_in_order([len(ids) for ids, _ in sequences], T)
-    x_new = torch.zeros(cu_new[-1], dtype=torch.long)
-    y_new = torch.full((cu_new[-1],), -1, dtype=torch.long)
+    return prompts
+
+
+def sample_replies(model: LLM, prompts: list[list[int]], max_new_tokens: int, temperature: float,
+                   stop_tokens, generator: torch.Generator | None) -> list[list[int]]:
+    """Each prompt's sample (generate_batch: all at once, eval mode, no autograd), in the model's own
+    dtype outside autocast, at most max_new_tokens and what the model's block_size leaves."""
+    if not prompts:
+        return []
+    new = min(max_new_tokens, model.config.block_size - max(len(p) for p in prompts))
+    with torch.autocast(next(model.parameters()).device.type, enabled=False):
+        return model.generate_batch(prompts, new, temperature, generator=generator, stop_tokens=stop_tokens)
+
+
+def pack_replies(prompts: list[list[int]], replies: list[list[int]], T: int, device) -> tuple:
+    """(x, y, cu_seqlens, at): each prompt + its reply (cut to T) packed in order into rows of T
+    (pack_in_order), the replies' tokens the only targets; at: each sequence's segment."""
+    sequences = [((prompt + reply)[:T], len(prompt)) for prompt, reply in zip(prompts, replies)]
+    starts, at, cu = pack_in_order([len(ids) for ids, _ in sequences], T)
+    x = torch.zeros(cu[-1], dtype=torch.long)
+    y = torch.full((cu[-1],), -1, dtype=torch.long)
     for (ids, prompt_len), start in zip(sequences, starts):
-        x_new[start:start + len(ids)] = torch.tensor(ids)
-        y_new[start + prompt_len - 1:start + len(ids) - 1] = torch.tensor(ids[prompt_len:])  # the sample's tokens
-    return (x_new.view(-1, T).to(x.device), y_new.view(-1, T).to(x.device),
-            torch.tensor(cu_new, dtype=torch.int32, device=x.device))
+        x[start:start + len(ids)] = torch.tensor(ids)
+        y[start + prompt_len - 1:start + len(ids) - 1] = torch.tensor(ids[prompt_len:])  # the reply's tokens
+    return x.view(-1, T).to(device), y.view(-1, T).to(device), torch.tensor(cu, dtype=torch.int32, device=device), at
+
+
+def on_policy_batch(model: LLM, batch, cfg: TrainConfig, generator: torch.Generator | None = None) -> tuple:
+    """GKD's on-policy batch (Agarwal et al. 2024; TRL's GKDTrainer with lmbda; with the teacher as
+    model, its seq_kd): each conversation of a packed batch (x, y, cu_seqlens) with trained
+    targets, its last reply replaced by the model's own sample from its prompt (last_reply_prompts;
+    up to cfg.distill_max_new_tokens at cfg.distill_sample_temperature, ending at one of
+    cfg.sample_stop_tokens), the sample's tokens the only trained targets, packed again into rows
+    of T (pack_replies). Conversations with no trained target or a prompt that fills T (or the
+    model's block_size) are left out (at least one row of padding comes back)."""
+    T = batch[0].shape[1]
+    prompts = last_reply_prompts(batch, min(T, model.config.block_size))
+    samples = sample_replies(model, prompts, cfg.distill_max_new_tokens, cfg.distill_sample_temperature,
+                             cfg.sample_stop_tokens, generator)
+    return pack_replies(prompts, samples, T, batch[0].device)[:3]
+
+
+def load_reward(cfg: TrainConfig, policy: LLM, precision: str, device: torch.device):
+    """GRPO's reward (cfg.grpo_reward) as a function of (prompts, completions: token-id lists, the
+    packed batch (x, y, cu_seqlens, at) of them) -> (n,) rewards: a reward model's scores at each
+    sequence's last token (a pyllm run or a Hugging Face folder with a score head: --preference
+    reward, *ForSequenceClassification; frozen, eval mode, the compute dtype, the policy's
+    vocabulary), or "module:function", called with the two lists, giving n numbers (verifiable
+    rewards: decode with the run's tokenizer there)."""
+    spec = cfg.grpo_reward
+    if ":" in spec and not Path(spec).exists():
+        import importlib
+
+        module, name = spec.rsplit(":", 1)
+        function = getattr(importlib.import_module(module), name)
+        return lambda prompts, completions, packed: torch.tensor(function(prompts, completions), dtype=torch.float32)
+    path = Path(spec)
+    pyllm_run = path.is_dir() and not (path / "config.json").exists()
+    rm = LLM.load(source_run_weights(path)) if pyllm_run else LLM.from_hf(spec)
+    if rm.score is None or rm.config.num_labels != 1:
+        raise ValueError(f"grpo_reward {spec}: not a reward model (a score head of one label: train one with "
+                         "--preference reward, or give a *ForSequenceClassification checkpoint)")
+    if rm.config.vocab_size != policy.config.vocab_size:
+        raise ValueError(f"grpo_reward {spec}: its vocabulary has {rm.config.vocab_size} ids, the policy's "
+                         f"{policy.config.vocab_size}: it scores the policy's token ids (the same tokenizer)")
+    rm = rm.to(device, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)).eval()
+    rm.requires_grad_(False)
+
+    @torch.no_grad()
+    def score(prompts, completions, packed):
+        x, _, cu, at = packed
+        with autocast(precision, device):
+            return rm(x, None, cu, scores=True)[1][at, 0].float().cpu()
+
+    return score
+
+
+def grpo_batch_loss(model, policy: LLM, batch, cfg: TrainConfig, reward, generator: torch.Generator | None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """GRPO's loss (Shao et al. 2024, DeepSeekMath; TRL's GRPOTrainer with beta 0 and one update per
+    generation, its defaults) on a packed batch of conversations: each one's prompt (last_reply_prompts)
+    continued cfg.grpo_generations times by the policy (sample_replies, cfg.grpo_temperature), the
+    samples rewarded (load_reward's function), each sample's advantage its reward normalized in its
+    group, (r - mean) / (std + 1e-4), and the loss -mean_i A_i mean_t ratio_it over the samples i
+    and their tokens t, with ratio = p / p.detach() (1 in value: the loss is -mean A, ~0; its
+    gradient -mean_i A_i mean_t grad log p_it). model: what computes the log-probabilities (DDP's
+    wrapper); policy: the LLM that samples. Also (mean reward, reward std, mean sample length)."""
+    T = batch[0].shape[1]
+    prompts = last_reply_prompts(batch, min(T, policy.config.block_size))
+    groups = [prompt for prompt in prompts for _ in range(cfg.grpo_generations)]
+    samples = sample_replies(policy, groups, cfg.grpo_max_new_tokens, cfg.grpo_temperature, cfg.sample_stop_tokens,
+                             generator)
+    packed = pack_replies(groups, samples, T, batch[0].device)
+    x, y, cu, at = packed
+    rewards = reward(groups, samples, packed).to(torch.float64)  # (n,); the normalization in fp64: n numbers
+    grouped = rewards.view(-1, cfg.grpo_generations)
+    advantages = ((grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + 1e-4)).view(-1)
+    token_logps = model(x, y, cu, per_token=True)[1]
+    logps = sequence_logps(token_logps, cu)[at] / sequence_logps((y != -1).to(token_logps.dtype), cu)[at].clamp(min=1)
+    ratio = torch.exp(logps - logps.detach())  # (the mean over a sample's tokens of log p)
+    loss = -(advantages.to(ratio) * ratio).sum() / max(len(at), 1)
+    lengths = torch.tensor([float(len(s)) for s in samples])
+    stats = torch.stack([rewards.mean(), rewards.std(), lengths.double().mean()]) if len(at) else torch.zeros(3)
+    return loss, stats.to(torch.float32).to(token_logps.device)
 
 
 def make_loader(path, cfg: TrainConfig, seq_len: int, seed: int, info: DistInfo):
@@ -874,6 +968,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
         raise ValueError(f"the token files hold ids up to {data_vocab - 1}, but the model has {mcfg.vocab_size} "
                          "embeddings: tokenize with the model's own tokenizer")
     teacher = load_teacher(cfg, model, precision, info.device) if cfg.teacher else None
+    reward = load_reward(cfg, model, precision, info.device) if cfg.grpo_reward else None
     seq_len = cfg.seq_len or mcfg.block_size
     if info.is_main and not has_kernels_for(info.device):
         print("pyllm: this build has no CUDA kernels (nvcc was not found when it was installed): training "
@@ -884,9 +979,10 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
     loader = make_loader(data / "train.bin", cfg, seq_len, cfg.seed, info)
     pairs = isinstance(loader, PackedLoader) and loader.pairs is not None
     labelled = isinstance(loader, PackedLoader) and loader.labels is not None
-    if (cfg.distill_lmbda or cfg.distill_seq_kd) and not isinstance(loader, PackedLoader):
-        raise ValueError("distill_lmbda and distill_seq_kd (samples to distill on) continue the conversations' prompts: "
-                         "they need conversations (*.jsonl), not text windows")
+    if (cfg.distill_lmbda or cfg.distill_seq_kd or cfg.grpo_reward) and not (isinstance(loader, PackedLoader)
+                                                                            and loader.pairs is None):
+        raise ValueError("distill_lmbda, distill_seq_kd and grpo_reward (samples) continue the conversations' prompts: "
+                         "they need conversations (*.jsonl), not text windows or pairs")
     if labelled != (cfg.preference == "kto"):
         raise ValueError("unpaired examples ({\"prompt\", \"completion\", \"label\"} lines) train by preference kto"
                          if labelled else "preference kto trains on unpaired examples ({\"prompt\", \"completion\", "
@@ -968,7 +1064,10 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
         aux_sum = torch.zeros((), device=info.device)  # the part of loss_sum that is load balancing (MoE)
         pref_sums = torch.zeros(3, device=info.device)  # mean chosen reward, rejected reward, accuracy
         on_policy = 0  # micro-batches of the student's own samples (distill_lmbda)
+        grpo_sums = torch.zeros(3, device=info.device)  # mean reward, reward std, sample length
         batches, weights, lengths, outputs, forward_only = next_batches(loader, cfg.grad_accum, info.world_size)
+        if reward is not None:  # each micro-batch's mean over its samples, the micro-batches alike
+            weights = None
         for micro, batch in enumerate(batches):
             last = micro == cfg.grad_accum - 1
             no_sync = wrapped.no_sync() if hasattr(wrapped, "no_sync") and not last else contextlib.nullcontext()
@@ -977,6 +1076,11 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
                     loss, stats = preference_batch_loss(wrapped, batch, reference and reference["train"], loader.labels,
                                                         **preference_options(cfg))
                     pref_sums += stats * weights[micro]
+                elif reward is not None:
+                    seed = int(np.random.default_rng([cfg.seed, step, micro, info.rank]).integers(2 ** 62))
+                    loss, stats = grpo_batch_loss(wrapped, model, batch, cfg, reward,
+                                                  torch.Generator(info.device).manual_seed(seed))
+                    grpo_sums += stats / cfg.grad_accum
                 elif teacher is not None:
                     # GKD's seq_kd (the teacher's samples), then lmbda (the student's): the same draw on
                     # every rank (seeded by step and micro-step), each rank's samples its own; a batch
@@ -993,7 +1097,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
                 else:
                     loss = wrapped(*batch)[1]
                 if model.aux_loss is not None:  # a MoE's load balancing (in the loss unless the forward was per token)
-                    if cfg.preference or (teacher is None and weights is not None and not cfg.fused_loss):
+                    if cfg.preference or reward is not None or (teacher is None and weights is not None
+                                                                and not cfg.fused_loss):
                         loss = loss + model.aux_loss
                     aux = model.aux_loss.detach()
                     aux_sum += aux / cfg.grad_accum if weights is None else aux * weights[micro]
@@ -1038,6 +1143,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
             record["aux_loss"] = float(all_reduce_mean(aux_sum, info))
         if cfg.distill_lmbda:
             record["on_policy"] = on_policy / cfg.grad_accum
+        if reward is not None:
+            record.update(zip(("reward", "reward_std", "completion_length"), all_reduce_mean(grpo_sums, info).tolist()))
         if cfg.preference:
             chosen, rejected, accuracy = all_reduce_mean(pref_sums, info).tolist()
             record.update(reward_chosen=chosen, reward_rejected=rejected, reward_margin=chosen - rejected,

@@ -519,10 +519,25 @@ def test_distill_from_a_hugging_face_teacher(chat_run_inputs, tmp_path):
                                "--distill-max-new-tokens", "4")) == 0
     assert logged(tmp_path / "gkd")[0]["on_policy"] == 1.0 and abs(logged(tmp_path / "gkd")[0]["loss"]) < 1e-6
     saved = torch.load(tmp_path / "gkd" / "checkpoint.pt", weights_only=False)["train_config"]
-    assert saved["distill_stop_tokens"] == hf_stop_ids(folder) != []
+    assert saved["sample_stop_tokens"] == hf_stop_ids(folder) != []
     assert cli.main(train_args(folder, chats, tmp_path / "seq", *common, "--teacher", str(folder), "--distill-seq-kd",
                                "--distill-max-new-tokens", "4")) == 0  # the teacher's samples
     assert abs(logged(tmp_path / "seq")[0]["loss"]) < 1e-6
+
+
+def test_grpo_from_a_hugging_face_model(chat_run_inputs, tmp_path):
+    # `pyllm train --grpo-reward module:function`: samples ending at the checkpoint's end-of-sequence
+    # ids, rewarded by the function; the log has the rewards.
+    from pyllm.tokenizer.tokenizer import hf_stop_ids
+
+    folder, chats = chat_run_inputs
+    assert cli.main(train_args(folder, chats, tmp_path / "rl", "--max-steps", "2", "--batch-size", "2",
+                               "--grpo-reward", "test_grpo:sevens", "--grpo-generations", "2",
+                               "--grpo-max-new-tokens", "4")) == 0
+    record = logged(tmp_path / "rl")[-1]
+    assert {"reward", "reward_std", "completion_length"} <= record.keys() and 1 <= record["completion_length"] <= 4
+    saved = torch.load(tmp_path / "rl" / "checkpoint.pt", weights_only=False)["train_config"]
+    assert saved["sample_stop_tokens"] == hf_stop_ids(folder) and saved["grpo_generations"] == 2
 
 
 def test_kto_on_unpaired_examples(chat_run_inputs, tmp_path, capsys):

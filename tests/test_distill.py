@@ -205,7 +205,7 @@ def test_on_policy_batch_replaces_the_last_replies(tmp_path):
     model = LLM(ModelConfig.from_preset("tiny", **{**TINY, "vocab_size": 64, "block_size": 32}))
     loader = data.PackedLoader(path, 3, 24, seed=0)
     batch = loader.next_batch()
-    cfg = TrainConfig(distill_max_new_tokens=6, distill_sample_temperature=1.0, distill_stop_tokens=[7])
+    cfg = TrainConfig(distill_max_new_tokens=6, distill_sample_temperature=1.0, sample_stop_tokens=[7])
     x, y, cu = trainer.on_policy_batch(model, batch, cfg, torch.Generator().manual_seed(3))
     prompts = []
     for doc, length in zip([d for d in loader.docs if d >= 0], loader.lengths):

@@ -1,0 +1,107 @@
+"""GRPO: group-normalized rewards of the policy's own samples (train.grpo_batch_loss) and the trainer's use of it."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pyllm import data
+from pyllm import train as trainer
+from pyllm.model import LLM, ModelConfig
+from pyllm.train import TrainConfig
+
+from test_train import TINY, chat_dir, config, data_dir, pairs_dir  # noqa: F401  (fixtures)
+
+SPEC = "test_grpo:sevens"  # the reward function below, as "module:function"
+
+
+def sevens(prompts, completions):
+    """A verifiable reward: the share of a completion's tokens that are 7."""
+    return [sum(t == 7 for t in c) / len(c) for c in completions]
+
+
+def tiny(**kw):
+    torch.manual_seed(0)
+    return LLM(ModelConfig.from_preset("tiny", **{**TINY, "vocab_size": 64, "block_size": 32, **kw}))
+
+
+def test_grpo_loss_and_gradients_are_the_formula(chat_dir):  # noqa: F811
+    # fp64: each prompt's G samples (the same generator), their rewards normalized in the group, the
+    # loss -mean A (ratios of 1) and its gradient -mean_i A_i grad(mean_t log p_it), each sample's
+    # log-probabilities computed alone; the stats are the rewards' mean and std and the samples' length.
+    model = tiny().double()
+    batch = data.PackedLoader(chat_dir / "train.bin", 3, 24, seed=0).next_batch()
+    cfg = TrainConfig(grpo_reward=SPEC, grpo_generations=4, grpo_max_new_tokens=5)
+    reward = trainer.load_reward(cfg, model, "fp32", torch.device("cpu"))
+    loss, stats = trainer.grpo_batch_loss(model, model, batch, cfg, reward, torch.Generator().manual_seed(1))
+    loss.backward()
+    got = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    prompts = [p for p in trainer.last_reply_prompts(batch, 24) for _ in range(4)]
+    samples = trainer.sample_replies(model, prompts, 5, 1.0, [], torch.Generator().manual_seed(1))
+    rewards = torch.tensor(sevens(prompts, samples), dtype=torch.float64).view(-1, 4)
+    advantages = ((rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + 1e-4)).view(-1)
+    terms = []
+    for prompt, sample, a in zip(prompts, samples, advantages):
+        ids = torch.tensor(prompt + sample)
+        logp = torch.log_softmax(model(ids[None])[0][0], -1)[torch.arange(len(ids) - 1), ids[1:]][len(prompt) - 1:]
+        terms.append(a * logp.mean())
+    want = -torch.stack(terms).mean()
+    want.backward()
+    assert len(prompts) and len(prompts) % 4 == 0
+    assert loss.item() == pytest.approx(-advantages.mean().item(), abs=1e-12)
+    for g, p in zip(got, model.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=1e-9, atol=1e-14)
+    flat = rewards.view(-1)
+    np.testing.assert_allclose(stats.tolist(), [flat.mean().item(), flat.std().item(), np.mean([len(s) for s in samples])],
+                               rtol=1e-6)
+
+
+def test_grpo_raises_the_reward_and_resumes_exactly(chat_dir, tmp_path):  # noqa: F811
+    # The policy learns to say 7 (the reward's): the logged mean reward rises; resume is exact
+    # (the samples seeded by step and micro-step).
+    kw = dict(grpo_reward=SPEC, grpo_generations=4, grpo_max_new_tokens=6, model=dict(TINY, block_size=32), lr=1e-2)
+    trainer.train(config(chat_dir, tmp_path / "rl", max_steps=24, eval_every=24, **kw))
+    log = [json.loads(line) for line in (tmp_path / "rl/log.jsonl").read_text().splitlines()]
+    assert {"reward", "reward_std", "completion_length"} <= log[0].keys()
+    assert np.mean([r["reward"] for r in log[-5:]]) > np.mean([r["reward"] for r in log[:5]]) + 0.2
+    kw.update(grad_accum=2)
+    trainer.train(config(chat_dir, tmp_path / "whole", **kw))
+    trainer.train(config(chat_dir, tmp_path / "cut", **kw), stop_at=6)
+    trainer.train(config(chat_dir, tmp_path / "cut", **kw), resume=True)
+    losses = [[json.loads(line)["reward"] for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+              for run in ("whole", "cut")]
+    assert losses[0] == losses[1]
+
+
+def test_grpo_rewarded_by_a_reward_model(pairs_dir, chat_dir, tmp_path):  # noqa: F811
+    # A reward model trained by pyllm (--preference reward) rewards each sample with its score at the
+    # sample's last token, as it scores the sequence alone.
+    trainer.train(config(pairs_dir, tmp_path / "rm", preference="reward", max_steps=2, model=dict(TINY, block_size=32)))
+    model = tiny()
+    cfg = TrainConfig(grpo_reward=str(tmp_path / "rm"), grpo_generations=2, grpo_max_new_tokens=4)
+    reward = trainer.load_reward(cfg, model, "fp32", torch.device("cpu"))
+    rm = LLM.load(tmp_path / "rm" / "model.safetensors").eval()
+    prompts, samples = [[3, 14, 15], [9, 26]], [[5, 35, 8], [7]]
+    got = reward(prompts, samples, trainer.pack_replies(prompts, samples, 24, "cpu"))
+    with torch.no_grad():
+        want = [rm(torch.tensor([p + s]), scores=True)[1][0, 0].item() for p, s in zip(prompts, samples)]
+    np.testing.assert_allclose(got.tolist(), want, rtol=1e-5)
+    trainer.train(config(chat_dir, tmp_path / "rl", grpo_reward=str(tmp_path / "rm"), grpo_generations=2,
+                         grpo_max_new_tokens=4, max_steps=2, model=dict(TINY, block_size=32)))
+    assert "reward" in json.loads((tmp_path / "rl/log.jsonl").read_text().splitlines()[-1])
+    with pytest.raises(ValueError, match="not a reward model"):
+        trainer.load_reward(TrainConfig(grpo_reward=str(tmp_path / "rl")), model, "fp32", torch.device("cpu"))
+
+
+def test_grpo_options_are_checked(data_dir, pairs_dir, tmp_path):  # noqa: F811
+    for kwargs, message, error in [(dict(grpo_reward=SPEC, grpo_generations=1), "grpo_generations must be >= 2", ValueError),
+                                   (dict(grpo_reward=SPEC, preference="dpo"), "neither preference tuning", ValueError),
+                                   (dict(grpo_reward=SPEC, dist_mode="fsdp"), "not fsdp", NotImplementedError)]:
+        with pytest.raises(error, match=message):
+            TrainConfig(**kwargs).validate()
+    for folder in (data_dir, pairs_dir):
+        with pytest.raises(ValueError, match="they need conversations"):
+            trainer.train(config(folder, tmp_path / "x", grpo_reward=SPEC))

@@ -693,7 +693,7 @@ def load_reward(cfg: TrainConfig, policy: LLM, precision: str, device: torch.dev
 
 
 def grpo_batch_loss(model, policy: LLM, batch, cfg: TrainConfig, reward, generator: torch.Generator | None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+                    ) -> tuple[torch.Tensor, torch.Tensor, list[int], int]:
     """GRPO's loss (Shao et al. 2024, DeepSeekMath; TRL's GRPOTrainer with beta 0 and one update per
     generation, its defaults) on a packed batch of conversations: each one's prompt (last_reply_prompts)
     continued cfg.grpo_generations times by the policy (sample_replies, cfg.grpo_temperature), the
@@ -701,7 +701,8 @@ def grpo_batch_loss(model, policy: LLM, batch, cfg: TrainConfig, reward, generat
     group, (r - mean) / (std + 1e-4), and the loss -mean_i A_i mean_t ratio_it over the samples i
     and their tokens t, with ratio = p / p.detach() (1 in value: the loss is -mean A, ~0; its
     gradient -mean_i A_i mean_t grad log p_it). model: what computes the log-probabilities (DDP's
-    wrapper); policy: the LLM that samples. Also (mean reward, reward std, mean sample length)."""
+    wrapper); policy: the LLM that samples. Also (mean reward, reward std, mean sample length), and
+    the lengths of the sequences the loss was computed on and their trained targets (for MFU)."""
     T = batch[0].shape[1]
     prompts = last_reply_prompts(batch, min(T, policy.config.block_size))
     groups = [prompt for prompt in prompts for _ in range(cfg.grpo_generations)]
@@ -718,7 +719,8 @@ def grpo_batch_loss(model, policy: LLM, batch, cfg: TrainConfig, reward, generat
     loss = -(advantages.to(ratio) * ratio).sum() / max(len(at), 1)
     lengths = torch.tensor([float(len(s)) for s in samples])
     stats = torch.stack([rewards.mean(), rewards.std(), lengths.double().mean()]) if len(at) else torch.zeros(3)
-    return loss, stats.to(torch.float32).to(token_logps.device)
+    cut = [min(len(p) + len(s), T) for p, s in zip(groups, samples)]
+    return loss, stats.to(torch.float32).to(token_logps.device), cut, sum(c - len(p) for c, p in zip(cut, groups))
 
 
 def make_loader(path, cfg: TrainConfig, seq_len: int, seed: int, info: DistInfo):
@@ -1066,8 +1068,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
         on_policy = 0  # micro-batches of the student's own samples (distill_lmbda)
         grpo_sums = torch.zeros(3, device=info.device)  # mean reward, reward std, sample length
         batches, weights, lengths, outputs, forward_only = next_batches(loader, cfg.grad_accum, info.world_size)
-        if reward is not None:  # each micro-batch's mean over its samples, the micro-batches alike
-            weights = None
+        if reward is not None:  # each micro-batch's mean over its samples, the micro-batches alike;
+            weights, lengths, outputs = None, [], 0  # the FLOPs: the samples' sequences'  (not the sampling)
         for micro, batch in enumerate(batches):
             last = micro == cfg.grad_accum - 1
             no_sync = wrapped.no_sync() if hasattr(wrapped, "no_sync") and not last else contextlib.nullcontext()
@@ -1078,9 +1080,10 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
                     pref_sums += stats * weights[micro]
                 elif reward is not None:
                     seed = int(np.random.default_rng([cfg.seed, step, micro, info.rank]).integers(2 ** 62))
-                    loss, stats = grpo_batch_loss(wrapped, model, batch, cfg, reward,
-                                                  torch.Generator(info.device).manual_seed(seed))
+                    loss, stats, computed, targets = grpo_batch_loss(wrapped, model, batch, cfg, reward,
+                                                                     torch.Generator(info.device).manual_seed(seed))
                     grpo_sums += stats / cfg.grad_accum
+                    lengths, outputs = lengths + computed, outputs + targets
                 elif teacher is not None:
                     # GKD's seq_kd (the teacher's samples), then lmbda (the student's): the same draw on
                     # every rank (seeded by step and micro-step), each rank's samples its own; a batch

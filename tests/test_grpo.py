@@ -35,7 +35,7 @@ def test_grpo_loss_and_gradients_are_the_formula(chat_dir):  # noqa: F811
     batch = data.PackedLoader(chat_dir / "train.bin", 3, 24, seed=0).next_batch()
     cfg = TrainConfig(grpo_reward=SPEC, grpo_generations=4, grpo_max_new_tokens=5)
     reward = trainer.load_reward(cfg, model, "fp32", torch.device("cpu"))
-    loss, stats = trainer.grpo_batch_loss(model, model, batch, cfg, reward, torch.Generator().manual_seed(1))
+    loss, stats, lengths, targets = trainer.grpo_batch_loss(model, model, batch, cfg, reward, torch.Generator().manual_seed(1))
     loss.backward()
     got = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
@@ -54,6 +54,8 @@ def test_grpo_loss_and_gradients_are_the_formula(chat_dir):  # noqa: F811
     assert loss.item() == pytest.approx(-advantages.mean().item(), abs=1e-12)
     for g, p in zip(got, model.parameters()):
         torch.testing.assert_close(g, p.grad, rtol=1e-9, atol=1e-14)
+    cut = [min(len(p) + len(s), 24) for p, s in zip(prompts, samples)]  # (MFU's count: the sequences computed)
+    assert lengths == cut and targets == sum(c - len(p) for c, p in zip(cut, prompts))
     flat = rewards.view(-1)
     np.testing.assert_allclose(stats.tolist(), [flat.mean().item(), flat.std().item(), np.mean([len(s) for s in samples])],
                                rtol=1e-6)

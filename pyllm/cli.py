@@ -889,6 +889,9 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grpo-generations", type=int, help="GRPO: samples per prompt (default 8)")
     p.add_argument("--grpo-max-new-tokens", type=int, help="GRPO: at most this many tokens a sample (default 128)")
     p.add_argument("--grpo-temperature", type=float, help="GRPO: samples drawn at this temperature (default 1)")
+    p.add_argument("--grpo-beta", type=float, help="GRPO: the weight of a KL penalty against the starting model (a "
+                   "frozen copy of --init-from-hf / --init-from-run, or with --lora-rank the model with its updates "
+                   "off; default 0, TRL's)")
     p.add_argument("--distill-seq-kd", action="store_true", default=None,
                    help="GKD's seq_kd: the conversations' last replies replaced by the teacher's samples first (sequence-"
                         "level distillation; --distill-lmbda's draws then take the student's instead)")

@@ -59,6 +59,7 @@ class TrainConfig:
     grpo_generations: int = 8  # GRPO: samples per prompt, the group whose rewards are normalized (TRL's num_generations)
     grpo_max_new_tokens: int = 128  # GRPO: at most this many tokens a sample
     grpo_temperature: float = 1.0  # GRPO: samples drawn at this temperature (TRL's default)
+    grpo_beta: float = 0.0  # GRPO: the KL penalty's weight, against the starting model (LoRA: the updates off); 0: none (TRL's default)
     distill_seq_kd: bool = False  # GKD's seq_kd: every micro-batch's last replies the teacher's samples first (sequence-level KD)
     model: dict = field(default_factory=dict)  # ModelConfig overrides, e.g. {"n_layers": 2}
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -163,6 +164,11 @@ class TrainConfig:
                              "(distillation)")
         if self.grpo_reward and (self.preference or self.teacher):
             raise ValueError("TrainConfig.grpo_reward (GRPO) goes with neither preference tuning nor distillation")
+        if not 0.0 <= self.grpo_beta < math.inf:
+            raise ValueError(f"TrainConfig.grpo_beta must be >= 0, got {self.grpo_beta}")
+        if self.grpo_beta and not (self.lora_rank or self.init_from_hf or self.init_from_run):
+            raise ValueError("TrainConfig.grpo_beta (a KL penalty against the starting model) needs init_from_hf or "
+                             "init_from_run (or lora_rank: the model with its updates off)")
         if self.grpo_generations < 2 or self.grpo_max_new_tokens < 1 or not self.grpo_temperature > 0:
             raise ValueError(f"TrainConfig.grpo_generations must be >= 2, grpo_max_new_tokens >= 1 and "
                              f"grpo_temperature > 0, got {self.grpo_generations}, {self.grpo_max_new_tokens} and "
@@ -435,21 +441,27 @@ def reference_logps(model, path, cfg: TrainConfig, seq_len: int, precision: str,
     return document_logps(model, path, cfg.batch_size, seq_len, precision, info)
 
 
-def lora_off_reference(model: LLM, wrapped):
-    """The reference log-probabilities of a batch's segments computed on the fly by the model with
+def lora_off_token_logps(model: LLM, wrapped):
+    """f(x, y, cu_seqlens) -> each target's log-probability (B, T) (0 where none) by the model with
     its LoRA updates off (LLM.lora_disabled), in eval mode, without gradients: a LoRA run's
-    reference model at the cost of one more forward per step, no pass before training."""
+    reference model at the cost of one more forward per step."""
     @torch.no_grad()
-    def reference(batch) -> torch.Tensor:
-        x, y, cu = batch[:3]
+    def reference(x, y, cu) -> torch.Tensor:
         training = wrapped.training
         wrapped.eval()
         with model.lora_disabled():
-            logps = sequence_logps(wrapped(x, y, cu, per_token=True)[1], cu)
+            logps = wrapped(x, y, cu, per_token=True)[1]
         wrapped.train(training)
         return logps
 
     return reference
+
+
+def lora_off_reference(model: LLM, wrapped):
+    """The reference log-probabilities of a batch's segments computed on the fly by the model with
+    its LoRA updates off (lora_off_token_logps): no pass before training."""
+    token_logps = lora_off_token_logps(model, wrapped)
+    return lambda batch: sequence_logps(token_logps(*batch[:3]), batch[2])
 
 
 def pack_in_order(lengths: list[int], T: int) -> tuple[list[int], list[int], list[int]]:
@@ -565,13 +577,25 @@ def packed_loss(model, batch) -> torch.Tensor:
     return -model(x, y, cu, per_token=True)[1].sum() / (y != -1).sum().clamp(min=1)
 
 
+def load_frozen(spec: str, precision: str, device: torch.device, adapter=None) -> LLM:
+    """A model to compute with, not train: a pyllm run folder (its model.safetensors) or weights
+    file, else a Hugging Face checkpoint folder or hub id (with a PEFT adapter merged in), frozen, in
+    eval mode, on device, its weights in the compute dtype (bf16 / fp16 runs: no fp32 copy, as no
+    optimizer steps it)."""
+    path = Path(spec)
+    if path.suffix == ".safetensors" or (path.is_dir() and not (path / "config.json").exists()):
+        model = LLM.load(path if path.suffix == ".safetensors" else source_run_weights(path))
+    else:
+        model = LLM.from_hf(spec, adapter=adapter)
+    model = model.to(device, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)).eval()
+    model.requires_grad_(False)
+    return model
+
+
 def load_teacher(cfg: TrainConfig, student: LLM, precision: str, device: torch.device) -> LLM:
-    """The distillation teacher (cfg.teacher: a pyllm run folder, else a Hugging Face checkpoint),
-    frozen, in eval mode, on device, its weights in the compute dtype (bf16 / fp16 runs: no fp32
-    copy, as no optimizer steps it). It must predict over the student's vocabulary."""
-    path = Path(cfg.teacher)
-    pyllm_run = path.is_dir() and not (path / "config.json").exists()  # else a Hugging Face folder or hub id
-    teacher = LLM.load(source_run_weights(path)) if pyllm_run else LLM.from_hf(cfg.teacher)
+    """The distillation teacher (cfg.teacher: load_frozen's). It must predict over the student's
+    vocabulary."""
+    teacher = load_frozen(cfg.teacher, precision, device)
     if teacher.config.vocab_size != student.config.vocab_size:
         raise ValueError(f"teacher {cfg.teacher}: its vocabulary has {teacher.config.vocab_size} ids, the student's "
                          f"{student.config.vocab_size}: distillation compares their next-token distributions id by id "
@@ -579,10 +603,6 @@ def load_teacher(cfg: TrainConfig, student: LLM, precision: str, device: torch.d
     if teacher.config.final_softcap or student.config.final_softcap:
         raise ValueError("distillation: a model that caps its logits (final_softcap, Gemma 2's) is not distilled "
                          "from or into (the fused divergence does not cap)")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    teacher = teacher.to(device, dtype).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
     return teacher
 
 
@@ -671,17 +691,13 @@ def load_reward(cfg: TrainConfig, policy: LLM, precision: str, device: torch.dev
         module, name = spec.rsplit(":", 1)
         function = getattr(importlib.import_module(module), name)
         return lambda prompts, completions, packed: torch.tensor(function(prompts, completions), dtype=torch.float32)
-    path = Path(spec)
-    pyllm_run = path.is_dir() and not (path / "config.json").exists()
-    rm = LLM.load(source_run_weights(path)) if pyllm_run else LLM.from_hf(spec)
+    rm = load_frozen(spec, precision, device)
     if rm.score is None or rm.config.num_labels != 1:
         raise ValueError(f"grpo_reward {spec}: not a reward model (a score head of one label: train one with "
                          "--preference reward, or give a *ForSequenceClassification checkpoint)")
     if rm.config.vocab_size != policy.config.vocab_size:
         raise ValueError(f"grpo_reward {spec}: its vocabulary has {rm.config.vocab_size} ids, the policy's "
                          f"{policy.config.vocab_size}: it scores the policy's token ids (the same tokenizer)")
-    rm = rm.to(device, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)).eval()
-    rm.requires_grad_(False)
 
     @torch.no_grad()
     def score(prompts, completions, packed):
@@ -692,8 +708,8 @@ def load_reward(cfg: TrainConfig, policy: LLM, precision: str, device: torch.dev
     return score
 
 
-def grpo_batch_loss(model, policy: LLM, batch, cfg: TrainConfig, reward, generator: torch.Generator | None
-                    ) -> tuple[torch.Tensor, torch.Tensor, list[int], int]:
+def grpo_batch_loss(model, policy: LLM, batch, cfg: TrainConfig, reward, generator: torch.Generator | None,
+                    reference=None) -> tuple[torch.Tensor, torch.Tensor, list[int], int]:
     """GRPO's loss (Shao et al. 2024, DeepSeekMath; TRL's GRPOTrainer with beta 0 and one update per
     generation, its defaults) on a packed batch of conversations: each one's prompt (last_reply_prompts)
     continued cfg.grpo_generations times by the policy (sample_replies, cfg.grpo_temperature), the
@@ -701,7 +717,10 @@ def grpo_batch_loss(model, policy: LLM, batch, cfg: TrainConfig, reward, generat
     group, (r - mean) / (std + 1e-4), and the loss -mean_i A_i mean_t ratio_it over the samples i
     and their tokens t, with ratio = p / p.detach() (1 in value: the loss is -mean A, ~0; its
     gradient -mean_i A_i mean_t grad log p_it). model: what computes the log-probabilities (DDP's
-    wrapper); policy: the LLM that samples. Also (mean reward, reward std, mean sample length), and
+    wrapper); policy: the LLM that samples. With cfg.grpo_beta > 0, reference(x, y, cu_seqlens) gives
+    the reference model's log-probability of each target (no autograd) and the loss adds beta times
+    each sample's mean over its tokens of the k3 estimate of KL(policy || reference), exp(d) - d - 1
+    with d = ref - log p (TRL's). Also (mean reward, reward std, mean sample length, mean KL), and
     the lengths of the sequences the loss was computed on and their trained targets (for MFU)."""
     T = batch[0].shape[1]
     prompts = last_reply_prompts(batch, min(T, policy.config.block_size))
@@ -713,12 +732,22 @@ def grpo_batch_loss(model, policy: LLM, batch, cfg: TrainConfig, reward, generat
     rewards = reward(groups, samples, packed).to(torch.float64)  # (n,); the normalization in fp64: n numbers
     grouped = rewards.view(-1, cfg.grpo_generations)
     advantages = ((grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + 1e-4)).view(-1)
+    kl = None
+    if cfg.grpo_beta:
+        ref = reference(x, y, cu)  # (B, T), 0 where no target: before the policy's pass (its aux_loss stays)
     token_logps = model(x, y, cu, per_token=True)[1]
-    logps = sequence_logps(token_logps, cu)[at] / sequence_logps((y != -1).to(token_logps.dtype), cu)[at].clamp(min=1)
+    tokens = sequence_logps((y != -1).to(token_logps.dtype), cu)[at].clamp(min=1)
+    logps = sequence_logps(token_logps, cu)[at] / tokens
     ratio = torch.exp(logps - logps.detach())  # (the mean over a sample's tokens of log p)
     loss = -(advantages.to(ratio) * ratio).sum() / max(len(at), 1)
+    if cfg.grpo_beta:
+        d = ref.to(token_logps) - token_logps  # 0 where no target: exp(0) - 0 - 1 = 0
+        kl = sequence_logps(torch.exp(d) - d - 1, cu)[at] / tokens
+        loss = loss + cfg.grpo_beta * kl.sum() / max(len(at), 1)
     lengths = torch.tensor([float(len(s)) for s in samples])
-    stats = torch.stack([rewards.mean(), rewards.std(), lengths.double().mean()]) if len(at) else torch.zeros(3)
+    stats = (torch.stack([rewards.mean(), rewards.std(), lengths.double().mean(),
+                          kl.detach().double().mean().cpu() if kl is not None else torch.tensor(0.0, dtype=torch.float64)])
+             if len(at) else torch.zeros(4))
     cut = [min(len(p) + len(s), T) for p, s in zip(groups, samples)]
     return loss, stats.to(torch.float32).to(token_logps.device), cut, sum(c - len(p) for c, p in zip(cut, groups))
 
@@ -1013,6 +1042,13 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
         restore(ckpt, model, optimizer, scaler, loader, cfg, info)
         start_step, skipped = ckpt["step"], ckpt["skipped_steps"]
     reference = None  # DPO, IPO, hinge: the starting model's log-probability of every train and val document
+    grpo_reference = None  # GRPO's KL term: the starting model's log-probabilities
+    if cfg.grpo_beta and cfg.lora_rank:
+        grpo_reference = lora_off_token_logps(model, wrapped)
+    elif cfg.grpo_beta:  # the starting weights again, frozen (a resumed model is no longer them)
+        start = load_frozen(cfg.init_from_hf or str(source_run_weights(cfg.init_from_run)), precision, info.device,
+                            cfg.init_adapter or None)
+        grpo_reference = torch.no_grad()(lambda x, y, cu: start(x, y, cu, per_token=True)[1])
     if cfg.preference and cfg.preference not in REFERENCE_FREE and cfg.reference == "lora-off":
         reference = dict.fromkeys(("train", "val"), lora_off_reference(model, wrapped))
     elif cfg.preference and cfg.preference not in REFERENCE_FREE:
@@ -1066,7 +1102,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
         aux_sum = torch.zeros((), device=info.device)  # the part of loss_sum that is load balancing (MoE)
         pref_sums = torch.zeros(3, device=info.device)  # mean chosen reward, rejected reward, accuracy
         on_policy = 0  # micro-batches of the student's own samples (distill_lmbda)
-        grpo_sums = torch.zeros(3, device=info.device)  # mean reward, reward std, sample length
+        grpo_sums = torch.zeros(4, device=info.device)  # mean reward, reward std, sample length, KL
         batches, weights, lengths, outputs, forward_only = next_batches(loader, cfg.grad_accum, info.world_size)
         if reward is not None:  # each micro-batch's mean over its samples, the micro-batches alike;
             weights, lengths, outputs = None, [], 0  # the FLOPs: the samples' sequences'  (not the sampling)
@@ -1080,8 +1116,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
                     pref_sums += stats * weights[micro]
                 elif reward is not None:
                     seed = int(np.random.default_rng([cfg.seed, step, micro, info.rank]).integers(2 ** 62))
-                    loss, stats, computed, targets = grpo_batch_loss(wrapped, model, batch, cfg, reward,
-                                                                     torch.Generator(info.device).manual_seed(seed))
+                    loss, stats, computed, targets = grpo_batch_loss(
+                        wrapped, model, batch, cfg, reward, torch.Generator(info.device).manual_seed(seed), grpo_reference)
                     grpo_sums += stats / cfg.grad_accum
                     lengths, outputs = lengths + computed, outputs + targets
                 elif teacher is not None:
@@ -1147,7 +1183,9 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
         if cfg.distill_lmbda:
             record["on_policy"] = on_policy / cfg.grad_accum
         if reward is not None:
-            record.update(zip(("reward", "reward_std", "completion_length"), all_reduce_mean(grpo_sums, info).tolist()))
+            record.update(zip(("reward", "reward_std", "completion_length", "kl"), all_reduce_mean(grpo_sums, info).tolist()))
+            if not cfg.grpo_beta:
+                del record["kl"]
         if cfg.preference:
             chosen, rejected, accuracy = all_reduce_mean(pref_sums, info).tolist()
             record.update(reward_chosen=chosen, reward_rejected=rejected, reward_margin=chosen - rejected,

@@ -27,15 +27,19 @@ def tiny(**kw):
     return LLM(ModelConfig.from_preset("tiny", **{**TINY, "vocab_size": 64, "block_size": 32, **kw}))
 
 
-def test_grpo_loss_and_gradients_are_the_formula(chat_dir):  # noqa: F811
+@pytest.mark.parametrize("beta", [0.0, 0.3])
+def test_grpo_loss_and_gradients_are_the_formula(chat_dir, beta):  # noqa: F811
     # fp64: each prompt's G samples (the same generator), their rewards normalized in the group, the
-    # loss -mean A (ratios of 1) and its gradient -mean_i A_i grad(mean_t log p_it), each sample's
-    # log-probabilities computed alone; the stats are the rewards' mean and std and the samples' length.
-    model = tiny().double()
+    # loss -mean A (ratios of 1) and its gradient -mean_i A_i grad(mean_t log p_it), plus beta times
+    # each sample's mean k3 KL against a reference model, each sample computed alone; the stats are
+    # the rewards' mean and std, the samples' length and the mean KL.
+    model, ref_model = tiny().double(), tiny(dim=96, n_heads=3, n_kv_heads=1).double()
     batch = data.PackedLoader(chat_dir / "train.bin", 3, 24, seed=0).next_batch()
-    cfg = TrainConfig(grpo_reward=SPEC, grpo_generations=4, grpo_max_new_tokens=5)
+    cfg = TrainConfig(grpo_reward=SPEC, grpo_generations=4, grpo_max_new_tokens=5, grpo_beta=beta)
     reward = trainer.load_reward(cfg, model, "fp32", torch.device("cpu"))
-    loss, stats, lengths, targets = trainer.grpo_batch_loss(model, model, batch, cfg, reward, torch.Generator().manual_seed(1))
+    reference = torch.no_grad()(lambda x, y, cu: ref_model(x, y, cu, per_token=True)[1])
+    loss, stats, lengths, targets = trainer.grpo_batch_loss(model, model, batch, cfg, reward,
+                                                            torch.Generator().manual_seed(1), reference)
     loss.backward()
     got = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
@@ -43,22 +47,30 @@ def test_grpo_loss_and_gradients_are_the_formula(chat_dir):  # noqa: F811
     samples = trainer.sample_replies(model, prompts, 5, 1.0, [], torch.Generator().manual_seed(1))
     rewards = torch.tensor(sevens(prompts, samples), dtype=torch.float64).view(-1, 4)
     advantages = ((rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + 1e-4)).view(-1)
-    terms = []
+    terms, kls = [], []
     for prompt, sample, a in zip(prompts, samples, advantages):
         ids = torch.tensor(prompt + sample)
-        logp = torch.log_softmax(model(ids[None])[0][0], -1)[torch.arange(len(ids) - 1), ids[1:]][len(prompt) - 1:]
+
+        def logps(m):
+            return torch.log_softmax(m(ids[None])[0][0], -1)[torch.arange(len(ids) - 1), ids[1:]][len(prompt) - 1:]
+
+        logp = logps(model)
+        with torch.no_grad():
+            d = logps(ref_model) - logp
+        d = d.detach() + logp.detach() - logp  # (d = ref - log p, its gradient -grad log p)
         terms.append(a * logp.mean())
-    want = -torch.stack(terms).mean()
+        kls.append((torch.exp(d) - d - 1).mean())
+    want = -torch.stack(terms).mean() + beta * torch.stack(kls).mean()
     want.backward()
     assert len(prompts) and len(prompts) % 4 == 0
-    assert loss.item() == pytest.approx(-advantages.mean().item(), abs=1e-12)
-    for g, p in zip(got, model.parameters()):
-        torch.testing.assert_close(g, p.grad, rtol=1e-9, atol=1e-14)
+    assert loss.item() == pytest.approx(-advantages.mean().item() + beta * torch.stack(kls).mean().item(), abs=1e-12)
+    for g, p in zip(got, model.parameters()):  # (the KL's gradient, (1 - exp(d)) grad log p, cancels: 1e-8)
+        torch.testing.assert_close(g, p.grad, rtol=1e-7, atol=1e-12)
     cut = [min(len(p) + len(s), 24) for p, s in zip(prompts, samples)]  # (MFU's count: the sequences computed)
     assert lengths == cut and targets == sum(c - len(p) for c, p in zip(cut, prompts))
     flat = rewards.view(-1)
-    np.testing.assert_allclose(stats.tolist(), [flat.mean().item(), flat.std().item(), np.mean([len(s) for s in samples])],
-                               rtol=1e-6)
+    np.testing.assert_allclose(stats.tolist(), [flat.mean().item(), flat.std().item(), np.mean([len(s) for s in samples]),
+                                                beta and torch.stack(kls).mean().item()], rtol=1e-6)
 
 
 def test_grpo_raises_the_reward_and_resumes_exactly(chat_dir, tmp_path):  # noqa: F811
@@ -76,6 +88,23 @@ def test_grpo_raises_the_reward_and_resumes_exactly(chat_dir, tmp_path):  # noqa
     losses = [[json.loads(line)["reward"] for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
               for run in ("whole", "cut")]
     assert losses[0] == losses[1]
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_grpo_kl_starts_at_zero_and_resumes_exactly(chat_dir, tmp_path, lora):  # noqa: F811
+    # grpo_beta: the KL against the starting model (a frozen copy of the run it starts from, or with
+    # LoRA the model with its updates off) is 0 at the first step and grows; resume is exact (the
+    # reference is the starting weights, not the resumed ones).
+    trainer.train(config(chat_dir, tmp_path / "base", max_steps=2, model=dict(TINY, block_size=32)))
+    kw = dict(grpo_reward=SPEC, grpo_generations=4, grpo_max_new_tokens=6, grpo_beta=0.1, lr=1e-2,
+              init_from_run=str(tmp_path / "base"), **({"lora_rank": 4} if lora else {}))
+    trainer.train(config(chat_dir, tmp_path / "whole", **kw))
+    log = [json.loads(line) for line in (tmp_path / "whole/log.jsonl").read_text().splitlines()]
+    assert log[0]["kl"] == pytest.approx(0.0, abs=1e-7) and log[-1]["kl"] > 1e-4
+    trainer.train(config(chat_dir, tmp_path / "cut", **kw), stop_at=6)
+    trainer.train(config(chat_dir, tmp_path / "cut", **kw), resume=True)
+    assert [json.loads(line)["loss"] for line in (tmp_path / "cut/log.jsonl").read_text().splitlines()] == \
+        [r["loss"] for r in log]
 
 
 def test_grpo_rewarded_by_a_reward_model(pairs_dir, chat_dir, tmp_path):  # noqa: F811
@@ -101,7 +130,9 @@ def test_grpo_rewarded_by_a_reward_model(pairs_dir, chat_dir, tmp_path):  # noqa
 def test_grpo_options_are_checked(data_dir, pairs_dir, tmp_path):  # noqa: F811
     for kwargs, message, error in [(dict(grpo_reward=SPEC, grpo_generations=1), "grpo_generations must be >= 2", ValueError),
                                    (dict(grpo_reward=SPEC, preference="dpo"), "neither preference tuning", ValueError),
-                                   (dict(grpo_reward=SPEC, dist_mode="fsdp"), "not fsdp", NotImplementedError)]:
+                                   (dict(grpo_reward=SPEC, dist_mode="fsdp"), "not fsdp", NotImplementedError),
+                                   (dict(grpo_reward=SPEC, grpo_beta=0.1), "needs init_from_hf or init_from_run",
+                                    ValueError)]:
         with pytest.raises(error, match=message):
             TrainConfig(**kwargs).validate()
     for folder in (data_dir, pairs_dir):

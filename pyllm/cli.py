@@ -366,6 +366,13 @@ def cmd_train(args) -> int:
     else:
         cfg = TrainConfig.from_dict({"model": model, **opts})
         cfg.validate()
+        from pyllm import data
+
+        data_list = cli["data"] if isinstance(cli["data"], list) else [cli["data"]]
+        if (cli["data"] and data.is_prompt_data(data_list)
+                and not (cfg.grpo_reward or cfg.distill_seq_kd or cfg.distill_lmbda == 1)):
+            raise ValueError("prompts alone ({\"prompt\": ...} lines without a completion) train by sampling the "
+                             "replies: --grpo-reward, or distillation with --distill-seq-kd or --distill-lmbda 1")
         Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
         # Under torchrun, rank 0 trains the tokenizer and writes the token files; the rest wait.
         rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))

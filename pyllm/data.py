@@ -258,6 +258,10 @@ def read_conversations(path) -> list[dict]:
       {"messages": [{"role": ..., "content": ...}, ...]}     a conversation (the assistant's turns trained)
       {"prompt": [messages], "completion": [messages]}       the completion's assistant turns trained
       {"prompt": "text", "completion": "text"}               no chat template: the completion trained
+      {"prompt": "text" or [messages]} (other keys ignored)  a prompt alone (GRPO's, TRL's prompt-only
+                                                             format): an empty completion (text: the
+                                                             end-of-document id alone; messages: an
+                                                             empty assistant turn) for samples to replace
     returned as {"messages": [...], "train_from": index of the first trainable message} or
     {"prompt": str, "completion": str}."""
     examples = []
@@ -293,6 +297,8 @@ def _is_messages(value) -> bool:
 def _example(row: dict) -> dict | None:
     if "messages" in row:
         return {"messages": row["messages"], "train_from": 0} if _is_messages(row["messages"]) else None
+    if _prompt_only(set(row)):
+        row = {**row, "completion": [{"role": "assistant", "content": ""}] if _is_messages(row["prompt"]) else ""}
     prompt, completion = row.get("prompt"), row.get("completion")
     if isinstance(prompt, str) and isinstance(completion, str):
         return {"prompt": prompt, "completion": completion}
@@ -315,11 +321,20 @@ def _first_row_keys(item) -> set:
     return set(row) if isinstance(row, dict) else set()
 
 
+def _prompt_only(keys: set) -> bool:
+    return "prompt" in keys and not keys & {"messages", "completion", "chosen", "rejected", "label"}
+
+
 def is_chat_data(inputs) -> bool:
     """Whether inputs are fine-tuning examples: every one a *.jsonl file whose first row has
-    "messages", or "prompt" and "completion"."""
-    return bool(inputs) and all("messages" in keys or {"prompt", "completion"} <= keys
+    "messages", or "prompt" and "completion", or a "prompt" alone."""
+    return bool(inputs) and all("messages" in keys or {"prompt", "completion"} <= keys or _prompt_only(keys)
                                 for keys in map(_first_row_keys, inputs))
+
+
+def is_prompt_data(inputs) -> bool:
+    """Whether inputs are prompts alone (rows of "prompt" without a completion): replies to sample."""
+    return bool(inputs) and all(_prompt_only(keys) for keys in map(_first_row_keys, inputs))
 
 
 def example_tokens(example: dict, tokenizer, folder=None, doc_start: Sequence[int] = (),

@@ -538,6 +538,34 @@ def test_grpo_from_a_hugging_face_model(chat_run_inputs, tmp_path):
     assert {"reward", "reward_std", "completion_length"} <= record.keys() and 1 <= record["completion_length"] <= 4
     saved = torch.load(tmp_path / "rl" / "checkpoint.pt", weights_only=False)["train_config"]
     assert saved["sample_stop_tokens"] == hf_stop_ids(folder) and saved["grpo_generations"] == 2
+    # prompts alone (TRL's prompt-only format, other keys ignored), as messages and as text: each
+    # conversation's prompt is everything before the empty reply the samples replace
+    from pyllm import data
+    from pyllm.tokenizer.tokenizer import Tokenizer, hf_chat_prompt
+
+    rng = random.Random(4)
+    for kind in ("messages", "text"):
+        path = tmp_path / f"prompts-{kind}.jsonl"
+        questions = [f"what is {rng.randrange(50)} plus {rng.randrange(50)}?" for _ in range(40)]
+        with open(path, "w") as f:
+            for q in questions:
+                prompt = [{"role": "user", "content": q}] if kind == "messages" else q
+                f.write(json.dumps({"prompt": prompt, "answer": "ignored"}) + "\n")
+        assert cli.main(train_args(folder, path, tmp_path / f"p-{kind}", "--max-steps", "1", "--batch-size", "2")) == 2
+        run = tmp_path / f"g-{kind}"
+        assert cli.main(train_args(folder, path, run, "--max-steps", "1", "--batch-size", "2", "--grpo-reward",
+                                   "test_grpo:sevens", "--grpo-generations", "2", "--grpo-max-new-tokens", "3")) == 0
+        loader = data.PackedLoader(run / "data" / "train.bin", 1, 48, shuffle=False)
+        batch = loader.next_batch()
+        from pyllm import train as trainer
+
+        prompt = trainer.last_reply_prompts(batch, 48)[0]
+        tokenizer = Tokenizer.load(json.loads((run / "run.json").read_text())["tokenizer"])
+        if kind == "messages":  # the chat template's generation prompt
+            assert prompt == tokenizer.encode(hf_chat_prompt(folder, [{"role": "user", "content": questions[0]}]),
+                                              allowed_special="all")
+        else:
+            assert tokenizer.decode(prompt).endswith(questions[0])
 
 
 def test_kto_on_unpaired_examples(chat_run_inputs, tmp_path, capsys):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from pyllm import train as trainer
 from pyllm.model import LLM, ModelConfig
 from pyllm.train import TrainConfig
 
-from test_train import TINY, chat_dir, config, data_dir, pairs_dir  # noqa: F401  (fixtures)
+from test_train import TINY, chat_dir, config, data_dir, losses, pairs_dir, run_two_processes  # noqa: F401  (fixtures)
 
 SPEC = "test_grpo:sevens"  # the reward function below, as "module:function"
 
@@ -125,6 +126,27 @@ def test_grpo_rewarded_by_a_reward_model(pairs_dir, chat_dir, tmp_path):  # noqa
     assert "reward" in json.loads((tmp_path / "rl/log.jsonl").read_text().splitlines()[-1])
     with pytest.raises(ValueError, match="not a reward model"):
         trainer.load_reward(TrainConfig(grpo_reward=str(tmp_path / "rl")), model, "fp32", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("kind", ["grpo", "on-policy"])
+def test_sampling_runs_on_two_processes_resume_exactly(chat_dir, tmp_path, monkeypatch, kind):  # noqa: F811
+    # Under DDP each rank samples its own rows' replies (seeded by step, micro-step and rank), the
+    # stats are every rank's mean: a 2-process run stopped and resumed = the uninterrupted one,
+    # bitwise, and a 1-process checkpoint resumes on 2 processes.
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))  # the workers import test_grpo's reward
+    teacher = {}
+    if kind == "on-policy":
+        trainer.train(config(chat_dir, tmp_path / "teacher", model=dict(TINY, block_size=32), max_steps=2))
+        teacher = dict(teacher=str(tmp_path / "teacher"), distill_lmbda=0.5, distill_max_new_tokens=4)
+    common = dict(data_dir=str(chat_dir), model=dict(TINY, block_size=32), device="cpu", max_steps=8, warmup_steps=1,
+                  grad_accum=2, eval_every=4, eval_batches=2, ckpt_every=4, progress=False, lr=1e-2,
+                  **(dict(grpo_reward=SPEC, grpo_generations=2, grpo_max_new_tokens=4) if kind == "grpo" else teacher))
+    trainer.train(TrainConfig(**common, out_dir=str(tmp_path / "two/cross"), batch_size=4), stop_at=6)
+    run_two_processes({**common, "out_dir": str(tmp_path / "two"), "batch_size": 2, "dist_mode": "ddp"})
+    assert losses(tmp_path / "two/cut") == losses(tmp_path / "two/whole")
+    log = [json.loads(line) for line in (tmp_path / "two/whole/log.jsonl").read_text().splitlines()]
+    assert len(log) == 8 and all(np.isfinite(r["loss"]) for r in log)
+    assert ("reward" in log[-1]) if kind == "grpo" else ("on_policy" in log[-1])
 
 
 def test_grpo_options_are_checked(data_dir, pairs_dir, tmp_path):  # noqa: F811

@@ -395,6 +395,9 @@ def cmd_train(args) -> int:
 
             # samples end where the model's replies end: its end-of-sequence ids
             cfg.sample_stop_tokens = hf_stop_ids(hf_folder(run.get("init_from_hf") or cfg.init_from_hf))
+        elif (cfg.distill_lmbda or cfg.distill_seq_kd or cfg.grpo_reward) and not cfg.sample_stop_tokens and tokenizer_path:
+            end = tokenizer_class().load(str(tokenizer_path)).special_tokens.get("<|endoftext|>")
+            cfg.sample_stop_tokens = [] if end is None else [end]  # pyllm's own tokenizer: its end of document
         if run["vocab_size"] and "vocab_size" not in cfg.model:
             cfg.model["vocab_size"] = run["vocab_size"]
         if cli["eval_choices_file"]:  # tokenized once, as the run's documents start; the trainer scores the file
@@ -716,6 +719,9 @@ def export_adapter(run: Path, out: Path, dtype: str) -> int:
     train_config = ckpt["train_config"]
     if not train_config.get("lora_rank"):
         raise ValueError(f"{run}: not a LoRA run (train with --lora-rank R); export it without --adapter")
+    if ckpt["model_config"].get("num_labels"):
+        raise ValueError(f"{run}: a reward model (a score head, trained whole beside the LoRA updates): export it "
+                         "without --adapter (a *ForSequenceClassification with the updates merged)")
     source = train_config.get("init_from_hf")
     if not source:
         raise ValueError(f"{run}: an adapter applies to a Hugging Face model, and this run started from "

@@ -815,6 +815,16 @@ class LLM(nn.Module):
         attention read it on the device."""
         return self.forward_cached(token, cache, lengths)
 
+    @contextlib.contextmanager
+    def _in_eval(self):
+        """Eval mode within, the mode before restored after (an exception too)."""
+        was_training = self.training
+        self.eval()
+        try:
+            yield
+        finally:
+            self.train(was_training)
+
     @torch.no_grad()
     def generate_stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                         top_k: int | None = None, top_p: float | None = None, use_cache: bool = True,
@@ -872,15 +882,13 @@ class LLM(nn.Module):
                  cuda_graph: bool = False) -> torch.Tensor:
         """idx (B, T) followed by up to max_new_tokens sampled tokens, (B, T + n); callback gets each
         new (B,) token as it comes (for streaming); stop_tokens, cuda_graph: see generate_stream."""
-        was_training = self.training
-        self.eval()
-        out = [idx]
-        for token in self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator,
-                                          stop_tokens, cuda_graph):
-            out.append(token[:, None])
-            if callback is not None:
-                callback(token)
-        self.train(was_training)
+        with self._in_eval():  # (restored even when sampling raises)
+            out = [idx]
+            for token in self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator,
+                                              stop_tokens, cuda_graph):
+                out.append(token[:, None])
+                if callback is not None:
+                    callback(token)
         return torch.cat(out, dim=1)
 
     @torch.no_grad()
@@ -902,33 +910,31 @@ class LLM(nn.Module):
         if longest + max_new_tokens > self.config.block_size:
             raise ValueError(f"generate_batch: a prompt of {longest} tokens + {max_new_tokens} new ones is more than "
                              f"block_size {self.config.block_size}; shorten them, or generate() that prompt alone")
-        was_training = self.training
-        self.eval()
-        cache = self.new_kv_cache(len(rows), longest + max_new_tokens)
-        graph = _DecodeGraph(self, cache, len(rows)) if cuda_graph else None  # before the prompts fill the cache
-        # One prefill of the right-padded prompts: causal attention keeps each row's real tokens from
-        # its padding, whose keys and values land past the row's length, where decode_step writes
-        # its next token and never looks beyond.
-        lengths = torch.tensor([len(r) for r in rows], dtype=torch.int32, device=device)
-        padded = torch.zeros(len(rows), longest, dtype=torch.long, device=device)
-        for b, r in enumerate(rows):
-            padded[b, :len(r)] = r
-        logits = self.forward_cached(padded, cache, 0, last=lengths.long() - 1)  # (B, V)
-        stop = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=device)
-        done = torch.zeros(len(rows), dtype=torch.bool, device=device)
-        out = []
-        for step in range(max_new_tokens):
-            token = sample(logits, temperature, top_k, top_p, generator)  # (B,)
-            out.append(token)
-            if len(stop):
-                done |= torch.isin(token, stop)
-                if bool(done.all()):  # a host sync per token, only when stop tokens are given
-                    break
-            if step + 1 < max_new_tokens:
-                logits = graph(token[:, None], lengths) if graph is not None else self.decode_step(token[:, None], cache,
-                                                                                                   lengths)
-                lengths += 1
-        self.train(was_training)
+        with self._in_eval():  # (restored even when sampling raises)
+            cache = self.new_kv_cache(len(rows), longest + max_new_tokens)
+            graph = _DecodeGraph(self, cache, len(rows)) if cuda_graph else None  # before the prompts fill the cache
+            # One prefill of the right-padded prompts: causal attention keeps each row's real tokens from
+            # its padding, whose keys and values land past the row's length, where decode_step writes
+            # its next token and never looks beyond.
+            lengths = torch.tensor([len(r) for r in rows], dtype=torch.int32, device=device)
+            padded = torch.zeros(len(rows), longest, dtype=torch.long, device=device)
+            for b, r in enumerate(rows):
+                padded[b, :len(r)] = r
+            logits = self.forward_cached(padded, cache, 0, last=lengths.long() - 1)  # (B, V)
+            stop = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=device)
+            done = torch.zeros(len(rows), dtype=torch.bool, device=device)
+            out = []
+            for step in range(max_new_tokens):
+                token = sample(logits, temperature, top_k, top_p, generator)  # (B,)
+                out.append(token)
+                if len(stop):
+                    done |= torch.isin(token, stop)
+                    if bool(done.all()):  # a host sync per token, only when stop tokens are given
+                        break
+                if step + 1 < max_new_tokens:
+                    logits = graph(token[:, None], lengths) if graph is not None else self.decode_step(token[:, None], cache,
+                                                                                                       lengths)
+                    lengths += 1
         new = torch.stack(out, dim=1).tolist()  # (B, n)
         stops = set(stop.tolist())
         for row in new:

@@ -720,7 +720,8 @@ def grpo_batch_loss(model, policy: LLM, batch, cfg: TrainConfig, reward, generat
     wrapper); policy: the LLM that samples. With cfg.grpo_beta > 0, reference(x, y, cu_seqlens) gives
     the reference model's log-probability of each target (no autograd) and the loss adds beta times
     each sample's mean over its tokens of the k3 estimate of KL(policy || reference), exp(d) - d - 1
-    with d = ref - log p (TRL's). Also (mean reward, reward std, mean sample length, mean KL), and
+    with d = ref - log p (TRL's). Also (mean reward, the groups' mean reward std (TRL's reward_std),
+    mean sample length, mean KL), and
     the lengths of the sequences the loss was computed on and their trained targets (for MFU)."""
     T = batch[0].shape[1]
     prompts = last_reply_prompts(batch, min(T, policy.config.block_size))
@@ -745,7 +746,7 @@ def grpo_batch_loss(model, policy: LLM, batch, cfg: TrainConfig, reward, generat
         kl = sequence_logps(torch.exp(d) - d - 1, cu)[at] / tokens
         loss = loss + cfg.grpo_beta * kl.sum() / max(len(at), 1)
     lengths = torch.tensor([float(len(s)) for s in samples])
-    stats = (torch.stack([rewards.mean(), rewards.std(), lengths.double().mean(),
+    stats = (torch.stack([rewards.mean(), grouped.std(1).mean(), lengths.double().mean(),
                           kl.detach().double().mean().cpu() if kl is not None else torch.tensor(0.0, dtype=torch.float64)])
              if len(at) else torch.zeros(4))
     cut = [min(len(p) + len(s), T) for p, s in zip(groups, samples)]
@@ -981,8 +982,14 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
     else:
         model = LLM(ModelConfig.from_preset(cfg.preset, **{"vocab_size": data_vocab, **cfg.model}))
     mcfg = model.config
-    if cfg.preference == "reward" and model.score is None:  # a reward model from a language model
-        model.add_score_head(1)
+    if cfg.preference == "reward":
+        if model.score is None:  # a reward model from a language model
+            model.add_score_head(1)
+        if model.config.num_labels != 1:
+            raise ValueError(f"preference reward trains a score head of one label; the model's has "
+                             f"{model.config.num_labels} (ModelConfig.num_labels)")
+        if not model.config.tie_embeddings:  # never computed with: frozen, not a parameter without a gradient (DDP)
+            model.lm_head.requires_grad_(False)
     if cfg.lora_rank:  # before the checkpoint's weights load: they hold the LoRA layers' too
         # Frozen weights need no fp32 master: held in the compute dtype (half their memory, no cast
         # per forward). Not under FSDP2, which all-gathers a block's parameters in one dtype.
@@ -1163,6 +1170,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
         else:  # documents: their tokens alone (not the padding), each attending to its own document
             # packed batches: the output layer at the trained tokens only (every position when compiled)
             skipped_outputs = isinstance(loader, PackedLoader) and not cfg.compile
+            if cfg.preference == "reward":  # the score head at a token per sequence, no output layer
+                outputs, skipped_outputs = 0, True
             step_flops = model.flops_of_documents(lengths, outputs if skipped_outputs else None)
             if forward_only is not None:  # KTO's KL documents
                 step_flops += model.flops_of_documents(forward_only[0], forward_only[1] if skipped_outputs else None,

@@ -810,3 +810,7 @@ def test_dpo_on_preference_pairs(chat_run_inputs, tmp_path, capsys):
     idx = torch.randint(0, theirs.config.vocab_size, (1, 12))
     with torch.no_grad():
         torch.testing.assert_close(theirs(idx).logits, ours(idx, scores=True)[1], rtol=1e-4, atol=1e-5)
+    assert cli.main(train_args(folder, path, tmp_path / "rm-lora", "--max-steps", "1", "--batch-size", "4",
+                               "--preference", "reward", "--lora-rank", "2")) == 0
+    assert cli.main(["export", "--run", str(tmp_path / "rm-lora"), "--out", str(tmp_path / "x"), "--adapter"]) == 2
+    assert "a reward model" in capsys.readouterr().err  # its head trained whole: no adapter says so

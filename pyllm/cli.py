@@ -388,14 +388,14 @@ def cmd_train(args) -> int:
             dist.barrier()
         run = json.loads((Path(cfg.out_dir) / "run.json").read_text())
         tokenizer_path, cfg.data_dir = run["tokenizer"], run["data_dir"]
-        if ((cfg.distill_lmbda or cfg.distill_seq_kd or cfg.grpo_reward) and not cfg.sample_stop_tokens
-                and (run.get("init_from_hf") or cfg.init_from_hf)):
+        source = run.get("init_from_hf") or cfg.init_from_hf
+        if cfg.samples_replies and not cfg.sample_stop_tokens and source:
             from pyllm.model import hf_folder
             from pyllm.tokenizer.tokenizer import hf_stop_ids
 
             # samples end where the model's replies end: its end-of-sequence ids
-            cfg.sample_stop_tokens = hf_stop_ids(hf_folder(run.get("init_from_hf") or cfg.init_from_hf))
-        elif (cfg.distill_lmbda or cfg.distill_seq_kd or cfg.grpo_reward) and not cfg.sample_stop_tokens and tokenizer_path:
+            cfg.sample_stop_tokens = hf_stop_ids(hf_folder(source))
+        elif cfg.samples_replies and not cfg.sample_stop_tokens and tokenizer_path:
             end = tokenizer_class().load(str(tokenizer_path)).special_tokens.get("<|endoftext|>")
             cfg.sample_stop_tokens = [] if end is None else [end]  # pyllm's own tokenizer: its end of document
         if run["vocab_size"] and "vocab_size" not in cfg.model:

@@ -91,6 +91,12 @@ class TrainConfig:
     init_loss_scale: float = 2.0 ** 16
     progress: bool = True
 
+    @property
+    def samples_replies(self) -> bool:
+        """Whether training samples replies to the data's prompts (on-policy or sequence-level
+        distillation, GRPO): conversations only, ending at sample_stop_tokens."""
+        return bool(self.distill_lmbda or self.distill_seq_kd or self.grpo_reward)
+
     def validate(self) -> None:
         """ValueError naming the option, what it takes and what it got (a config file can hold anything)."""
         for f in fields(self):
@@ -1017,8 +1023,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
     loader = make_loader(data / "train.bin", cfg, seq_len, cfg.seed, info)
     pairs = isinstance(loader, PackedLoader) and loader.pairs is not None
     labelled = isinstance(loader, PackedLoader) and loader.labels is not None
-    if (cfg.distill_lmbda or cfg.distill_seq_kd or cfg.grpo_reward) and not (isinstance(loader, PackedLoader)
-                                                                            and loader.pairs is None):
+    if cfg.samples_replies and not (isinstance(loader, PackedLoader) and loader.pairs is None):
         raise ValueError("distill_lmbda, distill_seq_kd and grpo_reward (samples) continue the conversations' prompts: "
                          "they need conversations (*.jsonl), not text windows or pairs")
     if labelled != (cfg.preference == "kto"):

@@ -212,7 +212,7 @@ def ensure_token_files(inputs, tokenizer, tokenizer_path: Path, out_dir: Path, v
     meta = {"inputs": [str(Path(p).resolve()) for p in inputs] if inputs else "stdlib",
             "tokenizer": str(tokenizer_path.resolve()), "tokenizer_mtime": tokenizer_path.stat().st_mtime,
             "val_fraction": val_fraction, **({"doc_markers": doc_markers} if doc_markers else {}),
-            "header": 2}  # files from before the header recorded the end-of-document id are made again
+            "header": 3}  # files from before the header recorded the end-of-document id (2), or before the rows (3), are made again
     preferences = data.is_preference_data(inputs)
     kto = data.is_kto_data(inputs)
     examples = chat_folder is not None or preferences or kto or data.is_chat_data(inputs)  # text pairs need no template
@@ -389,6 +389,8 @@ def cmd_train(args) -> int:
         run = json.loads((Path(cfg.out_dir) / "run.json").read_text())
         tokenizer_path, cfg.data_dir = run["tokenizer"], run["data_dir"]
         source = run.get("init_from_hf") or cfg.init_from_hf
+        if cfg.grpo_reward and not cfg.tokenizer and tokenizer_path:  # reward functions are given text
+            cfg.tokenizer = str(tokenizer_path)
         if cfg.samples_replies and not cfg.sample_stop_tokens and source:
             from pyllm.model import hf_folder
             from pyllm.tokenizer.tokenizer import hf_stop_ids
@@ -893,12 +895,16 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--distill-lmbda", type=float, help="GKD's lmbda: the share of micro-batches (drawn at random) "
                    "whose conversations' last replies are replaced by the student's own samples, the divergence taken "
                    "on those (on-policy distillation; default 0: the data's replies alone)")
-    p.add_argument("--grpo-reward", metavar="SPEC", help="GRPO (DeepSeekMath; TRL's GRPOTrainer, beta 0) on --data of "
-                   "conversations or prompt-completion lines: each one's last reply replaced by --grpo-generations "
-                   "samples of the model, rewarded by SPEC: a reward model (a `pyllm train --preference reward` run or "
-                   "a Hugging Face *ForSequenceClassification folder, same tokenizer) or module:function, called with "
-                   "the prompts' and the samples' token-id lists and giving a number per sample; the advantage is "
-                   "the reward normalized in its group")
+    p.add_argument("--grpo-reward", metavar="SPEC[,SPEC...]", help="GRPO (DeepSeekMath; TRL's GRPOTrainer, beta 0) "
+                   "on --data of prompts, conversations or prompt-completion lines: each one's last reply replaced by "
+                   "--grpo-generations samples of the model, rewarded by the sum of the SPECs' rewards: a reward model (a "
+                   "`pyllm train --preference reward` run or a Hugging Face *ForSequenceClassification folder, same "
+                   "tokenizer) or module:function, a TRL reward function: called with prompts=, completions= (text, or "
+                   "[{\"role\": \"assistant\", \"content\": text}] for messages), completion_ids= and each of the data "
+                   "lines' other keys (e.g. answer=) as lists, giving a number (or None) per completion; the advantage "
+                   "is the reward normalized in its group")
+    p.add_argument("--grpo-reward-weights", type=float, nargs="+", metavar="W",
+                   help="GRPO: each --grpo-reward's weight in the sum (default 1 each)")
     p.add_argument("--grpo-generations", type=int, help="GRPO: samples per prompt (default 8)")
     p.add_argument("--grpo-max-new-tokens", type=int, help="GRPO: at most this many tokens a sample (default 128)")
     p.add_argument("--grpo-temperature", type=float, help="GRPO: samples drawn at this temperature (default 1)")

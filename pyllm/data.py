@@ -263,7 +263,8 @@ def read_conversations(path) -> list[dict]:
                                                              end-of-document id alone; messages: an
                                                              empty assistant turn) for samples to replace
     returned as {"messages": [...], "train_from": index of the first trainable message} or
-    {"prompt": str, "completion": str}."""
+    {"prompt": str, "completion": str}, with "columns": the row's other keys where it has any (what
+    GRPO's reward functions are given, as TRL's)."""
     examples = []
     for number, row, line in _jsonl_rows(path):
         example = _example(row)
@@ -271,8 +272,32 @@ def read_conversations(path) -> list[dict]:
             raise ValueError(f"{path}:{number}: expected {{\"messages\": [{{\"role\": ..., \"content\": ...}}, ...]}} "
                              f"or {{\"prompt\": ..., \"completion\": ...}} (both text or both messages), got "
                              f"{line.strip()[:80]!r}")
-        examples.append(example)
+        columns = {k: v for k, v in row.items() if k not in ("messages", "prompt", "completion")}
+        examples.append({**example, "columns": columns} if columns else example)
     return examples
+
+
+def example_row(example: dict) -> dict:
+    """What a reward function is told of a conversation (read_conversations' example) besides the
+    samples: "prompt", what comes before its last reply (text, or the messages before the last
+    assistant message), and the row's other columns."""
+    if "messages" in example:
+        messages = example["messages"]
+        last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=len(messages))
+        prompt = messages[:last]
+    else:
+        prompt = example["prompt"]
+    return {**example.get("columns", {}), "prompt": prompt}
+
+
+def read_rows(path) -> list[dict] | None:
+    """The rows beside a token file of conversations (its .rows.jsonl: example_row of each
+    document, in order), or None where there is none (data prepared before they were kept)."""
+    path = Path(path).with_suffix(".rows.jsonl")
+    if not path.is_file():
+        return None
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
 
 
 def _jsonl_rows(path):
@@ -376,7 +401,8 @@ def prepare_chat(inputs: Sequence[str | os.PathLike], tokenizer, folder, out_dir
     conversations = [c for path in inputs for c in read_conversations(path)]
     in_val = _val_split(len(conversations), val_fraction, inputs, "conversation(s)")
     parts, silent = _write_units([(c,) for c in conversations], in_val, tokenizer, folder, out_dir, show_progress,
-                                 doc_start, doc_end, "conversation(s)", "conversation with an assistant reply")
+                                 doc_start, doc_end, "conversation(s)", "conversation with an assistant reply",
+                                 rows=True)
     stats = {"conversations": len(conversations), "without_assistant": silent}
     for name, (docs, masks) in parts.items():
         stats[f"{name}_conversations"] = len(docs)
@@ -387,16 +413,18 @@ def prepare_chat(inputs: Sequence[str | os.PathLike], tokenizer, folder, out_dir
 
 def _write_units(units: Sequence[tuple], in_val: Sequence[bool], tokenizer, folder, out_dir, show_progress: bool,
                  doc_start: Sequence[int], doc_end: int | None, what: str, kept: str,
-                 labels: Sequence[bool] | None = None) -> tuple[dict, int]:
+                 labels: Sequence[bool] | None = None, rows: bool = False) -> tuple[dict, int]:
     """Tokenizes units of examples (example_tokens; a conversation alone, or a preference pair's
     chosen and rejected sides) into out_dir/{train,val}.bin (write_documents), each unit's
     documents one after the other, and with pairs the .pairs.npy naming them; labels (one per unit,
-    KTO's): a .labels.npy of the units kept. A unit with a side that has nothing to train on is left
-    out. Returns ({split: (docs, masks)}, units left out)."""
+    KTO's): a .labels.npy of the units kept; rows (conversations): a .rows.jsonl of each kept
+    one's example_row (read_rows). A unit with a side that has nothing to train on is left out.
+    Returns ({split: (docs, masks)}, units left out)."""
     from tqdm import tqdm
 
     parts = {"train": ([], []), "val": ([], [])}
     kept_labels = {"train": [], "val": []}
+    kept_rows = {"train": [], "val": []}
     silent = 0
     for i, (unit, val) in enumerate(zip(tqdm(units, desc=f"tokenizing {what.replace('(s)', 's')}",
                                              disable=not show_progress), in_val)):
@@ -409,6 +437,8 @@ def _write_units(units: Sequence[tuple], in_val: Sequence[bool], tokenizer, fold
             parts["val" if val else "train"][1].append(np.asarray(mask, np.uint8))
         if labels is not None:
             kept_labels["val" if val else "train"].append(bool(labels[i]))
+        if rows:
+            kept_rows["val" if val else "train"].append(json.dumps(example_row(unit[0]), ensure_ascii=False))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     size = len(units[0])
@@ -419,6 +449,10 @@ def _write_units(units: Sequence[tuple], in_val: Sequence[bool], tokenizer, fold
             np.save(out_dir / f"{name}.labels.npy", np.asarray(kept_labels[name], np.bool_))
         else:
             (out_dir / f"{name}.labels.npy").unlink(missing_ok=True)
+        if rows:
+            (out_dir / f"{name}.rows.jsonl").write_text("".join(r + "\n" for r in kept_rows[name]), encoding="utf-8")
+        else:
+            (out_dir / f"{name}.rows.jsonl").unlink(missing_ok=True)
         write_documents(out_dir / f"{name}.bin", docs, masks, tokenizer.vocab_size,
                         np.arange(len(docs)).reshape(-1, size) if size > 1 else None)
     return parts, silent

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pyllm.data import PackedLoader, TokenLoader, has_documents, read_header
+from pyllm.data import PackedLoader, TokenFileError, TokenLoader, has_documents, read_header, read_rows
 from pyllm.model import LLM, ModelConfig, lora_targets, save_weights
 from pyllm.nn import PREFERENCE_LOSSES, REFERENCE_FREE, preference_loss, sequence_logps
 from pyllm.ops import _util
@@ -54,8 +54,10 @@ class TrainConfig:
     distill_lmbda: float = 0.0  # GKD's lmbda: the share of micro-batches whose last replies are the student's own samples
     distill_max_new_tokens: int = 128  # on-policy samples: at most this many tokens each (TRL's GKD default)
     distill_sample_temperature: float = 0.9  # on-policy samples drawn at this temperature (TRL's GKD default)
+    tokenizer: str = ""  # the run's tokenizer file (the CLI's): GRPO's reward functions are given text decoded with it
     sample_stop_tokens: list = field(default_factory=list)  # samples (on-policy, GRPO) end at one of these ids (the CLI: the model's end-of-sequence ids)
-    grpo_reward: str = ""  # GRPO on the conversations' prompts, rewarded by a reward model (pyllm run or HF folder) or "module:function"
+    grpo_reward: str = ""  # GRPO on the conversations' prompts, rewarded by reward models (pyllm runs or HF folders) and "module:function"s, comma-separated
+    grpo_reward_weights: list = field(default_factory=list)  # GRPO: each reward's weight in their sum (TRL's reward_weights); []: 1 each
     grpo_generations: int = 8  # GRPO: samples per prompt, the group whose rewards are normalized (TRL's num_generations)
     grpo_max_new_tokens: int = 128  # GRPO: at most this many tokens a sample
     grpo_temperature: float = 1.0  # GRPO: samples drawn at this temperature (TRL's default)
@@ -179,6 +181,13 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.grpo_generations must be >= 2, grpo_max_new_tokens >= 1 and "
                              f"grpo_temperature > 0, got {self.grpo_generations}, {self.grpo_max_new_tokens} and "
                              f"{self.grpo_temperature}")
+        specs = [spec for spec in self.grpo_reward.split(",") if spec.strip()] if self.grpo_reward else []
+        if self.grpo_reward and len(specs) != len(self.grpo_reward.split(",")):
+            raise ValueError(f"TrainConfig.grpo_reward: comma-separated reward models and functions, got {self.grpo_reward!r}")
+        if self.grpo_reward_weights and (len(self.grpo_reward_weights) != len(specs) or not all(
+                isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in self.grpo_reward_weights)):
+            raise ValueError(f"TrainConfig.grpo_reward_weights: a finite number for each of the {len(specs)} reward(s) "
+                             f"of grpo_reward, got {self.grpo_reward_weights}")
         if self.grpo_reward and self.dist_mode == "fsdp":
             raise NotImplementedError("GRPO's samples (grpo_reward) are drawn from the whole model on each rank: use "
                                       "ddp or zero1, not fsdp")
@@ -623,15 +632,16 @@ def distill_loss(model, teacher: LLM, batch, cfg: TrainConfig) -> torch.Tensor:
                                   "alpha": cfg.distill_alpha})[1]
 
 
-def last_reply_prompts(batch, limit: int) -> list[list[int]]:
+def last_reply_prompts(batch, limit: int, segments: list | None = None) -> list[list[int]]:
     """The prompt of each conversation of a packed batch (x, y, cu_seqlens) that has trained targets:
     its tokens before its last reply (the last run of trained targets; earlier replies kept), those
-    of fewer than limit tokens."""
-    x, y, cu = batch
+    of fewer than limit tokens. segments (a list): each prompt's index among cu_seqlens' segments
+    is appended to it."""
+    x, y, cu = batch[:3]
     offsets = cu.tolist()
     tokens, trained = x.view(-1).tolist(), (y.view(-1) != -1).tolist()
     prompts = []
-    for start, end in zip(offsets[:-1], offsets[1:]):
+    for segment, (start, end) in enumerate(zip(offsets[:-1], offsets[1:])):
         first = end - 1  # back to the last trained target, then to the first of its run: the last reply's
         while first >= start and not trained[first]:
             first -= 1
@@ -641,6 +651,8 @@ def last_reply_prompts(batch, limit: int) -> list[list[int]]:
             first -= 1
         if first + 1 - start < limit:  # the prompt: up to the token whose target is the reply's first
             prompts.append(tokens[start:first + 1])
+            if segments is not None:
+                segments.append(segment)
     return prompts
 
 
@@ -683,20 +695,57 @@ def on_policy_batch(model: LLM, batch, cfg: TrainConfig, generator: torch.Genera
     return pack_replies(prompts, samples, T, batch[0].device)[:3]
 
 
-def load_reward(cfg: TrainConfig, policy: LLM, precision: str, device: torch.device):
-    """GRPO's reward (cfg.grpo_reward) as a function of (prompts, completions: token-id lists, the
-    packed batch (x, y, cu_seqlens, at) of them) -> (n,) rewards: a reward model's scores at each
-    sequence's last token (a pyllm run or a Hugging Face folder with a score head: --preference
-    reward, *ForSequenceClassification; frozen, eval mode, the compute dtype, the policy's
-    vocabulary), or "module:function", called with the two lists, giving n numbers (verifiable
-    rewards: decode with the run's tokenizer there)."""
-    spec = cfg.grpo_reward
-    if ":" in spec and not Path(spec).exists():
-        import importlib
+def reward_names(spec: str) -> list[str]:
+    """Each reward's name in the log (rewards/<name>): a function's name, a reward model's folder's."""
+    return [part.rsplit(":", 1)[1] if ":" in part and not Path(part).exists() else Path(part).name or part
+            for part in spec.split(",")]
 
-        module, name = spec.rsplit(":", 1)
-        function = getattr(importlib.import_module(module), name)
-        return lambda prompts, completions, packed: torch.tensor(function(prompts, completions), dtype=torch.float32)
+
+def load_reward(cfg: TrainConfig, policy: LLM, precision: str, device: torch.device, tokenizer=None) -> list:
+    """GRPO's rewards (cfg.grpo_reward, comma-separated), each a function of (prompt ids, completion
+    ids: token-id lists, the packed batch (x, y, cu_seqlens, at) of them, each sample's row of the
+    data (data.example_row: its "prompt" and the other columns) or None) -> (n,) fp32 rewards,
+    NaN where it gave None. Each is a reward model's scores at each sequence's last token (a pyllm
+    run or a Hugging Face folder with a score head: --preference reward, *ForSequenceClassification;
+    frozen, eval mode, the compute dtype, the policy's vocabulary), or "module:function", called
+    as TRL's GRPOTrainer calls its reward functions, by keyword: prompts (the rows' prompts, text
+    or messages; without rows decoded), completions (decoded with tokenizer without the stop
+    token; [{"role": "assistant", "content": text}] where the prompt is messages), completion_ids,
+    and each of the rows' other columns as a list; without a tokenizer prompts and completions
+    are the token ids. It gives a number (or None) for each completion."""
+    rewards = []
+    stops = set(cfg.sample_stop_tokens)
+    for spec in cfg.grpo_reward.split(","):
+        if ":" in spec and not Path(spec).exists():
+            import importlib
+
+            module, name = spec.rsplit(":", 1)
+            rewards.append(_reward_function(getattr(importlib.import_module(module), name), spec, tokenizer, stops))
+        else:
+            rewards.append(_reward_model(spec, policy, precision, device))
+    return rewards
+
+
+def _reward_function(function, spec: str, tokenizer, stops: set):
+    def reward(prompt_ids, completion_ids, packed, rows):
+        if tokenizer is not None:
+            completions = [tokenizer.decode(ids[:-1] if ids and ids[-1] in stops else ids) for ids in completion_ids]
+            prompts = [row["prompt"] for row in rows] if rows else [tokenizer.decode(ids) for ids in prompt_ids]
+            completions = [[{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
+                           for prompt, text in zip(prompts, completions)]
+        else:
+            completions, prompts = completion_ids, [row["prompt"] for row in rows] if rows else prompt_ids
+        columns = {key: [row.get(key) for row in rows] for key in rows[0] if key != "prompt"} if rows else {}
+        values = function(**{**columns, "prompts": prompts, "completions": completions, "completion_ids": completion_ids})
+        values = list(values)
+        if len(values) != len(completion_ids):
+            raise ValueError(f"grpo_reward {spec}: gave {len(values)} rewards for {len(completion_ids)} completions")
+        return torch.tensor([math.nan if v is None else float(v) for v in values], dtype=torch.float32)
+
+    return reward
+
+
+def _reward_model(spec: str, policy: LLM, precision: str, device: torch.device):
     rm = load_frozen(spec, precision, device)
     if rm.score is None or rm.config.num_labels != 1:
         raise ValueError(f"grpo_reward {spec}: not a reward model (a score head of one label: train one with "
@@ -706,7 +755,7 @@ def load_reward(cfg: TrainConfig, policy: LLM, precision: str, device: torch.dev
                          f"{policy.config.vocab_size}: it scores the policy's token ids (the same tokenizer)")
 
     @torch.no_grad()
-    def score(prompts, completions, packed):
+    def score(prompt_ids, completion_ids, packed, rows):
         x, _, cu, at = packed
         with autocast(precision, device):
             return rm(x, None, cu, scores=True)[1][at, 0].float().cpu()
@@ -714,30 +763,37 @@ def load_reward(cfg: TrainConfig, policy: LLM, precision: str, device: torch.dev
     return score
 
 
-def grpo_batch_loss(model, policy: LLM, batch, cfg: TrainConfig, reward, generator: torch.Generator | None,
-                    reference=None) -> tuple[torch.Tensor, torch.Tensor, list[int], int]:
+def grpo_batch_loss(model, policy: LLM, batch, cfg: TrainConfig, reward_fns: list, generator: torch.Generator | None,
+                    reference=None, rows: list | None = None) -> tuple[torch.Tensor, torch.Tensor, list[int], int]:
     """GRPO's loss (Shao et al. 2024, DeepSeekMath; TRL's GRPOTrainer with beta 0 and one update per
     generation, its defaults) on a packed batch of conversations: each one's prompt (last_reply_prompts)
     continued cfg.grpo_generations times by the policy (sample_replies, cfg.grpo_temperature), the
-    samples rewarded (load_reward's function), each sample's advantage its reward normalized in its
-    group, (r - mean) / (std + 1e-4), and the loss -mean_i A_i mean_t ratio_it over the samples i
+    samples rewarded (load_reward's functions, given rows[segment], the data's row of each
+    conversation, where rows are given; summed weighted by cfg.grpo_reward_weights, NaN left
+    out, TRL's), each sample's advantage its reward normalized in its group, (r - mean) / (std + 1e-4), and the loss -mean_i A_i mean_t ratio_it over the samples i
     and their tokens t, with ratio = p / p.detach() (1 in value: the loss is -mean A, ~0; its
     gradient -mean_i A_i mean_t grad log p_it). model: what computes the log-probabilities (DDP's
     wrapper); policy: the LLM that samples. With cfg.grpo_beta > 0, reference(x, y, cu_seqlens) gives
     the reference model's log-probability of each target (no autograd) and the loss adds beta times
     each sample's mean over its tokens of the k3 estimate of KL(policy || reference), exp(d) - d - 1
     with d = ref - log p (TRL's). Also (mean reward, the groups' mean reward std (TRL's reward_std),
-    mean sample length, mean KL), and
+    mean sample length, mean KL, then each reward's mean), and
     the lengths of the sequences the loss was computed on and their trained targets (for MFU)."""
     T = batch[0].shape[1]
-    prompts = last_reply_prompts(batch, min(T, policy.config.block_size))
-    groups = [prompt for prompt in prompts for _ in range(cfg.grpo_generations)]
+    segments = []
+    prompts = last_reply_prompts(batch, min(T, policy.config.block_size), segments)
+    G = cfg.grpo_generations
+    groups = [prompt for prompt in prompts for _ in range(G)]
+    group_rows = [rows[segment] for segment in segments for _ in range(G)] if rows is not None else None
     samples = sample_replies(policy, groups, cfg.grpo_max_new_tokens, cfg.grpo_temperature, cfg.sample_stop_tokens,
                              generator)
     packed = pack_replies(groups, samples, T, batch[0].device)
     x, y, cu, at = packed
-    rewards = reward(groups, samples, packed).to(torch.float64)  # (n,); the normalization in fp64: n numbers
-    grouped = rewards.view(-1, cfg.grpo_generations)
+    each = (torch.stack([reward(groups, samples, packed, group_rows) for reward in reward_fns], 1).to(torch.float64)
+            if groups else torch.zeros(0, len(reward_fns), dtype=torch.float64))  # (n, R); fp64: n numbers
+    weights = torch.tensor(cfg.grpo_reward_weights or [1.0] * len(reward_fns), dtype=torch.float64)
+    rewards = (each * weights).nansum(1)  # (n,)
+    grouped = rewards.view(-1, G)
     advantages = ((grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + 1e-4)).view(-1)
     kl = None
     if cfg.grpo_beta:
@@ -752,9 +808,10 @@ def grpo_batch_loss(model, policy: LLM, batch, cfg: TrainConfig, reward, generat
         kl = sequence_logps(torch.exp(d) - d - 1, cu)[at] / tokens
         loss = loss + cfg.grpo_beta * kl.sum() / max(len(at), 1)
     lengths = torch.tensor([float(len(s)) for s in samples])
-    stats = (torch.stack([rewards.mean(), grouped.std(1).mean(), lengths.double().mean(),
-                          kl.detach().double().mean().cpu() if kl is not None else torch.tensor(0.0, dtype=torch.float64)])
-             if len(at) else torch.zeros(4))
+    stats = (torch.cat([torch.stack([rewards.mean(), grouped.std(1).mean(), lengths.double().mean(),
+                                     kl.detach().double().mean().cpu() if kl is not None else rewards.new_zeros(())]),
+                        each.nanmean(0)])
+             if len(at) else torch.zeros(4 + len(weights)))
     cut = [min(len(p) + len(s), T) for p, s in zip(groups, samples)]
     return loss, stats.to(torch.float32).to(token_logps.device), cut, sum(c - len(p) for c, p in zip(cut, groups))
 
@@ -924,7 +981,7 @@ def plot_losses(log_path: Path, png_path: Path) -> None:
 
 # --- the loop ------------------------------------------------------------------------------------------
 
-def next_batches(loader, grad_accum: int, world_size: int) -> tuple[list, list[float] | None, list[int] | None, int,
+def next_batches(loader, grad_accum: int, world_size: int, docs: bool = False) -> tuple[list, list[float] | None, list[int] | None, int,
                                                                     tuple[list[int], int] | None]:
     """A step's micro-batches, the weight of each one's mean loss, and the lengths of this rank's
     documents in them (packed or document-masked batches; None for plain windows). The weighted sum,
@@ -936,7 +993,8 @@ def next_batches(loader, grad_accum: int, world_size: int) -> tuple[list, list[f
     (DPO's loss is a mean over pairs), their batches with the loader's docs as a fourth item. Last,
     this rank's trained targets in packed batches (where the output layer runs), else 0. KTO
     (labelled pairs): the lengths and targets are the examples', and a fifth item, the KL documents'
-    lengths and targets (a pass without backward: preference_batch_loss); else None."""
+    lengths and targets (a pass without backward: preference_batch_loss); else None. docs: the
+    conversations' batches too have the loader's docs as a fourth item (GRPO: their rows)."""
     batches, lengths = [], []
     if not isinstance(loader, PackedLoader):
         for _ in range(grad_accum):
@@ -948,7 +1006,7 @@ def next_batches(loader, grad_accum: int, world_size: int) -> tuple[list, list[f
     kl_lengths, kl_outputs = [], 0
     for _ in range(grad_accum):
         if loader.pairs is None:
-            batches.append(loader.next_batch())
+            batches.append((*loader.next_batch(), loader.docs) if docs else loader.next_batch())
             mine.append(loader.targets)
             total += loader.global_targets
         else:  # preference pairs: DPO's loss is a mean over pairs, and needs to know which they are
@@ -1012,7 +1070,15 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
         raise ValueError(f"the token files hold ids up to {data_vocab - 1}, but the model has {mcfg.vocab_size} "
                          "embeddings: tokenize with the model's own tokenizer")
     teacher = load_teacher(cfg, model, precision, info.device) if cfg.teacher else None
-    reward = load_reward(cfg, model, precision, info.device) if cfg.grpo_reward else None
+    reward = None  # GRPO's reward functions, and the data's rows they are given
+    if cfg.grpo_reward:
+        tokenizer = None
+        if cfg.tokenizer:
+            from pyllm.tokenizer import Tokenizer
+
+            tokenizer = Tokenizer.load(cfg.tokenizer)
+        reward = load_reward(cfg, model, precision, info.device, tokenizer)
+        rows = read_rows(data / "train.bin")
     seq_len = cfg.seq_len or mcfg.block_size
     if info.is_main and not has_kernels_for(info.device):
         print("pyllm: this build has no CUDA kernels (nvcc was not found when it was installed): training "
@@ -1026,6 +1092,9 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
     if cfg.samples_replies and not (isinstance(loader, PackedLoader) and loader.pairs is None):
         raise ValueError("distill_lmbda, distill_seq_kd and grpo_reward (samples) continue the conversations' prompts: "
                          "they need conversations (*.jsonl), not text windows or pairs")
+    if reward is not None and rows is not None and len(rows) != len(loader.offsets) - 1:
+        raise TokenFileError(f"{data / 'train.rows.jsonl'}: {len(rows)} rows for {len(loader.offsets) - 1} conversations; "
+                             "prepare the data again")
     if labelled != (cfg.preference == "kto"):
         raise ValueError("unpaired examples ({\"prompt\", \"completion\", \"label\"} lines) train by preference kto"
                          if labelled else "preference kto trains on unpaired examples ({\"prompt\", \"completion\", "
@@ -1114,8 +1183,9 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
         aux_sum = torch.zeros((), device=info.device)  # the part of loss_sum that is load balancing (MoE)
         pref_sums = torch.zeros(3, device=info.device)  # mean chosen reward, rejected reward, accuracy
         on_policy = 0  # micro-batches of the student's own samples (distill_lmbda)
-        grpo_sums = torch.zeros(4, device=info.device)  # mean reward, reward std, sample length, KL
-        batches, weights, lengths, outputs, forward_only = next_batches(loader, cfg.grad_accum, info.world_size)
+        grpo_sums = torch.zeros(4 + len(reward or ()), device=info.device)  # mean reward, std, length, KL, each reward
+        batches, weights, lengths, outputs, forward_only = next_batches(loader, cfg.grad_accum, info.world_size,
+                                                                        docs=reward is not None)
         if reward is not None:  # each micro-batch's mean over its samples, the micro-batches alike;
             weights, lengths, outputs = None, [], 0  # the FLOPs: the samples' sequences'  (not the sampling)
         for micro, batch in enumerate(batches):
@@ -1129,7 +1199,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
                 elif reward is not None:
                     seed = int(np.random.default_rng([cfg.seed, step, micro, info.rank]).integers(2 ** 62))
                     loss, stats, computed, targets = grpo_batch_loss(
-                        wrapped, model, batch, cfg, reward, torch.Generator(info.device).manual_seed(seed), grpo_reference)
+                        wrapped, model, batch[:3], cfg, reward, torch.Generator(info.device).manual_seed(seed),
+                        grpo_reference, rows and [rows[d] if d >= 0 else None for d in batch[3]])
                     grpo_sums += stats / cfg.grad_accum
                     lengths, outputs = lengths + computed, outputs + targets
                 elif teacher is not None:
@@ -1197,9 +1268,12 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
         if cfg.distill_lmbda:
             record["on_policy"] = on_policy / cfg.grad_accum
         if reward is not None:
-            record.update(zip(("reward", "reward_std", "completion_length", "kl"), all_reduce_mean(grpo_sums, info).tolist()))
+            names = ["reward", "reward_std", "completion_length", "kl"] + [f"rewards/{n}" for n in reward_names(cfg.grpo_reward)]
+            record.update((k, v if math.isfinite(v) else None) for k, v in zip(names, all_reduce_mean(grpo_sums, info).tolist()))
             if not cfg.grpo_beta:
                 del record["kl"]
+            if len(reward) == 1:  # (the one reward's mean is the reward)
+                del record[names[-1]]
         if cfg.preference:
             chosen, rejected, accuracy = all_reduce_mean(pref_sums, info).tolist()
             record.update(reward_chosen=chosen, reward_rejected=rejected, reward_margin=chosen - rejected,

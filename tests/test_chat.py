@@ -538,29 +538,45 @@ def test_grpo_from_a_hugging_face_model(chat_run_inputs, tmp_path):
     assert {"reward", "reward_std", "completion_length"} <= record.keys() and 1 <= record["completion_length"] <= 4
     saved = torch.load(tmp_path / "rl" / "checkpoint.pt", weights_only=False)["train_config"]
     assert saved["sample_stop_tokens"] == hf_stop_ids(folder) and saved["grpo_generations"] == 2
-    # prompts alone (TRL's prompt-only format, other keys ignored), as messages and as text: each
-    # conversation's prompt is everything before the empty reply the samples replace
+    # prompts alone (TRL's prompt-only format), as messages and as text: each conversation's prompt
+    # is everything before the empty reply the samples replace; the lines' other keys reach the
+    # reward functions (TRL's: prompts as written, completions decoded, columns as lists), two
+    # rewards summed by weight, each one's mean logged
     from pyllm import data
     from pyllm.tokenizer.tokenizer import Tokenizer, hf_chat_prompt
+
+    import test_grpo
 
     rng = random.Random(4)
     for kind in ("messages", "text"):
         path = tmp_path / f"prompts-{kind}.jsonl"
         questions = [f"what is {rng.randrange(50)} plus {rng.randrange(50)}?" for _ in range(40)]
         with open(path, "w") as f:
-            for q in questions:
+            for i, q in enumerate(questions):
                 prompt = [{"role": "user", "content": q}] if kind == "messages" else q
-                f.write(json.dumps({"prompt": prompt, "answer": "ignored"}) + "\n")
+                f.write(json.dumps({"prompt": prompt, "answer": "ab"[i % 2], "id": i}) + "\n")
         assert cli.main(train_args(folder, path, tmp_path / f"p-{kind}", "--max-steps", "1", "--batch-size", "2")) == 2
         run = tmp_path / f"g-{kind}"
+        test_grpo.CALLS.clear()
         assert cli.main(train_args(folder, path, run, "--max-steps", "1", "--batch-size", "2", "--grpo-reward",
-                                   "test_grpo:sevens", "--grpo-generations", "2", "--grpo-max-new-tokens", "3")) == 0
+                                   "test_grpo:sevens,test_grpo:answered", "--grpo-reward-weights", "0.5", "2",
+                                   "--grpo-generations", "2", "--grpo-max-new-tokens", "3")) == 0
+        (call,) = test_grpo.CALLS
+        lines = [json.loads(line) for line in path.read_text().splitlines()]
+        assert len(call["id"]) % 2 == 0 and len(call["id"]) >= 2 and call["id"][0::2] == call["id"][1::2]
+        assert call["prompts"] == [lines[i]["prompt"] for i in call["id"]]
+        assert call["answer"] == [lines[i]["answer"] for i in call["id"]]
+        tokenizer = Tokenizer.load(json.loads((run / "run.json").read_text())["tokenizer"])
+        texts = [tokenizer.decode(ids[:-1] if ids[-1] in hf_stop_ids(folder) else ids) for ids in call["completion_ids"]]
+        assert call["completions"] == ([[{"role": "assistant", "content": t}] for t in texts] if kind == "messages" else texts)
+        record = logged(run)[-1]
+        assert {"rewards/sevens", "rewards/answered"} <= record.keys()
+        assert record["reward"] == pytest.approx(0.5 * record["rewards/sevens"] + 2 * record["rewards/answered"])
         loader = data.PackedLoader(run / "data" / "train.bin", 1, 48, shuffle=False)
         batch = loader.next_batch()
         from pyllm import train as trainer
 
         prompt = trainer.last_reply_prompts(batch, 48)[0]
-        tokenizer = Tokenizer.load(json.loads((run / "run.json").read_text())["tokenizer"])
         if kind == "messages":  # the chat template's generation prompt
             assert prompt == tokenizer.encode(hf_chat_prompt(folder, [{"role": "user", "content": questions[0]}]),
                                               allowed_special="all")

@@ -18,9 +18,24 @@ from test_train import TINY, chat_dir, config, data_dir, losses, pairs_dir, run_
 SPEC = "test_grpo:sevens"  # the reward function below, as "module:function"
 
 
-def sevens(prompts, completions):
-    """A verifiable reward: the share of a completion's tokens that are 7."""
-    return [sum(t == 7 for t in c) / len(c) for c in completions]
+def sevens(completion_ids, **kwargs):
+    """A verifiable reward (TRL's convention: by keyword, the rest in kwargs): the share of a
+    completion's tokens that are 7."""
+    return [sum(t == 7 for t in c) / len(c) for c in completion_ids]
+
+
+def short_or_none(completion_ids, **kwargs):
+    """A second reward: 1 for samples without a 9, None (unscored) for those starting with a multiple of 3."""
+    return [None if c[0] % 3 == 0 else float(9 not in c) for c in completion_ids]
+
+
+CALLS = []  # what answered was given (test_chat's CLI run)
+
+
+def answered(prompts, completions, answer, **kwargs):
+    """A reward of a data column (TRL's convention): 1 where the completion's text holds the line's answer."""
+    CALLS.append(dict(prompts=prompts, completions=completions, answer=answer, **kwargs))
+    return [float(a in (c if isinstance(c, str) else c[0]["content"])) for c, a in zip(completions, answer)]
 
 
 def tiny(**kw):
@@ -46,7 +61,7 @@ def test_grpo_loss_and_gradients_are_the_formula(chat_dir, beta):  # noqa: F811
     model.zero_grad()
     prompts = [p for p in trainer.last_reply_prompts(batch, 24) for _ in range(4)]
     samples = trainer.sample_replies(model, prompts, 5, 1.0, [], torch.Generator().manual_seed(1))
-    rewards = torch.tensor(sevens(prompts, samples), dtype=torch.float64).view(-1, 4)
+    rewards = torch.tensor(sevens(samples), dtype=torch.float64).view(-1, 4)
     advantages = ((rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + 1e-4)).view(-1)
     terms, kls = [], []
     for prompt, sample, a in zip(prompts, samples, advantages):
@@ -71,7 +86,83 @@ def test_grpo_loss_and_gradients_are_the_formula(chat_dir, beta):  # noqa: F811
     assert lengths == cut and targets == sum(c - len(p) for c, p in zip(cut, prompts))
     flat = rewards.view(-1)
     np.testing.assert_allclose(stats.tolist(), [flat.mean().item(), rewards.std(1).mean().item(), np.mean([len(s) for s in samples]),
-                                                beta and torch.stack(kls).mean().item()], rtol=1e-6)
+                                                beta and torch.stack(kls).mean().item(), flat.mean().item()], rtol=1e-6)
+
+
+def test_grpo_rewards_are_summed_by_weight(chat_dir):  # noqa: F811
+    # Two rewards (comma-separated), weighted: each sample's reward is their weighted sum with an
+    # unscored (None) one left out (TRL's nansum); the stats carry each reward's mean over the
+    # samples it scored. Each conversation's row reaches the functions as that of its prompt.
+    model = tiny().double()
+    loader = data.PackedLoader(chat_dir / "train.bin", 3, 24, seed=0)
+    batch = loader.next_batch()
+    cfg = TrainConfig(grpo_reward=f"{SPEC},test_grpo:short_or_none", grpo_reward_weights=[2.0, 0.5],
+                      grpo_generations=4, grpo_max_new_tokens=5)
+    cfg.validate()
+    seen = []
+    record = lambda prompt_ids, completion_ids, packed, rows: (seen.extend(rows), torch.zeros(len(rows)))[1]  # noqa: E731
+    fns = trainer.load_reward(cfg, model, "fp32", torch.device("cpu")) + [record]
+    cfg.grpo_reward_weights = [2.0, 0.5, 1.0]
+    rows = [{"prompt": f"conversation {d}", "doc": d} for d in loader.docs]
+    _, stats, _, _ = trainer.grpo_batch_loss(model, model, batch, cfg, fns, torch.Generator().manual_seed(1), rows=rows)
+    segments = []
+    prompts = [p for p in trainer.last_reply_prompts(batch, 24, segments) for _ in range(4)]
+    samples = trainer.sample_replies(model, prompts, 5, 1.0, [], torch.Generator().manual_seed(1))
+    a = np.array(sevens(samples), dtype=float)
+    b = np.array([np.nan if v is None else v for v in short_or_none(samples)], dtype=float)
+    assert np.isnan(b).any() and not np.isnan(b).all()
+    total = 2 * a + 0.5 * np.nan_to_num(b)
+    grouped = total.reshape(-1, 4)
+    np.testing.assert_allclose(stats.tolist(), [total.mean(), grouped.std(1, ddof=1).mean(), np.mean([len(s) for s in samples]),
+                                                0.0, a.mean(), np.nanmean(b), 0.0], rtol=1e-6)
+    assert [r["doc"] for r in seen] == [loader.docs[s] for s in segments for _ in range(4)]
+    assert trainer.reward_names(cfg.grpo_reward) == ["sevens", "short_or_none"]
+    with pytest.raises(ValueError, match="a finite number for each of the 2"):
+        TrainConfig(grpo_reward=cfg.grpo_reward, grpo_reward_weights=[1.0]).validate()
+
+
+def test_reward_functions_are_called_as_trl_calls_them():
+    # By keyword: prompts (the rows' own, text or messages), completions (decoded without the stop
+    # token; an assistant message where the prompt is messages), completion_ids and the rows' other
+    # columns as lists; None gives NaN; a wrong count is an error naming the function. Without a
+    # tokenizer the prompts and completions are the token ids.
+    from pyllm.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.train(["the answer is 42. what is six times seven?"] * 4, 270, special_tokens=["<|end|>"],
+                               show_progress=False)
+    end = tokenizer.special_tokens["<|end|>"]
+    calls = []
+
+    def judge(prompts, completions, completion_ids, answer, **kwargs):
+        calls.append(dict(prompts=prompts, completions=completions, completion_ids=completion_ids, answer=answer, **kwargs))
+        return [None if i == 1 else float(answer[i] in (c if isinstance(c, str) else c[0]["content"]))
+                for i, c in enumerate(completions)]
+
+    import sys
+    import types
+
+    sys.modules["grpo_judge"] = types.SimpleNamespace(judge=judge, wrong=lambda completions, **kw: [1.0],
+                                                   echo=lambda **kw: (calls.append(kw), [0.0])[1])
+    cfg = TrainConfig(grpo_reward="grpo_judge:judge", sample_stop_tokens=[end])
+    (reward,) = trainer.load_reward(cfg, None, "fp32", torch.device("cpu"), tokenizer)
+    messages = [{"role": "user", "content": "what is six times seven?"}]
+    rows = [{"prompt": "what is six times seven?", "answer": "42", "level": 1},
+            {"prompt": "what is six times seven?", "answer": "42", "level": 1},
+            {"prompt": messages, "answer": "41", "level": 2}]
+    completion_ids = [tokenizer.encode("the answer is 42.") + [end], tokenizer.encode("42"), tokenizer.encode("41")]
+    got = reward([[1, 2]] * 3, completion_ids, None, rows)
+    assert got[0].item() == 1.0 and np.isnan(got[1].item()) and got[2].item() == 1.0
+    call = calls[-1]
+    assert call["prompts"] == [rows[0]["prompt"], rows[1]["prompt"], messages] and call["answer"] == ["42", "42", "41"]
+    assert call["completions"] == ["the answer is 42.", "42", [{"role": "assistant", "content": "41"}]]
+    assert call["completion_ids"] == completion_ids and call["level"] == [1, 1, 2]
+    (raw,) = trainer.load_reward(TrainConfig(grpo_reward="grpo_judge:echo"), None, "fp32", torch.device("cpu"))
+    assert raw([[1, 2]], [[5, 6]], None, None).tolist() == [0.0]  # no tokenizer, no rows: the ids
+    assert calls[-1] == {"prompts": [[1, 2]], "completions": [[5, 6]], "completion_ids": [[5, 6]]}
+    cfg = TrainConfig(grpo_reward="grpo_judge:wrong")
+    (wrong,) = trainer.load_reward(cfg, None, "fp32", torch.device("cpu"), tokenizer)
+    with pytest.raises(ValueError, match="grpo_judge:wrong: gave 1 rewards for 2 completions"):
+        wrong([[1], [2]], [[3], [4]], None, None)
 
 
 def test_grpo_raises_the_reward_and_resumes_exactly(chat_dir, tmp_path):  # noqa: F811
@@ -114,10 +205,10 @@ def test_grpo_rewarded_by_a_reward_model(pairs_dir, chat_dir, tmp_path):  # noqa
     trainer.train(config(pairs_dir, tmp_path / "rm", preference="reward", max_steps=2, model=dict(TINY, block_size=32)))
     model = tiny()
     cfg = TrainConfig(grpo_reward=str(tmp_path / "rm"), grpo_generations=2, grpo_max_new_tokens=4)
-    reward = trainer.load_reward(cfg, model, "fp32", torch.device("cpu"))
+    (reward,) = trainer.load_reward(cfg, model, "fp32", torch.device("cpu"))
     rm = LLM.load(tmp_path / "rm" / "model.safetensors").eval()
     prompts, samples = [[3, 14, 15], [9, 26]], [[5, 35, 8], [7]]
-    got = reward(prompts, samples, trainer.pack_replies(prompts, samples, 24, "cpu"))
+    got = reward(prompts, samples, trainer.pack_replies(prompts, samples, 24, "cpu"), None)
     with torch.no_grad():
         want = [rm(torch.tensor([p + s]), scores=True)[1][0, 0].item() for p, s in zip(prompts, samples)]
     np.testing.assert_allclose(got.tolist(), want, rtol=1e-5)

@@ -908,6 +908,18 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grpo-generations", type=int, help="GRPO: samples per prompt (default 8)")
     p.add_argument("--grpo-max-new-tokens", type=int, help="GRPO: at most this many tokens a sample (default 128)")
     p.add_argument("--grpo-temperature", type=float, help="GRPO: samples drawn at this temperature (default 1)")
+    p.add_argument("--grpo-loss-type", choices=("dapo", "grpo", "bnpo", "dr_grpo"),
+                   help="GRPO: the sampled tokens' losses summed and divided by the step's sampled tokens (dapo, the "
+                        "default, TRL's), each sample's then the samples' number (grpo), the micro-batch's tokens "
+                        "(bnpo) or samples x --grpo-max-new-tokens (dr_grpo)")
+    p.add_argument("--grpo-scale-rewards", choices=("group", "batch", "none"),
+                   help="GRPO: advantages divided by the std of their group's rewards (default), of the step's "
+                        "(batch), or not (none, Dr. GRPO's)")
+    p.add_argument("--grpo-iterations", type=int, help="GRPO: optimizer steps on each generation's samples (TRL's "
+                   "num_iterations; default 1), the ratio to the sampling policy clipped to [1 - eps, 1 + eps_high]")
+    p.add_argument("--grpo-epsilon", type=float, help="GRPO: the ratio's lower clip, 1 - eps (default 0.2)")
+    p.add_argument("--grpo-epsilon-high", type=float, help="GRPO: the ratio's upper clip, 1 + eps_high (default: "
+                   "--grpo-epsilon; DAPO's clip-higher: 0.28)")
     p.add_argument("--grpo-beta", type=float, help="GRPO: the weight of a KL penalty against the starting model (a "
                    "frozen copy of --init-from-hf / --init-from-run, or with --lora-rank the model with its updates "
                    "off; default 0, TRL's)")

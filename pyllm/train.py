@@ -12,7 +12,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +62,11 @@ class TrainConfig:
     grpo_max_new_tokens: int = 128  # GRPO: at most this many tokens a sample
     grpo_temperature: float = 1.0  # GRPO: samples drawn at this temperature (TRL's default)
     grpo_beta: float = 0.0  # GRPO: the KL penalty's weight, against the starting model (LoRA: the updates off); 0: none (TRL's default)
+    grpo_loss_type: str = "dapo"  # GRPO: the token losses' sum divided by: dapo (the step's tokens; TRL's default) | grpo | bnpo | dr_grpo
+    grpo_scale_rewards: str = "group"  # GRPO: advantages divided by the std of their group | batch (the step's) | none (Dr. GRPO)
+    grpo_iterations: int = 1  # GRPO: optimizer steps on each generation (TRL's num_iterations, mu), the ratio to it clipped
+    grpo_epsilon: float = 0.2  # GRPO: the ratio clipped to [1 - epsilon, 1 + epsilon_high]
+    grpo_epsilon_high: float = 0.0  # GRPO: 0: epsilon (DAPO's clip-higher: 0.28)
     distill_seq_kd: bool = False  # GKD's seq_kd: every micro-batch's last replies the teacher's samples first (sequence-level KD)
     model: dict = field(default_factory=dict)  # ModelConfig overrides, e.g. {"n_layers": 2}
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -188,6 +193,13 @@ class TrainConfig:
                 isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in self.grpo_reward_weights)):
             raise ValueError(f"TrainConfig.grpo_reward_weights: a finite number for each of the {len(specs)} reward(s) "
                              f"of grpo_reward, got {self.grpo_reward_weights}")
+        if self.grpo_loss_type not in GRPO_LOSS_TYPES or self.grpo_scale_rewards not in ("group", "batch", "none"):
+            raise ValueError(f"TrainConfig.grpo_loss_type must be one of {', '.join(GRPO_LOSS_TYPES)} and "
+                             f"grpo_scale_rewards group, batch or none, got {self.grpo_loss_type!r} and "
+                             f"{self.grpo_scale_rewards!r}")
+        if self.grpo_iterations < 1 or not 0.0 < self.grpo_epsilon < 1.0 or not 0.0 <= self.grpo_epsilon_high < math.inf:
+            raise ValueError(f"TrainConfig.grpo_iterations must be >= 1, grpo_epsilon in (0, 1) and grpo_epsilon_high "
+                             f">= 0, got {self.grpo_iterations}, {self.grpo_epsilon} and {self.grpo_epsilon_high}")
         if self.grpo_reward and self.dist_mode == "fsdp":
             raise NotImplementedError("GRPO's samples (grpo_reward) are drawn from the whole model on each rank: use "
                                       "ddp or zero1, not fsdp")
@@ -763,22 +775,20 @@ def _reward_model(spec: str, policy: LLM, precision: str, device: torch.device):
     return score
 
 
-def grpo_batch_loss(model, policy: LLM, batch, cfg: TrainConfig, reward_fns: list, generator: torch.Generator | None,
-                    reference=None, rows: list | None = None) -> tuple[torch.Tensor, torch.Tensor, list[int], int]:
-    """GRPO's loss (Shao et al. 2024, DeepSeekMath; TRL's GRPOTrainer with beta 0 and one update per
-    generation, its defaults) on a packed batch of conversations: each one's prompt (last_reply_prompts)
-    continued cfg.grpo_generations times by the policy (sample_replies, cfg.grpo_temperature), the
-    samples rewarded (load_reward's functions, given rows[segment], the data's row of each
-    conversation, where rows are given; summed weighted by cfg.grpo_reward_weights, NaN left
-    out, TRL's), each sample's advantage its reward normalized in its group, (r - mean) / (std + 1e-4), and the loss -mean_i A_i mean_t ratio_it over the samples i
-    and their tokens t, with ratio = p / p.detach() (1 in value: the loss is -mean A, ~0; its
-    gradient -mean_i A_i mean_t grad log p_it). model: what computes the log-probabilities (DDP's
-    wrapper); policy: the LLM that samples. With cfg.grpo_beta > 0, reference(x, y, cu_seqlens) gives
-    the reference model's log-probability of each target (no autograd) and the loss adds beta times
-    each sample's mean over its tokens of the k3 estimate of KL(policy || reference), exp(d) - d - 1
-    with d = ref - log p (TRL's). Also (mean reward, the groups' mean reward std (TRL's reward_std),
-    mean sample length, mean KL, then each reward's mean), and
-    the lengths of the sequences the loss was computed on and their trained targets (for MFU)."""
+GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+
+
+def grpo_rollout(policy: LLM, batch, cfg: TrainConfig, reward_fns: list, generator: torch.Generator | None,
+                 rows: list | None = None) -> dict:
+    """GRPO's samples of a packed batch of conversations (x, y, cu_seqlens): each one's prompt
+    (last_reply_prompts) continued cfg.grpo_generations times by the policy (sample_replies,
+    cfg.grpo_temperature), packed (pack_replies: "packed", x, y, cu_seqlens, at), rewarded by
+    load_reward's functions (given rows[segment], the data's row of each conversation, where rows
+    are given), their sum weighted by cfg.grpo_reward_weights with NaN left out (TRL's nansum):
+    "rewards" (n,) fp64. Also "each" (n, R), "lengths" (each sequence's, cut to T: the FLOPs),
+    "targets" (the sampled tokens trained on) and "stats" (mean reward, the groups' mean reward
+    std (TRL's reward_std), mean sample length, each reward's mean). grpo_prepare adds the
+    advantages."""
     T = batch[0].shape[1]
     segments = []
     prompts = last_reply_prompts(batch, min(T, policy.config.block_size), segments)
@@ -788,32 +798,114 @@ def grpo_batch_loss(model, policy: LLM, batch, cfg: TrainConfig, reward_fns: lis
     samples = sample_replies(policy, groups, cfg.grpo_max_new_tokens, cfg.grpo_temperature, cfg.sample_stop_tokens,
                              generator)
     packed = pack_replies(groups, samples, T, batch[0].device)
-    x, y, cu, at = packed
     each = (torch.stack([reward(groups, samples, packed, group_rows) for reward in reward_fns], 1).to(torch.float64)
             if groups else torch.zeros(0, len(reward_fns), dtype=torch.float64))  # (n, R); fp64: n numbers
     weights = torch.tensor(cfg.grpo_reward_weights or [1.0] * len(reward_fns), dtype=torch.float64)
     rewards = (each * weights).nansum(1)  # (n,)
-    grouped = rewards.view(-1, G)
-    advantages = ((grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + 1e-4)).view(-1)
+    lengths = [min(len(p) + len(s), T) for p, s in zip(groups, samples)]
+    stats = (torch.cat([torch.stack([rewards.mean(), rewards.view(-1, G).std(1).mean(),
+                                     torch.tensor([float(len(s)) for s in samples], dtype=torch.float64).mean()]),
+                        each.nanmean(0)]) if groups else torch.zeros(3 + len(reward_fns), dtype=torch.float64))
+    return {"packed": packed, "rewards": rewards, "each": each, "lengths": lengths,
+            "targets": sum(n - len(p) for n, p in zip(lengths, groups)), "stats": stats.float()}
+
+
+def grpo_prepare(rollouts: list[dict], cfg: TrainConfig, info: DistInfo, policy: LLM | None = None,
+                 reference=None) -> None:
+    """What a step's rollouts (grpo_rollout's, this rank's micro-batches) need before their loss,
+    added to each: "advantages" (n,), each reward less its group's mean, divided by the group's std
+    + 1e-4 (cfg.grpo_scale_rewards group), by the std of every rank's rewards of the step + 1e-4
+    (batch), or not (none; Dr. GRPO's), TRL's; "tokens", every rank's sampled tokens trained on
+    in the step (dapo's normalizer); with cfg.grpo_iterations > 1 "old" (B, T), the policy's
+    log-probabilities of the targets as sampled (the clipped ratio's denominator); with reference
+    (cfg.grpo_beta) "ref", the reference's (reference(x, y, cu_seqlens), no autograd)."""
+    G = cfg.grpo_generations
+    totals = torch.zeros(4, dtype=torch.float64)  # rewards' sum, sum of squares, count; trained tokens
+    for r in rollouts:
+        totals += torch.stack([r["rewards"].sum(), (r["rewards"] ** 2).sum(), torch.tensor(float(len(r["rewards"]))),
+                               torch.tensor(float(r["targets"]))])
+    if info.world_size > 1:
+        totals = totals.to(info.device)
+        dist.all_reduce(totals)
+        totals = totals.cpu()
+    total, squares, count, tokens = totals.tolist()
+    batch_std = math.sqrt(max(squares - total * total / count, 0.0) / (count - 1)) if count > 1 else 0.0
+    for r in rollouts:
+        grouped = r["rewards"].view(-1, G)
+        advantages = grouped - grouped.mean(1, keepdim=True)
+        if cfg.grpo_scale_rewards == "group":
+            advantages = advantages / (grouped.std(1, keepdim=True) + 1e-4)
+        elif cfg.grpo_scale_rewards == "batch":
+            advantages = advantages / (batch_std + 1e-4)
+        r["advantages"], r["tokens"] = advantages.view(-1), tokens
+        x, y, cu, _ = r["packed"]
+        if cfg.grpo_iterations > 1:
+            with torch.no_grad():
+                r["old"] = policy(x, y, cu, per_token=True)[1]
+        if reference is not None:
+            r["ref"] = reference(x, y, cu)  # before the policy's pass (its aux_loss stays)
+
+
+def grpo_loss(model, rollout: dict, cfg: TrainConfig, world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """GRPO's loss on a prepared rollout (grpo_rollout, grpo_prepare), as TRL's GRPOTrainer computes
+    it: per sampled token t of sample i, -min(ratio A_i, clip(ratio, 1 - eps, 1 + eps_high) A_i),
+    ratio = p / p_old (p_old: rollout["old"], else p.detach(): 1 in value, one update per
+    generation), plus cfg.grpo_beta times the k3 estimate of KL(policy || reference), exp(d) - d
+    - 1 with d = ref - log p; summed over the tokens and divided (cfg.grpo_loss_type) by: grpo,
+    each sample's tokens, then the samples' number (each sample's mean, their mean); bnpo, the
+    micro-batch's tokens; dr_grpo, the samples' number times cfg.grpo_max_new_tokens; dapo, every
+    rank's tokens in the step / (world_size * cfg.grad_accum) (the step's token mean once the
+    trainer divides by grad_accum and DDP averages). model: what computes the log-probabilities
+    (DDP's wrapper). Also (mean KL over the samples, the share of sampled tokens whose ratio was
+    clipped)."""
+    x, y, cu, at = rollout["packed"]
+    token_logps = model(x, y, cu, per_token=True)[1]  # (B, T), 0 where no target
+    mask = (y != -1).to(token_logps.dtype)
+    old = rollout.get("old")
+    old = token_logps.detach() if old is None else old.to(token_logps)
+    segment = torch.repeat_interleave(torch.arange(len(cu) - 1, device=cu.device), cu.diff().long())
+    per_segment = torch.zeros(len(cu) - 1, dtype=token_logps.dtype, device=cu.device)
+    per_segment[at] = rollout["advantages"].to(per_segment)
+    advantage = per_segment[segment].view_as(token_logps)  # (B, T): each token its sample's advantage
+    ratio = torch.exp(token_logps - old)
+    high = cfg.grpo_epsilon_high or cfg.grpo_epsilon
+    clipped = torch.clamp(ratio, 1 - cfg.grpo_epsilon, 1 + high)
+    per_token = -torch.min(ratio * advantage, clipped * advantage)
     kl = None
     if cfg.grpo_beta:
-        ref = reference(x, y, cu)  # (B, T), 0 where no target: before the policy's pass (its aux_loss stays)
-    token_logps = model(x, y, cu, per_token=True)[1]
-    tokens = sequence_logps((y != -1).to(token_logps.dtype), cu)[at].clamp(min=1)
-    logps = sequence_logps(token_logps, cu)[at] / tokens
-    ratio = torch.exp(logps - logps.detach())  # (the mean over a sample's tokens of log p)
-    loss = -(advantages.to(ratio) * ratio).sum() / max(len(at), 1)
-    if cfg.grpo_beta:
-        d = ref.to(token_logps) - token_logps  # 0 where no target: exp(0) - 0 - 1 = 0
-        kl = sequence_logps(torch.exp(d) - d - 1, cu)[at] / tokens
-        loss = loss + cfg.grpo_beta * kl.sum() / max(len(at), 1)
-    lengths = torch.tensor([float(len(s)) for s in samples])
-    stats = (torch.cat([torch.stack([rewards.mean(), grouped.std(1).mean(), lengths.double().mean(),
-                                     kl.detach().double().mean().cpu() if kl is not None else rewards.new_zeros(())]),
-                        each.nanmean(0)])
-             if len(at) else torch.zeros(4 + len(weights)))
-    cut = [min(len(p) + len(s), T) for p, s in zip(groups, samples)]
-    return loss, stats.to(torch.float32).to(token_logps.device), cut, sum(c - len(p) for c, p in zip(cut, groups))
+        d = rollout["ref"].to(token_logps) - token_logps  # 0 where no target: exp(0) - 0 - 1 = 0
+        kl = torch.exp(d) - d - 1
+        per_token = per_token + cfg.grpo_beta * kl
+    per_token = per_token * mask
+    n = len(at)
+    tokens = sequence_logps(mask, cu)[at].clamp(min=1)
+    if cfg.grpo_loss_type == "grpo":
+        loss = (sequence_logps(per_token, cu)[at] / tokens).sum() / max(n, 1)
+    elif cfg.grpo_loss_type == "bnpo":
+        loss = per_token.sum() / mask.sum().clamp(min=1)
+    elif cfg.grpo_loss_type == "dr_grpo":
+        loss = per_token.sum() / max(n * cfg.grpo_max_new_tokens, 1)
+    else:  # dapo
+        loss = per_token.sum() * (world_size * cfg.grad_accum / max(rollout["tokens"], 1.0))
+    with torch.no_grad():
+        mean_kl = (sequence_logps(kl, cu)[at] / tokens).mean() if kl is not None and n else per_token.new_zeros(())
+        is_clipped = ((ratio < 1 - cfg.grpo_epsilon) & (advantage < 0)) | ((ratio > 1 + high) & (advantage > 0))
+        clip_ratio = (is_clipped.to(mask) * mask).sum() / mask.sum().clamp(min=1)
+    return loss, torch.stack([mean_kl, clip_ratio]).float()
+
+
+def grpo_batch_loss(model, policy: LLM, batch, cfg: TrainConfig, reward_fns: list, generator: torch.Generator | None,
+                    reference=None, rows: list | None = None) -> tuple[torch.Tensor, torch.Tensor, list[int], int]:
+    """GRPO's loss on one packed batch of conversations, one process, no accumulation: grpo_rollout,
+    grpo_prepare, grpo_loss with the policy as it is (model: what computes the log-probabilities;
+    policy: the LLM that samples). Returns the loss, the stats (mean reward, reward std, sample
+    length, mean KL, clip ratio, each reward's mean), the lengths of the sequences the loss was
+    computed on and their trained targets (for MFU)."""
+    rollout = grpo_rollout(policy, batch, cfg, reward_fns, generator, rows)
+    grpo_prepare([rollout], replace(cfg, grad_accum=1), DistInfo(0, 1, batch[0].device), policy, reference)
+    loss, loss_stats = grpo_loss(model, rollout, replace(cfg, grad_accum=1))
+    s = rollout["stats"]
+    return loss, torch.cat([s[:3], loss_stats.cpu(), s[3:]]), rollout["lengths"], rollout["targets"]
 
 
 def make_loader(path, cfg: TrainConfig, seq_len: int, seed: int, info: DistInfo):
@@ -903,6 +995,17 @@ def source_run_weights(run_dir) -> Path:
         raise ValueError(f"{run_dir}: no model.safetensors; --init-from-run takes a folder `pyllm train` wrote "
                          "(it writes the weights at the end of a run)")
     return path
+
+
+def to_device(value, device):
+    """value (nested lists, tuples and dicts) with its tensors on device."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_device(v, device) for v in value)
+    return value
 
 
 def load_checkpoint(run_dir) -> dict:
@@ -1122,6 +1225,12 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
     if ckpt is not None:
         restore(ckpt, model, optimizer, scaler, loader, cfg, info)
         start_step, skipped = ckpt["step"], ckpt["skipped_steps"]
+    rollouts = None  # GRPO: the samples of the generation the steps are on (grpo_rollout, grpo_prepare)
+    if ckpt is not None and "grpo_rollouts" in ckpt:
+        if len(ckpt["grpo_rollouts"]) != info.world_size:
+            raise ValueError(f"this checkpoint was written mid-way through a GRPO generation's {cfg.grpo_iterations} steps "
+                             f"by {len(ckpt['grpo_rollouts'])} process(es), with their samples: resume it on as many")
+        rollouts = to_device(ckpt["grpo_rollouts"][info.rank], info.device)
     reference = None  # DPO, IPO, hinge: the starting model's log-probability of every train and val document
     grpo_reference = None  # GRPO's KL term: the starting model's log-probabilities
     if cfg.grpo_beta and cfg.lora_rank:
@@ -1160,6 +1269,12 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
     def checkpoint(step_done: int):
         model_state = full_model_state(model, cfg, info)
         optim_state = full_optimizer_state(model, optimizer, cfg, info)
+        grpo_rollouts = None  # mid-way through a generation's steps: every rank's samples, to go on with
+        if reward is not None and step_done % cfg.grpo_iterations:
+            grpo_rollouts = [to_device(rollouts, "cpu")]
+            if info.world_size > 1:
+                grpo_rollouts = [None] * info.world_size
+                dist.all_gather_object(grpo_rollouts, to_device(rollouts, "cpu"))
         if not info.is_main:
             return
         if not state_finite(model_state):
@@ -1170,7 +1285,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
             "rng": rng_state(info.device), "loader": loader.state_dict(), "step": step_done,
             "skipped_steps": skipped, "model_config": mcfg.to_dict(), "train_config": asdict(cfg),
             **({"reference_logps": {k: torch.from_numpy(v) for k, v in reference.items()}}
-               if reference and cfg.reference == "precomputed" else {})})
+               if reference and cfg.reference == "precomputed" else {}),
+            **({"grpo_rollouts": grpo_rollouts} if grpo_rollouts is not None else {})})
 
     for step in range(start_step, cfg.max_steps):
         if stop_at is not None and step >= stop_at:
@@ -1183,11 +1299,22 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
         aux_sum = torch.zeros((), device=info.device)  # the part of loss_sum that is load balancing (MoE)
         pref_sums = torch.zeros(3, device=info.device)  # mean chosen reward, rejected reward, accuracy
         on_policy = 0  # micro-batches of the student's own samples (distill_lmbda)
-        grpo_sums = torch.zeros(4 + len(reward or ()), device=info.device)  # mean reward, std, length, KL, each reward
-        batches, weights, lengths, outputs, forward_only = next_batches(loader, cfg.grad_accum, info.world_size,
-                                                                        docs=reward is not None)
-        if reward is not None:  # each micro-batch's mean over its samples, the micro-batches alike;
-            weights, lengths, outputs = None, [], 0  # the FLOPs: the samples' sequences'  (not the sampling)
+        grpo_sums = torch.zeros(5 + len(reward or ()), device=info.device)  # reward, std, length, KL, clip ratio, each reward
+        generates = reward is not None and (step % cfg.grpo_iterations == 0 or rollouts is None)
+        if reward is None or generates:
+            batches, weights, lengths, outputs, forward_only = next_batches(loader, cfg.grad_accum, info.world_size,
+                                                                            docs=reward is not None)
+        if generates:  # GRPO: the step's samples first (dapo and batch scaling want all of them), reused
+            rollouts = []  # for cfg.grpo_iterations steps; each rank samples its own rows, seeded by step, micro-step, rank
+            for micro, batch in enumerate(batches):
+                seed = int(np.random.default_rng([cfg.seed, step, micro, info.rank]).integers(2 ** 62))
+                rollouts.append(grpo_rollout(model, batch[:3], cfg, reward, torch.Generator(info.device).manual_seed(seed),
+                                             rows and [rows[d] if d >= 0 else None for d in batch[3]]))
+            with autocast(precision, info.device):
+                grpo_prepare(rollouts, cfg, info, model, grpo_reference)
+        if reward is not None:  # the FLOPs: the samples' sequences' training pass (not the sampling)
+            batches, weights, forward_only = rollouts, None, None
+            lengths, outputs = [n for r in rollouts for n in r["lengths"]], sum(r["targets"] for r in rollouts)
         for micro, batch in enumerate(batches):
             last = micro == cfg.grad_accum - 1
             no_sync = wrapped.no_sync() if hasattr(wrapped, "no_sync") and not last else contextlib.nullcontext()
@@ -1197,12 +1324,9 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
                                                         **preference_options(cfg))
                     pref_sums += stats * weights[micro]
                 elif reward is not None:
-                    seed = int(np.random.default_rng([cfg.seed, step, micro, info.rank]).integers(2 ** 62))
-                    loss, stats, computed, targets = grpo_batch_loss(
-                        wrapped, model, batch[:3], cfg, reward, torch.Generator(info.device).manual_seed(seed),
-                        grpo_reference, rows and [rows[d] if d >= 0 else None for d in batch[3]])
-                    grpo_sums += stats / cfg.grad_accum
-                    lengths, outputs = lengths + computed, outputs + targets
+                    loss, loss_stats = grpo_loss(wrapped, batch, cfg, info.world_size)
+                    grpo_sums += torch.cat([batch["stats"][:3], loss_stats.cpu(), batch["stats"][3:]]).to(info.device) \
+                        / cfg.grad_accum
                 elif teacher is not None:
                     # GKD's seq_kd (the teacher's samples), then lmbda (the student's): the same draw on
                     # every rank (seeded by step and micro-step), each rank's samples its own; a batch
@@ -1268,10 +1392,13 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
         if cfg.distill_lmbda:
             record["on_policy"] = on_policy / cfg.grad_accum
         if reward is not None:
-            names = ["reward", "reward_std", "completion_length", "kl"] + [f"rewards/{n}" for n in reward_names(cfg.grpo_reward)]
+            names = (["reward", "reward_std", "completion_length", "kl", "clip_ratio"]
+                     + [f"rewards/{n}" for n in reward_names(cfg.grpo_reward)])
             record.update((k, v if math.isfinite(v) else None) for k, v in zip(names, all_reduce_mean(grpo_sums, info).tolist()))
             if not cfg.grpo_beta:
                 del record["kl"]
+            if cfg.grpo_iterations == 1:  # (never clipped: every ratio is 1)
+                del record["clip_ratio"]
             if len(reward) == 1:  # (the one reward's mean is the reward)
                 del record[names[-1]]
         if cfg.preference:

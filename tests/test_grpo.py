@@ -43,50 +43,75 @@ def tiny(**kw):
     return LLM(ModelConfig.from_preset("tiny", **{**TINY, "vocab_size": 64, "block_size": 32, **kw}))
 
 
-@pytest.mark.parametrize("beta", [0.0, 0.3])
-def test_grpo_loss_and_gradients_are_the_formula(chat_dir, beta):  # noqa: F811
-    # fp64: each prompt's G samples (the same generator), their rewards normalized in the group, the
-    # loss -mean A (ratios of 1) and its gradient -mean_i A_i grad(mean_t log p_it), plus beta times
-    # each sample's mean k3 KL against a reference model, each sample computed alone; the stats are
-    # the rewards' mean and std, the samples' length and the mean KL.
+@pytest.mark.parametrize("loss_type,scale,beta,iterations", [
+    ("grpo", "group", 0.0, 1), ("grpo", "group", 0.3, 1), ("dapo", "group", 0.0, 1), ("dapo", "batch", 0.3, 2),
+    ("bnpo", "none", 0.0, 2), ("dr_grpo", "group", 0.3, 2), ("grpo", "none", 0.0, 2)])
+def test_grpo_loss_and_gradients_are_the_formula(chat_dir, loss_type, scale, beta, iterations):  # noqa: F811
+    # fp64: each prompt's G samples (the same generator; lengths differ: samples stop at ids < 12),
+    # rewards, advantages (r - group mean) / (group std, batch std or 1) and, per sampled token,
+    # -min(ratio A, clip(ratio) A) + beta k3-KL against a reference model, ratio = p / p_old (p_old
+    # perturbed away from p where there are several iterations: some ratios clipped), summed and
+    # divided as loss_type says; loss and gradients = that with each sample computed alone.
     model, ref_model = tiny().double(), tiny(dim=96, n_heads=3, n_kv_heads=1).double()
-    batch = data.PackedLoader(chat_dir / "train.bin", 3, 24, seed=0).next_batch()
-    cfg = TrainConfig(grpo_reward=SPEC, grpo_generations=4, grpo_max_new_tokens=5, grpo_beta=beta)
+    batch = data.PackedLoader(chat_dir / "train.bin", 3, 32, seed=0).next_batch()
+    stops = list(range(12))
+    cfg = TrainConfig(grpo_reward=SPEC, grpo_generations=4, grpo_max_new_tokens=5, grpo_beta=beta, sample_stop_tokens=stops,
+                      grpo_loss_type=loss_type, grpo_scale_rewards=scale, grpo_iterations=iterations, grpo_epsilon=0.1,
+                      grpo_epsilon_high=0.15)
     reward = trainer.load_reward(cfg, model, "fp32", torch.device("cpu"))
     reference = torch.no_grad()(lambda x, y, cu: ref_model(x, y, cu, per_token=True)[1])
-    loss, stats, lengths, targets = trainer.grpo_batch_loss(model, model, batch, cfg, reward,
-                                                            torch.Generator().manual_seed(1), reference)
+    rollout = trainer.grpo_rollout(model, batch, cfg, reward, torch.Generator().manual_seed(1))
+    trainer.grpo_prepare([rollout], cfg, trainer.DistInfo(), model, reference if beta else None)
+    x, y, cu, at = rollout["packed"]
+    if iterations > 1:  # as if the policy had moved since it sampled
+        rollout["old"] = rollout["old"] + torch.randn(rollout["old"].shape, generator=torch.Generator().manual_seed(2),
+                                                      dtype=torch.float64) * 0.2 * (y != -1)
+    loss, (kl_stat, clip_stat) = trainer.grpo_loss(model, rollout, cfg)
     loss.backward()
     got = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    prompts = [p for p in trainer.last_reply_prompts(batch, 24) for _ in range(4)]
-    samples = trainer.sample_replies(model, prompts, 5, 1.0, [], torch.Generator().manual_seed(1))
+    prompts = [p for p in trainer.last_reply_prompts(batch, 32) for _ in range(4)]
+    samples = trainer.sample_replies(model, prompts, 5, 1.0, stops, torch.Generator().manual_seed(1))
+    assert len(set(map(len, samples))) > 1 and len(prompts) % 4 == 0
     rewards = torch.tensor(sevens(samples), dtype=torch.float64).view(-1, 4)
-    advantages = ((rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + 1e-4)).view(-1)
-    terms, kls = [], []
-    for prompt, sample, a in zip(prompts, samples, advantages):
+    centered = rewards - rewards.mean(1, keepdim=True)
+    advantages = (centered / {"group": rewards.std(1, keepdim=True) + 1e-4, "batch": rewards.std() + 1e-4,
+                              "none": 1.0}[scale]).view(-1)
+    old_flat = rollout["old"].view(-1) if iterations > 1 else None
+    terms, kls, clipped = [], [], 0
+    for i, (prompt, sample, a) in enumerate(zip(prompts, samples, advantages)):
         ids = torch.tensor(prompt + sample)
 
         def logps(m):
             return torch.log_softmax(m(ids[None])[0][0], -1)[torch.arange(len(ids) - 1), ids[1:]][len(prompt) - 1:]
 
         logp = logps(model)
+        start = int(cu[at[i]]) + len(prompt) - 1
+        old = old_flat[start:start + len(sample)] if old_flat is not None else logp.detach()
+        ratio = torch.exp(logp - old)
+        term = -torch.min(ratio * a, torch.clamp(ratio, 0.9, 1.15) * a)
+        clipped += int((((ratio < 0.9) & (a < 0)) | ((ratio > 1.15) & (a > 0))).sum())
         with torch.no_grad():
             d = logps(ref_model) - logp
         d = d.detach() + logp.detach() - logp  # (d = ref - log p, its gradient -grad log p)
-        terms.append(a * logp.mean())
-        kls.append((torch.exp(d) - d - 1).mean())
-    want = -torch.stack(terms).mean() + beta * torch.stack(kls).mean()
+        kl = torch.exp(d) - d - 1
+        terms.append(term + beta * kl)
+        kls.append(kl.mean())
+    n, tokens = len(samples), sum(map(len, samples))
+    want = {"grpo": torch.stack([t.mean() for t in terms]).mean(), "bnpo": torch.cat(terms).sum() / tokens,
+            "dapo": torch.cat(terms).sum() / tokens, "dr_grpo": torch.cat(terms).sum() / (n * 5)}[loss_type]
     want.backward()
-    assert len(prompts) and len(prompts) % 4 == 0
-    assert loss.item() == pytest.approx(-advantages.mean().item() + beta * torch.stack(kls).mean().item(), abs=1e-12)
-    for g, p in zip(got, model.parameters()):  # (the KL's gradient, (1 - exp(d)) grad log p, cancels: 1e-8)
+    assert loss.item() == pytest.approx(want.item(), rel=1e-9, abs=1e-12)
+    for g, p in zip(got, model.parameters()):
         torch.testing.assert_close(g, p.grad, rtol=1e-7, atol=1e-12)
-    cut = [min(len(p) + len(s), 24) for p, s in zip(prompts, samples)]  # (MFU's count: the sequences computed)
-    assert lengths == cut and targets == sum(c - len(p) for c, p in zip(cut, prompts))
+    assert (clipped > 0) == (iterations > 1)  # (the perturbation clips some)
+    assert clip_stat.item() == pytest.approx(clipped / tokens, abs=1e-6)
+    assert kl_stat.item() == pytest.approx(beta and torch.stack(kls).mean().item(), abs=1e-6)
+    cut = [len(p) + len(s) for p, s in zip(prompts, samples)]  # (MFU's count: the sequences computed)
+    assert rollout["lengths"] == cut and rollout["targets"] == tokens
     flat = rewards.view(-1)
-    np.testing.assert_allclose(stats.tolist(), [flat.mean().item(), rewards.std(1).mean().item(), np.mean([len(s) for s in samples]),
-                                                beta and torch.stack(kls).mean().item(), flat.mean().item()], rtol=1e-6)
+    np.testing.assert_allclose(rollout["stats"].tolist(), [flat.mean().item(), rewards.std(1).mean().item(),
+                                                           np.mean([len(s) for s in samples]), flat.mean().item()], rtol=1e-6)
 
 
 def test_grpo_rewards_are_summed_by_weight(chat_dir):  # noqa: F811
@@ -114,7 +139,7 @@ def test_grpo_rewards_are_summed_by_weight(chat_dir):  # noqa: F811
     total = 2 * a + 0.5 * np.nan_to_num(b)
     grouped = total.reshape(-1, 4)
     np.testing.assert_allclose(stats.tolist(), [total.mean(), grouped.std(1, ddof=1).mean(), np.mean([len(s) for s in samples]),
-                                                0.0, a.mean(), np.nanmean(b), 0.0], rtol=1e-6)
+                                                0.0, 0.0, a.mean(), np.nanmean(b), 0.0], rtol=1e-6)
     assert [r["doc"] for r in seen] == [loader.docs[s] for s in segments for _ in range(4)]
     assert trainer.reward_names(cfg.grpo_reward) == ["sevens", "short_or_none"]
     with pytest.raises(ValueError, match="a finite number for each of the 2"):
@@ -182,6 +207,26 @@ def test_grpo_raises_the_reward_and_resumes_exactly(chat_dir, tmp_path):  # noqa
     assert losses[0] == losses[1]
 
 
+def test_grpo_iterations_reuse_a_generation_and_resume_mid_way(chat_dir, tmp_path):  # noqa: F811
+    # grpo_iterations 3: each generation's samples train 3 steps (the loader moves on every 3rd), the
+    # ratio to the sampling policy clipped; a run stopped mid-way through a generation (its step-4
+    # checkpoint holds the samples) resumes exactly; so does one stopped at a generation's start.
+    kw = dict(grpo_reward=SPEC, grpo_generations=4, grpo_max_new_tokens=6, model=dict(TINY, block_size=32), lr=1e-2,
+              grpo_iterations=3, grpo_epsilon_high=0.28, grad_accum=2, max_steps=9)
+    trainer.train(config(chat_dir, tmp_path / "whole", **kw))
+    log = [json.loads(line) for line in (tmp_path / "whole/log.jsonl").read_text().splitlines()]
+    rewards = [r["reward"] for r in log]
+    assert rewards[0:3] == [rewards[0]] * 3 and rewards[3:6] == [rewards[3]] * 3 and rewards[6:9] == [rewards[6]] * 3
+    assert len({rewards[0], rewards[3], rewards[6]}) == 3
+    assert log[0]["clip_ratio"] == 0 and max(r["clip_ratio"] for r in log) > 0
+    for stop, ckpt_every in ((6, 4), (5, 3)):  # checkpoints at 4 (mid-way) and 3 (a generation's start)
+        run = tmp_path / f"cut{stop}"
+        trainer.train(config(chat_dir, run, **kw, ckpt_every=ckpt_every), stop_at=stop)
+        assert ("grpo_rollouts" in torch.load(run / "checkpoint.pt", weights_only=True)) == (ckpt_every == 4)
+        trainer.train(config(chat_dir, run, **kw, ckpt_every=ckpt_every), resume=True)
+        assert losses(run) == [r["loss"] for r in log]
+
+
 @pytest.mark.parametrize("lora", [False, True])
 def test_grpo_kl_starts_at_zero_and_resumes_exactly(chat_dir, tmp_path, lora):  # noqa: F811
     # grpo_beta: the KL against the starting model (a frozen copy of the run it starts from, or with
@@ -219,7 +264,7 @@ def test_grpo_rewarded_by_a_reward_model(pairs_dir, chat_dir, tmp_path):  # noqa
         trainer.load_reward(TrainConfig(grpo_reward=str(tmp_path / "rl")), model, "fp32", torch.device("cpu"))
 
 
-@pytest.mark.parametrize("kind", ["grpo", "on-policy"])
+@pytest.mark.parametrize("kind", ["grpo", "grpo-iterations", "on-policy"])
 def test_sampling_runs_on_two_processes_resume_exactly(chat_dir, tmp_path, monkeypatch, kind):  # noqa: F811
     # Under DDP each rank samples its own rows' replies (seeded by step, micro-step and rank), the
     # stats are every rank's mean: a 2-process run stopped and resumed = the uninterrupted one,
@@ -231,13 +276,22 @@ def test_sampling_runs_on_two_processes_resume_exactly(chat_dir, tmp_path, monke
         teacher = dict(teacher=str(tmp_path / "teacher"), distill_lmbda=0.5, distill_max_new_tokens=4)
     common = dict(data_dir=str(chat_dir), model=dict(TINY, block_size=32), device="cpu", max_steps=8, warmup_steps=1,
                   grad_accum=2, eval_every=4, eval_batches=2, ckpt_every=4, progress=False, lr=1e-2,
-                  **(dict(grpo_reward=SPEC, grpo_generations=2, grpo_max_new_tokens=4) if kind == "grpo" else teacher))
-    trainer.train(TrainConfig(**common, out_dir=str(tmp_path / "two/cross"), batch_size=4), stop_at=6)
-    run_two_processes({**common, "out_dir": str(tmp_path / "two"), "batch_size": 2, "dist_mode": "ddp"})
+                  **(dict(grpo_reward=SPEC, grpo_generations=2, grpo_max_new_tokens=4) if "grpo" in kind else teacher))
+    if kind == "grpo-iterations":  # the step-4 checkpoint is mid-way through a generation's 3 steps: both ranks'
+        common.update(grpo_iterations=3, grpo_scale_rewards="batch", sample_stop_tokens=[7, 9])  # samples in it
+    else:  # (a mid-generation checkpoint holds each rank's samples: it resumes on as many processes)
+        trainer.train(TrainConfig(**common, out_dir=str(tmp_path / "two/cross"), batch_size=4), stop_at=6)
+    run_two_processes({**common, "out_dir": str(tmp_path / "two"), "batch_size": 2, "dist_mode": "ddp",
+                       "cross": kind != "grpo-iterations"})
     assert losses(tmp_path / "two/cut") == losses(tmp_path / "two/whole")
     log = [json.loads(line) for line in (tmp_path / "two/whole/log.jsonl").read_text().splitlines()]
     assert len(log) == 8 and all(np.isfinite(r["loss"]) for r in log)
-    assert ("reward" in log[-1]) if kind == "grpo" else ("on_policy" in log[-1])
+    assert ("reward" in log[-1]) if "grpo" in kind else ("on_policy" in log[-1])
+    if kind == "grpo-iterations":  # a generation's 3 steps: its rewards; clipped ratios after its first
+        assert [r["reward"] for r in log[:3]] == [log[0]["reward"]] * 3 != [r["reward"] for r in log[3:6]]
+        assert log[0]["clip_ratio"] == 0 and all(0 <= r["clip_ratio"] < 1 for r in log)
+        ckpt = torch.load(tmp_path / "two/cut/checkpoint.pt", weights_only=True)
+        assert ckpt["step"] == 8 and "grpo_rollouts" in ckpt and len(ckpt["grpo_rollouts"]) == 2
 
 
 def test_grpo_options_are_checked(data_dir, pairs_dir, tmp_path):  # noqa: F811
@@ -245,7 +299,12 @@ def test_grpo_options_are_checked(data_dir, pairs_dir, tmp_path):  # noqa: F811
                                    (dict(grpo_reward=SPEC, preference="dpo"), "neither preference tuning", ValueError),
                                    (dict(grpo_reward=SPEC, dist_mode="fsdp"), "not fsdp", NotImplementedError),
                                    (dict(grpo_reward=SPEC, grpo_beta=0.1), "needs init_from_hf or init_from_run",
-                                    ValueError)]:
+                                    ValueError),
+                                   (dict(grpo_reward=SPEC, grpo_loss_type="ppo"), "grpo_loss_type must be one of", ValueError),
+                                   (dict(grpo_reward=SPEC, grpo_scale_rewards="z"), "grpo_scale_rewards group", ValueError),
+                                   (dict(grpo_reward=SPEC, grpo_iterations=0), "grpo_iterations must be >= 1", ValueError),
+                                   (dict(grpo_reward=SPEC, grpo_epsilon=1.5), "grpo_epsilon in", ValueError),
+                                   (dict(grpo_reward="a:b,"), "comma-separated", ValueError)]:
         with pytest.raises(error, match=message):
             TrainConfig(**kwargs).validate()
     for folder in (data_dir, pairs_dir):

@@ -5,12 +5,14 @@ policy over the P * G sequences (the rewards and advantages cost nothing beside 
 hold the same weights (a LlamaForCausalLM with random weights in SmolLM2-135M's shape, 30 layers
 (--layers; --quick: 4), read by pyllm.model.LLM.from_hf) and sample exactly --new-tokens tokens per
 completion (no end-of-sequence id: the same work on both sides), at temperature 1:
-- pyllm: train.grpo_batch_loss on a packed batch of the prompts (each prompt G times through
-  LLM.generate_batch: no padding, each row at its own position; the sequences packed into rows of
-  --seq-len for the training pass, each attending to itself alone).
+- pyllm: the trainer's own pieces on a packed batch of the prompts: train.grpo_rollout (each prompt
+  G times through LLM.generate_batch: no padding, each row at its own position; the sequences packed
+  into rows of --seq-len), then grpo_prepare and grpo_loss (TRL's default dapo loss) for the
+  training pass, each sequence attending to itself alone.
 - transformers (TRL's GRPOTrainer computation): the prompts left-padded, model.generate with
   num_return_sequences G and do_sample, then one padded forward + backward of prompt + completion
-  with its attention mask, the per-token log-probabilities of the completion, the same loss.
+  with its attention mask, the per-token log-probabilities of the completion, the same loss (the
+  clipped token loss, summed over the completions' tokens and divided by their number).
 Prompt lengths are drawn from a log-normal around --mean-prompt (cut to [8, 4 x mean]). Rows: seconds
 per step split into sampling and the training pass (median of --repeat, interleaved), generated
 tokens/s. Needs transformers; prints why and exits 0 without it.
@@ -68,24 +70,18 @@ def main() -> int:
     ours, theirs = ours.to(args.device, dtype).train(), theirs.to(args.device, dtype).train()
     theirs.generation_config.pad_token_id = 0
     cfg = trainer.TrainConfig(grpo_generations=G, grpo_max_new_tokens=args.new_tokens, grpo_temperature=1.0)
-    reward = lambda prompts, completions, packed: torch.rand(len(completions))  # noqa: E731  (costs nothing either way)
+    reward = lambda prompts, completions, packed, rows: torch.rand(len(completions))  # noqa: E731  (costs nothing either way)
     times = {"pyllm": [], "transformers": []}
 
     def step_pyllm():
         t0 = time.perf_counter()
-        groups = [p for p in trainer.last_reply_prompts(batch, args.seq_len) for _ in range(G)]
-        samples = trainer.sample_replies(ours, groups, args.new_tokens, 1.0, [], None)
+        rollout = trainer.grpo_rollout(ours, batch, cfg, [reward], None)  # sampling (the reward costs nothing)
         t1 = time.perf_counter()
-        x, y, cu, at = trainer.pack_replies(groups, samples, args.seq_len, args.device)
-        rewards = reward(groups, samples, None).double()
-        advantages = group_advantages(rewards, G)
-        token_logps = ours(x, y, cu, per_token=True)[1]
-        tokens = trainer.sequence_logps((y != -1).to(token_logps.dtype), cu)[at].clamp(min=1)
-        logps = trainer.sequence_logps(token_logps, cu)[at] / tokens
-        (-(advantages.to(logps) * torch.exp(logps - logps.detach())).mean()).backward()
+        trainer.grpo_prepare([rollout], cfg, trainer.DistInfo(device=torch.device(args.device)))
+        trainer.grpo_loss(ours, rollout, cfg)[0].backward()
         common.sync(args.device)
         times["pyllm"].append((t1 - t0, time.perf_counter() - t1))
-        assert len(samples) == n_prompts * G and all(len(s) == args.new_tokens for s in samples)
+        assert rollout["targets"] == n_prompts * G * args.new_tokens
 
     def step_transformers():
         t0 = time.perf_counter()
@@ -104,9 +100,10 @@ def main() -> int:
                                                                          device=args.device)], 1)
         logits = theirs(input_ids=out, attention_mask=full_mask).logits[:, longest - 1:-1].float()
         token_logps = torch.gather(F.log_softmax(logits, -1), 2, out[:, longest:, None])[..., 0]  # (P G, new)
-        logps = token_logps.mean(1)
-        advantages = group_advantages(torch.rand(len(out)).double(), G)
-        (-(advantages.to(logps) * torch.exp(logps - logps.detach())).mean()).backward()
+        advantages = group_advantages(torch.rand(len(out)).double(), G).to(token_logps)[:, None]
+        ratio = torch.exp(token_logps - token_logps.detach())
+        loss = -torch.min(ratio * advantages, torch.clamp(ratio, 0.8, 1.2) * advantages)
+        (loss.sum() / loss.numel()).backward()
         common.sync(args.device)
         times["transformers"].append((t1 - t0, time.perf_counter() - t1))
 

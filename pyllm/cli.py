@@ -920,6 +920,12 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grpo-epsilon", type=float, help="GRPO: the ratio's lower clip, 1 - eps (default 0.2)")
     p.add_argument("--grpo-epsilon-high", type=float, help="GRPO: the ratio's upper clip, 1 + eps_high (default: "
                    "--grpo-epsilon; DAPO's clip-higher: 0.28)")
+    p.add_argument("--grpo-importance-sampling", choices=("token", "sequence"),
+                   help="GRPO: the ratio to the sampling policy per token (default) or per sample (GSPO: the exp of "
+                        "its tokens' mean log-ratio)")
+    p.add_argument("--grpo-mask-truncated", action="store_true", default=None,
+                   help="GRPO: samples that reach --grpo-max-new-tokens without a stop token are rewarded but not "
+                        "trained on (DAPO's overlong filtering; TRL's mask_truncated_completions)")
     p.add_argument("--grpo-beta", type=float, help="GRPO: the weight of a KL penalty against the starting model (a "
                    "frozen copy of --init-from-hf / --init-from-run, or with --lora-rank the model with its updates "
                    "off; default 0, TRL's)")

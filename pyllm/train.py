@@ -67,6 +67,8 @@ class TrainConfig:
     grpo_iterations: int = 1  # GRPO: optimizer steps on each generation (TRL's num_iterations, mu), the ratio to it clipped
     grpo_epsilon: float = 0.2  # GRPO: the ratio clipped to [1 - epsilon, 1 + epsilon_high]
     grpo_epsilon_high: float = 0.0  # GRPO: 0: epsilon (DAPO's clip-higher: 0.28)
+    grpo_importance_sampling: str = "token"  # GRPO: the ratio p / p_old per token | sequence (GSPO: the exp of its tokens' mean log-ratio)
+    grpo_mask_truncated: bool = False  # GRPO: samples that end without a stop token are not trained on (DAPO's overlong filtering)
     distill_seq_kd: bool = False  # GKD's seq_kd: every micro-batch's last replies the teacher's samples first (sequence-level KD)
     model: dict = field(default_factory=dict)  # ModelConfig overrides, e.g. {"n_layers": 2}
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -197,6 +199,9 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.grpo_loss_type must be one of {', '.join(GRPO_LOSS_TYPES)} and "
                              f"grpo_scale_rewards group, batch or none, got {self.grpo_loss_type!r} and "
                              f"{self.grpo_scale_rewards!r}")
+        if self.grpo_importance_sampling not in ("token", "sequence"):
+            raise ValueError(f"TrainConfig.grpo_importance_sampling must be token or sequence, got "
+                             f"{self.grpo_importance_sampling!r}")
         if self.grpo_iterations < 1 or not 0.0 < self.grpo_epsilon < 1.0 or not 0.0 <= self.grpo_epsilon_high < math.inf:
             raise ValueError(f"TrainConfig.grpo_iterations must be >= 1, grpo_epsilon in (0, 1) and grpo_epsilon_high "
                              f">= 0, got {self.grpo_iterations}, {self.grpo_epsilon} and {self.grpo_epsilon_high}")
@@ -679,16 +684,19 @@ def sample_replies(model: LLM, prompts: list[list[int]], max_new_tokens: int, te
         return model.generate_batch(prompts, new, temperature, generator=generator, stop_tokens=stop_tokens)
 
 
-def pack_replies(prompts: list[list[int]], replies: list[list[int]], T: int, device) -> tuple:
+def pack_replies(prompts: list[list[int]], replies: list[list[int]], T: int, device,
+                 trained: list[bool] | None = None) -> tuple:
     """(x, y, cu_seqlens, at): each prompt + its reply (cut to T) packed in order into rows of T
-    (pack_in_order), the replies' tokens the only targets; at: each sequence's segment."""
+    (pack_in_order), the replies' tokens the only targets (of those where trained says so);
+    at: each sequence's segment."""
     sequences = [((prompt + reply)[:T], len(prompt)) for prompt, reply in zip(prompts, replies)]
     starts, at, cu = pack_in_order([len(ids) for ids, _ in sequences], T)
     x = torch.zeros(cu[-1], dtype=torch.long)
     y = torch.full((cu[-1],), -1, dtype=torch.long)
-    for (ids, prompt_len), start in zip(sequences, starts):
+    for i, ((ids, prompt_len), start) in enumerate(zip(sequences, starts)):
         x[start:start + len(ids)] = torch.tensor(ids)
-        y[start + prompt_len - 1:start + len(ids) - 1] = torch.tensor(ids[prompt_len:])  # the reply's tokens
+        if trained is None or trained[i]:
+            y[start + prompt_len - 1:start + len(ids) - 1] = torch.tensor(ids[prompt_len:])  # the reply's tokens
     return x.view(-1, T).to(device), y.view(-1, T).to(device), torch.tensor(cu, dtype=torch.int32, device=device), at
 
 
@@ -782,7 +790,9 @@ def grpo_rollout(policy: LLM, batch, cfg: TrainConfig, reward_fns: list, generat
                  rows: list | None = None) -> dict:
     """GRPO's samples of a packed batch of conversations (x, y, cu_seqlens): each one's prompt
     (last_reply_prompts) continued cfg.grpo_generations times by the policy (sample_replies,
-    cfg.grpo_temperature), packed (pack_replies: "packed", x, y, cu_seqlens, at), rewarded by
+    cfg.grpo_temperature), packed (pack_replies: "packed", x, y, cu_seqlens, at; with
+    cfg.grpo_mask_truncated, a sample that ends without a stop token has no targets: TRL's
+    mask_truncated_completions, rewarded and counted in its group all the same), rewarded by
     load_reward's functions (given rows[segment], the data's row of each conversation, where rows
     are given), their sum weighted by cfg.grpo_reward_weights with NaN left out (TRL's nansum):
     "rewards" (n,) fp64. Also "each" (n, R), "lengths" (each sequence's, cut to T: the FLOPs),
@@ -797,7 +807,9 @@ def grpo_rollout(policy: LLM, batch, cfg: TrainConfig, reward_fns: list, generat
     group_rows = [rows[segment] for segment in segments for _ in range(G)] if rows is not None else None
     samples = sample_replies(policy, groups, cfg.grpo_max_new_tokens, cfg.grpo_temperature, cfg.sample_stop_tokens,
                              generator)
-    packed = pack_replies(groups, samples, T, batch[0].device)
+    stops = set(cfg.sample_stop_tokens)
+    trained = [bool(s) and s[-1] in stops for s in samples] if cfg.grpo_mask_truncated else None
+    packed = pack_replies(groups, samples, T, batch[0].device, trained)
     each = (torch.stack([reward(groups, samples, packed, group_rows) for reward in reward_fns], 1).to(torch.float64)
             if groups else torch.zeros(0, len(reward_fns), dtype=torch.float64))  # (n, R); fp64: n numbers
     weights = torch.tensor(cfg.grpo_reward_weights or [1.0] * len(reward_fns), dtype=torch.float64)
@@ -806,8 +818,9 @@ def grpo_rollout(policy: LLM, batch, cfg: TrainConfig, reward_fns: list, generat
     stats = (torch.cat([torch.stack([rewards.mean(), rewards.view(-1, G).std(1).mean(),
                                      torch.tensor([float(len(s)) for s in samples], dtype=torch.float64).mean()]),
                         each.nanmean(0)]) if groups else torch.zeros(3 + len(reward_fns), dtype=torch.float64))
-    return {"packed": packed, "rewards": rewards, "each": each, "lengths": lengths,
-            "targets": sum(n - len(p) for n, p in zip(lengths, groups)), "stats": stats.float()}
+    targets = sum(n - len(p) for i, (n, p) in enumerate(zip(lengths, groups)) if trained is None or trained[i])
+    return {"packed": packed, "rewards": rewards, "each": each, "lengths": lengths, "targets": targets,
+            "stats": stats.float()}
 
 
 def grpo_prepare(rollouts: list[dict], cfg: TrainConfig, info: DistInfo, policy: LLM | None = None,
@@ -850,7 +863,8 @@ def grpo_loss(model, rollout: dict, cfg: TrainConfig, world_size: int = 1) -> tu
     """GRPO's loss on a prepared rollout (grpo_rollout, grpo_prepare), as TRL's GRPOTrainer computes
     it: per sampled token t of sample i, -min(ratio A_i, clip(ratio, 1 - eps, 1 + eps_high) A_i),
     ratio = p / p_old (p_old: rollout["old"], else p.detach(): 1 in value, one update per
-    generation), plus cfg.grpo_beta times the k3 estimate of KL(policy || reference), exp(d) - d
+    generation; cfg.grpo_importance_sampling sequence, GSPO's: exp of the sample's mean log p -
+    log p_old, for each of its tokens), plus cfg.grpo_beta times the k3 estimate of KL(policy || reference), exp(d) - d
     - 1 with d = ref - log p; summed over the tokens and divided (cfg.grpo_loss_type) by: grpo,
     each sample's tokens, then the samples' number (each sample's mean, their mean); bnpo, the
     micro-batch's tokens; dr_grpo, the samples' number times cfg.grpo_max_new_tokens; dapo, every
@@ -867,7 +881,14 @@ def grpo_loss(model, rollout: dict, cfg: TrainConfig, world_size: int = 1) -> tu
     per_segment = torch.zeros(len(cu) - 1, dtype=token_logps.dtype, device=cu.device)
     per_segment[at] = rollout["advantages"].to(per_segment)
     advantage = per_segment[segment].view_as(token_logps)  # (B, T): each token its sample's advantage
-    ratio = torch.exp(token_logps - old)
+    n = len(at)
+    tokens = sequence_logps(mask, cu)[at].clamp(min=1)
+    if cfg.grpo_importance_sampling == "sequence":  # GSPO: each sample's mean log-ratio, its tokens alike
+        per_segment = torch.zeros_like(per_segment)
+        per_segment[at] = sequence_logps((token_logps - old) * mask, cu)[at] / tokens
+        ratio = torch.exp(per_segment[segment].view_as(token_logps))
+    else:
+        ratio = torch.exp(token_logps - old)
     high = cfg.grpo_epsilon_high or cfg.grpo_epsilon
     clipped = torch.clamp(ratio, 1 - cfg.grpo_epsilon, 1 + high)
     per_token = -torch.min(ratio * advantage, clipped * advantage)
@@ -877,8 +898,6 @@ def grpo_loss(model, rollout: dict, cfg: TrainConfig, world_size: int = 1) -> tu
         kl = torch.exp(d) - d - 1
         per_token = per_token + cfg.grpo_beta * kl
     per_token = per_token * mask
-    n = len(at)
-    tokens = sequence_logps(mask, cu)[at].clamp(min=1)
     if cfg.grpo_loss_type == "grpo":
         loss = (sequence_logps(per_token, cu)[at] / tokens).sum() / max(n, 1)
     elif cfg.grpo_loss_type == "bnpo":
@@ -888,7 +907,9 @@ def grpo_loss(model, rollout: dict, cfg: TrainConfig, world_size: int = 1) -> tu
     else:  # dapo
         loss = per_token.sum() * (world_size * cfg.grad_accum / max(rollout["tokens"], 1.0))
     with torch.no_grad():
-        mean_kl = (sequence_logps(kl, cu)[at] / tokens).mean() if kl is not None and n else per_token.new_zeros(())
+        trained = sequence_logps(mask, cu)[at] > 0  # (the samples trained on: masked ones not)
+        mean_kl = ((sequence_logps(kl, cu)[at] / tokens)[trained].mean() if kl is not None and trained.any()
+                   else per_token.new_zeros(()))
         is_clipped = ((ratio < 1 - cfg.grpo_epsilon) & (advantage < 0)) | ((ratio > 1 + high) & (advantage > 0))
         clip_ratio = (is_clipped.to(mask) * mask).sum() / mask.sum().clamp(min=1)
     return loss, torch.stack([mean_kl, clip_ratio]).float()

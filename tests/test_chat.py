@@ -534,14 +534,15 @@ def test_grpo_from_a_hugging_face_model(chat_run_inputs, tmp_path):
     assert cli.main(train_args(folder, chats, tmp_path / "rl", "--max-steps", "2", "--batch-size", "2",
                                "--grpo-reward", "test_grpo:sevens", "--grpo-generations", "2",
                                "--grpo-max-new-tokens", "4", "--grpo-iterations", "2", "--grpo-epsilon-high", "0.28",
-                               "--grpo-scale-rewards", "batch", "--grpo-loss-type", "bnpo")) == 0
+                               "--grpo-scale-rewards", "batch", "--grpo-loss-type", "bnpo",
+                               "--grpo-importance-sampling", "sequence", "--grpo-mask-truncated")) == 0
     record = logged(tmp_path / "rl")[-1]
     assert "clip_ratio" in record and logged(tmp_path / "rl")[0]["reward"] == record["reward"]  # (one generation)
     assert {"reward", "reward_std", "completion_length"} <= record.keys() and 1 <= record["completion_length"] <= 4
     saved = torch.load(tmp_path / "rl" / "checkpoint.pt", weights_only=False)["train_config"]
     assert saved["sample_stop_tokens"] == hf_stop_ids(folder) and saved["grpo_generations"] == 2
     assert (saved["grpo_iterations"], saved["grpo_epsilon_high"], saved["grpo_scale_rewards"], saved["grpo_loss_type"]) \
-        == (2, 0.28, "batch", "bnpo")
+        == (2, 0.28, "batch", "bnpo") and saved["grpo_importance_sampling"] == "sequence" and saved["grpo_mask_truncated"]
     # prompts alone (TRL's prompt-only format), as messages and as text: each conversation's prompt
     # is everything before the empty reply the samples replace; the lines' other keys reach the
     # reward functions (TRL's: prompts as written, completions decoded, columns as lists), two

@@ -43,29 +43,35 @@ def tiny(**kw):
     return LLM(ModelConfig.from_preset("tiny", **{**TINY, "vocab_size": 64, "block_size": 32, **kw}))
 
 
-@pytest.mark.parametrize("loss_type,scale,beta,iterations", [
-    ("grpo", "group", 0.0, 1), ("grpo", "group", 0.3, 1), ("dapo", "group", 0.0, 1), ("dapo", "batch", 0.3, 2),
-    ("bnpo", "none", 0.0, 2), ("dr_grpo", "group", 0.3, 2), ("grpo", "none", 0.0, 2)])
-def test_grpo_loss_and_gradients_are_the_formula(chat_dir, loss_type, scale, beta, iterations):  # noqa: F811
+@pytest.mark.parametrize("loss_type,scale,beta,iterations,level,masked", [
+    ("grpo", "group", 0.0, 1, "token", False), ("grpo", "group", 0.3, 1, "token", False),
+    ("dapo", "group", 0.0, 1, "token", False), ("dapo", "batch", 0.3, 2, "token", True),
+    ("bnpo", "none", 0.0, 2, "token", False), ("dr_grpo", "group", 0.3, 2, "token", False),
+    ("grpo", "none", 0.0, 2, "sequence", False), ("dapo", "group", 0.3, 2, "sequence", True)])
+def test_grpo_loss_and_gradients_are_the_formula(chat_dir, loss_type, scale, beta, iterations, level, masked):  # noqa: F811
     # fp64: each prompt's G samples (the same generator; lengths differ: samples stop at ids < 12),
     # rewards, advantages (r - group mean) / (group std, batch std or 1) and, per sampled token,
     # -min(ratio A, clip(ratio) A) + beta k3-KL against a reference model, ratio = p / p_old (p_old
     # perturbed away from p where there are several iterations: some ratios clipped), summed and
-    # divided as loss_type says; loss and gradients = that with each sample computed alone.
+    # divided as loss_type says; level sequence: each sample's ratio exp(mean log-ratio) (GSPO);
+    # masked: samples without a stop token (cut at 5) rewarded but not trained on. Loss and
+    # gradients = that with each sample computed alone.
     model, ref_model = tiny().double(), tiny(dim=96, n_heads=3, n_kv_heads=1).double()
     batch = data.PackedLoader(chat_dir / "train.bin", 3, 32, seed=0).next_batch()
     stops = list(range(12))
     cfg = TrainConfig(grpo_reward=SPEC, grpo_generations=4, grpo_max_new_tokens=5, grpo_beta=beta, sample_stop_tokens=stops,
                       grpo_loss_type=loss_type, grpo_scale_rewards=scale, grpo_iterations=iterations, grpo_epsilon=0.1,
-                      grpo_epsilon_high=0.15)
+                      grpo_epsilon_high=0.15, grpo_importance_sampling=level, grpo_mask_truncated=masked)
     reward = trainer.load_reward(cfg, model, "fp32", torch.device("cpu"))
     reference = torch.no_grad()(lambda x, y, cu: ref_model(x, y, cu, per_token=True)[1])
     rollout = trainer.grpo_rollout(model, batch, cfg, reward, torch.Generator().manual_seed(1))
     trainer.grpo_prepare([rollout], cfg, trainer.DistInfo(), model, reference if beta else None)
     x, y, cu, at = rollout["packed"]
     if iterations > 1:  # as if the policy had moved since it sampled
-        rollout["old"] = rollout["old"] + torch.randn(rollout["old"].shape, generator=torch.Generator().manual_seed(2),
-                                                      dtype=torch.float64) * 0.2 * (y != -1)
+        g = torch.Generator().manual_seed(2)  # per token, and per sample (GSPO's ratio is a sample's mean)
+        shift = torch.randn(len(cu) - 1, generator=g, dtype=torch.float64)[
+            torch.repeat_interleave(torch.arange(len(cu) - 1), cu.diff().long())].view_as(y)
+        rollout["old"] = rollout["old"] + (torch.randn(y.shape, generator=g, dtype=torch.float64) + shift) * 0.2 * (y != -1)
     loss, (kl_stat, clip_stat) = trainer.grpo_loss(model, rollout, cfg)
     loss.backward()
     got = [p.grad.clone() for p in model.parameters()]
@@ -88,7 +94,9 @@ def test_grpo_loss_and_gradients_are_the_formula(chat_dir, loss_type, scale, bet
         logp = logps(model)
         start = int(cu[at[i]]) + len(prompt) - 1
         old = old_flat[start:start + len(sample)] if old_flat is not None else logp.detach()
-        ratio = torch.exp(logp - old)
+        ratio = torch.exp(logp - old) if level == "token" else torch.exp((logp - old).mean()).expand(len(sample))
+        if masked and sample[-1] not in stops:  # (its advantage counted in its group, no loss)
+            continue
         term = -torch.min(ratio * a, torch.clamp(ratio, 0.9, 1.15) * a)
         clipped += int((((ratio < 0.9) & (a < 0)) | ((ratio > 1.15) & (a > 0))).sum())
         with torch.no_grad():
@@ -97,8 +105,10 @@ def test_grpo_loss_and_gradients_are_the_formula(chat_dir, loss_type, scale, bet
         kl = torch.exp(d) - d - 1
         terms.append(term + beta * kl)
         kls.append(kl.mean())
-    n, tokens = len(samples), sum(map(len, samples))
-    want = {"grpo": torch.stack([t.mean() for t in terms]).mean(), "bnpo": torch.cat(terms).sum() / tokens,
+    n, tokens = len(samples), sum(len(t) for t in terms)
+    assert not masked or 0 < len(terms) < n
+    # (grpo: the mean over all samples, masked ones adding 0)
+    want = {"grpo": torch.stack([t.mean() for t in terms]).sum() / n, "bnpo": torch.cat(terms).sum() / tokens,
             "dapo": torch.cat(terms).sum() / tokens, "dr_grpo": torch.cat(terms).sum() / (n * 5)}[loss_type]
     want.backward()
     assert loss.item() == pytest.approx(want.item(), rel=1e-9, abs=1e-12)

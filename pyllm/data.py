@@ -24,6 +24,7 @@ each pair's chosen and rejected documents, which PackedLoader then places side b
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import sysconfig
@@ -413,18 +414,21 @@ def prepare_chat(inputs: Sequence[str | os.PathLike], tokenizer, folder, out_dir
 
 def _write_units(units: Sequence[tuple], in_val: Sequence[bool], tokenizer, folder, out_dir, show_progress: bool,
                  doc_start: Sequence[int], doc_end: int | None, what: str, kept: str,
-                 labels: Sequence[bool] | None = None, rows: bool = False) -> tuple[dict, int]:
+                 labels: Sequence[bool] | None = None, rows: bool = False,
+                 margins: Sequence[float] | None = None) -> tuple[dict, int]:
     """Tokenizes units of examples (example_tokens; a conversation alone, or a preference pair's
     chosen and rejected sides) into out_dir/{train,val}.bin (write_documents), each unit's
     documents one after the other, and with pairs the .pairs.npy naming them; labels (one per unit,
-    KTO's): a .labels.npy of the units kept; rows (conversations): a .rows.jsonl of each kept
-    one's example_row (read_rows). A unit with a side that has nothing to train on is left out.
+    KTO's): a .labels.npy of the units kept; margins (one per unit, preference pairs'): a
+    .margins.npy of those kept; rows (conversations): a .rows.jsonl of each kept one's
+    example_row (read_rows). A unit with a side that has nothing to train on is left out.
     Returns ({split: (docs, masks)}, units left out)."""
     from tqdm import tqdm
 
     parts = {"train": ([], []), "val": ([], [])}
     kept_labels = {"train": [], "val": []}
     kept_rows = {"train": [], "val": []}
+    kept_margins = {"train": [], "val": []}
     silent = 0
     for i, (unit, val) in enumerate(zip(tqdm(units, desc=f"tokenizing {what.replace('(s)', 's')}",
                                              disable=not show_progress), in_val)):
@@ -439,6 +443,8 @@ def _write_units(units: Sequence[tuple], in_val: Sequence[bool], tokenizer, fold
             kept_labels["val" if val else "train"].append(bool(labels[i]))
         if rows:
             kept_rows["val" if val else "train"].append(json.dumps(example_row(unit[0]), ensure_ascii=False))
+        if margins is not None:
+            kept_margins["val" if val else "train"].append(margins[i])
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     size = len(units[0])
@@ -449,6 +455,10 @@ def _write_units(units: Sequence[tuple], in_val: Sequence[bool], tokenizer, fold
             np.save(out_dir / f"{name}.labels.npy", np.asarray(kept_labels[name], np.bool_))
         else:
             (out_dir / f"{name}.labels.npy").unlink(missing_ok=True)
+        if margins is not None:
+            np.save(out_dir / f"{name}.margins.npy", np.asarray(kept_margins[name], np.float32))
+        else:
+            (out_dir / f"{name}.margins.npy").unlink(missing_ok=True)
         if rows:
             (out_dir / f"{name}.rows.jsonl").write_text("".join(r + "\n" for r in kept_rows[name]), encoding="utf-8")
         else:
@@ -466,7 +476,8 @@ def read_preferences(path) -> list[tuple[dict, dict]]:
       {"prompt": [messages], "chosen": [messages], "rejected": [messages]}     conversations
       {"chosen": [messages], "rejected": [messages]}                           the prompt: their common first messages
     returned as (chosen, rejected) examples in read_conversations' form (the chosen and the rejected
-    reply each after the same prompt, the replies trained)."""
+    reply each after the same prompt, the replies trained); a line's "margin" (a number: how much
+    better chosen is, TRL's RewardTrainer column) as the chosen example's "margin"."""
     pairs = []
     for number, row, line in _jsonl_rows(path):
         prompt, chosen, rejected = row.get("prompt"), row.get("chosen"), row.get("rejected")
@@ -481,6 +492,11 @@ def read_preferences(path) -> list[tuple[dict, dict]]:
                 prompt, chosen, rejected = chosen[:common], chosen[common:], rejected[common:]
             if prompt and chosen and rejected:
                 pair = tuple({"messages": prompt + reply, "train_from": len(prompt)} for reply in (chosen, rejected))
+        margin = row.get("margin")
+        if pair is not None and "margin" in row:
+            if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
+                raise ValueError(f"{path}:{number}: \"margin\" must be a finite number, got {margin!r}")
+            pair[0]["margin"] = float(margin)
         if pair is None:
             raise ValueError(f"{path}:{number}: expected {{\"prompt\": ..., \"chosen\": ..., \"rejected\": ...}} "
                              "(all text, or all lists of messages) or {\"chosen\": [messages], \"rejected\": "
@@ -500,11 +516,17 @@ def prepare_preferences(inputs: Sequence[str | os.PathLike], tokenizer, folder, 
     """prepare_chat for preference pairs (read_preferences): each pair's chosen and rejected
     sequences are two documents, one after the other, in out_dir/{train,val}.bin with their
     .docs.npy and .mask.npy (the replies' tokens marked), and .pairs.npy, the (P, 2) document
-    indices of each pair. A pair with nothing to train on either side is left out. Returns counts."""
+    indices of each pair. A pair with nothing to train on either side is left out. With a "margin"
+    on every line, a .margins.npy of the kept pairs' (float32). Returns counts."""
     pairs = [p for path in inputs for p in read_preferences(path)]
     in_val = _val_split(len(pairs), val_fraction, inputs, "preference pair(s)")
+    with_margin = sum("margin" in chosen for chosen, _ in pairs)
+    if 0 < with_margin < len(pairs):
+        raise ValueError(f"{with_margin} of {len(pairs)} preference pairs have a \"margin\": give it on every line "
+                         "or on none")
     parts, silent = _write_units(pairs, in_val, tokenizer, folder, out_dir, show_progress, doc_start, doc_end,
-                                 "preference pair(s)", "pair with a reply on both sides")
+                                 "preference pair(s)", "pair with a reply on both sides",
+                                 margins=[chosen["margin"] for chosen, _ in pairs] if with_margin else None)
     stats = {"pairs": len(pairs), "without_reply": silent}
     for name, (docs, _) in parts.items():
         stats[f"{name}_pairs"] = len(docs) // 2
@@ -652,6 +674,11 @@ class PackedLoader:
             self.labels = np.load(path.with_suffix(".labels.npy"))
             if self.pairs is None or self.labels.shape != (len(self.pairs),):
                 raise TokenFileError(f"{path}: its .labels.npy does not label its pairs; prepare the data again")
+        self.margins = None  # reward models: each pair's margin, from a .margins.npy
+        if path.with_suffix(".margins.npy").is_file():
+            self.margins = np.load(path.with_suffix(".margins.npy"))
+            if self.pairs is None or self.labels is not None or self.margins.shape != (len(self.pairs),):
+                raise TokenFileError(f"{path}: its .margins.npy does not go with its pairs; prepare the data again")
         self.path, self.batch_size, self.seq_len, self.seed = path, batch_size, seq_len, seed
         self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
         self.lookahead = max(1, self.LOOKAHEAD if lookahead is None else lookahead)

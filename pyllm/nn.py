@@ -805,8 +805,8 @@ def preference_loss(kind: str, chosen_logps: torch.Tensor, rejected_logps: torch
                     rejected_tokens: torch.Tensor, ref_chosen_logps: torch.Tensor | None = None,
                     ref_rejected_logps: torch.Tensor | None = None, beta: float = 0.1, gamma: float = 0.5,
                     label_smoothing: float = 0.0, desirable: torch.Tensor | None = None, desirable_weight: float = 1.0,
-                    undesirable_weight: float = 1.0, kl: torch.Tensor | None = None, center_rewards: float = 0.0
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    undesirable_weight: float = 1.0, kl: torch.Tensor | None = None, center_rewards: float = 0.0,
+                    margin: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pair losses of preference tuning from each pair's chosen and rejected replies' summed
     log-probabilities (sequence_logps) and their numbers of tokens, with the implicit rewards of the
     chosen and rejected replies (detached). Each (P,). As TRL computes them:
@@ -832,9 +832,10 @@ def preference_loss(kind: str, chosen_logps: torch.Tensor, rejected_logps: torch
              pairs' log-ratio (rejected). kl: z given (over more pairs than these: all ranks'), else
              from these pairs.
       reward a reward model's Bradley-Terry loss (Ouyang et al. 2022; TRL's RewardTrainer): "logps" are
-             the model's scores of each reply (LLM.forward's scores), -log sigmoid(chosen - rejected)
-             + center_rewards (chosen + rejected)^2 (TRL's center_rewards_coefficient); the rewards
-             are the scores (beta is not used)."""
+             the model's scores of each reply (LLM.forward's scores), -log sigmoid(chosen - rejected
+             - margin) + center_rewards (chosen + rejected)^2 (margin (P,): each pair's, Llama 2's
+             preference-strength margin, TRL's "margin" column; else 0; center_rewards: TRL's
+             center_rewards_coefficient); the rewards are the scores (beta is not used)."""
     if kind not in PREFERENCE_LOSSES:
         raise ValueError(f"preference loss must be one of {', '.join(PREFERENCE_LOSSES)}, got {kind!r}")
     if not beta > 0:
@@ -864,7 +865,8 @@ def preference_loss(kind: str, chosen_logps: torch.Tensor, rejected_logps: torch
     elif kind == "simpo":
         losses = -F.logsigmoid(chosen_rewards - rejected_rewards - gamma)
     elif kind == "reward":
-        losses = -F.logsigmoid(chosen_rewards - rejected_rewards) + center_rewards * (chosen_rewards + rejected_rewards) ** 2
+        difference = chosen_rewards - rejected_rewards - (0 if margin is None else margin.to(chosen_rewards))
+        losses = -F.logsigmoid(difference) + center_rewards * (chosen_rewards + rejected_rewards) ** 2
     elif kind == "kto":
         if desirable is None:
             raise ValueError("the kto loss needs each example's label (desirable)")

@@ -432,7 +432,8 @@ def evaluate_preference(model, path, reference: np.ndarray | None, cfg: TrainCon
     for _ in range(cfg.eval_batches):
         batch = (*loader.next_batch(), loader.docs)
         with autocast(precision, info.device):
-            loss, stats = preference_batch_loss(model, batch, reference, loader.labels, **preference_options(cfg))
+            loss, stats = preference_batch_loss(model, batch, reference, loader.labels, loader.margins,
+                                                **preference_options(cfg))
         total += torch.stack([loss.float(), stats[2]]) * loader.placed
         pairs += loader.global_placed
     model.train()
@@ -542,7 +543,7 @@ def segment_logps(model, batch, segments: list[int]) -> torch.Tensor:
 
 
 def preference_batch_loss(model, batch, reference, labels: np.ndarray | None = None,
-                          **options) -> tuple[torch.Tensor, torch.Tensor]:
+                          margins: np.ndarray | None = None, **options) -> tuple[torch.Tensor, torch.Tensor]:
     """The mean preference loss (nn.preference_loss with options: kind, beta, ...) over a
     PackedLoader batch's pairs (x, y, cu_seqlens, docs: each pair's chosen and rejected documents
     one after the other), and the means of the chosen and rejected rewards and of the accuracy
@@ -550,7 +551,8 @@ def preference_batch_loss(model, batch, reference, labels: np.ndarray | None = N
     array, or a function of the batch giving every segment's (lora_off_reference), or None (the
     reference-free losses). KTO: labels, each pair's (the loader's), and the stats are the mean
     rewards of the desirable and of the undesirable examples and the share whose reward lies on its
-    label's side of the KL baseline (beta z: above for desirable, below for undesirable)."""
+    label's side of the KL baseline (beta z: above for desirable, below for undesirable). Reward
+    models: margins, each pair's (the loader's), subtracted from the score difference."""
     x, y, cu, docs = batch
     real = [i for i, d in enumerate(docs) if d >= 0]
     ref = None
@@ -583,6 +585,8 @@ def preference_batch_loss(model, batch, reference, labels: np.ndarray | None = N
         chosen_logps, rejected_logps = logps[chosen], logps[rejected]
         ref = None if ref is None else ref.to(logps)
     tokens = sequence_logps((y != -1).to(chosen_logps.dtype), cu)  # each segment's trained tokens
+    if margins is not None and options.get("kind") == "reward":  # a pair's documents are 2p, 2p + 1
+        options = {**options, "margin": torch.from_numpy(margins[[docs[i] // 2 for i in chosen]]).to(chosen_logps)}
     losses, chosen_rewards, rejected_rewards = preference_loss(
         chosen_logps=chosen_logps, rejected_logps=rejected_logps, chosen_tokens=tokens[chosen],
         rejected_tokens=tokens[rejected], ref_chosen_logps=None if ref is None else ref[0::2],
@@ -1342,6 +1346,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
             with no_sync, autocast(precision, info.device):
                 if cfg.preference:
                     loss, stats = preference_batch_loss(wrapped, batch, reference and reference["train"], loader.labels,
+                                                        loader.margins,
                                                         **preference_options(cfg))
                     pref_sums += stats * weights[micro]
                 elif reward is not None:

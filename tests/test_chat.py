@@ -698,6 +698,29 @@ def test_read_preferences_formats(tmp_path):
     assert explicit == implicit == ({"messages": user + good, "train_from": 2}, {"messages": user + bad, "train_from": 2})
 
 
+def test_preference_margins(folders, tmp_path):
+    # TRL's "margin" column (reward models): kept per pair, written to .margins.npy beside the kept
+    # pairs (val every 10th), read by the loader; on some lines only, or not a number: an error.
+    _, _, ours, _ = folders
+    path = tmp_path / "prefs.jsonl"
+    rows = [{"prompt": f"{i} + {i} =", "chosen": f" {2 * i}", "rejected": f" {i}", "margin": i / 4} for i in range(20)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert data.read_preferences(path)[3][0]["margin"] == 0.75
+    data.prepare_preferences([path], ours, None, tmp_path / "out", val_fraction=0.1, show_progress=False)
+    want = {"train": [i / 4 for i in range(20) if i % 10 != 9], "val": [i / 4 for i in range(20) if i % 10 == 9]}
+    for name in ("train", "val"):
+        np.testing.assert_array_equal(data.PackedLoader(tmp_path / "out" / f"{name}.bin", 2, 64).margins, want[name])
+    path.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "margin" or i}) + "\n" for i, r in enumerate(rows)))
+    with pytest.raises(ValueError, match="19 of 20 preference pairs have a \"margin\""):
+        data.prepare_preferences([path], ours, None, tmp_path / "out", val_fraction=0.1, show_progress=False)
+    path.write_text(json.dumps({**rows[0], "margin": "big"}) + "\n")
+    with pytest.raises(ValueError, match="prefs.jsonl:1: \"margin\" must be a finite number"):
+        data.read_preferences(path)
+    path.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "margin"}) + "\n" for r in rows))
+    data.prepare_preferences([path], ours, None, tmp_path / "out", val_fraction=0.1, show_progress=False)
+    assert not (tmp_path / "out" / "train.margins.npy").exists()  # (none left from before)
+
+
 @pytest.mark.parametrize("row", [
     {"prompt": "a", "chosen": "b"},
     {"prompt": "a", "chosen": [{"role": "assistant", "content": "b"}], "rejected": "c"},

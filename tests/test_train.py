@@ -576,15 +576,16 @@ def test_dpo_with_fused_loss_trains_as_without(pairs_dir, tmp_path):
     np.testing.assert_allclose(losses(tmp_path / "fused"), losses(tmp_path / "plain"), rtol=1e-5)
 
 
-@pytest.mark.parametrize("center", [0.0, 0.3])
-def test_reward_model_batch_loss_is_each_sequence_alone(pairs_dir, center):
+@pytest.mark.parametrize("center,margined", [(0.0, False), (0.3, False), (0.3, True)])
+def test_reward_model_batch_loss_is_each_sequence_alone(pairs_dir, center, margined):
     # fp64: a reward model's loss and gradients on a packed batch are the Bradley-Terry loss of the
-    # score head at each reply's last token (+ TRL's centering term), each sequence run alone; the
-    # rewards are the scores.
+    # score head at each reply's last token (+ TRL's centering term; less each pair's margin), each
+    # sequence run alone; the rewards are the scores.
     _, policy, loader, _, batch = batch_of_pairs(pairs_dir)
     policy.add_score_head(1)
     torch.nn.init.normal_(policy.score.weight, std=0.5)
-    loss, stats = trainer.preference_batch_loss(policy, batch, None, kind="reward", center_rewards=center)
+    margins = np.random.default_rng(3).uniform(-1, 2, len(loader.pairs)) if margined else None
+    loss, stats = trainer.preference_batch_loss(policy, batch, None, margins=margins, kind="reward", center_rewards=center)
     loss.backward()
     got = [p.grad.clone() for p in policy.parameters()]
     policy.zero_grad()
@@ -596,13 +597,32 @@ def test_reward_model_batch_loss_is_each_sequence_alone(pairs_dir, center):
 
     chosen = torch.stack([score(d, n) for d, n in zip(real[0::2], lengths[0::2])])
     rejected = torch.stack([score(d, n) for d, n in zip(real[1::2], lengths[1::2])])
-    want = -torch.nn.functional.logsigmoid(chosen - rejected).mean() + center * ((chosen + rejected) ** 2).mean()
+    margin = torch.from_numpy(margins[[d // 2 for d in real[0::2]]]) if margined else 0.0  # (pair p: documents 2p, 2p + 1)
+    assert not margined or {tuple(loader.pairs[d // 2]) for d in real[0::2]} == set(zip(real[0::2], real[1::2]))
+    want = (-torch.nn.functional.logsigmoid(chosen - rejected - margin).mean()
+            + center * ((chosen + rejected) ** 2).mean())
     want.backward()
     assert loss.item() == pytest.approx(want.item(), rel=1e-12)
     np.testing.assert_allclose(stats.tolist(), [chosen.mean().item(), rejected.mean().item(),
                                                 (chosen > rejected).double().mean().item()], rtol=1e-10)
     for g, p in zip(got, policy.parameters()):
         torch.testing.assert_close(g, p.grad, rtol=1e-9, atol=1e-14)
+
+
+def test_reward_model_trains_with_margins(pairs_dir, tmp_path):
+    # A .margins.npy beside the pairs: the trainer's loss subtracts each pair's margin (a margin of
+    # 0 everywhere trains as without; a large one raises the loss at the first step).
+    import shutil
+
+    for name, margin in (("zero", 0.0), ("big", 3.0)):
+        shutil.copytree(pairs_dir, tmp_path / name)
+        for split in ("train", "val"):
+            pairs = np.load(tmp_path / name / f"{split}.pairs.npy")
+            np.save(tmp_path / name / f"{split}.margins.npy", np.full(len(pairs), margin, np.float32))
+        trainer.train(config(tmp_path / name, tmp_path / f"rm-{name}", preference="reward", max_steps=2))
+    trainer.train(config(pairs_dir, tmp_path / "rm", preference="reward", max_steps=2))
+    assert losses(tmp_path / "rm-zero") == losses(tmp_path / "rm")
+    assert losses(tmp_path / "rm-big")[0] > losses(tmp_path / "rm")[0] + 1
 
 
 def test_reward_model_with_lora_trains_its_head_whole(pairs_dir, tmp_path):

@@ -421,6 +421,38 @@ def evaluate(model, path, cfg: TrainConfig, seq_len: int, precision: str, info: 
     return float(all_reduce_mean(total / cfg.eval_batches, info))
 
 
+def evaluate_rewards(policy: LLM, path, cfg: TrainConfig, seq_len: int, reward_fns: list, rows: list | None,
+                     info: DistInfo) -> dict:
+    """GRPO's eval (TRL's: the policy sampled and rewarded on the eval set): the mean reward of
+    the policy's samples of the prompts of eval_batches fixed val batches (grpo_rollout: G samples
+    each, as in training; seeded by batch and rank, so every eval draws alike), and with several
+    rewards each one's mean over the samples it scored: {"val_reward": ..., "val_rewards/<name>":
+    ...}. rows: the val set's (data.read_rows), or None."""
+    loader = make_loader(path, cfg, seq_len, cfg.seed + 1, info)
+    if rows is not None and len(rows) != len(loader.offsets) - 1:
+        raise TokenFileError(f"{Path(path).with_suffix('.rows.jsonl')}: {len(rows)} rows for {len(loader.offsets) - 1} "
+                             "conversations; prepare the data again")
+    R = len(reward_fns)
+    sums = torch.zeros(2 + 2 * R, dtype=torch.float64)  # reward sum, samples; each reward's sum, samples
+    for b in range(cfg.eval_batches):
+        batch = loader.next_batch()
+        seed = int(np.random.default_rng([cfg.seed, b, info.rank, 1]).integers(2 ** 62))
+        rollout = grpo_rollout(policy, batch, cfg, reward_fns, torch.Generator(info.device).manual_seed(seed),
+                               rows and [rows[d] if d >= 0 else None for d in loader.docs])
+        each = rollout["each"]
+        sums += torch.cat([torch.stack([rollout["rewards"].sum(), torch.tensor(float(len(each)), dtype=torch.float64)]),
+                           each.nansum(0), (~each.isnan()).sum(0).double()])
+    if info.world_size > 1:
+        sums = sums.to(info.device)
+        dist.all_reduce(sums)
+        sums = sums.cpu()
+    means = {"val_reward": (sums[0] / sums[1]).item() if sums[1] else None}
+    if R > 1:
+        for name, total, count in zip(reward_names(cfg.grpo_reward), sums[2:2 + R], sums[2 + R:]):
+            means[f"val_rewards/{name}"] = (total / count).item() if count else None
+    return means
+
+
 @torch.no_grad()
 def evaluate_preference(model, path, reference: np.ndarray | None, cfg: TrainConfig, seq_len: int, precision: str,
                         info: DistInfo) -> tuple[float, float]:
@@ -1206,7 +1238,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
 
             tokenizer = Tokenizer.load(cfg.tokenizer)
         reward = load_reward(cfg, model, precision, info.device, tokenizer)
-        rows = read_rows(data / "train.bin")
+        rows, val_rows = read_rows(data / "train.bin"), read_rows(data / "val.bin")
     seq_len = cfg.seq_len or mcfg.block_size
     if info.is_main and not has_kernels_for(info.device):
         print("pyllm: this build has no CUDA kernels (nvcc was not found when it was installed): training "
@@ -1441,6 +1473,10 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
             else:
                 val_loss = record["val_loss"] = evaluate(wrapped, data / "val.bin", cfg, seq_len, precision, info)
                 say(info, bar, f"step {step + 1}: val loss {val_loss:.4f}")
+            if reward is not None:  # GRPO: the policy's samples of the val prompts, rewarded
+                record.update(evaluate_rewards(model, data / "val.bin", cfg, seq_len, reward, val_rows, info))
+                if record["val_reward"] is not None:
+                    say(info, bar, f"step {step + 1}: val reward {record['val_reward']:.4f}")
             if cfg.eval_choices:
                 from pyllm.evaluate import score_choice_files
 

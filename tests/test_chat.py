@@ -566,7 +566,8 @@ def test_grpo_from_a_hugging_face_model(chat_run_inputs, tmp_path):
         assert cli.main(train_args(folder, path, run, "--max-steps", "1", "--batch-size", "2", "--grpo-reward",
                                    "test_grpo:sevens,test_grpo:answered", "--grpo-reward-weights", "0.5", "2",
                                    "--grpo-generations", "2", "--grpo-max-new-tokens", "3")) == 0
-        (call,) = test_grpo.CALLS
+        call = test_grpo.CALLS[0]  # the step's; then the val prompts' (the eval: val_reward)
+        assert len(test_grpo.CALLS) == 3
         lines = [json.loads(line) for line in path.read_text().splitlines()]
         assert len(call["id"]) % 2 == 0 and len(call["id"]) >= 2 and call["id"][0::2] == call["id"][1::2]
         assert call["prompts"] == [lines[i]["prompt"] for i in call["id"]]
@@ -575,7 +576,7 @@ def test_grpo_from_a_hugging_face_model(chat_run_inputs, tmp_path):
         texts = [tokenizer.decode(ids[:-1] if ids[-1] in hf_stop_ids(folder) else ids) for ids in call["completion_ids"]]
         assert call["completions"] == ([[{"role": "assistant", "content": t}] for t in texts] if kind == "messages" else texts)
         record = logged(run)[-1]
-        assert {"rewards/sevens", "rewards/answered"} <= record.keys()
+        assert {"rewards/sevens", "rewards/answered", "val_reward", "val_rewards/sevens", "val_rewards/answered"} <= record.keys()
         assert record["reward"] == pytest.approx(0.5 * record["rewards/sevens"] + 2 * record["rewards/answered"])
         loader = data.PackedLoader(run / "data" / "train.bin", 1, 48, shuffle=False)
         batch = loader.next_batch()

@@ -208,6 +208,7 @@ def test_grpo_raises_the_reward_and_resumes_exactly(chat_dir, tmp_path):  # noqa
     log = [json.loads(line) for line in (tmp_path / "rl/log.jsonl").read_text().splitlines()]
     assert {"reward", "reward_std", "completion_length"} <= log[0].keys()
     assert np.mean([r["reward"] for r in log[-5:]]) > np.mean([r["reward"] for r in log[:5]]) + 0.2
+    assert log[-1]["val_reward"] > 0.5 and "val_reward" not in log[0]  # (the val prompts' samples, at the eval)
     kw.update(grad_accum=2)
     trainer.train(config(chat_dir, tmp_path / "whole", **kw))
     trainer.train(config(chat_dir, tmp_path / "cut", **kw), stop_at=6)
@@ -296,6 +297,7 @@ def test_sampling_runs_on_two_processes_resume_exactly(chat_dir, tmp_path, monke
     assert losses(tmp_path / "two/cut") == losses(tmp_path / "two/whole")
     log = [json.loads(line) for line in (tmp_path / "two/whole/log.jsonl").read_text().splitlines()]
     assert len(log) == 8 and all(np.isfinite(r["loss"]) for r in log)
+    assert ("val_reward" in log[3]) == ("grpo" in kind)
     assert ("reward" in log[-1]) if "grpo" in kind else ("on_policy" in log[-1])
     if kind == "grpo-iterations":  # a generation's 3 steps: its rewards; clipped ratios after its first
         assert [r["reward"] for r in log[:3]] == [log[0]["reward"]] * 3 != [r["reward"] for r in log[3:6]]

@@ -109,10 +109,21 @@ def configs(device: str, quick: bool):
                     yield b, t, d, dtype, causal
 
 
-def decode_rows(device: str, h: int, quick: bool) -> list[dict]:
+def capped_eager(q, k, v, softcap: float):
+    """Capped attention as transformers' eager Gemma 2 attention computes it (SDPA takes no cap):
+    the (B, H, Tq, Tk) scores whole, c tanh(s / c), softmax, times V. No mask: one query over the
+    whole cache."""
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # (B, H, T, D)
+    s = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+    s = softcap * torch.tanh(s / softcap)
+    return (torch.softmax(s.float(), -1).to(q.dtype) @ v).transpose(1, 2)
+
+
+def decode_rows(device: str, h: int, quick: bool, softcap: float = 0.0) -> list[dict]:
     """Generation: one new token per sequence attending to a full KV cache of T tokens, ours
-    (flash_attn_with_kvcache) vs SDPA on the same cache. Memory-bound: the work column counts the
-    same 4 * B * T * H * D FLOPs as the table above, the cache read is 2 * B * T * H * D elements."""
+    (flash_attn_with_kvcache) vs SDPA on the same cache (with softcap: vs capped_eager, the scores
+    capped as transformers' Gemma 2 does). Memory-bound: the work column counts the same 4 * B * T
+    * H * D FLOPs as the table above, the cache read is 2 * B * T * H * D elements."""
     rows = []
     dtypes = (torch.bfloat16,) if device == "cuda" else (torch.float32, torch.bfloat16)
     for dtype in dtypes:
@@ -122,8 +133,10 @@ def decode_rows(device: str, h: int, quick: bool) -> list[dict]:
                 q = torch.randn(b, 1, h, d, device=device, dtype=dtype)
                 k_cache, v_cache = (torch.randn(b, t, h, d, device=device, dtype=dtype) for _ in range(2))
                 seqlens = torch.full((b,), t, dtype=torch.int32, device=device)
-                impls = {"pyllm": lambda: pyllm.flash_attn_with_kvcache(q, k_cache, v_cache, seqlens)}
-                for name, fn in impls_for(device).items():
+                impls = {"pyllm": lambda: pyllm.flash_attn_with_kvcache(q, k_cache, v_cache, seqlens, softcap=softcap)}
+                if softcap:
+                    impls["torch eager, capped"] = lambda: capped_eager(q, k_cache, v_cache, softcap)
+                for name, fn in ({} if softcap else impls_for(device)).items():
                     # Our variants are full-attention kernels: here they would time the plain forward.
                     if name != "pyllm" and name not in VARIANT_ENV:
                         impls[name] = lambda fn=fn: fn(q, k_cache, v_cache, False)
@@ -223,6 +236,8 @@ def main() -> int:
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--decode-only", action="store_true", help="only the decode (KV cache) rows")
     parser.add_argument("--memory-only", action="store_true", help="only the peak-memory rows")
+    parser.add_argument("--softcap", type=float, default=0.0,
+                        help="decode rows with capped scores (Gemma 2's, e.g. 50), against the capped eager computation")
     parser.add_argument("--overhead-only", action="store_true",
                         help="only the Python cost per flash_attn_with_kvcache call (CPU, tiny cache)")
     args = parser.parse_args()
@@ -272,11 +287,11 @@ def main() -> int:
                 if base and ours_row["impl"].startswith("pyllm") and isinstance(ours_row["ms"], float):
                     ours_row["vs sdpa"] = f"{base / ours_row['ms']:.2f}x"
     if not args.memory_only:
-        rows += decode_rows(device, h, args.quick)
+        rows += decode_rows(device, h, args.quick, args.softcap)
     if not args.decode_only:
         rows += memory_rows(device, impls, h, args.quick)
     common.print_table(rows, ["dtype", "B", "T", "D", "causal", "mode", "impl", "ms", "TFLOPs", "vs sdpa", "note"])
-    common.write_json(args.json, "attention", device, rows, {"heads": h})
+    common.write_json(args.json, "attention", device, rows, {"heads": h, "softcap": args.softcap})
     return 0
 
 

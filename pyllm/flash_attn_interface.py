@@ -5,7 +5,7 @@
 
 Same layouts, same bottom-right causal alignment, same window semantics, same LSE shapes
 ((batch, n_heads, seqlen_q); (n_heads, total_q) for varlen); softcap on the CPU kernels. Options
-pyllm has no kernel for (dropout, softcap on CUDA or in the kv-cache call, ALiBi, rotary embedding
+pyllm has no kernel for (dropout, softcap on CUDA, ALiBi, rotary embedding
 inside the kv-cache call, paged or indexed caches) raise NotImplementedError naming the option instead of being ignored: silently dropping one would
 give a different model. `return_attn_probs=True` returns (out, softmax_lse, None): flash-attn's
 third value only carries a dropout pattern for its own tests. `num_splits` is a tuning hint and is
@@ -94,14 +94,14 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Opti
     op = "flash_attn_with_kvcache"
     _unsupported(op, rotary_cos=(rotary_cos, None), rotary_sin=(rotary_sin, None),
                  cache_batch_idx=(cache_batch_idx, None), cache_leftpad=(cache_leftpad, None),
-                 block_table=(block_table, None), softcap=(softcap, 0.0), alibi_slopes=(alibi_slopes, None),
+                 block_table=(block_table, None), alibi_slopes=(alibi_slopes, None),
                  return_softmax_lse=(return_softmax_lse, False))
     if cache_seqlens is None:
         if k is not None:
             raise ValueError(f"{op}: appending k / v needs cache_seqlens (where the new tokens go)")
         cache_seqlens = k_cache.shape[1]
     return _kvcache(q, k_cache, v_cache, cache_seqlens, k, v, causal, softmax_scale=softmax_scale,
-                    window=tuple(window_size))
+                    window=tuple(window_size), softcap=softcap)
 
 
 __all__ = ["flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func", "flash_attn_varlen_func",

@@ -788,7 +788,7 @@ class LLM(nn.Module):
     def new_kv_cache(self, batch_size: int, max_len: int | None = None):
         """One (k, v) pair per layer, each (B, S_max, H_kv, D), in the dtype of the weights, zeros.
         Zeros, not torch.empty's leftovers: the SDPA fallback for per-row lengths (head dims the
-        kernels do not take, softcap) multiplies the whole cache by its masked weights, and 0 times
+        kernels do not take, softcap on CUDA) multiplies the whole cache by its masked weights, and 0 times
         a leftover NaN or inf is NaN (generate_batch sampled from NaN logits, now and then, with
         head_dim 16; the kernels read no position past a row's length)."""
         cfg, p = self.config, self.lm_head.weight
@@ -1213,8 +1213,8 @@ def _gemma2_config(hf: dict) -> ModelConfig:
     """Gemma 2 (Gemma2ForCausalLM: 2B, 9B, 27B): Gemma 3's layout without q / k norms and with one
     RoPE theta, sliding windows in every other layer (the first one too), and capped attention
     scores and output logits (attn_logit_softcapping, final_logit_softcapping: softcap * tanh(x /
-    softcap)); the capped attention runs on pyllm's CPU kernels (flash_attn(softcap=)), on torch's
-    ops on CUDA and in KV-cache calls."""
+    softcap)); the capped attention runs on pyllm's CPU kernels (flash_attn and flash_attn_with_kvcache
+    with softcap), on torch's ops on CUDA."""
     n_layers = hf["num_hidden_layers"]
     types = _gemma_layer_types(hf, "gemma2", {}, [  # transformers' default: the even layers windowed
         "sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n_layers)])

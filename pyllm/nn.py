@@ -1078,13 +1078,14 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     sit at the end, so query i sees keys up to cache_seqlen+i, and none more than window_left before
     it when window_left >= 0). cache_seqlen: an int, or an int32 (B,) tensor of each row's length,
     read on its device only (the lengths' bounds are the caller's to keep). pyllm.flash_attn_with_kvcache
-    where it has a kernel (split-KV on the GPU), else the same through SDPA (and always with softcap)."""
-    if not softcap and _flash_attn_takes(q, k_cache, v_cache) and k.dtype == k_cache.dtype:
+    where it has a kernel (split-KV on the GPU; softcap on the CPU's alone), else the same through SDPA."""
+    if (not softcap or not q.is_cuda) and _flash_attn_takes(q, k_cache, v_cache) and k.dtype == k_cache.dtype:
         if window_left < 0:  # the default window: the eager CPU shortcut skips checking it
             return flash_attn_ops.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlen, k, v, causal=True,
-                                                          softmax_scale=scale)
+                                                          softmax_scale=scale, softcap=softcap or 0.0)
         return flash_attn_ops.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlen, k, v, causal=True,
-                                                      window=(window_left, -1), softmax_scale=scale)
+                                                      window=(window_left, -1), softmax_scale=scale,
+                                                      softcap=softcap or 0.0)
     if softcap and not isinstance(cache_seqlen, torch.Tensor):  # as decode_step's tensor lengths do: the same bits
         cache_seqlen = torch.full((q.shape[0],), cache_seqlen, dtype=torch.int32, device=q.device)
     if isinstance(cache_seqlen, torch.Tensor):  # lengths on the device: nothing below can slice by them

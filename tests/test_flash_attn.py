@@ -886,30 +886,81 @@ def test_kvcache_fp32_decode_reads_cache_in_place():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("h,hk,d", [(4, 4, 32), (4, 1, 128), (8, 2, 64), (32, 1, 96)])
 @pytest.mark.parametrize("window", [(-1, -1), (7, -1), (300, -1)])
-@pytest.mark.parametrize("n_new", [0, 2, 8])
-def test_kvcache_decode_path(dtype, h, hk, d, window, n_new):
+@pytest.mark.parametrize("n_new,softcap", [(0, 0.0), (2, 0.0), (8, 0.0), (1, 1.5), (8, 1.5)])
+def test_kvcache_decode_path(dtype, h, hk, d, window, n_new, softcap):
     # The CPU decode kernel (Tq <= 8 queries per head, any GQA group, fp32 or bf16 caches;
     # csrc/cpu/flash_attn.cpp decode): cache lengths 0 and 1 (with n_new = 0 a length-0 sequence
     # sees no key: out 0), short ones, and long ones whose keys are split across work items and
     # combined (capacity 1100: up to 4 splits); MHA, MQA (a group of 32), GQA; causal with and
-    # without a left window.
+    # without a left window; Gemma 2's capped scores (inputs twice unit size so that the cap binds).
     cap, tq = 1100, max(n_new, 1)
+    scale = 2.0 if softcap else 1.0
     lengths = [0, 1, 37, 700, 1092 - n_new]
     b = len(lengths)
     k_cache, v_cache = rand((b, cap, hk, d), dtype, "cpu"), rand((b, cap, hk, d), dtype, "cpu")
-    q = rand((b, tq, h, d), dtype, "cpu")
-    k_new = rand((b, n_new, hk, d), dtype, "cpu") if n_new else None
+    q = scale * rand((b, tq, h, d), dtype, "cpu")
+    k_cache = scale * k_cache
+    k_new = scale * rand((b, n_new, hk, d), dtype, "cpu") if n_new else None
     v_new = rand((b, n_new, hk, d), dtype, "cpu") if n_new else None
     seqlens = torch.tensor(lengths, dtype=torch.int32)
-    out = pyllm.flash_attn_with_kvcache(q, k_cache, v_cache, seqlens, k_new, v_new, causal=True, window=window)
+    out = pyllm.flash_attn_with_kvcache(q, k_cache, v_cache, seqlens, k_new, v_new, causal=True, window=window,
+                                        softcap=softcap)
     for i, n in enumerate(lengths):
         keys, vals = k_cache[i:i + 1, :n + n_new], v_cache[i:i + 1, :n + n_new]
-        ref, _ = attention(q[i:i + 1].double(), keys.double(), vals.double(), causal=True, window=window)
+        ref, _ = attention(q[i:i + 1].double(), keys.double(), vals.double(), causal=True, window=window,
+                           softcap=softcap)
         if n + n_new == 0:
             assert torch.equal(out[i], torch.zeros_like(out[i]))
             continue
-        torch_out, _ = attention(q[i:i + 1], keys, vals, causal=True, window=window)
+        torch_out, _ = attention(q[i:i + 1], keys, vals, causal=True, window=window, softcap=softcap)
         assert rel_err(out[i:i + 1], ref) <= tolerance(torch_out, ref), (i, n)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("lengths_kind", ["tensor", "int", "op"])
+@pytest.mark.parametrize("n_new,window", [(0, (-1, -1)), (1, (-1, -1)), (3, (20, -1))])
+def test_kvcache_softcap_matches_float64_reference(dtype, lengths_kind, n_new, window):
+    # Gemma 2's capped scores over a KV cache (CPU): each path (the eager shortcut with tensor or int
+    # lengths, and the custom op as tracing reaches it) = the capped softmax of the first
+    # lengths[b] + n_new keys; inputs twice unit size so that the cap of 1.5 binds. bf16 here runs
+    # the portable kernels (the AMX and decode kernels take no cap).
+    b, cap, h, hk, d = 3, 150, 4, 2, 64
+    lengths = [1, 70, 140] if lengths_kind != "int" else [90] * b
+    k_cache, v_cache = 2 * rand((b, cap, hk, d), dtype, "cpu"), rand((b, cap, hk, d), dtype, "cpu")
+    q = 2 * rand((b, max(n_new, 1), h, d), dtype, "cpu")
+    k_new = 2 * rand((b, n_new, hk, d), dtype, "cpu") if n_new else None
+    v_new = rand((b, n_new, hk, d), dtype, "cpu") if n_new else None
+    seqlens = lengths[0] if lengths_kind == "int" else torch.tensor(lengths, dtype=torch.int32)
+    call = (pyllm.flash_attn_with_kvcache if lengths_kind != "op" else
+            lambda *a, **kw: torch.ops.pyllm.flash_attn_with_kvcache(*a[:6], 1 / math.sqrt(d), kw["window"][0], 0,
+                                                                    kw["softcap"]))
+    out = call(q, k_cache, v_cache, seqlens, k_new, v_new, causal=True, window=window, softcap=1.5)
+    uncapped = pyllm.flash_attn_with_kvcache(q, k_cache.clone(), v_cache.clone(), seqlens, causal=True, window=window)
+    assert not torch.allclose(out.float(), uncapped.float(), atol=1e-3)  # (the cap binds)
+    for i, n in enumerate(lengths):
+        keys, vals = k_cache[i:i + 1, :n + n_new], v_cache[i:i + 1, :n + n_new]
+        ref, _ = attention(q[i:i + 1].double(), keys.double(), vals.double(), causal=True, window=window, softcap=1.5)
+        if dtype == torch.float64:
+            assert rel_err(out[i:i + 1], ref) <= 1e-13
+            continue
+        torch_out, _ = attention(q[i:i + 1], keys, vals, causal=True, window=window, softcap=1.5)
+        assert rel_err(out[i:i + 1], ref) <= tolerance(torch_out, ref), (i, n)
+
+
+def test_kvcache_softcap_checks():
+    q = rand((1, 1, 2, 64), torch.float32, "cpu")
+    cache = rand((1, 8, 2, 64), torch.float32, "cpu")
+    for bad in (-1.0, math.inf, "1"):
+        with pytest.raises(ValueError, match="flash_attn_with_kvcache: softcap must be a finite number >= 0"):
+            pyllm.flash_attn_with_kvcache(q, cache, cache, 3, softcap=bad)
+
+
+@pytest.mark.cuda
+def test_kvcache_softcap_has_no_cuda_kernel_yet():
+    q = torch.randn(1, 1, 2, 64, device="cuda", dtype=torch.bfloat16)
+    cache = torch.randn(1, 8, 2, 64, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(NotImplementedError, match="flash_attn_with_kvcache: softcap .* CPU kernel only"):
+        pyllm.flash_attn_with_kvcache(q, cache, cache, 3, softcap=2.0)
 
 
 def test_kvcache_fp32_decode_is_repeatable_across_thread_counts():
@@ -1353,10 +1404,11 @@ def test_flash_attn_interface_kvcache_and_unsupported_options():
     with pytest.raises(ValueError, match="needs cache_seqlens"):
         fai.flash_attn_with_kvcache(q, *cache, *new)
     k = cache[0]
-    # softcap: flash-attn's capped scores, on the CPU kernels (not in the kv-cache call)
+    # softcap: flash-attn's capped scores, on the CPU kernels (the kv-cache call's too)
     assert torch.equal(fai.flash_attn_func(q, k, k, softcap=30.0), pyllm.flash_attn(q, k, k, softcap=30.0))
+    assert torch.equal(fai.flash_attn_with_kvcache(q, k, k, softcap=3.0),
+                       pyllm.flash_attn_with_kvcache(q, k, k, k.shape[1], causal=False, softcap=3.0))
     for call, option in ((lambda: fai.flash_attn_func(q, k, k, dropout_p=0.1), "dropout_p"),
-                         (lambda: fai.flash_attn_with_kvcache(q, k, k, softcap=30.0), "softcap"),
                          (lambda: fai.flash_attn_func(q, k, k, alibi_slopes=torch.ones(4)), "alibi_slopes"),
                          (lambda: fai.flash_attn_varlen_func(q[0], k[0], k[0], seqlens, seqlens, 1, 1,
                                                              block_table=seqlens), "block_table"),

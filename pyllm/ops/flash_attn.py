@@ -127,9 +127,9 @@ def _opt_ptr(t: Optional[Tensor]) -> int:
     return 0 if t is None else _util.ptr(t)
 
 
-def _check_softcap_device(q: Tensor, softcap: float) -> None:
+def _check_softcap_device(q: Tensor, softcap: float, op: str = OP) -> None:
     if softcap and q.is_cuda:
-        raise NotImplementedError(f"{OP}: softcap (capped scores) has a CPU kernel only; on CUDA leave it 0 "
+        raise NotImplementedError(f"{op}: softcap (capped scores) has a CPU kernel only; on CUDA leave it 0 "
                                   "(pyllm's models compute capped attention with torch's ops there)")
 
 
@@ -327,7 +327,7 @@ def _check_cache_lengths(lengths: list[int], n_new: int, capacity: int, shown=No
 
 def _flash_attn_with_kvcache_body(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor,
                              k_new: Optional[Tensor], v_new: Optional[Tensor], softmax_scale: float,
-                             window_left: int, window_right: int) -> Tensor:
+                             window_left: int, window_right: int, softcap: float = 0.0) -> Tensor:
     _check_cache_layout(k_cache, v_cache)
     n_new = 0 if k_new is None else k_new.shape[1]
     capacity = k_cache.shape[1]
@@ -350,7 +350,7 @@ def _flash_attn_with_kvcache_body(q: Tensor, k_cache: Tensor, v_cache: Tensor, c
         out = torch.empty(q.shape, dtype=q.dtype)
         lse = torch.empty(_lse_shape(q, False), dtype=_lse_dtype(q))
         flash_attn_forward_into(q, k_cache, v_cache, out, lse, None, None, q.shape[1], capacity, softmax_scale,
-                                window_left, window_right, seqused_k=seqused_k)
+                                window_left, window_right, seqused_k=seqused_k, softcap=softcap)
         return out
     # Unchecked (CUDA), lengths are clamped so that the append and the kernel stay inside the cache:
     # the identity for valid lengths.
@@ -362,13 +362,13 @@ def _flash_attn_with_kvcache_body(q: Tensor, k_cache: Tensor, v_cache: Tensor, c
         k_cache[rows, cols] = k_new
         v_cache[rows, cols] = v_new
     return _attend_cache(q, k_cache, v_cache, (cache_seqlens + n_new).to(torch.int32), softmax_scale, window_left,
-                         window_right)
+                         window_right, softcap)
 
 
 def _attend_cache(q: Tensor, k_cache: Tensor, v_cache: Tensor, seqused_k: Tensor, softmax_scale: float,
-                  window_left: int, window_right: int) -> Tensor:
+                  window_left: int, window_right: int, softcap: float = 0.0) -> Tensor:
     """Attention of q over each cache's first seqused_k[b] (int32, valid) keys: the split-KV decode
-    kernel on the GPU, the forward kernel on the CPU."""
+    kernel on the GPU, the forward kernel on the CPU (softcap: the CPU's alone, checked before)."""
     capacity = k_cache.shape[1]
     q = _last_dim_contiguous(q)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -387,7 +387,7 @@ def _attend_cache(q: Tensor, k_cache: Tensor, v_cache: Tensor, seqused_k: Tensor
                                   workspace.numel())
     else:
         flash_attn_forward_into(q, k_cache, v_cache, out, lse, None, None, q.shape[1], capacity, softmax_scale,
-                                window_left, window_right, seqused_k=seqused_k)
+                                window_left, window_right, seqused_k=seqused_k, softcap=softcap)
     return out
 
 
@@ -397,12 +397,12 @@ _flash_attn_with_kvcache = torch.library.custom_op("pyllm::flash_attn_with_kvcac
 
 
 @_flash_attn_with_kvcache.register_fake
-def _(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale, window_left, window_right):
+def _(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale, window_left, window_right, softcap=0.0):
     return q.new_empty(q.shape)
 
 
 def _kvcache_with_int_length(q, k_cache, v_cache, length: int, k_new, v_new, softmax_scale: float, window_left: int,
-                             window_right: int) -> Tensor:
+                             window_right: int, softcap: float = 0.0) -> Tensor:
     """The op's body for eager calls whose cache length is one int for every sequence (the model's
     decode step; CPU calls the shortcut below declines): known on the host, it is checked there
     (no sync), the append is one slice copy per cache and the lengths one fill, so on the GPU 4
@@ -414,7 +414,7 @@ def _kvcache_with_int_length(q, k_cache, v_cache, length: int, k_new, v_new, sof
     if n_new:
         _append_kv(k_cache, v_cache, k_new, v_new, None, length)
     seqused_k = torch.full((q.shape[0],), length + n_new, dtype=torch.int32, device=q.device)
-    return _attend_cache(q, k_cache, v_cache, seqused_k, softmax_scale, window_left, window_right)
+    return _attend_cache(q, k_cache, v_cache, seqused_k, softmax_scale, window_left, window_right, softcap)
 
 
 # --- eager CPU decode: the kernel called directly ----------------------------------------------
@@ -458,11 +458,13 @@ def _append_kv(k_cache: Tensor, v_cache: Tensor, k_new: Tensor, v_new: Tensor, l
 
 
 def _kvcache_eager_cpu(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, softmax_scale,
-                       window) -> Optional[Tensor]:
+                       window, softcap=0.0) -> Optional[Tensor]:
     """flash_attn_with_kvcache for plain eager CPU calls, or None where the general path must run.
     Same kernel arguments as the general path, so the same bits (tests/test_flash_attn.py)."""
     # Tracing first: under torch.compile nothing below runs, the op is traced as before.
     if not _util.eager_plain_cpu(q, k_cache, v_cache) or _INT32_ARRAY is None:
+        return None
+    if softcap and (type(softcap) not in (int, float) or not 0 < softcap < math.inf):
         return None
     dtype = q.dtype
     facts = _EAGER_CPU_DTYPES.get(dtype)
@@ -519,7 +521,7 @@ def _kvcache_eager_cpu(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal,
     _C.flash_attn_fwd_cpu(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), lse.buffer_info()[0],
                           0, 0, seqused_k.buffer_info()[0], batch, seqlen_q, capacity, n_heads, n_kv_heads, head_dim,
                           q_strides[:3], k_strides[:3], v_strides[:3], out.stride()[:3],
-                          (n_heads * seqlen_q, seqlen_q), scale, left, right, code)
+                          (n_heads * seqlen_q, seqlen_q), scale, left, right, code, softcap=float(softcap))
     return out
 
 
@@ -616,7 +618,8 @@ def flash_attn(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, softmax
 
 def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens, k_new: Optional[Tensor] = None,
                             v_new: Optional[Tensor] = None, causal: bool = True, *,
-                            softmax_scale: Optional[float] = None, window: tuple[int, int] = _NO_WINDOW) -> Tensor:
+                            softmax_scale: Optional[float] = None, window: tuple[int, int] = _NO_WINDOW,
+                            softcap: float = 0.0) -> Tensor:
     """Attention of new queries over a KV cache, appending k_new / v_new to the cache in place.
 
     Args:
@@ -632,6 +635,7 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_s
         k_new, v_new: (batch, seqlen_new, n_kv_heads, head_dim) or None.
         causal: bottom-right aligned as in :func:`flash_attn`: with L = cache_seqlens + seqlen_new
             keys, query i sees keys 0 .. L - seqlen_q + i.
+        softcap: > 0 caps the scaled scores as in :func:`flash_attn` (Gemma 2's); CPU only for now.
     Returns:
         out, shaped like q. Not differentiable (inference). On the GPU the KV length is split
         across thread blocks (split-KV), so one query token still fills the GPU.
@@ -639,11 +643,14 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_s
         as :func:`flash_attn`, plus ValueError when seqlen_new exceeds the capacity, or (where
         checked, see cache_seqlens) when cache_seqlens + seqlen_new does.
     """
-    out = _kvcache_eager_cpu(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, softmax_scale, window)
+    out = _kvcache_eager_cpu(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, softmax_scale, window, softcap)
     if out is not None:
         return out
     op = "flash_attn_with_kvcache"
     _check_qkv(op, q, k_cache, v_cache, False)
+    if not isinstance(softcap, (int, float)) or isinstance(softcap, bool) or not 0 <= softcap < math.inf:
+        raise ValueError(f"{op}: softcap must be a finite number >= 0 (0: no cap), got {softcap!r}")
+    _check_softcap_device(q, softcap, op)
     # One int for every sequence is known on the host: made a tensor only where the op needs one.
     length = cache_seqlens if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool) else None
     if length is None:
@@ -673,9 +680,9 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_s
     scale = _resolve_scale(op, softmax_scale, q.shape[-1])
     if length is not None:
         if _util.runs_body(q, k_cache, v_cache, k_new, v_new):
-            return _kvcache_with_int_length(q, k_cache, v_cache, length, k_new, v_new, scale, left, right)
+            return _kvcache_with_int_length(q, k_cache, v_cache, length, k_new, v_new, scale, left, right, float(softcap))
         cache_seqlens = torch.full((q.shape[0],), length, dtype=torch.int32, device=q.device)
     # The op's dispatch cost ~0.1 ms per call on the CPU (op 0.20 ms vs its body 0.10 ms at cache
     # 512, D = 64, H = 8), as much as the kernel. Not differentiable: calls that need grad take the op.
     return _util.call(_flash_attn_with_kvcache_body, _flash_attn_with_kvcache, None, q, k_cache, v_cache,
-                      cache_seqlens, k_new, v_new, scale, left, right)
+                      cache_seqlens, k_new, v_new, scale, left, right, float(softcap))

@@ -205,12 +205,6 @@ class TrainConfig:
         if self.grpo_iterations < 1 or not 0.0 < self.grpo_epsilon < 1.0 or not 0.0 <= self.grpo_epsilon_high < math.inf:
             raise ValueError(f"TrainConfig.grpo_iterations must be >= 1, grpo_epsilon in (0, 1) and grpo_epsilon_high "
                              f">= 0, got {self.grpo_iterations}, {self.grpo_epsilon} and {self.grpo_epsilon_high}")
-        if self.grpo_reward and self.dist_mode == "fsdp":
-            raise NotImplementedError("GRPO's samples (grpo_reward) are drawn from the whole model on each rank: use "
-                                      "ddp or zero1, not fsdp")
-        if self.distill_lmbda and self.dist_mode == "fsdp":
-            raise NotImplementedError("on-policy distillation samples (distill_lmbda) are drawn from the whole model on "
-                                      "each rank: use ddp or zero1, not fsdp")
         if self.reference not in ("precomputed", "lora-off"):
             raise ValueError(f"TrainConfig.reference must be precomputed or lora-off, got {self.reference!r}")
         if self.reference == "lora-off" and not (self.lora_rank and self.preference
@@ -709,14 +703,45 @@ def last_reply_prompts(batch, limit: int, segments: list | None = None) -> list[
     return prompts
 
 
+@contextlib.contextmanager
+def gathered(model: torch.nn.Module):
+    """Within: a model sharded by FSDP2 (fully_shard on each block and the model) holds its whole
+    parameters on every rank, each block's left gathered after its forward, so generation (which
+    calls the model's parts, not its forward, a token at a time) gathers once instead of once per
+    token and layer; resharded after. Every rank must enter (the gathers are collectives); what
+    runs inside is each rank's own (no collectives: ranks may sample different numbers of tokens).
+    TRL's unwrap_model_for_generation. A model without FSDP: nothing happens."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    # FSDP2 names its root at the first forward through it: the model, never a block run alone.
+    model._get_fsdp_state()._lazy_init()
+    blocks = [m for m in model.modules() if isinstance(m, FSDPModule) and m is not model]
+    for block in blocks:
+        block.set_reshard_after_forward(False, recurse=False)
+    for m in (model, *blocks):
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in (model, *blocks):
+            m.reshard()
+        for block in blocks:  # (fully_shard's default, as wrap_model applies it)
+            block.set_reshard_after_forward(True, recurse=False)
+
+
 def sample_replies(model: LLM, prompts: list[list[int]], max_new_tokens: int, temperature: float,
                    stop_tokens, generator: torch.Generator | None) -> list[list[int]]:
     """Each prompt's sample (generate_batch: all at once, eval mode, no autograd), in the model's own
-    dtype outside autocast, at most max_new_tokens and what the model's block_size leaves."""
-    if not prompts:
-        return []
-    new = min(max_new_tokens, model.config.block_size - max(len(p) for p in prompts))
-    with torch.autocast(next(model.parameters()).device.type, enabled=False):
+    dtype outside autocast, at most max_new_tokens and what the model's block_size leaves. Under
+    FSDP2 the whole model is gathered for it (gathered); every rank must call it then, with
+    prompts or without."""
+    new = min(max_new_tokens, model.config.block_size - max((len(p) for p in prompts), default=0))
+    with torch.autocast(next(model.parameters()).device.type, enabled=False), gathered(model):
+        if not prompts:
+            return []
         return model.generate_batch(prompts, new, temperature, generator=generator, stop_tokens=stop_tokens)
 
 

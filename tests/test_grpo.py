@@ -275,11 +275,13 @@ def test_grpo_rewarded_by_a_reward_model(pairs_dir, chat_dir, tmp_path):  # noqa
         trainer.load_reward(TrainConfig(grpo_reward=str(tmp_path / "rl")), model, "fp32", torch.device("cpu"))
 
 
-@pytest.mark.parametrize("kind", ["grpo", "grpo-iterations", "on-policy"])
-def test_sampling_runs_on_two_processes_resume_exactly(chat_dir, tmp_path, monkeypatch, kind):  # noqa: F811
+@pytest.mark.parametrize("kind,mode", [("grpo", "ddp"), ("grpo-iterations", "ddp"), ("on-policy", "ddp"),
+                                       ("grpo", "fsdp"), ("on-policy", "fsdp")])
+def test_sampling_runs_on_two_processes_resume_exactly(chat_dir, tmp_path, monkeypatch, kind, mode):  # noqa: F811
     # Under DDP each rank samples its own rows' replies (seeded by step, micro-step and rank), the
     # stats are every rank's mean: a 2-process run stopped and resumed = the uninterrupted one,
-    # bitwise, and a 1-process checkpoint resumes on 2 processes.
+    # bitwise, and a 1-process checkpoint resumes on 2 processes. FSDP2 too: the sharded model
+    # gathered whole on each rank for its samples (train.gathered), ranks sampling different lengths.
     monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))  # the workers import test_grpo's reward
     teacher = {}
     if kind == "on-policy":
@@ -292,13 +294,18 @@ def test_sampling_runs_on_two_processes_resume_exactly(chat_dir, tmp_path, monke
         common.update(grpo_iterations=3, grpo_scale_rewards="batch", sample_stop_tokens=[7, 9])  # samples in it
     else:  # (a mid-generation checkpoint holds each rank's samples: it resumes on as many processes)
         trainer.train(TrainConfig(**common, out_dir=str(tmp_path / "two/cross"), batch_size=4), stop_at=6)
-    run_two_processes({**common, "out_dir": str(tmp_path / "two"), "batch_size": 2, "dist_mode": "ddp",
+    run_two_processes({**common, "out_dir": str(tmp_path / "two"), "batch_size": 2, "dist_mode": mode,
                        "cross": kind != "grpo-iterations"})
     assert losses(tmp_path / "two/cut") == losses(tmp_path / "two/whole")
     log = [json.loads(line) for line in (tmp_path / "two/whole/log.jsonl").read_text().splitlines()]
     assert len(log) == 8 and all(np.isfinite(r["loss"]) for r in log)
     assert ("val_reward" in log[3]) == ("grpo" in kind)
     assert ("reward" in log[-1]) if "grpo" in kind else ("on_policy" in log[-1])
+    if kind == "grpo" and mode == "fsdp":  # the gathered model samples what DDP's whole copies do, from the same start
+        run_two_processes({**common, "out_dir": str(tmp_path / "ddp"), "batch_size": 2, "dist_mode": "ddp",
+                           "cross": False})
+        ddp = [json.loads(line) for line in (tmp_path / "ddp/whole/log.jsonl").read_text().splitlines()]
+        assert (ddp[0]["reward"], ddp[0]["completion_length"]) == (log[0]["reward"], log[0]["completion_length"])
     if kind == "grpo-iterations":  # a generation's 3 steps: its rewards; clipped ratios after its first
         assert [r["reward"] for r in log[:3]] == [log[0]["reward"]] * 3 != [r["reward"] for r in log[3:6]]
         assert log[0]["clip_ratio"] == 0 and all(0 <= r["clip_ratio"] < 1 for r in log)
@@ -309,7 +316,6 @@ def test_sampling_runs_on_two_processes_resume_exactly(chat_dir, tmp_path, monke
 def test_grpo_options_are_checked(data_dir, pairs_dir, tmp_path):  # noqa: F811
     for kwargs, message, error in [(dict(grpo_reward=SPEC, grpo_generations=1), "grpo_generations must be >= 2", ValueError),
                                    (dict(grpo_reward=SPEC, preference="dpo"), "neither preference tuning", ValueError),
-                                   (dict(grpo_reward=SPEC, dist_mode="fsdp"), "not fsdp", NotImplementedError),
                                    (dict(grpo_reward=SPEC, grpo_beta=0.1), "needs init_from_hf or init_from_run",
                                     ValueError),
                                    (dict(grpo_reward=SPEC, grpo_loss_type="ppo"), "grpo_loss_type must be one of", ValueError),

@@ -275,5 +275,4 @@ def test_distillation_options_are_checked(data_dir, teacher_run, tmp_path):  # n
         trainer.train(config(data_dir, tmp_path / "x", teacher=str(teacher_run), model=dict(TINY, vocab_size=80)))
     with pytest.raises(ValueError, match="they need conversations"):
         trainer.train(config(data_dir, tmp_path / "w", teacher=str(teacher_run), distill_lmbda=0.5))
-    with pytest.raises(NotImplementedError, match="use ddp or zero1, not fsdp"):
-        TrainConfig(teacher="x", distill_lmbda=0.5, dist_mode="fsdp").validate()
+    TrainConfig(teacher="x", distill_lmbda=0.5, dist_mode="fsdp").validate()  # (the student gathered for its samples)

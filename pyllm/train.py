@@ -841,6 +841,7 @@ def _reward_model(spec: str, policy: LLM, precision: str, device: torch.device):
         with autocast(precision, device):
             return rm(x, None, cu, scores=True)[1][at, 0].float().cpu()
 
+    score.model = rm  # (its FLOPs: the trainer's MFU)
     return score
 
 
@@ -857,9 +858,10 @@ def grpo_rollout(policy: LLM, batch, cfg: TrainConfig, reward_fns: list, generat
     load_reward's functions (given rows[segment], the data's row of each conversation, where rows
     are given), their sum weighted by cfg.grpo_reward_weights with NaN left out (TRL's nansum):
     "rewards" (n,) fp64. Also "each" (n, R), "lengths" (each sequence's, cut to T: the FLOPs),
-    "targets" (the sampled tokens trained on) and "stats" (mean reward, the groups' mean reward
-    std (TRL's reward_std), mean sample length, each reward's mean). grpo_prepare adds the
-    advantages."""
+    "targets" (the sampled tokens trained on), "stats" (mean reward, the groups' mean reward
+    std (TRL's reward_std), mean sample length, each reward's mean) and "sampled" (each
+    sequence's length as sampled, uncut, and the sampled tokens: the sampling's FLOPs).
+    grpo_prepare adds the advantages."""
     T = batch[0].shape[1]
     segments = []
     prompts = last_reply_prompts(batch, min(T, policy.config.block_size), segments)
@@ -881,7 +883,8 @@ def grpo_rollout(policy: LLM, batch, cfg: TrainConfig, reward_fns: list, generat
                         each.nanmean(0)]) if groups else torch.zeros(3 + len(reward_fns), dtype=torch.float64))
     targets = sum(n - len(p) for i, (n, p) in enumerate(zip(lengths, groups)) if trained is None or trained[i])
     return {"packed": packed, "rewards": rewards, "each": each, "lengths": lengths, "targets": targets,
-            "stats": stats.float()}
+            "stats": stats.float(), "sampled": ([len(p) + len(s) for p, s in zip(groups, samples)],
+                                                sum(len(s) for s in samples))}
 
 
 def grpo_prepare(rollouts: list[dict], cfg: TrainConfig, info: DistInfo, policy: LLM | None = None,
@@ -1316,7 +1319,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
     reference = None  # DPO, IPO, hinge: the starting model's log-probability of every train and val document
     grpo_reference = None  # GRPO's KL term: the starting model's log-probabilities
     if cfg.grpo_beta and cfg.lora_rank:
-        grpo_reference = lora_off_token_logps(model, wrapped)
+        grpo_reference, start = lora_off_token_logps(model, wrapped), model
     elif cfg.grpo_beta:  # the starting weights again, frozen (a resumed model is no longer them)
         start = load_frozen(cfg.init_from_hf or str(source_run_weights(cfg.init_from_run)), precision, info.device,
                             cfg.init_adapter or None)
@@ -1382,6 +1385,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
         pref_sums = torch.zeros(3, device=info.device)  # mean chosen reward, rejected reward, accuracy
         on_policy = 0  # micro-batches of the student's own samples (distill_lmbda)
         grpo_sums = torch.zeros(5 + len(reward or ()), device=info.device)  # reward, std, length, KL, clip ratio, each reward
+        generation_flops = 0.0
         generates = reward is not None and (step % cfg.grpo_iterations == 0 or rollouts is None)
         if reward is None or generates:
             batches, weights, lengths, outputs, forward_only = next_batches(loader, cfg.grad_accum, info.world_size,
@@ -1394,6 +1398,16 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
                                              rows and [rows[d] if d >= 0 else None for d in batch[3]]))
             with autocast(precision, info.device):
                 grpo_prepare(rollouts, cfg, info, model, grpo_reference)
+            # the forward-only work of a generation, in the step that makes it (MFU): the sampling (each
+            # sequence once, the output layer at its sampled tokens), the policy's p_old, the
+            # reference's and the reward models' passes
+            trained = [n for r in rollouts for n in r["lengths"]], sum(r["targets"] for r in rollouts)
+            generation_flops = sum(model.flops_of_documents(*r["sampled"], forward_only=True) for r in rollouts)
+            for extra in ([model] if cfg.grpo_iterations > 1 else []) + ([start] if grpo_reference else []):
+                generation_flops += extra.flops_of_documents(*trained, forward_only=True)
+            for fn in reward:
+                if getattr(fn, "model", None) is not None:  # a reward model: its score head, no output layer
+                    generation_flops += fn.model.flops_of_documents(trained[0], 0, forward_only=True)
         if reward is not None:  # the FLOPs: the samples' sequences' training pass (not the sampling)
             batches, weights, forward_only = rollouts, None, None
             lengths, outputs = [n for r in rollouts for n in r["lengths"]], sum(r["targets"] for r in rollouts)
@@ -1462,6 +1476,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
                 lengths = lengths + forward_only[0]
             if teacher is not None:  # (its output layer at the trained targets alone: linear_distill)
                 step_flops += teacher.flops_of_documents(lengths, outputs if skipped_outputs else None, forward_only=True)
+            step_flops += generation_flops  # GRPO
             step_flops *= info.world_size  # this rank's, as every rank's
             tok_s = sum(lengths) * info.world_size / dt
         mfu = step_flops / dt / (peak * info.world_size) if peak else None

@@ -313,6 +313,34 @@ def test_sampling_runs_on_two_processes_resume_exactly(chat_dir, tmp_path, monke
         assert ckpt["step"] == 8 and "grpo_rollouts" in ckpt and len(ckpt["grpo_rollouts"]) == 2
 
 
+def test_mfu_counts_a_generations_forward_passes(chat_dir, pairs_dir, tmp_path, monkeypatch):  # noqa: F811
+    # MFU's FLOPs (mfu * peak * training tokens / tokens_per_s) of a GRPO step that generates: the
+    # training pass, plus forward passes (2 FLOPs per weight, a third of the attention's) for the
+    # sampling (each sequence once, the output layer at its sampled tokens), p_old (iterations 2),
+    # the reference (beta) and the reward model (no output layer); the next step, reusing the
+    # generation, the training pass alone.
+    monkeypatch.setattr(trainer, "peak_flops", lambda device: 1e12)
+    made, real = [], trainer.grpo_rollout
+    monkeypatch.setattr(trainer, "grpo_rollout", lambda *a, **kw: made.append(real(*a, **kw)) or made[-1])
+    model = dict(TINY, block_size=32)
+    trainer.train(config(chat_dir, tmp_path / "base", max_steps=1, model=model))
+    trainer.train(config(pairs_dir, tmp_path / "rm", preference="reward", max_steps=1, model=model))
+    made.clear()
+    trainer.train(config(chat_dir, tmp_path / "rl", grpo_reward=f"{SPEC},{tmp_path / 'rm'}", grpo_generations=2,
+                         grpo_max_new_tokens=4, grpo_iterations=2, grpo_beta=0.1, init_from_run=str(tmp_path / "base"),
+                         max_steps=2, eval_every=0, eval_batches=1))
+    log = [json.loads(line) for line in (tmp_path / "rl/log.jsonl").read_text().splitlines()]
+    policy, rm = (LLM.load(tmp_path / run / "model.safetensors") for run in ("rl", "rm"))
+    r = made[0]  # the generation's (then the eval's)
+    train = policy.flops_of_documents(r["lengths"], r["targets"])
+    generation = (policy.flops_of_documents(*r["sampled"], forward_only=True)
+                  + 2 * policy.flops_of_documents(r["lengths"], r["targets"], forward_only=True)
+                  + rm.flops_of_documents(r["lengths"], 0, forward_only=True))
+    counted = [rec["mfu"] * 1e12 * sum(r["lengths"]) / rec["tokens_per_s"] for rec in log]
+    assert counted[0] == pytest.approx(train + generation, rel=1e-3)
+    assert counted[1] == pytest.approx(train, rel=1e-3)
+
+
 def test_grpo_options_are_checked(data_dir, pairs_dir, tmp_path):  # noqa: F811
     for kwargs, message, error in [(dict(grpo_reward=SPEC, grpo_generations=1), "grpo_generations must be >= 2", ValueError),
                                    (dict(grpo_reward=SPEC, preference="dpo"), "neither preference tuning", ValueError),

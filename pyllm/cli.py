@@ -923,6 +923,9 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grpo-importance-sampling", choices=("token", "sequence"),
                    help="GRPO: the ratio to the sampling policy per token (default) or per sample (GSPO: the exp of "
                         "its tokens' mean log-ratio)")
+    p.add_argument("--grpo-log-completions", type=int, metavar="N",
+                   help="GRPO: write each generation's first N samples (prompt, completion, reward, advantage) to "
+                        "the run's completions.jsonl (default 0: none)")
     p.add_argument("--grpo-mask-truncated", action="store_true", default=None,
                    help="GRPO: samples that reach --grpo-max-new-tokens without a stop token are rewarded but not "
                         "trained on (DAPO's overlong filtering; TRL's mask_truncated_completions)")

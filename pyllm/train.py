@@ -68,6 +68,7 @@ class TrainConfig:
     grpo_epsilon: float = 0.2  # GRPO: the ratio clipped to [1 - epsilon, 1 + epsilon_high]
     grpo_epsilon_high: float = 0.0  # GRPO: 0: epsilon (DAPO's clip-higher: 0.28)
     grpo_importance_sampling: str = "token"  # GRPO: the ratio p / p_old per token | sequence (GSPO: the exp of its tokens' mean log-ratio)
+    grpo_log_completions: int = 0  # GRPO: each generation's first N samples (rank 0's) with their rewards to completions.jsonl
     grpo_mask_truncated: bool = False  # GRPO: samples that end without a stop token are not trained on (DAPO's overlong filtering)
     distill_seq_kd: bool = False  # GKD's seq_kd: every micro-batch's last replies the teacher's samples first (sequence-level KD)
     model: dict = field(default_factory=dict)  # ModelConfig overrides, e.g. {"n_layers": 2}
@@ -199,6 +200,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.grpo_loss_type must be one of {', '.join(GRPO_LOSS_TYPES)} and "
                              f"grpo_scale_rewards group, batch or none, got {self.grpo_loss_type!r} and "
                              f"{self.grpo_scale_rewards!r}")
+        if self.grpo_log_completions < 0:
+            raise ValueError(f"TrainConfig.grpo_log_completions must be >= 0, got {self.grpo_log_completions}")
         if self.grpo_importance_sampling not in ("token", "sequence"):
             raise ValueError(f"TrainConfig.grpo_importance_sampling must be token or sequence, got "
                              f"{self.grpo_importance_sampling!r}")
@@ -413,6 +416,28 @@ def evaluate(model, path, cfg: TrainConfig, seq_len: int, precision: str, info: 
     if isinstance(loader, PackedLoader):
         return float(all_reduce_mean(total, info)) * info.world_size / max(targets, 1)
     return float(all_reduce_mean(total / cfg.eval_batches, info))
+
+
+def log_completions(log: "RunLog", step: int, rollouts: list[dict], cfg: TrainConfig, tokenizer=None) -> None:
+    """The first cfg.grpo_log_completions samples of a generation's rollouts (TRL's log_completions),
+    one line each: step, prompt, completion (text decoded with tokenizer, the stop token left out;
+    without one the token ids), reward, advantage and each reward's ("rewards": {name: value}, None
+    where it gave none)."""
+    names = reward_names(cfg.grpo_reward)
+    stops = set(cfg.sample_stop_tokens)
+    left = cfg.grpo_log_completions
+    for r in rollouts:
+        for i, (prompt, completion) in enumerate(zip(r["prompt_ids"], r["completion_ids"])):
+            if left == 0:
+                return
+            left -= 1
+            if tokenizer is not None:
+                prompt = tokenizer.decode(prompt)
+                completion = tokenizer.decode(completion[:-1] if completion and completion[-1] in stops else completion)
+            each = r["each"][i].tolist()
+            log.write({"step": step, "prompt": prompt, "completion": completion, "reward": r["rewards"][i].item(),
+                       "advantage": r["advantages"][i].item(),
+                       "rewards": {n: None if math.isnan(v) else v for n, v in zip(names, each)}})
 
 
 def evaluate_rewards(policy: LLM, path, cfg: TrainConfig, seq_len: int, reward_fns: list, rows: list | None,
@@ -860,7 +885,8 @@ def grpo_rollout(policy: LLM, batch, cfg: TrainConfig, reward_fns: list, generat
     "rewards" (n,) fp64. Also "each" (n, R), "lengths" (each sequence's, cut to T: the FLOPs),
     "targets" (the sampled tokens trained on), "stats" (mean reward, the groups' mean reward
     std (TRL's reward_std), mean sample length, each reward's mean) and "sampled" (each
-    sequence's length as sampled, uncut, and the sampled tokens: the sampling's FLOPs).
+    sequence's length as sampled, uncut, and the sampled tokens: the sampling's FLOPs), the
+    "prompt_ids" and "completion_ids" lists.
     grpo_prepare adds the advantages."""
     T = batch[0].shape[1]
     segments = []
@@ -883,7 +909,7 @@ def grpo_rollout(policy: LLM, batch, cfg: TrainConfig, reward_fns: list, generat
                         each.nanmean(0)]) if groups else torch.zeros(3 + len(reward_fns), dtype=torch.float64))
     targets = sum(n - len(p) for i, (n, p) in enumerate(zip(lengths, groups)) if trained is None or trained[i])
     return {"packed": packed, "rewards": rewards, "each": each, "lengths": lengths, "targets": targets,
-            "stats": stats.float(), "sampled": ([len(p) + len(s) for p, s in zip(groups, samples)],
+            "prompt_ids": groups, "completion_ids": samples, "stats": stats.float(), "sampled": ([len(p) + len(s) for p, s in zip(groups, samples)],
                                                 sum(len(s) for s in samples))}
 
 
@@ -1336,6 +1362,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
             reference = {name: reference_logps(wrapped, data / f"{name}.bin", cfg, seq_len, precision, info)
                          for name in ("train", "val")}
     log = RunLog(out / "log.jsonl", start_step, info.is_main)
+    completions_log = RunLog(out / "completions.jsonl", start_step, info.is_main and cfg.grpo_log_completions > 0)
     tokens_per_step = cfg.batch_size * seq_len * cfg.grad_accum * info.world_size
     peak = peak_flops(info.device)
     flops_per_token = model.flops_per_token(seq_len)
@@ -1408,6 +1435,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
             for fn in reward:
                 if getattr(fn, "model", None) is not None:  # a reward model: its score head, no output layer
                     generation_flops += fn.model.flops_of_documents(trained[0], 0, forward_only=True)
+            if cfg.grpo_log_completions and info.is_main:
+                log_completions(completions_log, step, rollouts, cfg, tokenizer)
         if reward is not None:  # the FLOPs: the samples' sequences' training pass (not the sampling)
             batches, weights, forward_only = rollouts, None, None
             lengths, outputs = [n for r in rollouts for n in r["lengths"]], sum(r["targets"] for r in rollouts)

@@ -535,7 +535,10 @@ def test_grpo_from_a_hugging_face_model(chat_run_inputs, tmp_path):
                                "--grpo-reward", "test_grpo:sevens", "--grpo-generations", "2",
                                "--grpo-max-new-tokens", "4", "--grpo-iterations", "2", "--grpo-epsilon-high", "0.28",
                                "--grpo-scale-rewards", "batch", "--grpo-loss-type", "bnpo",
-                               "--grpo-importance-sampling", "sequence", "--grpo-mask-truncated")) == 0
+                               "--grpo-importance-sampling", "sequence", "--grpo-mask-truncated",
+                               "--grpo-log-completions", "2")) == 0
+    written = [json.loads(line) for line in (tmp_path / "rl" / "completions.jsonl").read_text().splitlines()]
+    assert len(written) == 2 and all(isinstance(r["prompt"], str) and isinstance(r["completion"], str) for r in written)
     record = logged(tmp_path / "rl")[-1]
     assert "clip_ratio" in record and logged(tmp_path / "rl")[0]["reward"] == record["reward"]  # (one generation)
     assert {"reward", "reward_std", "completion_length"} <= record.keys() and 1 <= record["completion_length"] <= 4

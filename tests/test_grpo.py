@@ -238,6 +238,25 @@ def test_grpo_iterations_reuse_a_generation_and_resume_mid_way(chat_dir, tmp_pat
         assert losses(run) == [r["loss"] for r in log]
 
 
+def test_grpo_logs_completions(chat_dir, tmp_path):  # noqa: F811
+    # grpo_log_completions 3: each generation's first 3 samples (every 2nd step with 2 iterations)
+    # with their rewards (= the reward function's) and advantages; on resume the lines of the steps
+    # run again are dropped first, so the file is the uninterrupted run's.
+    kw = dict(grpo_reward=f"{SPEC},test_grpo:short_or_none", grpo_generations=4, grpo_max_new_tokens=5,
+              model=dict(TINY, block_size=32), grpo_iterations=2, grpo_log_completions=3, max_steps=6, ckpt_every=2)
+    trainer.train(config(chat_dir, tmp_path / "whole", **kw))
+    lines = [json.loads(line) for line in (tmp_path / "whole/completions.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [0, 0, 0, 2, 2, 2, 4, 4, 4]
+    for r in lines:
+        assert r["rewards"]["sevens"] == pytest.approx(sevens([r["completion"]])[0])
+        assert r["rewards"]["short_or_none"] == short_or_none([r["completion"]])[0]
+        assert r["reward"] == pytest.approx(r["rewards"]["sevens"] + (r["rewards"]["short_or_none"] or 0.0))
+        assert isinstance(r["prompt"], list) and np.isfinite(r["advantage"])
+    trainer.train(config(chat_dir, tmp_path / "cut", **kw), stop_at=5)  # (checkpoint at 4; step 4 written)
+    trainer.train(config(chat_dir, tmp_path / "cut", **kw), resume=True)
+    assert (tmp_path / "cut/completions.jsonl").read_text() == (tmp_path / "whole/completions.jsonl").read_text()
+
+
 @pytest.mark.parametrize("lora", [False, True])
 def test_grpo_kl_starts_at_zero_and_resumes_exactly(chat_dir, tmp_path, lora):  # noqa: F811
     # grpo_beta: the KL against the starting model (a frozen copy of the run it starts from, or with
@@ -349,6 +368,8 @@ def test_grpo_options_are_checked(data_dir, pairs_dir, tmp_path):  # noqa: F811
                                    (dict(grpo_reward=SPEC, grpo_loss_type="ppo"), "grpo_loss_type must be one of", ValueError),
                                    (dict(grpo_reward=SPEC, grpo_scale_rewards="z"), "grpo_scale_rewards group", ValueError),
                                    (dict(grpo_reward=SPEC, grpo_iterations=0), "grpo_iterations must be >= 1", ValueError),
+                                   (dict(grpo_reward=SPEC, grpo_log_completions=-1), "grpo_log_completions must be >= 0",
+                                    ValueError),
                                    (dict(grpo_reward=SPEC, grpo_epsilon=1.5), "grpo_epsilon in", ValueError),
                                    (dict(grpo_reward="a:b,"), "comma-separated", ValueError)]:
         with pytest.raises(error, match=message):

@@ -847,6 +847,13 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-steps", type=int, help="linear warmup steps (default 30)")
     p.add_argument("--weight-decay", type=float, help="AdamW weight decay on matrices (default 0.1)")
     p.add_argument("--grad-clip", type=float, help="max global grad norm, 0 for none (default 1.0)")
+    p.add_argument("--optimizer", choices=("adamw", "muon"),
+                   help="adamw (default: pyllm's fused AdamW) or muon: Muon (Nesterov momentum, each update "
+                        "orthogonalized by Newton-Schulz; fused q k v and gate up weights part by part, a MoE's "
+                        "experts each) on the blocks' matrices, AdamW on embeddings, norms and output layer; one "
+                        "--lr for both (Muon's scaled to AdamW's update size, Moonlight's). Whole training on one "
+                        "process or ddp")
+    p.add_argument("--muon-momentum", type=float, help="Muon's Nesterov momentum (default 0.95)")
     p.add_argument("--seed", type=int, help="seed of init, data order and sampling (default 1337)")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     p.add_argument("--activation-checkpointing", action="store_true", default=None,

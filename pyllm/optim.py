@@ -592,3 +592,118 @@ class ZeroAdamW(torch.optim.Optimizer):
             new_state[shard] = entry
         self._inner.state.clear()
         self._inner.state.update(new_state)
+
+
+# --- Muon -------------------------------------------------------------------------------------------
+
+# Jordan's quintic Newton-Schulz coefficients: the steepest slope at 0 that still keeps every
+# singular value of the result in about [0.7, 1.2] after 5 steps (his muon.py; torch.optim.Muon's).
+_NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def newton_schulz(g: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
+    """An approximately orthogonal matrix with g's singular vectors (U S' V^T, S' ~ 1) by `steps`
+    quintic Newton-Schulz iterations, in bf16 (Jordan's Muon, torch.optim.Muon's arithmetic), for
+    g (..., rows, cols): each matrix of a stack its own. Returns bf16."""
+    a, b, c = _NS_COEFFICIENTS
+    shape = g.shape
+    x = g.bfloat16().reshape(-1, *shape[-2:])  # (N, rows, cols): baddbmm, addmm's fused rounding per matrix
+    wide = shape[-2] > shape[-1]
+    if wide:  # (the Gram matrix of the short side)
+        x = x.mT
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)  # spectral norm <= Frobenius <= 1
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return (x.mT if wide else x).reshape(shape)
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon (Jordan et al. 2024, "Muon: an optimizer for hidden layers"; Liu et al. 2025,
+    Moonlight) for matrices: Nesterov momentum, each update orthogonalized (newton_schulz) and
+    scaled to AdamW's update RMS, lr * 0.2 * sqrt(max(rows, cols)) (Moonlight's; torch.optim.Muon's
+    adjust_lr_fn="match_rms_adamw"), so that AdamW's lr and weight decay serve; decoupled weight
+    decay. A param may be a stack of matrices (..., rows, cols), each its own (a MoE's experts), and
+    a fused one is orthogonalized part by part: a group's "splits", aligned with its "params", each
+    the sizes of its parts along the rows (q, k, v of one weight; gate and up) or None. State per
+    param: ``momentum_buffer`` (the param's dtype, as torch's). No closure, no sparse grads."""
+
+    def __init__(self, params, lr: float = 1e-3, momentum: float = 0.95, weight_decay: float = 0.0,
+                 nesterov: bool = True, ns_steps: int = 5):
+        if not lr >= 0 or not 0 <= momentum < 1 or not weight_decay >= 0 or ns_steps < 1:
+            raise ValueError(f"Muon: lr and weight_decay must be >= 0, momentum in [0, 1) and ns_steps >= 1, got "
+                             f"{lr}, {weight_decay}, {momentum} and {ns_steps}")
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
+                                      ns_steps=ns_steps))
+        for group in self.param_groups:
+            splits = group.setdefault("splits", [None] * len(group["params"]))
+            if len(splits) != len(group["params"]):
+                raise ValueError("Muon: a group's splits must have one entry (sizes or None) per param")
+            for p, split in zip(group["params"], splits):
+                if p.dim() < 2 or (split is not None and sum(split) != p.shape[-2]):
+                    raise ValueError(f"Muon: params are matrices (or stacks of them) whose splits add up to their "
+                                     f"rows; got a param of shape {tuple(p.shape)} split {split}")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is not None:
+            raise ValueError("Muon: step takes no closure")
+        for group in self.param_groups:
+            lr, momentum = group["lr"], group["momentum"]
+            for p, split in zip(group["params"], group["splits"]):
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(grad))
+                buf.lerp_(grad, 1 - momentum)
+                update = grad.lerp(buf, momentum) if group["nesterov"] else buf
+                parts = update.split(list(split), dim=-2) if split is not None else (update,)
+                update = torch.cat([newton_schulz(u, group["ns_steps"]).to(p.dtype) * (0.2 * math.sqrt(max(u.shape[-2:])))
+                                    for u in parts], dim=-2)  # (scaled in the param's dtype, not bf16)
+                p.mul_(1 - lr * group["weight_decay"])
+                p.add_(update, alpha=-lr)
+
+
+class MuonAdamW:
+    """Muon on some params (a Muon's groups: the hidden layers' matrices), pyllm's AdamW on the rest
+    (embeddings, output layer, norms, biases), stepped as one optimizer the way AdamW steps:
+    step(grad_scaler, max_grad_norm) unscales the grads, clips their global norm over both parts,
+    skips the step on an inf/nan grad (last_grad_norm, last_step_skipped as AdamW's); one lr in
+    every group (Muon's is scaled to AdamW's update RMS). state_dict: both parts'."""
+
+    def __init__(self, muon: Muon, adamw: torch.optim.Optimizer):
+        self.muon, self.adamw = muon, adamw
+        self.last_grad_norm = self.last_step_skipped = None
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.muon.param_groups + self.adamw.param_groups
+
+    @torch.no_grad()
+    def step(self, closure=None, grad_scaler: "DynamicLossScaler | None" = None, max_grad_norm: float | None = None):
+        if closure is not None:
+            raise ValueError("MuonAdamW: step takes no closure")
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if grad_scaler is not None:
+            inv = 1.0 / grad_scaler.get_scale()
+            for p in params:
+                p.grad.mul_(inv)
+        norm = torch.nn.utils.clip_grad_norm_(params, math.inf if max_grad_norm is None else max_grad_norm)
+        self.last_grad_norm = norm.double()
+        self.last_step_skipped = ~torch.isfinite(norm)
+        if grad_scaler is not None:
+            grad_scaler._record_found_inf(self.last_step_skipped)
+        if not bool(self.last_step_skipped):
+            self.muon.step()
+            self.adamw.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.muon.zero_grad(set_to_none)
+        self.adamw.zero_grad(set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.muon.load_state_dict(state["muon"])
+        self.adamw.load_state_dict(state["adamw"])

@@ -23,7 +23,7 @@ from pyllm.data import PackedLoader, TokenFileError, TokenLoader, has_documents,
 from pyllm.model import LLM, ModelConfig, lora_targets, save_weights
 from pyllm.nn import PREFERENCE_LOSSES, REFERENCE_FREE, preference_loss, sequence_logps
 from pyllm.ops import _util
-from pyllm.optim import AdamW, DynamicLossScaler, ZeroAdamW
+from pyllm.optim import AdamW, DynamicLossScaler, Muon, MuonAdamW, ZeroAdamW
 
 
 @dataclass
@@ -88,6 +88,8 @@ class TrainConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0: off
+    optimizer: str = "adamw"  # adamw | muon (Muon on the blocks' matrices, AdamW on the rest; its lr scaled to AdamW's)
+    muon_momentum: float = 0.95  # Muon's Nesterov momentum
     eval_every: int = 100  # 0: only at the end
     eval_batches: int = 8
     eval_choices: str = ""  # multiple-choice examples (evaluate.write_choices' file) scored at each eval
@@ -120,7 +122,7 @@ class TrainConfig:
                     hint = " (YAML 1.1 reads a number like 3e-3 as text: write 3.0e-3)"
                 raise ValueError(f"TrainConfig.{f.name} must be of type {kind.__name__}, got {value!r}{hint}")
         choices = {"precision": ("auto", "fp32", "bf16", "fp16"), "schedule": ("cosine", "wsd", "constant"),
-                   "dist_mode": ("ddp", "fsdp", "zero1")}
+                   "dist_mode": ("ddp", "fsdp", "zero1"), "optimizer": ("adamw", "muon")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"TrainConfig.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
@@ -200,6 +202,12 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.grpo_loss_type must be one of {', '.join(GRPO_LOSS_TYPES)} and "
                              f"grpo_scale_rewards group, batch or none, got {self.grpo_loss_type!r} and "
                              f"{self.grpo_scale_rewards!r}")
+        if self.optimizer == "muon" and (self.lora_rank or self.dist_mode != "ddp"):
+            raise ValueError("TrainConfig.optimizer muon orthogonalizes each whole matrix's update: it trains every "
+                             "weight (not lora_rank) on one process or under ddp (not fsdp or zero1, whose shards "
+                             "are parts of matrices)")
+        if not 0.0 <= self.muon_momentum < 1.0:
+            raise ValueError(f"TrainConfig.muon_momentum must be in [0, 1), got {self.muon_momentum}")
         if self.grpo_log_completions < 0:
             raise ValueError(f"TrainConfig.grpo_log_completions must be >= 0, got {self.grpo_log_completions}")
         if self.grpo_importance_sampling not in ("token", "sequence"):
@@ -344,15 +352,44 @@ def has_kernels_for(device: torch.device) -> bool:
     return device.type != "cuda" or _util.HAS_CUDA_KERNELS
 
 
+def muon_params(model: LLM) -> tuple[list, list]:
+    """The params Muon steps (cfg.optimizer muon): every matrix (or stack of them: a MoE's experts)
+    of the blocks, and for each the sizes of its fused parts along its rows (q, k, v; gate, up),
+    orthogonalized apart, or None. The embeddings, output layer, norms and biases are AdamW's."""
+    from pyllm.nn import MoEMLP
+
+    splits = {}
+    for module in model.blocks.modules():
+        if hasattr(module, "qkv") and hasattr(module, "n_kv_heads"):  # Attention
+            q, kv = module.n_heads * module.head_dim, module.n_kv_heads * module.head_dim
+            splits[id(module.qkv.weight)] = [q, kv, kv]
+        elif isinstance(module, MoEMLP):
+            splits[id(module.gate_up)] = [module.hidden_dim] * 2
+        elif hasattr(module, "gate_up") and isinstance(module.gate_up, torch.nn.Linear):  # SwiGLU, GeGLU
+            splits[id(module.gate_up.weight)] = [module.gate_up.out_features // 2] * 2
+    params = [p for p in model.blocks.parameters() if p.requires_grad and p.dim() >= 2]
+    return params, [splits.get(id(p)) for p in params]
+
+
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, info: DistInfo) -> torch.optim.Optimizer:
     """AdamW, weight decay on matrices only (not on norms, biases): pyllm's fused AdamW; its ZeRO-1
     sharded form under zero1; torch's under FSDP2 (DTensor shards), and on a GPU when this pyllm
-    was built without CUDA kernels."""
+    was built without CUDA kernels. cfg.optimizer muon: Muon on the blocks' matrices (muon_params),
+    AdamW on the rest, as one (optim.MuonAdamW)."""
     params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "muon":
+        matrices, splits = muon_params(model)
+        taken = {id(p) for p in matrices}
+        params = [p for p in params if id(p) not in taken]
+        muon = Muon([{"params": matrices, "splits": splits}], lr=cfg.lr, momentum=cfg.muon_momentum,
+                    weight_decay=cfg.weight_decay)
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
     hyper = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    if cfg.optimizer == "muon":
+        adamw = AdamW(groups, **hyper) if has_kernels_for(info.device) else TorchAdamW(groups, **hyper)
+        return MuonAdamW(muon, adamw)
     if info.world_size > 1 and cfg.dist_mode == "zero1" and not has_kernels_for(info.device):
         raise ValueError("--dist-mode zero1 shards pyllm's AdamW, and this pyllm was built without CUDA kernels; "
                          "use --dist-mode ddp or fsdp, or reinstall pyllm with nvcc on PATH")

@@ -96,11 +96,15 @@ def test_fine_tune_a_run(corpus, tmp_path, capsys):
     first = ids[offsets[0]:offsets[1]]
     assert bytes(first[mask[offsets[0]:offsets[1]] == 0].tolist()).decode().startswith("def f")
     assert cli.main(["generate", "--run", str(ft), "--max-new-tokens", "4", "--prompt", "def g"]) == 0
-    # continued pretraining on plain text, with the run's tokenizer (none trained)
+    # continued pretraining on plain text, with the run's tokenizer (none trained), by Muon
     assert cli.main(["train", "--init-from-run", str(base), "--data", str(corpus), "--out", str(tmp_path / "more"),
                      "--max-steps", "1", "--batch-size", "2", "--eval-every", "0", "--eval-batches", "1",
-                     "--device", "cpu", "--sample-tokens", "0"]) == 0
+                     "--device", "cpu", "--sample-tokens", "0", "--optimizer", "muon", "--muon-momentum", "0.9"]) == 0
     assert "tokenizer: training" not in capsys.readouterr().out
+    import torch
+
+    saved = torch.load(tmp_path / "more" / "checkpoint.pt", weights_only=True)
+    assert saved["train_config"]["optimizer"] == "muon" and {"muon", "adamw"} <= saved["optimizer"].keys()
 
 
 def test_lora_fine_tune_of_a_run(corpus, tmp_path):

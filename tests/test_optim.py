@@ -835,3 +835,92 @@ def test_zero1_over_gloo_matches_unsharded():
     import torch.multiprocessing as mp
 
     mp.spawn(_zero_worker, args=(2, _free_port()), nprocs=2, join=True)
+
+
+# --- Muon ---------------------------------------------------------------------------------------
+
+def test_muon_step_is_torchs():
+    # A plain matrix: pyllm's Muon = torch.optim.Muon with Moonlight's lr scaling (the same
+    # arithmetic: bf16 Newton-Schulz, Nesterov momentum, decoupled weight decay), over 3 steps of
+    # random grads, wide and tall.
+    from pyllm.optim import Muon
+
+    for shape in ((48, 80), (96, 32)):
+        torch.manual_seed(0)
+        ours, theirs = torch.randn(shape, requires_grad=True), None
+        theirs = ours.detach().clone().requires_grad_()
+        a = Muon([ours], lr=0.02, weight_decay=0.1)
+        b = torch.optim.Muon([theirs], lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+        for _ in range(3):
+            g = torch.randn(shape)
+            ours.grad, theirs.grad = g.clone(), g.clone()
+            a.step()
+            b.step()
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+        assert not torch.equal(ours, torch.randn(shape))
+
+
+def test_muon_fused_parts_and_stacks_are_each_their_own():
+    # A fused [q; k; v] weight split by its parts steps as the three matrices alone; a stack of
+    # matrices (a MoE's experts, (E, rows, cols)) as each expert alone; split parts of a stack too.
+    from pyllm.optim import Muon
+
+    torch.manual_seed(1)
+    fused = torch.randn(64 + 16 + 16, 32, requires_grad=True)
+    parts = [t.detach().clone().requires_grad_() for t in fused.detach().split([64, 16, 16])]
+    stack = torch.randn(3, 2 * 24, 40, requires_grad=True)
+    experts = [t.detach().clone().requires_grad_() for t in stack.detach().split(24, dim=-2) for t in t.unbind(0)]
+    experts = [e for pair in zip(experts[:3], experts[3:]) for e in pair]  # (expert 0 gate, up, expert 1 ...)
+    one = Muon([{"params": [fused, stack], "splits": [[64, 16, 16], [24, 24]]}], lr=0.05, weight_decay=0.1)
+    alone = Muon(parts + experts, lr=0.05, weight_decay=0.1)
+    for _ in range(2):
+        g, h = torch.randn(fused.shape), torch.randn(stack.shape)
+        fused.grad, stack.grad = g.clone(), h.clone()
+        for p, gp in zip(parts, g.split([64, 16, 16])):
+            p.grad = gp.clone()
+        hs = [t for t in h.split(24, dim=-2)]
+        for e in range(3):
+            experts[2 * e].grad, experts[2 * e + 1].grad = hs[0][e].clone(), hs[1][e].clone()
+        one.step()
+        alone.step()
+    torch.testing.assert_close(fused, torch.cat(parts), rtol=0, atol=1e-6)
+    want = torch.stack([torch.cat([experts[2 * e], experts[2 * e + 1]]) for e in range(3)])
+    torch.testing.assert_close(stack, want, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="splits add up to their rows"):
+        Muon([{"params": [fused], "splits": [[64, 16]]}])
+    with pytest.raises(ValueError, match="params are matrices"):
+        Muon([torch.zeros(5, requires_grad=True)])
+
+
+def test_muon_adamw_clips_globally_skips_and_saves():
+    # MuonAdamW: the grads' global norm over both parts clipped before either steps (= Muon and
+    # AdamW stepped on the clipped grads), an inf grad skips both (and backs the fp16 scale off),
+    # state_dict round-trips.
+    from pyllm.optim import Muon, MuonAdamW
+
+    torch.manual_seed(2)
+    w, b = torch.randn(16, 24, requires_grad=True), torch.randn(24, requires_grad=True)
+    w2, b2 = (t.detach().clone().requires_grad_() for t in (w, b))
+    opt = MuonAdamW(Muon([w], lr=0.01, weight_decay=0.1), AdamW([b], lr=0.01))
+    ref_m, ref_a = Muon([w2], lr=0.01, weight_decay=0.1), AdamW([b2], lr=0.01)
+    gw, gb = 3 * torch.randn(w.shape), 3 * torch.randn(b.shape)
+    w.grad, b.grad = gw.clone(), gb.clone()
+    opt.step(max_grad_norm=1.0)
+    total = torch.cat([gw.view(-1), gb]).norm()
+    assert float(opt.last_grad_norm) == pytest.approx(total.item(), rel=1e-6) and not bool(opt.last_step_skipped)
+    w2.grad, b2.grad = gw / total, gb / total  # (clip_grad_norm_'s factor, 1 / (norm + 1e-6))
+    ref_m.step()
+    ref_a.step()
+    torch.testing.assert_close(w, w2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(b, b2, rtol=1e-5, atol=1e-6)
+    before = (w.detach().clone(), b.detach().clone())
+    w.grad, b.grad = torch.full(w.shape, math.inf), gb.clone()
+    scaler = DynamicLossScaler(init_scale=1024.0)
+    opt.step(grad_scaler=scaler, max_grad_norm=1.0)
+    scaler.update()
+    assert bool(opt.last_step_skipped) and scaler.get_scale() == 512.0
+    assert torch.equal(w, before[0]) and torch.equal(b, before[1])
+    saved = opt.state_dict()
+    again = MuonAdamW(Muon([w.detach().clone().requires_grad_()], lr=0.01), AdamW([b.detach().clone().requires_grad_()]))
+    again.load_state_dict(saved)
+    torch.testing.assert_close(again.muon.state_dict()["state"][0]["momentum_buffer"], opt.muon.state[w]["momentum_buffer"])

@@ -94,6 +94,34 @@ def test_loss_falls_and_outputs_written(data_dir, tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+@pytest.mark.parametrize("moe", [False, True])
+def test_muon_trains_resumes_and_takes_the_blocks_matrices(data_dir, tmp_path, moe):
+    # optimizer muon: Muon on every matrix of the blocks (the fused q k v and gate up weights split
+    # into their parts, a MoE's experts as a stack), AdamW on the embeddings, norms and output
+    # layer; the loss falls as with AdamW at the same lr; resume is exact.
+    model = dict(TINY, **(dict(n_experts=4, experts_per_token=2) if moe else {}))
+    llm = LLM(trainer.ModelConfig.from_preset("tiny", **model))
+    matrices, splits = trainer.muon_params(llm)
+    names = {id(p): n for n, p in llm.named_parameters()}
+    taken = {names[id(p)]: split for p, split in zip(matrices, splits)}
+    D, H, Hkv = llm.config.head_dim, llm.config.n_heads, llm.config.n_kv_heads
+    assert taken["blocks.0.attn.qkv.weight"] == [H * D, Hkv * D, Hkv * D]
+    assert taken["blocks.0.mlp.gate_up" if moe else "blocks.0.mlp.gate_up.weight"] == [llm.config.mlp_hidden] * 2
+    assert all(n.startswith("blocks.") for n in taken) and not any(p.dim() < 2 for p in matrices)
+    assert set(taken) == {n for n, p in llm.blocks.named_parameters(prefix="blocks") if p.dim() >= 2}
+    kw = dict(model=model, optimizer="muon", max_steps=30, eval_every=30, ckpt_every=10)
+    trainer.train(config(data_dir, tmp_path / "muon", **kw))
+    trainer.train(config(data_dir, tmp_path / "adamw", **{**kw, "optimizer": "adamw"}))
+    muon, adamw = losses(tmp_path / "muon"), losses(tmp_path / "adamw")
+    assert np.mean(muon[-5:]) < np.mean(muon[:5]) - 1.0 and muon != adamw
+    trainer.train(config(data_dir, tmp_path / "cut", **kw), stop_at=15)
+    trainer.train(config(data_dir, tmp_path / "cut", **kw), resume=True)
+    assert losses(tmp_path / "cut") == muon
+    for bad in (dict(lora_rank=2), dict(dist_mode="fsdp"), dict(dist_mode="zero1")):
+        with pytest.raises(ValueError, match="optimizer muon orthogonalizes each whole matrix"):
+            TrainConfig(optimizer="muon", **bad).validate()
+
+
 @pytest.mark.cuda
 def test_loss_falls_on_the_gpu(data_dir, tmp_path):
     # The whole stack on the GPU: bf16 autocast into pyllm's flash attention and SwiGLU kernels,

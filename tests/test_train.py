@@ -395,7 +395,7 @@ def test_two_cpu_processes_match_one_and_resume_exactly(data_dir, chat_dir, pair
 
 def test_muon_on_two_processes(data_dir, tmp_path):
     # optimizer muon under DDP: 2 processes with batch 2 each track 1 process with batch 4 (Muon's
-    # bf16 Newton-Schulz steps round differences of the averaged grads up: a looser tolerance than
+    # bf16 Newton-Schulz steps can round differences of the averaged grads up: 1e-4 rather than
     # AdamW's 1e-5), stop and resume bitwise, and resume a 1-process checkpoint.
     common = dict(data_dir=str(data_dir), model=dict(TINY), device="cpu", max_steps=8, warmup_steps=1, grad_accum=2,
                   eval_every=4, eval_batches=2, ckpt_every=4, progress=False, lr=1e-2, optimizer="muon")
@@ -403,8 +403,9 @@ def test_muon_on_two_processes(data_dir, tmp_path):
     trainer.train(TrainConfig(**common, out_dir=str(tmp_path / "two/cross"), batch_size=4), stop_at=6)
     run_two_processes({**common, "out_dir": str(tmp_path / "two"), "batch_size": 2, "dist_mode": "ddp"})
     assert losses(tmp_path / "two/cut") == losses(tmp_path / "two/whole")
-    np.testing.assert_allclose(losses(tmp_path / "two/whole"), losses(tmp_path / "one"), rtol=2e-3)  # (1e-5 at the 3rd step)
-    np.testing.assert_allclose(losses(tmp_path / "two/cross")[4:], losses(tmp_path / "one")[4:], rtol=2e-3)
+    # (1.2e-5 apart by step 8 on the AMD EPYC VM, 2026-12-01)
+    np.testing.assert_allclose(losses(tmp_path / "two/whole"), losses(tmp_path / "one"), rtol=1e-4)
+    np.testing.assert_allclose(losses(tmp_path / "two/cross")[4:], losses(tmp_path / "one")[4:], rtol=1e-4)
 
 
 @pytest.mark.parametrize("device", [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.cuda)])

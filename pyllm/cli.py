@@ -879,6 +879,9 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--beta", type=float, help="the preference loss's beta (orpo: its lambda; default: dpo, ipo, hinge "
                    "and orpo 0.1 as TRL's, simpo 2.0)")
     p.add_argument("--simpo-gamma", type=float, help="SimPO's target reward margin (default 0.5)")
+    p.add_argument("--sft-weight", type=float, help="with --preference dpo / ipo / hinge / simpo: plus this times "
+                   "the chosen reply's negative log-likelihood per token (RPO; TRL's loss_type [\"sigmoid\", "
+                   "\"sft\"] with loss_weights; default 0)")
     p.add_argument("--label-smoothing", type=float, help="with --preference dpo: the share of pairs taken to be "
                    "mislabelled (conservative DPO; default 0)")
     p.add_argument("--center-rewards", type=float, help="with --preference reward: TRL's center_rewards_coefficient, "

@@ -806,7 +806,8 @@ def preference_loss(kind: str, chosen_logps: torch.Tensor, rejected_logps: torch
                     ref_rejected_logps: torch.Tensor | None = None, beta: float = 0.1, gamma: float = 0.5,
                     label_smoothing: float = 0.0, desirable: torch.Tensor | None = None, desirable_weight: float = 1.0,
                     undesirable_weight: float = 1.0, kl: torch.Tensor | None = None, center_rewards: float = 0.0,
-                    margin: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    margin: torch.Tensor | None = None, sft_weight: float = 0.0
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pair losses of preference tuning from each pair's chosen and rejected replies' summed
     log-probabilities (sequence_logps) and their numbers of tokens, with the implicit rewards of the
     chosen and rejected replies (detached). Each (P,). As TRL computes them:
@@ -835,13 +836,20 @@ def preference_loss(kind: str, chosen_logps: torch.Tensor, rejected_logps: torch
              the model's scores of each reply (LLM.forward's scores), -log sigmoid(chosen - rejected
              - margin) + center_rewards (chosen + rejected)^2 (margin (P,): each pair's, Llama 2's
              preference-strength margin, TRL's "margin" column; else 0; center_rewards: TRL's
-             center_rewards_coefficient); the rewards are the scores (beta is not used)."""
+             center_rewards_coefficient); the rewards are the scores (beta is not used).
+    sft_weight (dpo, ipo, hinge, simpo): plus sft_weight times the chosen reply's negative
+    log-likelihood per token (RPO, Pang et al. 2024; TRL's loss_type [..., "sft"] with its weight,
+    MPO's mix; TRL averages it over the batch's chosen tokens, here over each pair's as ORPO's)."""
     if kind not in PREFERENCE_LOSSES:
         raise ValueError(f"preference loss must be one of {', '.join(PREFERENCE_LOSSES)}, got {kind!r}")
     if not beta > 0:
         raise ValueError(f"preference loss: beta must be > 0, got {beta}")
     if kind not in REFERENCE_FREE and (ref_chosen_logps is None or ref_rejected_logps is None):
         raise ValueError(f"the {kind} loss needs the reference model's log-probabilities")
+    if sft_weight and kind not in ("dpo", "ipo", "hinge", "simpo"):
+        raise ValueError(f"preference loss: sft_weight goes with dpo, ipo, hinge or simpo (orpo has its own NLL), "
+                         f"not {kind}")
+    nll = -chosen_logps / chosen_tokens.clamp(min=1) if sft_weight else None  # (before per_token rescales them)
     per_token = kind in ("ipo", "simpo", "orpo")
     if per_token:  # a reply's mean log-probability per token (empty replies: 0)
         chosen_logps, rejected_logps = chosen_logps / chosen_tokens.clamp(min=1), rejected_logps / rejected_tokens.clamp(min=1)
@@ -880,6 +888,8 @@ def preference_loss(kind: str, chosen_logps: torch.Tensor, rejected_logps: torch
 
         log_odds = log_odds(chosen_logps) - log_odds(rejected_logps)
         losses = -chosen_logps - beta * F.logsigmoid(log_odds)
+    if nll is not None:
+        losses = losses + sft_weight * nll
     return losses, chosen_rewards.detach(), rejected_rewards.detach()
 
 

@@ -46,6 +46,7 @@ class TrainConfig:
     desirable_weight: float = 1.0  # kto: the desirable examples' weight in the loss
     undesirable_weight: float = 1.0  # kto: the undesirable examples'
     center_rewards: float = 0.0  # reward: TRL's center_rewards_coefficient (times the mean of (chosen + rejected)^2)
+    sft_weight: float = 0.0  # dpo, ipo, hinge, simpo: plus this times the chosen reply's NLL per token (RPO; TRL's loss_type "sft")
     reference: str = "precomputed"  # dpo / ipo / hinge: precomputed (once, before training) | lora-off (LoRA runs: each step, adapters off)
     teacher: str = ""  # distillation: a Hugging Face checkpoint folder (or hub id) or a pyllm run, over the same vocabulary
     distill_beta: float = 0.0  # GKD's generalized JSD: 0 forward KL(teacher || student), 1 reverse KL, else the mixture's
@@ -161,6 +162,9 @@ class TrainConfig:
         if not (0 < self.desirable_weight < math.inf and 0 < self.undesirable_weight < math.inf):
             raise ValueError(f"TrainConfig.desirable_weight and undesirable_weight must be > 0, got "
                              f"{self.desirable_weight} and {self.undesirable_weight}")
+        if not 0.0 <= self.sft_weight < math.inf or (self.sft_weight and self.preference not in ("dpo", "ipo", "hinge", "simpo")):
+            raise ValueError(f"TrainConfig.sft_weight must be >= 0 and goes with preference dpo, ipo, hinge or simpo, got "
+                             f"{self.sft_weight} with {self.preference or 'no preference loss'!r}")
         if self.label_smoothing and self.preference != "dpo":
             raise ValueError("TrainConfig.label_smoothing goes with preference dpo")
         if not 0.0 <= self.center_rewards < math.inf or (self.center_rewards and self.preference != "reward"):
@@ -240,7 +244,8 @@ def preference_options(cfg) -> dict:
     """The keyword arguments of preference_loss for cfg."""
     return {"kind": cfg.preference, "beta": cfg.beta or PREFERENCE_BETA[cfg.preference], "gamma": cfg.simpo_gamma,
             "label_smoothing": cfg.label_smoothing, "desirable_weight": cfg.desirable_weight,
-            "undesirable_weight": cfg.undesirable_weight, "center_rewards": cfg.center_rewards}
+            "undesirable_weight": cfg.undesirable_weight, "center_rewards": cfg.center_rewards,
+            "sft_weight": cfg.sft_weight}
 
 
 class TrainingDiverged(RuntimeError):

@@ -528,7 +528,8 @@ def logps_alone(loader, m, doc, length):
 
 
 @pytest.mark.parametrize("kind, options", [("dpo", {}), ("dpo", {"label_smoothing": 0.2}), ("ipo", {}), ("hinge", {}),
-                                           ("simpo", {"gamma": 0.3}), ("orpo", {})])
+                                           ("simpo", {"gamma": 0.3}), ("orpo", {}), ("dpo", {"sft_weight": 0.7}),
+                                           ("simpo", {"sft_weight": 0.4})])
 def test_preference_batch_loss_is_each_sequence_alone(pairs_dir, kind, options):
     # fp64: the packed batch's loss and gradients are those of the formula on each sequence's
     # log-probability computed alone (its replies' tokens, cut as the loader cuts pairs to a row).
@@ -554,7 +555,7 @@ def test_preference_batch_loss_is_each_sequence_alone(pairs_dir, kind, options):
         (pc, nc), (pr, nr) = alone(policy, c, lc), alone(policy, r, lr)
         term, chosen_reward, rejected_reward = formula(kind, pc, pr, nc, nr, ref_c, ref_r, beta,
                                                        options.get("gamma", 0.5), options.get("label_smoothing", 0.0))
-        terms.append(term)
+        terms.append(term + options.get("sft_weight", 0.0) * -pc / nc)  # (RPO: the chosen reply's NLL per token)
         rewards.append((chosen_reward.item(), rejected_reward.item()))
     want = torch.stack(terms).mean()
     want.backward()
@@ -703,6 +704,8 @@ def test_preference_options_are_checked(data_dir, chat_dir, pairs_dir, tmp_path)
                              (dict(preference="dpo", beta=-1.0), "beta and simpo_gamma must be >= 0"),
                              (dict(preference="dpo", label_smoothing=0.5), r"label_smoothing must be in \[0, 0.5\)"),
                              (dict(preference="simpo", label_smoothing=0.1), "goes with preference dpo"),
+                             (dict(preference="kto", sft_weight=0.5), "sft_weight must be >= 0 and goes with"),
+                             (dict(sft_weight=0.5), "sft_weight must be >= 0 and goes with"),
                              (dict(preference="dpo", center_rewards=0.1), "goes with preference reward"),
                              (dict(preference="reward", center_rewards=-1.0), "center_rewards must be >= 0")):
         with pytest.raises(ValueError, match=message):

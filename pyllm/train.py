@@ -494,24 +494,21 @@ def evaluate_rewards(policy: LLM, path, cfg: TrainConfig, seq_len: int, reward_f
         raise TokenFileError(f"{Path(path).with_suffix('.rows.jsonl')}: {len(rows)} rows for {len(loader.offsets) - 1} "
                              "conversations; prepare the data again")
     R = len(reward_fns)
-    sums = torch.zeros(2 + 2 * R, dtype=torch.float64)  # reward sum, samples; each reward's sum, samples
+    sums = torch.zeros(5 + 2 * R, dtype=torch.float64)  # grpo_rollout's "stats", added up
     for b in range(cfg.eval_batches):
         batch = loader.next_batch()
         seed = int(np.random.default_rng([cfg.seed, b, info.rank, 1]).integers(2 ** 62))
-        rollout = grpo_rollout(policy, batch, cfg, reward_fns, torch.Generator(info.device).manual_seed(seed),
-                               rows and [rows[d] if d >= 0 else None for d in loader.docs])
-        each = rollout["each"]
-        sums += torch.cat([torch.stack([rollout["rewards"].sum(), torch.tensor(float(len(each)), dtype=torch.float64)]),
-                           each.nansum(0), (~each.isnan()).sum(0).double()])
+        sums += grpo_rollout(policy, batch, cfg, reward_fns, torch.Generator(info.device).manual_seed(seed),
+                             grpo_rows(rows, loader.docs, batch[2], loader.offsets))["stats"]
     if info.world_size > 1:
         sums = sums.to(info.device)
         dist.all_reduce(sums)
         sums = sums.cpu()
-    means = {"val_reward": (sums[0] / sums[1]).item() if sums[1] else None}
+    means = grpo_stat_means(torch.cat([sums, torch.zeros(4, dtype=torch.float64)]), R)
+    out = {"val_reward": means[0]}
     if R > 1:
-        for name, total, count in zip(reward_names(cfg.grpo_reward), sums[2:2 + R], sums[2 + R:]):
-            means[f"val_rewards/{name}"] = (total / count).item() if count else None
-    return means
+        out.update((f"val_rewards/{name}", mean) for name, mean in zip(reward_names(cfg.grpo_reward), means[5:]))
+    return out
 
 
 @torch.no_grad()
@@ -925,14 +922,17 @@ def grpo_rollout(policy: LLM, batch, cfg: TrainConfig, reward_fns: list, generat
     load_reward's functions (given rows[segment], the data's row of each conversation, where rows
     are given), their sum weighted by cfg.grpo_reward_weights with NaN left out (TRL's nansum):
     "rewards" (n,) fp64. Also "each" (n, R), "lengths" (each sequence's, cut to T: the FLOPs),
-    "targets" (the sampled tokens trained on), "stats" (mean reward, the groups' mean reward
-    std (TRL's reward_std), mean sample length, each reward's mean) and "sampled" (each
-    sequence's length as sampled, uncut, and the sampled tokens: the sampling's FLOPs), the
-    "prompt_ids" and "completion_ids" lists.
-    grpo_prepare adds the advantages."""
+    "targets" (the sampled tokens trained on), "all_targets" (and those masked), "stats" (sums
+    and counts: grpo_stat_means) and "sampled" (each sequence's length as sampled, uncut, and the
+    sampled tokens: the sampling's FLOPs), the "prompt_ids" and "completion_ids" lists. With rows,
+    a conversation whose row is None is left out (grpo_rows: one cut to the row, whose last
+    reply in it is not its row's). grpo_prepare adds the advantages."""
     T = batch[0].shape[1]
     segments = []
     prompts = last_reply_prompts(batch, min(T, policy.config.block_size), segments)
+    if rows is not None:
+        kept = [i for i, segment in enumerate(segments) if rows[segment] is not None]
+        prompts, segments = [prompts[i] for i in kept], [segments[i] for i in kept]
     G = cfg.grpo_generations
     groups = [prompt for prompt in prompts for _ in range(G)]
     group_rows = [rows[segment] for segment in segments for _ in range(G)] if rows is not None else None
@@ -946,13 +946,39 @@ def grpo_rollout(policy: LLM, batch, cfg: TrainConfig, reward_fns: list, generat
     weights = torch.tensor(cfg.grpo_reward_weights or [1.0] * len(reward_fns), dtype=torch.float64)
     rewards = (each * weights).nansum(1)  # (n,)
     lengths = [min(len(p) + len(s), T) for p, s in zip(groups, samples)]
-    stats = (torch.cat([torch.stack([rewards.mean(), rewards.view(-1, G).std(1).mean(),
-                                     torch.tensor([float(len(s)) for s in samples], dtype=torch.float64).mean()]),
-                        each.nanmean(0)]) if groups else torch.zeros(3 + len(reward_fns), dtype=torch.float64))
+    n = len(groups)
+    stats = torch.cat([torch.tensor([rewards.sum().item(), float(n),
+                                     rewards.view(-1, G).std(1).sum().item() if n else 0.0, float(n // G),
+                                     float(sum(map(len, samples)))], dtype=torch.float64),
+                       each.nansum(0), (~each.isnan()).sum(0).double()])
     targets = sum(n - len(p) for i, (n, p) in enumerate(zip(lengths, groups)) if trained is None or trained[i])
     return {"packed": packed, "rewards": rewards, "each": each, "lengths": lengths, "targets": targets,
-            "prompt_ids": groups, "completion_ids": samples, "stats": stats.float(), "sampled": ([len(p) + len(s) for p, s in zip(groups, samples)],
-                                                sum(len(s) for s in samples))}
+            "all_targets": sum(n - len(p) for n, p in zip(lengths, groups)),
+            "prompt_ids": groups, "completion_ids": samples, "stats": stats,
+            "sampled": ([len(p) + len(s) for p, s in zip(groups, samples)], sum(len(s) for s in samples))}
+
+
+def grpo_rows(rows: list | None, docs: list[int], cu_seqlens: torch.Tensor, offsets: np.ndarray) -> list | None:
+    """The data's row of each segment of a packed batch (docs: the loader's document of each, -1
+    for padding), None for padding and for a document the row cut: its last reply in the row may be
+    an earlier one than its row's prompt and columns speak of. None without rows."""
+    if rows is None:
+        return None
+    cu = cu_seqlens.tolist()
+    return [rows[d] if d >= 0 and cu[i + 1] - cu[i] == offsets[d + 1] - offsets[d] else None
+            for i, d in enumerate(docs)]
+
+
+def grpo_stat_means(sums: torch.Tensor, n_rewards: int) -> list:
+    """The logged means of a step's GRPO sums (grpo_rollout's "stats" then grpo_loss's, added up
+    over micro-batches and ranks): mean reward, the groups' mean reward std (TRL's reward_std),
+    mean sample length, mean KL (over the samples trained on), the share of trained tokens whose
+    ratio was clipped, each reward's mean over the samples it scored; None where nothing counted."""
+    s = sums.tolist()
+    ratio = lambda a, b: a / b if b else None  # noqa: E731
+    R = n_rewards
+    return ([ratio(s[0], s[1]), ratio(s[2], s[3]), ratio(s[4], s[1]), ratio(s[5 + 2 * R], s[6 + 2 * R]),
+             ratio(s[7 + 2 * R], s[8 + 2 * R])] + [ratio(s[5 + i], s[5 + R + i]) for i in range(R)])
 
 
 def grpo_prepare(rollouts: list[dict], cfg: TrainConfig, info: DistInfo, policy: LLM | None = None,
@@ -960,15 +986,15 @@ def grpo_prepare(rollouts: list[dict], cfg: TrainConfig, info: DistInfo, policy:
     """What a step's rollouts (grpo_rollout's, this rank's micro-batches) need before their loss,
     added to each: "advantages" (n,), each reward less its group's mean, divided by the group's std
     + 1e-4 (cfg.grpo_scale_rewards group), by the std of every rank's rewards of the step + 1e-4
-    (batch), or not (none; Dr. GRPO's), TRL's; "tokens", every rank's sampled tokens trained on
-    in the step (dapo's normalizer); with cfg.grpo_iterations > 1 "old" (B, T), the policy's
+    (batch), or not (none; Dr. GRPO's), TRL's; "tokens", every rank's sampled tokens in the step
+    (dapo's normalizer; masked truncated samples' too, TRL's count); with cfg.grpo_iterations > 1 "old" (B, T), the policy's
     log-probabilities of the targets as sampled (the clipped ratio's denominator); with reference
     (cfg.grpo_beta) "ref", the reference's (reference(x, y, cu_seqlens), no autograd)."""
     G = cfg.grpo_generations
-    totals = torch.zeros(4, dtype=torch.float64)  # rewards' sum, sum of squares, count; trained tokens
-    for r in rollouts:
+    totals = torch.zeros(4, dtype=torch.float64)  # rewards' sum, sum of squares, count; sampled tokens
+    for r in rollouts:  # (dapo's count: the sampled tokens, masked ones too, as TRL counts them)
         totals += torch.stack([r["rewards"].sum(), (r["rewards"] ** 2).sum(), torch.tensor(float(len(r["rewards"]))),
-                               torch.tensor(float(r["targets"]))])
+                               torch.tensor(float(r["all_targets"]))])
     if info.world_size > 1:
         totals = totals.to(info.device)
         dist.all_reduce(totals)
@@ -1002,8 +1028,9 @@ def grpo_loss(model, rollout: dict, cfg: TrainConfig, world_size: int = 1) -> tu
     micro-batch's tokens; dr_grpo, the samples' number times cfg.grpo_max_new_tokens; dapo, every
     rank's tokens in the step / (world_size * cfg.grad_accum) (the step's token mean once the
     trainer divides by grad_accum and DDP averages). model: what computes the log-probabilities
-    (DDP's wrapper). Also (mean KL over the samples, the share of sampled tokens whose ratio was
-    clipped)."""
+    (DDP's wrapper). Also the sums for the log (grpo_stat_means): (sum over the samples trained on
+    of each one's mean KL, their number, the trained tokens whose ratio was clipped, the trained
+    tokens), fp64 on the CPU."""
     x, y, cu, at = rollout["packed"]
     token_logps = model(x, y, cu, per_token=True)[1]  # (B, T), 0 where no target
     mask = (y != -1).to(token_logps.dtype)
@@ -1040,25 +1067,24 @@ def grpo_loss(model, rollout: dict, cfg: TrainConfig, world_size: int = 1) -> tu
         loss = per_token.sum() * (world_size * cfg.grad_accum / max(rollout["tokens"], 1.0))
     with torch.no_grad():
         trained = sequence_logps(mask, cu)[at] > 0  # (the samples trained on: masked ones not)
-        mean_kl = ((sequence_logps(kl, cu)[at] / tokens)[trained].mean() if kl is not None and trained.any()
-                   else per_token.new_zeros(()))
+        kl_sum = (sequence_logps(kl, cu)[at] / tokens)[trained].sum() if kl is not None else mask.new_zeros(())
         is_clipped = ((ratio < 1 - cfg.grpo_epsilon) & (advantage < 0)) | ((ratio > 1 + high) & (advantage > 0))
-        clip_ratio = (is_clipped.to(mask) * mask).sum() / mask.sum().clamp(min=1)
-    return loss, torch.stack([mean_kl, clip_ratio]).float()
+        stats = torch.stack([kl_sum, trained.sum().to(kl_sum), (is_clipped.to(mask) * mask).sum(), mask.sum()])
+    return loss, stats.double().cpu()
 
 
 def grpo_batch_loss(model, policy: LLM, batch, cfg: TrainConfig, reward_fns: list, generator: torch.Generator | None,
                     reference=None, rows: list | None = None) -> tuple[torch.Tensor, torch.Tensor, list[int], int]:
     """GRPO's loss on one packed batch of conversations, one process, no accumulation: grpo_rollout,
     grpo_prepare, grpo_loss with the policy as it is (model: what computes the log-probabilities;
-    policy: the LLM that samples). Returns the loss, the stats (mean reward, reward std, sample
-    length, mean KL, clip ratio, each reward's mean), the lengths of the sequences the loss was
-    computed on and their trained targets (for MFU)."""
+    policy: the LLM that samples). Returns the loss, the means (grpo_stat_means: mean reward,
+    reward std, sample length, mean KL, clip ratio, each reward's mean), the lengths of the
+    sequences the loss was computed on and their trained targets (for MFU)."""
     rollout = grpo_rollout(policy, batch, cfg, reward_fns, generator, rows)
     grpo_prepare([rollout], replace(cfg, grad_accum=1), DistInfo(0, 1, batch[0].device), policy, reference)
     loss, loss_stats = grpo_loss(model, rollout, replace(cfg, grad_accum=1))
-    s = rollout["stats"]
-    return loss, torch.cat([s[:3], loss_stats.cpu(), s[3:]]), rollout["lengths"], rollout["targets"]
+    return (loss, grpo_stat_means(torch.cat([rollout["stats"], loss_stats]), len(reward_fns)), rollout["lengths"],
+            rollout["targets"])
 
 
 def make_loader(path, cfg: TrainConfig, seq_len: int, seed: int, info: DistInfo):
@@ -1380,9 +1406,10 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
         start_step, skipped = ckpt["step"], ckpt["skipped_steps"]
     rollouts = None  # GRPO: the samples of the generation the steps are on (grpo_rollout, grpo_prepare)
     if ckpt is not None and "grpo_rollouts" in ckpt:
-        if len(ckpt["grpo_rollouts"]) != info.world_size:
+        if len(ckpt["grpo_rollouts"]) != info.world_size or len(ckpt["grpo_rollouts"][0]) != cfg.grad_accum:
             raise ValueError(f"this checkpoint was written mid-way through a GRPO generation's {cfg.grpo_iterations} steps "
-                             f"by {len(ckpt['grpo_rollouts'])} process(es), with their samples: resume it on as many")
+                             f"by {len(ckpt['grpo_rollouts'])} process(es) with {len(ckpt['grpo_rollouts'][0])} micro-batches "
+                             "each, with their samples: resume it on as many, with as many (grad_accum)")
         rollouts = to_device(ckpt["grpo_rollouts"][info.rank], info.device)
     reference = None  # DPO, IPO, hinge: the starting model's log-probability of every train and val document
     grpo_reference = None  # GRPO's KL term: the starting model's log-probabilities
@@ -1453,7 +1480,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
         aux_sum = torch.zeros((), device=info.device)  # the part of loss_sum that is load balancing (MoE)
         pref_sums = torch.zeros(3, device=info.device)  # mean chosen reward, rejected reward, accuracy
         on_policy = 0  # micro-batches of the student's own samples (distill_lmbda)
-        grpo_sums = torch.zeros(5 + len(reward or ()), device=info.device)  # reward, std, length, KL, clip ratio, each reward
+        grpo_sums = torch.zeros(9 + 2 * len(reward or ()), dtype=torch.float64)  # grpo_stat_means' sums
         generation_flops = 0.0
         generates = reward is not None and (step % cfg.grpo_iterations == 0 or rollouts is None)
         if reward is None or generates:
@@ -1464,7 +1491,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
             for micro, batch in enumerate(batches):
                 seed = int(np.random.default_rng([cfg.seed, step, micro, info.rank]).integers(2 ** 62))
                 rollouts.append(grpo_rollout(model, batch[:3], cfg, reward, torch.Generator(info.device).manual_seed(seed),
-                                             rows and [rows[d] if d >= 0 else None for d in batch[3]]))
+                                             grpo_rows(rows, batch[3], batch[2], loader.offsets)))
             with autocast(precision, info.device):
                 grpo_prepare(rollouts, cfg, info, model, grpo_reference)
             # the forward-only work of a generation, in the step that makes it (MFU): the sampling (each
@@ -1493,8 +1520,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
                     pref_sums += stats * weights[micro]
                 elif reward is not None:
                     loss, loss_stats = grpo_loss(wrapped, batch, cfg, info.world_size)
-                    grpo_sums += torch.cat([batch["stats"][:3], loss_stats.cpu(), batch["stats"][3:]]).to(info.device) \
-                        / cfg.grad_accum
+                    grpo_sums += torch.cat([batch["stats"].cpu(), loss_stats])
                 elif teacher is not None:
                     # GKD's seq_kd (the teacher's samples), then lmbda (the student's): the same draw on
                     # every rank (seeded by step and micro-step), each rank's samples its own; a batch
@@ -1563,7 +1589,10 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
         if reward is not None:
             names = (["reward", "reward_std", "completion_length", "kl", "clip_ratio"]
                      + [f"rewards/{n}" for n in reward_names(cfg.grpo_reward)])
-            record.update((k, v if math.isfinite(v) else None) for k, v in zip(names, all_reduce_mean(grpo_sums, info).tolist()))
+            if info.world_size > 1:  # (every rank's sums and counts)
+                grpo_sums = grpo_sums.to(info.device)
+                dist.all_reduce(grpo_sums)
+            record.update(zip(names, grpo_stat_means(grpo_sums.cpu(), len(reward))))
             if not cfg.grpo_beta:
                 del record["kl"]
             if cfg.grpo_iterations == 1:  # (never clipped: every ratio is 1)

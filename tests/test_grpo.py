@@ -72,7 +72,7 @@ def test_grpo_loss_and_gradients_are_the_formula(chat_dir, loss_type, scale, bet
         shift = torch.randn(len(cu) - 1, generator=g, dtype=torch.float64)[
             torch.repeat_interleave(torch.arange(len(cu) - 1), cu.diff().long())].view_as(y)
         rollout["old"] = rollout["old"] + (torch.randn(y.shape, generator=g, dtype=torch.float64) + shift) * 0.2 * (y != -1)
-    loss, (kl_stat, clip_stat) = trainer.grpo_loss(model, rollout, cfg)
+    loss, (kl_sum, trained_samples, clipped_tokens, trained_tokens) = trainer.grpo_loss(model, rollout, cfg)
     loss.backward()
     got = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
@@ -105,23 +105,26 @@ def test_grpo_loss_and_gradients_are_the_formula(chat_dir, loss_type, scale, bet
         kl = torch.exp(d) - d - 1
         terms.append(term + beta * kl)
         kls.append(kl.mean())
-    n, tokens = len(samples), sum(len(t) for t in terms)
+    n, tokens, sampled = len(samples), sum(len(t) for t in terms), sum(map(len, samples))
     assert not masked or 0 < len(terms) < n
     # (grpo: the mean over all samples, masked ones adding 0)
     want = {"grpo": torch.stack([t.mean() for t in terms]).sum() / n, "bnpo": torch.cat(terms).sum() / tokens,
-            "dapo": torch.cat(terms).sum() / tokens, "dr_grpo": torch.cat(terms).sum() / (n * 5)}[loss_type]
+            "dapo": torch.cat(terms).sum() / sampled,  # (TRL's count: masked samples' tokens too)
+            "dr_grpo": torch.cat(terms).sum() / (n * 5)}[loss_type]
     want.backward()
     assert loss.item() == pytest.approx(want.item(), rel=1e-9, abs=1e-12)
     for g, p in zip(got, model.parameters()):
         torch.testing.assert_close(g, p.grad, rtol=1e-7, atol=1e-12)
     assert (clipped > 0) == (iterations > 1)  # (the perturbation clips some)
-    assert clip_stat.item() == pytest.approx(clipped / tokens, abs=1e-6)
-    assert kl_stat.item() == pytest.approx(beta and torch.stack(kls).mean().item(), abs=1e-6)
+    assert (clipped_tokens, trained_tokens, trained_samples) == (clipped, tokens, len(terms))
+    assert kl_sum.item() == pytest.approx(beta and torch.stack(kls).sum().item(), abs=1e-9)
     cut = [len(p) + len(s) for p, s in zip(prompts, samples)]  # (MFU's count: the sequences computed)
-    assert rollout["lengths"] == cut and rollout["targets"] == tokens
+    assert rollout["lengths"] == cut and rollout["targets"] == tokens and rollout["all_targets"] == sampled
     flat = rewards.view(-1)
-    np.testing.assert_allclose(rollout["stats"].tolist(), [flat.mean().item(), rewards.std(1).mean().item(),
-                                                           np.mean([len(s) for s in samples]), flat.mean().item()], rtol=1e-6)
+    means = trainer.grpo_stat_means(torch.cat([rollout["stats"], torch.tensor([kl_sum, len(terms), clipped, tokens])]), 1)
+    np.testing.assert_allclose(means, [flat.mean().item(), rewards.std(1).mean().item(), np.mean([len(s) for s in samples]),
+                                       beta and torch.stack(kls).mean().item(), clipped / tokens, flat.mean().item()],
+                               rtol=1e-6, atol=1e-12)
 
 
 def test_grpo_rewards_are_summed_by_weight(chat_dir):  # noqa: F811
@@ -148,12 +151,37 @@ def test_grpo_rewards_are_summed_by_weight(chat_dir):  # noqa: F811
     assert np.isnan(b).any() and not np.isnan(b).all()
     total = 2 * a + 0.5 * np.nan_to_num(b)
     grouped = total.reshape(-1, 4)
-    np.testing.assert_allclose(stats.tolist(), [total.mean(), grouped.std(1, ddof=1).mean(), np.mean([len(s) for s in samples]),
+    np.testing.assert_allclose(stats, [total.mean(), grouped.std(1, ddof=1).mean(), np.mean([len(s) for s in samples]),
                                                 0.0, 0.0, a.mean(), np.nanmean(b), 0.0], rtol=1e-6)
     assert [r["doc"] for r in seen] == [loader.docs[s] for s in segments for _ in range(4)]
     assert trainer.reward_names(cfg.grpo_reward) == ["sevens", "short_or_none"]
+    # the log's means are of sums and counts over micro-batches and ranks: a reward no sample got is None
+    sums = torch.tensor([3.0, 4, 1.0, 2, 8, 2.0, 0.0, 4, 0, 0.5, 4, 1, 10], dtype=torch.float64)
+    assert trainer.grpo_stat_means(sums, 2) == [0.75, 0.5, 2.0, 0.125, 0.1, 0.5, None]
     with pytest.raises(ValueError, match="a finite number for each of the 2"):
         TrainConfig(grpo_reward=cfg.grpo_reward, grpo_reward_weights=[1.0]).validate()
+
+
+def test_grpo_leaves_out_conversations_cut_from_their_rows(chat_dir):  # noqa: F811
+    # A conversation longer than the row is cut: its last reply in the row is not the one its row
+    # (prompt, answer columns) speaks of, so with rows it gets no samples (grpo_rows: None); whole
+    # ones do, each given its own row. Without rows every conversation is sampled.
+    model = tiny()
+    loader = data.PackedLoader(chat_dir / "train.bin", 4, 10, seed=0)
+    batch = loader.next_batch()
+    full = np.diff(loader.offsets)
+    rows = [{"prompt": "p", "doc": d, "length": int(full[d])} for d in range(len(full))]
+    per_segment = trainer.grpo_rows(rows, loader.docs, batch[2], loader.offsets)
+    cu = batch[2].tolist()
+    assert [r is None for r in per_segment] == [d < 0 or cu[i + 1] - cu[i] < full[d] for i, d in enumerate(loader.docs)]
+    assert any(r is None for r, d in zip(per_segment, loader.docs) if d >= 0)  # (some are cut at 10 tokens)
+    seen = []
+    record = lambda p, c, packed, rows: (seen.extend(rows), torch.zeros(len(c)))[1]  # noqa: E731
+    cfg = TrainConfig(grpo_reward=SPEC, grpo_generations=2, grpo_max_new_tokens=2)
+    trainer.grpo_rollout(model, batch, cfg, [record], torch.Generator().manual_seed(0), per_segment)
+    assert seen and all(r["length"] <= 10 for r in seen)
+    assert sorted({r["doc"] for r in seen}) == sorted(r["doc"] for r in per_segment if r is not None)
+    assert trainer.grpo_rows(None, loader.docs, batch[2], loader.offsets) is None
 
 
 def test_reward_functions_are_called_as_trl_calls_them():
@@ -234,6 +262,9 @@ def test_grpo_iterations_reuse_a_generation_and_resume_mid_way(chat_dir, tmp_pat
         run = tmp_path / f"cut{stop}"
         trainer.train(config(chat_dir, run, **kw, ckpt_every=ckpt_every), stop_at=stop)
         assert ("grpo_rollouts" in torch.load(run / "checkpoint.pt", weights_only=True)) == (ckpt_every == 4)
+        if ckpt_every == 4:  # (the samples of grad_accum micro-batches: resumed with as many)
+            with pytest.raises(ValueError, match="with as many \\(grad_accum\\)"):
+                trainer.train(config(chat_dir, run, **{**kw, "grad_accum": 1}, ckpt_every=ckpt_every), resume=True)
         trainer.train(config(chat_dir, run, **kw, ckpt_every=ckpt_every), resume=True)
         assert losses(run) == [r["loss"] for r in log]
 

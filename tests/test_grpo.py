@@ -269,6 +269,22 @@ def test_grpo_iterations_reuse_a_generation_and_resume_mid_way(chat_dir, tmp_pat
         assert losses(run) == [r["loss"] for r in log]
 
 
+@pytest.mark.cuda
+def test_grpo_on_the_gpu_resumes_mid_generation(chat_dir, tmp_path):  # noqa: F811
+    # GRPO on CUDA (bf16 autocast, samples by generate_batch on the device, its generator seeded per
+    # micro-step): the reward rises; a run stopped mid-way through a generation's 3 steps resumes
+    # from the samples in its checkpoint, bitwise.
+    kw = dict(grpo_reward=SPEC, grpo_generations=4, grpo_max_new_tokens=6, model=dict(TINY, block_size=32), lr=1e-2,
+              device="cuda", grpo_iterations=3, grad_accum=2, max_steps=12, ckpt_every=4, eval_every=12)
+    trainer.train(config(chat_dir, tmp_path / "whole", **kw))
+    log = [json.loads(line) for line in (tmp_path / "whole/log.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["loss"]) for r in log) and log[-1]["reward"] > log[0]["reward"]
+    trainer.train(config(chat_dir, tmp_path / "cut", **kw), stop_at=6)  # (checkpoint at 4: mid-generation)
+    assert "grpo_rollouts" in torch.load(tmp_path / "cut/checkpoint.pt", weights_only=True)
+    trainer.train(config(chat_dir, tmp_path / "cut", **kw), resume=True)
+    assert losses(tmp_path / "cut") == [r["loss"] for r in log]
+
+
 def test_grpo_logs_completions(chat_dir, tmp_path):  # noqa: F811
     # grpo_log_completions 3: each generation's first 3 samples (every 2nd step with 2 iterations)
     # with their rewards (= the reward function's) and advantages; on resume the lines of the steps

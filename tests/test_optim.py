@@ -860,6 +860,26 @@ def test_muon_step_is_torchs():
         assert not torch.equal(ours, torch.randn(shape))
 
 
+@pytest.mark.cuda
+def test_muon_on_cuda_is_torchs():
+    # On the GPU: pyllm's Muon (batched bf16 Newton-Schulz) = torch.optim.Muon (unbatched), to what
+    # bf16 matmuls of different kernels may round apart: a few bf16 ulps of the update's size.
+    from pyllm.optim import Muon
+
+    torch.manual_seed(0)
+    ours = torch.randn(256, 512, device="cuda", requires_grad=True)
+    theirs = ours.detach().clone().requires_grad_()
+    a = Muon([ours], lr=0.02, weight_decay=0.1)
+    b = torch.optim.Muon([theirs], lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    for _ in range(3):
+        g = torch.randn(ours.shape, device="cuda")
+        ours.grad, theirs.grad = g.clone(), g.clone()
+        a.step()
+        b.step()
+    step = 0.02 * 0.2 * math.sqrt(512)  # an update's size per element, about
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=3 * step * 2 ** -8)
+
+
 def test_muon_fused_parts_and_stacks_are_each_their_own():
     # A fused [q; k; v] weight split by its parts steps as the three matrices alone; a stack of
     # matrices (a MoE's experts, (E, rows, cols)) as each expert alone; split parts of a stack too.

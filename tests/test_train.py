@@ -123,6 +123,19 @@ def test_muon_trains_resumes_and_takes_the_blocks_matrices(data_dir, tmp_path, m
 
 
 @pytest.mark.cuda
+def test_muon_on_the_gpu(data_dir, tmp_path):
+    # optimizer muon on CUDA (bf16 autocast; Newton-Schulz in bf16 on the device, AdamW's CUDA kernel
+    # for the rest): the loss falls as on the CPU and resume is exact.
+    kw = dict(device="cuda", optimizer="muon", max_steps=30, eval_every=30, ckpt_every=10)
+    trainer.train(config(data_dir, tmp_path / "whole", **kw))
+    records = losses(tmp_path / "whole")
+    assert np.mean(records[-5:]) < np.mean(records[:5]) - 1.0
+    trainer.train(config(data_dir, tmp_path / "cut", **kw), stop_at=15)
+    trainer.train(config(data_dir, tmp_path / "cut", **kw), resume=True)
+    assert losses(tmp_path / "cut") == records
+
+
+@pytest.mark.cuda
 def test_loss_falls_on_the_gpu(data_dir, tmp_path):
     # The whole stack on the GPU: bf16 autocast into pyllm's flash attention and SwiGLU kernels,
     # AdamW's fused step on the fp32 masters, evaluation and checkpoints.

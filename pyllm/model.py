@@ -796,13 +796,17 @@ class LLM(nn.Module):
         return [(torch.zeros(shape, device=p.device, dtype=p.dtype), torch.zeros(shape, device=p.device, dtype=p.dtype))
                 for _ in range(cfg.n_layers)]
 
-    def forward_cached(self, idx: torch.Tensor, cache, start: int, last: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_cached(self, idx: torch.Tensor, cache, start: int, last: torch.Tensor | None = None,
+                       every: bool = False) -> torch.Tensor:
         """Logits (B, V) of the last position of idx (B, T), which continues a sequence whose first
         `start` positions are in the cache; appends idx's keys and values to the cache. last: (B,)
-        each row's position in idx to give the logits of instead (right-padded rows)."""
+        each row's position in idx to give the logits of instead (right-padded rows); every: the
+        logits of every position, (B, T, V) (speculative decoding's check of a draft)."""
         x, rope = self._embed(idx, start)
         for block, layer_cache in zip(self.blocks, cache):
             x = block(x, rope, layer_cache, start)
+        if every:
+            return self._logits(self.norm_f(x))
         x = x[:, -1] if last is None else x[torch.arange(x.shape[0], device=x.device), last]  # (B, C)
         return self._logits(self.norm_f(x))
 
@@ -874,6 +878,99 @@ class LLM(nn.Module):
                 done |= torch.isin(next_token, stop)
                 if bool(done.all()):  # a host sync per token, only when stop tokens are given
                     return
+
+    @torch.no_grad()
+    def generate_speculative(self, idx: torch.Tensor, draft: "LLM", max_new_tokens: int, temperature: float = 1.0,
+                             top_k: int | None = None, top_p: float | None = None, draft_tokens: int = 4,
+                             generator: torch.Generator | None = None, stop_tokens: Iterable[int] = (),
+                             stats: dict | None = None) -> Iterator[torch.Tensor]:
+        """generate_stream's tokens for one sequence (idx (1, T)) by speculative decoding (Leviathan
+        et al. 2023; Chen et al. 2023; transformers' assisted generation): the draft, a smaller model
+        over the same vocabulary, proposes draft_tokens tokens one at a time, this model scores all
+        of them in one cached forward, and they are kept up to the first it rejects: greedy
+        (temperature 0), while each is this model's argmax; sampling, each with probability
+        min(1, p / q) (p this model's, q the draft's distribution after temperature, top_k, top_p),
+        the first rejected one replaced by a draw from max(0, p - q) normalized, and after a draft
+        wholly kept one more token from p: the tokens come from this model's own distribution (greedy:
+        its own tokens, to rounding). Each round adds 1 to draft_tokens + 1 tokens for one forward of
+        this model. Yields (1,) tokens as they are settled, up to max_new_tokens; stops after a stop
+        token. The prompt + max_new_tokens + draft_tokens must fit in both models' block_size (no
+        sliding restart). stats (a dict): filled with "rounds", "drafted" and "accepted" counts."""
+        if idx.shape[0] != 1:
+            raise ValueError(f"generate_speculative: one sequence at a time (idx (1, T)), got batch {idx.shape[0]}")
+        if draft.config.vocab_size != self.config.vocab_size:
+            raise ValueError(f"generate_speculative: the draft predicts {draft.config.vocab_size} ids, this model "
+                             f"{self.config.vocab_size}: they must share the tokenizer")
+        if draft_tokens < 1:
+            raise ValueError(f"generate_speculative: draft_tokens must be >= 1, got {draft_tokens}")
+        capacity = idx.shape[1] + max_new_tokens + draft_tokens + 1
+        if capacity - 1 > min(self.config.block_size, draft.config.block_size):
+            raise ValueError(f"generate_speculative: a prompt of {idx.shape[1]} tokens + {max_new_tokens} new ones + "
+                             f"{draft_tokens} drafted is more than the block_size of a model; generate() it instead")
+        stop = set(stop_tokens)
+        counts = stats if stats is not None else {}
+        counts.update(rounds=0, drafted=0, accepted=0)
+        with self._in_eval(), draft._in_eval():
+            cache, draft_cache = self.new_kv_cache(1, capacity), draft.new_kv_cache(1, capacity)
+            length, draft_length = 0, 0  # positions in each cache
+            pending, draft_pending = idx, idx  # tokens each has yet to read
+            made = 0
+            while made < max_new_tokens:
+                k = min(draft_tokens, max_new_tokens - made)
+                # the draft's proposals, one token at a time
+                proposed, q = [], []
+                for _ in range(k):
+                    logits = draft.forward_cached(draft_pending, draft_cache, draft_length)  # (1, V)
+                    draft_length += draft_pending.shape[1]
+                    if temperature == 0:
+                        token = logits.argmax(-1)
+                    else:
+                        q.append(sampling_probs(logits, temperature, top_k, top_p)[0])
+                        token = torch.multinomial(q[-1], 1, generator=generator)
+                    proposed.append(token.view(1))
+                    draft_pending = token.view(1, 1)
+                drafted = torch.cat(proposed)  # (k,)
+                # this model's distributions after its pending tokens and each proposal, one forward
+                logits = self.forward_cached(torch.cat([pending, drafted[None]], 1), cache, length, every=True)[0]
+                logits = logits[pending.shape[1] - 1:]  # (k + 1, V): before proposal 1 .. after proposal k
+                length += pending.shape[1]  # (the kept proposals are added below)
+                kept = 0
+                if temperature == 0:
+                    best = logits.argmax(-1)  # (k + 1,)
+                    while kept < k and int(best[kept]) == int(drafted[kept]):
+                        kept += 1
+                    extra = best[kept].view(1)
+                else:
+                    p = sampling_probs(logits, temperature, top_k, top_p)  # (k + 1, V)
+                    extra = None
+                    for i in range(k):
+                        t = int(drafted[i])
+                        u = torch.rand((), generator=generator, device=p.device) if generator is not None else torch.rand(())
+                        if float(u) * float(q[i][t]) <= float(p[i, t]):  # accept with probability min(1, p / q)
+                            kept += 1
+                            continue
+                        rest = (p[i] - q[i]).clamp(min=0)  # (all 0 only where p = q: a rejection of probability 0)
+                        extra = torch.multinomial(rest / rest.sum() if rest.sum() > 0 else p[i], 1, generator=generator)
+                        break
+                    if extra is None:  # every proposal kept: one more from this model
+                        extra = torch.multinomial(p[k], 1, generator=generator)
+                counts["rounds"] += 1
+                counts["drafted"] += k
+                counts["accepted"] += kept
+                settled = torch.cat([drafted[:kept], extra.view(1)])
+                length += kept  # this model's cache: its pending tokens and the kept proposals
+                # the draft read everything but its last proposal: back to the kept part
+                draft_length = draft_length - (k - 1) + min(kept, k - 1)
+                draft_pending = (drafted[k - 1:k] if kept == k else drafted[:0])
+                draft_pending = torch.cat([draft_pending, extra.view(1)])[None]
+                pending = extra.view(1, 1)
+                for token in settled:
+                    if made == max_new_tokens:
+                        return
+                    made += 1
+                    yield token.view(1)
+                    if int(token) in stop:
+                        return
 
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, use_cache: bool = True,
@@ -1671,10 +1768,18 @@ def state_to_hf(state: dict, cfg: ModelConfig, kind: str) -> dict:
 def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
            generator: torch.Generator | None = None) -> torch.Tensor:
     """One token per row of logits (B, V): greedy at temperature 0, else from softmax(logits / t)
-    restricted to the top_k tokens and then to the smallest set whose probability reaches top_p."""
+    restricted to the top_k tokens and then to the smallest set whose probability reaches top_p
+    (sampling_probs)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    return torch.multinomial(sampling_probs(logits, temperature, top_k, top_p), 1, generator=generator)[:, 0]
+
+
+def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int | None = None,
+                   top_p: float | None = None) -> torch.Tensor:
+    """The distribution sample() draws from (temperature > 0), fp32, over the last dim of logits (..., V)."""
+    shape = logits.shape
+    logits = logits.float().reshape(-1, shape[-1]) / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -1684,8 +1789,7 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = N
         drop = cum - sorted_logits.softmax(-1) >= top_p  # keep the token that crosses top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    return logits.softmax(dim=-1).reshape(shape)
 
 
 __all__ = ["ModelConfig", "PRESETS", "LLM", "sample"]

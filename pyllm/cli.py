@@ -462,11 +462,13 @@ def cmd_train(args) -> int:
 
 
 def stream_sample(model, tokenizer, prompt: str, max_new_tokens: int, temperature: float, top_k, top_p, seed: int,
-                  prefix_ids=(), prompt_ids=None, stop_tokens=(), cuda_graph: bool = False) -> str:
+                  prefix_ids=(), prompt_ids=None, stop_tokens=(), cuda_graph: bool = False, draft=None,
+                  draft_tokens: int = 4) -> str:
     """Generates after prompt (after prefix_ids, e.g. a BOS token), printing text as it comes (a
     UTF-8 character split across tokens is printed once its last byte arrives). prompt_ids: the
     tokens to continue instead (a rendered chat), not printed; generation ends at a stop token,
-    which is not printed either."""
+    which is not printed either. draft: a smaller model over the same vocabulary for speculative
+    decoding (LLM.generate_speculative; its acceptance is printed to stderr after)."""
     import torch
 
     device = next(model.parameters()).device
@@ -492,8 +494,16 @@ def stream_sample(model, tokenizer, prompt: str, max_new_tokens: int, temperatur
             printed = text
 
     gen = torch.Generator(device=device).manual_seed(seed)
-    model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, callback=on_token, generator=gen,
-                   stop_tokens=stops, cuda_graph=cuda_graph)
+    if draft is not None:
+        stats = {}
+        for token in model.generate_speculative(idx, draft, max_new_tokens, temperature, top_k, top_p, draft_tokens,
+                                                gen, stops, stats):
+            on_token(token)
+        print(f"\nspeculative: {stats['accepted']:,} of {stats['drafted']:,} drafted tokens kept "
+              f"({stats['accepted'] / max(stats['drafted'], 1):.0%}) in {stats['rounds']:,} rounds", file=sys.stderr)
+    else:
+        model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, callback=on_token,
+                       generator=gen, stop_tokens=stops, cuda_graph=cuda_graph)
     return prompt + tokenizer.decode(generated)
 
 
@@ -624,11 +634,19 @@ def cmd_generate(args) -> int:
             prompt_ids = tokenizer.encode(text, allowed_special="all")
     device, dtype = inference_device_dtype(args)
     model = model.to(device=device, dtype=getattr(torch, GENERATE_DTYPES[dtype])).eval()
+    draft = None
+    if args.draft:
+        if args.prompts_file or args.cuda_graph:
+            raise ValueError("--draft (speculative decoding) generates one prompt at a time without CUDA graphs: "
+                             "leave out --prompts-file and --cuda-graph")
+        from pyllm.train import load_frozen
+
+        draft = load_frozen(args.draft, "fp32", torch.device(device)).to(getattr(torch, GENERATE_DTYPES[dtype]))
     if args.prompts_file:
         return generate_file(model, tokenizer, args, prefix, stops, source)
     for i in range(args.num_samples):
         stream_sample(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                      args.seed + i, prefix, prompt_ids, stops, args.cuda_graph)
+                      args.seed + i, prefix, prompt_ids, stops, args.cuda_graph, draft, args.draft_tokens)
         print("\n" + "-" * 60)
     return 0
 
@@ -1021,6 +1039,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="FILE", help="with --prompts-file: the JSONL file to write (default: stdout)")
     p.add_argument("--batch-size", type=int, default=16, help="with --prompts-file: prompts generated at once (default 16)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--draft", metavar="MODEL", help="speculative decoding: a smaller model over the same tokenizer (a "
+                   "pyllm run or weights file, a Hugging Face folder or hub id) drafts --draft-tokens tokens that the "
+                   "model checks in one forward; the same tokens greedily, the model's own distribution sampling")
+    p.add_argument("--draft-tokens", type=int, default=4, help="with --draft: tokens drafted per round (default 4)")
     p.add_argument("--cuda-graph", action="store_true", help="on CUDA: each decode step replays a CUDA graph instead "
                    "of launching its kernels one by one (small models are bound by those launches; the same tokens). "
                    "UNVERIFIED: not yet run on a GPU")

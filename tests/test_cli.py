@@ -215,6 +215,13 @@ def test_train_end_to_end_cache_resume_generate(corpus, tmp_path, capsys):
     assert "--chat needs --hf DIR, or a --run fine-tuned from one" in capsys.readouterr().err
     assert cli.main(["generate", "--run", str(run), "--max-new-tokens", "4", "--cuda-graph"]) == 2  # (CUDA only)
     assert "cuda_graph" in capsys.readouterr().err
+    # --draft: speculative decoding, the run drafting for itself: greedily the same text, every draft kept
+    assert cli.main(["generate", "--run", str(run), "--max-new-tokens", "8", "--prompt", "def g", "--temperature", "0"]) == 0
+    plain = capsys.readouterr().out
+    assert cli.main(["generate", "--run", str(run), "--max-new-tokens", "8", "--prompt", "def g", "--temperature", "0",
+                     "--draft", str(run), "--draft-tokens", "3"]) == 0
+    out = capsys.readouterr()
+    assert out.out == plain and "speculative: 6 of 6 drafted tokens kept (100%) in 2 rounds" in out.err
 
     # export: a Hugging Face folder transformers loads as the same function (a LLaMA config), with the
     # tokenizer as tokenizer.json (the stand-in's: Tokenizer.to_hf is tested in test_bpe.py) and pyllm's own

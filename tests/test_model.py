@@ -352,6 +352,25 @@ def test_speculative_checks():
         next(model.generate_speculative(prompt, model, 30))
 
 
+@pytest.mark.parametrize("name", ["llama", "window", "moe"])
+def test_generate_batch_reads_a_repeated_prompt_once(name, monkeypatch):
+    # A prompt given several times (GRPO's groups) is prefilled once, its cache rows copied to each
+    # of its rows: greedy rows are still each prompt's own continuation; sampled rows differ.
+    torch.manual_seed(0)
+    cfg = ModelConfig(**CONFIGS[name])
+    model = randomized(cfg).double()
+    a, b = torch.randint(0, cfg.vocab_size, (5,)).tolist(), torch.randint(0, cfg.vocab_size, (8,)).tolist()
+    prompts = [a, b, a, a, b]
+    alone = {tuple(p): model.generate(torch.tensor([p]), 6, temperature=0)[0, len(p):].tolist() for p in (a, b)}
+    prefill = []
+    real = model.forward_cached
+    monkeypatch.setattr(model, "forward_cached", lambda idx, *args, **kw: (prefill.append(idx.shape), real(idx, *args, **kw))[1])
+    assert model.generate_batch(prompts, 6, temperature=0) == [alone[tuple(p)] for p in prompts]
+    assert prefill[0] == (2, 8)  # (the two prompts, once each)
+    sampled = model.generate_batch(prompts, 6, temperature=1.0, generator=torch.Generator().manual_seed(2))
+    assert len({tuple(sampled[i]) for i in (0, 2, 3)}) > 1  # (prompt a's three rows: three samples)
+
+
 def test_kv_cache_starts_at_zero():
     # The SDPA fallback for per-row lengths (head dims without a kernel, softcap) weighs the whole
     # cache, its unseen positions by 0: leftovers of freed memory there (torch.empty's) made NaN

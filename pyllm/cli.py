@@ -201,11 +201,12 @@ def hf_doc_markers(folder: Path) -> dict:
 
 
 def ensure_token_files(inputs, tokenizer, tokenizer_path: Path, out_dir: Path, val_fraction: float,
-                       doc_markers: dict | None = None, chat_folder: Path | None = None) -> Path:
+                       doc_markers: dict | None = None, chat_folder: Path | None = None, rows: bool = False) -> Path:
     """out_dir/train.bin and val.bin for inputs, reused when made from the same inputs, tokenizer
     file and document markers (data.prepare's doc_start / doc_end; None: its defaults). With
     chat_folder, or when inputs are fine-tuning examples, they are tokenized by data.prepare_chat (messages
-    with chat_folder's chat template)."""
+    with chat_folder's chat template). rows: conversations keep their lines' prompts and other keys
+    beside the token files (train.rows.jsonl: GRPO's reward functions read them)."""
     from pyllm import data
 
     meta_path = out_dir / "source.json"
@@ -218,6 +219,7 @@ def ensure_token_files(inputs, tokenizer, tokenizer_path: Path, out_dir: Path, v
     examples = chat_folder is not None or preferences or kto or data.is_chat_data(inputs)  # text pairs need no template
     if examples:
         meta["chat_template_of"] = str(Path(chat_folder).resolve()) if chat_folder is not None else None
+        meta["rows"] = rows
         meta["inputs_mtime"] = [Path(p).stat().st_mtime for p in inputs]
     if meta_path.exists() and json.loads(meta_path.read_text()) == meta:
         try:
@@ -230,7 +232,8 @@ def ensure_token_files(inputs, tokenizer, tokenizer_path: Path, out_dir: Path, v
     kind = "kto" if kto else "preferences" if preferences else "chat" if examples else None
     if kind is not None:  # fine-tuning examples: prepare_kto / prepare_preferences / prepare_chat
         prepare = {"kto": data.prepare_kto, "preferences": data.prepare_preferences, "chat": data.prepare_chat}[kind]
-        stats = prepare(inputs, tokenizer, chat_folder, out_dir, val_fraction, **(doc_markers or {}))
+        stats = prepare(inputs, tokenizer, chat_folder, out_dir, val_fraction, **(doc_markers or {}),
+                        **({"rows": rows} if kind == "chat" else {}))
         meta_path.write_text(json.dumps(meta))
         print(f"data: {_examples_line(kind, stats)} in {time.perf_counter() - t0:.1f} s")
         return out_dir
@@ -316,7 +319,7 @@ def setup_run_data(cfg, cli: dict) -> None:
             tokenizer_path = out / "tokenizer.bpe"
             tokenizer = ensure_tokenizer(data_list, tokenizer_path, wanted, cli["tokenizer_train_bytes"])
         data_dir = str(ensure_token_files(data_list, tokenizer, Path(tokenizer_path), out / "data", cli["val_fraction"],
-                                          doc_markers, chat_folder))
+                                          doc_markers, chat_folder, rows=bool(cfg.grpo_reward)))
         vocab_size = tokenizer.vocab_size
     (out / "run.json").write_text(json.dumps({
         "tokenizer": str(Path(tokenizer_path).resolve()) if tokenizer_path else None,

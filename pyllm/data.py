@@ -393,17 +393,20 @@ def _val_split(n: int, val_fraction: float, inputs, what: str) -> list[bool]:
 
 
 def prepare_chat(inputs: Sequence[str | os.PathLike], tokenizer, folder, out_dir, val_fraction: float = 0.02,
-                 show_progress: bool = True, doc_start: Sequence[int] = (), doc_end: int | None = None) -> dict:
+                 show_progress: bool = True, doc_start: Sequence[int] = (), doc_end: int | None = None,
+                 rows: bool = True) -> dict:
     """Tokenizes the examples of JSON Lines files (read_conversations; example_tokens: messages with
     a Hugging Face checkpoint folder's chat template, the ids apply_chat_template makes with the
     assistant's tokens marked) into out_dir/{train,val}.bin with their .docs.npy and .mask.npy.
     Every round(1 / val_fraction)-th example goes to val (the last one when there are fewer).
-    Examples with nothing to train on are left out. Returns counts."""
+    Examples with nothing to train on are left out. rows: each kept one's example_row in
+    {train,val}.rows.jsonl too (GRPO's reward functions get them; the CLI keeps them for GRPO runs
+    alone: they repeat the prompts' text). Returns counts."""
     conversations = [c for path in inputs for c in read_conversations(path)]
     in_val = _val_split(len(conversations), val_fraction, inputs, "conversation(s)")
     parts, silent = _write_units([(c,) for c in conversations], in_val, tokenizer, folder, out_dir, show_progress,
                                  doc_start, doc_end, "conversation(s)", "conversation with an assistant reply",
-                                 rows=True)
+                                 rows=rows)
     stats = {"conversations": len(conversations), "without_assistant": silent}
     for name, (docs, masks) in parts.items():
         stats[f"{name}_conversations"] = len(docs)

@@ -371,6 +371,7 @@ def test_train_on_conversations_resumes_exactly(chat_run_inputs, tmp_path, capsy
     out = capsys.readouterr().out
     assert "120 conversations -> " in out and "the assistant's, trained on" in out
     assert json.loads((tmp_path / "a" / "run.json").read_text())["chat"] is True
+    assert not (tmp_path / "a" / "data" / "train.rows.jsonl").exists()  # (kept for GRPO runs alone)
     assert cli.main(train_args(folder, chats, tmp_path / "short", "--max-steps", "1", "--batch-size", "2",
                                "--seq-len", "8")) == 0
     assert "conversations are longer than seq_len 8" in capsys.readouterr().err
@@ -569,6 +570,7 @@ def test_grpo_from_a_hugging_face_model(chat_run_inputs, tmp_path):
         assert cli.main(train_args(folder, path, run, "--max-steps", "1", "--batch-size", "2", "--grpo-reward",
                                    "test_grpo:sevens,test_grpo:answered", "--grpo-reward-weights", "0.5", "2",
                                    "--grpo-generations", "2", "--grpo-max-new-tokens", "3")) == 0
+        assert (run / "data" / "train.rows.jsonl").exists()
         call = test_grpo.CALLS[0]  # the step's; then the val prompts' (the eval: val_reward)
         assert len(test_grpo.CALLS) == 3
         lines = [json.loads(line) for line in path.read_text().splitlines()]

@@ -201,12 +201,13 @@ def hf_doc_markers(folder: Path) -> dict:
 
 
 def ensure_token_files(inputs, tokenizer, tokenizer_path: Path, out_dir: Path, val_fraction: float,
-                       doc_markers: dict | None = None, chat_folder: Path | None = None, rows: bool = False) -> Path:
+                       doc_markers: dict | None = None, chat_folder: Path | None = None, rows: bool = True) -> Path:
     """out_dir/train.bin and val.bin for inputs, reused when made from the same inputs, tokenizer
     file and document markers (data.prepare's doc_start / doc_end; None: its defaults). With
     chat_folder, or when inputs are fine-tuning examples, they are tokenized by data.prepare_chat (messages
     with chat_folder's chat template). rows: conversations keep their lines' prompts and other keys
-    beside the token files (train.rows.jsonl: GRPO's reward functions read them)."""
+    beside the token files (train.rows.jsonl: GRPO's reward functions read them; a later GRPO run
+    may take a fine-tuning run's token files)."""
     from pyllm import data
 
     meta_path = out_dir / "source.json"
@@ -319,7 +320,7 @@ def setup_run_data(cfg, cli: dict) -> None:
             tokenizer_path = out / "tokenizer.bpe"
             tokenizer = ensure_tokenizer(data_list, tokenizer_path, wanted, cli["tokenizer_train_bytes"])
         data_dir = str(ensure_token_files(data_list, tokenizer, Path(tokenizer_path), out / "data", cli["val_fraction"],
-                                          doc_markers, chat_folder, rows=bool(cfg.grpo_reward)))
+                                          doc_markers, chat_folder))
         vocab_size = tokenizer.vocab_size
     (out / "run.json").write_text(json.dumps({
         "tokenizer": str(Path(tokenizer_path).resolve()) if tokenizer_path else None,

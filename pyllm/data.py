@@ -400,8 +400,7 @@ def prepare_chat(inputs: Sequence[str | os.PathLike], tokenizer, folder, out_dir
     assistant's tokens marked) into out_dir/{train,val}.bin with their .docs.npy and .mask.npy.
     Every round(1 / val_fraction)-th example goes to val (the last one when there are fewer).
     Examples with nothing to train on are left out. rows: each kept one's example_row in
-    {train,val}.rows.jsonl too (GRPO's reward functions get them; the CLI keeps them for GRPO runs
-    alone: they repeat the prompts' text). Returns counts."""
+    {train,val}.rows.jsonl too (GRPO's reward functions get them). Returns counts."""
     conversations = [c for path in inputs for c in read_conversations(path)]
     in_val = _val_split(len(conversations), val_fraction, inputs, "conversation(s)")
     parts, silent = _write_units([(c,) for c in conversations], in_val, tokenizer, folder, out_dir, show_progress,

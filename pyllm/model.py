@@ -797,16 +797,17 @@ class LLM(nn.Module):
                 for _ in range(cfg.n_layers)]
 
     def forward_cached(self, idx: torch.Tensor, cache, start: int, last: torch.Tensor | None = None,
-                       every: bool = False) -> torch.Tensor:
+                       keep: int = 0) -> torch.Tensor:
         """Logits (B, V) of the last position of idx (B, T), which continues a sequence whose first
         `start` positions are in the cache; appends idx's keys and values to the cache. last: (B,)
-        each row's position in idx to give the logits of instead (right-padded rows); every: the
-        logits of every position, (B, T, V) (speculative decoding's check of a draft)."""
+        each row's position in idx to give the logits of instead (right-padded rows); keep > 0:
+        the logits of the last `keep` positions, (B, keep, V) (speculative decoding's check of a
+        draft; not the whole prompt's before it)."""
         x, rope = self._embed(idx, start)
         for block, layer_cache in zip(self.blocks, cache):
             x = block(x, rope, layer_cache, start)
-        if every:
-            return self._logits(self.norm_f(x))
+        if keep:
+            return self._logits(self.norm_f(x[:, -keep:]))
         x = x[:, -1] if last is None else x[torch.arange(x.shape[0], device=x.device), last]  # (B, C)
         return self._logits(self.norm_f(x))
 
@@ -894,8 +895,9 @@ class LLM(nn.Module):
         wholly kept one more token from p: the tokens come from this model's own distribution (greedy:
         its own tokens, to rounding). Each round adds 1 to draft_tokens + 1 tokens for one forward of
         this model. Yields (1,) tokens as they are settled, up to max_new_tokens; stops after a stop
-        token. The prompt + max_new_tokens + draft_tokens must fit in both models' block_size (no
-        sliding restart). stats (a dict): filled with "rounds", "drafted" and "accepted" counts."""
+        token. The prompt + max_new_tokens must fit in both models' block_size (no sliding restart),
+        and stay short of a LongRoPE model's switch to its long factors (generate's cache starts
+        over there). stats (a dict): filled with "rounds", "drafted" and "accepted" counts."""
         if idx.shape[0] != 1:
             raise ValueError(f"generate_speculative: one sequence at a time (idx (1, T)), got batch {idx.shape[0]}")
         if draft.config.vocab_size != self.config.vocab_size:
@@ -903,10 +905,15 @@ class LLM(nn.Module):
                              f"{self.config.vocab_size}: they must share the tokenizer")
         if draft_tokens < 1:
             raise ValueError(f"generate_speculative: draft_tokens must be >= 1, got {draft_tokens}")
-        capacity = idx.shape[1] + max_new_tokens + draft_tokens + 1
+        # (a round writes at most k = min(draft_tokens, tokens still to come) proposals: positions stay
+        # below prompt + max_new_tokens in both caches)
+        capacity = idx.shape[1] + max_new_tokens + 1
         if capacity - 1 > min(self.config.block_size, draft.config.block_size):
-            raise ValueError(f"generate_speculative: a prompt of {idx.shape[1]} tokens + {max_new_tokens} new ones + "
-                             f"{draft_tokens} drafted is more than the block_size of a model; generate() it instead")
+            raise ValueError(f"generate_speculative: a prompt of {idx.shape[1]} tokens + {max_new_tokens} new ones is "
+                             "more than the block_size of a model; generate() it instead")
+        if capacity - 1 > min(_longrope_switch(self.config), _longrope_switch(draft.config)):
+            raise NotImplementedError("generate_speculative: past LongRoPE's switch to its long factors every cached "
+                                      "key is rotated again (generate starts its cache over there); generate() it")
         stop = set(stop_tokens)
         counts = stats if stats is not None else {}
         counts.update(rounds=0, drafted=0, accepted=0)
@@ -931,8 +938,8 @@ class LLM(nn.Module):
                     draft_pending = token.view(1, 1)
                 drafted = torch.cat(proposed)  # (k,)
                 # this model's distributions after its pending tokens and each proposal, one forward
-                logits = self.forward_cached(torch.cat([pending, drafted[None]], 1), cache, length, every=True)[0]
-                logits = logits[pending.shape[1] - 1:]  # (k + 1, V): before proposal 1 .. after proposal k
+                # (k + 1, V): after the last pending token (for proposal 1) .. after proposal k
+                logits = self.forward_cached(torch.cat([pending, drafted[None]], 1), cache, length, keep=k + 1)[0]
                 length += pending.shape[1]  # (the kept proposals are added below)
                 kept = 0
                 if temperature == 0:
@@ -946,7 +953,7 @@ class LLM(nn.Module):
                     for i in range(k):
                         t = int(drafted[i])
                         u = torch.rand((), generator=generator, device=p.device) if generator is not None else torch.rand(())
-                        if float(u) * float(q[i][t]) <= float(p[i, t]):  # accept with probability min(1, p / q)
+                        if float(u) * float(q[i][t]) < float(p[i, t]):  # accept with probability min(1, p / q)
                             kept += 1
                             continue
                         rest = (p[i] - q[i]).clamp(min=0)  # (all 0 only where p = q: a rejection of probability 0)

@@ -1361,6 +1361,10 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
             tokenizer = Tokenizer.load(cfg.tokenizer)
         reward = load_reward(cfg, model, precision, info.device, tokenizer)
         rows, val_rows = read_rows(data / "train.bin"), read_rows(data / "val.bin")
+        if rows is None and info.is_main and any(getattr(fn, "model", None) is None for fn in reward):
+            print(f"pyllm: {data} has no train.rows.jsonl (token files made before pyllm kept the data lines' rows): "
+                  "reward functions get the prompts decoded from the tokens and none of the lines' other keys "
+                  "(answer=, solution=); give the *.jsonl file as --data again to have them", file=sys.stderr)
     seq_len = cfg.seq_len or mcfg.block_size
     if info.is_main and not has_kernels_for(info.device):
         print("pyllm: this build has no CUDA kernels (nvcc was not found when it was installed): training "

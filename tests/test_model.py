@@ -349,7 +349,14 @@ def test_speculative_checks():
     with pytest.raises(ValueError, match="one sequence at a time"):
         next(model.generate_speculative(prompt.repeat(2, 1), model, 4))
     with pytest.raises(ValueError, match="more than the block_size"):
-        next(model.generate_speculative(prompt, model, 30))
+        next(model.generate_speculative(prompt, model, 29))
+    assert len(list(model.generate_speculative(prompt, model, 28, temperature=0))) == 28  # (4 + 28 = block_size)
+    longrope = LLM(ModelConfig(**{**CONFIGS["llama"], "block_size": 64, "rope_scaling": {
+        "rope_type": "longrope", "original_max_position_embeddings": 16, "short_factor": [1.0] * 16,
+        "long_factor": [2.0] * 16, "attention_factor": 1.0}}))
+    assert len(list(longrope.generate_speculative(prompt, longrope, 12, temperature=0))) == 12
+    with pytest.raises(NotImplementedError, match="LongRoPE"):
+        next(longrope.generate_speculative(prompt, longrope, 13))
 
 
 @pytest.mark.parametrize("name", ["llama", "window", "moe"])

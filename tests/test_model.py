@@ -341,6 +341,24 @@ def sample_probs(logits):
     return sampling_probs(logits[None], 0.8, top_k=5)[0].double()
 
 
+@pytest.mark.cuda
+def test_speculative_on_cuda():
+    # On the GPU (fp32; the check of a draft runs the split-KV kernel with k + 1 queries): greedy
+    # tokens = generate's (a near-tie could round apart: these random logits have none in 16), every
+    # draft of the model itself kept; sampling runs on the device generator.
+    torch.manual_seed(0)
+    cfg = ModelConfig(**{**CONFIGS["gqa-untied"], "block_size": 48})
+    model = randomized(cfg).cuda()
+    prompt = torch.randint(0, cfg.vocab_size, (1, 6), device="cuda")
+    want = model.generate(prompt, 16, temperature=0)[0, 6:].tolist()
+    stats = {}
+    assert [int(t) for t in model.generate_speculative(prompt, model, 16, temperature=0, draft_tokens=3,
+                                                       stats=stats)] == want
+    assert stats["accepted"] == stats["drafted"]
+    g = torch.Generator(device="cuda").manual_seed(1)
+    assert len(list(model.generate_speculative(prompt, model, 16, temperature=0.8, generator=g))) == 16
+
+
 def test_speculative_checks():
     model = LLM(ModelConfig(**CONFIGS["llama"]))
     prompt = torch.zeros(1, 4, dtype=torch.long)

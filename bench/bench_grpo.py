@@ -70,7 +70,7 @@ def main() -> int:
     ours, theirs = ours.to(args.device, dtype).train(), theirs.to(args.device, dtype).train()
     theirs.generation_config.pad_token_id = 0
     cfg = trainer.TrainConfig(grpo_generations=G, grpo_max_new_tokens=args.new_tokens, grpo_temperature=1.0)
-    reward = lambda prompts, completions, packed, rows: torch.rand(len(completions))  # noqa: E731  (costs nothing either way)
+    reward = lambda prompts, completions, packed, rows, step=None: torch.rand(len(completions))  # noqa: E731  (costs nothing either way)
     times = {"pyllm": [], "transformers": []}
 
     def step_pyllm():

@@ -483,7 +483,7 @@ def log_completions(log: "RunLog", step: int, rollouts: list[dict], cfg: TrainCo
 
 
 def evaluate_rewards(policy: LLM, path, cfg: TrainConfig, seq_len: int, reward_fns: list, rows: list | None,
-                     info: DistInfo) -> dict:
+                     info: DistInfo, step: int | None = None) -> dict:
     """GRPO's eval (TRL's: the policy sampled and rewarded on the eval set): the mean reward of
     the policy's samples of the prompts of eval_batches fixed val batches (grpo_rollout: G samples
     each, as in training; seeded by batch and rank, so every eval draws alike), and with several
@@ -499,7 +499,7 @@ def evaluate_rewards(policy: LLM, path, cfg: TrainConfig, seq_len: int, reward_f
         batch = loader.next_batch()
         seed = int(np.random.default_rng([cfg.seed, b, info.rank, 1]).integers(2 ** 62))
         sums += grpo_rollout(policy, batch, cfg, reward_fns, torch.Generator(info.device).manual_seed(seed),
-                             grpo_rows(rows, loader.docs, batch[2], loader.offsets))["stats"]
+                             grpo_rows(rows, loader.docs, batch[2], loader.offsets), step)["stats"]
     if info.world_size > 1:
         sums = sums.to(info.device)
         dist.all_reduce(sums)
@@ -856,23 +856,47 @@ def load_reward(cfg: TrainConfig, policy: LLM, precision: str, device: torch.dev
     as TRL's GRPOTrainer calls its reward functions, by keyword: prompts (the rows' prompts, text
     or messages; without rows decoded), completions (decoded with tokenizer without the stop
     token; [{"role": "assistant", "content": text}] where the prompt is messages), completion_ids,
+    trainer_state (TRL's TrainerState as far as global_step, the step sampled at, and max_steps)
     and each of the rows' other columns as a list; without a tokenizer prompts and completions
-    are the token ids. It gives a number (or None) for each completion."""
+    are the token ids. It gives a number (or None) for each completion. module: an importable name
+    (the working directory searched too) or a file, path/to/rewards.py."""
     rewards = []
     stops = set(cfg.sample_stop_tokens)
     for spec in cfg.grpo_reward.split(","):
         if ":" in spec and not Path(spec).exists():
-            import importlib
-
             module, name = spec.rsplit(":", 1)
-            rewards.append(_reward_function(getattr(importlib.import_module(module), name), spec, tokenizer, stops))
+            function = getattr(_reward_module(module), name, None)
+            if not callable(function):
+                raise ValueError(f"grpo_reward {spec}: {module} has no function {name}")
+            rewards.append(_reward_function(function, spec, tokenizer, stops, cfg.max_steps))
         else:
             rewards.append(_reward_model(spec, policy, precision, device))
     return rewards
 
 
-def _reward_function(function, spec: str, tokenizer, stops: set):
-    def reward(prompt_ids, completion_ids, packed, rows):
+def _reward_module(module: str):
+    """A reward function's module: a file (path/to/rewards.py) or an importable name, looked for in
+    the working directory too (a console script's sys.path does not hold it)."""
+    import importlib
+    import importlib.util
+
+    if module.endswith(".py"):
+        path = Path(module)
+        if not path.is_file():
+            raise ValueError(f"grpo_reward: no file {module}")
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        loaded = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(loaded)
+        return loaded
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
+    return importlib.import_module(module)
+
+
+def _reward_function(function, spec: str, tokenizer, stops: set, max_steps: int = 0):
+    import types
+
+    def reward(prompt_ids, completion_ids, packed, rows, step: int | None = None):
         if tokenizer is not None:
             completions = [tokenizer.decode(ids[:-1] if ids and ids[-1] in stops else ids) for ids in completion_ids]
             prompts = [row["prompt"] for row in rows] if rows else [tokenizer.decode(ids) for ids in prompt_ids]
@@ -881,7 +905,9 @@ def _reward_function(function, spec: str, tokenizer, stops: set):
         else:
             completions, prompts = completion_ids, [row["prompt"] for row in rows] if rows else prompt_ids
         columns = {key: [row.get(key) for row in rows] for key in rows[0] if key != "prompt"} if rows else {}
-        values = function(**{**columns, "prompts": prompts, "completions": completions, "completion_ids": completion_ids})
+        state = types.SimpleNamespace(global_step=step, max_steps=max_steps)  # (TRL's TrainerState, its step)
+        values = function(**{**columns, "prompts": prompts, "completions": completions, "completion_ids": completion_ids,
+                             "trainer_state": state})
         values = list(values)
         if len(values) != len(completion_ids):
             raise ValueError(f"grpo_reward {spec}: gave {len(values)} rewards for {len(completion_ids)} completions")
@@ -900,7 +926,7 @@ def _reward_model(spec: str, policy: LLM, precision: str, device: torch.device):
                          f"{policy.config.vocab_size}: it scores the policy's token ids (the same tokenizer)")
 
     @torch.no_grad()
-    def score(prompt_ids, completion_ids, packed, rows):
+    def score(prompt_ids, completion_ids, packed, rows, step=None):
         x, _, cu, at = packed
         with autocast(precision, device):
             return rm(x, None, cu, scores=True)[1][at, 0].float().cpu()
@@ -913,7 +939,7 @@ GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 
 
 def grpo_rollout(policy: LLM, batch, cfg: TrainConfig, reward_fns: list, generator: torch.Generator | None,
-                 rows: list | None = None) -> dict:
+                 rows: list | None = None, step: int | None = None) -> dict:
     """GRPO's samples of a packed batch of conversations (x, y, cu_seqlens): each one's prompt
     (last_reply_prompts) continued cfg.grpo_generations times by the policy (sample_replies,
     cfg.grpo_temperature), packed (pack_replies: "packed", x, y, cu_seqlens, at; with
@@ -941,7 +967,7 @@ def grpo_rollout(policy: LLM, batch, cfg: TrainConfig, reward_fns: list, generat
     stops = set(cfg.sample_stop_tokens)
     trained = [bool(s) and s[-1] in stops for s in samples] if cfg.grpo_mask_truncated else None
     packed = pack_replies(groups, samples, T, batch[0].device, trained)
-    each = (torch.stack([reward(groups, samples, packed, group_rows) for reward in reward_fns], 1).to(torch.float64)
+    each = (torch.stack([reward(groups, samples, packed, group_rows, step) for reward in reward_fns], 1).to(torch.float64)
             if groups else torch.zeros(0, len(reward_fns), dtype=torch.float64))  # (n, R); fp64: n numbers
     weights = torch.tensor(cfg.grpo_reward_weights or [1.0] * len(reward_fns), dtype=torch.float64)
     rewards = (each * weights).nansum(1)  # (n,)
@@ -1495,7 +1521,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
             for micro, batch in enumerate(batches):
                 seed = int(np.random.default_rng([cfg.seed, step, micro, info.rank]).integers(2 ** 62))
                 rollouts.append(grpo_rollout(model, batch[:3], cfg, reward, torch.Generator(info.device).manual_seed(seed),
-                                             grpo_rows(rows, batch[3], batch[2], loader.offsets)))
+                                             grpo_rows(rows, batch[3], batch[2], loader.offsets), step))
             with autocast(precision, info.device):
                 grpo_prepare(rollouts, cfg, info, model, grpo_reference)
             # the forward-only work of a generation, in the step that makes it (MFU): the sampling (each
@@ -1618,7 +1644,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
                 val_loss = record["val_loss"] = evaluate(wrapped, data / "val.bin", cfg, seq_len, precision, info)
                 say(info, bar, f"step {step + 1}: val loss {val_loss:.4f}")
             if reward is not None:  # GRPO: the policy's samples of the val prompts, rewarded
-                record.update(evaluate_rewards(model, data / "val.bin", cfg, seq_len, reward, val_rows, info))
+                record.update(evaluate_rewards(model, data / "val.bin", cfg, seq_len, reward, val_rows, info, step))
                 if record["val_reward"] is not None:
                     say(info, bar, f"step {step + 1}: val reward {record['val_reward']:.4f}")
             if cfg.eval_choices:

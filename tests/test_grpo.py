@@ -138,7 +138,7 @@ def test_grpo_rewards_are_summed_by_weight(chat_dir):  # noqa: F811
                       grpo_generations=4, grpo_max_new_tokens=5)
     cfg.validate()
     seen = []
-    record = lambda prompt_ids, completion_ids, packed, rows: (seen.extend(rows), torch.zeros(len(rows)))[1]  # noqa: E731
+    record = lambda prompt_ids, completion_ids, packed, rows, step=None: (seen.extend(rows), torch.zeros(len(rows)))[1]  # noqa: E731
     fns = trainer.load_reward(cfg, model, "fp32", torch.device("cpu")) + [record]
     cfg.grpo_reward_weights = [2.0, 0.5, 1.0]
     rows = [{"prompt": f"conversation {d}", "doc": d} for d in loader.docs]
@@ -176,7 +176,7 @@ def test_grpo_leaves_out_conversations_cut_from_their_rows(chat_dir):  # noqa: F
     assert [r is None for r in per_segment] == [d < 0 or cu[i + 1] - cu[i] < full[d] for i, d in enumerate(loader.docs)]
     assert any(r is None for r, d in zip(per_segment, loader.docs) if d >= 0)  # (some are cut at 10 tokens)
     seen = []
-    record = lambda p, c, packed, rows: (seen.extend(rows), torch.zeros(len(c)))[1]  # noqa: E731
+    record = lambda p, c, packed, rows, step=None: (seen.extend(rows), torch.zeros(len(c)))[1]  # noqa: E731
     cfg = TrainConfig(grpo_reward=SPEC, grpo_generations=2, grpo_max_new_tokens=2)
     trainer.grpo_rollout(model, batch, cfg, [record], torch.Generator().manual_seed(0), per_segment)
     assert seen and all(r["length"] <= 10 for r in seen)
@@ -221,11 +221,28 @@ def test_reward_functions_are_called_as_trl_calls_them():
     assert call["completion_ids"] == completion_ids and call["level"] == [1, 1, 2]
     (raw,) = trainer.load_reward(TrainConfig(grpo_reward="grpo_judge:echo"), None, "fp32", torch.device("cpu"))
     assert raw([[1, 2]], [[5, 6]], None, None).tolist() == [0.0]  # no tokenizer, no rows: the ids
+    state = calls[-1].pop("trainer_state")
     assert calls[-1] == {"prompts": [[1, 2]], "completions": [[5, 6]], "completion_ids": [[5, 6]]}
+    assert (state.global_step, state.max_steps) == (None, 600)  # (TRL's TrainerState's step; the trainer passes it)
     cfg = TrainConfig(grpo_reward="grpo_judge:wrong")
     (wrong,) = trainer.load_reward(cfg, None, "fp32", torch.device("cpu"), tokenizer)
     with pytest.raises(ValueError, match="grpo_judge:wrong: gave 1 rewards for 2 completions"):
         wrong([[1], [2]], [[3], [4]], None, None)
+
+
+def test_reward_functions_from_a_file_get_the_step(chat_dir, tmp_path, monkeypatch):  # noqa: F811
+    # "path/to/rewards.py:function" loads the file; a module name is looked for in the working
+    # directory too; trainer_state.global_step is the step the samples were drawn at.
+    (tmp_path / "my_rewards.py").write_text(
+        "def by_step(completions, trainer_state, **kwargs):\n"
+        "    return [float(trainer_state.global_step)] * len(completions)\n")
+    kw = dict(grpo_generations=2, grpo_max_new_tokens=2, model=dict(TINY, block_size=32), max_steps=3, eval_every=0)
+    trainer.train(config(chat_dir, tmp_path / "file", grpo_reward=f"{tmp_path / 'my_rewards.py'}:by_step", **kw))
+    assert [json.loads(line)["reward"] for line in (tmp_path / "file/log.jsonl").read_text().splitlines()] == [0, 1, 2]
+    monkeypatch.chdir(tmp_path)
+    trainer.train(config(chat_dir, tmp_path / "name", grpo_reward="my_rewards:by_step", **kw))
+    with pytest.raises(ValueError, match="has no function nothing"):
+        trainer.train(config(chat_dir, tmp_path / "bad", grpo_reward="my_rewards:nothing", **kw))
 
 
 def test_grpo_raises_the_reward_and_resumes_exactly(chat_dir, tmp_path):  # noqa: F811

@@ -940,10 +940,12 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grpo-generations", type=int, help="GRPO: samples per prompt (default 8)")
     p.add_argument("--grpo-max-new-tokens", type=int, help="GRPO: at most this many tokens a sample (default 128)")
     p.add_argument("--grpo-temperature", type=float, help="GRPO: samples drawn at this temperature (default 1)")
-    p.add_argument("--grpo-loss-type", choices=("dapo", "grpo", "bnpo", "dr_grpo"),
+    p.add_argument("--grpo-loss-type", choices=("dapo", "grpo", "bnpo", "dr_grpo", "cispo", "sapo"),
                    help="GRPO: the sampled tokens' losses summed and divided by the step's sampled tokens (dapo, the "
                         "default, TRL's), each sample's then the samples' number (grpo), the micro-batch's tokens "
-                        "(bnpo) or samples x --grpo-max-new-tokens (dr_grpo)")
+                        "(bnpo) or samples x --grpo-max-new-tokens (dr_grpo); cispo (MiniMax-M1: the ratio clipped "
+                        "above at --grpo-epsilon-high, detached, times A log p; TRL suggests 5) or sapo (a soft "
+                        "gate for the clip), as TRL computes them")
     p.add_argument("--grpo-scale-rewards", choices=("group", "batch", "none"),
                    help="GRPO: advantages divided by the std of their group's rewards (default), of the step's "
                         "(batch), or not (none, Dr. GRPO's)")

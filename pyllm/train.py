@@ -63,7 +63,7 @@ class TrainConfig:
     grpo_max_new_tokens: int = 128  # GRPO: at most this many tokens a sample
     grpo_temperature: float = 1.0  # GRPO: samples drawn at this temperature (TRL's default)
     grpo_beta: float = 0.0  # GRPO: the KL penalty's weight, against the starting model (LoRA: the updates off); 0: none (TRL's default)
-    grpo_loss_type: str = "dapo"  # GRPO: the token losses' sum divided by: dapo (the step's tokens; TRL's default) | grpo | bnpo | dr_grpo
+    grpo_loss_type: str = "dapo"  # GRPO: the token losses' sum divided by: dapo (the step's tokens; TRL's default) | grpo | bnpo | dr_grpo; or cispo | sapo
     grpo_scale_rewards: str = "group"  # GRPO: advantages divided by the std of their group | batch (the step's) | none (Dr. GRPO)
     grpo_iterations: int = 1  # GRPO: optimizer steps on each generation (TRL's num_iterations, mu), the ratio to it clipped
     grpo_epsilon: float = 0.2  # GRPO: the ratio clipped to [1 - epsilon, 1 + epsilon_high]
@@ -935,7 +935,10 @@ def _reward_model(spec: str, policy: LLM, precision: str, device: torch.device):
     return score
 
 
-GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
+# SAPO's gate temperatures for tokens of positive and of other advantages (Soft Adaptive Policy
+# Optimization; TRL's sapo_temperature_pos / _neg defaults).
+SAPO_TEMPERATURES = (1.0, 1.05)
 
 
 def grpo_rollout(policy: LLM, batch, cfg: TrainConfig, reward_fns: list, generator: torch.Generator | None,
@@ -1052,7 +1055,9 @@ def grpo_loss(model, rollout: dict, cfg: TrainConfig, world_size: int = 1) -> tu
     - 1 with d = ref - log p; summed over the tokens and divided (cfg.grpo_loss_type) by: grpo,
     each sample's tokens, then the samples' number (each sample's mean, their mean); bnpo, the
     micro-batch's tokens; dr_grpo, the samples' number times cfg.grpo_max_new_tokens; dapo, every
-    rank's tokens in the step / (world_size * cfg.grad_accum) (the step's token mean once the
+    rank's tokens in the step / (world_size * cfg.grad_accum). cispo (MiniMax-M1; TRL's) takes
+    -min(ratio, eps_high).detach() A log p per token, divided as dapo; sapo (TRL's) -sigmoid(tau
+    (ratio - 1)) 4 / tau A, tau 1 for A > 0 else 1.05 (SAPO_TEMPERATURES), divided as grpo (the step's token mean once the
     trainer divides by grad_accum and DDP averages). model: what computes the log-probabilities
     (DDP's wrapper). Also the sums for the log (grpo_stat_means): (sum over the samples trained on
     of each one's mean KL, their number, the trained tokens whose ratio was clipped, the trained
@@ -1075,21 +1080,27 @@ def grpo_loss(model, rollout: dict, cfg: TrainConfig, world_size: int = 1) -> tu
     else:
         ratio = torch.exp(token_logps - old)
     high = cfg.grpo_epsilon_high or cfg.grpo_epsilon
-    clipped = torch.clamp(ratio, 1 - cfg.grpo_epsilon, 1 + high)
-    per_token = -torch.min(ratio * advantage, clipped * advantage)
+    if cfg.grpo_loss_type == "cispo":  # MiniMax-M1's: the ratio clipped above and detached, times A log p
+        per_token = -torch.clamp(ratio, max=high).detach() * advantage * token_logps
+    elif cfg.grpo_loss_type == "sapo":  # a soft gate instead of the clip
+        tau = torch.where(advantage > 0, ratio.new_tensor(SAPO_TEMPERATURES[0]), ratio.new_tensor(SAPO_TEMPERATURES[1]))
+        per_token = -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * advantage
+    else:
+        clipped = torch.clamp(ratio, 1 - cfg.grpo_epsilon, 1 + high)
+        per_token = -torch.min(ratio * advantage, clipped * advantage)
     kl = None
     if cfg.grpo_beta:
         d = rollout["ref"].to(token_logps) - token_logps  # 0 where no target: exp(0) - 0 - 1 = 0
         kl = torch.exp(d) - d - 1
         per_token = per_token + cfg.grpo_beta * kl
     per_token = per_token * mask
-    if cfg.grpo_loss_type == "grpo":
+    if cfg.grpo_loss_type in ("grpo", "sapo"):
         loss = (sequence_logps(per_token, cu)[at] / tokens).sum() / max(n, 1)
     elif cfg.grpo_loss_type == "bnpo":
         loss = per_token.sum() / mask.sum().clamp(min=1)
     elif cfg.grpo_loss_type == "dr_grpo":
         loss = per_token.sum() / max(n * cfg.grpo_max_new_tokens, 1)
-    else:  # dapo
+    else:  # dapo, cispo
         loss = per_token.sum() * (world_size * cfg.grad_accum / max(rollout["tokens"], 1.0))
     with torch.no_grad():
         trained = sequence_logps(mask, cu)[at] > 0  # (the samples trained on: masked ones not)

@@ -47,7 +47,8 @@ def tiny(**kw):
     ("grpo", "group", 0.0, 1, "token", False), ("grpo", "group", 0.3, 1, "token", False),
     ("dapo", "group", 0.0, 1, "token", False), ("dapo", "batch", 0.3, 2, "token", True),
     ("bnpo", "none", 0.0, 2, "token", False), ("dr_grpo", "group", 0.3, 2, "token", False),
-    ("grpo", "none", 0.0, 2, "sequence", False), ("dapo", "group", 0.3, 2, "sequence", True)])
+    ("grpo", "none", 0.0, 2, "sequence", False), ("dapo", "group", 0.3, 2, "sequence", True),
+    ("cispo", "group", 0.3, 2, "token", False), ("sapo", "group", 0.0, 2, "token", True)])
 def test_grpo_loss_and_gradients_are_the_formula(chat_dir, loss_type, scale, beta, iterations, level, masked):  # noqa: F811
     # fp64: each prompt's G samples (the same generator; lengths differ: samples stop at ids < 12),
     # rewards, advantages (r - group mean) / (group std, batch std or 1) and, per sampled token,
@@ -97,7 +98,13 @@ def test_grpo_loss_and_gradients_are_the_formula(chat_dir, loss_type, scale, bet
         ratio = torch.exp(logp - old) if level == "token" else torch.exp((logp - old).mean()).expand(len(sample))
         if masked and sample[-1] not in stops:  # (its advantage counted in its group, no loss)
             continue
-        term = -torch.min(ratio * a, torch.clamp(ratio, 0.9, 1.15) * a)
+        if loss_type == "cispo":
+            term = -torch.clamp(ratio, max=0.15).detach() * a * logp
+        elif loss_type == "sapo":
+            tau = 1.0 if a > 0 else 1.05
+            term = -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * a
+        else:
+            term = -torch.min(ratio * a, torch.clamp(ratio, 0.9, 1.15) * a)
         clipped += int((((ratio < 0.9) & (a < 0)) | ((ratio > 1.15) & (a > 0))).sum())
         with torch.no_grad():
             d = logps(ref_model) - logp
@@ -109,6 +116,7 @@ def test_grpo_loss_and_gradients_are_the_formula(chat_dir, loss_type, scale, bet
     assert not masked or 0 < len(terms) < n
     # (grpo: the mean over all samples, masked ones adding 0)
     want = {"grpo": torch.stack([t.mean() for t in terms]).sum() / n, "bnpo": torch.cat(terms).sum() / tokens,
+            "sapo": torch.stack([t.mean() for t in terms]).sum() / n, "cispo": torch.cat(terms).sum() / sampled,
             "dapo": torch.cat(terms).sum() / sampled,  # (TRL's count: masked samples' tokens too)
             "dr_grpo": torch.cat(terms).sum() / (n * 5)}[loss_type]
     want.backward()

@@ -664,6 +664,24 @@ class Muon(torch.optim.Optimizer):
                 p.add_(update, alpha=-lr)
 
 
+def unscale_clip_check(params: list[Tensor], grad_scaler: "DynamicLossScaler | None",
+                       max_grad_norm: float | None) -> tuple[Tensor, bool]:
+    """What an optimizer built on torch's ops does before its update, as AdamW's fused pass does it:
+    the grads of params unscaled by grad_scaler's scale, their global norm clipped to max_grad_norm
+    (None: not), an inf/nan norm recorded with grad_scaler. Returns (the norm before clipping, a
+    plain tensor even for FSDP2's DTensor grads; whether the step is to be skipped)."""
+    if grad_scaler is not None:
+        inv = 1.0 / grad_scaler.get_scale()
+        for p in params:
+            p.grad.mul_(inv)
+    norm = torch.nn.utils.clip_grad_norm_(params, math.inf if max_grad_norm is None else max_grad_norm)
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2 gives a DTensor
+    skipped = not math.isfinite(float(norm))
+    if grad_scaler is not None:
+        grad_scaler._record_found_inf(torch.tensor(skipped))
+    return norm, skipped
+
+
 class MuonAdamW:
     """Muon on some params (a Muon's groups: the hidden layers' matrices), pyllm's AdamW on the rest
     (embeddings, output layer, norms, biases), stepped as one optimizer the way AdamW steps:
@@ -684,16 +702,8 @@ class MuonAdamW:
         if closure is not None:
             raise ValueError("MuonAdamW: step takes no closure")
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if grad_scaler is not None:
-            inv = 1.0 / grad_scaler.get_scale()
-            for p in params:
-                p.grad.mul_(inv)
-        norm = torch.nn.utils.clip_grad_norm_(params, math.inf if max_grad_norm is None else max_grad_norm)
-        self.last_grad_norm = norm.double()
-        self.last_step_skipped = ~torch.isfinite(norm)
-        if grad_scaler is not None:
-            grad_scaler._record_found_inf(self.last_step_skipped)
-        if not bool(self.last_step_skipped):
+        self.last_grad_norm, self.last_step_skipped = unscale_clip_check(params, grad_scaler, max_grad_norm)
+        if not self.last_step_skipped:
             self.muon.step()
             self.adamw.step()
 

@@ -127,6 +127,13 @@ def _opt_ptr(t: Optional[Tensor]) -> int:
     return 0 if t is None else _util.ptr(t)
 
 
+def _check_softcap(op: str, q: Tensor, softcap) -> None:
+    """A public call's softcap: a finite number >= 0, and 0 on CUDA (no kernel there yet)."""
+    if not isinstance(softcap, (int, float)) or isinstance(softcap, bool) or not 0 <= softcap < math.inf:
+        raise ValueError(f"{op}: softcap must be a finite number >= 0 (0: no cap), got {softcap!r}")
+    _check_softcap_device(q, softcap, op)
+
+
 def _check_softcap_device(q: Tensor, softcap: float, op: str = OP) -> None:
     if softcap and q.is_cuda:
         raise NotImplementedError(f"{op}: softcap (capped scores) has a CPU kernel only; on CUDA leave it 0 "
@@ -606,9 +613,7 @@ def flash_attn(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, softmax
     if causal:
         right = 0
     scale = _resolve_scale(OP, softmax_scale, q.shape[-1])
-    if not isinstance(softcap, (int, float)) or isinstance(softcap, bool) or not 0 <= softcap < math.inf:
-        raise ValueError(f"{OP}: softcap must be a finite number >= 0 (0: no cap), got {softcap!r}")
-    _check_softcap_device(q, softcap)
+    _check_softcap(OP, q, softcap)
     out, lse = _util.call(_flash_attn_body, _flash_attn, _FlashAttnFunction, q, k, v, cu_seqlens_q, cu_seqlens_k,
                           _check_max_seqlen(OP, "max_seqlen_q", max_seqlen_q),
                           _check_max_seqlen(OP, "max_seqlen_k", max_seqlen_k), scale, left, right, bool(deterministic),
@@ -648,9 +653,7 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_s
         return out
     op = "flash_attn_with_kvcache"
     _check_qkv(op, q, k_cache, v_cache, False)
-    if not isinstance(softcap, (int, float)) or isinstance(softcap, bool) or not 0 <= softcap < math.inf:
-        raise ValueError(f"{op}: softcap must be a finite number >= 0 (0: no cap), got {softcap!r}")
-    _check_softcap_device(q, softcap, op)
+    _check_softcap(op, q, softcap)
     # One int for every sequence is known on the host: made a tensor only where the op needs one.
     length = cache_seqlens if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool) else None
     if length is None:

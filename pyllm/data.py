@@ -293,12 +293,18 @@ def example_row(example: dict) -> dict:
 
 def read_rows(path) -> list[dict] | None:
     """The rows beside a token file of conversations (its .rows.jsonl: example_row of each
-    document, in order), or None where there is none (data prepared before they were kept)."""
-    path = Path(path).with_suffix(".rows.jsonl")
-    if not path.is_file():
+    document, in order), or None where there is none (data prepared before they were kept).
+    TokenFileError when they are not one per document of its .docs.npy."""
+    path = Path(path)
+    rows_path = path.with_suffix(".rows.jsonl")
+    if not rows_path.is_file():
         return None
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
+    with open(rows_path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    documents = len(np.load(path.with_suffix(".docs.npy"), mmap_mode="r")) - 1
+    if len(rows) != documents:
+        raise TokenFileError(f"{rows_path}: {len(rows)} rows for {documents} conversations; prepare the data again")
+    return rows
 
 
 def _jsonl_rows(path):

@@ -19,11 +19,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pyllm.data import PackedLoader, TokenFileError, TokenLoader, has_documents, read_header, read_rows
+from pyllm.data import PackedLoader, TokenLoader, has_documents, read_header, read_rows
 from pyllm.model import LLM, ModelConfig, lora_targets, save_weights
 from pyllm.nn import PREFERENCE_LOSSES, REFERENCE_FREE, preference_loss, sequence_logps
 from pyllm.ops import _util
-from pyllm.optim import AdamW, DynamicLossScaler, Muon, MuonAdamW, ZeroAdamW
+from pyllm.optim import AdamW, DynamicLossScaler, Muon, MuonAdamW, ZeroAdamW, unscale_clip_check
 
 
 @dataclass
@@ -303,6 +303,15 @@ def wrap_model(model: LLM, cfg: TrainConfig, info: DistInfo) -> torch.nn.Module:
     return wrapped
 
 
+def all_reduce_sum(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """x (a small CPU tensor of sums and counts, fp64) summed over every rank, on the CPU."""
+    if info.world_size > 1:
+        x = x.to(info.device)
+        dist.all_reduce(x)
+        x = x.cpu()
+    return x
+
+
 def all_reduce_mean(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
     if info.world_size > 1:
         x = x.clone()
@@ -339,14 +348,7 @@ class TorchAdamW(torch.optim.AdamW):
 
     def step(self, closure=None, grad_scaler: DynamicLossScaler | None = None, max_grad_norm: float | None = None):
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if grad_scaler is not None:
-            for p in params:
-                p.grad.mul_(1.0 / grad_scaler.get_scale())
-        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm is not None else math.inf)
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2 gives a DTensor
-        self.last_grad_norm, self.last_step_skipped = norm, not math.isfinite(float(norm))
-        if grad_scaler is not None:
-            grad_scaler._record_found_inf(torch.tensor(self.last_step_skipped))
+        self.last_grad_norm, self.last_step_skipped = unscale_clip_check(params, grad_scaler, max_grad_norm)
         if not self.last_step_skipped:
             super().step(closure)
 
@@ -475,7 +477,7 @@ def log_completions(log: "RunLog", step: int, rollouts: list[dict], cfg: TrainCo
             left -= 1
             if tokenizer is not None:
                 prompt = tokenizer.decode(prompt)
-                completion = tokenizer.decode(completion[:-1] if completion and completion[-1] in stops else completion)
+                completion = tokenizer.decode(_without_stop(completion, stops))
             each = r["each"][i].tolist()
             log.write({"step": step, "prompt": prompt, "completion": completion, "reward": r["rewards"][i].item(),
                        "advantage": r["advantages"][i].item(),
@@ -490,9 +492,6 @@ def evaluate_rewards(policy: LLM, path, cfg: TrainConfig, seq_len: int, reward_f
     rewards each one's mean over the samples it scored: {"val_reward": ..., "val_rewards/<name>":
     ...}. rows: the val set's (data.read_rows), or None."""
     loader = make_loader(path, cfg, seq_len, cfg.seed + 1, info)
-    if rows is not None and len(rows) != len(loader.offsets) - 1:
-        raise TokenFileError(f"{Path(path).with_suffix('.rows.jsonl')}: {len(rows)} rows for {len(loader.offsets) - 1} "
-                             "conversations; prepare the data again")
     R = len(reward_fns)
     sums = torch.zeros(5 + 2 * R, dtype=torch.float64)  # grpo_rollout's "stats", added up
     for b in range(cfg.eval_batches):
@@ -500,10 +499,7 @@ def evaluate_rewards(policy: LLM, path, cfg: TrainConfig, seq_len: int, reward_f
         seed = int(np.random.default_rng([cfg.seed, b, info.rank, 1]).integers(2 ** 62))
         sums += grpo_rollout(policy, batch, cfg, reward_fns, torch.Generator(info.device).manual_seed(seed),
                              grpo_rows(rows, loader.docs, batch[2], loader.offsets), step)["stats"]
-    if info.world_size > 1:
-        sums = sums.to(info.device)
-        dist.all_reduce(sums)
-        sums = sums.cpu()
+    sums = all_reduce_sum(sums, info)
     means = grpo_stat_means(torch.cat([sums, torch.zeros(4, dtype=torch.float64)]), R)
     out = {"val_reward": means[0]}
     if R > 1:
@@ -840,10 +836,19 @@ def on_policy_batch(model: LLM, batch, cfg: TrainConfig, generator: torch.Genera
     return pack_replies(prompts, samples, T, batch[0].device)[:3]
 
 
+def _is_function_spec(part: str) -> bool:
+    """Whether one of grpo_reward's parts is "module:function" (not a reward model's path)."""
+    return ":" in part and not Path(part).exists()
+
+
+def _without_stop(ids: list[int], stops: set) -> list[int]:
+    """A sample's tokens without the stop token it ended at (what is decoded as its text)."""
+    return ids[:-1] if ids and ids[-1] in stops else ids
+
+
 def reward_names(spec: str) -> list[str]:
     """Each reward's name in the log (rewards/<name>): a function's name, a reward model's folder's."""
-    return [part.rsplit(":", 1)[1] if ":" in part and not Path(part).exists() else Path(part).name or part
-            for part in spec.split(",")]
+    return [part.rsplit(":", 1)[1] if _is_function_spec(part) else Path(part).name or part for part in spec.split(",")]
 
 
 def load_reward(cfg: TrainConfig, policy: LLM, precision: str, device: torch.device, tokenizer=None) -> list:
@@ -863,7 +868,7 @@ def load_reward(cfg: TrainConfig, policy: LLM, precision: str, device: torch.dev
     rewards = []
     stops = set(cfg.sample_stop_tokens)
     for spec in cfg.grpo_reward.split(","):
-        if ":" in spec and not Path(spec).exists():
+        if _is_function_spec(spec):
             module, name = spec.rsplit(":", 1)
             function = getattr(_reward_module(module), name, None)
             if not callable(function):
@@ -898,7 +903,7 @@ def _reward_function(function, spec: str, tokenizer, stops: set, max_steps: int 
 
     def reward(prompt_ids, completion_ids, packed, rows, step: int | None = None):
         if tokenizer is not None:
-            completions = [tokenizer.decode(ids[:-1] if ids and ids[-1] in stops else ids) for ids in completion_ids]
+            completions = [tokenizer.decode(_without_stop(ids, stops)) for ids in completion_ids]
             prompts = [row["prompt"] for row in rows] if rows else [tokenizer.decode(ids) for ids in prompt_ids]
             completions = [[{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
                            for prompt, text in zip(prompts, completions)]
@@ -1024,11 +1029,7 @@ def grpo_prepare(rollouts: list[dict], cfg: TrainConfig, info: DistInfo, policy:
     for r in rollouts:  # (dapo's count: the sampled tokens, masked ones too, as TRL counts them)
         totals += torch.stack([r["rewards"].sum(), (r["rewards"] ** 2).sum(), torch.tensor(float(len(r["rewards"]))),
                                torch.tensor(float(r["all_targets"]))])
-    if info.world_size > 1:
-        totals = totals.to(info.device)
-        dist.all_reduce(totals)
-        totals = totals.cpu()
-    total, squares, count, tokens = totals.tolist()
+    total, squares, count, tokens = all_reduce_sum(totals, info).tolist()
     batch_std = math.sqrt(max(squares - total * total / count, 0.0) / (count - 1)) if count > 1 else 0.0
     for r in rollouts:
         grouped = r["rewards"].view(-1, G)
@@ -1072,7 +1073,8 @@ def grpo_loss(model, rollout: dict, cfg: TrainConfig, world_size: int = 1) -> tu
     per_segment[at] = rollout["advantages"].to(per_segment)
     advantage = per_segment[segment].view_as(token_logps)  # (B, T): each token its sample's advantage
     n = len(at)
-    tokens = sequence_logps(mask, cu)[at].clamp(min=1)
+    counts = sequence_logps(mask, cu)[at]  # each sample's trained tokens
+    tokens = counts.clamp(min=1)
     if cfg.grpo_importance_sampling == "sequence":  # GSPO: each sample's mean log-ratio, its tokens alike
         per_segment = torch.zeros_like(per_segment)
         per_segment[at] = sequence_logps((token_logps - old) * mask, cu)[at] / tokens
@@ -1103,7 +1105,7 @@ def grpo_loss(model, rollout: dict, cfg: TrainConfig, world_size: int = 1) -> tu
     else:  # dapo, cispo
         loss = per_token.sum() * (world_size * cfg.grad_accum / max(rollout["tokens"], 1.0))
     with torch.no_grad():
-        trained = sequence_logps(mask, cu)[at] > 0  # (the samples trained on: masked ones not)
+        trained = counts > 0  # (the samples trained on: masked ones not)
         kl_sum = (sequence_logps(kl, cu)[at] / tokens)[trained].sum() if kl is not None else mask.new_zeros(())
         is_clipped = ((ratio < 1 - cfg.grpo_epsilon) & (advantage < 0)) | ((ratio > 1 + high) & (advantage > 0))
         stats = torch.stack([kl_sum, trained.sum().to(kl_sum), (is_clipped.to(mask) * mask).sum(), mask.sum()])
@@ -1415,9 +1417,6 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
     if cfg.samples_replies and not (isinstance(loader, PackedLoader) and loader.pairs is None):
         raise ValueError("distill_lmbda, distill_seq_kd and grpo_reward (samples) continue the conversations' prompts: "
                          "they need conversations (*.jsonl), not text windows or pairs")
-    if reward is not None and rows is not None and len(rows) != len(loader.offsets) - 1:
-        raise TokenFileError(f"{data / 'train.rows.jsonl'}: {len(rows)} rows for {len(loader.offsets) - 1} conversations; "
-                             "prepare the data again")
     if labelled != (cfg.preference == "kto"):
         raise ValueError("unpaired examples ({\"prompt\", \"completion\", \"label\"} lines) train by preference kto"
                          if labelled else "preference kto trains on unpaired examples ({\"prompt\", \"completion\", "
@@ -1535,21 +1534,21 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
                                              grpo_rows(rows, batch[3], batch[2], loader.offsets), step))
             with autocast(precision, info.device):
                 grpo_prepare(rollouts, cfg, info, model, grpo_reference)
-            # the forward-only work of a generation, in the step that makes it (MFU): the sampling (each
-            # sequence once, the output layer at its sampled tokens), the policy's p_old, the
-            # reference's and the reward models' passes
-            trained = [n for r in rollouts for n in r["lengths"]], sum(r["targets"] for r in rollouts)
-            generation_flops = sum(model.flops_of_documents(*r["sampled"], forward_only=True) for r in rollouts)
-            for extra in ([model] if cfg.grpo_iterations > 1 else []) + ([start] if grpo_reference else []):
-                generation_flops += extra.flops_of_documents(*trained, forward_only=True)
-            for fn in reward:
-                if getattr(fn, "model", None) is not None:  # a reward model: its score head, no output layer
-                    generation_flops += fn.model.flops_of_documents(trained[0], 0, forward_only=True)
             if cfg.grpo_log_completions and info.is_main:
                 log_completions(completions_log, step, rollouts, cfg, tokenizer)
         if reward is not None:  # the FLOPs: the samples' sequences' training pass (not the sampling)
             batches, weights, forward_only = rollouts, None, None
             lengths, outputs = [n for r in rollouts for n in r["lengths"]], sum(r["targets"] for r in rollouts)
+        if generates:
+            # the forward-only work of a generation, in the step that makes it (MFU): the sampling (each
+            # sequence once, the output layer at its sampled tokens), the policy's p_old, the
+            # reference's and the reward models' passes
+            generation_flops = sum(model.flops_of_documents(*r["sampled"], forward_only=True) for r in rollouts)
+            for extra in ([model] if cfg.grpo_iterations > 1 else []) + ([start] if grpo_reference else []):
+                generation_flops += extra.flops_of_documents(lengths, outputs, forward_only=True)
+            for fn in reward:
+                if getattr(fn, "model", None) is not None:  # a reward model: its score head, no output layer
+                    generation_flops += fn.model.flops_of_documents(lengths, 0, forward_only=True)
         for micro, batch in enumerate(batches):
             last = micro == cfg.grad_accum - 1
             no_sync = wrapped.no_sync() if hasattr(wrapped, "no_sync") and not last else contextlib.nullcontext()
@@ -1630,10 +1629,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
         if reward is not None:
             names = (["reward", "reward_std", "completion_length", "kl", "clip_ratio"]
                      + [f"rewards/{n}" for n in reward_names(cfg.grpo_reward)])
-            if info.world_size > 1:  # (every rank's sums and counts)
-                grpo_sums = grpo_sums.to(info.device)
-                dist.all_reduce(grpo_sums)
-            record.update(zip(names, grpo_stat_means(grpo_sums.cpu(), len(reward))))
+            record.update(zip(names, grpo_stat_means(all_reduce_sum(grpo_sums, info), len(reward))))
             if not cfg.grpo_beta:
                 del record["kl"]
             if cfg.grpo_iterations == 1:  # (never clipped: every ratio is 1)

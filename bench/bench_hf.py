@@ -1,0 +1,97 @@
+"""A transformers model trained as it is, with and without pyllm.hf.apply_pyllm_kernels (and with
+Liger-Kernel's apply_liger_kernel_to_llama where it is installed), side by side in one process.
+
+The model: LlamaForCausalLM with random weights in SmolLM2-135M's shape (common.smollm2_config;
+--layers, 30 in the real one, --quick: 2), one forward + backward with labels per step (the
+optimizer costs the same on every side and is left out). Batches, each --batch x --seq-len tokens:
+- padded: rows of random lengths from seq-len / 4 to seq-len, right-padded, labels -100 on the
+  padding (DataCollatorWithPadding's batches): transformers' SDPA takes a (B, 1, T, T) mask, pyllm's
+  attention drops the padding and runs one varlen call;
+- packed: the same rows' tokens back to back in one row, position_ids restarting at each
+  (TRL's padding_free): transformers builds a block-diagonal mask for SDPA, pyllm reads the
+  documents off position_ids.
+Rows: median seconds per step (the contenders interleaved, --repeat rounds), real tokens / s, the
+peak memory of one step above the model's (CPU: the process's peak resident set, CUDA: the
+allocator's), and the ratio to transformers' own.
+Needs transformers; prints why and exits 0 without it.
+"""
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+
+def batches(batch: int, seq_len: int, vocab: int, device: str, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(seq_len // 4, seq_len + 1, (batch,), generator=g)
+    ids = torch.randint(3, vocab, (batch, seq_len), generator=g)
+    mask = (torch.arange(seq_len)[None] < lengths[:, None]).long()
+    padded = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+    flat = ids[mask.bool()][None]  # (1, sum of lengths)
+    packed = {"input_ids": flat, "labels": flat.clone(),
+              "position_ids": torch.cat([torch.arange(n) for n in lengths.tolist()])[None]}
+    to = lambda b: {k: v.to(device) for k, v in b.items()}  # noqa: E731
+    return {"padded": to(padded), "packed": to(packed)}, int(lengths.sum())
+
+
+def main() -> int:
+    parser = common.base_parser(__doc__)
+    parser.add_argument("--layers", type=int, default=None, help="default 4 (--quick: 2)")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                        help="the weights' dtype; default float32 on the CPU, bfloat16 on CUDA")
+    parser.add_argument("--repeat", type=int, default=5)
+    args = parser.parse_args()
+    transformers = common.peer_module("transformers", "bench_hf", "transformers is not installed: nothing to compare")
+    if transformers is None:
+        return 0
+    import pyllm.hf
+
+    device = args.device
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
+    layers = args.layers or (2 if args.quick else 4)
+    config = common.smollm2_config(transformers, layers)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    models = {"transformers": transformers.LlamaForCausalLM(config).to(device, dtype).train()}
+    models["transformers+pyllm"] = copy.deepcopy(models["transformers"])
+    applied = pyllm.hf.apply_pyllm_kernels(models["transformers+pyllm"])
+    try:
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+        models["transformers+liger"] = copy.deepcopy(models["transformers"])
+        apply_liger_kernel_to_llama(model=models["transformers+liger"])
+    except ImportError:
+        pass
+
+    inputs, real_tokens = batches(args.batch, args.seq_len, config.vocab_size, device)
+    print(f"# bench_hf on {common.device_description(device)}: SmolLM2-135M shape, {layers} layers, {dtype}, "
+          f"{args.batch} x {args.seq_len} tokens per step ({real_tokens} real), pyllm applied: {applied}")
+    rows = []
+    for layout, batch in inputs.items():
+        def step(model, batch=batch):
+            model(**batch).loss.backward()
+            model.zero_grad(set_to_none=True)
+        runs = {name: (lambda m=model: step(m)) for name, model in models.items()}
+        seconds = common.interleaved_seconds(runs, args.repeat, device, before=None)
+        base = seconds["transformers"]
+        for name, model in models.items():
+            peak = common.peak_memory_mb(lambda m=model: step(m), device)
+            rows.append({"batch": layout, "model": name, "s/step": round(seconds[name], 4),
+                         "tokens/s": round(real_tokens / seconds[name]), "peak MiB": round(peak, 1),
+                         "speed vs transformers": round(base / seconds[name], 2)})
+    common.print_table(rows, ["batch", "model", "s/step", "tokens/s", "peak MiB", "speed vs transformers"])
+    common.write_json(args.json, "hf", device, rows,
+                      {"layers": layers, "dtype": str(dtype), "batch": args.batch, "seq_len": args.seq_len,
+                       "transformers": transformers.__version__, "applied": applied})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,317 @@
+"""pyllm's kernels inside a Hugging Face transformers model, for those who keep training it with
+HF's Trainer or TRL (Liger-Kernel's apply_liger_kernel_to_* for one model instance):
+
+    import pyllm.hf
+    model = AutoModelForCausalLM.from_pretrained(name, torch_dtype=torch.bfloat16)
+    pyllm.hf.apply_pyllm_kernels(model)          # attention, SwiGLU, fused linear cross-entropy
+
+or only the attention, chosen by name at load time (transformers' AttentionInterface):
+
+    pyllm.hf.register_attention()
+    model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="pyllm")
+
+The attention takes what transformers' flash-attention path takes: no mask (causal), a 2D padding
+mask (the padded tokens are dropped and the rest run as one varlen call, as flash-attn's
+unpadding does), sequences packed into a row (TRL's padding_free: position_ids restarting at 0, or
+DataCollatorWithFlattening's cu_seq_lens_q / cu_seq_lens_k), a KV cache (queries aligned to the
+cache's end), sliding windows (Mistral, Gemma 2) and capped scores (Gemma 2). Where pyllm has no
+kernel for the inputs (head dim 80, fp32 on CUDA, fp16 on the CPU, capped scores on CUDA) the same
+function runs through torch's SDPA with an explicit mask, so the answer never depends on the kernel.
+To go back to transformers' own code, load the model again (the MLP and loss patches live on the
+instance).
+
+Models pyllm reads into its own LLM class (LLM.from_hf) train faster there; this module is for the
+rest of the HF stack (PEFT adapters, Trainer callbacks, TRL's trainers, any decoder transformers has).
+"""
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pyllm import nn as pnn
+from pyllm.ops import flash_attn as flash_attn_ops
+from pyllm.ops.swiglu import swiglu
+
+NAME = "pyllm"
+
+# Decoders whose ForCausalLM.forward ends in `logits = lm_head(hidden); loss = loss_function(logits,
+# labels, ...)` with nothing between (read in transformers 5.x): the fused loss computes the same.
+# Granite divides the logits, Cohere scales them, Gemma 2 / 3 cap them (fused only when the cap is
+# None), the MoE models add an auxiliary loss: not listed, their forward stays HF's.
+FUSED_LOSS_MODEL_TYPES = frozenset({"llama", "mistral", "ministral", "qwen2", "qwen3", "gemma", "gemma2",
+                                    "gemma3_text", "phi3", "olmo2", "olmo3", "smollm3", "starcoder2", "glm4"})
+
+
+# --- attention ---------------------------------------------------------------------------------------
+
+def register_attention() -> None:
+    """Registers pyllm's attention with transformers as attn_implementation="pyllm" (and its mask
+    function, which passes the 2D padding mask through, as flash-attention's does). Idempotent."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+    AttentionInterface.register(NAME, attention_forward)
+    AttentionMaskInterface.register(NAME, padding_mask)
+
+
+def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0, mask_function=None,
+                 attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor | None:
+    """The mask transformers hands to attention_forward: None when no token is padding (the causal
+    structure is the kernel's), else the (B, kv_length) bool mask of real tokens (its last kv_length
+    columns: a sliding-window cache keeps only those keys)."""
+    if attention_mask is None:
+        return None
+    mask = attention_mask[:, -kv_length:]
+    return None if mask.shape[1] == kv_length and bool(mask.all()) else mask
+
+
+def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                      sliding_window: int | None = None, softcap: float | None = None, **kwargs):
+    """transformers' attention-function contract: query (B, H, T, D), key and value (B, H_kv, S, D)
+    (S >= T: a cache's keys come first), attention_mask from padding_mask; returns
+    ((B, T, H, D), None). sliding_window W: a query sees itself and the W - 1 keys before it
+    (transformers' convention, flash-attn's window (W - 1, W - 1))."""
+    if dropout:
+        raise ValueError(f"pyllm attention has no dropout; got dropout={dropout} (set config.attention_dropout = 0)")
+    if kwargs.get("s_aux") is not None:
+        raise ValueError("pyllm attention has no attention sinks (s_aux); use attn_implementation='eager' here")
+    causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", True)))
+    left = sliding_window - 1 if sliding_window else -1
+    window = (left, 0 if causal else left)
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # (B, T, H, D), (B, S, H_kv, D)
+    B, T, H, D = q.shape
+    call = dict(causal=causal, window=window, scale=scaling, softcap=softcap or 0.0)
+
+    if attention_mask is not None:  # padding: only real tokens attend and are attended to
+        if attention_mask.dim() != 2:
+            raise ValueError(f"pyllm attention takes a 2D padding mask (B, S), got shape {tuple(attention_mask.shape)}"
+                             " (a 4D mask means the model was not built with attn_implementation='pyllm')")
+        mask = attention_mask.bool()
+        k, v = k[:, :mask.shape[1]], v[:, :mask.shape[1]]  # a static cache's unwritten tail goes
+        q_index, cu_q, max_q = _real_tokens(mask[:, -T:])  # the queries are the last T positions
+        k_index, cu_k, max_k = _real_tokens(mask)
+        out = _varlen(q.flatten(0, 1)[q_index], k.flatten(0, 1)[k_index], v.flatten(0, 1)[k_index],
+                      cu_q, cu_k, max_q, max_k, **call)  # (N_q, H, D)
+        out = out.new_zeros(B * T, H, D).index_copy(0, q_index, out)  # padded queries: 0, as flash-attn's
+        return out.view(B, T, H, D), None
+
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is None and T == k.shape[1]:
+        cu_q = cu_k = _packed_starts(kwargs.get("position_ids"), B, T)
+    if cu_q is not None:  # documents packed into the rows (padding-free training)
+        max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
+        out = _varlen(q.reshape(B * T, H, D), k.reshape(-1, *k.shape[2:]), v.reshape(-1, *v.shape[2:]),
+                      cu_q.int(), cu_k.int(), int(max_q) if max_q is not None else T,
+                      int(max_k) if max_k is not None else k.shape[1], **call)
+        return out.view(B, T, H, D), None
+
+    if _kernel_takes(q, k, v, call["softcap"]):
+        out = flash_attn_ops.flash_attn(q, k, v, causal=causal, window=window, softmax_scale=scaling,
+                                        softcap=call["softcap"])
+        return out, None
+    rows_q = torch.arange(0, (B + 1) * T, T, dtype=torch.int32, device=q.device)
+    rows_k = torch.arange(0, (B + 1) * k.shape[1], k.shape[1], dtype=torch.int32, device=q.device)
+    return _reference(q.reshape(B * T, H, D), k.flatten(0, 1), v.flatten(0, 1), rows_q, rows_k, **call).view(
+        B, T, H, D), None
+
+
+def _kernel_takes(q, k, v, softcap: float) -> bool:
+    return pnn._flash_attn_takes(q, k, v) and (not softcap or q.is_cpu)  # capped scores: CPU kernels only
+
+
+def _real_tokens(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(B, L) bool -> the flat indices of its True entries, their int32 cu_seqlens (B + 1,) and the
+    longest row's count (one device sync, as flash-attn's unpadding)."""
+    lengths = mask.sum(dim=1, dtype=torch.int32)  # (B,)
+    cu = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+    return mask.flatten().nonzero()[:, 0], cu, int(lengths.max()) if lengths.numel() else 0
+
+
+# One entry: every layer of a forward gets the same position_ids tensor, so the device sync that reads
+# where its documents start happens once per forward, not once per layer.
+_packed_memo: list = [None, None, None]
+
+
+def _packed_starts(position_ids: torch.Tensor | None, B: int, T: int) -> torch.Tensor | None:
+    """int32 cu_seqlens of the documents packed into (B, T) rows, read off position_ids restarting at
+    0 (TRL's padding_free, DataCollatorWithFlattening); None when each row is one sequence."""
+    if position_ids is None or position_ids.dim() != 2 or position_ids.shape[1] != T:
+        return None
+    memo_ids, memo_version, memo_cu = _packed_memo
+    if memo_ids is position_ids and memo_version == position_ids._version:
+        return memo_cu
+    starts = position_ids.expand(B, T) == 0  # (B, T)
+    starts[:, 0] = True  # a row begins a document wherever its positions start
+    count = int(starts.sum())
+    cu = None
+    if count > B:
+        cu = F.pad(starts.flatten().nonzero()[:, 0].to(torch.int32), (0, 1), value=B * T)
+    _packed_memo[:] = [position_ids, position_ids._version, cu]
+    return cu
+
+
+def _varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, window, scale, softcap):
+    """Sequences back to back: q (N_q, H, D), k and v (N_k, H_kv, D), sequence b of cu_q / cu_k."""
+    if _kernel_takes(q, k, v, softcap):
+        return flash_attn_ops.flash_attn(q, k, v, causal=causal, window=window, softmax_scale=scale,
+                                         cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max(max_q, 1),
+                                         max_seqlen_k=max(max_k, 1), softcap=softcap)
+    return _reference(q, k, v, cu_q, cu_k, causal, window, scale, softcap)
+
+
+def _reference(q, k, v, cu_q, cu_k, causal, window, scale, softcap):
+    """_varlen's function through SDPA with an explicit (N_q, N_k) mask: each sequence's queries
+    aligned to the end of its keys (flash-attn's bottom-right causal), the window around that."""
+    seq_q, pos_q = _sequence_positions(cu_q, q.shape[0])  # (N_q,) each
+    seq_k, pos_k = _sequence_positions(cu_k, k.shape[0])
+    shift = (cu_k.diff() - cu_q.diff()).long()[seq_q]  # query i sits at key position pos_q + shift
+    at = (pos_q + shift)[:, None]  # (N_q, 1)
+    seen = seq_q[:, None] == seq_k[None, :]  # (N_q, N_k)
+    left, right = window
+    if causal:
+        right = 0
+    if right >= 0:
+        seen &= pos_k[None, :] <= at + right
+    if left >= 0:
+        seen &= pos_k[None, :] >= at - left
+    k, v = k.to(q.dtype), v.to(q.dtype)
+    out = pnn._sdpa(q[None], k[None], v[None], seen[None, None], scale=scale, softcap=softcap or None)[0]
+    return out.masked_fill(~seen.any(dim=1)[:, None, None], 0)  # a query seeing no key: 0, as the kernel
+
+
+def _sequence_positions(cu: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    tokens = torch.arange(n, device=cu.device)
+    seq = torch.searchsorted(cu[1:].long(), tokens, right=True)  # (n,)
+    return seq, tokens - cu.long()[seq]
+
+
+# --- SwiGLU --------------------------------------------------------------------------------------------
+
+def _is_silu(act) -> bool:
+    return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
+
+
+def _silu_times(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    if gate.dtype == up.dtype and pnn._swiglu_takes(gate):
+        return swiglu(gate, up)
+    return F.silu(gate) * up
+
+
+def _swiglu_mlp_forward(self, x):  # LlamaMLP and its copies: gate_proj, up_proj, down_proj
+    return self.down_proj(_silu_times(self.gate_proj(x), self.up_proj(x)))
+
+
+def _packed_swiglu_mlp_forward(self, x):  # Phi3MLP: gate_up_proj holds [gate | up]
+    return self.down_proj(pnn._swiglu(self.gate_up_proj(x)))
+
+
+def _patch_swiglu(model: nn.Module) -> int:
+    """Points each SiLU-gated MLP's forward at pyllm's fused silu(gate) * up; returns how many."""
+    count = 0
+    for module in model.modules():
+        if not hasattr(module, "down_proj"):
+            continue
+        act = getattr(module, "act_fn", getattr(module, "activation_fn", None))
+        if not _is_silu(act):
+            continue
+        if isinstance(getattr(module, "gate_proj", None), nn.Module) and isinstance(getattr(module, "up_proj", None),
+                                                                                  nn.Module):
+            module.forward = types.MethodType(_swiglu_mlp_forward, module)
+        elif isinstance(getattr(module, "gate_up_proj", None), nn.Module):
+            module.forward = types.MethodType(_packed_swiglu_mlp_forward, module)
+        else:
+            continue
+        count += 1
+    return count
+
+
+# --- fused linear cross-entropy --------------------------------------------------------------------------
+
+def _fused_loss_forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
+                        labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+    """HF's ForCausalLM.forward; while training with labels, the loss straight from the last hidden
+    states (pyllm.nn.linear_cross_entropy: the (tokens, vocab) logits never exist whole) and
+    logits=None, as Liger-Kernel's. Otherwise (eval, generation, no labels) HF's own forward."""
+    shift_labels = kwargs.get("shift_labels")
+    if not (self.training and (labels is not None or shift_labels is not None)) or logits_to_keep:
+        return self._pyllm_hf_forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                      inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
+                                      logits_to_keep=logits_to_keep, **kwargs)
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+    kwargs.pop("shift_labels", None)
+    num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+    ignore_index = kwargs.pop("ignore_index", -100)
+    outputs = self.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                 inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+    hidden = outputs.last_hidden_state  # (B, T, C)
+    if shift_labels is None:  # tokens < n predict n, as ForCausalLMLoss
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    targets = shift_labels.to(hidden.device).reshape(-1)
+    # The output layer at the labelled positions only: padding and prompts (-100) cost no
+    # (tokens, vocab) matmul, forward or backward (one device sync to count them).
+    counted = (targets != ignore_index).nonzero()[:, 0]
+    total = pnn.linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1])[counted],
+                                     self.get_output_embeddings().weight, targets[counted])
+    if num_items_in_batch is None:  # the mean over counted tokens (0 / 0 = NaN when none, as F.cross_entropy)
+        loss = total / counted.numel()
+    else:
+        loss = total / (num_items_in_batch.to(total.device) if torch.is_tensor(num_items_in_batch)
+                        else num_items_in_batch)
+    rest = {name: value for name, value in outputs.items() if name != "last_hidden_state"}  # the cache (its
+    # field's name differs between transformers versions), hidden_states, attentions
+    return CausalLMOutputWithPast(loss=loss, logits=None, **rest)
+
+
+def _fused_loss_refusal(model: nn.Module) -> str | None:
+    """Why the fused loss cannot replace this model's logits and loss (None: it can)."""
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in FUSED_LOSS_MODEL_TYPES:
+        return f"model_type {model_type!r} is not one whose logits are lm_head(hidden) alone (pyllm.hf.FUSED_LOSS_MODEL_TYPES)"
+    if getattr(model.config, "final_logit_softcapping", None) is not None:
+        return "its logits are capped (final_logit_softcapping)"
+    head = model.get_output_embeddings()
+    if not isinstance(head, nn.Linear) or head.bias is not None:
+        return "its output layer is not a Linear without bias"
+    if not hasattr(model, "get_decoder") or model.get_decoder() is None:
+        return "it has no decoder (get_decoder)"
+    return None
+
+
+# --- the one call ------------------------------------------------------------------------------------------
+
+def apply_pyllm_kernels(model: nn.Module, attention: bool = True, swiglu: bool = True,
+                        fused_linear_cross_entropy: bool = True) -> dict:
+    """Puts pyllm's kernels into a loaded transformers model, in place:
+    attention: attn_implementation "pyllm" (register_attention; model.set_attn_implementation);
+    swiglu: every SiLU-gated MLP (Llama's gate_proj / up_proj / down_proj, Phi-3's gate_up_proj) runs
+        silu(gate) * up as one kernel (fp32 math, one rounding) instead of two ops;
+    fused_linear_cross_entropy: training forwards with labels compute the loss from the last hidden
+        states chunk by chunk (pyllm.nn.linear_cross_entropy) and return logits=None (the memory of
+        the logits and their gradient is what it saves); HF's loss semantics kept: -100 ignored,
+        labels shifted (or shift_labels), sum / num_items_in_batch when the Trainer passes it.
+        Code that reads outputs.logits in training (TRL's SFT entropy and token accuracy) needs it off.
+    Returns what was applied: {"attention": bool, "swiglu": number of MLPs, "fused_linear_cross_entropy":
+    bool}. A requested part the model cannot take raises ValueError saying why (fused loss on
+    a model whose logits are more than lm_head(hidden); a model that cannot switch attention)."""
+    applied = {"attention": False, "swiglu": 0, "fused_linear_cross_entropy": False}
+    if attention:
+        register_attention()
+        if not model._can_set_attn_implementation():
+            raise ValueError(f"{type(model).__name__} does not take attention functions by name (AttentionInterface)")
+        model.set_attn_implementation(NAME)
+        applied["attention"] = True
+    if swiglu:
+        applied["swiglu"] = _patch_swiglu(model)
+    if fused_linear_cross_entropy:
+        why = _fused_loss_refusal(model)
+        if why is not None:
+            raise ValueError(f"apply_pyllm_kernels: no fused linear cross-entropy for {type(model).__name__}: {why}; "
+                             "pass fused_linear_cross_entropy=False")
+        if not hasattr(model, "_pyllm_hf_forward"):
+            model._pyllm_hf_forward = model.forward  # HF's bound forward, for what the fused path leaves
+            model.forward = types.MethodType(_fused_loss_forward, model)
+        applied["fused_linear_cross_entropy"] = True
+    return applied

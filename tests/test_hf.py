@@ -1,0 +1,270 @@
+"""pyllm.hf: pyllm's kernels inside transformers models, against the same model in float64 with
+a plain softmax(q k^T) v attention (below) and transformers' own MLP and loss, on the shapes transformers feeds an
+attention function: no mask, left and right padding, packed documents, a KV cache, sliding
+windows, capped scores; each also through the SDPA fallback used where no kernel takes the inputs."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+transformers = pytest.importorskip("transformers")
+
+import pyllm.hf as phf  # noqa: E402
+from helpers import rel_err, tolerance  # noqa: E402
+
+VOCAB = 97
+
+# Small decoders of the families whose attention differs: GQA (llama), q/k/v biases (qwen2), a
+# 5-key sliding window on every layer (mistral), Gemma 2's capped scores, query_pre_attn_scalar
+# and alternating sliding layers, Phi-3's packed gate_up_proj. Head dim 32 (a kernel's); init
+# wide enough (0.2) that attention weights are far from uniform and the cap bites.
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 5}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"sliding_window": 5, "attn_logit_softcapping": 2.0,
+                                                     "final_logit_softcapping": None, "query_pre_attn_scalar": 24,
+                                                     "head_dim": 32}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
+}
+
+
+def float64_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
+                      softcap=None, **kwargs):
+    """The reference: softmax(q k^T * scaling) v written plainly, in the inputs' dtype (float64
+    here; transformers' eager attention takes its softmax in fp32 and its SDPA path has no cap),
+    under transformers' boolean mask (SDPA's: None for plain causal)."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)  # (B, H, S, D)
+    scores = query @ key.transpose(-1, -2) * scaling  # (B, H, T, S)
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+    if attention_mask is None:
+        T, S = scores.shape[-2:]
+        attention_mask = torch.ones(T, S, dtype=torch.bool).tril(S - T)  # queries at the end of the keys
+    probs = scores.masked_fill(~attention_mask, float("-inf")).softmax(dim=-1).nan_to_num(0.0)
+    return (probs @ value).transpose(1, 2), None
+
+
+transformers.AttentionInterface.register("float64", float64_attention)
+transformers.masking_utils.AttentionMaskInterface.register("float64", transformers.masking_utils.sdpa_mask)
+
+
+def tiny(family: str, dtype=torch.float64, head_dim: int = 32, attention: str = "float64", **overrides):
+    """(reference on float64_attention, a copy patched with pyllm's kernels), the same weights."""
+    config_name, model_name, extra = FAMILIES[family]
+    config = getattr(transformers, config_name)(
+        vocab_size=VOCAB, hidden_size=4 * head_dim, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.2, pad_token_id=0, eos_token_id=1,
+        bos_token_id=2, **{**extra, **({"head_dim": head_dim} if "head_dim" in extra else {}), **overrides})
+    config._attn_implementation = attention
+    torch.manual_seed(0)
+    reference = getattr(transformers, model_name)(config).to(dtype).eval()
+    ours = copy.deepcopy(reference)
+    return reference, ours
+
+
+@pytest.fixture(params=["kernel", "sdpa_fallback"])
+def path(request, monkeypatch):
+    """Each test twice: through pyllm's kernels, and with every call sent down the fallback."""
+    if request.param == "sdpa_fallback":
+        monkeypatch.setattr(phf, "_kernel_takes", lambda *args: False)
+    return request.param
+
+
+def inputs(B=3, T=13, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (B, T), generator=g)
+
+
+def padded(B=3, T=13, left=True):
+    mask = torch.ones(B, T, dtype=torch.long)
+    for b, pad in enumerate([0, 4, 9][:B]):
+        if left:
+            mask[b, :pad] = 0
+        else:
+            mask[b, T - pad:] = 0
+    return mask
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("padding", [None, "left", "right"])
+def test_logits_are_the_references(family, padding, path, monkeypatch):
+    reference, ours = tiny(family)
+    applied = phf.apply_pyllm_kernels(ours)
+    calls = []
+    kernel = phf.flash_attn_ops.flash_attn
+    monkeypatch.setattr(phf.flash_attn_ops, "flash_attn", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    assert applied == {"attention": True, "swiglu": 0 if family == "gemma2" else 2,  # Gemma's MLP is GELU-gated
+                       "fused_linear_cross_entropy": True}
+    ids = inputs()
+    mask = None if padding is None else padded(left=padding == "left")
+    with torch.no_grad():
+        want = reference(ids, attention_mask=mask).logits
+        got = ours(ids, attention_mask=mask).logits
+    real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+    assert rel_err(got[real], want[real]) < 1e-12
+    assert len(calls) == (2 if path == "kernel" else 0)  # a kernel call per layer, or none
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma2"])
+@pytest.mark.parametrize("how", ["position_ids", "cu_seq_lens"])
+def test_packed_documents_are_each_alone(family, how, path):
+    # TRL's padding_free / DataCollatorWithFlattening: documents back to back in one row, each
+    # attending to itself only (the windows inside each), as if run one by one.
+    reference, ours = tiny(family)
+    phf.apply_pyllm_kernels(ours)
+    lengths = [6, 1, 9, 4]
+    ids = inputs(1, sum(lengths))
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    extra = {}
+    if how == "cu_seq_lens":
+        cu = F.pad(torch.tensor(lengths).cumsum(0), (1, 0)).to(torch.int32)
+        extra = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(lengths), max_length_k=max(lengths))
+    with torch.no_grad():
+        got = ours(ids, position_ids=position_ids, **extra).logits[0]
+        want = torch.cat([reference(doc[None]).logits[0] for doc in ids[0].split(lengths)])
+    assert rel_err(got, want) < 1e-12
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma2"])
+def test_generation_with_left_padding_and_a_cache(family, path):
+    # The cache's queries sit at the end of its keys; the sliding windows' caches (mistral, gemma2)
+    # drop keys once the prompt and the new tokens pass the window.
+    reference, ours = tiny(family)
+    phf.apply_pyllm_kernels(ours)
+    ids, mask = inputs(3, 9), padded(3, 9)
+    settings = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, output_logits=True,
+                    return_dict_in_generate=True, pad_token_id=0, eos_token_id=None)
+    want, got = reference.generate(ids, **settings), ours.generate(ids, **settings)
+    assert torch.equal(got.sequences, want.sequences)
+    assert rel_err(torch.stack(got.logits), torch.stack(want.logits)) < 1e-12
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "phi3"])
+@pytest.mark.parametrize("reduction", ["mean", "num_items_in_batch", "shift_labels"])
+def test_training_loss_and_gradients(family, reduction, path):
+    # Right-padded batch, labels -100 on the padding, as a collator writes them: the fused loss is
+    # F.cross_entropy over the shifted labels in float64 (HF's own loss upcasts to fp32 only).
+    reference, ours = tiny(family)
+    phf.apply_pyllm_kernels(ours)
+    reference.train(), ours.train()
+    ids, mask = inputs(), padded(left=False)
+    labels = ids.masked_fill(mask == 0, -100)
+    shifted = F.pad(labels, (0, 1), value=-100)[:, 1:]
+    logits = reference(ids, attention_mask=mask).logits
+    want = F.cross_entropy(logits.flatten(0, 1), shifted.flatten(), ignore_index=-100, reduction="sum")
+    mean = (want / (shifted != -100).sum()).item()
+    kwargs = {"labels": labels}
+    if reduction == "mean":
+        want = want / (shifted != -100).sum()
+    elif reduction == "num_items_in_batch":
+        kwargs["num_items_in_batch"] = torch.tensor(41)
+        want = want / 41
+    else:
+        kwargs = {"shift_labels": shifted}
+        want = want / (shifted != -100).sum()
+    out = ours(ids, attention_mask=mask, **kwargs)
+    assert out.logits is None  # never made whole
+    assert rel_err(out.loss, want) < 1e-12
+    want.backward()
+    out.loss.backward()
+    for (name, p), q in zip(reference.named_parameters(), ours.parameters()):
+        assert rel_err(q.grad, p.grad) < 1e-10, name
+    ours.eval()
+    with torch.no_grad():  # eval: HF's forward, logits and all
+        evaluated = ours(ids, attention_mask=mask, labels=labels)
+    assert evaluated.logits is not None and evaluated.loss.item() == pytest.approx(mean, rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_low_precision_error_is_within_twice_torchs(dtype, family):
+    reference, _ = tiny(family)
+    # torch's own: transformers' SDPA path (eager for Gemma 2, which SDPA cannot cap) in that dtype
+    torch_model, ours = tiny(family, dtype, attention="eager" if family == "gemma2" else "sdpa")
+    phf.apply_pyllm_kernels(ours)
+    ids, mask = inputs(), padded()
+    with torch.no_grad():
+        want = reference(ids, attention_mask=mask).logits
+        torch_out = torch_model(ids, attention_mask=mask).logits
+        got = ours(ids, attention_mask=mask).logits
+    real = mask.bool()
+    assert rel_err(got[real], want[real]) <= tolerance(torch_out[real], want[real])
+
+
+def test_head_dims_without_a_kernel_take_the_fallback():
+    reference, ours = tiny("llama", head_dim=20)  # pyllm's kernels: 32, 64, 96, 128, 256
+    phf.apply_pyllm_kernels(ours)
+    ids, mask = inputs(), padded()
+    with torch.no_grad():
+        assert rel_err(ours(ids, attention_mask=mask).logits[mask.bool()],
+                       reference(ids, attention_mask=mask).logits[mask.bool()]) < 1e-12
+
+
+def test_attention_by_name_at_load(tmp_path):
+    reference, _ = tiny("llama")
+    reference.save_pretrained(tmp_path)
+    phf.register_attention()
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="pyllm",
+                                                               dtype=torch.float64)
+    assert loaded.config._attn_implementation == "pyllm"
+    ids, mask = inputs(), padded()
+    with torch.no_grad():
+        assert rel_err(loaded(ids, attention_mask=mask).logits[mask.bool()],
+                       reference(ids, attention_mask=mask).logits[mask.bool()]) < 1e-12
+
+
+def test_what_it_cannot_take_is_refused():
+    _, capped = tiny("gemma2", final_logit_softcapping=30.0)
+    with pytest.raises(ValueError, match="final_logit_softcapping"):
+        phf.apply_pyllm_kernels(capped)
+    assert phf.apply_pyllm_kernels(capped, fused_linear_cross_entropy=False)["attention"]
+    _, ours = tiny("llama", attention_dropout=0.1)
+    phf.apply_pyllm_kernels(ours)
+    ours.train()
+    with pytest.raises(ValueError, match="dropout"):
+        ours(inputs())
+    with pytest.raises(ValueError, match="2D padding mask"):
+        phf.attention_forward(ours.model.layers[0].self_attn, *torch.randn(3, 1, 4, 5, 32, dtype=torch.float64),
+                              torch.ones(1, 1, 5, 5, dtype=torch.bool))
+
+
+def test_trainer_runs_it_with_gradient_accumulation(tmp_path):
+    # HF's Trainer passes num_items_in_batch to a forward taking **kwargs: the patched model's
+    # logged losses are the unpatched one's, step by step (fp32, both on torch's AdamW).
+    losses = []
+    for patch in (False, True):
+        model, _ = tiny("llama", torch.float32)
+        if patch:
+            phf.apply_pyllm_kernels(model)
+        ids, mask = inputs(8, 13, seed=2), padded(2, 13, left=False).repeat(4, 1)
+        rows = [{"input_ids": i, "attention_mask": m, "labels": i.masked_fill(m == 0, -100)} for i, m in zip(ids, mask)]
+        args = transformers.TrainingArguments(output_dir=str(tmp_path / str(patch)), max_steps=3, learning_rate=1e-3,
+                                              per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                                              logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
+                                              seed=0, data_seed=0)
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=rows)
+        trainer.train()
+        losses.append([entry["loss"] for entry in trainer.state.log_history if "loss" in entry])
+    assert len(losses[1]) == 3
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_on_cuda_within_twice_torchs_error(family):
+    reference, _ = tiny(family)
+    torch_model, ours = (m.cuda() for m in tiny(family, torch.bfloat16,
+                                                attention="eager" if family == "gemma2" else "sdpa"))
+    phf.apply_pyllm_kernels(ours)
+    ids, mask = inputs(), padded()
+    with torch.no_grad():
+        want = reference(ids, attention_mask=mask).logits
+        torch_out = torch_model(ids.cuda(), attention_mask=mask.cuda()).logits.cpu()
+        got = ours(ids.cuda(), attention_mask=mask.cuda()).logits.cpu()
+    real = mask.bool()
+    assert rel_err(got[real], want[real]) <= tolerance(torch_out[real], want[real])
+    settings = dict(attention_mask=mask.cuda(), max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert ours.generate(ids.cuda(), **settings).shape == (3, 17)

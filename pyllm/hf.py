@@ -89,37 +89,48 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
         if attention_mask.dim() != 2:
             raise ValueError(f"pyllm attention takes a 2D padding mask (B, S), got shape {tuple(attention_mask.shape)}"
                              " (a 4D mask means the model was not built with attn_implementation='pyllm')")
-        mask = attention_mask.bool()
-        k, v = k[:, :mask.shape[1]], v[:, :mask.shape[1]]  # a static cache's unwritten tail goes
-        q_index, cu_q, max_q = _real_tokens(mask[:, -T:])  # the queries are the last T positions
-        k_index, cu_k, max_k = _real_tokens(mask)
-        out = _varlen(q.flatten(0, 1)[q_index], k.flatten(0, 1)[k_index], v.flatten(0, 1)[k_index],
-                      cu_q, cu_k, max_q, max_k, **call)  # (N_q, H, D)
-        out = out.new_zeros(B * T, H, D).index_copy(0, q_index, out)  # padded queries: 0, as flash-attn's
-        return out.view(B, T, H, D), None
+        real_k = attention_mask.bool()
+        k, v = k[:, :real_k.shape[1]], v[:, :real_k.shape[1]]  # a static cache's unwritten tail goes
+        real_q = real_k[:, -T:]  # the queries are the last T positions
+        if not _kernel_takes(q, k, v, call["softcap"]):
+            return _reference_rows(q, k, v, real_q, real_k, **call), None
+        q_index, cu_q, max_q = _real_tokens(real_q)
+        k_index, cu_k, max_k = _real_tokens(real_k)
+        out = flash_attn_ops.flash_attn(
+            q.flatten(0, 1)[q_index], k.flatten(0, 1)[k_index], v.flatten(0, 1)[k_index], causal=causal, window=window,
+            softmax_scale=scaling, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max(max_q, 1),
+            max_seqlen_k=max(max_k, 1), softcap=call["softcap"])  # (N_q, H, D)
+        out = out.new_zeros(B * T, *out.shape[1:]).index_copy(0, q_index, out)  # padded queries: 0, as flash-attn's
+        return out.view(B, T, *out.shape[1:]), None
 
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
+    max_q, max_k = (B * T if max_q is None else int(max_q)), (B * k.shape[1] if max_k is None else int(max_k))
     if cu_q is None and T == k.shape[1]:
         cu_q = cu_k = _packed_starts(kwargs.get("position_ids"), B, T)
+        max_q = max_k = T  # read off each row's positions: no document crosses a row
     if cu_q is not None:  # documents packed into the rows (padding-free training)
-        max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
-        out = _varlen(q.reshape(B * T, H, D), k.reshape(-1, *k.shape[2:]), v.reshape(-1, *v.shape[2:]),
-                      cu_q.int(), cu_k.int(), int(max_q) if max_q is not None else T,
-                      int(max_k) if max_k is not None else k.shape[1], **call)
-        return out.view(B, T, H, D), None
+        q, k, v = q.reshape(B * T, H, D), k.reshape(-1, *k.shape[2:]), v.reshape(-1, *v.shape[2:])
+        cu_q, cu_k = cu_q.int(), cu_k.int()
+        if _kernel_takes(q, k, v, call["softcap"]):
+            out = flash_attn_ops.flash_attn(q, k, v, causal=causal, window=window, softmax_scale=scaling,
+                                            cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q,
+                                            max_seqlen_k=max_k, softcap=call["softcap"])
+        else:
+            out = _reference_packed(q, k, v, cu_q, cu_k, **call)
+        return out.view(B, T, *out.shape[1:]), None
 
     if _kernel_takes(q, k, v, call["softcap"]):
         out = flash_attn_ops.flash_attn(q, k, v, causal=causal, window=window, softmax_scale=scaling,
                                         softcap=call["softcap"])
         return out, None
-    rows_q = torch.arange(0, (B + 1) * T, T, dtype=torch.int32, device=q.device)
-    rows_k = torch.arange(0, (B + 1) * k.shape[1], k.shape[1], dtype=torch.int32, device=q.device)
-    return _reference(q.reshape(B * T, H, D), k.flatten(0, 1), v.flatten(0, 1), rows_q, rows_k, **call).view(
-        B, T, H, D), None
+    every = torch.ones(B, k.shape[1], dtype=torch.bool, device=q.device)
+    return _reference_rows(q, k, v, every[:, -T:], every, **call), None
 
 
 def _kernel_takes(q, k, v, softcap: float) -> bool:
-    return pnn._flash_attn_takes(q, k, v) and (not softcap or q.is_cpu)  # capped scores: CPU kernels only
+    return (pnn._flash_attn_takes(q, k, v) and q.shape[-1] == k.shape[-1] == v.shape[-1]  # not MLA's value dim
+            and (not softcap or q.is_cpu))  # capped scores: CPU kernels only
 
 
 def _real_tokens(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -140,46 +151,56 @@ def _packed_starts(position_ids: torch.Tensor | None, B: int, T: int) -> torch.T
     0 (TRL's padding_free, DataCollatorWithFlattening); None when each row is one sequence."""
     if position_ids is None or position_ids.dim() != 2 or position_ids.shape[1] != T:
         return None
-    memo_ids, memo_version, memo_cu = _packed_memo
-    if memo_ids is position_ids and memo_version == position_ids._version:
+    # Inference tensors have no version counter (and are not edited in place between layers).
+    key = (B, T, None if position_ids.is_inference() else position_ids._version)
+    memo_ids, memo_key, memo_cu = _packed_memo
+    if memo_ids is position_ids and memo_key == key:
         return memo_cu
     starts = position_ids.expand(B, T) == 0  # (B, T)
     starts[:, 0] = True  # a row begins a document wherever its positions start
-    count = int(starts.sum())
     cu = None
-    if count > B:
+    if int(starts.sum()) > B:
         cu = F.pad(starts.flatten().nonzero()[:, 0].to(torch.int32), (0, 1), value=B * T)
-    _packed_memo[:] = [position_ids, position_ids._version, cu]
+    _packed_memo[:] = [position_ids, key, cu]
     return cu
 
 
-def _varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, window, scale, softcap):
-    """Sequences back to back: q (N_q, H, D), k and v (N_k, H_kv, D), sequence b of cu_q / cu_k."""
-    if _kernel_takes(q, k, v, softcap):
-        return flash_attn_ops.flash_attn(q, k, v, causal=causal, window=window, softmax_scale=scale,
-                                         cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max(max_q, 1),
-                                         max_seqlen_k=max(max_k, 1), softcap=softcap)
-    return _reference(q, k, v, cu_q, cu_k, causal, window, scale, softcap)
+def _reference_rows(q, k, v, real_q, real_k, causal, window, scale, softcap):
+    """The kernel's function through SDPA, row by row of the batch: q (B, T, H, D), k and v (B, S,
+    H_kv, D), real_q (B, T) / real_k (B, S) the tokens that are not padding. Each row's real queries
+    sit at the end of its real keys (flash-attn's bottom-right causal, after unpadding), the window
+    around that; padded queries give 0. The mask is (B, 1, T, S): no batch-squared memory."""
+    pos_k = real_k.long().cumsum(1) - 1  # (B, S): a key's place among its row's real keys
+    pos_q = real_q.long().cumsum(1) - 1 + (real_k.sum(1) - real_q.sum(1))[:, None]  # (B, T), aligned to the end
+    seen = _band(pos_q[:, :, None], pos_k[:, None, :], causal, window) & real_k[:, None, :] & real_q[:, :, None]
+    out = pnn._sdpa(q, k.to(q.dtype), v.to(q.dtype), seen[:, None], scale=scale, softcap=softcap or None)
+    return out.masked_fill(~seen.any(dim=2)[:, :, None, None], 0)  # a query seeing no key: 0, as the kernel
 
 
-def _reference(q, k, v, cu_q, cu_k, causal, window, scale, softcap):
-    """_varlen's function through SDPA with an explicit (N_q, N_k) mask: each sequence's queries
-    aligned to the end of its keys (flash-attn's bottom-right causal), the window around that."""
+def _reference_packed(q, k, v, cu_q, cu_k, causal, window, scale, softcap):
+    """The varlen kernel's function through SDPA: sequences back to back, q (N_q, H, D), k and v
+    (N_k, H_kv, D), sequence b at rows cu_q[b]:cu_q[b + 1] / cu_k[b]:cu_k[b + 1], with an (N_q, N_k)
+    mask (packed rows are usually one row of the batch: B = 1)."""
     seq_q, pos_q = _sequence_positions(cu_q, q.shape[0])  # (N_q,) each
     seq_k, pos_k = _sequence_positions(cu_k, k.shape[0])
-    shift = (cu_k.diff() - cu_q.diff()).long()[seq_q]  # query i sits at key position pos_q + shift
-    at = (pos_q + shift)[:, None]  # (N_q, 1)
-    seen = seq_q[:, None] == seq_k[None, :]  # (N_q, N_k)
+    pos_q = pos_q + (cu_k.diff() - cu_q.diff()).long()[seq_q]  # aligned to the end of its keys
+    seen = (seq_q[:, None] == seq_k[None, :]) & _band(pos_q[:, None], pos_k[None, :], causal, window)
+    out = pnn._sdpa(q[None], k[None].to(q.dtype), v[None].to(q.dtype), seen[None, None], scale=scale,
+                    softcap=softcap or None)[0]
+    return out.masked_fill(~seen.any(dim=1)[:, None, None], 0)
+
+
+def _band(pos_q, pos_k, causal, window):
+    """Which keys a query sees by position: causal, and the (left, right) window around it."""
     left, right = window
+    seen = torch.ones(torch.broadcast_shapes(pos_q.shape, pos_k.shape), dtype=torch.bool, device=pos_q.device)
     if causal:
         right = 0
     if right >= 0:
-        seen &= pos_k[None, :] <= at + right
+        seen &= pos_k <= pos_q + right
     if left >= 0:
-        seen &= pos_k[None, :] >= at - left
-    k, v = k.to(q.dtype), v.to(q.dtype)
-    out = pnn._sdpa(q[None], k[None], v[None], seen[None, None], scale=scale, softcap=softcap or None)[0]
-    return out.masked_fill(~seen.any(dim=1)[:, None, None], 0)  # a query seeing no key: 0, as the kernel
+        seen &= pos_k >= pos_q - left
+    return seen
 
 
 def _sequence_positions(cu: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,6 +213,13 @@ def _sequence_positions(cu: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.T
 
 def _is_silu(act) -> bool:
     return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
+
+
+def _same_code(forward, reference) -> bool:
+    """Whether a module class's forward is reference's, up to local names: the MLPs transformers
+    copies from Llama's (Mistral's, Qwen's, ...) are; one that scales, clamps or adds a step is not."""
+    a, b = getattr(forward, "__code__", None), reference.__code__
+    return a is not None and (a.co_code, a.co_names, a.co_consts[1:]) == (b.co_code, b.co_names, b.co_consts[1:])
 
 
 def _silu_times(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -209,18 +237,16 @@ def _packed_swiglu_mlp_forward(self, x):  # Phi3MLP: gate_up_proj holds [gate | 
 
 
 def _patch_swiglu(model: nn.Module) -> int:
-    """Points each SiLU-gated MLP's forward at pyllm's fused silu(gate) * up; returns how many."""
+    """Points each MLP whose forward is Llama's down(silu(gate) * up) (or Phi-3's on a packed
+    gate_up_proj), with a SiLU, at pyllm's fused silu(gate) * up; returns how many."""
+    from transformers.models.llama.modeling_llama import LlamaMLP
+    from transformers.models.phi3.modeling_phi3 import Phi3MLP
     count = 0
     for module in model.modules():
-        if not hasattr(module, "down_proj"):
-            continue
-        act = getattr(module, "act_fn", getattr(module, "activation_fn", None))
-        if not _is_silu(act):
-            continue
-        if isinstance(getattr(module, "gate_proj", None), nn.Module) and isinstance(getattr(module, "up_proj", None),
-                                                                                  nn.Module):
+        forward = type(module).forward
+        if _same_code(forward, LlamaMLP.forward) and _is_silu(getattr(module, "act_fn", None)):
             module.forward = types.MethodType(_swiglu_mlp_forward, module)
-        elif isinstance(getattr(module, "gate_up_proj", None), nn.Module):
+        elif _same_code(forward, Phi3MLP.forward) and _is_silu(getattr(module, "activation_fn", None)):
             module.forward = types.MethodType(_packed_swiglu_mlp_forward, module)
         else:
             continue
@@ -234,18 +260,21 @@ def _fused_loss_forward(self, input_ids=None, attention_mask=None, position_ids=
                         labels=None, use_cache=None, logits_to_keep=0, **kwargs):
     """HF's ForCausalLM.forward; while training with labels, the loss straight from the last hidden
     states (pyllm.nn.linear_cross_entropy: the (tokens, vocab) logits never exist whole) and
-    logits=None, as Liger-Kernel's. Otherwise (eval, generation, no labels) HF's own forward."""
-    shift_labels = kwargs.get("shift_labels")
-    if not (self.training and (labels is not None or shift_labels is not None)) or logits_to_keep:
+    logits=None, as Liger-Kernel's. Otherwise (eval, generation, no labels, logits_to_keep, an output
+    layer that is no plain Linear, such as one PEFT wrapped in LoRA) HF's own forward."""
+    head = self.get_output_embeddings()
+    if (not self.training or labels is None or not (isinstance(logits_to_keep, int) and logits_to_keep == 0)
+            or type(head) is not nn.Linear or head.bias is not None):
         return self._pyllm_hf_forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                       inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
                                       logits_to_keep=logits_to_keep, **kwargs)
     from transformers.modeling_outputs import CausalLMOutputWithPast
-    kwargs.pop("shift_labels", None)
+    shift_labels = kwargs.pop("shift_labels", None)
     num_items_in_batch = kwargs.pop("num_items_in_batch", None)
     ignore_index = kwargs.pop("ignore_index", -100)
+    return_dict = kwargs.pop("return_dict", None)
     outputs = self.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                 inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+                                 inputs_embeds=inputs_embeds, use_cache=use_cache, return_dict=True, **kwargs)
     hidden = outputs.last_hidden_state  # (B, T, C)
     if shift_labels is None:  # tokens < n predict n, as ForCausalLMLoss
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
@@ -253,8 +282,7 @@ def _fused_loss_forward(self, input_ids=None, attention_mask=None, position_ids=
     # The output layer at the labelled positions only: padding and prompts (-100) cost no
     # (tokens, vocab) matmul, forward or backward (one device sync to count them).
     counted = (targets != ignore_index).nonzero()[:, 0]
-    total = pnn.linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1])[counted],
-                                     self.get_output_embeddings().weight, targets[counted])
+    total = pnn.linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1])[counted], head.weight, targets[counted])
     if num_items_in_batch is None:  # the mean over counted tokens (0 / 0 = NaN when none, as F.cross_entropy)
         loss = total / counted.numel()
     else:
@@ -262,7 +290,8 @@ def _fused_loss_forward(self, input_ids=None, attention_mask=None, position_ids=
                         else num_items_in_batch)
     rest = {name: value for name, value in outputs.items() if name != "last_hidden_state"}  # the cache (its
     # field's name differs between transformers versions), hidden_states, attentions
-    return CausalLMOutputWithPast(loss=loss, logits=None, **rest)
+    output = CausalLMOutputWithPast(loss=loss, logits=None, **rest)
+    return output if return_dict is not False else output.to_tuple()
 
 
 def _fused_loss_refusal(model: nn.Module) -> str | None:

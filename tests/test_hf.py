@@ -162,8 +162,8 @@ def test_training_loss_and_gradients(family, reduction, path):
     elif reduction == "num_items_in_batch":
         kwargs["num_items_in_batch"] = torch.tensor(41)
         want = want / 41
-    else:
-        kwargs = {"shift_labels": shifted}
+    else:  # shift_labels wins over labels, as in ForCausalLMLoss
+        kwargs = {"labels": ids, "shift_labels": shifted}
         want = want / (shifted != -100).sum()
     out = ours(ids, attention_mask=mask, **kwargs)
     assert out.logits is None  # never made whole
@@ -176,6 +176,81 @@ def test_training_loss_and_gradients(family, reduction, path):
     with torch.no_grad():  # eval: HF's forward, logits and all
         evaluated = ours(ids, attention_mask=mask, labels=labels)
     assert evaluated.logits is not None and evaluated.loss.item() == pytest.approx(mean, rel=1e-6)
+
+
+def test_inference_mode_and_reused_position_ids():
+    # Inference tensors have no version counter; a position_ids tensor handed again with another
+    # batch size is read again (the per-forward memo of where documents start).
+    reference, ours = tiny("llama")
+    phf.apply_pyllm_kernels(ours)
+    ids, mask = inputs(3, 9), padded(3, 9)
+    settings = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.inference_mode():
+        assert torch.equal(ours.generate(ids, **settings), reference.generate(ids, **settings))
+        assert rel_err(ours(ids).logits, reference(ids).logits) < 1e-12
+    position_ids = torch.cat([torch.arange(4), torch.arange(5)])[None]
+    with torch.no_grad():
+        for B in (1, 3):
+            got = ours(ids[:B], position_ids=position_ids).logits
+            want = torch.cat([reference(doc).logits for doc in ids[:B].split([4, 5], dim=1)], dim=1)
+            assert rel_err(got, want) < 1e-12
+
+
+def test_only_llamas_mlp_code_is_replaced():
+    # An MLP that adds a step to Llama's (Falcon-H1's multipliers, say) keeps its own forward.
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    class ScaledMLP(LlamaMLP):
+        def forward(self, x):
+            return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x)) * 0.5
+
+    reference, ours = tiny("llama")
+    for model in (reference, ours):
+        model.model.layers[1].mlp.__class__ = ScaledMLP
+    assert phf.apply_pyllm_kernels(ours)["swiglu"] == 1
+    ids = inputs()
+    with torch.no_grad():
+        assert rel_err(ours(ids).logits, reference(ids).logits) < 1e-12
+
+
+def test_tuple_outputs_and_a_lora_output_layer():
+    peft = pytest.importorskip("peft")
+    reference, ours = tiny("llama")
+    phf.apply_pyllm_kernels(ours)
+    reference.train(), ours.train()
+    ids = inputs()
+    loss, = ours(ids, labels=ids, return_dict=False)[:1]
+    assert rel_err(loss, reference(ids, labels=ids).loss.double()) < 1e-6  # HF's loss is fp32
+    # PEFT wraps lm_head in LoRA after the patch: the output layer is no plain Linear any more, so
+    # the loss is HF's forward's, the adapter trained.
+    models = []
+    for model in (reference, ours):
+        torch.manual_seed(5)
+        models.append(peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"],
+                                                                  init_lora_weights=False)))
+    want, got = (m(input_ids=ids, labels=ids).loss for m in models)
+    assert rel_err(got, want) < 1e-6
+    got.backward()
+    assert models[1].base_model.model.lm_head.lora_A["default"].weight.grad is not None
+
+
+def test_a_value_head_dim_of_its_own():
+    # DeepSeek's MLA: values narrower than queries and keys; no kernel takes that, the fallback does.
+    config = transformers.DeepseekV3Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=16,
+        v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=1,
+        n_group=1, topk_group=1, initializer_range=0.2, pad_token_id=0)
+    config._attn_implementation = "float64"
+    config._experts_implementation = "eager"  # grouped_mm has no float64
+    torch.manual_seed(0)
+    reference = transformers.DeepseekV3ForCausalLM(config).double().eval()
+    ours = copy.deepcopy(reference)
+    phf.apply_pyllm_kernels(ours, fused_linear_cross_entropy=False)
+    ids, mask = inputs(), padded()
+    with torch.no_grad():
+        assert rel_err(ours(ids, attention_mask=mask).logits[mask.bool()],
+                       reference(ids, attention_mask=mask).logits[mask.bool()]) < 1e-12
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -194,13 +269,18 @@ def test_low_precision_error_is_within_twice_torchs(dtype, family):
     assert rel_err(got[real], want[real]) <= tolerance(torch_out[real], want[real])
 
 
-def test_head_dims_without_a_kernel_take_the_fallback():
+def test_head_dims_without_a_kernel_take_the_fallback(monkeypatch):
     reference, ours = tiny("llama", head_dim=20)  # pyllm's kernels: 32, 64, 96, 128, 256
     phf.apply_pyllm_kernels(ours)
+    masks = []
+    sdpa = phf.pnn._sdpa
+    monkeypatch.setattr(phf.pnn, "_sdpa", lambda q, k, v, mask, **kw: masks.append(mask.shape) or sdpa(q, k, v, mask,
+                                                                                                        **kw))
     ids, mask = inputs(), padded()
     with torch.no_grad():
         assert rel_err(ours(ids, attention_mask=mask).logits[mask.bool()],
                        reference(ids, attention_mask=mask).logits[mask.bool()]) < 1e-12
+    assert masks == [(3, 1, 13, 13)] * 2  # a mask per batch row, not one over the batch's every token
 
 
 def test_attention_by_name_at_load(tmp_path):
@@ -233,23 +313,30 @@ def test_what_it_cannot_take_is_refused():
 
 def test_trainer_runs_it_with_gradient_accumulation(tmp_path):
     # HF's Trainer passes num_items_in_batch to a forward taking **kwargs: the patched model's
-    # logged losses are the unpatched one's, step by step (fp32, both on torch's AdamW).
-    losses = []
-    for patch in (False, True):
+    # logged losses are the unpatched one's, step by step (fp32), on torch's AdamW and on pyllm's
+    # (handed to the Trainer as its optimizer), clipping by the Trainer's max_grad_norm included.
+    import pyllm.optim
+
+    losses = {}
+    for run in ("transformers", "patched", "patched, pyllm AdamW"):
         model, _ = tiny("llama", torch.float32)
-        if patch:
+        if run != "transformers":
             phf.apply_pyllm_kernels(model)
         ids, mask = inputs(8, 13, seed=2), padded(2, 13, left=False).repeat(4, 1)
         rows = [{"input_ids": i, "attention_mask": m, "labels": i.masked_fill(m == 0, -100)} for i, m in zip(ids, mask)]
-        args = transformers.TrainingArguments(output_dir=str(tmp_path / str(patch)), max_steps=3, learning_rate=1e-3,
+        args = transformers.TrainingArguments(output_dir=str(tmp_path / run), max_steps=3, learning_rate=1e-3,
                                               per_device_train_batch_size=2, gradient_accumulation_steps=2,
                                               logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
-                                              seed=0, data_seed=0)
-        trainer = transformers.Trainer(model=model, args=args, train_dataset=rows)
+                                              seed=0, data_seed=0, weight_decay=0.0, max_grad_norm=0.5)
+        optimizers = (None, None)
+        if run.endswith("AdamW"):
+            optimizers = (pyllm.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0), None)
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=rows, optimizers=optimizers)
         trainer.train()
-        losses.append([entry["loss"] for entry in trainer.state.log_history if "loss" in entry])
-    assert len(losses[1]) == 3
-    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+        losses[run] = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses["patched"]) == 3
+    assert losses["patched"] == pytest.approx(losses["transformers"], rel=1e-4)
+    assert losses["patched, pyllm AdamW"] == pytest.approx(losses["transformers"], rel=1e-4)
 
 
 @pytest.mark.cuda

@@ -40,9 +40,9 @@ def float64_attention(module, query, key, value, attention_mask, scaling=None, d
     scores = query @ key.transpose(-1, -2) * scaling  # (B, H, T, S)
     if softcap:
         scores = softcap * torch.tanh(scores / softcap)
-    if attention_mask is None:
-        T, S = scores.shape[-2:]
-        attention_mask = torch.ones(T, S, dtype=torch.bool).tril(S - T)  # queries at the end of the keys
+    if attention_mask is None:  # what SDPA's is_causal makes of it: top-left causal (a static cache's
+        T, S = scores.shape[-2:]  # unwritten keys come last), one query sees every key
+        attention_mask = torch.ones(T, S, dtype=torch.bool).tril(0 if T > 1 else S)
     probs = scores.masked_fill(~attention_mask, float("-inf")).softmax(dim=-1).nan_to_num(0.0)
     return (probs @ value).transpose(1, 2), None
 
@@ -129,17 +129,29 @@ def test_packed_documents_are_each_alone(family, how, path):
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "gemma2"])
-def test_generation_with_left_padding_and_a_cache(family, path):
-    # The cache's queries sit at the end of its keys; the sliding windows' caches (mistral, gemma2)
-    # drop keys once the prompt and the new tokens pass the window.
+@pytest.mark.parametrize("padding", [True, False])
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_generation_with_a_cache(family, padding, cache, path, monkeypatch):
+    # The cache's queries sit at the end of its keys (decode steps: the KV-cache kernel on views of
+    # transformers' cache, a call per row when left-padded); the sliding windows' caches (mistral,
+    # gemma2) drop keys once the prompt and the new tokens pass the window.
     reference, ours = tiny(family)
     phf.apply_pyllm_kernels(ours)
-    ids, mask = inputs(3, 9), padded(3, 9)
+    calls = []
+    kernel = phf.flash_attn_ops.flash_attn_with_kvcache
+    monkeypatch.setattr(phf.flash_attn_ops, "flash_attn_with_kvcache",
+                        lambda *a, **k: calls.append(a[0].shape[0]) or kernel(*a, **k))
+    ids, mask = inputs(3, 9), padded(3, 9) if padding else torch.ones(3, 9, dtype=torch.long)
     settings = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, output_logits=True,
                     return_dict_in_generate=True, pad_token_id=0, eos_token_id=None)
+    if cache == "static":  # keys of a fixed capacity, the mask as wide as what is written
+        settings["cache_implementation"] = "static"
     want, got = reference.generate(ids, **settings), ours.generate(ids, **settings)
     assert torch.equal(got.sequences, want.sequences)
     assert rel_err(torch.stack(got.logits), torch.stack(want.logits)) < 1e-12
+    if path == "kernel":  # 7 decode steps of 2 layers, each a call per row (padded) or one call (once
+        # a window's cache has dropped the padding, or with none)
+        assert sum(calls) == 3 * 2 * 7 and set(calls) <= {1, 3} and (padding or set(calls) == {3})
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2", "phi3"])

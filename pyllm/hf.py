@@ -2,7 +2,7 @@
 HF's Trainer or TRL (Liger-Kernel's apply_liger_kernel_to_* for one model instance):
 
     import pyllm.hf
-    model = AutoModelForCausalLM.from_pretrained(name, torch_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.bfloat16)
     pyllm.hf.apply_pyllm_kernels(model)          # attention, SwiGLU, fused linear cross-entropy
 
 or only the attention, chosen by name at load time (transformers' AttentionInterface):
@@ -14,7 +14,8 @@ The attention takes what transformers' flash-attention path takes: no mask (caus
 mask (the padded tokens are dropped and the rest run as one varlen call, as flash-attn's
 unpadding does), sequences packed into a row (TRL's padding_free: position_ids restarting at 0, or
 DataCollatorWithFlattening's cu_seq_lens_q / cu_seq_lens_k), a KV cache (queries aligned to the
-cache's end), sliding windows (Mistral, Gemma 2) and capped scores (Gemma 2). Where pyllm has no
+cache's end; decode steps on the KV-cache kernel over views of the cache, dynamic or static),
+sliding windows (Mistral, Gemma 2 / 3) and capped scores (Gemma 2). Where pyllm has no
 kernel for the inputs (head dim 80, fp32 on CUDA, fp16 on the CPU, capped scores on CUDA) the same
 function runs through torch's SDPA with an explicit mask, so the answer never depends on the kernel.
 To go back to transformers' own code, load the model again (the MLP and loss patches live on the

@@ -79,7 +79,7 @@ def main() -> int:
             model(**batch).loss.backward()
             model.zero_grad(set_to_none=True)
         runs = {name: (lambda m=model: step(m)) for name, model in models.items()}
-        seconds = common.interleaved_seconds(runs, args.repeat, device, before=None)
+        seconds = common.interleaved_seconds(runs, args.repeat, device)
         base = seconds["transformers"]
         for name, model in models.items():
             peak = common.peak_memory_mb(lambda m=model: step(m), device)

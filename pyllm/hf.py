@@ -107,8 +107,7 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     if attention_mask is not None:
         if not _kernel_takes(q, k, v, call["softcap"]):
             return _reference_rows(q, k, v, real_q, real_k, **call), None
-        q_index, cu_q, max_q = _real_tokens(real_q)
-        k_index, cu_k, max_k = _real_tokens(real_k)
+        (q_index, cu_q, max_q), (k_index, cu_k, max_k) = _unpadding(attention_mask, real_k, T)
         rows, cols = k_index // k.shape[1], k_index % k.shape[1]  # one gather of the keys, no copy of the
         # whole (B, H_kv, S, D) cache into (B * S) rows first (a decode step's cost is that copy)
         out = flash_attn_ops.flash_attn(
@@ -167,23 +166,44 @@ def _decode(q, k, v, causal, window, scale, softcap):
                                                   window=(window[0], -1), softcap=softcap)
 
 
-_suffix_memo: list = [None, None, None]
+class _ForwardMemo:
+    """The last value computed from one tensor: every layer of a forward gets the same mask or
+    position_ids tensor, so the device sync that reads it happens once per forward, not once per
+    layer. Keyed on the tensor itself, its version (an in-place edit reads it again; inference
+    tensors have none, and are not edited between layers) and what else the value depends on."""
+
+    def __init__(self):
+        self.tensor = self.key = self.value = None
+
+    def get(self, tensor: torch.Tensor, extra, compute):
+        key = (extra, None if tensor.is_inference() else tensor._version)
+        if self.tensor is not tensor or self.key != key:
+            self.tensor, self.key, self.value = tensor, key, compute()
+        return self.value
+
+
+_suffix_memo, _unpadding_memo, _packed_memo = _ForwardMemo(), _ForwardMemo(), _ForwardMemo()
 
 
 def _suffix_starts(attention_mask: torch.Tensor, real_k: torch.Tensor) -> list[int] | None:
     """Where each row's real keys start, when they run to the end of the row (left padding, as
-    generation pads), else None; read once per forward (every layer gets the same mask tensor)."""
-    key = (tuple(real_k.shape), None if attention_mask.is_inference() else attention_mask._version)
-    memo_mask, memo_key, memo_starts = _suffix_memo
-    if memo_mask is attention_mask and memo_key == key:
-        return memo_starts
-    width = real_k.shape[1]
-    counts = real_k.sum(dim=1)  # (B,)
-    first = torch.where(counts > 0, real_k.int().argmax(dim=1), width)  # each row's first real key
-    starts, firsts = torch.stack([width - counts, first]).tolist()
-    ok = starts == firsts and all(start < width for start in starts)
-    _suffix_memo[:] = [attention_mask, key, starts if ok else None]
-    return _suffix_memo[2]
+    generation pads), else None."""
+    def compute():
+        width = real_k.shape[1]
+        counts = real_k.sum(dim=1)  # (B,)
+        first = torch.where(counts > 0, real_k.int().argmax(dim=1), width)  # each row's first real key
+        starts, firsts = torch.stack([width - counts, first]).tolist()
+        return starts if starts == firsts and all(start < width for start in starts) else None
+    return _suffix_memo.get(attention_mask, tuple(real_k.shape), compute)
+
+
+def _unpadding(attention_mask: torch.Tensor, real_k: torch.Tensor, T: int):
+    """_real_tokens of the queries (the last T columns) and of the keys: one read when they are the
+    same columns (no cache)."""
+    def compute():
+        keys = _real_tokens(real_k)
+        return (keys if T == real_k.shape[1] else _real_tokens(real_k[:, -T:])), keys
+    return _unpadding_memo.get(attention_mask, (tuple(real_k.shape), T), compute)
 
 
 def _real_tokens(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -194,28 +214,19 @@ def _real_tokens(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     return mask.flatten().nonzero()[:, 0], cu, int(lengths.max()) if lengths.numel() else 0
 
 
-# One entry: every layer of a forward gets the same position_ids tensor, so the device sync that reads
-# where its documents start happens once per forward, not once per layer.
-_packed_memo: list = [None, None, None]
-
-
 def _packed_starts(position_ids: torch.Tensor | None, B: int, T: int) -> torch.Tensor | None:
     """int32 cu_seqlens of the documents packed into (B, T) rows, read off position_ids restarting at
     0 (TRL's padding_free, DataCollatorWithFlattening); None when each row is one sequence."""
     if position_ids is None or position_ids.dim() != 2 or position_ids.shape[1] != T:
         return None
-    # Inference tensors have no version counter (and are not edited in place between layers).
-    key = (B, T, None if position_ids.is_inference() else position_ids._version)
-    memo_ids, memo_key, memo_cu = _packed_memo
-    if memo_ids is position_ids and memo_key == key:
-        return memo_cu
-    starts = position_ids.expand(B, T) == 0  # (B, T)
-    starts[:, 0] = True  # a row begins a document wherever its positions start
-    cu = None
-    if int(starts.sum()) > B:
-        cu = F.pad(starts.flatten().nonzero()[:, 0].to(torch.int32), (0, 1), value=B * T)
-    _packed_memo[:] = [position_ids, key, cu]
-    return cu
+
+    def compute():
+        starts = position_ids.expand(B, T) == 0  # (B, T)
+        starts[:, 0] = True  # a row begins a document wherever its positions start
+        if int(starts.sum()) == B:
+            return None
+        return F.pad(starts.flatten().nonzero()[:, 0].to(torch.int32), (0, 1), value=B * T)
+    return _packed_memo.get(position_ids, (B, T), compute)
 
 
 def _reference_rows(q, k, v, real_q, real_k, causal, window, scale, softcap):
@@ -257,9 +268,9 @@ def _band(pos_q, pos_k, causal, window):
 
 
 def _sequence_positions(cu: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    tokens = torch.arange(n, device=cu.device)
-    seq = torch.searchsorted(cu[1:].long(), tokens, right=True)  # (n,)
-    return seq, tokens - cu.long()[seq]
+    """Each of n packed tokens' sequence (of cu_seqlens) and its place in it."""
+    seq = pnn.document_ids(cu.long(), 1, n)[0]  # (n,)
+    return seq, torch.arange(n, device=cu.device) - cu.long()[seq]
 
 
 # --- SwiGLU --------------------------------------------------------------------------------------------

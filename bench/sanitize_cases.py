@@ -24,6 +24,28 @@ def swiglu_cases():
             pyllm.swiglu_packed(x).sum().backward()
 
 
+def rms_norm_cases():
+    # Warp-per-row and block-per-row widths, a width off the 16-byte vector (scalar path), more rows
+    # than the backward's grid (rows walked in steps), no weight; each checked against float64.
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for shape, has_weight in [((3, 17), True), ((70, 128), True), ((5, 3000), True), ((2, 8200), False),
+                                  ((4000, 64), True)]:
+            x = torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True)
+            w = (1 + 0.3 * torch.randn(shape[-1], device="cuda", dtype=dtype)).requires_grad_() if has_weight else None
+            out = pyllm.rms_norm(x, w)
+            dout = torch.randn_like(out)
+            out.backward(dout)
+            x64 = x.detach().double().requires_grad_()
+            w64 = None if w is None else w.detach().double().requires_grad_()
+            ref = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6)
+            ref = ref if w64 is None else ref * w64
+            ref.backward(dout.double())
+            assert (out.double() - ref).abs().max().item() < 0.05, "rms_norm forward wrong"
+            assert (x.grad.double() - x64.grad).abs().max().item() < 0.05 * x64.grad.abs().max().item(), "rms_norm dx"
+            if w is not None:
+                assert (w.grad.double() - w64.grad).abs().max().item() < 0.02 * w64.grad.abs().max().item(), "rms_norm dw"
+
+
 def adamw_cases():
     from pyllm.optim import AdamW, DynamicLossScaler
 
@@ -244,7 +266,7 @@ def flash_attn_bad_seqlens_cases():
                                   torch.tensor([-4, 2**30, 15], dtype=torch.int32, device="cuda"), new, new)
 
 
-CASES = {"swiglu": swiglu_cases, "adamw": adamw_cases, "bpe": bpe_cases, "flash_attn": flash_attn_cases,
+CASES = {"swiglu": swiglu_cases, "rms_norm": rms_norm_cases, "adamw": adamw_cases, "bpe": bpe_cases, "flash_attn": flash_attn_cases,
          "flash_attn_bwd_mma": flash_attn_bwd_mma_cases, "flash_attn_shapes": flash_attn_shapes_cases,
          "flash_attn_tall_tiles": flash_attn_tall_tiles_cases, "flash_attn_bad_seqlens": flash_attn_bad_seqlens_cases}
 

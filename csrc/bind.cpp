@@ -99,6 +99,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("swiglu_bwd_cpu", &pyllm::swiglu_bwd_cpu, nogil, arg("dout"), arg("gate"), arg("up"), arg("dgate"),
         arg("dup"), arg("rows"), arg("cols"), arg("in_stride"), arg("out_stride"), arg("dtype"));
 
+  m.def("rms_norm_fwd_cpu", &pyllm::rms_norm_fwd_cpu, nogil, arg("x"), arg("weight"), arg("out"), arg("rstd"),
+        arg("rows"), arg("cols"), arg("eps"), arg("offset"), arg("cast_first"), arg("dtype"));
+  m.def("rms_norm_bwd_cpu", &pyllm::rms_norm_bwd_cpu, nogil, arg("dout"), arg("x"), arg("weight"), arg("rstd"),
+        arg("dx"), arg("dweight"), arg("rows"), arg("cols"), arg("offset"), arg("cast_first"), arg("dtype"));
+
   m.def("adamw_grad_sumsq_cpu", &pyllm::adamw_grad_sumsq_cpu, nogil, arg("table"), arg("n_tensors"), arg("dtype"),
         arg("sumsq"));
   m.def("adamw_step_cpu", &pyllm::adamw_step_cpu, nogil, arg("table"), arg("n_tensors"), arg("param_dtype"),
@@ -218,6 +223,15 @@ PYBIND11_MODULE(_C, m) {
   m.def("swiglu_bwd_cuda", &pyllm::swiglu_bwd_cuda, nogil, arg("dout"), arg("gate"), arg("up"), arg("dgate"),
         arg("dup"), arg("rows"), arg("cols"), arg("in_stride"), arg("out_stride"), arg("dtype"), arg("device"),
         arg("stream"));
+
+  m.def("rms_norm_fwd_cuda", &pyllm::rms_norm_fwd_cuda, nogil, arg("x"), arg("weight"), arg("out"), arg("rstd"),
+        arg("rows"), arg("cols"), arg("eps"), arg("offset"), arg("cast_first"), arg("dtype"), arg("device"),
+        arg("stream"));
+  m.def("rms_norm_bwd_cuda", &pyllm::rms_norm_bwd_cuda, nogil, arg("dout"), arg("x"), arg("weight"), arg("rstd"),
+        arg("dx"), arg("dweight_partials"), arg("n_partials"), arg("rows"), arg("cols"), arg("offset"),
+        arg("cast_first"), arg("dtype"), arg("device"), arg("stream"));
+  m.def("rms_norm_partials_cuda", &pyllm::rms_norm_partials_cuda, arg("rows"), arg("cols"), arg("dtype"),
+        arg("device"));
 
   m.def("adamw_grad_sumsq_cuda", &pyllm::adamw_grad_sumsq_cuda, nogil, arg("table"), arg("n_tensors"), arg("dtype"),
         arg("partials"), arg("partials_len"), arg("sumsq"), arg("device"), arg("stream"));

@@ -3,7 +3,7 @@ HF's Trainer or TRL (Liger-Kernel's apply_liger_kernel_to_* for one model instan
 
     import pyllm.hf
     model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.bfloat16)
-    pyllm.hf.apply_pyllm_kernels(model)          # attention, SwiGLU, fused linear cross-entropy
+    pyllm.hf.apply_pyllm_kernels(model)          # attention, SwiGLU, RMSNorm, fused linear cross-entropy
 
 or only the attention, chosen by name at load time (transformers' AttentionInterface):
 
@@ -18,8 +18,8 @@ cache's end; decode steps on the KV-cache kernel over views of the cache, dynami
 sliding windows (Mistral, Gemma 2 / 3) and capped scores (Gemma 2). Where pyllm has no
 kernel for the inputs (head dim 80, fp32 on CUDA, fp16 on the CPU, capped scores on CUDA) the same
 function runs through torch's SDPA with an explicit mask, so the answer never depends on the kernel.
-To go back to transformers' own code, load the model again (the MLP and loss patches live on the
-instance).
+To go back to transformers' own code, load the model again (the MLP, norm and loss patches live on
+the instance).
 
 Models pyllm reads into its own LLM class (LLM.from_hf) train faster there; this module is for the
 rest of the HF stack (PEFT adapters, Trainer callbacks, TRL's trainers, any decoder transformers has).
@@ -34,6 +34,8 @@ from torch import nn
 
 from pyllm import nn as pnn
 from pyllm.ops import flash_attn as flash_attn_ops
+from pyllm.ops import rms_norm as rms_norm_ops
+from pyllm.ops.rms_norm import rms_norm as fused_rms_norm
 from pyllm.ops.swiglu import swiglu
 
 NAME = "pyllm"
@@ -318,6 +320,48 @@ def _patch_swiglu(model: nn.Module) -> int:
     return count
 
 
+# --- RMSNorm ------------------------------------------------------------------------------------------
+
+def _rms_norm_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """The kernel computes what the module does only when weight has x's dtype: LLaMA's promotes
+    (an fp32 weight on bf16 activations gives an fp32 output), Gemma's would read a rounded weight."""
+    return (weight.dtype == x.dtype and x.dtype in pnn._kernel_dtypes(x, rms_norm_ops.DTYPES)
+            and (not x.is_cuda or x.shape[-1] <= rms_norm_ops.MAX_COLS_CUDA))
+
+
+def _llama_rms_norm_forward(self, x):  # LlamaRMSNorm and its copies: weight * (x32 * rstd).to(dtype)
+    if _rms_norm_takes(x, self.weight):
+        return fused_rms_norm(x, self.weight, self.variance_epsilon)
+    return type(self).forward(self, x)
+
+
+def _gemma_rms_norm_forward(self, x):  # Gemma's: (x32 * rstd * (1 + weight32)).to(dtype)
+    if _rms_norm_takes(x, self.weight):
+        return fused_rms_norm(x, self.weight, self.eps, offset=1.0, cast_first=False)
+    return type(self).forward(self, x)
+
+
+def _patch_rms_norm(model: nn.Module) -> int:
+    """Points each RMSNorm whose forward is Llama's (Qwen's, Mistral's, Qwen3's per-head q / k norms,
+    ...) or Gemma's (weight stored as scale - 1) at pyllm's fused kernel; returns how many. Calls the
+    kernel cannot take as the module computes them (another dtype for the weight) run the module's own."""
+    from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    count = 0
+    for module in model.modules():
+        cls = type(module)
+        if _same_code(cls.forward, LlamaRMSNorm.forward) and hasattr(module, "variance_epsilon"):
+            module.forward = types.MethodType(_llama_rms_norm_forward, module)
+        elif (_same_code(cls.forward, Gemma2RMSNorm.forward) and _same_code(getattr(cls, "_norm", None),
+                                                                             Gemma2RMSNorm._norm)
+              and hasattr(module, "eps")):
+            module.forward = types.MethodType(_gemma_rms_norm_forward, module)
+        else:
+            continue
+        count += 1
+    return count
+
+
 # --- fused linear cross-entropy --------------------------------------------------------------------------
 
 def _fused_loss_forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
@@ -375,21 +419,23 @@ def _fused_loss_refusal(model: nn.Module) -> str | None:
 
 # --- the one call ------------------------------------------------------------------------------------------
 
-def apply_pyllm_kernels(model: nn.Module, attention: bool = True, swiglu: bool = True,
+def apply_pyllm_kernels(model: nn.Module, attention: bool = True, swiglu: bool = True, rms_norm: bool = True,
                         fused_linear_cross_entropy: bool = True) -> dict:
     """Puts pyllm's kernels into a loaded transformers model, in place:
     attention: attn_implementation "pyllm" (register_attention; model.set_attn_implementation);
     swiglu: every SiLU-gated MLP (Llama's gate_proj / up_proj / down_proj, Phi-3's gate_up_proj) runs
         silu(gate) * up as one kernel (fp32 math, one rounding) instead of two ops;
+    rms_norm: every RMSNorm written as Llama's (its copies, Qwen3's per-head q / k norms) or Gemma's
+        runs as one kernel forward and one backward (pyllm.rms_norm), with the module's roundings;
     fused_linear_cross_entropy: training forwards with labels compute the loss from the last hidden
         states chunk by chunk (pyllm.nn.linear_cross_entropy) and return logits=None (the memory of
         the logits and their gradient is what it saves); HF's loss semantics kept: -100 ignored,
         labels shifted (or shift_labels), sum / num_items_in_batch when the Trainer passes it.
         Code that reads outputs.logits in training (TRL's SFT entropy and token accuracy) needs it off.
-    Returns what was applied: {"attention": bool, "swiglu": number of MLPs, "fused_linear_cross_entropy":
-    bool}. A requested part the model cannot take raises ValueError saying why (fused loss on
+    Returns what was applied: {"attention": bool, "swiglu": number of MLPs, "rms_norm": number of norms,
+    "fused_linear_cross_entropy": bool}. A requested part the model cannot take raises ValueError saying why (fused loss on
     a model whose logits are more than lm_head(hidden); a model that cannot switch attention)."""
-    applied = {"attention": False, "swiglu": 0, "fused_linear_cross_entropy": False}
+    applied = {"attention": False, "swiglu": 0, "rms_norm": 0, "fused_linear_cross_entropy": False}
     if attention:
         register_attention()
         if not model._can_set_attn_implementation():
@@ -398,6 +444,8 @@ def apply_pyllm_kernels(model: nn.Module, attention: bool = True, swiglu: bool =
         applied["attention"] = True
     if swiglu:
         applied["swiglu"] = _patch_swiglu(model)
+    if rms_norm:
+        applied["rms_norm"] = _patch_rms_norm(model)
     if fused_linear_cross_entropy:
         why = _fused_loss_refusal(model)
         if why is not None:

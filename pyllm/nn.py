@@ -10,7 +10,9 @@ from torch import nn
 
 from pyllm.ops import _util
 from pyllm.ops import flash_attn as flash_attn_ops
+from pyllm.ops import rms_norm as rms_norm_ops
 from pyllm.ops import swiglu as swiglu_ops
+from pyllm.ops.rms_norm import rms_norm
 from pyllm.ops.swiglu import swiglu_packed
 
 
@@ -918,6 +920,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype in _kernel_dtypes(x, rms_norm_ops.DTYPES) and (not x.is_cuda or x.shape[-1] <= rms_norm_ops.MAX_COLS_CUDA):
+            return rms_norm(x, self.weight.to(x.dtype), self.eps)  # the same roundings, one kernel
         x32 = x.to(torch.promote_types(x.dtype, torch.float32))
         y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return y.to(x.dtype) * self.weight.to(x.dtype)

@@ -1110,7 +1110,10 @@ def test_kvcache_shortcut_leaves_tracing_and_autograd_to_the_op():
     k_cache, v_cache, _ = kv_cache_pair(2, 16, 2, 32, torch.float32, "contiguous")
     args = (k_cache, v_cache, 3, k_new, v_new, True, None, fa._NO_WINDOW)
     assert fa._kvcache_eager_cpu(q.clone().requires_grad_(), *args) is None
-    assert fa._kvcache_eager_cpu(q, torch.nn.Parameter(k_cache, requires_grad=False), *args[1:]) is None
+    class Subclass(torch.Tensor):  # a subclass's __torch_function__ must see the op (nn.Parameter's is off)
+        pass
+
+    assert fa._kvcache_eager_cpu(q, k_cache.as_subclass(Subclass), *args[1:]) is None
     assert fa._kvcache_eager_cpu(q.to("meta"), *args) is None
 
     def step(q, k_cache, v_cache, k_new, v_new):

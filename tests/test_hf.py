@@ -3,10 +3,12 @@ a plain softmax(q k^T) v attention (below) and transformers' own MLP and loss, o
 attention function: no mask, left and right padding, packed documents, a KV cache, sliding
 windows, capped scores; each also through the SDPA fallback used where no kernel takes the inputs."""
 import copy
+import types
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
@@ -62,7 +64,22 @@ def tiny(family: str, dtype=torch.float64, head_dim: int = 32, attention: str = 
     torch.manual_seed(0)
     reference = getattr(transformers, model_name)(config).to(dtype).eval()
     ours = copy.deepcopy(reference)
+    if dtype == torch.float64:
+        float64_norms(reference)
     return reference, ours
+
+
+def float64_norms(model):
+    """transformers' RMSNorms take the mean square in fp32 even in a float64 model (x.to(float32));
+    the reference's in float64, as pyllm's kernel does for float64 inputs. Gemma's scale is 1 + w."""
+    def exact(self, x):
+        eps = getattr(self, "variance_epsilon", getattr(self, "eps", None))
+        offset = 1.0 if "Gemma" in type(self).__name__ else 0.0
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * (offset + self.weight)
+
+    for module in model.modules():
+        if type(module).__name__.endswith("RMSNorm"):
+            module.forward = types.MethodType(exact, module)
 
 
 @pytest.fixture(params=["kernel", "sdpa_fallback"])
@@ -97,6 +114,7 @@ def test_logits_are_the_references(family, padding, path, monkeypatch):
     kernel = phf.flash_attn_ops.flash_attn
     monkeypatch.setattr(phf.flash_attn_ops, "flash_attn", lambda *a, **k: calls.append(1) or kernel(*a, **k))
     assert applied == {"attention": True, "swiglu": 0 if family == "gemma2" else 2,  # Gemma's MLP is GELU-gated
+                       "rms_norm": 9 if family == "gemma2" else 5,  # Gemma 2: 4 per layer, else 2; + the final
                        "fused_linear_cross_entropy": True}
     ids = inputs()
     mask = None if padding is None else padded(left=padding == "left")
@@ -258,6 +276,7 @@ def test_a_value_head_dim_of_its_own():
     torch.manual_seed(0)
     reference = transformers.DeepseekV3ForCausalLM(config).double().eval()
     ours = copy.deepcopy(reference)
+    float64_norms(reference)
     phf.apply_pyllm_kernels(ours, fused_linear_cross_entropy=False)
     ids, mask = inputs(), padded()
     with torch.no_grad():
@@ -302,6 +321,7 @@ def test_attention_by_name_at_load(tmp_path):
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="pyllm",
                                                                dtype=torch.float64)
     assert loaded.config._attn_implementation == "pyllm"
+    float64_norms(loaded)  # only the attention is pyllm's here
     ids, mask = inputs(), padded()
     with torch.no_grad():
         assert rel_err(loaded(ids, attention_mask=mask).logits[mask.bool()],
@@ -367,3 +387,36 @@ def test_on_cuda_within_twice_torchs_error(family):
     assert rel_err(got[real], want[real]) <= tolerance(torch_out[real], want[real])
     settings = dict(attention_mask=mask.cuda(), max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None)
     assert ours.generate(ids.cuda(), **settings).shape == (3, 17)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma"])
+def test_rms_norm_is_the_modules_within_twice_its_error(kind):
+    # The module in bf16 against the norm in float64; an fp32 weight on bf16 activations (LLaMA's
+    # output is then fp32; Gemma's would read the weight unrounded) keeps the module's own forward.
+    from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    norm = (LlamaRMSNorm if kind == "llama" else Gemma2RMSNorm)(200, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_(0.0 if kind == "gemma" else 1.0, 0.3)
+    exact = copy.deepcopy(norm).double()
+    float64_norms(exact)
+    torch.manual_seed(0)
+    x = torch.randn(4, 7, 200, dtype=torch.float64) * 3
+    mixed = norm(x.bfloat16())
+    torch_bf16 = copy.deepcopy(norm).bfloat16()
+    ours = copy.deepcopy(torch_bf16)
+    assert phf._patch_rms_norm(nn.Sequential(ours, norm)) == 2
+    assert torch.equal(norm(x.bfloat16()), mixed)  # fp32 weight: the module's own
+    exact.weight.data = torch_bf16.weight.double()  # the weight all three hold
+    want = exact(x)
+    xb = x.bfloat16().requires_grad_()
+    got = ours(xb)
+    assert got.dtype == torch.bfloat16 and type(got.grad_fn).__name__ == "_RmsNormFunctionBackward"
+    assert rel_err(got, want) <= tolerance(torch_bf16(x.bfloat16()), want)
+
+
+def test_rms_norm_counts_qwen3_head_norms():
+    config = transformers.Qwen3Config(vocab_size=VOCAB, hidden_size=128, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=32)
+    model = transformers.Qwen3ForCausalLM(config)
+    assert phf.apply_pyllm_kernels(model)["rms_norm"] == 2 * 4 + 1  # input, post-attention, q, k; the final

@@ -385,8 +385,9 @@ def test_two_cpu_processes_match_one_and_resume_exactly(data_dir, chat_dir, pair
     whole, cut = tmp_path / "two/whole", tmp_path / "two/cut"
     # bf16 (the LoRA runs: frozen weights held in bf16): its matmuls round per batch shape
     # reward: a loss of a few scores, each one token's hidden state (the LM losses average rounding over
-    # every token): 1.1e-5 apart by step 7 once
-    rtol = 1e-4 if common.get("precision") == "bf16" else 3e-5 if kind == "reward" else 1e-5
+    # every token): 1.1e-5 apart by step 7 once; 3.2e-5 at step 8 with the fused RMSNorm (its fp64-summed
+    # weight gradient rounds differently from torch's per batch shape; steps 1-4 agree to 1e-6)
+    rtol = 1e-4 if common.get("precision") == "bf16" else 6e-5 if kind == "reward" else 1e-5
     np.testing.assert_allclose(losses(whole), losses(tmp_path / "one"), rtol=rtol)
     assert losses(cut) == losses(whole)  # bitwise
     np.testing.assert_allclose(losses(tmp_path / "two/cross")[4:], losses(tmp_path / "one")[4:], rtol=rtol)

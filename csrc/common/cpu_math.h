@@ -111,18 +111,30 @@ inline void store16(void* p, __m256i x, int64_t n) { _mm256_mask_storeu_epi16(p,
 inline void store(f16* p, __m512 x, int64_t n = 16) {
   store16(p, _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), n);
 }
-inline void store(bf16* p, __m512 x, int64_t n = 16) {
+// fp32 lanes to bf16 bits: the same rounding as from_float<bf16> (nearest even, NaN kept quiet).
+inline __m256i to_bf16_bits(__m512 x) {
 #if defined(__AVX512BF16__)
-  store16(p, (__m256i)_mm512_cvtneps_pbh(x), n);
+  return (__m256i)_mm512_cvtneps_pbh(x);
 #else
-  // Same rounding as from_float<bf16>: nearest even, NaN kept quiet.
   const __m512i u = _mm512_castps_si512(x);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
   __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
   const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
   r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
-  store16(p, _mm512_cvtepi32_epi16(r), n);
+  return _mm512_cvtepi32_epi16(r);
 #endif
+}
+inline void store(bf16* p, __m512 x, int64_t n = 16) { store16(p, to_bf16_bits(x), n); }
+
+// x rounded to T's precision and widened back (what a store and a load of T give), in registers.
+template <typename T>
+inline __m512 round_trip(__m512 x) {
+  if constexpr (std::is_same_v<T, bf16>)
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16_bits(x)), 16));
+  else if constexpr (std::is_same_v<T, f16>)
+    return _mm512_cvtph_ps(_mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  else
+    return x;
 }
 
 // exp(x): the same reduction and Taylor degrees as exp_f32. The argument is clamped to

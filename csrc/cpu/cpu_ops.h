@@ -12,6 +12,13 @@ void swiglu_fwd_cpu(uintptr_t gate, uintptr_t up, uintptr_t out, int64_t rows, i
 void swiglu_bwd_cpu(uintptr_t dout, uintptr_t gate, uintptr_t up, uintptr_t dgate, uintptr_t dup,
                     int64_t rows, int64_t cols, int64_t in_stride, int64_t out_stride, int dtype);
 
+// rms_norm.cpp: x, out, dout, dx contiguous (rows, cols); weight, dweight (cols) or 0 for none;
+// rstd (rows) in the math type (fp32; fp64 for fp64).
+void rms_norm_fwd_cpu(uintptr_t x, uintptr_t weight, uintptr_t out, uintptr_t rstd, int64_t rows, int64_t cols,
+                      double eps, double offset, bool cast_first, int dtype);
+void rms_norm_bwd_cpu(uintptr_t dout, uintptr_t x, uintptr_t weight, uintptr_t rstd, uintptr_t dx, uintptr_t dweight,
+                      int64_t rows, int64_t cols, double offset, bool cast_first, int dtype);
+
 // adamw.cpp: `table` is int64[7][n_tensors] (param, grad, master, exp_avg, exp_avg_sq, step, numel).
 void adamw_grad_sumsq_cpu(uintptr_t table, int64_t n_tensors, int dtype, uintptr_t sumsq);
 void adamw_step_cpu(uintptr_t table, int64_t n_tensors, int param_dtype, bool has_master, double lr, double beta1,

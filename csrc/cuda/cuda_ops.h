@@ -18,6 +18,16 @@ void swiglu_bwd_cuda(uintptr_t dout, uintptr_t gate, uintptr_t up, uintptr_t dga
                      int64_t rows, int64_t cols, int64_t in_stride, int64_t out_stride, int dtype,
                      int device, uintptr_t stream);
 
+// rms_norm.cu: the arguments of the CPU twin (csrc/cpu/cpu_ops.h); rstd fp32. The backward writes
+// dweight as fp32 partials, n_partials rows of cols (rms_norm_partials_cuda says how many it
+// needs), for the caller to sum over the first dim.
+void rms_norm_fwd_cuda(uintptr_t x, uintptr_t weight, uintptr_t out, uintptr_t rstd, int64_t rows, int64_t cols,
+                       double eps, double offset, bool cast_first, int dtype, int device, uintptr_t stream);
+void rms_norm_bwd_cuda(uintptr_t dout, uintptr_t x, uintptr_t weight, uintptr_t rstd, uintptr_t dx,
+                       uintptr_t dweight_partials, int64_t n_partials, int64_t rows, int64_t cols, double offset,
+                       bool cast_first, int dtype, int device, uintptr_t stream);
+int64_t rms_norm_partials_cuda(int64_t rows, int64_t cols, int dtype, int device);
+
 // adamw.cu: `table` is the host int64[7][n_tensors] of csrc/cpu/adamw.cpp; partials a device
 // double[>= total chunks] workspace; sumsq a device double, added to.
 void adamw_grad_sumsq_cuda(uintptr_t table, int64_t n_tensors, int dtype, uintptr_t partials, int64_t partials_len,

@@ -99,8 +99,13 @@ def check_same(op: str, **tensors: torch.Tensor) -> None:
 _STRIDED = torch.strided
 
 
+# nn.Parameter is a Tensor subclass that only disables __torch_function__: plain data, as a Tensor
+# (a norm's weight reaches rms_norm as the parameter itself).
+_PLAIN_TYPES = (Tensor, torch.nn.Parameter)
+
+
 def plain_cpu(t) -> bool:
-    return type(t) is Tensor and t.is_cpu and t.layout is _STRIDED and not t.requires_grad
+    return type(t) in _PLAIN_TYPES and t.is_cpu and t.layout is _STRIDED and not t.requires_grad
 
 
 def eager_untraced() -> bool:
@@ -130,7 +135,7 @@ def eager_plain_cpu(*tensors) -> bool:
 # backward) go through the backward op as before, which has no autograd and says so.
 
 def plain(t) -> bool:
-    return type(t) is Tensor and t.layout is _STRIDED and (t.is_cpu or t.is_cuda)
+    return type(t) in _PLAIN_TYPES and t.layout is _STRIDED and (t.is_cpu or t.is_cuda)
 
 
 def _direct(tensors) -> bool:

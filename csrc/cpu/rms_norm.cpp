@@ -1,0 +1,308 @@
+// Fused RMSNorm on the CPU (Zhang & Sennrich 2019): y = x * rstd * (offset + w),
+// rstd = 1 / sqrt(mean(x^2) + eps), one row of `cols` at a time, math in fp32 (fp64 for fp64).
+//
+// Two roundings, as the models this replaces write it (cast_first):
+//   cast_first = true  (LLaMA, Qwen, Mistral, pyllm.nn.RMSNorm): y = T(T(x * rstd) * (offset + w))
+//   cast_first = false (Gemma):                                     y = T(x * rstd * (offset + w))
+// In fp32 the two are the same. weight may be absent (0): w = 1 and offset is ignored.
+//
+// Backward, from the saved rstd (one fp32 per row) and x, with h = x * rstd, g = dy * (offset + w):
+//   dx = rstd * (g - h * mean(g * h)),   dw = sum over rows of dy * h  (h rounded to T first
+// when cast_first: it is what multiplied w in the forward).
+//
+// Traffic per element: forward reads x, writes y (4 B bf16); backward reads dy and x, writes dx
+// (6 B bf16), plus a cols-wide fp32 partial of dw per thread, summed in thread order at the end
+// (bitwise repeatable for a given thread count). Every row is read twice (sum of squares, then
+// the output), the second time from L1/L2: rows up to 16K bf16 elements are 32 KB.
+//
+// Threading: OpenMP over rows in static blocks; calls under kParallelMin elements run on the calling
+// thread (the fork/join costs more than it saves, as in swiglu.cpp). Inner loops: on AVX-512 builds,
+// 16 lanes of intrinsics (common/cpu_math.h); elsewhere plain fp32 arithmetic over 16-bit loads
+// that the compiler vectorises (`omp simd`, with reductions).
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "common/checks.h"
+#include "common/cpu_math.h"
+#include "common/dtype.h"
+#include "cpu/cpu_ops.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace pyllm {
+namespace {
+
+constexpr int64_t kParallelMin = 32768;
+
+struct Args {
+  int64_t rows, cols;
+  double eps, offset;
+  bool cast_first, has_weight;
+};
+
+void check_args(const char* what, const Args& a, int dtype, std::initializer_list<uintptr_t> ptrs) {
+  PYLLM_CHECK(a.rows >= 0 && a.cols >= 1, what, ": rows must be >= 0 and cols >= 1, got ", a.rows, " and ", a.cols);
+  PYLLM_CHECK(std::isfinite(a.eps) && a.eps >= 0, what, ": eps must be finite and >= 0, got ", a.eps);
+  PYLLM_CHECK(std::isfinite(a.offset), what, ": offset must be finite, got ", a.offset);
+  dtype_size(dtype);  // throws on an unknown code
+  if (a.rows > 0)
+    for (uintptr_t p : ptrs) PYLLM_CHECK(p != 0, what, ": null data pointer for a non-empty tensor");
+}
+
+// Sums over a row (squares, g * h) and over rows (dw): fp64 for fp32 inputs, whose outputs would
+// otherwise carry the rounding of 8K sequential fp32 adds (2x torch's error at 8,200 columns,
+// which sums pairwise); fp32 for 16-bit inputs, whose rounding dwarfs it.
+template <typename T> using sum_t = std::conditional_t<std::is_same_v<T, float>, double, acc_t<T>>;
+
+// T(v) back in the math type: the rounding a cast to T and back makes.
+template <typename T>
+inline acc_t<T> round_to(acc_t<T> v) {
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) return v;
+  else return to_float(from_float<T>(v));
+}
+
+template <typename T>
+acc_t<T> row_rstd(const T* __restrict x, int64_t cols, double eps) {
+  using S = sum_t<T>;
+  S ss = 0;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t c = 0; c < cols; ++c) {
+    const S v = to_float(x[c]);
+    ss += v * v;
+  }
+  return acc_t<T>(S(1) / std::sqrt(ss / S(cols) + S(eps)));
+}
+
+#ifdef PYLLM_AVX512
+// The same rows on 16 fp32 lanes (common/cpu_math.h's loads, stores and roundings; masked tails, so
+// every element takes one path). fp32 inputs sum in two 8-lane fp64 halves, as sum_t says.
+inline double sum_lanes(__m512d a) { return _mm512_reduce_add_pd(a); }
+inline __m512d low_pd(__m512 v) { return _mm512_cvtps_pd(_mm512_castps512_ps256(v)); }
+inline __m512d high_pd(__m512 v) {
+  return _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+}
+
+template <typename T>
+struct RowSum {  // sum of 16-lane products in sum_t<T>
+  __m512 f = _mm512_setzero_ps();
+  __m512d lo = _mm512_setzero_pd(), hi = _mm512_setzero_pd();
+  void add(__m512 v) {
+    if constexpr (std::is_same_v<T, float>) {
+      lo = _mm512_add_pd(lo, low_pd(v));
+      hi = _mm512_add_pd(hi, high_pd(v));
+    } else {
+      f = _mm512_add_ps(f, v);
+    }
+  }
+  void add_square(__m512 v) {
+    if constexpr (std::is_same_v<T, float>) {
+      const __m512d l = low_pd(v), h = high_pd(v);
+      lo = _mm512_fmadd_pd(l, l, lo);
+      hi = _mm512_fmadd_pd(h, h, hi);
+    } else {
+      f = _mm512_fmadd_ps(v, v, f);
+    }
+  }
+  sum_t<T> total() const {
+    if constexpr (std::is_same_v<T, float>) return sum_lanes(_mm512_add_pd(lo, hi));
+    else return _mm512_reduce_add_ps(f);
+  }
+};
+
+template <typename T>
+float fwd_row_avx512(const T* x_row, const T* w, T* o_row, const Args& a) {
+  using S = sum_t<T>;
+  RowSum<T> ss;
+  for (int64_t c = 0; c < a.cols; c += 16) ss.add_square(avx512::load(x_row + c, a.cols - c));
+  const float rstd = float(S(1) / std::sqrt(ss.total() / S(a.cols) + S(a.eps)));
+  const __m512 s = _mm512_set1_ps(rstd), offset = _mm512_set1_ps(float(a.offset));
+  for (int64_t c = 0; c < a.cols; c += 16) {
+    const int64_t n = a.cols - c;
+    __m512 y = _mm512_mul_ps(avx512::load(x_row + c, n), s);
+    if (a.has_weight) {
+      if (a.cast_first) y = avx512::round_trip<T>(y);
+      y = _mm512_mul_ps(y, _mm512_add_ps(offset, avx512::load(w + c, n)));
+    }
+    avx512::store(o_row + c, y, n);
+  }
+  return rstd;
+}
+
+template <typename T, bool kWeight>
+void bwd_row_avx512(const T* d_row, const T* x_row, const T* w, float rstd, T* dx_row, sum_t<T>* dw_partial,
+                    const Args& a) {
+  using S = sum_t<T>;
+  const __m512 s = _mm512_set1_ps(rstd), offset = _mm512_set1_ps(float(a.offset));
+  auto scaled = [&](__m512 d, int64_t c, int64_t n) {  // g = dy * (offset + w)
+    if constexpr (kWeight) return _mm512_mul_ps(d, _mm512_add_ps(offset, avx512::load(w + c, n)));
+    else return d;
+  };
+  RowSum<T> gh;
+  for (int64_t c = 0; c < a.cols; c += 16) {
+    const int64_t n = a.cols - c;
+    const __m512 g = scaled(avx512::load(d_row + c, n), c, n);
+    gh.add(_mm512_mul_ps(g, _mm512_mul_ps(avx512::load(x_row + c, n), s)));
+  }
+  const __m512 mean_gh = _mm512_set1_ps(float(gh.total() / S(a.cols)));
+  for (int64_t c = 0; c < a.cols; c += 16) {
+    const int64_t n = a.cols - c;
+    const __m512 d = avx512::load(d_row + c, n), h = _mm512_mul_ps(avx512::load(x_row + c, n), s);
+    const __m512 g = scaled(d, c, n);
+    avx512::store(dx_row + c, _mm512_mul_ps(s, _mm512_fnmadd_ps(h, mean_gh, g)), n);
+    if (dw_partial == nullptr) continue;
+    const __m512 contribution = _mm512_mul_ps(d, a.cast_first ? avx512::round_trip<T>(h) : h);
+    const __mmask16 m = avx512::first(n);
+    if constexpr (std::is_same_v<T, float>) {
+      const __mmask8 m_lo = __mmask8(m & 0xff), m_hi = __mmask8(m >> 8);
+      double* p = dw_partial + c;
+      _mm512_mask_storeu_pd(p, m_lo, _mm512_add_pd(_mm512_maskz_loadu_pd(m_lo, p), low_pd(contribution)));
+      _mm512_mask_storeu_pd(p + 8, m_hi, _mm512_add_pd(_mm512_maskz_loadu_pd(m_hi, p + 8), high_pd(contribution)));
+    } else {
+      float* p = dw_partial + c;
+      _mm512_mask_storeu_ps(p, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, p), contribution));
+    }
+  }
+}
+#endif
+
+template <typename T>
+void fwd(const T* x, const T* w, T* out, acc_t<T>* rstd, const Args& a) {
+  using A = acc_t<T>;
+  const A offset = A(a.offset);
+#pragma omp parallel for schedule(static) if (a.rows * a.cols >= kParallelMin)
+  for (int64_t r = 0; r < a.rows; ++r) {
+    const T* __restrict x_row = x + r * a.cols;
+    T* __restrict o_row = out + r * a.cols;
+#ifdef PYLLM_AVX512
+    if constexpr (avx512::has_lanes<T>) {
+      rstd[r] = fwd_row_avx512(x_row, w, o_row, a);
+      continue;
+    }
+#endif
+    const A s = row_rstd(x_row, a.cols, a.eps);
+    rstd[r] = s;
+    if (!a.has_weight) {
+#pragma omp simd
+      for (int64_t c = 0; c < a.cols; ++c) o_row[c] = from_acc<T>(to_float(x_row[c]) * s);
+    } else if (a.cast_first) {
+#pragma omp simd
+      for (int64_t c = 0; c < a.cols; ++c)
+        o_row[c] = from_acc<T>(round_to<T>(to_float(x_row[c]) * s) * (offset + A(to_float(w[c]))));
+    } else {
+#pragma omp simd
+      for (int64_t c = 0; c < a.cols; ++c)
+        o_row[c] = from_acc<T>(to_float(x_row[c]) * s * (offset + A(to_float(w[c]))));
+    }
+  }
+}
+
+template <typename T, bool kWeight>
+void bwd_rows(const T* dout, const T* x, const T* w, const acc_t<T>* rstd, T* dx, sum_t<T>* dw_partial, int64_t r0,
+              int64_t r1, const Args& a) {
+  using A = acc_t<T>;
+  using S = sum_t<T>;
+  const A offset = A(a.offset);
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* __restrict d_row = dout + r * a.cols;
+    const T* __restrict x_row = x + r * a.cols;
+    T* __restrict dx_row = dx + r * a.cols;
+    const A s = rstd[r];
+#ifdef PYLLM_AVX512
+    if constexpr (avx512::has_lanes<T>) {
+      bwd_row_avx512<T, kWeight>(d_row, x_row, w, s, dx_row, dw_partial, a);
+      continue;
+    }
+#endif
+    S gh = 0;  // sum of g * h
+#pragma omp simd reduction(+ : gh)
+    for (int64_t c = 0; c < a.cols; ++c) {
+      A g = to_float(d_row[c]);
+      if constexpr (kWeight) g *= offset + A(to_float(w[c]));
+      gh += S(g * A(to_float(x_row[c])) * s);
+    }
+    const A mean_gh = A(gh / S(a.cols));
+#pragma omp simd
+    for (int64_t c = 0; c < a.cols; ++c) {
+      const A d = to_float(d_row[c]), h = A(to_float(x_row[c])) * s;
+      A g = d;
+      if constexpr (kWeight) g *= offset + A(to_float(w[c]));
+      dx_row[c] = from_acc<T>(s * (g - h * mean_gh));
+    }
+    if (dw_partial != nullptr) {
+      if (a.cast_first) {
+#pragma omp simd
+        for (int64_t c = 0; c < a.cols; ++c)
+          dw_partial[c] += S(A(to_float(d_row[c])) * round_to<T>(A(to_float(x_row[c])) * s));
+      } else {
+#pragma omp simd
+        for (int64_t c = 0; c < a.cols; ++c) dw_partial[c] += S(A(to_float(d_row[c])) * A(to_float(x_row[c])) * s);
+      }
+    }
+  }
+}
+
+template <typename T>
+void bwd(const T* dout, const T* x, const T* w, const acc_t<T>* rstd, T* dx, T* dw, const Args& a) {
+  using S = sum_t<T>;
+  const bool want_dw = dw != nullptr;
+  int threads = 1;
+#ifdef _OPENMP
+  if (a.rows * a.cols >= kParallelMin) threads = int(std::min<int64_t>(omp_get_max_threads(), a.rows));
+#endif
+  // One cols-wide partial of dw per thread; thread t takes rows [t * rows / threads, ...).
+  std::vector<S> partials(want_dw ? size_t(threads) * size_t(a.cols) : 0, S(0));
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  {
+    int t = 0;
+#ifdef _OPENMP
+    t = omp_get_thread_num();
+#endif
+    const int64_t r0 = a.rows * t / threads, r1 = a.rows * (t + 1) / threads;
+    S* partial = want_dw ? partials.data() + size_t(t) * a.cols : nullptr;
+    if (a.has_weight) bwd_rows<T, true>(dout, x, w, rstd, dx, partial, r0, r1, a);
+    else bwd_rows<T, false>(dout, x, w, rstd, dx, partial, r0, r1, a);
+#pragma omp barrier
+    if (want_dw) {  // each thread sums a slice of columns over the partials, in thread order
+      const int64_t c0 = a.cols * t / threads, c1 = a.cols * (t + 1) / threads;
+      for (int64_t c = c0; c < c1; ++c) {
+        S total = 0;
+        for (int p = 0; p < threads; ++p) total += partials[size_t(p) * a.cols + c];
+        dw[c] = from_acc<T>(acc_t<T>(total));
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void rms_norm_fwd_cpu(uintptr_t x, uintptr_t weight, uintptr_t out, uintptr_t rstd, int64_t rows, int64_t cols,
+                      double eps, double offset, bool cast_first, int dtype) {
+  Args a{rows, cols, eps, offset, cast_first, weight != 0};
+  check_args("rms_norm", a, dtype, {x, out, rstd});
+  if (rows == 0) return;
+  PYLLM_DISPATCH_CPU(dtype, T,
+                     fwd<T>(reinterpret_cast<const T*>(x), reinterpret_cast<const T*>(weight),
+                            reinterpret_cast<T*>(out), reinterpret_cast<acc_t<T>*>(rstd), a));
+}
+
+void rms_norm_bwd_cpu(uintptr_t dout, uintptr_t x, uintptr_t weight, uintptr_t rstd, uintptr_t dx, uintptr_t dweight,
+                      int64_t rows, int64_t cols, double offset, bool cast_first, int dtype) {
+  Args a{rows, cols, 0.0, offset, cast_first, weight != 0};
+  check_args("rms_norm_backward", a, dtype, {dout, x, rstd, dx});
+  PYLLM_CHECK(dweight == 0 || weight != 0, "rms_norm_backward: dweight given without a weight");
+  if (rows == 0) {  // no rows: the weight's gradient is zero
+    if (dweight != 0)
+      PYLLM_DISPATCH_CPU(dtype, T, std::fill_n(reinterpret_cast<T*>(dweight), cols, from_acc<T>(acc_t<T>(0))));
+    return;
+  }
+  PYLLM_DISPATCH_CPU(dtype, T,
+                     bwd<T>(reinterpret_cast<const T*>(dout), reinterpret_cast<const T*>(x),
+                            reinterpret_cast<const T*>(weight), reinterpret_cast<const acc_t<T>*>(rstd),
+                            reinterpret_cast<T*>(dx), reinterpret_cast<T*>(dweight), a));
+}
+
+}  // namespace pyllm

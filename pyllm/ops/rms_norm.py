@@ -1,0 +1,194 @@
+"""Fused RMSNorm: x * rstd * (offset + weight), rstd = 1 / sqrt(mean(x^2) + eps), forward and backward
+in one kernel each.
+
+Kernels: csrc/cpu/rms_norm.cpp, csrc/cuda/rms_norm.cu. The forward also returns rstd (fp32, one per
+row), which autograd saves with x and weight: the backward reads dy, x and rstd and recomputes the
+normalised row from them.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from pyllm import _C
+from pyllm.ops import _util
+
+OP = "rms_norm"
+DTYPES = {
+    "cpu": (torch.float32, torch.bfloat16, torch.float16, torch.float64),
+    "cuda": (torch.float32, torch.float16, torch.bfloat16),
+}
+# The CUDA backward keeps a row of dw per row group in shared memory (csrc/cuda/rms_norm.cu).
+MAX_COLS_CUDA = 32768
+
+
+# --- validation ---------------------------------------------------------------------------------
+
+def _check(x, weight, eps, offset) -> None:
+    _util.check_tensor(OP, "x", x, DTYPES)
+    if x.dim() == 0 or x.shape[-1] == 0:
+        raise ValueError(f"{OP}: x must have a last dim of at least 1 element (the normalised one), got shape "
+                         f"{tuple(x.shape)}")
+    if weight is not None:
+        _util.check_tensor(OP, "weight", weight, DTYPES)
+        _util.check_same(OP, x=x, weight=weight)
+        if weight.shape != x.shape[-1:]:
+            raise ValueError(f"{OP}: weight must have shape ({x.shape[-1]},) (x's last dim), got {tuple(weight.shape)}")
+    if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"{OP}: eps must be a finite number >= 0, got {eps!r}")
+    if not isinstance(offset, (int, float)) or not math.isfinite(offset):
+        raise ValueError(f"{OP}: offset must be a finite number, got {offset!r}")
+    if x.is_cuda and x.shape[-1] > MAX_COLS_CUDA:
+        raise ValueError(f"{OP}: the CUDA kernel takes rows of at most {MAX_COLS_CUDA} elements, got x's last dim "
+                         f"{x.shape[-1]}")
+
+
+def _rstd_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+# --- launchers: write into given outputs (tests poison these first) ---------------------------
+
+def rms_norm_forward_into(x: Tensor, weight: Optional[Tensor], out: Tensor, rstd: Tensor, eps: float, offset: float,
+                          cast_first: bool) -> None:
+    """out = rms_norm(x), rstd = 1 / rms per row, for contiguous x and out (rows = x.numel() / cols)."""
+    cols = x.shape[-1]
+    rows = x.numel() // cols
+    args = (_util.ptr(x), 0 if weight is None else _util.ptr(weight), _util.ptr(out), _util.ptr(rstd), rows, cols,
+            float(eps), float(offset), bool(cast_first), _util.dtype_code(x))
+    if x.is_cuda:
+        _util.check_backend(OP, x.device)  # torch.ops.pyllm.* arrive here without rms_norm()'s checks
+        _C.rms_norm_fwd_cuda(*args, x.device.index, _util.stream_of(x))
+    else:
+        _C.rms_norm_fwd_cpu(*args)
+
+
+def rms_norm_backward_into(dout: Tensor, x: Tensor, weight: Optional[Tensor], rstd: Tensor, dx: Tensor,
+                           dweight: Optional[Tensor], offset: float, cast_first: bool) -> None:
+    """dx (and dweight, if given) for contiguous dout, x, dx."""
+    cols = x.shape[-1]
+    rows = x.numel() // cols
+    w_ptr = 0 if weight is None else _util.ptr(weight)
+    if not x.is_cuda:
+        _C.rms_norm_bwd_cpu(_util.ptr(dout), _util.ptr(x), w_ptr, _util.ptr(rstd), _util.ptr(dx),
+                            0 if dweight is None else _util.ptr(dweight), rows, cols, float(offset), bool(cast_first),
+                            _util.dtype_code(x))
+        return
+    _util.check_backend(OP, x.device)
+    device = x.device.index
+    partials = None
+    if dweight is not None:  # one fp32 row per block, summed here (deterministic: a fixed grid)
+        n = _C.rms_norm_partials_cuda(rows, cols, _util.dtype_code(x), device) if rows else 0
+        partials = torch.empty((n, cols), dtype=torch.float32, device=x.device)
+    if rows:
+        _C.rms_norm_bwd_cuda(_util.ptr(dout), _util.ptr(x), w_ptr, _util.ptr(rstd), _util.ptr(dx),
+                             0 if partials is None else _util.ptr(partials), 0 if partials is None else partials.shape[0],
+                             rows, cols, float(offset), bool(cast_first), _util.dtype_code(x), device,
+                             _util.stream_of(x))
+    if dweight is not None:
+        dweight.copy_(partials.sum(0))
+
+
+# --- torch.library custom ops ---------------------------------------------------------------
+
+def _rms_norm_body(x: Tensor, weight: Optional[Tensor], eps: float, offset: float,
+                   cast_first: bool) -> tuple[Tensor, Tensor]:
+    x = x.contiguous()
+    weight = None if weight is None else weight.contiguous()
+    out = torch.empty_like(x)
+    rstd = torch.empty(x.shape[:-1], dtype=_rstd_dtype(x), device=x.device)
+    rms_norm_forward_into(x, weight, out, rstd, eps, offset, cast_first)
+    return out, rstd
+
+
+# As in swiglu.py: the op wraps its plain function, which eager calls run directly (_util.call).
+_rms_norm = torch.library.custom_op("pyllm::rms_norm", mutates_args=())(_rms_norm_body)
+
+
+@_rms_norm.register_fake
+def _(x, weight, eps, offset, cast_first):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(x.shape[:-1], dtype=_rstd_dtype(x))
+
+
+def _rms_norm_backward_body(dout: Tensor, x: Tensor, weight: Optional[Tensor], rstd: Tensor, offset: float,
+                            cast_first: bool, weight_grad: bool) -> tuple[Tensor, Tensor]:
+    """(dx, dweight); dweight is an empty tensor when weight_grad is False."""
+    dout, x, rstd = dout.contiguous(), x.contiguous(), rstd.contiguous()
+    weight = None if weight is None else weight.contiguous()
+    dx = torch.empty_like(x)
+    dweight = torch.empty_like(weight) if weight_grad else x.new_empty(0)
+    rms_norm_backward_into(dout, x, weight, rstd, dx, dweight if weight_grad else None, offset, cast_first)
+    return dx, dweight
+
+
+_rms_norm_backward = torch.library.custom_op("pyllm::rms_norm_backward", mutates_args=())(_rms_norm_backward_body)
+
+
+@_rms_norm_backward.register_fake
+def _(dout, x, weight, rstd, offset, cast_first, weight_grad):
+    dweight = torch.empty_like(weight, memory_format=torch.contiguous_format) if weight_grad else x.new_empty(0)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), dweight
+
+
+def _rms_norm_setup(ctx, inputs, output):
+    x, weight, _, offset, cast_first = inputs
+    ctx.save_for_backward(x, weight, output[1])
+    ctx.args = (offset, cast_first)
+
+
+def _rms_norm_grad(ctx, dout, drstd):
+    x, weight, rstd = ctx.saved_tensors
+    weight_grad = weight is not None and ctx.needs_input_grad[1]
+    dx, dweight = _util.call(_rms_norm_backward_body, torch.ops.pyllm.rms_norm_backward, None, dout, x, weight, rstd,
+                             *ctx.args, weight_grad)
+    return dx, (dweight if weight_grad else None), None, None, None
+
+
+_rms_norm.register_autograd(_rms_norm_grad, setup_context=_rms_norm_setup)
+
+
+class _RmsNormFunction(torch.autograd.Function):
+    """The op's autograd for eager calls, without its dispatch (see _util.call)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps, offset, cast_first):
+        out, rstd = _rms_norm_body(x, weight, eps, offset, cast_first)
+        _rms_norm_setup(ctx, (x, weight, eps, offset, cast_first), (out, rstd))
+        ctx.mark_non_differentiable(rstd)
+        return out, rstd
+
+    backward = staticmethod(_rms_norm_grad)
+
+
+# --- public API -------------------------------------------------------------------------------
+
+def rms_norm(x: Tensor, weight: Optional[Tensor] = None, eps: float = 1e-6, *, offset: float = 0.0,
+             cast_first: bool = True) -> Tensor:
+    """RMSNorm over the last dim (Zhang & Sennrich 2019) in one fused kernel, differentiable:
+    x * rstd * (offset + weight), rstd = 1 / sqrt(mean(x^2, -1) + eps).
+
+    Args:
+        x: (..., D), any number of leading dims (empty too). CPU: float32, bfloat16, float16,
+            float64. CUDA: float32, float16, bfloat16, D <= 32768.
+        weight: (D,), x's dtype and device; None for no scale (then offset is unused).
+        eps: added to the mean square.
+        offset: added to weight (Gemma stores weight - 1 and uses offset=1.0).
+        cast_first: True rounds x * rstd to x's dtype before the scale, as LLaMA, Qwen, Mistral and
+            pyllm.nn.RMSNorm write it (``(x32 * rstd).to(dtype) * weight``); False scales in fp32
+            and rounds once, as Gemma does. The same in float32 and float64.
+    Returns:
+        A new contiguous tensor of x's shape and dtype. The mean square and every product run in
+        fp32 (fp64 for fp64 inputs). Backward gives the gradients of x and weight (dw summed over
+        rows in fp32, in a fixed order: bitwise repeatable).
+    Raises:
+        TypeError for a non-tensor, an unsupported or mismatched dtype; ValueError for a weight not
+        of shape (D,), mismatched devices, D = 0, a negative or non-finite eps, a non-finite offset,
+        an unsupported device, D > 32768 on CUDA; RuntimeError for a CUDA tensor when pyllm was built
+        without CUDA kernels.
+    """
+    _check(x, weight, eps, offset)
+    return _util.call(_rms_norm_body, _rms_norm, _RmsNormFunction, x, weight, float(eps), float(offset),
+                      bool(cast_first))[0]

@@ -1,0 +1,261 @@
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import pyllm
+from pyllm import _C
+from pyllm.nn import RMSNorm
+from pyllm.ops import _util
+from pyllm.ops import rms_norm as rms_norm_ops
+from helpers import CPU_AND_CUDA, on_unsupported_device, poisoned, rel_err, tolerance
+
+# (rows..., cols): one warp per row and wide rows on CUDA (> 1,024 16-bit elements), widths that
+# are not a multiple of a 16-byte vector (the scalar path), one element.
+SHAPES = [(1,), (7,), (3, 5), (2, 17, 33), (4, 1, 257), (64, 1024), (3, 100), (2, 3000), (2, 8200)]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# (cast_first, offset, weight): LLaMA's, Gemma's, LLaMA's rounding with an offset, no weight.
+VARIANTS = [(True, 0.0, True), (False, 1.0, True), (True, 0.5, True), (True, 0.0, False)]
+VARIANT_IDS = ["llama", "gemma", "offset", "no_weight"]
+EPS = 1e-6
+
+
+def randn(shape, dtype, device, scale=1.0, shift=0.0):
+    return (torch.randn(shape, dtype=torch.float64) * scale + shift).to(dtype).to(device)
+
+
+def exact(x, weight, offset):
+    """The function itself, in float64 on the CPU: no rounding anywhere."""
+    x64 = x.double().cpu()
+    h = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + EPS)
+    return h if weight is None else h * (offset + weight.double().cpu())
+
+
+def as_torch_writes_it(x, weight, offset, cast_first):
+    """What a torch model computes in x's dtype: LLaMA's ((x32 * rstd).to(dtype) * weight) or Gemma's."""
+    x32 = x.float()
+    h = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + EPS)
+    if weight is None:
+        return h.to(x.dtype)
+    if cast_first:
+        return h.to(x.dtype) * (offset + weight)
+    return (h * (offset + weight.float())).to(x.dtype)
+
+
+def inputs(shape, dtype, device, has_weight):
+    x = randn(shape, dtype, device)
+    weight = randn(shape[-1:], dtype, device, scale=0.3, shift=1.0) if has_weight else None
+    return x, weight
+
+
+def grads(fn, x, weight, dout):
+    leaves = [x.detach().clone().requires_grad_()] + ([weight.detach().clone().requires_grad_()] if weight is not None else [])
+    out = fn(*leaves)
+    return out, torch.autograd.grad(out, leaves, dout)
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
+def test_forward_and_backward_match_float64(device, dtype, shape, variant):
+    cast_first, offset, has_weight = variant
+    x, weight = inputs(shape, dtype, device, has_weight)
+    dout = randn(shape, dtype, device)
+    ref, ref_grads = grads(lambda *t: exact(t[0], t[1] if has_weight else None, offset),
+                           x.double().cpu(), None if weight is None else weight.double().cpu(), dout.double().cpu())
+    theirs, their_grads = grads(lambda *t: as_torch_writes_it(t[0], t[1] if has_weight else None, offset, cast_first),
+                                x, weight, dout)
+    ours, our_grads = grads(lambda *t: pyllm.rms_norm(t[0], t[1] if has_weight else None, EPS, offset=offset,
+                                                      cast_first=cast_first), x, weight, dout)
+    assert ours.shape == x.shape and ours.dtype == dtype and ours.device == x.device
+    assert rel_err(ours, ref) <= tolerance(theirs, ref)
+    for name, g, g_ref, g_torch in zip(("dx", "dweight"), our_grads, ref_grads, their_grads):
+        assert g.dtype == dtype and g.shape == g_ref.shape, name
+        if name == "dx" and shape[-1] == 1:  # x / |x|: dx is eps / x^2 times dy, 1 - h^2 cancelled to noise
+            continue
+        assert rel_err(g, g_ref) <= tolerance(g_torch, g_ref), name
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_every_output_element_is_written(device, dtype):
+    for shape in [(5, 1031), (3, 16), (700, 64), (3, 8192 * 2 + 5)]:
+        rows, cols = shape
+        x, weight = inputs(shape, dtype, device, True)
+        dout = randn(shape, dtype, device)
+        out, rstd = poisoned(shape, dtype, device), poisoned((rows,), torch.float32, device)
+        rms_norm_ops.rms_norm_forward_into(x, weight, out, rstd, EPS, 0.0, True)
+        dx, dweight = poisoned(shape, dtype, device), poisoned((cols,), dtype, device)
+        rms_norm_ops.rms_norm_backward_into(dout, x, weight, rstd, dx, dweight, 0.0, True)
+        for t in (out, rstd, dx, dweight):
+            assert not t.isnan().any()
+        torch.testing.assert_close(rstd.cpu(), torch.rsqrt(x.double().cpu().pow(2).mean(-1) + EPS).float())
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+def test_backward_is_bitwise_repeatable(device):
+    x, weight = inputs((300, 520), torch.bfloat16, device, True)
+    dout = randn((300, 520), torch.bfloat16, device)
+    first = grads(lambda a, b: pyllm.rms_norm(a, b), x, weight, dout)[1]
+    for _ in range(3):
+        again = grads(lambda a, b: pyllm.rms_norm(a, b), x, weight, dout)[1]
+        assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+def test_strided_misaligned_and_zero_rows(device):
+    # A non-contiguous x is copied; an offset view (misaligned by 2 bytes) takes the scalar path on
+    # CUDA; an all-zero row gives zeros (rstd = 1 / sqrt(eps)), with finite gradients.
+    base = randn((4, 2, 129), torch.bfloat16, device)
+    x, weight = base[:, 1, 1:], randn((128,), torch.bfloat16, device, 0.3, 1.0)
+    expected = pyllm.rms_norm(x.contiguous(), weight)
+    assert torch.equal(pyllm.rms_norm(x, weight), expected)
+    assert torch.equal(pyllm.rms_norm(x.t().contiguous().t(), weight), expected)
+    zero_row = x.clone()
+    zero_row[2] = 0
+    x_leaf, w_leaf = zero_row.requires_grad_(), weight.clone().requires_grad_()
+    out = pyllm.rms_norm(x_leaf, w_leaf)
+    assert torch.equal(out[2], torch.zeros_like(out[2]))
+    out.float().pow(2).sum().backward()
+    assert torch.isfinite(x_leaf.grad).all() and torch.isfinite(w_leaf.grad).all()
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+def test_empty_tensors(device):
+    for shape in [(0, 5), (3, 0, 8)]:
+        x = torch.randn(shape, device=device, requires_grad=True)
+        weight = torch.randn(shape[-1], device=device, requires_grad=True)
+        out = pyllm.rms_norm(x, weight)
+        assert out.shape == shape
+        out.sum().backward()
+        assert x.grad.shape == shape and torch.equal(weight.grad, torch.zeros_like(weight))
+
+
+def test_gradcheck_float64():
+    for shape, offset, cast_first in [((3, 7), 0.0, True), ((2, 1, 5), 1.0, False)]:
+        x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+        weight = torch.randn(shape[-1], dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda a, b: pyllm.rms_norm(a, b, 1e-5, offset=offset, cast_first=cast_first),
+                                        (x, weight))
+        assert torch.autograd.gradcheck(lambda a: pyllm.rms_norm(a, None, 1e-5), (x,))
+
+
+def test_opcheck():
+    x, weight = torch.randn(4, 6), torch.randn(6)
+    for args in [(x, weight, 1e-6, 0.0, True), (x.requires_grad_(), weight.requires_grad_(), 1e-6, 1.0, False),
+                 (x, None, 1e-5, 0.0, True)]:
+        torch.library.opcheck(torch.ops.pyllm.rms_norm.default, args)
+    rstd = torch.rand(4) + 0.5
+    torch.library.opcheck(torch.ops.pyllm.rms_norm_backward.default,
+                          (torch.randn(4, 6), x.detach(), weight.detach(), rstd, 0.0, True, True))
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+def test_eager_calls_match_the_op(device):
+    x = torch.randn(5, 40, dtype=torch.bfloat16, device=device)
+    weight = torch.randn(40, dtype=torch.bfloat16, device=device)
+    assert torch.equal(pyllm.rms_norm(x, weight), torch.ops.pyllm.rms_norm(x, weight, 1e-6, 0.0, True)[0])
+    x.requires_grad_()
+    weight.requires_grad_()
+    dout = torch.randn_like(x)
+    out, out_op = pyllm.rms_norm(x, weight), torch.ops.pyllm.rms_norm(x, weight, 1e-6, 0.0, True)[0]
+    assert type(out.grad_fn).__name__ == "_RmsNormFunctionBackward"
+    assert torch.equal(out, out_op)
+    for g, g_op in zip(torch.autograd.grad(out, (x, weight), dout), torch.autograd.grad(out_op, (x, weight), dout)):
+        assert torch.equal(g, g_op)
+
+
+def test_meta_tensors_give_shapes():
+    x = torch.empty(3, 5, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.empty(5, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    out = pyllm.rms_norm(x, weight)
+    assert out.is_meta and out.shape == (3, 5)
+    gx, gw = torch.autograd.grad(out.sum(), (x, weight))
+    assert gx.is_meta and gx.shape == (3, 5) and gw.shape == (5,)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_module_runs_the_kernel(dtype):
+    norm = RMSNorm(48, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(randn((48,), dtype, "cpu", 0.3, 1.0))
+    x = randn((2, 5, 48), dtype, "cpu").requires_grad_()
+    out = norm(x)
+    assert type(out.grad_fn).__name__ == "_RmsNormFunctionBackward"
+    assert torch.equal(out, pyllm.rms_norm(x, norm.weight, 1e-5))
+    if dtype == torch.float64:
+        return
+    # An fp32 weight (mixed precision) is cast to x's dtype, as the torch form does.
+    out_fp32_weight = RMSNorm(48, eps=1e-5)
+    with torch.no_grad():
+        out_fp32_weight.weight.copy_(norm.weight.float())
+    assert torch.equal(out_fp32_weight(x), out)
+
+
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    norm = RMSNorm(32)
+    compiled = torch.compile(norm, fullgraph=True)
+    x = torch.randn(3, 32, requires_grad=True)
+    out = compiled(x)
+    torch.testing.assert_close(out, norm(x))
+    (g_compiled,) = torch.autograd.grad(out.sum(), x)
+    (g_eager,) = torch.autograd.grad(norm(x).sum(), x)
+    torch.testing.assert_close(g_compiled, g_eager)
+
+
+# --- bad input ----------------------------------------------------------------------------
+
+def test_bad_input_raises_clear_errors():
+    x = torch.randn(3, 4)
+    with pytest.raises(ValueError, match=r"weight must have shape \(4,\)"):
+        pyllm.rms_norm(x, torch.randn(5))
+    with pytest.raises(TypeError, match="dtype"):
+        pyllm.rms_norm(x, torch.randn(4).bfloat16())
+    with pytest.raises(TypeError, match="expected one of"):
+        pyllm.rms_norm(x.int())
+    with pytest.raises(TypeError, match="must be a torch.Tensor"):
+        pyllm.rms_norm([1.0])
+    with pytest.raises(ValueError, match="last dim of at least 1"):
+        pyllm.rms_norm(torch.randn(3, 0))
+    with pytest.raises(ValueError, match="last dim of at least 1"):
+        pyllm.rms_norm(torch.tensor(1.0))
+    with pytest.raises(ValueError, match="eps must be"):
+        pyllm.rms_norm(x, eps=-1.0)
+    with pytest.raises(ValueError, match="offset must be"):
+        pyllm.rms_norm(x, torch.randn(4), offset=float("nan"))
+    with pytest.raises(ValueError, match="device"):
+        pyllm.rms_norm(on_unsupported_device(x))
+
+
+def test_cuda_launch_without_cuda_kernels_raises(monkeypatch):
+    monkeypatch.setattr(_util, "HAS_CUDA_KERNELS", False)
+    fake = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0), dtype=torch.float32, shape=(2, 4),
+                           data_ptr=lambda: 256, numel=lambda: 8)
+    with pytest.raises(RuntimeError, match="built without CUDA kernels"):
+        rms_norm_ops.rms_norm_forward_into(fake, fake, fake, fake, EPS, 0.0, True)
+    with pytest.raises(RuntimeError, match="built without CUDA kernels"):
+        rms_norm_ops.rms_norm_backward_into(fake, fake, fake, fake, fake, None, 0.0, True)
+
+
+@pytest.mark.cuda
+def test_cuda_bad_input():
+    with pytest.raises(ValueError, match="must match"):
+        pyllm.rms_norm(torch.randn(3, 4, device="cuda"), torch.randn(4))
+    with pytest.raises(ValueError, match="at most 32768"):
+        pyllm.rms_norm(torch.randn(2, 32769, device="cuda"))
+
+
+def test_cpp_rechecks_raw_calls():
+    with pytest.raises(ValueError, match="null data pointer"):
+        _C.rms_norm_fwd_cpu(0, 0, 0, 0, 2, 10, 1e-6, 0.0, True, 0)
+    a = torch.randn(8)
+    with pytest.raises(ValueError, match="dtype"):
+        _C.rms_norm_fwd_cpu(a.data_ptr(), 0, a.data_ptr(), a.data_ptr(), 2, 4, 1e-6, 0.0, True, 99)
+    with pytest.raises(ValueError, match="cols >= 1"):
+        _C.rms_norm_fwd_cpu(1, 0, 1, 1, 2, 0, 1e-6, 0.0, True, 0)
+    with pytest.raises(ValueError, match="eps"):
+        _C.rms_norm_fwd_cpu(1, 0, 1, 1, 2, 4, -1.0, 0.0, True, 0)
+    with pytest.raises(ValueError, match="without a weight"):
+        _C.rms_norm_bwd_cpu(1, 1, 0, 1, 1, 1, 2, 4, 0.0, True, 0)

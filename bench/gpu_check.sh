@@ -145,7 +145,7 @@ if want bench; then
   : > "$OUT/bench.log"
   deadline=$(( $(date +%s) + ${BENCH_LIMIT:-420} ))
   # The kernels' own benchmarks first (#7 needs them), then the model-level ones, then any other.
-  ordered="attention swiglu rms_norm optim bpe train generate sft"
+  ordered="attention swiglu rms_norm rope optim bpe train generate sft"
   scripts=$(for n in $ordered; do echo bench/bench_$n.py; done; ls bench/bench_*.py | grep -v -E "bench_($(echo $ordered | tr ' ' '|'))\.py")
   for script in $scripts; do
     name=$(basename "$script" .py)

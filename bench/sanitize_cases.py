@@ -46,6 +46,27 @@ def rms_norm_cases():
                 assert (w.grad.double() - w64.grad).abs().max().item() < 0.02 * w64.grad.abs().max().item(), "rms_norm dw"
 
 
+def rope_cases():
+    # Full and partial rotary, per-row tables, a strided view of a fused projection; checked against
+    # float64 and by rotating back.
+    from pyllm.nn import rope_cos_sin
+
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for B, T, H, D, R in [(2, 5, 3, 64, 64), (1, 7, 2, 80, 32), (3, 1, 1, 128, 128)]:
+            x = torch.randn(B, T, 3 * H * D, device="cuda", dtype=dtype)[..., :H * D].view(B, T, H, D)
+            positions = torch.randint(0, 4096, (B, T), device="cuda")
+            cos, sin = rope_cos_sin(T, R, device="cuda", positions=positions)
+            xl = x.detach().requires_grad_()
+            out = pyllm.rope(xl, cos, sin)
+            out.backward(torch.randn_like(out))
+            x64, c, s = x.double(), cos.double().unsqueeze(-2), sin.double().unsqueeze(-2)
+            x1, x2 = x64[..., :R // 2], x64[..., R // 2:R]
+            ref = torch.cat([x1 * c - x2 * s, x2 * c + x1 * s, x64[..., R:]], dim=-1)
+            assert (out.double() - ref).abs().max().item() < 0.02 * ref.abs().max().item(), "rope forward wrong"
+            back = pyllm.rope(out.detach(), cos, -sin)
+            assert (back.double() - x64).abs().max().item() < 0.05 * x64.abs().max().item(), "rope inverse wrong"
+
+
 def adamw_cases():
     from pyllm.optim import AdamW, DynamicLossScaler
 
@@ -266,7 +287,8 @@ def flash_attn_bad_seqlens_cases():
                                   torch.tensor([-4, 2**30, 15], dtype=torch.int32, device="cuda"), new, new)
 
 
-CASES = {"swiglu": swiglu_cases, "rms_norm": rms_norm_cases, "adamw": adamw_cases, "bpe": bpe_cases, "flash_attn": flash_attn_cases,
+CASES = {"swiglu": swiglu_cases, "rms_norm": rms_norm_cases, "rope": rope_cases,
+         "adamw": adamw_cases, "bpe": bpe_cases, "flash_attn": flash_attn_cases,
          "flash_attn_bwd_mma": flash_attn_bwd_mma_cases, "flash_attn_shapes": flash_attn_shapes_cases,
          "flash_attn_tall_tiles": flash_attn_tall_tiles_cases, "flash_attn_bad_seqlens": flash_attn_bad_seqlens_cases}
 

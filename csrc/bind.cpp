@@ -104,6 +104,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("rms_norm_bwd_cpu", &pyllm::rms_norm_bwd_cpu, nogil, arg("dout"), arg("x"), arg("weight"), arg("rstd"),
         arg("dx"), arg("dweight"), arg("rows"), arg("cols"), arg("offset"), arg("cast_first"), arg("dtype"));
 
+  m.def("rope_cpu", &pyllm::rope_cpu, nogil, arg("x"), arg("cos"), arg("sin"), arg("out"), arg("batch"),
+        arg("seqlen"), arg("n_heads"), arg("head_dim"), arg("half"), arg("x_strides"), arg("out_strides"),
+        arg("cs_batch_stride"), arg("inverse"), arg("dtype"));
+
   m.def("adamw_grad_sumsq_cpu", &pyllm::adamw_grad_sumsq_cpu, nogil, arg("table"), arg("n_tensors"), arg("dtype"),
         arg("sumsq"));
   m.def("adamw_step_cpu", &pyllm::adamw_step_cpu, nogil, arg("table"), arg("n_tensors"), arg("param_dtype"),
@@ -232,6 +236,10 @@ PYBIND11_MODULE(_C, m) {
         arg("cast_first"), arg("dtype"), arg("device"), arg("stream"));
   m.def("rms_norm_partials_cuda", &pyllm::rms_norm_partials_cuda, arg("rows"), arg("cols"), arg("dtype"),
         arg("device"));
+
+  m.def("rope_cuda", &pyllm::rope_cuda, nogil, arg("x"), arg("cos"), arg("sin"), arg("out"), arg("batch"),
+        arg("seqlen"), arg("n_heads"), arg("head_dim"), arg("half"), arg("x_strides"), arg("out_strides"),
+        arg("cs_batch_stride"), arg("inverse"), arg("dtype"), arg("device"), arg("stream"));
 
   m.def("adamw_grad_sumsq_cuda", &pyllm::adamw_grad_sumsq_cuda, nogil, arg("table"), arg("n_tensors"), arg("dtype"),
         arg("partials"), arg("partials_len"), arg("sumsq"), arg("device"), arg("stream"));

@@ -12,6 +12,7 @@ from pyllm.ops import _util
 from pyllm.ops import flash_attn as flash_attn_ops
 from pyllm.ops import rms_norm as rms_norm_ops
 from pyllm.ops import swiglu as swiglu_ops
+from pyllm.ops import rope as rope_ops
 from pyllm.ops.rms_norm import rms_norm
 from pyllm.ops.swiglu import swiglu_packed
 
@@ -970,11 +971,21 @@ def llama3_scaled(inv_freq: torch.Tensor, factor: float, low_freq_factor: float,
     return torch.where(short, inv_freq, torch.where(long, inv_freq / factor, blended))
 
 
+def _rope_takes(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """Whether pyllm.rope has a kernel for these: x (B, T, H, D) of a kernel's dtype, tables of the
+    matching precision (fp32, fp64 for fp64) that no gradient flows to, (T, R/2) or (B or 1, T, R/2)."""
+    return (x.dim() == 4 and x.dtype in _kernel_dtypes(x, rope_ops.DTYPES) and cos.dtype == sin.dtype
+            == rope_ops._table_dtype(x) and not (cos.requires_grad or sin.requires_grad) and cos.shape == sin.shape
+            and cos.shape[-2] == x.shape[1] and (cos.dim() == 2 or (cos.dim() == 3 and cos.shape[0] in (1, x.shape[0]))))
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotates the pairs (x[..., i], x[..., i + R/2]) of x (B, T, H, D) by the angles of their
     position (the "rotate half" layout of GPT-NeoX / HF LLaMA, not the interleaved one of Meta's),
     R = 2 * cos.shape[-1] <= D; dims from R on pass unrotated (partial RoPE, Phi-4-mini's).
     cos, sin: (T, R/2) for every row alike, or (B, T, R/2) (packed documents: positions per row)."""
+    if _rope_takes(x, cos, sin):
+        return rope_ops.rope(x, cos, sin)  # the same function in one kernel
     half = cos.shape[-1]
     x_rot, x_pass = (x, None) if 2 * half == x.shape[-1] else (x[..., :2 * half], x[..., 2 * half:])
     x1, x2 = x_rot.to(cos.dtype)[..., :half], x_rot.to(cos.dtype)[..., half:]  # (B, T, H, R/2)

@@ -28,6 +28,12 @@ void rms_norm_bwd_cuda(uintptr_t dout, uintptr_t x, uintptr_t weight, uintptr_t 
                        bool cast_first, int dtype, int device, uintptr_t stream);
 int64_t rms_norm_partials_cuda(int64_t rows, int64_t cols, int dtype, int device);
 
+// rope.cu: the arguments of the CPU twin (csrc/cpu/cpu_ops.h); cos / sin fp32.
+void rope_cuda(uintptr_t x, uintptr_t cos, uintptr_t sin, uintptr_t out, int64_t batch, int64_t seqlen,
+               int64_t n_heads, int64_t head_dim, int64_t half, const std::vector<int64_t>& x_strides,
+               const std::vector<int64_t>& out_strides, int64_t cs_batch_stride, bool inverse, int dtype, int device,
+               uintptr_t stream);
+
 // adamw.cu: `table` is the host int64[7][n_tensors] of csrc/cpu/adamw.cpp; partials a device
 // double[>= total chunks] workspace; sumsq a device double, added to.
 void adamw_grad_sumsq_cuda(uintptr_t table, int64_t n_tensors, int dtype, uintptr_t partials, int64_t partials_len,

@@ -18,6 +18,7 @@
 #include "common/checks.h"
 #include "common/cpu_math.h"
 #include "common/dtype.h"
+#include "common/rope_args.h"
 #include "cpu/cpu_ops.h"
 
 namespace pyllm {
@@ -25,15 +26,9 @@ namespace {
 
 constexpr int64_t kParallelMin = 32768;  // elements; as swiglu.cpp's
 
-struct Shape {
-  int64_t batch, seqlen, n_heads, head_dim, half;
-  int64_t xs[3], os[3], cs_batch_stride;
-  bool inverse;
-};
-
 template <typename T>
 void rotate_row(const T* __restrict x, T* __restrict o, const acc_t<T>* __restrict c, const acc_t<T>* __restrict s,
-                const Shape& sh) {
+                const RopeShape& sh) {
   using A = acc_t<T>;
   const int64_t half = sh.half;
   int64_t i = 0;
@@ -61,7 +56,7 @@ void rotate_row(const T* __restrict x, T* __restrict o, const acc_t<T>* __restri
 }
 
 template <typename T>
-void rope(const T* x, const acc_t<T>* cos, const acc_t<T>* sin, T* out, const Shape& sh) {
+void rope(const T* x, const acc_t<T>* cos, const acc_t<T>* sin, T* out, const RopeShape& sh) {
   const int64_t rows = sh.batch * sh.seqlen;
   const bool parallel = rows * sh.n_heads * sh.head_dim >= kParallelMin;
 #pragma omp parallel for schedule(static) if (parallel)
@@ -80,17 +75,9 @@ void rope(const T* x, const acc_t<T>* cos, const acc_t<T>* sin, T* out, const Sh
 void rope_cpu(uintptr_t x, uintptr_t cos, uintptr_t sin, uintptr_t out, int64_t batch, int64_t seqlen,
               int64_t n_heads, int64_t head_dim, int64_t half, const std::vector<int64_t>& x_strides,
               const std::vector<int64_t>& out_strides, int64_t cs_batch_stride, bool inverse, int dtype) {
-  PYLLM_CHECK(batch >= 0 && seqlen >= 0 && n_heads >= 0, "rope: batch, seqlen and n_heads must be >= 0, got ", batch,
-              ", ", seqlen, ", ", n_heads);
-  PYLLM_CHECK(half >= 1 && 2 * half <= head_dim, "rope: the rotated dims (2 x ", half, ") must be in [2, head_dim = ",
-              head_dim, "]");
-  PYLLM_CHECK(x_strides.size() == 3 && out_strides.size() == 3, "rope: strides are (batch, token, head)");
-  PYLLM_CHECK(cs_batch_stride >= 0, "rope: cs_batch_stride must be >= 0, got ", cs_batch_stride);
-  dtype_size(dtype);
-  if (batch * seqlen * n_heads == 0) return;
-  for (uintptr_t p : {x, cos, sin, out}) PYLLM_CHECK(p != 0, "rope: null data pointer for a non-empty tensor");
-  Shape sh{batch, seqlen, n_heads, head_dim, half, {x_strides[0], x_strides[1], x_strides[2]},
-           {out_strides[0], out_strides[1], out_strides[2]}, cs_batch_stride, inverse};
+  const RopeShape sh = rope_shape(x, cos, sin, out, batch, seqlen, n_heads, head_dim, half, x_strides, out_strides,
+                                  cs_batch_stride, inverse, dtype);
+  if (sh.rows() == 0) return;
   PYLLM_DISPATCH_CPU(dtype, T,
                      rope<T>(reinterpret_cast<const T*>(x), reinterpret_cast<const acc_t<T>*>(cos),
                              reinterpret_cast<const acc_t<T>*>(sin), reinterpret_cast<T*>(out), sh));

@@ -11,6 +11,7 @@
 // Unverified: not yet run on a GPU; kThreads and the grid cap are swiglu.cu's starting values.
 #include <algorithm>
 
+#include "common/rope_args.h"
 #include "cuda/cuda_common.cuh"
 #include "cuda/cuda_ops.h"
 
@@ -20,15 +21,9 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int64_t kMaxBlocks = 1 << 20;
 
-struct Shape {
-  int64_t batch, seqlen, n_heads, head_dim, half;
-  int64_t xs[3], os[3], cs_batch_stride;
-  bool inverse;
-};
-
 template <typename T>
 __global__ void __launch_bounds__(kThreads) rope_kernel(const T* __restrict__ x, const float* __restrict__ cos,
-                                                       const float* __restrict__ sin, T* __restrict__ out, Shape sh) {
+                                                       const float* __restrict__ sin, T* __restrict__ out, RopeShape sh) {
   const int64_t per_row = sh.head_dim - sh.half;  // R/2 pairs, then D - R passed through
   const int64_t n = sh.batch * sh.seqlen * sh.n_heads * per_row;
   for (int64_t idx = blockIdx.x * int64_t(kThreads) + threadIdx.x; idx < n; idx += int64_t(gridDim.x) * kThreads) {
@@ -55,18 +50,10 @@ void rope_cuda(uintptr_t x, uintptr_t cos, uintptr_t sin, uintptr_t out, int64_t
                int64_t n_heads, int64_t head_dim, int64_t half, const std::vector<int64_t>& x_strides,
                const std::vector<int64_t>& out_strides, int64_t cs_batch_stride, bool inverse, int dtype, int device,
                uintptr_t stream) {
-  PYLLM_CHECK(batch >= 0 && seqlen >= 0 && n_heads >= 0, "rope: batch, seqlen and n_heads must be >= 0, got ", batch,
-              ", ", seqlen, ", ", n_heads);
-  PYLLM_CHECK(half >= 1 && 2 * half <= head_dim, "rope: the rotated dims (2 x ", half, ") must be in [2, head_dim = ",
-              head_dim, "]");
-  PYLLM_CHECK(x_strides.size() == 3 && out_strides.size() == 3, "rope: strides are (batch, token, head)");
-  PYLLM_CHECK(cs_batch_stride >= 0, "rope: cs_batch_stride must be >= 0, got ", cs_batch_stride);
-  dtype_size(dtype);
-  const int64_t items = batch * seqlen * n_heads * (head_dim - half);
+  const RopeShape sh = rope_shape(x, cos, sin, out, batch, seqlen, n_heads, head_dim, half, x_strides, out_strides,
+                                  cs_batch_stride, inverse, dtype);
+  const int64_t items = sh.rows() * (head_dim - half);
   if (items == 0) return;
-  for (uintptr_t p : {x, cos, sin, out}) PYLLM_CHECK(p != 0, "rope: null data pointer for a non-empty tensor");
-  Shape sh{batch, seqlen, n_heads, head_dim, half, {x_strides[0], x_strides[1], x_strides[2]},
-           {out_strides[0], out_strides[1], out_strides[2]}, cs_batch_stride, inverse};
   DeviceGuard guard(device);
   const int blocks = int(std::max<int64_t>(1, std::min<int64_t>((items + kThreads - 1) / kThreads, kMaxBlocks)));
   PYLLM_DISPATCH_CUDA(dtype, T,

@@ -3,7 +3,7 @@ HF's Trainer or TRL (Liger-Kernel's apply_liger_kernel_to_* for one model instan
 
     import pyllm.hf
     model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.bfloat16)
-    pyllm.hf.apply_pyllm_kernels(model)          # attention, SwiGLU, RMSNorm, fused linear cross-entropy
+    pyllm.hf.apply_pyllm_kernels(model)          # attention, SwiGLU, RMSNorm, RoPE, fused linear cross-entropy
 
 or only the attention, chosen by name at load time (transformers' AttentionInterface):
 
@@ -26,6 +26,10 @@ rest of the HF stack (PEFT adapters, Trainer callbacks, TRL's trainers, any deco
 """
 from __future__ import annotations
 
+import contextvars
+import functools
+import inspect
+import sys
 import types
 
 import torch
@@ -35,6 +39,7 @@ from torch import nn
 from pyllm import nn as pnn
 from pyllm.ops import flash_attn as flash_attn_ops
 from pyllm.ops import rms_norm as rms_norm_ops
+from pyllm.ops import rope as rope_ops
 from pyllm.ops.rms_norm import rms_norm as fused_rms_norm
 from pyllm.ops.swiglu import swiglu
 
@@ -362,6 +367,83 @@ def _patch_rms_norm(model: nn.Module) -> int:
     return count
 
 
+# --- RoPE ------------------------------------------------------------------------------------------------
+#
+# transformers' attention modules call their modeling file's module-level apply_rotary_pos_emb, so that
+# global is what can be replaced (Liger-Kernel replaces it for every model of the type in the process).
+# Here the replacement runs pyllm.rope only inside the forward of an attention module that
+# apply_pyllm_kernels patched (a context variable its wrapped forward sets): every other model keeps
+# transformers' function exactly.
+
+_ROPE_ON: contextvars.ContextVar[bool] = contextvars.ContextVar("pyllm_hf_rope", default=False)
+
+
+def _rope_takes(q, k, cos, sin) -> bool:
+    """q, k (B, H, T, D) of a kernel's dtype, cos, sin (B or 1, T, D) as transformers' rotary
+    embeddings make them (the same angles in both halves), no gradient to the tables."""
+    return (q.dim() == 4 and k.dim() == 4 and q.dtype == k.dtype and q.dtype in pnn._kernel_dtypes(q, rope_ops.DTYPES)
+            and cos.dim() == 3 and cos.shape == sin.shape and cos.shape[-1] == q.shape[-1] == k.shape[-1]
+            and q.shape[-1] % 2 == 0 and cos.shape[1] == q.shape[2] == k.shape[2] and cos.shape[0] in (1, q.shape[0])
+            and k.shape[0] == q.shape[0] and cos.device == q.device
+            and not (cos.requires_grad or sin.requires_grad))
+
+
+def _rotated(x, cos, sin):  # (B, H, T, D) through pyllm.rope's (B, T, H, D) view of it, and back
+    return rope_ops.rope(x.transpose(1, 2), cos, sin).transpose(1, 2)
+
+
+def _fused_rotary(original):
+    """A drop-in apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1): pyllm.rope inside patched
+    attention modules, transformers' own everywhere else."""
+    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+        plain_call = not args and set(kwargs) <= {"unsqueeze_dim"} and kwargs.get("unsqueeze_dim", 1) == 1
+        if _ROPE_ON.get() and plain_call and _rope_takes(q, k, cos, sin):
+            half = cos.shape[-1] // 2
+            table = rope_ops._table_dtype(q)
+            cos_half, sin_half = cos[..., :half].to(table), sin[..., :half].to(table)  # (B or 1, T, D/2)
+            return _rotated(q, cos_half, sin_half), _rotated(k, cos_half, sin_half)
+        return original(q, k, cos, sin, *args, **kwargs)
+
+    apply_rotary_pos_emb._pyllm_original = original
+    return apply_rotary_pos_emb
+
+
+def _rope_on(forward):
+    @functools.wraps(forward)
+    def with_rope(*args, **kwargs):
+        token = _ROPE_ON.set(True)
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            _ROPE_ON.reset(token)
+    return with_rope
+
+
+def _patch_rope(model: nn.Module) -> int:
+    """Each attention module whose forward calls its modeling file's apply_rotary_pos_emb, where that
+    is Llama's rotate-half function (Mistral's, Qwen2 / 3's, Gemma's, DeepSeek-V3's, ...): the global
+    replaced once by _fused_rotary, the module's forward wrapped to turn it on. Returns how many."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as llama_rotary
+    llama_rotary = getattr(llama_rotary, "_pyllm_original", llama_rotary)  # Llama's own may be replaced already
+    count = 0
+    for module in model.modules():
+        forward = inspect.unwrap(type(module).forward)
+        if "apply_rotary_pos_emb" not in getattr(getattr(forward, "__code__", None), "co_names", ()):
+            continue
+        modeling = sys.modules.get(type(module).__module__)
+        current = getattr(modeling, "apply_rotary_pos_emb", None)
+        original = getattr(current, "_pyllm_original", current)
+        if original is None or not _same_code(original, llama_rotary):
+            continue
+        if current is original:
+            modeling.apply_rotary_pos_emb = _fused_rotary(original)
+        if not getattr(module, "_pyllm_rope", False):
+            module.forward = _rope_on(module.forward)
+            module._pyllm_rope = True
+        count += 1
+    return count
+
+
 # --- fused linear cross-entropy --------------------------------------------------------------------------
 
 def _fused_loss_forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
@@ -420,22 +502,25 @@ def _fused_loss_refusal(model: nn.Module) -> str | None:
 # --- the one call ------------------------------------------------------------------------------------------
 
 def apply_pyllm_kernels(model: nn.Module, attention: bool = True, swiglu: bool = True, rms_norm: bool = True,
-                        fused_linear_cross_entropy: bool = True) -> dict:
+                        rope: bool = True, fused_linear_cross_entropy: bool = True) -> dict:
     """Puts pyllm's kernels into a loaded transformers model, in place:
     attention: attn_implementation "pyllm" (register_attention; model.set_attn_implementation);
     swiglu: every SiLU-gated MLP (Llama's gate_proj / up_proj / down_proj, Phi-3's gate_up_proj) runs
         silu(gate) * up as one kernel (fp32 math, one rounding) instead of two ops;
     rms_norm: every RMSNorm written as Llama's (its copies, Qwen3's per-head q / k norms) or Gemma's
         runs as one kernel forward and one backward (pyllm.rms_norm), with the module's roundings;
+    rope: attention modules that rotate q and k with Llama's rotate-half apply_rotary_pos_emb do it with
+        pyllm.rope (fp32 math, one rounding; transformers' own rounds each product in the model's dtype);
+        other models in the process keep transformers' function;
     fused_linear_cross_entropy: training forwards with labels compute the loss from the last hidden
         states chunk by chunk (pyllm.nn.linear_cross_entropy) and return logits=None (the memory of
         the logits and their gradient is what it saves); HF's loss semantics kept: -100 ignored,
         labels shifted (or shift_labels), sum / num_items_in_batch when the Trainer passes it.
         Code that reads outputs.logits in training (TRL's SFT entropy and token accuracy) needs it off.
     Returns what was applied: {"attention": bool, "swiglu": number of MLPs, "rms_norm": number of norms,
-    "fused_linear_cross_entropy": bool}. A requested part the model cannot take raises ValueError saying why (fused loss on
+    "rope": number of attention modules, "fused_linear_cross_entropy": bool}. A requested part the model cannot take raises ValueError saying why (fused loss on
     a model whose logits are more than lm_head(hidden); a model that cannot switch attention)."""
-    applied = {"attention": False, "swiglu": 0, "rms_norm": 0, "fused_linear_cross_entropy": False}
+    applied = {"attention": False, "swiglu": 0, "rms_norm": 0, "rope": 0, "fused_linear_cross_entropy": False}
     if attention:
         register_attention()
         if not model._can_set_attn_implementation():
@@ -446,6 +531,8 @@ def apply_pyllm_kernels(model: nn.Module, attention: bool = True, swiglu: bool =
         applied["swiglu"] = _patch_swiglu(model)
     if rms_norm:
         applied["rms_norm"] = _patch_rms_norm(model)
+    if rope:
+        applied["rope"] = _patch_rope(model)
     if fused_linear_cross_entropy:
         why = _fused_loss_refusal(model)
         if why is not None:

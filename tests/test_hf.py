@@ -115,6 +115,7 @@ def test_logits_are_the_references(family, padding, path, monkeypatch):
     monkeypatch.setattr(phf.flash_attn_ops, "flash_attn", lambda *a, **k: calls.append(1) or kernel(*a, **k))
     assert applied == {"attention": True, "swiglu": 0 if family == "gemma2" else 2,  # Gemma's MLP is GELU-gated
                        "rms_norm": 9 if family == "gemma2" else 5,  # Gemma 2: 4 per layer, else 2; + the final
+                       "rope": 0 if family == "phi3" else 2,  # Phi-3's rotary has its own (partial) function
                        "fused_linear_cross_entropy": True}
     ids = inputs()
     mask = None if padding is None else padded(left=padding == "left")
@@ -420,3 +421,37 @@ def test_rms_norm_counts_qwen3_head_norms():
                                       num_attention_heads=4, num_key_value_heads=2, head_dim=32)
     model = transformers.Qwen3ForCausalLM(config)
     assert phf.apply_pyllm_kernels(model)["rms_norm"] == 2 * 4 + 1  # input, post-attention, q, k; the final
+
+
+def test_rope_runs_only_in_patched_models(monkeypatch):
+    # transformers' apply_rotary_pos_emb is a module global: the replacement runs pyllm.rope inside the
+    # patched model's attention only; a second model of the same type keeps transformers' bits.
+    _, ours = tiny("llama", torch.bfloat16, attention="sdpa")
+    _, other = tiny("llama", torch.bfloat16, attention="sdpa")
+    ids = inputs()
+    with torch.no_grad():
+        before = other(ids).logits
+    calls = []
+    kernel = phf.rope_ops.rope
+    monkeypatch.setattr(phf.rope_ops, "rope", lambda *a: calls.append(1) or kernel(*a))
+    assert phf.apply_pyllm_kernels(ours)["rope"] == 2
+    assert phf.apply_pyllm_kernels(ours)["rope"] == 2  # again: the forwards are not wrapped twice
+    from transformers.models.llama import modeling_llama
+    assert hasattr(modeling_llama.apply_rotary_pos_emb, "_pyllm_original")
+    with torch.no_grad():
+        assert torch.equal(other(ids).logits, before)
+        assert not calls
+        ours(ids)
+    assert len(calls) == 2 * 2  # q and k, per layer
+
+
+def test_rope_under_gradient_checkpointing():
+    reference, ours = tiny("llama")
+    phf.apply_pyllm_kernels(ours, fused_linear_cross_entropy=False)
+    ours.train()
+    ours.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids = inputs()
+    for model in (reference, ours):
+        model(ids, labels=ids).loss.backward()
+    for (name, p), q in zip(reference.named_parameters(), ours.parameters()):
+        assert rel_err(q.grad, p.grad) < 1e-10, name

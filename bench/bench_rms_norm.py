@@ -72,8 +72,7 @@ def main() -> int:
                     for _ in range(3)]
             weight = (1 + 0.1 * torch.randn(shape[1], device=device)).to(dtype)
             for mode, elems in (("fwd", 2), ("fwd+bwd", 5)):
-                base_ms, first = None, len(rows)
-                for name, fn in impls.items():
+                def step_of(fn, mode=mode):
                     it = iter(range(1 << 30))
 
                     def step():
@@ -82,15 +81,12 @@ def main() -> int:
                             return fn(x, weight)
                         xl, wl = x.detach().requires_grad_(), weight.detach().requires_grad_()
                         return torch.autograd.grad(fn(xl, wl), (xl, wl), dout)
+                    return step
 
-                    ms = common.median_ms(step, device)
-                    base_ms = ms if name.startswith("torch (") else base_ms
-                    gbs = elems * n * esize / ms / 1e6
-                    rows.append({"shape": "x".join(map(str, shape)), "dtype": str(dtype).removeprefix("torch."),
-                                 "mode": mode, "impl": name, "ms": round(ms, 3), "GB/s": round(gbs, 1),
-                                 "of copy": f"{gbs / copy_gbs:.0%}"})
-                for r in rows[first:]:
-                    r["vs LLaMA's"] = f"{base_ms / r['ms']:.2f}x"
+                rows += common.bandwidth_rows(impls, step_of, device, elems * n * esize, copy_gbs,
+                                              "torch (LLaMA's module)", "vs LLaMA's",
+                                              {"shape": "x".join(map(str, shape)),
+                                               "dtype": str(dtype).removeprefix("torch."), "mode": mode})
     common.print_table(rows, ["shape", "dtype", "mode", "impl", "ms", "GB/s", "of copy", "vs LLaMA's"])
     common.write_json(args.json, "rms_norm", device, rows, {"shapes": [list(s) for s in shapes],
                                                              "copy_GBps": round(copy_gbs, 1)})

@@ -52,8 +52,7 @@ def main() -> int:
             sets = [(torch.randn(B, T, 3 * H * D, device=device, dtype=dtype)[..., :H * D].view(B, T, H, D),
                      torch.randn(B, T, H, D, device=device, dtype=dtype)) for _ in range(3)]
             for mode, elems in (("fwd", 2), ("fwd+bwd", 4)):
-                base_ms, first = None, len(rows)
-                for name, fn in impls.items():
+                def step_of(fn, mode=mode):
                     it = iter(range(1 << 30))
 
                     def step():
@@ -62,15 +61,12 @@ def main() -> int:
                             return fn(x, cos, sin)
                         xl = x.detach().requires_grad_()
                         return torch.autograd.grad(fn(xl, cos, sin), xl, dout)
+                    return step
 
-                    ms = common.median_ms(step, device)
-                    base_ms = ms if name.startswith("torch (") else base_ms
-                    gbs = elems * n * esize / ms / 1e6
-                    rows.append({"shape": f"{B}x{T}x{H}x{D}", "dtype": str(dtype).removeprefix("torch."), "mode": mode,
-                                 "impl": name, "ms": round(ms, 3), "GB/s": round(gbs, 1),
-                                 "of copy": f"{gbs / copy_gbs:.0%}"})
-                for r in rows[first:]:
-                    r["vs torch"] = f"{base_ms / r['ms']:.2f}x"
+                rows += common.bandwidth_rows(impls, step_of, device, elems * n * esize, copy_gbs,
+                                              "torch (apply_rope's form)", "vs torch",
+                                              {"shape": f"{B}x{T}x{H}x{D}",
+                                               "dtype": str(dtype).removeprefix("torch."), "mode": mode})
     common.print_table(rows, ["shape", "dtype", "mode", "impl", "ms", "GB/s", "of copy", "vs torch"])
     common.write_json(args.json, "rope", device, rows, {"shapes": [list(s) for s in shapes],
                                                          "copy_GBps": round(copy_gbs, 1)})

@@ -53,8 +53,7 @@ def main() -> int:
         # Several input sets, rotated, so a GPU's L2 (50 MB on an H100) never holds the inputs.
         sets = [[torch.randn(args.rows, args.cols, device=device, dtype=dtype) * 2 for _ in range(3)] for _ in range(3)]
         for mode, elems in (("fwd", 3), ("fwd+bwd", 8)):
-            base_ms = None
-            for name, fn in impls.items():
+            def step_of(fn, mode=mode):
                 it = iter(range(1 << 30))
 
                 def step():
@@ -63,15 +62,10 @@ def main() -> int:
                         return fn(gate, up)
                     g, u = gate.detach().requires_grad_(), up.detach().requires_grad_()
                     return torch.autograd.grad(fn(g, u), (g, u), dout)
+                return step
 
-                ms = common.median_ms(step, device)
-                base_ms = ms if name == "torch eager" else base_ms
-                gbs = elems * n * esize / ms / 1e6
-                rows.append({"dtype": str(dtype).removeprefix("torch."), "mode": mode, "impl": name,
-                             "ms": round(ms, 3), "GB/s": round(gbs, 1), "of copy": f"{gbs / copy_gbs:.0%}"})
-            for r in rows:
-                if r["dtype"] == str(dtype).removeprefix("torch.") and r["mode"] == mode:
-                    r["vs eager"] = f"{base_ms / r['ms']:.2f}x"
+            rows += common.bandwidth_rows(impls, step_of, device, elems * n * esize, copy_gbs, "torch eager",
+                                          "vs eager", {"dtype": str(dtype).removeprefix("torch."), "mode": mode})
     common.print_table(rows, ["dtype", "mode", "impl", "ms", "GB/s", "of copy", "vs eager"])
     common.write_json(args.json, "swiglu", device, rows, {"shape": [args.rows, args.cols], "copy_GBps": round(copy_gbs, 1)})
     return 0

@@ -79,6 +79,21 @@ def interleaved_seconds(runs: dict, repeat: int, device: str, before=None) -> di
     return {name: statistics.median(values) for name, values in seconds.items()}
 
 
+def bandwidth_rows(impls: dict, step_of, device: str, nbytes: int, copy_gbs: float, base: str, ratio: str,
+                   labels: dict) -> list[dict]:
+    """The rows of a bandwidth-bound op's table: for each implementation (name -> fn) the median ms
+    of step_of(fn)() (median_ms), the effective GB/s of nbytes (the op's minimum traffic) over it,
+    that as a fraction of copy_gbs, and under `ratio` the speed relative to implementation `base`;
+    labels (shape, dtype, mode, ...) lead each row."""
+    times = {name: median_ms(step_of(fn), device) for name, fn in impls.items()}
+    rows = []
+    for name, ms in times.items():
+        gbs = nbytes / ms / 1e6
+        rows.append({**labels, "impl": name, "ms": round(ms, 3), "GB/s": round(gbs, 1),
+                     "of copy": f"{gbs / copy_gbs:.0%}", ratio: f"{times[base] / ms:.2f}x"})
+    return rows
+
+
 def copy_bandwidth_gbs(device: str, nbytes: int = 256 << 20) -> float:
     """Measured ceiling: a large device-to-device (or RAM-to-RAM) copy, bytes read + written."""
     src = torch.randn(nbytes // 4, device=device)

@@ -234,7 +234,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("rms_norm_bwd_cuda", &pyllm::rms_norm_bwd_cuda, nogil, arg("dout"), arg("x"), arg("weight"), arg("rstd"),
         arg("dx"), arg("dweight_partials"), arg("n_partials"), arg("rows"), arg("cols"), arg("offset"),
         arg("cast_first"), arg("dtype"), arg("device"), arg("stream"));
-  m.def("rms_norm_partials_cuda", &pyllm::rms_norm_partials_cuda, arg("rows"), arg("cols"), arg("dtype"),
+  m.def("rms_norm_partials_cuda", &pyllm::rms_norm_partials_cuda, nogil, arg("rows"), arg("cols"), arg("dtype"),
         arg("device"));
 
   m.def("rope_cuda", &pyllm::rope_cuda, nogil, arg("x"), arg("cos"), arg("sin"), arg("out"), arg("batch"),

@@ -26,10 +26,7 @@ rest of the HF stack (PEFT adapters, Trainer callbacks, TRL's trainers, any deco
 """
 from __future__ import annotations
 
-import contextvars
-import functools
 import inspect
-import sys
 import types
 
 import torch
@@ -330,7 +327,7 @@ def _patch_swiglu(model: nn.Module) -> int:
 def _rms_norm_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """The kernel computes what the module does only when weight has x's dtype: LLaMA's promotes
     (an fp32 weight on bf16 activations gives an fp32 output), Gemma's would read a rounded weight."""
-    return (weight.dtype == x.dtype and x.dtype in pnn._kernel_dtypes(x, rms_norm_ops.DTYPES)
+    return (weight.dtype == x.dtype and weight.shape == x.shape[-1:] and x.dtype in pnn._kernel_dtypes(x, rms_norm_ops.DTYPES)
             and (not x.is_cuda or x.shape[-1] <= rms_norm_ops.MAX_COLS_CUDA))
 
 
@@ -369,13 +366,11 @@ def _patch_rms_norm(model: nn.Module) -> int:
 
 # --- RoPE ------------------------------------------------------------------------------------------------
 #
-# transformers' attention modules call their modeling file's module-level apply_rotary_pos_emb, so that
-# global is what can be replaced (Liger-Kernel replaces it for every model of the type in the process).
-# Here the replacement runs pyllm.rope only inside the forward of an attention module that
-# apply_pyllm_kernels patched (a context variable its wrapped forward sets): every other model keeps
-# transformers' function exactly.
-
-_ROPE_ON: contextvars.ContextVar[bool] = contextvars.ContextVar("pyllm_hf_rope", default=False)
+# transformers' attention modules call their modeling file's module-level apply_rotary_pos_emb. That
+# global stays as it is (replacing it, as Liger-Kernel does, changes every model of the type in the
+# process, and whatever reads it: torch.compile of unpatched models too): a patched module gets its
+# own copy of its class's forward whose globals name the fused function instead, bound to the module
+# as a method (so deepcopy, TRL's reference models, rebinds it to the copy).
 
 
 def _rope_takes(q, k, cos, sin) -> bool:
@@ -393,53 +388,76 @@ def _rotated(x, cos, sin):  # (B, H, T, D) through pyllm.rope's (B, T, H, D) vie
 
 
 def _fused_rotary(original):
-    """A drop-in apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1): pyllm.rope inside patched
-    attention modules, transformers' own everywhere else."""
+    """A drop-in for transformers' apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1) (Llama's
+    rotate-half form) on pyllm.rope; calls it does not take go to `original`."""
     def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
         plain_call = not args and set(kwargs) <= {"unsqueeze_dim"} and kwargs.get("unsqueeze_dim", 1) == 1
-        if _ROPE_ON.get() and plain_call and _rope_takes(q, k, cos, sin):
-            half = cos.shape[-1] // 2
-            table = rope_ops._table_dtype(q)
-            cos_half, sin_half = cos[..., :half].to(table), sin[..., :half].to(table)  # (B or 1, T, D/2)
-            return _rotated(q, cos_half, sin_half), _rotated(k, cos_half, sin_half)
+        if plain_call and q.dtype == k.dtype:
+            # transformers' promotes (bf16 q and fp32 tables under autocast give fp32 q and k): the same
+            # dtype out, the kernel run in it
+            dtype = torch.promote_types(q.dtype, cos.dtype)
+            q_in, k_in = (q, k) if dtype == q.dtype else (q.to(dtype), k.to(dtype))
+            if _rope_takes(q_in, k_in, cos, sin):
+                half = cos.shape[-1] // 2
+                table = rope_ops._table_dtype(q_in)
+                cos_half, sin_half = cos[..., :half].to(table), sin[..., :half].to(table)  # (B or 1, T, D/2)
+                return _rotated(q_in, cos_half, sin_half), _rotated(k_in, cos_half, sin_half)
         return original(q, k, cos, sin, *args, **kwargs)
 
-    apply_rotary_pos_emb._pyllm_original = original
     return apply_rotary_pos_emb
 
 
-def _rope_on(forward):
-    @functools.wraps(forward)
-    def with_rope(*args, **kwargs):
-        token = _ROPE_ON.set(True)
-        try:
-            return forward(*args, **kwargs)
-        finally:
-            _ROPE_ON.reset(token)
-    return with_rope
+def _with_globals(fn, replacements: dict):
+    """A copy of fn whose global names in `replacements` mean other objects (fn untouched). A
+    decorated fn (functools.wraps, the inner function in the wrapper's closure: transformers'
+    deprecate_kwarg) is copied layer by layer. None where a wrapper does not hold its inner function."""
+    inner = getattr(fn, "__wrapped__", None)
+    if inner is None:
+        closure, fn_globals = fn.__closure__, {**fn.__globals__, **replacements}
+    else:
+        new_inner = _with_globals(inner, replacements)
+        cells = fn.__closure__ or ()
+        if new_inner is None or not any(c.cell_contents is inner for c in cells):
+            return None
+        closure = tuple(types.CellType(new_inner) if c.cell_contents is inner else c for c in cells)
+        fn_globals = fn.__globals__
+    copy = types.FunctionType(fn.__code__, fn_globals, fn.__name__, fn.__defaults__, closure)
+    copy.__kwdefaults__, copy.__dict__ = fn.__kwdefaults__, dict(fn.__dict__)
+    copy.__qualname__, copy.__doc__ = fn.__qualname__, fn.__doc__
+    if inner is not None:
+        copy.__wrapped__ = new_inner
+    return copy
+
+
+_ROPE_FORWARDS: dict = {}  # attention class -> its forward on pyllm.rope (None: cannot be made)
+
+
+def _rope_forward(cls):
+    """cls.forward with apply_rotary_pos_emb on pyllm.rope, when cls's forward calls its modeling
+    file's apply_rotary_pos_emb and that is Llama's rotate-half form, with Llama's rotate_half."""
+    if cls not in _ROPE_FORWARDS:
+        from transformers.models.llama import modeling_llama
+        forward = cls.forward
+        inner = inspect.unwrap(forward)
+        rotary = getattr(inner, "__globals__", {}).get("apply_rotary_pos_emb")
+        takes = ("apply_rotary_pos_emb" in getattr(getattr(inner, "__code__", None), "co_names", ())
+                 and rotary is not None and _same_code(rotary, modeling_llama.apply_rotary_pos_emb)
+                 and _same_code(rotary.__globals__.get("rotate_half"), modeling_llama.rotate_half))
+        _ROPE_FORWARDS[cls] = (_with_globals(forward, {"apply_rotary_pos_emb": _fused_rotary(rotary)})
+                               if takes else None)
+    return _ROPE_FORWARDS[cls]
 
 
 def _patch_rope(model: nn.Module) -> int:
-    """Each attention module whose forward calls its modeling file's apply_rotary_pos_emb, where that
-    is Llama's rotate-half function (Mistral's, Qwen2 / 3's, Gemma's, DeepSeek-V3's, ...): the global
-    replaced once by _fused_rotary, the module's forward wrapped to turn it on. Returns how many."""
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as llama_rotary
-    llama_rotary = getattr(llama_rotary, "_pyllm_original", llama_rotary)  # Llama's own may be replaced already
+    """Points each attention module that rotates q and k with Llama's rotate-half apply_rotary_pos_emb
+    (Mistral's, Qwen2 / 3's, Gemma's, DeepSeek-V3's, ...) at a forward that does it with pyllm.rope;
+    returns how many."""
     count = 0
     for module in model.modules():
-        forward = inspect.unwrap(type(module).forward)
-        if "apply_rotary_pos_emb" not in getattr(getattr(forward, "__code__", None), "co_names", ()):
+        forward = _rope_forward(type(module))
+        if forward is None:
             continue
-        modeling = sys.modules.get(type(module).__module__)
-        current = getattr(modeling, "apply_rotary_pos_emb", None)
-        original = getattr(current, "_pyllm_original", current)
-        if original is None or not _same_code(original, llama_rotary):
-            continue
-        if current is original:
-            modeling.apply_rotary_pos_emb = _fused_rotary(original)
-        if not getattr(module, "_pyllm_rope", False):
-            module.forward = _rope_on(module.forward)
-            module._pyllm_rope = True
+        module.forward = types.MethodType(forward, module)
         count += 1
     return count
 
@@ -511,7 +529,7 @@ def apply_pyllm_kernels(model: nn.Module, attention: bool = True, swiglu: bool =
         runs as one kernel forward and one backward (pyllm.rms_norm), with the module's roundings;
     rope: attention modules that rotate q and k with Llama's rotate-half apply_rotary_pos_emb do it with
         pyllm.rope (fp32 math, one rounding; transformers' own rounds each product in the model's dtype);
-        other models in the process keep transformers' function;
+        the module-level function stays transformers' (other models in the process keep it);
     fused_linear_cross_entropy: training forwards with labels compute the loss from the last hidden
         states chunk by chunk (pyllm.nn.linear_cross_entropy) and return logits=None (the memory of
         the logits and their gradient is what it saves); HF's loss semantics kept: -100 ignored,

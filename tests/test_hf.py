@@ -424,8 +424,10 @@ def test_rms_norm_counts_qwen3_head_norms():
 
 
 def test_rope_runs_only_in_patched_models(monkeypatch):
-    # transformers' apply_rotary_pos_emb is a module global: the replacement runs pyllm.rope inside the
-    # patched model's attention only; a second model of the same type keeps transformers' bits.
+    # transformers' apply_rotary_pos_emb is a module global, left as it is: the patched model's attention
+    # modules get forwards that call pyllm.rope; a second model of the same type keeps transformers' bits.
+    from transformers.models.llama import modeling_llama
+    original = modeling_llama.apply_rotary_pos_emb
     _, ours = tiny("llama", torch.bfloat16, attention="sdpa")
     _, other = tiny("llama", torch.bfloat16, attention="sdpa")
     ids = inputs()
@@ -435,14 +437,60 @@ def test_rope_runs_only_in_patched_models(monkeypatch):
     kernel = phf.rope_ops.rope
     monkeypatch.setattr(phf.rope_ops, "rope", lambda *a: calls.append(1) or kernel(*a))
     assert phf.apply_pyllm_kernels(ours)["rope"] == 2
-    assert phf.apply_pyllm_kernels(ours)["rope"] == 2  # again: the forwards are not wrapped twice
-    from transformers.models.llama import modeling_llama
-    assert hasattr(modeling_llama.apply_rotary_pos_emb, "_pyllm_original")
+    assert modeling_llama.apply_rotary_pos_emb is original
     with torch.no_grad():
         assert torch.equal(other(ids).logits, before)
         assert not calls
         ours(ids)
     assert len(calls) == 2 * 2  # q and k, per layer
+
+
+def test_rope_patch_only_takes_llamas_rotation():
+    # NanoChat's rotate_half turns the other way, BLT's interleaves: the same apply_rotary_pos_emb
+    # bytecode, another function; Phi-3's rotation is partial, in its own function.
+    import importlib
+    for name, cls, takes in [("llama", "LlamaAttention", True), ("qwen3", "Qwen3Attention", True),
+                             ("nanochat", "NanoChatAttention", False), ("blt", "BltSelfAttention", False),
+                             ("phi3", "Phi3Attention", False)]:
+        module = importlib.import_module(f"transformers.models.{name}.modeling_{name}")
+        assert (phf._rope_forward(getattr(module, cls)) is not None) == takes, name
+
+
+def test_patched_model_copies_and_compiles():
+    # deepcopy (TRL's reference model, an EMA copy) rebinds the patched forwards to the copy's modules.
+    import copy as copy_module
+    _, ours = tiny("llama")
+    phf.apply_pyllm_kernels(ours, fused_linear_cross_entropy=False)
+    twin = copy_module.deepcopy(ours)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(0.5)
+    reference, _ = tiny("llama")
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.mul_(0.5)
+        ids = inputs()
+        assert rel_err(twin(ids).logits, reference(ids).logits) < 1e-12
+    # nothing global changed: an unpatched model still compiles without a graph break
+    _, plain = tiny("llama", torch.float32, attention="sdpa")
+    torch._dynamo.reset()
+    compiled = torch.compile(plain.model, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        compiled(ids)
+
+
+def test_rope_under_autocast_keeps_transformers_dtype():
+    # bf16 q and k with fp32 tables: transformers' function promotes to fp32, and so does the patch.
+    from transformers.models.llama import modeling_llama
+    fused = phf._fused_rotary(modeling_llama.apply_rotary_pos_emb)
+    q, k = torch.randn(2, 4, 5, 32).bfloat16(), torch.randn(2, 2, 5, 32).bfloat16()
+    angles = torch.randn(1, 5, 16)
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    want = modeling_llama.apply_rotary_pos_emb(q, k, cos, sin)
+    got = fused(q, k, cos, sin)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype == torch.float32
+        torch.testing.assert_close(g, w)
 
 
 def test_rope_under_gradient_checkpointing():

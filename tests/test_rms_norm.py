@@ -259,3 +259,24 @@ def test_cpp_rechecks_raw_calls():
         _C.rms_norm_fwd_cpu(1, 0, 1, 1, 2, 4, -1.0, 0.0, True, 0)
     with pytest.raises(ValueError, match="without a weight"):
         _C.rms_norm_bwd_cpu(1, 1, 0, 1, 1, 1, 2, 4, 0.0, True, 0)
+
+
+def test_backward_with_fewer_threads_than_asked():
+    # OpenMP may give the backward's parallel region fewer threads than omp_get_max_threads says (a
+    # thread limit, OMP_DYNAMIC): every row and every partial of dw must still be computed.
+    import os
+    import subprocess
+    import sys
+    script = (
+        "import torch, pyllm\n"
+        "torch.manual_seed(0)\n"
+        "x = torch.randn(64, 1024, dtype=torch.float64, requires_grad=True)\n"
+        "w = torch.randn(1024, dtype=torch.float64, requires_grad=True)\n"
+        "g = torch.randn(64, 1024, dtype=torch.float64)\n"
+        "pyllm.rms_norm(x, w).backward(g)\n"
+        "xr, wr = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()\n"
+        "(xr * torch.rsqrt(xr.pow(2).mean(-1, keepdim=True) + 1e-6) * wr).backward(g)\n"
+        "assert (x.grad - xr.grad).abs().max() < 1e-12 and (w.grad - wr.grad).abs().max() < 1e-10\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "OMP_THREAD_LIMIT": "1"}
+    subprocess.run([sys.executable, "-c", script], env=env, check=True)

@@ -253,24 +253,28 @@ void bwd(const T* dout, const T* x, const T* w, const acc_t<T>* rstd, T* dx, T* 
 #ifdef _OPENMP
   if (a.rows * a.cols >= kParallelMin) threads = int(std::min<int64_t>(omp_get_max_threads(), a.rows));
 #endif
-  // One cols-wide partial of dw per thread; thread t takes rows [t * rows / threads, ...).
-  std::vector<S> partials(want_dw ? size_t(threads) * size_t(a.cols) : 0, S(0));
+  // One cols-wide partial of dw per thread of the team OpenMP actually gives (it may give fewer than
+  // asked: a thread limit, OMP_DYNAMIC); thread t of `team` takes rows [t * rows / team, ...).
+  std::vector<S> partials;
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
-    int t = 0;
+    int t = 0, team = 1;
 #ifdef _OPENMP
     t = omp_get_thread_num();
+    team = omp_get_num_threads();
 #endif
-    const int64_t r0 = a.rows * t / threads, r1 = a.rows * (t + 1) / threads;
+#pragma omp single
+    if (want_dw) partials.assign(size_t(team) * size_t(a.cols), S(0));  // the single's barrier follows
+    const int64_t r0 = a.rows * t / team, r1 = a.rows * (t + 1) / team;
     S* partial = want_dw ? partials.data() + size_t(t) * a.cols : nullptr;
     if (a.has_weight) bwd_rows<T, true>(dout, x, w, rstd, dx, partial, r0, r1, a);
     else bwd_rows<T, false>(dout, x, w, rstd, dx, partial, r0, r1, a);
 #pragma omp barrier
     if (want_dw) {  // each thread sums a slice of columns over the partials, in thread order
-      const int64_t c0 = a.cols * t / threads, c1 = a.cols * (t + 1) / threads;
+      const int64_t c0 = a.cols * t / team, c1 = a.cols * (t + 1) / team;
       for (int64_t c = c0; c < c1; ++c) {
         S total = 0;
-        for (int p = 0; p < threads; ++p) total += partials[size_t(p) * a.cols + c];
+        for (int p = 0; p < team; ++p) total += partials[size_t(p) * a.cols + c];
         dw[c] = from_acc<T>(acc_t<T>(total));
       }
     }

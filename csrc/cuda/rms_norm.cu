@@ -9,7 +9,8 @@
 // backward. Each row is read twice (sum of squares, then the output); the second read comes from
 // L1 / L2, so DRAM sees it once.
 //
-// Backward: blocks of 512 threads (512 / threads_per_row row groups), as many as fill the GPU once
+// Backward: blocks of 512 threads (512 / threads_per_row row groups; fewer groups where their dw rows
+// would not fit the GPU's shared memory), as many as fill the GPU once
 // (the occupancy calculator's blocks per SM x SMs), each group walking rows group, group + n_groups,
 // ...: per row, mean(g * h) by the same reduction, then dx = rstd * (g - h * mean(g * h)),
 // g = dy * (offset + w), h = x * rstd. A thread owns the same columns in every row, so its
@@ -39,8 +40,9 @@ constexpr int kWarpRowsPerBlock = 4;      // rows per block when one warp takes 
 constexpr int kVectorsPerThread = 4;      // target vectors per thread for longer rows
 constexpr int kMaxThreadsPerRow = 512;    // 128 registers per thread stay available
 constexpr int kBwdThreads = 512;          // backward blocks: 512 / threads_per_row row groups each
-constexpr int64_t kMaxCols = 32768;       // the backward's fp32 dw rows: 512 / threads_per_row x cols
-                                          // x 4 B <= 128 KB of shared memory (sm80 opts into 163 KB)
+constexpr int64_t kMaxCols = 32768;       // the backward's fp32 dw row: 128 KB of shared memory, which
+                                          // sm_80 (163 KB) and sm_90 (227 KB) give; sm_86 / sm_89 (99 KB)
+                                          // take rows up to 25,344 with a weight gradient
 
 template <typename T, int VEC>
 struct alignas(sizeof(T) * VEC) Pack {
@@ -198,35 +200,41 @@ bool vectorizable(int64_t cols, int64_t vec, std::initializer_list<uintptr_t> pt
   return cols % vec == 0;
 }
 
-// The backward's blocks hold kBwdThreads threads: more row groups per block than the forward's.
-Geometry bwd_geometry(int64_t cols, int64_t elem_size) {
-  const Geometry g = geometry(cols, elem_size);
-  return {g.threads_per_row, kBwdThreads / g.threads_per_row};
-}
+// The backward's launch: blocks of up to kBwdThreads threads (512 / threads_per_row row groups, fewer
+// where their dw rows would not fit the GPU's shared memory: 99 KB a block on sm_86 / sm_89, 163 KB
+// on sm_80, 227 KB on sm_90), as many as fill the GPU once (the occupancy calculator's blocks per SM,
+// for the vector form; the scalar one has the same block and shared memory). One dw partial row per
+// block. From the shapes, dtype, device and whether dw is wanted alone, so that the partial count
+// asked for before the launch (rms_norm_partials_cuda) is the launch's.
+struct BwdLaunch {
+  Geometry g;
+  int64_t blocks, smem;
+};
 
-int64_t dw_bytes(int64_t cols, const Geometry& g) { return int64_t(g.rows_per_block) * cols * int64_t(sizeof(float)); }
-
-// The backward's grid for T: at most what fills the GPU once (the occupancy calculator's blocks per
-// SM, for the vector form; the scalar one has the same block and shared memory). One dw partial
-// row per block.
 template <typename T>
-int64_t bwd_blocks(int64_t rows, int64_t cols, int device) {
-  const Geometry g = bwd_geometry(cols, sizeof(T));
-  const int64_t smem = dw_bytes(cols, g);
+BwdLaunch bwd_launch(int64_t rows, int64_t cols, int device, bool want_dw) {
+  int smem_limit = 0, per_sm = 0, sms = 0;
+  PYLLM_CUDA_CHECK(cudaDeviceGetAttribute(&smem_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  PYLLM_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const int64_t row_bytes = cols * int64_t(sizeof(float));
+  Geometry g = geometry(cols, sizeof(T));
+  g.rows_per_block = kBwdThreads / g.threads_per_row;
+  if (want_dw) g.rows_per_block = int(std::max<int64_t>(1, std::min<int64_t>(g.rows_per_block, smem_limit / row_bytes)));
+  const int64_t smem = want_dw ? g.rows_per_block * row_bytes : 0;
+  PYLLM_CHECK_RUNTIME(smem <= smem_limit, "rms_norm_backward: the weight gradient of rows of ", cols, " elements needs ",
+                      smem, " bytes of shared memory per block, more than this GPU gives (", smem_limit, ")");
   auto kernel = rms_norm_bwd_kernel<T, 16 / sizeof(T)>;
   if (smem > 48 * 1024) {  // above the default, shared memory is opted into per kernel
     PYLLM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
     PYLLM_CUDA_CHECK(cudaFuncSetAttribute(rms_norm_bwd_kernel<T, 1>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                           int(smem)));
   }
-  int per_sm = 0, sms = 0;
   PYLLM_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, g.threads_per_row * g.rows_per_block,
                                                                  size_t(smem)));
-  PYLLM_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  PYLLM_CHECK_RUNTIME(per_sm > 0, "rms_norm_backward: rows of ", cols, " elements need ", smem,
-                      " bytes of shared memory per block, more than this GPU gives");
+  PYLLM_CHECK_RUNTIME(per_sm > 0, "rms_norm_backward: no block of ", g.threads_per_row * g.rows_per_block,
+                      " threads and ", smem, " bytes of shared memory fits an SM of this GPU");
   const int64_t needed = (rows + g.rows_per_block - 1) / g.rows_per_block;
-  return std::max<int64_t>(1, std::min<int64_t>(needed, int64_t(per_sm) * sms));
+  return {g, std::max<int64_t>(1, std::min<int64_t>(needed, int64_t(per_sm) * sms)), smem};
 }
 
 }  // namespace
@@ -260,7 +268,7 @@ int64_t rms_norm_partials_cuda(int64_t rows, int64_t cols, int dtype, int device
   if (rows == 0) return 0;
   DeviceGuard guard(device);
   int64_t blocks = 0;
-  PYLLM_DISPATCH_CUDA(dtype, T, blocks = bwd_blocks<T>(rows, cols, device));
+  PYLLM_DISPATCH_CUDA(dtype, T, blocks = bwd_launch<T>(rows, cols, device, true).blocks);
   return blocks;
 }
 
@@ -273,12 +281,12 @@ void rms_norm_bwd_cuda(uintptr_t dout, uintptr_t x, uintptr_t weight, uintptr_t 
   DeviceGuard guard(device);
   PYLLM_DISPATCH_CUDA(dtype, T, {
     constexpr int VEC = 16 / sizeof(T);
-    const Geometry g = bwd_geometry(cols, sizeof(T));
-    const int64_t blocks = bwd_blocks<T>(rows, cols, device);
-    PYLLM_CHECK(dweight_partials == 0 || n_partials == blocks, "rms_norm_backward: ", blocks,
+    const BwdLaunch launch = bwd_launch<T>(rows, cols, device, dweight_partials != 0);
+    PYLLM_CHECK(dweight_partials == 0 || n_partials == launch.blocks, "rms_norm_backward: ", launch.blocks,
                 " dweight partial rows needed (rms_norm_partials_cuda), got ", n_partials);
-    const dim3 block(g.threads_per_row, g.rows_per_block);
-    const size_t smem = dweight_partials != 0 ? size_t(dw_bytes(cols, g)) : 0;
+    const dim3 block(launch.g.threads_per_row, launch.g.rows_per_block);
+    const unsigned blocks = unsigned(launch.blocks);
+    const size_t smem = size_t(launch.smem);
     auto dp = reinterpret_cast<const T*>(dout), xp = reinterpret_cast<const T*>(x);
     auto wp = reinterpret_cast<const T*>(weight);
     auto sp = reinterpret_cast<const float*>(rstd);

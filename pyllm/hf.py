@@ -325,28 +325,35 @@ def _patch_swiglu(model: nn.Module) -> int:
 # --- RMSNorm ------------------------------------------------------------------------------------------
 
 def _rms_norm_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """The kernel computes what the module does only when weight has x's dtype: LLaMA's promotes
-    (an fp32 weight on bf16 activations gives an fp32 output), Gemma's would read a rounded weight."""
-    return (weight.dtype == x.dtype and weight.shape == x.shape[-1:] and x.dtype in pnn._kernel_dtypes(x, rms_norm_ops.DTYPES)
+    return (weight.shape == x.shape[-1:] and x.dtype in pnn._kernel_dtypes(x, rms_norm_ops.DTYPES)
             and (not x.is_cuda or x.shape[-1] <= rms_norm_ops.MAX_COLS_CUDA))
 
 
 def _llama_rms_norm_forward(self, x):  # LlamaRMSNorm and its copies: weight * (x32 * rstd).to(dtype)
-    if _rms_norm_takes(x, self.weight):
-        return fused_rms_norm(x, self.weight, self.variance_epsilon)
-    return type(self).forward(self, x)
+    weight = self.weight
+    if not _rms_norm_takes(x, weight):
+        return type(self).forward(self, x)
+    if weight.dtype == x.dtype:
+        return fused_rms_norm(x, weight, self.variance_epsilon)
+    # A weight of another dtype (fp32 weights, bf16 activations under autocast): the module's product
+    # promotes (an fp32 output), so the kernel normalises and rounds, and torch scales, as it does.
+    return weight * fused_rms_norm(x, None, self.variance_epsilon)
 
 
 def _gemma_rms_norm_forward(self, x):  # Gemma's: (x32 * rstd * (1 + weight32)).to(dtype)
-    if _rms_norm_takes(x, self.weight):
-        return fused_rms_norm(x, self.weight, self.eps, offset=1.0, cast_first=False)
-    return type(self).forward(self, x)
+    weight = self.weight
+    if not _rms_norm_takes(x, weight):
+        return type(self).forward(self, x)
+    if weight.dtype == x.dtype:
+        return fused_rms_norm(x, weight, self.eps, offset=1.0, cast_first=False)
+    # Another dtype for the weight: all of it in fp32 and one rounding at the end, as the module does.
+    return fused_rms_norm(x.float(), weight.float(), self.eps, offset=1.0, cast_first=False).to(x.dtype)
 
 
 def _patch_rms_norm(model: nn.Module) -> int:
     """Points each RMSNorm whose forward is Llama's (Qwen's, Mistral's, Qwen3's per-head q / k norms,
-    ...) or Gemma's (weight stored as scale - 1) at pyllm's fused kernel; returns how many. Calls the
-    kernel cannot take as the module computes them (another dtype for the weight) run the module's own."""
+    ...) or Gemma's (weight stored as scale - 1) at pyllm's fused kernel, with the module's roundings and
+    output dtype for any weight dtype; returns how many. Inputs no kernel takes run the module's own."""
     from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
     count = 0

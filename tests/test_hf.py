@@ -391,29 +391,38 @@ def test_on_cuda_within_twice_torchs_error(family):
 
 
 @pytest.mark.parametrize("kind", ["llama", "gemma"])
-def test_rms_norm_is_the_modules_within_twice_its_error(kind):
-    # The module in bf16 against the norm in float64; an fp32 weight on bf16 activations (LLaMA's
-    # output is then fp32; Gemma's would read the weight unrounded) keeps the module's own forward.
+@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float32], ids=["bf16_weight", "fp32_weight"])
+def test_rms_norm_is_the_modules_within_twice_its_error(kind, weight_dtype, monkeypatch):
+    # The module on bf16 activations against the norm in float64, its weight in bf16 or in fp32 (HF's
+    # Trainer under bf16 autocast: LLaMA's module then returns fp32, Gemma's bf16), gradients too.
     from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    torch.manual_seed(0)
     norm = (LlamaRMSNorm if kind == "llama" else Gemma2RMSNorm)(200, eps=1e-6)
     with torch.no_grad():
         norm.weight.normal_(0.0 if kind == "gemma" else 1.0, 0.3)
+    norm = norm.to(weight_dtype)
     exact = copy.deepcopy(norm).double()
     float64_norms(exact)
-    torch.manual_seed(0)
+    ours = copy.deepcopy(norm)
+    assert phf._patch_rms_norm(ours) == 1
+    calls = []
+    kernel = phf.fused_rms_norm
+    monkeypatch.setattr(phf, "fused_rms_norm", lambda *a, **k: calls.append(1) or kernel(*a, **k))
     x = torch.randn(4, 7, 200, dtype=torch.float64) * 3
-    mixed = norm(x.bfloat16())
-    torch_bf16 = copy.deepcopy(norm).bfloat16()
-    ours = copy.deepcopy(torch_bf16)
-    assert phf._patch_rms_norm(nn.Sequential(ours, norm)) == 2
-    assert torch.equal(norm(x.bfloat16()), mixed)  # fp32 weight: the module's own
-    exact.weight.data = torch_bf16.weight.double()  # the weight all three hold
-    want = exact(x)
-    xb = x.bfloat16().requires_grad_()
-    got = ours(xb)
-    assert got.dtype == torch.bfloat16 and type(got.grad_fn).__name__ == "_RmsNormFunctionBackward"
-    assert rel_err(got, want) <= tolerance(torch_bf16(x.bfloat16()), want)
+    dout = torch.randn(4, 7, 200, dtype=torch.float64)
+    x64 = x.clone().requires_grad_()
+    want = exact(x64)
+    want_dx, want_dw = torch.autograd.grad(want, (x64, exact.weight), dout)
+    results = {}
+    for name, module in (("torch", norm), ("ours", ours)):
+        xb = x.bfloat16().requires_grad_()
+        out = module(xb)
+        dx, dw = torch.autograd.grad(out, (xb, module.weight), dout.to(out.dtype))
+        results[name] = out, dx, dw
+    assert results["ours"][0].dtype == results["torch"][0].dtype and len(calls) == 1
+    for got, theirs, ref in zip(results["ours"], results["torch"], (want, want_dx, want_dw)):
+        assert rel_err(got, ref) <= tolerance(theirs, ref)
 
 
 def test_rms_norm_counts_qwen3_head_norms():

@@ -377,7 +377,8 @@ def _patch_rms_norm(model: nn.Module) -> int:
 # global stays as it is (replacing it, as Liger-Kernel does, changes every model of the type in the
 # process, and whatever reads it: torch.compile of unpatched models too): a patched module gets its
 # own copy of its class's forward whose globals name the fused function instead, bound to the module
-# as a method (so deepcopy, TRL's reference models, rebinds it to the copy).
+# as a method (so deepcopy, TRL's reference models, rebinds it to the copy). The copy's globals are a
+# snapshot taken at the first patch: later changes to the modeling file's globals do not reach it.
 
 
 def _rope_takes(q, k, cos, sin) -> bool:
@@ -417,7 +418,10 @@ def _fused_rotary(original):
 def _with_globals(fn, replacements: dict):
     """A copy of fn whose global names in `replacements` mean other objects (fn untouched). A
     decorated fn (functools.wraps, the inner function in the wrapper's closure: transformers'
-    deprecate_kwarg) is copied layer by layer. None where a wrapper does not hold its inner function."""
+    deprecate_kwarg) is copied layer by layer. None where a wrapper does not hold its inner function,
+    or is not a plain function."""
+    if not isinstance(fn, types.FunctionType):
+        return None
     inner = getattr(fn, "__wrapped__", None)
     if inner is None:
         closure, fn_globals = fn.__closure__, {**fn.__globals__, **replacements}
@@ -431,6 +435,9 @@ def _with_globals(fn, replacements: dict):
     copy = types.FunctionType(fn.__code__, fn_globals, fn.__name__, fn.__defaults__, closure)
     copy.__kwdefaults__, copy.__dict__ = fn.__kwdefaults__, dict(fn.__dict__)
     copy.__qualname__, copy.__doc__ = fn.__qualname__, fn.__doc__
+    copy.__annotations__ = dict(fn.__annotations__)
+    if hasattr(fn, "__type_params__"):  # Python 3.12+
+        copy.__type_params__ = fn.__type_params__
     if inner is not None:
         copy.__wrapped__ = new_inner
     return copy

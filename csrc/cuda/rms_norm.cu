@@ -42,7 +42,7 @@ constexpr int kMaxThreadsPerRow = 512;    // 128 registers per thread stay avail
 constexpr int kBwdThreads = 512;          // backward blocks: 512 / threads_per_row row groups each
 constexpr int64_t kMaxCols = 32768;       // the backward's fp32 dw row: 128 KB of shared memory, which
                                           // sm_80 (163 KB) and sm_90 (227 KB) give; sm_86 / sm_89 (99 KB)
-                                          // take rows up to 25,344 with a weight gradient
+                                          // take rows up to 25,328 with a weight gradient
 
 template <typename T, int VEC>
 struct alignas(sizeof(T) * VEC) Pack {
@@ -216,6 +216,10 @@ BwdLaunch bwd_launch(int64_t rows, int64_t cols, int device, bool want_dw) {
   int smem_limit = 0, per_sm = 0, sms = 0;
   PYLLM_CUDA_CHECK(cudaDeviceGetAttribute(&smem_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   PYLLM_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  auto kernel = rms_norm_bwd_kernel<T, 16 / sizeof(T)>;
+  cudaFuncAttributes attributes{};
+  PYLLM_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+  smem_limit -= int(attributes.sharedSizeBytes);  // the kernel's static `red` counts against the opt-in too
   const int64_t row_bytes = cols * int64_t(sizeof(float));
   Geometry g = geometry(cols, sizeof(T));
   g.rows_per_block = kBwdThreads / g.threads_per_row;
@@ -223,7 +227,6 @@ BwdLaunch bwd_launch(int64_t rows, int64_t cols, int device, bool want_dw) {
   const int64_t smem = want_dw ? g.rows_per_block * row_bytes : 0;
   PYLLM_CHECK_RUNTIME(smem <= smem_limit, "rms_norm_backward: the weight gradient of rows of ", cols, " elements needs ",
                       smem, " bytes of shared memory per block, more than this GPU gives (", smem_limit, ")");
-  auto kernel = rms_norm_bwd_kernel<T, 16 / sizeof(T)>;
   if (smem > 48 * 1024) {  // above the default, shared memory is opted into per kernel
     PYLLM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
     PYLLM_CUDA_CHECK(cudaFuncSetAttribute(rms_norm_bwd_kernel<T, 1>, cudaFuncAttributeMaxDynamicSharedMemorySize,

@@ -35,7 +35,6 @@ from torch import nn
 
 from pyllm import nn as pnn
 from pyllm.ops import flash_attn as flash_attn_ops
-from pyllm.ops import rms_norm as rms_norm_ops
 from pyllm.ops import rope as rope_ops
 from pyllm.ops.rms_norm import rms_norm as fused_rms_norm
 from pyllm.ops.swiglu import swiglu
@@ -325,8 +324,7 @@ def _patch_swiglu(model: nn.Module) -> int:
 # --- RMSNorm ------------------------------------------------------------------------------------------
 
 def _rms_norm_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (weight.shape == x.shape[-1:] and x.dtype in pnn._kernel_dtypes(x, rms_norm_ops.DTYPES)
-            and (not x.is_cuda or x.shape[-1] <= rms_norm_ops.MAX_COLS_CUDA))
+    return weight.shape == x.shape[-1:] and pnn._rms_norm_takes(x)
 
 
 def _llama_rms_norm_forward(self, x):  # LlamaRMSNorm and its copies: weight * (x32 * rstd).to(dtype)
@@ -382,9 +380,9 @@ def _patch_rms_norm(model: nn.Module) -> int:
 
 
 def _rope_takes(q, k, cos, sin) -> bool:
-    """q, k (B, H, T, D) of a kernel's dtype, cos, sin (B or 1, T, D) as transformers' rotary
-    embeddings make them (the same angles in both halves), no gradient to the tables."""
-    return (q.dim() == 4 and k.dim() == 4 and q.dtype == k.dtype and q.dtype in pnn._kernel_dtypes(q, rope_ops.DTYPES)
+    """q, k (B, H, T, D) of a kernel's dtype (one dtype: the caller checks), cos, sin (B or 1, T, D) as
+    transformers' rotary embeddings make them (the same angles in both halves), no gradient to the tables."""
+    return (q.dim() == 4 and k.dim() == 4 and q.dtype in pnn._kernel_dtypes(q, rope_ops.DTYPES)
             and cos.dim() == 3 and cos.shape == sin.shape and cos.shape[-1] == q.shape[-1] == k.shape[-1]
             and q.shape[-1] % 2 == 0 and cos.shape[1] == q.shape[2] == k.shape[2] and cos.shape[0] in (1, q.shape[0])
             and k.shape[0] == q.shape[0] and cos.device == q.device

@@ -11,8 +11,8 @@ from torch import nn
 from pyllm.ops import _util
 from pyllm.ops import flash_attn as flash_attn_ops
 from pyllm.ops import rms_norm as rms_norm_ops
-from pyllm.ops import swiglu as swiglu_ops
 from pyllm.ops import rope as rope_ops
+from pyllm.ops import swiglu as swiglu_ops
 from pyllm.ops.rms_norm import rms_norm
 from pyllm.ops.swiglu import swiglu_packed
 
@@ -911,6 +911,11 @@ def _swiglu_takes(x: torch.Tensor) -> bool:
     return x.dtype in _kernel_dtypes(x, swiglu_ops.DTYPES)
 
 
+def _rms_norm_takes(x: torch.Tensor) -> bool:
+    """Whether pyllm.rms_norm has a kernel for x: its dtype on its device, rows the CUDA kernel takes."""
+    return x.dtype in _kernel_dtypes(x, rms_norm_ops.DTYPES) and (not x.is_cuda or x.shape[-1] <= rms_norm_ops.MAX_COLS_CUDA)
+
+
 class RMSNorm(nn.Module):
     """x / rms(x) * weight (Zhang & Sennrich 2019), computed in fp32 and cast back, as LLaMA does:
     bf16 squares lose too many bits when summed over a 4k-wide row."""
@@ -921,7 +926,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype in _kernel_dtypes(x, rms_norm_ops.DTYPES) and (not x.is_cuda or x.shape[-1] <= rms_norm_ops.MAX_COLS_CUDA):
+        if _rms_norm_takes(x):
             return rms_norm(x, self.weight.to(x.dtype), self.eps)  # the same roundings, one kernel
         x32 = x.to(torch.promote_types(x.dtype, torch.float32))
         y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)

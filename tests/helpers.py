@@ -42,6 +42,17 @@ def tolerance(torch_out: torch.Tensor, ref: torch.Tensor) -> float:
     return 2.0 * max(rel_err(torch_out, ref), rounding, one_rounding)
 
 
+def assert_compiles_like_eager(fn, x: torch.Tensor) -> None:
+    """torch.compile(fn, fullgraph=True) traces without a graph break and gives eager's output and
+    gradient of x (x requires grad)."""
+    torch._dynamo.reset()
+    out = torch.compile(fn, fullgraph=True)(x)
+    torch.testing.assert_close(out, fn(x))
+    (g_compiled,) = torch.autograd.grad(out.sum(), x)
+    (g_eager,) = torch.autograd.grad(fn(x).sum(), x)
+    torch.testing.assert_close(g_compiled, g_eager)
+
+
 def poisoned(shape, dtype, device) -> torch.Tensor:
     """An output buffer full of NaN: any element a kernel forgets to write shows up."""
     return torch.full(shape, float("nan"), dtype=dtype, device=device)

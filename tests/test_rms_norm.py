@@ -8,7 +8,7 @@ from pyllm import _C
 from pyllm.nn import RMSNorm
 from pyllm.ops import _util
 from pyllm.ops import rms_norm as rms_norm_ops
-from helpers import CPU_AND_CUDA, on_unsupported_device, poisoned, rel_err, tolerance
+from helpers import CPU_AND_CUDA, assert_compiles_like_eager, on_unsupported_device, poisoned, rel_err, tolerance
 
 # (rows..., cols): one warp per row and wide rows on CUDA (> 1,024 16-bit elements), widths that
 # are not a multiple of a 16-byte vector (the scalar path), one element.
@@ -194,15 +194,7 @@ def test_module_runs_the_kernel(dtype):
 
 
 def test_torch_compile_fullgraph():
-    torch._dynamo.reset()
-    norm = RMSNorm(32)
-    compiled = torch.compile(norm, fullgraph=True)
-    x = torch.randn(3, 32, requires_grad=True)
-    out = compiled(x)
-    torch.testing.assert_close(out, norm(x))
-    (g_compiled,) = torch.autograd.grad(out.sum(), x)
-    (g_eager,) = torch.autograd.grad(norm(x).sum(), x)
-    torch.testing.assert_close(g_compiled, g_eager)
+    assert_compiles_like_eager(RMSNorm(32), torch.randn(3, 32, requires_grad=True))
 
 
 # --- bad input ----------------------------------------------------------------------------

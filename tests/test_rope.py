@@ -8,7 +8,7 @@ from pyllm import _C
 from pyllm.nn import apply_rope, rope_cos_sin
 from pyllm.ops import _util
 from pyllm.ops import rope as rope_ops
-from helpers import CPU_AND_CUDA, on_unsupported_device, poisoned, rel_err, tolerance
+from helpers import CPU_AND_CUDA, assert_compiles_like_eager, on_unsupported_device, poisoned, rel_err, tolerance
 
 # (B, T, H, D, R): full and partial rotary (Phi-4-mini's R < D), R/2 not a multiple of 16 (the
 # AVX-512 tails), one token, one head.
@@ -126,11 +126,7 @@ def test_model_path_runs_the_kernel_and_compiles():
     # tables that need a gradient, or of another precision, take the torch form
     assert type(apply_rope(x, cos.requires_grad_(), sin).grad_fn).__name__ != "_RopeFunctionBackward"
     cos.requires_grad_(False)
-    torch._dynamo.reset()
-    compiled = torch.compile(lambda t: apply_rope(t, cos, sin), fullgraph=True)
-    got = compiled(x)
-    torch.testing.assert_close(got, out)
-    torch.testing.assert_close(torch.autograd.grad(got.sum(), x)[0], torch.autograd.grad(out.sum(), x)[0])
+    assert_compiles_like_eager(lambda t: apply_rope(t, cos, sin), x)
 
 
 def test_meta_tensors_give_shapes():

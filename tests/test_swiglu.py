@@ -10,7 +10,7 @@ from pyllm import _C
 from pyllm.nn import SwiGLUMLP
 from pyllm.ops import _util
 from pyllm.ops import swiglu as swiglu_ops
-from helpers import CPU_AND_CUDA, on_unsupported_device, poisoned, rel_err, tolerance
+from helpers import CPU_AND_CUDA, assert_compiles_like_eager, on_unsupported_device, poisoned, rel_err, tolerance
 
 SHAPES = [(1,), (7,), (3, 5), (2, 17, 33), (4, 1, 257), (64, 1024), (2, 3, 4, 11)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -238,15 +238,7 @@ def test_mlp_matches_llama_mlp():
 
 
 def test_torch_compile_fullgraph():
-    torch._dynamo.reset()
-    mlp = SwiGLUMLP(32, 64)
-    compiled = torch.compile(mlp, fullgraph=True)
-    x = torch.randn(3, 32, requires_grad=True)
-    out = compiled(x)
-    torch.testing.assert_close(out, mlp(x))
-    (g_compiled,) = torch.autograd.grad(out.sum(), x)
-    (g_eager,) = torch.autograd.grad(mlp(x).sum(), x)
-    torch.testing.assert_close(g_compiled, g_eager)
+    assert_compiles_like_eager(SwiGLUMLP(32, 64), torch.randn(3, 32, requires_grad=True))
 
 
 # --- bad input ----------------------------------------------------------------------------

@@ -65,6 +65,13 @@ inline acc_t<T> round_to(acc_t<T> v) {
   else return to_float(from_float<T>(v));
 }
 
+// 1 / sqrt(mean(x^2) + eps) from the row's sum of squares.
+template <typename T>
+acc_t<T> rstd_of(sum_t<T> sum_squares, int64_t cols, double eps) {
+  using S = sum_t<T>;
+  return acc_t<T>(S(1) / std::sqrt(sum_squares / S(cols) + S(eps)));
+}
+
 template <typename T>
 acc_t<T> row_rstd(const T* __restrict x, int64_t cols, double eps) {
   using S = sum_t<T>;
@@ -74,13 +81,12 @@ acc_t<T> row_rstd(const T* __restrict x, int64_t cols, double eps) {
     const S v = to_float(x[c]);
     ss += v * v;
   }
-  return acc_t<T>(S(1) / std::sqrt(ss / S(cols) + S(eps)));
+  return rstd_of<T>(ss, cols, eps);
 }
 
 #ifdef PYLLM_AVX512
 // The same rows on 16 fp32 lanes (common/cpu_math.h's loads, stores and roundings; masked tails, so
 // every element takes one path). fp32 inputs sum in two 8-lane fp64 halves, as sum_t says.
-inline double sum_lanes(__m512d a) { return _mm512_reduce_add_pd(a); }
 inline __m512d low_pd(__m512 v) { return _mm512_cvtps_pd(_mm512_castps512_ps256(v)); }
 inline __m512d high_pd(__m512 v) {
   return _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
@@ -108,17 +114,16 @@ struct RowSum {  // sum of 16-lane products in sum_t<T>
     }
   }
   sum_t<T> total() const {
-    if constexpr (std::is_same_v<T, float>) return sum_lanes(_mm512_add_pd(lo, hi));
+    if constexpr (std::is_same_v<T, float>) return _mm512_reduce_add_pd(_mm512_add_pd(lo, hi));
     else return _mm512_reduce_add_ps(f);
   }
 };
 
 template <typename T>
 float fwd_row_avx512(const T* x_row, const T* w, T* o_row, const Args& a) {
-  using S = sum_t<T>;
   RowSum<T> ss;
   for (int64_t c = 0; c < a.cols; c += 16) ss.add_square(avx512::load(x_row + c, a.cols - c));
-  const float rstd = float(S(1) / std::sqrt(ss.total() / S(a.cols) + S(a.eps)));
+  const float rstd = rstd_of<T>(ss.total(), a.cols, a.eps);
   const __m512 s = _mm512_set1_ps(rstd), offset = _mm512_set1_ps(float(a.offset));
   for (int64_t c = 0; c < a.cols; c += 16) {
     const int64_t n = a.cols - c;

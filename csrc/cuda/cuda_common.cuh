@@ -56,6 +56,12 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(flo
 
 inline cudaStream_t as_stream(uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
 
+// VEC elements of T moved as one aligned load or store (16 bytes: 8 bf16 / fp16 or 4 fp32).
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+  T v[VEC];
+};
+
 }  // namespace pyllm
 
 // PYLLM_DISPATCH_CUDA(code, T, body): fp32, fp16, bf16 (the CUDA kernels' dtypes).

@@ -44,11 +44,6 @@ constexpr int64_t kMaxCols = 32768;       // the backward's fp32 dw row: 128 KB 
                                           // sm_80 (163 KB) and sm_90 (227 KB) give; sm_86 / sm_89 (99 KB)
                                           // take rows up to 25,328 with a weight gradient
 
-template <typename T, int VEC>
-struct alignas(sizeof(T) * VEC) Pack {
-  T v[VEC];
-};
-
 struct Geometry {
   int threads_per_row, rows_per_block;
 };

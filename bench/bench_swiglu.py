@@ -1,4 +1,5 @@
-"""SwiGLU, ours vs eager torch vs torch.compile (vs Liger-Kernel on the GPU when installed).
+"""SwiGLU and GeGLU (silu(gate) * up, gelu_tanh(gate) * up), ours vs eager torch vs torch.compile
+(vs Liger-Kernel on the GPU when installed).
 
 One process, same inputs, side by side. Sizes: 8M output elements (2048 x 4096) by default.
 Effective GB/s counts the minimum bytes (forward 3 elements per output element, forward+backward
@@ -7,6 +8,7 @@ bandwidth of this device, the ceiling a bandwidth-bound kernel can reach.
 """
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
 
@@ -19,34 +21,55 @@ import common  # noqa: E402
 import pyllm  # noqa: E402
 
 
-def eager(gate, up):
+def eager_swiglu(gate, up):
     return F.silu(gate) * up
 
 
-def liger_fn():
+def eager_geglu(gate, up):
+    return F.gelu(gate, approximate="tanh") * up
+
+
+# activation -> (ours, torch eager, Liger-Kernel's module and function names)
+ACTIVATIONS = {
+    "silu": (pyllm.swiglu, eager_swiglu, ("liger_kernel.ops.swiglu", "LigerSiLUMulFunction")),
+    "gelu_tanh": (pyllm.geglu, eager_geglu, ("liger_kernel.ops.geglu", "LigerGELUMulFunction")),
+}
+
+
+def liger_fn(module: str, name: str):
     try:
-        from liger_kernel.ops.swiglu import LigerSiLUMulFunction
-    except ImportError:
+        return getattr(importlib.import_module(module), name).apply
+    except (ImportError, AttributeError):
         return None
-    return LigerSiLUMulFunction.apply
 
 
 def main() -> int:
     parser = common.base_parser(__doc__)
     parser.add_argument("--rows", type=int, default=2048)
     parser.add_argument("--cols", type=int, default=4096)
+    parser.add_argument("--activation", choices=[*ACTIVATIONS, "both"], default="both")
     args = parser.parse_args()
     device = args.device
     n = args.rows * args.cols
 
-    impls = {"pyllm": pyllm.swiglu, "torch eager": eager}
-    if not args.quick:
-        impls["torch.compile"] = torch.compile(eager)
-    if device == "cuda" and (liger := liger_fn()) is not None:
-        impls["liger"] = liger
-
     copy_gbs = common.copy_bandwidth_gbs(device)
     print(f"# swiglu on {common.device_description(device)}: {args.rows}x{args.cols}, copy bandwidth {copy_gbs:.1f} GB/s")
+    rows = []
+    for activation in ACTIVATIONS if args.activation == "both" else [args.activation]:
+        ours, eager, liger = ACTIVATIONS[activation]
+        impls = {"pyllm": ours, "torch eager": eager}
+        if not args.quick:
+            impls["torch.compile"] = torch.compile(eager)
+        if device == "cuda" and (liger := liger_fn(*liger)) is not None:
+            impls["liger"] = liger
+        rows += measure(impls, args, device, copy_gbs, {"act": activation})
+    common.print_table(rows, ["act", "dtype", "mode", "impl", "ms", "GB/s", "of copy", "vs eager"])
+    common.write_json(args.json, "swiglu", device, rows, {"shape": [args.rows, args.cols], "copy_GBps": round(copy_gbs, 1)})
+    return 0
+
+
+def measure(impls: dict, args, device: str, copy_gbs: float, labels: dict) -> list[dict]:
+    n = args.rows * args.cols
     rows = []
     for dtype in (torch.bfloat16, torch.float32):
         esize = torch.finfo(dtype).bits // 8
@@ -64,11 +87,9 @@ def main() -> int:
                     return torch.autograd.grad(fn(g, u), (g, u), dout)
                 return step
 
-            rows += common.bandwidth_rows(impls, step_of, device, elems * n * esize, copy_gbs, "torch eager",
-                                          "vs eager", {"dtype": str(dtype).removeprefix("torch."), "mode": mode})
-    common.print_table(rows, ["dtype", "mode", "impl", "ms", "GB/s", "of copy", "vs eager"])
-    common.write_json(args.json, "swiglu", device, rows, {"shape": [args.rows, args.cols], "copy_GBps": round(copy_gbs, 1)})
-    return 0
+            rows += common.bandwidth_rows(impls, step_of, device, elems * n * esize, copy_gbs, "torch eager", "vs eager",
+                                          {**labels, "dtype": str(dtype).removeprefix("torch."), "mode": mode})
+    return rows
 
 
 if __name__ == "__main__":

@@ -95,9 +95,9 @@ PYBIND11_MODULE(_C, m) {
   const auto nogil = py::call_guard<py::gil_scoped_release>();
 
   m.def("swiglu_fwd_cpu", &pyllm::swiglu_fwd_cpu, nogil, arg("gate"), arg("up"), arg("out"), arg("rows"),
-        arg("cols"), arg("in_stride"), arg("out_stride"), arg("dtype"));
+        arg("cols"), arg("in_stride"), arg("out_stride"), arg("dtype"), arg("activation"));
   m.def("swiglu_bwd_cpu", &pyllm::swiglu_bwd_cpu, nogil, arg("dout"), arg("gate"), arg("up"), arg("dgate"),
-        arg("dup"), arg("rows"), arg("cols"), arg("in_stride"), arg("out_stride"), arg("dtype"));
+        arg("dup"), arg("rows"), arg("cols"), arg("in_stride"), arg("out_stride"), arg("dtype"), arg("activation"));
 
   m.def("rms_norm_fwd_cpu", &pyllm::rms_norm_fwd_cpu, nogil, arg("x"), arg("weight"), arg("out"), arg("rstd"),
         arg("rows"), arg("cols"), arg("eps"), arg("offset"), arg("cast_first"), arg("dtype"));
@@ -223,10 +223,11 @@ PYBIND11_MODULE(_C, m) {
       .def("last_kernel_ms", &pyllm::bpe::CudaEncoder::last_kernel_ms);
 
   m.def("swiglu_fwd_cuda", &pyllm::swiglu_fwd_cuda, nogil, arg("gate"), arg("up"), arg("out"), arg("rows"),
-        arg("cols"), arg("in_stride"), arg("out_stride"), arg("dtype"), arg("device"), arg("stream"));
-  m.def("swiglu_bwd_cuda", &pyllm::swiglu_bwd_cuda, nogil, arg("dout"), arg("gate"), arg("up"), arg("dgate"),
-        arg("dup"), arg("rows"), arg("cols"), arg("in_stride"), arg("out_stride"), arg("dtype"), arg("device"),
+        arg("cols"), arg("in_stride"), arg("out_stride"), arg("dtype"), arg("activation"), arg("device"),
         arg("stream"));
+  m.def("swiglu_bwd_cuda", &pyllm::swiglu_bwd_cuda, nogil, arg("dout"), arg("gate"), arg("up"), arg("dgate"),
+        arg("dup"), arg("rows"), arg("cols"), arg("in_stride"), arg("out_stride"), arg("dtype"), arg("activation"),
+        arg("device"), arg("stream"));
 
   m.def("rms_norm_fwd_cuda", &pyllm::rms_norm_fwd_cuda, nogil, arg("x"), arg("weight"), arg("out"), arg("rstd"),
         arg("rows"), arg("cols"), arg("eps"), arg("offset"), arg("cast_first"), arg("dtype"), arg("device"),

@@ -37,7 +37,7 @@ from pyllm import nn as pnn
 from pyllm.ops import flash_attn as flash_attn_ops
 from pyllm.ops import rope as rope_ops
 from pyllm.ops.rms_norm import rms_norm as fused_rms_norm
-from pyllm.ops.swiglu import swiglu
+from pyllm.ops.swiglu import geglu, swiglu
 
 NAME = "pyllm"
 
@@ -282,6 +282,17 @@ def _is_silu(act) -> bool:
     return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
 
 
+# transformers' modules for the tanh GELU: "gelu_pytorch_tanh" (Gemma 1-3), "gelu_new", "gelu_fast"
+# (the same function written out in torch ops).
+_GELU_TANH_CLASSES = ("GELUTanh", "PytorchGELUTanh", "NewGELUActivation", "FastGELUActivation")
+
+
+def _is_gelu_tanh(act) -> bool:
+    if isinstance(act, nn.GELU):
+        return act.approximate == "tanh"
+    return type(act).__name__ in _GELU_TANH_CLASSES
+
+
 def _same_code(forward, reference) -> bool:
     """Whether a module class's forward is reference's, up to local names: the MLPs transformers
     copies from Llama's (Mistral's, Qwen's, ...) are; one that scales, clamps or adds a step is not."""
@@ -289,36 +300,51 @@ def _same_code(forward, reference) -> bool:
     return a is not None and (a.co_code, a.co_names, a.co_consts[1:]) == (b.co_code, b.co_names, b.co_consts[1:])
 
 
-def _silu_times(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+def _gated(fused, act, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if gate.dtype == up.dtype and pnn._swiglu_takes(gate):
-        return swiglu(gate, up)
-    return F.silu(gate) * up
+        return fused(gate, up)
+    return act(gate) * up  # no kernel for these inputs: the module's own activation
 
 
 def _swiglu_mlp_forward(self, x):  # LlamaMLP and its copies: gate_proj, up_proj, down_proj
-    return self.down_proj(_silu_times(self.gate_proj(x), self.up_proj(x)))
+    return self.down_proj(_gated(swiglu, self.act_fn, self.gate_proj(x), self.up_proj(x)))
+
+
+def _geglu_mlp_forward(self, x):  # GemmaMLP (Llama's forward with a tanh GELU)
+    return self.down_proj(_gated(geglu, self.act_fn, self.gate_proj(x), self.up_proj(x)))
 
 
 def _packed_swiglu_mlp_forward(self, x):  # Phi3MLP: gate_up_proj holds [gate | up]
     return self.down_proj(pnn._swiglu(self.gate_up_proj(x)))
 
 
-def _patch_swiglu(model: nn.Module) -> int:
-    """Points each MLP whose forward is Llama's down(silu(gate) * up) (or Phi-3's on a packed
-    gate_up_proj), with a SiLU, at pyllm's fused silu(gate) * up; returns how many."""
+def _packed_geglu_mlp_forward(self, x):
+    return self.down_proj(pnn._geglu(self.gate_up_proj(x)))
+
+
+def _patch_gated_mlps(model: nn.Module, silu: bool, gelu_tanh: bool) -> tuple[int, int]:
+    """Points each MLP whose forward is Llama's down(act(gate) * up) (or Phi-3's on a packed
+    gate_up_proj) at pyllm's fused act(gate) * up, for a SiLU (swiglu) and a tanh GELU (geglu);
+    returns how many of each."""
     from transformers.models.llama.modeling_llama import LlamaMLP
     from transformers.models.phi3.modeling_phi3 import Phi3MLP
-    count = 0
+    counts = {"silu": 0, "gelu_tanh": 0}
     for module in model.modules():
         forward = type(module).forward
-        if _same_code(forward, LlamaMLP.forward) and _is_silu(getattr(module, "act_fn", None)):
-            module.forward = types.MethodType(_swiglu_mlp_forward, module)
-        elif _same_code(forward, Phi3MLP.forward) and _is_silu(getattr(module, "activation_fn", None)):
-            module.forward = types.MethodType(_packed_swiglu_mlp_forward, module)
+        if _same_code(forward, LlamaMLP.forward):
+            act, forwards = getattr(module, "act_fn", None), (_swiglu_mlp_forward, _geglu_mlp_forward)
+        elif _same_code(forward, Phi3MLP.forward):
+            act, forwards = getattr(module, "activation_fn", None), (_packed_swiglu_mlp_forward, _packed_geglu_mlp_forward)
         else:
             continue
-        count += 1
-    return count
+        if silu and _is_silu(act):
+            module.forward, kind = types.MethodType(forwards[0], module), "silu"
+        elif gelu_tanh and _is_gelu_tanh(act):
+            module.forward, kind = types.MethodType(forwards[1], module), "gelu_tanh"
+        else:
+            continue
+        counts[kind] += 1
+    return counts["silu"], counts["gelu_tanh"]
 
 
 # --- RMSNorm ------------------------------------------------------------------------------------------
@@ -532,11 +558,13 @@ def _fused_loss_refusal(model: nn.Module) -> str | None:
 # --- the one call ------------------------------------------------------------------------------------------
 
 def apply_pyllm_kernels(model: nn.Module, attention: bool = True, swiglu: bool = True, rms_norm: bool = True,
-                        rope: bool = True, fused_linear_cross_entropy: bool = True) -> dict:
+                        rope: bool = True, fused_linear_cross_entropy: bool = True, geglu: bool = True) -> dict:
     """Puts pyllm's kernels into a loaded transformers model, in place:
     attention: attn_implementation "pyllm" (register_attention; model.set_attn_implementation);
     swiglu: every SiLU-gated MLP (Llama's gate_proj / up_proj / down_proj, Phi-3's gate_up_proj) runs
         silu(gate) * up as one kernel (fp32 math, one rounding) instead of two ops;
+    geglu: likewise every MLP of that form gated by the tanh GELU (Gemma 1-3's gelu_pytorch_tanh;
+        gelu_new, gelu_fast) runs pyllm.geglu;
     rms_norm: every RMSNorm written as Llama's (its copies, Qwen3's per-head q / k norms) or Gemma's
         runs as one kernel forward and one backward (pyllm.rms_norm), with the module's roundings;
     rope: attention modules that rotate q and k with Llama's rotate-half apply_rotary_pos_emb do it with
@@ -547,18 +575,19 @@ def apply_pyllm_kernels(model: nn.Module, attention: bool = True, swiglu: bool =
         the logits and their gradient is what it saves); HF's loss semantics kept: -100 ignored,
         labels shifted (or shift_labels), sum / num_items_in_batch when the Trainer passes it.
         Code that reads outputs.logits in training (TRL's SFT entropy and token accuracy) needs it off.
-    Returns what was applied: {"attention": bool, "swiglu": number of MLPs, "rms_norm": number of norms,
-    "rope": number of attention modules, "fused_linear_cross_entropy": bool}. A requested part the model cannot take raises ValueError saying why (fused loss on
+    Returns what was applied: {"attention": bool, "swiglu": number of MLPs, "geglu": number of MLPs,
+    "rms_norm": number of norms, "rope": number of attention modules, "fused_linear_cross_entropy": bool}. A requested part the model cannot take raises ValueError saying why (fused loss on
     a model whose logits are more than lm_head(hidden); a model that cannot switch attention)."""
-    applied = {"attention": False, "swiglu": 0, "rms_norm": 0, "rope": 0, "fused_linear_cross_entropy": False}
+    applied = {"attention": False, "swiglu": 0, "geglu": 0, "rms_norm": 0, "rope": 0,
+               "fused_linear_cross_entropy": False}
     if attention:
         register_attention()
         if not model._can_set_attn_implementation():
             raise ValueError(f"{type(model).__name__} does not take attention functions by name (AttentionInterface)")
         model.set_attn_implementation(NAME)
         applied["attention"] = True
-    if swiglu:
-        applied["swiglu"] = _patch_swiglu(model)
+    if swiglu or geglu:
+        applied["swiglu"], applied["geglu"] = _patch_gated_mlps(model, silu=swiglu, gelu_tanh=geglu)
     if rms_norm:
         applied["rms_norm"] = _patch_rms_norm(model)
     if rope:

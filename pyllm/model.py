@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from pyllm.nn import (MoEMLP, RMSNorm, SwiGLUMLP, apply_rope, attention, attention_with_kvcache, document_ids,
+from pyllm.nn import (MoEMLP, RMSNorm, SwiGLUMLP, _geglu, apply_rope, attention, attention_with_kvcache, document_ids,
                       linear_cross_entropy, linear_distill, linear_token_logps, rope_cos_sin, token_logps)
 
 
@@ -262,8 +262,8 @@ class GeluMLP(nn.Module):
 
 
 class GeGLUMLP(nn.Module):
-    """Gemma's MLP, down(gelu_tanh(x W_gate) * (x W_up)), gate and up fused as in SwiGLUMLP (torch's
-    functions: pyllm's fused kernel is SiLU's)."""
+    """Gemma's MLP, down(gelu_tanh(x W_gate) * (x W_up)), gate and up fused as in SwiGLUMLP, and
+    gelu_tanh(gate) * up one kernel (pyllm.geglu_packed)."""
 
     def __init__(self, dim: int, hidden_dim: int, bias: bool):
         super().__init__()
@@ -271,8 +271,7 @@ class GeGLUMLP(nn.Module):
         self.down = nn.Linear(hidden_dim, dim, bias=bias)
 
     def forward(self, x):
-        gate, up = self.gate_up(x).chunk(2, dim=-1)  # (..., hidden) each
-        return self.down(F.gelu(gate, approximate="tanh") * up)
+        return self.down(_geglu(self.gate_up(x)))  # (..., hidden) -> (..., dim)
 
 
 class Block(nn.Module):

@@ -14,7 +14,7 @@ from pyllm.ops import rms_norm as rms_norm_ops
 from pyllm.ops import rope as rope_ops
 from pyllm.ops import swiglu as swiglu_ops
 from pyllm.ops.rms_norm import rms_norm
-from pyllm.ops.swiglu import swiglu_packed
+from pyllm.ops.swiglu import geglu_packed, swiglu_packed
 
 
 class SwiGLUMLP(nn.Module):
@@ -47,6 +47,14 @@ def _swiglu(h: torch.Tensor) -> torch.Tensor:
         return swiglu_packed(h)
     gate, up = h.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def _geglu(h: torch.Tensor) -> torch.Tensor:
+    """gelu_tanh(gate) * up of h = [gate | up] (..., 2 * hidden) (Gemma's MLP), as _swiglu."""
+    if _swiglu_takes(h):
+        return geglu_packed(h)
+    gate, up = h.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up
 
 
 class MoEMLP(nn.Module):

@@ -113,7 +113,8 @@ def test_logits_are_the_references(family, padding, path, monkeypatch):
     calls = []
     kernel = phf.flash_attn_ops.flash_attn
     monkeypatch.setattr(phf.flash_attn_ops, "flash_attn", lambda *a, **k: calls.append(1) or kernel(*a, **k))
-    assert applied == {"attention": True, "swiglu": 0 if family == "gemma2" else 2,  # Gemma's MLP is GELU-gated
+    assert applied == {"attention": True, "swiglu": 0 if family == "gemma2" else 2,  # Gemma's MLP is GELU-gated:
+                       "geglu": 2 if family == "gemma2" else 0,  # the tanh GELU's
                        "rms_norm": 9 if family == "gemma2" else 5,  # Gemma 2: 4 per layer, else 2; + the final
                        "rope": 0 if family == "phi3" else 2,  # Phi-3's rotary has its own (partial) function
                        "fused_linear_cross_entropy": True}
@@ -242,6 +243,44 @@ def test_only_llamas_mlp_code_is_replaced():
     ids = inputs()
     with torch.no_grad():
         assert rel_err(ours(ids).logits, reference(ids).logits) < 1e-12
+
+
+@pytest.mark.parametrize("hidden_act", ["gelu_pytorch_tanh", "gelu_new", "gelu_fast", "gelu", "relu"])
+def test_tanh_gelu_gated_mlps_run_geglu(hidden_act):
+    # transformers' three names for the tanh GELU get the fused GeGLU (in Llama's MLP as in Gemma's);
+    # the exact GELU and other activations keep their own forward.
+    reference, ours = tiny("llama", hidden_act=hidden_act)
+    tanh = hidden_act in ("gelu_pytorch_tanh", "gelu_new", "gelu_fast")
+    applied = phf.apply_pyllm_kernels(ours)
+    assert (applied["swiglu"], applied["geglu"]) == (0, 2 if tanh else 0)
+    ids = inputs()
+    with torch.no_grad():
+        assert rel_err(ours(ids).logits, reference(ids).logits) < 1e-12
+    assert phf.apply_pyllm_kernels(copy.deepcopy(reference), geglu=False)["geglu"] == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_geglu_mlp_within_twice_the_modules_error(dtype):
+    # Gemma's MLP in the model's dtype, ours against transformers' module, both against float64.
+    reference, _ = tiny("gemma2")
+    mlp64 = reference.model.layers[0].mlp
+    module = copy.deepcopy(mlp64).to(dtype)
+    patched = copy.deepcopy(module)
+    phf._patch_gated_mlps(patched, silu=True, gelu_tanh=True)
+    assert patched.forward.__func__ is phf._geglu_mlp_forward
+    x = torch.randn(3, 7, mlp64.hidden_size, dtype=torch.float64) * 2
+    dy = torch.randn(3, 7, mlp64.hidden_size, dtype=torch.float64)
+
+    def run(mlp, x):
+        x = x.detach().clone().requires_grad_()
+        y = mlp(x)
+        dx, dw = torch.autograd.grad(y, (x, mlp.gate_proj.weight), dy.to(y.dtype))
+        return y, dx, dw
+
+    want = run(mlp64, x)
+    theirs = run(module, x.to(dtype))
+    for got, torch_out, ref in zip(run(patched, x.to(dtype)), theirs, want):
+        assert rel_err(got, ref) <= tolerance(torch_out, ref)
 
 
 def test_tuple_outputs_and_a_lora_output_layer():

@@ -81,6 +81,22 @@ template <typename T> inline double exp_acc(double x) { return std::exp(x); }
 template <typename T> inline float sigmoid_acc(float g) { return g < -88.5f ? 0.f : 1.f / (1.f + exp_acc<T>(-g)); }
 template <typename T> inline double sigmoid_acc(double g) { return 1.0 / (1.0 + std::exp(-g)); }
 
+// sigmoid(z) and 1 - sigmoid(z), the latter as exp(-z) * sigmoid(z): subtracting a rounded sigmoid
+// from 1 keeps few bits where it is near 1 (GeGLU's fp32 dgate lost 2.5x torch's error that way).
+// Below z = -88.5 they are 0 and 1, as sigmoid_acc's.
+template <typename T> inline void sigmoid_pair_acc(float z, float& s, float& one_minus_s) {
+  const float e = exp_acc<T>(-z);  // clamped: finite
+  const float r = 1.f / (1.f + e);
+  const bool dead = z < -88.5f;
+  s = dead ? 0.f : r;
+  one_minus_s = dead ? 1.f : e * r;
+}
+template <typename T> inline void sigmoid_pair_acc(double z, double& s, double& one_minus_s) {
+  const double e = std::exp(-z);
+  s = 1.0 / (1.0 + e);
+  one_minus_s = std::isinf(e) ? 1.0 : e * s;
+}
+
 }  // namespace pyllm
 
 // ---- AVX-512: 16 fp32 lanes, used where the build targets it (-march=native on AVX-512 CPUs) ----
@@ -190,6 +206,24 @@ inline __m512 sigmoid(__m512 g) {
   // 0 where exp(-g) clamped (g < -88.5), as the precise path's and torch's overflow give.
   const __mmask16 live = _mm512_cmp_ps_mask(g, _mm512_set1_ps(-88.5f), _CMP_NLT_UQ);
   return _mm512_maskz_fmadd_ps(live, y, _mm512_fnmadd_ps(d, y, one), y);
+}
+
+// sigmoid_pair_acc in 16 lanes: exp(-z) clamped finite, the same reciprocal as sigmoid<Precise>.
+template <bool Precise>
+inline void sigmoid_pair(__m512 z, __m512& s, __m512& one_minus_s) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  const __m512 e = exp<Precise ? 7 : 5, true>(_mm512_sub_ps(_mm512_setzero_ps(), z));
+  const __m512 d = _mm512_add_ps(one, e);
+  __m512 r;
+  if constexpr (Precise) {
+    r = _mm512_div_ps(one, d);
+  } else {
+    const __m512 y = _mm512_rcp14_ps(d);
+    r = _mm512_fmadd_ps(y, _mm512_fnmadd_ps(d, y, one), y);
+  }
+  const __mmask16 live = _mm512_cmp_ps_mask(z, _mm512_set1_ps(-88.5f), _CMP_NLT_UQ);  // NaN: live
+  s = _mm512_maskz_mov_ps(live, r);
+  one_minus_s = _mm512_mask_mov_ps(one, live, _mm512_mul_ps(e, r));
 }
 
 template <typename T> constexpr bool has_lanes = std::is_same_v<T, float> || std::is_same_v<T, bf16> || std::is_same_v<T, f16>;

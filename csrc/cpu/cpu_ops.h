@@ -6,11 +6,11 @@
 
 namespace pyllm {
 
-// swiglu.cpp
+// swiglu.cpp: activation is a GluActivation code (common/glu.h): 0 silu (SwiGLU), 1 gelu_tanh (GeGLU).
 void swiglu_fwd_cpu(uintptr_t gate, uintptr_t up, uintptr_t out, int64_t rows, int64_t cols,
-                    int64_t in_stride, int64_t out_stride, int dtype);
+                    int64_t in_stride, int64_t out_stride, int dtype, int activation);
 void swiglu_bwd_cpu(uintptr_t dout, uintptr_t gate, uintptr_t up, uintptr_t dgate, uintptr_t dup,
-                    int64_t rows, int64_t cols, int64_t in_stride, int64_t out_stride, int dtype);
+                    int64_t rows, int64_t cols, int64_t in_stride, int64_t out_stride, int dtype, int activation);
 
 // rms_norm.cpp: x, out, dout, dx contiguous (rows, cols); weight, dweight (cols) or 0 for none;
 // rstd (rows) in the math type (fp32; fp64 for fp64).

@@ -1,4 +1,5 @@
-// Fused SwiGLU on the CPU: out = silu(gate) * up, silu(g) = g * sigmoid(g).
+// Fused SwiGLU on the CPU: out = silu(gate) * up, silu(g) = g * sigmoid(g); and GeGLU,
+// gelu_tanh(gate) * up, the same kernels with gelu_tanh(g) = g * sigmoid(z(g)) (common/glu.h).
 //
 // Layout: `rows` rows of `cols` elements; gate and up rows start `in_stride` elements apart, out
 // rows `out_stride` apart. Separate contiguous tensors come in as one long row; the packed form
@@ -6,8 +7,10 @@
 //
 // Forward reads gate and up, writes out: 3 elements moved per output element (6 B in bf16).
 // Backward recomputes sigmoid from the saved inputs (nothing else is saved) and in one pass
-//   dgate = dout * up * sigmoid(g) * (1 + g * (1 - sigmoid(g))),  dup = dout * silu(g)
-// reading dout, gate, up and writing dgate, dup: 5 elements per element (10 B in bf16).
+//   dgate = dout * up * s * (1 + g * (1 - s) * z'(g)),  dup = dout * g * s,  s = sigmoid(z(g)),
+// 1 - s taken as exp(-z) * s (common/cpu_math.h: sigmoid_pair_acc)
+// reading dout, gate, up and writing dgate, dup: 5 elements per element (10 B in bf16). GeGLU's
+// z(g) costs 3 more multiply-adds per element, far from the bound.
 //
 // Threading: OpenMP over blocks of kBlock elements (a row, or a slice of a long row). Inner loop:
 // on AVX-512 builds, 16 lanes of intrinsics (common/cpu_math.h: vscalefps exp, vrcp14ps sigmoid
@@ -20,6 +23,7 @@
 #include "common/checks.h"
 #include "common/cpu_math.h"
 #include "common/dtype.h"
+#include "common/glu.h"
 #include "cpu/cpu_ops.h"
 
 namespace pyllm {
@@ -35,7 +39,8 @@ struct Layout {
   int64_t rows, cols, in_stride, out_stride;
 };
 
-void check_layout(const Layout& l, int dtype, std::initializer_list<uintptr_t> ptrs) {
+void check_layout(const Layout& l, int dtype, int activation, std::initializer_list<uintptr_t> ptrs) {
+  check_glu_activation(activation);
   PYLLM_CHECK(l.rows >= 0 && l.cols >= 0, "swiglu: rows and cols must be >= 0, got ", l.rows, " and ", l.cols);
   PYLLM_CHECK(l.rows <= 1 || (l.in_stride >= l.cols && l.out_stride >= l.cols),
               "swiglu: row strides (", l.in_stride, ", ", l.out_stride, ") must be >= cols (", l.cols, ")");
@@ -55,7 +60,16 @@ void for_each_block(const Layout& l, Body body) {
   }
 }
 
-template <typename T>
+#ifdef PYLLM_AVX512
+template <int ACT>
+inline __m512 z_of(__m512 g) {
+  if constexpr (ACT == kGluSilu) return g;
+  else return _mm512_mul_ps(g, _mm512_fmadd_ps(_mm512_mul_ps(g, g), _mm512_set1_ps(float(kGeluZ1)),
+                                               _mm512_set1_ps(float(kGeluZ0))));
+}
+#endif
+
+template <typename T, int ACT>
 void fwd(const T* gate, const T* up, T* out, Layout l) {
   using A = acc_t<T>;
   for_each_block<T>(l, [&](int64_t row, int64_t c0, int64_t c1) {
@@ -68,7 +82,7 @@ void fwd(const T* gate, const T* up, T* out, Layout l) {
       for (; c < c1; c += 16) {
         const int64_t n = c1 - c;
         const __m512 g = avx512::load(g_row + c, n), u = avx512::load(u_row + c, n);
-        const __m512 sig = avx512::sigmoid<std::is_same_v<T, float>>(g);
+        const __m512 sig = avx512::sigmoid<std::is_same_v<T, float>>(z_of<ACT>(g));
         avx512::store(o_row + c, _mm512_mul_ps(_mm512_mul_ps(g, sig), u), n);
       }
     }
@@ -76,13 +90,13 @@ void fwd(const T* gate, const T* up, T* out, Layout l) {
 #pragma omp simd
     for (int64_t t = c; t < c1; ++t) {
       A g = to_float(g_row[t]), u = to_float(u_row[t]);
-      A sig = sigmoid_acc<T>(g);
+      A sig = sigmoid_acc<T>(glu_z<ACT>(g));
       o_row[t] = from_acc<T>(g * sig * u);
     }
   });
 }
 
-template <typename T>
+template <typename T, int ACT>
 void bwd(const T* dout, const T* gate, const T* up, T* dgate, T* dup, Layout l) {
   using A = acc_t<T>;
   for_each_block<T>(l, [&](int64_t row, int64_t c0, int64_t c1) {
@@ -98,9 +112,14 @@ void bwd(const T* dout, const T* gate, const T* up, T* dgate, T* dup, Layout l) 
       for (; c < c1; c += 16) {
         const int64_t n = c1 - c;
         const __m512 d = avx512::load(d_row + c, n), g = avx512::load(g_row + c, n), u = avx512::load(u_row + c, n);
-        const __m512 sig = avx512::sigmoid<std::is_same_v<T, float>>(g);
-        const __m512 dsilu = _mm512_mul_ps(sig, _mm512_fmadd_ps(g, _mm512_sub_ps(one, sig), one));
-        avx512::store(dg_row + c, _mm512_mul_ps(_mm512_mul_ps(d, u), dsilu), n);
+        __m512 sig, one_minus_sig;
+        avx512::sigmoid_pair<std::is_same_v<T, float>>(z_of<ACT>(g), sig, one_minus_sig);
+        __m512 g_dz = g;  // g * z'(g)
+        if constexpr (ACT == kGluGeluTanh)
+          g_dz = _mm512_mul_ps(g, _mm512_fmadd_ps(_mm512_mul_ps(g, g), _mm512_set1_ps(float(3 * kGeluZ1)),
+                                                  _mm512_set1_ps(float(kGeluZ0))));
+        const __m512 dact = _mm512_mul_ps(sig, _mm512_fmadd_ps(g_dz, one_minus_sig, one));
+        avx512::store(dg_row + c, _mm512_mul_ps(_mm512_mul_ps(d, u), dact), n);
         avx512::store(du_row + c, _mm512_mul_ps(d, _mm512_mul_ps(g, sig)), n);
       }
     }
@@ -108,10 +127,11 @@ void bwd(const T* dout, const T* gate, const T* up, T* dgate, T* dup, Layout l) 
 #pragma omp simd
     for (int64_t t = c; t < c1; ++t) {
       A d = to_float(d_row[t]), g = to_float(g_row[t]), u = to_float(u_row[t]);
-      A sig = sigmoid_acc<T>(g);
-      A silu = g * sig;
-      dg_row[t] = from_acc<T>(d * u * sig * (A(1) + g * (A(1) - sig)));
-      du_row[t] = from_acc<T>(d * silu);
+      A sig, one_minus_sig;
+      sigmoid_pair_acc<T>(glu_z<ACT>(g), sig, one_minus_sig);
+      A act = g * sig;
+      dg_row[t] = from_acc<T>(d * u * sig * (A(1) + g * glu_dz<ACT>(g) * one_minus_sig));
+      du_row[t] = from_acc<T>(d * act);
     }
   });
 }
@@ -119,24 +139,25 @@ void bwd(const T* dout, const T* gate, const T* up, T* dgate, T* dup, Layout l) 
 }  // namespace
 
 void swiglu_fwd_cpu(uintptr_t gate, uintptr_t up, uintptr_t out, int64_t rows, int64_t cols,
-                    int64_t in_stride, int64_t out_stride, int dtype) {
+                    int64_t in_stride, int64_t out_stride, int dtype, int activation) {
   Layout l{rows, cols, in_stride, out_stride};
-  check_layout(l, dtype, {gate, up, out});
+  check_layout(l, dtype, activation, {gate, up, out});
   if (rows * cols == 0) return;
-  PYLLM_DISPATCH_CPU(dtype, T,
-                     fwd<T>(reinterpret_cast<const T*>(gate), reinterpret_cast<const T*>(up),
-                            reinterpret_cast<T*>(out), l));
+  PYLLM_DISPATCH_CPU(dtype, T, PYLLM_DISPATCH_GLU(activation, ACT,
+                     fwd<T, ACT>(reinterpret_cast<const T*>(gate), reinterpret_cast<const T*>(up),
+                            reinterpret_cast<T*>(out), l)));
 }
 
 void swiglu_bwd_cpu(uintptr_t dout, uintptr_t gate, uintptr_t up, uintptr_t dgate, uintptr_t dup,
-                    int64_t rows, int64_t cols, int64_t in_stride, int64_t out_stride, int dtype) {
+                    int64_t rows, int64_t cols, int64_t in_stride, int64_t out_stride, int dtype,
+                    int activation) {
   Layout l{rows, cols, in_stride, out_stride};
-  check_layout(l, dtype, {dout, gate, up, dgate, dup});
+  check_layout(l, dtype, activation, {dout, gate, up, dgate, dup});
   if (rows * cols == 0) return;
-  PYLLM_DISPATCH_CPU(dtype, T,
-                     bwd<T>(reinterpret_cast<const T*>(dout), reinterpret_cast<const T*>(gate),
+  PYLLM_DISPATCH_CPU(dtype, T, PYLLM_DISPATCH_GLU(activation, ACT,
+                     bwd<T, ACT>(reinterpret_cast<const T*>(dout), reinterpret_cast<const T*>(gate),
                             reinterpret_cast<const T*>(up), reinterpret_cast<T*>(dgate),
-                            reinterpret_cast<T*>(dup), l));
+                            reinterpret_cast<T*>(dup), l)));
 }
 
 }  // namespace pyllm

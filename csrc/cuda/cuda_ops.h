@@ -11,12 +11,12 @@ namespace pyllm {
 int cuda_device_count();  // 0 where there is no GPU or no driver; never throws
 std::string cuda_runtime_version();
 
-// swiglu.cu
+// swiglu.cu: activation as in swiglu_fwd_cpu (common/glu.h).
 void swiglu_fwd_cuda(uintptr_t gate, uintptr_t up, uintptr_t out, int64_t rows, int64_t cols,
-                     int64_t in_stride, int64_t out_stride, int dtype, int device, uintptr_t stream);
+                     int64_t in_stride, int64_t out_stride, int dtype, int activation, int device, uintptr_t stream);
 void swiglu_bwd_cuda(uintptr_t dout, uintptr_t gate, uintptr_t up, uintptr_t dgate, uintptr_t dup,
                      int64_t rows, int64_t cols, int64_t in_stride, int64_t out_stride, int dtype,
-                     int device, uintptr_t stream);
+                     int activation, int device, uintptr_t stream);
 
 // rms_norm.cu: the arguments of the CPU twin (csrc/cpu/cpu_ops.h); rstd fp32. The backward writes
 // dweight as fp32 partials, n_partials rows of cols (rms_norm_partials_cuda says how many it

@@ -1,4 +1,5 @@
-// Fused SwiGLU on the GPU: out = silu(gate) * up, and its backward, math in fp32.
+// Fused SwiGLU on the GPU: out = silu(gate) * up, and its backward, math in fp32; and GeGLU,
+// gelu_tanh(gate) * up, by the same kernels: both are g * sigmoid(z(g)) (common/glu.h).
 //
 // Layout as in csrc/cpu/swiglu.cpp: `rows` rows of `cols`; gate/up (and dgate/dup) rows are
 // `in_stride` elements apart, out/dout rows `out_stride` apart. Separate contiguous tensors arrive
@@ -6,7 +7,7 @@
 //
 // Algorithm: one thread per 16-byte vector (8 bf16/fp16 or 4 fp32 elements), grid-stride loop.
 // The backward recomputes sigmoid from the saved inputs instead of reading a saved activation:
-//   dgate = dout * up * s * (1 + g * (1 - s)),  dup = dout * g * s,  s = sigmoid(g).
+//   dgate = dout * up * s * (1 + g * (1 - s) * z'(g)),  dup = dout * g * s,  s = sigmoid(z(g)).
 //
 // Memory traffic per element (the floor, since both passes are purely bandwidth-bound):
 //   forward  reads gate, up; writes out:              3 elements (6 B bf16, 12 B fp32)
@@ -22,6 +23,7 @@
 #include <algorithm>
 
 #include "cuda/cuda_common.cuh"
+#include "common/glu.h"
 #include "cuda/cuda_ops.h"
 
 namespace pyllm {
@@ -45,7 +47,7 @@ __device__ __forceinline__ void offsets(int64_t i, int64_t vcols, const Layout& 
 
 __device__ __forceinline__ float sigmoid(float g) { return 1.0f / (1.0f + expf(-g)); }
 
-template <typename T, int VEC>
+template <typename T, int VEC, int ACT>
 __global__ void __launch_bounds__(kThreads) swiglu_fwd_kernel(const T* __restrict__ gate, const T* __restrict__ up,
                                                               T* __restrict__ out, Layout l) {
   using P = Pack<T, VEC>;
@@ -59,13 +61,13 @@ __global__ void __launch_bounds__(kThreads) swiglu_fwd_kernel(const T* __restric
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
       const float gf = to_f32(g.v[k]);
-      o.v[k] = from_f32<T>(gf * sigmoid(gf) * to_f32(u.v[k]));
+      o.v[k] = from_f32<T>(gf * sigmoid(glu_z<ACT>(gf)) * to_f32(u.v[k]));
     }
     *reinterpret_cast<P*>(out + out_off) = o;
   }
 }
 
-template <typename T, int VEC>
+template <typename T, int VEC, int ACT>
 __global__ void __launch_bounds__(kThreads) swiglu_bwd_kernel(const T* __restrict__ dout, const T* __restrict__ gate,
                                                               const T* __restrict__ up, T* __restrict__ dgate,
                                                               T* __restrict__ dup, Layout l) {
@@ -81,8 +83,10 @@ __global__ void __launch_bounds__(kThreads) swiglu_bwd_kernel(const T* __restric
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
       const float df = to_f32(d.v[k]), gf = to_f32(g.v[k]), uf = to_f32(u.v[k]);
-      const float s = sigmoid(gf);
-      dg.v[k] = from_f32<T>(df * uf * s * (1.0f + gf * (1.0f - s)));
+      const float z = glu_z<ACT>(gf), s = sigmoid(z);
+      // 1 - s as sigmoid(-z), not from the rounded s (which keeps few bits of it where s ~ 1);
+      // the second expf is free in a bandwidth-bound kernel and needs no case for exp overflow.
+      dg.v[k] = from_f32<T>(df * uf * s * (1.0f + gf * glu_dz<ACT>(gf) * sigmoid(-z)));
       du.v[k] = from_f32<T>(df * gf * s);
     }
     *reinterpret_cast<P*>(dgate + in_off) = dg;
@@ -90,7 +94,8 @@ __global__ void __launch_bounds__(kThreads) swiglu_bwd_kernel(const T* __restric
   }
 }
 
-void check_layout(const Layout& l, int dtype, std::initializer_list<uintptr_t> ptrs) {
+void check_layout(const Layout& l, int dtype, int activation, std::initializer_list<uintptr_t> ptrs) {
+  check_glu_activation(activation);
   PYLLM_CHECK(l.rows >= 0 && l.cols >= 0, "swiglu: rows and cols must be >= 0, got ", l.rows, " and ", l.cols);
   PYLLM_CHECK(l.rows <= 1 || (l.in_stride >= l.cols && l.out_stride >= l.cols),
               "swiglu: row strides (", l.in_stride, ", ", l.out_stride, ") must be >= cols (", l.cols, ")");
@@ -114,40 +119,40 @@ int grid_for(int64_t n_items) {
 }  // namespace
 
 void swiglu_fwd_cuda(uintptr_t gate, uintptr_t up, uintptr_t out, int64_t rows, int64_t cols,
-                     int64_t in_stride, int64_t out_stride, int dtype, int device, uintptr_t stream) {
+                     int64_t in_stride, int64_t out_stride, int dtype, int activation, int device, uintptr_t stream) {
   Layout l{rows, cols, in_stride, out_stride};
-  check_layout(l, dtype, {gate, up, out});
+  check_layout(l, dtype, activation, {gate, up, out});
   if (rows * cols == 0) return;
   DeviceGuard guard(device);
-  PYLLM_DISPATCH_CUDA(dtype, T, {
+  PYLLM_DISPATCH_CUDA(dtype, T, PYLLM_DISPATCH_GLU(activation, ACT, {
     constexpr int VEC = 16 / sizeof(T);
     auto g = reinterpret_cast<const T*>(gate), u = reinterpret_cast<const T*>(up);
     auto o = reinterpret_cast<T*>(out);
     if (vectorizable(l, VEC, {gate, up, out}))
-      swiglu_fwd_kernel<T, VEC><<<grid_for(rows * cols / VEC), kThreads, 0, as_stream(stream)>>>(g, u, o, l);
+      swiglu_fwd_kernel<T, VEC, ACT><<<grid_for(rows * cols / VEC), kThreads, 0, as_stream(stream)>>>(g, u, o, l);
     else
-      swiglu_fwd_kernel<T, 1><<<grid_for(rows * cols), kThreads, 0, as_stream(stream)>>>(g, u, o, l);
-  });
+      swiglu_fwd_kernel<T, 1, ACT><<<grid_for(rows * cols), kThreads, 0, as_stream(stream)>>>(g, u, o, l);
+  }));
   PYLLM_CUDA_CHECK_LAUNCH("swiglu_fwd");
 }
 
 void swiglu_bwd_cuda(uintptr_t dout, uintptr_t gate, uintptr_t up, uintptr_t dgate, uintptr_t dup,
                      int64_t rows, int64_t cols, int64_t in_stride, int64_t out_stride, int dtype,
-                     int device, uintptr_t stream) {
+                     int activation, int device, uintptr_t stream) {
   Layout l{rows, cols, in_stride, out_stride};
-  check_layout(l, dtype, {dout, gate, up, dgate, dup});
+  check_layout(l, dtype, activation, {dout, gate, up, dgate, dup});
   if (rows * cols == 0) return;
   DeviceGuard guard(device);
-  PYLLM_DISPATCH_CUDA(dtype, T, {
+  PYLLM_DISPATCH_CUDA(dtype, T, PYLLM_DISPATCH_GLU(activation, ACT, {
     constexpr int VEC = 16 / sizeof(T);
     auto d = reinterpret_cast<const T*>(dout), g = reinterpret_cast<const T*>(gate);
     auto u = reinterpret_cast<const T*>(up);
     auto dg = reinterpret_cast<T*>(dgate), du = reinterpret_cast<T*>(dup);
     if (vectorizable(l, VEC, {dout, gate, up, dgate, dup}))
-      swiglu_bwd_kernel<T, VEC><<<grid_for(rows * cols / VEC), kThreads, 0, as_stream(stream)>>>(d, g, u, dg, du, l);
+      swiglu_bwd_kernel<T, VEC, ACT><<<grid_for(rows * cols / VEC), kThreads, 0, as_stream(stream)>>>(d, g, u, dg, du, l);
     else
-      swiglu_bwd_kernel<T, 1><<<grid_for(rows * cols), kThreads, 0, as_stream(stream)>>>(d, g, u, dg, du, l);
-  });
+      swiglu_bwd_kernel<T, 1, ACT><<<grid_for(rows * cols), kThreads, 0, as_stream(stream)>>>(d, g, u, dg, du, l);
+  }));
   PYLLM_CUDA_CHECK_LAUNCH("swiglu_bwd");
 }
 

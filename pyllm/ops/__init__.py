@@ -8,6 +8,7 @@ from pyllm.ops import adamw, flash_attn, rms_norm, rope, swiglu
 # op name -> {device type: dtypes}, for `python -m pyllm info`.
 BACKENDS = {
     "swiglu": swiglu.DTYPES,
+    "geglu": swiglu.DTYPES,
     "adamw": adamw.DTYPES,
     "flash_attn": flash_attn.DTYPES,
     "rms_norm": rms_norm.DTYPES,

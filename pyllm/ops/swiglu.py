@@ -1,7 +1,9 @@
-"""Fused SwiGLU: silu(gate) * up, forward and backward in one kernel each.
+"""Fused gated activations, act(gate) * up, forward and backward in one kernel each: SwiGLU
+(silu, LLaMA's MLP) and GeGLU (the tanh GELU, Gemma's MLP).
 
-Kernels: csrc/cpu/swiglu.cpp, csrc/cuda/swiglu.cu. The backward recomputes silu from the saved
-inputs, so autograd keeps nothing beyond gate and up (or the packed x).
+Kernels: csrc/cpu/swiglu.cpp, csrc/cuda/swiglu.cu (one body for both activations, common/glu.h).
+The backward recomputes the activation from the saved inputs, so autograd keeps nothing beyond gate
+and up (or the packed x).
 """
 from __future__ import annotations
 
@@ -16,30 +18,35 @@ DTYPES = {
     "cpu": (torch.float32, torch.bfloat16, torch.float16, torch.float64),
     "cuda": (torch.float32, torch.float16, torch.bfloat16),
 }
+# The kernels' activation codes (csrc/common/glu.h) and the public names that use them.
+ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}
+NAMES = {"silu": "swiglu", "gelu_tanh": "geglu"}
 
 
 # --- validation ---------------------------------------------------------------------------------
 
-def _check_pair(gate, up) -> None:
-    _util.check_tensor(OP, "gate", gate, DTYPES)
-    _util.check_tensor(OP, "up", up, DTYPES)
-    _util.check_same(OP, gate=gate, up=up)
+def _check_pair(op: str, gate, up) -> None:
+    _util.check_tensor(op, "gate", gate, DTYPES)
+    _util.check_tensor(op, "up", up, DTYPES)
+    _util.check_same(op, gate=gate, up=up)
     if gate.shape != up.shape:
-        raise ValueError(f"{OP}: gate and up must have the same shape, got {tuple(gate.shape)} and {tuple(up.shape)}")
+        raise ValueError(f"{op}: gate and up must have the same shape, got {tuple(gate.shape)} and {tuple(up.shape)}")
 
 
-def _check_packed(x) -> None:
-    _util.check_tensor("swiglu_packed", "x", x, DTYPES)
+def _check_packed(op: str, x) -> None:
+    _util.check_tensor(op, "x", x, DTYPES)
     if x.dim() == 0 or x.shape[-1] % 2:
         raise ValueError(
-            f"swiglu_packed: the last dim of x holds [gate | up] and must be even, got shape {tuple(x.shape)}"
+            f"{op}: the last dim of x holds [gate | up] and must be even, got shape {tuple(x.shape)}"
         )
 
 
 # --- launchers: write into given outputs (tests poison these first) ---------------------------
 
-def _launch_fwd(gate: Tensor, up: Tensor, out: Tensor, rows: int, cols: int, in_stride: int, out_stride: int):
-    args = (_util.ptr(gate), _util.ptr(up), _util.ptr(out), rows, cols, in_stride, out_stride, _util.dtype_code(out))
+def _launch_fwd(gate: Tensor, up: Tensor, out: Tensor, rows: int, cols: int, in_stride: int, out_stride: int,
+                activation: str):
+    args = (_util.ptr(gate), _util.ptr(up), _util.ptr(out), rows, cols, in_stride, out_stride, _util.dtype_code(out),
+            ACTIVATIONS[activation])
     if out.is_cuda:
         _util.check_backend(OP, out.device)  # torch.ops.pyllm.* arrive here without swiglu()'s checks
         _C.swiglu_fwd_cuda(*args, out.device.index, _util.stream_of(out))
@@ -47,9 +54,9 @@ def _launch_fwd(gate: Tensor, up: Tensor, out: Tensor, rows: int, cols: int, in_
         _C.swiglu_fwd_cpu(*args)
 
 
-def _launch_bwd(dout, gate, up, dgate, dup, rows, cols, in_stride, out_stride):
+def _launch_bwd(dout, gate, up, dgate, dup, rows, cols, in_stride, out_stride, activation: str):
     args = (_util.ptr(dout), _util.ptr(gate), _util.ptr(up), _util.ptr(dgate), _util.ptr(dup),
-            rows, cols, in_stride, out_stride, _util.dtype_code(dout))
+            rows, cols, in_stride, out_stride, _util.dtype_code(dout), ACTIVATIONS[activation])
     if dout.is_cuda:
         _util.check_backend(OP, dout.device)
         _C.swiglu_bwd_cuda(*args, dout.device.index, _util.stream_of(dout))
@@ -57,14 +64,15 @@ def _launch_bwd(dout, gate, up, dgate, dup, rows, cols, in_stride, out_stride):
         _C.swiglu_bwd_cpu(*args)
 
 
-def swiglu_forward_into(gate: Tensor, up: Tensor, out: Tensor) -> None:
-    """out = silu(gate) * up, for contiguous tensors of one shape (flattened into one row)."""
-    _launch_fwd(gate, up, out, 1, out.numel(), out.numel(), out.numel())
+def swiglu_forward_into(gate: Tensor, up: Tensor, out: Tensor, activation: str = "silu") -> None:
+    """out = act(gate) * up, for contiguous tensors of one shape (flattened into one row)."""
+    _launch_fwd(gate, up, out, 1, out.numel(), out.numel(), out.numel(), activation)
 
 
-def swiglu_backward_into(dout: Tensor, gate: Tensor, up: Tensor, dgate: Tensor, dup: Tensor) -> None:
+def swiglu_backward_into(dout: Tensor, gate: Tensor, up: Tensor, dgate: Tensor, dup: Tensor,
+                         activation: str = "silu") -> None:
     n = dout.numel()
-    _launch_bwd(dout, gate, up, dgate, dup, 1, n, n, n)
+    _launch_bwd(dout, gate, up, dgate, dup, 1, n, n, n, activation)
 
 
 def _halves(t: Tensor, half: int) -> tuple[Tensor, Tensor]:
@@ -73,135 +81,111 @@ def _halves(t: Tensor, half: int) -> tuple[Tensor, Tensor]:
     return flat[:, :half], flat[:, half:]
 
 
-def swiglu_packed_forward_into(x: Tensor, out: Tensor) -> None:
+def swiglu_packed_forward_into(x: Tensor, out: Tensor, activation: str = "silu") -> None:
     if x.numel() == 0:
         return
     half = x.shape[-1] // 2
     gate, up = _halves(x, half)
-    _launch_fwd(gate, up, out, gate.shape[0], half, 2 * half, half)
+    _launch_fwd(gate, up, out, gate.shape[0], half, 2 * half, half, activation)
 
 
-def swiglu_packed_backward_into(dout: Tensor, x: Tensor, dx: Tensor) -> None:
+def swiglu_packed_backward_into(dout: Tensor, x: Tensor, dx: Tensor, activation: str = "silu") -> None:
     if x.numel() == 0:
         return
     half = x.shape[-1] // 2
     gate, up = _halves(x, half)
     dgate, dup = _halves(dx, half)
-    _launch_bwd(dout, gate, up, dgate, dup, gate.shape[0], half, 2 * half, half)
+    _launch_bwd(dout, gate, up, dgate, dup, gate.shape[0], half, 2 * half, half, activation)
 
 
 # --- torch.library custom ops ---------------------------------------------------------------
+# Four ops per activation (split and packed, forward and backward), named after its public
+# function: pyllm::swiglu, pyllm::swiglu_backward, pyllm::swiglu_packed, ..., pyllm::geglu, ...
+# Each op wraps its plain function, kept as `body`: eager calls run it directly (see _util.call),
+# torch.compile and the other tracers see the op. `function` is the op's autograd for eager calls,
+# without its dispatch.
 
-def _swiglu_body(gate: Tensor, up: Tensor) -> Tensor:
-    gate, up = gate.contiguous(), up.contiguous()
-    out = torch.empty_like(gate)
-    swiglu_forward_into(gate, up, out)
-    return out
-
-
-# Each op wraps its plain function, kept under its own name: eager calls run it directly (see
-# _util.call), torch.compile and the other tracers see the op.
-_swiglu = torch.library.custom_op("pyllm::swiglu", mutates_args=())(_swiglu_body)
-
-
-@_swiglu.register_fake
-def _(gate, up):
-    return torch.empty_like(gate, memory_format=torch.contiguous_format)
-
-
-def _swiglu_backward_body(dout: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
-    dout, gate, up = dout.contiguous(), gate.contiguous(), up.contiguous()
-    dgate, dup = torch.empty_like(gate), torch.empty_like(up)
-    swiglu_backward_into(dout, gate, up, dgate, dup)
-    return dgate, dup
-
-
-_swiglu_backward = torch.library.custom_op("pyllm::swiglu_backward", mutates_args=())(_swiglu_backward_body)
-
-
-@_swiglu_backward.register_fake
-def _(dout, gate, up):
-    fmt = torch.contiguous_format
-    return torch.empty_like(gate, memory_format=fmt), torch.empty_like(up, memory_format=fmt)
-
-
-def _swiglu_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-def _swiglu_grad(ctx, dout):
-    gate, up = ctx.saved_tensors
-    return _util.call(_swiglu_backward_body, torch.ops.pyllm.swiglu_backward, None, dout, gate, up)
-
-
-_swiglu.register_autograd(_swiglu_grad, setup_context=_swiglu_setup)
-
-
-class _SwigluFunction(torch.autograd.Function):
-    """The op's autograd for eager calls, without its dispatch (see _util.call)."""
+class _Ops:
+    def __init__(self, activation: str):
+        name = NAMES[activation]
+        self.split_body, self.split_op, self.split_function = self._split(name, activation)
+        self.packed_body, self.packed_op, self.packed_function = self._packed(f"{name}_packed", activation)
 
     @staticmethod
-    def forward(ctx, gate, up):
-        out = _swiglu_body(gate, up)
-        _swiglu_setup(ctx, (gate, up), out)
-        return out
+    def _split(name: str, activation: str):
+        def body(gate: Tensor, up: Tensor) -> Tensor:
+            gate, up = gate.contiguous(), up.contiguous()
+            out = torch.empty_like(gate)
+            swiglu_forward_into(gate, up, out, activation)
+            return out
 
-    backward = staticmethod(_swiglu_grad)
+        def backward_body(dout: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
+            dout, gate, up = dout.contiguous(), gate.contiguous(), up.contiguous()
+            dgate, dup = torch.empty_like(gate), torch.empty_like(up)
+            swiglu_backward_into(dout, gate, up, dgate, dup, activation)
+            return dgate, dup
 
+        op = torch.library.custom_op(f"pyllm::{name}", mutates_args=())(body)
+        backward_op = torch.library.custom_op(f"pyllm::{name}_backward", mutates_args=())(backward_body)
+        fmt = torch.contiguous_format
+        op.register_fake(lambda gate, up: torch.empty_like(gate, memory_format=fmt))
+        backward_op.register_fake(
+            lambda dout, gate, up: (torch.empty_like(gate, memory_format=fmt), torch.empty_like(up, memory_format=fmt)))
 
-def _swiglu_packed_body(x: Tensor) -> Tensor:
-    x = x.contiguous()
-    out = x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
-    swiglu_packed_forward_into(x, out)
-    return out
+        def setup(ctx, inputs, output):
+            ctx.save_for_backward(*inputs)
 
+        def grad(ctx, dout):
+            gate, up = ctx.saved_tensors
+            return _util.call(backward_body, getattr(torch.ops.pyllm, f"{name}_backward"), None, dout, gate, up)
 
-_swiglu_packed = torch.library.custom_op("pyllm::swiglu_packed", mutates_args=())(_swiglu_packed_body)
-
-
-@_swiglu_packed.register_fake
-def _(x):
-    return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
-
-
-def _swiglu_packed_backward_body(dout: Tensor, x: Tensor) -> Tensor:
-    dout, x = dout.contiguous(), x.contiguous()
-    dx = torch.empty_like(x)
-    swiglu_packed_backward_into(dout, x, dx)
-    return dx
-
-
-_swiglu_packed_backward = torch.library.custom_op("pyllm::swiglu_packed_backward", mutates_args=())(
-    _swiglu_packed_backward_body)
-
-
-@_swiglu_packed_backward.register_fake
-def _(dout, x):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
-def _swiglu_packed_setup(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0])
-
-
-def _swiglu_packed_grad(ctx, dout):
-    (x,) = ctx.saved_tensors
-    return _util.call(_swiglu_packed_backward_body, torch.ops.pyllm.swiglu_packed_backward, None, dout, x)
-
-
-_swiglu_packed.register_autograd(_swiglu_packed_grad, setup_context=_swiglu_packed_setup)
-
-
-class _SwigluPackedFunction(torch.autograd.Function):
-    """As _SwigluFunction, for swiglu_packed."""
+        op.register_autograd(grad, setup_context=setup)
+        return body, op, _function(name, body, setup, grad)
 
     @staticmethod
-    def forward(ctx, x):
-        out = _swiglu_packed_body(x)
-        _swiglu_packed_setup(ctx, (x,), out)
+    def _packed(name: str, activation: str):
+        def body(x: Tensor) -> Tensor:
+            x = x.contiguous()
+            out = x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
+            swiglu_packed_forward_into(x, out, activation)
+            return out
+
+        def backward_body(dout: Tensor, x: Tensor) -> Tensor:
+            dout, x = dout.contiguous(), x.contiguous()
+            dx = torch.empty_like(x)
+            swiglu_packed_backward_into(dout, x, dx, activation)
+            return dx
+
+        op = torch.library.custom_op(f"pyllm::{name}", mutates_args=())(body)
+        backward_op = torch.library.custom_op(f"pyllm::{name}_backward", mutates_args=())(backward_body)
+        op.register_fake(lambda x: x.new_empty((*x.shape[:-1], x.shape[-1] // 2)))
+        backward_op.register_fake(lambda dout, x: torch.empty_like(x, memory_format=torch.contiguous_format))
+
+        def setup(ctx, inputs, output):
+            ctx.save_for_backward(inputs[0])
+
+        def grad(ctx, dout):
+            (x,) = ctx.saved_tensors
+            return _util.call(backward_body, getattr(torch.ops.pyllm, f"{name}_backward"), None, dout, x)
+
+        op.register_autograd(grad, setup_context=setup)
+        return body, op, _function(name, body, setup, grad)
+
+
+def _function(name: str, body, setup, grad) -> type:
+    """A torch.autograd.Function running body with the op's own setup and grad, named after the op
+    (_SwigluFunction, _GegluPackedFunction, ...)."""
+    def forward(ctx, *inputs):
+        out = body(*inputs)
+        setup(ctx, inputs, out)
         return out
 
-    backward = staticmethod(_swiglu_packed_grad)
+    title = "".join(part.title() for part in name.split("_"))
+    return type(f"_{title}Function", (torch.autograd.Function,),
+                {"forward": staticmethod(forward), "backward": staticmethod(grad), "__module__": __name__})
+
+
+_OPS = {activation: _Ops(activation) for activation in ACTIVATIONS}
 
 
 # --- public API -------------------------------------------------------------------------------
@@ -221,8 +205,9 @@ def swiglu(gate: Tensor, up: Tensor) -> Tensor:
         shapes or devices, or an unsupported device; RuntimeError for a CUDA tensor when pyllm
         was built without CUDA kernels.
     """
-    _check_pair(gate, up)
-    return _util.call(_swiglu_body, _swiglu, _SwigluFunction, gate, up)
+    _check_pair("swiglu", gate, up)
+    ops = _OPS["silu"]
+    return _util.call(ops.split_body, ops.split_op, ops.split_function, gate, up)
 
 
 def swiglu_packed(x: Tensor) -> Tensor:
@@ -232,5 +217,28 @@ def swiglu_packed(x: Tensor) -> Tensor:
     Same dtypes, devices and errors as :func:`swiglu`; additionally ValueError if the last dim
     is odd. Returns shape (..., H).
     """
-    _check_packed(x)
-    return _util.call(_swiglu_packed_body, _swiglu_packed, _SwigluPackedFunction, x)
+    _check_packed("swiglu_packed", x)
+    ops = _OPS["silu"]
+    return _util.call(ops.packed_body, ops.packed_op, ops.packed_function, x)
+
+
+def geglu(gate: Tensor, up: Tensor) -> Tensor:
+    """gelu(gate, approximate="tanh") * up in one fused kernel, differentiable: the MLP of Gemma
+    1-3 (transformers' "gelu_pytorch_tanh", "gelu_new" and "gelu_fast" are this GELU too).
+
+    Computed as gate * sigmoid(2 sqrt(2/pi) (gate + 0.044715 gate^3)), which equals torch's
+    0.5 gate (1 + tanh(...)) and keeps the small negative outputs (gate < ~-5) that torch's fp32
+    1 + tanh(...) cancels to 0. Same shapes, dtypes, devices, roundings and errors as
+    :func:`swiglu`; the backward likewise recomputes from gate and up.
+    """
+    _check_pair("geglu", gate, up)
+    ops = _OPS["gelu_tanh"]
+    return _util.call(ops.split_body, ops.split_op, ops.split_function, gate, up)
+
+
+def geglu_packed(x: Tensor) -> Tensor:
+    """gelu_tanh(x[..., :H]) * x[..., H:] for x of shape (..., 2H), as :func:`swiglu_packed` is
+    for :func:`swiglu`. Returns shape (..., H)."""
+    _check_packed("geglu_packed", x)
+    ops = _OPS["gelu_tanh"]
+    return _util.call(ops.packed_body, ops.packed_op, ops.packed_function, x)

@@ -12,16 +12,25 @@ import pyllm
 
 
 def swiglu_cases():
-    for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        for shape in [(3, 17), (2, 64), (1000,)]:
-            g = torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True)
-            u = torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True)
-            out = pyllm.swiglu(g, u)
-            out.backward(torch.randn_like(out))
-            ref = F.silu(g.double()) * u.double()
-            assert (out.double() - ref).abs().max().item() < 0.05, "swiglu forward wrong"
-            x = torch.randn((*shape[:-1], 2 * shape[-1]), device="cuda", dtype=dtype, requires_grad=True)
-            pyllm.swiglu_packed(x).sum().backward()
+    # SwiGLU and GeGLU (the same kernels, the activation a template parameter), forward checked
+    # against float64, backward against float64 autograd.
+    glus = [(pyllm.swiglu, pyllm.swiglu_packed, F.silu), (pyllm.geglu, pyllm.geglu_packed,
+                                                            lambda x: F.gelu(x, approximate="tanh"))]
+    for split, packed, act in glus:
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            for shape in [(3, 17), (2, 64), (1000,)]:
+                g = torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True)
+                u = torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True)
+                out = split(g, u)
+                dout = torch.randn_like(out)
+                out.backward(dout)
+                g64, u64 = g.detach().double().requires_grad_(), u.detach().double().requires_grad_()
+                ref = act(g64) * u64
+                ref.backward(dout.double())
+                assert (out.double() - ref).abs().max().item() < 0.05, f"{split.__name__} forward wrong"
+                assert (g.grad.double() - g64.grad).abs().max().item() < 0.05, f"{split.__name__} dgate wrong"
+                x = torch.randn((*shape[:-1], 2 * shape[-1]), device="cuda", dtype=dtype, requires_grad=True)
+                packed(x).sum().backward()
 
 
 def rms_norm_cases():

@@ -27,8 +27,9 @@ def swiglu_cases():
                 g64, u64 = g.detach().double().requires_grad_(), u.detach().double().requires_grad_()
                 ref = act(g64) * u64
                 ref.backward(dout.double())
-                assert (out.double() - ref).abs().max().item() < 0.05, f"{split.__name__} forward wrong"
-                assert (g.grad.double() - g64.grad).abs().max().item() < 0.05, f"{split.__name__} dgate wrong"
+                for got, want, what in ((out, ref, "forward"), (g.grad, g64.grad, "dgate")):
+                    err = (got.double() - want).abs().max() / want.abs().max()
+                    assert err.item() < 0.02, f"{split.__name__} {what} wrong: max error {err.item():.3g} of max |ref|"
                 x = torch.randn((*shape[:-1], 2 * shape[-1]), device="cuda", dtype=dtype, requires_grad=True)
                 packed(x).sum().backward()
 

@@ -84,14 +84,13 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     (transformers' convention, flash-attn's window (W - 1, W - 1))."""
     if dropout:
         raise ValueError(f"pyllm attention has no dropout; got dropout={dropout} (set config.attention_dropout = 0)")
-    if kwargs.get("s_aux") is not None:
-        raise ValueError("pyllm attention has no attention sinks (s_aux); use attn_implementation='eager' here")
     causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", True)))
     left = sliding_window - 1 if sliding_window else -1
     window = (left, 0 if causal else left)
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # (B, T, H, D), (B, S, H_kv, D)
     B, T, H, D = q.shape
-    call = dict(causal=causal, window=window, scale=scaling, softcap=softcap or 0.0)
+    # gpt-oss's attention sinks (s_aux): a learned logit per head in every softmax (pyllm's sinks=)
+    call = dict(causal=causal, window=window, scale=scaling, softcap=softcap or 0.0, sinks=kwargs.get("s_aux"))
 
     if attention_mask is not None:  # padding: only real tokens attend and are attended to
         if attention_mask.dim() != 2:
@@ -116,7 +115,7 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
         out = flash_attn_ops.flash_attn(
             q.flatten(0, 1)[q_index], k[rows, cols], v[rows, cols], causal=causal, window=window,
             softmax_scale=scaling, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max(max_q, 1),
-            max_seqlen_k=max(max_k, 1), softcap=call["softcap"])  # (N_q, H, D)
+            max_seqlen_k=max(max_k, 1), softcap=call["softcap"], sinks=call["sinks"])  # (N_q, H, D)
         out = out.new_zeros(B * T, *out.shape[1:]).index_copy(0, q_index, out)  # padded queries: 0, as flash-attn's
         return out.view(B, T, *out.shape[1:]), None
 
@@ -132,7 +131,7 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
         if _kernel_takes(q, k, v, call["softcap"]):
             out = flash_attn_ops.flash_attn(q, k, v, causal=causal, window=window, softmax_scale=scaling,
                                             cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q,
-                                            max_seqlen_k=max_k, softcap=call["softcap"])
+                                            max_seqlen_k=max_k, softcap=call["softcap"], sinks=call["sinks"])
         else:
             out = _reference_packed(q, k, v, cu_q, cu_k, **call)
         return out.view(B, T, *out.shape[1:]), None
@@ -141,7 +140,7 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
         return _decode(q, k, v, **call), None
     if _kernel_takes(q, k, v, call["softcap"]):
         out = flash_attn_ops.flash_attn(q, k, v, causal=causal, window=window, softmax_scale=scaling,
-                                        softcap=call["softcap"])
+                                        softcap=call["softcap"], sinks=call["sinks"])
         return out, None
     every = torch.ones(B, k.shape[1], dtype=torch.bool, device=q.device)
     return _reference_rows(q, k, v, every[:, -T:], every, **call), None
@@ -163,10 +162,10 @@ def _decoding(q, k, v, causal, softcap) -> bool:
     return causal and q.shape[1] < k.shape[1] and q.shape[1] <= DECODE_QUERIES and _kernel_takes(q, k, v, softcap)
 
 
-def _decode(q, k, v, causal, window, scale, softcap):
+def _decode(q, k, v, causal, window, scale, softcap, sinks):
     """q (B, T, H, D) at the end of the keys k, v (B, S, H_kv, D), views of transformers' cache."""
     return flash_attn_ops.flash_attn_with_kvcache(q, k, v, k.shape[1], causal=True, softmax_scale=scale,
-                                                  window=(window[0], -1), softcap=softcap)
+                                                  window=(window[0], -1), softcap=softcap, sinks=sinks)
 
 
 class _ForwardMemo:
@@ -232,7 +231,7 @@ def _packed_starts(position_ids: torch.Tensor | None, B: int, T: int) -> torch.T
     return _packed_memo.get(position_ids, (B, T), compute)
 
 
-def _reference_rows(q, k, v, real_q, real_k, causal, window, scale, softcap):
+def _reference_rows(q, k, v, real_q, real_k, causal, window, scale, softcap, sinks):
     """The kernel's function through SDPA, row by row of the batch: q (B, T, H, D), k and v (B, S,
     H_kv, D), real_q (B, T) / real_k (B, S) the tokens that are not padding. Each row's real queries
     sit at the end of its real keys (flash-attn's bottom-right causal, after unpadding), the window
@@ -240,11 +239,11 @@ def _reference_rows(q, k, v, real_q, real_k, causal, window, scale, softcap):
     pos_k = real_k.long().cumsum(1) - 1  # (B, S): a key's place among its row's real keys
     pos_q = real_q.long().cumsum(1) - 1 + (real_k.sum(1) - real_q.sum(1))[:, None]  # (B, T), aligned to the end
     seen = _band(pos_q[:, :, None], pos_k[:, None, :], causal, window) & real_k[:, None, :] & real_q[:, :, None]
-    out = pnn._sdpa(q, k.to(q.dtype), v.to(q.dtype), seen[:, None], scale=scale, softcap=softcap or None)
+    out = pnn._sdpa(q, k.to(q.dtype), v.to(q.dtype), seen[:, None], scale=scale, softcap=softcap or None, sinks=sinks)
     return out.masked_fill(~seen.any(dim=2)[:, :, None, None], 0)  # a query seeing no key: 0, as the kernel
 
 
-def _reference_packed(q, k, v, cu_q, cu_k, causal, window, scale, softcap):
+def _reference_packed(q, k, v, cu_q, cu_k, causal, window, scale, softcap, sinks):
     """The varlen kernel's function through SDPA: sequences back to back, q (N_q, H, D), k and v
     (N_k, H_kv, D), sequence b at rows cu_q[b]:cu_q[b + 1] / cu_k[b]:cu_k[b + 1], with an (N_q, N_k)
     mask (packed rows are usually one row of the batch: B = 1)."""
@@ -253,7 +252,7 @@ def _reference_packed(q, k, v, cu_q, cu_k, causal, window, scale, softcap):
     pos_q = pos_q + (cu_k.diff() - cu_q.diff()).long()[seq_q]  # aligned to the end of its keys
     seen = (seq_q[:, None] == seq_k[None, :]) & _band(pos_q[:, None], pos_k[None, :], causal, window)
     out = pnn._sdpa(q[None], k[None].to(q.dtype), v[None].to(q.dtype), seen[None, None], scale=scale,
-                    softcap=softcap or None)[0]
+                    softcap=softcap or None, sinks=sinks)[0]
     return out.masked_fill(~seen.any(dim=1)[:, None, None], 0)
 
 
@@ -364,27 +363,39 @@ def _llama_rms_norm_forward(self, x):  # LlamaRMSNorm and its copies: weight * (
     return weight * fused_rms_norm(x, None, self.variance_epsilon)
 
 
-def _gemma_rms_norm_forward(self, x):  # Gemma's: (x32 * rstd * (1 + weight32)).to(dtype)
+def _scaled_in_fp32(self, x, eps: float, offset: float):  # (x32 * rstd * (offset + weight32)).to(dtype)
     weight = self.weight
     if not _rms_norm_takes(x, weight):
         return type(self).forward(self, x)
     if weight.dtype == x.dtype:
-        return fused_rms_norm(x, weight, self.eps, offset=1.0, cast_first=False)
+        return fused_rms_norm(x, weight, eps, offset=offset, cast_first=False)
     # Another dtype for the weight: all of it in fp32 and one rounding at the end, as the module does.
-    return fused_rms_norm(x.float(), weight.float(), self.eps, offset=1.0, cast_first=False).to(x.dtype)
+    return fused_rms_norm(x.float(), weight.float(), eps, offset=offset, cast_first=False).to(x.dtype)
+
+
+def _gemma_rms_norm_forward(self, x):  # Gemma's: the weight stored as scale - 1
+    return _scaled_in_fp32(self, x, self.eps, 1.0)
+
+
+def _gpt_oss_rms_norm_forward(self, x):  # gpt-oss's: Llama's, scaled before the rounding
+    return _scaled_in_fp32(self, x, self.variance_epsilon, 0.0)
 
 
 def _patch_rms_norm(model: nn.Module) -> int:
     """Points each RMSNorm whose forward is Llama's (Qwen's, Mistral's, Qwen3's per-head q / k norms,
-    ...) or Gemma's (weight stored as scale - 1) at pyllm's fused kernel, with the module's roundings and
-    output dtype for any weight dtype; returns how many. Inputs no kernel takes run the module's own."""
+    ...), gpt-oss's (scaled in fp32) or Gemma's (weight stored as scale - 1) at pyllm's fused kernel, with
+    the module's roundings and output dtype for any weight dtype; returns how many. Inputs no kernel takes
+    run the module's own."""
     from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssRMSNorm
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
     count = 0
     for module in model.modules():
         cls = type(module)
         if _same_code(cls.forward, LlamaRMSNorm.forward) and hasattr(module, "variance_epsilon"):
             module.forward = types.MethodType(_llama_rms_norm_forward, module)
+        elif _same_code(cls.forward, GptOssRMSNorm.forward) and hasattr(module, "variance_epsilon"):
+            module.forward = types.MethodType(_gpt_oss_rms_norm_forward, module)
         elif (_same_code(cls.forward, Gemma2RMSNorm.forward) and _same_code(getattr(cls, "_norm", None),
                                                                              Gemma2RMSNorm._norm)
               and hasattr(module, "eps")):

@@ -1023,20 +1023,22 @@ def _window_mask(T: int, S: int, left: int, device) -> torch.Tensor:
     return seen & (keys >= pos - left) if left >= 0 else seen
 
 
-def _sdpa(q, k, v, mask=None, is_causal=False, scale=None, softcap=None):
+def _sdpa(q, k, v, mask=None, is_causal=False, scale=None, softcap=None, sinks=None):
     """SDPA on (B, T, H, D) q and (B, S, H_kv, D) k, v (GQA), returned as (B, T, H, D); mask: bool,
     broadcast to (B, H, T, S), True where seen. softcap: Gemma 2's scores, softcap * tanh(scores /
-    softcap), before the mask and the softmax; no fused kernel (torch's nor pyllm's) takes it, so
-    the (B, H, T, S) scores are computed whole then, in q's dtype as SDPA's math path does."""
+    softcap), before the mask and the softmax; sinks: (H,) logits joining each softmax with a zero
+    value (gpt-oss's). SDPA takes neither, so with them the (B, H, T, S) scores are computed whole,
+    in q's dtype as SDPA's math path does."""
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D), (B, H_kv, S, D)
-    if not softcap:
+    if not softcap and sinks is None:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
                                              enable_gqa=q.shape[1] != k.shape[1])
         return out.transpose(1, 2)
     if k.shape[1] != q.shape[1]:
         k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
     scores = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)  # (B, H, T, S)
-    scores = softcap * torch.tanh(scores / softcap)
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
     if is_causal:
         mask = _window_mask(q.shape[2], k.shape[2], -1, q.device)
     if mask is not None:
@@ -1044,7 +1046,13 @@ def _sdpa(q, k, v, mask=None, is_causal=False, scale=None, softcap=None):
         # Keys no query sees may be a cache's unwritten memory (NaN, inf): 0 * NaN would reach the output.
         v = v.masked_fill(~mask.any(dim=-2)[..., None], 0)
     acc = torch.promote_types(scores.dtype, torch.float32)  # the softmax in fp32 at least
-    probs = torch.softmax(scores.to(acc), dim=-1).nan_to_num(0.0).to(q.dtype)  # a query seeing no key: 0
+    scores = scores.to(acc)
+    if sinks is not None:  # one more column, dropped after the softmax
+        sink = sinks.to(acc)[None, :, None, None].expand(*scores.shape[:3], 1)
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    probs = probs.nan_to_num(0.0).to(q.dtype)  # a query seeing no key: 0
     return (probs @ v).transpose(1, 2)
 
 

@@ -36,10 +36,11 @@ def mask_of(tq: int, tk: int, causal: bool, window) -> torch.Tensor:
     return seen
 
 
-def attention(q, k, v, causal=False, window=(-1, -1), scale=None, softcap=0.0):
+def attention(q, k, v, causal=False, window=(-1, -1), scale=None, softcap=0.0, sinks=None):
     """Plain attention in q's dtype and device: the float64 reference, or torch's own in a low
     precision dtype. (B, T, H, D) layout; queries that see no key give 0; returns (out, lse).
-    softcap: the scaled scores capped as softcap * tanh(s / softcap) first."""
+    softcap: the scaled scores capped as softcap * tanh(s / softcap) first. sinks: (H,) logits
+    appended to each row of scores (a key with a zero value), as transformers' gpt-oss does."""
     b, tq, h, d = q.shape
     tk, hk = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
@@ -49,8 +50,12 @@ def attention(q, k, v, causal=False, window=(-1, -1), scale=None, softcap=0.0):
         s = softcap * torch.tanh(s / softcap)
     seen = mask_of(tq, tk, causal, window).to(q.device)
     s = s.masked_fill(~seen, -math.inf)
+    if sinks is not None:
+        s = torch.cat([s, sinks.to(s.dtype)[None, :, None, None].expand(b, h, tq, 1)], dim=-1)
     lse = torch.logsumexp(s.float() if s.dtype != torch.float64 else s, dim=-1)
     p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+    if sinks is not None:
+        p = p[..., :-1]
     return torch.einsum("bhqk,bkhd->bqhd", p, v), lse
 
 
@@ -839,6 +844,110 @@ def test_torch_compile_fullgraph(softcap):
     (g,) = torch.autograd.grad(loss, w)
     (g_eager,) = torch.autograd.grad(block(x, w), w)
     torch.testing.assert_close(g, g_eager)
+
+
+# --- attention sinks (gpt-oss) ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype_idx", [0, 1])
+@pytest.mark.parametrize("causal,window", [(False, (-1, -1)), (True, (-1, -1)), (True, (16, -1))], ids=str)
+@pytest.mark.parametrize("shape", [SHAPES[2], SHAPES[3], SHAPES[6]], ids=str)
+def test_sinks_match_float64_reference(device, dtype_idx, shape, causal, window):
+    # A logit per head in every softmax, forward, LSE and the gradients of q, k, v and the sinks,
+    # within twice torch's own error; SHAPES[3] has queries that see no key (out 0, lse = sink).
+    # (Not one key per query: there dq = P (dP - D) with D = rowsum(dO * O), FlashAttention's form,
+    # cancels to (1 - keep) of two dot products, where torch's softmax backward rounds one.)
+    dtype = DTYPES_BY_DEVICE[device][dtype_idx]
+    b, tq, tk, h, hk, d = shape
+    q, k, v = rand((b, tq, h, d), dtype, device), rand((b, tk, hk, d), dtype, device), rand((b, tk, hk, d), dtype, device)
+    sinks = (torch.linspace(-3.0, 4.0, h, dtype=torch.float64) + torch.randn(h, dtype=torch.float64)).float().to(device)
+    dout = rand(q.shape, dtype, device)
+    ours = lambda q, k, v, s: pyllm.flash_attn(q, k, v, causal=causal, window=window, sinks=s)  # noqa: E731
+    theirs = lambda q, k, v, s: attention(q, k, v, causal, window, sinks=s)[0]  # noqa: E731
+    inputs = (q, k, v, sinks)
+    ref, ref_grads = grads_of(theirs, [t.double().cpu() for t in inputs], dout.double().cpu())
+    torch_out, torch_grads = grads_of(theirs, inputs, dout)
+    out, our_grads = grads_of(ours, inputs, dout)
+    assert out.dtype == dtype and rel_err(out, ref) <= tolerance(torch_out, ref)
+    for name, mine, torch_grad, exact in zip(["dq", "dk", "dv"], our_grads, torch_grads, ref_grads):
+        assert mine.dtype == dtype and rel_err(mine, exact) <= tolerance(torch_grad, exact), name
+    # dsinks = -sum over queries of p_sink * (dO . O): a sum of terms of both signs, so its error is
+    # the forward's (O and the LSE, each within twice torch's, above) times the sum's condition
+    # number; torch's explicit softmax can land below that (fp32: 5e-8 where ours is 7.6e-7, with
+    # kappa ~ 3). Bound: the larger of twice torch's error and kappa times the forward's tolerance.
+    o64, lse64 = attention(*[t.double().cpu() for t in (q, k, v)], causal, window, sinks=sinks.double().cpu())
+    terms = torch.exp(sinks.double().cpu()[None, :, None] - lse64) * torch.einsum("bthd,bthd->bht", dout.double().cpu(), o64)
+    kappa = (terms.abs().sum((0, 2)).norm() / terms.sum((0, 2)).norm()).item()
+    bound = max(tolerance(torch_grads[3], ref_grads[3]), kappa * tolerance(torch_out, ref))
+    assert our_grads[3].dtype == torch.float32 and rel_err(our_grads[3], ref_grads[3]) <= bound
+    _, lse = pyllm.flash_attn(q, k, v, causal=causal, window=window, sinks=sinks, return_lse=True)
+    ref_lse = attention(q.double().cpu(), k.double().cpu(), v.double().cpu(), causal, window, sinks=sinks.double().cpu())[1]
+    assert torch.isfinite(lse).all() and (lse.cpu().double() - ref_lse).abs().max() < 1e-3
+
+
+def test_sinks_varlen_empty_rows_and_neutral_sinks():
+    # Varlen with empty and key-less sequences: a query that sees no key has lse = sink and out 0;
+    # a sink of -inf is no sink at all (the same bits as without).
+    lens_q, lens_k = [0, 3, 70, 5, 2], [4, 3, 70, 0, 9]
+    cu_q, cu_k = cu(lens_q), cu(lens_k)
+    q, k, v = rand((sum(lens_q), 4, 64), torch.float32, "cpu"), rand((sum(lens_k), 2, 64), torch.float32, "cpu"), \
+        rand((sum(lens_k), 2, 64), torch.float32, "cpu")
+    sinks = torch.tensor([0.5, -1.0, 2.0, 0.0])
+    kw = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, causal=True)
+    out, lse = pyllm.flash_attn(q, k, v, sinks=sinks, return_lse=True, **kw)
+    ref, ref_lse = attention_varlen(q.double(), k.double(), v.double(), cu_q, cu_k, causal=True, sinks=sinks.double())
+    assert rel_err(out, ref) < 1e-6 and (lse.double() - ref_lse).abs().max() < 1e-5
+    keyless = slice(cu_q[3].item(), cu_q[4].item())  # sequence 3: 5 queries, no keys
+    assert torch.equal(out[keyless], torch.zeros_like(out[keyless]))
+    assert torch.equal(lse[:, keyless], sinks[:, None].expand(4, 5))
+    plain = pyllm.flash_attn(q, k, v, **kw)
+    assert torch.equal(pyllm.flash_attn(q, k, v, sinks=torch.full((4,), -math.inf), **kw), plain)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("lengths_kind", ["tensor", "int"])
+def test_kvcache_sinks_match_full_attention(device, lengths_kind):
+    dtype = DTYPES_BY_DEVICE[device][1]
+    b, cap, h, hk, d = 3, 150, 4, 2, 64
+    lengths = [1, 70, 140] if lengths_kind == "tensor" else [90] * b
+    k_cache, v_cache = rand((b, cap, hk, d), dtype, device), rand((b, cap, hk, d), dtype, device)
+    q, k_new, v_new = rand((b, 1, h, d), dtype, device), rand((b, 1, hk, d), dtype, device), rand((b, 1, hk, d), dtype, device)
+    sinks = torch.tensor([1.0, -2.0, 3.0, 0.5], device=device)
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device=device) if lengths_kind == "tensor" else lengths[0]
+    out = pyllm.flash_attn_with_kvcache(q, k_cache, v_cache, seqlens, k_new, v_new, sinks=sinks)
+    for i, n in enumerate(lengths):
+        keys, vals = k_cache[i:i + 1, :n + 1], v_cache[i:i + 1, :n + 1]
+        ref, _ = attention(q[i:i + 1].double().cpu(), keys.double().cpu(), vals.double().cpu(), causal=True,
+                           sinks=sinks.double().cpu())
+        torch_out, _ = attention(q[i:i + 1], keys, vals, causal=True, sinks=sinks)
+        assert rel_err(out[i:i + 1], ref) <= tolerance(torch_out, ref), i
+
+
+def test_sinks_compile_and_checks():
+    torch._dynamo.reset()
+    sinks = torch.randn(2, requires_grad=True)
+
+    def block(x, w, sinks):
+        qkv = (x @ w).view(1, 12, 3, 2, 32)
+        return pyllm.flash_attn(*qkv.unbind(dim=2), causal=True, sinks=sinks).sum()
+
+    x, w = torch.randn(12, 16), torch.randn(16, 192, requires_grad=True)
+    loss = torch.compile(block, fullgraph=True)(x, w, sinks)
+    torch.testing.assert_close(loss, block(x, w, sinks))
+    for g, g_eager in zip(torch.autograd.grad(loss, (w, sinks)), torch.autograd.grad(block(x, w, sinks), (w, sinks))):
+        torch.testing.assert_close(g, g_eager)
+    q = torch.randn(1, 5, 4, 32)
+    cache = torch.zeros(1, 8, 2, 32)
+    for call in (lambda s: pyllm.flash_attn(q, q[:, :, :2], q[:, :, :2], sinks=s),
+                 lambda s: pyllm.flash_attn_with_kvcache(q, cache, cache, 3, sinks=s)):
+        with pytest.raises(ValueError, match=r"sinks must have shape \(n_heads,\) = \(4,\), one logit per query head, got \(2,\)"):
+            call(torch.zeros(2))
+        with pytest.raises(TypeError, match="sinks must be a floating-point tensor"):
+            call(torch.zeros(4, dtype=torch.int64))
+        with pytest.raises(TypeError, match="sinks must be a torch.Tensor"):
+            call([0.0] * 4)
+        with pytest.raises(ValueError, match="sinks must be on q's device"):
+            call(on_unsupported_device(torch.zeros(4)))
 
 
 # --- KV cache -----------------------------------------------------------------------------------

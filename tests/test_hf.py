@@ -33,10 +33,11 @@ FAMILIES = {
 
 
 def float64_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
-                      softcap=None, **kwargs):
+                      softcap=None, s_aux=None, **kwargs):
     """The reference: softmax(q k^T * scaling) v written plainly, in the inputs' dtype (float64
     here; transformers' eager attention takes its softmax in fp32 and its SDPA path has no cap),
-    under transformers' boolean mask (SDPA's: None for plain causal)."""
+    under transformers' boolean mask (SDPA's: None for plain causal). s_aux: gpt-oss's sinks, a
+    logit per head as one more key with a zero value."""
     groups = query.shape[1] // key.shape[1]
     key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)  # (B, H, S, D)
     scores = query @ key.transpose(-1, -2) * scaling  # (B, H, T, S)
@@ -45,7 +46,12 @@ def float64_attention(module, query, key, value, attention_mask, scaling=None, d
     if attention_mask is None:  # what SDPA's is_causal makes of it: top-left causal (a static cache's
         T, S = scores.shape[-2:]  # unwritten keys come last), one query sees every key
         attention_mask = torch.ones(T, S, dtype=torch.bool).tril(0 if T > 1 else S)
-    probs = scores.masked_fill(~attention_mask, float("-inf")).softmax(dim=-1).nan_to_num(0.0)
+    scores = scores.masked_fill(~attention_mask, float("-inf"))
+    if s_aux is not None:
+        sink = s_aux.to(scores.dtype)[None, :, None, None].expand(*scores.shape[:3], 1)
+        probs = torch.cat([scores, sink], dim=-1).softmax(dim=-1)[..., :-1]
+    else:
+        probs = scores.softmax(dim=-1).nan_to_num(0.0)
     return (probs @ value).transpose(1, 2), None
 
 
@@ -281,6 +287,65 @@ def test_geglu_mlp_within_twice_the_modules_error(dtype):
     theirs = run(module, x.to(dtype))
     for got, torch_out, ref in zip(run(patched, x.to(dtype)), theirs, want):
         assert rel_err(got, ref) <= tolerance(torch_out, ref)
+
+
+def tiny_gpt_oss():
+    """gpt-oss: attention sinks (s_aux), alternating sliding and full layers, a MoE of clamped
+    SwiGLU experts with biases; sinks set far from 0 so that they matter."""
+    config = transformers.GptOssConfig(
+        vocab_size=VOCAB, hidden_size=128, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, num_local_experts=4, num_experts_per_tok=2, sliding_window=5,
+        layer_types=["sliding_attention", "full_attention"], max_position_embeddings=256, initializer_range=0.2,
+        pad_token_id=0, eos_token_id=1, bos_token_id=2, rope_parameters={"rope_type": "default", "rope_theta": 1e4})
+    config._attn_implementation = "float64"
+    config._experts_implementation = "eager"  # grouped_mm has no float64
+    torch.manual_seed(0)
+    reference = transformers.GptOssForCausalLM(config).double().eval()
+    with torch.no_grad():
+        for layer in reference.model.layers:
+            layer.self_attn.sinks.copy_(torch.linspace(-2.0, 3.0, 4))
+    ours = copy.deepcopy(reference)
+    float64_norms(reference)
+    return reference, ours
+
+
+@pytest.mark.parametrize("padding", [None, "left", "right"])
+def test_attention_sinks(padding, path, monkeypatch):
+    # gpt-oss's sinks (transformers' s_aux): pyllm.flash_attn(sinks=) in the forward, the gradient of
+    # the sinks and of everything else against the reference's, and decode steps over a cache.
+    reference, ours = tiny_gpt_oss()
+    applied = phf.apply_pyllm_kernels(ours, fused_linear_cross_entropy=False)  # a MoE: HF's loss adds the router's
+    assert applied["rms_norm"] == 5  # gpt-oss's own form (scaled in fp32), 2 per layer and the final
+    calls = []
+    for name in ("flash_attn", "flash_attn_with_kvcache"):
+        kernel = getattr(phf.flash_attn_ops, name)
+        monkeypatch.setattr(phf.flash_attn_ops, name,
+                            lambda *a, kernel=kernel, **k: calls.append(k["sinks"] is not None) or kernel(*a, **k))
+    ids = inputs()
+    mask = None if padding is None else padded(left=padding == "left")
+    real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+    grads = []
+    for model in (reference, ours):
+        model.train()
+        logits = model(ids, attention_mask=mask).logits
+        (logits[real] ** 2).mean().backward()
+        grads.append({name: p.grad for name, p in model.named_parameters()})
+    assert rel_err(logits[real], reference(ids, attention_mask=mask).logits[real]) < 1e-12
+    for name, want in grads[0].items():
+        assert rel_err(grads[1][name], want) < 1e-10, name
+    if padding == "right":  # generating after right padding puts the padding inside the sliding window
+        return  # (counted by position in the reference, by real tokens in flash-attention's unpadding)
+    for model in (reference, ours):
+        model.eval()
+    settings = dict(attention_mask=real.long(), max_new_tokens=6, do_sample=False, output_logits=True,
+                    return_dict_in_generate=True, pad_token_id=0, eos_token_id=None)
+    want, got = reference.generate(ids, **settings), ours.generate(ids, **settings)
+    assert torch.equal(got.sequences, want.sequences)
+    assert rel_err(torch.stack(got.logits), torch.stack(want.logits)) < 1e-12
+    if path == "kernel":  # a training forward and a prefill of 2 layers, 5 decode steps (left padded: a call a row)
+        assert all(calls) and (len(calls) == 14 if padding is None else len(calls) > 14)
+    else:
+        assert calls == []
 
 
 def test_tuple_outputs_and_a_lora_output_layer():

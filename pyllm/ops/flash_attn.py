@@ -235,6 +235,37 @@ def _resolve_max_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
             _seqlens_of(OP, "cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k))
 
 
+def _check_sinks(op: str, q: Tensor, sinks) -> None:
+    if sinks is None:
+        return
+    if not isinstance(sinks, Tensor):
+        raise TypeError(f"{op}: sinks must be a torch.Tensor of shape (n_heads,) or None, got {type(sinks).__name__}")
+    if not sinks.is_floating_point():
+        raise TypeError(f"{op}: sinks must be a floating-point tensor, got {sinks.dtype}")
+    if sinks.shape != (q.shape[-2],):
+        raise ValueError(f"{op}: sinks must have shape (n_heads,) = ({q.shape[-2]},), one logit per query head, "
+                         f"got {tuple(sinks.shape)}")
+    if sinks.device != q.device:
+        raise ValueError(f"{op}: sinks must be on q's device {q.device}, got {sinks.device}")
+
+
+def _with_sinks(out: Tensor, lse: Tensor, sinks: Tensor, varlen: bool) -> tuple[Tensor, Tensor]:
+    """Attention with a learned sink logit per head (gpt-oss's s_aux): the softmax over [scores,
+    sink] with the sink's column dropped. That is the kernel's output scaled by exp(lse - lse_all),
+    lse_all = logaddexp(lse, sink), so it is composed here of torch ops on the kernel's (out, lse):
+    autograd through them and the kernel's backward (which takes dlse) gives dq, dk, dv and dsinks,
+    and torch.compile traces them. Returns (out, lse_all); out rounded once more, from fp32."""
+    # A sink of -inf is no sink; clamped to the dtype's lowest so that a query seeing no key (lse -inf
+    # after the fill below) gets keep = exp(-inf) = 0, where -inf - -inf would give NaN.
+    sink = sinks.to(lse.dtype).clamp_min(torch.finfo(lse.dtype).min)
+    sink = sink[:, None] if varlen else sink[None, :, None]  # against lse (H, N) / (B, H, T)
+    lse_keys = lse.masked_fill(lse == math.inf, -math.inf)  # a query seeing no key (+inf): all mass on the sink
+    lse_all = torch.logaddexp(lse_keys, sink)
+    keep = torch.exp(lse_keys - lse_all)  # the keys' share of the softmax
+    keep = keep.transpose(0, 1) if varlen else keep.transpose(1, 2)  # (N, H) / (B, T, H)
+    return (out * keep[..., None]).to(out.dtype), lse_all
+
+
 # --- torch.library custom ops ---------------------------------------------------------------
 
 def _flash_attn_body(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
@@ -334,7 +365,8 @@ def _check_cache_lengths(lengths: list[int], n_new: int, capacity: int, shown=No
 
 def _flash_attn_with_kvcache_body(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor,
                              k_new: Optional[Tensor], v_new: Optional[Tensor], softmax_scale: float,
-                             window_left: int, window_right: int, softcap: float = 0.0) -> Tensor:
+                             window_left: int, window_right: int, softcap: float = 0.0,
+                             sinks: Optional[Tensor] = None) -> Tensor:
     _check_cache_layout(k_cache, v_cache)
     n_new = 0 if k_new is None else k_new.shape[1]
     capacity = k_cache.shape[1]
@@ -358,7 +390,7 @@ def _flash_attn_with_kvcache_body(q: Tensor, k_cache: Tensor, v_cache: Tensor, c
         lse = torch.empty(_lse_shape(q, False), dtype=_lse_dtype(q))
         flash_attn_forward_into(q, k_cache, v_cache, out, lse, None, None, q.shape[1], capacity, softmax_scale,
                                 window_left, window_right, seqused_k=seqused_k, softcap=softcap)
-        return out
+        return out if sinks is None else _with_sinks(out, lse, sinks, False)[0]
     # Unchecked (CUDA), lengths are clamped so that the append and the kernel stay inside the cache:
     # the identity for valid lengths.
     cache_seqlens = cache_seqlens.clamp(0, capacity - n_new)
@@ -369,11 +401,11 @@ def _flash_attn_with_kvcache_body(q: Tensor, k_cache: Tensor, v_cache: Tensor, c
         k_cache[rows, cols] = k_new
         v_cache[rows, cols] = v_new
     return _attend_cache(q, k_cache, v_cache, (cache_seqlens + n_new).to(torch.int32), softmax_scale, window_left,
-                         window_right, softcap)
+                         window_right, softcap, sinks)
 
 
 def _attend_cache(q: Tensor, k_cache: Tensor, v_cache: Tensor, seqused_k: Tensor, softmax_scale: float,
-                  window_left: int, window_right: int, softcap: float = 0.0) -> Tensor:
+                  window_left: int, window_right: int, softcap: float = 0.0, sinks: Optional[Tensor] = None) -> Tensor:
     """Attention of q over each cache's first seqused_k[b] (int32, valid) keys: the split-KV decode
     kernel on the GPU, the forward kernel on the CPU (softcap: the CPU's alone, checked before)."""
     capacity = k_cache.shape[1]
@@ -395,7 +427,7 @@ def _attend_cache(q: Tensor, k_cache: Tensor, v_cache: Tensor, seqused_k: Tensor
     else:
         flash_attn_forward_into(q, k_cache, v_cache, out, lse, None, None, q.shape[1], capacity, softmax_scale,
                                 window_left, window_right, seqused_k=seqused_k, softcap=softcap)
-    return out
+    return out if sinks is None else _with_sinks(out, lse, sinks, False)[0]
 
 
 # As _flash_attn: the op wraps the plain function, which eager CPU calls run themselves.
@@ -404,12 +436,13 @@ _flash_attn_with_kvcache = torch.library.custom_op("pyllm::flash_attn_with_kvcac
 
 
 @_flash_attn_with_kvcache.register_fake
-def _(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale, window_left, window_right, softcap=0.0):
+def _(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale, window_left, window_right, softcap=0.0,
+      sinks=None):
     return q.new_empty(q.shape)
 
 
 def _kvcache_with_int_length(q, k_cache, v_cache, length: int, k_new, v_new, softmax_scale: float, window_left: int,
-                             window_right: int, softcap: float = 0.0) -> Tensor:
+                             window_right: int, softcap: float = 0.0, sinks: Optional[Tensor] = None) -> Tensor:
     """The op's body for eager calls whose cache length is one int for every sequence (the model's
     decode step; CPU calls the shortcut below declines): known on the host, it is checked there
     (no sync), the append is one slice copy per cache and the lengths one fill, so on the GPU 4
@@ -421,7 +454,7 @@ def _kvcache_with_int_length(q, k_cache, v_cache, length: int, k_new, v_new, sof
     if n_new:
         _append_kv(k_cache, v_cache, k_new, v_new, None, length)
     seqused_k = torch.full((q.shape[0],), length + n_new, dtype=torch.int32, device=q.device)
-    return _attend_cache(q, k_cache, v_cache, seqused_k, softmax_scale, window_left, window_right, softcap)
+    return _attend_cache(q, k_cache, v_cache, seqused_k, softmax_scale, window_left, window_right, softcap, sinks)
 
 
 # --- eager CPU decode: the kernel called directly ----------------------------------------------
@@ -554,7 +587,7 @@ def flash_attn(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, softmax
                window: tuple[int, int] = (-1, -1), cu_seqlens_q: Optional[Tensor] = None,
                cu_seqlens_k: Optional[Tensor] = None, max_seqlen_q: Optional[int] = None,
                max_seqlen_k: Optional[int] = None, return_lse: bool = False, deterministic: bool = False,
-               softcap: float = 0.0):
+               softcap: float = 0.0, sinks: Optional[Tensor] = None):
     """Exact attention softmax(q k^T * scale) v, tiled (FlashAttention-2), differentiable.
 
     Args:
@@ -591,6 +624,12 @@ def flash_attn(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, softmax
         softcap: > 0 caps the scaled scores as softcap * tanh(s / softcap) before the mask and the
             softmax (Gemma 2's attn_logit_softcapping, flash-attn's softcap); the LSE is of the
             capped scores. CPU kernels only for now: NotImplementedError on CUDA.
+        sinks: None, or a (n_heads,) float tensor on q's device: one learned logit per query head
+            that joins every query's softmax as an extra key with a zero value (gpt-oss's
+            attention sinks, transformers' s_aux): softmax([q k^T * scale, sink]) with the sink's
+            column dropped. Differentiable in sinks too. The LSE then includes the sink (a query
+            that sees no key gets lse = sink and out = 0). The output is the kernel's rescaled
+            by torch ops (exp(lse - lse_with_sink)), so rounded once more in 16-bit dtypes.
     Returns:
         out, shaped like q (contiguous), or (out, lse) with return_lse.
     Raises:
@@ -614,17 +653,20 @@ def flash_attn(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, softmax
         right = 0
     scale = _resolve_scale(OP, softmax_scale, q.shape[-1])
     _check_softcap(OP, q, softcap)
+    _check_sinks(OP, q, sinks)
     out, lse = _util.call(_flash_attn_body, _flash_attn, _FlashAttnFunction, q, k, v, cu_seqlens_q, cu_seqlens_k,
                           _check_max_seqlen(OP, "max_seqlen_q", max_seqlen_q),
                           _check_max_seqlen(OP, "max_seqlen_k", max_seqlen_k), scale, left, right, bool(deterministic),
                           float(softcap))
+    if sinks is not None:
+        out, lse = _with_sinks(out, lse, sinks, varlen)
     return (out, lse) if return_lse else out
 
 
 def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens, k_new: Optional[Tensor] = None,
                             v_new: Optional[Tensor] = None, causal: bool = True, *,
                             softmax_scale: Optional[float] = None, window: tuple[int, int] = _NO_WINDOW,
-                            softcap: float = 0.0) -> Tensor:
+                            softcap: float = 0.0, sinks: Optional[Tensor] = None) -> Tensor:
     """Attention of new queries over a KV cache, appending k_new / v_new to the cache in place.
 
     Args:
@@ -641,6 +683,7 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_s
         causal: bottom-right aligned as in :func:`flash_attn`: with L = cache_seqlens + seqlen_new
             keys, query i sees keys 0 .. L - seqlen_q + i.
         softcap: > 0 caps the scaled scores as in :func:`flash_attn` (Gemma 2's); CPU only for now.
+        sinks: a (n_heads,) logit per query head joining each softmax, as in :func:`flash_attn`.
     Returns:
         out, shaped like q. Not differentiable (inference). On the GPU the KV length is split
         across thread blocks (split-KV), so one query token still fills the GPU.
@@ -648,12 +691,14 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_s
         as :func:`flash_attn`, plus ValueError when seqlen_new exceeds the capacity, or (where
         checked, see cache_seqlens) when cache_seqlens + seqlen_new does.
     """
-    out = _kvcache_eager_cpu(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, softmax_scale, window, softcap)
+    out = None if sinks is not None else _kvcache_eager_cpu(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal,
+                                                             softmax_scale, window, softcap)
     if out is not None:
         return out
     op = "flash_attn_with_kvcache"
     _check_qkv(op, q, k_cache, v_cache, False)
     _check_softcap(op, q, softcap)
+    _check_sinks(op, q, sinks)
     # One int for every sequence is known on the host: made a tensor only where the op needs one.
     length = cache_seqlens if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool) else None
     if length is None:
@@ -682,10 +727,11 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_s
         right = 0
     scale = _resolve_scale(op, softmax_scale, q.shape[-1])
     if length is not None:
-        if _util.runs_body(q, k_cache, v_cache, k_new, v_new):
-            return _kvcache_with_int_length(q, k_cache, v_cache, length, k_new, v_new, scale, left, right, float(softcap))
+        if _util.runs_body(q, k_cache, v_cache, k_new, v_new, sinks):
+            return _kvcache_with_int_length(q, k_cache, v_cache, length, k_new, v_new, scale, left, right, float(softcap),
+                                            sinks)
         cache_seqlens = torch.full((q.shape[0],), length, dtype=torch.int32, device=q.device)
     # The op's dispatch cost ~0.1 ms per call on the CPU (op 0.20 ms vs its body 0.10 ms at cache
     # 512, D = 64, H = 8), as much as the kernel. Not differentiable: calls that need grad take the op.
     return _util.call(_flash_attn_with_kvcache_body, _flash_attn_with_kvcache, None, q, k_cache, v_cache,
-                      cache_seqlens, k_new, v_new, scale, left, right, float(softcap))
+                      cache_seqlens, k_new, v_new, scale, left, right, float(softcap), sinks)

@@ -109,6 +109,29 @@ def configs(device: str, quick: bool):
                     yield b, t, d, dtype, causal
 
 
+def sinks_of(h: int, device: str) -> torch.Tensor:
+    """gpt-oss-like sinks, a logit per head in [-2, 3]."""
+    return torch.linspace(-2.0, 3.0, h, device=device)
+
+
+def ours_with_sinks(q, k, v, causal):
+    return pyllm.flash_attn(q, k, v, causal=causal, sinks=sinks_of(q.shape[2], q.device))
+
+
+def eager_with_sinks(q, k, v, causal):
+    """Attention with sinks as transformers' gpt-oss eager_attention_forward computes it (no fused
+    kernel in torch takes sinks): the (B, H, T, T) scores whole, the sink column appended, the
+    softmax in the scores' dtype, the column dropped, times V."""
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # (B, H, T, D)
+    s = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+    if causal:
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+    sink = sinks_of(q.shape[1], q.device).to(s.dtype)[None, :, None, None].expand(*s.shape[:3], 1)
+    s = torch.cat([s, sink], dim=-1)
+    p = torch.softmax(s - s.amax(dim=-1, keepdim=True), dim=-1)[..., :-1]
+    return (p.to(v.dtype) @ v).transpose(1, 2)
+
+
 def capped_eager(q, k, v, softcap: float):
     """Capped attention as transformers' eager Gemma 2 attention computes it (SDPA takes no cap):
     the (B, H, Tq, Tk) scores whole, c tanh(s / c), softmax, times V. No mask: one query over the
@@ -238,6 +261,8 @@ def main() -> int:
     parser.add_argument("--memory-only", action="store_true", help="only the peak-memory rows")
     parser.add_argument("--softcap", type=float, default=0.0,
                         help="decode rows with capped scores (Gemma 2's, e.g. 50), against the capped eager computation")
+    parser.add_argument("--sinks", action="store_true",
+                        help="prefill rows with attention sinks (gpt-oss's): ours vs transformers' eager form")
     parser.add_argument("--overhead-only", action="store_true",
                         help="only the Python cost per flash_attn_with_kvcache call (CPU, tiny cache)")
     args = parser.parse_args()
@@ -251,6 +276,9 @@ def main() -> int:
         return 0
     rows = []
     only = args.decode_only or args.memory_only
+    ratio = "vs sdpa"
+    if args.sinks:  # the peer is the eager form (SDPA takes no sinks); ours without sinks shows their cost
+        impls, ratio, only = {"pyllm sinks": ours_with_sinks, "pyllm": ours, "eager sinks": eager_with_sinks}, "vs eager", False
     for b, t, d, dtype, causal in ([] if only else configs(device, args.quick)):
         flops = 4 * b * t * t * h * d * (0.5 if causal else 1.0)
         q, k, v, dout = (torch.randn(b, t, h, d, device=device, dtype=dtype) for _ in range(4))
@@ -285,13 +313,13 @@ def main() -> int:
                              "mode": mode, "impl": name, "ms": round(ms, 4), "TFLOPs": round(work / ms / 1e9, 3)})
             for ours_row in rows[first:]:  # this mode's rows
                 if base and ours_row["impl"].startswith("pyllm") and isinstance(ours_row["ms"], float):
-                    ours_row["vs sdpa"] = f"{base / ours_row['ms']:.2f}x"
-    if not args.memory_only:
+                    ours_row[ratio] = f"{base / ours_row['ms']:.2f}x"
+    if not args.memory_only and not args.sinks:
         rows += decode_rows(device, h, args.quick, args.softcap)
-    if not args.decode_only:
+    if not args.decode_only and not args.sinks:
         rows += memory_rows(device, impls, h, args.quick)
-    common.print_table(rows, ["dtype", "B", "T", "D", "causal", "mode", "impl", "ms", "TFLOPs", "vs sdpa", "note"])
-    common.write_json(args.json, "attention", device, rows, {"heads": h, "softcap": args.softcap})
+    common.print_table(rows, ["dtype", "B", "T", "D", "causal", "mode", "impl", "ms", "TFLOPs", ratio, "note"])
+    common.write_json(args.json, "attention", device, rows, {"heads": h, "softcap": args.softcap, "sinks": args.sinks})
     return 0
 
 

@@ -37,7 +37,7 @@ from pyllm import nn as pnn
 from pyllm.ops import flash_attn as flash_attn_ops
 from pyllm.ops import rope as rope_ops
 from pyllm.ops.rms_norm import rms_norm as fused_rms_norm
-from pyllm.ops.swiglu import geglu, swiglu
+from pyllm.ops.swiglu import geglu, geglu_packed, swiglu, swiglu_packed
 
 NAME = "pyllm"
 
@@ -277,19 +277,26 @@ def _sequence_positions(cu: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.T
 
 # --- SwiGLU --------------------------------------------------------------------------------------------
 
+# Activations are matched by exact class (a subclass may override forward): torch's, or transformers'
+# own by name in transformers.activations.
+def _is_transformers_activation(act, names) -> bool:
+    return type(act).__name__ in names and type(act).__module__ == "transformers.activations"
+
+
 def _is_silu(act) -> bool:
-    return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
+    return type(act) is nn.SiLU or _is_transformers_activation(act, ("SiLUActivation",))
 
 
-# transformers' modules for the tanh GELU: "gelu_pytorch_tanh" (Gemma 1-3), "gelu_new", "gelu_fast"
-# (the same function written out in torch ops).
-_GELU_TANH_CLASSES = ("GELUTanh", "PytorchGELUTanh", "NewGELUActivation", "FastGELUActivation")
+# transformers' modules for the tanh GELU: "gelu_pytorch_tanh" (Gemma 1-3), "gelu_new", "gelu_fast",
+# "gelu_accurate" (the same function written out in torch ops).
+_GELU_TANH_CLASSES = ("GELUTanh", "PytorchGELUTanh", "NewGELUActivation", "FastGELUActivation",
+                      "AccurateGELUActivation")
 
 
 def _is_gelu_tanh(act) -> bool:
-    if isinstance(act, nn.GELU):
+    if type(act) is nn.GELU:
         return act.approximate == "tanh"
-    return type(act).__name__ in _GELU_TANH_CLASSES
+    return _is_transformers_activation(act, _GELU_TANH_CLASSES)
 
 
 def _same_code(forward, reference) -> bool:
@@ -313,12 +320,19 @@ def _geglu_mlp_forward(self, x):  # GemmaMLP (Llama's forward with a tanh GELU)
     return self.down_proj(_gated(geglu, self.act_fn, self.gate_proj(x), self.up_proj(x)))
 
 
+def _packed_gated(fused, act, h: torch.Tensor) -> torch.Tensor:
+    if pnn._swiglu_takes(h):
+        return fused(h)
+    gate, up = h.chunk(2, dim=-1)
+    return act(gate) * up  # no kernel for these inputs: the module's own activation
+
+
 def _packed_swiglu_mlp_forward(self, x):  # Phi3MLP: gate_up_proj holds [gate | up]
-    return self.down_proj(pnn._swiglu(self.gate_up_proj(x)))
+    return self.down_proj(_packed_gated(swiglu_packed, self.activation_fn, self.gate_up_proj(x)))
 
 
 def _packed_geglu_mlp_forward(self, x):
-    return self.down_proj(pnn._geglu(self.gate_up_proj(x)))
+    return self.down_proj(_packed_gated(geglu_packed, self.activation_fn, self.gate_up_proj(x)))
 
 
 def _patch_gated_mlps(model: nn.Module, silu: bool, gelu_tanh: bool) -> tuple[int, int]:

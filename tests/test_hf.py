@@ -251,18 +251,42 @@ def test_only_llamas_mlp_code_is_replaced():
         assert rel_err(ours(ids).logits, reference(ids).logits) < 1e-12
 
 
-@pytest.mark.parametrize("hidden_act", ["gelu_pytorch_tanh", "gelu_new", "gelu_fast", "gelu", "relu"])
-def test_tanh_gelu_gated_mlps_run_geglu(hidden_act):
-    # transformers' three names for the tanh GELU get the fused GeGLU (in Llama's MLP as in Gemma's);
-    # the exact GELU and other activations keep their own forward.
-    reference, ours = tiny("llama", hidden_act=hidden_act)
-    tanh = hidden_act in ("gelu_pytorch_tanh", "gelu_new", "gelu_fast")
+@pytest.mark.parametrize("family", ["llama", "phi3"])
+@pytest.mark.parametrize("hidden_act", ["gelu_pytorch_tanh", "gelu_new", "gelu_fast", "gelu_accurate", "gelu", "relu"])
+def test_tanh_gelu_gated_mlps_run_geglu(family, hidden_act, monkeypatch):
+    # transformers' four names for the tanh GELU get the fused GeGLU (in Llama's MLP as in Gemma's,
+    # and Phi-3's packed one); the exact GELU and other activations keep their own forward. Inputs no
+    # kernel takes run the module's own activation (gelu_fast's constants differ in the 11th digit).
+    reference, ours = tiny(family, hidden_act=hidden_act)
+    tanh = hidden_act in ("gelu_pytorch_tanh", "gelu_new", "gelu_fast", "gelu_accurate")
     applied = phf.apply_pyllm_kernels(ours)
     assert (applied["swiglu"], applied["geglu"]) == (0, 2 if tanh else 0)
     ids = inputs()
     with torch.no_grad():
         assert rel_err(ours(ids).logits, reference(ids).logits) < 1e-12
+        monkeypatch.setattr(phf.pnn, "_swiglu_takes", lambda x: False)
+        x = torch.randn(2, 5, 128, dtype=torch.float64)
+        assert torch.equal(ours.model.layers[0].mlp(x), reference.model.layers[0].mlp(x))
     assert phf.apply_pyllm_kernels(copy.deepcopy(reference), geglu=False)["geglu"] == 0
+
+
+def test_activation_subclasses_keep_their_forward():
+    # A subclass of torch's GELU or SiLU may compute something else: matched by exact class only.
+    class ClampedGELU(nn.GELU):
+        def forward(self, x):
+            return super().forward(x).clamp(max=1.0)
+
+    class ScaledSiLU(nn.SiLU):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    _, ours = tiny("llama")
+    ours.model.layers[0].mlp.act_fn = ClampedGELU(approximate="tanh")
+    ours.model.layers[1].mlp.act_fn = ScaledSiLU()
+    applied = phf.apply_pyllm_kernels(ours)
+    assert (applied["swiglu"], applied["geglu"]) == (0, 0)
+    ours.model.layers[1].mlp.act_fn = nn.GELU(approximate="tanh")
+    assert phf.apply_pyllm_kernels(ours)["geglu"] == 1
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

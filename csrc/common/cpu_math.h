@@ -89,7 +89,7 @@ template <typename T> inline void sigmoid_pair_acc(float z, float& s, float& one
   const float r = 1.f / (1.f + e);
   const bool dead = z < -88.5f;
   s = dead ? 0.f : r;
-  one_minus_s = dead ? 1.f : e * r;
+  one_minus_s = dead ? 1.f : (z > 87.f ? 0.f : e * r);  // exp_f32 floors exp(-z) at exp(-87)
 }
 template <typename T> inline void sigmoid_pair_acc(double z, double& s, double& one_minus_s) {
   const double e = std::exp(-z);

@@ -4,7 +4,8 @@
 //   gelu_tanh  (GeGLU: Gemma 1-3; GPT-2's GELU): 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3)))
 //              = g * sigmoid(z), z = 2 sqrt(2/pi) (g + 0.044715 g^3), since 1 + tanh(y) = 2 sigmoid(2y)
 // so one kernel body serves both, and the derivative is one formula too:
-//   d act / dg = s (1 + g (1 - s) z'(g)),  s = sigmoid(z).
+//   d act / dg = s (1 + g (1 - s) z'(g)) = s + (g s) (z'(g) (1 - s)),  s = sigmoid(z),
+// the kernels' grouping: g z'(g) overflows fp32 from |g| ~ 1.2e13 where its partner factor is 0.
 // The sigmoid form also keeps the tanh GELU's small negative outputs: torch's 1 + tanh(y) cancels
 // to 0 in fp32 from y ~ -9 (g ~ -5.3), where g * sigmoid(2y) is still ~1e-7 g.
 #pragma once

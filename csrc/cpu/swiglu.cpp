@@ -7,8 +7,9 @@
 //
 // Forward reads gate and up, writes out: 3 elements moved per output element (6 B in bf16).
 // Backward recomputes sigmoid from the saved inputs (nothing else is saved) and in one pass
-//   dgate = dout * up * s * (1 + g * (1 - s) * z'(g)),  dup = dout * g * s,  s = sigmoid(z(g)),
-// 1 - s taken as exp(-z) * s (common/cpu_math.h: sigmoid_pair_acc)
+//   dgate = dout * up * (s + (g s) (z'(g) (1 - s))),  dup = dout * g * s,  s = sigmoid(z(g)),
+// 1 - s taken as exp(-z) * s (common/cpu_math.h: sigmoid_pair_acc), and g z'(g) never formed: it
+// overflows fp32 from |g| ~ 1.2e13 where the product with 1 - s (or s) is 0, and inf * 0 is NaN
 // reading dout, gate, up and writing dgate, dup: 5 elements per element (10 B in bf16). GeGLU's
 // z(g) costs 3 more multiply-adds per element, far from the bound.
 //
@@ -108,19 +109,19 @@ void bwd(const T* dout, const T* gate, const T* up, T* dgate, T* dup, Layout l) 
     int64_t c = c0;
 #ifdef PYLLM_AVX512
     if constexpr (avx512::has_lanes<T>) {
-      const __m512 one = _mm512_set1_ps(1.0f);
       for (; c < c1; c += 16) {
         const int64_t n = c1 - c;
         const __m512 d = avx512::load(d_row + c, n), g = avx512::load(g_row + c, n), u = avx512::load(u_row + c, n);
         __m512 sig, one_minus_sig;
         avx512::sigmoid_pair<std::is_same_v<T, float>>(z_of<ACT>(g), sig, one_minus_sig);
-        __m512 g_dz = g;  // g * z'(g)
+        __m512 dz_oms = one_minus_sig;  // z'(g) * (1 - s)
         if constexpr (ACT == kGluGeluTanh)
-          g_dz = _mm512_mul_ps(g, _mm512_fmadd_ps(_mm512_mul_ps(g, g), _mm512_set1_ps(float(3 * kGeluZ1)),
-                                                  _mm512_set1_ps(float(kGeluZ0))));
-        const __m512 dact = _mm512_mul_ps(sig, _mm512_fmadd_ps(g_dz, one_minus_sig, one));
+          dz_oms = _mm512_mul_ps(one_minus_sig, _mm512_fmadd_ps(_mm512_mul_ps(g, g), _mm512_set1_ps(float(3 * kGeluZ1)),
+                                                                _mm512_set1_ps(float(kGeluZ0))));
+        const __m512 act = _mm512_mul_ps(g, sig);
+        const __m512 dact = _mm512_fmadd_ps(act, dz_oms, sig);  // s + (g s) (z' (1 - s)): no inf * 0
         avx512::store(dg_row + c, _mm512_mul_ps(_mm512_mul_ps(d, u), dact), n);
-        avx512::store(du_row + c, _mm512_mul_ps(d, _mm512_mul_ps(g, sig)), n);
+        avx512::store(du_row + c, _mm512_mul_ps(d, act), n);
       }
     }
 #endif
@@ -130,7 +131,7 @@ void bwd(const T* dout, const T* gate, const T* up, T* dgate, T* dup, Layout l) 
       A sig, one_minus_sig;
       sigmoid_pair_acc<T>(glu_z<ACT>(g), sig, one_minus_sig);
       A act = g * sig;
-      dg_row[t] = from_acc<T>(d * u * sig * (A(1) + g * glu_dz<ACT>(g) * one_minus_sig));
+      dg_row[t] = from_acc<T>(d * u * (sig + act * (glu_dz<ACT>(g) * one_minus_sig)));
       du_row[t] = from_acc<T>(d * act);
     }
   });

@@ -320,19 +320,13 @@ def _geglu_mlp_forward(self, x):  # GemmaMLP (Llama's forward with a tanh GELU)
     return self.down_proj(_gated(geglu, self.act_fn, self.gate_proj(x), self.up_proj(x)))
 
 
-def _packed_gated(fused, act, h: torch.Tensor) -> torch.Tensor:
-    if pnn._swiglu_takes(h):
-        return fused(h)
-    gate, up = h.chunk(2, dim=-1)
-    return act(gate) * up  # no kernel for these inputs: the module's own activation
-
-
-def _packed_swiglu_mlp_forward(self, x):  # Phi3MLP: gate_up_proj holds [gate | up]
-    return self.down_proj(_packed_gated(swiglu_packed, self.activation_fn, self.gate_up_proj(x)))
+# Phi3MLP: gate_up_proj holds [gate | up]; inputs no kernel takes run the module's own activation
+def _packed_swiglu_mlp_forward(self, x):
+    return self.down_proj(pnn._gated_packed(self.gate_up_proj(x), swiglu_packed, self.activation_fn))
 
 
 def _packed_geglu_mlp_forward(self, x):
-    return self.down_proj(_packed_gated(geglu_packed, self.activation_fn, self.gate_up_proj(x)))
+    return self.down_proj(pnn._gated_packed(self.gate_up_proj(x), geglu_packed, self.activation_fn))
 
 
 def _patch_gated_mlps(model: nn.Module, silu: bool, gelu_tanh: bool) -> tuple[int, int]:

@@ -32,29 +32,26 @@ class SwiGLUMLP(nn.Module):
         self.down = nn.Linear(hidden_dim, dim, bias=bias, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up(x)  # (..., 2 * hidden)
-        if _swiglu_takes(gate_up):
-            h = swiglu_packed(gate_up)  # (..., hidden)
-        else:  # no kernel for this device (as attention() below): the same function in torch
-            gate, up = gate_up.chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        return self.down(h)  # (..., dim)
+        return self.down(_swiglu(self.gate_up(x)))  # (..., 2 * hidden) -> (..., hidden) -> (..., dim)
+
+
+def _gated_packed(h: torch.Tensor, fused, act) -> torch.Tensor:
+    """act(gate) * up of h = [gate | up] (..., 2 * hidden): the packed kernel `fused` where one takes
+    h, else act in torch (no kernel for this device, as attention() below: the same function)."""
+    if _swiglu_takes(h):
+        return fused(h)
+    gate, up = h.chunk(2, dim=-1)
+    return act(gate) * up
 
 
 def _swiglu(h: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up of h = [gate | up] (..., 2 * hidden): the kernel where there is one."""
-    if _swiglu_takes(h):
-        return swiglu_packed(h)
-    gate, up = h.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    """silu(gate) * up of h = [gate | up] (LLaMA's MLP)."""
+    return _gated_packed(h, swiglu_packed, F.silu)
 
 
 def _geglu(h: torch.Tensor) -> torch.Tensor:
-    """gelu_tanh(gate) * up of h = [gate | up] (..., 2 * hidden) (Gemma's MLP), as _swiglu."""
-    if _swiglu_takes(h):
-        return geglu_packed(h)
-    gate, up = h.chunk(2, dim=-1)
-    return F.gelu(gate, approximate="tanh") * up
+    """gelu_tanh(gate) * up of h = [gate | up] (Gemma's MLP)."""
+    return _gated_packed(h, geglu_packed, functools.partial(F.gelu, approximate="tanh"))
 
 
 class MoEMLP(nn.Module):

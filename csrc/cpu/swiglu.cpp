@@ -8,10 +8,10 @@
 // Forward reads gate and up, writes out: 3 elements moved per output element (6 B in bf16).
 // Backward recomputes sigmoid from the saved inputs (nothing else is saved) and in one pass
 //   dgate = dout * up * (s + (g s) (z'(g) (1 - s))),  dup = dout * g * s,  s = sigmoid(z(g)),
-// 1 - s taken as exp(-z) * s (common/cpu_math.h: sigmoid_pair_acc), and g z'(g) never formed: it
-// overflows fp32 from |g| ~ 1.2e13 where the product with 1 - s (or s) is 0, and inf * 0 is NaN
-// reading dout, gate, up and writing dgate, dup: 5 elements per element (10 B in bf16). GeGLU's
-// z(g) costs 3 more multiply-adds per element, far from the bound.
+// reading dout, gate, up and writing dgate, dup: 5 elements per element (10 B in bf16). 1 - s is
+// taken as exp(-z) * s (common/cpu_math.h: sigmoid_pair_acc), and g z'(g) is never formed: it
+// overflows fp32 from |g| ~ 1.2e13 where the product with 1 - s (or s) is 0, and inf * 0 is NaN.
+// GeGLU's z(g) costs 3 more multiply-adds per element, far from the bound.
 //
 // Threading: OpenMP over blocks of kBlock elements (a row, or a slice of a long row). Inner loop:
 // on AVX-512 builds, 16 lanes of intrinsics (common/cpu_math.h: vscalefps exp, vrcp14ps sigmoid
@@ -62,10 +62,17 @@ void for_each_block(const Layout& l, Body body) {
 }
 
 #ifdef PYLLM_AVX512
+// glu_z and x * glu_dz (common/glu.h) in 16 lanes.
 template <int ACT>
 inline __m512 z_of(__m512 g) {
   if constexpr (ACT == kGluSilu) return g;
   else return _mm512_mul_ps(g, _mm512_fmadd_ps(_mm512_mul_ps(g, g), _mm512_set1_ps(float(kGeluZ1)),
+                                               _mm512_set1_ps(float(kGeluZ0))));
+}
+template <int ACT>
+inline __m512 times_dz(__m512 x, __m512 g) {
+  if constexpr (ACT == kGluSilu) return x;
+  else return _mm512_mul_ps(x, _mm512_fmadd_ps(_mm512_mul_ps(g, g), _mm512_set1_ps(float(3 * kGeluZ1)),
                                                _mm512_set1_ps(float(kGeluZ0))));
 }
 #endif
@@ -114,12 +121,8 @@ void bwd(const T* dout, const T* gate, const T* up, T* dgate, T* dup, Layout l) 
         const __m512 d = avx512::load(d_row + c, n), g = avx512::load(g_row + c, n), u = avx512::load(u_row + c, n);
         __m512 sig, one_minus_sig;
         avx512::sigmoid_pair<std::is_same_v<T, float>>(z_of<ACT>(g), sig, one_minus_sig);
-        __m512 dz_oms = one_minus_sig;  // z'(g) * (1 - s)
-        if constexpr (ACT == kGluGeluTanh)
-          dz_oms = _mm512_mul_ps(one_minus_sig, _mm512_fmadd_ps(_mm512_mul_ps(g, g), _mm512_set1_ps(float(3 * kGeluZ1)),
-                                                                _mm512_set1_ps(float(kGeluZ0))));
         const __m512 act = _mm512_mul_ps(g, sig);
-        const __m512 dact = _mm512_fmadd_ps(act, dz_oms, sig);  // s + (g s) (z' (1 - s)): no inf * 0
+        const __m512 dact = _mm512_fmadd_ps(act, times_dz<ACT>(one_minus_sig, g), sig);  // s + (g s) (z' (1 - s))
         avx512::store(dg_row + c, _mm512_mul_ps(_mm512_mul_ps(d, u), dact), n);
         avx512::store(du_row + c, _mm512_mul_ps(d, act), n);
       }

@@ -12,7 +12,8 @@ optimizer costs the same on every side and is left out). Batches, each --batch x
   documents off position_ids.
 Rows: median seconds per step (the contenders interleaved, --repeat rounds), real tokens / s, the
 peak memory of one step above the model's (CPU: the process's peak resident set, CUDA: the
-allocator's), and the ratio to transformers' own.
+allocator's), and the ratio to transformers' own. --compile: each model under torch.compile (inductor),
+compiled before timing, with the number of graph breaks dynamo counted in it.
 Needs transformers; prints why and exits 0 without it.
 """
 from __future__ import annotations
@@ -48,6 +49,7 @@ def main() -> int:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                         help="the weights' dtype; default float32 on the CPU, bfloat16 on CUDA")
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--compile", action="store_true", help="each model under torch.compile")
     args = parser.parse_args()
     transformers = common.peer_module("transformers", "bench_hf", "transformers is not installed: nothing to compare")
     if transformers is None:
@@ -72,24 +74,34 @@ def main() -> int:
 
     inputs, real_tokens = batches(args.batch, args.seq_len, config.vocab_size, device)
     print(f"# bench_hf on {common.device_description(device)}: SmolLM2-135M shape, {layers} layers, {dtype}, "
-          f"{args.batch} x {args.seq_len} tokens per step ({real_tokens} real), pyllm applied: {applied}")
+          f"{args.batch} x {args.seq_len} tokens per step ({real_tokens} real), pyllm applied: {applied}"
+          + (", torch.compile" if args.compile else ""))
     rows = []
     for layout, batch in inputs.items():
-        def step(model, batch=batch):
-            model(**batch).loss.backward()
+        def step(model, forward, batch=batch):
+            forward(**batch).loss.backward()
             model.zero_grad(set_to_none=True)
-        runs = {name: (lambda m=model: step(m)) for name, model in models.items()}
+        forwards, breaks = {name: model for name, model in models.items()}, {}
+        if args.compile:
+            for name, model in models.items():
+                before = sum(torch._dynamo.utils.counters["graph_break"].values())
+                forwards[name] = torch.compile(model)
+                step(model, forwards[name])  # compiled here, not in the timing
+                breaks[name] = sum(torch._dynamo.utils.counters["graph_break"].values()) - before
+        runs = {name: (lambda m=model, f=forwards[name]: step(m, f)) for name, model in models.items()}
         seconds = common.interleaved_seconds(runs, args.repeat, device)
         base = seconds["transformers"]
         for name, model in models.items():
-            peak = common.peak_memory_mb(lambda m=model: step(m), device)
+            peak = common.peak_memory_mb(lambda m=model, f=forwards[name]: step(m, f), device)
             rows.append({"batch": layout, "model": name, "s/step": round(seconds[name], 4),
                          "tokens/s": round(real_tokens / seconds[name]), "peak MiB": round(peak, 1),
-                         "speed vs transformers": round(base / seconds[name], 2)})
-    common.print_table(rows, ["batch", "model", "s/step", "tokens/s", "peak MiB", "speed vs transformers"])
+                         "speed vs transformers": round(base / seconds[name], 2),
+                         **({"graph breaks": breaks[name]} if args.compile else {})})
+    common.print_table(rows, ["batch", "model", "s/step", "tokens/s", "peak MiB", "speed vs transformers"]
+                       + (["graph breaks"] if args.compile else []))
     common.write_json(args.json, "hf", device, rows,
                       {"layers": layers, "dtype": str(dtype), "batch": args.batch, "seq_len": args.seq_len,
-                       "transformers": transformers.__version__, "applied": applied})
+                       "transformers": transformers.__version__, "applied": applied, "compile": args.compile})
     return 0
 
 

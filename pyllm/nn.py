@@ -584,6 +584,32 @@ def _saved_grads_times(ctx, grad_total: torch.Tensor, n_other_inputs: int) -> tu
             None if grad_w is None else (grad_w * grad_total).to(ctx.weight_dtype), *([None] * n_other_inputs))
 
 
+def _linear_cross_entropy_with_grads(x, weight, targets, chunk_rows: int, need_x: bool, need_w: bool):
+    """_LinearCrossEntropy's forward: (the sum of losses, grad_x or None, grad_w (fp32 at least) or None)."""
+    acc = torch.promote_types(x.dtype, torch.float32)  # the logits' dtype, fp32 at least
+    total = torch.zeros((), dtype=torch.float64, device=x.device)  # chunk sums add up without drift
+    grad_x = torch.empty_like(x) if need_x else None
+    grad_w = torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32),
+                         device=x.device) if need_w else None
+    for start in range(0, x.shape[0], chunk_rows):
+        xc, tc = x[start:start + chunk_rows], targets[start:start + chunk_rows]
+        logits = (xc @ weight.t()).to(acc)  # (c, V): the matmul in x's dtype, as nn.Linear
+        valid = tc != -1
+        picked = tc.clamp(min=0)[:, None]
+        picked_logit = logits.gather(1, picked)[:, 0]
+        # One exp pass, in place: exp(logits - max) gives both the log-sum-exp and the softmax.
+        top = logits.amax(dim=-1, keepdim=True)
+        sums = logits.sub_(top).exp_().sum(dim=-1)  # (c,)
+        total += ((top[:, 0] + sums.log() - picked_logit) * valid).sum()
+        if need_x or need_w:
+            # d(sum of losses) / d logits = softmax - one_hot, 0 on ignored rows
+            grad = logits.div_(sums[:, None])
+            grad.scatter_add_(1, picked, -valid[:, None].to(grad.dtype))
+            grad.mul_(valid[:, None])
+            _add_chunk_grads(grad.to(x.dtype), xc, weight, slice(start, start + chunk_rows), grad_x, grad_w)
+    return total.to(acc), grad_x, grad_w
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """sum over rows of cross_entropy(x W^T, targets) (targets -1 ignored), its gradients computed
     in the forward, chunk by chunk (Liger-Kernel's fused linear cross-entropy, in torch ops): the
@@ -591,31 +617,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, targets, chunk_rows):  # x (N, C), weight (V, C), targets (N,)
-        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        acc = torch.promote_types(x.dtype, torch.float32)  # the logits' dtype, fp32 at least
-        total = torch.zeros((), dtype=torch.float64, device=x.device)  # chunk sums add up without drift
-        grad_x = torch.empty_like(x) if need_x else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32),
-                             device=x.device) if need_w else None
-        for start in range(0, x.shape[0], chunk_rows):
-            xc, tc = x[start:start + chunk_rows], targets[start:start + chunk_rows]
-            logits = (xc @ weight.t()).to(acc)  # (c, V): the matmul in x's dtype, as nn.Linear
-            valid = tc != -1
-            picked = tc.clamp(min=0)[:, None]
-            picked_logit = logits.gather(1, picked)[:, 0]
-            # One exp pass, in place: exp(logits - max) gives both the log-sum-exp and the softmax.
-            top = logits.amax(dim=-1, keepdim=True)
-            sums = logits.sub_(top).exp_().sum(dim=-1)  # (c,)
-            total += ((top[:, 0] + sums.log() - picked_logit) * valid).sum()
-            if need_x or need_w:
-                # d(sum of losses) / d logits = softmax - one_hot, 0 on ignored rows
-                grad = logits.div_(sums[:, None])
-                grad.scatter_add_(1, picked, -valid[:, None].to(grad.dtype))
-                grad.mul_(valid[:, None])
-                _add_chunk_grads(grad.to(x.dtype), xc, weight, slice(start, start + chunk_rows), grad_x, grad_w)
+        total, grad_x, grad_w = _linear_cross_entropy_with_grads(x, weight, targets, chunk_rows,
+                                                                 ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         ctx.save_for_backward(grad_x, grad_w)
         ctx.weight_dtype = weight.dtype
-        return total.to(acc)
+        return total
 
     @staticmethod
     def backward(ctx, grad_total):

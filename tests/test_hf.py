@@ -117,8 +117,8 @@ def test_logits_are_the_references(family, padding, path, monkeypatch):
     reference, ours = tiny(family)
     applied = phf.apply_pyllm_kernels(ours)
     calls = []
-    kernel = phf.flash_attn_ops.flash_attn
-    monkeypatch.setattr(phf.flash_attn_ops, "flash_attn", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    kernel = phf.flash_attn_ops._flash_attn_body  # the forward kernel, however it is reached
+    monkeypatch.setattr(phf.flash_attn_ops, "_flash_attn_body", lambda *a: calls.append(1) or kernel(*a))
     assert applied == {"attention": True, "swiglu": 0 if family == "gemma2" else 2,  # Gemma's MLP is GELU-gated:
                        "geglu": 2 if family == "gemma2" else 0,  # the tanh GELU's
                        "rms_norm": 9 if family == "gemma2" else 5,  # Gemma 2: 4 per layer, else 2; + the final
@@ -341,10 +341,8 @@ def test_attention_sinks(padding, path, monkeypatch):
     applied = phf.apply_pyllm_kernels(ours, fused_linear_cross_entropy=False)  # a MoE: HF's loss adds the router's
     assert applied["rms_norm"] == 5  # gpt-oss's own form (scaled in fp32), 2 per layer and the final
     calls = []
-    for name in ("flash_attn", "flash_attn_with_kvcache"):
-        kernel = getattr(phf.flash_attn_ops, name)
-        monkeypatch.setattr(phf.flash_attn_ops, name,
-                            lambda *a, kernel=kernel, **k: calls.append(k["sinks"] is not None) or kernel(*a, **k))
+    rescale = phf.flash_attn_ops._with_sinks  # the sinks' rescale of a kernel's output, on every path
+    monkeypatch.setattr(phf.flash_attn_ops, "_with_sinks", lambda *a: calls.append(a[2] is not None) or rescale(*a))
     ids = inputs()
     mask = None if padding is None else padded(left=padding == "left")
     real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
@@ -614,6 +612,84 @@ def test_patched_model_copies_and_compiles():
     compiled = torch.compile(plain.model, fullgraph=True, backend="eager")
     with torch.no_grad():
         compiled(ids)
+
+
+def compile_batch(layout: str) -> dict:
+    """A training batch as each collator hands it over: plain rows, left / right padding (labels
+    -100 on it), documents packed into rows (position_ids restarting at 0, or cu_seq_lens)."""
+    ids = inputs(2, 13)
+    if layout in ("left", "right"):
+        mask = padded(2, 13, left=layout == "left")
+        return dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+    batch = dict(input_ids=ids, labels=ids)
+    if layout == "position_ids":
+        batch["position_ids"] = torch.cat([torch.arange(5), torch.arange(8)]).repeat(2, 1)
+    if layout == "cu_seq_lens":
+        cu = torch.tensor([0, 5, 13, 20, 26], dtype=torch.int32)
+        batch = dict(input_ids=ids.reshape(1, -1), labels=ids.reshape(1, -1), cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+                     max_length_q=8, max_length_k=8,
+                     position_ids=torch.cat([torch.arange(n) for n in cu.diff().tolist()])[None])
+    return batch
+
+
+@pytest.mark.parametrize("family, layout", [("llama", layout) for layout in ["plain", "left", "right", "position_ids",
+                                                                              "cu_seq_lens"]]
+                         + [("gemma2", "left"), ("mistral", "position_ids")])  # capped scores, windows
+def test_compiled_training_step_is_one_graph(family, layout):
+    # torch.compile(fullgraph=True) raises at a graph break: whether a batch pads or packs is read
+    # inside pyllm::hf_attention (and the fused loss runs every row, the ignored ones as -1), so the
+    # patched model traces whole; its loss and gradients are eager's (themselves the reference's).
+    _, ours = tiny(family)
+    phf.apply_pyllm_kernels(ours)
+    ours.train()
+    batch = compile_batch(layout)
+    results = []
+    for model in (ours, torch.compile(ours, fullgraph=True, backend="aot_eager")):
+        torch._dynamo.reset()
+        ours.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in ours.parameters()]))
+    (want, want_grads), (got, got_grads) = results
+    assert rel_err(got, want) < 1e-12
+    for g, w in zip(got_grads, want_grads):
+        assert rel_err(g, w) < 1e-12
+
+
+def test_inductor_compiles_the_attention_op():
+    # Inductor trusts the op's fake outputs (shapes and strides) when it plans the buffers around it.
+    _, ours = tiny("llama", torch.float32)
+    phf.apply_pyllm_kernels(ours)
+    ours.train()
+    batch = compile_batch("left")
+    torch._dynamo.reset()
+    compiled = torch.compile(ours, fullgraph=True)
+    grads = []
+    for model in (ours, compiled):
+        ours.zero_grad()
+        model(**batch).loss.backward()
+        grads.append([p.grad.clone() for p in ours.parameters()])
+    for g, w in zip(*grads):
+        assert rel_err(g, w) < 1e-5  # fp32: inductor's own fusions round differently
+
+
+def test_op_registrations():
+    # The attention's and the loss's fake outputs, schema and autograd against the real ones
+    # (torch.library.opcheck): padded and packed attention; every row, or the labelled ones, of the loss.
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 7, h, 32, generator=g, dtype=torch.float64, requires_grad=True) for h in (4, 2, 2))
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0, 0]])
+    position_ids = torch.tensor([[0, 1, 2, 0, 1, 2, 3]])
+    for mask_, positions in [(mask, None), (None, position_ids), (None, None), (torch.ones_like(mask), position_ids)]:
+        torch.library.opcheck(torch.ops.pyllm.hf_attention.default, (q, k, v, mask_, positions, 0.2, -1, 0, 0.0))
+    x, weight = torch.randn(9, 16, dtype=torch.float64, requires_grad=True), torch.randn(11, 16, dtype=torch.float64,
+                                                                                         requires_grad=True)
+    targets = torch.tensor([3, -1, 0, 10, -1, -1, 5, 2, 7])
+    for need_x, need_w in [(True, True), (True, False), (False, True)]:
+        torch.library.opcheck(torch.ops.pyllm.hf_labelled_loss.default, (x, weight, targets, 4, need_x, need_w))
+    unsafe = getattr(torch.Tag, "cudagraph_unsafe", None)  # torch 2.8+
+    for op in (torch.ops.pyllm.hf_attention, torch.ops.pyllm.hf_labelled_loss):  # they read the mask on the host
+        assert unsafe is None or unsafe in op.default.tags
 
 
 def test_rope_under_autocast_keeps_transformers_dtype():

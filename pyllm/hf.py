@@ -51,9 +51,15 @@ NAME = "pyllm"
 # Decoders whose ForCausalLM.forward ends in `logits = lm_head(hidden); loss = loss_function(logits,
 # labels, ...)` with nothing between (read in transformers 5.x): the fused loss computes the same.
 # Granite divides the logits, Cohere scales them, Gemma 2 / 3 cap them (fused only when the cap is
-# None), the MoE models add an auxiliary loss: not listed, their forward stays HF's.
+# None): not listed, their forward stays HF's.
 FUSED_LOSS_MODEL_TYPES = frozenset({"llama", "mistral", "ministral", "qwen2", "qwen3", "gemma", "gemma2",
                                     "gemma3_text", "phi3", "olmo2", "olmo3", "smollm3", "starcoder2", "glm4"})
+# Mixtures of experts whose forward is that and then, with output_router_logits, `loss +=
+# router_aux_loss_coef * load_balancing_loss_func(outputs.router_logits, self.num_experts,
+# self.num_experts_per_tok, attention_mask)` (read in transformers 5.x): the fused loss adds the same,
+# with transformers' own function (Granite's MoEs scale the logits, JetMoE adds the loss otherwise).
+FUSED_LOSS_MOE_TYPES = frozenset({"mixtral", "qwen2_moe", "qwen3_moe", "qwen3_next", "olmoe", "flex_olmo", "gpt_oss",
+                                  "phimoe", "minimax", "jamba", "ernie4_5_moe"})
 
 
 # --- attention ---------------------------------------------------------------------------------------
@@ -676,6 +682,10 @@ def _fused_loss_forward(self, input_ids=None, attention_mask=None, position_ids=
                                       inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
                                       logits_to_keep=logits_to_keep, **kwargs)
     from transformers.modeling_outputs import CausalLMOutputWithPast
+    moe = self.config.model_type in FUSED_LOSS_MOE_TYPES
+    if moe:  # the router's logits, for the balancing loss: as HF's forward resolves them
+        router = kwargs.get("output_router_logits")
+        kwargs["output_router_logits"] = router = self.config.output_router_logits if router is None else router
     shift_labels = kwargs.pop("shift_labels", None)
     num_items_in_batch = kwargs.pop("num_items_in_batch", None)
     ignore_index = kwargs.pop("ignore_index", -100)
@@ -694,8 +704,17 @@ def _fused_loss_forward(self, input_ids=None, attention_mask=None, position_ids=
         loss = total / (num_items_in_batch.to(total.device) if torch.is_tensor(num_items_in_batch)
                         else num_items_in_batch)
     rest = {name: value for name, value in outputs.items() if name != "last_hidden_state"}  # the cache (its
-    # field's name differs between transformers versions), hidden_states, attentions
-    output = CausalLMOutputWithPast(loss=loss, logits=None, **rest)
+    # field's name differs between transformers versions), hidden_states, attentions, router_logits
+    if moe:
+        from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+        aux_loss = None
+        if router:
+            balance = _balancing_loss_function(self)
+            aux_loss = balance(outputs.router_logits, self.num_experts, self.num_experts_per_tok, attention_mask)
+            loss = loss + self.router_aux_loss_coef * aux_loss.to(loss.device)
+        output = MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux_loss, logits=None, **rest)
+    else:
+        output = CausalLMOutputWithPast(loss=loss, logits=None, **rest)
     return output if return_dict is not False else output.to_tuple()
 
 
@@ -768,11 +787,22 @@ class _LabelledLossFunction(torch.autograd.Function):
     backward = staticmethod(_labelled_loss_grad)
 
 
+def _balancing_loss_function(model: nn.Module):
+    """The load_balancing_loss_func the MoE model's own forward calls (its module's; the forward is
+    wrapped by transformers' decorators)."""
+    return getattr(inspect.unwrap(type(model).forward), "__globals__", {}).get("load_balancing_loss_func")
+
+
 def _fused_loss_refusal(model: nn.Module) -> str | None:
     """Why the fused loss cannot replace this model's logits and loss (None: it can)."""
     model_type = getattr(model.config, "model_type", None)
-    if model_type not in FUSED_LOSS_MODEL_TYPES:
-        return f"model_type {model_type!r} is not one whose logits are lm_head(hidden) alone (pyllm.hf.FUSED_LOSS_MODEL_TYPES)"
+    if model_type in FUSED_LOSS_MOE_TYPES:
+        if _balancing_loss_function(model) is None or not all(
+                hasattr(model, name) for name in ("num_experts", "num_experts_per_tok", "router_aux_loss_coef")):
+            return "its forward is not transformers' (no load_balancing_loss_func, num_experts, ...)"
+    elif model_type not in FUSED_LOSS_MODEL_TYPES:
+        return (f"model_type {model_type!r} is not one whose logits are lm_head(hidden) alone "
+                "(pyllm.hf.FUSED_LOSS_MODEL_TYPES, FUSED_LOSS_MOE_TYPES)")
     if getattr(model.config, "final_logit_softcapping", None) is not None:
         return "its logits are capped (final_logit_softcapping)"
     head = model.get_output_embeddings()
@@ -801,7 +831,8 @@ def apply_pyllm_kernels(model: nn.Module, attention: bool = True, swiglu: bool =
     fused_linear_cross_entropy: training forwards with labels compute the loss from the last hidden
         states chunk by chunk (pyllm.nn.linear_cross_entropy) and return logits=None (the memory of
         the logits and their gradient is what it saves); HF's loss semantics kept: -100 ignored,
-        labels shifted (or shift_labels), sum / num_items_in_batch when the Trainer passes it.
+        labels shifted (or shift_labels), sum / num_items_in_batch when the Trainer passes it; a
+        mixture of experts' load-balancing loss added as its forward adds it (FUSED_LOSS_MOE_TYPES).
         Code that reads outputs.logits in training (TRL's SFT entropy and token accuracy) needs it off.
     Returns what was applied: {"attention": bool, "swiglu": number of MLPs, "geglu": number of MLPs,
     "rms_norm": number of norms, "rope": number of attention modules, "fused_linear_cross_entropy": bool}. A requested part the model cannot take raises ValueError saying why (fused loss on

@@ -338,7 +338,7 @@ def test_attention_sinks(padding, path, monkeypatch):
     # gpt-oss's sinks (transformers' s_aux): pyllm.flash_attn(sinks=) in the forward, the gradient of
     # the sinks and of everything else against the reference's, and decode steps over a cache.
     reference, ours = tiny_gpt_oss()
-    applied = phf.apply_pyllm_kernels(ours, fused_linear_cross_entropy=False)  # a MoE: HF's loss adds the router's
+    applied = phf.apply_pyllm_kernels(ours)
     assert applied["rms_norm"] == 5  # gpt-oss's own form (scaled in fp32), 2 per layer and the final
     calls = []
     rescale = phf.flash_attn_ops._with_sinks  # the sinks' rescale of a kernel's output, on every path
@@ -368,6 +368,57 @@ def test_attention_sinks(padding, path, monkeypatch):
         assert all(calls) and (len(calls) == 14 if padding is None else len(calls) > 14)
     else:
         assert calls == []
+
+
+def tiny_moe(family: str):
+    """(reference, copy) of a small mixture of experts in float64: Qwen3-MoE's or Mixtral's, 4
+    experts, 2 a token; gpt-oss's from tiny_gpt_oss."""
+    if family == "gpt_oss":
+        return tiny_gpt_oss()
+    common = dict(vocab_size=VOCAB, hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  num_experts_per_tok=2, max_position_embeddings=256, initializer_range=0.2, pad_token_id=0,
+                  eos_token_id=1, bos_token_id=2, router_aux_loss_coef=0.3)  # a coefficient that shows
+    if family == "qwen3_moe":
+        config = transformers.Qwen3MoeConfig(num_experts=4, moe_intermediate_size=32, head_dim=32, **common)
+        model = transformers.Qwen3MoeForCausalLM
+    else:
+        config = transformers.MixtralConfig(num_local_experts=4, intermediate_size=32, head_dim=32, **common)
+        model = transformers.MixtralForCausalLM
+    config._attn_implementation = "float64"
+    config._experts_implementation = "eager"  # grouped_mm has no float64
+    torch.manual_seed(0)
+    reference = model(config).double().eval()
+    ours = copy.deepcopy(reference)
+    float64_norms(reference)
+    return reference, ours
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "gpt_oss"])
+@pytest.mark.parametrize("router", [None, True, False])  # the config's (False), or asked for in the call
+def test_mixture_of_experts_fused_loss_adds_the_balancing_loss(family, router):
+    # HF's MoE forward adds router_aux_loss_coef times its load-balancing loss when output_router_logits:
+    # the fused loss adds the same (transformers' own function), and aux_loss is returned as HF's.
+    reference, ours = tiny_moe(family)
+    assert phf.apply_pyllm_kernels(ours)["fused_linear_cross_entropy"]
+    reference.train(), ours.train()
+    ids, mask = inputs(), padded(left=False)
+    labels = ids.masked_fill(mask == 0, -100)
+    shifted = F.pad(labels, (0, 1), value=-100)[:, 1:]
+    extra = {} if router is None else {"output_router_logits": router}
+    expected = reference(ids, attention_mask=mask, **extra)
+    want = F.cross_entropy(expected.logits.flatten(0, 1), shifted.flatten(), ignore_index=-100)
+    if router:
+        want = want + reference.router_aux_loss_coef * expected.aux_loss
+    got = ours(ids, attention_mask=mask, labels=labels, **extra)
+    assert got.logits is None and (got.aux_loss is None) == (not router)
+    if router:
+        assert rel_err(got.aux_loss, expected.aux_loss) < 1e-12 and len(got.router_logits) == 2
+    assert rel_err(got.loss, want) < 1e-12
+    want.backward()
+    got.loss.backward()
+    for (name, p), q in zip(reference.named_parameters(), ours.parameters()):
+        if p.grad is not None or q.grad is not None:
+            assert rel_err(q.grad, p.grad) < 1e-10, name
 
 
 def test_tuple_outputs_and_a_lora_output_layer():

@@ -119,10 +119,12 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
             if starts is not None:  # left padding: each row's keys are views of the cache, no copy, one call a row
                 return torch.cat([_decode(q[b:b + 1], k[b:b + 1, start:], v[b:b + 1, start:], **call)
                                   for b, start in enumerate(starts)]), None
+        position_ids = kwargs.get("position_ids") if T == k.shape[1] else None
         if not _kernel_takes(q, k, v, call["softcap"]):
             real_k = attention_mask.bool()
-            return _reference_rows(q, k, v, real_k[:, -T:], real_k, **call), None
-        position_ids = kwargs.get("position_ids") if T == k.shape[1] else None
+            # documents too: under torch.compile a mask without padding comes here with packed rows
+            return _reference_rows(q, k, v, real_k[:, -T:], real_k, **call,
+                                   documents=_documents(position_ids, B, T)), None
         return _attend(q, k, v, attention_mask, position_ids, **call), None
 
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
@@ -197,6 +199,7 @@ def _attend(q, k, v, mask, position_ids, causal, window, scale, softcap, sinks):
     """q (B, T, H, D) at the end of k, v (B, S, H_kv, D); mask (B, S) of real keys or None;
     position_ids (B or 1, T) restarting at 0 where documents are packed, or None. -> (B, T, H, D)."""
     flash_attn_ops._check_qkv(NAME, q, k, v, varlen=False)
+    flash_attn_ops._check_sinks(NAME, q, sinks)
     scale = flash_attn_ops._resolve_scale(NAME, scale, q.shape[-1])
     out, lse = _util.call(_hf_attention_body, _hf_attention, _HfAttentionFunction, q, k, v, mask, position_ids,
                           scale, window[0], 0 if causal else window[1], float(softcap))
@@ -288,6 +291,8 @@ def _(dout, dlse, q, k, v, out, lse, mask, position_ids, scale, window_left, win
 
 def _hf_attention_setup(ctx, inputs, output):
     q, k, v, mask, position_ids, *ctx.args = inputs
+    # An inference tensor (a mask or positions made under torch.inference_mode) cannot be saved: a copy
+    mask, position_ids = (t.clone() if t is not None and t.is_inference() else t for t in (mask, position_ids))
     ctx.save_for_backward(q, k, v, *output, mask, position_ids)
 
 
@@ -314,19 +319,25 @@ class _HfAttentionFunction(torch.autograd.Function):
 
 
 class _ForwardMemo:
-    """The last value computed from one tensor: every layer of a forward gets the same mask or
-    position_ids tensor, so the device sync that reads it happens once per forward, not once per
-    layer. Keyed on the tensor itself, its version (an in-place edit reads it again; inference
-    tensors have none, and are not edited between layers) and what else the value depends on."""
+    """The last values computed from a few tensors: every layer of a forward gets the same mask or
+    position_ids tensor, so the device sync that reads it happens once per forward (and once per
+    backward), not once per layer. Keyed on the tensor itself, its version (an in-place edit reads
+    it again; inference tensors have none, and are not edited between layers) and what else the
+    value depends on. Gemma 2 / 3 hand their sliding and their full layers two mask views in turn:
+    one slot would read them again at every layer, forward and backward."""
+    SLOTS = 4
 
     def __init__(self):
-        self.tensor = self.key = self.value = None
+        self.entries = []  # (tensor, key, value), the most recent first
 
     def get(self, tensor: torch.Tensor, extra, compute):
         key = (extra, None if tensor.is_inference() else tensor._version)
-        if self.tensor is not tensor or self.key != key:
-            self.tensor, self.key, self.value = tensor, key, compute()
-        return self.value
+        for held, held_key, value in self.entries:
+            if held is tensor and held_key == key:
+                return value
+        value = compute()
+        self.entries = [(tensor, key, value)] + self.entries[:self.SLOTS - 1]
+        return value
 
 
 _suffix_memo, _unpadding_memo, _packed_memo = _ForwardMemo(), _ForwardMemo(), _ForwardMemo()
@@ -379,14 +390,17 @@ def _packed_starts(position_ids: torch.Tensor | None, B: int, T: int) -> torch.T
     return _packed_memo.get(position_ids, (B, T), compute)
 
 
-def _reference_rows(q, k, v, real_q, real_k, causal, window, scale, softcap, sinks):
+def _reference_rows(q, k, v, real_q, real_k, causal, window, scale, softcap, sinks, documents=None):
     """The kernel's function through SDPA, row by row of the batch: q (B, T, H, D), k and v (B, S,
     H_kv, D), real_q (B, T) / real_k (B, S) the tokens that are not padding. Each row's real queries
     sit at the end of its real keys (flash-attn's bottom-right causal, after unpadding), the window
-    around that; padded queries give 0. The mask is (B, 1, T, S): no batch-squared memory."""
+    around that; padded queries give 0. documents (B, T), T = S: a query sees its own document's
+    keys only. The mask is (B, 1, T, S): no batch-squared memory."""
     pos_k = real_k.long().cumsum(1) - 1  # (B, S): a key's place among its row's real keys
     pos_q = real_q.long().cumsum(1) - 1 + (real_k.sum(1) - real_q.sum(1))[:, None]  # (B, T), aligned to the end
     seen = _band(pos_q[:, :, None], pos_k[:, None, :], causal, window) & real_k[:, None, :] & real_q[:, :, None]
+    if documents is not None:
+        seen &= documents[:, :, None] == documents[:, None, :]
     out = pnn._sdpa(q, k.to(q.dtype), v.to(q.dtype), seen[:, None], scale=scale, softcap=softcap or None, sinks=sinks)
     return out.masked_fill(~seen.any(dim=2)[:, :, None, None], 0)  # a query seeing no key: 0, as the kernel
 
@@ -402,6 +416,16 @@ def _reference_packed(q, k, v, cu_q, cu_k, causal, window, scale, softcap, sinks
     out = pnn._sdpa(q[None], k[None].to(q.dtype), v[None].to(q.dtype), seen[None, None], scale=scale,
                     softcap=softcap or None, sinks=sinks)[0]
     return out.masked_fill(~seen.any(dim=1)[:, None, None], 0)
+
+
+def _documents(position_ids: torch.Tensor | None, B: int, T: int) -> torch.Tensor | None:
+    """(B, T) int64: which document packed into its row each token is in (position_ids restart at 0),
+    no device sync; None without position_ids of that shape."""
+    if position_ids is None or position_ids.dim() != 2 or position_ids.shape[1] != T:
+        return None
+    starts = position_ids.expand(B, T) == 0
+    starts[:, 0] = True  # a row begins a document wherever its positions start
+    return starts.long().cumsum(1)
 
 
 def _band(pos_q, pos_k, causal, window):

@@ -516,6 +516,9 @@ def test_what_it_cannot_take_is_refused():
     ours.train()
     with pytest.raises(ValueError, match="dropout"):
         ours(inputs())
+    with pytest.raises(ValueError, match="sinks must have shape"):
+        phf.attention_forward(ours.model.layers[0].self_attn, *torch.randn(3, 1, 4, 5, 32, dtype=torch.float64),
+                              None, s_aux=torch.zeros(3, dtype=torch.float64))
     with pytest.raises(ValueError, match="2D padding mask"):
         phf.attention_forward(ours.model.layers[0].self_attn, *torch.randn(3, 1, 4, 5, 32, dtype=torch.float64),
                               torch.ones(1, 1, 5, 5, dtype=torch.bool))
@@ -705,6 +708,58 @@ def test_compiled_training_step_is_one_graph(family, layout):
     assert rel_err(got, want) < 1e-12
     for g, w in zip(got_grads, want_grads):
         assert rel_err(g, w) < 1e-12
+
+
+def test_compiled_fallback_keeps_packed_documents(monkeypatch):
+    # Under compile the mask reaches the attention unread, padding or not: where no kernel takes the
+    # inputs (the SDPA fallback) a mask without padding must still keep packed documents apart.
+    monkeypatch.setattr(phf, "_kernel_takes", lambda *args: False)
+    reference, ours = tiny("llama")
+    phf.apply_pyllm_kernels(ours)
+    ids = inputs(2, 13)
+    batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids),
+                 position_ids=torch.cat([torch.arange(5), torch.arange(8)]).repeat(2, 1))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        got = torch.compile(ours, fullgraph=True, backend="aot_eager")(**batch).logits
+        want = torch.cat([reference(doc).logits for doc in ids.split([5, 8], dim=1)], dim=1)
+    assert rel_err(got, want) < 1e-12
+
+
+def test_padding_is_read_once_per_mask_per_forward():
+    # Gemma 2 hands its sliding and its full layers two views of the mask, in turn: each is read
+    # once a forward (a device sync on CUDA), and the backward reads neither again.
+    _, ours = tiny("gemma2")  # layer 0 slides, layer 1 sees all
+    phf.apply_pyllm_kernels(ours)
+    ours.train()
+    reads = []
+    real_tokens = phf._real_tokens
+    phf._real_tokens = lambda mask: reads.append(1) or real_tokens(mask)
+    try:
+        ids = inputs()
+        loss = ours(ids, attention_mask=padded(), labels=ids).loss
+        forward = len(reads)
+        loss.backward()
+    finally:
+        phf._real_tokens = real_tokens
+    assert forward == 2 and len(reads) == forward
+
+
+def test_inference_tensors_as_mask_and_positions_in_training():
+    # A mask or positions made under torch.inference_mode (a rollout's, a collator's) cannot be
+    # saved for the backward as they are: the op saves a copy.
+    reference, ours = tiny("llama")
+    phf.apply_pyllm_kernels(ours)
+    reference.train(), ours.train()
+    ids = inputs()
+    with torch.inference_mode():
+        mask, positions = padded().bool(), torch.arange(13).repeat(3, 1)
+    for kwargs in (dict(attention_mask=mask), dict(position_ids=positions)):
+        ours.zero_grad(), reference.zero_grad()
+        ours(ids, **kwargs).logits[:, -1].sum().backward()
+        reference(ids, **{name: t.clone() for name, t in kwargs.items()}).logits[:, -1].sum().backward()
+        for (name, p), q in zip(reference.named_parameters(), ours.parameters()):
+            assert rel_err(q.grad, p.grad) < 1e-10, name
 
 
 def test_inductor_compiles_the_attention_op():

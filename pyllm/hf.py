@@ -743,13 +743,18 @@ def _fused_loss_forward(self, input_ids=None, attention_mask=None, position_ids=
 
 
 # The output layer runs at the labelled rows only: padding and prompts (-100) cost no (tokens, vocab)
-# matmul, forward or backward. Which rows those are is read inside one custom op (a device sync, a
-# data-dependent shape), so torch.compile traces around it; running every row instead cost 41% more
-# a step on bench_hf's padded batch (2-core EPYC, compiled, 2026-12-01: 3.93 s vs 2.78).
+# matmul, forward or backward. Which rows those are is a device sync and a data-dependent shape:
+# under torch.compile it is read inside one custom op, so the compiler traces around it (running
+# every row instead cost 41% more a step on bench_hf's padded batch: 2-core EPYC, compiled,
+# 2026-12-01, 3.93 s vs 2.78); the op keeps a (rows, C) grad_x for the backward with the unlabelled
+# rows' zeros, where eager autograd keeps the labelled rows' alone.
 
 def _labelled_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """pnn.linear_cross_entropy(x, weight, targets) (the sum over rows, -1 ignored), computed at the
     rows whose target is not -1 alone."""
+    if not torch.compiler.is_compiling():  # eager: the same rows, and only theirs grad_x kept for the backward
+        rows = (targets != -1).nonzero()[:, 0]
+        return pnn.linear_cross_entropy(x[rows], weight, targets[rows])
     x, weight, chunk_rows = pnn._fused_linear_inputs(x, weight, None)
     grad = torch.is_grad_enabled()
     with torch.autocast(x.device.type, enabled=False):

@@ -710,6 +710,28 @@ def test_compiled_training_step_is_one_graph(family, layout):
         assert rel_err(g, w) < 1e-12
 
 
+def test_compiled_lora_model_is_one_graph():
+    # PEFT's LoRA around the patched projections (the MLP kernels call them as modules): still one graph.
+    peft = pytest.importorskip("peft")
+    _, ours = tiny("llama")
+    phf.apply_pyllm_kernels(ours)
+    lora = peft.get_peft_model(ours, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"],
+                                                     init_lora_weights=False))  # non-zero B: the adapters count
+    lora.train()
+    batch = compile_batch("left")
+    torch._dynamo.reset()
+    results = []
+    for model in (lora, torch.compile(lora, fullgraph=True, backend="aot_eager")):
+        lora.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in lora.parameters() if p.requires_grad]))
+    (want, want_grads), (got, got_grads) = results
+    assert rel_err(got, want) < 1e-12 and len(got_grads) == 2 * 4 * 2  # A and B, 4 modules, 2 layers
+    for g, w in zip(got_grads, want_grads):
+        assert rel_err(g, w) < 1e-12
+
+
 def test_compiled_fallback_keeps_packed_documents(monkeypatch):
     # Under compile the mask reaches the attention unread, padding or not: where no kernel takes the
     # inputs (the SDPA fallback) a mask without padding must still keep packed documents apart.

@@ -570,6 +570,29 @@ def test_on_cuda_within_twice_torchs_error(family):
     assert ours.generate(ids.cuda(), **settings).shape == (3, 17)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", ["left", "right"])  # (transformers' SDPA path keeps packed rows' documents
+def test_compiled_training_step_on_cuda(layout):       # together: no peer for those)
+    # The ops' device syncs inside one inductor graph on the GPU, bf16: the loss and the gradient
+    # (every parameter's, as one vector) within twice the unpatched model's error against float64.
+    reference, _ = tiny("llama")
+    torch_model, ours = (m.cuda().train() for m in tiny("llama", torch.bfloat16, attention="sdpa"))
+    phf.apply_pyllm_kernels(ours)
+    batch = compile_batch(layout)
+    torch._dynamo.reset()
+    results = []
+    for model, params in ((reference.train(), reference), (torch_model, torch_model),
+                          (torch.compile(ours, fullgraph=True), ours)):
+        device = next(params.parameters()).device
+        loss = model(**{name: t.to(device) if torch.is_tensor(t) else t for name, t in batch.items()}).loss
+        loss.backward()
+        results.append((loss.detach().double().cpu(),
+                        torch.cat([p.grad.flatten() for p in params.parameters()]).double().cpu()))
+    (want, want_grad), (torch_loss, torch_grad), (got, got_grad) = results
+    assert rel_err(got, want) <= tolerance(torch_loss, want)
+    assert rel_err(got_grad, want_grad) <= tolerance(torch_grad, want_grad)
+
+
 @pytest.mark.parametrize("kind", ["llama", "gemma"])
 @pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float32], ids=["bf16_weight", "fp32_weight"])
 def test_rms_norm_is_the_modules_within_twice_its_error(kind, weight_dtype, monkeypatch):

@@ -571,8 +571,8 @@ def test_on_cuda_within_twice_torchs_error(family):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("layout", ["left", "right"])  # (transformers' SDPA path keeps packed rows' documents
-def test_compiled_training_step_on_cuda(layout):       # together: no peer for those)
+@pytest.mark.parametrize("layout", ["left", "right"])  # (transformers' SDPA mask parts packed documents only
+def test_compiled_training_step_on_cuda(layout):       # when no cache is made: not a like-for-like peer there)
     # The ops' device syncs inside one inductor graph on the GPU, bf16: the loss and the gradient
     # (every parameter's, as one vector) within twice the unpatched model's error against float64.
     reference, _ = tiny("llama")

@@ -8,8 +8,8 @@ optimizer costs the same on every side and is left out). Batches, each --batch x
   padding (DataCollatorWithPadding's batches): transformers' SDPA takes a (B, 1, T, T) mask, pyllm's
   attention drops the padding and runs one varlen call;
 - packed: the same rows' tokens back to back in one row, position_ids restarting at each
-  (TRL's padding_free): transformers builds a block-diagonal mask for SDPA, pyllm reads the
-  documents off position_ids.
+  (TRL's padding_free): transformers builds a block-diagonal mask for SDPA (only without a cache:
+  use_cache=False), pyllm reads the documents off position_ids.
 Rows: median seconds per step (the contenders interleaved, --repeat rounds), real tokens / s, the
 peak memory of one step above the model's (CPU: the process's peak resident set, CUDA: the
 allocator's), and the ratio to transformers' own. --compile: each model under torch.compile (inductor),
@@ -36,8 +36,9 @@ def batches(batch: int, seq_len: int, vocab: int, device: str, seed: int = 0) ->
     padded = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
     flat = ids[mask.bool()][None]  # (1, sum of lengths)
     packed = {"input_ids": flat, "labels": flat.clone(),
-              "position_ids": torch.cat([torch.arange(n) for n in lengths.tolist()])[None]}
-    to = lambda b: {k: v.to(device) for k, v in b.items()}  # noqa: E731
+              "position_ids": torch.cat([torch.arange(n) for n in lengths.tolist()])[None],
+              "use_cache": False}  # transformers parts the documents only without a cache (masking_utils)
+    to = lambda b: {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}  # noqa: E731
     return {"padded": to(padded), "packed": to(packed)}, int(lengths.sum())
 
 

@@ -306,16 +306,8 @@ def _hf_attention_grad(ctx, dout, dlse):
 _hf_attention.register_autograd(_hf_attention_grad, setup_context=_hf_attention_setup)
 
 
-class _HfAttentionFunction(torch.autograd.Function):
-    """The op's autograd for eager calls, without its dispatch (see pyllm.ops._util.call)."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _hf_attention_body(*inputs)
-        _hf_attention_setup(ctx, inputs, output)
-        return output
-
-    backward = staticmethod(_hf_attention_grad)
+_HfAttentionFunction = _util.eager_function("hf_attention", _hf_attention_body, _hf_attention_setup,
+                                            _hf_attention_grad)
 
 
 class _ForwardMemo:
@@ -758,8 +750,8 @@ def _labelled_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor)
     x, weight, chunk_rows = pnn._fused_linear_inputs(x, weight, None)
     grad = torch.is_grad_enabled()
     with torch.autocast(x.device.type, enabled=False):
-        return _util.call(_labelled_loss_body, _labelled_loss_op, _LabelledLossFunction, x, weight, targets,
-                          chunk_rows, grad and x.requires_grad, grad and weight.requires_grad)[0]
+        return _labelled_loss_op(x, weight, targets, chunk_rows, grad and x.requires_grad,
+                                 grad and weight.requires_grad)[0]
 
 
 def _labelled_loss_body(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int,
@@ -802,18 +794,6 @@ def _labelled_loss_grad(ctx, grad_total, *_):
 
 
 _labelled_loss_op.register_autograd(_labelled_loss_grad, setup_context=_labelled_loss_setup)
-
-
-class _LabelledLossFunction(torch.autograd.Function):
-    """The op's autograd for eager calls, without its dispatch (see pyllm.ops._util.call)."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _labelled_loss_body(*inputs)
-        _labelled_loss_setup(ctx, inputs, output)
-        return output
-
-    backward = staticmethod(_labelled_loss_grad)
 
 
 def _balancing_loss_function(model: nn.Module):

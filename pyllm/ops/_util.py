@@ -153,6 +153,19 @@ def runs_body(*tensors) -> bool:
     return _direct(tensors) and not _needs_grad(tensors)
 
 
+def eager_function(name: str, body, setup, grad) -> type:
+    """The torch.autograd.Function that call runs for an op's eager calls with autograd: body with the
+    op's own setup_context and backward, named after the op (_FlashAttnFunction, _GegluPackedFunction, ...)."""
+    def forward(ctx, *inputs):
+        out = body(*inputs)
+        setup(ctx, inputs, out)
+        return out
+
+    title = "".join(part.title() for part in name.split("_"))
+    return type(f"_{title}Function", (torch.autograd.Function,),
+                {"forward": staticmethod(forward), "backward": staticmethod(grad), "__module__": body.__module__})
+
+
 def call(body, op, function, *args):
     """op(*args), or what it would run without its dispatch: body(*args) when no tensor argument
     needs grad, function.apply(*args) (function: None where the op has no autograd) when one does."""

@@ -337,16 +337,7 @@ def _flash_attn_grad(ctx, dout, dlse):
 _flash_attn.register_autograd(_flash_attn_grad, setup_context=_flash_attn_setup)
 
 
-class _FlashAttnFunction(torch.autograd.Function):
-    """The op's autograd for eager calls, without its dispatch (see _util.call)."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _flash_attn_body(*inputs)
-        _flash_attn_setup(ctx, inputs, output)
-        return output
-
-    backward = staticmethod(_flash_attn_grad)
+_FlashAttnFunction = _util.eager_function("flash_attn", _flash_attn_body, _flash_attn_setup, _flash_attn_grad)
 
 
 def _check_cache_layout(k_cache: Tensor, v_cache: Tensor) -> None:

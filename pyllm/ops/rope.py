@@ -106,16 +106,7 @@ def _rope_grad(ctx, dout):
 _rope.register_autograd(_rope_grad, setup_context=_rope_setup)
 
 
-class _RopeFunction(torch.autograd.Function):
-    """The op's autograd for eager calls, without its dispatch (see _util.call)."""
-
-    @staticmethod
-    def forward(ctx, x, cos, sin, inverse):
-        out = _rope_body(x, cos, sin, inverse)
-        _rope_setup(ctx, (x, cos, sin, inverse), out)
-        return out
-
-    backward = staticmethod(_rope_grad)
+_RopeFunction = _util.eager_function("rope", _rope_body, _rope_setup, _rope_grad)
 
 
 # --- public API -------------------------------------------------------------------------------

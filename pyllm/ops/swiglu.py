@@ -140,7 +140,7 @@ class _Ops:
             return _util.call(backward_body, getattr(torch.ops.pyllm, f"{name}_backward"), None, dout, gate, up)
 
         op.register_autograd(grad, setup_context=setup)
-        return body, op, _function(name, body, setup, grad)
+        return body, op, _util.eager_function(name, body, setup, grad)
 
     @staticmethod
     def _packed(name: str, activation: str):
@@ -169,20 +169,7 @@ class _Ops:
             return _util.call(backward_body, getattr(torch.ops.pyllm, f"{name}_backward"), None, dout, x)
 
         op.register_autograd(grad, setup_context=setup)
-        return body, op, _function(name, body, setup, grad)
-
-
-def _function(name: str, body, setup, grad) -> type:
-    """A torch.autograd.Function running body with the op's own setup and grad, named after the op
-    (_SwigluFunction, _GegluPackedFunction, ...)."""
-    def forward(ctx, *inputs):
-        out = body(*inputs)
-        setup(ctx, inputs, out)
-        return out
-
-    title = "".join(part.title() for part in name.split("_"))
-    return type(f"_{title}Function", (torch.autograd.Function,),
-                {"forward": staticmethod(forward), "backward": staticmethod(grad), "__module__": __name__})
+        return body, op, _util.eager_function(name, body, setup, grad)
 
 
 _OPS = {activation: _Ops(activation) for activation in ACTIVATIONS}

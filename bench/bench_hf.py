@@ -82,7 +82,7 @@ def main() -> int:
         def step(model, forward, batch=batch):
             forward(**batch).loss.backward()
             model.zero_grad(set_to_none=True)
-        forwards, breaks = {name: model for name, model in models.items()}, {}
+        forwards, breaks = dict(models), {}
         if args.compile:
             for name, model in models.items():
                 before = sum(torch._dynamo.utils.counters["graph_break"].values())

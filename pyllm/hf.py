@@ -146,13 +146,8 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
         return _decode(q, k, v, **call), None
     if _kernel_takes(q, k, v, call["softcap"]):
         return _attend(q, k, v, None, position_ids, **call), None
-    cu = _packed_starts(position_ids, B, T)
-    if cu is not None:  # documents packed into the rows, without a kernel for them
-        out = _reference_packed(q.reshape(B * T, H, D), k.reshape(B * T, *k.shape[2:]), v.reshape(B * T, *v.shape[2:]),
-                                cu, cu, **call)
-        return out.view(B, T, *out.shape[1:]), None
     every = torch.ones(B, k.shape[1], dtype=torch.bool, device=q.device)
-    return _reference_rows(q, k, v, every[:, -T:], every, **call), None
+    return _reference_rows(q, k, v, every[:, -T:], every, **call, documents=_documents(position_ids, B, T)), None
 
 
 def _kernel_takes(q, k, v, softcap: float) -> bool:
@@ -202,7 +197,7 @@ def _attend(q, k, v, mask, position_ids, causal, window, scale, softcap, sinks):
     flash_attn_ops._check_sinks(NAME, q, sinks)
     scale = flash_attn_ops._resolve_scale(NAME, scale, q.shape[-1])
     out, lse = _util.call(_hf_attention_body, _hf_attention, _HfAttentionFunction, q, k, v, mask, position_ids,
-                          scale, window[0], 0 if causal else window[1], float(softcap))
+                          scale, *window, float(softcap))  # causal: window's right is 0
     if sinks is not None:
         out, _ = flash_attn_ops._with_sinks(out, lse, sinks, False)  # (B, H, T) lse: not varlen
     return out
@@ -370,12 +365,11 @@ def _real_tokens(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
 def _packed_starts(position_ids: torch.Tensor | None, B: int, T: int) -> torch.Tensor | None:
     """int32 cu_seqlens of the documents packed into (B, T) rows, read off position_ids restarting at
     0 (TRL's padding_free, DataCollatorWithFlattening); None when each row is one sequence."""
-    if position_ids is None or position_ids.dim() != 2 or position_ids.shape[1] != T:
+    if _document_starts(position_ids, B, T) is None:
         return None
 
     def compute():
-        starts = position_ids.expand(B, T) == 0  # (B, T)
-        starts[:, 0] = True  # a row begins a document wherever its positions start
+        starts = _document_starts(position_ids, B, T)
         if int(starts.sum()) == B:
             return None
         return F.pad(starts.flatten().nonzero()[:, 0].to(torch.int32), (0, 1), value=B * T)
@@ -410,14 +404,20 @@ def _reference_packed(q, k, v, cu_q, cu_k, causal, window, scale, softcap, sinks
     return out.masked_fill(~seen.any(dim=1)[:, None, None], 0)
 
 
-def _documents(position_ids: torch.Tensor | None, B: int, T: int) -> torch.Tensor | None:
-    """(B, T) int64: which document packed into its row each token is in (position_ids restart at 0),
-    no device sync; None without position_ids of that shape."""
+def _document_starts(position_ids: torch.Tensor | None, B: int, T: int) -> torch.Tensor | None:
+    """(B, T) bool: where a document packed into its row begins (position_ids restart at 0), no
+    device sync; None without position_ids of that shape."""
     if position_ids is None or position_ids.dim() != 2 or position_ids.shape[1] != T:
         return None
     starts = position_ids.expand(B, T) == 0
     starts[:, 0] = True  # a row begins a document wherever its positions start
-    return starts.long().cumsum(1)
+    return starts
+
+
+def _documents(position_ids: torch.Tensor | None, B: int, T: int) -> torch.Tensor | None:
+    """(B, T) int64: which document of its row each token is in, or None (see _document_starts)."""
+    starts = _document_starts(position_ids, B, T)
+    return None if starts is None else starts.long().cumsum(1)
 
 
 def _band(pos_q, pos_k, causal, window):

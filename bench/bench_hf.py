@@ -3,7 +3,10 @@ Liger-Kernel's apply_liger_kernel_to_llama where it is installed), side by side 
 
 The model: LlamaForCausalLM with random weights in SmolLM2-135M's shape (common.smollm2_config;
 --layers, 30 in the real one, --quick: 2), one forward + backward with labels per step (the
-optimizer costs the same on every side and is left out). Batches, each --batch x --seq-len tokens:
+optimizer costs the same on every side and is left out). --family gemma2: Gemma2ForCausalLM in that
+width with Gemma 2's vocabulary (256,000), caps (scores 50, logits 30) and alternating 4,096-key
+windows, on transformers' eager attention (the one that caps scores), where the fused loss's saving
+is largest. Batches, each --batch x --seq-len tokens:
 - padded: rows of random lengths from seq-len / 4 to seq-len, right-padded, labels -100 on the
   padding (DataCollatorWithPadding's batches): transformers' SDPA takes a (B, 1, T, T) mask, pyllm's
   attention drops the padding and runs one varlen call;
@@ -42,6 +45,16 @@ def batches(batch: int, seq_len: int, vocab: int, device: str, seed: int = 0) ->
     return {"padded": to(padded), "packed": to(packed)}, int(lengths.sum())
 
 
+def gemma2_config(transformers, layers: int):
+    """Gemma 2 2B's vocabulary, caps, windows and norms in SmolLM2-135M's width (576, 9 query / 3 KV
+    heads of 64, MLP 1536), so that a CPU runs it: the output layer is 147M of its weights."""
+    return transformers.Gemma2Config(
+        vocab_size=256000, hidden_size=576, intermediate_size=1536, num_hidden_layers=layers, num_attention_heads=9,
+        num_key_value_heads=3, head_dim=64, query_pre_attn_scalar=64, sliding_window=4096,
+        attn_logit_softcapping=50.0, final_logit_softcapping=30.0, max_position_embeddings=8192,
+        tie_word_embeddings=True)
+
+
 def main() -> int:
     parser = common.base_parser(__doc__)
     parser.add_argument("--layers", type=int, default=None, help="default 4 (--quick: 2)")
@@ -51,6 +64,8 @@ def main() -> int:
                         help="the weights' dtype; default float32 on the CPU, bfloat16 on CUDA")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--compile", action="store_true", help="each model under torch.compile")
+    parser.add_argument("--family", choices=["llama", "gemma2"], default="llama",
+                        help="llama: SmolLM2-135M's shape; gemma2: that width with Gemma 2's vocabulary and caps")
     args = parser.parse_args()
     transformers = common.peer_module("transformers", "bench_hf", "transformers is not installed: nothing to compare")
     if transformers is None:
@@ -60,21 +75,28 @@ def main() -> int:
     device = args.device
     dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
     layers = args.layers or (2 if args.quick else 4)
-    config = common.smollm2_config(transformers, layers)
-    config._attn_implementation = "sdpa"
+    if args.family == "gemma2":
+        config = gemma2_config(transformers, layers)
+        config._attn_implementation = "eager"  # SDPA cannot cap the scores
+        model_class = transformers.Gemma2ForCausalLM
+    else:
+        config = common.smollm2_config(transformers, layers)
+        config._attn_implementation = "sdpa"
+        model_class = transformers.LlamaForCausalLM
     torch.manual_seed(0)
-    models = {"transformers": transformers.LlamaForCausalLM(config).to(device, dtype).train()}
+    models = {"transformers": model_class(config).to(device, dtype).train()}
     models["transformers+pyllm"] = copy.deepcopy(models["transformers"])
     applied = pyllm.hf.apply_pyllm_kernels(models["transformers+pyllm"])
     try:
-        from liger_kernel.transformers import apply_liger_kernel_to_llama
+        import liger_kernel.transformers as liger
         models["transformers+liger"] = copy.deepcopy(models["transformers"])
-        apply_liger_kernel_to_llama(model=models["transformers+liger"])
+        getattr(liger, f"apply_liger_kernel_to_{args.family}")(model=models["transformers+liger"])
     except ImportError:
         pass
 
     inputs, real_tokens = batches(args.batch, args.seq_len, config.vocab_size, device)
-    print(f"# bench_hf on {common.device_description(device)}: SmolLM2-135M shape, {layers} layers, {dtype}, "
+    shape = "SmolLM2-135M shape" if args.family == "llama" else "Gemma 2 in SmolLM2-135M's width"
+    print(f"# bench_hf on {common.device_description(device)}: {shape}, {layers} layers, {dtype}, "
           f"{args.batch} x {args.seq_len} tokens per step ({real_tokens} real), pyllm applied: {applied}"
           + (", torch.compile" if args.compile else ""))
     rows = []
@@ -101,7 +123,8 @@ def main() -> int:
     common.print_table(rows, ["batch", "model", "s/step", "tokens/s", "peak MiB", "speed vs transformers"]
                        + (["graph breaks"] if args.compile else []))
     common.write_json(args.json, "hf", device, rows,
-                      {"layers": layers, "dtype": str(dtype), "batch": args.batch, "seq_len": args.seq_len,
+                      {"family": args.family, "layers": layers, "dtype": str(dtype), "batch": args.batch,
+                       "seq_len": args.seq_len, "vocab_size": config.vocab_size,
                        "transformers": transformers.__version__, "applied": applied, "compile": args.compile})
     return 0
 

@@ -49,17 +49,30 @@ from pyllm.ops.swiglu import geglu, geglu_packed, swiglu, swiglu_packed
 NAME = "pyllm"
 
 # Decoders whose ForCausalLM.forward ends in `logits = lm_head(hidden); loss = loss_function(logits,
-# labels, ...)` with nothing between (read in transformers 5.x): the fused loss computes the same.
-# Granite divides the logits, Cohere scales them, Gemma 2 / 3 cap them (fused only when the cap is
-# None): not listed, their forward stays HF's.
+# labels, ...)` with at most a scale and a cap between (read in transformers 5.x): the fused loss
+# computes the same (_logit_shape).
 FUSED_LOSS_MODEL_TYPES = frozenset({"llama", "mistral", "ministral", "qwen2", "qwen3", "gemma", "gemma2",
-                                    "gemma3_text", "phi3", "olmo2", "olmo3", "smollm3", "starcoder2", "glm4"})
+                                    "gemma3_text", "vaultgemma", "nanochat", "phi3", "olmo2", "olmo3", "smollm3",
+                                    "starcoder2", "glm4", "granite", "granite_swa", "cohere", "cohere2",
+                                    "hyperclovax"})
 # Mixtures of experts whose forward is that and then, with output_router_logits, `loss +=
 # router_aux_loss_coef * load_balancing_loss_func(outputs.router_logits, self.num_experts,
 # self.num_experts_per_tok, attention_mask)` (read in transformers 5.x): the fused loss adds the same,
-# with transformers' own function (Granite's MoEs scale the logits, JetMoE adds the loss otherwise).
+# with transformers' own function (JetMoE adds the loss otherwise).
 FUSED_LOSS_MOE_TYPES = frozenset({"mixtral", "qwen2_moe", "qwen3_moe", "qwen3_next", "olmoe", "flex_olmo", "gpt_oss",
-                                  "phimoe", "minimax", "jamba", "ernie4_5_moe"})
+                                  "phimoe", "minimax", "jamba", "ernie4_5_moe", "granitemoe", "granitemoeshared",
+                                  "granitemoe_swa", "granitemoehybrid"})
+# What those forwards do to lm_head(hidden) before the loss: a scale (the types listed here: Granite's
+# `logits / config.logits_scaling`, Cohere's `logits * self.logit_scale`, HyperCLOVA X's `* config.
+# logits_scaling`), then `final_logit_softcapping * tanh(logits / final_logit_softcapping)` in the
+# types of _CAPPED_TYPES when the config's cap is not None (Gemma 2 / 3's).
+_GRANITE_SCALE = lambda model: 1.0 / model.config.logits_scaling  # noqa: E731
+_COHERE_SCALE = lambda model: model.logit_scale  # noqa: E731
+_LOGIT_SCALES = {"granite": _GRANITE_SCALE, "granite_swa": _GRANITE_SCALE, "granitemoe": _GRANITE_SCALE,
+                 "granitemoeshared": _GRANITE_SCALE, "granitemoe_swa": _GRANITE_SCALE,
+                 "granitemoehybrid": _GRANITE_SCALE, "cohere": _COHERE_SCALE, "cohere2": _COHERE_SCALE,
+                 "hyperclovax": lambda model: model.config.logits_scaling}
+_CAPPED_TYPES = frozenset({"gemma2", "gemma3_text", "vaultgemma", "nanochat"})
 
 
 # --- attention ---------------------------------------------------------------------------------------
@@ -713,7 +726,8 @@ def _fused_loss_forward(self, input_ids=None, attention_mask=None, position_ids=
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     targets = shift_labels.to(hidden.device).reshape(-1)
     counted = targets != ignore_index
-    total = _labelled_loss(hidden.reshape(-1, hidden.shape[-1]), head.weight, targets.masked_fill(~counted, -1))
+    total = _labelled_loss(hidden.reshape(-1, hidden.shape[-1]), head.weight, targets.masked_fill(~counted, -1),
+                           *_logit_shape(self))
     if num_items_in_batch is None:  # the mean over counted tokens (0 / 0 = NaN when none, as F.cross_entropy)
         loss = total / counted.sum()
     else:
@@ -741,26 +755,38 @@ def _fused_loss_forward(self, input_ids=None, attention_mask=None, position_ids=
 # 2026-12-01, 3.93 s vs 2.78); the op keeps a (rows, C) grad_x for the backward with the unlabelled
 # rows' zeros, where eager autograd keeps the labelled rows' alone.
 
-def _labelled_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """pnn.linear_cross_entropy(x, weight, targets) (the sum over rows, -1 ignored), computed at the
-    rows whose target is not -1 alone."""
+def _logit_shape(model: nn.Module) -> tuple[float, float]:
+    """(scale, softcap) of the model's logits as its forward makes them from lm_head(hidden) (softcap
+    0.0: none)."""
+    model_type = model.config.model_type
+    scale = _LOGIT_SCALES[model_type](model) if model_type in _LOGIT_SCALES else 1.0
+    softcap = getattr(model.config, "final_logit_softcapping", None) if model_type in _CAPPED_TYPES else None
+    return pnn._logit_shape("pyllm.hf fused loss", scale, softcap)
+
+
+def _labelled_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, scale: float = 1.0,
+                   softcap: float = 0.0) -> torch.Tensor:
+    """pnn.linear_cross_entropy(x, weight, targets, scale=, softcap=) (the sum over rows, -1 ignored),
+    computed at the rows whose target is not -1 alone."""
     if not torch.compiler.is_compiling():  # eager: the same rows, and only theirs grad_x kept for the backward
         rows = (targets != -1).nonzero()[:, 0]
-        return pnn.linear_cross_entropy(x[rows], weight, targets[rows])
-    x, weight, chunk_rows = pnn._fused_linear_inputs(x, weight, None)
+        return pnn.linear_cross_entropy(x[rows], weight, targets[rows], scale=scale, softcap=softcap)
+    x, weight, chunk_rows = pnn._fused_linear_inputs(x, weight, None, softcap)
     grad = torch.is_grad_enabled()
     with torch.autocast(x.device.type, enabled=False):
         return _labelled_loss_op(x, weight, targets, chunk_rows, grad and x.requires_grad,
-                                 grad and weight.requires_grad)[0]
+                                 grad and weight.requires_grad, scale, softcap)[0]
 
 
 def _labelled_loss_body(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int,
-                        need_x: bool, need_w: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                        need_x: bool, need_w: bool, scale: float,
+                        softcap: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (the loss, grad_x (N, C), grad_w (V, C)), each gradient empty where not needed."""
     rows = (targets != -1).nonzero()[:, 0]
     every = rows.numel() == targets.numel()
     total, grad_x, grad_w = pnn._linear_cross_entropy_with_grads(
-        x if every else x[rows], weight, targets if every else targets[rows], chunk_rows, need_x, need_w)
+        x if every else x[rows], weight, targets if every else targets[rows], chunk_rows, need_x, need_w, scale,
+        softcap)
     if need_x and not every:
         grad_x = x.new_zeros(x.shape).index_copy_(0, rows, grad_x)
     return total, x.new_empty(0) if grad_x is None else grad_x, _grad_w_like(weight, 0) if grad_w is None else grad_w
@@ -774,7 +800,7 @@ _labelled_loss_op = _syncing_op("pyllm::hf_labelled_loss", _labelled_loss_body)
 
 
 @_labelled_loss_op.register_fake
-def _(x, weight, targets, chunk_rows, need_x, need_w):
+def _(x, weight, targets, chunk_rows, need_x, need_w, scale, softcap):
     total = x.new_empty((), dtype=torch.promote_types(x.dtype, torch.float32))
     return total, x.new_empty(x.shape if need_x else (0,)), _grad_w_like(weight, weight.shape[0] if need_w else 0)
 
@@ -790,7 +816,7 @@ def _labelled_loss_grad(ctx, grad_total, *_):
     grad_x, grad_w = ctx.saved_tensors
     need_x, need_w = ctx.need
     return (grad_x * grad_total.to(grad_x.dtype) if need_x else None,
-            (grad_w * grad_total).to(ctx.weight_dtype) if need_w else None, None, None, None, None)
+            (grad_w * grad_total).to(ctx.weight_dtype) if need_w else None, None, None, None, None, None, None)
 
 
 _labelled_loss_op.register_autograd(_labelled_loss_grad, setup_context=_labelled_loss_setup)
@@ -812,8 +838,13 @@ def _fused_loss_refusal(model: nn.Module) -> str | None:
     elif model_type not in FUSED_LOSS_MODEL_TYPES:
         return (f"model_type {model_type!r} is not one whose logits are lm_head(hidden) alone "
                 "(pyllm.hf.FUSED_LOSS_MODEL_TYPES, FUSED_LOSS_MOE_TYPES)")
-    if getattr(model.config, "final_logit_softcapping", None) is not None:
-        return "its logits are capped (final_logit_softcapping)"
+    if getattr(model.config, "final_logit_softcapping", None) is not None and model_type not in _CAPPED_TYPES:
+        return "its logits are capped (final_logit_softcapping) where its forward is not read as Gemma 2's"
+    if model_type in _LOGIT_SCALES:
+        try:
+            _logit_shape(model)
+        except (AttributeError, TypeError, ValueError, ZeroDivisionError) as e:
+            return f"its logits' scale cannot be read ({e})"
     head = model.get_output_embeddings()
     if not isinstance(head, nn.Linear) or head.bias is not None:
         return "its output layer is not a Linear without bias"
@@ -840,8 +871,10 @@ def apply_pyllm_kernels(model: nn.Module, attention: bool = True, swiglu: bool =
     fused_linear_cross_entropy: training forwards with labels compute the loss from the last hidden
         states chunk by chunk (pyllm.nn.linear_cross_entropy) and return logits=None (the memory of
         the logits and their gradient is what it saves); HF's loss semantics kept: -100 ignored,
-        labels shifted (or shift_labels), sum / num_items_in_batch when the Trainer passes it; a
-        mixture of experts' load-balancing loss added as its forward adds it (FUSED_LOSS_MOE_TYPES).
+        labels shifted (or shift_labels), sum / num_items_in_batch when the Trainer passes it; the
+        logits scaled (Granite's, Cohere's) and capped (Gemma 2 / 3's final_logit_softcapping) as the
+        model's forward does, in fp32; a mixture of experts' load-balancing loss added as its forward
+        adds it (FUSED_LOSS_MOE_TYPES).
         Code that reads outputs.logits in training (TRL's SFT entropy and token accuracy) needs it off.
     Returns what was applied: {"attention": bool, "swiglu": number of MLPs, "geglu": number of MLPs,
     "rms_norm": number of norms, "rope": number of attention modules, "fused_linear_cross_entropy": bool}. A requested part the model cannot take raises ValueError saying why (fused loss on

@@ -414,7 +414,8 @@ class LLM(nn.Module):
 
         Distillation (with targets): hidden gives (None, the final hidden states (N, C) at the N
         targets that are not -1), what a teacher gives its student; distill = {"teacher_hidden": those,
-        "teacher_weight": the teacher's output layer, "beta", "temperature", "alpha"} gives (None,
+        "teacher_weight": the teacher's output layer, "teacher_logits": its logit_shape() (optional),
+        "beta", "temperature", "alpha"} gives (None,
         alpha times the mean over those targets of nn.distill_divergence between the student's and
         the teacher's next-token distributions + (1 - alpha) times the cross-entropy), both fused
         (nn.linear_distill, linear_cross_entropy): no (N, V) logits. Not under torch.compile.
@@ -459,13 +460,8 @@ class LLM(nn.Module):
             out = self.score(h)
             return None, out.to(torch.promote_types(out.dtype, torch.float32))
         fused = targets is not None and self.fused_loss
-        if fused and self.config.final_softcap:
-            raise ValueError("fused_loss does not take a model with final_softcap (Gemma 2's capped logits): "
-                             "leave fused_loss off")
-        if targets is not None and (hidden or distill is not None) and (torch.compiler.is_compiling()
-                                                                        or self.config.final_softcap):
-            raise NotImplementedError("distillation (LLM.forward's hidden / distill) is neither compiled nor "
-                                      "computed with final_softcap (capped logits)")
+        if targets is not None and (hidden or distill is not None) and torch.compiler.is_compiling():
+            raise NotImplementedError("distillation (LLM.forward's hidden / distill) is not compiled")
         if targets is not None and (per_token or fused or hidden or distill is not None):
             h = self.norm_f(x)  # (B, T, C)
             at = None
@@ -480,15 +476,19 @@ class LLM(nn.Module):
                 return None, h  # (N, C)
             if distill is not None:
                 n, alpha = (targets != -1).sum().clamp(min=1), distill["alpha"]
-                loss = alpha * linear_distill(h, self.output_weight(), distill["teacher_hidden"], distill["teacher_weight"],
-                                              distill["beta"], distill["temperature"]) / n
+                teacher = {"teacher_" + name: value for name, value in distill.get("teacher_logits", {}).items()}
+                loss = alpha * linear_distill(h, self.lm_head.weight, distill["teacher_hidden"], distill["teacher_weight"],
+                                              distill["beta"], distill["temperature"], **self.logit_shape(),
+                                              **teacher) / n
                 if alpha < 1:
-                    loss = loss + (1 - alpha) * linear_cross_entropy(h, self.output_weight(), targets_at) / n
+                    loss = loss + (1 - alpha) * linear_cross_entropy(h, self.lm_head.weight, targets_at,
+                                                                     **self.logit_shape()) / n
                 return None, loss if self.aux_loss is None else loss + self.aux_loss
             if not per_token:  # no (B, T, V) logits at all (linear_cross_entropy)
-                loss = linear_cross_entropy(h, self.output_weight(), targets_at) / (targets != -1).sum().clamp(min=1)
+                loss = linear_cross_entropy(h, self.lm_head.weight, targets_at, **self.logit_shape())
+                loss = loss / (targets != -1).sum().clamp(min=1)
                 return None, loss if self.aux_loss is None else loss + self.aux_loss
-            logps = (linear_token_logps(h, self.output_weight(), targets_at) if fused
+            logps = (linear_token_logps(h, self.lm_head.weight, targets_at, **self.logit_shape()) if fused
                      else token_logps(self._logits(h), targets_at))
             return None, logps if at is None else logps.new_zeros(targets.shape).index_put(at, logps)
         logits = self._logits(self.norm_f(x))  # (B, T, V)
@@ -519,11 +519,11 @@ class LLM(nn.Module):
         cap = self.config.final_softcap
         return logits if cap is None else cap * torch.tanh(logits / cap)  # Gemma 2's capped logits
 
-    def output_weight(self) -> torch.Tensor:
-        """The output layer's weight as the fused losses multiply by it: h @ W^T are the logits
-        (W / logits_scaling for Granite's scaled logits)."""
-        w = self.lm_head.weight
-        return w if self.config.logits_scaling is None else w / self.config.logits_scaling
+    def logit_shape(self) -> dict:
+        """What _logits does after the output layer, as the fused losses (nn.linear_cross_entropy,
+        ...) take it: {"scale": 1 / logits_scaling (Granite's; else 1), "softcap": final_softcap}."""
+        scaling = self.config.logits_scaling
+        return {"scale": 1.0 if scaling is None else 1.0 / scaling, "softcap": self.config.final_softcap}
 
     # --- accounting ---------------------------------------------------------------------------
 

@@ -563,6 +563,28 @@ def _rows_times(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (torch.cat([a, a.new_zeros(4 - a.shape[0], a.shape[1])]) @ b)[:a.shape[0]]
 
 
+def _final_logits(logits: torch.Tensor, scale: float, softcap: float):
+    """The logits a model's output layer gives from x W^T (logits: a fresh fp32 (c, V) chunk,
+    overwritten): times scale (Granite's 1 / logits_scaling, Cohere's logit_scale), then capped as
+    softcap * tanh(z / softcap) when softcap (Gemma 2's final logits). -> (the logits, the tanh or
+    None): the tanh is kept for the chain rule, d cap / dz = 1 - tanh^2 (an extra (c, V) buffer)."""
+    if scale != 1.0:
+        logits.mul_(scale)
+    if not softcap:
+        return logits, None
+    tanh = logits.div_(softcap).tanh_()
+    return tanh * softcap, tanh
+
+
+def _through_final(grad: torch.Tensor, tanh: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """A gradient for _final_logits' logits -> for x W^T, in place (tanh is used up)."""
+    if tanh is not None:
+        grad.mul_(tanh.square_().neg_().add_(1))
+    if scale != 1.0:
+        grad.mul_(scale)
+    return grad
+
+
 def _add_chunk_grads(grad: torch.Tensor, xc: torch.Tensor, weight: torch.Tensor, rows: slice, grad_x, grad_w) -> None:
     """A chunk of rows' share of the fused output-layer losses' gradients, from its logits' gradient
     grad (c, V) in x's dtype: grad_x's rows (grad W) and grad_w += grad^T x, accumulated in fp32 (a
@@ -584,7 +606,8 @@ def _saved_grads_times(ctx, grad_total: torch.Tensor, n_other_inputs: int) -> tu
             None if grad_w is None else (grad_w * grad_total).to(ctx.weight_dtype), *([None] * n_other_inputs))
 
 
-def _linear_cross_entropy_with_grads(x, weight, targets, chunk_rows: int, need_x: bool, need_w: bool):
+def _linear_cross_entropy_with_grads(x, weight, targets, chunk_rows: int, need_x: bool, need_w: bool,
+                                     scale: float = 1.0, softcap: float = 0.0):
     """_LinearCrossEntropy's forward: (the sum of losses, grad_x or None, grad_w (fp32 at least) or None)."""
     acc = torch.promote_types(x.dtype, torch.float32)  # the logits' dtype, fp32 at least
     total = torch.zeros((), dtype=torch.float64, device=x.device)  # chunk sums add up without drift
@@ -593,7 +616,8 @@ def _linear_cross_entropy_with_grads(x, weight, targets, chunk_rows: int, need_x
                          device=x.device) if need_w else None
     for start in range(0, x.shape[0], chunk_rows):
         xc, tc = x[start:start + chunk_rows], targets[start:start + chunk_rows]
-        logits = (xc @ weight.t()).to(acc)  # (c, V): the matmul in x's dtype, as nn.Linear
+        # (c, V): the matmul in x's dtype, as nn.Linear, then scaled and capped in fp32
+        logits, tanh = _final_logits((xc @ weight.t()).to(acc), scale, softcap)
         valid = tc != -1
         picked = tc.clamp(min=0)[:, None]
         picked_logit = logits.gather(1, picked)[:, 0]
@@ -605,7 +629,7 @@ def _linear_cross_entropy_with_grads(x, weight, targets, chunk_rows: int, need_x
             # d(sum of losses) / d logits = softmax - one_hot, 0 on ignored rows
             grad = logits.div_(sums[:, None])
             grad.scatter_add_(1, picked, -valid[:, None].to(grad.dtype))
-            grad.mul_(valid[:, None])
+            grad = _through_final(grad.mul_(valid[:, None]), tanh, scale)
             _add_chunk_grads(grad.to(x.dtype), xc, weight, slice(start, start + chunk_rows), grad_x, grad_w)
     return total.to(acc), grad_x, grad_w
 
@@ -616,41 +640,58 @@ class _LinearCrossEntropy(torch.autograd.Function):
     (rows, vocab) logits exist one chunk at a time, never whole, and are not kept for the backward."""
 
     @staticmethod
-    def forward(ctx, x, weight, targets, chunk_rows):  # x (N, C), weight (V, C), targets (N,)
+    def forward(ctx, x, weight, targets, chunk_rows, scale, softcap):  # x (N, C), weight (V, C), targets (N,)
         total, grad_x, grad_w = _linear_cross_entropy_with_grads(x, weight, targets, chunk_rows,
-                                                                 ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+                                                                 ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+                                                                 scale, softcap)
         ctx.save_for_backward(grad_x, grad_w)
         ctx.weight_dtype = weight.dtype
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
-        return _saved_grads_times(ctx, grad_total, 2)
+        return _saved_grads_times(ctx, grad_total, 4)
 
 
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         chunk_rows: int | None = None) -> torch.Tensor:
+                         chunk_rows: int | None = None, *, scale: float = 1.0,
+                         softcap: float | None = None) -> torch.Tensor:
     """The sum over rows of F.cross_entropy(x @ weight.T, targets), -1 targets ignored, in fp32, with
     its gradients for x and weight computed chunk by chunk in the forward (a fused linear
     cross-entropy): memory O(chunk_rows * vocab) for the logits instead of O(rows * vocab) twice
     (logits and their gradient), no recomputation. x (..., C), weight (V, C), targets (...).
     Under autocast, x and weight are cast to its dtype first, as nn.Linear would be. chunk_rows:
-    rows of logits at a time (default: as many as 64 MiB of fp32 logits hold, at least 1)."""
-    x, weight, chunk_rows = _fused_linear_inputs(x, weight, chunk_rows)
+    rows of logits at a time (default: as many as 64 MiB of fp32 logits hold, at least 1).
+    scale, softcap: the logits are z = scale * (x @ weight.T) (Granite's 1 / logits_scaling,
+    Cohere's logit_scale), then softcap * tanh(z / softcap) when softcap is given (Gemma 2's
+    final_logit_softcapping), both in fp32."""
+    x, weight, chunk_rows = _fused_linear_inputs(x, weight, chunk_rows, softcap)
+    scale, softcap = _logit_shape("linear_cross_entropy", scale, softcap)
     with torch.autocast(x.device.type, enabled=False):
-        return _LinearCrossEntropy.apply(x, weight, targets.reshape(-1), chunk_rows)
+        return _LinearCrossEntropy.apply(x, weight, targets.reshape(-1), chunk_rows, scale, softcap)
 
 
-def _fused_linear_inputs(x, weight, chunk_rows):
+def _logit_shape(name: str, scale, softcap) -> tuple[float, float]:
+    """(scale, softcap) checked, as floats; softcap 0.0 when None."""
+    scale, softcap = float(scale), float(softcap or 0.0)
+    if not (0.0 < scale < math.inf and 0.0 <= softcap < math.inf):
+        raise ValueError(f"{name}: scale must be positive and finite, softcap None or positive and finite, got "
+                         f"scale={scale}, softcap={softcap}")
+    return scale, softcap
+
+
+def _fused_linear_inputs(x, weight, chunk_rows, softcap=None):
     """x as rows (N, C) and weight in the dtype nn.Linear would compute in (autocast's, else x's),
-    and the rows per chunk (default: as many as 64 MiB of fp32 logits hold, at least 1)."""
+    and the rows per chunk (default: as many as 64 MiB of fp32 logits hold, at least 1; capped
+    logits keep two (c, V) buffers, the capped logits and the tanh, in that)."""
     x = x.reshape(-1, x.shape[-1])
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(dtype), weight.to(dtype)
     else:
         weight = weight.to(x.dtype)
-    return x, weight, int(max(1, (64 << 20) // (4 * weight.shape[0])) if chunk_rows is None else chunk_rows)
+    buffers = 2 if softcap else 1
+    return x, weight, int(max(1, (64 << 20) // (4 * buffers * weight.shape[0])) if chunk_rows is None else chunk_rows)
 
 
 class _LinearTokenLogps(torch.autograd.Function):
@@ -661,18 +702,18 @@ class _LinearTokenLogps(torch.autograd.Function):
     more (rows x C x V) matmul for O(chunk_rows * vocab) memory."""
 
     @staticmethod
-    def forward(ctx, x, weight, targets, chunk_rows):  # x (N, C), weight (V, C), targets (N,)
+    def forward(ctx, x, weight, targets, chunk_rows, scale, softcap):  # x (N, C), weight (V, C), targets (N,)
         acc = torch.promote_types(x.dtype, torch.float32)
         out = torch.empty(x.shape[0], dtype=acc, device=x.device)
         lse = torch.empty(x.shape[0], dtype=acc, device=x.device)
         for start in range(0, x.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
-            logits = (x[rows] @ weight.t()).to(acc)  # (c, V)
+            logits = _final_logits((x[rows] @ weight.t()).to(acc), scale, softcap)[0]  # (c, V)
             tc = targets[rows]
             lse[rows] = torch.logsumexp(logits, dim=-1)
             out[rows] = (logits.gather(1, tc.clamp(min=0)[:, None])[:, 0] - lse[rows]) * (tc != -1)
         ctx.save_for_backward(x, weight, targets, lse)
-        ctx.chunk_rows = chunk_rows
+        ctx.chunk_rows, ctx.scale, ctx.softcap = chunk_rows, scale, softcap
         return out
 
     @staticmethod
@@ -687,23 +728,27 @@ class _LinearTokenLogps(torch.autograd.Function):
             xc, tc = x[rows], targets[rows]
             g = grad_out[rows].to(lse.dtype) * (tc != -1)  # (c,)
             # d logp / d logits = one_hot - softmax, times each row's incoming gradient
-            grad = (xc @ weight.t()).to(lse.dtype).sub_(lse[rows, None]).exp_().mul_(-g[:, None])
+            logits, tanh = _final_logits((xc @ weight.t()).to(lse.dtype), ctx.scale, ctx.softcap)
+            grad = logits.sub_(lse[rows, None]).exp_().mul_(-g[:, None])
             grad.scatter_add_(1, tc.clamp(min=0)[:, None], g[:, None])
-            _add_chunk_grads(grad.to(x.dtype), xc, weight, rows, grad_x, grad_w)
-        return grad_x, None if grad_w is None else grad_w.to(weight.dtype), None, None
+            _add_chunk_grads(_through_final(grad, tanh, ctx.scale).to(x.dtype), xc, weight, rows, grad_x, grad_w)
+        return grad_x, None if grad_w is None else grad_w.to(weight.dtype), None, None, None, None
 
 
 def linear_token_logps(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                       chunk_rows: int | None = None) -> torch.Tensor:
+                       chunk_rows: int | None = None, *, scale: float = 1.0,
+                       softcap: float | None = None) -> torch.Tensor:
     """log_softmax(x @ weight.T)[targets] per row, in fp32 (at least), 0 where targets is -1,
     without the (rows, vocab) logits in memory: chunk by chunk in the forward, and again in the
     backward (recomputed from x and the saved log-sum-exp). x (..., C), weight (V, C), targets (...)
     -> (...). For losses over sequences (DPO's sequence_logps), where linear_cross_entropy's
     gradients-in-the-forward cannot serve. Under autocast, x and weight are cast to its dtype
-    first, as nn.Linear would be. chunk_rows: as in linear_cross_entropy."""
-    x, weight, chunk_rows = _fused_linear_inputs(x, weight, chunk_rows)
+    first, as nn.Linear would be. chunk_rows, scale, softcap: as in linear_cross_entropy."""
+    x, weight, chunk_rows = _fused_linear_inputs(x, weight, chunk_rows, softcap)
+    scale, softcap = _logit_shape("linear_token_logps", scale, softcap)
     with torch.autocast(x.device.type, enabled=False):
-        return _LinearTokenLogps.apply(x, weight, targets.reshape(-1), chunk_rows).view(targets.shape)
+        return _LinearTokenLogps.apply(x, weight, targets.reshape(-1), chunk_rows, scale,
+                                       softcap).view(targets.shape)
 
 
 def distill_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float = 0.0,
@@ -734,7 +779,7 @@ class _LinearDistill(torch.autograd.Function):
     cancels with part of the student's)."""
 
     @staticmethod
-    def forward(ctx, x, weight, x_teacher, weight_teacher, beta, temperature, chunk_rows):
+    def forward(ctx, x, weight, x_teacher, weight_teacher, beta, temperature, chunk_rows, shape, teacher_shape):
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         acc = torch.promote_types(x.dtype, torch.float32)
         total = torch.zeros((), dtype=torch.float64, device=x.device)
@@ -744,8 +789,10 @@ class _LinearDistill(torch.autograd.Function):
         for start in range(0, x.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
             xc = x[rows]
-            s = F.log_softmax((xc @ weight.t()).to(acc) / temperature, dim=-1)  # (c, V)
-            t = F.log_softmax((x_teacher[rows] @ weight_teacher.t()).to(acc) / temperature, dim=-1)
+            logits, tanh = _final_logits((xc @ weight.t()).to(acc), *shape)  # (c, V)
+            s = F.log_softmax(logits.div_(temperature), dim=-1)
+            t = F.log_softmax(_final_logits((x_teacher[rows] @ weight_teacher.t()).to(acc), *teacher_shape)[0]
+                              .div_(temperature), dim=-1)
             p = s.exp()
             if beta == 0:
                 q = t.exp()
@@ -764,35 +811,42 @@ class _LinearDistill(torch.autograd.Function):
                 total += scale * kl.sum()
                 grad = p.mul_(diff.sub_(kl)).mul_(scale)
             if need_x or need_w:
-                _add_chunk_grads(grad.div_(temperature).to(x.dtype), xc, weight, rows, grad_x, grad_w)
+                grad = _through_final(grad.div_(temperature), tanh, shape[0])
+                _add_chunk_grads(grad.to(x.dtype), xc, weight, rows, grad_x, grad_w)
         ctx.save_for_backward(grad_x, grad_w)
         ctx.weight_dtype = weight.dtype
         return total.to(acc)
 
     @staticmethod
     def backward(ctx, grad_total):
-        return _saved_grads_times(ctx, grad_total, 5)
+        return _saved_grads_times(ctx, grad_total, 7)
 
 
 def linear_distill(x: torch.Tensor, weight: torch.Tensor, x_teacher: torch.Tensor, weight_teacher: torch.Tensor,
-                   beta: float = 0.0, temperature: float = 1.0, chunk_rows: int | None = None) -> torch.Tensor:
+                   beta: float = 0.0, temperature: float = 1.0, chunk_rows: int | None = None, *,
+                   scale: float = 1.0, softcap: float | None = None, teacher_scale: float = 1.0,
+                   teacher_softcap: float | None = None) -> torch.Tensor:
     """The sum over rows of distill_divergence(x @ weight.T, x_teacher @ weight_teacher.T, beta,
     temperature), fp32, fused as linear_cross_entropy (Liger-Kernel's fused linear JSD): the student's
     gradients computed chunk by chunk in the forward, the teacher's logits a chunk at a time (no
     gradient for the teacher). x (N, C), weight (V, C), x_teacher (N, C_teacher), weight_teacher (V,
     C_teacher): the two models' final hidden states at the same N positions and output layers over
-    one vocabulary. Under autocast all four are cast to its dtype first."""
+    one vocabulary. Under autocast all four are cast to its dtype first. scale, softcap (and the
+    teacher's): each model's logits scaled and capped, as in linear_cross_entropy, before the
+    temperature divides them."""
     if not 0.0 <= beta <= 1.0 or not temperature > 0:
         raise ValueError(f"linear_distill: beta must be in [0, 1] and temperature > 0, got {beta}, {temperature}")
     if weight.shape[0] != weight_teacher.shape[0] or x.shape[0] != x_teacher.shape[0]:
         raise ValueError(f"linear_distill: the student's and the teacher's rows and vocabularies must match, got "
                          f"{x.shape[0]} / {x_teacher.shape[0]} rows, {weight.shape[0]} / {weight_teacher.shape[0]} words")
-    x, weight, chunk_rows = _fused_linear_inputs(x, weight, chunk_rows)
+    x, weight, chunk_rows = _fused_linear_inputs(x, weight, chunk_rows, softcap or teacher_softcap)
+    shape = _logit_shape("linear_distill", scale, softcap)
+    teacher_shape = _logit_shape("linear_distill (the teacher's)", teacher_scale, teacher_softcap)
     x_teacher = x_teacher.to(x.dtype)
     weight_teacher = weight_teacher.to(x.dtype)
     with torch.autocast(x.device.type, enabled=False):
         return _LinearDistill.apply(x, weight, x_teacher.detach(), weight_teacher.detach(), float(beta),
-                                    float(temperature), chunk_rows)
+                                    float(temperature), chunk_rows, shape, teacher_shape)
 
 
 def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -722,9 +722,6 @@ def load_teacher(cfg: TrainConfig, student: LLM, precision: str, device: torch.d
         raise ValueError(f"teacher {cfg.teacher}: its vocabulary has {teacher.config.vocab_size} ids, the student's "
                          f"{student.config.vocab_size}: distillation compares their next-token distributions id by id "
                          "(the same tokenizer)")
-    if teacher.config.final_softcap or student.config.final_softcap:
-        raise ValueError("distillation: a model that caps its logits (final_softcap, Gemma 2's) is not distilled "
-                         "from or into (the fused divergence does not cap)")
     return teacher
 
 
@@ -734,7 +731,8 @@ def distill_loss(model, teacher: LLM, batch, cfg: TrainConfig) -> torch.Tensor:
     them (LLM.forward's distill)."""
     with torch.no_grad():
         teacher_hidden = teacher(*batch, hidden=True)[1]
-    return model(*batch, distill={"teacher_hidden": teacher_hidden, "teacher_weight": teacher.output_weight(),
+    return model(*batch, distill={"teacher_hidden": teacher_hidden, "teacher_weight": teacher.lm_head.weight,
+                                  "teacher_logits": teacher.logit_shape(),
                                   "beta": cfg.distill_beta, "temperature": cfg.distill_temperature,
                                   "alpha": cfg.distill_alpha})[1]
 
@@ -1384,9 +1382,6 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
                        cfg.lora_targets or None, cfg.lora_dropout)
         if cfg.preference == "reward":  # the new head is trained whole (PEFT's modules_to_save for SEQ_CLS)
             model.score.requires_grad_(True)
-    if cfg.fused_loss and mcfg.final_softcap:
-        raise ValueError("fused_loss: this model caps its logits (final_softcap, Gemma 2's), which the fused loss does "
-                         "not compute; leave fused_loss off")
     if data_vocab > mcfg.vocab_size:
         raise ValueError(f"the token files hold ids up to {data_vocab - 1}, but the model has {mcfg.vocab_size} "
                          "embeddings: tokenize with the model's own tokenizer")

@@ -43,23 +43,38 @@ def test_divergence_is_trls(beta, temperature):
     assert distill_divergence(student, student, beta, temperature).abs().max() < 1e-13  # 0 for the same model
 
 
-def reference(x, w, xt, wt, beta, temperature):
-    return distill_divergence(x @ w.t(), xt @ wt.t(), beta, temperature).sum()
+def shaped(logits, scale=1.0, softcap=None):
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32)) * scale
+    return z if softcap is None else softcap * torch.tanh(z / softcap)
+
+
+def reference(x, w, xt, wt, beta, temperature, scale=1.0, softcap=None, teacher_scale=1.0, teacher_softcap=None):
+    return distill_divergence(shaped(x @ w.t(), scale, softcap), shaped(xt @ wt.t(), teacher_scale, teacher_softcap),
+                              beta, temperature).sum()
+
+
+# Each side's logits as is, scaled (Granite's), capped (Gemma 2's) at values these logits reach.
+SHAPES = {"plain": {}, "student-capped": dict(softcap=2.0, teacher_scale=0.5),
+          "teacher-capped": dict(scale=1.5, teacher_softcap=3.0),
+          "both-capped": dict(softcap=4.0, teacher_scale=2.0, teacher_softcap=2.5)}
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.4, 1.0])
 @pytest.mark.parametrize("chunk_rows", [1, 7, None])
-def test_linear_distill_float64(beta, chunk_rows):
+@pytest.mark.parametrize("shape", SHAPES)
+def test_linear_distill_float64(beta, chunk_rows, shape):
     # The fused form (gradients in the forward, chunk by chunk) = the divergence of the whole logits
-    # and autograd's gradients, in float64, at two temperatures; the teacher gets no gradient.
+    # and autograd's gradients, in float64, at two temperatures, with either model's logits scaled
+    # and capped; the teacher gets no gradient.
     torch.manual_seed(0)
     x = torch.randn(40, 16, dtype=torch.float64, requires_grad=True)
     w = (torch.randn(300, 16, dtype=torch.float64) * 0.4).requires_grad_()
     xt, wt = torch.randn(40, 24, dtype=torch.float64), torch.randn(300, 24, dtype=torch.float64) * 0.4
+    call = SHAPES[shape]
     for temperature in (1.0, 1.7):
-        want = reference(x, w, xt, wt, beta, temperature)
+        want = reference(x, w, xt, wt, beta, temperature, **call)
         want_grads = torch.autograd.grad(want, [x, w])
-        got = linear_distill(x, w, xt, wt, beta, temperature, chunk_rows)
+        got = linear_distill(x, w, xt, wt, beta, temperature, chunk_rows, **call)
         assert rel_err(got, want) < 1e-13
         for g, ref in zip(torch.autograd.grad(got, [x, w]), want_grads):
             assert rel_err(g, ref) < 1e-12
@@ -68,7 +83,8 @@ def test_linear_distill_float64(beta, chunk_rows):
 @pytest.mark.parametrize("device", CPU_AND_CUDA)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("beta", [0.0, 0.5])
-def test_linear_distill_within_twice_torchs_error(device, dtype, beta):
+@pytest.mark.parametrize("shape", ["plain", "both-capped"])
+def test_linear_distill_within_twice_torchs_error(device, dtype, beta, shape):
     torch.manual_seed(0)
     x64, w64 = torch.randn(200, 64, dtype=torch.float64), torch.randn(1000, 64, dtype=torch.float64) * 0.2
     xt64, wt64 = torch.randn(200, 48, dtype=torch.float64), torch.randn(1000, 48, dtype=torch.float64) * 0.2
@@ -79,9 +95,10 @@ def test_linear_distill_within_twice_torchs_error(device, dtype, beta):
         loss.backward()
         return loss.detach(), x.grad, w.grad
 
-    exact = run(lambda x, w, xt, wt: reference(x, w, xt, wt, beta, 2.0), torch.float64)
-    theirs = run(lambda x, w, xt, wt: reference(x, w, xt, wt, beta, 2.0), dtype, device)
-    ours = run(lambda x, w, xt, wt: linear_distill(x, w, xt, wt, beta, 2.0, chunk_rows=37), dtype, device)
+    call = SHAPES[shape]
+    exact = run(lambda x, w, xt, wt: reference(x, w, xt, wt, beta, 2.0, **call), torch.float64)
+    theirs = run(lambda x, w, xt, wt: reference(x, w, xt, wt, beta, 2.0, **call), dtype, device)
+    ours = run(lambda x, w, xt, wt: linear_distill(x, w, xt, wt, beta, 2.0, chunk_rows=37, **call), dtype, device)
     for name, got, torch_value, want in zip(("loss", "dx", "dw"), ours, theirs, exact):
         assert rel_err(got, want) <= tolerance(torch_value, want), name
 
@@ -92,6 +109,10 @@ def test_bad_arguments():
         linear_distill(x, w, x, w, beta=1.5)
     with pytest.raises(ValueError, match="vocabularies must match"):
         linear_distill(x, w, x, torch.randn(11, 8))
+    with pytest.raises(ValueError, match=r"linear_distill \(the teacher's\): scale must be positive"):
+        linear_distill(x, w, x, w, teacher_scale=0.0)
+    with pytest.raises(ValueError, match="softcap None or positive and finite, got scale=1.0, softcap=-1.0"):
+        linear_distill(x, w, x, w, softcap=-1.0)
 
 
 SMALL = dict(vocab_size=97, block_size=32, n_layers=2, n_heads=4, dim=64)
@@ -99,12 +120,16 @@ SMALL = dict(vocab_size=97, block_size=32, n_layers=2, n_heads=4, dim=64)
 
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("alpha", [1.0, 0.3])
-def test_model_distill_loss_is_the_mean_divergence_at_the_targets(packed, alpha):
+@pytest.mark.parametrize("logits", ["plain", "capped-from-scaled"])
+def test_model_distill_loss_is_the_mean_divergence_at_the_targets(packed, alpha, logits):
     # LLM.forward(distill=...): alpha x the divergence of the student's and the teacher's logits,
     # averaged over the targets that are not -1, + (1 - alpha) x the cross-entropy there; the
-    # teacher's hidden states from forward(hidden=True) at the same targets; packed documents too.
+    # teacher's hidden states from forward(hidden=True) at the same targets; packed documents too;
+    # a student that caps its logits (Gemma 2's) from a teacher that scales them (Granite's).
     torch.manual_seed(0)
-    student, teacher = LLM(ModelConfig(**SMALL)).double(), LLM(ModelConfig(**{**SMALL, "n_layers": 3, "dim": 96, "n_heads": 3})).double()
+    extra = {"plain": ({}, {}), "capped-from-scaled": ({"final_softcap": 0.5}, {"logits_scaling": 0.2})}[logits]
+    student = LLM(ModelConfig(**SMALL, **extra[0])).double()
+    teacher = LLM(ModelConfig(**{**SMALL, "n_layers": 3, "dim": 96, "n_heads": 3}, **extra[1])).double()
     idx, targets = torch.randint(0, 97, (2, 16)), torch.randint(0, 97, (2, 16))
     targets[0, :5] = -1  # a prompt
     cu = torch.tensor([0, 5, 16, 32], dtype=torch.int32) if packed else None
@@ -112,7 +137,8 @@ def test_model_distill_loss_is_the_mean_divergence_at_the_targets(packed, alpha)
         hidden = teacher(idx, targets, cu, hidden=True)[1]
     assert hidden.shape == (27, 96)
     loss = student(idx, targets, cu, distill=dict(teacher_hidden=hidden, teacher_weight=teacher.lm_head.weight,
-                                                  beta=0.5, temperature=1.5, alpha=alpha))[1]
+                                                  teacher_logits=teacher.logit_shape(), beta=0.5, temperature=1.5,
+                                                  alpha=alpha))[1]
     keep = targets != -1
     s_logits, t_logits = student(idx, cu_seqlens=cu)[0][keep], teacher(idx, cu_seqlens=cu)[0][keep].detach()
     want = alpha * distill_divergence(s_logits, t_logits, 0.5, 1.5).mean() + (1 - alpha) * F.cross_entropy(

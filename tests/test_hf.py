@@ -30,6 +30,15 @@ FAMILIES = {
                                                      "head_dim": 32}),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
 }
+# Families whose logits are more than lm_head(hidden), for the fused loss: Gemma 2's capped logits (a cap
+# these logits reach), Granite's divided (and its other multipliers), Cohere's scaled (its LayerNorm and
+# parallel block, HF's own modules here).
+LOGIT_FAMILIES = {
+    "gemma2-capped": ("Gemma2Config", "Gemma2ForCausalLM", {**FAMILIES["gemma2"][2], "final_logit_softcapping": 2.0}),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", {"logits_scaling": 2.5, "embedding_multiplier": 3.0,
+                                                        "residual_multiplier": 0.3, "attention_multiplier": 0.05}),
+    "cohere": ("CohereConfig", "CohereForCausalLM", {"logit_scale": 0.3}),
+}
 
 
 def float64_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
@@ -61,7 +70,7 @@ transformers.masking_utils.AttentionMaskInterface.register("float64", transforme
 
 def tiny(family: str, dtype=torch.float64, head_dim: int = 32, attention: str = "float64", **overrides):
     """(reference on float64_attention, a copy patched with pyllm's kernels), the same weights."""
-    config_name, model_name, extra = FAMILIES[family]
+    config_name, model_name, extra = {**FAMILIES, **LOGIT_FAMILIES}[family]
     config = getattr(transformers, config_name)(
         vocab_size=VOCAB, hidden_size=4 * head_dim, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.2, pad_token_id=0, eos_token_id=1,
@@ -180,11 +189,12 @@ def test_generation_with_a_cache(family, padding, cache, path, monkeypatch):
         assert sum(calls) == 3 * 2 * 7 and set(calls) <= {1, 3} and (padding or set(calls) == {3})
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2", "phi3"])
+@pytest.mark.parametrize("family", ["llama", "gemma2", "phi3", *LOGIT_FAMILIES])
 @pytest.mark.parametrize("reduction", ["mean", "num_items_in_batch", "shift_labels"])
 def test_training_loss_and_gradients(family, reduction, path):
     # Right-padded batch, labels -100 on the padding, as a collator writes them: the fused loss is
-    # F.cross_entropy over the shifted labels in float64 (HF's own loss upcasts to fp32 only).
+    # F.cross_entropy over the shifted labels in float64 (HF's own loss upcasts to fp32 only), with
+    # the logits capped or scaled as each model's forward does.
     reference, ours = tiny(family)
     phf.apply_pyllm_kernels(ours)
     reference.train(), ours.train()
@@ -381,6 +391,10 @@ def tiny_moe(family: str):
     if family == "qwen3_moe":
         config = transformers.Qwen3MoeConfig(num_experts=4, moe_intermediate_size=32, head_dim=32, **common)
         model = transformers.Qwen3MoeForCausalLM
+    elif family == "granitemoe":  # its logits divided by logits_scaling
+        config = transformers.GraniteMoeConfig(num_local_experts=4, intermediate_size=32, logits_scaling=2.5,
+                                               embedding_multiplier=3.0, residual_multiplier=0.3, **common)
+        model = transformers.GraniteMoeForCausalLM
     else:
         config = transformers.MixtralConfig(num_local_experts=4, intermediate_size=32, head_dim=32, **common)
         model = transformers.MixtralForCausalLM
@@ -393,7 +407,7 @@ def tiny_moe(family: str):
     return reference, ours
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "gpt_oss"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "gpt_oss", "granitemoe"])
 @pytest.mark.parametrize("router", [None, True, False])  # the config's (False), or asked for in the call
 def test_mixture_of_experts_fused_loss_adds_the_balancing_loss(family, router):
     # HF's MoE forward adds router_aux_loss_coef times its load-balancing loss when output_router_logits:
@@ -507,10 +521,13 @@ def test_attention_by_name_at_load(tmp_path):
 
 
 def test_what_it_cannot_take_is_refused():
-    _, capped = tiny("gemma2", final_logit_softcapping=30.0)
+    _, capped = tiny("llama", final_logit_softcapping=30.0)  # a cap Llama's forward does not apply: unread
     with pytest.raises(ValueError, match="final_logit_softcapping"):
         phf.apply_pyllm_kernels(capped)
     assert phf.apply_pyllm_kernels(capped, fused_linear_cross_entropy=False)["attention"]
+    _, unscaled = tiny("granite", logits_scaling=0.0)
+    with pytest.raises(ValueError, match="scale cannot be read"):
+        phf.apply_pyllm_kernels(unscaled)
     _, ours = tiny("llama", attention_dropout=0.1)
     phf.apply_pyllm_kernels(ours)
     ours.train()
@@ -711,7 +728,7 @@ def compile_batch(layout: str) -> dict:
 
 @pytest.mark.parametrize("family, layout", [("llama", layout) for layout in ["plain", "left", "right", "position_ids",
                                                                               "cu_seq_lens"]]
-                         + [("gemma2", "left"), ("mistral", "position_ids")])  # capped scores, windows
+                         + [("gemma2-capped", "left"), ("mistral", "position_ids")])  # capped scores and logits, windows
 def test_compiled_training_step_is_one_graph(family, layout):
     # torch.compile(fullgraph=True) raises at a graph break: whether a batch pads or packs is read
     # inside pyllm::hf_attention (and the fused loss runs every row, the ignored ones as -1), so the
@@ -836,8 +853,10 @@ def test_op_registrations():
     x, weight = torch.randn(9, 16, dtype=torch.float64, requires_grad=True), torch.randn(11, 16, dtype=torch.float64,
                                                                                          requires_grad=True)
     targets = torch.tensor([3, -1, 0, 10, -1, -1, 5, 2, 7])
-    for need_x, need_w in [(True, True), (True, False), (False, True)]:
-        torch.library.opcheck(torch.ops.pyllm.hf_labelled_loss.default, (x, weight, targets, 4, need_x, need_w))
+    for need_x, need_w, scale, softcap in [(True, True, 1.0, 0.0), (True, False, 0.5, 0.0), (False, True, 1.0, 2.0),
+                                           (True, True, 2.0, 3.0)]:
+        torch.library.opcheck(torch.ops.pyllm.hf_labelled_loss.default,
+                              (x, weight, targets, 4, need_x, need_w, scale, softcap))
     unsafe = getattr(torch.Tag, "cudagraph_unsafe", None)  # torch 2.8+
     for op in (torch.ops.pyllm.hf_attention, torch.ops.pyllm.hf_labelled_loss):  # they read the mask on the host
         assert unsafe is None or unsafe in op.default.tags

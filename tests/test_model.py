@@ -882,15 +882,30 @@ def test_lora_dropout_acts_in_training_only():
         LLM(ModelConfig(**CONFIGS["llama"])).add_lora(2, 4.0, targets="q,attn")
 
 
+def shaped(logits, scale=1.0, softcap=None):
+    """The logits as the fused losses' scale and softcap make them, written plainly (in fp32 at least)."""
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32)) * scale
+    return z if softcap is None else softcap * torch.tanh(z / softcap)
+
+
+# No transform; Granite's (1 / logits_scaling); Gemma 2's cap at a value these logits reach (|z| to ~8);
+# Cohere's scale under a cap.
+LOGIT_SHAPES = {"plain": {}, "scaled": dict(scale=0.4), "capped": dict(softcap=3.0),
+                "scaled-capped": dict(scale=2.0, softcap=5.0)}
+# Chunks of 1 row, 37 (not dividing the 300 rows) and the default (one chunk); one-row chunks plain only.
+CHUNKS_AND_SHAPES = [(1, "plain")] + [(rows, shape) for rows in (37, None) for shape in LOGIT_SHAPES]
+
+
 @pytest.mark.parametrize("device", CPU_AND_CUDA)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("chunk_rows", [1, 37, None])
-def test_linear_cross_entropy_matches_float64(device, dtype, chunk_rows):
+@pytest.mark.parametrize("chunk_rows, shape", CHUNKS_AND_SHAPES)
+def test_linear_cross_entropy_matches_float64(device, dtype, chunk_rows, shape):
     # The fused linear cross-entropy (sum over rows, -1 targets ignored): loss and both gradients
     # within twice torch's own error in that dtype (x @ W^T in it, the softmax in fp32), whatever
-    # the chunking.
+    # the chunking, with scaled and capped logits too.
     from pyllm.nn import linear_cross_entropy
 
+    call = LOGIT_SHAPES[shape]
     torch.manual_seed(0)
     x64, w64 = torch.randn(300, 64, dtype=torch.float64), torch.randn(1000, 64, dtype=torch.float64) * 0.2
     targets = torch.randint(0, 1000, (300,))
@@ -902,10 +917,12 @@ def test_linear_cross_entropy_matches_float64(device, dtype, chunk_rows):
         loss.backward()
         return loss.detach(), x.grad, w.grad
 
-    ref = run(lambda x, w, t: F.cross_entropy(x @ w.t(), t, ignore_index=-1, reduction="sum"), torch.float64)
-    theirs = run(lambda x, w, t: F.cross_entropy((x @ w.t()).float(), t, ignore_index=-1, reduction="sum"), dtype,
-                 device)
-    ours = run(lambda x, w, t: linear_cross_entropy(x, w, t, chunk_rows), dtype, device)
+    def plain(x, w, t):
+        return F.cross_entropy(shaped(x @ w.t(), **call), t, ignore_index=-1, reduction="sum")
+
+    ref = run(plain, torch.float64)
+    theirs = run(plain, dtype, device)
+    ours = run(lambda x, w, t: linear_cross_entropy(x, w, t, chunk_rows, **call), dtype, device)
     for name, got, torch_value, exact in zip(("loss", "dx", "dw"), ours, theirs, ref):
         assert got.dtype == (torch.float32 if name == "loss" else dtype)
         assert rel_err(got, exact) <= tolerance(torch_value, exact), name
@@ -913,13 +930,14 @@ def test_linear_cross_entropy_matches_float64(device, dtype, chunk_rows):
 
 @pytest.mark.parametrize("device", CPU_AND_CUDA)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("chunk_rows", [1, 37, None])
-def test_linear_token_logps_matches_float64(device, dtype, chunk_rows):
+@pytest.mark.parametrize("chunk_rows, shape", CHUNKS_AND_SHAPES)
+def test_linear_token_logps_matches_float64(device, dtype, chunk_rows, shape):
     # Each row's log-probability of its target without the logits in memory (recomputed in the
     # backward): values and both gradients, under a random weight per row (as a sequence-level loss
-    # gives), within twice torch's own error in that dtype.
+    # gives), within twice torch's own error in that dtype; scaled and capped logits too.
     from pyllm.nn import linear_token_logps
 
+    call = LOGIT_SHAPES[shape]
     torch.manual_seed(1)
     x64, w64 = torch.randn(300, 64, dtype=torch.float64), torch.randn(1000, 64, dtype=torch.float64) * 0.2
     targets = torch.randint(0, 1000, (300,))
@@ -933,19 +951,18 @@ def test_linear_token_logps_matches_float64(device, dtype, chunk_rows):
         return out.detach(), x.grad, w.grad
 
     def plain(x, w, t):
-        return -F.cross_entropy(x @ w.t() if x.dtype == torch.float64 else (x @ w.t()).float(), t, ignore_index=-1,
-                                reduction="none")
+        return -F.cross_entropy(shaped(x @ w.t(), **call), t, ignore_index=-1, reduction="none")
 
     ref = run(plain, torch.float64)
     theirs = run(plain, dtype, device)
-    ours = run(lambda x, w, t: linear_token_logps(x, w, t, chunk_rows), dtype, device)
+    ours = run(lambda x, w, t: linear_token_logps(x, w, t, chunk_rows, **call), dtype, device)
     assert torch.equal(ours[0][::7].cpu(), torch.zeros(43))  # ignored rows: 0
     for name, got, torch_value, exact in zip(("logps", "dx", "dw"), ours, theirs, ref):
         assert got.dtype == (torch.float32 if name == "logps" else dtype)
         assert rel_err(got, exact) <= tolerance(torch_value, exact), name
 
 
-@pytest.mark.parametrize("name", ["llama", "gqa-untied", "gpt2", "moe", "granite-moe"])
+@pytest.mark.parametrize("name", ["llama", "gqa-untied", "gpt2", "moe", "granite-moe", "softcap"])
 def test_per_token_logps_of_the_model(name):
     # forward(..., per_token=True): each target's log-probability, 0 where -1, the same with
     # fused_loss (no logits) to fp64 rounding, gradients too; summed per document by sequence_logps.
@@ -976,10 +993,11 @@ def test_per_token_logps_of_the_model(name):
         assert rel_err(f, g) < 1e-12
 
 
-@pytest.mark.parametrize("name", ["llama", "gqa-untied", "gpt2", "moe", "granite-moe"])
+@pytest.mark.parametrize("name", ["llama", "gqa-untied", "gpt2", "moe", "granite-moe", "softcap"])
 def test_fused_loss_gives_the_model_loss_and_gradients(name):
     # LLM.fused_loss: the same loss and gradients (fp64: to rounding), tied or untied output layer,
-    # no logits returned; with LoRA the frozen output layer takes no gradient.
+    # Granite's scaled and Gemma 2's capped logits, no logits returned; with LoRA the frozen output
+    # layer takes no gradient.
     cfg = ModelConfig(**CONFIGS[name])
     model = randomized(cfg)
     idx = torch.randint(0, cfg.vocab_size, (2, 12))
@@ -995,10 +1013,6 @@ def test_fused_loss_gives_the_model_loss_and_gradients(name):
         assert rel_err(f, g) < 1e-12
     model.add_lora(2, 4.0)
     assert model(idx, targets)[1].requires_grad and model.lm_head.weight.grad is None
-    capped = LLM(ModelConfig(**CONFIGS["softcap"]))
-    capped.fused_loss = True
-    with pytest.raises(ValueError, match="final_softcap"):
-        capped(idx, targets)
 
 
 def test_lora_disabled_is_the_base_model():

@@ -703,10 +703,11 @@ def _fused_loss_forward(self, input_ids=None, attention_mask=None, position_ids=
     """HF's ForCausalLM.forward; while training with labels, the loss straight from the last hidden
     states (pyllm.nn.linear_cross_entropy: the (tokens, vocab) logits never exist whole) and
     logits=None, as Liger-Kernel's. Otherwise (eval, generation, no labels, logits_to_keep, an output
-    layer that is no plain Linear, such as one PEFT wrapped in LoRA) HF's own forward."""
+    layer that is no plain Linear, such as one PEFT wrapped in LoRA; a call for TRL's own fused head,
+    fused_lm_head=True, when TRL wrapped the forward before this patch did) HF's own forward."""
     head = self.get_output_embeddings()
     if (not self.training or labels is None or not (isinstance(logits_to_keep, int) and logits_to_keep == 0)
-            or type(head) is not nn.Linear or head.bias is not None):
+            or type(head) is not nn.Linear or head.bias is not None or kwargs.get("fused_lm_head")):
         return self._pyllm_hf_forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                       inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
                                       logits_to_keep=logits_to_keep, **kwargs)

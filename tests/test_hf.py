@@ -569,6 +569,75 @@ def test_trainer_runs_it_with_gradient_accumulation(tmp_path):
     assert losses["patched, pyllm AdamW"] == pytest.approx(losses["transformers"], rel=1e-4)
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma2-capped"])
+@pytest.mark.parametrize("order", ["pyllm first", "trl first"])
+def test_trls_fused_head_runs_on_the_patched_model(family, order):
+    # TRL's SFTTrainer (1.16) computes its loss, entropy and accuracy with its own fused LM head,
+    # trl.trainer.utils.add_fused_lm_head, a wrapper of model.forward that calls the decoder itself
+    # when asked (fused_lm_head=True): pyllm's attention, MLP, norm and rotation run inside it, and
+    # its calls reach TRL's head whichever patch came first; loss and every gradient are the
+    # reference's (float64), and a plain training forward still takes pyllm's fused loss.
+    trl_utils = pytest.importorskip("trl.trainer.utils")
+    reference, ours = tiny(family)
+    trl_utils.add_fused_lm_head(reference, outputs=("log_probs", "entropy", "is_top1"))
+    if order == "pyllm first":
+        phf.apply_pyllm_kernels(ours)
+    trl_utils.add_fused_lm_head(ours, outputs=("log_probs", "entropy", "is_top1"))
+    if order == "trl first":
+        phf.apply_pyllm_kernels(ours)
+    reference.train(), ours.train()
+    ids, mask = inputs(), padded(left=False)
+    labels = ids.masked_fill(mask == 0, -100)
+    want, got = (m(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True) for m in (reference, ours))
+    assert rel_err(got.loss, want.loss) < 1e-12 and rel_err(got.entropy, want.entropy) < 1e-12
+    assert torch.equal(got.is_top1, want.is_top1)
+    want.loss.backward()
+    got.loss.backward()
+    for (name, p), q in zip(reference.named_parameters(), ours.parameters()):
+        assert rel_err(q.grad, p.grad) < 1e-10, name
+    assert ours(input_ids=ids, attention_mask=mask, labels=labels).logits is None  # pyllm's fused loss
+
+
+def word_tokenizer():
+    """A word-level tokenizer over VOCAB ids (w0 ... w91 and four specials), for TRL's trainers."""
+    tokenizers = pytest.importorskip("tokenizers")
+    words = {f"w{i}": i + 4 for i in range(VOCAB - 4)}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, **words},
+                                                           unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
+                                                bos_token="<bos>", unk_token="<unk>")
+
+
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_trl_sft_trainer_trains_the_patched_model(tmp_path, padding_free):
+    # TRL's SFTTrainer on a patched model (pyllm's kernels inside, TRL's fused head for the loss):
+    # the logged losses and token accuracies are the unpatched model's, step by step (fp32), on
+    # padded batches and on padding-free ones (documents packed into a row, position_ids restarting).
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    g = torch.Generator().manual_seed(0)
+    texts = [" ".join(f"w{int(j)}" for j in torch.randint(0, VOCAB - 4, (int(n),), generator=g))
+             for n in torch.randint(5, 40, (32,), generator=g)]
+    logs = {}
+    for run in ("transformers", "patched"):
+        model, _ = tiny("gemma2-capped", torch.float32)
+        if run == "patched":
+            phf.apply_pyllm_kernels(model)
+        args = trl.SFTConfig(output_dir=str(tmp_path / run), max_steps=4, per_device_train_batch_size=4,
+                             learning_rate=1e-3, logging_steps=1, report_to=[], use_cpu=True, seed=0,
+                             padding_free=padding_free, max_length=None, save_strategy="no",
+                             bf16=False)  # (SFTConfig's default: bf16 autocast, through accelerate)
+        trainer = trl.SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_dict({"text": texts}),
+                                 processing_class=word_tokenizer())
+        trainer.train()
+        logs[run] = [(entry["loss"], entry["mean_token_accuracy"]) for entry in trainer.state.log_history
+                     if "loss" in entry]
+    assert len(logs["patched"]) == 4
+    for (loss, accuracy), (want_loss, want_accuracy) in zip(logs["patched"], logs["transformers"]):
+        assert loss == pytest.approx(want_loss, rel=1e-5) and accuracy == want_accuracy
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
 def test_on_cuda_within_twice_torchs_error(family):

@@ -614,8 +614,10 @@ def _linear_cross_entropy_with_grads(x, weight, targets, chunk_rows: int, need_x
     grad_x = torch.empty_like(x) if need_x else None
     grad_w = torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32),
                          device=x.device) if need_w else None
-    for start in range(0, x.shape[0], chunk_rows):
-        xc, tc = x[start:start + chunk_rows], targets[start:start + chunk_rows]
+    # A chunk's buffers are its function's locals, freed at its return, before the next chunk makes
+    # its own (a loop body's names would keep two chunks' (c, V) buffers alive at once).
+    def chunk(rows: slice) -> torch.Tensor:
+        xc, tc = x[rows], targets[rows]
         # (c, V): the matmul in x's dtype, as nn.Linear, then scaled and capped in fp32
         logits, tanh = _final_logits((xc @ weight.t()).to(acc), scale, softcap)
         valid = tc != -1
@@ -624,13 +626,16 @@ def _linear_cross_entropy_with_grads(x, weight, targets, chunk_rows: int, need_x
         # One exp pass, in place: exp(logits - max) gives both the log-sum-exp and the softmax.
         top = logits.amax(dim=-1, keepdim=True)
         sums = logits.sub_(top).exp_().sum(dim=-1)  # (c,)
-        total += ((top[:, 0] + sums.log() - picked_logit) * valid).sum()
         if need_x or need_w:
             # d(sum of losses) / d logits = softmax - one_hot, 0 on ignored rows
             grad = logits.div_(sums[:, None])
             grad.scatter_add_(1, picked, -valid[:, None].to(grad.dtype))
             grad = _through_final(grad.mul_(valid[:, None]), tanh, scale)
-            _add_chunk_grads(grad.to(x.dtype), xc, weight, slice(start, start + chunk_rows), grad_x, grad_w)
+            _add_chunk_grads(grad.to(x.dtype), xc, weight, rows, grad_x, grad_w)
+        return ((top[:, 0] + sums.log() - picked_logit) * valid).sum()
+
+    for start in range(0, x.shape[0], chunk_rows):
+        total += chunk(slice(start, start + chunk_rows))
     return total.to(acc), grad_x, grad_w
 
 
@@ -683,7 +688,8 @@ def _logit_shape(name: str, scale, softcap) -> tuple[float, float]:
 def _fused_linear_inputs(x, weight, chunk_rows, softcap=None):
     """x as rows (N, C) and weight in the dtype nn.Linear would compute in (autocast's, else x's),
     and the rows per chunk (default: as many as 64 MiB of fp32 logits hold, at least 1; capped
-    logits keep two (c, V) buffers, the capped logits and the tanh, in that)."""
+    logits keep two (c, V) buffers, the capped logits and the tanh, in that; the transient
+    x-dtype matmul result and the chunk's last rounding to x's dtype come on top)."""
     x = x.reshape(-1, x.shape[-1])
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
@@ -712,6 +718,7 @@ class _LinearTokenLogps(torch.autograd.Function):
             tc = targets[rows]
             lse[rows] = torch.logsumexp(logits, dim=-1)
             out[rows] = (logits.gather(1, tc.clamp(min=0)[:, None])[:, 0] - lse[rows]) * (tc != -1)
+            del logits  # before the next chunk's are made
         ctx.save_for_backward(x, weight, targets, lse)
         ctx.chunk_rows, ctx.scale, ctx.softcap = chunk_rows, scale, softcap
         return out
@@ -732,6 +739,7 @@ class _LinearTokenLogps(torch.autograd.Function):
             grad = logits.sub_(lse[rows, None]).exp_().mul_(-g[:, None])
             grad.scatter_add_(1, tc.clamp(min=0)[:, None], g[:, None])
             _add_chunk_grads(_through_final(grad, tanh, ctx.scale).to(x.dtype), xc, weight, rows, grad_x, grad_w)
+            del logits, tanh, grad  # before the next chunk's are made
         return grad_x, None if grad_w is None else grad_w.to(weight.dtype), None, None, None, None
 
 
@@ -786,8 +794,9 @@ class _LinearDistill(torch.autograd.Function):
         grad_x = torch.empty_like(x) if need_x else None
         grad_w = torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32),
                              device=x.device) if need_w else None
-        for start in range(0, x.shape[0], chunk_rows):
-            rows = slice(start, start + chunk_rows)
+
+        def chunk(rows: slice) -> torch.Tensor:  # locals freed at return, as in linear_cross_entropy's
+            part = torch.zeros((), dtype=torch.float64, device=x.device)
             xc = x[rows]
             logits, tanh = _final_logits((xc @ weight.t()).to(acc), *shape)  # (c, V)
             s = F.log_softmax(logits.div_(temperature), dim=-1)
@@ -796,7 +805,7 @@ class _LinearDistill(torch.autograd.Function):
             p = s.exp()
             if beta == 0:
                 q = t.exp()
-                total += (q * (t - s)).sum()
+                part += (q * (t - s)).sum()
                 grad = p.sub_(q)
             else:
                 if beta == 1:
@@ -805,14 +814,18 @@ class _LinearDistill(torch.autograd.Function):
                 else:
                     q = t.exp()
                     m = torch.logaddexp(s + math.log(1 - beta), t + math.log(beta))  # log M, no underflow
-                    total += beta * (q * (t - m)).sum()
+                    part += beta * (q * (t - m)).sum()
                     diff, scale = s - m, 1 - beta
                 kl = (p * diff).sum(-1, keepdim=True)  # (c, 1): KL(student || q or M)
-                total += scale * kl.sum()
+                part += scale * kl.sum()
                 grad = p.mul_(diff.sub_(kl)).mul_(scale)
             if need_x or need_w:
                 grad = _through_final(grad.div_(temperature), tanh, shape[0])
                 _add_chunk_grads(grad.to(x.dtype), xc, weight, rows, grad_x, grad_w)
+            return part
+
+        for start in range(0, x.shape[0], chunk_rows):
+            total += chunk(slice(start, start + chunk_rows))
         ctx.save_for_backward(grad_x, grad_w)
         ctx.weight_dtype = weight.dtype
         return total.to(acc)

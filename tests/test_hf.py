@@ -528,6 +528,10 @@ def test_what_it_cannot_take_is_refused():
     _, unscaled = tiny("granite", logits_scaling=0.0)
     with pytest.raises(ValueError, match="scale cannot be read"):
         phf.apply_pyllm_kernels(unscaled)
+    for cap in (0.0, -30.0):  # HF's forward gives NaN for 0 (and caps at 30 for -30): refused at the patch
+        _, odd = tiny("gemma2", final_logit_softcapping=cap)
+        with pytest.raises(ValueError, match="is not a positive number"):
+            phf.apply_pyllm_kernels(odd)
     _, ours = tiny("llama", attention_dropout=0.1)
     phf.apply_pyllm_kernels(ours)
     ours.train()
@@ -797,7 +801,8 @@ def compile_batch(layout: str) -> dict:
 
 @pytest.mark.parametrize("family, layout", [("llama", layout) for layout in ["plain", "left", "right", "position_ids",
                                                                               "cu_seq_lens"]]
-                         + [("gemma2-capped", "left"), ("mistral", "position_ids")])  # capped scores and logits, windows
+                         + [("gemma2-capped", "left"), ("mistral", "position_ids"),  # capped scores and logits, windows
+                            ("granite", "right")])  # scaled logits
 def test_compiled_training_step_is_one_graph(family, layout):
     # torch.compile(fullgraph=True) raises at a graph break: whether a batch pads or packs is read
     # inside pyllm::hf_attention (and the fused loss runs every row, the ignored ones as -1), so the

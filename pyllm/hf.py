@@ -839,16 +839,15 @@ def _fused_loss_refusal(model: nn.Module) -> str | None:
     elif model_type not in FUSED_LOSS_MODEL_TYPES:
         return (f"model_type {model_type!r} is not one whose logits are lm_head(hidden) alone "
                 "(pyllm.hf.FUSED_LOSS_MODEL_TYPES, FUSED_LOSS_MOE_TYPES)")
-    if getattr(model.config, "final_logit_softcapping", None) is not None and model_type not in _CAPPED_TYPES:
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap is not None and model_type not in _CAPPED_TYPES:
         return "its logits are capped (final_logit_softcapping) where its forward is not read as Gemma 2's"
-    if model_type in _LOGIT_SCALES or model_type in _CAPPED_TYPES:
-        cap = getattr(model.config, "final_logit_softcapping", None) if model_type in _CAPPED_TYPES else None
-        if cap is not None and not (isinstance(cap, (int, float)) and cap > 0):  # 0 would be no cap here
-            return f"its final_logit_softcapping {cap!r} is not a positive number"
-        try:
-            _logit_shape(model)
-        except (AttributeError, TypeError, ValueError, ZeroDivisionError) as e:
-            return f"its logits' scale cannot be read ({e})"
+    if cap is not None and not (isinstance(cap, (int, float)) and cap > 0):  # 0 would be no cap here
+        return f"its final_logit_softcapping {cap!r} is not a positive number"
+    try:
+        _logit_shape(model)
+    except (AttributeError, TypeError, ValueError, ZeroDivisionError) as e:
+        return f"its logits' scale cannot be read ({e})"
     head = model.get_output_embeddings()
     if not isinstance(head, nn.Linear) or head.bias is not None:
         return "its output layer is not a Linear without bias"

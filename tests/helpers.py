@@ -42,6 +42,12 @@ def tolerance(torch_out: torch.Tensor, ref: torch.Tensor) -> float:
     return 2.0 * max(rel_err(torch_out, ref), rounding, one_rounding)
 
 
+def shaped_logits(logits: torch.Tensor, scale: float = 1.0, softcap: float | None = None) -> torch.Tensor:
+    """The logits as the fused losses' scale and softcap make them, written plainly (in fp32 at least)."""
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32)) * scale
+    return z if softcap is None else softcap * torch.tanh(z / softcap)
+
+
 def assert_compiles_like_eager(fn, x: torch.Tensor) -> None:
     """torch.compile(fn, fullgraph=True) traces without a graph break and gives eager's output and
     gradient of x (x requires grad)."""

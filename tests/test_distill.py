@@ -15,7 +15,7 @@ from pyllm.model import LLM, ModelConfig
 from pyllm.nn import distill_divergence, linear_distill
 from pyllm.train import TrainConfig
 
-from helpers import CPU_AND_CUDA, rel_err, tolerance
+from helpers import CPU_AND_CUDA, rel_err, shaped_logits, tolerance
 from test_train import TINY, chat_dir, config, data_dir, losses  # noqa: F401  (fixtures)
 
 
@@ -43,13 +43,9 @@ def test_divergence_is_trls(beta, temperature):
     assert distill_divergence(student, student, beta, temperature).abs().max() < 1e-13  # 0 for the same model
 
 
-def shaped(logits, scale=1.0, softcap=None):
-    z = logits.to(torch.promote_types(logits.dtype, torch.float32)) * scale
-    return z if softcap is None else softcap * torch.tanh(z / softcap)
-
-
 def reference(x, w, xt, wt, beta, temperature, scale=1.0, softcap=None, teacher_scale=1.0, teacher_softcap=None):
-    return distill_divergence(shaped(x @ w.t(), scale, softcap), shaped(xt @ wt.t(), teacher_scale, teacher_softcap),
+    return distill_divergence(shaped_logits(x @ w.t(), scale, softcap),
+                              shaped_logits(xt @ wt.t(), teacher_scale, teacher_softcap),
                               beta, temperature).sum()
 
 

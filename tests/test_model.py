@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from pyllm.model import LLM, PRESETS, ModelConfig, sample
 
-from helpers import CPU_AND_CUDA, rel_err, tolerance
+from helpers import CPU_AND_CUDA, rel_err, shaped_logits, tolerance
 
 
 # --- the reference: the same architectures, written plainly from a state dict ---------------------
@@ -882,12 +882,6 @@ def test_lora_dropout_acts_in_training_only():
         LLM(ModelConfig(**CONFIGS["llama"])).add_lora(2, 4.0, targets="q,attn")
 
 
-def shaped(logits, scale=1.0, softcap=None):
-    """The logits as the fused losses' scale and softcap make them, written plainly (in fp32 at least)."""
-    z = logits.to(torch.promote_types(logits.dtype, torch.float32)) * scale
-    return z if softcap is None else softcap * torch.tanh(z / softcap)
-
-
 # No transform; Granite's (1 / logits_scaling); Gemma 2's cap at a value these logits reach (|z| to ~8);
 # Cohere's scale under a cap.
 LOGIT_SHAPES = {"plain": {}, "scaled": dict(scale=0.4), "capped": dict(softcap=3.0),
@@ -918,7 +912,7 @@ def test_linear_cross_entropy_matches_float64(device, dtype, chunk_rows, shape):
         return loss.detach(), x.grad, w.grad
 
     def plain(x, w, t):
-        return F.cross_entropy(shaped(x @ w.t(), **call), t, ignore_index=-1, reduction="sum")
+        return F.cross_entropy(shaped_logits(x @ w.t(), **call), t, ignore_index=-1, reduction="sum")
 
     ref = run(plain, torch.float64)
     theirs = run(plain, dtype, device)
@@ -951,7 +945,7 @@ def test_linear_token_logps_matches_float64(device, dtype, chunk_rows, shape):
         return out.detach(), x.grad, w.grad
 
     def plain(x, w, t):
-        return -F.cross_entropy(shaped(x @ w.t(), **call), t, ignore_index=-1, reduction="none")
+        return -F.cross_entropy(shaped_logits(x @ w.t(), **call), t, ignore_index=-1, reduction="none")
 
     ref = run(plain, torch.float64)
     theirs = run(plain, dtype, device)

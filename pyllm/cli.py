@@ -885,6 +885,11 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                    help="compute the loss chunk by chunk with its gradients (pyllm.nn.linear_cross_entropy): the "
                         "(batch, seq, vocab) logits and their gradient never exist, which is most of the activation "
                         "memory with a large vocabulary")
+    p.add_argument("--z-loss", type=float,
+                   help="add this times the mean of logsumexp(logits)^2 to the loss (PaLM's z-loss, 1e-4 there; OLMo "
+                        "2's 1e-5): keeps the softmax's normaliser near 1 so the output layer's logits do not drift "
+                        "(bf16 runs); logged as z_loss, with or without --fused-loss. Pretraining and SFT "
+                        "(default 0: off)")
     p.add_argument("--preference", choices=["dpo", "ipo", "hinge", "simpo", "orpo", "kto", "reward"],
                    help="preference tuning on --data of preference pairs: *.jsonl lines of {\"prompt\": ..., "
                         "\"chosen\": ..., \"rejected\": ...} (text, or lists of messages put in the chat template; or "

@@ -785,7 +785,7 @@ def _labelled_loss_body(x: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     """-> (the loss, grad_x (N, C), grad_w (V, C)), each gradient empty where not needed."""
     rows = (targets != -1).nonzero()[:, 0]
     every = rows.numel() == targets.numel()
-    total, grad_x, grad_w = pnn._linear_cross_entropy_with_grads(
+    total, _, grad_x, grad_w = pnn._linear_cross_entropy_with_grads(
         x if every else x[rows], weight, targets if every else targets[rows], chunk_rows, need_x, need_w, scale,
         softcap)
     if need_x and not every:

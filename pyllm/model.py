@@ -342,6 +342,7 @@ class LLM(nn.Module):
         # not part of the config.
         self.fused_loss = False
         self.aux_loss = None  # the last training forward's weighted load-balancing loss (MoE; forward)
+        self.z_loss_term = None  # the last forward's z-loss share of its loss, detached (forward's z_loss; for the log)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.apply(self._init_weights)
@@ -402,7 +403,8 @@ class LLM(nn.Module):
         nn.init.normal_(self.score.weight, mean=0.0, std=0.02)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
-                per_token: bool = False, hidden: bool = False, distill: dict | None = None, scores: bool = False):
+                per_token: bool = False, hidden: bool = False, distill: dict | None = None, scores: bool = False,
+                z_loss: float = 0.0):
         """idx (B, T) int64 -> logits (B, T, V) and, given targets (B, T), the mean cross-entropy
         (targets of -1 are ignored). With fused_loss set and targets given, logits is None (the
         loss came from linear_cross_entropy, chunk by chunk). per_token: instead of the logits and
@@ -411,6 +413,10 @@ class LLM(nn.Module):
         positions only (all of them under torch.compile); with fused_loss by nn.linear_token_logps.
         Mixture-of-experts models in training add router_aux_loss_coef times router_aux_loss() to
         the loss, also kept as aux_loss (for per_token's callers to add; None otherwise).
+        z_loss (with targets, for the mean loss): adds z_loss times the mean over the counted targets
+        of logsumexp(logits)^2 (PaLM's auxiliary loss, 1e-4 there: it keeps the softmax's normaliser
+        near 1, so the logits do not drift in bf16), with or without fused_loss; that share is
+        kept, detached, as z_loss_term (None without z_loss).
 
         Distillation (with targets): hidden gives (None, the final hidden states (N, C) at the N
         targets that are not -1), what a teacher gives its student; distill = {"teacher_hidden": those,
@@ -431,6 +437,9 @@ class LLM(nn.Module):
         were alone: its positions start at 0 and its tokens attend to its own tokens only (flash_attn's
         varlen call). The offsets are checked on the CPU; on CUDA only with PYLLM_ATTN_CHECK_SEQLENS=1
         (reading them costs a device sync): bad ones there give wrong results, never a bad access."""
+        self.z_loss_term = None
+        if z_loss and (targets is None or per_token or hidden or distill is not None or scores):
+            raise ValueError("LLM.forward: z_loss goes with the mean loss of targets (not per_token, hidden, distill or scores)")
         positions = None
         if cu_seqlens is not None:
             B, T = idx.shape
@@ -485,8 +494,12 @@ class LLM(nn.Module):
                                                                      **self.logit_shape()) / n
                 return None, loss if self.aux_loss is None else loss + self.aux_loss
             if not per_token:  # no (B, T, V) logits at all (linear_cross_entropy)
-                loss = linear_cross_entropy(h, self.lm_head.weight, targets_at, **self.logit_shape())
-                loss = loss / (targets != -1).sum().clamp(min=1)
+                n = (targets != -1).sum().clamp(min=1)
+                loss, z_part = linear_cross_entropy(h, self.lm_head.weight, targets_at, **self.logit_shape(),
+                                                    z_loss=z_loss, return_z_loss=True)
+                loss = loss / n
+                if z_loss:
+                    self.z_loss_term = z_part / n
                 return None, loss if self.aux_loss is None else loss + self.aux_loss
             logps = (linear_token_logps(h, self.lm_head.weight, targets_at, **self.logit_shape()) if fused
                      else token_logps(self._logits(h), targets_at))
@@ -497,8 +510,13 @@ class LLM(nn.Module):
             logits32 = logits.to(torch.promote_types(logits.dtype, torch.float32))
             # The sum over the counted targets rather than reduction="mean" (bitwise the same here):
             # a batch whose targets are all -1 (a packed row of prompts alone) gives 0, not NaN.
+            n = (targets != -1).sum().clamp(min=1)
             loss = F.cross_entropy(logits32.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-1,
-                                   reduction="sum") / (targets != -1).sum().clamp(min=1)
+                                   reduction="sum") / n
+            if z_loss:
+                z_part = z_loss * (torch.logsumexp(logits32, dim=-1).square() * (targets != -1)).sum() / n
+                loss = loss + z_part
+                self.z_loss_term = z_part.detach()
             if self.aux_loss is not None:
                 loss = loss + self.aux_loss
         return logits, loss

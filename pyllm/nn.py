@@ -607,60 +607,80 @@ def _saved_grads_times(ctx, grad_total: torch.Tensor, n_other_inputs: int) -> tu
 
 
 def _linear_cross_entropy_with_grads(x, weight, targets, chunk_rows: int, need_x: bool, need_w: bool,
-                                     scale: float = 1.0, softcap: float = 0.0):
-    """_LinearCrossEntropy's forward: (the sum of losses, grad_x or None, grad_w (fp32 at least) or None)."""
+                                     scale: float = 1.0, softcap: float = 0.0, label_smoothing: float = 0.0,
+                                     z_loss: float = 0.0):
+    """_LinearCrossEntropy's forward: (the sum of losses, the z-loss's share of it (a tensor; 0
+    without z_loss), grad_x or None, grad_w (fp32 at least) or None)."""
     acc = torch.promote_types(x.dtype, torch.float32)  # the logits' dtype, fp32 at least
-    total = torch.zeros((), dtype=torch.float64, device=x.device)  # chunk sums add up without drift
+    # chunk sums add up without drift
+    total, z_total = (torch.zeros((), dtype=torch.float64, device=x.device) for _ in range(2))
     grad_x = torch.empty_like(x) if need_x else None
     grad_w = torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32),
                          device=x.device) if need_w else None
+    vocab = weight.shape[0]
+
     # A chunk's buffers are its function's locals, freed at its return, before the next chunk makes
     # its own (a loop body's names would keep two chunks' (c, V) buffers alive at once).
-    def chunk(rows: slice) -> torch.Tensor:
+    def chunk(rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
         xc, tc = x[rows], targets[rows]
         # (c, V): the matmul in x's dtype, as nn.Linear, then scaled and capped in fp32
         logits, tanh = _final_logits((xc @ weight.t()).to(acc), scale, softcap)
         valid = tc != -1
         picked = tc.clamp(min=0)[:, None]
-        picked_logit = logits.gather(1, picked)[:, 0]
+        # label smoothing's target: (1 - e) on the label, e / V on every word (the label's included)
+        target_logit = logits.gather(1, picked)[:, 0] * (1 - label_smoothing)
+        if label_smoothing:
+            target_logit += logits.mean(dim=-1) * label_smoothing
         # One exp pass, in place: exp(logits - max) gives both the log-sum-exp and the softmax.
         top = logits.amax(dim=-1, keepdim=True)
         sums = logits.sub_(top).exp_().sum(dim=-1)  # (c,)
+        lse = top[:, 0] + sums.log()
+        z_rows = z_loss * lse.square() if z_loss else lse.new_zeros(())
         if need_x or need_w:
-            # d(sum of losses) / d logits = softmax - one_hot, 0 on ignored rows
+            # d(sum of losses) / d logits = softmax (1 + 2 z lse) - the smoothed one_hot, 0 on ignored rows
             grad = logits.div_(sums[:, None])
-            grad.scatter_add_(1, picked, -valid[:, None].to(grad.dtype))
+            if z_loss:
+                grad.mul_((1 + 2 * z_loss * lse)[:, None])
+            grad.scatter_add_(1, picked, -(1 - label_smoothing) * valid[:, None].to(grad.dtype))
+            if label_smoothing:
+                grad.sub_(label_smoothing / vocab)
             grad = _through_final(grad.mul_(valid[:, None]), tanh, scale)
             _add_chunk_grads(grad.to(x.dtype), xc, weight, rows, grad_x, grad_w)
-        return ((top[:, 0] + sums.log() - picked_logit) * valid).sum()
+        return ((lse - target_logit + z_rows) * valid).sum(), (z_rows * valid).sum()
 
     for start in range(0, x.shape[0], chunk_rows):
-        total += chunk(slice(start, start + chunk_rows))
-    return total.to(acc), grad_x, grad_w
+        loss, z_part = chunk(slice(start, start + chunk_rows))
+        total += loss
+        z_total += z_part
+    return total.to(acc), z_total.to(acc), grad_x, grad_w
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     """sum over rows of cross_entropy(x W^T, targets) (targets -1 ignored), its gradients computed
     in the forward, chunk by chunk (Liger-Kernel's fused linear cross-entropy, in torch ops): the
-    (rows, vocab) logits exist one chunk at a time, never whole, and are not kept for the backward."""
+    (rows, vocab) logits exist one chunk at a time, never whole, and are not kept for the backward.
+    -> (the loss, its z-loss share, not differentiable: for the log)."""
 
     @staticmethod
-    def forward(ctx, x, weight, targets, chunk_rows, scale, softcap):  # x (N, C), weight (V, C), targets (N,)
-        total, grad_x, grad_w = _linear_cross_entropy_with_grads(x, weight, targets, chunk_rows,
-                                                                 ctx.needs_input_grad[0], ctx.needs_input_grad[1],
-                                                                 scale, softcap)
+    def forward(ctx, x, weight, targets, chunk_rows, scale, softcap, label_smoothing, z_loss):
+        # x (N, C), weight (V, C), targets (N,)
+        total, z_total, grad_x, grad_w = _linear_cross_entropy_with_grads(
+            x, weight, targets, chunk_rows, ctx.needs_input_grad[0], ctx.needs_input_grad[1], scale, softcap,
+            label_smoothing, z_loss)
         ctx.save_for_backward(grad_x, grad_w)
         ctx.weight_dtype = weight.dtype
-        return total
+        ctx.mark_non_differentiable(z_total)
+        return total, z_total
 
     @staticmethod
-    def backward(ctx, grad_total):
-        return _saved_grads_times(ctx, grad_total, 4)
+    def backward(ctx, grad_total, _):
+        return _saved_grads_times(ctx, grad_total, 6)
 
 
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          chunk_rows: int | None = None, *, scale: float = 1.0,
-                         softcap: float | None = None) -> torch.Tensor:
+                         softcap: float | None = None, label_smoothing: float = 0.0, z_loss: float = 0.0,
+                         return_z_loss: bool = False):
     """The sum over rows of F.cross_entropy(x @ weight.T, targets), -1 targets ignored, in fp32, with
     its gradients for x and weight computed chunk by chunk in the forward (a fused linear
     cross-entropy): memory O(chunk_rows * vocab) for the logits instead of O(rows * vocab) twice
@@ -669,11 +689,22 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     rows of logits at a time (default: as many as 64 MiB of fp32 logits hold, at least 1).
     scale, softcap: the logits are z = scale * (x @ weight.T) (Granite's 1 / logits_scaling,
     Cohere's logit_scale), then softcap * tanh(z / softcap) when softcap is given (Gemma 2's
-    final_logit_softcapping), both in fp32."""
+    final_logit_softcapping), both in fp32.
+    label_smoothing: F.cross_entropy's (the target (1 - e) on the label plus e / V on every word).
+    z_loss: adds z_loss * logsumexp(logits)^2 for each counted row (PaLM's auxiliary loss, 1e-4 there,
+    keeping the softmax's normaliser near 1; Liger-Kernel's lse_square_scale). return_z_loss: ->
+    (the loss, that term's share of it, detached: for the log) instead of the loss."""
     x, weight, chunk_rows = _fused_linear_inputs(x, weight, chunk_rows, softcap)
     scale, softcap = _logit_shape("linear_cross_entropy", scale, softcap)
+    label_smoothing, z_loss = float(label_smoothing), float(z_loss)
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"linear_cross_entropy: label_smoothing must be in [0, 1], got {label_smoothing}")
+    if not 0.0 <= z_loss < math.inf:
+        raise ValueError(f"linear_cross_entropy: z_loss must be 0 or positive and finite, got {z_loss}")
     with torch.autocast(x.device.type, enabled=False):
-        return _LinearCrossEntropy.apply(x, weight, targets.reshape(-1), chunk_rows, scale, softcap)
+        loss, z_part = _LinearCrossEntropy.apply(x, weight, targets.reshape(-1), chunk_rows, scale, softcap,
+                                                 label_smoothing, z_loss)
+    return (loss, z_part) if return_z_loss else loss
 
 
 def _logit_shape(name: str, scale, softcap) -> tuple[float, float]:

@@ -39,6 +39,7 @@ class TrainConfig:
     lora_targets: str = ""  # LoRA on these projections, each its own update (q,k,v,o,gate,up,down; all-linear; experts); "": every linear layer, fused ones one update
     lora_dropout: float = 0.0  # dropout on the LoRA updates' inputs (PEFT's lora_dropout)
     fused_loss: bool = False  # the loss by linear_cross_entropy: no (batch, seq, vocab) logits in memory
+    z_loss: float = 0.0  # plus this times the mean logsumexp(logits)^2 (PaLM's z-loss, 1e-4 there; OLMo 2's 1e-5): pretraining and SFT
     preference: str = ""  # on preference pairs: dpo | ipo | hinge | simpo | orpo ("": not preference tuning)
     beta: float = 0.0  # the preference loss's beta (ORPO's lambda); 0: its usual value (PREFERENCE_BETA)
     simpo_gamma: float = 0.5  # SimPO's target reward margin
@@ -165,6 +166,9 @@ class TrainConfig:
         if not 0.0 <= self.sft_weight < math.inf or (self.sft_weight and self.preference not in ("dpo", "ipo", "hinge", "simpo")):
             raise ValueError(f"TrainConfig.sft_weight must be >= 0 and goes with preference dpo, ipo, hinge or simpo, got "
                              f"{self.sft_weight} with {self.preference or 'no preference loss'!r}")
+        if not 0.0 <= self.z_loss < math.inf or (self.z_loss and (self.preference or self.teacher or self.grpo_reward)):
+            raise ValueError(f"TrainConfig.z_loss must be >= 0 and finite and goes with pretraining and SFT (not "
+                             f"preference tuning, distillation or GRPO), got {self.z_loss}")
         if self.label_smoothing and self.preference != "dpo":
             raise ValueError("TrainConfig.label_smoothing goes with preference dpo")
         if not 0.0 <= self.center_rewards < math.inf or (self.center_rewards and self.preference != "reward"):
@@ -1513,6 +1517,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
             group["lr"] = lr
         loss_sum = torch.zeros((), device=info.device)
         aux_sum = torch.zeros((), device=info.device)  # the part of loss_sum that is load balancing (MoE)
+        z_sum = torch.zeros((), device=info.device)  # the part of loss_sum that is z-loss
         pref_sums = torch.zeros(3, device=info.device)  # mean chosen reward, rejected reward, accuracy
         on_policy = 0  # micro-batches of the student's own samples (distill_lmbda)
         grpo_sums = torch.zeros(9 + 2 * len(reward or ()), dtype=torch.float64)  # grpo_stat_means' sums
@@ -1567,13 +1572,16 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
                         batch = on_policy_batch(model, batch, cfg, torch.Generator(info.device).manual_seed(int(seeds[1])))
                         on_policy += 1
                     loss = distill_loss(wrapped, teacher, batch, cfg)
-                elif weights is not None and not cfg.fused_loss:  # packed conversations
+                elif weights is not None and not cfg.fused_loss and not cfg.z_loss:  # packed conversations
                     loss = packed_loss(wrapped, batch)
+                elif cfg.z_loss:
+                    loss = wrapped(*batch, z_loss=cfg.z_loss)[1]
+                    z_sum += model.z_loss_term / cfg.grad_accum if weights is None else model.z_loss_term * weights[micro]
                 else:
                     loss = wrapped(*batch)[1]
                 if model.aux_loss is not None:  # a MoE's load balancing (in the loss unless the forward was per token)
                     if cfg.preference or reward is not None or (teacher is None and weights is not None
-                                                                and not cfg.fused_loss):
+                                                                and not cfg.fused_loss and not cfg.z_loss):
                         loss = loss + model.aux_loss
                     aux = model.aux_loss.detach()
                     aux_sum += aux / cfg.grad_accum if weights is None else aux * weights[micro]
@@ -1619,6 +1627,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
             record["loss_scale"] = scaler.get_scale()
         if mcfg.n_experts and mcfg.router_aux_loss_coef:
             record["aux_loss"] = float(all_reduce_mean(aux_sum, info))
+        if cfg.z_loss:
+            record["z_loss"] = float(all_reduce_mean(z_sum, info))
         if cfg.distill_lmbda:
             record["on_policy"] = on_policy / cfg.grad_accum
         if reward is not None:

@@ -922,6 +922,65 @@ def test_linear_cross_entropy_matches_float64(device, dtype, chunk_rows, shape):
         assert rel_err(got, exact) <= tolerance(torch_value, exact), name
 
 
+# F.cross_entropy's label smoothing; PaLM's z-loss (coefficient 1e-4 there: 1e-2 here, to weigh in
+# the gradients these few rows give); both.
+OBJECTIVES = {"smoothed": dict(label_smoothing=0.1), "z-loss": dict(z_loss=1e-2),
+              "both": dict(label_smoothing=0.2, z_loss=1e-3)}
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("objective", OBJECTIVES)
+@pytest.mark.parametrize("chunk_rows, shape", [(37, "plain"), (None, "scaled-capped")])
+def test_linear_cross_entropy_objectives_match_float64(device, dtype, objective, chunk_rows, shape):
+    # label_smoothing and z_loss: loss and both gradients within twice torch's own error in that
+    # dtype (F.cross_entropy's label_smoothing plus z * logsumexp^2 over the counted rows); the
+    # z-loss share given back (return_z_loss) to fp32 rounding, detached.
+    from pyllm.nn import linear_cross_entropy
+
+    call, options = LOGIT_SHAPES[shape], OBJECTIVES[objective]
+    z = options.get("z_loss", 0.0)
+    torch.manual_seed(2)
+    x64, w64 = torch.randn(300, 64, dtype=torch.float64), torch.randn(1000, 64, dtype=torch.float64) * 0.2
+    targets = torch.randint(0, 1000, (300,))
+    targets[::7] = -1
+
+    def run(fn, dtype, device="cpu"):
+        x, w = (t.to(device, dtype, copy=True).requires_grad_() for t in (x64, w64))
+        loss = fn(x, w, targets.to(device))
+        loss.backward()
+        return loss.detach(), x.grad, w.grad
+
+    def z_part(x, w, t):
+        return z * (torch.logsumexp(shaped_logits(x @ w.t(), **call), dim=-1).square() * (t != -1)).sum()
+
+    def plain(x, w, t):
+        return F.cross_entropy(shaped_logits(x @ w.t(), **call), t, ignore_index=-1, reduction="sum",
+                               label_smoothing=options.get("label_smoothing", 0.0)) + z_part(x, w, t)
+
+    ref = run(plain, torch.float64)
+    theirs = run(plain, dtype, device)
+    ours = run(lambda x, w, t: linear_cross_entropy(x, w, t, chunk_rows, **call, **options), dtype, device)
+    for name, got, torch_value, exact in zip(("loss", "dx", "dw"), ours, theirs, ref):
+        assert rel_err(got, exact) <= tolerance(torch_value, exact), name
+    x, w = (t.to(device, dtype) for t in (x64, w64))
+    loss, share = linear_cross_entropy(x, w, targets.to(device), chunk_rows, **call, **options, return_z_loss=True)
+    assert not share.requires_grad and share.dtype == torch.float32
+    want = z_part(x64, w64, targets)
+    assert float(share) == 0.0 if not z else abs(float(share) - float(want)) <= 2e-2 * float(want)
+
+
+def test_linear_cross_entropy_objectives_are_checked():
+    from pyllm.nn import linear_cross_entropy
+
+    x, w, t = torch.randn(4, 8), torch.randn(10, 8), torch.randint(0, 10, (4,))
+    for options, message in ((dict(label_smoothing=1.5), "label_smoothing must be in"),
+                             (dict(label_smoothing=-0.1), "label_smoothing must be in"),
+                             (dict(z_loss=-1e-4), "z_loss must be"), (dict(z_loss=math.inf), "z_loss must be")):
+        with pytest.raises(ValueError, match=message):
+            linear_cross_entropy(x, w, t, **options)
+
+
 @pytest.mark.parametrize("device", CPU_AND_CUDA)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("chunk_rows, shape", CHUNKS_AND_SHAPES)
@@ -1007,6 +1066,56 @@ def test_fused_loss_gives_the_model_loss_and_gradients(name):
         assert rel_err(f, g) < 1e-12
     model.add_lora(2, 4.0)
     assert model(idx, targets)[1].requires_grad and model.lm_head.weight.grad is None
+
+
+@pytest.mark.parametrize("name", ["llama", "gqa-untied", "moe", "softcap"])
+def test_z_loss_of_the_model(name):
+    # forward(z_loss=): the mean cross-entropy plus z times the mean over the counted targets of
+    # logsumexp(logits)^2, the same with fused_loss (fp64: to rounding), gradients too; the share
+    # kept as z_loss_term; 0 is the plain loss, bitwise; asked of a forward without a mean loss, refused.
+    cfg = ModelConfig(**CONFIGS[name])
+    model = randomized(cfg)
+    idx = torch.randint(0, cfg.vocab_size, (2, 12))
+    targets = idx.roll(-1, dims=1)
+    targets[:, :3] = -1
+    params = [p for p in model.parameters()]
+    logits, plain = model(idx, targets)
+    assert model.z_loss_term is None
+    assert torch.equal(model(idx, targets, z_loss=0.0)[1], plain)
+    valid = targets != -1
+    want_share = 1e-2 * (torch.logsumexp(logits, -1).square() * valid).sum() / valid.sum()
+    loss = model(idx, targets, z_loss=1e-2)[1]
+    assert rel_err(loss, plain + want_share) < 1e-14 and rel_err(model.z_loss_term, want_share) < 1e-14
+    assert not model.z_loss_term.requires_grad
+    grads = torch.autograd.grad(loss, params)
+    model.fused_loss = True
+    fused = model(idx, targets, z_loss=1e-2)[1]
+    assert rel_err(fused, loss) < 1e-14 and rel_err(model.z_loss_term, want_share) < 1e-14
+    for g, f in zip(grads, torch.autograd.grad(fused, params)):
+        assert rel_err(f, g) < 1e-12
+    for kw in (dict(per_token=True), dict(hidden=True)):
+        with pytest.raises(ValueError, match="z_loss goes with the mean loss"):
+            model(idx, targets, z_loss=1e-2, **kw)
+    with pytest.raises(ValueError, match="z_loss goes with the mean loss"):
+        model(idx, z_loss=1e-2)
+
+
+def test_z_loss_compiles_with_the_fused_loss():
+    # torch.compile(fullgraph=True) of the fused loss with z_loss (the autograd function's second,
+    # non-differentiable output, kept on the module): eager's loss, share and gradients.
+    torch.manual_seed(0)
+    model = LLM(ModelConfig(vocab_size=128, n_layers=1, n_heads=2, dim=32, block_size=16))
+    model.fused_loss = True
+    x = torch.randint(0, 128, (2, 16))
+    eager = model(x, x, z_loss=1e-3)[1]
+    share = model.z_loss_term
+    grads = torch.autograd.grad(eager, list(model.parameters()))
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)(x, x, z_loss=1e-3)[1]
+    assert float(compiled.detach()) == pytest.approx(float(eager), rel=1e-6)
+    assert float(model.z_loss_term) == pytest.approx(float(share), rel=1e-6)
+    for g, c in zip(grads, torch.autograd.grad(compiled, list(model.parameters()))):
+        torch.testing.assert_close(c, g, rtol=1e-5, atol=1e-7)
 
 
 def test_lora_disabled_is_the_base_model():

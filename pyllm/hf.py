@@ -49,12 +49,16 @@ from pyllm.ops.swiglu import geglu, geglu_packed, swiglu, swiglu_packed
 NAME = "pyllm"
 
 # Decoders whose ForCausalLM.forward ends in `logits = lm_head(hidden); loss = loss_function(logits,
-# labels, ...)` with at most a scale and a cap between (read in transformers 5.x): the fused loss
-# computes the same (_logit_shape).
-FUSED_LOSS_MODEL_TYPES = frozenset({"llama", "mistral", "ministral", "qwen2", "qwen3", "gemma", "gemma2",
-                                    "gemma3_text", "vaultgemma", "nanochat", "phi3", "olmo2", "olmo3", "smollm3",
-                                    "starcoder2", "glm4", "granite", "granite_swa", "cohere", "cohere2",
-                                    "hyperclovax"})
+# labels, ...)` with at most a scale and a cap between (read in transformers 5.x; each type's forward
+# body compared with Llama's in 5.24, and each tested small in float64): the fused loss computes the
+# same (_logit_shape).
+FUSED_LOSS_MODEL_TYPES = frozenset({
+    "llama", "mistral", "ministral", "ministral3", "qwen2", "qwen3", "qwen3_5_text", "gemma", "gemma2",
+    "gemma3_text", "vaultgemma", "nanochat", "phi", "phi3", "olmo", "olmo2", "olmo3", "olmo_hybrid", "smollm3",
+    "starcoder2", "glm", "glm4", "granite", "granite_swa", "cohere", "cohere2", "hyperclovax", "apertus",
+    "apertus1p5_text", "arcee", "bitnet", "cwm", "diffllama", "ernie4_5", "exaone", "exaone4",
+    "helium", "hunyuan_v1_dense", "internlm3", "iquestcoder", "jais2", "lfm2", "lfm3", "seed_oss", "youtu",
+    "nemotron", "persimmon", "stablelm", "zamba", "zamba2", "gpt_neox", "opt", "hrm_text", "minicpm3"})
 # Mixtures of experts whose forward is that and then, with output_router_logits, `loss +=
 # router_aux_loss_coef * load_balancing_loss_func(outputs.router_logits, self.num_experts,
 # self.num_experts_per_tok, attention_mask)` (read in transformers 5.x): the fused loss adds the same,
@@ -62,6 +66,13 @@ FUSED_LOSS_MODEL_TYPES = frozenset({"llama", "mistral", "ministral", "qwen2", "q
 FUSED_LOSS_MOE_TYPES = frozenset({"mixtral", "qwen2_moe", "qwen3_moe", "qwen3_next", "olmoe", "flex_olmo", "gpt_oss",
                                   "phimoe", "minimax", "jamba", "ernie4_5_moe", "granitemoe", "granitemoeshared",
                                   "granitemoe_swa", "granitemoehybrid"})
+# Mixtures of experts whose forward is the first kind's, its output MoeCausalLMOutputWithPast (the router's
+# logits passed on, no balancing loss added; read in transformers 5.x).
+FUSED_LOSS_ROUTED_TYPES = frozenset({
+    "aria_text", "axk1", "axk2", "bailing_hybrid", "deepseek_v2", "deepseek_v3", "deepseek_v32", "dots1",
+    "exaone_moe", "glm4_moe", "glm4_moe_lite", "glm_moe_dsa", "hunyuan_v1_moe",
+    "hy_v3", "kimi_linear", "kolibri1", "lfm2_moe", "longcat_flash", "mimo_v2_flash", "sarvam_mla", "sarvam_moe",
+    "solar_open"})
 # What those forwards do to lm_head(hidden) before the loss: a scale (the types listed here: Granite's
 # `logits / config.logits_scaling`, Cohere's `logits * self.logit_scale`, HyperCLOVA X's `* config.
 # logits_scaling`), then `final_logit_softcapping * tanh(logits / final_logit_softcapping)` in the
@@ -71,7 +82,8 @@ _COHERE_SCALE = lambda model: model.logit_scale  # noqa: E731
 _LOGIT_SCALES = {"granite": _GRANITE_SCALE, "granite_swa": _GRANITE_SCALE, "granitemoe": _GRANITE_SCALE,
                  "granitemoeshared": _GRANITE_SCALE, "granitemoe_swa": _GRANITE_SCALE,
                  "granitemoehybrid": _GRANITE_SCALE, "cohere": _COHERE_SCALE, "cohere2": _COHERE_SCALE,
-                 "hyperclovax": lambda model: model.config.logits_scaling}
+                 "hyperclovax": lambda model: model.config.logits_scaling,
+                 "minicpm3": _GRANITE_SCALE}  # (MiniCPM3's lm_head(hidden / logits_scaling): the same)
 _CAPPED_TYPES = frozenset({"gemma2", "gemma3_text", "vaultgemma", "nanochat"})
 
 
@@ -736,10 +748,10 @@ def _fused_loss_forward(self, input_ids=None, attention_mask=None, position_ids=
                         else num_items_in_batch)
     rest = {name: value for name, value in outputs.items() if name != "last_hidden_state"}  # the cache (its
     # field's name differs between transformers versions), hidden_states, attentions, router_logits
-    if moe:
+    if moe or self.config.model_type in FUSED_LOSS_ROUTED_TYPES:
         from transformers.modeling_outputs import MoeCausalLMOutputWithPast
         aux_loss = None
-        if router:
+        if moe and router:
             balance = _balancing_loss_function(self)
             aux_loss = balance(outputs.router_logits, self.num_experts, self.num_experts_per_tok, attention_mask)
             loss = loss + self.router_aux_loss_coef * aux_loss.to(loss.device)
@@ -836,9 +848,9 @@ def _fused_loss_refusal(model: nn.Module) -> str | None:
         if _balancing_loss_function(model) is None or not all(
                 hasattr(model, name) for name in ("num_experts", "num_experts_per_tok", "router_aux_loss_coef")):
             return "its forward is not transformers' (no load_balancing_loss_func, num_experts, ...)"
-    elif model_type not in FUSED_LOSS_MODEL_TYPES:
+    elif model_type not in FUSED_LOSS_MODEL_TYPES | FUSED_LOSS_ROUTED_TYPES:
         return (f"model_type {model_type!r} is not one whose logits are lm_head(hidden) alone "
-                "(pyllm.hf.FUSED_LOSS_MODEL_TYPES, FUSED_LOSS_MOE_TYPES)")
+                "(pyllm.hf.FUSED_LOSS_MODEL_TYPES, FUSED_LOSS_MOE_TYPES, FUSED_LOSS_ROUTED_TYPES)")
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap is not None and model_type not in _CAPPED_TYPES:
         return "its logits are capped (final_logit_softcapping) where its forward is not read as Gemma 2's"
@@ -849,8 +861,8 @@ def _fused_loss_refusal(model: nn.Module) -> str | None:
     except (AttributeError, TypeError, ValueError, ZeroDivisionError) as e:
         return f"its logits' scale cannot be read ({e})"
     head = model.get_output_embeddings()
-    if not isinstance(head, nn.Linear) or head.bias is not None:
-        return "its output layer is not a Linear without bias"
+    if type(head) is not nn.Linear or head.bias is not None:  # (a subclass may compute more: Dory's scales)
+        return "its output layer is not a plain nn.Linear without bias"
     if not hasattr(model, "get_decoder") or model.get_decoder() is None:
         return "it has no decoder (get_decoder)"
     return None
@@ -881,13 +893,18 @@ def apply_pyllm_kernels(model: nn.Module, attention: bool = True, swiglu: bool =
         Code that reads outputs.logits in training (TRL's SFT entropy and token accuracy) needs it off.
     Returns what was applied: {"attention": bool, "swiglu": number of MLPs, "geglu": number of MLPs,
     "rms_norm": number of norms, "rope": number of attention modules, "fused_linear_cross_entropy": bool}. A requested part the model cannot take raises ValueError saying why (fused loss on
-    a model whose logits are more than lm_head(hidden); a model that cannot switch attention)."""
+    a model whose logits are more than lm_head(hidden); a model that cannot switch attention or does not take
+    flash-attention's 2D padding mask)."""
     applied = {"attention": False, "swiglu": 0, "geglu": 0, "rms_norm": 0, "rope": 0,
                "fused_linear_cross_entropy": False}
     if attention:
         register_attention()
         if not model._can_set_attn_implementation():
             raise ValueError(f"{type(model).__name__} does not take attention functions by name (AttentionInterface)")
+        if not getattr(model, "_supports_flash_attn", True):  # pyllm's attention gets flash-attention's mask
+            raise ValueError(f"{type(model).__name__} does not take flash-attention's 2D padding mask "
+                             "(_supports_flash_attn is False: DeepSeek-V3.2's sparse-attention indexer reads the 4D "
+                             "mask); pass attention=False")
         model.set_attn_implementation(NAME)
         applied["attention"] = True
     if swiglu or geglu:

@@ -435,6 +435,90 @@ def test_mixture_of_experts_fused_loss_adds_the_balancing_loss(family, router):
             assert rel_err(q.grad, p.grad) < 1e-10, name
 
 
+# A small model of any listed type from its config's defaults: these sizes where the config has the
+# field, and what some types need besides (multi-head latent attention's dims, a hybrid's layer kinds).
+SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=16, max_position_embeddings=256, initializer_range=0.2,
+             n_routed_experts=4, num_experts=4, num_local_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+             n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=24, n_group=1, topk_group=1,
+             shared_expert_intermediate_size=32, expert_ffn_hidden_size=32, ffn_hidden_size=96, pad_token_id=0,
+             bos_token_id=2, eos_token_id=1, attention_dropout=0.0)
+MLA = dict(num_key_value_heads=4, head_dim=8, qk_rope_head_dim=8, qk_nope_head_dim=16, qk_head_dim=24, v_head_dim=16)
+SMALL_BY_TYPE = {"minicpm3": dict(MLA, qk_rope_head_dim=16, head_dim=16, qk_head_dim=32),
+                 "zamba": dict(layers_block_type=["linear_attention", "hybrid", "hybrid"], num_hidden_layers=3,
+                               use_mamba_kernels=False),
+                 "zamba2": dict(layers_block_type=["linear_attention", "hybrid", "hybrid"], num_hidden_layers=3,
+                                hybrid_layer_ids=[1, 2], use_mamba_kernels=False),
+                 "lfm2_moe": dict(layer_types=["conv", "full_attention"], num_dense_layers=1)}
+
+
+def tiny_of_type(model_type: str):
+    """(reference, copy) of a small float64 transformers model of this model_type, on float64_attention
+    and eager experts (skipped where the installed transformers has no such type)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    if model_type not in CONFIG_MAPPING:
+        pytest.skip(f"this transformers has no {model_type}")
+    config_class = CONFIG_MAPPING[model_type]
+    default = config_class()
+    overrides = {k: v for k, v in SMALL.items() if hasattr(default, k)}
+    if hasattr(default, "kv_lora_rank"):
+        overrides.update({k: v for k, v in MLA.items() if hasattr(default, k)})
+    config = config_class(**{**overrides, **SMALL_BY_TYPE.get(model_type, {})})
+    config._attn_implementation = "float64"
+    config._experts_implementation = "eager"  # grouped_mm has no float64
+    torch.manual_seed(0)
+    reference = transformers.AutoModelForCausalLM.from_config(config).double()
+    return reference, copy.deepcopy(reference)
+
+
+@pytest.mark.parametrize("model_type", sorted(phf.FUSED_LOSS_MODEL_TYPES | phf.FUSED_LOSS_MOE_TYPES
+                                              | phf.FUSED_LOSS_ROUTED_TYPES))
+def test_every_listed_type_gives_its_loss_and_gradients(model_type):
+    # Each model type the fused loss takes, built small from its config's defaults. The fused loss
+    # alone: on a right-padded batch, F.cross_entropy over the unpatched model's own logits (float64)
+    # and every gradient its own, the output of the model's kind (mixtures of experts: with
+    # router_logits), no logits. Every kernel the model takes as well: the loss within 1e-6 of that,
+    # the gradients 1e-5 (the model's own modules round to fp32 inside a float64 model in places:
+    # norms, rotary tables, routers; pyllm's kernels stay in float64; the per-family tests above
+    # hold them to 1e-10 against float64 norms). Gradients compared as one vector (a key bias's is 0
+    # but for rounding). A model that does not take flash-attention's
+    # 2D mask refuses pyllm's attention; one whose output layer has a bias, the fused loss.
+    reference, fused = tiny_of_type(model_type)
+    every = copy.deepcopy(reference)
+    attention = getattr(every, "_supports_flash_attn", True)
+    if not attention:
+        with pytest.raises(ValueError, match="does not take flash-attention's 2D padding mask"):
+            phf.apply_pyllm_kernels(every)
+    if type(fused.get_output_embeddings()) is not nn.Linear or fused.get_output_embeddings().bias is not None:
+        with pytest.raises(ValueError, match="not a plain nn.Linear without bias"):  # Phi-2's biased output layer
+            phf.apply_pyllm_kernels(every, attention=attention)
+        return
+    phf.apply_pyllm_kernels(fused, attention=False, swiglu=False, geglu=False, rms_norm=False, rope=False)
+    phf.apply_pyllm_kernels(every, attention=attention)
+    ids, mask = inputs(B=2, T=11), padded(B=2, T=11, left=False)
+    labels = ids.masked_fill(mask == 0, -100)
+    shifted = F.pad(labels, (0, 1), value=-100)[:, 1:]
+    outputs = []
+    for model in (reference, fused, every):
+        model.train()
+        torch.manual_seed(3)  # (any dropout or router noise drawn the same)
+        # use_cache=False: hybrids' caches (HF's) error in a training forward
+        out = model(ids, attention_mask=mask, use_cache=False, **({} if model is reference else {"labels": labels}))
+        if model is reference:
+            out.loss = F.cross_entropy(out.logits.flatten(0, 1), shifted.flatten(), ignore_index=-100)
+        out.loss.backward()
+        outputs.append(out)
+    want, got, got_every = outputs
+    assert got.logits is None and type(got) is type(want) and type(got_every) is type(want)
+    assert rel_err(got.loss, want.loss) < 1e-12
+    assert rel_err(got_every.loss, want.loss) < 1e-6
+    def gradient(model):
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    assert rel_err(gradient(fused), gradient(reference)) < 1e-12
+    assert rel_err(gradient(every), gradient(reference)) < 1e-5
+
+
 def test_tuple_outputs_and_a_lora_output_layer():
     peft = pytest.importorskip("peft")
     reference, ours = tiny("llama")

@@ -58,7 +58,8 @@ FUSED_LOSS_MODEL_TYPES = frozenset({
     "starcoder2", "glm", "glm4", "granite", "granite_swa", "cohere", "cohere2", "hyperclovax", "apertus",
     "apertus1p5_text", "arcee", "bitnet", "cwm", "diffllama", "ernie4_5", "exaone", "exaone4",
     "helium", "hunyuan_v1_dense", "internlm3", "iquestcoder", "jais2", "lfm2", "lfm3", "seed_oss", "youtu",
-    "nemotron", "persimmon", "stablelm", "zamba", "zamba2", "gpt_neox", "opt", "hrm_text", "minicpm3"})
+    "nemotron", "persimmon", "stablelm", "zamba", "zamba2", "gpt_neox", "opt", "hrm_text", "minicpm3", "gpt2",
+    "gpt_bigcode", "gpt_neo", "falcon", "bloom", "falcon_h1", "bamba"})
 # Mixtures of experts whose forward is that and then, with output_router_logits, `loss +=
 # router_aux_loss_coef * load_balancing_loss_func(outputs.router_logits, self.num_experts,
 # self.num_experts_per_tok, attention_mask)` (read in transformers 5.x): the fused loss adds the same,
@@ -72,7 +73,9 @@ FUSED_LOSS_ROUTED_TYPES = frozenset({
     "aria_text", "axk1", "axk2", "bailing_hybrid", "deepseek_v2", "deepseek_v3", "deepseek_v32", "dots1",
     "exaone_moe", "glm4_moe", "glm4_moe_lite", "glm_moe_dsa", "hunyuan_v1_moe",
     "hy_v3", "kimi_linear", "kolibri1", "lfm2_moe", "longcat_flash", "mimo_v2_flash", "sarvam_mla", "sarvam_moe",
-    "solar_open"})
+    "solar_open", "afmoe", "beam", "cohere2_moe"})
+# Those whose forward returns CausalLMOutputWithCrossAttentions (GPT-2's line), for the same output.
+_CROSS_ATTENTION_OUTPUT_TYPES = frozenset({"gpt2", "gpt_bigcode", "falcon", "bloom"})
 # What those forwards do to lm_head(hidden) before the loss: a scale (the types listed here: Granite's
 # `logits / config.logits_scaling`, Cohere's `logits * self.logit_scale`, HyperCLOVA X's `* config.
 # logits_scaling`), then `final_logit_softcapping * tanh(logits / final_logit_softcapping)` in the
@@ -83,8 +86,9 @@ _LOGIT_SCALES = {"granite": _GRANITE_SCALE, "granite_swa": _GRANITE_SCALE, "gran
                  "granitemoeshared": _GRANITE_SCALE, "granitemoe_swa": _GRANITE_SCALE,
                  "granitemoehybrid": _GRANITE_SCALE, "cohere": _COHERE_SCALE, "cohere2": _COHERE_SCALE,
                  "hyperclovax": lambda model: model.config.logits_scaling,
-                 "minicpm3": _GRANITE_SCALE}  # (MiniCPM3's lm_head(hidden / logits_scaling): the same)
-_CAPPED_TYPES = frozenset({"gemma2", "gemma3_text", "vaultgemma", "nanochat"})
+                 "minicpm3": _GRANITE_SCALE,  # (MiniCPM3's lm_head(hidden / logits_scaling): the same)
+                 "cohere2_moe": _COHERE_SCALE, "falcon_h1": lambda model: model.model.lm_head_multiplier}
+_CAPPED_TYPES = frozenset({"gemma2", "gemma3_text", "vaultgemma", "nanochat", "beam"})
 
 
 # --- attention ---------------------------------------------------------------------------------------
@@ -756,6 +760,9 @@ def _fused_loss_forward(self, input_ids=None, attention_mask=None, position_ids=
             aux_loss = balance(outputs.router_logits, self.num_experts, self.num_experts_per_tok, attention_mask)
             loss = loss + self.router_aux_loss_coef * aux_loss.to(loss.device)
         output = MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux_loss, logits=None, **rest)
+    elif self.config.model_type in _CROSS_ATTENTION_OUTPUT_TYPES:
+        from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
+        output = CausalLMOutputWithCrossAttentions(loss=loss, logits=None, **rest)
     else:
         output = CausalLMOutputWithPast(loss=loss, logits=None, **rest)
     return output if return_dict is not False else output.to_tuple()
@@ -851,6 +858,8 @@ def _fused_loss_refusal(model: nn.Module) -> str | None:
     elif model_type not in FUSED_LOSS_MODEL_TYPES | FUSED_LOSS_ROUTED_TYPES:
         return (f"model_type {model_type!r} is not one whose logits are lm_head(hidden) alone "
                 "(pyllm.hf.FUSED_LOSS_MODEL_TYPES, FUSED_LOSS_MOE_TYPES, FUSED_LOSS_ROUTED_TYPES)")
+    if getattr(model, "z_loss_coefficient", 0):  # Bamba's z-loss, over every position (the fused loss sees the labelled)
+        return "its loss adds a z-loss over every position (z_loss_coefficient)"
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap is not None and model_type not in _CAPPED_TYPES:
         return "its logits are capped (final_logit_softcapping) where its forward is not read as Gemma 2's"

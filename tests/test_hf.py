@@ -61,7 +61,7 @@ def float64_attention(module, query, key, value, attention_mask, scaling=None, d
         probs = torch.cat([scores, sink], dim=-1).softmax(dim=-1)[..., :-1]
     else:
         probs = scores.softmax(dim=-1).nan_to_num(0.0)
-    return (probs @ value).transpose(1, 2), None
+    return (probs @ value).transpose(1, 2).contiguous(), None  # (contiguous, as transformers' own: AFMoE views it)
 
 
 transformers.AttentionInterface.register("float64", float64_attention)
@@ -442,32 +442,40 @@ SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_
              n_routed_experts=4, num_experts=4, num_local_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
              n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=24, n_group=1, topk_group=1,
              shared_expert_intermediate_size=32, expert_ffn_hidden_size=32, ffn_hidden_size=96, pad_token_id=0,
-             bos_token_id=2, eos_token_id=1, attention_dropout=0.0)
+             bos_token_id=2, eos_token_id=1, attention_dropout=0.0, attn_pdrop=0.0)
 MLA = dict(num_key_value_heads=4, head_dim=8, qk_rope_head_dim=8, qk_nope_head_dim=16, qk_head_dim=24, v_head_dim=16)
 SMALL_BY_TYPE = {"minicpm3": dict(MLA, qk_rope_head_dim=16, head_dim=16, qk_head_dim=32),
                  "zamba": dict(layers_block_type=["linear_attention", "hybrid", "hybrid"], num_hidden_layers=3,
                                use_mamba_kernels=False),
                  "zamba2": dict(layers_block_type=["linear_attention", "hybrid", "hybrid"], num_hidden_layers=3,
                                 hybrid_layer_ids=[1, 2], use_mamba_kernels=False),
-                 "lfm2_moe": dict(layer_types=["conv", "full_attention"], num_dense_layers=1)}
+                 "lfm2_moe": dict(layer_types=["conv", "full_attention"], num_dense_layers=1),
+                 "gpt_neo": dict(attention_types=[[["global", "local"], 1]]),
+                 # (Beam caps its logits in fp32 whatever the model's dtype: uncapped here, exact; the
+                 # cap is Gemma 2's, tested above)
+                 "beam": dict(final_logit_softcapping=None)}
 
 
 def tiny_of_type(model_type: str):
     """(reference, copy) of a small float64 transformers model of this model_type, on float64_attention
-    and eager experts (skipped where the installed transformers has no such type)."""
+    where it takes attention by name, and eager experts (skipped where the installed transformers has
+    no such type)."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
     if model_type not in CONFIG_MAPPING:
         pytest.skip(f"this transformers has no {model_type}")
     config_class = CONFIG_MAPPING[model_type]
     default = config_class()
-    overrides = {k: v for k, v in SMALL.items() if hasattr(default, k)}
+    overrides = {k: v for k, v in SMALL.items()  # (not Falcon's head_dim, a property of its other sizes)
+                 if hasattr(default, k) and not isinstance(getattr(config_class, k, None), property)}
     if hasattr(default, "kv_lora_rank"):
         overrides.update({k: v for k, v in MLA.items() if hasattr(default, k)})
     config = config_class(**{**overrides, **SMALL_BY_TYPE.get(model_type, {})})
-    config._attn_implementation = "float64"
+    config._attn_implementation = "eager"
     config._experts_implementation = "eager"  # grouped_mm has no float64
     torch.manual_seed(0)
     reference = transformers.AutoModelForCausalLM.from_config(config).double()
+    if reference._can_set_attn_implementation():  # (Falcon, GPT-Neo, BLOOM keep their own)
+        reference.set_attn_implementation("float64")
     return reference, copy.deepcopy(reference)
 
 
@@ -485,9 +493,10 @@ def test_every_listed_type_gives_its_loss_and_gradients(model_type):
     # 2D mask refuses pyllm's attention; one whose output layer has a bias, the fused loss.
     reference, fused = tiny_of_type(model_type)
     every = copy.deepcopy(reference)
-    attention = getattr(every, "_supports_flash_attn", True)
+    attention = every._can_set_attn_implementation() and getattr(every, "_supports_flash_attn", True)
     if not attention:
-        with pytest.raises(ValueError, match="does not take flash-attention's 2D padding mask"):
+        with pytest.raises(ValueError, match="does not take flash-attention's 2D padding mask|does not take attention "
+                                             "functions by name"):
             phf.apply_pyllm_kernels(every)
     if type(fused.get_output_embeddings()) is not nn.Linear or fused.get_output_embeddings().bias is not None:
         with pytest.raises(ValueError, match="not a plain nn.Linear without bias"):  # Phi-2's biased output layer
@@ -513,7 +522,7 @@ def test_every_listed_type_gives_its_loss_and_gradients(model_type):
     assert rel_err(got.loss, want.loss) < 1e-12
     assert rel_err(got_every.loss, want.loss) < 1e-6
     def gradient(model):
-        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in model.parameters()])
 
     assert rel_err(gradient(fused), gradient(reference)) < 1e-12
     assert rel_err(gradient(every), gradient(reference)) < 1e-5
@@ -616,6 +625,10 @@ def test_what_it_cannot_take_is_refused():
         _, odd = tiny("gemma2", final_logit_softcapping=cap)
         with pytest.raises(ValueError, match="is not a positive number"):
             phf.apply_pyllm_kernels(odd)
+    _, bamba = tiny_of_type("bamba")
+    bamba.z_loss_coefficient = 1e-4  # (its config's z_loss_coefficient): a z-loss over every position, unlabelled too
+    with pytest.raises(ValueError, match="z-loss over every position"):
+        phf.apply_pyllm_kernels(bamba, attention=False)
     _, ours = tiny("llama", attention_dropout=0.1)
     phf.apply_pyllm_kernels(ours)
     ours.train()

@@ -1,0 +1,107 @@
+"""The output layer's loss, ours (pyllm.nn.linear_cross_entropy: logits a chunk of rows at a time,
+gradients computed in the forward) vs torch as models write it (x @ W^T, then F.cross_entropy on the
+whole (N, V) logits) vs torch.compile of that (vs Liger-Kernel's fused linear cross-entropy on the
+GPU when installed).
+
+One process, same inputs, side by side: forward and backward (the gradients of x and W, what
+training needs), the mean over N rows with 1 in 8 targets ignored; plain cross-entropy and with
+PaLM's z-loss (1e-4 * logsumexp^2, Liger's lse_square_scale). Times are medians of interleaved
+rounds; peak memory is what one step adds above its inputs (CPU: the process's resident set). The
+default shape is SmolLM2-135M's output layer (width 576, vocabulary 49,152); --rows is B * T.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+from pyllm.nn import linear_cross_entropy  # noqa: E402
+
+Z = 1e-4  # PaLM's z-loss coefficient
+
+
+def torch_loss(x, weight, targets, z_loss):
+    """The unfused loss as a model computes it: the logits whole, in fp32 for the softmax."""
+    logits = (x @ weight.t()).float()
+    loss = F.cross_entropy(logits, targets, ignore_index=-1)
+    if z_loss:
+        valid = targets != -1
+        loss = loss + z_loss * (torch.logsumexp(logits, -1).square() * valid).sum() / valid.sum()
+    return loss
+
+
+def ours(x, weight, targets, z_loss):
+    return linear_cross_entropy(x, weight, targets, z_loss=z_loss) / (targets != -1).sum()
+
+
+def liger_fn():
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    except ImportError:
+        return None
+    losses = {}
+
+    def loss(x, weight, targets, z_loss):
+        if z_loss not in losses:
+            losses[z_loss] = LigerFusedLinearCrossEntropyLoss(ignore_index=-1, lse_square_scale=z_loss)
+        return losses[z_loss](weight, x, targets)
+    return loss
+
+
+def main() -> int:
+    parser = common.base_parser(__doc__)
+    parser.add_argument("--rows", type=int, default=None, help="B * T (default 8192 on CUDA, 1024 on the CPU)")
+    parser.add_argument("--dim", type=int, default=576)
+    parser.add_argument("--vocab", type=int, default=49152)
+    parser.add_argument("--repeat", type=int, default=None, help="timed rounds (default 15 on CUDA, 3 on the CPU)")
+    args = parser.parse_args()
+    device = args.device
+    rows_n = args.rows or (8192 if device == "cuda" else 1024)
+    repeat = args.repeat or (15 if device == "cuda" else 3)
+
+    impls = {"pyllm": ours, "torch": torch_loss}
+    if not args.quick:
+        impls["torch.compile"] = torch.compile(torch_loss)
+    if device == "cuda" and (liger := liger_fn()) is not None:
+        impls["liger"] = liger
+
+    print(f"# linear cross-entropy on {common.device_description(device)}: {rows_n} rows x {args.dim} -> "
+          f"{args.vocab} words, fwd+bwd")
+    gen = torch.Generator(device).manual_seed(0)
+    rows = []
+    for dtype in ((torch.bfloat16, torch.float32) if device == "cuda" else (torch.float32, torch.bfloat16)):
+        x = torch.randn(rows_n, args.dim, device=device, dtype=dtype, generator=gen)
+        weight = (torch.randn(args.vocab, args.dim, device=device, generator=gen) * args.dim ** -0.5).to(dtype)
+        targets = torch.randint(0, args.vocab, (rows_n,), device=device, generator=gen)
+        targets[::8] = -1
+        for objective, z_loss in (("ce", 0.0), ("ce+z", Z)):
+            def step_of(fn, z_loss=z_loss):
+                def step():
+                    xl, wl = x.detach().requires_grad_(), weight.detach().requires_grad_()
+                    return torch.autograd.grad(fn(xl, wl, targets, z_loss), (xl, wl))
+                return step
+
+            runs = {name: step_of(fn) for name, fn in impls.items()}
+            for run in runs.values():  # warm up (and compile) outside the timing
+                run()
+            seconds = common.interleaved_seconds(runs, repeat, device)
+            losses = {name: float(fn(x, weight, targets, z_loss)) for name, fn in impls.items()}
+            for name, run in runs.items():
+                rows.append({"dtype": str(dtype).removeprefix("torch."), "loss": objective, "impl": name,
+                             "ms": round(seconds[name] * 1e3, 1),
+                             "peak MiB": round(common.peak_memory_mb(run, device)),
+                             "vs torch": f"{seconds['torch'] / seconds[name]:.2f}x",
+                             "value": round(losses[name], 5)})
+    common.print_table(rows, ["dtype", "loss", "impl", "ms", "peak MiB", "vs torch", "value"])
+    common.write_json(args.json, "cross_entropy", device, rows, {"rows": rows_n, "dim": args.dim, "vocab": args.vocab,
+                                                                  "repeat": repeat})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

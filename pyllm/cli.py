@@ -888,8 +888,9 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--z-loss", type=float,
                    help="add this times the mean of logsumexp(logits)^2 to the loss (PaLM's z-loss, 1e-4 there; OLMo "
                         "2's 1e-5): keeps the softmax's normaliser near 1 so the output layer's logits do not drift "
-                        "(bf16 runs); logged as z_loss, with or without --fused-loss. Pretraining and SFT "
-                        "(default 0: off)")
+                        "(bf16 runs); logged as z_loss and part of the logged loss (val_loss is the cross-entropy "
+                        "alone), with or without --fused-loss (packed conversations without it take logits at "
+                        "every position, prompts too). Pretraining and SFT (default 0: off)")
     p.add_argument("--preference", choices=["dpo", "ipo", "hinge", "simpo", "orpo", "kto", "reward"],
                    help="preference tuning on --data of preference pairs: *.jsonl lines of {\"prompt\": ..., "
                         "\"chosen\": ..., \"rejected\": ...} (text, or lists of messages put in the chat template; or "

@@ -912,8 +912,9 @@ def apply_pyllm_kernels(model: nn.Module, attention: bool = True, swiglu: bool =
             raise ValueError(f"{type(model).__name__} does not take attention functions by name (AttentionInterface)")
         if not getattr(model, "_supports_flash_attn", True):  # pyllm's attention gets flash-attention's mask
             raise ValueError(f"{type(model).__name__} does not take flash-attention's 2D padding mask "
-                             "(_supports_flash_attn is False: DeepSeek-V3.2's sparse-attention indexer reads the 4D "
-                             "mask); pass attention=False")
+                             "(_supports_flash_attn is False, as transformers marks models whose masks are more than "
+                             "causal and padding: DeepSeek-V3.2's sparse-attention indexer reads the 4D mask, Gemma "
+                             "3's image tokens attend both ways); pass attention=False")
         model.set_attn_implementation(NAME)
         applied["attention"] = True
     if swiglu or geglu:

@@ -1606,7 +1606,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
             tok_s, step_flops = tokens_per_step / dt, flops_per_token * tokens_per_step
         else:  # documents: their tokens alone (not the padding), each attending to its own document
             # packed batches: the output layer at the trained tokens only (every position when compiled)
-            skipped_outputs = isinstance(loader, PackedLoader) and not cfg.compile
+            # (not with z-loss on the plain loss: the model's logits at every position then)
+            skipped_outputs = isinstance(loader, PackedLoader) and not cfg.compile and not (cfg.z_loss and not cfg.fused_loss)
             if cfg.preference == "reward":  # the score head at a token per sequence, no output layer
                 outputs, skipped_outputs = 0, True
             step_flops = model.flops_of_documents(lengths, outputs if skipped_outputs else None)

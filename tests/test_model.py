@@ -967,7 +967,9 @@ def test_linear_cross_entropy_objectives_match_float64(device, dtype, objective,
     loss, share = linear_cross_entropy(x, w, targets.to(device), chunk_rows, **call, **options, return_z_loss=True)
     assert not share.requires_grad and share.dtype == torch.float32
     want = z_part(x64, w64, targets)
-    assert float(share) == 0.0 if not z else abs(float(share) - float(want)) <= 2e-2 * float(want)
+    # (bf16: the logits rounded to bf16 before their logsumexp)
+    assert float(share) == 0.0 if not z else abs(float(share) - float(want)) <= (
+        2e-2 if dtype == torch.bfloat16 else 1e-5) * float(want)
 
 
 def test_linear_cross_entropy_objectives_are_checked():

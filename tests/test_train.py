@@ -500,21 +500,22 @@ def test_fused_loss_trains_as_the_plain_loss(data_dir, tmp_path, logits):
 @pytest.mark.parametrize("fused", [False, True])
 def test_z_loss_is_logged_and_added(data_dir, chat_dir, tmp_path, fused):
     # --z-loss: the loss plus z times the mean logsumexp^2, logged as z_loss: at step 0 (the same
-    # weights) loss - z_loss is the run without it, in windows and in packed conversations; the
+    # weights) loss - z_loss is the run without it, in windows and in packed conversations (2
+    # micro-steps: the share weighted as the loss is); the
     # fused and plain losses agree with it too (to fp32 rounding); it is refused with preference
     # tuning.
     first = {}
     for folder, kind in ((data_dir, "windows"), (chat_dir, "chats")):
         for z in (0.0, 1e-2):
             out = tmp_path / f"{kind}-{z}"
-            trainer.train(config(folder, out, max_steps=3, z_loss=z, fused_loss=fused))
+            trainer.train(config(folder, out, max_steps=3, z_loss=z, fused_loss=fused, grad_accum=2))
             first[kind, z] = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
         plain, zl = first[kind, 0.0][0], first[kind, 1e-2][0]
         assert "z_loss" not in plain and zl["z_loss"] > 0.05  # (log V)^2 / 100 at the start: about 0.2
         assert zl["loss"] - zl["z_loss"] == pytest.approx(plain["loss"], rel=1e-6)
     if fused:
         unfused = tmp_path / "unfused"
-        trainer.train(config(data_dir, unfused, max_steps=3, z_loss=1e-2))
+        trainer.train(config(data_dir, unfused, max_steps=3, z_loss=1e-2, grad_accum=2))
         np.testing.assert_allclose(losses(tmp_path / "windows-0.01"), losses(unfused), rtol=1e-5)
     with pytest.raises(ValueError, match="z_loss must be >= 0 and finite and goes with pretraining"):
         TrainConfig(out_dir=str(tmp_path), preference="dpo", z_loss=1e-4).validate()

@@ -816,9 +816,15 @@ def _zero_groups_and_full_state(rank, world):
 
 
 def _zero_worker(rank, world, port):
+    import faulthandler
     import os
 
     import torch.distributed as dist
+
+    # Each rank's Python stack on a fatal signal: a clean-clone CI run (2026-12-02) saw a rank abort
+    # ("terminate called without an active exception", SIGABRT) twice in three runs of this test;
+    # 20 runs alone and under load passed. The stack says where, next time.
+    faulthandler.enable()
 
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     dist.init_process_group("gloo", rank=rank, world_size=world)

@@ -510,11 +510,12 @@ class LLM(nn.Module):
             logits32 = logits.to(torch.promote_types(logits.dtype, torch.float32))
             # The sum over the counted targets rather than reduction="mean" (bitwise the same here):
             # a batch whose targets are all -1 (a packed row of prompts alone) gives 0, not NaN.
-            n = (targets != -1).sum().clamp(min=1)
+            counted = targets != -1
+            n = counted.sum().clamp(min=1)
             loss = F.cross_entropy(logits32.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-1,
                                    reduction="sum") / n
             if z_loss:
-                z_part = z_loss * (torch.logsumexp(logits32, dim=-1).square() * (targets != -1)).sum() / n
+                z_part = z_loss * (torch.logsumexp(logits32, dim=-1).square() * counted).sum() / n
                 loss = loss + z_part
                 self.z_loss_term = z_part.detach()
             if self.aux_loss is not None:

@@ -1508,6 +1508,10 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
                if reference and cfg.reference == "precomputed" else {}),
             **({"grpo_rollouts": grpo_rollouts} if grpo_rollouts is not None else {})})
 
+    # Packed conversations' loss from the per-token log-probabilities (packed_loss: the output layer at
+    # the trained positions only, the MoE balancing term added here); the fused loss computes it at
+    # those positions itself, and z-loss takes the model's own loss (logits at every position).
+    per_token_packed = not cfg.fused_loss and not cfg.z_loss
     for step in range(start_step, cfg.max_steps):
         if stop_at is not None and step >= stop_at:
             break
@@ -1572,7 +1576,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
                         batch = on_policy_batch(model, batch, cfg, torch.Generator(info.device).manual_seed(int(seeds[1])))
                         on_policy += 1
                     loss = distill_loss(wrapped, teacher, batch, cfg)
-                elif weights is not None and not cfg.fused_loss and not cfg.z_loss:  # packed conversations
+                elif weights is not None and per_token_packed:  # packed conversations
                     loss = packed_loss(wrapped, batch)
                 elif cfg.z_loss:
                     loss = wrapped(*batch, z_loss=cfg.z_loss)[1]
@@ -1581,7 +1585,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
                     loss = wrapped(*batch)[1]
                 if model.aux_loss is not None:  # a MoE's load balancing (in the loss unless the forward was per token)
                     if cfg.preference or reward is not None or (teacher is None and weights is not None
-                                                                and not cfg.fused_loss and not cfg.z_loss):
+                                                                and per_token_packed):
                         loss = loss + model.aux_loss
                     aux = model.aux_loss.detach()
                     aux_sum += aux / cfg.grad_accum if weights is None else aux * weights[micro]
@@ -1605,9 +1609,10 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
         if lengths is None:  # windows of seq_len tokens
             tok_s, step_flops = tokens_per_step / dt, flops_per_token * tokens_per_step
         else:  # documents: their tokens alone (not the padding), each attending to its own document
-            # packed batches: the output layer at the trained tokens only (every position when compiled)
-            # (not with z-loss on the plain loss: the model's logits at every position then)
-            skipped_outputs = isinstance(loader, PackedLoader) and not cfg.compile and not (cfg.z_loss and not cfg.fused_loss)
+            # packed batches: the output layer at the trained tokens only (every position when compiled,
+            # or with z-loss on the plain loss: the model's own logits)
+            skipped_outputs = (isinstance(loader, PackedLoader) and not cfg.compile
+                               and (cfg.fused_loss or per_token_packed))
             if cfg.preference == "reward":  # the score head at a token per sequence, no output layer
                 outputs, skipped_outputs = 0, True
             step_flops = model.flops_of_documents(lengths, outputs if skipped_outputs else None)

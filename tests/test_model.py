@@ -890,6 +890,23 @@ LOGIT_SHAPES = {"plain": {}, "scaled": dict(scale=0.4), "capped": dict(softcap=3
 CHUNKS_AND_SHAPES = [(1, "plain")] + [(rows, shape) for rows in (37, None) for shape in LOGIT_SHAPES]
 
 
+def output_layer_case(seed: int):
+    """300 rows of width 64, a 1000-word output layer (float64) and targets, every 7th -1 (ignored)."""
+    torch.manual_seed(seed)
+    x64, w64 = torch.randn(300, 64, dtype=torch.float64), torch.randn(1000, 64, dtype=torch.float64) * 0.2
+    targets = torch.randint(0, 1000, (300,))
+    targets[::7] = -1
+    return x64, w64, targets
+
+
+def loss_and_grads(fn, x64, w64, targets, dtype, device="cpu"):
+    """(fn(x, w, targets), dx, dw) with x, w copies of x64, w64 in dtype on device."""
+    x, w = (t.to(device, dtype, copy=True).requires_grad_() for t in (x64, w64))
+    loss = fn(x, w, targets.to(device))
+    loss.backward()
+    return loss.detach(), x.grad, w.grad
+
+
 @pytest.mark.parametrize("device", CPU_AND_CUDA)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("chunk_rows, shape", CHUNKS_AND_SHAPES)
@@ -900,23 +917,15 @@ def test_linear_cross_entropy_matches_float64(device, dtype, chunk_rows, shape):
     from pyllm.nn import linear_cross_entropy
 
     call = LOGIT_SHAPES[shape]
-    torch.manual_seed(0)
-    x64, w64 = torch.randn(300, 64, dtype=torch.float64), torch.randn(1000, 64, dtype=torch.float64) * 0.2
-    targets = torch.randint(0, 1000, (300,))
-    targets[::7] = -1
-
-    def run(fn, dtype, device="cpu"):
-        x, w = (t.to(device, dtype, copy=True).requires_grad_() for t in (x64, w64))
-        loss = fn(x, w, targets.to(device))
-        loss.backward()
-        return loss.detach(), x.grad, w.grad
+    x64, w64, targets = output_layer_case(0)
 
     def plain(x, w, t):
         return F.cross_entropy(shaped_logits(x @ w.t(), **call), t, ignore_index=-1, reduction="sum")
 
-    ref = run(plain, torch.float64)
-    theirs = run(plain, dtype, device)
-    ours = run(lambda x, w, t: linear_cross_entropy(x, w, t, chunk_rows, **call), dtype, device)
+    ref = loss_and_grads(plain, x64, w64, targets, torch.float64)
+    theirs = loss_and_grads(plain, x64, w64, targets, dtype, device)
+    ours = loss_and_grads(lambda x, w, t: linear_cross_entropy(x, w, t, chunk_rows, **call), x64, w64, targets, dtype,
+                          device)
     for name, got, torch_value, exact in zip(("loss", "dx", "dw"), ours, theirs, ref):
         assert got.dtype == (torch.float32 if name == "loss" else dtype)
         assert rel_err(got, exact) <= tolerance(torch_value, exact), name
@@ -940,16 +949,7 @@ def test_linear_cross_entropy_objectives_match_float64(device, dtype, objective,
 
     call, options = LOGIT_SHAPES[shape], OBJECTIVES[objective]
     z = options.get("z_loss", 0.0)
-    torch.manual_seed(2)
-    x64, w64 = torch.randn(300, 64, dtype=torch.float64), torch.randn(1000, 64, dtype=torch.float64) * 0.2
-    targets = torch.randint(0, 1000, (300,))
-    targets[::7] = -1
-
-    def run(fn, dtype, device="cpu"):
-        x, w = (t.to(device, dtype, copy=True).requires_grad_() for t in (x64, w64))
-        loss = fn(x, w, targets.to(device))
-        loss.backward()
-        return loss.detach(), x.grad, w.grad
+    x64, w64, targets = output_layer_case(2)
 
     def z_part(x, w, t):
         return z * (torch.logsumexp(shaped_logits(x @ w.t(), **call), dim=-1).square() * (t != -1)).sum()
@@ -958,9 +958,10 @@ def test_linear_cross_entropy_objectives_match_float64(device, dtype, objective,
         return F.cross_entropy(shaped_logits(x @ w.t(), **call), t, ignore_index=-1, reduction="sum",
                                label_smoothing=options.get("label_smoothing", 0.0)) + z_part(x, w, t)
 
-    ref = run(plain, torch.float64)
-    theirs = run(plain, dtype, device)
-    ours = run(lambda x, w, t: linear_cross_entropy(x, w, t, chunk_rows, **call, **options), dtype, device)
+    ref = loss_and_grads(plain, x64, w64, targets, torch.float64)
+    theirs = loss_and_grads(plain, x64, w64, targets, dtype, device)
+    ours = loss_and_grads(lambda x, w, t: linear_cross_entropy(x, w, t, chunk_rows, **call, **options), x64, w64,
+                          targets, dtype, device)
     for name, got, torch_value, exact in zip(("loss", "dx", "dw"), ours, theirs, ref):
         assert rel_err(got, exact) <= tolerance(torch_value, exact), name
     x, w = (t.to(device, dtype) for t in (x64, w64))
@@ -993,10 +994,7 @@ def test_linear_token_logps_matches_float64(device, dtype, chunk_rows, shape):
     from pyllm.nn import linear_token_logps
 
     call = LOGIT_SHAPES[shape]
-    torch.manual_seed(1)
-    x64, w64 = torch.randn(300, 64, dtype=torch.float64), torch.randn(1000, 64, dtype=torch.float64) * 0.2
-    targets = torch.randint(0, 1000, (300,))
-    targets[::7] = -1
+    x64, w64, targets = output_layer_case(1)
     weights = torch.randn(300, dtype=torch.float64)
 
     def run(fn, dtype, device="cpu"):

@@ -104,6 +104,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("rms_norm_bwd_cpu", &pyllm::rms_norm_bwd_cpu, nogil, arg("dout"), arg("x"), arg("weight"), arg("rstd"),
         arg("dx"), arg("dweight"), arg("rows"), arg("cols"), arg("offset"), arg("cast_first"), arg("dtype"));
 
+  m.def("cross_entropy_cpu", &pyllm::cross_entropy_cpu, nogil, arg("logits"), arg("targets"), arg("loss"),
+        arg("z_part"), arg("grad"), arg("grad_rows"), arg("rows"), arg("vocab"), arg("stride"), arg("grad_stride"), arg("ignore_index"),
+        arg("scale"), arg("softcap"), arg("label_smoothing"), arg("z_loss"), arg("grad_scale"), arg("dtype"));
+
   m.def("rope_cpu", &pyllm::rope_cpu, nogil, arg("x"), arg("cos"), arg("sin"), arg("out"), arg("batch"),
         arg("seqlen"), arg("n_heads"), arg("head_dim"), arg("half"), arg("x_strides"), arg("out_strides"),
         arg("cs_batch_stride"), arg("inverse"), arg("dtype"));
@@ -237,6 +241,11 @@ PYBIND11_MODULE(_C, m) {
         arg("cast_first"), arg("dtype"), arg("device"), arg("stream"));
   m.def("rms_norm_partials_cuda", &pyllm::rms_norm_partials_cuda, nogil, arg("rows"), arg("cols"), arg("dtype"),
         arg("device"));
+
+  m.def("cross_entropy_cuda", &pyllm::cross_entropy_cuda, nogil, arg("logits"), arg("targets"), arg("loss"),
+        arg("z_part"), arg("grad"), arg("grad_rows"), arg("rows"), arg("vocab"), arg("stride"), arg("grad_stride"), arg("ignore_index"),
+        arg("scale"), arg("softcap"), arg("label_smoothing"), arg("z_loss"), arg("grad_scale"), arg("dtype"),
+        arg("device"), arg("stream"));
 
   m.def("rope_cuda", &pyllm::rope_cuda, nogil, arg("x"), arg("cos"), arg("sin"), arg("out"), arg("batch"),
         arg("seqlen"), arg("n_heads"), arg("head_dim"), arg("half"), arg("x_strides"), arg("out_strides"),

@@ -1,6 +1,7 @@
 """pyllm: hand-written CUDA kernels with C++ CPU twins for training LLMs."""
 __version__ = "0.1.0"
 
+from pyllm.ops.cross_entropy import cross_entropy  # noqa: E402
 from pyllm.ops.flash_attn import flash_attn, flash_attn_with_kvcache  # noqa: E402
 from pyllm.ops.rms_norm import rms_norm  # noqa: E402
 from pyllm.ops.rope import rope  # noqa: E402
@@ -8,4 +9,4 @@ from pyllm.ops.swiglu import geglu, geglu_packed, swiglu, swiglu_packed  # noqa:
 from pyllm import optim  # noqa: E402
 from pyllm.tokenizer import Tokenizer  # noqa: E402
 
-__all__ = ["flash_attn", "flash_attn_with_kvcache", "geglu", "geglu_packed", "rms_norm", "rope", "swiglu", "swiglu_packed", "optim", "Tokenizer", "__version__"]
+__all__ = ["cross_entropy", "flash_attn", "flash_attn_with_kvcache", "geglu", "geglu_packed", "rms_norm", "rope", "swiglu", "swiglu_packed", "optim", "Tokenizer", "__version__"]

@@ -19,6 +19,16 @@ void rms_norm_fwd_cpu(uintptr_t x, uintptr_t weight, uintptr_t out, uintptr_t rs
 void rms_norm_bwd_cpu(uintptr_t dout, uintptr_t x, uintptr_t weight, uintptr_t rstd, uintptr_t dx, uintptr_t dweight,
                       int64_t rows, int64_t cols, double offset, bool cast_first, int dtype);
 
+// cross_entropy.cpp: logits (rows, vocab), rows `stride` elements apart; targets int64 (rows), any
+// value outside [0, vocab) but ignore_index throws; loss and z_part (rows) in the math type (fp32;
+// fp64 for fp64), z_part 0 for none; grad 0 for none, else (rows, vocab) at grad_stride, which may
+// be logits itself (the gradient then overwrites them), times grad_scale and, where grad_rows is
+// not 0, that row's entry of grad_rows (rows, the math type). softcap 0: no cap.
+void cross_entropy_cpu(uintptr_t logits, uintptr_t targets, uintptr_t loss, uintptr_t z_part, uintptr_t grad,
+                       uintptr_t grad_rows, int64_t rows, int64_t vocab, int64_t stride, int64_t grad_stride, int64_t ignore_index,
+                       double scale, double softcap, double label_smoothing, double z_loss, double grad_scale,
+                       int dtype);
+
 // rope.cpp: x, out (batch, seqlen, n_heads, head_dim) at element strides (batch, token, head), last dim
 // contiguous; cos, sin rows of `half` in the math type (fp32; fp64 for fp64), cs_batch_stride apart per
 // batch row (0: shared). Rotates dims [0, 2 * half); inverse: by minus the angle.

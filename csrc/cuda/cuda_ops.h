@@ -28,6 +28,13 @@ void rms_norm_bwd_cuda(uintptr_t dout, uintptr_t x, uintptr_t weight, uintptr_t 
                        bool cast_first, int dtype, int device, uintptr_t stream);
 int64_t rms_norm_partials_cuda(int64_t rows, int64_t cols, int dtype, int device);
 
+// cross_entropy.cu: the arguments of the CPU twin (csrc/cpu/cpu_ops.h); loss and z_part fp32. A
+// target outside [0, vocab) that is not ignore_index gives its row a NaN loss and gradient.
+void cross_entropy_cuda(uintptr_t logits, uintptr_t targets, uintptr_t loss, uintptr_t z_part, uintptr_t grad,
+                        uintptr_t grad_rows, int64_t rows, int64_t vocab, int64_t stride, int64_t grad_stride, int64_t ignore_index,
+                        double scale, double softcap, double label_smoothing, double z_loss, double grad_scale,
+                        int dtype, int device, uintptr_t stream);
+
 // rope.cu: the arguments of the CPU twin (csrc/cpu/cpu_ops.h); cos / sin fp32.
 void rope_cuda(uintptr_t x, uintptr_t cos, uintptr_t sin, uintptr_t out, int64_t batch, int64_t seqlen,
                int64_t n_heads, int64_t head_dim, int64_t half, const std::vector<int64_t>& x_strides,

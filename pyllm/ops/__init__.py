@@ -3,7 +3,7 @@
 The public functions are re-exported from the top-level package (pyllm.swiglu, ...); this package
 keeps only the modules, so that pyllm.ops.swiglu is the module and never shadowed by its function.
 """
-from pyllm.ops import adamw, flash_attn, rms_norm, rope, swiglu
+from pyllm.ops import adamw, cross_entropy, flash_attn, rms_norm, rope, swiglu
 
 # op name -> {device type: dtypes}, for `python -m pyllm info`.
 BACKENDS = {
@@ -13,4 +13,5 @@ BACKENDS = {
     "flash_attn": flash_attn.DTYPES,
     "rms_norm": rms_norm.DTYPES,
     "rope": rope.DTYPES,
+    "cross_entropy": cross_entropy.DTYPES,
 }

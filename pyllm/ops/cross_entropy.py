@@ -1,0 +1,244 @@
+"""Cross-entropy over rows of logits, with label smoothing, z-loss, a logit scale and a tanh cap, its
+gradient computed in the same kernel call (Liger-Kernel's cross-entropy, as one C++ / CUDA pass per row).
+
+Kernels: csrc/cpu/cross_entropy.cpp, csrc/cuda/cross_entropy.cu. Two entry points:
+- cross_entropy(logits, targets, ...): F.cross_entropy's drop-in (ignore_index, reduction,
+  label_smoothing) plus z_loss, scale, softcap, differentiable; the backward runs the kernel again
+  with the incoming gradient. Nothing of (N, V) in fp32, nothing of (N, V) kept.
+- cross_entropy_rows_(logits, targets, ...): the per-row losses, and the gradient written over the
+  logits themselves: what pyllm.nn.linear_cross_entropy runs on each chunk of logits it makes.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from pyllm import _C
+from pyllm.ops import _util
+
+OP = "cross_entropy"
+DTYPES = {
+    "cpu": (torch.float32, torch.bfloat16, torch.float16, torch.float64),
+    "cuda": (torch.float32, torch.float16, torch.bfloat16),
+}
+REDUCTIONS = ("mean", "sum", "none")
+
+
+# --- validation ---------------------------------------------------------------------------------
+
+def _check(logits, targets, ignore_index, reduction, label_smoothing, z_loss, scale, softcap) -> None:
+    _util.check_tensor(OP, "logits", logits, DTYPES)
+    if logits.dim() == 0 or logits.shape[-1] == 0:
+        raise ValueError(f"{OP}: logits must be (..., V) with V >= 1 (the classes on the last dim), got shape "
+                         f"{tuple(logits.shape)}")
+    if not isinstance(targets, Tensor) or targets.dtype not in (torch.int64, torch.int32, torch.uint8, torch.int16):
+        raise TypeError(f"{OP}: targets must be an integer tensor of class indices, got "
+                        f"{getattr(targets, 'dtype', type(targets).__name__)}")
+    if targets.shape != logits.shape[:-1]:
+        raise ValueError(f"{OP}: targets must have logits' shape without its last dim, {tuple(logits.shape[:-1])}, "
+                         f"got {tuple(targets.shape)}")
+    if targets.device != logits.device:
+        raise ValueError(f"{OP}: targets are on {targets.device} but logits on {logits.device}; they must match")
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"{OP}: ignore_index must be an int, got {ignore_index!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{OP}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    check_shape_args(OP, label_smoothing, z_loss, scale, softcap)
+
+
+def check_shape_args(name: str, label_smoothing, z_loss, scale, softcap) -> None:
+    """The loss's numbers: label_smoothing in [0, 1], z_loss >= 0, scale > 0, softcap None or > 0, finite."""
+    for what, value in (("label_smoothing", label_smoothing), ("z_loss", z_loss), ("scale", scale)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{name}: {what} must be a finite number, got {value!r}")
+    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
+                                or not 0 < softcap < math.inf):
+        raise ValueError(f"{name}: softcap must be None or positive and finite, got {softcap!r}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"{name}: label_smoothing must be in [0, 1], got {label_smoothing}")
+    if z_loss < 0:
+        raise ValueError(f"{name}: z_loss must be 0 or positive, got {z_loss}")
+    if scale <= 0:
+        raise ValueError(f"{name}: scale must be positive, got {scale}")
+
+
+def _loss_dtype(logits: Tensor) -> torch.dtype:
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+def takes(logits: Tensor) -> bool:
+    """Whether a kernel runs (..., V) logits of this dtype on their device: the CPU always, CUDA
+    when pyllm was built with its kernels (fp64 on CUDA has none)."""
+    if logits.is_cpu:
+        return logits.dtype in DTYPES["cpu"]
+    return logits.is_cuda and _util.HAS_CUDA_KERNELS and logits.dtype in DTYPES["cuda"]
+
+
+# --- launcher: writes into given outputs (tests poison these first) ------------------------------
+
+def cross_entropy_into(logits: Tensor, targets: Tensor, loss: Tensor, z_part: Optional[Tensor], grad: Optional[Tensor],
+                       ignore_index: int, scale: float, softcap: float, label_smoothing: float, z_loss: float,
+                       grad_scale: float = 1.0, grad_rows: Optional[Tensor] = None) -> None:
+    """loss (rows,), z_part (rows,) or None, grad (rows, V) or None (may be logits: in place), for 2-D
+    logits and grad with a contiguous last dim; targets int64 (rows,) contiguous. The gradient is
+    of the row losses times grad_scale and grad_rows (rows,) in loss's dtype, when given."""
+    rows, vocab = logits.shape
+    args = (_util.ptr(logits), _util.ptr(targets), _util.ptr(loss), 0 if z_part is None else _util.ptr(z_part),
+            0 if grad is None else _util.ptr(grad), 0 if grad_rows is None else _util.ptr(grad_rows), rows, vocab,
+            logits.stride(0) if rows else vocab, grad.stride(0) if grad is not None and rows else vocab,
+            int(ignore_index), float(scale), float(softcap), float(label_smoothing), float(z_loss), float(grad_scale),
+            _util.dtype_code(logits))
+    if logits.is_cuda:
+        _util.check_backend(OP, logits.device)
+        _C.cross_entropy_cuda(*args, logits.device.index, _util.stream_of(logits))
+    else:
+        _C.cross_entropy_cpu(*args)
+
+
+def _rows(t: Tensor) -> Tensor:
+    """(..., V) as (rows, V) with a contiguous last dim (a view where the strides allow it)."""
+    t = t.reshape(-1, t.shape[-1])
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+# --- the per-row op, gradient over the logits (pyllm.nn's fused output-layer loss) --------------
+
+def _rows_inplace_body(logits: Tensor, targets: Tensor, ignore_index: int, scale: float, softcap: float,
+                       label_smoothing: float, z_loss: float, want_grad: bool) -> tuple[Tensor, Tensor]:
+    assert logits.dim() == 2 and logits.stride(-1) == 1, "cross_entropy_rows_: 2-D logits with a contiguous last dim"
+    loss = logits.new_empty(logits.shape[0], dtype=_loss_dtype(logits))
+    z_part = torch.empty_like(loss)
+    cross_entropy_into(logits, targets.contiguous().long(), loss, z_part, logits if want_grad else None, ignore_index,
+                       scale, softcap, label_smoothing, z_loss, 1.0)
+    return loss, z_part
+
+
+_rows_inplace = torch.library.custom_op("pyllm::cross_entropy_rows_", mutates_args=("logits",))(_rows_inplace_body)
+
+
+@_rows_inplace.register_fake
+def _(logits, targets, ignore_index, scale, softcap, label_smoothing, z_loss, want_grad):
+    loss = logits.new_empty(logits.shape[0], dtype=_loss_dtype(logits))
+    return loss, torch.empty_like(loss)
+
+
+def cross_entropy_rows_(logits: Tensor, targets: Tensor, *, ignore_index: int = -100, scale: float = 1.0,
+                        softcap: float = 0.0, label_smoothing: float = 0.0, z_loss: float = 0.0,
+                        want_grad: bool = True) -> tuple[Tensor, Tensor]:
+    """Each row's loss (lse - (1 - e) z_target - e mean(z) + z_loss lse^2, 0 where the target is
+    ignore_index) and its z-loss share, both (rows,) fp32 (fp64 for fp64), for 2-D logits (rows, V)
+    with a contiguous last dim (logits[i] may sit any stride apart). want_grad: logits are
+    overwritten with d(row's loss) / d(logits), in their own dtype (0 on ignored rows). No autograd:
+    the gradient is the output. Arguments as cross_entropy's (softcap 0.0: none), not re-checked."""
+    return _util.call(_rows_inplace_body, _rows_inplace, None, logits, targets, int(ignore_index), float(scale),
+                      float(softcap), float(label_smoothing), float(z_loss), bool(want_grad))
+
+
+# --- the differentiable op: the backward recomputes each row's softmax from the saved logits -------
+#
+# Rather than writing the gradient in the forward (Liger's way): the backward's incoming gradient
+# then multiplies in fp32 before the one rounding to logits' dtype (a 16-bit gradient times a
+# 16-bit row weight rounds twice: 2.3x torch's error in fp16 at (7, 37), tests/test_cross_entropy.py), the forward writes nothing of (N, V)
+# and keeps only a reference to logits, and the traffic is the same (forward: one read; backward:
+# one read and one write, where the other way reads and writes in each).
+
+def _cross_entropy_body(logits: Tensor, targets: Tensor, ignore_index: int, scale: float, softcap: float,
+                        label_smoothing: float, z_loss: float) -> tuple[Tensor, Tensor]:
+    """(per-row losses, per-row z-loss shares), (rows,) each, for logits (..., V)."""
+    rows = _rows(logits)
+    loss = rows.new_empty(rows.shape[0], dtype=_loss_dtype(rows))
+    z_part = torch.empty_like(loss)
+    cross_entropy_into(rows, targets.reshape(-1).contiguous().long(), loss, z_part, None, ignore_index, scale, softcap,
+                       label_smoothing, z_loss)
+    return loss, z_part
+
+
+_cross_entropy = torch.library.custom_op("pyllm::cross_entropy", mutates_args=())(_cross_entropy_body)
+
+
+@_cross_entropy.register_fake
+def _(logits, targets, ignore_index, scale, softcap, label_smoothing, z_loss):
+    loss = logits.new_empty(logits.numel() // logits.shape[-1], dtype=_loss_dtype(logits))
+    return loss, torch.empty_like(loss)
+
+
+def _cross_entropy_backward_body(grad_rows: Tensor, logits: Tensor, targets: Tensor, ignore_index: int, scale: float,
+                                 softcap: float, label_smoothing: float, z_loss: float) -> Tensor:
+    """d(sum of grad_rows * row losses) / d logits, in logits' shape and dtype."""
+    rows = _rows(logits)
+    grad = torch.empty(rows.shape, dtype=rows.dtype, device=rows.device)
+    loss = rows.new_empty(rows.shape[0], dtype=_loss_dtype(rows))  # recomputed, unused
+    cross_entropy_into(rows, targets.reshape(-1).contiguous().long(), loss, None, grad, ignore_index, scale, softcap,
+                       label_smoothing, z_loss, 1.0, grad_rows.to(loss.dtype).contiguous())
+    return grad.reshape(logits.shape)
+
+
+_cross_entropy_backward = torch.library.custom_op("pyllm::cross_entropy_backward",
+                                                  mutates_args=())(_cross_entropy_backward_body)
+
+
+@_cross_entropy_backward.register_fake
+def _(grad_rows, logits, targets, ignore_index, scale, softcap, label_smoothing, z_loss):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _cross_entropy_setup(ctx, inputs, output):
+    logits, targets, *args = inputs
+    ctx.save_for_backward(logits, targets)
+    ctx.args = args
+
+
+def _cross_entropy_grad(ctx, grad_loss, grad_z):
+    logits, targets = ctx.saved_tensors  # the z share is detached: its gradient is not taken
+    grad = _util.call(_cross_entropy_backward_body, torch.ops.pyllm.cross_entropy_backward, None, grad_loss, logits,
+                      targets, *ctx.args)
+    return grad, None, None, None, None, None, None
+
+
+_cross_entropy.register_autograd(_cross_entropy_grad, setup_context=_cross_entropy_setup)
+_CrossEntropyFunction = _util.eager_function(OP, _cross_entropy_body, _cross_entropy_setup, _cross_entropy_grad)
+
+
+def cross_entropy(logits: Tensor, targets: Tensor, *, ignore_index: int = -100, reduction: str = "mean",
+                  label_smoothing: float = 0.0, z_loss: float = 0.0, scale: float = 1.0,
+                  softcap: Optional[float] = None, return_z_loss: bool = False):
+    """F.cross_entropy(logits, targets, ignore_index=, reduction=, label_smoothing=) over the last
+    dim, one kernel call for the forward and one for the backward, which recomputes each row's
+    softmax from logits (saved by reference: no (N, V) buffer is kept). 16-bit logits are never
+    widened to an fp32 (N, V) copy, as autocast's F.cross_entropy does.
+
+    Args:
+        logits: (..., V). CPU: float32, bfloat16, float16, float64. CUDA: float32, float16, bfloat16.
+        targets: (...) class indices (any integer dtype), ignore_index for rows to skip.
+        reduction: "mean" (over the rows not ignored; NaN when all are, as torch's), "sum", "none".
+        label_smoothing: the target (1 - e) on the label plus e / V on every class, as torch's.
+        z_loss: adds z_loss * logsumexp(z)^2 per counted row (PaLM's auxiliary loss; Liger's
+            lse_square_scale).
+        scale, softcap: the logits are z = scale * logits, then softcap * tanh(z / softcap) when
+            softcap is given (Gemma 2's final_logit_softcapping), in fp32.
+        return_z_loss: -> (loss, the z-loss's share of it, detached, reduced alike).
+    Returns:
+        The loss in fp32 (fp64 for fp64 logits), whatever logits' dtype: reduced to a scalar, or
+        (...) for "none". Math runs in fp32 (fp64 for fp64). Backward gives logits' gradient.
+    Raises:
+        TypeError / ValueError for bad arguments (dtype, shapes, devices, out-of-range numbers);
+        ValueError (CPU) for a target outside [0, V) that is not ignore_index; on CUDA such a row
+        gets a NaN loss instead (checking would cost a sync). A row with a NaN logit, or +-inf as
+        its largest logit, gets a NaN loss and gradient.
+    """
+    _check(logits, targets, ignore_index, reduction, label_smoothing, z_loss, scale, softcap)
+    loss, z_part = _util.call(_cross_entropy_body, _cross_entropy, _CrossEntropyFunction, logits, targets,
+                              int(ignore_index), float(scale), float(softcap or 0.0), float(label_smoothing),
+                              float(z_loss))
+    if reduction == "none":
+        if loss.shape != targets.shape:
+            loss, z_part = loss.reshape(targets.shape), z_part.reshape(targets.shape)
+    elif reduction == "sum":
+        loss, z_part = loss.sum(), z_part.sum()
+    else:
+        counted = (targets != ignore_index).sum()
+        loss, z_part = loss.sum() / counted, z_part.sum() / counted
+    return (loss, z_part.detach()) if return_z_loss else loss

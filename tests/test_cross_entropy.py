@@ -1,0 +1,308 @@
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pyllm
+from pyllm import _C
+from pyllm.ops import _util
+from pyllm.ops import cross_entropy as ce_ops
+from helpers import CPU_AND_CUDA, on_unsupported_device, poisoned, rel_err, tolerance
+
+# (rows..., V): one class, rows of a single 16-byte pack, V not a multiple of a pack (the CUDA
+# scalar path), two leading dims, wide rows (many packs per CUDA thread; the CPU's fp64 sums).
+SHAPES = [(3, 1), (5, 8), (7, 37), (2, 3, 1001), (4, 8200), (2, 65536)]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# (label_smoothing, z_loss, scale, softcap): F.cross_entropy's, smoothing + z-loss, a scale and a cap
+# that binds (logits of std 3 reach the cap's bend), all four.
+VARIANTS = [(0.0, 0.0, 1.0, None), (0.1, 1e-3, 1.0, None), (0.0, 0.0, 0.7, 5.0), (0.2, 1e-2, 1.3, 3.0)]
+VARIANT_IDS = ["plain", "smooth_z", "scale_cap", "all"]
+
+
+def logits_of(shape, dtype, device, std=3.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, dtype=torch.float64, generator=g) * std).to(dtype).to(device)
+
+
+def targets_of(shape, vocab, device, ignore_index=-100, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randint(0, vocab, shape[:-1], generator=g)
+    t.view(-1)[::5] = ignore_index  # a fifth of the rows ignored, the first among them
+    return t.to(device)
+
+
+def reference_rows(logits, targets, ignore_index, label_smoothing, z_loss, scale, softcap, dtype=torch.float64):
+    """Per-row losses written plainly in torch, in `dtype` (float64: the reference; float32: what a
+    torch model computes from 16-bit logits, as autocast's F.cross_entropy runs in fp32)."""
+    z = logits.to(dtype) * scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    flat = z.reshape(-1, z.shape[-1])
+    t = targets.reshape(-1)
+    rows = F.cross_entropy(flat, t, ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing)
+    rows = rows + z_loss * torch.logsumexp(flat, -1).square() * (t != ignore_index)
+    return rows.reshape(targets.shape)
+
+
+def ours_and_grad(logits, targets, dout, **kw):
+    x = logits.detach().clone().requires_grad_()
+    out = pyllm.cross_entropy(x, targets, reduction="none", **kw)
+    (g,) = torch.autograd.grad(out, x, dout)
+    return out, g
+
+
+def reference_and_grad(logits, targets, dout, ignore_index, label_smoothing, z_loss, scale, softcap, dtype):
+    x = logits.detach().clone().requires_grad_()
+    out = reference_rows(x, targets, ignore_index, label_smoothing, z_loss, scale, softcap, dtype)
+    (g,) = torch.autograd.grad(out, x, dout.to(out.dtype))
+    return out, g
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
+def test_forward_and_backward_match_float64(device, dtype, shape, variant):
+    label_smoothing, z_loss, scale, softcap = variant
+    logits = logits_of(shape, dtype, device)
+    targets = targets_of(shape, shape[-1], device)
+    dout = torch.rand(shape[:-1], dtype=torch.float64, generator=torch.Generator().manual_seed(2)) + 0.5
+    kw = dict(label_smoothing=label_smoothing, z_loss=z_loss, scale=scale, softcap=softcap)
+    ours, g = ours_and_grad(logits, targets, dout.float().to(device), **kw)
+    ref, g_ref = reference_and_grad(logits.cpu(), targets.cpu(), dout, -100, **kw, dtype=torch.float64)
+    # torch's own: the same function in fp32 on the same logits, its gradient in logits' dtype
+    theirs, g_theirs = reference_and_grad(logits, targets, dout.to(device), -100, **kw, dtype=torch.float32)
+    assert ours.dtype == torch.float32 and g.dtype == dtype and g.shape == logits.shape
+    assert rel_err(ours, ref) <= tolerance(theirs, ref)
+    assert rel_err(g, g_ref) <= tolerance(g_theirs.to(dtype), g_ref)
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_reductions_match_torch_float64(device, reduction):
+    logits = logits_of((6, 4, 50), torch.float64, "cpu").to(device)
+    targets = targets_of((6, 4, 50), 50, device, ignore_index=-1)
+    for label_smoothing in (0.0, 0.3):
+        ours = pyllm.cross_entropy(logits, targets, ignore_index=-1, reduction=reduction,
+                                   label_smoothing=label_smoothing) if device == "cpu" else None
+        if device != "cpu":  # no fp64 kernel on CUDA: fp32 there, against the fp64 reference
+            ours = pyllm.cross_entropy(logits.float(), targets, ignore_index=-1, reduction=reduction,
+                                       label_smoothing=label_smoothing).double()
+        ref = F.cross_entropy(logits.cpu().permute(0, 2, 1), targets.cpu(), ignore_index=-1, reduction=reduction,
+                              label_smoothing=label_smoothing)
+        torch.testing.assert_close(ours.cpu(), ref, rtol=1e-12 if device == "cpu" else 1e-6, atol=0)
+
+
+def test_mean_of_all_ignored_rows_is_nan_as_torchs():
+    logits = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    targets = torch.full((3,), -100)
+    loss = pyllm.cross_entropy(logits, targets)
+    assert torch.isnan(loss) and torch.isnan(F.cross_entropy(logits, targets))
+    assert pyllm.cross_entropy(logits, targets, reduction="sum").item() == 0.0
+    (g,) = torch.autograd.grad(pyllm.cross_entropy(logits, targets, reduction="sum"), logits)
+    assert torch.equal(g, torch.zeros_like(g))
+
+
+def test_z_loss_share_is_returned_detached():
+    logits = logits_of((8, 30), torch.float64, "cpu").requires_grad_()
+    targets = targets_of((8, 30), 30, "cpu")
+    loss, z_share = pyllm.cross_entropy(logits, targets, z_loss=1e-2, return_z_loss=True)
+    plain = pyllm.cross_entropy(logits, targets)
+    counted = targets != -100
+    expected = 1e-2 * torch.logsumexp(logits, -1)[counted].square().mean()
+    torch.testing.assert_close(z_share, expected.detach(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(loss, plain + expected, rtol=1e-12, atol=0)
+    assert not z_share.requires_grad
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_every_output_is_written(device, dtype):
+    rows, vocab = 9, 300
+    logits = logits_of((rows, vocab), dtype, device)
+    targets = targets_of((rows, vocab), vocab, device, ignore_index=-1)
+    loss, z_part = poisoned((rows,), torch.float32, device), poisoned((rows,), torch.float32, device)
+    grad = poisoned((rows, vocab), dtype, device)
+    ce_ops.cross_entropy_into(logits, targets, loss, z_part, grad, -1, 1.0, 0.0, 0.1, 1e-3, 1.0)
+    assert torch.isfinite(loss).all() and torch.isfinite(z_part).all() and torch.isfinite(grad).all()
+    ignored = targets == -1
+    assert (loss[ignored] == 0).all() and (z_part[ignored] == 0).all() and (grad[ignored] == 0).all()
+    assert (loss[~ignored] > 0).all() and (z_part[~ignored] > 0).all()
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rows_in_place_give_the_ops_gradient(device, dtype):
+    # Rows 8200 wide inside a (rows, 8208) buffer: the gradient lands over the logits, row stride
+    # kept, the columns past V untouched; loss and gradient bitwise those of cross_entropy.
+    rows, vocab = 6, 8200
+    buffer = logits_of((rows, vocab + 8), dtype, device)
+    logits = buffer[:, :vocab]
+    targets = targets_of((rows, vocab), vocab, device, ignore_index=-1)
+    kw = dict(label_smoothing=0.1, z_loss=1e-3, scale=0.9, softcap=4.0)
+    x = logits.detach().clone().requires_grad_()
+    loss = pyllm.cross_entropy(x, targets, ignore_index=-1, reduction="none", **kw)
+    (g,) = torch.autograd.grad(loss.sum(), x)
+    padding = buffer[:, vocab:].clone()
+    rows_loss, rows_z = ce_ops.cross_entropy_rows_(logits, targets, ignore_index=-1, **kw)
+    assert torch.equal(rows_loss, loss)
+    assert torch.equal(logits, g)
+    assert torch.equal(buffer[:, vocab:], padding)
+    expected_z = 1e-3 * torch.logsumexp(4.0 * torch.tanh(0.9 * logits_of((rows, vocab + 8), dtype, device)[:, :vocab]
+                                                         .float() / 4.0), -1).square() * (targets != -1)
+    torch.testing.assert_close(rows_z, expected_z, rtol=1e-5, atol=0)
+    # without want_grad the logits stay as they were
+    fresh = logits_of((rows, vocab), dtype, device)
+    kept = fresh.clone()
+    ce_ops.cross_entropy_rows_(fresh, targets, ignore_index=-1, want_grad=False)
+    assert torch.equal(fresh, kept)
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+def test_non_finite_logits(device):
+    logits = logits_of((4, 64), torch.float32, device)
+    logits[1, 5] = float("nan")
+    logits[2, 7] = float("inf")
+    logits[3, :20] = float("-inf")  # masked classes: a finite loss and a zero gradient there, as torch's
+    targets = torch.tensor([3, 4, 5, 30], device=device)
+    ours, g = ours_and_grad(logits, targets, torch.ones(4, device=device))
+    ref, g_ref = reference_and_grad(logits.cpu(), targets.cpu(), torch.ones(4, dtype=torch.float64), -100, 0.0, 0.0,
+                                    1.0, None, torch.float64)
+    assert torch.isnan(ours[1]) and torch.isnan(g[1]).all() and torch.isnan(ours[2]) and torch.isnan(g[2]).all()
+    for row in (0, 3):
+        torch.testing.assert_close(ours[row].double().cpu(), ref[row], rtol=1e-6, atol=0)
+        torch.testing.assert_close(g[row].cpu(), g_ref[row], rtol=1e-5, atol=1e-7)
+    assert (g[3, :20] == 0).all()
+
+
+def test_gradcheck_float64():
+    logits = logits_of((5, 11), torch.float64, "cpu").requires_grad_()
+    targets = targets_of((5, 11), 11, "cpu")
+    for kw in [{}, dict(label_smoothing=0.2, z_loss=0.05, scale=0.8, softcap=2.5)]:
+        for reduction in ("mean", "none"):
+            assert torch.autograd.gradcheck(lambda a: pyllm.cross_entropy(a, targets, reduction=reduction, **kw),
+                                            (logits,))
+
+
+def test_opcheck():
+    logits, targets = torch.randn(4, 6), torch.tensor([1, -100, 5, 0])
+    for requires_grad in (False, True):
+        args = (logits.clone().requires_grad_(requires_grad), targets, -100, 1.0, 3.0, 0.1, 1e-3)
+        torch.library.opcheck(torch.ops.pyllm.cross_entropy.default, args)
+    torch.library.opcheck(torch.ops.pyllm.cross_entropy_backward.default,
+                          (torch.rand(4) + 0.5, logits, targets, -100, 1.0, 3.0, 0.1, 1e-3))
+    torch.library.opcheck(torch.ops.pyllm.cross_entropy_rows_.default,
+                          (logits.clone(), targets, -100, 1.0, 3.0, 0.1, 1e-3, True))
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+def test_eager_calls_match_the_op(device):
+    logits = logits_of((5, 40), torch.bfloat16, device).requires_grad_()
+    targets = targets_of((5, 40), 40, device)
+    loss = pyllm.cross_entropy(logits, targets, reduction="none")
+    assert type(loss.grad_fn).__name__ == "_CrossEntropyFunctionBackward"
+    loss_op = torch.ops.pyllm.cross_entropy(logits, targets, -100, 1.0, 0.0, 0.0, 0.0)[0]
+    assert torch.equal(loss, loss_op)
+    dout = torch.rand(5, device=device)
+    assert torch.equal(torch.autograd.grad(loss, logits, dout)[0], torch.autograd.grad(loss_op, logits, dout)[0])
+
+
+def test_meta_tensors_give_shapes():
+    logits = torch.empty(2, 3, 7, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    targets = torch.empty(2, 3, device="meta", dtype=torch.int64)
+    loss = pyllm.cross_entropy(logits, targets, reduction="none")
+    assert loss.is_meta and loss.shape == (2, 3) and loss.dtype == torch.float32
+    (g,) = torch.autograd.grad(loss.sum(), logits)
+    assert g.is_meta and g.shape == (2, 3, 7) and g.dtype == torch.bfloat16
+
+
+def test_torch_compile_fullgraph():
+    logits = logits_of((4, 3, 33), torch.float32, "cpu").requires_grad_()
+    targets = targets_of((4, 3, 33), 33, "cpu")
+
+    def loss_of(x):
+        return pyllm.cross_entropy(x, targets, label_smoothing=0.1, z_loss=1e-3, softcap=5.0)
+
+    torch._dynamo.reset()
+    out = torch.compile(loss_of, fullgraph=True)(logits)
+    torch.testing.assert_close(out, loss_of(logits))
+    torch.testing.assert_close(torch.autograd.grad(out, logits)[0], torch.autograd.grad(loss_of(logits), logits)[0])
+
+
+def test_large_vocab_sums_stay_exact():
+    # 256K classes: fp32 running sums would carry ~1e-5 relative error into lse; the kernel's are fp64.
+    logits = logits_of((2, 262144), torch.float32, "cpu", std=1.0)
+    targets = torch.tensor([5, 262143])
+    ours = pyllm.cross_entropy(logits, targets, reduction="none")
+    ref = reference_rows(logits, targets, -100, 0.0, 0.0, 1.0, None)
+    theirs = reference_rows(logits, targets, -100, 0.0, 0.0, 1.0, None, torch.float32)
+    assert rel_err(ours, ref) <= tolerance(theirs, ref)
+
+
+# --- bad input ----------------------------------------------------------------------------
+
+def test_bad_input_raises_clear_errors():
+    logits, targets = torch.randn(3, 4), torch.tensor([0, 1, 2])
+    with pytest.raises(ValueError, match=r"targets must be in \[0, 4\) or -100"):
+        pyllm.cross_entropy(logits, torch.tensor([0, 4, 1]))
+    with pytest.raises(ValueError, match=r"targets must be in \[0, 4\) or -1 "):
+        pyllm.cross_entropy(logits, torch.tensor([0, -100, 1]), ignore_index=-1)
+    with pytest.raises(ValueError, match=r"logits' shape without its last dim, \(3,\)"):
+        pyllm.cross_entropy(logits, torch.tensor([0, 1]))
+    with pytest.raises(TypeError, match="integer tensor"):
+        pyllm.cross_entropy(logits, targets.float())
+    with pytest.raises(TypeError, match="expected one of"):
+        pyllm.cross_entropy(logits.int(), targets)
+    with pytest.raises(TypeError, match="must be a torch.Tensor"):
+        pyllm.cross_entropy([1.0], targets)
+    with pytest.raises(ValueError, match="V >= 1"):
+        pyllm.cross_entropy(torch.randn(3, 0), targets)
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        pyllm.cross_entropy(logits, targets, reduction="avg")
+    with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 1\]"):
+        pyllm.cross_entropy(logits, targets, label_smoothing=1.5)
+    with pytest.raises(ValueError, match="z_loss must be 0 or positive"):
+        pyllm.cross_entropy(logits, targets, z_loss=-1.0)
+    with pytest.raises(ValueError, match="scale must be a finite number"):
+        pyllm.cross_entropy(logits, targets, scale=float("inf"))
+    with pytest.raises(ValueError, match="softcap must be None or positive"):
+        pyllm.cross_entropy(logits, targets, softcap=0.0)
+    with pytest.raises(TypeError, match="ignore_index must be an int"):
+        pyllm.cross_entropy(logits, targets, ignore_index=-1.0)
+    with pytest.raises(ValueError, match="device"):
+        pyllm.cross_entropy(on_unsupported_device(logits), targets)
+
+
+def test_cuda_launch_without_cuda_kernels_raises(monkeypatch):
+    monkeypatch.setattr(_util, "HAS_CUDA_KERNELS", False)
+    fake = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0), dtype=torch.float32, shape=(2, 4),
+                           data_ptr=lambda: 256, stride=lambda dim: 4)
+    with pytest.raises(RuntimeError, match="built without CUDA kernels"):
+        ce_ops.cross_entropy_into(fake, fake, fake, None, None, -100, 1.0, 0.0, 0.0, 0.0, 1.0)
+
+
+@pytest.mark.cuda
+def test_cuda_out_of_range_target_gives_a_nan_row():
+    logits = logits_of((3, 20), torch.bfloat16, "cuda").requires_grad_()
+    loss = pyllm.cross_entropy(logits, torch.tensor([1, 20, 3], device="cuda"), reduction="none")
+    (g,) = torch.autograd.grad(loss.sum(), logits)
+    assert torch.isnan(loss[1]) and torch.isnan(g[1]).all()
+    assert torch.isfinite(loss[0::2]).all() and torch.isfinite(g[0::2]).all()
+
+
+def test_cpp_rechecks_raw_calls():
+    a, t = torch.randn(8), torch.zeros(2, dtype=torch.int64)
+    with pytest.raises(ValueError, match="null data pointer"):
+        _C.cross_entropy_cpu(0, 0, 0, 0, 0, 0, 2, 4, 4, 4, -100, 1.0, 0.0, 0.0, 0.0, 1.0, 0)
+    with pytest.raises(ValueError, match="dtype"):
+        _C.cross_entropy_cpu(a.data_ptr(), t.data_ptr(), a.data_ptr(), 0, 0, 0, 2, 4, 4, 4, -100, 1.0, 0.0, 0.0, 0.0,
+                             1.0, 99)
+    with pytest.raises(ValueError, match="vocab >= 1"):
+        _C.cross_entropy_cpu(1, 1, 1, 0, 0, 0, 2, 0, 4, 4, -100, 1.0, 0.0, 0.0, 0.0, 1.0, 0)
+    with pytest.raises(ValueError, match="strides must be >= vocab"):
+        _C.cross_entropy_cpu(1, 1, 1, 0, 0, 0, 2, 4, 3, 4, -100, 1.0, 0.0, 0.0, 0.0, 1.0, 0)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        _C.cross_entropy_cpu(1, 1, 1, 0, 0, 0, 2, 4, 4, 4, -100, 1.0, 0.0, 2.0, 0.0, 1.0, 0)
+    with pytest.raises(ValueError, match="softcap"):
+        _C.cross_entropy_cpu(1, 1, 1, 0, 0, 0, 2, 4, 4, 4, -100, 1.0, -1.0, 0.0, 0.0, 1.0, 0)

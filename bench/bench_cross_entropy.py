@@ -1,7 +1,9 @@
 """The output layer's loss, ours (pyllm.nn.linear_cross_entropy: logits a chunk of rows at a time,
 gradients computed in the forward) vs torch as models write it (x @ W^T, then F.cross_entropy on the
 whole (N, V) logits) vs torch.compile of that (vs Liger-Kernel's fused linear cross-entropy on the
-GPU when installed).
+GPU when installed). Then the loss alone on given logits (N, V): pyllm.cross_entropy vs
+F.cross_entropy on them in fp32 (what autocast runs) vs torch.compile of it (vs Liger's
+cross-entropy on the GPU).
 
 One process, same inputs, side by side: forward and backward (the gradients of x and W, what
 training needs), the mean over N rows with 1 in 8 targets ignored; plain cross-entropy and with
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
+import pyllm  # noqa: E402
 from pyllm.nn import linear_cross_entropy  # noqa: E402
 
 Z = 1e-4  # PaLM's z-loss coefficient
@@ -53,6 +56,56 @@ def liger_fn():
     return loss
 
 
+def torch_ce(logits, targets, z_loss):
+    """F.cross_entropy as autocast runs it: on logits widened to fp32."""
+    logits = logits.float()
+    loss = F.cross_entropy(logits, targets, ignore_index=-1)
+    if z_loss:
+        valid = targets != -1
+        loss = loss + z_loss * (torch.logsumexp(logits, -1).square() * valid).sum() / valid.sum()
+    return loss
+
+
+def ours_ce(logits, targets, z_loss):
+    return pyllm.cross_entropy(logits, targets, ignore_index=-1, z_loss=z_loss)
+
+
+def liger_ce_fn():
+    try:
+        from liger_kernel.transformers import LigerCrossEntropyLoss
+    except ImportError:
+        return None
+    losses = {}
+
+    def loss(logits, targets, z_loss):
+        if z_loss not in losses:
+            losses[z_loss] = LigerCrossEntropyLoss(ignore_index=-1, lse_square_scale=z_loss)
+        return losses[z_loss](logits, targets)
+    return loss
+
+
+def measure(impls: dict, inputs: tuple, targets, repeat: int, device: str, labels: dict) -> list[dict]:
+    """One row per impl and objective: fwd+bwd of the loss for the gradients of inputs."""
+    rows = []
+    for objective, z_loss in (("ce", 0.0), ("ce+z", Z)):
+        def step_of(fn, z_loss=z_loss):
+            def step():
+                leaves = [t.detach().requires_grad_() for t in inputs]
+                return torch.autograd.grad(fn(*leaves, targets, z_loss), leaves)
+            return step
+
+        runs = {name: step_of(fn) for name, fn in impls.items()}
+        for run in runs.values():  # warm up (and compile) outside the timing
+            run()
+        seconds = common.interleaved_seconds(runs, repeat, device)
+        losses = {name: float(fn(*inputs, targets, z_loss)) for name, fn in impls.items()}
+        for name, run in runs.items():
+            rows.append({**labels, "loss": objective, "impl": name, "ms": round(seconds[name] * 1e3, 1),
+                         "peak MiB": round(common.peak_memory_mb(run, device)),
+                         "vs torch": f"{seconds['torch'] / seconds[name]:.2f}x", "value": round(losses[name], 5)})
+    return rows
+
+
 def main() -> int:
     parser = common.base_parser(__doc__)
     parser.add_argument("--rows", type=int, default=None, help="B * T (default 8192 on CUDA, 1024 on the CPU)")
@@ -65,13 +118,17 @@ def main() -> int:
     repeat = args.repeat or (15 if device == "cuda" else 3)
 
     impls = {"pyllm": ours, "torch": torch_loss}
+    ce_impls = {"pyllm": ours_ce, "torch": torch_ce}
     if not args.quick:
         impls["torch.compile"] = torch.compile(torch_loss)
+        ce_impls["torch.compile"] = torch.compile(torch_ce)
     if device == "cuda" and (liger := liger_fn()) is not None:
         impls["liger"] = liger
+    if device == "cuda" and (liger := liger_ce_fn()) is not None:
+        ce_impls["liger"] = liger
 
     print(f"# linear cross-entropy on {common.device_description(device)}: {rows_n} rows x {args.dim} -> "
-          f"{args.vocab} words, fwd+bwd")
+          f"{args.vocab} words, fwd+bwd; then the loss alone on ({rows_n}, {args.vocab}) logits")
     gen = torch.Generator(device).manual_seed(0)
     rows = []
     for dtype in ((torch.bfloat16, torch.float32) if device == "cuda" else (torch.float32, torch.bfloat16)):
@@ -79,25 +136,11 @@ def main() -> int:
         weight = (torch.randn(args.vocab, args.dim, device=device, generator=gen) * args.dim ** -0.5).to(dtype)
         targets = torch.randint(0, args.vocab, (rows_n,), device=device, generator=gen)
         targets[::8] = -1
-        for objective, z_loss in (("ce", 0.0), ("ce+z", Z)):
-            def step_of(fn, z_loss=z_loss):
-                def step():
-                    xl, wl = x.detach().requires_grad_(), weight.detach().requires_grad_()
-                    return torch.autograd.grad(fn(xl, wl, targets, z_loss), (xl, wl))
-                return step
-
-            runs = {name: step_of(fn) for name, fn in impls.items()}
-            for run in runs.values():  # warm up (and compile) outside the timing
-                run()
-            seconds = common.interleaved_seconds(runs, repeat, device)
-            losses = {name: float(fn(x, weight, targets, z_loss)) for name, fn in impls.items()}
-            for name, run in runs.items():
-                rows.append({"dtype": str(dtype).removeprefix("torch."), "loss": objective, "impl": name,
-                             "ms": round(seconds[name] * 1e3, 1),
-                             "peak MiB": round(common.peak_memory_mb(run, device)),
-                             "vs torch": f"{seconds['torch'] / seconds[name]:.2f}x",
-                             "value": round(losses[name], 5)})
-    common.print_table(rows, ["dtype", "loss", "impl", "ms", "peak MiB", "vs torch", "value"])
+        dtype_name = str(dtype).removeprefix("torch.")
+        rows += measure(impls, (x, weight), targets, repeat, device, {"what": "linear+ce", "dtype": dtype_name})
+        logits = (x @ weight.t()).detach()
+        rows += measure(ce_impls, (logits,), targets, repeat, device, {"what": "ce", "dtype": dtype_name})
+    common.print_table(rows, ["what", "dtype", "loss", "impl", "ms", "peak MiB", "vs torch", "value"])
     common.write_json(args.json, "cross_entropy", device, rows, {"rows": rows_n, "dim": args.dim, "vocab": args.vocab,
                                                                   "repeat": repeat})
     return 0

@@ -56,6 +56,32 @@ def rms_norm_cases():
                 assert (w.grad.double() - w64.grad).abs().max().item() < 0.02 * w64.grad.abs().max().item(), "rms_norm dw"
 
 
+def cross_entropy_cases():
+    # Vocabularies of one pack, off the 16-byte vector (scalar path) and wide (many packs a thread),
+    # smoothing, z-loss, scale and cap; ignored rows, an out-of-range target (its row NaN); the
+    # in-place form over a strided chunk. Checked against float64.
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for rows, vocab in [(3, 8), (5, 37), (4, 8200), (2, 65536)]:
+            x = (3 * torch.randn(rows, vocab, device="cuda")).to(dtype).requires_grad_()
+            t = torch.randint(0, vocab, (rows,), device="cuda")
+            t[0] = -100
+            kw = dict(label_smoothing=0.1, z_loss=1e-3, scale=0.9, softcap=5.0)
+            loss = pyllm.cross_entropy(x, t, reduction="none", **kw)
+            loss.sum().backward()
+            x64 = x.detach().double().requires_grad_()
+            z = 5.0 * torch.tanh(0.9 * x64 / 5.0)
+            ref = F.cross_entropy(z, t, reduction="none", label_smoothing=0.1)
+            ref = ref + 1e-3 * torch.logsumexp(z, -1) ** 2 * (t != -100)
+            ref.sum().backward()
+            assert (loss.double() - ref).abs().max().item() < 1e-4 * ref.abs().max().item(), "cross_entropy loss wrong"
+            assert (x.grad.double() - x64.grad).abs().max().item() < 0.02 * x64.grad.abs().max().item(), "cross_entropy grad"
+    bad = pyllm.cross_entropy(torch.randn(2, 9, device="cuda"), torch.tensor([3, 9], device="cuda"), reduction="none")
+    assert torch.isfinite(bad[0]) and torch.isnan(bad[1]), "cross_entropy: an out-of-range target must give NaN"
+    from pyllm.ops import cross_entropy as ce_ops
+    buffer = torch.randn(6, 1000 + 5, device="cuda", dtype=torch.bfloat16)
+    ce_ops.cross_entropy_rows_(buffer[:, :1000], torch.randint(0, 1000, (6,), device="cuda"), z_loss=1e-3)
+
+
 def rope_cases():
     # Full and partial rotary, per-row tables, a strided view of a fused projection; checked against
     # float64 and by rotating back.
@@ -297,7 +323,7 @@ def flash_attn_bad_seqlens_cases():
                                   torch.tensor([-4, 2**30, 15], dtype=torch.int32, device="cuda"), new, new)
 
 
-CASES = {"swiglu": swiglu_cases, "rms_norm": rms_norm_cases, "rope": rope_cases,
+CASES = {"swiglu": swiglu_cases, "rms_norm": rms_norm_cases, "rope": rope_cases, "cross_entropy": cross_entropy_cases,
          "adamw": adamw_cases, "bpe": bpe_cases, "flash_attn": flash_attn_cases,
          "flash_attn_bwd_mma": flash_attn_bwd_mma_cases, "flash_attn_shapes": flash_attn_shapes_cases,
          "flash_attn_tall_tiles": flash_attn_tall_tiles_cases, "flash_attn_bad_seqlens": flash_attn_bad_seqlens_cases}

@@ -80,7 +80,8 @@ def liger_ce_fn():
     def loss(logits, targets, z_loss):
         if z_loss not in losses:
             losses[z_loss] = LigerCrossEntropyLoss(ignore_index=-1, lse_square_scale=z_loss)
-        return losses[z_loss](logits, targets)
+        # Liger writes the gradient over its input: a copy, or every later run would read gradients
+        return losses[z_loss](logits.clone(), targets)
     return loss
 
 

@@ -31,7 +31,10 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/pyllm-gpu}
 mkdir -p "$OUT"
 # PYLLM_REQUIRE_CUDA: the cuda tests fail (naming why) rather than skip if the GPU is unusable here.
+# PYLLM_CROSS_ENTROPY_CUDA: pyllm.nn's fused losses take the (unverified) CUDA cross-entropy kernel,
+# so that the model's cuda tests exercise it too (its own tests call it directly either way).
 export PYLLM_CUDA=on PYLLM_CUDA_ARCHS=${PYLLM_CUDA_ARCHS:-90} PYLLM_REQUIRE_CUDA=1 PYTHONUNBUFFERED=1
+export PYLLM_CROSS_ENTROPY_CUDA=${PYLLM_CROSS_ENTROPY_CUDA:-1}
 PY=${PYTHON:-python3}
 STAGES=${STAGES:-build test sanitize bench}
 BENCH_ARGS=${BENCH_ARGS:-}

@@ -595,7 +595,7 @@ def _add_chunk_grads(grad: torch.Tensor, xc: torch.Tensor, weight: torch.Tensor,
     if grad_w is not None:
         if xc.dtype == grad_w.dtype:
             grad_w.addmm_(grad.t(), xc)
-        else:  # add_ widens the 16-bit product as it adds: no fp32 (V, C) copy of it
+        else:  # add_ widens the 16-bit product as it adds (in the kernel on CUDA; the CPU makes a copy)
             grad_w.add_(grad.t() @ xc)
 
 
@@ -696,7 +696,8 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     (logits and their gradient), no recomputation. x (..., C), weight (V, C), targets (...).
     Under autocast, x and weight are cast to its dtype first, as nn.Linear would be. chunk_rows:
     rows of logits at a time (default: as many as 64 MiB of logits hold, at least 1: in x's dtype
-    where pyllm's cross-entropy kernel runs (the CPU, CUDA in fp32 / bf16 / fp16), fp32 elsewhere).
+    where pyllm's cross-entropy kernel runs (the CPU; CUDA with PYLLM_CROSS_ENTROPY_CUDA=1 until
+    that kernel is verified on a GPU), fp32 elsewhere).
     scale, softcap: the logits are z = scale * (x @ weight.T) (Granite's 1 / logits_scaling,
     Cohere's logit_scale), then softcap * tanh(z / softcap) when softcap is given (Gemma 2's
     final_logit_softcapping), both in fp32.
@@ -734,7 +735,8 @@ def _fused_linear_inputs(x, weight, chunk_rows, softcap=None, kernel=False):
     x-dtype matmul result and the chunk's last rounding to x's dtype come on top). kernel: the
     chunk's one (c, V) buffer is the logits in x's dtype (pyllm.ops.cross_entropy's kernel takes
     them): 64 MiB of those. Twice the rows in bf16, where the fewer, larger matmuls took the loss
-    from 951 to 781 ms (SmolLM2's output layer, 1,024 rows, 2-core EPYC, 2026-12-02)."""
+    from 1,009 to 824 ms (bench_cross_entropy.py: SmolLM2's output layer, 1,024 rows, 2-core EPYC,
+    2026-12-02)."""
     x = x.reshape(-1, x.shape[-1])
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)

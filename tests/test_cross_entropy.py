@@ -176,6 +176,65 @@ def test_non_finite_logits(device):
     assert (g[3, :20] == 0).all()
 
 
+def test_masked_classes_with_label_smoothing_as_torch():
+    # -inf logits and smoothing: torch's loss is inf (the smoothing term's mean of log-softmax) and
+    # its gradient finite, -e / V at the masked classes; the same here.
+    logits = logits_of((3, 40), torch.float64, "cpu")
+    logits[1, :7] = float("-inf")
+    targets = torch.tensor([3, 20, 39])
+    ours, g = ours_and_grad(logits, targets, torch.ones(3, dtype=torch.float64), label_smoothing=0.1)
+    ref, g_ref = reference_and_grad(logits, targets, torch.ones(3, dtype=torch.float64), -100, 0.1, 0.0, 1.0, None,
+                                    torch.float64)
+    assert torch.isinf(ours[1]) and torch.isinf(ref[1])
+    torch.testing.assert_close(ours[0::2], ref[0::2], rtol=1e-12, atol=0)
+    torch.testing.assert_close(g, g_ref, rtol=1e-12, atol=1e-15)
+
+
+def test_float64_wide_rows_match_torch():
+    logits = logits_of((3, 2, 8200), torch.float64, "cpu")
+    targets = targets_of((3, 2, 8200), 8200, "cpu")
+    dout = torch.rand(3, 2, dtype=torch.float64) + 0.5
+    kw = dict(label_smoothing=0.1, z_loss=1e-3, scale=0.8, softcap=4.0)
+    ours, g = ours_and_grad(logits, targets, dout, **kw)
+    ref, g_ref = reference_and_grad(logits, targets, dout, -100, **kw, dtype=torch.float64)
+    assert ours.dtype == torch.float64
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=0)
+    torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-16)
+
+
+def test_targets_of_any_integer_dtype_and_expanded_logits():
+    logits = logits_of((6, 50), torch.float32, "cpu")
+    targets = targets_of((6, 50), 50, "cpu")
+    want = pyllm.cross_entropy(logits, targets, reduction="none")
+    for dtype in (torch.int32, torch.int16):
+        assert torch.equal(pyllm.cross_entropy(logits, targets.to(dtype), reduction="none"), want)
+    counted = targets != -100
+    assert torch.equal(pyllm.cross_entropy(logits[counted], targets[counted].to(torch.uint8), reduction="none"),
+                       want[counted])
+    # one row repeated (stride 0), as expand gives: F.cross_entropy takes it, so must this
+    row = logits[:1].expand(4, 50)
+    torch.testing.assert_close(pyllm.cross_entropy(row, targets[1:5].abs(), reduction="sum"),
+                               F.cross_entropy(row, targets[1:5].abs(), reduction="sum"), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_rows_not_on_a_16_byte_boundary(device, dtype):
+    # Rows starting one element off a 16-byte boundary: CUDA's scalar loads (the vector ones need
+    # the start, the stride and V in whole packs); the same answers as the aligned copy, to rounding.
+    rows, vocab = 5, 4096
+    buffer = logits_of((rows * vocab + 1,), dtype, device)
+    shifted = buffer[1:].view(rows, vocab)
+    targets = targets_of((rows, vocab), vocab, device)
+    kw = dict(label_smoothing=0.1, z_loss=1e-3)
+    loss, g = ours_and_grad(shifted, targets, torch.ones(rows, device=device), **kw)
+    loss_aligned, g_aligned = ours_and_grad(shifted.contiguous().clone(), targets, torch.ones(rows, device=device),
+                                            **kw)
+    torch.testing.assert_close(loss, loss_aligned, rtol=1e-6, atol=0)
+    torch.testing.assert_close(g.float(), g_aligned.float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5,
+                               atol=1e-7)
+
+
 def test_gradcheck_float64():
     logits = logits_of((5, 11), torch.float64, "cpu").requires_grad_()
     targets = targets_of((5, 11), 11, "cpu")

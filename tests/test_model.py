@@ -907,14 +907,28 @@ def loss_and_grads(fn, x64, w64, targets, dtype, device="cpu"):
     return loss.detach(), x.grad, w.grad
 
 
+def softmax_step(monkeypatch, how: str) -> None:
+    """The fused losses' softmax step by pyllm's cross-entropy kernel ("kernel"; on CUDA, asked for
+    by its environment variable) or by torch ops ("torch-ops", what devices without the kernel run)."""
+    from pyllm.ops import cross_entropy as cross_entropy_ops
+
+    if how == "kernel":
+        monkeypatch.setenv(cross_entropy_ops.CUDA_IN_FUSED_LOSS_ENV, "1")
+    else:
+        monkeypatch.setattr(cross_entropy_ops, "takes", lambda logits: False)
+
+
 @pytest.mark.parametrize("device", CPU_AND_CUDA)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("chunk_rows, shape", CHUNKS_AND_SHAPES)
-def test_linear_cross_entropy_matches_float64(device, dtype, chunk_rows, shape):
+@pytest.mark.parametrize("step", ["kernel", "torch-ops"])
+def test_linear_cross_entropy_matches_float64(device, dtype, chunk_rows, shape, step, monkeypatch):
     # The fused linear cross-entropy (sum over rows, -1 targets ignored): loss and both gradients
     # within twice torch's own error in that dtype (x @ W^T in it, the softmax in fp32), whatever
-    # the chunking, with scaled and capped logits too.
+    # the chunking, with scaled and capped logits too, the softmax step by the kernel or torch ops.
     from pyllm.nn import linear_cross_entropy
+
+    softmax_step(monkeypatch, step)
 
     call = LOGIT_SHAPES[shape]
     x64, w64, targets = output_layer_case(0)
@@ -941,11 +955,15 @@ OBJECTIVES = {"smoothed": dict(label_smoothing=0.1), "z-loss": dict(z_loss=1e-2)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("objective", OBJECTIVES)
 @pytest.mark.parametrize("chunk_rows, shape", [(37, "plain"), (None, "scaled-capped")])
-def test_linear_cross_entropy_objectives_match_float64(device, dtype, objective, chunk_rows, shape):
+@pytest.mark.parametrize("step", ["kernel", "torch-ops"])
+def test_linear_cross_entropy_objectives_match_float64(device, dtype, objective, chunk_rows, shape, step,
+                                                       monkeypatch):
     # label_smoothing and z_loss: loss and both gradients within twice torch's own error in that
     # dtype (F.cross_entropy's label_smoothing plus z * logsumexp^2 over the counted rows); the
     # z-loss share given back (return_z_loss) to fp32 rounding, detached.
     from pyllm.nn import linear_cross_entropy
+
+    softmax_step(monkeypatch, step)
 
     call, options = LOGIT_SHAPES[shape], OBJECTIVES[objective]
     z = options.get("z_loss", 0.0)

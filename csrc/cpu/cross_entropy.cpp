@@ -19,9 +19,11 @@
 // adds over 256K terms would carry ~1e-5 relative error into lse.
 //
 // exp: common/cpu_math.h's exp_f32 (degree 7, 7.9e-8 relative, as libm's expf), exactly 0 below
-// exp(-87) (a -inf logit's softmax is 0, as torch's). tanh: below 0.5
-// its Taylor series to x^17 (truncation 1e-8 relative), above it 1 - 2 / (exp(2x) + 1) (the
-// cancellation costs at most a bit there, tanh >= 0.46); both vectorise, libm's tanhf does not.
+// exp(-87) (a -inf logit's softmax is 0, as torch's). tanh: below 0.5 its Taylor series to x^17
+// (truncation 1e-8 relative), above it 1 - 2 / (exp(2x) + 1) (the cancellation costs at most a bit
+// there, tanh >= 0.46). GCC 12 leaves loops over these scalar (their clamps and selects become
+// branches), so the exp pass and the capped first pass run on AVX-512 lanes by hand where the build
+// has them; the portable loops stay as the reference and for other CPUs.
 //
 // Non-finite logits: a NaN in a row, or a max of +-inf (torch's log_softmax gives NaN there too),
 // gives a NaN loss and NaN gradient for the row. Targets are checked before any work: one outside
@@ -37,6 +39,7 @@
 
 #include "common/checks.h"
 #include "common/cpu_math.h"
+#include "common/cross_entropy_args.h"
 #include "common/dtype.h"
 #include "cpu/cpu_ops.h"
 
@@ -72,18 +75,60 @@ inline float tanh_f32(float y) {
 inline double tanh_acc(double y) { return std::tanh(y); }
 inline float tanh_acc(float y) { return tanh_f32(y); }
 
+#ifdef PYLLM_AVX512
+// tanh_f32 on 16 lanes (its loop, like the exp one, stayed scalar: ~8x the uncapped forward).
+inline __m512 tanh_avx512(__m512 y) {
+  const __m512 a = _mm512_abs_ps(y), a2 = _mm512_mul_ps(a, a);
+  const float c[7] = {-929569.0f / 638512875.0f, 21844.0f / 6081075.0f, -1382.0f / 155925.0f, 62.0f / 2835.0f,
+                      -17.0f / 315.0f, 2.0f / 15.0f, -1.0f / 3.0f};
+  __m512 p = _mm512_set1_ps(6404582.0f / 10854718875.0f);
+  for (int i = 0; i < 7; ++i) p = _mm512_fmadd_ps(p, a2, _mm512_set1_ps(c[i]));
+  const __m512 small = _mm512_fmadd_ps(_mm512_mul_ps(p, a2), a, a);
+  const __m512 one = _mm512_set1_ps(1.0f);
+  const __m512 e = avx512::exp<7, true>(_mm512_add_ps(a, a));  // finite: 2 / (e + 1) stays a number
+  const __m512 large = _mm512_sub_ps(one, _mm512_div_ps(_mm512_set1_ps(2.0f), _mm512_add_ps(e, one)));
+  const __m512 r = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, _mm512_set1_ps(0.5f), _CMP_LT_OQ), large, small);
+  const __m512 sign = _mm512_and_ps(y, _mm512_castsi512_ps(_mm512_set1_epi32(int(0x80000000u))));
+  return _mm512_or_ps(r, sign);
+}
+
+// The capped first pass on 16 lanes: tanhs, zs = cap * tanh(scale * x / cap), their max, fp64 sum
+// and NaN count, as row()'s loop.
+template <typename T>
+void capped_pass_avx512(const T* x, int64_t V, float scale, float cap, float* zs, float* tanhs, float& top_out,
+                        double& sum_out, int64_t& nans_out) {
+  const __m512 s = _mm512_set1_ps(scale), c = _mm512_set1_ps(cap);
+  __m512 top = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512d lo = _mm512_setzero_pd(), hi = _mm512_setzero_pd();
+  int64_t nans = 0;
+  for (int64_t j = 0; j < V; j += 16) {
+    const __mmask16 lanes = avx512::first(V - j);
+    const __m512 t = tanh_avx512(_mm512_div_ps(_mm512_mul_ps(avx512::load(x + j, V - j), s), c));
+    const __m512 z = _mm512_maskz_mov_ps(lanes, _mm512_mul_ps(c, t));  // lanes past the end: 0, not summed
+    avx512::store(tanhs + j, t, V - j);
+    avx512::store(zs + j, z, V - j);
+    top = _mm512_mask_max_ps(top, lanes, top, z);
+    lo = _mm512_add_pd(lo, _mm512_cvtps_pd(_mm512_castps512_ps256(z)));
+    hi = _mm512_add_pd(hi, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(z), 1))));
+    nans += __builtin_popcount(unsigned(_mm512_cmp_ps_mask(z, z, _CMP_UNORD_Q) & lanes));
+  }
+  top_out = _mm512_reduce_max_ps(top);
+  sum_out = _mm512_reduce_add_pd(_mm512_add_pd(lo, hi));
+  nans_out = nans;
+}
+#endif
+
 // exp(d) for d = z - max <= 0: exactly 0 below -87 (where exp_f32 clamps: a masked class's softmax is
-// 0, as torch's, not 1.6e-38). exp_f32, not exp2_nonpositive_f32: GCC 13 vectorised this loop with the
-// latter at 2.3 ns per element and with this at 0.28 (AVX-512, 2026-12-02).
+// 0, as torch's, not 1.6e-38).
 inline float exp_shifted(float d) {
   const float e = exp_f32<7>(d);
   return d < -87.0f ? 0.0f : e;
 }
 inline double exp_shifted(double d) { return std::exp(d); }
 
-// zs[j] = exp(zs[j] - top), returning their sum in fp64. GCC 13 leaves the portable loop scalar
-// (exp_f32's clamps become branches there: 2 ns per element), so AVX-512 builds run it on 16
-// lanes by hand (0.1 ns per element; EPYC 9004, 2026-12-02).
+// zs[j] = exp(zs[j] - top), returning their sum in fp64. GCC 12 leaves the portable loop scalar
+// (exp_f32's clamps become branches there), so AVX-512 builds run it on 16 lanes by hand: the
+// forward of 1,024 x 49,152 fp32 logits went from 108 to 20 ms (2-core EPYC VM, 2026-12-02).
 template <typename A>
 double exp_pass(A* __restrict zs, int64_t V, A top) {
 #ifdef PYLLM_AVX512
@@ -129,7 +174,14 @@ void row(const T* x, T* grad, int64_t target, acc_t<T>* loss_out, acc_t<T>* z_ou
   A top = -std::numeric_limits<A>::infinity();
   double z_sum = 0;
   int64_t nans = 0;
-  if (capped) {
+  bool vectorised = false;
+#ifdef PYLLM_AVX512
+  if constexpr (avx512::has_lanes<T>) {
+    if (capped) capped_pass_avx512(x, V, scale, cap, zs, tanhs, top, z_sum, nans);
+    vectorised = capped;
+  }
+#endif
+  if (capped && !vectorised) {
 #pragma omp simd reduction(max : top) reduction(+ : z_sum, nans)
     for (int64_t j = 0; j < V; ++j) {
       const A t = tanh_acc(A(to_float(x[j])) * scale / cap);
@@ -140,7 +192,7 @@ void row(const T* x, T* grad, int64_t target, acc_t<T>* loss_out, acc_t<T>* z_ou
       z_sum += double(z);
       nans += z != z;
     }
-  } else {
+  } else if (!capped) {
 #pragma omp simd reduction(max : top) reduction(+ : z_sum, nans)
     for (int64_t j = 0; j < V; ++j) {
       const A z = A(to_float(x[j])) * scale;
@@ -206,23 +258,13 @@ void run(const T* x, const int64_t* targets, acc_t<T>* loss, acc_t<T>* z_part, T
 }  // namespace
 
 void cross_entropy_cpu(uintptr_t logits, uintptr_t targets, uintptr_t loss, uintptr_t z_part, uintptr_t grad,
-                       uintptr_t grad_rows, int64_t rows, int64_t vocab, int64_t stride, int64_t grad_stride, int64_t ignore_index,
-                       double scale, double softcap, double label_smoothing, double z_loss, double grad_scale,
-                       int dtype) {
-  const Args a{rows, vocab, stride, grad_stride, ignore_index, scale, softcap, label_smoothing, z_loss, grad_scale};
-  PYLLM_CHECK(rows >= 0 && vocab >= 1, "cross_entropy: rows must be >= 0 and vocab >= 1, got ", rows, " and ", vocab);
-  PYLLM_CHECK(stride >= vocab && (grad == 0 || grad_stride >= vocab), "cross_entropy: row strides must be >= vocab (",
-              vocab, "), got ", stride, " and ", grad_stride);
-  PYLLM_CHECK(std::isfinite(scale) && scale > 0, "cross_entropy: scale must be positive and finite, got ", scale);
-  PYLLM_CHECK(std::isfinite(softcap) && softcap >= 0, "cross_entropy: softcap must be 0 (none) or positive, got ",
-              softcap);
-  PYLLM_CHECK(label_smoothing >= 0 && label_smoothing <= 1, "cross_entropy: label_smoothing must be in [0, 1], got ",
-              label_smoothing);
-  PYLLM_CHECK(std::isfinite(z_loss) && z_loss >= 0, "cross_entropy: z_loss must be >= 0 and finite, got ", z_loss);
-  PYLLM_CHECK(std::isfinite(grad_scale), "cross_entropy: grad_scale must be finite, got ", grad_scale);
-  dtype_size(dtype);  // throws on an unknown code
+                       uintptr_t grad_rows, int64_t rows, int64_t vocab, int64_t stride, int64_t grad_stride,
+                       int64_t ignore_index, double scale, double softcap, double label_smoothing, double z_loss,
+                       double grad_scale, int dtype) {
+  check_cross_entropy_args(logits, targets, loss, grad, rows, vocab, stride, grad_stride, scale, softcap,
+                           label_smoothing, z_loss, grad_scale, dtype);
   if (rows == 0) return;
-  PYLLM_CHECK(logits != 0 && targets != 0 && loss != 0, "cross_entropy: null data pointer for a non-empty tensor");
+  const Args a{rows, vocab, stride, grad_stride, ignore_index, scale, softcap, label_smoothing, z_loss, grad_scale};
   const auto* t = reinterpret_cast<const int64_t*>(targets);
   for (int64_t r = 0; r < rows; ++r)
     PYLLM_CHECK(t[r] == ignore_index || (t[r] >= 0 && t[r] < vocab), "cross_entropy: targets must be in [0, ", vocab,

@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "common/cross_entropy_args.h"
 #include "cuda/cuda_common.cuh"
 #include "cuda/cuda_ops.h"
 
@@ -163,13 +164,10 @@ void cross_entropy_cuda(uintptr_t logits, uintptr_t targets, uintptr_t loss, uin
                         int64_t ignore_index,
                         double scale, double softcap, double label_smoothing, double z_loss, double grad_scale,
                         int dtype, int device, uintptr_t stream) {
-  PYLLM_CHECK(rows >= 0 && vocab >= 1, "cross_entropy: rows must be >= 0 and vocab >= 1, got ", rows, " and ", vocab);
-  PYLLM_CHECK(stride >= vocab && (grad == 0 || grad_stride >= vocab), "cross_entropy: row strides must be >= vocab (",
-              vocab, "), got ", stride, " and ", grad_stride);
+  check_cross_entropy_args(logits, targets, loss, grad, rows, vocab, stride, grad_stride, scale, softcap,
+                           label_smoothing, z_loss, grad_scale, dtype);
   PYLLM_CHECK(rows < (int64_t(1) << 31), "cross_entropy: too many rows for one launch: ", rows);
-  dtype_size(dtype);
   if (rows == 0) return;
-  PYLLM_CHECK(logits != 0 && targets != 0 && loss != 0, "cross_entropy: null data pointer for a non-empty tensor");
   DeviceGuard guard(device);
   const Args a{vocab, stride, grad_stride, ignore_index, float(scale), float(softcap), float(label_smoothing),
                float(z_loss), float(grad_scale)};

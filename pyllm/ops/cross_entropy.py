@@ -11,6 +11,7 @@ Kernels: csrc/cpu/cross_entropy.cpp, csrc/cuda/cross_entropy.cu. Two entry point
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import torch
@@ -69,12 +70,19 @@ def _loss_dtype(logits: Tensor) -> torch.dtype:
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
+# The CUDA kernel has not yet run on a GPU: pyllm.nn's fused losses take it only when asked
+# (bench/gpu_check.sh asks); pyllm.cross_entropy itself always runs it.
+CUDA_IN_FUSED_LOSS_ENV = "PYLLM_CROSS_ENTROPY_CUDA"
+
+
 def takes(logits: Tensor) -> bool:
-    """Whether a kernel runs (..., V) logits of this dtype on their device: the CPU always, CUDA
-    when pyllm was built with its kernels (fp64 on CUDA has none)."""
+    """Whether pyllm.nn's fused losses run this kernel on (..., V) logits of this dtype and device:
+    the CPU always; CUDA when pyllm was built with its kernels (fp64 on CUDA has none) and
+    PYLLM_CROSS_ENTROPY_CUDA=1 (until the kernel is verified on a GPU; torch ops otherwise)."""
     if logits.is_cpu:
         return logits.dtype in DTYPES["cpu"]
-    return logits.is_cuda and _util.HAS_CUDA_KERNELS and logits.dtype in DTYPES["cuda"]
+    return (logits.is_cuda and _util.HAS_CUDA_KERNELS and logits.dtype in DTYPES["cuda"]
+            and os.environ.get(CUDA_IN_FUSED_LOSS_ENV) == "1")
 
 
 # --- launcher: writes into given outputs (tests poison these first) ------------------------------
@@ -99,16 +107,21 @@ def cross_entropy_into(logits: Tensor, targets: Tensor, loss: Tensor, z_part: Op
 
 
 def _rows(t: Tensor) -> Tensor:
-    """(..., V) as (rows, V) with a contiguous last dim (a view where the strides allow it)."""
+    """(..., V) as (rows, V) with a contiguous last dim and rows apart (a view where the strides
+    allow it; expanded rows, stride 0, are copied)."""
     t = t.reshape(-1, t.shape[-1])
-    return t if t.stride(-1) == 1 else t.contiguous()
+    return t if t.stride(-1) == 1 and (t.shape[0] <= 1 or t.stride(0) >= t.shape[1]) else t.contiguous()
 
 
 # --- the per-row op, gradient over the logits (pyllm.nn's fused output-layer loss) --------------
 
 def _rows_inplace_body(logits: Tensor, targets: Tensor, ignore_index: int, scale: float, softcap: float,
                        label_smoothing: float, z_loss: float, want_grad: bool) -> tuple[Tensor, Tensor]:
-    assert logits.dim() == 2 and logits.stride(-1) == 1, "cross_entropy_rows_: 2-D logits with a contiguous last dim"
+    if logits.dim() != 2 or logits.stride(-1) != 1 or (logits.shape[0] > 1 and logits.stride(0) < logits.shape[1]):
+        raise ValueError(f"cross_entropy_rows_: logits must be 2-D, rows apart, with a contiguous last dim, got shape "
+                         f"{tuple(logits.shape)}, strides {logits.stride()}")
+    if targets.shape != logits.shape[:1]:
+        raise ValueError(f"cross_entropy_rows_: targets must have shape ({logits.shape[0]},), got {tuple(targets.shape)}")
     loss = logits.new_empty(logits.shape[0], dtype=_loss_dtype(logits))
     z_part = torch.empty_like(loss)
     cross_entropy_into(logits, targets.contiguous().long(), loss, z_part, logits if want_grad else None, ignore_index,
@@ -188,11 +201,14 @@ def _(grad_rows, logits, targets, ignore_index, scale, softcap, label_smoothing,
 def _cross_entropy_setup(ctx, inputs, output):
     logits, targets, *args = inputs
     ctx.save_for_backward(logits, targets)
+    ctx.mark_non_differentiable(output[1])  # the z-loss share: for the log, its gradient is in the loss's
     ctx.args = args
 
 
 def _cross_entropy_grad(ctx, grad_loss, grad_z):
-    logits, targets = ctx.saved_tensors  # the z share is detached: its gradient is not taken
+    logits, targets = ctx.saved_tensors
+    if grad_loss is None:  # only the (non-differentiable) z share was used
+        return torch.zeros_like(logits), None, None, None, None, None, None
     grad = _util.call(_cross_entropy_backward_body, torch.ops.pyllm.cross_entropy_backward, None, grad_loss, logits,
                       targets, *ctx.args)
     return grad, None, None, None, None, None, None
@@ -210,15 +226,20 @@ def cross_entropy(logits: Tensor, targets: Tensor, *, ignore_index: int = -100, 
     softmax from logits (saved by reference: no (N, V) buffer is kept). 16-bit logits are never
     widened to an fp32 (N, V) copy, as autocast's F.cross_entropy does.
 
+    Unlike F.cross_entropy: the classes are the last dim (torch's are dim 1 of (N, C, d...)); class
+    indices only (no probability targets), no per-class weight=; the loss is fp32 for 16-bit logits
+    (torch's is in their dtype); logits are saved, not a log-softmax, so editing them in place
+    between the forward and the backward is an error (torch's version counter says so).
+
     Args:
         logits: (..., V). CPU: float32, bfloat16, float16, float64. CUDA: float32, float16, bfloat16.
-        targets: (...) class indices (any integer dtype), ignore_index for rows to skip.
+        targets: (...) class indices (int64, int32, int16 or uint8), ignore_index for rows to skip.
         reduction: "mean" (over the rows not ignored; NaN when all are, as torch's), "sum", "none".
         label_smoothing: the target (1 - e) on the label plus e / V on every class, as torch's.
         z_loss: adds z_loss * logsumexp(z)^2 per counted row (PaLM's auxiliary loss; Liger's
             lse_square_scale).
         scale, softcap: the logits are z = scale * logits, then softcap * tanh(z / softcap) when
-            softcap is given (Gemma 2's final_logit_softcapping), in fp32.
+            softcap is given (Gemma 2's final_logit_softcapping), in fp32 (fp64 for fp64).
         return_z_loss: -> (loss, the z-loss's share of it, detached, reduced alike).
     Returns:
         The loss in fp32 (fp64 for fp64 logits), whatever logits' dtype: reduced to a scalar, or
@@ -227,7 +248,8 @@ def cross_entropy(logits: Tensor, targets: Tensor, *, ignore_index: int = -100, 
         TypeError / ValueError for bad arguments (dtype, shapes, devices, out-of-range numbers);
         ValueError (CPU) for a target outside [0, V) that is not ignore_index; on CUDA such a row
         gets a NaN loss instead (checking would cost a sync). A row with a NaN logit, or +-inf as
-        its largest logit, gets a NaN loss and gradient.
+        its largest logit after the cap (a cap maps +-inf to +-softcap), gets a NaN loss and gradient;
+        -inf logits elsewhere (masked classes) get softmax 0, as torch's.
     """
     _check(logits, targets, ignore_index, reduction, label_smoothing, z_loss, scale, softcap)
     loss, z_part = _util.call(_cross_entropy_body, _cross_entropy, _CrossEntropyFunction, logits, targets,

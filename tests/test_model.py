@@ -1033,17 +1033,24 @@ def test_linear_token_logps_matches_float64(device, dtype, chunk_rows, shape):
         assert rel_err(got, exact) <= tolerance(torch_value, exact), name
 
 
+def model_and_next_tokens(name: str):
+    """A randomized CONFIGS[name] model, token ids (2, 12) and their next tokens as targets, the
+    first 3 of each row -1 (ignored)."""
+    cfg = ModelConfig(**CONFIGS[name])
+    model = randomized(cfg)
+    idx = torch.randint(0, cfg.vocab_size, (2, 12))
+    targets = idx.roll(-1, dims=1)
+    targets[:, :3] = -1
+    return model, idx, targets
+
+
 @pytest.mark.parametrize("name", ["llama", "gqa-untied", "gpt2", "moe", "granite-moe", "softcap"])
 def test_per_token_logps_of_the_model(name):
     # forward(..., per_token=True): each target's log-probability, 0 where -1, the same with
     # fused_loss (no logits) to fp64 rounding, gradients too; summed per document by sequence_logps.
     from pyllm.nn import sequence_logps
 
-    cfg = ModelConfig(**CONFIGS[name])
-    model = randomized(cfg)
-    idx = torch.randint(0, cfg.vocab_size, (2, 12))
-    targets = idx.roll(-1, dims=1)
-    targets[:, :3] = -1
+    model, idx, targets = model_and_next_tokens(name)
     none, logps = model(idx, targets, per_token=True)
     logits = model(idx)[0]
     want = torch.log_softmax(logits, -1).gather(2, targets.clamp(min=0)[..., None])[..., 0] * (targets != -1)
@@ -1069,11 +1076,7 @@ def test_fused_loss_gives_the_model_loss_and_gradients(name):
     # LLM.fused_loss: the same loss and gradients (fp64: to rounding), tied or untied output layer,
     # Granite's scaled and Gemma 2's capped logits, no logits returned; with LoRA the frozen output
     # layer takes no gradient.
-    cfg = ModelConfig(**CONFIGS[name])
-    model = randomized(cfg)
-    idx = torch.randint(0, cfg.vocab_size, (2, 12))
-    targets = idx.roll(-1, dims=1)
-    targets[:, :3] = -1
+    model, idx, targets = model_and_next_tokens(name)
     params = [p for p in model.parameters()]
     loss = model(idx, targets)[1]
     grads = torch.autograd.grad(loss, params)
@@ -1091,11 +1094,7 @@ def test_z_loss_of_the_model(name):
     # forward(z_loss=): the mean cross-entropy plus z times the mean over the counted targets of
     # logsumexp(logits)^2, the same with fused_loss (fp64: to rounding), gradients too; the share
     # kept as z_loss_term; 0 is the plain loss, bitwise; asked of a forward without a mean loss, refused.
-    cfg = ModelConfig(**CONFIGS[name])
-    model = randomized(cfg)
-    idx = torch.randint(0, cfg.vocab_size, (2, 12))
-    targets = idx.roll(-1, dims=1)
-    targets[:, :3] = -1
+    model, idx, targets = model_and_next_tokens(name)
     params = [p for p in model.parameters()]
     logits, plain = model(idx, targets)
     assert model.z_loss_term is None

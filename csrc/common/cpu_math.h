@@ -228,6 +228,12 @@ inline void sigmoid_pair(__m512 z, __m512& s, __m512& one_minus_s) {
 
 template <typename T> constexpr bool has_lanes = std::is_same_v<T, float> || std::is_same_v<T, bf16> || std::is_same_v<T, f16>;
 
+// The low and high 8 of 16 fp32 lanes widened to fp64: sums over long rows in two fp64 halves.
+inline __m512d low_pd(__m512 v) { return _mm512_cvtps_pd(_mm512_castps512_ps256(v)); }
+inline __m512d high_pd(__m512 v) {
+  return _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+}
+
 }  // namespace avx512
 }  // namespace pyllm
 #endif

@@ -108,8 +108,8 @@ void capped_pass_avx512(const T* x, int64_t V, float scale, float cap, float* zs
     avx512::store(tanhs + j, t, V - j);
     avx512::store(zs + j, z, V - j);
     top = _mm512_mask_max_ps(top, lanes, top, z);
-    lo = _mm512_add_pd(lo, _mm512_cvtps_pd(_mm512_castps512_ps256(z)));
-    hi = _mm512_add_pd(hi, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(z), 1))));
+    lo = _mm512_add_pd(lo, avx512::low_pd(z));
+    hi = _mm512_add_pd(hi, avx512::high_pd(z));
     nans += __builtin_popcount(unsigned(_mm512_cmp_ps_mask(z, z, _CMP_UNORD_Q) & lanes));
   }
   top_out = _mm512_reduce_max_ps(top);
@@ -141,8 +141,8 @@ double exp_pass(A* __restrict zs, int64_t V, A top) {
       // lanes past the row's end and exp below -87 give 0, as exp_shifted
       const __m512 e = _mm512_maskz_mov_ps(lanes & _mm512_cmp_ps_mask(d, floor, _CMP_GE_OQ), avx512::exp<7>(d));
       avx512::store(zs + j, e, V - j);
-      lo = _mm512_add_pd(lo, _mm512_cvtps_pd(_mm512_castps512_ps256(e)));
-      hi = _mm512_add_pd(hi, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(e), 1))));
+      lo = _mm512_add_pd(lo, avx512::low_pd(e));
+      hi = _mm512_add_pd(hi, avx512::high_pd(e));
     }
     return _mm512_reduce_add_pd(_mm512_add_pd(lo, hi));
   }

@@ -87,10 +87,8 @@ acc_t<T> row_rstd(const T* __restrict x, int64_t cols, double eps) {
 #ifdef PYLLM_AVX512
 // The same rows on 16 fp32 lanes (common/cpu_math.h's loads, stores and roundings; masked tails, so
 // every element takes one path). fp32 inputs sum in two 8-lane fp64 halves, as sum_t says.
-inline __m512d low_pd(__m512 v) { return _mm512_cvtps_pd(_mm512_castps512_ps256(v)); }
-inline __m512d high_pd(__m512 v) {
-  return _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
-}
+using avx512::high_pd;
+using avx512::low_pd;
 
 template <typename T>
 struct RowSum {  // sum of 16-lane products in sum_t<T>

@@ -106,23 +106,34 @@ def cross_entropy_into(logits: Tensor, targets: Tensor, loss: Tensor, z_part: Op
         _C.cross_entropy_cpu(*args)
 
 
+def _kernel_rows(t: Tensor) -> bool:
+    """Whether 2-D t is laid out as the kernels read rows: a contiguous last dim, rows at least V
+    apart (not expanded: the gradient's rows must not overlap)."""
+    return t.stride(-1) == 1 and (t.shape[0] <= 1 or t.stride(0) >= t.shape[1])
+
+
 def _rows(t: Tensor) -> Tensor:
-    """(..., V) as (rows, V) with a contiguous last dim and rows apart (a view where the strides
-    allow it; expanded rows, stride 0, are copied)."""
+    """(..., V) as (rows, V) the kernels take (a view where the strides allow it; expanded rows,
+    stride 0, are copied)."""
     t = t.reshape(-1, t.shape[-1])
-    return t if t.stride(-1) == 1 and (t.shape[0] <= 1 or t.stride(0) >= t.shape[1]) else t.contiguous()
+    return t if _kernel_rows(t) else t.contiguous()
+
+
+def _row_losses(logits: Tensor, rows: int) -> Tensor:
+    """A (rows,) buffer for per-row losses: fp32, fp64 for fp64 logits."""
+    return logits.new_empty(rows, dtype=_loss_dtype(logits))
 
 
 # --- the per-row op, gradient over the logits (pyllm.nn's fused output-layer loss) --------------
 
 def _rows_inplace_body(logits: Tensor, targets: Tensor, ignore_index: int, scale: float, softcap: float,
                        label_smoothing: float, z_loss: float, want_grad: bool) -> tuple[Tensor, Tensor]:
-    if logits.dim() != 2 or logits.stride(-1) != 1 or (logits.shape[0] > 1 and logits.stride(0) < logits.shape[1]):
+    if logits.dim() != 2 or not _kernel_rows(logits):
         raise ValueError(f"cross_entropy_rows_: logits must be 2-D, rows apart, with a contiguous last dim, got shape "
                          f"{tuple(logits.shape)}, strides {logits.stride()}")
     if targets.shape != logits.shape[:1]:
         raise ValueError(f"cross_entropy_rows_: targets must have shape ({logits.shape[0]},), got {tuple(targets.shape)}")
-    loss = logits.new_empty(logits.shape[0], dtype=_loss_dtype(logits))
+    loss = _row_losses(logits, logits.shape[0])
     z_part = torch.empty_like(loss)
     cross_entropy_into(logits, targets.contiguous().long(), loss, z_part, logits if want_grad else None, ignore_index,
                        scale, softcap, label_smoothing, z_loss, 1.0)
@@ -134,7 +145,7 @@ _rows_inplace = torch.library.custom_op("pyllm::cross_entropy_rows_", mutates_ar
 
 @_rows_inplace.register_fake
 def _(logits, targets, ignore_index, scale, softcap, label_smoothing, z_loss, want_grad):
-    loss = logits.new_empty(logits.shape[0], dtype=_loss_dtype(logits))
+    loss = _row_losses(logits, logits.shape[0])
     return loss, torch.empty_like(loss)
 
 
@@ -154,15 +165,16 @@ def cross_entropy_rows_(logits: Tensor, targets: Tensor, *, ignore_index: int = 
 #
 # Rather than writing the gradient in the forward (Liger's way): the backward's incoming gradient
 # then multiplies in fp32 before the one rounding to logits' dtype (a 16-bit gradient times a
-# 16-bit row weight rounds twice: 2.3x torch's error in fp16 at (7, 37), tests/test_cross_entropy.py), the forward writes nothing of (N, V)
-# and keeps only a reference to logits, and the traffic is the same (forward: one read; backward:
-# one read and one write, where the other way reads and writes in each).
+# 16-bit row weight rounds twice: 2.3x torch's error in fp16 at (7, 37), tests/test_cross_entropy.py),
+# the forward writes nothing of (N, V) and keeps only a reference to logits, and the traffic is the
+# same (forward: one read; backward: one read and one write, where the other way reads and writes in
+# each).
 
 def _cross_entropy_body(logits: Tensor, targets: Tensor, ignore_index: int, scale: float, softcap: float,
                         label_smoothing: float, z_loss: float) -> tuple[Tensor, Tensor]:
     """(per-row losses, per-row z-loss shares), (rows,) each, for logits (..., V)."""
     rows = _rows(logits)
-    loss = rows.new_empty(rows.shape[0], dtype=_loss_dtype(rows))
+    loss = _row_losses(rows, rows.shape[0])
     z_part = torch.empty_like(loss)
     cross_entropy_into(rows, targets.reshape(-1).contiguous().long(), loss, z_part, None, ignore_index, scale, softcap,
                        label_smoothing, z_loss)
@@ -174,7 +186,7 @@ _cross_entropy = torch.library.custom_op("pyllm::cross_entropy", mutates_args=()
 
 @_cross_entropy.register_fake
 def _(logits, targets, ignore_index, scale, softcap, label_smoothing, z_loss):
-    loss = logits.new_empty(logits.numel() // logits.shape[-1], dtype=_loss_dtype(logits))
+    loss = _row_losses(logits, logits.numel() // logits.shape[-1])
     return loss, torch.empty_like(loss)
 
 
@@ -183,7 +195,7 @@ def _cross_entropy_backward_body(grad_rows: Tensor, logits: Tensor, targets: Ten
     """d(sum of grad_rows * row losses) / d logits, in logits' shape and dtype."""
     rows = _rows(logits)
     grad = torch.empty(rows.shape, dtype=rows.dtype, device=rows.device)
-    loss = rows.new_empty(rows.shape[0], dtype=_loss_dtype(rows))  # recomputed, unused
+    loss = _row_losses(rows, rows.shape[0])  # recomputed, unused
     cross_entropy_into(rows, targets.reshape(-1).contiguous().long(), loss, None, grad, ignore_index, scale, softcap,
                        label_smoothing, z_loss, 1.0, grad_rows.to(loss.dtype).contiguous())
     return grad.reshape(logits.shape)

@@ -3,7 +3,9 @@ gradients computed in the forward) vs torch as models write it (x @ W^T, then F.
 whole (N, V) logits) vs torch.compile of that (vs Liger-Kernel's fused linear cross-entropy on the
 GPU when installed). Then the loss alone on given logits (N, V): pyllm.cross_entropy vs
 F.cross_entropy on them in fp32 (what autocast runs) vs torch.compile of it (vs Liger's
-cross-entropy on the GPU).
+cross-entropy on the GPU). Then the per-token log-probabilities of a sequence-level loss (DPO's,
+GRPO's): pyllm.nn.linear_token_logps (chunked, the backward recomputing each chunk's logits) vs
+log_softmax of the whole logits then gather, each row's log-probability times a random weight.
 
 One process, same inputs, side by side: forward and backward (the gradients of x and W, what
 training needs), the mean over N rows with 1 in 8 targets ignored; plain cross-entropy and with
@@ -23,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import pyllm  # noqa: E402
-from pyllm.nn import linear_cross_entropy  # noqa: E402
+from pyllm.nn import linear_cross_entropy, linear_token_logps  # noqa: E402
 
 Z = 1e-4  # PaLM's z-loss coefficient
 
@@ -70,6 +72,17 @@ def ours_ce(logits, targets, z_loss):
     return pyllm.cross_entropy(logits, targets, ignore_index=-1, z_loss=z_loss)
 
 
+def torch_logps(x, weight, targets, row_weights):
+    """Each target's log-probability from the whole logits in fp32, weighted and summed."""
+    logits = (x @ weight.t()).float()
+    logps = torch.log_softmax(logits, -1).gather(1, targets.clamp(min=0)[:, None])[:, 0] * (targets != -1)
+    return (logps * row_weights).sum()
+
+
+def ours_logps(x, weight, targets, row_weights):
+    return (linear_token_logps(x, weight, targets) * row_weights).sum()
+
+
 def liger_ce_fn():
     try:
         from liger_kernel.transformers import LigerCrossEntropyLoss
@@ -85,10 +98,12 @@ def liger_ce_fn():
     return loss
 
 
-def measure(impls: dict, inputs: tuple, targets, repeat: int, device: str, labels: dict) -> list[dict]:
-    """One row per impl and objective: fwd+bwd of the loss for the gradients of inputs."""
+def measure(impls: dict, inputs: tuple, targets, repeat: int, device: str, labels: dict,
+            objectives=(("ce", 0.0), ("ce+z", Z))) -> list[dict]:
+    """One row per impl and objective (name, the loss functions' last argument): fwd+bwd of the
+    loss for the gradients of inputs."""
     rows = []
-    for objective, z_loss in (("ce", 0.0), ("ce+z", Z)):
+    for objective, z_loss in objectives:
         def step_of(fn, z_loss=z_loss):
             def step():
                 leaves = [t.detach().requires_grad_() for t in inputs]
@@ -120,16 +135,19 @@ def main() -> int:
 
     impls = {"pyllm": ours, "torch": torch_loss}
     ce_impls = {"pyllm": ours_ce, "torch": torch_ce}
+    logps_impls = {"pyllm": ours_logps, "torch": torch_logps}
     if not args.quick:
         impls["torch.compile"] = torch.compile(torch_loss)
         ce_impls["torch.compile"] = torch.compile(torch_ce)
+        logps_impls["torch.compile"] = torch.compile(torch_logps)
     if device == "cuda" and (liger := liger_fn()) is not None:
         impls["liger"] = liger
     if device == "cuda" and (liger := liger_ce_fn()) is not None:
         ce_impls["liger"] = liger
 
     print(f"# linear cross-entropy on {common.device_description(device)}: {rows_n} rows x {args.dim} -> "
-          f"{args.vocab} words, fwd+bwd; then the loss alone on ({rows_n}, {args.vocab}) logits")
+          f"{args.vocab} words, fwd+bwd; then the loss alone on ({rows_n}, {args.vocab}) logits; then the "
+          f"linear layer's token log-probabilities")
     gen = torch.Generator(device).manual_seed(0)
     rows = []
     for dtype in ((torch.bfloat16, torch.float32) if device == "cuda" else (torch.float32, torch.bfloat16)):
@@ -141,6 +159,9 @@ def main() -> int:
         rows += measure(impls, (x, weight), targets, repeat, device, {"what": "linear+ce", "dtype": dtype_name})
         logits = (x @ weight.t()).detach()
         rows += measure(ce_impls, (logits,), targets, repeat, device, {"what": "ce", "dtype": dtype_name})
+        row_weights = torch.randn(rows_n, device=device, generator=gen)
+        rows += measure(logps_impls, (x, weight), targets, repeat, device, {"what": "linear+logps", "dtype": dtype_name},
+                        objectives=(("logps", row_weights),))
     common.print_table(rows, ["what", "dtype", "loss", "impl", "ms", "peak MiB", "vs torch", "value"])
     common.write_json(args.json, "cross_entropy", device, rows, {"rows": rows_n, "dim": args.dim, "vocab": args.vocab,
                                                                   "repeat": repeat})

@@ -751,23 +751,33 @@ class _LinearTokenLogps(torch.autograd.Function):
     """log softmax(x W^T)[target] per row (0 where the target is -1), chunk by chunk: the (rows,
     vocab) logits exist one chunk at a time. Unlike _LinearCrossEntropy the gradient cannot be
     computed in the forward (a sequence-level loss, DPO's, weighs each row by what the others
-    give), so the backward recomputes each chunk's logits from x and the saved log-sum-exp: one
-    more (rows x C x V) matmul for O(chunk_rows * vocab) memory."""
+    give), so the backward recomputes each chunk's logits from x: one more (rows x C x V) matmul for
+    O(chunk_rows * vocab) memory. Where pyllm's cross-entropy kernel runs, each chunk's softmax is
+    one kernel call (the log-probability is minus its loss; the backward's gradient lands over the
+    recomputed logits, each row times minus its incoming gradient); elsewhere torch ops, with the
+    forward's log-sum-exp saved for the backward."""
 
     @staticmethod
     def forward(ctx, x, weight, targets, chunk_rows, scale, softcap):  # x (N, C), weight (V, C), targets (N,)
         acc = torch.promote_types(x.dtype, torch.float32)
         out = torch.empty(x.shape[0], dtype=acc, device=x.device)
-        lse = torch.empty(x.shape[0], dtype=acc, device=x.device)
+        kernel = cross_entropy_ops.takes(x)
+        lse = None if kernel else torch.empty(x.shape[0], dtype=acc, device=x.device)
         for start in range(0, x.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
-            logits = _final_logits((x[rows] @ weight.t()).to(acc), scale, softcap)[0]  # (c, V)
             tc = targets[rows]
-            lse[rows] = torch.logsumexp(logits, dim=-1)
-            out[rows] = (logits.gather(1, tc.clamp(min=0)[:, None])[:, 0] - lse[rows]) * (tc != -1)
+            if kernel:
+                logits = x[rows] @ weight.t()  # (c, V) in x's dtype, read once by the kernel
+                loss = cross_entropy_ops.cross_entropy_rows_(logits, tc, ignore_index=-1, scale=scale, softcap=softcap,
+                                                             want_grad=False)[0]
+                torch.neg(loss, out=out[rows])
+            else:
+                logits = _final_logits((x[rows] @ weight.t()).to(acc), scale, softcap)[0]  # (c, V)
+                lse[rows] = torch.logsumexp(logits, dim=-1)
+                out[rows] = (logits.gather(1, tc.clamp(min=0)[:, None])[:, 0] - lse[rows]) * (tc != -1)
             del logits  # before the next chunk's are made
         ctx.save_for_backward(x, weight, targets, lse)
-        ctx.chunk_rows, ctx.scale, ctx.softcap = chunk_rows, scale, softcap
+        ctx.chunk_rows, ctx.scale, ctx.softcap, ctx.kernel = chunk_rows, scale, softcap, kernel
         return out
 
     @staticmethod
@@ -777,16 +787,25 @@ class _LinearTokenLogps(torch.autograd.Function):
         grad_x = torch.empty_like(x) if need_x else None
         grad_w = torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32),
                              device=x.device) if need_w else None
+        acc = torch.promote_types(x.dtype, torch.float32)
         for start in range(0, x.shape[0], ctx.chunk_rows):
             rows = slice(start, start + ctx.chunk_rows)
             xc, tc = x[rows], targets[rows]
-            g = grad_out[rows].to(lse.dtype) * (tc != -1)  # (c,)
-            # d logp / d logits = one_hot - softmax, times each row's incoming gradient
-            logits, tanh = _final_logits((xc @ weight.t()).to(lse.dtype), ctx.scale, ctx.softcap)
-            grad = logits.sub_(lse[rows, None]).exp_().mul_(-g[:, None])
-            grad.scatter_add_(1, tc.clamp(min=0)[:, None], g[:, None])
-            _add_chunk_grads(_through_final(grad, tanh, ctx.scale).to(x.dtype), xc, weight, rows, grad_x, grad_w)
-            del logits, tanh, grad  # before the next chunk's are made
+            if ctx.kernel:
+                # d logp / d logits = -(d loss / d logits): the kernel's gradient times -grad_out per row
+                grad = xc @ weight.t()
+                cross_entropy_ops.cross_entropy_rows_(grad, tc, ignore_index=-1, scale=ctx.scale, softcap=ctx.softcap,
+                                                      grad_rows=grad_out[rows].to(acc).neg())
+            else:
+                g = grad_out[rows].to(acc) * (tc != -1)  # (c,)
+                # d logp / d logits = one_hot - softmax, times each row's incoming gradient
+                logits, tanh = _final_logits((xc @ weight.t()).to(acc), ctx.scale, ctx.softcap)
+                grad = logits.sub_(lse[rows, None]).exp_().mul_(-g[:, None])
+                grad.scatter_add_(1, tc.clamp(min=0)[:, None], g[:, None])
+                grad = _through_final(grad, tanh, ctx.scale).to(x.dtype)
+                del logits, tanh
+            _add_chunk_grads(grad, xc, weight, rows, grad_x, grad_w)
+            del grad  # before the next chunk's are made
         return grad_x, None if grad_w is None else grad_w.to(weight.dtype), None, None, None, None
 
 
@@ -799,7 +818,7 @@ def linear_token_logps(x: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     -> (...). For losses over sequences (DPO's sequence_logps), where linear_cross_entropy's
     gradients-in-the-forward cannot serve. Under autocast, x and weight are cast to its dtype
     first, as nn.Linear would be. chunk_rows, scale, softcap: as in linear_cross_entropy."""
-    x, weight, chunk_rows = _fused_linear_inputs(x, weight, chunk_rows, softcap)
+    x, weight, chunk_rows = _fused_linear_inputs(x, weight, chunk_rows, softcap, kernel=cross_entropy_ops.takes(x))
     scale, softcap = _logit_shape("linear_token_logps", scale, softcap)
     with torch.autocast(x.device.type, enabled=False):
         return _LinearTokenLogps.apply(x, weight, targets.reshape(-1), chunk_rows, scale,

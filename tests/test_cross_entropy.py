@@ -157,6 +157,13 @@ def test_rows_in_place_give_the_ops_gradient(device, dtype):
     kept = fresh.clone()
     ce_ops.cross_entropy_rows_(fresh, targets, ignore_index=-1, want_grad=False)
     assert torch.equal(fresh, kept)
+    # grad_rows: each row's gradient times its weight before the rounding, bitwise the op's backward
+    weights = torch.randn(rows, device=device)
+    loss = pyllm.cross_entropy(x, targets, ignore_index=-1, reduction="none", **kw)
+    (g,) = torch.autograd.grad((loss * weights).sum(), x)
+    weighted = x.detach().clone()
+    ce_ops.cross_entropy_rows_(weighted, targets, ignore_index=-1, grad_rows=weights, **kw)
+    assert torch.equal(weighted, g)
 
 
 @pytest.mark.parametrize("device", CPU_AND_CUDA)
@@ -253,6 +260,8 @@ def test_opcheck():
                           (torch.rand(4) + 0.5, logits, targets, -100, 1.0, 3.0, 0.1, 1e-3))
     torch.library.opcheck(torch.ops.pyllm.cross_entropy_rows_.default,
                           (logits.clone(), targets, -100, 1.0, 3.0, 0.1, 1e-3, True))
+    torch.library.opcheck(torch.ops.pyllm.cross_entropy_rows_.default,
+                          (logits.clone(), targets, -100, 1.0, 3.0, 0.1, 1e-3, True, torch.randn(4)))
 
 
 @pytest.mark.parametrize("device", CPU_AND_CUDA)

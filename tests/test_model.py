@@ -1005,11 +1005,15 @@ def test_linear_cross_entropy_objectives_are_checked():
 @pytest.mark.parametrize("device", CPU_AND_CUDA)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("chunk_rows, shape", CHUNKS_AND_SHAPES)
-def test_linear_token_logps_matches_float64(device, dtype, chunk_rows, shape):
+@pytest.mark.parametrize("step", ["kernel", "torch-ops"])
+def test_linear_token_logps_matches_float64(device, dtype, chunk_rows, shape, step, monkeypatch):
     # Each row's log-probability of its target without the logits in memory (recomputed in the
     # backward): values and both gradients, under a random weight per row (as a sequence-level loss
-    # gives), within twice torch's own error in that dtype; scaled and capped logits too.
+    # gives), within twice torch's own error in that dtype; scaled and capped logits too; the
+    # softmax step by the kernel or torch ops.
     from pyllm.nn import linear_token_logps
+
+    softmax_step(monkeypatch, step)
 
     call = LOGIT_SHAPES[shape]
     x64, w64, targets = output_layer_case(1)

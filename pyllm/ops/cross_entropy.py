@@ -127,16 +127,21 @@ def _row_losses(logits: Tensor, rows: int) -> Tensor:
 # --- the per-row op, gradient over the logits (pyllm.nn's fused output-layer loss) --------------
 
 def _rows_inplace_body(logits: Tensor, targets: Tensor, ignore_index: int, scale: float, softcap: float,
-                       label_smoothing: float, z_loss: float, want_grad: bool) -> tuple[Tensor, Tensor]:
+                       label_smoothing: float, z_loss: float, want_grad: bool,
+                       grad_rows: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     if logits.dim() != 2 or not _kernel_rows(logits):
         raise ValueError(f"cross_entropy_rows_: logits must be 2-D, rows apart, with a contiguous last dim, got shape "
                          f"{tuple(logits.shape)}, strides {logits.stride()}")
     if targets.shape != logits.shape[:1]:
         raise ValueError(f"cross_entropy_rows_: targets must have shape ({logits.shape[0]},), got {tuple(targets.shape)}")
+    if grad_rows is not None and grad_rows.shape != logits.shape[:1]:
+        raise ValueError(f"cross_entropy_rows_: grad_rows must have shape ({logits.shape[0]},), got "
+                         f"{tuple(grad_rows.shape)}")
     loss = _row_losses(logits, logits.shape[0])
     z_part = torch.empty_like(loss)
     cross_entropy_into(logits, targets.contiguous().long(), loss, z_part, logits if want_grad else None, ignore_index,
-                       scale, softcap, label_smoothing, z_loss, 1.0)
+                       scale, softcap, label_smoothing, z_loss, 1.0,
+                       None if grad_rows is None else grad_rows.to(loss.dtype).contiguous())
     return loss, z_part
 
 
@@ -144,21 +149,23 @@ _rows_inplace = torch.library.custom_op("pyllm::cross_entropy_rows_", mutates_ar
 
 
 @_rows_inplace.register_fake
-def _(logits, targets, ignore_index, scale, softcap, label_smoothing, z_loss, want_grad):
+def _(logits, targets, ignore_index, scale, softcap, label_smoothing, z_loss, want_grad, grad_rows=None):
     loss = _row_losses(logits, logits.shape[0])
     return loss, torch.empty_like(loss)
 
 
 def cross_entropy_rows_(logits: Tensor, targets: Tensor, *, ignore_index: int = -100, scale: float = 1.0,
                         softcap: float = 0.0, label_smoothing: float = 0.0, z_loss: float = 0.0,
-                        want_grad: bool = True) -> tuple[Tensor, Tensor]:
+                        want_grad: bool = True, grad_rows: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """Each row's loss (lse - (1 - e) z_target - e mean(z) + z_loss lse^2, 0 where the target is
     ignore_index) and its z-loss share, both (rows,) fp32 (fp64 for fp64), for 2-D logits (rows, V)
     with a contiguous last dim (logits[i] may sit any stride apart). want_grad: logits are
-    overwritten with d(row's loss) / d(logits), in their own dtype (0 on ignored rows). No autograd:
-    the gradient is the output. Arguments as cross_entropy's (softcap 0.0: none), not re-checked."""
+    overwritten with d(row's loss) / d(logits), in their own dtype (0 on ignored rows), times
+    grad_rows[i] (rows,) when given (multiplied in fp32, before the one rounding: a sequence-level
+    loss's weight per row, as pyllm.nn.linear_token_logps's backward passes). No autograd: the
+    gradient is the output. Arguments as cross_entropy's (softcap 0.0: none), not re-checked."""
     return _util.call(_rows_inplace_body, _rows_inplace, None, logits, targets, int(ignore_index), float(scale),
-                      float(softcap), float(label_smoothing), float(z_loss), bool(want_grad))
+                      float(softcap), float(label_smoothing), float(z_loss), bool(want_grad), grad_rows)
 
 
 # --- the differentiable op: the backward recomputes each row's softmax from the saved logits -------

@@ -58,6 +58,9 @@ template <> struct Exp2Poly<6> {
 template <int Degree>
 inline float exp2_poly(float r) {
   float p = Exp2Poly<Degree>::c[Degree - 1];
+  // Unrolled here: left to the unroller, GCC 12 met it as an inner loop of the callers' loops and
+  // left those scalar ("control flow in loop").
+#pragma GCC unroll 8
   for (int i = Degree - 2; i >= 0; --i) p = std::fma(p, r, Exp2Poly<Degree>::c[i]);
   return std::fma(p, r, 1.0f);
 }

@@ -39,13 +39,14 @@
 // floor is the FMA rate (2 FLOPs x 16 lanes x ~3.6 GHz = 116 GFLOP/s per core measured here).
 //
 // Vectorisation: every block matmul is one micro-kernel, C[R rows][up to 64 columns] +=
-// A(r, k) * B[k][:], with the accumulators in GCC vector-extension registers (16 fp32 lanes: one
-// AVX-512 register, two AVX2 ones, four SSE ones: the compiler picks the ISA), all
+// A(r, k) * B[k][:], with the accumulators in GCC vector-extension registers (one register of the
+// build's ISA: 16 fp32 lanes on AVX-512, 8 on AVX2, 4 on SSE / NEON; see kVecBytes), all
 // operands packed into contiguous fp32 tiles first (bf16 converted once per tile, not per use; fp32
 // tiles copied too: rows of a (B, T, H, D) tensor at D = 128, H = 8 are 4 KB apart, and reading a
 // 64-row tile in place aliased into the same L1 sets: the fp32 forward ran at half the bf16 speed;
 // fp32 decode-sized blocks, which read each row once, are the exception).
-// R = 4 rows x 4 vectors = 16 accumulators + 4 B vectors fits AVX-512's 32 registers.
+// R = 4 rows x 4 vectors = 16 accumulators + 4 B vectors fits AVX-512's 32 registers; 4 x 2 + 2
+// fits the 16 of AVX2 and SSE (kMaxNV).
 // bf16 inputs on CPUs with AVX512_BF16: the score matmuls (S = Q K^T forward and backward, dP =
 // dO V^T) run on the bf16 values themselves with vdpbf16ps (micro_kernel_bf16: exact products,
 // fp32 sums, twice the fp32 FMA rate on Zen 4, half of it on the Intel Xeon below); P V and the
@@ -127,14 +128,41 @@ namespace pyllm {
 namespace {
 
 
-typedef float vec_f32 __attribute__((vector_size(64), aligned(4)));
-typedef double vec_f64 __attribute__((vector_size(64), aligned(8)));
+// The vectors are the widest the build's ISA has registers for: 64 bytes (AVX-512), 32 (AVX, AVX2),
+// 16 (SSE, NEON). Wider than the registers, GCC keeps them in memory and every operation goes
+// through the stack: the -march=x86-64-v3 (AVX2) build of 64-byte vectors ran the forward at
+// 0.08-0.10x torch's SDPA (bench_attention.py --quick, 2-core EPYC, 2026-12-02).
+#if defined(__AVX512F__)
+constexpr int kVecBytes = 64;
+#elif defined(__AVX__)
+constexpr int kVecBytes = 32;
+#else
+constexpr int kVecBytes = 16;
+#endif
+typedef float vec_f32 __attribute__((vector_size(kVecBytes), aligned(4)));
+typedef double vec_f64 __attribute__((vector_size(kVecBytes), aligned(8)));
 template <typename A> struct Vec;
-template <> struct Vec<float> { using type = vec_f32; static constexpr int lanes = 16; };
-template <> struct Vec<double> { using type = vec_f64; static constexpr int lanes = 8; };
+template <> struct Vec<float> { using type = vec_f32; static constexpr int lanes = kVecBytes / 4; };
+template <> struct Vec<double> { using type = vec_f64; static constexpr int lanes = kVecBytes / 8; };
+constexpr int kLanes = Vec<float>::lanes;
 
 template <typename A> inline typename Vec<A>::type vload(const A* p) { return *reinterpret_cast<const typename Vec<A>::type*>(p); }
 template <typename A> inline void vstore(A* p, typename Vec<A>::type x) { *reinterpret_cast<typename Vec<A>::type*>(p) = x; }
+
+// f of every lane, through an array the compiler vectorises (cpu_math.h's functions are
+// branch-free; with -fno-trapping-math GCC 12 turns the loop into the vector ops themselves).
+template <typename V, typename F>
+inline V lanewise(V x, F f) {
+  using A = std::remove_reference_t<decltype(x[0])>;
+  constexpr int n = sizeof(V) / sizeof(A);
+  alignas(64) A in[n], out[n];
+  std::memcpy(in, &x, sizeof(V));
+#pragma omp simd
+  for (int l = 0; l < n; ++l) out[l] = f(in[l]);
+  V r;
+  std::memcpy(&r, out, sizeof(V));
+  return r;
+}
 
 // exp of every lane, as accurate as exp_acc<T> (storage type T decides the polynomial degree).
 template <typename T>
@@ -143,16 +171,12 @@ inline vec_f32 vexp(vec_f32 x) {
 #ifdef PYLLM_AVX512
   return (vec_f32)avx512::exp<kDegree>((__m512)x);
 #else
-  vec_f32 r;
-  for (int l = 0; l < 16; ++l) r[l] = exp_f32<kDegree>(x[l]);
-  return r;
+  return lanewise(x, [](float v) { return exp_f32<kDegree>(v); });
 #endif
 }
 template <typename T>
 inline vec_f64 vexp(vec_f64 x) {
-  vec_f64 r;
-  for (int l = 0; l < 8; ++l) r[l] = std::exp(x[l]);
-  return r;
+  return lanewise(x, [](double v) { return std::exp(v); });
 }
 
 // e^x for the softmaxes, x = score - max (or - lse) <= 0, masked scores -inf, NaN stays NaN: in
@@ -175,9 +199,7 @@ inline vec_f32 vsoftmax_exp(vec_f32 x) {
 #ifdef PYLLM_AVX512
   return (vec_f32)avx512::exp2<kDegree>((__m512)t);
 #else
-  vec_f32 r;
-  for (int l = 0; l < 16; ++l) r[l] = exp2_nonpositive_f32<kDegree>(t[l]);
-  return r;
+  return lanewise(t, [](float v) { return exp2_nonpositive_f32<kDegree>(v); });
 #endif
 }
 template <typename T>
@@ -219,14 +241,23 @@ inline void micro_kernel(int64_t K, const A* __restrict a, int64_t ams, int64_t 
     for (int v = 0; v < NV; ++v) vstore(c + r * ldc + v * L, acc[r][v]);
 }
 
+// Vectors of C per micro-kernel call: R x kMaxNV accumulators plus kMaxNV B vectors in registers.
+// AVX-512 has 32: 4 x 4 + 4. AVX2 and SSE have 16: 4 x 2 + 2 (4 x 4 spilled).
+constexpr int kMaxNV = kVecBytes == 64 ? 4 : 2;
+
 template <int R, typename A>
 inline void micro_cols(int nv, int64_t K, const A* a, int64_t ams, int64_t aks, const A* b, int64_t ldb, A* c,
                        int64_t ldc, bool accumulate) {
-  switch (nv) {
-    case 1: micro_kernel<R, 1>(K, a, ams, aks, b, ldb, c, ldc, accumulate); break;
-    case 2: micro_kernel<R, 2>(K, a, ams, aks, b, ldb, c, ldc, accumulate); break;
-    case 3: micro_kernel<R, 3>(K, a, ams, aks, b, ldb, c, ldc, accumulate); break;
-    default: micro_kernel<R, 4>(K, a, ams, aks, b, ldb, c, ldc, accumulate); break;
+  if constexpr (kMaxNV == 4) {
+    switch (nv) {
+      case 1: micro_kernel<R, 1>(K, a, ams, aks, b, ldb, c, ldc, accumulate); break;
+      case 2: micro_kernel<R, 2>(K, a, ams, aks, b, ldb, c, ldc, accumulate); break;
+      case 3: micro_kernel<R, 3>(K, a, ams, aks, b, ldb, c, ldc, accumulate); break;
+      default: micro_kernel<R, 4>(K, a, ams, aks, b, ldb, c, ldc, accumulate); break;
+    }
+  } else {
+    if (nv == 1) micro_kernel<R, 1>(K, a, ams, aks, b, ldb, c, ldc, accumulate);
+    else micro_kernel<R, 2>(K, a, ams, aks, b, ldb, c, ldc, accumulate);
   }
 }
 
@@ -237,8 +268,8 @@ void gemm(int64_t M, int64_t K, const A* a, int64_t ams, int64_t aks, const A* b
   constexpr int L = Vec<A>::lanes;
   static_assert(N % L == 0, "gemm: N must be a multiple of the vector width");
   constexpr int kVectors = N / L;
-  for (int v0 = 0; v0 < kVectors; v0 += 4) {
-    const int nv = std::min(4, kVectors - v0);
+  for (int v0 = 0; v0 < kVectors; v0 += kMaxNV) {
+    const int nv = std::min(kMaxNV, kVectors - v0);
     const A* bc = b + v0 * L;
     A* cc = c + v0 * L;
     int64_t m = 0;
@@ -422,7 +453,7 @@ inline void mask_row(A* __restrict srow, int64_t lo, int64_t hi) {
   for (int64_t j = 0; j < kBlockK; ++j) srow[j] = (j >= lo && j < hi) ? srow[j] : ninf;
 }
 
-// tanh on 16 fp32 lanes: Cephes' odd polynomial (tanhf) below |x| = 0.625, where (1 - e) / (1 + e)
+// tanh on fp32 lanes: Cephes' odd polynomial (tanhf) below |x| = 0.625, where (1 - e) / (1 + e)
 // would cancel, and (1 - e) / (1 + e), e = exp(-2|x|) (the softmax's exp, degree 6) above.
 inline vec_f32 vtanh(vec_f32 x) {
   const vec_f32 ax = x < 0.f ? -x : x, z = x * x;
@@ -443,11 +474,12 @@ inline vec_f32 vtanh(vec_f32 x) {
 template <typename A>
 inline void softcap_scores(A* __restrict s, int64_t n, A cap) {
   const A inv = A(1) / cap;
-  int64_t i = 0;
+  int64_t tail = 0;  // where the scalar loop starts
   if constexpr (std::is_same_v<A, float>) {
-    for (; i + 16 <= n; i += 16) vstore(s + i, cap * vtanh(vload(s + i) * inv));
+    tail = n - n % kLanes;
+    for (int64_t i = 0; i < tail; i += kLanes) vstore(s + i, cap * vtanh(vload(s + i) * inv));
   }
-  for (; i < n; ++i) s[i] = cap * std::tanh(s[i] * inv);
+  for (int64_t i = tail; i < n; ++i) s[i] = cap * std::tanh(s[i] * inv);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -656,7 +688,7 @@ constexpr int64_t kDecodeMaxQueries = 8;
 // cost more than they save on shorter splits). Not yet measured: chosen for 2-16 threads.
 constexpr int64_t kDecodeMinItems = 16;
 constexpr int64_t kDecodeMinSplitKeys = 256;
-constexpr int64_t kDecodeChunk = 16;  // keys per online-softmax step: one vector of scores
+constexpr int64_t kDecodeChunk = kLanes;  // keys per online-softmax step: one vector of scores
 // K / V rows are H * D elements apart, a stride the hardware prefetcher did not follow here (see
 // kPrefetchRows): each row asks for the one this many keys ahead.
 constexpr int64_t kDecodePrefetch = 32;
@@ -666,7 +698,7 @@ inline float hsum(vec_f32 x) {
   return _mm512_reduce_add_ps((__m512)x);
 #else
   float s = 0.f;
-  for (int l = 0; l < 16; ++l) s += x[l];
+  for (int l = 0; l < kLanes; ++l) s += x[l];
   return s;
 #endif
 }
@@ -681,22 +713,23 @@ inline bool decode_path(const AttnParams& p) {
          !p.cu_seqlens_q && !p.cu_seqlens_k && p.seqlen_q <= kDecodeMaxQueries;
 }
 
-// 16 cache elements as fp32 lanes (bf16 widened exactly).
+// kLanes cache elements as fp32 lanes (bf16 widened exactly).
 inline vec_f32 vload_f32(const float* p) { return vload(p); }
 inline vec_f32 vload_f32(const bf16* p) {
 #ifdef PYLLM_AVX512
   return (vec_f32)load16(p);
 #else
-  vec_f32 r;
-  for (int l = 0; l < 16; ++l) r[l] = to_float(p[l]);
-  return r;
+  alignas(64) float r[kLanes];
+#pragma omp simd
+  for (int l = 0; l < kLanes; ++l) r[l] = to_float(p[l]);
+  return vload(r);
 #endif
 }
 
 template <int D, typename T>
 void decode(const AttnParams& p) {
   using V = vec_f32;
-  constexpr int L = 16, C = D / L;  // vectors per row
+  constexpr int L = kLanes, C = D / L;  // vectors per row
   constexpr float kInf = std::numeric_limits<float>::infinity();
   const V ninf = V{} - kInf, zero = V{};
   // Gemma 2's cap on the scaled scores, a chunk (one vector) at a time before its softmax step;

@@ -21,9 +21,10 @@
 // exp: common/cpu_math.h's exp_f32 (degree 7, 7.9e-8 relative, as libm's expf), exactly 0 below
 // exp(-87) (a -inf logit's softmax is 0, as torch's). tanh: below 0.5 its Taylor series to x^17
 // (truncation 1e-8 relative), above it 1 - 2 / (exp(2x) + 1) (the cancellation costs at most a bit
-// there, tanh >= 0.46). GCC 12 leaves loops over these scalar (their clamps and selects become
-// branches), so the exp pass and the capped first pass run on AVX-512 lanes by hand where the build
-// has them; the portable loops stay as the reference and for other CPUs.
+// there, tanh >= 0.46). The exp pass and the capped first pass run on AVX-512 lanes by hand where
+// the build has them; the portable loops stay as the reference and for other CPUs, where GCC 12
+// vectorises them only with -fno-trapping-math (CMakeLists.txt: otherwise their clamps and selects
+// stayed branches, and an AVX2 build ran bf16 cross-entropy at 252 ms; now 101-105, AVX-512 70).
 //
 // Non-finite logits: a NaN in a row, or a max of +-inf (torch's log_softmax gives NaN there too),
 // gives a NaN loss and NaN gradient for the row. Targets are checked before any work: one outside
@@ -126,9 +127,9 @@ inline float exp_shifted(float d) {
 }
 inline double exp_shifted(double d) { return std::exp(d); }
 
-// zs[j] = exp(zs[j] - top), returning their sum in fp64. GCC 12 leaves the portable loop scalar
-// (exp_f32's clamps become branches there), so AVX-512 builds run it on 16 lanes by hand: the
-// forward of 1,024 x 49,152 fp32 logits went from 108 to 20 ms (2-core EPYC VM, 2026-12-02).
+// zs[j] = exp(zs[j] - top), returning their sum in fp64. AVX-512 builds run it on 16 lanes by hand:
+// the forward of 1,024 x 49,152 fp32 logits went from 108 to 20 ms (2-core EPYC VM, 2026-12-02;
+// the portable loop was scalar then, before -fno-trapping-math; not re-measured since).
 template <typename A>
 double exp_pass(A* __restrict zs, int64_t V, A top) {
 #ifdef PYLLM_AVX512

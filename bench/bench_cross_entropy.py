@@ -32,12 +32,7 @@ Z = 1e-4  # PaLM's z-loss coefficient
 
 def torch_loss(x, weight, targets, z_loss):
     """The unfused loss as a model computes it: the logits whole, in fp32 for the softmax."""
-    logits = (x @ weight.t()).float()
-    loss = F.cross_entropy(logits, targets, ignore_index=-1)
-    if z_loss:
-        valid = targets != -1
-        loss = loss + z_loss * (torch.logsumexp(logits, -1).square() * valid).sum() / valid.sum()
-    return loss
+    return torch_ce(x @ weight.t(), targets, z_loss)
 
 
 def ours(x, weight, targets, z_loss):

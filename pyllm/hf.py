@@ -41,7 +41,6 @@ from torch import nn
 
 from pyllm import nn as pnn
 from pyllm.ops import _util
-from pyllm.ops import cross_entropy as cross_entropy_ops
 from pyllm.ops import flash_attn as flash_attn_ops
 from pyllm.ops import rope as rope_ops
 from pyllm.ops.rms_norm import rms_norm as fused_rms_norm
@@ -792,7 +791,7 @@ def _labelled_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     if not torch.compiler.is_compiling():  # eager: the same rows, and only theirs grad_x kept for the backward
         rows = (targets != -1).nonzero()[:, 0]
         return pnn.linear_cross_entropy(x[rows], weight, targets[rows], scale=scale, softcap=softcap)
-    x, weight, chunk_rows = pnn._fused_linear_inputs(x, weight, None, softcap, kernel=cross_entropy_ops.takes(x))
+    x, weight, chunk_rows = pnn._fused_linear_inputs(x, weight, None, softcap, kernel=True)
     grad = torch.is_grad_enabled()
     with torch.autocast(x.device.type, enabled=False):
         return _labelled_loss_op(x, weight, targets, chunk_rows, grad and x.requires_grad,

@@ -705,8 +705,7 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     z_loss: adds z_loss * logsumexp(logits)^2 for each counted row (PaLM's auxiliary loss, 1e-4 there,
     keeping the softmax's normaliser near 1; Liger-Kernel's lse_square_scale). return_z_loss: ->
     (the loss, that term's share of it, detached: for the log) instead of the loss."""
-    x, weight, chunk_rows = _fused_linear_inputs(x, weight, chunk_rows, softcap,
-                                                 kernel=cross_entropy_ops.takes(x))
+    x, weight, chunk_rows = _fused_linear_inputs(x, weight, chunk_rows, softcap, kernel=True)
     scale, softcap = _logit_shape("linear_cross_entropy", scale, softcap)
     label_smoothing, z_loss = float(label_smoothing), float(z_loss)
     if not 0.0 <= label_smoothing <= 1.0:
@@ -732,18 +731,18 @@ def _fused_linear_inputs(x, weight, chunk_rows, softcap=None, kernel=False):
     """x as rows (N, C) and weight in the dtype nn.Linear would compute in (autocast's, else x's),
     and the rows per chunk (default: as many as 64 MiB of fp32 logits hold, at least 1; capped
     logits keep two (c, V) buffers, the capped logits and the tanh, in that; the transient
-    x-dtype matmul result and the chunk's last rounding to x's dtype come on top). kernel: the
-    chunk's one (c, V) buffer is the logits in x's dtype (pyllm.ops.cross_entropy's kernel takes
-    them): 64 MiB of those. Twice the rows in bf16, where the fewer, larger matmuls took the loss
-    from 1,009 to 824 ms (bench_cross_entropy.py: SmolLM2's output layer, 1,024 rows, 2-core EPYC,
-    2026-12-02)."""
+    x-dtype matmul result and the chunk's last rounding to x's dtype come on top). kernel: the loss
+    runs pyllm.ops.cross_entropy's kernel on its chunks where that kernel takes the (cast) x; there
+    the chunk's one (c, V) buffer is the logits in x's dtype: 64 MiB of those. Twice the rows in
+    bf16, where the fewer, larger matmuls took the loss from 1,009 to 824 ms
+    (bench_cross_entropy.py: SmolLM2's output layer, 1,024 rows, 2-core EPYC, 2026-12-02)."""
     x = x.reshape(-1, x.shape[-1])
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(dtype), weight.to(dtype)
     else:
         weight = weight.to(x.dtype)
-    row_bytes = x.element_size() if kernel else 4 * (2 if softcap else 1)
+    row_bytes = x.element_size() if kernel and cross_entropy_ops.takes(x) else 4 * (2 if softcap else 1)
     return x, weight, int(max(1, (64 << 20) // (row_bytes * weight.shape[0])) if chunk_rows is None else chunk_rows)
 
 
@@ -818,7 +817,7 @@ def linear_token_logps(x: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     -> (...). For losses over sequences (DPO's sequence_logps), where linear_cross_entropy's
     gradients-in-the-forward cannot serve. Under autocast, x and weight are cast to its dtype
     first, as nn.Linear would be. chunk_rows, scale, softcap: as in linear_cross_entropy."""
-    x, weight, chunk_rows = _fused_linear_inputs(x, weight, chunk_rows, softcap, kernel=cross_entropy_ops.takes(x))
+    x, weight, chunk_rows = _fused_linear_inputs(x, weight, chunk_rows, softcap, kernel=True)
     scale, softcap = _logit_shape("linear_token_logps", scale, softcap)
     with torch.autocast(x.device.type, enabled=False):
         return _LinearTokenLogps.apply(x, weight, targets.reshape(-1), chunk_rows, scale,

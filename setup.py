@@ -57,5 +57,27 @@ class CMakeBuild(build_ext):
         subprocess.run(configure, cwd=build_dir, check=True)
         subprocess.run(["cmake", "--build", ".", "-j", jobs], cwd=build_dir, check=True)
 
+    # CMake writes _C_cpu.json (the instruction sets the CPU kernels need, which `import pyllm`
+    # checks) beside the module. A wheel takes the whole build folder; an editable install copies
+    # only the module into the source tree, so the file is added to what it copies.
+    def _cpu_files(self) -> dict[str, str]:
+        build_py = self.get_finalized_command("build_py")
+        files = {}
+        for ext in self.extensions:
+            inplace_file, regular_file = self._get_inplace_equivalent(build_py, ext)
+            files[str(Path(regular_file).with_name("_C_cpu.json"))] = str(Path(inplace_file).with_name("_C_cpu.json"))
+        return files
+
+    def copy_extensions_to_source(self):
+        super().copy_extensions_to_source()
+        for built, inplace in self._cpu_files().items():
+            self.copy_file(built, inplace, level=self.verbose)
+
+    def get_output_mapping(self):
+        mapping = super().get_output_mapping()
+        if self.inplace:
+            mapping.update(self._cpu_files())
+        return mapping
+
 
 setup(ext_modules=[CMakeExtension("pyllm._C")], cmdclass={"build_ext": CMakeBuild})

@@ -1,6 +1,11 @@
 """pyllm: hand-written CUDA kernels with C++ CPU twins for training LLMs."""
 __version__ = "0.1.0"
 
+# Before anything loads _C: a build for another CPU gets an ImportError here, not SIGILL.
+from pyllm import _cpu_guard  # noqa: E402
+
+_cpu_guard.check()
+
 from pyllm.ops.cross_entropy import cross_entropy  # noqa: E402
 from pyllm.ops.flash_attn import flash_attn, flash_attn_with_kvcache  # noqa: E402
 from pyllm.ops.rms_norm import rms_norm  # noqa: E402

@@ -15,7 +15,7 @@ def cmd_info(args) -> int:
     import torch
 
     import pyllm
-    from pyllm import _C
+    from pyllm import _C, _cpu_guard
     from pyllm.ops import BACKENDS, _util
 
     print(f"pyllm {pyllm.__version__}  (torch {torch.__version__}, python {sys.version.split()[0]})")
@@ -37,7 +37,8 @@ def cmd_info(args) -> int:
         print("CUDA kernels: not built (no nvcc at build time, or PYLLM_CUDA=off)")
         print(f"GPU usable now: no (torch.cuda.is_available() = {torch.cuda.is_available()})")
     threads = f"OpenMP, {torch.get_num_threads()} threads" if _C.cpu_openmp else "one thread (built without OpenMP)"
-    print(f"CPU kernels: compiled paths {_C.cpu_isa}; {threads}")
+    built_with = _cpu_guard.build_flags()
+    print(f"CPU kernels: compiled paths {_C.cpu_isa} ({built_with or 'compiler default flags'}); {threads}")
     if "avx512bf16" in _C.cpu_isa:
         how = "vdpbf16ps dot products" if _C.flash_attn_cpu_bf16_dot() else "fp32 tiles (vdpbf16ps is slow on this CPU)"
         print(f"  bf16 attention scores: {how}; PYLLM_ATTN_CPU_BF16_DOT=0/1 overrides")

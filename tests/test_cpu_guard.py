@@ -1,0 +1,117 @@
+"""The import-time check that the CPU kernels' instructions exist on this CPU (pyllm/_cpu_guard.py)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pyllm import _C, _cpu_guard
+
+SKYLAKE = ["__SSE2__", "__AVX__", "__AVX2__", "__FMA__", "__AVX512F__", "__AVX512BW__", "__x86_64__"]
+CPUINFO = """processor\t: 0
+vendor_id\t: GenuineIntel
+flags\t\t: fpu sse sse2 pni ssse3 sse4_1 sse4_2 avx avx2 fma
+bugs\t\t: spectre_v1
+
+processor\t: 1
+flags\t\t: fpu sse sse2 pni ssse3 sse4_1 sse4_2 avx avx2 fma
+"""
+
+
+def write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def build_file(tmp_path, macros, flags="-march=skylake-avx512"):
+    return write(tmp_path, "_C_cpu.json", json.dumps({"flags": flags, "compiler": "GNU 12.2.0", "macros": macros}))
+
+
+def test_the_build_recorded_its_instructions_and_this_cpu_has_them():
+    # Written by CMake beside the module and copied with it by every install route (wheel,
+    # editable, build_ext --inplace); this process runs the module, so the CPU has what it lists.
+    path = Path(_C.__file__).with_name("_C_cpu.json")
+    assert path.is_file(), f"{path} missing: the build did not record its CPU flags"
+    build = json.loads(path.read_text())
+    assert build["macros"], "the compiler's macro dump came back empty"
+    if build["processor"] in ("x86_64", "AMD64"):
+        assert "__SSE2__" in build["macros"]
+        # The module's own view of its paths agrees with the recorded macros.
+        assert ("avx512" in _C.cpu_isa.split()) == ("__AVX512F__" in build["macros"] and "__AVX512BW__" in build["macros"]
+                                                    and "__AVX512VL__" in build["macros"] and "__AVX512DQ__" in build["macros"])
+        assert ("avx2+fma" in _C.cpu_isa.split()) == ("__AVX2__" in build["macros"] and "__FMA__" in build["macros"])
+    flags = _cpu_guard.cpu_flags()
+    if flags is not None:
+        assert _cpu_guard.missing(build, flags) == []
+    assert _cpu_guard.build_flags(path) == build["flags"]
+
+
+def test_cpu_flags_reads_the_first_flags_line(tmp_path):
+    assert _cpu_guard.cpu_flags(str(write(tmp_path, "cpuinfo", CPUINFO))) == {
+        "fpu", "sse", "sse2", "pni", "ssse3", "sse4_1", "sse4_2", "avx", "avx2", "fma"}
+    arm = "processor\t: 0\nFeatures\t: fp asimd evtstrm aes sve asimddp\nCPU part\t: 0xd40\n"
+    assert _cpu_guard.cpu_flags(str(write(tmp_path, "arm", arm))) == {"fp", "asimd", "evtstrm", "aes", "sve", "asimddp"}
+    assert _cpu_guard.cpu_flags(str(tmp_path / "absent")) is None
+    assert _cpu_guard.cpu_flags(str(write(tmp_path, "none", "processor\t: 0\n"))) is None
+
+
+def test_a_build_for_a_newer_cpu_raises_import_error_naming_what_is_missing(tmp_path, monkeypatch):
+    monkeypatch.delenv("PYLLM_SKIP_CPU_CHECK", raising=False)
+    cpuinfo = str(write(tmp_path, "cpuinfo", CPUINFO))
+    with pytest.raises(ImportError) as err:
+        _cpu_guard.check(build_file(tmp_path, SKYLAKE), cpuinfo)
+    message = str(err.value)
+    assert "avx512bw, avx512f" in message and "-march=skylake-avx512" in message and "GNU 12.2.0" in message
+    assert "avx2" not in message.split("have:")[1].split(";")[0]  # the CPU has it: not listed as missing
+    assert "PYLLM_NATIVE=0" in message and "PYLLM_SKIP_CPU_CHECK=1" in message
+
+
+def test_a_build_the_cpu_can_run_passes(tmp_path, monkeypatch):
+    monkeypatch.delenv("PYLLM_SKIP_CPU_CHECK", raising=False)
+    cpuinfo = str(write(tmp_path, "cpuinfo", CPUINFO))
+    # x86-64-v3's macros, and macros that name no instruction set, and another architecture's.
+    v3 = ["__SSE2__", "__SSE3__", "__SSE4_2__", "__AVX__", "__AVX2__", "__FMA__", "__linux__", "__OPTIMIZE__"]
+    _cpu_guard.check(build_file(tmp_path, v3, flags="-march=x86-64-v3"), cpuinfo)
+    _cpu_guard.check(build_file(tmp_path, ["__SSE2__", "__x86_64__"], flags=""), cpuinfo)
+
+
+def test_aarch64_features_are_checked(tmp_path, monkeypatch):
+    monkeypatch.delenv("PYLLM_SKIP_CPU_CHECK", raising=False)
+    graviton2 = str(write(tmp_path, "cpuinfo", "processor\t: 0\nFeatures\t: fp asimd aes asimdhp asimddp\n"))
+    _cpu_guard.check(build_file(tmp_path, ["__ARM_NEON", "__ARM_FEATURE_DOTPROD"], "-march=native"), graviton2)
+    with pytest.raises(ImportError, match="i8mm, sve"):
+        _cpu_guard.check(build_file(tmp_path, ["__ARM_FEATURE_SVE", "__ARM_FEATURE_MATMUL_INT8", "__ARM_FEATURE_DOTPROD"]), graviton2)
+
+
+def test_nothing_is_checked_where_nothing_can_be_known(tmp_path, monkeypatch):
+    monkeypatch.delenv("PYLLM_SKIP_CPU_CHECK", raising=False)
+    cpuinfo = str(write(tmp_path, "cpuinfo", CPUINFO))
+    _cpu_guard.check(tmp_path / "absent.json", cpuinfo)  # a build without the file
+    _cpu_guard.check(write(tmp_path, "bad.json", "{not json"), cpuinfo)
+    _cpu_guard.check(build_file(tmp_path, SKYLAKE), str(tmp_path / "absent"))  # no /proc/cpuinfo (macOS)
+    monkeypatch.setenv("PYLLM_SKIP_CPU_CHECK", "1")
+    _cpu_guard.check(build_file(tmp_path, SKYLAKE), cpuinfo)
+
+
+def test_import_pyllm_checks_before_it_loads_the_module():
+    """A CPU with none of the build's instructions: `import pyllm` raises ImportError, _C unloaded."""
+    build = json.loads(Path(_C.__file__).with_name("_C_cpu.json").read_text())
+    if not _cpu_guard.missing(build, set()):
+        pytest.skip("this build needs no instruction set beyond the architecture's baseline")
+    code = (
+        "import builtins, io, sys\n"
+        "real_open = builtins.open\n"
+        "builtins.open = lambda f, *a, **k: io.StringIO('flags : fpu sse sse2\\n') if str(f) == '/proc/cpuinfo' else real_open(f, *a, **k)\n"
+        "try:\n"
+        "    import pyllm\n"
+        "except ImportError as e:\n"
+        "    print('ImportError:', e)\n"
+        "print('_C loaded:', 'pyllm._C' in sys.modules)\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYLLM_SKIP_CPU_CHECK"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "ImportError: pyllm's CPU kernels were compiled" in out.stdout
+    assert "_C loaded: False" in out.stdout

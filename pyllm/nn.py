@@ -760,33 +760,56 @@ class _LinearTokenLogps(torch.autograd.Function):
     O(chunk_rows * vocab) memory. Where pyllm's cross-entropy kernel runs, each chunk's softmax is
     one kernel call (the log-probability is minus its loss; the backward's gradient lands over the
     recomputed logits, each row times minus its incoming gradient); elsewhere torch ops, with the
-    forward's log-sum-exp saved for the backward."""
+    forward's log-sum-exp saved for the backward. A frozen head (LoRA's: only x wants a gradient)
+    needs no recompute: row r's log-probability depends on x's row r alone, so the forward keeps
+    J = d logp_r / d x_r (rows, C), one (c, V) x (V, C) matmul per chunk, and the backward is
+    grad_x = grad_out * J: two matmuls of the head in all rather than three."""
 
     @staticmethod
-    def forward(ctx, x, weight, targets, chunk_rows, scale, softcap):  # x (N, C), weight (V, C), targets (N,)
+    def forward(ctx, x, weight, targets, chunk_rows, scale, softcap, jacobian):  # x (N, C), weight (V, C), targets (N,)
         acc = torch.promote_types(x.dtype, torch.float32)
         out = torch.empty(x.shape[0], dtype=acc, device=x.device)
         kernel = cross_entropy_ops.takes(x)
-        lse = None if kernel else torch.empty(x.shape[0], dtype=acc, device=x.device)
+        lse = None if kernel or jacobian else torch.empty(x.shape[0], dtype=acc, device=x.device)
+        jac = torch.empty_like(x) if jacobian else None  # d loss_r / d x_r = -d logp_r / d x_r
         for start in range(0, x.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
             tc = targets[rows]
             if kernel:
                 logits = x[rows] @ weight.t()  # (c, V) in x's dtype, read once by the kernel
                 loss = cross_entropy_ops.cross_entropy_rows_(logits, tc, ignore_index=-1, scale=scale, softcap=softcap,
-                                                             want_grad=False)[0]
+                                                             want_grad=jacobian)[0]
                 torch.neg(loss, out=out[rows])
+                if jacobian:  # logits now hold d loss / d logits
+                    jac[rows] = _rows_times(logits, weight)
             else:
-                logits = _final_logits((x[rows] @ weight.t()).to(acc), scale, softcap)[0]  # (c, V)
-                lse[rows] = torch.logsumexp(logits, dim=-1)
-                out[rows] = (logits.gather(1, tc.clamp(min=0)[:, None])[:, 0] - lse[rows]) * (tc != -1)
+                logits, tanh = _final_logits((x[rows] @ weight.t()).to(acc), scale, softcap)  # (c, V)
+                chunk_lse = torch.logsumexp(logits, dim=-1)
+                valid = tc != -1
+                out[rows] = (logits.gather(1, tc.clamp(min=0)[:, None])[:, 0] - chunk_lse) * valid
+                if jacobian:  # d loss / d logits = softmax - one_hot
+                    grad = logits.sub_(chunk_lse[:, None]).exp_().mul_(valid[:, None])
+                    grad.scatter_add_(1, tc.clamp(min=0)[:, None], -valid[:, None].to(acc))
+                    jac[rows] = _rows_times(_through_final(grad, tanh, scale).to(x.dtype), weight)
+                    del grad
+                else:
+                    lse[rows] = chunk_lse
+                del tanh
             del logits  # before the next chunk's are made
-        ctx.save_for_backward(x, weight, targets, lse)
-        ctx.chunk_rows, ctx.scale, ctx.softcap, ctx.kernel = chunk_rows, scale, softcap, kernel
+        if jacobian:
+            ctx.save_for_backward(jac)
+        else:
+            ctx.save_for_backward(x, weight, targets, lse)
+        ctx.chunk_rows, ctx.scale, ctx.softcap, ctx.kernel, ctx.jacobian = chunk_rows, scale, softcap, kernel, jacobian
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
+        if ctx.jacobian:
+            (jac,) = ctx.saved_tensors
+            acc = torch.promote_types(jac.dtype, torch.float32)
+            grad_x = (jac.to(acc) * grad_out.to(acc).neg()[:, None]).to(jac.dtype)
+            return grad_x, None, None, None, None, None, None
         x, weight, targets, lse = ctx.saved_tensors
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_x = torch.empty_like(x) if need_x else None
@@ -811,7 +834,7 @@ class _LinearTokenLogps(torch.autograd.Function):
                 del logits, tanh
             _add_chunk_grads(grad, xc, weight, rows, grad_x, grad_w)
             del grad  # before the next chunk's are made
-        return grad_x, None if grad_w is None else grad_w.to(weight.dtype), None, None, None, None
+        return grad_x, None if grad_w is None else grad_w.to(weight.dtype), None, None, None, None, None
 
 
 def linear_token_logps(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -825,9 +848,11 @@ def linear_token_logps(x: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     first, as nn.Linear would be. chunk_rows, scale, softcap: as in linear_cross_entropy."""
     x, weight, chunk_rows = _fused_linear_inputs(x, weight, chunk_rows, softcap, kernel=True)
     scale, softcap = _logit_shape("linear_token_logps", scale, softcap)
+    # Only x wants a gradient (a frozen head): the forward keeps d logp / dx instead of the inputs.
+    jacobian = torch.is_grad_enabled() and x.requires_grad and not weight.requires_grad
     with torch.autocast(x.device.type, enabled=False):
         return _LinearTokenLogps.apply(x, weight, targets.reshape(-1), chunk_rows, scale,
-                                       softcap).view(targets.shape)
+                                       softcap, jacobian).view(targets.shape)
 
 
 def distill_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float = 0.0,

@@ -1006,11 +1006,12 @@ def test_linear_cross_entropy_objectives_are_checked():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("chunk_rows, shape", CHUNKS_AND_SHAPES)
 @pytest.mark.parametrize("step", ["kernel", "torch-ops"])
-def test_linear_token_logps_matches_float64(device, dtype, chunk_rows, shape, step, monkeypatch):
+@pytest.mark.parametrize("head", ["trained", "frozen"])
+def test_linear_token_logps_matches_float64(device, dtype, chunk_rows, shape, step, head, monkeypatch):
     # Each row's log-probability of its target without the logits in memory (recomputed in the
-    # backward): values and both gradients, under a random weight per row (as a sequence-level loss
-    # gives), within twice torch's own error in that dtype; scaled and capped logits too; the
-    # softmax step by the kernel or torch ops.
+    # backward; a frozen head's d logp / dx kept from the forward instead): values and gradients,
+    # under a random weight per row (as a sequence-level loss gives), within twice torch's own
+    # error in that dtype; scaled and capped logits too; the softmax step by the kernel or torch ops.
     from pyllm.nn import linear_token_logps
 
     softmax_step(monkeypatch, step)
@@ -1021,6 +1022,7 @@ def test_linear_token_logps_matches_float64(device, dtype, chunk_rows, shape, st
 
     def run(fn, dtype, device="cpu"):
         x, w = (t.to(device, dtype, copy=True).requires_grad_() for t in (x64, w64))
+        w.requires_grad_(head == "trained")
         out = fn(x, w, targets.to(device))
         (out * weights.to(device, out.dtype)).sum().backward()
         return out.detach(), x.grad, w.grad
@@ -1032,6 +1034,9 @@ def test_linear_token_logps_matches_float64(device, dtype, chunk_rows, shape, st
     theirs = run(plain, dtype, device)
     ours = run(lambda x, w, t: linear_token_logps(x, w, t, chunk_rows, **call), dtype, device)
     assert torch.equal(ours[0][::7].cpu(), torch.zeros(43))  # ignored rows: 0
+    if head == "frozen":
+        assert ours[2] is None and theirs[2] is None
+        ours, theirs, ref = ours[:2], theirs[:2], ref[:2]
     for name, got, torch_value, exact in zip(("logps", "dx", "dw"), ours, theirs, ref):
         assert got.dtype == (torch.float32 if name == "logps" else dtype)
         assert rel_err(got, exact) <= tolerance(torch_value, exact), name

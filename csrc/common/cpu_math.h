@@ -25,9 +25,28 @@ inline float fmadd(float a, float b, float c) {
 #endif
 }
 
+// exp(r) for |r| <= ln2/2 by its Taylor series to r^Degree, in any lane type V, given fma(a, b, c)
+// = a * b + c and splat(float) -> V: exp_f32 and the AVX-512 / AVX2 exps share it.
+template <int Degree, typename V, typename Fma, typename Splat>
+inline V exp_taylor(V r, Fma fma, Splat splat) {
+  static_assert(Degree == 5 || Degree == 7, "exp: Taylor degree 5 or 7");
+  V p;
+  if constexpr (Degree == 7) {
+    p = splat(1.0f / 5040.0f);
+    p = fma(p, r, splat(1.0f / 720.0f));
+    p = fma(p, r, splat(1.0f / 120.0f));
+  } else {
+    p = splat(1.0f / 120.0f);
+  }
+  p = fma(p, r, splat(1.0f / 24.0f));
+  p = fma(p, r, splat(1.0f / 6.0f));
+  p = fma(p, r, splat(0.5f));
+  p = fma(p, r, splat(1.0f));
+  return fma(p, r, splat(1.0f));
+}
+
 template <int Degree = 7>
 inline float exp_f32(float x) {
-  static_assert(Degree == 5 || Degree == 7, "exp_f32: degree 5 or 7");
   // Clamp so that 2^n stays a normal fp32 (n in [-126, 127]); a compare-and-select keeps NaN as NaN.
   x = x < -87.0f ? -87.0f : x;
   x = x > 88.0f ? 88.0f : x;
@@ -35,19 +54,8 @@ inline float exp_f32(float x) {
   float n = (x * log2e + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23 trick)
   float r = fmadd(n, -ln2_hi, x);
   r = fmadd(n, -ln2_lo, r);
-  float p;
-  if constexpr (Degree == 7) {
-    p = 1.0f / 5040.0f;
-    p = fmadd(p, r, 1.0f / 720.0f);
-    p = fmadd(p, r, 1.0f / 120.0f);
-  } else {
-    p = 1.0f / 120.0f;
-  }
-  p = fmadd(p, r, 1.0f / 24.0f);
-  p = fmadd(p, r, 1.0f / 6.0f);
-  p = fmadd(p, r, 0.5f);
-  p = fmadd(p, r, 1.0f);
-  p = fmadd(p, r, 1.0f);
+  const float p = exp_taylor<Degree>(r, [](float a, float b, float c) { return fmadd(a, b, c); },
+                                     [](float c) { return c; });
   int32_t e = int32_t(n) + 127;
   return p * bits_to_f32(uint32_t(e) << 23);
 }
@@ -187,19 +195,8 @@ inline __m512 exp(__m512 x) {
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
   r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682030941723e-6f), r);
-  __m512 p;
-  if constexpr (Degree == 7) {
-    p = _mm512_set1_ps(1.0f / 5040.0f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
-  } else {
-    p = _mm512_set1_ps(1.0f / 120.0f);
-  }
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  const __m512 p = exp_taylor<Degree>(r, [](__m512 a, __m512 b, __m512 c) { return _mm512_fmadd_ps(a, b, c); },
+                                      [](float c) { return _mm512_set1_ps(c); });
   return _mm512_scalef_ps(p, n);
 }
 
@@ -325,19 +322,8 @@ inline __m256 exp(__m256 x) {
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
   r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860682030941723e-6f), r);
-  __m256 p;
-  if constexpr (Degree == 7) {
-    p = _mm256_set1_ps(1.0f / 5040.0f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
-  } else {
-    p = _mm256_set1_ps(1.0f / 120.0f);
-  }
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256 p = exp_taylor<Degree>(r, [](__m256 a, __m256 b, __m256 c) { return _mm256_fmadd_ps(a, b, c); },
+                                      [](float c) { return _mm256_set1_ps(c); });
   const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(two_n));
 }

@@ -58,24 +58,26 @@ def missing(build: dict, flags: set[str]) -> list[str]:
     return sorted({f for f in needed if f not in flags})
 
 
-def build_flags(build_file: Path = BUILD_FILE) -> str | None:
-    """The flags that chose the CPU kernels' instructions ("-march=native"), None if unrecorded."""
+def read_build(build_file: Path = BUILD_FILE) -> dict | None:
+    """What the build recorded (flags, compiler, macros), or None where it recorded nothing."""
     try:
-        return json.loads(build_file.read_text()).get("flags")
+        return json.loads(build_file.read_text())
     except (OSError, ValueError):
         return None
+
+
+def build_flags(build_file: Path = BUILD_FILE) -> str | None:
+    """The flags that chose the CPU kernels' instructions ("-march=native"), None if unrecorded."""
+    build = read_build(build_file)
+    return None if build is None else build.get("flags")
 
 
 def check(build_file: Path = BUILD_FILE, cpuinfo: str = "/proc/cpuinfo") -> None:
     """Raises ImportError when the built kernels need CPU flags this CPU does not have."""
     if os.environ.get("PYLLM_SKIP_CPU_CHECK", "0") not in ("", "0"):
         return
-    try:
-        build = json.loads(build_file.read_text())
-    except (OSError, ValueError):
-        return
-    flags = cpu_flags(cpuinfo)
-    if flags is None:
+    build, flags = read_build(build_file), cpu_flags(cpuinfo)
+    if build is None or flags is None:
         return
     lacking = missing(build, flags)
     if lacking:

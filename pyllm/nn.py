@@ -752,6 +752,13 @@ def _fused_linear_inputs(x, weight, chunk_rows, softcap=None, kernel=False):
     return x, weight, int(chunk_rows)
 
 
+def _logp_grad_(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Each row's g times d logp / d logits = g (one_hot - softmax), over logits (c, V) in place,
+    from their log-sum-exp lse (c,); g (c,) is 0 where the target is -1."""
+    grad = logits.sub_(lse[:, None]).exp_().mul_(-g[:, None])
+    return grad.scatter_add_(1, targets.clamp(min=0)[:, None], g[:, None])
+
+
 class _LinearTokenLogps(torch.autograd.Function):
     """log softmax(x W^T)[target] per row (0 where the target is -1), chunk by chunk: the (rows,
     vocab) logits exist one chunk at a time. Unlike _LinearCrossEntropy the gradient cannot be
@@ -787,9 +794,8 @@ class _LinearTokenLogps(torch.autograd.Function):
                 chunk_lse = torch.logsumexp(logits, dim=-1)
                 valid = tc != -1
                 out[rows] = (logits.gather(1, tc.clamp(min=0)[:, None])[:, 0] - chunk_lse) * valid
-                if jacobian:  # d loss / d logits = softmax - one_hot
-                    grad = logits.sub_(chunk_lse[:, None]).exp_().mul_(valid[:, None])
-                    grad.scatter_add_(1, tc.clamp(min=0)[:, None], -valid[:, None].to(acc))
+                if jacobian:  # d loss / d logits = -d logp / d logits
+                    grad = _logp_grad_(logits, chunk_lse, tc, -valid.to(acc))
                     jac[rows] = _rows_times(_through_final(grad, tanh, scale).to(x.dtype), weight)
                     del grad
                 else:
@@ -826,11 +832,8 @@ class _LinearTokenLogps(torch.autograd.Function):
                                                       grad_rows=grad_out[rows].to(acc).neg())
             else:
                 g = grad_out[rows].to(acc) * (tc != -1)  # (c,)
-                # d logp / d logits = one_hot - softmax, times each row's incoming gradient
                 logits, tanh = _final_logits((xc @ weight.t()).to(acc), ctx.scale, ctx.softcap)
-                grad = logits.sub_(lse[rows, None]).exp_().mul_(-g[:, None])
-                grad.scatter_add_(1, tc.clamp(min=0)[:, None], g[:, None])
-                grad = _through_final(grad, tanh, ctx.scale).to(x.dtype)
+                grad = _through_final(_logp_grad_(logits, lse[rows], tc, g), tanh, ctx.scale).to(x.dtype)
                 del logits, tanh
             _add_chunk_grads(grad, xc, weight, rows, grad_x, grad_w)
             del grad  # before the next chunk's are made

@@ -836,7 +836,7 @@ def _labelled_loss_grad(ctx, grad_total, *_):
     grad_x, grad_w = ctx.saved_tensors
     need_x, need_w = ctx.need
     return (grad_x * grad_total.to(grad_x.dtype) if need_x else None,
-            (grad_w * grad_total).to(ctx.weight_dtype) if need_w else None, None, None, None, None, None, None)
+            pnn._scaled_grad_w(grad_w, grad_total, ctx.weight_dtype) if need_w else None, None, None, None, None, None, None)
 
 
 _labelled_loss_op.register_autograd(_labelled_loss_grad, setup_context=_labelled_loss_setup)

@@ -586,17 +586,70 @@ def _through_final(grad: torch.Tensor, tanh: torch.Tensor | None, scale: float) 
     return grad
 
 
-def _add_chunk_grads(grad: torch.Tensor, xc: torch.Tensor, weight: torch.Tensor, rows: slice, grad_x, grad_w) -> None:
-    """A chunk of rows' share of the fused output-layer losses' gradients, from its logits' gradient
-    grad (c, V) in x's dtype: grad_x's rows (grad W) and grad_w += grad^T x, accumulated in fp32 (a
-    16-bit chunk product rounds once)."""
-    if grad_x is not None:
-        grad_x[rows] = _rows_times(grad, weight)
-    if grad_w is not None:
+class _ChunkBuffers:
+    """What one fused output-layer loss call (x (N, C), weight (V, C)) writes chunk after chunk, in
+    buffers made once per call: each chunk's logits (c, V), the 16-bit product grad^T x (V, C) and
+    grad_w, the fp32 (at least) sum of those products. On the CPU a fresh buffer of tens of MB pays
+    its page faults at first touch every time (malloc gives such blocks back to the kernel when they
+    are freed): at 512 bf16 rows of SmolLM2's head, x W^T took 26 ms into a fresh tensor and 14 into a
+    reused one, grad^T x 35 and 20, and adding the bf16 product into fp32 33 ms with add_ (which
+    widens the whole product into a fresh copy first) and 10 slice by slice (2-core Xeon, 2026-12-02)."""
+
+    def __init__(self, x: torch.Tensor, weight: torch.Tensor, chunk_rows: int, need_w: bool):
+        self.rows, self.vocab = min(chunk_rows, x.shape[0]), weight.shape[0]
+        self.logits_buffer = self.product = None
+        # grad_w is written whole by the first chunk's product; zeros only where no chunk comes
+        acc = torch.promote_types(weight.dtype, torch.float32)
+        self.grad_w = (weight.new_empty(weight.shape, dtype=acc) if x.shape[0] else
+                       weight.new_zeros(weight.shape, dtype=acc)) if need_w else None
+        self.written = False
+
+    def logits(self, xc: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """xc W^T (c, V) in x's dtype, as nn.Linear, over the previous chunk's logits."""
+        if self.logits_buffer is None:
+            self.logits_buffer = xc.new_empty((self.rows, self.vocab))
+        return torch.mm(xc, weight.t(), out=self.logits_buffer[:xc.shape[0]])
+
+    def add_grads(self, grad: torch.Tensor, xc: torch.Tensor, weight: torch.Tensor, rows: slice, grad_x) -> None:
+        """A chunk of rows' share of the gradients, from its logits' gradient grad (c, V) in x's dtype:
+        grad_x's rows (grad W) and grad_w += grad^T x, summed in fp32 (a 16-bit chunk product rounds
+        once)."""
+        if grad_x is not None:
+            grad_x[rows] = _rows_times(grad, weight)
+        grad_w = self.grad_w
+        if grad_w is None:
+            return
         if xc.dtype == grad_w.dtype:
-            grad_w.addmm_(grad.t(), xc)
-        else:  # add_ widens the 16-bit product as it adds (in the kernel on CUDA; the CPU makes a copy)
-            grad_w.add_(grad.t() @ xc)
+            if self.written:
+                grad_w.addmm_(grad.t(), xc)
+            else:
+                torch.mm(grad.t(), xc, out=grad_w)
+        else:
+            if self.product is None:
+                self.product = xc.new_empty(weight.shape)
+            product = torch.mm(grad.t(), xc, out=self.product)
+            if not self.written:
+                grad_w.copy_(product)
+            elif grad_w.is_cpu:  # widened a slice at a time: a ~4 MiB copy that malloc keeps handing back
+                step = max(1, (1 << 20) // weight.shape[1])
+                for start in range(0, self.vocab, step):
+                    grad_w[start:start + step].add_(product[start:start + step].to(grad_w.dtype))
+            else:  # the kernel widens as it adds
+                grad_w.add_(product)
+        self.written = True
+
+
+def _scaled_grad_w(grad_w: torch.Tensor, grad_total: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """grad_w (fp32 at least) times the loss's incoming gradient, in the weight's dtype; a 16-bit
+    weight's on the CPU a slice at a time (the whole fp32 product first was a fresh (V, C) buffer's
+    page faults: 44 -> 22 ms at SmolLM2's head, 2-core Xeon, 2026-12-02)."""
+    if grad_w.dtype == dtype or not grad_w.is_cpu:
+        return (grad_w * grad_total).to(dtype)
+    out = torch.empty(grad_w.shape, dtype=dtype)
+    step = max(1, (1 << 20) // grad_w.shape[1])
+    for start in range(0, grad_w.shape[0], step):
+        out[start:start + step] = grad_w[start:start + step] * grad_total
+    return out
 
 
 def _saved_grads_times(ctx, grad_total: torch.Tensor, n_other_inputs: int) -> tuple:
@@ -604,7 +657,8 @@ def _saved_grads_times(ctx, grad_total: torch.Tensor, n_other_inputs: int) -> tu
     times the loss's incoming gradient, None for the other inputs."""
     grad_x, grad_w = ctx.saved_tensors
     return (None if grad_x is None else grad_x * grad_total.to(grad_x.dtype),
-            None if grad_w is None else (grad_w * grad_total).to(ctx.weight_dtype), *([None] * n_other_inputs))
+            None if grad_w is None else _scaled_grad_w(grad_w, grad_total, ctx.weight_dtype),
+            *([None] * n_other_inputs))
 
 
 def _linear_cross_entropy_with_grads(x, weight, targets, chunk_rows: int, need_x: bool, need_w: bool,
@@ -616,21 +670,20 @@ def _linear_cross_entropy_with_grads(x, weight, targets, chunk_rows: int, need_x
     # chunk sums add up without drift
     total, z_total = (torch.zeros((), dtype=torch.float64, device=x.device) for _ in range(2))
     grad_x = torch.empty_like(x) if need_x else None
-    grad_w = torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32),
-                         device=x.device) if need_w else None
+    buffers = _ChunkBuffers(x, weight, chunk_rows, need_w)
     vocab = weight.shape[0]
 
     # A chunk's buffers are its function's locals, freed at its return, before the next chunk makes
     # its own (a loop body's names would keep two chunks' (c, V) buffers alive at once).
     def chunk(rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
         xc, tc = x[rows], targets[rows]
-        logits = xc @ weight.t()  # (c, V) in x's dtype, as nn.Linear
+        logits = buffers.logits(xc, weight)  # (c, V) in x's dtype
         if cross_entropy_ops.takes(logits):  # one kernel pass per row; the gradient lands over the logits
             loss, z_rows = cross_entropy_ops.cross_entropy_rows_(
                 logits, tc, ignore_index=-1, scale=scale, softcap=softcap, label_smoothing=label_smoothing,
                 z_loss=z_loss, want_grad=need_x or need_w)
             if need_x or need_w:
-                _add_chunk_grads(logits, xc, weight, rows, grad_x, grad_w)
+                buffers.add_grads(logits, xc, weight, rows, grad_x)
             return loss.sum(), z_rows.sum()
         # elsewhere (fp64 on CUDA, devices without kernels) in torch ops: scaled and capped in fp32
         logits, tanh = _final_logits(logits.to(acc), scale, softcap)
@@ -654,14 +707,14 @@ def _linear_cross_entropy_with_grads(x, weight, targets, chunk_rows: int, need_x
             if label_smoothing:
                 grad.sub_(label_smoothing / vocab)
             grad = _through_final(grad.mul_(valid[:, None]), tanh, scale)
-            _add_chunk_grads(grad.to(x.dtype), xc, weight, rows, grad_x, grad_w)
+            buffers.add_grads(grad.to(x.dtype), xc, weight, rows, grad_x)
         return ((lse - target_logit + z_rows) * valid).sum(), (z_rows * valid).sum()
 
     for start in range(0, x.shape[0], chunk_rows):
         loss, z_part = chunk(slice(start, start + chunk_rows))
         total += loss
         z_total += z_part
-    return total.to(acc), z_total.to(acc), grad_x, grad_w
+    return total.to(acc), z_total.to(acc), grad_x, buffers.grad_w
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -779,11 +832,12 @@ class _LinearTokenLogps(torch.autograd.Function):
         kernel = cross_entropy_ops.takes(x)
         lse = None if kernel or jacobian else torch.empty(x.shape[0], dtype=acc, device=x.device)
         jac = torch.empty_like(x) if jacobian else None  # d loss_r / d x_r = -d logp_r / d x_r
+        buffers = _ChunkBuffers(x, weight, chunk_rows, need_w=False)
         for start in range(0, x.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
             tc = targets[rows]
             if kernel:
-                logits = x[rows] @ weight.t()  # (c, V) in x's dtype, read once by the kernel
+                logits = buffers.logits(x[rows], weight)  # (c, V) in x's dtype, read once by the kernel
                 loss = cross_entropy_ops.cross_entropy_rows_(logits, tc, ignore_index=-1, scale=scale, softcap=softcap,
                                                              want_grad=jacobian)[0]
                 torch.neg(loss, out=out[rows])
@@ -819,15 +873,14 @@ class _LinearTokenLogps(torch.autograd.Function):
         x, weight, targets, lse = ctx.saved_tensors
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_x = torch.empty_like(x) if need_x else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32),
-                             device=x.device) if need_w else None
+        buffers = _ChunkBuffers(x, weight, ctx.chunk_rows, need_w)
         acc = torch.promote_types(x.dtype, torch.float32)
         for start in range(0, x.shape[0], ctx.chunk_rows):
             rows = slice(start, start + ctx.chunk_rows)
             xc, tc = x[rows], targets[rows]
             if ctx.kernel:
                 # d logp / d logits = -(d loss / d logits): the kernel's gradient times -grad_out per row
-                grad = xc @ weight.t()
+                grad = buffers.logits(xc, weight)
                 cross_entropy_ops.cross_entropy_rows_(grad, tc, ignore_index=-1, scale=ctx.scale, softcap=ctx.softcap,
                                                       grad_rows=grad_out[rows].to(acc).neg())
             else:
@@ -835,8 +888,9 @@ class _LinearTokenLogps(torch.autograd.Function):
                 logits, tanh = _final_logits((xc @ weight.t()).to(acc), ctx.scale, ctx.softcap)
                 grad = _through_final(_logp_grad_(logits, lse[rows], tc, g), tanh, ctx.scale).to(x.dtype)
                 del logits, tanh
-            _add_chunk_grads(grad, xc, weight, rows, grad_x, grad_w)
+            buffers.add_grads(grad, xc, weight, rows, grad_x)
             del grad  # before the next chunk's are made
+        grad_w = buffers.grad_w
         return grad_x, None if grad_w is None else grad_w.to(weight.dtype), None, None, None, None, None
 
 
@@ -891,8 +945,7 @@ class _LinearDistill(torch.autograd.Function):
         acc = torch.promote_types(x.dtype, torch.float32)
         total = torch.zeros((), dtype=torch.float64, device=x.device)
         grad_x = torch.empty_like(x) if need_x else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32),
-                             device=x.device) if need_w else None
+        buffers = _ChunkBuffers(x, weight, chunk_rows, need_w)
 
         def chunk(rows: slice) -> torch.Tensor:  # locals freed at return, as in linear_cross_entropy's
             part = torch.zeros((), dtype=torch.float64, device=x.device)
@@ -920,12 +973,12 @@ class _LinearDistill(torch.autograd.Function):
                 grad = p.mul_(diff.sub_(kl)).mul_(scale)
             if need_x or need_w:
                 grad = _through_final(grad.div_(temperature), tanh, shape[0])
-                _add_chunk_grads(grad.to(x.dtype), xc, weight, rows, grad_x, grad_w)
+                buffers.add_grads(grad.to(x.dtype), xc, weight, rows, grad_x)
             return part
 
         for start in range(0, x.shape[0], chunk_rows):
             total += chunk(slice(start, start + chunk_rows))
-        ctx.save_for_backward(grad_x, grad_w)
+        ctx.save_for_backward(grad_x, buffers.grad_w)
         ctx.weight_dtype = weight.dtype
         return total.to(acc)
 

@@ -5,7 +5,9 @@ GPU when installed). Then the loss alone on given logits (N, V): pyllm.cross_ent
 F.cross_entropy on them in fp32 (what autocast runs) vs torch.compile of it (vs Liger's
 cross-entropy on the GPU). Then the per-token log-probabilities of a sequence-level loss (DPO's,
 GRPO's): pyllm.nn.linear_token_logps (chunked, the backward recomputing each chunk's logits) vs
-log_softmax of the whole logits then gather, each row's log-probability times a random weight.
+log_softmax of the whole logits then gather, each row's log-probability times a random weight; and
+the same with a frozen head (LoRA's: the gradient of x alone; pyllm keeps d logp / dx from the
+forward instead of recomputing).
 
 One process, same inputs, side by side: forward and backward (the gradients of x and W, what
 training needs), the mean over N rows with 1 in 8 targets ignored; plain cross-entropy and with
@@ -156,6 +158,11 @@ def main() -> int:
         rows += measure(ce_impls, (logits,), targets, repeat, device, {"what": "ce", "dtype": dtype_name})
         row_weights = torch.randn(rows_n, device=device, generator=gen)
         rows += measure(logps_impls, (x, weight), targets, repeat, device, {"what": "linear+logps", "dtype": dtype_name},
+                        objectives=(("logps", row_weights),))
+        # A frozen head (LoRA's): only x wants a gradient; pyllm keeps d logp / dx from the forward
+        frozen = {name: (lambda fn: lambda x, targets, row_weights: fn(x, weight, targets, row_weights))(fn)
+                  for name, fn in logps_impls.items()}
+        rows += measure(frozen, (x,), targets, repeat, device, {"what": "linear+logps, frozen head", "dtype": dtype_name},
                         objectives=(("logps", row_weights),))
     common.print_table(rows, ["what", "dtype", "loss", "impl", "ms", "peak MiB", "vs torch", "value"])
     common.write_json(args.json, "cross_entropy", device, rows, {"rows": rows_n, "dim": args.dim, "vocab": args.vocab,

@@ -597,18 +597,22 @@ class _ChunkBuffers:
 
     def __init__(self, x: torch.Tensor, weight: torch.Tensor, chunk_rows: int, need_w: bool):
         self.rows, self.vocab = min(chunk_rows, x.shape[0]), weight.shape[0]
-        self.logits_buffer = self.product = None
+        self.buffers, self.product = {}, None
         # grad_w is written whole by the first chunk's product; zeros only where no chunk comes
         acc = torch.promote_types(weight.dtype, torch.float32)
         self.grad_w = (weight.new_empty(weight.shape, dtype=acc) if x.shape[0] else
                        weight.new_zeros(weight.shape, dtype=acc)) if need_w else None
         self.written = False
 
-    def logits(self, xc: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """xc W^T (c, V) in x's dtype, as nn.Linear, over the previous chunk's logits."""
-        if self.logits_buffer is None:
-            self.logits_buffer = xc.new_empty((self.rows, self.vocab))
-        return torch.mm(xc, weight.t(), out=self.logits_buffer[:xc.shape[0]])
+    def buffer(self, name: str, rows: int, dtype: torch.dtype, like: torch.Tensor) -> torch.Tensor:
+        """A (rows, V) buffer of dtype on like's device, the same memory at every chunk."""
+        if name not in self.buffers:
+            self.buffers[name] = like.new_empty((self.rows, self.vocab), dtype=dtype)
+        return self.buffers[name][:rows]
+
+    def logits(self, xc: torch.Tensor, weight: torch.Tensor, name: str = "logits") -> torch.Tensor:
+        """xc W^T (c, V) in x's dtype, as nn.Linear, over the previous chunk's."""
+        return torch.mm(xc, weight.t(), out=self.buffer(name, xc.shape[0], xc.dtype, xc))
 
     def add_grads(self, grad: torch.Tensor, xc: torch.Tensor, weight: torch.Tensor, rows: slice, grad_x) -> None:
         """A chunk of rows' share of the gradients, from its logits' gradient grad (c, V) in x's dtype:
@@ -931,6 +935,15 @@ def distill_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tenso
     return beta * (t.exp() * (t - m)).sum(-1) + (1 - beta) * (s.exp() * (s - m)).sum(-1)
 
 
+def _log_softmax_(z: torch.Tensor, work: torch.Tensor, softmax: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """log_softmax(z) over the last dim, in place of z (c, V), its exp pass written into work (c, V).
+    -> (log_softmax, softmax in work; with softmax=False, work as the exp pass left it)."""
+    z.sub_(z.amax(dim=-1, keepdim=True))
+    sums = torch.exp(z, out=work).sum(dim=-1, keepdim=True)
+    z.sub_(sums.log())
+    return z, work.div_(sums) if softmax else work
+
+
 class _LinearDistill(torch.autograd.Function):
     """sum over rows of distill_divergence(x W^T, x_t W_t^T), its gradients for x and W computed
     in the forward chunk by chunk, as _LinearCrossEntropy's: neither the student's nor the teacher's
@@ -947,33 +960,41 @@ class _LinearDistill(torch.autograd.Function):
         grad_x = torch.empty_like(x) if need_x else None
         buffers = _ChunkBuffers(x, weight, chunk_rows, need_w)
 
-        def chunk(rows: slice) -> torch.Tensor:  # locals freed at return, as in linear_cross_entropy's
+        def chunk(rows: slice) -> torch.Tensor:
+            # Every (c, V) tensor is one of buffers' (fresh ones paid their page faults again at each
+            # chunk: 0.86-1.33 M faults a step at 2,048 rows of SmolLM2's head, 2-core Xeon).
             part = torch.zeros((), dtype=torch.float64, device=x.device)
             xc = x[rows]
-            logits, tanh = _final_logits((xc @ weight.t()).to(acc), *shape)  # (c, V)
-            s = F.log_softmax(logits.div_(temperature), dim=-1)
-            t = F.log_softmax(_final_logits((x_teacher[rows] @ weight_teacher.t()).to(acc), *teacher_shape)[0]
-                              .div_(temperature), dim=-1)
-            p = s.exp()
+            c = xc.shape[0]
+
+            def widened(name: str, logits: torch.Tensor) -> torch.Tensor:
+                return logits if logits.dtype == acc else buffers.buffer(name, c, acc, x).copy_(logits)
+
+            z, tanh = _final_logits(widened("z", buffers.logits(xc, weight)), *shape)  # (c, V)
+            s, p = _log_softmax_(z.div_(temperature), buffers.buffer("p", c, acc, x))
+            t_logits = widened("t", buffers.logits(x_teacher[rows], weight_teacher, "teacher_logits"))
+            t, q = _log_softmax_(_final_logits(t_logits, *teacher_shape)[0].div_(temperature),
+                                 buffers.buffer("q", c, acc, x), softmax=beta != 1)
+            u = buffers.buffer("u", c, acc, x)
             if beta == 0:
-                q = t.exp()
-                part += (q * (t - s)).sum()
+                part += torch.mul(q, torch.sub(t, s, out=u), out=u).sum()
                 grad = p.sub_(q)
             else:
                 if beta == 1:
-                    diff = s - t
-                    scale = 1.0
-                else:
-                    q = t.exp()
-                    m = torch.logaddexp(s + math.log(1 - beta), t + math.log(beta))  # log M, no underflow
-                    part += beta * (q * (t - m)).sum()
-                    diff, scale = s - m, 1 - beta
-                kl = (p * diff).sum(-1, keepdim=True)  # (c, 1): KL(student || q or M)
+                    diff, scale = torch.sub(s, t, out=t), 1.0
+                else:  # log M, no underflow
+                    m = buffers.buffer("m", c, acc, x)
+                    torch.logaddexp(torch.add(s, math.log(1 - beta), out=m), torch.add(t, math.log(beta), out=u), out=m)
+                    part += beta * torch.mul(q, torch.sub(t, m, out=u), out=u).sum()
+                    diff, scale = torch.sub(s, m, out=m), 1 - beta
+                kl = torch.mul(p, diff, out=u).sum(-1, keepdim=True)  # (c, 1): KL(student || q or M)
                 part += scale * kl.sum()
                 grad = p.mul_(diff.sub_(kl)).mul_(scale)
             if need_x or need_w:
                 grad = _through_final(grad.div_(temperature), tanh, shape[0])
-                buffers.add_grads(grad.to(x.dtype), xc, weight, rows, grad_x)
+                if grad.dtype != x.dtype:  # over the student's logits, read already
+                    grad = buffers.buffer("logits", c, x.dtype, x).copy_(grad)
+                buffers.add_grads(grad, xc, weight, rows, grad_x)
             return part
 
         for start in range(0, x.shape[0], chunk_rows):

@@ -1042,6 +1042,35 @@ def test_linear_token_logps_matches_float64(device, dtype, chunk_rows, shape, st
         assert rel_err(got, exact) <= tolerance(torch_value, exact), name
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fused_losses_scale_their_gradients_and_take_no_rows(dtype):
+    # The fused losses keep their weight gradient in fp32 across chunks, written by the first chunk
+    # and scaled by the incoming gradient in the backward (a slice at a time for 16-bit weights on
+    # the CPU): 2.5 x the loss gives 2.5 x the gradients, to one rounding (a factor that is not a
+    # power of two, so a missed or doubled scale shows); no rows give a 0 loss and zero gradients.
+    from pyllm.nn import linear_cross_entropy, linear_distill, linear_token_logps
+
+    x64, w64, targets = output_layer_case(1)
+    x, w = x64.to(dtype), w64.to(dtype)
+    teacher = (x64.flip(0).to(dtype), (w64 * 1.5).to(dtype))
+    losses = {"ce": lambda x, w, n: linear_cross_entropy(x[:n], w, targets[:n], 37),
+              "logps": lambda x, w, n: linear_token_logps(x[:n], w, targets[:n], 37).sum(),
+              "distill": lambda x, w, n: linear_distill(x[:n], w, teacher[0][:n], teacher[1], 0.5, 2.0, 37)}
+    for name, loss_of in losses.items():
+        leaves = [t.detach().clone().requires_grad_() for t in (x, w)]
+        once = torch.autograd.grad(loss_of(*leaves, 300), leaves)
+        scaled = torch.autograd.grad(loss_of(*leaves, 300) * 2.5, leaves)
+        for g1, g25 in zip(once, scaled):
+            assert g25.dtype == dtype and g1.abs().sum() > 0, name
+            want = (g1.double() * 2.5).to(dtype).double()
+            # within one rounding of 2.5 x the once-scaled gradient (each is the fp32 sum rounded once)
+            assert (g25.double() - want).abs().max() <= (want.abs() * 2 ** -7).max(), name
+        leaves = [t.detach().clone().requires_grad_() for t in (x, w)]
+        loss = loss_of(*leaves, 0)
+        dx, dw = torch.autograd.grad(loss, leaves)
+        assert float(loss.detach()) == 0.0 and dx.abs().sum() == 0 and dw.abs().sum() == 0 and not dw.isnan().any(), name
+
+
 def model_and_next_tokens(name: str):
     """A randomized CONFIGS[name] model, token ids (2, 12) and their next tokens as targets, the
     first 3 of each row -1 (ignored)."""

@@ -677,8 +677,8 @@ def _linear_cross_entropy_with_grads(x, weight, targets, chunk_rows: int, need_x
     buffers = _ChunkBuffers(x, weight, chunk_rows, need_w)
     vocab = weight.shape[0]
 
-    # A chunk's buffers are its function's locals, freed at its return, before the next chunk makes
-    # its own (a loop body's names would keep two chunks' (c, V) buffers alive at once).
+    # A chunk's tensors other than buffers' are its function's locals, freed at its return, before the
+    # next chunk makes its own (a loop body's names would keep two chunks' alive at once).
     def chunk(rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
         xc, tc = x[rows], targets[rows]
         logits = buffers.logits(xc, weight)  # (c, V) in x's dtype

@@ -172,15 +172,17 @@ def test_mfu_counts_the_teachers_forward(data_dir, teacher_run, tmp_path, monkey
     # MFU's FLOPs per token (mfu * peak / tokens_per_s) of a distilled student: the student's
     # training FLOPs plus the teacher's forward (2 per weight, a third of the attention's).
     monkeypatch.setattr(trainer, "peak_flops", lambda device: 1e12)
-    per_token = {}
+    per_token, slack = {}, 0.0
     for name, kw in (("plain", {}), ("kd", dict(teacher=str(teacher_run)))):
         trainer.train(config(data_dir, tmp_path / name, max_steps=2, **kw))
         record = json.loads((tmp_path / name / "log.jsonl").read_text().splitlines()[-1])
         per_token[name] = record["mfu"] * 1e12 / record["tokens_per_s"]
+        # the log rounds tokens_per_s to 0.1: each value's share of the difference's error
+        slack += per_token[name] * 0.05 / record["tokens_per_s"]
     T = TINY["block_size"]  # seq_len: the block size by default
     teacher = LLM.load(trainer.source_run_weights(teacher_run))
-    assert per_token["kd"] - per_token["plain"] == pytest.approx(
-        teacher.flops_of_documents([T], forward_only=True) / T, rel=1e-4)
+    want = teacher.flops_of_documents([T], forward_only=True) / T
+    assert abs(per_token["kd"] - per_token["plain"] - want) <= want * 1e-6 + slack
     assert teacher.flops_of_documents([T], forward_only=True) == T * (
         2 * teacher.num_params(non_embedding=True) + 4 * teacher.config.n_layers * teacher.config.dim * T)
 

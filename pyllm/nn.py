@@ -586,6 +586,15 @@ def _through_final(grad: torch.Tensor, tanh: torch.Tensor | None, scale: float) 
     return grad
 
 
+def _row_slices(rows: int, width: int) -> list[slice]:
+    """Slices of ~1 M elements (4 MiB in fp32) over the rows of a (rows, width) tensor: an elementwise
+    pass that widens or narrows a (V, C) weight gradient runs a slice at a time on the CPU, so its
+    temporaries are small blocks malloc keeps handing back rather than a fresh (V, C) buffer's page
+    faults (see _ChunkBuffers)."""
+    step = max(1, (1 << 20) // width)
+    return [slice(start, start + step) for start in range(0, rows, step)]
+
+
 class _ChunkBuffers:
     """What one fused output-layer loss call (x (N, C), weight (V, C)) writes chunk after chunk, in
     buffers made once per call: each chunk's logits (c, V), the 16-bit product grad^T x (V, C) and
@@ -596,7 +605,7 @@ class _ChunkBuffers:
     widens the whole product into a fresh copy first) and 10 slice by slice (2-core Xeon, 2026-12-02)."""
 
     def __init__(self, x: torch.Tensor, weight: torch.Tensor, chunk_rows: int, need_w: bool):
-        self.rows, self.vocab = min(chunk_rows, x.shape[0]), weight.shape[0]
+        self.rows, self.vocab, self.device = min(chunk_rows, x.shape[0]), weight.shape[0], x.device
         self.buffers, self.product = {}, None
         # grad_w is written whole by the first chunk's product; zeros only where no chunk comes
         acc = torch.promote_types(weight.dtype, torch.float32)
@@ -604,15 +613,15 @@ class _ChunkBuffers:
                        weight.new_zeros(weight.shape, dtype=acc)) if need_w else None
         self.written = False
 
-    def buffer(self, name: str, rows: int, dtype: torch.dtype, like: torch.Tensor) -> torch.Tensor:
-        """A (rows, V) buffer of dtype on like's device, the same memory at every chunk."""
+    def buffer(self, name: str, rows: int, dtype: torch.dtype) -> torch.Tensor:
+        """A (rows, V) buffer of dtype, the same memory at every chunk."""
         if name not in self.buffers:
-            self.buffers[name] = like.new_empty((self.rows, self.vocab), dtype=dtype)
+            self.buffers[name] = torch.empty((self.rows, self.vocab), dtype=dtype, device=self.device)
         return self.buffers[name][:rows]
 
     def logits(self, xc: torch.Tensor, weight: torch.Tensor, name: str = "logits") -> torch.Tensor:
         """xc W^T (c, V) in x's dtype, as nn.Linear, over the previous chunk's."""
-        return torch.mm(xc, weight.t(), out=self.buffer(name, xc.shape[0], xc.dtype, xc))
+        return torch.mm(xc, weight.t(), out=self.buffer(name, xc.shape[0], xc.dtype))
 
     def add_grads(self, grad: torch.Tensor, xc: torch.Tensor, weight: torch.Tensor, rows: slice, grad_x) -> None:
         """A chunk of rows' share of the gradients, from its logits' gradient grad (c, V) in x's dtype:
@@ -634,10 +643,9 @@ class _ChunkBuffers:
             product = torch.mm(grad.t(), xc, out=self.product)
             if not self.written:
                 grad_w.copy_(product)
-            elif grad_w.is_cpu:  # widened a slice at a time: a ~4 MiB copy that malloc keeps handing back
-                step = max(1, (1 << 20) // weight.shape[1])
-                for start in range(0, self.vocab, step):
-                    grad_w[start:start + step].add_(product[start:start + step].to(grad_w.dtype))
+            elif grad_w.is_cpu:
+                for part in _row_slices(*grad_w.shape):
+                    grad_w[part].add_(product[part].to(grad_w.dtype))
             else:  # the kernel widens as it adds
                 grad_w.add_(product)
         self.written = True
@@ -650,9 +658,8 @@ def _scaled_grad_w(grad_w: torch.Tensor, grad_total: torch.Tensor, dtype: torch.
     if grad_w.dtype == dtype or not grad_w.is_cpu:
         return (grad_w * grad_total).to(dtype)
     out = torch.empty(grad_w.shape, dtype=dtype)
-    step = max(1, (1 << 20) // grad_w.shape[1])
-    for start in range(0, grad_w.shape[0], step):
-        out[start:start + step] = grad_w[start:start + step] * grad_total
+    for part in _row_slices(*grad_w.shape):
+        out[part] = grad_w[part] * grad_total
     return out
 
 
@@ -968,14 +975,14 @@ class _LinearDistill(torch.autograd.Function):
             c = xc.shape[0]
 
             def widened(name: str, logits: torch.Tensor) -> torch.Tensor:
-                return logits if logits.dtype == acc else buffers.buffer(name, c, acc, x).copy_(logits)
+                return logits if logits.dtype == acc else buffers.buffer(name, c, acc).copy_(logits)
 
             z, tanh = _final_logits(widened("z", buffers.logits(xc, weight)), *shape)  # (c, V)
-            s, p = _log_softmax_(z.div_(temperature), buffers.buffer("p", c, acc, x))
+            s, p = _log_softmax_(z.div_(temperature), buffers.buffer("p", c, acc))
             t_logits = widened("t", buffers.logits(x_teacher[rows], weight_teacher, "teacher_logits"))
             t, q = _log_softmax_(_final_logits(t_logits, *teacher_shape)[0].div_(temperature),
-                                 buffers.buffer("q", c, acc, x), softmax=beta != 1)
-            u = buffers.buffer("u", c, acc, x)
+                                 buffers.buffer("q", c, acc), softmax=beta != 1)
+            u = buffers.buffer("u", c, acc)
             if beta == 0:
                 part += torch.mul(q, torch.sub(t, s, out=u), out=u).sum()
                 grad = p.sub_(q)
@@ -983,7 +990,7 @@ class _LinearDistill(torch.autograd.Function):
                 if beta == 1:
                     diff, scale = torch.sub(s, t, out=t), 1.0
                 else:  # log M, no underflow
-                    m = buffers.buffer("m", c, acc, x)
+                    m = buffers.buffer("m", c, acc)
                     torch.logaddexp(torch.add(s, math.log(1 - beta), out=m), torch.add(t, math.log(beta), out=u), out=m)
                     part += beta * torch.mul(q, torch.sub(t, m, out=u), out=u).sum()
                     diff, scale = torch.sub(s, m, out=m), 1 - beta
@@ -993,7 +1000,7 @@ class _LinearDistill(torch.autograd.Function):
             if need_x or need_w:
                 grad = _through_final(grad.div_(temperature), tanh, shape[0])
                 if grad.dtype != x.dtype:  # over the student's logits, read already
-                    grad = buffers.buffer("logits", c, x.dtype, x).copy_(grad)
+                    grad = buffers.buffer("logits", c, x.dtype).copy_(grad)
                 buffers.add_grads(grad, xc, weight, rows, grad_x)
             return part
 

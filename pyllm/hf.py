@@ -18,8 +18,8 @@ cache's end; decode steps on the KV-cache kernel over views of the cache, dynami
 sliding windows (Mistral, Gemma 2 / 3) and capped scores (Gemma 2). Where pyllm has no
 kernel for the inputs (head dim 80, fp32 on CUDA, fp16 on the CPU, capped scores on CUDA) the same
 function runs through torch's SDPA with an explicit mask, so the answer never depends on the kernel.
-To go back to transformers' own code, load the model again (the MLP, norm and loss patches live on
-the instance).
+To go back to transformers' own code, load the model again (each patched module's class is a
+subclass of its transformers class, made for the patch, with the same name).
 
 Under torch.compile a patched model's training step is one graph (fullgraph=True works): whether a
 batch pads or packs is read inside one custom op (pyllm::hf_attention), and the fused loss finds its
@@ -499,6 +499,66 @@ def _same_code(forward, reference) -> bool:
     return a is not None and (a.co_code, a.co_names, a.co_consts[1:]) == (b.co_code, b.co_names, b.co_consts[1:])
 
 
+# --- how a patch is put in -------------------------------------------------------------------------------
+#
+# A patched module gets a class of its own: a subclass of its transformers class whose forward is
+# pyllm's, with the same name, qualname and module (what HF's name checks, _no_split_modules and
+# save_pretrained's architectures read). Not a forward bound to the instance, as before 2026-12-02:
+# nn.DataParallel's replicas (HF's Trainer on several GPUs without torchrun) copy an instance's __dict__
+# shallowly, so every replica ran the original module's weights, and a method bound to a module does
+# not pickle (torch.save(model) saved a model that did not load). Pickled, a patched module names its
+# transformers class and its patch; loading makes the class again.
+
+_PATCHED_CLASSES: dict = {}  # (transformers class, kind) -> its subclass with pyllm's forward
+
+
+def _unpatched(cls: type) -> type:
+    """The transformers class under a patched class (cls itself when it is not one)."""
+    return getattr(cls, "_pyllm_base", cls)
+
+
+def _forward_of(base: type, kind: str):
+    """pyllm's forward for base's modules: kind names a forward of this module, or "rope" (a copy of
+    base's own forward, per class)."""
+    return _rope_forward(base) if kind == "rope" else globals()[kind]
+
+
+def _patched_class(base: type, kind: str) -> type:
+    if (base, kind) not in _PATCHED_CLASSES:
+        forward = _forward_of(base, kind)
+        if forward is None:
+            raise TypeError(f"pyllm.hf: {base.__qualname__} has no forward of kind {kind!r} in this transformers")
+        _PATCHED_CLASSES[base, kind] = type(base.__name__, (base,), {
+            "forward": forward, "__module__": base.__module__, "__qualname__": base.__qualname__,
+            "__doc__": base.__doc__, "__reduce_ex__": _reduce_patched, "_pyllm_base": base, "_pyllm_kind": kind})
+    return _PATCHED_CLASSES[base, kind]
+
+
+def _patch(module: nn.Module, kind: str) -> None:
+    cls = type(module)
+    base = _unpatched(cls)
+    if "forward" in module.__dict__ or not (cls is base or "_pyllm_base" in cls.__dict__):
+        # someone's forward on the instance (TRL's fused head wraps the model's) or a class another wrapper
+        # made (FSDP2's fully_shard): pyllm's forward goes on the instance, over theirs
+        module.forward = types.MethodType(_forward_of(base, kind), module)
+    else:
+        module.__class__ = _patched_class(base, kind)
+
+
+def _reduce_patched(self, protocol):
+    cls = type(self)
+    if "_pyllm_base" not in cls.__dict__:  # a subclass another wrapper made of a patched class: as it pickles
+        return object.__reduce_ex__(self, protocol)
+    return _unpickle_patched, (cls._pyllm_base, cls._pyllm_kind), self.__getstate__()
+
+
+def _unpickle_patched(base: type, kind: str) -> nn.Module:
+    """A patched module's empty shell, for pickle (and deepcopy) to fill."""
+    register_attention()  # a model pickled with pyllm's attention runs it in the process that loads it
+    cls = _patched_class(base, kind)
+    return cls.__new__(cls)
+
+
 def _gated(fused, act, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if gate.dtype == up.dtype and pnn._swiglu_takes(gate):
         return fused(gate, up)
@@ -530,20 +590,20 @@ def _patch_gated_mlps(model: nn.Module, silu: bool, gelu_tanh: bool) -> tuple[in
     from transformers.models.phi3.modeling_phi3 import Phi3MLP
     counts = {"silu": 0, "gelu_tanh": 0}
     for module in model.modules():
-        forward = type(module).forward
+        forward = _unpatched(type(module)).forward
         if _same_code(forward, LlamaMLP.forward):
-            act, forwards = getattr(module, "act_fn", None), (_swiglu_mlp_forward, _geglu_mlp_forward)
+            act, forwards = getattr(module, "act_fn", None), ("_swiglu_mlp_forward", "_geglu_mlp_forward")
         elif _same_code(forward, Phi3MLP.forward):
-            act, forwards = getattr(module, "activation_fn", None), (_packed_swiglu_mlp_forward, _packed_geglu_mlp_forward)
+            act, forwards = getattr(module, "activation_fn", None), ("_packed_swiglu_mlp_forward",
+                                                                     "_packed_geglu_mlp_forward")
         else:
             continue
         if silu and _is_silu(act):
-            module.forward, kind = types.MethodType(forwards[0], module), "silu"
+            _patch(module, forwards[0])
+            counts["silu"] += 1
         elif gelu_tanh and _is_gelu_tanh(act):
-            module.forward, kind = types.MethodType(forwards[1], module), "gelu_tanh"
-        else:
-            continue
-        counts[kind] += 1
+            _patch(module, forwards[1])
+            counts["gelu_tanh"] += 1
     return counts["silu"], counts["gelu_tanh"]
 
 
@@ -556,7 +616,7 @@ def _rms_norm_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def _llama_rms_norm_forward(self, x):  # LlamaRMSNorm and its copies: weight * (x32 * rstd).to(dtype)
     weight = self.weight
     if not _rms_norm_takes(x, weight):
-        return type(self).forward(self, x)
+        return _unpatched(type(self)).forward(self, x)
     if weight.dtype == x.dtype:
         return fused_rms_norm(x, weight, self.variance_epsilon)
     # A weight of another dtype (fp32 weights, bf16 activations under autocast): the module's product
@@ -567,7 +627,7 @@ def _llama_rms_norm_forward(self, x):  # LlamaRMSNorm and its copies: weight * (
 def _scaled_in_fp32(self, x, eps: float, offset: float):  # (x32 * rstd * (offset + weight32)).to(dtype)
     weight = self.weight
     if not _rms_norm_takes(x, weight):
-        return type(self).forward(self, x)
+        return _unpatched(type(self)).forward(self, x)
     if weight.dtype == x.dtype:
         return fused_rms_norm(x, weight, eps, offset=offset, cast_first=False)
     # Another dtype for the weight: all of it in fp32 and one rounding at the end, as the module does.
@@ -592,15 +652,15 @@ def _patch_rms_norm(model: nn.Module) -> int:
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
     count = 0
     for module in model.modules():
-        cls = type(module)
+        cls = _unpatched(type(module))
         if _same_code(cls.forward, LlamaRMSNorm.forward) and hasattr(module, "variance_epsilon"):
-            module.forward = types.MethodType(_llama_rms_norm_forward, module)
+            _patch(module, "_llama_rms_norm_forward")
         elif _same_code(cls.forward, GptOssRMSNorm.forward) and hasattr(module, "variance_epsilon"):
-            module.forward = types.MethodType(_gpt_oss_rms_norm_forward, module)
+            _patch(module, "_gpt_oss_rms_norm_forward")
         elif (_same_code(cls.forward, Gemma2RMSNorm.forward) and _same_code(getattr(cls, "_norm", None),
                                                                              Gemma2RMSNorm._norm)
               and hasattr(module, "eps")):
-            module.forward = types.MethodType(_gemma_rms_norm_forward, module)
+            _patch(module, "_gemma_rms_norm_forward")
         else:
             continue
         count += 1
@@ -613,7 +673,7 @@ def _patch_rms_norm(model: nn.Module) -> int:
 # global stays as it is (replacing it, as Liger-Kernel does, changes every model of the type in the
 # process, and whatever reads it: torch.compile of unpatched models too): a patched module gets its
 # own copy of its class's forward whose globals name the fused function instead, bound to the module
-# as a method (so deepcopy, TRL's reference models, rebinds it to the copy). The copy's globals are a
+# as the forward of the module's patched class (_patch). The copy's globals are a
 # snapshot taken at the first patch: later changes to the modeling file's globals do not reach it.
 
 
@@ -704,15 +764,21 @@ def _patch_rope(model: nn.Module) -> int:
     returns how many."""
     count = 0
     for module in model.modules():
-        forward = _rope_forward(type(module))
-        if forward is None:
+        if _rope_forward(_unpatched(type(module))) is None:
             continue
-        module.forward = types.MethodType(forward, module)
+        _patch(module, "rope")
         count += 1
     return count
 
 
 # --- fused linear cross-entropy --------------------------------------------------------------------------
+
+def _hf_call(model: nn.Module, **kwargs):
+    """A call the fused loss leaves: to the forward a wrapper had put on the instance before the patch
+    (TRL's fused head), else to the model class's own."""
+    earlier = getattr(model, "_pyllm_hf_forward", None)
+    return earlier(**kwargs) if earlier is not None else _unpatched(type(model)).forward(model, **kwargs)
+
 
 def _fused_loss_forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
                         labels=None, use_cache=None, logits_to_keep=0, **kwargs):
@@ -724,9 +790,9 @@ def _fused_loss_forward(self, input_ids=None, attention_mask=None, position_ids=
     head = self.get_output_embeddings()
     if (not self.training or labels is None or not (isinstance(logits_to_keep, int) and logits_to_keep == 0)
             or type(head) is not nn.Linear or head.bias is not None or kwargs.get("fused_lm_head")):
-        return self._pyllm_hf_forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                      inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
-                                      logits_to_keep=logits_to_keep, **kwargs)
+        return _hf_call(self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                        inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
+                        logits_to_keep=logits_to_keep, **kwargs)
     from transformers.modeling_outputs import CausalLMOutputWithPast
     moe = self.config.model_type in FUSED_LOSS_MOE_TYPES
     if moe:  # the router's logits, for the balancing loss: as HF's forward resolves them
@@ -845,7 +911,7 @@ _labelled_loss_op.register_autograd(_labelled_loss_grad, setup_context=_labelled
 def _balancing_loss_function(model: nn.Module):
     """The load_balancing_loss_func the MoE model's own forward calls (its module's; the forward is
     wrapped by transformers' decorators)."""
-    return getattr(inspect.unwrap(type(model).forward), "__globals__", {}).get("load_balancing_loss_func")
+    return getattr(inspect.unwrap(_unpatched(type(model)).forward), "__globals__", {}).get("load_balancing_loss_func")
 
 
 def _fused_loss_refusal(model: nn.Module) -> str | None:
@@ -928,8 +994,9 @@ def apply_pyllm_kernels(model: nn.Module, attention: bool = True, swiglu: bool =
         if why is not None:
             raise ValueError(f"apply_pyllm_kernels: no fused linear cross-entropy for {type(model).__name__}: {why}; "
                              "pass fused_linear_cross_entropy=False")
-        if not hasattr(model, "_pyllm_hf_forward"):
-            model._pyllm_hf_forward = model.forward  # HF's bound forward, for what the fused path leaves
-            model.forward = types.MethodType(_fused_loss_forward, model)
+        if not (hasattr(model, "_pyllm_hf_forward") or getattr(type(model), "_pyllm_kind", None) == "_fused_loss_forward"):
+            if "forward" in model.__dict__:  # a wrapper's (TRL's fused head): what the fused path leaves goes to it
+                model._pyllm_hf_forward = model.forward
+            _patch(model, "_fused_loss_forward")
         applied["fused_linear_cross_entropy"] = True
     return applied

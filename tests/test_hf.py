@@ -885,6 +885,70 @@ def test_patched_model_copies_and_compiles():
         compiled(ids)
 
 
+def scaled_copy(model, factor: float):
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(factor)
+    return twin
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2-capped", "phi3"])
+def test_data_parallel_replicas_run_their_own_weights(family, monkeypatch):
+    # nn.DataParallel (HF's Trainer on several GPUs without torchrun) copies each module's __dict__
+    # into its replicas: a forward bound to the module there would run the original's weights on every
+    # replica. torch's own replicate, with its broadcast to GPUs replaced by copies that differ per
+    # replica: replica 1's logits and fused loss are the reference's with replica 1's weights.
+    replicate = torch.nn.parallel.replicate
+    replicate_module = __import__("sys").modules[replicate.__module__]
+
+    def broadcast(tensors, devices, detach=False):
+        return [[t.detach().clone() * (1 + 0.25 * j if t.requires_grad else 1) for t in tensors]
+                for j in range(len(devices))]
+
+    monkeypatch.setattr(replicate_module, "_broadcast_coalesced_reshape", broadcast)
+    reference, ours = tiny(family)
+    counts = phf.apply_pyllm_kernels(ours)
+    assert counts["swiglu"] + counts["geglu"] == 2 and counts["rms_norm"] > 0
+    replica = replicate(ours, [0, 1])[1]
+    reference = scaled_copy(reference, 1.25)
+    ids, mask = inputs(), padded(left=False)
+    labels = ids.masked_fill(mask == 0, -100)
+    real = mask.bool()
+    with torch.no_grad():
+        logits = reference.eval()(ids, attention_mask=mask).logits
+        assert rel_err(replica.eval()(ids, attention_mask=mask).logits[real], logits[real]) < 1e-12
+        got = replica.train()(ids, attention_mask=mask, labels=labels)
+    want = F.cross_entropy(logits.flatten(0, 1), F.pad(labels, (0, 1), value=-100)[:, 1:].flatten())  # float64
+    assert got.logits is None and rel_err(got.loss, want) < 1e-12
+
+
+def test_patched_model_pickles_whole(tmp_path):
+    # torch.save(model) pickles the modules themselves: each patched one names its transformers
+    # class and its patch, and loads back patched, in this process and in a new one (where loading
+    # imports pyllm.hf and registers the attention). The classes keep transformers' names.
+    import subprocess
+    import sys
+    reference, ours = tiny("gemma2-capped")
+    phf.apply_pyllm_kernels(ours)
+    path = tmp_path / "model.pt"
+    torch.save(ours, path)
+    loaded = torch.load(path, weights_only=False)
+    assert [type(m).__name__ for m in loaded.modules()] == [type(m).__name__ for m in reference.modules()]
+    assert type(loaded.model.layers[0].mlp).forward is phf._geglu_mlp_forward
+    ids, mask = inputs(), padded(left=False)
+    labels = ids.masked_fill(mask == 0, -100)
+    with torch.no_grad():
+        want = reference.eval()(ids, attention_mask=mask).logits[mask.bool()]
+        assert rel_err(loaded.eval()(ids, attention_mask=mask).logits[mask.bool()], want) < 1e-12
+        assert loaded.train()(ids, attention_mask=mask, labels=labels).logits is None
+    script = (f"import torch; m = torch.load({str(path)!r}, weights_only=False).eval(); "
+              f"torch.save(m(torch.tensor({ids.tolist()!r}), "
+              f"attention_mask=torch.tensor({mask.tolist()!r})).logits, {str(tmp_path / 'logits.pt')!r})")
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path)
+    assert rel_err(torch.load(tmp_path / "logits.pt")[mask.bool()], want) < 1e-12
+
+
 def compile_batch(layout: str) -> dict:
     """A training batch as each collator hands it over: plain rows, left / right padding (labels
     -100 on it), documents packed into rows (position_ids restarting at 0, or cu_seq_lens)."""

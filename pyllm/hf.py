@@ -534,15 +534,25 @@ def _patched_class(base: type, kind: str) -> type:
     return _PATCHED_CLASSES[base, kind]
 
 
+def _accelerate_hooked(module: nn.Module) -> bool:
+    """Whether accelerate put a hook around the module's forward (from_pretrained's device_map, offload):
+    its wrapper on the instance calls module._old_forward between moving the inputs (and offloaded
+    weights) in and the outputs out."""
+    return "_old_forward" in module.__dict__ and getattr(module, "_hf_hook", None) is not None
+
+
 def _patch(module: nn.Module, kind: str) -> None:
     cls = type(module)
     base = _unpatched(cls)
-    if "forward" in module.__dict__ or not (cls is base or "_pyllm_base" in cls.__dict__):
+    hooked = _accelerate_hooked(module)
+    if ("forward" in module.__dict__ and not hooked) or not (cls is base or "_pyllm_base" in cls.__dict__):
         # someone's forward on the instance (TRL's fused head wraps the model's) or a class another wrapper
         # made (FSDP2's fully_shard): pyllm's forward goes on the instance, over theirs
         module.forward = types.MethodType(_forward_of(base, kind), module)
-    else:
-        module.__class__ = _patched_class(base, kind)
+        return
+    module.__class__ = _patched_class(base, kind)
+    if hooked:  # the hook stays and calls pyllm's forward
+        module._old_forward = types.MethodType(module.__class__.forward, module)
 
 
 def _reduce_patched(self, protocol):
@@ -785,11 +795,13 @@ def _fused_loss_forward(self, input_ids=None, attention_mask=None, position_ids=
     """HF's ForCausalLM.forward; while training with labels, the loss straight from the last hidden
     states (pyllm.nn.linear_cross_entropy: the (tokens, vocab) logits never exist whole) and
     logits=None, as Liger-Kernel's. Otherwise (eval, generation, no labels, logits_to_keep, an output
-    layer that is no plain Linear, such as one PEFT wrapped in LoRA; a call for TRL's own fused head,
-    fused_lm_head=True, when TRL wrapped the forward before this patch did) HF's own forward."""
+    layer that is no plain Linear, such as one PEFT wrapped in LoRA, or one accelerate offloaded; a call
+    for TRL's own fused head, fused_lm_head=True, when TRL wrapped the forward before this patch did) HF's
+    own forward."""
     head = self.get_output_embeddings()
     if (not self.training or labels is None or not (isinstance(logits_to_keep, int) and logits_to_keep == 0)
-            or type(head) is not nn.Linear or head.bias is not None or kwargs.get("fused_lm_head")):
+            or type(head) is not nn.Linear or head.bias is not None or kwargs.get("fused_lm_head")
+            or head.weight.device.type == "meta"):  # offloaded by accelerate: only the head's hook loads it
         return _hf_call(self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                         inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
                         logits_to_keep=logits_to_keep, **kwargs)
@@ -804,7 +816,7 @@ def _fused_loss_forward(self, input_ids=None, attention_mask=None, position_ids=
     return_dict = kwargs.pop("return_dict", None)
     outputs = self.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                  inputs_embeds=inputs_embeds, use_cache=use_cache, return_dict=True, **kwargs)
-    hidden = outputs.last_hidden_state  # (B, T, C)
+    hidden = outputs.last_hidden_state.to(head.weight.device)  # (B, T, C); a device_map may put the head apart
     if shift_labels is None:  # tokens < n predict n, as ForCausalLMLoss
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     targets = shift_labels.to(hidden.device).reshape(-1)
@@ -995,7 +1007,8 @@ def apply_pyllm_kernels(model: nn.Module, attention: bool = True, swiglu: bool =
             raise ValueError(f"apply_pyllm_kernels: no fused linear cross-entropy for {type(model).__name__}: {why}; "
                              "pass fused_linear_cross_entropy=False")
         if not (hasattr(model, "_pyllm_hf_forward") or getattr(type(model), "_pyllm_kind", None) == "_fused_loss_forward"):
-            if "forward" in model.__dict__:  # a wrapper's (TRL's fused head): what the fused path leaves goes to it
+            if "forward" in model.__dict__ and not _accelerate_hooked(model):  # a wrapper's (TRL's fused head):
+                # what the fused path leaves goes to it
                 model._pyllm_hf_forward = model.forward
             _patch(model, "_fused_loss_forward")
         applied["fused_linear_cross_entropy"] = True

@@ -923,6 +923,37 @@ def test_data_parallel_replicas_run_their_own_weights(family, monkeypatch):
     assert got.logits is None and rel_err(got.loss, want) < 1e-12
 
 
+@pytest.mark.parametrize("order", ["offloaded first", "pyllm first"])
+def test_accelerate_hooks_stay_around_the_patched_forwards(order, monkeypatch):
+    # from_pretrained(device_map=..., offload) wraps each module's forward in accelerate's hook, which
+    # loads the offloaded weights (here every weight lives on "meta" between calls) and moves inputs:
+    # patching after it keeps the hook and puts pyllm's forward under it (it replaced the hook before
+    # 2026-12-02: "weight is on meta"). A training forward with labels takes HF's loss there (the
+    # fused loss reads the head's weight, which only the head's hook loads).
+    accelerate = pytest.importorskip("accelerate")
+    reference, ours = tiny("llama")
+    if order == "pyllm first":
+        phf.apply_pyllm_kernels(ours)
+    accelerate.cpu_offload(ours, execution_device=torch.device("cpu"))
+    if order == "offloaded first":
+        phf.apply_pyllm_kernels(ours)
+    norm = ours.model.layers[0].input_layernorm  # (accelerate hooks the modules that hold weights)
+    assert norm.weight.device.type == "meta" and norm._hf_hook is not None
+    assert type(norm).forward is phf._llama_rms_norm_forward
+    calls = []
+    kernel = phf.fused_rms_norm
+    monkeypatch.setattr(phf, "fused_rms_norm", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    ids, mask = inputs(), padded(left=False)
+    with torch.no_grad():
+        want = reference(ids, attention_mask=mask).logits[mask.bool()]
+        assert rel_err(ours(ids, attention_mask=mask).logits[mask.bool()], want) < 1e-12
+        assert len(calls) == 5  # two a layer and the last
+        labels = ids.masked_fill(mask == 0, -100)
+        out = ours.train()(ids, attention_mask=mask, labels=labels)
+    assert out.loss.item() == pytest.approx(reference.train()(ids, attention_mask=mask, labels=labels).loss.item(),
+                                            rel=1e-6)
+
+
 def test_patched_model_pickles_whole(tmp_path):
     # torch.save(model) pickles the modules themselves: each patched one names its transformers
     # class and its patch, and loads back patched, in this process and in a new one (where loading

@@ -967,6 +967,8 @@ def test_patched_model_pickles_whole(tmp_path):
     loaded = torch.load(path, weights_only=False)
     assert [type(m).__name__ for m in loaded.modules()] == [type(m).__name__ for m in reference.modules()]
     assert type(loaded.model.layers[0].mlp).forward is phf._geglu_mlp_forward
+    ours.save_pretrained(tmp_path / "hf")  # the config names transformers' class
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "hf").architectures == ["Gemma2ForCausalLM"]
     ids, mask = inputs(), padded(left=False)
     labels = ids.masked_fill(mask == 0, -100)
     with torch.no_grad():

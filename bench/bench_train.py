@@ -119,7 +119,12 @@ def main() -> int:
     parser.add_argument("--compile", action="store_true", help="time the torch.compile rows even with --quick")
     parser.add_argument("--activation-checkpointing", action="store_true",
                         help="recompute each block in the backward, in both models")
+    parser.add_argument("--reuse-cpu-memory", action="store_true",
+                        help="pyllm.cpu_memory's process-wide settings first, as `pyllm train` has them (both models)")
     args = parser.parse_args()
+    if args.reuse_cpu_memory:  # before the first tensor
+        from pyllm.cpu_memory import reuse_cpu_memory
+        print(f"# reuse_cpu_memory: {reuse_cpu_memory()}")
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     preset = args.preset or ("llama-124m" if cuda else "tiny")

@@ -1096,6 +1096,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("train", "generate", "eval"):  # before the first tensor: see pyllm.cpu_memory
+        from pyllm.cpu_memory import reuse_cpu_memory
+        reuse_cpu_memory()
     try:
         return args.func(args)
     except BrokenPipeError:

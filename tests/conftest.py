@@ -8,6 +8,11 @@ import torch
 from pyllm import _C
 from pyllm.ops import _util
 
+# The CLI's commands called in this process (tests/test_cli.py) would turn pyllm.cpu_memory's
+# process-wide malloc and huge-page settings on for the rest of the run and its subprocesses; the
+# suite keeps the default allocator (tests/test_cpu_memory.py checks the settings in a subprocess).
+os.environ.setdefault("PYLLM_REUSE_CPU_MEMORY", "0")
+
 # Set to 1 where the GPU tests must run (bench/gpu_check.sh's machine): unusable CUDA then fails
 # the `cuda` tests instead of skipping them, so that a run cannot pass with all of them skipped.
 REQUIRE_CUDA_ENV = "PYLLM_REQUIRE_CUDA"

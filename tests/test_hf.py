@@ -4,6 +4,7 @@ attention function: no mask, left and right padding, packed documents, a KV cach
 windows, capped scores; each also through the SDPA fallback used where no kernel takes the inputs."""
 import copy
 import io
+import sys
 import types
 
 import pytest
@@ -866,19 +867,22 @@ def test_rope_patch_only_takes_llamas_rotation():
         assert (phf._rope_forward(getattr(module, cls)) is not None) == takes, name
 
 
-def test_patched_model_copies_and_compiles():
-    # deepcopy (TRL's reference model, an EMA copy) rebinds the patched forwards to the copy's modules.
-    import copy as copy_module
-    _, ours = tiny("llama")
-    phf.apply_pyllm_kernels(ours, fused_linear_cross_entropy=False)
-    twin = copy_module.deepcopy(ours)
+def scaled_copy(model, factor: float):
+    """A deepcopy of model with every parameter times factor."""
+    twin = copy.deepcopy(model)
     with torch.no_grad():
         for p in twin.parameters():
-            p.mul_(0.5)
-    reference, _ = tiny("llama")
+            p.mul_(factor)
+    return twin
+
+
+def test_patched_model_copies_and_compiles():
+    # deepcopy (TRL's reference model, an EMA copy) copies the patched forwards with the copy's modules.
+    _, ours = tiny("llama")
+    phf.apply_pyllm_kernels(ours, fused_linear_cross_entropy=False)
+    twin = scaled_copy(ours, 0.5)
+    reference = scaled_copy(tiny("llama")[0], 0.5)
     with torch.no_grad():
-        for p in reference.parameters():
-            p.mul_(0.5)
         ids = inputs()
         assert rel_err(twin(ids).logits, reference(ids).logits) < 1e-12
     # nothing global changed: an unpatched model still compiles without a graph break
@@ -889,14 +893,6 @@ def test_patched_model_copies_and_compiles():
         compiled(ids)
 
 
-def scaled_copy(model, factor: float):
-    twin = copy.deepcopy(model)
-    with torch.no_grad():
-        for p in twin.parameters():
-            p.mul_(factor)
-    return twin
-
-
 @pytest.mark.parametrize("family", ["llama", "gemma2-capped", "phi3"])
 def test_data_parallel_replicas_run_their_own_weights(family, monkeypatch):
     # nn.DataParallel (HF's Trainer on several GPUs without torchrun) copies each module's __dict__
@@ -904,7 +900,7 @@ def test_data_parallel_replicas_run_their_own_weights(family, monkeypatch):
     # replica. torch's own replicate, with its broadcast to GPUs replaced by copies that differ per
     # replica: replica 1's logits and fused loss are the reference's with replica 1's weights.
     replicate = torch.nn.parallel.replicate
-    replicate_module = __import__("sys").modules[replicate.__module__]
+    replicate_module = sys.modules[replicate.__module__]
 
     def broadcast(tensors, devices, detach=False):
         return [[t.detach().clone() * (1 + 0.25 * j if t.requires_grad else 1) for t in tensors]
@@ -993,7 +989,6 @@ def test_patched_model_pickles_whole(tmp_path):
     # class and its patch, and loads back patched, in this process and in a new one (where loading
     # imports pyllm.hf and registers the attention). The classes keep transformers' names.
     import subprocess
-    import sys
     reference, ours = tiny("gemma2-capped")
     phf.apply_pyllm_kernels(ours)
     path = tmp_path / "model.pt"

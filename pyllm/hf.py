@@ -893,7 +893,7 @@ def _labelled_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     if not torch.compiler.is_compiling():  # eager: the same rows, and only theirs grad_x kept for the backward
         rows = (targets != -1).nonzero()[:, 0]
         return pnn.linear_cross_entropy(x[rows], weight, targets[rows], scale=scale, softcap=softcap)
-    x, weight, chunk_rows = pnn._fused_linear_inputs(x, weight, None, softcap, kernel=True)
+    x, weight, chunk_rows = pnn._fused_linear_inputs(x, weight, None, softcap, pnn.cross_entropy_ops.takes)
     grad = torch.is_grad_enabled()
     with torch.autocast(x.device.type, enabled=False):
         return _labelled_loss_op(x, weight, targets, chunk_rows, grad and x.requires_grad,

@@ -10,6 +10,7 @@ from torch import nn
 
 from pyllm.ops import _util
 from pyllm.ops import cross_entropy as cross_entropy_ops
+from pyllm.ops import distill as distill_ops
 from pyllm.ops import flash_attn as flash_attn_ops
 from pyllm.ops import rms_norm as rms_norm_ops
 from pyllm.ops import rope as rope_ops
@@ -769,7 +770,7 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     z_loss: adds z_loss * logsumexp(logits)^2 for each counted row (PaLM's auxiliary loss, 1e-4 there,
     keeping the softmax's normaliser near 1; Liger-Kernel's lse_square_scale). return_z_loss: ->
     (the loss, that term's share of it, detached: for the log) instead of the loss."""
-    x, weight, chunk_rows = _fused_linear_inputs(x, weight, chunk_rows, softcap, kernel=True)
+    x, weight, chunk_rows = _fused_linear_inputs(x, weight, chunk_rows, softcap, cross_entropy_ops.takes)
     scale, softcap = _logit_shape("linear_cross_entropy", scale, softcap)
     label_smoothing, z_loss = float(label_smoothing), float(z_loss)
     if not 0.0 <= label_smoothing <= 1.0:
@@ -791,14 +792,15 @@ def _logit_shape(name: str, scale, softcap) -> tuple[float, float]:
     return scale, softcap
 
 
-def _fused_linear_inputs(x, weight, chunk_rows, softcap=None, kernel=False):
+def _fused_linear_inputs(x, weight, chunk_rows, softcap=None, takes=None):
     """x as rows (N, C) and weight in the dtype nn.Linear would compute in (autocast's, else x's),
     and the rows per chunk (default: the rows split evenly into as few chunks as keep each within
     64 MiB of fp32 logits, at least 1 row; capped logits keep two (c, V) buffers, the capped
     logits and the tanh, in that; the transient
-    x-dtype matmul result and the chunk's last rounding to x's dtype come on top). kernel: the loss
-    runs pyllm.ops.cross_entropy's kernel on its chunks where that kernel takes the (cast) x; there
-    the chunk's one (c, V) buffer is the logits in x's dtype: 64 MiB of those. Twice the rows in
+    x-dtype matmul result and the chunk's last rounding to x's dtype come on top). takes: the ops
+    module's takes(logits) (pyllm.ops.cross_entropy's, distill's), whether the loss runs that kernel
+    on its chunks: where it takes the (cast) x, a chunk's (c, V) buffers are logits in x's dtype, 64
+    MiB of them per buffer. Twice the rows in
     bf16, where the fewer, larger matmuls took the loss from 1,009 to 824 ms
     (bench_cross_entropy.py: SmolLM2's output layer, 1,024 rows, 2-core EPYC, 2026-12-02)."""
     x = x.reshape(-1, x.shape[-1])
@@ -808,7 +810,7 @@ def _fused_linear_inputs(x, weight, chunk_rows, softcap=None, kernel=False):
     else:
         weight = weight.to(x.dtype)
     if chunk_rows is None:
-        row_bytes = x.element_size() if kernel and cross_entropy_ops.takes(x) else 4 * (2 if softcap else 1)
+        row_bytes = x.element_size() if takes is not None and takes(x) else 4 * (2 if softcap else 1)
         most = max(1, (64 << 20) // (row_bytes * weight.shape[0]))
         # As many chunks as the budget needs, all of one size: 1,024 bf16 rows in 2 x 512, not 682 +
         # 342, took the step from 984 to 867 ms (matmuls of a few hundred rows run slower per row).
@@ -914,7 +916,7 @@ def linear_token_logps(x: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     -> (...). For losses over sequences (DPO's sequence_logps), where linear_cross_entropy's
     gradients-in-the-forward cannot serve. Under autocast, x and weight are cast to its dtype
     first, as nn.Linear would be. chunk_rows, scale, softcap: as in linear_cross_entropy."""
-    x, weight, chunk_rows = _fused_linear_inputs(x, weight, chunk_rows, softcap, kernel=True)
+    x, weight, chunk_rows = _fused_linear_inputs(x, weight, chunk_rows, softcap, cross_entropy_ops.takes)
     scale, softcap = _logit_shape("linear_token_logps", scale, softcap)
     # Only x wants a gradient (a frozen head): the forward keeps d logp / dx instead of the inputs.
     jacobian = torch.is_grad_enabled() and x.requires_grad and not weight.requires_grad
@@ -970,14 +972,24 @@ class _LinearDistill(torch.autograd.Function):
         def chunk(rows: slice) -> torch.Tensor:
             # Every (c, V) tensor is one of buffers' (fresh ones paid their page faults again at each
             # chunk: 0.86-1.33 M faults a step at 2,048 rows of SmolLM2's head, 2-core Xeon).
-            part = torch.zeros((), dtype=torch.float64, device=x.device)
             xc = x[rows]
             c = xc.shape[0]
+            s_logits = buffers.logits(xc, weight)  # (c, V) in x's dtype
+            if distill_ops.takes(s_logits):  # one kernel pass per row; the gradient lands over s_logits
+                divergences = distill_ops.distill_rows_(
+                    s_logits, buffers.logits(x_teacher[rows], weight_teacher, "teacher_logits"), beta=beta,
+                    temperature=temperature, scale=shape[0], softcap=shape[1], teacher_scale=teacher_shape[0],
+                    teacher_softcap=teacher_shape[1], want_grad=need_x or need_w)
+                if need_x or need_w:
+                    buffers.add_grads(s_logits, xc, weight, rows, grad_x)
+                return divergences.sum(dtype=torch.float64)
+            # elsewhere (CUDA) in torch ops
+            part = torch.zeros((), dtype=torch.float64, device=x.device)
 
             def widened(name: str, logits: torch.Tensor) -> torch.Tensor:
                 return logits if logits.dtype == acc else buffers.buffer(name, c, acc).copy_(logits)
 
-            z, tanh = _final_logits(widened("z", buffers.logits(xc, weight)), *shape)  # (c, V)
+            z, tanh = _final_logits(widened("z", s_logits), *shape)  # (c, V)
             s, p = _log_softmax_(z.div_(temperature), buffers.buffer("p", c, acc))
             t_logits = widened("t", buffers.logits(x_teacher[rows], weight_teacher, "teacher_logits"))
             t, q = _log_softmax_(_final_logits(t_logits, *teacher_shape)[0].div_(temperature),
@@ -1026,13 +1038,15 @@ def linear_distill(x: torch.Tensor, weight: torch.Tensor, x_teacher: torch.Tenso
     C_teacher): the two models' final hidden states at the same N positions and output layers over
     one vocabulary. Under autocast all four are cast to its dtype first. scale, softcap (and the
     teacher's): each model's logits scaled and capped, as in linear_cross_entropy, before the
-    temperature divides them."""
+    temperature divides them. On the CPU each chunk's divergences and gradient are pyllm.ops.distill's
+    kernel (one call, the chunk's logits in x's dtype, 64 MiB of each model's by default); elsewhere
+    torch ops in fp32 (at least)."""
     if not 0.0 <= beta <= 1.0 or not temperature > 0:
         raise ValueError(f"linear_distill: beta must be in [0, 1] and temperature > 0, got {beta}, {temperature}")
     if weight.shape[0] != weight_teacher.shape[0] or x.shape[0] != x_teacher.shape[0]:
         raise ValueError(f"linear_distill: the student's and the teacher's rows and vocabularies must match, got "
                          f"{x.shape[0]} / {x_teacher.shape[0]} rows, {weight.shape[0]} / {weight_teacher.shape[0]} words")
-    x, weight, chunk_rows = _fused_linear_inputs(x, weight, chunk_rows, softcap or teacher_softcap)
+    x, weight, chunk_rows = _fused_linear_inputs(x, weight, chunk_rows, softcap or teacher_softcap, distill_ops.takes)
     shape = _logit_shape("linear_distill", scale, softcap)
     teacher_shape = _logit_shape("linear_distill (the teacher's)", teacher_scale, teacher_softcap)
     x_teacher = x_teacher.to(x.dtype)

@@ -8,14 +8,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pyllm import data
+from pyllm import _C, data
 from pyllm import train as trainer
 from pyllm.model import check_documents
 from pyllm.model import LLM, ModelConfig
 from pyllm.nn import distill_divergence, linear_distill
+from pyllm.ops import distill as distill_ops
 from pyllm.train import TrainConfig
 
-from helpers import CPU_AND_CUDA, rel_err, shaped_logits, tolerance
+from helpers import CPU_AND_CUDA, poisoned, rel_err, shaped_logits, tolerance
 from test_train import TINY, chat_dir, config, data_dir, losses  # noqa: F401  (fixtures)
 
 
@@ -119,6 +120,138 @@ def test_bad_arguments():
         linear_distill(x, w, x, w, teacher_scale=0.0)
     with pytest.raises(ValueError, match="softcap None or positive and finite, got scale=1.0, softcap=-1.0"):
         linear_distill(x, w, x, w, softcap=-1.0)
+
+
+# --- the row kernel (csrc/cpu/distill.cpp) that linear_distill runs on each chunk ------------------
+
+def kernel_case(rows, vocab, dtype, seed=0):
+    """Student and teacher logits (rows, V) in dtype, spread as an output layer's (std 3)."""
+    g = torch.Generator().manual_seed(seed)
+    return tuple((torch.randn(rows, vocab, generator=g, dtype=torch.float64) * 3).to(dtype) for _ in range(2))
+
+
+def divergence_and_grad(student, teacher, beta, temperature, scale=1.0, softcap=None, teacher_scale=1.0,
+                        teacher_softcap=None, compute=None):
+    """distill_divergence per row and its gradient for the student's logits, by autograd, computed in
+    `compute` (float64: the reference) or, by default, as torch does in the inputs' dtype."""
+    s = student.to(compute or student.dtype).detach().requires_grad_()
+    t = teacher.to(compute or teacher.dtype)
+    rows = distill_divergence(shaped_logits(s, scale, softcap), shaped_logits(t, teacher_scale, teacher_softcap),
+                              beta, temperature)
+    return rows.detach(), torch.autograd.grad(rows.sum(), s)[0]
+
+
+KERNEL_SHAPES = {"plain": {}, "student-capped": dict(softcap=4.0, teacher_scale=0.7),
+                 "both-capped": dict(scale=1.3, softcap=5.0, teacher_softcap=3.0)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("shape", KERNEL_SHAPES)
+def test_row_kernel_within_twice_torchs_error(dtype, beta, shape):
+    # Each row's divergence and the gradient written over the student's logits, against float64 on
+    # the same (rounded) inputs, within twice torch's error from those inputs (fp32 math for 16-bit,
+    # its gradient rounded once), at a temperature that is not a power of two; an odd width.
+    student, teacher = kernel_case(24, 1001, dtype)
+    kw = KERNEL_SHAPES[shape]
+    want, want_grad = divergence_and_grad(student, teacher, beta, 1.7, **kw, compute=torch.float64)
+    theirs, their_grad = divergence_and_grad(student, teacher, beta, 1.7, **kw)
+    grad = student.clone()
+    got = distill_ops.distill_rows_(grad, teacher, beta=beta, temperature=1.7, **kw)
+    assert got.dtype == torch.float32 and grad.dtype == dtype
+    assert rel_err(got, want) <= tolerance(theirs, want)
+    assert rel_err(grad, want_grad) <= tolerance(their_grad, want_grad)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_row_kernel_float64_is_the_reference(beta):
+    student, teacher = kernel_case(5, 8200, torch.float64, seed=1)
+    kw = KERNEL_SHAPES["both-capped"]
+    want, want_grad = divergence_and_grad(student, teacher, beta, 2.0, **kw)
+    grad = student.clone()
+    got = distill_ops.distill_rows_(grad, teacher, beta=beta, temperature=2.0, **kw)
+    assert got.dtype == torch.float64
+    assert rel_err(got, want) < 1e-13 and rel_err(grad, want_grad) < 1e-13
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5])
+def test_row_kernel_strides_outputs_and_row_weights(beta):
+    # Student rows inside a wider buffer: the gradient lands over them, the columns past V untouched;
+    # want_grad=False leaves them as they were; distill_into's poisoned outputs all written, the
+    # gradient times grad_scale and grad_rows before its one rounding; a teacher row repeated
+    # (stride 0, as expand gives) is the same as its copies.
+    rows, vocab = 6, 3000
+    student, teacher = kernel_case(rows, vocab + 5, torch.bfloat16, seed=2)
+    inside = student[:, :vocab]
+    padding, original = student[:, vocab:].clone(), inside.clone()
+    teacher = teacher[:, :vocab].contiguous()
+    want, want_grad = divergence_and_grad(original, teacher, beta, 2.0, compute=torch.float64)
+    got = distill_ops.distill_rows_(inside, teacher, beta=beta, temperature=2.0)
+    assert torch.equal(student[:, vocab:], padding)
+    fresh = original.clone()
+    assert torch.equal(distill_ops.distill_rows_(fresh, teacher, beta=beta, temperature=2.0, want_grad=False), got)
+    assert torch.equal(fresh, original)
+    loss, grad = poisoned((rows,), torch.float32, "cpu"), poisoned((rows, vocab), torch.bfloat16, "cpu")
+    weights = torch.rand(rows) + 0.5
+    distill_ops.distill_into(original, teacher, loss, grad, beta, 2.0, 1.0, 0.0, 1.0, 0.0, grad_scale=-1.5,
+                             grad_rows=weights)
+    assert torch.equal(loss, got)
+    weighted = want_grad * (-1.5 * weights.double())[:, None]
+    assert rel_err(grad, weighted) <= 2 * rel_err(inside, want_grad) + 2 ** -9
+    one_row = teacher[:1].expand(rows, vocab)
+    assert torch.equal(distill_ops.distill_rows_(original.clone(), one_row, beta=beta, temperature=2.0),
+                       distill_ops.distill_rows_(original.clone(), one_row.contiguous(), beta=beta, temperature=2.0))
+
+
+def test_row_kernel_masked_classes_and_non_finite_rows():
+    # Classes masked (-inf) on both sides count 0: the divergence over the other classes, a zero
+    # gradient there (torch's formula gives 0 * inf = NaN); a NaN logit, or +inf as the largest, on
+    # either side gives that row a NaN divergence and gradient.
+    student, teacher = kernel_case(5, 64, torch.float32, seed=3)
+    for t in (student, teacher):
+        t[0, :10] = float("-inf")
+    student[1, 5], teacher[2, 7], student[3, 9], teacher[4, 1] = float("nan"), float("nan"), float("inf"), float("inf")
+    for beta in (0.0, 0.5, 1.0):
+        grad = student.clone()
+        got = distill_ops.distill_rows_(grad, teacher, beta=beta, temperature=1.0)
+        want, want_grad = divergence_and_grad(student[:1, 10:], teacher[:1, 10:], beta, 1.0, compute=torch.float64)
+        torch.testing.assert_close(got[0].double(), want[0], rtol=1e-5, atol=0)
+        torch.testing.assert_close(grad[0, 10:].double(), want_grad[0], rtol=1e-5, atol=1e-7)
+        assert (grad[0, :10] == 0).all()
+        assert torch.isnan(got[1:]).all() and torch.isnan(grad[1:]).all()
+
+
+def test_row_kernel_bad_arguments():
+    student, teacher = kernel_case(3, 10, torch.float32)
+    with pytest.raises(TypeError, match="teacher has dtype torch.float64 but student has torch.float32"):
+        distill_ops.distill_rows_(student, teacher.double())
+    with pytest.raises(ValueError, match=r"teacher logits must have the student's shape \(3, 10\)"):
+        distill_ops.distill_rows_(student, teacher[:, :9])
+    with pytest.raises(ValueError, match="student logits must be 2-D"):
+        distill_ops.distill_rows_(student.t(), teacher.t())
+    with pytest.raises(ValueError, match="beta must be in"):
+        distill_ops.distill_rows_(student, teacher, beta=-0.1)
+    with pytest.raises(ValueError, match="temperature > 0"):
+        distill_ops.distill_rows_(student, teacher, temperature=0.0)
+    with pytest.raises(ValueError, match=r"distill \(the teacher's\): softcap must be None or positive"):
+        distill_ops.distill_rows_(student, teacher, teacher_softcap=-2.0)
+    with pytest.raises(TypeError, match="expected one of float32, bfloat16, float16, float64"):
+        distill_ops.distill_rows_(student.int(), teacher.int())
+    # the C++ side checks again: rows that overlap, a beta outside [0, 1]
+    loss = torch.empty(3)
+    with pytest.raises(ValueError, match="row strides must be >= vocab"):
+        _C.distill_cpu(student.data_ptr(), teacher.data_ptr(), loss.data_ptr(), 0, 0, 3, 10, 5, 10, 10, 1.0, 0.0,
+                       1.0, 0.0, 1.0, 0.0, 1.0, 0)
+    with pytest.raises(ValueError, match="beta must be in"):
+        _C.distill_cpu(student.data_ptr(), teacher.data_ptr(), loss.data_ptr(), 0, 0, 3, 10, 10, 10, 10, 1.0, 0.0,
+                       1.0, 0.0, 1.0, 1.5, 1.0, 0)
+
+
+def test_row_kernel_opcheck():
+    student, teacher = kernel_case(4, 9, torch.float32)
+    for want_grad in (False, True):
+        torch.library.opcheck(torch.ops.pyllm.distill_rows_.default,
+                              (student.clone(), teacher, 0.5, 2.0, 1.0, 3.0, 1.5, 0.0, want_grad))
 
 
 SMALL = dict(vocab_size=97, block_size=32, n_layers=2, n_heads=4, dim=64)

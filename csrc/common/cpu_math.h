@@ -7,6 +7,7 @@
 #pragma once
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 
 #include "common/dtype.h"
@@ -59,6 +60,55 @@ inline float exp_f32(float x) {
   int32_t e = int32_t(n) + 127;
   return p * bits_to_f32(uint32_t(e) << 23);
 }
+
+// tanh(y): below |y| = 0.5 its Taylor series to y^17 (truncation 1e-8 relative), above it
+// 1 - 2 / (exp(2|y|) + 1) (the cancellation costs at most a bit there, tanh >= 0.46); the sign
+// copied back. Vectorisable; cross_entropy.cpp's and distill.cpp's capped logits share it.
+inline float tanh_f32(float y) {
+  const float a = std::fabs(y), a2 = a * a;
+  float p = 6404582.0f / 10854718875.0f;  // tanh's Taylor coefficients, y^17 down to y^3
+  p = fmadd(p, a2, -929569.0f / 638512875.0f);
+  p = fmadd(p, a2, 21844.0f / 6081075.0f);
+  p = fmadd(p, a2, -1382.0f / 155925.0f);
+  p = fmadd(p, a2, 62.0f / 2835.0f);
+  p = fmadd(p, a2, -17.0f / 315.0f);
+  p = fmadd(p, a2, 2.0f / 15.0f);
+  p = fmadd(p, a2, -1.0f / 3.0f);
+  const float small = fmadd(p * a2, a, a);
+  const float large = 1.0f - 2.0f / (exp_f32<7>(2.0f * a) + 1.0f);  // exp_f32 clamps: 1 at the top
+  return std::copysign(a < 0.5f ? small : large, y);
+}
+inline double tanh_acc(double y) { return std::tanh(y); }
+inline float tanh_acc(float y) { return tanh_f32(y); }
+
+// log(y) for y >= 0, vectorisable (libm's logf is a call no loop vectorises without -ffast-math):
+// y = 2^e m with m in [sqrt(1/2), sqrt(2)) from the bits, log m = 2 atanh(s) = 2 (s + s^3/3 + ...
+// + s^11/11) with s = (m - 1) / (m + 1), |s| <= 0.172 (truncation 0.172^12 / 13 = 5e-11 relative),
+// e ln2 in two parts. 0 gives -inf; subnormals are scaled by 2^24 first; +inf and NaN pass through.
+// Negative y is not handled (the callers' arguments are sums of exponentials).
+inline float log_f32(float y) {
+  const bool tiny = y < 1.17549435e-38f;  // subnormal or 0
+  const float scaled = tiny ? y * 16777216.0f : y;
+  const uint32_t bits = f32_to_bits(scaled);
+  int32_t e = int32_t(bits >> 23) - 127;
+  float m = bits_to_f32((bits & 0x007fffffu) | 0x3f800000u);  // [1, 2)
+  const bool high = m > 1.41421356f;
+  m = high ? 0.5f * m : m;
+  e = high ? e + 1 : e;
+  const float s = (m - 1.0f) / (m + 1.0f), s2 = s * s;
+  float p = 1.0f / 11.0f;
+  p = fmadd(p, s2, 1.0f / 9.0f);
+  p = fmadd(p, s2, 1.0f / 7.0f);
+  p = fmadd(p, s2, 1.0f / 5.0f);
+  p = fmadd(p, s2, 1.0f / 3.0f);
+  const float log_m = fmadd(2.0f * s * s2, p, 2.0f * s);
+  const float n = float(e) - (tiny ? 24.0f : 0.0f);
+  const float r = fmadd(n, 0.693145751953125f, fmadd(n, 1.42860682030941723e-6f, log_m));
+  const bool pass = !(y < 3.40282347e38f);  // +inf and NaN: themselves
+  return y == 0.0f ? -std::numeric_limits<float>::infinity() : (pass ? y : r);
+}
+inline double log_acc(double y) { return std::log(y); }
+inline float log_acc(float y) { return log_f32(y); }
 
 // 2^t for t <= 0 (or NaN), for softmaxes: t is x - max in log2 units (the caller multiplies by
 // log2(e), or folds it into the scores' scale): t = n + r, n = floor(t), r in [0, 1) exact, 2^r

@@ -29,6 +29,16 @@ void cross_entropy_cpu(uintptr_t logits, uintptr_t targets, uintptr_t loss, uint
                        double scale, double softcap, double label_smoothing, double z_loss, double grad_scale,
                        int dtype);
 
+// distill.cpp: student and teacher logits (rows, vocab), rows `student_stride` / `teacher_stride`
+// elements apart (the teacher's may be 0: one row for all); loss (rows) in the math type (fp32;
+// fp64 for fp64); grad 0 for none, else d(row's divergence) / d(student's logits) (rows, vocab) at
+// grad_stride, which may be the student's logits (then overwritten), times grad_scale and, where
+// grad_rows is not 0, that row's entry of grad_rows (rows, the math type). softcaps 0: no cap.
+void distill_cpu(uintptr_t student, uintptr_t teacher, uintptr_t loss, uintptr_t grad, uintptr_t grad_rows,
+                 int64_t rows, int64_t vocab, int64_t student_stride, int64_t teacher_stride, int64_t grad_stride,
+                 double scale, double softcap, double teacher_scale, double teacher_softcap, double temperature,
+                 double beta, double grad_scale, int dtype);
+
 // rope.cpp: x, out (batch, seqlen, n_heads, head_dim) at element strides (batch, token, head), last dim
 // contiguous; cos, sin rows of `half` in the math type (fp32; fp64 for fp64), cs_batch_stride apart per
 // batch row (0: shared). Rotates dims [0, 2 * half); inverse: by minus the angle.

@@ -58,23 +58,6 @@ struct Args {
   double scale, softcap, label_smoothing, z_loss, grad_scale;
 };
 
-// tanh(y), vectorisable (see the header).
-inline float tanh_f32(float y) {
-  const float a = std::fabs(y), a2 = a * a;
-  float p = 6404582.0f / 10854718875.0f;  // tanh's Taylor coefficients, x^17 down to x^3
-  p = fmadd(p, a2, -929569.0f / 638512875.0f);
-  p = fmadd(p, a2, 21844.0f / 6081075.0f);
-  p = fmadd(p, a2, -1382.0f / 155925.0f);
-  p = fmadd(p, a2, 62.0f / 2835.0f);
-  p = fmadd(p, a2, -17.0f / 315.0f);
-  p = fmadd(p, a2, 2.0f / 15.0f);
-  p = fmadd(p, a2, -1.0f / 3.0f);
-  const float small = fmadd(p * a2, a, a);
-  const float large = 1.0f - 2.0f / (exp_f32<7>(2.0f * a) + 1.0f);  // exp_f32 clamps: 1 at the top
-  return std::copysign(a < 0.5f ? small : large, y);
-}
-inline double tanh_acc(double y) { return std::tanh(y); }
-inline float tanh_acc(float y) { return tanh_f32(y); }
 
 #ifdef PYLLM_AVX512
 // tanh_f32 on 16 lanes (its loop, like the exp one, stayed scalar: ~8x the uncapped forward).

@@ -1,9 +1,10 @@
-"""pyllm's ops: one module per op (pyllm.ops.<op>), each with a C++ CPU kernel and a CUDA kernel.
+"""pyllm's ops: one module per op (pyllm.ops.<op>), each with a C++ CPU kernel and a CUDA kernel
+(distill: the CPU's only, so far).
 
 The public functions are re-exported from the top-level package (pyllm.swiglu, ...); this package
 keeps only the modules, so that pyllm.ops.swiglu is the module and never shadowed by its function.
 """
-from pyllm.ops import adamw, cross_entropy, flash_attn, rms_norm, rope, swiglu
+from pyllm.ops import adamw, cross_entropy, distill, flash_attn, rms_norm, rope, swiglu
 
 # op name -> {device type: dtypes}, for `python -m pyllm info`.
 BACKENDS = {
@@ -14,4 +15,5 @@ BACKENDS = {
     "rms_norm": rms_norm.DTYPES,
     "rope": rope.DTYPES,
     "cross_entropy": cross_entropy.DTYPES,
+    "distill": distill.DTYPES,
 }

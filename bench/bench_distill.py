@@ -11,6 +11,11 @@ pyllm.model.LLM.from_hf), bf16, a batch of token windows, all positions trained:
   tokens, backward.
 Rows: seconds per step (forward + backward, median of --repeat, interleaved) and the peak memory of
 one step above the models' weights.
+
+--logits: the divergence alone on given logits (batch x seq_len rows of SmolLM2's 49,152 words, both
+models' logits random at an output layer's spread), forward + backward for the student's logits:
+pyllm.generalized_jsd vs TRL's generalized_jsd_loss written out in torch ops (Liger's LigerJSD is
+Triton: GPU only), and torch.compile of it (not with --quick).
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
+import pyllm  # noqa: E402
 from pyllm.model import LLM  # noqa: E402
 
 
@@ -52,7 +58,10 @@ def main() -> int:
     parser.add_argument("--temperature", type=float, default=2.0)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    parser.add_argument("--logits", action="store_true", help="the divergence alone on given logits")
     args = parser.parse_args()
+    if args.logits:
+        return logits_bench(args)
     transformers = common.peer_module("transformers", "bench_distill", "transformers is not installed; no peer")
     if transformers is None:
         return 0
@@ -118,6 +127,45 @@ def main() -> int:
     common.write_json(args.json, "distill", device, rows, {
         "student_layers": layers, "teacher_layers": 2 * layers, "batch": args.batch, "seq_len": args.seq_len,
         "beta": args.beta, "temperature": args.temperature, "dtype": args.dtype, "transformers": transformers.__version__})
+    return 0
+
+
+def logits_bench(args) -> int:
+    torch.manual_seed(0)
+    dtype, device = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype], args.device
+    rows, vocab = args.batch * args.seq_len, 49152
+    student = (torch.randn(rows, vocab, device=device) * 3).to(dtype).requires_grad_()
+    teacher = (torch.randn(rows, vocab, device=device) * 3).to(dtype)
+    beta, temperature = args.beta, args.temperature
+
+    def trl(s, t):  # TRL's batchmean over the (rows) tokens
+        return trl_generalized_jsd(s[None], t[None], beta, temperature)
+
+    impls = {"pyllm": lambda s, t: pyllm.generalized_jsd(s, t, beta=beta, temperature=temperature),
+             "TRL's formula (torch eager)": trl}
+    if not args.quick:
+        impls["torch.compile of it"] = torch.compile(trl)
+    runs = {name: (lambda fn=fn: fn(student, teacher).backward()) for name, fn in impls.items()}
+    losses = {name: float(fn(student, teacher)) for name, fn in impls.items()}
+    for run in runs.values():  # warm up (and compile)
+        run()
+
+    def zero():
+        student.grad = None
+
+    memory = {}
+    for name, run in runs.items():
+        zero()
+        memory[name] = common.peak_memory_mb(run, device)
+    seconds = common.interleaved_seconds(runs, args.repeat, device, before=zero)
+    peer = seconds["TRL's formula (torch eager)"]
+    table = [{"impl": name, "ms": round(s * 1e3, 1), "vs TRL": f"{peer / s:.2f}x", "peak MB": round(memory[name]),
+              "loss": round(losses[name], 6)} for name, s in seconds.items()]
+    print(f"# generalized JSD on {rows} x {vocab} logits, fwd + bwd, {common.device_description(device)}: "
+          f"{args.dtype}, beta {beta}, T {temperature}")
+    common.print_table(table, ["impl", "ms", "vs TRL", "peak MB", "loss"])
+    common.write_json(args.json, "distill_logits", device, table, {
+        "n_rows": rows, "vocab": vocab, "beta": beta, "temperature": temperature, "dtype": args.dtype})
     return 0
 
 

@@ -7,6 +7,7 @@ from pyllm import _cpu_guard  # noqa: E402
 _cpu_guard.check()
 
 from pyllm.ops.cross_entropy import cross_entropy  # noqa: E402
+from pyllm.ops.distill import generalized_jsd  # noqa: E402
 from pyllm.ops.flash_attn import flash_attn, flash_attn_with_kvcache  # noqa: E402
 from pyllm.ops.rms_norm import rms_norm  # noqa: E402
 from pyllm.ops.rope import rope  # noqa: E402
@@ -14,4 +15,4 @@ from pyllm.ops.swiglu import geglu, geglu_packed, swiglu, swiglu_packed  # noqa:
 from pyllm import optim  # noqa: E402
 from pyllm.tokenizer import Tokenizer  # noqa: E402
 
-__all__ = ["cross_entropy", "flash_attn", "flash_attn_with_kvcache", "geglu", "geglu_packed", "rms_norm", "rope", "swiglu", "swiglu_packed", "optim", "Tokenizer", "__version__"]
+__all__ = ["cross_entropy", "generalized_jsd", "flash_attn", "flash_attn_with_kvcache", "geglu", "geglu_packed", "rms_norm", "rope", "swiglu", "swiglu_packed", "optim", "Tokenizer", "__version__"]

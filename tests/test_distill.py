@@ -8,6 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import pyllm
+
 from pyllm import _C, data
 from pyllm import train as trainer
 from pyllm.model import check_documents
@@ -16,7 +18,7 @@ from pyllm.nn import distill_divergence, linear_distill
 from pyllm.ops import distill as distill_ops
 from pyllm.train import TrainConfig
 
-from helpers import CPU_AND_CUDA, poisoned, rel_err, shaped_logits, tolerance
+from helpers import CPU_AND_CUDA, assert_compiles_like_eager, poisoned, rel_err, shaped_logits, tolerance
 from test_train import TINY, chat_dir, config, data_dir, losses  # noqa: F401  (fixtures)
 
 
@@ -59,10 +61,14 @@ SHAPES = {"plain": {}, "student-capped": dict(softcap=2.0, teacher_scale=0.5),
 @pytest.mark.parametrize("beta", [0.0, 0.4, 1.0])
 @pytest.mark.parametrize("chunk_rows", [1, 7, None])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_linear_distill_float64(beta, chunk_rows, shape):
+@pytest.mark.parametrize("path", ["kernel", "torch ops"])
+def test_linear_distill_float64(beta, chunk_rows, shape, path, monkeypatch):
     # The fused form (gradients in the forward, chunk by chunk) = the divergence of the whole logits
     # and autograd's gradients, in float64, at two temperatures, with either model's logits scaled
-    # and capped; the teacher gets no gradient.
+    # and capped; the teacher gets no gradient. Each chunk by the CPU kernel, and by the torch ops
+    # CUDA tensors take.
+    if path == "torch ops":
+        monkeypatch.setattr(distill_ops, "takes", lambda logits: False)
     torch.manual_seed(0)
     x = torch.randn(40, 16, dtype=torch.float64, requires_grad=True)
     w = (torch.randn(300, 16, dtype=torch.float64) * 0.4).requires_grad_()
@@ -186,8 +192,10 @@ def test_row_kernel_strides_outputs_and_row_weights(beta):
     padding, original = student[:, vocab:].clone(), inside.clone()
     teacher = teacher[:, :vocab].contiguous()
     want, want_grad = divergence_and_grad(original, teacher, beta, 2.0, compute=torch.float64)
+    their_grad = divergence_and_grad(original, teacher, beta, 2.0)[1]
     got = distill_ops.distill_rows_(inside, teacher, beta=beta, temperature=2.0)
     assert torch.equal(student[:, vocab:], padding)
+    assert rel_err(inside, want_grad) <= tolerance(their_grad, want_grad)
     fresh = original.clone()
     assert torch.equal(distill_ops.distill_rows_(fresh, teacher, beta=beta, temperature=2.0, want_grad=False), got)
     assert torch.equal(fresh, original)
@@ -198,27 +206,70 @@ def test_row_kernel_strides_outputs_and_row_weights(beta):
     assert torch.equal(loss, got)
     weighted = want_grad * (-1.5 * weights.double())[:, None]
     assert rel_err(grad, weighted) <= 2 * rel_err(inside, want_grad) + 2 ** -9
+    # grad_scale alone; capped logits without a gradient (no tanh row kept) give the loss of those with
+    distill_ops.distill_into(original, teacher, loss, grad, beta, 2.0, 1.0, 0.0, 1.0, 0.0, grad_scale=0.75)
+    assert rel_err(grad, want_grad * 0.75) <= 2 * tolerance(their_grad, want_grad)
+    capped = dict(softcap=4.0, teacher_softcap=3.0)
+    assert torch.equal(distill_ops.distill_rows_(original.clone(), teacher, beta=beta, temperature=2.0, **capped),
+                       distill_ops.distill_rows_(original.clone(), teacher, beta=beta, temperature=2.0,
+                                                 want_grad=False, **capped))
     one_row = teacher[:1].expand(rows, vocab)
     assert torch.equal(distill_ops.distill_rows_(original.clone(), one_row, beta=beta, temperature=2.0),
                        distill_ops.distill_rows_(original.clone(), one_row.contiguous(), beta=beta, temperature=2.0))
+    assert distill_ops.distill_rows_(original[:0].clone(), teacher[:0], beta=beta).shape == (0,)
 
 
-def test_row_kernel_masked_classes_and_non_finite_rows():
-    # Classes masked (-inf) on both sides count 0: the divergence over the other classes, a zero
-    # gradient there (torch's formula gives 0 * inf = NaN); a NaN logit, or +inf as the largest, on
-    # either side gives that row a NaN divergence and gradient.
-    student, teacher = kernel_case(5, 64, torch.float32, seed=3)
-    for t in (student, teacher):
-        t[0, :10] = float("-inf")
-    student[1, 5], teacher[2, 7], student[3, 9], teacher[4, 1] = float("nan"), float("nan"), float("inf"), float("inf")
-    for beta in (0.0, 0.5, 1.0):
+def masked_reference(student, teacher, beta, temperature):
+    """Per-row divergences and their gradient for the student's logits in float64 by the closed forms,
+    a term of weight 0 counting 0 (torch's formula gives 0 * inf = NaN at a -inf logit)."""
+    s = torch.log_softmax(student.double() / temperature, -1)
+    t = torch.log_softmax(teacher.double() / temperature, -1)
+    p, q = s.exp(), t.exp()
+
+    def weighted(w, v):
+        return torch.where(w > 0, w * v, torch.zeros_like(v))
+
+    if beta == 0:
+        return weighted(q, t - s).sum(-1), (p - q) / temperature
+    if beta == 1:
+        kl = weighted(p, s - t).sum(-1, keepdim=True)
+        return kl[:, 0], weighted(p, s - t - kl) / temperature
+    m = torch.logaddexp(s + np.log(1 - beta), t + np.log(beta))
+    kl = weighted(p, s - m).sum(-1, keepdim=True)
+    loss = beta * weighted(q, t - m).sum(-1) + (1 - beta) * kl[:, 0]
+    return loss, (1 - beta) * weighted(p, s - m - kl) / temperature
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_row_kernel_masked_classes_and_non_finite_rows(beta):
+    # Classes masked (-inf) on both sides (row 0), on the teacher's alone (row 1: a padded
+    # vocabulary), on the student's alone (row 2): a term of probability 0 counts 0 and gets a zero
+    # gradient; where the other side has mass there the divergence is truly infinite (beta 0 with the
+    # student masked, beta 1 with the teacher). A NaN logit, or +inf as the largest, on either side,
+    # gives that row a NaN divergence and gradient (the student's cap takes its +inf to the cap: a
+    # number).
+    student, teacher = kernel_case(7, 64, torch.float32, seed=3)
+    student[0, :10], teacher[0, :10] = float("-inf"), float("-inf")
+    teacher[1, :10], student[2, :10] = float("-inf"), float("-inf")
+    student[3, 5], teacher[4, 7], student[5, 9], teacher[6, 1] = float("nan"), float("nan"), float("inf"), float("inf")
+    infinite = {0.0: 2, 1.0: 1}.get(beta)
+    want, want_grad = masked_reference(student[:3], teacher[:3], beta, 1.5)
+    for softcap in (None, 8.0):
         grad = student.clone()
-        got = distill_ops.distill_rows_(grad, teacher, beta=beta, temperature=1.0)
-        want, want_grad = divergence_and_grad(student[:1, 10:], teacher[:1, 10:], beta, 1.0, compute=torch.float64)
-        torch.testing.assert_close(got[0].double(), want[0], rtol=1e-5, atol=0)
-        torch.testing.assert_close(grad[0, 10:].double(), want_grad[0], rtol=1e-5, atol=1e-7)
-        assert (grad[0, :10] == 0).all()
-        assert torch.isnan(got[1:]).all() and torch.isnan(grad[1:]).all()
+        got = distill_ops.distill_rows_(grad, teacher, beta=beta, temperature=1.5, softcap=softcap)
+        nan_rows = [3, 4, 6] if softcap else [3, 4, 5, 6]
+        assert torch.isnan(got[nan_rows]).all() and torch.isnan(grad[nan_rows]).all()
+        if softcap:
+            assert torch.isfinite(got[5]) and torch.isfinite(grad[5]).all()
+            continue
+        for row in range(3):
+            if row == infinite:
+                assert got[row] == float("inf")
+                continue
+            torch.testing.assert_close(got[row].double(), want[row], rtol=1e-5, atol=0)
+            torch.testing.assert_close(grad[row].double(), want_grad[row], rtol=1e-5, atol=1e-7)
+        # p = 0 there; beta 0's gradient p - q is -q where only the student masks
+        assert (grad[0, :10] == 0).all() and (beta == 0 or (grad[2, :10] == 0).all())
 
 
 def test_row_kernel_bad_arguments():
@@ -237,6 +288,10 @@ def test_row_kernel_bad_arguments():
         distill_ops.distill_rows_(student, teacher, teacher_softcap=-2.0)
     with pytest.raises(TypeError, match="expected one of float32, bfloat16, float16, float64"):
         distill_ops.distill_rows_(student.int(), teacher.int())
+    with pytest.raises(ValueError, match="teacher logits share memory with the student's"):
+        distill_ops.distill_rows_(student, student[:1].expand(3, 10))
+    with pytest.raises(ValueError, match="V >= 1"):
+        distill_ops.distill_rows_(student[:, :0], teacher[:, :0])
     # the C++ side checks again: rows that overlap, a beta outside [0, 1]
     loss = torch.empty(3)
     with pytest.raises(ValueError, match="row strides must be >= vocab"):
@@ -252,6 +307,83 @@ def test_row_kernel_opcheck():
     for want_grad in (False, True):
         torch.library.opcheck(torch.ops.pyllm.distill_rows_.default,
                               (student.clone(), teacher, 0.5, 2.0, 1.0, 3.0, 1.5, 0.0, want_grad))
+
+
+# --- pyllm.generalized_jsd: the differentiable op ----------------------------------------------
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_generalized_jsd_is_trls_in_float64(beta, reduction):
+    # TRL's generalized_jsd_loss per token (batchmean: over the tokens its labels keep), through the
+    # op and its backward, at a temperature that is not a power of two; logits not contiguous (a
+    # (B, V, T) tensor's transpose), a prompt masked.
+    student, teacher = (t.view(2, 7, 300).transpose(1, 2).contiguous().transpose(1, 2)
+                        for t in kernel_case(14, 300, torch.float64, seed=4))
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[0, :3] = False
+    x = student.clone().requires_grad_()
+    got = pyllm.generalized_jsd(x, teacher, beta=beta, temperature=1.7, reduction=reduction, mask=mask)
+    y = student.clone().requires_grad_()
+    per_token = trl_jsd(y, teacher, beta, 1.7) * mask
+    want = {"mean": per_token.sum() / mask.sum(), "sum": per_token.sum(), "none": per_token}[reduction]
+    assert got.shape == want.shape and got.dtype == torch.float64
+    assert rel_err(got, want) < 1e-13
+    dout = torch.rand(want.shape, dtype=torch.float64) + 0.5
+    assert rel_err(torch.autograd.grad(got, x, dout)[0], torch.autograd.grad(want, y, dout)[0]) < 1e-12
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("beta", [0.0, 0.5])
+def test_generalized_jsd_within_twice_torchs_error(dtype, beta):
+    # Scaled and capped logits (Gemma 2's student, Granite's teacher); the incoming gradient per row
+    # multiplied in fp32 before the one rounding to the student's dtype.
+    student, teacher = (t.view(3, 8, 1001) for t in kernel_case(24, 1001, dtype, seed=5))
+    kw = dict(scale=1.3, softcap=5.0, teacher_scale=0.7)
+    dout = torch.rand(3, 8) + 0.5
+
+    def run(fn, compute=None):
+        x = student.to(compute or dtype).detach().requires_grad_()
+        rows = fn(x, teacher.to(compute or dtype))
+        return rows.detach(), torch.autograd.grad(rows, x, dout.to(rows.dtype))[0]
+
+    def reference(x, t):
+        return distill_divergence(shaped_logits(x, 1.3, 5.0), shaped_logits(t, 0.7), beta, 2.0)
+
+    want = run(reference, torch.float64)
+    theirs = run(reference)
+    ours = run(lambda x, t: pyllm.generalized_jsd(x, t, beta=beta, temperature=2.0, reduction="none", **kw))
+    assert ours[0].dtype == torch.float32 and ours[1].dtype == dtype
+    for got, torch_value, exact in zip(ours, theirs, want):
+        assert rel_err(got, exact) <= tolerance(torch_value, exact)
+
+
+def test_generalized_jsd_gradcheck_opcheck_and_compile():
+    student, teacher = kernel_case(5, 11, torch.float64, seed=6)
+    x = student.clone().requires_grad_()
+    for beta in (0.0, 0.3, 1.0):
+        assert torch.autograd.gradcheck(
+            lambda a: pyllm.generalized_jsd(a, teacher, beta=beta, temperature=1.5, softcap=4.0, reduction="none"), (x,))
+    s32, t32 = kernel_case(4, 9, torch.float32, seed=7)
+    for requires_grad in (False, True):
+        torch.library.opcheck(torch.ops.pyllm.distill.default,
+                              (s32.clone().requires_grad_(requires_grad), t32, 0.5, 2.0, 1.0, 3.0, 1.5, 0.0))
+    torch.library.opcheck(torch.ops.pyllm.distill_backward.default,
+                          (torch.rand(4) + 0.5, s32, t32, 0.5, 2.0, 1.0, 3.0, 1.5, 0.0))
+    assert_compiles_like_eager(lambda a: pyllm.generalized_jsd(a, t32, beta=0.5, temperature=2.0), s32.clone().requires_grad_())
+
+
+def test_generalized_jsd_bad_arguments():
+    student, teacher = kernel_case(3, 10, torch.float32)
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        pyllm.generalized_jsd(student, teacher, reduction="batchmean")
+    with pytest.raises(ValueError, match=r"mask must be a bool tensor of the logits' shape without their last dim, \(3,\)"):
+        pyllm.generalized_jsd(student, teacher, mask=torch.ones(3))
+    with pytest.raises(ValueError, match=r"teacher logits must have the student's shape \(3, 10\)"):
+        pyllm.generalized_jsd(student, teacher[None])
+    with pytest.raises(ValueError, match="logits must be"):
+        pyllm.generalized_jsd(student[:, :0], teacher[:, :0])
+    with pytest.raises(ValueError, match="beta must be in"):
+        pyllm.generalized_jsd(student, teacher, beta=2.0)
 
 
 SMALL = dict(vocab_size=97, block_size=32, n_layers=2, n_heads=4, dim=64)

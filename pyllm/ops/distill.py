@@ -1,9 +1,15 @@
 """The generalized Jensen-Shannon divergence of GKD between a student's and a teacher's rows of
 logits, with the gradient for the student's logits computed in the same kernel call (Liger-Kernel's
-JSD, as one C++ pass per row): what pyllm.nn.linear_distill runs on each chunk of logits it makes.
+JSD, as one C++ pass per row). Two entry points:
+- generalized_jsd(student_logits, teacher_logits, ...): TRL's generalized_jsd_loss (Liger's LigerJSD)
+  as a differentiable op, reduced or per row; the backward runs the kernel again with the incoming
+  gradient. Nothing of (N, V) in fp32, nothing of (N, V) kept but references to the inputs.
+- distill_rows_(student, teacher, ...): the per-row divergences, and the gradient written over the
+  student's logits themselves: what pyllm.nn.linear_distill runs on each chunk of logits it makes.
 
-Kernel: csrc/cpu/distill.cpp. CUDA tensors take pyllm.nn's torch ops instead (no CUDA kernel yet:
-takes() says no). The divergence itself, its beta and temperature: pyllm.nn.distill_divergence.
+Kernel: csrc/cpu/distill.cpp. No CUDA kernel yet: CUDA tensors are refused here, and
+pyllm.nn.linear_distill runs torch ops on them (takes() says no). The divergence in torch ops:
+pyllm.nn.distill_divergence.
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ from pyllm.ops import _util
 from pyllm.ops.cross_entropy import check_shape_args
 
 OP = "distill"
+REDUCTIONS = ("mean", "sum", "none")
 DTYPES = {"cpu": (torch.float32, torch.bfloat16, torch.float16, torch.float64)}
 
 
@@ -26,15 +33,26 @@ def takes(logits: Tensor) -> bool:
     return logits.is_cpu and logits.dtype in DTYPES["cpu"]
 
 
-def _check(student: Tensor, teacher: Tensor, beta, temperature, scale, softcap, teacher_scale, teacher_softcap) -> None:
+def _check(student: Tensor, teacher: Tensor, beta, temperature, scale, softcap, teacher_scale, teacher_softcap,
+           rows_in_place: bool = True) -> None:
     _util.check_tensor(OP, "student", student, DTYPES)
     _util.check_same(OP, student=student, teacher=teacher)
-    if student.dim() != 2 or student.stride(-1) != 1 or (student.shape[0] > 1 and student.stride(0) < student.shape[1]):
-        raise ValueError(f"{OP}: student logits must be 2-D (rows, V), rows apart, with a contiguous last dim, got "
-                         f"shape {tuple(student.shape)}, strides {student.stride()}")
-    if teacher.shape != student.shape or teacher.stride(-1) != 1:
-        raise ValueError(f"{OP}: teacher logits must have the student's shape {tuple(student.shape)} and a contiguous "
-                         f"last dim, got shape {tuple(teacher.shape)}, strides {teacher.stride()}")
+    if rows_in_place:  # distill_rows_ writes over the student's rows: 2-D, apart, contiguous within
+        if (student.dim() != 2 or student.stride(-1) != 1
+                or (student.shape[0] > 1 and student.stride(0) < student.shape[1])):
+            raise ValueError(f"{OP}: student logits must be 2-D (rows, V), rows apart, with a contiguous last dim, "
+                             f"got shape {tuple(student.shape)}, strides {student.stride()}")
+        if teacher.stride(-1) != 1:
+            raise ValueError(f"{OP}: teacher logits must have a contiguous last dim, got strides {teacher.stride()}")
+        if _overlap(student, teacher):
+            raise ValueError(f"{OP}: teacher logits share memory with the student's, which the gradient overwrites; "
+                             f"pass a copy")
+    if student.dim() == 0 or student.shape[-1] == 0:
+        raise ValueError(f"{OP}: logits must be (..., V) with V >= 1 (the vocabulary on the last dim), got shape "
+                         f"{tuple(student.shape)}")
+    if teacher.shape != student.shape:
+        raise ValueError(f"{OP}: teacher logits must have the student's shape {tuple(student.shape)}, got "
+                         f"{tuple(teacher.shape)}")
     for what, value in (("beta", beta), ("temperature", temperature)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ValueError(f"{OP}: {what} must be a finite number, got {value!r}")
@@ -42,6 +60,19 @@ def _check(student: Tensor, teacher: Tensor, beta, temperature, scale, softcap, 
         raise ValueError(f"{OP}: beta must be in [0, 1] and temperature > 0, got {beta}, {temperature}")
     check_shape_args(OP, 0.0, 0.0, scale, softcap or None)
     check_shape_args(f"{OP} (the teacher's)", 0.0, 0.0, teacher_scale, teacher_softcap or None)
+
+
+def _overlap(a: Tensor, b: Tensor) -> bool:
+    """Whether the memory spans of a and b (first to last element) intersect."""
+    if a.numel() == 0 or b.numel() == 0 or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+
+    def span(t):
+        start = t.data_ptr()
+        return start, start + (sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1) * t.element_size()
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
 
 
 def distill_into(student: Tensor, teacher: Tensor, loss: Tensor, grad: Optional[Tensor], beta: float,
@@ -95,3 +126,125 @@ def distill_rows_(student: Tensor, teacher: Tensor, *, beta: float = 0.0, temper
     return _util.call(_rows_inplace_body, _rows_inplace, None, student, teacher, float(beta), float(temperature),
                       float(scale), float(softcap or 0.0), float(teacher_scale), float(teacher_softcap or 0.0),
                       bool(want_grad))
+
+
+# --- the differentiable op: the backward recomputes each row from the saved logits ---------------
+#
+# As pyllm.cross_entropy's: the forward writes nothing of (N, V) and keeps references to both
+# logits; the backward reads them again and multiplies the incoming gradient in fp32 before the
+# one rounding to the student's dtype.
+
+def _rows(t: Tensor) -> Tensor:
+    """(..., V) as the (rows, V) the kernel takes (a view where the strides allow it)."""
+    t = t.reshape(-1, t.shape[-1])
+    return t if t.stride(-1) == 1 and (t.shape[0] <= 1 or t.stride(0) >= t.shape[1]) else t.contiguous()
+
+
+def _teacher_rows(t: Tensor) -> Tensor:
+    """As _rows, but rows may repeat (stride 0: the kernel only reads the teacher's)."""
+    t = t.reshape(-1, t.shape[-1])
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _distill_body(student: Tensor, teacher: Tensor, beta: float, temperature: float, scale: float, softcap: float,
+                  teacher_scale: float, teacher_softcap: float) -> Tensor:
+    """Per-row divergences (rows,) for logits (..., V)."""
+    rows = _rows(student)
+    loss = rows.new_empty(rows.shape[0], dtype=_loss_dtype(rows))
+    distill_into(rows, _teacher_rows(teacher), loss, None, beta, temperature, scale, softcap, teacher_scale,
+                 teacher_softcap)
+    return loss
+
+
+_distill = torch.library.custom_op("pyllm::distill", mutates_args=())(_distill_body)
+
+
+@_distill.register_fake
+def _(student, teacher, beta, temperature, scale, softcap, teacher_scale, teacher_softcap):
+    return student.new_empty(student.numel() // student.shape[-1], dtype=_loss_dtype(student))
+
+
+def _distill_backward_body(grad_rows: Tensor, student: Tensor, teacher: Tensor, beta: float, temperature: float,
+                           scale: float, softcap: float, teacher_scale: float, teacher_softcap: float) -> Tensor:
+    """d(sum of grad_rows * row divergences) / d student, in the student's shape and dtype."""
+    rows = _rows(student)
+    grad = torch.empty(rows.shape, dtype=rows.dtype, device=rows.device)
+    loss = rows.new_empty(rows.shape[0], dtype=_loss_dtype(rows))  # recomputed, unused
+    distill_into(rows, _teacher_rows(teacher), loss, grad, beta, temperature, scale, softcap, teacher_scale,
+                 teacher_softcap, 1.0, grad_rows.to(loss.dtype).contiguous())
+    return grad.reshape(student.shape)
+
+
+_distill_backward = torch.library.custom_op("pyllm::distill_backward", mutates_args=())(_distill_backward_body)
+
+
+@_distill_backward.register_fake
+def _(grad_rows, student, teacher, beta, temperature, scale, softcap, teacher_scale, teacher_softcap):
+    return torch.empty_like(student, memory_format=torch.contiguous_format)
+
+
+def _distill_setup(ctx, inputs, output):
+    student, teacher, *args = inputs
+    ctx.save_for_backward(student, teacher)
+    ctx.args = args
+
+
+def _distill_grad(ctx, grad_rows):
+    student, teacher = ctx.saved_tensors
+    grad = _util.call(_distill_backward_body, torch.ops.pyllm.distill_backward, None, grad_rows, student, teacher,
+                      *ctx.args)
+    return grad, None, None, None, None, None, None, None
+
+
+_distill.register_autograd(_distill_grad, setup_context=_distill_setup)
+_DistillFunction = _util.eager_function(OP, _distill_body, _distill_setup, _distill_grad)
+
+
+def generalized_jsd(student_logits: Tensor, teacher_logits: Tensor, *, beta: float = 0.5, temperature: float = 1.0,
+                    reduction: str = "mean", mask: Optional[Tensor] = None, scale: float = 1.0,
+                    softcap: Optional[float] = None, teacher_scale: float = 1.0,
+                    teacher_softcap: Optional[float] = None) -> Tensor:
+    """GKD's generalized Jensen-Shannon divergence (Agarwal et al. 2024) between the student's and
+    the teacher's next-token distributions at temperature T, per row of logits (..., V): TRL's
+    GKDTrainer.generalized_jsd_loss, Liger-Kernel's LigerJSD. With s, t the log-softmaxes of
+    logits / T: beta 0 the forward KL(teacher || student) (Hinton's distillation), 1 the reverse
+    KL(student || teacher), else beta KL(teacher || M) + (1 - beta) KL(student || M), M = beta
+    teacher + (1 - beta) student (TRL's default beta 0.5). One kernel call per direction; the
+    backward recomputes each row from the saved logits, so nothing of (rows, V) is kept or made in
+    fp32. The teacher is a constant: it gets no gradient (detach it, or do not ask).
+
+    Args:
+        student_logits, teacher_logits: (..., V), one shape, dtype and device. CPU: float32, bfloat16,
+            float16, float64 (no CUDA kernel yet).
+        reduction: "mean" over the rows (over those mask keeps, with mask; TRL's "batchmean" over
+            tokens), "sum", "none" (the (...) divergences).
+        mask: optional bool (...): rows where it is False count 0 (prompt or padding tokens; TRL's
+            labels != -100).
+        scale, softcap (and the teacher's): each side's logits scaled, then capped as softcap *
+            tanh(z / softcap) (Gemma 2's), before the temperature divides them.
+    Returns:
+        fp32 (fp64 for fp64 logits), whatever the logits' dtype. A class whose probability is 0 on a
+        side (a -inf logit) adds 0 (torch's written-out formula gives NaN there); a row with a NaN
+        logit or a +inf largest logit gives NaN.
+    Raises:
+        TypeError / ValueError for bad arguments (dtypes, shapes, devices, out-of-range numbers).
+    """
+    _check(student_logits, teacher_logits, beta, temperature, scale, softcap, teacher_scale, teacher_softcap,
+           rows_in_place=False)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{OP}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if mask is not None and (not isinstance(mask, Tensor) or mask.dtype != torch.bool
+                             or mask.shape != student_logits.shape[:-1]):
+        raise ValueError(f"{OP}: mask must be a bool tensor of the logits' shape without their last dim, "
+                         f"{tuple(student_logits.shape[:-1])}, got {getattr(mask, 'dtype', type(mask).__name__)} "
+                         f"{tuple(getattr(mask, 'shape', ()))}")
+    rows = _util.call(_distill_body, _distill, _DistillFunction, student_logits, teacher_logits.detach(), float(beta),
+                      float(temperature), float(scale), float(softcap or 0.0), float(teacher_scale),
+                      float(teacher_softcap or 0.0)).reshape(student_logits.shape[:-1])
+    if mask is not None:  # a select, not a product: a masked row's NaN stays out of the loss
+        rows = torch.where(mask.to(rows.device), rows, rows.new_zeros(()))
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    return rows.sum() / (mask.sum() if mask is not None else max(rows.numel(), 1))

@@ -146,7 +146,8 @@ def logits_bench(args) -> int:
     if not args.quick:
         impls["torch.compile of it"] = torch.compile(trl)
     runs = {name: (lambda fn=fn: fn(student, teacher).backward()) for name, fn in impls.items()}
-    losses = {name: float(fn(student, teacher)) for name, fn in impls.items()}
+    with torch.no_grad():
+        losses = {name: float(fn(student, teacher)) for name, fn in impls.items()}
     for run in runs.values():  # warm up (and compile)
         run()
 

@@ -28,8 +28,8 @@
 // where torch's formula done in the kernel's fp32 had up to 3x on the loss. Exps per element: 4 (beta 0), 3 (beta 1),
 // 5 and a log (the mixture), common/cpu_math.h's exp_f32 / log_f32 (within 2 ulp), in loops
 // GCC vectorises with -fno-trapping-math; sums in fp64 (fp32 adds over 256K terms would carry ~1e-5
-// relative error). 512 x 49,152 fp32 logits, gradient included: 26 ms (beta 0), 25 (beta 1), 40
-// (beta 0.5) on the 2-core EPYC VM (2026-12-02), 1.0-1.8 ns per element.
+// relative error). 512 x 49,152 fp32 logits, gradient included: 26-31 ms (beta 0), 24-28 (beta 1),
+// 40-50 (beta 0.5) on the 2-core EPYC VM (2026-12-02), 1.0-2.0 ns per element.
 //
 // Non-finite logits: a NaN in either row, or a max of +-inf on either side, gives a NaN loss and
 // gradient for the row (torch's log_softmax gives NaN there too); a capped side's +-inf is +-cap.

@@ -12,10 +12,10 @@ pyllm.model.LLM.from_hf), bf16, a batch of token windows, all positions trained:
 Rows: seconds per step (forward + backward, median of --repeat, interleaved) and the peak memory of
 one step above the models' weights.
 
---logits: the divergence alone on given logits (batch x seq_len rows of SmolLM2's 49,152 words, both
-models' logits random at an output layer's spread), forward + backward for the student's logits:
-pyllm.generalized_jsd vs TRL's generalized_jsd_loss written out in torch ops (Liger's LigerJSD is
-Triton: GPU only), and torch.compile of it (not with --quick).
+--logits: the divergence alone on given logits (batch x seq_len rows of SmolLM2's 49,152 words, one
+batch row with --quick; both models' logits random at an output layer's spread), forward + backward
+for the student's logits, on the CPU: pyllm.generalized_jsd vs TRL's generalized_jsd_loss written
+out in torch ops (Liger's LigerJSD is Triton: GPU only), and torch.compile of it (not with --quick).
 """
 from __future__ import annotations
 
@@ -132,8 +132,11 @@ def main() -> int:
 
 def logits_bench(args) -> int:
     torch.manual_seed(0)
+    if args.device != "cpu":
+        print("bench_distill --logits: pyllm.generalized_jsd has no CUDA kernel yet; run with --device cpu")
+        return 0
     dtype, device = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype], args.device
-    rows, vocab = args.batch * args.seq_len, 49152
+    rows, vocab = (1 if args.quick else args.batch) * args.seq_len, 49152
     student = (torch.randn(rows, vocab, device=device) * 3).to(dtype).requires_grad_()
     teacher = (torch.randn(rows, vocab, device=device) * 3).to(dtype)
     beta, temperature = args.beta, args.temperature

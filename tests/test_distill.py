@@ -313,23 +313,48 @@ def test_row_kernel_opcheck():
 
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_generalized_jsd_is_trls_in_float64(beta, reduction):
-    # TRL's generalized_jsd_loss per token (batchmean: over the tokens its labels keep), through the
-    # op and its backward, at a temperature that is not a power of two; logits not contiguous (a
-    # (B, V, T) tensor's transpose), a prompt masked.
+@pytest.mark.parametrize("masked", [False, True])
+def test_generalized_jsd_is_trls_in_float64(beta, reduction, masked):
+    # TRL's generalized_jsd_loss per token (batchmean: over the tokens its labels keep, all of them
+    # without labels), through the op and its backward, at a temperature that is not a power of two;
+    # logits not contiguous (a (B, V, T) tensor's transpose), a prompt masked; a teacher that asks
+    # for a gradient gets none.
     student, teacher = (t.view(2, 7, 300).transpose(1, 2).contiguous().transpose(1, 2)
                         for t in kernel_case(14, 300, torch.float64, seed=4))
     mask = torch.ones(2, 7, dtype=torch.bool)
     mask[0, :3] = False
+    teacher = teacher.clone().requires_grad_()
     x = student.clone().requires_grad_()
-    got = pyllm.generalized_jsd(x, teacher, beta=beta, temperature=1.7, reduction=reduction, mask=mask)
+    got = pyllm.generalized_jsd(x, teacher, beta=beta, temperature=1.7, reduction=reduction,
+                                mask=mask if masked else None)
     y = student.clone().requires_grad_()
-    per_token = trl_jsd(y, teacher, beta, 1.7) * mask
-    want = {"mean": per_token.sum() / mask.sum(), "sum": per_token.sum(), "none": per_token}[reduction]
+    kept = mask if masked else torch.ones_like(mask)
+    per_token = trl_jsd(y, teacher.detach(), beta, 1.7) * kept
+    want = {"mean": per_token.sum() / kept.sum(), "sum": per_token.sum(), "none": per_token}[reduction]
     assert got.shape == want.shape and got.dtype == torch.float64
     assert rel_err(got, want) < 1e-13
     dout = torch.rand(want.shape, dtype=torch.float64) + 0.5
-    assert rel_err(torch.autograd.grad(got, x, dout)[0], torch.autograd.grad(want, y, dout)[0]) < 1e-12
+    grad_x, grad_teacher = torch.autograd.grad(got, [x, teacher], dout, allow_unused=True)
+    assert rel_err(grad_x, torch.autograd.grad(want, y, dout)[0]) < 1e-12
+    assert grad_teacher is None
+
+
+def test_generalized_jsd_masked_rows_get_zero_gradient():
+    # A masked row's logits NaN (or all -inf): the loss and the gradient of the other rows as without
+    # it, the row's own gradient zeros.
+    student, teacher = kernel_case(4, 50, torch.float32, seed=8)
+    student[1] = float("nan")
+    teacher[2] = float("-inf")
+    mask = torch.tensor([True, False, False, True])
+    x = student.clone().requires_grad_()
+    loss = pyllm.generalized_jsd(x, teacher, beta=0.5, temperature=2.0, mask=mask)
+    loss.backward()
+    kept = student[mask].clone().requires_grad_()
+    want = pyllm.generalized_jsd(kept, teacher[mask], beta=0.5, temperature=2.0)
+    want.backward()
+    assert torch.equal(loss.detach(), want.detach())
+    assert (x.grad[~mask] == 0).all() and torch.equal(x.grad[mask], kept.grad)
+    assert torch.isnan(pyllm.generalized_jsd(student[:0], teacher[:0]))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -12,9 +12,12 @@
 //   else, M = beta q + (1 - beta) p, m = log M, K = KL(p || M) = sum p (s - m):
 //     loss = beta sum q (t - m) + (1 - beta) K                           d/dz_s = (1 - beta) p (s - m - K)
 // (the teacher's term's gradient cancels against part of the student's), then / T, through the cap
-// (1 - tanh^2) and the scale, times grad_scale and the row's grad_rows entry when given. A term whose
-// weight p or q is 0 (a -inf logit: a masked class, or an exp below fp32's range) counts 0, the
-// limit of x log x; torch's formula gives 0 * inf = NaN there for a -inf logit.
+// (1 - tanh^2) and the scale, times grad_scale and the row's grad_rows entry when given (a row
+// whose factor is 0 gets zeros, even where its logits are NaN). A term whose weight p or q is 0 (a
+// -inf logit: a masked class, or an exp below fp32's range) counts 0, the limit of x log x, where
+// torch's formula gives 0 * inf = NaN; a class one side masks and the other gives mass makes the
+// divergence +inf where the formula has the masked side's log (beta 0: the student's; 1: the
+// teacher's), as it should.
 //
 // Passes per row, over per-thread scratch rows in the math type (fp32; fp64 for fp64) that stay in
 // L2 for vocabularies up to ~64K (two or three rows of 256 KB): (1) read both rows once, form z_s
@@ -132,6 +135,12 @@ void row(const T* xs, const T* xt, T* grad, acc_t<T>* loss_out, double grad_scal
   const int64_t V = a.vocab;
   const A temperature = A(a.temperature);
   const bool capped = a.softcap > 0;
+  // A row of weight 0 (a masked token in generalized_jsd's backward) gets a zero gradient, whatever
+  // its logits (a NaN there must not reach the student's gradient), and only its loss is computed.
+  if (grad && grad_scale == 0) {
+    std::fill_n(grad, V, from_acc<T>(A(0)));
+    grad = nullptr;
+  }
   // (1) both sides shaped, their maxima
   A top_s, top_t;
   int64_t nans_s, nans_t;

@@ -34,7 +34,7 @@ def takes(logits: Tensor) -> bool:
 
 
 def _check(student: Tensor, teacher: Tensor, beta, temperature, scale, softcap, teacher_scale, teacher_softcap,
-           rows_in_place: bool = True) -> None:
+           rows_in_place: bool = True, want_grad: bool = True) -> None:
     _util.check_tensor(OP, "student", student, DTYPES)
     _util.check_same(OP, student=student, teacher=teacher)
     if rows_in_place:  # distill_rows_ writes over the student's rows: 2-D, apart, contiguous within
@@ -44,7 +44,7 @@ def _check(student: Tensor, teacher: Tensor, beta, temperature, scale, softcap, 
                              f"got shape {tuple(student.shape)}, strides {student.stride()}")
         if teacher.stride(-1) != 1:
             raise ValueError(f"{OP}: teacher logits must have a contiguous last dim, got strides {teacher.stride()}")
-        if _overlap(student, teacher):
+        if want_grad and _overlap(student, teacher):
             raise ValueError(f"{OP}: teacher logits share memory with the student's, which the gradient overwrites; "
                              f"pass a copy")
     if student.dim() == 0 or student.shape[-1] == 0:
@@ -63,8 +63,9 @@ def _check(student: Tensor, teacher: Tensor, beta, temperature, scale, softcap, 
 
 
 def _overlap(a: Tensor, b: Tensor) -> bool:
-    """Whether the memory spans of a and b (first to last element) intersect."""
-    if a.numel() == 0 or b.numel() == 0 or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+    """Whether the memory spans of a and b (first to last element) intersect: conservative (views
+    that interleave without sharing an element count as overlapping); meta tensors have no memory."""
+    if a.numel() == 0 or b.numel() == 0 or a.is_meta or b.is_meta:
         return False
 
     def span(t):
@@ -118,11 +119,13 @@ def distill_rows_(student: Tensor, teacher: Tensor, *, beta: float = 0.0, temper
     for student and teacher logits (rows, V) of one dtype on the CPU, each with a contiguous last dim.
     Each side's logits are scaled, then capped (softcap * tanh(z / softcap)), then divided by the
     temperature. want_grad: the student's logits are overwritten with d(row's divergence) / d(its
-    logits), in their dtype. No autograd: the gradient is the output. A term whose probability is 0
-    (a -inf logit) counts 0 (torch's formula gives NaN there); a NaN in a row, or a +-inf largest
-    logit on either side, gives the row a NaN divergence and gradient.
+    logits), in their dtype. No autograd: the gradient is the output. A class of probability 0 on
+    both sides (-inf logits) counts 0 (torch's formula gives NaN there); one side's -inf where the
+    other has mass gives +inf when it is the side under the log (beta 0: the student's, 1: the
+    teacher's), else 0; a NaN in a row, or a +-inf largest logit on either side, gives the row a
+    NaN divergence and gradient.
     Raises TypeError / ValueError for bad arguments (dtype, device, shapes, strides, numbers)."""
-    _check(student, teacher, beta, temperature, scale, softcap, teacher_scale, teacher_softcap)
+    _check(student, teacher, beta, temperature, scale, softcap, teacher_scale, teacher_softcap, want_grad=want_grad)
     return _util.call(_rows_inplace_body, _rows_inplace, None, student, teacher, float(beta), float(temperature),
                       float(scale), float(softcap or 0.0), float(teacher_scale), float(teacher_softcap or 0.0),
                       bool(want_grad))
@@ -168,6 +171,8 @@ def _distill_backward_body(grad_rows: Tensor, student: Tensor, teacher: Tensor, 
                            scale: float, softcap: float, teacher_scale: float, teacher_softcap: float) -> Tensor:
     """d(sum of grad_rows * row divergences) / d student, in the student's shape and dtype."""
     rows = _rows(student)
+    if grad_rows.numel() != rows.shape[0]:
+        raise ValueError(f"{OP}: the incoming gradient has {grad_rows.numel()} elements, the logits {rows.shape[0]} rows")
     grad = torch.empty(rows.shape, dtype=rows.dtype, device=rows.device)
     loss = rows.new_empty(rows.shape[0], dtype=_loss_dtype(rows))  # recomputed, unused
     distill_into(rows, _teacher_rows(teacher), loss, grad, beta, temperature, scale, softcap, teacher_scale,
@@ -211,21 +216,23 @@ def generalized_jsd(student_logits: Tensor, teacher_logits: Tensor, *, beta: flo
     KL(student || teacher), else beta KL(teacher || M) + (1 - beta) KL(student || M), M = beta
     teacher + (1 - beta) student (TRL's default beta 0.5). One kernel call per direction; the
     backward recomputes each row from the saved logits, so nothing of (rows, V) is kept or made in
-    fp32. The teacher is a constant: it gets no gradient (detach it, or do not ask).
+    fp32. The teacher is a constant: it is detached here and gets no gradient.
 
     Args:
         student_logits, teacher_logits: (..., V), one shape, dtype and device. CPU: float32, bfloat16,
             float16, float64 (no CUDA kernel yet).
         reduction: "mean" over the rows (over those mask keeps, with mask; TRL's "batchmean" over
             tokens), "sum", "none" (the (...) divergences).
-        mask: optional bool (...): rows where it is False count 0 (prompt or padding tokens; TRL's
-            labels != -100).
+        mask: optional bool (...): rows where it is False count 0 and get a zero gradient, whatever
+            their logits (prompt or padding tokens; TRL's labels != -100).
         scale, softcap (and the teacher's): each side's logits scaled, then capped as softcap *
             tanh(z / softcap) (Gemma 2's), before the temperature divides them.
     Returns:
-        fp32 (fp64 for fp64 logits), whatever the logits' dtype. A class whose probability is 0 on a
-        side (a -inf logit) adds 0 (torch's written-out formula gives NaN there); a row with a NaN
-        logit or a +inf largest logit gives NaN.
+        fp32 (fp64 for fp64 logits), whatever the logits' dtype; "mean" of no rows is NaN, as
+        torch's. A class of probability 0 on both sides (-inf logits) adds 0 (torch's written-out
+        formula gives NaN there); one side's -inf where the other has mass gives +inf when it is the
+        side under the log (beta 0: the student's, 1: the teacher's); a row with a NaN logit or a
+        +-inf largest logit gives NaN.
     Raises:
         TypeError / ValueError for bad arguments (dtypes, shapes, devices, out-of-range numbers).
     """
@@ -241,10 +248,11 @@ def generalized_jsd(student_logits: Tensor, teacher_logits: Tensor, *, beta: flo
     rows = _util.call(_distill_body, _distill, _DistillFunction, student_logits, teacher_logits.detach(), float(beta),
                       float(temperature), float(scale), float(softcap or 0.0), float(teacher_scale),
                       float(teacher_softcap or 0.0)).reshape(student_logits.shape[:-1])
-    if mask is not None:  # a select, not a product: a masked row's NaN stays out of the loss
+    if mask is not None:  # a select, not a product: a masked row's NaN stays out of the loss (and its
+        # gradient: the kernel gives rows of weight 0 zeros)
         rows = torch.where(mask.to(rows.device), rows, rows.new_zeros(()))
     if reduction == "none":
         return rows
     if reduction == "sum":
         return rows.sum()
-    return rows.sum() / (mask.sum() if mask is not None else max(rows.numel(), 1))
+    return rows.sum() / (mask.sum() if mask is not None else rows.numel())

@@ -49,6 +49,15 @@ def trl_generalized_jsd(student_logits, teacher_logits, beta, temperature):
     return jsd.sum() / (jsd.shape[0] * jsd.shape[1])
 
 
+def peak_mb_and_seconds(runs: dict, repeat: int, device: str, zero) -> tuple[dict, dict]:
+    """Each run's peak memory (one call) and median seconds (interleaved), zero() ahead of every call."""
+    memory = {}
+    for name, run in runs.items():
+        zero()
+        memory[name] = common.peak_memory_mb(run, device)
+    return memory, common.interleaved_seconds(runs, repeat, device, before=zero)
+
+
 def main() -> int:
     parser = common.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=0, help="the student's (default 8, --quick 2); the teacher 2x")
@@ -111,11 +120,7 @@ def main() -> int:
     for run in runs.values():
         zero()
         run()
-    memory = {}
-    for name, run in runs.items():
-        zero()
-        memory[name] = common.peak_memory_mb(run, device)
-    seconds = common.interleaved_seconds(runs, args.repeat, device, before=zero)
+    memory, seconds = peak_mb_and_seconds(runs, args.repeat, device, zero)
     peer = seconds["TRL GKD (transformers)"]
     rows = [{"impl": name, "s/step": round(s, 3), "tokens/s": round(x.numel() / s),
              "vs TRL": f"{peer / s:.2f}x", "peak MB": round(memory[name]), "loss": round(losses[name], 5)}
@@ -157,11 +162,7 @@ def logits_bench(args) -> int:
     def zero():
         student.grad = None
 
-    memory = {}
-    for name, run in runs.items():
-        zero()
-        memory[name] = common.peak_memory_mb(run, device)
-    seconds = common.interleaved_seconds(runs, args.repeat, device, before=zero)
+    memory, seconds = peak_mb_and_seconds(runs, args.repeat, device, zero)
     peer = seconds["TRL's formula (torch eager)"]
     table = [{"impl": name, "ms": round(s * 1e3, 1), "vs TRL": f"{peer / s:.2f}x", "peak MB": round(memory[name]),
               "loss": round(losses[name], 6)} for name, s in seconds.items()]

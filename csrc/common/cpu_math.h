@@ -61,6 +61,15 @@ inline float exp_f32(float x) {
   return p * bits_to_f32(uint32_t(e) << 23);
 }
 
+// exp(d) for d = z - max <= 0 (a log-probability): exactly 0 below -87, where exp_f32 clamps, so
+// that a masked class's softmax is 0, as torch's, not 1.6e-38, and a weight of 0 marks a term that
+// counts 0 (cross_entropy.cpp, distill.cpp).
+inline float exp_shifted(float d) {
+  const float e = exp_f32<7>(d);
+  return d < -87.0f ? 0.0f : e;
+}
+inline double exp_shifted(double d) { return std::exp(d); }
+
 // tanh(y): below |y| = 0.5 its Taylor series to y^17 (truncation 1e-8 relative), above it
 // 1 - 2 / (exp(2|y|) + 1) (the cancellation costs at most a bit there, tanh >= 0.46); the sign
 // copied back. Vectorisable; cross_entropy.cpp's and distill.cpp's capped logits share it.

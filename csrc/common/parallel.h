@@ -6,11 +6,26 @@
 #include <algorithm>
 #include <atomic>
 #include <cstddef>
+#include <cstdint>
 #include <exception>
 #include <thread>
 #include <vector>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 namespace pyllm {
+
+// The OpenMP team for a loop over `rows` rows, `elements` in all: every thread OpenMP offers, at
+// most one per row, from min_elements up (below, the calling thread alone); 1 without OpenMP. The
+// row kernels (cross_entropy, distill, rms_norm) size their teams by it.
+inline int row_team(int64_t rows, int64_t elements, int64_t min_elements) {
+#ifdef _OPENMP
+  if (elements >= min_elements) return int(std::min<int64_t>(omp_get_max_threads(), rows));
+#endif
+  return 1;
+}
 
 // Workers for n_items: num_threads if > 0, else every hardware thread; at least 1, at most n_items.
 inline size_t worker_count(size_t n_items, int num_threads) {

@@ -42,11 +42,8 @@
 #include "common/cpu_math.h"
 #include "common/cross_entropy_args.h"
 #include "common/dtype.h"
+#include "common/parallel.h"
 #include "cpu/cpu_ops.h"
-
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 namespace pyllm {
 namespace {
@@ -101,14 +98,6 @@ void capped_pass_avx512(const T* x, int64_t V, float scale, float cap, float* zs
   nans_out = nans;
 }
 #endif
-
-// exp(d) for d = z - max <= 0: exactly 0 below -87 (where exp_f32 clamps: a masked class's softmax is
-// 0, as torch's, not 1.6e-38).
-inline float exp_shifted(float d) {
-  const float e = exp_f32<7>(d);
-  return d < -87.0f ? 0.0f : e;
-}
-inline double exp_shifted(double d) { return std::exp(d); }
 
 // zs[j] = exp(zs[j] - top), returning their sum in fp64. AVX-512 builds run it on 16 lanes by hand:
 // the forward of 1,024 x 49,152 fp32 logits went from 108 to 20 ms (2-core EPYC VM, 2026-12-02;
@@ -224,10 +213,7 @@ template <typename T>
 void run(const T* x, const int64_t* targets, acc_t<T>* loss, acc_t<T>* z_part, T* grad, const acc_t<T>* grad_rows,
          const Args& a) {
   using A = acc_t<T>;
-  int threads = 1;
-#ifdef _OPENMP
-  if (a.rows * a.vocab >= kParallelMin) threads = int(std::min<int64_t>(omp_get_max_threads(), a.rows));
-#endif
+  const int threads = row_team(a.rows, a.rows * a.vocab, kParallelMin);
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
     std::vector<A> zs(size_t(a.vocab)), tanhs(a.softcap > 0 ? size_t(a.vocab) : 0);

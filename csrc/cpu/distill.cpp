@@ -49,11 +49,8 @@
 #include "common/cpu_math.h"
 #include "common/distill_args.h"
 #include "common/dtype.h"
+#include "common/parallel.h"
 #include "cpu/cpu_ops.h"
-
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 namespace pyllm {
 namespace {
@@ -64,14 +61,6 @@ struct Args {
   int64_t rows, vocab, student_stride, teacher_stride, grad_stride;
   double scale, softcap, teacher_scale, teacher_softcap, temperature, beta, grad_scale;
 };
-
-// exp(d) for d <= 0 (a log-probability): exactly 0 below -87, where exp_f32 clamps, so that a
-// weight p or q of 0 marks a term that counts 0.
-inline float exp_weight(float d) {
-  const float e = exp_f32<7>(d);
-  return d < -87.0f ? 0.0f : e;
-}
-inline double exp_weight(double d) { return std::exp(d); }
 
 // value where weight > 0, else 0 (a term of weight 0 counts 0, whatever the value: -inf - finite,
 // NaN). The value is computed whatever the weight, so that its loads stay plain loads: under the
@@ -124,7 +113,7 @@ template <typename A>
 double sum_exp(const A* __restrict z, int64_t V, A top) {
   double sum = 0;
 #pragma omp simd reduction(+ : sum)
-  for (int64_t j = 0; j < V; ++j) sum += double(exp_weight(z[j] - top));
+  for (int64_t j = 0; j < V; ++j) sum += double(exp_shifted(z[j] - top));
   return sum;
 }
 
@@ -178,15 +167,15 @@ void row(const T* xs, const T* xt, T* grad, acc_t<T>* loss_out, double grad_scal
       with_chain([&](auto chain) {
 #pragma omp simd reduction(+ : cross)
         for (int64_t j = 0; j < V; ++j) {
-          const A e = exp_weight(zt[j] - top_t);
+          const A e = exp_shifted(zt[j] - top_t);
           cross += double(select_weighted(e, e * (zt[j] - zs[j])));
-          grad[j] = from_acc<T>((exp_weight(zs[j] - lse) - e * inv_sum) * chain(j));
+          grad[j] = from_acc<T>((exp_shifted(zs[j] - lse) - e * inv_sum) * chain(j));
         }
       });
     } else {
 #pragma omp simd reduction(+ : cross)
       for (int64_t j = 0; j < V; ++j) {
-        const A e = exp_weight(zt[j] - top_t);
+        const A e = exp_shifted(zt[j] - top_t);
         cross += double(select_weighted(e, e * (zt[j] - zs[j])));
       }
     }
@@ -197,7 +186,7 @@ void row(const T* xs, const T* xt, T* grad, acc_t<T>* loss_out, double grad_scal
     double cross = 0;
 #pragma omp simd reduction(+ : cross)
     for (int64_t j = 0; j < V; ++j) {
-      const A e = exp_weight(zs[j] - top_s), d = zs[j] - zt[j];
+      const A e = exp_shifted(zs[j] - top_s), d = zs[j] - zt[j];
       cross += double(select_weighted(e, e * d));
       zs[j] = e;
       zt[j] = d;
@@ -224,8 +213,8 @@ void row(const T* xs, const T* xt, T* grad, acc_t<T>* loss_out, double grad_scal
   double kl = 0, teacher_term = 0;
 #pragma omp simd reduction(+ : kl, teacher_term)
   for (int64_t j = 0; j < V; ++j) {
-    const A es = exp_weight(zs[j] - top_s), et = exp_weight(zt[j] - top_t);
-    const A u = (zs[j] - zt[j]) + shift, far = exp_weight(-std::fabs(u));
+    const A es = exp_shifted(zs[j] - top_s), et = exp_shifted(zt[j] - top_t);
+    const A u = (zs[j] - zt[j]) + shift, far = exp_shifted(-std::fabs(u));
     const A log_rest = log_acc(u > A(0) ? wq * far + wp : wq + wp * far);
     // each difference formed apart, not s - m as u - (m - t): a class the teacher alone masks
     // (u = +inf) gave inf - inf there, a NaN row
@@ -250,10 +239,7 @@ void row(const T* xs, const T* xt, T* grad, acc_t<T>* loss_out, double grad_scal
 template <typename T>
 void run(const T* student, const T* teacher, acc_t<T>* loss, T* grad, const acc_t<T>* grad_rows, const Args& a) {
   using A = acc_t<T>;
-  int threads = 1;
-#ifdef _OPENMP
-  if (a.rows * a.vocab >= kParallelMin) threads = int(std::min<int64_t>(omp_get_max_threads(), a.rows));
-#endif
+  const int threads = row_team(a.rows, a.rows * a.vocab, kParallelMin);
   const bool keep_tanh = grad && a.softcap > 0;
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {

@@ -27,6 +27,7 @@
 #include "common/checks.h"
 #include "common/cpu_math.h"
 #include "common/dtype.h"
+#include "common/parallel.h"
 #include "cpu/cpu_ops.h"
 
 #ifdef _OPENMP
@@ -252,10 +253,7 @@ template <typename T>
 void bwd(const T* dout, const T* x, const T* w, const acc_t<T>* rstd, T* dx, T* dw, const Args& a) {
   using S = sum_t<T>;
   const bool want_dw = dw != nullptr;
-  int threads = 1;
-#ifdef _OPENMP
-  if (a.rows * a.cols >= kParallelMin) threads = int(std::min<int64_t>(omp_get_max_threads(), a.rows));
-#endif
+  const int threads = row_team(a.rows, a.rows * a.cols, kParallelMin);
   // One cols-wide partial of dw per thread of the team OpenMP actually gives (it may give fewer than
   // asked: a thread limit, OMP_DYNAMIC); thread t of `team` takes rows [t * rows / team, ...).
   std::vector<S> partials;

@@ -87,6 +87,26 @@ def check_same(op: str, **tensors: torch.Tensor) -> None:
             raise ValueError(f"{op}: {name} is on {t.device} but {first_name} is on {first.device}; they must match")
 
 
+# --- rows of logits, as the row kernels (cross_entropy, distill) take them ------------------------
+
+def kernel_rows(t: Tensor) -> bool:
+    """Whether 2-D t is laid out as the row kernels read rows: a contiguous last dim, rows at least V
+    apart (not expanded: a gradient written over the rows must not overlap)."""
+    return t.stride(-1) == 1 and (t.shape[0] <= 1 or t.stride(0) >= t.shape[1])
+
+
+def as_rows(t: Tensor) -> Tensor:
+    """(..., V) as the (rows, V) the row kernels take (a view where the strides allow it; expanded
+    rows, stride 0, are copied)."""
+    t = t.reshape(-1, t.shape[-1])
+    return t if kernel_rows(t) else t.contiguous()
+
+
+def row_losses(logits: Tensor, rows: int) -> Tensor:
+    """A (rows,) buffer for per-row losses in the kernels' math type: fp32, fp64 for fp64 logits."""
+    return logits.new_empty(rows, dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32)
+
+
 # --- plain eager CPU calls skip the custom op ----------------------------------------------------
 #
 # A torch.library custom op costs 15-30 us of dispatch per call on the CPU (swiglu at (1, 256):

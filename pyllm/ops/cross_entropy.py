@@ -66,10 +66,6 @@ def check_shape_args(name: str, label_smoothing, z_loss, scale, softcap) -> None
         raise ValueError(f"{name}: scale must be positive, got {scale}")
 
 
-def _loss_dtype(logits: Tensor) -> torch.dtype:
-    return torch.float64 if logits.dtype == torch.float64 else torch.float32
-
-
 # The CUDA kernel has not yet run on a GPU: pyllm.nn's fused losses take it only when asked
 # (bench/gpu_check.sh asks); pyllm.cross_entropy itself always runs it.
 CUDA_IN_FUSED_LOSS_ENV = "PYLLM_CROSS_ENTROPY_CUDA"
@@ -106,30 +102,12 @@ def cross_entropy_into(logits: Tensor, targets: Tensor, loss: Tensor, z_part: Op
         _C.cross_entropy_cpu(*args)
 
 
-def _kernel_rows(t: Tensor) -> bool:
-    """Whether 2-D t is laid out as the kernels read rows: a contiguous last dim, rows at least V
-    apart (not expanded: the gradient's rows must not overlap)."""
-    return t.stride(-1) == 1 and (t.shape[0] <= 1 or t.stride(0) >= t.shape[1])
-
-
-def _rows(t: Tensor) -> Tensor:
-    """(..., V) as (rows, V) the kernels take (a view where the strides allow it; expanded rows,
-    stride 0, are copied)."""
-    t = t.reshape(-1, t.shape[-1])
-    return t if _kernel_rows(t) else t.contiguous()
-
-
-def _row_losses(logits: Tensor, rows: int) -> Tensor:
-    """A (rows,) buffer for per-row losses: fp32, fp64 for fp64 logits."""
-    return logits.new_empty(rows, dtype=_loss_dtype(logits))
-
-
 # --- the per-row op, gradient over the logits (pyllm.nn's fused output-layer loss) --------------
 
 def _rows_inplace_body(logits: Tensor, targets: Tensor, ignore_index: int, scale: float, softcap: float,
                        label_smoothing: float, z_loss: float, want_grad: bool,
                        grad_rows: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-    if logits.dim() != 2 or not _kernel_rows(logits):
+    if logits.dim() != 2 or not _util.kernel_rows(logits):
         raise ValueError(f"cross_entropy_rows_: logits must be 2-D, rows apart, with a contiguous last dim, got shape "
                          f"{tuple(logits.shape)}, strides {logits.stride()}")
     if targets.shape != logits.shape[:1]:
@@ -137,7 +115,7 @@ def _rows_inplace_body(logits: Tensor, targets: Tensor, ignore_index: int, scale
     if grad_rows is not None and grad_rows.shape != logits.shape[:1]:
         raise ValueError(f"cross_entropy_rows_: grad_rows must have shape ({logits.shape[0]},), got "
                          f"{tuple(grad_rows.shape)}")
-    loss = _row_losses(logits, logits.shape[0])
+    loss = _util.row_losses(logits, logits.shape[0])
     z_part = torch.empty_like(loss)
     cross_entropy_into(logits, targets.contiguous().long(), loss, z_part, logits if want_grad else None, ignore_index,
                        scale, softcap, label_smoothing, z_loss, 1.0,
@@ -150,7 +128,7 @@ _rows_inplace = torch.library.custom_op("pyllm::cross_entropy_rows_", mutates_ar
 
 @_rows_inplace.register_fake
 def _(logits, targets, ignore_index, scale, softcap, label_smoothing, z_loss, want_grad, grad_rows=None):
-    loss = _row_losses(logits, logits.shape[0])
+    loss = _util.row_losses(logits, logits.shape[0])
     return loss, torch.empty_like(loss)
 
 
@@ -180,8 +158,8 @@ def cross_entropy_rows_(logits: Tensor, targets: Tensor, *, ignore_index: int = 
 def _cross_entropy_body(logits: Tensor, targets: Tensor, ignore_index: int, scale: float, softcap: float,
                         label_smoothing: float, z_loss: float) -> tuple[Tensor, Tensor]:
     """(per-row losses, per-row z-loss shares), (rows,) each, for logits (..., V)."""
-    rows = _rows(logits)
-    loss = _row_losses(rows, rows.shape[0])
+    rows = _util.as_rows(logits)
+    loss = _util.row_losses(rows, rows.shape[0])
     z_part = torch.empty_like(loss)
     cross_entropy_into(rows, targets.reshape(-1).contiguous().long(), loss, z_part, None, ignore_index, scale, softcap,
                        label_smoothing, z_loss)
@@ -193,16 +171,16 @@ _cross_entropy = torch.library.custom_op("pyllm::cross_entropy", mutates_args=()
 
 @_cross_entropy.register_fake
 def _(logits, targets, ignore_index, scale, softcap, label_smoothing, z_loss):
-    loss = _row_losses(logits, logits.numel() // logits.shape[-1])
+    loss = _util.row_losses(logits, logits.numel() // logits.shape[-1])
     return loss, torch.empty_like(loss)
 
 
 def _cross_entropy_backward_body(grad_rows: Tensor, logits: Tensor, targets: Tensor, ignore_index: int, scale: float,
                                  softcap: float, label_smoothing: float, z_loss: float) -> Tensor:
     """d(sum of grad_rows * row losses) / d logits, in logits' shape and dtype."""
-    rows = _rows(logits)
+    rows = _util.as_rows(logits)
     grad = torch.empty(rows.shape, dtype=rows.dtype, device=rows.device)
-    loss = _row_losses(rows, rows.shape[0])  # recomputed, unused
+    loss = _util.row_losses(rows, rows.shape[0])  # recomputed, unused
     cross_entropy_into(rows, targets.reshape(-1).contiguous().long(), loss, None, grad, ignore_index, scale, softcap,
                        label_smoothing, z_loss, 1.0, grad_rows.to(loss.dtype).contiguous())
     return grad.reshape(logits.shape)

@@ -38,8 +38,7 @@ def _check(student: Tensor, teacher: Tensor, beta, temperature, scale, softcap, 
     _util.check_tensor(OP, "student", student, DTYPES)
     _util.check_same(OP, student=student, teacher=teacher)
     if rows_in_place:  # distill_rows_ writes over the student's rows: 2-D, apart, contiguous within
-        if (student.dim() != 2 or student.stride(-1) != 1
-                or (student.shape[0] > 1 and student.stride(0) < student.shape[1])):
+        if student.dim() != 2 or not _util.kernel_rows(student):
             raise ValueError(f"{OP}: student logits must be 2-D (rows, V), rows apart, with a contiguous last dim, "
                              f"got shape {tuple(student.shape)}, strides {student.stride()}")
         if teacher.stride(-1) != 1:
@@ -91,13 +90,9 @@ def distill_into(student: Tensor, teacher: Tensor, loss: Tensor, grad: Optional[
                    _util.dtype_code(student))
 
 
-def _loss_dtype(logits: Tensor) -> torch.dtype:
-    return torch.float64 if logits.dtype == torch.float64 else torch.float32
-
-
 def _rows_inplace_body(student: Tensor, teacher: Tensor, beta: float, temperature: float, scale: float, softcap: float,
                        teacher_scale: float, teacher_softcap: float, want_grad: bool) -> Tensor:
-    loss = student.new_empty(student.shape[0], dtype=_loss_dtype(student))
+    loss = _util.row_losses(student, student.shape[0])
     distill_into(student, teacher, loss, student if want_grad else None, beta, temperature, scale, softcap,
                  teacher_scale, teacher_softcap)
     return loss
@@ -108,7 +103,7 @@ _rows_inplace = torch.library.custom_op("pyllm::distill_rows_", mutates_args=("s
 
 @_rows_inplace.register_fake
 def _(student, teacher, beta, temperature, scale, softcap, teacher_scale, teacher_softcap, want_grad):
-    return student.new_empty(student.shape[0], dtype=_loss_dtype(student))
+    return _util.row_losses(student, student.shape[0])
 
 
 def distill_rows_(student: Tensor, teacher: Tensor, *, beta: float = 0.0, temperature: float = 1.0,
@@ -137,14 +132,8 @@ def distill_rows_(student: Tensor, teacher: Tensor, *, beta: float = 0.0, temper
 # logits; the backward reads them again and multiplies the incoming gradient in fp32 before the
 # one rounding to the student's dtype.
 
-def _rows(t: Tensor) -> Tensor:
-    """(..., V) as the (rows, V) the kernel takes (a view where the strides allow it)."""
-    t = t.reshape(-1, t.shape[-1])
-    return t if t.stride(-1) == 1 and (t.shape[0] <= 1 or t.stride(0) >= t.shape[1]) else t.contiguous()
-
-
 def _teacher_rows(t: Tensor) -> Tensor:
-    """As _rows, but rows may repeat (stride 0: the kernel only reads the teacher's)."""
+    """As _util.as_rows, but rows may repeat (stride 0: the kernel only reads the teacher's)."""
     t = t.reshape(-1, t.shape[-1])
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -152,8 +141,8 @@ def _teacher_rows(t: Tensor) -> Tensor:
 def _distill_body(student: Tensor, teacher: Tensor, beta: float, temperature: float, scale: float, softcap: float,
                   teacher_scale: float, teacher_softcap: float) -> Tensor:
     """Per-row divergences (rows,) for logits (..., V)."""
-    rows = _rows(student)
-    loss = rows.new_empty(rows.shape[0], dtype=_loss_dtype(rows))
+    rows = _util.as_rows(student)
+    loss = _util.row_losses(rows, rows.shape[0])
     distill_into(rows, _teacher_rows(teacher), loss, None, beta, temperature, scale, softcap, teacher_scale,
                  teacher_softcap)
     return loss
@@ -164,17 +153,17 @@ _distill = torch.library.custom_op("pyllm::distill", mutates_args=())(_distill_b
 
 @_distill.register_fake
 def _(student, teacher, beta, temperature, scale, softcap, teacher_scale, teacher_softcap):
-    return student.new_empty(student.numel() // student.shape[-1], dtype=_loss_dtype(student))
+    return _util.row_losses(student, student.numel() // student.shape[-1])
 
 
 def _distill_backward_body(grad_rows: Tensor, student: Tensor, teacher: Tensor, beta: float, temperature: float,
                            scale: float, softcap: float, teacher_scale: float, teacher_softcap: float) -> Tensor:
     """d(sum of grad_rows * row divergences) / d student, in the student's shape and dtype."""
-    rows = _rows(student)
+    rows = _util.as_rows(student)
     if grad_rows.numel() != rows.shape[0]:
         raise ValueError(f"{OP}: the incoming gradient has {grad_rows.numel()} elements, the logits {rows.shape[0]} rows")
     grad = torch.empty(rows.shape, dtype=rows.dtype, device=rows.device)
-    loss = rows.new_empty(rows.shape[0], dtype=_loss_dtype(rows))  # recomputed, unused
+    loss = _util.row_losses(rows, rows.shape[0])  # recomputed, unused
     distill_into(rows, _teacher_rows(teacher), loss, grad, beta, temperature, scale, softcap, teacher_scale,
                  teacher_softcap, 1.0, grad_rows.to(loss.dtype).contiguous())
     return grad.reshape(student.shape)

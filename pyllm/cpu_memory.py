@@ -17,6 +17,10 @@ process-wide settings on:
   set before any CPU tensor exists, and where the kernel gives huge pages on request
   (/sys/kernel/mm/transparent_hugepage/enabled "madvise" or "always").
 
+The next tensor of a freed one's size does not always land on its pages: glibc may split a freed block
+for a small allocation in between, and the heap then grows for the tensor anew, a few times per size
+before it settles (up to three times seen for one 8 MiB size; `tests/test_cpu_memory.py`).
+
 Measured (same VM and step, median of 8 steps): 211 K -> 3.7 K faults a step, 2.4 s -> 1.76 s;
 with a random T in 64..512 each step, 1.64 -> 1.30 s, peak RSS 3,202 -> 3,232 MB. Turning malloc's
 mmap off altogether (M_MMAP_MAX = 0) removed every fault (1.64 s) but grew the peak RSS to 5.3 GB on

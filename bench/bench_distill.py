@@ -14,8 +14,9 @@ one step above the models' weights.
 
 --logits: the divergence alone on given logits (batch x seq_len rows of SmolLM2's 49,152 words, one
 batch row with --quick; both models' logits random at an output layer's spread), forward + backward
-for the student's logits, on the CPU: pyllm.generalized_jsd vs TRL's generalized_jsd_loss written
-out in torch ops (Liger's LigerJSD is Triton: GPU only), and torch.compile of it (not with --quick).
+for the student's logits: pyllm.generalized_jsd vs TRL's generalized_jsd_loss written out in torch
+ops, torch.compile of it (not with --quick), and on CUDA Liger-Kernel's LigerJSD (Triton; it takes
+log-probabilities, so torch's log_softmax of both sides comes first) where it is installed.
 """
 from __future__ import annotations
 
@@ -135,11 +136,19 @@ def main() -> int:
     return 0
 
 
+def liger_jsd(beta: float, temperature: float):
+    """Liger-Kernel's LigerJSD on (rows, V) logits (its inputs are log-probabilities: the student's
+    first, the teacher's second; its mean over the rows), or None where it is not installed."""
+    try:
+        from liger_kernel.transformers import LigerJSD
+    except ImportError:
+        return None
+    jsd = LigerJSD(beta=beta)
+    return lambda s, t: jsd(F.log_softmax(s.float() / temperature, -1), F.log_softmax(t.float() / temperature, -1))
+
+
 def logits_bench(args) -> int:
     torch.manual_seed(0)
-    if args.device != "cpu":
-        print("bench_distill --logits: pyllm.generalized_jsd has no CUDA kernel yet; run with --device cpu")
-        return 0
     dtype, device = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype], args.device
     rows, vocab = (1 if args.quick else args.batch) * args.seq_len, 49152
     student = (torch.randn(rows, vocab, device=device) * 3).to(dtype).requires_grad_()
@@ -153,6 +162,8 @@ def logits_bench(args) -> int:
              "TRL's formula (torch eager)": trl}
     if not args.quick:
         impls["torch.compile of it"] = torch.compile(trl)
+    if device == "cuda" and (liger := liger_jsd(beta, temperature)) is not None:
+        impls["Liger's LigerJSD"] = liger
     runs = {name: (lambda fn=fn: fn(student, teacher).backward()) for name, fn in impls.items()}
     with torch.no_grad():
         losses = {name: float(fn(student, teacher)) for name, fn in impls.items()}

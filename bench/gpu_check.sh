@@ -35,6 +35,8 @@ mkdir -p "$OUT"
 # so that the model's cuda tests exercise it too (its own tests call it directly either way).
 export PYLLM_CUDA=on PYLLM_CUDA_ARCHS=${PYLLM_CUDA_ARCHS:-90} PYLLM_REQUIRE_CUDA=1 PYTHONUNBUFFERED=1
 export PYLLM_CROSS_ENTROPY_CUDA=${PYLLM_CROSS_ENTROPY_CUDA:-1}
+# PYLLM_DISTILL_CUDA: the same for pyllm.nn.linear_distill and the (unverified) CUDA distill kernel.
+export PYLLM_DISTILL_CUDA=${PYLLM_DISTILL_CUDA:-1}
 PY=${PYTHON:-python3}
 STAGES=${STAGES:-build test sanitize bench}
 BENCH_ARGS=${BENCH_ARGS:-}
@@ -72,7 +74,7 @@ if want test; then
   session_timeout() { $PY -c "import pytest_timeout" 2>/dev/null && echo "--timeout 120 --timeout-method thread --session-timeout $(( $1 - 20 ))"; }
   # What no GPU has run yet goes first, in its own short session (its own log), so that a cut
   # full run still answers for it; the full run then leaves it out. FIRST_K="" skips this pass.
-  first_k=${FIRST_K-128_row or rechecks_raw or int_length or eager_autograd or lora_run_from_a_run or cuda_graph or linear_cross_entropy or linear_token_logps or dpo_with_lora or softcap or moe or linear_distill}
+  first_k=${FIRST_K-128_row or rechecks_raw or int_length or eager_autograd or lora_run_from_a_run or cuda_graph or linear_cross_entropy or linear_token_logps or dpo_with_lora or softcap or moe or linear_distill or row_kernel or generalized_jsd}
   first_rc=0
   if [ -n "$first_k" ]; then
     start=$(date +%s)
@@ -156,6 +158,11 @@ if want bench; then
     if [ $left -le 0 ]; then echo "$name skipped: BENCH_LIMIT reached" | tee -a "$OUT/bench.log"; continue; fi
     timeout $left $PY "$script" --device cuda $BENCH_ARGS --json "$OUT/$name.json" 2>&1 | tee -a "$OUT/bench.log"
   done
+  # the distillation divergence alone (its CUDA kernel against TRL's formula and Liger's LigerJSD)
+  left=$(( deadline - $(date +%s) ))
+  if [ $left -gt 0 ]; then
+    timeout $left $PY bench/bench_distill.py --device cuda $BENCH_ARGS --logits --json "$OUT/bench_distill_logits.json" 2>&1 | tee -a "$OUT/bench.log"
+  fi
   # LoRA fine-tuning against PEFT (installed on the lent machine), if time is left
   left=$(( deadline - $(date +%s) ))
   if [ $left -gt 0 ]; then

@@ -82,6 +82,33 @@ def cross_entropy_cases():
     ce_ops.cross_entropy_rows_(buffer[:, :1000], torch.randint(0, 1000, (6,), device="cuda"), z_loss=1e-3)
 
 
+def distill_cases():
+    # Vocabularies of one pack, off the 16-byte vector (scalar path) and wide; the three beta paths
+    # with both sides scaled and the student capped; a masked row (weight 0); the in-place form over
+    # a strided chunk, with a broadcast teacher row (stride 0). Checked against float64.
+    from pyllm.nn import distill_divergence
+    from pyllm.ops import distill as distill_ops
+
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for rows, vocab in [(3, 8), (5, 37), (4, 8200), (2, 65536)]:
+            for beta in (0.0, 0.5, 1.0):
+                s = (3 * torch.randn(rows, vocab, device="cuda")).to(dtype).requires_grad_()
+                t = (3 * torch.randn(rows, vocab, device="cuda")).to(dtype)
+                mask = torch.ones(rows, dtype=torch.bool, device="cuda")
+                mask[0] = False
+                loss = pyllm.generalized_jsd(s, t, beta=beta, temperature=1.5, reduction="sum", mask=mask, scale=0.9,
+                                             softcap=5.0, teacher_scale=1.1)
+                loss.backward()
+                s64 = s.detach().double().requires_grad_()
+                ref = distill_divergence(5.0 * torch.tanh(0.9 * s64 / 5.0), 1.1 * t.double(), beta, 1.5)[mask].sum()
+                ref.backward()
+                assert abs(loss.item() - ref.item()) < 1e-3 * abs(ref.item()), "distill loss wrong"
+                assert (s.grad.double() - s64.grad).abs().max().item() < 0.02 * s64.grad.abs().max().item(), "distill grad"
+    buffer = torch.randn(6, 1000 + 5, device="cuda", dtype=torch.bfloat16)
+    teacher = torch.randn(1, 1000, device="cuda", dtype=torch.bfloat16).expand(6, 1000)
+    distill_ops.distill_rows_(buffer[:, :1000], teacher, beta=0.5, temperature=2.0)
+
+
 def rope_cases():
     # Full and partial rotary, per-row tables, a strided view of a fused projection; checked against
     # float64 and by rotating back.
@@ -324,6 +351,7 @@ def flash_attn_bad_seqlens_cases():
 
 
 CASES = {"swiglu": swiglu_cases, "rms_norm": rms_norm_cases, "rope": rope_cases, "cross_entropy": cross_entropy_cases,
+         "distill": distill_cases,
          "adamw": adamw_cases, "bpe": bpe_cases, "flash_attn": flash_attn_cases,
          "flash_attn_bwd_mma": flash_attn_bwd_mma_cases, "flash_attn_shapes": flash_attn_shapes_cases,
          "flash_attn_tall_tiles": flash_attn_tall_tiles_cases, "flash_attn_bad_seqlens": flash_attn_bad_seqlens_cases}

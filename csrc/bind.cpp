@@ -252,6 +252,11 @@ PYBIND11_MODULE(_C, m) {
         arg("scale"), arg("softcap"), arg("label_smoothing"), arg("z_loss"), arg("grad_scale"), arg("dtype"),
         arg("device"), arg("stream"));
 
+  m.def("distill_cuda", &pyllm::distill_cuda, nogil, arg("student"), arg("teacher"), arg("loss"), arg("grad"),
+        arg("grad_rows"), arg("rows"), arg("vocab"), arg("student_stride"), arg("teacher_stride"), arg("grad_stride"),
+        arg("scale"), arg("softcap"), arg("teacher_scale"), arg("teacher_softcap"), arg("temperature"), arg("beta"),
+        arg("grad_scale"), arg("dtype"), arg("device"), arg("stream"));
+
   m.def("rope_cuda", &pyllm::rope_cuda, nogil, arg("x"), arg("cos"), arg("sin"), arg("out"), arg("batch"),
         arg("seqlen"), arg("n_heads"), arg("head_dim"), arg("half"), arg("x_strides"), arg("out_strides"),
         arg("cs_batch_stride"), arg("inverse"), arg("dtype"), arg("device"), arg("stream"));

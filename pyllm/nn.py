@@ -983,7 +983,7 @@ class _LinearDistill(torch.autograd.Function):
                 if need_x or need_w:
                     buffers.add_grads(s_logits, xc, weight, rows, grad_x)
                 return divergences.sum(dtype=torch.float64)
-            # elsewhere (CUDA) in torch ops
+            # elsewhere (CUDA unless PYLLM_DISTILL_CUDA=1, fp64 on CUDA) in torch ops
             part = torch.zeros((), dtype=torch.float64, device=x.device)
 
             def widened(name: str, logits: torch.Tensor) -> torch.Tensor:
@@ -1038,8 +1038,9 @@ def linear_distill(x: torch.Tensor, weight: torch.Tensor, x_teacher: torch.Tenso
     C_teacher): the two models' final hidden states at the same N positions and output layers over
     one vocabulary. Under autocast all four are cast to its dtype first. scale, softcap (and the
     teacher's): each model's logits scaled and capped, as in linear_cross_entropy, before the
-    temperature divides them. On the CPU each chunk's divergences and gradient are pyllm.ops.distill's
-    kernel (one call, the chunk's logits in x's dtype, 64 MiB of each model's by default); elsewhere
+    temperature divides them. Each chunk's divergences and gradient are pyllm.ops.distill's kernel
+    where it takes them (one call, the chunk's logits in x's dtype, 64 MiB of each model's by default):
+    the CPU, and CUDA with PYLLM_DISTILL_CUDA=1 (until its kernel is verified on a GPU); elsewhere
     torch ops in fp32 (at least)."""
     if not 0.0 <= beta <= 1.0 or not temperature > 0:
         raise ValueError(f"linear_distill: beta must be in [0, 1] and temperature > 0, got {beta}, {temperature}")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from pyllm import train as trainer
 from pyllm.model import check_documents
 from pyllm.model import LLM, ModelConfig
 from pyllm.nn import distill_divergence, linear_distill
+from pyllm.ops import _util
 from pyllm.ops import distill as distill_ops
 from pyllm.train import TrainConfig
 
@@ -83,15 +85,20 @@ def test_linear_distill_float64(beta, chunk_rows, shape, path, monkeypatch):
             assert rel_err(g, ref) < 1e-12
 
 
-@pytest.mark.parametrize("device", CPU_AND_CUDA)
+@pytest.mark.parametrize("device", CPU_AND_CUDA + [pytest.param("cuda kernel", marks=pytest.mark.cuda)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("beta", [0.0, 0.5])
 @pytest.mark.parametrize("shape", ["plain", "both-capped"])
-def test_linear_distill_within_twice_torchs_error(device, dtype, beta, shape):
+def test_linear_distill_within_twice_torchs_error(device, dtype, beta, shape, monkeypatch):
     # A loss is one number: its error against float64 is one sample of a few roundings, torch's too
     # (fp32, beta 0.5, seed 0 on a 2-core EPYC: ours 2.07 ulps against torch's lucky 0.79, where on
     # other seeds ours was the smaller). So the losses of four draws are judged together, as one
-    # vector; the gradients draw by draw.
+    # vector; the gradients draw by draw. On CUDA each chunk by torch ops, and by the kernel when asked.
+    if device == "cuda kernel":
+        monkeypatch.setenv(distill_ops.CUDA_IN_FUSED_LOSS_ENV, "1")
+        device = "cuda"
+    else:
+        monkeypatch.delenv(distill_ops.CUDA_IN_FUSED_LOSS_ENV, raising=False)
     losses = {"ours": [], "torch": [], "exact": []}
     for seed in range(4):
         torch.manual_seed(seed)
@@ -130,10 +137,10 @@ def test_bad_arguments():
 
 # --- the row kernel (csrc/cpu/distill.cpp) that linear_distill runs on each chunk ------------------
 
-def kernel_case(rows, vocab, dtype, seed=0):
+def kernel_case(rows, vocab, dtype, seed=0, device="cpu"):
     """Student and teacher logits (rows, V) in dtype, spread as an output layer's (std 3)."""
     g = torch.Generator().manual_seed(seed)
-    return tuple((torch.randn(rows, vocab, generator=g, dtype=torch.float64) * 3).to(dtype) for _ in range(2))
+    return tuple((torch.randn(rows, vocab, generator=g, dtype=torch.float64) * 3).to(device, dtype) for _ in range(2))
 
 
 def divergence_and_grad(student, teacher, beta, temperature, scale=1.0, softcap=None, teacher_scale=1.0,
@@ -151,14 +158,17 @@ KERNEL_SHAPES = {"plain": {}, "student-capped": dict(softcap=4.0, teacher_scale=
                  "both-capped": dict(scale=1.3, softcap=5.0, teacher_softcap=3.0)}
 
 
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
 @pytest.mark.parametrize("shape", KERNEL_SHAPES)
-def test_row_kernel_within_twice_torchs_error(dtype, beta, shape):
+@pytest.mark.parametrize("vocab", [1001, 8200])
+def test_row_kernel_within_twice_torchs_error(device, dtype, beta, shape, vocab):
     # Each row's divergence and the gradient written over the student's logits, against float64 on
     # the same (rounded) inputs, within twice torch's error from those inputs (fp32 math for 16-bit,
-    # its gradient rounded once), at a temperature that is not a power of two; an odd width.
-    student, teacher = kernel_case(24, 1001, dtype)
+    # its gradient rounded once), at a temperature that is not a power of two; an odd width (CUDA's
+    # scalar loads) and one of whole 16-byte packs.
+    student, teacher = kernel_case(24, vocab, dtype, device=device)
     kw = KERNEL_SHAPES[shape]
     want, want_grad = divergence_and_grad(student, teacher, beta, 1.7, **kw, compute=torch.float64)
     theirs, their_grad = divergence_and_grad(student, teacher, beta, 1.7, **kw)
@@ -180,14 +190,16 @@ def test_row_kernel_float64_is_the_reference(beta):
     assert rel_err(got, want) < 1e-13 and rel_err(grad, want_grad) < 1e-13
 
 
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
 @pytest.mark.parametrize("beta", [0.0, 0.5])
-def test_row_kernel_strides_outputs_and_row_weights(beta):
+def test_row_kernel_strides_outputs_and_row_weights(device, beta):
     # Student rows inside a wider buffer: the gradient lands over them, the columns past V untouched;
     # want_grad=False leaves them as they were; distill_into's poisoned outputs all written, the
     # gradient times grad_scale and grad_rows before its one rounding; a teacher row repeated
-    # (stride 0, as expand gives) is the same as its copies.
+    # (stride 0, as expand gives) is the same as its copies; rows of weight 0 get zeros, in place too,
+    # with the loss of the logits they had.
     rows, vocab = 6, 3000
-    student, teacher = kernel_case(rows, vocab + 5, torch.bfloat16, seed=2)
+    student, teacher = kernel_case(rows, vocab + 5, torch.bfloat16, seed=2, device=device)
     inside = student[:, :vocab]
     padding, original = student[:, vocab:].clone(), inside.clone()
     teacher = teacher[:, :vocab].contiguous()
@@ -199,8 +211,8 @@ def test_row_kernel_strides_outputs_and_row_weights(beta):
     fresh = original.clone()
     assert torch.equal(distill_ops.distill_rows_(fresh, teacher, beta=beta, temperature=2.0, want_grad=False), got)
     assert torch.equal(fresh, original)
-    loss, grad = poisoned((rows,), torch.float32, "cpu"), poisoned((rows, vocab), torch.bfloat16, "cpu")
-    weights = torch.rand(rows) + 0.5
+    loss, grad = poisoned((rows,), torch.float32, device), poisoned((rows, vocab), torch.bfloat16, device)
+    weights = torch.rand(rows, device=device) + 0.5
     distill_ops.distill_into(original, teacher, loss, grad, beta, 2.0, 1.0, 0.0, 1.0, 0.0, grad_scale=-1.5,
                              grad_rows=weights)
     assert torch.equal(loss, got)
@@ -217,6 +229,12 @@ def test_row_kernel_strides_outputs_and_row_weights(beta):
     assert torch.equal(distill_ops.distill_rows_(original.clone(), one_row, beta=beta, temperature=2.0),
                        distill_ops.distill_rows_(original.clone(), one_row.contiguous(), beta=beta, temperature=2.0))
     assert distill_ops.distill_rows_(original[:0].clone(), teacher[:0], beta=beta).shape == (0,)
+    weights[1::2] = 0
+    in_place = original.clone()
+    distill_ops.distill_into(in_place, teacher, loss, in_place, beta, 2.0, 1.0, 0.0, 1.0, 0.0, grad_rows=weights)
+    assert torch.equal(loss, got)
+    assert (in_place[1::2] == 0).all()
+    assert rel_err(in_place[0::2], want_grad[0::2] * weights[0::2, None].double()) <= 2 * rel_err(inside, want_grad) + 2 ** -9
 
 
 def masked_reference(student, teacher, beta, temperature):
@@ -240,8 +258,9 @@ def masked_reference(student, teacher, beta, temperature):
     return loss, (1 - beta) * weighted(p, s - m - kl) / temperature
 
 
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
-def test_row_kernel_masked_classes_and_non_finite_rows(beta):
+def test_row_kernel_masked_classes_and_non_finite_rows(device, beta):
     # Classes masked (-inf) on both sides (row 0), on the teacher's alone (row 1: a padded
     # vocabulary), on the student's alone (row 2): a term of probability 0 counts 0 and gets a zero
     # gradient; where the other side has mass there the divergence is truly infinite (beta 0 with the
@@ -254,6 +273,7 @@ def test_row_kernel_masked_classes_and_non_finite_rows(beta):
     student[3, 5], teacher[4, 7], student[5, 9], teacher[6, 1] = float("nan"), float("nan"), float("inf"), float("inf")
     infinite = {0.0: 2, 1.0: 1}.get(beta)
     want, want_grad = masked_reference(student[:3], teacher[:3], beta, 1.5)
+    student, teacher = student.to(device), teacher.to(device)
     for softcap in (None, 8.0):
         grad = student.clone()
         got = distill_ops.distill_rows_(grad, teacher, beta=beta, temperature=1.5, softcap=softcap)
@@ -266,8 +286,8 @@ def test_row_kernel_masked_classes_and_non_finite_rows(beta):
             if row == infinite:
                 assert got[row] == float("inf")
                 continue
-            torch.testing.assert_close(got[row].double(), want[row], rtol=1e-5, atol=0)
-            torch.testing.assert_close(grad[row].double(), want_grad[row], rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(got[row].double().cpu(), want[row], rtol=1e-5, atol=0)
+            torch.testing.assert_close(grad[row].double().cpu(), want_grad[row], rtol=1e-5, atol=1e-7)
         # p = 0 there; beta 0's gradient p - q is -q where only the student masks
         assert (grad[0, :10] == 0).all() and (beta == 0 or (grad[2, :10] == 0).all())
 
@@ -300,6 +320,39 @@ def test_row_kernel_bad_arguments():
     with pytest.raises(ValueError, match="beta must be in"):
         _C.distill_cpu(student.data_ptr(), teacher.data_ptr(), loss.data_ptr(), 0, 0, 3, 10, 10, 10, 10, 1.0, 0.0,
                        1.0, 0.0, 1.0, 1.5, 1.0, 0)
+
+
+def test_cuda_launch_without_cuda_kernels_raises(monkeypatch):
+    monkeypatch.setattr(_util, "HAS_CUDA_KERNELS", False)
+    fake = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0), dtype=torch.float32, shape=(2, 4),
+                           data_ptr=lambda: 256, stride=lambda dim: 4)
+    with pytest.raises(RuntimeError, match="built without CUDA kernels"):
+        distill_ops.distill_into(fake, fake, fake, None, 0.5, 1.0, 1.0, 0.0, 1.0, 0.0)
+
+
+def test_linear_distill_takes_the_cuda_kernel_only_when_asked(monkeypatch):
+    # Until it has run on a GPU; the CPU's always; never fp64 on CUDA (no kernel).
+    monkeypatch.setattr(_util, "HAS_CUDA_KERNELS", True)
+    monkeypatch.delenv(distill_ops.CUDA_IN_FUSED_LOSS_ENV, raising=False)
+
+    def logits(dtype, cuda):
+        return SimpleNamespace(is_cpu=not cuda, is_cuda=cuda, dtype=dtype)
+
+    assert distill_ops.takes(logits(torch.bfloat16, False)) and distill_ops.takes(logits(torch.float64, False))
+    assert not distill_ops.takes(logits(torch.bfloat16, True))
+    monkeypatch.setenv(distill_ops.CUDA_IN_FUSED_LOSS_ENV, "1")
+    assert distill_ops.takes(logits(torch.bfloat16, True)) and not distill_ops.takes(logits(torch.float64, True))
+    monkeypatch.setattr(_util, "HAS_CUDA_KERNELS", False)
+    assert not distill_ops.takes(logits(torch.float32, True))
+
+
+@pytest.mark.skipif(not hasattr(_C, "distill_cuda"), reason="built without CUDA kernels")
+def test_cuda_launcher_rechecks_its_arguments_before_the_gpu():
+    # the C++ launcher's checks come before any CUDA call, so they answer on a machine without a GPU
+    with pytest.raises(ValueError, match="beta must be in"):
+        _C.distill_cuda(256, 512, 768, 0, 0, 3, 10, 10, 10, 10, 1.0, 0.0, 1.0, 0.0, 1.0, 1.5, 1.0, 0, 0, 0)
+    with pytest.raises(ValueError, match="null data pointer"):
+        _C.distill_cuda(0, 512, 768, 0, 0, 3, 10, 10, 10, 10, 1.0, 0.0, 1.0, 0.0, 1.0, 0.5, 1.0, 0, 0, 0)
 
 
 def test_row_kernel_opcheck():
@@ -339,13 +392,14 @@ def test_generalized_jsd_is_trls_in_float64(beta, reduction, masked):
     assert grad_teacher is None
 
 
-def test_generalized_jsd_masked_rows_get_zero_gradient():
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+def test_generalized_jsd_masked_rows_get_zero_gradient(device):
     # A masked row's logits NaN (or all -inf): the loss and the gradient of the other rows as without
     # it, the row's own gradient zeros.
-    student, teacher = kernel_case(4, 50, torch.float32, seed=8)
+    student, teacher = kernel_case(4, 50, torch.float32, seed=8, device=device)
     student[1] = float("nan")
     teacher[2] = float("-inf")
-    mask = torch.tensor([True, False, False, True])
+    mask = torch.tensor([True, False, False, True], device=device)
     x = student.clone().requires_grad_()
     loss = pyllm.generalized_jsd(x, teacher, beta=0.5, temperature=2.0, mask=mask)
     loss.backward()
@@ -357,14 +411,15 @@ def test_generalized_jsd_masked_rows_get_zero_gradient():
     assert torch.isnan(pyllm.generalized_jsd(student[:0], teacher[:0]))
 
 
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("beta", [0.0, 0.5])
-def test_generalized_jsd_within_twice_torchs_error(dtype, beta):
+def test_generalized_jsd_within_twice_torchs_error(device, dtype, beta):
     # Scaled and capped logits (Gemma 2's student, Granite's teacher); the incoming gradient per row
     # multiplied in fp32 before the one rounding to the student's dtype.
-    student, teacher = (t.view(3, 8, 1001) for t in kernel_case(24, 1001, dtype, seed=5))
+    student, teacher = (t.view(3, 8, 1001) for t in kernel_case(24, 1001, dtype, seed=5, device=device))
     kw = dict(scale=1.3, softcap=5.0, teacher_scale=0.7)
-    dout = torch.rand(3, 8) + 0.5
+    dout = torch.rand(3, 8, device=device) + 0.5
 
     def run(fn, compute=None):
         x = student.to(compute or dtype).detach().requires_grad_()

@@ -124,12 +124,6 @@ void row(const T* xs, const T* xt, T* grad, acc_t<T>* loss_out, double grad_scal
   const int64_t V = a.vocab;
   const A temperature = A(a.temperature);
   const bool capped = a.softcap > 0;
-  // A row of weight 0 (a masked token in generalized_jsd's backward) gets a zero gradient, whatever
-  // its logits (a NaN there must not reach the student's gradient), and only its loss is computed.
-  if (grad && grad_scale == 0) {
-    std::fill_n(grad, V, from_acc<T>(A(0)));
-    grad = nullptr;
-  }
   // (1) both sides shaped, their maxima
   A top_s, top_t;
   int64_t nans_s, nans_t;
@@ -245,9 +239,16 @@ void run(const T* student, const T* teacher, acc_t<T>* loss, T* grad, const acc_
   {
     std::vector<A> zs(size_t(a.vocab)), zt(size_t(a.vocab)), tanhs(keep_tanh ? size_t(a.vocab) : 0);
 #pragma omp for schedule(static)
-    for (int64_t r = 0; r < a.rows; ++r)
-      row<T>(student + r * a.student_stride, teacher + r * a.teacher_stride, grad ? grad + r * a.grad_stride : nullptr,
-             loss + r, a.grad_scale * (grad_rows ? double(grad_rows[r]) : 1.0), zs.data(), zt.data(), tanhs.data(), a);
+    for (int64_t r = 0; r < a.rows; ++r) {
+      T* grow = grad ? grad + r * a.grad_stride : nullptr;
+      const double row_scale = a.grad_scale * (grad_rows ? double(grad_rows[r]) : 1.0);
+      // A row of weight 0 (a masked token in generalized_jsd's backward) gets a zero gradient, whatever
+      // its logits (a NaN there must not reach the student's gradient): its loss computed first, as
+      // the row may be its own gradient.
+      row<T>(student + r * a.student_stride, teacher + r * a.teacher_stride, row_scale == 0 ? nullptr : grow,
+             loss + r, row_scale, zs.data(), zt.data(), tanhs.data(), a);
+      if (grow && row_scale == 0) std::fill_n(grow, a.vocab, from_acc<T>(A(0)));
+    }
   }
 }
 

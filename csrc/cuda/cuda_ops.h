@@ -35,6 +35,12 @@ void cross_entropy_cuda(uintptr_t logits, uintptr_t targets, uintptr_t loss, uin
                         double scale, double softcap, double label_smoothing, double z_loss, double grad_scale,
                         int dtype, int device, uintptr_t stream);
 
+// distill.cu: the arguments of the CPU twin (csrc/cpu/cpu_ops.h); loss and grad_rows fp32.
+void distill_cuda(uintptr_t student, uintptr_t teacher, uintptr_t loss, uintptr_t grad, uintptr_t grad_rows,
+                  int64_t rows, int64_t vocab, int64_t student_stride, int64_t teacher_stride, int64_t grad_stride,
+                  double scale, double softcap, double teacher_scale, double teacher_softcap, double temperature,
+                  double beta, double grad_scale, int dtype, int device, uintptr_t stream);
+
 // rope.cu: the arguments of the CPU twin (csrc/cpu/cpu_ops.h); cos / sin fp32.
 void rope_cuda(uintptr_t x, uintptr_t cos, uintptr_t sin, uintptr_t out, int64_t batch, int64_t seqlen,
                int64_t n_heads, int64_t head_dim, int64_t half, const std::vector<int64_t>& x_strides,

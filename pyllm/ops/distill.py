@@ -7,13 +7,14 @@ JSD, as one C++ pass per row). Two entry points:
 - distill_rows_(student, teacher, ...): the per-row divergences, and the gradient written over the
   student's logits themselves: what pyllm.nn.linear_distill runs on each chunk of logits it makes.
 
-Kernel: csrc/cpu/distill.cpp. No CUDA kernel yet: CUDA tensors are refused here, and
-pyllm.nn.linear_distill runs torch ops on them (takes() says no). The divergence in torch ops:
-pyllm.nn.distill_divergence.
+Kernels: csrc/cpu/distill.cpp, csrc/cuda/distill.cu (not yet run on a GPU: pyllm.nn.linear_distill
+takes it only with PYLLM_DISTILL_CUDA=1, torch ops otherwise; generalized_jsd always runs it). The
+divergence in torch ops: pyllm.nn.distill_divergence.
 """
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import torch
@@ -25,12 +26,23 @@ from pyllm.ops.cross_entropy import check_shape_args
 
 OP = "distill"
 REDUCTIONS = ("mean", "sum", "none")
-DTYPES = {"cpu": (torch.float32, torch.bfloat16, torch.float16, torch.float64)}
+DTYPES = {
+    "cpu": (torch.float32, torch.bfloat16, torch.float16, torch.float64),
+    "cuda": (torch.float32, torch.float16, torch.bfloat16),
+}
+# The CUDA kernel has not yet run on a GPU: linear_distill takes it only when asked (bench/gpu_check.sh
+# asks), as pyllm.nn's fused cross-entropy does its own.
+CUDA_IN_FUSED_LOSS_ENV = "PYLLM_DISTILL_CUDA"
 
 
 def takes(logits: Tensor) -> bool:
-    """Whether pyllm.nn.linear_distill runs this kernel on logits of this dtype and device."""
-    return logits.is_cpu and logits.dtype in DTYPES["cpu"]
+    """Whether pyllm.nn.linear_distill runs this kernel on logits of this dtype and device: the CPU
+    always; CUDA when pyllm was built with its kernels (fp64 on CUDA has none) and
+    PYLLM_DISTILL_CUDA=1 (until the kernel is verified on a GPU; torch ops otherwise)."""
+    if logits.is_cpu:
+        return logits.dtype in DTYPES["cpu"]
+    return (logits.is_cuda and _util.HAS_CUDA_KERNELS and logits.dtype in DTYPES["cuda"]
+            and os.environ.get(CUDA_IN_FUSED_LOSS_ENV) == "1")
 
 
 def _check(student: Tensor, teacher: Tensor, beta, temperature, scale, softcap, teacher_scale, teacher_softcap,
@@ -82,12 +94,17 @@ def distill_into(student: Tensor, teacher: Tensor, loss: Tensor, grad: Optional[
     student and teacher logits with a contiguous last dim. The gradient is of the row divergences
     times grad_scale and grad_rows (rows,) in loss's dtype, when given. softcaps 0.0: none."""
     rows, vocab = student.shape
-    _C.distill_cpu(_util.ptr(student), _util.ptr(teacher), _util.ptr(loss), 0 if grad is None else _util.ptr(grad),
-                   0 if grad_rows is None else _util.ptr(grad_rows), rows, vocab,
-                   student.stride(0) if rows else vocab, teacher.stride(0) if rows else vocab,
-                   grad.stride(0) if grad is not None and rows else vocab, float(scale), float(softcap),
-                   float(teacher_scale), float(teacher_softcap), float(temperature), float(beta), float(grad_scale),
-                   _util.dtype_code(student))
+    args = (_util.ptr(student), _util.ptr(teacher), _util.ptr(loss), 0 if grad is None else _util.ptr(grad),
+            0 if grad_rows is None else _util.ptr(grad_rows), rows, vocab,
+            student.stride(0) if rows else vocab, teacher.stride(0) if rows else vocab,
+            grad.stride(0) if grad is not None and rows else vocab, float(scale), float(softcap),
+            float(teacher_scale), float(teacher_softcap), float(temperature), float(beta), float(grad_scale),
+            _util.dtype_code(student))
+    if student.is_cuda:
+        _util.check_backend(OP, student.device)
+        _C.distill_cuda(*args, student.device.index, _util.stream_of(student))
+    else:
+        _C.distill_cpu(*args)
 
 
 def _rows_inplace_body(student: Tensor, teacher: Tensor, beta: float, temperature: float, scale: float, softcap: float,
@@ -111,7 +128,7 @@ def distill_rows_(student: Tensor, teacher: Tensor, *, beta: float = 0.0, temper
                   teacher_softcap: Optional[float] = None, want_grad: bool = True) -> Tensor:
     """Each row's generalized JSD (pyllm.nn.distill_divergence: beta 0 the forward KL(teacher ||
     student), 1 the reverse, else the mixture's) at the temperature, (rows,) fp32 (fp64 for fp64),
-    for student and teacher logits (rows, V) of one dtype on the CPU, each with a contiguous last dim.
+    for student and teacher logits (rows, V) of one dtype and device, each with a contiguous last dim.
     Each side's logits are scaled, then capped (softcap * tanh(z / softcap)), then divided by the
     temperature. want_grad: the student's logits are overwritten with d(row's divergence) / d(its
     logits), in their dtype. No autograd: the gradient is the output. A class of probability 0 on
@@ -209,7 +226,7 @@ def generalized_jsd(student_logits: Tensor, teacher_logits: Tensor, *, beta: flo
 
     Args:
         student_logits, teacher_logits: (..., V), one shape, dtype and device. CPU: float32, bfloat16,
-            float16, float64 (no CUDA kernel yet).
+            float16, float64; CUDA: float32, bfloat16, float16 (its kernel not yet run on a GPU).
         reduction: "mean" over the rows (over those mask keeps, with mask; TRL's "batchmean" over
             tokens), "sum", "none" (the (...) divergences).
         mask: optional bool (...): rows where it is False count 0 and get a zero gradient, whatever

@@ -179,6 +179,23 @@ def test_row_kernel_within_twice_torchs_error(device, dtype, beta, shape, vocab)
     assert rel_err(grad, want_grad) <= tolerance(their_grad, want_grad)
 
 
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+def test_row_kernel_beta_near_its_ends_is_the_mixture(device):
+    # The mixture tends to 0 at either end, not to the one-sided KLs: beta 1 - 1e-9 (1 in fp32) must
+    # not take the reverse KL's path, and 0.999's (1 - beta) weight must not round through fp32.
+    student, teacher = kernel_case(8, 4096, torch.float32, seed=9, device=device)
+    for beta, end in ((1 - 1e-9, 1.0), (1e-9, 0.0)):
+        near = distill_ops.distill_rows_(student.clone(), teacher, beta=beta, want_grad=False)
+        at_end = distill_ops.distill_rows_(student.clone(), teacher, beta=end, want_grad=False)
+        assert (near.abs() < 1e-6 * at_end).all(), (beta, near, at_end)
+    want, want_grad = divergence_and_grad(student.cpu(), teacher.cpu(), 0.999, 1.0, compute=torch.float64)
+    theirs, their_grad = divergence_and_grad(student, teacher, 0.999, 1.0)
+    grad = student.clone()
+    got = distill_ops.distill_rows_(grad, teacher, beta=0.999)
+    assert rel_err(got, want) <= tolerance(theirs, want)
+    assert rel_err(grad, want_grad) <= tolerance(their_grad, want_grad)
+
+
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
 def test_row_kernel_float64_is_the_reference(beta):
     student, teacher = kernel_case(5, 8200, torch.float64, seed=1)

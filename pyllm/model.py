@@ -21,6 +21,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from pyllm.ops import cross_entropy as cross_entropy_ops
 from pyllm.nn import (MoEMLP, RMSNorm, SwiGLUMLP, _geglu, apply_rope, attention, attention_with_kvcache, document_ids,
                       linear_cross_entropy, linear_distill, linear_token_logps, rope_cos_sin, token_logps)
 
@@ -507,17 +508,24 @@ class LLM(nn.Module):
         logits = self._logits(self.norm_f(x))  # (B, T, V)
         loss = None
         if targets is not None:
-            logits32 = logits.to(torch.promote_types(logits.dtype, torch.float32))
-            # The sum over the counted targets rather than reduction="mean" (bitwise the same here):
-            # a batch whose targets are all -1 (a packed row of prompts alone) gives 0, not NaN.
+            # The sum over the counted targets rather than reduction="mean": a batch whose targets
+            # are all -1 (a packed row of prompts alone) gives 0, not NaN.
             counted = targets != -1
             n = counted.sum().clamp(min=1)
-            loss = F.cross_entropy(logits32.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-1,
-                                   reduction="sum") / n
-            if z_loss:
-                z_part = z_loss * (torch.logsumexp(logits32, dim=-1).square() * counted).sum() / n
-                loss = loss + z_part
-                self.z_loss_term = z_part.detach()
+            if cross_entropy_ops.takes(logits):  # pyllm's kernel: one pass each way, no fp32 (B, T, V) copy
+                loss, z_part = cross_entropy_ops.cross_entropy(logits, targets, ignore_index=-1, reduction="sum",
+                                                               z_loss=z_loss, return_z_loss=True)
+                loss = loss / n
+                if z_loss:
+                    self.z_loss_term = z_part / n
+            else:
+                logits32 = logits.to(torch.promote_types(logits.dtype, torch.float32))
+                loss = F.cross_entropy(logits32.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-1,
+                                       reduction="sum") / n
+                if z_loss:
+                    z_part = z_loss * (torch.logsumexp(logits32, dim=-1).square() * counted).sum() / n
+                    loss = loss + z_part
+                    self.z_loss_term = z_part.detach()
             if self.aux_loss is not None:
                 loss = loss + self.aux_loss
         return logits, loss

@@ -1058,7 +1058,10 @@ def linear_distill(x: torch.Tensor, weight: torch.Tensor, x_teacher: torch.Tenso
 
 
 def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log_softmax(logits)[targets] in fp32 (at least), 0 where targets is -1. logits (..., V)."""
+    """log_softmax(logits)[targets] in fp32 (at least), 0 where targets is -1. logits (..., V). By
+    pyllm.cross_entropy's kernel where it takes the logits (no fp32 copy of 16-bit ones)."""
+    if cross_entropy_ops.takes(logits):
+        return -cross_entropy_ops.cross_entropy(logits, targets, ignore_index=-1, reduction="none")
     logits32 = logits.reshape(-1, logits.shape[-1]).to(torch.promote_types(logits.dtype, torch.float32))
     return -F.cross_entropy(logits32, targets.reshape(-1), ignore_index=-1, reduction="none").view(targets.shape)
 

@@ -673,6 +673,44 @@ def test_loss_of_no_targets_is_zero_not_nan():
     assert loss.item() == 0.0 and all(p.grad.abs().max() == 0 for p in model.parameters())
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_unfused_loss_takes_the_cross_entropy_kernel(dtype, monkeypatch):
+    # Where pyllm.cross_entropy's kernel takes the logits (the CPU), the model's loss and per-token
+    # log-probabilities come from it (no fp32 copy of 16-bit logits): F.cross_entropy's values and
+    # gradients, z-loss share too (fp64 to rounding; fp32 / bf16 within twice torch's error against
+    # fp64, as F.cross_entropy's own path is judged).
+    from pyllm.ops import cross_entropy as ce_ops
+
+    calls = []
+    kernel = ce_ops.cross_entropy
+    monkeypatch.setattr(ce_ops, "cross_entropy", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    torch.manual_seed(0)
+    model = LLM(ModelConfig(**SMALL)).to(dtype)
+    idx, targets = torch.randint(0, 97, (2, 16)), torch.randint(0, 97, (2, 16))
+    targets[0, :5] = -1
+
+    def run(kernel_on, exact=False):
+        m = model.double() if exact else model
+        with monkeypatch.context() as patch:
+            if not kernel_on:
+                patch.setattr(ce_ops, "takes", lambda logits: False)
+            loss = m(idx, targets, z_loss=1e-3)[1]
+            share = m.z_loss_term
+            grads = torch.autograd.grad(loss, list(m.parameters()))
+            logps = m(idx, targets, per_token=True)[1]
+        return loss.detach(), share, grads, logps.detach()
+
+    ours = run(True)
+    assert len(calls) == 2
+    theirs = run(False)
+    assert len(calls) == 2
+    exact = run(False, exact=True) if dtype != torch.float64 else theirs
+    for name, got, torch_value, want in zip(("loss", "z share", "grads", "logps"), ours, theirs, exact):
+        for g, t, w in zip(*(v if isinstance(v, tuple) else (v,) for v in (got, torch_value, want))):
+            bound = 1e-12 if dtype == torch.float64 else tolerance(t, w)
+            assert rel_err(g, w) <= bound, name
+
+
 def test_generate_streams_and_runs_past_block_size():
     cfg = ModelConfig(**SMALL)
     model = LLM(cfg)

@@ -333,6 +333,10 @@ def test_bad_input_raises_clear_errors():
         pyllm.cross_entropy(logits, targets, scale=float("inf"))
     with pytest.raises(ValueError, match="softcap must be None or positive"):
         pyllm.cross_entropy(logits, targets, softcap=0.0)
+    # a cap fp32 holds no more would read as no cap: refused where the math is fp32, taken in fp64
+    with pytest.raises(ValueError, match="softcap 1e-46 rounds to 0 in fp32, the math type of float32 logits"):
+        pyllm.cross_entropy(logits.float(), targets, softcap=1e-46)
+    assert torch.isfinite(pyllm.cross_entropy(logits.double(), targets, softcap=1e-46))
     with pytest.raises(TypeError, match="ignore_index must be an int"):
         pyllm.cross_entropy(logits, targets, ignore_index=-1.0)
     with pytest.raises(ValueError, match="device"):

@@ -323,6 +323,8 @@ def test_row_kernel_bad_arguments():
         distill_ops.distill_rows_(student, teacher, temperature=0.0)
     with pytest.raises(ValueError, match=r"distill \(the teacher's\): softcap must be None or positive"):
         distill_ops.distill_rows_(student, teacher, teacher_softcap=-2.0)
+    with pytest.raises(ValueError, match="softcap 1e-46 rounds to 0 in fp32, the math type of float32 logits"):
+        distill_ops.distill_rows_(student, teacher, teacher_softcap=1e-46)
     with pytest.raises(TypeError, match="expected one of float32, bfloat16, float16, float64"):
         distill_ops.distill_rows_(student.int(), teacher.int())
     with pytest.raises(ValueError, match="teacher logits share memory with the student's"):

@@ -242,6 +242,9 @@ def test_softcap_varlen_and_checks():
     for bad in (-1.0, math.inf, "1"):
         with pytest.raises(ValueError, match="softcap must be a finite number >= 0"):
             pyllm.flash_attn(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_q, softcap=bad)
+    if q.is_cpu:  # a cap fp32 holds no more (the scores' math type) would read as no cap
+        with pytest.raises(ValueError, match="softcap 1e-46 rounds to 0 in fp32"):
+            pyllm.flash_attn(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_q, softcap=1e-46)
 
 
 @pytest.mark.cuda

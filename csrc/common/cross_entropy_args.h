@@ -25,6 +25,8 @@ inline void check_cross_entropy_args(uintptr_t logits, uintptr_t targets, uintpt
   PYLLM_CHECK(std::isfinite(z_loss) && z_loss >= 0, "cross_entropy: z_loss must be >= 0 and finite, got ", z_loss);
   PYLLM_CHECK(std::isfinite(grad_scale), "cross_entropy: grad_scale must be finite, got ", grad_scale);
   dtype_size(dtype);  // throws on an unknown code
+  PYLLM_CHECK(softcap == 0 || positive_in_math_type(softcap, dtype), "cross_entropy: softcap ", softcap,
+              " rounds to 0 in fp32, the math type of ", dtype_name(dtype), " logits");
   if (rows > 0)
     PYLLM_CHECK(logits != 0 && targets != 0 && loss != 0, "cross_entropy: null data pointer for a non-empty tensor");
 }

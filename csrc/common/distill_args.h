@@ -26,6 +26,9 @@ inline void check_distill_args(uintptr_t student, uintptr_t teacher, uintptr_t l
   PYLLM_CHECK(beta >= 0 && beta <= 1, "distill: beta must be in [0, 1], got ", beta);
   PYLLM_CHECK(std::isfinite(grad_scale), "distill: grad_scale must be finite, got ", grad_scale);
   dtype_size(dtype);  // throws on an unknown code
+  for (double c : {softcap, teacher_softcap})
+    PYLLM_CHECK(c == 0 || positive_in_math_type(c, dtype), "distill: softcap ", c,
+                " rounds to 0 in fp32, the math type of ", dtype_name(dtype), " logits");
   if (rows > 0) PYLLM_CHECK(student != 0 && teacher != 0 && loss != 0, "distill: null data pointer for a non-empty tensor");
 }
 

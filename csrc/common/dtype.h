@@ -32,6 +32,13 @@ inline int64_t dtype_size(int code) {
   return 0;
 }
 
+// Whether a positive number stays positive in the kernels' math type for logits of this dtype
+// (fp32 for the 16- and 32-bit ones): a tanh cap below ~1.4e-45 rounds to 0 there, which the
+// kernels would read as "no cap" and silently leave the logits uncapped.
+inline bool positive_in_math_type(double x, int code) {
+  return code == int(DType::f64) || static_cast<float>(x) > 0.f;
+}
+
 // CPU storage types. Conversion is written out bit by bit so the compiler vectorises it (bf16 is
 // the top half of an fp32; fp16 needs exponent rebiasing, done in software: no F16C assumption).
 struct bf16 { uint16_t bits; };

@@ -1127,8 +1127,10 @@ int64_t flash_attn_cpu_scratch_bytes() { return flash_attn_cpu_scratch_counter()
 
 bool flash_attn_cpu_bf16_dot() { return bf16_dot_enabled(); }
 
-static double checked_softcap(double softcap) {
+static double checked_softcap(double softcap, int dtype) {
   PYLLM_CHECK(std::isfinite(softcap) && softcap >= 0, "flash_attn: softcap must be finite and >= 0, got ", softcap);
+  PYLLM_CHECK(softcap == 0 || positive_in_math_type(softcap, dtype), "flash_attn: softcap ", softcap,
+              " rounds to 0 in fp32, the math type of ", dtype_name(dtype), " inputs");
   return softcap;
 }
 
@@ -1147,7 +1149,7 @@ void flash_attn_fwd_cpu(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, ui
                                   n_heads, n_kv_heads, head_dim, q_strides, k_strides, v_strides, o_strides,
                                   lse_strides, scale, window_left, window_right, dtype);
   check_cpu_dtype(dtype);
-  p.softcap = checked_softcap(softcap);
+  p.softcap = checked_softcap(softcap, dtype);
   p.out = reinterpret_cast<void*>(out);
   p.lse = reinterpret_cast<void*>(lse);
   const int64_t total_q = total_tokens(p.cu_seqlens_q, batch, seqlen_q);
@@ -1187,7 +1189,7 @@ void flash_attn_bwd_cpu(uintptr_t dout, uintptr_t dlse, uintptr_t q, uintptr_t k
                                   n_kv_heads, head_dim, q_strides, k_strides, v_strides, o_strides, lse_strides,
                                   scale, window_left, window_right, dtype);
   check_cpu_dtype(dtype);
-  p.softcap = checked_softcap(softcap);
+  p.softcap = checked_softcap(softcap, dtype);
   copy_strides(p.dkv_strides, dkv_strides, 3, "dkv_strides");
   p.out = reinterpret_cast<void*>(out);
   p.lse = reinterpret_cast<void*>(lse);

@@ -1,5 +1,6 @@
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -339,6 +340,13 @@ def test_bad_input_raises_clear_errors():
     assert torch.isfinite(pyllm.cross_entropy(logits.double(), targets, softcap=1e-46))
     with pytest.raises(TypeError, match="ignore_index must be an int"):
         pyllm.cross_entropy(logits, targets, ignore_index=-1.0)
+    with pytest.raises(ValueError, match="ignore_index must fit in int64, got 1180591620717411303424"):
+        pyllm.cross_entropy(logits, targets, ignore_index=2**70)
+    # NumPy's scalars are numbers (its bool is not)
+    assert torch.equal(pyllm.cross_entropy(logits, targets, ignore_index=np.int64(1), scale=np.float32(2.0)),
+                       pyllm.cross_entropy(logits, targets, ignore_index=1, scale=2.0))
+    with pytest.raises(ValueError, match="scale must be a finite number"):
+        pyllm.cross_entropy(logits, targets, scale=np.bool_(True))
     with pytest.raises(ValueError, match="device"):
         pyllm.cross_entropy(on_unsupported_device(logits), targets)
 

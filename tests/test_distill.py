@@ -196,6 +196,23 @@ def test_row_kernel_beta_near_its_ends_is_the_mixture(device):
     assert rel_err(grad, want_grad) <= tolerance(their_grad, want_grad)
 
 
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+def test_row_kernel_large_logits(device, beta):
+    # Logits of std 30 around 50 (an untrained or uncapped head): the student's softmax formed from
+    # the shifted logits, not from z - lse with lse rounded at their magnitude (3.5x torch's gradient
+    # error at beta 0 before). Numpy scalars pass as numbers.
+    g = torch.Generator().manual_seed(11)
+    student, teacher = ((torch.randn(32, 1000, generator=g, dtype=torch.float64) * 30 + 50).float().to(device)
+                        for _ in range(2))
+    want, want_grad = divergence_and_grad(student.cpu(), teacher.cpu(), beta, 1.0, compute=torch.float64)
+    theirs, their_grad = divergence_and_grad(student, teacher, beta, 1.0)
+    grad = student.clone()
+    got = distill_ops.distill_rows_(grad, teacher, beta=np.float32(beta), temperature=np.float64(1.0))
+    assert rel_err(got, want) <= tolerance(theirs, want)
+    assert rel_err(grad, want_grad) <= tolerance(their_grad, want_grad)
+
+
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
 def test_row_kernel_float64_is_the_reference(beta):
     student, teacher = kernel_case(5, 8200, torch.float64, seed=1)

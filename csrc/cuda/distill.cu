@@ -207,14 +207,15 @@ distill_kernel(const T* student, const T* __restrict__ teacher, float* __restric
 
   if (beta == 0) {  // (2) KL(q || p) = sum_j exp(z_t - m_t) (z_t - z_s) / sum_t + lse_s - lse_t; p - q
     double v[1] = {0};
-    const float lse = float(lse_s), inv_sum = float(1.0 / sum_t);
+    // p = exp((z_s - m_s) - log sum_s): z_s - lse_s in fp32 would round lse_s at the logits' magnitude
+    const float log_sum = float(log(sum_s)), inv_sum = float(1.0 / sum_t);
     auto pass = [&](const float (&s)[VEC], const float (&t)[VEC], float (&g)[VEC]) {
       shape_pack(s, t);
 #pragma unroll
       for (int i = 0; i < VEC; ++i) {
         const float e = expf(zt[i] - m_t);
         v[0] += double(weighted(e, e * (zt[i] - zs[i])));
-        g[i] = zero_grad ? 0.f : (expf(zs[i] - lse) - e * inv_sum) * chain(i);
+        g[i] = zero_grad ? 0.f : (expf((zs[i] - m_s) - log_sum) - e * inv_sum) * chain(i);
       }
     };
     if (grow)

@@ -1,6 +1,8 @@
 """Helpers shared by every op wrapper: the extension handle, argument packing, validation."""
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import Tensor
 
@@ -45,6 +47,11 @@ def stream_of(t: torch.Tensor) -> int:
 
 def _names(dtypes) -> str:
     return ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+
+
+def is_number(value) -> bool:
+    """A real number that is not a bool: int, float, NumPy's scalars (numbers.Real; NumPy's bool is not one)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def check_tensor(op: str, name: str, t, dtypes: dict[str, tuple]) -> None:

@@ -11,6 +11,7 @@ Kernels: csrc/cpu/cross_entropy.cpp, csrc/cuda/cross_entropy.cu. Two entry point
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from typing import Optional
 
@@ -43,8 +44,10 @@ def _check(logits, targets, ignore_index, reduction, label_smoothing, z_loss, sc
                          f"got {tuple(targets.shape)}")
     if targets.device != logits.device:
         raise ValueError(f"{OP}: targets are on {targets.device} but logits on {logits.device}; they must match")
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+    if not isinstance(ignore_index, numbers.Integral) or isinstance(ignore_index, bool):
         raise TypeError(f"{OP}: ignore_index must be an int, got {ignore_index!r}")
+    if not -2**63 <= ignore_index < 2**63:
+        raise ValueError(f"{OP}: ignore_index must fit in int64, got {ignore_index}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"{OP}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
     check_shape_args(OP, label_smoothing, z_loss, scale, softcap)
@@ -53,10 +56,9 @@ def _check(logits, targets, ignore_index, reduction, label_smoothing, z_loss, sc
 def check_shape_args(name: str, label_smoothing, z_loss, scale, softcap) -> None:
     """The loss's numbers: label_smoothing in [0, 1], z_loss >= 0, scale > 0, softcap None or > 0, finite."""
     for what, value in (("label_smoothing", label_smoothing), ("z_loss", z_loss), ("scale", scale)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if not _util.is_number(value) or not math.isfinite(value):
             raise ValueError(f"{name}: {what} must be a finite number, got {value!r}")
-    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
-                                or not 0 < softcap < math.inf):
+    if softcap is not None and (not _util.is_number(softcap) or not 0 < softcap < math.inf):
         raise ValueError(f"{name}: softcap must be None or positive and finite, got {softcap!r}")
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"{name}: label_smoothing must be in [0, 1], got {label_smoothing}")

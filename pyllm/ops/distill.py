@@ -65,7 +65,7 @@ def _check(student: Tensor, teacher: Tensor, beta, temperature, scale, softcap, 
         raise ValueError(f"{OP}: teacher logits must have the student's shape {tuple(student.shape)}, got "
                          f"{tuple(teacher.shape)}")
     for what, value in (("beta", beta), ("temperature", temperature)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if not _util.is_number(value) or not math.isfinite(value):
             raise ValueError(f"{OP}: {what} must be a finite number, got {value!r}")
     if not 0.0 <= beta <= 1.0 or not temperature > 0:
         raise ValueError(f"{OP}: beta must be in [0, 1] and temperature > 0, got {beta}, {temperature}")

@@ -347,6 +347,37 @@ def source_run_info(run_dir) -> dict:
     return {"tokenizer": str(tokenizer), "init_from_hf": info.get("init_from_hf") or ""}
 
 
+# What makes a run what it is: a resume keeps the checkpoint's (its weights and optimizer state are
+# of that model, data and optimizer) and refuses another value rather than ignore it.
+_RUN_DEFINING = ("preset", "init_from_hf", "init_from_run", "init_adapter", "lora_rank", "lora_targets", "optimizer",
+                 "preference", "teacher", "grpo_reward", "data_dir")
+
+
+def check_resume_options(saved: dict, opts: dict, model: dict, cli: dict) -> None:
+    """ValueError naming the options a resume cannot change (the model, its data, its optimizer)."""
+    changed = [k for k in _RUN_DEFINING if k in opts and opts[k] != saved.get(k)]
+    changed += [k for k in ("data", "tokenizer", "vocab_size", "tokenizer_train_bytes", "val_fraction")
+                if cli[k] != _CLI_KEYS[k]]
+    if model:
+        changed.append("model")
+    if changed:
+        flags = ", ".join("--" + k.replace("_", "-") for k in changed)
+        raise ValueError(f"--resume continues the run as it was made (its model, data and optimizer); leave out {flags} "
+                         "(or start a new run, e.g. with --init-from-run)")
+
+
+def last_checkpoint_note(run_dir) -> str:
+    """Where an interrupted run can go on from: its checkpoint's step (read without loading the weights)."""
+    import torch
+
+    path = Path(run_dir) / "checkpoint.pt"
+    try:
+        step = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"]
+    except Exception:  # none yet, or torn: the trainer writes it whole or not at all (save_checkpoint)
+        return f"no checkpoint in {run_dir} yet (one is written every --ckpt-every steps)"
+    return f"its checkpoint is at step {step}: go on with `pyllm train --resume {run_dir}`"
+
+
 def cmd_train(args) -> int:
     from pyllm.train import TrainConfig, TrainingDiverged, load_checkpoint, train
 
@@ -362,10 +393,14 @@ def cmd_train(args) -> int:
     cli = {k: opts.pop(k, default) for k, default in _CLI_KEYS.items()}
     resume = cli["resume"]
     if resume:
-        saved = load_checkpoint(resume)["train_config"]
+        checkpoint = load_checkpoint(resume)
+        saved = checkpoint["train_config"]
+        check_resume_options(saved, opts, model, cli)
         cfg = TrainConfig.from_dict({**saved, **opts, "out_dir": opts.get("out_dir", str(resume))})
         if cfg.out_dir != str(resume):
             raise ValueError("--resume continues in its own folder; leave out --out")
+        if cfg.max_steps <= checkpoint["step"]:
+            raise ValueError(f"{resume} is at step {checkpoint['step']} already: give --max-steps above it to train on")
         run = json.loads((Path(resume) / "run.json").read_text()) if (Path(resume) / "run.json").exists() else {}
         tokenizer_path = run.get("tokenizer")
     else:
@@ -423,6 +458,7 @@ def cmd_train(args) -> int:
 
                 dist.barrier()
             cfg.eval_choices = str(choices)
+    check_device(cfg.device)  # a config file's, a resumed run's
     if int(os.environ.get("RANK", "0")) == 0:
         start = (f"from {cfg.init_from_hf}" if cfg.init_from_hf else f"from the run {cfg.init_from_run}"
                  if cfg.init_from_run else f"preset {cfg.preset}")
@@ -434,6 +470,9 @@ def cmd_train(args) -> int:
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except KeyboardInterrupt:
+        print(f"\npyllm train: interrupted; {last_checkpoint_note(cfg.out_dir)}", file=sys.stderr)
+        return 130  # 128 + SIGINT, what a shell reports
     finally:
         import torch.distributed as dist
 
@@ -526,7 +565,10 @@ def generate_file(model, tokenizer, args, prefix_ids, stop_tokens, source) -> in
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
-        record = json.loads(line)
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not a JSON line ({e})") from None
         if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
             raise ValueError(f"{path}:{n}: expected a JSON object with a \"prompt\" string")
         prompts.append(record["prompt"])
@@ -597,6 +639,8 @@ def load_model(args):
         prefix = hf_prefix_ids(source / "tokenizer.json")  # Llama 3's <|begin_of_text|>
     else:
         run = Path(args.run) if args.run else None
+        if run is not None and not run.is_dir():
+            raise ValueError(f"--run {run}: no such folder (give a folder `pyllm train` wrote)")
         model_path = Path(args.model) if args.model else (run / "model.safetensors" if run else None)
         tokenizer_path = args.tokenizer
         if run is not None and (run / "run.json").exists():
@@ -672,6 +716,8 @@ def cmd_eval(args) -> int:
     results = {"device": device, "dtype": dtype, "seq_len": seq_len}
     for path in args.choices or []:
         examples = evaluate.read_choices(path)[:args.limit]
+        if not examples:
+            raise ValueError(f"{path}: no examples in it")
         score = evaluate.score_choices(model, tokenizer, examples, seq_len, args.batch_size, prefix)
         score.pop("logps")
         results[str(path)] = score
@@ -680,6 +726,8 @@ def cmd_eval(args) -> int:
     if args.text:
         texts = [Path(p).read_text(encoding="utf-8", errors="replace") for p in args.text]
         loss = results["text"] = evaluate.text_loss(model, tokenizer, texts, seq_len, args.batch_size, prefix)
+        if not loss["tokens"]:
+            raise ValueError(f"--text {' '.join(args.text)}: no tokens to predict (empty files?)")
         print(f"text ({loss['bytes']:,} bytes, {loss['tokens']:,} tokens predicted): loss {loss['loss']:.4f} nats/token, "
               f"perplexity {loss['perplexity']:.2f}, {loss['bits_per_byte']:.4f} bits/byte")
     if args.json:
@@ -809,6 +857,10 @@ def cmd_plan(args) -> int:
 
     compute = plan.parse_number(args.compute) if args.compute else None
     params = plan.parse_number(args.params) if args.params else None
+    for flag, value in (("--compute", compute), ("--params", params),
+                        ("--flops-per-s", plan.parse_number(args.flops_per_s) if args.flops_per_s else None)):
+        if value is not None and not value > 0:
+            raise ValueError(f"{flag} must be > 0, got {value:g}")
     result = plan.chinchilla(compute, params, args.tokens_per_param)
     print(f"compute-optimal (Chinchilla, {args.tokens_per_param:g} tokens/param, C = 6ND): "
           f"{plan.human(result['params'])} params, {plan.human(result['tokens'])} tokens, {result['flops']:.3g} FLOPs")
@@ -1041,16 +1093,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="with --hf (or a --run fine-tuned from one): --prompt is a user "
                    "message, put in the folder's chat template (an instruct model's turn format); the reply ends at the "
                    "model's end-of-sequence token")
-    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default 200)")
-    p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 is greedy (default 0.8)")
-    p.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens only (default 50)")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: the smallest set of tokens with this much probability")
-    p.add_argument("--num-samples", type=int, default=1, help="independent samples (default 1)")
+    p.add_argument("--max-new-tokens", type=at_least(1), default=200, help="tokens to generate (default 200)")
+    p.add_argument("--temperature", type=at_least(0.0, float), default=0.8, help="softmax temperature; 0 is greedy (default 0.8)")
+    p.add_argument("--top-k", type=at_least(1), default=50, help="sample from the k most likely tokens only (default 50)")
+    p.add_argument("--top-p", type=probability, default=None, help="nucleus sampling: the smallest set of tokens with this much probability, in (0, 1]")
+    p.add_argument("--num-samples", type=at_least(1), default=1, help="independent samples (default 1)")
     p.add_argument("--prompts-file", metavar="FILE", help="continue every prompt of a JSONL file ({\"prompt\": ...} "
                    "per line) instead of --prompt, --batch-size at a time (prompts of different lengths in one "
                    "batch, no padding between them); writes {\"prompt\", \"completion\"} lines to --out or stdout")
     p.add_argument("--out", metavar="FILE", help="with --prompts-file: the JSONL file to write (default: stdout)")
-    p.add_argument("--batch-size", type=int, default=16, help="with --prompts-file: prompts generated at once (default 16)")
+    p.add_argument("--batch-size", type=at_least(1), default=16, help="with --prompts-file: prompts generated at once (default 16)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--draft", metavar="MODEL", help="speculative decoding: a smaller model over the same tokenizer (a "
                    "pyllm run or weights file, a Hugging Face folder or hub id) drafts --draft-tokens tokens that the "
@@ -1068,9 +1120,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "by each ending's summed log-probability after the context (acc), per byte (acc_norm) and per token")
     p.add_argument("--text", nargs="+", metavar="FILE", help="text files: the loss per token, perplexity and bits per "
                    "byte over non-overlapping windows of --seq-len tokens")
-    p.add_argument("--limit", type=int, help="the first N examples of each --choices file only")
+    p.add_argument("--limit", type=at_least(1), help="the first N examples of each --choices file only")
     p.add_argument("--seq-len", type=int, help="tokens per row (default: the model's block_size, at most 2048)")
-    p.add_argument("--batch-size", type=int, default=8, help="rows per forward (default 8)")
+    p.add_argument("--batch-size", type=at_least(1), default=8, help="rows per forward (default 8)")
     add_device_options(p)
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.set_defaults(func=cmd_eval)
@@ -1085,17 +1137,75 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="Chinchilla: compute-optimal params and tokens, and the time it would take here")
     p.add_argument("--compute", help="training budget in FLOPs, e.g. 1e21")
     p.add_argument("--params", help="model size, e.g. 124M, 1.5B")
-    p.add_argument("--tokens-per-param", type=float, default=20.0, help="tokens per parameter at the optimum (default 20, Hoffmann et al. 2022)")
+    p.add_argument("--tokens-per-param", type=positive_number, default=20.0, help="tokens per parameter at the optimum (default 20, Hoffmann et al. 2022)")
     p.add_argument("--flops-per-s", help="achieved training FLOP/s per device; default: measured with a few steps of --preset here")
     p.add_argument("--preset", help="preset whose throughput is measured (default: llama-124m on CUDA, tiny on CPU)")
     p.add_argument("--device", default="auto", help="device to measure on: auto (default), cpu, cuda")
-    p.add_argument("--gpus", type=int, default=1, help="devices training together (default 1)")
+    p.add_argument("--gpus", type=at_least(1), default=1, help="devices training together (default 1)")
     p.set_defaults(func=cmd_plan)
     return parser
 
 
+def at_least(low, kind=int):
+    """An argparse type: a `kind` number >= low (a clear error, not a failure deep in the run)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a{'n integer' if kind is int else ' number'}: {text!r}") from None
+        if not value >= low or value != value or value in (float("inf"),):
+            raise argparse.ArgumentTypeError(f"must be {'an integer' if kind is int else 'a finite number'} >= {low}, "
+                                             f"got {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+def positive_number(text: str) -> float:
+    """An argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def probability(text: str) -> float:
+    """An argparse type: a number in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def check_device(device) -> None:
+    """ValueError for a CUDA device torch cannot use here (a CPU-only torch, no GPU, an index past the
+    last), before anything loads: torch's own failure is an AssertionError deep in a traceback."""
+    if not isinstance(device, str) or not device.startswith("cuda"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        why = "this torch is built without CUDA" if torch.version.cuda is None else "torch sees no GPU here"
+        raise ValueError(f"--device {device}: {why}; use --device cpu (or auto)")
+    index = device.partition(":")[2]
+    if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+        raise ValueError(f"--device {device}: torch sees {torch.cuda.device_count()} GPU(s), cuda:0 to "
+                         f"cuda:{torch.cuda.device_count() - 1}")
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        check_device(getattr(args, "device", None))
+    except ValueError as e:
+        print(f"pyllm {args.command}: error: {e}", file=sys.stderr)
+        return 2
     if args.command in ("train", "generate", "eval"):  # before the first tensor: see pyllm.cpu_memory
         from pyllm.cpu_memory import reuse_cpu_memory
         reuse_cpu_memory()
@@ -1106,7 +1216,10 @@ def main(argv=None) -> int:
         # stdout goes to devnull so that the interpreter's final flush does not raise again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by it
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except KeyboardInterrupt:
+        print(f"\npyllm {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
         if args.command in ("info", "bench"):
             raise
         print(f"pyllm {args.command}: error: {e}", file=sys.stderr)

@@ -1210,11 +1210,17 @@ def hf_folder(name) -> Path:
     huggingface_hub fetches into its cache (once) when it is installed."""
     if Path(name).is_dir():
         return Path(name)
+    if str(name).startswith((".", "/", "~")) or str(name).count("/") > 1 or Path(name).exists():
+        raise ValueError(f"{name}: no such folder")  # a path, not a hub repo id ("org/name")
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
         raise ValueError(f"{name}: no such folder (a hub repo id needs huggingface_hub installed)") from None
-    return Path(snapshot_download(str(name), allow_patterns=HF_FILES))
+    try:
+        return Path(snapshot_download(str(name), allow_patterns=HF_FILES))
+    except Exception as e:  # offline, unknown repo, bad id: say both readings of the name
+        raise ValueError(f"{name}: no such folder here, and fetching it as a Hugging Face hub repo id failed "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
 
 
 def config_from_hf(hf: dict) -> ModelConfig:

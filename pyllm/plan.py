@@ -14,6 +14,8 @@ def parse_number(text: str | float | int) -> float:
     if isinstance(text, (int, float)):
         return float(text)
     m = re.fullmatch(r"\s*([0-9.]+(?:e[+-]?[0-9]+)?)\s*([kmbgt]?)\s*", str(text).lower())
+    if not m and re.fullmatch(r"\s*-.*", str(text)):
+        raise ValueError(f"must be positive, got {text!r} (examples: 124M, 1.5B, 3e21)")
     if not m:
         raise ValueError(f"not a number: {text!r} (examples: 124M, 1.5B, 3e21)")
     return float(m.group(1)) * _SUFFIX[m.group(2)]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -206,6 +207,17 @@ def test_train_end_to_end_cache_resume_generate(corpus, tmp_path, capsys):
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 1, 2, 3]
     capsys.readouterr()
+    # a resume at or past its --max-steps, or one that would change the run's model, data or optimizer,
+    # is refused with a line that says so (an option equal to the run's own passes)
+    assert cli.main(["train", "--resume", str(run), "--max-steps", "4"]) == 2
+    assert f"{run} is at step 4 already: give --max-steps above it" in capsys.readouterr().err
+    for extra, flag in ((["--optimizer", "muon"], "--optimizer"), (["--model", "n_layers=3"], "--model"),
+                        (["--data", str(corpus)], "--data"), (["--preset", "tiny-moe"], "--preset")):
+        assert cli.main(["train", "--resume", str(run), "--max-steps", "5", *extra]) == 2
+        err = capsys.readouterr().err
+        assert "--resume continues the run as it was made" in err and f"leave out {flag}" in err, extra
+    assert cli.main(["train", "--resume", str(run), "--max-steps", "5", "--optimizer", "adamw", "--sample-tokens", "0"]) == 0
+    capsys.readouterr()
 
     assert cli.main(["generate", "--run", str(run), "--max-new-tokens", "8", "--prompt", "def g"]) == 0
     assert capsys.readouterr().out.startswith("def g")
@@ -307,6 +319,65 @@ def test_clear_errors(corpus, tmp_path, capsys):
     (tmp_path / "r3/checkpoint.pt").write_bytes(b"PK\x03\x04 torn")
     assert cli.main(["train", "--resume", str(tmp_path / "r3")]) == 2
     assert "corrupt or truncated" in capsys.readouterr().err
+
+
+def test_interrupted_training_says_where_to_go_on(corpus, tmp_path, capsys, monkeypatch):
+    # Ctrl-C: no traceback, the checkpoint's step and the command that resumes from it; exit 130
+    import pyllm.train
+
+    run = tmp_path / "run"
+    assert cli.main(["train", "--data", str(corpus), "--out", str(run), "--max-steps", "2", *SMALL]) == 0
+    capsys.readouterr()
+
+    def interrupted(cfg, resume):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pyllm.train, "train", interrupted)
+    assert cli.main(["train", "--resume", str(run), "--max-steps", "9"]) == 130
+    assert f"interrupted; its checkpoint is at step 2: go on with `pyllm train --resume {run}`" in capsys.readouterr().err
+    assert cli.main(["train", "--data", str(corpus), "--out", str(tmp_path / "new"), *SMALL]) == 130
+    assert "interrupted; no checkpoint in" in capsys.readouterr().err
+
+
+def test_bad_numbers_and_paths_are_one_line_errors(corpus, tmp_path, capsys):
+    # argparse's own line (exit 2) for numbers out of range; a missing --run folder, a path that is no
+    # folder (not tried as a hub id), a CUDA device on a torch without one, an empty --text: a line each
+    for argv, message in [
+            (["generate", "--run", "x", "--top-k", "0"], "argument --top-k: must be an integer >= 1, got 0"),
+            (["generate", "--run", "x", "--top-p", "1.5"], "argument --top-p: must be in (0, 1], got 1.5"),
+            (["generate", "--run", "x", "--temperature", "-1"], "argument --temperature: must be a finite number >= 0.0"),
+            (["generate", "--run", "x", "--num-samples", "0"], "argument --num-samples: must be an integer >= 1"),
+            (["generate", "--run", "x", "--max-new-tokens", "-1"], "argument --max-new-tokens: must be an integer >= 1"),
+            (["eval", "--run", "x", "--text", "y", "--batch-size", "0"], "argument --batch-size: must be an integer >= 1"),
+            (["eval", "--run", "x", "--choices", "y", "--limit", "-1"], "argument --limit: must be an integer >= 1"),
+            (["plan", "--params", "1M", "--gpus", "0"], "argument --gpus: must be an integer >= 1, got 0"),
+            (["plan", "--params", "1M", "--tokens-per-param", "-20"], "argument --tokens-per-param: must be a finite number > 0"),
+            (["plan", "--params", "1M", "--flops-per-s", "0"], "--flops-per-s must be > 0, got 0"),
+            (["plan", "--compute", "-1"], "must be positive, got '-1'"),
+            (["generate", "--run", str(tmp_path / "nope")], "no such folder (give a folder `pyllm train` wrote)"),
+            (["generate", "--hf", "./nope"], "./nope: no such folder"),
+            (["generate", "--hf", "runs/a/b"], "runs/a/b: no such folder")]:
+        with pytest.raises(SystemExit) if "argument" in message else contextlib.nullcontext():
+            assert cli.main(argv) == 2
+        assert message in capsys.readouterr().err, argv
+    import torch
+
+    if not torch.cuda.is_available():
+        assert cli.main(["train", "--device", "cuda", "--data", str(corpus), "--out", str(tmp_path / "r")]) == 2
+        assert "--device cuda: " in capsys.readouterr().err
+    run = tmp_path / "run"
+    assert cli.main(["train", "--data", str(corpus), "--out", str(run), "--max-steps", "1", *SMALL]) == 0
+    capsys.readouterr()
+    (tmp_path / "empty.txt").write_text("")
+    assert cli.main(["eval", "--run", str(run), "--text", str(tmp_path / "empty.txt")]) == 2
+    assert "no tokens to predict (empty files?)" in capsys.readouterr().err
+    assert cli.main(["eval", "--run", str(run), "--choices", str(tmp_path / "empty.txt")]) == 2
+    assert "no examples in it" in capsys.readouterr().err
+    assert cli.main(["eval", "--run", str(run), "--text", str(tmp_path)]) == 2  # a folder: the OSError's line
+    assert "Is a directory" in capsys.readouterr().err
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "a"}\nnot json\n')
+    assert cli.main(["generate", "--run", str(run), "--prompts-file", str(tmp_path / "prompts.jsonl")]) == 2
+    assert "prompts.jsonl:2: not a JSON line" in capsys.readouterr().err
 
 
 def test_every_option_has_help():

@@ -399,6 +399,7 @@ def cmd_train(args) -> int:
         cfg = TrainConfig.from_dict({**saved, **opts, "out_dir": opts.get("out_dir", str(resume))})
         if cfg.out_dir != str(resume):
             raise ValueError("--resume continues in its own folder; leave out --out")
+        cfg.validate()  # what this call changes (--max-steps, --lr, ...)
         if cfg.max_steps <= checkpoint["step"]:
             raise ValueError(f"{resume} is at step {checkpoint['step']} already: give --max-steps above it to train on")
         run = json.loads((Path(resume) / "run.json").read_text()) if (Path(resume) / "run.json").exists() else {}

@@ -131,7 +131,7 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "max_steps", "eval_batches", "nan_patience"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("seq_len", "warmup_steps", "eval_every", "ckpt_every", "weight_decay", "grad_clip", "eps"):
+        for name in ("seq_len", "warmup_steps", "eval_every", "ckpt_every", "weight_decay", "grad_clip", "eps", "seed"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
         bounds = {"lr": (lambda x: 0 < x < math.inf, "> 0"), "min_lr_ratio": (lambda x: 0 <= x <= 1, "in [0, 1]"),

@@ -487,6 +487,9 @@ def cmd_train(args) -> int:
           f"{model_obj.num_params() / 1e6:.2f}M params, val loss {summary['val_loss']:.4f}, "
           f"{summary['skipped_steps']} skipped steps")
     print(f"wrote {out / 'checkpoint.pt'}, {out / 'model.safetensors'}, {out / 'log.jsonl'}, {out / 'loss.png'}")
+    if summary["skipped_steps"] * 4 > cfg.max_steps:  # the run mostly stood still: say why, not just a count
+        print(f"warning: {summary['skipped_steps']} of {cfg.max_steps} steps were skipped (non-finite gradients): "
+              "the learning rate is likely too high (--lr), or gradient clipping off (--grad-clip)", file=sys.stderr)
     if tokenizer_path and cli["sample_tokens"] > 0 and not model_obj.config.num_labels:  # (a reward model scores)
         tokenizer = tokenizer_class().load(str(tokenizer_path))
         prompt_ids, stops = None, ()

@@ -339,6 +339,18 @@ def test_interrupted_training_says_where_to_go_on(corpus, tmp_path, capsys, monk
     assert "interrupted; no checkpoint in" in capsys.readouterr().err
 
 
+def test_a_run_that_mostly_skipped_its_steps_says_why(corpus, tmp_path, capsys, monkeypatch):
+    import pyllm.train
+
+    real = pyllm.train.train
+    monkeypatch.setattr(pyllm.train, "train", lambda cfg, resume: {**real(cfg, resume=resume), "skipped_steps": 2})
+    assert cli.main(["train", "--data", str(corpus), "--out", str(tmp_path / "r"), "--max-steps", "4", *SMALL]) == 0
+    assert "warning: 2 of 4 steps were skipped (non-finite gradients): the learning rate" in capsys.readouterr().err
+    monkeypatch.setattr(pyllm.train, "train", lambda cfg, resume: {**real(cfg, resume=resume), "skipped_steps": 1})
+    assert cli.main(["train", "--data", str(corpus), "--out", str(tmp_path / "s"), "--max-steps", "4", *SMALL]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_bad_numbers_and_paths_are_one_line_errors(corpus, tmp_path, capsys):
     # argparse's own line (exit 2) for numbers out of range; a missing --run folder, a path that is no
     # folder (not tried as a hub id), a CUDA device on a torch without one, an empty --text: a line each

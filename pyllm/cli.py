@@ -1150,41 +1150,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def at_least(low, kind=int):
-    """An argparse type: a `kind` number >= low (a clear error, not a failure deep in the run)."""
+def number_type(kind, valid, what: str):
+    """An argparse type: a `kind` number for which valid(value) holds (else argparse's one-line error
+    saying it must be `what`), checked before any work rather than failing deep in the run."""
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not a{'n integer' if kind is int else ' number'}: {text!r}") from None
-        if not value >= low or value != value or value in (float("inf"),):
-            raise argparse.ArgumentTypeError(f"must be {'an integer' if kind is int else 'a finite number'} >= {low}, "
-                                             f"got {text}")
+        if not valid(value):  # NaN fails every comparison
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
         return value
     parse.__name__ = kind.__name__  # argparse names the type in its messages
     return parse
 
 
-def positive_number(text: str) -> float:
-    """An argparse type: a finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
+def at_least(low, kind=int):
+    return number_type(kind, lambda v: low <= v < float("inf"),
+                       f"{'an integer' if kind is int else 'a finite number'} >= {low}")
 
 
-def probability(text: str) -> float:
-    """An argparse type: a number in (0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
+positive_number = number_type(float, lambda v: 0 < v < float("inf"), "a finite number > 0")
+probability = number_type(float, lambda v: 0 < v <= 1, "in (0, 1]")
 
 
 def check_device(device) -> None:

@@ -370,7 +370,9 @@ def last_checkpoint_note(run_dir) -> str:
     """Where an interrupted run can go on from: its checkpoint's step (read without loading the weights)."""
     import torch
 
-    path = Path(run_dir) / "checkpoint.pt"
+    from pyllm.train import CHECKPOINT
+
+    path = Path(run_dir) / CHECKPOINT
     try:
         step = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"]
     except Exception:  # none yet, or torn: the trainer writes it whole or not at all (save_checkpoint)
@@ -861,15 +863,15 @@ def cmd_plan(args) -> int:
 
     compute = plan.parse_number(args.compute) if args.compute else None
     params = plan.parse_number(args.params) if args.params else None
-    for flag, value in (("--compute", compute), ("--params", params),
-                        ("--flops-per-s", plan.parse_number(args.flops_per_s) if args.flops_per_s else None)):
+    given_flops_s = plan.parse_number(args.flops_per_s) if args.flops_per_s else None
+    for flag, value in (("--compute", compute), ("--params", params), ("--flops-per-s", given_flops_s)):
         if value is not None and not value > 0:
             raise ValueError(f"{flag} must be > 0, got {value:g}")
     result = plan.chinchilla(compute, params, args.tokens_per_param)
     print(f"compute-optimal (Chinchilla, {args.tokens_per_param:g} tokens/param, C = 6ND): "
           f"{plan.human(result['params'])} params, {plan.human(result['tokens'])} tokens, {result['flops']:.3g} FLOPs")
-    if args.flops_per_s:
-        flops_s, source = plan.parse_number(args.flops_per_s), "given"
+    if given_flops_s is not None:
+        flops_s, source = given_flops_s, "given"
     else:
         device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         preset = args.preset or ("llama-124m" if device.startswith("cuda") else "tiny")

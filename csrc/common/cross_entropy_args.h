@@ -18,15 +18,15 @@ inline void check_cross_entropy_args(uintptr_t logits, uintptr_t targets, uintpt
   PYLLM_CHECK(rows <= 1 || (stride >= vocab && (grad == 0 || grad_stride >= vocab)),
               "cross_entropy: row strides must be >= vocab (", vocab, "), got ", stride, " and ", grad_stride);
   PYLLM_CHECK(std::isfinite(scale) && scale > 0, "cross_entropy: scale must be positive and finite, got ", scale);
+  dtype_size(dtype);  // throws on an unknown code
   PYLLM_CHECK(std::isfinite(softcap) && softcap >= 0, "cross_entropy: softcap must be 0 (none) or positive, got ",
               softcap);
+  PYLLM_CHECK(softcap == 0 || positive_in_math_type(softcap, dtype), "cross_entropy: softcap ", softcap,
+              " rounds to 0 in fp32, the math type of ", dtype_name(dtype), " logits");
   PYLLM_CHECK(label_smoothing >= 0 && label_smoothing <= 1, "cross_entropy: label_smoothing must be in [0, 1], got ",
               label_smoothing);
   PYLLM_CHECK(std::isfinite(z_loss) && z_loss >= 0, "cross_entropy: z_loss must be >= 0 and finite, got ", z_loss);
   PYLLM_CHECK(std::isfinite(grad_scale), "cross_entropy: grad_scale must be finite, got ", grad_scale);
-  dtype_size(dtype);  // throws on an unknown code
-  PYLLM_CHECK(softcap == 0 || positive_in_math_type(softcap, dtype), "cross_entropy: softcap ", softcap,
-              " rounds to 0 in fp32, the math type of ", dtype_name(dtype), " logits");
   if (rows > 0)
     PYLLM_CHECK(logits != 0 && targets != 0 && loss != 0, "cross_entropy: null data pointer for a non-empty tensor");
 }

@@ -1,5 +1,5 @@
-// The arguments of distill_cpu (csrc/cpu/distill.cpp), checked before any work: sizes, strides and
-// numbers.
+// The arguments of distill_cpu and distill_cuda (csrc/cpu/distill.cpp, csrc/cuda/distill.cu), checked
+// before any work: sizes, strides and numbers.
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -19,16 +19,16 @@ inline void check_distill_args(uintptr_t student, uintptr_t teacher, uintptr_t l
               teacher_stride, " and ", grad_stride);
   for (double s : {scale, teacher_scale})
     PYLLM_CHECK(std::isfinite(s) && s > 0, "distill: scales must be positive and finite, got ", s);
-  for (double c : {softcap, teacher_softcap})
+  dtype_size(dtype);  // throws on an unknown code
+  for (double c : {softcap, teacher_softcap}) {
     PYLLM_CHECK(std::isfinite(c) && c >= 0, "distill: softcaps must be 0 (none) or positive, got ", c);
+    PYLLM_CHECK(c == 0 || positive_in_math_type(c, dtype), "distill: softcap ", c,
+                " rounds to 0 in fp32, the math type of ", dtype_name(dtype), " logits");
+  }
   PYLLM_CHECK(std::isfinite(temperature) && temperature > 0, "distill: temperature must be positive and finite, got ",
               temperature);
   PYLLM_CHECK(beta >= 0 && beta <= 1, "distill: beta must be in [0, 1], got ", beta);
   PYLLM_CHECK(std::isfinite(grad_scale), "distill: grad_scale must be finite, got ", grad_scale);
-  dtype_size(dtype);  // throws on an unknown code
-  for (double c : {softcap, teacher_softcap})
-    PYLLM_CHECK(c == 0 || positive_in_math_type(c, dtype), "distill: softcap ", c,
-                " rounds to 0 in fp32, the math type of ", dtype_name(dtype), " logits");
   if (rows > 0) PYLLM_CHECK(student != 0 && teacher != 0 && loss != 0, "distill: null data pointer for a non-empty tensor");
 }
 

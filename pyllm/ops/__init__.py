@@ -1,5 +1,4 @@
-"""pyllm's ops: one module per op (pyllm.ops.<op>), each with a C++ CPU kernel and a CUDA kernel
-(distill: the CPU's only, so far).
+"""pyllm's ops: one module per op (pyllm.ops.<op>), each with a C++ CPU kernel and a CUDA kernel.
 
 The public functions are re-exported from the top-level package (pyllm.swiglu, ...); this package
 keeps only the modules, so that pyllm.ops.swiglu is the module and never shadowed by its function.

@@ -7,6 +7,10 @@ Environment:
                     0 for a portable build (a wheel for other machines)
   PYLLM_MARCH       a -march value used instead of native (e.g. x86-64-v3, skylake-avx512): CI builds
                     the kernels' non-native paths this way
+  PYLLM_CPU_DISPATCH  1: a build for other machines (a wheel, a Docker image): on x86-64 the CPU
+                    kernels are compiled for the compiler's default -march (or PYLLM_MARCH) and
+                    again for AVX2 and AVX-512 (with and without AVX512_BF16), and `import pyllm`
+                    takes the highest level the CPU runs (PYLLM_CPU_LEVEL=<level> a lower one)
   PYLLM_BUILD_TYPE  Release (default) or Debug / RelWithDebInfo
   MAX_JOBS          parallel compile jobs (default: all cores)
 """
@@ -21,11 +25,16 @@ from setuptools.command.build_ext import build_ext
 ROOT = Path(__file__).resolve().parent
 
 
+def dispatch() -> bool:
+    return os.environ.get("PYLLM_CPU_DISPATCH", "0") not in ("", "0")
+
+
 def march() -> str:
-    """The -march value for the CPU kernels ("" = the compiler's default, a portable build)."""
+    """The -march value for the CPU kernels ("" = the compiler's default, a portable build); a
+    dispatch build's base level."""
     if os.environ.get("PYLLM_MARCH"):
         return os.environ["PYLLM_MARCH"]
-    return "native" if os.environ.get("PYLLM_NATIVE", "1") != "0" else ""
+    return "native" if os.environ.get("PYLLM_NATIVE", "1") != "0" and not dispatch() else ""
 
 
 class CMakeExtension(Extension):
@@ -51,6 +60,7 @@ class CMakeBuild(build_ext):
             f"-DPYLLM_CUDA={os.environ.get('PYLLM_CUDA', 'auto')}",
             f"-DPYLLM_CUDA_ARCHS={os.environ.get('PYLLM_CUDA_ARCHS', '80;90')}",
             f"-DPYLLM_MARCH={march()}",
+            f"-DPYLLM_CPU_DISPATCH={'ON' if dispatch() else 'OFF'}",
             f"-DPYLLM_OPENMP={'OFF' if os.environ.get('PYLLM_OPENMP', '1') == '0' else 'ON'}",
         ]
         jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))

@@ -5,7 +5,7 @@
 #include <pybind11/stl.h>
 
 #include "cpu/bpe.h"
-#include "cpu/cpu_ops.h"
+#include "cpu/dispatch.h"
 #ifdef PYLLM_WITH_CUDA
 #include "cuda/cuda_ops.h"
 #endif
@@ -93,33 +93,36 @@ struct DeleteWithoutGil {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "pyllm kernels (C++ CPU; CUDA when built with nvcc)";
   const auto nogil = py::call_guard<py::gil_scoped_release>();
+  // The CPU kernels' copy this process runs (one in a default build; a dispatch build's highest
+  // level this CPU runs, or PYLLM_CPU_LEVEL's: a bad value fails the import with the levels).
+  const pyllm::CpuKernels& cpu = pyllm::cpu_kernels();
 
-  m.def("swiglu_fwd_cpu", &pyllm::swiglu_fwd_cpu, nogil, arg("gate"), arg("up"), arg("out"), arg("rows"),
+  m.def("swiglu_fwd_cpu", cpu.swiglu_fwd_cpu, nogil, arg("gate"), arg("up"), arg("out"), arg("rows"),
         arg("cols"), arg("in_stride"), arg("out_stride"), arg("dtype"), arg("activation"));
-  m.def("swiglu_bwd_cpu", &pyllm::swiglu_bwd_cpu, nogil, arg("dout"), arg("gate"), arg("up"), arg("dgate"),
+  m.def("swiglu_bwd_cpu", cpu.swiglu_bwd_cpu, nogil, arg("dout"), arg("gate"), arg("up"), arg("dgate"),
         arg("dup"), arg("rows"), arg("cols"), arg("in_stride"), arg("out_stride"), arg("dtype"), arg("activation"));
 
-  m.def("rms_norm_fwd_cpu", &pyllm::rms_norm_fwd_cpu, nogil, arg("x"), arg("weight"), arg("out"), arg("rstd"),
+  m.def("rms_norm_fwd_cpu", cpu.rms_norm_fwd_cpu, nogil, arg("x"), arg("weight"), arg("out"), arg("rstd"),
         arg("rows"), arg("cols"), arg("eps"), arg("offset"), arg("cast_first"), arg("dtype"));
-  m.def("rms_norm_bwd_cpu", &pyllm::rms_norm_bwd_cpu, nogil, arg("dout"), arg("x"), arg("weight"), arg("rstd"),
+  m.def("rms_norm_bwd_cpu", cpu.rms_norm_bwd_cpu, nogil, arg("dout"), arg("x"), arg("weight"), arg("rstd"),
         arg("dx"), arg("dweight"), arg("rows"), arg("cols"), arg("offset"), arg("cast_first"), arg("dtype"));
 
-  m.def("cross_entropy_cpu", &pyllm::cross_entropy_cpu, nogil, arg("logits"), arg("targets"), arg("loss"),
+  m.def("cross_entropy_cpu", cpu.cross_entropy_cpu, nogil, arg("logits"), arg("targets"), arg("loss"),
         arg("z_part"), arg("grad"), arg("grad_rows"), arg("rows"), arg("vocab"), arg("stride"), arg("grad_stride"), arg("ignore_index"),
         arg("scale"), arg("softcap"), arg("label_smoothing"), arg("z_loss"), arg("grad_scale"), arg("dtype"));
 
-  m.def("distill_cpu", &pyllm::distill_cpu, nogil, arg("student"), arg("teacher"), arg("loss"), arg("grad"),
+  m.def("distill_cpu", cpu.distill_cpu, nogil, arg("student"), arg("teacher"), arg("loss"), arg("grad"),
         arg("grad_rows"), arg("rows"), arg("vocab"), arg("student_stride"), arg("teacher_stride"), arg("grad_stride"),
         arg("scale"), arg("softcap"), arg("teacher_scale"), arg("teacher_softcap"), arg("temperature"), arg("beta"),
         arg("grad_scale"), arg("dtype"));
 
-  m.def("rope_cpu", &pyllm::rope_cpu, nogil, arg("x"), arg("cos"), arg("sin"), arg("out"), arg("batch"),
+  m.def("rope_cpu", cpu.rope_cpu, nogil, arg("x"), arg("cos"), arg("sin"), arg("out"), arg("batch"),
         arg("seqlen"), arg("n_heads"), arg("head_dim"), arg("half"), arg("x_strides"), arg("out_strides"),
         arg("cs_batch_stride"), arg("inverse"), arg("dtype"));
 
-  m.def("adamw_grad_sumsq_cpu", &pyllm::adamw_grad_sumsq_cpu, nogil, arg("table"), arg("n_tensors"), arg("dtype"),
+  m.def("adamw_grad_sumsq_cpu", cpu.adamw_grad_sumsq_cpu, nogil, arg("table"), arg("n_tensors"), arg("dtype"),
         arg("sumsq"));
-  m.def("adamw_step_cpu", &pyllm::adamw_step_cpu, nogil, arg("table"), arg("n_tensors"), arg("param_dtype"),
+  m.def("adamw_step_cpu", cpu.adamw_step_cpu, nogil, arg("table"), arg("n_tensors"), arg("param_dtype"),
         arg("has_master"), arg("lr"), arg("beta1"), arg("beta2"), arg("eps"), arg("weight_decay"), arg("sumsq"),
         arg("loss_scale"), arg("max_grad_norm"), arg("stochastic_rounding"), arg("seed"));
   // Byte-level BPE (csrc/cpu/bpe*.cpp): classes, as the encoder and trainer hold state. Strings
@@ -175,33 +178,25 @@ PYBIND11_MODULE(_C, m) {
     m.def("bpe_pretokenize", &pyllm::bpe::pretokenize_offsets, nogil, arg("pattern"), arg("text"));
   }
   // flash_attn
-  m.def("flash_attn_fwd_cpu", &pyllm::flash_attn_fwd_cpu, nogil, arg("q"), arg("k"), arg("v"), arg("out"),
+  m.def("flash_attn_fwd_cpu", cpu.flash_attn_fwd_cpu, nogil, arg("q"), arg("k"), arg("v"), arg("out"),
         arg("lse"), arg("cu_seqlens_q"), arg("cu_seqlens_k"), arg("seqused_k"), arg("batch"), arg("seqlen_q"),
         arg("seqlen_k"), arg("n_heads"), arg("n_kv_heads"), arg("head_dim"), arg("q_strides"), arg("k_strides"),
         arg("v_strides"), arg("o_strides"), arg("lse_strides"), arg("scale"), arg("window_left"),
         arg("window_right"), arg("dtype"), arg("softcap") = 0.0);
-  m.def("flash_attn_bwd_cpu", &pyllm::flash_attn_bwd_cpu, nogil, arg("dout"), arg("dlse"), arg("q"), arg("k"),
+  m.def("flash_attn_bwd_cpu", cpu.flash_attn_bwd_cpu, nogil, arg("dout"), arg("dlse"), arg("q"), arg("k"),
         arg("v"), arg("out"), arg("lse"), arg("dq"), arg("dk"), arg("dv"), arg("cu_seqlens_q"),
         arg("cu_seqlens_k"), arg("batch"), arg("seqlen_q"), arg("seqlen_k"), arg("n_heads"), arg("n_kv_heads"),
         arg("head_dim"), arg("q_strides"), arg("k_strides"), arg("v_strides"), arg("o_strides"),
         arg("dkv_strides"), arg("lse_strides"), arg("scale"), arg("window_left"), arg("window_right"),
         arg("dtype"), arg("softcap") = 0.0);
 
-  m.def("flash_attn_cpu_bf16_dot", &pyllm::flash_attn_cpu_bf16_dot);
-  m.def("flash_attn_cpu_amx", &pyllm::flash_attn_cpu_amx);
-  m.def("flash_attn_cpu_scratch_bytes", &pyllm::flash_attn_cpu_scratch_bytes);
-  // Which CPU kernel paths this build compiled (they are chosen at compile time by -march).
-  m.attr("cpu_isa") = ""
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
-                      "avx512 "
-#endif
-#if defined(__AVX512BF16__)
-                      "avx512bf16 "
-#endif
-#if defined(__AVX2__) && defined(__FMA__)
-                      "avx2+fma "
-#endif
-                      "portable";
+  m.def("flash_attn_cpu_bf16_dot", cpu.flash_attn_cpu_bf16_dot);
+  m.def("flash_attn_cpu_amx", cpu.flash_attn_cpu_amx);
+  m.def("flash_attn_cpu_scratch_bytes", cpu.flash_attn_cpu_scratch_bytes);
+  // Which CPU kernel paths the running copy was compiled with, its level and the build's levels.
+  m.attr("cpu_isa") = cpu.cpu_isa();
+  m.attr("cpu_level") = cpu.level;
+  m.attr("cpu_levels") = pyllm::cpu_levels();
   // Whether the CPU kernels were built with OpenMP (without it, e.g. Apple clang, they run on one thread).
 #ifdef _OPENMP
   m.attr("cpu_openmp") = true;

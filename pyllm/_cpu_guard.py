@@ -86,5 +86,6 @@ def check(build_file: Path = BUILD_FILE, cpuinfo: str = "/proc/cpuinfo") -> None
             f"pyllm's CPU kernels were compiled ({how}, {build.get('compiler', '?')}) for instructions "
             f"this CPU does not have: {', '.join(lacking)}; they may stop the process with "
             "'Illegal instruction'. Build pyllm on this machine (pip install . in its source), "
-            "or build a wheel for other machines with PYLLM_NATIVE=0 (portable) or PYLLM_MARCH=x86-64-v3 (AVX2 CPUs). "
+            "or build a wheel for other machines with PYLLM_CPU_DISPATCH=1 (x86-64: portable kernels and AVX2 / "
+            "AVX-512 ones, the best this CPU runs picked at import). "
             "PYLLM_SKIP_CPU_CHECK=1 skips this check.")

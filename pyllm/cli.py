@@ -38,7 +38,12 @@ def cmd_info(args) -> int:
         print(f"GPU usable now: no (torch.cuda.is_available() = {torch.cuda.is_available()})")
     threads = f"OpenMP, {torch.get_num_threads()} threads" if _C.cpu_openmp else "one thread (built without OpenMP)"
     built_with = _cpu_guard.build_flags()
-    print(f"CPU kernels: compiled paths {_C.cpu_isa} ({built_with or 'compiler default flags'}); {threads}")
+    if len(_C.cpu_levels) > 1:  # a dispatch build: say which copy runs
+        levels = ", ".join(name if runs else f"{name} (not on this CPU)" for name, runs in _C.cpu_levels)
+        print(f"CPU kernels: level {_C.cpu_level} of {levels} (PYLLM_CPU_LEVEL picks one), compiled paths "
+              f"{_C.cpu_isa}; base level built with {built_with or 'compiler default flags'}; {threads}")
+    else:
+        print(f"CPU kernels: compiled paths {_C.cpu_isa} ({built_with or 'compiler default flags'}); {threads}")
     if "avx512bf16" in _C.cpu_isa:
         how = "vdpbf16ps dot products" if _C.flash_attn_cpu_bf16_dot() else "fp32 tiles (vdpbf16ps is slow on this CPU)"
         print(f"  bf16 attention scores: {how}; PYLLM_ATTN_CPU_BF16_DOT=0/1 overrides")

@@ -39,7 +39,8 @@ def test_the_build_recorded_its_instructions_and_this_cpu_has_them():
     assert build["macros"], "the compiler's macro dump came back empty"
     if build["processor"] in ("x86_64", "AMD64"):
         assert "__SSE2__" in build["macros"]
-        # The module's own view of its paths agrees with the recorded macros.
+    if build["processor"] in ("x86_64", "AMD64") and _C.cpu_level == _C.cpu_levels[0][0]:
+        # The module's own view of its paths agrees with the recorded macros (the base level's).
         assert ("avx512" in _C.cpu_isa.split()) == ("__AVX512F__" in build["macros"] and "__AVX512BW__" in build["macros"]
                                                     and "__AVX512VL__" in build["macros"] and "__AVX512DQ__" in build["macros"])
         assert ("avx2+fma" in _C.cpu_isa.split()) == ("__AVX2__" in build["macros"] and "__FMA__" in build["macros"])
@@ -47,6 +48,61 @@ def test_the_build_recorded_its_instructions_and_this_cpu_has_them():
     if flags is not None:
         assert _cpu_guard.missing(build, flags) == []
     assert _cpu_guard.build_flags(path) == build["flags"]
+
+
+# Each dispatch level's instructions (its -march: x86-64-v3, x86-64-v4, + AVX512_BF16) as Linux's
+# cpuinfo flags, which the kernel clears where the OS does not save the registers.
+LEVEL_FLAGS = {
+    "avx2": {"pni", "ssse3", "cx16", "sse4_1", "sse4_2", "popcnt", "lahf_lm", "avx", "avx2", "fma", "f16c", "bmi1",
+             "bmi2", "movbe", "abm", "xsave"},
+}
+LEVEL_FLAGS["avx512"] = LEVEL_FLAGS["avx2"] | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
+LEVEL_FLAGS["avx512bf16"] = LEVEL_FLAGS["avx512"] | {"avx512_bf16"}
+LEVEL_PATHS = {"avx2": "avx2+fma portable", "avx512": "avx512 avx2+fma portable",
+               "avx512bf16": "avx512 avx512bf16 avx2+fma portable"}
+
+
+def test_cpu_levels_agree_with_the_cpu_flags():
+    """The module's own cpuid reading of which levels run here agrees with Linux's flags; the base
+    level always runs (the import checked it), and the running copy has its level's paths."""
+    levels = dict(_C.cpu_levels)
+    assert list(levels)[0] == _C.cpu_levels[0][0] and levels[_C.cpu_levels[0][0]] is True
+    assert set(list(levels)[1:]) <= set(LEVEL_FLAGS), levels
+    flags = _cpu_guard.cpu_flags()
+    for level, runs in list(levels.items())[1:]:
+        if flags is not None:
+            assert runs == (LEVEL_FLAGS[level] <= flags), (level, sorted(LEVEL_FLAGS[level] - flags))
+    assert _C.cpu_level in levels and levels[_C.cpu_level]
+    if _C.cpu_level in LEVEL_PATHS:
+        assert _C.cpu_isa == LEVEL_PATHS[_C.cpu_level]
+    if not os.environ.get("PYLLM_CPU_LEVEL"):
+        assert _C.cpu_level == [name for name, runs in _C.cpu_levels if runs][-1]  # the highest that runs
+
+
+def import_with_level(level: str) -> subprocess.CompletedProcess:
+    code = ("try:\n    from pyllm import _C\n    print('level', _C.cpu_level, '|', _C.cpu_isa)\n"
+            "except ImportError as e:\n    print('ImportError:', e)\n")
+    env = dict(os.environ, PYLLM_CPU_LEVEL=level)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out
+
+
+def test_pyllm_cpu_level_picks_a_level_or_fails_the_import_naming_them():
+    base = _C.cpu_levels[0][0]
+    assert f"level {base} |" in import_with_level(base).stdout
+    names = ", ".join(name for name, _ in _C.cpu_levels)
+    out = import_with_level("avx9000").stdout
+    assert f"ImportError: pyllm: PYLLM_CPU_LEVEL=avx9000: this build's CPU kernels have the level" in out
+    assert names in out
+    if len(_C.cpu_levels) == 1:
+        assert "PYLLM_CPU_DISPATCH=1" in out  # how to build one with more
+    for level, runs in _C.cpu_levels[1:]:
+        out = import_with_level(level).stdout
+        if runs:
+            assert out.strip() == f"level {level} | {LEVEL_PATHS[level]}"
+        else:  # a level this CPU cannot run is refused, not run into SIGILL
+            assert f"PYLLM_CPU_LEVEL={level}: this CPU lacks instructions" in out, out
 
 
 def test_cpu_flags_reads_the_first_flags_line(tmp_path):
@@ -66,7 +122,7 @@ def test_a_build_for_a_newer_cpu_raises_import_error_naming_what_is_missing(tmp_
     message = str(err.value)
     assert "avx512bw, avx512f" in message and "-march=skylake-avx512" in message and "GNU 12.2.0" in message
     assert "avx2" not in message.split("have:")[1].split(";")[0]  # the CPU has it: not listed as missing
-    assert "PYLLM_NATIVE=0" in message and "PYLLM_SKIP_CPU_CHECK=1" in message
+    assert "PYLLM_CPU_DISPATCH=1" in message and "PYLLM_SKIP_CPU_CHECK=1" in message
 
 
 def test_a_build_the_cpu_can_run_passes(tmp_path, monkeypatch):

@@ -1,10 +1,18 @@
-// Entry points of the CPU kernels, one block per op, bound in csrc/bind.cpp. Pointers arrive as
-// integers (torch's data_ptr()), dtypes as the codes of common/dtype.h.
+// Entry points of the CPU kernels, one block per op, bound in csrc/bind.cpp through the table of
+// cpu/dispatch.h. Pointers arrive as integers (torch's data_ptr()), dtypes as the codes of
+// common/dtype.h. cpu/dispatch.cpp includes this once per instruction-set level, with `pyllm`
+// defined to that level's namespace (see CMakeLists.txt), so the guard is skipped there.
+#ifndef PYLLM_CPU_OPS_EACH_LEVEL
 #pragma once
+#endif
 #include <cstdint>
 #include <vector>
 
 namespace pyllm {
+
+// isa.cpp: the kernel paths this copy of the kernels was compiled with ("avx512 avx512bf16 avx2+fma
+// portable"): the code each file's #if on the compiler's instruction-set macros picks.
+const char* cpu_isa();
 
 // swiglu.cpp: activation is a GluActivation code (common/glu.h): 0 silu (SwiGLU), 1 gelu_tanh (GeGLU).
 void swiglu_fwd_cpu(uintptr_t gate, uintptr_t up, uintptr_t out, int64_t rows, int64_t cols,

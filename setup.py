@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent
 
 
 def dispatch() -> bool:
-    return os.environ.get("PYLLM_CPU_DISPATCH", "0") not in ("", "0")
+    return os.environ.get("PYLLM_CPU_DISPATCH", "0").lower() not in ("", "0", "off", "false", "no")
 
 
 def march() -> str:

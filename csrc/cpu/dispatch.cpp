@@ -58,8 +58,8 @@ struct X86Levels {
   unsigned a1 = 0, b1 = 0, c1 = 0, d1 = 0, a7 = 0, b7 = 0, c7 = 0, d7 = 0, a71 = 0, b71 = 0, c71 = 0, d71 = 0;
   unsigned ax = 0, bx = 0, cx = 0, dx = 0;
   if (!__get_cpuid(1, &a1, &b1, &c1, &d1)) return out;
-  __get_cpuid_count(7, 0, &a7, &b7, &c7, &d7);   // both leave zeros where the CPU lacks the leaf
-  __get_cpuid_count(7, 1, &a71, &b71, &c71, &d71);
+  __get_cpuid_count(7, 0, &a7, &b7, &c7, &d7);  // leaves zeros where the CPU lacks the leaf
+  if (a7 >= 1) __get_cpuid_count(7, 1, &a71, &b71, &c71, &d71);  // a7: the highest sub-leaf
   __get_cpuid(0x80000001u, &ax, &bx, &cx, &dx);
   unsigned long long xcr0 = 0;
   if (bit(c1, 27)) {  // OSXSAVE: the OS enabled XGETBV
@@ -67,6 +67,8 @@ struct X86Levels {
     __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
     xcr0 = (static_cast<unsigned long long>(hi) << 32) | lo;
   }
+  // macOS turns the AVX-512 state on at a thread's first AVX-512 instruction, so XCR0 shows it off
+  // and Intel Macs get the avx2 level: slower there, never wrong.
   const bool ymm_state = (xcr0 & 0x6) == 0x6, zmm_state = (xcr0 & 0xe6) == 0xe6;
   // x86-64-v2: SSE3, SSSE3, CMPXCHG16B, SSE4.1, SSE4.2, POPCNT, LAHF/SAHF.
   const bool v2 = bit(c1, 0) && bit(c1, 9) && bit(c1, 13) && bit(c1, 19) && bit(c1, 20) && bit(c1, 23) && bit(cx, 0);

@@ -132,6 +132,36 @@ def eager_with_sinks(q, k, v, causal):
     return (p.to(v.dtype) @ v).transpose(1, 2)
 
 
+def alibi_slopes_of(h: int, device: str) -> torch.Tensor:
+    """ALiBi's own slopes for h heads (a power of 2): 2^(-8 i / h), i = 1..h (Press et al. 2022)."""
+    return torch.tensor([2.0 ** (-8.0 * i / h) for i in range(1, h + 1)], device=device)
+
+
+def ours_with_alibi(q, k, v, causal):
+    return pyllm.flash_attn(q, k, v, causal=causal, alibi_slopes=alibi_slopes_of(q.shape[2], q.device))
+
+
+_ALIBI_MASKS: dict = {}
+
+
+def sdpa_with_alibi(q, k, v, causal):
+    """ALiBi on torch's SDPA as transformers' BLOOM / MPT run it: the bias (and the causal mask) as
+    a (1, H, T, T) additive float mask in q's dtype. The mask is built once per shape, outside the
+    timing (the models build theirs every forward): the peer's best case."""
+    t, h = q.shape[1], q.shape[2]
+    key = (t, h, q.dtype, causal, str(q.device))
+    if key not in _ALIBI_MASKS:
+        pos = torch.arange(t, device=q.device)
+        bias = -(pos[:, None] - pos[None, :]).abs().float() * alibi_slopes_of(h, q.device)[:, None, None]
+        if causal:
+            bias = bias.masked_fill(pos[None, :] > pos[:, None], float("-inf"))
+        _ALIBI_MASKS.clear()
+        _ALIBI_MASKS[key] = bias[None].to(q.dtype)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=_ALIBI_MASKS[key])
+    return out.transpose(1, 2)
+
+
 def capped_eager(q, k, v, softcap: float):
     """Capped attention as transformers' eager Gemma 2 attention computes it (SDPA takes no cap):
     the (B, H, Tq, Tk) scores whole, c tanh(s / c), softmax, times V. No mask: one query over the
@@ -263,6 +293,8 @@ def main() -> int:
                         help="decode rows with capped scores (Gemma 2's, e.g. 50), against the capped eager computation")
     parser.add_argument("--sinks", action="store_true",
                         help="prefill rows with attention sinks (gpt-oss's): ours vs transformers' eager form")
+    parser.add_argument("--alibi", action="store_true",
+                        help="prefill rows with ALiBi (BLOOM's, MPT's): ours vs SDPA with the bias as a float mask")
     parser.add_argument("--overhead-only", action="store_true",
                         help="only the Python cost per flash_attn_with_kvcache call (CPU, tiny cache)")
     args = parser.parse_args()
@@ -279,6 +311,9 @@ def main() -> int:
     ratio = "vs sdpa"
     if args.sinks:  # the peer is the eager form (SDPA takes no sinks); ours without sinks shows their cost
         impls, ratio, only = {"pyllm sinks": ours_with_sinks, "pyllm": ours, "eager sinks": eager_with_sinks}, "vs eager", False
+    if args.alibi:  # the peer is SDPA with a float mask; ours without the bias shows its cost
+        impls, ratio, only = {"pyllm alibi": ours_with_alibi, "pyllm": ours, "sdpa alibi mask": sdpa_with_alibi}, \
+            "vs sdpa mask", False
     for b, t, d, dtype, causal in ([] if only else configs(device, args.quick)):
         flops = 4 * b * t * t * h * d * (0.5 if causal else 1.0)
         q, k, v, dout = (torch.randn(b, t, h, d, device=device, dtype=dtype) for _ in range(4))
@@ -314,12 +349,13 @@ def main() -> int:
             for ours_row in rows[first:]:  # this mode's rows
                 if base and ours_row["impl"].startswith("pyllm") and isinstance(ours_row["ms"], float):
                     ours_row[ratio] = f"{base / ours_row['ms']:.2f}x"
-    if not args.memory_only and not args.sinks:
+    if not args.memory_only and not args.sinks and not args.alibi:
         rows += decode_rows(device, h, args.quick, args.softcap)
-    if not args.decode_only and not args.sinks:
+    if not args.decode_only and not args.sinks and not args.alibi:
         rows += memory_rows(device, impls, h, args.quick)
     common.print_table(rows, ["dtype", "B", "T", "D", "causal", "mode", "impl", "ms", "TFLOPs", ratio, "note"])
-    common.write_json(args.json, "attention", device, rows, {"heads": h, "softcap": args.softcap, "sinks": args.sinks})
+    common.write_json(args.json, "attention", device, rows, {"heads": h, "softcap": args.softcap, "sinks": args.sinks,
+                                                             "alibi": args.alibi})
     return 0
 
 

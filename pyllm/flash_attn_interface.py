@@ -4,10 +4,12 @@
     from pyllm.flash_attn_interface import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
 
 Same layouts, same bottom-right causal alignment, same window semantics, same LSE shapes
-((batch, n_heads, seqlen_q); (n_heads, total_q) for varlen); softcap on the CPU kernels. Options
-pyllm has no kernel for (dropout, softcap on CUDA, ALiBi, rotary embedding
-inside the kv-cache call, paged or indexed caches) raise NotImplementedError naming the option instead of being ignored: silently dropping one would
-give a different model. `return_attn_probs=True` returns (out, softmax_lse, None): flash-attn's
+((batch, n_heads, seqlen_q); (n_heads, total_q) for varlen); softcap and alibi_slopes on the CPU
+kernels (with ALiBi, flash-attn's causal kernels return an LSE shifted by slope * (i + seqlen_k -
+seqlen_q), pyllm's the bias as documented; the outputs agree). Options pyllm has no kernel for
+(dropout, softcap and ALiBi on CUDA, rotary embedding inside the kv-cache call, paged or indexed
+caches) raise NotImplementedError naming the option instead of being ignored: silently dropping one
+would give a different model. `return_attn_probs=True` returns (out, softmax_lse, None): flash-attn's
 third value only carries a dropout pattern for its own tests. `num_splits` is a tuning hint and is
 ignored (pyllm picks the split-KV count itself). Unlike flash-attn, CPU tensors work too (fp32,
 bf16, fp64).
@@ -30,9 +32,10 @@ def _unsupported(op: str, **options) -> None:
 
 def _attn(op, q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
           return_attn_probs, **varlen):
-    _unsupported(op, dropout_p=(dropout_p, 0.0), alibi_slopes=(alibi_slopes, None))
+    _unsupported(op, dropout_p=(dropout_p, 0.0))
     result = flash_attn(q, k, v, causal=causal, softmax_scale=softmax_scale, window=tuple(window_size),
-                        return_lse=return_attn_probs, deterministic=deterministic, softcap=softcap, **varlen)
+                        return_lse=return_attn_probs, deterministic=deterministic, softcap=softcap,
+                        alibi_slopes=alibi_slopes, **varlen)
     return (*result, None) if return_attn_probs else result
 
 
@@ -94,14 +97,13 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Opti
     op = "flash_attn_with_kvcache"
     _unsupported(op, rotary_cos=(rotary_cos, None), rotary_sin=(rotary_sin, None),
                  cache_batch_idx=(cache_batch_idx, None), cache_leftpad=(cache_leftpad, None),
-                 block_table=(block_table, None), alibi_slopes=(alibi_slopes, None),
-                 return_softmax_lse=(return_softmax_lse, False))
+                 block_table=(block_table, None), return_softmax_lse=(return_softmax_lse, False))
     if cache_seqlens is None:
         if k is not None:
             raise ValueError(f"{op}: appending k / v needs cache_seqlens (where the new tokens go)")
         cache_seqlens = k_cache.shape[1]
     return _kvcache(q, k_cache, v_cache, cache_seqlens, k, v, causal, softmax_scale=softmax_scale,
-                    window=tuple(window_size), softcap=softcap)
+                    window=tuple(window_size), softcap=softcap, alibi_slopes=alibi_slopes)
 
 
 __all__ = ["flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func", "flash_attn_varlen_func",

@@ -22,8 +22,8 @@ import torch.utils.checkpoint
 from torch import nn
 
 from pyllm.ops import cross_entropy as cross_entropy_ops
-from pyllm.nn import (MoEMLP, RMSNorm, SwiGLUMLP, _geglu, apply_rope, attention, attention_with_kvcache, document_ids,
-                      linear_cross_entropy, linear_distill, linear_token_logps, rope_cos_sin, token_logps)
+from pyllm.nn import (MoEMLP, RMSNorm, SwiGLUMLP, _geglu, alibi_slopes, apply_rope, attention, attention_with_kvcache,
+                      document_ids, linear_cross_entropy, linear_distill, linear_token_logps, rope_cos_sin, token_logps)
 
 
 # The parameters of Llama 3.1's RoPE scaling (nn.llama3_scaled), besides rope_type = "llama3".
@@ -44,7 +44,7 @@ class ModelConfig:
     mlp_hidden: int | None = None  # None: 4*dim for gelu, 8/3*dim rounded up to 64 for swiglu
     norm: str = "rmsnorm"  # rmsnorm | layernorm
     mlp: str = "swiglu"  # swiglu | gelu | geglu (tanh-GELU-gated, Gemma's)
-    positions: str = "rope"  # rope | learned
+    positions: str = "rope"  # rope | learned | alibi (BLOOM's, MPT's: no position embedding, a bias on the scores)
     bias: bool = False  # bias in every Linear and LayerNorm
     qkv_bias: bool = False  # bias in the q, k, v projections only (Qwen2)
     head_dim: int | None = None  # None: dim // n_heads; n_heads * head_dim may differ from dim (Qwen3)
@@ -102,7 +102,7 @@ class ModelConfig:
         return self.sliding_window - 1
 
     def validate(self) -> None:
-        choices = {"norm": ("rmsnorm", "layernorm"), "mlp": ("swiglu", "gelu", "geglu"), "positions": ("rope", "learned")}
+        choices = {"norm": ("rmsnorm", "layernorm"), "mlp": ("swiglu", "gelu", "geglu"), "positions": ("rope", "learned", "alibi")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"ModelConfig.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
@@ -230,6 +230,17 @@ class Attention(nn.Module):
         self.local_rope = self.window >= 0 and cfg.local_rope_theta is not None  # rope[1], else rope[0]
         self.softmax_scale = cfg.softmax_scale
         self.softcap = cfg.attn_softcap
+        # ALiBi's fixed slopes (H,): a buffer, so that they follow the model's device; not saved
+        self.register_buffer("alibi", alibi_slopes(cfg.n_heads) if cfg.positions == "alibi" else None, persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        # The slopes move with the model but are made anew in fp32 (the kernels' dtype):
+        # model.to(torch.bfloat16) would round slopes like 2^-0.5 (12 heads) to 8 bits, another model,
+        # and a meta-initialised model's to_empty would leave them uninitialised.
+        super()._apply(fn, recurse)
+        if self.alibi is not None and self.alibi.device.type != "meta":
+            self.alibi = alibi_slopes(self.n_heads).to(self.alibi.device)
+        return self
 
     def forward(self, x, rope=None, cache=None, cache_seqlen: int = 0, cu_seqlens=None):
         B, T, C = x.shape
@@ -245,10 +256,10 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *cos_sin), apply_rope(k, *cos_sin)
         if cache is None:
             y = attention(q, k, v, causal=True, window_left=self.window, scale=self.softmax_scale,
-                          cu_seqlens=cu_seqlens, softcap=self.softcap)  # (B, T, H, D)
+                          cu_seqlens=cu_seqlens, softcap=self.softcap, alibi=self.alibi)  # (B, T, H, D)
         else:
             y = attention_with_kvcache(q, cache[0], cache[1], k, v, cache_seqlen, window_left=self.window,
-                                       scale=self.softmax_scale, softcap=self.softcap)
+                                       scale=self.softmax_scale, softcap=self.softcap, alibi=self.alibi)
         return self.proj(y.reshape(B, T, H * D))
 
 

@@ -1291,14 +1291,26 @@ def _window_mask(T: int, S: int, left: int, device) -> torch.Tensor:
     return seen & (keys >= pos - left) if left >= 0 else seen
 
 
-def _sdpa(q, k, v, mask=None, is_causal=False, scale=None, softcap=None, sinks=None):
+def alibi_slopes(n_heads: int) -> torch.Tensor:
+    """ALiBi's fixed slopes (Press et al. 2022), fp32 (n_heads,): 2^(-8 i / n), i = 1..n, for n a
+    power of 2; otherwise those of the power of 2 below n_heads, then the odd-numbered slopes of twice
+    that many (BLOOM's and MPT's construction)."""
+    closest = 2 ** int(math.floor(math.log2(n_heads)))
+    slopes = [2.0 ** (-8.0 * i / closest) for i in range(1, closest + 1)]
+    slopes += [2.0 ** (-4.0 * i / closest) for i in range(1, 2 * (n_heads - closest), 2)]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+def _sdpa(q, k, v, mask=None, is_causal=False, scale=None, softcap=None, sinks=None, alibi=None, q_positions=None):
     """SDPA on (B, T, H, D) q and (B, S, H_kv, D) k, v (GQA), returned as (B, T, H, D); mask: bool,
     broadcast to (B, H, T, S), True where seen. softcap: Gemma 2's scores, softcap * tanh(scores /
     softcap), before the mask and the softmax; sinks: (H,) logits joining each softmax with a zero
-    value (gpt-oss's). SDPA takes neither, so with them the (B, H, T, S) scores are computed whole,
-    in q's dtype as SDPA's math path does."""
+    value (gpt-oss's); alibi: (H,) ALiBi slopes, -slope * |p_i - j| added in fp32 after the cap, p_i
+    the query's key position: q_positions (T,) or (B, T), by default S - T + i (bottom-right, as
+    flash_attn). SDPA takes none of them, so with them the (B, H, T, S) scores are computed whole, in
+    q's dtype as SDPA's math path does."""
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D), (B, H_kv, S, D)
-    if not softcap and sinks is None:
+    if not softcap and sinks is None and alibi is None:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
                                              enable_gqa=q.shape[1] != k.shape[1])
         return out.transpose(1, 2)
@@ -1315,6 +1327,11 @@ def _sdpa(q, k, v, mask=None, is_causal=False, scale=None, softcap=None, sinks=N
         v = v.masked_fill(~mask.any(dim=-2)[..., None], 0)
     acc = torch.promote_types(scores.dtype, torch.float32)  # the softmax in fp32 at least
     scores = scores.to(acc)
+    if alibi is not None:  # after the mask: -inf stays -inf
+        T, S = scores.shape[-2:]
+        pos = torch.arange(S - T, S, device=q.device) if q_positions is None else q_positions  # (T,) / (B, T)
+        distance = (pos[..., :, None] - torch.arange(S, device=q.device)).abs().to(acc)  # (T, S) / (B, T, S)
+        scores = scores - alibi.to(acc)[:, None, None] * (distance[:, None] if distance.dim() == 3 else distance)
     if sinks is not None:  # one more column, dropped after the softmax
         sink = sinks.to(acc)[None, :, None, None].expand(*scores.shape[:3], 1)
         probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
@@ -1324,7 +1341,7 @@ def _sdpa(q, k, v, mask=None, is_causal=False, scale=None, softcap=None, sinks=N
     return (probs @ v).transpose(1, 2)
 
 
-def _kvcache_sdpa_at(q, k_cache, v_cache, k, v, cache_seqlens, window_left, scale, softcap=None):
+def _kvcache_sdpa_at(q, k_cache, v_cache, k, v, cache_seqlens, window_left, scale, softcap=None, alibi=None):
     """attention_with_kvcache through SDPA for per-row lengths held in a tensor: scattered writes and
     a (B, T, S_max) mask over the whole cache, no host read of the lengths. The cache's unseen
     positions must hold finite values (LLM.new_kv_cache's zeros): masked weights of 0 times NaN
@@ -1338,7 +1355,8 @@ def _kvcache_sdpa_at(q, k_cache, v_cache, k, v, cache_seqlens, window_left, scal
     seen = keys <= pos[:, :, None]  # (B, T, S_max)
     if window_left >= 0:
         seen &= keys >= pos[:, :, None] - window_left
-    return _sdpa(q, k_cache.to(q.dtype), v_cache.to(q.dtype), seen[:, None], scale=scale, softcap=softcap)
+    return _sdpa(q, k_cache.to(q.dtype), v_cache.to(q.dtype), seen[:, None], scale=scale, softcap=softcap, alibi=alibi,
+                 q_positions=pos)
 
 
 def document_ids(cu_seqlens: torch.Tensor, B: int, T: int) -> torch.Tensor:
@@ -1349,7 +1367,7 @@ def document_ids(cu_seqlens: torch.Tensor, B: int, T: int) -> torch.Tensor:
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
               window_left: int = -1, scale: float | None = None, cu_seqlens: torch.Tensor | None = None,
-              softcap: float | None = None) -> torch.Tensor:
+              softcap: float | None = None, alibi: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(D)) v for q (B, T, H, D) and k, v (B, S, H_kv, D) with H % H_kv == 0
     (GQA/MQA), returned as (B, T, H, D): pyllm.flash_attn where it has a kernel, else SDPA.
     window_left >= 0 (causal only): a query also sees no key more than window_left before its own
@@ -1357,53 +1375,59 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     scores, None for 1 / sqrt(D). cu_seqlens (causal self-attention only): int32 (N + 1,) starts of
     the N documents packed into the B * T tokens (row-major, none crossing a row's end): a query
     sees only its own document's keys, as flash_attn's varlen call computes. softcap: Gemma 2's
-    capped scores, softcap * tanh(scores / softcap) (pyllm's CPU kernels; torch ops on other devices)."""
+    capped scores, softcap * tanh(scores / softcap); alibi: fp32 (H,) ALiBi slopes (BLOOM's, MPT's),
+    -slope * distance added to the scores (both on pyllm's CPU kernels; torch ops on other devices)."""
     if window_left >= 0 and not causal:
         raise ValueError("attention: window_left needs causal=True")
     if cu_seqlens is not None:
-        return _document_attention(q, k, v, cu_seqlens, window_left, scale, softcap)
-    if _flash_attn_takes(q, k, v) and (not softcap or q.is_cpu):  # capped scores: CPU kernels only
+        return _document_attention(q, k, v, cu_seqlens, window_left, scale, softcap, alibi)
+    if _flash_attn_takes(q, k, v) and ((not softcap and alibi is None) or q.is_cpu):  # cap, ALiBi: CPU kernels only
         return flash_attn_ops.flash_attn(q, k, v, causal=causal, window=(window_left, -1), softmax_scale=scale,
-                                         softcap=softcap or 0.0)
+                                         softcap=softcap or 0.0, alibi_slopes=alibi)
     mask = _window_mask(q.shape[1], k.shape[1], window_left, q.device) if window_left >= 0 else None
-    return _sdpa(q, k, v, mask, causal and mask is None, scale, softcap)
+    return _sdpa(q, k, v, mask, causal and mask is None, scale, softcap, alibi=alibi)
 
 
-def _document_attention(q, k, v, cu_seqlens, window_left, scale, softcap=None):
+def _document_attention(q, k, v, cu_seqlens, window_left, scale, softcap=None, alibi=None):
     B, T, H, D = q.shape
-    if _flash_attn_takes(q, k, v) and (not softcap or q.is_cpu):
+    if _flash_attn_takes(q, k, v) and ((not softcap and alibi is None) or q.is_cpu):
         # max_seqlen = T bounds every document (none crosses a row), so no device sync reads cu_seqlens.
         out = flash_attn_ops.flash_attn(q.reshape(B * T, H, D), k.reshape(B * T, *k.shape[2:]),
                                         v.reshape(B * T, *v.shape[2:]), causal=True, window=(window_left, -1),
                                         softmax_scale=scale, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
-                                        max_seqlen_q=T, max_seqlen_k=T, softcap=softcap or 0.0)
+                                        max_seqlen_q=T, max_seqlen_k=T, softcap=softcap or 0.0, alibi_slopes=alibi)
         return out.view(B, T, H, D)
     doc = document_ids(cu_seqlens, B, T)  # (B, T)
     mask = (doc[:, :, None] == doc[:, None, :]) & _window_mask(T, T, window_left, q.device)  # (B, T, T)
-    return _sdpa(q, k, v, mask[:, None], scale=scale, softcap=softcap)
+    # (the distance of two tokens of a document is that of their places in the row)
+    return _sdpa(q, k, v, mask[:, None], scale=scale, softcap=softcap, alibi=alibi)
 
 
 def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            k: torch.Tensor, v: torch.Tensor, cache_seqlen: int | torch.Tensor, window_left: int = -1,
-                           scale: float | None = None, softcap: float | None = None) -> torch.Tensor:
+                           scale: float | None = None, softcap: float | None = None,
+                           alibi: torch.Tensor | None = None) -> torch.Tensor:
     """Decode-time attention, flash_attn_with_kvcache's contract: writes the new k, v (B, T, H_kv, D)
     into k_cache, v_cache (B, S_max, H_kv, D) at positions cache_seqlen..cache_seqlen+T-1, then
     attends q (B, T, H, D) causally over the cache's first cache_seqlen+T positions (the new queries
     sit at the end, so query i sees keys up to cache_seqlen+i, and none more than window_left before
     it when window_left >= 0). cache_seqlen: an int, or an int32 (B,) tensor of each row's length,
     read on its device only (the lengths' bounds are the caller's to keep). pyllm.flash_attn_with_kvcache
-    where it has a kernel (split-KV on the GPU; softcap on the CPU's alone), else the same through SDPA."""
-    if (not softcap or not q.is_cuda) and _flash_attn_takes(q, k_cache, v_cache) and k.dtype == k_cache.dtype:
+    where it has a kernel (split-KV on the GPU; softcap and ALiBi on the CPU's alone), else the same
+    through SDPA."""
+    if (((not softcap and alibi is None) or not q.is_cuda) and _flash_attn_takes(q, k_cache, v_cache)
+            and k.dtype == k_cache.dtype):
         if window_left < 0:  # the default window: the eager CPU shortcut skips checking it
             return flash_attn_ops.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlen, k, v, causal=True,
-                                                          softmax_scale=scale, softcap=softcap or 0.0)
+                                                          softmax_scale=scale, softcap=softcap or 0.0,
+                                                          alibi_slopes=alibi)
         return flash_attn_ops.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlen, k, v, causal=True,
                                                       window=(window_left, -1), softmax_scale=scale,
-                                                      softcap=softcap or 0.0)
-    if softcap and not isinstance(cache_seqlen, torch.Tensor):  # as decode_step's tensor lengths do: the same bits
+                                                      softcap=softcap or 0.0, alibi_slopes=alibi)
+    if (softcap or alibi is not None) and not isinstance(cache_seqlen, torch.Tensor):  # as decode_step's: the same bits
         cache_seqlen = torch.full((q.shape[0],), cache_seqlen, dtype=torch.int32, device=q.device)
     if isinstance(cache_seqlen, torch.Tensor):  # lengths on the device: nothing below can slice by them
-        return _kvcache_sdpa_at(q, k_cache, v_cache, k, v, cache_seqlen, window_left, scale, softcap)
+        return _kvcache_sdpa_at(q, k_cache, v_cache, k, v, cache_seqlen, window_left, scale, softcap, alibi)
     T = q.shape[1]
     end = cache_seqlen + T
     k_cache[:, cache_seqlen:end] = k

@@ -36,11 +36,13 @@ def mask_of(tq: int, tk: int, causal: bool, window) -> torch.Tensor:
     return seen
 
 
-def attention(q, k, v, causal=False, window=(-1, -1), scale=None, softcap=0.0, sinks=None):
+def attention(q, k, v, causal=False, window=(-1, -1), scale=None, softcap=0.0, sinks=None, alibi=None):
     """Plain attention in q's dtype and device: the float64 reference, or torch's own in a low
     precision dtype. (B, T, H, D) layout; queries that see no key give 0; returns (out, lse).
     softcap: the scaled scores capped as softcap * tanh(s / softcap) first. sinks: (H,) logits
-    appended to each row of scores (a key with a zero value), as transformers' gpt-oss does."""
+    appended to each row of scores (a key with a zero value), as transformers' gpt-oss does.
+    alibi: (H,) or (B, H) slopes, -slope * |i + tk - tq - j| added after the cap (flash-attn's
+    alibi_slopes), as an additive float mask the way transformers' BLOOM / MPT build it."""
     b, tq, h, d = q.shape
     tk, hk = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
@@ -48,6 +50,11 @@ def attention(q, k, v, causal=False, window=(-1, -1), scale=None, softcap=0.0, s
     s = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
     if softcap:
         s = softcap * torch.tanh(s / softcap)
+    if alibi is not None:
+        distance = (torch.arange(tq)[:, None] + (tk - tq) - torch.arange(tk)[None, :]).abs().to(s.device, s.dtype)
+        slopes = alibi.to(s.dtype)
+        slopes = slopes[None, :, None, None] if slopes.dim() == 1 else slopes[:, :, None, None]
+        s = s - slopes * distance
     seen = mask_of(tq, tk, causal, window).to(q.device)
     s = s.masked_fill(~seen, -math.inf)
     if sinks is not None:
@@ -59,11 +66,13 @@ def attention(q, k, v, causal=False, window=(-1, -1), scale=None, softcap=0.0, s
     return torch.einsum("bhqk,bkhd->bqhd", p, v), lse
 
 
-def attention_varlen(q, k, v, cu_q, cu_k, **kw):
+def attention_varlen(q, k, v, cu_q, cu_k, alibi=None, **kw):
     outs, lses = [], []
     cq, ck = cu_q.tolist(), cu_k.tolist()
     for i in range(len(cq) - 1):
-        o, lse = attention(q[None, cq[i]:cq[i + 1]], k[None, ck[i]:ck[i + 1]], v[None, ck[i]:ck[i + 1]], **kw)
+        slopes = None if alibi is None else alibi if alibi.dim() == 1 else alibi[i]
+        o, lse = attention(q[None, cq[i]:cq[i + 1]], k[None, ck[i]:ck[i + 1]], v[None, ck[i]:ck[i + 1]], alibi=slopes,
+                           **kw)
         outs.append(o[0])
         lses.append(lse[0])
     return torch.cat(outs), torch.cat(lses, dim=-1)
@@ -252,6 +261,166 @@ def test_softcap_has_no_cuda_kernel_yet():
     q = torch.randn(1, 8, 2, 64, device="cuda", dtype=torch.bfloat16)
     with pytest.raises(NotImplementedError, match="CPU kernel only"):
         pyllm.flash_attn(q, q, q, softcap=2.0)
+
+
+# --- ALiBi (flash-attn's alibi_slopes; BLOOM, MPT) -----------------------------------------------
+
+def alibi_slopes(shape) -> torch.Tensor:
+    """Random positive slopes around ALiBi's own (2^-8/H .. 2^-1) and above, so that the bias
+    decides much of each softmax."""
+    return torch.rand(shape, dtype=torch.float64).mul(0.6).add(0.02).float()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("causal,window", [(False, (-1, -1)), (True, (-1, -1)), (False, (5, 3)), (True, (16, -1))],
+                         ids=str)
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[2], SHAPES[3], SHAPES[6]], ids=str)
+@pytest.mark.parametrize("per_sequence,softcap", [(False, 0.0), (True, 0.0), (True, 1.5)], ids=str)
+def test_alibi_matches_float64_reference(dtype, shape, causal, window, per_sequence, softcap):
+    # Forward, LSE and backward of the CPU tiles (bf16: off AMX, which takes no bias), slopes per
+    # head or per (sequence, head), alone and after Gemma 2's cap (the backward's cap derivative is
+    # of the capped score before the bias). Inputs twice unit size so that a cap of 1.5 binds.
+    b, tq, tk, h, hk, d = shape
+    q, k, v = (2 * rand(s, dtype, "cpu") for s in ((b, tq, h, d), (b, tk, hk, d), (b, tk, hk, d)))
+    dout = rand((b, tq, h, d), dtype, "cpu")
+    slopes = alibi_slopes((b, h) if per_sequence else (h,))
+    kw = dict(causal=causal, window=window, softcap=softcap)
+    ours = lambda q, k, v: pyllm.flash_attn(q, k, v, alibi_slopes=slopes, **kw)  # noqa: E731
+    reference = lambda q, k, v: attention(q, k, v, alibi=slopes, **kw)[0]  # noqa: E731
+    if dtype == torch.float64:  # the reference's own dtype: to rounding (torch's "error" would be 0)
+        (out, grads), (ref, ref_grads) = grads_of(ours, (q, k, v), dout), grads_of(reference, (q, k, v), dout)
+        for a, b_ in zip((out, *grads), (ref, *ref_grads)):  # dq, dk of one key are 0: against dv's size then
+            assert (a - b_).norm() <= 1e-13 * max(b_.norm(), ref_grads[2].norm())
+    else:
+        check_against_reference(q, k, v, dout, ours, reference)
+    _, lse = pyllm.flash_attn(q, k, v, alibi_slopes=slopes, return_lse=True, **kw)
+    ref_lse = attention(q.double(), k.double(), v.double(), alibi=slopes, **kw)[1]
+    seen = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), seen)
+    assert (lse[seen].double() - ref_lse[seen]).abs().max() < (1e-10 if dtype == torch.float64 else 1e-2)
+    if tk > 1:  # (the bias binds)
+        plain = pyllm.flash_attn(q, k, v, **kw)
+        assert not torch.allclose(plain.double(), attention(q.double(), k.double(), v.double(), alibi=slopes, **kw)[0],
+                                  atol=1e-2)
+
+
+def test_alibi_varlen_per_sequence_slopes():
+    # Packed sequences (empty and length-1 ones among them), each with its own slopes: as each
+    # sequence alone with its row of slopes; Tq != Tk per sequence (bottom-right distances).
+    lens_q, lens_k = [0, 1, 70, 5, 130], [3, 1, 90, 0, 130]
+    cu_q, cu_k = cu(lens_q), cu(lens_k)
+    q = rand((sum(lens_q), 4, 64), torch.float32, "cpu")
+    k, v = (rand((sum(lens_k), 2, 64), torch.float32, "cpu") for _ in range(2))
+    dout = rand(q.shape, torch.float32, "cpu")
+    slopes = alibi_slopes((len(lens_q), 4))
+    for causal in (False, True):
+        check_against_reference(
+            q, k, v, dout,
+            lambda q, k, v: pyllm.flash_attn(q, k, v, causal=causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                                             alibi_slopes=slopes),
+            lambda q, k, v: attention_varlen(q, k, v, cu_q, cu_k, causal=causal, alibi=slopes)[0],
+        )
+
+
+def test_alibi_gradcheck_and_opcheck():
+    q, k, v = (torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in ((2, 9, 4, 32), (2, 13, 2, 32),
+                                                                                (2, 13, 2, 32)))
+    slopes = alibi_slopes((2, 4))
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: pyllm.flash_attn(q, k, v, causal=True, alibi_slopes=slopes, return_lse=True), (q, k, v))
+    args = (q.detach(), k.detach(), v.detach(), None, None, -1, -1, 0.25, -1, 0, False, 0.0, slopes)
+    torch.library.opcheck(torch.ops.pyllm.flash_attn.default, args)
+    grad_args = tuple(t.clone().requires_grad_() for t in args[:3]) + args[3:]
+    torch.library.opcheck(torch.ops.pyllm.flash_attn.default, grad_args)
+    cache = torch.zeros(2, 16, 2, 32)
+    torch.library.opcheck(torch.ops.pyllm.flash_attn_with_kvcache.default,
+                          (torch.randn(2, 1, 4, 32), cache, cache.clone(), torch.tensor([3, 5], dtype=torch.int32),
+                           torch.randn(2, 1, 2, 32), torch.randn(2, 1, 2, 32), 0.25, -1, 0, 0.0, None, slopes[0]))
+
+
+def test_alibi_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    slopes = alibi_slopes((2,))
+
+    def block(x, w):
+        qkv = (x @ w).view(1, 12, 3, 2, 32)
+        return pyllm.flash_attn(*qkv.unbind(dim=2), causal=True, alibi_slopes=slopes).sum()
+
+    x, w = torch.randn(12, 16), torch.randn(16, 192, requires_grad=True)
+    compiled = torch.compile(block, fullgraph=True)
+    loss = compiled(x, w)
+    torch.testing.assert_close(loss, block(x, w))
+    (g,) = torch.autograd.grad(loss, w)
+    (g_eager,) = torch.autograd.grad(block(x, w), w)
+    torch.testing.assert_close(g, g_eager)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("tq", [1, 3, 12], ids=lambda t: f"tq{t}")  # 12 > kDecodeMaxQueries: the tiles
+@pytest.mark.parametrize("lengths_kind", ["tensor", "int"])
+@pytest.mark.parametrize("h,hk", [(4, 4), (8, 2)], ids=str)
+def test_kvcache_alibi_matches_float64_reference(dtype, tq, lengths_kind, h, hk):
+    # Decode over a cache with ALiBi (the CPU decode kernel for tq <= 8, its splits of long caches
+    # included; the tiles above): each sequence as full attention over its first lengths[b] + tq
+    # keys, the new ones appended; per-(sequence, head) slopes, and with a left window.
+    b, cap, d = 4, 1100, 64
+    lengths = [0, 37, 700, 1080] if lengths_kind == "tensor" else [500] * b
+    k_cache, v_cache = rand((b, cap, hk, d), dtype, "cpu"), rand((b, cap, hk, d), dtype, "cpu")
+    q, k_new, v_new = rand((b, tq, h, d), dtype, "cpu"), rand((b, tq, hk, d), dtype, "cpu"), rand((b, tq, hk, d), dtype, "cpu")
+    slopes = alibi_slopes((b, h)) * 0.1  # reaches back ~100 keys at slope 0.05
+    seqlens = lengths[0] if lengths_kind == "int" else torch.tensor(lengths, dtype=torch.int32)
+    for window in ((-1, -1), (300, -1)):
+        kc, vc = k_cache.clone(), v_cache.clone()
+        out = pyllm.flash_attn_with_kvcache(q, kc, vc, seqlens, k_new, v_new, window=window, alibi_slopes=slopes)
+        for i, n in enumerate(lengths):
+            keys = torch.cat([k_cache[i:i + 1, :n], k_new[i:i + 1]], dim=1)
+            vals = torch.cat([v_cache[i:i + 1, :n], v_new[i:i + 1]], dim=1)
+            assert torch.equal(kc[i:i + 1, :n + tq], keys)
+            kw = dict(causal=True, window=window, alibi=slopes[i])
+            ref, _ = attention(q[i:i + 1].double(), keys.double(), vals.double(), **kw)
+            torch_out, _ = attention(q[i:i + 1], keys, vals, **kw)
+            assert rel_err(out[i:i + 1], ref) <= tolerance(torch_out, ref), (i, n, window)
+
+
+def test_alibi_checks():
+    q = rand((2, 5, 4, 64), torch.float32, "cpu")
+    k = rand((2, 7, 2, 64), torch.float32, "cpu")
+    good = alibi_slopes((4,))
+    cases = [
+        (good.double(), TypeError, "alibi_slopes must be float32"),
+        ([0.5] * 4, TypeError, "alibi_slopes must be a torch.Tensor or None"),
+        (good[:3], ValueError, r"shape \(n_heads,\) = \(4,\) or \(batch, n_heads\) = \(2, 4\), got \(3,\)"),
+        (alibi_slopes((3, 4)), ValueError, r"got \(3, 4\)"),
+        (good.clone().requires_grad_(), ValueError, "get no gradient; pass alibi_slopes.detach"),
+        (torch.tensor([0.5, math.inf, 0.1, 0.2]), ValueError, "alibi_slopes must be finite"),
+        (torch.tensor([0.5, math.nan, 0.1, 0.2]), ValueError, "alibi_slopes must be finite"),
+        (good.to("meta"), ValueError, "alibi_slopes must be on q's device cpu"),
+    ]
+    for slopes, error, message in cases:
+        with pytest.raises(error, match=message):
+            pyllm.flash_attn(q, k, k, alibi_slopes=slopes)
+        with pytest.raises(error, match=message.replace("(2, 4)", "(2, 4)")):
+            pyllm.flash_attn_with_kvcache(q, k.clone(), k.clone(), 2, alibi_slopes=slopes)
+    # the C++ launcher re-checks what Python passes
+    out, lse = torch.empty_like(q), torch.empty(2, 4, 5)
+    args = (q.data_ptr(), k.data_ptr(), k.data_ptr(), out.data_ptr(), lse.data_ptr(), 0, 0, 0, 2, 5, 7, 4, 2, 64,
+            list(q.stride()[:3]), list(k.stride()[:3]), list(k.stride()[:3]), list(out.stride()[:3]), [20, 5], 0.125,
+            -1, -1, _util.dtype_code(q))
+    with pytest.raises(ValueError, match="alibi_batch_stride must be 0 .* or at least n_heads \\(4\\), got 3"):
+        _C.flash_attn_fwd_cpu(*args, alibi_slopes=good.data_ptr(), alibi_batch_stride=3)
+    bad = torch.tensor([0.1, 0.2, 0.3, math.inf])
+    with pytest.raises(ValueError, match="alibi_slopes must be finite, got inf for sequence 0, head 3"):
+        _C.flash_attn_fwd_cpu(*args, alibi_slopes=bad.data_ptr())
+
+
+@pytest.mark.cuda
+def test_alibi_has_no_cuda_kernel_yet():
+    q = torch.randn(1, 8, 2, 64, device="cuda", dtype=torch.bfloat16)
+    slopes = torch.tensor([0.5, 0.25], device="cuda")
+    with pytest.raises(NotImplementedError, match="alibi_slopes .* CPU kernel only"):
+        pyllm.flash_attn(q, q, q, alibi_slopes=slopes)
+    with pytest.raises(NotImplementedError, match="flash_attn_with_kvcache: alibi_slopes .* CPU kernel only"):
+        pyllm.flash_attn_with_kvcache(q[:, :1], q.clone(), q.clone(), 3, alibi_slopes=slopes)
 
 
 def cu(lengths, device="cpu"):
@@ -1523,9 +1692,13 @@ def test_flash_attn_interface_kvcache_and_unsupported_options():
     assert torch.equal(fai.flash_attn_func(q, k, k, softcap=30.0), pyllm.flash_attn(q, k, k, softcap=30.0))
     assert torch.equal(fai.flash_attn_with_kvcache(q, k, k, softcap=3.0),
                        pyllm.flash_attn_with_kvcache(q, k, k, k.shape[1], causal=False, softcap=3.0))
+    # alibi_slopes: ALiBi, on the CPU kernels (the kv-cache call's too)
+    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625])
+    assert torch.equal(fai.flash_attn_func(q, k, k, alibi_slopes=slopes), pyllm.flash_attn(q, k, k, alibi_slopes=slopes))
+    assert torch.equal(fai.flash_attn_with_kvcache(q, k, k, alibi_slopes=slopes),
+                       pyllm.flash_attn_with_kvcache(q, k, k, k.shape[1], causal=False, alibi_slopes=slopes))
     for call, option in ((lambda: fai.flash_attn_func(q, k, k, dropout_p=0.1), "dropout_p"),
-                         (lambda: fai.flash_attn_func(q, k, k, alibi_slopes=torch.ones(4)), "alibi_slopes"),
-                         (lambda: fai.flash_attn_varlen_func(q[0], k[0], k[0], seqlens, seqlens, 1, 1,
+                                          (lambda: fai.flash_attn_varlen_func(q[0], k[0], k[0], seqlens, seqlens, 1, 1,
                                                              block_table=seqlens), "block_table"),
                          (lambda: fai.flash_attn_with_kvcache(q, k, k, rotary_cos=k, rotary_sin=k), "rotary_cos"),
                          (lambda: fai.flash_attn_with_kvcache(q, k, k, cache_batch_idx=seqlens), "cache_batch_idx"),
@@ -1549,7 +1722,8 @@ def attn_problems(draw):
     return dict(dtype=draw(st.sampled_from([torch.float64, torch.float32])), varlen=varlen, lens_q=lens_q,
                 lens_k=lens_k, n_heads=group * n_kv_heads, n_kv_heads=n_kv_heads,
                 head_dim=draw(st.sampled_from([32, 64, 96, 128, 256])), causal=draw(st.booleans()),
-                window=(draw(side), draw(side)), scale=draw(st.sampled_from([None, 0.05, 0.7])))
+                window=(draw(side), draw(side)), scale=draw(st.sampled_from([None, 0.05, 0.7])),
+                alibi=draw(st.sampled_from([None, "per head", "per sequence"])))
 
 
 @settings(max_examples=int(__import__("os").environ.get("ATTN_EXAMPLES", 60)), deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
@@ -1560,6 +1734,9 @@ def test_random_problems_match_reference(problem):
     dtype, h, hk, d = problem["dtype"], problem["n_heads"], problem["n_kv_heads"], problem["head_dim"]
     kw = dict(causal=problem["causal"], window=problem["window"], scale=problem["scale"])
     ours_kw = dict(causal=kw["causal"], window=kw["window"], softmax_scale=kw["scale"])
+    if problem["alibi"]:
+        kw["alibi"] = ours_kw["alibi_slopes"] = alibi_slopes(
+            (len(problem["lens_q"]), h) if problem["alibi"] == "per sequence" else (h,))
     if problem["varlen"]:
         cu_q, cu_k = cu(problem["lens_q"], "cpu"), cu(problem["lens_k"], "cpu")
         q = rand((sum(problem["lens_q"]), h, d), dtype, "cpu")

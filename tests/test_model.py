@@ -35,6 +35,17 @@ def ref_rope(x, pos, theta, factor=1.0):  # x (B, T, H, D), rotating pairs (i, i
     return torch.cat([a * cos - b * sin, b * cos + a * sin], -1).to(x.dtype)
 
 
+def ref_alibi_slopes(n_heads):
+    """transformers' BLOOM build_alibi_tensor's slopes, written out in its own terms."""
+    closest = 2 ** math.floor(math.log2(n_heads))
+    base = 2 ** (-(2 ** -(math.log2(closest) - 3)))
+    slopes = [base ** i for i in range(1, closest + 1)]
+    if closest != n_heads:
+        extra_base = 2 ** (-(2 ** -(math.log2(2 * closest) - 3)))
+        slopes += [extra_base ** i for i in range(1, 1 + 2 * min(closest, n_heads - closest), 2)]
+    return torch.tensor(slopes, dtype=torch.float64)
+
+
 def ref_attention(cfg, x, sd, prefix, layer):
     B, T, C = x.shape
     H, Hk, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -60,6 +71,8 @@ def ref_attention(cfg, x, sd, prefix, layer):
     if cfg.attn_softcap:  # Gemma 2
         scores = cfg.attn_softcap * torch.tanh(scores / cfg.attn_softcap)
     i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    if cfg.positions == "alibi":  # BLOOM's, MPT's: -slope_h * (i - j) on every score
+        scores = scores - ref_alibi_slopes(H)[:, None, None] * (i - j).abs()
     unseen = j > i  # causal
     if windowed:
         unseen |= j <= i - cfg.sliding_window  # the query and the sliding_window - 1 keys before it
@@ -146,6 +159,11 @@ CONFIGS = {
                     sliding_window=4, window_layers=[0], attn_softcap=1.5, final_softcap=2.5),
     # Mixtral's: 5 experts, 2 per token
     "moe": dict(SMALL, n_kv_heads=2, n_experts=5, experts_per_token=2),
+    # BLOOM's: ALiBi instead of positions (6 heads: BLOOM's slopes for a count not a power of 2), with GQA
+    "alibi": dict(SMALL, n_heads=6, n_kv_heads=2, head_dim=32, positions="alibi", norm="layernorm", mlp="gelu",
+                  bias=True),
+    # ALiBi where pyllm has no kernel (head dim 16): torch's ops on the whole scores; a 5-key window
+    "alibi-sdpa": dict(SMALL, n_heads=8, n_kv_heads=4, head_dim=16, positions="alibi", sliding_window=5),
     # OLMoE's: 3 of 4 experts, the chosen weights not renormalized
     "moe-unnormalized": dict(SMALL, n_kv_heads=2, n_experts=4, experts_per_token=3, norm_topk_prob=False),
     # IBM Granite's scalars (embeddings x 3, sublayer outputs x 0.3, logits / 2.5, softmax scale 0.05), as a MoE
@@ -194,8 +212,36 @@ def test_forward_matches_reference(name):
     assert abs(loss.item() - ref_loss.item()) < 1e-10
 
 
+def test_alibi_slopes_are_blooms():
+    from pyllm.nn import alibi_slopes
+
+    for n in range(1, 41):
+        assert torch.allclose(alibi_slopes(n).double(), ref_alibi_slopes(n), rtol=1e-7, atol=0), n
+    assert alibi_slopes(8).tolist() == [2.0 ** -i for i in range(1, 9)]  # the paper's 8 heads
+    assert alibi_slopes(6).tolist() == [2 ** -2, 2 ** -4, 2 ** -6, 2 ** -8, 2 ** -1, 2 ** -3]
+
+
+def test_alibi_model_keeps_its_slopes_in_fp32_and_out_of_checkpoints():
+    # The slopes are a buffer (they follow .to(device)) that is not saved, and stay fp32 whatever the
+    # model's dtype (12 heads: slopes 2^(-i/2) that bf16 would round).
+    cfg = ModelConfig(**dict(CONFIGS["alibi"], n_heads=12, n_kv_heads=4, head_dim=32))
+    model = LLM(cfg)
+    assert not any("alibi" in name for name in model.state_dict()) and model.pos_emb is None
+    for dtype in (torch.bfloat16, torch.float64, torch.float32):
+        model = model.to(dtype)
+        slopes = model.blocks[1].attn.alibi
+        assert slopes.dtype == torch.float32 and torch.equal(slopes, ref_alibi_slopes(12).float())
+    idx = torch.randint(0, cfg.vocab_size, (2, 9))
+    assert torch.isfinite(model.to(torch.bfloat16)(idx)[0]).all()
+    with torch.device("meta"):  # meta initialisation, then to_empty: the slopes are made, not left empty
+        meta = LLM(cfg)
+    assert torch.equal(meta.to_empty(device="cpu").blocks[0].attn.alibi, ref_alibi_slopes(12).float())
+    with pytest.raises(ValueError, match="positions must be one of rope, learned, alibi"):
+        ModelConfig(**dict(CONFIGS["alibi"], positions="sinusoidal"))
+
+
 @pytest.mark.parametrize("name", ["llama", "gpt2", "palm-mqa", "window", "qk-norm-window-nope", "gemma-style",
-                                  "olmo-style", "softcap", "moe", "moe-shared", "granite-moe"])
+                                  "olmo-style", "softcap", "moe", "moe-shared", "granite-moe", "alibi", "alibi-sdpa"])
 def test_cached_forward_matches_full(name):
     cfg = ModelConfig(**CONFIGS[name])
     model = randomized(cfg).eval()
@@ -211,7 +257,8 @@ def test_cached_forward_matches_full(name):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
-@pytest.mark.parametrize("name", ["llama", "gpt2", "palm-mqa", "window", "gemma-style", "olmo-style", "softcap", "moe"])
+@pytest.mark.parametrize("name", ["llama", "gpt2", "palm-mqa", "window", "gemma-style", "olmo-style", "softcap", "moe",
+                                  "alibi", "alibi-sdpa"])
 def test_decode_step_at_device_positions_matches_forward_cached(name, dtype):
     # decode_step (positions in an int32 tensor, never read on the host: what a CUDA graph replays)
     # computes forward_cached's logits bitwise, on pyllm's kernels (fp32, bf16) and on SDPA (fp64),
@@ -263,7 +310,7 @@ def test_generate_with_a_cuda_graph_gives_the_same_tokens(name):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
-@pytest.mark.parametrize("name", ["llama", "gpt2", "window", "gemma-style", "softcap", "moe"])
+@pytest.mark.parametrize("name", ["llama", "gpt2", "window", "gemma-style", "softcap", "moe", "alibi", "alibi-sdpa"])
 def test_generate_batch_of_ragged_prompts_matches_each_alone(name, dtype):
     # Prompts of 3, 7 and 5 tokens in one batch, no padding: greedy, each row continues as generate()
     # continues that prompt alone; stop tokens cut each row after its own first one.
@@ -588,7 +635,7 @@ def separately(model, idx, targets, lengths=PACKED_LENGTHS):
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2", "window", "qk-norm-window-nope", "gemma-style", "olmo-style",
-                                  "head-dim-80", "softcap", "moe"])
+                                  "head-dim-80", "softcap", "moe", "alibi", "alibi-sdpa"])
 def test_packed_documents_compute_as_if_alone(name):
     # LLM.forward(idx, targets, cu_seqlens): every document's logits, loss and gradients are those
     # of the document run alone (positions from 0, attention within it), in float64 on the CPU

@@ -53,10 +53,19 @@ struct AttnParams {
   int64_t lse_strides[2] = {0, 0};    // (batch, head); the token stride is 1
   double scale = 1.0;
   double softcap = 0.0;  // > 0: the scaled scores capped as softcap * tanh(s / softcap) (Gemma 2; CPU kernels only)
+  // ALiBi (CPU kernels only): fp32 slopes, sequence b's head h at alibi_slopes[b * alibi_batch_stride
+  // + h] (stride 0: one (n_heads,) set for every sequence); null: none. See alibi_distance.
+  const float* alibi_slopes = nullptr;
+  int64_t alibi_batch_stride = 0;
   int64_t window_left = -1, window_right = -1;  // causal folded in as window_right = 0
   bool deterministic = false;
   int dtype = 0;
 };
+
+// ALiBi's bias, -slope * |alibi_distance|, is added to the scaled (and capped) score of query i and
+// key j, as flash-attn's alibi_slopes (Press et al. 2022): the distance from the key to the query's
+// own key position (bottom-right aligned, as the mask), for causal and non-causal calls alike.
+PYLLM_HD int64_t alibi_distance(int64_t i, int64_t j, int64_t len_q, int64_t len_k) { return i + (len_k - len_q) - j; }
 
 // Per-sequence view: where sequence b's tokens start and how many there are.
 struct SeqInfo {

@@ -69,13 +69,16 @@ bool flash_attn_cpu_bf16_dot();
 const char* flash_attn_cpu_amx();
 // flash_attn.cpp (layout and argument meaning: common/attn_params.h). Strides are
 // (batch, token, head) in elements; lse_strides (batch, head). Causal is window_right = 0.
+// alibi_slopes: fp32 (n_heads,) (alibi_batch_stride 0) or (batch, n_heads) rows alibi_batch_stride
+// apart, or 0 for none.
 void flash_attn_fwd_cpu(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse, uintptr_t cu_seqlens_q,
                         uintptr_t cu_seqlens_k, uintptr_t seqused_k, int64_t batch, int64_t seqlen_q,
                         int64_t seqlen_k, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
                         const std::vector<int64_t>& q_strides, const std::vector<int64_t>& k_strides,
                         const std::vector<int64_t>& v_strides, const std::vector<int64_t>& o_strides,
                         const std::vector<int64_t>& lse_strides, double scale, int64_t window_left,
-                        int64_t window_right, int dtype, double softcap = 0.0);
+                        int64_t window_right, int dtype, double softcap = 0.0, uintptr_t alibi_slopes = 0,
+                        int64_t alibi_batch_stride = 0);
 void flash_attn_bwd_cpu(uintptr_t dout, uintptr_t dlse, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out,
                         uintptr_t lse, uintptr_t dq, uintptr_t dk, uintptr_t dv, uintptr_t cu_seqlens_q,
                         uintptr_t cu_seqlens_k, int64_t batch, int64_t seqlen_q, int64_t seqlen_k,
@@ -83,6 +86,7 @@ void flash_attn_bwd_cpu(uintptr_t dout, uintptr_t dlse, uintptr_t q, uintptr_t k
                         const std::vector<int64_t>& q_strides, const std::vector<int64_t>& k_strides,
                         const std::vector<int64_t>& v_strides, const std::vector<int64_t>& o_strides,
                         const std::vector<int64_t>& dkv_strides, const std::vector<int64_t>& lse_strides,
-                        double scale, int64_t window_left, int64_t window_right, int dtype, double softcap = 0.0);
+                        double scale, int64_t window_left, int64_t window_right, int dtype, double softcap = 0.0, uintptr_t alibi_slopes = 0,
+                        int64_t alibi_batch_stride = 0);
 
 }  // namespace pyllm

@@ -25,8 +25,12 @@
 //   deterministic, for any thread count, with no atomics.
 // Capped scores (softcap > 0, Gemma 2): S -> c tanh(S / c) after the scale, before the mask, so
 // the LSE is of the capped scores; the backward recomputes the cap and multiplies dS by its
-// derivative 1 - (S' / c)^2. The AMX and decode paths do not take it (dispatch sends such calls
-// to the tiles here).
+// derivative 1 - (S' / c)^2. The decode kernel caps its chunks too; the AMX path does not take
+// it (dispatch sends such calls to the tiles here).
+// ALiBi (alibi_slopes, attn_params.h): -slope * |distance| added after the scale and the cap, before
+// the mask, in the forward, the backward (the same bias bit for bit; the cap's derivative then comes
+// from the capped score before the bias) and the decode kernel; not on AMX (the tiles here instead).
+// Its cost, one vector pass over each score tile: below.
 // FLOPs: 4 * Tq * Tk * D per head forward (2 matmuls), 10 backward (5), halved for causal.
 // Bytes: the forward reads q once and k, v once per thread that works on the head (each key block
 // is packed into that thread's fp32 copy of the head the first time one of its query blocks needs
@@ -482,6 +486,48 @@ inline void softcap_scores(A* __restrict s, int64_t n, A cap) {
   for (int64_t i = tail; i < n; ++i) s[i] = cap * std::tanh(s[i] * inv);
 }
 
+// ALiBi (attn_params.h's alibi_distance): score += -slope * |distance|, after the scale and the cap,
+// before the mask (a masked -inf stays -inf). One vector pass over the tile, against the 2 * D
+// FMAs per score of the two matmuls around it. The distance is an exact integer in the math type
+// (below 2^24 keys apart in fp32), so the forward and the backward add the same bias bit for bit.
+template <typename A>
+inline A alibi_slope(const AttnParams& p, int64_t b, int64_t h) {
+  return p.alibi_slopes ? A(p.alibi_slopes[b * p.alibi_batch_stride + h]) : A(0);
+}
+
+template <typename A>
+inline typename Vec<A>::type lane_offsets() {
+  typename Vec<A>::type r;
+  for (int l = 0; l < Vec<A>::lanes; ++l) r[l] = A(l);
+  return r;
+}
+
+// Transposed tile (the forward: St[key j][query r], the first qv vectors of queries); d0: the
+// distance of (the block's first query, its first key); query r and key j lie d0 + r - j apart.
+template <typename A>
+inline void alibi_transposed(A* __restrict st, int qv, int64_t nk, int64_t d0, A slope) {
+  using V = typename Vec<A>::type;
+  constexpr int L = Vec<A>::lanes;
+  const V lanes = lane_offsets<A>(), neg_slope = V{} - slope, zero = V{};
+  for (int64_t j = 0; j < nk; ++j)
+    for (int v = 0; v < qv; ++v) {
+      const V d = lanes + A(d0 - j + v * L), ad = d < zero ? -d : d;
+      vstore(st + j * kBlockQ + v * L, vload(st + j * kBlockQ + v * L) + neg_slope * ad);
+    }
+}
+
+// n scores of one query (n a multiple of the vector width), key j at distance d0 - j.
+template <typename A>
+inline void alibi_row(A* __restrict srow, int64_t n, int64_t d0, A slope) {
+  using V = typename Vec<A>::type;
+  constexpr int L = Vec<A>::lanes;
+  const V lanes = lane_offsets<A>(), neg_slope = V{} - slope, zero = V{};
+  for (int64_t j = 0; j < n; j += L) {
+    const V d = A(d0 - j) - lanes, ad = d < zero ? -d : d;
+    vstore(srow + j, vload(srow + j) + neg_slope * ad);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------------------------
@@ -591,6 +637,7 @@ void fwd(const AttnParams& p) {
           scores_transposed<D>(qv, nk, kr, kld, qt.data(), S);  // St = K (scale Q)^T
         }
         if (p.softcap > 0) softcap_scores(S, nk * kBlockQ, A(p.softcap));
+        if (p.alibi_slopes) alibi_transposed(S, qv, nk, alibi_distance(i0, j0, s.len_q, s.len_k), alibi_slope<A>(p, b, h));
         if (!block_unmasked(p, s, i0, mq, j0)) mask_transposed(S, nk, j0, bounds);
         // Online softmax down the columns. The max skips NaN (it must not poison the running max of
         // the other queries), and a query that has seen only masked keys keeps m = -inf; exp is then
@@ -820,6 +867,9 @@ void decode(const AttnParams& p) {
                 vstore(sx + c * L, raw == ninf ? ninf : cap * vtanh(raw * inv_cap));
               }
             }
+            if (p.alibi_slopes)
+              alibi_row(sx, kDecodeChunk, alibi_distance(x % p.seqlen_q, j0, s.len_q, s.len_k),
+                        alibi_slope<float>(p, b, head_of(x)));
             float blk = -kInf;
             for (int j = 0; j < kDecodeChunk; ++j) blk = sx[j] > blk ? sx[j] : blk;
             const float m_old = m[x], m_new = m_old < blk ? blk : m_old;
@@ -988,6 +1038,7 @@ void bwd(const AttnParams& p) {
           }
         }
         for (int64_t g = 0; g < group && q_lo < q_hi; ++g) {
+          const A slope = alibi_slope<A>(p, b, hk * group + g);
           for (int64_t i0 = (q_lo / kBlockQ) * kBlockQ; i0 < q_hi; i0 += kBlockQ) {  // qa is a multiple of kBlockQ
             const int64_t mq = std::min(kBlockQ, qz - i0), row0 = g * n_rows + i0 - qa;
             const A* qi = q_all.data() + row0 * D;
@@ -1010,14 +1061,21 @@ void bwd(const AttnParams& p) {
               if constexpr (dot)
                 for (int v = 0; v < kKV; ++v) vstore(srow + v * L, vload(srow + v * L) * scale);
               if (cap > 0) softcap_scores(srow, kBlockK, cap);
+              // Capped and ALiBi-biased: the cap's derivative is of the capped score before the bias.
+              alignas(64) A capped[kBlockK];
+              if (p.alibi_slopes) {
+                if (cap > 0) std::copy(srow, srow + kBlockK, capped);
+                alibi_row(srow, kBlockK, alibi_distance(i0 + r, j0, len_q, len_k), slope);
+              }
               if (!unmasked) mask_row(srow, key_lo(p, i0 + r, len_q, len_k) - j0, key_hi(p, i0 + r, len_q, len_k) - j0);
               const A lse_r = lse_all[row0 + r], delta_r = delta_all[row0 + r];
               if (cap > 0) {
                 // Through the cap: d(cap tanh(s / cap)) / ds = 1 - (s' / cap)^2 of the capped s'; the
                 // square clamped at 1 so that a masked s' = -inf gives 0, not 0 * -inf.
                 const V inv_cap = V{} + A(1) / cap, one = V{} + A(1);
+                const A* sc_src = p.alibi_slopes ? capped : srow;
                 for (int v = 0; v < kKV; ++v) {
-                  const V sv = vload(srow + v * L), t = sv * inv_cap, t2 = t * t;
+                  const V sv = vload(srow + v * L), t = vload(sc_src + v * L) * inv_cap, t2 = t * t;
                   const V pj = vsoftmax_exp<T>(sv - lse_r);
                   vstore(srow + v * L, pj);
                   vstore(dprow + v * L, pj * (vload(dprow + v * L) - delta_r) * (one - (t2 < one ? t2 : one)));
@@ -1134,6 +1192,20 @@ static double checked_softcap(double softcap, int dtype) {
   return softcap;
 }
 
+// The slopes are read here (host memory): each must be finite (an inf slope gives inf - inf = NaN at
+// distance 0).
+static void set_alibi(AttnParams& p, uintptr_t slopes, int64_t batch_stride) {
+  if (!slopes) return;
+  PYLLM_CHECK(batch_stride == 0 || batch_stride >= p.n_heads, "flash_attn: alibi_batch_stride must be 0 (one slope ",
+              "per head for every sequence) or at least n_heads (", p.n_heads, "), got ", batch_stride);
+  p.alibi_slopes = reinterpret_cast<const float*>(slopes);
+  p.alibi_batch_stride = batch_stride;
+  for (int64_t b = 0; b < (batch_stride ? p.batch : 1); ++b)
+    for (int64_t h = 0; h < p.n_heads; ++h)
+      PYLLM_CHECK(std::isfinite(p.alibi_slopes[b * batch_stride + h]), "flash_attn: alibi_slopes must be finite, got ",
+                  p.alibi_slopes[b * batch_stride + h], " for sequence ", b, ", head ", h);
+}
+
 const char* flash_attn_cpu_amx() {
   return amx_enabled() ? "on" : flash_attn_amx_usable() ? "off" : "unavailable";
 }
@@ -1144,12 +1216,14 @@ void flash_attn_fwd_cpu(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, ui
                         const std::vector<int64_t>& q_strides, const std::vector<int64_t>& k_strides,
                         const std::vector<int64_t>& v_strides, const std::vector<int64_t>& o_strides,
                         const std::vector<int64_t>& lse_strides, double scale, int64_t window_left,
-                        int64_t window_right, int dtype, double softcap) {
+                        int64_t window_right, int dtype, double softcap, uintptr_t alibi_slopes,
+                        int64_t alibi_batch_stride) {
   AttnParams p = make_attn_params(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, batch, seqlen_q, seqlen_k,
                                   n_heads, n_kv_heads, head_dim, q_strides, k_strides, v_strides, o_strides,
                                   lse_strides, scale, window_left, window_right, dtype);
   check_cpu_dtype(dtype);
   p.softcap = checked_softcap(softcap, dtype);
+  set_alibi(p, alibi_slopes, alibi_batch_stride);
   p.out = reinterpret_cast<void*>(out);
   p.lse = reinterpret_cast<void*>(lse);
   const int64_t total_q = total_tokens(p.cu_seqlens_q, batch, seqlen_q);
@@ -1165,7 +1239,7 @@ void flash_attn_fwd_cpu(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, ui
     });
     return;
   }
-  if (dtype == int(DType::bf16) && amx_enabled() && p.softcap == 0) {  // the AMX kernels take no softcap
+  if (dtype == int(DType::bf16) && amx_enabled() && p.softcap == 0 && !p.alibi_slopes) {  // nor ALiBi
     flash_attn_fwd_amx(p);
     return;
   }
@@ -1184,12 +1258,14 @@ void flash_attn_bwd_cpu(uintptr_t dout, uintptr_t dlse, uintptr_t q, uintptr_t k
                         const std::vector<int64_t>& q_strides, const std::vector<int64_t>& k_strides,
                         const std::vector<int64_t>& v_strides, const std::vector<int64_t>& o_strides,
                         const std::vector<int64_t>& dkv_strides, const std::vector<int64_t>& lse_strides,
-                        double scale, int64_t window_left, int64_t window_right, int dtype, double softcap) {
+                        double scale, int64_t window_left, int64_t window_right, int dtype, double softcap,
+                        uintptr_t alibi_slopes, int64_t alibi_batch_stride) {
   AttnParams p = make_attn_params(q, k, v, cu_seqlens_q, cu_seqlens_k, 0, batch, seqlen_q, seqlen_k, n_heads,
                                   n_kv_heads, head_dim, q_strides, k_strides, v_strides, o_strides, lse_strides,
                                   scale, window_left, window_right, dtype);
   check_cpu_dtype(dtype);
   p.softcap = checked_softcap(softcap, dtype);
+  set_alibi(p, alibi_slopes, alibi_batch_stride);
   copy_strides(p.dkv_strides, dkv_strides, 3, "dkv_strides");
   p.out = reinterpret_cast<void*>(out);
   p.lse = reinterpret_cast<void*>(lse);
@@ -1209,7 +1285,7 @@ void flash_attn_bwd_cpu(uintptr_t dout, uintptr_t dlse, uintptr_t q, uintptr_t k
   const int64_t lse_size = p.cu_seqlens_q ? n_heads * lse_strides[1] : batch * lse_strides[0];
   PYLLM_CHECK(lse_size >= (p.cu_seqlens_q ? n_heads * total_q : batch * n_heads * seqlen_q),
               "flash_attn: lse_strides (", lse_strides[0], ", ", lse_strides[1], ") do not fit the lse layout");
-  if (dtype == int(DType::bf16) && amx_enabled() && p.softcap == 0) {
+  if (dtype == int(DType::bf16) && amx_enabled() && p.softcap == 0 && !p.alibi_slopes) {
     flash_attn_bwd_amx(p);
     return;
   }

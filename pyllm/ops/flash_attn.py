@@ -140,10 +140,49 @@ def _check_softcap_device(q: Tensor, softcap: float, op: str = OP) -> None:
                                   "(pyllm's models compute capped attention with torch's ops there)")
 
 
+def _check_alibi(op: str, q: Tensor, slopes, batch: int) -> Optional[Tensor]:
+    """A public call's alibi_slopes: None, or float32 (n_heads,) / (batch, n_heads) on q's device,
+    finite, taking no gradient; CPU only for now. Returns them contiguous."""
+    if slopes is None:
+        return None
+    if not isinstance(slopes, Tensor):
+        raise TypeError(f"{op}: alibi_slopes must be a torch.Tensor or None, got {type(slopes).__name__}")
+    if slopes.dtype != torch.float32:
+        raise TypeError(f"{op}: alibi_slopes must be float32 (as flash-attn's), got {slopes.dtype}")
+    n_heads = q.shape[-2]
+    if slopes.shape not in ((n_heads,), (batch, n_heads)):
+        raise ValueError(f"{op}: alibi_slopes must have shape (n_heads,) = ({n_heads},) or (batch, n_heads) = "
+                         f"({batch}, {n_heads}), got {tuple(slopes.shape)}")
+    if slopes.device != q.device:
+        raise ValueError(f"{op}: alibi_slopes must be on q's device {q.device}, got {slopes.device}")
+    if slopes.requires_grad:
+        raise ValueError(f"{op}: alibi_slopes are fixed biases and get no gradient; pass alibi_slopes.detach()")
+    _check_alibi_device(q, slopes, op)
+    # Read here, before a kv-cache call writes anything (the C++ launchers check them again); traced
+    # calls leave it to the launchers (a data-dependent branch would break the graph).
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(slopes).all()):
+        raise ValueError(f"{op}: alibi_slopes must be finite")
+    return slopes.contiguous()
+
+
+def _check_alibi_device(q: Tensor, slopes: Optional[Tensor], op: str = OP) -> None:
+    if slopes is not None and q.is_cuda:
+        raise NotImplementedError(f"{op}: alibi_slopes (ALiBi) has a CPU kernel only; on CUDA pass None")
+
+
+def _alibi_args(slopes: Optional[Tensor]) -> dict:
+    """The CPU launchers' ALiBi arguments: the slopes' address and their batch stride (0: (n_heads,))."""
+    if slopes is None:
+        return {}
+    return dict(alibi_slopes=_util.ptr(slopes), alibi_batch_stride=slopes.stride(0) if slopes.dim() == 2 else 0)
+
+
 def flash_attn_forward_into(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                            scale, window_left, window_right, seqused_k=None, softcap: float = 0.0) -> None:
+                            scale, window_left, window_right, seqused_k=None, softcap: float = 0.0,
+                            alibi_slopes: Optional[Tensor] = None) -> None:
     """Runs the forward kernel into out (q's shape, contiguous) and lse. Inputs already checked."""
     _check_softcap_device(q, softcap)
+    _check_alibi_device(q, alibi_slopes)
     varlen = cu_seqlens_q is not None
     batch, seqlen_q, seqlen_k = _sizes(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     args = (_util.ptr(q), _util.ptr(k), _util.ptr(v), _util.ptr(out), _util.ptr(lse), _opt_ptr(cu_seqlens_q),
@@ -153,7 +192,7 @@ def flash_attn_forward_into(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_s
     if q.is_cuda:
         _C.flash_attn_fwd_cuda(*args, q.device.index, _util.stream_of(q), **_packed_totals(q, k, varlen))
     else:
-        _C.flash_attn_fwd_cpu(*args, softcap=float(softcap))
+        _C.flash_attn_fwd_cpu(*args, softcap=float(softcap), **_alibi_args(alibi_slopes))
 
 
 # The CUDA backward's two implementations (csrc/cuda/flash_attn_bwd.cu): the tensor-core kernels
@@ -171,12 +210,14 @@ def _cuda_bwd_algo(algo: Optional[str]) -> int:
 
 def flash_attn_backward_into(dout, dlse, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                              max_seqlen_k, scale, window_left, window_right, deterministic,
-                             algo: Optional[str] = None, softcap: float = 0.0) -> None:
+                             algo: Optional[str] = None, softcap: float = 0.0,
+                             alibi_slopes: Optional[Tensor] = None) -> None:
     """dq, dk, dv from dout (and dlse, or None). out, dout and dq share one layout, dk and dv one.
 
     algo: the CUDA backward, "mma" or "simt"; None reads PYLLM_ATTN_BWD (default "mma").
     """
     _check_softcap_device(q, softcap)
+    _check_alibi_device(q, alibi_slopes)
     varlen = cu_seqlens_q is not None
     batch, seqlen_q, seqlen_k = _sizes(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     args = (_util.ptr(dout), _opt_ptr(dlse), _util.ptr(q), _util.ptr(k), _util.ptr(v), _util.ptr(out),
@@ -193,7 +234,7 @@ def flash_attn_backward_into(dout, dlse, q, k, v, out, lse, dq, dk, dv, cu_seqle
                                _cuda_bwd_algo(algo), **_packed_totals(q, k, varlen), delta=_opt_ptr(delta),
                                delta_capacity=delta_capacity)
     else:
-        _C.flash_attn_bwd_cpu(*args, softcap=float(softcap))  # always deterministic on the CPU
+        _C.flash_attn_bwd_cpu(*args, softcap=float(softcap), **_alibi_args(alibi_slopes))  # always deterministic
 
 
 def _last_dim_contiguous(t: Tensor) -> Tensor:
@@ -270,13 +311,14 @@ def _with_sinks(out: Tensor, lse: Tensor, sinks: Tensor, varlen: bool) -> tuple[
 
 def _flash_attn_body(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
                      max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, window_left: int, window_right: int,
-                     deterministic: bool, softcap: float = 0.0) -> tuple[Tensor, Tensor]:
+                     deterministic: bool, softcap: float = 0.0,
+                     alibi_slopes: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
     max_seqlen_q, max_seqlen_k = _resolve_max_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(_lse_shape(q, cu_seqlens_q is not None), dtype=_lse_dtype(q), device=q.device)
     flash_attn_forward_into(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                            softmax_scale, window_left, window_right, softcap=softcap)
+                            softmax_scale, window_left, window_right, softcap=softcap, alibi_slopes=alibi_slopes)
     return out, lse
 
 
@@ -287,7 +329,7 @@ _flash_attn = torch.library.custom_op("pyllm::flash_attn", mutates_args=())(_fla
 
 @_flash_attn.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right,
-      deterministic, softcap=0.0):
+      deterministic, softcap=0.0, alibi_slopes=None):
     out = q.new_empty(q.shape)
     lse = q.new_empty(_lse_shape(q, cu_seqlens_q is not None), dtype=_lse_dtype(q))
     return out, lse
@@ -296,7 +338,8 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_s
 def _flash_attn_backward_body(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor,
                          lse: Tensor, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
                          max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, window_left: int,
-                         window_right: int, deterministic: bool, softcap: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+                         window_right: int, deterministic: bool, softcap: float = 0.0,
+                         alibi_slopes: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
     dout, out, lse = _last_dim_contiguous(dout.contiguous()), out.contiguous(), lse.contiguous()
     dlse = None if dlse is None else dlse.contiguous()
@@ -305,7 +348,8 @@ def _flash_attn_backward_body(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     flash_attn_backward_into(dout, dlse, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                             max_seqlen_k, softmax_scale, window_left, window_right, deterministic, softcap=softcap)
+                             max_seqlen_k, softmax_scale, window_left, window_right, deterministic, softcap=softcap,
+                             alibi_slopes=alibi_slopes)
     return dq, dk, dv
 
 
@@ -315,23 +359,25 @@ _flash_attn_backward = torch.library.custom_op("pyllm::flash_attn_backward", mut
 
 @_flash_attn_backward.register_fake
 def _(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-      window_left, window_right, deterministic, softcap=0.0):
+      window_left, window_right, deterministic, softcap=0.0, alibi_slopes=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _flash_attn_setup(ctx, inputs, output):
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, deterministic = inputs[:11]
     softcap = inputs[11] if len(inputs) > 11 else 0.0
+    alibi_slopes = inputs[12] if len(inputs) > 12 else None
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes)
     ctx.args = (max_seqlen_q, max_seqlen_k, scale, left, right, deterministic, softcap)
+    ctx.n_inputs = len(inputs)
 
 
 def _flash_attn_grad(ctx, dout, dlse):
-    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes = ctx.saved_tensors
     dq, dk, dv = _util.call(_flash_attn_backward_body, torch.ops.pyllm.flash_attn_backward, None, dout, dlse, q, k,
-                            v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+                            v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.args, alibi_slopes)
+    return (dq, dk, dv) + (None,) * (ctx.n_inputs - 3)
 
 
 _flash_attn.register_autograd(_flash_attn_grad, setup_context=_flash_attn_setup)
@@ -357,7 +403,7 @@ def _check_cache_lengths(lengths: list[int], n_new: int, capacity: int, shown=No
 def _flash_attn_with_kvcache_body(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor,
                              k_new: Optional[Tensor], v_new: Optional[Tensor], softmax_scale: float,
                              window_left: int, window_right: int, softcap: float = 0.0,
-                             sinks: Optional[Tensor] = None) -> Tensor:
+                             sinks: Optional[Tensor] = None, alibi_slopes: Optional[Tensor] = None) -> Tensor:
     _check_cache_layout(k_cache, v_cache)
     n_new = 0 if k_new is None else k_new.shape[1]
     capacity = k_cache.shape[1]
@@ -380,7 +426,8 @@ def _flash_attn_with_kvcache_body(q: Tensor, k_cache: Tensor, v_cache: Tensor, c
         out = torch.empty(q.shape, dtype=q.dtype)
         lse = torch.empty(_lse_shape(q, False), dtype=_lse_dtype(q))
         flash_attn_forward_into(q, k_cache, v_cache, out, lse, None, None, q.shape[1], capacity, softmax_scale,
-                                window_left, window_right, seqused_k=seqused_k, softcap=softcap)
+                                window_left, window_right, seqused_k=seqused_k, softcap=softcap,
+                                alibi_slopes=alibi_slopes)
         return out if sinks is None else _with_sinks(out, lse, sinks, False)[0]
     # Unchecked (CUDA), lengths are clamped so that the append and the kernel stay inside the cache:
     # the identity for valid lengths.
@@ -392,13 +439,15 @@ def _flash_attn_with_kvcache_body(q: Tensor, k_cache: Tensor, v_cache: Tensor, c
         k_cache[rows, cols] = k_new
         v_cache[rows, cols] = v_new
     return _attend_cache(q, k_cache, v_cache, (cache_seqlens + n_new).to(torch.int32), softmax_scale, window_left,
-                         window_right, softcap, sinks)
+                         window_right, softcap, sinks, alibi_slopes)
 
 
 def _attend_cache(q: Tensor, k_cache: Tensor, v_cache: Tensor, seqused_k: Tensor, softmax_scale: float,
-                  window_left: int, window_right: int, softcap: float = 0.0, sinks: Optional[Tensor] = None) -> Tensor:
+                  window_left: int, window_right: int, softcap: float = 0.0, sinks: Optional[Tensor] = None,
+                  alibi_slopes: Optional[Tensor] = None) -> Tensor:
     """Attention of q over each cache's first seqused_k[b] (int32, valid) keys: the split-KV decode
-    kernel on the GPU, the forward kernel on the CPU (softcap: the CPU's alone, checked before)."""
+    kernel on the GPU, the forward kernel on the CPU (softcap, alibi_slopes: the CPU's alone, checked
+    before)."""
     capacity = k_cache.shape[1]
     q = _last_dim_contiguous(q)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -417,7 +466,8 @@ def _attend_cache(q: Tensor, k_cache: Tensor, v_cache: Tensor, seqused_k: Tensor
                                   workspace.numel())
     else:
         flash_attn_forward_into(q, k_cache, v_cache, out, lse, None, None, q.shape[1], capacity, softmax_scale,
-                                window_left, window_right, seqused_k=seqused_k, softcap=softcap)
+                                window_left, window_right, seqused_k=seqused_k, softcap=softcap,
+                                alibi_slopes=alibi_slopes)
     return out if sinks is None else _with_sinks(out, lse, sinks, False)[0]
 
 
@@ -428,12 +478,13 @@ _flash_attn_with_kvcache = torch.library.custom_op("pyllm::flash_attn_with_kvcac
 
 @_flash_attn_with_kvcache.register_fake
 def _(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale, window_left, window_right, softcap=0.0,
-      sinks=None):
+      sinks=None, alibi_slopes=None):
     return q.new_empty(q.shape)
 
 
 def _kvcache_with_int_length(q, k_cache, v_cache, length: int, k_new, v_new, softmax_scale: float, window_left: int,
-                             window_right: int, softcap: float = 0.0, sinks: Optional[Tensor] = None) -> Tensor:
+                             window_right: int, softcap: float = 0.0, sinks: Optional[Tensor] = None,
+                             alibi_slopes: Optional[Tensor] = None) -> Tensor:
     """The op's body for eager calls whose cache length is one int for every sequence (the model's
     decode step; CPU calls the shortcut below declines): known on the host, it is checked there
     (no sync), the append is one slice copy per cache and the lengths one fill, so on the GPU 4
@@ -445,7 +496,8 @@ def _kvcache_with_int_length(q, k_cache, v_cache, length: int, k_new, v_new, sof
     if n_new:
         _append_kv(k_cache, v_cache, k_new, v_new, None, length)
     seqused_k = torch.full((q.shape[0],), length + n_new, dtype=torch.int32, device=q.device)
-    return _attend_cache(q, k_cache, v_cache, seqused_k, softmax_scale, window_left, window_right, softcap, sinks)
+    return _attend_cache(q, k_cache, v_cache, seqused_k, softmax_scale, window_left, window_right, softcap, sinks,
+                         alibi_slopes)
 
 
 # --- eager CPU decode: the kernel called directly ----------------------------------------------
@@ -578,7 +630,7 @@ def flash_attn(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, softmax
                window: tuple[int, int] = (-1, -1), cu_seqlens_q: Optional[Tensor] = None,
                cu_seqlens_k: Optional[Tensor] = None, max_seqlen_q: Optional[int] = None,
                max_seqlen_k: Optional[int] = None, return_lse: bool = False, deterministic: bool = False,
-               softcap: float = 0.0, sinks: Optional[Tensor] = None):
+               softcap: float = 0.0, sinks: Optional[Tensor] = None, alibi_slopes: Optional[Tensor] = None):
     """Exact attention softmax(q k^T * scale) v, tiled (FlashAttention-2), differentiable.
 
     Args:
@@ -621,6 +673,14 @@ def flash_attn(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, softmax
             column dropped. Differentiable in sinks too. The LSE then includes the sink (a query
             that sees no key gets lse = sink and out = 0). The output is the kernel's rescaled
             by torch ops (exp(lse - lse_with_sink)), so rounded once more in 16-bit dtypes.
+        alibi_slopes: None, or float32 (n_heads,) or (batch, n_heads) (batch: the number of
+            sequences for varlen): ALiBi (Press et al. 2022; BLOOM, MPT), as flash-attn's
+            alibi_slopes: -slope * |i + seqlen_k - seqlen_q - j| is added to the score of query i
+            and key j after the scale and the cap (the distance to the query's own position,
+            bottom-right aligned as the mask), causal or not. The LSE includes the bias (flash-attn's
+            causal kernels return it shifted by slope * (i + seqlen_k - seqlen_q): they add
+            slope * j, the same softmax). Fixed: they take no gradient. CPU kernels only for now:
+            NotImplementedError on CUDA.
     Returns:
         out, shaped like q (contiguous), or (out, lse) with return_lse.
     Raises:
@@ -645,10 +705,11 @@ def flash_attn(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, softmax
     scale = _resolve_scale(OP, softmax_scale, q.shape[-1])
     _check_softcap(OP, q, softcap)
     _check_sinks(OP, q, sinks)
+    alibi_slopes = _check_alibi(OP, q, alibi_slopes, cu_seqlens_q.numel() - 1 if varlen else q.shape[0])
     out, lse = _util.call(_flash_attn_body, _flash_attn, _FlashAttnFunction, q, k, v, cu_seqlens_q, cu_seqlens_k,
                           _check_max_seqlen(OP, "max_seqlen_q", max_seqlen_q),
                           _check_max_seqlen(OP, "max_seqlen_k", max_seqlen_k), scale, left, right, bool(deterministic),
-                          float(softcap))
+                          float(softcap), alibi_slopes)
     if sinks is not None:
         out, lse = _with_sinks(out, lse, sinks, varlen)
     return (out, lse) if return_lse else out
@@ -657,7 +718,8 @@ def flash_attn(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, softmax
 def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens, k_new: Optional[Tensor] = None,
                             v_new: Optional[Tensor] = None, causal: bool = True, *,
                             softmax_scale: Optional[float] = None, window: tuple[int, int] = _NO_WINDOW,
-                            softcap: float = 0.0, sinks: Optional[Tensor] = None) -> Tensor:
+                            softcap: float = 0.0, sinks: Optional[Tensor] = None,
+                            alibi_slopes: Optional[Tensor] = None) -> Tensor:
     """Attention of new queries over a KV cache, appending k_new / v_new to the cache in place.
 
     Args:
@@ -675,6 +737,8 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_s
             keys, query i sees keys 0 .. L - seqlen_q + i.
         softcap: > 0 caps the scaled scores as in :func:`flash_attn` (Gemma 2's); CPU only for now.
         sinks: a (n_heads,) logit per query head joining each softmax, as in :func:`flash_attn`.
+        alibi_slopes: float32 (n_heads,) or (batch, n_heads), ALiBi as in :func:`flash_attn`: the
+            distance of key j from query i is L - seqlen_q + i - j; CPU only for now.
     Returns:
         out, shaped like q. Not differentiable (inference). On the GPU the KV length is split
         across thread blocks (split-KV), so one query token still fills the GPU.
@@ -682,7 +746,7 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_s
         as :func:`flash_attn`, plus ValueError when seqlen_new exceeds the capacity, or (where
         checked, see cache_seqlens) when cache_seqlens + seqlen_new does.
     """
-    out = None if sinks is not None else _kvcache_eager_cpu(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal,
+    out = None if sinks is not None or alibi_slopes is not None else _kvcache_eager_cpu(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal,
                                                              softmax_scale, window, softcap)
     if out is not None:
         return out
@@ -690,6 +754,7 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_s
     _check_qkv(op, q, k_cache, v_cache, False)
     _check_softcap(op, q, softcap)
     _check_sinks(op, q, sinks)
+    alibi_slopes = _check_alibi(op, q, alibi_slopes, q.shape[0])
     # One int for every sequence is known on the host: made a tensor only where the op needs one.
     length = cache_seqlens if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool) else None
     if length is None:
@@ -718,11 +783,11 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_s
         right = 0
     scale = _resolve_scale(op, softmax_scale, q.shape[-1])
     if length is not None:
-        if _util.runs_body(q, k_cache, v_cache, k_new, v_new, sinks):
+        if _util.runs_body(q, k_cache, v_cache, k_new, v_new, sinks, alibi_slopes):
             return _kvcache_with_int_length(q, k_cache, v_cache, length, k_new, v_new, scale, left, right, float(softcap),
-                                            sinks)
+                                            sinks, alibi_slopes)
         cache_seqlens = torch.full((q.shape[0],), length, dtype=torch.int32, device=q.device)
     # The op's dispatch cost ~0.1 ms per call on the CPU (op 0.20 ms vs its body 0.10 ms at cache
     # 512, D = 64, H = 8), as much as the kernel. Not differentiable: calls that need grad take the op.
     return _util.call(_flash_attn_with_kvcache_body, _flash_attn_with_kvcache, None, q, k_cache, v_cache,
-                      cache_seqlens, k_new, v_new, scale, left, right, float(softcap), sinks)
+                      cache_seqlens, k_new, v_new, scale, left, right, float(softcap), sinks, alibi_slopes)

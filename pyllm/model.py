@@ -234,12 +234,15 @@ class Attention(nn.Module):
         self.register_buffer("alibi", alibi_slopes(cfg.n_heads) if cfg.positions == "alibi" else None, persistent=False)
 
     def _apply(self, fn, recurse=True):
-        # The slopes move with the model but are made anew in fp32 (the kernels' dtype):
-        # model.to(torch.bfloat16) would round slopes like 2^-0.5 (12 heads) to 8 bits, another model,
-        # and a meta-initialised model's to_empty would leave them uninitialised.
+        # The slopes move with the model but stay fp32 (the kernels' dtype): model.to(torch.bfloat16)
+        # would round slopes like 2^-0.5 (12 heads) to 8 bits, another model; and a meta-initialised
+        # model's to_empty would leave them uninitialised: made anew then. A call that changes
+        # nothing leaves them as they are.
+        before = self.alibi
         super()._apply(fn, recurse)
-        if self.alibi is not None and self.alibi.device.type != "meta":
-            self.alibi = alibi_slopes(self.n_heads).to(self.alibi.device)
+        after = self.alibi
+        if after is not None and after is not before and (after.dtype != torch.float32 or before.is_meta):
+            self.alibi = (alibi_slopes(self.n_heads) if before.is_meta else before.float()).to(after.device)
         return self
 
     def forward(self, x, rope=None, cache=None, cache_seqlen: int = 0, cu_seqlens=None):

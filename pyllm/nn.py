@@ -1305,7 +1305,7 @@ def _sdpa(q, k, v, mask=None, is_causal=False, scale=None, softcap=None, sinks=N
     """SDPA on (B, T, H, D) q and (B, S, H_kv, D) k, v (GQA), returned as (B, T, H, D); mask: bool,
     broadcast to (B, H, T, S), True where seen. softcap: Gemma 2's scores, softcap * tanh(scores /
     softcap), before the mask and the softmax; sinks: (H,) logits joining each softmax with a zero
-    value (gpt-oss's); alibi: (H,) ALiBi slopes, -slope * |p_i - j| added in fp32 after the cap, p_i
+    value (gpt-oss's); alibi: (H,) or (B, H) ALiBi slopes, -slope * |p_i - j| added in fp32 after the cap, p_i
     the query's key position: q_positions (T,) or (B, T), by default S - T + i (bottom-right, as
     flash_attn). SDPA takes none of them, so with them the (B, H, T, S) scores are computed whole, in
     q's dtype as SDPA's math path does."""
@@ -1331,7 +1331,7 @@ def _sdpa(q, k, v, mask=None, is_causal=False, scale=None, softcap=None, sinks=N
         T, S = scores.shape[-2:]
         pos = torch.arange(S - T, S, device=q.device) if q_positions is None else q_positions  # (T,) / (B, T)
         distance = (pos[..., :, None] - torch.arange(S, device=q.device)).abs().to(acc)  # (T, S) / (B, T, S)
-        scores = scores - alibi.to(acc)[:, None, None] * (distance[:, None] if distance.dim() == 3 else distance)
+        scores = scores - alibi.to(acc)[..., None, None] * (distance[:, None] if distance.dim() == 3 else distance)
     if sinks is not None:  # one more column, dropped after the softmax
         sink = sinks.to(acc)[None, :, None, None].expand(*scores.shape[:3], 1)
         probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
@@ -1375,7 +1375,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     scores, None for 1 / sqrt(D). cu_seqlens (causal self-attention only): int32 (N + 1,) starts of
     the N documents packed into the B * T tokens (row-major, none crossing a row's end): a query
     sees only its own document's keys, as flash_attn's varlen call computes. softcap: Gemma 2's
-    capped scores, softcap * tanh(scores / softcap); alibi: fp32 (H,) ALiBi slopes (BLOOM's, MPT's),
+    capped scores, softcap * tanh(scores / softcap); alibi: fp32 (H,) or (B, H) ALiBi slopes (BLOOM's, MPT's),
     -slope * distance added to the scores (both on pyllm's CPU kernels; torch ops on other devices)."""
     if window_left >= 0 and not causal:
         raise ValueError("attention: window_left needs causal=True")

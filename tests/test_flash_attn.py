@@ -108,6 +108,16 @@ def check_against_reference(q, k, v, dout, fn_ours, fn_ref):
         assert rel_err(ours, exact) <= tolerance(theirs, exact), f"d{name}"
 
 
+def check_against_reference_any_dtype(q, k, v, dout, fn_ours, fn_ref):
+    """check_against_reference; for float64 inputs (the reference's own dtype, where torch's "error"
+    would be 0) agreement to rounding."""
+    if q.dtype != torch.float64:
+        return check_against_reference(q, k, v, dout, fn_ours, fn_ref)
+    (out, grads), (ref, ref_grads) = grads_of(fn_ours, (q, k, v), dout), grads_of(fn_ref, (q, k, v), dout)
+    for a, b in zip((out, *grads), (ref, *ref_grads)):  # dq, dk of one key are 0: against dv's size then
+        assert (a - b).norm() <= 1e-13 * max(b.norm(), ref_grads[2].norm())
+
+
 # (batch, seqlen_q, seqlen_k, n_heads, n_kv_heads, head_dim): T = 1, T not a multiple of the
 # 64-wide tiles, Tq < Tk and Tq > Tk (bottom-right causal leaves the first queries without keys),
 # GQA and MQA, every head dim. The CPU backward splits each sequence's queries into chunks when
@@ -226,12 +236,7 @@ def test_softcap_matches_float64_reference(dtype, shape, causal, window):
     dout = rand((b, tq, h, d), dtype, "cpu")
     ours = lambda q, k, v: pyllm.flash_attn(q, k, v, causal=causal, window=window, softcap=1.5)  # noqa: E731
     reference = lambda q, k, v: attention(q, k, v, causal, window, softcap=1.5)[0]  # noqa: E731
-    if dtype == torch.float64:  # the reference's own dtype: to rounding (torch's "error" would be 0)
-        (out, grads), (ref, ref_grads) = grads_of(ours, (q, k, v), dout), grads_of(reference, (q, k, v), dout)
-        for a, b in zip((out, *grads), (ref, *ref_grads)):  # dq, dk of one key are 0: against dv's size then
-            assert (a - b).norm() <= 1e-13 * max(b.norm(), ref_grads[2].norm())
-    else:
-        check_against_reference(q, k, v, dout, ours, reference)
+    check_against_reference_any_dtype(q, k, v, dout, ours, reference)
     _, lse = pyllm.flash_attn(q, k, v, causal=causal, window=window, softcap=1.5, return_lse=True)
     ref_lse = attention(q.double(), k.double(), v.double(), causal, window, softcap=1.5)[1]
     seen = torch.isfinite(ref_lse)
@@ -287,12 +292,7 @@ def test_alibi_matches_float64_reference(dtype, shape, causal, window, per_seque
     kw = dict(causal=causal, window=window, softcap=softcap)
     ours = lambda q, k, v: pyllm.flash_attn(q, k, v, alibi_slopes=slopes, **kw)  # noqa: E731
     reference = lambda q, k, v: attention(q, k, v, alibi=slopes, **kw)[0]  # noqa: E731
-    if dtype == torch.float64:  # the reference's own dtype: to rounding (torch's "error" would be 0)
-        (out, grads), (ref, ref_grads) = grads_of(ours, (q, k, v), dout), grads_of(reference, (q, k, v), dout)
-        for a, b_ in zip((out, *grads), (ref, *ref_grads)):  # dq, dk of one key are 0: against dv's size then
-            assert (a - b_).norm() <= 1e-13 * max(b_.norm(), ref_grads[2].norm())
-    else:
-        check_against_reference(q, k, v, dout, ours, reference)
+    check_against_reference_any_dtype(q, k, v, dout, ours, reference)
     _, lse = pyllm.flash_attn(q, k, v, alibi_slopes=slopes, return_lse=True, **kw)
     ref_lse = attention(q.double(), k.double(), v.double(), alibi=slopes, **kw)[1]
     seen = torch.isfinite(ref_lse)
@@ -336,23 +336,6 @@ def test_alibi_gradcheck_and_opcheck():
     torch.library.opcheck(torch.ops.pyllm.flash_attn_with_kvcache.default,
                           (torch.randn(2, 1, 4, 32), cache, cache.clone(), torch.tensor([3, 5], dtype=torch.int32),
                            torch.randn(2, 1, 2, 32), torch.randn(2, 1, 2, 32), 0.25, -1, 0, 0.0, None, slopes[0]))
-
-
-def test_alibi_torch_compile_fullgraph():
-    torch._dynamo.reset()
-    slopes = alibi_slopes((2,))
-
-    def block(x, w):
-        qkv = (x @ w).view(1, 12, 3, 2, 32)
-        return pyllm.flash_attn(*qkv.unbind(dim=2), causal=True, alibi_slopes=slopes).sum()
-
-    x, w = torch.randn(12, 16), torch.randn(16, 192, requires_grad=True)
-    compiled = torch.compile(block, fullgraph=True)
-    loss = compiled(x, w)
-    torch.testing.assert_close(loss, block(x, w))
-    (g,) = torch.autograd.grad(loss, w)
-    (g_eager,) = torch.autograd.grad(block(x, w), w)
-    torch.testing.assert_close(g, g_eager)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -413,6 +396,72 @@ def test_alibi_checks():
         _C.flash_attn_fwd_cpu(*args, alibi_slopes=bad.data_ptr())
 
 
+def test_alibi_slopes_layouts_and_inference_tensors():
+    # A (1, H) view whose first stride is free, slopes made under inference_mode then used with
+    # autograd (saved for the backward: cloned), and the eager KV-cache shortcut (the op's bits;
+    # declining slopes it would not take, which the general path then refuses).
+    q, k, v = (rand((1, 9, 4, 32), torch.float32, "cpu") for _ in range(3))
+    slopes = alibi_slopes((4,))
+    want = pyllm.flash_attn(q, k, v, causal=True, alibi_slopes=slopes)
+    odd = slopes[:, None].t()  # (1, 4), strides (1, 1)
+    assert odd.is_contiguous() and odd.stride(0) == 1
+    assert torch.equal(pyllm.flash_attn(q, k, v, causal=True, alibi_slopes=odd), want)
+    with torch.inference_mode():
+        frozen = slopes.clone()
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = pyllm.flash_attn(*leaves, causal=True, alibi_slopes=frozen)
+    assert torch.equal(out, want)
+    out.sum().backward()
+    assert all(t.grad is not None for t in leaves)
+    b, cap, h, hk, d = 3, 40, 4, 2, 32
+    q, k_new, v_new = new_kv(b, 1, h, hk, d, torch.float32, "packed")
+    lengths = torch.tensor([0, 37, 19], dtype=torch.int32)
+    for shape in ((h,), (b, h)):
+        slopes = alibi_slopes(shape)
+        k_cache, v_cache, base = kv_cache_pair(b, cap, hk, d, torch.float32, "contiguous")
+        ref_k, ref_v, _ = kv_cache_pair(b, cap, hk, d, torch.float32, "contiguous", base)
+        out = fa._kvcache_eager_cpu(q, k_cache, v_cache, lengths, k_new, v_new, True, None, fa._NO_WINDOW, 0.0, slopes)
+        assert out is not None, "the shortcut declined ALiBi slopes"
+        want = torch.ops.pyllm.flash_attn_with_kvcache(q, ref_k, ref_v, lengths, k_new, v_new, 1 / math.sqrt(d), -1, 0,
+                                                        0.0, None, slopes)
+        assert torch.equal(out, want) and torch.equal(k_cache, ref_k)
+    for bad in (slopes.double(), torch.full((h,), math.nan), slopes.clone().requires_grad_(), slopes[:, :2]):
+        assert fa._kvcache_eager_cpu(q, k_cache, v_cache, lengths, k_new, v_new, True, None, fa._NO_WINDOW, 0.0,
+                                     bad) is None
+        before = k_cache.clone()
+        with pytest.raises((TypeError, ValueError)):
+            pyllm.flash_attn_with_kvcache(q, k_cache, v_cache, lengths, k_new, v_new, alibi_slopes=bad)
+        assert torch.equal(k_cache, before)  # refused before the append
+
+
+@pytest.mark.parametrize("per_sequence", [False, True], ids=["per head", "per sequence"])
+def test_alibi_sdpa_fallback_matches_the_kernels(monkeypatch, per_sequence):
+    # pyllm.nn's attention where pyllm has no kernel (CUDA for now, other dtypes and head dims): the
+    # same distances as the kernels' (bottom-right, the KV cache's per-row lengths, packed documents).
+    from pyllm import nn as pyllm_nn
+
+    b, h, hk, d = 2, 4, 2, 32
+    q, k, v = rand((b, 7, h, d), torch.float64, "cpu"), rand((b, 11, hk, d), torch.float64, "cpu"), \
+        rand((b, 11, hk, d), torch.float64, "cpu")
+    slopes = alibi_slopes((b, h) if per_sequence else (h,))
+    cache = [rand((b, 16, hk, d), torch.float64, "cpu") for _ in range(2)]
+    lengths = torch.tensor([3, 9], dtype=torch.int32)
+    cu_seqlens = cu([4, 3, 7])
+    kernels = [pyllm_nn.attention(q, k, v, alibi=slopes),
+               pyllm_nn.attention_with_kvcache(q[:, :2], *[c.clone() for c in cache], k[:, :2], v[:, :2], lengths,
+                                               alibi=slopes)]
+    if not per_sequence:  # packed documents take one set of slopes
+        kernels.append(pyllm_nn.attention(q, q[..., :hk, :], q[..., :hk, :], cu_seqlens=cu_seqlens, alibi=slopes))
+    monkeypatch.setattr(pyllm_nn, "_kernel_dtypes", lambda x, by_device: ())
+    fallback = [pyllm_nn.attention(q, k, v, alibi=slopes),
+                pyllm_nn.attention_with_kvcache(q[:, :2], *[c.clone() for c in cache], k[:, :2], v[:, :2], lengths,
+                                                alibi=slopes)]
+    if not per_sequence:
+        fallback.append(pyllm_nn.attention(q, q[..., :hk, :], q[..., :hk, :], cu_seqlens=cu_seqlens, alibi=slopes))
+    for ours, theirs in zip(kernels, fallback):
+        assert rel_err(ours, theirs) < 1e-12
+
+
 @pytest.mark.cuda
 def test_alibi_has_no_cuda_kernel_yet():
     q = torch.randn(1, 8, 2, 64, device="cuda", dtype=torch.bfloat16)
@@ -421,6 +470,13 @@ def test_alibi_has_no_cuda_kernel_yet():
         pyllm.flash_attn(q, q, q, alibi_slopes=slopes)
     with pytest.raises(NotImplementedError, match="flash_attn_with_kvcache: alibi_slopes .* CPU kernel only"):
         pyllm.flash_attn_with_kvcache(q[:, :1], q.clone(), q.clone(), 3, alibi_slopes=slopes)
+    with pytest.raises(NotImplementedError, match="alibi_slopes .* CPU kernel only"):  # CPU slopes: the same answer
+        pyllm.flash_attn(q, q, q, alibi_slopes=slopes.cpu())
+    cache = q.clone()
+    with pytest.raises(NotImplementedError, match="flash_attn_with_kvcache: alibi_slopes .* CPU kernel only"):
+        torch.ops.pyllm.flash_attn_with_kvcache(q[:, :1], cache, q.clone(), torch.tensor([3], dtype=torch.int32, device="cuda"),
+                                                q[:, :1], q[:, :1], 0.125, -1, 0, 0.0, None, slopes)
+    assert torch.equal(cache, q)  # nothing appended
 
 
 def cu(lengths, device="cpu"):
@@ -1001,13 +1057,14 @@ def test_meta_tensors_give_shapes():
         pyllm.flash_attn(q.to(torch.int32), k, v)
 
 
-@pytest.mark.parametrize("softcap", [0.0, 2.0])
-def test_torch_compile_fullgraph(softcap):
+@pytest.mark.parametrize("softcap,alibi", [(0.0, False), (2.0, False), (0.0, True)], ids=str)
+def test_torch_compile_fullgraph(softcap, alibi):
     torch._dynamo.reset()
+    slopes = alibi_slopes((2,)) if alibi else None
 
     def block(x, w):
         qkv = (x @ w).view(1, 12, 3, 2, 32)
-        return pyllm.flash_attn(*qkv.unbind(dim=2), causal=True, softcap=softcap).sum()
+        return pyllm.flash_attn(*qkv.unbind(dim=2), causal=True, softcap=softcap, alibi_slopes=slopes).sum()
 
     x, w = torch.randn(12, 16), torch.randn(16, 192, requires_grad=True)
     compiled = torch.compile(block, fullgraph=True)

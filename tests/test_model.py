@@ -36,7 +36,8 @@ def ref_rope(x, pos, theta, factor=1.0):  # x (B, T, H, D), rotating pairs (i, i
 
 
 def ref_alibi_slopes(n_heads):
-    """transformers' BLOOM build_alibi_tensor's slopes, written out in its own terms."""
+    """transformers' BLOOM build_alibi_tensor's slopes, written out in its own terms (in fp64: BLOOM's
+    fp32 powers can differ from the correctly rounded slopes by an ulp)."""
     closest = 2 ** math.floor(math.log2(n_heads))
     base = 2 ** (-(2 ** -(math.log2(closest) - 3)))
     slopes = [base ** i for i in range(1, closest + 1)]
@@ -236,6 +237,9 @@ def test_alibi_model_keeps_its_slopes_in_fp32_and_out_of_checkpoints():
     with torch.device("meta"):  # meta initialisation, then to_empty: the slopes are made, not left empty
         meta = LLM(cfg)
     assert torch.equal(meta.to_empty(device="cpu").blocks[0].attn.alibi, ref_alibi_slopes(12).float())
+    with torch.inference_mode():  # a .to() that changes nothing leaves them (and the model trainable)
+        model = model.to("cpu")
+    model(idx, idx)[1].backward()
     with pytest.raises(ValueError, match="positions must be one of rope, learned, alibi"):
         ModelConfig(**dict(CONFIGS["alibi"], positions="sinusoidal"))
 
@@ -1336,7 +1340,7 @@ def test_presets_build(preset):
     (dict(n_heads=4, n_kv_heads=3), "n_kv_heads .3. must divide n_heads .4."),
     (dict(norm="batchnorm"), "norm must be one of rmsnorm, layernorm"),
     (dict(mlp="relu"), "mlp must be one of"),
-    (dict(positions="alibi"), "positions must be one of"),
+    (dict(positions="sinusoidal"), "positions must be one of"),
     (dict(n_layers=0), "n_layers must be a positive integer"),
     (dict(dropout=1.5), "dropout"),
     (dict(head_dim=0), "head_dim must be a positive integer"),

@@ -147,6 +147,7 @@ def _check_alibi(op: str, q: Tensor, slopes, batch: int) -> Optional[Tensor]:
         return None
     if not isinstance(slopes, Tensor):
         raise TypeError(f"{op}: alibi_slopes must be a torch.Tensor or None, got {type(slopes).__name__}")
+    _check_alibi_device(q, slopes, op)
     if slopes.dtype != torch.float32:
         raise TypeError(f"{op}: alibi_slopes must be float32 (as flash-attn's), got {slopes.dtype}")
     n_heads = q.shape[-2]
@@ -157,7 +158,6 @@ def _check_alibi(op: str, q: Tensor, slopes, batch: int) -> Optional[Tensor]:
         raise ValueError(f"{op}: alibi_slopes must be on q's device {q.device}, got {slopes.device}")
     if slopes.requires_grad:
         raise ValueError(f"{op}: alibi_slopes are fixed biases and get no gradient; pass alibi_slopes.detach()")
-    _check_alibi_device(q, slopes, op)
     # Read here, before a kv-cache call writes anything (the C++ launchers check them again); traced
     # calls leave it to the launchers (a data-dependent branch would break the graph).
     if not torch.compiler.is_compiling() and not bool(torch.isfinite(slopes).all()):
@@ -174,7 +174,9 @@ def _alibi_args(slopes: Optional[Tensor]) -> dict:
     """The CPU launchers' ALiBi arguments: the slopes' address and their batch stride (0: (n_heads,))."""
     if slopes is None:
         return {}
-    return dict(alibi_slopes=_util.ptr(slopes), alibi_batch_stride=slopes.stride(0) if slopes.dim() == 2 else 0)
+    # A (1, H) tensor's first stride is free (contiguous whatever it is): one row is stride 0.
+    return dict(alibi_slopes=_util.ptr(slopes),
+                alibi_batch_stride=slopes.stride(0) if slopes.dim() == 2 and slopes.shape[0] > 1 else 0)
 
 
 def flash_attn_forward_into(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
@@ -367,6 +369,8 @@ def _flash_attn_setup(ctx, inputs, output):
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, deterministic = inputs[:11]
     softcap = inputs[11] if len(inputs) > 11 else 0.0
     alibi_slopes = inputs[12] if len(inputs) > 12 else None
+    if alibi_slopes is not None and alibi_slopes.is_inference():  # made under inference_mode: not savable
+        alibi_slopes = alibi_slopes.clone()
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes)
     ctx.args = (max_seqlen_q, max_seqlen_k, scale, left, right, deterministic, softcap)
@@ -404,6 +408,9 @@ def _flash_attn_with_kvcache_body(q: Tensor, k_cache: Tensor, v_cache: Tensor, c
                              k_new: Optional[Tensor], v_new: Optional[Tensor], softmax_scale: float,
                              window_left: int, window_right: int, softcap: float = 0.0,
                              sinks: Optional[Tensor] = None, alibi_slopes: Optional[Tensor] = None) -> Tensor:
+    # The op called directly: what CUDA lacks is refused before anything is appended
+    _check_softcap_device(q, softcap, "flash_attn_with_kvcache")
+    _check_alibi_device(q, alibi_slopes, "flash_attn_with_kvcache")
     _check_cache_layout(k_cache, v_cache)
     n_new = 0 if k_new is None else k_new.shape[1]
     capacity = k_cache.shape[1]
@@ -541,7 +548,7 @@ def _append_kv(k_cache: Tensor, v_cache: Tensor, k_new: Tensor, v_new: Tensor, l
 
 
 def _kvcache_eager_cpu(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, softmax_scale,
-                       window, softcap=0.0) -> Optional[Tensor]:
+                       window, softcap=0.0, alibi_slopes=None) -> Optional[Tensor]:
     """flash_attn_with_kvcache for plain eager CPU calls, or None where the general path must run.
     Same kernel arguments as the general path, so the same bits (tests/test_flash_attn.py)."""
     # Tracing first: under torch.compile nothing below runs, the op is traced as before.
@@ -562,6 +569,13 @@ def _kvcache_eager_cpu(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal,
     if (cache_shape[0] != batch or cache_shape[3] != head_dim or head_dim not in _DEFAULT_SCALES
             or n_kv_heads == 0 or n_heads % n_kv_heads):
         return None
+    alibi = {}
+    if alibi_slopes is not None:  # an ALiBi model's decode step: its (H,) fp32 slopes, finite (read: ~1 us)
+        if (not _util.plain_cpu(alibi_slopes) or alibi_slopes.dtype is not torch.float32
+                or alibi_slopes.shape not in ((n_heads,), (batch, n_heads)) or not alibi_slopes.is_contiguous()
+                or not all(map(math.isfinite, alibi_slopes.view(-1).tolist()))):
+            return None
+        alibi = _alibi_args(alibi_slopes)
     q_strides, k_strides, v_strides = q.stride(), k_cache.stride(), v_cache.stride()
     if q_strides[3] != 1 or k_strides[3] != 1 or v_strides[3] != 1:
         return None
@@ -604,7 +618,7 @@ def _kvcache_eager_cpu(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal,
     _C.flash_attn_fwd_cpu(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), lse.buffer_info()[0],
                           0, 0, seqused_k.buffer_info()[0], batch, seqlen_q, capacity, n_heads, n_kv_heads, head_dim,
                           q_strides[:3], k_strides[:3], v_strides[:3], out.stride()[:3],
-                          (n_heads * seqlen_q, seqlen_q), scale, left, right, code, softcap=float(softcap))
+                          (n_heads * seqlen_q, seqlen_q), scale, left, right, code, softcap=float(softcap), **alibi)
     return out
 
 
@@ -746,8 +760,8 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_s
         as :func:`flash_attn`, plus ValueError when seqlen_new exceeds the capacity, or (where
         checked, see cache_seqlens) when cache_seqlens + seqlen_new does.
     """
-    out = None if sinks is not None or alibi_slopes is not None else _kvcache_eager_cpu(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal,
-                                                             softmax_scale, window, softcap)
+    out = None if sinks is not None else _kvcache_eager_cpu(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal,
+                                                             softmax_scale, window, softcap, alibi_slopes)
     if out is not None:
         return out
     op = "flash_attn_with_kvcache"

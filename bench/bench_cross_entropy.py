@@ -7,7 +7,10 @@ cross-entropy on the GPU). Then the per-token log-probabilities of a sequence-le
 GRPO's): pyllm.nn.linear_token_logps (chunked, the backward recomputing each chunk's logits) vs
 log_softmax of the whole logits then gather, each row's log-probability times a random weight; and
 the same with a frozen head (LoRA's: the gradient of x alone; pyllm keeps d logp / dx from the
-forward instead of recomputing).
+forward instead of recomputing). Then DPO's loss over pairs of 64-row sequences (rows / 64 sequences,
+a random reference log-probability each): pyllm.nn.linear_sequence_loss (whole pairs per chunk,
+the gradients made in the forward: three matmuls of the head) vs linear_token_logps then the loss
+on the sums (four) vs torch on the whole logits vs torch.compile of that.
 
 One process, same inputs, side by side: forward and backward (the gradients of x and W, what
 training needs), the mean over N rows with 1 in 8 targets ignored; plain cross-entropy and with
@@ -27,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import pyllm  # noqa: E402
-from pyllm.nn import linear_cross_entropy, linear_token_logps  # noqa: E402
+from pyllm.nn import linear_cross_entropy, linear_sequence_loss, linear_token_logps  # noqa: E402
 
 Z = 1e-4  # PaLM's z-loss coefficient
 
@@ -78,6 +81,35 @@ def torch_logps(x, weight, targets, row_weights):
 
 def ours_logps(x, weight, targets, row_weights):
     return (linear_token_logps(x, weight, targets) * row_weights).sum()
+
+
+SEQUENCE_ROWS = 64  # rows (trained tokens) per sequence in the DPO rows
+
+
+def dpo_of(logps, reference):
+    """DPO's summed loss of pairs (chosen, rejected) of sequence log-probabilities, beta 0.1."""
+    ratio = logps - reference.to(logps)
+    return -F.logsigmoid(0.1 * (ratio[0::2] - ratio[1::2])).sum()
+
+
+def sequence_sums(token_logps, n_sequences):
+    return token_logps.view(n_sequences, -1).sum(-1)
+
+
+def torch_dpo(x, weight, targets, reference):
+    logits = (x @ weight.t()).float()
+    logps = torch.log_softmax(logits, -1).gather(1, targets.clamp(min=0)[:, None])[:, 0] * (targets != -1)
+    return dpo_of(sequence_sums(logps, reference.numel()), reference)
+
+
+def ours_logps_dpo(x, weight, targets, reference):
+    return dpo_of(sequence_sums(linear_token_logps(x, weight, targets), reference.numel()), reference)
+
+
+def ours_fused_dpo(x, weight, targets, reference):
+    n = reference.numel()
+    return linear_sequence_loss(x, weight, targets, [x.shape[0] // n] * n, 2,
+                                lambda logps, s0, s1: dpo_of(logps, reference[s0:s1]))[0]
 
 
 def liger_ce_fn():
@@ -133,10 +165,12 @@ def main() -> int:
     impls = {"pyllm": ours, "torch": torch_loss}
     ce_impls = {"pyllm": ours_ce, "torch": torch_ce}
     logps_impls = {"pyllm": ours_logps, "torch": torch_logps}
+    dpo_impls = {"pyllm": ours_fused_dpo, "pyllm logps": ours_logps_dpo, "torch": torch_dpo}
     if not args.quick:
         impls["torch.compile"] = torch.compile(torch_loss)
         ce_impls["torch.compile"] = torch.compile(torch_ce)
         logps_impls["torch.compile"] = torch.compile(torch_logps)
+        dpo_impls["torch.compile"] = torch.compile(torch_dpo)
     if device == "cuda" and (liger := liger_fn()) is not None:
         impls["liger"] = liger
     if device == "cuda" and (liger := liger_ce_fn()) is not None:
@@ -164,6 +198,10 @@ def main() -> int:
                   for name, fn in logps_impls.items()}
         rows += measure(frozen, (x,), targets, repeat, device, {"what": "linear+logps, frozen head", "dtype": dtype_name},
                         objectives=(("logps", row_weights),))
+        if rows_n % (2 * SEQUENCE_ROWS) == 0:
+            reference = torch.randn(rows_n // SEQUENCE_ROWS, device=device, generator=gen, dtype=torch.float64) * 5 - 600
+            rows += measure(dpo_impls, (x, weight), targets, repeat, device, {"what": "linear+dpo", "dtype": dtype_name},
+                            objectives=(("dpo", reference),))
     common.print_table(rows, ["what", "dtype", "loss", "impl", "ms", "peak MiB", "vs torch", "value"])
     common.write_json(args.json, "cross_entropy", device, rows, {"rows": rows_n, "dim": args.dim, "vocab": args.vocab,
                                                                   "repeat": repeat})

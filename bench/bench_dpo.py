@@ -159,10 +159,13 @@ def main() -> int:
             reference[seqs] = concatenated_logps(theirs, x, attn, loss_mask).double().cpu().numpy()
     options = dict(kind=args.loss) if reward else dict(kind=args.loss, beta=BETA)
 
-    def epoch_pyllm_packed(limit=None):
+    def epoch_pyllm_packed(limit=None, fused_loss=False, fused=False):
+        ours.fused_loss = fused_loss
         for x, y, cu, docs_of in packed[:limit]:
             batch = (x.to(args.device), y.to(args.device), cu.to(args.device), docs_of)
-            preference_batch_loss(ours, batch, None if reward else reference, labels, **options)[0].backward()
+            preference_batch_loss(ours, batch, None if reward else reference, labels, fused=fused,
+                                  **options)[0].backward()
+        ours.fused_loss = False
 
     def epoch_pyllm_one_pass(limit=None):
         """KTO as pyllm computed it before 2026-12-01: the KL sequences in the examples' pass, with
@@ -205,7 +208,13 @@ def main() -> int:
                                      desirable=desirable)[0]
             losses.mean().backward()
 
-    runs = {"pyllm packed": epoch_pyllm_packed, **({"pyllm one pass": epoch_pyllm_one_pass} if kto else {}),
+    # DPO with --fused-loss: the loss fused with the output layer, pairs whole (the trainer's way since
+    # 2026-12-03), and before that the token log-probabilities by linear_token_logps (the backward
+    # recomputing the logits); "pyllm packed": the logits of the trained tokens whole.
+    fused_runs = {} if kto or reward else {
+        "pyllm packed, fused loss": lambda limit=None: epoch_pyllm_packed(limit, True, True),
+        "pyllm packed, fused logps": lambda limit=None: epoch_pyllm_packed(limit, True, False)}
+    runs = {"pyllm packed": epoch_pyllm_packed, **fused_runs, **({"pyllm one pass": epoch_pyllm_one_pass} if kto else {}),
             "transformers padded": epoch_transformers,
             "transformers sorted": lambda limit=None: epoch_transformers(limit, by_length)}
     positions = {"pyllm packed": len(packed) * args.rows * args.seq_len,
@@ -213,8 +222,8 @@ def main() -> int:
                  "transformers sorted": sum(b[0].numel() + (b[3].numel() if kto else 0) for b in by_length)}
     real = {name: int(np.minimum(lengths, args.seq_len).sum()) for name in positions}
     real["pyllm packed"] = positions["pyllm packed"] - pad
-    if kto:
-        positions["pyllm one pass"], real["pyllm one pass"] = positions["pyllm packed"], real["pyllm packed"]
+    for name in ["pyllm one pass"] * kto + list(fused_runs):
+        positions[name], real[name] = positions["pyllm packed"], real["pyllm packed"]
     for run in runs.values():  # warm-up
         run(limit=2)
     seconds = common.interleaved_seconds(runs, args.repeat, args.device, before=lambda: (

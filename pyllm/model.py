@@ -23,7 +23,8 @@ from torch import nn
 
 from pyllm.ops import cross_entropy as cross_entropy_ops
 from pyllm.nn import (MoEMLP, RMSNorm, SwiGLUMLP, _geglu, alibi_slopes, apply_rope, attention, attention_with_kvcache,
-                      document_ids, linear_cross_entropy, linear_distill, linear_token_logps, rope_cos_sin, token_logps)
+                      document_ids, linear_cross_entropy, linear_distill, linear_sequence_loss, linear_token_logps,
+                      rope_cos_sin, token_logps)
 
 
 # The parameters of Llama 3.1's RoPE scaling (nn.llama3_scaled), besides rope_type = "llama3".
@@ -419,7 +420,7 @@ class LLM(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
                 per_token: bool = False, hidden: bool = False, distill: dict | None = None, scores: bool = False,
-                z_loss: float = 0.0):
+                z_loss: float = 0.0, sequence_loss: dict | None = None):
         """idx (B, T) int64 -> logits (B, T, V) and, given targets (B, T), the mean cross-entropy
         (targets of -1 are ignored). With fused_loss set and targets given, logits is None (the
         loss came from linear_cross_entropy, chunk by chunk). per_token: instead of the logits and
@@ -432,6 +433,15 @@ class LLM(nn.Module):
         of logsumexp(logits)^2 (PaLM's auxiliary loss, 1e-4 there: it keeps the softmax's normaliser
         near 1, so the logits do not drift in bf16), with or without fused_loss; that share is
         kept, detached, as z_loss_term (None without z_loss).
+
+        sequence_loss (with targets and cu_seqlens, fused_loss set; not under torch.compile): a loss
+        over whole documents' log-probabilities fused with the output layer (nn.linear_sequence_loss:
+        DPO's pairs, their gradients in the forward, no (N, V) logits), {"documents": the indices of
+        cu_seqlens' documents it covers, increasing (the others must have no targets), "group": how
+        many consecutive ones form a group (2: a pair), "loss_fn": loss_fn(logps, d0, d1) -> the summed
+        loss of the groups of those documents d0 .. d1 - 1 (positions in the list)}. Gives (those
+        documents' summed log-probabilities, detached, the loss: a sum, plus aux_loss for a MoE in
+        training).
 
         Distillation (with targets): hidden gives (None, the final hidden states (N, C) at the N
         targets that are not -1), what a teacher gives its student; distill = {"teacher_hidden": those,
@@ -453,8 +463,12 @@ class LLM(nn.Module):
         varlen call). The offsets are checked on the CPU; on CUDA only with PYLLM_ATTN_CHECK_SEQLENS=1
         (reading them costs a device sync): bad ones there give wrong results, never a bad access."""
         self.z_loss_term = None
-        if z_loss and (targets is None or per_token or hidden or distill is not None or scores):
-            raise ValueError("LLM.forward: z_loss goes with the mean loss of targets (not per_token, hidden, distill or scores)")
+        if z_loss and (targets is None or per_token or hidden or distill is not None or scores or sequence_loss):
+            raise ValueError("LLM.forward: z_loss goes with the mean loss of targets (not per_token, hidden, distill, "
+                             "scores or sequence_loss)")
+        if sequence_loss is not None and (targets is None or cu_seqlens is None or not self.fused_loss
+                                          or torch.compiler.is_compiling()):
+            raise ValueError("LLM.forward: sequence_loss needs targets, cu_seqlens and fused_loss, and is not compiled")
         positions = None
         if cu_seqlens is not None:
             B, T = idx.shape
@@ -486,6 +500,17 @@ class LLM(nn.Module):
         fused = targets is not None and self.fused_loss
         if targets is not None and (hidden or distill is not None) and torch.compiler.is_compiling():
             raise NotImplementedError("distillation (LLM.forward's hidden / distill) is not compiled")
+        if sequence_loss is not None:
+            h = self.norm_f(x)  # (B, T, C)
+            at = (targets != -1).nonzero(as_tuple=True)  # the trained tokens, document after document
+            documents = list(sequence_loss["documents"])
+            counts = torch.bincount(document_ids(cu_seqlens, *idx.shape)[at], minlength=cu_seqlens.numel() - 1).tolist()
+            rows = [counts[d] for d in documents]
+            if sorted(set(documents)) != documents or sum(rows) != len(at[0]):
+                raise ValueError("LLM.forward: sequence_loss's documents must be increasing and hold every target")
+            loss, logps_of = linear_sequence_loss(h[at], self.lm_head.weight, targets[at], rows, sequence_loss["group"],
+                                                  sequence_loss["loss_fn"], **self.logit_shape())
+            return logps_of, loss if self.aux_loss is None else loss + self.aux_loss
         if targets is not None and (per_token or fused or hidden or distill is not None):
             h = self.norm_f(x)  # (B, T, C)
             at = None

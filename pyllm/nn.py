@@ -925,6 +925,118 @@ def linear_token_logps(x: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
                                        softcap, jacobian).view(targets.shape)
 
 
+def _group_chunks(segment_rows: list[int], group: int, chunk_rows: int) -> list[tuple[int, int, int, int]]:
+    """(first row, end row, first segment, end segment) of each chunk: whole groups of `group`
+    consecutive segments, as many as fit in chunk_rows rows (a larger group alone)."""
+    chunks, row, seg = [], 0, 0
+    start_row, start_seg = 0, 0
+    while seg < len(segment_rows):
+        rows = sum(segment_rows[seg:seg + group])
+        if row > start_row and row + rows - start_row > chunk_rows:
+            chunks.append((start_row, row, start_seg, seg))
+            start_row, start_seg = row, seg
+        row, seg = row + rows, seg + group
+    if seg > start_seg:
+        chunks.append((start_row, row, start_seg, len(segment_rows)))
+    return chunks
+
+
+class _LinearSequenceLoss(torch.autograd.Function):
+    """The sum over groups of whole sequences of loss_fn(the group's summed log-probabilities), its
+    gradients for x and weight computed in the forward, a chunk of whole groups at a time (Liger's
+    fused preference losses: a DPO pair's loss is known once its two sequences' log-probabilities
+    are): per chunk the logits x W^T, each row's log-probability (pyllm's kernel: one read), the
+    chunk's sequence sums and loss_fn's gradient for them (torch autograd over a few scalars), then
+    d loss / d logits = g_row (one_hot - softmax) over the logits in place (a second pass) and the
+    two gradient matmuls: three (rows x C x V) matmuls, where linear_token_logps' backward recomputes
+    the logits (four). -> (the loss, the (S,) sequence log-probabilities, detached)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, segment_rows, group, loss_fn, chunk_rows, scale, softcap, grad_enabled):
+        acc = torch.promote_types(x.dtype, torch.float32)
+        # (under no_grad a weight that requires grad still says so: the caller's grad mode decides)
+        need_x, need_w = ctx.needs_input_grad[0] and grad_enabled, ctx.needs_input_grad[1] and grad_enabled
+        grad_x = torch.empty_like(x) if need_x else None
+        chunks = _group_chunks(segment_rows, group, chunk_rows)
+        buffers = _ChunkBuffers(x, weight, max([end - start for start, end, _, _ in chunks], default=1), need_w)
+        seq_logps = torch.zeros(len(segment_rows), dtype=acc, device=x.device)
+        total = torch.zeros((), dtype=torch.float64, device=x.device)  # chunk sums add up without drift
+        # each row's segment, as an index into seq_logps
+        owner = torch.repeat_interleave(torch.arange(len(segment_rows), device=x.device),
+                                        torch.tensor(segment_rows, device=x.device), output_size=x.shape[0])
+        kernel = cross_entropy_ops.takes(x)
+
+        def chunk(r0, r1, s0, s1):
+            xc, tc, oc = x[r0:r1], targets[r0:r1], owner[r0:r1] - s0
+            if kernel:
+                logits = buffers.logits(xc, weight)  # (c, V) in x's dtype
+                logps = -cross_entropy_ops.cross_entropy_rows_(logits, tc, ignore_index=-1, scale=scale,
+                                                               softcap=softcap, want_grad=False)[0]
+            else:
+                logits, tanh = _final_logits((xc @ weight.t()).to(acc), scale, softcap)  # (c, V)
+                lse = torch.logsumexp(logits, dim=-1)
+                logps = (logits.gather(1, tc.clamp(min=0)[:, None])[:, 0] - lse) * (tc != -1)
+            sums = logps.new_zeros(s1 - s0).index_add_(0, oc, logps)  # (s,)
+            seq_logps[s0:s1] = sums
+            with torch.enable_grad():
+                leaf = sums.detach().requires_grad_()
+                loss = loss_fn(leaf, s0, s1)
+                (g_seq,) = torch.autograd.grad(loss, leaf, allow_unused=True)
+            if need_x or need_w:
+                g = (torch.zeros_like(sums) if g_seq is None else g_seq)[oc]  # (c,) d loss / d logp_row
+                if kernel:  # the kernel's d(-logp) / d logits, times -g per row, over the logits
+                    cross_entropy_ops.cross_entropy_rows_(logits, tc, ignore_index=-1, scale=scale, softcap=softcap,
+                                                          grad_rows=g.neg())
+                    grad = logits
+                else:
+                    grad = _through_final(_logp_grad_(logits, lse, tc, g * (tc != -1)), tanh, scale).to(x.dtype)
+                buffers.add_grads(grad, xc, weight, slice(r0, r1), grad_x)
+            return loss.detach()
+
+        for r0, r1, s0, s1 in chunks:
+            total += chunk(r0, r1, s0, s1)
+        grad_w = buffers.grad_w
+        if grad_w is not None and not chunks:
+            grad_w.zero_()
+        ctx.save_for_backward(grad_x, grad_w)
+        ctx.weight_dtype = weight.dtype
+        ctx.mark_non_differentiable(seq_logps)
+        return total.to(acc), seq_logps
+
+    @staticmethod
+    def backward(ctx, grad_total, _):
+        return _saved_grads_times(ctx, grad_total, 8)
+
+
+def linear_sequence_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, segment_rows,
+                         group: int, loss_fn, chunk_rows: int | None = None, *, scale: float = 1.0,
+                         softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A loss over whole sequences' log-probabilities (DPO's and its kin's, over pairs) fused with
+    the output layer: -> (the loss, each sequence's summed log-probability (S,), detached).
+
+    x (N, C) rows of hidden states, weight (V, C) the output layer, targets (N,) (-1: no
+    log-probability); the rows are S sequences back to back, segment_rows[s] rows each (a list of
+    ints summing to N), and every `group` consecutive sequences (a DPO pair: chosen then rejected)
+    form a group whose loss depends on its own sequences alone. loss_fn(logps, s0, s1) -> a scalar:
+    the summed loss of the groups of sequences s0 .. s1 - 1 from their log-probabilities logps
+    (s1 - s0,) (fp32 at least; a differentiable function of them). The loss is the sum of loss_fn
+    over chunks of whole groups (about chunk_rows rows each; a larger group alone), its gradients for
+    x and weight computed in the forward (_LinearSequenceLoss), as linear_cross_entropy does: memory
+    O(chunk_rows * vocab), three matmuls of the output layer where linear_token_logps with the loss
+    after it takes four. chunk_rows, scale, softcap, autocast: as in linear_cross_entropy."""
+    x, weight, chunk_rows = _fused_linear_inputs(x, weight, chunk_rows, softcap, cross_entropy_ops.takes)
+    scale, softcap = _logit_shape("linear_sequence_loss", scale, softcap)
+    segment_rows = [int(n) for n in segment_rows]
+    if not isinstance(group, int) or group < 1:
+        raise ValueError(f"linear_sequence_loss: group must be a positive int, got {group!r}")
+    if any(n < 0 for n in segment_rows) or sum(segment_rows) != x.shape[0] or len(segment_rows) % group:
+        raise ValueError(f"linear_sequence_loss: segment_rows must be {group}-sequence groups of rows >= 0 summing "
+                         f"to the {x.shape[0]} rows of x, got {len(segment_rows)} sequences of {sum(segment_rows)} rows")
+    with torch.autocast(x.device.type, enabled=False):
+        return _LinearSequenceLoss.apply(x, weight, targets.reshape(-1), segment_rows, group, loss_fn, chunk_rows,
+                                         scale, softcap, torch.is_grad_enabled())
+
+
 def distill_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float = 0.0,
                        temperature: float = 1.0) -> torch.Tensor:
     """Per row, the generalized Jensen-Shannon divergence of GKD (Agarwal et al. 2024) between the

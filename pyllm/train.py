@@ -632,8 +632,14 @@ def segment_logps(model, batch, segments: list[int]) -> torch.Tensor:
     return sequence_logps(model(x, y, cu, per_token=True)[1], cu)[at]
 
 
+# The preference losses whose every pair's loss depends on that pair alone: with fused_loss their
+# gradients are made in the forward, a chunk of whole pairs at a time (LLM.forward's sequence_loss).
+FUSED_PREFERENCE_LOSSES = ("dpo", "ipo", "hinge", "simpo", "orpo")
+
+
 def preference_batch_loss(model, batch, reference, labels: np.ndarray | None = None,
-                          margins: np.ndarray | None = None, **options) -> tuple[torch.Tensor, torch.Tensor]:
+                          margins: np.ndarray | None = None, fused: bool = False,
+                          **options) -> tuple[torch.Tensor, torch.Tensor]:
     """The mean preference loss (nn.preference_loss with options: kind, beta, ...) over a
     PackedLoader batch's pairs (x, y, cu_seqlens, docs: each pair's chosen and rejected documents
     one after the other), and the means of the chosen and rejected rewards and of the accuracy
@@ -642,7 +648,10 @@ def preference_batch_loss(model, batch, reference, labels: np.ndarray | None = N
     reference-free losses). KTO: labels, each pair's (the loader's), and the stats are the mean
     rewards of the desirable and of the undesirable examples and the share whose reward lies on its
     label's side of the KL baseline (beta z: above for desirable, below for undesirable). Reward
-    models: margins, each pair's (the loader's), subtracted from the score difference."""
+    models: margins, each pair's (the loader's), subtracted from the score difference. fused (a
+    pyllm LLM with fused_loss, not compiled; the FUSED_PREFERENCE_LOSSES): the loss fused with the
+    output layer, pairs whole (nn.linear_sequence_loss: three matmuls of it, not four); the same
+    loss and gradients."""
     x, y, cu, docs = batch
     real = [i for i, d in enumerate(docs) if d >= 0]
     ref = None
@@ -651,8 +660,23 @@ def preference_batch_loss(model, batch, reference, labels: np.ndarray | None = N
     elif reference is not None:
         ref = torch.from_numpy(reference[[docs[i] for i in real]])
     chosen, rejected = real[0::2], real[1::2]
-    desirable = kl = None
-    if options.get("kind") == "kto":  # a unit's documents are 2u, 2u + 1 (prepare_kto)
+    desirable = kl = fused_total = None
+    if fused and options.get("kind") in FUSED_PREFERENCE_LOSSES and real:
+        tokens_real = sequence_logps((y != -1).to(torch.float32), cu)[real]
+
+        def pair_losses(logps, d0, d1):  # the pairs of real documents d0 .. d1 - 1
+            seg = slice(d0, d1)
+            ref_of = None if ref is None else ref[seg].to(logps)
+            tokens_of = tokens_real[seg].to(logps)
+            return preference_loss(chosen_logps=logps[0::2], rejected_logps=logps[1::2], chosen_tokens=tokens_of[0::2],
+                                   rejected_tokens=tokens_of[1::2],
+                                   ref_chosen_logps=None if ref_of is None else ref_of[0::2],
+                                   ref_rejected_logps=None if ref_of is None else ref_of[1::2], **options)[0].sum()
+
+        logps, fused_total = model(x, y, cu, sequence_loss={"documents": real, "group": 2, "loss_fn": pair_losses})
+        chosen_logps, rejected_logps = logps[0::2], logps[1::2]
+        ref = None if ref is None else ref.to(logps)
+    elif options.get("kind") == "kto":  # a unit's documents are 2u, 2u + 1 (prepare_kto)
         # The KL documents (the mismatched completions) only give the detached estimate z: a
         # forward without autograd over them alone (TRL's KL pass), before the examples' pass so
         # that the model's aux_loss is the examples'. In one pass with the examples they would
@@ -682,6 +706,8 @@ def preference_batch_loss(model, batch, reference, labels: np.ndarray | None = N
         rejected_tokens=tokens[rejected], ref_chosen_logps=None if ref is None else ref[0::2],
         ref_rejected_logps=None if ref is None else ref[1::2], desirable=desirable, kl=kl, **options)
     n = max(len(chosen), 1)
+    if fused_total is not None:  # (losses above: the same formula on the detached log-probabilities)
+        losses = fused_total
     if desirable is not None:  # the accuracy: the reward on the label's side of the KL baseline beta z
         good, bad = chosen_rewards[desirable], chosen_rewards[~desirable]
         baseline = options.get("beta", 0.1) * kl.clamp(min=0)
@@ -1559,7 +1585,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
             with no_sync, autocast(precision, info.device):
                 if cfg.preference:
                     loss, stats = preference_batch_loss(wrapped, batch, reference and reference["train"], loader.labels,
-                                                        loader.margins,
+                                                        loader.margins, fused=cfg.fused_loss and not cfg.compile,
                                                         **preference_options(cfg))
                     pref_sums += stats * weights[micro]
                 elif reward is not None:

@@ -1131,6 +1131,88 @@ def test_linear_token_logps_matches_float64(device, dtype, chunk_rows, shape, st
         assert rel_err(got, exact) <= tolerance(torch_value, exact), name
 
 
+# 300 rows as 40 sequences (a few empty), 20 pairs: a DPO-like loss of each pair's summed
+# log-probabilities against fixed reference values, what train.preference_batch_loss fuses.
+SEQUENCE_ROWS = [0, 9, 4, 17, 6, 6, 1, 0, 12, 3] * 3 + [0, 9, 4, 17, 6, 6, 1, 0, 12, 71]
+
+
+def pair_loss_fn(reference: torch.Tensor):
+    def loss_fn(logps, s0, s1):  # -log sigmoid(beta ((chosen - ref) - (rejected - ref))) of pairs s0 .. s1
+        ratio = logps - reference[s0:s1].to(logps)
+        return -F.logsigmoid(0.1 * (ratio[0::2] - ratio[1::2])).sum()
+    return loss_fn
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("chunk_rows, shape", CHUNKS_AND_SHAPES)
+@pytest.mark.parametrize("step", ["kernel", "torch-ops"])
+def test_linear_sequence_loss_matches_float64(device, dtype, chunk_rows, shape, step, monkeypatch):
+    # A loss over pairs of sequences fused with the output layer (nn.linear_sequence_loss: whole
+    # pairs per chunk, the gradients made in the forward): the loss, each sequence's log-probability
+    # and the gradients, within twice torch's own error in that dtype (its logits, log_softmax and
+    # the loss on the sums); scaled and capped logits; chunks of one pair (rows 1), of a few (37),
+    # or all; the softmax step by the kernel or torch ops.
+    from pyllm.nn import linear_sequence_loss
+
+    softmax_step(monkeypatch, step)
+    call = LOGIT_SHAPES[shape]
+    x64, w64, targets = output_layer_case(2)
+    owner = torch.repeat_interleave(torch.arange(len(SEQUENCE_ROWS)), torch.tensor(SEQUENCE_ROWS))
+    loss_fn = pair_loss_fn(torch.randn(len(SEQUENCE_ROWS), dtype=torch.float64) * 20 - 60)
+
+    def run(fn, dtype, device="cpu"):
+        x, w = (t.to(device, dtype, copy=True).requires_grad_() for t in (x64, w64))
+        loss, logps = fn(x, w, targets.to(device))
+        (loss * 1.7).backward()
+        return loss.detach(), logps, x.grad, w.grad
+
+    def plain(x, w, t):
+        logps = -F.cross_entropy(shaped_logits(x @ w.t(), **call), t, ignore_index=-1, reduction="none")
+        sums = logps.new_zeros(len(SEQUENCE_ROWS)).index_add(0, owner.to(logps.device), logps)
+        return loss_fn(sums, 0, len(SEQUENCE_ROWS)), sums.detach()
+
+    ref = run(plain, torch.float64)
+    theirs = run(plain, dtype, device)
+    ours = run(lambda x, w, t: linear_sequence_loss(x, w, t, SEQUENCE_ROWS, 2, loss_fn, chunk_rows, **call), dtype,
+               device)
+    for name, got, torch_value, exact in zip(("loss", "logps", "dx", "dw"), ours, theirs, ref):
+        assert got.dtype == (torch.float32 if name in ("loss", "logps") else dtype)
+        assert rel_err(got, exact) <= tolerance(torch_value, exact), name
+
+
+def test_linear_sequence_loss_heads_grad_modes_and_checks():
+    # A frozen head (no weight gradient made), no_grad (no gradients made, the loss still), no rows,
+    # and the arguments checked.
+    from pyllm.nn import linear_sequence_loss
+
+    x64, w64, targets = output_layer_case(3)
+    loss_fn = pair_loss_fn(torch.zeros(len(SEQUENCE_ROWS), dtype=torch.float64))
+    x, w = x64.clone().requires_grad_(), w64.clone()
+    loss, logps = linear_sequence_loss(x, w, targets, SEQUENCE_ROWS, 2, loss_fn, 37)
+    (dx,) = torch.autograd.grad(loss, x)
+    x2, w2 = x64.clone().requires_grad_(), w64.clone().requires_grad_()
+    want, want_logps = linear_sequence_loss(x2, w2, targets, SEQUENCE_ROWS, 2, loss_fn, 37)
+    want_dx, _ = torch.autograd.grad(want, (x2, w2))
+    assert torch.equal(loss, want) and torch.equal(logps, want_logps) and torch.equal(dx, want_dx)
+    with torch.no_grad():
+        loss, logps = linear_sequence_loss(x2, w2, targets, SEQUENCE_ROWS, 2, loss_fn, 37)
+    assert not loss.requires_grad and torch.equal(loss, want) and torch.equal(logps, want_logps)
+    empty = x2[:0]
+    loss, logps = linear_sequence_loss(empty, w2, targets[:0], [0, 0], 2, loss_fn)
+    dx, dw = torch.autograd.grad(loss, (x2, w2), allow_unused=True)
+    assert logps.tolist() == [0.0, 0.0] and (dw is None or dw.abs().sum() == 0)
+    assert sum(SEQUENCE_ROWS) == 300 and len(SEQUENCE_ROWS) == 40
+    model, idx, next_tokens = model_and_next_tokens("llama")
+    with pytest.raises(ValueError, match="sequence_loss needs targets, cu_seqlens and fused_loss"):
+        model(idx, next_tokens, torch.tensor([0, 12, 24], dtype=torch.int32),
+              sequence_loss={"documents": [0, 1], "group": 2, "loss_fn": loss_fn})
+    for rows, group, message in (([150, 149], 2, "summing to the 300 rows"), ([300], 2, "2-sequence groups"),
+                                 ([301, -1], 2, "rows >= 0"), ([300], 0, "group must be a positive int")):
+        with pytest.raises(ValueError, match=message):
+            linear_sequence_loss(x2, w2, targets, rows, group, loss_fn)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_fused_losses_scale_their_gradients_and_take_no_rows(dtype):
     # The fused losses keep their weight gradient in fp32 across chunks, written by the first chunk

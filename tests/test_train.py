@@ -338,7 +338,8 @@ def run_two_processes(args: dict, timeout: float = 150) -> None:
                                         ("zero1", "conversations"), ("ddp", "lora"), ("fsdp", "lora"),
                                         ("zero1", "lora"), ("fsdp", "fused-loss"), ("ddp", "dpo"), ("fsdp", "orpo"),
                                         ("fsdp", "dpo-lora-off"), ("ddp", "moe"), ("fsdp", "moe"), ("ddp", "distill"),
-                                        ("fsdp", "distill"), ("ddp", "kto"), ("fsdp", "moe-lora"), ("ddp", "reward")])
+                                        ("fsdp", "distill"), ("ddp", "kto"), ("fsdp", "moe-lora"), ("ddp", "reward"),
+                                        ("fsdp", "dpo-fused-loss")])
 def test_two_cpu_processes_match_one_and_resume_exactly(data_dir, chat_dir, pairs_dir, kto_dir, tmp_path, mode, kind):
     """2 gloo processes with batch 2 each = 1 process with batch 4 (to float rounding), both with 2
     micro-steps of gradient accumulation; a 2-process
@@ -349,7 +350,8 @@ def test_two_cpu_processes_match_one_and_resume_exactly(data_dir, chat_dir, pair
     under fsdp per projection (lora_targets: the fused layers' block-diagonal B, the layout buffer).
     fused-loss: the loss by linear_cross_entropy (its gradients computed in the forward, on the
     gathered output layer). dpo: preference pairs, the loss a mean over all of a step's pairs, the
-    reference log-probabilities computed by both ranks' rows (and kept in the checkpoint); orpo
+    reference log-probabilities computed by both ranks' rows (and kept in the checkpoint); dpo-fused-loss
+    the same with the loss fused with the (gathered) output layer, pairs whole; orpo
     likewise without a reference; dpo-lora-off: the reference by the sharded model with its LoRA
     updates off, at each step. moe: 4 experts, 2 per token, without the load-balancing loss (a
     statistic of each rank's micro-batch, as transformers and Megatron-LM compute it: not the same
@@ -362,7 +364,8 @@ def test_two_cpu_processes_match_one_and_resume_exactly(data_dir, chat_dir, pair
         trainer.train(config(data_dir, tmp_path / "teacher", model=dict(TINY, dim=96, n_heads=3, n_kv_heads=1),
                              max_steps=2))
         distill = dict(teacher=str(tmp_path / "teacher"), distill_beta=0.5, distill_temperature=2.0, distill_alpha=0.7)
-    folder = {"conversations": chat_dir, "dpo": pairs_dir, "orpo": pairs_dir, "dpo-lora-off": pairs_dir,
+    folder = {"conversations": chat_dir, "dpo": pairs_dir, "dpo-fused-loss": pairs_dir, "orpo": pairs_dir,
+              "dpo-lora-off": pairs_dir,
               "kto": kto_dir, "reward": pairs_dir}.get(kind, data_dir)
     moe = dict(n_experts=4, router_aux_loss_coef=0.0) if kind in ("moe", "moe-lora") else {}
     if kind == "reward":  # untied: the output layer, which scores never use, stays out of DDP's reduction
@@ -374,6 +377,7 @@ def test_two_cpu_processes_match_one_and_resume_exactly(data_dir, chat_dir, pair
                   **({"fused_loss": True} if kind == "fused-loss" else {}),
                   **({"lora_rank": 2, "lora_targets": "q,experts"} if kind == "moe-lora" else {}),
                   **({"preference": kind, "beta": 0.5} if kind in ("dpo", "orpo", "kto") else {}),
+                  **({"preference": "dpo", "beta": 0.5, "fused_loss": True} if kind == "dpo-fused-loss" else {}),
                   **({"preference": "reward"} if kind == "reward" else {}),
                   **({"preference": "dpo", "beta": 0.5, "lora_rank": 2, "reference": "lora-off"}
                      if kind == "dpo-lora-off" else {}))
@@ -568,16 +572,28 @@ def logps_alone(loader, m, doc, length):
     return (logp * mask[1:n]).sum(), int(mask[1:n].sum())
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
 @pytest.mark.parametrize("kind, options", [("dpo", {}), ("dpo", {"label_smoothing": 0.2}), ("ipo", {}), ("hinge", {}),
                                            ("simpo", {"gamma": 0.3}), ("orpo", {}), ("dpo", {"sft_weight": 0.7}),
                                            ("simpo", {"sft_weight": 0.4})])
-def test_preference_batch_loss_is_each_sequence_alone(pairs_dir, kind, options):
+def test_preference_batch_loss_is_each_sequence_alone(pairs_dir, kind, options, fused):
     # fp64: the packed batch's loss and gradients are those of the formula on each sequence's
-    # log-probability computed alone (its replies' tokens, cut as the loader cuts pairs to a row).
+    # log-probability computed alone (its replies' tokens, cut as the loader cuts pairs to a row);
+    # also with the loss fused with the output layer (pairs whole, their gradients in the forward),
+    # in chunks of whole pairs (chunk_rows 12: the batch's 3 pairs hold 6, 4 and 10 trained tokens: 2 chunks).
     model, policy, loader, reference, batch = batch_of_pairs(pairs_dir)
+    policy.fused_loss = fused
+    if fused:
+        from pyllm import nn as pyllm_nn
+        fused_chunks = functools.partial(pyllm_nn.linear_sequence_loss, chunk_rows=12)
+        patch = pytest.MonkeyPatch.context()
+        monkeypatch = patch.__enter__()
+        monkeypatch.setattr("pyllm.model.linear_sequence_loss", fused_chunks)
     beta = 0.3
     loss, stats = trainer.preference_batch_loss(policy, batch, None if kind in ("simpo", "orpo") else reference,
-                                                kind=kind, beta=beta, **options)
+                                                kind=kind, beta=beta, fused=fused, **options)
+    if fused:
+        patch.__exit__(None, None, None)
     loss.backward()
     got = [p.grad.clone() for p in policy.parameters()]
     policy.zero_grad()
@@ -655,7 +671,7 @@ def test_dpo_reference_of_a_lora_run_on_the_fly(pairs_dir, tmp_path, capsys):
 
 
 def test_dpo_with_fused_loss_trains_as_without(pairs_dir, tmp_path):
-    # --fused-loss under DPO: log-probabilities by linear_token_logps (no logits): the same losses.
+    # --fused-loss under DPO: the loss fused with the output layer, pairs whole (no logits): the same losses.
     trainer.train(config(pairs_dir, tmp_path / "plain", preference="dpo", beta=0.5))
     trainer.train(config(pairs_dir, tmp_path / "fused", preference="dpo", beta=0.5, fused_loss=True))
     np.testing.assert_allclose(losses(tmp_path / "fused"), losses(tmp_path / "plain"), rtol=1e-5)

@@ -440,8 +440,8 @@ class LLM(nn.Module):
         cu_seqlens' documents it covers, increasing (the others must have no targets), "group": how
         many consecutive ones form a group (2: a pair), "loss_fn": loss_fn(logps, d0, d1) -> the summed
         loss of the groups of those documents d0 .. d1 - 1 (positions in the list)}. Gives (those
-        documents' summed log-probabilities, detached, the loss: a sum, plus aux_loss for a MoE in
-        training).
+        documents' summed log-probabilities, detached, the loss: a sum; a MoE's aux_loss is the
+        caller's to add, as with per_token).
 
         Distillation (with targets): hidden gives (None, the final hidden states (N, C) at the N
         targets that are not -1), what a teacher gives its student; distill = {"teacher_hidden": those,
@@ -469,6 +469,8 @@ class LLM(nn.Module):
         if sequence_loss is not None and (targets is None or cu_seqlens is None or not self.fused_loss
                                           or torch.compiler.is_compiling()):
             raise ValueError("LLM.forward: sequence_loss needs targets, cu_seqlens and fused_loss, and is not compiled")
+        if sequence_loss is not None and (per_token or hidden or distill is not None or scores):
+            raise ValueError("LLM.forward: sequence_loss goes alone (not with per_token, hidden, distill or scores)")
         positions = None
         if cu_seqlens is not None:
             B, T = idx.shape
@@ -506,11 +508,12 @@ class LLM(nn.Module):
             documents = list(sequence_loss["documents"])
             counts = torch.bincount(document_ids(cu_seqlens, *idx.shape)[at], minlength=cu_seqlens.numel() - 1).tolist()
             rows = [counts[d] for d in documents]
-            if sorted(set(documents)) != documents or sum(rows) != len(at[0]):
-                raise ValueError("LLM.forward: sequence_loss's documents must be increasing and hold every target")
+            if sorted(set(documents)) != documents or (documents and documents[0] < 0) or sum(rows) != len(at[0]):
+                raise ValueError("LLM.forward: sequence_loss's documents must be increasing indices of cu_seqlens' "
+                                 "documents and hold every target")
             loss, logps_of = linear_sequence_loss(h[at], self.lm_head.weight, targets[at], rows, sequence_loss["group"],
                                                   sequence_loss["loss_fn"], **self.logit_shape())
-            return logps_of, loss if self.aux_loss is None else loss + self.aux_loss
+            return logps_of, loss
         if targets is not None and (per_token or fused or hidden or distill is not None):
             h = self.norm_f(x)  # (B, T, C)
             at = None

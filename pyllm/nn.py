@@ -668,7 +668,10 @@ def _saved_grads_times(ctx, grad_total: torch.Tensor, n_other_inputs: int) -> tu
     """The backward of a loss whose gradients the forward made and saved (grad_x, grad_w): them
     times the loss's incoming gradient, None for the other inputs."""
     grad_x, grad_w = ctx.saved_tensors
-    return (None if grad_x is None else grad_x * grad_total.to(grad_x.dtype),
+    # (the product in fp32: grad_total (1 / n, a micro-step's weight) rounded to bf16 first biased
+    # every gradient by up to 2^-9)
+    acc = None if grad_x is None else torch.promote_types(grad_x.dtype, torch.float32)
+    return (None if grad_x is None else (grad_x.to(acc) * grad_total.to(acc)).to(grad_x.dtype),
             None if grad_w is None else _scaled_grad_w(grad_w, grad_total, ctx.weight_dtype),
             *([None] * n_other_inputs))
 
@@ -963,7 +966,8 @@ class _LinearSequenceLoss(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float64, device=x.device)  # chunk sums add up without drift
         # each row's segment, as an index into seq_logps
         owner = torch.repeat_interleave(torch.arange(len(segment_rows), device=x.device),
-                                        torch.tensor(segment_rows, device=x.device), output_size=x.shape[0])
+                                        torch.tensor(segment_rows, dtype=torch.long, device=x.device),
+                                        output_size=x.shape[0])
         kernel = cross_entropy_ops.takes(x)
 
         def chunk(r0, r1, s0, s1):
@@ -978,19 +982,20 @@ class _LinearSequenceLoss(torch.autograd.Function):
                 logps = (logits.gather(1, tc.clamp(min=0)[:, None])[:, 0] - lse) * (tc != -1)
             sums = logps.new_zeros(s1 - s0).index_add_(0, oc, logps)  # (s,)
             seq_logps[s0:s1] = sums
+            if not (need_x or need_w):
+                return loss_fn(sums, s0, s1).detach()
             with torch.enable_grad():
                 leaf = sums.detach().requires_grad_()
                 loss = loss_fn(leaf, s0, s1)
-                (g_seq,) = torch.autograd.grad(loss, leaf, allow_unused=True)
-            if need_x or need_w:
-                g = (torch.zeros_like(sums) if g_seq is None else g_seq)[oc]  # (c,) d loss / d logp_row
-                if kernel:  # the kernel's d(-logp) / d logits, times -g per row, over the logits
-                    cross_entropy_ops.cross_entropy_rows_(logits, tc, ignore_index=-1, scale=scale, softcap=softcap,
-                                                          grad_rows=g.neg())
-                    grad = logits
-                else:
-                    grad = _through_final(_logp_grad_(logits, lse, tc, g * (tc != -1)), tanh, scale).to(x.dtype)
-                buffers.add_grads(grad, xc, weight, slice(r0, r1), grad_x)
+                g_seq = torch.autograd.grad(loss, leaf, allow_unused=True)[0] if loss.requires_grad else None
+            g = (torch.zeros_like(sums) if g_seq is None else g_seq)[oc]  # (c,) d loss / d logp_row
+            if kernel:  # the kernel's d(-logp) / d logits, times -g per row, over the logits
+                cross_entropy_ops.cross_entropy_rows_(logits, tc, ignore_index=-1, scale=scale, softcap=softcap,
+                                                      grad_rows=g.neg())
+                grad = logits
+            else:
+                grad = _through_final(_logp_grad_(logits, lse, tc, g * (tc != -1)), tanh, scale).to(x.dtype)
+            buffers.add_grads(grad, xc, weight, slice(r0, r1), grad_x)
             return loss.detach()
 
         for r0, r1, s0, s1 in chunks:
@@ -1023,7 +1028,10 @@ def linear_sequence_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     over chunks of whole groups (about chunk_rows rows each; a larger group alone), its gradients for
     x and weight computed in the forward (_LinearSequenceLoss), as linear_cross_entropy does: memory
     O(chunk_rows * vocab), three matmuls of the output layer where linear_token_logps with the loss
-    after it takes four. chunk_rows, scale, softcap, autocast: as in linear_cross_entropy."""
+    after it takes four. chunk_rows, scale, softcap, autocast: as in linear_cross_entropy.
+    fp16: the gradients are made at their own size in the forward, before a loss scaler multiplies
+    them in the backward, so a pair's small weight (DPO's beta sigmoid(-beta d) of a well-separated
+    pair) can underflow there where linear_token_logps keeps it: the trainer's fp16 runs take that."""
     x, weight, chunk_rows = _fused_linear_inputs(x, weight, chunk_rows, softcap, cross_entropy_ops.takes)
     scale, softcap = _logit_shape("linear_sequence_loss", scale, softcap)
     segment_rows = [int(n) for n in segment_rows]

@@ -649,9 +649,9 @@ def preference_batch_loss(model, batch, reference, labels: np.ndarray | None = N
     rewards of the desirable and of the undesirable examples and the share whose reward lies on its
     label's side of the KL baseline (beta z: above for desirable, below for undesirable). Reward
     models: margins, each pair's (the loader's), subtracted from the score difference. fused (a
-    pyllm LLM with fused_loss, not compiled; the FUSED_PREFERENCE_LOSSES): the loss fused with the
-    output layer, pairs whole (nn.linear_sequence_loss: three matmuls of it, not four); the same
-    loss and gradients."""
+    pyllm LLM with fused_loss, not compiled, not fp16; the FUSED_PREFERENCE_LOSSES): the loss fused
+    with the output layer, pairs whole (nn.linear_sequence_loss: three matmuls of it, not four); the
+    same loss and gradients. A MoE's aux_loss is the caller's to add, fused or not."""
     x, y, cu, docs = batch
     real = [i for i, d in enumerate(docs) if d >= 0]
     ref = None
@@ -1585,7 +1585,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
             with no_sync, autocast(precision, info.device):
                 if cfg.preference:
                     loss, stats = preference_batch_loss(wrapped, batch, reference and reference["train"], loader.labels,
-                                                        loader.margins, fused=cfg.fused_loss and not cfg.compile,
+                                                        loader.margins, fused=(cfg.fused_loss and not cfg.compile
+                                                                               and precision != "fp16"),
                                                         **preference_options(cfg))
                     pref_sums += stats * weights[micro]
                 elif reward is not None:

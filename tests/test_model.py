@@ -1202,11 +1202,19 @@ def test_linear_sequence_loss_heads_grad_modes_and_checks():
     loss, logps = linear_sequence_loss(empty, w2, targets[:0], [0, 0], 2, loss_fn)
     dx, dw = torch.autograd.grad(loss, (x2, w2), allow_unused=True)
     assert logps.tolist() == [0.0, 0.0] and (dw is None or dw.abs().sum() == 0)
+    loss, logps = linear_sequence_loss(empty, w2, targets[:0], [], 2, loss_fn)  # no sequences at all
+    assert float(loss) == 0.0 and logps.numel() == 0
     assert sum(SEQUENCE_ROWS) == 300 and len(SEQUENCE_ROWS) == 40
     model, idx, next_tokens = model_and_next_tokens("llama")
+    cu = torch.tensor([0, 12, 24], dtype=torch.int32)
     with pytest.raises(ValueError, match="sequence_loss needs targets, cu_seqlens and fused_loss"):
-        model(idx, next_tokens, torch.tensor([0, 12, 24], dtype=torch.int32),
-              sequence_loss={"documents": [0, 1], "group": 2, "loss_fn": loss_fn})
+        model(idx, next_tokens, cu, sequence_loss={"documents": [0, 1], "group": 2, "loss_fn": loss_fn})
+    model.fused_loss = True
+    for bad in ([1, 0], [-1, 1], [0]):  # out of order, negative, a document with targets left out
+        with pytest.raises(ValueError, match="increasing indices of cu_seqlens' documents and hold every target"):
+            model(idx, next_tokens, cu, sequence_loss={"documents": bad, "group": 1, "loss_fn": loss_fn})
+    with pytest.raises(ValueError, match="sequence_loss goes alone"):
+        model(idx, next_tokens, cu, per_token=True, sequence_loss={"documents": [0, 1], "group": 2, "loss_fn": loss_fn})
     for rows, group, message in (([150, 149], 2, "summing to the 300 rows"), ([300], 2, "2-sequence groups"),
                                  ([301, -1], 2, "rows >= 0"), ([300], 0, "group must be a positive int")):
         with pytest.raises(ValueError, match=message):

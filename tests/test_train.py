@@ -576,7 +576,7 @@ def logps_alone(loader, m, doc, length):
 @pytest.mark.parametrize("kind, options", [("dpo", {}), ("dpo", {"label_smoothing": 0.2}), ("ipo", {}), ("hinge", {}),
                                            ("simpo", {"gamma": 0.3}), ("orpo", {}), ("dpo", {"sft_weight": 0.7}),
                                            ("simpo", {"sft_weight": 0.4})])
-def test_preference_batch_loss_is_each_sequence_alone(pairs_dir, kind, options, fused):
+def test_preference_batch_loss_is_each_sequence_alone(pairs_dir, kind, options, fused, monkeypatch):
     # fp64: the packed batch's loss and gradients are those of the formula on each sequence's
     # log-probability computed alone (its replies' tokens, cut as the loader cuts pairs to a row);
     # also with the loss fused with the output layer (pairs whole, their gradients in the forward),
@@ -585,15 +585,12 @@ def test_preference_batch_loss_is_each_sequence_alone(pairs_dir, kind, options, 
     policy.fused_loss = fused
     if fused:
         from pyllm import nn as pyllm_nn
-        fused_chunks = functools.partial(pyllm_nn.linear_sequence_loss, chunk_rows=12)
-        patch = pytest.MonkeyPatch.context()
-        monkeypatch = patch.__enter__()
-        monkeypatch.setattr("pyllm.model.linear_sequence_loss", fused_chunks)
+        monkeypatch.setattr("pyllm.model.linear_sequence_loss",
+                            functools.partial(pyllm_nn.linear_sequence_loss, chunk_rows=12))
     beta = 0.3
     loss, stats = trainer.preference_batch_loss(policy, batch, None if kind in ("simpo", "orpo") else reference,
                                                 kind=kind, beta=beta, fused=fused, **options)
-    if fused:
-        patch.__exit__(None, None, None)
+    monkeypatch.undo()
     loss.backward()
     got = [p.grad.clone() for p in policy.parameters()]
     policy.zero_grad()
@@ -668,6 +665,29 @@ def test_dpo_reference_of_a_lora_run_on_the_fly(pairs_dir, tmp_path, capsys):
     assert losses(tmp_path / "cut") == losses(tmp_path / "fly")
     with pytest.raises(ValueError, match="needs lora_rank"):
         TrainConfig(out_dir=str(tmp_path), preference="dpo", reference="lora-off").validate()
+
+
+def test_fused_preference_loss_leaves_the_balancing_loss_to_the_caller(pairs_dir):
+    # A mixture of experts in training: the fused pair loss (fp64) is the unfused one, loss, stats and
+    # gradients; neither includes the load-balancing loss (the training loop adds model.aux_loss once).
+    from pyllm.model import LLM, ModelConfig
+
+    got = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        policy = LLM(ModelConfig.from_preset("tiny", **{**TINY, "vocab_size": 64, "n_experts": 4,
+                                                         "router_aux_loss_coef": 0.1})).double()
+        policy.fused_loss = fused
+        loader = data.PackedLoader(pairs_dir / "train.bin", 3, 16, seed=4)
+        batch = (*loader.next_batch(), loader.docs)
+        loss, stats = trainer.preference_batch_loss(policy, batch, None, kind="simpo", beta=0.5, fused=fused)
+        assert policy.aux_loss is not None and float(policy.aux_loss) > 0
+        (loss + policy.aux_loss).backward()
+        got.append((loss.detach(), stats, [p.grad.clone() for p in policy.parameters()]))
+    assert got[1][0].item() == pytest.approx(got[0][0].item(), rel=1e-12)
+    torch.testing.assert_close(got[1][1], got[0][1], rtol=1e-12, atol=0)
+    for a, b in zip(got[1][2], got[0][2]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-14)
 
 
 def test_dpo_with_fused_loss_trains_as_without(pairs_dir, tmp_path):

@@ -208,10 +208,10 @@ def main() -> int:
                                      desirable=desirable)[0]
             losses.mean().backward()
 
-    # DPO with --fused-loss: the loss fused with the output layer, pairs whole (the trainer's way since
-    # 2026-12-03), and before that the token log-probabilities by linear_token_logps (the backward
-    # recomputing the logits); "pyllm packed": the logits of the trained tokens whole.
-    fused_runs = {} if kto or reward else {
+    # DPO / KTO with --fused-loss: the loss fused with the output layer, pairs (KTO: examples) whole (the
+    # trainer's way since 2026-12-03), and before that the token log-probabilities by linear_token_logps
+    # (the backward recomputing the logits); "pyllm packed": the logits of the trained tokens whole.
+    fused_runs = {} if reward else {
         "pyllm packed, fused loss": lambda limit=None: epoch_pyllm_packed(limit, True, True),
         "pyllm packed, fused logps": lambda limit=None: epoch_pyllm_packed(limit, True, False)}
     runs = {"pyllm packed": epoch_pyllm_packed, **fused_runs, **({"pyllm one pass": epoch_pyllm_one_pass} if kto else {}),

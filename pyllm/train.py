@@ -633,8 +633,9 @@ def segment_logps(model, batch, segments: list[int]) -> torch.Tensor:
 
 
 # The preference losses whose every pair's loss depends on that pair alone: with fused_loss their
-# gradients are made in the forward, a chunk of whole pairs at a time (LLM.forward's sequence_loss).
-FUSED_PREFERENCE_LOSSES = ("dpo", "ipo", "hinge", "simpo", "orpo")
+# gradients are made in the forward, a chunk of whole pairs at a time (LLM.forward's sequence_loss);
+# KTO's each example's alone once the batch's KL estimate is known (its pass comes first).
+FUSED_PREFERENCE_LOSSES = ("dpo", "ipo", "hinge", "simpo", "orpo", "kto")
 
 
 def preference_batch_loss(model, batch, reference, labels: np.ndarray | None = None,
@@ -661,7 +662,7 @@ def preference_batch_loss(model, batch, reference, labels: np.ndarray | None = N
         ref = torch.from_numpy(reference[[docs[i] for i in real]])
     chosen, rejected = real[0::2], real[1::2]
     desirable = kl = fused_total = None
-    if fused and options.get("kind") in FUSED_PREFERENCE_LOSSES and real:
+    if fused and options.get("kind") in FUSED_PREFERENCE_LOSSES and options.get("kind") != "kto" and real:
         tokens_real = sequence_logps((y != -1).to(torch.float32), cu)[real]
 
         def pair_losses(logps, d0, d1):  # the pairs of real documents d0 .. d1 - 1
@@ -683,16 +684,30 @@ def preference_batch_loss(model, batch, reference, labels: np.ndarray | None = N
         # take half of the backward's work for no gradient.
         with torch.no_grad():
             rejected_logps = segment_logps(model, batch, rejected)
-        chosen_logps = segment_logps(model, batch, chosen)
-        desirable = torch.tensor(labels[[docs[i] // 2 for i in chosen]], dtype=torch.bool, device=chosen_logps.device)
-        ref = None if ref is None else ref.to(chosen_logps)
+        desirable = torch.tensor(labels[[docs[i] // 2 for i in chosen]], dtype=torch.bool, device=rejected_logps.device)
+        ref = None if ref is None else ref.to(rejected_logps)
         # The KL estimate over all ranks' pairs of this micro-step (TRL gathers it too): the same
         # global rows give the same z whatever the number of processes.
         kl_sums = torch.stack([(rejected_logps - ref[1::2]).sum(), torch.tensor(float(len(rejected)))
-                               .to(chosen_logps)])
+                               .to(rejected_logps)])
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(kl_sums)
         kl = kl_sums[0] / kl_sums[1].clamp(min=1)
+        if fused and chosen:  # each example's loss alone, z known: fused with the output layer
+            x_alone, y_alone, cu_alone, at = segments_alone(x, y, cu, chosen)
+
+            def example_losses(logps, d0, d1):
+                seg = slice(d0, d1)
+                ref_of = ref[0::2][seg].to(logps)
+                return preference_loss(chosen_logps=logps, rejected_logps=logps.detach(),
+                                       chosen_tokens=torch.ones_like(logps), rejected_tokens=torch.ones_like(logps),
+                                       ref_chosen_logps=ref_of, ref_rejected_logps=ref_of, desirable=desirable[seg],
+                                       kl=kl, **options)[0].sum()
+
+            chosen_logps, fused_total = model(x_alone, y_alone, cu_alone, sequence_loss={
+                "documents": list(at), "group": 1, "loss_fn": example_losses})
+        else:
+            chosen_logps = segment_logps(model, batch, chosen)
     else:  # (N,) of every segment, padding too: log-probabilities, or a reward model's scores
         logps = (model(x, y, cu, scores=True)[1][:, 0] if options.get("kind") == "reward"
                  else sequence_logps(model(x, y, cu, per_token=True)[1], cu))

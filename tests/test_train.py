@@ -339,7 +339,7 @@ def run_two_processes(args: dict, timeout: float = 150) -> None:
                                         ("zero1", "lora"), ("fsdp", "fused-loss"), ("ddp", "dpo"), ("fsdp", "orpo"),
                                         ("fsdp", "dpo-lora-off"), ("ddp", "moe"), ("fsdp", "moe"), ("ddp", "distill"),
                                         ("fsdp", "distill"), ("ddp", "kto"), ("fsdp", "moe-lora"), ("ddp", "reward"),
-                                        ("fsdp", "dpo-fused-loss")])
+                                        ("fsdp", "dpo-fused-loss"), ("ddp", "kto-fused-loss")])
 def test_two_cpu_processes_match_one_and_resume_exactly(data_dir, chat_dir, pairs_dir, kto_dir, tmp_path, mode, kind):
     """2 gloo processes with batch 2 each = 1 process with batch 4 (to float rounding), both with 2
     micro-steps of gradient accumulation; a 2-process
@@ -351,7 +351,8 @@ def test_two_cpu_processes_match_one_and_resume_exactly(data_dir, chat_dir, pair
     fused-loss: the loss by linear_cross_entropy (its gradients computed in the forward, on the
     gathered output layer). dpo: preference pairs, the loss a mean over all of a step's pairs, the
     reference log-probabilities computed by both ranks' rows (and kept in the checkpoint); dpo-fused-loss
-    the same with the loss fused with the (gathered) output layer, pairs whole; orpo
+    the same with the loss fused with the (gathered) output layer, pairs whole (kto-fused-loss: each
+    example's, after the KL pass); orpo
     likewise without a reference; dpo-lora-off: the reference by the sharded model with its LoRA
     updates off, at each step. moe: 4 experts, 2 per token, without the load-balancing loss (a
     statistic of each rank's micro-batch, as transformers and Megatron-LM compute it: not the same
@@ -366,7 +367,7 @@ def test_two_cpu_processes_match_one_and_resume_exactly(data_dir, chat_dir, pair
         distill = dict(teacher=str(tmp_path / "teacher"), distill_beta=0.5, distill_temperature=2.0, distill_alpha=0.7)
     folder = {"conversations": chat_dir, "dpo": pairs_dir, "dpo-fused-loss": pairs_dir, "orpo": pairs_dir,
               "dpo-lora-off": pairs_dir,
-              "kto": kto_dir, "reward": pairs_dir}.get(kind, data_dir)
+              "kto": kto_dir, "kto-fused-loss": kto_dir, "reward": pairs_dir}.get(kind, data_dir)
     moe = dict(n_experts=4, router_aux_loss_coef=0.0) if kind in ("moe", "moe-lora") else {}
     if kind == "reward":  # untied: the output layer, which scores never use, stays out of DDP's reduction
         moe = dict(tie_embeddings=False)
@@ -378,6 +379,7 @@ def test_two_cpu_processes_match_one_and_resume_exactly(data_dir, chat_dir, pair
                   **({"lora_rank": 2, "lora_targets": "q,experts"} if kind == "moe-lora" else {}),
                   **({"preference": kind, "beta": 0.5} if kind in ("dpo", "orpo", "kto") else {}),
                   **({"preference": "dpo", "beta": 0.5, "fused_loss": True} if kind == "dpo-fused-loss" else {}),
+                  **({"preference": "kto", "beta": 0.5, "fused_loss": True} if kind == "kto-fused-loss" else {}),
                   **({"preference": "reward"} if kind == "reward" else {}),
                   **({"preference": "dpo", "beta": 0.5, "lora_rank": 2, "reference": "lora-off"}
                      if kind == "dpo-lora-off" else {}))
@@ -886,13 +888,23 @@ def kto_dir(tmp_path_factory):
     return folder
 
 
-def test_kto_batch_loss_is_each_sequence_alone(kto_dir):
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+def test_kto_batch_loss_is_each_sequence_alone(kto_dir, fused, monkeypatch):
     # fp64: KTO's loss and gradients on a packed batch are TRL's formula on each sequence alone: the
     # KL estimate z from the mismatched documents (clamped, no gradient), 1 - sigmoid(beta (r - z))
-    # for desirable examples and 1 - sigmoid(beta (z - r)) weighted for undesirable ones.
+    # for desirable examples and 1 - sigmoid(beta (z - r)) weighted for undesirable ones; also with
+    # each example's loss fused with the output layer (z known first; chunk_rows 3: the examples hold 0, 2
+    # and 4 trained tokens, 2 chunks).
     model, policy, loader, reference, batch = batch_of_pairs(kto_dir)
+    policy.fused_loss = fused
+    if fused:
+        from pyllm import nn as pyllm_nn
+        monkeypatch.setattr("pyllm.model.linear_sequence_loss",
+                            functools.partial(pyllm_nn.linear_sequence_loss, chunk_rows=3))
     beta, weights = 0.3, dict(desirable_weight=1.5, undesirable_weight=0.7)
-    loss, stats = trainer.preference_batch_loss(policy, batch, reference, loader.labels, kind="kto", beta=beta, **weights)
+    loss, stats = trainer.preference_batch_loss(policy, batch, reference, loader.labels, kind="kto", beta=beta,
+                                                fused=fused, **weights)
+    monkeypatch.undo()
     loss.backward()
     got = [p.grad.clone() for p in policy.parameters()]
     policy.zero_grad()

@@ -471,11 +471,12 @@ class LLM(nn.Module):
             raise ValueError("LLM.forward: sequence_loss needs targets, cu_seqlens and fused_loss, and is not compiled")
         if sequence_loss is not None and (per_token or hidden or distill is not None or scores):
             raise ValueError("LLM.forward: sequence_loss goes alone (not with per_token, hidden, distill or scores)")
-        positions = None
+        positions = doc = None
         if cu_seqlens is not None:
             B, T = idx.shape
             check_documents(cu_seqlens, B, T, idx.device)
-            starts = cu_seqlens.long()[document_ids(cu_seqlens, B, T)]  # (B, T): its document's first token
+            doc = document_ids(cu_seqlens, B, T)  # (B, T): each token's document
+            starts = cu_seqlens.long()[doc]  # (B, T): its document's first token
             positions = torch.arange(B * T, device=idx.device).view(B, T) - starts
         x, rope = self._embed(idx, positions=positions)
         recompute = self.activation_checkpointing and torch.is_grad_enabled()
@@ -506,7 +507,7 @@ class LLM(nn.Module):
             h = self.norm_f(x)  # (B, T, C)
             at = (targets != -1).nonzero(as_tuple=True)  # the trained tokens, document after document
             documents = list(sequence_loss["documents"])
-            counts = torch.bincount(document_ids(cu_seqlens, *idx.shape)[at], minlength=cu_seqlens.numel() - 1).tolist()
+            counts = torch.bincount(doc[at], minlength=cu_seqlens.numel() - 1).tolist()
             rows = [counts[d] for d in documents]
             if sorted(set(documents)) != documents or (documents and documents[0] < 0) or sum(rows) != len(at[0]):
                 raise ValueError("LLM.forward: sequence_loss's documents must be increasing indices of cu_seqlens' "

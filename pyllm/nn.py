@@ -828,6 +828,33 @@ def _logp_grad_(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, 
     return grad.scatter_add_(1, targets.clamp(min=0)[:, None], g[:, None])
 
 
+def _chunk_logps(xc, weight, tc, buffers, kernel: bool, scale: float, softcap: float, want_grad: bool = False):
+    """A chunk's logits and each row's log-probability of its target (0 where it is -1): by pyllm's
+    kernel over buffers' logits (c, V) in x's dtype (want_grad: they then hold d(-logp) / d logits),
+    or in torch ops ((c, V) scaled and capped in fp32 at least, with their log-sum-exp and the cap's
+    tanh for the backward). -> (logits, logps, lse or None, tanh or None)."""
+    if kernel:
+        logits = buffers.logits(xc, weight)  # (c, V) in x's dtype, read once by the kernel
+        loss = cross_entropy_ops.cross_entropy_rows_(logits, tc, ignore_index=-1, scale=scale, softcap=softcap,
+                                                     want_grad=want_grad)[0]
+        return logits, loss.neg(), None, None
+    acc = torch.promote_types(xc.dtype, torch.float32)
+    logits, tanh = _final_logits((xc @ weight.t()).to(acc), scale, softcap)  # (c, V)
+    lse = torch.logsumexp(logits, dim=-1)
+    logps = (logits.gather(1, tc.clamp(min=0)[:, None])[:, 0] - lse) * (tc != -1)
+    return logits, logps, lse, tanh
+
+
+def _logp_grad_over_(logits, tc, g, lse, tanh, kernel: bool, scale: float, softcap: float, dtype) -> torch.Tensor:
+    """Each row's g (fp32 at least) times d logp / d logits, 0 where the target is -1, over a chunk's
+    logits (_chunk_logps'), in dtype: by pyllm's kernel in place, or torch ops from lse and tanh."""
+    if kernel:  # the kernel's d(-logp) / d logits, times -g per row
+        cross_entropy_ops.cross_entropy_rows_(logits, tc, ignore_index=-1, scale=scale, softcap=softcap,
+                                              grad_rows=g.neg())
+        return logits
+    return _through_final(_logp_grad_(logits, lse, tc, g * (tc != -1)), tanh, scale).to(dtype)
+
+
 class _LinearTokenLogps(torch.autograd.Function):
     """log softmax(x W^T)[target] per row (0 where the target is -1), chunk by chunk: the (rows,
     vocab) logits exist one chunk at a time. Unlike _LinearCrossEntropy the gradient cannot be
@@ -852,26 +879,18 @@ class _LinearTokenLogps(torch.autograd.Function):
         for start in range(0, x.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
             tc = targets[rows]
+            logits, out[rows], chunk_lse, tanh = _chunk_logps(x[rows], weight, tc, buffers, kernel, scale, softcap,
+                                                              want_grad=jacobian)
             if kernel:
-                logits = buffers.logits(x[rows], weight)  # (c, V) in x's dtype, read once by the kernel
-                loss = cross_entropy_ops.cross_entropy_rows_(logits, tc, ignore_index=-1, scale=scale, softcap=softcap,
-                                                             want_grad=jacobian)[0]
-                torch.neg(loss, out=out[rows])
                 if jacobian:  # logits now hold d loss / d logits
                     jac[rows] = _rows_times(logits, weight)
+            elif jacobian:  # d loss / d logits = -d logp / d logits
+                grad = _logp_grad_(logits, chunk_lse, tc, -(tc != -1).to(acc))
+                jac[rows] = _rows_times(_through_final(grad, tanh, scale).to(x.dtype), weight)
+                del grad
             else:
-                logits, tanh = _final_logits((x[rows] @ weight.t()).to(acc), scale, softcap)  # (c, V)
-                chunk_lse = torch.logsumexp(logits, dim=-1)
-                valid = tc != -1
-                out[rows] = (logits.gather(1, tc.clamp(min=0)[:, None])[:, 0] - chunk_lse) * valid
-                if jacobian:  # d loss / d logits = -d logp / d logits
-                    grad = _logp_grad_(logits, chunk_lse, tc, -valid.to(acc))
-                    jac[rows] = _rows_times(_through_final(grad, tanh, scale).to(x.dtype), weight)
-                    del grad
-                else:
-                    lse[rows] = chunk_lse
-                del tanh
-            del logits  # before the next chunk's are made
+                lse[rows] = chunk_lse
+            del logits, tanh  # before the next chunk's are made
         if jacobian:
             ctx.save_for_backward(jac)
         else:
@@ -894,16 +913,14 @@ class _LinearTokenLogps(torch.autograd.Function):
         for start in range(0, x.shape[0], ctx.chunk_rows):
             rows = slice(start, start + ctx.chunk_rows)
             xc, tc = x[rows], targets[rows]
+            # the logits again (the kernel's not read: it writes the gradient over them)
             if ctx.kernel:
-                # d logp / d logits = -(d loss / d logits): the kernel's gradient times -grad_out per row
-                grad = buffers.logits(xc, weight)
-                cross_entropy_ops.cross_entropy_rows_(grad, tc, ignore_index=-1, scale=ctx.scale, softcap=ctx.softcap,
-                                                      grad_rows=grad_out[rows].to(acc).neg())
+                logits, tanh = buffers.logits(xc, weight), None
             else:
-                g = grad_out[rows].to(acc) * (tc != -1)  # (c,)
                 logits, tanh = _final_logits((xc @ weight.t()).to(acc), ctx.scale, ctx.softcap)
-                grad = _through_final(_logp_grad_(logits, lse[rows], tc, g), tanh, ctx.scale).to(x.dtype)
-                del logits, tanh
+            grad = _logp_grad_over_(logits, tc, grad_out[rows].to(acc), None if lse is None else lse[rows], tanh,
+                                    ctx.kernel, ctx.scale, ctx.softcap, x.dtype)
+            del logits, tanh
             buffers.add_grads(grad, xc, weight, rows, grad_x)
             del grad  # before the next chunk's are made
         grad_w = buffers.grad_w
@@ -972,14 +989,7 @@ class _LinearSequenceLoss(torch.autograd.Function):
 
         def chunk(r0, r1, s0, s1):
             xc, tc, oc = x[r0:r1], targets[r0:r1], owner[r0:r1] - s0
-            if kernel:
-                logits = buffers.logits(xc, weight)  # (c, V) in x's dtype
-                logps = -cross_entropy_ops.cross_entropy_rows_(logits, tc, ignore_index=-1, scale=scale,
-                                                               softcap=softcap, want_grad=False)[0]
-            else:
-                logits, tanh = _final_logits((xc @ weight.t()).to(acc), scale, softcap)  # (c, V)
-                lse = torch.logsumexp(logits, dim=-1)
-                logps = (logits.gather(1, tc.clamp(min=0)[:, None])[:, 0] - lse) * (tc != -1)
+            logits, logps, lse, tanh = _chunk_logps(xc, weight, tc, buffers, kernel, scale, softcap)
             sums = logps.new_zeros(s1 - s0).index_add_(0, oc, logps)  # (s,)
             seq_logps[s0:s1] = sums
             if not (need_x or need_w):
@@ -989,21 +999,13 @@ class _LinearSequenceLoss(torch.autograd.Function):
                 loss = loss_fn(leaf, s0, s1)
                 g_seq = torch.autograd.grad(loss, leaf, allow_unused=True)[0] if loss.requires_grad else None
             g = (torch.zeros_like(sums) if g_seq is None else g_seq)[oc]  # (c,) d loss / d logp_row
-            if kernel:  # the kernel's d(-logp) / d logits, times -g per row, over the logits
-                cross_entropy_ops.cross_entropy_rows_(logits, tc, ignore_index=-1, scale=scale, softcap=softcap,
-                                                      grad_rows=g.neg())
-                grad = logits
-            else:
-                grad = _through_final(_logp_grad_(logits, lse, tc, g * (tc != -1)), tanh, scale).to(x.dtype)
+            grad = _logp_grad_over_(logits, tc, g, lse, tanh, kernel, scale, softcap, x.dtype)
             buffers.add_grads(grad, xc, weight, slice(r0, r1), grad_x)
             return loss.detach()
 
         for r0, r1, s0, s1 in chunks:
             total += chunk(r0, r1, s0, s1)
-        grad_w = buffers.grad_w
-        if grad_w is not None and not chunks:
-            grad_w.zero_()
-        ctx.save_for_backward(grad_x, grad_w)
+        ctx.save_for_backward(grad_x, buffers.grad_w)  # (no rows: _ChunkBuffers' zeros)
         ctx.weight_dtype = weight.dtype
         ctx.mark_non_differentiable(seq_logps)
         return total.to(acc), seq_logps

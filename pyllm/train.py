@@ -661,9 +661,10 @@ def preference_batch_loss(model, batch, reference, labels: np.ndarray | None = N
     elif reference is not None:
         ref = torch.from_numpy(reference[[docs[i] for i in real]])
     chosen, rejected = real[0::2], real[1::2]
+    tokens = sequence_logps((y != -1).to(torch.float32), cu)  # each segment's trained tokens (exact counts)
     desirable = kl = fused_total = None
     if fused and options.get("kind") in FUSED_PREFERENCE_LOSSES and options.get("kind") != "kto" and real:
-        tokens_real = sequence_logps((y != -1).to(torch.float32), cu)[real]
+        tokens_real = tokens[real]
 
         def pair_losses(logps, d0, d1):  # the pairs of real documents d0 .. d1 - 1
             seg = slice(d0, d1)
@@ -713,7 +714,7 @@ def preference_batch_loss(model, batch, reference, labels: np.ndarray | None = N
                  else sequence_logps(model(x, y, cu, per_token=True)[1], cu))
         chosen_logps, rejected_logps = logps[chosen], logps[rejected]
         ref = None if ref is None else ref.to(logps)
-    tokens = sequence_logps((y != -1).to(chosen_logps.dtype), cu)  # each segment's trained tokens
+    tokens = tokens.to(chosen_logps)
     if margins is not None and options.get("kind") == "reward":  # a pair's documents are 2p, 2p + 1
         options = {**options, "margin": torch.from_numpy(margins[[docs[i] // 2 for i in chosen]]).to(chosen_logps)}
     losses, chosen_rewards, rejected_rewards = preference_loss(

@@ -979,6 +979,17 @@ LOGIT_SHAPES = {"plain": {}, "scaled": dict(scale=0.4), "capped": dict(softcap=3
 CHUNKS_AND_SHAPES = [(1, "plain")] + [(rows, shape) for rows in (37, None) for shape in LOGIT_SHAPES]
 
 
+def fused_loss_grid(test):
+    """The fused output-layer losses' test grid: device, dtype, chunking x logit shape, and the
+    softmax step (softmax_step's)."""
+    for mark in (pytest.mark.parametrize("step", ["kernel", "torch-ops"]),
+                 pytest.mark.parametrize("chunk_rows, shape", CHUNKS_AND_SHAPES),
+                 pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str),
+                 pytest.mark.parametrize("device", CPU_AND_CUDA)):
+        test = mark(test)
+    return test
+
+
 def output_layer_case(seed: int):
     """300 rows of width 64, a 1000-word output layer (float64) and targets, every 7th -1 (ignored)."""
     torch.manual_seed(seed)
@@ -1007,10 +1018,7 @@ def softmax_step(monkeypatch, how: str) -> None:
         monkeypatch.setattr(cross_entropy_ops, "takes", lambda logits: False)
 
 
-@pytest.mark.parametrize("device", CPU_AND_CUDA)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("chunk_rows, shape", CHUNKS_AND_SHAPES)
-@pytest.mark.parametrize("step", ["kernel", "torch-ops"])
+@fused_loss_grid
 def test_linear_cross_entropy_matches_float64(device, dtype, chunk_rows, shape, step, monkeypatch):
     # The fused linear cross-entropy (sum over rows, -1 targets ignored): loss and both gradients
     # within twice torch's own error in that dtype (x @ W^T in it, the softmax in fp32), whatever
@@ -1091,10 +1099,7 @@ def test_linear_cross_entropy_objectives_are_checked():
             linear_cross_entropy(x, w, t, **options)
 
 
-@pytest.mark.parametrize("device", CPU_AND_CUDA)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("chunk_rows, shape", CHUNKS_AND_SHAPES)
-@pytest.mark.parametrize("step", ["kernel", "torch-ops"])
+@fused_loss_grid
 @pytest.mark.parametrize("head", ["trained", "frozen"])
 def test_linear_token_logps_matches_float64(device, dtype, chunk_rows, shape, step, head, monkeypatch):
     # Each row's log-probability of its target without the logits in memory (recomputed in the
@@ -1143,10 +1148,7 @@ def pair_loss_fn(reference: torch.Tensor):
     return loss_fn
 
 
-@pytest.mark.parametrize("device", CPU_AND_CUDA)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("chunk_rows, shape", CHUNKS_AND_SHAPES)
-@pytest.mark.parametrize("step", ["kernel", "torch-ops"])
+@fused_loss_grid
 def test_linear_sequence_loss_matches_float64(device, dtype, chunk_rows, shape, step, monkeypatch):
     # A loss over pairs of sequences fused with the output layer (nn.linear_sequence_loss: whole
     # pairs per chunk, the gradients made in the forward): the loss, each sequence's log-probability

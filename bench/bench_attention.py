@@ -7,6 +7,7 @@ every implementation alike: forward 4 * B * T^2 * H * D (halved for causal), for
 for T = 2k..16k is recorded too (it should grow linearly in T: no T x T matrix). Decode rows:
 one new token against a KV cache of T tokens (flash_attn_with_kvcache vs SDPA on the cache).
 --overhead-only: the Python cost of one flash_attn_with_kvcache call on the CPU (call minus kernel).
+--paged: decode over a paged KV cache (block_table) vs gathering its blocks for SDPA (CPU).
 """
 from __future__ import annotations
 
@@ -284,6 +285,58 @@ def memory_rows(device: str, impls: dict, h: int, quick: bool) -> list[dict]:
     return rows
 
 
+def paged_rows(h: int, quick: bool, page: int = 16) -> list[dict]:
+    """Decode over a paged KV cache (CPU): B sequences of ragged lengths whose blocks of `page` tokens
+    (vLLM's default 16) lie shuffled in one pool. Ours reads the blocks where they are
+    (flash_attn_with_kvcache's block_table); the peer gathers each sequence's blocks into a
+    contiguous cache (torch indexing) and runs SDPA with a padding mask, what torch offers without a
+    paged kernel; ours on the same caches contiguous shows what the paging costs."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        for d in (64, 128):
+            for b, t in ((4, 2048),) if quick else ((1, 4096), (4, 2048), (16, 512)):
+                hk = h // 4  # GQA, as the models served this way
+                lengths = [t - (t // 4) * (i % 4) for i in range(b)]  # ragged: t, 3t/4, t/2, t/4, ...
+                per_seq = t // page
+                pool = torch.randn(b * per_seq, page, hk, d, dtype=dtype)
+                v_pool = torch.randn_like(pool)
+                table = torch.randperm(b * per_seq, generator=gen).view(b, per_seq).to(torch.int32)
+                k_cont, v_cont = pool[table.long()].flatten(1, 2), v_pool[table.long()].flatten(1, 2)  # (B, t, hk, d)
+                q = torch.randn(b, 1, h, d, dtype=dtype)
+                seqlens = torch.tensor(lengths, dtype=torch.int32)
+                mask = torch.arange(t)[None, :] < seqlens[:, None]  # (B, t)
+
+                def gather_sdpa():
+                    k, v = pool[table.long()].flatten(1, 2), v_pool[table.long()].flatten(1, 2)
+                    with sdpa_kernel([SDPBackend.MATH, SDPBackend.FLASH_ATTENTION]):
+                        out = F.scaled_dot_product_attention(
+                            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None, None, :],
+                            enable_gqa=True)
+                    return out.transpose(1, 2)
+
+                impls = {"pyllm paged": lambda: pyllm.flash_attn_with_kvcache(q, pool, v_pool, seqlens,
+                                                                               block_table=table),
+                         "pyllm contiguous": lambda: pyllm.flash_attn_with_kvcache(q, k_cache=k_cont, v_cache=v_cont,
+                                                                                    cache_seqlens=seqlens),
+                         "torch gather + sdpa": gather_sdpa}
+                timed = {}
+                for name, fn in impls.items():
+                    def step(fn=fn):
+                        with torch.no_grad():
+                            return fn()
+                    ms = common.median_ms(step, "cpu", warmup=3, repeat=20)
+                    timed[name] = ms
+                    rows.append({"dtype": str(dtype).removeprefix("torch."), "B": b, "T": t, "D": d, "causal": False,
+                                 "mode": f"decode paged {page}", "impl": name, "ms": round(ms, 3),
+                                 "note": f"Hkv {hk}, lengths {lengths[0]}..{lengths[-1]}"})
+                for row in rows[-3:-1]:
+                    row["vs gather+sdpa"] = f"{timed['torch gather + sdpa'] / row['ms']:.2f}x"
+    return rows
+
+
 def main() -> int:
     parser = common.base_parser(__doc__)
     parser.add_argument("--heads", type=int, default=8)
@@ -295,6 +348,8 @@ def main() -> int:
                         help="prefill rows with attention sinks (gpt-oss's): ours vs transformers' eager form")
     parser.add_argument("--alibi", action="store_true",
                         help="prefill rows with ALiBi (BLOOM's, MPT's): ours vs SDPA with the bias as a float mask")
+    parser.add_argument("--paged", action="store_true",
+                        help="only decode over a paged KV cache (CPU): ours vs gathering the blocks for SDPA")
     parser.add_argument("--overhead-only", action="store_true",
                         help="only the Python cost per flash_attn_with_kvcache call (CPU, tiny cache)")
     args = parser.parse_args()
@@ -305,6 +360,11 @@ def main() -> int:
         rows = overhead_rows(h)
         common.print_table(rows, ["dtype", "B", "T", "D", "mode", "impl", "call us", "kernel us", "overhead us"])
         common.write_json(args.json, "attention", "cpu", rows, {"heads": h})
+        return 0
+    if args.paged:
+        rows = paged_rows(h, args.quick)
+        common.print_table(rows, ["dtype", "B", "T", "D", "mode", "impl", "ms", "vs gather+sdpa", "note"])
+        common.write_json(args.json, "attention", "cpu", rows, {"heads": h, "paged": True})
         return 0
     rows = []
     only = args.decode_only or args.memory_only

@@ -183,7 +183,8 @@ PYBIND11_MODULE(_C, m) {
         arg("seqlen_k"), arg("n_heads"), arg("n_kv_heads"), arg("head_dim"), arg("q_strides"), arg("k_strides"),
         arg("v_strides"), arg("o_strides"), arg("lse_strides"), arg("scale"), arg("window_left"),
         arg("window_right"), arg("dtype"), arg("softcap") = 0.0, arg("alibi_slopes") = 0,
-        arg("alibi_batch_stride") = 0);
+        arg("alibi_batch_stride") = 0, arg("kv_batch_idx") = 0, arg("kv_leftpad") = 0, arg("block_table") = 0,
+        arg("block_table_stride") = 0, arg("page_size") = 0, arg("kv_rows") = 0);
   m.def("flash_attn_bwd_cpu", cpu.flash_attn_bwd_cpu, nogil, arg("dout"), arg("dlse"), arg("q"), arg("k"),
         arg("v"), arg("out"), arg("lse"), arg("dq"), arg("dk"), arg("dv"), arg("cu_seqlens_q"),
         arg("cu_seqlens_k"), arg("batch"), arg("seqlen_q"), arg("seqlen_k"), arg("n_heads"), arg("n_kv_heads"),

@@ -6,10 +6,12 @@
 Same layouts, same bottom-right causal alignment, same window semantics, same LSE shapes
 ((batch, n_heads, seqlen_q); (n_heads, total_q) for varlen); softcap and alibi_slopes on the CPU
 kernels (with ALiBi, flash-attn's causal kernels return an LSE shifted by slope * (i + seqlen_k -
-seqlen_q), pyllm's the bias as documented; the outputs agree). Options pyllm has no kernel for
-(dropout, softcap and ALiBi on CUDA, rotary embedding inside the kv-cache call, paged or indexed
-caches) raise NotImplementedError naming the option instead of being ignored: silently dropping one
-would give a different model. `return_attn_probs=True` returns (out, softmax_lse, None): flash-attn's
+seqlen_q), pyllm's the bias as documented; the outputs agree). The kv-cache call takes all of
+flash-attn's options: rotary embedding inside the call (any device), cache_batch_idx, cache_leftpad
+and paged caches (block_table, any page size; CPU kernels), return_softmax_lse. Options pyllm has no
+kernel for (dropout, softcap and ALiBi on CUDA, the cache options on CUDA, a block_table in the
+varlen call) raise NotImplementedError naming the option instead of being ignored: silently dropping
+one would give a different model. `return_attn_probs=True` returns (out, softmax_lse, None): flash-attn's
 third value only carries a dropout pattern for its own tests. `num_splits` is a tuning hint and is
 ignored (pyllm picks the split-KV count itself). Unlike flash-attn, CPU tensors work too (fp32,
 bf16, fp64).
@@ -93,17 +95,18 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Opti
                             num_splits: int = 0, return_softmax_lse: bool = False):
     """Attention over a KV cache, appending k / v (new tokens) in place at cache_seqlens. Note
     flash-attn's default causal=False here (pyllm.flash_attn_with_kvcache defaults to True).
-    cache_seqlens None means every cache is full (nothing to append)."""
+    cache_seqlens None means every cache is full (nothing to append). Unlike flash-attn 2, any
+    page size (not only multiples of 256), and cache_leftpad with a paged cache."""
     op = "flash_attn_with_kvcache"
-    _unsupported(op, rotary_cos=(rotary_cos, None), rotary_sin=(rotary_sin, None),
-                 cache_batch_idx=(cache_batch_idx, None), cache_leftpad=(cache_leftpad, None),
-                 block_table=(block_table, None), return_softmax_lse=(return_softmax_lse, False))
     if cache_seqlens is None:
         if k is not None:
             raise ValueError(f"{op}: appending k / v needs cache_seqlens (where the new tokens go)")
-        cache_seqlens = k_cache.shape[1]
+        # every cache full: a paged one holds its table's blocks
+        cache_seqlens = k_cache.shape[1] * (1 if block_table is None else block_table.shape[1])
     return _kvcache(q, k_cache, v_cache, cache_seqlens, k, v, causal, softmax_scale=softmax_scale,
-                    window=tuple(window_size), softcap=softcap, alibi_slopes=alibi_slopes)
+                    window=tuple(window_size), softcap=softcap, alibi_slopes=alibi_slopes, rotary_cos=rotary_cos,
+                    rotary_sin=rotary_sin, rotary_interleaved=rotary_interleaved, cache_batch_idx=cache_batch_idx,
+                    cache_leftpad=cache_leftpad, block_table=block_table, return_lse=return_softmax_lse)
 
 
 __all__ = ["flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func", "flash_attn_varlen_func",

@@ -423,7 +423,7 @@ def test_alibi_slopes_layouts_and_inference_tensors():
         out = fa._kvcache_eager_cpu(q, k_cache, v_cache, lengths, k_new, v_new, True, None, fa._NO_WINDOW, 0.0, slopes)
         assert out is not None, "the shortcut declined ALiBi slopes"
         want = torch.ops.pyllm.flash_attn_with_kvcache(q, ref_k, ref_v, lengths, k_new, v_new, 1 / math.sqrt(d), -1, 0,
-                                                        0.0, None, slopes)
+                                                        0.0, None, slopes)[0]
         assert torch.equal(out, want) and torch.equal(k_cache, ref_k)
     for bad in (slopes.double(), torch.full((h,), math.nan), slopes.clone().requires_grad_(), slopes[:, :2]):
         assert fa._kvcache_eager_cpu(q, k_cache, v_cache, lengths, k_new, v_new, True, None, fa._NO_WINDOW, 0.0,
@@ -1271,7 +1271,7 @@ def test_kvcache_softcap_matches_float64_reference(dtype, lengths_kind, n_new, w
     seqlens = lengths[0] if lengths_kind == "int" else torch.tensor(lengths, dtype=torch.int32)
     call = (pyllm.flash_attn_with_kvcache if lengths_kind != "op" else
             lambda *a, **kw: torch.ops.pyllm.flash_attn_with_kvcache(*a[:6], 1 / math.sqrt(d), kw["window"][0], 0,
-                                                                    kw["softcap"]))
+                                                                    kw["softcap"])[0])
     out = call(q, k_cache, v_cache, seqlens, k_new, v_new, causal=True, window=window, softcap=1.5)
     uncapped = pyllm.flash_attn_with_kvcache(q, k_cache.clone(), v_cache.clone(), seqlens, causal=True, window=window)
     assert not torch.allclose(out.float(), uncapped.float(), atol=1e-3)  # (the cap binds)
@@ -1385,7 +1385,7 @@ def test_kvcache_eager_shortcut_matches_the_op(dtype, cache_layout, new_layout, 
         assert out is not None, "the shortcut declined a plain eager CPU call"
         want = torch.ops.pyllm.flash_attn_with_kvcache(q, ref_k, ref_v, lengths_t, k_new, v_new,
                                                         1 / math.sqrt(d) if scale is None else scale, window[0],
-                                                        0 if causal else window[1])
+                                                        0 if causal else window[1])[0]
         assert torch.equal(out, want) and out.stride() == want.stride()
         assert torch.equal(k_cache, ref_k) and torch.equal(v_cache, ref_v)
         if n_new:  # appended where the op appends: the new rows are in the caches
@@ -1427,7 +1427,7 @@ def test_kvcache_int_length_path_matches_the_op(monkeypatch, device, n_new):
     ref_k, ref_v, _ = kv_cache_pair(b, cap, hk, d, dtype, "interleaved", base)
     k_cache, v_cache, ref_k, ref_v = (t.to(device) for t in (k_cache, v_cache, ref_k, ref_v))
     lengths_t = torch.full((b,), length, dtype=torch.int32, device=device)
-    want = torch.ops.pyllm.flash_attn_with_kvcache(q, ref_k, ref_v, lengths_t, k_new, v_new, 0.125, 7, 0)
+    want = torch.ops.pyllm.flash_attn_with_kvcache(q, ref_k, ref_v, lengths_t, k_new, v_new, 0.125, 7, 0)[0]
     with monkeypatch.context() as m:
         m.setattr(fa, "_flash_attn_with_kvcache", refuse)
         m.setattr(fa, "_flash_attn_with_kvcache_body", refuse)
@@ -1698,6 +1698,276 @@ def test_cpp_rechecks_raw_calls():
                                  "cu_seqlens_k": bad_cu.data_ptr(), "lse_strides": [0, 4]})
 
 
+# --- flash-attn's kv-cache options: cache_batch_idx, cache_leftpad, block_table, rotary, lse ---------
+
+def physical_cache(logical: torch.Tensor, layout: str, page: int, gen: torch.Generator):
+    """The cache `logical` (B, cap, Hkv, D) laid out as `layout` says: "rows" (each sequence a row of
+    a larger cache, rows shuffled: cache_batch_idx), "paged" (blocks of `page` positions shuffled
+    among spare ones: block_table; the table's unused tail names no real block) or "plain".
+    Returns (cache, options, to_logical), to_logical reading a cache back in logical order."""
+    b, cap = logical.shape[:2]
+    if layout == "rows":
+        rows = torch.randperm(b + 2, generator=gen)[:b].to(torch.int32)
+        cache = torch.full((b + 2, *logical.shape[1:]), math.nan, dtype=logical.dtype)
+        cache[rows.long()] = logical
+        return cache, {"cache_batch_idx": rows}, lambda c: c[rows.long()]
+    if layout == "paged":
+        per_seq = -(-cap // page)
+        blocks = torch.randperm(b * per_seq + 3, generator=gen)[:b * per_seq].view(b, per_seq).to(torch.int32)
+        cache = torch.full((b * per_seq + 3, page, *logical.shape[2:]), math.nan, dtype=logical.dtype)
+        padded = torch.cat([logical, logical.new_full((b, per_seq * page - cap, *logical.shape[2:]), math.nan)], 1)
+        cache[blocks.long()] = padded.view(b, per_seq, page, *logical.shape[2:])
+        table = torch.cat([blocks, torch.full((b, 2), 10**6, dtype=torch.int32)], 1)  # never read: past every key
+        # the capacity a table row addresses is (per_seq + 2) * page: reads stay within each row's keys
+        return cache, {"block_table": table}, lambda c: c[blocks.long()].flatten(1, 2)[:, :cap]
+    return logical.clone(), {}, lambda c: c
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("layout,page", [("rows", 0), ("paged", 16), ("paged", 7), ("plain", 0)])
+@pytest.mark.parametrize("leftpad", [False, True])
+@pytest.mark.parametrize("tq,n_new,window", [(1, 1, (-1, -1)), (1, 0, (40, -1)), (3, 3, (-1, -1)), (12, 12, (30, -1))])
+def test_kvcache_options_match_float64_reference(dtype, layout, page, leftpad, tq, n_new, window):
+    # Sequence b's keys are cache positions [pad_b, lengths_b + n_new) wherever the options put them;
+    # everything else in the caches is NaN, so a read of anything else shows. Up to 8 queries run the
+    # decode kernel on the cache in place (fp32 / bf16; a paged chunk ends with its block); more, and
+    # fp64, the tiled kernels on a copy of the sequences' rows. Paged with page 7: blocks cut chunks.
+    gen = torch.Generator().manual_seed(7)
+    b, cap, h, hk, d = 3, 60, 4, 2, 64
+    lengths = [5, 33, 60 - n_new]
+    pads = [3, 0, 20] if leftpad else [0, 0, 0]
+    logical = rand((b, cap, hk, d), dtype, "cpu"), rand((b, cap, hk, d), dtype, "cpu")
+    for t in logical:
+        for i, (n, pad) in enumerate(zip(lengths, pads)):
+            t[i, :pad] = math.nan
+            t[i, n:] = math.nan
+    (k_cache, options, to_logical), (v_cache, _, _) = (physical_cache(t, layout, page, torch.Generator().manual_seed(3))
+                                                       for t in logical)
+    if leftpad:
+        options["cache_leftpad"] = torch.tensor(pads, dtype=torch.int32)
+    q = rand((b, tq, h, d), dtype, "cpu")
+    k_new, v_new = (rand((b, n_new, hk, d), dtype, "cpu") for _ in range(2)) if n_new else (None, None)
+    seqlens = torch.tensor(lengths, dtype=torch.int32)
+    out, lse = pyllm.flash_attn_with_kvcache(q, k_cache, v_cache, seqlens, k_new, v_new, causal=True, window=window,
+                                             return_lse=True, **options)
+    assert out.shape == q.shape and lse.shape == (b, h, tq) and lse.dtype == (torch.float64 if dtype == torch.float64
+                                                                                else torch.float32)
+    keys, vals = to_logical(k_cache), to_logical(v_cache)
+    for i, (n, pad) in enumerate(zip(lengths, pads)):
+        if n_new:  # appended where the options say
+            assert torch.equal(keys[i, n:n + n_new], k_new[i]) and torch.equal(vals[i, n:n + n_new], v_new[i])
+        seq_k, seq_v = keys[i:i + 1, pad:n + n_new], vals[i:i + 1, pad:n + n_new]
+        assert torch.isfinite(seq_k).all()  # (the rows attended, untouched by the append of others)
+        ref, ref_lse = attention(q[i:i + 1].double(), seq_k.double(), seq_v.double(), causal=True, window=window)
+        if dtype == torch.float64:
+            assert rel_err(out[i:i + 1], ref) <= 1e-13 and rel_err(lse[i:i + 1], ref_lse) <= 1e-13
+            continue
+        torch_out, torch_lse = attention(q[i:i + 1], seq_k, seq_v, causal=True, window=window)
+        assert rel_err(out[i:i + 1], ref) <= tolerance(torch_out, ref), (i, n)
+        assert rel_err(lse[i:i + 1], ref_lse) <= tolerance(torch_lse, ref_lse) + 1e-6, (i, n)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_kvcache_options_equal_the_plain_call(dtype):
+    # Rows picked by cache_batch_idx and pages as long as the cache are the plain call's addresses:
+    # the same bits. Through the custom op (as torch.compile reaches it) as well.
+    b, cap, h, hk, d = 2, 40, 4, 1, 32
+    k_cache, v_cache = rand((b, cap, hk, d), dtype, "cpu"), rand((b, cap, hk, d), dtype, "cpu")
+    q, k_new = rand((b, 1, h, d), dtype, "cpu"), rand((b, 1, hk, d), dtype, "cpu")
+    seqlens = torch.tensor([10, 39], dtype=torch.int32)
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    want, want_lse = pyllm.flash_attn_with_kvcache(q, want_k, want_v, seqlens, k_new, k_new, return_lse=True)
+    rows = torch.tensor([1, 0], dtype=torch.int32)
+    ks, vs = k_cache.flip(0).contiguous(), v_cache.flip(0).contiguous()
+    out = pyllm.flash_attn_with_kvcache(q, ks, vs, seqlens, k_new, k_new, cache_batch_idx=rows)
+    assert torch.equal(out, want) and torch.equal(ks.flip(0), want_k) and torch.equal(vs.flip(0), want_v)
+    table = torch.tensor([[0], [1]], dtype=torch.int32)
+    kp, vp = k_cache.clone(), v_cache.clone()
+    out, lse = pyllm.flash_attn_with_kvcache(q, kp, vp, seqlens, k_new, k_new, block_table=table, return_lse=True)
+    assert torch.equal(out, want) and torch.equal(lse, want_lse) and torch.equal(kp, want_k)
+    kp, vp = k_cache.clone(), v_cache.clone()
+    out, lse = torch.ops.pyllm.flash_attn_with_kvcache(q, kp, vp, seqlens, k_new, k_new, 1 / math.sqrt(d), -1, 0, 0.0,
+                                                       None, None, None, None, table)
+    assert torch.equal(out, want) and torch.equal(lse, want_lse) and torch.equal(kp, want_k)
+
+
+def rotary_tables(n: int, rotary_dim: int, dtype=torch.float32):
+    angles = torch.arange(n, dtype=torch.float64)[:, None] * 10000.0 ** (-torch.arange(0, rotary_dim, 2) / rotary_dim)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotate_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """x (T, H, D) rotated by per-token cos / sin (T, rotary_dim / 2), written out pair by pair, in x's dtype."""
+    out = x.clone()
+    half = cos.shape[-1]
+    for i in range(half):
+        a, b = (2 * i, 2 * i + 1) if interleaved else (i, i + half)
+        c, s_ = cos[:, i, None].to(x.dtype), sin[:, i, None].to(x.dtype)
+        out[..., a] = x[..., a] * c - x[..., b] * s_
+        out[..., b] = x[..., a] * s_ + x[..., b] * c
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("interleaved", [True, False])
+@pytest.mark.parametrize("rotary_dim", [64, 32])
+@pytest.mark.parametrize("causal,window", [(True, (-1, -1)), (False, (-1, -1)), (False, (8, 4))])
+@pytest.mark.parametrize("options", ["plain", "paged"])
+def test_kvcache_rotary_matches_float64_reference(dtype, interleaved, rotary_dim, causal, window, options):
+    # flash-attn's rotary inside the call: new key j of sequence b at position cache_seqlens[b] + j,
+    # query i there too when causal or windowed, else every query at cache_seqlens[b]; the appended
+    # keys are the rotated ones (one rounding from fp32 math: within twice torch's own error of the
+    # same formula in the dtype); the output that of the rotated q over the cache.
+    b, cap, h, hk, d, tq = 2, 48, 4, 2, 64, 3
+    lengths = [4, 30]
+    cos, sin = rotary_tables(cap + 32, rotary_dim)  # a row per position a table row addresses (paged: 5 blocks of 16)
+    k_cache, v_cache = rand((b, cap, hk, d), dtype, "cpu"), rand((b, cap, hk, d), dtype, "cpu")
+    before = k_cache.clone()
+    q, k_new, v_new = rand((b, tq, h, d), dtype, "cpu"), rand((b, tq, hk, d), dtype, "cpu"), rand((b, tq, hk, d), dtype, "cpu")
+    seqlens = torch.tensor(lengths, dtype=torch.int32)
+    extra = {}
+    kc, vc = k_cache, v_cache
+    if options == "paged":
+        (kc, extra, to_logical), (vc, _, _) = (physical_cache(t, "paged", 16, torch.Generator().manual_seed(5))
+                                               for t in (k_cache, v_cache))
+    out = pyllm.flash_attn_with_kvcache(q, kc, vc, seqlens, k_new, v_new, causal=causal, window=window, rotary_cos=cos,
+                                        rotary_sin=sin, rotary_interleaved=interleaved, **extra)
+    keys, vals = (to_logical(kc), to_logical(vc)) if options == "paged" else (kc, vc)
+    per_query = causal or window != (-1, -1)
+    for i, n in enumerate(lengths):
+        k_pos = torch.arange(n, n + tq)
+        q_pos = k_pos if per_query else torch.full((tq,), n)
+        ref_k = rotate_reference(k_new[i].double(), cos.double()[k_pos], sin.double()[k_pos], interleaved)
+        torch_k = rotate_reference(k_new[i], cos[k_pos], sin[k_pos], interleaved)
+        assert rel_err(keys[i, n:n + tq], ref_k) <= tolerance(torch_k, ref_k)
+        assert torch.equal(keys[i, :n], before[i, :n]) and torch.equal(vals[i, n:n + tq], v_new[i])
+        ref_q = rotate_reference(q[i].double(), cos.double()[q_pos], sin.double()[q_pos], interleaved)
+        seq_k = torch.cat([k_cache[i, :n].double(), ref_k])[None]
+        seq_v = torch.cat([v_cache[i, :n], v_new[i]]).double()[None]
+        ref, _ = attention(ref_q[None], seq_k, seq_v, causal=causal, window=window)
+        torch_q = rotate_reference(q[i], cos[q_pos], sin[q_pos], interleaved)
+        torch_out, _ = attention(torch_q[None], torch.cat([k_cache[i, :n], torch_k])[None], seq_v.to(dtype),
+                                 causal=causal, window=window)
+        assert rel_err(out[i:i + 1], ref) <= tolerance(torch_out, ref), i
+
+
+def test_kvcache_options_compile_and_opcheck():
+    # The options through the custom op: torch.compile traces the call (rotary's torch ops around
+    # it) without graph breaks, and opcheck passes with a paged cache and with cache rows.
+    b, h, hk, d, page = 2, 4, 2, 32, 8
+    table = torch.tensor([[3, 0, 5], [1, 4, 2]], dtype=torch.int32)
+    cache = rand((6, page, hk, d), torch.float32, "cpu")
+    q, k_new = rand((b, 1, h, d), torch.float32, "cpu"), rand((b, 1, hk, d), torch.float32, "cpu")
+    cos, sin = rotary_tables(3 * page, 16)
+    seqlens = torch.tensor([5, 17], dtype=torch.int32)
+
+    def step(q, kc, vc, k_new):
+        return pyllm.flash_attn_with_kvcache(q, kc, vc, seqlens, k_new, k_new, rotary_cos=cos, rotary_sin=sin,
+                                             rotary_interleaved=False, block_table=table, return_lse=True)
+
+    want_k, want_v = cache.clone(), cache.clone()
+    want = step(q, want_k, want_v, k_new)
+    torch._dynamo.reset()
+    kc, vc = cache.clone(), cache.clone()
+    got = torch.compile(step, fullgraph=True)(q, kc, vc, k_new)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert torch.equal(kc, want_k) and torch.equal(vc, want_v)
+    for extra in ((None, None, table), (torch.tensor([1, 0], dtype=torch.int32), torch.tensor([2, 0], dtype=torch.int32), None)):
+        kc = rand((6, page, hk, d) if extra[2] is not None else (b, 3 * page, hk, d), torch.float32, "cpu")
+        torch.library.opcheck(torch.ops.pyllm.flash_attn_with_kvcache.default,
+                              (q, kc, kc.clone(), seqlens, k_new, k_new, 0.25, -1, 0, 0.0, None, None, *extra))
+
+
+def test_kvcache_options_checks():
+    b, h, hk, d = 2, 4, 2, 32
+    q = rand((b, 1, h, d), torch.float32, "cpu")
+    cache = rand((b, 16, hk, d), torch.float32, "cpu")
+    new = rand((b, 1, hk, d), torch.float32, "cpu")
+    lens = torch.tensor([3, 9], dtype=torch.int32)
+    i32 = lambda *v: torch.tensor(v, dtype=torch.int32)
+    call = lambda **kw: pyllm.flash_attn_with_kvcache(q, *kw.pop("caches", (cache, cache.clone())), lens,
+                                                      *kw.pop("new", (new, new)), **kw)
+    before = cache.clone()
+    cases = [
+        (dict(cache_batch_idx=i32(0, 2)), ValueError, r"cache_batch_idx must lie in \[0, 2\)"),
+        (dict(cache_batch_idx=i32(0, -1)), ValueError, r"cache_batch_idx must lie in \[0, 2\)"),
+        (dict(cache_batch_idx=torch.tensor([0, 1])), TypeError, "cache_batch_idx must be int32"),
+        (dict(cache_batch_idx=i32(0)), ValueError, r"cache_batch_idx must be \(batch,\)"),
+        (dict(cache_leftpad=i32(4, 0)), ValueError, r"cache_leftpad must lie in \[0, cache_seqlens\]"),
+        (dict(cache_leftpad=[0, 0]), TypeError, "cache_leftpad must be an int32 tensor"),
+        (dict(block_table=i32(0, 1)), ValueError, r"block_table must be \(batch, blocks per sequence\)"),
+        (dict(block_table=i32([0], [2])), ValueError, r"block_table\[1\] must name blocks in \[0, 2\)"),
+        (dict(block_table=i32([0], [1]), cache_batch_idx=i32(0, 1)), ValueError, "takes no cache_batch_idx"),
+        (dict(block_table=torch.zeros(2, 0, dtype=torch.int32)), ValueError, "at least one block"),
+        (dict(caches=(cache[:1], cache[:1].clone())), ValueError, "same batch size"),
+        (dict(rotary_cos=torch.ones(16, 8)), ValueError, "both rotary_cos and rotary_sin"),
+        (dict(rotary_cos=torch.ones(16, 8), rotary_sin=torch.ones(16, 8), new=(None, None)), ValueError,
+         "give k_new and v_new too"),
+        (dict(rotary_cos=torch.ones(16, 17), rotary_sin=torch.ones(16, 17)), ValueError, r"rotary_dim .* \[2, head_dim"),
+        (dict(rotary_cos=torch.ones(15, 8), rotary_sin=torch.ones(15, 8)), ValueError, "a row per cache position"),
+        (dict(rotary_cos=torch.ones(16, 8), rotary_sin=torch.ones(16, 4)), ValueError, r"both be \(seqlen_ro"),
+        (dict(rotary_cos=torch.ones(16, 8, dtype=torch.int32), rotary_sin=torch.ones(16, 8)), TypeError, "floating"),
+    ]
+    for kw, error, message in cases:
+        with pytest.raises(error, match=message):
+            call(**kw)
+        assert torch.equal(cache, before), kw  # nothing appended
+    # a paged cache's blocks past the keys are not read, nor checked
+    out = pyllm.flash_attn_with_kvcache(q, cache, cache.clone(), lens, block_table=i32([0, 99], [1, -5]))
+    assert torch.isfinite(out).all()
+    # the C++ launcher re-checks the indices it reads
+    args = dict(q=q.data_ptr(), k=cache.data_ptr(), v=cache.data_ptr(), out=q.clone().data_ptr(),
+                lse=torch.empty(b * h).data_ptr(), cu_seqlens_q=0, cu_seqlens_k=0, seqused_k=lens.data_ptr(), batch=b,
+                seqlen_q=1, seqlen_k=16, n_heads=h, n_kv_heads=hk, head_dim=d, q_strides=list(q.stride()[:3]),
+                k_strides=list(cache.stride()[:3]), v_strides=list(cache.stride()[:3]),
+                o_strides=list(q.stride()[:3]), lse_strides=[h, 1], scale=0.1, window_left=-1, window_right=0, dtype=0)
+    rows, table, pads = i32(0, 5), i32([0, 1], [7, 0]), i32(0, 10)
+    with pytest.raises(ValueError, match=r"cache_batch_idx 5 of sequence 1 is outside \[0, 2\)"):
+        _C.flash_attn_fwd_cpu(**args, kv_batch_idx=rows.data_ptr(), kv_rows=2)
+    with pytest.raises(ValueError, match=r"block_table\[1, 0\] = 7 is outside \[0, 2\)"):
+        _C.flash_attn_fwd_cpu(**{**args, "seqlen_k": 16}, block_table=table.data_ptr(), block_table_stride=2,
+                              page_size=8, kv_rows=2)
+    with pytest.raises(ValueError, match=r"block_table_stride \* page_size"):
+        _C.flash_attn_fwd_cpu(**args, block_table=table.data_ptr(), block_table_stride=1, page_size=8, kv_rows=2)
+    with pytest.raises(ValueError, match=r"cache_leftpad 10 of sequence 1 is outside \[0, 9\]"):
+        _C.flash_attn_fwd_cpu(**args, kv_leftpad=pads.data_ptr())
+    with pytest.raises(ValueError, match="are for KV-cache calls"):
+        _C.flash_attn_fwd_cpu(**{**args, "seqused_k": 0}, kv_leftpad=pads.data_ptr())
+
+
+@pytest.mark.cuda
+def test_kvcache_cache_options_have_no_cuda_kernel_yet():
+    q = torch.randn(2, 1, 2, 64, device="cuda", dtype=torch.bfloat16)
+    cache = torch.randn(2, 8, 2, 64, device="cuda", dtype=torch.bfloat16)
+    idx = torch.tensor([1, 0], dtype=torch.int32, device="cuda")
+    for name, value in (("cache_batch_idx", idx), ("cache_leftpad", idx), ("block_table", idx[:, None])):
+        with pytest.raises(NotImplementedError, match=f"{name} has a CPU kernel only"):
+            pyllm.flash_attn_with_kvcache(q, cache, cache.clone(), 3, q[:, :, :2], q[:, :, :2], **{name: value})
+    before = cache.clone()
+    with pytest.raises(NotImplementedError, match="block_table has a CPU kernel only"):
+        torch.ops.pyllm.flash_attn_with_kvcache(q, cache, cache.clone(), idx, q, q, 0.125, -1, 0, 0.0, None, None,
+                                                None, None, idx[:, None])
+    assert torch.equal(cache, before)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("interleaved", [True, False])
+def test_kvcache_rotary_and_lse_on_cuda(interleaved):
+    # rotary and return_lse run on every device: CUDA against the same call on the CPU in fp32
+    b, cap, h, hk, d = 2, 64, 4, 2, 64
+    k_cache = rand((b, cap, hk, d), torch.bfloat16, "cpu")
+    q, k_new = rand((b, 1, h, d), torch.bfloat16, "cpu"), rand((b, 1, hk, d), torch.bfloat16, "cpu")
+    cos, sin = rotary_tables(cap, 32)
+    lens = torch.tensor([7, 50], dtype=torch.int32)
+    kw = dict(rotary_cos=cos, rotary_sin=sin, rotary_interleaved=interleaved, return_lse=True)
+    want, want_lse = pyllm.flash_attn_with_kvcache(q.float(), k_cache.float(), k_cache.float(), lens, k_new.float(),
+                                                   k_new.float(), **kw)
+    kc = k_cache.cuda()
+    out, lse = pyllm.flash_attn_with_kvcache(q.cuda(), kc, kc.clone(), lens.cuda(), k_new.cuda(), k_new.cuda(),
+                                             **{**kw, "rotary_cos": cos.cuda(), "rotary_sin": sin.cuda()})
+    assert rel_err(out, want) < 2e-2 and rel_err(lse, want_lse) < 1e-2
+
+
 # --- flash-attn's interface names (pyllm.flash_attn_interface) -------------------------------------
 
 def test_flash_attn_interface_matches_pyllm():
@@ -1754,12 +2024,24 @@ def test_flash_attn_interface_kvcache_and_unsupported_options():
     assert torch.equal(fai.flash_attn_func(q, k, k, alibi_slopes=slopes), pyllm.flash_attn(q, k, k, alibi_slopes=slopes))
     assert torch.equal(fai.flash_attn_with_kvcache(q, k, k, alibi_slopes=slopes),
                        pyllm.flash_attn_with_kvcache(q, k, k, k.shape[1], causal=False, alibi_slopes=slopes))
+    # the kv-cache options pass through: rotary, cache rows, left pads, paged caches, the LSE
+    cos, sin = rotary_tables(16, 32)
+    rows, pads, table = (torch.tensor(v, dtype=torch.int32) for v in ([1, 0], [2, 0], [[1, 0], [0, 1]]))
+    for kw in (dict(rotary_cos=cos, rotary_sin=sin, rotary_interleaved=False), dict(cache_batch_idx=rows),
+               dict(cache_leftpad=pads), dict(block_table=table)):
+        kc = [t.clone() for t in cache] if "block_table" not in kw else [t.view(4, 8, 2, 64).clone() for t in cache]
+        ours = [t.clone() for t in kc]
+        out, lse = fai.flash_attn_with_kvcache(q, *ours, *new, cache_seqlens=seqlens, causal=True, return_softmax_lse=True,
+                                               **{k.replace("rotary_interleaved", "rotary_interleaved"): v for k, v in kw.items()})
+        want, want_lse = pyllm.flash_attn_with_kvcache(q, *kc, seqlens, *new, causal=True, return_lse=True, **kw)
+        assert torch.equal(out, want) and torch.equal(lse, want_lse) and torch.equal(ours[0], kc[0])
+    # a full paged cache: cache_seqlens None means every block of the table
+    paged = cache[0].view(4, 8, 2, 64)
+    assert torch.equal(fai.flash_attn_with_kvcache(q, paged, paged, block_table=table),
+                       pyllm.flash_attn_with_kvcache(q, paged, paged, 16, causal=False, block_table=table))
     for call, option in ((lambda: fai.flash_attn_func(q, k, k, dropout_p=0.1), "dropout_p"),
-                                          (lambda: fai.flash_attn_varlen_func(q[0], k[0], k[0], seqlens, seqlens, 1, 1,
-                                                             block_table=seqlens), "block_table"),
-                         (lambda: fai.flash_attn_with_kvcache(q, k, k, rotary_cos=k, rotary_sin=k), "rotary_cos"),
-                         (lambda: fai.flash_attn_with_kvcache(q, k, k, cache_batch_idx=seqlens), "cache_batch_idx"),
-                         (lambda: fai.flash_attn_with_kvcache(q, k, k, return_softmax_lse=True), "return_softmax_lse")):
+                         (lambda: fai.flash_attn_varlen_func(q[0], k[0], k[0], seqlens, seqlens, 1, 1,
+                                                             block_table=seqlens), "block_table")):
         with pytest.raises(NotImplementedError, match=option):
             call()
 

@@ -6,7 +6,9 @@
 // another. Varlen: the batch dim is the sequence index, tokens are packed into one (total, H, D)
 // tensor and sequence b holds tokens cu_seqlens[b] .. cu_seqlens[b+1]; batch strides are then 0.
 // A KV cache (decode) gives each sequence's key count in seqused_k instead, keys starting at
-// token 0 of their batch row.
+// token 0 of their batch row, or (CPU kernels only, flash-attn's kv-cache options) at token
+// kv_leftpad[b] of batch row kv_batch_idx[b], or, paged, token t of sequence b at row t % page_size
+// of block block_table[b][t / page_size] (k and v then (blocks, page_size, Hkv, D)).
 // LSE: element (b, h, t) at lse[b * lse_batch_stride + h * lse_head_stride + token index], where
 // the token index is the packed one for varlen ((H, total) layout) and t otherwise ((B, H, Tq)).
 //
@@ -38,6 +40,11 @@ struct AttnParams {
   const int32_t* cu_seqlens_q = nullptr;  // varlen: (batch + 1,), else null
   const int32_t* cu_seqlens_k = nullptr;
   const int32_t* seqused_k = nullptr;  // KV cache: (batch,) key counts, else null
+  // KV cache only, CPU kernels only (see the layout above); null: none.
+  const int32_t* kv_batch_idx = nullptr;  // (batch,): sequence b's row of k / v (cache_batch_idx)
+  const int32_t* kv_leftpad = nullptr;    // (batch,): sequence b's first key in its row (cache_leftpad)
+  const int32_t* block_table = nullptr;   // (batch, block_table_stride): paged k / v
+  int64_t block_table_stride = 0, page_size = 0;
 
   int64_t batch = 0, seqlen_q = 0, seqlen_k = 0;  // seqlen_*: the max over sequences for varlen
   // Varlen on CUDA: the packed token counts of q and k. The host does not read cu_seqlens there
@@ -103,6 +110,10 @@ PYLLM_HD SeqInfo seq_info(const AttnParams& p, int64_t b) {
     s.k_start = 0;
     // KV cache lengths are checked on the CPU, not on CUDA (a sync): clamped to the capacity.
     s.len_k = p.seqused_k ? clamp_to(p.seqused_k[b], 0, p.seqlen_k) : p.seqlen_k;
+    if (p.kv_leftpad) {  // keys [leftpad, seqused): the cache's first leftpad rows are not the sequence's
+      s.k_start = clamp_to(p.kv_leftpad[b], 0, s.len_k);
+      s.len_k -= s.k_start;
+    }
   }
   return s;
 }

@@ -815,7 +815,8 @@ void decode(const AttnParams& p) {
       // Keys that some query sees (the bounds are monotone in the query), then this split's share.
       const int64_t all_lo = s.len_q ? key_lo(p, 0, s.len_q, s.len_k) : 0;
       const int64_t all_hi = s.len_q ? key_hi(p, s.len_q - 1, s.len_q, s.len_k) : 0;
-      const int64_t span = all_hi > all_lo ? (all_hi - all_lo + splits - 1) / splits : 0;
+      int64_t span = all_hi > all_lo ? (all_hi - all_lo + splits - 1) / splits : 0;
+      if (p.block_table) span = (span + kDecodeChunk - 1) / kDecodeChunk * kDecodeChunk;  // splits on chunk edges
       const int64_t k0 = std::min(all_hi, all_lo + sp * span), k1 = std::max(k0, std::min(all_hi, k0 + span));
       for (int64_t x = 0; x < rows; ++x) {
         const int64_t i = x % p.seqlen_q;
@@ -830,17 +831,31 @@ void decode(const AttnParams& p) {
         }
       }
       // Chunk by chunk, all kv heads of a token range: the reads walk the cache in memory order.
-      for (int64_t j0 = k0; j0 < k1; j0 += kDecodeChunk) {
-        const int64_t nk = std::min(kDecodeChunk, k1 - j0);
+      for (int64_t j0 = k0, nk = 0; j0 < k1; j0 += nk) {
+        nk = std::min(kDecodeChunk, k1 - j0);
+        // A paged cache's chunk ends with its block, so that its rows are one stride apart, and
+        // chunks start at multiples of kDecodeChunk cache positions: with blocks of a multiple of it
+        // (vLLM's 16), full chunks. Cut at the blocks' edges instead, a split of blocks of 16 ran
+        // twice the contiguous cache's time in half-empty chunks (2-core EPYC, 2026-12-03).
+        if (p.block_table) {
+          const int64_t pos = s.k_start + j0;
+          nk = std::min({nk, kDecodeChunk - pos % kDecodeChunk, p.page_size - pos % p.page_size});
+        }
         for (int64_t hk = 0; hk < p.n_kv_heads; ++hk) {
           const int64_t x0 = hk * R;
+          // The chunk's rows are one stride apart (a paged chunk lies in one block); the rows
+          // kDecodePrefetch ahead may lie in another block, looked up only for a paged cache.
+          const T* __restrict kchunk = kv_row<T>(p, p.k, p.k_strides, b, s.k_start + j0, hk);
+          const int64_t kld = p.k_strides[1];
           for (int64_t j = 0; j < kDecodeChunk; ++j) {
             if (j >= nk) {
               for (int64_t r = 0; r < R; ++r) sc[(x0 + r) * kDecodeChunk + j] = -kInf;
               continue;
             }
-            const T* __restrict krow = at<T>(p.k, p.k_strides, b, s.k_start + j0 + j, hk);
-            if (j0 + j + kDecodePrefetch < k1) prefetch_row<D>(krow + kDecodePrefetch * p.k_strides[1]);
+            const T* __restrict krow = kchunk + j * kld;
+            if (j0 + j + kDecodePrefetch < k1)
+              prefetch_row<D>(p.block_table ? kv_row<T>(p, p.k, p.k_strides, b, s.k_start + j0 + j + kDecodePrefetch, hk)
+                                            : krow + kDecodePrefetch * kld);
             V kv[C];
             for (int c = 0; c < C; ++c) kv[c] = vload_f32(krow + c * L);
             const int64_t key = j0 + j;
@@ -896,10 +911,12 @@ void decode(const AttnParams& p) {
           }
           // O += P V with each row's O in registers over the chunk (through memory, every key
           // waited on the previous key's store); rows after the first re-read V from L1.
-          const T* __restrict vrow0 = at<T>(p.v, p.v_strides, b, s.k_start + j0, hk);
+          const T* __restrict vrow0 = kv_row<T>(p, p.v, p.v_strides, b, s.k_start + j0, hk);
           const int64_t vld = p.v_strides[1];
           for (int64_t j = 0; j < nk; ++j)
-            if (j0 + j + kDecodePrefetch < k1) prefetch_row<D>(vrow0 + (j + kDecodePrefetch) * vld);
+            if (j0 + j + kDecodePrefetch < k1)
+              prefetch_row<D>(p.block_table ? kv_row<T>(p, p.v, p.v_strides, b, s.k_start + j0 + j + kDecodePrefetch, hk)
+                                            : vrow0 + (j + kDecodePrefetch) * vld);
           for (int64_t x = x0; x < x0 + R; ++x) {
             float* __restrict ox = o.data() + x * D;
             const float* __restrict px = sc.data() + x * kDecodeChunk;
@@ -1206,6 +1223,89 @@ static void set_alibi(AttnParams& p, uintptr_t slopes, int64_t batch_stride) {
                   p.alibi_slopes[b * batch_stride + h], " for sequence ", b, ", head ", h);
 }
 
+// The forward's kernel for these (checked) arguments: decode, AMX tiles or the tiled kernel.
+static void forward(const AttnParams& p) {
+  if (decode_path(p)) {
+    dispatch_head_dim(p.head_dim, [&](auto d) {
+      if (p.dtype == int(DType::bf16)) decode<decltype(d)::value, bf16>(p);
+      else decode<decltype(d)::value, float>(p);
+    });
+    return;
+  }
+  if (p.dtype == int(DType::bf16) && amx_enabled() && p.softcap == 0 && !p.alibi_slopes) {  // nor ALiBi
+    flash_attn_fwd_amx(p);
+    return;
+  }
+  dispatch_head_dim(p.head_dim, [&](auto d) {
+    dispatch_dtype(p.dtype, [&](auto t) {
+      using T = typename decltype(t)::type;
+      dispatch_bf16_dot<T>([&](auto dot) { fwd<decltype(d)::value, T, decltype(dot)::value>(p); });
+    });
+  });
+}
+
+// flash-attn's kv-cache options (see AttnParams): each index read here (host memory) and checked
+// against the cache it points into (kv_rows: its batch rows, or blocks when paged).
+static void set_kv_options(AttnParams& p, uintptr_t kv_batch_idx, uintptr_t kv_leftpad, uintptr_t block_table,
+                           int64_t block_table_stride, int64_t page_size, int64_t kv_rows) {
+  if (!kv_batch_idx && !kv_leftpad && !block_table) return;
+  PYLLM_CHECK(p.seqused_k, "flash_attn: cache_batch_idx, cache_leftpad and block_table are for KV-cache calls");
+  PYLLM_CHECK(!(kv_batch_idx && block_table), "flash_attn: a paged cache (block_table) takes no cache_batch_idx");
+  p.kv_batch_idx = reinterpret_cast<const int32_t*>(kv_batch_idx);
+  p.kv_leftpad = reinterpret_cast<const int32_t*>(kv_leftpad);
+  p.block_table = reinterpret_cast<const int32_t*>(block_table);
+  if (p.block_table) {
+    PYLLM_CHECK(page_size > 0 && block_table_stride > 0 && block_table_stride * page_size >= p.seqlen_k,
+                "flash_attn: a paged cache needs page_size > 0 and block_table_stride * page_size >= its capacity (",
+                p.seqlen_k, "), got page_size ", page_size, ", block_table_stride ", block_table_stride);
+    p.block_table_stride = block_table_stride, p.page_size = page_size;
+  }
+  for (int64_t b = 0; b < p.batch; ++b) {
+    const int64_t used = p.seqused_k[b];  // checked to lie in [0, seqlen_k] before
+    if (p.kv_leftpad)
+      PYLLM_CHECK(p.kv_leftpad[b] >= 0 && p.kv_leftpad[b] <= used, "flash_attn: cache_leftpad ", p.kv_leftpad[b],
+                  " of sequence ", b, " is outside [0, ", used, "] (its cache length)");
+    if (p.kv_batch_idx)
+      PYLLM_CHECK(p.kv_batch_idx[b] >= 0 && p.kv_batch_idx[b] < kv_rows, "flash_attn: cache_batch_idx ",
+                  p.kv_batch_idx[b], " of sequence ", b, " is outside [0, ", kv_rows, ") (the cache's batch rows)");
+    if (p.block_table) {
+      const int64_t first = (p.kv_leftpad ? p.kv_leftpad[b] : 0) / page_size;
+      for (int64_t blk = first; blk * page_size < used; ++blk) {
+        const int32_t e = p.block_table[b * block_table_stride + blk];
+        PYLLM_CHECK(e >= 0 && e < kv_rows, "flash_attn: block_table[", b, ", ", blk, "] = ", e, " is outside [0, ",
+                    kv_rows, ") (the cache's blocks)");
+      }
+    }
+  }
+}
+
+// The tiled kernels read a sequence's keys as rows at one stride: a paged or indexed cache is copied
+// into one (batch, longest, Hkv, D) buffer for them (calls with more than kDecodeMaxQueries queries,
+// or fp64; decode-sized calls read the cache where it is). The copy is the cache's bytes once,
+// against attention's reads of it once per block of queries.
+template <typename T>
+static void gather_kv(AttnParams& p, std::vector<T>& k, std::vector<T>& v) {
+  int64_t longest = 0;
+  for (int64_t b = 0; b < p.batch; ++b) longest = std::max<int64_t>(longest, p.seqused_k[b]);
+  const int64_t D = p.head_dim, row = p.n_kv_heads * D;
+  k.assign(size_t(p.batch * longest * row), T{});  // zero bits: rows before a left pad stay unread
+  v.assign(k.size(), T{});
+#pragma omp parallel for if (p.batch > 1)
+  for (int64_t b = 0; b < p.batch; ++b) {
+    const SeqInfo s = seq_info(p, b);
+    for (int64_t t = s.k_start; t < s.k_start + s.len_k; ++t)
+      for (int64_t hk = 0; hk < p.n_kv_heads; ++hk) {
+        const int64_t dst = (b * longest + t) * row + hk * D;
+        std::copy_n(kv_row<T>(p, p.k, p.k_strides, b, t, hk), D, k.data() + dst);
+        std::copy_n(kv_row<T>(p, p.v, p.v_strides, b, t, hk), D, v.data() + dst);
+      }
+  }
+  p.k = k.data(), p.v = v.data(), p.seqlen_k = longest;
+  const int64_t strides[3] = {longest * row, row, D};
+  std::copy_n(strides, 3, p.k_strides), std::copy_n(strides, 3, p.v_strides);
+  p.block_table = p.kv_batch_idx = nullptr;
+}
+
 const char* flash_attn_cpu_amx() {
   return amx_enabled() ? "on" : flash_attn_amx_usable() ? "off" : "unavailable";
 }
@@ -1217,7 +1317,8 @@ void flash_attn_fwd_cpu(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, ui
                         const std::vector<int64_t>& v_strides, const std::vector<int64_t>& o_strides,
                         const std::vector<int64_t>& lse_strides, double scale, int64_t window_left,
                         int64_t window_right, int dtype, double softcap, uintptr_t alibi_slopes,
-                        int64_t alibi_batch_stride) {
+                        int64_t alibi_batch_stride, uintptr_t kv_batch_idx, uintptr_t kv_leftpad,
+                        uintptr_t block_table, int64_t block_table_stride, int64_t page_size, int64_t kv_rows) {
   AttnParams p = make_attn_params(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, batch, seqlen_q, seqlen_k,
                                   n_heads, n_kv_heads, head_dim, q_strides, k_strides, v_strides, o_strides,
                                   lse_strides, scale, window_left, window_right, dtype);
@@ -1228,27 +1329,21 @@ void flash_attn_fwd_cpu(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, ui
   p.lse = reinterpret_cast<void*>(lse);
   const int64_t total_q = total_tokens(p.cu_seqlens_q, batch, seqlen_q);
   check_seqlens(p, total_q, total_tokens(p.cu_seqlens_k, batch, seqlen_k), seqlen_k);
+  set_kv_options(p, kv_batch_idx, kv_leftpad, block_table, block_table_stride, page_size, kv_rows);
   if (total_q == 0) return;
   PYLLM_CHECK(q && out && lse, "flash_attn: null data pointer for a non-empty tensor");
   PYLLM_CHECK((k && v) || total_tokens(p.cu_seqlens_k, batch, seqlen_k) == 0,
               "flash_attn: null data pointer for a non-empty tensor");
-  if (decode_path(p)) {
-    dispatch_head_dim(head_dim, [&](auto d) {
-      if (dtype == int(DType::bf16)) decode<decltype(d)::value, bf16>(p);
-      else decode<decltype(d)::value, float>(p);
-    });
-    return;
-  }
-  if (dtype == int(DType::bf16) && amx_enabled() && p.softcap == 0 && !p.alibi_slopes) {  // nor ALiBi
-    flash_attn_fwd_amx(p);
-    return;
-  }
-  dispatch_head_dim(head_dim, [&](auto d) {
+  if ((p.block_table || p.kv_batch_idx) && !decode_path(p)) {
     dispatch_dtype(dtype, [&](auto t) {
       using T = typename decltype(t)::type;
-      dispatch_bf16_dot<T>([&](auto dot) { fwd<decltype(d)::value, T, decltype(dot)::value>(p); });
+      std::vector<T> k_rows, v_rows;
+      gather_kv(p, k_rows, v_rows);
+      forward(p);
     });
-  });
+    return;
+  }
+  forward(p);
 }
 
 void flash_attn_bwd_cpu(uintptr_t dout, uintptr_t dlse, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out,

@@ -11,6 +11,7 @@ import os
 from array import array
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -27,7 +28,7 @@ DTYPES = {
 
 # --- validation ---------------------------------------------------------------------------------
 
-def _check_qkv(op: str, q, k, v, varlen: bool) -> None:
+def _check_qkv(op: str, q, k, v, varlen: bool, same_batch: bool = True) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         _util.check_tensor(op, name, t, DTYPES)
     _util.check_same(op, q=q, k=k, v=v)
@@ -48,7 +49,7 @@ def _check_qkv(op: str, q, k, v, varlen: bool) -> None:
     if n_kv_heads == 0 or n_heads % n_kv_heads:
         raise ValueError(f"{op}: the number of query heads ({n_heads}) must be a multiple of the number of "
                          f"key/value heads ({n_kv_heads}) (GQA / MQA)")
-    if not varlen and q.shape[0] != k.shape[0]:
+    if not varlen and same_batch and q.shape[0] != k.shape[0]:
         raise ValueError(f"{op}: q and k must have the same batch size, got {q.shape[0]} and {k.shape[0]}")
 
 
@@ -181,12 +182,16 @@ def _alibi_args(slopes: Optional[Tensor]) -> dict:
 
 def flash_attn_forward_into(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                             scale, window_left, window_right, seqused_k=None, softcap: float = 0.0,
-                            alibi_slopes: Optional[Tensor] = None) -> None:
-    """Runs the forward kernel into out (q's shape, contiguous) and lse. Inputs already checked."""
+                            alibi_slopes: Optional[Tensor] = None, cache_options: Optional[dict] = None) -> None:
+    """Runs the forward kernel into out (q's shape, contiguous) and lse. Inputs already checked.
+    cache_options: the CPU launcher's KV-cache arguments (_cache_option_args), their seqlen_k too."""
     _check_softcap_device(q, softcap)
     _check_alibi_device(q, alibi_slopes)
     varlen = cu_seqlens_q is not None
     batch, seqlen_q, seqlen_k = _sizes(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
+    if cache_options:
+        cache_options = dict(cache_options)
+        seqlen_k = cache_options.pop("seqlen_k")
     args = (_util.ptr(q), _util.ptr(k), _util.ptr(v), _util.ptr(out), _util.ptr(lse), _opt_ptr(cu_seqlens_q),
             _opt_ptr(cu_seqlens_k), _opt_ptr(seqused_k), batch, seqlen_q, seqlen_k, q.shape[-2], k.shape[-2],
             q.shape[-1], _strides3(q, varlen), _strides3(k, varlen), _strides3(v, varlen), _strides3(out, varlen),
@@ -194,7 +199,7 @@ def flash_attn_forward_into(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_s
     if q.is_cuda:
         _C.flash_attn_fwd_cuda(*args, q.device.index, _util.stream_of(q), **_packed_totals(q, k, varlen))
     else:
-        _C.flash_attn_fwd_cpu(*args, softcap=float(softcap), **_alibi_args(alibi_slopes))
+        _C.flash_attn_fwd_cpu(*args, softcap=float(softcap), **_alibi_args(alibi_slopes), **(cache_options or {}))
 
 
 # The CUDA backward's two implementations (csrc/cuda/flash_attn_bwd.cu): the tensor-core kernels
@@ -404,16 +409,121 @@ def _check_cache_lengths(lengths: list[int], n_new: int, capacity: int, shown=No
                          f"[0, {capacity}] (the cache's capacity), got cache_seqlens {lengths if shown is None else shown}")
 
 
+def _cache_capacity(k_cache: Tensor, block_table: Optional[Tensor]) -> int:
+    """Keys a sequence's cache holds: its row's length, or a paged cache's blocks per sequence times
+    the block size."""
+    return k_cache.shape[1] if block_table is None else block_table.shape[1] * k_cache.shape[1]
+
+
+def _check_cache_options_device(q: Tensor, cache_batch_idx, cache_leftpad, block_table, op: str) -> None:
+    for name, t in (("cache_batch_idx", cache_batch_idx), ("cache_leftpad", cache_leftpad),
+                    ("block_table", block_table)):
+        if t is not None and q.is_cuda:
+            raise NotImplementedError(f"{op}: {name} has a CPU kernel only for now; on CUDA pass None")
+
+
+def _check_cache_options(op: str, q: Tensor, k_cache: Tensor, cache_batch_idx, cache_leftpad, block_table) -> None:
+    """A public call's cache_batch_idx / cache_leftpad (int32 (batch,)) and block_table (int32 (batch,
+    blocks per sequence)): types, shapes and devices. Their values are read on the host in the body."""
+    _check_cache_options_device(q, cache_batch_idx, cache_leftpad, block_table, op)
+    batch = q.shape[0]
+    for name, t in (("cache_batch_idx", cache_batch_idx), ("cache_leftpad", cache_leftpad),
+                    ("block_table", block_table)):
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{op}: {name} must be an int32 tensor or None, got {type(t).__name__}")
+        if t.dtype != torch.int32:
+            raise TypeError(f"{op}: {name} must be int32, got {t.dtype}")
+        want = "(batch, blocks per sequence)" if name == "block_table" else "(batch,)"
+        if t.dim() != (2 if name == "block_table" else 1) or t.shape[0] != batch or t.device != q.device:
+            raise ValueError(f"{op}: {name} must be {want} with batch {batch} on {q.device}, got "
+                             f"{tuple(t.shape)} on {t.device}")
+    if block_table is not None and cache_batch_idx is not None:
+        raise ValueError(f"{op}: a paged cache (block_table) takes no cache_batch_idx: its table already says "
+                         "where each sequence's keys are")
+    if cache_batch_idx is None and block_table is None and k_cache.shape[0] != batch:
+        raise ValueError(f"{op}: q and k_cache must have the same batch size, got {batch} and {k_cache.shape[0]} "
+                         "(cache_batch_idx picks rows of a larger cache)")
+    if block_table is not None and block_table.shape[1] == 0:
+        raise ValueError(f"{op}: block_table must have at least one block per sequence")
+
+
+def _cache_option_args(k_cache: Tensor, lengths: list[int], n_new: int, cache_batch_idx, cache_leftpad,
+                       block_table) -> dict:
+    """The options' values checked on the host (before anything is appended), as the CPU launcher's
+    arguments (which checks them again). lengths: cache_seqlens, checked already."""
+    op = "flash_attn_with_kvcache"
+    args = {"seqlen_k": _cache_capacity(k_cache, block_table), "kv_rows": k_cache.shape[0]}
+    if cache_batch_idx is not None:
+        rows = cache_batch_idx.tolist()
+        if any(not 0 <= r < k_cache.shape[0] for r in rows):
+            raise ValueError(f"{op}: cache_batch_idx must lie in [0, {k_cache.shape[0]}) (k_cache's batch rows), "
+                             f"got {rows}")
+        cache_batch_idx = cache_batch_idx.contiguous()
+        args["kv_batch_idx"] = _util.ptr(cache_batch_idx)
+    if cache_leftpad is not None:
+        pads = cache_leftpad.tolist()
+        if any(not 0 <= pad <= n for pad, n in zip(pads, lengths)):
+            raise ValueError(f"{op}: cache_leftpad must lie in [0, cache_seqlens] for each sequence, got {pads} "
+                             f"with cache_seqlens {lengths}")
+        cache_leftpad = cache_leftpad.contiguous()
+        args["kv_leftpad"] = _util.ptr(cache_leftpad)
+    if block_table is not None:
+        # The blocks that hold each sequence's keys, at once (a table of B x 128 blocks in a Python
+        # loop took 0.13 ms of a 0.17 ms decode step, B = 4, cache 2,048, blocks of 16).
+        page = k_cache.shape[1]
+        table = block_table.numpy()
+        pads = np.zeros(len(lengths), np.int64) if cache_leftpad is None else cache_leftpad.numpy().astype(np.int64)
+        ends = (np.asarray(lengths, np.int64) + n_new + page - 1) // page
+        cols = np.arange(table.shape[1])
+        bad = (cols >= (pads // page)[:, None]) & (cols < ends[:, None]) & ((table < 0) | (table >= k_cache.shape[0]))
+        if bad.any():
+            b = int(bad.any(axis=1).argmax())
+            used = table[b, pads[b] // page:ends[b]].tolist()
+            raise ValueError(f"{op}: block_table[{b}] must name blocks in [0, {k_cache.shape[0]}) (k_cache's "
+                             f"blocks) for its {lengths[b] + n_new} keys, got {used}")
+        block_table = block_table.contiguous()
+        args.update(block_table=_util.ptr(block_table), block_table_stride=block_table.shape[1], page_size=page)
+    # The tensors whose addresses the launcher reads live until the call returns.
+    args["_keep"] = (cache_batch_idx, cache_leftpad, block_table)
+    return args
+
+
+def _append_kv_where(k_cache: Tensor, v_cache: Tensor, k_new: Tensor, v_new: Tensor, lengths: list[int],
+                     cache_batch_idx: Optional[Tensor], block_table: Optional[Tensor]) -> None:
+    """cache positions n_b .. n_b + n_new of sequence b = new[b], where the options put them: batch
+    row cache_batch_idx[b], or the blocks of block_table[b] (a copy per block touched)."""
+    n_new = k_new.shape[1]
+    rows = cache_batch_idx.tolist() if cache_batch_idx is not None else range(len(lengths))
+    tables = block_table.tolist() if block_table is not None else None
+    page = k_cache.shape[1]
+    for cache, new in ((k_cache, k_new), (v_cache, v_new)):
+        for b, n in enumerate(lengths):
+            if tables is None:
+                cache[rows[b], n:n + n_new].copy_(new[b])
+                continue
+            t = n
+            while t < n + n_new:
+                step = min(page - t % page, n + n_new - t)
+                cache[tables[b][t // page], t % page:t % page + step].copy_(new[b, t - n:t - n + step])
+                t += step
+
+
 def _flash_attn_with_kvcache_body(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor,
                              k_new: Optional[Tensor], v_new: Optional[Tensor], softmax_scale: float,
                              window_left: int, window_right: int, softcap: float = 0.0,
-                             sinks: Optional[Tensor] = None, alibi_slopes: Optional[Tensor] = None) -> Tensor:
+                             sinks: Optional[Tensor] = None, alibi_slopes: Optional[Tensor] = None,
+                             cache_batch_idx: Optional[Tensor] = None, cache_leftpad: Optional[Tensor] = None,
+                             block_table: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     # The op called directly: what CUDA lacks is refused before anything is appended
-    _check_softcap_device(q, softcap, "flash_attn_with_kvcache")
-    _check_alibi_device(q, alibi_slopes, "flash_attn_with_kvcache")
+    op = "flash_attn_with_kvcache"
+    _check_softcap_device(q, softcap, op)
+    _check_alibi_device(q, alibi_slopes, op)
+    _check_cache_options_device(q, cache_batch_idx, cache_leftpad, block_table, op)
     _check_cache_layout(k_cache, v_cache)
     n_new = 0 if k_new is None else k_new.shape[1]
-    capacity = k_cache.shape[1]
+    capacity = _cache_capacity(k_cache, block_table)
     lengths = None
     if _check_seqlens_on_host(cache_seqlens):
         lengths = cache_seqlens.tolist()  # a sync for CUDA tensors: only when asked for
@@ -422,7 +532,14 @@ def _flash_attn_with_kvcache_body(q: Tensor, k_cache: Tensor, v_cache: Tensor, c
         # CPU fast path (decode steps are short: the general path below cost ~0.1 ms of Python and
         # tensor ops per call, about the kernel's own time at cache 512): the lengths are known and
         # valid, so no clamp, and the append is one slice copy per sequence.
-        if n_new:
+        options = keep = None
+        if cache_batch_idx is not None or cache_leftpad is not None or block_table is not None:
+            options = _cache_option_args(k_cache, lengths, n_new, cache_batch_idx, cache_leftpad, block_table)
+            keep = options.pop("_keep")  # alive until the kernel has read them
+            if n_new:
+                _append_kv_where(k_cache, v_cache, k_new, v_new, lengths, cache_batch_idx, block_table)
+            seqused_k = torch.tensor([n + n_new for n in lengths], dtype=torch.int32)
+        elif n_new:
             for b, n in enumerate(lengths):
                 k_cache[b, n:n + n_new].copy_(k_new[b])
                 v_cache[b, n:n + n_new].copy_(v_new[b])
@@ -434,8 +551,9 @@ def _flash_attn_with_kvcache_body(q: Tensor, k_cache: Tensor, v_cache: Tensor, c
         lse = torch.empty(_lse_shape(q, False), dtype=_lse_dtype(q))
         flash_attn_forward_into(q, k_cache, v_cache, out, lse, None, None, q.shape[1], capacity, softmax_scale,
                                 window_left, window_right, seqused_k=seqused_k, softcap=softcap,
-                                alibi_slopes=alibi_slopes)
-        return out if sinks is None else _with_sinks(out, lse, sinks, False)[0]
+                                alibi_slopes=alibi_slopes, cache_options=options)
+        del keep
+        return (out, lse) if sinks is None else _with_sinks(out, lse, sinks, False)
     # Unchecked (CUDA), lengths are clamped so that the append and the kernel stay inside the cache:
     # the identity for valid lengths.
     cache_seqlens = cache_seqlens.clamp(0, capacity - n_new)
@@ -451,10 +569,10 @@ def _flash_attn_with_kvcache_body(q: Tensor, k_cache: Tensor, v_cache: Tensor, c
 
 def _attend_cache(q: Tensor, k_cache: Tensor, v_cache: Tensor, seqused_k: Tensor, softmax_scale: float,
                   window_left: int, window_right: int, softcap: float = 0.0, sinks: Optional[Tensor] = None,
-                  alibi_slopes: Optional[Tensor] = None) -> Tensor:
+                  alibi_slopes: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """Attention of q over each cache's first seqused_k[b] (int32, valid) keys: the split-KV decode
     kernel on the GPU, the forward kernel on the CPU (softcap, alibi_slopes: the CPU's alone, checked
-    before)."""
+    before). Returns (out, lse)."""
     capacity = k_cache.shape[1]
     q = _last_dim_contiguous(q)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -475,7 +593,7 @@ def _attend_cache(q: Tensor, k_cache: Tensor, v_cache: Tensor, seqused_k: Tensor
         flash_attn_forward_into(q, k_cache, v_cache, out, lse, None, None, q.shape[1], capacity, softmax_scale,
                                 window_left, window_right, seqused_k=seqused_k, softcap=softcap,
                                 alibi_slopes=alibi_slopes)
-    return out if sinks is None else _with_sinks(out, lse, sinks, False)[0]
+    return (out, lse) if sinks is None else _with_sinks(out, lse, sinks, False)
 
 
 # As _flash_attn: the op wraps the plain function, which eager CPU calls run themselves.
@@ -485,13 +603,13 @@ _flash_attn_with_kvcache = torch.library.custom_op("pyllm::flash_attn_with_kvcac
 
 @_flash_attn_with_kvcache.register_fake
 def _(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale, window_left, window_right, softcap=0.0,
-      sinks=None, alibi_slopes=None):
-    return q.new_empty(q.shape)
+      sinks=None, alibi_slopes=None, cache_batch_idx=None, cache_leftpad=None, block_table=None):
+    return q.new_empty(q.shape), q.new_empty(_lse_shape(q, False), dtype=_lse_dtype(q))
 
 
 def _kvcache_with_int_length(q, k_cache, v_cache, length: int, k_new, v_new, softmax_scale: float, window_left: int,
                              window_right: int, softcap: float = 0.0, sinks: Optional[Tensor] = None,
-                             alibi_slopes: Optional[Tensor] = None) -> Tensor:
+                             alibi_slopes: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """The op's body for eager calls whose cache length is one int for every sequence (the model's
     decode step; CPU calls the shortcut below declines): known on the host, it is checked there
     (no sync), the append is one slice copy per cache and the lengths one fill, so on the GPU 4
@@ -729,17 +847,86 @@ def flash_attn(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, softmax
     return (out, lse) if return_lse else out
 
 
+def _check_rotary(op: str, q: Tensor, k_new: Optional[Tensor], rotary_cos, rotary_sin, capacity: int) -> None:
+    """flash-attn's rotary tables: (seqlen_ro, rotary_dim / 2) each, float, on q's device, rotary_dim
+    at most head_dim, at least one row per cache position, given with the new keys they rotate."""
+    if rotary_cos is None and rotary_sin is None:
+        return
+    if rotary_cos is None or rotary_sin is None:
+        raise ValueError(f"{op}: give both rotary_cos and rotary_sin or neither")
+    if k_new is None:
+        raise ValueError(f"{op}: rotary_cos / rotary_sin rotate the new keys (and q) before they are appended: "
+                         "give k_new and v_new too (as flash-attn)")
+    for name, t in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor or None, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{op}: {name} must be on q's device {q.device}, got {t.device}")
+    if rotary_cos.shape != rotary_sin.shape or rotary_cos.dim() != 2:
+        raise ValueError(f"{op}: rotary_cos and rotary_sin must both be (seqlen_ro, rotary_dim / 2), got "
+                         f"{tuple(rotary_cos.shape)} and {tuple(rotary_sin.shape)}")
+    rotary_dim = 2 * rotary_cos.shape[1]
+    if not 0 < rotary_dim <= q.shape[-1]:
+        raise ValueError(f"{op}: rotary_dim (2 * rotary_cos.shape[1] = {rotary_dim}) must lie in [2, head_dim = "
+                         f"{q.shape[-1]}]")
+    if rotary_cos.shape[0] < capacity:
+        raise ValueError(f"{op}: rotary_cos / rotary_sin need a row per cache position: {rotary_cos.shape[0]} rows "
+                         f"for a capacity of {capacity}")
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool) -> Tensor:
+    """x (B, T, H, D) rotated in its first rotary_dim = 2 * cos.shape[-1] dims by the angles whose
+    cos / sin (B, T, rotary_dim / 2) are given; fp32 math (fp64 for fp64) and one rounding, as
+    flash-attn's kernel. Interleaved (GPT-J): pairs (0, 1), (2, 3), ...; else (GPT-NeoX, Llama's
+    rotate-half): pairs (i, i + rotary_dim / 2)."""
+    math_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    rotary_dim = 2 * cos.shape[-1]
+    cos, sin = cos.to(math_dtype)[:, :, None], sin.to(math_dtype)[:, :, None]  # (B, T, 1, rotary_dim / 2)
+    part = x[..., :rotary_dim].to(math_dtype)
+    x1, x2 = (part[..., 0::2], part[..., 1::2]) if interleaved else part.chunk(2, dim=-1)
+    r1, r2 = x1 * cos - x2 * sin, x1 * sin + x2 * cos
+    rotated = torch.stack((r1, r2), dim=-1).flatten(-2) if interleaved else torch.cat((r1, r2), dim=-1)
+    return torch.cat((rotated.to(x.dtype), x[..., rotary_dim:]), dim=-1)
+
+
+def _rotate_new(q: Tensor, k_new: Tensor, cache_seqlens, rotary_cos: Tensor, rotary_sin: Tensor, interleaved: bool,
+                per_query: bool) -> tuple[Tensor, Tensor]:
+    """q and k_new rotated at their cache positions, flash-attn's: new key j of sequence b at
+    cache_seqlens[b] + j, query i there too (per_query) or every query at cache_seqlens[b]. A few new
+    tokens against the whole cache the attention reads: torch ops, on any device. Positions past
+    the tables (bad unchecked CUDA lengths, which the append clamps too) take their last row."""
+    batch, device = q.shape[0], q.device
+    if isinstance(cache_seqlens, Tensor):
+        base = cache_seqlens.long()
+    else:
+        base = torch.full((batch,), cache_seqlens, dtype=torch.long, device=device)
+    last = rotary_cos.shape[0] - 1
+    k_pos = (base[:, None] + torch.arange(k_new.shape[1], device=device)).clamp(0, last)  # (B, T_new)
+    q_pos = base[:, None] + (torch.arange(q.shape[1], device=device) if per_query else torch.zeros(1, dtype=torch.long,
+                                                                                                 device=device))
+    q_pos = q_pos.clamp(0, last).expand(batch, q.shape[1])  # (B, Tq)
+    return (_rotate(q, rotary_cos[q_pos], rotary_sin[q_pos], interleaved),
+            _rotate(k_new, rotary_cos[k_pos], rotary_sin[k_pos], interleaved))
+
+
 def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens, k_new: Optional[Tensor] = None,
                             v_new: Optional[Tensor] = None, causal: bool = True, *,
                             softmax_scale: Optional[float] = None, window: tuple[int, int] = _NO_WINDOW,
                             softcap: float = 0.0, sinks: Optional[Tensor] = None,
-                            alibi_slopes: Optional[Tensor] = None) -> Tensor:
+                            alibi_slopes: Optional[Tensor] = None, rotary_cos: Optional[Tensor] = None,
+                            rotary_sin: Optional[Tensor] = None, rotary_interleaved: bool = True,
+                            cache_batch_idx: Optional[Tensor] = None, cache_leftpad: Optional[Tensor] = None,
+                            block_table: Optional[Tensor] = None, return_lse: bool = False):
     """Attention of new queries over a KV cache, appending k_new / v_new to the cache in place.
 
     Args:
         q: (batch, seqlen_q, n_heads, head_dim), usually seqlen_q = 1 (one decode step).
         k_cache, v_cache: (batch, capacity, n_kv_heads, head_dim), a contiguous last dim; written
-            in place at positions cache_seqlens[b] .. cache_seqlens[b] + seqlen_new.
+            in place at positions cache_seqlens[b] .. cache_seqlens[b] + seqlen_new. With
+            cache_batch_idx, (cache_batch, capacity, ...); with block_table (paged), (num_blocks,
+            page_size, n_kv_heads, head_dim).
         cache_seqlens: int32 (batch,) tensor (or an int for every sequence): tokens already in the
             cache. Not updated here: add seqlen_new yourself after the call. Its values (each in
             [0, capacity - seqlen_new]) are checked for an int and CPU tensors, and for CUDA tensors only
@@ -753,19 +940,44 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_s
         sinks: a (n_heads,) logit per query head joining each softmax, as in :func:`flash_attn`.
         alibi_slopes: float32 (n_heads,) or (batch, n_heads), ALiBi as in :func:`flash_attn`: the
             distance of key j from query i is L - seqlen_q + i - j; CPU only for now.
+        rotary_cos, rotary_sin: (seqlen_ro >= capacity, rotary_dim / 2), flash-attn's rotary
+            embedding inside the call: k_new (required) is rotated at positions cache_seqlens[b] + j
+            before it is appended, q at cache_seqlens[b] + i when causal or windowed, else every
+            query at cache_seqlens[b]; the first rotary_dim dims of each head, fp32 math, one
+            rounding. rotary_interleaved: pairs (0, 1), (2, 3), ... (GPT-J, flash-attn's default);
+            False: pairs (i, i + rotary_dim / 2) (GPT-NeoX, Llama).
+        cache_batch_idx: int32 (batch,): sequence b's cache is row cache_batch_idx[b] of k_cache /
+            v_cache (flash-attn's; duplicate rows with new tokens: the last write wins). CPU only.
+        cache_leftpad: int32 (batch,): sequence b's keys start at cache position cache_leftpad[b]
+            (in [0, cache_seqlens[b]]); the rows before are not attended (left-padded caches). The
+            new tokens still go to cache_seqlens[b], and the mask, window and ALiBi count keys from
+            the pad on. CPU only.
+        block_table: int32 (batch, blocks per sequence): a paged cache (vLLM's, flash-attn's):
+            cache position t of sequence b is row t % page_size of block block_table[b][t //
+            page_size]; capacity = blocks per sequence * page_size; any page_size >= 1. Entries
+            for positions past a sequence's keys are not read. CPU only.
+        return_lse: also return the fp32 log-sum-exp of each query's scaled scores, (batch,
+            n_heads, seqlen_q) (flash-attn's return_softmax_lse); +inf for a query that sees no key
+            (with sinks, the sink's term included).
     Returns:
-        out, shaped like q. Not differentiable (inference). On the GPU the KV length is split
-        across thread blocks (split-KV), so one query token still fills the GPU.
+        out, shaped like q, or (out, lse). Not differentiable (inference). On the GPU the KV length
+        is split across thread blocks (split-KV), so one query token still fills the GPU.
     Raises:
         as :func:`flash_attn`, plus ValueError when seqlen_new exceeds the capacity, or (where
-        checked, see cache_seqlens) when cache_seqlens + seqlen_new does.
+        checked, see cache_seqlens) when cache_seqlens + seqlen_new does, or when a cache option
+        names a row, block or pad outside the cache (checked before anything is written);
+        NotImplementedError for cache_batch_idx, cache_leftpad or block_table on CUDA.
     """
-    out = None if sinks is not None else _kvcache_eager_cpu(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal,
-                                                             softmax_scale, window, softcap, alibi_slopes)
+    plain = (rotary_cos is None and rotary_sin is None and cache_batch_idx is None and cache_leftpad is None
+             and block_table is None and not return_lse)
+    out = None if sinks is not None or not plain else _kvcache_eager_cpu(
+        q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, softmax_scale, window, softcap, alibi_slopes)
     if out is not None:
         return out
     op = "flash_attn_with_kvcache"
-    _check_qkv(op, q, k_cache, v_cache, False)
+    _check_qkv(op, q, k_cache, v_cache, False, same_batch=False)
+    _check_cache_options(op, q, k_cache, cache_batch_idx, cache_leftpad, block_table)
+    capacity = _cache_capacity(k_cache, block_table)
     _check_softcap(op, q, softcap)
     _check_sinks(op, q, sinks)
     alibi_slopes = _check_alibi(op, q, alibi_slopes, q.shape[0])
@@ -790,18 +1002,32 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_s
                                  f"with batch {q.shape[0]}, got {tuple(t.shape)}")
         if k_new.shape != v_new.shape:
             raise ValueError(f"{op}: k_new and v_new must have the same shape")
-        if k_new.shape[1] > k_cache.shape[1]:
-            raise ValueError(f"{op}: {k_new.shape[1]} new tokens do not fit in a cache of capacity {k_cache.shape[1]}")
+        if k_new.shape[1] > capacity:
+            raise ValueError(f"{op}: {k_new.shape[1]} new tokens do not fit in a cache of capacity {capacity}")
     left, right = _check_window(op, window)
     if causal:
         right = 0
     scale = _resolve_scale(op, softmax_scale, q.shape[-1])
+    _check_rotary(op, q, k_new, rotary_cos, rotary_sin, capacity)
+    if rotary_cos is not None:
+        if length is not None:
+            _check_cache_lengths([length], k_new.shape[1], capacity, shown=length)  # before the positions are used
+        # flash-attn's: a window as long as the cache is none (queries at one position unless windowed)
+        per_query = causal or 0 <= left < capacity or 0 <= right < capacity
+        q, k_new = _rotate_new(q, k_new, cache_seqlens if length is None else length, rotary_cos, rotary_sin,
+                               bool(rotary_interleaved), per_query)
+    options = cache_batch_idx is not None or cache_leftpad is not None or block_table is not None
+    result = None
     if length is not None:
-        if _util.runs_body(q, k_cache, v_cache, k_new, v_new, sinks, alibi_slopes):
-            return _kvcache_with_int_length(q, k_cache, v_cache, length, k_new, v_new, scale, left, right, float(softcap),
-                                            sinks, alibi_slopes)
-        cache_seqlens = torch.full((q.shape[0],), length, dtype=torch.int32, device=q.device)
+        if not options and _util.runs_body(q, k_cache, v_cache, k_new, v_new, sinks, alibi_slopes):
+            result = _kvcache_with_int_length(q, k_cache, v_cache, length, k_new, v_new, scale, left, right,
+                                              float(softcap), sinks, alibi_slopes)
+        else:
+            cache_seqlens = torch.full((q.shape[0],), length, dtype=torch.int32, device=q.device)
     # The op's dispatch cost ~0.1 ms per call on the CPU (op 0.20 ms vs its body 0.10 ms at cache
     # 512, D = 64, H = 8), as much as the kernel. Not differentiable: calls that need grad take the op.
-    return _util.call(_flash_attn_with_kvcache_body, _flash_attn_with_kvcache, None, q, k_cache, v_cache,
-                      cache_seqlens, k_new, v_new, scale, left, right, float(softcap), sinks, alibi_slopes)
+    if result is None:
+        result = _util.call(_flash_attn_with_kvcache_body, _flash_attn_with_kvcache, None, q, k_cache, v_cache,
+                            cache_seqlens, k_new, v_new, scale, left, right, float(softcap), sinks, alibi_slopes,
+                            cache_batch_idx, cache_leftpad, block_table)
+    return result if return_lse else result[0]

@@ -1405,6 +1405,12 @@ def test_kvcache_public_call_takes_the_shortcut(monkeypatch):
     with torch.no_grad():
         pyllm.flash_attn_with_kvcache(q, k_cache, v_cache, 3, k_new, v_new)
     pyllm.flash_attn_with_kvcache(q, k_cache, v_cache, torch.tensor([4, 2], dtype=torch.int32))
+    # the cache layouts too (a paged cache's decode step, rows of a larger cache, left pads)
+    i32 = lambda *v: torch.tensor(v, dtype=torch.int32)
+    pyllm.flash_attn_with_kvcache(q, k_cache.view(4, 8, 2, 64), v_cache.view(4, 8, 2, 64), 5, k_new, v_new,
+                                  block_table=i32([3, 0], [1, 2]))
+    pyllm.flash_attn_with_kvcache(q, k_cache, v_cache, i32(4, 2), k_new, v_new, cache_batch_idx=i32(1, 0),
+                                  cache_leftpad=i32(1, 2))
 
 
 @pytest.mark.parametrize("device", CPU_AND_CUDA)
@@ -1748,8 +1754,12 @@ def test_kvcache_options_match_float64_reference(dtype, layout, page, leftpad, t
     q = rand((b, tq, h, d), dtype, "cpu")
     k_new, v_new = (rand((b, n_new, hk, d), dtype, "cpu") for _ in range(2)) if n_new else (None, None)
     seqlens = torch.tensor(lengths, dtype=torch.int32)
+    # without the LSE, the eager shortcut: the same kernel arguments, the same bits
+    shortcut = pyllm.flash_attn_with_kvcache(q, k_cache.clone(), v_cache.clone(), seqlens, k_new, v_new, causal=True,
+                                             window=window, **options)
     out, lse = pyllm.flash_attn_with_kvcache(q, k_cache, v_cache, seqlens, k_new, v_new, causal=True, window=window,
                                              return_lse=True, **options)
+    assert torch.equal(shortcut, out)
     assert out.shape == q.shape and lse.shape == (b, h, tq) and lse.dtype == (torch.float64 if dtype == torch.float64
                                                                                 else torch.float32)
     keys, vals = to_logical(k_cache), to_logical(v_cache)

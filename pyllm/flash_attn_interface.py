@@ -8,10 +8,11 @@ Same layouts, same bottom-right causal alignment, same window semantics, same LS
 kernels (with ALiBi, flash-attn's causal kernels return an LSE shifted by slope * (i + seqlen_k -
 seqlen_q), pyllm's the bias as documented; the outputs agree). The kv-cache call takes all of
 flash-attn's options: rotary embedding inside the call (any device), cache_batch_idx, cache_leftpad
-and paged caches (block_table, any page size; CPU kernels), return_softmax_lse. Options pyllm has no
-kernel for (dropout, softcap and ALiBi on CUDA, the cache options on CUDA, a block_table in the
-varlen call) raise NotImplementedError naming the option instead of being ignored: silently dropping
-one would give a different model. `return_attn_probs=True` returns (out, softmax_lse, None): flash-attn's
+and paged caches (block_table, any page size; CPU kernels), return_softmax_lse. The varlen call takes
+a paged k / v too (block_table), gathered into packed tensors for the kernels. Options pyllm has no
+kernel for (dropout, softcap and ALiBi on CUDA, the kv-cache call's cache layouts on CUDA) raise
+NotImplementedError naming the option instead of being ignored: silently dropping one would give a
+different model. `return_attn_probs=True` returns (out, softmax_lse, None): flash-attn's
 third value only carries a dropout pattern for its own tests. `num_splits` is a tuning hint and is
 ignored (pyllm picks the split-KV count itself). Unlike flash-attn, CPU tensors work too (fp32,
 bf16, fp64).
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 from typing import Optional, Union
 
+import torch
 from torch import Tensor
 
 from pyllm.ops.flash_attn import flash_attn, flash_attn_with_kvcache as _kvcache
@@ -30,6 +32,41 @@ def _unsupported(op: str, **options) -> None:
     for name, (value, default) in options.items():
         if (value is not None) if default is None else (value != default):
             raise NotImplementedError(f"{op}: {name}={value!r} is not supported by pyllm (only {name}={default!r})")
+
+
+def _gather_paged(op: str, k: Tensor, v: Tensor, block_table: Tensor, cu_seqlens_k: Tensor) -> tuple[Tensor, Tensor]:
+    """The keys and values of a paged cache (num_blocks, page_size, Hkv, D), packed (total_k, Hkv, D)
+    in the order cu_seqlens_k gives: a prefill over a paged cache copies each sequence's rows once,
+    against attention's reads of them once per block of queries."""
+    for name, t in (("block_table", block_table), ("cu_seqlens_k", cu_seqlens_k)):
+        if not isinstance(t, Tensor) or t.dtype != torch.int32:
+            raise TypeError(f"{op}: {name} must be an int32 tensor")
+    if not isinstance(k, Tensor) or not isinstance(v, Tensor) or k.dim() != 4 or v.shape != k.shape:
+        raise ValueError(f"{op}: with block_table, k and v must be (num_blocks, page_size, n_kv_heads, head_dim), got "
+                         f"{tuple(getattr(k, 'shape', ()))} and {tuple(getattr(v, 'shape', ()))}")
+    batch = cu_seqlens_k.numel() - 1
+    if block_table.dim() != 2 or block_table.shape[0] != batch or not block_table.shape[1] or cu_seqlens_k.dim() != 1:
+        raise ValueError(f"{op}: block_table must be (batch, blocks per sequence) with batch {batch} (cu_seqlens_k's), "
+                         f"got {tuple(block_table.shape)}")
+    if block_table.device != k.device or cu_seqlens_k.device != k.device:
+        raise ValueError(f"{op}: block_table and cu_seqlens_k must be on k's device {k.device}")
+    num_blocks, page = k.shape[:2]
+    starts = cu_seqlens_k[:-1].long()
+    lengths = cu_seqlens_k[1:].long() - starts
+    if not k.is_cuda:
+        capacity = block_table.shape[1] * page
+        if cu_seqlens_k[0] != 0 or bool((lengths < 0).any()) or bool((lengths > capacity).any()):
+            raise ValueError(f"{op}: cu_seqlens_k must start at 0 and give each sequence 0..{capacity} keys (its "
+                             f"block_table row's), got {cu_seqlens_k.tolist()}")
+    sequence = torch.repeat_interleave(torch.arange(batch, device=k.device), lengths.clamp_min(0))  # (total_k,)
+    position = torch.arange(sequence.numel(), device=k.device) - starts.clamp_min(0)[sequence]
+    # Unchecked (CUDA), clamped into the table and the pool: wrong answers for bad tables, never a stray read.
+    column = (position // page).clamp(0, block_table.shape[1] - 1)
+    blocks = block_table.long()[sequence, column]
+    if not k.is_cuda and bool(((blocks < 0) | (blocks >= num_blocks)).any()):
+        raise ValueError(f"{op}: block_table must name blocks in [0, {num_blocks}) for every key of every sequence")
+    blocks, rows = blocks.clamp(0, num_blocks - 1), position % page
+    return k[blocks, rows], v[blocks, rows]
 
 
 def _attn(op, q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
@@ -78,8 +115,13 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
                            deterministic: bool = False, return_attn_probs: bool = False,
                            block_table: Optional[Tensor] = None):
     """Packed sequences: q (total_q, n_heads, head_dim), k and v (total_k, n_kv_heads, head_dim),
-    int32 cu_seqlens (batch + 1,)."""
-    _unsupported("flash_attn_varlen_func", block_table=(block_table, None))
+    int32 cu_seqlens (batch + 1,). With block_table (batch, blocks per sequence) int32, k and v are
+    a paged cache (num_blocks, page_size, n_kv_heads, head_dim) as flash-attn's: key t of sequence b
+    at row t % page_size of block block_table[b][t // page_size], cu_seqlens_k giving the lengths
+    only. Its blocks are gathered into packed k / v first (torch indexing, differentiable; a device
+    sync on CUDA for the packed size); the indices are checked on the host for CPU tensors."""
+    if block_table is not None:
+        k, v = _gather_paged("flash_attn_varlen_func", k, v, block_table, cu_seqlens_k)
     return _attn("flash_attn_varlen_func", q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
                  alibi_slopes, deterministic, return_attn_probs, cu_seqlens_q=cu_seqlens_q,
                  cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)

@@ -2049,11 +2049,46 @@ def test_flash_attn_interface_kvcache_and_unsupported_options():
     paged = cache[0].view(4, 8, 2, 64)
     assert torch.equal(fai.flash_attn_with_kvcache(q, paged, paged, block_table=table),
                        pyllm.flash_attn_with_kvcache(q, paged, paged, 16, causal=False, block_table=table))
-    for call, option in ((lambda: fai.flash_attn_func(q, k, k, dropout_p=0.1), "dropout_p"),
-                         (lambda: fai.flash_attn_varlen_func(q[0], k[0], k[0], seqlens, seqlens, 1, 1,
-                                                             block_table=seqlens), "block_table")):
-        with pytest.raises(NotImplementedError, match=option):
-            call()
+    with pytest.raises(NotImplementedError, match="dropout_p"):
+        fai.flash_attn_func(q, k, k, dropout_p=0.1)
+
+
+@pytest.mark.parametrize("page", [16, 5])
+def test_flash_attn_interface_varlen_over_a_paged_cache(page):
+    # flash-attn's varlen call over a paged k / v (prefill into a paged cache): the same as the
+    # packed sequences it holds, output and LSE bitwise, gradients reaching the blocks.
+    from pyllm import flash_attn_interface as fai
+
+    lengths_q, lengths_k, h, hk, d = [3, 0, 17], [20, 0, 33], 4, 2, 64
+    per_seq = -(-max(lengths_k) // page)
+    gen = torch.Generator().manual_seed(1)
+    table = torch.randperm(3 * per_seq + 2, generator=gen)[:3 * per_seq].view(3, per_seq).to(torch.int32)
+    k_pages, v_pages = (rand((3 * per_seq + 2, page, hk, d), torch.float32, "cpu").requires_grad_() for _ in range(2))
+    q = rand((sum(lengths_q), h, d), torch.float32, "cpu").requires_grad_()
+    packed = [torch.cat([t[table[b].long()].flatten(0, 1)[:n] for b, n in enumerate(lengths_k)]).detach().requires_grad_()
+              for t in (k_pages, v_pages)]
+    cu_q, cu_k = cu(lengths_q), cu(lengths_k)
+    out, lse, _ = fai.flash_attn_varlen_func(q, k_pages, v_pages, cu_q, cu_k, 17, 33, causal=True,
+                                             return_attn_probs=True, block_table=table)
+    want, want_lse = pyllm.flash_attn(q, *packed, causal=True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, return_lse=True)
+    assert torch.equal(out, want) and torch.equal(lse, want_lse)
+    dout = torch.randn_like(out)
+    dk, dv = torch.autograd.grad(out, (k_pages, v_pages), dout)
+    want_dk, want_dv = torch.autograd.grad(want, packed, dout)
+    for grad, want_grad in ((dk, want_dk), (dv, want_dv)):
+        assert torch.equal(torch.cat([grad[table[b].long()].flatten(0, 1)[:n] for b, n in enumerate(lengths_k)]), want_grad)
+    unused = torch.ones(k_pages.shape[:2], dtype=torch.bool)  # (block, row) holding no key
+    for b, n in enumerate(lengths_k):
+        unused.view(-1)[(table[b].long()[:, None] * page + torch.arange(page)).flatten()[:n]] = False
+    assert not dk[unused].any() and not dv[unused].any()
+    with pytest.raises(ValueError, match="must name blocks"):
+        fai.flash_attn_varlen_func(q, k_pages, v_pages, cu_q, cu_k, 17, 33, block_table=table.clamp_max(0) - 1)
+    with pytest.raises(ValueError, match=r"each sequence 0\.\.\d+ keys"):
+        fai.flash_attn_varlen_func(q, k_pages, v_pages, cu_q, cu([20, 0, per_seq * page + 1]), 17, 33, block_table=table)
+    with pytest.raises(ValueError, match=r"block_table must be \(batch"):
+        fai.flash_attn_varlen_func(q, k_pages, v_pages, cu_q, cu_k, 17, 33, block_table=table[:2])
+    with pytest.raises(TypeError, match="int32"):
+        fai.flash_attn_varlen_func(q, k_pages, v_pages, cu_q, cu_k, 17, 33, block_table=table.long())
 
 
 # --- property test: random shapes x options against the float64 reference ----------------------

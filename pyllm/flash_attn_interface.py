@@ -143,8 +143,9 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Opti
     if cache_seqlens is None:
         if k is not None:
             raise ValueError(f"{op}: appending k / v needs cache_seqlens (where the new tokens go)")
-        # every cache full: a paged one holds its table's blocks
-        cache_seqlens = k_cache.shape[1] * (1 if block_table is None else block_table.shape[1])
+        # every cache full: a paged one holds its table's blocks (a bad table: the call's checks say so)
+        blocks = block_table.shape[-1] if isinstance(block_table, Tensor) and block_table.dim() == 2 else 1
+        cache_seqlens = k_cache.shape[1] * blocks
     return _kvcache(q, k_cache, v_cache, cache_seqlens, k, v, causal, softmax_scale=softmax_scale,
                     window=tuple(window_size), softcap=softcap, alibi_slopes=alibi_slopes, rotary_cos=rotary_cos,
                     rotary_sin=rotary_sin, rotary_interleaved=rotary_interleaved, cache_batch_idx=cache_batch_idx,

@@ -1778,6 +1778,54 @@ def test_kvcache_options_match_float64_reference(dtype, layout, page, leftpad, t
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("page", [16, 7])
+@pytest.mark.parametrize("tq,window,alibi", [(1, (-1, -1), False), (4, (300, -1), True)])
+def test_kvcache_paged_decode_splits_match_float64_reference(dtype, page, tq, window, alibi):
+    # One long sequence: the decode kernel splits its keys across work items (16 wanted, at least
+    # 256 keys each), each split a whole number of 16-position chunks over the blocks, left pad 37.
+    b, cap, h, hk, d, n, pad = 1, 1200, 4, 2, 64, 1100, 37
+    logical = [rand((b, cap, hk, d), dtype, "cpu") for _ in range(2)]
+    for t in logical:
+        t[:, :pad] = math.nan
+        t[:, n + tq:] = math.nan
+    (k_cache, options, to_logical), (v_cache, _, _) = (physical_cache(t, "paged", page, torch.Generator().manual_seed(2))
+                                                       for t in logical)
+    q, k_new, v_new = rand((b, tq, h, d), dtype, "cpu"), rand((b, tq, hk, d), dtype, "cpu"), rand((b, tq, hk, d), dtype, "cpu")
+    slopes = alibi_slopes((h,)) if alibi else None
+    out = pyllm.flash_attn_with_kvcache(q, k_cache, v_cache, torch.tensor([n], dtype=torch.int32), k_new, v_new,
+                                        window=window, cache_leftpad=torch.tensor([pad], dtype=torch.int32),
+                                        alibi_slopes=slopes, **options)
+    keys, vals = to_logical(k_cache)[:, pad:n + tq], to_logical(v_cache)[:, pad:n + tq]
+    ref, _ = attention(q.double(), keys.double(), vals.double(), causal=True, window=window, alibi=slopes)
+    torch_out, _ = attention(q, keys, vals, causal=True, window=window, alibi=slopes)
+    assert rel_err(out, ref) <= tolerance(torch_out, ref)
+
+
+def test_kvcache_rotary_with_cache_rows_and_pads():
+    # rotary with cache_batch_idx and cache_leftpad: positions are cache positions (the pad counted),
+    # as flash-attn's; the attention starts at the pad.
+    b, cap, h, hk, d, tq = 2, 40, 4, 2, 64, 2
+    lengths, pads, rows = [9, 30], [4, 0], torch.tensor([2, 0], dtype=torch.int32)
+    cos, sin = rotary_tables(cap, 32)
+    cache = [rand((3, cap, hk, d), torch.float64, "cpu") for _ in range(2)]
+    before = [t.clone() for t in cache]
+    q, k_new, v_new = (rand((b, tq, n, d), torch.float64, "cpu") for n in (h, hk, hk))
+    out = pyllm.flash_attn_with_kvcache(q, *cache, torch.tensor(lengths, dtype=torch.int32), k_new, v_new,
+                                        rotary_cos=cos, rotary_sin=sin, rotary_interleaved=False, cache_batch_idx=rows,
+                                        cache_leftpad=torch.tensor(pads, dtype=torch.int32))
+    for i, (n, pad, r) in enumerate(zip(lengths, pads, rows.tolist())):
+        pos = torch.arange(n, n + tq)
+        ref_k = rotate_reference(k_new[i], cos.double()[pos], sin.double()[pos], False)
+        ref_q = rotate_reference(q[i], cos.double()[pos], sin.double()[pos], False)
+        assert (cache[0][r, n:n + tq] - ref_k).abs().max() < 1e-12
+        keys = torch.cat([before[0][r, pad:n], ref_k])[None]
+        vals = torch.cat([before[1][r, pad:n], v_new[i]])[None]
+        ref, _ = attention(ref_q[None], keys, vals, causal=True)
+        assert rel_err(out[i:i + 1], ref) <= 1e-13
+    assert torch.equal(cache[0][1], before[0][1])  # the row no sequence names
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_kvcache_options_equal_the_plain_call(dtype):
     # Rows picked by cache_batch_idx and pages as long as the cache are the plain call's addresses:
     # the same bits. Through the custom op (as torch.compile reaches it) as well.
@@ -1917,11 +1965,25 @@ def test_kvcache_options_checks():
         (dict(rotary_cos=torch.ones(15, 8), rotary_sin=torch.ones(15, 8)), ValueError, "a row per cache position"),
         (dict(rotary_cos=torch.ones(16, 8), rotary_sin=torch.ones(16, 4)), ValueError, r"both be \(seqlen_ro"),
         (dict(rotary_cos=torch.ones(16, 8, dtype=torch.int32), rotary_sin=torch.ones(16, 8)), TypeError, "floating"),
+        (dict(caches=(cache[:, :0], cache[:, :0]), block_table=i32([0], [1])), ValueError, "at least one position"),
     ]
     for kw, error, message in cases:
         with pytest.raises(error, match=message):
             call(**kw)
         assert torch.equal(cache, before), kw  # nothing appended
+    # more queries than new keys, causal: the first queries' rotary positions must lie in the tables
+    with pytest.raises(ValueError, match="query positions reach 16"):
+        pyllm.flash_attn_with_kvcache(rand((b, 4, h, d), torch.float32, "cpu"), cache, cache.clone(), 13, new, new,
+                                      rotary_cos=torch.ones(16, 8), rotary_sin=torch.ones(16, 8))
+    assert torch.equal(cache, before)
+    # the op called directly checks the layouts' dtypes and shapes (the kernel reads them as int32)
+    op_args = (q, cache, cache.clone(), lens, new, new, 0.125, -1, 0, 0.0, None, None)
+    for extra, error, message in (((torch.tensor([1, 0]), None, None), TypeError, "cache_batch_idx must be int32"),
+                                  ((None, i32(0), None), ValueError, r"cache_leftpad must be \(batch,\)"),
+                                  ((None, None, i32([0, 1])), ValueError, r"block_table must be \(batch, blocks")):
+        with pytest.raises(error, match=message):
+            torch.ops.pyllm.flash_attn_with_kvcache(*op_args, *extra)
+        assert torch.equal(cache, before)
     # a paged cache's blocks past the keys are not read, nor checked
     out = pyllm.flash_attn_with_kvcache(q, cache, cache.clone(), lens, block_table=i32([0, 99], [1, -5]))
     assert torch.isfinite(out).all()

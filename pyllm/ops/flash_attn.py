@@ -445,8 +445,9 @@ def _check_cache_options(op: str, q: Tensor, k_cache: Tensor, cache_batch_idx, c
     if cache_batch_idx is None and block_table is None and k_cache.shape[0] != batch:
         raise ValueError(f"{op}: q and k_cache must have the same batch size, got {batch} and {k_cache.shape[0]} "
                          "(cache_batch_idx picks rows of a larger cache)")
-    if block_table is not None and block_table.shape[1] == 0:
-        raise ValueError(f"{op}: block_table must have at least one block per sequence")
+    if block_table is not None and (block_table.shape[1] == 0 or k_cache.shape[1] == 0):
+        raise ValueError(f"{op}: a paged cache needs at least one block per sequence (block_table's columns) of at "
+                         f"least one position (k_cache.shape[1]), got {block_table.shape[1]} and {k_cache.shape[1]}")
 
 
 def _cache_option_args(k_cache: Tensor, lengths: list[int], n_new: int, cache_batch_idx, cache_leftpad,
@@ -520,7 +521,8 @@ def _flash_attn_with_kvcache_body(q: Tensor, k_cache: Tensor, v_cache: Tensor, c
     op = "flash_attn_with_kvcache"
     _check_softcap_device(q, softcap, op)
     _check_alibi_device(q, alibi_slopes, op)
-    _check_cache_options_device(q, cache_batch_idx, cache_leftpad, block_table, op)
+    # The op called directly: the layouts' dtypes and shapes, whose addresses the kernel reads as int32
+    _check_cache_options(op, q, k_cache, cache_batch_idx, cache_leftpad, block_table)
     _check_cache_layout(k_cache, v_cache)
     n_new = 0 if k_new is None else k_new.shape[1]
     capacity = _cache_capacity(k_cache, block_table)
@@ -974,7 +976,8 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_s
             rounding. rotary_interleaved: pairs (0, 1), (2, 3), ... (GPT-J, flash-attn's default);
             False: pairs (i, i + rotary_dim / 2) (GPT-NeoX, Llama).
         cache_batch_idx: int32 (batch,): sequence b's cache is row cache_batch_idx[b] of k_cache /
-            v_cache (flash-attn's; duplicate rows with new tokens: the last write wins). CPU only.
+            v_cache (flash-attn's). Sequences sharing a row share its keys, the new tokens of each
+            written in turn (flash-attn leaves that undefined). CPU only.
         cache_leftpad: int32 (batch,): sequence b's keys start at cache position cache_leftpad[b]
             (in [0, cache_seqlens[b]]); the rows before are not attended (left-padded caches). The
             new tokens still go to cache_seqlens[b], and the mask, window and ALiBi count keys from
@@ -982,10 +985,13 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_s
         block_table: int32 (batch, blocks per sequence): a paged cache (vLLM's, flash-attn's):
             cache position t of sequence b is row t % page_size of block block_table[b][t //
             page_size]; capacity = blocks per sequence * page_size; any page_size >= 1. Entries
-            for positions past a sequence's keys are not read. CPU only.
-        return_lse: also return the fp32 log-sum-exp of each query's scaled scores, (batch,
-            n_heads, seqlen_q) (flash-attn's return_softmax_lse); +inf for a query that sees no key
-            (with sinks, the sink's term included).
+            for positions past a sequence's keys are not read. CPU only. Calls of more than 8
+            queries (prefill, chunked or not) and fp64 calls copy each sequence's keys and values
+            once for the tiled kernels (memory: batch x longest sequence x n_kv_heads x head_dim,
+            twice); decode-sized calls read the blocks in place.
+        return_lse: also return the log-sum-exp of each query's scaled scores, fp32 (fp64 for fp64
+            inputs), (batch, n_heads, seqlen_q) (flash-attn's return_softmax_lse); +inf for a query
+            that sees no key (with sinks, the sink's term included).
     Returns:
         out, shaped like q, or (out, lse). Not differentiable (inference). On the GPU the KV length
         is split across thread blocks (split-KV), so one query token still fills the GPU.
@@ -1041,6 +1047,13 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_s
             _check_cache_lengths([length], k_new.shape[1], capacity, shown=length)  # before the positions are used
         # flash-attn's: a window as long as the cache is none (queries at one position unless windowed)
         per_query = causal or 0 <= left < capacity or 0 <= right < capacity
+        if (per_query and q.shape[1] > k_new.shape[1] and q.shape[0]
+                and (length is not None or not cache_seqlens.is_cuda)):
+            # more queries than new keys: the first ones sit past the cache's end, maybe past the tables
+            last = (length if length is not None else int(cache_seqlens.max())) + q.shape[1] - 1
+            if last >= rotary_cos.shape[0]:
+                raise ValueError(f"{op}: query positions reach {last}, past rotary_cos / rotary_sin's "
+                                 f"{rotary_cos.shape[0]} rows")
         q, k_new = _rotate_new(q, k_new, cache_seqlens if length is None else length, rotary_cos, rotary_sin,
                                bool(rotary_interleaved), per_query)
     options = cache_batch_idx is not None or cache_leftpad is not None or block_table is not None

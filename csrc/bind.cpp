@@ -281,7 +281,9 @@ PYBIND11_MODULE(_C, m) {
         arg("out"), arg("lse"), arg("seqused_k"), arg("batch"), arg("seqlen_q"), arg("capacity"), arg("n_heads"),
         arg("n_kv_heads"), arg("head_dim"), arg("q_strides"), arg("k_strides"), arg("v_strides"),
         arg("o_strides"), arg("lse_strides"), arg("scale"), arg("window_left"), arg("window_right"),
-        arg("dtype"), arg("device"), arg("stream"), arg("workspace"), arg("workspace_bytes"));
+        arg("dtype"), arg("device"), arg("stream"), arg("workspace"), arg("workspace_bytes"), arg("kv_batch_idx") = 0,
+        arg("kv_leftpad") = 0, arg("block_table") = 0, arg("block_table_stride") = 0, arg("page_size") = 0,
+        arg("kv_rows") = 0);
   m.def("flash_attn_decode_workspace_cuda", &pyllm::flash_attn_decode_workspace_cuda, arg("batch"), arg("seqlen_q"),
         arg("capacity"), arg("n_heads"), arg("head_dim"), arg("device"));
 #else

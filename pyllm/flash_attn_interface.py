@@ -7,12 +7,11 @@ Same layouts, same bottom-right causal alignment, same window semantics, same LS
 ((batch, n_heads, seqlen_q); (n_heads, total_q) for varlen); softcap and alibi_slopes on the CPU
 kernels (with ALiBi, flash-attn's causal kernels return an LSE shifted by slope * (i + seqlen_k -
 seqlen_q), pyllm's the bias as documented; the outputs agree). The kv-cache call takes all of
-flash-attn's options: rotary embedding inside the call (any device), cache_batch_idx, cache_leftpad
-and paged caches (block_table, any page size; CPU kernels), return_softmax_lse. The varlen call takes
+flash-attn's options: rotary embedding inside the call, cache_batch_idx, cache_leftpad and paged
+caches (block_table, any page size; on CUDA unverified on a GPU), return_softmax_lse. The varlen call takes
 a paged k / v too (block_table), gathered into packed tensors for the kernels. Options pyllm has no
-kernel for (dropout, softcap and ALiBi on CUDA, the kv-cache call's cache layouts on CUDA) raise
-NotImplementedError naming the option instead of being ignored: silently dropping one would give a
-different model. `return_attn_probs=True` returns (out, softmax_lse, None): flash-attn's
+kernel for (dropout, softcap and ALiBi on CUDA) raise NotImplementedError naming the option instead
+of being ignored: silently dropping one would give a different model. `return_attn_probs=True` returns (out, softmax_lse, None): flash-attn's
 third value only carries a dropout pattern for its own tests. `num_splits` is a tuning hint and is
 ignored (pyllm picks the split-KV count itself). Unlike flash-attn, CPU tensors work too (fp32,
 bf16, fp64).

@@ -2008,18 +2008,41 @@ def test_kvcache_options_checks():
 
 
 @pytest.mark.cuda
-def test_kvcache_cache_options_have_no_cuda_kernel_yet():
-    q = torch.randn(2, 1, 2, 64, device="cuda", dtype=torch.bfloat16)
-    cache = torch.randn(2, 8, 2, 64, device="cuda", dtype=torch.bfloat16)
-    idx = torch.tensor([1, 0], dtype=torch.int32, device="cuda")
-    for name, value in (("cache_batch_idx", idx), ("cache_leftpad", idx), ("block_table", idx[:, None])):
-        with pytest.raises(NotImplementedError, match=f"{name} has a CPU kernel only"):
-            pyllm.flash_attn_with_kvcache(q, cache, cache.clone(), 3, q[:, :, :2], q[:, :, :2], **{name: value})
-    before = cache.clone()
-    with pytest.raises(NotImplementedError, match="block_table has a CPU kernel only"):
-        torch.ops.pyllm.flash_attn_with_kvcache(q, cache, cache.clone(), idx, q, q, 0.125, -1, 0, 0.0, None, None,
-                                                None, None, idx[:, None])
-    assert torch.equal(cache, before)
+@pytest.mark.parametrize("layout,page,leftpad", [("rows", 0, False), ("paged", 16, True), ("paged", 7, False),
+                                                 ("plain", 0, True)])
+@pytest.mark.parametrize("tq,n_new", [(1, 1), (3, 0)])
+def test_cuda_kvcache_layouts_match_float64_reference(monkeypatch, layout, page, leftpad, tq, n_new):
+    # The CUDA decode kernel over the cache layouts (NaN everywhere outside the sequences), bf16,
+    # within twice torch's own bf16 error on the GPU; the indices clamped (unchecked) or checked
+    # on the host with PYLLM_ATTN_CHECK_SEQLENS=1, the same answer.
+    b, cap, h, hk, d = 3, 300, 4, 2, 64
+    lengths = [5, 133, 300 - n_new]
+    pads = [3, 0, 20] if leftpad else [0, 0, 0]
+    logical = [rand((b, cap, hk, d), torch.bfloat16, "cpu") for _ in range(2)]
+    for t in logical:
+        for i, (n, pad) in enumerate(zip(lengths, pads)):
+            t[i, :pad] = math.nan
+            t[i, n + n_new:] = math.nan
+    (k_cache, options, to_logical), (v_cache, _, _) = (physical_cache(t, layout, page, torch.Generator().manual_seed(3))
+                                                       for t in logical)
+    if leftpad:
+        options["cache_leftpad"] = torch.tensor(pads, dtype=torch.int32)
+    options = {k: v.cuda() for k, v in options.items()}
+    q = rand((b, tq, h, d), torch.bfloat16, "cpu")
+    k_new, v_new = ((rand((b, n_new, hk, d), torch.bfloat16, "cuda") for _ in range(2)) if n_new else (None, None))
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+    outs = []
+    for check in ("0", "1"):
+        monkeypatch.setenv("PYLLM_ATTN_CHECK_SEQLENS", check)
+        kc, vc = k_cache.cuda(), v_cache.cuda()
+        outs.append(pyllm.flash_attn_with_kvcache(q.cuda(), kc, vc, seqlens, k_new, v_new, **options))
+    assert torch.equal(outs[0], outs[1])
+    keys, vals = to_logical(kc.cpu()), to_logical(vc.cpu())
+    for i, (n, pad) in enumerate(zip(lengths, pads)):
+        seq_k, seq_v = keys[i:i + 1, pad:n + n_new], vals[i:i + 1, pad:n + n_new]
+        ref, _ = attention(q[i:i + 1].double(), seq_k.double(), seq_v.double(), causal=True)
+        torch_out, _ = attention(q[i:i + 1].cuda(), seq_k.cuda(), seq_v.cuda(), causal=True)
+        assert rel_err(outs[0][i:i + 1], ref) <= tolerance(torch_out, ref), (i, n)
 
 
 @pytest.mark.cuda

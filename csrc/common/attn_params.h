@@ -45,6 +45,7 @@ struct AttnParams {
   const int32_t* kv_leftpad = nullptr;    // (batch,): sequence b's first key in its row (cache_leftpad)
   const int32_t* block_table = nullptr;   // (batch, block_table_stride): paged k / v
   int64_t block_table_stride = 0, page_size = 0;
+  int64_t kv_rows = 0;  // k / v's batch rows (cache_batch_idx) or blocks (block_table): indices are clamped to it
 
   int64_t batch = 0, seqlen_q = 0, seqlen_k = 0;  // seqlen_*: the max over sequences for varlen
   // Varlen on CUDA: the packed token counts of q and k. The host does not read cu_seqlens there
@@ -116,6 +117,21 @@ PYLLM_HD SeqInfo seq_info(const AttnParams& p, int64_t b) {
     }
   }
   return s;
+}
+
+// Element offset of cache position `token` (s.k_start + key) of sequence b, head h, in k or v (their
+// strides), wherever the KV-cache options put it: a block of a paged cache, another batch row, or
+// row b. Indices are clamped into the cache: the CPU launcher checks them on the host, CUDA's are
+// not read there (a sync per decode step), so bad ones give wrong answers, never stray reads.
+PYLLM_HD int64_t kv_offset(const AttnParams& p, const int64_t* strides, int64_t b, int64_t token, int64_t h) {
+  int64_t row = b;
+  if (p.block_table) {
+    row = clamp_to(p.block_table[b * p.block_table_stride + token / p.page_size], 0, p.kv_rows - 1);
+    token %= p.page_size;
+  } else if (p.kv_batch_idx) {
+    row = clamp_to(p.kv_batch_idx[b], 0, p.kv_rows - 1);
+  }
+  return row * strides[0] + token * strides[1] + h * strides[2];
 }
 
 // Keys [lo, hi) that query i of a (len_q, len_k) sequence sees; lo >= hi when it sees none.
@@ -232,6 +248,27 @@ inline AttnParams make_attn_params(uintptr_t q, uintptr_t k, uintptr_t v, uintpt
   check_attn_shape(p);
   PYLLM_CHECK(std::isfinite(scale), "flash_attn: softmax_scale must be finite, got ", scale);
   return p;
+}
+
+// The KV-cache options' pointers and shapes (no contents: those the CPU launcher reads itself).
+// seqlen_k is the capacity a sequence addresses: with a block_table, its row's blocks times page_size.
+inline void set_kv_layout(AttnParams& p, uintptr_t kv_batch_idx, uintptr_t kv_leftpad, uintptr_t block_table,
+                          int64_t block_table_stride, int64_t page_size, int64_t kv_rows) {
+  if (!kv_batch_idx && !kv_leftpad && !block_table) return;
+  PYLLM_CHECK(p.seqused_k, "flash_attn: cache_batch_idx, cache_leftpad and block_table are for KV-cache calls");
+  PYLLM_CHECK(!(kv_batch_idx && block_table), "flash_attn: a paged cache (block_table) takes no cache_batch_idx");
+  PYLLM_CHECK(!(kv_batch_idx || block_table) || kv_rows > 0, "flash_attn: kv_rows (the cache's batch rows or blocks) ",
+              "must be > 0 with cache_batch_idx or block_table, got ", kv_rows);
+  p.kv_batch_idx = reinterpret_cast<const int32_t*>(kv_batch_idx);
+  p.kv_leftpad = reinterpret_cast<const int32_t*>(kv_leftpad);
+  p.block_table = reinterpret_cast<const int32_t*>(block_table);
+  p.kv_rows = kv_rows;
+  if (p.block_table) {
+    PYLLM_CHECK(page_size > 0 && block_table_stride > 0 && block_table_stride * page_size >= p.seqlen_k,
+                "flash_attn: a paged cache needs page_size > 0 and block_table_stride * page_size >= its capacity (",
+                p.seqlen_k, "), got page_size ", page_size, ", block_table_stride ", block_table_stride);
+    p.block_table_stride = block_table_stride, p.page_size = page_size;
+  }
 }
 
 }  // namespace pyllm

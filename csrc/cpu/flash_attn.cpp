@@ -1248,18 +1248,8 @@ static void forward(const AttnParams& p) {
 // against the cache it points into (kv_rows: its batch rows, or blocks when paged).
 static void set_kv_options(AttnParams& p, uintptr_t kv_batch_idx, uintptr_t kv_leftpad, uintptr_t block_table,
                            int64_t block_table_stride, int64_t page_size, int64_t kv_rows) {
+  set_kv_layout(p, kv_batch_idx, kv_leftpad, block_table, block_table_stride, page_size, kv_rows);
   if (!kv_batch_idx && !kv_leftpad && !block_table) return;
-  PYLLM_CHECK(p.seqused_k, "flash_attn: cache_batch_idx, cache_leftpad and block_table are for KV-cache calls");
-  PYLLM_CHECK(!(kv_batch_idx && block_table), "flash_attn: a paged cache (block_table) takes no cache_batch_idx");
-  p.kv_batch_idx = reinterpret_cast<const int32_t*>(kv_batch_idx);
-  p.kv_leftpad = reinterpret_cast<const int32_t*>(kv_leftpad);
-  p.block_table = reinterpret_cast<const int32_t*>(block_table);
-  if (p.block_table) {
-    PYLLM_CHECK(page_size > 0 && block_table_stride > 0 && block_table_stride * page_size >= p.seqlen_k,
-                "flash_attn: a paged cache needs page_size > 0 and block_table_stride * page_size >= its capacity (",
-                p.seqlen_k, "), got page_size ", page_size, ", block_table_stride ", block_table_stride);
-    p.block_table_stride = block_table_stride, p.page_size = page_size;
-  }
   for (int64_t b = 0; b < p.batch; ++b) {
     const int64_t used = p.seqused_k[b];  // checked to lie in [0, seqlen_k] before
     if (p.kv_leftpad)

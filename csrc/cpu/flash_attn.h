@@ -115,9 +115,7 @@ inline T* at_mut(void* base, const int64_t* strides, int64_t b, int64_t token, i
 template <typename T>
 inline const T* kv_row(const AttnParams& p, const void* base, const int64_t* strides, int64_t b, int64_t token,
                        int64_t h) {
-  if (p.block_table)
-    return at<T>(base, strides, p.block_table[b * p.block_table_stride + token / p.page_size], token % p.page_size, h);
-  return at<T>(base, strides, p.kv_batch_idx ? p.kv_batch_idx[b] : b, token, h);
+  return static_cast<const T*>(base) + kv_offset(p, strides, b, token, h);
 }
 inline int64_t lse_index(const AttnParams& p, int64_t b, int64_t h, const SeqInfo& s, int64_t i) {
   return b * p.lse_strides[0] + h * p.lse_strides[1] + (p.cu_seqlens_q ? s.q_start : 0) + i;

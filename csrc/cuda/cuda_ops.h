@@ -81,7 +81,9 @@ void flash_attn_decode_cuda(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, u
                             const std::vector<int64_t>& k_strides, const std::vector<int64_t>& v_strides,
                             const std::vector<int64_t>& o_strides, const std::vector<int64_t>& lse_strides,
                             double scale, int64_t window_left, int64_t window_right, int dtype, int device,
-                            uintptr_t stream, uintptr_t workspace, int64_t workspace_bytes);
+                            uintptr_t stream, uintptr_t workspace, int64_t workspace_bytes,
+                            uintptr_t kv_batch_idx = 0, uintptr_t kv_leftpad = 0, uintptr_t block_table = 0,
+                            int64_t block_table_stride = 0, int64_t page_size = 0, int64_t kv_rows = 0);
 int64_t flash_attn_decode_workspace_cuda(int64_t batch, int64_t seqlen_q, int64_t capacity, int64_t n_heads,
                                          int64_t head_dim, int device);
 

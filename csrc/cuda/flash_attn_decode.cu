@@ -14,6 +14,8 @@
 // partials are n_splits x (D + 1) fp32 per query row and head (stream-ordered allocation).
 // The cache is appended to by the Python side before this runs (index_put, in place). The cache
 // lengths are not read on the host (a sync per decode step): seq_info clamps them to [0, capacity].
+// flash-attn's cache layouts (cache_batch_idx, cache_leftpad, a paged block_table): each key row is
+// found through kv_offset, its indices clamped (unverified on a GPU, 2026-12-03).
 // FP32 SIMT math: decode is bandwidth-bound (2 FLOPs per byte of K and V read).
 #include <algorithm>
 #include <cmath>
@@ -59,8 +61,8 @@ __global__ void __launch_bounds__(kDecodeThreads)
   }
   float m = -INFINITY, l = 0.f;
   for (int64_t j = k_begin + warp; j < k_end; j += kDecodeWarps) {
-    const T* k_row = static_cast<const T*>(p.k) + b * p.k_strides[0] + j * p.k_strides[1] + hk * p.k_strides[2];
-    const T* v_row = static_cast<const T*>(p.v) + b * p.v_strides[0] + j * p.v_strides[1] + hk * p.v_strides[2];
+    const T* k_row = static_cast<const T*>(p.k) + kv_offset(p, p.k_strides, b, s.k_start + j, hk);
+    const T* v_row = static_cast<const T*>(p.v) + kv_offset(p, p.v_strides, b, s.k_start + j, hk);
     float dot = 0.f;
 #pragma unroll
     for (int c = 0; c < C; ++c) dot += q[c] * to_f32(k_row[lane + 32 * c]);
@@ -196,10 +198,14 @@ void flash_attn_decode_cuda(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, u
                             const std::vector<int64_t>& k_strides, const std::vector<int64_t>& v_strides,
                             const std::vector<int64_t>& o_strides, const std::vector<int64_t>& lse_strides,
                             double scale, int64_t window_left, int64_t window_right, int dtype, int device,
-                            uintptr_t stream, uintptr_t workspace, int64_t workspace_bytes) {
+                            uintptr_t stream, uintptr_t workspace, int64_t workspace_bytes, uintptr_t kv_batch_idx,
+                            uintptr_t kv_leftpad, uintptr_t block_table, int64_t block_table_stride,
+                            int64_t page_size, int64_t kv_rows) {
   AttnParams p = make_attn_params(q, k_cache, v_cache, 0, 0, seqused_k, batch, seqlen_q, capacity, n_heads,
                                   n_kv_heads, head_dim, q_strides, k_strides, v_strides, o_strides, lse_strides,
                                   scale, window_left, window_right, dtype);
+  // Unverified on a GPU (2026-12-03): the cache layouts, their indices clamped in kv_offset.
+  set_kv_layout(p, kv_batch_idx, kv_leftpad, block_table, block_table_stride, page_size, kv_rows);
   p.out = reinterpret_cast<void*>(out);
   p.lse = reinterpret_cast<void*>(lse);
   PYLLM_CHECK(dtype == int(DType::f16) || dtype == int(DType::bf16),

@@ -415,17 +415,10 @@ def _cache_capacity(k_cache: Tensor, block_table: Optional[Tensor]) -> int:
     return k_cache.shape[1] if block_table is None else block_table.shape[1] * k_cache.shape[1]
 
 
-def _check_cache_options_device(q: Tensor, cache_batch_idx, cache_leftpad, block_table, op: str) -> None:
-    for name, t in (("cache_batch_idx", cache_batch_idx), ("cache_leftpad", cache_leftpad),
-                    ("block_table", block_table)):
-        if t is not None and q.is_cuda:
-            raise NotImplementedError(f"{op}: {name} has a CPU kernel only for now; on CUDA pass None")
-
-
 def _check_cache_options(op: str, q: Tensor, k_cache: Tensor, cache_batch_idx, cache_leftpad, block_table) -> None:
     """A public call's cache_batch_idx / cache_leftpad (int32 (batch,)) and block_table (int32 (batch,
-    blocks per sequence)): types, shapes and devices. Their values are read on the host in the body."""
-    _check_cache_options_device(q, cache_batch_idx, cache_leftpad, block_table, op)
+    blocks per sequence)): types, shapes and devices. Their values are read on the host in the body
+    (for CUDA tensors, only with PYLLM_ATTN_CHECK_SEQLENS=1, as cache_seqlens: the kernels clamp them)."""
     batch = q.shape[0]
     for name, t in (("cache_batch_idx", cache_batch_idx), ("cache_leftpad", cache_leftpad),
                     ("block_table", block_table)):
@@ -450,45 +443,69 @@ def _check_cache_options(op: str, q: Tensor, k_cache: Tensor, cache_batch_idx, c
                          f"least one position (k_cache.shape[1]), got {block_table.shape[1]} and {k_cache.shape[1]}")
 
 
+def _cache_layout_args(k_cache: Tensor, cache_batch_idx, cache_leftpad, block_table) -> dict:
+    """The launchers' KV-cache layout arguments (addresses, block size, the cache's rows or blocks)
+    and seqlen_k, the capacity a sequence addresses. "_keep" holds the tensors whose addresses they
+    are, to be kept until the call returns."""
+    args = {"seqlen_k": _cache_capacity(k_cache, block_table), "kv_rows": k_cache.shape[0]}
+    keep = []
+    for name, t in (("kv_batch_idx", cache_batch_idx), ("kv_leftpad", cache_leftpad), ("block_table", block_table)):
+        if t is not None:
+            t = t.contiguous()
+            keep.append(t)
+            args[name] = _util.ptr(t)
+    if block_table is not None:
+        args.update(block_table_stride=block_table.shape[1], page_size=k_cache.shape[1])
+    args["_keep"] = keep
+    return args
+
+
 def _cache_option_args(k_cache: Tensor, lengths: list[int], n_new: int, cache_batch_idx, cache_leftpad,
                        block_table) -> dict:
-    """The options' values checked on the host (before anything is appended), as the CPU launcher's
-    arguments (which checks them again). lengths: cache_seqlens, checked already."""
+    """The options' values checked on the host (before anything is appended; the CPU launcher checks
+    them again), then _cache_layout_args. lengths: cache_seqlens, checked already."""
     op = "flash_attn_with_kvcache"
-    args = {"seqlen_k": _cache_capacity(k_cache, block_table), "kv_rows": k_cache.shape[0]}
-    if cache_batch_idx is not None:
-        rows = cache_batch_idx.tolist()
-        if any(not 0 <= r < k_cache.shape[0] for r in rows):
-            raise ValueError(f"{op}: cache_batch_idx must lie in [0, {k_cache.shape[0]}) (k_cache's batch rows), "
-                             f"got {rows}")
-        cache_batch_idx = cache_batch_idx.contiguous()
-        args["kv_batch_idx"] = _util.ptr(cache_batch_idx)
-    if cache_leftpad is not None:
-        pads = cache_leftpad.tolist()
-        if any(not 0 <= pad <= n for pad, n in zip(pads, lengths)):
-            raise ValueError(f"{op}: cache_leftpad must lie in [0, cache_seqlens] for each sequence, got {pads} "
-                             f"with cache_seqlens {lengths}")
-        cache_leftpad = cache_leftpad.contiguous()
-        args["kv_leftpad"] = _util.ptr(cache_leftpad)
-    if block_table is not None:
+    host = lambda t: None if t is None else t.cpu()  # a sync for CUDA tensors: only where lengths are checked
+    rows, pads, table = host(cache_batch_idx), host(cache_leftpad), host(block_table)
+    if rows is not None and any(not 0 <= r < k_cache.shape[0] for r in rows.tolist()):
+        raise ValueError(f"{op}: cache_batch_idx must lie in [0, {k_cache.shape[0]}) (k_cache's batch rows), "
+                         f"got {rows.tolist()}")
+    if pads is not None and any(not 0 <= pad <= n for pad, n in zip(pads.tolist(), lengths)):
+        raise ValueError(f"{op}: cache_leftpad must lie in [0, cache_seqlens] for each sequence, got {pads.tolist()} "
+                         f"with cache_seqlens {lengths}")
+    if table is not None:
         # The blocks that hold each sequence's keys, at once (a table of B x 128 blocks in a Python
         # loop took 0.13 ms of a 0.17 ms decode step, B = 4, cache 2,048, blocks of 16).
         page = k_cache.shape[1]
-        table = block_table.numpy()
-        pads = np.zeros(len(lengths), np.int64) if cache_leftpad is None else cache_leftpad.numpy().astype(np.int64)
+        table = table.numpy()
+        first = np.zeros(len(lengths), np.int64) if pads is None else pads.numpy().astype(np.int64) // page
         ends = (np.asarray(lengths, np.int64) + n_new + page - 1) // page
         cols = np.arange(table.shape[1])
-        bad = (cols >= (pads // page)[:, None]) & (cols < ends[:, None]) & ((table < 0) | (table >= k_cache.shape[0]))
+        bad = (cols >= first[:, None]) & (cols < ends[:, None]) & ((table < 0) | (table >= k_cache.shape[0]))
         if bad.any():
             b = int(bad.any(axis=1).argmax())
-            used = table[b, pads[b] // page:ends[b]].tolist()
             raise ValueError(f"{op}: block_table[{b}] must name blocks in [0, {k_cache.shape[0]}) (k_cache's "
-                             f"blocks) for its {lengths[b] + n_new} keys, got {used}")
-        block_table = block_table.contiguous()
-        args.update(block_table=_util.ptr(block_table), block_table_stride=block_table.shape[1], page_size=page)
-    # The tensors whose addresses the launcher reads live until the call returns.
-    args["_keep"] = (cache_batch_idx, cache_leftpad, block_table)
-    return args
+                             f"blocks) for its {lengths[b] + n_new} keys, got {table[b, first[b]:ends[b]].tolist()}")
+    return _cache_layout_args(k_cache, cache_batch_idx, cache_leftpad, block_table)
+
+
+def _append_kv_clamped(k_cache: Tensor, v_cache: Tensor, k_new: Tensor, v_new: Tensor, cache_seqlens: Tensor,
+                       cache_batch_idx: Optional[Tensor], block_table: Optional[Tensor]) -> None:
+    """The append where the lengths and indices were not read on the host (CUDA): one indexed write
+    per cache, every index clamped into the cache (the identity for valid ones; cache_seqlens
+    clamped to [0, capacity - n_new] already)."""
+    batch, n_new = k_new.shape[:2]
+    pos = cache_seqlens.long()[:, None] + torch.arange(n_new, device=k_new.device)  # (B, n_new) cache positions
+    if block_table is not None:
+        page = k_cache.shape[1]
+        rows = block_table.long().gather(1, (pos // page).clamp_max(block_table.shape[1] - 1))
+        rows, pos = rows.clamp(0, k_cache.shape[0] - 1), pos % page
+    elif cache_batch_idx is not None:
+        rows = cache_batch_idx.long().clamp(0, k_cache.shape[0] - 1)[:, None].expand(batch, n_new)
+    else:
+        rows = torch.arange(batch, device=k_new.device)[:, None].expand(batch, n_new)
+    k_cache[rows, pos] = k_new
+    v_cache[rows, pos] = v_new
 
 
 def _append_kv_where(k_cache: Tensor, v_cache: Tensor, k_new: Tensor, v_new: Tensor, lengths: list[int],
@@ -556,26 +573,29 @@ def _flash_attn_with_kvcache_body(q: Tensor, k_cache: Tensor, v_cache: Tensor, c
                                 alibi_slopes=alibi_slopes, cache_options=options)
         del keep
         return (out, lse) if sinks is None else _with_sinks(out, lse, sinks, False)
+    # CUDA: the cache layouts' values checked on the host only where the lengths are (a sync).
+    options = None
+    if cache_batch_idx is not None or cache_leftpad is not None or block_table is not None:
+        options = (_cache_option_args(k_cache, lengths, n_new, cache_batch_idx, cache_leftpad, block_table)
+                   if lengths is not None else _cache_layout_args(k_cache, cache_batch_idx, cache_leftpad, block_table))
     # Unchecked (CUDA), lengths are clamped so that the append and the kernel stay inside the cache:
     # the identity for valid lengths.
     cache_seqlens = cache_seqlens.clamp(0, capacity - n_new)
     if n_new:
-        batch = q.shape[0]
-        rows = torch.arange(batch, device=q.device).unsqueeze(1)
-        cols = cache_seqlens.long().unsqueeze(1) + torch.arange(n_new, device=q.device)
-        k_cache[rows, cols] = k_new
-        v_cache[rows, cols] = v_new
+        _append_kv_clamped(k_cache, v_cache, k_new, v_new, cache_seqlens, cache_batch_idx, block_table)
     return _attend_cache(q, k_cache, v_cache, (cache_seqlens + n_new).to(torch.int32), softmax_scale, window_left,
-                         window_right, softcap, sinks, alibi_slopes)
+                         window_right, softcap, sinks, alibi_slopes, options)
 
 
 def _attend_cache(q: Tensor, k_cache: Tensor, v_cache: Tensor, seqused_k: Tensor, softmax_scale: float,
                   window_left: int, window_right: int, softcap: float = 0.0, sinks: Optional[Tensor] = None,
-                  alibi_slopes: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+                  alibi_slopes: Optional[Tensor] = None, cache_options: Optional[dict] = None) -> tuple[Tensor, Tensor]:
     """Attention of q over each cache's first seqused_k[b] (int32, valid) keys: the split-KV decode
     kernel on the GPU, the forward kernel on the CPU (softcap, alibi_slopes: the CPU's alone, checked
-    before). Returns (out, lse)."""
-    capacity = k_cache.shape[1]
+    before). cache_options: _cache_layout_args' (the cache layouts). Returns (out, lse)."""
+    layout = dict(cache_options or {})
+    keep = layout.pop("_keep", None)  # alive until the launch has taken their addresses
+    capacity = layout.pop("seqlen_k", k_cache.shape[1])
     q = _last_dim_contiguous(q)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(_lse_shape(q, False), dtype=_lse_dtype(q), device=q.device)
@@ -590,11 +610,12 @@ def _attend_cache(q: Tensor, k_cache: Tensor, v_cache: Tensor, seqused_k: Tensor
                                   _strides3(k_cache, False), _strides3(v_cache, False), _strides3(out, False),
                                   _lse_strides(lse, False), float(softmax_scale), window_left, window_right,
                                   _util.dtype_code(q), q.device.index, _util.stream_of(q), _opt_ptr(workspace),
-                                  workspace.numel())
+                                  workspace.numel(), **layout)
     else:
         flash_attn_forward_into(q, k_cache, v_cache, out, lse, None, None, q.shape[1], capacity, softmax_scale,
                                 window_left, window_right, seqused_k=seqused_k, softcap=softcap,
-                                alibi_slopes=alibi_slopes)
+                                alibi_slopes=alibi_slopes, cache_options={**layout, "seqlen_k": capacity})
+    del keep
     return (out, lse) if sinks is None else _with_sinks(out, lse, sinks, False)
 
 
@@ -977,18 +998,21 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_s
             False: pairs (i, i + rotary_dim / 2) (GPT-NeoX, Llama).
         cache_batch_idx: int32 (batch,): sequence b's cache is row cache_batch_idx[b] of k_cache /
             v_cache (flash-attn's). Sequences sharing a row share its keys, the new tokens of each
-            written in turn (flash-attn leaves that undefined). CPU only.
+            written in turn (flash-attn leaves that undefined).
         cache_leftpad: int32 (batch,): sequence b's keys start at cache position cache_leftpad[b]
             (in [0, cache_seqlens[b]]); the rows before are not attended (left-padded caches). The
             new tokens still go to cache_seqlens[b], and the mask, window and ALiBi count keys from
-            the pad on. CPU only.
+            the pad on.
         block_table: int32 (batch, blocks per sequence): a paged cache (vLLM's, flash-attn's):
             cache position t of sequence b is row t % page_size of block block_table[b][t //
             page_size]; capacity = blocks per sequence * page_size; any page_size >= 1. Entries
-            for positions past a sequence's keys are not read. CPU only. Calls of more than 8
+            for positions past a sequence's keys are not read. On the CPU, calls of more than 8
             queries (prefill, chunked or not) and fp64 calls copy each sequence's keys and values
             once for the tiled kernels (memory: batch x longest sequence x n_kv_heads x head_dim,
-            twice); decode-sized calls read the blocks in place.
+            twice); decode-sized calls read the blocks in place, as the CUDA decode kernel does.
+            The three layouts' indices are checked as cache_seqlens is (CPU tensors always, CUDA
+            tensors with PYLLM_ATTN_CHECK_SEQLENS=1), else clamped into the cache. On CUDA they are
+            unverified on a GPU (2026-12-03).
         return_lse: also return the log-sum-exp of each query's scaled scores, fp32 (fp64 for fp64
             inputs), (batch, n_heads, seqlen_q) (flash-attn's return_softmax_lse); +inf for a query
             that sees no key (with sinks, the sink's term included).
@@ -998,8 +1022,7 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_s
     Raises:
         as :func:`flash_attn`, plus ValueError when seqlen_new exceeds the capacity, or (where
         checked, see cache_seqlens) when cache_seqlens + seqlen_new does, or when a cache option
-        names a row, block or pad outside the cache (checked before anything is written);
-        NotImplementedError for cache_batch_idx, cache_leftpad or block_table on CUDA.
+        names a row, block or pad outside the cache (where checked, before anything is written).
     """
     plain = rotary_cos is None and rotary_sin is None and not return_lse
     out = None if sinks is not None or not plain else _kvcache_eager_cpu(

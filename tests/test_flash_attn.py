@@ -2007,6 +2007,28 @@ def test_kvcache_options_checks():
         _C.flash_attn_fwd_cpu(**{**args, "seqused_k": 0}, kv_leftpad=pads.data_ptr())
 
 
+@pytest.mark.parametrize("layout", ["plain", "rows", "paged"])
+def test_kvcache_clamped_append_matches_the_checked_one(layout):
+    # The CUDA path's append (one indexed write, every index clamped; torch ops, run here on the
+    # CPU) writes what the CPU path's checked copies write, and bad indices stay inside the cache.
+    b, cap, hk, d, n_new = 3, 40, 2, 32, 5
+    base = rand((b, cap, hk, d), torch.float32, "cpu")
+    cache, options, _ = physical_cache(base, layout, 8, torch.Generator().manual_seed(4))
+    cache = cache.nan_to_num(0.0)
+    lengths = [0, 11, 35]
+    new = rand((b, n_new, hk, d), torch.float32, "cpu")
+    idx, table = options.get("cache_batch_idx"), options.get("block_table")
+    want = [cache.clone(), cache.clone()]
+    fa._append_kv_where(*want, new, new, lengths, idx, table)
+    got = [cache.clone(), cache.clone()]
+    fa._append_kv_clamped(*got, new, new, torch.tensor(lengths, dtype=torch.int32), idx, table)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    if layout != "plain":  # out-of-range rows / blocks are clamped, not written out of bounds
+        bad_idx = None if idx is None else torch.tensor([-4, 99, 1], dtype=torch.int32)
+        bad_table = None if table is None else table.clone().fill_(10**6)
+        fa._append_kv_clamped(*got, new, new, torch.tensor(lengths, dtype=torch.int32), bad_idx, bad_table)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("layout,page,leftpad", [("rows", 0, False), ("paged", 16, True), ("paged", 7, False),
                                                  ("plain", 0, True)])

@@ -2264,3 +2264,79 @@ def test_random_problems_match_reference(problem):
     for name, ours, exact in zip("qkv", our_grads, ref_grads):
         scale = max(exact.norm().item(), ref_grads[2].norm().item())  # exactly-zero dq / dk: dv's scale
         assert (ours.double() - exact).norm().item() <= bound * scale, f"d{name}"
+
+
+@st.composite
+def kvcache_problems(draw):
+    group, hk = draw(st.sampled_from([1, 2, 3])), draw(st.sampled_from([1, 2]))
+    b, tq = draw(st.integers(1, 3)), draw(st.integers(1, 10))
+    n_new = draw(st.integers(0, tq))
+    cap = draw(st.integers(max(n_new, 1), 150))
+    lengths = [draw(st.integers(0, cap - n_new)) for _ in range(b)]
+    layout = draw(st.sampled_from(["plain", "rows", "paged"]))
+    side = st.one_of(st.just(-1), st.integers(0, 24))
+    return dict(dtype=draw(st.sampled_from([torch.float64, torch.float32])), b=b, tq=tq, n_new=n_new, cap=cap,
+                lengths=lengths, pads=[draw(st.integers(0, n)) if draw(st.booleans()) else 0 for n in lengths],
+                h=group * hk, hk=hk, d=draw(st.sampled_from([32, 64, 128])), layout=layout,
+                page=draw(st.integers(1, 40)), causal=draw(st.booleans()), window=(draw(side), draw(side)),
+                alibi=draw(st.booleans()), softcap=draw(st.sampled_from([0.0, 0.0, 2.0])),
+                rotary=draw(st.sampled_from([None, "interleaved", "neox"])) if n_new else None,
+                lse=draw(st.booleans()))
+
+
+@settings(max_examples=int(__import__("os").environ.get("ATTN_EXAMPLES", 60)), deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(problem=kvcache_problems())
+def test_random_kvcache_problems_match_reference(problem):
+    # flash_attn_with_kvcache over random layouts (rows of a larger cache, blocks of any size,
+    # left pads), lengths, new tokens, windows, ALiBi, caps and rotary against the float64
+    # reference of each sequence alone; every position outside the sequences NaN. As the property
+    # test above: logic errors, not rounding (float64 1e-10, fp32 1e-4 relative).
+    torch.manual_seed(zlib.crc32(repr(sorted(problem.items())).encode()))
+    p = problem
+    dtype, b, h, hk, d, tq, n_new = p["dtype"], p["b"], p["h"], p["hk"], p["d"], p["tq"], p["n_new"]
+    logical = [rand((b, p["cap"], hk, d), dtype, "cpu") for _ in range(2)]
+    for t in logical:
+        for i, (n, pad) in enumerate(zip(p["lengths"], p["pads"])):
+            t[i, :pad] = math.nan
+            t[i, n:] = math.nan
+    before = [t.clone() for t in logical]
+    (k_cache, options, to_logical), (v_cache, _, _) = (
+        physical_cache(t, p["layout"], p["page"], torch.Generator().manual_seed(5)) for t in logical)
+    if any(p["pads"]):
+        options["cache_leftpad"] = torch.tensor(p["pads"], dtype=torch.int32)
+    q = rand((b, tq, h, d), dtype, "cpu")
+    k_new, v_new = (rand((b, n_new, hk, d), dtype, "cpu") for _ in range(2)) if n_new else (None, None)
+    slopes = alibi_slopes((h,)) if p["alibi"] else None
+    capacity = k_cache.shape[1] * options["block_table"].shape[1] if "block_table" in options else p["cap"]
+    if p["rotary"]:
+        cos, sin = rotary_tables(capacity + tq, 16)
+        options.update(rotary_cos=cos, rotary_sin=sin, rotary_interleaved=p["rotary"] == "interleaved")
+    result = pyllm.flash_attn_with_kvcache(q, k_cache, v_cache, torch.tensor(p["lengths"], dtype=torch.int32), k_new,
+                                           v_new, causal=p["causal"], window=p["window"], softcap=p["softcap"],
+                                           alibi_slopes=slopes, return_lse=p["lse"], **options)
+    out = result[0] if p["lse"] else result
+    keys, vals = to_logical(k_cache), to_logical(v_cache)
+    bound = 1e-10 if dtype == torch.float64 else 1e-4
+    # flash-attn's rule: queries at their own positions when causal or windowed, a window as long as
+    # the cache counting as none
+    per_query = p["causal"] or any(0 <= side < capacity for side in p["window"])
+    for i, (n, pad) in enumerate(zip(p["lengths"], p["pads"])):
+        qi, new_k = q[i].double(), None if k_new is None else k_new[i].double()
+        if p["rotary"]:
+            interleaved = p["rotary"] == "interleaved"
+            k_pos = torch.arange(n, n + n_new)
+            q_pos = torch.arange(n, n + tq) if per_query else torch.full((tq,), n)
+            new_k = rotate_reference(new_k, cos.double()[k_pos], sin.double()[k_pos], interleaved)
+            qi = rotate_reference(qi, cos.double()[q_pos], sin.double()[q_pos], interleaved)
+        if n_new:  # appended where the options say, the rest of the sequence untouched
+            assert (keys[i, n:n + n_new].double() - new_k).abs().max() <= 8 * torch.finfo(dtype).eps * new_k.abs().max()
+            assert torch.equal(vals[i, n:n + n_new], v_new[i])
+        assert torch.equal(keys[i, pad:n], before[0][i, pad:n]) and torch.equal(vals[i, pad:n], before[1][i, pad:n])
+        seq_k, seq_v = keys[i:i + 1, pad:n + n_new].double(), vals[i:i + 1, pad:n + n_new].double()
+        ref, ref_lse = attention(qi[None], seq_k, seq_v, causal=p["causal"], window=p["window"], softcap=p["softcap"],
+                                 alibi=slopes)
+        assert rel_err(out[i:i + 1], ref) <= bound, i
+        if p["lse"]:
+            lse, want = result[1][i:i + 1].double(), ref_lse.double()
+            assert torch.equal(lse.isinf(), want.isinf()) and rel_err(lse[~lse.isinf()], want[~want.isinf()]) <= bound

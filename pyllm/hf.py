@@ -147,7 +147,9 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
             starts = _suffix_starts(attention_mask, attention_mask.bool())
             if starts is not None and not any(starts):
                 return _decode(q, k, v, **call), None  # no padding, only a static cache's unwritten keys (gone)
-            if starts is not None:  # left padding: each row's keys are views of the cache, no copy, one call a row
+            if starts is not None and q.is_cpu:  # left padding: each row's keys start at its pad (cache_leftpad)
+                return _decode(q, k, v, **call, pads=torch.tensor(starts, dtype=torch.int32)), None
+            if starts is not None:  # CUDA (cache_leftpad there unverified): a call a row, views of the cache
                 return torch.cat([_decode(q[b:b + 1], k[b:b + 1, start:], v[b:b + 1, start:], **call)
                                   for b, start in enumerate(starts)]), None
         position_ids = kwargs.get("position_ids") if T == k.shape[1] else None
@@ -197,10 +199,12 @@ def _decoding(q, k, v, causal, softcap) -> bool:
     return causal and q.shape[1] < k.shape[1] and q.shape[1] <= DECODE_QUERIES and _kernel_takes(q, k, v, softcap)
 
 
-def _decode(q, k, v, causal, window, scale, softcap, sinks):
-    """q (B, T, H, D) at the end of the keys k, v (B, S, H_kv, D), views of transformers' cache."""
+def _decode(q, k, v, causal, window, scale, softcap, sinks, pads=None):
+    """q (B, T, H, D) at the end of the keys k, v (B, S, H_kv, D), views of transformers' cache;
+    pads: int32 (B,), row b's keys start there (left padding)."""
     return flash_attn_ops.flash_attn_with_kvcache(q, k, v, k.shape[1], causal=True, softmax_scale=scale,
-                                                  window=(window[0], -1), softcap=softcap, sinks=sinks)
+                                                  window=(window[0], -1), softcap=softcap, sinks=sinks,
+                                                  cache_leftpad=pads)
 
 
 # --- the attention as one custom op -----------------------------------------------------------------------

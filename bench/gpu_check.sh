@@ -20,7 +20,8 @@
 # Since 2026-12-01 (not yet run): the tests of what no GPU has run yet go first, in a short pass of
 # their own (FIRST_K, log pytest_cuda_first.log; 216 tests, DPO, its fused log-probabilities and softcap since the
 # DPO change; since 2026-12-01's second session also the MoE layer's CUDA paths (grouped GEMM, gathered)
-# and the fused distillation loss); taller tiles of the forward (128 query
+# and the fused distillation loss; since 2026-12-03 the decode kernel over flash-attn's cache layouts and the
+# kv-cache call's rotary and LSE); taller tiles of the forward (128 query
 # rows), the backward's dq kernel (128 rows) and its dk_dv kernel (128 keys, D = 64) have their own
 # tests (-k 128_row), sanitizer case (flash_attn_tall_tiles) and bench rows ("pyllm fwd-m128",
 # "pyllm dq-m128", "pyllm dkv-n128", "pyllm all-128"); bench_generate has "cuda-graph" and batch
@@ -74,7 +75,7 @@ if want test; then
   session_timeout() { $PY -c "import pytest_timeout" 2>/dev/null && echo "--timeout 120 --timeout-method thread --session-timeout $(( $1 - 20 ))"; }
   # What no GPU has run yet goes first, in its own short session (its own log), so that a cut
   # full run still answers for it; the full run then leaves it out. FIRST_K="" skips this pass.
-  first_k=${FIRST_K-128_row or rechecks_raw or int_length or eager_autograd or lora_run_from_a_run or cuda_graph or linear_cross_entropy or linear_token_logps or dpo_with_lora or softcap or moe or linear_distill or row_kernel or generalized_jsd}
+  first_k=${FIRST_K-128_row or rechecks_raw or int_length or eager_autograd or lora_run_from_a_run or cuda_graph or linear_cross_entropy or linear_token_logps or dpo_with_lora or softcap or moe or linear_distill or row_kernel or generalized_jsd or kvcache_layouts or rotary_and_lse}
   first_rc=0
   if [ -n "$first_k" ]; then
     start=$(date +%s)

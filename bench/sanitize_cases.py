@@ -350,11 +350,49 @@ def flash_attn_bad_seqlens_cases():
                                   torch.tensor([-4, 2**30, 15], dtype=torch.int32, device="cuda"), new, new)
 
 
+def flash_attn_cache_layouts_cases():
+    # The decode kernel over flash-attn's cache layouts (cache rows, left pads, blocks of 16 and of
+    # 7) against the same call on the CPU kernels; then garbage indices, unchecked (CUDA clamps
+    # them): memcheck must find no stray access, whatever the answers.
+    gen = torch.Generator().manual_seed(0)
+    b, h, hk, d = 3, 4, 2, 64
+    q = torch.randn(b, 2, h, d, generator=gen).bfloat16()
+    new = torch.randn(b, 2, hk, d, generator=gen).bfloat16()
+    lengths = torch.tensor([5, 140, 298], dtype=torch.int32)
+    pads = torch.tensor([2, 0, 37], dtype=torch.int32)
+    for page in (16, 7):
+        per_seq = -(-300 // page)
+        table = torch.randperm(b * per_seq + 3, generator=gen)[:b * per_seq].view(b, per_seq).to(torch.int32)
+        pool = torch.randn(b * per_seq + 3, page, hk, d, generator=gen).bfloat16()
+        layouts = [dict(block_table=table), dict(block_table=table, cache_leftpad=pads)]
+        caches = [pool, pool]
+        if page == 16:
+            rows = torch.randn(b + 2, 300, hk, d, generator=gen).bfloat16()
+            layouts.append(dict(cache_batch_idx=torch.tensor([4, 0, 2], dtype=torch.int32), cache_leftpad=pads))
+            caches.append(rows)
+        for cache, layout in zip(caches, layouts):
+            want = pyllm.flash_attn_with_kvcache(q.float(), cache.float(), cache.float().clone(), lengths, new.float(),
+                                                 new.float(), **layout)
+            gpu = {k: v.cuda() for k, v in layout.items()}
+            out = pyllm.flash_attn_with_kvcache(q.cuda(), cache.cuda(), cache.cuda().clone(), lengths.cuda(),
+                                                new.cuda(), new.cuda(), **gpu)
+            assert (out.float().cpu() - want).abs().max().item() < 0.05, f"decode over {sorted(layout)} wrong"
+    garbage = torch.tensor([-7, 2**30, 5], dtype=torch.int32, device="cuda")
+    cache = torch.randn(4, 16, hk, d, device="cuda", dtype=torch.float16)
+    qh, nh = q[:, :1].half().cuda(), new[:, :1].half().cuda()
+    pyllm.flash_attn_with_kvcache(qh, cache, cache.clone(), torch.tensor([3, 9, 40], dtype=torch.int32, device="cuda"),
+                                  nh, nh, block_table=torch.tensor([[0, 9], [-3, 1], [2, 2**30]], dtype=torch.int32,
+                                                                   device="cuda"))
+    pyllm.flash_attn_with_kvcache(qh, cache, cache.clone(), torch.tensor([3, 9, 15], dtype=torch.int32, device="cuda"),
+                                  nh, nh, cache_batch_idx=garbage, cache_leftpad=garbage)
+
+
 CASES = {"swiglu": swiglu_cases, "rms_norm": rms_norm_cases, "rope": rope_cases, "cross_entropy": cross_entropy_cases,
          "distill": distill_cases,
          "adamw": adamw_cases, "bpe": bpe_cases, "flash_attn": flash_attn_cases,
          "flash_attn_bwd_mma": flash_attn_bwd_mma_cases, "flash_attn_shapes": flash_attn_shapes_cases,
-         "flash_attn_tall_tiles": flash_attn_tall_tiles_cases, "flash_attn_bad_seqlens": flash_attn_bad_seqlens_cases}
+         "flash_attn_tall_tiles": flash_attn_tall_tiles_cases, "flash_attn_bad_seqlens": flash_attn_bad_seqlens_cases,
+         "flash_attn_cache_layouts": flash_attn_cache_layouts_cases}
 
 if __name__ == "__main__":
     names = sys.argv[1:] or list(CASES)

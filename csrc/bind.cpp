@@ -118,7 +118,7 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("rope_cpu", cpu.rope_cpu, nogil, arg("x"), arg("cos"), arg("sin"), arg("out"), arg("batch"),
         arg("seqlen"), arg("n_heads"), arg("head_dim"), arg("half"), arg("x_strides"), arg("out_strides"),
-        arg("cs_batch_stride"), arg("inverse"), arg("dtype"));
+        arg("cs_batch_stride"), arg("inverse"), arg("dtype"), arg("interleaved") = false);
 
   m.def("adamw_grad_sumsq_cpu", cpu.adamw_grad_sumsq_cpu, nogil, arg("table"), arg("n_tensors"), arg("dtype"),
         arg("sumsq"));
@@ -256,7 +256,8 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("rope_cuda", &pyllm::rope_cuda, nogil, arg("x"), arg("cos"), arg("sin"), arg("out"), arg("batch"),
         arg("seqlen"), arg("n_heads"), arg("head_dim"), arg("half"), arg("x_strides"), arg("out_strides"),
-        arg("cs_batch_stride"), arg("inverse"), arg("dtype"), arg("device"), arg("stream"));
+        arg("cs_batch_stride"), arg("inverse"), arg("dtype"), arg("device"), arg("stream"),
+        arg("interleaved") = false);
 
   m.def("adamw_grad_sumsq_cuda", &pyllm::adamw_grad_sumsq_cuda, nogil, arg("table"), arg("n_tensors"), arg("dtype"),
         arg("partials"), arg("partials_len"), arg("sumsq"), arg("device"), arg("stream"));

@@ -1411,6 +1411,8 @@ def test_kvcache_public_call_takes_the_shortcut(monkeypatch):
                                   block_table=i32([3, 0], [1, 2]))
     pyllm.flash_attn_with_kvcache(q, k_cache, v_cache, i32(4, 2), k_new, v_new, cache_batch_idx=i32(1, 0),
                                   cache_leftpad=i32(1, 2))
+    cos, sin = rotary_tables(16, 32)  # and rotated calls, once rotated
+    pyllm.flash_attn_with_kvcache(q, k_cache, v_cache, i32(4, 2), k_new, v_new, rotary_cos=cos, rotary_sin=sin)
 
 
 @pytest.mark.parametrize("device", CPU_AND_CUDA)

@@ -34,43 +34,54 @@ def tables(kind, B, T, R, dtype, device):
     return cos.to(device), sin.to(device)
 
 
-def exact(x, cos, sin):
+def pairs(x, half, interleaved):
+    """The two members of each rotated pair: (i, i + R/2), or (2i, 2i + 1) interleaved."""
+    return (x[..., 0:2 * half:2], x[..., 1:2 * half:2]) if interleaved else (x[..., :half], x[..., half:2 * half])
+
+
+def unpairs(r1, r2, rest, interleaved):
+    rotated = torch.stack([r1, r2], dim=-1).flatten(-2) if interleaved else torch.cat([r1, r2], dim=-1)
+    return torch.cat([rotated, rest], dim=-1)
+
+
+def exact(x, cos, sin, interleaved=False):
     """The rotation in float64 on the CPU, from the same tables."""
     x, cos, sin = x.double().cpu(), cos.double().cpu(), sin.double().cpu()
     half = cos.shape[-1]
     cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
-    x1, x2, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
+    x1, x2 = pairs(x, half, interleaved)
+    return unpairs(x1 * cos - x2 * sin, x2 * cos + x1 * sin, x[..., 2 * half:], interleaved)
 
 
-def as_torch_writes_it(x, cos, sin):
+def as_torch_writes_it(x, cos, sin, interleaved=False):
     """pyllm.nn.apply_rope's torch form (HF's rotate_half, in the tables' fp32, cast back once)."""
     half = cos.shape[-1]
-    xr = x.to(cos.dtype)
-    x1, x2 = xr[..., :half], xr[..., half:2 * half]
+    x1, x2 = pairs(x.to(cos.dtype), half, interleaved)
     cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
-    rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
-    return torch.cat([rotated, x[..., 2 * half:]], dim=-1)
+    r1, r2 = (x1 * cos - x2 * sin).to(x.dtype), (x2 * cos + x1 * sin).to(x.dtype)
+    return unpairs(r1, r2, x[..., 2 * half:], interleaved)
 
 
 @pytest.mark.parametrize("device", CPU_AND_CUDA)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("table", TABLES)
-def test_forward_and_backward_match_float64(device, dtype, shape, table):
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_forward_and_backward_match_float64(device, dtype, shape, table, interleaved):
+    # interleaved: GPT-J's / Meta's pairs (2i, 2i + 1), flash-attn's rotary_interleaved
     B, T, H, D, R = shape
     # x as the model makes q: a view of a fused projection, (B, T, H, D) with a token stride of 3 H D
     x = randn((B, T, 3 * H * D), dtype, device)[..., H * D:2 * H * D].view(B, T, H, D)
     cos, sin = tables(table, B, T, R, dtype, device)
     dout = randn((B, T, H, D), dtype, device)
-    ref = exact(x, cos, sin)
+    ref = exact(x, cos, sin, interleaved)
     x64 = x.detach().double().cpu().requires_grad_()
-    (ref_grad,) = torch.autograd.grad(exact(x64, cos, sin), x64, dout.double().cpu())
+    (ref_grad,) = torch.autograd.grad(exact(x64, cos, sin, interleaved), x64, dout.double().cpu())
     xt = x.detach().clone().requires_grad_()
-    theirs = as_torch_writes_it(xt, cos, sin)
+    theirs = as_torch_writes_it(xt, cos, sin, interleaved)
     (their_grad,) = torch.autograd.grad(theirs, xt, dout)
     xo = x.detach().clone().requires_grad_()
-    ours = pyllm.rope(xo, cos, sin)
+    ours = pyllm.rope(xo, cos, sin, interleaved=interleaved)
     (our_grad,) = torch.autograd.grad(ours, xo, dout)
     assert ours.shape == x.shape and ours.dtype == dtype and ours.is_contiguous()
     assert rel_err(ours, ref) <= tolerance(theirs, ref)
@@ -84,26 +95,29 @@ def test_every_output_element_is_written(device, dtype):
     for B, T, H, D, R in [(2, 33, 5, 64, 64), (1, 17, 3, 80, 32), (300, 1, 2, 128, 128)]:
         x = randn((B, T, H, D), dtype, device)
         cos, sin = tables("shared", B, T, R, dtype, device)
-        out = poisoned((B, T, H, D), dtype, device)
-        rope_ops.rope_into(x, cos, sin, out)
-        assert not out.isnan().any()
-        back = poisoned((B, T, H, D), dtype, device)
-        rope_ops.rope_into(out, cos, sin, back, inverse=True)
-        assert rel_err(back, x) < 3 * torch.finfo(dtype).eps  # rotating back gives x again
+        for interleaved in (False, True):
+            out = poisoned((B, T, H, D), dtype, device)
+            rope_ops.rope_into(x, cos, sin, out, interleaved=interleaved)
+            assert not out.isnan().any()
+            back = poisoned((B, T, H, D), dtype, device)
+            rope_ops.rope_into(out, cos, sin, back, inverse=True, interleaved=interleaved)
+            assert rel_err(back, x) < 3 * torch.finfo(dtype).eps  # rotating back gives x again
 
 
 def test_gradcheck_float64():
     x = torch.randn(2, 4, 3, 10, dtype=torch.float64, requires_grad=True)
     for kind in TABLES:
         cos, sin = tables(kind, 2, 4, 8, torch.float64, "cpu")
-        assert torch.autograd.gradcheck(lambda t: pyllm.rope(t, cos, sin), (x,))
-        assert torch.autograd.gradgradcheck(lambda t: pyllm.rope(t, cos, sin), (x,))
+        for interleaved in (False, True):
+            fn = lambda t: pyllm.rope(t, cos, sin, interleaved=interleaved)  # noqa: E731
+            assert torch.autograd.gradcheck(fn, (x,)) and torch.autograd.gradgradcheck(fn, (x,))
 
 
 def test_opcheck():
     cos, sin = tables("per_row", 2, 4, 8, torch.float32, "cpu")
     for x in [torch.randn(2, 4, 3, 8), torch.randn(2, 4, 3, 12, requires_grad=True)]:
-        torch.library.opcheck(torch.ops.pyllm.rope.default, (x, cos, sin, False))
+        for interleaved in (False, True):
+            torch.library.opcheck(torch.ops.pyllm.rope.default, (x, cos, sin, False, interleaved))
 
 
 @pytest.mark.parametrize("device", CPU_AND_CUDA)

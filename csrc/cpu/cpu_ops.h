@@ -49,10 +49,12 @@ void distill_cpu(uintptr_t student, uintptr_t teacher, uintptr_t loss, uintptr_t
 
 // rope.cpp: x, out (batch, seqlen, n_heads, head_dim) at element strides (batch, token, head), last dim
 // contiguous; cos, sin rows of `half` in the math type (fp32; fp64 for fp64), cs_batch_stride apart per
-// batch row (0: shared). Rotates dims [0, 2 * half); inverse: by minus the angle.
+// batch row (0: shared). Rotates dims [0, 2 * half); inverse: by minus the angle; interleaved: the
+// pairs (2i, 2i + 1), else (i, i + half).
 void rope_cpu(uintptr_t x, uintptr_t cos, uintptr_t sin, uintptr_t out, int64_t batch, int64_t seqlen,
               int64_t n_heads, int64_t head_dim, int64_t half, const std::vector<int64_t>& x_strides,
-              const std::vector<int64_t>& out_strides, int64_t cs_batch_stride, bool inverse, int dtype);
+              const std::vector<int64_t>& out_strides, int64_t cs_batch_stride, bool inverse, int dtype,
+              bool interleaved = false);
 
 // adamw.cpp: `table` is int64[7][n_tensors] (param, grad, master, exp_avg, exp_avg_sq, step, numel).
 void adamw_grad_sumsq_cpu(uintptr_t table, int64_t n_tensors, int dtype, uintptr_t sumsq);

@@ -2,6 +2,7 @@
 // LLaMA): for each (batch, token, head) row of x (B, T, H, D) and each i < R/2,
 //   out[i]       = x[i] * cos[i] - x[i + R/2] * sin[i]
 //   out[i + R/2] = x[i + R/2] * cos[i] + x[i] * sin[i]
+// or, interleaved (GPT-J, Meta's LLaMA), the pairs (2i, 2i + 1) instead of (i, i + R/2).
 // with cos, sin the row of the token's position (R/2 of them, fp32; fp64 for fp64 x); dims R..D
 // pass through (partial rotary). inverse negates sin: the backward, a rotation by minus the angle.
 // Math in fp32 with one rounding, as pyllm.nn.apply_rope's torch form (x.to(fp32) ... .to(dtype)).
@@ -32,6 +33,16 @@ void rotate_row(const T* __restrict x, T* __restrict o, const acc_t<T>* __restri
   using A = acc_t<T>;
   const int64_t half = sh.half;
   int64_t i = 0;
+  const A sign = sh.inverse ? A(-1) : A(1);
+  if (sh.interleaved) {  // strided pairs: the compiler's vectors (decode-sized calls, a few rows)
+#pragma omp simd
+    for (int64_t k = 0; k < half; ++k) {
+      const A x1 = to_float(x[2 * k]), x2 = to_float(x[2 * k + 1]), cv = c[k], sv = sign * s[k];
+      o[2 * k] = from_acc<T>(x1 * cv - x2 * sv);
+      o[2 * k + 1] = from_acc<T>(x2 * cv + x1 * sv);
+    }
+    i = half;
+  }
 #ifdef PYLLM_AVX512
   if constexpr (avx512::has_lanes<T>) {
     for (; i < half; i += 16) {
@@ -45,7 +56,6 @@ void rotate_row(const T* __restrict x, T* __restrict o, const acc_t<T>* __restri
     }
   }
 #endif
-  const A sign = sh.inverse ? A(-1) : A(1);
 #pragma omp simd
   for (int64_t k = i; k < half; ++k) {
     const A x1 = to_float(x[k]), x2 = to_float(x[k + half]), cv = c[k], sv = sign * s[k];
@@ -74,9 +84,10 @@ void rope(const T* x, const acc_t<T>* cos, const acc_t<T>* sin, T* out, const Ro
 
 void rope_cpu(uintptr_t x, uintptr_t cos, uintptr_t sin, uintptr_t out, int64_t batch, int64_t seqlen,
               int64_t n_heads, int64_t head_dim, int64_t half, const std::vector<int64_t>& x_strides,
-              const std::vector<int64_t>& out_strides, int64_t cs_batch_stride, bool inverse, int dtype) {
+              const std::vector<int64_t>& out_strides, int64_t cs_batch_stride, bool inverse, int dtype,
+              bool interleaved) {
   const RopeShape sh = rope_shape(x, cos, sin, out, batch, seqlen, n_heads, head_dim, half, x_strides, out_strides,
-                                  cs_batch_stride, inverse, dtype);
+                                  cs_batch_stride, inverse, dtype, interleaved);
   if (sh.rows() == 0) return;
   PYLLM_DISPATCH_CPU(dtype, T,
                      rope<T>(reinterpret_cast<const T*>(x), reinterpret_cast<const acc_t<T>*>(cos),

@@ -45,7 +45,7 @@ void distill_cuda(uintptr_t student, uintptr_t teacher, uintptr_t loss, uintptr_
 void rope_cuda(uintptr_t x, uintptr_t cos, uintptr_t sin, uintptr_t out, int64_t batch, int64_t seqlen,
                int64_t n_heads, int64_t head_dim, int64_t half, const std::vector<int64_t>& x_strides,
                const std::vector<int64_t>& out_strides, int64_t cs_batch_stride, bool inverse, int dtype, int device,
-               uintptr_t stream);
+               uintptr_t stream, bool interleaved = false);
 
 // adamw.cu: `table` is the host int64[7][n_tensors] of csrc/cpu/adamw.cpp; partials a device
 // double[>= total chunks] workspace; sumsq a device double, added to.

@@ -1,6 +1,7 @@
 // Rotary position embedding on the GPU: the semantics and layout of the CPU twin, csrc/cpu/rope.cpp
 // (rotate-half pairs (i, i + R/2) of each (batch, token, head) row by the token's angles, dims R..D
-// passed through, inverse = minus the angle for the backward; fp32 math, one rounding).
+// passed through, inverse = minus the angle for the backward; fp32 math, one rounding), or the
+// interleaved pairs (2i, 2i + 1) (unverified on a GPU, 2026-12-03).
 //
 // Algorithm: one thread per output pair (or passed-through element), a grid-stride loop over
 // rows x (D - R/2) items, consecutive threads on consecutive dims of a row, so loads and stores of
@@ -38,9 +39,10 @@ __global__ void __launch_bounds__(kThreads) rope_kernel(const T* __restrict__ x,
     }
     const int64_t cs = b * sh.cs_batch_stride + t * sh.half + j;
     const float c = cos[cs], s = sh.inverse ? -sin[cs] : sin[cs];
-    const float x1 = to_f32(xr[j]), x2 = to_f32(xr[j + sh.half]);
-    orow[j] = from_f32<T>(x1 * c - x2 * s);
-    orow[j + sh.half] = from_f32<T>(x2 * c + x1 * s);
+    const int64_t a = sh.first(j), b2 = sh.second(j);  // (j, j + R/2), or (2j, 2j + 1) interleaved
+    const float x1 = to_f32(xr[a]), x2 = to_f32(xr[b2]);
+    orow[a] = from_f32<T>(x1 * c - x2 * s);
+    orow[b2] = from_f32<T>(x2 * c + x1 * s);
   }
 }
 
@@ -49,9 +51,9 @@ __global__ void __launch_bounds__(kThreads) rope_kernel(const T* __restrict__ x,
 void rope_cuda(uintptr_t x, uintptr_t cos, uintptr_t sin, uintptr_t out, int64_t batch, int64_t seqlen,
                int64_t n_heads, int64_t head_dim, int64_t half, const std::vector<int64_t>& x_strides,
                const std::vector<int64_t>& out_strides, int64_t cs_batch_stride, bool inverse, int dtype, int device,
-               uintptr_t stream) {
+               uintptr_t stream, bool interleaved) {
   const RopeShape sh = rope_shape(x, cos, sin, out, batch, seqlen, n_heads, head_dim, half, x_strides, out_strides,
-                                  cs_batch_stride, inverse, dtype);
+                                  cs_batch_stride, inverse, dtype, interleaved);
   const int64_t items = sh.rows() * (head_dim - half);
   if (items == 0) return;
   DeviceGuard guard(device);

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from pyllm import _C
 from pyllm.ops import _util
+from pyllm.ops import rope as rope_ops
 
 OP = "flash_attn"
 HEAD_DIMS = (32, 64, 96, 128, 256)
@@ -928,37 +929,36 @@ def _check_rotary(op: str, q: Tensor, k_new: Optional[Tensor], rotary_cos, rotar
 
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool) -> Tensor:
     """x (B, T, H, D) rotated in its first rotary_dim = 2 * cos.shape[-1] dims by the angles whose
-    cos / sin (B, T, rotary_dim / 2) are given; fp32 math (fp64 for fp64) and one rounding, as
-    flash-attn's kernel. Interleaved (GPT-J): pairs (0, 1), (2, 3), ...; else (GPT-NeoX, Llama's
-    rotate-half): pairs (i, i + rotary_dim / 2)."""
-    math_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    rotary_dim = 2 * cos.shape[-1]
-    cos, sin = cos.to(math_dtype)[:, :, None], sin.to(math_dtype)[:, :, None]  # (B, T, 1, rotary_dim / 2)
-    part = x[..., :rotary_dim].to(math_dtype)
-    x1, x2 = (part[..., 0::2], part[..., 1::2]) if interleaved else part.chunk(2, dim=-1)
-    r1, r2 = x1 * cos - x2 * sin, x1 * sin + x2 * cos
-    rotated = torch.stack((r1, r2), dim=-1).flatten(-2) if interleaved else torch.cat((r1, r2), dim=-1)
-    return torch.cat((rotated.to(x.dtype), x[..., rotary_dim:]), dim=-1)
+    cos / sin (B, T, rotary_dim / 2) are given: pyllm.rope's kernel, fp32 math (fp64 for fp64) and one
+    rounding, as flash-attn's. Interleaved (GPT-J): pairs (0, 1), (2, 3), ...; else (GPT-NeoX,
+    Llama's rotate-half): pairs (i, i + rotary_dim / 2). (In torch ops the rotation of one decode
+    step, B = 4, took 68 us, more than half the attention's own time.)"""
+    table = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return rope_ops.rope(x, cos.to(table), sin.to(table), interleaved=interleaved)
 
 
 def _rotate_new(q: Tensor, k_new: Tensor, cache_seqlens, rotary_cos: Tensor, rotary_sin: Tensor, interleaved: bool,
                 per_query: bool) -> tuple[Tensor, Tensor]:
     """q and k_new rotated at their cache positions, flash-attn's: new key j of sequence b at
-    cache_seqlens[b] + j, query i there too (per_query) or every query at cache_seqlens[b]. A few new
-    tokens against the whole cache the attention reads: torch ops, on any device. Positions past
-    the tables (bad unchecked CUDA lengths, which the append clamps too) take their last row."""
-    batch, device = q.shape[0], q.device
-    if isinstance(cache_seqlens, Tensor):
-        base = cache_seqlens.long()
-    else:
-        base = torch.full((batch,), cache_seqlens, dtype=torch.long, device=device)
+    cache_seqlens[b] + j, query i there too (per_query) or every query at cache_seqlens[b]. The
+    tables' rows by torch indexing, the rotations by pyllm.rope's kernel, on any device. Positions
+    past the tables (bad unchecked CUDA lengths, which the append clamps too) take their last row."""
+    device = q.device
     last = rotary_cos.shape[0] - 1
-    k_pos = (base[:, None] + torch.arange(k_new.shape[1], device=device)).clamp(0, last)  # (B, T_new)
-    q_pos = base[:, None] + (torch.arange(q.shape[1], device=device) if per_query else torch.zeros(1, dtype=torch.long,
-                                                                                                 device=device))
-    q_pos = q_pos.clamp(0, last).expand(batch, q.shape[1])  # (B, Tq)
-    return (_rotate(q, rotary_cos[q_pos], rotary_sin[q_pos], interleaved),
-            _rotate(k_new, rotary_cos[k_pos], rotary_sin[k_pos], interleaved))
+    tq, t_new = q.shape[1], k_new.shape[1]
+    if isinstance(cache_seqlens, Tensor):
+        base = cache_seqlens.long()[:, None]  # (B, 1)
+    else:  # one length for every sequence: one row of positions, broadcast over the batch
+        base = torch.full((1, 1), cache_seqlens, dtype=torch.long, device=device)
+    k_pos = (base + torch.arange(t_new, device=device)).clamp(0, last)  # (B or 1, T_new)
+    k_cos, k_sin = rotary_cos[k_pos], rotary_sin[k_pos]
+    if per_query and tq == t_new:  # a decode step: the queries sit where the new keys do
+        q_cos, q_sin = k_cos, k_sin
+    else:
+        q_pos = (base + (torch.arange(tq, device=device) if per_query else 0)).clamp(0, last)
+        q_pos = q_pos.expand(base.shape[0], tq)  # (B or 1, Tq)
+        q_cos, q_sin = rotary_cos[q_pos], rotary_sin[q_pos]
+    return _rotate(q, q_cos, q_sin, interleaved), _rotate(k_new, k_cos, k_sin, interleaved)
 
 
 def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens, k_new: Optional[Tensor] = None,
@@ -1079,6 +1079,11 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_s
                                  f"{rotary_cos.shape[0]} rows")
         q, k_new = _rotate_new(q, k_new, cache_seqlens if length is None else length, rotary_cos, rotary_sin,
                                bool(rotary_interleaved), per_query)
+        if not return_lse and sinks is None:  # the rotated call, checked: a plain eager CPU one takes the shortcut
+            out = _kvcache_eager_cpu(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, softmax_scale, window,
+                                     softcap, alibi_slopes, cache_batch_idx, cache_leftpad, block_table)
+            if out is not None:
+                return out
     options = cache_batch_idx is not None or cache_leftpad is not None or block_table is not None
     result = None
     if length is not None:

@@ -55,9 +55,10 @@ def _row_strides(t: Tensor) -> list[int]:
     return list(t.stride()[:3])
 
 
-def rope_into(x: Tensor, cos: Tensor, sin: Tensor, out: Tensor, inverse: bool = False) -> None:
+def rope_into(x: Tensor, cos: Tensor, sin: Tensor, out: Tensor, inverse: bool = False,
+              interleaved: bool = False) -> None:
     """out = x rotated by the angles of cos / sin (x, out: (B, T, H, D), last dim contiguous; cos, sin
-    contiguous (T, R/2) or (B or 1, T, R/2))."""
+    contiguous (T, R/2) or (B or 1, T, R/2)); interleaved: the pairs (2i, 2i + 1)."""
     B, T, H, D = x.shape
     half = cos.shape[-1]
     cs_batch_stride = T * half if cos.dim() == 3 and cos.shape[0] > 1 else 0
@@ -65,19 +66,19 @@ def rope_into(x: Tensor, cos: Tensor, sin: Tensor, out: Tensor, inverse: bool = 
             _row_strides(out), cs_batch_stride, bool(inverse), _util.dtype_code(x))
     if x.is_cuda:
         _util.check_backend(OP, x.device)
-        _C.rope_cuda(*args, x.device.index, _util.stream_of(x))
+        _C.rope_cuda(*args, x.device.index, _util.stream_of(x), interleaved=bool(interleaved))
     else:
-        _C.rope_cpu(*args)
+        _C.rope_cpu(*args, interleaved=bool(interleaved))
 
 
 # --- torch.library custom op ------------------------------------------------------------------------
 
-def _rope_body(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool) -> Tensor:
+def _rope_body(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool, interleaved: bool = False) -> Tensor:
     if x.stride(-1) != 1:
         x = x.contiguous()
     cos, sin = cos.contiguous(), sin.contiguous()
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    rope_into(x, cos, sin, out, inverse)
+    rope_into(x, cos, sin, out, inverse, interleaved)
     return out
 
 
@@ -86,21 +87,21 @@ _rope = torch.library.custom_op("pyllm::rope", mutates_args=())(_rope_body)
 
 
 @_rope.register_fake
-def _(x, cos, sin, inverse):
+def _(x, cos, sin, inverse, interleaved=False):
     return x.new_empty(x.shape)
 
 
 def _rope_setup(ctx, inputs, output):
-    x, cos, sin, inverse = inputs
+    x, cos, sin, inverse, interleaved = inputs
     ctx.save_for_backward(cos, sin)
-    ctx.inverse = inverse
+    ctx.inverse, ctx.interleaved = inverse, interleaved
 
 
 def _rope_grad(ctx, dout):
     cos, sin = ctx.saved_tensors
     # A rotation's transpose is the rotation by minus the angle: the same op, inverse flipped.
-    dx = _util.call(_rope_body, _rope, _RopeFunction, dout, cos, sin, not ctx.inverse)
-    return dx, None, None, None
+    dx = _util.call(_rope_body, _rope, _RopeFunction, dout, cos, sin, not ctx.inverse, ctx.interleaved)
+    return dx, None, None, None, None
 
 
 _rope.register_autograd(_rope_grad, setup_context=_rope_setup)
@@ -111,10 +112,11 @@ _RopeFunction = _util.eager_function("rope", _rope_body, _rope_setup, _rope_grad
 
 # --- public API -------------------------------------------------------------------------------
 
-def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+def rope(x: Tensor, cos: Tensor, sin: Tensor, *, interleaved: bool = False) -> Tensor:
     """x rotated by RoPE (Su et al. 2021) in one fused kernel, differentiable in x: the pairs
-    (x[..., i], x[..., i + R/2]) of each head, the "rotate half" layout of GPT-NeoX and HF LLaMA (not
-    Meta's interleaved one); dims from R on pass through (partial rotary).
+    (x[..., i], x[..., i + R/2]) of each head, the "rotate half" layout of GPT-NeoX and HF LLaMA, or
+    with interleaved=True the pairs (x[..., 2i], x[..., 2i + 1]) of GPT-J and Meta's LLaMA checkpoints
+    (flash-attn's rotary_interleaved); dims from R on pass through (partial rotary).
 
     Args:
         x: (B, T, H, D), any strides with the last dim contiguous (a view of a fused qkv projection
@@ -134,4 +136,6 @@ def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         CUDA kernels.
     """
     _check(x, cos, sin)
-    return _util.call(_rope_body, _rope, _RopeFunction, x, cos, sin, False)
+    if not isinstance(interleaved, bool):
+        raise TypeError(f"{OP}: interleaved must be a bool, got {type(interleaved).__name__}")
+    return _util.call(_rope_body, _rope, _RopeFunction, x, cos, sin, False, interleaved)

@@ -50,21 +50,21 @@ def _gather_paged(op: str, k: Tensor, v: Tensor, block_table: Tensor, cu_seqlens
     if block_table.device != k.device or cu_seqlens_k.device != k.device:
         raise ValueError(f"{op}: block_table and cu_seqlens_k must be on k's device {k.device}")
     num_blocks, page = k.shape[:2]
+    if batch and (not num_blocks or not page):
+        raise ValueError(f"{op}: with block_table, k needs blocks of at least one position, got shape {tuple(k.shape)}")
     starts = cu_seqlens_k[:-1].long()
     lengths = cu_seqlens_k[1:].long() - starts
-    if not k.is_cuda:
-        capacity = block_table.shape[1] * page
-        if cu_seqlens_k[0] != 0 or bool((lengths < 0).any()) or bool((lengths > capacity).any()):
-            raise ValueError(f"{op}: cu_seqlens_k must start at 0 and give each sequence 0..{capacity} keys (its "
-                             f"block_table row's), got {cu_seqlens_k.tolist()}")
-    sequence = torch.repeat_interleave(torch.arange(batch, device=k.device), lengths.clamp_min(0))  # (total_k,)
-    position = torch.arange(sequence.numel(), device=k.device) - starts.clamp_min(0)[sequence]
-    # Unchecked (CUDA), clamped into the table and the pool: wrong answers for bad tables, never a stray read.
-    column = (position // page).clamp(0, block_table.shape[1] - 1)
-    blocks = block_table.long()[sequence, column]
-    if not k.is_cuda and bool(((blocks < 0) | (blocks >= num_blocks)).any()):
+    # The packed size is the host's to know anyway (repeat_interleave syncs on CUDA): checked there too.
+    capacity = block_table.shape[1] * page
+    if batch and (cu_seqlens_k[0] != 0 or bool((lengths < 0).any()) or bool((lengths > capacity).any())):
+        raise ValueError(f"{op}: cu_seqlens_k must start at 0 and give each sequence 0..{capacity} keys (its "
+                         f"block_table row's), got {cu_seqlens_k.tolist()}")
+    sequence = torch.repeat_interleave(torch.arange(batch, device=k.device), lengths)  # (total_k,)
+    position = torch.arange(sequence.numel(), device=k.device) - starts[sequence]
+    blocks = block_table.long()[sequence, position // page]
+    if bool(((blocks < 0) | (blocks >= num_blocks)).any()):
         raise ValueError(f"{op}: block_table must name blocks in [0, {num_blocks}) for every key of every sequence")
-    blocks, rows = blocks.clamp(0, num_blocks - 1), position % page
+    rows = position % page
     return k[blocks, rows], v[blocks, rows]
 
 
@@ -117,8 +117,10 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
     int32 cu_seqlens (batch + 1,). With block_table (batch, blocks per sequence) int32, k and v are
     a paged cache (num_blocks, page_size, n_kv_heads, head_dim) as flash-attn's: key t of sequence b
     at row t % page_size of block block_table[b][t // page_size], cu_seqlens_k giving the lengths
-    only. Its blocks are gathered into packed k / v first (torch indexing, differentiable; a device
-    sync on CUDA for the packed size); the indices are checked on the host for CPU tensors."""
+    only. Its blocks are gathered into packed k / v first (torch indexing, differentiable; the packed
+    size and the indices are read on the host, a device sync on CUDA). The gradient reaching the
+    blocks is summed by index_put (on CUDA with atomics where sequences share a block: not bitwise
+    repeatable then, deterministic=True or not)."""
     if block_table is not None:
         k, v = _gather_paged("flash_attn_varlen_func", k, v, block_table, cu_seqlens_k)
     return _attn("flash_attn_varlen_func", q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,

@@ -1968,6 +1968,10 @@ def test_kvcache_options_checks():
         (dict(rotary_cos=torch.ones(16, 8), rotary_sin=torch.ones(16, 4)), ValueError, r"both be \(seqlen_ro"),
         (dict(rotary_cos=torch.ones(16, 8, dtype=torch.int32), rotary_sin=torch.ones(16, 8)), TypeError, "floating"),
         (dict(caches=(cache[:, :0], cache[:, :0]), block_table=i32([0], [1])), ValueError, "at least one position"),
+        (dict(caches=(cache[:, :0], cache[:, :0]), block_table=i32([0], [1]), new=(None, None)), ValueError,
+         "at least one position"),  # (the shortcut declines it: the general path's message)
+        (dict(caches=(cache[:0], cache[:0]), block_table=i32([0], [1])), ValueError, "has no blocks"),
+        (dict(caches=(cache[:0], cache[:0]), cache_batch_idx=i32(0, 0), new=(None, None)), ValueError, "has no rows"),
     ]
     for kw, error, message in cases:
         with pytest.raises(error, match=message):
@@ -2305,6 +2309,7 @@ def test_random_kvcache_problems_match_reference(problem):
     before = [t.clone() for t in logical]
     (k_cache, options, to_logical), (v_cache, _, _) = (
         physical_cache(t, p["layout"], p["page"], torch.Generator().manual_seed(5)) for t in logical)
+    physical_before = k_cache.clone()
     if any(p["pads"]):
         options["cache_leftpad"] = torch.tensor(p["pads"], dtype=torch.int32)
     q = rand((b, tq, h, d), dtype, "cpu")
@@ -2319,6 +2324,9 @@ def test_random_kvcache_problems_match_reference(problem):
                                            alibi_slopes=slopes, return_lse=p["lse"], **options)
     out = result[0] if p["lse"] else result
     keys, vals = to_logical(k_cache), to_logical(v_cache)
+    # nothing written but the new tokens (B x n_new rows of Hkv x D elements), wherever they went
+    changed = ~((k_cache == physical_before) | (k_cache.isnan() & physical_before.isnan()))
+    assert int(changed.sum()) <= b * n_new * hk * d and (n_new == 0 or changed.any())
     bound = 1e-10 if dtype == torch.float64 else 1e-4
     # flash-attn's rule: queries at their own positions when causal or windowed, a window as long as
     # the cache counting as none

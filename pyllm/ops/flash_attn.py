@@ -439,6 +439,9 @@ def _check_cache_options(op: str, q: Tensor, k_cache: Tensor, cache_batch_idx, c
     if cache_batch_idx is None and block_table is None and k_cache.shape[0] != batch:
         raise ValueError(f"{op}: q and k_cache must have the same batch size, got {batch} and {k_cache.shape[0]} "
                          "(cache_batch_idx picks rows of a larger cache)")
+    if (block_table is not None or cache_batch_idx is not None) and k_cache.shape[0] == 0 and batch:
+        raise ValueError(f"{op}: k_cache has no {'blocks' if block_table is not None else 'rows'} for the sequences "
+                         f"to be in (shape {tuple(k_cache.shape)})")
     if block_table is not None and (block_table.shape[1] == 0 or k_cache.shape[1] == 0):
         raise ValueError(f"{op}: a paged cache needs at least one block per sequence (block_table's columns) of at "
                          f"least one position (k_cache.shape[1]), got {block_table.shape[1]} and {k_cache.shape[1]}")
@@ -718,9 +721,12 @@ def _kvcache_eager_cpu(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal,
                                   or (dims is not None and t.shape != dims)):
                 return None
         if block_table is not None:
-            if block_table.dim() != 2 or block_table.shape[0] != batch or not block_table.shape[1] or cache_batch_idx is not None:
+            if (block_table.dim() != 2 or block_table.shape[0] != batch or not block_table.shape[1]
+                    or cache_batch_idx is not None or not capacity):  # (capacity: the block size here)
                 return None
             capacity *= block_table.shape[1]
+        if (block_table is not None or cache_batch_idx is not None) and not cache_shape[0]:
+            return None
     if ((cache_shape[0] != batch and cache_batch_idx is None and block_table is None) or cache_shape[3] != head_dim
             or head_dim not in _DEFAULT_SCALES or n_kv_heads == 0 or n_heads % n_kv_heads):
         return None
@@ -997,8 +1003,9 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_s
             rounding. rotary_interleaved: pairs (0, 1), (2, 3), ... (GPT-J, flash-attn's default);
             False: pairs (i, i + rotary_dim / 2) (GPT-NeoX, Llama).
         cache_batch_idx: int32 (batch,): sequence b's cache is row cache_batch_idx[b] of k_cache /
-            v_cache (flash-attn's). Sequences sharing a row share its keys, the new tokens of each
-            written in turn (flash-attn leaves that undefined).
+            v_cache (flash-attn's). Sequences sharing a row share its keys; where their new tokens
+            land on the same positions, the CPU writes them in sequence order and on CUDA which one
+            lands is undefined (as in flash-attn).
         cache_leftpad: int32 (batch,): sequence b's keys start at cache position cache_leftpad[b]
             (in [0, cache_seqlens[b]]); the rows before are not attended (left-padded caches). The
             new tokens still go to cache_seqlens[b], and the mask, window and ALiBi count keys from
@@ -1086,6 +1093,8 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_s
                 return out
     options = cache_batch_idx is not None or cache_leftpad is not None or block_table is not None
     result = None
+    if length is not None and options:  # known on the host: checked here, as the int path does (no sync)
+        _check_cache_lengths([length], 0 if k_new is None else k_new.shape[1], capacity, shown=length)
     if length is not None:
         if not options and _util.runs_body(q, k_cache, v_cache, k_new, v_new, sinks, alibi_slopes):
             result = _kvcache_with_int_length(q, k_cache, v_cache, length, k_new, v_new, scale, left, right,

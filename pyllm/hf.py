@@ -725,26 +725,43 @@ def _rope_takes(q, k, cos, sin) -> bool:
             and not (cos.requires_grad or sin.requires_grad))
 
 
-def _rotated(x, cos, sin):  # (B, H, T, D) through pyllm.rope's (B, T, H, D) view of it, and back
-    return rope_ops.rope(x.transpose(1, 2), cos, sin).transpose(1, 2)
+def _rotated(x, cos, sin, interleaved=False):  # (B, H, T, D) through pyllm.rope's (B, T, H, D) view, and back
+    return rope_ops.rope(x.transpose(1, 2), cos, sin, interleaved=interleaved).transpose(1, 2)
 
 
-def _fused_rotary(original):
-    """A drop-in for transformers' apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1) (Llama's
-    rotate-half form) on pyllm.rope; calls it does not take go to `original`."""
-    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
-        plain_call = not args and set(kwargs) <= {"unsqueeze_dim"} and kwargs.get("unsqueeze_dim", 1) == 1
-        if plain_call and q.dtype == k.dtype:
-            # transformers' promotes (bf16 q and fp32 tables under autocast give fp32 q and k): the same
-            # dtype out, the kernel run in it
-            dtype = torch.promote_types(q.dtype, cos.dtype)
-            q_in, k_in = (q, k) if dtype == q.dtype else (q.to(dtype), k.to(dtype))
-            if _rope_takes(q_in, k_in, cos, sin):
-                half = cos.shape[-1] // 2
-                table = rope_ops._table_dtype(q_in)
-                cos_half, sin_half = cos[..., :half].to(table), sin[..., :half].to(table)  # (B or 1, T, D/2)
-                return _rotated(q_in, cos_half, sin_half), _rotated(k_in, cos_half, sin_half)
-        return original(q, k, cos, sin, *args, **kwargs)
+def _rotate_q_k(q, k, cos, sin, args, kwargs, interleaved: bool):
+    """apply_rotary_pos_emb's (q, k) on pyllm.rope, or None for calls the kernel does not take. Llama's
+    rotate-half form, or with interleaved Cohere's: pairs (2i, 2i + 1), tables with each angle twice
+    in a row, fp32 math, q's dtype out."""
+    plain_call = not args and set(kwargs) <= {"unsqueeze_dim"} and kwargs.get("unsqueeze_dim", 1) == 1
+    if not plain_call or q.dtype != k.dtype:
+        return None
+    # Llama's promotes (bf16 q and fp32 tables under autocast give fp32 q and k): the same dtype out,
+    # the kernel run in it. Cohere's computes in fp32 and gives q's dtype back: the kernel's own fp32
+    # math and rounding.
+    dtype = q.dtype if interleaved else torch.promote_types(q.dtype, cos.dtype)
+    q_in, k_in = (q, k) if dtype == q.dtype else (q.to(dtype), k.to(dtype))
+    if not _rope_takes(q_in, k_in, cos, sin):
+        return None
+    table = rope_ops._table_dtype(q_in)
+    pick = slice(0, None, 2) if interleaved else slice(0, cos.shape[-1] // 2)
+    cos_half, sin_half = cos[..., pick].to(table), sin[..., pick].to(table)  # (B or 1, T, D/2)
+    return _rotated(q_in, cos_half, sin_half, interleaved), _rotated(k_in, cos_half, sin_half, interleaved)
+
+
+def _fused_rotary(original, interleaved: bool = False):
+    """A drop-in for transformers' apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1) on pyllm.rope
+    (_rotate_q_k); calls it does not take go to `original`. Two functions, not one reading
+    `interleaved` from its closure: torch.compile guards the closure's constants through the name
+    the forward's globals give the function, transformers' own there, which has no closure."""
+    if interleaved:
+        def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+            rotated = _rotate_q_k(q, k, cos, sin, args, kwargs, True)
+            return rotated if rotated is not None else original(q, k, cos, sin, *args, **kwargs)
+    else:
+        def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+            rotated = _rotate_q_k(q, k, cos, sin, args, kwargs, False)
+            return rotated if rotated is not None else original(q, k, cos, sin, *args, **kwargs)
 
     return apply_rotary_pos_emb
 
@@ -778,21 +795,31 @@ def _with_globals(fn, replacements: dict):
 
 
 _ROPE_FORWARDS: dict = {}  # attention class -> its forward on pyllm.rope (None: cannot be made)
+# Cohere's interleaved rotation (pairs (2i, 2i + 1)) is taken in these modeling files only, whose rotary
+# embeddings repeat each angle twice in a row (repeat_interleave): other files with the same two
+# functions (vision models') build their tables otherwise.
+INTERLEAVED_ROPE_MODULES = frozenset(f"transformers.models.{m}.modeling_{m}" for m in ("cohere", "cohere2", "cohere2_moe"))
 
 
 def _rope_forward(cls):
     """cls.forward with apply_rotary_pos_emb on pyllm.rope, when cls's forward calls its modeling
-    file's apply_rotary_pos_emb and that is Llama's rotate-half form, with Llama's rotate_half."""
+    file's apply_rotary_pos_emb and that is Llama's rotate-half form, with Llama's rotate_half, or
+    Cohere's interleaved form in one of INTERLEAVED_ROPE_MODULES."""
     if cls not in _ROPE_FORWARDS:
+        from transformers.models.cohere import modeling_cohere
         from transformers.models.llama import modeling_llama
         forward = cls.forward
         inner = inspect.unwrap(forward)
         rotary = getattr(inner, "__globals__", {}).get("apply_rotary_pos_emb")
-        takes = ("apply_rotary_pos_emb" in getattr(getattr(inner, "__code__", None), "co_names", ())
-                 and rotary is not None and _same_code(rotary, modeling_llama.apply_rotary_pos_emb)
-                 and _same_code(rotary.__globals__.get("rotate_half"), modeling_llama.rotate_half))
-        _ROPE_FORWARDS[cls] = (_with_globals(forward, {"apply_rotary_pos_emb": _fused_rotary(rotary)})
-                               if takes else None)
+        calls = "apply_rotary_pos_emb" in getattr(getattr(inner, "__code__", None), "co_names", ()) and rotary is not None
+        halves = rotary.__globals__.get("rotate_half") if calls else None
+        llama = (calls and _same_code(rotary, modeling_llama.apply_rotary_pos_emb)
+                 and _same_code(halves, modeling_llama.rotate_half))
+        cohere = (calls and rotary.__module__ in INTERLEAVED_ROPE_MODULES
+                  and _same_code(rotary, modeling_cohere.apply_rotary_pos_emb)
+                  and _same_code(halves, modeling_cohere.rotate_half))
+        _ROPE_FORWARDS[cls] = (_with_globals(forward, {"apply_rotary_pos_emb": _fused_rotary(rotary, cohere)})
+                               if llama or cohere else None)
     return _ROPE_FORWARDS[cls]
 
 

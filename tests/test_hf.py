@@ -3,6 +3,7 @@ a plain softmax(q k^T) v attention (below) and transformers' own MLP and loss, o
 attention function: no mask, left and right padding, packed documents, a KV cache, sliding
 windows, capped scores; each also through the SDPA fallback used where no kernel takes the inputs."""
 import copy
+import inspect
 import io
 import sys
 import types
@@ -83,7 +84,25 @@ def tiny(family: str, dtype=torch.float64, head_dim: int = 32, attention: str = 
     ours = copy.deepcopy(reference)
     if dtype == torch.float64:
         float64_norms(reference)
+        float64_rotation(reference)
     return reference, ours
+
+
+def float64_rotation(model):
+    """Cohere's rotation (interleaved pairs) computes in fp32 even in a float64 model (q.float()); the
+    reference's in float64, as pyllm's kernel does for float64 inputs. Llama's already does."""
+    from transformers.models.cohere import modeling_cohere
+
+    def exact(q, k, cos, sin, unsqueeze_dim=1):
+        cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+        turn = modeling_cohere.rotate_half
+        return q * cos + turn(q) * sin, k * cos + turn(k) * sin
+
+    for module in model.modules():
+        forward = type(module).forward
+        rotary = getattr(inspect.unwrap(forward), "__globals__", {}).get("apply_rotary_pos_emb")
+        if rotary is not None and phf._same_code(rotary, modeling_cohere.apply_rotary_pos_emb):
+            module.forward = types.MethodType(phf._with_globals(forward, {"apply_rotary_pos_emb": exact}), module)
 
 
 def float64_norms(model):
@@ -379,8 +398,9 @@ def test_attention_sinks(padding, path, monkeypatch):
     want, got = reference.generate(ids, **settings), ours.generate(ids, **settings)
     assert torch.equal(got.sequences, want.sequences)
     assert rel_err(torch.stack(got.logits), torch.stack(want.logits)) < 1e-12
-    if path == "kernel":  # a training forward and a prefill of 2 layers, 5 decode steps (left padded: a call a row)
-        assert all(calls) and (len(calls) == 14 if padding is None else len(calls) > 14)
+    if path == "kernel":  # a training forward and a prefill of 2 layers, 5 decode steps, one call each (left
+        # padded too: cache_leftpad)
+        assert all(calls) and len(calls) == 14
     else:
         assert calls == []
 
@@ -849,7 +869,7 @@ def test_rope_runs_only_in_patched_models(monkeypatch):
         before = other(ids).logits
     calls = []
     kernel = phf.rope_ops.rope
-    monkeypatch.setattr(phf.rope_ops, "rope", lambda *a: calls.append(1) or kernel(*a))
+    monkeypatch.setattr(phf.rope_ops, "rope", lambda *a, **k: calls.append(1) or kernel(*a, **k))
     assert phf.apply_pyllm_kernels(ours)["rope"] == 2
     assert modeling_llama.apply_rotary_pos_emb is original
     with torch.no_grad():
@@ -861,11 +881,14 @@ def test_rope_runs_only_in_patched_models(monkeypatch):
 
 def test_rope_patch_only_takes_llamas_rotation():
     # NanoChat's rotate_half turns the other way, BLT's interleaves: the same apply_rotary_pos_emb
-    # bytecode, another function; Phi-3's rotation is partial, in its own function.
+    # bytecode, another function; Phi-3's rotation is partial, in its own function. Cohere's
+    # interleaved rotation is taken in Cohere's files only (a vision model has the same functions).
     import importlib
     for name, cls, takes in [("llama", "LlamaAttention", True), ("qwen3", "Qwen3Attention", True),
                              ("nanochat", "NanoChatAttention", False), ("blt", "BltSelfAttention", False),
-                             ("phi3", "Phi3Attention", False)]:
+                             ("phi3", "Phi3Attention", False), ("cohere", "CohereAttention", True),
+                             ("cohere2", "Cohere2Attention", True), ("cohere2_moe", "Cohere2MoeAttention", True),
+                             ("efficientloftr", "EfficientLoFTRAttention", False)]:
         module = importlib.import_module(f"transformers.models.{name}.modeling_{name}")
         assert (phf._rope_forward(getattr(module, cls)) is not None) == takes, name
 
@@ -1181,6 +1204,23 @@ def test_rope_under_autocast_keeps_transformers_dtype():
     for g, w in zip(got, want):
         assert g.dtype == w.dtype == torch.float32
         torch.testing.assert_close(g, w)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cohere_rotation_within_twice_transformers_error(dtype):
+    # Cohere's interleaved rotation on pyllm.rope's kernel (fp32 math, one rounding, q's dtype out, as
+    # Cohere's own): q and k within twice transformers' own error against the float64 rotation.
+    from transformers.models.cohere import modeling_cohere
+    fused = phf._fused_rotary(modeling_cohere.apply_rotary_pos_emb, interleaved=True)
+    q, k = torch.randn(2, 4, 7, 32, dtype=torch.float64), torch.randn(2, 2, 7, 32, dtype=torch.float64)
+    angles = torch.randn(2, 7, 16, dtype=torch.float64) * 30
+    cos, sin = angles.cos().repeat_interleave(2, -1), angles.sin().repeat_interleave(2, -1)  # as Cohere's tables
+    exact = [q * cos[:, None] + modeling_cohere.rotate_half(q) * sin[:, None],
+             k * cos[:, None] + modeling_cohere.rotate_half(k) * sin[:, None]]
+    theirs = modeling_cohere.apply_rotary_pos_emb(q.to(dtype), k.to(dtype), cos.float(), sin.float())
+    ours = fused(q.to(dtype), k.to(dtype), cos.float(), sin.float())
+    for o, t, e in zip(ours, theirs, exact):
+        assert o.dtype == t.dtype == dtype and rel_err(o, e) <= tolerance(t, e)
 
 
 def test_rope_under_gradient_checkpointing():

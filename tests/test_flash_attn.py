@@ -1509,6 +1509,11 @@ def test_kvcache_shortcut_new_rows_inside_their_cache():
     assert torch.equal(k_cache[:, 5:6], rows)
     with pytest.raises(RuntimeError, match="single memory location"):
         pyllm.flash_attn_with_kvcache(q, k_cache, v_cache, 3, k_cache[:, 2:4], v_cache[:, 2:4])
+    # per-row lengths: one indexed write per cache, which refuses any view of the cache; copy_ then
+    rows = k_cache[:, 1:2].clone()
+    pyllm.flash_attn_with_kvcache(q, k_cache, v_cache, torch.tensor([6], dtype=torch.int32), k_cache[:, 1:2],
+                                  v_cache[:, 1:2])
+    assert torch.equal(k_cache[:, 6:7], rows)
 
 
 def test_kvcache_bad_input_raises_and_leaves_the_cache():

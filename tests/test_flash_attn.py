@@ -2019,22 +2019,33 @@ def test_kvcache_options_checks():
 
 
 @pytest.mark.parametrize("layout", ["plain", "rows", "paged"])
-def test_kvcache_clamped_append_matches_the_checked_one(layout):
-    # The CUDA path's append (one indexed write, every index clamped; torch ops, run here on the
-    # CPU) writes what the CPU path's checked copies write, and bad indices stay inside the cache.
+def test_kvcache_appends_write_where_the_layout_says(layout, monkeypatch):
+    # The indexed append (one write per cache, every index clamped: the CUDA path's, and the CPU's
+    # once checked) and the per-block copies it falls back to write the same, the new tokens at their
+    # logical places and nothing else; bad rows and blocks stay inside the cache (no IndexError).
     b, cap, hk, d, n_new = 3, 40, 2, 32, 5
     base = rand((b, cap, hk, d), torch.float32, "cpu")
-    cache, options, _ = physical_cache(base, layout, 8, torch.Generator().manual_seed(4))
+    cache, options, to_logical = physical_cache(base, layout, 8, torch.Generator().manual_seed(4))
     cache = cache.nan_to_num(0.0)
     lengths = [0, 11, 35]
     new = rand((b, n_new, hk, d), torch.float32, "cpu")
     idx, table = options.get("cache_batch_idx"), options.get("block_table")
-    want = [cache.clone(), cache.clone()]
-    fa._append_kv_where(*want, new, new, lengths, idx, table)
     got = [cache.clone(), cache.clone()]
     fa._append_kv_clamped(*got, new, new, torch.tensor(lengths, dtype=torch.int32), idx, table)
-    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-    if layout != "plain":  # out-of-range rows / blocks are clamped, not written out of bounds
+    keys = to_logical(got[0])
+    for i, n in enumerate(lengths):
+        assert torch.equal(keys[i, n:n + n_new], new[i])
+    assert int((got[0] != cache).sum()) == b * n_new * hk * d
+    copies = [cache.clone(), cache.clone()]
+
+    def refuse(*args):
+        raise RuntimeError("refused")  # as index_put refuses a new row that is a view of its cache
+
+    monkeypatch.setattr(fa, "_append_kv_clamped", refuse)
+    fa._append_kv_where(*copies, new, new, lengths, idx, table)
+    assert torch.equal(copies[0], got[0]) and torch.equal(copies[1], got[1])
+    monkeypatch.undo()
+    if layout != "plain":
         bad_idx = None if idx is None else torch.tensor([-4, 99, 1], dtype=torch.int32)
         bad_table = None if table is None else table.clone().fill_(10**6)
         fa._append_kv_clamped(*got, new, new, torch.tensor(lengths, dtype=torch.int32), bad_idx, bad_table)

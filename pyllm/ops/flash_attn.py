@@ -515,7 +515,15 @@ def _append_kv_clamped(k_cache: Tensor, v_cache: Tensor, k_new: Tensor, v_new: T
 def _append_kv_where(k_cache: Tensor, v_cache: Tensor, k_new: Tensor, v_new: Tensor, lengths: list[int],
                      cache_batch_idx: Optional[Tensor], block_table: Optional[Tensor]) -> None:
     """cache positions n_b .. n_b + n_new of sequence b = new[b], where the options put them: batch
-    row cache_batch_idx[b], or the blocks of block_table[b] (a copy per block touched)."""
+    row cache_batch_idx[b], or the blocks of block_table[b], the indices checked already: one indexed
+    write per cache (_append_kv_clamped's, whose clamps are the identity here), or where that refuses
+    (a new row that is a view of its cache) a copy per row or block touched."""
+    try:
+        _append_kv_clamped(k_cache, v_cache, k_new, v_new, torch.tensor(lengths, device=k_cache.device),
+                           cache_batch_idx, block_table)
+        return
+    except RuntimeError:
+        pass
     n_new = k_new.shape[1]
     rows = cache_batch_idx.tolist() if cache_batch_idx is not None else range(len(lengths))
     tables = block_table.tolist() if block_table is not None else None

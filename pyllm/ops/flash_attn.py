@@ -515,9 +515,11 @@ def _append_kv_clamped(k_cache: Tensor, v_cache: Tensor, k_new: Tensor, v_new: T
 def _append_kv_where(k_cache: Tensor, v_cache: Tensor, k_new: Tensor, v_new: Tensor, lengths: list[int],
                      cache_batch_idx: Optional[Tensor], block_table: Optional[Tensor]) -> None:
     """cache positions n_b .. n_b + n_new of sequence b = new[b], where the options put them: batch
-    row cache_batch_idx[b], or the blocks of block_table[b], the indices checked already: one indexed
-    write per cache (_append_kv_clamped's, whose clamps are the identity here), or where that refuses
-    (a new row that is a view of its cache) a copy per row or block touched."""
+    row cache_batch_idx[b] (row b without), or the blocks of block_table[b], the indices checked
+    already: one indexed write per cache (_append_kv_clamped's, whose clamps are the identity here; a
+    copy per row took 218 us for 32 rows, generate_batch's decode step in every layer, this 15, 2-core
+    EPYC, 2026-12-03), or where index_put refuses (a new row that is a view of its cache at all) a
+    copy per row or block touched: copy_ takes disjoint views and raises for the rest."""
     try:
         _append_kv_clamped(k_cache, v_cache, k_new, v_new, torch.tensor(lengths, device=k_cache.device),
                            cache_batch_idx, block_table)
@@ -567,11 +569,8 @@ def _flash_attn_with_kvcache_body(q: Tensor, k_cache: Tensor, v_cache: Tensor, c
         if cache_batch_idx is not None or cache_leftpad is not None or block_table is not None:
             options = _cache_option_args(k_cache, lengths, n_new, cache_batch_idx, cache_leftpad, block_table)
             keep = options.pop("_keep")  # alive until the kernel has read them
-            if n_new:
-                _append_kv_where(k_cache, v_cache, k_new, v_new, lengths, cache_batch_idx, block_table)
-            seqused_k = torch.tensor([n + n_new for n in lengths], dtype=torch.int32)
-        elif n_new:
-            _append_kv(k_cache, v_cache, k_new, v_new, lengths, 0)
+        if n_new:
+            _append_kv_where(k_cache, v_cache, k_new, v_new, lengths, cache_batch_idx, block_table)
             seqused_k = torch.tensor([n + n_new for n in lengths], dtype=torch.int32)
         else:
             seqused_k = cache_seqlens if cache_seqlens.is_contiguous() else cache_seqlens.contiguous()
@@ -689,21 +688,11 @@ def _append_kv(k_cache: Tensor, v_cache: Tensor, k_new: Tensor, v_new: Tensor, l
     """cache[b, n_b:n_b + n_new] = new[b] for k, then v, n_b = lengths[b] (start for every b when
     lengths is None), the lengths already checked to lie in [0, capacity - n_new]. torch's in-place
     writes keep its own checks (overlap, inference tensors) and bump the caches' version counters."""
-    n_new = k_new.shape[1]
-    if lengths is None:
-        for cache, new in ((k_cache, k_new), (v_cache, v_new)):
-            cache.narrow(1, start, n_new).copy_(new)  # 6.6 us for both; the indexed copies ~12
+    if lengths is not None:  # one indexed write per cache (_append_kv_where, no layout)
+        _append_kv_where(k_cache, v_cache, k_new, v_new, lengths, None, None)
         return
-    # One indexed write per cache: a copy per row took 218 us for 32 rows (generate_batch's decode
-    # step, every layer; 2-core EPYC, 2026-12-03), this 15.
-    rows = torch.arange(len(lengths), device=k_cache.device)[:, None]
-    cols = torch.tensor(lengths, device=k_cache.device)[:, None] + torch.arange(n_new, device=k_cache.device)
     for cache, new in ((k_cache, k_new), (v_cache, v_new)):
-        try:
-            cache[rows, cols] = new
-        except RuntimeError:  # index_put refuses new rows that are views of the cache at all; copy_
-            for b, n in enumerate(lengths):  # takes disjoint ones (and raises for the rest)
-                cache[b, n:n + n_new].copy_(new[b])
+        cache.narrow(1, start, k_new.shape[1]).copy_(new)  # 6.6 us for both; the indexed copies ~12
 
 
 def _kvcache_eager_cpu(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, softmax_scale,
@@ -796,7 +785,7 @@ def _kvcache_eager_cpu(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal,
             _append_kv_where(k_cache, v_cache, k_new, v_new, [start] * batch if lengths is None else lengths,
                              cache_batch_idx, block_table)
         else:
-            _append_kv(k_cache, v_cache, k_new, v_new, lengths, start)
+            _append_kv(k_cache, v_cache, k_new, v_new, lengths, start)  # (an int start: one slice copy)
     if lengths is None:
         seqused_k = array(_INT32_ARRAY, (start + n_new,)) * batch
     else:

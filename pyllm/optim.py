@@ -45,6 +45,31 @@ def _check_hyper(where: str, lr, betas, eps, weight_decay) -> None:
             raise ValueError(f"{where}: betas[{i}] must be in [0, 1), got {b!r}")
 
 
+def _check_torch_options(where: str, **options) -> None:
+    """torch.optim.AdamW's options that change the update and that the fused step does not have
+    (a group loaded from torch's state_dict can carry them too): refused, not silently ignored."""
+    for name, value in options.items():
+        if value:
+            raise NotImplementedError(f"{where}: {name}=True is not supported by pyllm's fused AdamW step "
+                                      f"(use torch.optim.AdamW for it)")
+
+
+def _readopt_changed_params(params: list[Tensor], masters: list[Tensor]) -> None:
+    """The 16-bit param is the weight; its fp32 master only carries the bits below the param's
+    precision, while the param still is a rounding of it (either neighbour: nearest or stochastic).
+    Elements changed since (a checkpoint loaded into the model, a clamp, an init) are taken from the
+    param again, so that the next step starts from what the model holds, as torch.optim.AdamW's
+    would; the other elements keep their masters' bits."""
+    for p, master in zip(params, masters):
+        p = p.detach()
+        nearest = master.to(p.dtype)
+        toward = torch.where(nearest.float() > master, -math.inf, math.inf).to(p.dtype)
+        other = torch.nextafter(nearest, toward)  # the neighbour on master's other side
+        changed = (p != nearest) & (p != other)
+        if bool(changed.any()):
+            master.copy_(torch.where(changed, p.float(), master))
+
+
 class AdamW(torch.optim.Optimizer):
     """AdamW (decoupled weight decay, as torch.optim.AdamW) in one fused multi-tensor pass, with
     fp32 master weights for 16-bit params, loss-scale unscaling, inf/nan skipping and global-norm
@@ -57,7 +82,16 @@ class AdamW(torch.optim.Optimizer):
         master_weights: for bf16/fp16 params, keep an fp32 master copy in the optimizer state and
             write the rounded 16-bit copy into the param each step. None (default) means on for
             16-bit params; False updates 16-bit params directly in fp32 registers (llm.c's mode: pair
-            it with stochastic_rounding). fp32 params are always their own master.
+            it with stochastic_rounding). fp32 params are always their own master. The param stays
+            the weight, as with torch.optim.AdamW: where it was changed in place since the last step
+            (``model.load_state_dict``, ``nn.init``, a clamp under ``torch.no_grad()``), the next
+            step takes those elements from it rather than from the master. The step notices a
+            change by the param's version counter, which writes through ``p.data`` do not move:
+            make them on ``p`` itself under ``torch.no_grad()``.
+        amsgrad, maximize, differentiable: torch.optim.AdamW's; only False (NotImplementedError
+            otherwise, also for a param group loaded from torch's state_dict with them set).
+        foreach, fused, capturable: torch's choice of implementation; accepted and ignored (this
+            step is always one fused multi-tensor pass, and never syncs with the host).
         stochastic_rounding: round the bf16 param copy stochastically (unbiased on average) instead
             of to nearest. The random bits are a pure function of (group["seed"], step, tensor,
             element): reproducible. The seed is torch.initial_seed() at construction (so
@@ -73,9 +107,15 @@ class AdamW(torch.optim.Optimizer):
     them with .item() is the only host sync of a CUDA step.
     """
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
+                 maximize=False, foreach=None, capturable=False, differentiable=False, fused=None,
                  master_weights=None, stochastic_rounding=False):
         _check_hyper("AdamW", lr, betas, eps, weight_decay)
+        # torch.optim.AdamW's signature, so that code written for it runs: foreach and fused choose
+        # torch's implementation (pyllm's is always one fused multi-tensor pass) and capturable
+        # torch's CUDA-graph mode (pyllm's step never syncs): accepted, nothing to do. What would
+        # change the update is refused rather than ignored.
+        _check_torch_options("AdamW", amsgrad=amsgrad, maximize=maximize, differentiable=differentiable)
         if master_weights not in (None, True, False):
             raise ValueError(f"AdamW: master_weights must be None, True or False, got {master_weights!r}")
         if not isinstance(stochastic_rounding, bool):
@@ -88,6 +128,9 @@ class AdamW(torch.optim.Optimizer):
         self.last_step_skipped: Tensor | None = None
         # ZeroAdamW sets this to sum the sum of squares over its ranks before anything uses it.
         self._reduce_sumsq: Callable[[Tensor], None] | None = None
+        # param -> its version counter right after a step wrote it (16-bit params with masters): a
+        # different one at the next step means the param was changed in place since.
+        self._written: dict[Tensor, int] = {}
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -122,6 +165,7 @@ class AdamW(torch.optim.Optimizer):
     def __setstate__(self, state: dict) -> None:
         # A state_dict from torch.optim.AdamW (or an older pyllm) lacks our group keys: take defaults.
         super().__setstate__(state)
+        self.__dict__.setdefault("_written", {})
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
@@ -133,6 +177,7 @@ class AdamW(torch.optim.Optimizer):
         saved_state = state_dict["state"]
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         super().load_state_dict(state_dict)
+        self._written.clear()  # the loaded masters are checked against the params at the next step
         params = [p for g in self.param_groups for p in g["params"]]
         for saved_id, p in zip(saved_ids, params):
             if saved_id not in saved_state:
@@ -149,9 +194,11 @@ class AdamW(torch.optim.Optimizer):
 
     def _collect(self) -> list[dict]:
         """Validates the params with grads and buckets them by (group, dtype, master)."""
-        buckets = []
+        buckets, changed = [], []
         for gi, group in enumerate(self.param_groups):
             _check_hyper(f"AdamW param group {gi}", group["lr"], group["betas"], group["eps"], group["weight_decay"])
+            _check_torch_options(f"AdamW param group {gi}", amsgrad=group.get("amsgrad"),
+                                 maximize=group.get("maximize"), differentiable=group.get("differentiable"))
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
@@ -179,7 +226,10 @@ class AdamW(torch.optim.Optimizer):
                 bucket = by_kind.setdefault((p.dtype, master), dict(
                     group=group, device=device, has_master=master, params=[], grads=[], masters=[],
                     exp_avgs=[], exp_avg_sqs=[], steps=[]))
+                had_master = "master" in self.state[p]
                 state = self._init_state(group, p)
+                if master and had_master and self._written.get(p) != p._version:
+                    changed.append((p, state["master"]))
                 bucket["params"].append(p)
                 bucket["grads"].append(p.grad.contiguous())
                 bucket["masters"].append(state["master"] if master else None)
@@ -187,6 +237,8 @@ class AdamW(torch.optim.Optimizer):
                 bucket["exp_avg_sqs"].append(state["exp_avg_sq"])
                 bucket["steps"].append(state["step"])
             buckets.extend(by_kind.values())
+        if changed:
+            _readopt_changed_params(*zip(*changed))
         for b in buckets:
             b["table"] = _ops.build_table(b["params"], b["grads"], b["masters"], b["exp_avgs"],
                                           b["exp_avg_sqs"], b["steps"])
@@ -260,6 +312,8 @@ class AdamW(torch.optim.Optimizer):
                        max_grad_norm=max_grad_norm if max_grad_norm is not None and max_grad_norm != math.inf else None,
                        stochastic_rounding=g["stochastic_rounding"] and b["params"][0].dtype == torch.bfloat16,
                        seed=g["seed"])
+            if b["has_master"]:  # the kernel writes through the pointer: the counter is the caller's
+                self._written.update((p, p._version) for p in b["params"])
 
         if need_norm:
             d0 = buckets[0]["device"]
@@ -428,6 +482,7 @@ class ZeroAdamW(torch.optim.Optimizer):
                             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                             master_weights=master_weights, stochastic_rounding=stochastic_rounding)
         self._inner._reduce_sumsq = lambda sumsq: dist.all_reduce(sumsq, group=self._group)
+        self._written: list[int] | None = None  # the params' version counters after the last step wrote them
         self.last_grad_norm: Tensor | None = None
         self.last_step_skipped: Tensor | None = None
 
@@ -497,6 +552,10 @@ class ZeroAdamW(torch.optim.Optimizer):
         for group, inner_group in zip(self.param_groups, self._inner.param_groups):
             for key in ("lr", "betas", "eps", "weight_decay"):
                 inner_group[key] = group[key]
+        if self._written is not None and self._written != [p._version for ps in self._params for p in ps]:
+            # changed in place since the last step (as AdamW, the params are the weights): the shards
+            # re-read, and the inner AdamW re-takes the changed elements from them
+            self._reload_shards_from_params()
         self._inner.step(grad_scaler=grad_scaler, max_grad_norm=max_grad_norm)
         self.last_grad_norm, self.last_step_skipped = self._inner.last_grad_norm, self._inner.last_step_skipped
 
@@ -504,6 +563,7 @@ class ZeroAdamW(torch.optim.Optimizer):
             shard.grad = None
             # The reduced grads are spent: their buffer receives the gathered params.
             self._unflatten_into_params(gi, self._all_gather(gi, shard.detach(), out=flat))
+        self._written = [p._version for ps in self._params for p in ps]
         return loss
 
     def state_dict(self) -> dict:

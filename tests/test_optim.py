@@ -415,6 +415,64 @@ def test_load_torch_adamw_state_dict_then_continue_like_torch():
     assert rel_err(flat(ours.parameters()), flat(torch32.parameters())) < 1e-6
 
 
+def test_torch_adamw_signature_is_accepted():
+    """Code written for torch.optim.AdamW passes its options: the implementation choices are
+    accepted, and what would change the update is refused, never ignored."""
+    model = make_model()
+    AdamW(model.parameters(), 1e-3, (0.9, 0.999), 1e-8, 0.01, False, maximize=False, foreach=True,
+          capturable=False, differentiable=False, fused=True)
+    AdamW(model.parameters(), foreach=False, fused=None, capturable=True)
+    for option in ("amsgrad", "maximize", "differentiable"):
+        with pytest.raises(NotImplementedError, match=f"{option}=True"):
+            AdamW(model.parameters(), **{option: True})
+
+
+@pytest.mark.parametrize("option", ["amsgrad", "maximize"])
+def test_torch_state_dict_with_options_we_lack_is_refused_at_the_step(option):
+    """A group loaded from torch's state_dict carries its options: stepping it as plain AdamW
+    would be another update (2.7e-2 apart after 3 steps with maximize)."""
+    theirs, ours = make_model(), make_model()
+    torch_opt = torch.optim.AdamW(theirs.parameters(), **{option: True})
+    opt = AdamW(ours.parameters())
+    opt.load_state_dict(torch_opt.state_dict())
+    x, y = batch("cpu")
+    backward(ours, x, y)
+    before = [p.detach().clone() for p in ours.parameters()]
+    with pytest.raises(NotImplementedError, match=f"param group 0: {option}=True"):
+        opt.step()
+    assert all(torch.equal(a, p) for a, p in zip(before, ours.parameters()))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic"])
+def test_a_16bit_param_changed_in_place_is_the_weight_again(dtype, stochastic):
+    """As with torch.optim.AdamW, the param is the weight: rows set in place after some steps (a
+    checkpoint, an init, a clamp) are where the next step starts, elementwise, and the untouched
+    elements keep their masters' extra bits, also where a param was rewritten with its own values."""
+    if stochastic and dtype == torch.float16:
+        pytest.skip("stochastic rounding is bf16's")
+    model = make_model(dtype=dtype)
+    opt = AdamW(model.parameters(), lr=1e-2, stochastic_rounding=stochastic)
+    train(model, opt, 3, "cpu", dtype)
+    # The expectation: the same state with the changed rows' masters set by hand.
+    reference = copy.deepcopy(model)
+    ref_opt = AdamW(reference.parameters(), lr=1e-2, stochastic_rounding=stochastic)
+    ref_opt.load_state_dict(opt.state_dict())
+    assert not (opt.state[model[0].weight]["master"][:7] == 0.5).any()
+    with torch.no_grad():
+        model[0].weight[:7] = 0.5
+        model[2].load_state_dict(model[2].state_dict())  # its own values again: a new version, no change
+        reference[0].weight[:7] = 0.5
+        ref_opt.state[reference[0].weight]["master"][:7] = 0.5
+    x, y = batch("cpu", dtype)
+    for m, o in ((model, opt), (reference, ref_opt)):
+        backward(m, x, y)
+        o.step()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        assert torch.equal(p, q)
+        assert torch.equal(opt.state[p]["master"], ref_opt.state[q]["master"])
+
+
 @pytest.mark.parametrize("device", CPU_AND_CUDA)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_every_16bit_value_survives_a_zero_update(device, dtype):
@@ -461,6 +519,7 @@ def test_fp16_conversions_round_to_nearest_even_like_torch():
     opt.state[p]["exp_avg"] = torch.zeros(master.numel())
     opt.state[p]["exp_avg_sq"] = torch.zeros(master.numel())
     opt.state[p]["master"] = master.clone()
+    opt._written[p] = p._version  # as a step left them: the master holds the weight, p is to be written
     opt.step()
     assert torch.equal(p.view(torch.int16), master.half().view(torch.int16))
 
@@ -722,6 +781,9 @@ def _zero_matches_unsharded(rank, world, dtype):
             p.grad = g.clone()
         for p, per_rank in zip(ref, zip(*grads)):
             p.grad = sum(g / world for g in per_rank)
+        if step == 2:  # set in place between steps: the next step starts there, as AdamW's
+            with torch.no_grad():
+                params[1][:10], ref[1][:10] = 0.25, 0.25
         before = [p.detach().clone() for p in params]
         opt.step(max_grad_norm=0.5)
         ref_opt.step(max_grad_norm=0.5)

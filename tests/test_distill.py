@@ -401,8 +401,8 @@ def test_row_kernel_opcheck():
 # --- pyllm.generalized_jsd: the differentiable op ----------------------------------------------
 
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("reduction", ["batchmean", "mean", "sum", "none"])
+@pytest.mark.parametrize("masked", [False, "mask", "labels"])
 def test_generalized_jsd_is_trls_in_float64(beta, reduction, masked):
     # TRL's generalized_jsd_loss per token (batchmean: over the tokens its labels keep, all of them
     # without labels), through the op and its backward, at a temperature that is not a power of two;
@@ -414,12 +414,14 @@ def test_generalized_jsd_is_trls_in_float64(beta, reduction, masked):
     mask[0, :3] = False
     teacher = teacher.clone().requires_grad_()
     x = student.clone().requires_grad_()
+    labels = torch.randint(0, 300, (2, 7)).masked_fill(~mask, -100)
     got = pyllm.generalized_jsd(x, teacher, beta=beta, temperature=1.7, reduction=reduction,
-                                mask=mask if masked else None)
+                                mask=mask if masked == "mask" else None, labels=labels if masked == "labels" else None)
     y = student.clone().requires_grad_()
     kept = mask if masked else torch.ones_like(mask)
     per_token = trl_jsd(y, teacher.detach(), beta, 1.7) * kept
-    want = {"mean": per_token.sum() / kept.sum(), "sum": per_token.sum(), "none": per_token}[reduction]
+    want = {"batchmean": per_token.sum() / (kept.sum() if masked else 2), "sum": per_token.sum(), "none": per_token,
+            "mean": per_token.sum() / (kept.sum() * 300)}[reduction]
     assert got.shape == want.shape and got.dtype == torch.float64
     assert rel_err(got, want) < 1e-13
     dout = torch.rand(want.shape, dtype=torch.float64) + 0.5
@@ -444,7 +446,8 @@ def test_generalized_jsd_masked_rows_get_zero_gradient(device):
     want.backward()
     assert torch.equal(loss.detach(), want.detach())
     assert (x.grad[~mask] == 0).all() and torch.equal(x.grad[mask], kept.grad)
-    assert torch.isnan(pyllm.generalized_jsd(student[:0], teacher[:0]))
+    assert torch.isnan(pyllm.generalized_jsd(student[:0], teacher[:0], reduction="mean"))  # torch's mean of nothing
+    assert pyllm.generalized_jsd(student[:0], teacher[:0]).item() == 0.0  # TRL's batchmean: over at least 1
 
 
 @pytest.mark.parametrize("device", CPU_AND_CUDA)
@@ -488,10 +491,35 @@ def test_generalized_jsd_gradcheck_opcheck_and_compile():
     assert_compiles_like_eager(lambda a: pyllm.generalized_jsd(a, t32, beta=0.5, temperature=2.0), s32.clone().requires_grad_())
 
 
+@pytest.mark.parametrize("reduction", ["batchmean", "mean", "sum"])
+@pytest.mark.parametrize("with_labels", [False, True])
+def test_generalized_jsd_called_as_trls_gives_its_loss(reduction, with_labels):
+    """TRL's own generalized_jsd_loss, called the way GKDTrainer calls it (positional labels, its
+    reductions and num_items_in_batch), in float64: the same loss and gradient."""
+    trl_gkd = pytest.importorskip("trl.experimental.gkd.gkd_trainer")
+    student, teacher = (t.view(2, 6, 40) for t in kernel_case(12, 40, torch.float64, seed=9))
+    labels = torch.randint(0, 40, (2, 6))
+    labels[0, :2] = labels[1, 5] = -100
+    labels = labels if with_labels else None
+    for extra in ({}, {"num_items_in_batch": torch.tensor(17)}):
+        x, y = student.clone().requires_grad_(), student.clone().requires_grad_()
+        got = pyllm.generalized_jsd(x, teacher, labels, 0.3, 1.5, reduction, **extra)
+        want = trl_gkd.GKDTrainer.generalized_jsd_loss(y, teacher, labels, 0.3, 1.5, reduction, **extra)
+        assert rel_err(got, want) < 1e-13
+        got.backward(), want.backward()
+        assert rel_err(x.grad, y.grad) < 1e-12
+    all_ignored = torch.full((2, 6), -100)
+    assert pyllm.generalized_jsd(student, teacher, all_ignored).item() == 0.0  # batchmean: TRL's clamp to 1
+
+
 def test_generalized_jsd_bad_arguments():
     student, teacher = kernel_case(3, 10, torch.float32)
     with pytest.raises(ValueError, match="reduction must be one of"):
-        pyllm.generalized_jsd(student, teacher, reduction="batchmean")
+        pyllm.generalized_jsd(student, teacher, reduction="avg")
+    with pytest.raises(ValueError, match="labels or mask, not both"):
+        pyllm.generalized_jsd(student, teacher, torch.zeros(3, dtype=torch.long), mask=torch.ones(3, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"labels must be an integer tensor .* \(3,\)"):
+        pyllm.generalized_jsd(student, teacher, torch.zeros(3))
     with pytest.raises(ValueError, match=r"mask must be a bool tensor of the logits' shape without their last dim, \(3,\)"):
         pyllm.generalized_jsd(student, teacher, mask=torch.ones(3))
     with pytest.raises(ValueError, match=r"teacher logits must have the student's shape \(3, 10\)"):

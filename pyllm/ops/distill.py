@@ -25,7 +25,7 @@ from pyllm.ops import _util
 from pyllm.ops.cross_entropy import check_shape_args
 
 OP = "distill"
-REDUCTIONS = ("mean", "sum", "none")
+REDUCTIONS = ("batchmean", "mean", "sum", "none")
 DTYPES = {
     "cpu": (torch.float32, torch.bfloat16, torch.float16, torch.float64),
     "cuda": (torch.float32, torch.float16, torch.bfloat16),
@@ -211,34 +211,44 @@ _distill.register_autograd(_distill_grad, setup_context=_distill_setup)
 _DistillFunction = _util.eager_function(OP, _distill_body, _distill_setup, _distill_grad)
 
 
-def generalized_jsd(student_logits: Tensor, teacher_logits: Tensor, *, beta: float = 0.5, temperature: float = 1.0,
-                    reduction: str = "mean", mask: Optional[Tensor] = None, scale: float = 1.0,
-                    softcap: Optional[float] = None, teacher_scale: float = 1.0,
+def generalized_jsd(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None,
+                    beta: float = 0.5, temperature: float = 1.0, reduction: str = "batchmean",
+                    num_items_in_batch=None, *, mask: Optional[Tensor] = None, ignore_index: int = -100,
+                    scale: float = 1.0, softcap: Optional[float] = None, teacher_scale: float = 1.0,
                     teacher_softcap: Optional[float] = None) -> Tensor:
     """GKD's generalized Jensen-Shannon divergence (Agarwal et al. 2024) between the student's and
     the teacher's next-token distributions at temperature T, per row of logits (..., V): TRL's
-    GKDTrainer.generalized_jsd_loss, Liger-Kernel's LigerJSD. With s, t the log-softmaxes of
-    logits / T: beta 0 the forward KL(teacher || student) (Hinton's distillation), 1 the reverse
-    KL(student || teacher), else beta KL(teacher || M) + (1 - beta) KL(student || M), M = beta
-    teacher + (1 - beta) student (TRL's default beta 0.5). One kernel call per direction; the
-    backward recomputes each row from the saved logits, so nothing of (rows, V) is kept or made in
-    fp32. The teacher is a constant: it is detached here and gets no gradient.
+    GKDTrainer.generalized_jsd_loss, with its arguments in its order, and Liger-Kernel's LigerJSD.
+    With s, t the log-softmaxes of logits / T: beta 0 the forward KL(teacher || student) (Hinton's
+    distillation), 1 the reverse KL(student || teacher), else beta KL(teacher || M) + (1 - beta)
+    KL(student || M), M = beta teacher + (1 - beta) student (TRL's default beta 0.5). One kernel call
+    per direction; the backward recomputes each row from the saved logits, so nothing of (rows, V)
+    is kept or made in fp32. The teacher is a constant: it is detached here and gets no gradient.
 
     Args:
         student_logits, teacher_logits: (..., V), one shape, dtype and device. CPU: float32, bfloat16,
             float16, float64; CUDA: float32, bfloat16, float16 (its kernel not yet run on a GPU).
-        reduction: "mean" over the rows (over those mask keeps, with mask; TRL's "batchmean" over
-            tokens), "sum", "none" (the (...) divergences).
-        mask: optional bool (...): rows where it is False count 0 and get a zero gradient, whatever
-            their logits (prompt or padding tokens; TRL's labels != -100).
+        labels: optional integer (...): rows whose label is ignore_index (-100) count 0 and get a
+            zero gradient (prompt and padding tokens), as TRL's. mask: the same as a bool (...)
+            tensor, True where a row counts; give one or neither.
+        reduction: TRL's. "batchmean" (its default): the sum over the rows kept, divided by their
+            number (at least 1) with labels or a mask, else by the logits' first dim (the batch of
+            (B, T, V) logits, the rows of (N, V) ones). "mean": divided by the number of elements
+            of the rows kept, rows x V (torch's elementwise mean; before 2026-12-03 pyllm's "mean"
+            was "batchmean"'s per-row mean). "sum". "none": the (...) per-row divergences, masked
+            rows 0 (TRL's is per element, (..., V), and keeps only the labelled rows: a sum over
+            either is the same).
+        num_items_in_batch: when given, the loss is the sum over the rows kept divided by it,
+            whatever the reduction (TRL's, for gradient accumulation: the number of labelled
+            tokens in the whole accumulated batch).
         scale, softcap (and the teacher's): each side's logits scaled, then capped as softcap *
             tanh(z / softcap) (Gemma 2's), before the temperature divides them.
     Returns:
-        fp32 (fp64 for fp64 logits), whatever the logits' dtype; "mean" of no rows is NaN, as
-        torch's. A class of probability 0 on both sides (-inf logits) adds 0 (torch's written-out
-        formula gives NaN there); one side's -inf where the other has mass gives +inf when it is the
-        side under the log (beta 0: the student's, 1: the teacher's); a row with a NaN logit or a
-        +-inf largest logit gives NaN.
+        fp32 (fp64 for fp64 logits), whatever the logits' dtype (TRL's is the logits' dtype, from
+        16-bit log-softmaxes); "mean" of no rows is NaN, as torch's. A class of probability 0 on
+        both sides (-inf logits) adds 0 (torch's written-out formula gives NaN there); one side's
+        -inf where the other has mass gives +inf when it is the side under the log (beta 0: the
+        student's, 1: the teacher's); a row with a NaN logit or a +-inf largest logit gives NaN.
     Raises:
         TypeError / ValueError for bad arguments (dtypes, shapes, devices, out-of-range numbers).
     """
@@ -246,19 +256,38 @@ def generalized_jsd(student_logits: Tensor, teacher_logits: Tensor, *, beta: flo
            rows_in_place=False)
     if reduction not in REDUCTIONS:
         raise ValueError(f"{OP}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if mask is not None and (not isinstance(mask, Tensor) or mask.dtype != torch.bool
-                             or mask.shape != student_logits.shape[:-1]):
+    rows_shape = tuple(student_logits.shape[:-1])
+    if labels is not None:
+        if mask is not None:
+            raise ValueError(f"{OP}: give labels or mask, not both")
+        if (not isinstance(labels, Tensor) or labels.dtype.is_floating_point or labels.dtype.is_complex
+                or labels.dtype == torch.bool or tuple(labels.shape) != rows_shape):
+            raise ValueError(f"{OP}: labels must be an integer tensor of the logits' shape without their last dim, "
+                             f"{rows_shape}, got {getattr(labels, 'dtype', type(labels).__name__)} "
+                             f"{tuple(getattr(labels, 'shape', ()))}")
+        mask = labels != ignore_index
+    if mask is not None and (not isinstance(mask, Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != rows_shape):
         raise ValueError(f"{OP}: mask must be a bool tensor of the logits' shape without their last dim, "
-                         f"{tuple(student_logits.shape[:-1])}, got {getattr(mask, 'dtype', type(mask).__name__)} "
+                         f"{rows_shape}, got {getattr(mask, 'dtype', type(mask).__name__)} "
                          f"{tuple(getattr(mask, 'shape', ()))}")
     rows = _util.call(_distill_body, _distill, _DistillFunction, student_logits, teacher_logits.detach(), float(beta),
                       float(temperature), float(scale), float(softcap or 0.0), float(teacher_scale),
-                      float(teacher_softcap or 0.0)).reshape(student_logits.shape[:-1])
+                      float(teacher_softcap or 0.0)).reshape(rows_shape)
     if mask is not None:  # a select, not a product: a masked row's NaN stays out of the loss (and its
         # gradient: the kernel gives rows of weight 0 zeros)
-        rows = torch.where(mask.to(rows.device), rows, rows.new_zeros(()))
+        mask = mask.to(rows.device)
+        rows = torch.where(mask, rows, rows.new_zeros(()))
+    if num_items_in_batch is not None:
+        if isinstance(num_items_in_batch, Tensor):
+            num_items_in_batch = num_items_in_batch.to(rows.device)
+        return rows.sum() / num_items_in_batch
     if reduction == "none":
         return rows
     if reduction == "sum":
         return rows.sum()
-    return rows.sum() / (mask.sum() if mask is not None else rows.numel())
+    if reduction == "batchmean":
+        if mask is not None:
+            return rows.sum() / mask.sum().clamp_min(1)
+        return rows.sum() / max(rows_shape[0] if rows_shape else 1, 1)
+    kept = mask.sum() if mask is not None else rows.numel()  # "mean": over the elements, rows x V
+    return rows.sum() / (kept * student_logits.shape[-1])

@@ -812,7 +812,8 @@ def _rope_forward(cls):
         inner = inspect.unwrap(forward)
         rotary = getattr(inner, "__globals__", {}).get("apply_rotary_pos_emb")
         calls = "apply_rotary_pos_emb" in getattr(getattr(inner, "__code__", None), "co_names", ()) and rotary is not None
-        halves = rotary.__globals__.get("rotate_half") if calls else None
+        # (getattr: a rotation that is no plain function, a functools.partial say, is no one's to replace)
+        halves = getattr(rotary, "__globals__", {}).get("rotate_half") if calls else None
         llama = (calls and _same_code(rotary, modeling_llama.apply_rotary_pos_emb)
                  and _same_code(halves, modeling_llama.rotate_half))
         cohere = (calls and rotary.__module__ in INTERLEAVED_ROPE_MODULES
@@ -1036,9 +1037,14 @@ def apply_pyllm_kernels(model: nn.Module, attention: bool = True, swiglu: bool =
     Returns what was applied: {"attention": bool, "swiglu": number of MLPs, "geglu": number of MLPs,
     "rms_norm": number of norms, "rope": number of attention modules, "fused_linear_cross_entropy": bool}. A requested part the model cannot take raises ValueError saying why (fused loss on
     a model whose logits are more than lm_head(hidden); a model that cannot switch attention or does not take
-    flash-attention's 2D padding mask)."""
+    flash-attention's 2D padding mask). A call that raises leaves the model as it was."""
     applied = {"attention": False, "swiglu": 0, "geglu": 0, "rms_norm": 0, "rope": 0,
                "fused_linear_cross_entropy": False}
+    # Every refusal comes before the first change, in the order the parts are applied; what can still fail
+    # after (transformers' set_attn_implementation on a submodel, a missing modeling file, an interrupt)
+    # puts the model back as it was: a model half patched would run neither transformers' code nor pyllm's
+    # as either was tested, and a caller who catches the ValueError and retries with the part off would
+    # keep what the failed call had changed.
     if attention:
         register_attention()
         if not model._can_set_attn_implementation():
@@ -1048,6 +1054,24 @@ def apply_pyllm_kernels(model: nn.Module, attention: bool = True, swiglu: bool =
                              "(_supports_flash_attn is False, as transformers marks models whose masks are more than "
                              "causal and padding: DeepSeek-V3.2's sparse-attention indexer reads the 4D mask, Gemma "
                              "3's image tokens attend both ways); pass attention=False")
+    if fused_linear_cross_entropy:
+        why = _fused_loss_refusal(model)
+        if why is not None:
+            raise ValueError(f"apply_pyllm_kernels: no fused linear cross-entropy for {type(model).__name__}: {why}; "
+                             "pass fused_linear_cross_entropy=False")
+    saved = _saved_state(model)
+    try:
+        _apply(model, applied, attention, swiglu, rms_norm, rope, fused_linear_cross_entropy, geglu)
+    except BaseException:
+        _restore(saved)
+        raise
+    return applied
+
+
+def _apply(model: nn.Module, applied: dict, attention: bool, swiglu: bool, rms_norm: bool, rope: bool,
+           fused_linear_cross_entropy: bool, geglu: bool) -> None:
+    """apply_pyllm_kernels' changes to the model, its refusals passed; counts into `applied`."""
+    if attention:
         model.set_attn_implementation(NAME)
         applied["attention"] = True
     if swiglu or geglu:
@@ -1057,10 +1081,6 @@ def apply_pyllm_kernels(model: nn.Module, attention: bool = True, swiglu: bool =
     if rope:
         applied["rope"] = _patch_rope(model)
     if fused_linear_cross_entropy:
-        why = _fused_loss_refusal(model)
-        if why is not None:
-            raise ValueError(f"apply_pyllm_kernels: no fused linear cross-entropy for {type(model).__name__}: {why}; "
-                             "pass fused_linear_cross_entropy=False")
         if not (hasattr(model, "_pyllm_hf_forward") or getattr(type(model), "_pyllm_kind", None) == "_fused_loss_forward"):
             # a wrapper's forward on the instance (TRL's fused head; under accelerate's hook, the one it calls):
             # what the fused path leaves goes to it
@@ -1070,4 +1090,35 @@ def apply_pyllm_kernels(model: nn.Module, attention: bool = True, swiglu: bool =
                 model._pyllm_hf_forward = earlier
             _patch(model, "_fused_loss_forward")
         applied["fused_linear_cross_entropy"] = True
-    return applied
+
+
+def _saved_state(model: nn.Module) -> list:
+    """What apply_pyllm_kernels can change, for _restore: each module's class and attributes (a patch's
+    class, a forward on the instance, accelerate's _old_forward, the fused loss's _pyllm_hf_forward) and
+    the attributes of every config set_attn_implementation may set (the model's, its submodels', their
+    sub-configs at any depth). Shallow copies: the patches replace attributes, never change their values."""
+    from transformers import PretrainedConfig
+    objects = {}
+    configs = []
+    for module in model.modules():
+        objects[id(module)] = module
+        config = module.__dict__.get("config")
+        if isinstance(config, PretrainedConfig):
+            configs.append(config)
+    while configs:
+        config = configs.pop()
+        if id(config) not in objects:
+            objects[id(config)] = config
+            configs.extend(sub for key in getattr(config, "sub_configs", {})
+                           if isinstance(sub := getattr(config, key, None), PretrainedConfig))
+    return [(obj, type(obj), dict(obj.__dict__)) for obj in objects.values()]
+
+
+def _restore(saved: list) -> None:
+    for obj, cls, attributes in saved:
+        if type(obj) is not cls:
+            obj.__class__ = cls
+        now = obj.__dict__
+        if now.keys() != attributes.keys() or any(now[k] is not v for k, v in attributes.items()):
+            now.clear()
+            now.update(attributes)

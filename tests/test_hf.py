@@ -674,6 +674,120 @@ def test_what_it_cannot_take_is_refused():
                               torch.ones(1, 1, 5, 5, dtype=torch.bool))
 
 
+# Models a requested part does not fit (the fused loss on a model without a plain output layer, or
+# whose logits are more than lm_head(hidden)): (config, model, config overrides, the refusal).
+REFUSED = {
+    "llama-classifier": ("LlamaConfig", "LlamaForSequenceClassification", {}, "output layer is not a plain nn.Linear"),
+    "llama-decoder": ("LlamaConfig", "LlamaModel", {}, "output layer is not a plain nn.Linear"),
+    "bert-masked-lm": ("BertConfig", "BertForMaskedLM", {}, "model_type 'bert' is not one whose logits"),
+    "llama-capped": ("LlamaConfig", "LlamaForCausalLM", {"final_logit_softcapping": 30.0}, "final_logit_softcapping"),
+}
+
+
+def made(config_name: str, model_name: str, **overrides):
+    """A small fp32 transformers model on its default attention, each call the same weights (and a
+    config of its own: set_attn_implementation writes to the config)."""
+    config = getattr(transformers, config_name)(vocab_size=256, hidden_size=64, intermediate_size=128,
+                                                num_hidden_layers=2, num_attention_heads=4, pad_token_id=0,
+                                                **overrides)
+    torch.manual_seed(0)
+    return getattr(transformers, model_name)(config).eval()
+
+
+def model_state(model):
+    """What a call that raises must leave as it was: the attention, each module's class, forward and
+    attributes (by identity), each config's attributes."""
+    configs = {id(m.config): m.config for m in model.modules() if isinstance(getattr(m, "config", None),
+                                                                             transformers.PretrainedConfig)}
+    return (model.config._attn_implementation, [dict(vars(c)) for c in configs.values()],
+            [(name, type(m), m.forward, {k: id(v) for k, v in vars(m).items()}) for name, m in model.named_modules()])
+
+
+def model_output(model):
+    with torch.no_grad():
+        return model(inputs())[0]  # logits, or a decoder's last hidden state
+
+
+@pytest.mark.parametrize("case", REFUSED)
+def test_a_refused_call_leaves_the_model_as_it_was(case):
+    # The refusal came after the attention, MLPs, norms and rotations were patched (before 2026-12-03):
+    # the model raised and ran pyllm's code in part.
+    config_name, model_name, overrides, refusal = REFUSED[case]
+    model, untouched = made(config_name, model_name, **overrides), made(config_name, model_name, **overrides)
+    before = model_state(model)
+    with pytest.raises(ValueError, match=refusal):
+        phf.apply_pyllm_kernels(model)
+    assert model_state(model) == before
+    assert torch.equal(model_output(model), model_output(untouched))
+
+
+@pytest.mark.parametrize("case", REFUSED)
+def test_a_refused_model_takes_the_parts_it_can(case):
+    # Caught and called again without the part refused: the model is patched as one never refused.
+    config_name, model_name, overrides, refusal = REFUSED[case]
+    model, fresh = made(config_name, model_name, **overrides), made(config_name, model_name, **overrides)
+    with pytest.raises(ValueError, match=refusal):
+        phf.apply_pyllm_kernels(model)
+    applied = phf.apply_pyllm_kernels(model, fused_linear_cross_entropy=False)
+    assert applied == phf.apply_pyllm_kernels(fresh, fused_linear_cross_entropy=False)
+    assert applied["attention"] and model.config._attn_implementation == "pyllm"
+    assert [(type(m).__qualname__, type(m).forward) for m in model.modules()] == [
+        (type(m).__qualname__, type(m).forward) for m in fresh.modules()]
+    assert torch.equal(model_output(model), model_output(fresh))
+
+
+@pytest.mark.parametrize("failing", ["set_attn_implementation", "rope", "fused loss"])
+@pytest.mark.parametrize("before", ["untouched", "patched in part", "wrapped and hooked"])
+def test_a_call_failing_midway_puts_the_model_back(failing, before, monkeypatch):
+    # What can fail after the refusals were asked (transformers' set_attn_implementation on a submodel
+    # once it set the model's config, a modeling file this transformers lacks, an interrupt) leaves the
+    # model as the call found it: untouched, patched by an earlier call, or with a wrapper's forward on the
+    # instance (TRL's fused head) under accelerate's hook (the fused loss's _pyllm_hf_forward and
+    # _old_forward). With the failure gone, the same call patches it as it does a model never failed.
+    accelerate = pytest.importorskip("accelerate") if before == "wrapped and hooked" else None
+
+    def prepared():
+        model = made("LlamaConfig", "LlamaForCausalLM", num_key_value_heads=2)
+        if before == "patched in part":
+            phf.apply_pyllm_kernels(model, rms_norm=False, rope=False, fused_linear_cross_entropy=False)
+        elif before == "wrapped and hooked":
+            forward = model.forward
+            model.forward = lambda *args, **kwargs: forward(*args, **kwargs)
+            accelerate.hooks.add_hook_to_module(model, accelerate.hooks.AlignDevicesHook(io_same_device=True))
+        return model
+
+    model, twin = prepared(), prepared()
+    state = model_state(model)
+    if failing == "set_attn_implementation":
+        original = transformers.PreTrainedModel.set_attn_implementation
+
+        def fails(self, *args, **kwargs):
+            original(self, *args, **kwargs)
+            raise RuntimeError("a submodel refused")
+
+        monkeypatch.setattr(transformers.PreTrainedModel, "set_attn_implementation", fails)
+    else:
+        kind, patch = "rope" if failing == "rope" else "_fused_loss_forward", phf._patch
+
+        def fails(module, patch_kind):
+            patch(module, patch_kind)
+            if patch_kind == kind:  # after the first of its modules is patched
+                raise RuntimeError("interrupted")
+
+        monkeypatch.setattr(phf, "_patch", fails)
+    with pytest.raises(RuntimeError):
+        phf.apply_pyllm_kernels(model)
+    assert model_state(model) == state
+    assert torch.equal(model_output(model), model_output(twin))
+    monkeypatch.undo()
+    assert phf.apply_pyllm_kernels(model) == phf.apply_pyllm_kernels(twin)
+    assert [(type(m), type(m).forward) for m in model.modules()] == [(type(m), type(m).forward) for m in twin.modules()]
+    assert torch.equal(model_output(model), model_output(twin))
+    ids = inputs()
+    assert torch.equal(model.train()(ids, labels=ids).loss, twin.train()(ids, labels=ids).loss)
+    assert model(ids, labels=ids).logits is None  # the fused loss's
+
+
 def test_trainer_runs_it_with_gradient_accumulation(tmp_path):
     # HF's Trainer passes num_items_in_batch to a forward taking **kwargs: the patched model's
     # logged losses are the unpatched one's, step by step (fp32), on torch's AdamW and on pyllm's

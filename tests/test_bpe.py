@@ -13,7 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pyllm.tokenizer import PATTERNS, Tokenizer
+from pyllm.tokenizer import PATTERNS, InvalidTokenError, Tokenizer, TokenIdOverflowError
+from pyllm.tokenizer.patterns import SPELLINGS
 from pyllm.tokenizer.tokenizer import split_builtin
 
 tiktoken = pytest.importorskip("tiktoken")
@@ -132,6 +133,30 @@ def test_split_matches_regex_random(name):
 def test_split_matches_regex_hypothesis(text):
     for pat, code in PATTERNS.values():
         assert split_builtin(code, text) == regex.findall(pat, text)
+    for spelling, name in SPELLINGS.items():  # what from_hf may read: the built-ins in other words
+        assert split_builtin(PATTERNS[name][1], text) == regex.findall(spelling, text)
+
+
+# Llama 3's Split regex (also Hugging Face's GPT-4 tokenizer.json): cl100k's in older words, but
+# without "\s++$", which keeps whitespace after a newline at the end of a text in one piece.
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def test_other_spellings_of_the_builtins():
+    # Each spelling taken as a built-in splits as its C++ pre-tokenizer; Llama 3's is not cl100k's.
+    ranks = {bytes([i]): i for i in range(256)}
+    rng = random.Random(99)
+    texts = SAMPLES + ["".join(rng.choice(ALPHABET) if rng.random() < 0.85 else chr(rng.choice(ASSIGNED))
+                               for _ in range(rng.randint(0, 24))) for _ in range(2000)]
+    for spelling, name in SPELLINGS.items():
+        tok = Tokenizer(ranks, spelling)
+        assert tok.pattern_name == name and tok.pattern == PATTERNS[name][0]
+        for text in texts:
+            assert regex.findall(spelling, text) == split_builtin(PATTERNS[name][1], text), (name, text)
+    assert Tokenizer(ranks, LLAMA3_SPLIT).pattern_name is None
+    assert regex.findall(LLAMA3_SPLIT, "a\n  ") == ["a", "\n", "  "]
+    assert split_builtin(PATTERNS["gpt4"][1], "a\n  ") == ["a", "\n  "]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,8 +242,8 @@ def test_special_tokens(pair):
         tok.encode(text, allowed_special="all")) == text
     with pytest.raises(ValueError, match="disallowed special token"):
         tok.encode(text, allowed_special={"<|fim|>"})
-    with pytest.raises(ValueError, match="not a special token"):
-        tok.encode("x", allowed_special={"<|nope|>"})
+    # tiktoken ignores allowed names that are no special token of the vocabulary
+    assert tok.encode("x<|nope|>", allowed_special={"<|nope|>"}) == enc.encode("x<|nope|>", allowed_special={"<|nope|>"})
     assert tok.special_tokens == {EOT: 1198, "<|fim|>": 1199} and tok.eot_token == 1198 == enc.eot_token
 
 
@@ -231,8 +256,170 @@ def test_custom_pattern_matches_tiktoken(corpus):
         assert tok.encode(text) == enc.encode(text)
     text = f"a{EOT}b"
     assert tok.encode(text, allowed_special="all") == enc.encode(text, allowed_special="all")
+    assert tok.encode_to_numpy(text, allowed_special="all").tolist() == enc.encode_to_numpy(
+        text, allowed_special="all").tolist()
     with pytest.raises(ValueError, match="disallowed"):
         tok.encode(text)
+    for kwargs in [{}, dict(disallowed_special={"<|nope|>", EOT})]:  # the first in the text is named
+        text = f"a <|nope|> {EOT}" if kwargs else f"a {EOT}"
+        with pytest.raises(ValueError) as theirs:
+            enc.encode(text, **kwargs)
+        with pytest.raises(ValueError) as ours:
+            tok.encode_batch(["b", text], num_threads=2, **kwargs)
+        assert str(ours.value) == str(theirs.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# tiktoken.Encoding's other methods, argument names and errors
+def test_tiktoken_methods(pair):
+    import numpy as np
+
+    tok, enc = pair
+    text = "".join(MULTILINGUAL) + SAMPLES[4]
+    ids = enc.encode(text)
+    pieces = tok.decode_tokens_bytes(ids)
+    assert pieces == tok.decode_tokens_bytes(np.array(ids)) == enc.decode_tokens_bytes(ids)
+    assert any(0x80 <= piece[0] < 0xC0 for piece in pieces)  # tokens starting inside a character
+    assert tok.decode_with_offsets(ids) == enc.decode_with_offsets(ids)
+    assert tok.decode_with_offsets([]) == enc.decode_with_offsets([]) == ("", [])
+    broken = [tok.encode_single_token(b"a"), tok.encode_single_token(b"\xc3"), tok.encode_single_token(b"(")]
+    with pytest.raises(UnicodeDecodeError):
+        enc.decode_with_offsets(broken)
+    with pytest.raises(UnicodeDecodeError):
+        tok.decode_with_offsets(broken)
+    batch = [ids[:7], ids[7:30], [], broken]
+    for errors in ("replace", "ignore", "surrogateescape"):
+        assert tok.decode_batch(batch, errors=errors, num_threads=2) == enc.decode_batch(batch, errors=errors)
+    assert tok.decode_bytes_batch(batch, num_threads=2) == enc.decode_bytes_batch(batch)
+    assert tok.token_byte_values() == enc.token_byte_values()
+    assert tok.max_token_value == enc.max_token_value == tok.vocab_size - 1
+    specials = list(tok.special_tokens.values())
+    for token in [*specials, 0, 255, 256, specials[0] - 1]:
+        assert tok.is_special_token(token) == enc.is_special_token(token)
+        assert tok.decode_single_token_bytes(token) == enc.decode_single_token_bytes(token)
+    for piece in enc.token_byte_values()[::37] + [EOT, "<|fim|>", "hello", b"\xff"]:
+        try:
+            expected = enc.encode_single_token(piece)
+        except KeyError:
+            with pytest.raises(KeyError):
+                tok.encode_single_token(piece)
+        else:
+            assert tok.encode_single_token(piece) == expected
+    for missing in [b"", "no such token at all", b"\xff\xfe\xfd\xfc"]:
+        with pytest.raises(KeyError):
+            enc.encode_single_token(missing)
+        with pytest.raises(KeyError):
+            tok.encode_single_token(missing)
+    for allowed in [frozenset(), "all", {EOT}]:
+        ours = tok.encode_to_numpy(text + EOT + "x", allowed_special=allowed, disallowed_special=())
+        assert ours.dtype == np.uint32 and ours.tolist() == enc.encode_to_numpy(
+            text + EOT + "x", allowed_special=allowed, disallowed_special=()).tolist()
+    assert not hasattr(tok, "encode_with_unstable")
+
+
+def test_tiktoken_keyword_names(pair):
+    # tiktoken's names for the arguments (tokens, text) work, and pyllm's (ids, texts) still do.
+    tok, enc = pair
+    texts = SAMPLES[:8]
+    ids = enc.encode(SAMPLES[4])
+    assert tok.decode(tokens=ids, errors="strict") == enc.decode(tokens=ids, errors="strict") == tok.decode(ids=ids)
+    assert tok.decode_bytes(tokens=ids) == enc.decode_bytes(tokens=ids) == tok.decode_bytes(ids=ids)
+    assert tok.encode_batch(text=texts, num_threads=2) == enc.encode_batch(text=texts, num_threads=2)
+    assert tok.encode_batch(texts=texts, allowed_special="all") == enc.encode_batch(texts, allowed_special="all")
+    assert tok.encode_ordinary_batch(text=texts, num_threads=2) == enc.encode_ordinary_batch(text=texts)
+    assert tok.encode_ordinary_batch(texts=texts) == tok.encode_ordinary_batch(texts, 1)
+    with pytest.raises(TypeError, match="both"):
+        tok.decode(ids, tokens=ids)
+    with pytest.raises(TypeError, match="both"):
+        tok.encode_batch(texts, text=texts)
+    with pytest.raises(TypeError, match="missing"):
+        tok.decode_bytes()
+    with pytest.raises(TypeError, match="missing"):
+        tok.encode_ordinary_batch(num_threads=2)
+
+
+def test_special_token_arguments_as_tiktoken(pair):
+    import numpy as np
+
+    tok, enc = pair
+    # Allowed names that are no special token are ignored; disallowed ones only raise when found;
+    # disallowed_special=None checks nothing in encode (and is a TypeError in encode_batch).
+    for text, kwargs in [("x<|nope|>", dict(allowed_special={"<|nope|>"})),
+                         (f"a{EOT}<|nope|>", dict(allowed_special={"<|nope|>", EOT})),
+                         (f"a{EOT}", dict(allowed_special={"<|nope|>", EOT}, disallowed_special={"<|nope|>"})),
+                         ("abc", dict(disallowed_special={"<|nope|>"})),
+                         (f"hi {EOT}<|fim|>", dict(disallowed_special=None)),
+                         (f"hi {EOT}<|fim|>", dict(allowed_special={EOT}, disallowed_special=None))]:
+        assert tok.encode(text, **kwargs) == enc.encode(text, **kwargs), kwargs
+        assert tok.encode_to_numpy(text, **kwargs).tolist() == enc.encode_to_numpy(text, **kwargs).tolist()
+        if kwargs.get("disallowed_special", "all") is not None:
+            assert tok.encode_batch(["", text], **kwargs) == enc.encode_batch(["", text], **kwargs)
+            ids, offsets = tok.encode_batch_packed(["", text], **kwargs)
+            assert np.split(ids, offsets[1:-1])[1].tolist() == enc.encode(text, **kwargs)
+    for call in (enc.encode_batch, tok.encode_batch):
+        with pytest.raises(TypeError):
+            call(["x"], disallowed_special=None)
+    # The error names the first disallowed string in the (first such) text, in tiktoken's words.
+    for texts, kwargs in [([f"a <|fim|> b {EOT}"], {}),
+                          ([f"a <|fim|> b {EOT}"], dict(allowed_special={"<|nope|>"})),
+                          (["ok", "x <|nope|> y", f"{EOT}"], dict(disallowed_special={"<|nope|>"})),
+                          ([f"a {EOT} <|nope|>"], dict(disallowed_special={"<|nope|>", EOT, "<|fim|>"})),
+                          (["fine", f"a <|nope|> {EOT}", "<|fim|>"], dict(disallowed_special={"<|nope|>", EOT})),
+                          ([EOT], dict(allowed_special={EOT}, disallowed_special={EOT}))]:
+        with pytest.raises(ValueError) as theirs:
+            enc.encode_batch(texts, **kwargs)
+        message = str(theirs.value)
+        assert message.startswith("Encountered text corresponding to disallowed special token")
+        for call in (tok.encode_batch, tok.encode_batch_packed):
+            with pytest.raises(ValueError) as ours:
+                call(texts, **kwargs)
+            assert str(ours.value) == message
+        text = next(t for t in texts if t != "ok" and t != "fine")
+        for call in (tok.encode, tok.encode_to_numpy):
+            with pytest.raises(ValueError) as ours:
+                call(text, **kwargs)
+            assert str(ours.value) == message
+
+
+def test_decode_errors_as_tiktoken(pair):
+    # An unknown id: tiktoken's KeyError, and the ValueError pyllm raised before; an id outside
+    # [0, 2**32): tiktoken's OverflowError, and a ValueError.
+    tok, enc = pair
+    holes = Tokenizer(tok.mergeable_ranks, tok.pattern, {EOT: tok.vocab_size + 10})  # no ids between
+    holes_enc = holes.to_tiktoken("holes")
+    calls = [lambda t, ids: t.decode(ids), lambda t, ids: t.decode_bytes(ids), lambda t, ids: t.decode_batch([ids]),
+             lambda t, ids: t.decode_bytes_batch([[], ids]), lambda t, ids: t.decode_tokens_bytes(ids),
+             lambda t, ids: t.decode_with_offsets(ids), lambda t, ids: t.decode_single_token_bytes(ids[-1])]
+    for ours, theirs, unknown in [(tok, enc, tok.vocab_size + 5), (holes, holes_enc, tok.vocab_size + 3)]:
+        for call in calls:
+            with pytest.raises(KeyError):
+                call(theirs, [65, unknown])
+            with pytest.raises(InvalidTokenError, match=f"^Invalid token for decoding: {unknown} ") as error:
+                call(ours, [65, unknown])
+            assert isinstance(error.value, KeyError) and isinstance(error.value, ValueError)
+            for bad in (-1, 1 << 32):
+                with pytest.raises(OverflowError):
+                    call(theirs, [65, bad])
+                with pytest.raises(TokenIdOverflowError, match=f"unknown token id {bad}") as error:
+                    call(ours, [65, bad])
+                assert isinstance(error.value, OverflowError) and isinstance(error.value, ValueError)
+    for t in (tok, enc):  # tiktoken converts every id before it decodes any
+        with pytest.raises(OverflowError):
+            t.decode([tok.vocab_size + 5, -1])
+    with pytest.raises(KeyError):
+        tok.decode_single_token_bytes(tok.vocab_size)
+    for call in (tok.decode_single_token_bytes, enc.decode_single_token_bytes):
+        with pytest.raises(TypeError):
+            call("1")
+
+
+def test_eot_token_as_tiktoken(gpt4):
+    # Nothing in pyllm reads eot_token, so it raises KeyError without "<|endoftext|>", as tiktoken.
+    assert gpt4.eot_token == gpt4.special_tokens[EOT] == gpt4.to_tiktoken().eot_token
+    without = Tokenizer(gpt4.mergeable_ranks, "gpt4", {"<|fim|>": gpt4.vocab_size})
+    for tokenizer in (without, without.to_tiktoken()):
+        with pytest.raises(KeyError):
+            tokenizer.eot_token
 
 
 # ---------------------------------------------------------------------------------------------
@@ -570,8 +757,6 @@ def test_encode_batch_packed(pair, corpus):
 
 # ---------------------------------------------------------------------------------------------
 # Hugging Face tokenizer.json (byte-level BPE)
-LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
 def hf_byte_level_bpe(corpus, pre="ByteLevel"):
@@ -918,3 +1103,29 @@ def test_to_hf_encodes_as_ours(to_hf_pair):
 def test_to_hf_encodes_as_ours_hypothesis(to_hf_pair, text):
     ours, hf, _ = to_hf_pair
     assert hf.encode(text, add_special_tokens=False).ids == ours.encode_ordinary(text)
+
+
+def test_from_hf_of_to_hf_keeps_the_builtin_pre_tokenizer(to_hf_pair, corpus, tmp_path):
+    # to_hf writes gpt4's "{1,3}+" as "{1,3}" (Oniguruma's reading); read back, it is still the
+    # built-in (the C++ pre-tokenizer, not the ~12x slower regex path), with the same ids.
+    tk = pytest.importorskip("tokenizers")
+    from pyllm.tokenizer.patterns import HF_BYTE_LEVEL
+
+    ours, _, path = to_hf_pair
+    data = json.loads(path.read_text(encoding="utf-8"))
+    written = data["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"]
+    assert written == ours.pattern or SPELLINGS[written] == ours.pattern_name
+    again = Tokenizer.from_hf(path)
+    assert again.pattern_name == ours.pattern_name is not None and again.pattern == ours.pattern
+    texts = SAMPLES + [corpus[0][:20000], f"a{EOT} b<|fim|>1234567"]
+    assert [again.encode(t, allowed_special="all") for t in texts] == [ours.encode(t, allowed_special="all")
+                                                                        for t in texts]
+    if ours.pattern_name == "gpt2":  # Hugging Face's ByteLevel regex as the Split regex: GPT-2's too
+        data["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = HF_BYTE_LEVEL
+        (tmp_path / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+        hf = tk.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+        third = Tokenizer.from_hf(tmp_path / "tokenizer.json")
+        assert third.pattern_name == "gpt2"
+        for text in texts[:-1]:
+            assert third.encode_ordinary(text) == ours.encode_ordinary(text) == hf.encode(
+                text, add_special_tokens=False).ids

@@ -6,6 +6,6 @@
     tok.save("tok.bpe"); tok = Tokenizer.load("tok.bpe")
 """
 from pyllm.tokenizer.patterns import PATTERNS
-from pyllm.tokenizer.tokenizer import Tokenizer
+from pyllm.tokenizer.tokenizer import InvalidTokenError, Tokenizer, TokenIdOverflowError
 
-__all__ = ["Tokenizer", "PATTERNS"]
+__all__ = ["Tokenizer", "PATTERNS", "InvalidTokenError", "TokenIdOverflowError"]

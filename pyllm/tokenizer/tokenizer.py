@@ -11,6 +11,7 @@ import collections
 import functools
 import hashlib
 import json
+import operator
 import os
 import re
 import unicodedata
@@ -19,13 +20,76 @@ from typing import AbstractSet, Collection, Iterable, Literal, Sequence
 import numpy as np
 
 from pyllm import _C
-from pyllm.tokenizer.patterns import PATTERNS
+from pyllm.tokenizer.patterns import PATTERNS, SPELLINGS, hf_spelling
 
 _MAGIC = "#pyllm-bpe v1"
 # Unicode normalization forms a Tokenizer may apply (unicodedata.normalize's, Hugging Face's normalizers').
 _UNICODE_FORMS = ("NFC", "NFD", "NFKC", "NFKD")
 # Texts are handed to C++ in batches of about this many bytes (bounds the memory of one call).
 _COUNT_BATCH_BYTES = 32 << 20
+
+
+class InvalidTokenError(KeyError, ValueError):
+    """An id that is no token of the vocabulary. tiktoken raises KeyError there and pyllm raised
+    ValueError, so code written against either keeps catching it."""
+
+    def __str__(self) -> str:  # KeyError's would quote the message as if it were a key
+        return str(self.args[0]) if len(self.args) == 1 else super().__str__()
+
+
+class TokenIdOverflowError(OverflowError, ValueError):
+    """An id outside [0, 2**32): tiktoken cannot convert it (OverflowError); pyllm raised ValueError."""
+
+
+class _Unset:
+    """The default of a parameter that may be passed under either of two names (pyllm's, tiktoken's)."""
+
+    def __repr__(self) -> str:
+        return "<required>"
+
+
+_UNSET = _Unset()
+
+
+def _either(value, alias, where: str, name: str, alias_name: str):
+    """value, or alias when only it was given: pyllm's parameter names (ids, texts) and tiktoken's
+    (tokens, text) both work, by keyword too."""
+    if alias is _UNSET:
+        if value is _UNSET:
+            raise TypeError(f"{where}() missing its required argument {name!r} (or {alias_name!r}, tiktoken's name)")
+        return value
+    if value is not _UNSET:
+        raise TypeError(f"{where}() got both {name!r} and {alias_name!r}, which name the same argument")
+    return alias
+
+
+def _disallowed_message(token: str) -> str:
+    # tiktoken's wording, which callers may match on.
+    return (f"Encountered text corresponding to disallowed special token {token!r}.\n"
+            "If you want this text to be encoded as a special token, pass it to `allowed_special`, e.g. "
+            f"`allowed_special={{{token!r}, ...}}`.\n"
+            "If you want this text to be encoded as normal text, disable the check for this token by passing "
+            f"`disallowed_special=(enc.special_tokens_set - {{{token!r}}})`.\n"
+            "To disable this check for all special tokens, pass `disallowed_special=()`.\n")
+
+
+def _check_strs(names: set, argument: str, where: str) -> None:
+    for name in names:
+        if not isinstance(name, str):
+            raise TypeError(f"{where}: {argument} must hold str, got {name!r}")
+
+
+def _check_disallowed(texts: Iterable[str], names: Collection[str]) -> None:
+    """ValueError naming the disallowed string that comes first in the first text holding one, as
+    tiktoken's regex search does (at one position, the longest)."""
+    for text in texts:
+        first = None
+        for name in names:
+            at = text.find(name)
+            if at >= 0 and (first is None or at < first[0] or (at == first[0] and len(name) > len(first[1]))):
+                first = (at, name)
+        if first is not None:
+            raise ValueError(_disallowed_message(first[1]))
 
 
 def _fix_surrogates(text: str) -> str:
@@ -42,6 +106,8 @@ def _resolve_pattern(pattern) -> tuple[str | None, str, int]:
     for name, (regex_str, code) in PATTERNS.items():
         if pattern == regex_str:
             return name, regex_str, code
+    if pattern in SPELLINGS:  # the same pieces in other words (Hugging Face's): keep the C++ pre-tokenizer
+        return SPELLINGS[pattern], *PATTERNS[SPELLINGS[pattern]]
     return None, pattern, -1
 
 
@@ -337,13 +403,28 @@ def _check_ids(ids, where: str) -> list[int]:
         ids = ids.tolist()
     if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
         raise TypeError(f"{where}: ids must be a sequence of ints, got {type(ids).__name__}")
-    ids = list(ids)
+    out = []
     for i in ids:
-        if not isinstance(i, int) or isinstance(i, bool):
-            raise TypeError(f"{where}: ids must be ints, got an element of type {type(i).__name__}")
+        try:
+            i = operator.index(i)  # the C++ decoder takes numpy ints and bools too
+        except TypeError:
+            raise TypeError(f"{where}: ids must be ints, got an element of type {type(i).__name__}") from None
         if i < 0 or i >= 1 << 32:
-            raise ValueError(f"{where}: unknown token id {i}")
-    return ids
+            raise _overflow(i)
+        out.append(i)
+    return out
+
+
+# UTF-8 continuation bytes: every other byte starts a character.
+_CONTINUATION_BYTES = bytes(range(0x80, 0xC0))
+
+
+def _overflow(i: int) -> TokenIdOverflowError:
+    return TokenIdOverflowError(f"unknown token id {i}: out of the range of token ids, [0, 2**32)")
+
+
+def _invalid(i: int) -> InvalidTokenError:
+    return InvalidTokenError(f"Invalid token for decoding: {i} (unknown token id {i})")
 
 
 def _atomic_write(path, data: bytes) -> None:
@@ -393,11 +474,15 @@ def _batch_args(texts, num_threads, op: str) -> tuple[list[str], int]:
     for k, t in enumerate(texts):
         if not isinstance(t, str):
             raise TypeError(f"{op}: texts[{k}] must be a str, got {type(t).__name__}")
+    return texts, _thread_count(num_threads, op)
+
+
+def _thread_count(num_threads, op: str) -> int:
     if num_threads is None:
         num_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if not isinstance(num_threads, int) or isinstance(num_threads, bool) or num_threads < 1:
         raise ValueError(f"{op}: num_threads must be a positive int or None, got {num_threads!r}")
-    return texts, num_threads
+    return num_threads
 
 
 # --- SentencePiece-style BPE (Llama 2's, Mistral's tokenizer.json) ----------------------------------
@@ -535,6 +620,8 @@ class Tokenizer:
         self._special_list = list(special_tokens)
         self._special_index = {s: k for k, s in enumerate(self._special_list)}
         self._special_regex_cache: dict = {}
+        self._special_ids = frozenset(special_tokens.values())
+        self._table: list | None = None  # id -> bytes, built on first use (_token_table)
         self._all_special_indices = list(range(len(self._special_list)))
         self._n_vocab = max([*ranks_used, *special_tokens.values()]) + 1
         self._cuda_encoder = None
@@ -571,9 +658,26 @@ class Tokenizer:
         return set(self._special_tokens)
 
     @property
-    def eot_token(self) -> int | None:
-        """The id of "<|endoftext|>" when it is a special token, else None."""
-        return self._special_tokens.get("<|endoftext|>")
+    def max_token_value(self) -> int:
+        return self._n_vocab - 1
+
+    @property
+    def eot_token(self) -> int:
+        """The id of "<|endoftext|>"; KeyError when it is no special token, as tiktoken (nothing in
+        pyllm reads it: data.prepare finds the token by encoding it)."""
+        return self._special_tokens["<|endoftext|>"]
+
+    def is_special_token(self, token: int) -> bool:
+        if not isinstance(token, int):  # tiktoken asserts; a TypeError says more
+            raise TypeError(f"is_special_token: token must be an int, got {type(token).__name__}")
+        return token in self._special_ids
+
+    def token_byte_values(self) -> list[bytes]:
+        """The bytes of every mergeable (non-special) token, sorted bytewise as tiktoken's."""
+        if self._spm is None:
+            return sorted(self._ranks)
+        table = self._token_table()  # "▁" as a space, as decode gives them
+        return sorted(table[i] for i in self._ranks.values())
 
     @property
     def pattern(self) -> str:
@@ -632,57 +736,120 @@ class Tokenizer:
         except TypeError:
             return self._enc.encode_pieces([_fix_surrogates(p) for p in pieces])
 
-    def _special_args(self, allowed_special, disallowed_special, where: str) -> tuple[list[int], list[int]]:
-        """Indices of the allowed and disallowed special tokens, with tiktoken's rules."""
+    def _special_args(self, allowed_special, disallowed_special, where: str,
+                      none_disallowed: bool = False) -> tuple[list[int], list[int], tuple[str, ...]]:
+        """(indices of the allowed special tokens, of the disallowed ones, the disallowed strings that
+        are no special token), with tiktoken's rules: an allowed name that is no special token can
+        never match, so it is ignored; disallowed strings are looked for in the text whether they are
+        special tokens or not, and raise only when found. none_disallowed: disallowed_special=None
+        checks nothing, as tiktoken's encode (its encode_batch raises TypeError)."""
         if disallowed_special == "all" and not allowed_special and isinstance(allowed_special, (frozenset, set, tuple, list)):
-            return [], self._all_special_indices  # the default, on every call: skip the set algebra
+            return [], self._all_special_indices, ()  # the default, on every call: skip the set algebra
         if allowed_special == "all":
             allowed = set(self._special_list)
         else:
             if isinstance(allowed_special, str) or not isinstance(allowed_special, Iterable):
                 raise TypeError(f"{where}: allowed_special must be 'all' or a collection of str, got {allowed_special!r}")
             allowed = set(allowed_special)
-            unknown = [s for s in allowed if s not in self._special_index]
-            if unknown:
-                raise ValueError(f"{where}: allowed_special holds {unknown[0]!r}, which is not a special token of "
-                                 f"this tokenizer (its special tokens: {sorted(self._special_list)})")
+            _check_strs(allowed, "allowed_special", where)
+            allowed &= self._special_index.keys()
+        others: tuple[str, ...] = ()
         if disallowed_special == "all":
             disallowed = set(self._special_list) - allowed
+        elif disallowed_special is None and none_disallowed:
+            disallowed = set()
         else:
             if isinstance(disallowed_special, str) or not isinstance(disallowed_special, Iterable):
                 raise TypeError(f"{where}: disallowed_special must be 'all' or a collection of str, "
                                 f"got {disallowed_special!r}")
             disallowed = set(disallowed_special)
-            unknown = [s for s in disallowed if s not in self._special_index]
-            if unknown:
-                raise ValueError(f"{where}: disallowed_special holds {unknown[0]!r}, which is not a special token "
-                                 f"of this tokenizer")
-        return (sorted(self._special_index[s] for s in allowed), sorted(self._special_index[s] for s in disallowed))
+            _check_strs(disallowed, "disallowed_special", where)
+            others = tuple(sorted(disallowed - self._special_index.keys()))
+            disallowed -= set(others)
+        return (sorted(self._special_index[s] for s in allowed), sorted(self._special_index[s] for s in disallowed),
+                others)
+
+    def _checked_in_python(self, texts: list[str], disallowed: list[int], others: tuple[str, ...]) -> list[int]:
+        """The disallowed indices left for C++ to check: none once disallowed strings that are no
+        special token (which C++ cannot look for) have been looked for here, with the others, so
+        that the first in the text is named."""
+        if not others:
+            return disallowed
+        _check_disallowed(texts, [*others, *(self._special_list[d] for d in disallowed)])
+        return []
+
+    def _reraise_disallowed(self, error: ValueError, texts: list[str], disallowed: list[int]) -> None:
+        """C++ names the first disallowed special token in its own order; tiktoken names the first in
+        the text (of the first text holding one). Raises that; returns when error is another one."""
+        if disallowed and "disallowed special token" in str(error):
+            try:
+                _check_disallowed(texts, [self._special_list[d] for d in disallowed])
+            except ValueError as ours:
+                raise ours from None
 
     def encode(self, text: str, *, allowed_special: Literal["all"] | AbstractSet[str] = frozenset(),
-               disallowed_special: Literal["all"] | Collection[str] = "all") -> list[int]:
+               disallowed_special: Literal["all"] | Collection[str] | None = "all") -> list[int]:
         """Encodes text with tiktoken's special-token rules.
 
         Special tokens in `allowed_special` ("all" or a set) become their ids. By default
         (disallowed_special="all") text containing any other special token raises ValueError;
-        pass disallowed_special=() to encode such text as ordinary text.
+        pass disallowed_special=() to encode such text as ordinary text (or None, which tiktoken's
+        encode takes as "check nothing" too).
         """
         if not isinstance(text, str):
             raise TypeError(f"encode: text must be a str, got {type(text).__name__}")
-        allowed, disallowed = self._special_args(allowed_special, disallowed_special, "encode")
+        allowed, disallowed, others = self._special_args(allowed_special, disallowed_special, "encode", True)
         text = self._normalized(text)
+        if others:
+            disallowed = self._checked_in_python([text], disallowed, others)
         if self._regex is not None or self._spm is not None:
             return self._encode_custom(text, allowed, disallowed)
         try:
-            return self._enc.encode(text, allowed, disallowed)
-        except TypeError:
-            return self._enc.encode(_fix_surrogates(text), allowed, disallowed)
+            try:
+                return self._enc.encode(text, allowed, disallowed)
+            except TypeError:
+                return self._enc.encode(_fix_surrogates(text), allowed, disallowed)
+        except ValueError as e:
+            self._reraise_disallowed(e, [text], disallowed)
+            raise
+
+    def encode_to_numpy(self, text: str, *, allowed_special: Literal["all"] | AbstractSet[str] = frozenset(),
+                        disallowed_special: Literal["all"] | Collection[str] | None = "all") -> np.ndarray:
+        """encode() as a uint32 numpy array, which the C++ encoder fills without a Python int per token."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode_to_numpy: text must be a str, got {type(text).__name__}")
+        allowed, disallowed, others = self._special_args(allowed_special, disallowed_special, "encode_to_numpy", True)
+        text = self._normalized(text)
+        disallowed = self._checked_in_python([text], disallowed, others)
+        if self._regex is not None or self._spm is not None:
+            return np.array(self._encode_custom(text, allowed, disallowed), dtype=np.uint32)
+        try:
+            try:  # one thread: the caller's, as encode()
+                return self._enc.encode_batch_packed([text], allowed, disallowed, 1)[0]
+            except TypeError:
+                return self._enc.encode_batch_packed([_fix_surrogates(text)], allowed, disallowed, 1)[0]
+        except ValueError as e:
+            self._reraise_disallowed(e, [text], disallowed)
+            raise
+
+    def encode_single_token(self, text_or_bytes: str | bytes) -> int:
+        """The id of the token that is exactly text_or_bytes, special tokens included; KeyError when
+        no token is, as tiktoken. A SentencePiece-style vocabulary's pieces may be given with
+        spaces, as decode gives them, or with "▁"."""
+        piece = text_or_bytes.encode("utf-8") if isinstance(text_or_bytes, str) else text_or_bytes
+        if not isinstance(piece, bytes):
+            raise TypeError(f"encode_single_token: expected a str or bytes, got {type(text_or_bytes).__name__}")
+        rank = self._ranks.get(piece if self._spm is None else piece.replace(b" ", _SPACE.encode()))
+        if rank is not None:
+            return rank
+        try:
+            return self._special_tokens[piece.decode("utf-8")]
+        except (UnicodeDecodeError, KeyError):
+            raise KeyError(piece) from None
 
     def _encode_custom(self, text: str, allowed: list[int], disallowed: list[int]) -> list[int]:
-        for d in disallowed:
-            if self._special_list[d] in text:
-                # The C++ encoder phrases the error as tiktoken does.
-                self._enc.encode(self._special_list[d], [], [d])
+        if disallowed:
+            _check_disallowed([text], [self._special_list[d] for d in disallowed])
         if self._spm is None:
             split = lambda segment, start: self._split_custom(segment)  # noqa: E731
         else:  # the text's first segment is the one a "first" prepend scheme marks
@@ -714,43 +881,49 @@ class Tokenizer:
         with ThreadPoolExecutor(min(num_threads, len(texts))) as pool:
             return list(pool.map(lambda t: self._encode_custom(t, allowed, disallowed), texts))
 
-    def encode_batch(self, texts: Sequence[str], num_threads: int | None = None, *,
+    def encode_batch(self, texts: Sequence[str] = _UNSET, num_threads: int | None = None, *,
                      allowed_special: Literal["all"] | AbstractSet[str] = frozenset(),
                      disallowed_special: Literal["all"] | Collection[str] = "all",
-                     device: str = "cpu") -> list[list[int]]:
-        """encode() over many texts, on num_threads threads (None: all cores) with the GIL released.
+                     device: str = "cpu", text: Sequence[str] = _UNSET) -> list[list[int]]:
+        """encode() over many texts, on num_threads threads (None: all cores, where tiktoken's
+        default is 8) with the GIL released. text=: tiktoken's name for texts.
 
         device="cuda": the CUDA batch encoder (same ids), when pyllm was built with CUDA and a GPU is usable.
         """
+        texts = _either(texts, text, "encode_batch", "texts", "text")
         texts, num_threads = _batch_args(texts, num_threads, "encode_batch")
-        allowed, disallowed = self._special_args(allowed_special, disallowed_special, "encode_batch")
+        allowed, disallowed, others = self._special_args(allowed_special, disallowed_special, "encode_batch")
         texts = self._normalized_all(texts)
         if device == "cuda" and self._spm is not None:
             raise NotImplementedError("encode_batch: the CUDA encoder takes byte-level vocabularies, not "
                                       "SentencePiece-style ones; use device='cpu'")
-        if device == "cuda":
-            from pyllm.tokenizer import cuda_encoder
-
-            return cuda_encoder.encode_batch(self, texts, allowed, disallowed, num_threads)
-        if device != "cpu":
+        if device not in ("cpu", "cuda"):
             raise ValueError(f"encode_batch: device must be 'cpu' or 'cuda', got {device!r}")
-        if self._regex is not None or self._spm is not None:
-            return self._encode_custom_batch(texts, allowed, disallowed, num_threads)
+        disallowed = self._checked_in_python(texts, disallowed, others)
         try:
-            return self._enc.encode_batch(texts, allowed, disallowed, num_threads)
-        except TypeError:
-            return self._enc.encode_batch([_fix_surrogates(t) for t in texts], allowed, disallowed, num_threads)
+            if device == "cuda":
+                from pyllm.tokenizer import cuda_encoder
+
+                return cuda_encoder.encode_batch(self, texts, allowed, disallowed, num_threads)
+            if self._regex is not None or self._spm is not None:
+                return self._encode_custom_batch(texts, allowed, disallowed, num_threads)
+            try:
+                return self._enc.encode_batch(texts, allowed, disallowed, num_threads)
+            except TypeError:
+                return self._enc.encode_batch([_fix_surrogates(t) for t in texts], allowed, disallowed, num_threads)
+        except ValueError as e:
+            self._reraise_disallowed(e, texts, disallowed)
+            raise
 
     def encode_batch_packed(self, texts: Sequence[str], num_threads: int | None = None, *,
                             allowed_special: Literal["all"] | AbstractSet[str] = frozenset(),
                             disallowed_special: Literal["all"] | Collection[str] = "all"):
         """encode_batch() as two numpy arrays, for datasets: (ids uint32, offsets int64 of len(texts)+1);
         text k's ids are ids[offsets[k]:offsets[k + 1]]. Skips building a Python int per token."""
-        import numpy as np
-
         texts, num_threads = _batch_args(texts, num_threads, "encode_batch_packed")
-        allowed, disallowed = self._special_args(allowed_special, disallowed_special, "encode_batch_packed")
+        allowed, disallowed, others = self._special_args(allowed_special, disallowed_special, "encode_batch_packed")
         texts = self._normalized_all(texts)
+        disallowed = self._checked_in_python(texts, disallowed, others)
         if self._regex is not None or self._spm is not None:
             lists = self._encode_custom_batch(texts, allowed, disallowed, num_threads)
             offsets = np.zeros(len(lists) + 1, dtype=np.int64)
@@ -758,17 +931,28 @@ class Tokenizer:
             ids = np.fromiter((i for x in lists for i in x), dtype=np.uint32, count=int(offsets[-1]))
             return ids, offsets
         try:
-            return self._enc.encode_batch_packed(texts, allowed, disallowed, num_threads)
-        except TypeError:
-            return self._enc.encode_batch_packed([_fix_surrogates(t) for t in texts], allowed, disallowed, num_threads)
+            try:
+                return self._enc.encode_batch_packed(texts, allowed, disallowed, num_threads)
+            except TypeError:
+                return self._enc.encode_batch_packed([_fix_surrogates(t) for t in texts], allowed, disallowed,
+                                                     num_threads)
+        except ValueError as e:
+            self._reraise_disallowed(e, texts, disallowed)
+            raise
 
-    def encode_ordinary_batch(self, texts: Sequence[str], num_threads: int | None = None) -> list[list[int]]:
-        """encode_ordinary() over many texts, in parallel."""
+    def encode_ordinary_batch(self, texts: Sequence[str] = _UNSET, num_threads: int | None = None, *,
+                              text: Sequence[str] = _UNSET) -> list[list[int]]:
+        """encode_ordinary() over many texts, in parallel (num_threads as encode_batch's; text=:
+        tiktoken's name for texts)."""
+        texts = _either(texts, text, "encode_ordinary_batch", "texts", "text")
         return self.encode_batch(texts, num_threads, disallowed_special=())
 
     # ---------------------------------------------------------------- decoding
-    def decode_bytes(self, ids: Sequence[int]) -> bytes:
-        """The bytes of the tokens, concatenated. Raises ValueError on an unknown id."""
+    def decode_bytes(self, ids: Sequence[int] = _UNSET, *, tokens: Sequence[int] = _UNSET) -> bytes:
+        """The bytes of the tokens, concatenated (tokens=: tiktoken's name for ids). An unknown id
+        raises InvalidTokenError, an id outside [0, 2**32) TokenIdOverflowError: tiktoken's KeyError
+        and OverflowError, and ValueErrors both, as pyllm raised before."""
+        ids = _either(ids, tokens, "decode_bytes", "ids", "tokens")
         if hasattr(ids, "tolist"):  # numpy arrays, torch tensors
             ids = ids.tolist()
         if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
@@ -776,30 +960,104 @@ class Tokenizer:
         if not isinstance(ids, list):
             ids = list(ids)
         if self._spm is not None:
-            table = self._spm.decode_table(self)
+            table = self._token_table()
             try:
                 if ids and min(ids) < 0:
                     raise IndexError
                 return b"".join([table[i] for i in ids])  # a hole (None) raises TypeError
             except (IndexError, TypeError):
-                _check_ids(ids, "decode_bytes")  # says which element is not an int
-                bad = next(i for i in ids if not 0 <= i < len(table) or table[i] is None)
-                raise ValueError(f"decode_bytes: unknown token id {bad}") from None
+                self._raise_decode_error(ids, "decode_bytes")
+                raise
         try:
             return self._enc.decode_bytes(ids)
-        except TypeError:
-            _check_ids(ids, "decode_bytes")  # says which element is wrong
+        except (TypeError, ValueError):  # a wrong element, or C++'s "unknown token id"
+            self._raise_decode_error(ids, "decode_bytes")
             raise
 
-    def decode(self, ids: Sequence[int], errors: str = "replace") -> str:
-        """The text of the tokens; bytes that are not valid UTF-8 become U+FFFD (errors="replace")."""
-        return self.decode_bytes(ids).decode("utf-8", errors=errors)
+    def _raise_decode_error(self, ids: list, where: str) -> None:
+        """Raises tiktoken's kind of error for the first bad element of ids (TypeError, then
+        TokenIdOverflowError, for any element, as tiktoken converts them all first, then
+        InvalidTokenError); returns when there is none."""
+        try:
+            ids = _check_ids(ids, where)
+        except (TypeError, ValueError) as e:
+            raise e from None
+        table = self._token_table()
+        for i in ids:
+            if i >= len(table) or table[i] is None:
+                raise _invalid(i) from None
+
+    def _token_table(self) -> list:
+        """id -> the bytes it decodes to (None for an id of no token), built on first use: one list
+        index per token beats a call into C++ per token."""
+        if self._table is None:
+            if self._spm is not None:
+                table = self._spm.decode_table(self)
+            else:
+                table = [None] * self._n_vocab
+                for piece, i in self._ranks.items():
+                    table[i] = piece
+                for special, i in self._special_tokens.items():
+                    table[i] = special.encode("utf-8")
+            self._table = table
+        return self._table
+
+    def decode(self, ids: Sequence[int] = _UNSET, errors: str = "replace", *, tokens: Sequence[int] = _UNSET) -> str:
+        """The text of the tokens; bytes that are not valid UTF-8 become U+FFFD (errors="replace").
+        tokens=: tiktoken's name for ids."""
+        return self.decode_bytes(_either(ids, tokens, "decode", "ids", "tokens")).decode("utf-8", errors=errors)
+
+    def decode_single_token_bytes(self, token: int) -> bytes:
+        """The bytes of one token (special tokens: their UTF-8); InvalidTokenError (a KeyError, as
+        tiktoken's) when no token has that id."""
+        try:
+            i = operator.index(token)  # numpy ints too, as tiktoken
+        except TypeError:
+            raise TypeError(f"decode_single_token_bytes: token must be an int, got {type(token).__name__}") from None
+        if not 0 <= i < 1 << 32:
+            raise _overflow(i)
+        table = self._token_table()
+        piece = table[i] if i < len(table) else None
+        if piece is None:
+            raise _invalid(i)
+        return piece
 
     def token_bytes(self, id: int) -> bytes:
         """The bytes of one token (special tokens: their UTF-8)."""
         if not isinstance(id, int) or isinstance(id, bool):
             raise TypeError(f"token_bytes: id must be an int, got {type(id).__name__}")
-        return self.decode_bytes([id])
+        return self.decode_single_token_bytes(id)
+
+    def decode_tokens_bytes(self, tokens: Sequence[int]) -> list[bytes]:
+        """Each token's bytes, for showing how a text was cut."""
+        if hasattr(tokens, "tolist"):  # numpy arrays, torch tensors
+            tokens = tokens.tolist()
+        return [self.decode_single_token_bytes(t) for t in tokens]
+
+    def decode_with_offsets(self, tokens: Sequence[int]) -> tuple[str, list[int]]:
+        """(the text, the index in it of each token's first character). A token that starts inside
+        a character (with a UTF-8 continuation byte) gets that character's index, as tiktoken's.
+        Bytes that are not valid UTF-8 raise UnicodeDecodeError, as tiktoken's (offsets into a
+        text with U+FFFD in it would not say where the token's bytes are)."""
+        pieces = self.decode_tokens_bytes(tokens)
+        offsets, chars = [], 0  # chars: the characters started so far
+        for piece in pieces:
+            inside = 1 if piece and 0x80 <= piece[0] < 0xC0 else 0
+            offsets.append(max(0, chars - inside))
+            chars += len(piece.translate(None, _CONTINUATION_BYTES))  # each other byte starts one
+        return b"".join(pieces).decode("utf-8"), offsets
+
+    def decode_batch(self, batch: Sequence[Sequence[int]], *, errors: str = "replace",
+                     num_threads: int | None = 8) -> list[str]:
+        """decode() of each list of ids. num_threads is checked, for tiktoken's signature, but not
+        used: decoding copies bytes while holding the GIL, so threads would only take turns."""
+        _thread_count(num_threads, "decode_batch")
+        return [self.decode(ids, errors) for ids in batch]
+
+    def decode_bytes_batch(self, batch: Sequence[Sequence[int]], *, num_threads: int | None = 8) -> list[bytes]:
+        """decode_bytes() of each list of ids (num_threads: as decode_batch's)."""
+        _thread_count(num_threads, "decode_bytes_batch")
+        return [self.decode_bytes(ids) for ids in batch]
 
     # ---------------------------------------------------------------- training
     @classmethod
@@ -1028,9 +1286,8 @@ class Tokenizer:
                                                                                       key=lambda kv: kv[1])],
             "normalizer": {"type": self.normalization} if self.normalization else None,
             "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-                # Oniguruma (Hugging Face's regex engine) reads "{1,3}+" as "({1,3})+", not as possessive;
-                # possessive and greedy match the same there (nothing follows in that alternative).
-                {"type": "Split", "pattern": {"Regex": self._pattern.replace("{1,3}+", "{1,3}")}, "behavior": "Isolated",
+                # from_hf reads this spelling back as the built-in it is (patterns.SPELLINGS).
+                {"type": "Split", "pattern": {"Regex": hf_spelling(self._pattern)}, "behavior": "Isolated",
                  "invert": False},
                 {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
             "post_processor": None,

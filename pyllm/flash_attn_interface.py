@@ -11,10 +11,14 @@ flash-attn's options: rotary embedding inside the call, cache_batch_idx, cache_l
 caches (block_table, any page size; on CUDA unverified on a GPU), return_softmax_lse. The varlen call takes
 a paged k / v too (block_table), gathered into packed tensors for the kernels. Options pyllm has no
 kernel for (dropout, softcap and ALiBi on CUDA) raise NotImplementedError naming the option instead
-of being ignored: silently dropping one would give a different model. `return_attn_probs=True` returns (out, softmax_lse, None): flash-attn's
-third value only carries a dropout pattern for its own tests. `num_splits` is a tuning hint and is
-ignored (pyllm picks the split-KV count itself). Unlike flash-attn, CPU tensors work too (fp32,
-bf16, fp64).
+of being ignored: silently dropping one would give a different model. `return_attn_probs=True` returns
+(out, softmax_lse, an empty tensor), as flash-attn without dropout (its third value only carries a
+dropout pattern for its own tests). `num_splits` is a tuning hint and is ignored (pyllm picks the
+split-KV count itself). As flash-attn: head dims up to 256 (those without a kernel zero-padded to the
+next one), windows with any negative side unlimited, softcap <= 0 no cap, max_seqlen as any integer,
+packed tensors longer than cu_seqlens' last entry (the rows past it: zeros, their gradients
+zeros), a KV cache of more rows than the batch (its first rows). Unlike flash-attn, CPU tensors
+work too (fp32, bf16, fp64, and fp16 computed in fp32).
 """
 from __future__ import annotations
 
@@ -68,13 +72,19 @@ def _gather_paged(op: str, k: Tensor, v: Tensor, block_table: Tensor, cu_seqlens
     return k[blocks, rows], v[blocks, rows]
 
 
+def _no_cap(softcap):
+    """flash-attn's softcap: any value <= 0 is no cap."""
+    return 0.0 if isinstance(softcap, (int, float)) and not isinstance(softcap, bool) and softcap <= 0 else softcap
+
+
 def _attn(op, q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
           return_attn_probs, **varlen):
     _unsupported(op, dropout_p=(dropout_p, 0.0))
     result = flash_attn(q, k, v, causal=causal, softmax_scale=softmax_scale, window=tuple(window_size),
-                        return_lse=return_attn_probs, deterministic=deterministic, softcap=softcap,
+                        return_lse=return_attn_probs, deterministic=deterministic, softcap=_no_cap(softcap),
                         alibi_slopes=alibi_slopes, **varlen)
-    return (*result, None) if return_attn_probs else result
+    # flash-attn's third value: the dropout pattern, empty without dropout
+    return (*result, q.new_empty(0)) if return_attn_probs else result
 
 
 def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
@@ -128,6 +138,29 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
                  cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
 
 
+def flash_attn_varlen_qkvpacked_func(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0,
+                                     softmax_scale: Optional[float] = None, causal: bool = False, window_size=(-1, -1),
+                                     softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None,
+                                     deterministic: bool = False, return_attn_probs: bool = False):
+    """qkv (total, 3, n_heads, head_dim), one cu_seqlens for q and k: strided views, no copy."""
+    q, k, v = qkv.unbind(dim=1)
+    return _attn("flash_attn_varlen_qkvpacked_func", q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
+                 alibi_slopes, deterministic, return_attn_probs, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
+                 max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen)
+
+
+def flash_attn_varlen_kvpacked_func(q: Tensor, kv: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                                    max_seqlen_q: int, max_seqlen_k: int, dropout_p: float = 0.0,
+                                    softmax_scale: Optional[float] = None, causal: bool = False,
+                                    window_size=(-1, -1), softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None,
+                                    deterministic: bool = False, return_attn_probs: bool = False):
+    """q (total_q, n_heads, head_dim), kv (total_k, 2, n_kv_heads, head_dim)."""
+    k, v = kv.unbind(dim=1)
+    return _attn("flash_attn_varlen_kvpacked_func", q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
+                 alibi_slopes, deterministic, return_attn_probs, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                 max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
+
+
 def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optional[Tensor] = None,
                             v: Optional[Tensor] = None, rotary_cos: Optional[Tensor] = None,
                             rotary_sin: Optional[Tensor] = None, cache_seqlens: Union[int, Tensor, None] = None,
@@ -148,10 +181,10 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Opti
         blocks = block_table.shape[-1] if isinstance(block_table, Tensor) and block_table.dim() == 2 else 1
         cache_seqlens = k_cache.shape[1] * blocks
     return _kvcache(q, k_cache, v_cache, cache_seqlens, k, v, causal, softmax_scale=softmax_scale,
-                    window=tuple(window_size), softcap=softcap, alibi_slopes=alibi_slopes, rotary_cos=rotary_cos,
+                    window=tuple(window_size), softcap=_no_cap(softcap), alibi_slopes=alibi_slopes, rotary_cos=rotary_cos,
                     rotary_sin=rotary_sin, rotary_interleaved=rotary_interleaved, cache_batch_idx=cache_batch_idx,
                     cache_leftpad=cache_leftpad, block_table=block_table, return_lse=return_softmax_lse)
 
 
 __all__ = ["flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func", "flash_attn_varlen_func",
-           "flash_attn_with_kvcache"]
+           "flash_attn_varlen_qkvpacked_func", "flash_attn_varlen_kvpacked_func", "flash_attn_with_kvcache"]

@@ -1544,7 +1544,7 @@ def test_kvcache_bad_input_raises_and_leaves_the_cache():
         (ValueError, "head_dim", dict(q=rand((2, 1, 4, 64), torch.float32, "cpu"))),
         (ValueError, "4-D", dict(q=q[0])),
         (ValueError, "contiguous last dim", dict(k_cache=strided_cache, v_cache=strided_cache.clone())),
-        (ValueError, "window", dict(window=(-2, 0))),
+        (TypeError, "window", dict(window=(0.5, 0))),
         (TypeError, "window", dict(window=3)),
         (TypeError, "softmax_scale", dict(softmax_scale="0.1")),
         (TypeError, "softmax_scale", dict(softmax_scale=float("nan"))),
@@ -1638,22 +1638,23 @@ def test_cuda_bad_seqlens_stay_in_bounds_or_raise_when_checked(monkeypatch):
 
 def test_bad_input_raises_clear_errors():
     q, k = torch.randn(1, 4, 2, 64), torch.randn(1, 4, 2, 64)
-    with pytest.raises(ValueError, match="32, 64, 96, 128, 256"):
-        pyllm.flash_attn(torch.randn(1, 4, 2, 48), torch.randn(1, 4, 2, 48), torch.randn(1, 4, 2, 48))
+    for d in (0, 257):
+        with pytest.raises(ValueError, match=f"head_dim {d} is not supported: head dims 1 to 256 \\(32, 64, 96, 128, 256"):
+            pyllm.flash_attn(torch.randn(1, 4, 2, d), torch.randn(1, 4, 2, d), torch.randn(1, 4, 2, d))
     with pytest.raises(ValueError, match="multiple"):
         pyllm.flash_attn(torch.randn(1, 4, 3, 64), k, k)
     with pytest.raises(TypeError, match="dtype"):
         pyllm.flash_attn(q, k.bfloat16(), k)
     with pytest.raises(TypeError, match="expected one of"):
-        pyllm.flash_attn(q.half(), k.half(), k.half())
+        pyllm.flash_attn(q.to(torch.float8_e4m3fn), k.to(torch.float8_e4m3fn), k.to(torch.float8_e4m3fn))
     with pytest.raises(ValueError, match="same shape"):
         pyllm.flash_attn(q, k, torch.randn(1, 5, 2, 64))
     with pytest.raises(ValueError, match="4-D"):
         pyllm.flash_attn(q[0], k[0], k[0])
     with pytest.raises(ValueError, match="device"):
         pyllm.flash_attn(on_unsupported_device(q), on_unsupported_device(k), on_unsupported_device(k))
-    with pytest.raises(ValueError, match="window"):
-        pyllm.flash_attn(q, k, k, window=(-2, 0))
+    with pytest.raises(TypeError, match="window"):
+        pyllm.flash_attn(q, k, k, window=(0.5, 0))
     with pytest.raises(TypeError, match="window"):
         pyllm.flash_attn(q, k, k, window=3)
     qv, kv = torch.randn(6, 2, 64), torch.randn(6, 2, 64)
@@ -1663,8 +1664,8 @@ def test_bad_input_raises_clear_errors():
     with pytest.raises(ValueError, match="non-decreasing"):
         bad = torch.tensor([0, 4, 2, 6], dtype=torch.int32)
         pyllm.flash_attn(qv, kv, kv, cu_seqlens_q=bad, cu_seqlens_k=bad)
-    with pytest.raises(ValueError, match="total number of tokens"):
-        pyllm.flash_attn(qv, kv, kv, cu_seqlens_q=cu([2, 3]), cu_seqlens_k=good)
+    with pytest.raises(ValueError, match=r"cu_seqlens_q\[-1\] \(7\) is past the total number of tokens \(6\)"):
+        pyllm.flash_attn(qv, kv, kv, cu_seqlens_q=cu([4, 3]), cu_seqlens_k=good)
     with pytest.raises(ValueError, match="must be 0"):
         pyllm.flash_attn(qv, kv, kv, cu_seqlens_q=torch.tensor([1, 6], dtype=torch.int32), cu_seqlens_k=cu([6]))
     with pytest.raises(ValueError, match="both"):
@@ -2118,7 +2119,7 @@ def test_flash_attn_interface_matches_pyllm():
     assert torch.equal(fai.flash_attn_func(q, k, v, 0.0, 0.3, True, [9, -1]), want)
     out, got_lse, probs = fai.flash_attn_func(q, k, v, softmax_scale=0.3, causal=True, window_size=(9, -1),
                                               return_attn_probs=True)
-    assert torch.equal(out, want) and torch.equal(got_lse, lse) and probs is None
+    assert torch.equal(out, want) and torch.equal(got_lse, lse) and probs.shape == (0,)  # flash-attn's, no dropout
     assert torch.equal(fai.flash_attn_kvpacked_func(q, torch.stack([k, v], dim=2), causal=True, window_size=(9, -1),
                                                     softmax_scale=0.3), want)
     # qkvpacked: one tensor, gradients flow back into it
@@ -2366,3 +2367,158 @@ def test_random_kvcache_problems_match_reference(problem):
         if p["lse"]:
             lse, want = result[1][i:i + 1].double(), ref_lse.double()
             assert torch.equal(lse.isinf(), want.isinf()) and rel_err(lse[~lse.isinf()], want[~want.isinf()]) <= bound
+
+
+# --- head dims between the kernels' and fp16 on the CPU: a widened copy (flash-attn's head dims) ---
+
+def nan_filled_empty(monkeypatch):
+    """torch.empty's floating tensors NaN for the rest of the test: rows a kernel leaves unwritten
+    show, instead of whatever fresh (often zeroed) memory holds."""
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(math.nan) if t.is_floating_point() and t.device.type != "meta" else t
+
+    monkeypatch.setattr(torch, "empty", empty)
+
+
+WIDENED = [(torch.float32, 80), (torch.bfloat16, 40), (torch.float16, 64), (torch.float16, 112),
+           (torch.float32, 16), (torch.bfloat16, 200), (torch.float32, 8)]
+
+
+@pytest.mark.parametrize("dtype,d", WIDENED, ids=str)
+@pytest.mark.parametrize("causal,window", [(False, (-1, -1)), (True, (-1, -1)), (True, (7, -1))], ids=str)
+def test_head_dims_without_a_kernel_and_cpu_fp16_match_float64_reference(dtype, d, causal, window):
+    # Phi-2's 80, tiny models' 8 and 16, flash-attn's any head dim up to 256: zero-padded to the next
+    # kernel head dim; fp16 (flash-attn's usual dtype) on the CPU in fp32, rounded once.
+    q, k, v = rand((2, 37, 4, d), dtype, "cpu"), rand((2, 45, 2, d), dtype, "cpu"), rand((2, 45, 2, d), dtype, "cpu")
+    check_against_reference(q, k, v, rand((2, 37, 4, d), dtype, "cpu"),
+                            lambda q, k, v: pyllm.flash_attn(q, k, v, causal=causal, window=window),
+                            lambda q, k, v: attention(q, k, v, causal, window)[0])
+    out, lse = pyllm.flash_attn(q, k, v, causal=causal, window=window, return_lse=True)
+    _, ref_lse = attention(q.double(), k.double(), v.double(), causal, window)
+    assert out.is_contiguous() and lse.dtype == torch.float32 and rel_err(lse, ref_lse) < 1e-6
+
+
+@pytest.mark.parametrize("d", [64, 80])
+def test_varlen_rows_past_the_last_sequence_are_zeros(d, monkeypatch):
+    # flash-attn takes packed tensors longer than cu_seqlens[-1] (padded to a fixed size): the rows past
+    # it are in no sequence; out 0, lse +inf (no key seen), and gradients 0 rather than whatever memory
+    # held, which would reach the weights. The real rows: the call on the real rows alone, bitwise.
+    nan_filled_empty(monkeypatch)
+    lengths = [5, 0, 9]
+    q = rand((14 + 6, 4, d), torch.float32, "cpu").requires_grad_()
+    k, v = (rand((14 + 3, 2, d), torch.float32, "cpu").requires_grad_() for _ in range(2))
+    cu_seqlens = cu(lengths)
+    out, lse = pyllm.flash_attn(q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, causal=True, return_lse=True)
+    assert (out[14:] == 0).all() and (lse[:, 14:] == math.inf).all()
+    dout = rand(out.shape, torch.float32, "cpu")
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    assert all((g[14:] == 0).all() for g in grads)
+    real = [t.detach()[:14].clone().requires_grad_() for t in (q, k, v)]
+    want, want_lse = pyllm.flash_attn(*real, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, causal=True,
+                                      return_lse=True)
+    assert torch.equal(out[:14], want) and torch.equal(lse[:, :14], want_lse)
+    for got, exact in zip(grads, torch.autograd.grad(want, real, dout[:14])):
+        assert torch.equal(got[:14], exact)
+
+
+@pytest.mark.parametrize("dtype,d", [(torch.float32, 80), (torch.bfloat16, 48), (torch.float16, 64),
+                                     (torch.float16, 80)], ids=str)
+@pytest.mark.parametrize("layout,page", [("plain", 0), ("rows", 0), ("paged", 7)])
+@pytest.mark.parametrize("tq,n_new,leftpad", [(1, 1, False), (3, 3, True), (2, 0, False), (12, 12, True)])
+def test_kvcache_widened_matches_float64_reference(dtype, d, layout, page, tq, n_new, leftpad, monkeypatch):
+    # The kv-cache call at head dims without a kernel and in fp16 on the CPU: a widened copy of the
+    # keys in use attends, the new tokens land in the caches themselves, bit for bit, where the
+    # options put them; everything outside the sequences NaN.
+    nan_filled_empty(monkeypatch)
+    gen = torch.Generator().manual_seed(5)
+    b, cap, h, hk = 3, 40, 4, 2
+    lengths, pads = [5, 21, 40 - n_new], ([3, 0, 11] if leftpad else [0, 0, 0])
+    logical = rand((b, cap, hk, d), dtype, "cpu"), rand((b, cap, hk, d), dtype, "cpu")
+    for t in logical:
+        for i, (n, pad) in enumerate(zip(lengths, pads)):
+            t[i, :pad] = math.nan
+            t[i, n:] = math.nan
+    (k_cache, options, to_logical), (v_cache, _, _) = (physical_cache(t, layout, page, torch.Generator().manual_seed(3))
+                                                       for t in logical)
+    if leftpad:
+        options["cache_leftpad"] = torch.tensor(pads, dtype=torch.int32)
+    untouched = k_cache.clone()
+    q = rand((b, tq, h, d), dtype, "cpu")
+    k_new, v_new = (rand((b, n_new, hk, d), dtype, "cpu") for _ in range(2)) if n_new else (None, None)
+    out, lse = pyllm.flash_attn_with_kvcache(q, k_cache, v_cache, torch.tensor(lengths, dtype=torch.int32), k_new,
+                                             v_new, causal=True, return_lse=True, **options)
+    assert out.shape == q.shape and out.dtype == dtype and lse.dtype == torch.float32
+    keys, vals = to_logical(k_cache), to_logical(v_cache)
+    for i, (n, pad) in enumerate(zip(lengths, pads)):
+        if n_new:
+            assert torch.equal(keys[i, n:n + n_new], k_new[i]) and torch.equal(vals[i, n:n + n_new], v_new[i])
+        seq_k, seq_v = keys[i:i + 1, pad:n + n_new], vals[i:i + 1, pad:n + n_new]
+        ref, ref_lse = attention(q[i:i + 1].double(), seq_k.double(), seq_v.double(), causal=True)
+        torch_out, _ = attention(q[i:i + 1], seq_k, seq_v, causal=True)
+        assert rel_err(out[i:i + 1], ref) <= tolerance(torch_out, ref), i
+        assert rel_err(lse[i:i + 1], ref_lse) < 1e-6, i
+    written = torch.zeros(k_cache.shape[:2], dtype=torch.bool)  # nothing written but the new tokens
+    if n_new:
+        written = ~((k_cache == untouched) | (k_cache.isnan() & untouched.isnan())).all(-1).all(-1)
+        assert written.sum() == b * n_new
+    assert (torch.isnan(k_cache) | written[..., None, None] | torch.isfinite(untouched)).all()
+
+
+def test_kvcache_widened_rotary_and_a_cache_of_more_rows():
+    # Rotary at head dim 80 (rotary_dim 32): the call on caches zero-padded to 96 by hand, bitwise,
+    # and the same new keys appended. A cache of more rows than the batch: its first rows, the rest
+    # untouched (flash-attn's).
+    cos, sin = rotary_tables(24, 32)
+    q = rand((2, 1, 4, 80), torch.float32, "cpu")
+    k_new, v_new = (rand((2, 1, 2, 80), torch.float32, "cpu") for _ in range(2))
+    caches = [rand((4, 24, 2, 80), torch.float32, "cpu") for _ in range(2)]
+    padded = [torch.nn.functional.pad(c[:2], (0, 16)) for c in caches]
+    before = [c.clone() for c in caches]
+    seqlens = torch.tensor([3, 17], dtype=torch.int32)
+    for interleaved in (False, True):
+        kw = dict(rotary_cos=cos, rotary_sin=sin, rotary_interleaved=interleaved, causal=True)
+        ours = [c.clone() for c in caches]
+        theirs = [p.clone() for p in padded]
+        out = pyllm.flash_attn_with_kvcache(q, *ours, seqlens, k_new, v_new, **kw)
+        want = pyllm.flash_attn_with_kvcache(torch.nn.functional.pad(q, (0, 16)), *theirs, seqlens,
+                                             torch.nn.functional.pad(k_new, (0, 16)),
+                                             torch.nn.functional.pad(v_new, (0, 16)), softmax_scale=80 ** -0.5, **kw)
+        assert torch.equal(out, want[..., :80])
+        for o, t, c in zip(ours, theirs, before):
+            assert torch.equal(o[:2], t[:2, :, :, :80]) and torch.equal(o[2:], c[2:])
+    # more rows than sequences, at a kernel head dim: the eager shortcut on the first rows
+    plain = [rand((5, 16, 2, 64), torch.float32, "cpu") for _ in range(2)]
+    first = [p[:2].clone() for p in plain]
+    rest = [p[2:].clone() for p in plain]
+    q64, new64 = rand((2, 1, 4, 64), torch.float32, "cpu"), rand((2, 1, 2, 64), torch.float32, "cpu")
+    out = pyllm.flash_attn_with_kvcache(q64, *plain, seqlens - 2, new64, new64)
+    assert torch.equal(out, pyllm.flash_attn_with_kvcache(q64, *first, seqlens - 2, new64, new64))
+    assert torch.equal(plain[0][:2], first[0]) and torch.equal(plain[0][2:], rest[0]) and torch.equal(plain[1][2:], rest[1])
+
+
+def test_flash_attn_interface_takes_flash_attns_arguments():
+    # What flash-attn takes that pyllm's own calls spell more strictly: numpy / tensor max_seqlen,
+    # any negative window side, softcap <= 0, the varlen packed forms, packed tensors padded past
+    # cu_seqlens[-1].
+    from pyllm import flash_attn_interface as fai
+
+    cu_seqlens = cu([3, 5])
+    qkv = rand((10, 3, 4, 64), torch.float32, "cpu").requires_grad_()
+    want = pyllm.flash_attn(*(t[:8] for t in qkv.unbind(1)), cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
+                            causal=True)
+    for max_seqlen in (5, np.int64(5), torch.tensor(5)):
+        out = fai.flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, causal=True, window_size=(-5, -2),
+                                                   softcap=-1.0)
+        assert torch.equal(out[:8], want) and (out[8:] == 0).all()
+    q, kv = qkv[:, 0], qkv[:, 1:]
+    out = fai.flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens, cu_seqlens, 5, np.int32(5), causal=True)
+    assert torch.equal(out[:8], want)
+    (grad,) = torch.autograd.grad(out, qkv, torch.ones_like(out))
+    assert (grad[8:] == 0).all() and grad[:8].abs().sum() > 0
+    with pytest.raises(ValueError, match="max_seqlen_q must be a non-negative int"):
+        fai.flash_attn_varlen_func(q, q, q, cu_seqlens, cu_seqlens, 5.0, 5)
+    d80 = rand((1, 6, 2, 80), torch.float32, "cpu")
+    assert fai.flash_attn_func(d80, d80, d80, causal=True).shape == d80.shape

@@ -7,12 +7,14 @@ The forward saves only out and the log-sum-exp; the backward recomputes the prob
 from __future__ import annotations
 
 import math
+import operator
 import os
 from array import array
 from typing import Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from pyllm import _C
@@ -20,18 +22,22 @@ from pyllm.ops import _util
 from pyllm.ops import rope as rope_ops
 
 OP = "flash_attn"
-HEAD_DIMS = (32, 64, 96, 128, 256)
+HEAD_DIMS = (32, 64, 96, 128, 256)  # the kernels'
 DTYPES = {
     "cpu": (torch.float32, torch.bfloat16, torch.float64),
     "cuda": (torch.float16, torch.bfloat16),
 }
+# What the public calls take: other head dims up to 256 (flash-attn's: Phi-2's 80, tiny test
+# models' 16) run zero-padded to the next kernel head dim, and fp16 on the CPU (flash-attn's usual
+# dtype, for code moved to a CPU) in fp32: _widened.
+ACCEPTED = {"cpu": DTYPES["cpu"] + (torch.float16,), "cuda": DTYPES["cuda"]}
 
 
 # --- validation ---------------------------------------------------------------------------------
 
 def _check_qkv(op: str, q, k, v, varlen: bool, same_batch: bool = True) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
-        _util.check_tensor(op, name, t, DTYPES)
+        _util.check_tensor(op, name, t, ACCEPTED)
     _util.check_same(op, q=q, k=k, v=v)
     want = 3 if varlen else 4
     layout = "(total_tokens, n_heads, head_dim)" if varlen else "(batch, seqlen, n_heads, head_dim)"
@@ -41,9 +47,9 @@ def _check_qkv(op: str, q, k, v, varlen: bool, same_batch: bool = True) -> None:
     if k.shape != v.shape:
         raise ValueError(f"{op}: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     head_dim = q.shape[-1]
-    if head_dim not in HEAD_DIMS:
-        raise ValueError(f"{op}: head_dim {head_dim} is not supported; supported head dims: "
-                         f"{', '.join(map(str, HEAD_DIMS))}")
+    if not 0 < head_dim <= HEAD_DIMS[-1]:
+        raise ValueError(f"{op}: head_dim {head_dim} is not supported: head dims 1 to {HEAD_DIMS[-1]} "
+                         f"({', '.join(map(str, HEAD_DIMS))} run as they are, others zero-padded to the next of these)")
     if k.shape[-1] != head_dim:
         raise ValueError(f"{op}: q and k must have the same head_dim, got {head_dim} and {k.shape[-1]}")
     n_heads, n_kv_heads = q.shape[-2], k.shape[-2]
@@ -54,14 +60,44 @@ def _check_qkv(op: str, q, k, v, varlen: bool, same_batch: bool = True) -> None:
         raise ValueError(f"{op}: q and k must have the same batch size, got {q.shape[0]} and {k.shape[0]}")
 
 
+def _as_int(value) -> Optional[int]:
+    """An int, or what stands for one (numpy's integers, anything with __index__); else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 def _check_window(op: str, window) -> tuple[int, int]:
-    if (not isinstance(window, (tuple, list)) or len(window) != 2
-            or not all(isinstance(w, int) and not isinstance(w, bool) for w in window)):
+    sides = [_as_int(w) for w in window] if isinstance(window, (tuple, list)) and len(window) == 2 else [None]
+    if None in sides:
         raise TypeError(f"{op}: window must be a pair of ints (left, right), got {window!r}")
-    left, right = window
-    if left < -1 or right < -1:
-        raise ValueError(f"{op}: window sizes must be >= -1 (-1 = unlimited), got {tuple(window)}")
+    left, right = (max(w, -1) for w in sides)  # any negative is unlimited, as in flash-attn
     return left, right
+
+
+def _runs_widened(x: Tensor) -> bool:
+    """A head dim the kernels lack, or fp16 on the CPU: the call runs on a widened copy."""
+    return x.shape[-1] not in HEAD_DIMS or (x.dtype == torch.float16 and x.device.type == "cpu")
+
+
+def _widened(x: Optional[Tensor]) -> Optional[Tensor]:
+    """x (..., D) as the kernels take it: zero-padded to the next kernel head dim (a zero column
+    adds exactly 0 to every score, and its output column is dropped after), fp16 on the CPU in fp32
+    (one rounding, of the output, where fp16 kernels round P too). Differentiable."""
+    if x is None:
+        return None
+    if x.dtype == torch.float16 and x.device.type == "cpu":
+        x = x.float()
+    wide = next(d for d in HEAD_DIMS if d >= x.shape[-1])
+    return F.pad(x, (0, wide - x.shape[-1])) if wide != x.shape[-1] else x
+
+
+def _narrowed(out: Tensor, like: Tensor) -> Tensor:
+    """A widened call's output back in like's head dim and dtype, contiguous."""
+    return out[..., :like.shape[-1]].to(like.dtype).contiguous()
 
 
 def _check_cu_seqlens(op: str, q, cu_seqlens_q, cu_seqlens_k) -> None:
@@ -89,8 +125,8 @@ def _seqlens_of(op: str, name: str, cu: Tensor, total: int, max_seqlen: int) -> 
     lengths = [b - a for a, b in zip(vals, vals[1:])]
     if any(n < 0 for n in lengths):
         raise ValueError(f"{op}: {name} must be non-decreasing, got {vals}")
-    if vals[-1] != total:
-        raise ValueError(f"{op}: {name}[-1] ({vals[-1]}) must equal the total number of tokens ({total})")
+    if vals[-1] > total:
+        raise ValueError(f"{op}: {name}[-1] ({vals[-1]}) is past the total number of tokens ({total})")
     longest = max(lengths, default=0)
     if max_seqlen >= 0 and longest > max_seqlen:
         raise ValueError(f"{op}: {name} has a sequence of length {longest}, longer than max_seqlen ({max_seqlen})")
@@ -315,6 +351,22 @@ def _with_sinks(out: Tensor, lse: Tensor, sinks: Tensor, varlen: bool) -> tuple[
     return (out * keep[..., None]).to(out.dtype), lse_all
 
 
+def _clear_past_end(cu: Tensor, *fills) -> None:
+    """Rows past cu[-1] are in no sequence (flash-attn takes packed tensors padded past the last
+    one, e.g. to a CUDA graph's size): the kernels do not write them, so they get a defined value
+    (fills: (tensor, token dim, value)), never what the allocator left, which a gradient would
+    carry into the weights. On the CPU cu[-1] is read; on CUDA a mask keeps the call sync-free."""
+    if cu.device.type == "cpu":
+        end = int(cu[-1])
+        for x, dim, value in fills:
+            if end < x.shape[dim]:
+                x.narrow(dim, end, x.shape[dim] - end).fill_(value)
+        return
+    for x, dim, value in fills:
+        past = torch.arange(x.shape[dim], device=x.device) >= cu[-1]
+        x.masked_fill_(past.view([-1 if d == dim else 1 for d in range(x.dim())]), value)
+
+
 # --- torch.library custom ops ---------------------------------------------------------------
 
 def _flash_attn_body(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
@@ -327,6 +379,8 @@ def _flash_attn_body(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Optional[Ten
     lse = torch.empty(_lse_shape(q, cu_seqlens_q is not None), dtype=_lse_dtype(q), device=q.device)
     flash_attn_forward_into(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                             softmax_scale, window_left, window_right, softcap=softcap, alibi_slopes=alibi_slopes)
+    if cu_seqlens_q is not None:
+        _clear_past_end(cu_seqlens_q, (out, 0, 0.0), (lse, 1, math.inf))
     return out, lse
 
 
@@ -358,6 +412,9 @@ def _flash_attn_backward_body(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k
     flash_attn_backward_into(dout, dlse, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                              max_seqlen_k, softmax_scale, window_left, window_right, deterministic, softcap=softcap,
                              alibi_slopes=alibi_slopes)
+    if cu_seqlens_q is not None:
+        _clear_past_end(cu_seqlens_q, (dq, 0, 0.0))
+        _clear_past_end(cu_seqlens_k, (dk, 0, 0.0), (dv, 0, 0.0))
     return dq, dk, dv
 
 
@@ -813,9 +870,12 @@ def _resolve_scale(op: str, softmax_scale, head_dim: int) -> float:
 def _check_max_seqlen(op: str, name: str, value) -> int:
     if value is None:
         return -1
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+    if isinstance(value, Tensor) and value.numel() == 1 and not value.dtype.is_floating_point:
+        value = value.item()  # a 0-d tensor, as some callers keep it (flash-attn's binding reads it too)
+    number = _as_int(value)
+    if number is None or number < 0:
         raise ValueError(f"{op}: {name} must be a non-negative int or None, got {value!r}")
-    return value
+    return number
 
 
 def flash_attn(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, softmax_scale: Optional[float] = None,
@@ -831,19 +891,24 @@ def flash_attn(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, softmax
             head strides (e.g. views of a packed qkv tensor); a non-unit last-dim stride is copied.
             Varlen: q (total_q, n_heads, head_dim), k and v (total_k, n_kv_heads, head_dim) holding
             the sequences back to back, with cu_seqlens_q / cu_seqlens_k int32 (batch + 1,)
-            cumulative lengths (sequence b is rows cu[b]:cu[b+1]; empty sequences allowed).
-            head_dim: 32, 64, 96, 128 or 256. Dtypes: CPU float32, bfloat16, float64 (math in fp32,
-            fp64 for fp64); CUDA float16, bfloat16 (sm80+, fp32 accumulation).
+            cumulative lengths (sequence b is rows cu[b]:cu[b+1]; empty sequences allowed). Rows
+            past cu[-1] (a packed tensor padded to a fixed size, as flash-attn takes) are in no
+            sequence: their output is 0, their LSE +inf and their gradients 0.
+            head_dim: 1 to 256; the kernels' are 32, 64, 96, 128 and 256, and the others (Phi-2's 80,
+            flash-attn's any up to 256) run zero-padded to the next of these (exact: a zero column adds
+            0 to every score), at its cost. Dtypes: CPU float32, bfloat16, float64 (math in fp32, fp64
+            for fp64), and float16 run in fp32 and rounded once; CUDA float16, bfloat16 (sm80+, fp32
+            accumulation).
         causal: mask keys after the query. When seqlen_q != seqlen_k the mask is aligned to the
             bottom-right corner, as in flash-attn >= 2.1: query i sits at key position
             i + seqlen_k - seqlen_q (the last query sees every key). Queries that see no key (more
             queries than keys) output 0.
         softmax_scale: defaults to 1 / sqrt(head_dim).
-        window: (left, right) sliding window, -1 = unlimited: query i (at key position
-            p = i + seqlen_k - seqlen_q) sees keys p - left .. p + right. causal sets right = 0.
+        window: (left, right) sliding window, -1 (any negative) = unlimited: query i (at key
+            position p = i + seqlen_k - seqlen_q) sees keys p - left .. p + right. causal sets right = 0.
         max_seqlen_q, max_seqlen_k: varlen only; computed from cu_seqlens when None.
-            Where cu_seqlens' contents (starts at 0, non-decreasing, ends at the token count,
-            no sequence longer than max_seqlen) are checked: always for CPU tensors; for CUDA
+            Where cu_seqlens' contents (starts at 0, non-decreasing, ends at most at the token
+            count, no sequence longer than max_seqlen) are checked: always for CPU tensors; for CUDA
             tensors only when a max_seqlen is None (the launch needs the maximum, which costs a
             device sync) or when the environment variable PYLLM_ATTN_CHECK_SEQLENS=1 is set.
             Otherwise the call does not sync (CUDA-graph capturable) and the kernels clamp
@@ -877,9 +942,9 @@ def flash_attn(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, softmax
         out, shaped like q (contiguous), or (out, lse) with return_lse.
     Raises:
         TypeError: non-tensor inputs, unsupported or mismatched dtypes, cu_seqlens not int32, bad
-            window / softmax_scale types. ValueError: shapes (head dim not supported, n_heads not a
+            window / softmax_scale types. ValueError: shapes (head dim past 256, n_heads not a
             multiple of n_kv_heads, k and v differ), devices, and, where checked (see
-            max_seqlen_q), cu_seqlens not starting at 0, not non-decreasing, not ending at the
+            max_seqlen_q), cu_seqlens not starting at 0, not non-decreasing, ending past the
             total number of tokens or longer than max_seqlen. RuntimeError: a CUDA tensor when
             pyllm was built without CUDA kernels.
     """
@@ -898,10 +963,15 @@ def flash_attn(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, softmax
     _check_softcap(OP, q, softcap)
     _check_sinks(OP, q, sinks)
     alibi_slopes = _check_alibi(OP, q, alibi_slopes, cu_seqlens_q.numel() - 1 if varlen else q.shape[0])
+    like = q
+    if _runs_widened(q):
+        q, k, v = _widened(q), _widened(k), _widened(v)
     out, lse = _util.call(_flash_attn_body, _flash_attn, _FlashAttnFunction, q, k, v, cu_seqlens_q, cu_seqlens_k,
                           _check_max_seqlen(OP, "max_seqlen_q", max_seqlen_q),
                           _check_max_seqlen(OP, "max_seqlen_k", max_seqlen_k), scale, left, right, bool(deterministic),
                           float(softcap), alibi_slopes)
+    if q is not like:
+        out = _narrowed(out, like)
     if sinks is not None:
         out, lse = _with_sinks(out, lse, sinks, varlen)
     return (out, lse) if return_lse else out
@@ -970,6 +1040,43 @@ def _rotate_new(q: Tensor, k_new: Tensor, cache_seqlens, rotary_cos: Tensor, rot
     return _rotate(q, q_cos, q_sin, interleaved), _rotate(k_new, k_cos, k_sin, interleaved)
 
 
+def _kvcache_widened(q, k_cache, v_cache, cache_seqlens, k_new, v_new, capacity: int, scale: float, left: int,
+                     right: int, softcap: float, sinks, alibi_slopes, cache_batch_idx, cache_leftpad, block_table,
+                     return_lse: bool):
+    """flash_attn_with_kvcache for the head dims between the kernels' and fp16 on the CPU (q, k_new
+    rotated already): the call runs on widened copies of the caches (_widened), which it appends
+    to as it checks; then the new tokens go into the caches themselves. The copy is the cache's
+    keys in use (a paged cache: all its blocks) each call, about twice the kernel's own reads: the
+    price of head dims and dtypes the kernels were not instantiated for (each would double the
+    build's attention code)."""
+    _check_cache_layout(k_cache, v_cache)
+    n_new = 0 if k_new is None else k_new.shape[1]
+    if isinstance(cache_seqlens, int):  # known on the host: checked there, as the kernels' path does
+        _check_cache_lengths([cache_seqlens], n_new, capacity, shown=cache_seqlens)
+    keys = capacity
+    if block_table is None and (isinstance(cache_seqlens, int) or cache_seqlens.device.type == "cpu"):
+        # the keys in use end at the longest sequence's: only those copied (bad lengths: the call says so)
+        if isinstance(cache_seqlens, int):
+            longest = cache_seqlens
+        else:
+            longest = int(cache_seqlens.max()) if cache_seqlens.numel() else 0
+        keys = min(max(longest + n_new, 0), capacity)
+    if isinstance(cache_seqlens, int):
+        cache_seqlens = torch.full((q.shape[0],), cache_seqlens, dtype=torch.int32, device=q.device)
+    out, lse = _util.call(_flash_attn_with_kvcache_body, _flash_attn_with_kvcache, None, _widened(q),
+                          _widened(k_cache[:, :keys]), _widened(v_cache[:, :keys]), cache_seqlens, _widened(k_new),
+                          _widened(v_new), scale, left, right, softcap, sinks, alibi_slopes, cache_batch_idx,
+                          cache_leftpad, block_table)
+    if n_new:  # checked by the call on the host where it reads the lengths, else clamped as it clamps them
+        if cache_seqlens.device.type != "cpu":
+            _append_kv_clamped(k_cache, v_cache, k_new, v_new, cache_seqlens.clamp(0, capacity - n_new),
+                               cache_batch_idx, block_table)
+        else:
+            _append_kv_where(k_cache, v_cache, k_new, v_new, cache_seqlens.tolist(), cache_batch_idx, block_table)
+    out = _narrowed(out, q)
+    return (out, lse) if return_lse else out
+
+
 def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens, k_new: Optional[Tensor] = None,
                             v_new: Optional[Tensor] = None, causal: bool = True, *,
                             softmax_scale: Optional[float] = None, window: tuple[int, int] = _NO_WINDOW,
@@ -983,9 +1090,12 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_s
     Args:
         q: (batch, seqlen_q, n_heads, head_dim), usually seqlen_q = 1 (one decode step).
         k_cache, v_cache: (batch, capacity, n_kv_heads, head_dim), a contiguous last dim; written
-            in place at positions cache_seqlens[b] .. cache_seqlens[b] + seqlen_new. With
-            cache_batch_idx, (cache_batch, capacity, ...); with block_table (paged), (num_blocks,
-            page_size, n_kv_heads, head_dim).
+            in place at positions cache_seqlens[b] .. cache_seqlens[b] + seqlen_new. A cache of more
+            rows than batch: its first rows (flash-attn's). With cache_batch_idx, (cache_batch,
+            capacity, ...); with block_table (paged), (num_blocks, page_size, n_kv_heads, head_dim).
+            Head dims and dtypes as :func:`flash_attn`'s; those without a kernel (a head dim other
+            than 32, 64, 96, 128, 256; fp16 on the CPU) run on a widened copy of the keys in use (of
+            every block of a paged cache) each call, about three times the kernel's reads.
         cache_seqlens: int32 (batch,) tensor (or an int for every sequence): tokens already in the
             cache. Not updated here: add seqlen_new yourself after the call. Its values (each in
             [0, capacity - seqlen_new]) are checked for an int and CPU tensors, and for CUDA tensors only
@@ -1041,6 +1151,15 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_s
     if out is not None:
         return out
     op = "flash_attn_with_kvcache"
+    if (cache_batch_idx is None and block_table is None and isinstance(q, Tensor) and isinstance(k_cache, Tensor)
+            and isinstance(v_cache, Tensor) and q.dim() == 4 and k_cache.dim() == 4 and k_cache.shape[0] > q.shape[0]):
+        # a cache of more rows than sequences (one made for the largest batch): its first rows, as flash-attn's
+        k_cache, v_cache = k_cache[:q.shape[0]], v_cache[:q.shape[0]]
+        if sinks is None and plain:
+            out = _kvcache_eager_cpu(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, softmax_scale, window,
+                                     softcap, alibi_slopes, cache_batch_idx, cache_leftpad, block_table)
+            if out is not None:
+                return out
     _check_qkv(op, q, k_cache, v_cache, False, same_batch=False)
     _check_cache_options(op, q, k_cache, cache_batch_idx, cache_leftpad, block_table)
     capacity = _cache_capacity(k_cache, block_table)
@@ -1061,7 +1180,7 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_s
         raise ValueError(f"{op}: give both k_new and v_new or neither")
     if k_new is not None:
         for name, t in (("k_new", k_new), ("v_new", v_new)):
-            _util.check_tensor(op, name, t, DTYPES)
+            _util.check_tensor(op, name, t, ACCEPTED)
             _util.check_same(op, q=q, **{name: t})
             if t.dim() != 4 or t.shape[0] != q.shape[0] or t.shape[2:] != k_cache.shape[2:]:
                 raise ValueError(f"{op}: {name} must be (batch, seqlen_new, {k_cache.shape[2]}, {k_cache.shape[3]}) "
@@ -1094,6 +1213,10 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_s
                                      softcap, alibi_slopes, cache_batch_idx, cache_leftpad, block_table)
             if out is not None:
                 return out
+    if _runs_widened(q):
+        return _kvcache_widened(q, k_cache, v_cache, cache_seqlens if length is None else length, k_new, v_new,
+                                capacity, scale, left, right, float(softcap), sinks, alibi_slopes, cache_batch_idx,
+                                cache_leftpad, block_table, return_lse)
     options = cache_batch_idx is not None or cache_leftpad is not None or block_table is not None
     result = None
     if length is not None and options:  # known on the host: checked here, as the int path does (no sync)

@@ -757,7 +757,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          chunk_rows: int | None = None, *, scale: float = 1.0,
                          softcap: float | None = None, label_smoothing: float = 0.0, z_loss: float = 0.0,
-                         return_z_loss: bool = False):
+                         return_z_loss: bool = False, ignore_index: int = -1, reduction: str = "sum"):
     """The sum over rows of F.cross_entropy(x @ weight.T, targets), -1 targets ignored, in fp32, with
     its gradients for x and weight computed chunk by chunk in the forward (a fused linear
     cross-entropy): memory O(chunk_rows * vocab) for the logits instead of O(rows * vocab) twice
@@ -772,7 +772,15 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     label_smoothing: F.cross_entropy's (the target (1 - e) on the label plus e / V on every word).
     z_loss: adds z_loss * logsumexp(logits)^2 for each counted row (PaLM's auxiliary loss, 1e-4 there,
     keeping the softmax's normaliser near 1; Liger-Kernel's lse_square_scale). return_z_loss: ->
-    (the loss, that term's share of it, detached: for the log) instead of the loss."""
+    (the loss, that term's share of it, detached: for the log) instead of the loss.
+    ignore_index, reduction: for code written against Liger-Kernel's fused loss (whose defaults are
+    -100 and "mean"): the targets to skip (-1 by default, pyllm's), and "sum" (pyllm's default) or
+    "mean" over the targets counted (NaN when none is, as F.cross_entropy's)."""
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"linear_cross_entropy: reduction must be 'sum' or 'mean' (the rows' losses are never "
+                         f"kept), got {reduction!r}")
+    if ignore_index != -1:
+        targets = targets.masked_fill(targets == ignore_index, -1)
     x, weight, chunk_rows = _fused_linear_inputs(x, weight, chunk_rows, softcap, cross_entropy_ops.takes)
     scale, softcap = _logit_shape("linear_cross_entropy", scale, softcap)
     label_smoothing, z_loss = float(label_smoothing), float(z_loss)
@@ -783,6 +791,9 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     with torch.autocast(x.device.type, enabled=False):
         loss, z_part = _LinearCrossEntropy.apply(x, weight, targets.reshape(-1), chunk_rows, scale, softcap,
                                                  label_smoothing, z_loss)
+    if reduction == "mean":
+        counted = (targets != -1).sum()
+        loss, z_part = loss / counted, z_part / counted
     return (loss, z_part) if return_z_loss else loss
 
 

@@ -1088,6 +1088,30 @@ def test_linear_cross_entropy_objectives_match_float64(device, dtype, objective,
         2e-2 if dtype == torch.bfloat16 else 1e-5) * float(want)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_linear_cross_entropy_takes_ligers_ignore_index_and_mean(dtype):
+    # Code written against Liger-Kernel's fused loss (ignore_index -100, reduction "mean"): the mean
+    # over the counted targets, within twice torch's error; all ignored gives NaN, as torch's mean.
+    from pyllm.nn import linear_cross_entropy
+
+    x64, w64, targets = output_layer_case(3)
+    targets = targets.masked_fill(targets == -1, -100)
+
+    def plain(x, w, t):
+        return F.cross_entropy(x @ w.t(), t, ignore_index=-100)
+
+    ref = loss_and_grads(plain, x64, w64, targets, torch.float64)
+    theirs = loss_and_grads(plain, x64, w64, targets, dtype)
+    ours = loss_and_grads(lambda x, w, t: linear_cross_entropy(x, w, t, 37, ignore_index=-100, reduction="mean"),
+                          x64, w64, targets, dtype)
+    for name, got, torch_value, exact in zip(("loss", "dx", "dw"), ours, theirs, ref):
+        assert rel_err(got, exact) <= tolerance(torch_value, exact), name
+    none = torch.full_like(targets, -100)
+    assert torch.isnan(linear_cross_entropy(x64.float(), w64.float(), none, ignore_index=-100, reduction="mean"))
+    with pytest.raises(ValueError, match="reduction must be 'sum' or 'mean'"):
+        linear_cross_entropy(x64.float(), w64.float(), targets, reduction="none")
+
+
 def test_linear_cross_entropy_objectives_are_checked():
     from pyllm.nn import linear_cross_entropy
 

@@ -852,10 +852,11 @@ def _fused_loss_forward(self, input_ids=None, attention_mask=None, position_ids=
     states (pyllm.nn.linear_cross_entropy: the (tokens, vocab) logits never exist whole) and
     logits=None, as Liger-Kernel's. Otherwise (eval, generation, no labels, logits_to_keep, an output
     layer that is no plain Linear, such as one PEFT wrapped in LoRA, or one accelerate offloaded; a call
-    for TRL's own fused head, fused_lm_head=True, when TRL wrapped the forward before this patch did) HF's
-    own forward."""
+    for TRL's own fused head, fused_lm_head=True, when TRL wrapped the forward before this patch did; a
+    loss of the user's, model.loss_function = fn, which wants the logits) HF's own forward."""
     head = self.get_output_embeddings()
     if (not self.training or labels is None or not (isinstance(logits_to_keep, int) and logits_to_keep == 0)
+            or "_loss_function" in vars(self)  # transformers' loss_function setter: the user's loss
             or type(head) is not nn.Linear or head.bias is not None or kwargs.get("fused_lm_head")
             or head.weight.device.type == "meta"):  # offloaded by accelerate: only the head's hook loads it
         return _hf_call(self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,

@@ -788,6 +788,25 @@ def test_a_call_failing_midway_puts_the_model_back(failing, before, monkeypatch)
     assert model(ids, labels=ids).logits is None  # the fused loss's
 
 
+def test_a_loss_function_of_the_users_gets_the_logits():
+    # model.loss_function = fn (transformers' setter) is the user's loss over the logits: the patched
+    # model's training forward then computes them and calls it, as the unpatched one does.
+    reference, ours = tiny("llama")
+    phf.apply_pyllm_kernels(ours)
+    seen = []
+
+    def mine(logits, labels, vocab_size, **kwargs):
+        seen.append(logits.shape)
+        return logits.float().square().mean()
+
+    for model in (reference, ours):
+        model.loss_function = mine
+    ids = inputs()
+    want, got = reference.train()(ids, labels=ids), ours.train()(ids, labels=ids)
+    assert seen == [(3, 13, VOCAB)] * 2 and got.logits is not None
+    assert rel_err(got.loss, want.loss) < 1e-12
+
+
 def test_trainer_runs_it_with_gradient_accumulation(tmp_path):
     # HF's Trainer passes num_items_in_batch to a forward taking **kwargs: the patched model's
     # logged losses are the unpatched one's, step by step (fp32), on torch's AdamW and on pyllm's

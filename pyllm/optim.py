@@ -66,8 +66,7 @@ def _readopt_changed_params(params: list[Tensor], masters: list[Tensor]) -> None
         toward = torch.where(nearest.float() > master, -math.inf, math.inf).to(p.dtype)
         other = torch.nextafter(nearest, toward)  # the neighbour on master's other side
         changed = (p != nearest) & (p != other)
-        if bool(changed.any()):
-            master.copy_(torch.where(changed, p.float(), master))
+        master.copy_(torch.where(changed, p.float(), master))  # (no any(): a host sync on CUDA)
 
 
 class AdamW(torch.optim.Optimizer):
@@ -482,7 +481,8 @@ class ZeroAdamW(torch.optim.Optimizer):
                             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                             master_weights=master_weights, stochastic_rounding=stochastic_rounding)
         self._inner._reduce_sumsq = lambda sumsq: dist.all_reduce(sumsq, group=self._group)
-        self._written: list[int] | None = None  # the params' version counters after the last step wrote them
+        # the params' version counters when the shards were last taken from them or written into them
+        self._written = [p._version for ps in self._params for p in ps]
         self.last_grad_norm: Tensor | None = None
         self.last_step_skipped: Tensor | None = None
 
@@ -552,7 +552,7 @@ class ZeroAdamW(torch.optim.Optimizer):
         for group, inner_group in zip(self.param_groups, self._inner.param_groups):
             for key in ("lr", "betas", "eps", "weight_decay"):
                 inner_group[key] = group[key]
-        if self._written is not None and self._written != [p._version for ps in self._params for p in ps]:
+        if self._written != [p._version for ps in self._params for p in ps]:
             # changed in place since the last step (as AdamW, the params are the weights): the shards
             # re-read, and the inner AdamW re-takes the changed elements from them
             self._reload_shards_from_params()

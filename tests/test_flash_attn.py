@@ -2401,6 +2401,16 @@ def test_head_dims_without_a_kernel_and_cpu_fp16_match_float64_reference(dtype, 
     assert out.is_contiguous() and lse.dtype == torch.float32 and rel_err(lse, ref_lse) < 1e-6
 
 
+@pytest.mark.parametrize("dtype,d", [(torch.float16, 64), (torch.float32, 80), (torch.bfloat16, 40)], ids=str)
+def test_sinks_on_a_widened_call_match_float64_reference(dtype, d):
+    # The sinks rescale the widened (fp32 for CPU fp16) output before its one rounding.
+    q, k, v = rand((1, 21, 4, d), dtype, "cpu"), rand((1, 30, 2, d), dtype, "cpu"), rand((1, 30, 2, d), dtype, "cpu")
+    sinks = torch.randn(4)
+    check_against_reference(q, k, v, rand((1, 21, 4, d), dtype, "cpu"),
+                            lambda q, k, v: pyllm.flash_attn(q, k, v, causal=True, sinks=sinks),
+                            lambda q, k, v: attention(q, k, v, True, sinks=sinks.to(q.dtype))[0])
+
+
 @pytest.mark.parametrize("d", [64, 80])
 def test_varlen_rows_past_the_last_sequence_are_zeros(d, monkeypatch):
     # flash-attn takes packed tensors longer than cu_seqlens[-1] (padded to a fixed size): the rows past

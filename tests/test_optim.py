@@ -770,6 +770,8 @@ def _zero_matches_unsharded(rank, world, dtype):
     ref = [nn.Parameter(p.detach().clone()) for p in params]
     opt = ZeroAdamW(params, lr=1e-2, weight_decay=0.1)
     ref_opt = AdamW(ref, lr=1e-2, weight_decay=0.1)
+    with torch.no_grad():  # weights loaded after the optimizer was made: the first step starts from them
+        params[0][0], ref[0][0] = 1.5, 1.5
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
     ref_sched = torch.optim.lr_scheduler.StepLR(ref_opt, step_size=2, gamma=0.5)
     gen = torch.Generator().manual_seed(1)  # every rank draws every rank's grads

@@ -10,7 +10,7 @@ import math
 import operator
 import os
 from array import array
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -351,11 +351,20 @@ def _with_sinks(out: Tensor, lse: Tensor, sinks: Tensor, varlen: bool) -> tuple[
     return (out * keep[..., None]).to(out.dtype), lse_all
 
 
+def _past_end_rows(cu: Optional[Tensor]) -> Callable:
+    """The allocator of a call's outputs (out, dq, dk, dv: rows on dim 0) whose rows past cu[-1]
+    are in no sequence (flash-attn takes packed tensors padded past the last one, e.g. to a CUDA
+    graph's size): the kernels do not write those, so they must not hold what the allocator left,
+    which a gradient would carry into the weights. Zeros on CUDA, where cu[-1] cannot be read
+    without a sync (a memset: half a masked fill's traffic, a few % of a backward); on the CPU
+    torch.empty, and _clear_past_end zeroes the tail after."""
+    return torch.zeros if cu is not None and cu.device.type != "cpu" else torch.empty
+
+
 def _clear_past_end(cu: Tensor, *fills) -> None:
-    """Rows past cu[-1] are in no sequence (flash-attn takes packed tensors padded past the last
-    one, e.g. to a CUDA graph's size): the kernels do not write them, so they get a defined value
-    (fills: (tensor, token dim, value)), never what the allocator left, which a gradient would
-    carry into the weights. On the CPU cu[-1] is read; on CUDA a mask keeps the call sync-free."""
+    """fills: (tensor, token dim, value): the rows past cu[-1] set to value. On the CPU, where
+    cu[-1] is read, every fill; on CUDA the small ones (the LSE: +inf, no key seen) by a mask, the
+    outputs being zeros from _past_end_rows already."""
     if cu.device.type == "cpu":
         end = int(cu[-1])
         for x, dim, value in fills:
@@ -363,8 +372,9 @@ def _clear_past_end(cu: Tensor, *fills) -> None:
                 x.narrow(dim, end, x.shape[dim] - end).fill_(value)
         return
     for x, dim, value in fills:
-        past = torch.arange(x.shape[dim], device=x.device) >= cu[-1]
-        x.masked_fill_(past.view([-1 if d == dim else 1 for d in range(x.dim())]), value)
+        if dim != 0:  # (dim 0: an output, zeros already)
+            past = torch.arange(x.shape[dim], device=x.device) >= cu[-1]
+            x.masked_fill_(past.view([-1 if d == dim else 1 for d in range(x.dim())]), value)
 
 
 # --- torch.library custom ops ---------------------------------------------------------------
@@ -375,7 +385,7 @@ def _flash_attn_body(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Optional[Ten
                      alibi_slopes: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
     max_seqlen_q, max_seqlen_k = _resolve_max_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    out = _past_end_rows(cu_seqlens_q)(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(_lse_shape(q, cu_seqlens_q is not None), dtype=_lse_dtype(q), device=q.device)
     flash_attn_forward_into(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                             softmax_scale, window_left, window_right, softcap=softcap, alibi_slopes=alibi_slopes)
@@ -406,9 +416,9 @@ def _flash_attn_backward_body(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k
     dout, out, lse = _last_dim_contiguous(dout.contiguous()), out.contiguous(), lse.contiguous()
     dlse = None if dlse is None else dlse.contiguous()
     max_seqlen_q, max_seqlen_k = _resolve_max_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    dq = _past_end_rows(cu_seqlens_q)(q.shape, dtype=q.dtype, device=q.device)
+    dk = _past_end_rows(cu_seqlens_k)(k.shape, dtype=k.dtype, device=k.device)
+    dv = _past_end_rows(cu_seqlens_k)(v.shape, dtype=v.dtype, device=v.device)
     flash_attn_backward_into(dout, dlse, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                              max_seqlen_k, softmax_scale, window_left, window_right, deterministic, softcap=softcap,
                              alibi_slopes=alibi_slopes)
@@ -970,10 +980,10 @@ def flash_attn(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, softmax
                           _check_max_seqlen(OP, "max_seqlen_q", max_seqlen_q),
                           _check_max_seqlen(OP, "max_seqlen_k", max_seqlen_k), scale, left, right, bool(deterministic),
                           float(softcap), alibi_slopes)
+    if sinks is not None:  # (on the widened output: fp16 on the CPU rounded once, after)
+        out, lse = _with_sinks(out, lse, sinks, varlen)
     if q is not like:
         out = _narrowed(out, like)
-    if sinks is not None:
-        out, lse = _with_sinks(out, lse, sinks, varlen)
     return (out, lse) if return_lse else out
 
 
@@ -1045,10 +1055,10 @@ def _kvcache_widened(q, k_cache, v_cache, cache_seqlens, k_new, v_new, capacity:
                      return_lse: bool):
     """flash_attn_with_kvcache for the head dims between the kernels' and fp16 on the CPU (q, k_new
     rotated already): the call runs on widened copies of the caches (_widened), which it appends
-    to as it checks; then the new tokens go into the caches themselves. The copy is the cache's
-    keys in use (a paged cache: all its blocks) each call, about twice the kernel's own reads: the
-    price of head dims and dtypes the kernels were not instantiated for (each would double the
-    build's attention code)."""
+    to as it checks; then the new tokens go into the caches themselves. The copy is the keys in use
+    where the lengths are known on the host (an int, CPU tensors), else (CUDA lengths) and for a
+    paged cache the whole cache, each call: the price of head dims and dtypes the kernels were not
+    instantiated for (each would double the build's attention code)."""
     _check_cache_layout(k_cache, v_cache)
     n_new = 0 if k_new is None else k_new.shape[1]
     if isinstance(cache_seqlens, int):  # known on the host: checked there, as the kernels' path does
@@ -1094,8 +1104,10 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_s
             rows than batch: its first rows (flash-attn's). With cache_batch_idx, (cache_batch,
             capacity, ...); with block_table (paged), (num_blocks, page_size, n_kv_heads, head_dim).
             Head dims and dtypes as :func:`flash_attn`'s; those without a kernel (a head dim other
-            than 32, 64, 96, 128, 256; fp16 on the CPU) run on a widened copy of the keys in use (of
-            every block of a paged cache) each call, about three times the kernel's reads.
+            than 32, 64, 96, 128, 256; fp16 on the CPU) run on a widened copy of the cache each call:
+            the keys in use where the lengths are known on the host (an int, CPU tensors: reading
+            and writing them about triples the kernel's traffic), else the whole cache (CUDA
+            lengths, a paged cache's every block).
         cache_seqlens: int32 (batch,) tensor (or an int for every sequence): tokens already in the
             cache. Not updated here: add seqlen_new yourself after the call. Its values (each in
             [0, capacity - seqlen_new]) are checked for an int and CPU tensors, and for CUDA tensors only
@@ -1152,7 +1164,8 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_s
         return out
     op = "flash_attn_with_kvcache"
     if (cache_batch_idx is None and block_table is None and isinstance(q, Tensor) and isinstance(k_cache, Tensor)
-            and isinstance(v_cache, Tensor) and q.dim() == 4 and k_cache.dim() == 4 and k_cache.shape[0] > q.shape[0]):
+            and isinstance(v_cache, Tensor) and q.dim() == 4 and k_cache.dim() == 4
+            and k_cache.shape[0] > q.shape[0] and v_cache.shape[0] == k_cache.shape[0]):
         # a cache of more rows than sequences (one made for the largest batch): its first rows, as flash-attn's
         k_cache, v_cache = k_cache[:q.shape[0]], v_cache[:q.shape[0]]
         if sinks is None and plain:

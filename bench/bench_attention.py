@@ -85,7 +85,7 @@ def impls_for(device: str) -> dict:
     return {"pyllm": ours, "sdpa": sdpa(SDPBackend.FLASH_ATTENTION)}
 
 
-def configs(device: str, quick: bool):
+def configs(device: str, quick: bool, dims=(64, 128)):
     """(batch, seqlen, head_dim, dtype, causal)"""
     if device == "cuda":
         dtypes = (torch.bfloat16, torch.float16)
@@ -93,17 +93,17 @@ def configs(device: str, quick: bool):
         seqlens = (512, 2048, 16384) if quick else (512, 1024, 2048, 4096, 8192, 16384)
         batches = {512: 16, 1024: 8, 2048: 4, 4096: 2, 8192: 1, 16384: 1}
         for dtype in dtypes[:1] if quick else dtypes:
-            for d in (64, 128):
+            for d in dims:
                 for t in seqlens:
                     for causal in (False, True):
                         yield batches[t], t, d, dtype, causal
         return
     if quick:
-        for d in (64, 128):
+        for d in dims:
             for dtype in (torch.float32, torch.bfloat16):
                 yield 1, 512, d, dtype, True
         return
-    for d in (64, 128):
+    for d in dims:
         for dtype in (torch.float32, torch.bfloat16):
             for t, b in ((512, 4), (1024, 2), (2048, 1), (4096, 1)):
                 for causal in (False, True):
@@ -173,7 +173,7 @@ def capped_eager(q, k, v, softcap: float):
     return (torch.softmax(s.float(), -1).to(q.dtype) @ v).transpose(1, 2)
 
 
-def decode_rows(device: str, h: int, quick: bool, softcap: float = 0.0) -> list[dict]:
+def decode_rows(device: str, h: int, quick: bool, softcap: float = 0.0, dims=(64, 128)) -> list[dict]:
     """Generation: one new token per sequence attending to a full KV cache of T tokens, ours
     (flash_attn_with_kvcache) vs SDPA on the same cache (with softcap: vs capped_eager, the scores
     capped as transformers' Gemma 2 does). Memory-bound: the work column counts the same 4 * B * T
@@ -181,7 +181,7 @@ def decode_rows(device: str, h: int, quick: bool, softcap: float = 0.0) -> list[
     rows = []
     dtypes = (torch.bfloat16,) if device == "cuda" else (torch.float32, torch.bfloat16)
     for dtype in dtypes:
-        for d in (64, 128):
+        for d in dims:
             for t in (2048,) if quick else (512, 4096):
                 b = 1
                 q = torch.randn(b, 1, h, d, device=device, dtype=dtype)
@@ -340,6 +340,9 @@ def paged_rows(h: int, quick: bool, page: int = 16) -> list[dict]:
 def main() -> int:
     parser = common.base_parser(__doc__)
     parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--head-dims", default="64,128",
+                        help="comma-separated head dims of the prefill and decode rows (e.g. 80: the kernels zero-padded "
+                             "to the next of 32, 64, 96, 128, 256)")
     parser.add_argument("--decode-only", action="store_true", help="only the decode (KV cache) rows")
     parser.add_argument("--memory-only", action="store_true", help="only the peak-memory rows")
     parser.add_argument("--softcap", type=float, default=0.0,
@@ -374,7 +377,8 @@ def main() -> int:
     if args.alibi:  # the peer is SDPA with a float mask; ours without the bias shows its cost
         impls, ratio, only = {"pyllm alibi": ours_with_alibi, "pyllm": ours, "sdpa alibi mask": sdpa_with_alibi}, \
             "vs sdpa mask", False
-    for b, t, d, dtype, causal in ([] if only else configs(device, args.quick)):
+    dims = tuple(int(d) for d in args.head_dims.split(","))
+    for b, t, d, dtype, causal in ([] if only else configs(device, args.quick, dims)):
         flops = 4 * b * t * t * h * d * (0.5 if causal else 1.0)
         q, k, v, dout = (torch.randn(b, t, h, d, device=device, dtype=dtype) for _ in range(4))
         repeat = 5 if device == "cpu" or t >= 8192 else 20  # a 16k fwd+bwd call takes tens of ms on the GPU
@@ -410,12 +414,12 @@ def main() -> int:
                 if base and ours_row["impl"].startswith("pyllm") and isinstance(ours_row["ms"], float):
                     ours_row[ratio] = f"{base / ours_row['ms']:.2f}x"
     if not args.memory_only and not args.sinks and not args.alibi:
-        rows += decode_rows(device, h, args.quick, args.softcap)
+        rows += decode_rows(device, h, args.quick, args.softcap, dims)
     if not args.decode_only and not args.sinks and not args.alibi:
         rows += memory_rows(device, impls, h, args.quick)
     common.print_table(rows, ["dtype", "B", "T", "D", "causal", "mode", "impl", "ms", "TFLOPs", ratio, "note"])
     common.write_json(args.json, "attention", device, rows, {"heads": h, "softcap": args.softcap, "sinks": args.sinks,
-                                                             "alibi": args.alibi})
+                                                             "alibi": args.alibi, "head_dims": list(dims)})
     return 0
 
 

@@ -183,8 +183,8 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     return _reference_rows(q, k, v, every[:, -T:], every, **call, documents=_documents(position_ids, B, T)), None
 
 
-def _kernel_takes(q, k, v, softcap: float) -> bool:
-    return (pnn._flash_attn_takes(q, k, v) and q.shape[-1] == k.shape[-1] == v.shape[-1]  # not MLA's value dim
+def _kernel_takes(q, k, v, softcap: float, decode: bool = False) -> bool:
+    return (pnn._flash_attn_takes(q, k, v, decode) and q.shape[-1] == k.shape[-1] == v.shape[-1]  # not MLA's value dim
             and (not softcap or q.is_cpu))  # capped scores: CPU kernels only
 
 
@@ -196,7 +196,8 @@ DECODE_QUERIES = 16
 
 
 def _decoding(q, k, v, causal, softcap) -> bool:
-    return causal and q.shape[1] < k.shape[1] and q.shape[1] <= DECODE_QUERIES and _kernel_takes(q, k, v, softcap)
+    return (causal and q.shape[1] < k.shape[1] and q.shape[1] <= DECODE_QUERIES
+            and _kernel_takes(q, k, v, softcap, decode=True))
 
 
 def _decode(q, k, v, causal, window, scale, softcap, sinks, pads=None):
@@ -231,11 +232,14 @@ def _attend(q, k, v, mask, position_ids, causal, window, scale, softcap, sinks):
     flash_attn_ops._check_qkv(NAME, q, k, v, varlen=False)
     flash_attn_ops._check_sinks(NAME, q, sinks)
     scale = flash_attn_ops._resolve_scale(NAME, scale, q.shape[-1])
+    like = q
+    if flash_attn_ops._runs_widened(q):  # a head dim (Phi-2's 80) or dtype (CPU fp16) without a kernel
+        q, k, v = (flash_attn_ops._widened(t) for t in (q, k, v))
     out, lse = _util.call(_hf_attention_body, _hf_attention, _HfAttentionFunction, q, k, v, mask, position_ids,
                           scale, *window, float(softcap))  # causal: window's right is 0
     if sinks is not None:
         out, _ = flash_attn_ops._with_sinks(out, lse, sinks, False)  # (B, H, T) lse: not varlen
-    return out
+    return out if q is like else flash_attn_ops._narrowed(out, like)
 
 
 def _layout(mask, position_ids, B: int, T: int, S: int):

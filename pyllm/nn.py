@@ -1408,11 +1408,21 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return rotated if x_pass is None else torch.cat([rotated, x_pass], dim=-1)
 
 
-def _flash_attn_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether pyllm's flash attention has a kernel for these inputs (head dim, dtype, device);
-    otherwise torch's SDPA computes the same function (e.g. fp16 on the CPU, head dim 80)."""
-    return (q.shape[-1] in flash_attn_ops.HEAD_DIMS and q.dtype in _kernel_dtypes(q, flash_attn_ops.DTYPES)
-            and q.dtype == k.dtype == v.dtype)
+def _flash_attn_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decode: bool = False) -> bool:
+    """Whether pyllm's flash attention runs these inputs (head dim, dtype, device); otherwise torch's
+    SDPA computes the same function. The kernels' head dims and dtypes; and on the CPU the others
+    pyllm.flash_attn takes (head dims up to 256 zero-padded, fp16 in fp32: a widened copy), which
+    beat SDPA there but in fp32 decode steps (2-core EPYC, 2026-12-03, H 8, causal: head dim 80
+    fwd + bwd, T 512 / 2048, fp32 1.9x / 1.8x, bf16 3.6x / 2.0x, fp16 13x at T 1,024; one decoded
+    token over a cache of 512 / 2,048, B 4, GQA 4: bf16 2.8x / 6.8x, fp32 0.29x / 0.42x, the cache
+    copied each step). On CUDA SDPA keeps them (its flash backend has head dim 80)."""
+    if not q.dtype == k.dtype == v.dtype:
+        return False
+    if q.shape[-1] in flash_attn_ops.HEAD_DIMS and q.dtype in _kernel_dtypes(q, flash_attn_ops.DTYPES):
+        return True
+    return (q.is_cpu and 0 < q.shape[-1] <= flash_attn_ops.HEAD_DIMS[-1]
+            and q.dtype in _kernel_dtypes(q, flash_attn_ops.ACCEPTED)
+            and not (decode and q.dtype in (torch.float32, torch.float64)))
 
 
 def _window_mask(T: int, S: int, left: int, device) -> torch.Tensor:
@@ -1548,7 +1558,7 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     read on its device only (the lengths' bounds are the caller's to keep). pyllm.flash_attn_with_kvcache
     where it has a kernel (split-KV on the GPU; softcap and ALiBi on the CPU's alone), else the same
     through SDPA."""
-    if (((not softcap and alibi is None) or not q.is_cuda) and _flash_attn_takes(q, k_cache, v_cache)
+    if (((not softcap and alibi is None) or not q.is_cuda) and _flash_attn_takes(q, k_cache, v_cache, decode=True)
             and k.dtype == k_cache.dtype):
         if window_left < 0:  # the default window: the eager CPU shortcut skips checking it
             return flash_attn_ops.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlen, k, v, causal=True,

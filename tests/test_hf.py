@@ -122,7 +122,7 @@ def float64_norms(model):
 def path(request, monkeypatch):
     """Each test twice: through pyllm's kernels, and with every call sent down the fallback."""
     if request.param == "sdpa_fallback":
-        monkeypatch.setattr(phf, "_kernel_takes", lambda *args: False)
+        monkeypatch.setattr(phf, "_kernel_takes", lambda *args, **kwargs: False)
     return request.param
 
 
@@ -617,8 +617,11 @@ def test_low_precision_error_is_within_twice_torchs(dtype, family):
     assert rel_err(got[real], want[real]) <= tolerance(torch_out[real], want[real])
 
 
-def test_head_dims_without_a_kernel_take_the_fallback(monkeypatch):
-    reference, ours = tiny("llama", head_dim=20)  # pyllm's kernels: 32, 64, 96, 128, 256
+@pytest.mark.parametrize("head_dim", [20, 260])
+def test_head_dims_without_a_kernel(head_dim, monkeypatch):
+    # pyllm's kernels' head dims are 32, 64, 96, 128, 256: 20 runs them zero-padded to 32 (training
+    # and prefill, and the decode step over the cache), past 256 SDPA computes it, a mask per batch row.
+    reference, ours = tiny("llama", head_dim=head_dim)
     phf.apply_pyllm_kernels(ours)
     masks = []
     sdpa = phf.pnn._sdpa
@@ -628,7 +631,14 @@ def test_head_dims_without_a_kernel_take_the_fallback(monkeypatch):
     with torch.no_grad():
         assert rel_err(ours(ids, attention_mask=mask).logits[mask.bool()],
                        reference(ids, attention_mask=mask).logits[mask.bool()]) < 1e-12
-    assert masks == [(3, 1, 13, 13)] * 2  # a mask per batch row, not one over the batch's every token
+    # a mask per batch row, not one over the batch's every token
+    assert masks == ([] if head_dim <= 256 else [(3, 1, 13, 13)] * 2)
+    # training: the gradients through it (float64 throughout; HF's own loss would round to fp32)
+    got, want = (m.train()(ids, attention_mask=mask).logits[mask.bool()] for m in (ours, reference))
+    dout = torch.randn_like(want)
+    grads = torch.autograd.grad(got, list(ours.parameters()), dout)
+    want_grads = torch.autograd.grad(want, list(reference.parameters()), dout)
+    assert all(rel_err(g, w) < 1e-10 for g, w in zip(grads, want_grads))
 
 
 def test_attention_by_name_at_load(tmp_path):
@@ -1238,7 +1248,7 @@ def test_compiled_lora_model_is_one_graph():
 def test_compiled_fallback_keeps_packed_documents(monkeypatch):
     # Under compile the mask reaches the attention unread, padding or not: where no kernel takes the
     # inputs (the SDPA fallback) a mask without padding must still keep packed documents apart.
-    monkeypatch.setattr(phf, "_kernel_takes", lambda *args: False)
+    monkeypatch.setattr(phf, "_kernel_takes", lambda *args, **kwargs: False)
     reference, ours = tiny("llama")
     phf.apply_pyllm_kernels(ours)
     ids = inputs(2, 13)

@@ -163,8 +163,11 @@ CONFIGS = {
     # BLOOM's: ALiBi instead of positions (6 heads: BLOOM's slopes for a count not a power of 2), with GQA
     "alibi": dict(SMALL, n_heads=6, n_kv_heads=2, head_dim=32, positions="alibi", norm="layernorm", mlp="gelu",
                   bias=True),
-    # ALiBi where pyllm has no kernel (head dim 16): torch's ops on the whole scores; a 5-key window
+    # ALiBi at head dim 16, which pyllm's kernels take zero-padded to 32 on the CPU (torch's ops on the
+    # whole scores elsewhere; before 2026-12-03 on the CPU too); a 5-key window
     "alibi-sdpa": dict(SMALL, n_heads=8, n_kv_heads=4, head_dim=16, positions="alibi", sliding_window=5),
+    # Phi-2's head dim 80: the kernels zero-padded to 96 on the CPU (the decode step too, in 16 bits)
+    "head-dim-80": dict(SMALL, n_heads=2, n_kv_heads=1, head_dim=80),
     # OLMoE's: 3 of 4 experts, the chosen weights not renormalized
     "moe-unnormalized": dict(SMALL, n_kv_heads=2, n_experts=4, experts_per_token=3, norm_topk_prob=False),
     # IBM Granite's scalars (embeddings x 3, sublayer outputs x 0.3, logits / 2.5, softmax scale 0.05), as a MoE
@@ -520,7 +523,7 @@ def test_cuda_graph_generation_needs_cuda():
         model.generate(torch.zeros(1, 3, dtype=torch.long), 2, cuda_graph=True)
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2", "palm-mqa", "window", "moe"])
+@pytest.mark.parametrize("name", ["llama", "gpt2", "palm-mqa", "window", "moe", "head-dim-80"])
 def test_generate_with_cache_equals_without(name):
     cfg = ModelConfig(**CONFIGS[name])
     model = LLM(cfg)
@@ -533,7 +536,7 @@ def test_generate_with_cache_equals_without(name):
 
 
 @pytest.mark.parametrize("device", CPU_AND_CUDA)
-@pytest.mark.parametrize("name", ["gqa-untied", "palm-mqa", "qk-norm-window-nope", "gemma-style", "moe"])
+@pytest.mark.parametrize("name", ["gqa-untied", "palm-mqa", "qk-norm-window-nope", "gemma-style", "moe", "head-dim-80"])
 def test_bf16_forward_and_kv_cache_within_twice_torchs_error(device, name, monkeypatch):
     # The model in bf16 on pyllm's kernels (flash attention, its KV-cache decode, SwiGLU) against
     # the float64 model, within twice the error of the same bf16 model on torch's own functions
@@ -643,10 +646,9 @@ def separately(model, idx, targets, lengths=PACKED_LENGTHS):
 def test_packed_documents_compute_as_if_alone(name):
     # LLM.forward(idx, targets, cu_seqlens): every document's logits, loss and gradients are those
     # of the document run alone (positions from 0, attention within it), in float64 on the CPU
-    # kernels (SDPA with a block-diagonal mask for head dim 80, which has no kernel).
+    # kernels (head dim 80 zero-padded to 96).
     # (The load-balancing loss of a MoE is one statistic of the whole batch, not a sum over its documents: off.)
-    cfg = ModelConfig(**(dict(SMALL, n_heads=2, head_dim=80, n_kv_heads=1) if name == "head-dim-80" else CONFIGS[name]),
-                      **({"router_aux_loss_coef": 0.0} if name == "moe" else {}))
+    cfg = ModelConfig(**CONFIGS[name], **({"router_aux_loss_coef": 0.0} if name == "moe" else {}))
     model = randomized(cfg)
     idx = torch.randint(0, cfg.vocab_size, (2, PACKED_T))
     targets = torch.randint(0, cfg.vocab_size, (2, PACKED_T))

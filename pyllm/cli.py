@@ -296,6 +296,8 @@ def setup_run_data(cfg, cli: dict) -> None:
     hf_source = cfg.init_from_hf or source_run.get("init_from_hf", "")
     if data_list is not None and len(data_list) == 1 and is_token_dir(data_list[0]):
         data_dir = str(data_list[0])
+        if tokenizer_path is None and (Path(data_dir) / "tokenizer.bpe").is_file():  # `pyllm prepare`'s copy
+            tokenizer_path = Path(data_dir) / "tokenizer.bpe"
     else:
         from pyllm import data
 
@@ -619,6 +621,10 @@ def cmd_prepare(args) -> int:
 
     tokenizer = tokenizer_class().load(str(args.tokenizer))
     stats = data.prepare(args.input, tokenizer, args.out, args.val_fraction)
+    # the tokenizer beside its token files: `pyllm train --data OUT` records it, generate and eval find it
+    copy = Path(args.out) / "tokenizer.bpe"
+    if not copy.exists() or copy.resolve() != Path(args.tokenizer).resolve():
+        shutil.copy2(args.tokenizer, copy)
     print(f"{stats['files']} files, {stats['bytes'] / 1e6:.1f} MB -> {args.out}/train.bin ({stats['train_tokens']:,} tokens), "
           f"{args.out}/val.bin ({stats['val_tokens']:,} tokens)")
     return 0
@@ -660,6 +666,9 @@ def load_model(args):
             prefix = run_info.get("prompt_prefix", [])
             if run_info.get("init_from_hf"):  # a fine-tune: its source's template and stop ids
                 source = hf_folder(run_info["init_from_hf"])
+        if run is not None and tokenizer_path is None:  # trained on token files given without their tokenizer
+            raise ValueError(f"--run {run} records no tokenizer (it trained on token files, and `pyllm train` was not "
+                             "given --tokenizer): give the tokenizer that wrote them with --tokenizer PATH")
         if model_path is None or tokenizer_path is None:
             raise ValueError("give --run DIR (a folder `pyllm train` wrote), both --model and --tokenizer, or --hf DIR")
         model, tokenizer = LLM.load(model_path), tokenizer_class().load(str(tokenizer_path))
@@ -683,6 +692,11 @@ def cmd_generate(args) -> int:
 
     from pyllm.tokenizer.tokenizer import hf_chat_prompt, hf_stop_ids
 
+    if args.prompt.startswith("FILE:"):  # nanoGPT's sample.py: the prompt is the file's text
+        path = Path(args.prompt[len("FILE:"):])
+        if not path.is_file():
+            raise ValueError(f"--prompt {args.prompt}: no such file {str(path)!r}")
+        args.prompt = path.read_text(encoding="utf-8")
     model, tokenizer, prefix, source = load_model(args)
     prompt_ids, stops = None, []
     if args.chat and source is None:
@@ -1100,7 +1114,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_tokenizer_train)
     p = sub.add_parser("generate", help="sample text from a trained model, streaming it")
     add_model_options(p)
-    p.add_argument("--prompt", default="def ", help="text to continue (default 'def ')")
+    p.add_argument("--prompt", default="def ", help="text to continue (default 'def '); FILE:path reads it from a "
+                   "file (nanoGPT's sample.py convention)")
     p.add_argument("--chat", action="store_true", help="with --hf (or a --run fine-tuned from one): --prompt is a user "
                    "message, put in the folder's chat template (an instruct model's turn format); the reply ends at the "
                    "model's end-of-sequence token")

@@ -34,6 +34,22 @@ LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_m
 LONGROPE_KEYS = ("short_factor", "long_factor", "attention_factor", "original_max_position_embeddings")
 
 
+def _of_kind(value, kind: str) -> bool:
+    """Whether value is of the kind a ModelConfig annotation names (int, float, bool, str, list[...],
+    dict, None); an int is a float, a bool no int."""
+    if kind == "None":
+        return value is None
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind in ("int", "float"):
+        return isinstance(value, (int, float) if kind == "float" else int) and not isinstance(value, bool)
+    if kind == "str":
+        return isinstance(value, str)
+    if kind.startswith("list"):
+        return isinstance(value, (list, tuple))
+    return kind == "dict" and isinstance(value, dict)
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 4096
@@ -87,6 +103,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
 
     def __post_init__(self):
+        self._check_types()
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.mlp_hidden is None:
@@ -95,6 +112,19 @@ class ModelConfig:
                 and self.dim % self.n_heads == 0:
             self.head_dim = self.dim // self.n_heads
         self.validate()
+
+    def _check_types(self) -> None:
+        """Each field of its annotated kind (ints where ints, true / false or 1 / 0 for flags) before
+        anything computes with them: `--model dim=abc` and a config file's "bias = 'no'" (a truthy
+        string) get a ValueError naming the field, not a TypeError from arithmetic or a flag on."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            kinds = f.type.replace(" ", "").split("|")
+            if "bool" in kinds and type(value) is int and value in (0, 1):
+                setattr(self, f.name, bool(value))
+                continue
+            if not any(_of_kind(value, kind) for kind in kinds):
+                raise ValueError(f"ModelConfig.{f.name} must be {f.type.replace('|', 'or')}, got {value!r}")
 
     def layer_window(self, layer: int) -> int:
         """How many keys before its own position a query of this layer sees (-1: all)."""

@@ -1453,6 +1453,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
     model.activation_checkpointing = cfg.activation_checkpointing
     model.fused_loss = cfg.fused_loss
     loader = make_loader(data / "train.bin", cfg, seq_len, cfg.seed, info)
+    make_loader(data / "val.bin", cfg, seq_len, cfg.seed + 1, info)  # a val split too short for a window: now,
+    # not at the first evaluation, eval_every steps in
     pairs = isinstance(loader, PackedLoader) and loader.pairs is not None
     labelled = isinstance(loader, PackedLoader) and loader.labels is not None
     if cfg.samples_replies and not (isinstance(loader, PackedLoader) and loader.pairs is None):

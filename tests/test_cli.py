@@ -392,6 +392,40 @@ def test_bad_numbers_and_paths_are_one_line_errors(corpus, tmp_path, capsys):
     assert "prompts.jsonl:2: not a JSON line" in capsys.readouterr().err
 
 
+def test_what_a_nanogpt_user_tries(corpus, tmp_path, capsys):
+    # A badly typed --model value is one error line (a TypeError traceback before; "no" a truthy flag);
+    # a val split too short for a window is refused before training, not at the first evaluation;
+    # `pyllm prepare`'s folder carries its tokenizer, which the run records; FILE: prompts (sample.py's).
+    for value, message in (("dim=abc", "ModelConfig.dim must be int, got 'abc'"),
+                           ("bias=no", "ModelConfig.bias must be bool, got 'no'"),
+                           ("dropout=abc", "ModelConfig.dropout must be float, got 'abc'")):
+        assert cli.main(["train", "--model", value, "--data", str(corpus), "--out", str(tmp_path / "r")]) == 2
+        assert message in capsys.readouterr().err, value
+    short = tmp_path / "short.txt"
+    short.write_text("x = 1\n" * 40)
+    assert cli.main(["train", "--data", str(short), "--out", str(tmp_path / "s"), "--max-steps", "20", *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert "val.bin holds" in err and "fewer than one window" in err
+    assert not (tmp_path / "s" / "log.jsonl").exists()  # (no step was trained)
+    tok = tmp_path / "tok.bpe"
+    assert cli.main(["tokenizer", "train", "--input", str(corpus), "--vocab-size", "300", "--out", str(tok)]) == 0
+    assert cli.main(["prepare", "--input", str(corpus), "--tokenizer", str(tok), "--out", str(tmp_path / "d")]) == 0
+    assert (tmp_path / "d" / "tokenizer.bpe").read_text() == tok.read_text()
+    run = tmp_path / "run"
+    assert cli.main(["train", "--data", str(tmp_path / "d"), "--out", str(run), "--max-steps", "2", *SMALL]) == 0
+    assert json.loads((run / "run.json").read_text())["tokenizer"] == str((tmp_path / "d" / "tokenizer.bpe").resolve())
+    capsys.readouterr()
+    (tmp_path / "prompt.txt").write_text("def h")
+    assert cli.main(["generate", "--run", str(run), "--max-new-tokens", "4", "--prompt", f"FILE:{tmp_path / 'prompt.txt'}"]) == 0
+    assert capsys.readouterr().out.startswith("def h")
+    assert cli.main(["generate", "--run", str(run), "--prompt", "FILE:" + str(tmp_path / "none.txt")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    data = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**data, "tokenizer": None}))
+    assert cli.main(["generate", "--run", str(run), "--max-new-tokens", "4"]) == 2
+    assert "records no tokenizer" in capsys.readouterr().err
+
+
 def test_every_option_has_help():
     def walk(parser, path):
         for action in parser._actions:

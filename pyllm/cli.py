@@ -298,6 +298,12 @@ def setup_run_data(cfg, cli: dict) -> None:
         data_dir = str(data_list[0])
         if tokenizer_path is None and (Path(data_dir) / "tokenizer.bpe").is_file():  # `pyllm prepare`'s copy
             tokenizer_path = Path(data_dir) / "tokenizer.bpe"
+        from pyllm import data
+
+        if (nanogpt := data.nanogpt_vocab(Path(data_dir) / "train.bin")) is not None:
+            print(f"data: {data_dir} holds nanoGPT's bare uint16 token files: vocab {nanogpt:,} "
+                  f"({'its meta.pkl' if (Path(data_dir) / 'meta.pkl').is_file() else 'no meta.pkl: GPT-2 BPE'}); "
+                  "generating text from the run needs --tokenizer")
     else:
         from pyllm import data
 

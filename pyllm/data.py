@@ -67,6 +67,11 @@ def collect_files(inputs: Sequence[str | os.PathLike]) -> list[Path]:
             found = sorted(p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
             files += [p for p in found if b"\x00" not in p.read_bytes()[:1024]]
         elif path.is_file():
+            with open(path, "rb") as f:
+                if b"\x00" in f.read(1024):  # as a folder's binary files are skipped, but named: said
+                    raise ValueError(f"{str(path)!r} looks binary (a NUL byte in its first KB), not text"
+                                     + (": nanoGPT's token files are read from their folder (--data "
+                                        f"{str(path.parent)!r})" if path.suffix == ".bin" else ""))
             files.append(path)
         else:
             raise FileNotFoundError(f"input {str(path)!r} does not exist (give text files or folders of them)")
@@ -102,6 +107,45 @@ def write_tokens(path, tokens: np.ndarray, vocab_size: int, doc_end: int | None 
     os.replace(tmp, path)
 
 
+# nanoGPT's prepare.py scripts write train.bin and val.bin as bare uint16 tokens, with a meta.pkl
+# beside them for a character vocabulary (its vocab_size) and none for GPT-2's BPE (50,257 ids).
+NANOGPT_SPLITS = ("train.bin", "val.bin")
+GPT2_VOCAB = 50257
+
+
+def nanogpt_vocab(path) -> int | None:
+    """The vocab size when path is one of nanoGPT's bare token files (train.bin or val.bin without
+    pyllm's header, beside the other one, also bare): meta.pkl's, else GPT-2's; None otherwise."""
+    path = Path(path)
+    if path.name not in NANOGPT_SPLITS:
+        return None
+    for split in NANOGPT_SPLITS:
+        other = path.with_name(split)
+        if not other.is_file() or other.stat().st_size % 2:
+            return None
+        with open(other, "rb") as f:
+            if f.read(8) == MAGIC:
+                return None
+    meta = path.with_name("meta.pkl")
+    return _meta_vocab_size(meta) if meta.is_file() else GPT2_VOCAB
+
+
+def _meta_vocab_size(meta: Path) -> int:
+    """meta.pkl's vocab_size, unpickling plain containers and numbers only (a pickle can run code)."""
+    import pickle
+
+    class Plain(pickle.Unpickler):
+        def find_class(self, module, name):
+            raise TokenFileError(f"{meta}: holds a {module}.{name}; nanoGPT's meta.pkl is a dict of plain values")
+
+    with open(meta, "rb") as f:
+        info = Plain(f).load()
+    size = info.get("vocab_size") if isinstance(info, dict) else None
+    if not isinstance(size, int) or not 0 < size <= 1 << 16:
+        raise TokenFileError(f"{meta}: expected nanoGPT's dict with a vocab_size in [1, 65536], got {size!r}")
+    return size
+
+
 def read_header(path) -> dict:
     path = Path(path)
     if not path.is_file():
@@ -109,8 +153,11 @@ def read_header(path) -> dict:
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(HEADER_BYTES)
+    if head[:8] != MAGIC and (vocab := nanogpt_vocab(path)) is not None:
+        return {"count": size // 2, "dtype": np.dtype(np.uint16), "vocab_size": vocab, "doc_end": None, "offset": 0}
     if len(head) < HEADER_BYTES or head[:8] != MAGIC:
-        raise TokenFileError(f"{path} is not a pyllm token file (bad magic or a header shorter than {HEADER_BYTES} bytes)")
+        raise TokenFileError(f"{path} is not a pyllm token file (bad magic or a header shorter than {HEADER_BYTES} "
+                             "bytes), nor one of nanoGPT's (train.bin and val.bin, bare uint16, in one folder)")
     magic, version, itemsize, count, vocab_size, doc_end = _HEADER.unpack(head[:_HEADER.size])
     if version != VERSION:
         raise TokenFileError(f"{path}: token file format version {version}, this pyllm reads version {VERSION}")
@@ -120,7 +167,7 @@ def read_header(path) -> dict:
     if size != expected:
         raise TokenFileError(f"{path} is truncated or corrupt: header promises {count} tokens ({expected} bytes), file has {size} bytes")
     return {"count": count, "dtype": np.dtype(np.uint16 if itemsize == 2 else np.uint32), "vocab_size": vocab_size,
-            "doc_end": doc_end - 1 if doc_end else None}
+            "doc_end": doc_end - 1 if doc_end else None, "offset": HEADER_BYTES}
 
 
 def open_tokens(path) -> np.memmap:
@@ -128,7 +175,7 @@ def open_tokens(path) -> np.memmap:
     h = read_header(path)
     if h["count"] == 0:
         return np.zeros(0, dtype=h["dtype"])
-    return np.memmap(path, dtype=h["dtype"].newbyteorder("<"), mode="r", offset=HEADER_BYTES, shape=(h["count"],))
+    return np.memmap(path, dtype=h["dtype"].newbyteorder("<"), mode="r", offset=h["offset"], shape=(h["count"],))
 
 
 # --- prepare ---------------------------------------------------------------------------------------

@@ -426,6 +426,39 @@ def test_what_a_nanogpt_user_tries(corpus, tmp_path, capsys):
     assert "records no tokenizer" in capsys.readouterr().err
 
 
+def test_train_on_nanogpts_token_files(tmp_path, capsys):
+    # nanoGPT's prepare.py output: bare uint16 train.bin / val.bin, a meta.pkl for a character vocabulary
+    # (none for GPT-2's BPE: 50,257 ids). The folder trains as it is; a .bin named as a text file is refused.
+    import pickle
+
+    import numpy as np
+
+    from pyllm import data
+
+    folder = tmp_path / "shakespeare_char"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    rng.integers(0, 65, 3000, dtype=np.uint16).tofile(folder / "train.bin")
+    rng.integers(0, 65, 400, dtype=np.uint16).tofile(folder / "val.bin")
+    (folder / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": 65, "itos": {0: "a"}, "stoi": {"a": 0}}))
+    tokens = data.open_tokens(folder / "train.bin")
+    assert data.read_header(folder / "val.bin")["vocab_size"] == 65 and tokens.dtype == np.uint16
+    assert np.array_equal(tokens, np.fromfile(folder / "train.bin", dtype=np.uint16))
+    run = tmp_path / "run"
+    assert cli.main(["train", "--data", str(folder), "--out", str(run), "--max-steps", "2", *SMALL]) == 0
+    assert "nanoGPT's bare uint16 token files: vocab 65 (its meta.pkl)" in capsys.readouterr().out
+    from pyllm.model import LLM
+
+    assert LLM.load(run / "model.safetensors").config.vocab_size == 65
+    (folder / "meta.pkl").unlink()
+    assert data.read_header(folder / "train.bin")["vocab_size"] == data.GPT2_VOCAB
+    assert cli.main(["train", "--data", str(folder / "train.bin"), "--out", str(tmp_path / "r2")]) == 2
+    assert "looks binary" in capsys.readouterr().err
+    (folder / "val.bin").write_bytes(b"x")  # not a pair of bare uint16 files: not nanoGPT's
+    with pytest.raises(data.TokenFileError, match="nor one of nanoGPT's"):
+        data.read_header(folder / "train.bin")
+
+
 def test_every_option_has_help():
     def walk(parser, path):
         for action in parser._actions:

@@ -301,9 +301,13 @@ def setup_run_data(cfg, cli: dict) -> None:
         from pyllm import data
 
         if (nanogpt := data.nanogpt_vocab(Path(data_dir) / "train.bin")) is not None:
+            char = (Path(data_dir) / "meta.pkl").is_file()
             print(f"data: {data_dir} holds nanoGPT's bare uint16 token files: vocab {nanogpt:,} "
-                  f"({'its meta.pkl' if (Path(data_dir) / 'meta.pkl').is_file() else 'no meta.pkl: GPT-2 BPE'}); "
-                  "generating text from the run needs --tokenizer")
+                  f"({'its meta.pkl' if char else 'no meta.pkl: GPT-2 BPE'}); "
+                  + ("pyllm has no tokenizer for a character vocabulary (meta.pkl's stoi): the run trains and "
+                     "evaluates, its samples are not decoded" if char else
+                     "give --tokenizer (a pyllm tokenizer with GPT-2's ids: Tokenizer.from_tiktoken("
+                     "tiktoken.get_encoding('gpt2')).save(path)) to decode its samples"))
     else:
         from pyllm import data
 

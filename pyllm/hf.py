@@ -153,7 +153,7 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
                 return torch.cat([_decode(q[b:b + 1], k[b:b + 1, start:], v[b:b + 1, start:], **call)
                                   for b, start in enumerate(starts)]), None
         position_ids = kwargs.get("position_ids") if T == k.shape[1] else None
-        if not _kernel_takes(q, k, v, call["softcap"]):
+        if not _kernel_takes(q, k, v, call["softcap"], decode=_step_shaped(q, k, causal)):
             real_k = attention_mask.bool()
             # documents too: under torch.compile a mask without padding comes here with packed rows
             return _reference_rows(q, k, v, real_k[:, -T:], real_k, **call,
@@ -177,7 +177,7 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     position_ids = kwargs.get("position_ids") if T == k.shape[1] else None  # packing is read off these
     if _decoding(q, k, v, causal, call["softcap"]):
         return _decode(q, k, v, **call), None
-    if _kernel_takes(q, k, v, call["softcap"]):
+    if _kernel_takes(q, k, v, call["softcap"], decode=_step_shaped(q, k, causal)):
         return _attend(q, k, v, None, position_ids, **call), None
     every = torch.ones(B, k.shape[1], dtype=torch.bool, device=q.device)
     return _reference_rows(q, k, v, every[:, -T:], every, **call, documents=_documents(position_ids, B, T)), None
@@ -195,9 +195,14 @@ def _kernel_takes(q, k, v, softcap: float, decode: bool = False) -> bool:
 DECODE_QUERIES = 16
 
 
+def _step_shaped(q, k, causal) -> bool:
+    """A decode step's shape (a few queries at the end of more keys): where the kernels on a widened
+    copy (head dims without a kernel) lose to SDPA in fp32 (pyllm.nn._flash_attn_takes)."""
+    return causal and q.shape[1] < k.shape[1] and q.shape[1] <= DECODE_QUERIES
+
+
 def _decoding(q, k, v, causal, softcap) -> bool:
-    return (causal and q.shape[1] < k.shape[1] and q.shape[1] <= DECODE_QUERIES
-            and _kernel_takes(q, k, v, softcap, decode=True))
+    return _step_shaped(q, k, causal) and _kernel_takes(q, k, v, softcap, decode=True)
 
 
 def _decode(q, k, v, causal, window, scale, softcap, sinks, pads=None):

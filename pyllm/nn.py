@@ -1558,7 +1558,8 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     read on its device only (the lengths' bounds are the caller's to keep). pyllm.flash_attn_with_kvcache
     where it has a kernel (split-KV on the GPU; softcap and ALiBi on the CPU's alone), else the same
     through SDPA."""
-    if (((not softcap and alibi is None) or not q.is_cuda) and _flash_attn_takes(q, k_cache, v_cache, decode=True)
+    if (((not softcap and alibi is None) or not q.is_cuda)
+            and _flash_attn_takes(q, k_cache, v_cache, decode=q.shape[1] <= 16)  # (a prompt's prefill: not a step)
             and k.dtype == k_cache.dtype):
         if window_left < 0:  # the default window: the eager CPU shortcut skips checking it
             return flash_attn_ops.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlen, k, v, causal=True,

@@ -127,9 +127,10 @@ class AdamW(torch.optim.Optimizer):
         self.last_step_skipped: Tensor | None = None
         # ZeroAdamW sets this to sum the sum of squares over its ranks before anything uses it.
         self._reduce_sumsq: Callable[[Tensor], None] | None = None
-        # param -> its version counter right after a step wrote it (16-bit params with masters): a
-        # different one at the next step means the param was changed in place since.
-        self._written: dict[Tensor, int] = {}
+        # id(param) -> its version counter right after a step wrote it (16-bit params with masters): a
+        # different one at the next step means the param was changed in place since. (By id: a tensor
+        # key hashes through a Python-level __hash__; the optimizer holds its params, so ids stay theirs.)
+        self._written: dict[int, int] = {}
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -227,7 +228,7 @@ class AdamW(torch.optim.Optimizer):
                     exp_avgs=[], exp_avg_sqs=[], steps=[]))
                 had_master = "master" in self.state[p]
                 state = self._init_state(group, p)
-                if master and had_master and self._written.get(p) != p._version:
+                if master and had_master and self._written.get(id(p)) != p._version:
                     changed.append((p, state["master"]))
                 bucket["params"].append(p)
                 bucket["grads"].append(p.grad.contiguous())
@@ -312,7 +313,7 @@ class AdamW(torch.optim.Optimizer):
                        stochastic_rounding=g["stochastic_rounding"] and b["params"][0].dtype == torch.bfloat16,
                        seed=g["seed"])
             if b["has_master"]:  # the kernel writes through the pointer: the counter is the caller's
-                self._written.update((p, p._version) for p in b["params"])
+                self._written.update((id(p), p._version) for p in b["params"])
 
         if need_norm:
             d0 = buckets[0]["device"]

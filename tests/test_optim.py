@@ -519,7 +519,7 @@ def test_fp16_conversions_round_to_nearest_even_like_torch():
     opt.state[p]["exp_avg"] = torch.zeros(master.numel())
     opt.state[p]["exp_avg_sq"] = torch.zeros(master.numel())
     opt.state[p]["master"] = master.clone()
-    opt._written[p] = p._version  # as a step left them: the master holds the weight, p is to be written
+    opt._written[id(p)] = p._version  # as a step left them: the master holds the weight, p is to be written
     opt.step()
     assert torch.equal(p.view(torch.int16), master.half().view(torch.int16))
 

@@ -146,6 +146,14 @@ def tokenizer_class():
     return Tokenizer
 
 
+def load_tokenizer(path):
+    """A run's tokenizer: pyllm's file, or nanoGPT's meta.pkl (a character vocabulary) for a run
+    trained on nanoGPT's token files."""
+    from pyllm.tokenizer.chars import CharTokenizer, is_nanogpt_meta
+
+    return CharTokenizer.load(path) if is_nanogpt_meta(path) else tokenizer_class().load(str(path))
+
+
 def training_sample(files, max_bytes: int) -> list[Path]:
     """Every k-th file, k chosen so that about max_bytes are read: tokenizer training sees the
     whole corpus's variety at a fraction of its cost."""
@@ -302,12 +310,12 @@ def setup_run_data(cfg, cli: dict) -> None:
 
         if (nanogpt := data.nanogpt_vocab(Path(data_dir) / "train.bin")) is not None:
             char = (Path(data_dir) / "meta.pkl").is_file()
+            if char and tokenizer_path is None:  # its characters: prompts encoded and samples decoded by them
+                tokenizer_path = Path(data_dir) / "meta.pkl"
             print(f"data: {data_dir} holds nanoGPT's bare uint16 token files: vocab {nanogpt:,} "
-                  f"({'its meta.pkl' if char else 'no meta.pkl: GPT-2 BPE'}); "
-                  + ("pyllm has no tokenizer for a character vocabulary (meta.pkl's stoi): the run trains and "
-                     "evaluates, its samples are not decoded" if char else
-                     "give --tokenizer (a pyllm tokenizer with GPT-2's ids: Tokenizer.from_tiktoken("
-                     "tiktoken.get_encoding('gpt2')).save(path)) to decode its samples"))
+                  + ("(its meta.pkl's characters)" if char else
+                     "(no meta.pkl: GPT-2 BPE; give --tokenizer, a pyllm tokenizer of GPT-2's ids made by "
+                     "Tokenizer.from_tiktoken(tiktoken.get_encoding('gpt2')).save(path), to decode its samples)"))
     else:
         from pyllm import data
 
@@ -458,7 +466,7 @@ def cmd_train(args) -> int:
             # samples end where the model's replies end: its end-of-sequence ids
             cfg.sample_stop_tokens = hf_stop_ids(hf_folder(source))
         elif cfg.samples_replies and not cfg.sample_stop_tokens and tokenizer_path:
-            end = tokenizer_class().load(str(tokenizer_path)).special_tokens.get("<|endoftext|>")
+            end = load_tokenizer(tokenizer_path).special_tokens.get("<|endoftext|>")
             cfg.sample_stop_tokens = [] if end is None else [end]  # pyllm's own tokenizer: its end of document
         if run["vocab_size"] and "vocab_size" not in cfg.model:
             cfg.model["vocab_size"] = run["vocab_size"]
@@ -471,7 +479,7 @@ def cmd_train(args) -> int:
             choices.parent.mkdir(parents=True, exist_ok=True)
             if int(os.environ.get("RANK", "0")) == 0:
                 examples = evaluate.read_choices(cli["eval_choices_file"])[:cli["eval_choices_limit"]]
-                evaluate.write_choices(examples, tokenizer_class().load(str(tokenizer_path)), choices,
+                evaluate.write_choices(examples, load_tokenizer(tokenizer_path), choices,
                                        run.get("prompt_prefix", []))
             if int(os.environ.get("WORLD_SIZE", "1")) > 1:
                 import torch.distributed as dist
@@ -510,8 +518,13 @@ def cmd_train(args) -> int:
         print(f"warning: {summary['skipped_steps']} of {cfg.max_steps} steps were skipped (non-finite gradients): "
               "the learning rate is likely too high (--lr), or gradient clipping off (--grad-clip)", file=sys.stderr)
     if tokenizer_path and cli["sample_tokens"] > 0 and not model_obj.config.num_labels:  # (a reward model scores)
-        tokenizer = tokenizer_class().load(str(tokenizer_path))
+        tokenizer = load_tokenizer(tokenizer_path)
         prompt_ids, stops = None, ()
+        try:
+            tokenizer.encode_ordinary(cli["prompt"])
+        except ValueError as e:  # a character vocabulary without the default prompt's: the run is kept
+            print(f"sample skipped: --prompt {cli['prompt']!r}: {e}", file=sys.stderr)
+            return 0
         if run.get("chat") and run.get("init_from_hf"):  # a reply to the prompt as a user's message
             from pyllm.model import hf_folder
             from pyllm.tokenizer.tokenizer import hf_chat_prompt, hf_stop_ids
@@ -681,7 +694,7 @@ def load_model(args):
                              "given --tokenizer): give the tokenizer that wrote them with --tokenizer PATH")
         if model_path is None or tokenizer_path is None:
             raise ValueError("give --run DIR (a folder `pyllm train` wrote), both --model and --tokenizer, or --hf DIR")
-        model, tokenizer = LLM.load(model_path), tokenizer_class().load(str(tokenizer_path))
+        model, tokenizer = LLM.load(model_path), load_tokenizer(tokenizer_path)
     if args.adapter and not args.hf:
         raise ValueError("--adapter goes with --hf DIR (the model the adapter was trained on)")
     return model, tokenizer, prefix, source

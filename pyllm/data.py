@@ -130,20 +130,30 @@ def nanogpt_vocab(path) -> int | None:
     return _meta_vocab_size(meta) if meta.is_file() else GPT2_VOCAB
 
 
-def _meta_vocab_size(meta: Path) -> int:
-    """meta.pkl's vocab_size, unpickling plain containers and numbers only (a pickle can run code)."""
+def read_nanogpt_meta(meta) -> dict:
+    """nanoGPT's meta.pkl (vocab_size, and a character vocabulary's itos / stoi), unpickling plain
+    containers, strings and numbers only: a pickle can run code."""
     import pickle
+
+    meta = Path(meta)
 
     class Plain(pickle.Unpickler):
         def find_class(self, module, name):
             raise TokenFileError(f"{meta}: holds a {module}.{name}; nanoGPT's meta.pkl is a dict of plain values")
 
     with open(meta, "rb") as f:
-        info = Plain(f).load()
+        try:
+            info = Plain(f).load()
+        except (pickle.UnpicklingError, EOFError) as e:
+            raise TokenFileError(f"{meta}: not a readable pickle ({e})") from None
     size = info.get("vocab_size") if isinstance(info, dict) else None
     if not isinstance(size, int) or not 0 < size <= 1 << 16:
         raise TokenFileError(f"{meta}: expected nanoGPT's dict with a vocab_size in [1, 65536], got {size!r}")
-    return size
+    return info
+
+
+def _meta_vocab_size(meta: Path) -> int:
+    return read_nanogpt_meta(meta)["vocab_size"]
 
 
 def read_header(path) -> dict:

@@ -440,20 +440,32 @@ def test_train_on_nanogpts_token_files(tmp_path, capsys):
     rng = np.random.default_rng(0)
     rng.integers(0, 65, 3000, dtype=np.uint16).tofile(folder / "train.bin")
     rng.integers(0, 65, 400, dtype=np.uint16).tofile(folder / "val.bin")
-    (folder / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": 65, "itos": {0: "a"}, "stoi": {"a": 0}}))
+    chars = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"  # nanoGPT's Shakespeare's 65
+    (folder / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": 65, "itos": dict(enumerate(chars)),
+                                                    "stoi": {c: i for i, c in enumerate(chars)}}))
     tokens = data.open_tokens(folder / "train.bin")
     assert data.read_header(folder / "val.bin")["vocab_size"] == 65 and tokens.dtype == np.uint16
     assert np.array_equal(tokens, np.fromfile(folder / "train.bin", dtype=np.uint16))
     run = tmp_path / "run"
     assert cli.main(["train", "--data", str(folder), "--out", str(run), "--max-steps", "2", *SMALL]) == 0
-    assert "nanoGPT's bare uint16 token files: vocab 65 (its meta.pkl)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "nanoGPT's bare uint16 token files: vocab 65 (its meta.pkl's characters)" in out
+    assert "sample (12 tokens after 'def '" in out  # decoded by its characters
     from pyllm.model import LLM
 
     assert LLM.load(run / "model.safetensors").config.vocab_size == 65
+    assert cli.main(["generate", "--run", str(run), "--max-new-tokens", "5", "--prompt", "ROMEO:"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("ROMEO:") and set(text.split("\n")[0][6:]) <= set(chars)
+    assert cli.main(["generate", "--run", str(run), "--prompt", "é"]) == 2
+    assert "'é' is not in this character vocabulary" in capsys.readouterr().err
     (folder / "meta.pkl").unlink()
     assert data.read_header(folder / "train.bin")["vocab_size"] == data.GPT2_VOCAB
     assert cli.main(["train", "--data", str(folder / "train.bin"), "--out", str(tmp_path / "r2")]) == 2
     assert "looks binary" in capsys.readouterr().err
+    (folder / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": 65, "at": pytest.raises}))  # code, not data
+    with pytest.raises(data.TokenFileError, match="holds a .*raises; nanoGPT's meta.pkl is a dict of plain values"):
+        data.read_header(folder / "train.bin")
     (folder / "val.bin").write_bytes(b"x")  # not a pair of bare uint16 files: not nanoGPT's
     with pytest.raises(data.TokenFileError, match="nor one of nanoGPT's"):
         data.read_header(folder / "train.bin")

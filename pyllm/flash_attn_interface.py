@@ -18,7 +18,9 @@ split-KV count itself). As flash-attn: head dims up to 256 (those without a kern
 next one), windows with any negative side unlimited, softcap <= 0 no cap, max_seqlen as any integer,
 packed tensors longer than cu_seqlens' last entry (the rows past it: zeros, their gradients
 zeros), a KV cache of more rows than the batch (its first rows). Unlike flash-attn, CPU tensors
-work too (fp32, bf16, fp64, and fp16 computed in fp32).
+work too (fp32, bf16, fp64, and fp16 computed in fp32). flash_attn.bert_padding's helpers are here
+too (unpad_input, pad_input, index_first_axis, index_put_first_axis,
+unpad_input_for_concatenated_sequences), with flash-attn 2.8's return values.
 """
 from __future__ import annotations
 
@@ -186,5 +188,67 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Opti
                     cache_leftpad=cache_leftpad, block_table=block_table, return_lse=return_softmax_lse)
 
 
+# --- flash_attn.bert_padding's helpers: padded batches to packed tokens and back ---------------------
+#
+# Code written for flash-attn unpads a padded batch for the varlen call with these (transformers'
+# older flash-attention path, many model repositories): `from flash_attn.bert_padding import ...`
+# becomes an import from here. Torch indexing, differentiable; flash-attn 2.8's return values.
+
+def index_first_axis(x: Tensor, indices: Tensor) -> Tensor:
+    """x[indices] over x's first axis (x at least 2-D), differentiable (the gradient summed back into
+    the rows indices name)."""
+    if x.dim() < 2:
+        raise ValueError(f"index_first_axis: x must be at least 2-D, got shape {tuple(x.shape)}")
+    return x[indices]
+
+
+def index_put_first_axis(values: Tensor, indices: Tensor, first_axis_dim: int) -> Tensor:
+    """A (first_axis_dim, ...) tensor of zeros with values' rows at indices, differentiable."""
+    if indices.dim() != 1 or values.dim() < 2:
+        raise ValueError(f"index_put_first_axis: indices must be 1-D and values at least 2-D, got shapes "
+                         f"{tuple(indices.shape)} and {tuple(values.shape)}")
+    return values.new_zeros((first_axis_dim, *values.shape[1:])).index_put((indices,), values)
+
+
+def unpad_input(hidden_states: Tensor, attention_mask: Tensor, unused_mask: Optional[Tensor] = None):
+    """hidden_states (batch, seqlen, ...) and attention_mask (batch, seqlen) of 1 / True for real
+    tokens (unused_mask: tokens allocated but not attended to, kept in the packed rows too) ->
+    (the kept tokens (total, ...), their int64 indices into batch * seqlen, int32 cu_seqlens (batch +
+    1,), the longest sequence as an int (a device sync), int32 (batch,) counts of attention_mask's
+    tokens): flash-attn 2.8's five values."""
+    kept = attention_mask if unused_mask is None else attention_mask + unused_mask
+    lengths = kept.sum(dim=-1, dtype=torch.int32)
+    used = attention_mask.sum(dim=-1, dtype=torch.int32)
+    indices = torch.nonzero(kept.flatten()).flatten()
+    cu_seqlens = torch.nn.functional.pad(torch.cumsum(lengths, dim=0, dtype=torch.int32), (1, 0))
+    longest = int(lengths.max()) if lengths.numel() else 0
+    return (index_first_axis(hidden_states.reshape(-1, *hidden_states.shape[2:]), indices), indices, cu_seqlens,
+            longest, used)
+
+
+def unpad_input_for_concatenated_sequences(hidden_states: Tensor, attention_mask_in_length: Tensor):
+    """Rows holding several sequences back to back: attention_mask_in_length (batch, seqlen) lists
+    each row's sequence lengths first, then zeros ([[2, 3, 0, ...], ...]: a row of 2 then 3 tokens).
+    -> (the tokens (total, ...), their indices, int32 cu_seqlens over every sequence, the longest)."""
+    per_row = attention_mask_in_length.sum(dim=-1)
+    seqlen = attention_mask_in_length.shape[-1]
+    real = torch.arange(seqlen, device=per_row.device)[None, :] < per_row[:, None]  # (batch, seqlen)
+    flat = attention_mask_in_length.flatten()
+    lengths = flat[flat != 0].to(torch.int32)
+    indices = torch.nonzero(real.flatten()).flatten()
+    cu_seqlens = torch.nn.functional.pad(torch.cumsum(lengths, dim=0, dtype=torch.int32), (1, 0))
+    longest = int(lengths.max()) if lengths.numel() else 0
+    return index_first_axis(hidden_states.reshape(-1, *hidden_states.shape[2:]), indices), indices, cu_seqlens, longest
+
+
+def pad_input(hidden_states: Tensor, indices: Tensor, batch: int, seqlen: int) -> Tensor:
+    """unpad_input's inverse: the tokens (total, ...) back at indices of a (batch, seqlen, ...)
+    tensor, zeros elsewhere; differentiable."""
+    return index_put_first_axis(hidden_states, indices, batch * seqlen).reshape(batch, seqlen,
+                                                                                  *hidden_states.shape[1:])
+
+
 __all__ = ["flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func", "flash_attn_varlen_func",
-           "flash_attn_varlen_qkvpacked_func", "flash_attn_varlen_kvpacked_func", "flash_attn_with_kvcache"]
+           "flash_attn_varlen_qkvpacked_func", "flash_attn_varlen_kvpacked_func", "flash_attn_with_kvcache",
+           "index_first_axis", "index_put_first_axis", "unpad_input", "unpad_input_for_concatenated_sequences",
+           "pad_input"]

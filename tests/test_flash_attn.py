@@ -2534,3 +2534,45 @@ def test_flash_attn_interface_takes_flash_attns_arguments():
         fai.flash_attn_varlen_func(q, q, q, cu_seqlens, cu_seqlens, 5.0, 5)
     d80 = rand((1, 6, 2, 80), torch.float32, "cpu")
     assert fai.flash_attn_func(d80, d80, d80, causal=True).shape == d80.shape
+
+
+def test_flash_attn_interface_padding_helpers():
+    # flash_attn.bert_padding's helpers, as code written for flash-attn unpads a padded batch for the
+    # varlen call: the packed tokens, int64 indices, int32 cu_seqlens, the longest, the used counts
+    # (flash-attn 2.8's five values); the varlen call on them then pad_input equals each row's
+    # attention over its real tokens (float64), zeros at the padding, gradients through both.
+    from pyllm import flash_attn_interface as fai
+
+    b, t, h, d = 3, 9, 4, 32
+    mask = torch.zeros(b, t, dtype=torch.int64)
+    mask[0, :9], mask[1, :4], mask[2, 3:] = 1, 1, 1  # full, right-padded, left-padded
+    q, k, v = (rand((b, t, h, d), torch.float64, "cpu").requires_grad_() for _ in range(3))
+    (qu, indices, cu_seqlens, longest, used), (ku, *_), (vu, *_) = (fai.unpad_input(x, mask) for x in (q, k, v))
+    assert qu.shape == (19, h, d) and indices.dtype == torch.int64 and cu_seqlens.dtype == torch.int32
+    assert cu_seqlens.tolist() == [0, 9, 13, 19] and longest == 9 and used.tolist() == [9, 4, 6]
+    assert torch.equal(qu, q.detach().reshape(b * t, h, d)[mask.flatten().bool()])
+    out = fai.pad_input(fai.flash_attn_varlen_func(qu, ku, vu, cu_seqlens, cu_seqlens, longest, longest, causal=True),
+                        indices, b, t)
+    assert out.shape == q.shape
+    for row in range(b):
+        real = mask[row].bool()
+        want, _ = attention(q[row:row + 1, real].detach(), k[row:row + 1, real].detach(), v[row:row + 1, real].detach(),
+                            causal=True)
+        assert rel_err(out[row:row + 1, real], want) < 1e-13 and (out[row, ~real] == 0).all()
+    out.sum().backward()
+    assert (q.grad[mask == 0] == 0).all() and (q.grad[mask == 1] != 0).any()
+    # unused_mask: allocated but unattended tokens packed too; used counts the attended alone
+    unused = torch.zeros_like(mask)
+    unused[1, 4:6] = 1
+    _, _, cu_with, longest_with, used_with = fai.unpad_input(q.detach(), mask, unused)
+    assert cu_with.tolist() == [0, 9, 15, 21] and used_with.tolist() == [9, 4, 6] and longest_with == 9
+    # rows of several sequences back to back (flash-attn's docstring example)
+    lengths = torch.tensor([[2, 3, 0, 0, 0, 0], [3, 2, 0, 0, 0, 0], [6, 0, 0, 0, 0, 0]])
+    x = torch.arange(18.0).view(3, 6, 1)
+    packed, idx, cu2, longest2 = fai.unpad_input_for_concatenated_sequences(x, lengths)
+    assert cu2.tolist() == [0, 2, 5, 8, 10, 16] and longest2 == 6
+    assert idx.tolist() == [0, 1, 2, 3, 4, 6, 7, 8, 9, 10, 12, 13, 14, 15, 16, 17]
+    real = torch.arange(6) < lengths.sum(1, keepdim=True)
+    assert torch.equal(fai.pad_input(packed, idx, 3, 6), x * real[..., None])
+    with pytest.raises(ValueError, match="at least 2-D"):
+        fai.index_first_axis(torch.arange(4.0), torch.tensor([0]))

@@ -960,7 +960,9 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], help="auto (default): bf16 on CUDA, fp32 on CPU; fp16 uses a dynamic loss scaler")
     p.add_argument("--batch-size", type=int, help="sequences per process per micro-step (default 16)")
     p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the model's block_size)")
-    p.add_argument("--grad-accum", type=int, help="micro-steps per optimizer step (default 1)")
+    p.add_argument("--grad-accum", type=int, help="micro-steps per optimizer step, in each process (default 1): the "
+                   "step's batch is batch size x grad-accum x processes (nanoGPT divides its gradient_accumulation_steps "
+                   "by the processes instead)")
     p.add_argument("--lr", type=float, help="peak learning rate (default 3e-3)")
     p.add_argument("--schedule", choices=["cosine", "wsd", "constant"],
                    help="lr schedule after warmup: cosine to the min lr (default), wsd (warmup-stable-decay: constant, "
@@ -969,6 +971,8 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decay-frac", type=float, help="wsd: fraction of the steps spent decaying (default 0.2)")
     p.add_argument("--warmup-steps", type=int, help="linear warmup steps (default 30)")
     p.add_argument("--weight-decay", type=float, help="AdamW weight decay on matrices (default 0.1)")
+    p.add_argument("--beta1", type=float, help="AdamW's beta1 (default 0.9)")
+    p.add_argument("--beta2", type=float, help="AdamW's beta2 (default 0.95)")
     p.add_argument("--grad-clip", type=float, help="max global grad norm, 0 for none (default 1.0)")
     p.add_argument("--optimizer", choices=("adamw", "muon"),
                    help="adamw (default: pyllm's fused AdamW) or muon: Muon (Nesterov momentum, each update "

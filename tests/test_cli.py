@@ -412,8 +412,14 @@ def test_what_a_nanogpt_user_tries(corpus, tmp_path, capsys):
     assert cli.main(["prepare", "--input", str(corpus), "--tokenizer", str(tok), "--out", str(tmp_path / "d")]) == 0
     assert (tmp_path / "d" / "tokenizer.bpe").read_text() == tok.read_text()
     run = tmp_path / "run"
-    assert cli.main(["train", "--data", str(tmp_path / "d"), "--out", str(run), "--max-steps", "2", *SMALL]) == 0
+    assert cli.main(["train", "--data", str(tmp_path / "d"), "--out", str(run), "--max-steps", "2", "--beta2", "0.99",
+                     *SMALL]) == 0
     assert json.loads((run / "run.json").read_text())["tokenizer"] == str((tmp_path / "d" / "tokenizer.bpe").resolve())
+    import torch
+
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["train_config"]["beta2"] == 0.99
+    assert cli.main(["train", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "b"), "--beta1", "1.5"]) == 2
+    assert "beta1 must be in [0, 1)" in capsys.readouterr().err
     capsys.readouterr()
     (tmp_path / "prompt.txt").write_text("def h")
     assert cli.main(["generate", "--run", str(run), "--max-new-tokens", "4", "--prompt", f"FILE:{tmp_path / 'prompt.txt'}"]) == 0

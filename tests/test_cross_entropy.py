@@ -383,3 +383,17 @@ def test_cpp_rechecks_raw_calls():
         _C.cross_entropy_cpu(1, 1, 1, 0, 0, 0, 2, 4, 4, 4, -100, 1.0, 0.0, 2.0, 0.0, 1.0, 0)
     with pytest.raises(ValueError, match="softcap"):
         _C.cross_entropy_cpu(1, 1, 1, 0, 0, 0, 2, 4, 4, 4, -100, 1.0, -1.0, 0.0, 0.0, 1.0, 0)
+
+
+def test_compiles_with_float_arguments_symbols():
+    # label_smoothing / z_loss / scale changing between compiled calls are traced as symbols: the
+    # argument checks skip them there (they broke fullgraph, 2026-12-03); eager calls check them.
+    torch._dynamo.reset()
+    logits, targets = torch.randn(5, 11, requires_grad=True), torch.randint(0, 11, (5,))
+    for dynamic in (True, None):
+        f = torch.compile(lambda l, t, s, z: pyllm.cross_entropy(l, t, label_smoothing=s, z_loss=z), fullgraph=True,
+                          dynamic=dynamic)
+        for s, z in ((0.0, 0.0), (0.1, 1e-4), (0.2, 1e-3)):
+            assert torch.equal(f(logits, targets, s, z), pyllm.cross_entropy(logits, targets, label_smoothing=s, z_loss=z))
+    with pytest.raises(ValueError, match="label_smoothing must be in"):
+        pyllm.cross_entropy(logits, targets, label_smoothing=1.5)

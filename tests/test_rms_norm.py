@@ -272,3 +272,17 @@ def test_backward_with_fewer_threads_than_asked():
     )
     env = {**os.environ, "OMP_NUM_THREADS": "2", "OMP_THREAD_LIMIT": "1"}
     subprocess.run([sys.executable, "-c", script], env=env, check=True)
+
+
+def test_compiles_with_eps_a_symbol():
+    # torch.compile traces a float that changes between calls (or any, dynamic=True) as a symbol:
+    # math.isfinite / comparisons on it in the argument checks broke fullgraph (2026-12-03). Values and
+    # gradients as eager for each eps.
+    torch._dynamo.reset()
+    x, w = torch.randn(3, 16, requires_grad=True), torch.randn(16, requires_grad=True)
+    for dynamic in (True, None):
+        f = torch.compile(lambda a, b, e: pyllm.rms_norm(a, b, e), fullgraph=True, dynamic=dynamic)
+        for eps in (1e-6, 1e-5, 3e-5):
+            got = torch.autograd.grad(f(x, w, eps).sum(), (x, w))
+            want = torch.autograd.grad(pyllm.rms_norm(x, w, eps).sum(), (x, w))
+            assert torch.equal(f(x, w, eps), pyllm.rms_norm(x, w, eps)) and all(map(torch.equal, got, want))

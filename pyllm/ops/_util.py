@@ -1,6 +1,7 @@
 """Helpers shared by every op wrapper: the extension handle, argument packing, validation."""
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -52,6 +53,20 @@ def _names(dtypes) -> str:
 def is_number(value) -> bool:
     """A real number that is not a bool: int, float, NumPy's scalars (numbers.Real; NumPy's bool is not one)."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def symbolic(value) -> bool:
+    """Whether a number argument cannot be checked here: under torch.compile's tracing a float may be
+    a symbol (dynamic=True, or one that changed between calls), whose value is unknown, and
+    math.isfinite or a comparison on it is a graph break (an error under fullgraph=True). Dynamo shows
+    it as a plain float, so every number is taken as one while tracing: eager calls check them
+    (and the kernels their own, eps for one)."""
+    return torch.compiler.is_compiling() or isinstance(value, (torch.SymFloat, torch.SymInt))
+
+
+def finite_number(value) -> bool:
+    """is_number and finite, or symbolic (not checkable while tracing)."""
+    return symbolic(value) or (is_number(value) and math.isfinite(value))
 
 
 def check_tensor(op: str, name: str, t, dtypes: dict[str, tuple]) -> None:

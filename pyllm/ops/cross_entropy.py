@@ -56,15 +56,16 @@ def _check(logits, targets, ignore_index, reduction, label_smoothing, z_loss, sc
 def check_shape_args(name: str, label_smoothing, z_loss, scale, softcap) -> None:
     """The loss's numbers: label_smoothing in [0, 1], z_loss >= 0, scale > 0, softcap None or > 0, finite."""
     for what, value in (("label_smoothing", label_smoothing), ("z_loss", z_loss), ("scale", scale)):
-        if not _util.is_number(value) or not math.isfinite(value):
+        if not _util.finite_number(value):
             raise ValueError(f"{name}: {what} must be a finite number, got {value!r}")
-    if softcap is not None and (not _util.is_number(softcap) or not 0 < softcap < math.inf):
+    if softcap is not None and not _util.symbolic(softcap) and (not _util.is_number(softcap)
+                                                                 or not 0 < softcap < math.inf):
         raise ValueError(f"{name}: softcap must be None or positive and finite, got {softcap!r}")
-    if not 0.0 <= label_smoothing <= 1.0:
+    if not _util.symbolic(label_smoothing) and not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"{name}: label_smoothing must be in [0, 1], got {label_smoothing}")
-    if z_loss < 0:
+    if not _util.symbolic(z_loss) and z_loss < 0:
         raise ValueError(f"{name}: z_loss must be 0 or positive, got {z_loss}")
-    if scale <= 0:
+    if not _util.symbolic(scale) and scale <= 0:
         raise ValueError(f"{name}: scale must be positive, got {scale}")
 
 

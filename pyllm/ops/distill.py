@@ -65,9 +65,9 @@ def _check(student: Tensor, teacher: Tensor, beta, temperature, scale, softcap, 
         raise ValueError(f"{OP}: teacher logits must have the student's shape {tuple(student.shape)}, got "
                          f"{tuple(teacher.shape)}")
     for what, value in (("beta", beta), ("temperature", temperature)):
-        if not _util.is_number(value) or not math.isfinite(value):
+        if not _util.finite_number(value):
             raise ValueError(f"{OP}: {what} must be a finite number, got {value!r}")
-    if not 0.0 <= beta <= 1.0 or not temperature > 0:
+    if not _util.symbolic(beta) and (not 0.0 <= beta <= 1.0 or not temperature > 0):
         raise ValueError(f"{OP}: beta must be in [0, 1] and temperature > 0, got {beta}, {temperature}")
     check_shape_args(OP, 0.0, 0.0, scale, softcap or None)
     check_shape_args(f"{OP} (the teacher's)", 0.0, 0.0, teacher_scale, teacher_softcap or None)

@@ -167,7 +167,7 @@ def _opt_ptr(t: Optional[Tensor]) -> int:
 
 def _check_softcap(op: str, q: Tensor, softcap) -> None:
     """A public call's softcap: a finite number >= 0, and 0 on CUDA (no kernel there yet)."""
-    if not _util.is_number(softcap) or not 0 <= softcap < math.inf:
+    if not _util.symbolic(softcap) and (not _util.is_number(softcap) or not 0 <= softcap < math.inf):
         raise ValueError(f"{op}: softcap must be a finite number >= 0 (0: no cap), got {softcap!r}")
     _check_softcap_device(q, softcap, op)
 
@@ -872,7 +872,7 @@ def _kvcache_eager_cpu(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal,
 def _resolve_scale(op: str, softmax_scale, head_dim: int) -> float:
     if softmax_scale is None:
         return 1.0 / math.sqrt(head_dim)
-    if not _util.is_number(softmax_scale) or not math.isfinite(softmax_scale):
+    if not _util.finite_number(softmax_scale):
         raise TypeError(f"{op}: softmax_scale must be a finite float or None, got {softmax_scale!r}")
     return float(softmax_scale)
 

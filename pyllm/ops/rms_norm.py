@@ -37,9 +37,9 @@ def _check(x, weight, eps, offset) -> None:
         _util.check_same(OP, x=x, weight=weight)
         if weight.shape != x.shape[-1:]:
             raise ValueError(f"{OP}: weight must have shape ({x.shape[-1]},) (x's last dim), got {tuple(weight.shape)}")
-    if not _util.is_number(eps) or not math.isfinite(eps) or eps < 0:
+    if not _util.finite_number(eps) or (not _util.symbolic(eps) and eps < 0):
         raise ValueError(f"{OP}: eps must be a finite number >= 0, got {eps!r}")
-    if not _util.is_number(offset) or not math.isfinite(offset):
+    if not _util.finite_number(offset):
         raise ValueError(f"{OP}: offset must be a finite number, got {offset!r}")
     if x.is_cuda and x.shape[-1] > MAX_COLS_CUDA:
         raise ValueError(f"{OP}: the CUDA kernel takes rows of at most {MAX_COLS_CUDA} elements, got x's last dim "

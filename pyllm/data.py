@@ -57,6 +57,12 @@ def stdlib_corpus() -> list[Path]:
     return sorted(files)
 
 
+def _looks_binary(path: Path) -> bool:
+    """A NUL byte in the first KB (read alone: a folder may hold a 17 GB token file)."""
+    with open(path, "rb") as f:
+        return b"\x00" in f.read(1024)
+
+
 def collect_files(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     """Files named in inputs; a folder stands for its files (recursively, sorted, hidden ones and
     binary-looking ones skipped)."""
@@ -65,13 +71,12 @@ def collect_files(inputs: Sequence[str | os.PathLike]) -> list[Path]:
         path = Path(item)
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
-            files += [p for p in found if b"\x00" not in p.read_bytes()[:1024]]
+            files += [p for p in found if not _looks_binary(p)]
         elif path.is_file():
-            with open(path, "rb") as f:
-                if b"\x00" in f.read(1024):  # as a folder's binary files are skipped, but named: said
-                    raise ValueError(f"{str(path)!r} looks binary (a NUL byte in its first KB), not text"
-                                     + (": nanoGPT's token files are read from their folder (--data "
-                                        f"{str(path.parent)!r})" if path.suffix == ".bin" else ""))
+            if _looks_binary(path):  # as a folder's binary files are skipped, but named: said
+                raise ValueError(f"{str(path)!r} looks binary (a NUL byte in its first KB), not text"
+                                 + (": nanoGPT's token files are read from their folder (--data "
+                                    f"{str(path.parent)!r})" if path.suffix == ".bin" else ""))
             files.append(path)
         else:
             raise FileNotFoundError(f"input {str(path)!r} does not exist (give text files or folders of them)")

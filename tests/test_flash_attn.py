@@ -1737,6 +1737,22 @@ def physical_cache(logical: torch.Tensor, layout: str, page: int, gen: torch.Gen
     return logical.clone(), {}, lambda c: c
 
 
+def nan_outside_caches(shape, dtype, lengths, pads, layout, page):
+    """Random k and v caches (B, cap, Hkv, D) whose sequence b holds keys [pads[b], lengths[b]) and NaN
+    elsewhere, laid out as physical_cache's layout says: (k_cache, v_cache, options, to_logical),
+    options with cache_leftpad when any pad is not 0."""
+    logical = rand(shape, dtype, "cpu"), rand(shape, dtype, "cpu")
+    for t in logical:
+        for i, (n, pad) in enumerate(zip(lengths, pads)):
+            t[i, :pad] = math.nan
+            t[i, n:] = math.nan
+    (k_cache, options, to_logical), (v_cache, _, _) = (physical_cache(t, layout, page, torch.Generator().manual_seed(3))
+                                                       for t in logical)
+    if any(pads):
+        options["cache_leftpad"] = torch.tensor(pads, dtype=torch.int32)
+    return k_cache, v_cache, options, to_logical
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("layout,page", [("rows", 0), ("paged", 16), ("paged", 7), ("plain", 0)])
 @pytest.mark.parametrize("leftpad", [False, True])
@@ -1746,19 +1762,10 @@ def test_kvcache_options_match_float64_reference(dtype, layout, page, leftpad, t
     # everything else in the caches is NaN, so a read of anything else shows. Up to 8 queries run the
     # decode kernel on the cache in place (fp32 / bf16; a paged chunk ends with its block); more, and
     # fp64, the tiled kernels on a copy of the sequences' rows. Paged with page 7: blocks cut chunks.
-    gen = torch.Generator().manual_seed(7)
     b, cap, h, hk, d = 3, 60, 4, 2, 64
     lengths = [5, 33, 60 - n_new]
     pads = [3, 0, 20] if leftpad else [0, 0, 0]
-    logical = rand((b, cap, hk, d), dtype, "cpu"), rand((b, cap, hk, d), dtype, "cpu")
-    for t in logical:
-        for i, (n, pad) in enumerate(zip(lengths, pads)):
-            t[i, :pad] = math.nan
-            t[i, n:] = math.nan
-    (k_cache, options, to_logical), (v_cache, _, _) = (physical_cache(t, layout, page, torch.Generator().manual_seed(3))
-                                                       for t in logical)
-    if leftpad:
-        options["cache_leftpad"] = torch.tensor(pads, dtype=torch.int32)
+    k_cache, v_cache, options, to_logical = nan_outside_caches((b, cap, hk, d), dtype, lengths, pads, layout, page)
     q = rand((b, tq, h, d), dtype, "cpu")
     k_new, v_new = (rand((b, n_new, hk, d), dtype, "cpu") for _ in range(2)) if n_new else (None, None)
     seqlens = torch.tensor(lengths, dtype=torch.int32)
@@ -2445,18 +2452,9 @@ def test_kvcache_widened_matches_float64_reference(dtype, d, layout, page, tq, n
     # keys in use attends, the new tokens land in the caches themselves, bit for bit, where the
     # options put them; everything outside the sequences NaN.
     nan_filled_empty(monkeypatch)
-    gen = torch.Generator().manual_seed(5)
     b, cap, h, hk = 3, 40, 4, 2
     lengths, pads = [5, 21, 40 - n_new], ([3, 0, 11] if leftpad else [0, 0, 0])
-    logical = rand((b, cap, hk, d), dtype, "cpu"), rand((b, cap, hk, d), dtype, "cpu")
-    for t in logical:
-        for i, (n, pad) in enumerate(zip(lengths, pads)):
-            t[i, :pad] = math.nan
-            t[i, n:] = math.nan
-    (k_cache, options, to_logical), (v_cache, _, _) = (physical_cache(t, layout, page, torch.Generator().manual_seed(3))
-                                                       for t in logical)
-    if leftpad:
-        options["cache_leftpad"] = torch.tensor(pads, dtype=torch.int32)
+    k_cache, v_cache, options, to_logical = nan_outside_caches((b, cap, hk, d), dtype, lengths, pads, layout, page)
     untouched = k_cache.clone()
     q = rand((b, tq, h, d), dtype, "cpu")
     k_new, v_new = (rand((b, n_new, hk, d), dtype, "cpu") for _ in range(2)) if n_new else (None, None)

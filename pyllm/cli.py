@@ -310,8 +310,10 @@ def setup_run_data(cfg, cli: dict) -> None:
 
         if (nanogpt := data.nanogpt_vocab(Path(data_dir) / "train.bin")) is not None:
             char = (Path(data_dir) / "meta.pkl").is_file()
-            if char and tokenizer_path is None:  # its characters: prompts encoded and samples decoded by them
-                tokenizer_path = Path(data_dir) / "meta.pkl"
+            if char and tokenizer_path is None:  # its characters: prompts encoded and samples decoded by them,
+                # a copy in the run (the data folder's may be made again or moved)
+                tokenizer_path = out / "meta.pkl"
+                shutil.copy2(Path(data_dir) / "meta.pkl", tokenizer_path)
             print(f"data: {data_dir} holds nanoGPT's bare uint16 token files: vocab {nanogpt:,} "
                   + ("(its meta.pkl's characters)" if char else
                      "(no meta.pkl: GPT-2 BPE; give --tokenizer, a pyllm tokenizer of GPT-2's ids made by "
@@ -335,6 +337,11 @@ def setup_run_data(cfg, cli: dict) -> None:
             doc_markers = hf_doc_markers(folder)  # the chat template frames conversations itself
             chat_folder = folder if examples else None
         elif cfg.init_from_run:  # the run's own tokenizer, copied: the new run stands alone
+            from pyllm.tokenizer.chars import is_nanogpt_meta
+
+            if is_nanogpt_meta(source_run["tokenizer"]):
+                raise ValueError(f"--init-from-run {cfg.init_from_run} trained on nanoGPT's character tokens: pyllm "
+                                 "does not tokenize text with them; give --data a folder of nanoGPT's token files")
             source, tokenizer_path = Path(source_run["tokenizer"]), out / "tokenizer.bpe"
             if not tokenizer_path.exists() or tokenizer_path.read_bytes() != source.read_bytes():
                 shutil.copy2(source, tokenizer_path)
@@ -374,8 +381,9 @@ def source_run_info(run_dir) -> dict:
 
 # What makes a run what it is: a resume keeps the checkpoint's (its weights and optimizer state are
 # of that model, data and optimizer) and refuses another value rather than ignore it.
+# (beta1, beta2, eps, weight_decay: the optimizer's state_dict brings the checkpoint's back on resume)
 _RUN_DEFINING = ("preset", "init_from_hf", "init_from_run", "init_adapter", "lora_rank", "lora_targets", "optimizer",
-                 "preference", "teacher", "grpo_reward", "data_dir")
+                 "preference", "teacher", "grpo_reward", "data_dir", "beta1", "beta2", "eps", "weight_decay")
 
 
 def check_resume_options(saved: dict, opts: dict, model: dict, cli: dict) -> None:
@@ -814,7 +822,13 @@ def cmd_export(args) -> int:
             if (folder / name).exists():
                 shutil.copy(folder / name, out / name)
     else:
-        if run_info.get("tokenizer"):  # as tokenizer.json (transformers' fast tokenizer) and pyllm's own file
+        from pyllm.tokenizer.chars import is_nanogpt_meta
+
+        if run_info.get("tokenizer") and is_nanogpt_meta(run_info["tokenizer"]):
+            shutil.copy(run_info["tokenizer"], out / "meta.pkl")  # nanoGPT's characters: no tokenizer.json for them
+            print(f"pyllm export: {out} gets the run's nanoGPT meta.pkl (a character vocabulary), no tokenizer.json",
+                  file=sys.stderr)
+        elif run_info.get("tokenizer"):  # as tokenizer.json (transformers' fast tokenizer) and pyllm's own file
             tokenizer = tokenizer_class().load(run_info["tokenizer"])
             shutil.copy(run_info["tokenizer"], out / "tokenizer.bpe")
             tokenizer.to_hf(out / "tokenizer.json")

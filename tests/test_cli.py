@@ -465,6 +465,18 @@ def test_train_on_nanogpts_token_files(tmp_path, capsys):
     assert text.startswith("ROMEO:") and set(text.split("\n")[0][6:]) <= set(chars)
     assert cli.main(["generate", "--run", str(run), "--prompt", "é"]) == 2
     assert "'é' is not in this character vocabulary" in capsys.readouterr().err
+    # the run keeps its own copy of the characters; export carries them; a resume keeps its optimizer's
+    # betas (its state_dict's), and a run on characters is no tokenizer for new text
+    assert json.loads((run / "run.json").read_text())["tokenizer"] == str((run / "meta.pkl").resolve())
+    assert cli.main(["export", "--run", str(run), "--out", str(tmp_path / "hf"), "--dtype", "fp32"]) == 0
+    assert (tmp_path / "hf" / "meta.pkl").read_bytes() == (folder / "meta.pkl").read_bytes()
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", str(run), "--max-steps", "3", "--beta2", "0.9"]) == 2
+    assert "leave out --beta2" in capsys.readouterr().err
+    (tmp_path / "t.txt").write_text("ROMEO: hello\n" * 50)
+    assert cli.main(["train", "--init-from-run", str(run), "--data", str(tmp_path / "t.txt"), "--out",
+                     str(tmp_path / "ft"), "--max-steps", "1"]) == 2
+    assert "does not tokenize text with them" in capsys.readouterr().err
     (folder / "meta.pkl").unlink()
     assert data.read_header(folder / "train.bin")["vocab_size"] == data.GPT2_VOCAB
     assert cli.main(["train", "--data", str(folder / "train.bin"), "--out", str(tmp_path / "r2")]) == 2

@@ -24,6 +24,8 @@ class CharTokenizer:
                 and all(isinstance(i, int) and isinstance(c, str) for i, c in itos.items())):
             raise TokenFileError(f"{path}: a vocab_size without a character vocabulary (stoi, itos): GPT-2 BPE data "
                                  "decodes with a pyllm tokenizer of GPT-2's ids (Tokenizer.from_tiktoken)")
+        if any(not 0 <= i < meta["vocab_size"] for i in stoi.values()):
+            raise TokenFileError(f"{path}: stoi has ids outside [0, vocab_size = {meta['vocab_size']})")
         return cls(stoi, itos, meta["vocab_size"])
 
     def encode_ordinary(self, text: str) -> list[int]:

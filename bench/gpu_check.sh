@@ -75,7 +75,7 @@ if want test; then
   session_timeout() { $PY -c "import pytest_timeout" 2>/dev/null && echo "--timeout 120 --timeout-method thread --session-timeout $(( $1 - 20 ))"; }
   # What no GPU has run yet goes first, in its own short session (its own log), so that a cut
   # full run still answers for it; the full run then leaves it out. FIRST_K="" skips this pass.
-  first_k=${FIRST_K-128_row or rechecks_raw or int_length or eager_autograd or lora_run_from_a_run or cuda_graph or linear_cross_entropy or linear_token_logps or dpo_with_lora or softcap or moe or linear_distill or row_kernel or generalized_jsd or kvcache_layouts or rotary_and_lse}
+  first_k=${FIRST_K-128_row or rechecks_raw or int_length or eager_autograd or lora_run_from_a_run or cuda_graph or linear_cross_entropy or linear_token_logps or dpo_with_lora or softcap or moe or linear_distill or row_kernel or generalized_jsd or kvcache_layouts or rotary_and_lse or widened_head_dims}
   first_rc=0
   if [ -n "$first_k" ]; then
     start=$(date +%s)

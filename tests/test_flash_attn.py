@@ -2574,3 +2574,33 @@ def test_flash_attn_interface_padding_helpers():
     assert torch.equal(fai.pad_input(packed, idx, 3, 6), x * real[..., None])
     with pytest.raises(ValueError, match="at least 2-D"):
         fai.index_first_axis(torch.arange(4.0), torch.tensor([0]))
+
+
+@pytest.mark.cuda
+def test_cuda_widened_head_dims_and_rows_past_the_end():
+    # On the GPU: head dim 80 zero-padded for the tensor-core kernels (forward, backward, varlen with
+    # rows past cu_seqlens[-1]: zeros from the allocator, LSE +inf) and the kv-cache call on a widened
+    # copy, against float64 on the CPU within twice torch's error.
+    for dtype in (torch.float16, torch.bfloat16):
+        q, k, v = rand((2, 37, 4, 80), dtype, "cuda"), rand((2, 45, 2, 80), dtype, "cuda"), rand((2, 45, 2, 80), dtype, "cuda")
+        check_against_reference(q, k, v, rand((2, 37, 4, 80), dtype, "cuda"),
+                                lambda q, k, v: pyllm.flash_attn(q, k, v, causal=True),
+                                lambda q, k, v: attention(q, k, v, True)[0])
+        lengths = [5, 0, 9]
+        qp, kp, vp = (rand((14 + 6, 2, 80), dtype, "cuda").requires_grad_() for _ in range(3))
+        cu_seqlens = cu(lengths, "cuda")
+        out, lse = pyllm.flash_attn(qp, kp, vp, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=9,
+                                    max_seqlen_k=9, causal=True, return_lse=True)
+        grads = torch.autograd.grad(out, (qp, kp, vp), torch.ones_like(out))
+        assert (out[14:] == 0).all() and (lse[:, 14:] == math.inf).all() and all((g[14:] == 0).all() for g in grads)
+        cache = [rand((2, 32, 2, 80), dtype, "cuda") for _ in range(2)]
+        q1, new = rand((2, 1, 4, 80), dtype, "cuda"), rand((2, 1, 2, 80), dtype, "cuda")
+        lens = torch.tensor([3, 17], dtype=torch.int32, device="cuda")
+        got = pyllm.flash_attn_with_kvcache(q1, *cache, lens, new, new)
+        for b, n in enumerate([3, 17]):
+            assert torch.equal(cache[0][b, n], new[b, 0])
+            keys, values = cache[0][b:b + 1, :n + 1].double().cpu(), cache[1][b:b + 1, :n + 1].double().cpu()
+            ref, _ = attention(q1[b:b + 1].double().cpu(), keys, values, causal=True)
+            theirs, _ = attention(q1[b:b + 1].cpu(), cache[0][b:b + 1, :n + 1].cpu(), cache[1][b:b + 1, :n + 1].cpu(),
+                                  causal=True)
+            assert rel_err(got[b:b + 1].cpu(), ref) <= tolerance(theirs, ref)

@@ -132,7 +132,7 @@ def nanogpt_vocab(path) -> int | None:
             if f.read(8) == MAGIC:
                 return None
     meta = path.with_name("meta.pkl")
-    return _meta_vocab_size(meta) if meta.is_file() else GPT2_VOCAB
+    return read_nanogpt_meta(meta)["vocab_size"] if meta.is_file() else GPT2_VOCAB
 
 
 def read_nanogpt_meta(meta) -> dict:
@@ -155,10 +155,6 @@ def read_nanogpt_meta(meta) -> dict:
     if not isinstance(size, int) or not 0 < size <= 1 << 16:
         raise TokenFileError(f"{meta}: expected nanoGPT's dict with a vocab_size in [1, 65536], got {size!r}")
     return info
-
-
-def _meta_vocab_size(meta: Path) -> int:
-    return read_nanogpt_meta(meta)["vocab_size"]
 
 
 def read_header(path) -> dict:

@@ -29,7 +29,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from pyllm.ops.flash_attn import flash_attn, flash_attn_with_kvcache as _kvcache
+from pyllm.ops.flash_attn import cu_seqlens_of, flash_attn, flash_attn_with_kvcache as _kvcache, real_tokens
 
 
 def _unsupported(op: str, **options) -> None:
@@ -218,11 +218,8 @@ def unpad_input(hidden_states: Tensor, attention_mask: Tensor, unused_mask: Opti
     1,), the longest sequence as an int (a device sync), int32 (batch,) counts of attention_mask's
     tokens): flash-attn 2.8's five values."""
     kept = attention_mask if unused_mask is None else attention_mask + unused_mask
-    lengths = kept.sum(dim=-1, dtype=torch.int32)
+    indices, cu_seqlens, longest = real_tokens(kept.bool())
     used = attention_mask.sum(dim=-1, dtype=torch.int32)
-    indices = torch.nonzero(kept.flatten()).flatten()
-    cu_seqlens = torch.nn.functional.pad(torch.cumsum(lengths, dim=0, dtype=torch.int32), (1, 0))
-    longest = int(lengths.max()) if lengths.numel() else 0
     return (index_first_axis(hidden_states.reshape(-1, *hidden_states.shape[2:]), indices), indices, cu_seqlens,
             longest, used)
 
@@ -235,10 +232,8 @@ def unpad_input_for_concatenated_sequences(hidden_states: Tensor, attention_mask
     seqlen = attention_mask_in_length.shape[-1]
     real = torch.arange(seqlen, device=per_row.device)[None, :] < per_row[:, None]  # (batch, seqlen)
     flat = attention_mask_in_length.flatten()
-    lengths = flat[flat != 0].to(torch.int32)
-    indices = torch.nonzero(real.flatten()).flatten()
-    cu_seqlens = torch.nn.functional.pad(torch.cumsum(lengths, dim=0, dtype=torch.int32), (1, 0))
-    longest = int(lengths.max()) if lengths.numel() else 0
+    cu_seqlens, longest = cu_seqlens_of(flat[flat != 0])
+    indices = real.flatten().nonzero()[:, 0]
     return index_first_axis(hidden_states.reshape(-1, *hidden_states.shape[2:]), indices), indices, cu_seqlens, longest
 
 

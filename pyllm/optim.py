@@ -483,9 +483,13 @@ class ZeroAdamW(torch.optim.Optimizer):
                             master_weights=master_weights, stochastic_rounding=stochastic_rounding)
         self._inner._reduce_sumsq = lambda sumsq: dist.all_reduce(sumsq, group=self._group)
         # the params' version counters when the shards were last taken from them or written into them
-        self._written = [p._version for ps in self._params for p in ps]
+        self._written = self._versions()
         self.last_grad_norm: Tensor | None = None
         self.last_step_skipped: Tensor | None = None
+
+    def _versions(self) -> list[int]:
+        """The params' version counters: a change means they were written in place."""
+        return [p._version for ps in self._params for p in ps]
 
     def add_param_group(self, param_group: dict) -> None:
         if hasattr(self, "_inner"):
@@ -553,7 +557,7 @@ class ZeroAdamW(torch.optim.Optimizer):
         for group, inner_group in zip(self.param_groups, self._inner.param_groups):
             for key in ("lr", "betas", "eps", "weight_decay"):
                 inner_group[key] = group[key]
-        if self._written != [p._version for ps in self._params for p in ps]:
+        if self._written != self._versions():
             # changed in place since the last step (as AdamW, the params are the weights): the shards
             # re-read, and the inner AdamW re-takes the changed elements from them
             self._reload_shards_from_params()
@@ -564,7 +568,7 @@ class ZeroAdamW(torch.optim.Optimizer):
             shard.grad = None
             # The reduced grads are spent: their buffer receives the gathered params.
             self._unflatten_into_params(gi, self._all_gather(gi, shard.detach(), out=flat))
-        self._written = [p._version for ps in self._params for p in ps]
+        self._written = self._versions()
         return loss
 
     def state_dict(self) -> dict:

@@ -351,6 +351,19 @@ def _with_sinks(out: Tensor, lse: Tensor, sinks: Tensor, varlen: bool) -> tuple[
     return (out * keep[..., None]).to(out.dtype), lse_all
 
 
+def cu_seqlens_of(lengths: Tensor) -> tuple[Tensor, int]:
+    """Sequence lengths (B,) -> their int32 cu_seqlens (B + 1,) for the varlen call, and the longest
+    (an int: one device sync, as flash-attn's unpadding)."""
+    return F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0)), int(lengths.max()) if lengths.numel() else 0
+
+
+def real_tokens(mask: Tensor) -> tuple[Tensor, Tensor, int]:
+    """(B, L) bool of the real tokens of padded rows -> the flat indices of its True entries (int64),
+    their int32 cu_seqlens (B + 1,) and the longest row's count: a padded batch as the varlen call's
+    packed rows (pyllm.hf's unpadding, flash_attn_interface.unpad_input)."""
+    return (mask.flatten().nonzero()[:, 0], *cu_seqlens_of(mask.sum(dim=1, dtype=torch.int32)))
+
+
 def _past_end_rows(cu: Optional[Tensor]) -> Callable:
     """The allocator of a call's outputs (out, dq, dk, dv: rows on dim 0) whose rows past cu[-1]
     are in no sequence (flash-attn takes packed tensors padded past the last one, e.g. to a CUDA
@@ -1061,18 +1074,16 @@ def _kvcache_widened(q, k_cache, v_cache, cache_seqlens, k_new, v_new, capacity:
     instantiated for (each would double the build's attention code)."""
     _check_cache_layout(k_cache, v_cache)
     n_new = 0 if k_new is None else k_new.shape[1]
-    if isinstance(cache_seqlens, int):  # known on the host: checked there, as the kernels' path does
+    # the keys in use end at the longest sequence's, known on the host for an int or CPU lengths
+    longest = None
+    if isinstance(cache_seqlens, int):  # checked there, as the kernels' path does
         _check_cache_lengths([cache_seqlens], n_new, capacity, shown=cache_seqlens)
-    keys = capacity
-    if block_table is None and (isinstance(cache_seqlens, int) or cache_seqlens.device.type == "cpu"):
-        # the keys in use end at the longest sequence's: only those copied (bad lengths: the call says so)
-        if isinstance(cache_seqlens, int):
-            longest = cache_seqlens
-        else:
-            longest = int(cache_seqlens.max()) if cache_seqlens.numel() else 0
-        keys = min(max(longest + n_new, 0), capacity)
-    if isinstance(cache_seqlens, int):
+        longest = cache_seqlens
         cache_seqlens = torch.full((q.shape[0],), cache_seqlens, dtype=torch.int32, device=q.device)
+    elif cache_seqlens.device.type == "cpu":
+        longest = int(cache_seqlens.max()) if cache_seqlens.numel() else 0
+    # only those copied (bad lengths: the call says so); a paged cache's blocks are anywhere: all of them
+    keys = capacity if block_table is not None or longest is None else min(max(longest + n_new, 0), capacity)
     out, lse = _util.call(_flash_attn_with_kvcache_body, _flash_attn_with_kvcache, None, _widened(q),
                           _widened(k_cache[:, :keys]), _widened(v_cache[:, :keys]), cache_seqlens, _widened(k_new),
                           _widened(v_new), scale, left, right, softcap, sinks, alibi_slopes, cache_batch_idx,

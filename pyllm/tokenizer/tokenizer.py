@@ -778,6 +778,19 @@ class Tokenizer:
         _check_disallowed(texts, [*others, *(self._special_list[d] for d in disallowed)])
         return []
 
+    def _by_encoder(self, encode, texts: list[str], disallowed: list[int]):
+        """encode(texts) on the C++ encoder, with what each encode call needs around it: texts holding
+        lone surrogates (refused with a TypeError) again with them replaced, as tiktoken does, and a
+        disallowed special token named as tiktoken names it."""
+        try:
+            try:
+                return encode(texts)
+            except TypeError:
+                return encode([_fix_surrogates(t) for t in texts])
+        except ValueError as e:
+            self._reraise_disallowed(e, texts, disallowed)
+            raise
+
     def _reraise_disallowed(self, error: ValueError, texts: list[str], disallowed: list[int]) -> None:
         """C++ names the first disallowed special token in its own order; tiktoken names the first in
         the text (of the first text holding one). Raises that; returns when error is another one."""
@@ -804,14 +817,7 @@ class Tokenizer:
             disallowed = self._checked_in_python([text], disallowed, others)
         if self._regex is not None or self._spm is not None:
             return self._encode_custom(text, allowed, disallowed)
-        try:
-            try:
-                return self._enc.encode(text, allowed, disallowed)
-            except TypeError:
-                return self._enc.encode(_fix_surrogates(text), allowed, disallowed)
-        except ValueError as e:
-            self._reraise_disallowed(e, [text], disallowed)
-            raise
+        return self._by_encoder(lambda ts: self._enc.encode(ts[0], allowed, disallowed), [text], disallowed)
 
     def encode_to_numpy(self, text: str, *, allowed_special: Literal["all"] | AbstractSet[str] = frozenset(),
                         disallowed_special: Literal["all"] | Collection[str] | None = "all") -> np.ndarray:
@@ -823,14 +829,9 @@ class Tokenizer:
         disallowed = self._checked_in_python([text], disallowed, others)
         if self._regex is not None or self._spm is not None:
             return np.array(self._encode_custom(text, allowed, disallowed), dtype=np.uint32)
-        try:
-            try:  # one thread: the caller's, as encode()
-                return self._enc.encode_batch_packed([text], allowed, disallowed, 1)[0]
-            except TypeError:
-                return self._enc.encode_batch_packed([_fix_surrogates(text)], allowed, disallowed, 1)[0]
-        except ValueError as e:
-            self._reraise_disallowed(e, [text], disallowed)
-            raise
+        # one thread: the caller's, as encode()
+        return self._by_encoder(lambda ts: self._enc.encode_batch_packed(ts, allowed, disallowed, 1)[0], [text],
+                                disallowed)
 
     def encode_single_token(self, text_or_bytes: str | bytes) -> int:
         """The id of the token that is exactly text_or_bytes, special tokens included; KeyError when
@@ -900,20 +901,18 @@ class Tokenizer:
         if device not in ("cpu", "cuda"):
             raise ValueError(f"encode_batch: device must be 'cpu' or 'cuda', got {device!r}")
         disallowed = self._checked_in_python(texts, disallowed, others)
-        try:
-            if device == "cuda":
-                from pyllm.tokenizer import cuda_encoder
+        if device == "cuda":
+            from pyllm.tokenizer import cuda_encoder
 
-                return cuda_encoder.encode_batch(self, texts, allowed, disallowed, num_threads)
-            if self._regex is not None or self._spm is not None:
-                return self._encode_custom_batch(texts, allowed, disallowed, num_threads)
             try:
-                return self._enc.encode_batch(texts, allowed, disallowed, num_threads)
-            except TypeError:
-                return self._enc.encode_batch([_fix_surrogates(t) for t in texts], allowed, disallowed, num_threads)
-        except ValueError as e:
-            self._reraise_disallowed(e, texts, disallowed)
-            raise
+                return cuda_encoder.encode_batch(self, texts, allowed, disallowed, num_threads)
+            except ValueError as e:
+                self._reraise_disallowed(e, texts, disallowed)
+                raise
+        if self._regex is not None or self._spm is not None:  # (names the first disallowed token itself)
+            return self._encode_custom_batch(texts, allowed, disallowed, num_threads)
+        return self._by_encoder(lambda ts: self._enc.encode_batch(ts, allowed, disallowed, num_threads), texts,
+                                disallowed)
 
     def encode_batch_packed(self, texts: Sequence[str], num_threads: int | None = None, *,
                             allowed_special: Literal["all"] | AbstractSet[str] = frozenset(),
@@ -930,15 +929,8 @@ class Tokenizer:
             np.cumsum([len(x) for x in lists], out=offsets[1:])
             ids = np.fromiter((i for x in lists for i in x), dtype=np.uint32, count=int(offsets[-1]))
             return ids, offsets
-        try:
-            try:
-                return self._enc.encode_batch_packed(texts, allowed, disallowed, num_threads)
-            except TypeError:
-                return self._enc.encode_batch_packed([_fix_surrogates(t) for t in texts], allowed, disallowed,
-                                                     num_threads)
-        except ValueError as e:
-            self._reraise_disallowed(e, texts, disallowed)
-            raise
+        return self._by_encoder(lambda ts: self._enc.encode_batch_packed(ts, allowed, disallowed, num_threads), texts,
+                                disallowed)
 
     def encode_ordinary_batch(self, texts: Sequence[str] = _UNSET, num_threads: int | None = None, *,
                               text: Sequence[str] = _UNSET) -> list[list[int]]:

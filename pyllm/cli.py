@@ -964,6 +964,10 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", type=int, help="optimizer steps in all (default 600)")
     p.add_argument("--ckpt-every", type=int, help="write the checkpoint every K steps (and at the end; default 200)")
     p.add_argument("--eval-every", type=int, help="val loss every K steps (and at the end; default 100)")
+    p.add_argument("--keep-best", action="store_true", default=None,
+                   help="model.safetensors holds the weights of the lowest val loss, written at that evaluation, "
+                        "not the last step's (nanoGPT's always_save_checkpoint=False, for a run that overfits); "
+                        "checkpoint.pt still holds the latest step, to resume from")
     p.add_argument("--eval-batches", type=int, help="batches per val evaluation (default 8)")
     p.add_argument("--eval-choices", dest="eval_choices_file", metavar="FILE",
                    help="at each evaluation also score a JSONL file of multiple-choice examples ({\"ctx\", "

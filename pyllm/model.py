@@ -1265,7 +1265,11 @@ def save_weights(state_dict: dict, cfg: ModelConfig, path, lora_scale: float | N
         state_dict = merge_lora_state(state_dict, lora_scale)
     state = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()
              if not (cfg.tie_embeddings and k == "lm_head.weight")}
-    save_file(state, str(path), metadata={"pyllm_config": json.dumps(cfg.to_dict())})
+    # A temp file renamed over the old one: a kill while writing (keep_best writes mid-run) leaves
+    # the old weights or the new, never a torn file.
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    save_file(state, str(tmp), metadata={"pyllm_config": json.dumps(cfg.to_dict())})
+    os.replace(tmp, path)
 
 
 # --- Hugging Face checkpoints -----------------------------------------------------------------------

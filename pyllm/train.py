@@ -96,6 +96,8 @@ class TrainConfig:
     eval_batches: int = 8
     eval_choices: str = ""  # multiple-choice examples (evaluate.write_choices' file) scored at each eval
     ckpt_every: int = 200  # 0: only at the end
+    keep_best: bool = False  # model.safetensors: the weights of the lowest val loss, written when it falls (nanoGPT's
+    # always_save_checkpoint=False), not the last step's; checkpoint.pt still holds the latest, to resume from
     seed: int = 1337
     compile: bool = False
     activation_checkpointing: bool = False  # recompute each block in the backward: less memory, ~1/3 more compute
@@ -153,6 +155,9 @@ class TrainConfig:
             raise ValueError("TrainConfig.lora_targets and lora_dropout go with lora_rank (a LoRA run)")
         if self.lora_targets:
             lora_targets(self.lora_targets)  # names checked before any work
+        if self.keep_best and self.grpo_reward:
+            raise ValueError("TrainConfig.keep_best keeps the weights of the lowest val loss; GRPO's measure is its val "
+                             "reward (the prompts' loss says little of it): train without keep_best")
         if self.preference and self.preference not in PREFERENCE_LOSSES:
             raise ValueError(f"TrainConfig.preference must be one of {', '.join(PREFERENCE_LOSSES)} (or empty), "
                              f"got {self.preference!r}")
@@ -1484,9 +1489,11 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
     optimizer = make_optimizer(model, cfg, info)
     scaler = make_loss_scaler(precision, cfg)
     start_step, skipped = 0, 0
+    best_val = None  # keep_best: the lowest val loss so far, whose weights model.safetensors holds
     if ckpt is not None:
         restore(ckpt, model, optimizer, scaler, loader, cfg, info)
         start_step, skipped = ckpt["step"], ckpt["skipped_steps"]
+        best_val = ckpt.get("best_val_loss") if cfg.keep_best else None
     rollouts = None  # GRPO: the samples of the generation the steps are on (grpo_rollout, grpo_prepare)
     if ckpt is not None and "grpo_rollouts" in ckpt:
         if len(ckpt["grpo_rollouts"]) != info.world_size or len(ckpt["grpo_rollouts"][0]) != cfg.grad_accum:
@@ -1548,6 +1555,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
             "model": model_state, "optimizer": optim_state, "scaler": scaler.state_dict() if scaler else None,
             "rng": rng_state(info.device), "loader": loader.state_dict(), "step": step_done,
             "skipped_steps": skipped, "model_config": mcfg.to_dict(), "train_config": asdict(cfg),
+            "best_val_loss": best_val,
             **({"reference_logps": {k: torch.from_numpy(v) for k, v in reference.items()}}
                if reference and cfg.reference == "precomputed" else {}),
             **({"grpo_rollouts": grpo_rollouts} if grpo_rollouts is not None else {})})
@@ -1706,6 +1714,12 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
             else:
                 val_loss = record["val_loss"] = evaluate(wrapped, data / "val.bin", cfg, seq_len, precision, info)
                 say(info, bar, f"step {step + 1}: val loss {val_loss:.4f}")
+            if cfg.keep_best and math.isfinite(val_loss) and (best_val is None or val_loss < best_val):
+                best_val = val_loss
+                model_state = full_model_state(model, cfg, info)  # (every rank: FSDP gathers)
+                if info.is_main:
+                    save_weights(model_state, mcfg, out / "model.safetensors", model.lora_scale())
+                    say(info, bar, f"step {step + 1}: the lowest val loss so far: its weights are model.safetensors")
             if reward is not None:  # GRPO: the policy's samples of the val prompts, rewarded
                 record.update(evaluate_rewards(model, data / "val.bin", cfg, seq_len, reward, val_rows, info, step))
                 if record["val_reward"] is not None:
@@ -1725,9 +1739,11 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
             checkpoint(step + 1)
     bar.close()
     if stop_at is None:
-        model_state = full_model_state(model, cfg, info)
+        final = not (cfg.keep_best and best_val is not None)  # (keep_best: written at its evaluation)
+        model_state = full_model_state(model, cfg, info) if final else None
         if info.is_main:
-            save_weights(model_state, mcfg, out / "model.safetensors", model.lora_scale())  # LoRA merged in
+            if final:
+                save_weights(model_state, mcfg, out / "model.safetensors", model.lora_scale())  # LoRA merged in
             plot_losses(out / "log.jsonl", out / "loss.png")
     if info.world_size > 1:
         dist.barrier()  # rank 0's files are complete when any rank returns

@@ -193,6 +193,40 @@ def test_checkpoint_write_is_atomic(data_dir, tmp_path, monkeypatch):
     assert trainer.load_checkpoint(tmp_path)["step"] == 4
 
 
+def test_keep_best_keeps_the_weights_of_the_lowest_val_loss(data_dir, tmp_path, monkeypatch):
+    # nanoGPT's always_save_checkpoint=False: a run that overfits keeps its best weights. The val
+    # losses are scripted (evaluations at steps 2, 4, 6, 8): the lowest comes at step 4, a NaN never
+    # counts, and a resume from step 6 (after the best) knows the best it already has.
+    from safetensors.torch import load_file
+
+    def scripted(values):
+        it = iter(values)
+        monkeypatch.setattr(trainer, "evaluate", lambda *args: next(it))
+
+    kw = dict(eval_every=2, ckpt_every=2, keep_best=True)
+    scripted([3.0, 2.0, math.nan, 2.5])
+    trainer.train(config(data_dir, tmp_path / "best", **kw))
+    scripted([3.0, 2.0])
+    trainer.train(config(data_dir, tmp_path / "at4", **kw), stop_at=4)  # its checkpoint: the weights after step 4
+    at4 = torch.load(tmp_path / "at4/checkpoint.pt", weights_only=True)
+    assert at4["best_val_loss"] == 2.0
+    kept = load_file(tmp_path / "best/model.safetensors")
+    assert all(torch.equal(kept[k], at4["model"][k]) for k in kept)
+    last = torch.load(tmp_path / "best/checkpoint.pt", weights_only=True)["model"]  # the latest, to resume from
+    assert not all(torch.equal(kept[k], last[k]) for k in kept)
+
+    scripted([3.0, 2.0, math.nan])
+    trainer.train(config(data_dir, tmp_path / "cut", **kw), stop_at=6)
+    scripted([2.5])
+    trainer.train(config(data_dir, tmp_path / "cut", **kw), resume=True)
+    resumed = load_file(tmp_path / "cut/model.safetensors")
+    assert all(torch.equal(resumed[k], kept[k]) for k in kept)
+    assert not list((tmp_path / "cut").glob("*.tmp"))
+
+    with pytest.raises(ValueError, match="keep_best"):
+        config(data_dir, tmp_path / "grpo", keep_best=True, grpo_reward="len").validate()
+
+
 def test_corrupt_or_missing_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint to resume from"):
         trainer.load_checkpoint(tmp_path)

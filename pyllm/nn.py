@@ -703,7 +703,11 @@ def _linear_cross_entropy_with_grads(x, weight, targets, chunk_rows: int, need_x
         # elsewhere (fp64 on CUDA, devices without kernels) in torch ops: scaled and capped in fp32
         logits, tanh = _final_logits(logits.to(acc), scale, softcap)
         valid = tc != -1
-        picked = tc.clamp(min=0)[:, None]
+        # A target outside [0, V) that is not ignored gives its row NaN, loss and gradient, as the
+        # kernels do (clamped, it had been read as word 0: HF's -100 with the default ignore_index);
+        # found on the device, without a host sync.
+        bad = ((tc < -1) | (tc >= vocab))[:, None]
+        picked = tc.clamp(min=0, max=vocab - 1)[:, None]
         # label smoothing's target: (1 - e) on the label, e / V on every word (the label's included)
         target_logit = logits.gather(1, picked)[:, 0] * (1 - label_smoothing)
         if label_smoothing:
@@ -721,9 +725,10 @@ def _linear_cross_entropy_with_grads(x, weight, targets, chunk_rows: int, need_x
             grad.scatter_add_(1, picked, -(1 - label_smoothing) * valid[:, None].to(grad.dtype))
             if label_smoothing:
                 grad.sub_(label_smoothing / vocab)
-            grad = _through_final(grad.mul_(valid[:, None]), tanh, scale)
+            grad = _through_final(grad.mul_(valid[:, None]).masked_fill_(bad, math.nan), tanh, scale)
             buffers.add_grads(grad.to(x.dtype), xc, weight, rows, grad_x)
-        return ((lse - target_logit + z_rows) * valid).sum(), (z_rows * valid).sum()
+        losses = ((lse - target_logit + z_rows) * valid).masked_fill_(bad[:, 0], math.nan)
+        return losses.sum(), (z_rows * valid).sum()
 
     for start in range(0, x.shape[0], chunk_rows):
         loss, z_part = chunk(slice(start, start + chunk_rows))
@@ -793,8 +798,17 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
                                                  label_smoothing, z_loss)
     if reduction == "mean":
         counted = (targets != -1).sum()
-        loss, z_part = loss / counted, z_part / counted
+        # NaN when nothing is counted, as F.cross_entropy's, but the gradients stay 0 (they are 0 over
+        # every row): a micro-batch of no targets must not poison the weights through 0 / 0.
+        loss = _mean_over(loss, counted)
+        z_part = z_part / counted
     return (loss, z_part) if return_z_loss else loss
+
+
+def _mean_over(total: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
+    """total / counted whose gradient is total's / max(counted, 1): NaN for none counted, as
+    F.cross_entropy, with the gradient 0 (total's is 0 then) rather than 0 * inf."""
+    return torch.where(counted > 0, total / counted.clamp(min=1), torch.full_like(total, math.nan))
 
 
 def _logit_shape(name: str, scale, softcap) -> tuple[float, float]:
@@ -817,6 +831,12 @@ def _fused_linear_inputs(x, weight, chunk_rows, softcap=None, takes=None):
     MiB of them per buffer. Twice the rows in
     bf16, where the fewer, larger matmuls took the loss from 1,009 to 824 ms
     (bench_cross_entropy.py: SmolLM2's output layer, 1,024 rows, 2-core EPYC, 2026-12-02)."""
+    if not (chunk_rows is None or isinstance(chunk_rows, int) and not isinstance(chunk_rows, bool)):
+        raise TypeError(f"the fused loss's chunk_rows (its 4th positional argument) must be an int or None, got "
+                        f"{type(chunk_rows).__name__}" + (": Liger-Kernel's 4th is the output layer's bias, which "
+                        "pyllm's fused losses do not take" if isinstance(chunk_rows, torch.Tensor) else ""))
+    if chunk_rows is not None and chunk_rows < 1:
+        raise ValueError(f"the fused loss's chunk_rows must be >= 1, got {chunk_rows}")
     x = x.reshape(-1, x.shape[-1])
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
@@ -1400,7 +1420,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     cos, sin: (T, R/2) for every row alike, or (B, T, R/2) (packed documents: positions per row)."""
     if _rope_takes(x, cos, sin):
         return rope_ops.rope(x, cos, sin)  # the same function in one kernel
-    half = cos.shape[-1]
+    # torch ops (tables of another dtype or needing grad, devices without the kernel): the kernel's
+    # shapes only, or broadcasting takes HF's (B, H, T, D) with (T, R/2) tables to a (B, T, T, D) result
+    half = cos.shape[-1] if cos.dim() else 0
+    if not (x.dim() == 4 and cos.shape == sin.shape and 1 <= half and 2 * half <= x.shape[-1]
+            and cos.dim() in (2, 3) and cos.shape[-2] == x.shape[1] and (cos.dim() == 2 or cos.shape[0] in (1, x.shape[0]))):
+        raise ValueError(f"apply_rope: x must be (batch, seqlen, n_heads, head_dim) and cos, sin (seqlen, R/2) or "
+                         f"(batch or 1, seqlen, R/2) with 2 <= R <= head_dim; got x {tuple(x.shape)}, cos "
+                         f"{tuple(cos.shape)}, sin {tuple(sin.shape)}")
     x_rot, x_pass = (x, None) if 2 * half == x.shape[-1] else (x[..., :2 * half], x[..., 2 * half:])
     x1, x2 = x_rot.to(cos.dtype)[..., :half], x_rot.to(cos.dtype)[..., half:]  # (B, T, H, R/2)
     cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # (T, 1, R/2) or (B, T, 1, R/2)

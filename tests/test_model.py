@@ -1091,11 +1091,16 @@ def test_linear_cross_entropy_objectives_match_float64(device, dtype, objective,
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_linear_cross_entropy_takes_ligers_ignore_index_and_mean(dtype):
+@pytest.mark.parametrize("step", ["kernel", "torch-ops"])
+def test_linear_cross_entropy_takes_ligers_ignore_index_and_mean(dtype, step, monkeypatch):
     # Code written against Liger-Kernel's fused loss (ignore_index -100, reduction "mean"): the mean
-    # over the counted targets, within twice torch's error; all ignored gives NaN, as torch's mean.
+    # over the counted targets, within twice torch's error; all ignored gives NaN, as torch's mean,
+    # with gradients 0 (not 0 * inf: a micro-batch of no targets must not poison the weights). HF's
+    # -100 labels left to the default ignore_index (-1) are out of range: an error from the kernel,
+    # NaN from torch ops (they had been read as word 0 there: CUDA's default path).
     from pyllm.nn import linear_cross_entropy
 
+    softmax_step(monkeypatch, step)
     x64, w64, targets = output_layer_case(3)
     targets = targets.masked_fill(targets == -1, -100)
 
@@ -1109,7 +1114,15 @@ def test_linear_cross_entropy_takes_ligers_ignore_index_and_mean(dtype):
     for name, got, torch_value, exact in zip(("loss", "dx", "dw"), ours, theirs, ref):
         assert rel_err(got, exact) <= tolerance(torch_value, exact), name
     none = torch.full_like(targets, -100)
-    assert torch.isnan(linear_cross_entropy(x64.float(), w64.float(), none, ignore_index=-100, reduction="mean"))
+    loss, dx, dw = loss_and_grads(lambda x, w, t: linear_cross_entropy(x, w, t, 37, ignore_index=-100,
+                                                                       reduction="mean"), x64, w64, none, dtype)
+    assert torch.isnan(loss) and not dx.any() and not dw.any()
+    if step == "kernel":
+        with pytest.raises(ValueError, match="target"):
+            linear_cross_entropy(x64.float(), w64.float(), targets)
+    else:
+        loss, dx, dw = loss_and_grads(lambda x, w, t: linear_cross_entropy(x, w, t, 37), x64, w64, targets, dtype)
+        assert torch.isnan(loss) and dx.isnan().any() and dw.isnan().any()
     with pytest.raises(ValueError, match="reduction must be 'sum' or 'mean'"):
         linear_cross_entropy(x64.float(), w64.float(), targets, reduction="none")
 
@@ -1123,6 +1136,12 @@ def test_linear_cross_entropy_objectives_are_checked():
                              (dict(z_loss=-1e-4), "z_loss must be"), (dict(z_loss=math.inf), "z_loss must be")):
         with pytest.raises(ValueError, match=message):
             linear_cross_entropy(x, w, t, **options)
+    # Liger's fused loss takes the output layer's bias 4th: a clear refusal, not a tensor read as a
+    # chunk size ("only one element tensors can be converted to Python scalars")
+    with pytest.raises(TypeError, match="Liger-Kernel's 4th is the output layer's bias"):
+        linear_cross_entropy(x, w, t, torch.zeros(10))
+    with pytest.raises(ValueError, match="chunk_rows must be >= 1"):
+        linear_cross_entropy(x, w, t, 0)
 
 
 @fused_loss_grid

@@ -141,6 +141,11 @@ def test_model_path_runs_the_kernel_and_compiles():
     assert type(apply_rope(x, cos.requires_grad_(), sin).grad_fn).__name__ != "_RopeFunctionBackward"
     cos.requires_grad_(False)
     assert_compiles_like_eager(lambda t: apply_rope(t, cos, sin), x)
+    # HF's (B, H, T, D) layout (here H = 1) is refused on the torch form too: broadcasting had made
+    # a (B, T, T, D) result of it, silently
+    for table in (cos.requires_grad_(), cos.half()):
+        with pytest.raises(ValueError, match=r"apply_rope: x must be \(batch, seqlen, n_heads, head_dim\)"):
+            apply_rope(torch.randn(2, 1, 6, 32), table, table)
 
 
 def test_meta_tensors_give_shapes():

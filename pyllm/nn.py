@@ -1347,19 +1347,49 @@ def _rms_norm_takes(x: torch.Tensor) -> bool:
 
 class RMSNorm(nn.Module):
     """x / rms(x) * weight (Zhang & Sennrich 2019), computed in fp32 and cast back, as LLaMA does:
-    bf16 squares lose too many bits when summed over a 4k-wide row."""
+    bf16 squares lose too many bits when summed over a 4k-wide row. torch.nn.RMSNorm's arguments
+    (dim: an int or the trailing dims normalised together, elementwise_affine), with LLaMA's
+    roundings and eps default (1e-5; None: torch's, fp32's epsilon). A weight of another dtype than
+    x (fp32 under autocast) is cast to x's first."""
 
-    def __init__(self, dim: int, eps: float = 1e-5, device=None, dtype=None):
+    def __init__(self, dim, eps: float | None = 1e-5, elementwise_affine: bool = True, device=None, dtype=None):
         super().__init__()
+        if isinstance(elementwise_affine, (torch.device, str)) or not isinstance(elementwise_affine, bool):
+            raise TypeError(f"RMSNorm: elementwise_affine (the 3rd argument, as in torch.nn.RMSNorm) must be a bool, got "
+                            f"{elementwise_affine!r}; give device= by name")
+        self.normalized_shape = (dim,) if isinstance(dim, int) else tuple(dim)
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+        self.elementwise_affine = elementwise_affine
+        if elementwise_affine:
+            self.weight = nn.Parameter(torch.empty(self.normalized_shape, device=device, dtype=dtype))
+        else:
+            self.register_parameter("weight", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Ones (what meta-device init then to_empty, FSDP2's way, calls to fill the weight)."""
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+
+    def extra_repr(self) -> str:
+        return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = len(self.normalized_shape)
+        if tuple(x.shape[-n:]) != self.normalized_shape:
+            raise ValueError(f"RMSNorm: x's trailing dims must be {self.normalized_shape}, got shape {tuple(x.shape)}")
+        if n > 1:  # dims normalised together: one row of their product
+            return self._rows(x.flatten(-n)).view(x.shape)
+        return self._rows(x)
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        eps = torch.finfo(torch.promote_types(x.dtype, torch.float32)).eps if self.eps is None else self.eps
+        weight = None if self.weight is None else self.weight.reshape(-1).to(x.dtype)
         if _rms_norm_takes(x):
-            return rms_norm(x, self.weight.to(x.dtype), self.eps)  # the same roundings, one kernel
+            return rms_norm(x, weight, eps)  # the same roundings, one kernel
         x32 = x.to(torch.promote_types(x.dtype, torch.float32))
-        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return y.to(x.dtype) * self.weight.to(x.dtype)
+        y = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+        return y if weight is None else y * weight
 
 
 def rope_cos_sin(seq_len: int, head_dim: int, theta: float = 10000.0, start: int = 0, device=None,

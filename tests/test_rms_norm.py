@@ -193,6 +193,63 @@ def test_module_runs_the_kernel(dtype):
     assert torch.equal(out_fp32_weight(x), out)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
+def test_takes_torchs_form_and_eps_default(dtype):
+    # F.rms_norm(input, normalized_shape, weight=None, eps=None), positional or by name, several
+    # trailing dims normalised together, eps None = fp32's (fp64's) epsilon: cast_first=False rounds
+    # as torch does, so fp64 matches to the last bits and bf16 to one rounding; the default
+    # (cast_first=True) is LLaMA's order, in torch's form too.
+    F = torch.nn.functional
+    x, w = randn((3, 4, 8), dtype, "cpu", 1e-4), randn((4, 8), dtype, "cpu", 0.3, 1.0)
+    calls = [((x, (8,)), {}), ((x, (8,), w[0], 1e-5), {}), ((x, [4, 8], w), {}), ((x, (4, 8)), dict(weight=w)),
+             ((), dict(input=x, normalized_shape=(8,), weight=w[0], eps=1e-3)), ((x, torch.Size([4, 8]), None, 0.5), {})]
+    for args, kw in calls:
+        want = F.rms_norm(*args, **kw)
+        got = pyllm.rms_norm(*args, **kw, cast_first=False)
+        assert got.shape == x.shape and got.dtype == dtype
+        assert rel_err(got, want) <= (1e-15 if dtype == torch.float64 else 2 ** -8), (args, kw)
+    assert rel_err(pyllm.rms_norm(x, 8, None, None), pyllm.rms_norm(x, None, torch.finfo(torch.float32).eps
+                                                                      if dtype != torch.float64 else 2.0 ** -52)) == 0
+    assert torch.equal(pyllm.rms_norm(x, (8,), w[0], 1e-5), pyllm.rms_norm(x, w[0], 1e-5))
+
+
+def test_a_weight_of_another_dtype_is_cast_first():
+    # An fp32 weight on bf16 activations (autocast): cast to x's dtype, as pyllm.nn.RMSNorm does;
+    # the output in x's dtype (torch's too), the weight's gradient back in fp32.
+    x = randn((6, 32), torch.bfloat16, "cpu").requires_grad_()
+    w32 = randn((32,), torch.float32, "cpu", 0.3, 1.0).requires_grad_()
+    out = pyllm.rms_norm(x, w32)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, pyllm.rms_norm(x, w32.bfloat16()))
+    assert out.dtype == torch.nn.functional.rms_norm(x, (32,), w32).dtype
+    out.sum().backward()
+    assert w32.grad.dtype == torch.float32 and w32.grad.abs().sum() > 0
+
+
+def test_module_takes_torchs_arguments():
+    # torch.nn.RMSNorm(normalized_shape, eps, elementwise_affine, device, dtype): several trailing
+    # dims, no weight, eps None; reset_parameters for meta-device init (FSDP2's to_empty); the 3rd
+    # positional is elementwise_affine, so a device there is a clear error.
+    x = randn((2, 3, 4, 8), torch.float64, "cpu")
+    ours, theirs = RMSNorm((4, 8), None, dtype=torch.float64), torch.nn.RMSNorm((4, 8), dtype=torch.float64)
+    with torch.no_grad():
+        ours.weight.copy_(randn((4, 8), torch.float64, "cpu", 0.3, 1.0))
+        theirs.weight.copy_(ours.weight)
+    assert rel_err(ours(x), theirs(x)) <= 1e-15
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    bare = RMSNorm(8, 1e-5, False)
+    assert bare.weight is None and list(bare.parameters()) == [] and "elementwise_affine=False" in repr(bare)
+    assert rel_err(bare(x), torch.nn.functional.rms_norm(x, (8,), eps=1e-5)) <= 1e-15
+    with torch.device("meta"):
+        lazy = RMSNorm(16)
+    lazy = lazy.to_empty(device="cpu")
+    lazy.reset_parameters()
+    assert torch.equal(lazy.weight, torch.ones(16))
+    with pytest.raises(TypeError, match="elementwise_affine"):
+        RMSNorm(8, 1e-5, "cpu")
+    with pytest.raises(ValueError, match=r"trailing dims must be \(4, 8\)"):
+        ours(x[..., :4])
+
+
 def test_torch_compile_fullgraph():
     assert_compiles_like_eager(RMSNorm(32), torch.randn(3, 32, requires_grad=True))
 
@@ -204,7 +261,11 @@ def test_bad_input_raises_clear_errors():
     with pytest.raises(ValueError, match=r"weight must have shape \(4,\)"):
         pyllm.rms_norm(x, torch.randn(5))
     with pytest.raises(TypeError, match="dtype"):
-        pyllm.rms_norm(x, torch.randn(4).bfloat16())
+        pyllm.rms_norm(x, torch.randn(4).int())
+    with pytest.raises(ValueError, match=r"normalized_shape must be input's trailing dims, got \(3,\)"):
+        pyllm.rms_norm(x, (3,))
+    with pytest.raises(ValueError, match=r"weight must have shape normalized_shape \(4,\)"):
+        pyllm.rms_norm(x, [4], torch.randn(3, 4))
     with pytest.raises(TypeError, match="expected one of"):
         pyllm.rms_norm(x.int())
     with pytest.raises(TypeError, match="must be a torch.Tensor"):

@@ -7,6 +7,7 @@ normalised row from them.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Optional
 
@@ -165,20 +166,65 @@ class _RmsNormFunction(torch.autograd.Function):
 
 # --- public API -------------------------------------------------------------------------------
 
-def rms_norm(x: Tensor, weight: Optional[Tensor] = None, eps: float = 1e-6, *, offset: float = 0.0,
-             cast_first: bool = True) -> Tensor:
+def _pyllm_form(x: Tensor, weight: Optional[Tensor] = None, eps: Optional[float] = 1e-6, *, offset: float = 0.0,
+                cast_first: bool = True) -> Tensor:
+    if eps is None:
+        eps = _torch_eps(x)
+    if (isinstance(weight, Tensor) and isinstance(x, Tensor) and weight.dtype != x.dtype
+            and weight.dtype in DTYPES.get(weight.device.type, ()) and x.dtype in DTYPES.get(x.device.type, ())):
+        weight = weight.to(x.dtype)
+    _check(x, weight, eps, offset)
+    return _util.call(_rms_norm_body, _rms_norm, _RmsNormFunction, x, weight, float(eps), float(offset),
+                      bool(cast_first))[0]
+
+
+def _torch_form(input: Tensor, normalized_shape, weight: Optional[Tensor] = None, eps: Optional[float] = None, *,
+                offset: float = 0.0, cast_first: bool = True) -> Tensor:
+    """F.rms_norm's arguments: the mean over the trailing dims normalized_shape names."""
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    if not (isinstance(input, Tensor) and 1 <= len(shape) <= input.dim() and tuple(input.shape[-len(shape):]) == shape):
+        got = tuple(input.shape) if isinstance(input, Tensor) else type(input).__name__
+        raise ValueError(f"{OP}: normalized_shape must be input's trailing dims, got {shape} for input {got}")
+    if isinstance(weight, Tensor) and tuple(weight.shape) != shape:
+        raise ValueError(f"{OP}: weight must have shape normalized_shape {shape}, got {tuple(weight.shape)}")
+    if len(shape) == 1:
+        return _pyllm_form(input, weight, eps, offset=offset, cast_first=cast_first)
+    flat = _pyllm_form(input.flatten(-len(shape)), None if weight is None else weight.reshape(-1), eps, offset=offset,
+                       cast_first=cast_first)  # several dims normalised together: one row of their product
+    return flat.view(input.shape)
+
+
+def _torch_eps(x) -> float:
+    """torch.nn.RMSNorm's eps=None: the epsilon of the dtype it computes in (fp32, fp64 for fp64)."""
+    return torch.finfo(torch.float64 if isinstance(x, Tensor) and x.dtype == torch.float64 else torch.float32).eps
+
+
+def _is_shape(value) -> bool:
+    return (isinstance(value, int) and not isinstance(value, bool)) or isinstance(value, (tuple, list, torch.Size))
+
+
+def rms_norm(*args, **kwargs) -> Tensor:
     """RMSNorm over the last dim (Zhang & Sennrich 2019) in one fused kernel, differentiable:
     x * rstd * (offset + weight), rstd = 1 / sqrt(mean(x^2, -1) + eps).
 
     Args:
         x: (..., D), any number of leading dims (empty too). CPU: float32, bfloat16, float16,
             float64. CUDA: float32, float16, bfloat16, D <= 32768.
-        weight: (D,), x's dtype and device; None for no scale (then offset is unused).
-        eps: added to the mean square.
+        weight: (D,), x's device; None for no scale (then offset is unused). A weight of another
+            floating dtype (an fp32 parameter on bf16 activations under autocast) is cast to x's
+            first, as pyllm.nn.RMSNorm does; its gradient comes back through that cast.
+        eps: added to the mean square; None: torch's default, the machine epsilon of fp32 (fp64 for
+            fp64 x), torch.nn.RMSNorm's and F.rms_norm's.
         offset: added to weight (Gemma stores weight - 1 and uses offset=1.0).
         cast_first: True rounds x * rstd to x's dtype before the scale, as LLaMA, Qwen, Mistral and
             pyllm.nn.RMSNorm write it (``(x32 * rstd).to(dtype) * weight``); False scales in fp32
             and rounds once, as Gemma does. The same in float32 and float64.
+    torch's form is taken too: ``rms_norm(input, normalized_shape, weight=None, eps=None)``
+    (F.rms_norm's arguments, positional or by name, its eps default included): normalized_shape
+    x's trailing dims (an int or a sequence), the weight of that shape, the mean over all of them.
+    Rounding: F.rms_norm and torch.nn.RMSNorm round once (cast_first=False gives their bits);
+    cast_first=True (the default) is LLaMA's order, in torch's form too.
+
     Returns:
         A new contiguous tensor of x's shape and dtype. The mean square and every product run in
         fp32 (fp64 for fp64 inputs). Backward gives the gradients of x and weight (dw summed over
@@ -189,6 +235,9 @@ def rms_norm(x: Tensor, weight: Optional[Tensor] = None, eps: float = 1e-6, *, o
         an unsupported device, D > 32768 on CUDA; RuntimeError for a CUDA tensor when pyllm was built
         without CUDA kernels.
     """
-    _check(x, weight, eps, offset)
-    return _util.call(_rms_norm_body, _rms_norm, _RmsNormFunction, x, weight, float(eps), float(offset),
-                      bool(cast_first))[0]
+    if (len(args) > 1 and _is_shape(args[1])) or "normalized_shape" in kwargs or "input" in kwargs:
+        return _torch_form(*args, **kwargs)
+    return _pyllm_form(*args, **kwargs)
+
+
+rms_norm.__signature__ = inspect.signature(_pyllm_form)

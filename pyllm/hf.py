@@ -128,8 +128,6 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     (S >= T: a cache's keys come first), attention_mask from padding_mask; returns
     ((B, T, H, D), None). sliding_window W: a query sees itself and the W - 1 keys before it
     (transformers' convention, flash-attn's window (W - 1, W - 1))."""
-    if dropout:
-        raise ValueError(f"pyllm attention has no dropout; got dropout={dropout} (set config.attention_dropout = 0)")
     causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", True)))
     left = sliding_window - 1 if sliding_window else -1
     window = (left, 0 if causal else left)
@@ -138,10 +136,14 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     # gpt-oss's attention sinks (s_aux): a learned logit per head in every softmax (pyllm's sinks=)
     call = dict(causal=causal, window=window, scale=scaling, softcap=softcap or 0.0, sinks=kwargs.get("s_aux"))
 
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise ValueError(f"pyllm attention takes a 2D padding mask (B, S), got shape {tuple(attention_mask.shape)}: a "
+                         "4D mask of the caller's own (or of a model built without attn_implementation='pyllm') is "
+                         "not one; load the model with attn_implementation='sdpa' for it")
+    if dropout:  # training with attention dropout (GPT-2's attn_pdrop): no kernel has it; SDPA's
+        return _with_dropout(q, k, v, attention_mask, kwargs, call, float(dropout)), None
+
     if attention_mask is not None:  # padding: only real tokens attend and are attended to
-        if attention_mask.dim() != 2:
-            raise ValueError(f"pyllm attention takes a 2D padding mask (B, S), got shape {tuple(attention_mask.shape)}"
-                             " (a 4D mask means the model was not built with attn_implementation='pyllm')")
         k, v = k[:, :attention_mask.shape[1]], v[:, :attention_mask.shape[1]]  # a static cache's unwritten tail goes
         if _decoding(q, k, v, causal, call["softcap"]):
             starts = _suffix_starts(attention_mask, attention_mask.bool())
@@ -183,6 +185,25 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     return _reference_rows(q, k, v, every[:, -T:], every, **call, documents=_documents(position_ids, B, T)), None
 
 
+def _with_dropout(q, k, v, attention_mask, kwargs, call, dropout: float) -> torch.Tensor:
+    """The kernels' function, dropout on its probabilities, through SDPA: what the model computed
+    unpatched (its eager or SDPA attention), to within the random draws."""
+    B, T = q.shape[:2]
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if attention_mask is None and cu_q is not None:
+        out = _reference_packed(q.reshape(B * T, *q.shape[2:]), k.reshape(-1, *k.shape[2:]), v.reshape(-1, *v.shape[2:]),
+                                cu_q.int(), cu_k.int(), **call, dropout=dropout)
+        return out.view(B, T, *out.shape[1:])
+    if attention_mask is not None:
+        k, v = k[:, :attention_mask.shape[1]], v[:, :attention_mask.shape[1]]
+        real_k = attention_mask.bool()
+    else:
+        real_k = torch.ones(B, k.shape[1], dtype=torch.bool, device=q.device)
+    position_ids = kwargs.get("position_ids") if T == k.shape[1] else None
+    return _reference_rows(q, k, v, real_k[:, -T:], real_k, **call, documents=_documents(position_ids, B, T),
+                           dropout=dropout)
+
+
 def _kernel_takes(q, k, v, softcap: float, decode: bool = False) -> bool:
     return (pnn._flash_attn_takes(q, k, v, decode) and q.shape[-1] == k.shape[-1] == v.shape[-1]  # not MLA's value dim
             and (not softcap or q.is_cpu))  # capped scores: CPU kernels only
@@ -202,7 +223,10 @@ def _step_shaped(q, k, causal) -> bool:
 
 
 def _decoding(q, k, v, causal, softcap) -> bool:
-    return _step_shaped(q, k, causal) and _kernel_takes(q, k, v, softcap, decode=True)
+    """Whether the KV-cache kernel (inference only: no backward) takes this step; a step whose
+    gradient is wanted (prefix tuning's trained cache, training over a cached prompt) does not."""
+    wants_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    return not wants_grad and _step_shaped(q, k, causal) and _kernel_takes(q, k, v, softcap, decode=True)
 
 
 def _decode(q, k, v, causal, window, scale, softcap, sinks, pads=None):
@@ -415,7 +439,7 @@ def _packed_starts(position_ids: torch.Tensor | None, B: int, T: int) -> torch.T
     return _packed_memo.get(position_ids, (B, T), compute)
 
 
-def _reference_rows(q, k, v, real_q, real_k, causal, window, scale, softcap, sinks, documents=None):
+def _reference_rows(q, k, v, real_q, real_k, causal, window, scale, softcap, sinks, documents=None, dropout=0.0):
     """The kernel's function through SDPA, row by row of the batch: q (B, T, H, D), k and v (B, S,
     H_kv, D), real_q (B, T) / real_k (B, S) the tokens that are not padding. Each row's real queries
     sit at the end of its real keys (flash-attn's bottom-right causal, after unpadding), the window
@@ -426,11 +450,12 @@ def _reference_rows(q, k, v, real_q, real_k, causal, window, scale, softcap, sin
     seen = _band(pos_q[:, :, None], pos_k[:, None, :], causal, window) & real_k[:, None, :] & real_q[:, :, None]
     if documents is not None:
         seen &= documents[:, :, None] == documents[:, None, :]
-    out = pnn._sdpa(q, k.to(q.dtype), v.to(q.dtype), seen[:, None], scale=scale, softcap=softcap or None, sinks=sinks)
+    out = pnn._sdpa(q, k.to(q.dtype), v.to(q.dtype), seen[:, None], scale=scale, softcap=softcap or None, sinks=sinks,
+                    dropout_p=dropout)
     return out.masked_fill(~seen.any(dim=2)[:, :, None, None], 0)  # a query seeing no key: 0, as the kernel
 
 
-def _reference_packed(q, k, v, cu_q, cu_k, causal, window, scale, softcap, sinks):
+def _reference_packed(q, k, v, cu_q, cu_k, causal, window, scale, softcap, sinks, dropout=0.0):
     """The varlen kernel's function through SDPA: sequences back to back, q (N_q, H, D), k and v
     (N_k, H_kv, D), sequence b at rows cu_q[b]:cu_q[b + 1] / cu_k[b]:cu_k[b + 1], with an (N_q, N_k)
     mask (packed rows are usually one row of the batch: B = 1)."""
@@ -439,7 +464,7 @@ def _reference_packed(q, k, v, cu_q, cu_k, causal, window, scale, softcap, sinks
     pos_q = pos_q + (cu_k.diff() - cu_q.diff()).long()[seq_q]  # aligned to the end of its keys
     seen = (seq_q[:, None] == seq_k[None, :]) & _band(pos_q[:, None], pos_k[None, :], causal, window)
     out = pnn._sdpa(q[None], k[None].to(q.dtype), v[None].to(q.dtype), seen[None, None], scale=scale,
-                    softcap=softcap or None, sinks=sinks)[0]
+                    softcap=softcap or None, sinks=sinks, dropout_p=dropout)[0]
     return out.masked_fill(~seen.any(dim=1)[:, None, None], 0)
 
 

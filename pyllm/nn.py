@@ -1501,18 +1501,20 @@ def alibi_slopes(n_heads: int) -> torch.Tensor:
     return torch.tensor(slopes, dtype=torch.float32)
 
 
-def _sdpa(q, k, v, mask=None, is_causal=False, scale=None, softcap=None, sinks=None, alibi=None, q_positions=None):
+def _sdpa(q, k, v, mask=None, is_causal=False, scale=None, softcap=None, sinks=None, alibi=None, q_positions=None,
+          dropout_p: float = 0.0):
     """SDPA on (B, T, H, D) q and (B, S, H_kv, D) k, v (GQA), returned as (B, T, H, D); mask: bool,
     broadcast to (B, H, T, S), True where seen. softcap: Gemma 2's scores, softcap * tanh(scores /
     softcap), before the mask and the softmax; sinks: (H,) logits joining each softmax with a zero
     value (gpt-oss's); alibi: (H,) or (B, H) ALiBi slopes, -slope * |p_i - j| added in fp32 after the cap, p_i
     the query's key position: q_positions (T,) or (B, T), by default S - T + i (bottom-right, as
     flash_attn). SDPA takes none of them, so with them the (B, H, T, S) scores are computed whole, in
-    q's dtype as SDPA's math path does."""
+    q's dtype as SDPA's math path does. dropout_p: dropout on the attention probabilities (training
+    a model whose attention has it: transformers' GPT-2), as SDPA's."""
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D), (B, H_kv, S, D)
     if not softcap and sinks is None and alibi is None:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
-                                             enable_gqa=q.shape[1] != k.shape[1])
+                                             dropout_p=dropout_p, enable_gqa=q.shape[1] != k.shape[1])
         return out.transpose(1, 2)
     if k.shape[1] != q.shape[1]:
         k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
@@ -1538,6 +1540,8 @@ def _sdpa(q, k, v, mask=None, is_causal=False, scale=None, softcap=None, sinks=N
     else:
         probs = torch.softmax(scores, dim=-1)
     probs = probs.nan_to_num(0.0).to(q.dtype)  # a query seeing no key: 0
+    if dropout_p:
+        probs = F.dropout(probs, dropout_p)
     return (probs @ v).transpose(1, 2)
 
 

@@ -581,6 +581,58 @@ def test_tuple_outputs_and_a_lora_output_layer():
     assert models[1].base_model.model.lm_head.lora_A["default"].weight.grad is not None
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_attention_dropout_trains_as_sdpa_does(family):
+    # Attention dropout while training (GPT-2's attn_pdrop 0.1 by default; Llama's attention_dropout):
+    # no kernel has it, so those calls go through SDPA with its dropout_p, the unpatched model's
+    # own attention; with one seed the random draws are the same ones: loss (HF's in fp32) and
+    # gradients as the unpatched model's, padded or not. Eval (no dropout) keeps the kernels.
+    if family == "llama":
+        config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=96, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, attention_dropout=0.3)
+        model_class = transformers.LlamaForCausalLM
+    else:
+        config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=128, n_layer=2, n_head=4, attn_pdrop=0.3,
+                                         resid_pdrop=0.0, embd_pdrop=0.0, bos_token_id=2, eos_token_id=1)
+        model_class = transformers.GPT2LMHeadModel
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    reference = model_class(config).double().train()
+    ours = copy.deepcopy(reference)
+    phf.apply_pyllm_kernels(ours)
+    ids = inputs()
+    for mask in (None, padded()):
+        losses = []
+        for model in (reference, ours):
+            model.zero_grad()
+            torch.manual_seed(1)
+            losses.append(model(ids, attention_mask=mask, labels=ids).loss)
+            losses[-1].backward()
+        assert rel_err(losses[1], losses[0].double()) < 1e-6
+        for (name, p), q in zip(reference.named_parameters(), ours.parameters()):
+            assert rel_err(q.grad, p.grad) < 1e-5, name
+        torch.manual_seed(2)
+        assert abs(ours(ids, attention_mask=mask, labels=ids).loss.item() - losses[1].item()) > 1e-4  # other draws
+    reference.eval(), ours.eval()
+    with torch.no_grad():
+        assert rel_err(ours(ids).logits, reference(ids).logits) < 1e-6  # (HF's norms: fp32 in a float64 model)
+
+
+def test_gradients_through_a_cached_prompt():
+    # A few new tokens over a cache with gradients wanted (training over a cached prompt, prefix
+    # tuning): not the KV-cache kernel (inference only), the differentiable attention.
+    reference, ours = tiny("llama")
+    phf.apply_pyllm_kernels(ours)
+    ids = inputs(3, 21)
+    for model in (reference, ours):
+        with torch.no_grad():
+            cache = model(ids[:, :13], use_cache=True).past_key_values
+        model(ids[:, 13:], past_key_values=cache, use_cache=True).logits.logsumexp(-1).sum().backward()
+    for (name, p), q in zip(reference.named_parameters(), ours.parameters()):
+        if p.grad is not None:
+            assert rel_err(q.grad, p.grad) < 1e-10, name
+
+
 def test_a_value_head_dim_of_its_own():
     # DeepSeek's MLA: values narrower than queries and keys; no kernel takes that, the fallback does.
     config = transformers.DeepseekV3Config(
@@ -690,15 +742,12 @@ def test_what_it_cannot_take_is_refused():
     bamba.z_loss_coefficient = 1e-4  # (its config's z_loss_coefficient): a z-loss over every position, unlabelled too
     with pytest.raises(ValueError, match="z-loss over every position"):
         phf.apply_pyllm_kernels(bamba, attention=False)
-    _, ours = tiny("llama", attention_dropout=0.1)
+    _, ours = tiny("llama")
     phf.apply_pyllm_kernels(ours)
-    ours.train()
-    with pytest.raises(ValueError, match="dropout"):
-        ours(inputs())
     with pytest.raises(ValueError, match="sinks must have shape"):
         phf.attention_forward(ours.model.layers[0].self_attn, *torch.randn(3, 1, 4, 5, 32, dtype=torch.float64),
                               None, s_aux=torch.zeros(3, dtype=torch.float64))
-    with pytest.raises(ValueError, match="2D padding mask"):
+    with pytest.raises(ValueError, match="2D padding mask .* load the model with attn_implementation='sdpa'"):
         phf.attention_forward(ours.model.layers[0].self_attn, *torch.randn(3, 1, 4, 5, 32, dtype=torch.float64),
                               torch.ones(1, 1, 5, 5, dtype=torch.bool))
 

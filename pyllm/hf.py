@@ -31,6 +31,7 @@ rest of the HF stack (PEFT adapters, Trainer callbacks, TRL's trainers, any deco
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 import sys
@@ -554,8 +555,12 @@ def _unpatched(cls: type) -> type:
 
 def _forward_of(base: type, kind: str):
     """pyllm's forward for base's modules: kind names a forward of this module, or "rope" (a copy of
-    base's own forward, per class)."""
-    return _rope_forward(base) if kind == "rope" else globals()[kind]
+    base's own forward, per class), or the fused loss's (with base's own signature, per class)."""
+    if kind == "rope":
+        return _rope_forward(base)
+    if kind == "_fused_loss_forward":
+        return _fused_loss_forward_of(base)
+    return globals()[kind]
 
 
 def _patched_class(base: type, kind: str) -> type:
@@ -875,6 +880,38 @@ def _hf_call(model: nn.Module, **kwargs):
     return earlier(**kwargs) if earlier is not None else _unpatched(type(model)).forward(model, **kwargs)
 
 
+_FUSED_LOSS_FORWARDS: dict = {}  # transformers class -> its fused-loss forward
+
+
+def _fused_loss_forward_of(base: type):
+    """_fused_loss_forward with base.forward's signature: positional arguments in the model's own order
+    (GPT-2's puts past_key_values second, Llama's fourth), and what reads the signature (the Trainer's
+    remove_unused_columns, generate's check of its keyword arguments) sees the model's parameters."""
+    if base not in _FUSED_LOSS_FORWARDS:
+        signature = inspect.signature(base.forward)
+
+        def _fused_loss_forward_bound(self, *args, **kwargs):
+            if args:
+                named = {}
+                for name, value in signature.bind(self, *args, **kwargs).arguments.items():
+                    kind = signature.parameters[name].kind
+                    if kind is inspect.Parameter.VAR_KEYWORD:
+                        named.update(value)
+                    elif kind is inspect.Parameter.VAR_POSITIONAL:
+                        if value:
+                            raise TypeError(f"{base.__name__}.forward: too many positional arguments")
+                    elif name != "self":
+                        named[name] = value
+                kwargs = named
+            return _fused_loss_forward(self, **kwargs)
+
+        _fused_loss_forward_bound.__signature__ = signature
+        _fused_loss_forward_bound.__doc__ = _fused_loss_forward.__doc__
+        _fused_loss_forward_bound._pyllm_fused = True
+        _FUSED_LOSS_FORWARDS[base] = _fused_loss_forward_bound
+    return _FUSED_LOSS_FORWARDS[base]
+
+
 def _fused_loss_forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
                         labels=None, use_cache=None, logits_to_keep=0, **kwargs):
     """HF's ForCausalLM.forward; while training with labels, the loss straight from the last hidden
@@ -929,7 +966,14 @@ def _fused_loss_forward(self, input_ids=None, attention_mask=None, position_ids=
         output = CausalLMOutputWithCrossAttentions(loss=loss, logits=None, **rest)
     else:
         output = CausalLMOutputWithPast(loss=loss, logits=None, **rest)
-    return output if return_dict is not False else output.to_tuple()
+    if return_dict is None:
+        return_dict = getattr(self.config, "return_dict", True)
+    if return_dict is not False:
+        return output
+    # HF's tuple: (loss, logits, cache, ...), the fields that are not None; the logits' place is kept
+    # (None), so that out[1] is not the cache
+    return tuple(getattr(output, f.name) for f in dataclasses.fields(output)
+                 if f.name == "logits" or getattr(output, f.name) is not None)
 
 
 # The output layer runs at the labelled rows only: padding and prompts (-100) cost no (tokens, vocab)
@@ -1070,6 +1114,11 @@ def apply_pyllm_kernels(model: nn.Module, attention: bool = True, swiglu: bool =
     flash-attention's 2D padding mask). A call that raises leaves the model as it was."""
     applied = {"attention": False, "swiglu": 0, "geglu": 0, "rms_norm": 0, "rope": 0,
                "fused_linear_cross_entropy": False}
+    if type(model).__module__.startswith("peft.") and hasattr(model, "get_base_model"):
+        # A PEFT wrapper: its forward adds prompt tuning's virtual tokens, prefix tuning's cache, adapter
+        # hooks, then calls the transformers model, which is what takes the kernels (patching the wrapper
+        # had bypassed its forward while training with labels: no gradient for the prompt).
+        model = model.get_base_model()
     # Every refusal comes before the first change, in the order the parts are applied; what can still fail
     # after (transformers' set_attn_implementation on a submodel, a missing modeling file, an interrupt)
     # puts the model back as it was: a model half patched would run neither transformers' code nor pyllm's
@@ -1115,8 +1164,9 @@ def _apply(model: nn.Module, applied: dict, attention: bool, swiglu: bool, rms_n
             # a wrapper's forward on the instance (TRL's fused head; under accelerate's hook, the one it calls):
             # what the fused path leaves goes to it
             earlier = model.__dict__.get("_old_forward" if _accelerate_hooked(model) else "forward")
-            if earlier is not None and getattr(earlier, "__func__", earlier) not in (
-                    _unpatched(type(model)).forward, _fused_loss_forward):
+            function = getattr(earlier, "__func__", earlier)
+            if earlier is not None and function is not _unpatched(type(model)).forward and not getattr(
+                    function, "_pyllm_fused", False):
                 model._pyllm_hf_forward = earlier
             _patch(model, "_fused_loss_forward")
         applied["fused_linear_cross_entropy"] = True

@@ -568,6 +568,10 @@ def test_tuple_outputs_and_a_lora_output_layer():
     ids = inputs()
     loss, = ours(ids, labels=ids, return_dict=False)[:1]
     assert rel_err(loss, reference(ids, labels=ids).loss.double()) < 1e-6  # HF's loss is fp32
+    # HF's tuple is (loss, logits, cache): the logits' place kept (None), so out[1] is not the cache
+    want, got = reference(ids, labels=ids, return_dict=False), ours(ids, labels=ids, return_dict=False)
+    assert len(got) == len(want) == 3 and got[1] is None and type(got[2]) is type(want[2])
+    assert len(ours(ids, labels=ids, return_dict=False, use_cache=False)) == 2
     # PEFT wraps lm_head in LoRA after the patch: the output layer is no plain Linear any more, so
     # the loss is HF's forward's, the adapter trained.
     models = []
@@ -631,6 +635,56 @@ def test_gradients_through_a_cached_prompt():
     for (name, p), q in zip(reference.named_parameters(), ours.parameters()):
         if p.grad is not None:
             assert rel_err(q.grad, p.grad) < 1e-10, name
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_a_peft_wrapper_keeps_its_forward(method):
+    # apply_pyllm_kernels on a PeftModel patches the transformers model inside: PEFT's own forward
+    # still adds prompt tuning's virtual tokens (prefix tuning's trained cache) while training with
+    # labels, so the prompt's embedding gets its gradient (patching the wrapper had bypassed it: no
+    # gradient at all). Loss and prompt gradient as the unpatched wrapper's.
+    peft = pytest.importorskip("peft")
+    reference, ours = tiny("llama")
+    config = (peft.PromptTuningConfig if method == "prompt" else peft.PrefixTuningConfig)(
+        task_type="CAUSAL_LM", num_virtual_tokens=4)
+    wrapped = []
+    for model in (reference, ours):
+        torch.manual_seed(3)
+        wrapped.append(peft.get_peft_model(model, config).train())
+    phf.apply_pyllm_kernels(wrapped[1])
+    assert type(wrapped[1]).__name__ == "PeftModelForCausalLM" and type(ours).__name__ == "LlamaForCausalLM"
+    ids = inputs()
+    losses = [m(input_ids=ids, labels=ids).loss for m in wrapped]
+    assert rel_err(losses[1], losses[0].double()) < 1e-6  # (HF's loss in fp32)
+    for loss in losses:
+        loss.backward()
+    grads = [m.prompt_encoder.default.embedding.weight.grad for m in wrapped]
+    assert rel_err(grads[1], grads[0]) < 1e-6
+
+
+def test_the_fused_loss_forward_has_the_models_signature():
+    # Positional arguments in the model's own order (Llama's past_key_values 4th, GPT-2's 2nd), and
+    # the signature that the Trainer (remove_unused_columns) and generate (its kwargs check) read:
+    # the model's, so GPT-2's token_type_ids are not dropped or refused.
+    reference, ours = tiny("llama")
+    phf.apply_pyllm_kernels(ours)
+    assert inspect.signature(ours.forward) == inspect.signature(reference.forward)
+    ids = inputs()
+    reference.train(), ours.train()
+    with torch.no_grad():
+        cache = ours(ids[:, :8], use_cache=True).past_key_values
+        want = reference(ids[:, :8], use_cache=True).past_key_values
+        got = ours(ids[:, 8:], None, None, cache).logits
+        assert rel_err(got, reference(ids[:, 8:], None, None, want).logits) < 1e-10
+        mask = torch.ones_like(ids)
+        assert rel_err(ours(ids, mask, None, None, None, ids).loss, reference(ids, mask, labels=ids).loss.double()) < 1e-6
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=1, n_head=2, bos_token_id=2, eos_token_id=1)
+    gpt2 = transformers.GPT2LMHeadModel(config).eval()
+    phf.apply_pyllm_kernels(gpt2)
+    assert "token_type_ids" in inspect.signature(gpt2.forward).parameters
+    out = gpt2.generate(ids[:1, :5], token_type_ids=torch.zeros(1, 5, dtype=torch.long), max_new_tokens=2,
+                        do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 7)
 
 
 def test_a_value_head_dim_of_its_own():

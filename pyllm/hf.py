@@ -944,8 +944,10 @@ def _fused_loss_forward(self, input_ids=None, attention_mask=None, position_ids=
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     targets = shift_labels.to(hidden.device).reshape(-1)
     counted = targets != ignore_index
-    total = _labelled_loss(hidden.reshape(-1, hidden.shape[-1]), head.weight, targets.masked_fill(~counted, -1),
-                           *_logit_shape(self))
+    # -1 is the kernels' "ignored": a counted label of -1 (or any below 0) is out of range, as for HF's
+    # F.cross_entropy (IndexError); here vocab, which the kernels refuse (CPU) or give NaN (torch ops)
+    targets = torch.where(counted, targets.masked_fill(targets < 0, head.weight.shape[0]), -1)
+    total = _labelled_loss(hidden.reshape(-1, hidden.shape[-1]), head.weight, targets, *_logit_shape(self))
     if num_items_in_batch is None:  # the mean over counted tokens (0 / 0 = NaN when none, as F.cross_entropy)
         loss = total / counted.sum()
     else:

@@ -798,6 +798,12 @@ def test_what_it_cannot_take_is_refused():
         phf.apply_pyllm_kernels(bamba, attention=False)
     _, ours = tiny("llama")
     phf.apply_pyllm_kernels(ours)
+    ours.train()
+    labels = inputs()
+    labels[0, 4] = -1  # out of range, as HF's loss says (IndexError): not silently ignored yet counted
+    with pytest.raises(ValueError, match=r"targets must be in \[0, 97\)"):
+        ours(inputs(), labels=labels)
+    ours.eval()
     with pytest.raises(ValueError, match="sinks must have shape"):
         phf.attention_forward(ours.model.layers[0].self_attn, *torch.randn(3, 1, 4, 5, 32, dtype=torch.float64),
                               None, s_aux=torch.zeros(3, dtype=torch.float64))

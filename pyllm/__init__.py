@@ -15,4 +15,14 @@ from pyllm.ops.swiglu import geglu, geglu_packed, swiglu, swiglu_packed  # noqa:
 from pyllm import optim  # noqa: E402
 from pyllm.tokenizer import Tokenizer  # noqa: E402
 
-__all__ = ["cross_entropy", "generalized_jsd", "flash_attn", "flash_attn_with_kvcache", "geglu", "geglu_packed", "rms_norm", "rope", "swiglu", "swiglu_packed", "optim", "Tokenizer", "__version__"]
+__all__ = ["cross_entropy", "linear_cross_entropy", "generalized_jsd", "flash_attn", "flash_attn_with_kvcache", "geglu", "geglu_packed", "rms_norm", "rope", "swiglu", "swiglu_packed", "optim", "Tokenizer", "__version__"]
+
+
+def __getattr__(name: str):
+    # The fused output-layer loss lives with the modules (pyllm.nn); here too, where the other losses
+    # are, without importing pyllm.nn at `import pyllm`.
+    if name == "linear_cross_entropy":
+        from pyllm.nn import linear_cross_entropy
+
+        return linear_cross_entropy
+    raise AttributeError(f"module 'pyllm' has no attribute {name!r}")

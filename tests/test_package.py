@@ -14,6 +14,11 @@ from pyllm.ops import BACKENDS, _util
 def test_import_and_version():
     assert pyllm.__version__
     assert callable(pyllm.swiglu) and callable(pyllm.swiglu_packed)
+    for name in pyllm.__all__:  # every name it lists is there (linear_cross_entropy: from pyllm.nn, on demand)
+        assert getattr(pyllm, name) is not None, name
+    from pyllm import linear_cross_entropy
+    from pyllm.nn import linear_cross_entropy as in_nn
+    assert linear_cross_entropy is in_nn
 
 
 def test_extension_reports_its_build():

@@ -30,19 +30,44 @@ _STATE_KEYS_FP32 = ("exp_avg", "exp_avg_sq", "master")
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
+def _number(value) -> float | None:
+    """value as a float when it is a real number (a one-element tensor too), else None (a string
+    such as "0.1" included: float() would take it, torch's comparisons do not)."""
+    if isinstance(value, Tensor):
+        return float(value) if value.numel() == 1 and not value.is_complex() else None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
 def _check_hyper(where: str, lr, betas, eps, weight_decay) -> None:
-    lr_value = float(lr) if not isinstance(lr, Tensor) or lr.numel() == 1 else None
-    if lr_value is None or not lr_value >= 0.0:
-        raise ValueError(f"{where}: lr must be a number >= 0, got {lr!r}")
-    if not float(eps) >= 0.0:
-        raise ValueError(f"{where}: eps must be >= 0, got {eps!r}")
-    if not float(weight_decay) >= 0.0:
-        raise ValueError(f"{where}: weight_decay must be >= 0, got {weight_decay!r}")
+    for name, value in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
+        number = _number(value)
+        if number is None or not 0.0 <= number < math.inf:  # (an inf lr or decay makes every weight -inf)
+            raise ValueError(f"{where}: {name} must be a finite number >= 0, got {value!r}")
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
         raise ValueError(f"{where}: betas must be a pair (beta1, beta2), got {betas!r}")
     for i, b in enumerate(betas):
-        if not 0.0 <= float(b) < 1.0:
-            raise ValueError(f"{where}: betas[{i}] must be in [0, 1), got {b!r}")
+        number = _number(b)
+        if number is None or not 0.0 <= number < 1.0:
+            raise ValueError(f"{where}: betas[{i}] must be a number in [0, 1), got {b!r}")
+
+
+def _check_state(gi: int, p: Tensor, state: dict, master: bool) -> None:
+    """The state the fused step walks p.numel() elements of: fp32, contiguous, p's size and device.
+    A state_dict of another model (or a param resized since its first step) would have it read and
+    write past the end of smaller buffers."""
+    for key in ("exp_avg", "exp_avg_sq", *(("master",) if master else ())):
+        t = state[key]
+        if not (isinstance(t, Tensor) and t.dtype == torch.float32 and t.numel() == p.numel()
+                and t.device == p.device and t.is_contiguous()):
+            got = f"{t.dtype} {tuple(t.shape)} on {t.device}" if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"AdamW: param group {gi} has a param of shape {tuple(p.shape)} whose state {key!r} is "
+                             f"{got}; it must be float32 with {p.numel()} elements on {p.device} (a state_dict of "
+                             "another model, or a param resized after its first step?)")
+    step = state["step"]
+    if not (isinstance(step, Tensor) and step.numel() == 1 and step.dtype == torch.float32 and step.device == p.device):
+        raise ValueError(f"AdamW: param group {gi}: a param's step must be one float32 on {p.device}, got {step!r}")
 
 
 def _check_torch_options(where: str, **options) -> None:
@@ -135,6 +160,11 @@ class AdamW(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        if len({id(p) for p in group["params"]}) != len(group["params"]):
+            # torch warns and steps such a param twice; the fused step would take its state once and
+            # its update twice over: another trajectory, silently
+            self.param_groups.pop()
+            raise ValueError("AdamW: a param group lists a param more than once")
         _check_hyper("AdamW param group", group["lr"], group["betas"], group["eps"], group["weight_decay"])
         devices = {p.device for p in group["params"]}
         if len(devices) > 1:
@@ -187,8 +217,12 @@ class AdamW(torch.optim.Optimizer):
                 if key in saved:
                     state[key] = saved[key].to(device=p.device, dtype=torch.float32, copy=True).contiguous()
             if "step" in saved:
-                step = saved["step"]
-                state["step"] = torch.as_tensor(step, dtype=torch.float32).to(p.device, copy=True).reshape(())
+                step = torch.as_tensor(saved["step"], dtype=torch.float32)
+                if step.numel() != 1 or not (0 <= float(step) < math.inf):  # (bias corrections of a
+                    # negative step are NaN)
+                    raise ValueError(f"AdamW.load_state_dict: a param's step must be one number >= 0 and finite, "
+                                     f"got {saved['step']!r}")
+                state["step"] = step.to(p.device, copy=True).reshape(())
 
     # --- the step ------------------------------------------------------------------------------
 
@@ -228,6 +262,7 @@ class AdamW(torch.optim.Optimizer):
                     exp_avgs=[], exp_avg_sqs=[], steps=[]))
                 had_master = "master" in self.state[p]
                 state = self._init_state(group, p)
+                _check_state(gi, p, state, master)
                 if master and had_master and self._written.get(id(p)) != p._version:
                     changed.append((p, state["master"]))
                 bucket["params"].append(p)
@@ -342,14 +377,7 @@ class DynamicLossScaler:
 
     def __init__(self, init_scale: float = 2.0**16, growth_factor: float = 2.0, backoff_factor: float = 0.5,
                  growth_interval: int = 2000):
-        if not (math.isfinite(init_scale) and init_scale > 0):
-            raise ValueError(f"DynamicLossScaler: init_scale must be a finite number > 0, got {init_scale!r}")
-        if not growth_factor >= 1.0:
-            raise ValueError(f"DynamicLossScaler: growth_factor must be >= 1, got {growth_factor!r}")
-        if not 0.0 < backoff_factor <= 1.0:
-            raise ValueError(f"DynamicLossScaler: backoff_factor must be in (0, 1], got {backoff_factor!r}")
-        if not (isinstance(growth_interval, int) and growth_interval >= 1):
-            raise ValueError(f"DynamicLossScaler: growth_interval must be an int >= 1, got {growth_interval!r}")
+        self._check("DynamicLossScaler", init_scale, growth_factor, backoff_factor, growth_interval)
         self._init_scale = float(init_scale)
         self._growth_factor = float(growth_factor)
         self._backoff_factor = float(backoff_factor)
@@ -401,6 +429,17 @@ class DynamicLossScaler:
                                  self._backoff_factor, self._growth_interval)
         self._found_inf = None
 
+    @staticmethod
+    def _check(where: str, init_scale, growth_factor, backoff_factor, growth_interval) -> None:
+        if not (math.isfinite(init_scale) and init_scale > 0):
+            raise ValueError(f"{where}: init_scale must be a finite number > 0, got {init_scale!r}")
+        if not growth_factor >= 1.0:
+            raise ValueError(f"{where}: growth_factor must be >= 1, got {growth_factor!r}")
+        if not 0.0 < backoff_factor <= 1.0:
+            raise ValueError(f"{where}: backoff_factor must be in (0, 1], got {backoff_factor!r}")
+        if not (isinstance(growth_interval, int) and growth_interval >= 1):
+            raise ValueError(f"{where}: growth_interval must be an int >= 1, got {growth_interval!r}")
+
     def state_dict(self) -> dict:
         """The same keys as torch.amp.GradScaler's."""
         return {"scale": self.get_scale(), "growth_factor": self._growth_factor,
@@ -411,6 +450,8 @@ class DynamicLossScaler:
         missing = {"scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker"} - set(state_dict)
         if missing:
             raise ValueError(f"DynamicLossScaler.load_state_dict: missing keys {sorted(missing)}")
+        self._check("DynamicLossScaler.load_state_dict", float(state_dict["scale"]), float(state_dict["growth_factor"]),
+                    float(state_dict["backoff_factor"]), state_dict["growth_interval"])
         self._init_scale = float(state_dict["scale"])
         self._growth_factor = float(state_dict["growth_factor"])
         self._backoff_factor = float(state_dict["backoff_factor"])

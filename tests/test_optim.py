@@ -591,6 +591,8 @@ def test_every_param_element_is_written(device, dtype):
     (dict(lr=-1e-3), "lr"), (dict(eps=-1.0), "eps"), (dict(weight_decay=-0.1), "weight_decay"),
     (dict(betas=(1.0, 0.999)), r"betas\[0\]"), (dict(betas=(0.9, -0.1)), r"betas\[1\]"),
     (dict(betas=(0.9,)), "pair"), (dict(master_weights="yes"), "master_weights"),
+    (dict(lr=math.inf), "lr must be a finite number"), (dict(weight_decay=math.inf), "weight_decay"),
+    (dict(lr="0.1"), "lr must be a finite number"), (dict(betas=("0.9", 0.99)), r"betas\[0\] must be a number"),
 ])
 def test_bad_hyperparameters(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -625,6 +627,36 @@ def test_bad_params_and_grads():
     opt.param_groups[0]["lr"] = -1.0  # a scheduler gone wrong is caught at the step
     with pytest.raises(ValueError, match="lr"):
         opt.step()
+    with pytest.raises(ValueError, match="more than once"):  # torch warns, then steps it twice
+        AdamW([r, r])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_state_of_another_size_is_refused_not_overrun(dtype):
+    # The fused step walks p.numel() elements of each state buffer: a state_dict of a smaller model,
+    # or a param resized after its first step, had it read and write past their ends (SIGSEGV, heap
+    # corruption). A ValueError naming the param now, before anything is written; a negative step
+    # (NaN bias corrections) is refused at the load.
+    small = nn.Parameter(torch.randn(10, dtype=dtype))
+    small.grad = torch.randn(10, dtype=dtype)
+    opt = AdamW([small])
+    opt.step()
+    big = nn.Parameter(torch.randn(4096, dtype=dtype))
+    big.grad = torch.randn(4096, dtype=dtype)
+    other = AdamW([big])
+    other.load_state_dict(opt.state_dict())
+    before = big.detach().clone()
+    with pytest.raises(ValueError, match=r"param of shape \(4096,\) whose state 'exp_avg' is torch.float32 \(10,\)"):
+        other.step()
+    assert torch.equal(big, before)
+    small.data = torch.randn(4096, dtype=dtype)
+    small.grad = torch.randn(4096, dtype=dtype)
+    with pytest.raises(ValueError, match="resized after its first step"):
+        opt.step()
+    state = opt.state_dict()
+    state["state"][0]["step"] = torch.tensor(-1.0)
+    with pytest.raises(ValueError, match="step must be one number >= 0"):
+        AdamW([nn.Parameter(torch.randn(10, dtype=dtype))]).load_state_dict(state)
 
 
 def test_cuda_param_without_cuda_kernels(monkeypatch):
@@ -658,6 +690,11 @@ def test_bad_scaler_arguments():
             DynamicLossScaler(**kwargs)
     with pytest.raises(TypeError):
         DynamicLossScaler().scale(3.0)
+    for key, value in (("scale", -1.0), ("growth_factor", 0.0), ("backoff_factor", 5.0), ("growth_interval", 0)):
+        state = DynamicLossScaler().state_dict()
+        state[key] = value
+        with pytest.raises(ValueError, match="DynamicLossScaler.load_state_dict"):  # as the constructor checks
+            DynamicLossScaler().load_state_dict(state)
 
 
 def test_cpp_rechecks_raw_arguments():

@@ -784,6 +784,7 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     if reduction not in ("sum", "mean"):
         raise ValueError(f"linear_cross_entropy: reduction must be 'sum' or 'mean' (the rows' losses are never "
                          f"kept), got {reduction!r}")
+    targets = targets.long()  # (narrower ints: -100 would wrap to a class in uint8, -1 too in masked_fill)
     if ignore_index != -1:
         targets = targets.masked_fill(targets == ignore_index, -1)
     x, weight, chunk_rows = _fused_linear_inputs(x, weight, chunk_rows, softcap, cross_entropy_ops.takes)

@@ -105,6 +105,22 @@ def test_mean_of_all_ignored_rows_is_nan_as_torchs():
     assert torch.equal(g, torch.zeros_like(g))
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32], ids=str)
+def test_narrow_integer_targets_count_as_int64(dtype):
+    # A byte-level vocabulary's uint8 targets: -100 wraps to 156 there, a class, which the mean had
+    # counted against the int64 comparison's (2x off). The losses and the mean as int64 targets'.
+    from pyllm.nn import linear_cross_entropy
+
+    targets = torch.tensor([156, 3, 255, 0])
+    logits, x, w = torch.randn(4, 256, dtype=torch.float64), torch.randn(4, 8, dtype=torch.float64), torch.randn(256, 8)
+    want = F.cross_entropy(logits, targets)
+    assert rel_err(pyllm.cross_entropy(logits, targets.to(dtype)), want) < 1e-12
+    fused = linear_cross_entropy(x, w.double(), targets.to(dtype), reduction="mean", ignore_index=-100)
+    assert rel_err(fused, F.cross_entropy(x @ w.double().t(), targets)) < 1e-12
+    s, t = torch.randn(4, 256, dtype=torch.float64), torch.randn(4, 256, dtype=torch.float64)
+    assert pyllm.generalized_jsd(s, t, targets.to(dtype)) == pyllm.generalized_jsd(s, t, targets)
+
+
 def test_z_loss_share_is_returned_detached():
     logits = logits_of((8, 30), torch.float64, "cpu").requires_grad_()
     targets = targets_of((8, 30), 30, "cpu")

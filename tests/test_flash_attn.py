@@ -530,6 +530,26 @@ def test_varlen_with_no_keys_or_no_queries_at_all(device):
     assert torch.equal(dk, torch.zeros_like(dk)) and torch.equal(dv, torch.zeros_like(dv))
 
 
+def test_varlen_takes_strided_cu_seqlens_and_any_max_seqlen():
+    # cu_seqlens views with a step (their other elements are not the bounds) and max_seqlen far past
+    # the tokens packed (which only sizes the work): the same bits as the plain call. Before, the
+    # kernel read a view's raw memory (rows left unwritten: 6.9e34 out), 2^40 ran for an hour and
+    # sys.maxsize overflowed the work to nothing (garbage out). Found by a fuzz audit, 2026-12-03.
+    import sys
+
+    q, k, v = (rand((20, h, 64), torch.float32, "cpu") for h in (4, 2, 2))
+    cu_q, cu_k = torch.tensor([0, 5, 20], dtype=torch.int32), torch.tensor([0, 10, 20], dtype=torch.int32)
+    want = pyllm.flash_attn(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, causal=True)
+    strided_q = torch.tensor([0, 2, 5, 6, 20], dtype=torch.int32)[::2]
+    strided_k = torch.tensor([0, 2, 10, 6, 20], dtype=torch.int32)[::2]
+    assert not strided_q.is_contiguous()
+    assert torch.equal(pyllm.flash_attn(q, k, v, cu_seqlens_q=strided_q, cu_seqlens_k=strided_k, causal=True), want)
+    for huge in (2 ** 40, sys.maxsize):
+        got = pyllm.flash_attn(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, causal=True, max_seqlen_q=huge,
+                               max_seqlen_k=huge)
+        assert torch.equal(got, want)
+
+
 def test_strided_views_of_packed_qkv_match_contiguous():
     qkv = torch.randn(2, 50, 3, 4, 64, dtype=torch.bfloat16)
     q, k, v = qkv.unbind(dim=2)
@@ -1514,6 +1534,29 @@ def test_kvcache_shortcut_new_rows_inside_their_cache():
     pyllm.flash_attn_with_kvcache(q, k_cache, v_cache, torch.tensor([6], dtype=torch.int32), k_cache[:, 1:2],
                                   v_cache[:, 1:2])
     assert torch.equal(k_cache[:, 6:7], rows)
+
+
+def test_kvcache_appends_only_into_memory_of_its_own():
+    # An expanded cache (every row the same memory) or one tensor for keys and values: the appends
+    # would land in another row, or the values over the keys, silently. Refused before any write;
+    # read-only calls and views into one buffer (kv[0], kv[1], or interleaved) stay fine.
+    i32 = torch.int32
+    q, k_new, v_new = (rand((2, 1, 1, 32), torch.float32, "cpu") for _ in range(3))
+    lengths = torch.tensor([0, 5], dtype=i32)
+    expanded = rand((1, 16, 1, 32), torch.float32, "cpu").expand(2, 16, 1, 32)
+    with pytest.raises(ValueError, match="k_cache has elements in the same memory"):
+        pyllm.flash_attn_with_kvcache(q, expanded, expanded.clone(), lengths, k_new, v_new)
+    one = rand((2, 16, 1, 32), torch.float32, "cpu")
+    before = one.clone()
+    with pytest.raises(ValueError, match="k_cache and v_cache are the same memory"):
+        pyllm.flash_attn_with_kvcache(q, one, one, lengths, k_new, v_new)
+    assert torch.equal(one, before)
+    assert pyllm.flash_attn_with_kvcache(q, expanded, expanded, lengths).shape == q.shape  # nothing written
+    for kv in (rand((2, 2, 16, 1, 32), torch.float32, "cpu").unbind(0),
+               rand((2, 16, 2, 1, 32), torch.float32, "cpu").unbind(2)):
+        got = pyllm.flash_attn_with_kvcache(q, *kv, lengths, k_new, v_new)
+        assert torch.equal(kv[0][1, 5], k_new[1, 0]) and torch.equal(kv[1][1, 5], v_new[1, 0])
+        assert got.shape == q.shape
 
 
 def test_kvcache_bad_input_raises_and_leaves_the_cache():

@@ -260,7 +260,7 @@ def cross_entropy(logits: Tensor, targets: Tensor, *, ignore_index: int = -100, 
             loss, z_part = loss.reshape(targets.shape), z_part.reshape(targets.shape)
     elif reduction == "sum":
         loss, z_part = loss.sum(), z_part.sum()
-    else:
-        counted = (targets != ignore_index).sum()
+    else:  # (int64: -100 in uint8 targets would wrap to 156, a class, and miscount the mean)
+        counted = (targets.long() != ignore_index).sum()
         loss, z_part = loss.sum() / counted, z_part.sum() / counted
     return (loss, z_part.detach()) if return_z_loss else loss

@@ -265,7 +265,7 @@ def generalized_jsd(student_logits: Tensor, teacher_logits: Tensor, labels: Opti
             raise ValueError(f"{OP}: labels must be an integer tensor of the logits' shape without their last dim, "
                              f"{rows_shape}, got {getattr(labels, 'dtype', type(labels).__name__)} "
                              f"{tuple(getattr(labels, 'shape', ()))}")
-        mask = labels != ignore_index
+        mask = labels.long() != ignore_index  # (int64: -100 in uint8 labels would wrap to 156, a class)
     if mask is not None and (not isinstance(mask, Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != rows_shape):
         raise ValueError(f"{OP}: mask must be a bool tensor of the logits' shape without their last dim, "
                          f"{rows_shape}, got {getattr(mask, 'dtype', type(mask).__name__)} "

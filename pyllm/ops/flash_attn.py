@@ -827,6 +827,8 @@ def _kvcache_eager_cpu(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal,
     if k_new is not None or v_new is not None:
         if not (_util.plain_cpu(k_new) and _util.plain_cpu(v_new)) or k_new.dtype is not dtype or v_new.dtype is not dtype:
             return None
+        if 0 in k_cache.stride() or 0 in v_cache.stride() or k_cache.data_ptr() == v_cache.data_ptr():
+            return None  # caches that may share memory: the general path checks them (_check_writable_caches)
         new_shape = k_new.shape
         if (len(new_shape) != 4 or v_new.shape != new_shape or new_shape[0] != batch or new_shape[2] != n_kv_heads
                 or new_shape[3] != head_dim):
@@ -975,8 +977,15 @@ def flash_attn(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, softmax
         raise ValueError(f"{OP}: give both cu_seqlens_q and cu_seqlens_k (varlen) or neither")
     varlen = cu_seqlens_q is not None
     _check_qkv(OP, q, k, v, varlen)
+    max_q, max_k = _check_max_seqlen(OP, "max_seqlen_q", max_seqlen_q), _check_max_seqlen(OP, "max_seqlen_k", max_seqlen_k)
     if varlen:
         _check_cu_seqlens(OP, q, cu_seqlens_q, cu_seqlens_k)
+        # The kernels read cu_seqlens by pointer as a packed array: a strided view's other elements
+        # had been read as the bounds (rows left unwritten, garbage out).
+        cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
+        # No sequence is longer than the tokens packed: a larger max_seqlen only sized the work (2^40
+        # ran for an hour; sys.maxsize overflowed it to nothing, garbage out)
+        max_q, max_k = min(max_q, q.shape[0]), min(max_k, k.shape[0])
     elif max_seqlen_q is not None or max_seqlen_k is not None:
         raise ValueError(f"{OP}: max_seqlen_q / max_seqlen_k are for varlen (with cu_seqlens) only")
     left, right = _check_window(OP, window)
@@ -990,8 +999,7 @@ def flash_attn(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, softmax
     if _runs_widened(q):
         q, k, v = _widened(q), _widened(k), _widened(v)
     out, lse = _util.call(_flash_attn_body, _flash_attn, _FlashAttnFunction, q, k, v, cu_seqlens_q, cu_seqlens_k,
-                          _check_max_seqlen(OP, "max_seqlen_q", max_seqlen_q),
-                          _check_max_seqlen(OP, "max_seqlen_k", max_seqlen_k), scale, left, right, bool(deterministic),
+                          max_q, max_k, scale, left, right, bool(deterministic),
                           float(softcap), alibi_slopes)
     if sinks is not None:  # (on the widened output: fp16 on the CPU rounded once, after)
         out, lse = _with_sinks(out, lse, sinks, varlen)
@@ -1096,6 +1104,25 @@ def _kvcache_widened(q, k_cache, v_cache, cache_seqlens, k_new, v_new, capacity:
             _append_kv_where(k_cache, v_cache, k_new, v_new, cache_seqlens.tolist(), cache_batch_idx, block_table)
     out = _narrowed(out, q)
     return (out, lse) if return_lse else out
+
+
+def _check_writable_caches(op: str, k_cache: Tensor, v_cache: Tensor) -> None:
+    """Caches the new keys and values are written into: no element reachable twice (an expanded
+    batch: row 1's append landing in row 0's memory) and not one tensor for both (the values' append
+    overwriting the keys'). Views into one buffer (kv[0], kv[1]) are fine; overlaps that take more
+    than strides to find are left to the caller, as torch's in-place ops leave them."""
+    if _util.symbolic(k_cache.shape[0]) or k_cache.device.type == "meta":
+        return
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if torch._debug_has_internal_overlap(cache) == 1:  # 1: certainly (a stride 0 over a dim > 1)
+            raise ValueError(f"{op}: {name} has elements in the same memory (an expanded tensor, strides "
+                             f"{cache.stride()}); the new keys and values are written into it: give it memory of its own")
+    try:
+        same = k_cache.data_ptr() == v_cache.data_ptr() and k_cache.stride() == v_cache.stride() and k_cache.numel()
+    except RuntimeError:  # fake tensors (tracing): no memory to compare
+        return
+    if same:
+        raise ValueError(f"{op}: k_cache and v_cache are the same memory; the new values would overwrite the new keys")
 
 
 def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens, k_new: Optional[Tensor] = None,
@@ -1213,6 +1240,7 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_s
             raise ValueError(f"{op}: k_new and v_new must have the same shape")
         if k_new.shape[1] > capacity:
             raise ValueError(f"{op}: {k_new.shape[1]} new tokens do not fit in a cache of capacity {capacity}")
+        _check_writable_caches(op, k_cache, v_cache)
     left, right = _check_window(op, window)
     if causal:
         right = 0

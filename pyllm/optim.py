@@ -17,6 +17,7 @@ Kernels: pyllm/ops/adamw.py (launchers), csrc/cpu/adamw.cpp, csrc/cuda/adamw.cu.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable
 
 import torch
@@ -31,11 +32,11 @@ _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 def _number(value) -> float | None:
-    """value as a float when it is a real number (a one-element tensor too), else None (a string
-    such as "0.1" included: float() would take it, torch's comparisons do not)."""
+    """value as a float when it is a real number (numpy's too; a one-element tensor), else None (a
+    string such as "0.1" included: float() would take it, torch's comparisons do not)."""
     if isinstance(value, Tensor):
         return float(value) if value.numel() == 1 and not value.is_complex() else None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
         return float(value)
     return None
 
@@ -159,11 +160,17 @@ class AdamW(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
+        try:
+            self._check_group(self.param_groups[-1])
+        except BaseException:
+            self.param_groups.pop()  # a refused group is not left behind for every later step to trip on
+            raise
+
+    @staticmethod
+    def _check_group(group: dict) -> None:
         if len({id(p) for p in group["params"]}) != len(group["params"]):
             # torch warns and steps such a param twice; the fused step would take its state once and
             # its update twice over: another trajectory, silently
-            self.param_groups.pop()
             raise ValueError("AdamW: a param group lists a param more than once")
         _check_hyper("AdamW param group", group["lr"], group["betas"], group["eps"], group["weight_decay"])
         devices = {p.device for p in group["params"]}
@@ -171,10 +178,16 @@ class AdamW(torch.optim.Optimizer):
             raise ValueError(f"AdamW: every param of a group must be on one device, got params on "
                              f"{', '.join(sorted(map(str, devices)))}")
         for p in group["params"]:
+            if p.device.type not in _ops.DTYPES:
+                raise ValueError(f"AdamW: params must be on cpu or cuda (the fused step's kernels), got one on "
+                                 f"{p.device}")
             _util.check_backend("AdamW", p.device)
-            if p.dtype not in _ops.DTYPES.get(p.device.type, ()):
-                raise TypeError(f"AdamW: params must be float32, bfloat16 or float16 on cpu or cuda, "
-                                f"got a {p.dtype} param on {p.device}")
+            if p.dtype not in _ops.DTYPES[p.device.type]:
+                raise TypeError(f"AdamW: params must be float32, bfloat16 or float16, got a {p.dtype} param")
+            if not p.is_contiguous():  # the kernels walk param, grad and state as flat arrays
+                raise ValueError(f"AdamW: params must be contiguous, got one of shape {tuple(p.shape)} with strides "
+                                 f"{p.stride()} (channels_last or a transposed view: give the optimizer "
+                                 "contiguous params, or use torch.optim.AdamW for these)")
 
     # --- state -------------------------------------------------------------------------------
 
@@ -201,13 +214,32 @@ class AdamW(torch.optim.Optimizer):
                 group.setdefault(key, value)
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """As torch's, but keeps the fp32 state fp32 (torch casts floating state to the param dtype,
-        which would turn bf16 params' masters and moments into bf16) and copies every tensor, so the
-        loaded optimizer never shares state with the dict it came from."""
+        """As torch's (its load_state_dict hooks included), but keeps the fp32 state fp32 (torch casts
+        floating state to the param dtype, which would turn bf16 params' masters and moments into
+        bf16) and copies every tensor, so the loaded optimizer never shares state with the dict it
+        came from; a step saved as a number becomes a float32 tensor."""
+        for saved in state_dict["state"].values():
+            if "step" in saved:
+                step = torch.as_tensor(saved["step"], dtype=torch.float32)
+                if step.numel() != 1 or not (0 <= float(step) < math.inf):  # (bias corrections of a
+                    # negative step are NaN)
+                    raise ValueError(f"AdamW.load_state_dict: a param's step must be one number >= 0 and finite, "
+                                     f"got {saved['step']!r}")
+        # The dict as the pre hooks leave it, read again in fp32 before any post hook runs (torch's
+        # casts are not overridable: it calls Optimizer's own policy by name).
+        loaded = {}
+        keep = self.register_load_state_dict_pre_hook(lambda _, d: loaded.update(dict=d))  # after the user's
+        fix = self.register_load_state_dict_post_hook(lambda _: self._fp32_state(loaded["dict"]), prepend=True)
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            keep.remove()
+            fix.remove()
+
+    def _fp32_state(self, state_dict: dict) -> None:
+        self._written.clear()  # the loaded masters are checked against the params at the next step
         saved_state = state_dict["state"]
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        super().load_state_dict(state_dict)
-        self._written.clear()  # the loaded masters are checked against the params at the next step
         params = [p for g in self.param_groups for p in g["params"]]
         for saved_id, p in zip(saved_ids, params):
             if saved_id not in saved_state:
@@ -218,10 +250,6 @@ class AdamW(torch.optim.Optimizer):
                     state[key] = saved[key].to(device=p.device, dtype=torch.float32, copy=True).contiguous()
             if "step" in saved:
                 step = torch.as_tensor(saved["step"], dtype=torch.float32)
-                if step.numel() != 1 or not (0 <= float(step) < math.inf):  # (bias corrections of a
-                    # negative step are NaN)
-                    raise ValueError(f"AdamW.load_state_dict: a param's step must be one number >= 0 and finite, "
-                                     f"got {saved['step']!r}")
                 state["step"] = step.to(p.device, copy=True).reshape(())
 
     # --- the step ------------------------------------------------------------------------------
@@ -294,6 +322,10 @@ class AdamW(torch.optim.Optimizer):
                 self._reduce_sumsq(per_device[d])
         return per_device
 
+    # Eager even inside a compiled function: the kernels are opaque to the compiler anyway (a graph
+    # break each), and traced, the re-adoption of changed 16-bit params lost its dtype round trip to
+    # inductor (emulate_precision_casts off) and took every master bit back from the param.
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure=None, grad_scaler: "DynamicLossScaler | None" = None,
              max_grad_norm: float | None = None):
@@ -347,7 +379,11 @@ class AdamW(torch.optim.Optimizer):
                        max_grad_norm=max_grad_norm if max_grad_norm is not None and max_grad_norm != math.inf else None,
                        stochastic_rounding=g["stochastic_rounding"] and b["params"][0].dtype == torch.bfloat16,
                        seed=g["seed"])
-            if b["has_master"]:  # the kernel writes through the pointer: the counter is the caller's
+            # The kernel writes through the pointer: the version counters move here, so that autograd
+            # refuses a backward through a graph that saved the old weights (as torch's in-place step
+            # makes it: stepping D before G's backward), and the next step knows its own writes.
+            torch.autograd.graph.increment_version(b["params"])
+            if b["has_master"]:
                 self._written.update((id(p), p._version) for p in b["params"])
 
         if need_norm:

@@ -599,6 +599,70 @@ def test_bad_hyperparameters(kwargs, match):
         AdamW(make_model().parameters(), **kwargs)
 
 
+def test_step_moves_the_version_counters_as_an_in_place_update():
+    # Stepping D before a backward through a graph that saved D's weights (the GAN mistake): torch's
+    # in-place step makes autograd refuse it; pyllm's kernels wrote through the pointer and the
+    # backward ran with the new weights, silently (dz 0.25 off).
+    for dtype in (torch.float32, torch.bfloat16):
+        net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)).to(dtype)
+        z = torch.randn(5, 4, dtype=dtype, requires_grad=True)
+        opt = AdamW(net.parameters(), lr=0.1)
+        out = net(z).sum()
+        out.backward(retain_graph=True)
+        opt.step()
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            out.backward()
+
+
+def test_step_runs_eagerly_inside_a_compiled_function():
+    # A clamp that changes no value moves a bf16 param's version; the next step re-takes changed
+    # elements from the param. Traced, inductor dropped that check's dtype round trip and every
+    # master bit was taken back from the 16-bit param: the weights never moved. The step is left
+    # out of the graph (its kernels are opaque anyway): the same bits as eager.
+    results = []
+    for compiled in (False, True):
+        w = nn.Parameter(torch.ones(64, dtype=torch.bfloat16))
+        opt = AdamW([w], lr=1e-4, weight_decay=0.0)
+        step = torch.compile(lambda: opt.step()) if compiled else opt.step
+        for _ in range(40):
+            w.grad = torch.ones_like(w)
+            step()
+            with torch.no_grad():
+                w.clamp_(-10, 10)
+        results.append((w.detach().clone(), opt.state[w]["master"].clone()))
+    assert results[0][1].mean() < 0.9961  # 1 - 40 * 1e-4: moved
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_numpy_numbers_and_load_state_dict_hooks():
+    # lr from a numpy float32 table (LambdaLR over np.float32 under numpy 2) is a number as torch
+    # takes it; load_state_dict's pre hooks change what is loaded and post hooks see fp32 state.
+    import numpy as np
+
+    net = nn.Linear(4, 4).to(torch.bfloat16)
+    opt = AdamW(net.parameters(), lr=np.float32(1e-2), betas=(np.float32(0.9), 0.99))
+    for _ in range(2):
+        net(torch.randn(3, 4, dtype=torch.bfloat16)).sum().backward()
+        opt.step()
+    other = AdamW(net.parameters(), lr=1e-3)
+
+    def zero_moments(optimizer, state_dict):
+        state_dict = copy.deepcopy(state_dict)
+        for state in state_dict["state"].values():
+            state["exp_avg"].zero_()
+            state["step"] = torch.tensor(0.0)
+        return state_dict
+
+    seen = []
+    other.register_load_state_dict_pre_hook(zero_moments)
+    other.register_load_state_dict_post_hook(lambda o: seen.extend(s["exp_avg"].dtype for s in o.state.values()))
+    other.load_state_dict(opt.state_dict())
+    assert seen == [torch.float32, torch.float32]
+    for state in other.state.values():
+        assert not state["exp_avg"].any() and float(state["step"]) == 0.0
+        assert state["master"].dtype == torch.float32
+
+
 def test_bad_params_and_grads():
     emb = nn.Embedding(10, 4, sparse=True)
     opt = AdamW(emb.parameters())
@@ -614,9 +678,20 @@ def test_bad_params_and_grads():
     with pytest.raises(ValueError, match="stochastic_rounding is for bfloat16"):
         AdamW([p], stochastic_rounding=True).step()
     q = nn.Parameter(torch.zeros(4, 4).t())
-    q.grad = torch.ones(4, 4)
-    with pytest.raises(ValueError, match="contiguous"):
-        AdamW([q]).step()
+    with pytest.raises(ValueError, match="contiguous"):  # at construction, not at the first step
+        AdamW([q])
+    with pytest.raises(ValueError, match="contiguous"):  # a param made a view afterwards: at the step
+        q2 = nn.Parameter(torch.zeros(4, 4))
+        opt = AdamW([q2])
+        q2.data = q2.data.t()
+        q2.grad = torch.ones(4, 4)
+        opt.step()
+    with pytest.raises(ValueError, match="params must be on cpu or cuda"):
+        AdamW([nn.Parameter(torch.zeros(2, device="meta"))])
+    opt = AdamW([nn.Parameter(torch.zeros(2))])
+    with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
+        opt.add_param_group(dict(params=[nn.Parameter(torch.zeros(2, dtype=torch.float64))]))
+    assert len(opt.param_groups) == 1  # a refused group is not left behind
     r = nn.Parameter(torch.zeros(3))
     r.grad = torch.ones(3)
     with pytest.raises(TypeError, match="DynamicLossScaler"):

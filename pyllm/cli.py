@@ -563,7 +563,7 @@ def stream_sample(model, tokenizer, prompt: str, max_new_tokens: int, temperatur
     if prompt_ids is not None:
         ids, prompt = list(prompt_ids), ""
     else:
-        ids = [*prefix_ids, *tokenizer.encode_ordinary(prompt)] or [0]
+        ids = [*prefix_ids, *tokenizer.encode_ordinary(prompt)] or start_ids(tokenizer)
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     generated: list[int] = []
     printed = prompt
@@ -595,6 +595,33 @@ def stream_sample(model, tokenizer, prompt: str, max_new_tokens: int, temperatur
     return prompt + tokenizer.decode(generated)
 
 
+def start_ids(tokenizer) -> list[int]:
+    """What an empty prompt continues: <|endoftext|> (every document the model saw followed one),
+    else a newline (nanoGPT's sample.py's start), else id 0."""
+    eot = getattr(tokenizer, "special_tokens", {}).get("<|endoftext|>")
+    return [eot] if eot is not None else (tokenizer.encode_ordinary("\n") or [0])
+
+
+def resolve_sampling(args, source) -> None:
+    """--temperature / --top-k / --top-p not given: a Hugging Face model's generation_config.json
+    (do_sample false: greedy; else its temperature, top_k, top_p, transformers' defaults 1.0 / 50 /
+    1.0 for the ones it leaves out), as transformers' generate() takes them; else 0.8 / 50 / none."""
+    config = {}
+    if source is not None and (Path(source) / "generation_config.json").is_file():
+        config = json.loads((Path(source) / "generation_config.json").read_text())
+    if config:
+        sampling = config.get("do_sample", False)
+        defaults = dict(temperature=float(config.get("temperature", 1.0)) if sampling else 0.0,
+                        top_k=config.get("top_k", 50), top_p=config.get("top_p", 1.0))
+    else:
+        defaults = dict(temperature=0.8, top_k=50, top_p=None)
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if not args.top_k:
+        args.top_k = None  # 0: no top-k, as in transformers' GenerationConfig
+
+
 def generate_file(model, tokenizer, args, prefix_ids, stop_tokens, source) -> int:
     """`pyllm generate --prompts-file F`: one {"prompt": ...} per line of F (JSONL, as training's
     prompt-completion files), --batch-size of them at a time through LLM.generate_batch; writes
@@ -615,14 +642,21 @@ def generate_file(model, tokenizer, args, prefix_ids, stop_tokens, source) -> in
             raise ValueError(f"{path}:{n}: not a JSON line ({e})") from None
         if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
             raise ValueError(f"{path}:{n}: expected a JSON object with a \"prompt\" string")
-        prompts.append(record["prompt"])
+        prompts.extend([record["prompt"]] * args.num_samples)  # --num-samples completions of each, in a row
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
 
     def ids_of(prompt: str) -> list[int]:
         if args.chat:  # the template writes the BOS and the turn markers itself
             return tokenizer.encode(hf_chat_prompt(source, [{"role": "user", "content": prompt}]), allowed_special="all")
-        return [*prefix_ids, *tokenizer.encode_ordinary(prompt)] or [0]
+        return [*prefix_ids, *tokenizer.encode_ordinary(prompt)] or start_ids(tokenizer)
+
+    def one_by_one(ids: list[int]) -> list[int]:
+        """A prompt whose completion passes block_size: generate() slides past it, as --prompt does."""
+        idx = torch.tensor([ids], dtype=torch.long, device=device)
+        new = model.generate(idx, args.max_new_tokens, args.temperature, args.top_k, args.top_p, generator=generator,
+                             stop_tokens=stops)[0, len(ids):].tolist()
+        return new[:next((i + 1 for i, t in enumerate(new) if t in stops), len(new))]
 
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(args.seed)
@@ -631,8 +665,12 @@ def generate_file(model, tokenizer, args, prefix_ids, stop_tokens, source) -> in
     try:
         for start in range(0, len(prompts), args.batch_size):
             chunk = prompts[start:start + args.batch_size]
-            new = model.generate_batch([ids_of(p) for p in chunk], args.max_new_tokens, args.temperature, args.top_k,
-                                       args.top_p, generator, stops, cuda_graph=args.cuda_graph)
+            ids = [ids_of(p) for p in chunk]
+            if max(map(len, ids)) + args.max_new_tokens <= model.config.block_size:
+                new = model.generate_batch(ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p, generator,
+                                           stops, cuda_graph=args.cuda_graph)
+            else:
+                new = [one_by_one(row) for row in ids]
             for prompt, tokens in zip(chunk, new):
                 completion = tokenizer.decode([t for t in tokens if t not in stops])
                 out.write(json.dumps({"prompt": prompt, "completion": completion}, ensure_ascii=False) + "\n")
@@ -732,8 +770,11 @@ def cmd_generate(args) -> int:
     prompt_ids, stops = None, []
     if args.chat and source is None:
         raise ValueError("--chat needs --hf DIR, or a --run fine-tuned from one (--init-from-hf): a chat template")
+    resolve_sampling(args, source)
+    if not args.ignore_eos:  # where a document ends: the source's end-of-sequence ids, or pyllm's <|endoftext|>
+        eot = getattr(tokenizer, "special_tokens", {}).get("<|endoftext|>")
+        stops = hf_stop_ids(source) if source is not None else ([] if eot is None else [eot])
     if source is not None:
-        stops = hf_stop_ids(source)
         if args.chat:  # the template writes the BOS and the turn markers itself
             text = hf_chat_prompt(source, [{"role": "user", "content": args.prompt}])
             prompt_ids = tokenizer.encode(text, allowed_special="all")
@@ -749,6 +790,8 @@ def cmd_generate(args) -> int:
         draft = load_frozen(args.draft, "fp32", torch.device(device)).to(getattr(torch, GENERATE_DTYPES[dtype]))
     if args.prompts_file:
         return generate_file(model, tokenizer, args, prefix, stops, source)
+    if not args.prompt and not prefix and prompt_ids is None:  # no text to continue: a document's start
+        prompt_ids = start_ids(tokenizer)
     for i in range(args.num_samples):
         stream_sample(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                       args.seed + i, prefix, prompt_ids, stops, args.cuda_graph, draft, args.draft_tokens)
@@ -1165,10 +1208,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "message, put in the folder's chat template (an instruct model's turn format); the reply ends at the "
                    "model's end-of-sequence token")
     p.add_argument("--max-new-tokens", type=at_least(1), default=200, help="tokens to generate (default 200)")
-    p.add_argument("--temperature", type=at_least(0.0, float), default=0.8, help="softmax temperature; 0 is greedy (default 0.8)")
-    p.add_argument("--top-k", type=at_least(1), default=50, help="sample from the k most likely tokens only (default 50)")
-    p.add_argument("--top-p", type=probability, default=None, help="nucleus sampling: the smallest set of tokens with this much probability, in (0, 1]")
-    p.add_argument("--num-samples", type=at_least(1), default=1, help="independent samples (default 1)")
+    p.add_argument("--temperature", type=at_least(0.0, float), help="softmax temperature; 0 is greedy (default 0.8; "
+                   "a Hugging Face model's generation_config.json: its do_sample and temperature, as transformers)")
+    p.add_argument("--top-k", type=at_least(0), help="sample from the k most likely tokens only, 0: all (default 50, "
+                   "or generation_config.json's)")
+    p.add_argument("--top-p", type=probability, help="nucleus sampling: the smallest set of tokens with this much "
+                   "probability, in (0, 1] (default: off, or generation_config.json's)")
+    p.add_argument("--ignore-eos", action="store_true", help="go on past the end of a document: the model's "
+                   "end-of-sequence ids (a Hugging Face model's) or <|endoftext|> (a model trained here) stop "
+                   "generation otherwise")
+    p.add_argument("--num-samples", type=at_least(1), default=1, help="independent samples (default 1); with "
+                   "--prompts-file, completions of each prompt")
     p.add_argument("--prompts-file", metavar="FILE", help="continue every prompt of a JSONL file ({\"prompt\": ...} "
                    "per line) instead of --prompt, --batch-size at a time (prompts of different lengths in one "
                    "batch, no padding between them); writes {\"prompt\", \"completion\"} lines to --out or stdout")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import numbers
 import os
 import re
 from dataclasses import asdict, dataclass, fields
@@ -934,17 +935,31 @@ class LLM(nn.Module):
                         top_k: int | None = None, top_p: float | None = None, use_cache: bool = True,
                         generator: torch.Generator | None = None,
                         stop_tokens: Iterable[int] = (), cuda_graph: bool = False) -> Iterator[torch.Tensor]:
-        """Yields up to max_new_tokens next tokens (B,) one at a time. temperature 0 is greedy. Past
-        block_size the cached path re-reads the last block_size/2 tokens into a fresh cache. Stops
-        after the step at which every row has sampled one of stop_tokens (e.g. end-of-sequence ids;
-        rows that stopped earlier keep sampling until then).
+        """Yields up to max_new_tokens next tokens (B,) one at a time, in eval mode (no dropout).
+        temperature 0 is greedy. Past block_size the cached path re-reads the last block_size/2
+        tokens into a fresh cache (nanoGPT crops to the last block_size tokens at every step, as
+        use_cache=False does here: the tokens past block_size differ between the two). Stops after
+        the step at which every row has sampled one of stop_tokens (an id or several: end-of-sequence
+        ids); a row that stopped earlier repeats its stop token until then (as transformers pads
+        finished rows). idx's rows are whole prompts of one length, not padded: prompts of
+        different lengths go to generate_batch.
 
         cuda_graph (CUDA, use_cache): each one-token step replays a CUDA graph of decode_step
         (captured once per call, before the prompt fills the cache) instead of launching its kernels
         from Python one by one: generation of small models is bound by those launches. The same
         tokens as without it (the same kernels). Not with LongRoPE. UNVERIFIED: not yet run on a GPU."""
-        stop = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=idx.device)
+        check_sampling(temperature, top_k, top_p)
+        if idx.dim() != 2 or idx.shape[1] == 0:
+            raise ValueError(f"generate: idx must be (batch, T) with T >= 1 prompt tokens, got shape {tuple(idx.shape)}")
+        with self._in_eval():  # (generate() sets it too; generate_stream called alone had kept dropout on)
+            yield from self._generate_stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator,
+                                             stop_tokens, cuda_graph)
+
+    def _generate_stream(self, idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator, stop_tokens,
+                         cuda_graph) -> Iterator[torch.Tensor]:
+        stop = torch.tensor(sorted(stop_ids(stop_tokens)), dtype=torch.long, device=idx.device)
         done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+        ended = torch.zeros(idx.shape[0], dtype=torch.long, device=idx.device)  # each stopped row's stop token
         block = self.config.block_size
         # As long as this generation can get, not block_size: a 128k-context checkpoint would
         # otherwise ask for a 128k cache per layer (GBs on a GPU) to sample a few tokens.
@@ -962,7 +977,7 @@ class LLM(nn.Module):
                 logits = self(idx[:, -block:])[0][:, -1]
             else:
                 if cache_len + pending.shape[1] > block:  # window full: restart from the recent half
-                    pending, cache_len = idx[:, -(block // 2):], 0
+                    pending, cache_len = idx[:, -max(1, block // 2):], 0
                 elif cache_len and cache_len <= switch < cache_len + pending.shape[1]:
                     pending, cache_len = idx[:, -block:], 0  # as transformers' Phi-3: the cache starts over
                 if graph is not None and pending.shape[1] == 1:
@@ -971,13 +986,15 @@ class LLM(nn.Module):
                     logits = self.forward_cached(pending, cache, cache_len)
                 cache_len += pending.shape[1]
             next_token = sample(logits, temperature, top_k, top_p, generator)  # (B,)
+            if len(stop):
+                next_token = torch.where(done, ended, next_token)  # a stopped row repeats its stop token
+                ended = torch.where(done, ended, next_token)
+                done |= torch.isin(next_token, stop)
             idx = torch.cat([idx, next_token[:, None]], dim=1)
             pending = next_token[:, None]
             yield next_token
-            if len(stop):
-                done |= torch.isin(next_token, stop)
-                if bool(done.all()):  # a host sync per token, only when stop tokens are given
-                    return
+            if len(stop) and bool(done.all()):  # a host sync per token, only when stop tokens are given
+                return
 
     @torch.no_grad()
     def generate_speculative(self, idx: torch.Tensor, draft: "LLM", max_new_tokens: int, temperature: float = 1.0,
@@ -997,8 +1014,10 @@ class LLM(nn.Module):
         token. The prompt + max_new_tokens must fit in both models' block_size (no sliding restart),
         and stay short of a LongRoPE model's switch to its long factors (generate's cache starts
         over there). stats (a dict): filled with "rounds", "drafted" and "accepted" counts."""
-        if idx.shape[0] != 1:
-            raise ValueError(f"generate_speculative: one sequence at a time (idx (1, T)), got batch {idx.shape[0]}")
+        check_sampling(temperature, top_k, top_p)
+        if idx.dim() != 2 or idx.shape[0] != 1 or idx.shape[1] == 0:
+            raise ValueError(f"generate_speculative: one sequence at a time (idx (1, T), T >= 1), got shape "
+                             f"{tuple(idx.shape)}")
         if draft.config.vocab_size != self.config.vocab_size:
             raise ValueError(f"generate_speculative: the draft predicts {draft.config.vocab_size} ids, this model "
                              f"{self.config.vocab_size}: they must share the tokenizer")
@@ -1013,7 +1032,7 @@ class LLM(nn.Module):
         if capacity - 1 > min(_longrope_switch(self.config), _longrope_switch(draft.config)):
             raise NotImplementedError("generate_speculative: past LongRoPE's switch to its long factors every cached "
                                       "key is rotated again (generate starts its cache over there); generate() it")
-        stop = set(stop_tokens)
+        stop = stop_ids(stop_tokens)
         counts = stats if stats is not None else {}
         counts.update(rounds=0, drafted=0, accepted=0)
         with self._in_eval(), draft._in_eval():
@@ -1084,7 +1103,9 @@ class LLM(nn.Module):
                  generator: torch.Generator | None = None, stop_tokens: Iterable[int] = (),
                  cuda_graph: bool = False) -> torch.Tensor:
         """idx (B, T) followed by up to max_new_tokens sampled tokens, (B, T + n); callback gets each
-        new (B,) token as it comes (for streaming); stop_tokens, cuda_graph: see generate_stream."""
+        new (B,) token as it comes (for streaming); stop_tokens, cuda_graph: see generate_stream.
+        The rows of idx are prompts of one length, not padded (a left-padded batch would condition
+        on its padding): prompts of different lengths go to generate_batch."""
         with self._in_eval():  # (restored even when sampling raises)
             out = [idx]
             for token in self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator,
@@ -1105,10 +1126,13 @@ class LLM(nn.Module):
         generate() gives that prompt alone (the same function per row, rounding aside).
         prompt length + max_new_tokens must fit in block_size (no sliding restart here: generate()
         has one). cuda_graph: as in generate_stream (CUDA; unverified)."""
+        check_sampling(temperature, top_k, top_p)
         device = self.lm_head.weight.device
         rows = [torch.as_tensor(p, dtype=torch.long, device=device).view(-1) for p in prompts]
         if not rows or min(len(r) for r in rows) == 0:
             raise ValueError("generate_batch: give at least one prompt, each of at least one token")
+        if max_new_tokens == 0:
+            return [[] for _ in rows]
         longest = max(len(r) for r in rows)
         if longest + max_new_tokens > self.config.block_size:
             raise ValueError(f"generate_batch: a prompt of {longest} tokens + {max_new_tokens} new ones is more than "
@@ -1142,7 +1166,7 @@ class LLM(nn.Module):
                     k[:, :longest].copy_(k_read[which])
                     v[:, :longest].copy_(v_read[which])
                 del read
-            stop = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=device)
+            stop = torch.tensor(sorted(stop_ids(stop_tokens)), dtype=torch.long, device=device)
             done = torch.zeros(len(rows), dtype=torch.bool, device=device)
             out = []
             for step in range(max_new_tokens):
@@ -1899,11 +1923,29 @@ def state_to_hf(state: dict, cfg: ModelConfig, kind: str) -> dict:
     return out
 
 
+def check_sampling(temperature, top_k, top_p) -> None:
+    """ValueError for settings sample() cannot take: temperature a finite number >= 0 (a negative
+    one would sample the reversed distribution), top_k None or an int >= 0 (0 or None: off, as
+    transformers' GenerationConfig), top_p None or in [0, 1] (0 keeps the likeliest token alone)."""
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not 0 <= temperature < math.inf:
+        raise ValueError(f"sampling: temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0):
+        raise ValueError(f"sampling: top_k must be None or an int >= 0 (0 or None: no top-k), got {top_k!r}")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0 <= top_p <= 1):
+        raise ValueError(f"sampling: top_p must be None or a number in [0, 1], got {top_p!r}")
+
+
+def stop_ids(stop_tokens) -> set[int]:
+    """stop_tokens as a set of ids: an int (transformers' eos_token_id form) or an iterable of them."""
+    return {int(stop_tokens)} if isinstance(stop_tokens, int) else {int(t) for t in stop_tokens}
+
+
 def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
            generator: torch.Generator | None = None) -> torch.Tensor:
     """One token per row of logits (B, V): greedy at temperature 0, else from softmax(logits / t)
     restricted to the top_k tokens and then to the smallest set whose probability reaches top_p
     (sampling_probs)."""
+    check_sampling(temperature, top_k, top_p)
     if temperature == 0:
         return logits.argmax(dim=-1)
     return torch.multinomial(sampling_probs(logits, temperature, top_k, top_p), 1, generator=generator)[:, 0]
@@ -1912,15 +1954,19 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = N
 def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int | None = None,
                    top_p: float | None = None) -> torch.Tensor:
     """The distribution sample() draws from (temperature > 0), fp32, over the last dim of logits (..., V)."""
+    check_sampling(temperature, top_k, top_p)
+    if temperature == 0:
+        raise ValueError("sampling_probs: temperature 0 is greedy, no distribution: take the argmax")
     shape = logits.shape
     logits = logits.float().reshape(-1, shape[-1]) / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
+    if top_k and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         cum = sorted_logits.softmax(-1).cumsum(-1)
         drop = cum - sorted_logits.softmax(-1) >= top_p  # keep the token that crosses top_p
+        drop[:, 0] = False  # and the likeliest always (top_p 0: it alone, as transformers keeps one)
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     return logits.softmax(dim=-1).reshape(shape)

@@ -178,6 +178,53 @@ def test_generate_a_prompts_file(corpus, tmp_path, capsys):
     assert 'bad.jsonl:1: expected a JSON object with a "prompt" string' in capsys.readouterr().err
 
 
+def test_generate_ends_documents_and_reads_generation_configs(corpus, tmp_path, capsys, monkeypatch):
+    # As transformers' generate: a model trained here stops at <|endoftext|> (--ignore-eos goes on),
+    # an empty prompt starts a document (from <|endoftext|>, not id 0), --top-k 0 is no top-k, and a
+    # Hugging Face folder's generation_config.json gives the sampling defaults. --num-samples with
+    # --prompts-file gives that many completions of each; prompts whose completion passes block_size
+    # slide past it (generate()) instead of failing.
+    import argparse
+    import types
+
+    from pyllm.model import LLM
+
+    run = tmp_path / "run"
+    assert cli.main(["train", "--data", str(corpus), "--out", str(run), "--max-steps", "2", *SMALL]) == 0
+    monkeypatch.setattr(StandInTokenizer, "special_tokens", {"<|endoftext|>": 256}, raising=False)
+    calls, generate = [], LLM.generate
+
+    def recording(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, **kw):
+        calls.append(dict(idx=idx.tolist(), temperature=temperature, top_k=top_k, stops=list(kw.get("stop_tokens", []))))
+        return generate(self, idx, max_new_tokens, temperature, top_k, top_p, **kw)
+
+    monkeypatch.setattr(LLM, "generate", recording)
+    assert cli.main(["generate", "--run", str(run), "--prompt", "", "--max-new-tokens", "3"]) == 0
+    assert calls[-1] == dict(idx=[[256]], temperature=0.8, top_k=50, stops=[256])
+    assert cli.main(["generate", "--run", str(run), "--prompt", "x", "--max-new-tokens", "3", "--ignore-eos",
+                     "--top-k", "0", "--temperature", "0"]) == 0
+    assert calls[-1] == dict(idx=[[120]], temperature=0.0, top_k=None, stops=[])
+    (tmp_path / "p.jsonl").write_text('{"prompt": "def f"}\n{"prompt": "x"}\n')
+    out = tmp_path / "c.jsonl"
+    for new in ("4", "40"):  # 40: past block_size 32, one prompt at a time through generate()
+        assert cli.main(["generate", "--run", str(run), "--prompts-file", str(tmp_path / "p.jsonl"), "--num-samples",
+                         "2", "--max-new-tokens", new, "--out", str(out)]) == 0
+        lines = [json.loads(line) for line in out.read_text().splitlines()]
+        assert [line["prompt"] for line in lines] == ["def f", "def f", "x", "x"]
+    assert len(calls) == 2 + 4
+    for config, want in (({"do_sample": False, "temperature": 0.6}, (0.0, 50, 1.0)),
+                         ({"do_sample": True, "temperature": 0.6, "top_p": 0.9}, (0.6, 50, 0.9)),
+                         ({"do_sample": True, "top_k": 0}, (1.0, None, 1.0))):
+        (tmp_path / "generation_config.json").write_text(json.dumps(config))
+        args = argparse.Namespace(temperature=None, top_k=None, top_p=None)
+        cli.resolve_sampling(args, tmp_path)
+        assert (args.temperature, args.top_k, args.top_p) == want
+    given = argparse.Namespace(temperature=0.3, top_k=7, top_p=None)
+    cli.resolve_sampling(given, tmp_path)
+    assert (given.temperature, given.top_k, given.top_p) == (0.3, 7, 1.0)
+    assert cli.start_ids(types.SimpleNamespace(encode_ordinary=lambda t: [10])) == [10]  # no <|endoftext|>: "\n"
+
+
 def test_init_from_run_errors(corpus, tmp_path, capsys):
     assert cli.main(["train", "--init-from-run", str(tmp_path), "--data", str(corpus), "--out", str(tmp_path / "r"),
                      "--device", "cpu"]) == 2

@@ -781,10 +781,41 @@ def test_generate_stops_at_stop_tokens():
     full = model.generate(prompt, 12, temperature=0)  # (2, 16)
     stop = int(full[0, 6])  # row 0's third new token
     first = [next((k for k in range(12) if int(full[b, 4 + k]) == stop), 12) for b in range(2)]
-    out = model.generate(prompt, 12, temperature=0, stop_tokens=[stop])
-    # every row stopped (or ran out) by the last step taken; rows go on until the last one stops
-    assert torch.equal(out, full[:, :4 + min(12, max(first) + 1)])
+    out = model.generate(prompt, 12, temperature=0, stop_tokens=stop)  # (an int: transformers' eos_token_id form)
+    # every row stopped (or ran out) by the last step taken; a row that stopped repeats its stop
+    # token until the last one stops (as transformers pads finished rows), no samples past it
+    n = min(12, max(first) + 1)
+    assert out.shape == (2, 4 + n)
+    for b in range(2):
+        k = min(first[b] + 1, n)
+        assert torch.equal(out[b, :4 + k], full[b, :4 + k])
+        assert (out[b, 4 + k:] == stop).all()
     assert torch.equal(model.generate(prompt[:1], 12, temperature=0, stop_tokens=[stop]), full[:1, :4 + first[0] + 1])
+
+
+def test_generation_arguments_are_checked_and_edge_values_work():
+    # transformers' rules: a negative temperature, top_k < 0, top_p outside [0, 1] are errors (a
+    # negative temperature had sampled the reversed distribution); top_k 0 is no top-k, top_p 0 the
+    # likeliest token; an empty prompt is an error, 0 new tokens none; dropout off in
+    # generate_stream called alone; block_size 1 generates.
+    model = LLM(ModelConfig(**{**SMALL, "dropout": 0.5})).train()
+    prompt = torch.randint(0, 97, (2, 4))
+    for bad, message in ((dict(temperature=-1.0), "temperature"), (dict(temperature=None), "temperature"),
+                         (dict(top_k=-1), "top_k"), (dict(top_p=1.5), "top_p"), (dict(top_p=-0.1), "top_p")):
+        for call in (lambda: model.generate(prompt, 2, **bad), lambda: model.generate_batch([[1, 2]], 2, **bad),
+                     lambda: sample(torch.randn(1, 5), **bad)):
+            with pytest.raises(ValueError, match=message):
+                call()
+    greedy = model.generate(prompt, 4, temperature=0)
+    assert model.training  # restored
+    assert torch.equal(model.generate(prompt, 4, top_p=0.0, generator=torch.Generator().manual_seed(3)), greedy)
+    assert torch.equal(torch.stack(list(model.generate_stream(prompt, 4, temperature=0)), 1), greedy[:, 4:])
+    assert model.generate(prompt, 3, top_k=0).shape == (2, 7)
+    with pytest.raises(ValueError, match="T >= 1 prompt tokens"):
+        model.generate(prompt[:, :0], 3)
+    assert model.generate_batch([[1, 2], [3]], 0) == [[], []]
+    tiny = LLM(ModelConfig(**{**SMALL, "block_size": 1}))
+    assert tiny.generate(prompt[:, :1], 3, temperature=0).shape == (2, 4)
 
 
 def test_generation_cache_is_as_long_as_the_generation():

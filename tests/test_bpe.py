@@ -467,6 +467,11 @@ def test_train_bad_input(corpus):
         Tokenizer.train(corpus[:2], 300, pattern=3, show_progress=False)
     with pytest.raises(ValueError, match="regex"):
         Tokenizer.train(corpus[:2], 300, pattern="(unclosed", show_progress=False)
+    for threads in (0, -1):  # as encode_batch refuses them
+        with pytest.raises(ValueError, match="num_threads must be a positive int"):
+            Tokenizer.train(corpus[:2], 300, num_threads=threads, show_progress=False)
+    with pytest.raises(ValueError, match="lone surrogate"):  # (a raw UnicodeEncodeError before)
+        Tokenizer.train(corpus[:2], 300, special_tokens=["<|x\ud800|>"], show_progress=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -553,6 +558,7 @@ def test_bad_input(gpt4):
         gpt4.encode_batch(["ok", 3])
     with pytest.raises(ValueError, match="num_threads"):
         gpt4.encode_batch(["ok"], num_threads=0)
+    assert gpt4.encode_batch(["ok", "a"], num_threads=2 ** 40) == [gpt4.encode("ok"), gpt4.encode("a")]  # (capped)
     with pytest.raises(ValueError, match="device"):
         gpt4.encode_batch(["ok"], device="tpu")
     with pytest.raises(ValueError, match="unknown token id"):

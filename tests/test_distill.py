@@ -125,6 +125,8 @@ def test_linear_distill_within_twice_torchs_error(device, dtype, beta, shape, mo
 
 def test_bad_arguments():
     x, w = torch.randn(4, 8), torch.randn(10, 8)
+    with pytest.raises(TypeError, match="teacher logits must be a torch.Tensor, got float"):  # (AttributeError before)
+        pyllm.generalized_jsd(torch.randn(2, 5), 3.0)
     with pytest.raises(ValueError, match="beta must be in"):
         linear_distill(x, w, x, w, beta=1.5)
     with pytest.raises(ValueError, match="vocabularies must match"):

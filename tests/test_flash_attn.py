@@ -1681,6 +1681,10 @@ def test_cuda_bad_seqlens_stay_in_bounds_or_raise_when_checked(monkeypatch):
 
 def test_bad_input_raises_clear_errors():
     q, k = torch.randn(1, 4, 2, 64), torch.randn(1, 4, 2, 64)
+    # a window side past any sequence is unlimited (the kernels take int32: a raw pybind TypeError before)
+    assert torch.equal(pyllm.flash_attn(q, k, k, window=(2 ** 64, 0)), pyllm.flash_attn(q, k, k, causal=True))
+    meta = torch.empty(1, 4, 2, 64, device="meta")  # meta with ALiBi: shapes, no value read
+    assert pyllm.flash_attn(meta, meta, meta, alibi_slopes=torch.empty(2, device="meta")).shape == meta.shape
     for d in (0, 257):
         with pytest.raises(ValueError, match=f"head_dim {d} is not supported: head dims 1 to 256 \\(32, 64, 96, 128, 256"):
             pyllm.flash_attn(torch.randn(1, 4, 2, d), torch.randn(1, 4, 2, d), torch.randn(1, 4, 2, d))

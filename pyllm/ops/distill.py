@@ -48,6 +48,8 @@ def takes(logits: Tensor) -> bool:
 def _check(student: Tensor, teacher: Tensor, beta, temperature, scale, softcap, teacher_scale, teacher_softcap,
            rows_in_place: bool = True, want_grad: bool = True) -> None:
     _util.check_tensor(OP, "student", student, DTYPES)
+    if not isinstance(teacher, Tensor):
+        raise TypeError(f"{OP}: teacher logits must be a torch.Tensor, got {type(teacher).__name__}")
     _util.check_same(OP, student=student, teacher=teacher)
     if rows_in_place:  # distill_rows_ writes over the student's rows: 2-D, apart, contiguous within
         if student.dim() != 2 or not _util.kernel_rows(student):

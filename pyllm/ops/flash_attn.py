@@ -74,7 +74,9 @@ def _check_window(op: str, window) -> tuple[int, int]:
     sides = [_as_int(w) for w in window] if isinstance(window, (tuple, list)) and len(window) == 2 else [None]
     if None in sides:
         raise TypeError(f"{op}: window must be a pair of ints (left, right), got {window!r}")
-    left, right = (max(w, -1) for w in sides)  # any negative is unlimited, as in flash-attn
+    # any negative is unlimited, as in flash-attn; a side past any sequence (the kernels take int32)
+    # is too
+    left, right = (-1 if w < 0 or w >= 2 ** 31 - 1 else w for w in sides)
     return left, right
 
 
@@ -198,7 +200,7 @@ def _check_alibi(op: str, q: Tensor, slopes, batch: int) -> Optional[Tensor]:
         raise ValueError(f"{op}: alibi_slopes are fixed biases and get no gradient; pass alibi_slopes.detach()")
     # Read here, before a kv-cache call writes anything (the C++ launchers check them again); traced
     # calls leave it to the launchers (a data-dependent branch would break the graph).
-    if not torch.compiler.is_compiling() and not bool(torch.isfinite(slopes).all()):
+    if not torch.compiler.is_compiling() and slopes.device.type != "meta" and not bool(torch.isfinite(slopes).all()):
         raise ValueError(f"{op}: alibi_slopes must be finite")
     return slopes.contiguous()
 

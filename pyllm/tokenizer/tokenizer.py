@@ -92,6 +92,14 @@ def _check_disallowed(texts: Iterable[str], names: Collection[str]) -> None:
             raise ValueError(_disallowed_message(first[1]))
 
 
+def _check_encodable(where: str, token: str) -> None:
+    """A special token is matched as its UTF-8 bytes: one with a lone surrogate has none."""
+    try:
+        token.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{where}: {token!r} holds a lone surrogate, which has no UTF-8 bytes to match") from None
+
+
 def _fix_surrogates(text: str) -> str:
     # Lone surrogates cannot be encoded as UTF-8; tiktoken replaces them with U+FFFD the same way.
     return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
@@ -482,7 +490,7 @@ def _thread_count(num_threads, op: str) -> int:
         num_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if not isinstance(num_threads, int) or isinstance(num_threads, bool) or num_threads < 1:
         raise ValueError(f"{op}: num_threads must be a positive int or None, got {num_threads!r}")
-    return num_threads
+    return min(num_threads, 1024)  # (more threads than that only wait; 2^40 overflowed the C++ int)
 
 
 # --- SentencePiece-style BPE (Llama 2's, Mistral's tokenizer.json) ----------------------------------
@@ -607,6 +615,7 @@ class Tokenizer:
         for s, i in special_tokens.items():
             if not isinstance(s, str) or not s:
                 raise TypeError(f"special_tokens must map non-empty str to int, got key {s!r}")
+            _check_encodable("special_tokens", s)
             if not isinstance(i, int) or isinstance(i, bool) or i < 0 or i >= 1 << 31:
                 raise ValueError(f"special token {s!r} has id {i!r}, expected an int in [0, 2**31)")
             if i in ranks_used:
@@ -1074,6 +1083,7 @@ class Tokenizer:
         for s in specials:
             if not isinstance(s, str) or not s:
                 raise TypeError(f"train: special tokens must be non-empty str, got {s!r}")
+            _check_encodable("train: special_tokens", s)
         if len(set(specials)) != len(specials):
             raise ValueError(f"train: special_tokens has duplicates: {specials}")
         if vocab_size < 256 + len(specials):
@@ -1081,8 +1091,7 @@ class Tokenizer:
                              f"= {256 + len(specials)}, got {vocab_size}")
         name, regex_str, code = _resolve_pattern(pattern)
         custom = _compile_custom(regex_str) if code < 0 else None
-        if num_threads is None:
-            num_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        num_threads = _thread_count(num_threads, "Tokenizer.train")
 
         from tqdm.auto import tqdm
 

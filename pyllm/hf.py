@@ -160,7 +160,7 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
             real_k = attention_mask.bool()
             # documents too: under torch.compile a mask without padding comes here with packed rows
             return _reference_rows(q, k, v, real_k[:, -T:], real_k, **call,
-                                   documents=_documents(position_ids, B, T)), None
+                                   documents=_documents(position_ids, B, T, real_k)), None
         return _attend(q, k, v, attention_mask, position_ids, **call), None
 
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
@@ -201,7 +201,7 @@ def _with_dropout(q, k, v, attention_mask, kwargs, call, dropout: float) -> torc
     else:
         real_k = torch.ones(B, k.shape[1], dtype=torch.bool, device=q.device)
     position_ids = kwargs.get("position_ids") if T == k.shape[1] else None
-    return _reference_rows(q, k, v, real_k[:, -T:], real_k, **call, documents=_documents(position_ids, B, T),
+    return _reference_rows(q, k, v, real_k[:, -T:], real_k, **call, documents=_documents(position_ids, B, T, real_k),
                            dropout=dropout)
 
 
@@ -479,10 +479,16 @@ def _document_starts(position_ids: torch.Tensor | None, B: int, T: int) -> torch
     return starts
 
 
-def _documents(position_ids: torch.Tensor | None, B: int, T: int) -> torch.Tensor | None:
-    """(B, T) int64: which document of its row each token is in, or None (see _document_starts)."""
+def _documents(position_ids: torch.Tensor | None, B: int, T: int, real_k: torch.Tensor | None = None
+               ) -> torch.Tensor | None:
+    """(B, T) int64: which document of its row each token is in, or None (see _document_starts).
+    real_k: the padding mask; where it pads any row, one document a row, as the kernels' path (and
+    transformers' flash-attention) reads a padded batch by its mask alone (no sync: a mask, not a branch)."""
     starts = _document_starts(position_ids, B, T)
-    return None if starts is None else starts.long().cumsum(1)
+    if starts is None:
+        return None
+    documents = starts.long().cumsum(1)
+    return documents if real_k is None else documents.masked_fill(~real_k.all(), 0)
 
 
 def _band(pos_q, pos_k, causal, window):

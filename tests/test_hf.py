@@ -184,6 +184,21 @@ def test_packed_documents_are_each_alone(family, how, path):
     assert rel_err(got, want) < 1e-12
 
 
+def test_packed_rows_with_padding_read_by_the_mask_on_either_path(path):
+    # position_ids that restart inside rows and a mask that pads: the batch is read by its mask alone
+    # (as transformers' flash-attention and its SDPA mask do), on the kernels' path and on the
+    # fallback alike (the fallback had applied the documents too: the two paths differed).
+    reference, ours = tiny("llama")
+    phf.apply_pyllm_kernels(ours)
+    ids, mask = inputs(), padded()
+    position_ids = torch.cat([torch.arange(6), torch.arange(7)])[None].expand(3, 13)
+    with torch.no_grad():
+        want = reference(ids, attention_mask=mask, position_ids=position_ids).logits
+        got = ours(ids, attention_mask=mask, position_ids=position_ids).logits
+    real = mask.bool()
+    assert rel_err(got[real], want[real]) < 1e-12
+
+
 @pytest.mark.parametrize("family", ["llama", "mistral", "gemma2"])
 @pytest.mark.parametrize("padding", [True, False])
 @pytest.mark.parametrize("cache", ["dynamic", "static"])

@@ -98,7 +98,8 @@ class ModelConfig:
     # reward models: 1, as transformers' *ForSequenceClassification); the LM head stays.
     num_labels: int = 0
     tie_embeddings: bool = True
-    dropout: float = 0.0
+    dropout: float = 0.0  # while training: on the embeddings, each block's two outputs and the attention
+    # probabilities (nanoGPT's three; the last runs attention through SDPA, no kernel has dropout)
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None  # Llama 3.1's: {"rope_type": "llama3", "factor", "low_freq_factor", ...}
     norm_eps: float = 1e-5
@@ -213,14 +214,31 @@ class ModelConfig:
     def from_preset(cls, name: str, **overrides) -> "ModelConfig":
         if name not in PRESETS:
             raise ValueError(f"unknown model preset {name!r}; presets: {', '.join(PRESETS)}")
-        known = {f.name for f in fields(cls)}
-        unknown = set(overrides) - known
-        if unknown:
-            raise ValueError(f"unknown ModelConfig field(s) {', '.join(sorted(unknown))}; fields: {', '.join(sorted(known))}")
-        return cls(**{**PRESETS[name], **overrides})
+        check_fields(overrides)
+        preset = PRESETS[name]
+        heads, kv_heads = overrides.get("n_heads"), preset.get("n_kv_heads")
+        if heads is not None and "n_kv_heads" not in overrides and kv_heads and heads % kv_heads:
+            raise ValueError(f"ModelConfig: preset {name!r} has n_kv_heads {kv_heads}, which does not divide the "
+                             f"n_heads {heads} given: give n_kv_heads too (n_heads for plain multi-head attention)")
+        return cls(**{**preset, **overrides})
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+# nanoGPT's GPTConfig names, for the error a nanoGPT config meets here
+_NANOGPT_NAMES = {"n_layer": "n_layers", "n_head": "n_heads", "n_embd": "dim"}
+
+
+def check_fields(overrides: dict) -> None:
+    """ValueError naming ModelConfig fields overrides does not have (nanoGPT's names pointed to ours)."""
+    known = {f.name for f in fields(ModelConfig)}
+    unknown = set(overrides) - known
+    if unknown:
+        hints = [f"{n} is {_NANOGPT_NAMES[n]} here" for n in sorted(unknown) if n in _NANOGPT_NAMES]
+        raise ValueError(f"unknown ModelConfig field(s) {', '.join(sorted(unknown))}"
+                         + (f" ({'; '.join(hints)}: nanoGPT's GPT-2 is preset gpt2-124m)" if hints else "")
+                         + f"; fields: {', '.join(sorted(known))}")
 
 
 PRESETS: dict[str, dict] = {
@@ -262,6 +280,7 @@ class Attention(nn.Module):
         self.local_rope = self.window >= 0 and cfg.local_rope_theta is not None  # rope[1], else rope[0]
         self.softmax_scale = cfg.softmax_scale
         self.softcap = cfg.attn_softcap
+        self.attn_dropout = cfg.dropout  # on the attention probabilities too, as nanoGPT's and GPT-2's
         # ALiBi's fixed slopes (H,): a buffer, so that they follow the model's device; not saved
         self.register_buffer("alibi", alibi_slopes(cfg.n_heads) if cfg.positions == "alibi" else None, persistent=False)
 
@@ -291,7 +310,8 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *cos_sin), apply_rope(k, *cos_sin)
         if cache is None:
             y = attention(q, k, v, causal=True, window_left=self.window, scale=self.softmax_scale,
-                          cu_seqlens=cu_seqlens, softcap=self.softcap, alibi=self.alibi)  # (B, T, H, D)
+                          cu_seqlens=cu_seqlens, softcap=self.softcap, alibi=self.alibi,
+                          dropout_p=self.attn_dropout if self.training else 0.0)  # (B, T, H, D)
         else:
             y = attention_with_kvcache(q, cache[0], cache[1], k, v, cache_seqlen, window_left=self.window,
                                        scale=self.softmax_scale, softcap=self.softcap, alibi=self.alibi)

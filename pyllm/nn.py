@@ -1572,7 +1572,7 @@ def document_ids(cu_seqlens: torch.Tensor, B: int, T: int) -> torch.Tensor:
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
               window_left: int = -1, scale: float | None = None, cu_seqlens: torch.Tensor | None = None,
-              softcap: float | None = None, alibi: torch.Tensor | None = None) -> torch.Tensor:
+              softcap: float | None = None, alibi: torch.Tensor | None = None, dropout_p: float = 0.0) -> torch.Tensor:
     """softmax(q k^T / sqrt(D)) v for q (B, T, H, D) and k, v (B, S, H_kv, D) with H % H_kv == 0
     (GQA/MQA), returned as (B, T, H, D): pyllm.flash_attn where it has a kernel, else SDPA.
     window_left >= 0 (causal only): a query also sees no key more than window_left before its own
@@ -1581,21 +1581,23 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     the N documents packed into the B * T tokens (row-major, none crossing a row's end): a query
     sees only its own document's keys, as flash_attn's varlen call computes. softcap: Gemma 2's
     capped scores, softcap * tanh(scores / softcap); alibi: fp32 (H,) or (B, H) ALiBi slopes (BLOOM's, MPT's),
-    -slope * distance added to the scores (both on pyllm's CPU kernels; torch ops on other devices)."""
+    -slope * distance added to the scores (both on pyllm's CPU kernels; torch ops on other devices).
+    dropout_p: dropout on the attention probabilities (nanoGPT's attn_dropout, GPT-2's attn_pdrop):
+    no kernel has it, so a call with it runs SDPA's."""
     if window_left >= 0 and not causal:
         raise ValueError("attention: window_left needs causal=True")
     if cu_seqlens is not None:
-        return _document_attention(q, k, v, cu_seqlens, window_left, scale, softcap, alibi)
-    if _flash_attn_takes(q, k, v) and ((not softcap and alibi is None) or q.is_cpu):  # cap, ALiBi: CPU kernels only
+        return _document_attention(q, k, v, cu_seqlens, window_left, scale, softcap, alibi, dropout_p)
+    if not dropout_p and _flash_attn_takes(q, k, v) and ((not softcap and alibi is None) or q.is_cpu):  # cap, ALiBi: CPU kernels only
         return flash_attn_ops.flash_attn(q, k, v, causal=causal, window=(window_left, -1), softmax_scale=scale,
                                          softcap=softcap or 0.0, alibi_slopes=alibi)
     mask = _window_mask(q.shape[1], k.shape[1], window_left, q.device) if window_left >= 0 else None
-    return _sdpa(q, k, v, mask, causal and mask is None, scale, softcap, alibi=alibi)
+    return _sdpa(q, k, v, mask, causal and mask is None, scale, softcap, alibi=alibi, dropout_p=dropout_p)
 
 
-def _document_attention(q, k, v, cu_seqlens, window_left, scale, softcap=None, alibi=None):
+def _document_attention(q, k, v, cu_seqlens, window_left, scale, softcap=None, alibi=None, dropout_p=0.0):
     B, T, H, D = q.shape
-    if _flash_attn_takes(q, k, v) and ((not softcap and alibi is None) or q.is_cpu):
+    if not dropout_p and _flash_attn_takes(q, k, v) and ((not softcap and alibi is None) or q.is_cpu):
         # max_seqlen = T bounds every document (none crosses a row), so no device sync reads cu_seqlens.
         out = flash_attn_ops.flash_attn(q.reshape(B * T, H, D), k.reshape(B * T, *k.shape[2:]),
                                         v.reshape(B * T, *v.shape[2:]), causal=True, window=(window_left, -1),
@@ -1605,7 +1607,7 @@ def _document_attention(q, k, v, cu_seqlens, window_left, scale, softcap=None, a
     doc = document_ids(cu_seqlens, B, T)  # (B, T)
     mask = (doc[:, :, None] == doc[:, None, :]) & _window_mask(T, T, window_left, q.device)  # (B, T, T)
     # (the distance of two tokens of a document is that of their places in the row)
-    return _sdpa(q, k, v, mask[:, None], scale=scale, softcap=softcap, alibi=alibi)
+    return _sdpa(q, k, v, mask[:, None], scale=scale, softcap=softcap, alibi=alibi, dropout_p=dropout_p)
 
 
 def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

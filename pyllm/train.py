@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from pyllm.data import PackedLoader, TokenLoader, has_documents, read_header, read_rows
-from pyllm.model import LLM, ModelConfig, lora_targets, save_weights
+from pyllm.model import LLM, ModelConfig, check_fields, lora_targets, save_weights
 from pyllm.nn import PREFERENCE_LOSSES, REFERENCE_FREE, preference_loss, sequence_logps
 from pyllm.ops import _util
 from pyllm.optim import AdamW, DynamicLossScaler, Muon, MuonAdamW, ZeroAdamW, unscale_clip_check
@@ -155,6 +155,12 @@ class TrainConfig:
             raise ValueError("TrainConfig.lora_targets and lora_dropout go with lora_rank (a LoRA run)")
         if self.lora_targets:
             lora_targets(self.lora_targets)  # names checked before any work
+        if not isinstance(self.model, dict):
+            raise ValueError(f"TrainConfig.model must be a dict of ModelConfig fields, got {self.model!r}")
+        check_fields(self.model)  # (at validate, not when train() builds the model)
+        if (self.init_from_hf or self.init_from_run) and set(self.model) - {"vocab_size"}:
+            raise ValueError(f"TrainConfig.model {sorted(set(self.model) - {'vocab_size'})}: a model from init_from_hf / "
+                             "init_from_run keeps its own config (its weights are of that shape); leave them out")
         if self.keep_best and self.grpo_reward:
             raise ValueError("TrainConfig.keep_best keeps the weights of the lowest val loss; GRPO's measure is its val "
                              "reward (the prompts' loss says little of it): train without keep_best")
@@ -1451,6 +1457,9 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
                   "reward functions get the prompts decoded from the tokens and none of the lines' other keys "
                   "(answer=, solution=); give the *.jsonl file as --data again to have them", file=sys.stderr)
     seq_len = cfg.seq_len or mcfg.block_size
+    if info.is_main and cfg.warmup_steps >= cfg.max_steps and cfg.lr and not resume:
+        print(f"pyllm: warmup_steps {cfg.warmup_steps} >= max_steps {cfg.max_steps}: the learning rate never reaches "
+              f"lr {cfg.lr:g} in this run (a short fine-tune wants --warmup-steps 0 or a few)", file=sys.stderr)
     if info.is_main and not has_kernels_for(info.device):
         print("pyllm: this build has no CUDA kernels (nvcc was not found when it was installed): training "
               "runs on torch's attention, SwiGLU and AdamW; reinstall with nvcc on PATH for pyllm's", file=sys.stderr)

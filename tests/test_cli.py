@@ -402,7 +402,7 @@ def test_bad_numbers_and_paths_are_one_line_errors(corpus, tmp_path, capsys):
     # argparse's own line (exit 2) for numbers out of range; a missing --run folder, a path that is no
     # folder (not tried as a hub id), a CUDA device on a torch without one, an empty --text: a line each
     for argv, message in [
-            (["generate", "--run", "x", "--top-k", "0"], "argument --top-k: must be an integer >= 1, got 0"),
+            (["generate", "--run", "x", "--top-k", "-1"], "argument --top-k: must be an integer >= 0, got -1"),
             (["generate", "--run", "x", "--top-p", "1.5"], "argument --top-p: must be in (0, 1], got 1.5"),
             (["generate", "--run", "x", "--temperature", "-1"], "argument --temperature: must be a finite number >= 0.0"),
             (["generate", "--run", "x", "--num-samples", "0"], "argument --num-samples: must be an integer >= 1"),

@@ -291,6 +291,13 @@ def test_persistent_nan_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path,
     assert ckpt["step"] == 4 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
+def test_short_runs_are_told_when_warmup_swallows_them(data_dir, tmp_path, capsys):
+    # nanoGPT's fine-tune recipe (20 steps, a constant lr) with the default 30 warmup steps never
+    # reaches its lr: said on stderr, not silently
+    trainer.train(config(data_dir, tmp_path, max_steps=3, warmup_steps=30, schedule="constant"))
+    assert "warmup_steps 30 >= max_steps 3: the learning rate never reaches lr 0.01" in capsys.readouterr().err
+
+
 def test_schedules():
     cfg = TrainConfig(lr=1.0, min_lr_ratio=0.1, warmup_steps=10, max_steps=110)
     assert trainer.lr_at(0, cfg) == pytest.approx(0.1)
@@ -315,6 +322,10 @@ def test_schedules():
     (dict(decay_frac=0.0), r"decay_frac must be in \(0, 1\]"),
     (dict(min_lr_ratio=1.5), r"min_lr_ratio must be in \[0, 1\]"),
     (dict(init_loss_scale=float("inf")), "init_loss_scale must be > 0 and finite"),
+    # nanoGPT's names: at validate, pointed to ours (train() had failed only once it built the model)
+    (dict(model=dict(n_layer=2, n_embd=64)), r"unknown ModelConfig field\(s\) n_embd, n_layer \(n_embd is dim here"),
+    # a loaded model keeps its own config: overrides had been ignored silently
+    (dict(init_from_hf="some/model", model=dict(dropout=0.1)), r"TrainConfig.model \['dropout'\]: a model from"),
 ])
 def test_bad_option_values(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -740,7 +740,9 @@ def load_model(args):
                              "given --tokenizer): give the tokenizer that wrote them with --tokenizer PATH")
         if model_path is None or tokenizer_path is None:
             raise ValueError("give --run DIR (a folder `pyllm train` wrote), both --model and --tokenizer, or --hf DIR")
-        model, tokenizer = LLM.load(model_path), load_tokenizer(tokenizer_path)
+        # nanoGPT's ckpt.pt (torch.save's zip) as it is, else pyllm's safetensors
+        model = LLM.from_nanogpt(model_path) if model_path.suffix in (".pt", ".pth") else LLM.load(model_path)
+        tokenizer = load_tokenizer(tokenizer_path)
     if args.adapter and not args.hf:
         raise ValueError("--adapter goes with --hf DIR (the model the adapter was trained on)")
     return model, tokenizer, prefix, source
@@ -1159,7 +1161,8 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
 def add_model_options(p: argparse.ArgumentParser) -> None:
     """Where a finished model comes from (load_model reads them): generate and eval."""
     p.add_argument("--run", help="a run folder written by `pyllm train` (finds model.safetensors and the tokenizer)")
-    p.add_argument("--model", help="a model.safetensors (instead of --run)")
+    p.add_argument("--model", help="a model.safetensors (instead of --run), or nanoGPT's ckpt.pt (with --tokenizer: "
+                   "its data folder's meta.pkl, or a GPT-2 tokenizer file)")
     p.add_argument("--tokenizer", help="the tokenizer the model was trained with (instead of --run)")
     p.add_argument("--hf", metavar="DIR", help="a Hugging Face checkpoint folder or hub repo id (LLaMA, Mistral, Qwen2/3, SmolLM3, Phi-3/4, Gemma 2/3, OLMo 2, Granite, GPT-2, and the mixtures of experts Mixtral, Qwen3-MoE, OLMoE, Qwen2-MoE, GraniteMoE: config.json, *.safetensors, tokenizer.json) instead of --run")
     p.add_argument("--adapter", metavar="DIR", help="with --hf: a PEFT LoRA adapter folder trained on that model, merged into its weights")

@@ -7,6 +7,7 @@ heads, D head dim, V vocab.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import numbers
@@ -32,6 +33,9 @@ from pyllm.nn import (MoEMLP, RMSNorm, SwiGLUMLP, _geglu, alibi_slopes, apply_ro
 LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 # LongRoPE's (Phi-3.5 / Phi-4-mini; nn.rope_cos_sin): per-frequency factors for sequences up to and
 # past original_max_position_embeddings, and the cos / sin scale.
+# GELU MLPs (up, down): GPT-2's tanh form, and the erf form (nanoGPT's nn.GELU, transformers' "gelu")
+GELU_MLPS = ("gelu", "gelu_exact")
+
 LONGROPE_KEYS = ("short_factor", "long_factor", "attention_factor", "original_max_position_embeddings")
 
 
@@ -61,7 +65,7 @@ class ModelConfig:
     dim: int = 128
     mlp_hidden: int | None = None  # None: 4*dim for gelu, 8/3*dim rounded up to 64 for swiglu
     norm: str = "rmsnorm"  # rmsnorm | layernorm
-    mlp: str = "swiglu"  # swiglu | gelu | geglu (tanh-GELU-gated, Gemma's)
+    mlp: str = "swiglu"  # swiglu | gelu (GPT-2's tanh GELU) | gelu_exact (erf: nanoGPT's nn.GELU) | geglu (Gemma's)
     positions: str = "rope"  # rope | learned | alibi (BLOOM's, MPT's: no position embedding, a bias on the scores)
     bias: bool = False  # bias in every Linear and LayerNorm
     qkv_bias: bool = False  # bias in the q, k, v projections only (Qwen2)
@@ -109,7 +113,7 @@ class ModelConfig:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.mlp_hidden is None:
-            self.mlp_hidden = 4 * self.dim if self.mlp == "gelu" else 64 * math.ceil(8 * self.dim / 3 / 64)
+            self.mlp_hidden = 4 * self.dim if self.mlp in GELU_MLPS else 64 * math.ceil(8 * self.dim / 3 / 64)
         if self.head_dim is None and isinstance(self.n_heads, int) and self.n_heads > 0 and isinstance(self.dim, int) \
                 and self.dim % self.n_heads == 0:
             self.head_dim = self.dim // self.n_heads
@@ -135,7 +139,8 @@ class ModelConfig:
         return self.sliding_window - 1
 
     def validate(self) -> None:
-        choices = {"norm": ("rmsnorm", "layernorm"), "mlp": ("swiglu", "gelu", "geglu"), "positions": ("rope", "learned", "alibi")}
+        choices = {"norm": ("rmsnorm", "layernorm"), "mlp": ("swiglu", *GELU_MLPS, "geglu"),
+                   "positions": ("rope", "learned", "alibi")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"ModelConfig.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
@@ -319,13 +324,14 @@ class Attention(nn.Module):
 
 
 class GeluMLP(nn.Module):
-    def __init__(self, dim: int, hidden_dim: int, bias: bool):
+    def __init__(self, dim: int, hidden_dim: int, bias: bool, approximate: str = "tanh"):
         super().__init__()
         self.up = nn.Linear(dim, hidden_dim, bias=bias)
         self.down = nn.Linear(hidden_dim, dim, bias=bias)
+        self.approximate = approximate  # "tanh": GPT-2's; "none": the erf form (nanoGPT's nn.GELU)
 
     def forward(self, x):
-        return self.down(F.gelu(self.up(x), approximate="tanh"))  # GPT-2's tanh GELU
+        return self.down(F.gelu(self.up(x), approximate=self.approximate))
 
 
 class GeGLUMLP(nn.Module):
@@ -348,7 +354,8 @@ class Block(nn.Module):
         self.norm1 = make_norm(cfg) if cfg.pre_norm else nn.Identity()
         self.norm2 = None if cfg.parallel_block else make_norm(cfg) if cfg.pre_norm else nn.Identity()  # PaLM: one
         self.attn = Attention(cfg, layer)
-        mlps = {"swiglu": SwiGLUMLP, "gelu": GeluMLP, "geglu": GeGLUMLP}
+        mlps = {"swiglu": SwiGLUMLP, "gelu": GeluMLP, "gelu_exact": functools.partial(GeluMLP, approximate="none"),
+                "geglu": GeGLUMLP}
         self.mlp = (MoEMLP(cfg.dim, cfg.mlp_hidden, cfg.n_experts, cfg.experts_per_token, cfg.norm_topk_prob,
                            cfg.shared_expert_hidden) if cfg.n_experts else mlps[cfg.mlp](cfg.dim, cfg.mlp_hidden, cfg.bias))
         # Gemma's sandwich: the attention's and the MLP's outputs are normed before the residual add.
@@ -828,6 +835,39 @@ class LLM(nn.Module):
         model = cls(ModelConfig(**json.loads(meta["pyllm_config"])))
         if model.config.tie_embeddings:
             state["lm_head.weight"] = state["tok_emb.weight"]
+        model.load_state_dict(state)
+        return model.to(device)
+
+    @classmethod
+    def from_nanogpt(cls, path, device="cpu") -> "LLM":
+        """A checkpoint karpathy/nanoGPT's train.py wrote (ckpt.pt: its model_args and the model's
+        state dict, torch.compile's "_orig_mod." prefix or not), as the same function: GPT-2's
+        layout (LayerNorm, learned positions, tied embeddings) with the exact GELU nanoGPT's MLP
+        uses (mlp="gelu_exact"), biases as its `bias` says, its dropout. Read with
+        weights_only=True (no code runs from the file). Then generate, train on (--init-from-run
+        after save), or export to transformers (to_hf: GPT2LMHeadModel, activation "gelu")."""
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"{path}: not a checkpoint torch.load reads as plain data ({e})") from e
+        if not isinstance(ckpt, dict) or not {"model_args", "model"} <= set(ckpt):
+            raise ValueError(f"{path}: not a nanoGPT checkpoint (a dict with model_args and model)")
+        args = ckpt["model_args"]
+        cfg = ModelConfig(vocab_size=args["vocab_size"], block_size=args["block_size"], n_layers=args["n_layer"],
+                          n_heads=args["n_head"], dim=args["n_embd"], mlp_hidden=4 * args["n_embd"], norm="layernorm",
+                          mlp="gelu_exact", positions="learned", bias=bool(args.get("bias", True)),
+                          tie_embeddings=True, norm_eps=1e-5, dropout=float(args.get("dropout", 0.0)))
+        theirs = {k.removeprefix("_orig_mod.").removeprefix("transformer."): v for k, v in ckpt["model"].items()}
+        state = {"tok_emb.weight": theirs["wte.weight"], "pos_emb.weight": theirs["wpe.weight"],
+                 "norm_f.weight": theirs["ln_f.weight"], "lm_head.weight": theirs["wte.weight"]}
+        if cfg.bias:
+            state["norm_f.bias"] = theirs["ln_f.bias"]
+        for i in range(cfg.n_layers):
+            for name, ours in GPT2_NAMES.items():  # nn.Linear weights: (out, in) as ours, no transpose
+                state[f"blocks.{i}.{ours}.weight"] = theirs[f"h.{i}.{name}.weight"]
+                if cfg.bias:
+                    state[f"blocks.{i}.{ours}.bias"] = theirs[f"h.{i}.{name}.bias"]
+        model = cls(cfg)
         model.load_state_dict(state)
         return model.to(device)
 
@@ -1357,14 +1397,16 @@ def config_from_hf(hf: dict) -> ModelConfig:
 def _decoder_config_from_hf(hf: dict) -> ModelConfig:
     kind = hf.get("model_type")
     if kind == "gpt2":
-        if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise NotImplementedError(f"GPT-2 with activation {hf['activation_function']!r}: only the tanh GELU")
+        activation = hf.get("activation_function", "gelu_new")
+        if activation not in ("gelu_new", "gelu_pytorch_tanh", "gelu"):
+            raise NotImplementedError(f"GPT-2 with activation {activation!r}: the tanh GELU or the exact one only")
         if hf.get("scale_attn_by_inverse_layer_idx") or not hf.get("scale_attn_weights", True):
             raise NotImplementedError("GPT-2 with a non-standard attention scale")
         return ModelConfig(vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layers=hf["n_layer"],
                            n_heads=hf["n_head"], dim=hf["n_embd"], mlp_hidden=hf.get("n_inner") or 4 * hf["n_embd"],
-                           norm="layernorm", mlp="gelu", positions="learned", bias=True,
-                           tie_embeddings=hf.get("tie_word_embeddings", True), norm_eps=hf["layer_norm_epsilon"])
+                           norm="layernorm", mlp="gelu_exact" if activation == "gelu" else "gelu", positions="learned",
+                           bias=True, tie_embeddings=hf.get("tie_word_embeddings", True),
+                           norm_eps=hf["layer_norm_epsilon"])
     if kind == "gemma3":  # the multimodal checkpoints (4B and up): their text model alone
         return _gemma3_config(gemma3_text_config(hf))
     if kind == "gemma3_text":
@@ -1727,11 +1769,12 @@ def hf_config_of(cfg: ModelConfig) -> dict:
     windowed attention when every layer has the window; Mixtral's with experts) or GPT2LMHeadModel,
     when one computes it."""
     common = dict(vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_embeddings)
-    if (cfg.norm, cfg.mlp, cfg.positions, cfg.bias, cfg.parallel_block, cfg.head_dim) == (
-            "layernorm", "gelu", "learned", True, False, cfg.dim // cfg.n_heads) and cfg.n_kv_heads == cfg.n_heads:
+    if (cfg.norm, cfg.positions, cfg.bias, cfg.parallel_block, cfg.head_dim) == (
+            "layernorm", "learned", True, False, cfg.dim // cfg.n_heads) and cfg.mlp in GELU_MLPS \
+            and cfg.n_kv_heads == cfg.n_heads:
         return dict(common, model_type="gpt2", architectures=["GPT2LMHeadModel"], n_positions=cfg.block_size,
                     n_embd=cfg.dim, n_layer=cfg.n_layers, n_head=cfg.n_heads, n_inner=cfg.mlp_hidden,
-                    activation_function="gelu_new", layer_norm_epsilon=cfg.norm_eps, resid_pdrop=0.0,
+                    activation_function="gelu" if cfg.mlp == "gelu_exact" else "gelu_new", layer_norm_epsilon=cfg.norm_eps, resid_pdrop=0.0,
                     embd_pdrop=0.0, attn_pdrop=0.0)
     plain = (cfg.norm, cfg.mlp, cfg.positions, cfg.bias, cfg.qkv_bias, cfg.parallel_block, cfg.qk_norm, cfg.nope_layers,
              cfg.rotary_dim, cfg.sandwich_norm, cfg.embed_scale, cfg.softmax_scale, cfg.local_rope_theta,

@@ -895,6 +895,68 @@ def test_sample_top_k_top_p():
     assert draws == {1}  # p(1) = 0.64 alone crosses 0.5
 
 
+def nanogpt_forward(state: dict, args: dict, idx: torch.Tensor) -> torch.Tensor:
+    """GPT-2's forward written plainly over nanoGPT's parameter names, float64: LayerNorm (eps
+    1e-5), causal softmax attention, the exact (erf) GELU, tied output embeddings."""
+    w = {k.removeprefix("_orig_mod.").removeprefix("transformer."): v.double() for k, v in state.items()}
+    B, T = idx.shape
+    C, H = args["n_embd"], args["n_head"]
+    ln = lambda x, name: F.layer_norm(x, (C,), w[name + ".weight"], w.get(name + ".bias"), 1e-5)  # noqa: E731
+    lin = lambda x, name: F.linear(x, w[name + ".weight"], w.get(name + ".bias"))  # noqa: E731
+    x = w["wte.weight"][idx] + w["wpe.weight"][:T]  # (B, T, C)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    for i in range(args["n_layer"]):
+        q, k, v = (t.view(B, T, H, C // H).transpose(1, 2) for t in lin(ln(x, f"h.{i}.ln_1"), f"h.{i}.attn.c_attn").split(C, -1))
+        scores = (q @ k.transpose(-1, -2) / math.sqrt(C // H)).masked_fill(~causal, float("-inf"))
+        x = x + lin((scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, C), f"h.{i}.attn.c_proj")
+        x = x + lin(F.gelu(lin(ln(x, f"h.{i}.ln_2"), f"h.{i}.mlp.c_fc")), f"h.{i}.mlp.c_proj")
+    return ln(x, "ln_f") @ w["wte.weight"].t()
+
+
+@pytest.mark.parametrize("bias, compiled", [(True, False), (False, True)])
+def test_a_nanogpt_checkpoint_is_the_same_function(tmp_path, bias, compiled):
+    # nanoGPT's ckpt.pt (its model_args and state dict; bias=False is its train.py's default, a
+    # compiled model's keys carry "_orig_mod."): LLM.from_nanogpt computes what nanoGPT's GPT does
+    # (float64 reference above), and to_hf writes a GPT-2 transformers computes alike (exact GELU).
+    args = dict(n_layer=2, n_head=4, n_embd=64, block_size=16, bias=bias, vocab_size=97, dropout=0.1)
+    g = torch.Generator().manual_seed(0)
+    shapes = {"wte.weight": (97, 64), "wpe.weight": (16, 64), "ln_f.weight": (64,)}
+    for i in range(2):
+        shapes.update({f"h.{i}.ln_1.weight": (64,), f"h.{i}.ln_2.weight": (64,), f"h.{i}.attn.c_attn.weight": (192, 64),
+                       f"h.{i}.attn.c_proj.weight": (64, 64), f"h.{i}.mlp.c_fc.weight": (256, 64),
+                       f"h.{i}.mlp.c_proj.weight": (64, 256)})
+    if bias:
+        shapes.update({k.replace(".weight", ".bias"): (v[0],) for k, v in shapes.items() if k not in ("wte.weight", "wpe.weight")})
+    state = {("_orig_mod." if compiled else "") + "transformer." + k: torch.randn(v, generator=g) * 0.3
+             for k, v in shapes.items()}
+    state[("_orig_mod." if compiled else "") + "lm_head.weight"] = state[("_orig_mod." if compiled else "") + "transformer.wte.weight"]
+    torch.save({"model": state, "model_args": args, "iter_num": 5, "best_val_loss": torch.tensor(1.5),
+                "config": {"dataset": "shakespeare_char"}}, tmp_path / "ckpt.pt")
+    model = LLM.from_nanogpt(tmp_path / "ckpt.pt").double().eval()
+    assert (model.config.mlp, model.config.bias, model.config.dropout) == ("gelu_exact", bias, 0.1)
+    idx = torch.randint(0, 97, (3, 16), generator=g)
+    want = nanogpt_forward(state, args, idx)
+    assert rel_err(model(idx)[0], want) < 1e-12
+    if bias:  # transformers' GPT-2 has biases
+        transformers = pytest.importorskip("transformers")
+        model.float().to_hf(tmp_path / "hf")
+        hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").double().eval()
+        assert rel_err(hf(idx).logits, want) < 1e-6  # (written in fp32)
+    with pytest.raises(ValueError, match="not a nanoGPT checkpoint"):
+        torch.save({"model": state}, tmp_path / "other.pt")
+        LLM.from_nanogpt(tmp_path / "other.pt")
+    if not bias:  # and `pyllm generate --model ckpt.pt --tokenizer meta.pkl`, as nanoGPT's sample.py
+        import pickle
+
+        from pyllm import cli
+
+        chars = [chr(c) for c in range(32, 32 + 97)]
+        (tmp_path / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": 97, "itos": dict(enumerate(chars)),
+                                                          "stoi": {c: i for i, c in enumerate(chars)}}))
+        assert cli.main(["generate", "--model", str(tmp_path / "ckpt.pt"), "--tokenizer", str(tmp_path / "meta.pkl"),
+                         "--prompt", "ab", "--max-new-tokens", "5", "--device", "cpu"]) == 0
+
+
 @pytest.mark.parametrize("name", ["gpt2", "qk-norm-window-nope", "moe"])
 def test_save_load_roundtrip(tmp_path, name):
     cfg = ModelConfig(**CONFIGS[name])

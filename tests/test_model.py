@@ -942,6 +942,8 @@ def test_a_nanogpt_checkpoint_is_the_same_function(tmp_path, bias, compiled):
         model.float().to_hf(tmp_path / "hf")
         hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").double().eval()
         assert rel_err(hf(idx).logits, want) < 1e-6  # (written in fp32)
+        back = LLM.from_hf(tmp_path / "hf").double().eval()  # transformers' activation "gelu" read back as exact
+        assert back.config.mlp == "gelu_exact" and rel_err(back(idx)[0], want) < 1e-6
     with pytest.raises(ValueError, match="not a nanoGPT checkpoint"):
         torch.save({"model": state}, tmp_path / "other.pt")
         LLM.from_nanogpt(tmp_path / "other.pt")

@@ -474,7 +474,7 @@ def cmd_train(args) -> int:
             # samples end where the model's replies end: its end-of-sequence ids
             cfg.sample_stop_tokens = hf_stop_ids(hf_folder(source))
         elif cfg.samples_replies and not cfg.sample_stop_tokens and tokenizer_path:
-            end = load_tokenizer(tokenizer_path).special_tokens.get("<|endoftext|>")
+            end = eot_id(load_tokenizer(tokenizer_path))
             cfg.sample_stop_tokens = [] if end is None else [end]  # pyllm's own tokenizer: its end of document
         if run["vocab_size"] and "vocab_size" not in cfg.model:
             cfg.model["vocab_size"] = run["vocab_size"]
@@ -595,11 +595,22 @@ def stream_sample(model, tokenizer, prompt: str, max_new_tokens: int, temperatur
     return prompt + tokenizer.decode(generated)
 
 
+def eot_id(tokenizer) -> int | None:
+    """The id of <|endoftext|>, which ends every document pyllm's tokenizers write (None: a tokenizer
+    without it, nanoGPT's characters)."""
+    return getattr(tokenizer, "special_tokens", {}).get("<|endoftext|>")
+
+
 def start_ids(tokenizer) -> list[int]:
     """What an empty prompt continues: <|endoftext|> (every document the model saw followed one),
     else a newline (nanoGPT's sample.py's start), else id 0."""
-    eot = getattr(tokenizer, "special_tokens", {}).get("<|endoftext|>")
-    return [eot] if eot is not None else (tokenizer.encode_ordinary("\n") or [0])
+    eot = eot_id(tokenizer)
+    if eot is not None:
+        return [eot]
+    try:
+        return tokenizer.encode_ordinary("\n") or [0]
+    except ValueError:  # a character vocabulary without "\n"
+        return [0]
 
 
 def resolve_sampling(args, source) -> None:
@@ -610,7 +621,8 @@ def resolve_sampling(args, source) -> None:
     if source is not None and (Path(source) / "generation_config.json").is_file():
         config = json.loads((Path(source) / "generation_config.json").read_text())
     if config:
-        sampling = config.get("do_sample", False)
+        # do_sample left out is greedy, as transformers; a --top-k or --top-p given asks to sample
+        sampling = config.get("do_sample", args.top_k is not None or args.top_p is not None)
         defaults = dict(temperature=float(config.get("temperature", 1.0)) if sampling else 0.0,
                         top_k=config.get("top_k", 50), top_p=config.get("top_p", 1.0))
     else:
@@ -774,7 +786,7 @@ def cmd_generate(args) -> int:
         raise ValueError("--chat needs --hf DIR, or a --run fine-tuned from one (--init-from-hf): a chat template")
     resolve_sampling(args, source)
     if not args.ignore_eos:  # where a document ends: the source's end-of-sequence ids, or pyllm's <|endoftext|>
-        eot = getattr(tokenizer, "special_tokens", {}).get("<|endoftext|>")
+        eot = eot_id(tokenizer)
         stops = hf_stop_ids(source) if source is not None else ([] if eot is None else [eot])
     if source is not None:
         if args.chat:  # the template writes the BOS and the turn markers itself

@@ -221,11 +221,13 @@ class ModelConfig:
             raise ValueError(f"unknown model preset {name!r}; presets: {', '.join(PRESETS)}")
         check_fields(overrides)
         preset = PRESETS[name]
-        heads, kv_heads = overrides.get("n_heads"), preset.get("n_kv_heads")
-        if heads is not None and "n_kv_heads" not in overrides and kv_heads and heads % kv_heads:
-            raise ValueError(f"ModelConfig: preset {name!r} has n_kv_heads {kv_heads}, which does not divide the "
-                             f"n_heads {heads} given: give n_kv_heads too (n_heads for plain multi-head attention)")
-        return cls(**{**preset, **overrides})
+        try:
+            return cls(**{**preset, **overrides})
+        except ValueError as e:
+            if "n_kv_heads" in str(e) and "n_kv_heads" in preset and "n_kv_heads" not in overrides:
+                raise ValueError(f"{e}: n_kv_heads {preset['n_kv_heads']} comes from preset {name!r}; give n_kv_heads too "
+                                 "(= n_heads for plain multi-head attention)") from None
+            raise
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -983,12 +985,14 @@ class LLM(nn.Module):
     @contextlib.contextmanager
     def _in_eval(self):
         """Eval mode within, the mode before restored after (an exception too)."""
-        was_training = self.training
+        if not self.training:  # (already: no walk over every module, per decoded token)
+            yield
+            return
         self.eval()
         try:
             yield
         finally:
-            self.train(was_training)
+            self.train(True)
 
     @torch.no_grad()
     def generate_stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
@@ -1011,9 +1015,10 @@ class LLM(nn.Module):
         check_sampling(temperature, top_k, top_p)
         if idx.dim() != 2 or idx.shape[1] == 0:
             raise ValueError(f"generate: idx must be (batch, T) with T >= 1 prompt tokens, got shape {tuple(idx.shape)}")
-        with self._in_eval():  # (generate() sets it too; generate_stream called alone had kept dropout on)
-            yield from self._generate_stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator,
-                                             stop_tokens, cuda_graph)
+        # Eval mode around each step's forward, not across the yields (the caller's code between two
+        # tokens sees the model's own mode; generate_stream called alone had kept dropout on)
+        yield from self._generate_stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator,
+                                         stop_tokens, cuda_graph)
 
     def _generate_stream(self, idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator, stop_tokens,
                          cuda_graph) -> Iterator[torch.Tensor]:
@@ -1031,20 +1036,11 @@ class LLM(nn.Module):
         if cuda_graph:
             if not use_cache:
                 raise ValueError("generate: cuda_graph needs use_cache (it replays the cached decode step)")
-            graph = _DecodeGraph(self, cache, idx.shape[0])  # captured before the prompt fills the cache
+            with self._in_eval():
+                graph = _DecodeGraph(self, cache, idx.shape[0])  # captured before the prompt fills the cache
         for _ in range(max_new_tokens):
-            if not use_cache:
-                logits = self(idx[:, -block:])[0][:, -1]
-            else:
-                if cache_len + pending.shape[1] > block:  # window full: restart from the recent half
-                    pending, cache_len = idx[:, -max(1, block // 2):], 0
-                elif cache_len and cache_len <= switch < cache_len + pending.shape[1]:
-                    pending, cache_len = idx[:, -block:], 0  # as transformers' Phi-3: the cache starts over
-                if graph is not None and pending.shape[1] == 1:
-                    logits = graph(pending, cache_len)
-                else:
-                    logits = self.forward_cached(pending, cache, cache_len)
-                cache_len += pending.shape[1]
+            with self._in_eval():
+                logits, cache_len, pending = self._next_logits(idx, pending, cache, cache_len, graph, use_cache, switch)
             next_token = sample(logits, temperature, top_k, top_p, generator)  # (B,)
             if len(stop):
                 next_token = torch.where(done, ended, next_token)  # a stopped row repeats its stop token
@@ -1055,6 +1051,22 @@ class LLM(nn.Module):
             yield next_token
             if len(stop) and bool(done.all()):  # a host sync per token, only when stop tokens are given
                 return
+
+    def _next_logits(self, idx, pending, cache, cache_len: int, graph, use_cache: bool, switch):
+        """One step of _generate_stream: (logits (B, V) after idx, the cache's new length, the tokens
+        it read)."""
+        block = self.config.block_size
+        if not use_cache:
+            return self(idx[:, -block:])[0][:, -1], cache_len, pending
+        if cache_len + pending.shape[1] > block:  # window full: restart from the recent half
+            pending, cache_len = idx[:, -max(1, block // 2):], 0
+        elif cache_len and cache_len <= switch < cache_len + pending.shape[1]:
+            pending, cache_len = idx[:, -block:], 0  # as transformers' Phi-3: the cache starts over
+        if graph is not None and pending.shape[1] == 1:
+            logits = graph(pending, cache_len)
+        else:
+            logits = self.forward_cached(pending, cache, cache_len)
+        return logits, cache_len + pending.shape[1], pending
 
     @torch.no_grad()
     def generate_speculative(self, idx: torch.Tensor, draft: "LLM", max_new_tokens: int, temperature: float = 1.0,
@@ -1990,6 +2002,8 @@ def check_sampling(temperature, top_k, top_p) -> None:
     """ValueError for settings sample() cannot take: temperature a finite number >= 0 (a negative
     one would sample the reversed distribution), top_k None or an int >= 0 (0 or None: off, as
     transformers' GenerationConfig), top_p None or in [0, 1] (0 keeps the likeliest token alone)."""
+    if isinstance(temperature, torch.Tensor) and temperature.numel() == 1 and not temperature.is_complex():
+        temperature = float(temperature)  # (a 0-d tensor, as some loops keep it)
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not 0 <= temperature < math.inf:
         raise ValueError(f"sampling: temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0):
@@ -2000,7 +2014,9 @@ def check_sampling(temperature, top_k, top_p) -> None:
 
 def stop_ids(stop_tokens) -> set[int]:
     """stop_tokens as a set of ids: an int (transformers' eos_token_id form) or an iterable of them."""
-    return {int(stop_tokens)} if isinstance(stop_tokens, int) else {int(t) for t in stop_tokens}
+    if isinstance(stop_tokens, torch.Tensor):
+        return {int(t) for t in stop_tokens.reshape(-1).tolist()}
+    return {int(stop_tokens)} if isinstance(stop_tokens, numbers.Integral) else {int(t) for t in stop_tokens}
 
 
 def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,

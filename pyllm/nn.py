@@ -1384,7 +1384,7 @@ class RMSNorm(nn.Module):
         return self._rows(x)
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
-        eps = torch.finfo(torch.promote_types(x.dtype, torch.float32)).eps if self.eps is None else self.eps
+        eps = rms_norm_ops._torch_eps(x) if self.eps is None else self.eps
         weight = None if self.weight is None else self.weight.reshape(-1).to(x.dtype)
         if _rms_norm_takes(x):
             return rms_norm(x, weight, eps)  # the same roundings, one kernel

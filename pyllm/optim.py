@@ -54,6 +54,15 @@ def _check_hyper(where: str, lr, betas, eps, weight_decay) -> None:
             raise ValueError(f"{where}: betas[{i}] must be a number in [0, 1), got {b!r}")
 
 
+def _loaded_step(value, where: str) -> Tensor:
+    """A saved step (an int, a float, a tensor) as a float32 scalar tensor, checked: one number >= 0,
+    finite (the bias corrections of a negative step are NaN)."""
+    step = torch.as_tensor(value, dtype=torch.float32)
+    if step.numel() != 1 or not (0 <= float(step) < math.inf):
+        raise ValueError(f"{where}: a param's step must be one number >= 0 and finite, got {value!r}")
+    return step.reshape(())
+
+
 def _check_state(gi: int, p: Tensor, state: dict, master: bool) -> None:
     """The state the fused step walks p.numel() elements of: fp32, contiguous, p's size and device.
     A state_dict of another model (or a param resized since its first step) would have it read and
@@ -184,7 +193,7 @@ class AdamW(torch.optim.Optimizer):
             _util.check_backend("AdamW", p.device)
             if p.dtype not in _ops.DTYPES[p.device.type]:
                 raise TypeError(f"AdamW: params must be float32, bfloat16 or float16, got a {p.dtype} param")
-            if not p.is_contiguous():  # the kernels walk param, grad and state as flat arrays
+            if p.requires_grad and not p.is_contiguous():  # the kernels walk param, grad and state as flat arrays
                 raise ValueError(f"AdamW: params must be contiguous, got one of shape {tuple(p.shape)} with strides "
                                  f"{p.stride()} (channels_last or a transposed view: give the optimizer "
                                  "contiguous params, or use torch.optim.AdamW for these)")
@@ -218,17 +227,18 @@ class AdamW(torch.optim.Optimizer):
         floating state to the param dtype, which would turn bf16 params' masters and moments into
         bf16) and copies every tensor, so the loaded optimizer never shares state with the dict it
         came from; a step saved as a number becomes a float32 tensor."""
-        for saved in state_dict["state"].values():
-            if "step" in saved:
-                step = torch.as_tensor(saved["step"], dtype=torch.float32)
-                if step.numel() != 1 or not (0 <= float(step) < math.inf):  # (bias corrections of a
-                    # negative step are NaN)
-                    raise ValueError(f"AdamW.load_state_dict: a param's step must be one number >= 0 and finite, "
-                                     f"got {saved['step']!r}")
-        # The dict as the pre hooks leave it, read again in fp32 before any post hook runs (torch's
-        # casts are not overridable: it calls Optimizer's own policy by name).
+        # The dict as the pre hooks leave it: its steps checked before anything loads, then read again
+        # in fp32 before any post hook runs (torch's casts are not overridable: it calls Optimizer's
+        # own policy by name).
         loaded = {}
-        keep = self.register_load_state_dict_pre_hook(lambda _, d: loaded.update(dict=d))  # after the user's
+
+        def keep(_, d):  # after the user's pre hooks
+            for saved in d["state"].values():
+                if "step" in saved:
+                    _loaded_step(saved["step"], "AdamW.load_state_dict")
+            loaded.update(dict=d)
+
+        keep = self.register_load_state_dict_pre_hook(keep)
         fix = self.register_load_state_dict_post_hook(lambda _: self._fp32_state(loaded["dict"]), prepend=True)
         try:
             super().load_state_dict(state_dict)
@@ -249,8 +259,7 @@ class AdamW(torch.optim.Optimizer):
                 if key in saved:
                     state[key] = saved[key].to(device=p.device, dtype=torch.float32, copy=True).contiguous()
             if "step" in saved:
-                step = torch.as_tensor(saved["step"], dtype=torch.float32)
-                state["step"] = step.to(p.device, copy=True).reshape(())
+                state["step"] = _loaded_step(saved["step"], "AdamW.load_state_dict").to(p.device, copy=True)
 
     # --- the step ------------------------------------------------------------------------------
 
@@ -726,7 +735,7 @@ class ZeroAdamW(torch.optim.Optimizer):
                 if s["exp_avg"].shape != p.shape:
                     raise ValueError(f"ZeroAdamW.load_full_state_dict: state of shape {tuple(s['exp_avg'].shape)} "
                                      f"for a param of shape {tuple(p.shape)}")
-            entry = {"step": torch.as_tensor(saved[0]["step"], dtype=torch.float32).to(shard.device, copy=True).reshape(())}
+            entry = {"step": _loaded_step(saved[0]["step"], "ZeroAdamW.load_full_state_dict").to(shard.device, copy=True)}
             for key in _STATE_KEYS_FP32:
                 if key in saved[0]:
                     flat = self._flatten(gi, [s[key].to(shard.device, torch.float32) for s in saved])

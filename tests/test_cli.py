@@ -219,10 +219,23 @@ def test_generate_ends_documents_and_reads_generation_configs(corpus, tmp_path, 
         args = argparse.Namespace(temperature=None, top_k=None, top_p=None)
         cli.resolve_sampling(args, tmp_path)
         assert (args.temperature, args.top_k, args.top_p) == want
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 1}))  # GPT-2's: no do_sample
+    asked = argparse.Namespace(temperature=None, top_k=40, top_p=None)  # --top-k asks to sample
+    cli.resolve_sampling(asked, tmp_path)
+    assert (asked.temperature, asked.top_k) == (1.0, 40)
+    plain = argparse.Namespace(temperature=None, top_k=None, top_p=None)
+    cli.resolve_sampling(plain, tmp_path)
+    assert plain.temperature == 0.0  # do_sample left out: greedy, as transformers
+    (tmp_path / "generation_config.json").write_text(json.dumps({"do_sample": True, "top_k": 0}))
     given = argparse.Namespace(temperature=0.3, top_k=7, top_p=None)
     cli.resolve_sampling(given, tmp_path)
     assert (given.temperature, given.top_k, given.top_p) == (0.3, 7, 1.0)
     assert cli.start_ids(types.SimpleNamespace(encode_ordinary=lambda t: [10])) == [10]  # no <|endoftext|>: "\n"
+
+    def no_newline(text):
+        raise ValueError("not in the vocabulary")
+
+    assert cli.start_ids(types.SimpleNamespace(encode_ordinary=no_newline)) == [0]  # characters without "\n"
 
 
 def test_init_from_run_errors(corpus, tmp_path, capsys):

@@ -1544,8 +1544,10 @@ def test_kvcache_appends_only_into_memory_of_its_own():
     q, k_new, v_new = (rand((2, 1, 1, 32), torch.float32, "cpu") for _ in range(3))
     lengths = torch.tensor([0, 5], dtype=i32)
     expanded = rand((1, 16, 1, 32), torch.float32, "cpu").expand(2, 16, 1, 32)
+    expanded_before = expanded.clone()
     with pytest.raises(ValueError, match="k_cache has elements in the same memory"):
         pyllm.flash_attn_with_kvcache(q, expanded, expanded.clone(), lengths, k_new, v_new)
+    assert torch.equal(expanded, expanded_before)
     one = rand((2, 16, 1, 32), torch.float32, "cpu")
     before = one.clone()
     with pytest.raises(ValueError, match="k_cache and v_cache are the same memory"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -796,8 +797,8 @@ def test_generate_stops_at_stop_tokens():
 def test_preset_overrides_name_what_went_wrong():
     # n_heads alone over a GQA preset: the preset's n_kv_heads named, not an error about a field
     # the caller never set; nanoGPT's field names pointed to ours
-    with pytest.raises(ValueError, match="preset 'tiny' has n_kv_heads 2, which does not divide the n_heads 3"):
-        ModelConfig.from_preset("tiny", n_heads=3)
+    with pytest.raises(ValueError, match="n_kv_heads 2 comes from preset 'tiny'; give n_kv_heads too"):
+        ModelConfig.from_preset("tiny", n_heads=1)
     assert ModelConfig.from_preset("tiny", n_heads=8, n_kv_heads=8).n_kv_heads == 8
     with pytest.raises(ValueError, match="n_head is n_heads here.*preset gpt2-124m"):
         ModelConfig.from_preset("gpt2-124m", n_head=4)
@@ -843,7 +844,13 @@ def test_generation_arguments_are_checked_and_edge_values_work():
     assert model.training  # restored
     assert torch.equal(model.generate(prompt, 4, top_p=0.0, generator=torch.Generator().manual_seed(3)), greedy)
     assert torch.equal(torch.stack(list(model.generate_stream(prompt, 4, temperature=0)), 1), greedy[:, 4:])
+    stream = model.generate_stream(prompt, 4, temperature=0)
+    next(stream)
+    assert model.training  # eval mode within each step, not across the yields
+    stream.close()
     assert model.generate(prompt, 3, top_k=0).shape == (2, 7)
+    assert torch.equal(model.generate(prompt, 3, temperature=torch.tensor(0.0)), greedy[:, :7])  # a 0-d tensor
+    assert model.generate(prompt, 3, stop_tokens=np.int64(5)).shape[1] <= 7  # numpy's ints too
     with pytest.raises(ValueError, match="T >= 1 prompt tokens"):
         model.generate(prompt[:, :0], 3)
     assert model.generate_batch([[1, 2], [3]], 0) == [[], []]

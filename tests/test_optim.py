@@ -653,6 +653,19 @@ def test_numpy_numbers_and_load_state_dict_hooks():
             state["step"] = torch.tensor(0.0)
         return state_dict
 
+    def negative_step(optimizer, state_dict):
+        state_dict = copy.deepcopy(state_dict)
+        for state in state_dict["state"].values():
+            state["step"] = torch.tensor(-5.0)
+        return state_dict
+
+    bad = AdamW(net.parameters(), lr=1e-3)
+    bad.register_load_state_dict_pre_hook(negative_step)  # checked as the hooks leave it, before any load
+    with pytest.raises(ValueError, match="step must be one number >= 0"):
+        bad.load_state_dict(opt.state_dict())
+    assert not bad.state
+    frozen = nn.Parameter(torch.zeros(4, 4).t(), requires_grad=False)  # no grad, never stepped: not refused
+    AdamW([nn.Parameter(torch.zeros(2)), frozen])
     seen = []
     other.register_load_state_dict_pre_hook(zero_moments)
     other.register_load_state_dict_post_hook(lambda o: seen.extend(s["exp_avg"].dtype for s in o.state.values()))

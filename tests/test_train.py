@@ -195,8 +195,8 @@ def test_checkpoint_write_is_atomic(data_dir, tmp_path, monkeypatch):
 
 def test_keep_best_keeps_the_weights_of_the_lowest_val_loss(data_dir, tmp_path, monkeypatch):
     # nanoGPT's always_save_checkpoint=False: a run that overfits keeps its best weights. The val
-    # losses are scripted (evaluations at steps 2, 4, 6, 8): the lowest comes at step 4, a NaN never
-    # counts, and a resume from step 6 (after the best) knows the best it already has.
+    # losses are scripted (evaluations at steps 2, 4, 6, 8): a NaN first never counts, the lowest
+    # comes at step 4, and a resume from step 6 (after the best) knows the best it already has.
     from safetensors.torch import load_file
 
     def scripted(values):
@@ -204,9 +204,9 @@ def test_keep_best_keeps_the_weights_of_the_lowest_val_loss(data_dir, tmp_path, 
         monkeypatch.setattr(trainer, "evaluate", lambda *args: next(it))
 
     kw = dict(eval_every=2, ckpt_every=2, keep_best=True)
-    scripted([3.0, 2.0, math.nan, 2.5])
+    scripted([math.nan, 2.0, 3.0, 2.5])
     trainer.train(config(data_dir, tmp_path / "best", **kw))
-    scripted([3.0, 2.0])
+    scripted([math.nan, 2.0])
     trainer.train(config(data_dir, tmp_path / "at4", **kw), stop_at=4)  # its checkpoint: the weights after step 4
     at4 = torch.load(tmp_path / "at4/checkpoint.pt", weights_only=True)
     assert at4["best_val_loss"] == 2.0
@@ -215,7 +215,7 @@ def test_keep_best_keeps_the_weights_of_the_lowest_val_loss(data_dir, tmp_path, 
     last = torch.load(tmp_path / "best/checkpoint.pt", weights_only=True)["model"]  # the latest, to resume from
     assert not all(torch.equal(kept[k], last[k]) for k in kept)
 
-    scripted([3.0, 2.0, math.nan])
+    scripted([math.nan, 2.0, 3.0])
     trainer.train(config(data_dir, tmp_path / "cut", **kw), stop_at=6)
     scripted([2.5])
     trainer.train(config(data_dir, tmp_path / "cut", **kw), resume=True)

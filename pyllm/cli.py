@@ -525,9 +525,14 @@ def cmd_train(args) -> int:
     if summary["skipped_steps"] * 4 > cfg.max_steps:  # the run mostly stood still: say why, not just a count
         print(f"warning: {summary['skipped_steps']} of {cfg.max_steps} steps were skipped (non-finite gradients): "
               "the learning rate is likely too high (--lr), or gradient clipping off (--grad-clip)", file=sys.stderr)
+    if cfg.keep_best and summary["best_val_loss"] is not None:  # the sample from the weights kept
+        from pyllm.model import LLM
+
+        print(f"model.safetensors: the weights of the lowest val loss, {summary['best_val_loss']:.4f}")
+        model_obj = LLM.load(out / "model.safetensors", device=summary["device"])
     if tokenizer_path and cli["sample_tokens"] > 0 and not model_obj.config.num_labels:  # (a reward model scores)
         tokenizer = load_tokenizer(tokenizer_path)
-        prompt_ids, stops = None, ()
+        prompt_ids, stops = None, ([] if eot_id(tokenizer) is None else [eot_id(tokenizer)])  # as pyllm generate
         try:
             tokenizer.encode_ordinary(cli["prompt"])
         except ValueError as e:  # a character vocabulary without the default prompt's: the run is kept

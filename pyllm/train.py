@@ -1756,7 +1756,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
             plot_losses(out / "log.jsonl", out / "loss.png")
     if info.world_size > 1:
         dist.barrier()  # rank 0's files are complete when any rank returns
-    return {"model": model, "val_loss": val_loss, "skipped_steps": skipped, "tokens_per_s": tok_s,
+    return {"model": model, "val_loss": val_loss, "best_val_loss": best_val, "skipped_steps": skipped, "tokens_per_s": tok_s,
             "precision": precision, "device": str(info.device), "out_dir": str(out), "rank": info.rank}
 
 

@@ -238,6 +238,22 @@ def test_generate_ends_documents_and_reads_generation_configs(corpus, tmp_path, 
     assert cli.start_ids(types.SimpleNamespace(encode_ordinary=no_newline)) == [0]  # characters without "\n"
 
 
+def test_keep_best_from_the_cli(corpus, tmp_path, capsys):
+    # --keep-best: model.safetensors holds the lowest val loss's weights, and the closing sample is
+    # drawn from them (not from the last step's weights still in memory)
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    assert cli.main(["train", "--data", str(corpus), "--out", str(run), "--max-steps", "3", *SMALL, "--eval-every", "1",
+                     "--keep-best"]) == 0
+    out = capsys.readouterr().out
+    assert "model.safetensors: the weights of the lowest val loss" in out
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    best = min(r["val_loss"] for r in records)
+    assert f"lowest val loss, {best:.4f}" in out
+    assert load_file(run / "model.safetensors")
+
+
 def test_init_from_run_errors(corpus, tmp_path, capsys):
     assert cli.main(["train", "--init-from-run", str(tmp_path), "--data", str(corpus), "--out", str(tmp_path / "r"),
                      "--device", "cpu"]) == 2

@@ -75,6 +75,8 @@ def pairs_dir(tmp_path_factory):
 def config(data_dir, out, **kw) -> TrainConfig:
     base = dict(data_dir=str(data_dir), out_dir=str(out), model=dict(TINY), device="cpu", batch_size=4,
                 max_steps=8, warmup_steps=2, lr=1e-2, eval_every=4, eval_batches=2, ckpt_every=4, progress=False)
+    if kw.get("init_from_run") or kw.get("init_from_hf"):
+        del base["model"]  # (a loaded model keeps its own config: overrides are refused)
     return TrainConfig(**{**base, **kw})
 
 
@@ -483,7 +485,7 @@ def test_lora_run_from_a_run_learns_with_the_base_frozen(data_dir, tmp_path, dev
 
     before = trainer.train(config(data_dir, tmp_path / "base", device=device, max_steps=3, eval_every=0,
                                   precision="bf16"))
-    summary = trainer.train(config(data_dir, tmp_path / "lora", device=device, init_from_run=str(tmp_path / "base"),
+    summary = trainer.train(config(data_dir, tmp_path / "lora", device=device, init_from_run=str(tmp_path / "base"), model={},
                                    lora_rank=2, max_steps=30, eval_every=0, precision="bf16"))
     assert all(math.isfinite(x) for x in losses(tmp_path / "lora"))
     assert summary["val_loss"] < before["val_loss"] - 0.2  # CPU: 3.09 -> 2.52
@@ -509,7 +511,7 @@ def test_expert_lora_run_learns_with_the_experts_frozen(data_dir, tmp_path):
 
     moe = dict(TINY, n_experts=4, experts_per_token=2)
     before = trainer.train(config(data_dir, tmp_path / "base", model=moe, max_steps=3, eval_every=0, precision="bf16"))
-    kw = dict(init_from_run=str(tmp_path / "base"), lora_rank=2, lora_targets="experts", max_steps=24, eval_every=0,
+    kw = dict(init_from_run=str(tmp_path / "base"), model={}, lora_rank=2, lora_targets="experts", max_steps=24, eval_every=0,
               precision="bf16", ckpt_every=4)
     summary = trainer.train(config(data_dir, tmp_path / "lora", **kw))
     assert summary["val_loss"] < before["val_loss"] - 0.2

@@ -694,6 +694,46 @@ class LLM(nn.Module):
         keys = sum(T if cfg.layer_window(i) < 0 else min(T, cfg.sliding_window) for i in range(cfg.n_layers))
         return self._weight_flops_per_token() + 12 * cfg.n_heads * cfg.head_dim * keys
 
+    # --- nanoGPT's names, for code written against its GPT ------------------------------------------
+
+    def get_num_params(self, non_embedding: bool = True) -> int:
+        """nanoGPT's count: num_params with its default, the position table left out."""
+        return self.num_params(non_embedding=non_embedding)
+
+    def crop_block_size(self, block_size: int) -> None:
+        """A shorter context, in place, as nanoGPT's (a checkpoint of 1,024 positions trained on at 256):
+        the learned position table cut to its first block_size rows; RoPE and ALiBi need nothing."""
+        if not 1 <= block_size <= self.config.block_size:
+            raise ValueError(f"crop_block_size: block_size must be in [1, {self.config.block_size}], got {block_size}")
+        self.config.block_size = block_size
+        if self.pos_emb is not None:
+            self.pos_emb.weight = nn.Parameter(self.pos_emb.weight[:block_size].detach().clone())
+            self.pos_emb.num_embeddings = block_size
+
+    def estimate_mfu(self, fwdbwd_per_iter: int, dt: float, peak_flops: float | None = None) -> float | None:
+        """nanoGPT's model FLOPs utilisation of an iteration of fwdbwd_per_iter sequences of block_size
+        tokens taking dt seconds, against peak_flops (default: this device's bf16 peak where known, as
+        pyllm train's MFU; None where unknown, the CPU)."""
+        if peak_flops is None:
+            from pyllm.train import peak_flops as device_peak
+
+            peak_flops = device_peak(self.lm_head.weight.device)
+        if not peak_flops:
+            return None
+        T = self.config.block_size
+        return self.flops_per_token(T) * T * fwdbwd_per_iter / dt / peak_flops
+
+    def configure_optimizers(self, weight_decay: float, learning_rate: float, betas=(0.9, 0.95), device_type=None):
+        """nanoGPT's: pyllm's fused AdamW, weight decay on the matrices (every parameter of 2 or more
+        dims: the embeddings too, as nanoGPT), none on the norms' and biases' vectors. device_type is
+        nanoGPT's argument for torch's fused flag, which pyllm's step always is: unused."""
+        from pyllm.optim import AdamW
+
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        return AdamW(groups, lr=learning_rate, betas=betas)
+
     def add_lora(self, rank: int, alpha: float, frozen_dtype: torch.dtype | None = None, targets=None,
                  dropout: float = 0.0) -> None:
         """Freezes every weight and gives each block's linear layers a trainable rank-`rank` update

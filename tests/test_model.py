@@ -966,6 +966,25 @@ def test_a_nanogpt_checkpoint_is_the_same_function(tmp_path, bias, compiled):
                          "--prompt", "ab", "--max-new-tokens", "5", "--device", "cpu"]) == 0
 
 
+def test_nanogpts_method_names():
+    # Code written against nanoGPT's GPT: get_num_params (its 123.65M for GPT-2 at 50,257 words),
+    # crop_block_size, configure_optimizers (decay on the matrices), estimate_mfu.
+    assert LLM(ModelConfig.from_preset("gpt2-124m", vocab_size=50257)).get_num_params() == 123_653_376
+    model = LLM(ModelConfig.from_preset("gpt2-124m", n_layers=1, dim=64, n_heads=2, vocab_size=97, block_size=32))
+    idx = torch.randint(0, 97, (2, 16))
+    before = model(idx)[0]
+    model.crop_block_size(16)
+    assert model.pos_emb.weight.shape == (16, 64) and torch.equal(model(idx)[0], before)
+    with pytest.raises(ValueError, match="longer than block_size 16"):
+        model(torch.randint(0, 97, (1, 17)))
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    decayed, plain = opt.param_groups
+    assert all(p.dim() >= 2 for p in decayed["params"]) and all(p.dim() < 2 for p in plain["params"])
+    assert (decayed["weight_decay"], plain["weight_decay"], decayed["lr"]) == (0.1, 0.0, 1e-3)
+    assert model.estimate_mfu(4, 0.5, peak_flops=1e12) == pytest.approx(model.flops_per_token(16) * 16 * 4 / 0.5 / 1e12)
+    assert model.estimate_mfu(4, 0.5) is None  # the CPU: no peak known
+
+
 @pytest.mark.parametrize("name", ["gpt2", "qk-norm-window-nope", "moe"])
 def test_save_load_roundtrip(tmp_path, name):
     cfg = ModelConfig(**CONFIGS[name])

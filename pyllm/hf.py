@@ -895,6 +895,7 @@ def _fused_loss_forward_of(base: type):
     remove_unused_columns, generate's check of its keyword arguments) sees the model's parameters."""
     if base not in _FUSED_LOSS_FORWARDS:
         signature = inspect.signature(base.forward)
+        first = next(iter(signature.parameters))
 
         def _fused_loss_forward_bound(self, *args, **kwargs):
             if args:
@@ -906,7 +907,7 @@ def _fused_loss_forward_of(base: type):
                     elif kind is inspect.Parameter.VAR_POSITIONAL:
                         if value:
                             raise TypeError(f"{base.__name__}.forward: too many positional arguments")
-                    elif name != "self":
+                    elif name != first:  # (the instance, whatever the forward calls it)
                         named[name] = value
                 kwargs = named
             return _fused_loss_forward(self, **kwargs)

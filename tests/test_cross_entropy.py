@@ -121,6 +121,31 @@ def test_narrow_integer_targets_count_as_int64(dtype):
     assert pyllm.generalized_jsd(s, t, targets.to(dtype)) == pyllm.generalized_jsd(s, t, targets)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_class_weights_as_torchs(reduction):
+    # F.cross_entropy's weight=: each row times its target's weight, the mean over the counted
+    # rows' weights; float64 to rounding, gradients too; bf16 within twice torch's own error.
+    g = torch.Generator().manual_seed(3)
+    targets = torch.tensor([1, 2, -100, 3, 29, 0, 7, 7])
+    weight = torch.rand(30, dtype=torch.float64, generator=g) + 0.1
+    for dtype, exact in ((torch.float64, True), (torch.bfloat16, False)):
+        logits = (torch.randn(8, 30, dtype=torch.float64, generator=g) * 3).to(dtype).requires_grad_()
+        ref64 = logits.detach().double().requires_grad_()
+        want = F.cross_entropy(ref64, targets, weight=weight, reduction=reduction)
+        (want_grad,) = torch.autograd.grad(want.sum(), ref64)
+        got = pyllm.cross_entropy(logits, targets, weight=weight.to(dtype), reduction=reduction)
+        (got_grad,) = torch.autograd.grad(got.sum(), logits)
+        if exact:
+            assert rel_err(got, want) < 1e-14 and rel_err(got_grad, want_grad) < 1e-14
+        else:
+            theirs = F.cross_entropy(logits.detach().requires_grad_(), targets, weight=weight.to(dtype), reduction=reduction)
+            assert rel_err(got, want) <= tolerance(theirs, want)
+    with pytest.raises(ValueError, match="weight goes without label_smoothing"):
+        pyllm.cross_entropy(torch.randn(2, 30), targets[:2], weight=torch.ones(30), label_smoothing=0.1)
+    with pytest.raises(ValueError, match=r"weight must be a float tensor of shape \(30,\)"):
+        pyllm.cross_entropy(torch.randn(2, 30), targets[:2], weight=torch.ones(29))
+
+
 def test_z_loss_share_is_returned_detached():
     logits = logits_of((8, 30), torch.float64, "cpu").requires_grad_()
     targets = targets_of((8, 30), 30, "cpu")

@@ -218,16 +218,38 @@ _cross_entropy.register_autograd(_cross_entropy_grad, setup_context=_cross_entro
 _CrossEntropyFunction = _util.eager_function(OP, _cross_entropy_body, _cross_entropy_setup, _cross_entropy_grad)
 
 
+def _weighted(logits, targets, weight, ignore_index, reduction, scale, softcap, label_smoothing, z_loss,
+              return_z_loss):
+    """cross_entropy with per-class weights: the rows' losses (the kernel's) times their targets'
+    weights; the gradient through them."""
+    V = logits.shape[-1]
+    if not isinstance(weight, Tensor) or not weight.is_floating_point() or weight.shape != (V,):
+        raise ValueError(f"{OP}: weight must be a float tensor of shape ({V},) (one per class), got "
+                         f"{getattr(weight, 'dtype', type(weight).__name__)} {tuple(getattr(weight, 'shape', ()))}")
+    if weight.device != logits.device:
+        raise ValueError(f"{OP}: weight is on {weight.device} but logits on {logits.device}; they must match")
+    if label_smoothing or z_loss or return_z_loss:
+        raise ValueError(f"{OP}: weight goes without label_smoothing, z_loss and return_z_loss")
+    rows = cross_entropy(logits, targets, ignore_index=ignore_index, reduction="none", scale=scale, softcap=softcap)
+    wide = targets.long()
+    counted = wide != ignore_index
+    row_weights = torch.where(counted, weight.to(rows.dtype)[wide.clamp(0, V - 1)], 0.0)  # (ignored rows: 0)
+    losses = rows * row_weights
+    if reduction == "none":
+        return losses
+    return losses.sum() if reduction == "sum" else losses.sum() / row_weights.sum()
+
+
 def cross_entropy(logits: Tensor, targets: Tensor, *, ignore_index: int = -100, reduction: str = "mean",
                   label_smoothing: float = 0.0, z_loss: float = 0.0, scale: float = 1.0,
-                  softcap: Optional[float] = None, return_z_loss: bool = False):
+                  softcap: Optional[float] = None, return_z_loss: bool = False, weight: Optional[Tensor] = None):
     """F.cross_entropy(logits, targets, ignore_index=, reduction=, label_smoothing=) over the last
     dim, one kernel call for the forward and one for the backward, which recomputes each row's
     softmax from logits (saved by reference: no (N, V) buffer is kept). 16-bit logits are never
     widened to an fp32 (N, V) copy, as autocast's F.cross_entropy does.
 
     Unlike F.cross_entropy: the classes are the last dim (torch's are dim 1 of (N, C, d...)); class
-    indices only (no probability targets), no per-class weight=; the loss is fp32 for 16-bit logits
+    indices only (no probability targets), weight= without label smoothing; the loss is fp32 for 16-bit logits
     (torch's is in their dtype); logits are saved, not a log-softmax, so editing them in place
     between the forward and the backward is an error (torch's version counter says so).
 
@@ -241,6 +263,9 @@ def cross_entropy(logits: Tensor, targets: Tensor, *, ignore_index: int = -100, 
         scale, softcap: the logits are z = scale * logits, then softcap * tanh(z / softcap) when
             softcap is given (Gemma 2's final_logit_softcapping), in fp32 (fp64 for fp64).
         return_z_loss: -> (loss, the z-loss's share of it, detached, reduced alike).
+        weight: (V,) per-class weights, as F.cross_entropy's: each row's loss times its target's
+            weight, "mean" divided by the counted rows' weights summed (not with label_smoothing
+            or z_loss, whose weighted forms torch defines otherwise).
     Returns:
         The loss in fp32 (fp64 for fp64 logits), whatever logits' dtype: reduced to a scalar, or
         (...) for "none". Math runs in fp32 (fp64 for fp64). Backward gives logits' gradient.
@@ -252,6 +277,9 @@ def cross_entropy(logits: Tensor, targets: Tensor, *, ignore_index: int = -100, 
         -inf logits elsewhere (masked classes) get softmax 0, as torch's.
     """
     _check(logits, targets, ignore_index, reduction, label_smoothing, z_loss, scale, softcap)
+    if weight is not None:
+        return _weighted(logits, targets, weight, ignore_index, reduction, scale, softcap, label_smoothing, z_loss,
+                         return_z_loss)
     loss, z_part = _util.call(_cross_entropy_body, _cross_entropy, _CrossEntropyFunction, logits, targets,
                               int(ignore_index), float(scale), float(softcap or 0.0), float(label_smoothing),
                               float(z_loss))

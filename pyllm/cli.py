@@ -840,7 +840,7 @@ def cmd_eval(args) -> int:
         score.pop("logps")
         results[str(path)] = score
         print(f"{path}: {score['examples']:,} examples: acc {score['acc']:.4f}, acc_norm {score['acc_norm']:.4f}, "
-              f"acc per token {score['acc_per_token']:.4f}")
+              f"acc per byte {score['acc_bytes']:.4f}, acc per token {score['acc_per_token']:.4f}")
     if args.text:
         texts = [Path(p).read_text(encoding="utf-8", errors="replace") for p in args.text]
         loss = results["text"] = evaluate.text_loss(model, tokenizer, texts, seq_len, args.batch_size, prefix)
@@ -894,10 +894,18 @@ def cmd_export(args) -> int:
             tokenizer = tokenizer_class().load(run_info["tokenizer"])
             shutil.copy(run_info["tokenizer"], out / "tokenizer.bpe")
             tokenizer.to_hf(out / "tokenizer.json")
-            eos = "<|endoftext|>" if "<|endoftext|>" in getattr(tokenizer, "special_tokens", {}) else None
+            eot = eot_id(tokenizer)
+            eos = None if eot is None else "<|endoftext|>"
             (out / "tokenizer_config.json").write_text(json.dumps({
                 "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model.config.block_size,
-                **({"eos_token": eos} if eos else {})}, indent=2))
+                **({"eos_token": eos, "bos_token": eos} if eos else {})}, indent=2))
+            if eot is not None:  # generation ends at a document's end there too (the config's defaults
+                # were LLaMA's ids 1 and 2, bytes in this vocabulary, or GPT-2's 50256, past it)
+                config = json.loads((out / "config.json").read_text())
+                config.update(bos_token_id=eot, eos_token_id=eot)
+                (out / "config.json").write_text(json.dumps(config, indent=2))
+                (out / "generation_config.json").write_text(json.dumps({"bos_token_id": eot, "eos_token_id": eot},
+                                                                       indent=2))
     print(f"exported {run} to {out} ({'config of ' + str(source) if source else 'a ' + model_kind(out) + ' config'}, "
           f"{args.dtype})")
     return 0
@@ -1034,7 +1042,7 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-choices", dest="eval_choices_file", metavar="FILE",
                    help="at each evaluation also score a JSONL file of multiple-choice examples ({\"ctx\", "
                         "\"endings\", \"label\"} lines, HellaSwag's files as they are; see `pyllm eval`): acc and "
-                        "acc_norm go to log.jsonl, as llm.c reports HellaSwag while it trains")
+                        "acc_norm (and acc_per_token, what llm.c logs as its HellaSwag acc_norm) go to log.jsonl")
     p.add_argument("--eval-choices-limit", type=int, help="with --eval-choices: its first N examples only")
     p.add_argument("--device", help="auto (default: cuda when available), cpu, cuda, cuda:N")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], help="auto (default): bf16 on CUDA, fp32 on CPU; fp16 uses a dynamic loss scaler")
@@ -1258,7 +1266,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(p)
     p.add_argument("--choices", nargs="+", metavar="FILE", help="JSONL files of multiple-choice examples, "
                    "{\"ctx\": ..., \"endings\": [...], \"label\": i} lines (HellaSwag's files as they are): accuracy "
-                   "by each ending's summed log-probability after the context (acc), per byte (acc_norm) and per token")
+                   "by each ending's summed log-probability after the context (acc), per character (acc_norm, "
+                   "lm-evaluation-harness's), per byte (acc_bytes) and per token (llm.c's)")
     p.add_argument("--text", nargs="+", metavar="FILE", help="text files: the loss per token, perplexity and bits per "
                    "byte over non-overlapping windows of --seq-len tokens")
     p.add_argument("--limit", type=at_least(1), help="the first N examples of each --choices file only")

@@ -2,14 +2,17 @@
 
 Multiple choice (HellaSwag and the like): each example's context followed by each of its endings is
 a document; the model's log-probability of each ending's tokens is summed, and the example counts
-as right when the labelled ending scores highest: by the sum (`acc`), by the sum per byte of the
-ending's text (`acc_norm`, lm-evaluation-harness's length normalisation) and per token
-(`acc_per_token`, llm.c's HellaSwag eval). The candidates are packed into rows and computed each
+as right when the labelled ending scores highest: by the sum (`acc`), by the sum per character of
+the ending (`acc_norm`, lm-evaluation-harness's: the raw ending, without the space before it), per
+UTF-8 byte of it (`acc_bytes`, the harness's too) and per token (`acc_per_token`, what llm.c's
+HellaSwag eval calls acc_norm). The files are read as they are: lm-evaluation-harness's hellaswag
+task first rewrites HellaSwag's contexts (activity label, bracket removal), so its numbers differ. The candidates are packed into rows and computed each
 alone (the varlen attention), as training packs conversations, so short candidates cost no padding.
 
 Text: the mean loss over non-overlapping windows of seq_len tokens (each token predicted from the
-ones before it in its window), as nats per token, perplexity and bits per byte (the summed loss over
-the text's UTF-8 bytes: comparable across tokenizers).
+ones before it in its window; a text's first one from <|endoftext|>, as the documents were
+separated in training, where the tokenizer has it), as nats per token, perplexity and bits per
+byte (the summed loss over the text's UTF-8 bytes: comparable across tokenizers).
 """
 from __future__ import annotations
 
@@ -54,18 +57,33 @@ def _ending_text(ending: str) -> str:
     return ending if ending[:1].isspace() else " " + ending
 
 
+def _start_token(tokenizer) -> list[int]:
+    """<|endoftext|>, which the model saw before every document, where the tokenizer has it."""
+    eot = getattr(tokenizer, "special_tokens", {}).get("<|endoftext|>")
+    return [] if eot is None else [eot]
+
+
 def choice_documents(examples: Sequence[dict], tokenizer, prefix: Sequence[int] = ()) -> tuple[list, list]:
     """(docs, masks): for each example, for each ending, prefix + the tokens of the context and
-    the ending written together, the ending's marked: those past the context's own tokens, as
-    lm-evaluation-harness splits them (encoding the ending alone would differ where a tokenizer
-    treats a text's start specially: SentencePiece-style ones put a "▁" first). An ending that does
-    not start with whitespace gets one space before it, as HellaSwag's evaluations join them."""
+    the ending written together, the ending's marked, as lm-evaluation-harness splits them
+    (encoding the ending alone would differ where a tokenizer treats a text's start specially:
+    SentencePiece-style ones put a "▁" first): the context's trailing whitespace moved to the
+    ending, and the ending's tokens those past the context's tokens' common prefix with the whole
+    (where the context's last token merges with the ending's first, "Answer:\n" + "\nbar", that
+    token is scored: the harness's split by length would leave part of the ending unscored). An
+    ending that does not start with whitespace gets one space before it, as HellaSwag's
+    evaluations join them. An empty context (no prefix either) starts from <|endoftext|>, so the
+    ending's first token is predicted too."""
     docs, masks = [], []
     for example in examples:
-        n_context = len(tokenizer.encode_ordinary(example["context"]))
+        context = example["context"].rstrip()
+        moved = example["context"][len(context):]  # trailing whitespace: the ending's
+        lead = list(prefix) or ([] if context else _start_token(tokenizer))
+        context_ids = [*lead, *tokenizer.encode_ordinary(context)]
         for ending in example["endings"]:
-            whole = [*prefix, *tokenizer.encode_ordinary(example["context"] + _ending_text(ending))]
-            start = min(len(prefix) + n_context, len(whole) - 1)  # at least one token scored
+            whole = [*lead, *tokenizer.encode_ordinary(context + moved + _ending_text(ending))]
+            start = next((i for i, (a, b) in enumerate(zip(context_ids, whole)) if a != b), len(context_ids))
+            start = max(min(start, len(whole) - 1), 1 if len(whole) > 1 else 0)  # a scored token has one before it
             docs.append(np.asarray(whole, np.int64))
             masks.append(np.asarray([0] * start + [1] * (len(whole) - start), np.uint8))
     return docs, masks
@@ -74,19 +92,21 @@ def choice_documents(examples: Sequence[dict], tokenizer, prefix: Sequence[int] 
 def write_choices(examples: Sequence[dict], tokenizer, path, prefix: Sequence[int] = ()) -> None:
     """Tokenizes multiple-choice examples (read_choices) into a document file (choice_documents'
     candidates, write_documents) and its .choices.json (each example's label, number of endings and
-    the endings' sizes in bytes): what score_choice_files, and the trainer's --eval-choices, read."""
+    the raw endings' sizes in characters and in bytes): what score_choice_files, and the trainer's
+    --eval-choices, read."""
     docs, masks = choice_documents(examples, tokenizer, prefix)
     path = Path(path)
     path.with_suffix(".choices.json").write_text(json.dumps({
         "labels": [e["label"] for e in examples],
-        "bytes": [[len(_ending_text(x).encode("utf-8")) for x in e["endings"]] for e in examples]}))
+        "chars": [[len(x) for x in e["endings"]] for e in examples],
+        "bytes": [[len(x.encode("utf-8")) for x in e["endings"]] for e in examples]}))
     data.write_documents(path, docs, masks, max(tokenizer.vocab_size, 1))
 
 
 @torch.no_grad()
 def score_choice_files(model, path, seq_len: int, batch_size: int = 8, precision: str = "fp32",
                        info: DistInfo | None = None) -> dict:
-    """score_choices on write_choices' files: acc, acc_norm, acc_per_token, examples, logps. With
+    """score_choices on write_choices' files: acc, acc_norm, acc_bytes, acc_per_token, examples, logps. With
     info, every rank of a process group takes its share of the rows (document_logps)."""
     path = Path(path)
     meta = json.loads(path.with_suffix(".choices.json").read_text())
@@ -99,12 +119,14 @@ def score_choice_files(model, path, seq_len: int, batch_size: int = 8, precision
     info = info or DistInfo(device=next(model.parameters()).device)
     logps = document_logps(model, path, batch_size, seq_len, precision, info)
     tokens = np.add.reduceat(mask.astype(np.int64), offsets[:-1])  # each candidate's ending tokens
-    right = {"acc": 0, "acc_norm": 0, "acc_per_token": 0}
+    right = {"acc": 0, "acc_norm": 0, "acc_bytes": 0, "acc_per_token": 0}
     start = 0
-    for label, size in zip(meta["labels"], meta["bytes"]):
-        n = len(size)
+    chars = meta.get("chars", meta["bytes"])  # (files written before 2026-12-03: bytes with the space)
+    for label, n_chars, n_bytes in zip(meta["labels"], chars, meta["bytes"]):
+        n = len(n_bytes)
         scores = logps[start:start + n]
-        for name, value in (("acc", scores), ("acc_norm", scores / np.array(size)),
+        for name, value in (("acc", scores), ("acc_norm", scores / np.array(n_chars)),
+                            ("acc_bytes", scores / np.array(n_bytes)),
                             ("acc_per_token", scores / tokens[start:start + n])):
             right[name] += int(np.argmax(value) == label)
         start += n
@@ -128,15 +150,17 @@ def score_choices(model, tokenizer, examples: Sequence[dict], seq_len: int, batc
 @torch.no_grad()
 def text_loss(model, tokenizer, texts: Sequence[str], seq_len: int, batch_size: int = 8, prefix: Sequence[int] = (),
               precision: str = "fp32") -> dict:
-    """The model's loss on texts, each tokenized alone after prefix and cut into non-overlapping
-    windows of seq_len + 1 tokens (each window's first token is not predicted; the last, shorter
-    window too): nats per predicted token, perplexity, bits per byte of the texts, and the counts."""
+    """The model's loss on texts, each tokenized alone after prefix (none: <|endoftext|>, as the
+    training documents were separated, where the tokenizer has it, so the text's first token is
+    predicted too) and cut into non-overlapping windows of seq_len + 1 tokens (each window's first
+    token is not predicted; the last, shorter window too): nats per predicted token, perplexity,
+    bits per byte of the texts, and the counts."""
     from pyllm.train import autocast
 
     device = next(model.parameters()).device
     windows = []
     for text in texts:
-        ids = [*prefix, *tokenizer.encode_ordinary(text)]
+        ids = [*(list(prefix) or _start_token(tokenizer)), *tokenizer.encode_ordinary(text)]
         windows += [ids[i:i + seq_len + 1] for i in range(0, max(len(ids) - 1, 0), seq_len)]
     total, predicted = 0.0, 0
     was_training = model.training

@@ -1737,7 +1737,9 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
                 from pyllm.evaluate import score_choice_files
 
                 score = score_choice_files(wrapped, cfg.eval_choices, choices_len, cfg.batch_size, precision, info)
-                record.update(choices_acc=score["acc"], choices_acc_norm=score["acc_norm"])
+                # (choices_acc_per_token is what llm.c's HellaSwag eval reports as acc_norm)
+                record.update(choices_acc=score["acc"], choices_acc_norm=score["acc_norm"],
+                              choices_acc_per_token=score["acc_per_token"])
                 say(info, bar, f"step {step + 1}: {score['examples']:,} multiple-choice examples: acc "
                                f"{score['acc']:.4f}, acc_norm {score['acc_norm']:.4f}")
         log.write(record)

@@ -263,7 +263,7 @@ def test_init_from_run_errors(corpus, tmp_path, capsys):
     assert "not both" in capsys.readouterr().err
 
 
-def test_train_end_to_end_cache_resume_generate(corpus, tmp_path, capsys):
+def test_train_end_to_end_cache_resume_generate(corpus, tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     assert cli.main(["train", "--data", str(corpus), "--out", str(run), "--max-steps", "6", "--ckpt-every", "3", *SMALL]) == 0
     out = capsys.readouterr().out
@@ -326,6 +326,13 @@ def test_train_end_to_end_cache_resume_generate(corpus, tmp_path, capsys):
     idx = torch.randint(0, ours.config.vocab_size, (2, 9))
     with torch.no_grad():
         torch.testing.assert_close(back(idx).logits, ours(idx)[0], rtol=1e-4, atol=1e-5)
+    # a tokenizer with <|endoftext|>: transformers' generation ends there too (the config had LLaMA's
+    # default ids 1 and 2, bytes in this vocabulary)
+    monkeypatch.setattr(StandInTokenizer, "special_tokens", {"<|endoftext|>": 256}, raising=False)
+    assert cli.main(["export", "--run", str(run), "--out", str(tmp_path / "hf2"), "--dtype", "fp32"]) == 0
+    assert json.loads((tmp_path / "hf2/generation_config.json").read_text())["eos_token_id"] == 256
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "hf2").eos_token_id == 256
+    assert transformers.GenerationConfig.from_pretrained(tmp_path / "hf2").eos_token_id == 256
 
 
 def test_config_file_with_cli_override(corpus, tmp_path):

@@ -25,7 +25,8 @@ def sentence(rng: random.Random, n: int) -> str:
 @pytest.fixture(scope="module")
 def setup():
     rng = random.Random(0)
-    tokenizer = Tokenizer.train([sentence(rng, 40) for _ in range(50)], 290, show_progress=False)
+    tokenizer = Tokenizer.train([sentence(rng, 40) for _ in range(50)], 290, special_tokens=["<|endoftext|>"],
+                                show_progress=False)
     torch.manual_seed(0)
     model = LLM(ModelConfig(vocab_size=tokenizer.vocab_size, n_layers=2, n_heads=4, n_kv_heads=2, dim=64,
                             block_size=128)).double().eval()
@@ -69,8 +70,31 @@ def test_choice_documents(setup):
     for k, (doc, mask) in enumerate(zip(docs, masks)):
         example, ending = examples[k // 4], examples[k // 4]["endings"][k % 4]
         whole = [7, *tokenizer.encode_ordinary(example["context"] + (ending if ending.startswith("\n") else " " + ending))]
-        n = 1 + len(tokenizer.encode_ordinary(example["context"]))
+        # scored: past the common prefix of the whole and the context without its trailing whitespace
+        # (lm-evaluation-harness moves that to the ending)
+        context = [7, *tokenizer.encode_ordinary(example["context"].rstrip())]
+        n = next((i for i, (a, b) in enumerate(zip(context, whole)) if a != b), len(context))
         assert doc.tolist() == whole and mask.tolist() == [0] * n + [1] * (len(whole) - n)
+
+
+def test_choice_documents_score_every_character_of_an_ending(setup):
+    # lm-evaluation-harness moves a context's trailing whitespace to the ending; where the context's
+    # last token merges with the ending's first ("Total:" + "\n\nfoo" with a tokenizer whose
+    # punctuation takes newlines), that token is scored, not left out with part of the ending; an
+    # empty context starts from <|endoftext|>, so the ending's first token is predicted too.
+    tokenizer, _, _ = setup
+    cases = [("roof. ", "two spaces"), ("Total:", "\n\nfoo"), ("", "alpha beta")]
+    docs, masks = evaluate.choice_documents([{"context": c, "endings": [e, e], "label": 0} for c, e in cases],
+                                            tokenizer)
+    for (context, ending), doc, mask in zip(cases, docs[::2], masks[::2]):
+        scored = tokenizer.decode(doc[mask.astype(bool)].tolist())
+        joined = ending if ending[:1].isspace() else " " + ending
+        assert scored.endswith(joined) and len(scored) >= len(joined), (context, ending, scored)
+    assert docs[4][0] == tokenizer.special_tokens["<|endoftext|>"] and mask_first_scored(masks[4]) == 1
+
+
+def mask_first_scored(mask) -> int:
+    return int(np.argmax(mask))
 
 
 @pytest.mark.parametrize("seq_len, batch_size", [(128, 8), (40, 2)])
@@ -82,12 +106,14 @@ def test_score_choices_is_each_candidate_alone(setup, seq_len, batch_size):
     docs, masks = evaluate.choice_documents(examples, tokenizer)
     want = np.array([alone(model, d.tolist(), int(m.sum())) for d, m in zip(docs, masks)])
     np.testing.assert_allclose(score["logps"], want, rtol=1e-12)
-    right = {"acc": 0, "acc_norm": 0, "acc_per_token": 0}
+    right = {"acc": 0, "acc_norm": 0, "acc_bytes": 0, "acc_per_token": 0}
     for i, example in enumerate(examples):
         s = want[4 * i:4 * i + 4]
-        size = [len((e if e.startswith("\n") else " " + e).encode()) for e in example["endings"]]
+        # lm-evaluation-harness's: per character of the raw ending (no space before it), per byte
+        chars, size = [len(e) for e in example["endings"]], [len(e.encode()) for e in example["endings"]]
         tokens = [int(m.sum()) for m in masks[4 * i:4 * i + 4]]
-        for name, value in (("acc", s), ("acc_norm", s / size), ("acc_per_token", s / tokens)):
+        for name, value in (("acc", s), ("acc_norm", s / np.array(chars)), ("acc_bytes", s / np.array(size)),
+                            ("acc_per_token", s / tokens)):
             right[name] += int(np.argmax(value) == example["label"])
     assert score["examples"] == 12 and all(score[k] == right[k] / 12 for k in right)
     assert model.training is False  # left as it was
@@ -123,6 +149,17 @@ def test_text_loss(setup):
     total, count = 0.0, 0
     for text in texts:
         ids = [5, *tokenizer.encode_ordinary(text)]
+        for start in range(0, len(ids) - 1, 16):
+            window = ids[start:start + 17]
+            total -= alone(model, window, len(window) - 1)
+            count += len(window) - 1
+    assert got["tokens"] == count and got["loss"] == pytest.approx(total / count, rel=1e-12)
+    # no prefix: each text after <|endoftext|>, as training separated documents (every token predicted)
+    got = evaluate.text_loss(model, tokenizer, texts, seq_len=16, batch_size=3)
+    eot = tokenizer.special_tokens["<|endoftext|>"]
+    total, count = 0.0, 0
+    for text in texts:
+        ids = [eot, *tokenizer.encode_ordinary(text)]
         for start in range(0, len(ids) - 1, 16):
             window = ids[start:start + 17]
             total -= alone(model, window, len(window) - 1)

@@ -1833,6 +1833,11 @@ def hf_config_of(cfg: ModelConfig) -> dict:
              cfg.window_layers, cfg.pre_norm, cfg.embed_multiplier, cfg.residual_multiplier, cfg.logits_scaling,
              cfg.attn_softcap, cfg.final_softcap) == ("rmsnorm", "swiglu", "rope", False, False, False, False, None, None,
                                                       False, False, None, None, None, True, None, None, None, None, None)
+    if cfg.window_layers is not None and cfg.sliding_window and plain is False and (
+            cfg.norm, cfg.mlp, cfg.positions, cfg.bias) == ("rmsnorm", "swiglu", "rope", False):
+        raise NotImplementedError("to_hf: a sliding window on some layers only (window_layers) has no LLaMA or "
+                                  "Mistral config (Mistral's window is on every layer); give the hf_config of the "
+                                  "checkpoint it was read from")
     if not plain or (cfg.rope_scaling or {}).get("rope_type", "llama3") != "llama3":
         raise NotImplementedError("to_hf: this model is neither LLaMA- nor GPT-2-shaped; give the hf_config of the "
                                   "checkpoint it was read from")

@@ -812,6 +812,45 @@ def _mean_over(total: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
     return torch.where(counted > 0, total / counted.clamp(min=1), torch.full_like(total, math.nan))
 
 
+class CrossEntropyLoss(nn.Module):
+    """torch.nn.CrossEntropyLoss's arguments (weight, ignore_index, reduction, label_smoothing) over
+    pyllm.cross_entropy: forward(logits (..., V), targets (...)), classes on the last dim."""
+
+    def __init__(self, weight: torch.Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
+                 label_smoothing: float = 0.0):
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.ignore_index, self.reduction, self.label_smoothing = ignore_index, reduction, label_smoothing
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        from pyllm.ops.cross_entropy import cross_entropy
+
+        return cross_entropy(logits, targets, ignore_index=self.ignore_index, reduction=self.reduction,
+                             label_smoothing=self.label_smoothing, weight=self.weight)
+
+
+class LinearCrossEntropyLoss(nn.Module):
+    """Liger-Kernel's LigerFusedLinearCrossEntropyLoss over linear_cross_entropy: its arguments
+    (ignore_index -100, lse_square_scale as z_loss, label_smoothing, reduction "mean" or "sum",
+    softcap, return_z_loss) and its forward's order, forward(lin_weight, _input, target): the output
+    layer's weight first. No bias (pyllm's fused losses take none)."""
+
+    def __init__(self, ignore_index: int = -100, lse_square_scale: float = 0.0, label_smoothing: float = 0.0,
+                 reduction: str = "mean", softcap: float | None = None, return_z_loss: bool = False):
+        super().__init__()
+        self.ignore_index, self.z_loss, self.label_smoothing = ignore_index, lse_square_scale, label_smoothing
+        self.reduction, self.softcap, self.return_z_loss = reduction, softcap, return_z_loss
+
+    def forward(self, lin_weight: torch.Tensor, _input: torch.Tensor, target: torch.Tensor, bias=None):
+        if bias is not None:
+            raise ValueError("LinearCrossEntropyLoss: an output layer with a bias is not taken (pyllm's fused "
+                             "losses have none)")
+        return linear_cross_entropy(_input, lin_weight, target, softcap=self.softcap,
+                                    label_smoothing=self.label_smoothing, z_loss=self.z_loss,
+                                    return_z_loss=self.return_z_loss, ignore_index=self.ignore_index,
+                                    reduction=self.reduction)
+
+
 def _logit_shape(name: str, scale, softcap) -> tuple[float, float]:
     """(scale, softcap) checked, as floats; softcap 0.0 when None."""
     scale, softcap = float(scale), float(softcap or 0.0)

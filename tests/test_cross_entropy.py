@@ -146,6 +146,28 @@ def test_class_weights_as_torchs(reduction):
         pyllm.cross_entropy(torch.randn(2, 30), targets[:2], weight=torch.ones(29))
 
 
+def test_modules_as_torchs_and_ligers():
+    # pyllm.nn.CrossEntropyLoss takes torch.nn.CrossEntropyLoss's arguments (its state_dict too);
+    # pyllm.nn.LinearCrossEntropyLoss Liger's LigerFusedLinearCrossEntropyLoss's, its forward's
+    # order (the output layer's weight first) and defaults (ignore_index -100, "mean").
+    from pyllm.nn import CrossEntropyLoss, LinearCrossEntropyLoss
+
+    g = torch.Generator().manual_seed(5)
+    logits, targets = torch.randn(6, 12, dtype=torch.float64, generator=g), torch.tensor([1, 2, -100, 3, 11, 0])
+    weight = torch.rand(12, dtype=torch.float64, generator=g)
+    for kw in (dict(), dict(weight=weight), dict(label_smoothing=0.1, reduction="sum")):
+        ours, theirs = CrossEntropyLoss(**kw), torch.nn.CrossEntropyLoss(**kw)
+        assert rel_err(ours(logits, targets), theirs(logits, targets)) < 1e-14
+        assert ours.state_dict().keys() == theirs.state_dict().keys()
+    x, w = torch.randn(6, 8, dtype=torch.float64, generator=g), torch.randn(12, 8, dtype=torch.float64, generator=g)
+    assert rel_err(LinearCrossEntropyLoss()(w, x, targets), F.cross_entropy(x @ w.t(), targets)) < 1e-14
+    loss, z = LinearCrossEntropyLoss(lse_square_scale=1e-2, return_z_loss=True, reduction="sum")(w, x, targets)
+    lse = torch.logsumexp(x @ w.t(), -1)[targets != -100]
+    assert rel_err(z, 1e-2 * lse.square().sum()) < 1e-12
+    with pytest.raises(ValueError, match="bias is not taken"):
+        LinearCrossEntropyLoss()(w, x, targets, torch.zeros(12))
+
+
 def test_z_loss_share_is_returned_detached():
     logits = logits_of((8, 30), torch.float64, "cpu").requires_grad_()
     targets = targets_of((8, 30), 30, "cpu")

@@ -105,7 +105,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("rms_norm_fwd_cpu", cpu.rms_norm_fwd_cpu, nogil, arg("x"), arg("weight"), arg("out"), arg("rstd"),
         arg("rows"), arg("cols"), arg("eps"), arg("offset"), arg("cast_first"), arg("dtype"));
   m.def("rms_norm_bwd_cpu", cpu.rms_norm_bwd_cpu, nogil, arg("dout"), arg("x"), arg("weight"), arg("rstd"),
-        arg("dx"), arg("dweight"), arg("rows"), arg("cols"), arg("offset"), arg("cast_first"), arg("dtype"));
+        arg("dx"), arg("dweight"), arg("rows"), arg("cols"), arg("offset"), arg("cast_first"), arg("dtype"),
+        arg("dweight_fp32") = false);
 
   m.def("cross_entropy_cpu", cpu.cross_entropy_cpu, nogil, arg("logits"), arg("targets"), arg("loss"),
         arg("z_part"), arg("grad"), arg("grad_rows"), arg("rows"), arg("vocab"), arg("stride"), arg("grad_stride"), arg("ignore_index"),

@@ -1424,9 +1424,10 @@ class RMSNorm(nn.Module):
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
         eps = rms_norm_ops._torch_eps(x) if self.eps is None else self.eps
-        weight = None if self.weight is None else self.weight.reshape(-1).to(x.dtype)
-        if _rms_norm_takes(x):
-            return rms_norm(x, weight, eps)  # the same roundings, one kernel
+        weight = None if self.weight is None else self.weight.reshape(-1)
+        if _rms_norm_takes(x):  # the same roundings, one kernel (an fp32 weight's gradient in fp32)
+            return rms_norm(x, weight, eps)
+        weight = None if weight is None else weight.to(x.dtype)
         x32 = x.to(torch.promote_types(x.dtype, torch.float32))
         y = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
         return y if weight is None else y * weight

@@ -213,16 +213,41 @@ def test_takes_torchs_form_and_eps_default(dtype):
     assert torch.equal(pyllm.rms_norm(x, (8,), w[0], 1e-5), pyllm.rms_norm(x, w[0], 1e-5))
 
 
-def test_a_weight_of_another_dtype_is_cast_first():
-    # An fp32 weight on bf16 activations (autocast): cast to x's dtype, as pyllm.nn.RMSNorm does;
-    # the output in x's dtype (torch's too), the weight's gradient back in fp32.
-    x = randn((6, 32), torch.bfloat16, "cpu").requires_grad_()
-    w32 = randn((32,), torch.float32, "cpu", 0.3, 1.0).requires_grad_()
-    out = pyllm.rms_norm(x, w32)
-    assert out.dtype == torch.bfloat16 and torch.equal(out, pyllm.rms_norm(x, w32.bfloat16()))
-    assert out.dtype == torch.nn.functional.rms_norm(x, (32,), w32).dtype
-    out.sum().backward()
-    assert w32.grad.dtype == torch.float32 and w32.grad.abs().sum() > 0
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("rows", [512, 4096])
+def test_an_fp32_weight_on_16bit_activations_gets_an_fp32_gradient(device, dtype, rows):
+    # Mixed precision's master weight: rounded to x's dtype for the product (the output and dx are
+    # those of the weight cast first, bitwise), its gradient summed in fp32 (fp64 across blocks of
+    # rows) and written unrounded: within twice torch's error against float64 (its autograd gives
+    # an fp32 parameter fp32 gradients: F.rms_norm's rounding, cast_first=False), where the cast's
+    # backward had rounded it to x's dtype (2.3e-3 relative at 512 x 256 bf16).
+    x = randn((rows, 256), dtype, device).requires_grad_()
+    w32 = randn((256,), torch.float32, device, 0.3, 1.0).requires_grad_()
+    dy = randn((rows, 256), dtype, device)
+    for cast_first in (True, False):
+        x.grad = w32.grad = None
+        out = pyllm.rms_norm(x, w32, cast_first=cast_first)
+        out.backward(dy)
+        x_cast, w_cast = x.detach().clone().requires_grad_(), w32.detach().clone().requires_grad_()
+        cast = pyllm.rms_norm(x_cast, w_cast.to(dtype), cast_first=cast_first)
+        cast.backward(dy)
+        assert out.dtype == dtype and torch.equal(out, cast) and torch.equal(x.grad, x_cast.grad)
+        x64 = x.detach().double().cpu()
+        h = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + EPS)
+        if cast_first:  # LLaMA's rounding of x * rstd: a few elements round the other way than float64's
+            h = h.to(dtype).double()
+        exact = (dy.double().cpu() * h).sum(0)
+        torch_error = rel_err((dy.float().cpu() * h.float()).sum(0), exact)  # torch's fp32 sum of the products
+        assert w32.grad.dtype == torch.float32
+        assert rel_err(w32.grad.cpu(), exact) <= (2 * torch_error if not cast_first else 1e-5)
+        assert rel_err(w_cast.grad.cpu(), exact) > 10 * rel_err(w32.grad.cpu(), exact)  # (the cast's: rounded)
+    norm = RMSNorm(256, eps=EPS).to(device)  # the module passes its fp32 weight as it is (LLaMA's rounding)
+    norm(x.detach()).backward(dy)
+    x64 = x.detach().double().cpu()
+    h = (x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + EPS)).to(dtype).double()
+    assert norm.weight.grad.dtype == torch.float32
+    assert rel_err(norm.weight.grad.cpu(), (dy.double().cpu() * h).sum(0)) < 1e-5
 
 
 def test_module_takes_torchs_arguments():

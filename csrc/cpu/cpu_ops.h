@@ -25,7 +25,7 @@ void swiglu_bwd_cpu(uintptr_t dout, uintptr_t gate, uintptr_t up, uintptr_t dgat
 void rms_norm_fwd_cpu(uintptr_t x, uintptr_t weight, uintptr_t out, uintptr_t rstd, int64_t rows, int64_t cols,
                       double eps, double offset, bool cast_first, int dtype);
 void rms_norm_bwd_cpu(uintptr_t dout, uintptr_t x, uintptr_t weight, uintptr_t rstd, uintptr_t dx, uintptr_t dweight,
-                      int64_t rows, int64_t cols, double offset, bool cast_first, int dtype);
+                      int64_t rows, int64_t cols, double offset, bool cast_first, int dtype, bool dweight_fp32);
 
 // cross_entropy.cpp: logits (rows, vocab), rows `stride` elements apart; targets int64 (rows), any
 // value outside [0, vocab) but ignore_index throws; loss and z_part (rows) in the math type (fp32;

@@ -137,10 +137,11 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     # gpt-oss's attention sinks (s_aux): a learned logit per head in every softmax (pyllm's sinks=)
     call = dict(causal=causal, window=window, scale=scaling, softcap=softcap or 0.0, sinks=kwargs.get("s_aux"))
 
+    if attention_mask is not None and attention_mask.dim() == 4:  # the caller's own (B or 1, 1 or H, T, S)
+        return _with_4d_mask(q, k, v, attention_mask, call, float(dropout)), None
     if attention_mask is not None and attention_mask.dim() != 2:
-        raise ValueError(f"pyllm attention takes a 2D padding mask (B, S), got shape {tuple(attention_mask.shape)}: a "
-                         "4D mask of the caller's own (or of a model built without attn_implementation='pyllm') is "
-                         "not one; load the model with attn_implementation='sdpa' for it")
+        raise ValueError(f"pyllm attention takes a 2D padding mask (B, S) or a 4D mask (B, 1 or H, T, S), got shape "
+                         f"{tuple(attention_mask.shape)}")
     if dropout:  # training with attention dropout (GPT-2's attn_pdrop): no kernel has it; SDPA's
         return _with_dropout(q, k, v, attention_mask, kwargs, call, float(dropout)), None
 
@@ -184,6 +185,20 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
         return _attend(q, k, v, None, position_ids, **call), None
     every = torch.ones(B, k.shape[1], dtype=torch.bool, device=q.device)
     return _reference_rows(q, k, v, every[:, -T:], every, **call, documents=_documents(position_ids, B, T)), None
+
+
+def _with_4d_mask(q, k, v, mask, call, dropout: float) -> torch.Tensor:
+    """A 4D mask of the caller's own (block-diagonal packing, prefix-LM: transformers passes it through
+    as it is): the kernels take no such mask, SDPA does, as the unpatched model computes it. bool:
+    True where a query sees a key; float: added to the scores (0 or -inf / the dtype's min)."""
+    if call["softcap"] or call["sinks"] is not None:
+        raise ValueError("pyllm attention: a 4D mask with capped scores or attention sinks is not taken; load the "
+                         "model with attn_implementation='eager' for it")
+    q_, k_, v_ = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D), (B, H_kv, S, D)
+    k_, v_ = k_[:, :, :mask.shape[-1]], v_[:, :, :mask.shape[-1]]  # (a static cache's unwritten keys)
+    out = F.scaled_dot_product_attention(q_, k_, v_, attn_mask=mask.to(q.dtype) if mask.is_floating_point() else mask,
+                                         dropout_p=dropout, scale=call["scale"], enable_gqa=q_.shape[1] != k_.shape[1])
+    return out.transpose(1, 2)  # (B, T, H, D)
 
 
 def _with_dropout(q, k, v, attention_mask, kwargs, call, dropout: float) -> torch.Tensor:

@@ -184,6 +184,22 @@ def test_packed_documents_are_each_alone(family, how, path):
     assert rel_err(got, want) < 1e-12
 
 
+def test_a_4d_mask_of_the_callers_own():
+    # A block-diagonal causal 4D mask (packing by mask; transformers passes it through as it is),
+    # bool or additive: SDPA under it, as the unpatched model (the kernels take no such mask); it
+    # had been refused.
+    reference, ours = tiny("llama")
+    phf.apply_pyllm_kernels(ours)
+    B, T = 2, 10
+    ids = inputs(B, T)
+    seen = torch.ones(T, T, dtype=torch.bool).tril()[None, None].repeat(B, 1, 1, 1)
+    seen[:, :, 5:, :5] = False
+    additive = torch.zeros(B, 1, T, T, dtype=torch.float64).masked_fill(~seen, torch.finfo(torch.float64).min)
+    for mask in (seen, additive):
+        with torch.no_grad():
+            assert rel_err(ours(ids, attention_mask=mask).logits, reference(ids, attention_mask=seen).logits) < 1e-12
+
+
 def test_packed_rows_with_padding_read_by_the_mask_on_either_path(path):
     # position_ids that restart inside rows and a mask that pads: the batch is read by its mask alone
     # (as transformers' flash-attention and its SDPA mask do), on the kernels' path and on the
@@ -822,9 +838,9 @@ def test_what_it_cannot_take_is_refused():
     with pytest.raises(ValueError, match="sinks must have shape"):
         phf.attention_forward(ours.model.layers[0].self_attn, *torch.randn(3, 1, 4, 5, 32, dtype=torch.float64),
                               None, s_aux=torch.zeros(3, dtype=torch.float64))
-    with pytest.raises(ValueError, match="2D padding mask .* load the model with attn_implementation='sdpa'"):
+    with pytest.raises(ValueError, match=r"a 2D padding mask \(B, S\) or a 4D mask"):
         phf.attention_forward(ours.model.layers[0].self_attn, *torch.randn(3, 1, 4, 5, 32, dtype=torch.float64),
-                              torch.ones(1, 1, 5, 5, dtype=torch.bool))
+                              torch.ones(1, 5, 5, dtype=torch.bool))
 
 
 # Models a requested part does not fit (the fused loss on a model without a plain output layer, or

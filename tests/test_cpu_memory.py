@@ -54,8 +54,9 @@ def test_a_freed_tensors_pages_stay_in_the_process_and_are_reused():
     assert max(on["given_back"]) < 1 << 20
     # and later tensors land on them. Not always the second: glibc may split the freed block for a small
     # allocation in between, and the heap grows anew a few times before it settles (seen: up to three
-    # times, 517 faults each, in builds with the CUDA kernels, whose larger load changes the heap's layout)
-    assert max(on["faults"][5:]) < 100
+    # times, 517 faults each, in builds with the CUDA kernels, whose larger load changes the heap's layout;
+    # once as late as the 7th tensor, CI 2026-12-03): the last three of ten fault nothing
+    assert max(on["faults"][-3:]) < 100
 
 
 def test_the_clis_computing_commands_turn_it_on_first(monkeypatch, tmp_path):

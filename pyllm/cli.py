@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from pyllm.data import eot_id  # (importing pyllm, this module's package, has loaded torch and numpy already)
+
 
 def cmd_info(args) -> int:
     import torch
@@ -347,7 +349,7 @@ def setup_run_data(cfg, cli: dict) -> None:
                 shutil.copy2(source, tokenizer_path)
             tokenizer = tokenizer_class().load(str(tokenizer_path))
             # Prompt-completion pairs end as its pretraining documents did, so it learns to stop.
-            doc_markers = {"doc_start": [], "doc_end": data._eot_id(tokenizer)}
+            doc_markers = {"doc_start": [], "doc_end": eot_id(tokenizer)}
         else:
             wanted = cli["vocab_size"] or cfg.model.get("vocab_size") or PRESETS.get(cfg.preset, PRESETS["tiny"])["vocab_size"]
             tokenizer_path = out / "tokenizer.bpe"
@@ -532,7 +534,8 @@ def cmd_train(args) -> int:
         model_obj = LLM.load(out / "model.safetensors", device=summary["device"])
     if tokenizer_path and cli["sample_tokens"] > 0 and not model_obj.config.num_labels:  # (a reward model scores)
         tokenizer = load_tokenizer(tokenizer_path)
-        prompt_ids, stops = None, ([] if eot_id(tokenizer) is None else [eot_id(tokenizer)])  # as pyllm generate
+        eot = eot_id(tokenizer)
+        prompt_ids, stops = None, ([] if eot is None else [eot])  # as pyllm generate
         try:
             tokenizer.encode_ordinary(cli["prompt"])
         except ValueError as e:  # a character vocabulary without the default prompt's: the run is kept
@@ -600,12 +603,6 @@ def stream_sample(model, tokenizer, prompt: str, max_new_tokens: int, temperatur
     return prompt + tokenizer.decode(generated)
 
 
-def eot_id(tokenizer) -> int | None:
-    """The id of <|endoftext|>, which ends every document pyllm's tokenizers write (None: a tokenizer
-    without it, nanoGPT's characters)."""
-    return getattr(tokenizer, "special_tokens", {}).get("<|endoftext|>")
-
-
 def start_ids(tokenizer) -> list[int]:
     """What an empty prompt continues: <|endoftext|> (every document the model saw followed one),
     else a newline (nanoGPT's sample.py's start), else id 0."""
@@ -646,6 +643,7 @@ def generate_file(model, tokenizer, args, prefix_ids, stop_tokens, source) -> in
     prompt in the chat template; completions end before a stop token."""
     import torch
 
+    from pyllm.model import until_stop
     from pyllm.tokenizer.tokenizer import hf_chat_prompt
 
     path = Path(args.prompts_file)
@@ -673,7 +671,7 @@ def generate_file(model, tokenizer, args, prefix_ids, stop_tokens, source) -> in
         idx = torch.tensor([ids], dtype=torch.long, device=device)
         new = model.generate(idx, args.max_new_tokens, args.temperature, args.top_k, args.top_p, generator=generator,
                              stop_tokens=stops)[0, len(ids):].tolist()
-        return new[:next((i + 1 for i, t in enumerate(new) if t in stops), len(new))]
+        return until_stop(new, stops)
 
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(args.seed)

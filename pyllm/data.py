@@ -191,7 +191,7 @@ def open_tokens(path) -> np.memmap:
 
 # --- prepare ---------------------------------------------------------------------------------------
 
-def _eot_id(tokenizer) -> int | None:
+def eot_id(tokenizer) -> int | None:
     """The id of <|endoftext|> when the tokenizer has it as a special token, else None."""
     try:
         ids = tokenizer.encode(EOT, allowed_special={EOT})
@@ -222,7 +222,7 @@ def prepare(inputs: Sequence[str | os.PathLike] | None, tokenizer, out_dir, val_
     files = stdlib_corpus() if inputs is None else collect_files(inputs)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    eot = _eot_id(tokenizer) if doc_end is _EOT_IF_ANY else doc_end
+    eot = eot_id(tokenizer) if doc_end is _EOT_IF_ANY else doc_end
     start_ids = list(doc_start)
     # Ordinary encoding: a literal "<|endoftext|>" inside a file is text, not a separator.
     encode_batch = getattr(tokenizer, "encode_ordinary_batch", None) or tokenizer.encode_batch

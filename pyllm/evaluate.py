@@ -59,7 +59,7 @@ def _ending_text(ending: str) -> str:
 
 def _start_token(tokenizer) -> list[int]:
     """<|endoftext|>, which the model saw before every document, where the tokenizer has it."""
-    eot = getattr(tokenizer, "special_tokens", {}).get("<|endoftext|>")
+    eot = data.eot_id(tokenizer)
     return [] if eot is None else [eot]
 
 

@@ -142,12 +142,13 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     if attention_mask is not None and attention_mask.dim() != 2:
         raise ValueError(f"pyllm attention takes a 2D padding mask (B, S) or a 4D mask (B, 1 or H, T, S), got shape "
                          f"{tuple(attention_mask.shape)}")
-    if dropout:  # training with attention dropout (GPT-2's attn_pdrop): no kernel has it; SDPA's
-        return _with_dropout(q, k, v, attention_mask, kwargs, call, float(dropout)), None
+    # Training with attention dropout (GPT-2's attn_pdrop): no kernel has it, so every call below takes
+    # its SDPA form, with SDPA's dropout: the unpatched model's computation.
+    kernels, dropout = not dropout, float(dropout)
 
     if attention_mask is not None:  # padding: only real tokens attend and are attended to
         k, v = k[:, :attention_mask.shape[1]], v[:, :attention_mask.shape[1]]  # a static cache's unwritten tail goes
-        if _decoding(q, k, v, causal, call["softcap"]):
+        if kernels and _decoding(q, k, v, causal, call["softcap"]):
             starts = _suffix_starts(attention_mask, attention_mask.bool())
             if starts is not None and not any(starts):
                 return _decode(q, k, v, **call), None  # no padding, only a static cache's unwritten keys (gone)
@@ -157,11 +158,11 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
                 return torch.cat([_decode(q[b:b + 1], k[b:b + 1, start:], v[b:b + 1, start:], **call)
                                   for b, start in enumerate(starts)]), None
         position_ids = kwargs.get("position_ids") if T == k.shape[1] else None
-        if not _kernel_takes(q, k, v, call["softcap"], decode=_step_shaped(q, k, causal)):
+        if not (kernels and _kernel_takes(q, k, v, call["softcap"], decode=_step_shaped(q, k, causal))):
             real_k = attention_mask.bool()
             # documents too: under torch.compile a mask without padding comes here with packed rows
             return _reference_rows(q, k, v, real_k[:, -T:], real_k, **call,
-                                   documents=_documents(position_ids, B, T, real_k)), None
+                                   documents=_documents(position_ids, B, T, real_k), dropout=dropout), None
         return _attend(q, k, v, attention_mask, position_ids, **call), None
 
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
@@ -170,21 +171,22 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
         max_q, max_k = (B * T if max_q is None else int(max_q)), (B * k.shape[1] if max_k is None else int(max_k))
         q, k, v = q.reshape(B * T, H, D), k.reshape(-1, *k.shape[2:]), v.reshape(-1, *v.shape[2:])
         cu_q, cu_k = cu_q.int(), cu_k.int()
-        if _kernel_takes(q, k, v, call["softcap"]):
+        if kernels and _kernel_takes(q, k, v, call["softcap"]):
             out = flash_attn_ops.flash_attn(q, k, v, causal=causal, window=window, softmax_scale=scaling,
                                             cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q,
                                             max_seqlen_k=max_k, softcap=call["softcap"], sinks=call["sinks"])
         else:
-            out = _reference_packed(q, k, v, cu_q, cu_k, **call)
+            out = _reference_packed(q, k, v, cu_q, cu_k, **call, dropout=dropout)
         return out.view(B, T, *out.shape[1:]), None
 
     position_ids = kwargs.get("position_ids") if T == k.shape[1] else None  # packing is read off these
-    if _decoding(q, k, v, causal, call["softcap"]):
+    if kernels and _decoding(q, k, v, causal, call["softcap"]):
         return _decode(q, k, v, **call), None
-    if _kernel_takes(q, k, v, call["softcap"], decode=_step_shaped(q, k, causal)):
+    if kernels and _kernel_takes(q, k, v, call["softcap"], decode=_step_shaped(q, k, causal)):
         return _attend(q, k, v, None, position_ids, **call), None
     every = torch.ones(B, k.shape[1], dtype=torch.bool, device=q.device)
-    return _reference_rows(q, k, v, every[:, -T:], every, **call, documents=_documents(position_ids, B, T)), None
+    return _reference_rows(q, k, v, every[:, -T:], every, **call, documents=_documents(position_ids, B, T),
+                           dropout=dropout), None
 
 
 def _with_4d_mask(q, k, v, mask, call, dropout: float) -> torch.Tensor:
@@ -199,25 +201,6 @@ def _with_4d_mask(q, k, v, mask, call, dropout: float) -> torch.Tensor:
     out = F.scaled_dot_product_attention(q_, k_, v_, attn_mask=mask.to(q.dtype) if mask.is_floating_point() else mask,
                                          dropout_p=dropout, scale=call["scale"], enable_gqa=q_.shape[1] != k_.shape[1])
     return out.transpose(1, 2)  # (B, T, H, D)
-
-
-def _with_dropout(q, k, v, attention_mask, kwargs, call, dropout: float) -> torch.Tensor:
-    """The kernels' function, dropout on its probabilities, through SDPA: what the model computed
-    unpatched (its eager or SDPA attention), to within the random draws."""
-    B, T = q.shape[:2]
-    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
-    if attention_mask is None and cu_q is not None:
-        out = _reference_packed(q.reshape(B * T, *q.shape[2:]), k.reshape(-1, *k.shape[2:]), v.reshape(-1, *v.shape[2:]),
-                                cu_q.int(), cu_k.int(), **call, dropout=dropout)
-        return out.view(B, T, *out.shape[1:])
-    if attention_mask is not None:
-        k, v = k[:, :attention_mask.shape[1]], v[:, :attention_mask.shape[1]]
-        real_k = attention_mask.bool()
-    else:
-        real_k = torch.ones(B, k.shape[1], dtype=torch.bool, device=q.device)
-    position_ids = kwargs.get("position_ids") if T == k.shape[1] else None
-    return _reference_rows(q, k, v, real_k[:, -T:], real_k, **call, documents=_documents(position_ids, B, T, real_k),
-                           dropout=dropout)
 
 
 def _kernel_takes(q, k, v, softcap: float, decode: bool = False) -> bool:

@@ -1080,8 +1080,8 @@ class LLM(nn.Module):
                 graph = _DecodeGraph(self, cache, idx.shape[0])  # captured before the prompt fills the cache
         for _ in range(max_new_tokens):
             with self._in_eval():
-                logits, cache_len, pending = self._next_logits(idx, pending, cache, cache_len, graph, use_cache, switch)
-            next_token = sample(logits, temperature, top_k, top_p, generator)  # (B,)
+                logits, cache_len = self._next_logits(idx, pending, cache, cache_len, graph, use_cache, switch)
+            next_token = _sample(logits, temperature, top_k, top_p, generator)  # (B,)
             if len(stop):
                 next_token = torch.where(done, ended, next_token)  # a stopped row repeats its stop token
                 ended = torch.where(done, ended, next_token)
@@ -1093,11 +1093,10 @@ class LLM(nn.Module):
                 return
 
     def _next_logits(self, idx, pending, cache, cache_len: int, graph, use_cache: bool, switch):
-        """One step of _generate_stream: (logits (B, V) after idx, the cache's new length, the tokens
-        it read)."""
+        """One step of _generate_stream: (logits (B, V) after idx, the cache's new length)."""
         block = self.config.block_size
         if not use_cache:
-            return self(idx[:, -block:])[0][:, -1], cache_len, pending
+            return self(idx[:, -block:])[0][:, -1], cache_len
         if cache_len + pending.shape[1] > block:  # window full: restart from the recent half
             pending, cache_len = idx[:, -max(1, block // 2):], 0
         elif cache_len and cache_len <= switch < cache_len + pending.shape[1]:
@@ -1106,7 +1105,7 @@ class LLM(nn.Module):
             logits = graph(pending, cache_len)
         else:
             logits = self.forward_cached(pending, cache, cache_len)
-        return logits, cache_len + pending.shape[1], pending
+        return logits, cache_len + pending.shape[1]
 
     @torch.no_grad()
     def generate_speculative(self, idx: torch.Tensor, draft: "LLM", max_new_tokens: int, temperature: float = 1.0,
@@ -1162,7 +1161,7 @@ class LLM(nn.Module):
                     if temperature == 0:
                         token = logits.argmax(-1)
                     else:
-                        q.append(sampling_probs(logits, temperature, top_k, top_p)[0])
+                        q.append(_sampling_probs(logits, temperature, top_k, top_p)[0])
                         token = torch.multinomial(q[-1], 1, generator=generator)
                     proposed.append(token.view(1))
                     draft_pending = token.view(1, 1)
@@ -1178,7 +1177,7 @@ class LLM(nn.Module):
                         kept += 1
                     extra = best[kept].view(1)
                 else:
-                    p = sampling_probs(logits, temperature, top_k, top_p)  # (k + 1, V)
+                    p = _sampling_probs(logits, temperature, top_k, top_p)  # (k + 1, V)
                     extra = None
                     for i in range(k):
                         t = int(drafted[i])
@@ -1282,7 +1281,7 @@ class LLM(nn.Module):
             done = torch.zeros(len(rows), dtype=torch.bool, device=device)
             out = []
             for step in range(max_new_tokens):
-                token = sample(logits, temperature, top_k, top_p, generator)  # (B,)
+                token = _sample(logits, temperature, top_k, top_p, generator)  # (B,)
                 out.append(token)
                 if len(stop):
                     done |= torch.isin(token, stop)
@@ -1292,12 +1291,8 @@ class LLM(nn.Module):
                     logits = graph(token[:, None], lengths) if graph is not None else self.decode_step(token[:, None], cache,
                                                                                                        lengths)
                     lengths += 1
-        new = torch.stack(out, dim=1).tolist()  # (B, n)
         stops = set(stop.tolist())
-        for row in new:
-            cut = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
-            del row[cut:]
-        return new
+        return [until_stop(row, stops) for row in torch.stack(out, dim=1).tolist()]  # (B, n) rows
 
 
 def _longrope_switch(cfg: ModelConfig) -> float:
@@ -2057,6 +2052,11 @@ def check_sampling(temperature, top_k, top_p) -> None:
         raise ValueError(f"sampling: top_p must be None or a number in [0, 1], got {top_p!r}")
 
 
+def until_stop(tokens: list[int], stops: set[int]) -> list[int]:
+    """tokens cut after the first of stops (which is kept), or all of them."""
+    return tokens[:next((i + 1 for i, t in enumerate(tokens) if t in stops), len(tokens))]
+
+
 def stop_ids(stop_tokens) -> set[int]:
     """stop_tokens as a set of ids: an int (transformers' eos_token_id form) or an iterable of them."""
     if isinstance(stop_tokens, torch.Tensor):
@@ -2070,9 +2070,14 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = N
     restricted to the top_k tokens and then to the smallest set whose probability reaches top_p
     (sampling_probs)."""
     check_sampling(temperature, top_k, top_p)
+    return _sample(logits, temperature, top_k, top_p, generator)
+
+
+def _sample(logits, temperature, top_k, top_p, generator) -> torch.Tensor:
+    """sample() for settings checked already (generation checks them once, not per token)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    return torch.multinomial(sampling_probs(logits, temperature, top_k, top_p), 1, generator=generator)[:, 0]
+    return torch.multinomial(_sampling_probs(logits, temperature, top_k, top_p), 1, generator=generator)[:, 0]
 
 
 def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int | None = None,
@@ -2081,6 +2086,10 @@ def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int | None =
     check_sampling(temperature, top_k, top_p)
     if temperature == 0:
         raise ValueError("sampling_probs: temperature 0 is greedy, no distribution: take the argmax")
+    return _sampling_probs(logits, temperature, top_k, top_p)
+
+
+def _sampling_probs(logits, temperature, top_k, top_p) -> torch.Tensor:
     shape = logits.shape
     logits = logits.float().reshape(-1, shape[-1]) / temperature
     if top_k and top_k < logits.shape[-1]:

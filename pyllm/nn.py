@@ -823,10 +823,8 @@ class CrossEntropyLoss(nn.Module):
         self.ignore_index, self.reduction, self.label_smoothing = ignore_index, reduction, label_smoothing
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        from pyllm.ops.cross_entropy import cross_entropy
-
-        return cross_entropy(logits, targets, ignore_index=self.ignore_index, reduction=self.reduction,
-                             label_smoothing=self.label_smoothing, weight=self.weight)
+        return cross_entropy_ops.cross_entropy(logits, targets, ignore_index=self.ignore_index, reduction=self.reduction,
+                                               label_smoothing=self.label_smoothing, weight=self.weight)
 
 
 class LinearCrossEntropyLoss(nn.Module):
@@ -1390,7 +1388,8 @@ class RMSNorm(nn.Module):
     bf16 squares lose too many bits when summed over a 4k-wide row. torch.nn.RMSNorm's arguments
     (dim: an int or the trailing dims normalised together, elementwise_affine), with LLaMA's
     roundings and eps default (1e-5; None: torch's, fp32's epsilon). A weight of another dtype than
-    x (fp32 under autocast) is cast to x's first."""
+    x is cast to x's first; an fp32 weight on bf16 / fp16 x (under autocast) is rounded for the
+    product too, its gradient written in fp32 (rms_norm's)."""
 
     def __init__(self, dim, eps: float | None = 1e-5, elementwise_affine: bool = True, device=None, dtype=None):
         super().__init__()

@@ -54,6 +54,21 @@ def _check_hyper(where: str, lr, betas, eps, weight_decay) -> None:
             raise ValueError(f"{where}: betas[{i}] must be a number in [0, 1), got {b!r}")
 
 
+def _check_param(p: Tensor, stepped: bool) -> None:
+    """A param the fused step takes: on cpu or cuda (with its kernels built), float32 / bfloat16 /
+    float16, and, where it is stepped, contiguous (the kernels walk param, grad and state as flat
+    arrays). At construction and again at each step (a param may change in between)."""
+    if p.device.type not in _ops.DTYPES:
+        raise ValueError(f"AdamW: params must be on cpu or cuda (the fused step's kernels), got one on {p.device}")
+    _util.check_backend("AdamW", p.device)
+    if p.dtype not in _ops.DTYPES[p.device.type]:
+        raise TypeError(f"AdamW: params must be float32, bfloat16 or float16, got a {p.dtype} param")
+    if stepped and not p.is_contiguous():
+        raise ValueError(f"AdamW: params must be contiguous, got one of shape {tuple(p.shape)} with strides "
+                         f"{p.stride()} (channels_last or a transposed view: give the optimizer contiguous params, "
+                         "or use torch.optim.AdamW for these)")
+
+
 def _loaded_step(value, where: str) -> Tensor:
     """A saved step (an int, a float, a tensor) as a float32 scalar tensor, checked: one number >= 0,
     finite (the bias corrections of a negative step are NaN)."""
@@ -187,16 +202,7 @@ class AdamW(torch.optim.Optimizer):
             raise ValueError(f"AdamW: every param of a group must be on one device, got params on "
                              f"{', '.join(sorted(map(str, devices)))}")
         for p in group["params"]:
-            if p.device.type not in _ops.DTYPES:
-                raise ValueError(f"AdamW: params must be on cpu or cuda (the fused step's kernels), got one on "
-                                 f"{p.device}")
-            _util.check_backend("AdamW", p.device)
-            if p.dtype not in _ops.DTYPES[p.device.type]:
-                raise TypeError(f"AdamW: params must be float32, bfloat16 or float16, got a {p.dtype} param")
-            if p.requires_grad and not p.is_contiguous():  # the kernels walk param, grad and state as flat arrays
-                raise ValueError(f"AdamW: params must be contiguous, got one of shape {tuple(p.shape)} with strides "
-                                 f"{p.stride()} (channels_last or a transposed view: give the optimizer "
-                                 "contiguous params, or use torch.optim.AdamW for these)")
+            _check_param(p, stepped=p.requires_grad)
 
     # --- state -------------------------------------------------------------------------------
 
@@ -281,15 +287,10 @@ class AdamW(torch.optim.Optimizer):
                 if p.device != device:
                     raise ValueError(f"AdamW: every param of a group must be on one device, group {gi} has "
                                      f"params on {device} and on {p.device}")
-                _util.check_backend("AdamW", p.device)
-                if p.dtype not in _ops.DTYPES.get(p.device.type, ()):
-                    raise TypeError(f"AdamW: params must be float32, bfloat16 or float16, got {p.dtype}")
+                _check_param(p, stepped=True)
                 if p.grad.dtype != p.dtype or p.grad.shape != p.shape:
                     raise TypeError(f"AdamW: a grad must match its param, got grad {p.grad.dtype} "
                                     f"{tuple(p.grad.shape)} for param {p.dtype} {tuple(p.shape)}")
-                if not p.is_contiguous():
-                    raise ValueError(f"AdamW: params must be contiguous, got one of shape {tuple(p.shape)} "
-                                     f"with strides {p.stride()}")
                 if group["stochastic_rounding"] and p.dtype == torch.float16:
                     raise ValueError("AdamW: stochastic_rounding is for bfloat16 params; group "
                                      f"{gi} has a float16 param (use round-to-nearest for float16)")

@@ -1546,6 +1546,12 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
     bar = make_progress(cfg, start_step, info)
     bad_in_a_row, val_loss, tok_s = 0, None, 0.0
 
+    def write_weights() -> None:
+        """model.safetensors, LoRA merged in (every rank calls: FSDP gathers; rank 0 writes)."""
+        model_state = full_model_state(model, cfg, info)
+        if info.is_main:
+            save_weights(model_state, mcfg, out / "model.safetensors", model.lora_scale())
+
     def checkpoint(step_done: int):
         model_state = full_model_state(model, cfg, info)
         optim_state = full_optimizer_state(model, optimizer, cfg, info)
@@ -1725,10 +1731,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
                 say(info, bar, f"step {step + 1}: val loss {val_loss:.4f}")
             if cfg.keep_best and math.isfinite(val_loss) and (best_val is None or val_loss < best_val):
                 best_val = val_loss
-                model_state = full_model_state(model, cfg, info)  # (every rank: FSDP gathers)
-                if info.is_main:
-                    save_weights(model_state, mcfg, out / "model.safetensors", model.lora_scale())
-                    say(info, bar, f"step {step + 1}: the lowest val loss so far: its weights are model.safetensors")
+                write_weights()
+                say(info, bar, f"step {step + 1}: the lowest val loss so far: its weights are model.safetensors")
             if reward is not None:  # GRPO: the policy's samples of the val prompts, rewarded
                 record.update(evaluate_rewards(model, data / "val.bin", cfg, seq_len, reward, val_rows, info, step))
                 if record["val_reward"] is not None:
@@ -1750,11 +1754,9 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
             checkpoint(step + 1)
     bar.close()
     if stop_at is None:
-        final = not (cfg.keep_best and best_val is not None)  # (keep_best: written at its evaluation)
-        model_state = full_model_state(model, cfg, info) if final else None
+        if not (cfg.keep_best and best_val is not None):  # (keep_best: written at its evaluation)
+            write_weights()
         if info.is_main:
-            if final:
-                save_weights(model_state, mcfg, out / "model.safetensors", model.lora_scale())  # LoRA merged in
             plot_losses(out / "log.jsonl", out / "loss.png")
     if info.world_size > 1:
         dist.barrier()  # rank 0's files are complete when any rank returns

@@ -601,7 +601,8 @@ def test_generate_streams_text_as_tokens_come(monkeypatch, capsys):
     monkeypatch.setattr(sys.stdout, "write", recording_write)
     # Tokens: the bytes of "é" (2 tokens), then "x".
     forced = iter([0xC3, 0xA9, ord("x")] + [ord("y")] * 20)
-    monkeypatch.setattr("pyllm.model.sample", lambda logits, *a, **k: torch.tensor([next(forced)]))
+    # (generation samples through _sample: its settings checked once, not per token)
+    monkeypatch.setattr("pyllm.model._sample", lambda logits, *a, **k: torch.tensor([next(forced)]))
     text = cli.stream_sample(model, StandInTokenizer(), "ab", 5, 0.8, None, None, seed=0)
     assert text == "abéxyy"
     assert writes == ["ab", "é", "x", "y", "y"]

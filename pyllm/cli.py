@@ -170,21 +170,28 @@ def ensure_tokenizer(inputs, path: Path, vocab_size: int, max_bytes: int):
     from pyllm import data
 
     meta_path = path.with_name(path.name + ".json")
+    files = data.stdlib_corpus() if inputs is None else data.collect_files(inputs)
     meta = {"inputs": [str(Path(p).resolve()) for p in inputs] if inputs else "stdlib", "vocab_size": vocab_size,
-            "train_bytes": max_bytes}
+            "train_bytes": max_bytes, **({"files": files_stamp(files)} if inputs else {})}
     Tokenizer = tokenizer_class()
     if path.exists() and meta_path.exists() and json.loads(meta_path.read_text()) == meta:
         print(f"tokenizer: reusing {path}")
         return Tokenizer.load(str(path))
-    files = data.stdlib_corpus() if inputs is None else data.collect_files(inputs)
     sample = training_sample(files, max_bytes)
     print(f"tokenizer: training a {vocab_size}-token BPE on {len(sample)} of {len(files)} files", flush=True)
     t0 = time.perf_counter()
-    tok = Tokenizer.train(sample, vocab_size, special_tokens=(data.EOT,))  # file paths: read in C++
+    # File paths are read in C++; JSON Lines files of {"text": ...} rows are their texts
+    texts = data.read_documents(sample) if any(map(data.is_text_rows, sample)) else sample
+    tok = Tokenizer.train(texts, vocab_size, special_tokens=(data.EOT,))
     tok.save(str(path))
     meta_path.write_text(json.dumps(meta))
     print(f"tokenizer: trained in {time.perf_counter() - t0:.1f} s, saved to {path}")
     return tok
+
+
+def files_stamp(files) -> list:
+    """What tells a reuse that its inputs changed: each file's path, size and modification time."""
+    return [[str(Path(f).resolve()), (st := Path(f).stat()).st_size, st.st_mtime_ns] for f in files]
 
 
 def ensure_hf_tokenizer(folder: Path, path: Path):
@@ -230,7 +237,8 @@ def ensure_token_files(inputs, tokenizer, tokenizer_path: Path, out_dir: Path, v
     meta = {"inputs": [str(Path(p).resolve()) for p in inputs] if inputs else "stdlib",
             "tokenizer": str(tokenizer_path.resolve()), "tokenizer_mtime": tokenizer_path.stat().st_mtime,
             "val_fraction": val_fraction, **({"doc_markers": doc_markers} if doc_markers else {}),
-            "header": 3}  # files from before the header recorded the end-of-document id (2), or before the rows (3), are made again
+            "header": 3,  # files from before the header recorded the end-of-document id (2), or before the rows (3), are made again
+            **({"files": files_stamp(data.collect_files(inputs))} if inputs else {})}
     preferences = data.is_preference_data(inputs)
     kto = data.is_kto_data(inputs)
     examples = chat_folder is not None or preferences or kto or data.is_chat_data(inputs)  # text pairs need no template
@@ -280,7 +288,26 @@ def _examples_line(kind: str, stats: dict) -> str:
 
 
 def is_token_dir(path) -> bool:
-    return path is not None and Path(path).is_dir() and (Path(path) / "train.bin").is_file() and (Path(path) / "val.bin").is_file()
+    """Whether path is a folder of token files: train.bin and val.bin (pyllm's or nanoGPT's), or llm.c's shards."""
+    from pyllm import data
+
+    return path is not None and Path(path).is_dir() and all(data.split_files(path, split) for split in ("train", "val"))
+
+
+def check_token_dirs(data_list) -> None:
+    """ValueError for a token folder given beside other data, or one with a split missing: either
+    would otherwise be read as a folder of text."""
+    from pyllm import data
+
+    for item in data_list:
+        splits = {split: data.split_files(item, split) for split in ("train", "val")} if Path(item).is_dir() else {}
+        if any(splits.values()) and not all(splits.values()):
+            have, lack = ("train", "val") if splits["train"] else ("val", "train")
+            raise ValueError(f"--data {item} holds {have} token files ({splits[have][0].name}) but no {lack} split "
+                             f"({lack}.bin, or llm.c's *_{lack}*.bin): give it one (nanoGPT's prepare.py writes both)")
+        if all(splits.values()) and len(data_list) > 1:
+            raise ValueError(f"--data {item} is a folder of token files: give it alone (token folders are not mixed "
+                             "with other data; `pyllm prepare --input ...` tokenizes several sources into one)")
 
 
 # --- train ---------------------------------------------------------------------------------------------
@@ -304,13 +331,30 @@ def setup_run_data(cfg, cli: dict) -> None:
     source_run = source_run_info(cfg.init_from_run) if cfg.init_from_run else {}
     # A run fine-tuned from a Hugging Face model passes it on: its chat template, markers, config.
     hf_source = cfg.init_from_hf or source_run.get("init_from_hf", "")
+    if data_list is not None:
+        check_token_dirs(data_list)
     if data_list is not None and len(data_list) == 1 and is_token_dir(data_list[0]):
-        data_dir = str(data_list[0])
+        data_dir = str(Path(data_list[0]).resolve())  # a resume from another folder reads the same files
         if tokenizer_path is None and (Path(data_dir) / "tokenizer.bpe").is_file():  # `pyllm prepare`'s copy
             tokenizer_path = Path(data_dir) / "tokenizer.bpe"
         from pyllm import data
 
-        if (nanogpt := data.nanogpt_vocab(Path(data_dir) / "train.bin")) is not None:
+        header = data.read_header(Path(data_dir) / "train.bin")
+        given = tokenizer_path or source_run.get("tokenizer")
+        if given:
+            if (vocab := load_tokenizer(given).vocab_size) != header["vocab_size"]:
+                raise ValueError(f"--data {data_list[0]} was tokenized with a {header['vocab_size']:,}-id tokenizer, and "
+                                 f"the tokenizer given ({given}) has {vocab:,} ids: its samples and prompts would be "
+                                 "another vocabulary's (prepare the data with this tokenizer)")
+        if (llmc := data.llmc_format(data.split_files(data_dir, "train")[0])) is not None:
+            shards = len(data.split_files(data_dir, "train")), len(data.split_files(data_dir, "val"))
+            print(f"data: {data_dir} holds llm.c's token files ({shards[0]} train and {shards[1]} val shards, "
+                  f"{header['count']:,} train tokens): vocab {llmc[1]:,} "
+                  + ("(GPT-2 BPE; give --tokenizer, a pyllm tokenizer of GPT-2's ids made by "
+                     "Tokenizer.from_tiktoken(tiktoken.get_encoding('gpt2')).save(path), to decode its samples)"
+                     if llmc[1] == data.GPT2_VOCAB else "(Llama 3's; give --tokenizer, its tokenizer.json converted "
+                     "with Tokenizer.from_hf(path).save(path), to decode its samples)"))
+        elif (nanogpt := data.nanogpt_vocab(Path(data_dir) / "train.bin")) is not None:
             char = (Path(data_dir) / "meta.pkl").is_file()
             if char and tokenizer_path is None:  # its characters: prompts encoded and samples decoded by them,
                 # a copy in the run (the data folder's may be made again or moved)
@@ -355,7 +399,7 @@ def setup_run_data(cfg, cli: dict) -> None:
             tokenizer_path = out / "tokenizer.bpe"
             tokenizer = ensure_tokenizer(data_list, tokenizer_path, wanted, cli["tokenizer_train_bytes"])
         data_dir = str(ensure_token_files(data_list, tokenizer, Path(tokenizer_path), out / "data", cli["val_fraction"],
-                                          doc_markers, chat_folder))
+                                          doc_markers, chat_folder).resolve())
         vocab_size = tokenizer.vocab_size
     (out / "run.json").write_text(json.dumps({
         "tokenizer": str(Path(tokenizer_path).resolve()) if tokenizer_path else None,

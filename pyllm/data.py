@@ -63,31 +63,106 @@ def _looks_binary(path: Path) -> bool:
         return b"\x00" in f.read(1024)
 
 
+# What pyllm writes beside token files and tokenizers (`pyllm prepare --out` may be the text's own
+# folder, as nanoGPT's layout has it): never read back as text.
+_OWN_FILES = {"tokenizer.bpe", "tokenizer.bpe.json", "source.json", "run.json", "log.jsonl"}
+
+
+def _own_file(path: Path) -> bool:
+    return path.name in _OWN_FILES or path.name.endswith((".rows.jsonl", ".bin.tmp"))
+
+
+def _folder_files(folder: Path) -> list[Path]:
+    """A folder's files, recursively and sorted, symlinked folders followed (once each), hidden
+    ones left out."""
+    found, seen = [], set()
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:  # a link back up the tree
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [Path(root) / n for n in names if not n.startswith(".")]
+    return sorted(p for p in found if p.is_file())
+
+
 def collect_files(inputs: Sequence[str | os.PathLike]) -> list[Path]:
-    """Files named in inputs; a folder stands for its files (recursively, sorted, hidden ones and
-    binary-looking ones skipped)."""
+    """Files named in inputs; a folder stands for its files (recursively, sorted; hidden ones,
+    binary-looking ones and pyllm's own side files skipped); a pattern (*, ?, [...]) for the files
+    it matches. A file named twice (a folder and a file in it) is taken once."""
+    import glob
+
     files: list[Path] = []
     for item in inputs:
         path = Path(item)
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
-            files += [p for p in found if not _looks_binary(p)]
+        if not path.exists() and glob.has_magic(str(item)):  # quoted, so the shell left it
+            matched = sorted(Path(m) for m in glob.glob(str(item), recursive=True))
+            if not matched:
+                raise FileNotFoundError(f"input pattern {str(item)!r} matches no file")
+            files += [p for p in matched if p.is_file() and not _looks_binary(p) and not _own_file(p)]
+        elif path.is_dir():
+            files += [p for p in _folder_files(path) if not _looks_binary(p) and not _own_file(p)]
         elif path.is_file():
             if _looks_binary(path):  # as a folder's binary files are skipped, but named: said
                 raise ValueError(f"{str(path)!r} looks binary (a NUL byte in its first KB), not text"
-                                 + (": nanoGPT's token files are read from their folder (--data "
-                                    f"{str(path.parent)!r})" if path.suffix == ".bin" else ""))
+                                 + _token_file_hint(path))
             files.append(path)
         else:
             raise FileNotFoundError(f"input {str(path)!r} does not exist (give text files or folders of them)")
-    if not files:
+    unique = list({p.resolve(): p for p in reversed(files)}.values())[::-1]  # the first naming of each
+    if not unique:
         raise FileNotFoundError(f"no text files found in {', '.join(map(str, inputs))}")
-    return files
+    return unique
+
+
+def _token_file_hint(path: Path) -> str:
+    """What to do with a token file named where text was expected."""
+    if llmc_format(path) is not None:
+        return (f": llm.c's token files are read from their folder (--data {str(path.parent)!r}, which holds "
+                "*_train*.bin and *_val*.bin)")
+    if path.suffix == ".bin":
+        return f": token files are read from their folder (--data {str(path.parent)!r}, with train.bin and val.bin)"
+    return ""
+
+
+def is_text_rows(path) -> bool:
+    """Whether path is a JSON Lines file of documents, {"text": ...} per line (a Hugging Face
+    dataset's export): each line's text is a document."""
+    return "text" in _first_row_keys(path)
+
+
+def read_documents(files: Iterable[Path]) -> Iterable[str]:
+    """The documents of files: each file's text, or each line's "text" of a JSON Lines file of
+    {"text": ...} rows. Text is read as it is on disk (CRLF kept, as the tokenizer's trainer reads
+    files in C++); bytes that are not UTF-8 become U+FFFD, with a warning naming the file."""
+    for f in files:
+        if is_text_rows(f):
+            for number, row, _ in _jsonl_rows(f):
+                text = row.get("text")
+                if not isinstance(text, str):
+                    raise ValueError(f"{f}:{number}: expected a \"text\" string in every line, as the first line has, "
+                                     f"got {type(text).__name__}")
+                yield text
+            continue
+        raw = f.read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            import warnings
+
+            text = raw.decode("utf-8", errors="replace")
+            warnings.warn(f"{f} is not UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r}): "
+                          f"{text.count(chr(0xFFFD)) - raw.decode('utf-8', 'ignore').count(chr(0xFFFD))} bytes "
+                          "read as U+FFFD; convert it first (iconv -f cp1252 -t utf-8 ...)", stacklevel=2)
+        yield text
 
 
 def read_texts(files: Iterable[Path]) -> Iterable[str]:
+    """Each file's text, whole (read_documents splits JSON Lines files into their rows)."""
     for f in files:
-        yield f.read_text(encoding="utf-8", errors="replace")
+        with open(f, encoding="utf-8", errors="replace", newline="") as handle:
+            yield handle.read()
 
 
 # --- token files ---------------------------------------------------------------------------------
@@ -131,6 +206,8 @@ def nanogpt_vocab(path) -> int | None:
         with open(other, "rb") as f:
             if f.read(8) == MAGIC:
                 return None
+        if llmc_format(other) is not None:
+            return None
     meta = path.with_name("meta.pkl")
     return read_nanogpt_meta(meta)["vocab_size"] if meta.is_file() else GPT2_VOCAB
 
@@ -157,18 +234,67 @@ def read_nanogpt_meta(meta) -> dict:
     return info
 
 
+# llm.c's token files (its dev/data scripts): a header of 256 int32 (magic, version, token count,
+# zeros) and then the tokens: GPT-2's as uint16 (magic 20240520, version 1; each document starts
+# with <|endoftext|>, 50256) and Llama 3's as uint32 (20240801, version 7; each starts with
+# <|begin_of_text|>). Named NAME_train*.bin / NAME_val*.bin, several shards to a split for the
+# large corpora.
+LLMC_HEADER_BYTES = 1024
+_LLMC_FORMATS = {(20240520, 1): (np.dtype(np.uint16), GPT2_VOCAB, 50256), (20240801, 7): (np.dtype(np.uint32), 128256, None)}
+
+
+def llmc_format(path) -> tuple[np.dtype, int, int | None] | None:
+    """(token dtype, vocab size, end-of-document id) of one of llm.c's token files; None for any other file."""
+    with open(path, "rb") as f:
+        head = f.read(12)
+    if len(head) < 12:
+        return None
+    return _LLMC_FORMATS.get(struct.unpack("<ii", head[:8]))
+
+
+def split_files(folder, split: str) -> list[Path]:
+    """The token files of a split ("train" or "val") in a folder: SPLIT.bin (pyllm's or nanoGPT's),
+    else llm.c's shards (*_SPLIT*.bin with llm.c's header), sorted; [] when there are none."""
+    folder = Path(folder)
+    if (folder / f"{split}.bin").is_file():
+        return [folder / f"{split}.bin"]
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.glob(f"*_{split}*.bin") if p.is_file() and llmc_format(p) is not None)
+
+
 def read_header(path) -> dict:
+    """What a token file holds: {"count", "dtype", "vocab_size", "doc_end", "offset"} (+ "shards":
+    [(path, header)] where FOLDER/SPLIT.bin stands for llm.c's shards of that split)."""
     path = Path(path)
     if not path.is_file():
-        raise TokenFileError(f"token file {path} does not exist; run `pyllm prepare` first")
+        shards = split_files(path.parent, path.stem) if path.name in NANOGPT_SPLITS else []
+        if not shards:
+            raise TokenFileError(f"token file {path} does not exist; run `pyllm prepare` first")
+        headers = [(shard, read_header(shard)) for shard in shards]
+        first = headers[0][1]
+        if any((h["dtype"], h["vocab_size"]) != (first["dtype"], first["vocab_size"]) for _, h in headers):
+            raise TokenFileError(f"{path.parent}: its {path.stem} shards mix llm.c's GPT-2 and Llama 3 formats")
+        return {**first, "count": sum(h["count"] for _, h in headers), "shards": headers}
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(HEADER_BYTES)
+    if head[:8] != MAGIC and (llmc := llmc_format(path)) is not None:
+        dtype, vocab, doc_end = llmc
+        count = struct.unpack("<i", head[8:12])[0]
+        if size != LLMC_HEADER_BYTES + count * dtype.itemsize:
+            raise TokenFileError(f"{path} is truncated or corrupt: its llm.c header promises {count} tokens "
+                                 f"({LLMC_HEADER_BYTES + count * dtype.itemsize} bytes), file has {size} bytes")
+        return {"count": count, "dtype": dtype, "vocab_size": vocab, "doc_end": doc_end, "offset": LLMC_HEADER_BYTES}
     if head[:8] != MAGIC and (vocab := nanogpt_vocab(path)) is not None:
-        return {"count": size // 2, "dtype": np.dtype(np.uint16), "vocab_size": vocab, "doc_end": None, "offset": 0}
+        # GPT-2's files (no meta.pkl) end each document with <|endoftext|> (nanoGPT's openwebtext)
+        return {"count": size // 2, "dtype": np.dtype(np.uint16), "vocab_size": vocab,
+                "doc_end": 50256 if vocab == GPT2_VOCAB and not path.with_name("meta.pkl").is_file() else None,
+                "offset": 0, "bare": True}
     if len(head) < HEADER_BYTES or head[:8] != MAGIC:
         raise TokenFileError(f"{path} is not a pyllm token file (bad magic or a header shorter than {HEADER_BYTES} "
-                             "bytes), nor one of nanoGPT's (train.bin and val.bin, bare uint16, in one folder)")
+                             "bytes), nor one of nanoGPT's (train.bin and val.bin, bare uint16, in one folder) or "
+                             "llm.c's")
     magic, version, itemsize, count, vocab_size, doc_end = _HEADER.unpack(head[:_HEADER.size])
     if version != VERSION:
         raise TokenFileError(f"{path}: token file format version {version}, this pyllm reads version {VERSION}")
@@ -181,12 +307,55 @@ def read_header(path) -> dict:
             "doc_end": doc_end - 1 if doc_end else None, "offset": HEADER_BYTES}
 
 
-def open_tokens(path) -> np.memmap:
-    """The tokens of a token file as a read-only memmap (checked against its header)."""
+class ShardedTokens:
+    """Several token files read as one sequence (llm.c's shards of a split): len() and slices,
+    which is what the loaders take of a memmap. A window may run from one shard into the next, as
+    it runs from one document into the next within a shard."""
+
+    def __init__(self, parts: list[np.memmap]):
+        self.parts = parts
+        self.starts = np.cumsum([0] + [len(p) for p in parts])
+        self.dtype = parts[0].dtype
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, index: slice) -> np.ndarray:
+        start, stop, step = index.indices(len(self))
+        if step != 1:
+            raise IndexError("ShardedTokens takes contiguous slices")
+        first = int(np.searchsorted(self.starts, start, side="right")) - 1
+        pieces = []
+        while start < stop:
+            part = self.parts[first]
+            end = min(stop, int(self.starts[first + 1]))
+            pieces.append(part[start - self.starts[first]:end - self.starts[first]])
+            start, first = end, first + 1
+        return np.concatenate(pieces) if len(pieces) != 1 else np.asarray(pieces[0])
+
+
+def open_tokens(path) -> np.memmap | ShardedTokens:
+    """The tokens of a token file as a read-only memmap (checked against its header); llm.c's
+    shards of a split (read_header) as one ShardedTokens."""
     h = read_header(path)
+    if "shards" in h:
+        parts = [open_tokens(shard) for shard, _ in h["shards"]]
+        return parts[0] if len(parts) == 1 else ShardedTokens(parts)
     if h["count"] == 0:
         return np.zeros(0, dtype=h["dtype"])
     return np.memmap(path, dtype=h["dtype"].newbyteorder("<"), mode="r", offset=h["offset"], shape=(h["count"],))
+
+
+def check_ids(tokens, vocab_size: int, path, limit: int = 1 << 27) -> None:
+    """TokenFileError when a token file holds an id outside [0, vocab_size): checked whole at
+    first for files of up to `limit` tokens (bare files carry no record of what wrote them), and
+    per batch by TokenLoader (a 9B-token file is not read whole before the first step)."""
+    if 0 < len(tokens) <= limit:
+        whole = np.asarray(tokens[0:len(tokens)])
+        if whole.max() >= vocab_size:
+            at = int(np.flatnonzero(whole >= vocab_size)[0])
+            raise TokenFileError(f"{path}: token {at} is id {whole[at]}, outside its vocabulary of {vocab_size} ids "
+                                 "(meta.pkl's vocab_size, or GPT-2's 50,257 without one): not the ids of its tokenizer")
 
 
 # --- prepare ---------------------------------------------------------------------------------------
@@ -201,6 +370,8 @@ def eot_id(tokenizer) -> int | None:
 
 
 _EOT_IF_ANY = object()
+# What prepare_chat / prepare_preferences / prepare_kto write beside NAME.bin.
+CONVERSATION_FILES = (".docs.npy", ".mask.npy", ".pairs.npy", ".labels.npy", ".margins.npy", ".rows.jsonl")
 
 
 def prepare(inputs: Sequence[str | os.PathLike] | None, tokenizer, out_dir, val_fraction: float = 0.02,
@@ -211,9 +382,10 @@ def prepare(inputs: Sequence[str | os.PathLike] | None, tokenizer, out_dir, val_
     <|endoftext|> last when the tokenizer has it (a model's own markers, e.g. Llama 3's
     <|begin_of_text|> and <|end_of_text|> ids, can be given instead; doc_end=None for none).
 
-    The split is by document (every round(1/val_fraction)-th file goes to val) when there are at
-    least 1/val_fraction files, else by position (the last val_fraction of the tokens). Returns
-    {"train_tokens", "val_tokens", "files", "bytes"}.
+    The split is by document (every round(1/val_fraction)-th document goes to val) when there are at
+    least 1/val_fraction documents, else by position (the last val_fraction of the tokens). A file
+    is a document, or each line of a JSON Lines file of {"text": ...} rows is (read_documents).
+    Returns {"train_tokens", "val_tokens", "files", "documents", "bytes"}.
     """
     from tqdm import tqdm
 
@@ -226,28 +398,32 @@ def prepare(inputs: Sequence[str | os.PathLike] | None, tokenizer, out_dir, val_
     start_ids = list(doc_start)
     # Ordinary encoding: a literal "<|endoftext|>" inside a file is text, not a separator.
     encode_batch = getattr(tokenizer, "encode_ordinary_batch", None) or tokenizer.encode_batch
-    every = max(2, round(1 / val_fraction))
-    by_document = len(files) >= every
-    train_parts: list[np.ndarray] = []
-    val_parts: list[np.ndarray] = []
+    docs: list[np.ndarray] = []
     total_bytes = sum(f.stat().st_size for f in files)
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", disable=not show_progress)
     for start in range(0, len(files), batch_docs):
         chunk = files[start:start + batch_docs]
-        texts = list(read_texts(chunk))
-        for i, ids in enumerate(encode_batch(texts)):
-            doc = np.asarray([*start_ids, *ids] if eot is None else [*start_ids, *ids, eot], dtype=np.int64)
-            (val_parts if by_document and (start + i) % every == every - 1 else train_parts).append(doc)
+        texts = list(read_documents(chunk))
+        for offset in range(0, len(texts), batch_docs):
+            for ids in encode_batch(texts[offset:offset + batch_docs]):
+                docs.append(np.asarray([*start_ids, *ids] if eot is None else [*start_ids, *ids, eot], dtype=np.int64))
         bar.update(sum(f.stat().st_size for f in chunk))
     bar.close()
-    train = np.concatenate(train_parts) if train_parts else np.zeros(0, np.int64)
-    val = np.concatenate(val_parts) if val_parts else np.zeros(0, np.int64)
-    if not by_document:
+    every = max(2, round(1 / val_fraction))
+    if len(docs) >= every:
+        train = np.concatenate([d for i, d in enumerate(docs) if i % every != every - 1])
+        val = np.concatenate(docs[every - 1::every])
+    else:
+        train = np.concatenate(docs) if docs else np.zeros(0, np.int64)
         n_val = max(1, int(len(train) * val_fraction))
         train, val = train[:-n_val], train[-n_val:]
+    for split in ("train", "val"):  # a folder prepared from conversations before: their files would describe other tokens
+        for side in CONVERSATION_FILES:
+            (out_dir / f"{split}{side}").unlink(missing_ok=True)
     write_tokens(out_dir / "train.bin", train, tokenizer.vocab_size, eot)
     write_tokens(out_dir / "val.bin", val, tokenizer.vocab_size, eot)
-    return {"train_tokens": int(len(train)), "val_tokens": int(len(val)), "files": len(files), "bytes": total_bytes}
+    return {"train_tokens": int(len(train)), "val_tokens": int(len(val)), "files": len(files), "documents": len(docs),
+            "bytes": total_bytes}
 
 
 # --- loader ----------------------------------------------------------------------------------------
@@ -272,7 +448,11 @@ class TokenLoader:
         self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
         if len(self.tokens) < seq_len + 1:
             raise TokenFileError(f"{path} holds {len(self.tokens)} tokens, fewer than one window of seq_len + 1 = {seq_len + 1}")
-        self.doc_end = read_header(path)["doc_end"] if doc_mask else None
+        header = read_header(path)
+        self.vocab_size = header["vocab_size"]
+        if header.get("bare"):  # nanoGPT's: no header says what wrote them
+            check_ids(self.tokens, self.vocab_size, path)
+        self.doc_end = header["doc_end"] if doc_mask else None
         self.lengths = None
         if doc_mask and self.doc_end is None:
             raise TokenFileError(f"{path} records no end-of-document token, which doc_mask needs: prepare it again "
@@ -286,6 +466,10 @@ class TokenLoader:
         starts = self.rng.integers(0, n_windows, size=self.batch_size * self.world_size)
         starts = starts[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
         windows = np.stack([self.tokens[s:s + self.seq_len + 1] for s in starts]).astype(np.int64)
+        if windows.max() >= self.vocab_size:  # cheap beside the step; an embedding would read out of bounds
+            row, col = divmod(int(np.flatnonzero(windows >= self.vocab_size)[0]), self.seq_len + 1)
+            raise TokenFileError(f"{self.path}: token {starts[row] + col} is id {windows[row, col]}, outside the "
+                                 f"vocabulary of {self.vocab_size} ids its header (or meta.pkl) gives")
         batch = torch.from_numpy(windows)
         cu_seqlens = None
         if self.doc_end is not None:
@@ -303,9 +487,12 @@ class TokenLoader:
         return batch[:, :-1], batch[:, 1:]
 
     def state_dict(self) -> dict:
-        return {"rng": self.rng.bit_generator.state, "path": str(self.path)}
+        return {"rng": self.rng.bit_generator.state, "path": str(self.path), "tokens": len(self.tokens)}
 
     def load_state_dict(self, state: dict) -> None:
+        if state.get("tokens", len(self.tokens)) != len(self.tokens):  # (checkpoints before it was recorded: unchecked)
+            raise TokenFileError(f"{self.path} holds {len(self.tokens):,} tokens, the checkpoint's data ({state['path']}) "
+                                 f"{state['tokens']:,}: the token files changed since, or are another folder's")
         self.rng.bit_generator.state = state["rng"]
 
 

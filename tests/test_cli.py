@@ -572,6 +572,76 @@ def test_train_on_nanogpts_token_files(tmp_path, capsys):
         data.read_header(folder / "train.bin")
 
 
+def test_data_folders_as_given(corpus, tmp_path, capsys, monkeypatch):
+    # A token folder is read alone and whole; a run records it absolute (a resume from another
+    # folder reads the same files); changed text is tokenized again; another vocabulary is refused.
+    tokens = tmp_path / "tok"
+    assert cli.main(["prepare", "--input", str(corpus), "--tokenizer", str(_standin(tmp_path)), "--out", str(tokens)]) == 0
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("notes\n" * 100)
+    capsys.readouterr()
+    assert cli.main(["train", "--data", str(tokens), str(other), "--out", str(tmp_path / "r0"), *SMALL]) == 2
+    assert "is a folder of token files: give it alone" in capsys.readouterr().err
+    (other / "train.bin").write_bytes((tokens / "train.bin").read_bytes())  # a split without the other
+    assert cli.main(["train", "--data", str(other), "--out", str(tmp_path / "r0"), *SMALL]) == 2
+    assert "holds train token files (train.bin) but no val split" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    assert cli.main(["train", "--data", "tok", "--out", "run", "--max-steps", "1", *SMALL]) == 0
+    assert json.loads((run / "run.json").read_text())["data_dir"] == str(tokens)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert cli.main(["train", "--resume", str(run), "--max-steps", "2"]) == 0
+    capsys.readouterr()
+    text = tmp_path / "text"
+    text.mkdir()
+    (text / "a.py").write_text("def a():\n    return 1\n" * 1000)
+    args = ["train", "--data", str(text), "--out", str(tmp_path / "t"), "--max-steps", "1", *SMALL]
+    assert cli.main(args) == 0
+    assert cli.main(args) == 0
+    assert "data: reusing" in capsys.readouterr().out
+    (text / "a.py").write_text("def b():\n    return 2\n" * 1000)  # edited: not the same data
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "reusing" not in out and "tokenizer: training" in out
+    ids = __import__("numpy").asarray(__import__("pyllm.data").data.open_tokens(tmp_path / "t" / "data" / "train.bin"))
+    assert b"def b()" in bytes(ids[ids < 256].astype("uint8"))
+
+
+def _standin(tmp_path):
+    path = tmp_path / "standin.bpe"
+    StandInTokenizer().save(path)
+    return path
+
+
+def test_token_files_of_another_vocabulary(corpus, tmp_path, capsys):
+    tokens = tmp_path / "tok"
+    assert cli.main(["prepare", "--input", str(corpus), "--tokenizer", str(_standin(tmp_path)), "--out", str(tokens)]) == 0
+    from pyllm import data
+
+    ids = data.open_tokens(tokens / "train.bin")
+    data.write_tokens(tokens / "train.bin", ids, 300)  # as if another tokenizer of 300 ids wrote them
+    capsys.readouterr()
+    assert cli.main(["train", "--data", str(tokens), "--out", str(tmp_path / "r"), *SMALL]) == 2
+    assert ("was tokenized with a 300-id tokenizer, and the tokenizer given "
+            f"({tokens / 'tokenizer.bpe'}) has 257 ids") in capsys.readouterr().err
+
+
+def test_train_on_llmc_token_files(tmp_path, capsys):
+    # llm.c's dev/data scripts: NAME_train_*.bin shards and NAME_val_*.bin, a 1 KB int32 header each
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for name, count in (("fineweb_train_000001", 2000), ("fineweb_train_000002", 1500), ("fineweb_val_000000", 600)):
+        header = np.zeros(256, np.int32)
+        header[:3] = 20240520, 1, count
+        (tmp_path / f"{name}.bin").write_bytes(header.tobytes() + rng.integers(0, 50257, count, dtype=np.uint16).tobytes())
+    assert cli.main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--max-steps", "1", *SMALL,
+                     "--sample-tokens", "0"]) == 0
+    assert "llm.c's token files (2 train and 1 val shards, 3,500 train tokens): vocab 50,257" in capsys.readouterr().out
+
+
 def test_every_option_has_help():
     def walk(parser, path):
         for action in parser._actions:

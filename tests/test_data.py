@@ -166,3 +166,128 @@ def test_doc_mask_needs_the_document_end_in_the_header(tmp_path):
     (tmp_path / "a.txt").write_text("hello\n" * 50)
     data.prepare([tmp_path / "a.txt"], ByteTokenizer(), tmp_path / "out", show_progress=False)
     assert data.read_header(tmp_path / "out" / "train.bin")["doc_end"] == 256  # prepare records <|endoftext|>
+
+
+def write_llmc(path, tokens, magic=20240520, version=1, dtype=np.uint16):
+    """One of llm.c's token files: 256 int32 (magic, version, count, zeros), then the tokens."""
+    header = np.zeros(256, np.int32)
+    header[:3] = magic, version, len(tokens)
+    path.write_bytes(header.tobytes() + np.asarray(tokens, dtype).tobytes())
+
+
+def test_llmc_token_files_and_their_shards(tmp_path):
+    # llm.c's header is 1 KB of int32: read as nanoGPT's bare uint16 it gave 512 garbage tokens first
+    rng = np.random.default_rng(0)
+    shards = [rng.integers(0, 50257, n) for n in (700, 300, 500)]
+    for i, shard in enumerate(shards):
+        write_llmc(tmp_path / f"fineweb_train_{i + 1:06d}.bin", shard)
+    write_llmc(tmp_path / "fineweb_val_000000.bin", shards[0][:200])
+    llama = tmp_path / "llama"
+    llama.mkdir()
+    write_llmc(llama / "train.bin", [128000, 5, 128255, 7], magic=20240801, version=7, dtype=np.uint32)
+    (tmp_path / "hellaswag_val.bin").write_bytes(np.array([20240522, 1, 3], np.int32).tobytes())  # not tokens
+    assert data.split_files(tmp_path, "train") == [tmp_path / f"fineweb_train_{i:06d}.bin" for i in (1, 2, 3)]
+    assert data.split_files(tmp_path, "val") == [tmp_path / "fineweb_val_000000.bin"]
+    header = data.read_header(tmp_path / "train.bin")  # the split, standing for its shards
+    assert (header["count"], header["vocab_size"], header["doc_end"]) == (1500, 50257, 50256)
+    tokens = data.open_tokens(tmp_path / "train.bin")
+    whole = np.concatenate(shards)
+    assert len(tokens) == 1500 and np.array_equal(tokens[650:1100], whole[650:1100])  # across two shards' ends
+    assert np.array_equal(tokens[0:1500], whole)
+    assert np.array_equal(data.open_tokens(tmp_path / "fineweb_train_000002.bin"), shards[1])
+    assert np.array_equal(data.open_tokens(llama / "train.bin"), [128000, 5, 128255, 7])
+    assert data.read_header(llama / "train.bin")["vocab_size"] == 128256
+    loader = data.TokenLoader(tmp_path / "train.bin", 4, 64, seed=0)
+    for _ in range(20):
+        x, y = loader.next_batch()
+        assert torch.equal(x[:, 1:], y[:, :-1])
+    with open(tmp_path / "fineweb_train_000002.bin", "ab") as f:
+        f.write(b"\0\0")
+    with pytest.raises(data.TokenFileError, match="llm.c header promises 300 tokens"):
+        data.read_header(tmp_path / "train.bin")
+    with pytest.raises(ValueError, match="llm.c's token files are read from their folder"):
+        data.collect_files([tmp_path / "fineweb_val_000000.bin"])
+
+
+def test_ids_outside_the_vocabulary_are_refused(tmp_path):
+    # nanoGPT's bare files say nothing of what wrote them: an id past meta.pkl's vocab_size would
+    # index the embedding out of bounds, thousands of steps in
+    import pickle
+
+    (tmp_path / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": 28, "itos": {}, "stoi": {}}))
+    tokens = np.full(3000, 5, np.uint16)
+    tokens[1234] = 40
+    tokens.tofile(tmp_path / "train.bin")
+    tokens[:500].tofile(tmp_path / "val.bin")
+    with pytest.raises(data.TokenFileError, match="token 1234 is id 40, outside its vocabulary of 28"):
+        data.TokenLoader(tmp_path / "train.bin", 2, 16)
+    data.TokenLoader(tmp_path / "val.bin", 2, 16)  # its ids are fine
+    data.check_ids(tokens, 28, "x", limit=100)  # past the limit: left to the batches
+    data.write_tokens(tmp_path / "ours.bin", np.arange(300) % 50, 50)  # a header claiming fewer ids than used
+    with open(tmp_path / "ours.bin", "r+b") as f:
+        f.seek(24)
+        f.write(np.uint32(30).tobytes())
+    loader = data.TokenLoader(tmp_path / "ours.bin", 8, 16, seed=0)
+    with pytest.raises(data.TokenFileError, match=r"is id (3|4)\d, outside the vocabulary of 30 ids"):
+        for _ in range(10):
+            loader.next_batch()
+
+
+def test_the_loader_refuses_another_files_state(tmp_path):
+    data.write_tokens(tmp_path / "a.bin", np.arange(500) % 7, 7)
+    data.write_tokens(tmp_path / "b.bin", np.arange(400) % 7, 7)
+    state = data.TokenLoader(tmp_path / "a.bin", 2, 8).state_dict()
+    with pytest.raises(data.TokenFileError, match="holds 400 tokens, the checkpoint's data .* 500"):
+        data.TokenLoader(tmp_path / "b.bin", 2, 8).load_state_dict(state)
+    data.TokenLoader(tmp_path / "b.bin", 2, 8).load_state_dict({"rng": state["rng"], "path": "b"})  # older checkpoints
+
+
+def test_prepare_reads_text_rows_and_leaves_no_stale_files(tmp_path):
+    import json
+
+    rows = tmp_path / "hf.jsonl"  # a Hugging Face dataset's export: one document per line
+    texts = [f'Café {i} says "hi"\nsecond line' for i in range(25)]
+    rows.write_text("".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(texts)))
+    out = tmp_path / "out"
+    out.mkdir()
+    for split in ("train", "val"):  # left by an earlier prepare_chat into the same folder
+        (out / f"{split}.docs.npy").write_bytes(b"stale")
+        (out / f"{split}.mask.npy").write_bytes(b"stale")
+    stats = data.prepare([rows], ByteTokenizer(), out, val_fraction=0.1, show_progress=False)
+    assert stats["documents"] == 25 and stats["files"] == 1
+    tok = ByteTokenizer()
+
+    def documents(split):
+        ids = np.asarray(data.open_tokens(out / f"{split}.bin"))
+        return [tok.decode(d[:-1]) for d in np.split(ids, np.flatnonzero(ids == 256) + 1) if len(d)]
+
+    assert documents("val") == [texts[i] for i in (9, 19)]
+    assert documents("train") == [t for i, t in enumerate(texts) if i % 10 != 9]
+    assert not list(out.glob("*.npy"))
+    (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{"text": 5}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: expected a \"text\" string"):
+        data.prepare([tmp_path / "bad.jsonl"], ByteTokenizer(), out, show_progress=False)
+
+
+def test_collect_files_as_text(tmp_path):
+    folder = make_docs(tmp_path, 3)
+    (folder / "tokenizer.bpe").write_text("pyllm's own")  # `prepare --out` into the text's folder
+    (folder / "train.rows.jsonl").write_text("{}")
+    (folder / "sub").mkdir()
+    (folder / "sub" / "a.txt").write_text("a")
+    (tmp_path / "more").mkdir()
+    (tmp_path / "more" / "b.txt").write_text("b")
+    (folder / "link").symlink_to(tmp_path / "more")  # a linked folder is followed
+    (tmp_path / "more" / "up").symlink_to(folder)  # and a loop ends
+    files = data.collect_files([folder, folder / "001.txt", str(folder) + "/"])  # named again: once
+    names = [str(p.relative_to(folder)) for p in files]
+    assert names == ["000.txt", "001.txt", "002.txt", "link/b.txt", "sub/a.txt"]
+    assert [p.name for p in data.collect_files([str(folder / "00*.txt")])] == ["000.txt", "001.txt", "002.txt"]
+    with pytest.raises(FileNotFoundError, match="matches no file"):
+        data.collect_files([str(folder / "*.md")])
+    # CRLF kept as on disk (the tokenizer's trainer reads the bytes); other encodings warned of
+    (tmp_path / "crlf.txt").write_bytes(b"a\r\nb")
+    (tmp_path / "latin.txt").write_bytes("café".encode("cp1252"))
+    with pytest.warns(UserWarning, match=r"latin.txt is not UTF-8 \(byte 3: b'\\xe9'\): 1 bytes"):
+        texts = list(data.read_documents([tmp_path / "crlf.txt", tmp_path / "latin.txt"]))
+    assert texts == ["a\r\nb", "caf\ufffd"]

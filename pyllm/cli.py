@@ -428,19 +428,37 @@ def source_run_info(run_dir) -> dict:
 # What makes a run what it is: a resume keeps the checkpoint's (its weights and optimizer state are
 # of that model, data and optimizer) and refuses another value rather than ignore it.
 # (beta1, beta2, eps, weight_decay: the optimizer's state_dict brings the checkpoint's back on resume)
-_RUN_DEFINING = ("preset", "init_from_hf", "init_from_run", "init_adapter", "lora_rank", "lora_targets", "optimizer",
-                 "preference", "teacher", "grpo_reward", "data_dir", "beta1", "beta2", "eps", "weight_decay")
+# seed: the loaders' orders (a packed loader's cursor points into its epoch's permutation of the
+# seed); lora_alpha: the adapters' scale, part of the function; doc_mask: what attends to what.
+_RUN_DEFINING = ("preset", "init_from_hf", "init_from_run", "init_adapter", "lora_rank", "lora_targets", "lora_alpha",
+                 "optimizer", "preference", "teacher", "grpo_reward", "data_dir", "beta1", "beta2", "eps", "weight_decay",
+                 "seed", "doc_mask")
 
 
-def check_resume_options(saved: dict, opts: dict, model: dict, cli: dict) -> None:
-    """ValueError naming the options a resume cannot change (the model, its data, its optimizer)."""
+def same_data(run_dir, data_arg) -> bool:
+    """Whether --data names what the run was made from: its token folder, or the inputs its token
+    files were made of (the run's own config file given again on resume)."""
+    items = [str(Path(p).resolve()) for p in (data_arg if isinstance(data_arg, list) else [data_arg])]
+    run_json = Path(run_dir) / "run.json"
+    data_dir = json.loads(run_json.read_text()).get("data_dir") if run_json.is_file() else None
+    if not data_dir:
+        return False
+    source = Path(run_dir) / data_dir / "source.json"  # (relative in runs of earlier versions)
+    return items == [str((Path(run_dir) / data_dir).resolve())] or (
+        source.is_file() and json.loads(source.read_text()).get("inputs") == items)
+
+
+def check_resume_options(saved: dict, opts: dict, model: dict, cli: dict, run_dir=None, config_keys=()) -> None:
+    """ValueError naming the options a resume cannot change (the model, its data, its optimizer);
+    the values the run was made with are taken (its config file given again)."""
     changed = [k for k in _RUN_DEFINING if k in opts and opts[k] != saved.get(k)]
     changed += [k for k in ("data", "tokenizer", "vocab_size", "tokenizer_train_bytes", "val_fraction")
-                if cli[k] != _CLI_KEYS[k]]
-    if model:
+                if cli[k] != _CLI_KEYS[k] and not (k == "data" and run_dir is not None and same_data(run_dir, cli[k]))]
+    if any(saved.get("model", {}).get(k, object()) != v for k, v in model.items()):
         changed.append("model")
     if changed:
-        flags = ", ".join("--" + k.replace("_", "-") for k in changed)
+        flags = ", ".join("--" + k.replace("_", "-") + (" (its config file's)" if k in config_keys else "")
+                          for k in changed)
         raise ValueError(f"--resume continues the run as it was made (its model, data and optimizer); leave out {flags} "
                          "(or start a new run, e.g. with --init-from-run)")
 
@@ -476,12 +494,17 @@ def cmd_train(args) -> int:
     if resume:
         checkpoint = load_checkpoint(resume)
         saved = checkpoint["train_config"]
-        check_resume_options(saved, opts, model, cli)
+        from_config = set(load_config_file(args.config)) if args.config else set()
+        check_resume_options(saved, opts, model, cli, resume, from_config - set(explicit))
         cfg = TrainConfig.from_dict({**saved, **opts, "out_dir": opts.get("out_dir", str(resume))})
         if cfg.out_dir != str(resume):
             raise ValueError("--resume continues in its own folder; leave out --out")
         cfg.validate()  # what this call changes (--max-steps, --lr, ...)
-        if cfg.max_steps <= checkpoint["step"]:
+        finished = cfg.max_steps == checkpoint["step"] and not (Path(resume) / "model.safetensors").is_file()
+        if finished:  # killed between its last checkpoint and the weights: train() writes them, no step taken
+            print(f"{resume} is at step {checkpoint['step']}, its max_steps, without model.safetensors: writing it "
+                  "from the checkpoint", file=sys.stderr)
+        elif cfg.max_steps <= checkpoint["step"]:
             raise ValueError(f"{resume} is at step {checkpoint['step']} already: give --max-steps above it to train on")
         run = json.loads((Path(resume) / "run.json").read_text()) if (Path(resume) / "run.json").exists() else {}
         tokenizer_path = run.get("tokenizer")
@@ -565,7 +588,8 @@ def cmd_train(args) -> int:
     out = Path(cfg.out_dir)
     model_obj = summary["model"]
     print(f"done in {time.perf_counter() - t0:.0f} s on {summary['device']} ({summary['precision']}): "
-          f"{model_obj.num_params() / 1e6:.2f}M params, val loss {summary['val_loss']:.4f}, "
+          f"{model_obj.num_params() / 1e6:.2f}M params, val loss "
+          f"{'not evaluated' if summary['val_loss'] is None else format(summary['val_loss'], '.4f')}, "
           f"{summary['skipped_steps']} skipped steps")
     print(f"wrote {out / 'checkpoint.pt'}, {out / 'model.safetensors'}, {out / 'log.jsonl'}, {out / 'loss.png'}")
     if summary["skipped_steps"] * 4 > cfg.max_steps:  # the run mostly stood still: say why, not just a count
@@ -1097,7 +1121,7 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedule", choices=["cosine", "wsd", "constant"],
                    help="lr schedule after warmup: cosine to the min lr (default), wsd (warmup-stable-decay: constant, "
                         "then linear to the min lr over the last --decay-frac of the steps), constant")
-    p.add_argument("--min-lr-ratio", type=float, help="the lr at the end of cosine or wsd, as a fraction of --lr (default 0.1)")
+    p.add_argument("--min-lr-ratio", type=float, help="the lr at the end of cosine or wsd, as a fraction of --lr (default 0.1): wsd's last step takes it, cosine reaches it at step max_steps (as nanoGPT's at lr_decay_iters and transformers' cosine schedule), its last trained step just above")
     p.add_argument("--decay-frac", type=float, help="wsd: fraction of the steps spent decaying (default 0.2)")
     p.add_argument("--warmup-steps", type=int, help="linear warmup steps (default 30)")
     p.add_argument("--weight-decay", type=float, help="AdamW weight decay on matrices (default 0.1)")

@@ -1025,8 +1025,12 @@ class PackedLoader:
         return batch_x, batch_y, cu_seqlens
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor, "waiting": list(self.waiting), "path": str(self.path)}
+        return {"epoch": self.epoch, "cursor": self.cursor, "waiting": list(self.waiting), "path": str(self.path),
+                "seed": self.seed}
 
     def load_state_dict(self, state: dict) -> None:
+        if state.get("seed", self.seed) != self.seed:  # the cursor points into the seed's order of the epoch
+            raise ValueError(f"this loader's seed is {self.seed}, the state's {state['seed']}: its place in the epoch "
+                             "is in that seed's order of the documents (resume with the run's seed)")
         self.epoch, self.cursor, self.waiting = state["epoch"], state["cursor"], list(state["waiting"])
         self._order = self._epoch_order(self.epoch)

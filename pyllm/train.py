@@ -444,7 +444,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     if cfg.schedule == "constant":
         return cfg.lr
     if cfg.schedule == "wsd":
-        decay_start = int(cfg.max_steps * (1 - cfg.decay_frac))
+        decay_start = cfg.max_steps - round(cfg.max_steps * cfg.decay_frac)  # int(100 * (1 - 0.8)) was 19
         if step < decay_start:
             return cfg.lr
         return cfg.lr + (min_lr - cfg.lr) * (step - decay_start + 1) / max(1, cfg.max_steps - decay_start)
@@ -1323,8 +1323,18 @@ class RunLog:
             return
         kept = []
         if start_step > 0 and path.exists():
-            kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] < start_step]
-        path.write_text("".join(line + "\n" for line in kept))
+            lines = [line for line in path.read_text().splitlines() if line.strip()]
+            for number, line in enumerate(lines, 1):
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # torn by a full disk or a power cut: the run's own record
+                    print(f"pyllm: {path}:{number} is not a whole JSON line; dropped", file=sys.stderr)
+                    continue
+                if record.get("step", start_step) < start_step:
+                    kept.append(line)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
 
     def write(self, record: dict) -> None:
         if self.enabled:
@@ -1579,6 +1589,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
     # the trained positions only, the MoE balancing term added here); the fused loss computes it at
     # those positions itself, and z-loss takes the model's own loss (logits at every position).
     per_token_packed = not cfg.fused_loss and not cfg.z_loss
+    if ckpt is not None:  # last, after everything the set-up drew, as a run going on straight has it here
+        set_rng_state(ckpt["rng"], info.device)
     for step in range(start_step, cfg.max_steps):
         if stop_at is not None and step >= stop_at:
             break
@@ -1754,8 +1766,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
             checkpoint(step + 1)
     bar.close()
     if stop_at is None:
-        if not (cfg.keep_best and best_val is not None):  # (keep_best: written at its evaluation)
-            write_weights()
+        if not (cfg.keep_best and best_val is not None) or not (out / "model.safetensors").is_file():
+            write_weights()  # (keep_best: written at its evaluation, unless that file was lost)
         if info.is_main:
             plot_losses(out / "log.jsonl", out / "loss.png")
     if info.world_size > 1:
@@ -1784,7 +1796,8 @@ def restore(ckpt: dict, model, optimizer, scaler, loader, cfg: TrainConfig, info
     if scaler is not None and ckpt["scaler"] is not None:
         scaler.load_state_dict(ckpt["scaler"])
     loader.load_state_dict(ckpt["loader"])
-    set_rng_state(ckpt["rng"], info.device)
+    # (the RNG state is set by train itself, just before its loop: what set-up draws after this
+    # (a frozen reference model's init) would otherwise shift the resumed run's dropout masks)
 
 
 def say(info: DistInfo, bar, message: str) -> None:

@@ -642,6 +642,29 @@ def test_train_on_llmc_token_files(tmp_path, capsys):
     assert "llm.c's token files (2 train and 1 val shards, 3,500 train tokens): vocab 50,257" in capsys.readouterr().out
 
 
+def test_resume_as_the_run_was_made(corpus, tmp_path, capsys):
+    # The run's own config file given again is what it was made with (it had been refused as a
+    # change of --data and --model); the seed (the loaders' orders) and a LoRA scale are the run's;
+    # a run killed between its last checkpoint and its weights writes them on resume.
+    config = tmp_path / "run.toml"
+    body = (f'data = "{corpus}"\nmax_steps = 2\nbatch_size = 4\neval_every = 0\neval_batches = 2\n'
+            'device = "cpu"\nsample_tokens = 0\n[model]\nn_layers = 1\ndim = 64\nn_heads = 2\nblock_size = 32\n')
+    config.write_text(body)
+    run = tmp_path / "run"
+    assert cli.main(["train", "--config", str(config), "--out", str(run)]) == 0
+    assert cli.main(["train", "--config", str(config), "--resume", str(run), "--max-steps", "3"]) == 0
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", str(run), "--max-steps", "4", "--seed", "7"]) == 2
+    assert "leave out --seed" in capsys.readouterr().err
+    config.write_text(body.replace("dim = 64", "dim = 32"))
+    assert cli.main(["train", "--config", str(config), "--resume", str(run), "--max-steps", "4"]) == 2
+    assert "leave out --model (its config file's)" in capsys.readouterr().err
+    (run / "model.safetensors").unlink()
+    assert cli.main(["train", "--resume", str(run)]) == 0  # at its max_steps, 3
+    assert (run / "model.safetensors").is_file()
+    assert "without model.safetensors: writing it from the checkpoint" in capsys.readouterr().err
+
+
 def test_every_option_has_help():
     def walk(parser, path):
         for action in parser._actions:

@@ -308,6 +308,17 @@ def test_schedules():
     assert trainer.lr_at(110, cfg) == pytest.approx(0.1)
     cfg.schedule, cfg.decay_frac = "wsd", 0.1
     assert trainer.lr_at(98, cfg) == 1.0 and trainer.lr_at(109, cfg) == pytest.approx(0.1)
+    cfg.max_steps, cfg.decay_frac = 100, 0.8  # the decay's 80 steps start at 20 (int(100 * 0.2) was 19)
+    assert trainer.lr_at(19, cfg) == 1.0 and trainer.lr_at(20, cfg) < 1.0 and trainer.lr_at(99, cfg) == pytest.approx(0.1)
+
+
+def test_run_log_drops_a_torn_line(tmp_path, capsys):
+    # a line cut short (a full disk, a power cut) is the run's own record: dropped on resume, not fatal
+    path = tmp_path / "log.jsonl"
+    path.write_text('{"step": 0, "loss": 3.0}\n{"step": 1, "loss": 2.5}\n{"step": 2, "lo')
+    trainer.RunLog(path, 2, True)
+    assert path.read_text() == '{"step": 0, "loss": 3.0}\n{"step": 1, "loss": 2.5}\n'
+    assert "log.jsonl:3 is not a whole JSON line; dropped" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -1140,6 +1140,12 @@ def apply_pyllm_kernels(model: nn.Module, attention: bool = True, swiglu: bool =
                              "(_supports_flash_attn is False, as transformers marks models whose masks are more than "
                              "causal and padding: DeepSeek-V3.2's sparse-attention indexer reads the 4D mask, Gemma "
                              "3's image tokens attend both ways); pass attention=False")
+        config = getattr(model, "config", None)
+        if getattr(config, "model_type", None) == "gemma2" and getattr(config, "use_bidirectional_attention", False):
+            # transformers' Gemma 2 sets is_causal=False but still builds a causal mask: which of the two
+            # the unpatched model computes depends on the attention implementation
+            raise ValueError("Gemma 2 with use_bidirectional_attention: transformers' modules say not causal while its "
+                             "mask is causal; pass attention=False")
     if fused_linear_cross_entropy:
         why = _fused_loss_refusal(model)
         if why is not None:

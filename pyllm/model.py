@@ -1492,7 +1492,8 @@ def _decoder_config_from_hf(hf: dict) -> ModelConfig:
                        n_heads=hf["num_attention_heads"], n_kv_heads=hf.get("num_key_value_heads") or None,
                        dim=hf["hidden_size"], head_dim=hf.get("head_dim") or None,
                        mlp_hidden=hf.get("moe_intermediate_size") or hf["intermediate_size"],  # Qwen3-MoE's experts'
-                       tie_embeddings=hf.get("tie_word_embeddings", False), norm_eps=hf.get("rms_norm_eps", 1e-6),
+                       # (transformers' default where config.json says nothing: SmolLM3's ties)
+                       tie_embeddings=hf.get("tie_word_embeddings", kind == "smollm3"), norm_eps=hf.get("rms_norm_eps", 1e-6),
                        rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)), rope_scaling=scaling,
                        qkv_bias=kind == "qwen2" or (kind == "qwen2_moe" and hf.get("qkv_bias", True)),
                        qk_norm=kind in ("qwen3", "olmo2", "qwen3_moe", "olmoe"),
@@ -1580,7 +1581,7 @@ def _gemma2_config(hf: dict) -> ModelConfig:
     softcap)); the capped attention runs on pyllm's CPU kernels (flash_attn and flash_attn_with_kvcache
     with softcap), on torch's ops on CUDA."""
     n_layers = hf["num_hidden_layers"]
-    types = _gemma_layer_types(hf, "gemma2", {}, [  # transformers' default: the even layers windowed
+    types = _gemma_layer_types(hf, "gemma2", {"use_bidirectional_attention": hf.get("use_bidirectional_attention")}, [  # transformers' default: the even layers windowed
         "sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n_layers)])
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) != "default":
@@ -1689,6 +1690,9 @@ def _hf_sliding_window(hf: dict, kind: str, n_layers: int) -> tuple[int | None, 
     if kind == "qwen3_moe":  # every layer, when used
         return window, None
     if types is None:
+        if kind == "qwen2_moe":  # transformers 5 derives every other layer below max_window_layers, 4 Qwen2's rule
+            raise NotImplementedError("qwen2_moe with use_sliding_window and no layer_types: transformers 4 and 5 "
+                                      "put its windows on different layers; give config.json the layer_types meant")
         if kind == "smollm3":
             types = ["full_attention" if r else "sliding_attention" for r in _smollm3_rope_layers(hf)]
         else:
@@ -1757,7 +1761,10 @@ def state_from_hf(hf_state: dict, cfg: ModelConfig, kind: str) -> dict:
                                                    torch.cat([layer("mlp.gate_proj"), layer("mlp.up_proj")]))
             state[block + "mlp.down.weight"] = layer("mlp.down_proj")
     if not cfg.tie_embeddings:  # a sequence classifier has none: its embeddings (the score head computes)
-        state["lm_head.weight"] = hf_state.get("lm_head.weight", state["tok_emb.weight"] if cfg.num_labels else None)
+        if "lm_head.weight" not in hf_state and not cfg.num_labels:
+            raise ValueError("the checkpoint has no lm_head.weight and its config.json does not tie the output layer "
+                             "to the embeddings (tie_word_embeddings: false, or left out for a kind whose default is false)")
+        state["lm_head.weight"] = hf_state.get("lm_head.weight", state["tok_emb.weight"])
     if cfg.num_labels:
         state["score.weight"] = hf_state["score.weight"]
     return state
@@ -1773,9 +1780,14 @@ def experts_from_hf(hf_state: dict, layer: int, cfg: ModelConfig, kind: str) -> 
     (its "model." dropped): each expert's projections stacked into MoEMLP's gate_up (E, 2 * hidden,
     C) and down (E, C, hidden), or transformers 5's fused gate_up_proj / down_proj taken as they are."""
     moe = f"layers.{layer}.{HF_MOE[kind]}."
-    if kind == "granitemoe":  # its own names, the experts already stacked as ours
-        return {"mlp.router.weight": hf_state[moe + "router.layer.weight"],
-                "mlp.gate_up": hf_state[moe + "input_linear.weight"], "mlp.down": hf_state[moe + "output_linear.weight"]}
+    if kind == "mixtral" and moe + "gate.weight" not in hf_state and f"layers.{layer}.mlp.gate.weight" in hf_state:
+        moe = f"layers.{layer}.mlp."  # transformers 5's own names (save_original_format=False, PEFT, offloading)
+    if kind == "granitemoe":  # its own names, the experts already stacked as ours (transformers 5's: fused, as the others')
+        if moe + "input_linear.weight" in hf_state:
+            return {"mlp.router.weight": hf_state[moe + "router.layer.weight"],
+                    "mlp.gate_up": hf_state[moe + "input_linear.weight"], "mlp.down": hf_state[moe + "output_linear.weight"]}
+        return {"mlp.router.weight": hf_state[moe + "router.weight"],
+                "mlp.gate_up": hf_state[moe + "experts.gate_up_proj"], "mlp.down": hf_state[moe + "experts.down_proj"]}
     out = {"mlp.router.weight": hf_state[moe + "gate.weight"]}
     if cfg.shared_expert_hidden:  # Qwen2-MoE's
         shared = lambda name: hf_state[f"{moe}shared_expert.{name}.weight"]  # noqa: E731
@@ -1816,9 +1828,24 @@ def hf_config_of(cfg: ModelConfig) -> dict:
     windowed attention when every layer has the window; Mixtral's with experts) or GPT2LMHeadModel,
     when one computes it."""
     common = dict(vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_embeddings)
+    # What GPT-2's config cannot say must be at its default: these had been dropped from the export
+    # silently (a window, q/k norms, a softmax scale, caps, multipliers: transformers' logits then
+    # differed from pyllm's by 7-100%).
+    gpt2_rest = (cfg.qk_norm, cfg.sliding_window, cfg.window_layers, cfg.nope_layers, cfg.sandwich_norm, cfg.pre_norm,
+                 cfg.embed_scale, cfg.embed_multiplier, cfg.residual_multiplier, cfg.logits_scaling, cfg.softmax_scale,
+                 cfg.attn_softcap, cfg.final_softcap, cfg.n_experts)
+    gpt2_plain = gpt2_rest == (False, None, None, None, False, True, False, None, None, None, None, None, None, None)
     if (cfg.norm, cfg.positions, cfg.bias, cfg.parallel_block, cfg.head_dim) == (
             "layernorm", "learned", True, False, cfg.dim // cfg.n_heads) and cfg.mlp in GELU_MLPS \
             and cfg.n_kv_heads == cfg.n_heads:
+        if not gpt2_plain:
+            names = ("qk_norm", "sliding_window", "window_layers", "nope_layers", "sandwich_norm", "pre_norm",
+                     "embed_scale", "embed_multiplier", "residual_multiplier", "logits_scaling", "softmax_scale",
+                     "attn_softcap", "final_softcap", "n_experts")
+            defaults = ModelConfig()
+            extra = [n for n in names if getattr(cfg, n) != getattr(defaults, n)]
+            raise NotImplementedError(f"to_hf: a GPT-2-shaped model with {', '.join(extra)} has no GPT-2 config "
+                                      "(GPT2LMHeadModel would compute another function)")
         return dict(common, model_type="gpt2", architectures=["GPT2LMHeadModel"], n_positions=cfg.block_size,
                     n_embd=cfg.dim, n_layer=cfg.n_layers, n_head=cfg.n_heads, n_inner=cfg.mlp_hidden,
                     activation_function="gelu" if cfg.mlp == "gelu_exact" else "gelu_new", layer_norm_epsilon=cfg.norm_eps, resid_pdrop=0.0,

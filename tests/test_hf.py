@@ -1535,3 +1535,12 @@ def test_rope_under_gradient_checkpointing():
         model(ids, labels=ids).loss.backward()
     for (name, p), q in zip(reference.named_parameters(), ours.parameters()):
         assert rel_err(q.grad, p.grad) < 1e-10, name
+
+
+def test_gemma2_both_ways_is_refused():
+    # transformers' Gemma 2 with use_bidirectional_attention sets is_causal=False on its modules but
+    # builds a causal mask: patched attention had followed is_causal (logits 91% off the unpatched)
+    _, ours = tiny("gemma2", use_bidirectional_attention=True)
+    with pytest.raises(ValueError, match="Gemma 2 with use_bidirectional_attention"):
+        phf.apply_pyllm_kernels(ours)
+    phf.apply_pyllm_kernels(ours, attention=False)

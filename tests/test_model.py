@@ -1898,6 +1898,12 @@ def test_to_hf_of_a_model_pyllm_trained(name, kind, tmp_path):
         LLM(ModelConfig(**CONFIGS["moe-unnormalized"])).to_hf(tmp_path / "x")
     with pytest.raises(ValueError, match="does not describe"):
         ours.to_hf(tmp_path / "y", {**json.loads((tmp_path / "config.json").read_text()), "vocab_size": 98})
+    if kind == "gpt2":  # what GPT-2's config cannot say had been dropped from the export, silently
+        for extra in (dict(sliding_window=4), dict(qk_norm=True), dict(softmax_scale=0.3), dict(attn_softcap=20.0),
+                      dict(final_softcap=30.0), dict(sandwich_norm=True), dict(embed_scale=True),
+                      dict(embed_multiplier=2.0), dict(residual_multiplier=0.5), dict(logits_scaling=4.0)):
+            with pytest.raises(NotImplementedError, match=f"GPT-2-shaped model with {next(iter(extra))} has no GPT-2"):
+                LLM(ModelConfig(**{**CONFIGS[name], **extra})).to_hf(tmp_path / "z")
 
 
 @pytest.mark.parametrize("name", ["llama-gqa", "qwen2", "granite", "granitemoe", "mixtral", "qwen2-moe"])
@@ -2049,3 +2055,44 @@ def test_gemma3_multimodal_checkpoint_gives_its_language_model(tmp_path):
     assert type(back).__name__ == "Gemma3ForCausalLM"
     with torch.no_grad():
         assert rel_err(back(idx).logits, ours(idx)[0]) < 1e-6
+
+
+def test_from_hf_of_what_transformers_5_writes_and_leaves_out(tmp_path):
+    # transformers 5's own names (save_pretrained(save_original_format=False), also written for
+    # PEFT-loaded or offloaded models): Mixtral's experts under mlp., GraniteMoE's router.weight,
+    # fused experts (a bare KeyError before). A config.json without tie_word_embeddings takes the
+    # kind's default (SmolLM3's is tied: an untied model without lm_head.weight had been built).
+    # Qwen2-MoE windows without layer_types are read differently by transformers 4 and 5: refused.
+    transformers = pytest.importorskip("transformers")
+    small = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=64, pad_token_id=None, bos_token_id=None, eos_token_id=None)
+    moe = dict(small, num_local_experts=4, num_experts_per_tok=2, **HF_EAGER_EXPERTS)
+    idx = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(0))
+    for name, make in (("mixtral", lambda: transformers.MixtralForCausalLM(transformers.MixtralConfig(**moe))),
+                       ("granitemoe", lambda: transformers.GraniteMoeForCausalLM(transformers.GraniteMoeConfig(**moe))),
+                       ("smollm3", lambda: transformers.SmolLM3ForCausalLM(transformers.SmolLM3Config(**small)))):
+        torch.manual_seed(0)
+        hf = make().double().eval()
+        folder = tmp_path / name
+        hf.save_pretrained(folder, save_original_format=False)
+        if name == "smollm3":
+            config = json.loads((folder / "config.json").read_text())
+            assert config.pop("tie_word_embeddings") is True
+            (folder / "config.json").write_text(json.dumps(config))
+        ours = LLM.from_hf(folder, dtype=torch.float64).eval()
+        with torch.no_grad():
+            assert rel_err(ours(idx)[0], hf(idx).logits) < 1e-6, name
+    config = json.loads((tmp_path / "smollm3" / "config.json").read_text())
+    (tmp_path / "smollm3" / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
+    with pytest.raises(ValueError, match="no lm_head.weight and its config.json does not tie"):
+        LLM.from_hf(tmp_path / "smollm3")
+    from pyllm.model import _hf_sliding_window
+
+    with pytest.raises(NotImplementedError, match="qwen2_moe with use_sliding_window and no layer_types"):
+        _hf_sliding_window({"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 2}, "qwen2_moe", 4)
+    assert _hf_sliding_window({"use_sliding_window": True, "sliding_window": 8, "layer_types": [
+        "sliding_attention", "full_attention"]}, "qwen2_moe", 2) == (8, [0])
+    from pyllm.model import _gemma2_config
+
+    with pytest.raises(NotImplementedError, match="gemma2 with use_bidirectional_attention=True"):  # was built causal
+        _gemma2_config({"num_hidden_layers": 2, "use_bidirectional_attention": True})

@@ -101,3 +101,28 @@ def test_jit_trace_records_the_ops():
         args = inputs()
         for got, want in zip(traced(*[a.clone() for a in args]), fn(*args)):
             torch.testing.assert_close(got, want)
+
+
+def test_forward_mode_ad_is_refused_not_zero():
+    # The ops register torch.autograd's backward only: forward mode (torch.func.jvp / jacfwd, dual
+    # tensors) had given a tangent of 0, or none, silently; torch.func.grad a message about
+    # setup_context. vmap keeps working (torch's batching fallback).
+    import torch
+    import torch.autograd.forward_ad as fwAD
+    from torch.func import grad, jacfwd, jvp, vmap
+
+    gen = torch.Generator().manual_seed(0)
+    g, u = (torch.randn(2, 3, dtype=torch.float64, generator=gen) for _ in range(2))
+    x, w = torch.randn(3, 8, dtype=torch.float64, generator=gen), torch.rand(8, dtype=torch.float64, generator=gen)
+    q = torch.randn(1, 4, 2, 32, dtype=torch.float64, generator=gen)
+    with pytest.raises(NotImplementedError, match="swiglu: pyllm's ops have no forward-mode AD"):
+        jvp(lambda g: pyllm.swiglu(g, u), (g,), (torch.ones_like(g),))
+    with pytest.raises(NotImplementedError, match="rms_norm: pyllm's ops have no forward-mode AD"):
+        jacfwd(lambda x: pyllm.rms_norm(x, w, 1e-6))(x)
+    with pytest.raises(NotImplementedError, match="flash_attn: pyllm's ops have no forward-mode AD"):
+        jvp(lambda q: pyllm.flash_attn(q, q, q, causal=True), (q,), (torch.ones_like(q),))
+    with fwAD.dual_level(), pytest.raises(NotImplementedError, match="cross_entropy: pyllm's ops have no forward"):
+        pyllm.cross_entropy(fwAD.make_dual(x, torch.ones_like(x)), torch.tensor([1, 2, 3]))
+    with pytest.raises((NotImplementedError, RuntimeError), match="not torch.func.grad / jacrev / vjp"):
+        grad(lambda q: pyllm.flash_attn(q, q, q).sum())(q)
+    torch.testing.assert_close(vmap(lambda g: pyllm.swiglu(g, u[0]))(g), torch.nn.functional.silu(g) * u[0])

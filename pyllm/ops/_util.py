@@ -6,6 +6,7 @@ import numbers
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 try:
     from torch.utils._python_dispatch import _get_current_dispatch_mode
@@ -208,10 +209,28 @@ def eager_function(name: str, body, setup, grad) -> type:
                 {"forward": staticmethod(forward), "backward": staticmethod(grad), "__module__": body.__module__})
 
 
+def refuse_functorch_autodiff(tensors, name: str) -> None:
+    """NotImplementedError under forward-mode AD (torch.func.jvp / jacfwd, autograd.forward_ad's
+    dual tensors) and torch.func.grad / jacrev: the ops register a backward for torch.autograd
+    only, and forward mode went through them silently, the tangent 0 or dropped."""
+    if forward_ad._current_level >= 0 and any(forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+        raise NotImplementedError(f"{name}: pyllm's ops have no forward-mode AD (a dual tensor was given): "
+                                  "their derivatives are torch.autograd's backward")
+    if torch._C._are_functorch_transforms_active():
+        interpreter = torch._C._functorch.peek_interpreter_stack()
+        kind = interpreter.key() if interpreter is not None else None
+        if kind in (torch._C._functorch.TransformType.Jvp, torch._C._functorch.TransformType.Grad):
+            raise NotImplementedError(f"{name}: pyllm's ops run under torch.func.vmap but not torch.func."
+                                      f"{'jvp / jacfwd' if kind == torch._C._functorch.TransformType.Jvp else 'grad / jacrev / vjp'}: "
+                                      "take derivatives with torch.autograd (loss.backward(), torch.autograd.grad)")
+
+
 def call(body, op, function, *args):
     """op(*args), or what it would run without its dispatch: body(*args) when no tensor argument
     needs grad, function.apply(*args) (function: None where the op has no autograd) when one does."""
     tensors = [a for a in args if isinstance(a, Tensor)]
+    if not torch.compiler.is_compiling():
+        refuse_functorch_autodiff(tensors, getattr(op, "_name", None) or getattr(op, "__name__", "pyllm"))
     if not _direct(tensors):
         return op(*args)
     if _needs_grad(tensors):

@@ -876,6 +876,21 @@ def test_from_hf_normalization_is_kept(corpus, tmp_path):
     assert ids.tolist() == ours.encode_ordinary(composed)
     with pytest.raises(ValueError, match="normalizes"):
         ours.to_tiktoken()
+    # Special tokens are found in the text as given and only the text between them is normalized,
+    # as Hugging Face matches its added tokens: a combining mark after one composed into its ">"
+    # and lost it; NFKC made one of fullwidth brackets (a special token a user's text could inject)
+    eot = ours.special_tokens[EOT]
+    text = EOT + "\u0338 a"
+    assert ours.encode(text, allowed_special="all") == hf.encode(text, add_special_tokens=False).ids
+    assert ours.encode(text, allowed_special="all")[0] == eot
+    assert ours.encode_batch([text], allowed_special="all") == [ours.encode(text, allowed_special="all")]
+    assert ours.encode_batch_packed([text], allowed_special="all")[0].tolist() == ours.encode(text, allowed_special="all")
+    with pytest.raises(ValueError, match="disallowed special token"):
+        ours.encode(text)
+    nfkc = Tokenizer(ours.mergeable_ranks, ours.pattern, ours.special_tokens, normalization="NFKC")
+    fullwidth = "\uff1c|endoftext|\uff1e"
+    assert eot not in nfkc.encode(fullwidth, allowed_special="all")
+    assert nfkc.encode(fullwidth) == nfkc.encode_ordinary(fullwidth) == nfkc.encode_ordinary(EOT)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1102,6 +1117,21 @@ def test_to_hf_encodes_as_ours(to_hf_pair):
     transformers = pytest.importorskip("transformers")  # its fast tokenizer reads the file too
     fast = transformers.PreTrainedTokenizerFast(tokenizer_file=str(path))
     assert fast.encode(SAMPLES[4], add_special_tokens=False) == ours.encode_ordinary(SAMPLES[4])
+
+
+def test_to_hf_keeps_special_ids_past_gaps(pair, tmp_path):
+    # cl100k's and o200k's special tokens lie past gaps in the ids: tokenizers renumbers an added
+    # token that is not in the model's vocabulary to follow it, so they must be written there too
+    tk = pytest.importorskip("tokenizers")
+    ranks = pair[0].mergeable_ranks
+    top = max(ranks.values())
+    ours = Tokenizer(ranks, pair[0].pattern, {EOT: top + 2, "<|endofprompt|>": top + 21})
+    ours.to_hf(tmp_path / "tokenizer.json")
+    hf = tk.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    text = f"a{EOT}b<|endofprompt|> c"
+    assert hf.encode(text, add_special_tokens=False).ids == ours.encode(text, allowed_special="all")
+    assert hf.token_to_id(EOT) == top + 2 and hf.decode([top + 21], skip_special_tokens=False) == "<|endofprompt|>"
+    assert Tokenizer.from_hf(tmp_path / "tokenizer.json").special_tokens == ours.special_tokens
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -778,6 +778,36 @@ class Tokenizer:
         return (sorted(self._special_index[s] for s in allowed), sorted(self._special_index[s] for s in disallowed),
                 others)
 
+    def _encode_normalized(self, texts: list[str], allowed: list[int], disallowed: list[int], others: tuple[str, ...],
+                           num_threads: int) -> list[list[int]]:
+        """encode_batch for a tokenizer that normalizes, in Hugging Face's order: special tokens are
+        found (and disallowed ones refused) in the text as given, and only the text between them is
+        normalized, then encoded as ordinary text. Normalizing first had made a special token of
+        text that was none (NFKC: fullwidth "<|endoftext|>") and lost one a combining mark after it
+        composed into (NFC: ">" + U+0338)."""
+        names = [*others, *(self._special_list[d] for d in disallowed)]
+        if names:
+            _check_disallowed(texts, names)
+        specials = sorted((self._special_list[a] for a in allowed), key=len, reverse=True)
+        cut = re.compile("(" + "|".join(map(re.escape, specials)) + ")") if specials else None
+        parts = [cut.split(t) if cut else [t] for t in texts]  # text, special, text, ... per text
+        pieces = [unicodedata.normalize(self.normalization, piece) for split in parts for piece in split[::2]]
+        if self._regex is not None:
+            encoded = self._encode_custom_batch(pieces, [], [], num_threads)
+        else:
+            encoded = self._by_encoder(lambda ts: self._enc.encode_batch(ts, [], [], num_threads), pieces, [])
+        out, k = [], 0
+        for split in parts:
+            ids = []
+            for j, piece in enumerate(split):
+                if j % 2:
+                    ids.append(self._special_tokens[piece])
+                else:
+                    ids += encoded[k]
+                    k += 1
+            out.append(ids)
+        return out
+
     def _checked_in_python(self, texts: list[str], disallowed: list[int], others: tuple[str, ...]) -> list[int]:
         """The disallowed indices left for C++ to check: none once disallowed strings that are no
         special token (which C++ cannot look for) have been looked for here, with the others, so
@@ -821,7 +851,8 @@ class Tokenizer:
         if not isinstance(text, str):
             raise TypeError(f"encode: text must be a str, got {type(text).__name__}")
         allowed, disallowed, others = self._special_args(allowed_special, disallowed_special, "encode", True)
-        text = self._normalized(text)
+        if self.normalization is not None:
+            return self._encode_normalized([text], allowed, disallowed, others, 1)[0]
         if others:
             disallowed = self._checked_in_python([text], disallowed, others)
         if self._regex is not None or self._spm is not None:
@@ -834,7 +865,8 @@ class Tokenizer:
         if not isinstance(text, str):
             raise TypeError(f"encode_to_numpy: text must be a str, got {type(text).__name__}")
         allowed, disallowed, others = self._special_args(allowed_special, disallowed_special, "encode_to_numpy", True)
-        text = self._normalized(text)
+        if self.normalization is not None:
+            return np.array(self._encode_normalized([text], allowed, disallowed, others, 1)[0], dtype=np.uint32)
         disallowed = self._checked_in_python([text], disallowed, others)
         if self._regex is not None or self._spm is not None:
             return np.array(self._encode_custom(text, allowed, disallowed), dtype=np.uint32)
@@ -903,6 +935,8 @@ class Tokenizer:
         texts = _either(texts, text, "encode_batch", "texts", "text")
         texts, num_threads = _batch_args(texts, num_threads, "encode_batch")
         allowed, disallowed, others = self._special_args(allowed_special, disallowed_special, "encode_batch")
+        if self.normalization is not None and device == "cpu":
+            return self._encode_normalized(texts, allowed, disallowed, others, num_threads)
         texts = self._normalized_all(texts)
         if device == "cuda" and self._spm is not None:
             raise NotImplementedError("encode_batch: the CUDA encoder takes byte-level vocabularies, not "
@@ -930,10 +964,10 @@ class Tokenizer:
         text k's ids are ids[offsets[k]:offsets[k + 1]]. Skips building a Python int per token."""
         texts, num_threads = _batch_args(texts, num_threads, "encode_batch_packed")
         allowed, disallowed, others = self._special_args(allowed_special, disallowed_special, "encode_batch_packed")
-        texts = self._normalized_all(texts)
         disallowed = self._checked_in_python(texts, disallowed, others)
-        if self._regex is not None or self._spm is not None:
-            lists = self._encode_custom_batch(texts, allowed, disallowed, num_threads)
+        if self._regex is not None or self._spm is not None or self.normalization is not None:
+            lists = (self._encode_normalized(texts, allowed, disallowed, others, num_threads) if self.normalization
+                     else self._encode_custom_batch(texts, allowed, disallowed, num_threads))
             offsets = np.zeros(len(lists) + 1, dtype=np.int64)
             np.cumsum([len(x) for x in lists], out=offsets[1:])
             ids = np.fromiter((i for x in lists for i in x), dtype=np.uint32, count=int(offsets[-1]))
@@ -1295,7 +1329,11 @@ class Tokenizer:
             "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
             "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
                       "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
-                      "vocab": {text(t): i for t, i in sorted(ranks.items(), key=lambda kv: kv[1])},
+                      # the special tokens too, at their ids: tokenizers appends an added token missing
+                      # from the vocabulary after it, whatever its "id" says (cl100k's and o200k's
+                      # specials lie past gaps: they had been renumbered)
+                      "vocab": {**{text(t): i for t, i in sorted(ranks.items(), key=lambda kv: kv[1])},
+                                **{t: i for t, i in sorted(self._special_tokens.items(), key=lambda kv: kv[1])}},
                       "merges": merges},
         }
         _atomic_write(path, json.dumps(data, ensure_ascii=False).encode("utf-8"))

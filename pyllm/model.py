@@ -23,6 +23,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from pyllm.ops import _util
 from pyllm.ops import cross_entropy as cross_entropy_ops
 from pyllm.nn import (MoEMLP, RMSNorm, SwiGLUMLP, _geglu, alibi_slopes, apply_rope, attention, attention_with_kvcache,
                       document_ids, linear_cross_entropy, linear_distill, linear_sequence_loss, linear_token_logps,
@@ -385,8 +386,9 @@ def check_documents(cu_seqlens: torch.Tensor, B: int, T: int, device) -> None:
                          f"{cu_seqlens.dtype} of shape {tuple(cu_seqlens.shape)}")
     if cu_seqlens.device != torch.device(device):
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device}, idx on {device}: put both on one device")
-    if torch.compiler.is_compiling() or (cu_seqlens.is_cuda and os.environ.get("PYLLM_ATTN_CHECK_SEQLENS") != "1"):
-        return  # reading the offsets would break the graph / sync the device
+    if (not _util.eager_untraced() or cu_seqlens.device.type == "meta"
+            or (cu_seqlens.is_cuda and os.environ.get("PYLLM_ATTN_CHECK_SEQLENS") != "1")):
+        return  # reading the offsets would break the graph (or a fake tensor's trace) / sync the device
     offsets = cu_seqlens.cpu().numpy()
     if offsets[0] != 0 or offsets[-1] != B * T or (offsets[1:] < offsets[:-1]).any():
         raise ValueError(f"cu_seqlens must rise from 0 to B * T = {B * T} without falling, got "
@@ -578,7 +580,8 @@ class LLM(nn.Module):
         if targets is not None and (per_token or fused or hidden or distill is not None):
             h = self.norm_f(x)  # (B, T, C)
             at = None
-            if not torch.compiler.is_compiling():  # (compiled: every position, a shape that does not depend on the data)
+            # (compiled or on meta: every position, a shape that does not depend on the data)
+            if not torch.compiler.is_compiling() and x.device.type != "meta":
                 # The output layer at the targets' positions alone: a prompt's tokens (-1) take no
                 # logits, often most of a packed row of conversations or preference pairs.
                 at = (targets != -1).nonzero(as_tuple=True)

@@ -1,12 +1,19 @@
 """Modules built on pyllm's ops, drop-in replacements for their LLaMA counterparts."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+try:
+    from torch.amp.autocast_mode import is_autocast_available
+except ImportError:  # torch releases without it
+    def is_autocast_available(device_type: str) -> bool:
+        return device_type in ("cpu", "cuda")
 
 from pyllm.ops import _util
 from pyllm.ops import cross_entropy as cross_entropy_ops
@@ -36,6 +43,15 @@ class SwiGLUMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(_swiglu(self.gate_up(x)))  # (..., 2 * hidden) -> (..., hidden) -> (..., dim)
 
+
+def _autocast_on(x: torch.Tensor) -> bool:
+    """Whether autocast is on for x's device (meta, a dry run's: never; torch raises for it)."""
+    return is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)
+
+
+def _autocast_off(x: torch.Tensor):
+    """Autocast off for x's device (meta: nothing to turn off; torch.autocast raises for it)."""
+    return torch.autocast(x.device.type, enabled=False) if is_autocast_available(x.device.type) else contextlib.nullcontext()
 
 def _gated_packed(h: torch.Tensor, fused, act) -> torch.Tensor:
     """act(gate) * up of h = [gate | up] (..., 2 * hidden): the packed kernel `fused` where one takes
@@ -154,7 +170,7 @@ class MoEMLP(nn.Module):
             picks = torch.bincount(experts.flatten(), minlength=self.n_experts)  # (E,)
             self.stats = (picks, probs.sum(0), x.shape[0])
         gate_up, down = self.gate_up, self.down
-        if gate_up.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+        if gate_up.dtype != x.dtype and not _autocast_on(x):
             gate_up, down = gate_up.to(x.dtype), down.to(x.dtype)  # frozen 16-bit experts (add_lora), fp32 x
         factors = self.lora_factors()
         if factors is not None:
@@ -193,11 +209,11 @@ def _through_experts(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tens
     flat = experts.flatten()  # (N * k,) in token order
     order = flat.argsort(stable=True)  # the (token, choice) pairs grouped by expert
     token = order // k
-    if torch.is_autocast_enabled(x.device.type):
+    if _autocast_on(x):
         dtype = torch.get_autocast_dtype(x.device.type)
         x, gate_up, down = x.to(dtype), gate_up.to(dtype), down.to(dtype)
         extra = [None if t is None else t.to(dtype) for t in extra]
-    with torch.autocast(x.device.type, enabled=False):
+    with _autocast_off(x):
         ys = compute(x[token], flat, gate_up, down, *extra)  # (N * k, C)
     ys = ys * weights.flatten()[order, None].to(ys.dtype)
     return ys.new_zeros(N, ys.shape[1]).index_add_(0, token, ys)
@@ -518,7 +534,7 @@ class LoRALinear(nn.Module):
         weight, bias = self.weight, self.bias
         # The frozen weights may be held in the training's 16-bit dtype (frozen_dtype): autocast casts
         # x to it; outside autocast (sampling, eval in fp32) the weights follow x.
-        if weight.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+        if weight.dtype != x.dtype and not _autocast_on(x):
             weight, bias = weight.to(x.dtype), None if bias is None else bias.to(x.dtype)
         if self.disabled:
             return F.linear(x, weight, bias)
@@ -606,7 +622,7 @@ class _ChunkBuffers:
     widens the whole product into a fresh copy first) and 10 slice by slice (2-core Xeon, 2026-12-02)."""
 
     def __init__(self, x: torch.Tensor, weight: torch.Tensor, chunk_rows: int, need_w: bool):
-        self.rows, self.vocab, self.device = min(chunk_rows, x.shape[0]), weight.shape[0], x.device
+        self.rows, self.vocab, self.device = torch.sym_min(chunk_rows, x.shape[0]), weight.shape[0], x.device
         self.buffers, self.product = {}, None
         # grad_w is written whole by the first chunk's product; zeros only where no chunk comes
         acc = torch.promote_types(weight.dtype, torch.float32)
@@ -730,8 +746,8 @@ def _linear_cross_entropy_with_grads(x, weight, targets, chunk_rows: int, need_x
         losses = ((lse - target_logit + z_rows) * valid).masked_fill_(bad[:, 0], math.nan)
         return losses.sum(), (z_rows * valid).sum()
 
-    for start in range(0, x.shape[0], chunk_rows):
-        loss, z_part = chunk(slice(start, start + chunk_rows))
+    for rows in chunk_slices(x.shape[0], chunk_rows):
+        loss, z_part = chunk(rows)
         total += loss
         z_total += z_part
     return total.to(acc), z_total.to(acc), grad_x, buffers.grad_w
@@ -794,7 +810,7 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
         raise ValueError(f"linear_cross_entropy: label_smoothing must be in [0, 1], got {label_smoothing}")
     if not 0.0 <= z_loss < math.inf:
         raise ValueError(f"linear_cross_entropy: z_loss must be 0 or positive and finite, got {z_loss}")
-    with torch.autocast(x.device.type, enabled=False):
+    with _autocast_off(x):
         loss, z_part = _LinearCrossEntropy.apply(x, weight, targets.reshape(-1), chunk_rows, scale, softcap,
                                                  label_smoothing, z_loss)
     if reduction == "mean":
@@ -876,7 +892,7 @@ def _fused_linear_inputs(x, weight, chunk_rows, softcap=None, takes=None):
     if chunk_rows is not None and chunk_rows < 1:
         raise ValueError(f"the fused loss's chunk_rows must be >= 1, got {chunk_rows}")
     x = x.reshape(-1, x.shape[-1])
-    if torch.is_autocast_enabled(x.device.type):
+    if _autocast_on(x):
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(dtype), weight.to(dtype)
     else:
@@ -884,10 +900,20 @@ def _fused_linear_inputs(x, weight, chunk_rows, softcap=None, takes=None):
     if chunk_rows is None:
         row_bytes = x.element_size() if takes is not None and takes(x) else 4 * (2 if softcap else 1)
         most = max(1, (64 << 20) // (row_bytes * weight.shape[0]))
+        if torch.compiler.is_compiling():  # the budget alone: sized from the rows, the graph had been
+            return x, weight, most  # specialized to each batch's (a recompile per B * T, no dynamic export)
         # As many chunks as the budget needs, all of one size: 1,024 bf16 rows in 2 x 512, not 682 +
         # 342, took the step from 984 to 867 ms (matmuls of a few hundred rows run slower per row).
         chunk_rows = -(-x.shape[0] // -(-x.shape[0] // most)) if x.shape[0] else most
     return x, weight, int(chunk_rows)
+
+
+def chunk_slices(rows, chunk_rows: int) -> list[slice]:
+    """The row slices of chunk_rows each over rows; one slice when they fit in one, without a loop
+    over the (possibly traced, symbolic) row count."""
+    if rows <= chunk_rows:
+        return [slice(0, rows)] if rows > 0 else []
+    return [slice(start, start + chunk_rows) for start in range(0, rows, chunk_rows)]
 
 
 def _logp_grad_(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -945,8 +971,7 @@ class _LinearTokenLogps(torch.autograd.Function):
         lse = None if kernel or jacobian else torch.empty(x.shape[0], dtype=acc, device=x.device)
         jac = torch.empty_like(x) if jacobian else None  # d loss_r / d x_r = -d logp_r / d x_r
         buffers = _ChunkBuffers(x, weight, chunk_rows, need_w=False)
-        for start in range(0, x.shape[0], chunk_rows):
-            rows = slice(start, start + chunk_rows)
+        for rows in chunk_slices(x.shape[0], chunk_rows):
             tc = targets[rows]
             logits, out[rows], chunk_lse, tanh = _chunk_logps(x[rows], weight, tc, buffers, kernel, scale, softcap,
                                                               want_grad=jacobian)
@@ -979,8 +1004,7 @@ class _LinearTokenLogps(torch.autograd.Function):
         grad_x = torch.empty_like(x) if need_x else None
         buffers = _ChunkBuffers(x, weight, ctx.chunk_rows, need_w)
         acc = torch.promote_types(x.dtype, torch.float32)
-        for start in range(0, x.shape[0], ctx.chunk_rows):
-            rows = slice(start, start + ctx.chunk_rows)
+        for rows in chunk_slices(x.shape[0], ctx.chunk_rows):
             xc, tc = x[rows], targets[rows]
             # the logits again (the kernel's not read: it writes the gradient over them)
             if ctx.kernel:
@@ -1009,7 +1033,7 @@ def linear_token_logps(x: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     scale, softcap = _logit_shape("linear_token_logps", scale, softcap)
     # Only x wants a gradient (a frozen head): the forward keeps d logp / dx instead of the inputs.
     jacobian = torch.is_grad_enabled() and x.requires_grad and not weight.requires_grad
-    with torch.autocast(x.device.type, enabled=False):
+    with _autocast_off(x):
         return _LinearTokenLogps.apply(x, weight, targets.reshape(-1), chunk_rows, scale,
                                        softcap, jacobian).view(targets.shape)
 
@@ -1111,7 +1135,7 @@ def linear_sequence_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     if any(n < 0 for n in segment_rows) or sum(segment_rows) != x.shape[0] or len(segment_rows) % group:
         raise ValueError(f"linear_sequence_loss: segment_rows must be {group}-sequence groups of rows >= 0 summing "
                          f"to the {x.shape[0]} rows of x, got {len(segment_rows)} sequences of {sum(segment_rows)} rows")
-    with torch.autocast(x.device.type, enabled=False):
+    with _autocast_off(x):
         return _LinearSequenceLoss.apply(x, weight, targets.reshape(-1), segment_rows, group, loss_fn, chunk_rows,
                                          scale, softcap, torch.is_grad_enabled())
 
@@ -1207,8 +1231,8 @@ class _LinearDistill(torch.autograd.Function):
                 buffers.add_grads(grad, xc, weight, rows, grad_x)
             return part
 
-        for start in range(0, x.shape[0], chunk_rows):
-            total += chunk(slice(start, start + chunk_rows))
+        for rows in chunk_slices(x.shape[0], chunk_rows):
+            total += chunk(rows)
         ctx.save_for_backward(grad_x, buffers.grad_w)
         ctx.weight_dtype = weight.dtype
         return total.to(acc)
@@ -1243,7 +1267,7 @@ def linear_distill(x: torch.Tensor, weight: torch.Tensor, x_teacher: torch.Tenso
     teacher_shape = _logit_shape("linear_distill (the teacher's)", teacher_scale, teacher_softcap)
     x_teacher = x_teacher.to(x.dtype)
     weight_teacher = weight_teacher.to(x.dtype)
-    with torch.autocast(x.device.type, enabled=False):
+    with _autocast_off(x):
         return _LinearDistill.apply(x, weight, x_teacher.detach(), weight_teacher.detach(), float(beta),
                                     float(temperature), chunk_rows, shape, teacher_shape)
 

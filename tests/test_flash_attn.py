@@ -1077,6 +1077,25 @@ def test_meta_tensors_give_shapes():
         pyllm.flash_attn(q.to(torch.int32), k, v)
 
 
+
+def test_fake_tensor_mode_and_make_fx():
+    # FakeTensorMode (shape inference) and make_fx trace: two caches looked like one tensor (a fake
+    # tensor's data_ptr() is 0) and the ALiBi slopes' finiteness check read fake data
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    with FakeTensorMode():
+        q, k_new, v_new = (torch.empty(2, 1, 4, 32) for _ in range(3))
+        k_cache, v_cache = torch.empty(2, 16, 4, 32), torch.empty(2, 16, 4, 32)
+        out = pyllm.flash_attn_with_kvcache(q, k_cache, v_cache, torch.tensor([3, 5], dtype=torch.int32), k_new, v_new)
+        assert out.shape == (2, 1, 4, 32)
+        x = torch.empty(2, 5, 4, 32)
+        assert pyllm.flash_attn(x, x, x, causal=True, alibi_slopes=torch.rand(4)).shape == (2, 5, 4, 32)
+    x, slopes = torch.randn(2, 5, 4, 32), torch.rand(4)
+    traced = make_fx(lambda x, s: pyllm.flash_attn(x, x, x, causal=True, alibi_slopes=s), tracing_mode="fake")(x, slopes)
+    torch.testing.assert_close(traced(x, slopes), pyllm.flash_attn(x, x, x, causal=True, alibi_slopes=slopes))
+
+
 @pytest.mark.parametrize("softcap,alibi", [(0.0, False), (2.0, False), (0.0, True)], ids=str)
 def test_torch_compile_fullgraph(softcap, alibi):
     torch._dynamo.reset()

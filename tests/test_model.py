@@ -703,6 +703,25 @@ def test_packed_documents_under_torch_compile_and_checkpointing():
         torch.testing.assert_close(compiled(idx, None, other)[0], model(idx, None, other)[0], rtol=1e-4, atol=1e-5)
 
 
+def test_one_graph_for_every_shape_under_dynamic_compile():
+    # torch.compile(dynamic=True) of the fused loss and of packed documents: one graph for every
+    # B, T (the fused loss's chunk size came from B * T, varlen's max_seqlen = T went through
+    # operator.index: each specialized the graph, a recompile per shape and no dynamic export)
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    model = LLM(ModelConfig(vocab_size=128, block_size=64, n_layers=1, n_heads=4, n_kv_heads=2, dim=64))
+    model.fused_loss = True
+    compiled = torch.compile(model, fullgraph=True, dynamic=True, backend="aot_eager")
+    before = counters["stats"]["unique_graphs"]
+    for B, T in ((2, 16), (3, 21), (2, 30)):
+        idx, targets = torch.randint(0, 128, (B, T)), torch.randint(0, 128, (B, T))
+        cu = torch.tensor([0, 5, T, T + 3] + [b * T for b in range(2, B + 1)], dtype=torch.int32)
+        for offsets in (None, cu):
+            got = compiled(idx, targets, offsets)[1]
+            torch.testing.assert_close(got, model(idx, targets, offsets)[1], rtol=1e-5, atol=1e-6)
+    assert counters["stats"]["unique_graphs"] - before <= 2  # one with offsets, one without
+
+
 @pytest.mark.parametrize("offsets, message", [
     ([0, 5, 32], "crosses the end of row 0"),
     ([0, 5, 16, 30], "rise from 0 to B \\* T = 32"),
@@ -876,7 +895,13 @@ def test_forward_on_a_device_without_kernels():
         model = LLM(cfg)
         idx = torch.randint(0, cfg.vocab_size, (2, 9))
         logits, loss = model(idx, idx)
+        from pyllm.nn import linear_cross_entropy
+
+        model.fused_loss = True  # (its target selection, nonzero, and autocast had no meta form)
+        _, fused = model(idx, idx)
+        chunked = linear_cross_entropy(torch.empty(6, cfg.dim), model.lm_head.weight, idx[0, :6])
     assert logits.shape == (2, 9, cfg.vocab_size) and logits.is_meta and loss.shape == ()
+    assert fused.is_meta and fused.shape == () and chunked.is_meta and chunked.shape == ()
 
 
 def test_mlp_without_the_kernel_computes_the_same(monkeypatch):

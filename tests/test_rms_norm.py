@@ -173,6 +173,8 @@ def test_meta_tensors_give_shapes():
     assert out.is_meta and out.shape == (3, 5)
     gx, gw = torch.autograd.grad(out.sum(), (x, weight))
     assert gx.is_meta and gx.shape == (3, 5) and gw.shape == (5,)
+    # a weight of another dtype is cast as on the CPU (meta had refused it)
+    assert pyllm.rms_norm(x.float(), weight.double()).dtype == torch.float32
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])

@@ -64,6 +64,8 @@ def _as_int(value) -> Optional[int]:
     """An int, or what stands for one (numpy's integers, anything with __index__); else None."""
     if isinstance(value, bool):
         return None
+    if isinstance(value, (int, torch.SymInt)):  # traced with dynamic shapes, a size stays symbolic: operator.index
+        return value  # specialized the graph to the example's (a packed batch's max_seqlen = T)
     try:
         return operator.index(value)
     except TypeError:
@@ -200,7 +202,7 @@ def _check_alibi(op: str, q: Tensor, slopes, batch: int) -> Optional[Tensor]:
         raise ValueError(f"{op}: alibi_slopes are fixed biases and get no gradient; pass alibi_slopes.detach()")
     # Read here, before a kv-cache call writes anything (the C++ launchers check them again); traced
     # calls leave it to the launchers (a data-dependent branch would break the graph).
-    if not torch.compiler.is_compiling() and slopes.device.type != "meta" and not bool(torch.isfinite(slopes).all()):
+    if _util.eager_untraced() and slopes.device.type != "meta" and not bool(torch.isfinite(slopes).all()):
         raise ValueError(f"{op}: alibi_slopes must be finite")
     return slopes.contiguous()
 
@@ -987,7 +989,7 @@ def flash_attn(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, softmax
         cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
         # No sequence is longer than the tokens packed: a larger max_seqlen only sized the work (2^40
         # ran for an hour; sys.maxsize overflowed it to nothing, garbage out)
-        max_q, max_k = min(max_q, q.shape[0]), min(max_k, k.shape[0])
+        max_q, max_k = torch.sym_min(max_q, q.shape[0]), torch.sym_min(max_k, k.shape[0])
     elif max_seqlen_q is not None or max_seqlen_k is not None:
         raise ValueError(f"{OP}: max_seqlen_q / max_seqlen_k are for varlen (with cu_seqlens) only")
     left, right = _check_window(OP, window)
@@ -1113,8 +1115,8 @@ def _check_writable_caches(op: str, k_cache: Tensor, v_cache: Tensor) -> None:
     batch: row 1's append landing in row 0's memory) and not one tensor for both (the values' append
     overwriting the keys'). Views into one buffer (kv[0], kv[1]) are fine; overlaps that take more
     than strides to find are left to the caller, as torch's in-place ops leave them."""
-    if _util.symbolic(k_cache.shape[0]) or k_cache.device.type == "meta":
-        return
+    if _util.symbolic(k_cache.shape[0]) or k_cache.device.type == "meta" or not _util.eager_untraced():
+        return  # (fake tensors' data_ptr() is 0 for both: every pair looked like one tensor)
     for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
         if torch._debug_has_internal_overlap(cache) == 1:  # 1: certainly (a stride 0 over a dim > 1)
             raise ValueError(f"{op}: {name} has elements in the same memory (an expanded tensor, strides "

@@ -180,12 +180,19 @@ class _RmsNormFunction(torch.autograd.Function):
 
 # --- public API -------------------------------------------------------------------------------
 
+def _dtypes(t: Tensor) -> tuple:
+    """The dtypes rms_norm takes on t's device (meta: any kernel's, as _util.check_tensor)."""
+    if t.device.type == "meta":
+        return tuple({d for dtypes in DTYPES.values() for d in dtypes})
+    return DTYPES.get(t.device.type, ())
+
+
 def _pyllm_form(x: Tensor, weight: Optional[Tensor] = None, eps: Optional[float] = 1e-6, *, offset: float = 0.0,
                 cast_first: bool = True) -> Tensor:
     if eps is None:
         eps = _torch_eps(x)
     if (isinstance(weight, Tensor) and isinstance(x, Tensor) and weight.dtype != x.dtype
-            and weight.dtype in DTYPES.get(weight.device.type, ()) and x.dtype in DTYPES.get(x.device.type, ())
+            and weight.dtype in _dtypes(weight) and x.dtype in _dtypes(x)
             and not _master_weight(x, weight)):
         weight = weight.to(x.dtype)
     _check(x, weight, eps, offset)

@@ -17,8 +17,13 @@ import torch
 
 # Every bench script imports this module before pyllm: the checkout it lives in goes ahead of any
 # installed pyllm (a worktree's bench measured main's editable install otherwise).
+# A checkout without a built extension (pyllm installed with `pip install .`, not -e) is left out:
+# its pyllm/ would shadow the installed one and fail to import _C.
 _CHECKOUT = str(Path(__file__).resolve().parent.parent)
-if _CHECKOUT not in sys.path:
+if not any(Path(_CHECKOUT, "pyllm").glob("_C*.so")):
+    print(f"bench: {_CHECKOUT}/pyllm has no built extension: measuring the installed pyllm "
+          "(pip install --no-build-isolation -e . here measures this checkout)", file=sys.stderr)
+elif _CHECKOUT not in sys.path:
     sys.path.insert(1, _CHECKOUT)
 
 
@@ -118,15 +123,29 @@ def device_description(device: str) -> str:
 
 def git_commit() -> str:
     try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       stderr=subprocess.DEVNULL, cwd=Path(__file__).parent).strip()
+        here = Path(__file__).parent
+        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
+                                         stderr=subprocess.DEVNULL, cwd=here).strip()
+        # results of edited code are not the commit's: said so
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "pyllm", "csrc", "bench"], cwd=here.parent,
+                               stderr=subprocess.DEVNULL).returncode == 1
+        return commit + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
 
+def _device(value: str) -> str:
+    if value not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"cpu or cuda, got {value!r}")
+    if value == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"no usable CUDA device here (torch {torch.__version__}, "
+                                         f"built with CUDA {torch.version.cuda})")
+    return value
+
+
 def base_parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", type=_device)
     p.add_argument("--quick", action="store_true", help="skip torch.compile peers and large sizes")
     p.add_argument("--json", type=Path, help="also write the rows here as JSON")
     return p

@@ -46,7 +46,11 @@ want() { [[ " $STAGES " == *" $1 "* ]]; }
 pytest_rc=-1 sanitizer_rc=-1  # -1: stage not run in this call
 
 status "device"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt"
+# No GPU, no run: every later stage would fail one test or benchmark at a time (or build for minutes first).
+if ! nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$OUT/device.txt" 2>&1; then
+  cat "$OUT/device.txt"; echo "gpu_check.sh needs an NVIDIA GPU and its driver (nvidia-smi failed here)"; exit 2
+fi
+cat "$OUT/device.txt"
 
 if want build; then
   status "build"
@@ -178,7 +182,7 @@ out, pytest_rc, sanitizer_rc = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 import torch
 summary = {
     "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "no usable GPU",
-    "driver": open(os.path.join(out, "device.txt")).readline().strip(),
+    "nvidia_smi": open(os.path.join(out, "device.txt")).readline().strip(),  # name, driver, memory
     "torch": torch.__version__,
     "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
     "commit": os.environ.get("PYLLM_COMMIT") or subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown",

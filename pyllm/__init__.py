@@ -6,6 +6,13 @@ from pyllm import _cpu_guard  # noqa: E402
 
 _cpu_guard.check()
 
+import importlib.util as _importlib_util  # noqa: E402
+
+if _importlib_util.find_spec("pyllm._C") is None:  # else a circular-import error from the first op module
+    raise ImportError(f"pyllm's compiled extension (pyllm._C) is not in {__path__[0]}: a source checkout without a "
+                      "build. Build it there (pip install --no-build-isolation -e .), or run from another folder to "
+                      "import an installed pyllm")
+
 from pyllm.ops.cross_entropy import cross_entropy  # noqa: E402
 from pyllm.ops.distill import generalized_jsd  # noqa: E402
 from pyllm.ops.flash_attn import flash_attn, flash_attn_with_kvcache  # noqa: E402

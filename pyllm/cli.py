@@ -34,11 +34,13 @@ def cmd_info(args) -> int:
                 why = f"torch (CUDA {torch.version.cuda}) sees no GPU"
             else:
                 why = "no device visible to pyllm"
-            print(f"GPU usable now: no ({why}; driver sees {n} device(s))")
+            print(f"GPU usable now: no ({why}; the CUDA runtime counts {n} device(s): 0 also when no driver is installed)")
     else:
         print("CUDA kernels: not built (no nvcc at build time, or PYLLM_CUDA=off)")
         print(f"GPU usable now: no (torch.cuda.is_available() = {torch.cuda.is_available()})")
-    threads = f"OpenMP, {torch.get_num_threads()} threads" if _C.cpu_openmp else "one thread (built without OpenMP)"
+    n_threads = torch.get_num_threads()
+    threads = (f"OpenMP, {n_threads} thread{'s' if n_threads != 1 else ''}" if _C.cpu_openmp
+               else "one thread (built without OpenMP)")
     built_with = _cpu_guard.build_flags()
     if len(_C.cpu_levels) > 1:  # a dispatch build: say which copy runs
         levels = ", ".join(name if runs else f"{name} (not on this CPU)" for name, runs in _C.cpu_levels)
@@ -62,9 +64,10 @@ def cmd_info(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    bench_dir = Path(__file__).resolve().parent.parent / "bench"
-    if not bench_dir.is_dir():
-        print("pyllm bench runs the scripts in bench/ of a source checkout; none found next to this install", file=sys.stderr)
+    bench_dir = Path(args.dir) if args.dir else Path(__file__).resolve().parent.parent / "bench"
+    if not bench_dir.is_dir() or not any(bench_dir.glob("bench_*.py")):
+        print(f"pyllm bench runs the scripts in bench/ of a source checkout; none in {bench_dir}: give a clone's "
+              "with --dir CLONE/bench (it measures this installed pyllm unless the clone is built)", file=sys.stderr)
         return 2
     scripts = sorted(bench_dir.glob("bench_*.py"))
     rc = 0
@@ -591,7 +594,8 @@ def cmd_train(args) -> int:
           f"{model_obj.num_params() / 1e6:.2f}M params, val loss "
           f"{'not evaluated' if summary['val_loss'] is None else format(summary['val_loss'], '.4f')}, "
           f"{summary['skipped_steps']} skipped steps")
-    print(f"wrote {out / 'checkpoint.pt'}, {out / 'model.safetensors'}, {out / 'log.jsonl'}, {out / 'loss.png'}")
+    print(f"wrote {out / 'checkpoint.pt'}, {out / 'model.safetensors'}, {out / 'log.jsonl'}"
+          + (f", {out / 'loss.png'}" if (out / "loss.png").is_file() else ""))
     if summary["skipped_steps"] * 4 > cfg.max_steps:  # the run mostly stood still: say why, not just a count
         print(f"warning: {summary['skipped_steps']} of {cfg.max_steps} steps were skipped (non-finite gradients): "
               "the learning rate is likely too high (--lr), or gradient clipping off (--grad-clip)", file=sys.stderr)
@@ -1274,6 +1278,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="run the benchmark scripts of bench/ (source checkout), ours vs peers")
     p.add_argument("--quick", action="store_true", help="small sizes, no torch.compile peers")
     p.add_argument("--device", help="cpu or cuda (default: cuda when usable)")
+    p.add_argument("--dir", help="the bench/ folder of a source checkout (default: the one beside this pyllm)")
     p.set_defaults(func=cmd_bench)
     p = sub.add_parser("train", help="train a model; with no options, THE MAIN JOB: BPE + tiny model on this Python's stdlib source",
                        description="Train a model. With no options: train a BPE tokenizer on this Python's standard-library "

@@ -29,6 +29,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
+from pyllm.ops._util import is_number
 from pyllm.ops.flash_attn import cu_seqlens_of, flash_attn, flash_attn_with_kvcache as _kvcache, real_tokens
 
 
@@ -75,8 +76,10 @@ def _gather_paged(op: str, k: Tensor, v: Tensor, block_table: Tensor, cu_seqlens
 
 
 def _no_cap(softcap):
-    """flash-attn's softcap: any value <= 0 is no cap."""
-    return 0.0 if isinstance(softcap, (int, float)) and not isinstance(softcap, bool) and softcap <= 0 else softcap
+    """flash-attn's softcap: any value <= 0 is no cap (a numpy scalar or a 0-d tensor as a float)."""
+    if isinstance(softcap, Tensor) and softcap.numel() == 1 and not softcap.requires_grad:
+        softcap = softcap.item()
+    return 0.0 if is_number(softcap) and softcap <= 0 else softcap
 
 
 def _attn(op, q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
@@ -203,6 +206,11 @@ def index_first_axis(x: Tensor, indices: Tensor) -> Tensor:
     return x[indices]
 
 
+def index_first_axis_residual(x: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:
+    """(x[indices], x detached): flash-attn's, for a residual kept whole beside the rows taken."""
+    return index_first_axis(x, indices), x.detach()
+
+
 def index_put_first_axis(values: Tensor, indices: Tensor, first_axis_dim: int) -> Tensor:
     """A (first_axis_dim, ...) tensor of zeros with values' rows at indices, differentiable."""
     if indices.dim() != 1 or values.dim() < 2:
@@ -246,5 +254,5 @@ def pad_input(hidden_states: Tensor, indices: Tensor, batch: int, seqlen: int) -
 
 __all__ = ["flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func", "flash_attn_varlen_func",
            "flash_attn_varlen_qkvpacked_func", "flash_attn_varlen_kvpacked_func", "flash_attn_with_kvcache",
-           "index_first_axis", "index_put_first_axis", "unpad_input", "unpad_input_for_concatenated_sequences",
+           "index_first_axis", "index_first_axis_residual", "index_put_first_axis", "unpad_input", "unpad_input_for_concatenated_sequences",
            "pad_input"]

@@ -1343,7 +1343,14 @@ class RunLog:
 
 
 def plot_losses(log_path: Path, png_path: Path) -> None:
-    import matplotlib
+    """loss.png from log.jsonl; without matplotlib (pyllm[train]'s), a note instead of the plot
+    (the run's weights and log are written already: a plot is no reason to fail it)."""
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"pyllm: no {png_path.name}: matplotlib is not installed (pip install 'pyllm[train]' or matplotlib)",
+              file=sys.stderr)
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

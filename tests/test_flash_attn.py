@@ -2642,6 +2642,11 @@ def test_flash_attn_interface_padding_helpers():
     assert torch.equal(fai.pad_input(packed, idx, 3, 6), x * real[..., None])
     with pytest.raises(ValueError, match="at least 2-D"):
         fai.index_first_axis(torch.arange(4.0), torch.tensor([0]))
+    rows, whole = fai.index_first_axis_residual(x.view(18, 1), idx)
+    assert torch.equal(rows, packed) and torch.equal(whole, x.view(18, 1)) and not whole.requires_grad
+    q = torch.randn(1, 4, 2, 32)
+    for no_cap in (np.float32(-1.0), torch.tensor(-1.0), torch.tensor(0.0)):  # as a float's: no cap
+        torch.testing.assert_close(fai.flash_attn_func(q, q, q, softcap=no_cap), fai.flash_attn_func(q, q, q))
 
 
 @pytest.mark.cuda

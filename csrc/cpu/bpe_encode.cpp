@@ -120,8 +120,8 @@ Encoder::Encoder(const std::vector<std::string>& tokens, const std::vector<uint3
                  const std::vector<std::string>& special_tokens, const std::vector<uint32_t>& special_ids,
                  const std::vector<uint32_t>& merges, const std::vector<uint32_t>& byte_fallback, uint32_t unk_id,
                  bool fuse_unk, bool whole_first)
-    : pattern_(Pattern::kCustom), specials_(special_tokens), special_ids_(special_ids), char_level_(true),
-      whole_first_(whole_first), unk_id_(unk_id), fuse_unk_(fuse_unk) {
+    : pattern_(Pattern::kCustom), char_level_(true), whole_first_(whole_first), unk_id_(unk_id), fuse_unk_(fuse_unk),
+      specials_(special_tokens), special_ids_(special_ids) {  // (in declaration order: -Wreorder)
   index_vocabulary(tokens, ranks);
   PYLLM_CHECK(merges.size() % 3 == 0, "bpe: merges must be (left, right, merged) triples, got ", merges.size(),
               " numbers");

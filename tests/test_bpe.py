@@ -214,6 +214,23 @@ def test_surrogates_match_tiktoken(pair):
     text = "a\ud800b \udfff"
     assert tok.encode(text) == enc.encode(text)
     assert tok.encode_batch([text])[0] == enc.encode(text)
+    # a surrogate pair written as two code points is one character once replaced, as tiktoken
+    # replaces them before it splits: so too with a custom pattern (it had split them apart first)
+    import tiktoken
+
+    custom = Tokenizer(tok.mergeable_ranks, r"\p{L}+|\p{N}+|.", {})
+    theirs = tiktoken.Encoding("custom", pat_str=r"\p{L}+|\p{N}+|.", mergeable_ranks=tok.mergeable_ranks,
+                               special_tokens={})
+    for text in ("x\ud83d\ude00y", "a\ud800b \udfff"):
+        assert custom.encode(text) == custom.encode_ordinary(text) == theirs.encode(text), text
+
+
+def test_train_refuses_a_path_that_names_no_file(corpus, tmp_path):
+    # one typo in a list of paths had trained on the path strings, as text
+    real = tmp_path / "a.txt"
+    real.write_text("some text " * 100)
+    with pytest.raises(FileNotFoundError, match="mixes file paths .* with strings that name no file .*b_typo.txt"):
+        Tokenizer.train([str(real), str(tmp_path / "b_typo.txt")], 300, show_progress=False)
 
 
 def test_token_bytes(gpt4):
@@ -512,6 +529,8 @@ def test_corrupt_and_truncated_files(gpt4, tmp_path):
         "header_only": data[: data.index(b"\n", data.index(b"\n") + 1)],
         "flipped": data[:-20] + bytes([data[-20] ^ 1]) + data[-19:],
         "bad_header": data.replace(b'"sha256"', b'"sha257"', 1),
+        # the header's own digest: a special token's id (or the pattern) changed had loaded silently
+        "changed_special": data.replace(b'"<|endoftext|>": ', b'"<|endoftext|>": 1', 1),
         "empty": b"",
         "garbage": b"\x00\xff" * 100,
     }

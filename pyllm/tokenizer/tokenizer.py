@@ -105,6 +105,23 @@ def _fix_surrogates(text: str) -> str:
     return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
+def _utf8_safe(text: str) -> str:
+    """text, its lone surrogates replaced first (as tiktoken does before it splits: a surrogate pair
+    written as two code points is then one character, not two replacement characters)."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return _fix_surrogates(text)
+
+
+def _header_digest(header: dict) -> str:
+    """The SHA-256 of a saved tokenizer's header (all but this digest itself), canonical JSON: the
+    ranks' digest does not cover the pattern, the special tokens or the normalization."""
+    fields = {k: v for k, v in header.items() if k != "header_sha256"}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, ensure_ascii=True).encode("ascii")).hexdigest()
+
+
 def _resolve_pattern(pattern) -> tuple[str | None, str, int]:
     """(built-in name or None, regex string, C++ pattern code; -1 for a custom pattern)."""
     if not isinstance(pattern, str):
@@ -731,9 +748,9 @@ class Tokenizer:
             raise TypeError(f"encode_ordinary: text must be a str, got {type(text).__name__}")
         text = self._normalized(text)
         if self._spm is not None:
-            return self._encode_pieces(self._spm.pieces(text, True))
+            return self._encode_pieces(self._spm.pieces(_utf8_safe(text), True))
         if self._regex is not None:
-            return self._encode_pieces(self._split_custom(text))
+            return self._encode_pieces(self._split_custom(_utf8_safe(text)))
         try:
             return self._enc.encode_ordinary(text)
         except TypeError:
@@ -890,6 +907,7 @@ class Tokenizer:
             raise KeyError(piece) from None
 
     def _encode_custom(self, text: str, allowed: list[int], disallowed: list[int]) -> list[int]:
+        text = _utf8_safe(text)
         if disallowed:
             _check_disallowed([text], [self._special_list[d] for d in disallowed])
         if self._spm is None:
@@ -1183,6 +1201,7 @@ class Tokenizer:
         if self._spm is not None:  # its merges are checksummed with the ranks
             header["sentencepiece"] = self._spm.settings
             header["sha256"] = hashlib.sha256(body + _settings_bytes(self._spm.settings)).hexdigest()
+        header["header_sha256"] = _header_digest(header)
         _atomic_write(path, (_MAGIC + "\n" + json.dumps(header, ensure_ascii=True) + "\n").encode("ascii") + body)
 
     @classmethod
@@ -1203,6 +1222,9 @@ class Tokenizer:
         except (ValueError, KeyError, TypeError):
             raise ValueError(f"{where}: corrupt or truncated file (the header line is not valid)") from None
         spm = header.get("sentencepiece")
+        if "header_sha256" in header and _header_digest(header) != header["header_sha256"]:  # (files before it: none)
+            raise ValueError(f"{where}: corrupt file (its header does not match its SHA-256: the pattern, special "
+                             "tokens or normalization were changed)")
         if not newline or hashlib.sha256(body + (b"" if spm is None else _settings_bytes(spm))).hexdigest() != digest:
             raise ValueError(f"{where}: corrupt or truncated file (the ranks do not match the header's SHA-256)")
         ranks = _parse_ranks_body(body, where)
@@ -1397,7 +1419,12 @@ def _text_batches(texts):
     """(generator of (list of str, bytes), total bytes or None): texts in batches of ~32 MB."""
     if isinstance(texts, (str, bytes)) or not isinstance(texts, Iterable):
         raise TypeError(f"train: texts must be an iterable of str or a list of file paths, got {type(texts).__name__}")
-    if isinstance(texts, (list, tuple)) and texts and all(_looks_like_file(t) for t in texts):
+    files = [_looks_like_file(t) for t in texts] if isinstance(texts, (list, tuple)) else []
+    if any(files) and not all(files):  # a typo in one path had trained on the path strings as text
+        raise FileNotFoundError(f"train: texts mixes file paths ({os.fspath(texts[files.index(True)])!r}) with strings "
+                                f"that name no file ({str(texts[files.index(False)])[:80]!r}): give every text, or "
+                                "every path (of existing files)")
+    if files and all(files):
         paths = [os.fspath(t) for t in texts]
         total = sum(os.path.getsize(p) for p in paths)
 

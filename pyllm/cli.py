@@ -1104,7 +1104,7 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", type=int, help="optimizer steps in all (default 600)")
     p.add_argument("--ckpt-every", type=int, help="write the checkpoint every K steps (and at the end; default 200)")
     p.add_argument("--eval-every", type=int, help="val loss every K steps (and at the end; default 100)")
-    p.add_argument("--keep-best", action="store_true", default=None,
+    p.add_argument("--keep-best", action=argparse.BooleanOptionalAction, default=None,
                    help="model.safetensors holds the weights of the lowest val loss, written at that evaluation, "
                         "not the last step's (nanoGPT's always_save_checkpoint=False, for a run that overfits); "
                         "checkpoint.pt still holds the latest step, to resume from")
@@ -1140,11 +1140,11 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                         "process or ddp")
     p.add_argument("--muon-momentum", type=float, help="Muon's Nesterov momentum (default 0.95)")
     p.add_argument("--seed", type=int, help="seed of init, data order and sampling (default 1337)")
-    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
-    p.add_argument("--activation-checkpointing", action="store_true", default=None,
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model")
+    p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="keep only each block's input for the backward and recompute the rest there: activation "
                         "memory falls to about one (B, T, dim) tensor per layer, for ~1/3 more compute")
-    p.add_argument("--fused-loss", action="store_true", default=None,
+    p.add_argument("--fused-loss", action=argparse.BooleanOptionalAction, default=None,
                    help="compute the loss chunk by chunk with its gradients (pyllm.nn.linear_cross_entropy): the "
                         "(batch, seq, vocab) logits and their gradient never exist, which is most of the activation "
                         "memory with a large vocabulary")
@@ -1229,19 +1229,19 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grpo-log-completions", type=int, metavar="N",
                    help="GRPO: write each generation's first N samples (prompt, completion, reward, advantage) to "
                         "the run's completions.jsonl (default 0: none)")
-    p.add_argument("--grpo-mask-truncated", action="store_true", default=None,
+    p.add_argument("--grpo-mask-truncated", action=argparse.BooleanOptionalAction, default=None,
                    help="GRPO: samples that reach --grpo-max-new-tokens without a stop token are rewarded but not "
                         "trained on (DAPO's overlong filtering; TRL's mask_truncated_completions)")
     p.add_argument("--grpo-beta", type=float, help="GRPO: the weight of a KL penalty against the starting model (a "
                    "frozen copy of --init-from-hf / --init-from-run, or with --lora-rank the model with its updates "
                    "off; default 0, TRL's)")
-    p.add_argument("--distill-seq-kd", action="store_true", default=None,
+    p.add_argument("--distill-seq-kd", action=argparse.BooleanOptionalAction, default=None,
                    help="GKD's seq_kd: the conversations' last replies replaced by the teacher's samples first (sequence-"
                         "level distillation; --distill-lmbda's draws then take the student's instead)")
     p.add_argument("--distill-max-new-tokens", type=int, help="on-policy samples: at most this many tokens (default 128)")
     p.add_argument("--distill-sample-temperature", type=float,
                    help="on-policy samples drawn at this temperature (default 0.9, TRL's)")
-    p.add_argument("--doc-mask", action="store_true", default=None,
+    p.add_argument("--doc-mask", action=argparse.BooleanOptionalAction, default=None,
                    help="keep each document's tokens from attending to the documents before it in the same training "
                         "window (cut at the end-of-document token: <|endoftext|>, or an --init-from-hf model's "
                         "end-of-sequence id), each document's positions starting at 0, as Llama 3 was trained; "

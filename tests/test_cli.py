@@ -675,6 +675,9 @@ def test_every_option_has_help():
                 yield f"{path} {action.option_strings or action.dest}"
 
     assert list(walk(cli.build_parser(), "pyllm")) == []
+    # a switch a config file or a resumed run turned on can be turned off from the command line
+    args = cli.build_parser().parse_args(["train", "--no-compile", "--fused-loss", "--no-keep-best"])
+    assert (args.compile, args.fused_loss, args.keep_best, args.doc_mask) == (False, True, False, None)
 
 
 def test_generate_streams_text_as_tokens_come(monkeypatch, capsys):

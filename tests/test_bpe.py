@@ -853,6 +853,8 @@ def test_from_hf_refuses_what_tiktoken_semantics_cannot_do(corpus, tmp_path):
         ({"model": {**good["model"], "merges": [merges[1], merges[0], *merges[2:]]}}, "out of id order"),
         ({"model": {**good["model"], "vocab": {**good["model"]["vocab"], "\u4e2d": 5000}}}, "byte-level alphabet"),
         ({"added_tokens": [{**good["added_tokens"][0], "lstrip": True}]}, "strips"),
+        # a token no merge makes (hand-extended): tiktoken's rule would merge into it, Hugging Face not
+        ({"model": {**good["model"], "vocab": {**good["model"]["vocab"], "xyzq": 5000}}}, "made by no merge"),
     ]
     for change, message in cases:
         path.write_text(json.dumps({**good, **change}))

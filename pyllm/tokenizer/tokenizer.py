@@ -1291,13 +1291,20 @@ class Tokenizer:
             if any(ch not in byte_of for ch in token):
                 raise NotImplementedError(f"{where}: token {token!r} is not in the byte-level alphabet")
             ranks[bytes(byte_of[ch] for ch in token)] = token_id
-        last = -1
+        last, made = -1, set()
         for left, right in merge_pairs:
             merged = model["vocab"].get(left + right)
             if merged is None or merged < last:  # several splits of one token may follow each other
                 raise NotImplementedError(f"{where}: merge {left!r} + {right!r} makes no token or is out of id "
                                           "order: tiktoken's semantics (lowest id merges first) would encode differently")
             last = merged
+            made.add(merged)
+        # A token no merge makes: Hugging Face reaches it only as a whole piece (ignore_merges), where
+        # tiktoken's rule merges into it anywhere its bytes' halves are tokens (a hand-extended vocabulary).
+        unmade = next((t for t, i in ranks.items() if len(t) > 1 and i not in made), None)
+        if unmade is not None:
+            raise NotImplementedError(f"{where}: token {unmade!r} (id {ranks[unmade]}) is made by no merge: tiktoken's "
+                                      "semantics would merge into it where Hugging Face's merge list does not")
         return cls(ranks, pattern, specials, name=name, normalization=normalization)
 
     @classmethod

@@ -1091,6 +1091,22 @@ def test_fake_tensor_mode_and_make_fx():
         assert out.shape == (2, 1, 4, 32)
         x = torch.empty(2, 5, 4, 32)
         assert pyllm.flash_attn(x, x, x, causal=True, alibi_slopes=torch.rand(4)).shape == (2, 5, 4, 32)
+    # a head dim without a kernel (16): the widened copies, sized from the lengths when they can be
+    # read; traced, the whole cache (torch.export had failed on reading them)
+    B, S, D = 2, 12, 16
+    q, k_new, v_new = torch.randn(B, 1, 4, D), torch.randn(B, 1, 2, D), torch.randn(B, 1, 2, D)
+    caches, lengths = [torch.randn(B, S, 2, D) for _ in range(2)], torch.tensor([3, 7], dtype=torch.int32)
+
+    class Decode(torch.nn.Module):
+        def forward(self, q, k_cache, v_cache, k_new, v_new, lengths):
+            return pyllm.flash_attn_with_kvcache(q, k_cache, v_cache, lengths, k_new, v_new)
+
+    program = torch.export.export(Decode(), (q, *(c.clone() for c in caches), k_new, v_new, lengths))
+    exported_caches, eager_caches = [c.clone() for c in caches], [c.clone() for c in caches]
+    got = program.module()(q, *exported_caches, k_new, v_new, lengths)
+    torch.testing.assert_close(got, pyllm.flash_attn_with_kvcache(q, *eager_caches, lengths, k_new, v_new))
+    for a, b in zip(exported_caches, eager_caches):
+        assert torch.equal(a, b)
     x, slopes = torch.randn(2, 5, 4, 32), torch.rand(4)
     traced = make_fx(lambda x, s: pyllm.flash_attn(x, x, x, causal=True, alibi_slopes=s), tracing_mode="fake")(x, slopes)
     torch.testing.assert_close(traced(x, slopes), pyllm.flash_attn(x, x, x, causal=True, alibi_slopes=slopes))

@@ -1088,11 +1088,12 @@ def _kvcache_widened(q, k_cache, v_cache, cache_seqlens, k_new, v_new, capacity:
     n_new = 0 if k_new is None else k_new.shape[1]
     # the keys in use end at the longest sequence's, known on the host for an int or CPU lengths
     longest = None
+    traced = not _util.eager_untraced()  # (torch.export / make_fx: the lengths are data, not to be read)
     if isinstance(cache_seqlens, int):  # checked there, as the kernels' path does
         _check_cache_lengths([cache_seqlens], n_new, capacity, shown=cache_seqlens)
         longest = cache_seqlens
         cache_seqlens = torch.full((q.shape[0],), cache_seqlens, dtype=torch.int32, device=q.device)
-    elif cache_seqlens.device.type == "cpu":
+    elif cache_seqlens.device.type == "cpu" and not traced:
         longest = int(cache_seqlens.max()) if cache_seqlens.numel() else 0
     # only those copied (bad lengths: the call says so); a paged cache's blocks are anywhere: all of them
     keys = capacity if block_table is not None or longest is None else min(max(longest + n_new, 0), capacity)
@@ -1101,7 +1102,7 @@ def _kvcache_widened(q, k_cache, v_cache, cache_seqlens, k_new, v_new, capacity:
                           _widened(v_new), scale, left, right, softcap, sinks, alibi_slopes, cache_batch_idx,
                           cache_leftpad, block_table)
     if n_new:  # checked by the call on the host where it reads the lengths, else clamped as it clamps them
-        if cache_seqlens.device.type != "cpu":
+        if cache_seqlens.device.type != "cpu" or traced:
             _append_kv_clamped(k_cache, v_cache, k_new, v_new, cache_seqlens.clamp(0, capacity - n_new),
                                cache_batch_idx, block_table)
         else:

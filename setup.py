@@ -37,17 +37,6 @@ def march() -> str:
     return "native" if os.environ.get("PYLLM_NATIVE", "1") != "0" and not dispatch() else ""
 
 
-def cuda_setting() -> str:
-    """PYLLM_CUDA as CMake takes it (auto, on, off), from the spellings the other switches take
-    (0 / false / no, 1 / true / yes, any case): "OFF" had built the CUDA kernels, "ON" without nvcc
-    had quietly built none."""
-    value = os.environ.get("PYLLM_CUDA", "auto").strip().lower()
-    value = {"1": "on", "true": "on", "yes": "on", "0": "off", "false": "off", "no": "off"}.get(value, value)
-    if value not in ("auto", "on", "off"):
-        raise SystemExit(f"PYLLM_CUDA must be auto, on or off (or 1 / 0, true / false, yes / no), got {value!r}")
-    return value
-
-
 class CMakeExtension(Extension):
     def __init__(self, name):
         super().__init__(name, sources=[])
@@ -68,7 +57,7 @@ class CMakeBuild(build_ext):
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
-            f"-DPYLLM_CUDA={cuda_setting()}",
+            f"-DPYLLM_CUDA={os.environ.get('PYLLM_CUDA', 'auto')}",  # (CMake reads its spellings)
             f"-DPYLLM_CUDA_ARCHS={os.environ.get('PYLLM_CUDA_ARCHS', '80;90')}",
             f"-DPYLLM_MARCH={march()}",
             f"-DPYLLM_CPU_DISPATCH={'ON' if dispatch() else 'OFF'}",

@@ -438,25 +438,37 @@ _RUN_DEFINING = ("preset", "init_from_hf", "init_from_run", "init_adapter", "lor
                  "seed", "doc_mask")
 
 
-def same_data(run_dir, data_arg) -> bool:
-    """Whether --data names what the run was made from: its token folder, or the inputs its token
-    files were made of (the run's own config file given again on resume)."""
-    items = [str(Path(p).resolve()) for p in (data_arg if isinstance(data_arg, list) else [data_arg])]
-    run_json = Path(run_dir) / "run.json"
-    data_dir = json.loads(run_json.read_text()).get("data_dir") if run_json.is_file() else None
-    if not data_dir:
-        return False
-    source = Path(run_dir) / data_dir / "source.json"  # (relative in runs of earlier versions)
-    return items == [str((Path(run_dir) / data_dir).resolve())] or (
-        source.is_file() and json.loads(source.read_text()).get("inputs") == items)
+def run_record(run_dir) -> dict:
+    """What a run recorded of the CLI keys that made it (run.json, its token files' source.json and
+    its tokenizer's .json): a resume given the same (its own config file again) changes nothing."""
+    run_dir = Path(run_dir)
+    run = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
+    data_dir = Path(run["data_dir"]).resolve() if run.get("data_dir") else None  # (relative to the cwd in old runs)
+    source = data_dir / "source.json" if data_dir else None
+    source = json.loads(source.read_text()) if source and source.is_file() else {}
+    tokenizer = Path(run["tokenizer"]) if run.get("tokenizer") else None
+    meta = tokenizer.with_name(tokenizer.name + ".json") if tokenizer else None
+    meta = json.loads(meta.read_text()) if meta and meta.is_file() else {}
+    inputs = source.get("inputs")
+    return {"data": [[str(data_dir)]] + ([inputs] if isinstance(inputs, list) else []),
+            "tokenizer": [str(tokenizer.resolve())] if tokenizer else [], "vocab_size": [run.get("vocab_size"), meta.get("vocab_size")],
+            "val_fraction": [source.get("val_fraction")], "tokenizer_train_bytes": [meta.get("train_bytes")]}
 
 
 def check_resume_options(saved: dict, opts: dict, model: dict, cli: dict, run_dir=None, config_keys=()) -> None:
     """ValueError naming the options a resume cannot change (the model, its data, its optimizer);
     the values the run was made with are taken (its config file given again)."""
     changed = [k for k in _RUN_DEFINING if k in opts and opts[k] != saved.get(k)]
+    recorded = run_record(run_dir) if run_dir is not None else {}
+
+    def same(key, value) -> bool:
+        if key in ("data", "tokenizer"):
+            value = [str(Path(v).resolve()) for v in (value if isinstance(value, list) else [value])]
+            return value in recorded.get(key, []) or value[0] in recorded.get(key, [])
+        return value in recorded.get(key, [])
+
     changed += [k for k in ("data", "tokenizer", "vocab_size", "tokenizer_train_bytes", "val_fraction")
-                if cli[k] != _CLI_KEYS[k] and not (k == "data" and run_dir is not None and same_data(run_dir, cli[k]))]
+                if cli[k] != _CLI_KEYS[k] and not same(k, cli[k])]
     if any(saved.get("model", {}).get(k, object()) != v for k, v in model.items()):
         changed.append("model")
     if changed:

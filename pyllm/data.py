@@ -69,7 +69,12 @@ _OWN_FILES = {"tokenizer.bpe", "tokenizer.bpe.json", "source.json", "run.json", 
 
 
 def _own_file(path: Path) -> bool:
-    return path.name in _OWN_FILES or path.name.endswith((".rows.jsonl", ".bin.tmp"))
+    """pyllm's side files: tokenizer.bpe (and its .json) anywhere, the rest beside pyllm's token
+    files or tokenizer (a corpus may hold a run.json of its own)."""
+    if path.name in ("tokenizer.bpe", "tokenizer.bpe.json") or path.name.endswith((".rows.jsonl", ".bin.tmp")):
+        return True
+    beside = path.with_name("train.bin").is_file() or path.with_name("tokenizer.bpe").is_file()
+    return path.name in _OWN_FILES and beside
 
 
 def _folder_files(folder: Path) -> list[Path]:
@@ -93,15 +98,19 @@ def collect_files(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     it matches. A file named twice (a folder and a file in it) is taken once."""
     import glob
 
-    files: list[Path] = []
+    paths: list[Path] = []
     for item in inputs:
         path = Path(item)
-        if not path.exists() and glob.has_magic(str(item)):  # quoted, so the shell left it
+        if not path.exists() and glob.has_magic(str(item)):  # quoted, so the shell left it: as it would expand
             matched = sorted(Path(m) for m in glob.glob(str(item), recursive=True))
             if not matched:
                 raise FileNotFoundError(f"input pattern {str(item)!r} matches no file")
-            files += [p for p in matched if p.is_file() and not _looks_binary(p) and not _own_file(p)]
-        elif path.is_dir():
+            paths += matched
+        else:
+            paths.append(path)
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
             files += [p for p in _folder_files(path) if not _looks_binary(p) and not _own_file(p)]
         elif path.is_file():
             if _looks_binary(path):  # as a folder's binary files are skipped, but named: said
@@ -110,7 +119,10 @@ def collect_files(inputs: Sequence[str | os.PathLike]) -> list[Path]:
             files.append(path)
         else:
             raise FileNotFoundError(f"input {str(path)!r} does not exist (give text files or folders of them)")
-    unique = list({p.resolve(): p for p in reversed(files)}.values())[::-1]  # the first naming of each
+    first: dict[Path, Path] = {}
+    for f in files:  # a file named twice is taken at its first naming (the order decides the val split)
+        first.setdefault(f.resolve(), f)
+    unique = list(first.values())
     if not unique:
         raise FileNotFoundError(f"no text files found in {', '.join(map(str, inputs))}")
     return unique
@@ -156,13 +168,6 @@ def read_documents(files: Iterable[Path]) -> Iterable[str]:
                           f"{text.count(chr(0xFFFD)) - raw.decode('utf-8', 'ignore').count(chr(0xFFFD))} bytes "
                           "read as U+FFFD; convert it first (iconv -f cp1252 -t utf-8 ...)", stacklevel=2)
         yield text
-
-
-def read_texts(files: Iterable[Path]) -> Iterable[str]:
-    """Each file's text, whole (read_documents splits JSON Lines files into their rows)."""
-    for f in files:
-        with open(f, encoding="utf-8", errors="replace", newline="") as handle:
-            yield handle.read()
 
 
 # --- token files ---------------------------------------------------------------------------------
@@ -331,6 +336,8 @@ class ShardedTokens:
             end = min(stop, int(self.starts[first + 1]))
             pieces.append(part[start - self.starts[first]:end - self.starts[first]])
             start, first = end, first + 1
+        if not pieces:
+            return np.zeros(0, self.dtype)
         return np.concatenate(pieces) if len(pieces) != 1 else np.asarray(pieces[0])
 
 

@@ -1003,12 +1003,12 @@ def _labelled_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                    softcap: float = 0.0) -> torch.Tensor:
     """pnn.linear_cross_entropy(x, weight, targets, scale=, softcap=) (the sum over rows, -1 ignored),
     computed at the rows whose target is not -1 alone."""
-    if not torch.compiler.is_compiling():  # eager: the same rows, and only theirs grad_x kept for the backward
+    if not _util.values_unreadable(targets):  # eager: the same rows, and only theirs grad_x kept for the backward
         rows = (targets != -1).nonzero()[:, 0]
         return pnn.linear_cross_entropy(x[rows], weight, targets[rows], scale=scale, softcap=softcap)
     x, weight, chunk_rows = pnn._fused_linear_inputs(x, weight, None, softcap, pnn.cross_entropy_ops.takes)
     grad = torch.is_grad_enabled()
-    with torch.autocast(x.device.type, enabled=False):
+    with pnn._autocast_off(x):
         return _labelled_loss_op(x, weight, targets, chunk_rows, grad and x.requires_grad,
                                  grad and weight.requires_grad, scale, softcap)[0]
 

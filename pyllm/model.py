@@ -386,8 +386,7 @@ def check_documents(cu_seqlens: torch.Tensor, B: int, T: int, device) -> None:
                          f"{cu_seqlens.dtype} of shape {tuple(cu_seqlens.shape)}")
     if cu_seqlens.device != torch.device(device):
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device}, idx on {device}: put both on one device")
-    if (not _util.eager_untraced() or cu_seqlens.device.type == "meta"
-            or (cu_seqlens.is_cuda and os.environ.get("PYLLM_ATTN_CHECK_SEQLENS") != "1")):
+    if _util.values_unreadable(cu_seqlens) or (cu_seqlens.is_cuda and os.environ.get("PYLLM_ATTN_CHECK_SEQLENS") != "1"):
         return  # reading the offsets would break the graph (or a fake tensor's trace) / sync the device
     offsets = cu_seqlens.cpu().numpy()
     if offsets[0] != 0 or offsets[-1] != B * T or (offsets[1:] < offsets[:-1]).any():
@@ -580,8 +579,8 @@ class LLM(nn.Module):
         if targets is not None and (per_token or fused or hidden or distill is not None):
             h = self.norm_f(x)  # (B, T, C)
             at = None
-            # (compiled or on meta: every position, a shape that does not depend on the data)
-            if not torch.compiler.is_compiling() and x.device.type != "meta":
+            # (compiled, meta or fake: every position, a shape that does not depend on the data)
+            if not _util.values_unreadable(targets):
                 # The output layer at the targets' positions alone: a prompt's tokens (-1) take no
                 # logits, often most of a packed row of conversations or preference pairs.
                 at = (targets != -1).nonzero(as_tuple=True)
@@ -1834,19 +1833,15 @@ def hf_config_of(cfg: ModelConfig) -> dict:
     # What GPT-2's config cannot say must be at its default: these had been dropped from the export
     # silently (a window, q/k norms, a softmax scale, caps, multipliers: transformers' logits then
     # differed from pyllm's by 7-100%).
-    gpt2_rest = (cfg.qk_norm, cfg.sliding_window, cfg.window_layers, cfg.nope_layers, cfg.sandwich_norm, cfg.pre_norm,
-                 cfg.embed_scale, cfg.embed_multiplier, cfg.residual_multiplier, cfg.logits_scaling, cfg.softmax_scale,
-                 cfg.attn_softcap, cfg.final_softcap, cfg.n_experts)
-    gpt2_plain = gpt2_rest == (False, None, None, None, False, True, False, None, None, None, None, None, None, None)
     if (cfg.norm, cfg.positions, cfg.bias, cfg.parallel_block, cfg.head_dim) == (
             "layernorm", "learned", True, False, cfg.dim // cfg.n_heads) and cfg.mlp in GELU_MLPS \
             and cfg.n_kv_heads == cfg.n_heads:
-        if not gpt2_plain:
-            names = ("qk_norm", "sliding_window", "window_layers", "nope_layers", "sandwich_norm", "pre_norm",
-                     "embed_scale", "embed_multiplier", "residual_multiplier", "logits_scaling", "softmax_scale",
-                     "attn_softcap", "final_softcap", "n_experts")
-            defaults = ModelConfig()
-            extra = [n for n in names if getattr(cfg, n) != getattr(defaults, n)]
+        defaults = ModelConfig()
+        extra = [name for name in ("qk_norm", "sliding_window", "window_layers", "nope_layers", "sandwich_norm",
+                                   "pre_norm", "embed_scale", "embed_multiplier", "residual_multiplier",
+                                   "logits_scaling", "softmax_scale", "attn_softcap", "final_softcap", "n_experts")
+                 if getattr(cfg, name) != getattr(defaults, name)]
+        if extra:
             raise NotImplementedError(f"to_hf: a GPT-2-shaped model with {', '.join(extra)} has no GPT-2 config "
                                       "(GPT2LMHeadModel would compute another function)")
         return dict(common, model_type="gpt2", architectures=["GPT2LMHeadModel"], n_positions=cfg.block_size,

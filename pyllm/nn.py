@@ -900,8 +900,10 @@ def _fused_linear_inputs(x, weight, chunk_rows, softcap=None, takes=None):
     if chunk_rows is None:
         row_bytes = x.element_size() if takes is not None and takes(x) else 4 * (2 if softcap else 1)
         most = max(1, (64 << 20) // (row_bytes * weight.shape[0]))
-        if torch.compiler.is_compiling():  # the budget alone: sized from the rows, the graph had been
-            return x, weight, most  # specialized to each batch's (a recompile per B * T, no dynamic export)
+        if torch.compiler.is_compiling():  # not from the rows: the graph had been specialized to each
+            # batch's (a recompile per B * T, no dynamic export). A power of two, so that rows of B * T
+            # (powers of two, mostly) still split evenly: 1,024 rows under a budget of 333 in 4 x 256.
+            return x, weight, 1 << (most.bit_length() - 1)
         # As many chunks as the budget needs, all of one size: 1,024 bf16 rows in 2 x 512, not 682 +
         # 342, took the step from 984 to 867 ms (matmuls of a few hundred rows run slower per row).
         chunk_rows = -(-x.shape[0] // -(-x.shape[0] // most)) if x.shape[0] else most

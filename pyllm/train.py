@@ -1773,14 +1773,27 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
             checkpoint(step + 1)
     bar.close()
     if stop_at is None:
-        if not (cfg.keep_best and best_val is not None) or not (out / "model.safetensors").is_file():
-            write_weights()  # (keep_best: written at its evaluation, unless that file was lost)
+        lost = cfg.keep_best and best_val is not None and weights_lost(out / "model.safetensors", info)
+        if lost and info.is_main:
+            print(f"pyllm: {out / 'model.safetensors'}, the weights of the lowest val loss ({best_val:.4f}), is gone: "
+                  "writing the last weights there instead", file=sys.stderr)
+        if not (cfg.keep_best and best_val is not None) or lost:
+            write_weights()  # (keep_best: written at its evaluation)
         if info.is_main:
             plot_losses(out / "log.jsonl", out / "loss.png")
     if info.world_size > 1:
         dist.barrier()  # rank 0's files are complete when any rank returns
     return {"model": model, "val_loss": val_loss, "best_val_loss": best_val, "skipped_steps": skipped, "tokens_per_s": tok_s,
             "precision": precision, "device": str(info.device), "out_dir": str(out), "rank": info.rank}
+
+
+def weights_lost(path: Path, info: DistInfo) -> bool:
+    """Whether rank 0 finds no weights file at path, told to every rank: writing them is collective
+    (FSDP gathers), and other nodes' folders need not show rank 0's files."""
+    lost = [info.is_main and not path.is_file()]
+    if info.world_size > 1:
+        dist.broadcast_object_list(lost, src=0)
+    return lost[0]
 
 
 def restore(ckpt: dict, model, optimizer, scaler, loader, cfg: TrainConfig, info: DistInfo) -> None:

@@ -648,7 +648,8 @@ def test_resume_as_the_run_was_made(corpus, tmp_path, capsys):
     # a run killed between its last checkpoint and its weights writes them on resume.
     config = tmp_path / "run.toml"
     body = (f'data = "{corpus}"\nmax_steps = 2\nbatch_size = 4\neval_every = 0\neval_batches = 2\n'
-            'device = "cpu"\nsample_tokens = 0\n[model]\nn_layers = 1\ndim = 64\nn_heads = 2\nblock_size = 32\n')
+            'device = "cpu"\nsample_tokens = 0\nvocab_size = 300\nval_fraction = 0.05\n'
+            '[model]\nn_layers = 1\ndim = 64\nn_heads = 2\nblock_size = 32\n')
     config.write_text(body)
     run = tmp_path / "run"
     assert cli.main(["train", "--config", str(config), "--out", str(run)]) == 0

@@ -193,7 +193,7 @@ def test_llmc_token_files_and_their_shards(tmp_path):
     tokens = data.open_tokens(tmp_path / "train.bin")
     whole = np.concatenate(shards)
     assert len(tokens) == 1500 and np.array_equal(tokens[650:1100], whole[650:1100])  # across two shards' ends
-    assert np.array_equal(tokens[0:1500], whole)
+    assert np.array_equal(tokens[0:1500], whole) and len(tokens[5:5]) == 0
     assert np.array_equal(data.open_tokens(tmp_path / "fineweb_train_000002.bin"), shards[1])
     assert np.array_equal(data.open_tokens(llama / "train.bin"), [128000, 5, 128255, 7])
     assert data.read_header(llama / "train.bin")["vocab_size"] == 128256
@@ -283,6 +283,11 @@ def test_collect_files_as_text(tmp_path):
     names = [str(p.relative_to(folder)) for p in files]
     assert names == ["000.txt", "001.txt", "002.txt", "link/b.txt", "sub/a.txt"]
     assert [p.name for p in data.collect_files([str(folder / "00*.txt")])] == ["000.txt", "001.txt", "002.txt"]
+    assert [p.name for p in data.collect_files([str(folder / "su*")])] == ["a.txt"]  # a folder matched: its files
+    again = data.collect_files([folder / "002.txt", folder / "000.txt", folder / "002.txt"])
+    assert [p.name for p in again] == ["002.txt", "000.txt"]  # each at its first naming
+    (folder / "sub" / "run.json").write_text("{}")  # a corpus's own: only beside pyllm's outputs is it pyllm's
+    assert "run.json" in [p.name for p in data.collect_files([folder / "sub"])]
     with pytest.raises(FileNotFoundError, match="matches no file"):
         data.collect_files([str(folder / "*.md")])
     # CRLF kept as on disk (the tokenizer's trainer reads the bytes); other encodings warned of

@@ -1107,6 +1107,11 @@ def test_fake_tensor_mode_and_make_fx():
     torch.testing.assert_close(got, pyllm.flash_attn_with_kvcache(q, *eager_caches, lengths, k_new, v_new))
     for a, b in zip(exported_caches, eager_caches):
         assert torch.equal(a, b)
+    # under a function mode of real tensors (torch.device, FlopCounterMode) the data checks still run
+    cache = torch.randn(2, 16, 2, 32)
+    with torch.device("cpu"), pytest.raises(ValueError, match="same memory"):
+        pyllm.flash_attn_with_kvcache(torch.randn(2, 1, 4, 32), cache, cache, 3, torch.randn(2, 1, 2, 32),
+                                      torch.randn(2, 1, 2, 32))
     x, slopes = torch.randn(2, 5, 4, 32), torch.rand(4)
     traced = make_fx(lambda x, s: pyllm.flash_attn(x, x, x, causal=True, alibi_slopes=s), tracing_mode="fake")(x, slopes)
     torch.testing.assert_close(traced(x, slopes), pyllm.flash_attn(x, x, x, causal=True, alibi_slopes=slopes))

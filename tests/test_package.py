@@ -126,3 +126,6 @@ def test_forward_mode_ad_is_refused_not_zero():
     with pytest.raises((NotImplementedError, RuntimeError), match="not torch.func.grad / jacrev / vjp"):
         grad(lambda q: pyllm.flash_attn(q, q, q).sum())(q)
     torch.testing.assert_close(vmap(lambda g: pyllm.swiglu(g, u[0]))(g), torch.nn.functional.silu(g) * u[0])
+    # an op on constants inside a transform that differentiates something else runs as before
+    scale = torch.rand(3, 8, dtype=torch.float64, generator=gen)
+    torch.testing.assert_close(grad(lambda s: (s * pyllm.rms_norm(x, w, 1e-6)).sum())(scale), pyllm.rms_norm(x, w, 1e-6))

@@ -162,6 +162,15 @@ def eager_untraced() -> bool:
         return False
 
 
+def values_unreadable(t: Tensor) -> bool:
+    """Whether a check may not read t's values here: while compiling (a graph break), or t a meta
+    or fake tensor (FakeTensorMode, make_fx, torch.export: its data_ptr() is 0, its values none).
+    Function and dispatch modes of real tensors (torch.device(...), FlopCounterMode) read as usual."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return torch.compiler.is_compiling() or t.device.type == "meta" or is_fake(t)
+
+
 def eager_plain_cpu(*tensors) -> bool:
     """Whether a call on these tensors (None allowed) may skip the custom op and run its body."""
     return eager_untraced() and all(t is None or plain_cpu(t) for t in tensors)
@@ -219,7 +228,10 @@ def refuse_functorch_autodiff(tensors, name: str) -> None:
     if torch._C._are_functorch_transforms_active():
         interpreter = torch._C._functorch.peek_interpreter_stack()
         kind = interpreter.key() if interpreter is not None else None
-        if kind in (torch._C._functorch.TransformType.Jvp, torch._C._functorch.TransformType.Grad):
+        # (an input the transform differentiates is wrapped at its level; constants pass as before)
+        wrapped = interpreter is not None and any(
+            torch._C._functorch.maybe_get_level(t) >= interpreter.level() for t in tensors)
+        if wrapped and kind in (torch._C._functorch.TransformType.Jvp, torch._C._functorch.TransformType.Grad):
             raise NotImplementedError(f"{name}: pyllm's ops run under torch.func.vmap but not torch.func."
                                       f"{'jvp / jacfwd' if kind == torch._C._functorch.TransformType.Jvp else 'grad / jacrev / vjp'}: "
                                       "take derivatives with torch.autograd (loss.backward(), torch.autograd.grad)")

@@ -202,7 +202,7 @@ def _check_alibi(op: str, q: Tensor, slopes, batch: int) -> Optional[Tensor]:
         raise ValueError(f"{op}: alibi_slopes are fixed biases and get no gradient; pass alibi_slopes.detach()")
     # Read here, before a kv-cache call writes anything (the C++ launchers check them again); traced
     # calls leave it to the launchers (a data-dependent branch would break the graph).
-    if _util.eager_untraced() and slopes.device.type != "meta" and not bool(torch.isfinite(slopes).all()):
+    if not _util.values_unreadable(slopes) and not bool(torch.isfinite(slopes).all()):
         raise ValueError(f"{op}: alibi_slopes must be finite")
     return slopes.contiguous()
 
@@ -1088,7 +1088,7 @@ def _kvcache_widened(q, k_cache, v_cache, cache_seqlens, k_new, v_new, capacity:
     n_new = 0 if k_new is None else k_new.shape[1]
     # the keys in use end at the longest sequence's, known on the host for an int or CPU lengths
     longest = None
-    traced = not _util.eager_untraced()  # (torch.export / make_fx: the lengths are data, not to be read)
+    traced = _util.values_unreadable(cache_seqlens)  # (torch.export / make_fx: the lengths are not to be read)
     if isinstance(cache_seqlens, int):  # checked there, as the kernels' path does
         _check_cache_lengths([cache_seqlens], n_new, capacity, shown=cache_seqlens)
         longest = cache_seqlens
@@ -1116,7 +1116,7 @@ def _check_writable_caches(op: str, k_cache: Tensor, v_cache: Tensor) -> None:
     batch: row 1's append landing in row 0's memory) and not one tensor for both (the values' append
     overwriting the keys'). Views into one buffer (kv[0], kv[1]) are fine; overlaps that take more
     than strides to find are left to the caller, as torch's in-place ops leave them."""
-    if _util.symbolic(k_cache.shape[0]) or k_cache.device.type == "meta" or not _util.eager_untraced():
+    if _util.symbolic(k_cache.shape[0]) or _util.values_unreadable(k_cache):
         return  # (fake tensors' data_ptr() is 0 for both: every pair looked like one tensor)
     for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
         if torch._debug_has_internal_overlap(cache) == 1:  # 1: certainly (a stride 0 over a dim > 1)

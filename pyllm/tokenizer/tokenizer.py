@@ -115,6 +115,15 @@ def _utf8_safe(text: str) -> str:
         return _fix_surrogates(text)
 
 
+def _split_keeping(special_re: re.Pattern, text: str) -> list[str]:
+    """text cut at special_re's matches: [text, special, text, ..., text]."""
+    parts, pos = [], 0
+    for m in special_re.finditer(text):
+        parts += [text[pos:m.start()], m.group(0)]
+        pos = m.end()
+    return parts + [text[pos:]]
+
+
 def _header_digest(header: dict) -> str:
     """The SHA-256 of a saved tokenizer's header (all but this digest itself), canonical JSON: the
     ranks' digest does not cover the pattern, the special tokens or the normalization."""
@@ -731,9 +740,6 @@ class Tokenizer:
     def _normalized(self, text: str) -> str:
         return text if self.normalization is None else unicodedata.normalize(self.normalization, text)
 
-    def _normalized_all(self, texts: list[str]) -> list[str]:
-        return texts if self.normalization is None else [unicodedata.normalize(self.normalization, t) for t in texts]
-
     def __repr__(self) -> str:
         return (f"Tokenizer(name={self.name!r}, vocab_size={self.vocab_size}, "
                 f"pattern={self._pattern_name or 'custom'!r}, special_tokens={len(self._special_tokens)})")
@@ -805,9 +811,8 @@ class Tokenizer:
         names = [*others, *(self._special_list[d] for d in disallowed)]
         if names:
             _check_disallowed(texts, names)
-        specials = sorted((self._special_list[a] for a in allowed), key=len, reverse=True)
-        cut = re.compile("(" + "|".join(map(re.escape, specials)) + ")") if specials else None
-        parts = [cut.split(t) if cut else [t] for t in texts]  # text, special, text, ... per text
+        cut = self._special_regex(allowed) if allowed else None
+        parts = [_split_keeping(cut, t) if cut else [t] for t in texts]  # text, special, text, ... per text
         pieces = [unicodedata.normalize(self.normalization, piece) for split in parts for piece in split[::2]]
         if self._regex is not None:
             encoded = self._encode_custom_batch(pieces, [], [], num_threads)
@@ -906,6 +911,15 @@ class Tokenizer:
         except (UnicodeDecodeError, KeyError):
             raise KeyError(piece) from None
 
+    def _special_regex(self, allowed: list[int]) -> re.Pattern:
+        """The allowed special tokens' alternation (longest first), cached per set."""
+        key = tuple(allowed)
+        special_re = self._special_regex_cache.get(key)
+        if special_re is None:
+            names = sorted((self._special_list[a] for a in allowed), key=len, reverse=True)
+            special_re = self._special_regex_cache[key] = re.compile("|".join(map(re.escape, names)))
+        return special_re
+
     def _encode_custom(self, text: str, allowed: list[int], disallowed: list[int]) -> list[int]:
         text = _utf8_safe(text)
         if disallowed:
@@ -916,11 +930,7 @@ class Tokenizer:
             split = lambda segment, start: self._spm.pieces(segment, start == 0)  # noqa: E731
         if not allowed:
             return self._encode_pieces(split(text, 0))
-        key = tuple(allowed)
-        special_re = self._special_regex_cache.get(key)
-        if special_re is None:
-            names = sorted((self._special_list[a] for a in allowed), key=len, reverse=True)
-            special_re = self._special_regex_cache[key] = re.compile("|".join(map(re.escape, names)))
+        special_re = self._special_regex(allowed)
         out: list[int] = []
         pos = 0
         for m in special_re.finditer(text):
@@ -953,9 +963,10 @@ class Tokenizer:
         texts = _either(texts, text, "encode_batch", "texts", "text")
         texts, num_threads = _batch_args(texts, num_threads, "encode_batch")
         allowed, disallowed, others = self._special_args(allowed_special, disallowed_special, "encode_batch")
-        if self.normalization is not None and device == "cpu":
+        if self.normalization is not None and device in ("cpu", "cuda"):
+            # (on the CPU for device="cuda" too: the CUDA encoder would normalize the special tokens'
+            # surroundings with them, and its ids are to be the CPU's)
             return self._encode_normalized(texts, allowed, disallowed, others, num_threads)
-        texts = self._normalized_all(texts)
         if device == "cuda" and self._spm is not None:
             raise NotImplementedError("encode_batch: the CUDA encoder takes byte-level vocabularies, not "
                                       "SentencePiece-style ones; use device='cpu'")
@@ -982,7 +993,8 @@ class Tokenizer:
         text k's ids are ids[offsets[k]:offsets[k + 1]]. Skips building a Python int per token."""
         texts, num_threads = _batch_args(texts, num_threads, "encode_batch_packed")
         allowed, disallowed, others = self._special_args(allowed_special, disallowed_special, "encode_batch_packed")
-        disallowed = self._checked_in_python(texts, disallowed, others)
+        if self.normalization is None:
+            disallowed = self._checked_in_python(texts, disallowed, others)  # (_encode_normalized checks its own)
         if self._regex is not None or self._spm is not None or self.normalization is not None:
             lists = (self._encode_normalized(texts, allowed, disallowed, others, num_threads) if self.normalization
                      else self._encode_custom_batch(texts, allowed, disallowed, num_threads))
@@ -1426,12 +1438,14 @@ def _text_batches(texts):
     """(generator of (list of str, bytes), total bytes or None): texts in batches of ~32 MB."""
     if isinstance(texts, (str, bytes)) or not isinstance(texts, Iterable):
         raise TypeError(f"train: texts must be an iterable of str or a list of file paths, got {type(texts).__name__}")
-    files = [_looks_like_file(t) for t in texts] if isinstance(texts, (list, tuple)) else []
-    if any(files) and not all(files):  # a typo in one path had trained on the path strings as text
-        raise FileNotFoundError(f"train: texts mixes file paths ({os.fspath(texts[files.index(True)])!r}) with strings "
-                                f"that name no file ({str(texts[files.index(False)])[:80]!r}): give every text, or "
-                                "every path (of existing files)")
-    if files and all(files):
+    # A list of paths is known by its first item; a later one naming no file is a typo (it had
+    # trained on the path strings as text), not a text.
+    if isinstance(texts, (list, tuple)) and texts and _looks_like_file(texts[0]):
+        missing = next((t for t in texts if not _looks_like_file(t)), None)
+        if missing is not None:
+            raise FileNotFoundError(f"train: texts is a list of file paths ({os.fspath(texts[0])!r} first), but "
+                                    f"{str(missing)[:80]!r} names no file: give every path of an existing file, "
+                                    "or every text")
         paths = [os.fspath(t) for t in texts]
         total = sum(os.path.getsize(p) for p in paths)
 

@@ -1013,6 +1013,11 @@ def export_adapter(run: Path, out: Path, dtype: str) -> int:
     if not source:
         raise ValueError(f"{run}: an adapter applies to a Hugging Face model, and this run started from "
                          f"{train_config.get('init_from_run') or 'a preset'}: export it without --adapter (merged weights)")
+    if train_config.get("init_adapter"):  # merged into the base before training: the new updates alone are
+        # another model over the base (PEFT's logits had been up to 0.68 off the merged export's)
+        raise ValueError(f"{run} started from the adapter {train_config['init_adapter']}, merged into {source} before "
+                         "its own LoRA updates: an adapter of those updates alone is not this model; export it "
+                         "without --adapter (merged weights)")
     kind = model_kind(hf_folder(source))
     rank = train_config["lora_rank"]
     alpha = train_config.get("lora_alpha") or 2.0 * rank

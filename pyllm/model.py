@@ -1537,7 +1537,9 @@ def _hf_experts(hf: dict, kind: str) -> dict:
     return dict(n_experts=hf.get("num_local_experts") or hf["num_experts"], experts_per_token=hf["num_experts_per_tok"],
                 shared_expert_hidden=hf.get("shared_expert_intermediate_size", 5632) if kind == "qwen2_moe" else None,
                 norm_topk_prob=kind in ("mixtral", "granitemoe") or bool(hf.get("norm_topk_prob", False)),
-                router_aux_loss_coef=hf.get("router_aux_loss_coef", 0.001) if hf.get("output_router_logits") else 0.0)
+                # (transformers' default where the config names none: OLMoE's 0.01, the others' 0.001)
+                router_aux_loss_coef=hf.get("router_aux_loss_coef", 0.01 if kind == "olmoe" else 0.001)
+                if hf.get("output_router_logits") else 0.0)
 
 
 # transformers' Gemma3TextConfig defaults: a multimodal checkpoint's text_config lists only the

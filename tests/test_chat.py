@@ -112,6 +112,16 @@ def test_assistant_tokens_as_transformers_marks_them(folders):
             if m["role"] == "assistant":
                 assert m["content"].strip() in text
         assert text.count("<|im_end|>") == turns
+    # OpenAI's "weight": 0 on an assistant message: in the context, not trained on (it had been)
+    messages = conversation(rng, 2)
+    first = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    messages[first] = {**messages[first], "weight": 0}
+    for folder in (marked, plain):
+        ids, mask = hf_chat_tokens(folder, ours, messages)
+        trained = ours.decode([i for i, m in zip(ids, mask) if m])
+        assert messages[first]["content"].strip() not in trained and trained.count("<|im_end|>") == 1
+    with pytest.raises(ValueError, match="weight"):
+        hf_chat_tokens(marked, ours, [*messages[:-1], {**messages[-1], "weight": 0.5}])
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -154,6 +164,13 @@ def test_template_changes_are_seen(folders, tmp_path):
     assert hf_chat_spans(folder, [{"role": "user", "content": "x"}])[0] == "Ax"
     (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": "BB{{ messages[0]['content'] }}"}))
     assert hf_chat_spans(folder, [{"role": "user", "content": "x"}])[0] == "BBx"
+    # chat_template.jinja wins over tokenizer_config.json's, as in transformers; bos / eos kept only
+    # in special_tokens_map.json (older folders) are the template's too
+    (folder / "chat_template.jinja").write_text("{{ bos_token }}C{{ messages[0]['content'] }}{{ eos_token }}")
+    (folder / "special_tokens_map.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": {"content": "</s>"}}))
+    bare = {k: v for k, v in config.items() if k not in ("bos_token", "eos_token")}
+    (folder / "tokenizer_config.json").write_text(json.dumps({**bare, "chat_template": "BB{{ messages[0]['content'] }}"}))
+    assert hf_chat_spans(folder, [{"role": "user", "content": "x"}])[0] == "<s>Cx</s>"
 
 
 # --- prepare_chat and the files ------------------------------------------------------------------
@@ -672,6 +689,12 @@ def test_peft_adapter_merges_into_from_hf(chat_run_inputs, tmp_path, capsys, rsl
         tuned = LLM.load(tmp_path / "r" / "model.safetensors").state_dict()
         for k, v in ours.state_dict().items():
             torch.testing.assert_close(tuned[k], v, rtol=0, atol=1e-6)
+        # new LoRA updates over the merged adapter: as an adapter of their own they are another model
+        assert cli.main(train_args(folder, chats, tmp_path / "r2", "--max-steps", "1", "--batch-size", "4",
+                                   "--init-adapter", str(tmp_path / "adapter"), "--lora-rank", "2")) == 0
+        capsys.readouterr()
+        assert cli.main(["export", "--run", str(tmp_path / "r2"), "--out", str(tmp_path / "x2"), "--adapter"]) == 2
+        assert "started from the adapter" in capsys.readouterr().err
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
     with pytest.raises(NotImplementedError, match="use_dora"):

@@ -217,7 +217,8 @@ def _chat_template(folder) -> tuple:
     """_compiled_chat_template of folder, compiled again when its files change."""
     folder = os.path.abspath(os.fspath(folder))
     stamps = tuple(os.stat(p).st_mtime_ns if os.path.exists(p) else None
-                   for p in (os.path.join(folder, "tokenizer_config.json"), os.path.join(folder, "chat_template.jinja")))
+                   for p in (os.path.join(folder, "tokenizer_config.json"), os.path.join(folder, "chat_template.jinja"),
+                             os.path.join(folder, "special_tokens_map.json")))
     return _compiled_chat_template(folder, stamps)
 
 
@@ -236,7 +237,7 @@ def _compiled_chat_template(folder: str, stamps: tuple):
     if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
         template = {t["name"]: t["template"] for t in template}.get("default")
     jinja_path = os.path.join(folder, "chat_template.jinja")
-    if template is None and os.path.exists(jinja_path):
+    if os.path.exists(jinja_path):  # the file wins, as in transformers (a template fixed by writing one)
         template = open(jinja_path, encoding="utf-8").read()
     if not template:
         raise ValueError(f"{folder}: no chat template (tokenizer_config.json's chat_template or chat_template.jinja)")
@@ -278,7 +279,12 @@ def _compiled_chat_template(folder: str, stamps: tuple):
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: __import__("datetime").datetime.now().strftime(fmt)
     tracker = next(ext for ext in env.extensions.values() if isinstance(ext, Generation))
-    variables = {"bos_token": token_text(config.get("bos_token")) or "", "eos_token": token_text(config.get("eos_token")) or ""}
+    # Older folders keep their special tokens in special_tokens_map.json only (transformers reads both):
+    # Mistral's template then rendered no <s> and no </s>, the stop its replies never learned.
+    map_path = os.path.join(folder, "special_tokens_map.json")
+    tokens = {**(json.load(open(map_path, encoding="utf-8")) if os.path.exists(map_path) else {}),
+              **{k: v for k, v in config.items() if k.endswith("_token") and v is not None}}
+    variables = {name: token_text(tokens.get(name)) or "" for name in ("bos_token", "eos_token", "pad_token", "unk_token")}
     marked = re.search(r"\{%-?\s*generation\s*[-+]?%\}", template) is not None
     return env.from_string(template), tracker, variables, marked
 
@@ -298,6 +304,14 @@ def hf_chat_prompt(folder, messages: list[dict], add_generation_prompt: bool = T
     Encode it with allowed_special="all": the template writes the special tokens as text."""
     template, _, variables, _ = _chat_template(folder)
     return template.render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
+
+
+def _untrained(message: dict) -> bool:
+    """An assistant message OpenAI's fine-tuning format marks "weight": 0: in the context, not trained on."""
+    weight = message.get("weight", 1)
+    if weight not in (0, 1):
+        raise ValueError(f"a message's \"weight\" is 0 or 1 (OpenAI's fine-tuning format), got {weight!r}")
+    return weight == 0
 
 
 def hf_chat_spans(folder, messages: list[dict], train_from: int = 0) -> tuple[str, list[tuple[int, int]]]:
@@ -321,16 +335,17 @@ def hf_chat_spans(folder, messages: list[dict], train_from: int = 0) -> tuple[st
             text, spans = "".join(tracker.chunks), tracker.spans
         finally:
             tracker.chunks, tracker.spans = [], None
-        if train_from == 0:
+        if train_from == 0 and not any(map(_untrained, messages)):
             return text, spans
         replies = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
         if len(spans) != len(replies):
             raise ValueError(f"{folder}: the chat template marks {len(spans)} {{% generation %}} blocks for "
-                             f"{len(replies)} assistant messages, so the prompt's cannot be told from the completion's")
-        return text, [span for span, i in zip(spans, replies) if i >= train_from]
+                             f"{len(replies)} assistant messages, so the prompt's (or a weight 0 reply's) cannot be "
+                             "told from the trained ones")
+        return text, [span for span, i in zip(spans, replies) if i >= train_from and not _untrained(messages[i])]
     text, spans = render(messages), []
     for i, message in enumerate(messages):
-        if message.get("role") != "assistant" or i < train_from:
+        if message.get("role") != "assistant" or i < train_from or _untrained(message):
             continue
         before, through = render(messages[:i], add_generation_prompt=True), render(messages[:i + 1])
         if not (through.startswith(before) and text.startswith(through)):

@@ -781,7 +781,7 @@ class LLM(nn.Module):
         for block in self.blocks:
             moe = set(block.mlp.modules()) if isinstance(block.mlp, MoEMLP) else set()
             for parent in list(block.modules()):
-                if parent in moe:  # the router (and a shared expert) stay as they are, as PEFT's all-linear leaves them
+                if parent in moe:  # the router (and a shared expert) stay as they are (PEFT 0.21's all-linear adapts them)
                     continue
                 for name, child in list(parent.named_children()):
                     if type(child) is not nn.Linear:

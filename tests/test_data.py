@@ -296,3 +296,17 @@ def test_collect_files_as_text(tmp_path):
     with pytest.warns(UserWarning, match=r"latin.txt is not UTF-8 \(byte 3: b'\\xe9'\): 1 bytes"):
         texts = list(data.read_documents([tmp_path / "crlf.txt", tmp_path / "latin.txt"]))
     assert texts == ["a\r\nb", "caf\ufffd"]
+
+
+def test_doc_mask_on_nanogpts_gpt2_files(tmp_path):
+    # nanoGPT's GPT-2 token files (no meta.pkl) end each document with <|endoftext|>, 50256: the
+    # document mask cuts there (it had been refused, "prepare it again", which a user cannot)
+    tokens = np.random.default_rng(0).integers(0, 50256, 2000).astype(np.uint16)
+    tokens[[100, 700, 1500]] = 50256
+    tokens.tofile(tmp_path / "train.bin")
+    tokens[:600].tofile(tmp_path / "val.bin")
+    assert data.read_header(tmp_path / "train.bin")["doc_end"] == 50256
+    loader = data.TokenLoader(tmp_path / "train.bin", 4, 256, seed=0, doc_mask=True)
+    x, y, cu = loader.next_batch()
+    ends = (x.flatten()[:-1] == 50256).nonzero()[:, 0] + 1
+    assert set(ends.tolist()) <= set(cu.tolist())

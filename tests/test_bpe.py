@@ -225,6 +225,14 @@ def test_surrogates_match_tiktoken(pair):
         assert custom.encode(text) == custom.encode_ordinary(text) == theirs.encode(text), text
 
 
+def test_sparse_ids_are_refused():
+    # the tables are dense: an id of 2**31 - 1 had asked for ~16 GiB (a bare bad_alloc)
+    ranks = {bytes([b]): b for b in range(256)}
+    with pytest.raises(ValueError, match="ids up to 2,147,483,646 for 257 tokens"):
+        Tokenizer(ranks, special_tokens={EOT: 2**31 - 2})
+    Tokenizer(ranks, special_tokens={EOT: 100_276})  # (cl100k's last special id over a small vocabulary: fine)
+
+
 def test_train_refuses_a_path_that_names_no_file(corpus, tmp_path):
     # one typo in a list of paths had trained on the path strings, as text
     real = tmp_path / "a.txt"

@@ -674,6 +674,12 @@ class Tokenizer:
         self._table: list | None = None  # id -> bytes, built on first use (_token_table)
         self._all_special_indices = list(range(len(self._special_list)))
         self._n_vocab = max([*ranks_used, *special_tokens.values()]) + 1
+        count = len(ranks_used) + len(special_tokens)
+        if self._n_vocab > 2 * count + (1 << 20):  # the tables hold every id up to the largest (dense):
+            # 2**31 - 1 would have asked for ~16 GiB, or failed with a bare bad_alloc
+            raise ValueError(f"ids up to {self._n_vocab - 1:,} for {count:,} tokens: pyllm's tokenizer tables are "
+                             "dense (every id up to the largest), as tiktoken's and Hugging Face's vocabularies are; "
+                             "number the tokens (and special tokens) closer to their count")
         self._cuda_encoder = None
         self._spm = None
         specials_utf8, special_ids = [s.encode("utf-8") for s in self._special_list], list(special_tokens.values())

@@ -144,10 +144,11 @@ def is_text_rows(path) -> bool:
     return "text" in _first_row_keys(path)
 
 
-def read_documents(files: Iterable[Path]) -> Iterable[str]:
+def read_documents(files: Iterable[Path], not_utf8: list | None = None) -> Iterable[str]:
     """The documents of files: each file's text, or each line's "text" of a JSON Lines file of
     {"text": ...} rows. Text is read as it is on disk (CRLF kept, as the tokenizer's trainer reads
-    files in C++); bytes that are not UTF-8 become U+FFFD, with a warning naming the file."""
+    files in C++); bytes that are not UTF-8 become U+FFFD, with a warning naming the file (or the
+    file appended to not_utf8, for the caller to say once)."""
     for f in files:
         if is_text_rows(f):
             for number, row, _ in _jsonl_rows(f):
@@ -164,9 +165,12 @@ def read_documents(files: Iterable[Path]) -> Iterable[str]:
             import warnings
 
             text = raw.decode("utf-8", errors="replace")
-            warnings.warn(f"{f} is not UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r}): "
-                          f"{text.count(chr(0xFFFD)) - raw.decode('utf-8', 'ignore').count(chr(0xFFFD))} bytes "
-                          "read as U+FFFD; convert it first (iconv -f cp1252 -t utf-8 ...)", stacklevel=2)
+            if not_utf8 is not None:
+                not_utf8.append(f)
+            else:
+                replaced = text.count(chr(0xFFFD)) - raw.decode("utf-8", "ignore").count(chr(0xFFFD))
+                warnings.warn(f"{f} is not UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r}): {replaced} bytes "
+                              "read as U+FFFD; convert it first (iconv -f cp1252 -t utf-8 ...)", stacklevel=2)
         yield text
 
 
@@ -406,16 +410,22 @@ def prepare(inputs: Sequence[str | os.PathLike] | None, tokenizer, out_dir, val_
     # Ordinary encoding: a literal "<|endoftext|>" inside a file is text, not a separator.
     encode_batch = getattr(tokenizer, "encode_ordinary_batch", None) or tokenizer.encode_batch
     docs: list[np.ndarray] = []
+    not_utf8: list[Path] = []  # said once, after
     total_bytes = sum(f.stat().st_size for f in files)
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", disable=not show_progress)
     for start in range(0, len(files), batch_docs):
         chunk = files[start:start + batch_docs]
-        texts = list(read_documents(chunk))
+        texts = list(read_documents(chunk, not_utf8))
         for offset in range(0, len(texts), batch_docs):
             for ids in encode_batch(texts[offset:offset + batch_docs]):
                 docs.append(np.asarray([*start_ids, *ids] if eot is None else [*start_ids, *ids, eot], dtype=np.int64))
         bar.update(sum(f.stat().st_size for f in chunk))
     bar.close()
+    if not_utf8 and inputs is not None:  # (the stdlib corpus: 4 test files in other encodings, on purpose)
+        import warnings
+
+        warnings.warn(f"{len(not_utf8)} file(s) are not UTF-8 ({not_utf8[0]} first): their other bytes were read as "
+                      "U+FFFD; convert them first (iconv -f cp1252 -t utf-8 ...)", stacklevel=2)
     every = max(2, round(1 / val_fraction))
     if len(docs) >= every:
         train = np.concatenate([d for i, d in enumerate(docs) if i % every != every - 1])

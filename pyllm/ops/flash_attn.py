@@ -1088,7 +1088,7 @@ def _kvcache_widened(q, k_cache, v_cache, cache_seqlens, k_new, v_new, capacity:
     n_new = 0 if k_new is None else k_new.shape[1]
     # the keys in use end at the longest sequence's, known on the host for an int or CPU lengths
     longest = None
-    traced = _util.values_unreadable(cache_seqlens)  # (torch.export / make_fx: the lengths are not to be read)
+    traced = _util.values_unreadable(q)  # (torch.export / make_fx: the lengths are not to be read)
     if isinstance(cache_seqlens, int):  # checked there, as the kernels' path does
         _check_cache_lengths([cache_seqlens], n_new, capacity, shown=cache_seqlens)
         longest = cache_seqlens

@@ -288,11 +288,13 @@ def test_train_end_to_end_cache_resume_generate(corpus, tmp_path, capsys, monkey
     assert cli.main(["train", "--resume", str(run), "--max-steps", "4"]) == 2
     assert f"{run} is at step 4 already: give --max-steps above it" in capsys.readouterr().err
     for extra, flag in ((["--optimizer", "muon"], "--optimizer"), (["--model", "n_layers=3"], "--model"),
-                        (["--data", str(corpus)], "--data"), (["--preset", "tiny-moe"], "--preset")):
+                        (["--data", str(tmp_path)], "--data"), (["--preset", "tiny-moe"], "--preset")):
         assert cli.main(["train", "--resume", str(run), "--max-steps", "5", *extra]) == 2
         err = capsys.readouterr().err
         assert "--resume continues the run as it was made" in err and f"leave out {flag}" in err, extra
-    assert cli.main(["train", "--resume", str(run), "--max-steps", "5", "--optimizer", "adamw", "--sample-tokens", "0"]) == 0
+    # (the run's own data given again, as its config file would: taken)
+    assert cli.main(["train", "--resume", str(run), "--max-steps", "5", "--optimizer", "adamw", "--sample-tokens", "0",
+                     "--data", str(corpus)]) == 0
     capsys.readouterr()
 
     assert cli.main(["generate", "--run", str(run), "--max-new-tokens", "8", "--prompt", "def g"]) == 0

@@ -60,10 +60,13 @@ def test_inference_does_not_import_torch_dynamo():
     # torch wraps every custom op's kernel in a dynamo guard imported at its first call (1.1-1.6 s
     # here); eager CPU calls without autograd run the ops' bodies, so generation starts at once.
     code = """
-import sys, torch, pyllm
-from pyllm.model import LLM, ModelConfig
+import sys, torch
 if 'torch._dynamo' in sys.modules:
     print('preloaded'); sys.exit()
+import pyllm
+from pyllm.model import LLM, ModelConfig
+if 'torch._dynamo' in sys.modules:  # (AdamW.step's torch.compiler.disable had imported it with pyllm, 0.85 s)
+    print('imported by import pyllm'); sys.exit()
 model = LLM(ModelConfig.from_preset('tiny')).eval()
 model.generate(torch.randint(0, 100, (1, 20)), 4)
 with torch.no_grad():

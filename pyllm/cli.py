@@ -349,9 +349,10 @@ def setup_run_data(cfg, cli: dict) -> None:
                 raise ValueError(f"--data {data_list[0]} was tokenized with a {header['vocab_size']:,}-id tokenizer, and "
                                  f"the tokenizer given ({given}) has {vocab:,} ids: its samples and prompts would be "
                                  "another vocabulary's (prepare the data with this tokenizer)")
-        if (llmc := data.llmc_format(data.split_files(data_dir, "train")[0])) is not None:
-            shards = len(data.split_files(data_dir, "train")), len(data.split_files(data_dir, "val"))
-            print(f"data: {data_dir} holds llm.c's token files ({shards[0]} train and {shards[1]} val shards, "
+        train_files = data.split_files(data_dir, "train")
+        if (llmc := data.llmc_format(train_files[0])) is not None:
+            print(f"data: {data_dir} holds llm.c's token files ({len(train_files)} train and "
+                  f"{len(data.split_files(data_dir, 'val'))} val shards, "
                   f"{header['count']:,} train tokens): vocab {llmc[1]:,} "
                   + ("(GPT-2 BPE; give --tokenizer, a pyllm tokenizer of GPT-2's ids made by "
                      "Tokenizer.from_tiktoken(tiktoken.get_encoding('gpt2')).save(path), to decode its samples)"
@@ -440,7 +441,8 @@ _RUN_DEFINING = ("preset", "init_from_hf", "init_from_run", "init_adapter", "lor
 
 def run_record(run_dir) -> dict:
     """What a run recorded of the CLI keys that made it (run.json, its token files' source.json and
-    its tokenizer's .json): a resume given the same (its own config file again) changes nothing."""
+    its tokenizer's .json), each key's values that stand for it (paths as lists of resolved paths): a
+    resume given the same (its own config file again) changes nothing."""
     run_dir = Path(run_dir)
     run = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
     data_dir = Path(run["data_dir"]).resolve() if run.get("data_dir") else None  # (relative to the cwd in old runs)
@@ -451,7 +453,8 @@ def run_record(run_dir) -> dict:
     meta = json.loads(meta.read_text()) if meta and meta.is_file() else {}
     inputs = source.get("inputs")
     return {"data": [[str(data_dir)]] + ([inputs] if isinstance(inputs, list) else []),
-            "tokenizer": [str(tokenizer.resolve())] if tokenizer else [], "vocab_size": [run.get("vocab_size"), meta.get("vocab_size")],
+            "tokenizer": [[str(tokenizer.resolve())]] if tokenizer else [],
+            "vocab_size": [run.get("vocab_size"), meta.get("vocab_size")],
             "val_fraction": [source.get("val_fraction")], "tokenizer_train_bytes": [meta.get("train_bytes")]}
 
 
@@ -461,10 +464,9 @@ def check_resume_options(saved: dict, opts: dict, model: dict, cli: dict, run_di
     changed = [k for k in _RUN_DEFINING if k in opts and opts[k] != saved.get(k)]
     recorded = run_record(run_dir) if run_dir is not None else {}
 
-    def same(key, value) -> bool:
+    def same(key, value) -> bool:  # (paths compared resolved, as lists: --data takes several)
         if key in ("data", "tokenizer"):
             value = [str(Path(v).resolve()) for v in (value if isinstance(value, list) else [value])]
-            return value in recorded.get(key, []) or value[0] in recorded.get(key, [])
         return value in recorded.get(key, [])
 
     changed += [k for k in ("data", "tokenizer", "vocab_size", "tokenizer_train_bytes", "val_fraction")

@@ -64,17 +64,18 @@ def _looks_binary(path: Path) -> bool:
 
 
 # What pyllm writes beside token files and tokenizers (`pyllm prepare --out` may be the text's own
-# folder, as nanoGPT's layout has it): never read back as text.
-_OWN_FILES = {"tokenizer.bpe", "tokenizer.bpe.json", "source.json", "run.json", "log.jsonl"}
+# folder, as nanoGPT's layout has it): never read back as text. These names only where pyllm's
+# token files or tokenizer are beside them (a corpus may hold a run.json of its own).
+_OWN_FILES_BESIDE = {"source.json", "run.json", "log.jsonl"}
 
 
 def _own_file(path: Path) -> bool:
-    """pyllm's side files: tokenizer.bpe (and its .json) anywhere, the rest beside pyllm's token
-    files or tokenizer (a corpus may hold a run.json of its own)."""
+    """pyllm's side files: tokenizer.bpe (and its .json), rows and temp files anywhere, the rest
+    beside pyllm's token files or tokenizer."""
     if path.name in ("tokenizer.bpe", "tokenizer.bpe.json") or path.name.endswith((".rows.jsonl", ".bin.tmp")):
         return True
-    beside = path.with_name("train.bin").is_file() or path.with_name("tokenizer.bpe").is_file()
-    return path.name in _OWN_FILES and beside
+    return path.name in _OWN_FILES_BESIDE and (path.with_name("train.bin").is_file()
+                                               or path.with_name("tokenizer.bpe").is_file())
 
 
 def _folder_files(folder: Path) -> list[Path]:

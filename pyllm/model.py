@@ -1585,7 +1585,8 @@ def _gemma2_config(hf: dict) -> ModelConfig:
     softcap)); the capped attention runs on pyllm's CPU kernels (flash_attn and flash_attn_with_kvcache
     with softcap), on torch's ops on CUDA."""
     n_layers = hf["num_hidden_layers"]
-    types = _gemma_layer_types(hf, "gemma2", {"use_bidirectional_attention": hf.get("use_bidirectional_attention")}, [  # transformers' default: the even layers windowed
+    unsupported = {"use_bidirectional_attention": hf.get("use_bidirectional_attention")}
+    types = _gemma_layer_types(hf, "gemma2", unsupported, [  # transformers' default: the even layers windowed
         "sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n_layers)])
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) != "default":

@@ -53,6 +53,7 @@ def _autocast_off(x: torch.Tensor):
     """Autocast off for x's device (meta: nothing to turn off; torch.autocast raises for it)."""
     return torch.autocast(x.device.type, enabled=False) if is_autocast_available(x.device.type) else contextlib.nullcontext()
 
+
 def _gated_packed(h: torch.Tensor, fused, act) -> torch.Tensor:
     """act(gate) * up of h = [gate | up] (..., 2 * hidden): the packed kernel `fused` where one takes
     h, else act in torch (no kernel for this device, as attention() below: the same function)."""

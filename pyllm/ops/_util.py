@@ -6,6 +6,7 @@ import numbers
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake  # (loaded by `import torch` already)
 from torch.autograd import forward_ad
 
 try:
@@ -166,8 +167,6 @@ def values_unreadable(t: Tensor) -> bool:
     """Whether a check may not read t's values here: while compiling (a graph break), or t a meta
     or fake tensor (FakeTensorMode, make_fx, torch.export: its data_ptr() is 0, its values none).
     Function and dispatch modes of real tensors (torch.device(...), FlopCounterMode) read as usual."""
-    from torch._subclasses.fake_tensor import is_fake
-
     return torch.compiler.is_compiling() or t.device.type == "meta" or is_fake(t)
 
 

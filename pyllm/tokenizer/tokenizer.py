@@ -946,19 +946,14 @@ class Tokenizer:
         if disallowed:
             _check_disallowed([text], [self._special_list[d] for d in disallowed])
         if self._spm is None:
-            split = lambda segment, start: self._split_custom(segment)  # noqa: E731
+            split = lambda segment, first: self._split_custom(segment)  # noqa: E731
         else:  # the text's first segment is the one a "first" prepend scheme marks
-            split = lambda segment, start: self._spm.pieces(segment, start == 0)  # noqa: E731
+            split = lambda segment, first: self._spm.pieces(segment, first)  # noqa: E731
         if not allowed:
-            return self._encode_pieces(split(text, 0))
-        special_re = self._special_regex(allowed)
+            return self._encode_pieces(split(text, True))
         out: list[int] = []
-        pos = 0
-        for m in special_re.finditer(text):
-            out += self._encode_pieces(split(text[pos:m.start()], pos))
-            out.append(self._special_tokens[m.group(0)])
-            pos = m.end()
-        out += self._encode_pieces(split(text[pos:], pos))
+        for j, part in enumerate(_split_keeping(self._special_regex(allowed), text)):  # text, special, text, ...
+            out += [self._special_tokens[part]] if j % 2 else self._encode_pieces(split(part, j == 0))
         return out
 
     def _encode_custom_batch(self, texts: list[str], allowed: list[int], disallowed: list[int],
@@ -1014,17 +1009,18 @@ class Tokenizer:
         text k's ids are ids[offsets[k]:offsets[k + 1]]. Skips building a Python int per token."""
         texts, num_threads = _batch_args(texts, num_threads, "encode_batch_packed")
         allowed, disallowed, others = self._special_args(allowed_special, disallowed_special, "encode_batch_packed")
-        if self.normalization is None:
-            disallowed = self._checked_in_python(texts, disallowed, others)  # (_encode_normalized checks its own)
-        if self._regex is not None or self._spm is not None or self.normalization is not None:
-            lists = (self._encode_normalized(texts, allowed, disallowed, others, num_threads) if self.normalization
-                     else self._encode_custom_batch(texts, allowed, disallowed, num_threads))
-            offsets = np.zeros(len(lists) + 1, dtype=np.int64)
-            np.cumsum([len(x) for x in lists], out=offsets[1:])
-            ids = np.fromiter((i for x in lists for i in x), dtype=np.uint32, count=int(offsets[-1]))
-            return ids, offsets
-        return self._by_encoder(lambda ts: self._enc.encode_batch_packed(ts, allowed, disallowed, num_threads), texts,
-                                disallowed)
+        if self.normalization is not None:  # (it checks the disallowed tokens itself)
+            lists = self._encode_normalized(texts, allowed, disallowed, others, num_threads)
+        else:
+            disallowed = self._checked_in_python(texts, disallowed, others)
+            if self._regex is None and self._spm is None:
+                return self._by_encoder(lambda ts: self._enc.encode_batch_packed(ts, allowed, disallowed, num_threads),
+                                        texts, disallowed)
+            lists = self._encode_custom_batch(texts, allowed, disallowed, num_threads)
+        offsets = np.zeros(len(lists) + 1, dtype=np.int64)
+        np.cumsum([len(x) for x in lists], out=offsets[1:])
+        ids = np.fromiter((i for x in lists for i in x), dtype=np.uint32, count=int(offsets[-1]))
+        return ids, offsets
 
     def encode_ordinary_batch(self, texts: Sequence[str] = _UNSET, num_threads: int | None = None, *,
                               text: Sequence[str] = _UNSET) -> list[list[int]]:

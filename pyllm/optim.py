@@ -223,7 +223,10 @@ class AdamW(torch.optim.Optimizer):
     def __setstate__(self, state: dict) -> None:
         # A state_dict from torch.optim.AdamW (or an older pyllm) lacks our group keys: take defaults.
         super().__setstate__(state)
-        self.__dict__.setdefault("_written", {})
+        # pickle and deepcopy carry torch's three keys alone (Optimizer.__getstate__): the rest anew
+        for name, value in (("_written", {}), ("_reduce_sumsq", None), ("last_grad_norm", None),
+                            ("last_step_skipped", None)):
+            self.__dict__.setdefault(name, value)
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
@@ -575,6 +578,10 @@ class ZeroAdamW(torch.optim.Optimizer):
         self._written = self._versions()
         self.last_grad_norm: Tensor | None = None
         self.last_step_skipped: Tensor | None = None
+
+    def __getstate__(self):
+        raise TypeError("ZeroAdamW cannot be pickled or copied: it holds this rank's shards of a process group's "
+                        "params; save its state_dict() (or the run's checkpoint) instead")
 
     def _versions(self) -> list[int]:
         """The params' version counters: a change means they were written in place."""

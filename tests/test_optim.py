@@ -1146,3 +1146,30 @@ def test_muon_adamw_clips_globally_skips_and_saves():
     again = MuonAdamW(Muon([w.detach().clone().requires_grad_()], lr=0.01), AdamW([b.detach().clone().requires_grad_()]))
     again.load_state_dict(saved)
     torch.testing.assert_close(again.muon.state_dict()["state"][0]["momentum_buffer"], opt.muon.state[w]["momentum_buffer"])
+
+
+@pytest.mark.parametrize("copy_with", ["deepcopy", "pickle"])
+def test_adamw_copied_or_pickled_steps_as_the_original(copy_with):
+    # torch's optimizers pickle their defaults, state and param groups alone; a copy of pyllm's
+    # AdamW (fp32 params and bf16 ones with fp32 masters) then steps as the original does.
+    import copy
+    import pickle
+
+    from pyllm.optim import AdamW
+
+    torch.manual_seed(0)
+    params = [torch.randn(37, 5, requires_grad=True), torch.randn(41).bfloat16().requires_grad_()]
+    opt = AdamW(params, lr=1e-2, weight_decay=0.1)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step(max_grad_norm=1.0)
+    twin = copy.deepcopy(opt) if copy_with == "deepcopy" else pickle.loads(pickle.dumps(opt))
+    for ours, theirs in zip(params, twin.param_groups[0]["params"]):
+        assert torch.equal(ours, theirs) and ours is not theirs
+        ours.grad = torch.randn_like(ours)
+        theirs.grad = ours.grad.clone()
+    opt.step(max_grad_norm=1.0)
+    twin.step(max_grad_norm=1.0)
+    for ours, theirs in zip(params, twin.param_groups[0]["params"]):
+        assert torch.equal(ours, theirs)
+    assert torch.equal(opt.last_grad_norm, twin.last_grad_norm)

@@ -132,3 +132,39 @@ def test_forward_mode_ad_is_refused_not_zero():
     # an op on constants inside a transform that differentiates something else runs as before
     scale = torch.rand(3, 8, dtype=torch.float64, generator=gen)
     torch.testing.assert_close(grad(lambda s: (s * pyllm.rms_norm(x, w, 1e-6)).sum())(scale), pyllm.rms_norm(x, w, 1e-6))
+
+
+THREADS_PROBE = """
+import ctypes, sys, threading, torch, pyllm
+gomp = next(line.split()[-1] for line in open("/proc/self/maps") if "libgomp" in line)
+omp_max = ctypes.CDLL(gomp).omp_get_max_threads
+torch.set_num_threads(int(sys.argv[1]))
+x, w = torch.randn(64, 256), torch.randn(256)
+seen = []
+def fresh():  # a thread no torch op has run in: OpenMP's default count there until someone sets it
+    pyllm.rms_norm(x, w)
+    seen.append(omp_max())
+t = threading.Thread(target=fresh)
+t.start()
+t.join()
+print(seen[0])
+"""
+
+
+@pytest.mark.parametrize("threads, env", [(1, None), (2, "1")])
+def test_cpu_kernels_take_torchs_thread_count_in_any_thread(threads, env):
+    # OpenMP's thread count is per thread: the C++ kernels in a fresh Python thread size their teams
+    # as torch.set_num_threads says (torch does for its own ops), not OpenMP's default (every core,
+    # or OMP_NUM_THREADS).
+    import os
+
+    if not Path("/proc/self/maps").exists() or "libgomp" not in Path("/proc/self/maps").read_text():
+        pytest.skip("no GNU OpenMP runtime loaded (the probe reads its count through ctypes)")
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("one core: every count is 1")
+    environ = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    if env is not None:
+        environ["OMP_NUM_THREADS"] = env
+    out = subprocess.run([sys.executable, "-c", THREADS_PROBE, str(threads)], capture_output=True, text=True,
+                         check=True, env=environ).stdout
+    assert int(out) == threads

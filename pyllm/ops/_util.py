@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import threading
 
 import torch
 from torch import Tensor
@@ -22,6 +23,19 @@ CUDA_ARCHS: str = _C.cuda_archs
 
 # Must match csrc/common/dtype.h.
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+
+
+_this_thread = threading.local()
+
+
+def init_cpu_threads() -> None:
+    """Before a C++ CPU kernel: this thread's OpenMP teams sized as torch.set_num_threads says.
+    OpenMP keeps the count per thread, and a thread torch has run no op in still has the runtime's
+    default (every core; OMP_NUM_THREADS) until torch sets it, as torch does before its own first op
+    in each thread (at::lazy_init_num_threads, which torch.get_num_threads runs)."""
+    if not getattr(_this_thread, "ready", False):
+        torch.get_num_threads()
+        _this_thread.ready = True
 
 
 def cuda_usable() -> bool:

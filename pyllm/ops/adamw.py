@@ -61,6 +61,7 @@ def grad_sumsq_(grads: list[Tensor], table: Tensor, sumsq: Tensor) -> None:
         _C.adamw_grad_sumsq_cuda(table.data_ptr(), n, dtype, partials.data_ptr(), partials.numel(),
                                  sumsq.data_ptr(), sumsq.device.index, _util.stream_of(sumsq))
     else:
+        _util.init_cpu_threads()
         _C.adamw_grad_sumsq_cpu(table.data_ptr(), n, dtype, sumsq.data_ptr())
 
 
@@ -87,4 +88,5 @@ def step_(params: list[Tensor], table: Tensor, *, has_master: bool, lr: float, b
         _util.check_backend(OP, params[0].device)
         _C.adamw_step_cuda(*args, params[0].device.index, _util.stream_of(params[0]))
     else:
+        _util.init_cpu_threads()
         _C.adamw_step_cpu(*args)

@@ -102,6 +102,7 @@ def cross_entropy_into(logits: Tensor, targets: Tensor, loss: Tensor, z_part: Op
         _util.check_backend(OP, logits.device)
         _C.cross_entropy_cuda(*args, logits.device.index, _util.stream_of(logits))
     else:
+        _util.init_cpu_threads()
         _C.cross_entropy_cpu(*args)
 
 

@@ -106,6 +106,7 @@ def distill_into(student: Tensor, teacher: Tensor, loss: Tensor, grad: Optional[
         _util.check_backend(OP, student.device)
         _C.distill_cuda(*args, student.device.index, _util.stream_of(student))
     else:
+        _util.init_cpu_threads()
         _C.distill_cpu(*args)
 
 

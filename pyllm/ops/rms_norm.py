@@ -76,6 +76,7 @@ def rms_norm_forward_into(x: Tensor, weight: Optional[Tensor], out: Tensor, rstd
         _util.check_backend(OP, x.device)  # torch.ops.pyllm.* arrive here without rms_norm()'s checks
         _C.rms_norm_fwd_cuda(*args, x.device.index, _util.stream_of(x))
     else:
+        _util.init_cpu_threads()
         _C.rms_norm_fwd_cpu(*args)
 
 
@@ -88,6 +89,7 @@ def rms_norm_backward_into(dout: Tensor, x: Tensor, weight: Optional[Tensor], rs
         weight = weight.to(x.dtype)
     w_ptr = 0 if weight is None else _util.ptr(weight)
     if not x.is_cuda:
+        _util.init_cpu_threads()
         _C.rms_norm_bwd_cpu(_util.ptr(dout), _util.ptr(x), w_ptr, _util.ptr(rstd), _util.ptr(dx),
                             0 if dweight is None else _util.ptr(dweight), rows, cols, float(offset), bool(cast_first),
                             _util.dtype_code(x), dweight is not None and dweight.dtype != x.dtype)

@@ -68,6 +68,7 @@ def rope_into(x: Tensor, cos: Tensor, sin: Tensor, out: Tensor, inverse: bool = 
         _util.check_backend(OP, x.device)
         _C.rope_cuda(*args, x.device.index, _util.stream_of(x), interleaved=bool(interleaved))
     else:
+        _util.init_cpu_threads()
         _C.rope_cpu(*args, interleaved=bool(interleaved))
 
 

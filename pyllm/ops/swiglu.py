@@ -51,6 +51,7 @@ def _launch_fwd(gate: Tensor, up: Tensor, out: Tensor, rows: int, cols: int, in_
         _util.check_backend(NAMES[activation], out.device)  # torch.ops.pyllm.* arrive here unchecked
         _C.swiglu_fwd_cuda(*args, out.device.index, _util.stream_of(out))
     else:
+        _util.init_cpu_threads()
         _C.swiglu_fwd_cpu(*args)
 
 
@@ -61,6 +62,7 @@ def _launch_bwd(dout, gate, up, dgate, dup, rows, cols, in_stride, out_stride, a
         _util.check_backend(NAMES[activation], dout.device)
         _C.swiglu_bwd_cuda(*args, dout.device.index, _util.stream_of(dout))
     else:
+        _util.init_cpu_threads()
         _C.swiglu_bwd_cpu(*args)
 
 

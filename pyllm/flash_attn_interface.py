@@ -24,6 +24,7 @@ unpad_input_for_concatenated_sequences), with flash-attn 2.8's return values.
 """
 from __future__ import annotations
 
+import re
 from typing import Optional, Union
 
 import torch
@@ -75,6 +76,33 @@ def _gather_paged(op: str, k: Tensor, v: Tensor, block_table: Tensor, cu_seqlens
     return k[blocks, rows], v[blocks, rows]
 
 
+# pyllm's argument names in its errors, and flash-attn's for them
+_THEIR_NAMES = {"window": "window_size", "k_new": "k", "v_new": "v"}
+_PYLLM_OPS = ("flash_attn_with_kvcache: ", "flash_attn: ")
+
+
+def _in_their_words(op: str, call, lse_name: str):
+    """call() with pyllm's errors said as flash-attn would: op's name, flash-attn's argument names
+    (window_size, the kv-cache call's k / v, the LSE flag lse_name). Other errors pass as they are."""
+    try:
+        return call()
+    except (TypeError, ValueError, NotImplementedError) as e:
+        text = str(e)
+        ours = next((prefix for prefix in _PYLLM_OPS if text.startswith(prefix)), None)
+        if ours is None or type(e) not in (TypeError, ValueError, NotImplementedError):
+            raise
+        text = re.sub(r"\b(window|k_new|v_new|return_lse)\b",
+                      lambda m: lse_name if m[1] == "return_lse" else _THEIR_NAMES[m[1]], text[len(ours):])
+        raise type(e)(f"{op}: {text}").with_traceback(e.__traceback__) from None
+
+
+def _window(op: str, window_size) -> tuple:
+    try:
+        return tuple(window_size)
+    except TypeError:
+        raise TypeError(f"{op}: window_size must be a pair of ints (left, right), got {window_size!r}") from None
+
+
 def _no_cap(softcap):
     """flash-attn's softcap: any value <= 0 is no cap (a numpy scalar or a 0-d tensor as a float)."""
     if isinstance(softcap, Tensor) and softcap.numel() == 1 and not softcap.requires_grad:
@@ -85,9 +113,10 @@ def _no_cap(softcap):
 def _attn(op, q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
           return_attn_probs, **varlen):
     _unsupported(op, dropout_p=(dropout_p, 0.0))
-    result = flash_attn(q, k, v, causal=causal, softmax_scale=softmax_scale, window=tuple(window_size),
-                        return_lse=return_attn_probs, deterministic=deterministic, softcap=_no_cap(softcap),
-                        alibi_slopes=alibi_slopes, **varlen)
+    window = _window(op, window_size)
+    result = _in_their_words(op, lambda: flash_attn(
+        q, k, v, causal=causal, softmax_scale=softmax_scale, window=window, return_lse=return_attn_probs,
+        deterministic=deterministic, softcap=_no_cap(softcap), alibi_slopes=alibi_slopes, **varlen), "return_attn_probs")
     # flash-attn's third value: the dropout pattern, empty without dropout
     return (*result, q.new_empty(0)) if return_attn_probs else result
 
@@ -185,10 +214,12 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Opti
         # every cache full: a paged one holds its table's blocks (a bad table: the call's checks say so)
         blocks = block_table.shape[-1] if isinstance(block_table, Tensor) and block_table.dim() == 2 else 1
         cache_seqlens = k_cache.shape[1] * blocks
-    return _kvcache(q, k_cache, v_cache, cache_seqlens, k, v, causal, softmax_scale=softmax_scale,
-                    window=tuple(window_size), softcap=_no_cap(softcap), alibi_slopes=alibi_slopes, rotary_cos=rotary_cos,
-                    rotary_sin=rotary_sin, rotary_interleaved=rotary_interleaved, cache_batch_idx=cache_batch_idx,
-                    cache_leftpad=cache_leftpad, block_table=block_table, return_lse=return_softmax_lse)
+    window = _window(op, window_size)
+    return _in_their_words(op, lambda: _kvcache(
+        q, k_cache, v_cache, cache_seqlens, k, v, causal, softmax_scale=softmax_scale, window=window,
+        softcap=_no_cap(softcap), alibi_slopes=alibi_slopes, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
+        rotary_interleaved=rotary_interleaved, cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad,
+        block_table=block_table, return_lse=return_softmax_lse), "return_softmax_lse")
 
 
 # --- flash_attn.bert_padding's helpers: padded batches to packed tokens and back ---------------------

@@ -2279,6 +2279,42 @@ def test_flash_attn_interface_kvcache_and_unsupported_options():
         fai.flash_attn_func(q, k, k, dropout_p=0.1)
 
 
+def test_flash_attn_interface_errors_use_flash_attns_names():
+    # An error raised through flash-attn's names names flash-attn's function and arguments
+    # (window_size, the kv-cache call's k / v), not pyllm's (window, k_new / v_new); the cache's
+    # tensors are k_cache / v_cache in pyllm's own kv-cache errors too. A compiled call still
+    # traces whole (no graph break from the translation).
+    from pyllm import flash_attn_interface as fai
+
+    q, k = rand((2, 5, 4, 64), torch.float32, "cpu"), rand((2, 5, 2, 64), torch.float32, "cpu")
+    q1, cache = rand((2, 1, 4, 64), torch.float32, "cpu"), rand((2, 16, 2, 64), torch.float32, "cpu")
+    new, seqlens = rand((2, 1, 2, 64), torch.float32, "cpu"), torch.tensor([3, 4], dtype=torch.int32)
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+    cases = [
+        (lambda: fai.flash_attn_func(q, k, k, window_size=(1, "a")), TypeError, r"^flash_attn_func: window_size must"),
+        (lambda: fai.flash_attn_func(q, k, k, window_size=3), TypeError, r"^flash_attn_func: window_size must"),
+        (lambda: fai.flash_attn_varlen_func(q[0], k[0], k[0], cu.long(), cu, 3, 3), TypeError,
+         r"^flash_attn_varlen_func: cu_seqlens_q must be int32"),
+        (lambda: fai.flash_attn_qkvpacked_func(torch.stack([q, q, q], 2), window_size=(0.5, 1)), TypeError,
+         r"^flash_attn_qkvpacked_func: window_size"),
+        (lambda: fai.flash_attn_with_kvcache(q1, cache, cache, new[..., :32], new, cache_seqlens=seqlens), ValueError,
+         r"^flash_attn_with_kvcache: k must be \(batch, seqlen_new"),
+        (lambda: fai.flash_attn_with_kvcache(q1, cache, cache, new, cache_seqlens=seqlens), ValueError,
+         r"^flash_attn_with_kvcache: give both k and v or neither"),
+        (lambda: fai.flash_attn_with_kvcache(q1, cache, cache[:, :8], cache_seqlens=seqlens), ValueError,
+         r"^flash_attn_with_kvcache: k_cache and v_cache must have the same shape"),
+        (lambda: fai.flash_attn_with_kvcache(q1, cache, cache, cache_seqlens=seqlens, window_size=(1.5, 0)), TypeError,
+         r"^flash_attn_with_kvcache: window_size must"),
+    ]
+    for call, kind, message in cases:
+        with pytest.raises(kind, match=message):
+            call()
+    with pytest.raises(ValueError, match=r"^flash_attn_with_kvcache: k_cache and v_cache must have the same shape"):
+        pyllm.flash_attn_with_kvcache(q1, cache, cache[:, :8], seqlens)
+    compiled = torch.compile(lambda q, k: fai.flash_attn_func(q, k, k, causal=True, window_size=(2, 0)), fullgraph=True)
+    assert torch.equal(compiled(q, k), pyllm.flash_attn(q, k, k, causal=True, window=(2, 0)))
+
+
 @pytest.mark.parametrize("page", [16, 5])
 def test_flash_attn_interface_varlen_over_a_paged_cache(page):
     # flash-attn's varlen call over a paged k / v (prefill into a paged cache): the same as the

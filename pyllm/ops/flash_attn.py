@@ -35,29 +35,31 @@ ACCEPTED = {"cpu": DTYPES["cpu"] + (torch.float16,), "cuda": DTYPES["cuda"]}
 
 # --- validation ---------------------------------------------------------------------------------
 
-def _check_qkv(op: str, q, k, v, varlen: bool, same_batch: bool = True) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
+def _check_qkv(op: str, q, k, v, varlen: bool, same_batch: bool = True, kv: tuple[str, str] = ("k", "v")) -> None:
+    """kv: what the caller calls k and v (the KV-cache call's k_cache, v_cache)."""
+    kn, vn = kv
+    for name, t in (("q", q), (kn, k), (vn, v)):
         _util.check_tensor(op, name, t, ACCEPTED)
-    _util.check_same(op, q=q, k=k, v=v)
+    _util.check_same(op, **{"q": q, kn: k, vn: v})
     want = 3 if varlen else 4
     layout = "(total_tokens, n_heads, head_dim)" if varlen else "(batch, seqlen, n_heads, head_dim)"
-    for name, t in (("q", q), ("k", k), ("v", v)):
+    for name, t in (("q", q), (kn, k), (vn, v)):
         if t.dim() != want:
             raise ValueError(f"{op}: {name} must be {want}-D {layout}, got shape {tuple(t.shape)}")
     if k.shape != v.shape:
-        raise ValueError(f"{op}: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+        raise ValueError(f"{op}: {kn} and {vn} must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     head_dim = q.shape[-1]
     if not 0 < head_dim <= HEAD_DIMS[-1]:
         raise ValueError(f"{op}: head_dim {head_dim} is not supported: head dims 1 to {HEAD_DIMS[-1]} "
                          f"({', '.join(map(str, HEAD_DIMS))} run as they are, others zero-padded to the next of these)")
     if k.shape[-1] != head_dim:
-        raise ValueError(f"{op}: q and k must have the same head_dim, got {head_dim} and {k.shape[-1]}")
+        raise ValueError(f"{op}: q and {kn} must have the same head_dim, got {head_dim} and {k.shape[-1]}")
     n_heads, n_kv_heads = q.shape[-2], k.shape[-2]
     if n_kv_heads == 0 or n_heads % n_kv_heads:
         raise ValueError(f"{op}: the number of query heads ({n_heads}) must be a multiple of the number of "
                          f"key/value heads ({n_kv_heads}) (GQA / MQA)")
     if not varlen and same_batch and q.shape[0] != k.shape[0]:
-        raise ValueError(f"{op}: q and k must have the same batch size, got {q.shape[0]} and {k.shape[0]}")
+        raise ValueError(f"{op}: q and {kn} must have the same batch size, got {q.shape[0]} and {k.shape[0]}")
 
 
 def _as_int(value) -> Optional[int]:
@@ -240,6 +242,7 @@ def flash_attn_forward_into(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_s
     if q.is_cuda:
         _C.flash_attn_fwd_cuda(*args, q.device.index, _util.stream_of(q), **_packed_totals(q, k, varlen))
     else:
+        _util.init_cpu_threads()
         _C.flash_attn_fwd_cpu(*args, softcap=float(softcap), **_alibi_args(alibi_slopes), **(cache_options or {}))
 
 
@@ -282,6 +285,7 @@ def flash_attn_backward_into(dout, dlse, q, k, v, out, lse, dq, dk, dv, cu_seqle
                                _cuda_bwd_algo(algo), **_packed_totals(q, k, varlen), delta=_opt_ptr(delta),
                                delta_capacity=delta_capacity)
     else:
+        _util.init_cpu_threads()
         _C.flash_attn_bwd_cpu(*args, softcap=float(softcap), **_alibi_args(alibi_slopes))  # always deterministic
 
 
@@ -878,6 +882,7 @@ def _kvcache_eager_cpu(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal,
         seqused_k = array(_INT32_ARRAY, [n + n_new for n in lengths])
     out = torch.empty_like(q, memory_format=torch.contiguous_format)  # 1.2 us; torch.empty(q.shape) 2.9 us
     lse = array(lse_typecode, (0.0,)) * (batch * n_heads * seqlen_q)  # (B, H, Tq), not returned
+    _util.init_cpu_threads()
     _C.flash_attn_fwd_cpu(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), lse.buffer_info()[0],
                           0, 0, seqused_k.buffer_info()[0], batch, seqlen_q, capacity, n_heads, n_kv_heads, head_dim,
                           q_strides[:3], k_strides[:3], v_strides[:3], out.stride()[:3],
@@ -1216,7 +1221,7 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_s
                                      softcap, alibi_slopes, cache_batch_idx, cache_leftpad, block_table)
             if out is not None:
                 return out
-    _check_qkv(op, q, k_cache, v_cache, False, same_batch=False)
+    _check_qkv(op, q, k_cache, v_cache, False, same_batch=False, kv=("k_cache", "v_cache"))
     _check_cache_options(op, q, k_cache, cache_batch_idx, cache_leftpad, block_table)
     capacity = _cache_capacity(k_cache, block_table)
     _check_softcap(op, q, softcap)

@@ -13,7 +13,7 @@ import math
 import numbers
 import os
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -481,7 +481,7 @@ class LLM(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
                 per_token: bool = False, hidden: bool = False, distill: dict | None = None, scores: bool = False,
-                z_loss: float = 0.0, sequence_loss: dict | None = None):
+                z_loss: float = 0.0, sequence_loss: dict | None = None, token_mask: torch.Tensor | None = None):
         """idx (B, T) int64 -> logits (B, T, V) and, given targets (B, T), the mean cross-entropy
         (targets of -1 are ignored). With fused_loss set and targets given, logits is None (the
         loss came from linear_cross_entropy, chunk by chunk). per_token: instead of the logits and
@@ -489,7 +489,9 @@ class LLM(nn.Module):
         sequence-level losses: nn.sequence_logps), the output layer computed at the targets'
         positions only (all of them under torch.compile); with fused_loss by nn.linear_token_logps.
         Mixture-of-experts models in training add router_aux_loss_coef times router_aux_loss() to
-        the loss, also kept as aux_loss (for per_token's callers to add; None otherwise).
+        the loss, also kept as aux_loss (for per_token's callers to add; None otherwise);
+        token_mask, bool (B, T), False at padding (packed rows' ends: the trainer's), leaves those
+        tokens out of it, as transformers' attention_mask does (nothing else reads it).
         z_loss (with targets, for the mean loss): adds z_loss times the mean over the counted targets
         of logsumexp(logits)^2 (PaLM's auxiliary loss, 1e-4 there: it keeps the softmax's normaliser
         near 1, so the logits do not drift in bf16), with or without fused_loss; that share is
@@ -532,6 +534,11 @@ class LLM(nn.Module):
             raise ValueError("LLM.forward: sequence_loss needs targets, cu_seqlens and fused_loss, and is not compiled")
         if sequence_loss is not None and (per_token or hidden or distill is not None or scores):
             raise ValueError("LLM.forward: sequence_loss goes alone (not with per_token, hidden, distill or scores)")
+        if token_mask is not None and (not isinstance(token_mask, torch.Tensor) or token_mask.dtype != torch.bool
+                                       or token_mask.shape != idx.shape or token_mask.device != idx.device):
+            raise ValueError(f"LLM.forward: token_mask must be a bool tensor of idx's shape {tuple(idx.shape)} on "
+                             f"{idx.device}, got " + (f"{token_mask.dtype} {tuple(token_mask.shape)} on {token_mask.device}"
+                                                if isinstance(token_mask, torch.Tensor) else type(token_mask).__name__))
         positions = doc = None
         if cu_seqlens is not None:
             B, T = idx.shape
@@ -550,7 +557,7 @@ class LLM(nn.Module):
                 x = block(x, rope, cu_seqlens=cu_seqlens)
         self.aux_loss = None
         if self.config.n_experts and self.config.router_aux_loss_coef and self.training and torch.is_grad_enabled():
-            self.aux_loss = self.config.router_aux_loss_coef * self.router_aux_loss()
+            self.aux_loss = self.config.router_aux_loss_coef * self.router_aux_loss(token_mask)
         if scores:
             if self.score is None:
                 raise ValueError("forward(scores=True): the model has no score head (ModelConfig.num_labels, "
@@ -635,14 +642,30 @@ class LLM(nn.Module):
                 loss = loss + self.aux_loss
         return logits, loss
 
-    def router_aux_loss(self) -> torch.Tensor:
+    def router_aux_loss(self, token_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The load-balancing loss of the last training forward's routers (Fedus et al. 2021, as
         transformers' load_balancing_loss_func takes it over all MoE layers' tokens at once): E *
         sum_e f_e * P_e, f_e the picks of expert e per token (summing to top_k), P_e its mean router
-        probability; top_k when the load is even. Only P carries a gradient."""
+        probability; top_k when the load is even. Only P carries a gradient. token_mask (bool, one
+        per token of that forward, e.g. (B, T)): only its True tokens count (transformers'
+        attention_mask there: a packed row's padding left out); 0 when none is True."""
         stats = [block.mlp.stats for block in self.blocks if isinstance(block.mlp, MoEMLP)]
-        picks, probs, tokens = (sum(s[i] for s in stats) for i in range(3))
-        return self.config.n_experts * (picks.to(probs.dtype) / tokens * probs / tokens).sum()
+        E = self.config.n_experts
+        picks = probs_sum = tokens = 0
+        for experts, probs in stats:  # (N, k), (N, E)
+            # index_add_, not bincount: no host read of the count's size, and meta / fake tensors take it
+            if token_mask is None:
+                weight, probs_of = probs.new_ones(()).expand(experts.numel()), probs.sum(0)
+                tokens = tokens + probs.shape[0]
+            else:
+                w = token_mask.reshape(-1, 1).to(probs.dtype)  # (N, 1)
+                weight, probs_of = w.expand(experts.shape).flatten(), (probs * w).sum(0)
+                tokens = tokens + w.sum()
+            picks = picks + probs.new_zeros(E).index_add_(0, experts.flatten(), weight.detach())
+            probs_sum = probs_sum + probs_of
+        if token_mask is not None:
+            tokens = tokens.clamp(min=1)
+        return E * (picks / tokens * probs_sum / tokens).sum()
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(h)
@@ -864,6 +887,8 @@ class LLM(nn.Module):
 
     @classmethod
     def load(cls, path, device="cpu") -> "LLM":
+        """The model LLM.save wrote, in eval mode (dropout off, as transformers' from_pretrained
+        returns its models: model.train() before training it; the trainer does)."""
         from safetensors.torch import load_file
 
         try:
@@ -880,7 +905,7 @@ class LLM(nn.Module):
         if model.config.tie_embeddings:
             state["lm_head.weight"] = state["tok_emb.weight"]
         model.load_state_dict(state)
-        return model.to(device)
+        return model.to(device).eval()  # as transformers' from_pretrained: model.train() to train
 
     @classmethod
     def from_nanogpt(cls, path, device="cpu") -> "LLM":
@@ -913,7 +938,7 @@ class LLM(nn.Module):
                     state[f"blocks.{i}.{ours}.bias"] = theirs[f"h.{i}.{name}.bias"]
         model = cls(cfg)
         model.load_state_dict(state)
-        return model.to(device)
+        return model.to(device).eval()  # as transformers' from_pretrained: model.train() to train
 
     @classmethod
     def from_hf(cls, folder, device="cpu", dtype=torch.float32, adapter=None) -> "LLM":
@@ -940,8 +965,21 @@ class LLM(nn.Module):
         hf_state = {k: v for f in files for k, v in load_file(str(folder / f)).items()}
         expert_updates = merge_peft_adapter(hf_state, adapter) if adapter is not None else {}
         cfg = config_from_hf(hf)
-        model = cls(cfg).to(dtype)
         state = state_from_hf(hf_state, cfg, hf["model_type"])
+        head, saved = expert_updates.pop("lm_head.weight", None), expert_updates.pop("lm_head.base_layer", None)
+        if head is not None:  # an adapter of the output layer: PeftModel's forward leaves the embeddings as they were
+            base = state["tok_emb.weight" if cfg.tie_embeddings else "lm_head.weight"]
+            if base.shape != head.shape:
+                raise ValueError(f"{adapter}: an update of shape {tuple(head.shape)} for lm_head.weight, which the "
+                                 f"model has as {tuple(base.shape)}")
+            low = min(saved.dtype, base.dtype, key=lambda t: t.itemsize) if saved is not None else None
+            if saved is not None and (saved.shape != base.shape or not torch.equal(saved.to(low), base.to(low))):
+                raise NotImplementedError(f"{adapter}: its lm_head.base_layer.weight is not the model's output layer "
+                                          "(a resized vocabulary?); pyllm merges LoRA updates of the model's own "
+                                          "weights only")
+            state["lm_head.weight"] = base.to(torch.promote_types(base.dtype, torch.float32)) + head
+            cfg = replace(cfg, tie_embeddings=False)  # (untied: the updated head is a weight of its own)
+        model = cls(cfg).to(dtype)
         for name, update in expert_updates.items():  # a MoE's experts, in pyllm's layout whatever the checkpoint's
             if name not in state or state[name].shape != update.shape:
                 raise ValueError(f"{adapter}: an update of shape {tuple(update.shape)} for {name}, which the model "
@@ -950,7 +988,7 @@ class LLM(nn.Module):
         if cfg.tie_embeddings:
             state["lm_head.weight"] = state["tok_emb.weight"]
         model.load_state_dict(state)  # strict: a name or shape the mapping missed raises
-        return model.to(device)
+        return model.to(device).eval()  # as transformers' from_pretrained: model.train() to train
 
     def to_hf(self, folder, hf_config: dict | None = None) -> Path:
         """Writes a Hugging Face checkpoint folder (config.json, model.safetensors) that transformers
@@ -1895,13 +1933,16 @@ PEFT_KINDS = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2", "gemma2"
 
 def merge_peft_adapter(hf_state: dict, adapter) -> dict:
     """Adds a PEFT LoRA adapter's updates, scale * B A (scale alpha / r, or alpha / sqrt(r) with
-    rsLoRA), to the Hugging Face state dict's weights they were trained on, in place (in fp32 at
-    least). What would need more than a weight update is refused: DoRA, per-module ranks or alphas,
-    trained biases or whole modules, embedding adapters, Conv1D (GPT-2) layouts. Returns the updates
-    of a MoE's experts (target_parameters experts.gate_up_proj / experts.down_proj, PEFT's
-    ParamWrapper on transformers 5's fused experts) by pyllm's names, blocks.{i}.mlp.gate_up / down,
-    (E, out, in) each, for the caller to add in pyllm's layout (the checkpoint may hold each expert
-    apart: the hub's names)."""
+    rsLoRA; r and alpha per module where rank_pattern / alpha_pattern say), to the Hugging Face state
+    dict's weights they were trained on, in place (in fp32 at least). What would need more than a
+    weight update is refused: DoRA, trained biases or whole modules, embedding adapters, Conv1D
+    (GPT-2) layouts. Returns the updates of a MoE's experts (target_parameters gate_up_proj /
+    down_proj, with or without a prefix, PEFT's ParamWrapper on transformers 5's fused experts) by
+    pyllm's names, blocks.{i}.mlp.gate_up / down, (E, out, in) each, and of its router
+    (blocks.{i}.mlp.router.weight; gate.weight), for the caller to add in pyllm's layout (the
+    checkpoint may hold them under the hub's names), and the output layer's (target_modules lm_head) as lm_head.weight: with
+    tied embeddings PeftModel changes the output layer alone (the caller unties them), and a tied
+    checkpoint's stored lm_head.weight is not what its model computes with."""
     from safetensors.torch import load_file
 
     from pyllm.nn import merge_lora
@@ -1910,39 +1951,65 @@ def merge_peft_adapter(hf_state: dict, adapter) -> dict:
     if not (adapter / "adapter_config.json").is_file() or not (adapter / "adapter_model.safetensors").is_file():
         raise ValueError(f"{adapter}: not a PEFT adapter folder (adapter_config.json, adapter_model.safetensors)")
     config = json.loads((adapter / "adapter_config.json").read_text())
+    targets = list(config.get("target_parameters") or ())
+    # the experts' and the router's parameters, however named: PEFT 0.21's all-linear on transformers
+    # 5's MoEs names them gate_up_proj, down_proj, gate.weight
+    experts = [p for p in PEFT_EXPERT_PARAMETERS if any(t == p.split(".")[-1] or t.endswith("." + p.split(".")[-1])
+                                                        for t in targets)]
+    others = [t for t in targets if t.split(".")[-1] not in ("gate_up_proj", "down_proj")
+              and not (t == "gate.weight" or t.endswith(".gate.weight"))]
     unsupported = {"peft_type": config.get("peft_type", "LORA") != "LORA", "use_dora": config.get("use_dora"),
-                   "rank_pattern": config.get("rank_pattern"), "alpha_pattern": config.get("alpha_pattern"),
                    "bias": config.get("bias", "none") != "none", "modules_to_save": config.get("modules_to_save"),
-                   "fan_in_fan_out": config.get("fan_in_fan_out"),
-                   "target_parameters": set(config.get("target_parameters") or ()) - set(PEFT_EXPERT_PARAMETERS)}
+                   "fan_in_fan_out": config.get("fan_in_fan_out"), "target_parameters": others}
     refused = [name for name, bad in unsupported.items() if bad]
     if refused:
         raise NotImplementedError(f"{adapter}: adapter_config.json sets {', '.join(refused)}; pyllm merges plain "
-                                  "LoRA adapters of linear layers only (peft_type LORA, no DoRA, one rank and alpha, "
-                                  "bias none, no modules_to_save, no fan_in_fan_out, target_parameters of the "
-                                  f"experts alone: {', '.join(PEFT_EXPERT_PARAMETERS)})")
-    rank, alpha = config["r"], config["lora_alpha"]
-    scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+                                  "LoRA adapters of linear layers only (peft_type LORA, no DoRA, bias none, no "
+                                  "modules_to_save, no fan_in_fan_out, target_parameters of a MoE's experts "
+                                  f"({', '.join(PEFT_EXPERT_PARAMETERS)}) and router (gate.weight) alone)")
+    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+
+    def rank_scale(module: str) -> tuple[int, float]:
+        """A module's (or parameter's) rank and scale: the first pattern whose regex matches the end
+        of its name, else r and lora_alpha (PEFT's get_pattern_key)."""
+        match = lambda patterns, default: next((v for k, v in patterns.items()  # noqa: E731
+                                                if re.match(rf"(.*\.)?({k})$", module)), default)
+        r, a = match(rank_pattern, config["r"]), match(alpha_pattern, config["lora_alpha"])
+        return r, (a / math.sqrt(r) if config.get("use_rslora") else a / r)
+
     tensors = load_file(str(adapter / "adapter_model.safetensors"))
     prefix = "base_model.model."
-    experts = [p for p in PEFT_EXPERT_PARAMETERS if p in (config.get("target_parameters") or ())]
+    for key in tensors:
+        if not key.endswith((".lora_A.weight", ".lora_B.weight")) and not key.endswith("lm_head.base_layer.weight"):
+            raise NotImplementedError(f"{adapter}: {key} is no LoRA A / B matrix of a linear layer")
     expert_updates = {}
     for key in tensors:
-        found = re.fullmatch(r"(?:base_model\.model\.)?model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\."
+        if re.fullmatch(r"(?:base_model\.model\.)?lm_head\.base_layer\.weight", key):  # PEFT keeps the head it adapted
+            expert_updates["lm_head.base_layer"] = tensors[key]  # (the caller checks it is the model's)
+            continue
+        if not key.endswith(".lora_A.weight"):
+            continue  # (a B: with its A; anything else is refused below)
+        acc = torch.promote_types(tensors[key].dtype, torch.float32)
+        a, b = tensors[key].to(acc), tensors[key[:-len("lora_A.weight")] + "lora_B.weight"].to(acc)
+        found = re.fullmatch(r"(?:base_model\.model\.)?model\.layers\.(\d+)\.(mlp|block_sparse_moe)\.experts\."
                              r"(base_layer\.)?lora_A\.weight", key) if experts else None
         if found:  # PEFT wraps the experts' parameters in their order, gate_up_proj innermost
-            param = experts[0] if found.group(2) or len(experts) == 1 else experts[1]
-            acc = torch.promote_types(tensors[key].dtype, torch.float32)
-            a, b = tensors[key].to(acc), tensors[key[:-len("lora_A.weight")] + "lora_B.weight"].to(acc)
+            param = experts[0] if found.group(3) or len(experts) == 1 else experts[1]
+            rank, scale = rank_scale(f"model.layers.{found.group(1)}.{found.group(2)}.{param}")
             E = a.shape[0] // rank  # A (E r, in), B (out, r E): expert e's column j at j E + e
             update = torch.einsum("ore,eri->eoi", b.view(b.shape[0], rank, E), a.view(E, rank, a.shape[1])) * scale
             expert_updates[f"blocks.{found.group(1)}.mlp.{param.removeprefix('experts.').removesuffix('_proj')}"] = update
             continue
-        if not key.endswith(".lora_A.weight"):
-            if not key.endswith(".lora_B.weight"):
-                raise NotImplementedError(f"{adapter}: {key} is no LoRA A / B matrix of a linear layer")
+        found = re.fullmatch(r"(?:base_model\.model\.)?(model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.gate)\."
+                             r"lora_A\.weight", key)
+        if found:  # a MoE's router (transformers 5's gate.weight parameter, or 4's gate Linear), by pyllm's name
+            expert_updates[f"blocks.{found.group(2)}.mlp.router.weight"] = (b @ a) * rank_scale(found.group(1))[1]
             continue
-        name = key[len(prefix) if key.startswith(prefix) else 0:-len(".lora_A.weight")] + ".weight"
+        module = key[len(prefix) if key.startswith(prefix) else 0:-len(".lora_A.weight")]
+        name, scale = module + ".weight", rank_scale(module)[1]
+        if name == "lm_head.weight":
+            expert_updates[name] = (b @ a) * scale
+            continue
         if name not in hf_state:
             raise ValueError(f"{adapter}: {key} updates {name}, which the model does not have")
         hf_state[name] = merge_lora(hf_state[name].float(), tensors[key], tensors[key[:-len("lora_A.weight")] + "lora_B.weight"],

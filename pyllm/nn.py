@@ -90,9 +90,9 @@ class MoEMLP(nn.Module):
     with no host read; one token on the CPU without autograd (decoding) the one-token path, a few
     (batched decoding) torch's grouped GEMM.
 
-    After each forward in training with autograd on, `stats` holds the router's statistics for the
-    load-balancing loss (LLM.router_aux_loss): top-k picks per expert (E,), summed probabilities
-    (E,), tokens. shared_hidden: Qwen2-MoE's shared expert (a SwiGLUMLP of that width every token goes
+    After each forward in training with autograd on, `stats` holds what the load-balancing loss
+    (LLM.router_aux_loss) counts: the chosen experts (N, k) and the router's probabilities (N, E)
+    (both kept by autograd anyway). shared_hidden: Qwen2-MoE's shared expert (a SwiGLUMLP of that width every token goes
     through, its output times sigmoid(x w_shared_gate)).
 
     add_lora gives the experts LoRA updates of their own (PEFT's target_parameters); with them the
@@ -167,16 +167,15 @@ class MoEMLP(nn.Module):
         shape = x.shape
         x = x.reshape(-1, self.dim)  # (N, C)
         probs, experts, weights = self.route(x)
-        if self.training and torch.is_grad_enabled():
-            picks = torch.bincount(experts.flatten(), minlength=self.n_experts)  # (E,)
-            self.stats = (picks, probs.sum(0), x.shape[0])
+        if self.training and torch.is_grad_enabled():  # kept whole: LLM.router_aux_loss may leave padding out
+            self.stats = (experts, probs)
         gate_up, down = self.gate_up, self.down
         if gate_up.dtype != x.dtype and not _autocast_on(x):
             gate_up, down = gate_up.to(x.dtype), down.to(x.dtype)  # frozen 16-bit experts (add_lora), fp32 x
         factors = self.lora_factors()
         if factors is not None:
             path = functools.partial(moe_experts_lora, factors=factors, scale=self.lora_scale)
-        elif x.is_cuda and x.shape[0] * self.top_k <= self.n_experts:
+        elif (x.is_cuda and x.shape[0] * self.top_k <= self.n_experts) or x.is_meta:  # (meta: shapes, no host read)
             path = moe_experts_gathered
         elif x.is_cuda and _grouped_mm_takes(x, self.gate_up):
             path = moe_experts_grouped

@@ -640,7 +640,30 @@ def segment_logps(model, batch, segments: list[int]) -> torch.Tensor:
     """Each of a packed batch's segments' summed log-probability (sequence_logps) from a pass of
     the model over those segments alone (segments_alone)."""
     x, y, cu, at = segments_alone(*batch[:3], segments)
-    return sequence_logps(model(x, y, cu, per_token=True)[1], cu)[at]
+    return sequence_logps(model(x, y, cu, per_token=True, **balance_kwargs(model, x, cu, at))[1], cu)[at]
+
+
+def balance_kwargs(model, x: torch.Tensor, cu: torch.Tensor | None, segments) -> dict:
+    """{"token_mask": LLM.forward's token_mask} for a packed batch (x (B, T), cu_seqlens) whose
+    documents are the given segments of cu (the rest: padding): True at their tokens, so that a
+    MoE's load-balancing loss leaves the padding out, as transformers' does with its attention_mask.
+    {} where nothing reads it (no MoE balancing, or plain windows: no padding). model: the LLM, or
+    its wrapper (DDP's .module; compile's and FSDP's take the LLM's attributes)."""
+    cfg = getattr(model, "module", model).config
+    if cu is None or not (cfg.n_experts and cfg.router_aux_loss_coef):
+        return {}
+    real = torch.zeros(len(cu) - 1, dtype=torch.bool)
+    real[list(segments)] = True
+    mask = real.to(cu.device, non_blocking=True).repeat_interleave(cu.diff(), output_size=x.numel()).view(x.shape)
+    return {"token_mask": mask}
+
+
+def batch_balance_kwargs(model, batch) -> dict:
+    """balance_kwargs of a packed batch (x, y, cu_seqlens, docs: the loader's document of each
+    segment, -1 for padding); {} for a batch without docs (windows)."""
+    if len(batch) < 4:
+        return {}
+    return balance_kwargs(model, batch[0], batch[2], [i for i, d in enumerate(batch[3]) if d >= 0])
 
 
 # The preference losses whose every pair's loss depends on that pair alone: with fused_loss their
@@ -686,7 +709,8 @@ def preference_batch_loss(model, batch, reference, labels: np.ndarray | None = N
                                    ref_chosen_logps=None if ref_of is None else ref_of[0::2],
                                    ref_rejected_logps=None if ref_of is None else ref_of[1::2], **options)[0].sum()
 
-        logps, fused_total = model(x, y, cu, sequence_loss={"documents": real, "group": 2, "loss_fn": pair_losses})
+        logps, fused_total = model(x, y, cu, sequence_loss={"documents": real, "group": 2, "loss_fn": pair_losses},
+                                   **balance_kwargs(model, x, cu, real))
         chosen_logps, rejected_logps = logps[0::2], logps[1::2]
         ref = None if ref is None else ref.to(logps)
     elif options.get("kind") == "kto":  # a unit's documents are 2u, 2u + 1 (prepare_kto)
@@ -717,12 +741,14 @@ def preference_batch_loss(model, batch, reference, labels: np.ndarray | None = N
                                        kl=kl, **options)[0].sum()
 
             chosen_logps, fused_total = model(x_alone, y_alone, cu_alone, sequence_loss={
-                "documents": list(at), "group": 1, "loss_fn": example_losses})
+                "documents": list(at), "group": 1, "loss_fn": example_losses},
+                **balance_kwargs(model, x_alone, cu_alone, at))
         else:
             chosen_logps = segment_logps(model, batch, chosen)
     else:  # (N,) of every segment, padding too: log-probabilities, or a reward model's scores
-        logps = (model(x, y, cu, scores=True)[1][:, 0] if options.get("kind") == "reward"
-                 else sequence_logps(model(x, y, cu, per_token=True)[1], cu))
+        balance = balance_kwargs(model, x, cu, real)
+        logps = (model(x, y, cu, scores=True, **balance)[1][:, 0] if options.get("kind") == "reward"
+                 else sequence_logps(model(x, y, cu, per_token=True, **balance)[1], cu))
         chosen_logps, rejected_logps = logps[chosen], logps[rejected]
         ref = None if ref is None else ref.to(logps)
     tokens = tokens.to(chosen_logps)
@@ -752,8 +778,9 @@ def packed_loss(model, batch) -> torch.Tensor:
     users' and padding's tokens take no logits; the assistant's share of a conversation is often
     half or less). Not with fused_loss, whose forward already computes the loss at those positions
     alone, its gradients in the forward (linear_token_logps would recompute the logits)."""
-    x, y, cu = batch
-    return -model(x, y, cu, per_token=True)[1].sum() / (y != -1).sum().clamp(min=1)
+    x, y, cu = batch[:3]
+    logps = model(x, y, cu, per_token=True, **batch_balance_kwargs(model, batch))[1]
+    return -logps.sum() / (y != -1).sum().clamp(min=1)
 
 
 def load_frozen(spec: str, precision: str, device: torch.device, adapter=None) -> LLM:
@@ -783,15 +810,15 @@ def load_teacher(cfg: TrainConfig, student: LLM, precision: str, device: torch.d
 
 
 def distill_loss(model, teacher: LLM, batch, cfg: TrainConfig) -> torch.Tensor:
-    """The distillation loss of a batch (x, y, cu_seqlens or None) at its trained targets: the
-    teacher's final hidden states there (no autograd), then the student's fused divergence from
+    """The distillation loss of a batch (x, y, cu_seqlens or None[, docs]) at its trained targets:
+    the teacher's final hidden states there (no autograd), then the student's fused divergence from
     them (LLM.forward's distill)."""
     with torch.no_grad():
-        teacher_hidden = teacher(*batch, hidden=True)[1]
-    return model(*batch, distill={"teacher_hidden": teacher_hidden, "teacher_weight": teacher.lm_head.weight,
-                                  "teacher_logits": teacher.logit_shape(),
-                                  "beta": cfg.distill_beta, "temperature": cfg.distill_temperature,
-                                  "alpha": cfg.distill_alpha})[1]
+        teacher_hidden = teacher(*batch[:3], hidden=True)[1]
+    return model(*batch[:3], **batch_balance_kwargs(model, batch),
+                 distill={"teacher_hidden": teacher_hidden, "teacher_weight": teacher.lm_head.weight,
+                          "teacher_logits": teacher.logit_shape(), "beta": cfg.distill_beta,
+                          "temperature": cfg.distill_temperature, "alpha": cfg.distill_alpha})[1]
 
 
 def last_reply_prompts(batch, limit: int, segments: list | None = None) -> list[list[int]]:
@@ -883,12 +910,17 @@ def on_policy_batch(model: LLM, batch, cfg: TrainConfig, generator: torch.Genera
     up to cfg.distill_max_new_tokens at cfg.distill_sample_temperature, ending at one of
     cfg.sample_stop_tokens), the sample's tokens the only trained targets, packed again into rows
     of T (pack_replies). Conversations with no trained target or a prompt that fills T (or the
-    model's block_size) are left out (at least one row of padding comes back)."""
+    model's block_size) are left out (at least one row of padding comes back). (x, y, cu_seqlens,
+    docs: each segment's sample's index, -1 for padding), as the loader's packed batches."""
     T = batch[0].shape[1]
     prompts = last_reply_prompts(batch, min(T, model.config.block_size))
     samples = sample_replies(model, prompts, cfg.distill_max_new_tokens, cfg.distill_sample_temperature,
                              cfg.sample_stop_tokens, generator)
-    return pack_replies(prompts, samples, T, batch[0].device)[:3]
+    x, y, cu, at = pack_replies(prompts, samples, T, batch[0].device)
+    docs = [-1] * (len(cu) - 1)
+    for i, segment in enumerate(at):
+        docs[segment] = i
+    return x, y, cu, docs
 
 
 def _is_function_spec(part: str) -> bool:
@@ -1119,7 +1151,7 @@ def grpo_loss(model, rollout: dict, cfg: TrainConfig, world_size: int = 1) -> tu
     of each one's mean KL, their number, the trained tokens whose ratio was clipped, the trained
     tokens), fp64 on the CPU."""
     x, y, cu, at = rollout["packed"]
-    token_logps = model(x, y, cu, per_token=True)[1]  # (B, T), 0 where no target
+    token_logps = model(x, y, cu, per_token=True, **balance_kwargs(model, x, cu, at))[1]  # (B, T), 0 where no target
     mask = (y != -1).to(token_logps.dtype)
     old = rollout.get("old")
     old = token_logps.detach() if old is None else old.to(token_logps)
@@ -1374,8 +1406,8 @@ def plot_losses(log_path: Path, png_path: Path) -> None:
 
 # --- the loop ------------------------------------------------------------------------------------------
 
-def next_batches(loader, grad_accum: int, world_size: int, docs: bool = False) -> tuple[list, list[float] | None, list[int] | None, int,
-                                                                    tuple[list[int], int] | None]:
+def next_batches(loader, grad_accum: int, world_size: int) -> tuple[list, list[float] | None, list[int] | None, int,
+                                                                   tuple[list[int], int] | None]:
     """A step's micro-batches, the weight of each one's mean loss, and the lengths of this rank's
     documents in them (packed or document-masked batches; None for plain windows). The weighted sum,
     averaged over the ranks as DDP averages gradients, is the step's mean loss over all its
@@ -1386,8 +1418,9 @@ def next_batches(loader, grad_accum: int, world_size: int, docs: bool = False) -
     (DPO's loss is a mean over pairs), their batches with the loader's docs as a fourth item. Last,
     this rank's trained targets in packed batches (where the output layer runs), else 0. KTO
     (labelled pairs): the lengths and targets are the examples', and a fifth item, the KL documents'
-    lengths and targets (a pass without backward: preference_batch_loss); else None. docs: the
-    conversations' batches too have the loader's docs as a fourth item (GRPO: their rows)."""
+    lengths and targets (a pass without backward: preference_batch_loss); else None. Every packed
+    batch has the loader's docs as a fourth item (GRPO: their rows; the padding, which a MoE's
+    load balancing leaves out: batch_balance_kwargs)."""
     batches, lengths = [], []
     if not isinstance(loader, PackedLoader):
         for _ in range(grad_accum):
@@ -1399,7 +1432,7 @@ def next_batches(loader, grad_accum: int, world_size: int, docs: bool = False) -
     kl_lengths, kl_outputs = [], 0
     for _ in range(grad_accum):
         if loader.pairs is None:
-            batches.append((*loader.next_batch(), loader.docs) if docs else loader.next_batch())
+            batches.append((*loader.next_batch(), loader.docs))
             mine.append(loader.targets)
             total += loader.global_targets
         else:  # preference pairs: DPO's loss is a mean over pairs, and needs to know which they are
@@ -1438,6 +1471,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
         model = LLM.load(source_run_weights(cfg.init_from_run))
     else:
         model = LLM(ModelConfig.from_preset(cfg.preset, **{"vocab_size": data_vocab, **cfg.model}))
+    model.train()  # (a loaded model comes in eval mode: its dropout would be off)
     mcfg = model.config
     if cfg.preference == "reward":
         if model.score is None:  # a reward model from a language model
@@ -1614,8 +1648,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
         generation_flops = 0.0
         generates = reward is not None and (step % cfg.grpo_iterations == 0 or rollouts is None)
         if reward is None or generates:
-            batches, weights, lengths, outputs, forward_only = next_batches(loader, cfg.grad_accum, info.world_size,
-                                                                            docs=reward is not None)
+            batches, weights, lengths, outputs, forward_only = next_batches(loader, cfg.grad_accum, info.world_size)
         if generates:  # GRPO: the step's samples first (dapo and batch scaling want all of them), reused
             rollouts = []  # for cfg.grpo_iterations steps; each rank samples its own rows, seeded by step, micro-step, rank
             for micro, batch in enumerate(batches):
@@ -1666,10 +1699,10 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
                 elif weights is not None and per_token_packed:  # packed conversations
                     loss = packed_loss(wrapped, batch)
                 elif cfg.z_loss:
-                    loss = wrapped(*batch, z_loss=cfg.z_loss)[1]
+                    loss = wrapped(*batch[:3], z_loss=cfg.z_loss, **batch_balance_kwargs(wrapped, batch))[1]
                     z_sum += model.z_loss_term / cfg.grad_accum if weights is None else model.z_loss_term * weights[micro]
                 else:
-                    loss = wrapped(*batch)[1]
+                    loss = wrapped(*batch[:3], **batch_balance_kwargs(wrapped, batch))[1]
                 if model.aux_loss is not None:  # a MoE's load balancing (in the loss unless the forward was per token)
                     if cfg.preference or reward is not None or (teacher is None and weights is not None
                                                                 and per_token_packed):

@@ -651,7 +651,7 @@ def test_on_policy_batch_replaces_the_last_replies(tmp_path):
     loader = data.PackedLoader(path, 3, 24, seed=0)
     batch = loader.next_batch()
     cfg = TrainConfig(distill_max_new_tokens=6, distill_sample_temperature=1.0, sample_stop_tokens=[7])
-    x, y, cu = trainer.on_policy_batch(model, batch, cfg, torch.Generator().manual_seed(3))
+    x, y, cu, sample_of = trainer.on_policy_batch(model, batch, cfg, torch.Generator().manual_seed(3))
     prompts = []
     for doc, length in zip([d for d in loader.docs if d >= 0], loader.lengths):
         mask = masks[doc][:length + 1]  # (a target may be the token past the cut)
@@ -666,6 +666,9 @@ def test_on_policy_batch_replaces_the_last_replies(tmp_path):
     offsets = cu.tolist()
     segments = [(a, b) for a, b in zip(offsets[:-1], offsets[1:]) if (x.view(-1)[a:b] != 0).any()]
     assert len(segments) == len(prompts) and x.shape[1] == 24
+    # each segment's sample, -1 for padding (the loader's docs' form)
+    assert [offsets.index(a) for a, _ in segments] == [i for i, d in enumerate(sample_of) if d >= 0]
+    assert [d for d in sample_of if d >= 0] == list(range(len(prompts))) and len(sample_of) == len(offsets) - 1
     for (a, b), prompt, sample in zip(segments, prompts, samples):
         want = (prompt + sample)[:24]
         assert x.view(-1)[a:b].tolist() == want

@@ -107,10 +107,14 @@ def ref_mlp(cfg, x, sd, prefix, router_probs=None):
     return ref_linear(F.gelu(ref_linear(x, sd, prefix + ".up"), approximate="tanh"), sd, prefix + ".down")
 
 
-def ref_router_aux_loss(cfg, router_probs):
-    """transformers' load_balancing_loss_func over all layers' tokens: E * sum_e f_e * P_e."""
+def ref_router_aux_loss(cfg, router_probs, mask=None):
+    """transformers' load_balancing_loss_func over all layers' tokens: E * sum_e f_e * P_e (the
+    means over mask's True tokens alone where given: its attention_mask)."""
     probs = torch.cat(router_probs)  # (L * N, E)
     picks = F.one_hot(probs.topk(cfg.experts_per_token, dim=-1).indices, cfg.n_experts).sum(1)  # (L * N, E)
+    if mask is not None:
+        keep = mask.reshape(-1).repeat(len(router_probs))
+        probs, picks = probs[keep], picks[keep]
     return cfg.n_experts * (picks.double().mean(0) * probs.mean(0)).sum()
 
 
@@ -215,6 +219,49 @@ def test_forward_matches_reference(name):
             assert abs(model.eval()(idx, targets)[1].item() - (loss - cfg.router_aux_loss_coef * ref_aux).item()) < 1e-10
             assert model.aux_loss is None
     assert abs(loss.item() - ref_loss.item()) < 1e-10
+
+
+def test_router_aux_loss_leaves_masked_tokens_out_as_transformers():
+    """token_mask (a packed row's padding False) is transformers' attention_mask in
+    load_balancing_loss_func: the loss over the True tokens alone, its gradient too."""
+    load_balancing_loss_func = pytest.importorskip("transformers.models.mixtral.modeling_mixtral").load_balancing_loss_func
+    cfg = ModelConfig(**CONFIGS["moe"])
+    model = randomized(cfg)
+    idx = torch.randint(0, cfg.vocab_size, (3, 13))
+    mask = torch.rand(3, 13) < 0.6
+    mask[2] = False  # a row of padding alone
+    mask[0, 0] = True
+    router_logits = []
+    hooks = [b.mlp.router.register_forward_hook(lambda m, i, o: router_logits.append(o)) for b in model.blocks]
+    model(idx, idx, token_mask=mask)
+    for h in hooks:
+        h.remove()
+    ref = ref_router_aux_loss(cfg, [logits.softmax(-1) for logits in router_logits], mask)
+    assert abs(model.aux_loss.item() - cfg.router_aux_loss_coef * ref.item()) < 1e-12
+    # transformers' own (its picks' means in fp32)
+    theirs = load_balancing_loss_func(tuple(router_logits), cfg.n_experts, cfg.experts_per_token, mask.long())
+    assert abs(theirs.item() - ref.item()) < 1e-6 * ref.item()
+    unmasked = load_balancing_loss_func(tuple(router_logits), cfg.n_experts, cfg.experts_per_token)
+    assert abs(unmasked.item() - ref.item()) > 1e-3  # the mask mattered
+    router = model.blocks[1].mlp.router.weight
+    grad, = torch.autograd.grad(model.aux_loss, router, retain_graph=True)
+    ref_grad, = torch.autograd.grad(cfg.router_aux_loss_coef * ref, router)
+    assert rel_err(grad, ref_grad) < 1e-10
+    # no True token: 0, not NaN; a mask of the wrong shape, dtype or kind is refused
+    model(idx, idx, token_mask=torch.zeros_like(mask))
+    assert model.aux_loss.item() == 0
+    for bad in (mask[:, :-1], mask.long(), mask.tolist(), mask.reshape(-1)):
+        with pytest.raises(ValueError, match="token_mask must be a bool tensor"):
+            model(idx, idx, token_mask=bad)
+
+
+def test_moe_model_runs_on_meta_for_its_shapes():
+    cfg = ModelConfig(**CONFIGS["moe"])
+    with torch.device("meta"):
+        model = LLM(cfg)
+        idx = torch.zeros(2, 9, dtype=torch.long)
+    logits, loss = model(idx, idx)
+    assert logits.shape == (2, 9, cfg.vocab_size) and loss.shape == () and model.aux_loss.shape == ()
 
 
 def test_alibi_slopes_are_blooms():
@@ -2022,6 +2069,73 @@ def test_peft_expert_adapter_merges_into_from_hf(name, parameters, tmp_path):
         delta = ours.state_dict()[f"blocks.0.mlp.{projection}"] - base[f"blocks.0.mlp.{projection}"]
         adapted = f"experts.{projection}_proj" in parameters
         assert [torch.linalg.matrix_rank(d).item() for d in delta] == [4 if adapted else 0] * len(delta)
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen3-moe", "llama-gqa"])
+def test_peft_all_linear_adapter_merges_into_from_hf(name, tmp_path):
+    # PEFT 0.21's target_modules="all-linear": on transformers 5's MoEs it adapts the experts and the
+    # router as parameters (target_parameters gate_up_proj, down_proj, gate.weight) with a rank and
+    # alpha of their own for gate_up_proj (rank_pattern, alpha_pattern); per-module ranks and alphas
+    # of linear layers likewise. pyllm's merged model computes what PeftModel computes.
+    peft = pytest.importorskip("peft")
+    theirs = hf_models()[name].double().eval()
+    theirs.save_pretrained(tmp_path / "base")
+    lora = (peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear") if name != "llama-gqa" else
+            peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", rank_pattern={"q_proj": 2, "down_proj": 6},
+                            alpha_pattern={r".*\.0\.mlp\.gate_proj": 3}))
+    model = peft.get_peft_model(theirs, lora)
+    with torch.no_grad():
+        for name_, p in model.named_parameters():
+            if "lora_B" in name_:
+                p.normal_(0, 0.1)
+    model.save_pretrained(tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["rank_pattern"] and config["alpha_pattern"]
+    ours = LLM.from_hf(tmp_path / "base", dtype=torch.float64, adapter=tmp_path / "adapter")
+    base = LLM.from_hf(tmp_path / "base", dtype=torch.float64)
+    idx = torch.randint(0, 97, (2, 11))
+    with torch.no_grad():
+        want = model(idx).logits
+        assert rel_err(ours(idx)[0], want) < 1e-6
+        assert not torch.allclose(base(idx)[0], want, atol=1e-3)
+    if name != "llama-gqa":  # the router changed too, by a rank-4 update
+        delta = ours.blocks[0].mlp.router.weight - base.blocks[0].mlp.router.weight
+        assert torch.linalg.matrix_rank(delta).item() == min(4, delta.shape[0])
+
+
+@pytest.mark.parametrize("name", ["llama-tied", "llama-gqa", "qwen3-window"])
+def test_peft_adapter_of_the_output_layer_merges_into_from_hf(name, tmp_path):
+    # An adapter that targets lm_head too: PeftModel's logits, tied embeddings or not. With tied
+    # ones PEFT's forward updates the output layer alone: pyllm unties them, the embeddings kept.
+    peft = pytest.importorskip("peft")
+    theirs = hf_models()[name].double().eval()
+    theirs.save_pretrained(tmp_path / "base")
+    tied = theirs.config.tie_word_embeddings
+    model = peft.get_peft_model(theirs, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"]))
+    with torch.no_grad():
+        for name_, p in model.named_parameters():
+            if "lora_B" in name_:
+                p.normal_(0, 0.1)
+    model.save_pretrained(tmp_path / "adapter")
+    ours = LLM.from_hf(tmp_path / "base", dtype=torch.float64, adapter=tmp_path / "adapter")
+    base = LLM.from_hf(tmp_path / "base", dtype=torch.float64)
+    idx = torch.randint(0, 97, (2, 11))
+    with torch.no_grad():
+        want = model(idx).logits
+        assert rel_err(ours(idx)[0], want) < 1e-6
+        assert not torch.allclose(base(idx)[0], want, atol=1e-3)
+    assert base.config.tie_embeddings == tied and not ours.config.tie_embeddings
+    assert torch.equal(ours.tok_emb.weight, base.tok_emb.weight)
+    assert torch.linalg.matrix_rank(ours.lm_head.weight - base.lm_head.weight).item() == 4
+    # the adapter's saved copy of the head (PEFT's save_embedding_layers) must be the model's own
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    key = next(k for k in tensors if k.endswith("lm_head.base_layer.weight"))
+    tensors[key] = tensors[key] * 1.5
+    save_file(tensors, tmp_path / "adapter" / "adapter_model.safetensors")
+    with pytest.raises(NotImplementedError, match="not the model's output layer"):
+        LLM.from_hf(tmp_path / "base", dtype=torch.float64, adapter=tmp_path / "adapter")
 
 
 def test_gemma2_defaults_and_layout():

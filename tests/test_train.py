@@ -17,7 +17,7 @@ import torch
 
 from pyllm import data
 from pyllm import train as trainer
-from pyllm.model import LLM
+from pyllm.model import LLM, ModelConfig
 from pyllm.train import TrainConfig
 
 TINY = dict(n_layers=1, n_heads=2, dim=64, block_size=16)  # head dim 32: flash_attn takes 32..256
@@ -901,6 +901,59 @@ def test_moe_trains_with_its_load_balancing_loss(data_dir, chat_dir, tmp_path, f
         first[coef] = json.loads((out / "log.jsonl").read_text().splitlines()[0])
     assert "aux_loss" not in first[0.0] and first[1.0]["aux_loss"] >= 2.0
     assert first[1.0]["loss"] - first[1.0]["aux_loss"] == pytest.approx(first[0.0]["loss"], rel=1e-6)
+
+
+def _masked_balance_loss(model, router_logits, mask):
+    """transformers' load_balancing_loss_func with attention_mask, in fp64: E * sum_e f_e P_e over
+    every layer's tokens where mask is True."""
+    cfg = model.config
+    keep = mask.reshape(-1).repeat(len(router_logits))
+    probs = torch.cat(router_logits).double().softmax(-1)[keep]  # (L * n, E)
+    picks = torch.nn.functional.one_hot(probs.topk(cfg.experts_per_token, -1).indices, cfg.n_experts).sum(1)
+    return cfg.router_aux_loss_coef * cfg.n_experts * (picks.double().mean(0) * probs.mean(0)).sum()
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_moe_load_balancing_leaves_packed_padding_out(chat_dir, pairs_dir, fused):
+    # The padding at the end of packed rows is not counted by a MoE's load-balancing loss, as
+    # transformers' attention_mask leaves it out: SFT's packed loss, the model's own loss, and the
+    # preference losses (fused or not) all take the loader's docs (-1: padding) as the mask.
+    torch.manual_seed(0)
+    model = LLM(ModelConfig.from_preset("tiny", **{**TINY, "vocab_size": 64, "block_size": 32, "n_experts": 4,
+                                                   "experts_per_token": 2, "router_aux_loss_coef": 0.5})).double()
+    model.fused_loss = fused
+    logits = []
+    for block in model.blocks:
+        block.mlp.router.register_forward_hook(lambda m, i, o: logits.append(o.detach()))
+
+    def real(batch):  # each token's segment a document (docs >= 0), from cu_seqlens by hand
+        x, _, cu, docs = batch
+        mask = torch.zeros(x.numel(), dtype=torch.bool)
+        for i, d in enumerate(docs):
+            mask[int(cu[i]):int(cu[i + 1])] = d >= 0
+        return mask.view(x.shape)
+
+    loader = data.PackedLoader(chat_dir / "train.bin", 3, 16, seed=2)
+    batch = (*loader.next_batch(), loader.docs)
+    assert loader.padding > 0
+    mask = real(batch)
+    assert torch.equal(trainer.batch_balance_kwargs(model, batch)["token_mask"], mask)
+    for run in (lambda: trainer.packed_loss(model, batch),
+                lambda: model(*batch[:3], **trainer.batch_balance_kwargs(model, batch))):
+        logits.clear()
+        run()
+        want = _masked_balance_loss(model, logits, mask)
+        assert model.aux_loss.item() == pytest.approx(want.item(), rel=1e-12)
+        assert abs(model.aux_loss.item() - _masked_balance_loss(model, logits, torch.ones_like(mask)).item()) > 1e-6
+    loader = data.PackedLoader(pairs_dir / "train.bin", 3, 20, seed=0)
+    batch = (*loader.next_batch(), loader.docs)
+    assert loader.padding > 0
+    logits.clear()
+    trainer.preference_batch_loss(model, batch, None, kind="simpo", fused=fused)
+    assert model.aux_loss.item() == pytest.approx(_masked_balance_loss(model, logits, real(batch)).item(), rel=1e-12)
+    dense = LLM(ModelConfig.from_preset("tiny", **{**TINY, "vocab_size": 64}))
+    assert trainer.batch_balance_kwargs(dense, batch) == {}  # nothing reads it
+    assert trainer.batch_balance_kwargs(model, batch[:3]) == {}
 
 
 def test_packed_loss_is_the_models_loss(chat_dir):

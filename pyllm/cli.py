@@ -159,6 +159,19 @@ def load_tokenizer(path):
     return CharTokenizer.load(path) if is_nanogpt_meta(path) else tokenizer_class().load(str(path))
 
 
+def same_tokenizer(a, b) -> bool:
+    """Whether two tokenizer files (pyllm's, or nanoGPT's meta.pkl) make the same ids: the same
+    bytes, else the same definition (merges, pattern, special tokens, normalization; characters)."""
+    if Path(a).read_bytes() == Path(b).read_bytes():
+        return True
+    definition = lambda tok: (tok.stoi if hasattr(tok, "stoi")  # noqa: E731  (nanoGPT's characters)
+                              else {k: v for k, v in tok.__getstate__().items() if k != "name"})
+    try:
+        return definition(load_tokenizer(a)) == definition(load_tokenizer(b))
+    except Exception:  # one of them not a tokenizer at all: not the same
+        return False
+
+
 def training_sample(files, max_bytes: int) -> list[Path]:
     """Every k-th file, k chosen so that about max_bytes are read: tokenizer training sees the
     whole corpus's variety at a fraction of its cost."""
@@ -340,6 +353,11 @@ def setup_run_data(cfg, cli: dict) -> None:
         data_dir = str(Path(data_list[0]).resolve())  # a resume from another folder reads the same files
         if tokenizer_path is None and (Path(data_dir) / "tokenizer.bpe").is_file():  # `pyllm prepare`'s copy
             tokenizer_path = Path(data_dir) / "tokenizer.bpe"
+        if cfg.init_from_run and tokenizer_path and source_run.get("tokenizer") and not same_tokenizer(
+                tokenizer_path, source_run["tokenizer"]):
+            raise ValueError(f"--data {data_list[0]} was tokenized with {tokenizer_path}, not with the tokenizer of "
+                             f"--init-from-run {cfg.init_from_run} ({source_run['tokenizer']}): its ids would be other "
+                             "tokens to that model (prepare the data with the run's tokenizer)")
         from pyllm import data
 
         header = data.read_header(Path(data_dir) / "train.bin")
@@ -526,6 +544,10 @@ def cmd_train(args) -> int:
         run = json.loads((Path(resume) / "run.json").read_text()) if (Path(resume) / "run.json").exists() else {}
         tokenizer_path = run.get("tokenizer")
     else:
+        if "data_dir" in opts:  # a TrainConfig field a config file may name: the data, as --data (run.json records it)
+            if cli["data"] is not None:
+                raise ValueError("give the data once: --data (or a config file's data) or a config file's data_dir")
+            cli["data"] = opts.pop("data_dir")
         cfg = TrainConfig.from_dict({"model": model, **opts})
         cfg.validate()
         from pyllm import data

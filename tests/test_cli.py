@@ -351,6 +351,39 @@ def test_config_file_with_cli_override(corpus, tmp_path):
     assert (cfg.n_layers, cfg.sliding_window, cfg.window_layers) == (2, 4, [1])
 
 
+def test_config_files_data_dir_is_the_data(corpus, tmp_path, capsys):
+    # data_dir (a TrainConfig field) in a config file names the data as --data does; it had been
+    # overwritten by the run's own folder, and the tokenizer trained on the standard library.
+    (tmp_path / "c.toml").write_text(f'data_dir = "{corpus}"\nout = "{tmp_path / "r"}"\nmax_steps = 1\n')
+    assert cli.main(["train", "--config", str(tmp_path / "c.toml"), *SMALL, "--sample-tokens", "0"]) == 0
+    run = json.loads((tmp_path / "r/run.json").read_text())
+    assert json.loads((tmp_path / "r/data/source.json").read_text())  # made from the corpus's files
+    assert "m00.py" in (tmp_path / "r/data/source.json").read_text() and run["data_dir"] == str((tmp_path / "r/data").resolve())
+    capsys.readouterr()
+    assert cli.main(["train", "--config", str(tmp_path / "c.toml"), "--data", str(corpus), "--out", str(tmp_path / "r2"),
+                     *SMALL]) == 2
+    assert "give the data once" in capsys.readouterr().err
+
+
+def test_init_from_run_refuses_token_files_of_another_tokenizer(corpus, tmp_path, capsys):
+    # A token folder made with another tokenizer than the run's: its ids would be other tokens to
+    # the model (it trained, silently). The run's own tokenizer beside them is taken.
+    import shutil
+
+    base = tmp_path / "base"
+    assert cli.main(["train", "--data", str(corpus), "--out", str(base), "--max-steps", "1", *SMALL]) == 0
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    for folder, tokenizer in ((ours, "stand-in"), (theirs, "another tokenizer")):
+        shutil.copytree(base / "data", folder)
+        (folder / "tokenizer.bpe").write_text(tokenizer)
+    capsys.readouterr()
+    common = ["--init-from-run", str(base), "--max-steps", "1", "--batch-size", "2", "--eval-every", "0",
+              "--eval-batches", "1", "--device", "cpu", "--sample-tokens", "0"]
+    assert cli.main(["train", "--data", str(theirs), "--out", str(tmp_path / "a"), *common]) == 2
+    assert "not with the tokenizer of --init-from-run" in capsys.readouterr().err
+    assert cli.main(["train", "--data", str(ours), "--out", str(tmp_path / "b"), *common]) == 0
+
+
 def test_yaml_config(tmp_path):
     pytest.importorskip("yaml")
     (tmp_path / "c.yaml").write_text("max_steps: 7\nmodel:\n  n_layers: 2\n")

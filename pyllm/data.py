@@ -184,17 +184,61 @@ def token_dtype(vocab_size: int) -> np.dtype:
 def write_tokens(path, tokens: np.ndarray, vocab_size: int, doc_end: int | None = None) -> None:
     """Writes a token file atomically (temp file, then rename); doc_end: the id that ends each
     document in it, if any (TokenLoader's doc_mask needs it)."""
-    path = Path(path)
-    dtype = token_dtype(vocab_size)
-    tokens = np.asarray(tokens)
-    if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
-        raise ValueError(f"{path}: token ids must lie in [0, {vocab_size}), got [{tokens.min()}, {tokens.max()}]")
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(_HEADER.pack(MAGIC, VERSION, dtype.itemsize, tokens.size, vocab_size,
-                             0 if doc_end is None else doc_end + 1).ljust(HEADER_BYTES, b"\0"))
-        f.write(tokens.astype(dtype.newbyteorder("<"), copy=False).tobytes())
-    os.replace(tmp, path)
+    with TokenWriter(path, vocab_size, doc_end) as writer:
+        writer.append(tokens)
+
+
+class TokenWriter:
+    """A token file written as its ids come: each append checked against the vocabulary and stored
+    in the file's dtype, the header's count written at close and the file renamed into place
+    (atomic, as write_tokens); an exception inside `with` leaves no file. Memory: what one append
+    holds, not the file (prepare of a corpus larger than RAM)."""
+
+    def __init__(self, path, vocab_size: int, doc_end: int | None = None):
+        self.path, self.vocab_size, self.doc_end = Path(path), vocab_size, doc_end
+        self.dtype = token_dtype(vocab_size).newbyteorder("<")
+        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        self.count = 0
+        self._file = open(self.tmp, "wb")
+        self._file.write(b"\0" * HEADER_BYTES)  # the header, once the count is known
+
+    def append(self, tokens) -> None:
+        tokens = np.asarray(tokens)
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
+            raise ValueError(f"{self.path}: token ids must lie in [0, {self.vocab_size}), got "
+                             f"[{tokens.min()}, {tokens.max()}]")
+        self._file.write(tokens.astype(self.dtype, copy=False).tobytes())
+        self.count += tokens.size
+
+    def move_tail(self, n: int, other: "TokenWriter", chunk: int = 1 << 24) -> None:
+        """The last n ids written here appended to other instead (a split by position)."""
+        n = min(n, self.count)
+        self._file.flush()
+        start = self.count - n
+        ids = np.memmap(self.tmp, dtype=self.dtype, mode="r", offset=HEADER_BYTES, shape=(self.count,))
+        for i in range(start, self.count, chunk):
+            other.append(np.array(ids[i:i + chunk]))
+        del ids
+        self._file.truncate(HEADER_BYTES + start * self.dtype.itemsize)
+        self._file.seek(0, os.SEEK_END)
+        self.count = start
+
+    def close(self) -> None:
+        self._file.seek(0)
+        self._file.write(_HEADER.pack(MAGIC, VERSION, self.dtype.itemsize, self.count, self.vocab_size,
+                                      0 if self.doc_end is None else self.doc_end + 1).ljust(HEADER_BYTES, b"\0"))
+        self._file.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        self._file.close()
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "TokenWriter":
+        return self
+
+    def __exit__(self, kind, *_) -> None:
+        self.abort() if kind is not None else self.close()
 
 
 # nanoGPT's prepare.py scripts write train.bin and val.bin as bare uint16 tokens, with a meta.pkl
@@ -410,37 +454,42 @@ def prepare(inputs: Sequence[str | os.PathLike] | None, tokenizer, out_dir, val_
     start_ids = list(doc_start)
     # Ordinary encoding: a literal "<|endoftext|>" inside a file is text, not a separator.
     encode_batch = getattr(tokenizer, "encode_ordinary_batch", None) or tokenizer.encode_batch
-    docs: list[np.ndarray] = []
+    every = max(2, round(1 / val_fraction))
+    n_docs = 0
     not_utf8: list[Path] = []  # said once, after
     total_bytes = sum(f.stat().st_size for f in files)
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", disable=not show_progress)
-    for start in range(0, len(files), batch_docs):
-        chunk = files[start:start + batch_docs]
-        texts = list(read_documents(chunk, not_utf8))
-        for offset in range(0, len(texts), batch_docs):
-            for ids in encode_batch(texts[offset:offset + batch_docs]):
-                docs.append(np.asarray([*start_ids, *ids] if eot is None else [*start_ids, *ids, eot], dtype=np.int64))
-        bar.update(sum(f.stat().st_size for f in chunk))
-    bar.close()
+    # Written as they are tokenized (memory: a batch of documents, not the corpus)
+    train_file = TokenWriter(out_dir / "train.bin", tokenizer.vocab_size, eot)
+    val_file = TokenWriter(out_dir / "val.bin", tokenizer.vocab_size, eot)
+    try:
+        for start in range(0, len(files), batch_docs):
+            chunk = files[start:start + batch_docs]
+            texts = list(read_documents(chunk, not_utf8))
+            for offset in range(0, len(texts), batch_docs):
+                for ids in encode_batch(texts[offset:offset + batch_docs]):
+                    doc = np.asarray([*start_ids, *ids] if eot is None else [*start_ids, *ids, eot], dtype=np.int64)
+                    (val_file if n_docs % every == every - 1 else train_file).append(doc)
+                    n_docs += 1
+            bar.update(sum(f.stat().st_size for f in chunk))
+        bar.close()
+        if n_docs < every:  # too few documents to hold some out: the last val_fraction of the tokens
+            train_file.move_tail(max(1, int(train_file.count * val_fraction)), val_file)
+        for split in ("train", "val"):  # a folder prepared from conversations before: their files would describe other tokens
+            for side in CONVERSATION_FILES:
+                (out_dir / f"{split}{side}").unlink(missing_ok=True)
+    except BaseException:
+        train_file.abort()
+        val_file.abort()
+        raise
+    train_file.close()
+    val_file.close()
     if not_utf8 and inputs is not None:  # (the stdlib corpus: 4 test files in other encodings, on purpose)
         import warnings
 
         warnings.warn(f"{len(not_utf8)} file(s) are not UTF-8 ({not_utf8[0]} first): their other bytes were read as "
                       "U+FFFD; convert them first (iconv -f cp1252 -t utf-8 ...)", stacklevel=2)
-    every = max(2, round(1 / val_fraction))
-    if len(docs) >= every:
-        train = np.concatenate([d for i, d in enumerate(docs) if i % every != every - 1])
-        val = np.concatenate(docs[every - 1::every])
-    else:
-        train = np.concatenate(docs) if docs else np.zeros(0, np.int64)
-        n_val = max(1, int(len(train) * val_fraction))
-        train, val = train[:-n_val], train[-n_val:]
-    for split in ("train", "val"):  # a folder prepared from conversations before: their files would describe other tokens
-        for side in CONVERSATION_FILES:
-            (out_dir / f"{split}{side}").unlink(missing_ok=True)
-    write_tokens(out_dir / "train.bin", train, tokenizer.vocab_size, eot)
-    write_tokens(out_dir / "val.bin", val, tokenizer.vocab_size, eot)
-    return {"train_tokens": int(len(train)), "val_tokens": int(len(val)), "files": len(files), "documents": len(docs),
+    return {"train_tokens": train_file.count, "val_tokens": val_file.count, "files": len(files), "documents": n_docs,
             "bytes": total_bytes}
 
 

@@ -72,6 +72,43 @@ def test_prepare_single_file_splits_by_position(tmp_path):
     assert (stats["train_tokens"], stats["val_tokens"]) == (900, 100)
 
 
+def test_prepare_streams_and_keeps_the_old_files_when_it_fails(tmp_path):
+    # prepare writes as it tokenizes (a corpus larger than memory); a failure part way (an id past
+    # the vocabulary in the 30th file) leaves the folder's earlier token files as they were, no
+    # temp files. The split by position moves the train file's tail, as many tokens as before.
+    folder = make_docs(tmp_path, 40)
+    data.prepare([folder], ByteTokenizer(), tmp_path / "out", val_fraction=0.1, show_progress=False)
+    before = {name: (tmp_path / "out" / name).read_bytes() for name in ("train.bin", "val.bin")}
+
+    class Overflowing(ByteTokenizer):
+        def encode_batch(self, texts, num_threads=None):
+            return [[300] if "document 30\n" in t else self.encode_ordinary(t) for t in texts]
+
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 257\)"):
+        data.prepare([folder], Overflowing(), tmp_path / "out", val_fraction=0.1, show_progress=False, batch_docs=4)
+    assert {name: (tmp_path / "out" / name).read_bytes() for name in before} == before
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["train.bin", "val.bin"]
+    (tmp_path / "one.txt").write_text("".join(chr(97 + i % 26) for i in range(5000)))
+    stats = data.prepare([tmp_path / "one.txt"], ByteTokenizer(), tmp_path / "one", 0.25, show_progress=False)
+    train, val = (np.asarray(data.open_tokens(tmp_path / f"one/{s}.bin")).tolist() for s in ("train", "val"))
+    whole = [*(97 + i % 26 for i in range(5000)), 256]
+    assert (stats["train_tokens"], stats["val_tokens"]) == (3751, 1250) and train + val == whole
+
+
+def test_token_writer_appends_in_pieces():
+    import tempfile
+    from pathlib import Path
+
+    path = Path(tempfile.mkdtemp()) / "t.bin"
+    rng = np.random.default_rng(0)
+    pieces = [rng.integers(0, 70000, n) for n in (0, 5, 1, 1000)]
+    with data.TokenWriter(path, 70000, doc_end=3) as writer:
+        for piece in pieces:
+            writer.append(piece)
+    assert np.asarray(data.open_tokens(path)).tolist() == np.concatenate(pieces).tolist()
+    assert data.read_header(path)["doc_end"] == 3 and data.open_tokens(path).dtype == np.uint32
+
+
 def test_uint32_when_vocab_is_large(tmp_path):
     tokens = np.array([0, 70000, 5, 99999], dtype=np.int64)
     data.write_tokens(tmp_path / "t.bin", tokens, vocab_size=100000)

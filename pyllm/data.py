@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import struct
 import sysconfig
@@ -195,7 +196,13 @@ class TokenWriter:
     holds, not the file (prepare of a corpus larger than RAM)."""
 
     def __init__(self, path, vocab_size: int, doc_end: int | None = None):
-        self.path, self.vocab_size, self.doc_end = Path(path), vocab_size, doc_end
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, numbers.Integral) or not 1 <= vocab_size <= 2 ** 32:
+            raise ValueError(f"{path}: vocab_size must be an int in [1, 2^32], got {vocab_size!r}")
+        if doc_end is not None and (isinstance(doc_end, bool) or not isinstance(doc_end, numbers.Integral)
+                                    or not 0 <= doc_end < vocab_size):
+            raise ValueError(f"{path}: doc_end (the id ending each document) must be None or an id in "
+                             f"[0, {vocab_size}), got {doc_end!r}")
+        self.path, self.vocab_size, self.doc_end = Path(path), int(vocab_size), doc_end
         self.dtype = token_dtype(vocab_size).newbyteorder("<")
         self.tmp = self.path.with_name(self.path.name + ".tmp")
         self.count = 0
@@ -204,6 +211,9 @@ class TokenWriter:
 
     def append(self, tokens) -> None:
         tokens = np.asarray(tokens)
+        if tokens.size and (tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer)):
+            raise ValueError(f"{self.path}: tokens must be a 1-D array of int ids, got {tokens.dtype} of shape "
+                             f"{tokens.shape}")
         if tokens.size and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
             raise ValueError(f"{self.path}: token ids must lie in [0, {self.vocab_size}), got "
                              f"[{tokens.min()}, {tokens.max()}]")
@@ -495,6 +505,16 @@ def prepare(inputs: Sequence[str | os.PathLike] | None, tokenizer, out_dir, val_
 
 # --- loader ----------------------------------------------------------------------------------------
 
+def check_batching(op: str, batch_size, seq_len, rank, world_size) -> None:
+    """ValueError unless a loader's batch (B >= 1 rows of seq_len >= 1) and its rank's place among
+    world_size processes can be: a rank past the world had taken no rows, silently."""
+    for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("world_size", world_size)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{op}: {name} must be an int >= 1, got {value!r}")
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or not 0 <= rank < world_size:
+        raise ValueError(f"{op}: rank must be an int in [0, world_size = {world_size}), got {rank!r}")
+
+
 class TokenLoader:
     """Samples batches of random windows from a token file.
 
@@ -510,6 +530,7 @@ class TokenLoader:
 
     def __init__(self, path, batch_size: int, seq_len: int, seed: int = 0, rank: int = 0, world_size: int = 1,
                  device="cpu", doc_mask: bool = False):
+        check_batching("TokenLoader", batch_size, seq_len, rank, world_size)
         self.tokens = open_tokens(path)
         self.path, self.batch_size, self.seq_len = Path(path), batch_size, seq_len
         self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
@@ -974,6 +995,7 @@ class PackedLoader:
 
     def __init__(self, path, batch_size: int, seq_len: int, seed: int = 0, rank: int = 0, world_size: int = 1,
                  device="cpu", lookahead: int | None = None, shuffle: bool = True):
+        check_batching("PackedLoader", batch_size, seq_len, rank, world_size)
         path = Path(path)
         self.tokens = open_tokens(path)
         self.offsets = np.load(path.with_suffix(".docs.npy"))

@@ -13,6 +13,7 @@ import math
 import numbers
 import os
 import re
+import threading
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -29,6 +30,9 @@ from pyllm.nn import (MoEMLP, RMSNorm, SwiGLUMLP, _geglu, alibi_slopes, apply_ro
                       document_ids, linear_cross_entropy, linear_distill, linear_sequence_loss, linear_token_logps,
                       rope_cos_sin, token_logps)
 
+
+# Guards the switch to eval mode and back around generation (LLM._in_eval), for generations in threads.
+_MODE_LOCK = threading.Lock()
 
 # The parameters of Llama 3.1's RoPE scaling (nn.llama3_scaled), besides rope_type = "llama3".
 LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -54,6 +58,11 @@ def _of_kind(value, kind: str) -> bool:
     if kind.startswith("list"):
         return isinstance(value, (list, tuple))
     return kind == "dict" and isinstance(value, dict)
+
+
+def _positive_number(value) -> bool:
+    """A finite number > 0 (not a bool)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 @dataclass
@@ -168,10 +177,14 @@ class ModelConfig:
             raise ValueError("ModelConfig.qk_norm_all_heads needs qk_norm=True")
         if self.nope_layers and self.positions != "rope":
             raise ValueError("ModelConfig.nope_layers needs positions = 'rope'")
-        for name in ("attn_softcap", "final_softcap", "embed_multiplier", "residual_multiplier", "logits_scaling"):
+        for name in ("attn_softcap", "final_softcap", "embed_multiplier", "residual_multiplier", "logits_scaling",
+                     "softmax_scale", "local_rope_theta"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
+            if value is not None and not _positive_number(value):
                 raise ValueError(f"ModelConfig.{name} must be None or a positive number, got {value!r}")
+        for name in ("rope_theta", "norm_eps"):  # (NaN logits otherwise, at the first forward)
+            if not _positive_number(getattr(self, name)):
+                raise ValueError(f"ModelConfig.{name} must be a positive number, got {getattr(self, name)!r}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"ModelConfig: n_kv_heads ({self.n_kv_heads}) must divide n_heads ({self.n_heads})")
         if self.positions == "rope" and self.head_dim % 2:
@@ -190,9 +203,18 @@ class ModelConfig:
                                  f"{self.rope_scaling!r}")
             if kind == "longrope" and not all(
                     isinstance(f, list) and len(f) == (self.rotary_dim or self.head_dim) // 2
+                    and all(_positive_number(x) for x in f)
                     for f in (self.rope_scaling["short_factor"], self.rope_scaling["long_factor"])):
                 raise ValueError("ModelConfig.rope_scaling: LongRoPE's short_factor and long_factor need one number "
-                                 f"per rotated pair ({(self.rotary_dim or self.head_dim) // 2})")
+                                 f"per rotated pair ({(self.rotary_dim or self.head_dim) // 2}), each positive")
+            numbers = [k for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+                       if k in self.rope_scaling]
+            if kind == "longrope" and self.rope_scaling.get("attention_factor") is not None:
+                numbers.append("attention_factor")
+            bad = [k for k in numbers if not _positive_number(self.rope_scaling[k])]
+            if bad:
+                raise ValueError(f"ModelConfig.rope_scaling: {', '.join(bad)} must be positive numbers, got "
+                                 f"{', '.join(repr(self.rope_scaling[k]) for k in bad)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"ModelConfig.dropout must be in [0, 1), got {self.dropout}")
         if self.n_experts is not None:
@@ -428,11 +450,46 @@ class LLM(nn.Module):
             if name.endswith(("attn.proj.weight", "mlp.down.weight", "mlp.down")):  # "mlp.down": the experts'
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
 
+    def init_weights(self) -> None:
+        """Draws every weight as the constructor does (normal std 0.02, GPT-2's scaled residual
+        projections, norms at 1, biases 0, the experts, a score head; LoRA updates as they start,
+        their frozen weights drawn too), the output layer tied to the embeddings where the config
+        says: torchtitan's meta-device flow, `with torch.device("meta"): model = LLM(cfg)`, then
+        `model.to_empty(device=...)` and `model.init_weights()` (or load a state dict)."""
+        self._tie()
+        for module in self.modules():
+            if module is not self and hasattr(module, "reset_parameters"):
+                module.reset_parameters()  # norms to 1, LoRA updates, the experts' own draw
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith(("attn.proj.weight", "mlp.down.weight", "mlp.down")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layers))
+
+    def _tie(self) -> None:
+        if self.config.tie_embeddings and self.lm_head.weight is not self.tok_emb.weight:
+            self.lm_head.weight = self.tok_emb.weight
+
+    def _apply(self, fn, recurse=True):
+        # to_empty (a meta-device model's) gives every Parameter a new object: the tied output layer
+        # would come apart from the embeddings (trained apart, then saved as tied: another model)
+        super()._apply(fn, recurse)
+        self._tie()
+        return self
+
+    def __getstate__(self):
+        # the last forward's losses hold its graph: copy.deepcopy (an EMA, a reference model) and
+        # pickle take the model without them
+        state = dict(self.__dict__)
+        state["aux_loss"] = None
+        return state
+
     @staticmethod
     def _init_weights(module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
+        from pyllm.nn import LoRALinear
+
+        if isinstance(module, (nn.Linear, nn.Embedding, LoRALinear)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
+        if isinstance(module, (nn.Linear, LoRALinear)) and module.bias is not None:
             nn.init.zeros_(module.bias)
         if isinstance(module, MoEMLP):
             nn.init.normal_(module.gate_up, mean=0.0, std=0.02)
@@ -473,8 +530,9 @@ class LLM(nn.Module):
         model."""
         if self.score is not None:
             raise ValueError(f"add_score_head: the model has a score head already ({self.config.num_labels} labels)")
+        if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
+            raise ValueError(f"add_score_head: num_labels must be an integer >= 1, got {num_labels!r}")
         self.config.num_labels = num_labels
-        self.config.validate()
         w = self.norm_f.weight
         self.score = nn.Linear(self.config.dim, num_labels, bias=False, device=w.device, dtype=w.dtype)
         nn.init.normal_(self.score.weight, mean=0.0, std=0.02)
@@ -526,6 +584,15 @@ class LLM(nn.Module):
         varlen call). The offsets are checked on the CPU; on CUDA only with PYLLM_ATTN_CHECK_SEQLENS=1
         (reading them costs a device sync): bad ones there give wrong results, never a bad access."""
         self.z_loss_term = None
+        if not isinstance(idx, torch.Tensor) or idx.dim() != 2:
+            raise ValueError(f"LLM.forward: idx must be a (B, T) tensor of token ids, got "
+                             f"{tuple(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__}")
+        if targets is not None and (not isinstance(targets, torch.Tensor) or targets.shape != idx.shape
+                                    or targets.dtype == torch.bool or targets.is_floating_point()
+                                    or targets.is_complex()):
+            raise ValueError(f"LLM.forward: targets must be an integer tensor of idx's shape {tuple(idx.shape)} (-1: "
+                             "no target), got " + (f"{targets.dtype} {tuple(targets.shape)}"
+                                                   if isinstance(targets, torch.Tensor) else type(targets).__name__))
         if z_loss and (targets is None or per_token or hidden or distill is not None or scores or sequence_loss):
             raise ValueError("LLM.forward: z_loss goes with the mean loss of targets (not per_token, hidden, distill, "
                              "scores or sequence_loss)")
@@ -547,6 +614,10 @@ class LLM(nn.Module):
             starts = cu_seqlens.long()[doc]  # (B, T): its document's first token
             positions = torch.arange(B * T, device=idx.device).view(B, T) - starts
         x, rope = self._embed(idx, positions=positions)
+        if self.config.n_experts:  # this forward's statistics only (a block run without autograd sets none)
+            for block in self.blocks:
+                if isinstance(block.mlp, MoEMLP):
+                    block.mlp.stats = None
         recompute = self.activation_checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
             # Non-reentrant: works with DDP, FSDP2, torch.compile and inputs that need no grad;
@@ -567,7 +638,10 @@ class LLM(nn.Module):
                     else torch.arange(1, B + 1, device=idx.device) * T - 1)  # (N,) in the B * T positions
             h = self.norm_f(x.reshape(B * T, -1)[last.clamp(min=0)])  # (N, C)
             out = self.score(h)
-            return None, out.to(torch.promote_types(out.dtype, torch.float32))
+            out = out.to(torch.promote_types(out.dtype, torch.float32))
+            if cu_seqlens is not None:  # an empty document has no last token: NaN, not its neighbour's score
+                out = torch.where((cu_seqlens[1:] > cu_seqlens[:-1])[:, None], out, torch.nan)
+            return None, out
         fused = targets is not None and self.fused_loss
         if targets is not None and (hidden or distill is not None) and torch.compiler.is_compiling():
             raise NotImplementedError("distillation (LLM.forward's hidden / distill) is not compiled")
@@ -650,6 +724,10 @@ class LLM(nn.Module):
         per token of that forward, e.g. (B, T)): only its True tokens count (transformers'
         attention_mask there: a packed row's padding left out); 0 when none is True."""
         stats = [block.mlp.stats for block in self.blocks if isinstance(block.mlp, MoEMLP)]
+        if any(s is None for s in stats):
+            raise RuntimeError("router_aux_loss: the last forward left no router statistics: it ran the MoE blocks "
+                               "without autograd (torch.utils.checkpoint with use_reentrant=True does; use "
+                               "use_reentrant=False, as LLM.activation_checkpointing does), or none ran in training")
         E = self.config.n_experts
         picks = probs_sum = tokens = 0
         for experts, probs in stats:  # (N, k), (N, E)
@@ -663,8 +741,7 @@ class LLM(nn.Module):
                 tokens = tokens + w.sum()
             picks = picks + probs.new_zeros(E).index_add_(0, experts.flatten(), weight.detach())
             probs_sum = probs_sum + probs_of
-        if token_mask is not None:
-            tokens = tokens.clamp(min=1)
+        tokens = tokens.clamp(min=1) if token_mask is not None else max(tokens, 1)  # (no token: 0, not NaN)
         return E * (picks / tokens * probs_sum / tokens).sum()
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -728,8 +805,11 @@ class LLM(nn.Module):
     def crop_block_size(self, block_size: int) -> None:
         """A shorter context, in place, as nanoGPT's (a checkpoint of 1,024 positions trained on at 256):
         the learned position table cut to its first block_size rows; RoPE and ALiBi need nothing."""
-        if not 1 <= block_size <= self.config.block_size:
-            raise ValueError(f"crop_block_size: block_size must be in [1, {self.config.block_size}], got {block_size}")
+        if isinstance(block_size, bool) or not isinstance(block_size, numbers.Integral) \
+                or not 1 <= block_size <= self.config.block_size:
+            raise ValueError(f"crop_block_size: block_size must be an int in [1, {self.config.block_size}], got "
+                             f"{block_size!r}")
+        block_size = int(block_size)
         self.config.block_size = block_size
         if self.pos_emb is not None:
             self.pos_emb.weight = nn.Parameter(self.pos_emb.weight[:block_size].detach().clone())
@@ -779,8 +859,14 @@ class LLM(nn.Module):
 
         if not (isinstance(rank, int) and rank >= 1):
             raise ValueError(f"LoRA rank must be an int >= 1, got {rank!r}")
+        if not _positive_number(alpha):
+            raise ValueError(f"LoRA alpha must be a positive number, got {alpha!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
+        if frozen_dtype is not None and not (isinstance(frozen_dtype, torch.dtype) and frozen_dtype.is_floating_point):
+            raise ValueError(f"add_lora: frozen_dtype must be a floating-point torch.dtype, got {frozen_dtype!r}")
+        if self.lora_scale() is not None:  # a second set would freeze the first, leaving nothing to train
+            raise ValueError("add_lora: the model has LoRA updates already (merge them first: LLM.load of its save)")
         wanted = None if targets is None else set(lora_targets(targets))
         all_linear = targets is not None and bool({"all-linear", "all"} & set(_lora_target_names(targets)))
         if self.config.n_experts and wanted and wanted & {"gate", "up", "down"} and not all_linear:
@@ -817,6 +903,7 @@ class LLM(nn.Module):
                             continue
                         parts = [(rows, a) for (_, rows), a in zip(names, adapted)] if len(names) > 1 else None
                     setattr(parent, name, LoRALinear(child, rank, alpha, frozen_dtype, parts, dropout))
+        self.train(self.training)  # the new layers (their dropout) in the model's mode
 
     def _projections(self, parent: nn.Module, name: str) -> list[tuple[str, int]]:
         """The projections (lora_targets' names) a block's linear layer computes, with their output
@@ -1016,7 +1103,10 @@ class LLM(nn.Module):
             hf.pop("num_labels", None)
         if hf_config is not None and config_from_hf(hf) != self.config:
             raise ValueError(f"to_hf: hf_config (model_type {kind!r}) does not describe this model's config")
-        state = state_to_hf({k: v.detach() for k, v in self.state_dict().items()}, self.config, kind)
+        state = {k: v.detach() for k, v in self.state_dict().items()}
+        if self.lora_scale() is not None:  # the updates merged, as save() writes them
+            state = merge_lora_state(state, self.lora_scale())
+        state = state_to_hf(state, self.config, kind)
         save_file({k: v.cpu().contiguous() for k, v in state.items()}, str(folder / "model.safetensors"),
                   metadata={"format": "pt"})
         dtypes = {v.dtype for v in state.values()}
@@ -1064,15 +1154,23 @@ class LLM(nn.Module):
 
     @contextlib.contextmanager
     def _in_eval(self):
-        """Eval mode within, the mode before restored after (an exception too)."""
-        if not self.training:  # (already: no walk over every module, per decoded token)
-            yield
-            return
-        self.eval()
+        """Eval mode within, the mode before restored after (an exception too). Generations in
+        several threads at once on one model share it: the first in sets eval mode, the last out
+        restores training mode (each restoring its own had turned dropout back on under the others)."""
+        with _MODE_LOCK:
+            depth = self.__dict__.get("_eval_depth", 0)
+            if depth == 0:
+                self._eval_restores = self.training
+                if self.training:  # (already eval: no walk over every module, per decoded token)
+                    self.eval()
+            self._eval_depth = depth + 1
         try:
             yield
         finally:
-            self.train(True)
+            with _MODE_LOCK:
+                self._eval_depth -= 1
+                if self._eval_depth == 0 and self._eval_restores:
+                    self.train(True)
 
     @torch.no_grad()
     def generate_stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
@@ -1093,6 +1191,7 @@ class LLM(nn.Module):
         from Python one by one: generation of small models is bound by those launches. The same
         tokens as without it (the same kernels). Not with LongRoPE. UNVERIFIED: not yet run on a GPU."""
         check_sampling(temperature, top_k, top_p)
+        check_new_tokens(max_new_tokens, "generate")
         if idx.dim() != 2 or idx.shape[1] == 0:
             raise ValueError(f"generate: idx must be (batch, T) with T >= 1 prompt tokens, got shape {tuple(idx.shape)}")
         # Eval mode around each step's forward, not across the yields (the caller's code between two
@@ -1166,6 +1265,7 @@ class LLM(nn.Module):
         and stay short of a LongRoPE model's switch to its long factors (generate's cache starts
         over there). stats (a dict): filled with "rounds", "drafted" and "accepted" counts."""
         check_sampling(temperature, top_k, top_p)
+        check_new_tokens(max_new_tokens, "generate_speculative")
         if idx.dim() != 2 or idx.shape[0] != 1 or idx.shape[1] == 0:
             raise ValueError(f"generate_speculative: one sequence at a time (idx (1, T), T >= 1), got shape "
                              f"{tuple(idx.shape)}")
@@ -1278,8 +1378,15 @@ class LLM(nn.Module):
         prompt length + max_new_tokens must fit in block_size (no sliding restart here: generate()
         has one). cuda_graph: as in generate_stream (CUDA; unverified)."""
         check_sampling(temperature, top_k, top_p)
+        check_new_tokens(max_new_tokens, "generate_batch")
         device = self.lm_head.weight.device
-        rows = [torch.as_tensor(p, dtype=torch.long, device=device).view(-1) for p in prompts]
+        rows = []
+        for p in prompts:
+            ids = torch.as_tensor(p)
+            if ids.dim() != 1 or ids.numel() and (ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex()):
+                raise ValueError(f"generate_batch: each prompt must be a list or 1-D tensor of int ids, got "
+                                 f"{ids.dtype} of shape {tuple(ids.shape)}")
+            rows.append(ids.to(device=device, dtype=torch.long))
         if not rows or min(len(r) for r in rows) == 0:
             raise ValueError("generate_batch: give at least one prompt, each of at least one token")
         if max_new_tokens == 0:
@@ -2147,16 +2254,32 @@ def check_sampling(temperature, top_k, top_p) -> None:
         raise ValueError(f"sampling: top_p must be None or a number in [0, 1], got {top_p!r}")
 
 
+def check_new_tokens(max_new_tokens, op: str) -> None:
+    """ValueError unless max_new_tokens is an int >= 0 (transformers' generate refuses the rest too)."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
+        raise ValueError(f"{op}: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+
+
 def until_stop(tokens: list[int], stops: set[int]) -> list[int]:
     """tokens cut after the first of stops (which is kept), or all of them."""
     return tokens[:next((i + 1 for i, t in enumerate(tokens) if t in stops), len(tokens))]
 
 
 def stop_ids(stop_tokens) -> set[int]:
-    """stop_tokens as a set of ids: an int (transformers' eos_token_id form) or an iterable of them."""
+    """stop_tokens as a set of ids: an int (transformers' eos_token_id form), an iterable of them, or
+    None (none)."""
+    if stop_tokens is None:
+        return set()
     if isinstance(stop_tokens, torch.Tensor):
+        if stop_tokens.dtype == torch.bool or stop_tokens.is_floating_point() or stop_tokens.is_complex():
+            raise TypeError(f"stop_tokens must hold int ids, got a {stop_tokens.dtype} tensor")
         return {int(t) for t in stop_tokens.reshape(-1).tolist()}
-    return {int(stop_tokens)} if isinstance(stop_tokens, numbers.Integral) else {int(t) for t in stop_tokens}
+    if isinstance(stop_tokens, numbers.Integral) and not isinstance(stop_tokens, bool):
+        return {int(stop_tokens)}
+    ids = list(stop_tokens) if not isinstance(stop_tokens, (str, bytes)) and isinstance(stop_tokens, Iterable) else None
+    if ids is None or not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in ids):
+        raise TypeError(f"stop_tokens must be an int id or a sequence of them, got {stop_tokens!r}")
+    return {int(t) for t in ids}
 
 
 def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,

@@ -103,6 +103,9 @@ class MoEMLP(nn.Module):
     def __init__(self, dim: int, hidden_dim: int, n_experts: int, top_k: int, norm_topk_prob: bool = True,
                  shared_hidden: int | None = None, device=None, dtype=None):
         super().__init__()
+        if not (isinstance(n_experts, int) and n_experts >= 1 and isinstance(top_k, int) and 1 <= top_k <= n_experts):
+            raise ValueError(f"MoEMLP: n_experts must be an int >= 1 and top_k an int in [1, n_experts], got "
+                             f"n_experts={n_experts!r}, top_k={top_k!r}")
         self.dim, self.hidden_dim, self.n_experts, self.top_k = dim, hidden_dim, n_experts, top_k
         self.norm_topk_prob = norm_topk_prob
         self.router = nn.Linear(dim, n_experts, bias=False, device=device, dtype=dtype)
@@ -116,6 +119,24 @@ class MoEMLP(nn.Module):
                 nn.init.kaiming_uniform_(w.data[e], a=math.sqrt(5))
         self.stats = None
         self.lora_scale, self.lora_disabled = None, False
+
+    def reset_parameters(self) -> None:
+        """The experts drawn as at construction (each as nn.Linear draws its weight), their LoRA
+        updates (add_lora) as they start: what a meta-device model's to_empty needs."""
+        for w in (self.gate_up, self.down):
+            for e in range(self.n_experts):
+                nn.init.kaiming_uniform_(w.data[e], a=math.sqrt(5))
+        for name in self.LORA_PROJECTIONS:
+            a, b = getattr(self, f"{name}_lora_a", None), getattr(self, f"{name}_lora_b", None)
+            if a is not None:
+                nn.init.uniform_(a, -1 / math.sqrt(a.shape[-1]), 1 / math.sqrt(a.shape[-1]))
+                nn.init.zeros_(b)
+
+    def __getstate__(self):
+        # the last forward's statistics hold its graph: copy.deepcopy and pickle take the module without
+        state = dict(self.__dict__)
+        state["stats"] = None
+        return state
 
     def add_lora(self, rank: int, alpha: float, projections=("gate_up", "down"), frozen_dtype: torch.dtype | None = None
                  ) -> None:
@@ -530,6 +551,26 @@ class LoRALinear(nn.Module):
             self.register_buffer("lora_parts", torch.tensor([[rows, int(adapted)] for rows, adapted in self.parts]))
         self.disabled = False  # the base layer alone (LLM.lora_disabled: the reference model of DPO)
 
+    def reset_parameters(self) -> None:
+        """The update as it starts (A drawn as PEFT's, B zeros), the parts buffer from self.parts; the
+        frozen weights are the base layer's, left as they are (LLM.init_weights draws them)."""
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_b)
+        self._write_parts()
+
+    def _write_parts(self) -> None:
+        if self.parts is not None:
+            with torch.no_grad():
+                self.lora_parts.copy_(torch.tensor([[rows, int(adapted)] for rows, adapted in self.parts]))
+
+    def _apply(self, fn, recurse=True):
+        # a meta-device model's to_empty leaves the buffer unset (the merge reads it): written anew
+        before = getattr(self, "lora_parts", None)
+        super()._apply(fn, recurse)
+        if before is not None and before.is_meta and not self.lora_parts.is_meta:
+            self._write_parts()
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.weight, self.bias
         # The frozen weights may be held in the training's 16-bit dtype (frozen_dtype): autocast casts
@@ -800,6 +841,7 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     if reduction not in ("sum", "mean"):
         raise ValueError(f"linear_cross_entropy: reduction must be 'sum' or 'mean' (the rows' losses are never "
                          f"kept), got {reduction!r}")
+    _check_targets("linear_cross_entropy", x, targets)
     targets = targets.long()  # (narrower ints: -100 would wrap to a class in uint8, -1 too in masked_fill)
     if ignore_index != -1:
         targets = targets.masked_fill(targets == ignore_index, -1)
@@ -872,6 +914,18 @@ def _logit_shape(name: str, scale, softcap) -> tuple[float, float]:
         raise ValueError(f"{name}: scale must be positive and finite, softcap None or positive and finite, got "
                          f"scale={scale}, softcap={softcap}")
     return scale, softcap
+
+
+def _check_targets(op: str, x: torch.Tensor, targets) -> None:
+    """TypeError / ValueError unless targets are integer class ids, one per row of x (..., C): a
+    float or bool target would be cast to a class silently (torch's cross_entropy refuses them)."""
+    if not isinstance(targets, torch.Tensor) or targets.dtype == torch.bool or targets.is_floating_point() \
+            or targets.is_complex():
+        raise TypeError(f"{op}: targets must be an integer tensor of class ids (-1: none), got "
+                        + (str(targets.dtype) if isinstance(targets, torch.Tensor) else type(targets).__name__))
+    rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else None
+    if rows is not None and targets.numel() != rows:
+        raise ValueError(f"{op}: targets must give one id per row of x {tuple(x.shape)}, got shape {tuple(targets.shape)}")
 
 
 def _fused_linear_inputs(x, weight, chunk_rows, softcap=None, takes=None):
@@ -1031,6 +1085,7 @@ def linear_token_logps(x: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     -> (...). For losses over sequences (DPO's sequence_logps), where linear_cross_entropy's
     gradients-in-the-forward cannot serve. Under autocast, x and weight are cast to its dtype
     first, as nn.Linear would be. chunk_rows, scale, softcap: as in linear_cross_entropy."""
+    _check_targets("linear_token_logps", x, targets)
     x, weight, chunk_rows = _fused_linear_inputs(x, weight, chunk_rows, softcap, cross_entropy_ops.takes)
     scale, softcap = _logit_shape("linear_token_logps", scale, softcap)
     # Only x wants a gradient (a frozen head): the forward keeps d logp / dx instead of the inputs.
@@ -1129,6 +1184,7 @@ def linear_sequence_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     fp16: the gradients are made at their own size in the forward, before a loss scaler multiplies
     them in the backward, so a pair's small weight (DPO's beta sigmoid(-beta d) of a well-separated
     pair) can underflow there where linear_token_logps keeps it: the trainer's fp16 runs take that."""
+    _check_targets("linear_sequence_loss", x, targets)
     x, weight, chunk_rows = _fused_linear_inputs(x, weight, chunk_rows, softcap, cross_entropy_ops.takes)
     scale, softcap = _logit_shape("linear_sequence_loss", scale, softcap)
     segment_rows = [int(n) for n in segment_rows]
@@ -1441,6 +1497,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = len(self.normalized_shape)
+        if not x.is_floating_point():  # (torch.nn.RMSNorm refuses them too)
+            raise TypeError(f"RMSNorm: x must be a floating-point tensor, got {x.dtype}")
         if tuple(x.shape[-n:]) != self.normalized_shape:
             raise ValueError(f"RMSNorm: x's trailing dims must be {self.normalized_shape}, got shape {tuple(x.shape)}")
         if n > 1:  # dims normalised together: one row of their product

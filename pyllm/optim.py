@@ -58,6 +58,10 @@ def _check_param(p: Tensor, stepped: bool) -> None:
     """A param the fused step takes: on cpu or cuda (with its kernels built), float32 / bfloat16 /
     float16, and, where it is stepped, contiguous (the kernels walk param, grad and state as flat
     arrays). At construction and again at each step (a param may change in between)."""
+    if "torch.distributed.tensor" in type(p).__module__:  # (no data pointer of its own: the step would read none)
+        raise TypeError("AdamW: got a DTensor param (FSDP2's fully_shard, or tensor parallelism): pyllm's fused step "
+                        "takes plain tensors; use torch.optim.AdamW for sharded params (pyllm train does), or "
+                        "pyllm.optim.ZeroAdamW with DDP-style replicated params")
     if p.device.type not in _ops.DTYPES:
         raise ValueError(f"AdamW: params must be on cpu or cuda (the fused step's kernels), got one on {p.device}")
     _util.check_backend("AdamW", p.device)

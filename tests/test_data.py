@@ -347,3 +347,30 @@ def test_doc_mask_on_nanogpts_gpt2_files(tmp_path):
     x, y, cu = loader.next_batch()
     ends = (x.flatten()[:-1] == 50256).nonzero()[:, 0] + 1
     assert set(ends.tolist()) <= set(cu.tolist())
+
+
+def test_token_writer_refuses_what_it_would_store_wrong(tmp_path):
+    # float ids were truncated, 2-D arrays flattened, a doc_end past the vocabulary stored (doc_mask
+    # never found it), a bad vocab_size only failed at close, after every token was written
+    for tokens in (np.array([1.7, 2.2]), np.array([True, False]), np.array([[1, 2], [3, 4]])):
+        with pytest.raises(ValueError, match="1-D array of int ids"):
+            data.write_tokens(tmp_path / "t.bin", tokens, vocab_size=10)
+    for kwargs, match in ((dict(vocab_size=10, doc_end=10), "doc_end"), (dict(vocab_size=10, doc_end=-1), "doc_end"),
+                          (dict(vocab_size=0), "vocab_size"), (dict(vocab_size=2 ** 32 + 1), "vocab_size"),
+                          (dict(vocab_size=10.0), "vocab_size")):
+        with pytest.raises(ValueError, match=match):
+            data.write_tokens(tmp_path / "t.bin", np.array([1, 2]), **kwargs)
+    assert not list(tmp_path.iterdir())
+
+
+def test_loaders_refuse_a_batch_or_rank_they_cannot_take(tmp_path):
+    # a rank past the world had taken no rows (a batch with cu_seqlens [0]); a batch of 0 rows
+    # failed deep in numpy
+    data.write_tokens(tmp_path / "t.bin", np.arange(100) % 7, vocab_size=7)
+    for kwargs, match in ((dict(batch_size=0), "batch_size"), (dict(seq_len=-1), "seq_len"),
+                          (dict(rank=2, world_size=2), "rank"), (dict(world_size=0), "world_size"),
+                          (dict(rank=-1), "rank"), (dict(batch_size=2.5), "batch_size")):
+        with pytest.raises(ValueError, match=match):
+            data.TokenLoader(tmp_path / "t.bin", **{"batch_size": 2, "seq_len": 8, **kwargs})
+        with pytest.raises(ValueError, match=match):
+            data.PackedLoader(tmp_path / "t.bin", **{"batch_size": 2, "seq_len": 8, **kwargs})

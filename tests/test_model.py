@@ -2235,3 +2235,168 @@ def test_from_hf_of_what_transformers_5_writes_and_leaves_out(tmp_path):
 
     with pytest.raises(NotImplementedError, match="gemma2 with use_bidirectional_attention=True"):  # was built causal
         _gemma2_config({"num_hidden_layers": 2, "use_bidirectional_attention": True})
+
+
+def test_generation_from_threads_keeps_dropout_off_throughout():
+    # Several threads generating with one model left in training mode (dropout 0.5): every forward
+    # runs in eval mode until the last generation ends, then training mode is back. (Each restoring
+    # its own mode had turned dropout on under the others.)
+    import threading
+
+    torch.manual_seed(0)
+    model = LLM(ModelConfig(vocab_size=97, block_size=64, n_layers=2, n_heads=2, dim=32, dropout=0.5))
+    modes = []
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.register_forward_hook(lambda mod, i, o: modes.append(mod.training))
+    prompt = torch.randint(0, 97, (1, 5))
+    threads = [threading.Thread(target=lambda: [model.generate(prompt, 12, temperature=0) for _ in range(4)])
+               for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert modes and not any(modes) and model.training
+    assert all(m.training for m in model.modules())
+
+
+def test_meta_device_init_weights_ties_and_draws_as_the_constructor():
+    # torchtitan's flow: built on meta, to_empty, init_weights. The output layer stays tied to the
+    # embeddings (to_empty gives each Parameter a new object), norms are ones, weights drawn as the
+    # constructor draws them (GPT-2's scaled residual projections), the experts too: the first
+    # loss is a fresh model's, not NaN. A LoRA layer's parts buffer is written anew.
+    cfg = ModelConfig(vocab_size=97, block_size=32, n_layers=4, n_heads=4, dim=64, n_experts=4, experts_per_token=2)
+    with torch.device("meta"):
+        model = LLM(cfg)
+    model.to_empty(device="cpu")
+    assert model.lm_head.weight is model.tok_emb.weight
+    torch.manual_seed(0)
+    model.init_weights()
+    params = dict(model.named_parameters())
+    assert all(torch.equal(p, torch.ones_like(p)) for n, p in params.items() if "norm" in n)
+    assert abs(params["tok_emb.weight"].std().item() - 0.02) < 0.002
+    assert abs(params["blocks.0.attn.proj.weight"].std().item() - 0.02 / math.sqrt(8)) < 0.001
+    assert abs(params["blocks.1.mlp.gate_up"].std().item() - 0.02) < 0.002
+    idx, targets = torch.randint(0, 97, (2, 16)), torch.randint(0, 97, (2, 16))
+    loss = model(idx, targets)[1]  # (+ the balancing term, 0.01 x about top_k)
+    assert math.isfinite(loss.item()) and abs(loss.item() - math.log(97)) < 0.2
+    with torch.device("meta"):
+        lora = LLM(ModelConfig(vocab_size=97, block_size=32, n_layers=1, n_heads=4, dim=64))
+        lora.add_lora(2, 4.0, targets="q,v")
+    lora.to_empty(device="cpu")
+    parts = lora.blocks[0].attn.qkv.lora_parts
+    assert parts.tolist() == [[64, 1], [64, 0], [64, 1]]
+    lora.init_weights()
+    assert torch.count_nonzero(lora.blocks[0].attn.qkv.lora_b) == 0
+
+
+def test_deepcopy_and_pickle_after_a_training_forward():
+    # A MoE model keeps its last forward's router statistics and aux loss (graph tensors):
+    # deepcopy (an EMA, a reference model) and pickle take the model without them.
+    import copy
+    import pickle
+
+    model = LLM(ModelConfig(vocab_size=97, block_size=32, n_layers=2, n_heads=4, dim=64, n_experts=4,
+                            experts_per_token=2))
+    idx = torch.randint(0, 97, (2, 9))
+    model(idx, idx)[1].backward()
+    for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert twin.aux_loss is None and twin.blocks[0].mlp.stats is None
+        assert torch.equal(twin.eval()(idx)[0], model.eval()(idx)[0])
+        model.train()
+
+
+def test_moe_router_statistics_missing_say_why():
+    # torch.utils.checkpoint's reentrant form runs the blocks without autograd: no statistics, a clear
+    # error (it had used the previous batch's, then failed in backward); a batch of no tokens gives 0.
+    model = LLM(ModelConfig(vocab_size=97, block_size=32, n_layers=1, n_heads=4, dim=64, n_experts=4,
+                            experts_per_token=2))
+    idx = torch.randint(0, 97, (2, 9))
+    model(idx, idx)
+    block = model.blocks[0]
+    plain = block.forward
+    block.forward = lambda x, rope, cu_seqlens=None: torch.utils.checkpoint.checkpoint(
+        plain, x, rope, None, 0, cu_seqlens, use_reentrant=True)
+    with pytest.raises(RuntimeError, match="use_reentrant=False"):
+        model(idx, idx)
+    del block.forward
+    model(idx[:0], idx[:0])
+    assert model.aux_loss.item() == 0
+
+
+def test_lora_guards_and_to_hf_merges_the_updates(tmp_path):
+    pytest.importorskip("transformers")
+    cfg = ModelConfig(vocab_size=97, block_size=32, n_layers=1, n_heads=4, dim=64)
+    model = LLM(cfg).eval()
+    model.add_lora(2, 4.0, dropout=0.5)
+    assert not any(m.training for m in model.modules())  # added in the model's mode: dropout off in eval
+    idx = torch.randint(0, 97, (1, 9))
+    assert torch.equal(model(idx)[0], model(idx)[0])
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.1)
+    model.to_hf(tmp_path / "hf")  # the updates merged, as save() writes them
+    with torch.no_grad():
+        assert rel_err(LLM.from_hf(tmp_path / "hf")(idx)[0], model(idx)[0]) < 1e-5
+    with pytest.raises(ValueError, match="LoRA updates already"):
+        model.add_lora(2, 4.0)
+    for kwargs, match in ((dict(frozen_dtype=torch.int8), "floating-point"), (dict(alpha=float("nan")), "alpha")):
+        with pytest.raises(ValueError, match=match):
+            LLM(cfg).add_lora(2, **{"alpha": 4.0, **kwargs})
+
+
+def test_checks_of_heads_configs_forward_and_generation():
+    cfg = ModelConfig(vocab_size=97, block_size=32, n_layers=1, n_heads=4, dim=64)
+    model = LLM(cfg)
+    for bad in (-1, 1.5, 0, True):  # the config left as it was
+        with pytest.raises(ValueError, match="num_labels must be an integer >= 1"):
+            model.add_score_head(bad)
+        assert model.config.num_labels == 0 and model.score is None
+    for field, value in (("rope_theta", 0.0), ("rope_theta", float("nan")), ("norm_eps", -1e-5), ("softmax_scale", 0.0),
+                         ("local_rope_theta", 0), ("rope_scaling", {"rope_type": "linear", "factor": 0.0})):
+        with pytest.raises(ValueError, match="positive number"):
+            ModelConfig(**{**cfg.to_dict(), field: value})
+    idx = torch.randint(0, 97, (2, 8))
+    with pytest.raises(ValueError, match=r"idx must be a \(B, T\) tensor"):
+        model(idx[0])
+    model.fused_loss = True
+    for targets in (idx.float(), idx[:, :7], idx.bool()):
+        for kwargs in ({}, {"per_token": True}):
+            with pytest.raises(ValueError, match="targets must be an integer tensor of idx's shape"):
+                model(idx, targets, **kwargs)
+    for call in (lambda: model.generate(idx[:1], -1), lambda: model.generate_batch([[1, 2]], -3),
+                 lambda: list(model.generate_speculative(idx[:1], model, -5)), lambda: model.generate(idx[:1], 2.5)):
+        with pytest.raises(ValueError, match="max_new_tokens must be an int >= 0"):
+            call()
+    with pytest.raises(ValueError, match="each prompt must be a list or 1-D tensor of int ids"):
+        model.generate_batch([[1.7, 2.2]], 2)
+    assert model.generate(idx[:1], 2, temperature=0, stop_tokens=None).shape == (1, 10)
+    with pytest.raises(TypeError, match="stop_tokens must be"):
+        model.generate(idx[:1], 2, stop_tokens="12")
+    with pytest.raises(ValueError, match="crop_block_size: block_size must be an int"):
+        model.crop_block_size(2.5)
+
+
+def test_scores_of_an_empty_document_are_nan():
+    model = LLM(ModelConfig(vocab_size=97, block_size=32, n_layers=1, n_heads=4, dim=64, num_labels=1))
+    idx = torch.randint(0, 97, (1, 8))
+    cu = torch.tensor([0, 3, 3, 8], dtype=torch.int32)
+    scores = model(idx, cu_seqlens=cu, scores=True)[1]
+    assert scores[1].isnan().all() and not scores[[0, 2]].isnan().any()
+
+
+def test_fused_losses_and_the_norm_refuse_inputs_they_would_cast():
+    # float or bool targets had been cast to classes (2.7 -> 2, -1.5 -> ignored), targets of another
+    # row count read as far as they went; RMSNorm of an int tensor gave int garbage
+    from pyllm.nn import RMSNorm, linear_cross_entropy, linear_sequence_loss, linear_token_logps
+
+    x, w = torch.randn(6, 16), torch.randn(11, 16)
+    good = torch.randint(0, 11, (6,))
+    for targets, kind in ((good.float() + 0.7, TypeError), (good.bool(), TypeError), (good[:5], ValueError)):
+        for call in (lambda t: linear_cross_entropy(x, w, t), lambda t: linear_token_logps(x, w, t),
+                     lambda t: linear_sequence_loss(x, w, t, [3, 3], 2, lambda logps, a, b: logps.sum())):
+            with pytest.raises(kind, match="targets must"):
+                call(targets)
+    with pytest.raises(TypeError, match="floating-point"):
+        RMSNorm(4)(torch.arange(8).view(2, 4))

@@ -357,3 +357,9 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
     assert grads[0][0] == grads[1][0]
     for a, b in zip(grads[0][1], grads[1][1]):
         assert rel_err(b, a) < 1e-12
+
+
+def test_moe_layer_refuses_a_top_k_it_cannot_take():
+    for n_experts, top_k in ((4, 0), (4, 5), (0, 1), (4, 1.5)):
+        with pytest.raises(ValueError, match=r"top_k an int in \[1, n_experts\]"):
+            MoEMLP(16, 32, n_experts, top_k)

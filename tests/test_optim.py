@@ -1173,3 +1173,27 @@ def test_adamw_copied_or_pickled_steps_as_the_original(copy_with):
     for ours, theirs in zip(params, twin.param_groups[0]["params"]):
         assert torch.equal(ours, theirs)
     assert torch.equal(opt.last_grad_norm, twin.last_grad_norm)
+
+
+DTENSOR_PROBE = """
+import os, tempfile, torch, torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from pyllm.optim import AdamW
+dist.init_process_group("gloo", init_method="file://" + tempfile.mktemp(), rank=0, world_size=1)
+model = torch.nn.Linear(8, 8)
+fully_shard(model)
+try:
+    AdamW(model.parameters())
+except TypeError as e:
+    print("refused:", e)
+dist.destroy_process_group()
+"""
+
+
+def test_adamw_refuses_dtensor_params_when_built():
+    # FSDP2's DTensor params have no data pointer of their own: the first step had failed with
+    # "null pointer in row 0"; now the optimizer says so when it is built, naming the way out.
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", DTENSOR_PROBE], capture_output=True, text=True, timeout=120)
+    assert "refused: AdamW: got a DTensor param" in out.stdout, out.stderr[-2000:]

@@ -1144,6 +1144,9 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", dest="model_overrides", action="append", metavar="KEY=VALUE", help="override a ModelConfig field, e.g. --model n_layers=2 --model norm=layernorm (repeatable)")
     p.add_argument("--max-steps", type=int, help="optimizer steps in all (default 600)")
     p.add_argument("--ckpt-every", type=int, help="write the checkpoint every K steps (and at the end; default 200)")
+    p.add_argument("--keep-checkpoints", type=int, metavar="K",
+                   help="also keep the last K checkpoints as checkpoints/step_N.pt (hard links: no second copy on "
+                        "disk; to resume from one, copy it over checkpoint.pt); default 0: checkpoint.pt alone")
     p.add_argument("--eval-every", type=int, help="val loss every K steps (and at the end; default 100)")
     p.add_argument("--keep-best", action=argparse.BooleanOptionalAction, default=None,
                    help="model.safetensors holds the weights of the lowest val loss, written at that evaluation, "

@@ -10,6 +10,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
@@ -96,6 +97,7 @@ class TrainConfig:
     eval_batches: int = 8
     eval_choices: str = ""  # multiple-choice examples (evaluate.write_choices' file) scored at each eval
     ckpt_every: int = 200  # 0: only at the end
+    keep_checkpoints: int = 0  # also the last K checkpoints as checkpoints/step_N.pt (HF Trainer's save_total_limit)
     keep_best: bool = False  # model.safetensors: the weights of the lowest val loss, written when it falls (nanoGPT's
     # always_save_checkpoint=False), not the last step's; checkpoint.pt still holds the latest, to resume from
     seed: int = 1337
@@ -133,7 +135,8 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "max_steps", "eval_batches", "nan_patience"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("seq_len", "warmup_steps", "eval_every", "ckpt_every", "weight_decay", "grad_clip", "eps", "seed"):
+        for name in ("seq_len", "warmup_steps", "eval_every", "ckpt_every", "keep_checkpoints", "weight_decay",
+                     "grad_clip", "eps", "seed"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
         bounds = {"lr": (lambda x: 0 < x < math.inf, "> 0"), "min_lr_ratio": (lambda x: 0 <= x <= 1, "in [0, 1]"),
@@ -1293,6 +1296,25 @@ def save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
+def keep_checkpoint(out: Path, step: int, keep: int) -> None:
+    """checkpoint.pt also as checkpoints/step_<step>.pt, and only the last `keep` of those: a hard link
+    where the file system allows (no second copy on disk: the next save replaces checkpoint.pt with a
+    new file, the link keeps this one), else a copy. To resume from one, copy it over checkpoint.pt
+    (the log's later lines are dropped on resume)."""
+    folder = out / "checkpoints"
+    folder.mkdir(exist_ok=True)
+    kept = folder / f"step_{step}.pt"
+    kept.unlink(missing_ok=True)
+    try:
+        os.link(out / CHECKPOINT, kept)
+    except OSError:
+        shutil.copy2(out / CHECKPOINT, kept)
+    steps = sorted(int(p.stem.removeprefix("step_")) for p in folder.glob("step_*.pt")
+                   if p.stem.removeprefix("step_").isdigit())
+    for old in steps[:-keep]:
+        (folder / f"step_{old}.pt").unlink(missing_ok=True)
+
+
 def source_run_weights(run_dir) -> Path:
     """The final weights of a folder `pyllm train` wrote (to fine-tune from), or ValueError."""
     path = Path(run_dir) / "model.safetensors"
@@ -1625,6 +1647,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
             **({"reference_logps": {k: torch.from_numpy(v) for k, v in reference.items()}}
                if reference and cfg.reference == "precomputed" else {}),
             **({"grpo_rollouts": grpo_rollouts} if grpo_rollouts is not None else {})})
+        if cfg.keep_checkpoints:
+            keep_checkpoint(out, step_done, cfg.keep_checkpoints)
 
     # Packed conversations' loss from the per-token log-probabilities (packed_loss: the output layer at
     # the trained positions only, the MoE balancing term added here); the fused loss computes it at

@@ -96,6 +96,25 @@ def test_loss_falls_and_outputs_written(data_dir, tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_keep_checkpoints_keeps_the_last_k_to_resume_from(data_dir, tmp_path):
+    # --keep-checkpoints 2: the last two checkpoints as checkpoints/step_N.pt (links to what
+    # checkpoint.pt was then); one copied over checkpoint.pt resumes exactly from its step.
+    import shutil
+
+    trainer.train(config(data_dir, tmp_path / "run", max_steps=7, ckpt_every=2, keep_checkpoints=2, eval_every=0))
+    kept = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in kept.iterdir()) == ["step_6.pt", "step_7.pt"]
+    assert torch.load(kept / "step_6.pt", weights_only=True)["step"] == 6
+    assert (kept / "step_7.pt").read_bytes() == (tmp_path / "run" / "checkpoint.pt").read_bytes()
+    straight = losses(tmp_path / "run")
+    shutil.copy(kept / "step_6.pt", tmp_path / "run" / "checkpoint.pt")
+    trainer.train(config(data_dir, tmp_path / "run", max_steps=7, ckpt_every=2, keep_checkpoints=2, eval_every=0),
+                  resume=True)
+    assert losses(tmp_path / "run") == straight
+    with pytest.raises(ValueError, match="keep_checkpoints must be >= 0"):
+        config(data_dir, tmp_path / "x", keep_checkpoints=-1).validate()
+
+
 @pytest.mark.parametrize("moe", [False, True])
 def test_muon_trains_resumes_and_takes_the_blocks_matrices(data_dir, tmp_path, moe):
     # optimizer muon: Muon on every matrix of the blocks (the fused q k v and gate up weights split

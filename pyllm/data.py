@@ -1093,7 +1093,7 @@ class PackedLoader:
                         self.targets += trained
                         x[r, used:used + length] = self.tokens[start:start + length]
                         targets = np.asarray(self.tokens[start + 1:nxt], np.int64)
-                        y[r, used:used + len(targets)] = np.where(self.mask[start + 1:nxt] == 1, targets, -1)
+                        y[r, used:used + len(targets)] = np.where(self.mask[start + 1:nxt] != 0, targets, -1)
                         cu.append(r * T + used + length)
                         self.lengths.append(length)
                         self.docs.append(doc)

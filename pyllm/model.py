@@ -403,6 +403,10 @@ class Block(nn.Module):
 
 def check_documents(cu_seqlens: torch.Tensor, B: int, T: int, device) -> None:
     """ValueError unless cu_seqlens is LLM.forward's packing of documents into B rows of T tokens."""
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise ValueError(f"cu_seqlens must be a 1-D int32 tensor of document offsets, got {type(cu_seqlens).__name__}")
+    if T == 0:
+        raise ValueError("cu_seqlens: rows of T = 0 tokens hold no documents (give idx of at least one column)")
     if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError(f"cu_seqlens must be a 1-D int32 tensor of document offsets (N + 1 values), got "
                          f"{cu_seqlens.dtype} of shape {tuple(cu_seqlens.shape)}")
@@ -587,6 +591,9 @@ class LLM(nn.Module):
         if not isinstance(idx, torch.Tensor) or idx.dim() != 2:
             raise ValueError(f"LLM.forward: idx must be a (B, T) tensor of token ids, got "
                              f"{tuple(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__}")
+        if idx.device != self.tok_emb.weight.device:
+            raise ValueError(f"LLM.forward: idx is on {idx.device}, the model on {self.tok_emb.weight.device}: "
+                             "put them on one device")
         if targets is not None and (not isinstance(targets, torch.Tensor) or targets.shape != idx.shape
                                     or targets.dtype == torch.bool or targets.is_floating_point()
                                     or targets.is_complex()):

@@ -524,6 +524,8 @@ class LoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, rank: int, alpha: float, frozen_dtype: torch.dtype | None = None,
                  parts: list[tuple[int, bool]] | None = None, dropout: float = 0.0):
         super().__init__()
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"LoRALinear: rank must be an int >= 1, got {rank!r}")
         self.in_features, self.out_features = base.in_features, base.out_features
         kw = dict(device=base.weight.device, dtype=base.weight.dtype)
         if frozen_dtype is None:

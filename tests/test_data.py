@@ -374,3 +374,14 @@ def test_loaders_refuse_a_batch_or_rank_they_cannot_take(tmp_path):
             data.TokenLoader(tmp_path / "t.bin", **{"batch_size": 2, "seq_len": 8, **kwargs})
         with pytest.raises(ValueError, match=match):
             data.PackedLoader(tmp_path / "t.bin", **{"batch_size": 2, "seq_len": 8, **kwargs})
+
+
+def test_packed_loader_counts_what_it_trains_on(tmp_path):
+    # a mask value other than 0 / 1 (2: a hand-made mask) had been counted as trained while its
+    # target came out -1: the loss's weights and the targets disagreed
+    docs = [np.arange(1, 9), np.arange(2, 12)]
+    masks = [np.array([0, 0, 2, 2, 1, 1, 0, 2], np.uint8), np.array([0, 1, 2, 0, 0, 1, 1, 1, 2, 2], np.uint8)]
+    data.write_documents(tmp_path / "c.bin", docs, masks, vocab_size=16)
+    loader = data.PackedLoader(tmp_path / "c.bin", 2, 12, shuffle=False)
+    x, y, cu = loader.next_batch()
+    assert loader.targets == int((y != -1).sum()) > 0

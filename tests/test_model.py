@@ -2376,6 +2376,12 @@ def test_checks_of_heads_configs_forward_and_generation():
         model.generate(idx[:1], 2, stop_tokens="12")
     with pytest.raises(ValueError, match="crop_block_size: block_size must be an int"):
         model.crop_block_size(2.5)
+    with pytest.raises(ValueError, match="idx is on meta, the model on cpu"):
+        model(idx.to("meta"))
+    with pytest.raises(ValueError, match="cu_seqlens must be a 1-D int32 tensor"):
+        model(idx, cu_seqlens=[0, 8, 16])
+    with pytest.raises(ValueError, match="rows of T = 0"):
+        model(idx[:, :0], cu_seqlens=torch.tensor([0, 0], dtype=torch.int32))
 
 
 def test_scores_of_an_empty_document_are_nan():

@@ -180,9 +180,10 @@ def training_sample(files, max_bytes: int) -> list[Path]:
     return files[::step]
 
 
-def ensure_tokenizer(inputs, path: Path, vocab_size: int, max_bytes: int):
+def ensure_tokenizer(inputs, path: Path, vocab_size: int, max_bytes: int, retrain: bool = False):
     """Trains a BPE tokenizer on inputs (None: the stdlib corpus) unless path already holds one
-    trained on the same inputs and vocab size."""
+    trained on the same inputs and vocab size (or retrain). The file is replaced only once training
+    succeeded."""
     from pyllm import data
 
     meta_path = path.with_name(path.name + ".json")
@@ -190,13 +191,14 @@ def ensure_tokenizer(inputs, path: Path, vocab_size: int, max_bytes: int):
     meta = {"inputs": [str(Path(p).resolve()) for p in inputs] if inputs else "stdlib", "vocab_size": vocab_size,
             "train_bytes": max_bytes, **({"files": files_stamp(files)} if inputs else {})}
     Tokenizer = tokenizer_class()
-    if path.exists() and meta_path.exists() and json.loads(meta_path.read_text()) == meta:
+    if not retrain and path.exists() and meta_path.exists() and json.loads(meta_path.read_text()) == meta:
         print(f"tokenizer: reusing {path}")
         return Tokenizer.load(str(path))
     sample = training_sample(files, max_bytes)
     print(f"tokenizer: training a {vocab_size}-token BPE on {len(sample)} of {len(files)} files", flush=True)
     t0 = time.perf_counter()
-    # File paths are read in C++; JSON Lines files of {"text": ...} rows are their texts
+    # File paths are read as they are (the pair counting runs in C++); JSON Lines files of {"text": ...}
+    # rows are their texts
     texts = data.read_documents(sample) if any(map(data.is_text_rows, sample)) else sample
     tok = Tokenizer.train(texts, vocab_size, special_tokens=(data.EOT,))
     tok.save(str(path))
@@ -825,9 +827,8 @@ def cmd_prepare(args) -> int:
 def cmd_tokenizer_train(args) -> int:
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists():
-        path.unlink()
-    ensure_tokenizer(args.input, path, args.vocab_size, args.train_bytes)
+    # (a failed training, a typo in --input or too large a vocabulary, leaves the old file as it was)
+    ensure_tokenizer(args.input, path, args.vocab_size, args.train_bytes, retrain=True)
     return 0
 
 

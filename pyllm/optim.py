@@ -240,6 +240,9 @@ class AdamW(torch.optim.Optimizer):
         floating state to the param dtype, which would turn bf16 params' masters and moments into
         bf16) and copies every tensor, so the loaded optimizer never shares state with the dict it
         came from; a step saved as a number becomes a float32 tensor."""
+        if isinstance(state_dict, dict) and set(state_dict) == {"muon", "adamw"}:
+            raise ValueError("AdamW.load_state_dict: this state is MuonAdamW's (--optimizer muon): resume with that "
+                             "optimizer")
         # The dict as the pre hooks leave it: its steps checked before anything loads, then read again
         # in fp32 before any post hook runs (torch's casts are not overridable: it calls Optimizer's
         # own policy by name).
@@ -772,15 +775,17 @@ def newton_schulz(g: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
     g (..., rows, cols): each matrix of a stack its own. Returns bf16."""
     a, b, c = _NS_COEFFICIENTS
     shape = g.shape
+    if g.numel() == 0:  # (a matrix of no rows or columns: nothing to orthogonalize)
+        return g.bfloat16()
     x = g.bfloat16().reshape(-1, *shape[-2:])  # (N, rows, cols): baddbmm, addmm's fused rounding per matrix
-    wide = shape[-2] > shape[-1]
-    if wide:  # (the Gram matrix of the short side)
+    tall = shape[-2] > shape[-1]
+    if tall:  # (the Gram matrix of the short side)
         x = x.mT
     x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)  # spectral norm <= Frobenius <= 1
     for _ in range(steps):
         gram = x @ x.mT
         x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return (x.mT if wide else x).reshape(shape)
+    return (x.mT if tall else x).reshape(shape)
 
 
 class Muon(torch.optim.Optimizer):
@@ -800,14 +805,42 @@ class Muon(torch.optim.Optimizer):
                              f"{lr}, {weight_decay}, {momentum} and {ns_steps}")
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
                                       ns_steps=ns_steps))
+
+    def add_param_group(self, param_group: dict) -> None:
+        """As torch's, each param checked (a matrix or a stack of them) with its split (None: whole)."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            self._check_group(group)
+        except BaseException:
+            self.param_groups.pop()  # a refused group is not left behind for every later step to trip on
+            raise
+
+    @staticmethod
+    def _check_group(group: dict) -> None:
+        splits = group.setdefault("splits", [None] * len(group["params"]))
+        if len(splits) != len(group["params"]):
+            raise ValueError("Muon: a group's splits must have one entry (sizes or None) per param")
+        for p, split in zip(group["params"], splits):
+            if p.dim() < 2 or (split is not None and (sum(split) != p.shape[-2] or not all(
+                    isinstance(n, int) and n > 0 for n in split))):
+                raise ValueError(f"Muon: params are matrices (or stacks of them) whose splits add up to their rows "
+                                 f"(each a positive size); got a param of shape {tuple(p.shape)} split {split}")
+        adjust = group.get("adjust_lr_fn", "match_rms_adamw")
+        if adjust != "match_rms_adamw":  # (torch.optim.Muon's state: its default scales otherwise)
+            raise ValueError(f"Muon: a group with torch.optim.Muon's adjust_lr_fn={adjust!r}; pyllm's Muon scales "
+                             "updates as adjust_lr_fn='match_rms_adamw' (its lr and weight decay are AdamW's)")
+
+    def __setstate__(self, state: dict) -> None:
+        # a state_dict from torch.optim.Muon (or one made without splits): each group checked, whole matrices
+        super().__setstate__(state)
         for group in self.param_groups:
-            splits = group.setdefault("splits", [None] * len(group["params"]))
-            if len(splits) != len(group["params"]):
-                raise ValueError("Muon: a group's splits must have one entry (sizes or None) per param")
-            for p, split in zip(group["params"], splits):
-                if p.dim() < 2 or (split is not None and sum(split) != p.shape[-2]):
-                    raise ValueError(f"Muon: params are matrices (or stacks of them) whose splits add up to their "
-                                     f"rows; got a param of shape {tuple(p.shape)} split {split}")
+            self._check_group(group)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            self._check_group(group)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -823,14 +856,15 @@ class Muon(torch.optim.Optimizer):
                 buf.lerp_(grad, 1 - momentum)
                 update = grad.lerp(buf, momentum) if group["nesterov"] else buf
                 parts = update.split(list(split), dim=-2) if split is not None else (update,)
+                # (scaled in the param's dtype: fp32 params' updates are not rounded to bf16 again)
                 update = torch.cat([newton_schulz(u, group["ns_steps"]).to(p.dtype) * (0.2 * math.sqrt(max(u.shape[-2:])))
-                                    for u in parts], dim=-2)  # (scaled in the param's dtype, not bf16)
+                                    for u in parts], dim=-2)
                 p.mul_(1 - lr * group["weight_decay"])
                 p.add_(update, alpha=-lr)
 
 
 def unscale_clip_check(params: list[Tensor], grad_scaler: "DynamicLossScaler | None",
-                       max_grad_norm: float | None) -> tuple[Tensor, bool]:
+                       max_grad_norm: float | None) -> tuple[Tensor, Tensor]:
     """What an optimizer built on torch's ops does before its update, as AdamW's fused pass does it:
     the grads of params unscaled by grad_scaler's scale, their global norm clipped to max_grad_norm
     (None: not), an inf/nan norm recorded with grad_scaler. Returns (the norm before clipping, a
@@ -841,26 +875,48 @@ def unscale_clip_check(params: list[Tensor], grad_scaler: "DynamicLossScaler | N
             p.grad.mul_(inv)
     norm = torch.nn.utils.clip_grad_norm_(params, math.inf if max_grad_norm is None else max_grad_norm)
     norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2 gives a DTensor
-    skipped = not math.isfinite(float(norm))
+    skipped = torch.tensor(not math.isfinite(float(norm)))  # (a 0-d bool tensor, as AdamW's last_step_skipped)
     if grad_scaler is not None:
-        grad_scaler._record_found_inf(torch.tensor(skipped))
+        grad_scaler._record_found_inf(skipped)
     return norm, skipped
 
 
-class MuonAdamW:
+class MuonAdamW(torch.optim.Optimizer):
     """Muon on some params (a Muon's groups: the hidden layers' matrices), pyllm's AdamW on the rest
     (embeddings, output layer, norms, biases), stepped as one optimizer the way AdamW steps:
     step(grad_scaler, max_grad_norm) unscales the grads, clips their global norm over both parts,
     skips the step on an inf/nan grad (last_grad_norm, last_step_skipped as AdamW's); one lr in
-    every group (Muon's is scaled to AdamW's update RMS). state_dict: both parts'."""
+    every group (Muon's is scaled to AdamW's update RMS). state_dict: both parts'. A
+    torch.optim.Optimizer whose param_groups are the two parts' groups, read from them each time (a
+    part's load_state_dict makes new group dicts): torch's LR schedulers set both."""
 
     def __init__(self, muon: Muon, adamw: torch.optim.Optimizer):
         self.muon, self.adamw = muon, adamw
+        self._building = True  # (Optimizer.__init__'s own groups: the parts hold them)
+        super().__init__([p for group in self.param_groups for p in group["params"]], {})
+        del self._building
         self.last_grad_norm = self.last_step_skipped = None
 
     @property
     def param_groups(self) -> list[dict]:
         return self.muon.param_groups + self.adamw.param_groups
+
+    @param_groups.setter
+    def param_groups(self, _) -> None:
+        pass  # (Optimizer.__init__ assigns a list of its own)
+
+    def add_param_group(self, param_group: dict) -> None:
+        if getattr(self, "_building", False):
+            return
+        raise NotImplementedError("MuonAdamW: add a group to its Muon or its AdamW part (muon / adamw), then build "
+                                  "MuonAdamW again")
+
+    def __getstate__(self):
+        # the parts with it (torch's Optimizer pickles three keys), not an LR scheduler's wrapper of step
+        return {k: v for k, v in self.__dict__.items() if k != "step"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
 
     @torch.no_grad()
     def step(self, closure=None, grad_scaler: "DynamicLossScaler | None" = None, max_grad_norm: float | None = None):
@@ -880,5 +936,8 @@ class MuonAdamW:
         return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
+        if not isinstance(state, dict) or set(state) != {"muon", "adamw"}:
+            raise ValueError("MuonAdamW.load_state_dict: a MuonAdamW state has its 'muon' and 'adamw' parts; this one "
+                             "is another optimizer's (a run trained with --optimizer adamw? resume with its optimizer)")
         self.muon.load_state_dict(state["muon"])
         self.adamw.load_state_dict(state["adamw"])

@@ -241,6 +241,26 @@ def test_train_refuses_a_path_that_names_no_file(corpus, tmp_path):
         Tokenizer.train([str(real), str(tmp_path / "b_typo.txt")], 300, show_progress=False)
 
 
+def test_train_refuses_what_it_would_read_wrong(tmp_path):
+    # From an audit of training against tokenizers' BpeTrainer and minbpe (the merges matched): an
+    # iterator of paths (glob.iglob) had trained on the path strings; a set of special tokens gave
+    # ids that changed from run to run (its order); to_hf of a special token spelled as an ordinary
+    # token (in the byte alphabet) wrote one vocabulary entry for two ids.
+    import numpy as np
+
+    real = tmp_path / "a.txt"
+    real.write_text("some text " * 100)
+    with pytest.raises(TypeError, match="iterator whose first item names a file"):
+        Tokenizer.train(glob.iglob(str(tmp_path / "*.txt")), 300, show_progress=False)
+    with pytest.raises(TypeError, match="ordered sequence"):
+        Tokenizer.train(["some text " * 100], 300, special_tokens={"<|a|>", "<|b|>"}, show_progress=False)
+    tok = Tokenizer.train(iter(["some text " * 100]), np.int64(262), special_tokens=["a", "<|end|>"],
+                          show_progress=False)
+    assert tok.n_vocab == 262
+    with pytest.raises(ValueError, match=r"special token\(s\) \['a'\] are spelled as ordinary tokens"):
+        tok.to_hf(tmp_path / "tokenizer.json")
+
+
 def test_token_bytes(gpt4):
     for tok_bytes, rank in list(gpt4.mergeable_ranks.items())[::50]:
         assert gpt4.token_bytes(rank) == tok_bytes

@@ -393,6 +393,9 @@ def test_yaml_config(tmp_path):
 def test_prepare_and_tokenizer_train(corpus, tmp_path):
     tok = tmp_path / "tok.bpe"
     assert cli.main(["tokenizer", "train", "--input", str(corpus), "--vocab-size", "300", "--out", str(tok)]) == 0
+    before = tok.read_bytes()  # a failed retraining (a typo in --input) leaves the file it had
+    assert cli.main(["tokenizer", "train", "--input", str(tmp_path / "typo"), "--vocab-size", "300", "--out", str(tok)]) == 2
+    assert tok.read_bytes() == before
     assert cli.main(["prepare", "--input", str(corpus), "--tokenizer", str(tok), "--out", str(tmp_path / "d")]) == 0
     from pyllm import data
 

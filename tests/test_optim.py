@@ -1197,3 +1197,52 @@ def test_adamw_refuses_dtensor_params_when_built():
 
     out = subprocess.run([sys.executable, "-c", DTENSOR_PROBE], capture_output=True, text=True, timeout=120)
     assert "refused: AdamW: got a DTensor param" in out.stdout, out.stderr[-2000:]
+
+
+def test_muon_takes_torchs_optimizer_protocol():
+    # From an audit against torch.optim.Muon: MuonAdamW is a torch.optim.Optimizer whose groups are
+    # its parts' (an LR scheduler sets both); last_step_skipped is a 0-d bool tensor as AdamW's; a
+    # group added later, torch.optim.Muon's state (match_rms_adamw) and a zero-size matrix step; what
+    # would change the method (another adjust_lr_fn) or another optimizer's state is refused.
+    import pickle
+
+    from pyllm.optim import Muon, MuonAdamW
+
+    torch.manual_seed(0)
+    w, b, w2 = (torch.randn(*shape, requires_grad=True) for shape in ((32, 16), (16,), (8, 24)))
+    muon, adamw = Muon([w], lr=0.02), AdamW([b], lr=0.01)
+    opt = MuonAdamW(muon, adamw)
+    assert isinstance(opt, torch.optim.Optimizer) and opt.param_groups[0] is muon.param_groups[0]
+    with pytest.raises(NotImplementedError, match="add a group to its Muon or its AdamW part"):
+        opt.add_param_group({"params": [torch.randn(3, 3, requires_grad=True)]})
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 ** step)
+    for _ in range(3):
+        for p in (w, b):
+            p.grad = torch.randn_like(p)
+        opt.step(max_grad_norm=1.0)
+        sched.step()
+    assert (muon.param_groups[0]["lr"], adamw.param_groups[0]["lr"]) == (0.02 / 8, 0.01 / 8)
+    assert opt.last_step_skipped.dtype == torch.bool and opt.last_step_skipped.dim() == 0
+    twin = pickle.loads(pickle.dumps(opt))
+    assert torch.equal(twin.muon.param_groups[0]["params"][0], w)
+    muon.add_param_group({"params": [w2]})
+    w2.grad = torch.randn_like(w2)
+    muon.step()
+    with pytest.raises(ValueError, match="splits"):
+        muon.add_param_group({"params": [torch.randn(8, 4, requires_grad=True)], "splits": [[4, 4, 0]]})
+    theirs = torch.optim.Muon([torch.randn(16, 8, requires_grad=True)], lr=0.02, adjust_lr_fn="match_rms_adamw")
+    p = theirs.param_groups[0]["params"][0]
+    p.grad = torch.randn_like(p)
+    theirs.step()
+    ours = Muon([p], lr=0.02)
+    ours.load_state_dict(theirs.state_dict())
+    ours.step()
+    with pytest.raises(ValueError, match="adjust_lr_fn"):
+        Muon([p]).load_state_dict(torch.optim.Muon([p], lr=0.02).state_dict())
+    empty = torch.zeros(0, 16, requires_grad=True)
+    empty.grad = torch.zeros(0, 16)
+    Muon([empty]).step()
+    with pytest.raises(ValueError, match="MuonAdamW's"):
+        AdamW([b]).load_state_dict(opt.state_dict())
+    with pytest.raises(ValueError, match="another optimizer's"):
+        opt.load_state_dict(adamw.state_dict())

@@ -10,7 +10,9 @@ import binascii
 import collections
 import functools
 import hashlib
+import itertools
 import json
+import numbers
 import operator
 import os
 import re
@@ -1156,10 +1158,14 @@ class Tokenizer:
         Raises ValueError when vocab_size < 256 + len(special_tokens), or when the data has fewer
         distinct pairs to merge than vocab_size needs (the message says the largest vocab_size it allows).
         """
-        if not isinstance(vocab_size, int) or isinstance(vocab_size, bool):
+        if not isinstance(vocab_size, numbers.Integral) or isinstance(vocab_size, bool):
             raise TypeError(f"train: vocab_size must be an int, got {type(vocab_size).__name__}")
+        vocab_size = int(vocab_size)
         if isinstance(special_tokens, str) or not isinstance(special_tokens, Iterable):
             raise TypeError(f"train: special_tokens must be a collection of str, got {special_tokens!r}")
+        if isinstance(special_tokens, (set, frozenset)) and len(special_tokens) > 1:
+            raise TypeError("train: special_tokens must be an ordered sequence (a list or tuple: their ids follow its "
+                            "order), got a set, whose order changes from run to run")
         specials = list(special_tokens)
         for s in specials:
             if not isinstance(s, str) or not s:
@@ -1368,6 +1374,11 @@ class Tokenizer:
         char = _bytes_to_unicode()
         text = lambda token: "".join(char[b] for b in token)  # noqa: E731
         ranks = self._ranks
+        clash = sorted(t for t in self._special_tokens if t in {text(token) for token in ranks})
+        if clash:  # one vocabulary entry for two ids: tokenizers would encode that text as the special token
+            raise ValueError(f"to_hf: the special token(s) {clash} are spelled as ordinary tokens are in the "
+                             "tokenizer.json's byte alphabet; give special tokens text no byte-level token has "
+                             "(<|...|> as usual)")
         merges = []
         for token, _ in sorted(ranks.items(), key=lambda kv: kv[1]):
             splits = [(token[:k], token[k:]) for k in range(1, len(token)) if token[:k] in ranks and token[k:] in ranks]
@@ -1476,6 +1487,12 @@ def _text_batches(texts):
     else:
         total = sum(len(t) for t in texts if isinstance(t, str)) if isinstance(texts, (list, tuple)) else None
         source = iter(texts)
+        if not isinstance(texts, (list, tuple)):  # an iterator of paths (glob.iglob) had trained on the paths' text
+            first = next(source, None)
+            if first is not None and _looks_like_file(first):
+                raise TypeError(f"train: texts is an iterator whose first item names a file ({os.fspath(first)!r}): "
+                                "give file paths as a list (list(glob.iglob(...))), texts as any iterable")
+            source = itertools.chain([] if first is None else [first], source)
 
     def batches():
         batch, size = [], 0

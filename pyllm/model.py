@@ -1589,7 +1589,13 @@ def config_from_hf(hf: dict) -> ModelConfig:
     """ModelConfig from a Hugging Face config.json (LLaMA / Mistral / Qwen2 / Qwen3 / SmolLM3 / Phi-3 / OLMo 2,
     Granite, Mixtral / Qwen3-MoE / OLMoE / Qwen2-MoE / GraniteMoE, Gemma 2, Gemma 3's text model, or GPT-2);
     a *ForSequenceClassification's (a reward model) with its num_labels (its id2label's)."""
-    cfg = _decoder_config_from_hf(hf)
+    if not isinstance(hf, dict):
+        raise ValueError(f"config.json must hold a JSON object (a model's config), got a {type(hf).__name__}")
+    try:
+        cfg = _decoder_config_from_hf(hf)
+    except KeyError as e:  # a field its model_type requires (transformers would fall back on a default we cannot know)
+        raise ValueError(f"config.json (model_type {hf.get('model_type')!r}) lacks {e.args[0]!r}, which pyllm reads "
+                         "from it") from None
     if any(a.endswith("ForSequenceClassification") for a in hf.get("architectures") or ()):
         cfg.num_labels = hf.get("num_labels") or len(hf.get("id2label") or {0: 0, 1: 1})  # (transformers' default 2)
     return cfg

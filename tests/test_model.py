@@ -2382,6 +2382,12 @@ def test_checks_of_heads_configs_forward_and_generation():
         model(idx, cu_seqlens=[0, 8, 16])
     with pytest.raises(ValueError, match="rows of T = 0"):
         model(idx[:, :0], cu_seqlens=torch.tensor([0, 0], dtype=torch.int32))
+    from pyllm.model import config_from_hf
+
+    with pytest.raises(ValueError, match="lacks 'hidden_size'"):  # (a KeyError before)
+        config_from_hf({"model_type": "llama", "vocab_size": 97})
+    with pytest.raises(ValueError, match="must hold a JSON object"):
+        config_from_hf([{"model_type": "llama"}])
 
 
 def test_scores_of_an_empty_document_are_nan():

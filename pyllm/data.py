@@ -23,6 +23,7 @@ each pair's chosen and rejected documents, which PackedLoader then places side b
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import numbers
@@ -472,16 +473,15 @@ def prepare(inputs: Sequence[str | os.PathLike] | None, tokenizer, out_dir, val_
     # Written as they are tokenized (memory: a batch of documents, not the corpus)
     train_file = TokenWriter(out_dir / "train.bin", tokenizer.vocab_size, eot)
     val_file = TokenWriter(out_dir / "val.bin", tokenizer.vocab_size, eot)
+    documents = read_documents(files, not_utf8)  # lazily: a file, or a JSON Lines row, at a time
     try:
-        for start in range(0, len(files), batch_docs):
-            chunk = files[start:start + batch_docs]
-            texts = list(read_documents(chunk, not_utf8))
-            for offset in range(0, len(texts), batch_docs):
-                for ids in encode_batch(texts[offset:offset + batch_docs]):
-                    doc = np.asarray([*start_ids, *ids] if eot is None else [*start_ids, *ids, eot], dtype=np.int64)
-                    (val_file if n_docs % every == every - 1 else train_file).append(doc)
-                    n_docs += 1
-            bar.update(sum(f.stat().st_size for f in chunk))
+        while texts := list(itertools.islice(documents, batch_docs)):
+            for ids in encode_batch(texts):
+                doc = np.asarray([*start_ids, *ids] if eot is None else [*start_ids, *ids, eot], dtype=np.int64)
+                (val_file if n_docs % every == every - 1 else train_file).append(doc)
+                n_docs += 1
+            bar.update(min(sum(map(len, texts)), bar.total - bar.n))  # (characters: about the bytes read)
+        bar.update(bar.total - bar.n)
         bar.close()
         if n_docs < every:  # too few documents to hold some out: the last val_fraction of the tokens
             train_file.move_tail(max(1, int(train_file.count * val_fraction)), val_file)

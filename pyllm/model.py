@@ -207,11 +207,11 @@ class ModelConfig:
                     for f in (self.rope_scaling["short_factor"], self.rope_scaling["long_factor"])):
                 raise ValueError("ModelConfig.rope_scaling: LongRoPE's short_factor and long_factor need one number "
                                  f"per rotated pair ({(self.rotary_dim or self.head_dim) // 2}), each positive")
-            numbers = [k for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-                       if k in self.rope_scaling]
+            positive = [k for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+                        if k in self.rope_scaling]
             if kind == "longrope" and self.rope_scaling.get("attention_factor") is not None:
-                numbers.append("attention_factor")
-            bad = [k for k in numbers if not _positive_number(self.rope_scaling[k])]
+                positive.append("attention_factor")
+            bad = [k for k in positive if not _positive_number(self.rope_scaling[k])]
             if bad:
                 raise ValueError(f"ModelConfig.rope_scaling: {', '.join(bad)} must be positive numbers, got "
                                  f"{', '.join(repr(self.rope_scaling[k]) for k in bad)}")
@@ -485,6 +485,8 @@ class LLM(nn.Module):
         # pickle take the model without them
         state = dict(self.__dict__)
         state["aux_loss"] = None
+        for name in ("_eval_depth", "_eval_restores"):  # (a copy made mid-generation starts with none running)
+            state.pop(name, None)
         return state
 
     @staticmethod
@@ -591,8 +593,9 @@ class LLM(nn.Module):
         if not isinstance(idx, torch.Tensor) or idx.dim() != 2:
             raise ValueError(f"LLM.forward: idx must be a (B, T) tensor of token ids, got "
                              f"{tuple(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__}")
-        if idx.device != self.tok_emb.weight.device:
-            raise ValueError(f"LLM.forward: idx is on {idx.device}, the model on {self.tok_emb.weight.device}: "
+        weight = self.tok_emb.weight  # (a DTensor shard, FSDP2's CPU offload: its hook moves it, not checked here)
+        if idx.device != weight.device and "torch.distributed.tensor" not in type(weight).__module__:
+            raise ValueError(f"LLM.forward: idx is on {idx.device}, the model on {weight.device}: "
                              "put them on one device")
         if targets is not None and (not isinstance(targets, torch.Tensor) or targets.shape != idx.shape
                                     or targets.dtype == torch.bool or targets.is_floating_point()
@@ -621,10 +624,10 @@ class LLM(nn.Module):
             starts = cu_seqlens.long()[doc]  # (B, T): its document's first token
             positions = torch.arange(B * T, device=idx.device).view(B, T) - starts
         x, rope = self._embed(idx, positions=positions)
-        if self.config.n_experts:  # this forward's statistics only (a block run without autograd sets none)
-            for block in self.blocks:
-                if isinstance(block.mlp, MoEMLP):
-                    block.mlp.stats = None
+        moes = [block.mlp for block in self.blocks if isinstance(block.mlp, MoEMLP)]
+        balance = bool(moes) and bool(self.config.router_aux_loss_coef) and self.training and torch.is_grad_enabled()
+        for moe in moes:  # this forward's statistics only (a block run without autograd sets none), when wanted
+            moe.stats, moe.collect_stats = None, balance
         recompute = self.activation_checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
             # Non-reentrant: works with DDP, FSDP2, torch.compile and inputs that need no grad;
@@ -634,8 +637,10 @@ class LLM(nn.Module):
             else:
                 x = block(x, rope, cu_seqlens=cu_seqlens)
         self.aux_loss = None
-        if self.config.n_experts and self.config.router_aux_loss_coef and self.training and torch.is_grad_enabled():
+        if balance:
             self.aux_loss = self.config.router_aux_loss_coef * self.router_aux_loss(token_mask)
+        for moe in moes:  # (the (N, E) probabilities are not held past the loss; a backward's recompute stores none)
+            moe.stats, moe.collect_stats = None, False
         if scores:
             if self.score is None:
                 raise ValueError("forward(scores=True): the model has no score head (ModelConfig.num_labels, "
@@ -724,7 +729,8 @@ class LLM(nn.Module):
         return logits, loss
 
     def router_aux_loss(self, token_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The load-balancing loss of the last training forward's routers (Fedus et al. 2021, as
+        """The load-balancing loss of the routers of the forward under way (forward calls it: its value
+        is aux_loss, weighted; the statistics are dropped after it) (Fedus et al. 2021, as
         transformers' load_balancing_loss_func takes it over all MoE layers' tokens at once): E *
         sum_e f_e * P_e, f_e the picks of expert e per token (summing to top_k), P_e its mean router
         probability; top_k when the load is even. Only P carries a gradient. token_mask (bool, one
@@ -2076,6 +2082,7 @@ def merge_peft_adapter(hf_state: dict, adapter) -> dict:
     # 5's MoEs names them gate_up_proj, down_proj, gate.weight
     experts = [p for p in PEFT_EXPERT_PARAMETERS if any(t == p.split(".")[-1] or t.endswith("." + p.split(".")[-1])
                                                         for t in targets)]
+    router_parameter = any(t == "gate.weight" or t.endswith(".gate.weight") for t in targets)
     others = [t for t in targets if t.split(".")[-1] not in ("gate_up_proj", "down_proj")
               and not (t == "gate.weight" or t.endswith(".gate.weight"))]
     unsupported = {"peft_type": config.get("peft_type", "LORA") != "LORA", "use_dora": config.get("use_dora"),
@@ -2123,7 +2130,9 @@ def merge_peft_adapter(hf_state: dict, adapter) -> dict:
         found = re.fullmatch(r"(?:base_model\.model\.)?(model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.gate)\."
                              r"lora_A\.weight", key)
         if found:  # a MoE's router (transformers 5's gate.weight parameter, or 4's gate Linear), by pyllm's name
-            expert_updates[f"blocks.{found.group(2)}.mlp.router.weight"] = (b @ a) * rank_scale(found.group(1))[1]
+            # (PEFT matches a parameter's patterns against its name, gate.weight; a Linear's against the module's)
+            name = found.group(1) + (".weight" if router_parameter else "")
+            expert_updates[f"blocks.{found.group(2)}.mlp.router.weight"] = (b @ a) * rank_scale(name)[1]
             continue
         module = key[len(prefix) if key.startswith(prefix) else 0:-len(".lora_A.weight")]
         name, scale = module + ".weight", rank_scale(module)[1]

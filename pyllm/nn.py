@@ -91,8 +91,9 @@ class MoEMLP(nn.Module):
     (batched decoding) torch's grouped GEMM.
 
     After each forward in training with autograd on, `stats` holds what the load-balancing loss
-    (LLM.router_aux_loss) counts: the chosen experts (N, k) and the router's probabilities (N, E)
-    (both kept by autograd anyway). shared_hidden: Qwen2-MoE's shared expert (a SwiGLUMLP of that width every token goes
+    (LLM.router_aux_loss) counts: the chosen experts (N, k) and the router's probabilities (N, E);
+    LLM.forward drops them once the loss is made (and turns collect_stats off where none is wanted,
+    so that a checkpointed block's recompute keeps none). shared_hidden: Qwen2-MoE's shared expert (a SwiGLUMLP of that width every token goes
     through, its output times sigmoid(x w_shared_gate)).
 
     add_lora gives the experts LoRA updates of their own (PEFT's target_parameters); with them the
@@ -118,6 +119,7 @@ class MoEMLP(nn.Module):
             for e in range(n_experts):
                 nn.init.kaiming_uniform_(w.data[e], a=math.sqrt(5))
         self.stats = None
+        self.collect_stats = True  # (LLM.forward turns it off where no balancing loss wants them)
         self.lora_scale, self.lora_disabled = None, False
 
     def reset_parameters(self) -> None:
@@ -188,7 +190,7 @@ class MoEMLP(nn.Module):
         shape = x.shape
         x = x.reshape(-1, self.dim)  # (N, C)
         probs, experts, weights = self.route(x)
-        if self.training and torch.is_grad_enabled():  # kept whole: LLM.router_aux_loss may leave padding out
+        if self.training and torch.is_grad_enabled() and self.collect_stats:  # kept whole: padding may be left out
             self.stats = (experts, probs)
         gate_up, down = self.gate_up, self.down
         if gate_up.dtype != x.dtype and not _autocast_on(x):

@@ -838,9 +838,12 @@ class Muon(torch.optim.Optimizer):
             self._check_group(group)
 
     def load_state_dict(self, state_dict: dict) -> None:
+        for group in state_dict.get("param_groups", ()):  # refused before anything is loaded
+            adjust = group.get("adjust_lr_fn", "match_rms_adamw")
+            if adjust != "match_rms_adamw":
+                raise ValueError(f"Muon: a group with torch.optim.Muon's adjust_lr_fn={adjust!r}; pyllm's Muon scales "
+                                 "updates as adjust_lr_fn='match_rms_adamw' (its lr and weight decay are AdamW's)")
         super().load_state_dict(state_dict)
-        for group in self.param_groups:
-            self._check_group(group)
 
     @torch.no_grad()
     def step(self, closure=None):

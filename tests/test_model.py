@@ -2103,6 +2103,39 @@ def test_peft_all_linear_adapter_merges_into_from_hf(name, tmp_path):
         assert torch.linalg.matrix_rank(delta).item() == min(4, delta.shape[0])
 
 
+def test_peft_router_adapter_takes_its_own_rank_pattern(tmp_path):
+    # PEFT matches a parameter's rank / alpha pattern against the parameter's name (mlp.gate.weight)
+    peft = pytest.importorskip("peft")
+    theirs = hf_models()["mixtral"].double().eval()
+    theirs.save_pretrained(tmp_path / "base")
+    model = peft.get_peft_model(theirs, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                        target_parameters=["gate.weight"],
+                                                        rank_pattern={"mlp.gate.weight": 2},
+                                                        alpha_pattern={"mlp.gate.weight": 10}))
+    with torch.no_grad():
+        for name_, p in model.named_parameters():
+            if "lora_B" in name_:
+                p.normal_(0, 0.1)
+    model.save_pretrained(tmp_path / "adapter")
+    ours = LLM.from_hf(tmp_path / "base", dtype=torch.float64, adapter=tmp_path / "adapter")
+    idx = torch.randint(0, 97, (2, 11))
+    with torch.no_grad():
+        assert rel_err(ours(idx)[0], model(idx).logits) < 1e-6
+
+
+def test_moe_statistics_are_not_held_past_the_loss():
+    # the (N, E) router probabilities of every layer were held until the next forward (through the
+    # backward and the optimizer step), and a checkpointed block's recompute stored them again
+    model = LLM(ModelConfig(vocab_size=97, block_size=32, n_layers=2, n_heads=4, dim=64, n_experts=4,
+                            experts_per_token=2))
+    model.activation_checkpointing = True
+    idx = torch.randint(0, 97, (2, 9))
+    loss = model(idx, idx)[1]
+    assert model.aux_loss is not None and all(b.mlp.stats is None for b in model.blocks)
+    loss.backward()
+    assert all(b.mlp.stats is None for b in model.blocks)
+
+
 @pytest.mark.parametrize("name", ["llama-tied", "llama-gqa", "qwen3-window"])
 def test_peft_adapter_of_the_output_layer_merges_into_from_hf(name, tmp_path):
     # An adapter that targets lm_head too: PeftModel's logits, tied embeddings or not. With tied

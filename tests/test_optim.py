@@ -1246,3 +1246,13 @@ def test_muon_takes_torchs_optimizer_protocol():
         AdamW([b]).load_state_dict(opt.state_dict())
     with pytest.raises(ValueError, match="another optimizer's"):
         opt.load_state_dict(adamw.state_dict())
+
+
+def test_muon_refused_state_leaves_the_optimizer_as_it_was():
+    from pyllm.optim import Muon
+
+    p = torch.randn(16, 8, requires_grad=True)
+    ours = Muon([p], lr=0.02)
+    with pytest.raises(ValueError, match="adjust_lr_fn"):
+        ours.load_state_dict(torch.optim.Muon([p], lr=0.5).state_dict())
+    assert ours.param_groups[0]["lr"] == 0.02 and "adjust_lr_fn" not in ours.param_groups[0]

@@ -1374,7 +1374,8 @@ class Tokenizer:
         char = _bytes_to_unicode()
         text = lambda token: "".join(char[b] for b in token)  # noqa: E731
         ranks = self._ranks
-        clash = sorted(t for t in self._special_tokens if t in {text(token) for token in ranks})
+        spelled = {text(token) for token in ranks}
+        clash = sorted(t for t in self._special_tokens if t in spelled)
         if clash:  # one vocabulary entry for two ids: tokenizers would encode that text as the special token
             raise ValueError(f"to_hf: the special token(s) {clash} are spelled as ordinary tokens are in the "
                              "tokenizer.json's byte alphabet; give special tokens text no byte-level token has "

@@ -1174,7 +1174,8 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                         "then linear to the min lr over the last --decay-frac of the steps), constant")
     p.add_argument("--min-lr-ratio", type=float, help="the lr at the end of cosine or wsd, as a fraction of --lr (default 0.1): wsd's last step takes it, cosine reaches it at step max_steps (as nanoGPT's at lr_decay_iters and transformers' cosine schedule), its last trained step just above")
     p.add_argument("--decay-frac", type=float, help="wsd: fraction of the steps spent decaying (default 0.2)")
-    p.add_argument("--warmup-steps", type=int, help="linear warmup steps (default 30)")
+    p.add_argument("--warmup-steps", type=int, help="linear warmup steps W: lr (s + 1) / W at step s < W, the peak "
+                                                     "at step W - 1 (nanoGPT's reaches it at W; default 30)")
     p.add_argument("--weight-decay", type=float, help="AdamW weight decay on matrices (default 0.1)")
     p.add_argument("--beta1", type=float, help="AdamW's beta1 (default 0.9)")
     p.add_argument("--beta2", type=float, help="AdamW's beta2 (default 0.95)")

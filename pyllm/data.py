@@ -570,9 +570,9 @@ class TokenLoader:
             batch = batch.pin_memory().to(self.device, non_blocking=True)
             if cu_seqlens is not None:
                 cu_seqlens = cu_seqlens.pin_memory().to(self.device, non_blocking=True)
-        if cu_seqlens is not None:
-            return batch[:, :-1], batch[:, 1:], cu_seqlens
-        return batch[:, :-1], batch[:, 1:]
+        # contiguous, as nanoGPT's get_batch stacks them: a model of the user's own may view(-1) its targets
+        x, y = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+        return (x, y, cu_seqlens) if cu_seqlens is not None else (x, y)
 
     def state_dict(self) -> dict:
         return {"rng": self.rng.bit_generator.state, "path": str(self.path), "tokens": len(self.tokens)}

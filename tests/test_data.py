@@ -385,3 +385,12 @@ def test_packed_loader_counts_what_it_trains_on(tmp_path):
     loader = data.PackedLoader(tmp_path / "c.bin", 2, 12, shuffle=False)
     x, y, cu = loader.next_batch()
     assert loader.targets == int((y != -1).sum()) > 0
+
+
+def test_token_loader_batches_are_contiguous(tmp_path):
+    # as nanoGPT's get_batch stacks them: a user's model that views its targets with view(-1) takes them
+    data.write_tokens(tmp_path / "t.bin", np.arange(200) % 7, vocab_size=7, doc_end=6)
+    for doc_mask in (False, True):
+        batch = data.TokenLoader(tmp_path / "t.bin", 3, 8, doc_mask=doc_mask).next_batch()
+        assert all(t.is_contiguous() for t in batch[:2]) and torch.equal(batch[0][:, 1:], batch[1][:, :-1])
+        batch[1].view(-1)

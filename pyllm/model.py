@@ -832,6 +832,8 @@ class LLM(nn.Module):
         """nanoGPT's model FLOPs utilisation of an iteration of fwdbwd_per_iter sequences of block_size
         tokens taking dt seconds, against peak_flops (default: this device's bf16 peak where known, as
         pyllm train's MFU; None where unknown, the CPU)."""
+        if not (isinstance(dt, numbers.Real) and dt > 0):
+            raise ValueError(f"estimate_mfu: dt (the iteration's seconds) must be > 0, got {dt!r}")
         if peak_flops is None:
             from pyllm.train import peak_flops as device_peak
 

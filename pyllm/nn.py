@@ -1349,6 +1349,13 @@ def sequence_logps(token_logps: torch.Tensor, cu_seqlens: torch.Tensor) -> torch
     no target: LLM.forward(..., per_token=True)): a sequence's log p(completion | prompt) for
     preference losses."""
     B, T = token_logps.shape
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError("sequence_logps: cu_seqlens must be a 1-D tensor of document offsets (N + 1 values)")
+    if cu_seqlens.device.type == "cpu" and not _util.values_unreadable(cu_seqlens):  # (on CUDA: a sync, not read)
+        c = cu_seqlens
+        if c[0] != 0 or c[-1] != B * T or bool((c[1:] < c[:-1]).any()):
+            raise ValueError(f"sequence_logps: cu_seqlens must rise from 0 to B * T = {B * T} without falling, got "
+                             f"{c[:8].tolist()}{' ...' if len(c) > 8 else ''}")
     doc = document_ids(cu_seqlens, B, T).reshape(-1)
     return token_logps.new_zeros(cu_seqlens.numel() - 1).index_add(0, doc, token_logps.reshape(-1))
 

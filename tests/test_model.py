@@ -2445,3 +2445,18 @@ def test_fused_losses_and_the_norm_refuse_inputs_they_would_cast():
                 call(targets)
     with pytest.raises(TypeError, match="floating-point"):
         RMSNorm(4)(torch.arange(8).view(2, 4))
+
+
+def test_sequence_logps_and_estimate_mfu_check_their_inputs():
+    from pyllm.nn import sequence_logps
+
+    logps = torch.randn(2, 4)
+    assert torch.allclose(sequence_logps(logps, torch.tensor([0, 3, 8], dtype=torch.int32)),
+                          torch.stack([logps.view(-1)[:3].sum(), logps.view(-1)[3:].sum()]))
+    for cu in (torch.tensor([0, 5, 3, 8]), torch.tensor([0, 3, 9]), torch.tensor([1, 8])):  # (had summed silently)
+        with pytest.raises(ValueError, match="cu_seqlens must rise from 0"):
+            sequence_logps(logps, cu.int())
+    model = LLM(ModelConfig(vocab_size=97, block_size=32, n_layers=1, n_heads=4, dim=64))
+    with pytest.raises(ValueError, match="dt"):
+        model.estimate_mfu(4, 0.0, peak_flops=1e12)
+    assert model.estimate_mfu(4, 0.5, peak_flops=1e12) > 0

@@ -546,12 +546,11 @@ def cmd_train(args) -> int:
         run = json.loads((Path(resume) / "run.json").read_text()) if (Path(resume) / "run.json").exists() else {}
         tokenizer_path = run.get("tokenizer")
     else:
-        if "data_dir" in opts and opts["data_dir"] is None:
-            opts.pop("data_dir")
-        if "data_dir" in opts:  # a TrainConfig field a config file may name: the data, as --data (run.json records it)
+        data_dir = opts.pop("data_dir", None)  # a TrainConfig field a config file may name: the data, as --data
+        if data_dir is not None:  # (run.json records where its token files are)
             if cli["data"] is not None:
                 raise ValueError("give the data once: --data (or a config file's data) or a config file's data_dir")
-            cli["data"] = opts.pop("data_dir")
+            cli["data"] = data_dir
         cfg = TrainConfig.from_dict({"model": model, **opts})
         cfg.validate()
         from pyllm import data

@@ -91,8 +91,8 @@ def _in_their_words(op: str, call, lse_name: str):
         ours = next((prefix for prefix in _PYLLM_OPS if text.startswith(prefix)), None)
         if ours is None or type(e) not in (TypeError, ValueError, NotImplementedError):
             raise
-        text = re.sub(r"\b(window|k_new|v_new|return_lse)\b",
-                      lambda m: lse_name if m[1] == "return_lse" else _THEIR_NAMES[m[1]], text[len(ours):])
+        names = {**_THEIR_NAMES, "return_lse": lse_name}
+        text = re.sub(r"\b(" + "|".join(names) + r")\b", lambda m: names[m[1]], text[len(ours):])
         raise type(e)(f"{op}: {text}").with_traceback(e.__traceback__) from None
 
 

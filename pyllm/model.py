@@ -62,7 +62,7 @@ def _of_kind(value, kind: str) -> bool:
 
 def _positive_number(value) -> bool:
     """A finite number > 0 (not a bool)."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    return _util.is_number(value) and math.isfinite(value) and value > 0
 
 
 @dataclass
@@ -597,9 +597,7 @@ class LLM(nn.Module):
         if idx.device != weight.device and "torch.distributed.tensor" not in type(weight).__module__:
             raise ValueError(f"LLM.forward: idx is on {idx.device}, the model on {weight.device}: "
                              "put them on one device")
-        if targets is not None and (not isinstance(targets, torch.Tensor) or targets.shape != idx.shape
-                                    or targets.dtype == torch.bool or targets.is_floating_point()
-                                    or targets.is_complex()):
+        if targets is not None and (not _util.int_tensor(targets) or targets.shape != idx.shape):
             raise ValueError(f"LLM.forward: targets must be an integer tensor of idx's shape {tuple(idx.shape)} (-1: "
                              "no target), got " + (f"{targets.dtype} {tuple(targets.shape)}"
                                                    if isinstance(targets, torch.Tensor) else type(targets).__name__))
@@ -1398,7 +1396,7 @@ class LLM(nn.Module):
         rows = []
         for p in prompts:
             ids = torch.as_tensor(p)
-            if ids.dim() != 1 or ids.numel() and (ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex()):
+            if ids.dim() != 1 or ids.numel() and not _util.int_tensor(ids):
                 raise ValueError(f"generate_batch: each prompt must be a list or 1-D tensor of int ids, got "
                                  f"{ids.dtype} of shape {tuple(ids.shape)}")
             rows.append(ids.to(device=device, dtype=torch.long))
@@ -2295,7 +2293,7 @@ def stop_ids(stop_tokens) -> set[int]:
     if stop_tokens is None:
         return set()
     if isinstance(stop_tokens, torch.Tensor):
-        if stop_tokens.dtype == torch.bool or stop_tokens.is_floating_point() or stop_tokens.is_complex():
+        if not _util.int_tensor(stop_tokens):
             raise TypeError(f"stop_tokens must hold int ids, got a {stop_tokens.dtype} tensor")
         return {int(t) for t in stop_tokens.reshape(-1).tolist()}
     if isinstance(stop_tokens, numbers.Integral) and not isinstance(stop_tokens, bool):

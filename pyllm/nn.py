@@ -923,8 +923,7 @@ def _logit_shape(name: str, scale, softcap) -> tuple[float, float]:
 def _check_targets(op: str, x: torch.Tensor, targets) -> None:
     """TypeError / ValueError unless targets are integer class ids, one per row of x (..., C): a
     float or bool target would be cast to a class silently (torch's cross_entropy refuses them)."""
-    if not isinstance(targets, torch.Tensor) or targets.dtype == torch.bool or targets.is_floating_point() \
-            or targets.is_complex():
+    if not _util.int_tensor(targets):
         raise TypeError(f"{op}: targets must be an integer tensor of class ids (-1: none), got "
                         + (str(targets.dtype) if isinstance(targets, torch.Tensor) else type(targets).__name__))
     rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else None

@@ -826,6 +826,10 @@ class Muon(torch.optim.Optimizer):
                     isinstance(n, int) and n > 0 for n in split))):
                 raise ValueError(f"Muon: params are matrices (or stacks of them) whose splits add up to their rows "
                                  f"(each a positive size); got a param of shape {tuple(p.shape)} split {split}")
+        Muon._check_scaling(group)
+
+    @staticmethod
+    def _check_scaling(group: dict) -> None:
         adjust = group.get("adjust_lr_fn", "match_rms_adamw")
         if adjust != "match_rms_adamw":  # (torch.optim.Muon's state: its default scales otherwise)
             raise ValueError(f"Muon: a group with torch.optim.Muon's adjust_lr_fn={adjust!r}; pyllm's Muon scales "
@@ -839,10 +843,7 @@ class Muon(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         for group in state_dict.get("param_groups", ()):  # refused before anything is loaded
-            adjust = group.get("adjust_lr_fn", "match_rms_adamw")
-            if adjust != "match_rms_adamw":
-                raise ValueError(f"Muon: a group with torch.optim.Muon's adjust_lr_fn={adjust!r}; pyllm's Muon scales "
-                                 "updates as adjust_lr_fn='match_rms_adamw' (its lr and weight decay are AdamW's)")
+            self._check_scaling(group)
         super().load_state_dict(state_dict)
 
     @torch.no_grad()

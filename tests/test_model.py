@@ -2044,23 +2044,29 @@ def test_expert_lora_updates_are_the_peft_adapter_of_the_hf_model(name, targets,
             assert rel_err(ours(idx)[0], model(idx).logits) < 1e-6
 
 
+def peft_adapted(name: str, tmp_path, **lora):
+    """(PeftModel of hf_models()[name] in float64 with a LoraConfig(**lora), its B matrices drawn so
+    that the adapter matters, pyllm's from_hf of the base with that adapter merged): the base saved
+    in tmp_path / "base", the adapter in tmp_path / "adapter"."""
+    peft = pytest.importorskip("peft")
+    theirs = hf_models()[name].double().eval()
+    theirs.save_pretrained(tmp_path / "base")
+    model = peft.get_peft_model(theirs, peft.LoraConfig(**lora))
+    with torch.no_grad():
+        for name_, p in model.named_parameters():
+            if "lora_B" in name_:
+                p.normal_(0, 0.1)
+    model.save_pretrained(tmp_path / "adapter")
+    return model, LLM.from_hf(tmp_path / "base", dtype=torch.float64, adapter=tmp_path / "adapter")
+
+
 @pytest.mark.parametrize("name, parameters", [("mixtral", ["experts.gate_up_proj", "experts.down_proj"]),
                                               ("granitemoe", ["experts.down_proj"]), ("qwen3-moe", ["experts.gate_up_proj"])])
 def test_peft_expert_adapter_merges_into_from_hf(name, parameters, tmp_path):
     # A PEFT adapter trained elsewhere on transformers 5's fused experts (target_parameters, beside
     # q_proj) merges on load (from_hf's adapter), whatever names the checkpoint keeps its experts
     # under: pyllm's model computes what PeftModel computes.
-    peft = pytest.importorskip("peft")
-    theirs = hf_models()[name].double().eval()
-    theirs.save_pretrained(tmp_path / "base")
-    model = peft.get_peft_model(theirs, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
-                                                        target_parameters=parameters))
-    with torch.no_grad():
-        for name_, p in model.named_parameters():
-            if "lora_B" in name_:
-                p.normal_(0, 0.1)
-    model.save_pretrained(tmp_path / "adapter")
-    ours = LLM.from_hf(tmp_path / "base", dtype=torch.float64, adapter=tmp_path / "adapter")
+    model, ours = peft_adapted(name, tmp_path, r=4, lora_alpha=8, target_modules=["q_proj"], target_parameters=parameters)
     idx = torch.randint(0, 97, (2, 11))
     with torch.no_grad():
         assert rel_err(ours(idx)[0], model(idx).logits) < 1e-6
@@ -2077,21 +2083,11 @@ def test_peft_all_linear_adapter_merges_into_from_hf(name, tmp_path):
     # router as parameters (target_parameters gate_up_proj, down_proj, gate.weight) with a rank and
     # alpha of their own for gate_up_proj (rank_pattern, alpha_pattern); per-module ranks and alphas
     # of linear layers likewise. pyllm's merged model computes what PeftModel computes.
-    peft = pytest.importorskip("peft")
-    theirs = hf_models()[name].double().eval()
-    theirs.save_pretrained(tmp_path / "base")
-    lora = (peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear") if name != "llama-gqa" else
-            peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", rank_pattern={"q_proj": 2, "down_proj": 6},
-                            alpha_pattern={r".*\.0\.mlp\.gate_proj": 3}))
-    model = peft.get_peft_model(theirs, lora)
-    with torch.no_grad():
-        for name_, p in model.named_parameters():
-            if "lora_B" in name_:
-                p.normal_(0, 0.1)
-    model.save_pretrained(tmp_path / "adapter")
+    patterns = {} if name != "llama-gqa" else dict(rank_pattern={"q_proj": 2, "down_proj": 6},
+                                                   alpha_pattern={r".*\.0\.mlp\.gate_proj": 3})
+    model, ours = peft_adapted(name, tmp_path, r=4, lora_alpha=8, target_modules="all-linear", **patterns)
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["rank_pattern"] and config["alpha_pattern"]
-    ours = LLM.from_hf(tmp_path / "base", dtype=torch.float64, adapter=tmp_path / "adapter")
     base = LLM.from_hf(tmp_path / "base", dtype=torch.float64)
     idx = torch.randint(0, 97, (2, 11))
     with torch.no_grad():
@@ -2105,19 +2101,9 @@ def test_peft_all_linear_adapter_merges_into_from_hf(name, tmp_path):
 
 def test_peft_router_adapter_takes_its_own_rank_pattern(tmp_path):
     # PEFT matches a parameter's rank / alpha pattern against the parameter's name (mlp.gate.weight)
-    peft = pytest.importorskip("peft")
-    theirs = hf_models()["mixtral"].double().eval()
-    theirs.save_pretrained(tmp_path / "base")
-    model = peft.get_peft_model(theirs, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
-                                                        target_parameters=["gate.weight"],
-                                                        rank_pattern={"mlp.gate.weight": 2},
-                                                        alpha_pattern={"mlp.gate.weight": 10}))
-    with torch.no_grad():
-        for name_, p in model.named_parameters():
-            if "lora_B" in name_:
-                p.normal_(0, 0.1)
-    model.save_pretrained(tmp_path / "adapter")
-    ours = LLM.from_hf(tmp_path / "base", dtype=torch.float64, adapter=tmp_path / "adapter")
+    model, ours = peft_adapted("mixtral", tmp_path, r=4, lora_alpha=8, target_modules=["q_proj"],
+                               target_parameters=["gate.weight"], rank_pattern={"mlp.gate.weight": 2},
+                               alpha_pattern={"mlp.gate.weight": 10})
     idx = torch.randint(0, 97, (2, 11))
     with torch.no_grad():
         assert rel_err(ours(idx)[0], model(idx).logits) < 1e-6
@@ -2140,17 +2126,8 @@ def test_moe_statistics_are_not_held_past_the_loss():
 def test_peft_adapter_of_the_output_layer_merges_into_from_hf(name, tmp_path):
     # An adapter that targets lm_head too: PeftModel's logits, tied embeddings or not. With tied
     # ones PEFT's forward updates the output layer alone: pyllm unties them, the embeddings kept.
-    peft = pytest.importorskip("peft")
-    theirs = hf_models()[name].double().eval()
-    theirs.save_pretrained(tmp_path / "base")
-    tied = theirs.config.tie_word_embeddings
-    model = peft.get_peft_model(theirs, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"]))
-    with torch.no_grad():
-        for name_, p in model.named_parameters():
-            if "lora_B" in name_:
-                p.normal_(0, 0.1)
-    model.save_pretrained(tmp_path / "adapter")
-    ours = LLM.from_hf(tmp_path / "base", dtype=torch.float64, adapter=tmp_path / "adapter")
+    model, ours = peft_adapted(name, tmp_path, r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"])
+    tied = model.config.tie_word_embeddings
     base = LLM.from_hf(tmp_path / "base", dtype=torch.float64)
     idx = torch.randint(0, 97, (2, 11))
     with torch.no_grad():

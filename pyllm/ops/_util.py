@@ -71,6 +71,11 @@ def is_number(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def int_tensor(t) -> bool:
+    """A tensor of integer ids: an integer dtype (not bool, whose True / False would be cast to ids 1 / 0)."""
+    return isinstance(t, Tensor) and not (t.dtype == torch.bool or t.is_floating_point() or t.is_complex())
+
+
 def symbolic(value) -> bool:
     """Whether a number argument cannot be checked here: under torch.compile's tracing a float may be
     a symbol (dynamic=True, or one that changed between calls), whose value is unknown, and

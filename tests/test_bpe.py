@@ -495,6 +495,23 @@ def test_train_tie_break_and_counts():
     assert tok.token_bytes(256) == b"aa" and tok.token_bytes(257) == b"aaaa"
 
 
+@pytest.mark.parametrize("pattern", ["gpt4", r"\S+|\s+"])
+def test_train_cuts_texts_at_special_tokens(corpus, pattern):
+    # Documents joined by a special token train as the documents apart (tokenizers' BpeTrainer cuts its
+    # added tokens out): no merge learned from the special's text, no piece across it.
+    specials = ["<|endoftext|>", "<|end|>"]
+    docs = [line for text in corpus[:6] for line in text.split("\n") if line]
+    half = len(docs) // 2
+    joined = ["<|endoftext|>".join(docs[:half]) + "<|end|>", "<|end|><|endoftext|>".join(docs[half:])]
+    a = Tokenizer.train(joined, 700, pattern, specials, show_progress=False)
+    b = Tokenizer.train(docs, 700, pattern, specials, show_progress=False)
+    assert a.mergeable_ranks == b.mergeable_ranks
+    assert not any(b"|>" in t for t in a.mergeable_ranks)
+    # Without the specials named, their text is ordinary text and is learned.
+    plain = Tokenizer.train(joined, 700, pattern, show_progress=False)
+    assert any(b"|>" in t for t in plain.mergeable_ranks)
+
+
 def test_train_bad_input(corpus):
     with pytest.raises(ValueError, match="at least 256"):
         Tokenizer.train(corpus[:2], 255, show_progress=False)

@@ -1152,8 +1152,9 @@ class Tokenizer:
         texts: an iterable of str, or a list of file paths (os.PathLike, or str naming existing files;
         read as UTF-8 with invalid bytes replaced). Ids 0..255 are the bytes, then one id per merge,
         then the special tokens. Merges are learned in C++ over the unique pre-tokenized pieces;
-        ties go to the highest count, then the smallest (left id, right id). Special-token strings
-        inside the texts are counted as ordinary text.
+        ties go to the highest count, then the smallest (left id, right id). The texts are cut at the
+        special tokens' strings before pre-tokenization, as tokenizers' BpeTrainer cuts its added tokens
+        out: a "<|endoftext|>" between documents is no text to learn merges from, and no piece spans it.
 
         Raises ValueError when vocab_size < 256 + len(special_tokens), or when the data has fewer
         distinct pairs to merge than vocab_size needs (the message says the largest vocab_size it allows).
@@ -1184,9 +1185,13 @@ class Tokenizer:
 
         trainer = _C.BpeTrainer(code)
         batches, total_bytes = _text_batches(texts)
+        # Longest first, so that a special token holding another is cut whole.
+        special_re = re.compile("|".join(map(re.escape, sorted(specials, key=len, reverse=True)))) if specials else None
         with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="bpe: counting pieces",
                   disable=not show_progress) as bar:
             for batch, nbytes in batches:
+                if special_re is not None:
+                    batch = [piece for t in batch for piece in special_re.split(t) if piece]
                 if custom is None:
                     try:
                         trainer.count_texts(batch, num_threads)

@@ -169,6 +169,8 @@ def main() -> int:
     parser = common.base_parser(__doc__)
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
+    if common.peer_module("tiktoken", "bench_bpe", "tiktoken is not installed; nothing to compare with") is None:
+        return 0  # (the encoder's timings are read against tiktoken's, and its ids checked against them)
     quick = args.quick
     held, train = stdlib_split(1 << 20 if quick else 10 << 20, 4 << 20 if quick else None)
     vocab_size = 8192 if quick else 32768

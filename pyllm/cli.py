@@ -5,8 +5,10 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -26,7 +28,10 @@ def cmd_info(args) -> int:
         n = _C.cuda_device_count()
         gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
         if _util.cuda_usable():
-            print(f"GPU usable now: yes, {n} device(s): {', '.join(gpus)}")
+            old = [f"cuda:{i} (sm {'.'.join(map(str, torch.cuda.get_device_capability(i)))})"
+                   for i in range(len(gpus)) if not _util.gpu_runs_kernels(i)]
+            print(f"GPU usable now: yes, {n} device(s): {', '.join(gpus)}"
+                  + (f"; {', '.join(old)} older than the kernels need: torch's ops run there" if old else ""))
         else:
             if torch.version.cuda is None:
                 why = "torch is a CPU-only build"
@@ -180,6 +185,23 @@ def training_sample(files, max_bytes: int) -> list[Path]:
     return files[::step]
 
 
+def read_json(path) -> dict:
+    """One of the JSON files pyllm writes beside a run or its data (run.json, source.json, a
+    tokenizer's .json), with a message naming it when it does not parse."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): delete it (pyllm writes it again) or restore it") from e
+
+
+def write_json(path, obj) -> None:
+    """path written whole or not at all (a temp file renamed into place): a kill or a full disk
+    mid-write had left an empty run.json / source.json that every later run failed to read."""
+    from pyllm.tokenizer.tokenizer import _atomic_write
+
+    _atomic_write(path, json.dumps(obj).encode())
+
+
 def ensure_tokenizer(inputs, path: Path, vocab_size: int, max_bytes: int, retrain: bool = False):
     """Trains a BPE tokenizer on inputs (None: the stdlib corpus) unless path already holds one
     trained on the same inputs and vocab size (or retrain). The file is replaced only once training
@@ -191,9 +213,10 @@ def ensure_tokenizer(inputs, path: Path, vocab_size: int, max_bytes: int, retrai
     meta = {"inputs": [str(Path(p).resolve()) for p in inputs] if inputs else "stdlib", "vocab_size": vocab_size,
             "train_bytes": max_bytes, **({"files": files_stamp(files)} if inputs else {})}
     Tokenizer = tokenizer_class()
-    if not retrain and path.exists() and meta_path.exists() and json.loads(meta_path.read_text()) == meta:
+    if not retrain and path.exists() and meta_path.exists() and read_json(meta_path) == meta:
         print(f"tokenizer: reusing {path}")
         return Tokenizer.load(str(path))
+    meta_path.unlink(missing_ok=True)  # until the new file is whole: a kill in between must not leave a stale match
     sample = training_sample(files, max_bytes)
     print(f"tokenizer: training a {vocab_size}-token BPE on {len(sample)} of {len(files)} files", flush=True)
     t0 = time.perf_counter()
@@ -202,7 +225,7 @@ def ensure_tokenizer(inputs, path: Path, vocab_size: int, max_bytes: int, retrai
     texts = data.read_documents(sample) if any(map(data.is_text_rows, sample)) else sample
     tok = Tokenizer.train(texts, vocab_size, special_tokens=(data.EOT,))
     tok.save(str(path))
-    meta_path.write_text(json.dumps(meta))
+    write_json(meta_path, meta)
     print(f"tokenizer: trained in {time.perf_counter() - t0:.1f} s, saved to {path}")
     return tok
 
@@ -221,12 +244,13 @@ def ensure_hf_tokenizer(folder: Path, path: Path):
     meta_path = path.with_name(path.name + ".json")
     meta = {"hf_tokenizer": str(source.resolve()), "mtime": source.stat().st_mtime}
     Tokenizer = tokenizer_class()
-    if path.exists() and meta_path.exists() and json.loads(meta_path.read_text()) == meta:
+    if path.exists() and meta_path.exists() and read_json(meta_path) == meta:
         print(f"tokenizer: reusing {path}")
         return Tokenizer.load(str(path))
+    meta_path.unlink(missing_ok=True)  # (as ensure_tokenizer)
     tok = Tokenizer.from_hf(source)
     tok.save(str(path))
-    meta_path.write_text(json.dumps(meta))
+    write_json(meta_path, meta)
     print(f"tokenizer: {source} ({tok.vocab_size} ids), saved to {path}")
     return tok
 
@@ -264,24 +288,27 @@ def ensure_token_files(inputs, tokenizer, tokenizer_path: Path, out_dir: Path, v
         meta["chat_template_of"] = str(Path(chat_folder).resolve()) if chat_folder is not None else None
         meta["rows"] = rows
         meta["inputs_mtime"] = [Path(p).stat().st_mtime for p in inputs]
-    if meta_path.exists() and json.loads(meta_path.read_text()) == meta:
+    if meta_path.exists() and read_json(meta_path) == meta:
         try:
             data.read_header(out_dir / "train.bin"), data.read_header(out_dir / "val.bin")
             print(f"data: reusing {out_dir}/train.bin, val.bin")
             return out_dir
         except data.TokenFileError as e:
             print(f"data: {e}; preparing again")
+    # Gone until both token files are whole again: a kill between their renames had left one of the
+    # new data beside one of the old under the old source.json, reused as if it were the old data.
+    meta_path.unlink(missing_ok=True)
     t0 = time.perf_counter()
     kind = "kto" if kto else "preferences" if preferences else "chat" if examples else None
     if kind is not None:  # fine-tuning examples: prepare_kto / prepare_preferences / prepare_chat
         prepare = {"kto": data.prepare_kto, "preferences": data.prepare_preferences, "chat": data.prepare_chat}[kind]
         stats = prepare(inputs, tokenizer, chat_folder, out_dir, val_fraction, **(doc_markers or {}),
                         **({"rows": rows} if kind == "chat" else {}))
-        meta_path.write_text(json.dumps(meta))
+        write_json(meta_path, meta)
         print(f"data: {_examples_line(kind, stats)} in {time.perf_counter() - t0:.1f} s")
         return out_dir
     stats = data.prepare(inputs, tokenizer, out_dir, val_fraction, **(doc_markers or {}))
-    meta_path.write_text(json.dumps(meta))
+    write_json(meta_path, meta)
     print(f"data: {stats['files']} files, {stats['bytes'] / 1e6:.1f} MB -> {stats['train_tokens']:,} train and "
           f"{stats['val_tokens']:,} val tokens in {time.perf_counter() - t0:.1f} s")
     return out_dir
@@ -425,13 +452,13 @@ def setup_run_data(cfg, cli: dict) -> None:
         data_dir = str(ensure_token_files(data_list, tokenizer, Path(tokenizer_path), out / "data", cli["val_fraction"],
                                           doc_markers, chat_folder).resolve())
         vocab_size = tokenizer.vocab_size
-    (out / "run.json").write_text(json.dumps({
+    write_json(out / "run.json", {
         "tokenizer": str(Path(tokenizer_path).resolve()) if tokenizer_path else None,
         "data_dir": data_dir, "vocab_size": vocab_size,
         "prompt_prefix": doc_markers["doc_start"] if doc_markers else [],  # samples start as documents do
         "chat": chat_folder is not None and hf_has_chat_template(chat_folder),  # on conversations: the sample is a reply
         "init_from_hf": hf_source,  # `pyllm export` writes the source's config.json
-        **({"init_from_run": str(Path(cfg.init_from_run).resolve())} if cfg.init_from_run else {})}))
+        **({"init_from_run": str(Path(cfg.init_from_run).resolve())} if cfg.init_from_run else {})})
 
 
 def source_run_info(run_dir) -> dict:
@@ -441,7 +468,7 @@ def source_run_info(run_dir) -> dict:
     from pyllm.train import source_run_weights
 
     source_run_weights(run_dir)  # the folder is a finished run
-    info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
+    info = read_json(run_dir / "run.json") if (run_dir / "run.json").is_file() else {}
     tokenizer = next((Path(p) for p in (info.get("tokenizer"), run_dir / "tokenizer.bpe") if p and Path(p).is_file()), None)
     if tokenizer is None:
         raise ValueError(f"{run_dir}: its tokenizer is gone (run.json names {info.get('tokenizer')!r}, and there is no "
@@ -464,13 +491,13 @@ def run_record(run_dir) -> dict:
     its tokenizer's .json), each key's values that stand for it (paths as lists of resolved paths): a
     resume given the same (its own config file again) changes nothing."""
     run_dir = Path(run_dir)
-    run = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
+    run = read_json(run_dir / "run.json") if (run_dir / "run.json").is_file() else {}
     data_dir = Path(run["data_dir"]).resolve() if run.get("data_dir") else None  # (relative to the cwd in old runs)
     source = data_dir / "source.json" if data_dir else None
-    source = json.loads(source.read_text()) if source and source.is_file() else {}
+    source = read_json(source) if source and source.is_file() else {}
     tokenizer = Path(run["tokenizer"]) if run.get("tokenizer") else None
     meta = tokenizer.with_name(tokenizer.name + ".json") if tokenizer else None
-    meta = json.loads(meta.read_text()) if meta and meta.is_file() else {}
+    meta = read_json(meta) if meta and meta.is_file() else {}
     inputs = source.get("inputs")
     return {"data": [[str(data_dir)]] + ([inputs] if isinstance(inputs, list) else []),
             "tokenizer": [[str(tokenizer.resolve())]] if tokenizer else [],
@@ -514,8 +541,30 @@ def last_checkpoint_note(run_dir) -> str:
     return f"its checkpoint is at step {step}: go on with `pyllm train --resume {run_dir}`"
 
 
+def install_kept_checkpoint(kept: Path) -> str:
+    """`--resume RUN/checkpoints/step_N.pt` (--keep-checkpoints): that checkpoint made RUN's
+    checkpoint.pt (a new link or copy renamed into place: the kept file and its siblings untouched),
+    and RUN returned. A kept file is a hard link of the checkpoint.pt it was; a plain `cp` over
+    checkpoint.pt writes into the newest kept file too (the step it held is lost)."""
+    from pyllm.train import CHECKPOINT
+
+    run_dir = kept.resolve().parent.parent
+    if kept.resolve().parent.name != "checkpoints":
+        raise ValueError(f"--resume {kept}: give a run folder, or a checkpoint its --keep-checkpoints kept "
+                         "(RUN/checkpoints/step_N.pt)")
+    tmp = run_dir / f".{CHECKPOINT}.{os.getpid()}.tmp"
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(kept, tmp)
+    except OSError:
+        shutil.copy2(kept, tmp)
+    os.replace(tmp, run_dir / CHECKPOINT)
+    print(f"resume: {kept} is now {run_dir / CHECKPOINT}", file=sys.stderr)
+    return str(run_dir)
+
+
 def cmd_train(args) -> int:
-    from pyllm.train import TrainConfig, TrainingDiverged, load_checkpoint, train
+    from pyllm.train import TrainConfig, TrainingDiverged, TrainingStopped, load_checkpoint, request_stop, train
 
     explicit = {k: v for k, v in vars(args).items() if v is not None and k not in ("func", "command")}
     opts = dict(load_config_file(args.config)) if args.config else {}
@@ -528,6 +577,8 @@ def cmd_train(args) -> int:
     opts.update(explicit)
     cli = {k: opts.pop(k, default) for k, default in _CLI_KEYS.items()}
     resume = cli["resume"]
+    if resume and Path(resume).is_file():
+        resume = install_kept_checkpoint(Path(resume))
     if resume:
         checkpoint = load_checkpoint(resume)
         saved = checkpoint["train_config"]
@@ -543,7 +594,7 @@ def cmd_train(args) -> int:
                   "from the checkpoint", file=sys.stderr)
         elif cfg.max_steps <= checkpoint["step"]:
             raise ValueError(f"{resume} is at step {checkpoint['step']} already: give --max-steps above it to train on")
-        run = json.loads((Path(resume) / "run.json").read_text()) if (Path(resume) / "run.json").exists() else {}
+        run = read_json(Path(resume) / "run.json") if (Path(resume) / "run.json").exists() else {}
         tokenizer_path = run.get("tokenizer")
     else:
         data_dir = opts.pop("data_dir", None)  # a TrainConfig field a config file may name: the data, as --data
@@ -573,7 +624,7 @@ def cmd_train(args) -> int:
             import torch.distributed as dist
 
             dist.barrier()
-        run = json.loads((Path(cfg.out_dir) / "run.json").read_text())
+        run = read_json(Path(cfg.out_dir) / "run.json")
         tokenizer_path, cfg.data_dir = run["tokenizer"], run["data_dir"]
         source = run.get("init_from_hf") or cfg.init_from_hf
         if cfg.grpo_reward and not cfg.tokenizer and tokenizer_path:  # reward functions are given text
@@ -612,15 +663,25 @@ def cmd_train(args) -> int:
         print(f"training: {start}, {cfg.max_steps} steps, batch {cfg.batch_size} x {cfg.grad_accum}, "
               f"device {cfg.device}, precision {cfg.precision}, run folder {cfg.out_dir}", flush=True)
     t0 = time.perf_counter()
+    # SIGTERM (SLURM, Kubernetes, torchrun before their kill): the step under way ends, is checkpointed,
+    # and the run stops; it had died with up to --ckpt-every steps lost and nothing said.
+    in_main = threading.current_thread() is threading.main_thread()
+    old_handler = signal.signal(signal.SIGTERM, request_stop) if in_main else None
     try:
         summary = train(cfg, resume=bool(resume))
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except TrainingStopped as e:
+        print(f"\npyllm train: stopped (SIGTERM) after step {e.step}; {last_checkpoint_note(cfg.out_dir)}",
+              file=sys.stderr)
+        return 143  # 128 + SIGTERM, what a shell reports
     except KeyboardInterrupt:
         print(f"\npyllm train: interrupted; {last_checkpoint_note(cfg.out_dir)}", file=sys.stderr)
         return 130  # 128 + SIGINT, what a shell reports
     finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, old_handler)
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
@@ -855,7 +916,7 @@ def load_model(args):
         model_path = Path(args.model) if args.model else (run / "model.safetensors" if run else None)
         tokenizer_path = args.tokenizer
         if run is not None and (run / "run.json").exists():
-            run_info = json.loads((run / "run.json").read_text())
+            run_info = read_json(run / "run.json")
             tokenizer_path = tokenizer_path or run_info.get("tokenizer")
             prefix = run_info.get("prompt_prefix", [])
             if run_info.get("init_from_hf"):  # a fine-tune: its source's template and stop ids
@@ -978,7 +1039,7 @@ def cmd_export(args) -> int:
     if not (run / "model.safetensors").exists():
         raise ValueError(f"{run}: no model.safetensors; give a folder `pyllm train` wrote")
     model = LLM.load(run / "model.safetensors").to(getattr(torch, GENERATE_DTYPES[args.dtype]))
-    run_info = json.loads((run / "run.json").read_text()) if (run / "run.json").exists() else {}
+    run_info = read_json(run / "run.json") if (run / "run.json").exists() else {}
     source = run_info.get("init_from_hf")
     if source is None and (run / "checkpoint.pt").exists():  # runs from before run.json said
         source = load_checkpoint(run)["train_config"].get("init_from_hf")
@@ -1129,7 +1190,8 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", help="a saved pyllm tokenizer to use instead of training one on --data")
     p.add_argument("--vocab-size", type=int, help="vocab size of the tokenizer trained on --data (default: the preset's; tiny: 4096)")
     p.add_argument("--tokenizer-train-bytes", type=at_least(0), help="train the tokenizer on an evenly spread sample of about this many bytes of --data (default 0: all of it)")
-    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint up to --max-steps")
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint up to --max-steps "
+                   "(or from DIR/checkpoints/step_N.pt, one --keep-checkpoints kept)")
     p.add_argument("--preset", help="model preset: tiny (default), tiny-moe, llama-124m, gpt2-124m, palm-style")
     p.add_argument("--init-from-hf", metavar="DIR", help="fine-tune a Hugging Face checkpoint folder or hub repo id (LLaMA, Mistral, Qwen2/3, SmolLM3, Phi-3/4, Gemma 2/3, OLMo 2, Granite, GPT-2, and the mixtures of experts Mixtral, Qwen3-MoE, OLMoE, Qwen2-MoE, GraniteMoE: config.json, *.safetensors, tokenizer.json) instead of a preset; its tokenizer tokenizes --data (set --seq-len, the default being the model's whole context, and --lr, whose default 3e-3 is for training from scratch: fine-tuning wants about 1e-5 to 1e-4)")
     p.add_argument("--init-adapter", metavar="DIR", help="with --init-from-hf: a PEFT LoRA adapter folder trained on that model, merged into its weights before training")
@@ -1148,7 +1210,7 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt-every", type=int, help="write the checkpoint every K steps (and at the end; default 200)")
     p.add_argument("--keep-checkpoints", type=int, metavar="K",
                    help="also keep the last K checkpoints as checkpoints/step_N.pt (hard links: no second copy on "
-                        "disk; to resume from one, copy it over checkpoint.pt); default 0: checkpoint.pt alone")
+                        "disk; to resume from one: --resume RUN/checkpoints/step_N.pt); default 0: checkpoint.pt alone")
     p.add_argument("--eval-every", type=int, help="val loss every K steps (and at the end; default 100)")
     p.add_argument("--keep-best", action=argparse.BooleanOptionalAction, default=None,
                    help="model.safetensors holds the weights of the lowest val loss, written at that evaluation, "

@@ -197,8 +197,9 @@ class TokenWriter:
     holds, not the file (prepare of a corpus larger than RAM)."""
 
     def __init__(self, path, vocab_size: int, doc_end: int | None = None):
-        if isinstance(vocab_size, bool) or not isinstance(vocab_size, numbers.Integral) or not 1 <= vocab_size <= 2 ** 32:
-            raise ValueError(f"{path}: vocab_size must be an int in [1, 2^32], got {vocab_size!r}")
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, numbers.Integral) or not 1 <= vocab_size < 2 ** 32:
+            # (< 2^32: the header keeps it in 32 bits; a failure at close had come after every token was written)
+            raise ValueError(f"{path}: vocab_size must be an int in [1, 2^32), got {vocab_size!r}")
         if doc_end is not None and (isinstance(doc_end, bool) or not isinstance(doc_end, numbers.Integral)
                                     or not 0 <= doc_end < vocab_size):
             raise ValueError(f"{path}: doc_end (the id ending each document) must be None or an id in "
@@ -379,7 +380,7 @@ class ShardedTokens:
 
     def __init__(self, parts: list[np.memmap]):
         self.parts = parts
-        self.starts = np.cumsum([0] + [len(p) for p in parts])
+        self.starts = np.cumsum([0] + [len(p) for p in parts], dtype=np.int64)  # (numpy 1's int32 on Windows)
         self.dtype = parts[0].dtype
 
     def __len__(self) -> int:
@@ -944,7 +945,7 @@ def write_documents(path, docs: Sequence[np.ndarray], masks: Sequence[np.ndarray
         np.save(path.with_suffix(".pairs.npy"), np.asarray(pairs, np.int64))
     else:
         path.with_suffix(".pairs.npy").unlink(missing_ok=True)
-    offsets = np.concatenate([[0], np.cumsum([len(d) for d in docs])]).astype(np.int64)
+    offsets = np.concatenate([[0], np.cumsum([len(d) for d in docs], dtype=np.int64)])
     np.save(path.with_suffix(".docs.npy"), offsets)
     np.save(path.with_suffix(".mask.npy"), np.concatenate(masks).astype(np.uint8))
     write_tokens(path, np.concatenate(docs), vocab_size)  # last: its presence says the set is whole

@@ -198,8 +198,9 @@ def _with_4d_mask(q, k, v, mask, call, dropout: float) -> torch.Tensor:
                          "model with attn_implementation='eager' for it")
     q_, k_, v_ = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D), (B, H_kv, S, D)
     k_, v_ = k_[:, :, :mask.shape[-1]], v_[:, :, :mask.shape[-1]]  # (a static cache's unwritten keys)
+    k_, v_, gqa = pnn.sdpa_gqa(q_, k_, v_)
     out = F.scaled_dot_product_attention(q_, k_, v_, attn_mask=mask.to(q.dtype) if mask.is_floating_point() else mask,
-                                         dropout_p=dropout, scale=call["scale"], enable_gqa=q_.shape[1] != k_.shape[1])
+                                         dropout_p=dropout, scale=call["scale"], **gqa)
     return out.transpose(1, 2)  # (B, T, H, D)
 
 

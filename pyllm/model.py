@@ -594,7 +594,7 @@ class LLM(nn.Module):
             raise ValueError(f"LLM.forward: idx must be a (B, T) tensor of token ids, got "
                              f"{tuple(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__}")
         weight = self.tok_emb.weight  # (a DTensor shard, FSDP2's CPU offload: its hook moves it, not checked here)
-        if idx.device != weight.device and "torch.distributed.tensor" not in type(weight).__module__:
+        if idx.device != weight.device and not type(weight).__module__.startswith(("torch.distributed.tensor", "torch.distributed._tensor")):
             raise ValueError(f"LLM.forward: idx is on {idx.device}, the model on {weight.device}: "
                              "put them on one device")
         if targets is not None and (not _util.int_tensor(targets) or targets.shape != idx.shape):
@@ -1473,19 +1473,24 @@ class _DecodeGraph:
             raise ValueError("generate: cuda_graph needs the model on a CUDA device")
         if _longrope_switch(model.config) != math.inf:
             raise NotImplementedError("generate: cuda_graph does not take LongRoPE (its factors change with the position)")
+        self.device = device
         self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.lengths = torch.zeros(batch, dtype=torch.int32, device=device)
-        # Warm-up off the default stream, as torch.cuda.graph wants: first calls set kernels' shared-
-        # memory attributes and the allocator's blocks, which a capture must not do.
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                model.decode_step(self.token, cache, self.lengths)
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = model.decode_step(self.token, cache, self.lengths)  # (B, V), the graph's own memory
+        # The model's device made current for the capture and every replay: torch.cuda.graph's own
+        # capture stream belongs to whichever device was current when it was first made, and replay
+        # launches on the current device's stream (a model on cuda:1 with cuda:0 current).
+        with torch.cuda.device(device):
+            # Warm-up off the default stream, as torch.cuda.graph wants: first calls set kernels' shared-
+            # memory attributes and the allocator's blocks, which a capture must not do.
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    model.decode_step(self.token, cache, self.lengths)
+            torch.cuda.current_stream(device).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, stream=side):
+                self.logits = model.decode_step(self.token, cache, self.lengths)  # (B, V), the graph's own memory
 
     def __call__(self, token: torch.Tensor, length: int | torch.Tensor) -> torch.Tensor:
         """token (B, 1); length: every row's cached tokens (an int) or each row's (int32 (B,))."""
@@ -1494,7 +1499,8 @@ class _DecodeGraph:
             self.lengths.copy_(length)
         else:
             self.lengths.fill_(length)
-        self.graph.replay()
+        with torch.cuda.device(self.device):
+            self.graph.replay()
         return self.logits
 
 
@@ -1559,7 +1565,16 @@ def save_weights(state_dict: dict, cfg: ModelConfig, path, lora_scale: float | N
     # A temp file renamed over the old one: a kill while writing (keep_best writes mid-run) leaves
     # the old weights or the new, never a torn file.
     tmp = Path(path).with_name(Path(path).name + ".tmp")
-    save_file(state, str(tmp), metadata={"pyllm_config": json.dumps(cfg.to_dict())})
+    try:
+        save_file(state, str(tmp), metadata={"pyllm_config": json.dumps(cfg.to_dict())})
+    except Exception as e:  # safetensors' own error type (a full disk): an OSError naming the file, as open's
+        Path(tmp).unlink(missing_ok=True)
+        raise OSError(f"writing {path} failed: {e}") from e
+    # safetensors writes through a private (0600) temp file of its own: the weights get the mode any
+    # other new file gets (0644 under the usual umask), readable by a cluster's other users as the rest.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, path)
 
 

@@ -1457,13 +1457,14 @@ def preference_loss(kind: str, chosen_logps: torch.Tensor, rejected_logps: torch
 
 def _kernel_dtypes(x: torch.Tensor, by_device: dict) -> tuple:
     """The dtypes an op's kernel takes on x's device: none on devices pyllm has no kernels for (meta,
-    mps, ...), nor on CUDA when this pyllm was built without CUDA kernels (no nvcc at install)."""
+    mps, ...), nor on CUDA when this pyllm was built without CUDA kernels (no nvcc at install) or
+    the GPU is older than they need (V100, T4: torch's ops there)."""
     # is_cpu / is_cuda, not device.type: asked once per layer per decoded token, and building the
     # torch.device costs 0.7 us each time (the attention check: 2.9 us -> 0.8 us, beside 8-14 us
     # of Python in the kvcache call itself).
     if x.is_cpu:
         return by_device["cpu"]
-    return by_device["cuda"] if x.is_cuda and _util.HAS_CUDA_KERNELS else ()
+    return by_device["cuda"] if x.is_cuda and _util.cuda_kernels_run_on(x) else ()
 
 
 def _swiglu_takes(x: torch.Tensor) -> bool:
@@ -1472,7 +1473,8 @@ def _swiglu_takes(x: torch.Tensor) -> bool:
 
 def _rms_norm_takes(x: torch.Tensor) -> bool:
     """Whether pyllm.rms_norm has a kernel for x: its dtype on its device, rows the CUDA kernel takes."""
-    return x.dtype in _kernel_dtypes(x, rms_norm_ops.DTYPES) and (not x.is_cuda or x.shape[-1] <= rms_norm_ops.MAX_COLS_CUDA)
+    return x.dtype in _kernel_dtypes(x, rms_norm_ops.DTYPES) and (
+        not x.is_cuda or x.shape[-1] <= rms_norm_ops.max_cols_cuda_with_dw(x))
 
 
 class RMSNorm(nn.Module):
@@ -1635,6 +1637,22 @@ def alibi_slopes(n_heads: int) -> torch.Tensor:
     return torch.tensor(slopes, dtype=torch.float32)
 
 
+# F.scaled_dot_product_attention's enable_gqa arrived in torch 2.5.
+_SDPA_TAKES_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
+def sdpa_gqa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple:
+    """(k, v, keyword arguments) for F.scaled_dot_product_attention of q (B, H, T, D) over k, v
+    (B, H_kv, S, D), H a multiple of H_kv: its enable_gqa where torch has it, else k and v repeated
+    per group (torch 2.4)."""
+    if q.shape[1] == k.shape[1]:
+        return k, v, {}
+    if _SDPA_TAKES_GQA:
+        return k, v, {"enable_gqa": True}
+    group = q.shape[1] // k.shape[1]
+    return k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1), {}
+
+
 def _sdpa(q, k, v, mask=None, is_causal=False, scale=None, softcap=None, sinks=None, alibi=None, q_positions=None,
           dropout_p: float = 0.0):
     """SDPA on (B, T, H, D) q and (B, S, H_kv, D) k, v (GQA), returned as (B, T, H, D); mask: bool,
@@ -1647,8 +1665,9 @@ def _sdpa(q, k, v, mask=None, is_causal=False, scale=None, softcap=None, sinks=N
     a model whose attention has it: transformers' GPT-2), as SDPA's."""
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D), (B, H_kv, S, D)
     if not softcap and sinks is None and alibi is None:
+        k, v, gqa = sdpa_gqa(q, k, v)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
-                                             dropout_p=dropout_p, enable_gqa=q.shape[1] != k.shape[1])
+                                             dropout_p=dropout_p, **gqa)
         return out.transpose(1, 2)
     if k.shape[1] != q.shape[1]:
         k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))

@@ -58,13 +58,13 @@ def _check_param(p: Tensor, stepped: bool) -> None:
     """A param the fused step takes: on cpu or cuda (with its kernels built), float32 / bfloat16 /
     float16, and, where it is stepped, contiguous (the kernels walk param, grad and state as flat
     arrays). At construction and again at each step (a param may change in between)."""
-    if "torch.distributed.tensor" in type(p).__module__:  # (no data pointer of its own: the step would read none)
+    if type(p).__module__.startswith(("torch.distributed.tensor", "torch.distributed._tensor")):  # (torch < 2.5's name)  # (no data pointer of its own: the step would read none)
         raise TypeError("AdamW: got a DTensor param (FSDP2's fully_shard, or tensor parallelism): pyllm's fused step "
                         "takes plain tensors; use torch.optim.AdamW for sharded params (pyllm train does), or "
                         "pyllm.optim.ZeroAdamW with DDP-style replicated params")
     if p.device.type not in _ops.DTYPES:
         raise ValueError(f"AdamW: params must be on cpu or cuda (the fused step's kernels), got one on {p.device}")
-    _util.check_backend("AdamW", p.device)
+    _util.check_backend("AdamW", p.device, p)
     if p.dtype not in _ops.DTYPES[p.device.type]:
         raise TypeError(f"AdamW: params must be float32, bfloat16 or float16, got a {p.dtype} param")
     if stepped and not p.is_contiguous():
@@ -404,7 +404,8 @@ class AdamW(torch.optim.Optimizer):
             # The kernel writes through the pointer: the version counters move here, so that autograd
             # refuses a backward through a graph that saved the old weights (as torch's in-place step
             # makes it: stepping D before G's backward), and the next step knows its own writes.
-            torch.autograd.graph.increment_version(b["params"])
+            for p in b["params"]:  # (one at a time: torch 2.4's increment_version takes a single tensor)
+                torch.autograd.graph.increment_version(p)
             if b["has_master"]:
                 self._written.update((id(p), p._version) for p in b["params"])
 
@@ -877,9 +878,21 @@ def unscale_clip_check(params: list[Tensor], grad_scaler: "DynamicLossScaler | N
         inv = 1.0 / grad_scaler.get_scale()
         for p in params:
             p.grad.mul_(inv)
-    norm = torch.nn.utils.clip_grad_norm_(params, math.inf if max_grad_norm is None else max_grad_norm)
-    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2 gives a DTensor
-    skipped = torch.tensor(not math.isfinite(float(norm)))  # (a 0-d bool tensor, as AdamW's last_step_skipped)
+    grads = [p.grad for p in params if p.grad is not None]
+    if grads and hasattr(grads[0], "full_tensor"):  # FSDP2's DTensor grads: torch's reduction over the shards
+        norm = (torch.nn.utils.get_total_norm(grads) if hasattr(torch.nn.utils, "get_total_norm")
+                else torch.nn.utils.clip_grad_norm_(params, math.inf))
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    else:  # in fp64, as AdamW's fused pass: fp32 grads of 1e20 had given an inf norm and a skipped step
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float64) for g in grads])
+                                        if grads else torch.zeros(1, dtype=torch.float64))
+    total = float(norm)
+    skipped = torch.tensor(not math.isfinite(total))  # (a 0-d bool tensor, as AdamW's last_step_skipped)
+    # Clipped only when the step is taken: a skipped step leaves its grads as they came (torch's
+    # clip_grad_norm_ multiplies them by max / NaN first, every element NaN).
+    if max_grad_norm is not None and math.isfinite(total) and total + 1e-6 > max_grad_norm:
+        for g in grads:
+            g.mul_(max_grad_norm / (total + 1e-6))
     if grad_scaler is not None:
         grad_scaler._record_found_inf(skipped)
     return norm, skipped

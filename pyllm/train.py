@@ -11,7 +11,9 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -313,7 +315,10 @@ def wrap_model(model: LLM, cfg: TrainConfig, info: DistInfo) -> torch.nn.Module:
 
         wrapped = DistributedDataParallel(wrapped, device_ids=[info.device.index] if info.device.type == "cuda" else None)
     else:
-        from torch.distributed.fsdp import fully_shard
+        try:
+            from torch.distributed.fsdp import fully_shard
+        except ImportError:  # torch < 2.6 keeps FSDP2 here
+            from torch.distributed._composable.fsdp import fully_shard
 
         for block in model.blocks:
             fully_shard(block)
@@ -373,8 +378,16 @@ class TorchAdamW(torch.optim.AdamW):
 
 def has_kernels_for(device: torch.device) -> bool:
     """False on a GPU when pyllm was built without CUDA kernels (nvcc was not found at install
-    time): the run then takes torch's attention, SwiGLU and AdamW there instead of failing."""
-    return device.type != "cuda" or _util.HAS_CUDA_KERNELS
+    time) or the GPU is older than they need (sm_80): the run then takes torch's attention, SwiGLU
+    and AdamW there instead of failing."""
+    return device.type != "cuda" or (_util.HAS_CUDA_KERNELS and _util.gpu_runs_kernels(device.index))
+
+
+def _no_kernels_why() -> str:
+    if not _util.HAS_CUDA_KERNELS:
+        return ("this pyllm was built without CUDA kernels (nvcc was not found when it was installed; reinstall "
+                "with nvcc on PATH for pyllm's)")
+    return "this GPU is older than pyllm's CUDA kernels need (compute capability 8.0: A100 or newer)"
 
 
 def muon_params(model: LLM) -> tuple[list, list]:
@@ -416,8 +429,8 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, info: DistInfo) -> 
         adamw = AdamW(groups, **hyper) if has_kernels_for(info.device) else TorchAdamW(groups, **hyper)
         return MuonAdamW(muon, adamw)
     if info.world_size > 1 and cfg.dist_mode == "zero1" and not has_kernels_for(info.device):
-        raise ValueError("--dist-mode zero1 shards pyllm's AdamW, and this pyllm was built without CUDA kernels; "
-                         "use --dist-mode ddp or fsdp, or reinstall pyllm with nvcc on PATH")
+        raise ValueError(f"--dist-mode zero1 shards pyllm's AdamW, and {_no_kernels_why()}; "
+                         "use --dist-mode ddp or fsdp")
     if any(type(p).__name__ == "DTensor" for p in params) or not has_kernels_for(info.device):
         # FACTS.md: foreach=False ran ~1.3x faster than foreach=True on this CPU.
         return TorchAdamW(groups, **hyper, **({} if info.device.type == "cuda" else {"foreach": False}))
@@ -856,7 +869,10 @@ def gathered(model: torch.nn.Module):
     token and layer; resharded after. Every rank must enter (the gathers are collectives); what
     runs inside is each rank's own (no collectives: ranks may sample different numbers of tokens).
     TRL's unwrap_model_for_generation. A model without FSDP: nothing happens."""
-    from torch.distributed.fsdp import FSDPModule
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch < 2.6 (as wrap_model's fully_shard)
+        from torch.distributed._composable.fsdp import FSDPModule
 
     if not isinstance(model, FSDPModule):
         yield
@@ -1287,20 +1303,84 @@ def full_optimizer_state(model, optimizer, cfg: TrainConfig, info: DistInfo) -> 
 
 def save_checkpoint(path: Path, state: dict) -> None:
     """torch.save to a temp file, fsync, then os.replace: a kill at any moment leaves either the
-    old checkpoint or the new one, never a torn file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    old checkpoint or the new one, never a torn file. Ctrl-C and SIGTERM wait for the save (torch's
+    writer had turned a Ctrl-C mid-write into an "unexpected pos" error and left the temp file); a
+    failed write (a full disk) removes its temp file and says which file, with the space left."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # (per process: two writers never share one)
+    with signals_held():
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException as e:
+            tmp.unlink(missing_ok=True)
+            if isinstance(e, (OSError, RuntimeError)):
+                free = shutil.disk_usage(path.parent).free
+                raise OSError(f"writing {path} failed ({str(e).splitlines()[0] if str(e) else type(e).__name__}; "
+                              f"{free / 2**20:,.0f} MiB free there): the previous checkpoint is kept") from e
+            raise
+
+
+@contextlib.contextmanager
+def signals_held():
+    """SIGINT and SIGTERM held off (recorded, not lost) for the block and raised again when it ends,
+    so that a file write is never cut short by them. Python runs its signal handlers in the main
+    thread only, so the handlers are swapped there (a thread's signal mask would not do: the
+    signal goes to any thread that has it unmasked, torch's and OpenMP's among them, and Python's
+    handler still runs in the main thread); elsewhere the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending = []
+    held = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(signum) is not None:  # (None: a handler set outside Python, left alone)
+            held[signum] = signal.signal(signum, lambda signum, frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        for signum, handler in held.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(pending):
+            signal.raise_signal(signum)
+
+
+_stop_requested = threading.Event()
+
+
+def request_stop(signum=None, frame=None) -> None:
+    """Ends a train() under way after the step it is on, with a checkpoint of that step, raising
+    TrainingStopped: `pyllm train`'s SIGTERM handler (what SLURM, Kubernetes and torchrun send before
+    a kill), or a call from another thread."""
+    _stop_requested.set()
+
+
+class TrainingStopped(Exception):
+    """train() stopped early by request_stop, after `step` steps, all in the checkpoint."""
+
+    def __init__(self, step: int):
+        super().__init__(f"stopped after step {step}")
+        self.step = step
+
+
+def stop_requested(info: DistInfo) -> bool:
+    """Whether any process was asked to stop, agreed by all (each then saves the same step: torchrun
+    forwards a SIGTERM to every worker, each seeing it at its own moment)."""
+    stop = _stop_requested.is_set()
+    if info.world_size > 1:
+        flag = torch.tensor([float(stop)], device=info.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        stop = bool(flag.item())
+    return stop
 
 
 def keep_checkpoint(out: Path, step: int, keep: int) -> None:
     """checkpoint.pt also as checkpoints/step_<step>.pt, and only the last `keep` of those: a hard link
     where the file system allows (no second copy on disk: the next save replaces checkpoint.pt with a
-    new file, the link keeps this one), else a copy. To resume from one, copy it over checkpoint.pt
-    (the log's later lines are dropped on resume)."""
+    new file, the link keeps this one), else a copy. To resume from one: `--resume
+    RUN/checkpoints/step_N.pt` (cli.install_kept_checkpoint; the log's later lines are dropped on resume)."""
     folder = out / "checkpoints"
     folder.mkdir(exist_ok=True)
     kept = folder / f"step_{step}.pt"
@@ -1340,9 +1420,21 @@ def load_checkpoint(run_dir) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint to resume from: {path} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises RuntimeError/EOFError/UnpicklingError for torn files
-        raise RuntimeError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {e})") from e
+        # (torch's long advice to load with weights_only=False is wrong, and unsafe, for a torn file)
+        why = str(e).splitlines()[0] if str(e) else ""
+        if "weights_only" in why:
+            why = "not a file torch.load reads safely"
+        raise RuntimeError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {why[:200]})") from e
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise ValueError(f"{path} is no checkpoint `pyllm train` wrote (it lacks {', '.join(missing)}): a resume needs "
+                         "the run's own (to start from other weights, see --init-from-run / --init-from-hf)")
+    return ckpt
+
+
+CHECKPOINT_KEYS = ("model", "optimizer", "step", "skipped_steps", "model_config", "train_config", "rng", "loader")
 
 
 def state_finite(model_state: dict) -> bool:
@@ -1401,9 +1493,9 @@ def plot_losses(log_path: Path, png_path: Path) -> None:
     (the run's weights and log are written already: a plot is no reason to fail it)."""
     try:
         import matplotlib
-    except ImportError:
-        print(f"pyllm: no {png_path.name}: matplotlib is not installed (pip install 'pyllm[train]' or matplotlib)",
-              file=sys.stderr)
+    except ImportError as e:  # (not installed, or installed but broken: e says which, e.g. numpy too old for it)
+        why = "matplotlib is not installed" if getattr(e, "name", None) == "matplotlib" else f"matplotlib: {e}"
+        print(f"pyllm: no {png_path.name}: {why} (pip install 'pyllm[train]' or matplotlib)", file=sys.stderr)
         return
 
     matplotlib.use("Agg")
@@ -1476,12 +1568,56 @@ def next_batches(loader, grad_accum: int, world_size: int) -> tuple[list, list[f
 
 def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) -> dict:
     """Trains per cfg (resuming from cfg.out_dir's checkpoint when resume) up to cfg.max_steps, or
-    returns early after step stop_at - 1 (tests use it to stand in for a kill). Returns a summary."""
+    returns early after step stop_at - 1 (tests use it to stand in for a kill). Returns a summary.
+    Raises TrainingStopped after a request_stop (SIGTERM in `pyllm train`), its step checkpointed.
+    One run at a time in a folder: another's lock on it is refused. A new run (not resume) in a
+    folder that holds a run's checkpoint replaces that run: its checkpoints are removed first, so
+    that the folder never holds one run's log beside another's checkpoint."""
     cfg.validate()
     info = setup_distributed(cfg.device)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with run_lock(out, info):
+        if not resume and info.is_main and ((out / CHECKPOINT).exists() or (out / "checkpoints").is_dir()):
+            print(f"pyllm: {out} holds an earlier run's checkpoint: this new run replaces it (--resume goes on with "
+                  "a run instead)", file=sys.stderr)
+            (out / CHECKPOINT).unlink(missing_ok=True)
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        if info.world_size > 1:
+            dist.barrier()  # (no rank reads the folder before rank 0 has cleared it)
+        try:
+            return _train(cfg, info, resume, stop_at)
+        finally:
+            _stop_requested.clear()  # (one asked for as the last step ended: nothing left to stop)
+
+
+@contextlib.contextmanager
+def run_lock(out: Path, info: DistInfo):
+    """An exclusive lock on out/.lock for the block (rank 0's; the OS drops it if the process dies):
+    two runs in one folder had interleaved their logs and torn each other's checkpoints."""
+    try:
+        import fcntl
+    except ImportError:  # (Windows: no flock; unguarded there)
+        yield
+        return
+    if not info.is_main:
+        yield
+        return
+    with open(out / ".lock", "a") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise RuntimeError(f"{out} is in use by another `pyllm train` (it holds {out / '.lock'}): give this run "
+                               "another --out, or wait for that one to end") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) -> dict:
     precision = resolve_precision(cfg.precision, info.device)
     out, data = Path(cfg.out_dir), Path(cfg.data_dir)
-    out.mkdir(parents=True, exist_ok=True)
     ckpt = load_checkpoint(out) if resume else None
     torch.manual_seed(cfg.seed)
     data_vocab = read_header(data / "train.bin")["vocab_size"]
@@ -1534,8 +1670,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
         print(f"pyllm: warmup_steps {cfg.warmup_steps} >= max_steps {cfg.max_steps}: the learning rate never reaches "
               f"lr {cfg.lr:g} in this run (a short fine-tune wants --warmup-steps 0 or a few)", file=sys.stderr)
     if info.is_main and not has_kernels_for(info.device):
-        print("pyllm: this build has no CUDA kernels (nvcc was not found when it was installed): training "
-              "runs on torch's attention, SwiGLU and AdamW; reinstall with nvcc on PATH for pyllm's", file=sys.stderr)
+        print(f"pyllm: {_no_kernels_why()}: training runs on torch's attention, SwiGLU and AdamW", file=sys.stderr)
     model = model.to(info.device)
     model.activation_checkpointing = cfg.activation_checkpointing
     model.fused_loss = cfg.fused_loss
@@ -1656,6 +1791,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
     per_token_packed = not cfg.fused_loss and not cfg.z_loss
     if ckpt is not None:  # last, after everything the set-up drew, as a run going on straight has it here
         set_rng_state(ckpt["rng"], info.device)
+    stopped_after = None  # request_stop: the step whose checkpoint ends the run
     for step in range(start_step, cfg.max_steps):
         if stop_at is not None and step >= stop_at:
             break
@@ -1826,9 +1962,17 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
         bar.set_postfix_str(f"loss {loss_value:.3f}  {tok_s:,.0f} tok/s  MFU {f'{mfu:.1%}' if mfu else 'n/a'}"
                             + (f"  skipped {skipped}" if skipped else ""))
         bar.update(1)
-        if (cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0) or step == cfg.max_steps - 1:
+        stopping = stop_requested(info)
+        if (cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0) or step == cfg.max_steps - 1 or stopping:
             checkpoint(step + 1)
+        if stopping and step < cfg.max_steps - 1:
+            stopped_after = step + 1
+            break
     bar.close()
+    if stopped_after is not None:
+        if info.world_size > 1:
+            dist.barrier()  # rank 0's checkpoint is whole when any rank stops
+        raise TrainingStopped(stopped_after)
     if stop_at is None:
         lost = cfg.keep_best and best_val is not None and weights_lost(out / "model.safetensors", info)
         if lost and info.is_main:

@@ -460,6 +460,30 @@ def test_interrupted_training_says_where_to_go_on(corpus, tmp_path, capsys, monk
     assert "interrupted; no checkpoint in" in capsys.readouterr().err
 
 
+def test_sigterm_checkpoints_the_step_and_says_where_to_go_on(corpus, tmp_path, capsys, monkeypatch):
+    # What SLURM / Kubernetes / torchrun send before a kill: the step under way ends and is
+    # checkpointed (ckpt_every says later), exit 143, and the handler is put back afterwards.
+    import os
+    import signal
+
+    import pyllm.train
+
+    real_lr_at = pyllm.train.lr_at
+
+    def lr_and_term(step, cfg):
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_lr_at(step, cfg)
+
+    monkeypatch.setattr(pyllm.train, "lr_at", lr_and_term)
+    before = signal.getsignal(signal.SIGTERM)
+    run = tmp_path / "run"
+    assert cli.main(["train", "--data", str(corpus), "--out", str(run), "--max-steps", "9", *SMALL]) == 143
+    err = capsys.readouterr().err
+    assert f"stopped (SIGTERM) after step 2; its checkpoint is at step 2: go on with `pyllm train --resume {run}`" in err
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 def test_a_run_that_mostly_skipped_its_steps_says_why(corpus, tmp_path, capsys, monkeypatch):
     import pyllm.train
 

@@ -356,7 +356,7 @@ def test_token_writer_refuses_what_it_would_store_wrong(tmp_path):
         with pytest.raises(ValueError, match="1-D array of int ids"):
             data.write_tokens(tmp_path / "t.bin", tokens, vocab_size=10)
     for kwargs, match in ((dict(vocab_size=10, doc_end=10), "doc_end"), (dict(vocab_size=10, doc_end=-1), "doc_end"),
-                          (dict(vocab_size=0), "vocab_size"), (dict(vocab_size=2 ** 32 + 1), "vocab_size"),
+                          (dict(vocab_size=0), "vocab_size"), (dict(vocab_size=2 ** 32), "vocab_size"),
                           (dict(vocab_size=10.0), "vocab_size")):
         with pytest.raises(ValueError, match=match):
             data.write_tokens(tmp_path / "t.bin", np.array([1, 2]), **kwargs)

@@ -371,10 +371,11 @@ def test_cuda_launch_without_cuda_kernels_raises(monkeypatch):
 def test_linear_distill_takes_the_cuda_kernel_only_when_asked(monkeypatch):
     # Until it has run on a GPU; the CPU's always; never fp64 on CUDA (no kernel).
     monkeypatch.setattr(_util, "HAS_CUDA_KERNELS", True)
+    monkeypatch.setattr(_util, "_runs_on", {0: True})  # (an sm_80+ GPU 0, without one here)
     monkeypatch.delenv(distill_ops.CUDA_IN_FUSED_LOSS_ENV, raising=False)
 
     def logits(dtype, cuda):
-        return SimpleNamespace(is_cpu=not cuda, is_cuda=cuda, dtype=dtype)
+        return SimpleNamespace(is_cpu=not cuda, is_cuda=cuda, dtype=dtype, get_device=lambda: 0)
 
     assert distill_ops.takes(logits(torch.bfloat16, False)) and distill_ops.takes(logits(torch.float64, False))
     assert not distill_ops.takes(logits(torch.bfloat16, True))

@@ -213,6 +213,25 @@ def test_nan_input_propagates():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch,capacity", [(1, 1024), (1, 300), (16, 1024)])
+def test_nan_reaches_a_decode_row_whatever_its_splits(dtype, batch, capacity):
+    # A decode step's keys are split across threads for small batches and long caches: a NaN query, or
+    # NaN keys filling one whole split, must give NaN as with one split (the combine had skipped such a
+    # split: its max skips NaN and stayed -inf, so the row came out 0 / finite), and only in that row.
+    cache_k, cache_v = (torch.randn(batch, capacity, 2, 64).to(dtype) for _ in range(2))
+    q = torch.randn(batch, 1, 2, 64).to(dtype)
+    lengths = torch.full((batch,), min(1000, capacity - 1), dtype=torch.int32)
+    q[0, 0, 1, 5] = float("nan")
+    out, lse = pyllm.flash_attn_with_kvcache(q, cache_k, cache_v, lengths, return_lse=True)
+    assert out[0, 0, 1].isnan().all() and lse[0, 1].isnan().all()
+    assert not out[0, 0, 0].isnan().any() and not out[1:].isnan().any()
+    q[0, 0, 1, 5] = 0.5
+    cache_k[0, :250, 0, 7] = float("nan")
+    out = pyllm.flash_attn_with_kvcache(q, cache_k, cache_v, lengths)
+    assert out[0, 0, 0].isnan().all() and not out[0, 0, 1].isnan().any() and not out[1:].isnan().any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_nan_in_v_of_a_later_block_stays_there(dtype):
     # Causal: queries 0..63 see no key past 63, so a NaN in V of key 100 must not reach them (the
     # AMX forward's 128-key blocks used to take it in with P = 0, and 0 * NaN = NaN).

@@ -1,4 +1,5 @@
 import copy
+import importlib
 import io
 import math
 import sys
@@ -14,6 +15,8 @@ from helpers import CPU_AND_CUDA, rel_err, tolerance
 
 # One layer of 80K weights: several 16K-element chunks and past the CPU kernel's threading cutoff.
 IN, HIDDEN, OUT = 32, 2500, 8
+
+needs_torch_muon = pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="compared with torch.optim.Muon (torch 2.9+)")
 
 
 def make_model(device="cpu", dtype=torch.float32):
@@ -1041,6 +1044,7 @@ def test_zero1_over_gloo_matches_unsharded():
 
 # --- Muon ---------------------------------------------------------------------------------------
 
+@needs_torch_muon
 def test_muon_step_is_torchs():
     # A plain matrix: pyllm's Muon = torch.optim.Muon with Moonlight's lr scaling (the same
     # arithmetic: bf16 Newton-Schulz, Nesterov momentum, decoupled weight decay), over 3 steps of
@@ -1063,6 +1067,7 @@ def test_muon_step_is_torchs():
 
 
 @pytest.mark.cuda
+@needs_torch_muon
 def test_muon_on_cuda_is_torchs():
     # On the GPU: pyllm's Muon (batched bf16 Newton-Schulz) = torch.optim.Muon (unbatched), to what
     # bf16 matmuls of different kernels may round apart: a few bf16 ulps of the update's size.
@@ -1148,6 +1153,32 @@ def test_muon_adamw_clips_globally_skips_and_saves():
     torch.testing.assert_close(again.muon.state_dict()["state"][0]["momentum_buffer"], opt.muon.state[w]["momentum_buffer"])
 
 
+def test_muon_adamw_leaves_a_skipped_steps_grads_and_sums_in_fp64():
+    # A skipped step's grads stay as they came (clip_grad_norm_ had made every element NaN, even
+    # unclipped); fp32 grads of 1e20 have a finite norm (in fp64, as AdamW's) and are clipped and
+    # stepped, as pyllm's AdamW steps them, where the fp32 norm had overflowed and skipped the step.
+    from pyllm.optim import Muon, MuonAdamW
+
+    torch.manual_seed(3)
+    w, b = torch.randn(16, 24, requires_grad=True), torch.randn(24, requires_grad=True)
+    opt = MuonAdamW(Muon([w], lr=0.01), AdamW([b], lr=0.01))
+    gw, gb = torch.randn(w.shape), torch.randn(b.shape)
+    gw[3, 4] = math.nan
+    w.grad, b.grad = gw.clone(), gb.clone()
+    for max_grad_norm in (None, 1.0):
+        opt.step(max_grad_norm=max_grad_norm)
+        assert bool(opt.last_step_skipped)
+        assert torch.equal(w.grad.isnan(), gw.isnan()) and torch.equal(w.grad.nan_to_num(), gw.nan_to_num())
+        assert torch.equal(b.grad, gb)
+    w.grad, b.grad = 1e20 * torch.randn(w.shape), 1e20 * torch.randn(b.shape)
+    expected = torch.cat([w.grad.double().view(-1), b.grad.double()]).norm()
+    before = w.detach().clone()
+    opt.step(max_grad_norm=1.0)
+    assert not bool(opt.last_step_skipped) and float(opt.last_grad_norm) == pytest.approx(expected.item(), rel=1e-9)
+    assert torch.isfinite(w).all() and not torch.equal(w, before)
+    assert float(torch.cat([w.grad.double().view(-1), b.grad.double()]).norm()) == pytest.approx(1.0, rel=1e-5)
+
+
 @pytest.mark.parametrize("copy_with", ["deepcopy", "pickle"])
 def test_adamw_copied_or_pickled_steps_as_the_original(copy_with):
     # torch's optimizers pickle their defaults, state and param groups alone; a copy of pyllm's
@@ -1190,6 +1221,8 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.skipif(not hasattr(importlib.import_module("torch.distributed.fsdp"), "fully_shard"),
+                    reason="the probe uses torch.distributed.fsdp.fully_shard (torch 2.6+)")
 def test_adamw_refuses_dtensor_params_when_built():
     # FSDP2's DTensor params have no data pointer of their own: the first step had failed with
     # "null pointer in row 0"; now the optimizer says so when it is built, naming the way out.
@@ -1199,6 +1232,7 @@ def test_adamw_refuses_dtensor_params_when_built():
     assert "refused: AdamW: got a DTensor param" in out.stdout, out.stderr[-2000:]
 
 
+@needs_torch_muon
 def test_muon_takes_torchs_optimizer_protocol():
     # From an audit against torch.optim.Muon: MuonAdamW is a torch.optim.Optimizer whose groups are
     # its parts' (an LR scheduler sets both); last_step_skipped is a 0-d bool tensor as AdamW's; a
@@ -1248,6 +1282,7 @@ def test_muon_takes_torchs_optimizer_protocol():
         opt.load_state_dict(adamw.state_dict())
 
 
+@needs_torch_muon
 def test_muon_refused_state_leaves_the_optimizer_as_it_was():
     from pyllm.optim import Muon
 

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import pyllm
 from pyllm import _C
@@ -168,3 +169,34 @@ def test_cpu_kernels_take_torchs_thread_count_in_any_thread(threads, env):
     out = subprocess.run([sys.executable, "-c", THREADS_PROBE, str(threads)], capture_output=True, text=True,
                          check=True, env=environ).stdout
     assert int(out) == threads
+
+
+def test_a_gpu_older_than_the_kernels_is_named_and_left_to_torch(monkeypatch):
+    # A V100 / T4 has no image of the sm_80+ kernels: pyllm's layers take torch's ops there, and an op
+    # called directly says why (not the launch's "no kernel image is available"). No GPU here: the
+    # capability query is stood in for, as is a CUDA tensor.
+    from types import SimpleNamespace
+
+    from pyllm import nn as pnn
+    from pyllm import train as ptrain
+
+    capability = {0: (7, 0), 1: (8, 6), 2: (9, 0)}
+    monkeypatch.setattr(_util, "HAS_CUDA_KERNELS", True)
+    monkeypatch.setattr(_util, "_runs_on", {})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: capability[i])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=None: ["Tesla V100", "RTX 3090", "H100"][i])
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert [_util.gpu_runs_kernels(i) for i in range(3)] == [False, True, True]
+    assert _util.gpu_runs_kernels() is True  # torch's current device
+    gpu = [SimpleNamespace(is_cuda=True, is_cpu=False, device=torch.device("cuda", i), get_device=lambda i=i: i,
+                           dtype=torch.bfloat16) for i in range(3)]
+    assert [_util.cuda_kernels_run_on(t) for t in gpu] == [False, True, True]
+    assert [bool(pnn._kernel_dtypes(t, {"cpu": (), "cuda": (torch.bfloat16,)})) for t in gpu] == [False, True, True]
+    assert [ptrain.has_kernels_for(torch.device("cuda", i)) for i in range(3)] == [False, True, True]
+    with pytest.raises(RuntimeError, match=r"swiglu: pyllm's CUDA kernels need a GPU of compute capability 8\.0 .*"
+                                           r"cuda:0 \(Tesla V100\) is 7\.0"):
+        _util.check_backend("swiglu", gpu[0].device, gpu[0])
+    _util.check_backend("swiglu", gpu[1].device, gpu[1])
+    monkeypatch.setattr(_util, "HAS_CUDA_KERNELS", False)
+    monkeypatch.setattr(_util, "_runs_on", {})
+    assert not _util.cuda_kernels_run_on(gpu[2]) and not ptrain.has_kernels_for(torch.device("cuda", 2))

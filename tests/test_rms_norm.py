@@ -319,6 +319,25 @@ def test_cuda_launch_without_cuda_kernels_raises(monkeypatch):
         rms_norm_ops.rms_norm_backward_into(fake, fake, fake, fake, fake, None, 0.0, True)
 
 
+def test_cuda_row_limit_with_a_weight_gradient_follows_the_gpu(monkeypatch):
+    # The backward keeps a fp32 dw row in shared memory: sm_86 / sm_89 (99 KB) take narrower rows than
+    # sm_80 / sm_90, which the layer must know before it runs the forward (no GPU here: the device's
+    # properties are stood in for, with and without torch's opt-in field).
+    from pyllm import nn as pnn
+
+    props = {0: SimpleNamespace(major=8, minor=6, shared_memory_per_block_optin=101376),
+             1: SimpleNamespace(major=9, minor=0, shared_memory_per_block_optin=232448),
+             2: SimpleNamespace(major=8, minor=9), 3: SimpleNamespace(major=8, minor=0)}
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: props[i])
+    monkeypatch.setattr(rms_norm_ops, "_max_cols_with_dw", {})
+    gpu = [SimpleNamespace(is_cuda=True, is_cpu=False, get_device=lambda i=i: i, dtype=torch.bfloat16) for i in range(4)]
+    assert [rms_norm_ops.max_cols_cuda_with_dw(x) for x in gpu] == [25088, 32768, 25088, 32768]
+    monkeypatch.setattr(_util, "HAS_CUDA_KERNELS", True)
+    monkeypatch.setattr(_util, "_runs_on", {i: True for i in range(4)})
+    wide = [SimpleNamespace(**vars(x), shape=(2, 25089)) for x in gpu]
+    assert [pnn._rms_norm_takes(x) for x in wide] == [False, True, False, True]
+
+
 @pytest.mark.cuda
 def test_cuda_bad_input():
     with pytest.raises(ValueError, match="must match"):

@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -98,21 +99,128 @@ def test_loss_falls_and_outputs_written(data_dir, tmp_path):
 
 def test_keep_checkpoints_keeps_the_last_k_to_resume_from(data_dir, tmp_path):
     # --keep-checkpoints 2: the last two checkpoints as checkpoints/step_N.pt (links to what
-    # checkpoint.pt was then); one copied over checkpoint.pt resumes exactly from its step.
-    import shutil
+    # checkpoint.pt was then); `--resume RUN/checkpoints/step_6.pt` resumes exactly from its step,
+    # leaving the kept files as they were (a plain cp over checkpoint.pt, the newest's hard link,
+    # had written step 6 into step_7.pt).
+    from pyllm import cli
 
     trainer.train(config(data_dir, tmp_path / "run", max_steps=7, ckpt_every=2, keep_checkpoints=2, eval_every=0))
     kept = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in kept.iterdir()) == ["step_6.pt", "step_7.pt"]
     assert torch.load(kept / "step_6.pt", weights_only=True)["step"] == 6
     assert (kept / "step_7.pt").read_bytes() == (tmp_path / "run" / "checkpoint.pt").read_bytes()
+    before = {p.name: p.read_bytes() for p in kept.iterdir()}
     straight = losses(tmp_path / "run")
-    shutil.copy(kept / "step_6.pt", tmp_path / "run" / "checkpoint.pt")
+    assert cli.install_kept_checkpoint(kept / "step_6.pt") == str((tmp_path / "run").resolve())
+    assert {p.name: p.read_bytes() for p in kept.iterdir()} == before
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 6
     trainer.train(config(data_dir, tmp_path / "run", max_steps=7, ckpt_every=2, keep_checkpoints=2, eval_every=0),
                   resume=True)
     assert losses(tmp_path / "run") == straight
+    with pytest.raises(ValueError, match="give a run folder, or a checkpoint its --keep-checkpoints kept"):
+        cli.install_kept_checkpoint(tmp_path / "run" / "checkpoint.pt")
     with pytest.raises(ValueError, match="keep_checkpoints must be >= 0"):
         config(data_dir, tmp_path / "x", keep_checkpoints=-1).validate()
+
+
+def test_a_stop_request_checkpoints_the_step_and_resume_is_exact(data_dir, tmp_path, monkeypatch):
+    # request_stop (pyllm train's SIGTERM handler) ends the run after the step under way, whose
+    # checkpoint it writes whatever ckpt_every says; the resume then goes on as a straight run.
+    kw = dict(max_steps=9, ckpt_every=4, eval_every=0)
+    trainer.train(config(data_dir, tmp_path / "straight", **kw))
+    real_step = trainer.lr_at
+    calls = {"n": 0}
+
+    def lr_then_stop(step, cfg):  # asked for during step 5 (steps counted from 0)
+        calls["n"] += 1
+        if step == 5:
+            trainer.request_stop()
+        return real_step(step, cfg)
+
+    monkeypatch.setattr(trainer, "lr_at", lr_then_stop)
+    with pytest.raises(trainer.TrainingStopped) as stopped:
+        trainer.train(config(data_dir, tmp_path / "cut", **kw))
+    assert stopped.value.step == 6 and not trainer._stop_requested.is_set()
+    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["step"] == 6
+    monkeypatch.setattr(trainer, "lr_at", real_step)
+    trainer.train(config(data_dir, tmp_path / "cut", **kw), resume=True)
+    assert losses(tmp_path / "cut") == losses(tmp_path / "straight")
+
+
+def test_one_run_at_a_time_in_a_folder_and_a_new_run_replaces_the_old(data_dir, tmp_path, capsys):
+    import fcntl
+
+    out = tmp_path / "run"
+    trainer.train(config(data_dir, out, max_steps=4, keep_checkpoints=1, eval_every=0))
+    assert (out / "checkpoint.pt").exists() and (out / "checkpoints").is_dir()
+    with open(out / ".lock", "a") as held:  # another process's run, as flock sees it
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        with pytest.raises(RuntimeError, match="in use by another `pyllm train`"):
+            trainer.train(config(data_dir, out, max_steps=4))
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 4  # refused before touching anything
+    # A new run (no resume) stopped before its first checkpoint leaves no earlier run's to be resumed
+    # as if it were its own (its log had been replaced, the old checkpoint kept).
+    trainer.train(config(data_dir, out, max_steps=8, ckpt_every=4), stop_at=2)
+    assert "holds an earlier run's checkpoint: this new run replaces it" in capsys.readouterr().err
+    assert not (out / "checkpoint.pt").exists() and not (out / "checkpoints").exists()
+    assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [0, 1]
+
+
+def test_a_failed_checkpoint_write_keeps_the_last_one_and_says_why(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+    trainer.save_checkpoint(path, {"step": 1})
+
+    def full_disk(obj, f):
+        f.write(b"x" * 100)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 15104 vs 14998")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match=r"writing .*checkpoint.pt failed .*MiB free there\): the previous checkpoint is kept"):
+        trainer.save_checkpoint(path, {"step": 2})
+    assert torch.load(path, weights_only=True) == {"step": 1} and [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_signals_wait_for_a_held_block():
+    # A Ctrl-C (or SIGTERM) during a checkpoint's write arrives once it is whole.
+    import os
+    import signal
+
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with trainer.signals_held():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            done.append(True)
+    assert done == [True]
+
+
+def test_resume_refuses_what_is_no_run_checkpoint(tmp_path):
+    torch.save({"hello": 1}, tmp_path / "checkpoint.pt")
+    with pytest.raises(ValueError, match="no checkpoint `pyllm train` wrote .*lacks model, optimizer"):
+        trainer.load_checkpoint(tmp_path)
+    (tmp_path / "checkpoint.pt").write_bytes(np.random.default_rng(0).bytes(5000))
+    with pytest.raises(RuntimeError, match="corrupt or truncated") as e:
+        trainer.load_checkpoint(tmp_path)
+    assert "weights_only" not in str(e.value)
+
+
+def test_run_files_are_whole_and_readable_by_others(tmp_path):
+    # model.safetensors gets a new file's usual mode (safetensors had left its private 0600 temp file's);
+    # a torn run.json says which file it is.
+    from pyllm import cli
+    from pyllm.model import save_weights
+
+    cfg = ModelConfig(**TINY, vocab_size=64)
+    save_weights(LLM(cfg).state_dict(), cfg, tmp_path / "model.safetensors")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
+    cli.write_json(tmp_path / "run.json", {"a": 1})
+    assert cli.read_json(tmp_path / "run.json") == {"a": 1} and sorted(p.name for p in tmp_path.iterdir()) == [
+        "model.safetensors", "run.json"]
+    (tmp_path / "run.json").write_text("")
+    with pytest.raises(ValueError, match="run.json is not valid JSON"):
+        cli.read_json(tmp_path / "run.json")
 
 
 @pytest.mark.parametrize("moe", [False, True])
@@ -290,7 +398,12 @@ def test_optimizer_on_a_gpu_without_pyllms_cuda_kernels(monkeypatch):
     with pytest.raises(ValueError, match="zero1 .* without CUDA kernels"):
         trainer.make_optimizer(model, zero1, trainer.DistInfo(rank=0, world_size=2, device=torch.device("cuda")))
     monkeypatch.setattr(trainer._util, "HAS_CUDA_KERNELS", True)
+    monkeypatch.setattr(trainer._util, "gpu_runs_kernels", lambda index=None: True)  # (sm_80+, without a GPU here)
     assert type(trainer.make_optimizer(model, cfg, gpu)) is AdamW
+    monkeypatch.setattr(trainer._util, "gpu_runs_kernels", lambda index=None: False)  # a V100
+    assert type(trainer.make_optimizer(model, cfg, gpu)) is trainer.TorchAdamW
+    with pytest.raises(ValueError, match="zero1 .* older than pyllm's CUDA kernels need"):
+        trainer.make_optimizer(model, zero1, trainer.DistInfo(rank=0, world_size=2, device=torch.device("cuda")))
 
 
 def test_persistent_nan_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monkeypatch):

@@ -964,7 +964,9 @@ void decode(const AttnParams& p) {
     float lsum = 0.f;
     for (int64_t sp = 0; sp < splits; ++sp) {
       const float* src = partial(sp);
-      if (src[D] == -kInf) continue;  // saw no key: l = 0, O = 0
+      // A split that saw no key (l = 0, O = 0) adds nothing; one of NaN scores also has m = -inf (the
+      // max skips NaN) but l = NaN, which must reach the row (w = 0, 0 * NaN = NaN), as one split's does.
+      if (src[D + 1] == 0.f) continue;
       const float w = std::exp(src[D] - m_use);
       lsum += src[D + 1] * w;
       for (int d = 0; d < D; ++d) acc[d] += src[d] * w;

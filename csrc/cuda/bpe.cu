@@ -269,6 +269,7 @@ void free_tables(DeviceTables* t) {
     if (p) cudaFree(p);
   }
   delete t;
+  (void)cudaGetLastError();  // a failed free is ignored: not to be reported by a later launch check
 }
 
 // Stream-ordered device buffers of one call, freed on every exit path.
@@ -277,6 +278,7 @@ class CallBuffers {
   explicit CallBuffers(cudaStream_t stream) : stream_(stream) {}
   ~CallBuffers() {
     for (void* p : ptrs_) cudaFreeAsync(p, stream_);
+    (void)cudaGetLastError();  // as free_tables
   }
   template <typename T>
   T* alloc(size_t count) {
@@ -345,6 +347,7 @@ CudaEncoder::~CudaEncoder() {
   cudaDeviceSynchronize();
   free_tables(t);
   if (switched) cudaSetDevice(prev);
+  (void)cudaGetLastError();  // what failed here is ignored, and must not be reported by a later launch check
 }
 
 std::vector<std::vector<uint32_t>> CudaEncoder::encode_batch(const std::vector<std::string_view>& texts,
@@ -431,7 +434,7 @@ std::vector<std::vector<uint32_t>> CudaEncoder::encode_batch(const std::vector<s
       cudaEvent_t* e;
       ~EventsGuard() {
         for (int i = 0; i < 2; ++i)
-          if (e[i]) cudaEventDestroy(e[i]);
+          if (e[i] && cudaEventDestroy(e[i]) != cudaSuccess) (void)cudaGetLastError();
       }
     } events_guard{events};
     PYLLM_CUDA_CHECK(cudaEventCreate(&events[1]));

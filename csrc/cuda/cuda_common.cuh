@@ -10,10 +10,16 @@
 #include "common/checks.h"
 #include "common/dtype.h"
 
+// A failed call's error is cleared before the throw (cudaGetLastError), as the launch check's is
+// (below): left set in this module's own cudart, a non-sticky error (an out-of-memory) would be
+// reported again by the next launch check on the thread, for a launch that succeeded.
 #define PYLLM_CUDA_CHECK(expr)                                                              \
   do {                                                                                      \
     cudaError_t err_ = (expr);                                                              \
-    PYLLM_CHECK_RUNTIME(err_ == cudaSuccess, #expr, " failed: ", cudaGetErrorString(err_)); \
+    if (err_ != cudaSuccess) {                                                              \
+      (void)cudaGetLastError();                                                             \
+      PYLLM_CHECK_RUNTIME(false, #expr, " failed: ", cudaGetErrorString(err_));             \
+    }                                                                                       \
   } while (0)
 
 // Launch errors (bad configuration, no kernel image for this GPU) surface here, at the call.
@@ -35,9 +41,10 @@ class DeviceGuard {
     PYLLM_CUDA_CHECK(cudaGetDevice(&prev_));
     if (prev_ != device) PYLLM_CUDA_CHECK(cudaSetDevice(device));
   }
-  ~DeviceGuard() {
+  ~DeviceGuard() {  // errors ignored (a destructor must not throw), and cleared: see PYLLM_CUDA_CHECK
     int now = -1;
-    if (cudaGetDevice(&now) == cudaSuccess && now != prev_) cudaSetDevice(prev_);
+    if (cudaGetDevice(&now) == cudaSuccess && now != prev_ && cudaSetDevice(prev_) != cudaSuccess)
+      (void)cudaGetLastError();
   }
   DeviceGuard(const DeviceGuard&) = delete;
   DeviceGuard& operator=(const DeviceGuard&) = delete;

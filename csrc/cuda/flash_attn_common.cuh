@@ -160,13 +160,21 @@ void opt_in_dynamic_smem(int bytes, int device, const char* what) {
 // FwdTile, flash_attn_bwd_mma.cu's BwdKVTile and BwdQTile): 2 m-tiles per warp where the variable
 // env_name says 128, else 1. Read per launch, so that a benchmark or test can switch it within one
 // process; built for sm_90 only (the experiment's GPU), so 1 on other devices whatever it says.
-// The callers instantiate 2 only for the head dims that have it.
+// The callers instantiate 2 only for the head dims that have it. The device's code must come from
+// sm_90 itself: a build without 90 in PYLLM_CUDA_ARCHS runs on an H100 by JIT-compiling the
+// compute_80 PTX, where __CUDA_ARCH__ is 800 and the taller kernels are a __trap() (a sticky error
+// that takes torch's context down with it). The probe's ptxVersion says which virtual arch the
+// device runs this module's code from.
+__global__ void tall_tiles_probe_kernel();
 inline int tall_tiles(int device, const char* env_name) {
   const char* env = std::getenv(env_name);
   if (!env || std::strcmp(env, "128") != 0) return 1;
   int major = 0;
   PYLLM_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  return major == 9 ? 2 : 1;
+  if (major != 9) return 1;
+  cudaFuncAttributes attr{};
+  PYLLM_CUDA_CHECK(cudaFuncGetAttributes(&attr, tall_tiles_probe_kernel));
+  return attr.ptxVersion >= 90 ? 2 : 1;
 }
 
 // The tensor-core backward's dk_dv and dq kernels (flash_attn_bwd_mma.cu), launched by

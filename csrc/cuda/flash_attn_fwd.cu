@@ -26,6 +26,9 @@
 namespace pyllm {
 namespace attn {
 
+// tall_tiles asks which virtual arch the device runs this module's code from (flash_attn_common.cuh).
+__global__ void tall_tiles_probe_kernel() {}
+
 // Tile sizes, not yet tuned (first GPU run: 0.52-0.66x SDPA-flash, see above): kBlockM = 64 rows (4 warps x 16) as in
 // FlashAttention-2's sm80 defaults for small CTAs; kBlockN = 64 keys up to D = 128 and 32 at
 // D = 256 to keep shared memory (Q + 2 stages of K and V) at 80 KB (D = 128) / 96 KB (D = 256),

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 import threading
 
 import torch
@@ -41,6 +42,37 @@ def init_cpu_threads() -> None:
 def cuda_usable() -> bool:
     """True when pyllm's CUDA kernels were built and torch sees a GPU to run them on."""
     return HAS_CUDA_KERNELS and torch.cuda.is_available() and _C.cuda_device_count() > 0
+
+
+# The oldest GPU the build has code for: sm_80 at least (cp.async, bf16 and the tensor-core
+# instructions every kernel file assumes), or the oldest of PYLLM_CUDA_ARCHS ("80,90"; a CMake
+# name such as "native" says nothing, so 80).
+_built_archs = [int(m.group()) for a in CUDA_ARCHS.split(",") if (m := re.match(r"\d+", a.strip()))]  # "90a", "100-real"
+_CUDA_MIN_CAPABILITY = max(80, min(_built_archs)) if _built_archs else 80
+_runs_on: dict[int, bool] = {}
+
+
+def cuda_kernels_run_on(t: torch.Tensor) -> bool:
+    """Whether pyllm's CUDA kernels run on CUDA tensor t's GPU: built, and the GPU sm_80 (A100) or
+    newer. An older GPU (V100, T4) has no image to run: the model's layers take torch's ops there,
+    and an op called on it says so instead of the launch's "no kernel image is available". Taken as
+    yes while tracing (torch.compile, fake tensors): the capability is a host query."""
+    if not HAS_CUDA_KERNELS:
+        return False
+    if torch.compiler.is_compiling() or is_fake(t):
+        return True
+    return gpu_runs_kernels(t.get_device())
+
+
+def gpu_runs_kernels(index: int | None = None) -> bool:
+    """cuda_kernels_run_on for GPU `index` (None: torch's current device)."""
+    if index is None:
+        index = torch.cuda.current_device()
+    ok = _runs_on.get(index)
+    if ok is None:
+        major, minor = torch.cuda.get_device_capability(index)
+        ok = _runs_on[index] = HAS_CUDA_KERNELS and major * 10 + minor >= _CUDA_MIN_CAPABILITY
+    return ok
 
 
 def dtype_code(t: torch.Tensor) -> int:
@@ -107,16 +139,24 @@ def check_tensor(op: str, name: str, t, dtypes: dict[str, tuple]) -> None:
         raise ValueError(f"{op}: {name} is on device '{t.device}', expected one of: {', '.join(dtypes)} (or meta)")
     if t.dtype not in allowed:
         raise TypeError(f"{op}: {name} has dtype {t.dtype}, expected one of {_names(allowed)} on {dev}")
-    if dev == "cuda" and not HAS_CUDA_KERNELS:
-        check_backend(op, t.device)
+    if dev == "cuda":
+        check_backend(op, t.device, t)
 
 
-def check_backend(op: str, device: torch.device) -> None:
+def check_backend(op: str, device: torch.device, t: torch.Tensor | None = None) -> None:
     if device.type == "cuda" and not HAS_CUDA_KERNELS:
         raise RuntimeError(
             f"{op}: got a CUDA tensor, but this pyllm was built without CUDA kernels "
             "(nvcc was not found at build time, or PYLLM_CUDA=off). Rebuild with nvcc on PATH "
             "and PYLLM_CUDA=on to get them."
+        )
+    if device.type == "cuda" and t is not None and not cuda_kernels_run_on(t):
+        major, minor = torch.cuda.get_device_capability(t.get_device())
+        raise RuntimeError(
+            f"{op}: pyllm's CUDA kernels need a GPU of compute capability "
+            f"{_CUDA_MIN_CAPABILITY // 10}.{_CUDA_MIN_CAPABILITY % 10} or newer (built for {CUDA_ARCHS}); "
+            f"{t.device} ({torch.cuda.get_device_name(t.get_device())}) is {major}.{minor}. pyllm's model "
+            "layers take torch's ops on such a GPU; called directly, this op has no kernel for it."
         )
 
 

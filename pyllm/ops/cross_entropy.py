@@ -80,7 +80,7 @@ def takes(logits: Tensor) -> bool:
     PYLLM_CROSS_ENTROPY_CUDA=1 (until the kernel is verified on a GPU; torch ops otherwise)."""
     if logits.is_cpu:
         return logits.dtype in DTYPES["cpu"]
-    return (logits.is_cuda and _util.HAS_CUDA_KERNELS and logits.dtype in DTYPES["cuda"]
+    return (logits.is_cuda and _util.cuda_kernels_run_on(logits) and logits.dtype in DTYPES["cuda"]
             and os.environ.get(CUDA_IN_FUSED_LOSS_ENV) == "1")
 
 
@@ -252,7 +252,9 @@ def cross_entropy(logits: Tensor, targets: Tensor, *, ignore_index: int = -100, 
     Unlike F.cross_entropy: the classes are the last dim (torch's are dim 1 of (N, C, d...)); class
     indices only (no probability targets), weight= without label smoothing; the loss is fp32 for 16-bit logits
     (torch's is in their dtype); logits are saved, not a log-softmax, so editing them in place
-    between the forward and the backward is an error (torch's version counter says so).
+    between the forward and the backward is an error (torch's version counter says so); an ignored
+    row's gradient is 0 without its logits being read (torch's is 0 * its softmax: NaN where the
+    row holds a NaN or inf, e.g. at padding), as Liger's fused loss gives it.
 
     Args:
         logits: (..., V). CPU: float32, bfloat16, float16, float64. CUDA: float32, float16, bfloat16.

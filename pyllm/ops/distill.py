@@ -41,7 +41,7 @@ def takes(logits: Tensor) -> bool:
     PYLLM_DISTILL_CUDA=1 (until the kernel is verified on a GPU; torch ops otherwise)."""
     if logits.is_cpu:
         return logits.dtype in DTYPES["cpu"]
-    return (logits.is_cuda and _util.HAS_CUDA_KERNELS and logits.dtype in DTYPES["cuda"]
+    return (logits.is_cuda and _util.cuda_kernels_run_on(logits) and logits.dtype in DTYPES["cuda"]
             and os.environ.get(CUDA_IN_FUSED_LOSS_ENV) == "1")
 
 

@@ -24,6 +24,25 @@ DTYPES = {
 }
 # The CUDA backward keeps a row of dw per row group in shared memory (csrc/cuda/rms_norm.cu).
 MAX_COLS_CUDA = 32768
+_max_cols_with_dw: dict[int, int] = {}
+
+
+def max_cols_cuda_with_dw(x: Tensor) -> int:
+    """The widest row whose weight gradient the CUDA backward can keep in x's GPU's shared memory: a
+    fp32 row of dw (4 bytes a column) within the opt-in limit, less 1 KB for the kernel's static
+    reduction buffer: 32768 on sm_80 (163 KB) and sm_90 (227 KB), 25088 on sm_86 / sm_89 (99 KB:
+    A10, L4, L40, RTX 30xx / 40xx). MAX_COLS_CUDA while tracing (no host query)."""
+    if torch.compiler.is_compiling() or _util.is_fake(x):
+        return MAX_COLS_CUDA
+    index = x.get_device()
+    cols = _max_cols_with_dw.get(index)
+    if cols is None:
+        props = torch.cuda.get_device_properties(index)
+        optin = getattr(props, "shared_memory_per_block_optin", None)
+        if not optin:  # (an older torch): the opt-in limits of NVIDIA's tuning guides
+            optin = {(8, 0): 163 * 1024, (9, 0): 227 * 1024}.get((props.major, props.minor), 99 * 1024)
+        cols = _max_cols_with_dw[index] = min(MAX_COLS_CUDA, (int(optin) - 1024) // 4)
+    return cols
 
 
 # --- validation ---------------------------------------------------------------------------------
@@ -45,6 +64,12 @@ def _check(x, weight, eps, offset) -> None:
         raise ValueError(f"{OP}: eps must be a finite number >= 0, got {eps!r}")
     if not _util.finite_number(offset):
         raise ValueError(f"{OP}: offset must be a finite number, got {offset!r}")
+    if (x.is_cuda and weight is not None and weight.requires_grad and torch.is_grad_enabled()
+            and x.shape[-1] > (limit := max_cols_cuda_with_dw(x))):
+        # said at the forward, not half way through the step's backward
+        raise ValueError(f"{OP}: the CUDA backward takes the weight's gradient for rows of at most {limit} elements "
+                         f"on {x.device} (its shared memory), got x's last dim {x.shape[-1]}: use torch's ops "
+                         "for this layer (pyllm.nn.RMSNorm does so itself)")
     if x.is_cuda and x.shape[-1] > MAX_COLS_CUDA:
         raise ValueError(f"{OP}: the CUDA kernel takes rows of at most {MAX_COLS_CUDA} elements, got x's last dim "
                          f"{x.shape[-1]}")

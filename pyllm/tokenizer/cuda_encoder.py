@@ -64,10 +64,25 @@ def encode_batch(tok, texts: list[str], allowed: list[int], disallowed: list[int
             end += 1
         chunk = texts[start:end]
         try:
-            out += enc.encode_batch(chunk, allowed, disallowed, stream, threads)
+            out += _encode_chunk(enc, chunk, allowed, disallowed, stream, threads)
         except TypeError:
             from pyllm.tokenizer.tokenizer import _fix_surrogates
 
-            out += enc.encode_batch([_fix_surrogates(t) for t in chunk], allowed, disallowed, stream, threads)
+            out += _encode_chunk(enc, [_fix_surrogates(t) for t in chunk], allowed, disallowed, stream, threads)
         start = end
     return out
+
+
+def _encode_chunk(enc, chunk, allowed, disallowed, stream, threads):
+    """One call of the encoder, its scratch memory (~4 bytes per byte of text, stream-ordered
+    cudaMallocAsync, outside torch's caching allocator) retried once after torch hands back its
+    cached blocks: in a training process torch may hold most of the GPU free in its cache."""
+    import torch
+
+    try:
+        return enc.encode_batch(chunk, allowed, disallowed, stream, threads)
+    except RuntimeError as e:
+        if "out of memory" not in str(e):
+            raise
+        torch.cuda.empty_cache()
+        return enc.encode_batch(chunk, allowed, disallowed, stream, threads)

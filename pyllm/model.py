@@ -621,6 +621,9 @@ class LLM(nn.Module):
             doc = document_ids(cu_seqlens, B, T)  # (B, T): each token's document
             starts = cu_seqlens.long()[doc]  # (B, T): its document's first token
             positions = torch.arange(B * T, device=idx.device).view(B, T) - starts
+        # The last forward's loss term and its graph (through every block's activations) let go before
+        # this one runs: a loss dropped without backward (a skipped step) had been held through it.
+        self.aux_loss = None
         x, rope = self._embed(idx, positions=positions)
         moes = [block.mlp for block in self.blocks if isinstance(block.mlp, MoEMLP)]
         balance = bool(moes) and bool(self.config.router_aux_loss_coef) and self.training and torch.is_grad_enabled()
@@ -634,7 +637,6 @@ class LLM(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(block, x, rope, None, 0, cu_seqlens, use_reentrant=False)
             else:
                 x = block(x, rope, cu_seqlens=cu_seqlens)
-        self.aux_loss = None
         if balance:
             self.aux_loss = self.config.router_aux_loss_coef * self.router_aux_loss(token_mask)
         for moe in moes:  # (the (N, E) probabilities are not held past the loss; a backward's recompute stores none)

@@ -980,6 +980,26 @@ def test_cpu_scratch_kept_between_calls_is_bounded(dtype):
     assert held() > after_long
 
 
+def test_cpu_scratch_kept_by_a_thread_is_bounded_over_every_kernel():
+    # Each kernel (head dim x dtype x forward / backward, AMX or not) keeps its own buffers: the bound
+    # is per thread over all of them (64 MB), not 32 MB per kernel (one long call of each head dim and
+    # dtype had left a thread holding 375 MB for good). One thread, one head: one work item per call.
+    held = _C.flash_attn_cpu_scratch_bytes
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        start = held()
+        for dtype in (torch.bfloat16, torch.float32, torch.float64):
+            for d in (64, 128):  # K and V of the head: ~20-30 MB, under the per-kernel bound each
+                keys = (20 << 20) // (2 * d * (8 if dtype == torch.float64 else 4))
+                q = torch.randn(1, 64, 1, d, dtype=dtype)
+                k, v = (torch.randn(1, keys, 1, d, dtype=dtype) for _ in range(2))
+                pyllm.flash_attn(q, k, v)
+                assert held() - start <= 64 << 20, (dtype, d, (held() - start) / 2**20)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_gradient_through_lse():
     q, k, v = (torch.randn(1, 20, 2, 32, dtype=torch.float64) for _ in range(3))
     w = torch.randn(1, 2, 20, dtype=torch.float64)

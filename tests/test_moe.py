@@ -363,3 +363,20 @@ def test_moe_layer_refuses_a_top_k_it_cannot_take():
     for n_experts, top_k in ((4, 0), (4, 5), (0, 1), (4, 1.5)):
         with pytest.raises(ValueError, match=r"top_k an int in \[1, n_experts\]"):
             MoEMLP(16, 32, n_experts, top_k)
+
+
+def test_a_dropped_loss_frees_its_graph_before_the_next_forward():
+    # LLM.aux_loss carries the router loss's graph (through every block's activations): a loss dropped
+    # without backward (a skipped step) must not hold it while the next forward runs.
+    import weakref
+
+    torch.manual_seed(0)
+    model = LLM(ModelConfig(vocab_size=64, block_size=16, n_layers=2, n_heads=2, dim=32, n_experts=4)).train()
+    idx = torch.randint(0, 64, (2, 16))
+    loss = model(idx, idx)[1]
+    held = weakref.ref(model.aux_loss)
+    del loss
+    seen = []
+    model.blocks[0].register_forward_pre_hook(lambda module, args: seen.append(held() is None))
+    model(idx, idx)
+    assert seen == [True] and model.aux_loss is not None

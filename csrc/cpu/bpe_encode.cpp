@@ -369,9 +369,10 @@ void Encoder::merge_long(const uint8_t* p, size_t n, std::vector<uint32_t>& out,
   s.used = 0;
   s.touched_ranks.clear();
   s.rank_heap.clear();
-  // The scratch stays with the thread's cache; past 1 MiB pieces (~40 bytes of scratch per byte)
-  // give the memory back rather than keep it for the encoder's lifetime.
-  if (n > (size_t(1) << 20)) {
+  // The scratch stays with the thread's cache; past 64 KiB pieces (~40 bytes of scratch per byte)
+  // give the memory back rather than keep it for the encoder's lifetime (the bound had been 1 MiB:
+  // ~40 MB kept per pooled cache after one piece just under it).
+  if (n > (size_t(1) << 16)) {
     s.nodes = {};
     s.buckets = {};
     s.symbols = {};
@@ -494,7 +495,10 @@ std::unique_ptr<PieceCache> Encoder::take_cache() const {
 
 void Encoder::give_cache(std::unique_ptr<PieceCache> cache) const {
   std::lock_guard<std::mutex> lock(cache_mutex_);
-  if (free_caches_.size() < 64) free_caches_.push_back(std::move(cache));
+  // As many as threads can use at once (encode_batch takes one per worker), not more: each holds
+  // its arena of pieces (~12-25 MB settled).
+  static const size_t kMaxPooled = std::max<size_t>(1, std::min<size_t>(64, std::thread::hardware_concurrency()));
+  if (free_caches_.size() < kMaxPooled) free_caches_.push_back(std::move(cache));
 }
 
 std::vector<uint32_t> Encoder::encode_ordinary(std::string_view text) const {

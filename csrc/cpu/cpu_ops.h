@@ -62,7 +62,7 @@ void adamw_step_cpu(uintptr_t table, int64_t n_tensors, int param_dtype, bool ha
                     double beta2, double eps, double weight_decay, uintptr_t sumsq, uintptr_t loss_scale,
                     double max_grad_norm, bool stochastic_rounding, uint64_t seed);
 // Bytes of CPU attention scratch held now; between calls, what the threads keep for the next one
-// (at most kKeptScratchBytes per thread and kernel, see flash_attn.h).
+// (at most kKeptScratchBytes per thread and kernel and kKeptScratchThreadBytes per thread, see flash_attn.h).
 int64_t flash_attn_cpu_scratch_bytes();
 // Whether bf16 attention takes the vdpbf16ps scores in this process (see flash_attn.cpp).
 bool flash_attn_cpu_bf16_dot();

@@ -35,7 +35,8 @@
 // Bytes: the forward reads q once and k, v once per thread that works on the head (each key block
 // is packed into that thread's fp32 copy of the head the first time one of its query blocks needs
 // it), writes out and lse once; the backward reads q, dout, out, k, v once and writes dq, dk, dv
-// once. Scratch, per thread and kept across calls while under 32 MB (kKeptScratchBytes): forward
+// once. Scratch, per thread and kept across calls while under 32 MB a kernel (kKeptScratchBytes) and
+// 64 MB a thread over all kernels (kKeptScratchThreadBytes): forward
 // 2 * Tk * D * 4 bytes, backward 3 * group * Tq * D * 4 bytes (q, dout, dq of the group: 6 MB at
 // T = 4096, D = 128, MHA); a split backward also allocates its partials, chunks (<= 8) times
 // dk + dv in fp32 (34 MB for MQA, B = 1, T = 4096, D = 128).
@@ -1201,6 +1202,10 @@ std::atomic<int64_t>& flash_attn_cpu_scratch_counter() {
   return bytes;
 }
 int64_t flash_attn_cpu_scratch_bytes() { return flash_attn_cpu_scratch_counter().load(); }
+std::vector<std::pair<const void*, size_t>>& flash_attn_kept_by_kernel() {
+  static thread_local std::vector<std::pair<const void*, size_t>> kept;
+  return kept;
+}
 
 bool flash_attn_cpu_bf16_dot() { return bf16_dot_enabled(); }
 

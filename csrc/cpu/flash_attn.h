@@ -9,6 +9,7 @@
 #include <cstring>
 #include <limits>
 #include <new>
+#include <utility>
 #include <vector>
 
 #include "common/attn_params.h"
@@ -26,6 +27,9 @@ void flash_attn_bwd_amx(const AttnParams& p);
 
 // flash_attn.cpp: bytes held in tile buffers now, by every thread (Aligned64 below counts them).
 std::atomic<int64_t>& flash_attn_cpu_scratch_counter();
+// flash_attn.cpp: what each kernel keeps on the calling thread (release_if_large below), one list
+// for both files' kernels.
+std::vector<std::pair<const void*, size_t>>& flash_attn_kept_by_kernel();
 
 namespace {
 
@@ -93,10 +97,33 @@ void grow_to(Buffer& buffer, size_t n) {
     buffer.resize(n);
   }
 }
-template <typename... Buffers>
-void release_if_large(Buffers&... buffers) {
-  const size_t bytes = (size_t(0) + ... + (buffers.capacity() * sizeof(typename Buffers::value_type)));
-  if (bytes > kKeptScratchBytes) (Buffers().swap(buffers), ...);
+// The bound per thread, over every kernel: each kernel (head dim x dtype x forward / backward /
+// decode / AMX: 15 forwards alone) keeps buffers of its own, and one thread that had run a long call
+// of each kept 32 MB of each for good (375 MB after one forward per head dim and dtype). 64 MB keeps
+// a training step's forward and backward of one shape both.
+constexpr size_t kKeptScratchThreadBytes = size_t(64) << 20;
+// At the end of a kernel's call on this thread: its kept buffers freed when they total more than
+// kKeptScratchBytes, or when with what the thread's other kernels keep they pass
+// kKeptScratchThreadBytes (so after every call the thread keeps at most that).
+template <typename First, typename... Buffers>
+void release_if_large(First& first, Buffers&... buffers) {
+  const size_t bytes = first.capacity() * sizeof(typename First::value_type) +
+                       (size_t(0) + ... + (buffers.capacity() * sizeof(typename Buffers::value_type)));
+  auto& kept = flash_attn_kept_by_kernel();  // (the kernel known by its first kept buffer's address)
+  size_t others = 0;
+  std::pair<const void*, size_t>* mine = nullptr;
+  for (auto& entry : kept) {
+    if (entry.first == &first) mine = &entry;
+    else others += entry.second;
+  }
+  if (mine == nullptr) mine = &kept.emplace_back(&first, 0);
+  if (bytes > kKeptScratchBytes || others + bytes > kKeptScratchThreadBytes) {
+    First().swap(first);
+    (Buffers().swap(buffers), ...);
+    mine->second = 0;
+  } else {
+    mine->second = bytes;
+  }
 }
 
 template <typename A> constexpr A neg_inf() { return -std::numeric_limits<A>::infinity(); }

@@ -77,6 +77,21 @@ def test_forward_and_backward_match_float64(device, dtype, shape, variant):
         assert rel_err(g, g_ref) <= tolerance(g_torch, g_ref), name
 
 
+def test_backward_of_a_row_of_huge_values_is_finite():
+    # fp32 rows near the top of the range: the gradient's sum of g * h takes h = x * rstd first
+    # (bounded by sqrt(D)) on every CPU level; the portable and AVX2 loops had formed g * x first,
+    # inf for |x| ~ 3e38, and given a row of inf (the AVX-512 path: exact).
+    x = 3e38 * torch.sign(torch.randn(2, 40)) * torch.rand(2, 40).clamp(min=0.5)
+    weight = torch.rand(40) + 0.5
+    dout = torch.randn(2, 40)
+    dout[0, 3] = -3.0
+    _, (dx, dw) = grads(lambda x, w: pyllm.rms_norm(x, w, eps=EPS), x, weight, dout)
+    _, (dx64, dw64) = grads(lambda x, w: exact(x, w, 0.0), x.double(), weight.double(), dout.double())
+    assert torch.isfinite(dx).all() and torch.isfinite(dw).all()
+    torch.testing.assert_close(dx.double(), dx64, rtol=1e-4, atol=1e-45)
+    torch.testing.assert_close(dw.double(), dw64, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("device", CPU_AND_CUDA)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_every_output_element_is_written(device, dtype):

@@ -228,7 +228,7 @@ void bwd_rows(const T* dout, const T* x, const T* w, const acc_t<T>* rstd, T* dx
     for (int64_t c = 0; c < a.cols; ++c) {
       A g = to_float(d_row[c]);
       if constexpr (kWeight) g *= offset + A(to_float(w[c]));
-      gh += S(g * A(to_float(x_row[c])) * s);
+      gh += S(g * (A(to_float(x_row[c])) * s));  // h = x * rstd first, as the AVX-512 path: (g * x) overflowed fp32 for |x| ~ 1e38
     }
     const A mean_gh = A(gh / S(a.cols));
 #pragma omp simd

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import os
 import shutil
 import signal
@@ -185,13 +186,30 @@ def training_sample(files, max_bytes: int) -> list[Path]:
     return files[::step]
 
 
+def copy_into(source, dest) -> None:
+    """source copied to dest through a new temp file renamed into place: a symlink at dest (in a
+    downloaded folder) is replaced, never written through, and a reader never sees half a file."""
+    from pyllm.data import new_temp_file
+
+    dest = Path(dest)
+    fd, tmp = new_temp_file(dest)
+    os.close(fd)
+    try:
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def read_json(path) -> dict:
     """One of the JSON files pyllm writes beside a run or its data (run.json, source.json, a
     tokenizer's .json), with a message naming it when it does not parse."""
     try:
         return json.loads(Path(path).read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}): delete it (pyllm writes it again) or restore it") from e
+        raise ValueError(f"{path} is not valid JSON ({e}): restore it (a data folder's source.json or a tokenizer's "
+                         ".json may be deleted instead: pyllm then prepares that again)") from e
 
 
 def write_json(path, obj) -> None:
@@ -410,7 +428,7 @@ def setup_run_data(cfg, cli: dict) -> None:
             if char and tokenizer_path is None:  # its characters: prompts encoded and samples decoded by them,
                 # a copy in the run (the data folder's may be made again or moved)
                 tokenizer_path = out / "meta.pkl"
-                shutil.copy2(Path(data_dir) / "meta.pkl", tokenizer_path)
+                copy_into(Path(data_dir) / "meta.pkl", tokenizer_path)
             print(f"data: {data_dir} holds nanoGPT's bare uint16 token files: vocab {nanogpt:,} "
                   + ("(its meta.pkl's characters)" if char else
                      "(no meta.pkl: GPT-2 BPE; give --tokenizer, a pyllm tokenizer of GPT-2's ids made by "
@@ -441,7 +459,7 @@ def setup_run_data(cfg, cli: dict) -> None:
                                  "does not tokenize text with them; give --data a folder of nanoGPT's token files")
             source, tokenizer_path = Path(source_run["tokenizer"]), out / "tokenizer.bpe"
             if not tokenizer_path.exists() or tokenizer_path.read_bytes() != source.read_bytes():
-                shutil.copy2(source, tokenizer_path)
+                copy_into(source, tokenizer_path)
             tokenizer = tokenizer_class().load(str(tokenizer_path))
             # Prompt-completion pairs end as its pretraining documents did, so it learns to stop.
             doc_markers = {"doc_start": [], "doc_end": eot_id(tokenizer)}
@@ -505,6 +523,18 @@ def run_record(run_dir) -> dict:
             "val_fraction": [source.get("val_fraction")], "tokenizer_train_bytes": [meta.get("train_bytes")]}
 
 
+def check_reward_code(saved: dict, opts: dict) -> None:
+    """A resumed run whose GRPO rewards are Python code (module:function, path/to/file.py:function)
+    runs that code only when this command names it too: a checkpoint is data (torch.load's
+    weights_only), and one downloaded with a rewards.py beside it had run that file on --resume."""
+    from pyllm.train import _is_function_spec
+
+    code = [spec for spec in (saved.get("grpo_reward") or "").split(",") if _is_function_spec(spec)]
+    if code and opts.get("grpo_reward") != saved.get("grpo_reward"):
+        raise ValueError(f"--resume: this run's rewards include Python code ({', '.join(code)}), which a checkpoint "
+                         f"alone does not get to run: give --grpo-reward {saved['grpo_reward']!r} to resume with it")
+
+
 def check_resume_options(saved: dict, opts: dict, model: dict, cli: dict, run_dir=None, config_keys=()) -> None:
     """ValueError naming the options a resume cannot change (the model, its data, its optimizer);
     the values the run was made with are taken (its config file given again)."""
@@ -549,7 +579,7 @@ def install_kept_checkpoint(kept: Path) -> str:
     from pyllm.train import CHECKPOINT
 
     run_dir = kept.resolve().parent.parent
-    if kept.resolve().parent.name != "checkpoints":
+    if kept.resolve().parent.name != "checkpoints" or not re.fullmatch(r"step_\d+\.pt", kept.name):
         raise ValueError(f"--resume {kept}: give a run folder, or a checkpoint its --keep-checkpoints kept "
                          "(RUN/checkpoints/step_N.pt)")
     tmp = run_dir / f".{CHECKPOINT}.{os.getpid()}.tmp"
@@ -564,7 +594,7 @@ def install_kept_checkpoint(kept: Path) -> str:
 
 
 def cmd_train(args) -> int:
-    from pyllm.train import TrainConfig, TrainingDiverged, TrainingStopped, load_checkpoint, request_stop, train
+    from pyllm.train import TrainConfig, run_lock
 
     explicit = {k: v for k, v in vars(args).items() if v is not None and k not in ("func", "command")}
     opts = dict(load_config_file(args.config)) if args.config else {}
@@ -576,6 +606,24 @@ def cmd_train(args) -> int:
         explicit["out_dir"] = explicit.pop("out")
     opts.update(explicit)
     cli = {k: opts.pop(k, default) for k, default in _CLI_KEYS.items()}
+    # The run's folder locked before anything is written into it (run.json, the tokenizer, the token
+    # files, a kept checkpoint made checkpoint.pt): a second run aimed at a running one had rewritten
+    # its data before train()'s lock refused it.
+    resume = cli["resume"]
+    if resume:
+        run_dir = Path(resume).resolve().parent.parent if Path(resume).is_file() else Path(resume)
+    else:
+        run_dir = Path(opts.get("out_dir") or TrainConfig.__dataclass_fields__["out_dir"].default)
+    if resume and not run_dir.is_dir():
+        raise FileNotFoundError(f"no checkpoint to resume from: {run_dir} is no folder")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with run_lock(run_dir, is_main=int(os.environ.get("RANK", "0")) == 0):
+        return _train_command(args, explicit, opts, model, cli)
+
+
+def _train_command(args, explicit: dict, opts: dict, model: dict, cli: dict) -> int:
+    from pyllm.train import TrainConfig, TrainingDiverged, TrainingStopped, load_checkpoint, request_stop, train
+
     resume = cli["resume"]
     if resume and Path(resume).is_file():
         resume = install_kept_checkpoint(Path(resume))
@@ -584,8 +632,9 @@ def cmd_train(args) -> int:
         saved = checkpoint["train_config"]
         from_config = set(load_config_file(args.config)) if args.config else set()
         check_resume_options(saved, opts, model, cli, resume, from_config - set(explicit))
+        check_reward_code(saved, opts)
         cfg = TrainConfig.from_dict({**saved, **opts, "out_dir": opts.get("out_dir", str(resume))})
-        if cfg.out_dir != str(resume):
+        if Path(cfg.out_dir).resolve() != Path(resume).resolve():
             raise ValueError("--resume continues in its own folder; leave out --out")
         cfg.validate()  # what this call changes (--max-steps, --lr, ...)
         finished = cfg.max_steps == checkpoint["step"] and not (Path(resume) / "model.safetensors").is_file()
@@ -665,7 +714,8 @@ def cmd_train(args) -> int:
     t0 = time.perf_counter()
     # SIGTERM (SLURM, Kubernetes, torchrun before their kill): the step under way ends, is checkpointed,
     # and the run stops; it had died with up to --ckpt-every steps lost and nothing said.
-    in_main = threading.current_thread() is threading.main_thread()
+    # (a handler set outside Python, None here, cannot be put back: then none is installed)
+    in_main = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is not None
     old_handler = signal.signal(signal.SIGTERM, request_stop) if in_main else None
     try:
         summary = train(cfg, resume=bool(resume))
@@ -880,7 +930,7 @@ def cmd_prepare(args) -> int:
     # the tokenizer beside its token files: `pyllm train --data OUT` records it, generate and eval find it
     copy = Path(args.out) / "tokenizer.bpe"
     if not copy.exists() or copy.resolve() != Path(args.tokenizer).resolve():
-        shutil.copy2(args.tokenizer, copy)
+        copy_into(args.tokenizer, copy)
     print(f"{stats['files']} files, {stats['bytes'] / 1e6:.1f} MB -> {args.out}/train.bin ({stats['train_tokens']:,} tokens), "
           f"{args.out}/val.bin ({stats['val_tokens']:,} tokens)")
     return 0
@@ -1051,17 +1101,17 @@ def cmd_export(args) -> int:
     if source:
         for name in HF_SIDE_FILES:
             if (folder / name).exists():
-                shutil.copy(folder / name, out / name)
+                copy_into(folder / name, out / name)
     else:
         from pyllm.tokenizer.chars import is_nanogpt_meta
 
         if run_info.get("tokenizer") and is_nanogpt_meta(run_info["tokenizer"]):
-            shutil.copy(run_info["tokenizer"], out / "meta.pkl")  # nanoGPT's characters: no tokenizer.json for them
+            copy_into(run_info["tokenizer"], out / "meta.pkl")  # nanoGPT's characters: no tokenizer.json for them
             print(f"pyllm export: {out} gets the run's nanoGPT meta.pkl (a character vocabulary), no tokenizer.json",
                   file=sys.stderr)
         elif run_info.get("tokenizer"):  # as tokenizer.json (transformers' fast tokenizer) and pyllm's own file
             tokenizer = tokenizer_class().load(run_info["tokenizer"])
-            shutil.copy(run_info["tokenizer"], out / "tokenizer.bpe")
+            copy_into(run_info["tokenizer"], out / "tokenizer.bpe")
             tokenizer.to_hf(out / "tokenizer.json")
             eot = eot_id(tokenizer)
             eos = None if eot is None else "<|endoftext|>"

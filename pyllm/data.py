@@ -30,6 +30,7 @@ import numbers
 import os
 import struct
 import sysconfig
+import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -65,6 +66,32 @@ def _looks_binary(path: Path) -> bool:
         return b"\x00" in f.read(1024)
 
 
+def new_temp_file(path) -> tuple[int, Path]:
+    """(fd, path) of a new temp file beside path, to write whole and rename into place: created
+    exclusively under an unpredictable name (O_EXCL: a symlink planted at a fixed temp name in a
+    downloaded folder, train.bin.tmp, had been written through, overwriting what it pointed to), with
+    the mode any new file gets (mkstemp's own is 0600)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.chmod(tmp, 0o666 & ~_umask())
+    return fd, Path(tmp)
+
+
+def _umask() -> int:
+    """The process's umask, read without setting it where Linux says it (os.umask sets it, for a
+    moment, for every thread)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 # What pyllm writes beside token files and tokenizers (`pyllm prepare --out` may be the text's own
 # folder, as nanoGPT's layout has it): never read back as text. These names only where pyllm's
 # token files or tokenizer are beside them (a corpus may hold a run.json of its own).
@@ -74,7 +101,8 @@ _OWN_FILES_BESIDE = {"source.json", "run.json", "log.jsonl"}
 def _own_file(path: Path) -> bool:
     """pyllm's side files: tokenizer.bpe (and its .json), rows and temp files anywhere, the rest
     beside pyllm's token files or tokenizer."""
-    if path.name in ("tokenizer.bpe", "tokenizer.bpe.json") or path.name.endswith((".rows.jsonl", ".bin.tmp")):
+    if path.name in ("tokenizer.bpe", "tokenizer.bpe.json") or path.name.endswith((".rows.jsonl", ".bin.tmp")) or (
+            path.name.startswith(".") and path.name.endswith(".tmp")):  # (new_temp_file's)
         return True
     return path.name in _OWN_FILES_BESIDE and (path.with_name("train.bin").is_file()
                                                or path.with_name("tokenizer.bpe").is_file())
@@ -206,9 +234,9 @@ class TokenWriter:
                              f"[0, {vocab_size}), got {doc_end!r}")
         self.path, self.vocab_size, self.doc_end = Path(path), int(vocab_size), doc_end
         self.dtype = token_dtype(vocab_size).newbyteorder("<")
-        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        fd, self.tmp = new_temp_file(self.path)
         self.count = 0
-        self._file = open(self.tmp, "wb")
+        self._file = os.fdopen(fd, "wb")
         self._file.write(b"\0" * HEADER_BYTES)  # the header, once the count is known
 
     def append(self, tokens) -> None:

@@ -26,6 +26,7 @@ from torch import nn
 
 from pyllm.ops import _util
 from pyllm.ops import cross_entropy as cross_entropy_ops
+from pyllm.ops.rms_norm import max_cols_cuda_with_dw as rms_norm_max_cols_cuda_with_dw
 from pyllm.nn import (MoEMLP, RMSNorm, SwiGLUMLP, _geglu, alibi_slopes, apply_rope, attention, attention_with_kvcache,
                       document_ids, linear_cross_entropy, linear_distill, linear_sequence_loss, linear_token_logps,
                       rope_cos_sin, token_logps)
@@ -478,6 +479,12 @@ class LLM(nn.Module):
         # would come apart from the embeddings (trained apart, then saved as tied: another model)
         super()._apply(fn, recurse)
         self._tie()
+        weight = self.tok_emb.weight
+        if weight.is_cuda and _util.HAS_CUDA_KERNELS and not _util.is_fake(weight):
+            # whether this GPU runs pyllm's kernels, asked here, eagerly: a compiled forward reads the
+            # answer (a V100's layers then trace torch's ops) instead of assuming yes
+            _util.gpu_runs_kernels(weight.get_device())
+            rms_norm_max_cols_cuda_with_dw(weight)
         return self
 
     def __getstate__(self):
@@ -1003,11 +1010,29 @@ class LLM(nn.Module):
             raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
         if "pyllm_config" not in meta:
             raise ValueError(f"{path}: no pyllm_config in its metadata; was it written by LLM.save?")
-        model = cls(ModelConfig(**json.loads(meta["pyllm_config"])))
-        if model.config.tie_embeddings:
+        cfg = ModelConfig(**json.loads(meta["pyllm_config"]))
+        if cfg.tie_embeddings and "tok_emb.weight" in state:
             state["lm_head.weight"] = state["tok_emb.weight"]
+        model = cls.fitting(cfg, state, path)
         model.load_state_dict(state)
         return model.to(device).eval()  # as transformers' from_pretrained: model.train() to train
+
+    @classmethod
+    def fitting(cls, cfg: ModelConfig, state: dict, source) -> "LLM":
+        """cls(cfg), once a shape-only copy built on the meta device says that state's tensors are its
+        weights: a few-hundred-byte file whose config claims a huge model had been built (gigabytes
+        drawn) before load_state_dict found no weights to fill it with."""
+        with torch.device("meta"):
+            shell = cls(cfg)
+        want = {k: tuple(v.shape) for k, v in shell.state_dict().items()}
+        missing = [k for k in want if k not in state]
+        wrong = [f"{k} {tuple(state[k].shape)} (the config's {want[k]})" for k in want
+                 if k in state and tuple(state[k].shape) != want[k]]
+        if missing or wrong:
+            raise ValueError(f"{source}: its weights are not the model its config describes: "
+                             + "; ".join(([f"missing {', '.join(missing[:3])}" + (" ..." if len(missing) > 3 else "")]
+                                          if missing else []) + wrong[:3]))
+        return cls(cfg)
 
     @classmethod
     def from_nanogpt(cls, path, device="cpu") -> "LLM":
@@ -1038,7 +1063,7 @@ class LLM(nn.Module):
                 state[f"blocks.{i}.{ours}.weight"] = theirs[f"h.{i}.{name}.weight"]
                 if cfg.bias:
                     state[f"blocks.{i}.{ours}.bias"] = theirs[f"h.{i}.{name}.bias"]
-        model = cls(cfg)
+        model = cls.fitting(cfg, state, path)
         model.load_state_dict(state)
         return model.to(device).eval()  # as transformers' from_pretrained: model.train() to train
 
@@ -1062,6 +1087,9 @@ class LLM(nn.Module):
         hf = json.loads((folder / "config.json").read_text())
         index = folder / "model.safetensors.index.json"
         files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+        outside = [f for f in files if Path(f).is_absolute() or ".." in Path(f).parts]
+        if outside:  # (a downloaded index naming ../../x read files outside the checkpoint's folder)
+            raise ValueError(f"{folder}: model.safetensors.index.json names shards outside the folder: {outside[:3]}")
         if not all((folder / f).exists() for f in files):
             raise ValueError(f"{folder}: no model.safetensors (or shards listed in model.safetensors.index.json)")
         hf_state = {k: v for f in files for k, v in load_file(str(folder / f)).items()}
@@ -1081,7 +1109,6 @@ class LLM(nn.Module):
                                           "weights only")
             state["lm_head.weight"] = base.to(torch.promote_types(base.dtype, torch.float32)) + head
             cfg = replace(cfg, tie_embeddings=False)  # (untied: the updated head is a weight of its own)
-        model = cls(cfg).to(dtype)
         for name, update in expert_updates.items():  # a MoE's experts, in pyllm's layout whatever the checkpoint's
             if name not in state or state[name].shape != update.shape:
                 raise ValueError(f"{adapter}: an update of shape {tuple(update.shape)} for {name}, which the model "
@@ -1089,6 +1116,7 @@ class LLM(nn.Module):
             state[name] = state[name].to(torch.promote_types(state[name].dtype, torch.float32)) + update
         if cfg.tie_embeddings:
             state["lm_head.weight"] = state["tok_emb.weight"]
+        model = cls.fitting(cfg, state, folder).to(dtype)
         model.load_state_dict(state)  # strict: a name or shape the mapping missed raises
         return model.to(device).eval()  # as transformers' from_pretrained: model.train() to train
 
@@ -1566,17 +1594,18 @@ def save_weights(state_dict: dict, cfg: ModelConfig, path, lora_scale: float | N
              if not (cfg.tie_embeddings and k == "lm_head.weight")}
     # A temp file renamed over the old one: a kill while writing (keep_best writes mid-run) leaves
     # the old weights or the new, never a torn file.
-    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    from pyllm.data import _umask, new_temp_file
+
+    fd, tmp = new_temp_file(path)  # (made exclusively: never written through a planted link)
+    os.close(fd)
     try:
         save_file(state, str(tmp), metadata={"pyllm_config": json.dumps(cfg.to_dict())})
+        # safetensors writes through a private (0600) temp file of its own, renamed onto tmp: the
+        # weights get the mode any new file gets (0644 under the usual umask), as the run's others.
+        os.chmod(tmp, 0o666 & ~_umask())
     except Exception as e:  # safetensors' own error type (a full disk): an OSError naming the file, as open's
         Path(tmp).unlink(missing_ok=True)
         raise OSError(f"writing {path} failed: {e}") from e
-    # safetensors writes through a private (0600) temp file of its own: the weights get the mode any
-    # other new file gets (0644 under the usual umask), readable by a cluster's other users as the rest.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, path)
 
 
@@ -2126,6 +2155,13 @@ def merge_peft_adapter(hf_state: dict, adapter) -> dict:
     for key in tensors:
         if not key.endswith((".lora_A.weight", ".lora_B.weight")) and not key.endswith("lm_head.base_layer.weight"):
             raise NotImplementedError(f"{adapter}: {key} is no LoRA A / B matrix of a linear layer")
+        pair = key[:-len("A.weight")] + "B.weight" if key.endswith(".lora_A.weight") else key[:-len("B.weight")] + "A.weight"
+        if key.endswith((".lora_A.weight", ".lora_B.weight")) and pair not in tensors:
+            raise ValueError(f"{adapter}: {key} has no {pair.rsplit('.', 2)[-2]} to go with it")
+        if key.endswith((".lora_A.weight", ".lora_B.weight")) and (
+                tensors[key].dim() != 2 or not tensors[key].is_floating_point()):
+            raise ValueError(f"{adapter}: {key} is a {tensors[key].dtype} tensor of shape {tuple(tensors[key].shape)}, "
+                             "not a float matrix")
     expert_updates = {}
     for key in tensors:
         if re.fullmatch(r"(?:base_model\.model\.)?lm_head\.base_layer\.weight", key):  # PEFT keeps the head it adapted
@@ -2149,10 +2185,15 @@ def merge_peft_adapter(hf_state: dict, adapter) -> dict:
         if found:  # a MoE's router (transformers 5's gate.weight parameter, or 4's gate Linear), by pyllm's name
             # (PEFT matches a parameter's patterns against its name, gate.weight; a Linear's against the module's)
             name = found.group(1) + (".weight" if router_parameter else "")
+            if b.shape[1] != a.shape[0]:
+                raise ValueError(f"{adapter}: {key}'s A {tuple(a.shape)} and its B {tuple(b.shape)} do not multiply")
             expert_updates[f"blocks.{found.group(2)}.mlp.router.weight"] = (b @ a) * rank_scale(name)[1]
             continue
         module = key[len(prefix) if key.startswith(prefix) else 0:-len(".lora_A.weight")]
-        name, scale = module + ".weight", rank_scale(module)[1]
+        (rank, scale), name = rank_scale(module), module + ".weight"
+        if a.shape[0] != rank or b.shape[1] != rank:  # (the scale is alpha / r: another rank is another update)
+            raise ValueError(f"{adapter}: {module}'s A {tuple(a.shape)} and B {tuple(b.shape)} are not of the rank "
+                             f"{rank} its adapter_config.json gives it")
         if name == "lm_head.weight":
             expert_updates[name] = (b @ a) * scale
             continue

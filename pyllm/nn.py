@@ -612,7 +612,11 @@ def merge_lora(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
     step one element at a time, not in the product), in the wider of the weight's and the update's
     dtypes (bf16-held weights with fp32 updates: fp32). parts: LoRALinear's layout (lora_b_full)."""
     acc = torch.promote_types(weight.dtype, torch.float32)
-    merged = weight.to(acc) + (lora_b_full(lora_b.to(acc), parts) @ lora_a.to(acc)) * scale
+    update = lora_b_full(lora_b.to(acc), parts) @ lora_a.to(acc)
+    if update.shape != weight.shape:  # (not broadcast: a (1, r) B had added one row to every row)
+        raise ValueError(f"merge_lora: B {tuple(lora_b.shape)} @ A {tuple(lora_a.shape)} is no update of a weight of "
+                         f"shape {tuple(weight.shape)}")
+    merged = weight.to(acc) + update * scale
     return merged.to(torch.promote_types(weight.dtype, lora_a.dtype))
 
 

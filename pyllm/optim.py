@@ -868,6 +868,16 @@ class Muon(torch.optim.Optimizer):
                 p.add_(update, alpha=-lr)
 
 
+def _grad_norm(g: Tensor) -> Tensor:
+    """g's 2-norm as fp64: taken in fp32 (no fp64 copy of the grad: 8 bytes an element), and again of
+    g / max|g| where that overflowed on finite values (past ~1.8e19 per element)."""
+    norm = torch.linalg.vector_norm(g, dtype=torch.float32).double()
+    if torch.isinf(norm) and torch.isfinite(g).all():
+        scale = g.abs().max().double()
+        norm = torch.linalg.vector_norm(g / scale.to(g.dtype), dtype=torch.float32).double() * scale
+    return norm
+
+
 def unscale_clip_check(params: list[Tensor], grad_scaler: "DynamicLossScaler | None",
                        max_grad_norm: float | None) -> tuple[Tensor, Tensor]:
     """What an optimizer built on torch's ops does before its update, as AdamW's fused pass does it:
@@ -883,9 +893,9 @@ def unscale_clip_check(params: list[Tensor], grad_scaler: "DynamicLossScaler | N
         norm = (torch.nn.utils.get_total_norm(grads) if hasattr(torch.nn.utils, "get_total_norm")
                 else torch.nn.utils.clip_grad_norm_(params, math.inf))
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-    else:  # in fp64, as AdamW's fused pass: fp32 grads of 1e20 had given an inf norm and a skipped step
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float64) for g in grads])
-                                        if grads else torch.zeros(1, dtype=torch.float64))
+    else:  # summed in fp64, as AdamW's fused pass: fp32 grads of 1e20 had given an inf norm and a skipped step
+        norm = torch.linalg.vector_norm(torch.stack([_grad_norm(g) for g in grads]) if grads
+                                        else torch.zeros(1, dtype=torch.float64))
     total = float(norm)
     skipped = torch.tensor(not math.isfinite(total))  # (a 0-d bool tensor, as AdamW's last_step_skipped)
     # Clipped only when the step is taken: a skipped step leaves its grads as they came (torch's

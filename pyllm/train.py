@@ -7,6 +7,7 @@ checkpoints (atomic, exact resume); logging (tqdm, log.jsonl, the loss plot).
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pyllm.data import PackedLoader, TokenLoader, has_documents, read_header, read_rows
+from pyllm.data import PackedLoader, TokenLoader, has_documents, new_temp_file, read_header, read_rows
 from pyllm.model import LLM, ModelConfig, check_fields, lora_targets, save_weights
 from pyllm.nn import PREFERENCE_LOSSES, REFERENCE_FREE, preference_loss, sequence_logps
 from pyllm.ops import _util
@@ -1306,10 +1307,10 @@ def save_checkpoint(path: Path, state: dict) -> None:
     old checkpoint or the new one, never a torn file. Ctrl-C and SIGTERM wait for the save (torch's
     writer had turned a Ctrl-C mid-write into an "unexpected pos" error and left the temp file); a
     failed write (a full disk) removes its temp file and says which file, with the space left."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # (per process: two writers never share one)
     with signals_held():
+        fd, tmp = new_temp_file(path)  # (its own per call: two writers never share one)
         try:
-            with open(tmp, "wb") as f:
+            with os.fdopen(fd, "wb") as f:
                 torch.save(state, f)
                 f.flush()
                 os.fsync(f.fileno())
@@ -1317,9 +1318,12 @@ def save_checkpoint(path: Path, state: dict) -> None:
         except BaseException as e:
             tmp.unlink(missing_ok=True)
             if isinstance(e, (OSError, RuntimeError)):
-                free = shutil.disk_usage(path.parent).free
-                raise OSError(f"writing {path} failed ({str(e).splitlines()[0] if str(e) else type(e).__name__}; "
-                              f"{free / 2**20:,.0f} MiB free there): the previous checkpoint is kept") from e
+                try:
+                    free = f"; {shutil.disk_usage(path.parent).free / 2**20:,.0f} MiB free there"
+                except OSError:
+                    free = ""
+                raise OSError(f"writing {path} failed ({str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                              f"{free}): the previous checkpoint is kept") from e
             raise
 
 
@@ -1353,7 +1357,13 @@ _stop_requested = threading.Event()
 def request_stop(signum=None, frame=None) -> None:
     """Ends a train() under way after the step it is on, with a checkpoint of that step, raising
     TrainingStopped: `pyllm train`'s SIGTERM handler (what SLURM, Kubernetes and torchrun send before
-    a kill), or a call from another thread."""
+    a kill), or a call from another thread. As the handler, a second signal before the step ends
+    is the default's: the process ends now (a run stuck in set-up or a collective still dies to
+    `kill`)."""
+    if signum is not None and _stop_requested.is_set():
+        signal.signal(signum, signal.SIG_DFL)
+        signal.raise_signal(signum)
+        return
     _stop_requested.set()
 
 
@@ -1389,10 +1399,12 @@ def keep_checkpoint(out: Path, step: int, keep: int) -> None:
         os.link(out / CHECKPOINT, kept)
     except OSError:
         shutil.copy2(out / CHECKPOINT, kept)
-    steps = sorted(int(p.stem.removeprefix("step_")) for p in folder.glob("step_*.pt")
-                   if p.stem.removeprefix("step_").isdigit())
-    for old in steps[:-keep]:
-        (folder / f"step_{old}.pt").unlink(missing_ok=True)
+    # The last `keep` written (not the highest steps: after a resume from an older one, the abandoned
+    # later steps had outlived the run's new checkpoints).
+    kept_files = sorted((p for p in folder.glob("step_*.pt") if p.stem.removeprefix("step_").isdigit()),
+                        key=lambda p: (p.stat().st_mtime_ns, int(p.stem.removeprefix("step_"))))
+    for old in kept_files[:-keep]:
+        old.unlink(missing_ok=True)
 
 
 def source_run_weights(run_dir) -> Path:
@@ -1478,8 +1490,9 @@ class RunLog:
                     continue
                 if record.get("step", start_step) < start_step:
                     kept.append(line)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
+        fd, tmp = new_temp_file(path)
+        with os.fdopen(fd, "w") as f:
+            f.write("".join(line + "\n" for line in kept))
         os.replace(tmp, path)
 
     def write(self, record: dict) -> None:
@@ -1571,48 +1584,97 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
     returns early after step stop_at - 1 (tests use it to stand in for a kill). Returns a summary.
     Raises TrainingStopped after a request_stop (SIGTERM in `pyllm train`), its step checkpointed.
     One run at a time in a folder: another's lock on it is refused. A new run (not resume) in a
-    folder that holds a run's checkpoint replaces that run: its checkpoints are removed first, so
-    that the folder never holds one run's log beside another's checkpoint."""
+    folder that holds a run's checkpoint sets that one aside first (checkpoint.previous.pt,
+    checkpoints.previous/), so that the folder never offers one run's checkpoint beside another's log."""
     cfg.validate()
     info = setup_distributed(cfg.device)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    with run_lock(out, info):
-        if not resume and info.is_main and ((out / CHECKPOINT).exists() or (out / "checkpoints").is_dir()):
-            print(f"pyllm: {out} holds an earlier run's checkpoint: this new run replaces it (--resume goes on with "
-                  "a run instead)", file=sys.stderr)
-            (out / CHECKPOINT).unlink(missing_ok=True)
-            shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    with run_lock(out, info.is_main, info):
+        if info.is_main:
+            remove_stale_temp_files(out)
+        if not resume and info.is_main:
+            set_aside_earlier_run(out)
         if info.world_size > 1:
-            dist.barrier()  # (no rank reads the folder before rank 0 has cleared it)
+            dist.barrier()  # (no rank reads the folder before rank 0 has set it up)
         try:
             return _train(cfg, info, resume, stop_at)
         finally:
             _stop_requested.clear()  # (one asked for as the last step ended: nothing left to stop)
 
 
+def set_aside_earlier_run(out: Path) -> None:
+    """An earlier run's checkpoint.pt and kept checkpoints/ renamed to checkpoint.previous.pt and
+    checkpoints.previous/ (replacing those of the run before it): a new run interrupted before its
+    first checkpoint had pointed at the earlier run's as if it were its own (its log already the new
+    run's), and deleting them outright lost a run to a forgotten --resume."""
+    previous = out / "checkpoint.previous.pt"
+    if (out / CHECKPOINT).exists():
+        print(f"pyllm: {out} holds an earlier run's checkpoint; this new run sets it aside as {previous.name} "
+              "(--resume goes on with a run instead)", file=sys.stderr)
+        os.replace(out / CHECKPOINT, previous)
+    if (out / "checkpoints").is_dir():
+        shutil.rmtree(out / "checkpoints.previous", ignore_errors=True)
+        os.replace(out / "checkpoints", out / "checkpoints.previous")
+
+
+# What new_temp_file leaves of the run's files when a kill lands mid-write (SIGKILL after a
+# scheduler's grace period, mid-save): removed when the next run in the folder starts, under its lock.
+_RUN_FILES = (CHECKPOINT, "model.safetensors", "log.jsonl", "completions.jsonl", "run.json")
+
+
+def remove_stale_temp_files(out: Path) -> None:
+    for name in _RUN_FILES:
+        for stale in out.glob(f".{name}.*.tmp"):
+            stale.unlink(missing_ok=True)
+
+
+_locked_here: set = set()  # run folders this process holds the lock of (run_lock nests: the CLI's, then train()'s)
+
+
 @contextlib.contextmanager
-def run_lock(out: Path, info: DistInfo):
-    """An exclusive lock on out/.lock for the block (rank 0's; the OS drops it if the process dies):
-    two runs in one folder had interleaved their logs and torn each other's checkpoints."""
+def run_lock(out: Path, is_main: bool = True, info: DistInfo | None = None):
+    """An exclusive lock on out/.lock for the block, taken by the main process (the OS drops it if
+    the process dies): two runs in one folder had interleaved their logs and torn each other's
+    checkpoints. Held already by this process (the CLI takes it before writing the run's data):
+    nothing more. A file system without flock (NFS mounted nolock, some FUSE or Lustre mounts): a
+    warning, and the run goes on unguarded. With info of a distributed run, every rank learns
+    whether rank 0 got it (a refusal on rank 0 alone had left the others waiting at a barrier)."""
+    key = os.path.realpath(out)
+    f = None
+    refused = None
+    if is_main and key not in _locked_here:
+        try:
+            import fcntl
+        except ImportError:  # (Windows: no flock; unguarded there)
+            fcntl = None
+        if fcntl is not None:
+            f = open(out / ".lock", "a")
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                _locked_here.add(key)
+            except OSError as e:
+                f.close()
+                f = None
+                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    refused = (f"{out} is in use by another `pyllm train` (it holds {out / '.lock'}): give this run "
+                               "another --out, or wait for that one to end")
+                else:
+                    print(f"pyllm: {out}'s file system takes no lock ({e.strerror}): nothing keeps a second run out "
+                          "of this folder", file=sys.stderr)
+    if info is not None and info.world_size > 1:
+        flag = torch.tensor([float(refused is not None)], device=info.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and refused is None:
+            refused = f"{out} is in use by another `pyllm train` (rank 0 could not lock it)"
+    if refused is not None:
+        raise RuntimeError(refused)
     try:
-        import fcntl
-    except ImportError:  # (Windows: no flock; unguarded there)
         yield
-        return
-    if not info.is_main:
-        yield
-        return
-    with open(out / ".lock", "a") as f:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise RuntimeError(f"{out} is in use by another `pyllm train` (it holds {out / '.lock'}): give this run "
-                               "another --out, or wait for that one to end") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    finally:
+        if f is not None:
+            _locked_here.discard(key)
+            f.close()  # (closing the last descriptor drops the lock)
 
 
 def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) -> dict:
@@ -1620,9 +1682,10 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
     out, data = Path(cfg.out_dir), Path(cfg.data_dir)
     ckpt = load_checkpoint(out) if resume else None
     torch.manual_seed(cfg.seed)
-    data_vocab = read_header(data / "train.bin")["vocab_size"]
+    # (val.bin's too: each file's header bounds its ids, and it was train.bin's alone that met the model)
+    data_vocab = max(read_header(data / name)["vocab_size"] for name in ("train.bin", "val.bin"))  # (llm.c's shards too)
     if ckpt is not None:
-        model = LLM(ModelConfig(**ckpt["model_config"]))
+        model = LLM.fitting(ModelConfig(**ckpt["model_config"]), ckpt["model"], out / CHECKPOINT)
     elif cfg.init_from_hf:  # its own config: the preset and model overrides do not apply
         model = LLM.from_hf(cfg.init_from_hf, adapter=cfg.init_adapter or None)
     elif cfg.init_from_run:  # likewise

@@ -512,6 +512,19 @@ def test_train_cuts_texts_at_special_tokens(corpus, pattern):
     assert any(b"|>" in t for t in plain.mergeable_ranks)
 
 
+def test_a_token_longer_than_a_vocabulary_takes_is_refused(tmp_path):
+    # Indexing a token is quadratic in its length: a downloaded rank file with a 1 MiB token had taken
+    # minutes to load (an hour past 4 MiB). Real vocabularies' longest are a few hundred bytes.
+    from pyllm.tokenizer.tokenizer import MAX_TOKEN_BYTES
+
+    ranks = {bytes([b]): b for b in range(256)}
+    Tokenizer({**ranks, b"a" * MAX_TOKEN_BYTES: 256})
+    with pytest.raises(ValueError, match="the token of rank 256 is 65,537 bytes, longer than the 65,536"):
+        Tokenizer({**ranks, b"a" * (MAX_TOKEN_BYTES + 1): 256})
+    with pytest.raises(ValueError, match="merging made a token of 131,072 bytes"):
+        Tokenizer.train(["a" * (1 << 17)], 256 + 17, show_progress=False)
+
+
 def test_train_bad_input(corpus):
     with pytest.raises(ValueError, match="at least 256"):
         Tokenizer.train(corpus[:2], 255, show_progress=False)

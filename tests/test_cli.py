@@ -1036,3 +1036,27 @@ def test_preference_tuning_a_run_on_text_pairs(corpus, tmp_path, capsys, loss):
     assert bytes(rejected[mask[offsets[1]:offsets[2]] == 1][:-1].tolist()).decode() == "    pass\n"
     log = [json.loads(line) for line in (ft / "log.jsonl").read_text().splitlines()]
     assert len(log) == 2 and "reward_accuracy" in log[-1] and log[-1]["val_loss"] is not None
+
+
+def test_resume_runs_reward_code_only_when_named_again():
+    # A checkpoint is data: a downloaded run whose train_config names "rewards.py:fn" must not run that
+    # file on --resume unless the command names the same rewards; reward models (paths) need nothing.
+    saved = {"grpo_reward": "rewards.py:fn,/no/such/model:dir"}
+    with pytest.raises(ValueError, match=r"rewards include Python code \(rewards.py:fn, /no/such/model:dir\).*"
+                                         r"give --grpo-reward"):
+        cli.check_reward_code(saved, {})
+    cli.check_reward_code(saved, {"grpo_reward": saved["grpo_reward"]})
+    cli.check_reward_code({"grpo_reward": None}, {})
+
+
+def test_a_second_run_in_a_running_runs_folder_writes_nothing_there(corpus, tmp_path, capsys):
+    # The CLI locks the run's folder before it writes run.json, a tokenizer or token files into it.
+    import fcntl
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with open(run / ".lock", "a") as held:  # the running one's
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        assert cli.main(["train", "--data", str(corpus), "--out", str(run), "--max-steps", "2", *SMALL]) == 2
+    assert "is in use by another `pyllm train`" in capsys.readouterr().err
+    assert sorted(p.name for p in run.iterdir()) == [".lock"]

@@ -2437,3 +2437,55 @@ def test_sequence_logps_and_estimate_mfu_check_their_inputs():
     with pytest.raises(ValueError, match="dt"):
         model.estimate_mfu(4, 0.0, peak_flops=1e12)
     assert model.estimate_mfu(4, 0.5, peak_flops=1e12) > 0
+
+
+def test_a_malformed_peft_adapter_is_refused_not_broadcast(tmp_path):
+    # A B of shape (1, r) had added one row to every row of its weight; a B without its A had been
+    # skipped; A and B of another rank than adapter_config.json's scaled wrongly; int tensors cast.
+    from safetensors.torch import load_file, save_file
+
+    peft_adapted("llama-gqa", tmp_path, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    path = tmp_path / "adapter" / "adapter_model.safetensors"
+    good = load_file(path)
+    b_key = next(k for k in good if k.endswith("q_proj.lora_B.weight"))
+    a_key = b_key.replace("lora_B", "lora_A")
+    for change, match in ((lambda t: t.update({b_key: t[b_key][:1]}), "is no update of a weight of shape"),
+                          (lambda t: t.pop(a_key), "has no lora_A to go with it"),
+                          (lambda t: t.update({a_key: t[a_key][:2], b_key: t[b_key][:, :2]}), "not of the rank 4"),
+                          (lambda t: t.update({b_key: t[b_key].long()}), "not a float matrix")):
+        tensors = dict(good)
+        change(tensors)
+        save_file({k: t.contiguous() for k, t in tensors.items()}, path)
+        with pytest.raises(ValueError, match=match):
+            LLM.from_hf(tmp_path / "base", dtype=torch.float64, adapter=tmp_path / "adapter")
+
+
+def test_a_shard_index_naming_files_outside_the_folder_is_refused(tmp_path):
+    import json
+
+    hf_models()["llama-gqa"].save_pretrained(tmp_path / "base")
+    (tmp_path / "elsewhere.safetensors").write_bytes((tmp_path / "base" / "model.safetensors").read_bytes())
+    (tmp_path / "base" / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"model.embed_tokens.weight": "../elsewhere.safetensors"}}))
+    with pytest.raises(ValueError, match="names shards outside the folder"):
+        LLM.from_hf(tmp_path / "base")
+
+
+def test_a_weights_file_whose_config_claims_another_model_is_refused_before_it_is_built(tmp_path, monkeypatch):
+    # A few-hundred-byte file claiming a 64-layer, 4096-wide model had been built (gigabytes drawn)
+    # before load_state_dict found nothing to fill it with: checked on a shape-only copy first.
+    import json
+
+    from safetensors.torch import save_file
+
+    small = LLM(ModelConfig(vocab_size=64, block_size=16, n_layers=1, n_heads=2, dim=32))
+    huge = dict(small.config.to_dict(), n_layers=64, dim=4096, n_heads=32, vocab_size=1 << 17)
+    save_file({"tok_emb.weight": torch.zeros(2, 2)}, str(tmp_path / "model.safetensors"),
+              metadata={"pyllm_config": json.dumps(huge)})
+    built = []
+    real_init = LLM.__init__
+    monkeypatch.setattr(LLM, "__init__", lambda self, cfg: (built.append(torch.empty(0).device.type),
+                                                            real_init(self, cfg))[1])
+    with pytest.raises(ValueError, match=r"its weights are not the model its config describes: missing "):
+        LLM.load(tmp_path / "model.safetensors")
+    assert built == ["meta"]  # the shape-only copy alone

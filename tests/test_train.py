@@ -159,11 +159,39 @@ def test_one_run_at_a_time_in_a_folder_and_a_new_run_replaces_the_old(data_dir, 
             trainer.train(config(data_dir, out, max_steps=4))
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 4  # refused before touching anything
     # A new run (no resume) stopped before its first checkpoint leaves no earlier run's to be resumed
-    # as if it were its own (its log had been replaced, the old checkpoint kept).
+    # as if it were its own (its log had been replaced, the old checkpoint kept): set aside, not lost.
+    old = (out / "checkpoint.pt").read_bytes()
+    (out / ".checkpoint.pt.x1y2.tmp").write_bytes(b"half")  # a save SIGKILLed mid-write
     trainer.train(config(data_dir, out, max_steps=8, ckpt_every=4), stop_at=2)
-    assert "holds an earlier run's checkpoint: this new run replaces it" in capsys.readouterr().err
+    assert "holds an earlier run's checkpoint; this new run sets it aside as checkpoint.previous.pt" in (
+        capsys.readouterr().err)
     assert not (out / "checkpoint.pt").exists() and not (out / "checkpoints").exists()
+    assert (out / "checkpoint.previous.pt").read_bytes() == old and list((out / "checkpoints.previous").iterdir())
     assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [0, 1]
+    assert not (out / ".checkpoint.pt.x1y2.tmp").exists()
+
+
+def test_run_lock_nests_and_runs_unguarded_where_the_file_system_takes_none(tmp_path, monkeypatch, capsys):
+    import errno
+    import fcntl
+
+    with trainer.run_lock(tmp_path):
+        with trainer.run_lock(tmp_path):  # (the CLI's, then train()'s: one lock)
+            pass
+        with open(tmp_path / ".lock", "a") as other:  # another process's attempt, as flock sees it
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    real_flock = fcntl.flock
+
+    def no_locks(fd, op):  # NFS mounted nolock
+        if op & fcntl.LOCK_EX:
+            raise OSError(errno.ENOLCK, "No locks available")
+        return real_flock(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with trainer.run_lock(tmp_path):
+        pass
+    assert "file system takes no lock (No locks available)" in capsys.readouterr().err
 
 
 def test_a_failed_checkpoint_write_keeps_the_last_one_and_says_why(tmp_path, monkeypatch):
@@ -186,12 +214,23 @@ def test_signals_wait_for_a_held_block():
     import signal
 
     done = []
-    with pytest.raises(KeyboardInterrupt):
+    # Python's own Ctrl-C handler, whatever this process inherited (a shell's background job
+    # starts with SIGINT ignored, which signals_held keeps as it is).
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with trainer.signals_held():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)
+                done.append(True)
+        assert done == [True]
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         with trainer.signals_held():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.05)
-            done.append(True)
-    assert done == [True]
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # ignored before: still ignored, nothing raised
+    finally:
+        signal.signal(signal.SIGINT, inherited)
 
 
 def test_resume_refuses_what_is_no_run_checkpoint(tmp_path):

@@ -14,6 +14,10 @@
 
 namespace pyllm::bpe {
 
+// The longest token a vocabulary may hold (Encoder's index is quadratic in a token's length;
+// tokenizer.MAX_TOKEN_BYTES says it first, in Python).
+constexpr size_t kMaxTokenBytes = size_t(1) << 16;
+
 // The built-in split patterns; kCustom means the caller pre-tokenizes (Python's `regex`).
 enum class Pattern : int { kCustom = -1, kGpt2 = 0, kCl100k = 1, kO200k = 2 };
 Pattern pattern_from_code(int code);  // throws std::invalid_argument on an unknown code

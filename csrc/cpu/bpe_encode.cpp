@@ -173,7 +173,10 @@ void Encoder::index_vocabulary(const std::vector<std::string>& tokens, const std
   size_t total = 0;
   for (size_t i = 0; i < tokens.size(); ++i) {
     PYLLM_CHECK(!tokens[i].empty(), "bpe: token of rank ", ranks[i], " is empty");
-    PYLLM_CHECK(tokens[i].size() < (1u << 24), "bpe: token of rank ", ranks[i], " is too long");
+    // Indexing a token hashes each of its prefixes and suffixes: quadratic in its length (a 1 MiB
+    // token in a downloaded file: minutes). Real vocabularies' longest are a few hundred bytes.
+    PYLLM_CHECK(tokens[i].size() <= kMaxTokenBytes, "bpe: token of rank ", ranks[i], " is ", tokens[i].size(),
+                " bytes, longer than the ", kMaxTokenBytes, " a vocabulary's token may be");
     PYLLM_CHECK(ranks[i] < 0x7FFFFFFFu, "bpe: rank ", ranks[i], " is out of range");
     max_rank = std::max(max_rank, ranks[i]);
     total += tokens[i].size();

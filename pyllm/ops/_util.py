@@ -55,10 +55,14 @@ _runs_on: dict[int, bool] = {}
 def cuda_kernels_run_on(t: torch.Tensor) -> bool:
     """Whether pyllm's CUDA kernels run on CUDA tensor t's GPU: built, and the GPU sm_80 (A100) or
     newer. An older GPU (V100, T4) has no image to run: the model's layers take torch's ops there,
-    and an op called on it says so instead of the launch's "no kernel image is available". Taken as
-    yes while tracing (torch.compile, fake tensors): the capability is a host query."""
+    and an op called on it says so instead of the launch's "no kernel image is available". While
+    tracing (torch.compile, fake tensors) the answer known for the device is taken (LLM.to and the
+    first eager call ask), else yes: the capability is a host query."""
     if not HAS_CUDA_KERNELS:
         return False
+    ok = _runs_on.get(t.get_device())  # (first: asked per layer per decoded token)
+    if ok is not None:
+        return ok
     if torch.compiler.is_compiling() or is_fake(t):
         return True
     return gpu_runs_kernels(t.get_device())

@@ -32,10 +32,10 @@ def max_cols_cuda_with_dw(x: Tensor) -> int:
     fp32 row of dw (4 bytes a column) within the opt-in limit, less 1 KB for the kernel's static
     reduction buffer: 32768 on sm_80 (163 KB) and sm_90 (227 KB), 25088 on sm_86 / sm_89 (99 KB:
     A10, L4, L40, RTX 30xx / 40xx). MAX_COLS_CUDA while tracing (no host query)."""
-    if torch.compiler.is_compiling() or _util.is_fake(x):
-        return MAX_COLS_CUDA
     index = x.get_device()
-    cols = _max_cols_with_dw.get(index)
+    cols = _max_cols_with_dw.get(index)  # (known while compiling once LLM.to or an eager call asked)
+    if cols is None and (torch.compiler.is_compiling() or _util.is_fake(x)):
+        return MAX_COLS_CUDA
     if cols is None:
         props = torch.cuda.get_device_properties(index)
         optin = getattr(props, "shared_memory_per_block_optin", None)
@@ -98,7 +98,7 @@ def rms_norm_forward_into(x: Tensor, weight: Optional[Tensor], out: Tensor, rstd
     args = (_util.ptr(x), 0 if weight is None else _util.ptr(weight), _util.ptr(out), _util.ptr(rstd), rows, cols,
             float(eps), float(offset), bool(cast_first), _util.dtype_code(x))
     if x.is_cuda:
-        _util.check_backend(OP, x.device)  # torch.ops.pyllm.* arrive here without rms_norm()'s checks
+        _util.check_backend(OP, x.device, x)  # torch.ops.pyllm.* arrive here without rms_norm()'s checks
         _C.rms_norm_fwd_cuda(*args, x.device.index, _util.stream_of(x))
     else:
         _util.init_cpu_threads()
@@ -119,7 +119,7 @@ def rms_norm_backward_into(dout: Tensor, x: Tensor, weight: Optional[Tensor], rs
                             0 if dweight is None else _util.ptr(dweight), rows, cols, float(offset), bool(cast_first),
                             _util.dtype_code(x), dweight is not None and dweight.dtype != x.dtype)
         return
-    _util.check_backend(OP, x.device)
+    _util.check_backend(OP, x.device, x)
     device = x.device.index
     partials = None
     if dweight is not None:  # one fp32 row per block, summed here (deterministic: a fixed grid)

@@ -478,13 +478,20 @@ def _invalid(i: int) -> InvalidTokenError:
     return InvalidTokenError(f"Invalid token for decoding: {i} (unknown token id {i})")
 
 
+# The longest token a vocabulary may hold (csrc/cpu/bpe.h's kMaxTokenBytes): real vocabularies' longest
+# are a few hundred bytes.
+MAX_TOKEN_BYTES = 1 << 16
+
+
 def _atomic_write(path, data: bytes) -> None:
-    """Writes data to path through a temp file in the same folder and a rename: never half a file."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    """Writes data to path through a temp file in the same folder and a rename: never half a file
+    (the temp file made as data.new_temp_file makes it: exclusively, never through a planted link)."""
+    from pyllm.data import new_temp_file
+
+    path = os.fspath(os.path.abspath(path))
+    fd, tmp = new_temp_file(path)
     try:
-        with open(tmp, "wb") as f:
+        with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -651,6 +658,9 @@ class Tokenizer:
                 raise TypeError(f"mergeable_ranks must map bytes to int, got {type(tok).__name__} -> {type(rank).__name__}")
             if rank < 0 or rank >= 1 << 31:
                 raise ValueError(f"mergeable_ranks: rank {rank} of {tok!r} is out of range [0, 2**31)")
+            if len(tok) > MAX_TOKEN_BYTES:  # (indexing a token is quadratic in its length: a 1 MiB one, minutes)
+                raise ValueError(f"mergeable_ranks: the token of rank {rank} is {len(tok):,} bytes, longer than the "
+                                 f"{MAX_TOKEN_BYTES:,} a vocabulary's token may be")
         special_tokens = dict(special_tokens or {})
         ranks_used = set(mergeable_ranks.values())
         if len(ranks_used) != len(mergeable_ranks):
@@ -1153,8 +1163,9 @@ class Tokenizer:
         read as UTF-8 with invalid bytes replaced). Ids 0..255 are the bytes, then one id per merge,
         then the special tokens. Merges are learned in C++ over the unique pre-tokenized pieces;
         ties go to the highest count, then the smallest (left id, right id). The texts are cut at the
-        special tokens' strings before pre-tokenization, as tokenizers' BpeTrainer cuts its added tokens
-        out: a "<|endoftext|>" between documents is no text to learn merges from, and no piece spans it.
+        special tokens' strings before pre-tokenization: a "<|endoftext|>" between documents is no
+        text to learn merges from, and no piece spans it (tokenizers' BpeTrainer learns "<|" and "|>"
+        from it, checked 2026-12-04; encoding with allowed_special matches the special whole).
 
         Raises ValueError when vocab_size < 256 + len(special_tokens), or when the data has fewer
         distinct pairs to merge than vocab_size needs (the message says the largest vocab_size it allows).
@@ -1224,6 +1235,11 @@ class Tokenizer:
                         f"train: vocab_size={vocab_size} needs {n_merges} merges but the training data allows only "
                         f"{got} (no pair of tokens is left to merge): use vocab_size <= {256 + got + len(specials)} "
                         f"or more text")
+        longest = max(map(len, tokens))
+        if longest > MAX_TOKEN_BYTES:
+            raise ValueError(f"train: merging made a token of {longest:,} bytes (a text holds one piece that long, a run "
+                             f"of one character), longer than the {MAX_TOKEN_BYTES:,} a token may be: use a smaller "
+                             "vocab_size or more varied text")
         ranks = {tok: i for i, tok in enumerate(tokens)}
         special_ids = {s: len(tokens) + k for k, s in enumerate(specials)}
         return cls(ranks, regex_str if name is None else name, special_ids)

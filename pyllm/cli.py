@@ -13,7 +13,7 @@ import threading
 import time
 from pathlib import Path
 
-from pyllm.data import eot_id  # (importing pyllm, this module's package, has loaded torch and numpy already)
+from pyllm.data import eot_id, write_whole  # (importing pyllm, this module's package, has loaded torch and numpy already)
 
 
 def cmd_info(args) -> int:
@@ -610,8 +610,14 @@ def cmd_train(args) -> int:
     # files, a kept checkpoint made checkpoint.pt): a second run aimed at a running one had rewritten
     # its data before train()'s lock refused it.
     resume = cli["resume"]
-    if resume:
-        run_dir = Path(resume).resolve().parent.parent if Path(resume).is_file() else Path(resume)
+    if resume and Path(resume).is_file():
+        kept = Path(resume).resolve()
+        if kept.parent.name != "checkpoints" or not re.fullmatch(r"step_\d+\.pt", kept.name):
+            raise ValueError(f"--resume {resume}: give a run folder, or a checkpoint its --keep-checkpoints kept "
+                             "(RUN/checkpoints/step_N.pt)")
+        run_dir = kept.parent.parent
+    elif resume:
+        run_dir = Path(resume)
     else:
         run_dir = Path(opts.get("out_dir") or TrainConfig.__dataclass_fields__["out_dir"].default)
     if resume and not run_dir.is_dir():
@@ -1115,15 +1121,15 @@ def cmd_export(args) -> int:
             tokenizer.to_hf(out / "tokenizer.json")
             eot = eot_id(tokenizer)
             eos = None if eot is None else "<|endoftext|>"
-            (out / "tokenizer_config.json").write_text(json.dumps({
+            write_whole(out / "tokenizer_config.json", json.dumps({
                 "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model.config.block_size,
                 **({"eos_token": eos, "bos_token": eos} if eos else {})}, indent=2))
             if eot is not None:  # generation ends at a document's end there too (the config's defaults
                 # were LLaMA's ids 1 and 2, bytes in this vocabulary, or GPT-2's 50256, past it)
                 config = json.loads((out / "config.json").read_text())
                 config.update(bos_token_id=eot, eos_token_id=eot)
-                (out / "config.json").write_text(json.dumps(config, indent=2))
-                (out / "generation_config.json").write_text(json.dumps({"bos_token_id": eot, "eos_token_id": eot},
+                write_whole(out / "config.json", json.dumps(config, indent=2))
+                write_whole(out / "generation_config.json", json.dumps({"bos_token_id": eot, "eos_token_id": eot},
                                                                        indent=2))
     print(f"exported {run} to {out} ({'config of ' + str(source) if source else 'a ' + model_kind(out) + ' config'}, "
           f"{args.dtype})")
@@ -1162,7 +1168,7 @@ def export_adapter(run: Path, out: Path, dtype: str) -> int:
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.to(getattr(torch, GENERATE_DTYPES[dtype])) for k, v in tensors.items()},
               str(out / "adapter_model.safetensors"))
-    (out / "adapter_config.json").write_text(json.dumps({
+    write_whole(out / "adapter_config.json", json.dumps({
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(source), "r": rank,
         "lora_alpha": alpha, "lora_dropout": train_config.get("lora_dropout", 0.0), "target_modules": targets, "bias": "none", "fan_in_fan_out": False,
         "use_rslora": False, "inference_mode": True, **({"target_parameters": parameters} if parameters else {})},

@@ -23,6 +23,7 @@ each pair's chosen and rejected documents, which PackedLoader then places side b
 """
 from __future__ import annotations
 
+import glob
 import itertools
 import json
 import math
@@ -31,6 +32,7 @@ import os
 import struct
 import sysconfig
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -73,8 +75,40 @@ def new_temp_file(path) -> tuple[int, Path]:
     the mode any new file gets (mkstemp's own is 0600)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.chmod(tmp, 0o666 & ~_umask())
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())
+    except OSError:  # (a file system that takes no modes: the file as made)
+        pass
     return fd, Path(tmp)
+
+
+def write_whole(path, data: bytes | str | np.ndarray) -> None:
+    """path written through new_temp_file and a rename: bytes or text as they are, an array as
+    np.save writes it (never through a planted link, never half a file)."""
+    fd, tmp = new_temp_file(path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if isinstance(data, np.ndarray):
+                np.save(f, data)
+            else:
+                f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def remove_stale_temp_files(path, older_than_s: float = 600.0) -> None:
+    """new_temp_file's leftovers beside path that nothing has written for older_than_s (a writer
+    killed mid-file: a prepare OOM-killed while tokenizing left gigabytes, hidden, each time)."""
+    path = Path(path)
+    now = time.time()
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        try:
+            if now - stale.stat().st_mtime > older_than_s:
+                stale.unlink()
+        except OSError:
+            pass
 
 
 def _umask() -> int:
@@ -234,6 +268,7 @@ class TokenWriter:
                              f"[0, {vocab_size}), got {doc_end!r}")
         self.path, self.vocab_size, self.doc_end = Path(path), int(vocab_size), doc_end
         self.dtype = token_dtype(vocab_size).newbyteorder("<")
+        remove_stale_temp_files(self.path)
         fd, self.tmp = new_temp_file(self.path)
         self.count = 0
         self._file = os.fdopen(fd, "wb")
@@ -822,15 +857,15 @@ def _write_units(units: Sequence[tuple], in_val: Sequence[bool], tokenizer, fold
         if not docs:
             raise ValueError(f"no {name} {kept} left (of {len(units)})")
         if labels is not None:  # before the token file, whose presence says the set is whole
-            np.save(out_dir / f"{name}.labels.npy", np.asarray(kept_labels[name], np.bool_))
+            write_whole(out_dir / f"{name}.labels.npy", np.asarray(kept_labels[name], np.bool_))
         else:
             (out_dir / f"{name}.labels.npy").unlink(missing_ok=True)
         if margins is not None:
-            np.save(out_dir / f"{name}.margins.npy", np.asarray(kept_margins[name], np.float32))
+            write_whole(out_dir / f"{name}.margins.npy", np.asarray(kept_margins[name], np.float32))
         else:
             (out_dir / f"{name}.margins.npy").unlink(missing_ok=True)
         if rows:
-            (out_dir / f"{name}.rows.jsonl").write_text("".join(r + "\n" for r in kept_rows[name]), encoding="utf-8")
+            write_whole(out_dir / f"{name}.rows.jsonl", "".join(r + "\n" for r in kept_rows[name]))
         else:
             (out_dir / f"{name}.rows.jsonl").unlink(missing_ok=True)
         write_documents(out_dir / f"{name}.bin", docs, masks, tokenizer.vocab_size,
@@ -970,12 +1005,12 @@ def write_documents(path, docs: Sequence[np.ndarray], masks: Sequence[np.ndarray
     ((P, 2) document indices) a .pairs.npy too (else one left by earlier data is removed)."""
     path = Path(path)
     if pairs is not None:
-        np.save(path.with_suffix(".pairs.npy"), np.asarray(pairs, np.int64))
+        write_whole(path.with_suffix(".pairs.npy"), np.asarray(pairs, np.int64))
     else:
         path.with_suffix(".pairs.npy").unlink(missing_ok=True)
     offsets = np.concatenate([[0], np.cumsum([len(d) for d in docs], dtype=np.int64)])
-    np.save(path.with_suffix(".docs.npy"), offsets)
-    np.save(path.with_suffix(".mask.npy"), np.concatenate(masks).astype(np.uint8))
+    write_whole(path.with_suffix(".docs.npy"), offsets)
+    write_whole(path.with_suffix(".mask.npy"), np.concatenate(masks).astype(np.uint8))
     write_tokens(path, np.concatenate(docs), vocab_size)  # last: its presence says the set is whole
 
 

@@ -2185,9 +2185,11 @@ def merge_peft_adapter(hf_state: dict, adapter) -> dict:
         if found:  # a MoE's router (transformers 5's gate.weight parameter, or 4's gate Linear), by pyllm's name
             # (PEFT matches a parameter's patterns against its name, gate.weight; a Linear's against the module's)
             name = found.group(1) + (".weight" if router_parameter else "")
-            if b.shape[1] != a.shape[0]:
-                raise ValueError(f"{adapter}: {key}'s A {tuple(a.shape)} and its B {tuple(b.shape)} do not multiply")
-            expert_updates[f"blocks.{found.group(2)}.mlp.router.weight"] = (b @ a) * rank_scale(name)[1]
+            rank, scale = rank_scale(name)
+            if a.shape[0] != rank or b.shape[1] != rank:
+                raise ValueError(f"{adapter}: {name}'s A {tuple(a.shape)} and B {tuple(b.shape)} are not of the rank "
+                                 f"{rank} its adapter_config.json gives it")
+            expert_updates[f"blocks.{found.group(2)}.mlp.router.weight"] = (b @ a) * scale
             continue
         module = key[len(prefix) if key.startswith(prefix) else 0:-len(".lora_A.weight")]
         (rank, scale), name = rank_scale(module), module + ".weight"

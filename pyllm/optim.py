@@ -869,12 +869,13 @@ class Muon(torch.optim.Optimizer):
 
 
 def _grad_norm(g: Tensor) -> Tensor:
-    """g's 2-norm as fp64: taken in fp32 (no fp64 copy of the grad: 8 bytes an element), and again of
-    g / max|g| where that overflowed on finite values (past ~1.8e19 per element)."""
-    norm = torch.linalg.vector_norm(g, dtype=torch.float32).double()
+    """g's 2-norm as fp64: taken in fp32 at least (no fp64 copy of a fp32 grad: 8 bytes an element),
+    and again of g / max|g| where that overflowed on finite values (past ~1.8e19 per element)."""
+    dtype = torch.promote_types(g.dtype, torch.float32)
+    norm = torch.linalg.vector_norm(g, dtype=dtype).double()
     if torch.isinf(norm) and torch.isfinite(g).all():
         scale = g.abs().max().double()
-        norm = torch.linalg.vector_norm(g / scale.to(g.dtype), dtype=torch.float32).double() * scale
+        norm = torch.linalg.vector_norm(g / scale.to(g.dtype), dtype=dtype).double() * scale
     return norm
 
 

@@ -1308,15 +1308,17 @@ def save_checkpoint(path: Path, state: dict) -> None:
     writer had turned a Ctrl-C mid-write into an "unexpected pos" error and left the temp file); a
     failed write (a full disk) removes its temp file and says which file, with the space left."""
     with signals_held():
-        fd, tmp = new_temp_file(path)  # (its own per call: two writers never share one)
+        tmp = None
         try:
+            fd, tmp = new_temp_file(path)  # (its own per call: two writers never share one)
             with os.fdopen(fd, "wb") as f:
                 torch.save(state, f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
         except BaseException as e:
-            tmp.unlink(missing_ok=True)
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
             if isinstance(e, (OSError, RuntimeError)):
                 try:
                     free = f"; {shutil.disk_usage(path.parent).free / 2**20:,.0f} MiB free there"
@@ -1357,14 +1359,22 @@ _stop_requested = threading.Event()
 def request_stop(signum=None, frame=None) -> None:
     """Ends a train() under way after the step it is on, with a checkpoint of that step, raising
     TrainingStopped: `pyllm train`'s SIGTERM handler (what SLURM, Kubernetes and torchrun send before
-    a kill), or a call from another thread. As the handler, a second signal before the step ends
-    is the default's: the process ends now (a run stuck in set-up or a collective still dies to
-    `kill`)."""
+    a kill), or a call from another thread. As the handler, a second signal at least
+    ESCALATE_AFTER_S after the first is the default's: the process ends now (a run stuck in set-up or
+    a collective still dies to `kill`). Sooner, it is the same request: under SLURM and torchrun each
+    worker gets SIGTERM twice within milliseconds (from the step's cgroup and from torchrun's agent)."""
+    global _first_stop_at
     if signum is not None and _stop_requested.is_set():
-        signal.signal(signum, signal.SIG_DFL)
-        signal.raise_signal(signum)
+        if time.monotonic() - _first_stop_at >= ESCALATE_AFTER_S:
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)
         return
+    _first_stop_at = time.monotonic()
     _stop_requested.set()
+
+
+ESCALATE_AFTER_S = 5.0
+_first_stop_at = 0.0
 
 
 class TrainingStopped(Exception):
@@ -1399,11 +1409,13 @@ def keep_checkpoint(out: Path, step: int, keep: int) -> None:
         os.link(out / CHECKPOINT, kept)
     except OSError:
         shutil.copy2(out / CHECKPOINT, kept)
-    # The last `keep` written (not the highest steps: after a resume from an older one, the abandoned
-    # later steps had outlived the run's new checkpoints).
+    # Steps past this one are an abandoned branch (the run was resumed from an older kept one): they
+    # had outlived the run's new checkpoints. The rest: the last `keep` by step.
     kept_files = sorted((p for p in folder.glob("step_*.pt") if p.stem.removeprefix("step_").isdigit()),
-                        key=lambda p: (p.stat().st_mtime_ns, int(p.stem.removeprefix("step_"))))
-    for old in kept_files[:-keep]:
+                        key=lambda p: int(p.stem.removeprefix("step_")))
+    later = [p for p in kept_files if int(p.stem.removeprefix("step_")) > step]
+    kept_files = [p for p in kept_files if p not in later]
+    for old in later + kept_files[:-keep]:
         old.unlink(missing_ok=True)
 
 

@@ -1060,3 +1060,11 @@ def test_a_second_run_in_a_running_runs_folder_writes_nothing_there(corpus, tmp_
         assert cli.main(["train", "--data", str(corpus), "--out", str(run), "--max-steps", "2", *SMALL]) == 2
     assert "is in use by another `pyllm train`" in capsys.readouterr().err
     assert sorted(p.name for p in run.iterdir()) == [".lock"]
+
+
+def test_resume_takes_a_file_only_as_a_kept_checkpoint(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoint.pt").write_bytes(b"x")
+    assert cli.main(["train", "--resume", str(tmp_path / "run" / "checkpoint.pt")]) == 2
+    assert "give a run folder, or a checkpoint its --keep-checkpoints kept" in capsys.readouterr().err
+    assert not (tmp_path / ".lock").exists()  # (refused before any folder was locked)

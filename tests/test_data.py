@@ -394,3 +394,23 @@ def test_token_loader_batches_are_contiguous(tmp_path):
         batch = data.TokenLoader(tmp_path / "t.bin", 3, 8, doc_mask=doc_mask).next_batch()
         assert all(t.is_contiguous() for t in batch[:2]) and torch.equal(batch[0][:, 1:], batch[1][:, :-1])
         batch[1].view(-1)
+
+
+def test_a_killed_writers_temp_files_are_removed_by_the_next_one(tmp_path):
+    # new_temp_file's names are unpredictable (never a planted link), so a writer killed mid-file leaves
+    # one each time: the next TokenWriter of that file removes those nothing has written for 10 minutes.
+    import os
+    import time
+
+    stale, fresh = tmp_path / ".train.bin.abc.tmp", tmp_path / ".train.bin.def.tmp"
+    stale.write_bytes(b"x")
+    fresh.write_bytes(b"y")
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    data.write_tokens(tmp_path / "train.bin", np.array([1, 2, 3]), vocab_size=10)
+    assert not stale.exists() and fresh.exists() and (tmp_path / "train.bin").is_file()
+    link = tmp_path / "victim.txt"
+    link.write_text("keep")
+    data.write_whole(tmp_path / "t.docs.npy", np.arange(3))
+    (tmp_path / "t.mask.npy").symlink_to(link)  # a planted link is replaced, not written through
+    data.write_whole(tmp_path / "t.mask.npy", np.zeros(3, np.uint8))
+    assert link.read_text() == "keep" and np.load(tmp_path / "t.mask.npy").tolist() == [0, 0, 0]

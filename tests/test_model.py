@@ -2484,8 +2484,13 @@ def test_a_weights_file_whose_config_claims_another_model_is_refused_before_it_i
               metadata={"pyllm_config": json.dumps(huge)})
     built = []
     real_init = LLM.__init__
-    monkeypatch.setattr(LLM, "__init__", lambda self, cfg: (built.append(torch.empty(0).device.type),
-                                                            real_init(self, cfg))[1])
+
+    def meta_only(self, cfg):  # (a regression builds nothing real: it fails here, not by running out of memory)
+        built.append(torch.empty(0).device.type)
+        assert built[-1] == "meta", "the claimed model was built for real"
+        real_init(self, cfg)
+
+    monkeypatch.setattr(LLM, "__init__", meta_only)
     with pytest.raises(ValueError, match=r"its weights are not the model its config describes: missing "):
         LLM.load(tmp_path / "model.safetensors")
     assert built == ["meta"]  # the shape-only copy alone

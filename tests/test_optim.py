@@ -1179,6 +1179,20 @@ def test_muon_adamw_leaves_a_skipped_steps_grads_and_sums_in_fp64():
     assert float(torch.cat([w.grad.double().view(-1), b.grad.double()]).norm()) == pytest.approx(1.0, rel=1e-5)
 
 
+def test_grad_norm_of_torch_optimizer_groups_takes_fp64_grads():
+    # MuonAdamW over torch's AdamW on fp64 params: the norm had been asked in fp32 (a narrowing torch refuses)
+    from pyllm.optim import Muon, MuonAdamW, _grad_norm
+
+    w, b = torch.randn(8, 6, dtype=torch.float64, requires_grad=True), torch.randn(6, dtype=torch.float64, requires_grad=True)
+    opt = MuonAdamW(Muon([w], lr=0.01), torch.optim.AdamW([b], lr=0.01))
+    w.grad, b.grad = torch.randn_like(w), torch.randn_like(b)
+    expected = torch.cat([w.grad.view(-1), b.grad]).norm()
+    opt.step(max_grad_norm=1e9)
+    assert float(opt.last_grad_norm) == pytest.approx(expected.item(), rel=1e-12)
+    huge = torch.full((1000,), 3e38)  # fp32's norm overflows; the rescaled one does not
+    assert float(_grad_norm(huge)) == pytest.approx(3e38 * math.sqrt(1000), rel=1e-6)
+
+
 @pytest.mark.parametrize("copy_with", ["deepcopy", "pickle"])
 def test_adamw_copied_or_pickled_steps_as_the_original(copy_with):
     # torch's optimizers pickle their defaults, state and param groups alone; a copy of pyllm's

@@ -194,6 +194,42 @@ def test_run_lock_nests_and_runs_unguarded_where_the_file_system_takes_none(tmp_
     assert "file system takes no lock (No locks available)" in capsys.readouterr().err
 
 
+def test_a_second_sigterm_is_the_same_request_unless_it_comes_later(monkeypatch):
+    # SLURM and torchrun each send a worker SIGTERM within milliseconds: one request. A second one
+    # ESCALATE_AFTER_S later ends the process (a run stuck in set-up still dies to `kill`).
+    import signal
+
+    raised = []
+    monkeypatch.setattr(signal, "raise_signal", raised.append)
+    monkeypatch.setattr(signal, "signal", lambda signum, handler: None)
+    clock = [100.0]
+    monkeypatch.setattr(trainer.time, "monotonic", lambda: clock[0])
+    try:
+        trainer.request_stop(signal.SIGTERM, None)
+        clock[0] += 0.01
+        trainer.request_stop(signal.SIGTERM, None)
+        assert trainer._stop_requested.is_set() and raised == []
+        clock[0] += trainer.ESCALATE_AFTER_S
+        trainer.request_stop(signal.SIGTERM, None)
+        assert raised == [signal.SIGTERM]
+    finally:
+        trainer._stop_requested.clear()
+
+
+def test_kept_checkpoints_past_the_step_are_an_abandoned_branch(tmp_path):
+    # After a resume from an older kept checkpoint, the later ones are another branch: they go when the
+    # run saves, and the last K are by step (not file times, which a copied run folder changes).
+    out = tmp_path
+    for step in (10, 20, 30, 40):
+        (out / "checkpoint.pt").write_bytes(str(step).encode())
+        trainer.keep_checkpoint(out, step, 3)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_20.pt", "step_30.pt", "step_40.pt"]
+    os.utime(out / "checkpoints" / "step_20.pt", (1, 1))  # (a copy's times: meaningless)
+    (out / "checkpoint.pt").write_bytes(b"25")  # resumed from step 20, saved at 25
+    trainer.keep_checkpoint(out, 25, 3)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_20.pt", "step_25.pt"]
+
+
 def test_a_failed_checkpoint_write_keeps_the_last_one_and_says_why(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pt"
     trainer.save_checkpoint(path, {"step": 1})

@@ -215,9 +215,7 @@ def read_json(path) -> dict:
 def write_json(path, obj) -> None:
     """path written whole or not at all (a temp file renamed into place): a kill or a full disk
     mid-write had left an empty run.json / source.json that every later run failed to read."""
-    from pyllm.tokenizer.tokenizer import _atomic_write
-
-    _atomic_write(path, json.dumps(obj).encode())
+    write_whole(path, json.dumps(obj))
 
 
 def ensure_tokenizer(inputs, path: Path, vocab_size: int, max_bytes: int, retrain: bool = False):
@@ -571,23 +569,26 @@ def last_checkpoint_note(run_dir) -> str:
     return f"its checkpoint is at step {step}: go on with `pyllm train --resume {run_dir}`"
 
 
+def kept_checkpoint_run(kept: Path) -> Path:
+    """The run folder of RUN/checkpoints/step_N.pt (a checkpoint --keep-checkpoints kept), or ValueError."""
+    kept = Path(kept).resolve()
+    if kept.parent.name != "checkpoints" or not re.fullmatch(r"step_\d+\.pt", kept.name):
+        raise ValueError(f"--resume {kept}: give a run folder, or a checkpoint its --keep-checkpoints kept "
+                         "(RUN/checkpoints/step_N.pt)")
+    return kept.parent.parent
+
+
 def install_kept_checkpoint(kept: Path) -> str:
     """`--resume RUN/checkpoints/step_N.pt` (--keep-checkpoints): that checkpoint made RUN's
     checkpoint.pt (a new link or copy renamed into place: the kept file and its siblings untouched),
     and RUN returned. A kept file is a hard link of the checkpoint.pt it was; a plain `cp` over
     checkpoint.pt writes into the newest kept file too (the step it held is lost)."""
-    from pyllm.train import CHECKPOINT
+    from pyllm.train import CHECKPOINT, link_or_copy
 
-    run_dir = kept.resolve().parent.parent
-    if kept.resolve().parent.name != "checkpoints" or not re.fullmatch(r"step_\d+\.pt", kept.name):
-        raise ValueError(f"--resume {kept}: give a run folder, or a checkpoint its --keep-checkpoints kept "
-                         "(RUN/checkpoints/step_N.pt)")
+    run_dir = kept_checkpoint_run(kept)
     tmp = run_dir / f".{CHECKPOINT}.{os.getpid()}.tmp"
     tmp.unlink(missing_ok=True)
-    try:
-        os.link(kept, tmp)
-    except OSError:
-        shutil.copy2(kept, tmp)
+    link_or_copy(kept, tmp)
     os.replace(tmp, run_dir / CHECKPOINT)
     print(f"resume: {kept} is now {run_dir / CHECKPOINT}", file=sys.stderr)
     return str(run_dir)
@@ -611,11 +612,7 @@ def cmd_train(args) -> int:
     # its data before train()'s lock refused it.
     resume = cli["resume"]
     if resume and Path(resume).is_file():
-        kept = Path(resume).resolve()
-        if kept.parent.name != "checkpoints" or not re.fullmatch(r"step_\d+\.pt", kept.name):
-            raise ValueError(f"--resume {resume}: give a run folder, or a checkpoint its --keep-checkpoints kept "
-                             "(RUN/checkpoints/step_N.pt)")
-        run_dir = kept.parent.parent
+        run_dir = kept_checkpoint_run(Path(resume))
     elif resume:
         run_dir = Path(resume)
     else:

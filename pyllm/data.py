@@ -83,8 +83,8 @@ def new_temp_file(path) -> tuple[int, Path]:
 
 
 def write_whole(path, data: bytes | str | np.ndarray) -> None:
-    """path written through new_temp_file and a rename: bytes or text as they are, an array as
-    np.save writes it (never through a planted link, never half a file)."""
+    """path written through new_temp_file, fsync and a rename: bytes or text as they are, an array
+    as np.save writes it (never through a planted link, never half a file)."""
     fd, tmp = new_temp_file(path)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -92,6 +92,8 @@ def write_whole(path, data: bytes | str | np.ndarray) -> None:
                 np.save(f, data)
             else:
                 f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -100,12 +102,13 @@ def write_whole(path, data: bytes | str | np.ndarray) -> None:
 
 def remove_stale_temp_files(path, older_than_s: float = 600.0) -> None:
     """new_temp_file's leftovers beside path that nothing has written for older_than_s (a writer
-    killed mid-file: a prepare OOM-killed while tokenizing left gigabytes, hidden, each time)."""
+    killed mid-file: a prepare OOM-killed while tokenizing left gigabytes, hidden, each time); 0:
+    all of them (a caller that holds the folder's lock: no other writer of it runs)."""
     path = Path(path)
     now = time.time()
     for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
         try:
-            if now - stale.stat().st_mtime > older_than_s:
+            if now - stale.stat().st_mtime >= older_than_s:
                 stale.unlink()
         except OSError:
             pass

@@ -601,7 +601,7 @@ class LLM(nn.Module):
             raise ValueError(f"LLM.forward: idx must be a (B, T) tensor of token ids, got "
                              f"{tuple(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__}")
         weight = self.tok_emb.weight  # (a DTensor shard, FSDP2's CPU offload: its hook moves it, not checked here)
-        if idx.device != weight.device and not type(weight).__module__.startswith(("torch.distributed.tensor", "torch.distributed._tensor")):
+        if idx.device != weight.device and not _util.is_dtensor(weight):
             raise ValueError(f"LLM.forward: idx is on {idx.device}, the model on {weight.device}: "
                              "put them on one device")
         if targets is not None and (not _util.int_tensor(targets) or targets.shape != idx.shape):

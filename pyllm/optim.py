@@ -58,13 +58,13 @@ def _check_param(p: Tensor, stepped: bool) -> None:
     """A param the fused step takes: on cpu or cuda (with its kernels built), float32 / bfloat16 /
     float16, and, where it is stepped, contiguous (the kernels walk param, grad and state as flat
     arrays). At construction and again at each step (a param may change in between)."""
-    if type(p).__module__.startswith(("torch.distributed.tensor", "torch.distributed._tensor")):  # (torch < 2.5's name)  # (no data pointer of its own: the step would read none)
+    if _util.is_dtensor(p):  # (no data pointer of its own: the step would read none)
         raise TypeError("AdamW: got a DTensor param (FSDP2's fully_shard, or tensor parallelism): pyllm's fused step "
                         "takes plain tensors; use torch.optim.AdamW for sharded params (pyllm train does), or "
                         "pyllm.optim.ZeroAdamW with DDP-style replicated params")
     if p.device.type not in _ops.DTYPES:
         raise ValueError(f"AdamW: params must be on cpu or cuda (the fused step's kernels), got one on {p.device}")
-    _util.check_backend("AdamW", p.device, p)
+    _util.check_backend("AdamW", p)
     if p.dtype not in _ops.DTYPES[p.device.type]:
         raise TypeError(f"AdamW: params must be float32, bfloat16 or float16, got a {p.dtype} param")
     if stepped and not p.is_contiguous():

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pyllm.data import PackedLoader, TokenLoader, has_documents, new_temp_file, read_header, read_rows
+from pyllm.data import (PackedLoader, TokenLoader, has_documents, new_temp_file, read_header, read_rows,
+                        remove_stale_temp_files)
 from pyllm.model import LLM, ModelConfig, check_fields, lora_targets, save_weights
 from pyllm.nn import PREFERENCE_LOSSES, REFERENCE_FREE, preference_loss, sequence_logps
 from pyllm.ops import _util
@@ -334,6 +335,11 @@ def all_reduce_sum(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
         dist.all_reduce(x)
         x = x.cpu()
     return x
+
+
+def any_rank(flag: bool, info: DistInfo) -> bool:
+    """Whether flag is true on any rank (every rank gets the same answer)."""
+    return bool(all_reduce_sum(torch.tensor([float(flag)], dtype=torch.float64), info).item())
 
 
 def all_reduce_mean(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
@@ -1388,12 +1394,16 @@ class TrainingStopped(Exception):
 def stop_requested(info: DistInfo) -> bool:
     """Whether any process was asked to stop, agreed by all (each then saves the same step: torchrun
     forwards a SIGTERM to every worker, each seeing it at its own moment)."""
-    stop = _stop_requested.is_set()
-    if info.world_size > 1:
-        flag = torch.tensor([float(stop)], device=info.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        stop = bool(flag.item())
-    return stop
+    return any_rank(_stop_requested.is_set(), info)
+
+
+def link_or_copy(source: Path, dest: Path) -> None:
+    """dest (a new name) as a hard link of source where the file system allows (no second copy on
+    disk), else a copy."""
+    try:
+        os.link(source, dest)
+    except OSError:
+        shutil.copy2(source, dest)
 
 
 def keep_checkpoint(out: Path, step: int, keep: int) -> None:
@@ -1405,18 +1415,14 @@ def keep_checkpoint(out: Path, step: int, keep: int) -> None:
     folder.mkdir(exist_ok=True)
     kept = folder / f"step_{step}.pt"
     kept.unlink(missing_ok=True)
-    try:
-        os.link(out / CHECKPOINT, kept)
-    except OSError:
-        shutil.copy2(out / CHECKPOINT, kept)
+    link_or_copy(out / CHECKPOINT, kept)
     # Steps past this one are an abandoned branch (the run was resumed from an older kept one): they
     # had outlived the run's new checkpoints. The rest: the last `keep` by step.
-    kept_files = sorted((p for p in folder.glob("step_*.pt") if p.stem.removeprefix("step_").isdigit()),
-                        key=lambda p: int(p.stem.removeprefix("step_")))
-    later = [p for p in kept_files if int(p.stem.removeprefix("step_")) > step]
-    kept_files = [p for p in kept_files if p not in later]
-    for old in later + kept_files[:-keep]:
-        old.unlink(missing_ok=True)
+    steps = {int(p.stem.removeprefix("step_")): p for p in folder.glob("step_*.pt")
+             if p.stem.removeprefix("step_").isdigit()}
+    earlier = sorted(s for s in steps if s <= step)
+    for old in [s for s in steps if s > step] + earlier[:-keep]:
+        steps[old].unlink(missing_ok=True)
 
 
 def source_run_weights(run_dir) -> Path:
@@ -1604,7 +1610,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
     out.mkdir(parents=True, exist_ok=True)
     with run_lock(out, info.is_main, info):
         if info.is_main:
-            remove_stale_temp_files(out)
+            for name in _RUN_FILES:
+                remove_stale_temp_files(out / name, older_than_s=0)
         if not resume and info.is_main:
             set_aside_earlier_run(out)
         if info.world_size > 1:
@@ -1633,12 +1640,6 @@ def set_aside_earlier_run(out: Path) -> None:
 # What new_temp_file leaves of the run's files when a kill lands mid-write (SIGKILL after a
 # scheduler's grace period, mid-save): removed when the next run in the folder starts, under its lock.
 _RUN_FILES = (CHECKPOINT, "model.safetensors", "log.jsonl", "completions.jsonl", "run.json")
-
-
-def remove_stale_temp_files(out: Path) -> None:
-    for name in _RUN_FILES:
-        for stale in out.glob(f".{name}.*.tmp"):
-            stale.unlink(missing_ok=True)
 
 
 _locked_here: set = set()  # run folders this process holds the lock of (run_lock nests: the CLI's, then train()'s)
@@ -1674,11 +1675,8 @@ def run_lock(out: Path, is_main: bool = True, info: DistInfo | None = None):
                 else:
                     print(f"pyllm: {out}'s file system takes no lock ({e.strerror}): nothing keeps a second run out "
                           "of this folder", file=sys.stderr)
-    if info is not None and info.world_size > 1:
-        flag = torch.tensor([float(refused is not None)], device=info.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() and refused is None:
-            refused = f"{out} is in use by another `pyllm train` (rank 0 could not lock it)"
+    if info is not None and any_rank(refused is not None, info) and refused is None:
+        refused = f"{out} is in use by another `pyllm train` (rank 0 could not lock it)"
     if refused is not None:
         raise RuntimeError(refused)
     try:

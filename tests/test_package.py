@@ -195,8 +195,8 @@ def test_a_gpu_older_than_the_kernels_is_named_and_left_to_torch(monkeypatch):
     assert [ptrain.has_kernels_for(torch.device("cuda", i)) for i in range(3)] == [False, True, True]
     with pytest.raises(RuntimeError, match=r"swiglu: pyllm's CUDA kernels need a GPU of compute capability 8\.0 .*"
                                            r"cuda:0 \(Tesla V100\) is 7\.0"):
-        _util.check_backend("swiglu", gpu[0].device, gpu[0])
-    _util.check_backend("swiglu", gpu[1].device, gpu[1])
+        _util.check_backend("swiglu", gpu[0])
+    _util.check_backend("swiglu", gpu[1])
     monkeypatch.setattr(_util, "HAS_CUDA_KERNELS", False)
     monkeypatch.setattr(_util, "_runs_on", {})
     assert not _util.cuda_kernels_run_on(gpu[2]) and not ptrain.has_kernels_for(torch.device("cuda", 2))

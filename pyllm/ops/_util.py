@@ -79,6 +79,12 @@ def gpu_runs_kernels(index: int | None = None) -> bool:
     return ok
 
 
+def is_dtensor(t) -> bool:
+    """A DTensor (FSDP2's or tensor parallelism's shards), known without importing its module: its
+    public name from torch 2.5, its private one before."""
+    return type(t).__module__.startswith(("torch.distributed.tensor", "torch.distributed._tensor"))
+
+
 def dtype_code(t: torch.Tensor) -> int:
     return DTYPE_CODES[t.dtype]
 
@@ -144,17 +150,20 @@ def check_tensor(op: str, name: str, t, dtypes: dict[str, tuple]) -> None:
     if t.dtype not in allowed:
         raise TypeError(f"{op}: {name} has dtype {t.dtype}, expected one of {_names(allowed)} on {dev}")
     if dev == "cuda":
-        check_backend(op, t.device, t)
+        check_backend(op, t)
 
 
-def check_backend(op: str, device: torch.device, t: torch.Tensor | None = None) -> None:
+def check_backend(op: str, t: torch.Tensor | torch.device) -> None:
+    """A CUDA tensor (or device) has pyllm's kernels to run on: they were built, and (for a tensor)
+    its GPU is one they run on."""
+    device = t if isinstance(t, torch.device) else t.device
     if device.type == "cuda" and not HAS_CUDA_KERNELS:
         raise RuntimeError(
             f"{op}: got a CUDA tensor, but this pyllm was built without CUDA kernels "
             "(nvcc was not found at build time, or PYLLM_CUDA=off). Rebuild with nvcc on PATH "
             "and PYLLM_CUDA=on to get them."
         )
-    if device.type == "cuda" and t is not None and not cuda_kernels_run_on(t):
+    if device.type == "cuda" and not isinstance(t, torch.device) and not cuda_kernels_run_on(t):
         major, minor = torch.cuda.get_device_capability(t.get_device())
         raise RuntimeError(
             f"{op}: pyllm's CUDA kernels need a GPU of compute capability "

@@ -55,7 +55,7 @@ def grad_sumsq_(grads: list[Tensor], table: Tensor, sumsq: Tensor) -> None:
         return
     dtype = _util.dtype_code(grads[0])
     if sumsq.is_cuda:
-        _util.check_backend(OP, sumsq.device, sumsq)  # direct callers skip AdamW's checks
+        _util.check_backend(OP, sumsq)  # direct callers skip AdamW's checks
         chunks = sum((g.numel() + CUDA_CHUNK - 1) // CUDA_CHUNK for g in grads)
         partials = torch.empty(max(chunks, 1), dtype=torch.float64, device=sumsq.device)
         _C.adamw_grad_sumsq_cuda(table.data_ptr(), n, dtype, partials.data_ptr(), partials.numel(),
@@ -85,7 +85,7 @@ def step_(params: list[Tensor], table: Tensor, *, has_master: bool, lr: float, b
             float(max_grad_norm) if max_grad_norm is not None else -1.0,
             bool(stochastic_rounding), int(seed) & ((1 << 64) - 1))
     if params[0].is_cuda:
-        _util.check_backend(OP, params[0].device, params[0])
+        _util.check_backend(OP, params[0])
         _C.adamw_step_cuda(*args, params[0].device.index, _util.stream_of(params[0]))
     else:
         _util.init_cpu_threads()

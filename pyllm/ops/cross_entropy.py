@@ -99,7 +99,7 @@ def cross_entropy_into(logits: Tensor, targets: Tensor, loss: Tensor, z_part: Op
             int(ignore_index), float(scale), float(softcap), float(label_smoothing), float(z_loss), float(grad_scale),
             _util.dtype_code(logits))
     if logits.is_cuda:
-        _util.check_backend(OP, logits.device, logits)
+        _util.check_backend(OP, logits)
         _C.cross_entropy_cuda(*args, logits.device.index, _util.stream_of(logits))
     else:
         _util.init_cpu_threads()

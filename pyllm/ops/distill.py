@@ -103,7 +103,7 @@ def distill_into(student: Tensor, teacher: Tensor, loss: Tensor, grad: Optional[
             float(teacher_scale), float(teacher_softcap), float(temperature), float(beta), float(grad_scale),
             _util.dtype_code(student))
     if student.is_cuda:
-        _util.check_backend(OP, student.device, student)
+        _util.check_backend(OP, student)
         _C.distill_cuda(*args, student.device.index, _util.stream_of(student))
     else:
         _util.init_cpu_threads()

@@ -98,7 +98,7 @@ def rms_norm_forward_into(x: Tensor, weight: Optional[Tensor], out: Tensor, rstd
     args = (_util.ptr(x), 0 if weight is None else _util.ptr(weight), _util.ptr(out), _util.ptr(rstd), rows, cols,
             float(eps), float(offset), bool(cast_first), _util.dtype_code(x))
     if x.is_cuda:
-        _util.check_backend(OP, x.device, x)  # torch.ops.pyllm.* arrive here without rms_norm()'s checks
+        _util.check_backend(OP, x)  # torch.ops.pyllm.* arrive here without rms_norm()'s checks
         _C.rms_norm_fwd_cuda(*args, x.device.index, _util.stream_of(x))
     else:
         _util.init_cpu_threads()
@@ -119,7 +119,7 @@ def rms_norm_backward_into(dout: Tensor, x: Tensor, weight: Optional[Tensor], rs
                             0 if dweight is None else _util.ptr(dweight), rows, cols, float(offset), bool(cast_first),
                             _util.dtype_code(x), dweight is not None and dweight.dtype != x.dtype)
         return
-    _util.check_backend(OP, x.device, x)
+    _util.check_backend(OP, x)
     device = x.device.index
     partials = None
     if dweight is not None:  # one fp32 row per block, summed here (deterministic: a fixed grid)

@@ -65,7 +65,7 @@ def rope_into(x: Tensor, cos: Tensor, sin: Tensor, out: Tensor, inverse: bool = 
     args = (_util.ptr(x), _util.ptr(cos), _util.ptr(sin), _util.ptr(out), B, T, H, D, half, _row_strides(x),
             _row_strides(out), cs_batch_stride, bool(inverse), _util.dtype_code(x))
     if x.is_cuda:
-        _util.check_backend(OP, x.device, x)
+        _util.check_backend(OP, x)
         _C.rope_cuda(*args, x.device.index, _util.stream_of(x), interleaved=bool(interleaved))
     else:
         _util.init_cpu_threads()

@@ -48,7 +48,7 @@ def _launch_fwd(gate: Tensor, up: Tensor, out: Tensor, rows: int, cols: int, in_
     args = (_util.ptr(gate), _util.ptr(up), _util.ptr(out), rows, cols, in_stride, out_stride, _util.dtype_code(out),
             ACTIVATIONS[activation])
     if out.is_cuda:
-        _util.check_backend(NAMES[activation], out.device, out)  # torch.ops.pyllm.* arrive here unchecked
+        _util.check_backend(NAMES[activation], out)  # torch.ops.pyllm.* arrive here unchecked
         _C.swiglu_fwd_cuda(*args, out.device.index, _util.stream_of(out))
     else:
         _util.init_cpu_threads()
@@ -59,7 +59,7 @@ def _launch_bwd(dout, gate, up, dgate, dup, rows, cols, in_stride, out_stride, a
     args = (_util.ptr(dout), _util.ptr(gate), _util.ptr(up), _util.ptr(dgate), _util.ptr(dup),
             rows, cols, in_stride, out_stride, _util.dtype_code(dout), ACTIVATIONS[activation])
     if dout.is_cuda:
-        _util.check_backend(NAMES[activation], dout.device, dout)
+        _util.check_backend(NAMES[activation], dout)
         _C.swiglu_bwd_cuda(*args, dout.device.index, _util.stream_of(dout))
     else:
         _util.init_cpu_threads()

@@ -484,24 +484,11 @@ MAX_TOKEN_BYTES = 1 << 16
 
 
 def _atomic_write(path, data: bytes) -> None:
-    """Writes data to path through a temp file in the same folder and a rename: never half a file
-    (the temp file made as data.new_temp_file makes it: exclusively, never through a planted link)."""
-    from pyllm.data import new_temp_file
+    """Writes data to path whole or not at all (data.write_whole: a temp file made exclusively, never
+    through a planted link, fsync'd and renamed into place)."""
+    from pyllm.data import write_whole
 
-    path = os.fspath(os.path.abspath(path))
-    fd, tmp = new_temp_file(path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    write_whole(os.path.abspath(path), data)
 
 
 def _ranks_body(ranks: dict[bytes, int]) -> bytes:

@@ -14,6 +14,7 @@ import numbers
 import os
 import re
 import threading
+import warnings
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -1941,7 +1942,7 @@ def state_from_hf(hf_state: dict, cfg: ModelConfig, kind: str) -> dict:
         hf_state = {next((k[len(p):] for p in prefixes if k.startswith(p)), k): v for k, v in hf_state.items()
                     if k.startswith(prefixes) or k == "lm_head.weight"}
         kind = "gemma3_text"
-    hf_state = {k.removeprefix("transformer.").removeprefix("model."): v for k, v in hf_state.items()}
+    hf_state = _ReadNames((k.removeprefix("transformer.").removeprefix("model."), v) for k, v in hf_state.items())
     state = {}
     if kind == "gpt2":
         state["tok_emb.weight"], state["pos_emb.weight"] = hf_state["wte.weight"], hf_state["wpe.weight"]
@@ -1982,7 +1983,36 @@ def state_from_hf(hf_state: dict, cfg: ModelConfig, kind: str) -> dict:
         state["lm_head.weight"] = hf_state.get("lm_head.weight", state["tok_emb.weight"])
     if cfg.num_labels:
         state["score.weight"] = hf_state["score.weight"]
+    unused = sorted(k for k in hf_state if k not in hf_state.read and not HF_UNUSED_BY_DESIGN.search(k)
+                    and not (k == "lm_head.weight" and cfg.tie_embeddings))
+    if unused:  # transformers leaves them out too, with a warning: a model of this config has no place for them
+        warnings.warn(f"{len(unused)} tensors of the checkpoint are not used by a model of its config.json: "
+                      f"{', '.join(unused[:6])}{', ...' if len(unused) > 6 else ''} (as transformers, which leaves them "
+                      "out with a warning too; weights of a part the config leaves out, such as attention_bias or "
+                      "mlp_bias false beside bias tensors, were trained for another function)", stacklevel=3)
     return state
+
+
+class _ReadNames(dict):
+    """A state dict that records the names read from it by item or get (state_from_hf's check that
+    every tensor of a checkpoint found its place)."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.read = set()
+
+    def __getitem__(self, name):
+        self.read.add(name)
+        return super().__getitem__(name)
+
+    def get(self, name, default=None):
+        self.read.add(name)
+        return super().get(name, default)
+
+
+# Checkpoint tensors no model reads: buffers older transformers saved (RoPE's inverse frequencies,
+# GPT-2's causal mask and its masked-score constant), recomputed at load.
+HF_UNUSED_BY_DESIGN = re.compile(r"(^|\.)(rotary_emb\.inv_freq|attn\.bias|attn\.masked_bias)$")
 
 
 # The checkpoints' names of an expert's gate, up and down projections.

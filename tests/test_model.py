@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 import math
 
 import numpy as np
@@ -1842,7 +1843,10 @@ def test_from_hf_computes_what_transformers_computes(name, tmp_path):
         for p in theirs.parameters():
             p.add_(torch.randn_like(p) * 0.1)
     theirs.save_pretrained(tmp_path, max_shard_size="50KB")  # shards and their index.json
-    ours = LLM.from_hf(tmp_path, dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours = LLM.from_hf(tmp_path, dtype=torch.float64)
+    assert not [w for w in caught if "not used" in str(w.message)]  # every tensor found its place
     idx = torch.randint(0, 97, (2, 19))
     with torch.no_grad():
         expected = theirs(idx).logits
@@ -1854,6 +1858,35 @@ def test_from_hf_computes_what_transformers_computes(name, tmp_path):
     expected = theirs.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20, do_sample=False,
                                pad_token_id=0)
     assert torch.equal(ours.generate(prompt, 20, temperature=0), expected)
+
+
+def test_from_hf_warns_of_tensors_it_leaves_out_as_transformers_does(tmp_path):
+    """A tensor the config has no place for (an o_proj bias beside attention_bias false) is left out,
+    as transformers leaves it out, but said; buffers older checkpoints saved are left out silently."""
+    from safetensors.torch import load_file, save_file
+
+    theirs = hf_models()["llama-gqa"].double().eval()
+    theirs.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    weights["model.layers.0.self_attn.o_proj.bias"] = torch.randn(theirs.config.hidden_size, dtype=torch.float64)
+    weights["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.randn(4, dtype=torch.float64)
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.warns(UserWarning, match=r"^1 tensors of the checkpoint are not used .*layers\.0\.self_attn\.o_proj\.bias \(") as caught:
+        ours = LLM.from_hf(tmp_path, dtype=torch.float64)
+    assert not [w for w in caught if "inv_freq" in str(w.message)]
+    again = type(theirs).from_pretrained(tmp_path, torch_dtype=torch.float64).eval()  # transformers: the same function
+    idx = torch.randint(0, 97, (2, 11))
+    with torch.no_grad():
+        assert rel_err(ours(idx)[0], again(idx).logits) < 1e-6
+    # GPT-2's saved causal mask and masked-score constant (h.N.attn.bias, h.N.attn.masked_bias).
+    gpt2 = tmp_path / "gpt2"
+    hf_models()["gpt2"].save_pretrained(gpt2)
+    weights = load_file(gpt2 / "model.safetensors")
+    weights["h.0.attn.bias"], weights["h.0.attn.masked_bias"] = torch.ones(1, 1, 8, 8), torch.tensor(-1e4)
+    save_file(weights, gpt2 / "model.safetensors", metadata={"format": "pt"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        LLM.from_hf(gpt2)
 
 
 def test_from_hf_refuses_what_it_cannot_compute(tmp_path):

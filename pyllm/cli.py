@@ -5,6 +5,7 @@ import argparse
 import json
 import re
 import os
+import platform
 import shutil
 import signal
 import subprocess
@@ -57,9 +58,12 @@ def cmd_info(args) -> int:
     if "avx512bf16" in _C.cpu_isa:
         how = "vdpbf16ps dot products" if _C.flash_attn_cpu_bf16_dot() else "fp32 tiles (vdpbf16ps is slow on this CPU)"
         print(f"  bf16 attention scores: {how}; PYLLM_ATTN_CPU_BF16_DOT=0/1 overrides")
-    amx = {"on": "AMX tiles", "off": "AMX tiles off (PYLLM_ATTN_CPU_AMX=0)",
-           "unavailable": "no AMX (not in this build's -march, or the CPU or kernel does not allow it)"}
-    print(f"  bf16 attention forward and backward: {amx[_C.flash_attn_cpu_amx()]}; PYLLM_ATTN_CPU_AMX=0 turns them off")
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        print("  bf16 attention forward and backward: fp32 tiles (AMX is x86's)")
+    else:
+        amx = {"on": "AMX tiles", "off": "AMX tiles off (PYLLM_ATTN_CPU_AMX=0)",
+               "unavailable": "no AMX (not in this build's -march, or the CPU or kernel does not allow it)"}
+        print(f"  bf16 attention forward and backward: {amx[_C.flash_attn_cpu_amx()]}; PYLLM_ATTN_CPU_AMX=0 turns them off")
     print("ops:")
     for op, by_device in BACKENDS.items():
         for device, dtypes in by_device.items():

@@ -791,9 +791,14 @@ def test_every_command_has_help(argv, capsys):
     assert "--help" in capsys.readouterr().out
 
 
-def test_info_still_works(capsys):
+def test_info_still_works(capsys, monkeypatch):
     assert cli.main(["info"]) == 0
     assert "swiglu" in capsys.readouterr().out
+    import platform
+
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")  # no AMX line where there is no AMX
+    assert cli.main(["info"]) == 0
+    assert "bf16 attention forward and backward: fp32 tiles (AMX is x86's)" in capsys.readouterr().out
 
 
 def test_output_piped_into_a_reader_that_stops_early():

@@ -187,6 +187,12 @@ class AdamW(torch.optim.Optimizer):
         self._written: dict[int, int] = {}
 
     def add_param_group(self, param_group: dict) -> None:
+        params = param_group.get("params") if isinstance(param_group, dict) else None
+        if params is not None and not isinstance(params, (torch.Tensor, set)):  # (torch refuses a set itself)
+            # Listed here, so that a param listed twice is refused before torch's warning of the same
+            # ("in future, this will cause an error"), which had come first, then our error.
+            param_group = {**param_group, "params": list(params)}
+            self._check_no_repeats(param_group["params"])
         super().add_param_group(param_group)
         try:
             self._check_group(self.param_groups[-1])
@@ -195,11 +201,15 @@ class AdamW(torch.optim.Optimizer):
             raise
 
     @staticmethod
-    def _check_group(group: dict) -> None:
-        if len({id(p) for p in group["params"]}) != len(group["params"]):
+    def _check_no_repeats(params: list) -> None:
+        if len({id(p) for p in params}) != len(params):
             # torch warns and steps such a param twice; the fused step would take its state once and
             # its update twice over: another trajectory, silently
             raise ValueError("AdamW: a param group lists a param more than once")
+
+    @staticmethod
+    def _check_group(group: dict) -> None:
+        AdamW._check_no_repeats(group["params"])
         _check_hyper("AdamW param group", group["lr"], group["betas"], group["eps"], group["weight_decay"])
         devices = {p.device for p in group["params"]}
         if len(devices) > 1:

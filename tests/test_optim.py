@@ -2,6 +2,7 @@ import copy
 import importlib
 import io
 import math
+import warnings
 import sys
 
 import pytest
@@ -718,8 +719,11 @@ def test_bad_params_and_grads():
     opt.param_groups[0]["lr"] = -1.0  # a scheduler gone wrong is caught at the step
     with pytest.raises(ValueError, match="lr"):
         opt.step()
-    with pytest.raises(ValueError, match="more than once"):  # torch warns, then steps it twice
-        AdamW([r, r])
+    with warnings.catch_warnings():  # refused before torch's own warning of the same
+        warnings.simplefilter("error")
+        for group in ([r, r], (p for p in (r, r)), [{"params": [r]}, {"params": [r]}]):
+            with pytest.raises(ValueError, match="more than (once|one parameter group)"):  # torch warned, then stepped it twice
+                AdamW(group)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -53,6 +53,15 @@ class _Unset:
 _UNSET = _Unset()
 
 
+def _read_text(path) -> str:
+    with open(path, encoding="utf-8") as f:  # closed now, not when the GC gets to it (ResourceWarning)
+        return f.read()
+
+
+def _read_json(path):
+    return json.loads(_read_text(path))
+
+
 def _either(value, alias, where: str, name: str, alias_name: str):
     """value, or alias when only it was given: pyllm's parameter names (ids, texts) and tiktoken's
     (tokens, text) both work, by keyword too."""
@@ -234,13 +243,13 @@ def _compiled_chat_template(folder: str, stamps: tuple):
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     config_path = os.path.join(folder, "tokenizer_config.json")
-    config = json.load(open(config_path, encoding="utf-8")) if os.path.exists(config_path) else {}
+    config = _read_json(config_path) if os.path.exists(config_path) else {}
     template = config.get("chat_template")
     if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
         template = {t["name"]: t["template"] for t in template}.get("default")
     jinja_path = os.path.join(folder, "chat_template.jinja")
     if os.path.exists(jinja_path):  # the file wins, as in transformers (a template fixed by writing one)
-        template = open(jinja_path, encoding="utf-8").read()
+        template = _read_text(jinja_path)
     if not template:
         raise ValueError(f"{folder}: no chat template (tokenizer_config.json's chat_template or chat_template.jinja)")
 
@@ -284,7 +293,7 @@ def _compiled_chat_template(folder: str, stamps: tuple):
     # Older folders keep their special tokens in special_tokens_map.json only (transformers reads both):
     # Mistral's template then rendered no <s> and no </s>, the stop its replies never learned.
     map_path = os.path.join(folder, "special_tokens_map.json")
-    tokens = {**(json.load(open(map_path, encoding="utf-8")) if os.path.exists(map_path) else {}),
+    tokens = {**(_read_json(map_path) if os.path.exists(map_path) else {}),
               **{k: v for k, v in config.items() if k.endswith("_token") and v is not None}}
     variables = {name: token_text(tokens.get(name)) or "" for name in ("bos_token", "eos_token", "pad_token", "unk_token")}
     marked = re.search(r"\{%-?\s*generation\s*[-+]?%\}", template) is not None
@@ -410,7 +419,7 @@ def hf_stop_ids(folder) -> list[int]:
     for name in ("generation_config.json", "config.json"):
         path = os.path.join(os.fspath(folder), name)
         if os.path.exists(path):
-            eos = json.load(open(path, encoding="utf-8")).get("eos_token_id")
+            eos = _read_json(path).get("eos_token_id")
             ids += [eos] if isinstance(eos, int) else list(eos or [])
     return sorted(set(ids))
 

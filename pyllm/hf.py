@@ -537,7 +537,18 @@ def _same_code(forward, reference) -> bool:
     """Whether a module class's forward is reference's, up to local names: the MLPs transformers
     copies from Llama's (Mistral's, Qwen's, ...) are; one that scales, clamps or adds a step is not."""
     a, b = getattr(forward, "__code__", None), reference.__code__
-    return a is not None and (a.co_code, a.co_names, a.co_consts[1:]) == (b.co_code, b.co_names, b.co_consts[1:])
+    return a is not None and (a.co_code, a.co_names, _code_consts(forward)) == (b.co_code, b.co_names, _code_consts(reference))
+
+
+def _code_consts(function) -> tuple:
+    """A function's constants less its docstring. Before Python 3.14 co_consts[0] is the docstring or
+    None; from 3.14 it is the docstring where the CO_HAS_DOCSTRING flag says there is one, else the
+    first real constant, which dropping co_consts[0] blindly would leave uncompared."""
+    code = function.__code__
+    has_docstring = getattr(inspect, "CO_HAS_DOCSTRING", None)
+    if has_docstring is None or code.co_flags & has_docstring:
+        return code.co_consts[1:]
+    return code.co_consts
 
 
 # --- how a patch is put in -------------------------------------------------------------------------------

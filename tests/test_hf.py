@@ -316,6 +316,26 @@ def test_only_llamas_mlp_code_is_replaced():
         assert rel_err(ours(ids).logits, reference(ids).logits) < 1e-12
 
 
+def test_same_code_compares_every_constant_and_no_docstring():
+    # One scaling by another constant is not Llama's code, whichever constant comes first (Python
+    # 3.14 no longer puts None first where a function has no docstring); a copy with a docstring is,
+    # before 3.14 (from 3.14 its constants' indices in the bytecode differ).
+    def half(x):
+        return x * 0.5
+
+    def third(x):
+        return x * 0.25
+
+    def half_documented(x):
+        """Halves x."""
+        return x * 0.5
+
+    if sys.version_info < (3, 14):
+        assert phf._same_code(half, half_documented) and phf._same_code(half_documented, half)
+    assert phf._same_code(half, half) and not phf._same_code(half, third) and not phf._same_code(half_documented, third)
+    assert not phf._same_code(None, half)
+
+
 @pytest.mark.parametrize("family", ["llama", "phi3"])
 @pytest.mark.parametrize("hidden_act", ["gelu_pytorch_tanh", "gelu_new", "gelu_fast", "gelu_accurate", "gelu", "relu"])
 def test_tanh_gelu_gated_mlps_run_geglu(family, hidden_act, monkeypatch):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 from pathlib import Path
 
 # Predefined macro -> the Linux /proc/cpuinfo flag of the same instructions: the ones a compiler
@@ -30,22 +31,33 @@ MACRO_FLAGS: dict[str, str] = {
     "__AVX512BF16__": "avx512_bf16", "__AVX512FP16__": "avx512_fp16", "__GFNI__": "gfni",
     "__VAES__": "vaes", "__VPCLMULQDQ__": "vpclmulqdq", "__PCLMUL__": "pclmulqdq", "__AES__": "aes",
     "__SHA__": "sha_ni", "__ADX__": "adx",
-    # aarch64 (the "Features" line)
+    # aarch64 (the "Features" line; Linux's hwcap names). -march=armv8.1-a and later imply LSE
+    # atomics, which a std::atomic compiles to (Graviton 1 and the Cortex-A72 lack them).
     "__ARM_FEATURE_SVE": "sve", "__ARM_FEATURE_SVE2": "sve2", "__ARM_FEATURE_DOTPROD": "asimddp",
-    "__ARM_FEATURE_MATMUL_INT8": "i8mm", "__ARM_FEATURE_BF16_VECTOR_ARITHMETIC": "bf16",
-    "__ARM_FEATURE_FP16_VECTOR_ARITHMETIC": "asimdhp",
+    "__ARM_FEATURE_MATMUL_INT8": "i8mm", "__ARM_FEATURE_SVE_MATMUL_INT8": "svei8mm",
+    "__ARM_FEATURE_BF16_VECTOR_ARITHMETIC": "bf16", "__ARM_FEATURE_BF16_SCALAR_ARITHMETIC": "bf16",
+    "__ARM_FEATURE_SVE_BF16": "svebf16", "__ARM_FEATURE_FP16_VECTOR_ARITHMETIC": "asimdhp",
+    "__ARM_FEATURE_FP16_SCALAR_ARITHMETIC": "fphp", "__ARM_FEATURE_FP16_FML": "asimdfhm",
+    "__ARM_FEATURE_ATOMICS": "atomics", "__ARM_FEATURE_QRDMX": "asimdrdm", "__ARM_FEATURE_FRINT": "frint",
+    "__ARM_FEATURE_RCPC": "lrcpc", "__ARM_FEATURE_COMPLEX": "fcma", "__ARM_FEATURE_JCVT": "jscvt",
 }
 
 BUILD_FILE = Path(__file__).with_name("_C_cpu.json")
 
 
-def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str] | None:
-    """The running CPU's feature flags (Linux), or None where they cannot be read."""
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo", machine: str | None = None) -> set[str] | None:
+    """The running CPU's feature flags (Linux), or None where they cannot be read.
+
+    Only the line this architecture writes counts ("flags" on x86, "Features" on aarch64): under
+    qemu-user an aarch64 process reads the x86 host's /proc/cpuinfo, whose flags say nothing of
+    the CPU the kernels run on."""
+    machine = (machine or platform.machine()).lower()
+    key = "Features" if machine in ("aarch64", "arm64") or machine.startswith("arm") else "flags"
     try:
         with open(cpuinfo) as f:
             for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() in ("flags", "Features"):  # x86, aarch64
+                name, _, value = line.partition(":")
+                if name.strip() == key:
                     return set(value.split())
     except OSError:
         pass
@@ -72,11 +84,11 @@ def build_flags(build_file: Path = BUILD_FILE) -> str | None:
     return None if build is None else build.get("flags")
 
 
-def check(build_file: Path = BUILD_FILE, cpuinfo: str = "/proc/cpuinfo") -> None:
+def check(build_file: Path = BUILD_FILE, cpuinfo: str = "/proc/cpuinfo", machine: str | None = None) -> None:
     """Raises ImportError when the built kernels need CPU flags this CPU does not have."""
     if os.environ.get("PYLLM_SKIP_CPU_CHECK", "0") not in ("", "0"):
         return
-    build, flags = read_build(build_file), cpu_flags(cpuinfo)
+    build, flags = read_build(build_file), cpu_flags(cpuinfo, machine)
     if build is None or flags is None:
         return
     lacking = missing(build, flags)

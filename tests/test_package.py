@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import pyllm
 from pyllm import _C
@@ -115,8 +116,8 @@ def test_jit_trace_records_the_ops():
                             "ignore:There is a performance drop because we have not yet implemented the batching rule")
 def test_forward_mode_ad_is_refused_not_zero():
     # The ops register torch.autograd's backward only: forward mode (torch.func.jvp / jacfwd, dual
-    # tensors) had given a tangent of 0, or none, silently; torch.func.grad a message about
-    # setup_context. vmap keeps working (torch's batching fallback).
+    # tensors) had given a tangent of 0, or none, silently. vmap keeps working (torch's batching
+    # fallback), and torch.func.grad (test_torch_func_reverse_mode_matches_autograd).
     import torch
     import torch.autograd.forward_ad as fwAD
     from torch.func import grad, jacfwd, jvp, vmap
@@ -133,12 +134,86 @@ def test_forward_mode_ad_is_refused_not_zero():
         jvp(lambda q: pyllm.flash_attn(q, q, q, causal=True), (q,), (torch.ones_like(q),))
     with fwAD.dual_level(), pytest.raises(NotImplementedError, match="cross_entropy: pyllm's ops have no forward"):
         pyllm.cross_entropy(fwAD.make_dual(x, torch.ones_like(x)), torch.tensor([1, 2, 3]))
-    with pytest.raises((NotImplementedError, RuntimeError), match="not torch.func.grad / jacrev / vjp"):
-        grad(lambda q: pyllm.flash_attn(q, q, q).sum())(q)
+    with pytest.raises(NotImplementedError, match="swiglu: pyllm's ops have no forward-mode AD"):
+        torch.func.hessian(lambda g: pyllm.swiglu(g, g).sum())(g[0])
+    with pytest.raises(NotImplementedError, match="swiglu_backward: pyllm's backward ops have no derivative"):
+        grad(grad(lambda g: pyllm.swiglu(g, g).sum()))(g[0, 0])
     torch.testing.assert_close(vmap(lambda g: pyllm.swiglu(g, u[0]))(g), torch.nn.functional.silu(g) * u[0])
     # an op on constants inside a transform that differentiates something else runs as before
     scale = torch.rand(3, 8, dtype=torch.float64, generator=gen)
     torch.testing.assert_close(grad(lambda s: (s * pyllm.rms_norm(x, w, 1e-6)).sum())(scale), pyllm.rms_norm(x, w, 1e-6))
+
+
+def _autograd(fn, *inputs):
+    """torch.autograd's gradients of fn(*inputs).sum() for every input."""
+    inputs = [t.detach().requires_grad_() for t in inputs]
+    return torch.autograd.grad(fn(*inputs).sum(), inputs)
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop because we have not yet implemented the batching rule")
+def test_torch_func_reverse_mode_matches_autograd():
+    # torch.func.grad / vjp / jacrev over the ops had failed on torch's "must override the
+    # setup_context staticmethod" (torch.library's autograd has none); per-example gradients
+    # (vmap of grad, Opacus's and functional meta-learning's route) too. They run each op's own
+    # backward: the same numbers as torch.autograd, bit for bit.
+    gen = torch.Generator().manual_seed(0)
+    rand = lambda *shape: torch.randn(*shape, dtype=torch.float64, generator=gen)
+    g, u, x2 = rand(3, 5, 8), rand(3, 5, 8), rand(3, 5, 16)
+    w, cos, sin = rand(8) + 1, rand(5, 2), rand(5, 2)
+    q, k, v = rand(3, 1, 6, 4, 32), rand(3, 1, 6, 2, 32), rand(3, 1, 6, 2, 32)
+    logits, targets, teacher = rand(3, 6, 10), torch.randint(0, 10, (3, 6), generator=gen), rand(3, 6, 10)
+    square = lambda t: t * t  # a loss whose gradient depends on the output, not just ones
+    cases = {  # name: (fn of one example's tensors, the batched tensors; vmap maps dim 0)
+        "swiglu": (lambda a, b: square(pyllm.swiglu(a, b)), (g, u)),
+        "geglu": (lambda a, b: square(pyllm.geglu(a, b)), (g, u)),
+        "swiglu_packed": (lambda a: square(pyllm.swiglu_packed(a)), (x2,)),
+        "rms_norm": (lambda a, ww: square(pyllm.rms_norm(a, ww)), (g, w.expand(3, 8))),
+        "rope": (lambda a: square(pyllm.rope(a.reshape(1, 5, 2, 4), cos, sin)), (g,)),
+        "flash_attn": (lambda a, b, c: square(pyllm.flash_attn(a, b, c, causal=True)), (q, k, v)),
+        "cross_entropy": (lambda a: pyllm.cross_entropy(a, targets[0], z_loss=1e-3), (logits,)),
+        "generalized_jsd": (lambda a: pyllm.generalized_jsd(a, teacher[0]), (logits,)),
+    }
+    for name, (fn, batched) in cases.items():
+        one = [t[0] for t in batched]
+        argnums = tuple(range(len(one)))
+        want = _autograd(fn, *one)
+        got = torch.func.grad(lambda *a: fn(*a).sum(), argnums=argnums)(*one)
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), name
+        out, pullback = torch.func.vjp(fn, *one)
+        assert all(torch.equal(a, b) for a, b in zip(pullback(torch.ones_like(out)), want)), name
+        # per-example gradients: vmap over the batch of grad, against autograd on each example
+        per_example = torch.func.vmap(torch.func.grad(lambda *a: fn(*a).sum(), argnums=argnums))(*batched)
+        for i in range(3):
+            want_i = _autograd(fn, *[t[i] for t in batched])
+            for a, b in zip(per_example, want_i):
+                torch.testing.assert_close(a[i], b, rtol=1e-12, atol=1e-12, msg=f"{name} example {i}")
+    # jacrev against autograd's jacobian; grad of a vmap
+    torch.testing.assert_close(torch.func.jacrev(lambda a: pyllm.swiglu(a, u[0, 0]))(g[0, 0]),
+                               torch.autograd.functional.jacobian(lambda a: F.silu(a) * u[0, 0], g[0, 0]))
+    got = torch.func.grad(lambda a: torch.func.vmap(lambda r: square(pyllm.rms_norm(r, w)))(a).sum())(g)
+    torch.testing.assert_close(got, _autograd(lambda a: square(pyllm.rms_norm(a, w)), g)[0], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop because we have not yet implemented the batching rule")
+def test_per_example_gradients_of_the_model():
+    # torch.func.functional_call + grad, vmapped over examples: the whole model (rms_norm, rope,
+    # flash_attn, swiglu, cross_entropy) gives each example the gradient loss.backward() gives it.
+    from pyllm.model import LLM, ModelConfig
+
+    torch.manual_seed(0)
+    model = LLM(ModelConfig(vocab_size=64, block_size=16, n_layers=2, n_heads=4, n_kv_heads=2, dim=64)).double()
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    idx, targets = torch.randint(0, 64, (3, 1, 8)), torch.randint(0, 64, (3, 1, 8))
+
+    def loss(params, idx, targets):
+        return torch.func.functional_call(model, params, (idx, targets))[1]
+
+    per_example = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, idx, targets)
+    for i in range(3):
+        model.zero_grad()
+        model(idx[i], targets[i])[1].backward()
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(per_example[name][i], p.grad, rtol=1e-10, atol=1e-12, msg=f"{name} example {i}")
 
 
 THREADS_PROBE = """

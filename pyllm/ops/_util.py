@@ -220,8 +220,14 @@ _STRIDED = torch.strided
 _PLAIN_TYPES = (Tensor, torch.nn.Parameter)
 
 
+# A torch.func wrapper is a Tensor too, with no storage of its own; one outlives its transform in
+# what a torch.func.vjp pullback saved, called after the transform has returned.
+_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
 def plain_cpu(t) -> bool:
-    return type(t) in _PLAIN_TYPES and t.is_cpu and t.layout is _STRIDED and not t.requires_grad
+    return (type(t) in _PLAIN_TYPES and t.is_cpu and t.layout is _STRIDED and not t.requires_grad
+            and not _wrapped(t))
 
 
 def eager_untraced() -> bool:
@@ -258,7 +264,7 @@ def eager_plain_cpu(*tensors) -> bool:
 # backward) go through the backward op as before, which has no autograd and says so.
 
 def plain(t) -> bool:
-    return type(t) in _PLAIN_TYPES and t.layout is _STRIDED and (t.is_cpu or t.is_cuda)
+    return type(t) in _PLAIN_TYPES and t.layout is _STRIDED and (t.is_cpu or t.is_cuda) and not _wrapped(t)
 
 
 def _direct(tensors) -> bool:
@@ -286,13 +292,72 @@ def eager_function(name: str, body, setup, grad) -> type:
 
     title = "".join(part.title() for part in name.split("_"))
     return type(f"_{title}Function", (torch.autograd.Function,),
-                {"forward": staticmethod(forward), "backward": staticmethod(grad), "__module__": body.__module__})
+                {"forward": staticmethod(forward), "backward": staticmethod(grad), "setup": staticmethod(setup),
+                 "__module__": body.__module__})
 
 
-def refuse_functorch_autodiff(tensors, name: str) -> None:
+# --- torch.func ---------------------------------------------------------------------------------
+#
+# torch.func.grad / vjp / jacrev and vmap of them take an op's derivative only through an
+# autograd.Function with a separate setup_context (functorch runs forward one level down, then
+# wraps what it returns); torch.library's register_autograd makes one without, and torch.func.grad
+# over the op failed on that. Under those transforms an op runs as this Function: its forward is
+# the op itself (so an enclosing vmap reaches torch's batching of the op), its setup_context and
+# backward the op's own, and generate_vmap_rule lets vmap batch the Function by batching those.
+# An op without autograd (a backward op, called by that backward with the transform's tensors)
+# gets a twin whose backward refuses, and every twin's jvp: a second derivative or forward mode
+# (torch.func.hessian, grad of grad, jacfwd) names itself instead of torch's setup_context message.
+# torch.compile of a function that calls torch.func.grad over an op fails in dynamo (torch 2.13),
+# as it did before the twins, on another message.
+_FUNCTORCH: dict = {}  # the op's body -> twin
+
+
+def _op_name(op) -> str:
+    return getattr(op, "_name", None) or getattr(op, "__name__", "pyllm")
+
+
+def _no_setup(ctx, inputs, output):
+    pass
+
+
+def functorch_function(body, op, function) -> type:
+    """The torch.func twin of an op: op as forward, function's setup and backward (function: the
+    op's eager autograd.Function, None for an op without autograd), keyed by the op's body."""
+    twin = _FUNCTORCH.get(body)
+    if twin is None:
+        name = _op_name(op).split("::")[-1]
+
+        def forward(*inputs):
+            return op(*inputs)
+
+        def no_second_derivative(ctx, *grads):
+            raise NotImplementedError(f"{name}: pyllm's backward ops have no derivative of their own "
+                                      "(no second derivatives: torch.func.hessian, grad of grad)")
+
+        def no_forward_mode(ctx, *tangents):
+            raise NotImplementedError(f"{name}: pyllm's ops have no forward-mode AD (torch.func.jvp, jacfwd, "
+                                      "hessian): their derivatives are backward (reverse mode) only")
+
+        setup = _no_setup if function is None else function.setup
+        backward = no_second_derivative if function is None else function.backward
+        title = "".join(part.title() for part in name.split("_"))
+        twin = type(f"_{title}FuncFunction", (torch.autograd.Function,),
+                    {"forward": staticmethod(forward), "setup_context": staticmethod(setup),
+                     "backward": staticmethod(backward), "jvp": staticmethod(no_forward_mode),
+                     "generate_vmap_rule": True, "__module__": __name__})
+        _FUNCTORCH[body] = twin
+    return twin
+
+
+def _mutates(op) -> bool:
+    overload = getattr(op, "_opoverload", None) or getattr(op, "default", None)
+    return overload is None or overload._schema.is_mutable
+
+
+def refuse_forward_mode_ad(tensors, name: str) -> None:
     """NotImplementedError under forward-mode AD (torch.func.jvp / jacfwd, autograd.forward_ad's
-    dual tensors) and torch.func.grad / jacrev: the ops register a backward for torch.autograd
-    only, and forward mode went through them silently, the tangent 0 or dropped."""
+    dual tensors): the ops register a backward only, and forward mode went through them silently,
+    the tangent 0 or dropped."""
     if forward_ad._current_level >= 0 and any(forward_ad.unpack_dual(t).tangent is not None for t in tensors):
         raise NotImplementedError(f"{name}: pyllm's ops have no forward-mode AD (a dual tensor was given): "
                                   "their derivatives are torch.autograd's backward")
@@ -302,10 +367,9 @@ def refuse_functorch_autodiff(tensors, name: str) -> None:
         # (an input the transform differentiates is wrapped at its level; constants pass as before)
         wrapped = interpreter is not None and any(
             torch._C._functorch.maybe_get_level(t) >= interpreter.level() for t in tensors)
-        if wrapped and kind in (torch._C._functorch.TransformType.Jvp, torch._C._functorch.TransformType.Grad):
-            raise NotImplementedError(f"{name}: pyllm's ops run under torch.func.vmap but not torch.func."
-                                      f"{'jvp / jacfwd' if kind == torch._C._functorch.TransformType.Jvp else 'grad / jacrev / vjp'}: "
-                                      "take derivatives with torch.autograd (loss.backward(), torch.autograd.grad)")
+        if wrapped and kind == torch._C._functorch.TransformType.Jvp:
+            raise NotImplementedError(f"{name}: pyllm's ops run under torch.func.vmap, grad, vjp and jacrev but not "
+                                      "torch.func.jvp / jacfwd: their derivatives are backward (reverse mode) only")
 
 
 def call(body, op, function, *args):
@@ -313,7 +377,9 @@ def call(body, op, function, *args):
     needs grad, function.apply(*args) (function: None where the op has no autograd) when one does."""
     tensors = [a for a in args if isinstance(a, Tensor)]
     if not torch.compiler.is_compiling():
-        refuse_functorch_autodiff(tensors, getattr(op, "_name", None) or getattr(op, "__name__", "pyllm"))
+        refuse_forward_mode_ad(tensors, _op_name(op))
+        if torch._C._are_functorch_transforms_active() and not _mutates(op):
+            return functorch_function(body, op, function).apply(*args)
     if not _direct(tensors):
         return op(*args)
     if _needs_grad(tensors):

@@ -203,6 +203,7 @@ class _RmsNormFunction(torch.autograd.Function):
         return out, rstd
 
     backward = staticmethod(_rms_norm_grad)
+    setup = staticmethod(_rms_norm_setup)
 
 
 # --- public API -------------------------------------------------------------------------------

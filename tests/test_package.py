@@ -116,8 +116,8 @@ def test_jit_trace_records_the_ops():
                             "ignore:There is a performance drop because we have not yet implemented the batching rule")
 def test_forward_mode_ad_is_refused_not_zero():
     # The ops register torch.autograd's backward only: forward mode (torch.func.jvp / jacfwd, dual
-    # tensors) had given a tangent of 0, or none, silently. vmap keeps working (torch's batching
-    # fallback), and torch.func.grad (test_torch_func_reverse_mode_matches_autograd).
+    # tensors) had given a tangent of 0, or none, silently. vmap and torch.func.grad work
+    # (test_torch_func_reverse_mode_matches_autograd, test_vmap_batches_each_op_as_a_loop_would).
     import torch
     import torch.autograd.forward_ad as fwAD
     from torch.func import grad, jacfwd, jvp, vmap
@@ -150,12 +150,12 @@ def _autograd(fn, *inputs):
     return torch.autograd.grad(fn(*inputs).sum(), inputs)
 
 
-@pytest.mark.filterwarnings("ignore:There is a performance drop because we have not yet implemented the batching rule")
+@pytest.mark.filterwarnings("error:There is a performance drop")
 def test_torch_func_reverse_mode_matches_autograd():
     # torch.func.grad / vjp / jacrev over the ops had failed on torch's "must override the
     # setup_context staticmethod" (torch.library's autograd has none); per-example gradients
     # (vmap of grad, Opacus's and functional meta-learning's route) too. They run each op's own
-    # backward: the same numbers as torch.autograd, bit for bit.
+    # backward: the same numbers as torch.autograd, bit for bit; vmap through batching rules.
     gen = torch.Generator().manual_seed(0)
     rand = lambda *shape: torch.randn(*shape, dtype=torch.float64, generator=gen)
     g, u, x2 = rand(3, 5, 8), rand(3, 5, 8), rand(3, 5, 16)
@@ -194,7 +194,7 @@ def test_torch_func_reverse_mode_matches_autograd():
     torch.testing.assert_close(got, _autograd(lambda a: square(pyllm.rms_norm(a, w)), g)[0], rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.filterwarnings("ignore:There is a performance drop because we have not yet implemented the batching rule")
+@pytest.mark.filterwarnings("error:There is a performance drop")
 def test_per_example_gradients_of_the_model():
     # torch.func.functional_call + grad, vmapped over examples: the whole model (rms_norm, rope,
     # flash_attn, swiglu, cross_entropy) gives each example the gradient loss.backward() gives it.
@@ -214,6 +214,45 @@ def test_per_example_gradients_of_the_model():
         model(idx[i], targets[i])[1].backward()
         for name, p in model.named_parameters():
             torch.testing.assert_close(per_example[name][i], p.grad, rtol=1e-10, atol=1e-12, msg=f"{name} example {i}")
+
+
+@pytest.mark.filterwarnings("error:There is a performance drop")
+def test_vmap_batches_each_op_as_a_loop_would():
+    # Batching rules (torch's fallback had looped with a "performance drop" warning): the vmapped
+    # dim folded into the kernels' rows or batch where the op allows, a loop where it does not
+    # (a per-example norm weight, per-row angles, varlen attention); outputs exact either way.
+    gen = torch.Generator().manual_seed(1)
+    rand = lambda *shape, dtype=torch.float64: torch.randn(*shape, dtype=dtype, generator=gen)
+    N = 3
+    g, u, x2 = rand(4, N, 8), rand(4, 8), rand(4, N, 16)
+    w, ws = rand(8) + 1, rand(N, 8)
+    q, k, v = rand(N, 2, 7, 4, 32), rand(2, 7, 2, 32), rand(N, 2, 7, 2, 32)
+    cos, sin, cos_rows = rand(7, 8), rand(7, 8), rand(2, 7, 8)
+    varlen_q, cu = rand(N, 7, 4, 32), torch.tensor([0, 3, 7], dtype=torch.int32)
+    logits, targets, teacher = rand(N, 5, 11), torch.randint(0, 11, (N, 5), generator=gen), rand(5, 11)
+    slopes, slopes_rows = torch.rand(4, generator=gen), torch.rand(2, 4, generator=gen)
+    cases = [  # (name, fn, args, in_dims)
+        ("swiglu", pyllm.swiglu, (g, u), (1, None)),
+        ("geglu", pyllm.geglu, (g, g), (1, 1)),
+        ("swiglu_packed", pyllm.swiglu_packed, (x2,), (1,)),
+        ("rms_norm", lambda a: pyllm.rms_norm(a, w), (g,), (1,)),
+        ("rms_norm per-example weight", pyllm.rms_norm, (g, ws), (1, 0)),
+        ("rope", lambda a: pyllm.rope(a, cos, sin), (q,), (0,)),
+        ("rope per-row angles", lambda a: pyllm.rope(a, cos_rows, cos_rows), (q,), (0,)),
+        ("flash_attn", lambda a, b, c: pyllm.flash_attn(a, b, c, causal=True), (q, k, v), (0, None, 0)),
+        ("flash_attn lse", lambda a, b: pyllm.flash_attn(a, b, b, return_lse=True)[1], (q, v), (0, 0)),
+        ("flash_attn alibi", lambda a, b: pyllm.flash_attn(a, b, b, alibi_slopes=slopes), (q, v), (0, 0)),
+        ("flash_attn alibi per row", lambda a, b: pyllm.flash_attn(a, b, b, alibi_slopes=slopes_rows), (q, v), (0, 0)),
+        ("flash_attn varlen", lambda a: pyllm.flash_attn(a, a[:, :2], a[:, :2], cu_seqlens_q=cu, cu_seqlens_k=cu,
+                                                          max_seqlen_q=4, max_seqlen_k=4, causal=True), (varlen_q,), (0,)),
+        ("cross_entropy", lambda a, t: pyllm.cross_entropy(a, t, label_smoothing=0.1), (logits, targets), (0, 0)),
+        ("cross_entropy rows", lambda a: pyllm.cross_entropy(a, targets[0], reduction="none"), (logits,), (0,)),
+        ("generalized_jsd", lambda a: pyllm.generalized_jsd(a, teacher), (logits,), (0,)),
+    ]
+    for name, fn, args, in_dims in cases:
+        got = torch.func.vmap(fn, in_dims=in_dims)(*args)
+        want = torch.stack([fn(*(a if d is None else a.select(d, i) for a, d in zip(args, in_dims))) for i in range(N)])
+        assert torch.equal(got, want), name
 
 
 THREADS_PROBE = """

@@ -349,6 +349,66 @@ def functorch_function(body, op, function) -> type:
     return twin
 
 
+# --- vmap batching rules ---------------------------------------------------------------------------
+#
+# Without a rule torch.vmap runs an op once per example (its fallback, with a "performance drop"
+# warning). An op whose kernel takes any number of leading dims batches by moving the vmapped dim
+# first; one it cannot fold (a norm's per-example weight, a weight gradient per example) loops.
+
+def vmap_loop(op, info, in_dims, *args):
+    """torch's fallback, written out: op on each example, outputs stacked along dim 0."""
+    outs = [op(*(a if d is None else a.select(d, i) for a, d in zip(args, in_dims))) for i in range(info.batch_size)]
+    if isinstance(outs[0], tuple):
+        return tuple(torch.stack(o) for o in zip(*outs)), (0,) * len(outs[0])
+    return torch.stack(outs), 0
+
+
+def batched_first(info, in_dims, args, expand: bool) -> list:
+    """args with each vmapped tensor's batch dim moved first; expand: tensors not vmapped get a
+    broadcast batch dim too (elementwise ops take every tensor at one shape)."""
+    out = []
+    for a, d in zip(args, in_dims):
+        if d is not None:
+            a = a.movedim(d, 0)
+        elif expand and isinstance(a, Tensor):
+            a = a.expand(info.batch_size, *a.shape)
+        out.append(a)
+    return out
+
+
+def vmap_folded(op, info, in_dims, args, folded):
+    """op with the vmapped dim folded into dim 0 of the tensors at positions folded (each a
+    (B, ...) tensor; one not vmapped is broadcast), every output (N * B, ...) unfolded to (N, B, ...)."""
+    args = list(args)
+    for i in folded:
+        a = args[i]
+        if a is None:
+            continue
+        a = a.movedim(in_dims[i], 0) if in_dims[i] is not None else a.expand(info.batch_size, *a.shape)
+        args[i] = a.reshape(-1, *a.shape[2:])
+    outs = op(*args)
+    unfold = lambda t: t.view(info.batch_size, -1, *t.shape[1:])
+    return (tuple(unfold(t) for t in outs), (0,) * len(outs)) if isinstance(outs, tuple) else (unfold(outs), 0)
+
+
+def vmap_rows(op):
+    """The batching rule of a per-row op on logits (..., V): every tensor argument row-aligned
+    (logits, targets, per-row gradients), outputs per-row (rows,) or logits-shaped."""
+    def rule(info, in_dims, *args):
+        outs = op(*batched_first(info, in_dims, args, expand=True))
+        rows = lambda t: t.view(info.batch_size, -1) if t.dim() == 1 else t  # (N * rows,) -> (N, rows)
+        return (tuple(rows(t) for t in outs), (0,) * len(outs)) if isinstance(outs, tuple) else (rows(outs), 0)
+    return rule
+
+
+def vmap_elementwise(op):
+    """The batching rule of an op that takes its tensors at one shape with any leading dims."""
+    def rule(info, in_dims, *args):
+        out = op(*batched_first(info, in_dims, args, expand=True))
+        return out, ((0,) * len(out) if isinstance(out, tuple) else 0)
+    return rule
+
+
 def _mutates(op) -> bool:
     overload = getattr(op, "_opoverload", None) or getattr(op, "default", None)
     return overload is None or overload._schema.is_mutable

@@ -199,6 +199,11 @@ def _(grad_rows, logits, targets, ignore_index, scale, softcap, label_smoothing,
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
+# vmap: the vmapped dim first makes more rows of one call.
+for _op in (_cross_entropy, _cross_entropy_backward):
+    torch.library.register_vmap(_op, _util.vmap_rows(_op))
+
+
 def _cross_entropy_setup(ctx, inputs, output):
     logits, targets, *args = inputs
     ctx.save_for_backward(logits, targets)

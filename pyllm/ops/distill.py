@@ -197,6 +197,11 @@ def _(grad_rows, student, teacher, beta, temperature, scale, softcap, teacher_sc
     return torch.empty_like(student, memory_format=torch.contiguous_format)
 
 
+# vmap: the vmapped dim first makes more rows of one call.
+for _op in (_distill, _distill_backward):
+    torch.library.register_vmap(_op, _util.vmap_rows(_op))
+
+
 def _distill_setup(ctx, inputs, output):
     student, teacher, *args = inputs
     ctx.save_for_backward(student, teacher)

@@ -142,6 +142,8 @@ class _Ops:
             return _util.call(backward_body, getattr(torch.ops.pyllm, f"{name}_backward"), None, dout, gate, up)
 
         op.register_autograd(grad, setup_context=setup)
+        for o in (op, backward_op):
+            torch.library.register_vmap(o, _util.vmap_elementwise(o))
         return body, op, _util.eager_function(name, body, setup, grad)
 
     @staticmethod
@@ -171,6 +173,8 @@ class _Ops:
             return _util.call(backward_body, getattr(torch.ops.pyllm, f"{name}_backward"), None, dout, x)
 
         op.register_autograd(grad, setup_context=setup)
+        for o in (op, backward_op):  # the packed dim stays last: the vmapped one goes first
+            torch.library.register_vmap(o, _util.vmap_elementwise(o))
         return body, op, _util.eager_function(name, body, setup, grad)
 
 

@@ -1,6 +1,7 @@
 """Helpers shared by every op wrapper: the extension handle, argument packing, validation."""
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import re
@@ -341,10 +342,14 @@ def functorch_function(body, op, function) -> type:
         setup = _no_setup if function is None else function.setup
         backward = no_second_derivative if function is None else function.backward
         title = "".join(part.title() for part in name.split("_"))
-        twin = type(f"_{title}FuncFunction", (torch.autograd.Function,),
-                    {"forward": staticmethod(forward), "setup_context": staticmethod(setup),
-                     "backward": staticmethod(backward), "jvp": staticmethod(no_forward_mode),
-                     "generate_vmap_rule": True, "__module__": __name__})
+        attrs = {"forward": staticmethod(forward), "setup_context": staticmethod(setup),
+                 "backward": staticmethod(backward), "jvp": staticmethod(no_forward_mode), "__module__": __name__}
+        rule = _VMAP_RULES.get(name)
+        if rule is not None:  # the op's own rule: generate_vmap_rule's wrappers cost ~0.3-1 ms a call
+            attrs["vmap"] = staticmethod(lambda info, in_dims, *args: rule(twin.apply, info, in_dims, *args))
+        else:
+            attrs["generate_vmap_rule"] = True
+        twin = type(f"_{title}FuncFunction", (torch.autograd.Function,), attrs)
         _FUNCTORCH[body] = twin
     return twin
 
@@ -354,6 +359,22 @@ def functorch_function(body, op, function) -> type:
 # Without a rule torch.vmap runs an op once per example (its fallback, with a "performance drop"
 # warning). An op whose kernel takes any number of leading dims batches by moving the vmapped dim
 # first; one it cannot fold (a norm's per-example weight, a weight gradient per example) loops.
+
+# A rule is rule(op, info, in_dims, *args) -> (outputs, out_dims), op what it calls on the batched
+# tensors: the op itself for torch.vmap, the op's torch.func twin for the twin's own vmap (so a
+# torch.func.grad outside the vmap differentiates through what the rule called).
+_VMAP_RULES: dict = {}  # op name -> its batching rule
+
+
+def batching_rule(op, rule=None):
+    """Registers rule as op's torch.vmap rule (a decorator without rule); torch.func's twin of the op
+    (functorch_function) runs the same rule as its vmap."""
+    def register(rule):
+        _VMAP_RULES[_op_name(op).split("::")[-1]] = rule
+        torch.library.register_vmap(op, functools.partial(rule, op))
+        return rule
+    return register if rule is None else register(rule)
+
 
 def vmap_loop(op, info, in_dims, *args):
     """torch's fallback, written out: op on each example, outputs stacked along dim 0."""
@@ -391,22 +412,18 @@ def vmap_folded(op, info, in_dims, args, folded):
     return (tuple(unfold(t) for t in outs), (0,) * len(outs)) if isinstance(outs, tuple) else (unfold(outs), 0)
 
 
-def vmap_rows(op):
+def vmap_rows(op, info, in_dims, *args):
     """The batching rule of a per-row op on logits (..., V): every tensor argument row-aligned
     (logits, targets, per-row gradients), outputs per-row (rows,) or logits-shaped."""
-    def rule(info, in_dims, *args):
-        outs = op(*batched_first(info, in_dims, args, expand=True))
-        rows = lambda t: t.view(info.batch_size, -1) if t.dim() == 1 else t  # (N * rows,) -> (N, rows)
-        return (tuple(rows(t) for t in outs), (0,) * len(outs)) if isinstance(outs, tuple) else (rows(outs), 0)
-    return rule
+    outs = op(*batched_first(info, in_dims, args, expand=True))
+    rows = lambda t: t.view(info.batch_size, -1) if t.dim() == 1 else t  # (N * rows,) -> (N, rows)
+    return (tuple(rows(t) for t in outs), (0,) * len(outs)) if isinstance(outs, tuple) else (rows(outs), 0)
 
 
-def vmap_elementwise(op):
+def vmap_elementwise(op, info, in_dims, *args):
     """The batching rule of an op that takes its tensors at one shape with any leading dims."""
-    def rule(info, in_dims, *args):
-        out = op(*batched_first(info, in_dims, args, expand=True))
-        return out, ((0,) * len(out) if isinstance(out, tuple) else 0)
-    return rule
+    out = op(*batched_first(info, in_dims, args, expand=True))
+    return out, ((0,) * len(out) if isinstance(out, tuple) else 0)
 
 
 def _mutates(op) -> bool:

@@ -201,7 +201,7 @@ def _(grad_rows, logits, targets, ignore_index, scale, softcap, label_smoothing,
 
 # vmap: the vmapped dim first makes more rows of one call.
 for _op in (_cross_entropy, _cross_entropy_backward):
-    torch.library.register_vmap(_op, _util.vmap_rows(_op))
+    _util.batching_rule(_op, _util.vmap_rows)
 
 
 def _cross_entropy_setup(ctx, inputs, output):

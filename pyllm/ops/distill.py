@@ -199,7 +199,7 @@ def _(grad_rows, student, teacher, beta, temperature, scale, softcap, teacher_sc
 
 # vmap: the vmapped dim first makes more rows of one call.
 for _op in (_distill, _distill_backward):
-    torch.library.register_vmap(_op, _util.vmap_rows(_op))
+    _util.batching_rule(_op, _util.vmap_rows)
 
 
 def _distill_setup(ctx, inputs, output):

@@ -461,8 +461,8 @@ def _(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
 
 # vmap: padded batches (no cu_seqlens) fold the vmapped dim into B, with ALiBi slopes shared by the
 # batch ((H,)); varlen, per-batch or vmapped slopes run per example.
-def _flash_attn_vmap(op, tensors: tuple, alibi_at: int):
-    def rule(info, in_dims, *args):
+def _flash_attn_vmap(tensors: tuple, alibi_at: int):
+    def rule(op, info, in_dims, *args):
         alibi = args[alibi_at] if len(args) > alibi_at else None
         others = [d for i, d in enumerate(in_dims) if i not in tensors]
         if any(d is not None for d in others) or any(a is not None for a in args[tensors[-1] + 1:tensors[-1] + 3]) \
@@ -473,8 +473,8 @@ def _flash_attn_vmap(op, tensors: tuple, alibi_at: int):
 
 
 # forward: q, k, v (0-2), then cu_seqlens_q / _k; backward: dout, dlse, q, k, v, out, lse (0-6), then those
-torch.library.register_vmap(_flash_attn, _flash_attn_vmap(_flash_attn, (0, 1, 2), 12))
-torch.library.register_vmap(_flash_attn_backward, _flash_attn_vmap(_flash_attn_backward, (0, 1, 2, 3, 4, 5, 6), 16))
+_util.batching_rule(_flash_attn, _flash_attn_vmap((0, 1, 2), 12))
+_util.batching_rule(_flash_attn_backward, _flash_attn_vmap((0, 1, 2, 3, 4, 5, 6), 16))
 
 
 def _flash_attn_setup(ctx, inputs, output):

@@ -194,21 +194,20 @@ _rms_norm.register_autograd(_rms_norm_grad, setup_context=_rms_norm_setup)
 
 # vmap: rows are independent, so a vmapped x (its batch dim moved first) is more rows under one
 # weight; a per-example weight, or a weight gradient per example, runs per example.
-@torch.library.register_vmap(_rms_norm)
-def _(info, in_dims, x, weight, eps, offset, cast_first):
+@_util.batching_rule(_rms_norm)
+def _(op, info, in_dims, x, weight, eps, offset, cast_first):
     if in_dims[1] is not None:
-        return _util.vmap_loop(_rms_norm, info, in_dims, x, weight, eps, offset, cast_first)
+        return _util.vmap_loop(op, info, in_dims, x, weight, eps, offset, cast_first)
     x = x.movedim(in_dims[0], 0) if in_dims[0] is not None else x.expand(info.batch_size, *x.shape)
-    return _rms_norm(x, weight, eps, offset, cast_first), (0, 0)
+    return op(x, weight, eps, offset, cast_first), (0, 0)
 
 
-@torch.library.register_vmap(_rms_norm_backward)
-def _(info, in_dims, dout, x, weight, rstd, offset, cast_first, weight_grad):
+@_util.batching_rule(_rms_norm_backward)
+def _(op, info, in_dims, dout, x, weight, rstd, offset, cast_first, weight_grad):
     if weight_grad or in_dims[2] is not None:
-        return _util.vmap_loop(_rms_norm_backward, info, in_dims, dout, x, weight, rstd, offset, cast_first,
-                               weight_grad)
+        return _util.vmap_loop(op, info, in_dims, dout, x, weight, rstd, offset, cast_first, weight_grad)
     dout, x, _, rstd = _util.batched_first(info, in_dims[:4], (dout, x, weight, rstd), expand=True)
-    dx, dweight = _rms_norm_backward(dout, x, weight, rstd, offset, cast_first, weight_grad)
+    dx, dweight = op(dout, x, weight, rstd, offset, cast_first, weight_grad)
     return (dx, dweight), (0, None)
 
 

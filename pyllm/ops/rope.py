@@ -110,12 +110,12 @@ _rope.register_autograd(_rope_grad, setup_context=_rope_setup)
 
 # vmap: a vmapped x under angles shared by every row ((T, R/2) or (1, T, R/2)) folds into the
 # batch; per-example or per-row angles run per example.
-@torch.library.register_vmap(_rope)
-def _(info, in_dims, x, cos, sin, inverse, interleaved=False):
+@_util.batching_rule(_rope)
+def _(op, info, in_dims, x, cos, sin, inverse, interleaved=False):
     if in_dims[1] is not None or in_dims[2] is not None or in_dims[0] is None or (cos.dim() == 3 and cos.shape[0] > 1):
-        return _util.vmap_loop(_rope, info, in_dims, x, cos, sin, inverse, interleaved)
+        return _util.vmap_loop(op, info, in_dims, x, cos, sin, inverse, interleaved)
     x = x.movedim(in_dims[0], 0)  # (N, B, T, H, D)
-    out = _rope(x.reshape(-1, *x.shape[2:]), cos, sin, inverse, interleaved)
+    out = op(x.reshape(-1, *x.shape[2:]), cos, sin, inverse, interleaved)
     return out.view(x.shape), 0
 
 

@@ -143,7 +143,7 @@ class _Ops:
 
         op.register_autograd(grad, setup_context=setup)
         for o in (op, backward_op):
-            torch.library.register_vmap(o, _util.vmap_elementwise(o))
+            _util.batching_rule(o, _util.vmap_elementwise)
         return body, op, _util.eager_function(name, body, setup, grad)
 
     @staticmethod
@@ -174,7 +174,7 @@ class _Ops:
 
         op.register_autograd(grad, setup_context=setup)
         for o in (op, backward_op):  # the packed dim stays last: the vmapped one goes first
-            torch.library.register_vmap(o, _util.vmap_elementwise(o))
+            _util.batching_rule(o, _util.vmap_elementwise)
         return body, op, _util.eager_function(name, body, setup, grad)
 
 

@@ -680,8 +680,9 @@ class LLM(nn.Module):
         if targets is not None and (per_token or fused or hidden or distill is not None):
             h = self.norm_f(x)  # (B, T, C)
             at = None
-            # (compiled, meta or fake: every position, a shape that does not depend on the data)
-            if not _util.values_unreadable(targets):
+            # (compiled, meta or fake: every position, a shape that does not depend on the data; so
+            # under torch.func, whose vmap takes no data-dependent shape)
+            if not _util.values_unreadable(targets) and not torch._C._are_functorch_transforms_active():
                 # The output layer at the targets' positions alone: a prompt's tokens (-1) take no
                 # logits, often most of a packed row of conversations or preference pairs.
                 at = (targets != -1).nonzero(as_tuple=True)

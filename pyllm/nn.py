@@ -861,8 +861,17 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     if not 0.0 <= z_loss < math.inf:
         raise ValueError(f"linear_cross_entropy: z_loss must be 0 or positive and finite, got {z_loss}")
     with _autocast_off(x):
-        loss, z_part = _LinearCrossEntropy.apply(x, weight, targets.reshape(-1), chunk_rows, scale, softcap,
-                                                 label_smoothing, z_loss)
+        if torch._C._are_functorch_transforms_active():
+            # torch.func (per-example gradients) cannot take the gradients this Function computes in
+            # its forward: the whole logits, and pyllm.cross_entropy's derivative, which it can.
+            acc = torch.promote_types(x.dtype, torch.float32)
+            loss, z_part = cross_entropy_ops.cross_entropy(
+                F.linear(x, weight), targets.reshape(-1), ignore_index=-1, reduction="sum", scale=scale,
+                softcap=softcap or None, label_smoothing=label_smoothing, z_loss=z_loss, return_z_loss=True)
+            loss, z_part = loss.to(acc), z_part.detach().to(acc)
+        else:
+            loss, z_part = _LinearCrossEntropy.apply(x, weight, targets.reshape(-1), chunk_rows, scale, softcap,
+                                                     label_smoothing, z_loss)
     if reduction == "mean":
         counted = (targets != -1).sum()
         # NaN when nothing is counted, as F.cross_entropy's, but the gradients stay 0 (they are 0 over

@@ -195,15 +195,20 @@ def test_torch_func_reverse_mode_matches_autograd():
 
 
 @pytest.mark.filterwarnings("error:There is a performance drop")
-def test_per_example_gradients_of_the_model():
+@pytest.mark.parametrize("fused_loss", [False, True])
+def test_per_example_gradients_of_the_model(fused_loss):
     # torch.func.functional_call + grad, vmapped over examples: the whole model (rms_norm, rope,
     # flash_attn, swiglu, cross_entropy) gives each example the gradient loss.backward() gives it.
+    # The fused loss (gradients computed in its forward, which torch.func cannot take) computes the
+    # logits under torch.func, and every target's position (vmap takes no data-dependent shape).
     from pyllm.model import LLM, ModelConfig
 
     torch.manual_seed(0)
     model = LLM(ModelConfig(vocab_size=64, block_size=16, n_layers=2, n_heads=4, n_kv_heads=2, dim=64)).double()
+    model.fused_loss = fused_loss
     params = {name: p.detach() for name, p in model.named_parameters()}
     idx, targets = torch.randint(0, 64, (3, 1, 8)), torch.randint(0, 64, (3, 1, 8))
+    targets[1, 0, :3] = -1  # a prompt: no loss there
 
     def loss(params, idx, targets):
         return torch.func.functional_call(model, params, (idx, targets))[1]

@@ -682,7 +682,7 @@ class LLM(nn.Module):
             at = None
             # (compiled, meta or fake: every position, a shape that does not depend on the data; so
             # under torch.func, whose vmap takes no data-dependent shape)
-            if not _util.values_unreadable(targets) and not torch._C._are_functorch_transforms_active():
+            if not _util.values_unreadable(targets) and not _util.torch_func_active():
                 # The output layer at the targets' positions alone: a prompt's tokens (-1) take no
                 # logits, often most of a packed row of conversations or preference pairs.
                 at = (targets != -1).nonzero(as_tuple=True)

@@ -861,7 +861,7 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     if not 0.0 <= z_loss < math.inf:
         raise ValueError(f"linear_cross_entropy: z_loss must be 0 or positive and finite, got {z_loss}")
     with _autocast_off(x):
-        if torch._C._are_functorch_transforms_active():
+        if _util.torch_func_active():
             # torch.func (per-example gradients) cannot take the gradients this Function computes in
             # its forward: the whole logits, and pyllm.cross_entropy's derivative, which it can.
             acc = torch.promote_types(x.dtype, torch.float32)

@@ -221,6 +221,11 @@ _STRIDED = torch.strided
 _PLAIN_TYPES = (Tensor, torch.nn.Parameter)
 
 
+# Whether a torch.func transform (grad, vjp, jacrev, vmap, jvp) is running: torch's own function
+# under a name, no frame of ours on the eager calls' path.
+torch_func_active = torch._C._are_functorch_transforms_active
+
+
 # A torch.func wrapper is a Tensor too, with no storage of its own; one outlives its transform in
 # what a torch.func.vjp pullback saved, called after the transform has returned.
 _wrapped = torch._C._functorch.is_functorch_wrapped_tensor
@@ -237,7 +242,7 @@ def eager_untraced() -> bool:
     body's allocations but not its kernel call)."""
     try:  # private torch helpers: where a torch release lacks them, every call takes the op
         return not (torch.compiler.is_compiling() or torch.jit.is_tracing() or _get_current_dispatch_mode() is not None
-                    or torch._C._is_torch_function_mode_enabled() or torch._C._are_functorch_transforms_active())
+                    or torch._C._is_torch_function_mode_enabled() or torch_func_active())
     except AttributeError:
         return False
 
@@ -283,6 +288,11 @@ def runs_body(*tensors) -> bool:
     return _direct(tensors) and not _needs_grad(tensors)
 
 
+def _title(name: str) -> str:
+    """flash_attn -> FlashAttn: the op's name in its Function classes' names."""
+    return "".join(part.title() for part in name.split("_"))
+
+
 def eager_function(name: str, body, setup, grad) -> type:
     """The torch.autograd.Function that call runs for an op's eager calls with autograd: body with the
     op's own setup_context and backward, named after the op (_FlashAttnFunction, _GegluPackedFunction, ...)."""
@@ -291,8 +301,7 @@ def eager_function(name: str, body, setup, grad) -> type:
         setup(ctx, inputs, out)
         return out
 
-    title = "".join(part.title() for part in name.split("_"))
-    return type(f"_{title}Function", (torch.autograd.Function,),
+    return type(f"_{_title(name)}Function", (torch.autograd.Function,),
                 {"forward": staticmethod(forward), "backward": staticmethod(grad), "setup": staticmethod(setup),
                  "__module__": body.__module__})
 
@@ -303,8 +312,9 @@ def eager_function(name: str, body, setup, grad) -> type:
 # autograd.Function with a separate setup_context (functorch runs forward one level down, then
 # wraps what it returns); torch.library's register_autograd makes one without, and torch.func.grad
 # over the op failed on that. Under those transforms an op runs as this Function: its forward is
-# the op itself (so an enclosing vmap reaches torch's batching of the op), its setup_context and
-# backward the op's own, and generate_vmap_rule lets vmap batch the Function by batching those.
+# the op itself, its setup_context and backward the op's own, its vmap the op's batching rule
+# (below) calling the twin, so a grad outside the vmap still differentiates (generate_vmap_rule
+# for an op without a rule).
 # An op without autograd (a backward op, called by that backward with the transform's tensors)
 # gets a twin whose backward refuses, and every twin's jvp: a second derivative or forward mode
 # (torch.func.hessian, grad of grad, jacfwd) names itself instead of torch's setup_context message.
@@ -341,7 +351,6 @@ def functorch_function(body, op, function) -> type:
 
         setup = _no_setup if function is None else function.setup
         backward = no_second_derivative if function is None else function.backward
-        title = "".join(part.title() for part in name.split("_"))
         attrs = {"forward": staticmethod(forward), "setup_context": staticmethod(setup),
                  "backward": staticmethod(backward), "jvp": staticmethod(no_forward_mode), "__module__": __name__}
         rule = _VMAP_RULES.get(name)
@@ -349,7 +358,7 @@ def functorch_function(body, op, function) -> type:
             attrs["vmap"] = staticmethod(lambda info, in_dims, *args: rule(twin.apply, info, in_dims, *args))
         else:
             attrs["generate_vmap_rule"] = True
-        twin = type(f"_{title}FuncFunction", (torch.autograd.Function,), attrs)
+        twin = type(f"_{_title(name)}FuncFunction", (torch.autograd.Function,), attrs)
         _FUNCTORCH[body] = twin
     return twin
 
@@ -384,17 +393,16 @@ def vmap_loop(op, info, in_dims, *args):
     return torch.stack(outs), 0
 
 
+def batch_first(info, t: Tensor, dim) -> Tensor:
+    """t with its vmapped dim moved first, or, not vmapped (dim None), a broadcast one of the batch's size."""
+    return t.movedim(dim, 0) if dim is not None else t.expand(info.batch_size, *t.shape)
+
+
 def batched_first(info, in_dims, args, expand: bool) -> list:
     """args with each vmapped tensor's batch dim moved first; expand: tensors not vmapped get a
     broadcast batch dim too (elementwise ops take every tensor at one shape)."""
-    out = []
-    for a, d in zip(args, in_dims):
-        if d is not None:
-            a = a.movedim(d, 0)
-        elif expand and isinstance(a, Tensor):
-            a = a.expand(info.batch_size, *a.shape)
-        out.append(a)
-    return out
+    return [batch_first(info, a, d) if d is not None or (expand and isinstance(a, Tensor)) else a
+            for a, d in zip(args, in_dims)]
 
 
 def vmap_folded(op, info, in_dims, args, folded):
@@ -402,11 +410,9 @@ def vmap_folded(op, info, in_dims, args, folded):
     (B, ...) tensor; one not vmapped is broadcast), every output (N * B, ...) unfolded to (N, B, ...)."""
     args = list(args)
     for i in folded:
-        a = args[i]
-        if a is None:
-            continue
-        a = a.movedim(in_dims[i], 0) if in_dims[i] is not None else a.expand(info.batch_size, *a.shape)
-        args[i] = a.reshape(-1, *a.shape[2:])
+        if args[i] is not None:
+            a = batch_first(info, args[i], in_dims[i])
+            args[i] = a.reshape(-1, *a.shape[2:])
     outs = op(*args)
     unfold = lambda t: t.view(info.batch_size, -1, *t.shape[1:])
     return (tuple(unfold(t) for t in outs), (0,) * len(outs)) if isinstance(outs, tuple) else (unfold(outs), 0)
@@ -438,7 +444,7 @@ def refuse_forward_mode_ad(tensors, name: str) -> None:
     if forward_ad._current_level >= 0 and any(forward_ad.unpack_dual(t).tangent is not None for t in tensors):
         raise NotImplementedError(f"{name}: pyllm's ops have no forward-mode AD (a dual tensor was given): "
                                   "their derivatives are torch.autograd's backward")
-    if torch._C._are_functorch_transforms_active():
+    if torch_func_active():
         interpreter = torch._C._functorch.peek_interpreter_stack()
         kind = interpreter.key() if interpreter is not None else None
         # (an input the transform differentiates is wrapped at its level; constants pass as before)
@@ -455,7 +461,7 @@ def call(body, op, function, *args):
     tensors = [a for a in args if isinstance(a, Tensor)]
     if not torch.compiler.is_compiling():
         refuse_forward_mode_ad(tensors, _op_name(op))
-        if torch._C._are_functorch_transforms_active() and not _mutates(op):
+        if torch_func_active() and not _mutates(op):
             return functorch_function(body, op, function).apply(*args)
     if not _direct(tensors):
         return op(*args)

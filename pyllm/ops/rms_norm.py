@@ -198,8 +198,7 @@ _rms_norm.register_autograd(_rms_norm_grad, setup_context=_rms_norm_setup)
 def _(op, info, in_dims, x, weight, eps, offset, cast_first):
     if in_dims[1] is not None:
         return _util.vmap_loop(op, info, in_dims, x, weight, eps, offset, cast_first)
-    x = x.movedim(in_dims[0], 0) if in_dims[0] is not None else x.expand(info.batch_size, *x.shape)
-    return op(x, weight, eps, offset, cast_first), (0, 0)
+    return op(_util.batch_first(info, x, in_dims[0]), weight, eps, offset, cast_first), (0, 0)
 
 
 @_util.batching_rule(_rms_norm_backward)

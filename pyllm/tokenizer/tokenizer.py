@@ -17,6 +17,7 @@ import operator
 import os
 import re
 import unicodedata
+from pathlib import Path
 from typing import AbstractSet, Collection, Iterable, Literal, Sequence
 
 import numpy as np
@@ -51,15 +52,6 @@ class _Unset:
 
 
 _UNSET = _Unset()
-
-
-def _read_text(path) -> str:
-    with open(path, encoding="utf-8") as f:  # closed now, not when the GC gets to it (ResourceWarning)
-        return f.read()
-
-
-def _read_json(path):
-    return json.loads(_read_text(path))
 
 
 def _either(value, alias, where: str, name: str, alias_name: str):
@@ -243,13 +235,13 @@ def _compiled_chat_template(folder: str, stamps: tuple):
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     config_path = os.path.join(folder, "tokenizer_config.json")
-    config = _read_json(config_path) if os.path.exists(config_path) else {}
+    config = json.loads(Path(config_path).read_text(encoding="utf-8")) if os.path.exists(config_path) else {}
     template = config.get("chat_template")
     if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
         template = {t["name"]: t["template"] for t in template}.get("default")
     jinja_path = os.path.join(folder, "chat_template.jinja")
     if os.path.exists(jinja_path):  # the file wins, as in transformers (a template fixed by writing one)
-        template = _read_text(jinja_path)
+        template = Path(jinja_path).read_text(encoding="utf-8")
     if not template:
         raise ValueError(f"{folder}: no chat template (tokenizer_config.json's chat_template or chat_template.jinja)")
 
@@ -293,7 +285,7 @@ def _compiled_chat_template(folder: str, stamps: tuple):
     # Older folders keep their special tokens in special_tokens_map.json only (transformers reads both):
     # Mistral's template then rendered no <s> and no </s>, the stop its replies never learned.
     map_path = os.path.join(folder, "special_tokens_map.json")
-    tokens = {**(_read_json(map_path) if os.path.exists(map_path) else {}),
+    tokens = {**(json.loads(Path(map_path).read_text(encoding="utf-8")) if os.path.exists(map_path) else {}),
               **{k: v for k, v in config.items() if k.endswith("_token") and v is not None}}
     variables = {name: token_text(tokens.get(name)) or "" for name in ("bos_token", "eos_token", "pad_token", "unk_token")}
     marked = re.search(r"\{%-?\s*generation\s*[-+]?%\}", template) is not None
@@ -419,7 +411,7 @@ def hf_stop_ids(folder) -> list[int]:
     for name in ("generation_config.json", "config.json"):
         path = os.path.join(os.fspath(folder), name)
         if os.path.exists(path):
-            eos = _read_json(path).get("eos_token_id")
+            eos = json.loads(Path(path).read_text(encoding="utf-8")).get("eos_token_id")
             ids += [eos] if isinstance(eos, int) else list(eos or [])
     return sorted(set(ids))
 

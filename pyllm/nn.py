@@ -196,7 +196,10 @@ class MoEMLP(nn.Module):
         if gate_up.dtype != x.dtype and not _autocast_on(x):
             gate_up, down = gate_up.to(x.dtype), down.to(x.dtype)  # frozen 16-bit experts (add_lora), fp32 x
         factors = self.lora_factors()
-        if factors is not None:
+        if _util.torch_func_active():  # per-example gradients (vmap of grad): no host read of the
+            # routing, no autograd.Function computing in its forward; N * k experts' weights in memory
+            path = functools.partial(moe_experts_gathered, factors=factors, scale=self.lora_scale)
+        elif factors is not None:
             path = functools.partial(moe_experts_lora, factors=factors, scale=self.lora_scale)
         elif (x.is_cuda and x.shape[0] * self.top_k <= self.n_experts) or x.is_meta:  # (meta: shapes, no host read)
             path = moe_experts_gathered
@@ -495,15 +498,25 @@ def moe_experts_one_token(x: torch.Tensor, experts: torch.Tensor, weights: torch
 
 
 def moe_experts_gathered(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
-                         down: torch.Tensor) -> torch.Tensor:
+                         down: torch.Tensor, factors: tuple | None = None, scale: float | None = None) -> torch.Tensor:
     """moe_experts_sorted's function with no host read and no data-dependent shape: each (token,
     choice) pair's expert weights gathered, (N * k, 2 * hidden, C) and (N * k, C, hidden), and
-    batched matmuls. For a few tokens (decoding; CUDA graphs): its memory is N * k experts."""
+    batched matmuls. For a few tokens (decoding; CUDA graphs) and under torch.func (vmap takes no
+    data-dependent shape): its memory is N * k experts. factors, scale: LoRA's, as moe_experts_lora's
+    (each pair's A_e and B_e gathered too; the low-rank product as two matmuls, no update formed)."""
     N, k = experts.shape
     flat = experts.flatten()  # (N * k,)
+    gate_up_a, gate_up_b, down_a, down_b = factors or (None,) * 4
+
+    def project(t, w, a, b):  # t (N * k, in) -> (N * k, out), each pair by its expert's weights
+        y = torch.bmm(w[flat], t[:, :, None])
+        if a is not None:
+            y = y + torch.bmm(b[flat], torch.bmm(a[flat], t[:, :, None])) * scale
+        return y.squeeze(-1)
+
     xs = x.repeat_interleave(k, dim=0)  # (N * k, C)
-    h = _swiglu(torch.bmm(gate_up[flat], xs[:, :, None]).squeeze(-1))  # (N * k, hidden)
-    ys = torch.bmm(down[flat], h[:, :, None]).squeeze(-1)  # (N * k, C)
+    h = _swiglu(project(xs, gate_up, gate_up_a, gate_up_b))  # (N * k, hidden)
+    ys = project(h, down, down_a, down_b)  # (N * k, C)
     return (ys * weights.flatten()[:, None].to(ys.dtype)).view(N, k, -1).sum(1)
 
 
@@ -1107,8 +1120,20 @@ def linear_token_logps(x: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     # Only x wants a gradient (a frozen head): the forward keeps d logp / dx instead of the inputs.
     jacobian = torch.is_grad_enabled() and x.requires_grad and not weight.requires_grad
     with _autocast_off(x):
+        if _util.torch_func_active():
+            return _whole_logps(x, weight, targets.reshape(-1), scale, softcap).view(targets.shape)
         return _LinearTokenLogps.apply(x, weight, targets.reshape(-1), chunk_rows, scale,
                                        softcap, jacobian).view(targets.shape)
+
+
+def _whole_logps(x, weight, targets, scale: float, softcap: float) -> torch.Tensor:
+    """linear_token_logps under torch.func (per-example gradients), which takes no autograd.Function
+    that keeps its own state (it recomputes in the backward, or computes gradients in the forward):
+    the whole (rows, V) logits and pyllm.cross_entropy's derivative, which it takes. x (N, C) ->
+    (N,) in fp32 at least, 0 where the target is -1."""
+    losses = cross_entropy_ops.cross_entropy(F.linear(x, weight), targets, ignore_index=-1, reduction="none",
+                                             scale=scale, softcap=softcap or None)
+    return losses.neg().to(torch.promote_types(x.dtype, torch.float32))
 
 
 def _group_chunks(segment_rows: list[int], group: int, chunk_rows: int) -> list[tuple[int, int, int, int]]:
@@ -1210,6 +1235,13 @@ def linear_sequence_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
         raise ValueError(f"linear_sequence_loss: segment_rows must be {group}-sequence groups of rows >= 0 summing "
                          f"to the {x.shape[0]} rows of x, got {len(segment_rows)} sequences of {sum(segment_rows)} rows")
     with _autocast_off(x):
+        if _util.torch_func_active():  # (see _whole_logps) the loss of every group at once
+            owner = torch.repeat_interleave(torch.arange(len(segment_rows), device=x.device),
+                                            torch.tensor(segment_rows, dtype=torch.long, device=x.device),
+                                            output_size=x.shape[0])
+            logps = _whole_logps(x, weight, targets.reshape(-1), scale, softcap)
+            seq_logps = logps.new_zeros(len(segment_rows)).index_add(0, owner, logps)
+            return loss_fn(seq_logps, 0, len(segment_rows)).to(logps.dtype), seq_logps.detach()
         return _LinearSequenceLoss.apply(x, weight, targets.reshape(-1), segment_rows, group, loss_fn, chunk_rows,
                                          scale, softcap, torch.is_grad_enabled())
 
@@ -1342,6 +1374,12 @@ def linear_distill(x: torch.Tensor, weight: torch.Tensor, x_teacher: torch.Tenso
     x_teacher = x_teacher.to(x.dtype)
     weight_teacher = weight_teacher.to(x.dtype)
     with _autocast_off(x):
+        if _util.torch_func_active():  # (see _whole_logps) the whole logits, and the op's own derivative
+            return distill_ops.generalized_jsd(
+                F.linear(x, weight), F.linear(x_teacher, weight_teacher).detach(), beta=float(beta),
+                temperature=float(temperature), reduction="sum", scale=shape[0], softcap=shape[1] or None,
+                teacher_scale=teacher_shape[0], teacher_softcap=teacher_shape[1] or None,
+            ).to(torch.promote_types(x.dtype, torch.float32))
         return _LinearDistill.apply(x, weight, x_teacher.detach(), weight_teacher.detach(), float(beta),
                                     float(temperature), chunk_rows, shape, teacher_shape)
 

@@ -222,6 +222,84 @@ def test_per_example_gradients_of_the_model(fused_loss):
 
 
 @pytest.mark.filterwarnings("error:There is a performance drop")
+def test_torch_func_through_the_fused_losses():
+    # pyllm.nn's fused losses keep state in their autograd.Functions (gradients made in the
+    # forward, logits recomputed in the backward), which torch.func cannot take: they had failed on
+    # its setup_context message. Under torch.func they compute the whole logits and take the ops'
+    # derivatives: the fused paths' gradients (autograd), per example too.
+    import pyllm.nn as pnn
+
+    gen = torch.Generator().manual_seed(2)
+    rand = lambda *shape: torch.randn(*shape, dtype=torch.float64, generator=gen)
+    x, w, xt, wt = rand(3, 6, 16), rand(11, 16), rand(3, 6, 8), rand(11, 8)
+    targets = torch.randint(0, 11, (3, 6), generator=gen)
+    targets[0, :2] = -1  # a prompt's rows
+    ref = rand(3, 3)
+
+    def dpo(logps, s0, s1):  # pairs (chosen, rejected) of 2-row sequences
+        d = (logps[0::2] - logps[1::2]) - ref[0, s0 // 2:s1 // 2]
+        return -F.logsigmoid(0.1 * d).sum()
+
+    cases = {
+        "linear_token_logps": lambda a, ww, t: pnn.linear_token_logps(a, ww, t, chunk_rows=4, softcap=3.0).square(),
+        "linear_sequence_loss": lambda a, ww, t: pnn.linear_sequence_loss(a, ww, t, [2, 2, 1, 1], 2, dpo,
+                                                                          chunk_rows=3, scale=0.5)[0],
+        "linear_distill": lambda a, ww, t: pnn.linear_distill(a, ww, xt[0], wt, beta=0.3, temperature=2.0,
+                                                              chunk_rows=4, teacher_softcap=5.0),
+        "linear_cross_entropy": lambda a, ww, t: pnn.linear_cross_entropy(a, ww, t, chunk_rows=4, z_loss=1e-2),
+    }
+    for name, fn in cases.items():
+        for i in range(3):
+            want = _autograd(lambda a, ww: fn(a, ww, targets[i]), x[i], w)
+            got = torch.func.grad(lambda a, ww: fn(a, ww, targets[i]).sum(), argnums=(0, 1))(x[i], w)
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=f"{name} example {i}")
+        per_example = torch.func.vmap(torch.func.grad(lambda a, ww, t: fn(a, ww, t).sum(), argnums=(0, 1)),
+                                      in_dims=(0, None, 0))(x, w, targets)
+        for i in range(3):
+            for a, b in zip(per_example, _autograd(lambda a, ww: fn(a, ww, targets[i]), x[i], w)):
+                torch.testing.assert_close(a[i], b, rtol=1e-12, atol=1e-12, msg=f"{name} vmap example {i}")
+    # the frozen head's path (the forward keeps d logp / dx): x alone differentiated
+    want = _autograd(lambda a: cases["linear_token_logps"](a, w, targets[1]), x[1])[0]
+    got = torch.func.grad(lambda a: cases["linear_token_logps"](a, w, targets[1]).sum())(x[1])
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.filterwarnings("error:There is a performance drop")
+@pytest.mark.parametrize("lora", [False, True])
+def test_per_example_gradients_of_a_mixture_of_experts(lora):
+    # The experts' sorted path reads the routing on the host and runs autograd.Functions of its
+    # own (torch.func: its setup_context message; vmap: no storage to read). Under torch.func the
+    # layer gathers each (token, choice) pair's expert weights, LoRA's factors too.
+    from pyllm.model import LLM, ModelConfig
+
+    torch.manual_seed(0)
+    model = LLM(ModelConfig(vocab_size=64, block_size=16, n_layers=2, n_heads=4, n_kv_heads=2, dim=32,
+                            n_experts=4, experts_per_token=2)).double()
+    if lora:
+        model.add_lora(4, 8.0, targets=["q", "experts"])
+        with torch.no_grad():  # B starts at 0: A would get no gradient
+            for name, p in model.named_parameters():
+                if "lora_b" in name:
+                    p.normal_(0, 0.1)
+    params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+    assert any("experts" in name or "gate_up" in name for name in params)
+    idx, targets = torch.randint(0, 64, (3, 1, 8)), torch.randint(0, 64, (3, 1, 8))
+
+    def loss(params, idx, targets):
+        return torch.func.functional_call(model, params, (idx, targets))[1]
+
+    per_example = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, idx, targets)
+    for i in range(3):
+        model.zero_grad()
+        model(idx[i], targets[i])[1].backward()
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                torch.testing.assert_close(per_example[name][i], p.grad, rtol=1e-10, atol=1e-12,
+                                           msg=f"{name} example {i}")
+
+
+@pytest.mark.filterwarnings("error:There is a performance drop")
 def test_vmap_batches_each_op_as_a_loop_would():
     # Batching rules (torch's fallback had looped with a "performance drop" warning): the vmapped
     # dim folded into the kernels' rows or batch where the op allows, a loop where it does not

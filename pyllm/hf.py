@@ -37,6 +37,7 @@ import math
 import sys
 import types
 import warnings
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -379,19 +380,24 @@ class _ForwardMemo:
     backward), not once per layer. Keyed on the tensor itself, its version (an in-place edit reads
     it again; inference tensors have none, and are not edited between layers) and what else the
     value depends on. Gemma 2 / 3 hand their sliding and their full layers two mask views in turn:
-    one slot would read them again at every layer, forward and backward."""
+    one slot would read them again at every layer, forward and backward. The tensors are held
+    weakly and an entry goes with its tensor: a batch's mask and what was read off it (device
+    memory) had outlived the batch, and the model, in this module's memos."""
     SLOTS = 4
 
     def __init__(self):
-        self.entries = []  # (tensor, key, value), the most recent first
+        self.entries = []  # (weak reference to the tensor, key, value), the most recent first
+
+    def _drop(self, ref) -> None:
+        self.entries = [entry for entry in self.entries if entry[0] is not ref]
 
     def get(self, tensor: torch.Tensor, extra, compute):
         key = (extra, None if tensor.is_inference() else tensor._version)
         for held, held_key, value in self.entries:
-            if held is tensor and held_key == key:
+            if held() is tensor and held_key == key:
                 return value
         value = compute()
-        self.entries = [(tensor, key, value)] + self.entries[:self.SLOTS - 1]
+        self.entries = [(weakref.ref(tensor, self._drop), key, value)] + self.entries[:self.SLOTS - 1]
         return value
 
 
@@ -533,9 +539,25 @@ def _is_gelu_tanh(act) -> bool:
     return _is_transformers_activation(act, _GELU_TANH_CLASSES)
 
 
+def _hub_function(f):
+    """The plain function under a `kernels` hub wrapper, else f. From transformers 5.25 (with the
+    `kernels` package, which it requires) a modeling file's apply_rotary_pos_emb is an instance of
+    an nn.Module class "Func" whose forward calls the function it was made from (a hub kernel
+    instead, once kernelized): the function is in that forward's closure, as `func`."""
+    if isinstance(f, nn.Module):
+        forward = type(f).forward
+        names, cells = getattr(getattr(forward, "__code__", None), "co_freevars", ()), forward.__closure__ or ()
+        if "func" in names and len(cells) == len(names):
+            inner = cells[names.index("func")].cell_contents
+            if isinstance(inner, types.FunctionType):
+                return inner
+    return f
+
+
 def _same_code(forward, reference) -> bool:
     """Whether a module class's forward is reference's, up to local names: the MLPs transformers
     copies from Llama's (Mistral's, Qwen's, ...) are; one that scales, clamps or adds a step is not."""
+    forward, reference = _hub_function(forward), _hub_function(reference)
     a, b = getattr(forward, "__code__", None), reference.__code__
     return a is not None and (a.co_code, a.co_names, _code_consts(forward)) == (b.co_code, b.co_names, _code_consts(reference))
 
@@ -860,7 +882,7 @@ def _rope_forward(cls):
         from transformers.models.llama import modeling_llama
         forward = cls.forward
         inner = inspect.unwrap(forward)
-        rotary = getattr(inner, "__globals__", {}).get("apply_rotary_pos_emb")
+        rotary = _hub_function(getattr(inner, "__globals__", {}).get("apply_rotary_pos_emb"))
         calls = "apply_rotary_pos_emb" in getattr(getattr(inner, "__code__", None), "co_names", ()) and rotary is not None
         # (getattr: a rotation that is no plain function, a functools.partial say, is no one's to replace)
         halves = getattr(rotary, "__globals__", {}).get("rotate_half") if calls else None

@@ -3,6 +3,7 @@ a plain softmax(q k^T) v attention (below) and transformers' own MLP and loss, o
 attention function: no mask, left and right padding, packed documents, a KV cache, sliding
 windows, capped scores; each also through the SDPA fallback used where no kernel takes the inputs."""
 import copy
+import gc
 import inspect
 import io
 import sys
@@ -1457,6 +1458,20 @@ def test_padding_is_read_once_per_mask_per_forward():
     finally:
         phf._real_tokens = real_tokens
     assert forward == 2 and len(reads) == forward
+
+
+def test_the_read_masks_go_with_their_batch():
+    # The memos had held a batch's mask and what was read off it (device memory on CUDA) after the
+    # batch, and the model, were gone.
+    _, ours = tiny("llama")
+    phf.apply_pyllm_kernels(ours)
+    ours.train()
+    memos = (phf._suffix_memo, phf._unpadding_memo, phf._packed_memo)
+    loss = ours(inputs(), attention_mask=padded()).logits.sum()
+    assert any(memo.entries for memo in memos)  # (the graph holds the mask the layers were given)
+    del loss
+    gc.collect()
+    assert not any(memo.entries for memo in memos)
 
 
 def test_inference_tensors_as_mask_and_positions_in_training():

@@ -3,7 +3,12 @@
 The public functions are re-exported from the top-level package (pyllm.swiglu, ...); this package
 keeps only the modules, so that pyllm.ops.swiglu is the module and never shadowed by its function.
 """
-from pyllm.ops import adamw, cross_entropy, distill, flash_attn, rms_norm, rope, swiglu
+import sys
+
+from pyllm.ops import _util, adamw, cross_entropy, distill, flash_attn, rms_norm, rope, swiglu
+
+if "torch.distributed.tensor" in sys.modules:  # DTensor loaded already: the ops' sharding rules now
+    _util.register_sharding_rules()
 
 # op name -> {device type: dtypes}, for `python -m pyllm info`.
 BACKENDS = {

@@ -455,6 +455,81 @@ def refuse_forward_mode_ad(tensors, name: str) -> None:
                                       "torch.func.jvp / jacfwd: their derivatives are backward (reverse mode) only")
 
 
+# --- DTensor sharding rules (tensor and sequence parallelism) ---------------------------------------
+#
+# A DTensor reaching a custom op needs a sharding strategy for it (NotImplementedError "does not have
+# a sharding strategy registered" without one). Each op lists the placements it computes locally,
+# one mesh dim at a time: the rows of a row-wise op sharded on any dim but the last, attention on
+# its batch or heads; DTensor redistributes other inputs to one of them. A rule is rule(*args) ->
+# [(output placements, input placements)], args as the op's with tensors as DTensor's specs (.ndim,
+# .shape, .mesh), None in the input list for non-tensor arguments (torch's register_sharding). Rules
+# go to DTensor when the first DTensor reaches an op (or at import, when torch.distributed.tensor is
+# loaded already): importing DTensor's modules would cost every `import pyllm`.
+_SHARDING_RULES: list = []  # (op overload, rule)
+_sharding_registered = False
+
+
+def sharding_rule(*ops):
+    """Decorator: the rule is each op's DTensor sharding strategy (ops: custom ops or overloads)."""
+    def register(rule):
+        for op in ops:
+            _SHARDING_RULES.append((getattr(op, "_opoverload", None) or getattr(op, "default", op), rule))
+        if _sharding_registered:  # (an op module imported after the first DTensor call)
+            _register_sharding(_SHARDING_RULES[-len(ops):])
+        return rule
+    return register
+
+
+def _register_sharding(rules) -> None:
+    try:
+        from torch.distributed.tensor.experimental import register_sharding
+    except ImportError:  # (a torch built without distributed: no DTensor reaches the ops)
+        return
+    for op, rule in rules:
+        register_sharding(op)(rule)
+
+
+def register_sharding_rules() -> None:
+    """Gives DTensor every op's sharding rule (once)."""
+    global _sharding_registered
+    if not _sharding_registered:
+        _sharding_registered = True
+        _register_sharding(_SHARDING_RULES)
+
+
+def shard_placements():
+    """(Shard, Replicate, Partial) of torch.distributed.tensor, imported when a rule runs."""
+    from torch.distributed.tensor import Partial, Replicate, Shard
+    return Shard, Replicate, Partial
+
+
+def sharded_evenly(spec, dim: int) -> bool:
+    """Whether spec's dim splits evenly over every mesh dim (heads: a GQA group must not straddle ranks)."""
+    return all(spec.shape[dim] % n == 0 for n in spec.mesh.shape)
+
+
+def rows_rule(n_row_tensors: int, n_outputs: int, ndim: int, extra_inputs: int = 0, last: bool = False):
+    """The placements of an op whose n_row_tensors leading tensor arguments share one shape (ndim
+    dims) and whose n_outputs outputs follow it: every output and those inputs Replicate, or all
+    Shard(d) for each d < ndim - 1 (all d with last), extra_inputs non-tensor arguments after them."""
+    Shard, Replicate, _ = shard_placements()
+    rules = [([Replicate()] * n_outputs, [Replicate()] * n_row_tensors + [None] * extra_inputs)]
+    for d in range(ndim if last else ndim - 1):
+        rules.append(([Shard(d)] * n_outputs, [Shard(d)] * n_row_tensors + [None] * extra_inputs))
+    return rules
+
+
+def _replicated(args) -> tuple:
+    """args with each plain tensor a DTensor replicated over the first DTensor's mesh: DTensor refuses
+    a mix, and what the ops take beside their sharded tensors (angles, ALiBi slopes, cu_seqlens,
+    targets; the zeros autograd makes, at the global shape, for an output given no gradient) is
+    whole on every rank."""
+    from torch.distributed.tensor import DTensor, Replicate
+    mesh = next(a.device_mesh for a in args if is_dtensor(a))
+    return tuple(DTensor.from_local(a.to(mesh.device_type), mesh, [Replicate()] * mesh.ndim, run_check=False)
+                 if isinstance(a, Tensor) and not is_dtensor(a) else a for a in args)
+
+
 def call(body, op, function, *args):
     """op(*args), or what it would run without its dispatch: body(*args) when no tensor argument
     needs grad, function.apply(*args) (function: None where the op has no autograd) when one does."""
@@ -464,6 +539,9 @@ def call(body, op, function, *args):
         if torch_func_active() and not _mutates(op):
             return functorch_function(body, op, function).apply(*args)
     if not _direct(tensors):
+        if any(is_dtensor(t) for t in tensors):
+            register_sharding_rules()
+            args = _replicated(args)
         return op(*args)
     if _needs_grad(tensors):
         return op(*args) if function is None else function.apply(*args)

@@ -477,6 +477,44 @@ _util.batching_rule(_flash_attn, _flash_attn_vmap((0, 1, 2), 12))
 _util.batching_rule(_flash_attn_backward, _flash_attn_vmap((0, 1, 2, 3, 4, 5, 6), 16))
 
 
+# DTensor: q, k, v (B, T, H, D) sharded on their batch or their heads (tensor parallelism: each rank
+# its heads, q's and k / v's split evenly so that a GQA group stays on one rank); varlen (total, H,
+# D) on its heads only. Never on the positions: every query sees every key (context parallelism
+# is not this). lse (B, H, T) or (H, total) and ALiBi's slopes ((H,) or (B, H)) follow.
+def _attention_placements(q, k, cu_seqlens_q, alibi_slopes) -> list:
+    """[(q / k / v / out's placement, lse's, the slopes')] the op computes locally."""
+    Shard, Replicate, _ = _util.shard_placements()
+    varlen = cu_seqlens_q is not None
+    slopes = lambda per_head, per_batch: None if alibi_slopes is None else (
+        per_batch if alibi_slopes.ndim == 2 else per_head)
+    rules = [(Replicate(), Replicate(), slopes(Replicate(), Replicate()))]
+    heads = 1 if varlen else 2
+    if _util.sharded_evenly(q, heads) and _util.sharded_evenly(k, heads):
+        rules.append((Shard(heads), Shard(0 if varlen else 1), slopes(Shard(0), Shard(1))))
+    if not varlen:
+        rules.append((Shard(0), Shard(0), slopes(Replicate(), Shard(0))))
+    return rules
+
+
+@_util.sharding_rule(_flash_attn)
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right,
+      deterministic, softcap=0.0, alibi_slopes=None):
+    Shard, Replicate, _ = _util.shard_placements()
+    cu = None if cu_seqlens_q is None else Replicate()
+    return [([qkv, lse], [qkv, qkv, qkv, cu, cu] + [None] * 7 + [slopes])
+            for qkv, lse, slopes in _attention_placements(q, k, cu_seqlens_q, alibi_slopes)]
+
+
+@_util.sharding_rule(_flash_attn_backward)
+def _(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+      window_left, window_right, deterministic, softcap=0.0, alibi_slopes=None):
+    Shard, Replicate, _ = _util.shard_placements()
+    cu = None if cu_seqlens_q is None else Replicate()
+    return [([qkv] * 3, [qkv, None if dlse is None else lse_place, qkv, qkv, qkv, qkv, lse_place, cu, cu]
+             + [None] * 7 + [slopes])
+            for qkv, lse_place, slopes in _attention_placements(q, k, cu_seqlens_q, alibi_slopes)]
+
+
 def _flash_attn_setup(ctx, inputs, output):
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, deterministic = inputs[:11]
     softcap = inputs[11] if len(inputs) > 11 else 0.0

@@ -175,6 +175,32 @@ def _(dout, x, weight, rstd, offset, cast_first, weight_grad):
     return torch.empty_like(x, memory_format=torch.contiguous_format), dweight
 
 
+# DTensor: rows sharded on any dim but the normalised one, the weight whole on every rank; its
+# gradient is each rank's rows' share (Partial: DTensor sums it over the ranks when read).
+@_util.sharding_rule(_rms_norm)
+def _(x, weight, eps, offset, cast_first):
+    Shard, Replicate, _ = _util.shard_placements()
+    w = None if weight is None else Replicate()
+    return [(out, [x_place, w, None, None, None]) for out, (x_place,) in _row_placements(x.ndim)]
+
+
+@_util.sharding_rule(_rms_norm_backward)
+def _(dout, x, weight, rstd, offset, cast_first, weight_grad):
+    Shard, Replicate, Partial = _util.shard_placements()
+    w = None if weight is None else Replicate()
+    rules = []
+    for out, (x_place,) in _row_placements(x.ndim):
+        dweight = (Partial() if isinstance(x_place, Shard) else Replicate()) if weight_grad else Replicate()
+        rules.append(([x_place, dweight], [x_place, x_place, w, x_place, None, None, None]))
+    return rules
+
+
+def _row_placements(ndim: int) -> list:
+    """(the outputs' placements (x's, rstd's), (x's,)) for x whole or sharded on one of its row dims."""
+    Shard, Replicate, _ = _util.shard_placements()
+    return [([p, p], (p,)) for p in [Replicate()] + [Shard(d) for d in range(ndim - 1)]]
+
+
 def _rms_norm_setup(ctx, inputs, output):
     x, weight, _, offset, cast_first = inputs
     ctx.save_for_backward(x, weight, output[1])

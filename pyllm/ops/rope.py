@@ -119,6 +119,18 @@ def _(op, info, in_dims, x, cos, sin, inverse, interleaved=False):
     return out.view(x.shape), 0
 
 
+# DTensor: x (B, T, H, D) sharded on its batch, its positions (sequence parallelism: the angles' own
+# positions sharded alike) or its heads; the angles whole where they do not follow the sharded dim.
+@_util.sharding_rule(_rope)
+def _(x, cos, sin, inverse, interleaved=False):
+    Shard, Replicate, _ = _util.shard_placements()
+    per_row = cos.ndim == 3 and cos.shape[0] > 1  # (B, T, R/2): each row its own angles
+    rules = [([Replicate()], [Replicate(), Replicate(), Replicate(), None, None])]
+    for dim, angles in ((0, Shard(0) if per_row else Replicate()), (1, Shard(cos.ndim - 2)), (2, Replicate())):
+        rules.append(([Shard(dim)], [Shard(dim), angles, angles, None, None]))
+    return rules
+
+
 _RopeFunction = _util.eager_function("rope", _rope_body, _rope_setup, _rope_grad)
 
 

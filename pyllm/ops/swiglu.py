@@ -144,6 +144,9 @@ class _Ops:
         op.register_autograd(grad, setup_context=setup)
         for o in (op, backward_op):
             _util.batching_rule(o, _util.vmap_elementwise)
+        # DTensor: elementwise, any dim sharded alike in every tensor
+        _util.sharding_rule(op)(lambda gate, up: _util.rows_rule(2, 1, gate.ndim, last=True))
+        _util.sharding_rule(backward_op)(lambda dout, gate, up: _util.rows_rule(3, 2, gate.ndim, last=True))
         return body, op, _util.eager_function(name, body, setup, grad)
 
     @staticmethod
@@ -175,6 +178,9 @@ class _Ops:
         op.register_autograd(grad, setup_context=setup)
         for o in (op, backward_op):  # the packed dim stays last: the vmapped one goes first
             _util.batching_rule(o, _util.vmap_elementwise)
+        # DTensor: any dim but the packed [gate | up] one
+        _util.sharding_rule(op)(lambda x: _util.rows_rule(1, 1, x.ndim))
+        _util.sharding_rule(backward_op)(lambda dout, x: _util.rows_rule(2, 1, x.ndim))
         return body, op, _util.eager_function(name, body, setup, grad)
 
 

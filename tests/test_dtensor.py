@@ -107,6 +107,25 @@ def _worker(rank: int, port: int, failures) -> None:
                 torch.testing.assert_close(a.full_tensor(), b, rtol=1e-12, atol=1e-12)
         except Exception:
             failures.append(f"rank {rank}, {name}:\n{traceback.format_exc()}")
+    try:  # a module under torch's own plan: a plain input is each rank's share of the positions
+        import pyllm.nn as pnn
+        from torch.distributed.tensor.parallel import SequenceParallel, parallelize_module
+
+        torch.manual_seed(0)
+        norm = pnn.RMSNorm(16).double()
+        with torch.no_grad():
+            norm.weight.uniform_(0.5, 1.5)
+        whole = pnn.RMSNorm(16).double()
+        whole.load_state_dict(norm.state_dict())
+        parallelize_module(norm, mesh, SequenceParallel())
+        x = torch.randn(2, 8, 16, dtype=torch.float64)
+        y = norm(x[:, 4 * rank:4 * (rank + 1)])
+        y.full_tensor().square().sum().backward()
+        whole(x).square().sum().backward()
+        torch.testing.assert_close(y.full_tensor(), whole(x), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(norm.weight.grad.full_tensor(), whole.weight.grad, rtol=1e-12, atol=1e-12)
+    except Exception:
+        failures.append(f"rank {rank}, SequenceParallel RMSNorm:\n{traceback.format_exc()}")
     dist.destroy_process_group()
 
 

@@ -198,8 +198,18 @@ def test_cuda_launch_without_cuda_kernels_raises(monkeypatch):
     monkeypatch.setattr(_util, "HAS_CUDA_KERNELS", False)
     fake = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0), dtype=torch.float32, shape=(1, 2, 1, 4),
                            data_ptr=lambda: 256, stride=lambda: (8, 4, 4, 1), dim=lambda: 2)
+    angles = SimpleNamespace(shape=(2, 2), dim=lambda: 2, data_ptr=lambda: 512)
     with pytest.raises(RuntimeError, match="built without CUDA kernels"):
-        rope_ops.rope_into(fake, fake, fake, fake)
+        rope_ops.rope_into(fake, angles, angles, fake)
+
+
+def test_kernel_call_refuses_angles_of_other_positions():
+    # The kernel reads T rows of angles wherever cos points: a longer table (a DTensor's whole one
+    # beside a shard of x, when torch had not split it) had rotated by the first rows' positions.
+    x, out = torch.randn(2, 3, 2, 8), torch.empty(2, 3, 2, 8)
+    cos, sin = tables("shared", 1, 6, 8, torch.float32, "cpu")
+    with pytest.raises(ValueError, match=r"cos and sin must be \(T, R/2\)"):
+        rope_ops.rope_into(x, cos, sin, out)
 
 
 @pytest.mark.cuda

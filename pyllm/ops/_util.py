@@ -487,6 +487,25 @@ def _register_sharding(rules) -> None:
         return
     for op, rule in rules:
         register_sharding(op)(rule)
+        _key_on_every_argument(op)
+
+
+def _key_on_every_argument(op) -> None:
+    """DTensor caches an op's sharding decision under its tensors' specs and the arguments from the
+    first int one on (register_sharding's guess), and torch 2.6 then ran a call that needed its
+    inputs redistributed with the cached call's other arguments: rope's backward (inverse) ran as
+    the forward, gradients wrong without a word; an RMSNorm of another eps, a cross-entropy of
+    another smoothing, likewise. Every argument from the first non-tensor one is in the key here."""
+    try:
+        from torch.distributed.tensor import DTensor
+        from torch.distributed.tensor._op_schema import RuntimeSchemaInfo
+        propagator = DTensor._op_dispatcher.sharding_propagator
+        arguments = op._schema.arguments
+        first = next((i for i, a in enumerate(arguments) if not isinstance(a.type, torch.TensorType)), len(arguments))
+        propagator.op_to_schema_info[op] = RuntimeSchemaInfo(
+            first, [a.name for a in arguments[first:] if a.kwarg_only] or None, needs_pytree=True)
+    except (ImportError, AttributeError):  # (a torch whose private layout moved: its own guess stands)
+        pass
 
 
 def register_sharding_rules() -> None:

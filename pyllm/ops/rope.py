@@ -61,6 +61,12 @@ def rope_into(x: Tensor, cos: Tensor, sin: Tensor, out: Tensor, inverse: bool = 
     contiguous (T, R/2) or (B or 1, T, R/2)); interleaved: the pairs (2i, 2i + 1)."""
     B, T, H, D = x.shape
     half = cos.shape[-1]
+    # (the kernel reads T rows of angles wherever cos points: a longer table, a DTensor's whole one
+    # beside a shard of x, would rotate by the wrong positions without a word)
+    if cos.dim() not in (2, 3) or cos.shape[-2] != T or (cos.dim() == 3 and cos.shape[0] not in (1, B)) \
+            or sin.shape != cos.shape:
+        raise ValueError(f"{OP}: cos and sin must be (T, R/2) or (B or 1, T, R/2) for x of shape {tuple(x.shape)}, "
+                         f"got {tuple(cos.shape)} and {tuple(sin.shape)}")
     cs_batch_stride = T * half if cos.dim() == 3 and cos.shape[0] > 1 else 0
     args = (_util.ptr(x), _util.ptr(cos), _util.ptr(sin), _util.ptr(out), B, T, H, D, half, _row_strides(x),
             _row_strides(out), cs_batch_stride, bool(inverse), _util.dtype_code(x))

@@ -1793,12 +1793,13 @@ def hf_models():
                              "sliding_attention": {"rope_type": "default", "rope_theta": 1e3}})),
         # Gemma 3's layout without q / k norms, capped attention scores and logits (caps low enough to
         # bind on these random weights' scores), 5-key windows in layers 0 and 2 (its default pattern),
-        # GQA with a 32-wide head in a 64-wide model, softmax scale 24 ** -0.5
+        # GQA with a 32-wide head in a 64-wide model, softmax scale 24 ** -0.5 (eager attention: see
+        # HF_GEMMA2_ATTENTION)
         "gemma2": transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
             vocab_size=97, hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
             num_key_value_heads=2, head_dim=32, max_position_embeddings=64, sliding_window=5, query_pre_attn_scalar=24,
             attn_logit_softcapping=2.0, final_logit_softcapping=3.0, pad_token_id=None, bos_token_id=None,
-            eos_token_id=None)),
+            eos_token_id=None, **HF_GEMMA2_ATTENTION)),
         # Mixtures of experts (transformers' eager experts: its grouped_mm takes no fp64): 4 experts, 2 per
         # token (renormalized), a 6-key window in every layer
         "mixtral": transformers.MixtralForCausalLM(transformers.MixtralConfig(
@@ -1831,6 +1832,9 @@ PHI3 = dict(vocab_size=97, hidden_size=128, intermediate_size=160, num_hidden_la
             num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, pad_token_id=None, bos_token_id=None,
             eos_token_id=None)
 HF_EAGER_EXPERTS = dict(experts_implementation="eager")  # transformers' default grouped_mm takes no fp64
+# transformers up to 5.20 (the last release for Python 3.10) ran Gemma 2 on SDPA by default, which drops its
+# attention softcap; later releases refuse SDPA for it and take eager, as the tests' Gemma 2 does everywhere
+HF_GEMMA2_ATTENTION = dict(attn_implementation="eager")
 HF_NAMES = ["llama-gqa", "llama-tied", "llama3-rope", "qwen2", "gpt2", "qwen3-window", "qwen3", "mistral-window", "smollm3",
             "phi3-longrope", "phi3", "gemma3", "gemma2", "olmo2", "mixtral", "qwen3-moe", "olmoe",
             "qwen2-moe", "granite", "granitemoe"]
@@ -1976,8 +1980,8 @@ def test_to_hf_writes_what_transformers_loads(name, tmp_path):
         for p in ours.parameters():
             p.add_(torch.randn_like(p) * 0.1)
     ours.to_hf(tmp_path / "out", json.loads((tmp_path / "src/config.json").read_text()))
-    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float64,
-                                                             **HF_EAGER_EXPERTS).eval()
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float64, **HF_EAGER_EXPERTS,
+                                                             **(HF_GEMMA2_ATTENTION if name == "gemma2" else {})).eval()
     idx = torch.randint(0, 97, (2, 19))
     with torch.no_grad():
         assert rel_err(back(idx).logits, ours(idx)[0]) < (1e-10 if name == "gpt2" else 1e-6)

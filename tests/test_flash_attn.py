@@ -413,6 +413,12 @@ def test_alibi_checks():
     bad = torch.tensor([0.1, 0.2, 0.3, math.inf])
     with pytest.raises(ValueError, match="alibi_slopes must be finite, got inf for sequence 0, head 3"):
         _C.flash_attn_fwd_cpu(*args, alibi_slopes=bad.data_ptr())
+    # and the kernel call the op runs (a DTensor's whole slopes beside a shard of the heads: the
+    # kernel would read the first heads' slopes)
+    from pyllm.ops import flash_attn as fa
+    with pytest.raises(ValueError, match=r"alibi_slopes must be \(n_heads,\) = \(2,\) .* got \(4,\)"):
+        fa.flash_attn_forward_into(q[:, :, :2], k[:, :, :1], k[:, :, :1], out[:, :, :2], lse[:, :2], None, None, 5, 7,
+                                   0.125, -1, -1, alibi_slopes=good)
 
 
 def test_alibi_slopes_layouts_and_inference_tensors():

@@ -214,10 +214,15 @@ def _check_alibi_device(q: Tensor, slopes: Optional[Tensor], op: str = OP) -> No
         raise NotImplementedError(f"{op}: alibi_slopes (ALiBi) has a CPU kernel only; on CUDA pass None")
 
 
-def _alibi_args(slopes: Optional[Tensor]) -> dict:
+def _alibi_args(slopes: Optional[Tensor], n_heads: int, batch: int) -> dict:
     """The CPU launchers' ALiBi arguments: the slopes' address and their batch stride (0: (n_heads,))."""
     if slopes is None:
         return {}
+    # (the kernel reads n_heads slopes per row wherever they point: a DTensor's whole slopes beside a
+    # shard of the heads would bias them by other heads' slopes without a word)
+    if slopes.shape[-1] != n_heads or (slopes.dim() == 2 and slopes.shape[0] not in (1, batch)):
+        raise ValueError(f"{OP}: alibi_slopes must be (n_heads,) = ({n_heads},) or (batch or 1, n_heads) for "
+                         f"{batch} sequences, got {tuple(slopes.shape)}")
     # A (1, H) tensor's first stride is free (contiguous whatever it is): one row is stride 0.
     return dict(alibi_slopes=_util.ptr(slopes),
                 alibi_batch_stride=slopes.stride(0) if slopes.dim() == 2 and slopes.shape[0] > 1 else 0)
@@ -243,7 +248,8 @@ def flash_attn_forward_into(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_s
         _C.flash_attn_fwd_cuda(*args, q.device.index, _util.stream_of(q), **_packed_totals(q, k, varlen))
     else:
         _util.init_cpu_threads()
-        _C.flash_attn_fwd_cpu(*args, softcap=float(softcap), **_alibi_args(alibi_slopes), **(cache_options or {}))
+        _C.flash_attn_fwd_cpu(*args, softcap=float(softcap), **_alibi_args(alibi_slopes, q.shape[-2], batch),
+                              **(cache_options or {}))
 
 
 # The CUDA backward's two implementations (csrc/cuda/flash_attn_bwd.cu): the tensor-core kernels
@@ -286,7 +292,7 @@ def flash_attn_backward_into(dout, dlse, q, k, v, out, lse, dq, dk, dv, cu_seqle
                                delta_capacity=delta_capacity)
     else:
         _util.init_cpu_threads()
-        _C.flash_attn_bwd_cpu(*args, softcap=float(softcap), **_alibi_args(alibi_slopes))  # always deterministic
+        _C.flash_attn_bwd_cpu(*args, softcap=float(softcap), **_alibi_args(alibi_slopes, q.shape[-2], batch))  # deterministic
 
 
 def _last_dim_contiguous(t: Tensor) -> Tensor:
@@ -883,7 +889,7 @@ def _kvcache_eager_cpu(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal,
                 or alibi_slopes.shape not in ((n_heads,), (batch, n_heads)) or not alibi_slopes.is_contiguous()
                 or not all(map(math.isfinite, alibi_slopes.view(-1).tolist()))):
             return None
-        alibi = _alibi_args(alibi_slopes)
+        alibi = _alibi_args(alibi_slopes, n_heads, batch)
     q_strides, k_strides, v_strides = q.stride(), k_cache.stride(), v_cache.stride()
     if q_strides[3] != 1 or k_strides[3] != 1 or v_strides[3] != 1:
         return None

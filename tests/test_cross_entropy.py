@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import pyllm
+from pyllm.ops import distill as distill_ops
 from pyllm import _C
 from pyllm.ops import _util
 from pyllm.ops import cross_entropy as ce_ops
@@ -414,12 +415,27 @@ def test_bad_input_raises_clear_errors():
         pyllm.cross_entropy(on_unsupported_device(logits), targets)
 
 
+def test_kernel_calls_refuse_row_tensors_of_other_lengths():
+    # The kernels read and write one element per row wherever targets, loss and grad_rows point: a
+    # shorter one (a DTensor's rows chunked otherwise than the logits') would be read past its end.
+    logits = torch.randn(6, 10)
+    loss, z_part = torch.empty(6), torch.empty(6)
+    with pytest.raises(ValueError, match=r"targets must have one element per row \(6\), got shape \(4,\)"):
+        ce_ops.cross_entropy_into(logits, torch.zeros(4, dtype=torch.long), loss, z_part, None, -100, 1.0, 0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match=r"grad_rows must have one element per row \(6\)"):
+        ce_ops.cross_entropy_into(logits, torch.zeros(6, dtype=torch.long), loss, z_part, torch.empty(6, 10), -100,
+                                  1.0, 0.0, 0.0, 0.0, 1.0, torch.ones(3))
+    with pytest.raises(ValueError, match="teacher .* must have the student's shape"):
+        distill_ops.distill_into(logits, logits[:4], loss, None, 0.5, 1.0, 1.0, 0.0, 1.0, 0.0)
+
+
 def test_cuda_launch_without_cuda_kernels_raises(monkeypatch):
     monkeypatch.setattr(_util, "HAS_CUDA_KERNELS", False)
     fake = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0), dtype=torch.float32, shape=(2, 4),
                            data_ptr=lambda: 256, stride=lambda dim: 4)
     with pytest.raises(RuntimeError, match="built without CUDA kernels"):
-        ce_ops.cross_entropy_into(fake, fake, fake, None, None, -100, 1.0, 0.0, 0.0, 0.0, 1.0)
+        rows = SimpleNamespace(numel=lambda: 2, data_ptr=lambda: 512)  # targets, loss: one per row
+        ce_ops.cross_entropy_into(fake, rows, rows, None, None, -100, 1.0, 0.0, 0.0, 0.0, 1.0)
 
 
 @pytest.mark.cuda

@@ -365,7 +365,8 @@ def test_cuda_launch_without_cuda_kernels_raises(monkeypatch):
     fake = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0), dtype=torch.float32, shape=(2, 4),
                            data_ptr=lambda: 256, stride=lambda dim: 4)
     with pytest.raises(RuntimeError, match="built without CUDA kernels"):
-        distill_ops.distill_into(fake, fake, fake, None, 0.5, 1.0, 1.0, 0.0, 1.0, 0.0)
+        rows = SimpleNamespace(numel=lambda: 2, data_ptr=lambda: 512)  # the loss: one per row
+        distill_ops.distill_into(fake, fake, rows, None, 0.5, 1.0, 1.0, 0.0, 1.0, 0.0)
 
 
 def test_linear_distill_takes_the_cuda_kernel_only_when_asked(monkeypatch):

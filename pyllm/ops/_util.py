@@ -86,6 +86,14 @@ def is_dtensor(t) -> bool:
     return type(t).__module__.startswith(("torch.distributed.tensor", "torch.distributed._tensor"))
 
 
+def check_row_lengths(op: str, rows: int, **tensors) -> None:
+    """ValueError unless each given tensor (None: absent) holds `rows` elements: a kernel reads or
+    writes one per row wherever the tensor points."""
+    for name, t in tensors.items():
+        if t is not None and t.numel() != rows:
+            raise ValueError(f"{op}: {name} must have one element per row ({rows}), got shape {tuple(t.shape)}")
+
+
 def dtype_code(t: torch.Tensor) -> int:
     return DTYPE_CODES[t.dtype]
 

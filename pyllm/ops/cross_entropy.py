@@ -93,6 +93,11 @@ def cross_entropy_into(logits: Tensor, targets: Tensor, loss: Tensor, z_part: Op
     logits and grad with a contiguous last dim; targets int64 (rows,) contiguous. The gradient is
     of the row losses times grad_scale and grad_rows (rows,) in loss's dtype, when given."""
     rows, vocab = logits.shape
+    # (the kernel reads `rows` targets and writes `rows` losses wherever they point: one shorter, a
+    # DTensor's rows chunked otherwise than the logits', would be read past its end)
+    _util.check_row_lengths(OP, rows, targets=targets, loss=loss, z_part=z_part, grad_rows=grad_rows)
+    if grad is not None and tuple(grad.shape) != (rows, vocab):
+        raise ValueError(f"{OP}: grad must have the logits' shape {(rows, vocab)}, got {tuple(grad.shape)}")
     args = (_util.ptr(logits), _util.ptr(targets), _util.ptr(loss), 0 if z_part is None else _util.ptr(z_part),
             0 if grad is None else _util.ptr(grad), 0 if grad_rows is None else _util.ptr(grad_rows), rows, vocab,
             logits.stride(0) if rows else vocab, grad.stride(0) if grad is not None and rows else vocab,

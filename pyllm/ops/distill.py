@@ -96,6 +96,10 @@ def distill_into(student: Tensor, teacher: Tensor, loss: Tensor, grad: Optional[
     student and teacher logits with a contiguous last dim. The gradient is of the row divergences
     times grad_scale and grad_rows (rows,) in loss's dtype, when given. softcaps 0.0: none."""
     rows, vocab = student.shape
+    if tuple(teacher.shape) != (rows, vocab) or (grad is not None and tuple(grad.shape) != (rows, vocab)):
+        raise ValueError(f"{OP}: teacher (and grad) must have the student's shape {(rows, vocab)}, got "
+                         f"{tuple(teacher.shape)}" + ("" if grad is None else f" and {tuple(grad.shape)}"))
+    _util.check_row_lengths(OP, rows, loss=loss, grad_rows=grad_rows)  # (read and written by the row)
     args = (_util.ptr(student), _util.ptr(teacher), _util.ptr(loss), 0 if grad is None else _util.ptr(grad),
             0 if grad_rows is None else _util.ptr(grad_rows), rows, vocab,
             student.stride(0) if rows else vocab, teacher.stride(0) if rows else vocab,

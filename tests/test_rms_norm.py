@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import pyllm
+from pyllm.ops import swiglu as swiglu_ops
 from pyllm import _C
 from pyllm.nn import RMSNorm
 from pyllm.ops import _util
@@ -324,14 +325,29 @@ def test_bad_input_raises_clear_errors():
         pyllm.rms_norm(on_unsupported_device(x))
 
 
+def test_kernel_calls_refuse_tensors_of_other_sizes():
+    # The kernels read a weight per column and an rstd per row wherever they point: a whole weight
+    # beside x sharded on its columns (DTensor) would be read from its start.
+    x, out, rstd = torch.randn(3, 8), torch.empty(3, 8), torch.empty(3)
+    with pytest.raises(ValueError, match=r"weight must have one element per column \(8\), got shape \(16,\)"):
+        rms_norm_ops.rms_norm_forward_into(x, torch.ones(16), out, rstd, EPS, 0.0, True)
+    with pytest.raises(ValueError, match=r"rstd must have one element per row \(3\)"):
+        rms_norm_ops.rms_norm_forward_into(x, torch.ones(8), out, torch.empty(2), EPS, 0.0, True)
+    with pytest.raises(ValueError, match=r"dout must have x's 24 elements"):
+        rms_norm_ops.rms_norm_backward_into(x[:2], x, torch.ones(8), rstd, out, None, 0.0, True)
+    with pytest.raises(ValueError, match="up must have 24 elements"):
+        swiglu_ops.swiglu_forward_into(x, x[:1], out)
+
+
 def test_cuda_launch_without_cuda_kernels_raises(monkeypatch):
     monkeypatch.setattr(_util, "HAS_CUDA_KERNELS", False)
     fake = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0), dtype=torch.float32, shape=(2, 4),
                            data_ptr=lambda: 256, numel=lambda: 8)
+    weight, rstd = (SimpleNamespace(data_ptr=lambda: 512, numel=lambda n=n: n, shape=(n,), dtype=torch.float32) for n in (4, 2))
     with pytest.raises(RuntimeError, match="built without CUDA kernels"):
-        rms_norm_ops.rms_norm_forward_into(fake, fake, fake, fake, EPS, 0.0, True)
+        rms_norm_ops.rms_norm_forward_into(fake, weight, fake, rstd, EPS, 0.0, True)
     with pytest.raises(RuntimeError, match="built without CUDA kernels"):
-        rms_norm_ops.rms_norm_backward_into(fake, fake, fake, fake, fake, None, 0.0, True)
+        rms_norm_ops.rms_norm_backward_into(fake, fake, weight, rstd, fake, None, 0.0, True)
 
 
 def test_cuda_row_limit_with_a_weight_gradient_follows_the_gpu(monkeypatch):

@@ -88,11 +88,24 @@ def _rstd_dtype(x: Tensor) -> torch.dtype:
 
 # --- launchers: write into given outputs (tests poison these first) ---------------------------
 
+def _check_lengths(rows: int, cols: int, weight: Optional[Tensor], rstd: Tensor, x: Tensor, **like_x) -> None:
+    """What the kernels read or write by the row and column, wherever it points: the weight one
+    per column (a DTensor's whole weight beside x sharded on its columns would be read from its
+    start), rstd one per row, the x-shaped tensors x's size."""
+    if weight is not None and weight.numel() != cols:
+        raise ValueError(f"{OP}: weight must have one element per column ({cols}), got shape {tuple(weight.shape)}")
+    _util.check_row_lengths(OP, rows, rstd=rstd)
+    for name, t in like_x.items():
+        if t.numel() != x.numel():
+            raise ValueError(f"{OP}: {name} must have x's {x.numel()} elements, got shape {tuple(t.shape)}")
+
+
 def rms_norm_forward_into(x: Tensor, weight: Optional[Tensor], out: Tensor, rstd: Tensor, eps: float, offset: float,
                           cast_first: bool) -> None:
     """out = rms_norm(x), rstd = 1 / rms per row, for contiguous x and out (rows = x.numel() / cols)."""
     cols = x.shape[-1]
     rows = x.numel() // cols
+    _check_lengths(rows, cols, weight, rstd, out=out, x=x)
     if _master_weight(x, weight):
         weight = weight.to(x.dtype)
     args = (_util.ptr(x), 0 if weight is None else _util.ptr(weight), _util.ptr(out), _util.ptr(rstd), rows, cols,
@@ -110,6 +123,9 @@ def rms_norm_backward_into(dout: Tensor, x: Tensor, weight: Optional[Tensor], rs
     """dx (and dweight, if given) for contiguous dout, x, dx."""
     cols = x.shape[-1]
     rows = x.numel() // cols
+    _check_lengths(rows, cols, weight, rstd, dout=dout, dx=dx, x=x)
+    if dweight is not None and dweight.numel() != cols:
+        raise ValueError(f"{OP}: dweight must have one element per column ({cols}), got shape {tuple(dweight.shape)}")
     if _master_weight(x, weight):  # read in x's dtype; dweight (fp32 then) written unrounded
         weight = weight.to(x.dtype)
     w_ptr = 0 if weight is None else _util.ptr(weight)

@@ -155,3 +155,15 @@ def test_cases_are_sharded_for_real():
     from torch.distributed.tensor import Shard
 
     assert all(any(isinstance(p, Shard) for p in case[3]) for case in _cases(None))
+
+
+def test_rules_reach_dtensor_as_it_is_imported():
+    # Not at `import pyllm` (DTensor's modules cost ~0.4 s to import) but as DTensor is imported, so
+    # that a compiled first call (which runs no Python check of ours) finds them too.
+    import subprocess
+
+    probe = ("import sys, pyllm, pyllm.ops._util as u; "
+             "assert 'torch.distributed.tensor' not in sys.modules and not u._sharding_registered; "
+             "import torch.distributed.tensor; assert u._sharding_registered; print('ok')")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "ok", out.stderr[-2000:]

@@ -3,12 +3,9 @@
 The public functions are re-exported from the top-level package (pyllm.swiglu, ...); this package
 keeps only the modules, so that pyllm.ops.swiglu is the module and never shadowed by its function.
 """
-import sys
-
 from pyllm.ops import _util, adamw, cross_entropy, distill, flash_attn, rms_norm, rope, swiglu
 
-if "torch.distributed.tensor" in sys.modules:  # DTensor loaded already: the ops' sharding rules now
-    _util.register_sharding_rules()
+_util.register_sharding_rules_when_loaded()  # (DTensor's: as it is imported)
 
 # op name -> {device type: dtypes}, for `python -m pyllm info`.
 BACKENDS = {

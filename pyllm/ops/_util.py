@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
 import numbers
 import re
+import sys
 import threading
 
 import torch
@@ -471,8 +473,8 @@ def refuse_forward_mode_ad(tensors, name: str) -> None:
 # its batch or heads; DTensor redistributes other inputs to one of them. A rule is rule(*args) ->
 # [(output placements, input placements)], args as the op's with tensors as DTensor's specs (.ndim,
 # .shape, .mesh), None in the input list for non-tensor arguments (torch's register_sharding). Rules
-# go to DTensor when the first DTensor reaches an op (or at import, when torch.distributed.tensor is
-# loaded already): importing DTensor's modules would cost every `import pyllm`.
+# go to DTensor as torch.distributed.tensor is imported (at pyllm's import when it is loaded already):
+# importing DTensor's modules would cost every `import pyllm` ~0.4 s.
 _SHARDING_RULES: list = []  # (op overload, rule)
 _sharding_registered = False
 
@@ -524,6 +526,32 @@ def register_sharding_rules() -> None:
         _register_sharding(_SHARDING_RULES)
 
 
+class _RulesAfterDTensorImport:
+    """A meta path finder that gives DTensor the ops' rules as soon as torch.distributed.tensor is
+    imported (a DTensor cannot exist before), so that a compiled first call finds them too. Once."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "torch.distributed.tensor":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        run = getattr(getattr(spec, "loader", None), "exec_module", None)
+        if run is not None:
+            def exec_module(module):
+                run(module)
+                register_sharding_rules()
+            spec.loader.exec_module = exec_module
+        return spec
+
+
+def register_sharding_rules_when_loaded() -> None:
+    """The rules to DTensor now if it is loaded, else as it is imported (importing it costs ~0.4 s)."""
+    if "torch.distributed.tensor" in sys.modules:
+        register_sharding_rules()
+    elif not any(isinstance(f, _RulesAfterDTensorImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _RulesAfterDTensorImport())
+
+
 def shard_placements():
     """(Shard, Replicate, Partial) of torch.distributed.tensor, imported when a rule runs."""
     from torch.distributed.tensor import Partial, Replicate, Shard
@@ -566,7 +594,7 @@ def call(body, op, function, *args):
         if torch_func_active() and not _mutates(op):
             return functorch_function(body, op, function).apply(*args)
     if not _direct(tensors):
-        if any(is_dtensor(t) for t in tensors):
+        if not torch.compiler.is_compiling() and any(is_dtensor(t) for t in tensors):  # (dynamo: no str methods)
             register_sharding_rules()
             args = _replicated(args)
         return op(*args)

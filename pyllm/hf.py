@@ -961,7 +961,7 @@ def _fused_loss_forward(self, input_ids=None, attention_mask=None, position_ids=
     loss of the user's, model.loss_function = fn, which wants the logits) HF's own forward."""
     head = self.get_output_embeddings()
     if (not self.training or labels is None or not (isinstance(logits_to_keep, int) and logits_to_keep == 0)
-            or "_loss_function" in vars(self)  # transformers' loss_function setter: the user's loss
+            or "_loss_function" in self.__dict__  # transformers' loss_function setter: the user's loss
             or type(head) is not nn.Linear or head.bias is not None or kwargs.get("fused_lm_head")
             or head.weight.device.type == "meta"):  # offloaded by accelerate: only the head's hook loads it
         return _hf_call(self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,

@@ -10,10 +10,21 @@ import torch.nn.functional as F
 from torch import nn
 
 try:
-    from torch.amp.autocast_mode import is_autocast_available
+    from torch.amp.autocast_mode import is_autocast_available as _is_autocast_available
 except ImportError:  # torch releases without it
-    def is_autocast_available(device_type: str) -> bool:
+    def _is_autocast_available(device_type: str) -> bool:
         return device_type in ("cpu", "cuda")
+
+
+# Asked once per device type here: torch 2.6's dynamo cannot trace torch._C._is_autocast_available (a
+# graph break under fullgraph=True); a dict's entry it reads as a constant.
+_AUTOCAST_AVAILABLE = {device_type: _is_autocast_available(device_type) for device_type in ("cpu", "cuda", "meta")}
+
+
+def is_autocast_available(device_type: str) -> bool:
+    known = _AUTOCAST_AVAILABLE.get(device_type)
+    return _is_autocast_available(device_type) if known is None else known
+
 
 from pyllm.ops import _util
 from pyllm.ops import cross_entropy as cross_entropy_ops
@@ -684,11 +695,11 @@ class _ChunkBuffers:
     widens the whole product into a fresh copy first) and 10 slice by slice (2-core Xeon, 2026-12-02)."""
 
     def __init__(self, x: torch.Tensor, weight: torch.Tensor, chunk_rows: int, need_w: bool):
-        self.rows, self.vocab, self.device = torch.sym_min(chunk_rows, x.shape[0]), weight.shape[0], x.device
+        self.rows, self.vocab, self.device = _util.sym_min(chunk_rows, x.shape[0]), weight.shape[0], x.device
         self.buffers, self.product = {}, None
         # grad_w is written whole by the first chunk's product; zeros only where no chunk comes
         acc = torch.promote_types(weight.dtype, torch.float32)
-        self.grad_w = (weight.new_empty(weight.shape, dtype=acc) if x.shape[0] else
+        self.grad_w = (weight.new_empty(weight.shape, dtype=acc) if x.shape[0] != 0 else
                        weight.new_zeros(weight.shape, dtype=acc)) if need_w else None
         self.written = False
 

@@ -317,6 +317,9 @@ def wrap_model(model: LLM, cfg: TrainConfig, info: DistInfo) -> torch.nn.Module:
 
         wrapped = DistributedDataParallel(wrapped, device_ids=[info.device.index] if info.device.type == "cuda" else None)
     else:
+        if info.device.type == "cpu" and not hasattr(torch.cpu.Stream, "record_event"):
+            raise RuntimeError("dist_mode fsdp on the CPU needs torch >= 2.7 (FSDP2 records events on "
+                               f"torch.cpu.Stream, which torch {torch.__version__} lacks): use ddp or zero1")
         try:
             from torch.distributed.fsdp import fully_shard
         except ImportError:  # torch < 2.6 keeps FSDP2 here
@@ -888,7 +891,7 @@ def gathered(model: torch.nn.Module):
     model._get_fsdp_state()._lazy_init()
     blocks = [m for m in model.modules() if isinstance(m, FSDPModule) and m is not model]
     for block in blocks:
-        block.set_reshard_after_forward(False, recurse=False)
+        _set_reshard_after_forward(block, False)
     for m in (model, *blocks):
         m.unshard()
     try:
@@ -897,7 +900,18 @@ def gathered(model: torch.nn.Module):
         for m in (model, *blocks):
             m.reshard()
         for block in blocks:  # (fully_shard's default, as wrap_model applies it)
-            block.set_reshard_after_forward(True, recurse=False)
+            _set_reshard_after_forward(block, True)
+
+
+def _set_reshard_after_forward(block, reshard: bool) -> None:
+    """FSDPModule.set_reshard_after_forward(reshard, recurse=False); torch 2.6 has no such method: its
+    one param group's post-forward mesh is set as fully_shard(reshard_after_forward=reshard) sets it."""
+    if hasattr(block, "set_reshard_after_forward"):
+        block.set_reshard_after_forward(reshard, recurse=False)
+        return
+    group = block._get_fsdp_state()._fsdp_param_group
+    if group is not None:
+        group.post_forward_mesh_info = group.mesh_info if reshard else None
 
 
 def sample_replies(model: LLM, prompts: list[list[int]], max_new_tokens: int, temperature: float,

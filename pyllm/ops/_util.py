@@ -138,6 +138,14 @@ def symbolic(value) -> bool:
     return torch.compiler.is_compiling() or isinstance(value, (torch.SymFloat, torch.SymInt))
 
 
+def sym_min(a, b):
+    """min(a, b) of ints or SymInts without specializing a symbol: torch.sym_min where either is one
+    (torch 2.6's dynamo refuses torch.sym_min of two plain ints: a torch.* op returning an int)."""
+    if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
+        return torch.sym_min(a, b)
+    return min(a, b)
+
+
 def finite_number(value) -> bool:
     """is_number and finite, or symbolic (not checkable while tracing)."""
     return symbolic(value) or (is_number(value) and math.isfinite(value))

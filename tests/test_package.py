@@ -206,19 +206,26 @@ def test_per_example_gradients_of_the_model(fused_loss):
     torch.manual_seed(0)
     model = LLM(ModelConfig(vocab_size=64, block_size=16, n_layers=2, n_heads=4, n_kv_heads=2, dim=64)).double()
     model.fused_loss = fused_loss
-    params = {name: p.detach() for name, p in model.named_parameters()}
     idx, targets = torch.randint(0, 64, (3, 1, 8)), torch.randint(0, 64, (3, 1, 8))
     targets[1, 0, :3] = -1  # a prompt: no loss there
+    _assert_per_example_gradients(model, idx, targets)
+
+
+def _assert_per_example_gradients(model, idx, targets):
+    """vmap(grad) over functional_call of model's loss, for each example of idx / targets (N, 1, T),
+    against model(idx[i], targets[i]) and backward(), for every parameter that wants a gradient."""
+    params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
 
     def loss(params, idx, targets):
         return torch.func.functional_call(model, params, (idx, targets))[1]
 
     per_example = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, idx, targets)
-    for i in range(3):
+    for i in range(idx.shape[0]):
         model.zero_grad()
         model(idx[i], targets[i])[1].backward()
-        for name, p in model.named_parameters():
-            torch.testing.assert_close(per_example[name][i], p.grad, rtol=1e-10, atol=1e-12, msg=f"{name} example {i}")
+        for name in params:
+            torch.testing.assert_close(per_example[name][i], model.get_parameter(name).grad, rtol=1e-10, atol=1e-12,
+                                       msg=f"{name} example {i}")
 
 
 @pytest.mark.filterwarnings("error:There is a performance drop")
@@ -282,21 +289,8 @@ def test_per_example_gradients_of_a_mixture_of_experts(lora):
             for name, p in model.named_parameters():
                 if "lora_b" in name:
                     p.normal_(0, 0.1)
-    params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
-    assert any("experts" in name or "gate_up" in name for name in params)
-    idx, targets = torch.randint(0, 64, (3, 1, 8)), torch.randint(0, 64, (3, 1, 8))
-
-    def loss(params, idx, targets):
-        return torch.func.functional_call(model, params, (idx, targets))[1]
-
-    per_example = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, idx, targets)
-    for i in range(3):
-        model.zero_grad()
-        model(idx[i], targets[i])[1].backward()
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                torch.testing.assert_close(per_example[name][i], p.grad, rtol=1e-10, atol=1e-12,
-                                           msg=f"{name} example {i}")
+    assert any("gate_up" in name for name, p in model.named_parameters() if p.requires_grad)
+    _assert_per_example_gradients(model, torch.randint(0, 64, (3, 1, 8)), torch.randint(0, 64, (3, 1, 8)))
 
 
 @pytest.mark.filterwarnings("error:There is a performance drop")

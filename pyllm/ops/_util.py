@@ -593,6 +593,16 @@ def _replicated(args) -> tuple:
                  if isinstance(a, Tensor) and not is_dtensor(a) else a for a in args)
 
 
+def row_loss_sharding(op, backward_op, n_outputs: int, n_scalars: int) -> None:
+    """The sharding rules of a per-row loss on logits (..., V) and its backward: (logits, other
+    logits or targets, n_scalars non-tensor arguments) -> n_outputs flat (rows,) tensors, and
+    (grad_rows, the same) -> the logits' gradient. Rows on the first dim only (a first-dim shard is a
+    contiguous share of the flat rows); a vocabulary-sharded tensor is gathered by DTensor first."""
+    sharding_rule(op)(lambda logits, *args: rows_rule(2, n_outputs, min(logits.ndim, 2), extra_inputs=n_scalars))
+    sharding_rule(backward_op)(lambda grad_rows, logits, *args: rows_rule(3, 1, min(logits.ndim, 2),
+                                                                           extra_inputs=n_scalars))
+
+
 def call(body, op, function, *args):
     """op(*args), or what it would run without its dispatch: body(*args) when no tensor argument
     needs grad, function.apply(*args) (function: None where the op has no autograd) when one does."""

@@ -204,16 +204,7 @@ def _(grad_rows, logits, targets, ignore_index, scale, softcap, label_smoothing,
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
-# DTensor: rows sharded on the first dim (the row losses are (rows,), flat: only a first-dim shard is
-# a contiguous share of them); a vocabulary-sharded tensor is gathered by DTensor first.
-@_util.sharding_rule(_cross_entropy)
-def _(logits, *args):
-    return _util.rows_rule(2, 2, min(logits.ndim, 2), extra_inputs=5)
-
-
-@_util.sharding_rule(_cross_entropy_backward)
-def _(grad_rows, logits, *args):
-    return _util.rows_rule(3, 1, min(logits.ndim, 2), extra_inputs=5)
+_util.row_loss_sharding(_cross_entropy, _cross_entropy_backward, 2, 5)  # DTensor: rows on the first dim
 
 
 # vmap: the vmapped dim first makes more rows of one call.

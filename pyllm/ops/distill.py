@@ -201,16 +201,7 @@ def _(grad_rows, student, teacher, beta, temperature, scale, softcap, teacher_sc
     return torch.empty_like(student, memory_format=torch.contiguous_format)
 
 
-# DTensor: rows sharded on the first dim (the row losses are (rows,), flat: only a first-dim shard is
-# a contiguous share of them); a vocabulary-sharded tensor is gathered by DTensor first.
-@_util.sharding_rule(_distill)
-def _(student, *args):
-    return _util.rows_rule(2, 1, min(student.ndim, 2), extra_inputs=6)
-
-
-@_util.sharding_rule(_distill_backward)
-def _(grad_rows, student, *args):
-    return _util.rows_rule(3, 1, min(student.ndim, 2), extra_inputs=6)
+_util.row_loss_sharding(_distill, _distill_backward, 1, 6)  # DTensor: rows on the first dim
 
 
 # vmap: the vmapped dim first makes more rows of one call.

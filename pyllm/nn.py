@@ -1163,6 +1163,12 @@ def _group_chunks(segment_rows: list[int], group: int, chunk_rows: int) -> list[
     return chunks
 
 
+def _segment_of_rows(segment_rows: list[int], rows: int, device) -> torch.Tensor:
+    """(rows,) int64: each row's segment, as an index into the segments' (S,) sums."""
+    return torch.repeat_interleave(torch.arange(len(segment_rows), device=device),
+                                   torch.tensor(segment_rows, dtype=torch.long, device=device), output_size=rows)
+
+
 class _LinearSequenceLoss(torch.autograd.Function):
     """The sum over groups of whole sequences of loss_fn(the group's summed log-probabilities), its
     gradients for x and weight computed in the forward, a chunk of whole groups at a time (Liger's
@@ -1183,10 +1189,7 @@ class _LinearSequenceLoss(torch.autograd.Function):
         buffers = _ChunkBuffers(x, weight, max([end - start for start, end, _, _ in chunks], default=1), need_w)
         seq_logps = torch.zeros(len(segment_rows), dtype=acc, device=x.device)
         total = torch.zeros((), dtype=torch.float64, device=x.device)  # chunk sums add up without drift
-        # each row's segment, as an index into seq_logps
-        owner = torch.repeat_interleave(torch.arange(len(segment_rows), device=x.device),
-                                        torch.tensor(segment_rows, dtype=torch.long, device=x.device),
-                                        output_size=x.shape[0])
+        owner = _segment_of_rows(segment_rows, x.shape[0], x.device)
         kernel = cross_entropy_ops.takes(x)
 
         def chunk(r0, r1, s0, s1):
@@ -1247,9 +1250,7 @@ def linear_sequence_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
                          f"to the {x.shape[0]} rows of x, got {len(segment_rows)} sequences of {sum(segment_rows)} rows")
     with _autocast_off(x):
         if _util.torch_func_active():  # (see _whole_logps) the loss of every group at once
-            owner = torch.repeat_interleave(torch.arange(len(segment_rows), device=x.device),
-                                            torch.tensor(segment_rows, dtype=torch.long, device=x.device),
-                                            output_size=x.shape[0])
+            owner = _segment_of_rows(segment_rows, x.shape[0], x.device)
             logps = _whole_logps(x, weight, targets.reshape(-1), scale, softcap)
             seq_logps = logps.new_zeros(len(segment_rows)).index_add(0, owner, logps)
             return loss_fn(seq_logps, 0, len(segment_rows)).to(logps.dtype), seq_logps.detach()

@@ -88,12 +88,19 @@ def is_dtensor(t) -> bool:
     return type(t).__module__.startswith(("torch.distributed.tensor", "torch.distributed._tensor"))
 
 
-def check_row_lengths(op: str, rows: int, **tensors) -> None:
+def check_row_lengths(op: str, rows: int, per: str = "row", **tensors) -> None:
     """ValueError unless each given tensor (None: absent) holds `rows` elements: a kernel reads or
-    writes one per row wherever the tensor points."""
+    writes one per row (or per column, ...) wherever the tensor points."""
+    check_sizes(op, rows, f"one element per {per} ({rows})", **tensors)
+
+
+def check_sizes(op: str, n: int, what: str | None = None, **tensors) -> None:
+    """ValueError unless each given tensor (None: absent) holds n elements (what: how the message
+    says so, "n elements" by default): a kernel runs over n of them wherever the tensor points, and
+    a smaller one would be read past its end."""
     for name, t in tensors.items():
-        if t is not None and t.numel() != rows:
-            raise ValueError(f"{op}: {name} must have one element per row ({rows}), got shape {tuple(t.shape)}")
+        if t is not None and t.numel() != n:
+            raise ValueError(f"{op}: {name} must have {what or f'{n} elements'}, got shape {tuple(t.shape)}")
 
 
 def dtype_code(t: torch.Tensor) -> int:
@@ -487,25 +494,13 @@ _SHARDING_RULES: list = []  # (op overload, rule)
 _sharding_registered = False
 
 
-def sharding_rule(*ops):
-    """Decorator: the rule is each op's DTensor sharding strategy (ops: custom ops or overloads)."""
+def sharding_rule(op):
+    """Decorator: the rule is op's DTensor sharding strategy (op: a custom op or an overload). Every
+    op module is imported by pyllm.ops before it hands the rules to DTensor."""
     def register(rule):
-        for op in ops:
-            _SHARDING_RULES.append((getattr(op, "_opoverload", None) or getattr(op, "default", op), rule))
-        if _sharding_registered:  # (an op module imported after the first DTensor call)
-            _register_sharding(_SHARDING_RULES[-len(ops):])
+        _SHARDING_RULES.append((getattr(op, "_opoverload", None) or getattr(op, "default", op), rule))
         return rule
     return register
-
-
-def _register_sharding(rules) -> None:
-    try:
-        from torch.distributed.tensor.experimental import register_sharding
-    except ImportError:  # (a torch built without distributed: no DTensor reaches the ops)
-        return
-    for op, rule in rules:
-        register_sharding(op)(rule)
-        _key_on_every_argument(op)
 
 
 def _key_on_every_argument(op) -> None:
@@ -529,9 +524,16 @@ def _key_on_every_argument(op) -> None:
 def register_sharding_rules() -> None:
     """Gives DTensor every op's sharding rule (once)."""
     global _sharding_registered
-    if not _sharding_registered:
-        _sharding_registered = True
-        _register_sharding(_SHARDING_RULES)
+    if _sharding_registered:
+        return
+    _sharding_registered = True
+    try:
+        from torch.distributed.tensor.experimental import register_sharding
+    except ImportError:  # (a torch built without distributed: no DTensor reaches the ops)
+        return
+    for op, rule in _SHARDING_RULES:
+        register_sharding(op)(rule)
+        _key_on_every_argument(op)
 
 
 class _RulesAfterDTensorImport:

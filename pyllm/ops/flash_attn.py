@@ -1056,7 +1056,7 @@ def flash_attn(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, softmax
         cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
         # No sequence is longer than the tokens packed: a larger max_seqlen only sized the work (2^40
         # ran for an hour; sys.maxsize overflowed it to nothing, garbage out)
-        max_q, max_k = torch.sym_min(max_q, q.shape[0]), torch.sym_min(max_k, k.shape[0])
+        max_q, max_k = _util.sym_min(max_q, q.shape[0]), _util.sym_min(max_k, k.shape[0])
     elif max_seqlen_q is not None or max_seqlen_k is not None:
         raise ValueError(f"{OP}: max_seqlen_q / max_seqlen_k are for varlen (with cu_seqlens) only")
     left, right = _check_window(OP, window)

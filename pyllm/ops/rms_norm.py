@@ -92,12 +92,9 @@ def _check_lengths(rows: int, cols: int, weight: Optional[Tensor], rstd: Tensor,
     """What the kernels read or write by the row and column, wherever it points: the weight one
     per column (a DTensor's whole weight beside x sharded on its columns would be read from its
     start), rstd one per row, the x-shaped tensors x's size."""
-    if weight is not None and weight.numel() != cols:
-        raise ValueError(f"{OP}: weight must have one element per column ({cols}), got shape {tuple(weight.shape)}")
+    _util.check_row_lengths(OP, cols, per="column", weight=weight)
     _util.check_row_lengths(OP, rows, rstd=rstd)
-    for name, t in like_x.items():
-        if t.numel() != x.numel():
-            raise ValueError(f"{OP}: {name} must have x's {x.numel()} elements, got shape {tuple(t.shape)}")
+    _util.check_sizes(OP, x.numel(), f"x's {x.numel()} elements", **like_x)
 
 
 def rms_norm_forward_into(x: Tensor, weight: Optional[Tensor], out: Tensor, rstd: Tensor, eps: float, offset: float,
@@ -124,8 +121,7 @@ def rms_norm_backward_into(dout: Tensor, x: Tensor, weight: Optional[Tensor], rs
     cols = x.shape[-1]
     rows = x.numel() // cols
     _check_lengths(rows, cols, weight, rstd, dout=dout, dx=dx, x=x)
-    if dweight is not None and dweight.numel() != cols:
-        raise ValueError(f"{OP}: dweight must have one element per column ({cols}), got shape {tuple(dweight.shape)}")
+    _util.check_row_lengths(OP, cols, per="column", dweight=dweight)
     if _master_weight(x, weight):  # read in x's dtype; dweight (fp32 then) written unrounded
         weight = weight.to(x.dtype)
     w_ptr = 0 if weight is None else _util.ptr(weight)

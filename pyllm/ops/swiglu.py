@@ -68,22 +68,16 @@ def _launch_bwd(dout, gate, up, dgate, dup, rows, cols, in_stride, out_stride, a
 
 def swiglu_forward_into(gate: Tensor, up: Tensor, out: Tensor, activation: str = "silu") -> None:
     """out = act(gate) * up, for contiguous tensors of one shape (flattened into one row)."""
-    _same_sizes(gate, up=up, out=out)
+    _util.check_sizes(OP, gate.numel(), up=up, out=out)
     _launch_fwd(gate, up, out, 1, out.numel(), out.numel(), out.numel(), activation)
 
 
 def swiglu_backward_into(dout: Tensor, gate: Tensor, up: Tensor, dgate: Tensor, dup: Tensor,
                          activation: str = "silu") -> None:
-    _same_sizes(dout, gate=gate, up=up, dgate=dgate, dup=dup)
+    _util.check_sizes(OP, dout.numel(), gate=gate, up=up, dgate=dgate, dup=dup)
     n = dout.numel()
     _launch_bwd(dout, gate, up, dgate, dup, 1, n, n, n, activation)
 
-
-def _same_sizes(first: Tensor, **others) -> None:
-    """The kernels run over first's elements in every tensor: a smaller one would be read past its end."""
-    for name, t in others.items():
-        if t.numel() != first.numel():
-            raise ValueError(f"{OP}: {name} must have {first.numel()} elements, got shape {tuple(t.shape)}")
 
 
 def _halves(t: Tensor, half: int) -> tuple[Tensor, Tensor]:

@@ -1600,5 +1600,17 @@ def main(argv=None) -> int:
         return 2
 
 
+def entry() -> None:
+    """The `pyllm` command and `python -m pyllm`: main(), then out. Under torchrun each rank leaves
+    through pyllm.train.end_process, past gloo's abort at interpreter exit (see there); main()
+    itself returns, for callers in a process of their own."""
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from pyllm.train import end_process
+
+        end_process(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -305,6 +305,26 @@ def setup_distributed(device: str) -> DistInfo:
     return DistInfo(rank, world_size, dev)
 
 
+def end_process(code: int = 0) -> None:
+    """Ends a process that ran a torch.distributed group: destroys the group, flushes stdout and
+    stderr, and exits without the interpreter's finalization (what `pyllm train` does under torchrun
+    once every file is written).
+
+    A gloo worker thread drops its finished collective just after the caller's wait() returns; when
+    that work held the last reference to a tensor Python had made, the drop takes the GIL. If the
+    main thread has reached finalization by then, Python ends that thread inside a noexcept
+    destructor: std::terminate, "terminate called without an active exception", SIGABRT, after the
+    run had succeeded (a core dump, 2026-12-04: ~AsyncAllreduceWork -> decref_pyobject -> take_gil
+    -> pthread_exit, under Py_FinalizeEx; 1 run in 17 of tests/test_dtensor.py on a 2-core VM).
+    destroy_process_group neither joins gloo's threads nor waits for that drop, and a barrier does
+    not either. torchrun reports such a rank as failed (and restarts the job under --max-restarts)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def wrap_model(model: LLM, cfg: TrainConfig, info: DistInfo) -> torch.nn.Module:
     """compile (on request), then DDP or FSDP2 when there are several processes. zero1 needs no
     wrapper: ZeroAdamW averages the grads over the ranks itself, once per optimizer step (so grad

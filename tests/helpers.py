@@ -1,10 +1,19 @@
 """Shared test helpers: float64 references, error measures and the tolerance rule."""
 from __future__ import annotations
 
+import socket
+
 import pytest
 import torch
 
 CPU_AND_CUDA = [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+def free_port() -> int:
+    """A TCP port no process listens on now, for a test's own torch.distributed rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:

@@ -12,7 +12,7 @@ import torch.nn as nn
 from pyllm import _C
 from pyllm.ops import _util
 from pyllm.optim import AdamW, DynamicLossScaler
-from helpers import CPU_AND_CUDA, rel_err, tolerance
+from helpers import CPU_AND_CUDA, free_port, rel_err, tolerance
 
 # One layer of 80K weights: several 16K-element chunks and past the CPU kernel's threading cutoff.
 IN, HIDDEN, OUT = 32, 2500, 8
@@ -887,12 +887,6 @@ def test_cuda_cpp_rechecks_raw_arguments():
 
 # --- ZeRO-1 over gloo -----------------------------------------------------------------------------
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _zero_matches_unsharded(rank, world, dtype):
     from pyllm.optim import ZeroAdamW
@@ -1013,37 +1007,25 @@ def _zero_groups_and_full_state(rank, world):
 
 
 def _zero_worker(rank, world, port):
-    import faulthandler
     import os
 
     import torch.distributed as dist
 
-    # Each rank's Python stack on a fatal signal: a clean-clone CI run (2026-12-02) saw a rank abort
-    # ("terminate called without an active exception", SIGABRT) twice in three runs of this test;
-    # 20 runs alone and under load passed. The stack says where, next time.
-    faulthandler.enable()
+    from pyllm.train import end_process
 
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        for dtype in (torch.float32, torch.bfloat16):
-            _zero_matches_unsharded(rank, world, dtype)
-        _zero_groups_and_full_state(rank, world)
-        dist.barrier()  # no rank tears gloo down while another is still in a collective
-    finally:
-        dist.destroy_process_group()
-    # Every check passed: the process leaves without the interpreter's finalization, where the abort
-    # came from (clean-clone CI, 2026-12-03: faulthandler showed the main thread with no Python frame,
-    # after the worker had returned: gloo's threads at exit, not a check of this test).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        _zero_matches_unsharded(rank, world, dtype)
+    _zero_groups_and_full_state(rank, world)
+    dist.barrier()  # no rank tears gloo down while another is still in a collective
+    end_process(0)  # every check passed; past gloo's abort at interpreter exit (its docstring)
 
 
 def test_zero1_over_gloo_matches_unsharded():
     import torch.multiprocessing as mp
 
-    mp.spawn(_zero_worker, args=(2, _free_port()), nprocs=2, join=True)
+    mp.spawn(_zero_worker, args=(2, free_port()), nprocs=2, join=True)
 
 
 # --- Muon ---------------------------------------------------------------------------------------

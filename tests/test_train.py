@@ -6,7 +6,6 @@ import functools
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from pyllm import data
 from pyllm import train as trainer
 from pyllm.model import LLM, ModelConfig
 from pyllm.train import TrainConfig
+from helpers import free_port
 
 TINY = dict(n_layers=1, n_heads=2, dim=64, block_size=16)  # head dim 32: flash_attn takes 32..256
 
@@ -559,12 +559,6 @@ def test_bad_config():
         TrainConfig.from_dict({"max_step": 3})
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 DIST_WORKER = """
 import json, sys, torch
 torch.set_num_threads(1)
@@ -575,18 +569,14 @@ cross = common.pop("cross", True)
 # Then "cross" (unless told not to): a 1-process run's checkpoint, resumed by these 2 processes in this mode.
 for run, kwargs in (("whole", {}), ("cut", {"stop_at": 6}), ("cut", {"resume": True}), ("cross", {"resume": True}))[:4 if cross else 3]:
     train(TrainConfig(**{**common, "out_dir": common["out_dir"] + "/" + run}), **kwargs)
-# Left to the interpreter's exit, gloo's threads were sometimes still joinable as the group was torn
-# down: std::terminate, SIGABRT, after every run had finished (2 of 17 such tests once, AMD EPYC VM);
-# destroying the group first still left 2 of 21 aborting at exit (2026-12-01). Every file is written
-# by now: leave without the static destructors.
-torch.distributed.destroy_process_group()
-sys.stdout.flush(); sys.stderr.flush()
-import os; os._exit(0)
+# past gloo's abort at interpreter exit (end_process's docstring; 2 of 17 such tests once, AMD EPYC VM)
+from pyllm.train import end_process
+end_process(0)
 """
 
 
 def run_two_processes(args: dict, timeout: float = 150) -> None:
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2",
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2",
            "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen([sys.executable, "-c", DIST_WORKER, json.dumps(args)], cwd=Path(__file__).parent.parent,
                               env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(2)]

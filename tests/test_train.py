@@ -588,6 +588,28 @@ def run_two_processes(args: dict, timeout: float = 150) -> None:
                 p.kill()
 
 
+END_PROCESS_PROBE = """
+import sys, tempfile, torch, torch.distributed as dist
+from pyllm.train import end_process
+dist.init_process_group("gloo", init_method="file://" + tempfile.mktemp(), rank=0, world_size=1)
+x = torch.randn(1000)
+dist.all_reduce(x)
+del x
+print("written", end="")
+sys.stderr.write("said")
+import atexit; atexit.register(lambda: print("finalized"))
+end_process(int(sys.argv[1]))
+"""
+
+
+@pytest.mark.parametrize("code", [0, 3])
+def test_end_process_destroys_the_group_flushes_and_skips_finalization(code):
+    out = subprocess.run([sys.executable, "-c", END_PROCESS_PROBE, str(code)], capture_output=True, text=True,
+                         timeout=120, cwd=Path(__file__).parent.parent)
+    # (stdout unflushed and no atexit handler run: "finalized" would follow "written")
+    assert (out.returncode, out.stdout) == (code, "written") and "said" in out.stderr, out.stderr[-2000:]
+
+
 @pytest.mark.parametrize("mode, kind", [("ddp", "windows"), ("fsdp", "windows"), ("zero1", "windows"),
                                         ("ddp", "conversations"), ("fsdp", "conversations"),
                                         ("zero1", "conversations"), ("ddp", "lora"), ("fsdp", "lora"),

@@ -132,6 +132,17 @@ def inputs(B=3, T=13, seed=1):
     return torch.randint(3, VOCAB, (B, T), generator=g)
 
 
+def cache_of(output):
+    """A forward's KV cache: transformers 5.25 renamed past_key_values to cache (the old name warns,
+    and goes in 5.40), 5.20 (Python 3.10's last) has only the old."""
+    return output.cache if "cache" in type(output).__dataclass_fields__ else output.past_key_values
+
+
+def with_cache(model, cache) -> dict:
+    """The cache as a forward's keyword argument, by the name this transformers takes (cache_of)."""
+    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
+
+
 def padded(B=3, T=13, left=True):
     mask = torch.ones(B, T, dtype=torch.long)
     for b, pad in enumerate([0, 4, 9][:B]):
@@ -682,8 +693,8 @@ def test_gradients_through_a_cached_prompt():
     ids = inputs(3, 21)
     for model in (reference, ours):
         with torch.no_grad():
-            cache = model(ids[:, :13], use_cache=True).past_key_values
-        model(ids[:, 13:], past_key_values=cache, use_cache=True).logits.logsumexp(-1).sum().backward()
+            cache = cache_of(model(ids[:, :13], use_cache=True))
+        model(ids[:, 13:], **with_cache(model, cache), use_cache=True).logits.logsumexp(-1).sum().backward()
     for (name, p), q in zip(reference.named_parameters(), ours.parameters()):
         if p.grad is not None:
             assert rel_err(q.grad, p.grad) < 1e-10, name
@@ -724,8 +735,8 @@ def test_the_fused_loss_forward_has_the_models_signature():
     ids = inputs()
     reference.train(), ours.train()
     with torch.no_grad():
-        cache = ours(ids[:, :8], use_cache=True).past_key_values
-        want = reference(ids[:, :8], use_cache=True).past_key_values
+        cache = cache_of(ours(ids[:, :8], use_cache=True))
+        want = cache_of(reference(ids[:, :8], use_cache=True))
         got = ours(ids[:, 8:], None, None, cache).logits
         assert rel_err(got, reference(ids[:, 8:], None, None, want).logits) < 1e-10
         mask = torch.ones_like(ids)

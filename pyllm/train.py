@@ -1495,10 +1495,41 @@ def load_checkpoint(run_dir) -> dict:
     if missing:
         raise ValueError(f"{path} is no checkpoint `pyllm train` wrote (it lacks {', '.join(missing)}): a resume needs "
                          "the run's own (to start from other weights, see --init-from-run / --init-from-hf)")
+    check_checkpoint_format(ckpt, path)
     return ckpt
 
 
 CHECKPOINT_KEYS = ("model", "optimizer", "step", "skipped_steps", "model_config", "train_config", "rng", "loader")
+# What a checkpoint's saved settings mean to the pyllm that resumes it. Raised with each change that
+# gives a saved field another meaning on resume, so that a later pyllm can keep the old meaning for
+# older checkpoints or say what changed, and an older pyllm refuses a newer checkpoint instead of
+# resuming it under rules it does not know. 1: the checkpoints without the key (before 2026-12-04).
+CHECKPOINT_FORMAT = 2
+
+
+def check_checkpoint_format(ckpt: dict, path) -> None:
+    found = ckpt.get("format", 1)
+    if not isinstance(found, int) or found > CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} was written by a newer pyllm (checkpoint format {found}; this one reads up to "
+                         f"{CHECKPOINT_FORMAT}): upgrade pyllm to resume it")
+
+
+def changes_since(ckpt: dict, cfg: TrainConfig) -> list[str]:
+    """What a resumed run of an older checkpoint format now does otherwise, from its own settings (an
+    audit resumed run folders of earlier pyllm commits: these two changed the run without a word)."""
+    if ckpt.get("format", 1) >= 2:
+        return []
+    changes = []
+    dropout = ckpt["model_config"].get("dropout", 0.0)
+    if dropout:
+        changes.append(f"dropout ({dropout}) also drops attention probabilities, as nanoGPT's and GPT-2's "
+                       "(since 2026-12-03; it had been the residual branches' only)")
+    if cfg.schedule == "wsd":
+        now, before = cfg.max_steps - round(cfg.max_steps * cfg.decay_frac), int(cfg.max_steps * (1 - cfg.decay_frac))
+        if now != before:
+            changes.append(f"the WSD decay starts at step {now}, not {before} (max_steps - round(max_steps * "
+                           "decay_frac) since 2026-12-03, where int(max_steps * (1 - decay_frac)) fell a step short)")
+    return changes
 
 
 def state_finite(model_state: dict) -> bool:
@@ -1725,6 +1756,10 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
     precision = resolve_precision(cfg.precision, info.device)
     out, data = Path(cfg.out_dir), Path(cfg.data_dir)
     ckpt = load_checkpoint(out) if resume else None
+    changes = changes_since(ckpt, cfg) if ckpt is not None else []
+    if changes and info.is_main:
+        print(f"pyllm: {out / CHECKPOINT} is from an earlier pyllm, whose run goes on under the current rules: "
+              + "; ".join(changes), file=sys.stderr)
     torch.manual_seed(cfg.seed)
     # (val.bin's too: each file's header bounds its ids, and it was train.bin's alone that met the model)
     data_vocab = max(read_header(data / name)["vocab_size"] for name in ("train.bin", "val.bin"))  # (llm.c's shards too)
@@ -1882,6 +1917,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
             say(info, bar, f"step {step_done}: parameters hold inf/NaN; keeping the previous checkpoint")
             return
         save_checkpoint(out / CHECKPOINT, {
+            "format": CHECKPOINT_FORMAT,
             "model": model_state, "optimizer": optim_state, "scaler": scaler.state_dict() if scaler else None,
             "rng": rng_state(info.device), "loader": loader.state_dict(), "step": step_done,
             "skipped_steps": skipped, "model_config": mcfg.to_dict(), "train_config": asdict(cfg),

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -267,6 +268,34 @@ def test_signals_wait_for_a_held_block():
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # ignored before: still ignored, nothing raised
     finally:
         signal.signal(signal.SIGINT, inherited)
+
+
+def test_checkpoint_format_old_notes_and_newer_refused(data_dir, tmp_path, capsys):
+    # Checkpoints carry a format number (an audit resumed earlier pyllm's run folders: two changes of
+    # meaning, attention dropout and the WSD decay's first step, went on without a word). A checkpoint
+    # without it says what its run now does otherwise; one from a newer pyllm is refused.
+    out = tmp_path / "run"
+    cfg = config(data_dir, out, max_steps=4, ckpt_every=4, eval_every=0, schedule="wsd", decay_frac=0.3,
+                 model={**TINY, "dropout": 0.1})
+    trainer.train(cfg)
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["format"] == trainer.CHECKPOINT_FORMAT == 2
+    capsys.readouterr()
+    trainer.train(replace(cfg, max_steps=5), resume=True)
+    assert "earlier pyllm" not in capsys.readouterr().err  # (a current checkpoint: nothing to say)
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    del ckpt["format"]
+    torch.save(ckpt, out / "checkpoint.pt")
+    trainer.train(replace(cfg, max_steps=7), resume=True)
+    err = capsys.readouterr().err
+    assert "is from an earlier pyllm" in err and "dropout (0.1) also drops attention probabilities" in err
+    assert "the WSD decay starts at step 5, not 4" in err  # 7 - round(2.1) vs int(7 * 0.7)
+    assert trainer.changes_since({"model_config": {"dropout": 0.0}}, replace(cfg, schedule="cosine")) == []
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    ckpt["format"] = trainer.CHECKPOINT_FORMAT + 1
+    torch.save(ckpt, out / "checkpoint.pt")
+    with pytest.raises(ValueError, match="written by a newer pyllm \\(checkpoint format 3; this one reads up to 2\\): upgrade"):
+        trainer.load_checkpoint(out)
 
 
 def test_resume_refuses_what_is_no_run_checkpoint(tmp_path):

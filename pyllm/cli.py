@@ -216,6 +216,38 @@ def read_json(path) -> dict:
                          ".json may be deleted instead: pyllm then prepares that again)") from e
 
 
+def read_run(run_dir) -> dict:
+    """A run folder's run.json ({} without one), its paths into the folder itself followed to where the
+    folder is now: a run folder moved, renamed or copied elsewhere (another machine) resumes, samples
+    and exports from its own tokenizer and token files (it had looked for them where it was written,
+    and failed there, or read the original's). "was" is where the folder was written."""
+    run_dir = Path(run_dir)
+    run = read_json(run_dir / "run.json") if (run_dir / "run.json").is_file() else {}
+    was = run.get("run_dir")
+    if was is None:  # (written before run.json said where its folder was: its tokenizer.bpe's or data/'s parent)
+        guesses = [Path(p).parent for p, name in ((run.get("tokenizer"), "tokenizer.bpe"), (run.get("data_dir"), "data"))
+                   if p and Path(p).name == name and not Path(p).exists()]
+        was = str(guesses[0]) if guesses else None
+    run["was"] = was
+    for key in ("tokenizer", "data_dir"):
+        moved = in_run_folder(run.get(key), was, run_dir)
+        if moved != run.get(key) and (run.get("run_dir") or Path(moved).exists()):
+            run[key] = moved
+    return run
+
+
+def in_run_folder(path, was, run_dir) -> str:
+    """path, recorded by a run folder written at was, where it is now (read_run): one inside the folder
+    follows it to run_dir; any other stays as it is."""
+    if not path or not was:
+        return path
+    try:
+        inside = Path(path).relative_to(was)
+    except ValueError:
+        return path
+    return os.path.abspath(Path(run_dir) / inside)
+
+
 def write_json(path, obj) -> None:
     """path written whole or not at all (a temp file renamed into place): a kill or a full disk
     mid-write had left an empty run.json / source.json that every later run failed to read."""
@@ -473,6 +505,7 @@ def setup_run_data(cfg, cli: dict) -> None:
                                           doc_markers, chat_folder).resolve())
         vocab_size = tokenizer.vocab_size
     write_json(out / "run.json", {
+        "run_dir": str(out.resolve()),  # (read_run: the folder's own files followed wherever it goes)
         "tokenizer": str(Path(tokenizer_path).resolve()) if tokenizer_path else None,
         "data_dir": data_dir, "vocab_size": vocab_size,
         "prompt_prefix": doc_markers["doc_start"] if doc_markers else [],  # samples start as documents do
@@ -488,7 +521,7 @@ def source_run_info(run_dir) -> dict:
     from pyllm.train import source_run_weights
 
     source_run_weights(run_dir)  # the folder is a finished run
-    info = read_json(run_dir / "run.json") if (run_dir / "run.json").is_file() else {}
+    info = read_run(run_dir)
     tokenizer = next((Path(p) for p in (info.get("tokenizer"), run_dir / "tokenizer.bpe") if p and Path(p).is_file()), None)
     if tokenizer is None:
         raise ValueError(f"{run_dir}: its tokenizer is gone (run.json names {info.get('tokenizer')!r}, and there is no "
@@ -511,7 +544,7 @@ def run_record(run_dir) -> dict:
     its tokenizer's .json), each key's values that stand for it (paths as lists of resolved paths): a
     resume given the same (its own config file again) changes nothing."""
     run_dir = Path(run_dir)
-    run = read_json(run_dir / "run.json") if (run_dir / "run.json").is_file() else {}
+    run = read_run(run_dir)
     data_dir = Path(run["data_dir"]).resolve() if run.get("data_dir") else None  # (relative to the cwd in old runs)
     source = data_dir / "source.json" if data_dir else None
     source = read_json(source) if source and source.is_file() else {}
@@ -650,8 +683,16 @@ def _train_command(args, explicit: dict, opts: dict, model: dict, cli: dict) -> 
                   "from the checkpoint", file=sys.stderr)
         elif cfg.max_steps <= checkpoint["step"]:
             raise ValueError(f"{resume} is at step {checkpoint['step']} already: give --max-steps above it to train on")
-        run = read_json(Path(resume) / "run.json") if (Path(resume) / "run.json").exists() else {}
+        run = read_run(resume)
         tokenizer_path = run.get("tokenizer")
+        # The saved settings' paths into the run's own folder, where it is now (moved, renamed, copied):
+        # the folder was where run.json was written, or where this checkpoint was (a resume elsewhere).
+        for key in ("data_dir", "tokenizer", "eval_choices"):
+            path = getattr(cfg, key)
+            for was in filter(None, (run["was"], saved.get("out_dir"))):
+                if (moved := in_run_folder(path, os.path.abspath(was), resume)) != path:
+                    setattr(cfg, key, moved)
+                    break
     else:
         data_dir = opts.pop("data_dir", None)  # a TrainConfig field a config file may name: the data, as --data
         if data_dir is not None:  # (run.json records where its token files are)
@@ -680,7 +721,7 @@ def _train_command(args, explicit: dict, opts: dict, model: dict, cli: dict) -> 
             import torch.distributed as dist
 
             dist.barrier()
-        run = read_json(Path(cfg.out_dir) / "run.json")
+        run = read_run(cfg.out_dir)
         tokenizer_path, cfg.data_dir = run["tokenizer"], run["data_dir"]
         source = run.get("init_from_hf") or cfg.init_from_hf
         if cfg.grpo_reward and not cfg.tokenizer and tokenizer_path:  # reward functions are given text
@@ -973,7 +1014,7 @@ def load_model(args):
         model_path = Path(args.model) if args.model else (run / "model.safetensors" if run else None)
         tokenizer_path = args.tokenizer
         if run is not None and (run / "run.json").exists():
-            run_info = read_json(run / "run.json")
+            run_info = read_run(run)
             tokenizer_path = tokenizer_path or run_info.get("tokenizer")
             prefix = run_info.get("prompt_prefix", [])
             if run_info.get("init_from_hf"):  # a fine-tune: its source's template and stop ids
@@ -1096,7 +1137,7 @@ def cmd_export(args) -> int:
     if not (run / "model.safetensors").exists():
         raise ValueError(f"{run}: no model.safetensors; give a folder `pyllm train` wrote")
     model = LLM.load(run / "model.safetensors").to(getattr(torch, GENERATE_DTYPES[args.dtype]))
-    run_info = read_json(run / "run.json") if (run / "run.json").exists() else {}
+    run_info = read_run(run)
     source = run_info.get("init_from_hf")
     if source is None and (run / "checkpoint.pt").exists():  # runs from before run.json said
         source = load_checkpoint(run)["train_config"].get("init_from_hf")

@@ -108,6 +108,38 @@ def test_fine_tune_a_run(corpus, tmp_path, capsys):
     assert saved["train_config"]["optimizer"] == "muon" and {"muon", "adamw"} <= saved["optimizer"].keys()
 
 
+def test_a_moved_or_copied_run_folder_uses_its_own_files(corpus, tmp_path):
+    # run.json had recorded its tokenizer and token files by absolute path: a run folder moved or
+    # renamed (or copied to another machine) failed to resume ("token file ... does not exist") and
+    # to sample or export; a copy read the original's files. Now the folder's own files follow it.
+    import shutil
+
+    first = tmp_path / "first"
+    assert cli.main(["train", "--data", str(corpus), "--out", str(first), "--max-steps", "2", *SMALL]) == 0
+    moved = tmp_path / "moved"
+    shutil.move(first, moved)
+    assert cli.main(["train", "--resume", str(moved), "--max-steps", "3", "--sample-tokens", "4"]) == 0
+    assert cli.main(["generate", "--run", str(moved), "--max-new-tokens", "4", "--prompt", "def g"]) == 0
+    assert cli.main(["export", "--run", str(moved), "--out", str(tmp_path / "hf")]) == 0
+    copy = tmp_path / "copy"
+    shutil.copytree(moved, copy)
+    shutil.rmtree(moved / "data")  # (the copy must not need the original's)
+    assert cli.main(["train", "--resume", str(copy), "--max-steps", "4", "--sample-tokens", "0"]) == 0
+    assert [json.loads(line)["step"] for line in (copy / "log.jsonl").read_text().splitlines()] == [0, 1, 2, 3]
+    # a run.json from before it recorded its folder: its own files found beside it
+    old = json.loads((copy / "run.json").read_text())
+    old.pop("run_dir")
+    (copy / "run.json").write_text(json.dumps(old))
+    again = tmp_path / "again"
+    shutil.move(copy, again)
+    assert cli.main(["train", "--resume", str(again), "--max-steps", "5", "--sample-tokens", "0"]) == 0
+    assert cli.read_run(again)["data_dir"] == str(again / "data")
+    outside = {"run_dir": "/elsewhere/run", "tokenizer": str(corpus / "t.bpe"), "data_dir": "/elsewhere/run/data"}
+    (again / "run.json").write_text(json.dumps(outside))
+    run = cli.read_run(again)
+    assert run["tokenizer"] == str(corpus / "t.bpe") and run["data_dir"] == str(again / "data")
+
+
 def test_lora_fine_tune_of_a_run(corpus, tmp_path):
     # --lora-rank: the run's weights frozen, rank-2 updates trained on the blocks' linear layers and
     # merged into its model.safetensors (norms and embeddings bitwise the base's); resume is exact.

@@ -245,7 +245,7 @@ def in_run_folder(path, was, run_dir) -> str:
         inside = Path(path).relative_to(was)
     except ValueError:
         return path
-    return os.path.abspath(Path(run_dir) / inside)
+    return str((Path(run_dir) / inside).resolve())
 
 
 def write_json(path, obj) -> None:
@@ -690,7 +690,7 @@ def _train_command(args, explicit: dict, opts: dict, model: dict, cli: dict) -> 
         for key in ("data_dir", "tokenizer", "eval_choices"):
             path = getattr(cfg, key)
             for was in filter(None, (run["was"], saved.get("out_dir"))):
-                if (moved := in_run_folder(path, os.path.abspath(was), resume)) != path:
+                if (moved := in_run_folder(path, str(Path(was).resolve()), resume)) != path:
                     setattr(cfg, key, moved)
                     break
     else:

@@ -2071,8 +2071,8 @@ def experts_to_hf(state: dict, block: str, layer: int, kind: str) -> dict:
 
 def hf_config_of(cfg: ModelConfig) -> dict:
     """A Hugging Face config.json for a model pyllm trained itself: LlamaForCausalLM (Mistral's
-    windowed attention when every layer has the window; Mixtral's with experts) or GPT2LMHeadModel,
-    when one computes it."""
+    windowed attention when every layer has the window; Mixtral's with experts; Qwen3's with q/k
+    norms per head) or GPT2LMHeadModel, when one computes it."""
     common = dict(vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_embeddings)
     # What GPT-2's config cannot say must be at its default: these had been dropped from the export
     # silently (a window, q/k norms, a softmax scale, caps, multipliers: transformers' logits then
@@ -2092,7 +2092,10 @@ def hf_config_of(cfg: ModelConfig) -> dict:
                     n_embd=cfg.dim, n_layer=cfg.n_layers, n_head=cfg.n_heads, n_inner=cfg.mlp_hidden,
                     activation_function="gelu" if cfg.mlp == "gelu_exact" else "gelu_new", layer_norm_epsilon=cfg.norm_eps, resid_pdrop=0.0,
                     embd_pdrop=0.0, attn_pdrop=0.0)
-    plain = (cfg.norm, cfg.mlp, cfg.positions, cfg.bias, cfg.qkv_bias, cfg.parallel_block, cfg.qk_norm, cfg.nope_layers,
+    # q/k norms per head (Qwen3's), on a model otherwise LLaMA's with full attention: Qwen3ForCausalLM
+    qwen3 = cfg.qk_norm and not cfg.qk_norm_all_heads and not cfg.sliding_window and not cfg.n_experts
+    plain = (cfg.norm, cfg.mlp, cfg.positions, cfg.bias, cfg.qkv_bias, cfg.parallel_block, cfg.qk_norm and not qwen3,
+             cfg.nope_layers,
              cfg.rotary_dim, cfg.sandwich_norm, cfg.embed_scale, cfg.softmax_scale, cfg.local_rope_theta,
              cfg.window_layers, cfg.pre_norm, cfg.embed_multiplier, cfg.residual_multiplier, cfg.logits_scaling,
              cfg.attn_softcap, cfg.final_softcap) == ("rmsnorm", "swiglu", "rope", False, False, False, False, None, None,
@@ -2112,7 +2115,7 @@ def hf_config_of(cfg: ModelConfig) -> dict:
         raise NotImplementedError("to_hf: experts whose weights are not renormalized over the chosen ones "
                                   "(norm_topk_prob=False) are no Mixtral; give the hf_config of the checkpoint "
                                   "it was read from")
-    kind = "mixtral" if cfg.n_experts else "mistral" if cfg.sliding_window else "llama"
+    kind = "mixtral" if cfg.n_experts else "mistral" if cfg.sliding_window else "qwen3" if qwen3 else "llama"
     rope = {"rope_type": "default", "rope_theta": cfg.rope_theta} if cfg.rope_scaling is None else {
         **cfg.rope_scaling, "rope_theta": cfg.rope_theta}
     hf = dict(common, model_type=kind, architectures=[f"{kind.capitalize()}ForCausalLM"], hidden_size=cfg.dim,
@@ -2122,6 +2125,8 @@ def hf_config_of(cfg: ModelConfig) -> dict:
               rope_scaling=cfg.rope_scaling and rope, attention_bias=False, mlp_bias=False)
     if kind in ("mistral", "mixtral"):
         hf["sliding_window"] = cfg.sliding_window
+    if kind == "qwen3":
+        hf.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layers)
     if kind == "mixtral":
         hf.update(num_local_experts=cfg.n_experts, num_experts_per_tok=cfg.experts_per_token, router_jitter_noise=0.0,
                   router_aux_loss_coef=cfg.router_aux_loss_coef, output_router_logits=cfg.router_aux_loss_coef > 0)

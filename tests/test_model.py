@@ -1988,10 +1988,11 @@ def test_to_hf_writes_what_transformers_loads(name, tmp_path):
 
 
 @pytest.mark.parametrize("name, kind", [("gqa-untied", "llama"), ("window", "mistral"), ("gpt2", "gpt2"),
-                                        ("moe", "mixtral")])
+                                        ("moe", "mixtral"), ("qk-norm", "qwen3")])
 def test_to_hf_of_a_model_pyllm_trained(name, kind, tmp_path):
+    # (qk-norm: `--model qk_norm=true` runs had been refused as "neither LLaMA- nor GPT-2-shaped")
     transformers = pytest.importorskip("transformers")
-    ours = randomized(ModelConfig(**CONFIGS[name])).eval()
+    ours = randomized(ModelConfig(**CONFIGS.get(name, {**CONFIGS["gqa-untied"], "qk_norm": True}))).eval()
     ours.to_hf(tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == kind
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64, **HF_EAGER_EXPERTS).eval()

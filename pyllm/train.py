@@ -315,7 +315,7 @@ def end_process(code: int = 0) -> None:
     main thread has reached finalization by then, Python ends that thread inside a noexcept
     destructor: std::terminate, "terminate called without an active exception", SIGABRT, after the
     run had succeeded (a core dump, 2026-12-04: ~AsyncAllreduceWork -> decref_pyobject -> take_gil
-    -> pthread_exit, under Py_FinalizeEx; 1 run in 17 of tests/test_dtensor.py on a 2-core VM).
+    -> pthread_exit, under Py_FinalizeEx; tests/test_dtensor.py on a 2-core VM: 1 of 24 runs, then the 4th).
     destroy_process_group neither joins gloo's threads nor waits for that drop, and a barrier does
     not either. torchrun reports such a rank as failed (and restarts the job under --max-restarts)."""
     if dist.is_available() and dist.is_initialized():

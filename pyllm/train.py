@@ -6,6 +6,7 @@ checkpoints (atomic, exact resume); logging (tqdm, log.jsonl, the loss plot).
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import errno
 import json
@@ -306,9 +307,10 @@ def setup_distributed(device: str) -> DistInfo:
 
 
 def end_process(code: int = 0) -> None:
-    """Ends a process that ran a torch.distributed group: destroys the group, flushes stdout and
-    stderr, and exits without the interpreter's finalization (what `pyllm train` does under torchrun
-    once every file is written).
+    """Ends a process that ran a torch.distributed group: destroys the group, runs the atexit
+    handlers (logging's flush, a user's or a tracker's), flushes stdout and stderr, and exits
+    without the interpreter's finalization (what `pyllm train` does under torchrun once every file
+    is written).
 
     A gloo worker thread drops its finished collective just after the caller's wait() returns; when
     that work held the last reference to a tensor Python had made, the drop takes the GIL. If the
@@ -320,6 +322,8 @@ def end_process(code: int = 0) -> None:
     not either. torchrun reports such a rank as failed (and restarts the job under --max-restarts)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    # (os._exit alone had skipped them: a FileHandler's last records, a tracker's upload)
+    atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

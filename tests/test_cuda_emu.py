@@ -1,0 +1,454 @@
+"""pyllm's CUDA kernels, run on the CPU by tools/cuda_emu (no GPU needed; skipped without a CUDA
+toolkit's headers).
+
+Each kernel without inline PTX (SwiGLU / GeGLU, RMSNorm, RoPE, cross-entropy, generalized JSD,
+AdamW, the KV-cache decode) runs through its real launcher, its blocks' threads as fibers: the
+grid, block and shared-memory arithmetic, the index math, the barriers and warp shuffles are the
+CUDA source's own. Its outputs are compared with the CPU twin's in float64 (the same semantics,
+tested against torch elsewhere), within twice the CPU twin's own error in the same dtype (that is
+within twice torch's: test_<op>.py), and every buffer is framed by NaN margins whose bytes must be
+left as they were (a write out of bounds) and which a read out of bounds would carry into the
+outputs. What the emulator cannot see (races, timing, the hardware's fast intrinsics' error) is
+the GPU's to check: these kernels stay unverified until they pass there (README).
+"""
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+import pyllm
+from pyllm import _C
+from pyllm.ops import flash_attn as attn_ops
+from helpers import rel_err, shaped_logits, tolerance
+from test_cross_entropy import reference_rows
+from test_distill import divergence_and_grad
+
+ROOT = Path(__file__).resolve().parent.parent
+CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+MARGIN = 64  # elements of NaN before and after every buffer: 128-256 bytes keep 16-byte alignment
+
+P, I64, I32, F64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
+IP = ctypes.POINTER(ctypes.c_int64)
+SIGNATURES = {
+    "emu_swiglu_fwd": [P, P, P, I64, I64, I64, I64, I32, I32],
+    "emu_swiglu_bwd": [P, P, P, P, P, I64, I64, I64, I64, I32, I32],
+    "emu_rms_norm_fwd": [P, P, P, P, I64, I64, F64, F64, I32, I32],
+    "emu_rms_norm_bwd": [P, P, P, P, P, P, I64, I64, I64, F64, I32, I32],
+    "emu_rms_norm_partials": [I64, I64, I32],
+    "emu_cross_entropy": [P, P, P, P, P, P, I64, I64, I64, I64, I64, F64, F64, F64, F64, F64, I32],
+    "emu_distill": [P, P, P, P, P, I64, I64, I64, I64, I64, F64, F64, F64, F64, F64, F64, F64, I32],
+    "emu_rope": [P, P, P, P, I64, I64, I64, I64, I64, IP, IP, I64, I32, I32, I32],
+    "emu_adamw_grad_sumsq": [P, I64, I32, P, I64, P],
+    "emu_adamw_step": [P, I64, I32, I32, F64, F64, F64, F64, F64, P, P, F64, I32, ctypes.c_uint64],
+    "emu_flash_attn_decode": [P, P, P, P, P, P, I64, I64, I64, I64, I64, I64, IP, IP, IP, IP, IP, F64, I64, I64, I32,
+                              P, I64, P, P, P, I64, I64, I64],
+    "emu_flash_attn_decode_workspace": [I64, I64, I64, I64, I64],
+}
+
+
+class Emu:
+    """The emulator's entry points; each raises RuntimeError with the launcher's message on failure."""
+
+    def __init__(self, lib):
+        self.lib = lib
+        lib.emu_error.restype = ctypes.c_char_p
+        lib.emu_set_device.argtypes = [I32, I32, I32, I32]
+        for name, types in SIGNATURES.items():
+            fn = getattr(lib, name)
+            fn.argtypes = types
+            fn.restype = I64 if name.endswith(("partials", "workspace")) else I32
+
+    def __getattr__(self, name):
+        fn = getattr(self.lib, "emu_" + name)
+
+        def call(*args):
+            args = [(ctypes.c_int64 * len(a))(*a) if isinstance(a, (list, tuple)) else a for a in args]
+            rc = fn(*args)
+            if fn.restype is I32 and rc != 0:
+                raise RuntimeError(self.lib.emu_error().decode())
+            return rc
+        return call
+
+
+@pytest.fixture(scope="module")
+def emu():
+    spec = importlib.util.spec_from_file_location("cuda_emu_build", ROOT / "tools" / "cuda_emu" / "build.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    lib = build.load()
+    if lib is None:
+        pytest.skip("no CUDA toolkit headers to build the emulator with")
+    e = Emu(lib)
+    lib.emu_set_device(4, 9, 0, 227 * 1024)
+    return e
+
+
+class Framed:
+    """Buffers inside NaN margins: .t is the tensor the kernel gets, check() says the margins are untouched."""
+
+    def __init__(self):
+        self.frames = []
+
+    def __call__(self, like: torch.Tensor | None = None, *, shape=None, dtype=None, fill=None, offset: int = 0):
+        shape = tuple(like.shape) if shape is None else tuple(shape)
+        dtype = like.dtype if dtype is None else dtype
+        n = 1
+        for s in shape:
+            n *= s
+        whole = torch.full((n + 2 * MARGIN + offset,), float("nan") if dtype.is_floating_point else -7, dtype=dtype)
+        t = whole[MARGIN + offset:MARGIN + offset + n].view(shape)
+        if like is not None:
+            t.copy_(like)
+        elif fill is not None:
+            t.fill_(fill)
+        self.frames.append((whole, MARGIN + offset, n, whole.clone()))
+        return t
+
+    def check(self):
+        for whole, start, n, before in self.frames:
+            bits = lambda x: x.view(torch.uint8)
+            assert torch.equal(bits(whole[:start]), bits(before[:start])), "a write before a buffer's start"
+            assert torch.equal(bits(whole[start + n:]), bits(before[start + n:])), "a write past a buffer's end"
+
+
+def ptr(t):
+    return 0 if t is None else t.data_ptr()
+
+
+def randn(shape, dtype, scale=1.0):
+    return (torch.randn(shape, dtype=torch.float64) * scale).to(dtype)
+
+
+def close(emulated, cpu_same_dtype, cpu_float64, what=""):
+    """The emulated CUDA output within twice the CPU twin's own error in that dtype (float64 reference)."""
+    assert torch.isfinite(emulated.double()).all() == torch.isfinite(cpu_float64).all(), what
+    err, tol = rel_err(emulated, cpu_float64), tolerance(cpu_same_dtype, cpu_float64)
+    assert err <= tol, f"{what}: rel err {err:.3g} > tol {tol:.3g}"
+
+
+# --- SwiGLU / GeGLU --------------------------------------------------------------------------------
+
+GLU_CASES = [(1, 1), (3, 5), (37, 129), (4, 256), (2, 1000), (130, 64)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows, cols", GLU_CASES)
+@pytest.mark.parametrize("activation", [0, 1], ids=["silu", "gelu_tanh"])
+@pytest.mark.parametrize("layout", ["split", "packed", "misaligned"])
+def test_glu_forward_and_backward(emu, dtype, rows, cols, activation, layout):
+    frame = Framed()
+    offset = 1 if layout == "misaligned" else 0  # the scalar path (VEC = 1)
+    if layout == "packed":
+        x = randn((rows, 2 * cols), dtype, 2.0)
+        x_e = frame(x)
+        gate, up, in_stride = x[:, :cols], x[:, cols:], 2 * cols
+        g_ptr, u_ptr = ptr(x_e), ptr(x_e) + cols * x.element_size()
+    else:
+        gate, up, in_stride = randn((rows, cols), dtype, 2.0), randn((rows, cols), dtype, 2.0), cols
+        g_ptr, u_ptr = ptr(frame(gate, offset=offset)), ptr(frame(up, offset=offset))
+    dout = randn((rows, cols), dtype)
+    out = frame(shape=(rows, cols), dtype=dtype, offset=offset)
+    dgate, dup = (frame(shape=(rows, in_stride), dtype=dtype, fill=float("nan")) for _ in range(2)) \
+        if layout == "packed" else (frame(shape=(rows, cols), dtype=dtype, offset=offset) for _ in range(2))
+    emu.swiglu_fwd(g_ptr, u_ptr, ptr(out), rows, cols, in_stride, cols, CODES[dtype], activation)
+    if layout == "packed":  # dgate and dup as the packed backward writes them: halves of one dx row
+        dx = frame(shape=(rows, 2 * cols), dtype=dtype)
+        emu.swiglu_bwd(ptr(frame(dout)), g_ptr, u_ptr, ptr(dx), ptr(dx) + cols * dx.element_size(), rows, cols,
+                       in_stride, cols, CODES[dtype], activation)
+        dg, du = dx[:, :cols], dx[:, cols:]
+    else:
+        emu.swiglu_bwd(ptr(frame(dout, offset=offset)), g_ptr, u_ptr, ptr(dgate), ptr(dup), rows, cols, in_stride,
+                       cols, CODES[dtype], activation)
+        dg, du = dgate, dup
+    frame.check()
+
+    def cpu(dt):
+        g, u, d = (t.to(dt).contiguous() for t in (gate, up, dout))
+        o, dg_, du_ = torch.empty_like(g), torch.empty_like(g), torch.empty_like(g)
+        _C.swiglu_fwd_cpu(ptr(g), ptr(u), ptr(o), rows, cols, cols, cols, CODES[dt], activation)
+        _C.swiglu_bwd_cpu(ptr(d), ptr(g), ptr(u), ptr(dg_), ptr(du_), rows, cols, cols, cols, CODES[dt], activation)
+        return o, dg_, du_
+
+    same, ref = cpu(dtype), cpu(torch.float64)
+    for name, got, s, r in zip(("out", "dgate", "dup"), (out, dg, du), same, ref):
+        close(got, s, r, name)
+
+
+# --- RMSNorm ---------------------------------------------------------------------------------------
+
+# cols: a warp per row (<= 1,024 16-bit elements, 256 fp32), a block per row beyond, an odd width
+# (the scalar path), the backward's widest shared-memory row
+RMS_CASES = [(1, 8), (5, 100), (9, 256), (7, 1024), (3, 1500), (6, 4096), (2, 8200)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows, cols", RMS_CASES)
+@pytest.mark.parametrize("weight, offset, cast_first", [(True, 0.0, False), (True, 1.0, True), (False, 0.0, False)],
+                         ids=["llama", "gemma", "no-weight"])
+def test_rms_norm_forward_and_backward(emu, dtype, rows, cols, weight, offset, cast_first):
+    frame = Framed()
+    x, dout = randn((rows, cols), dtype, 3.0), randn((rows, cols), dtype)
+    w = randn((cols,), dtype) if weight else None
+    out, rstd = frame(shape=(rows, cols), dtype=dtype), frame(shape=(rows,), dtype=torch.float32)
+    x_e, w_e, dout_e = frame(x), frame(w) if weight else None, frame(dout)
+    emu.rms_norm_fwd(ptr(x_e), ptr(w_e), ptr(out), ptr(rstd), rows, cols, 1e-6, offset, cast_first, CODES[dtype])
+    n = emu.rms_norm_partials(rows, cols, CODES[dtype])
+    assert n >= 1
+    dx = frame(shape=(rows, cols), dtype=dtype)
+    partials = frame(shape=(n, cols), dtype=torch.float32) if weight else None
+    emu.rms_norm_bwd(ptr(dout_e), ptr(x_e), ptr(w_e), ptr(rstd), ptr(dx), ptr(partials), n if weight else 0, rows,
+                     cols, offset, cast_first, CODES[dtype])
+    frame.check()
+
+    def cpu(dt):
+        xs, ds = x.to(dt), dout.to(dt)
+        ws = w.to(dt) if weight else None
+        o, r = torch.empty_like(xs), torch.empty(rows, dtype=torch.float64 if dt == torch.float64 else torch.float32)
+        dx_, dw_ = torch.empty_like(xs), torch.empty(cols, dtype=dt) if weight else None
+        _C.rms_norm_fwd_cpu(ptr(xs), ptr(ws), ptr(o), ptr(r), rows, cols, 1e-6, offset, cast_first, CODES[dt])
+        _C.rms_norm_bwd_cpu(ptr(ds), ptr(xs), ptr(ws), ptr(r), ptr(dx_), ptr(dw_), rows, cols, offset, cast_first,
+                            CODES[dt], False)
+        return o, r, dx_, dw_
+
+    same, ref = cpu(dtype), cpu(torch.float64)
+    close(out, same[0], ref[0], "out")
+    # rstd is fp32 whatever the dtype: against torch's own fp32 reduction (the CPU twin's sum in
+    # fp64 lanes is closer than any fp32 tree, the shuffles' included)
+    close(rstd, torch.rsqrt(x.float().pow(2).mean(-1) + 1e-6), ref[1], "rstd")
+    close(dx, same[2], ref[2], "dx")
+    if weight:
+        close(partials.sum(0), same[3], ref[3], "dweight")
+
+
+# --- RoPE ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B, T, H, D, rotary", [(1, 1, 1, 8, 8), (2, 7, 3, 64, 64), (1, 33, 4, 128, 64), (3, 5, 2, 80, 32)])
+@pytest.mark.parametrize("per_batch", [False, True], ids=["shared", "per-batch"])
+@pytest.mark.parametrize("interleaved", [False, True], ids=["half", "interleaved"])
+@pytest.mark.parametrize("inverse", [False, True], ids=["fwd", "inverse"])
+def test_rope(emu, dtype, B, T, H, D, rotary, per_batch, interleaved, inverse):
+    frame = Framed()
+    qkv = randn((B, T, 3 * H, D), dtype)  # x a strided view of a fused projection, as in the model
+    x = qkv[:, :, H:2 * H]
+    half = rotary // 2
+    angles = torch.rand((B if per_batch else 1, T, half), dtype=torch.float64) * 6.0
+    if not per_batch:
+        angles = angles[0]
+    qkv_e = frame(qkv)
+    x_e = qkv_e[:, :, H:2 * H]
+    cos_e, sin_e = frame(angles.cos().float()), frame(angles.sin().float())  # fp32 tables (fp64 for fp64 x)
+    out = frame(shape=x.shape, dtype=dtype)
+    cs_batch = T * half if per_batch and B > 1 else 0
+    emu.rope(ptr(x_e), ptr(cos_e), ptr(sin_e), ptr(out), B, T, H, D, half, list(x_e.stride()[:3]),
+             list(out.stride()[:3]), cs_batch, inverse, CODES[dtype], interleaved)
+    frame.check()
+
+    def cpu(dt):
+        xs, o = x.to(dt), torch.empty(x.shape, dtype=dt)
+        table = torch.float64 if dt == torch.float64 else torch.float32
+        c, s = angles.cos().float().to(table), angles.sin().float().to(table)
+        _C.rope_cpu(ptr(xs), ptr(c), ptr(s), ptr(o), B, T, H, D, half, list(xs.stride()[:3]), list(o.stride()[:3]),
+                    cs_batch, inverse, CODES[dt], interleaved=interleaved)
+        return o
+
+    close(out, cpu(dtype), cpu(torch.float64), "out")
+
+
+# --- cross-entropy and generalized JSD (row losses over logits) -------------------------------------
+
+def math_dtype(dt):
+    return torch.float64 if dt == torch.float64 else torch.float32
+
+
+# (rows, vocab): short rows (fewer threads than the block's cap; 32 of them: one row's error is a sample
+# of one or two roundings, which the tolerance cannot bound), odd vocabularies (the scalar
+# path), rows of several 16-byte packs per thread
+ROW_CASES = [(32, 5), (6, 100), (4, 1001), (3, 4096), (2, 20011)]
+CE_OPTIONS = {"plain": dict(), "smoothing": dict(label_smoothing=0.1), "z-loss": dict(z_loss=1e-3),
+              "capped": dict(scale=0.7, softcap=5.0), "grad-rows": dict(grad_rows=True, grad_scale=0.25)}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows, vocab", ROW_CASES)
+@pytest.mark.parametrize("option", list(CE_OPTIONS))
+@pytest.mark.parametrize("in_place", [False, True], ids=["grad", "in-place"])
+def test_cross_entropy(emu, dtype, rows, vocab, option, in_place):
+    o = dict(scale=1.0, softcap=0.0, label_smoothing=0.0, z_loss=0.0, grad_scale=1.0, grad_rows=False)
+    o.update(CE_OPTIONS[option])
+    frame = Framed()
+    logits = randn((rows, vocab + 3), dtype, 4.0)[:, :vocab]  # rows a stride apart, as a view's
+    targets = torch.randint(0, vocab, (rows,))
+    targets[0] = -100  # an ignored row
+    grad_rows = torch.rand(rows, dtype=torch.float64) if o["grad_rows"] else None
+    whole = frame(shape=(rows, vocab + 3), dtype=dtype, fill=0.0)
+    whole[:, :vocab] = logits
+    logits_e = whole[:, :vocab]
+    loss, z_part = frame(shape=(rows,), dtype=torch.float32), frame(shape=(rows,), dtype=torch.float32)
+    grad = logits_e if in_place else frame(shape=(rows, vocab), dtype=dtype)
+    emu.cross_entropy(ptr(logits_e), ptr(frame(targets)), ptr(loss), ptr(z_part), ptr(grad),
+                      ptr(frame(grad_rows.float())) if o["grad_rows"] else 0, rows, vocab, vocab + 3,
+                      grad.stride(0), -100, o["scale"], o["softcap"], o["label_smoothing"], o["z_loss"],
+                      o["grad_scale"], CODES[dtype])
+    frame.check()
+
+    def cpu(dt):  # the CPU twin: in float64 the reference
+        lg = logits.to(dt).contiguous()
+        m = math_dtype(dt)
+        l_, z_, g_ = torch.empty(rows, dtype=m), torch.empty(rows, dtype=m), torch.empty_like(lg)
+        gr = grad_rows.to(m) if o["grad_rows"] else None
+        _C.cross_entropy_cpu(ptr(lg), ptr(targets), ptr(l_), ptr(z_), ptr(g_), ptr(gr), rows, vocab, vocab, vocab,
+                             -100, o["scale"], o["softcap"], o["label_smoothing"], o["z_loss"], o["grad_scale"],
+                             CODES[dt])
+        return l_, z_, g_
+
+    ref = cpu(torch.float64)
+    # torch's own: the same losses in fp32 from the same logits (autocast's F.cross_entropy), the
+    # gradient by autograd, rounded to the logits' dtype
+    x = logits.detach().float().requires_grad_()
+    theirs = reference_rows(x, targets, -100, o["label_smoothing"], o["z_loss"], o["scale"], o["softcap"] or None,
+                            torch.float32)
+    weights = torch.full((rows,), o["grad_scale"]) * (grad_rows.float() if o["grad_rows"] else 1.0)
+    (their_grad,) = torch.autograd.grad(theirs, x, weights)
+    z = shaped_logits(logits.float(), o["scale"], o["softcap"] or None)
+    their_z = o["z_loss"] * torch.logsumexp(z, -1).square() * (targets != -100)
+    close(loss, theirs.detach(), ref[0], "loss")
+    close(z_part, their_z, ref[1], "z_part")
+    close(grad, their_grad.to(dtype), ref[2], "grad")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows, vocab", ROW_CASES)
+@pytest.mark.parametrize("beta, temperature", [(0.0, 1.0), (0.5, 2.0), (1.0, 0.7)], ids=["fwd-kl", "jsd", "rev-kl"])
+@pytest.mark.parametrize("option", ["plain", "capped", "one-teacher-row", "grad-rows"])
+def test_generalized_jsd(emu, dtype, rows, vocab, beta, temperature, option):
+    frame = Framed()
+    student = randn((rows, vocab), dtype, 3.0)
+    teacher = randn((1 if option == "one-teacher-row" else rows, vocab), dtype, 3.0)
+    t_stride = 0 if option == "one-teacher-row" else vocab
+    caps = (0.9, 6.0, 1.2, 8.0) if option == "capped" else (1.0, 0.0, 1.0, 0.0)
+    grad_rows = torch.rand(rows, dtype=torch.float64) if option == "grad-rows" else None
+    loss, grad = frame(shape=(rows,), dtype=torch.float32), frame(shape=(rows, vocab), dtype=dtype)
+    emu.distill(ptr(frame(student)), ptr(frame(teacher)), ptr(loss), ptr(grad),
+                ptr(frame(grad_rows.float())) if grad_rows is not None else 0, rows, vocab, vocab, t_stride, vocab,
+                *caps, temperature, beta, 0.5, CODES[dtype])
+    frame.check()
+
+    def cpu(dt):  # the CPU twin: in float64 the reference
+        s, t = student.to(dt), teacher.to(dt)
+        m = math_dtype(dt)
+        l_, g_ = torch.empty(rows, dtype=m), torch.empty_like(s)
+        gr = grad_rows.to(m) if grad_rows is not None else None
+        _C.distill_cpu(ptr(s), ptr(t), ptr(l_), ptr(g_), ptr(gr), rows, vocab, vocab, t_stride, vocab, *caps,
+                       temperature, beta, 0.5, CODES[dt])
+        return l_, g_
+
+    ref = cpu(torch.float64)
+    # torch's own: the divergence written in torch ops on the inputs' dtype, its gradient by autograd
+    scale, softcap, teacher_scale, teacher_softcap = caps
+    theirs, their_grad = divergence_and_grad(student, teacher.expand(rows, vocab), beta, temperature, scale,
+                                             softcap or None, teacher_scale, teacher_softcap or None)
+    weights = 0.5 * (grad_rows if grad_rows is not None else torch.ones(rows, dtype=torch.float64))
+    close(loss, theirs.float(), ref[0], "loss")
+    close(grad, (their_grad.double() * weights[:, None]).to(dtype), ref[1], "grad")
+
+
+# --- AdamW -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("param_dtype, master", [(torch.float32, False), (torch.bfloat16, True),
+                                                 (torch.float16, True), (torch.bfloat16, False)],
+                         ids=["fp32", "bf16-master", "fp16-master", "bf16"])
+@pytest.mark.parametrize("clip, scaled", [(False, False), (True, True)], ids=["plain", "unscale-clip"])
+def test_adamw(emu, param_dtype, master, clip, scaled):
+    # sizes across the grad-norm pass's 65,536-element chunks, odd ones (the scalar tail), one element
+    sizes = [1, 7, 1000, 65536 + 13, 3 * 65536]
+    frame = Framed()
+
+    def state(dt, framed):
+        make = frame if framed else (lambda t: t.clone())
+        torch.manual_seed(0)
+        params = [make(randn((n,), torch.float32).to(param_dtype)) for n in sizes]
+        grads = [make(randn((n,), torch.float32, 3.0).to(param_dtype)) for n in sizes]
+        masters = [make(p.float()) for p in params] if master else [None] * len(sizes)
+        m = [make(randn((n,), torch.float32, 0.1)) for n in sizes]
+        v = [make(randn((n,), torch.float32, 0.1).abs()) for n in sizes]
+        steps = [make(torch.tensor([3.0])) for _ in sizes]
+        return params, grads, masters, m, v, steps
+
+    from pyllm.ops import adamw as adamw_ops
+    hyper = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1)
+
+    def run(framed):
+        params, grads, masters, m, v, steps = state(param_dtype, framed)
+        table = adamw_ops.build_table(params, grads, masters, m, v, steps)
+        code = CODES[param_dtype]
+        sumsq = frame(shape=(1,), dtype=torch.float64, fill=0.0) if framed else torch.zeros(1, dtype=torch.float64)
+        loss_scale = torch.tensor([8.0]) if scaled else None
+        if framed:
+            chunks = sum((n + adamw_ops.CUDA_CHUNK - 1) // adamw_ops.CUDA_CHUNK for n in sizes)
+            partials = frame(shape=(chunks,), dtype=torch.float64)
+            emu.adamw_grad_sumsq(ptr(table), len(sizes), code, ptr(partials), chunks, ptr(sumsq))
+            emu.adamw_step(ptr(table), len(sizes), code, master, *hyper.values(), ptr(sumsq), ptr(loss_scale),
+                           1.0 if clip else -1.0, False, 0)
+        else:
+            _C.adamw_grad_sumsq_cpu(ptr(table), len(sizes), code, ptr(sumsq))
+            _C.adamw_step_cpu(ptr(table), len(sizes), code, master, *hyper.values(), ptr(sumsq), ptr(loss_scale),
+                              1.0 if clip else -1.0, False, 0)
+        return sumsq, params, masters, m, v
+
+    emulated, cpu = run(True), run(False)
+    frame.check()
+    # test_optim's GPU test's bounds: the same per-element arithmetic, up to the order of its
+    # roundings (fma contraction) and the norm's summation order
+    assert emulated[0].item() == pytest.approx(cpu[0].item(), rel=1e-12)
+    for i, got_list in enumerate(emulated[1:], start=1):
+        for got, want in zip(got_list, cpu[i]):
+            if want is None:
+                continue
+            if i == 1 and want.dtype != torch.float32:  # 16-bit params: rounded from the fp32 masters
+                assert (got != want).double().mean().item() < 1e-3
+            else:
+                assert rel_err(got, want) < (1e-6 if i == 1 else 1e-5)
+
+
+# --- KV-cache decode (split-KV) --------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("B, Tq, H, Hkv, capacity, lengths",
+                         [(1, 1, 2, 2, 64, [37]), (2, 1, 4, 1, 300, [300, 1]), (3, 2, 4, 2, 700, [5, 700, 333]),
+                          (2, 4, 8, 2, 129, [0, 129])],
+                         ids=["mha", "mqa", "gqa-2q", "gqa-4q-empty"])
+@pytest.mark.parametrize("window", [(-1, 0), (-1, -1), (50, 0)], ids=["causal", "full", "window"])
+def test_kv_cache_decode(emu, dtype, D, B, Tq, H, Hkv, capacity, lengths, window):
+    frame = Framed()
+    q = randn((B, Tq, H, D), dtype)
+    k, v = randn((B, capacity, Hkv, D), dtype), randn((B, capacity, Hkv, D), dtype)
+    seqused = torch.tensor(lengths, dtype=torch.int32)
+    out = frame(shape=q.shape, dtype=dtype)
+    lse = frame(shape=(B, H, Tq), dtype=torch.float32)
+    ws_bytes = emu.flash_attn_decode_workspace(B, Tq, capacity, H, D)
+    workspace = frame(shape=(max(ws_bytes, 1),), dtype=torch.uint8)
+    q_e, k_e, v_e = frame(q), frame(k), frame(v)
+    s3 = lambda t: list(t.stride()[:3])
+    scale = D ** -0.5
+    emu.flash_attn_decode(ptr(q_e), ptr(k_e), ptr(v_e), ptr(out), ptr(lse), ptr(frame(seqused)), B, Tq, capacity, H,
+                          Hkv, D, s3(q_e), s3(k_e), s3(v_e), s3(out), attn_ops._lse_strides(lse, False), scale,
+                          window[0], window[1], CODES[dtype], ptr(workspace), ws_bytes, 0, 0, 0, 0, 0, B)
+    frame.check()
+
+    def cpu(dt):  # (fp16: in fp32, rounded once, as pyllm's CPU path runs it)
+        o, l_ = attn_ops._attend_cache(q.to(dt), k.to(dt), v.to(dt), seqused, scale, window[0], window[1])
+        return o, l_
+
+    same, ref = cpu(torch.float32 if dtype == torch.float16 else dtype), cpu(torch.float64)
+    same = (same[0].to(dtype), same[1])
+    close(out, same[0], ref[0], "out")
+    seen = torch.isfinite(ref[1])  # a query that sees no key: lse +inf, out 0
+    assert torch.equal(torch.isfinite(lse), seen)
+    close(lse[seen], same[1][seen], ref[1][seen], "lse")

@@ -1,0 +1,148 @@
+"""Builds pyllm's CUDA kernels for the CPU emulator (cuda_emu.h says what it models and what not).
+
+Each csrc/cuda file in SOURCES is rewritten as C++ (a launch `kernel<<<grid, block, smem, stream>>>(args)`
+becomes `::emu::launch(kernel, grid, block, smem, stream)(args)`, an `extern __shared__` array a pointer
+to the launch's dynamic shared memory) and compiled by the host compiler with cuda_emu.h force-included,
+together with cuda_emu.cpp and shim.cpp (plain C entry points for ctypes), into one shared library.
+NVIDIA's headers (cuda_runtime.h, cuda_fp16.h, cuda_bf16.h) come from the CUDA toolkit nvcc belongs to;
+without one, `load()` returns None. The library is cached under build/cuda_emu/ by the sources' hash.
+
+    python tools/cuda_emu/build.py      # build (or find) it, print its path
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import ctypes
+import glob
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+CSRC = ROOT / "csrc"
+# The kernels without inline PTX (the attention forward and backward use mma.sync / ldmatrix /
+# cp.async, which only tools/flash_attn_mma_emulate.py transliterates).
+SOURCES = ["runtime.cu", "swiglu.cu", "rms_norm.cu", "rope.cu", "cross_entropy.cu", "distill.cu", "adamw.cu",
+           "flash_attn_decode.cu"]
+
+
+def cuda_include() -> Path | None:
+    """The include folder of the CUDA toolkit nvcc belongs to (cuda_runtime.h, cuda_fp16.h, cuda_bf16.h)."""
+    candidates = []
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            candidates.append(Path(os.environ[var]) / "include")
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(Path(os.path.realpath(nvcc)).parent.parent / "include")
+        try:  # a wrapper script (this machine's /usr/local/bin/nvcc) names the real one
+            text = Path(nvcc).read_text(errors="ignore")[:4096]
+            candidates += [Path(m).parent.parent / "include" for m in re.findall(r"(/\S+/bin/nvcc)", text)]
+        except OSError:
+            pass
+    candidates += [Path("/usr/local/cuda/include")] + [Path(p) for p in sorted(glob.glob("/usr/local/cuda-*/include"))]
+    for c in candidates:
+        if (c / "cuda_runtime.h").is_file() and (c / "cuda_bf16.h").is_file():
+            return c
+    return None
+
+
+def _callee_start(text: str, end: int) -> int:
+    """Where the kernel expression before `<<<` at `end` starts: a (qualified) name with template arguments."""
+    i = end
+    while i > 0 and text[i - 1].isspace():
+        i -= 1
+    if text[i - 1] == ">":  # template arguments, balanced
+        depth = 0
+        while i > 0:
+            i -= 1
+            if text[i] == ">":
+                depth += 1
+            elif text[i] == "<":
+                depth -= 1
+                if depth == 0:
+                    break
+    while i > 0 and (text[i - 1].isalnum() or text[i - 1] in "_:"):
+        i -= 1
+    return i
+
+
+def translate(text: str) -> str:
+    """A .cu file's text as C++ for the emulator."""
+    out, pos = [], 0
+    for m in re.finditer(r"<<<(.*?)>>>", text, flags=re.S):
+        start = _callee_start(text, m.start())
+        out.append(text[pos:start])
+        out.append(f"::emu::launch({text[start:m.start()].strip()}, {m.group(1)})")
+        pos = m.end()
+    out.append(text[pos:])
+    text = "".join(out)
+    # extern __shared__ __align__(16) T name[];  ->  T* name = reinterpret_cast<T*>(::emu::dynamic_smem());
+    return re.sub(r"extern\s+__shared__\s+(?:__align__\s*\(\s*\d+\s*\)\s+)?([\w:\s]+?)\s*(?:__align__\s*\(\s*\d+\s*\)\s*)?(\w+)\s*\[\s*\]\s*;",
+                  lambda m: f"{m.group(1)}* {m.group(2)} = reinterpret_cast<{m.group(1)}*>(::emu::dynamic_smem());", text)
+
+
+def _key(include: Path) -> str:
+    h = hashlib.sha256(str(include).encode())
+    files = [CSRC / "cuda" / s for s in SOURCES] + sorted((CSRC / "cuda").glob("*.cuh")) + sorted(
+        (CSRC / "common").glob("*.h")) + [CSRC / "cuda" / "cuda_ops.h"] + sorted(HERE.glob("*.[ch]*")) + [Path(__file__)]
+    for f in files:
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def build(out_dir: Path | None = None, jobs: int = 2) -> Path:
+    """Compiles the library (or finds it built) and returns its path; RuntimeError without a CUDA toolkit."""
+    include = cuda_include()
+    if include is None:
+        raise RuntimeError("cuda_emu: no CUDA toolkit headers (cuda_runtime.h, cuda_bf16.h) found")
+    out_dir = out_dir or ROOT / "build" / "cuda_emu"
+    lib = out_dir / f"libpyllm_cuda_emu_{_key(include)}.so"
+    if lib.is_file():
+        return lib
+    work = out_dir / f"src_{lib.stem}"
+    work.mkdir(parents=True, exist_ok=True)
+    cxx = os.environ.get("CXX", "g++")
+    # -O1: the kernels' loops run millions of fiber switches' worth of work in the tests; -fno-fast-math
+    # keeps the host's IEEE arithmetic (the GPU's fast intrinsics are within the tests' tolerances).
+    flags = ["-std=c++17", "-O1", "-fPIC", "-w", "-include", str(HERE / "cuda_emu.h"), f"-I{CSRC}", f"-I{include}",
+             f"-I{HERE}", "-DPYLLM_CUDA_EMU=1"]
+    units = []
+    for name in SOURCES:
+        cpp = work / (Path(name).stem + ".cpp")
+        cpp.write_text(f'#line 1 "{CSRC / "cuda" / name}"\n' + translate((CSRC / "cuda" / name).read_text()))
+        units.append(cpp)
+    units += [HERE / "cuda_emu.cpp", HERE / "shim.cpp"]
+    objects = [work / (unit.stem + ".o") for unit in units]
+    compile_one = lambda unit, obj: subprocess.run([cxx, *flags, "-c", str(unit), "-o", str(obj)],
+                                                   capture_output=True, text=True)
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+        results = list(pool.map(compile_one, units, objects))
+    errors = [r.stderr for r in results if r.returncode != 0]
+    if errors:
+        raise RuntimeError("cuda_emu: compile failed:\n" + "\n".join(errors)[-8000:])
+    tmp = lib.with_suffix(f".{os.getpid()}.tmp")
+    subprocess.run([cxx, "-shared", "-o", str(tmp), *map(str, objects)], check=True)
+    os.replace(tmp, lib)
+    return lib
+
+
+def load() -> ctypes.CDLL | None:
+    """The built library (building it first), or None where there is no CUDA toolkit."""
+    try:
+        return ctypes.CDLL(str(build()))
+    except RuntimeError as e:
+        if "no CUDA toolkit" in str(e):
+            return None
+        raise
+
+
+if __name__ == "__main__":
+    print(build())
+    sys.exit(0)

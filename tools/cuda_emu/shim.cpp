@@ -1,0 +1,131 @@
+// Plain C entry points over pyllm's CUDA launchers (csrc/cuda/cuda_ops.h), for ctypes: the same
+// arguments as bind.cpp's *_cuda functions (strides as a pointer and a count), 0 on success, else -1
+// with the launcher's exception message in emu_error().
+#include <string>
+#include <vector>
+
+#include "cuda/cuda_ops.h"
+
+namespace {
+std::string error;
+
+template <typename F>
+int guarded(F&& f) {
+  try {
+    f();
+    return 0;
+  } catch (const std::exception& e) {
+    error = e.what();
+  } catch (...) {
+    error = "unknown exception";
+  }
+  return -1;
+}
+
+std::vector<int64_t> vec(const int64_t* p, int n) { return std::vector<int64_t>(p, p + n); }
+}  // namespace
+
+extern "C" {
+
+const char* emu_error() { return error.c_str(); }
+
+int emu_swiglu_fwd(uintptr_t gate, uintptr_t up, uintptr_t out, int64_t rows, int64_t cols, int64_t in_stride,
+                   int64_t out_stride, int dtype, int activation) {
+  return guarded([&] { pyllm::swiglu_fwd_cuda(gate, up, out, rows, cols, in_stride, out_stride, dtype, activation, 0, 0); });
+}
+
+int emu_swiglu_bwd(uintptr_t dout, uintptr_t gate, uintptr_t up, uintptr_t dgate, uintptr_t dup, int64_t rows,
+                   int64_t cols, int64_t in_stride, int64_t out_stride, int dtype, int activation) {
+  return guarded([&] {
+    pyllm::swiglu_bwd_cuda(dout, gate, up, dgate, dup, rows, cols, in_stride, out_stride, dtype, activation, 0, 0);
+  });
+}
+
+int emu_rms_norm_fwd(uintptr_t x, uintptr_t weight, uintptr_t out, uintptr_t rstd, int64_t rows, int64_t cols,
+                     double eps, double offset, int cast_first, int dtype) {
+  return guarded([&] { pyllm::rms_norm_fwd_cuda(x, weight, out, rstd, rows, cols, eps, offset, cast_first, dtype, 0, 0); });
+}
+
+int emu_rms_norm_bwd(uintptr_t dout, uintptr_t x, uintptr_t weight, uintptr_t rstd, uintptr_t dx,
+                     uintptr_t dweight_partials, int64_t n_partials, int64_t rows, int64_t cols, double offset,
+                     int cast_first, int dtype) {
+  return guarded([&] {
+    pyllm::rms_norm_bwd_cuda(dout, x, weight, rstd, dx, dweight_partials, n_partials, rows, cols, offset, cast_first,
+                             dtype, 0, 0);
+  });
+}
+
+int64_t emu_rms_norm_partials(int64_t rows, int64_t cols, int dtype) {
+  int64_t n = -1;
+  guarded([&] { n = pyllm::rms_norm_partials_cuda(rows, cols, dtype, 0); });
+  return n;
+}
+
+int emu_cross_entropy(uintptr_t logits, uintptr_t targets, uintptr_t loss, uintptr_t z_part, uintptr_t grad,
+                      uintptr_t grad_rows, int64_t rows, int64_t vocab, int64_t stride, int64_t grad_stride,
+                      int64_t ignore_index, double scale, double softcap, double label_smoothing, double z_loss,
+                      double grad_scale, int dtype) {
+  return guarded([&] {
+    pyllm::cross_entropy_cuda(logits, targets, loss, z_part, grad, grad_rows, rows, vocab, stride, grad_stride,
+                              ignore_index, scale, softcap, label_smoothing, z_loss, grad_scale, dtype, 0, 0);
+  });
+}
+
+int emu_distill(uintptr_t student, uintptr_t teacher, uintptr_t loss, uintptr_t grad, uintptr_t grad_rows, int64_t rows,
+                int64_t vocab, int64_t student_stride, int64_t teacher_stride, int64_t grad_stride, double scale,
+                double softcap, double teacher_scale, double teacher_softcap, double temperature, double beta,
+                double grad_scale, int dtype) {
+  return guarded([&] {
+    pyllm::distill_cuda(student, teacher, loss, grad, grad_rows, rows, vocab, student_stride, teacher_stride,
+                        grad_stride, scale, softcap, teacher_scale, teacher_softcap, temperature, beta, grad_scale,
+                        dtype, 0, 0);
+  });
+}
+
+int emu_rope(uintptr_t x, uintptr_t cos, uintptr_t sin, uintptr_t out, int64_t batch, int64_t seqlen, int64_t n_heads,
+             int64_t head_dim, int64_t half, const int64_t* x_strides, const int64_t* out_strides,
+             int64_t cs_batch_stride, int inverse, int dtype, int interleaved) {
+  return guarded([&] {
+    pyllm::rope_cuda(x, cos, sin, out, batch, seqlen, n_heads, head_dim, half, vec(x_strides, 3), vec(out_strides, 3),
+                     cs_batch_stride, inverse, dtype, 0, 0, interleaved);
+  });
+}
+
+int emu_adamw_grad_sumsq(uintptr_t table, int64_t n_tensors, int dtype, uintptr_t partials, int64_t partials_len,
+                         uintptr_t sumsq) {
+  return guarded([&] { pyllm::adamw_grad_sumsq_cuda(table, n_tensors, dtype, partials, partials_len, sumsq, 0, 0); });
+}
+
+int emu_adamw_step(uintptr_t table, int64_t n_tensors, int param_dtype, int has_master, double lr, double beta1,
+                   double beta2, double eps, double weight_decay, uintptr_t sumsq, uintptr_t loss_scale,
+                   double max_grad_norm, int stochastic_rounding, uint64_t seed) {
+  return guarded([&] {
+    pyllm::adamw_step_cuda(table, n_tensors, param_dtype, has_master, lr, beta1, beta2, eps, weight_decay, sumsq,
+                           loss_scale, max_grad_norm, stochastic_rounding, seed, 0, 0);
+  });
+}
+
+int emu_flash_attn_decode(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, uintptr_t out, uintptr_t lse,
+                          uintptr_t seqused_k, int64_t batch, int64_t seqlen_q, int64_t capacity, int64_t n_heads,
+                          int64_t n_kv_heads, int64_t head_dim, const int64_t* q_strides, const int64_t* k_strides,
+                          const int64_t* v_strides, const int64_t* o_strides, const int64_t* lse_strides, double scale,
+                          int64_t window_left, int64_t window_right, int dtype, uintptr_t workspace,
+                          int64_t workspace_bytes, uintptr_t kv_batch_idx, uintptr_t kv_leftpad, uintptr_t block_table,
+                          int64_t block_table_stride, int64_t page_size, int64_t kv_rows) {
+  return guarded([&] {
+    pyllm::flash_attn_decode_cuda(q, k_cache, v_cache, out, lse, seqused_k, batch, seqlen_q, capacity, n_heads,
+                                  n_kv_heads, head_dim, vec(q_strides, 3), vec(k_strides, 3), vec(v_strides, 3),
+                                  vec(o_strides, 3), vec(lse_strides, 2), scale, window_left, window_right, dtype, 0, 0,
+                                  workspace, workspace_bytes, kv_batch_idx, kv_leftpad, block_table,
+                                  block_table_stride, page_size, kv_rows);
+  });
+}
+
+int64_t emu_flash_attn_decode_workspace(int64_t batch, int64_t seqlen_q, int64_t capacity, int64_t n_heads,
+                                        int64_t head_dim) {
+  int64_t n = -1;
+  guarded([&] { n = pyllm::flash_attn_decode_workspace_cuda(batch, seqlen_q, capacity, n_heads, head_dim, 0); });
+  return n;
+}
+
+}  // extern "C"

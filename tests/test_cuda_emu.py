@@ -31,6 +31,10 @@ ROOT = Path(__file__).resolve().parent.parent
 CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 MARGIN = 64  # elements of NaN before and after every buffer: 128-256 bytes keep 16-byte alignment
+# The margins' NaN: a read carries it into the outputs; a payload no arithmetic makes (computed NaNs
+# are the canonical 0x7fc00000 / 0x7e00 / 0x7fc0), so a write of any value shows in the bits.
+CANARY = {torch.float32: 0x7FA5A5A5, torch.float64: 0x7FF5A5A5A5A5A5A5, torch.float16: 0x7D5A, torch.bfloat16: 0x7FA5}
+BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 P, I64, I32, F64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
 IP = ctypes.POINTER(ctypes.c_int64)
@@ -100,7 +104,8 @@ class Framed:
         n = 1
         for s in shape:
             n *= s
-        whole = torch.full((n + 2 * MARGIN + offset,), float("nan") if dtype.is_floating_point else -7, dtype=dtype)
+        whole = torch.empty((n + 2 * MARGIN + offset,), dtype=dtype)
+        whole.view(BITS[dtype.itemsize]).fill_(CANARY[dtype] if dtype in CANARY else -7)
         t = whole[MARGIN + offset:MARGIN + offset + n].view(shape)
         if like is not None:
             t.copy_(like)
@@ -452,3 +457,46 @@ def test_kv_cache_decode(emu, dtype, D, B, Tq, H, Hkv, capacity, lengths, window
     seen = torch.isfinite(ref[1])  # a query that sees no key: lse +inf, out 0
     assert torch.equal(torch.isfinite(lse), seen)
     close(lse[seen], same[1][seen], ref[1][seen], "lse")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16], ids=str)
+@pytest.mark.parametrize("Tq", [1, 3])
+@pytest.mark.parametrize("layout", ["batch-idx", "leftpad", "paged", "paged-leftpad"])
+def test_kv_cache_decode_layouts(emu, dtype, Tq, layout):
+    # flash-attn's cache layouts: rows of a larger cache (cache_batch_idx), left-padded rows
+    # (cache_leftpad), a paged cache (block_table); the CPU twin reads the same arguments
+    B, H, Hkv, D, page = 3, 4, 2, 64, 16
+    frame = Framed()
+    paged = layout.startswith("paged")
+    kv_rows, per_row = (12, page) if paged else (5, 64)
+    k, v = randn((kv_rows, per_row, Hkv, D), dtype), randn((kv_rows, per_row, Hkv, D), dtype)
+    q = randn((B, Tq, H, D), dtype)
+    batch_idx = torch.tensor([4, 0, 2], dtype=torch.int32) if layout == "batch-idx" else None
+    leftpad = torch.tensor([3, 0, 10], dtype=torch.int32) if layout.endswith("leftpad") else None
+    table = torch.randperm(kv_rows)[:B * 4].view(B, 4).to(torch.int32) if paged else None
+    seqused = torch.tensor([20, 7, 40], dtype=torch.int32)
+    options = attn_ops._cache_layout_args(k, batch_idx, leftpad, table)  # the CPU twin's arguments
+    capacity = options["seqlen_k"]
+    out, lse = frame(shape=q.shape, dtype=dtype), frame(shape=(B, H, Tq), dtype=torch.float32)
+    ws_bytes = emu.flash_attn_decode_workspace(B, Tq, capacity, H, D)
+    workspace = frame(shape=(max(ws_bytes, 1),), dtype=torch.uint8)
+    q_e, k_e, v_e = frame(q), frame(k), frame(v)
+    s3 = lambda t: list(t.stride()[:3])
+    framed = {name: frame(t) for name, t in (("kv_batch_idx", batch_idx), ("kv_leftpad", leftpad),
+                                             ("block_table", table)) if t is not None}
+    scale = D ** -0.5
+    emu.flash_attn_decode(ptr(q_e), ptr(k_e), ptr(v_e), ptr(out), ptr(lse), ptr(frame(seqused)), B, Tq, capacity, H,
+                          Hkv, D, s3(q_e), s3(k_e), s3(v_e), s3(out), attn_ops._lse_strides(lse, False), scale, -1, 0,
+                          CODES[dtype], ptr(workspace), ws_bytes, ptr(framed.get("kv_batch_idx")),
+                          ptr(framed.get("kv_leftpad")), ptr(framed.get("block_table")),
+                          options.get("block_table_stride", 0), options.get("page_size", 0), kv_rows)
+    frame.check()
+
+    def cpu(dt):
+        kc, vc = k.to(dt), v.to(dt)
+        return attn_ops._attend_cache(q.to(dt), kc, vc, seqused, scale, -1, 0,
+                                      cache_options=attn_ops._cache_layout_args(kc, batch_idx, leftpad, table))
+
+    same, ref = cpu(dtype), cpu(torch.float64)
+    close(out, same[0], ref[0], "out")
+    close(lse, same[1], ref[1], "lse")

@@ -106,7 +106,7 @@ def build(out_dir: Path | None = None, jobs: int = 2) -> Path:
     lib = out_dir / f"libpyllm_cuda_emu_{_key(include)}.so"
     if lib.is_file():
         return lib
-    work = out_dir / f"src_{lib.stem}"
+    work = out_dir / f"src_{lib.stem}_{os.getpid()}"  # (per process: two builds at once do not mix)
     work.mkdir(parents=True, exist_ok=True)
     cxx = os.environ.get("CXX", "g++")
     # -O1: the kernels' loops run millions of fiber switches' worth of work in the tests; -fno-fast-math
@@ -130,6 +130,10 @@ def build(out_dir: Path | None = None, jobs: int = 2) -> Path:
     tmp = lib.with_suffix(f".{os.getpid()}.tmp")
     subprocess.run([cxx, "-shared", "-o", str(tmp), *map(str, objects)], check=True)
     os.replace(tmp, lib)
+    shutil.rmtree(work, ignore_errors=True)
+    for old in out_dir.glob("libpyllm_cuda_emu_*.so"):  # earlier sources' builds
+        if old != lib:
+            old.unlink(missing_ok=True)
     return lib
 
 

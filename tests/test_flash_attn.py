@@ -2779,3 +2779,24 @@ def test_cuda_widened_head_dims_and_rows_past_the_end():
             theirs, _ = attention(q1[b:b + 1].cpu(), cache[0][b:b + 1, :n + 1].cpu(), cache[1][b:b + 1, :n + 1].cpu(),
                                   causal=True)
             assert rel_err(got[b:b + 1].cpu(), ref) <= tolerance(theirs, ref)
+
+
+def test_registered_ops_called_directly_check_what_the_kernels_read():
+    # torch.ops.pyllm.flash_attn (what torch.compile's graphs call, and anyone may) had no check of
+    # its own: a k of a smaller batch was read past its end (a segfault at B = 2048), float64 k / v
+    # read as float32, a v shorter than k read past its end, int64 cu_seqlens read as int32.
+    P = torch.ops.pyllm
+    q = torch.randn(4, 8, 2, 32)
+    for k, v, match in ((q[:1], q[:1], "do not fit"), (q.double(), q.double(), "one dtype"), (q, q[:, :2], "do not fit"),
+                        (q[..., :16], q[..., :16], "do not fit"), (q[:, :, :0], q[:, :, :0], "do not fit")):
+        with pytest.raises((ValueError, TypeError), match=match):
+            P.flash_attn(q, k, v, None, None, -1, -1, 0.1, -1, -1, False)
+    packed = torch.randn(10, 2, 32)
+    cu = torch.tensor([0, 4, 10])
+    with pytest.raises(ValueError, match="cu_seqlens_q must be int32"):
+        P.flash_attn(packed, packed, packed, cu, cu.int(), 6, 6, 0.1, -1, -1, False)
+    out, lse = P.flash_attn(q, q, q, None, None, -1, -1, 0.1, -1, -1, False)
+    with pytest.raises(ValueError, match="do not fit"):
+        P.flash_attn_backward(out[:2], None, q, q, q, out, lse, None, None, -1, -1, 0.1, -1, -1, False)
+    with pytest.raises(TypeError, match="one dtype"):
+        P.flash_attn_backward(out.double(), None, q, q, q, out, lse, None, None, -1, -1, 0.1, -1, -1, False)

@@ -198,7 +198,8 @@ def test_cuda_launch_without_cuda_kernels_raises(monkeypatch):
     monkeypatch.setattr(_util, "HAS_CUDA_KERNELS", False)
     fake = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0), dtype=torch.float32, shape=(1, 2, 1, 4),
                            data_ptr=lambda: 256, stride=lambda: (8, 4, 4, 1), dim=lambda: 2)
-    angles = SimpleNamespace(shape=(2, 2), dim=lambda: 2, data_ptr=lambda: 512)
+    angles = SimpleNamespace(shape=(2, 2), dim=lambda: 2, data_ptr=lambda: 512, dtype=torch.float32,
+                             device=torch.device("cuda", 0))
     with pytest.raises(RuntimeError, match="built without CUDA kernels"):
         rope_ops.rope_into(fake, angles, angles, fake)
 
@@ -230,3 +231,10 @@ def test_cpp_rechecks_raw_calls():
         _C.rope_cpu(p, p, p, p, 1, 2, 1, 8, 4, [16, 8], [16, 8, 8], 0, False, 0)
     with pytest.raises(ValueError, match="dtype"):
         _C.rope_cpu(p, p, p, p, 1, 2, 1, 8, 4, [16, 8, 8], [16, 8, 8], 0, False, 99)
+
+
+def test_registered_op_called_directly_checks_the_angles():
+    # torch.ops.pyllm.rope had read float64 angles as float32 for a float32 x (no check at that level)
+    x, c = torch.randn(1, 8, 2, 32), torch.randn(8, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="cos and sin must be torch.float32"):
+        torch.ops.pyllm.rope(x, c, c, False)

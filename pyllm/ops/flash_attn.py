@@ -228,6 +228,44 @@ def _alibi_args(slopes: Optional[Tensor], n_heads: int, batch: int) -> dict:
                 alibi_batch_stride=slopes.stride(0) if slopes.dim() == 2 and slopes.shape[0] > 1 else 0)
 
 
+def _check_kernel_tensors(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k, batch: int,
+                          cache_rows: bool = False, grads: tuple = ()) -> None:
+    """What a launch reads and writes wherever the tensors point: k and v at q's dtype, head dim and
+    batch, out (and dout, dq) at q's shape, lse at its own. The public functions check all of it first;
+    the registered ops called directly (torch.ops.pyllm.*, torch.compile's graphs) reach the kernels
+    through here alone, and a k of a smaller batch had been read past its end (a segfault), float64
+    k / v read as float32. cache_rows: a KV cache addressed by row indices or pages (its batch free).
+    grads: (dout, dlse, dq, dk, dv) of the backward."""
+    # (plain comparisons, no generators: ~2 us a call, paid by every eager attention call and decode step)
+    varlen = cu_seqlens_q is not None
+    dtype, lse_dtype, where = q.dtype, _lse_dtype(q), q.get_device()
+    same = [k, v, out]
+    if grads:
+        dout, dlse, dq, dk, dv = grads
+        same += [dout, dq, dk, dv]
+    for t in same:
+        if t.dtype is not dtype or t.get_device() != where:
+            raise TypeError(f"{OP}: q, k, v, out (and the gradients) must share one dtype and device, got q "
+                            f"{dtype} on {q.device}, k {k.dtype} on {k.device}, v {v.dtype} on {v.device}")
+    if lse.dtype is not lse_dtype or lse.get_device() != where or (grads and dlse is not None and dlse.dtype is not lse_dtype):
+        raise TypeError(f"{OP}: lse must be {lse_dtype} on q's device, got {lse.dtype} on {lse.device}")
+    qs, ks = q.shape, k.shape
+    dims = 3 if varlen else 4
+    if len(qs) != dims or len(ks) != dims or v.shape != ks or out.shape != qs or ks[-1] != qs[-1] or ks[-2] < 1 \
+            or qs[-2] % ks[-2] or (not varlen and not cache_rows and ks[0] < qs[0]) \
+            or lse.shape != ((qs[1], qs[0]) if varlen else (qs[0], qs[2], qs[1])) \
+            or (grads and (dout.shape != qs or dq.shape != qs or dk.shape != ks or dv.shape != ks
+                           or (dlse is not None and dlse.shape != lse.shape))):
+        raise ValueError(f"{OP}: q {tuple(qs)}, k {tuple(ks)}, v {tuple(v.shape)} and lse {tuple(lse.shape)} do not "
+                         "fit one attention call: k and v alike with q's head dim, batch and a divisor of its heads, "
+                         "out and the gradients at q's and k's shapes")
+    for name, t, n in (("cu_seqlens_q", cu_seqlens_q, batch + 1), ("cu_seqlens_k", cu_seqlens_k, batch + 1),
+                       ("seqused_k", seqused_k, batch)):
+        if t is not None and (t.dtype is not torch.int32 or t.numel() < n or t.get_device() != where):
+            raise ValueError(f"{OP}: {name} must be int32 with {n} entries on {q.device}, got {t.dtype} "
+                             f"{tuple(t.shape)} on {t.device}")
+
+
 def flash_attn_forward_into(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                             scale, window_left, window_right, seqused_k=None, softcap: float = 0.0,
                             alibi_slopes: Optional[Tensor] = None, cache_options: Optional[dict] = None) -> None:
@@ -240,6 +278,8 @@ def flash_attn_forward_into(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_s
     if cache_options:
         cache_options = dict(cache_options)
         seqlen_k = cache_options.pop("seqlen_k")
+    _check_kernel_tensors(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k, batch,
+                          cache_rows=bool(cache_options) and "kv_rows" in cache_options)
     args = (_util.ptr(q), _util.ptr(k), _util.ptr(v), _util.ptr(out), _util.ptr(lse), _opt_ptr(cu_seqlens_q),
             _opt_ptr(cu_seqlens_k), _opt_ptr(seqused_k), batch, seqlen_q, seqlen_k, q.shape[-2], k.shape[-2],
             q.shape[-1], _strides3(q, varlen), _strides3(k, varlen), _strides3(v, varlen), _strides3(out, varlen),
@@ -277,6 +317,7 @@ def flash_attn_backward_into(dout, dlse, q, k, v, out, lse, dq, dk, dv, cu_seqle
     _check_alibi_device(q, alibi_slopes)
     varlen = cu_seqlens_q is not None
     batch, seqlen_q, seqlen_k = _sizes(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
+    _check_kernel_tensors(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, None, batch, grads=(dout, dlse, dq, dk, dv))
     args = (_util.ptr(dout), _opt_ptr(dlse), _util.ptr(q), _util.ptr(k), _util.ptr(v), _util.ptr(out),
             _util.ptr(lse), _util.ptr(dq), _util.ptr(dk), _util.ptr(dv), _opt_ptr(cu_seqlens_q),
             _opt_ptr(cu_seqlens_k), batch, seqlen_q, seqlen_k, q.shape[-2], k.shape[-2], q.shape[-1],

@@ -67,6 +67,11 @@ def rope_into(x: Tensor, cos: Tensor, sin: Tensor, out: Tensor, inverse: bool = 
             or sin.shape != cos.shape:
         raise ValueError(f"{OP}: cos and sin must be (T, R/2) or (B or 1, T, R/2) for x of shape {tuple(x.shape)}, "
                          f"got {tuple(cos.shape)} and {tuple(sin.shape)}")
+    # (and the registered op called directly, torch.ops.pyllm.rope: float64 angles had been read as fp32)
+    if cos.dtype != _table_dtype(x) or sin.dtype != cos.dtype or out.dtype != x.dtype or out.shape != x.shape \
+            or any(t.device != x.device for t in (cos, sin, out)):
+        raise ValueError(f"{OP}: cos and sin must be {_table_dtype(x)} on x's device and out x's dtype and shape, got "
+                         f"{cos.dtype} / {sin.dtype} on {cos.device} / {sin.device}, out {out.dtype} {tuple(out.shape)}")
     cs_batch_stride = T * half if cos.dim() == 3 and cos.shape[0] > 1 else 0
     args = (_util.ptr(x), _util.ptr(cos), _util.ptr(sin), _util.ptr(out), B, T, H, D, half, _row_strides(x),
             _row_strides(out), cs_batch_stride, bool(inverse), _util.dtype_code(x))

@@ -123,6 +123,18 @@ def _readopt_changed_params(params: list[Tensor], masters: list[Tensor]) -> None
         master.copy_(torch.where(changed, p.float(), master))  # (no any(): a host sync on CUDA)
 
 
+def _found_inf(sumsq: Tensor, scale: Tensor | None) -> Tensor:
+    """1.0 where a step must be skipped, else 0.0 (fp32, on sumsq's device, no host sync): an inf / nan
+    grad (sumsq not finite), or, with a loss scale, 1 / scale or the unscaled norm past fp32 (a scale
+    backed off to 1e-39 had unscaled finite grads to inf, every param NaN). The kernels decide alike
+    (csrc/common/adamw_args.h: unscaled_finite)."""
+    bad = ~torch.isfinite(sumsq)
+    if scale is not None:
+        inv = 1.0 / scale.double()
+        bad = bad | ~torch.isfinite(inv.float()) | ~torch.isfinite((sumsq.sqrt() * inv).float())
+    return bad.to(torch.float32)
+
+
 class AdamW(torch.optim.Optimizer):
     """AdamW (decoupled weight decay, as torch.optim.AdamW) in one fused multi-tensor pass, with
     fp32 master weights for 16-bit params, loss-scale unscaling, inf/nan skipping and global-norm
@@ -394,7 +406,7 @@ class AdamW(torch.optim.Optimizer):
         need_norm = grad_scaler is not None or max_grad_norm is not None or self._reduce_sumsq is not None
         sumsq = self._global_sumsq(buckets) if need_norm else {}
         scales = {d: grad_scaler._scale_on(d) for d in sumsq} if grad_scaler is not None else {}
-        found_inf = {d: (~torch.isfinite(s)).to(torch.float32) for d, s in sumsq.items()}
+        found_inf = {d: _found_inf(s, scales.get(d)) for d, s in sumsq.items()}
 
         # The step counts move first (by 0 on a skipped step) so the kernel reads this step's t.
         steps_by_device: dict[torch.device, list[Tensor]] = {}
@@ -500,8 +512,10 @@ class DynamicLossScaler:
 
     @staticmethod
     def _check(where: str, init_scale, growth_factor, backoff_factor, growth_interval) -> None:
-        if not (math.isfinite(init_scale) and init_scale > 0):
-            raise ValueError(f"{where}: init_scale must be a finite number > 0, got {init_scale!r}")
+        # (the scale lives in fp32: 1e-50 was 0 there, 1e300 inf)
+        if not (math.isfinite(init_scale) and 0 < float(torch.tensor(init_scale, dtype=torch.float32)) < math.inf):
+            raise ValueError(f"{where}: init_scale must be a number > 0 that fp32 holds (about 1.4e-45 to 3.4e38), "
+                             f"got {init_scale!r}")
         if not growth_factor >= 1.0:
             raise ValueError(f"{where}: growth_factor must be >= 1, got {growth_factor!r}")
         if not 0.0 < backoff_factor <= 1.0:

@@ -476,3 +476,12 @@ def test_compiles_with_float_arguments_symbols():
             assert torch.equal(f(logits, targets, s, z), pyllm.cross_entropy(logits, targets, label_smoothing=s, z_loss=z))
     with pytest.raises(ValueError, match="label_smoothing must be in"):
         pyllm.cross_entropy(logits, targets, label_smoothing=1.5)
+
+
+@pytest.mark.parametrize("scale", [1e39, 1e-50])
+def test_a_scale_fp32_cannot_hold_is_refused(scale):
+    # finite in float64, inf or 0 in the kernels' fp32: the loss had been NaN without a word
+    logits, targets = torch.randn(4, 10), torch.randint(0, 10, (4,))
+    with pytest.raises(ValueError, match="is 0 or inf in fp32"):
+        pyllm.cross_entropy(logits, targets, scale=scale)
+    assert torch.isfinite(pyllm.cross_entropy(logits.double(), targets, scale=1e39))  # fp64 holds it

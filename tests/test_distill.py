@@ -726,3 +726,11 @@ def test_distillation_options_are_checked(data_dir, teacher_run, tmp_path):  # n
     with pytest.raises(ValueError, match="they need conversations"):
         trainer.train(config(data_dir, tmp_path / "w", teacher=str(teacher_run), distill_lmbda=0.5))
     TrainConfig(teacher="x", distill_lmbda=0.5, dist_mode="fsdp").validate()  # (the student gathered for its samples)
+
+
+@pytest.mark.parametrize("kw", [dict(scale=1e39), dict(temperature=1e-50), dict(teacher_scale=1e39)])
+def test_scales_and_temperatures_fp32_cannot_hold_are_refused(kw):
+    # finite in float64, inf or 0 in the kernels' fp32 (the logits divided by the temperature): NaN before
+    logits = torch.randn(4, 10)
+    with pytest.raises(ValueError, match="finite in fp32"):
+        pyllm.generalized_jsd(logits, logits.clone(), **kw)

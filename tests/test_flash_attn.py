@@ -2800,3 +2800,25 @@ def test_registered_ops_called_directly_check_what_the_kernels_read():
         P.flash_attn_backward(out[:2], None, q, q, q, out, lse, None, None, -1, -1, 0.1, -1, -1, False)
     with pytest.raises(TypeError, match="one dtype"):
         P.flash_attn_backward(out.double(), None, q, q, q, out, lse, None, None, -1, -1, 0.1, -1, -1, False)
+
+
+def test_kvcache_new_rows_that_are_views_of_the_cache():
+    # k_new / v_new viewing the cache rows they are appended after had been overwritten part way
+    # through the append (torch's overlap check misses these strided views at batch > 1): the
+    # cache's rows 3..4 became [2, 2], not [2, 3]; now as if they had been copies
+    torch.manual_seed(0)
+    q = torch.randn(2, 1, 1, 32)
+    kc = torch.randn(2, 6, 1, 32)
+    vc = torch.randn(2, 6, 1, 32)
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    out = pyllm.flash_attn_with_kvcache(q, kc, vc, 3, kc[:, 2:4], vc[:, 2:4])
+    want = pyllm.flash_attn_with_kvcache(q, kc_ref, vc_ref, 3, kc_ref[:, 2:4].clone(), vc_ref[:, 2:4].clone())
+    assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref) and torch.equal(out, want)
+
+
+def test_a_softmax_scale_fp32_cannot_hold_is_refused():
+    q = torch.randn(1, 4, 2, 32)
+    with pytest.raises(ValueError, match="is inf in fp32"):
+        pyllm.flash_attn(q, q, q, softmax_scale=1e39)
+    with pytest.raises(ValueError, match="is inf in fp32"):
+        pyllm.flash_attn_with_kvcache(q[:, :1], q, q, 2, softmax_scale=1e39)

@@ -1291,3 +1291,29 @@ def test_muon_refused_state_leaves_the_optimizer_as_it_was():
     with pytest.raises(ValueError, match="adjust_lr_fn"):
         ours.load_state_dict(torch.optim.Muon([p], lr=0.5).state_dict())
     assert ours.param_groups[0]["lr"] == 0.02 and "adjust_lr_fn" not in ours.param_groups[0]
+
+
+@pytest.mark.parametrize("backoffs", [130, 150])
+def test_a_loss_scale_past_fp32_skips_the_step(backoffs):
+    # A scale backed off to ~1e-39 (or 0: 150 halvings) had passed the found-inf check, which saw only
+    # the scaled grads' finite sum of squares; the kernel then unscaled by 1 / scale = inf and every
+    # param became NaN. Now 1 / scale or the unscaled norm past fp32 is an overflow: the step skipped,
+    # nothing written, as torch's GradScaler (which checks after unscaling) does.
+    scaler = DynamicLossScaler(init_scale=1.0, backoff_factor=0.5)
+    for _ in range(backoffs):
+        scaler.update(found_inf=True)
+    p = nn.Parameter(torch.randn(4))
+    before = p.detach().clone()
+    opt = AdamW([p])
+    p.grad = torch.randn(4) * scaler.get_scale()
+    opt.step(grad_scaler=scaler)
+    assert opt.last_step_skipped.item() and torch.equal(p.detach(), before)
+    assert opt.state[p]["step"].item() == 0
+    scaler.update()
+    assert scaler.get_scale() <= 2.0 ** -129  # (backed off again: a skipped step is an overflow)
+
+
+@pytest.mark.parametrize("init_scale", [1e-50, 1e300, 0.0])
+def test_loss_scales_fp32_cannot_hold_are_refused(init_scale):
+    with pytest.raises(ValueError, match="fp32 holds"):
+        DynamicLossScaler(init_scale=init_scale)

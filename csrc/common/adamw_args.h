@@ -2,6 +2,7 @@
 // csrc/cuda/adamw.cu so that both sides refuse the same calls with the same messages.
 // Table: int64, kRows rows x n_tensors (pointers as integers); pyllm/ops/adamw.py builds it.
 #pragma once
+#include <cmath>
 #include <cstdint>
 #include <initializer_list>
 #include <limits>
@@ -34,6 +35,16 @@ inline Table check_table(const char* what, uintptr_t table, int64_t n_tensors, s
     for (Row r : needed) PYLLM_CHECK(tab.get(r, i) != 0, what, ": null pointer in row ", int(r), " for tensor ", i);
   }
   return tab;
+}
+
+// Whether a step goes ahead: the grads' sum of squares finite (no inf / nan grad) and their norm
+// once unscaled (inv_scale = 1 / loss scale) within fp32, as pyllm.optim.AdamW decides found_inf.
+#if defined(__CUDACC__) || defined(PYLLM_CUDA_EMU)
+__host__ __device__
+#endif
+inline bool unscaled_finite(double sumsq, double inv_scale) {
+  const float norm = float(sqrt(sumsq) * inv_scale);
+  return sumsq - sumsq == 0.0 && norm - norm == 0.0f;  // finite both (no std:: in device code)
 }
 
 // Everything adamw_step_{cpu,cuda} checks before touching memory; returns the table.

@@ -165,6 +165,7 @@ PYLLM_HD int64_t query_hi(const AttnParams& p, int64_t j, int64_t len_q, int64_t
 #include <type_traits>
 
 #include "common/checks.h"
+#include "common/dtype.h"
 
 namespace pyllm {
 
@@ -247,6 +248,9 @@ inline AttnParams make_attn_params(uintptr_t q, uintptr_t k, uintptr_t v, uintpt
   p.scale = scale, p.window_left = window_left, p.window_right = window_right, p.dtype = dtype;
   check_attn_shape(p);
   PYLLM_CHECK(std::isfinite(scale), "flash_attn: softmax_scale must be finite, got ", scale);
+  // (the kernels scale by it in fp32: 1e39 was inf there, every output NaN)
+  PYLLM_CHECK(dtype == int(DType::f64) || std::isfinite(static_cast<float>(scale)),
+              "flash_attn: softmax_scale ", scale, " is inf in fp32, the kernels' math type for ", dtype_name(dtype));
   return p;
 }
 

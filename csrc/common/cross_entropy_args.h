@@ -18,6 +18,8 @@ inline void check_cross_entropy_args(uintptr_t logits, uintptr_t targets, uintpt
   PYLLM_CHECK(rows <= 1 || (stride >= vocab && (grad == 0 || grad_stride >= vocab)),
               "cross_entropy: row strides must be >= vocab (", vocab, "), got ", stride, " and ", grad_stride);
   PYLLM_CHECK(std::isfinite(scale) && scale > 0, "cross_entropy: scale must be positive and finite, got ", scale);
+  PYLLM_CHECK(fits_math_type(scale, dtype), "cross_entropy: scale ", scale, " is 0 or inf in fp32, the math type of ",
+              dtype_name(dtype), " logits");
   dtype_size(dtype);  // throws on an unknown code
   PYLLM_CHECK(std::isfinite(softcap) && softcap >= 0, "cross_entropy: softcap must be 0 (none) or positive, got ",
               softcap);

@@ -27,6 +27,10 @@ inline void check_distill_args(uintptr_t student, uintptr_t teacher, uintptr_t l
   }
   PYLLM_CHECK(std::isfinite(temperature) && temperature > 0, "distill: temperature must be positive and finite, got ",
               temperature);
+  for (double s : {scale / temperature, teacher_scale / temperature, temperature})  // (the kernels divide by it)
+    PYLLM_CHECK(fits_math_type(s, dtype), "distill: scale / temperature and temperature must be > 0 and finite in fp32, the "
+                "math type of ", dtype_name(dtype), " logits; got scales ", scale, ", ", teacher_scale,
+                " and temperature ", temperature);
   PYLLM_CHECK(beta >= 0 && beta <= 1, "distill: beta must be in [0, 1], got ", beta);
   PYLLM_CHECK(std::isfinite(grad_scale), "distill: grad_scale must be finite, got ", grad_scale);
   if (rows > 0) PYLLM_CHECK(student != 0 && teacher != 0 && loss != 0, "distill: null data pointer for a non-empty tensor");

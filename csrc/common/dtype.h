@@ -2,6 +2,7 @@
 // 16-bit storage types of the CPU kernels, and dispatch. CUDA code uses its own __half and
 // __nv_bfloat16 and dispatches with the same codes.
 #pragma once
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -37,6 +38,13 @@ inline int64_t dtype_size(int code) {
 // kernels would read as "no cap" and silently leave the logits uncapped.
 inline bool positive_in_math_type(double x, int code) {
   return code == int(DType::f64) || static_cast<float>(x) > 0.f;
+}
+// x finite and > 0 in the kernels' math type, and so its reciprocal: a scale of 1e39 or 1e-50 is
+// inf or 0 in fp32 (NaN losses, silently, from a finite double).
+inline bool fits_math_type(double x, int code) {
+  if (code == int(DType::f64)) return std::isfinite(x) && x > 0 && std::isfinite(1.0 / x);
+  const float f = static_cast<float>(x);
+  return std::isfinite(f) && f > 0.f && std::isfinite(1.f / f);
 }
 
 // CPU storage types. Conversion is written out bit by bit so the compiler vectorises it (bf16 is

@@ -1238,6 +1238,18 @@ def _check_writable_caches(op: str, k_cache: Tensor, v_cache: Tensor) -> None:
         raise ValueError(f"{op}: k_cache and v_cache are the same memory; the new values would overwrite the new keys")
 
 
+def _not_in_caches(new, *caches):
+    """new, or a copy of it where it shares memory with one of the caches (a real tensor's; traced
+    and fake ones are left to torch)."""
+    if not isinstance(new, Tensor) or _util.values_unreadable(new):
+        return new
+    where = new.untyped_storage().data_ptr()
+    for cache in caches:
+        if isinstance(cache, Tensor) and not _util.values_unreadable(cache) and cache.untyped_storage().data_ptr() == where:
+            return new.clone()
+    return new
+
+
 def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens, k_new: Optional[Tensor] = None,
                             v_new: Optional[Tensor] = None, causal: bool = True, *,
                             softmax_scale: Optional[float] = None, window: tuple[int, int] = _NO_WINDOW,
@@ -1307,6 +1319,9 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_s
         checked, see cache_seqlens) when cache_seqlens + seqlen_new does, or when a cache option
         names a row, block or pad outside the cache (where checked, before anything is written).
     """
+    # New rows that are views of a cache's memory were overwritten part way through the append (torch's
+    # overlap checks miss such strided 4-D views at batch > 1): appended from copies
+    k_new, v_new = _not_in_caches(k_new, k_cache, v_cache), _not_in_caches(v_new, k_cache, v_cache)
     plain = rotary_cos is None and rotary_sin is None and not return_lse
     out = None if sinks is not None or not plain else _kvcache_eager_cpu(
         q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, softmax_scale, window, softcap, alibi_slopes,

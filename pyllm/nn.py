@@ -874,9 +874,20 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
         raise ValueError(f"linear_cross_entropy: reduction must be 'sum' or 'mean' (the rows' losses are never "
                          f"kept), got {reduction!r}")
     _check_targets("linear_cross_entropy", x, targets)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):  # (True had been class 1)
+        raise TypeError(f"linear_cross_entropy: ignore_index must be an int, got {type(ignore_index).__name__}")
     targets = targets.long()  # (narrower ints: -100 would wrap to a class in uint8, -1 too in masked_fill)
     if ignore_index != -1:
-        targets = targets.masked_fill(targets == ignore_index, -1)
+        # Another ignore_index makes -1 a class out of range, as in torch (it had been skipped silently):
+        # NaN for its row, as any target out of range. (One no int64 holds ignores nothing.)
+        ignored = targets == ignore_index if -2**63 <= ignore_index < 2**63 else None
+        minus_one = targets == -1
+        if targets.is_cpu and not _util.values_unreadable(targets) and bool(minus_one.any()):  # (free on the CPU)
+            raise ValueError(f"linear_cross_entropy: a target of -1 is out of range with ignore_index={ignore_index} "
+                             f"(row {int(minus_one.reshape(-1).nonzero()[0])}), as in F.cross_entropy")
+        targets = targets.masked_fill(minus_one, weight.shape[0] if isinstance(weight, torch.Tensor) else 0)
+        if ignored is not None:
+            targets = targets.masked_fill(ignored, -1)
     x, weight, chunk_rows = _fused_linear_inputs(x, weight, chunk_rows, softcap, cross_entropy_ops.takes)
     scale, softcap = _logit_shape("linear_cross_entropy", scale, softcap)
     label_smoothing, z_loss = float(label_smoothing), float(z_loss)
@@ -968,6 +979,18 @@ def _check_targets(op: str, x: torch.Tensor, targets) -> None:
         raise ValueError(f"{op}: targets must give one id per row of x {tuple(x.shape)}, got shape {tuple(targets.shape)}")
 
 
+def _check_output_layer(what: str, x, weight) -> None:
+    """x (..., C) and an output layer's weight (V, C), V >= 1, on one device: the matmuls write into
+    buffers of x's device (out=), which a weight elsewhere (a meta one) left unwritten, silently."""
+    if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{what}: x and weight must be tensors, got {type(x).__name__} and {type(weight).__name__}")
+    if x.dim() < 1 or weight.dim() != 2 or weight.shape[1] != x.shape[-1] or weight.shape[0] < 1:
+        raise ValueError(f"{what}: weight must be (vocab >= 1, C) for x of shape (..., C), got x {tuple(x.shape)} and "
+                         f"weight {tuple(weight.shape)}")
+    if weight.device != x.device:
+        raise ValueError(f"{what}: weight is on {weight.device} but x on {x.device}; they must match")
+
+
 def _fused_linear_inputs(x, weight, chunk_rows, softcap=None, takes=None):
     """x as rows (N, C) and weight in the dtype nn.Linear would compute in (autocast's, else x's),
     and the rows per chunk (default: the rows split evenly into as few chunks as keep each within
@@ -985,6 +1008,7 @@ def _fused_linear_inputs(x, weight, chunk_rows, softcap=None, takes=None):
                         "pyllm's fused losses do not take" if isinstance(chunk_rows, torch.Tensor) else ""))
     if chunk_rows is not None and chunk_rows < 1:
         raise ValueError(f"the fused loss's chunk_rows must be >= 1, got {chunk_rows}")
+    _check_output_layer("the fused loss", x, weight)
     x = x.reshape(-1, x.shape[-1])
     if _autocast_on(x):
         dtype = torch.get_autocast_dtype(x.device.type)
@@ -1380,6 +1404,9 @@ def linear_distill(x: torch.Tensor, weight: torch.Tensor, x_teacher: torch.Tenso
     if weight.shape[0] != weight_teacher.shape[0] or x.shape[0] != x_teacher.shape[0]:
         raise ValueError(f"linear_distill: the student's and the teacher's rows and vocabularies must match, got "
                          f"{x.shape[0]} / {x_teacher.shape[0]} rows, {weight.shape[0]} / {weight_teacher.shape[0]} words")
+    _check_output_layer("linear_distill (the teacher's)", x_teacher, weight_teacher)
+    if x_teacher.device != x.device:
+        raise ValueError(f"linear_distill: x_teacher is on {x_teacher.device} but x on {x.device}; they must match")
     x, weight, chunk_rows = _fused_linear_inputs(x, weight, chunk_rows, softcap or teacher_softcap, distill_ops.takes)
     shape = _logit_shape("linear_distill", scale, softcap)
     teacher_shape = _logit_shape("linear_distill (the teacher's)", teacher_scale, teacher_softcap)

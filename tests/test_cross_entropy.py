@@ -485,3 +485,34 @@ def test_a_scale_fp32_cannot_hold_is_refused(scale):
     with pytest.raises(ValueError, match="is 0 or inf in fp32"):
         pyllm.cross_entropy(logits, targets, scale=scale)
     assert torch.isfinite(pyllm.cross_entropy(logits.double(), targets, scale=1e39))  # fp64 holds it
+
+
+def test_linear_loss_with_another_ignore_index_takes_minus_one_as_out_of_range():
+    # ignore_index=-100 (Liger's default): a -1 target had been skipped silently (pyllm's own sentinel);
+    # torch raises for it, and so does this now on the CPU. A bool ignore_index had been class 1.
+    from pyllm.nn import linear_cross_entropy
+    x, w = torch.randn(6, 5), torch.randn(11, 5)
+    t = torch.randint(0, 11, (6,))
+    t[0] = -1
+    with pytest.raises(ValueError, match="target of -1 is out of range"):
+        linear_cross_entropy(x, w, t, ignore_index=-100)
+    t[0] = -100
+    want = F.cross_entropy((x @ w.T).double(), t, ignore_index=-100, reduction="sum")
+    torch.testing.assert_close(linear_cross_entropy(x, w, t, ignore_index=-100).double(), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(TypeError, match="ignore_index must be an int"):
+        linear_cross_entropy(x, w, t, ignore_index=True)
+    assert torch.isfinite(linear_cross_entropy(x, w, t.clamp_min(0), ignore_index=2**70))  # ignores nothing
+
+
+def test_fused_losses_refuse_an_output_layer_on_another_device():
+    # a meta weight (a model not yet materialized) had given numbers from uninitialized memory
+    from pyllm.nn import linear_cross_entropy, linear_distill, linear_token_logps
+    x, t = torch.randn(6, 5), torch.randint(0, 11, (6,))
+    meta = torch.randn(11, 5, device="meta")
+    for call in (lambda: linear_cross_entropy(x, meta, t), lambda: linear_token_logps(x, meta, t),
+                 lambda: linear_distill(x, torch.randn(11, 5), x.clone(), meta),
+                 lambda: linear_distill(x, meta, x.clone(), torch.randn(11, 5))):
+        with pytest.raises(ValueError, match="weight is on meta but x on cpu"):
+            call()
+    with pytest.raises(ValueError, match="weight must be"):
+        linear_cross_entropy(x, torch.randn(0, 5), t)

@@ -131,12 +131,22 @@ def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, sof
                  alibi_slopes, deterministic, return_attn_probs)
 
 
+def _unpack(op: str, name: str, packed, dim: int, n: int, ndim: int) -> tuple:
+    """The n tensors packed along dim of a tensor of ndim dims, as strided views (no copy)."""
+    if not isinstance(packed, Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(packed).__name__}")
+    if packed.dim() != ndim or packed.shape[dim] != n:
+        raise ValueError(f"{op}: {name} must have {ndim} dims with {n} tensors packed along dim {dim}, got shape "
+                         f"{tuple(packed.shape)}")
+    return packed.unbind(dim=dim)
+
+
 def flash_attn_qkvpacked_func(qkv: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
                               causal: bool = False, window_size=(-1, -1), softcap: float = 0.0,
                               alibi_slopes: Optional[Tensor] = None, deterministic: bool = False,
                               return_attn_probs: bool = False):
     """qkv (batch, seqlen, 3, n_heads, head_dim): q, k, v are read as strided views (no copy)."""
-    q, k, v = qkv.unbind(dim=2)
+    q, k, v = _unpack("flash_attn_qkvpacked_func", "qkv", qkv, 2, 3, 5)
     return _attn("flash_attn_qkvpacked_func", q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
                  alibi_slopes, deterministic, return_attn_probs)
 
@@ -146,7 +156,7 @@ def flash_attn_kvpacked_func(q: Tensor, kv: Tensor, dropout_p: float = 0.0, soft
                              alibi_slopes: Optional[Tensor] = None, deterministic: bool = False,
                              return_attn_probs: bool = False):
     """q (batch, seqlen_q, n_heads, head_dim), kv (batch, seqlen_k, 2, n_kv_heads, head_dim)."""
-    k, v = kv.unbind(dim=2)
+    k, v = _unpack("flash_attn_kvpacked_func", "kv", kv, 2, 2, 5)
     return _attn("flash_attn_kvpacked_func", q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
                  alibi_slopes, deterministic, return_attn_probs)
 
@@ -177,7 +187,7 @@ def flash_attn_varlen_qkvpacked_func(qkv: Tensor, cu_seqlens: Tensor, max_seqlen
                                      softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None,
                                      deterministic: bool = False, return_attn_probs: bool = False):
     """qkv (total, 3, n_heads, head_dim), one cu_seqlens for q and k: strided views, no copy."""
-    q, k, v = qkv.unbind(dim=1)
+    q, k, v = _unpack("flash_attn_varlen_qkvpacked_func", "qkv", qkv, 1, 3, 4)
     return _attn("flash_attn_varlen_qkvpacked_func", q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
                  alibi_slopes, deterministic, return_attn_probs, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
                  max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen)
@@ -189,7 +199,7 @@ def flash_attn_varlen_kvpacked_func(q: Tensor, kv: Tensor, cu_seqlens_q: Tensor,
                                     window_size=(-1, -1), softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None,
                                     deterministic: bool = False, return_attn_probs: bool = False):
     """q (total_q, n_heads, head_dim), kv (total_k, 2, n_kv_heads, head_dim)."""
-    k, v = kv.unbind(dim=1)
+    k, v = _unpack("flash_attn_varlen_kvpacked_func", "kv", kv, 1, 2, 4)
     return _attn("flash_attn_varlen_kvpacked_func", q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
                  alibi_slopes, deterministic, return_attn_probs, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                  max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)

@@ -1244,3 +1244,34 @@ def test_from_hf_of_to_hf_keeps_the_builtin_pre_tokenizer(to_hf_pair, corpus, tm
         for text in texts[:-1]:
             assert third.encode_ordinary(text) == ours.encode_ordinary(text) == hf.encode(
                 text, add_special_tokens=False).ids
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=6),
+                         lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+                             st.sampled_from(["model", "type", "vocab", "merges", "added_tokens", "content", "id",
+                                              "normalizer", "pre_tokenizer", "unk_token"]), inner, max_size=5),
+                         max_leaves=20))
+def test_from_hf_malformed_files_raise_clear_errors(tmp_path, data):
+    # Any JSON: a Tokenizer, or ValueError / NotImplementedError naming the file (a merge "a b c", an
+    # added token without "content", a list for an object had raised ValueError from unpacking,
+    # KeyError, AttributeError)
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(data))
+    try:
+        Tokenizer.from_hf(path)
+    except (ValueError, NotImplementedError) as e:
+        assert "Tokenizer.from_hf" in str(e)
+
+
+def test_from_hf_sentencepiece_unk_token_outside_the_vocabulary(tmp_path):
+    data = {"model": {"type": "BPE", "vocab": {"<unk>x": 0, "▁a": 1, "a": 2}, "merges": [], "unk_token": "<unk>",
+                      "byte_fallback": False},
+            "normalizer": {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "▁"},
+                                                                {"type": "Replace", "pattern": {"String": " "},
+                                                                 "content": "▁"}]},
+            "added_tokens": []}
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="unk_token '<unk>' is not in the vocabulary"):
+        Tokenizer.from_hf(path)

@@ -2822,3 +2822,16 @@ def test_a_softmax_scale_fp32_cannot_hold_is_refused():
         pyllm.flash_attn(q, q, q, softmax_scale=1e39)
     with pytest.raises(ValueError, match="is inf in fp32"):
         pyllm.flash_attn_with_kvcache(q[:, :1], q, q, 2, softmax_scale=1e39)
+
+
+def test_packed_interface_functions_name_a_wrong_packing():
+    from pyllm.flash_attn_interface import (flash_attn_kvpacked_func, flash_attn_qkvpacked_func,
+                                            flash_attn_varlen_kvpacked_func)
+    q = torch.randn(1, 4, 2, 32)
+    with pytest.raises(ValueError, match="kv must have 5 dims with 2 tensors packed along dim 2"):
+        flash_attn_kvpacked_func(q, torch.randn(1, 4, 3, 2, 32))
+    with pytest.raises(ValueError, match="qkv must have 5 dims with 3 tensors"):
+        flash_attn_qkvpacked_func(torch.randn(1, 4, 2, 2, 32))
+    cu = torch.tensor([0, 4], dtype=torch.int32)
+    with pytest.raises(ValueError, match="kv must have 4 dims"):
+        flash_attn_varlen_kvpacked_func(q[0], torch.randn(4, 2, 32), cu, cu, 4, 4)

@@ -609,6 +609,25 @@ class _SentencePieceSettings:
         return self._table
 
 
+
+def _check_hf_layout(data, where: str) -> None:
+    """The parts of a tokenizer.json that from_hf reads, shaped as tokenizers writes them: a malformed
+    file had failed on "too many values to unpack", a KeyError or an AttributeError."""
+    model = data.get("model") if isinstance(data, dict) else None
+    if not isinstance(model, dict):
+        raise ValueError(f"{where}: not a tokenizer.json (a JSON object with a 'model' object)")
+    if model.get("type") == "BPE" and not isinstance(model.get("vocab"), dict):
+        raise ValueError(f"{where}: the model's vocab must be an object of token -> id")
+    added = data.get("added_tokens") or []
+    if not isinstance(added, list) or any(not isinstance(t, dict) or not isinstance(t.get("content"), str)
+                                          or not isinstance(t.get("id"), int) for t in added):
+        raise ValueError(f"{where}: added_tokens must be a list of objects with a string 'content' and an int 'id'")
+    merges = model.get("merges") or []
+    for merge in merges if isinstance(merges, list) else [merges]:
+        pair = merge.split(" ") if isinstance(merge, str) else merge
+        if not isinstance(pair, list) or len(pair) != 2 or not all(isinstance(p, str) for p in pair):
+            raise ValueError(f"{where}: merge {merge!r} is not two tokens ('a b' or [\"a\", \"b\"])")
+
 class Tokenizer:
     """Byte-level BPE tokenizer, token-identical with tiktoken for the same ranks, pattern and specials.
 
@@ -1305,7 +1324,9 @@ class Tokenizer:
         argument of Tokenizer."""
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-        model, where = data.get("model") or {}, f"Tokenizer.from_hf({os.fspath(path)!r})"
+        where = f"Tokenizer.from_hf({os.fspath(path)!r})"
+        _check_hf_layout(data, where)
+        model = data.get("model") or {}
         if model.get("type") != "BPE":
             raise NotImplementedError(f"{where}: a {model.get('type')!r} model; only BPE")
         for name in ("continuing_subword_prefix", "end_of_word_suffix", "dropout"):
@@ -1366,6 +1387,9 @@ class Tokenizer:
                 raise ValueError(f"{where}: merge {left!r} + {right!r} names a token that is not in the vocabulary")
             merges.append([vocab[left], vocab[right]])
         unk = model.get("unk_token")
+        if unk is not None and unk not in vocab and not model.get("byte_fallback"):
+            # (Hugging Face refuses such a file's text at the first unknown character; it had been dropped)
+            raise ValueError(f"{where}: unk_token {unk!r} is not in the vocabulary")
         settings = {**spm, "merges": merges, "byte_fallback": bool(model.get("byte_fallback")),
                     "unk": vocab.get(unk) if unk is not None else None, "fuse_unk": bool(model.get("fuse_unk")),
                     "whole_first": bool(model.get("ignore_merges"))}

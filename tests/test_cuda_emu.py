@@ -368,7 +368,8 @@ def test_generalized_jsd(emu, dtype, rows, vocab, beta, temperature, option):
 @pytest.mark.parametrize("param_dtype, master", [(torch.float32, False), (torch.bfloat16, True),
                                                  (torch.float16, True), (torch.bfloat16, False)],
                          ids=["fp32", "bf16-master", "fp16-master", "bf16"])
-@pytest.mark.parametrize("clip, scaled", [(False, False), (True, True)], ids=["plain", "unscale-clip"])
+@pytest.mark.parametrize("clip, scaled", [(False, False), (True, True), (True, 1e-40)],
+                         ids=["plain", "unscale-clip", "scale-past-fp32"])  # the last: a skipped step
 def test_adamw(emu, param_dtype, master, clip, scaled):
     # sizes across the grad-norm pass's 65,536-element chunks, odd ones (the scalar tail), one element
     sizes = [1, 7, 1000, 65536 + 13, 3 * 65536]
@@ -393,7 +394,7 @@ def test_adamw(emu, param_dtype, master, clip, scaled):
         table = adamw_ops.build_table(params, grads, masters, m, v, steps)
         code = CODES[param_dtype]
         sumsq = frame(shape=(1,), dtype=torch.float64, fill=0.0) if framed else torch.zeros(1, dtype=torch.float64)
-        loss_scale = torch.tensor([8.0]) if scaled else None
+        loss_scale = torch.tensor([8.0 if scaled is True else scaled]) if scaled else None
         if framed:
             chunks = sum((n + adamw_ops.CUDA_CHUNK - 1) // adamw_ops.CUDA_CHUNK for n in sizes)
             partials = frame(shape=(chunks,), dtype=torch.float64)
@@ -408,6 +409,10 @@ def test_adamw(emu, param_dtype, master, clip, scaled):
 
     emulated, cpu = run(True), run(False)
     frame.check()
+    if scaled not in (True, False):  # nothing written
+        before = state(param_dtype, False)
+        for got, want in zip(emulated[1], before[0]):
+            assert torch.equal(got, want)
     # test_optim's GPU test's bounds: the same per-element arithmetic, up to the order of its
     # roundings (fma contraction) and the norm's summation order
     assert emulated[0].item() == pytest.approx(cpu[0].item(), rel=1e-12)

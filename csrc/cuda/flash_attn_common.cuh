@@ -36,7 +36,9 @@ template <> struct MmaType<__nv_bfloat16> { static constexpr bool is_bf16 = true
 // D += A B, fp32 accumulators, fp16 or bf16 inputs.
 template <typename T>
 __device__ __forceinline__ void mma_16x8x16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-#ifndef PYLLM_ATTN_UNSUPPORTED_ARCH
+#if defined(PYLLM_CUDA_EMU)  // tools/cuda_emu: the instruction's semantics on the CPU, for its tests
+  ::emu::mma_16x8x16(d, a, b, MmaType<T>::is_bf16);
+#elif !defined(PYLLM_ATTN_UNSUPPORTED_ARCH)
   if constexpr (MmaType<T>::is_bf16) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
@@ -54,11 +56,17 @@ __device__ __forceinline__ void mma_16x8x16(float (&d)[4], const uint32_t (&a)[4
 }
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
+#if defined(PYLLM_CUDA_EMU)
+  return ::emu::smem_offset(p);
+#else
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+#endif
 }
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
-#ifndef PYLLM_ATTN_UNSUPPORTED_ARCH
+#if defined(PYLLM_CUDA_EMU)
+  ::emu::ldmatrix_x4(r, addr, false);
+#elif !defined(PYLLM_ATTN_UNSUPPORTED_ARCH)
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(addr));
@@ -66,7 +74,9 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
 }
 
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
-#ifndef PYLLM_ATTN_UNSUPPORTED_ARCH
+#if defined(PYLLM_CUDA_EMU)
+  ::emu::ldmatrix_x4(r, addr, true);
+#elif !defined(PYLLM_ATTN_UNSUPPORTED_ARCH)
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(addr));
@@ -76,18 +86,24 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t add
 // 16-byte global -> shared copy that bypasses L1; src_bytes = 0 writes 16 zero bytes and reads
 // nothing (rows past the end of a sequence), the source address must still be a valid one.
 __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, int src_bytes) {
-#ifndef PYLLM_ATTN_UNSUPPORTED_ARCH
+#if defined(PYLLM_CUDA_EMU)
+  ::emu::cp_async_16(dst, src, src_bytes);
+#elif !defined(PYLLM_ATTN_UNSUPPORTED_ARCH)
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
 #endif
 }
 __device__ __forceinline__ void cp_async_commit() {
-#ifndef PYLLM_ATTN_UNSUPPORTED_ARCH
+#if defined(PYLLM_CUDA_EMU)
+  ::emu::cp_async_commit();
+#elif !defined(PYLLM_ATTN_UNSUPPORTED_ARCH)
   asm volatile("cp.async.commit_group;\n" ::);
 #endif
 }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
-#ifndef PYLLM_ATTN_UNSUPPORTED_ARCH
+#if defined(PYLLM_CUDA_EMU)
+  ::emu::cp_async_wait(N);
+#elif !defined(PYLLM_ATTN_UNSUPPORTED_ARCH)
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 #endif
 }

@@ -25,10 +25,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 CSRC = ROOT / "csrc"
-# The kernels without inline PTX (the attention forward and backward use mma.sync / ldmatrix /
-# cp.async, which only tools/flash_attn_mma_emulate.py transliterates).
+# Every kernel but the BPE encoder's; the attention kernels' inline PTX (mma.sync, ldmatrix,
+# cp.async) is emulated through flash_attn_common.cuh's PYLLM_CUDA_EMU branches.
 SOURCES = ["runtime.cu", "swiglu.cu", "rms_norm.cu", "rope.cu", "cross_entropy.cu", "distill.cu", "adamw.cu",
-           "flash_attn_decode.cu"]
+           "flash_attn_decode.cu", "flash_attn_fwd.cu", "flash_attn_bwd.cu", "flash_attn_bwd_mma.cu"]
 
 
 def cuda_include() -> Path | None:
@@ -81,7 +81,7 @@ def translate(text: str) -> str:
         out.append(f"::emu::launch({text[start:m.start()].strip()}, {m.group(1)})")
         pos = m.end()
     out.append(text[pos:])
-    text = "".join(out)
+    text = "".join(out).replace("__CUDA_ARCH__", "PYLLM_EMU_CUDA_ARCH")  # pyllm's arch checks: the modelled sm_90
     # extern __shared__ __align__(16) T name[];  ->  T* name = reinterpret_cast<T*>(::emu::dynamic_smem());
     return re.sub(r"extern\s+__shared__\s+(?:__align__\s*\(\s*\d+\s*\)\s+)?([\w:\s]+?)\s*(?:__align__\s*\(\s*\d+\s*\)\s*)?(\w+)\s*\[\s*\]\s*;",
                   lambda m: f"{m.group(1)}* {m.group(2)} = reinterpret_cast<{m.group(1)}*>(::emu::dynamic_smem());", text)
@@ -111,8 +111,13 @@ def build(out_dir: Path | None = None, jobs: int = 2) -> Path:
     cxx = os.environ.get("CXX", "g++")
     # -O1: the kernels' loops run millions of fiber switches' worth of work in the tests; -fno-fast-math
     # keeps the host's IEEE arithmetic (the GPU's fast intrinsics are within the tests' tolerances).
-    flags = ["-std=c++17", "-O1", "-fPIC", "-w", "-include", str(HERE / "cuda_emu.h"), f"-I{CSRC}", f"-I{include}",
-             f"-I{HERE}", "-DPYLLM_CUDA_EMU=1"]
+    flags = ["-std=c++17", "-O1", "-fPIC", "-w", "-include", str(HERE / "cuda_emu.h"), f"-I{work}", f"-I{CSRC}", f"-I{include}",
+             f"-I{HERE}", "-DPYLLM_CUDA_EMU=1", "-U_FORTIFY_SOURCE", "-D_FORTIFY_SOURCE=0"]  # (its longjmp check
+    # refuses a jump between the fibers' stacks)
+    # the headers translated too, found first (a .cu file's "cuda/x.cuh" from its own folder)
+    (work / "cuda").mkdir(exist_ok=True)
+    for header in (CSRC / "cuda").glob("*.cuh"):
+        (work / "cuda" / header.name).write_text(f'#line 1 "{header}"\n' + translate(header.read_text()))
     units = []
     for name in SOURCES:
         cpp = work / (Path(name).stem + ".cpp")

@@ -4,6 +4,7 @@
 #include "cuda_emu.h"
 
 #include <sys/mman.h>
+#include <setjmp.h>
 #include <ucontext.h>
 
 #include <cstdio>
@@ -21,6 +22,7 @@ dim3 block_idx, block_dim, grid_dim;
 namespace {
 
 constexpr size_t kStackBytes = 256 * 1024;
+constexpr size_t kSlotBytes = 32;  // a lane's share of a warp exchange: mma's 6 registers fit
 constexpr size_t kDefaultSmem = 48 * 1024;  // what a launch gets without the opt-in attribute
 
 struct Device {
@@ -32,9 +34,18 @@ struct Device {
 
 enum class State { kRun, kBlockWait, kWarpWait, kDone };
 
+struct Copy {
+  unsigned char* dst;
+  unsigned char bytes[16];
+};
+
 struct Fiber : Thread {
-  ucontext_t ctx;
+  ucontext_t ctx;  // its first entry
+  jmp_buf env;     // where it waits, once started
+  bool started = false;
   State state = State::kRun;
+  std::vector<std::vector<Copy>> groups;  // cp.async: committed groups, oldest first
+  std::vector<Copy> open;                 // issued since the last commit
 };
 
 struct Failure : std::runtime_error {
@@ -43,7 +54,8 @@ struct Failure : std::runtime_error {
 
 struct Block {
   std::vector<Fiber> fibers;
-  ucontext_t scheduler;
+  ucontext_t scheduler;  // (a fiber's first entry saves here; never resumed)
+  jmp_buf scheduler_env;
   int live = 0;
   int block_arrived = 0;
   const char* barrier_file = nullptr;
@@ -67,10 +79,12 @@ Fiber* me() { return static_cast<Fiber*>(current); }
 
 [[noreturn]] void fail(const std::string& what) { throw Failure(what); }
 
+// Switching by _setjmp / _longjmp (no signal mask saved: swapcontext's rt_sigprocmask system call
+// per switch had made the attention tests 10x slower); ucontext only makes each fiber's first entry.
 void wait(State s) {
   Fiber* f = me();
   f->state = s;
-  swapcontext(&f->ctx, &block->scheduler);
+  if (_setjmp(f->env) == 0) _longjmp(block->scheduler_env, 1);
   if (!block->error.empty()) fail("");  // another thread failed: unwind this one too
 }
 
@@ -102,16 +116,17 @@ void fiber_main() {
     if (block->error.empty()) block->error = std::string("exception in a kernel: ") + e.what();
   }
   f->state = State::kDone;
-  if (!block->error.empty()) return;
+  if (!block->error.empty()) _longjmp(block->scheduler_env, 1);
   const int warp = f->linear / 32;
   --block->live;
   block->warp_live[warp] &= ~(1u << (f->linear % 32));
   if (block->warp_arrived[warp] > 0) {
     block->error = "thread " + std::to_string(f->linear) + " exited while its warp's other lanes wait in a warp "
                    "collective (a full-mask shuffle without this lane: undefined on the GPU)";
-    return;
+    _longjmp(block->scheduler_env, 1);
   }
   maybe_release_block();
+  _longjmp(block->scheduler_env, 1);
 }
 
 char* stack(size_t i) {
@@ -130,7 +145,7 @@ void run_block(Block& b) {
   b.live = n;
   b.warp_arrived.assign(warps, 0);
   b.warp_live.assign(warps, 0);
-  b.slots.assign(size_t(warps) * 32 * 16, 0);
+  b.slots.assign(size_t(warps) * 32 * kSlotBytes, 0);
   for (int i = 0; i < n; ++i) {
     Fiber& f = b.fibers[i];
     f.linear = i;
@@ -139,7 +154,7 @@ void run_block(Block& b) {
     getcontext(&f.ctx);
     f.ctx.uc_stack.ss_sp = stack(i);
     f.ctx.uc_stack.ss_size = kStackBytes;
-    f.ctx.uc_link = &b.scheduler;
+    f.ctx.uc_link = nullptr;  // (fiber_main never returns: it jumps back to the scheduler)
     makecontext(&f.ctx, fiber_main, 0);
   }
   block = &b;
@@ -149,7 +164,11 @@ void run_block(Block& b) {
       if (f.state != State::kRun) continue;
       current = &f;
       ran = true;
-      swapcontext(&b.scheduler, &f.ctx);
+      if (_setjmp(b.scheduler_env) == 0) {
+        if (f.started) _longjmp(f.env, 1);
+        f.started = true;
+        swapcontext(&b.scheduler, &f.ctx);
+      }
       if (!b.error.empty()) break;
     }
     if (!b.error.empty()) break;
@@ -219,7 +238,7 @@ void warp_meet(unsigned mask, const char* what) {
 
 void* dynamic_smem() { return smem.data(); }
 
-unsigned char* lane_slot(int warp, int lane) { return block->slots.data() + (size_t(warp) * 32 + lane) * 16; }
+unsigned char* lane_slot(int warp, int lane) { return block->slots.data() + (size_t(warp) * 32 + lane) * kSlotBytes; }
 
 void run_grid(const void* kernel, const LaunchConfig& c, void (*body)(void*), void* state) {
   const uint64_t threads = uint64_t(c.block.x) * c.block.y * c.block.z;
@@ -248,6 +267,112 @@ void run_grid(const void* kernel, const LaunchConfig& c, void (*body)(void*), vo
           return set_error(cudaErrorLaunchFailure, "block (" + std::to_string(x) + ", " + std::to_string(y) + ", " +
                                                        std::to_string(z) + "): " + b.error);
       }
+}
+
+void trap(const char* file, int line) { fail("__trap() at " + where(file, line)); }
+
+uint32_t smem_offset(const void* p) {
+  const auto* q = static_cast<const unsigned char*>(p);
+  if (q < smem.data() || q >= smem.data() + smem.size())
+    fail("a shared-space address outside the launch's dynamic shared memory");
+  return uint32_t(q - smem.data());
+}
+
+namespace {
+unsigned char* smem_at(uint32_t offset, size_t bytes, const char* what) {
+  if (size_t(offset) + bytes > smem.size())
+    fail(std::string(what) + ": shared offset " + std::to_string(offset) + " + " + std::to_string(bytes) +
+         " past the launch's " + std::to_string(smem.size()) + " bytes of dynamic shared memory");
+  return smem.data() + offset;
+}
+
+float half_bits_to_float(uint16_t h, bool bf16) {
+  if (bf16) return __uint_as_float(uint32_t(h) << 16);
+  __half x;
+  std::memcpy(&x, &h, 2);
+  return __half2float(x);
+}
+}  // namespace
+
+void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr, bool trans) {
+  const int lane = current->linear % 32, warp = current->linear / 32;
+  // (no meeting first: every collective's last meeting follows its last read of the slots)
+  std::memcpy(lane_slot(warp, lane), &addr, 4);
+  warp_meet(0xffffffffu, "ldmatrix");
+  const int g = lane / 4, t = lane % 4;
+  for (int j = 0; j < 4; ++j) {  // matrix j: its rows' addresses from lanes 8j..8j+7
+    uint16_t lo, hi;
+    if (!trans) {  // row g, columns 2t, 2t + 1
+      uint32_t row;
+      std::memcpy(&row, lane_slot(warp, 8 * j + g), 4);
+      const unsigned char* p = smem_at(row, 16, "ldmatrix");
+      std::memcpy(&lo, p + 4 * t, 2);
+      std::memcpy(&hi, p + 4 * t + 2, 2);
+    } else {  // column g of rows 2t, 2t + 1 (the transpose's row g)
+      uint32_t row0, row1;
+      std::memcpy(&row0, lane_slot(warp, 8 * j + 2 * t), 4);
+      std::memcpy(&row1, lane_slot(warp, 8 * j + 2 * t + 1), 4);
+      std::memcpy(&lo, smem_at(row0, 16, "ldmatrix.trans") + 2 * g, 2);
+      std::memcpy(&hi, smem_at(row1, 16, "ldmatrix.trans") + 2 * g, 2);
+    }
+    r[j] = uint32_t(lo) | uint32_t(hi) << 16;
+  }
+  warp_meet(0xffffffffu, "ldmatrix");
+}
+
+void mma_16x8x16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], bool bf16) {
+  const int lane = current->linear % 32, warp = current->linear / 32;
+  uint32_t regs[6] = {a[0], a[1], a[2], a[3], b[0], b[1]};
+  std::memcpy(lane_slot(warp, lane), regs, sizeof(regs));
+  warp_meet(0xffffffffu, "mma.sync");
+  // A (16 x 16, row-major) and B (16 x 8, K x N) from every lane's fragments (flash_attn_common.cuh)
+  float A[16][16], B[16][8];
+  for (int l = 0; l < 32; ++l) {
+    uint32_t f[6];
+    std::memcpy(f, lane_slot(warp, l), sizeof(f));
+    const int g = l / 4, t = l % 4;
+    const int rows[4] = {g, g + 8, g, g + 8}, cols[4] = {2 * t, 2 * t, 2 * t + 8, 2 * t + 8};
+    for (int i = 0; i < 4; ++i) {
+      A[rows[i]][cols[i]] = half_bits_to_float(uint16_t(f[i] & 0xffff), bf16);
+      A[rows[i]][cols[i] + 1] = half_bits_to_float(uint16_t(f[i] >> 16), bf16);
+    }
+    for (int i = 0; i < 2; ++i) {
+      B[2 * t + 8 * i][g] = half_bits_to_float(uint16_t(f[4 + i] & 0xffff), bf16);
+      B[2 * t + 8 * i + 1][g] = half_bits_to_float(uint16_t(f[4 + i] >> 16), bf16);
+    }
+  }
+  warp_meet(0xffffffffu, "mma.sync");
+  const int g = lane / 4, t = lane % 4;
+  for (int i = 0; i < 4; ++i) {  // c[0..1] = (g, 2t..2t+1), c[2..3] = (g+8, 2t..2t+1)
+    const int m = g + (i >= 2 ? 8 : 0), n = 2 * t + (i % 2);
+    double acc = 0.0;
+    for (int k = 0; k < 16; ++k) acc += double(A[m][k]) * double(B[k][n]);
+    d[i] = float(double(d[i]) + acc);
+  }
+}
+
+void cp_async_16(uint32_t dst, const void* src, int src_bytes) {
+  Fiber* f = me();
+  if (src_bytes != 0 && src_bytes != 16) fail("cp.async of " + std::to_string(src_bytes) + " bytes: 0 or 16 here");
+  Copy c;
+  c.dst = smem_at(dst, 16, "cp.async");
+  if (src_bytes) std::memcpy(c.bytes, src, 16);  // (read at issue: the source must stay put until the wait)
+  else std::memset(c.bytes, 0, 16);
+  f->open.push_back(c);
+}
+
+void cp_async_commit() {
+  Fiber* f = me();
+  f->groups.push_back(std::move(f->open));
+  f->open.clear();
+}
+
+void cp_async_wait(int newest_pending) {
+  Fiber* f = me();
+  while (int(f->groups.size()) > newest_pending) {
+    for (const Copy& c : f->groups.front()) std::memcpy(c.dst, c.bytes, 16);
+    f->groups.erase(f->groups.begin());
+  }
 }
 
 }  // namespace emu
@@ -294,6 +419,7 @@ cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, const void* func) {
   *attr = cudaFuncAttributes{};
   attr->maxThreadsPerBlock = 1024;
   attr->numRegs = 64;
+  attr->ptxVersion = attr->binaryVersion = emu::device.major * 10 + emu::device.minor;
   auto opt = emu::max_dynamic_smem.find(func);
   attr->maxDynamicSharedSizeBytes = opt == emu::max_dynamic_smem.end() ? int(emu::kDefaultSmem) : opt->second;
   return cudaSuccess;

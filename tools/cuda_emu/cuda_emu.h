@@ -97,8 +97,8 @@ Launch<P...> launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem = 0
 // CUDA's rule for a source lane outside the caller's width segment: the caller keeps its value.
 template <typename T>
 T exchange(unsigned mask, T v, int width, int lane_mask_or_delta, int mode, const char* what) {
-  static_assert(sizeof(T) <= 16, "shuffle of a type over 16 bytes");
-  warp_meet(mask, what);
+  static_assert(sizeof(T) <= 16, "shuffle of a type over 16 bytes");  // (slots are 32 bytes)
+  // (no meeting first: every collective's last meeting follows its last read of the slots)
   const int lane = current->linear % 32, warp = current->linear / 32;
   std::memcpy(lane_slot(warp, lane), &v, sizeof(T));
   warp_meet(mask, what);  // every lane's value is in its slot
@@ -113,7 +113,28 @@ T exchange(unsigned mask, T v, int width, int lane_mask_or_delta, int mode, cons
   return out;
 }
 
+// The tensor-core and async-copy instructions of the attention kernels (csrc/cuda/flash_attn_common.cuh
+// calls these under PYLLM_CUDA_EMU), with PTX's semantics: warp collectives, every lane taking part.
+// mma.sync.m16n8k16 (fp32 accumulators, fp16 / bf16 inputs): products exact, summed in fp64, one
+// rounding into the accumulator (the tensor cores' own order and rounding are the GPU's).
+void mma_16x8x16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], bool bf16);
+// ldmatrix.x4 (.trans): lanes 8j..8j+7 give the rows of 8x8 matrix j, each lane gets its fragment.
+void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr, bool trans);
+// A "shared-space address": the offset into the launch's dynamic shared memory, checked to lie in it.
+uint32_t smem_offset(const void* p);
+// cp.async.cg 16 bytes (src_bytes 0: zeros), queued per thread and landing only at the
+// cp.async.wait_group that covers its group: a tile read before its wait reads the garbage left there.
+void cp_async_16(uint32_t dst, const void* src, int src_bytes);
+void cp_async_commit();
+void cp_async_wait(int newest_pending);
+void trap(const char* file, int line);
+
 }  // namespace emu
+
+// pyllm's own arch checks (`#if __CUDA_ARCH__ < 900`) read this instead (build.py renames them):
+// the device modelled is an H100's, sm_90.
+#define PYLLM_EMU_CUDA_ARCH 900
+#define __trap() ::emu::trap(__FILE__, __LINE__)
 
 #define threadIdx (::emu::current->idx)
 #define blockIdx (::emu::block_idx)

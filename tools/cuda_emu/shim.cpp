@@ -129,3 +129,38 @@ int64_t emu_flash_attn_decode_workspace(int64_t batch, int64_t seqlen_q, int64_t
 }
 
 }  // extern "C"
+
+extern "C" {
+
+int emu_flash_attn_fwd(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse, uintptr_t cu_seqlens_q,
+                       uintptr_t cu_seqlens_k, uintptr_t seqused_k, int64_t batch, int64_t seqlen_q, int64_t seqlen_k,
+                       int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, const int64_t* q_strides,
+                       const int64_t* k_strides, const int64_t* v_strides, const int64_t* o_strides,
+                       const int64_t* lse_strides, double scale, int64_t window_left, int64_t window_right, int dtype,
+                       int64_t total_q, int64_t total_k) {
+  return guarded([&] {
+    pyllm::flash_attn_fwd_cuda(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k, batch, seqlen_q, seqlen_k,
+                               n_heads, n_kv_heads, head_dim, vec(q_strides, 3), vec(k_strides, 3), vec(v_strides, 3),
+                               vec(o_strides, 3), vec(lse_strides, 2), scale, window_left, window_right, dtype, 0, 0,
+                               total_q, total_k);
+  });
+}
+
+int emu_flash_attn_bwd(uintptr_t dout, uintptr_t dlse, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out,
+                       uintptr_t lse, uintptr_t dq, uintptr_t dk, uintptr_t dv, uintptr_t cu_seqlens_q,
+                       uintptr_t cu_seqlens_k, int64_t batch, int64_t seqlen_q, int64_t seqlen_k, int64_t n_heads,
+                       int64_t n_kv_heads, int64_t head_dim, const int64_t* q_strides, const int64_t* k_strides,
+                       const int64_t* v_strides, const int64_t* o_strides, const int64_t* dkv_strides,
+                       const int64_t* lse_strides, double scale, int64_t window_left, int64_t window_right, int dtype,
+                       int deterministic, int algo, int64_t total_q, int64_t total_k, uintptr_t delta_ws,
+                       int64_t delta_capacity) {
+  return guarded([&] {
+    pyllm::flash_attn_bwd_cuda(dout, dlse, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, batch, seqlen_q,
+                               seqlen_k, n_heads, n_kv_heads, head_dim, vec(q_strides, 3), vec(k_strides, 3),
+                               vec(v_strides, 3), vec(o_strides, 3), vec(dkv_strides, 3), vec(lse_strides, 2), scale,
+                               window_left, window_right, dtype, deterministic, 0, 0, algo, total_q, total_k, delta_ws,
+                               delta_capacity);
+  });
+}
+
+}  // extern "C"

@@ -133,7 +133,10 @@ def build(out_dir: Path | None = None, jobs: int = 2) -> Path:
     if errors:
         raise RuntimeError("cuda_emu: compile failed:\n" + "\n".join(errors)[-8000:])
     tmp = lib.with_suffix(f".{os.getpid()}.tmp")
-    subprocess.run([cxx, "-shared", "-o", str(tmp), *map(str, objects)], check=True)
+    # -Bsymbolic: the kernels' cudaGetDevice, cudaMemsetAsync, ... bind to the emulator's own definitions,
+    # not to a libcudart already loaded globally (a CUDA build of torch loads its own at import: "CUDA
+    # driver version is insufficient" on a machine without a driver, torch 2.7-2.15's CUDA wheels)
+    subprocess.run([cxx, "-shared", "-Wl,-Bsymbolic", "-o", str(tmp), *map(str, objects)], check=True)
     os.replace(tmp, lib)
     shutil.rmtree(work, ignore_errors=True)
     for old in out_dir.glob("libpyllm_cuda_emu_*.so"):  # earlier sources' builds

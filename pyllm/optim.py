@@ -127,7 +127,7 @@ def _found_inf(sumsq: Tensor, scale: Tensor | None) -> Tensor:
     """1.0 where a step must be skipped, else 0.0 (fp32, on sumsq's device, no host sync): an inf / nan
     grad (sumsq not finite), or, with a loss scale, 1 / scale or the unscaled norm past fp32 (a scale
     backed off to 1e-39 had unscaled finite grads to inf, every param NaN). The kernels decide alike
-    (csrc/common/adamw_args.h: unscaled_finite)."""
+    (csrc/common/adamw_args.h: step_goes_ahead)."""
     bad = ~torch.isfinite(sumsq)
     if scale is not None:
         inv = 1.0 / scale.double()

@@ -450,7 +450,7 @@ def test_kv_cache_decode(emu, dtype, D, B, Tq, H, Hkv, capacity, lengths, window
     ws_bytes = emu.flash_attn_decode_workspace(B, Tq, capacity, H, D)
     workspace = frame(shape=(max(ws_bytes, 1),), dtype=torch.uint8)
     q_e, k_e, v_e = frame(q), frame(k), frame(v)
-    s3 = lambda t: list(t.stride()[:3])
+    s3 = lambda t: attn_ops._strides3(t, False)
     scale = D ** -0.5
     emu.flash_attn_decode(ptr(q_e), ptr(k_e), ptr(v_e), ptr(out), ptr(lse), ptr(frame(seqused)), B, Tq, capacity, H,
                           Hkv, D, s3(q_e), s3(k_e), s3(v_e), s3(out), attn_ops._lse_strides(lse, False), scale,
@@ -491,7 +491,7 @@ def test_kv_cache_decode_layouts(emu, dtype, Tq, layout):
     ws_bytes = emu.flash_attn_decode_workspace(B, Tq, capacity, H, D)
     workspace = frame(shape=(max(ws_bytes, 1),), dtype=torch.uint8)
     q_e, k_e, v_e = frame(q), frame(k), frame(v)
-    s3 = lambda t: list(t.stride()[:3])
+    s3 = lambda t: attn_ops._strides3(t, False)
     framed = {name: frame(t) for name, t in (("kv_batch_idx", batch_idx), ("kv_leftpad", leftpad),
                                              ("block_table", table)) if t is not None}
     scale = D ** -0.5
@@ -514,10 +514,6 @@ def test_kv_cache_decode_layouts(emu, dtype, Tq, layout):
 
 # --- FlashAttention forward and backward (tensor cores: mma.sync, ldmatrix, cp.async emulated) --------
 
-def strides3(t, varlen):
-    return [0, t.stride(0), t.stride(1)] if varlen else list(t.stride()[:3])
-
-
 def emulated_attention(emu, q, k, v, dout, causal, window, cu_q=None, cu_k=None, algo=0):
     """out, lse, dq, dk, dv from the CUDA launchers (forward, then the backward with algo 0: the
     tensor-core kernels, 1: the fp32 SIMT ones), every buffer framed."""
@@ -536,7 +532,7 @@ def emulated_attention(emu, q, k, v, dout, causal, window, cu_q=None, cu_k=None,
     q_e, k_e, v_e, dout_e = frame(q), frame(k), frame(v), frame(dout)
     cu_q_e, cu_k_e = (frame(t) if t is not None else None for t in (cu_q, cu_k))
     out = frame(shape=q.shape, dtype=dtype)
-    s3 = lambda t: strides3(t, varlen)
+    s3 = lambda t: attn_ops._strides3(t, varlen)
     lse_strides = attn_ops._lse_strides(lse, varlen)
     scale = D ** -0.5
     emu.flash_attn_fwd(ptr(q_e), ptr(k_e), ptr(v_e), ptr(out), ptr(lse), ptr(cu_q_e), ptr(cu_k_e), 0, batch, seqlen_q,

@@ -37,14 +37,20 @@ inline Table check_table(const char* what, uintptr_t table, int64_t n_tensors, s
   return tab;
 }
 
-// Whether a step goes ahead: the grads' sum of squares finite (no inf / nan grad) and their norm
-// once unscaled (inv_scale = 1 / loss scale) within fp32, as pyllm.optim.AdamW decides found_inf.
+// Whether a step goes ahead (sumsq: the grads' sum of squares, or null for no skip): the unscale
+// factor 1 / loss scale within fp32, the sum finite (no inf / nan grad) and the grads' norm once
+// unscaled within fp32, as pyllm.optim.AdamW decides found_inf. A loss scale backed off to 1e-39 had
+// passed the sum's check alone, and unscaling made every param NaN.
 #if defined(__CUDACC__) || defined(PYLLM_CUDA_EMU)
 __host__ __device__
 #endif
-inline bool unscaled_finite(double sumsq, double inv_scale) {
-  const float norm = float(sqrt(sumsq) * inv_scale);
-  return sumsq - sumsq == 0.0 && norm - norm == 0.0f;  // finite both (no std:: in device code)
+inline bool step_goes_ahead(const double* sumsq, double inv_scale) {
+  const float mult = float(inv_scale);
+  if (mult - mult != 0.0f) return false;  // (finite checks as x - x == 0: no std:: in device code)
+  if (!sumsq) return true;
+  const double s = *sumsq;
+  const float norm = float(sqrt(s) * inv_scale);
+  return s - s == 0.0 && norm - norm == 0.0f;
 }
 
 // Everything adamw_step_{cpu,cuda} checks before touching memory; returns the table.

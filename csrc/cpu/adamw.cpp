@@ -181,13 +181,11 @@ void adamw_step_cpu(uintptr_t table, int64_t n_tensors, int param_dtype, bool ha
 
   // The skip, the unscale and the clip, decided once per call from the scalars in memory.
   const double inv_scale = loss_scale ? 1.0 / double(*reinterpret_cast<const float*>(loss_scale)) : 1.0;
+  // an inf/nan grad, or a loss scale unscaling past fp32: the step is skipped, nothing is written
+  if (!step_goes_ahead(reinterpret_cast<const double*>(sumsq), inv_scale)) return;
   float grad_mult = float(inv_scale);
-  // A loss scale so small that 1 / scale, or the unscaled grads' norm, is past fp32 (a backoff run
-  // down to 1e-39) is an overflow too: unscaled, every param had become NaN (common/adamw_args.h).
-  if (!std::isfinite(grad_mult)) return;
   if (sumsq) {
     const double s = *reinterpret_cast<const double*>(sumsq);
-    if (!unscaled_finite(s, inv_scale)) return;  // an inf/nan grad: the step is skipped, nothing is written
     if (max_grad_norm >= 0) {
       // torch.nn.utils.clip_grad_norm_: coef = max_norm / (norm + 1e-6), applied when below 1.
       const float norm = float(std::sqrt(s) * inv_scale);

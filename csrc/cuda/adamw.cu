@@ -194,8 +194,7 @@ template <typename P, bool kMaster, bool kStochastic>
 __global__ void __launch_bounds__(kThreads) adamw_step_kernel(StepArgs args, Hyper h) {
   // The skip, from device memory (no host sync): the same answer in every thread, so the whole
   // block returns together and the barrier below is safe.
-  if (h.sumsq && !unscaled_finite(*h.sumsq, h.loss_scale ? 1.0 / double(*h.loss_scale) : 1.0)) return;
-  if (h.loss_scale && !isfinite(float(1.0 / double(*h.loss_scale)))) return;
+  if (!step_goes_ahead(h.sumsq, h.loss_scale ? 1.0 / double(*h.loss_scale) : 1.0)) return;
   const int t = args.chunk_tensor[blockIdx.x];
   const int64_t begin = int64_t(args.chunk_index[blockIdx.x]) * kChunk;
   const int64_t n = min(kChunk, args.numel[t] - begin);

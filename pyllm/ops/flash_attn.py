@@ -1238,16 +1238,13 @@ def _check_writable_caches(op: str, k_cache: Tensor, v_cache: Tensor) -> None:
         raise ValueError(f"{op}: k_cache and v_cache are the same memory; the new values would overwrite the new keys")
 
 
-def _not_in_caches(new, *caches):
-    """new, or a copy of it where it shares memory with one of the caches (a real tensor's; traced
-    and fake ones are left to torch)."""
-    if not isinstance(new, Tensor) or _util.values_unreadable(new):
-        return new
-    where = new.untyped_storage().data_ptr()
-    for cache in caches:
-        if isinstance(cache, Tensor) and not _util.values_unreadable(cache) and cache.untyped_storage().data_ptr() == where:
-            return new.clone()
-    return new
+def _apart_from_caches(k_cache, v_cache, *news) -> tuple:
+    """news, each one that shares memory with a cache copied (real tensors'; traced and fake ones are
+    left to torch)."""
+    caches = {c.untyped_storage().data_ptr() for c in (k_cache, v_cache)
+              if isinstance(c, Tensor) and not _util.values_unreadable(c)}
+    return tuple(new.clone() if isinstance(new, Tensor) and not _util.values_unreadable(new)
+                 and new.untyped_storage().data_ptr() in caches else new for new in news)
 
 
 def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens, k_new: Optional[Tensor] = None,
@@ -1321,7 +1318,8 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_s
     """
     # New rows that are views of a cache's memory were overwritten part way through the append (torch's
     # overlap checks miss such strided 4-D views at batch > 1): appended from copies
-    k_new, v_new = _not_in_caches(k_new, k_cache, v_cache), _not_in_caches(v_new, k_cache, v_cache)
+    if k_new is not None or v_new is not None:
+        k_new, v_new = _apart_from_caches(k_cache, v_cache, k_new, v_new)
     plain = rotary_cos is None and rotary_sin is None and not return_lse
     out = None if sinks is not None or not plain else _kvcache_eager_cpu(
         q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, softmax_scale, window, softcap, alibi_slopes,

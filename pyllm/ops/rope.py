@@ -69,7 +69,7 @@ def rope_into(x: Tensor, cos: Tensor, sin: Tensor, out: Tensor, inverse: bool = 
                          f"got {tuple(cos.shape)} and {tuple(sin.shape)}")
     # (and the registered op called directly, torch.ops.pyllm.rope: float64 angles had been read as fp32)
     if cos.dtype != _table_dtype(x) or sin.dtype != cos.dtype or out.dtype != x.dtype or out.shape != x.shape \
-            or any(t.device != x.device for t in (cos, sin, out)):
+            or cos.device != x.device or sin.device != x.device or out.device != x.device:
         raise ValueError(f"{OP}: cos and sin must be {_table_dtype(x)} on x's device and out x's dtype and shape, got "
                          f"{cos.dtype} / {sin.dtype} on {cos.device} / {sin.device}, out {out.dtype} {tuple(out.shape)}")
     cs_batch_stride = T * half if cos.dim() == 3 and cos.shape[0] > 1 else 0

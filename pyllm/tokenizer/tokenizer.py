@@ -609,10 +609,10 @@ class _SentencePieceSettings:
         return self._table
 
 
-
-def _check_hf_layout(data, where: str) -> None:
-    """The parts of a tokenizer.json that from_hf reads, shaped as tokenizers writes them: a malformed
-    file had failed on "too many values to unpack", a KeyError or an AttributeError."""
+def _hf_merge_pairs(data, where: str) -> list:
+    """A tokenizer.json's merges as [left, right] pairs, after checking the parts from_hf reads are
+    shaped as tokenizers writes them: a malformed file had failed on "too many values to unpack", a
+    KeyError or an AttributeError."""
     model = data.get("model") if isinstance(data, dict) else None
     if not isinstance(model, dict):
         raise ValueError(f"{where}: not a tokenizer.json (a JSON object with a 'model' object)")
@@ -623,10 +623,14 @@ def _check_hf_layout(data, where: str) -> None:
                                           or not isinstance(t.get("id"), int) for t in added):
         raise ValueError(f"{where}: added_tokens must be a list of objects with a string 'content' and an int 'id'")
     merges = model.get("merges") or []
+    pairs = []
     for merge in merges if isinstance(merges, list) else [merges]:
         pair = merge.split(" ") if isinstance(merge, str) else merge
         if not isinstance(pair, list) or len(pair) != 2 or not all(isinstance(p, str) for p in pair):
             raise ValueError(f"{where}: merge {merge!r} is not two tokens ('a b' or [\"a\", \"b\"])")
+        pairs.append(pair)
+    return pairs
+
 
 class Tokenizer:
     """Byte-level BPE tokenizer, token-identical with tiktoken for the same ranks, pattern and specials.
@@ -1325,8 +1329,8 @@ class Tokenizer:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
         where = f"Tokenizer.from_hf({os.fspath(path)!r})"
-        _check_hf_layout(data, where)
-        model = data.get("model") or {}
+        merge_pairs = _hf_merge_pairs(data, where)
+        model = data["model"]
         if model.get("type") != "BPE":
             raise NotImplementedError(f"{where}: a {model.get('type')!r} model; only BPE")
         for name in ("continuing_subword_prefix", "end_of_word_suffix", "dropout"):
@@ -1337,7 +1341,6 @@ class Tokenizer:
             if t.get("lstrip") or t.get("rstrip") or t.get("single_word"):
                 raise NotImplementedError(f"{where}: added token {t['content']!r} strips or matches whole words only")
         specials = {t["content"]: t["id"] for t in added}
-        merge_pairs = [merge.split(" ") if isinstance(merge, str) else merge for merge in model.get("merges") or []]
         name = os.path.splitext(os.path.basename(os.fspath(path)))[0]
         spm = _hf_sentencepiece(data, where)
         if spm is not None:

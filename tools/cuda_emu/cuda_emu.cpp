@@ -84,8 +84,7 @@ Fiber* me() { return static_cast<Fiber*>(current); }
 void wait(State s) {
   Fiber* f = me();
   f->state = s;
-  if (_setjmp(f->env) == 0) _longjmp(block->scheduler_env, 1);
-  if (!block->error.empty()) fail("");  // another thread failed: unwind this one too
+  if (_setjmp(f->env) == 0) _longjmp(block->scheduler_env, 1);  // (after a failure the scheduler resumes no one)
 }
 
 void release(State s, int warp = -1) {

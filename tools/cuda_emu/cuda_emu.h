@@ -104,9 +104,7 @@ T exchange(unsigned mask, T v, int width, int lane_mask_or_delta, int mode, cons
   warp_meet(mask, what);  // every lane's value is in its slot
   const int segment = lane & ~(width - 1);
   int src = mode == 0 ? lane ^ lane_mask_or_delta : mode == 1 ? lane + lane_mask_or_delta : lane - lane_mask_or_delta;
-  if (mode == 0 && src >= segment + width) src = lane;
-  if (mode == 1 && src >= segment + width) src = lane;
-  if (mode == 2 && src < segment) src = lane;
+  if (mode == 2 ? src < segment : src >= segment + width) src = lane;
   T out;
   std::memcpy(&out, lane_slot(warp, src), sizeof(T));
   warp_meet(mask, what);  // every lane has read before a later shuffle writes its slot again

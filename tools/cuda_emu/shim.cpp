@@ -128,10 +128,6 @@ int64_t emu_flash_attn_decode_workspace(int64_t batch, int64_t seqlen_q, int64_t
   return n;
 }
 
-}  // extern "C"
-
-extern "C" {
-
 int emu_flash_attn_fwd(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse, uintptr_t cu_seqlens_q,
                        uintptr_t cu_seqlens_k, uintptr_t seqused_k, int64_t batch, int64_t seqlen_q, int64_t seqlen_k,
                        int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, const int64_t* q_strides,

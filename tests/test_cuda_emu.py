@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
@@ -89,7 +90,7 @@ def emu():
     spec = importlib.util.spec_from_file_location("cuda_emu_build", ROOT / "tools" / "cuda_emu" / "build.py")
     build = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(build)
-    lib = build.load()
+    lib = build.load(race=os.environ.get("PYLLM_EMU_RACE") == "1")  # (test_cuda_emu_race.py's runs)
     if lib is None:
         pytest.skip("no CUDA toolkit headers to build the emulator with")
     e = Emu(lib)

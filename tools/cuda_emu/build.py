@@ -7,7 +7,12 @@ together with cuda_emu.cpp and shim.cpp (plain C entry points for ctypes), into 
 NVIDIA's headers (cuda_runtime.h, cuda_fp16.h, cuda_bf16.h) come from the CUDA toolkit nvcc belongs to;
 without one, `load()` returns None. The library is cached under build/cuda_emu/ by the sources' hash.
 
-    python tools/cuda_emu/build.py      # build (or find) it, print its path
+    python tools/cuda_emu/build.py          # build (or find) it, print its path
+    python tools/cuda_emu/build.py --race   # the race-checking build (ThreadSanitizer; cuda_emu.cpp says how)
+
+The race build can only be loaded into a process that starts with ThreadSanitizer's runtime
+(`LD_PRELOAD=$(g++ -print-file-name=libtsan.so)`); tests/test_cuda_emu_race.py runs the emulator's
+tests that way.
 """
 from __future__ import annotations
 
@@ -29,6 +34,8 @@ CSRC = ROOT / "csrc"
 # cp.async) is emulated through flash_attn_common.cuh's PYLLM_CUDA_EMU branches.
 SOURCES = ["runtime.cu", "swiglu.cu", "rms_norm.cu", "rope.cu", "cross_entropy.cu", "distill.cu", "adamw.cu",
            "flash_attn_decode.cu", "flash_attn_fwd.cu", "flash_attn_bwd.cu", "flash_attn_bwd_mma.cu"]
+# The race build's own kernels: races planted on purpose, and their fixed twins, to show it finds them.
+RACE_SOURCES = ["race_selftest.cu"]
 
 
 def cuda_include() -> Path | None:
@@ -87,8 +94,18 @@ def translate(text: str) -> str:
                   lambda m: f"{m.group(1)}* {m.group(2)} = reinterpret_cast<{m.group(1)}*>(::emu::dynamic_smem());", text)
 
 
-def _key(include: Path) -> str:
-    h = hashlib.sha256(str(include).encode())
+def tsan_runtime() -> Path | None:
+    """The host compiler's ThreadSanitizer runtime (to LD_PRELOAD for the race build), or None."""
+    try:
+        out = subprocess.run([os.environ.get("CXX", "g++"), "-print-file-name=libtsan.so"], capture_output=True,
+                             text=True, timeout=60).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return Path(out) if out and Path(out).is_absolute() and Path(out).is_file() else None
+
+
+def _key(include: Path, race: bool) -> str:
+    h = hashlib.sha256(f"{include} race={race}".encode())
     files = [CSRC / "cuda" / s for s in SOURCES] + sorted((CSRC / "cuda").glob("*.cuh")) + sorted(
         (CSRC / "common").glob("*.h")) + [CSRC / "cuda" / "cuda_ops.h"] + sorted(HERE.glob("*.[ch]*")) + [Path(__file__)]
     for f in files:
@@ -97,13 +114,18 @@ def _key(include: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def build(out_dir: Path | None = None, jobs: int = 2) -> Path:
-    """Compiles the library (or finds it built) and returns its path; RuntimeError without a CUDA toolkit."""
+def build(out_dir: Path | None = None, jobs: int = 2, race: bool = False) -> Path:
+    """Compiles the library (or finds it built) and returns its path; RuntimeError without a CUDA toolkit.
+
+    race: the kernels' units under -fsanitize=thread, the runtime telling ThreadSanitizer what orders
+    what (cuda_emu.cpp), and the planted races of race_selftest.cu; load it only into a process
+    started with the TSan runtime preloaded."""
     include = cuda_include()
     if include is None:
         raise RuntimeError("cuda_emu: no CUDA toolkit headers (cuda_runtime.h, cuda_bf16.h) found")
     out_dir = out_dir or ROOT / "build" / "cuda_emu"
-    lib = out_dir / f"libpyllm_cuda_emu_{_key(include)}.so"
+    prefix = "libpyllm_cuda_emu_race_" if race else "libpyllm_cuda_emu_plain_"
+    lib = out_dir / f"{prefix}{_key(include, race)}.so"
     if lib.is_file():
         return lib
     work = out_dir / f"src_{lib.stem}_{os.getpid()}"  # (per process: two builds at once do not mix)
@@ -114,19 +136,24 @@ def build(out_dir: Path | None = None, jobs: int = 2) -> Path:
     flags = ["-std=c++17", "-O1", "-fPIC", "-w", "-include", str(HERE / "cuda_emu.h"), f"-I{work}", f"-I{CSRC}", f"-I{include}",
              f"-I{HERE}", "-DPYLLM_CUDA_EMU=1", "-U_FORTIFY_SOURCE", "-D_FORTIFY_SOURCE=0"]  # (its longjmp check
     # refuses a jump between the fibers' stacks)
+    if race:  # -g: a report's frames name the .cu file and line (the #line directives below)
+        flags += ["-DPYLLM_EMU_RACE=1", "-g"]
     # the headers translated too, found first (a .cu file's "cuda/x.cuh" from its own folder)
     (work / "cuda").mkdir(exist_ok=True)
     for header in (CSRC / "cuda").glob("*.cuh"):
         (work / "cuda" / header.name).write_text(f'#line 1 "{header}"\n' + translate(header.read_text()))
     units = []
-    for name in SOURCES:
-        cpp = work / (Path(name).stem + ".cpp")
-        cpp.write_text(f'#line 1 "{CSRC / "cuda" / name}"\n' + translate((CSRC / "cuda" / name).read_text()))
+    for source in [CSRC / "cuda" / name for name in SOURCES] + ([HERE / name for name in RACE_SOURCES] if race else []):
+        cpp = work / (source.stem + ".cpp")
+        cpp.write_text(f'#line 1 "{source}"\n' + translate(source.read_text()))
         units.append(cpp)
+    instrumented = len(units)  # the kernels; the emulator's own bookkeeping stays out of TSan's sight
     units += [HERE / "cuda_emu.cpp", HERE / "shim.cpp"]
     objects = [work / (unit.stem + ".o") for unit in units]
-    compile_one = lambda unit, obj: subprocess.run([cxx, *flags, "-c", str(unit), "-o", str(obj)],
-                                                   capture_output=True, text=True)
+    tsan = ["-fsanitize=thread"] if race else []
+    compile_one = lambda unit, obj: subprocess.run(
+        [cxx, *flags, *(tsan if units.index(unit) < instrumented else []), "-c", str(unit), "-o", str(obj)],
+        capture_output=True, text=True)
     with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
         results = list(pool.map(compile_one, units, objects))
     errors = [r.stderr for r in results if r.returncode != 0]
@@ -136,19 +163,19 @@ def build(out_dir: Path | None = None, jobs: int = 2) -> Path:
     # -Bsymbolic: the kernels' cudaGetDevice, cudaMemsetAsync, ... bind to the emulator's own definitions,
     # not to a libcudart already loaded globally (a CUDA build of torch loads its own at import: "CUDA
     # driver version is insufficient" on a machine without a driver, torch 2.7-2.15's CUDA wheels)
-    subprocess.run([cxx, "-shared", "-Wl,-Bsymbolic", "-o", str(tmp), *map(str, objects)], check=True)
+    subprocess.run([cxx, "-shared", *tsan, "-Wl,-Bsymbolic", "-o", str(tmp), *map(str, objects)], check=True)
     os.replace(tmp, lib)
     shutil.rmtree(work, ignore_errors=True)
-    for old in out_dir.glob("libpyllm_cuda_emu_*.so"):  # earlier sources' builds
+    for old in out_dir.glob(f"{prefix}*.so"):  # earlier sources' builds
         if old != lib:
             old.unlink(missing_ok=True)
     return lib
 
 
-def load() -> ctypes.CDLL | None:
+def load(race: bool = False) -> ctypes.CDLL | None:
     """The built library (building it first), or None where there is no CUDA toolkit."""
     try:
-        return ctypes.CDLL(str(build()))
+        return ctypes.CDLL(str(build(race=race)))
     except RuntimeError as e:
         if "no CUDA toolkit" in str(e):
             return None
@@ -156,5 +183,5 @@ def load() -> ctypes.CDLL | None:
 
 
 if __name__ == "__main__":
-    print(build())
+    print(build(race="--race" in sys.argv[1:]))
     sys.exit(0)

@@ -14,6 +14,31 @@
 #include <string>
 #include <vector>
 
+// Race mode (build.py --race, PYLLM_EMU_RACE=1): the kernels' units are compiled with
+// -fsanitize=thread and this file tells ThreadSanitizer what the GPU orders. Each thread of a block is
+// a TSan fiber, switched to without synchronizing; a __syncthreads is a release by every arriving
+// thread and an acquire by each as it leaves, and so is a warp collective for its warp; blocks are
+// ordered one after another (racecheck's scope is a block's shared memory; this sees its global
+// memory too). ldmatrix's rows and cp.async's copies (done here, uninstrumented) are reported as the
+// lane's own reads and writes, a copy's write at the wait that lands it. TSan then reports any two
+// accesses to one address, one a write, with no barrier between them: a race on the GPU whichever
+// order the emulator happened to run them in.
+#if PYLLM_EMU_RACE
+extern "C" {
+void* __tsan_get_current_fiber(void);
+void* __tsan_create_fiber(unsigned flags);
+void __tsan_switch_to_fiber(void* fiber, unsigned flags);
+void __tsan_set_fiber_name(void* fiber, const char* name);
+void __tsan_acquire(void* addr);
+void __tsan_release(void* addr);
+void __tsan_read_range_pc(void* addr, unsigned long size, void* pc);
+void __tsan_write_range_pc(void* addr, unsigned long size, void* pc);
+}
+#define RACE(...) __VA_ARGS__
+#else
+#define RACE(...)
+#endif
+
 namespace emu {
 
 Thread* current = nullptr;
@@ -46,6 +71,9 @@ struct Fiber : Thread {
   State state = State::kRun;
   std::vector<std::vector<Copy>> groups;  // cp.async: committed groups, oldest first
   std::vector<Copy> open;                 // issued since the last commit
+  void* tsan = nullptr;                   // race mode: its TSan fiber,
+  void* engine = nullptr;                 // its cp.async copies' (cp_async_16 says why)
+  char issued = 0, landed = 0;            // and the objects that order the two
 };
 
 struct Failure : std::runtime_error {
@@ -61,6 +89,11 @@ struct Block {
   const char* barrier_file = nullptr;
   int barrier_line = 0;
   std::vector<int> warp_arrived;
+  unsigned barrier_generation = 0;  // race mode: barriers alternate between two sync objects, so a
+  std::vector<unsigned> warp_generation;  // thread that runs ahead to the next one does not release
+  char barrier_sync[2];                   // into the one a slower thread has still to acquire
+  std::vector<char> warp_sync;            // (2 per warp)
+  void* scheduler_tsan = nullptr;
   std::vector<unsigned> warp_live;  // live lanes' bits
   std::vector<unsigned char> slots;
   void (*body)(void*) = nullptr;
@@ -69,7 +102,12 @@ struct Block {
 };
 
 Block* block = nullptr;
+// Race mode: the scheduler releases block_start before each block and its threads acquire it as they
+// start; they release block_end as they end and the scheduler acquires it after the block. (Two
+// objects: with one, a thread starting after another had ended would be ordered after all it did.)
+char block_start, block_end;
 std::vector<char*> stacks;
+std::vector<void*> tsan_fibers, tsan_engines;  // race mode: per fiber slot, kept (as the stacks are) across blocks
 std::vector<unsigned char> smem;
 std::map<const void*, int> max_dynamic_smem;  // cudaFuncSetAttribute's opt-ins
 cudaError_t last_error = cudaSuccess;
@@ -84,7 +122,10 @@ Fiber* me() { return static_cast<Fiber*>(current); }
 void wait(State s) {
   Fiber* f = me();
   f->state = s;
-  if (_setjmp(f->env) == 0) _longjmp(block->scheduler_env, 1);  // (after a failure the scheduler resumes no one)
+  if (_setjmp(f->env) == 0) {
+    RACE(__tsan_switch_to_fiber(block->scheduler_tsan, 1));
+    _longjmp(block->scheduler_env, 1);
+  }  // (after a failure the scheduler resumes no one)
 }
 
 void release(State s, int warp = -1) {
@@ -105,8 +146,15 @@ void maybe_release_block() {
   }
 }
 
+// Back to the scheduler for good: the thread has ended (or the block failed).
+[[noreturn]] void leave() {
+  RACE(__tsan_release(&block_end); __tsan_switch_to_fiber(block->scheduler_tsan, 1));
+  _longjmp(block->scheduler_env, 1);
+}
+
 void fiber_main() {
   Fiber* f = me();
+  RACE(__tsan_acquire(&block_start));
   try {
     block->body(block->state);
   } catch (const Failure& e) {
@@ -115,17 +163,17 @@ void fiber_main() {
     if (block->error.empty()) block->error = std::string("exception in a kernel: ") + e.what();
   }
   f->state = State::kDone;
-  if (!block->error.empty()) _longjmp(block->scheduler_env, 1);
+  if (!block->error.empty()) leave();
   const int warp = f->linear / 32;
   --block->live;
   block->warp_live[warp] &= ~(1u << (f->linear % 32));
   if (block->warp_arrived[warp] > 0) {
     block->error = "thread " + std::to_string(f->linear) + " exited while its warp's other lanes wait in a warp "
                    "collective (a full-mask shuffle without this lane: undefined on the GPU)";
-    _longjmp(block->scheduler_env, 1);
+    leave();
   }
   maybe_release_block();
-  _longjmp(block->scheduler_env, 1);
+  leave();
 }
 
 char* stack(size_t i) {
@@ -145,6 +193,18 @@ void run_block(Block& b) {
   b.warp_arrived.assign(warps, 0);
   b.warp_live.assign(warps, 0);
   b.slots.assign(size_t(warps) * 32 * kSlotBytes, 0);
+#if PYLLM_EMU_RACE
+  b.warp_generation.assign(warps, 0);
+  b.warp_sync.assign(2 * size_t(warps), 0);
+  b.scheduler_tsan = __tsan_get_current_fiber();
+  while (tsan_fibers.size() < size_t(n)) {
+    tsan_fibers.push_back(__tsan_create_fiber(0));
+    tsan_engines.push_back(__tsan_create_fiber(0));
+    const std::string name = "the copy engine of thread " + std::to_string(tsan_engines.size() - 1);
+    __tsan_set_fiber_name(tsan_engines.back(), name.c_str());
+  }
+  __tsan_release(&block_start);  // the launch's arguments and the blocks before, all ordered before this one
+#endif
   for (int i = 0; i < n; ++i) {
     Fiber& f = b.fibers[i];
     f.linear = i;
@@ -155,6 +215,7 @@ void run_block(Block& b) {
     f.ctx.uc_stack.ss_size = kStackBytes;
     f.ctx.uc_link = nullptr;  // (fiber_main never returns: it jumps back to the scheduler)
     makecontext(&f.ctx, fiber_main, 0);
+    RACE(f.tsan = tsan_fibers[i]; f.engine = tsan_engines[i]);
   }
   block = &b;
   for (;;) {
@@ -164,6 +225,7 @@ void run_block(Block& b) {
       current = &f;
       ran = true;
       if (_setjmp(b.scheduler_env) == 0) {
+        RACE(__tsan_switch_to_fiber(f.tsan, 1));
         if (f.started) _longjmp(f.env, 1);
         f.started = true;
         swapcontext(&b.scheduler, &f.ctx);
@@ -186,6 +248,7 @@ void run_block(Block& b) {
       break;
     }
   }
+  RACE(__tsan_acquire(&block_end));  // (the host, and the next block, come after what this block did)
   current = nullptr;
   block = nullptr;
 }
@@ -206,12 +269,15 @@ void syncthreads(const char* file, int line) {
     fail("threads of one block wait at two different __syncthreads: " + where(b.barrier_file, b.barrier_line) +
          " and " + where(file, line) + " (undefined on the GPU: a hang or a barrier that does not separate)");
   }
+  RACE(void* sync = &b.barrier_sync[b.barrier_generation & 1]; __tsan_release(sync));
   if (++b.block_arrived == b.live) {
     b.block_arrived = 0;
+    ++b.barrier_generation;
     release(State::kBlockWait);
-    return;
+  } else {
+    wait(State::kBlockWait);
   }
-  wait(State::kBlockWait);
+  RACE(__tsan_acquire(sync));
 }
 
 void warp_meet(unsigned mask, const char* what) {
@@ -227,12 +293,15 @@ void warp_meet(unsigned mask, const char* what) {
          "): lanes that do not exist (undefined on the GPU)");
   if ((mask & b.warp_live[warp]) != mask)
     fail(std::string(what) + ": lanes named in its mask have exited (undefined on the GPU)");
+  RACE(void* sync = &b.warp_sync[2 * warp + (b.warp_generation[warp] & 1)]; __tsan_release(sync));
   if (++b.warp_arrived[warp] == __builtin_popcount(mask)) {
     b.warp_arrived[warp] = 0;
+    RACE(++b.warp_generation[warp]);
     release(State::kWarpWait, warp);
-    return;
+  } else {
+    wait(State::kWarpWait);
   }
-  wait(State::kWarpWait);
+  RACE(__tsan_acquire(sync));
 }
 
 void* dynamic_smem() { return smem.data(); }
@@ -297,6 +366,8 @@ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr, bool trans) {
   const int lane = current->linear % 32, warp = current->linear / 32;
   // (no meeting first: every collective's last meeting follows its last read of the slots)
   std::memcpy(lane_slot(warp, lane), &addr, 4);
+  // this lane's row, read at the kernel's line (the wrappers in flash_attn_common.cuh are inlined)
+  RACE(__tsan_read_range_pc(smem_at(addr, 16, "ldmatrix"), 16, __builtin_return_address(0)));
   warp_meet(0xffffffffu, "ldmatrix");
   const int g = lane / 4, t = lane % 4;
   for (int j = 0; j < 4; ++j) {  // matrix j: its rows' addresses from lanes 8j..8j+7
@@ -350,6 +421,12 @@ void mma_16x8x16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], 
   }
 }
 
+// Race mode: a copy's accesses are made by its thread's copy engine, a fiber of its own that is
+// ordered after the issue (it acquires what the thread released there) and before the wait that
+// covers it (the thread acquires what the engine released), and with nothing else: so any access
+// by another thread, or by this one, that is not ordered before the issue or after the wait races
+// with it, whenever the copy lands within that window on the GPU. (The engine releases at a wait
+// everything issued so far, newer pending groups too: their copies count as landed a little early.)
 void cp_async_16(uint32_t dst, const void* src, int src_bytes) {
   Fiber* f = me();
   if (src_bytes != 0 && src_bytes != 16) fail("cp.async of " + std::to_string(src_bytes) + " bytes: 0 or 16 here");
@@ -358,6 +435,15 @@ void cp_async_16(uint32_t dst, const void* src, int src_bytes) {
   if (src_bytes) std::memcpy(c.bytes, src, 16);  // (read at issue: the source must stay put until the wait)
   else std::memset(c.bytes, 0, 16);
   f->open.push_back(c);
+#if PYLLM_EMU_RACE
+  void* pc = __builtin_return_address(0);
+  __tsan_release(&f->issued);
+  __tsan_switch_to_fiber(f->engine, 1);
+  __tsan_acquire(&f->issued);
+  if (src_bytes) __tsan_read_range_pc(const_cast<void*>(src), 16, pc);
+  __tsan_write_range_pc(c.dst, 16, pc);
+  __tsan_switch_to_fiber(f->tsan, 1);
+#endif
 }
 
 void cp_async_commit() {
@@ -368,10 +454,13 @@ void cp_async_commit() {
 
 void cp_async_wait(int newest_pending) {
   Fiber* f = me();
+  if (int(f->groups.size()) <= newest_pending) return;
   while (int(f->groups.size()) > newest_pending) {
     for (const Copy& c : f->groups.front()) std::memcpy(c.dst, c.bytes, 16);
     f->groups.erase(f->groups.begin());
   }
+  RACE(__tsan_switch_to_fiber(f->engine, 1); __tsan_release(&f->landed); __tsan_switch_to_fiber(f->tsan, 1);
+       __tsan_acquire(&f->landed));
 }
 
 }  // namespace emu

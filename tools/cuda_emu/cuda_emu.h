@@ -11,9 +11,11 @@
 // barrier some threads reach at another call site or never reach (a hang on a GPU), a full-mask
 // shuffle in a warp with exited or missing lanes (undefined there), a launch the GPU would refuse
 // (block or grid too large, dynamic shared memory past 48 KB without the opt-in attribute or past
-// the device's limit). What it cannot find: races (shared memory is sequentially consistent here;
-// compute-sanitizer's racecheck is the GPU's to run), timing, inline PTX (files using it are not
-// built).
+// the device's limit). The attention kernels' inline PTX runs through CPU stand-ins
+// (flash_attn_common.cuh's PYLLM_CUDA_EMU branches). Races: the race build (build.py --race,
+// PYLLM_EMU_RACE) runs the kernels under ThreadSanitizer with the GPU's ordering rules
+// (cuda_emu.cpp says how); the plain build runs one interleaving and cannot see them. What neither
+// can find: timing, and the GPU's own rounding of its fast intrinsics and tensor cores.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -178,11 +180,25 @@ template <typename T> inline T __ldg(const T* p) { return *p; }
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
 inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz(unsigned(x)); }
 inline int __ffs(int x) { return __builtin_ffs(x); }
-template <typename T> inline T atomicAdd(T* p, T v) { T old = *p; *p = old + v; return old; }
-template <typename T> inline T atomicMax(T* p, T v) { T old = *p; *p = old < v ? v : old; return old; }
-template <typename T> inline T atomicMin(T* p, T v) { T old = *p; *p = v < old ? v : old; return old; }
-template <typename T> inline T atomicExch(T* p, T v) { T old = *p; *p = v; return old; }
-template <typename T> inline T atomicCAS(T* p, T cmp, T v) { T old = *p; if (old == cmp) *p = v; return old; }
+// Atomics as one read-modify-write each (the fibers never interleave inside one), made with the
+// compiler's __atomic builtins so that the race build's TSan counts them as atomic, not as races.
+namespace emu {
+template <typename T, typename F>
+inline T atomic_update(T* p, F f) {
+  T old;
+  __atomic_load(p, &old, __ATOMIC_RELAXED);
+  T next = f(old);
+  while (!__atomic_compare_exchange(p, &old, &next, false, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED)) next = f(old);
+  return old;
+}
+}  // namespace emu
+template <typename T> inline T atomicAdd(T* p, T v) { return ::emu::atomic_update(p, [v](T o) { return T(o + v); }); }
+template <typename T> inline T atomicMax(T* p, T v) { return ::emu::atomic_update(p, [v](T o) { return o < v ? v : o; }); }
+template <typename T> inline T atomicMin(T* p, T v) { return ::emu::atomic_update(p, [v](T o) { return v < o ? v : o; }); }
+template <typename T> inline T atomicExch(T* p, T v) { return ::emu::atomic_update(p, [v](T) { return v; }); }
+template <typename T> inline T atomicCAS(T* p, T cmp, T v) {
+  return ::emu::atomic_update(p, [cmp, v](T o) { return o == cmp ? v : o; });
+}
 inline void __threadfence() {}
 inline void __threadfence_block() {}
 

@@ -1,0 +1,120 @@
+"""pyllm's CUDA kernels checked for races on the CPU: tools/cuda_emu's race build, under ThreadSanitizer
+(skipped without a CUDA toolkit's headers or the host compiler's libtsan).
+
+The race build compiles the kernels with -fsanitize=thread and tells TSan what the GPU orders
+(tools/cuda_emu/cuda_emu.cpp): a block's threads are fibers, __syncthreads and warp collectives are
+the only edges between them, and each thread's cp.async copies belong to a copy engine ordered only
+after their issue and before the wait that lands them. TSan then reports two accesses to one
+address, one a write, with no edge between them: a race on the GPU, whatever order the emulator ran
+them in. This is compute-sanitizer racecheck's question (shared memory) asked of global memory too.
+
+TSan's runtime must be in the process from its start, so each check runs a Python subprocess with
+LD_PRELOAD: the planted races of tools/cuda_emu/race_selftest.cu (each must be reported, at its
+line, and its fixed twin must not), then test_cuda_emu.py's cases (their answers checked as there),
+a subset sized for CI that still reaches every kernel and each of its code paths.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# test_cuda_emu.py's cases under TSan: every kernel, each of its launch shapes and code paths (the
+# warp- and block-per-row RMSNorm, the scalar and vector GLU paths, both AdamW passes, the decode's
+# cache layouts, the attention forward and both backwards at each tile shape), one dtype where the
+# dtype changes nothing in the synchronisation: ~3 minutes. (The whole file, which passed on
+# 2026-12-04, takes ~15 minutes under TSan: `PYLLM_RACE_ALL=1` runs it all.)
+SUBSET = " or ".join(f"({k})" for k in [
+    "test_glu_forward_and_backward and bfloat16 and silu",
+    "test_rms_norm_forward_and_backward and bfloat16",
+    "test_rope and bfloat16 and shared",
+    "test_cross_entropy and bfloat16",
+    "test_generalized_jsd and bfloat16 and not fwd-kl and not rev-kl",
+    "test_adamw",
+    "test_kv_cache_decode and bfloat16 and 64 and (mha or mqa or window-gqa-4q)",
+    "test_kv_cache_decode_layouts and 3",
+    "test_flash_attn_forward_and_backward and bfloat16 and 64 and (square or mqa or tiny) and not full-square",
+    "test_flash_attn_forward_and_backward and causal-square-128-torch.bfloat16",
+    "test_flash_attn_other_head_dims",
+    "test_flash_attn_taller_tiles and 64",
+    "test_flash_attn_simt_backward",
+    "test_flash_attn_varlen",
+])
+
+# race_selftest.cu's cases: the kernel each planted race is in (TSan must name it)
+SELFTEST = {0: "reduce_kernel", 1: "reuse_kernel", 2: "warp_kernel", 3: "cp_async_kernel", 4: "ldmatrix_kernel",
+            5: "global_kernel"}
+
+
+def _build_module():
+    spec = importlib.util.spec_from_file_location("cuda_emu_build", ROOT / "tools" / "cuda_emu" / "build.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    return build
+
+
+@pytest.fixture(scope="module")
+def race_build():
+    build = _build_module()
+    if build.cuda_include() is None:
+        pytest.skip("no CUDA toolkit headers to build the emulator with")
+    tsan = build.tsan_runtime()
+    if tsan is None:
+        pytest.skip("the host compiler has no ThreadSanitizer runtime (libtsan.so)")
+    return build.build(race=True), tsan
+
+
+def under_tsan(tsan: Path, log_dir: Path, args: list[str], timeout: int) -> tuple[subprocess.CompletedProcess, str]:
+    """Runs `python args` with TSan preloaded; returns the process and TSan's reports (its log files)."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, LD_PRELOAD=str(tsan), PYLLM_EMU_RACE="1", OMP_NUM_THREADS="1",
+               TSAN_OPTIONS=f"exitcode=66 log_path={log_dir / 'tsan'}")
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    reports = "".join(p.read_text(errors="replace") for p in sorted(log_dir.glob("tsan*")))
+    return proc, reports
+
+
+def summary(reports: str, keep: int = 8000) -> str:
+    """The reports' SUMMARY lines, then the first report in full (without the std:: frames)."""
+    lines = reports.splitlines()
+    heads = [line for line in lines if line.startswith("SUMMARY: ThreadSanitizer")]
+    first = [line for line in lines if "std::" not in line and "emu::Launch" not in line]
+    return "\n".join(heads) + "\n\n" + "\n".join(first)[:keep]
+
+
+@pytest.mark.parametrize("planted", [True, False], ids=["planted", "fixed"])
+@pytest.mark.parametrize("which", list(SELFTEST), ids=list(SELFTEST.values()))
+def test_planted_races_are_reported(race_build, tmp_path, which, planted):
+    lib, tsan = race_build
+    code = (
+        "import ctypes, sys\n"
+        f"lib = ctypes.CDLL({str(lib)!r})\n"
+        "lib.emu_race_selftest.argtypes = [ctypes.c_int, ctypes.c_bool, ctypes.c_void_p, ctypes.c_void_p]\n"
+        "x = (ctypes.c_float * 256)(*[0.25 * i + 1.0 for i in range(256)])\n"
+        "out = (ctypes.c_float * 256)()\n"
+        f"sys.exit(3 if lib.emu_race_selftest({which}, {planted}, ctypes.addressof(x), ctypes.addressof(out)) else 0)\n")
+    proc, reports = under_tsan(tsan, tmp_path, ["-c", code], timeout=300)
+    assert proc.returncode in (0, 66), proc.stderr[-4000:]
+    if planted:
+        assert proc.returncode == 66 and "WARNING: ThreadSanitizer: data race" in reports, "planted race not reported"
+        # the report names the kernel and a line of race_selftest.cu
+        assert SELFTEST[which] in reports and "race_selftest.cu:" in reports, summary(reports)
+    else:
+        assert proc.returncode == 0 and not reports, summary(reports)
+
+
+def test_kernels_are_race_free(race_build, tmp_path):
+    _, tsan = race_build
+    selection = [] if os.environ.get("PYLLM_RACE_ALL") == "1" else ["-k", SUBSET]
+    proc, reports = under_tsan(tsan, tmp_path, ["-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
+                                                "tests/test_cuda_emu.py", *selection], timeout=3600)
+    assert proc.returncode != 5, "no emulator case selected: " + proc.stdout[-2000:]
+    assert not reports, "races in the CUDA kernels:\n" + summary(reports)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1], proc.stdout[-2000:]

@@ -198,10 +198,12 @@ void run_block(Block& b) {
   b.warp_sync.assign(2 * size_t(warps), 0);
   b.scheduler_tsan = __tsan_get_current_fiber();
   while (tsan_fibers.size() < size_t(n)) {
+    // (a report's "created at" names the launch that first needed the slot; these names say which thread it is)
+    const std::string thread = "thread " + std::to_string(tsan_fibers.size()) + " of its block";
     tsan_fibers.push_back(__tsan_create_fiber(0));
+    __tsan_set_fiber_name(tsan_fibers.back(), thread.c_str());
     tsan_engines.push_back(__tsan_create_fiber(0));
-    const std::string name = "the copy engine of thread " + std::to_string(tsan_engines.size() - 1);
-    __tsan_set_fiber_name(tsan_engines.back(), name.c_str());
+    __tsan_set_fiber_name(tsan_engines.back(), ("the cp.async copies of " + thread).c_str());
   }
   __tsan_release(&block_start);  // the launch's arguments and the blocks before, all ordered before this one
 #endif

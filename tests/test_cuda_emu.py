@@ -1,31 +1,38 @@
 """pyllm's CUDA kernels, run on the CPU by tools/cuda_emu (no GPU needed; skipped without a CUDA
 toolkit's headers).
 
-Each kernel without inline PTX (SwiGLU / GeGLU, RMSNorm, RoPE, cross-entropy, generalized JSD,
-AdamW, the KV-cache decode) runs through its real launcher, its blocks' threads as fibers: the
+Each kernel but the BPE encoder's (SwiGLU / GeGLU, RMSNorm, RoPE, cross-entropy, generalized JSD,
+AdamW, the KV-cache decode, the attention forward and backwards, their inline PTX through
+flash_attn_common.cuh's CPU stand-ins) runs through its real launcher, its blocks' threads as fibers: the
 grid, block and shared-memory arithmetic, the index math, the barriers and warp shuffles are the
 CUDA source's own. Its outputs are compared with the CPU twin's in float64 (the same semantics,
 tested against torch elsewhere), within twice the CPU twin's own error in the same dtype (that is
 within twice torch's: test_<op>.py), and every buffer is framed by NaN margins whose bytes must be
 left as they were (a write out of bounds) and which a read out of bounds would carry into the
-outputs. What the emulator cannot see (races, timing, the hardware's fast intrinsics' error) is
-the GPU's to check: these kernels stay unverified until they pass there (README).
+outputs. Races are test_cuda_emu_race.py's (these cases again, under ThreadSanitizer). What the
+emulator cannot see (timing, the hardware's fast intrinsics' error) is the GPU's to check: these
+kernels stay unverified until they pass there (README).
 """
 from __future__ import annotations
 
 import ctypes
 import importlib.util
 import os
+import random
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import pyllm
 from pyllm import _C
+from pyllm.tokenizer import PATTERNS, Tokenizer
 from pyllm.ops import flash_attn as attn_ops
 from helpers import rel_err, shaped_logits, tolerance
 from test_cross_entropy import reference_rows
+from test_bpe import _cuda_texts, corpus_texts
 from test_distill import divergence_and_grad
 from test_flash_attn import attention, attention_varlen, grads_of
 
@@ -56,6 +63,7 @@ SIGNATURES = {
     "emu_flash_attn_decode_workspace": [I64, I64, I64, I64, I64],
     "emu_flash_attn_fwd": [P, P, P, P, P, P, P, P, I64, I64, I64, I64, I64, I64, IP, IP, IP, IP, IP, F64, I64, I64, I32,
                            I64, I64],
+    "emu_bpe_encode": [P, P, P, I64, I32, P, P, I64, I32, P, P],
     "emu_flash_attn_bwd": [P, P, P, P, P, P, P, P, P, P, P, P, I64, I64, I64, I64, I64, I64, IP, IP, IP, IP, IP, IP, F64,
                            I64, I64, I32, I32, I32, I64, I64, P, I64],
 }
@@ -620,3 +628,77 @@ def test_flash_attn_varlen(emu):
     got = emulated_attention(emu, q, k, v, dout, True, (-1, -1), cu_q, cu_k)
     ref = lambda a, b, c: attention_varlen(a, b, c, cu_q, cu_k, causal=True)
     check_attention(got, q, k, v, dout, ref)
+
+
+# --- BPE batch encoder -----------------------------------------------------------------------------
+
+def cuda_encode(emu, tok, texts, threads=2):
+    """tok's ids for texts from bpe.cu's encoder (its host side and kernels, through CudaEncoder)."""
+    ranks = tok.mergeable_ranks
+    tokens = list(ranks)
+    token_offsets = [0]
+    for t in tokens:
+        token_offsets.append(token_offsets[-1] + len(t))
+    token_blob = ctypes.create_string_buffer(b"".join(tokens) or b"\0")
+    rank_array = (ctypes.c_uint32 * len(tokens))(*ranks.values())
+    encoded = [t.encode() for t in texts]
+    text_offsets = [0]
+    for t in encoded:
+        text_offsets.append(text_offsets[-1] + len(t))
+    text_blob = ctypes.create_string_buffer(b"".join(encoded) or b"\0")
+    ids = (ctypes.c_uint32 * max(1, text_offsets[-1]))()
+    counts = (ctypes.c_int64 * max(1, len(texts)))()
+    emu.bpe_encode(ctypes.addressof(token_blob), token_offsets, ctypes.addressof(rank_array), len(tokens),
+                   tok._pattern_code, ctypes.addressof(text_blob), text_offsets, len(texts), threads,
+                   ctypes.addressof(ids), ctypes.addressof(counts))
+    return [list(ids[text_offsets[i]:text_offsets[i] + counts[i]]) for i in range(len(texts))]
+
+
+@pytest.fixture(scope="module")
+def bpe_corpus():
+    return corpus_texts()
+
+
+@pytest.fixture(scope="module", params=list(PATTERNS))
+def bpe_tokenizer(request, bpe_corpus):
+    return Tokenizer.train(bpe_corpus, 1200, pattern=request.param, show_progress=False)
+
+
+def test_bpe_encoder(emu, bpe_tokenizer, bpe_corpus):
+    """Pieces of every path: one byte, whole tokens, the thread path (<= 48 bytes), the block path
+    (49..2048: argmin over a linked list in shared memory) and the host's (> 2048), long repeats."""
+    texts = _cuda_texts(bpe_corpus)
+    assert cuda_encode(emu, bpe_tokenizer, texts) == [bpe_tokenizer.encode_ordinary(t) for t in texts]
+    assert cuda_encode(emu, bpe_tokenizer, []) == []
+
+
+def test_bpe_encoder_shuffled_ranks(emu, bpe_corpus):
+    """Merge ranks that are not in the order the trainer found them: the kernels' argmin is by rank."""
+    base = Tokenizer.train(bpe_corpus[:10], 1000, pattern="gpt4o", show_progress=False).mergeable_ranks
+    rng = random.Random(11)
+    multi = [b for b in base if len(b) > 1]
+    new_ranks = list(range(256, 256 + len(multi)))
+    rng.shuffle(new_ranks)
+    tok = Tokenizer({bytes([i]): i for i in range(256)} | dict(zip(multi, new_ranks)), "gpt4o")
+    texts = _cuda_texts(bpe_corpus)
+    assert cuda_encode(emu, tok, texts, threads=1) == [tok.encode_ordinary(t) for t in texts]
+
+
+_LONG_RUNS = st.sampled_from(["x" * 49, "ab" * 40, " " * 60, "\n" * 70, "1" * 100, "\u00e9" * 30, "q" * 2100])
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(texts=st.lists(st.lists(st.one_of(st.text(max_size=30), st.text(alphabet="abcdefgh ", min_size=30, max_size=120),
+                                         _LONG_RUNS), max_size=6).map("".join), max_size=4))
+def test_bpe_encoder_hypothesis(emu, texts):
+    tok = _small_tokenizer()
+    assert cuda_encode(emu, tok, texts) == [tok.encode_ordinary(t) for t in texts]
+
+
+_SMALL = []
+
+
+def _small_tokenizer():
+    if not _SMALL:
+        _SMALL.append(Tokenizer.train(corpus_texts()[:20], 600, pattern="gpt4", show_progress=False))
+    return _SMALL[0]

@@ -27,9 +27,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # test_cuda_emu.py's cases under TSan: every kernel, each of its launch shapes and code paths (the
 # warp- and block-per-row RMSNorm, the scalar and vector GLU paths, both AdamW passes, the decode's
-# cache layouts, the attention forward and both backwards at each tile shape), one dtype where the
-# dtype changes nothing in the synchronisation: ~3 minutes. (The whole file, which passed on
-# 2026-12-04, takes ~15 minutes under TSan: `PYLLM_RACE_ALL=1` runs it all.)
+# cache layouts, the attention forward and both backwards at each tile shape, the BPE encoder's
+# thread and block paths), one dtype where the dtype changes nothing in the synchronisation:
+# ~3 minutes. (The whole file, which passed on 2026-12-04, takes ~15 minutes under TSan:
+# `PYLLM_RACE_ALL=1` runs it all.)
 SUBSET = " or ".join(f"({k})" for k in [
     "test_glu_forward_and_backward and bfloat16 and silu",
     "test_rms_norm_forward_and_backward and bfloat16",
@@ -45,6 +46,7 @@ SUBSET = " or ".join(f"({k})" for k in [
     "test_flash_attn_taller_tiles and 64",
     "test_flash_attn_simt_backward",
     "test_flash_attn_varlen",
+    "test_bpe_encoder and gpt4o",
 ])
 
 # race_selftest.cu's cases: the kernel each planted race is in (TSan must name it)

@@ -30,10 +30,13 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 CSRC = ROOT / "csrc"
-# Every kernel but the BPE encoder's; the attention kernels' inline PTX (mma.sync, ldmatrix,
-# cp.async) is emulated through flash_attn_common.cuh's PYLLM_CUDA_EMU branches.
+# Every kernel; the attention kernels' inline PTX (mma.sync, ldmatrix, cp.async) is emulated through
+# flash_attn_common.cuh's PYLLM_CUDA_EMU branches.
 SOURCES = ["runtime.cu", "swiglu.cu", "rms_norm.cu", "rope.cu", "cross_entropy.cu", "distill.cu", "adamw.cu",
-           "flash_attn_decode.cu", "flash_attn_fwd.cu", "flash_attn_bwd.cu", "flash_attn_bwd_mma.cu"]
+           "flash_attn_decode.cu", "flash_attn_fwd.cu", "flash_attn_bwd.cu", "flash_attn_bwd_mma.cu", "bpe.cu"]
+# The CPU code bpe.cu's host side calls (the pre-tokenizers, the Encoder's tables, the long-piece merge):
+# plain C++, compiled as it is (neither rewritten nor instrumented).
+CPU_SOURCES = ["cpu/bpe_encode.cpp", "cpu/bpe_pretokenize.cpp"]
 # The race build's own kernels: races planted on purpose, and their fixed twins, to show it finds them.
 RACE_SOURCES = ["race_selftest.cu"]
 
@@ -106,7 +109,8 @@ def tsan_runtime() -> Path | None:
 
 def _key(include: Path, race: bool) -> str:
     h = hashlib.sha256(f"{include} race={race}".encode())
-    files = [CSRC / "cuda" / s for s in SOURCES] + sorted((CSRC / "cuda").glob("*.cuh")) + sorted(
+    files = [CSRC / "cuda" / s for s in SOURCES] + [CSRC / s for s in CPU_SOURCES] + sorted((CSRC / "cpu").glob("*.h")) + [
+        ROOT / "tools" / "gen_unicode_tables.py"] + sorted((CSRC / "cuda").glob("*.cuh")) + sorted(
         (CSRC / "common").glob("*.h")) + [CSRC / "cuda" / "cuda_ops.h"] + sorted(HERE.glob("*.[ch]*")) + [Path(__file__)]
     for f in files:
         h.update(f.name.encode())
@@ -149,11 +153,20 @@ def build(out_dir: Path | None = None, jobs: int = 2, race: bool = False) -> Pat
         units.append(cpp)
     instrumented = len(units)  # the kernels; the emulator's own bookkeeping stays out of TSan's sight
     units += [HERE / "cuda_emu.cpp", HERE / "shim.cpp"]
+    emulated = len(units)
+    units += [CSRC / s for s in CPU_SOURCES]
+    # the pre-tokenizers' Unicode tables, generated as CMakeLists.txt does
+    subprocess.run([sys.executable, str(ROOT / "tools" / "gen_unicode_tables.py"), str(work / "bpe_unicode_tables.h")],
+                   check=True, capture_output=True)
     objects = [work / (unit.stem + ".o") for unit in units]
     tsan = ["-fsanitize=thread"] if race else []
-    compile_one = lambda unit, obj: subprocess.run(
-        [cxx, *flags, *(tsan if units.index(unit) < instrumented else []), "-c", str(unit), "-o", str(obj)],
-        capture_output=True, text=True)
+    plain = ["-std=c++17", "-O2", "-fPIC", "-w", f"-I{CSRC}", f"-I{work}"]
+
+    def compile_one(unit, obj):
+        i = units.index(unit)
+        args = plain if i >= emulated else [*flags, *(tsan if i < instrumented else [])]
+        return subprocess.run([cxx, *args, "-c", str(unit), "-o", str(obj)], capture_output=True, text=True)
+
     with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
         results = list(pool.map(compile_one, units, objects))
     errors = [r.stderr for r in results if r.returncode != 0]

@@ -4,6 +4,8 @@
 #include <string>
 #include <vector>
 
+#include "common/checks.h"
+#include "cpu/bpe.h"
 #include "cuda/cuda_ops.h"
 
 namespace {
@@ -156,6 +158,30 @@ int emu_flash_attn_bwd(uintptr_t dout, uintptr_t dlse, uintptr_t q, uintptr_t k,
                                vec(v_strides, 3), vec(o_strides, 3), vec(dkv_strides, 3), vec(lse_strides, 2), scale,
                                window_left, window_right, dtype, deterministic, 0, 0, algo, total_q, total_k, delta_ws,
                                delta_capacity);
+  });
+}
+
+// The BPE batch encoder (CudaEncoder over an Encoder of these tokens and ranks, as the binding builds
+// them): tokens' bytes end to end with n_tokens + 1 offsets, the texts likewise; each text's ids
+// land at its byte offset in ids (a text never has more ids than bytes), their count in counts.
+int emu_bpe_encode(const char* token_bytes, const int64_t* token_offsets, const uint32_t* ranks, int64_t n_tokens,
+                   int pattern, const char* text_bytes, const int64_t* text_offsets, int64_t n_texts,
+                   int num_threads, uint32_t* ids, int64_t* counts) {
+  return guarded([&] {
+    std::vector<std::string> tokens;
+    for (int64_t i = 0; i < n_tokens; ++i)
+      tokens.emplace_back(token_bytes + token_offsets[i], size_t(token_offsets[i + 1] - token_offsets[i]));
+    const pyllm::bpe::Encoder encoder(tokens, std::vector<uint32_t>(ranks, ranks + n_tokens), pattern, {}, {});
+    const pyllm::bpe::CudaEncoder cuda(encoder, 0);
+    std::vector<std::string_view> texts;
+    for (int64_t t = 0; t < n_texts; ++t)
+      texts.emplace_back(text_bytes + text_offsets[t], size_t(text_offsets[t + 1] - text_offsets[t]));
+    const auto out = cuda.encode_batch(texts, {}, {}, 0, num_threads);
+    for (int64_t t = 0; t < n_texts; ++t) {
+      PYLLM_CHECK(int64_t(out[t].size()) <= text_offsets[t + 1] - text_offsets[t], "emu_bpe_encode: more ids than bytes");
+      std::copy(out[t].begin(), out[t].end(), ids + text_offsets[t]);
+      counts[t] = int64_t(out[t].size());
+    }
   });
 }
 

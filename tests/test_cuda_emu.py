@@ -18,7 +18,6 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import os
-import random
 from pathlib import Path
 
 import pytest
@@ -32,7 +31,7 @@ from pyllm.tokenizer import PATTERNS, Tokenizer
 from pyllm.ops import flash_attn as attn_ops
 from helpers import rel_err, shaped_logits, tolerance
 from test_cross_entropy import reference_rows
-from test_bpe import _cuda_texts, corpus_texts
+from test_bpe import _cuda_texts, _shuffled_ranks_tokenizer, corpus_texts
 from test_distill import divergence_and_grad
 from test_flash_attn import attention, attention_varlen, grads_of
 
@@ -674,12 +673,7 @@ def test_bpe_encoder(emu, bpe_tokenizer, bpe_corpus):
 
 def test_bpe_encoder_shuffled_ranks(emu, bpe_corpus):
     """Merge ranks that are not in the order the trainer found them: the kernels' argmin is by rank."""
-    base = Tokenizer.train(bpe_corpus[:10], 1000, pattern="gpt4o", show_progress=False).mergeable_ranks
-    rng = random.Random(11)
-    multi = [b for b in base if len(b) > 1]
-    new_ranks = list(range(256, 256 + len(multi)))
-    rng.shuffle(new_ranks)
-    tok = Tokenizer({bytes([i]): i for i in range(256)} | dict(zip(multi, new_ranks)), "gpt4o")
+    tok = _shuffled_ranks_tokenizer(bpe_corpus)
     texts = _cuda_texts(bpe_corpus)
     assert cuda_encode(emu, tok, texts, threads=1) == [tok.encode_ordinary(t) for t in texts]
 

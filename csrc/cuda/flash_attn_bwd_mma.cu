@@ -71,7 +71,9 @@
 // Tile sizes: not yet tuned (first GPU run above). Chosen so that the fp32 accumulators
 // fit in registers (dk_dv: kSliceD for dK, dV + kBlockM for S^T, dP^T = at most 160 floats per
 // thread; ptxas, nvcc 13.0: 134-248 registers on sm_80, no spills but 4 bytes in dq at D = 64;
-// 100-250 on sm_90, no spills) and
+// 100-250 on sm_90, no spills. Re-run 2026-12-04 (bench/results/ptxas_attention_2026-12-04.json):
+// sm_80 dk_dv at D = 32 now takes 128 registers and spills 28 B / 20 B, dq at D = 64 4 B on both
+// archs, the rest as before) and
 // shared memory stays under the 99 KB a CTA may opt into on sm86 / sm89 (the smallest sm80+
 // limit), see the static_asserts.
 #include <cmath>
@@ -89,7 +91,8 @@ constexpr int kMaxSmemBytes = 99 * 1024;
 // accumulators alone would be 256 registers) makes each Q / dO fragment feed two key tiles, with
 // queries per step halved so that the S^T and dP^T accumulators stay as many: per step and warp
 // (D = 64) MK = 1, BM = 64: 72 ldmatrix.x4 for 128 mmas (1.8 per load); MK = 2, BM = 32: 48 for 128
-// (2.7); ptxas (nvcc 13.0, sm_90): 255 registers, no spill (MK = 1: 233). Built for sm_90 only,
+// (2.7); ptxas (nvcc 13.0, sm_90): 255 registers, no spill (MK = 1: 233); re-run 2026-12-04: 255
+// with 28 B of spill stores / 20 B of loads (MK = 1: 235, none). Built for sm_90 only,
 // chosen by PYLLM_ATTN_BWD_DKV_BLOCK_N=128 until a GPU run measures
 // it: UNVERIFIED (never run on a GPU). Where a key tile's first query does not move with the
 // taller tile (no right window clamping it, e.g. non-causal without a window), the 16-query groups

@@ -1,12 +1,23 @@
 """Shared test helpers: float64 references, error measures and the tolerance rule."""
 from __future__ import annotations
 
+import importlib.util
 import socket
+from pathlib import Path
 
 import pytest
 import torch
 
 CPU_AND_CUDA = [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+def cuda_emu_build():
+    """tools/cuda_emu/build.py as a module (the CUDA emulator's build; tools/ is not a package)."""
+    path = Path(__file__).resolve().parent.parent / "tools" / "cuda_emu" / "build.py"
+    spec = importlib.util.spec_from_file_location("cuda_emu_build", path)
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    return build
 
 
 def free_port() -> int:

@@ -1,9 +1,10 @@
 """pyllm's CUDA kernels, run on the CPU by tools/cuda_emu (no GPU needed; skipped without a CUDA
 toolkit's headers).
 
-Each kernel but the BPE encoder's (SwiGLU / GeGLU, RMSNorm, RoPE, cross-entropy, generalized JSD,
-AdamW, the KV-cache decode, the attention forward and backwards, their inline PTX through
-flash_attn_common.cuh's CPU stand-ins) runs through its real launcher, its blocks' threads as fibers: the
+Each kernel (SwiGLU / GeGLU, RMSNorm, RoPE, cross-entropy, generalized JSD, AdamW, the KV-cache
+decode, the attention forward and backwards, their inline PTX through flash_attn_common.cuh's CPU
+stand-ins, the BPE batch encoder with its host side) runs through its real launcher, its blocks'
+threads as fibers: the
 grid, block and shared-memory arithmetic, the index math, the barriers and warp shuffles are the
 CUDA source's own. Its outputs are compared with the CPU twin's in float64 (the same semantics,
 tested against torch elsewhere), within twice the CPU twin's own error in the same dtype (that is
@@ -16,7 +17,7 @@ kernels stay unverified until they pass there (README).
 from __future__ import annotations
 
 import ctypes
-import importlib.util
+import functools
 import os
 from pathlib import Path
 
@@ -29,7 +30,7 @@ import pyllm
 from pyllm import _C
 from pyllm.tokenizer import PATTERNS, Tokenizer
 from pyllm.ops import flash_attn as attn_ops
-from helpers import rel_err, shaped_logits, tolerance
+from helpers import cuda_emu_build, rel_err, shaped_logits, tolerance
 from test_cross_entropy import reference_rows
 from test_bpe import _cuda_texts, _shuffled_ranks_tokenizer, corpus_texts
 from test_distill import divergence_and_grad
@@ -94,10 +95,7 @@ class Emu:
 
 @pytest.fixture(scope="module")
 def emu():
-    spec = importlib.util.spec_from_file_location("cuda_emu_build", ROOT / "tools" / "cuda_emu" / "build.py")
-    build = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build)
-    lib = build.load(race=os.environ.get("PYLLM_EMU_RACE") == "1")  # (test_cuda_emu_race.py's runs)
+    lib = cuda_emu_build().load(race=os.environ.get("PYLLM_EMU_RACE") == "1")  # (test_cuda_emu_race.py's runs)
     if lib is None:
         pytest.skip("no CUDA toolkit headers to build the emulator with")
     e = Emu(lib)
@@ -689,10 +687,6 @@ def test_bpe_encoder_hypothesis(emu, texts):
     assert cuda_encode(emu, tok, texts) == [tok.encode_ordinary(t) for t in texts]
 
 
-_SMALL = []
-
-
+@functools.cache
 def _small_tokenizer():
-    if not _SMALL:
-        _SMALL.append(Tokenizer.train(corpus_texts()[:20], 600, pattern="gpt4", show_progress=False))
-    return _SMALL[0]
+    return Tokenizer.train(corpus_texts()[:20], 600, pattern="gpt4", show_progress=False)

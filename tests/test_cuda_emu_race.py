@@ -15,13 +15,12 @@ a subset sized for CI that still reaches every kernel and each of its code paths
 """
 from __future__ import annotations
 
-import importlib.util
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from helpers import cuda_emu_build
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,32 +53,15 @@ SELFTEST = {0: "reduce_kernel", 1: "reuse_kernel", 2: "warp_kernel", 3: "cp_asyn
             5: "global_kernel"}
 
 
-def _build_module():
-    spec = importlib.util.spec_from_file_location("cuda_emu_build", ROOT / "tools" / "cuda_emu" / "build.py")
-    build = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build)
-    return build
-
-
 @pytest.fixture(scope="module")
 def race_build():
-    build = _build_module()
+    build = cuda_emu_build()
     if build.cuda_include() is None:
         pytest.skip("no CUDA toolkit headers to build the emulator with")
     tsan = build.tsan_runtime()
     if tsan is None:
         pytest.skip("the host compiler has no ThreadSanitizer runtime (libtsan.so)")
-    return build.build(race=True), tsan
-
-
-def under_tsan(tsan: Path, log_dir: Path, args: list[str], timeout: int) -> tuple[subprocess.CompletedProcess, str]:
-    """Runs `python args` with TSan preloaded; returns the process and TSan's reports (its log files)."""
-    log_dir.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, LD_PRELOAD=str(tsan), PYLLM_EMU_RACE="1", OMP_NUM_THREADS="1",
-               TSAN_OPTIONS=f"exitcode=66 log_path={log_dir / 'tsan'}")
-    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    reports = "".join(p.read_text(errors="replace") for p in sorted(log_dir.glob("tsan*")))
-    return proc, reports
+    return build, build.build(race=True), tsan
 
 
 def summary(reports: str, keep: int = 8000) -> str:
@@ -93,7 +75,7 @@ def summary(reports: str, keep: int = 8000) -> str:
 @pytest.mark.parametrize("planted", [True, False], ids=["planted", "fixed"])
 @pytest.mark.parametrize("which", list(SELFTEST), ids=list(SELFTEST.values()))
 def test_planted_races_are_reported(race_build, tmp_path, which, planted):
-    lib, tsan = race_build
+    build, lib, tsan = race_build
     code = (
         "import ctypes, sys\n"
         f"lib = ctypes.CDLL({str(lib)!r})\n"
@@ -101,7 +83,7 @@ def test_planted_races_are_reported(race_build, tmp_path, which, planted):
         "x = (ctypes.c_float * 256)(*[0.25 * i + 1.0 for i in range(256)])\n"
         "out = (ctypes.c_float * 256)()\n"
         f"sys.exit(3 if lib.emu_race_selftest({which}, {planted}, ctypes.addressof(x), ctypes.addressof(out)) else 0)\n")
-    proc, reports = under_tsan(tsan, tmp_path, ["-c", code], timeout=300)
+    proc, reports = build.run_under_tsan(tsan, ["-c", code], ROOT, tmp_path, timeout=300)
     assert proc.returncode in (0, 66), proc.stderr[-4000:]
     if planted:
         assert proc.returncode == 66 and "WARNING: ThreadSanitizer: data race" in reports, "planted race not reported"
@@ -112,10 +94,10 @@ def test_planted_races_are_reported(race_build, tmp_path, which, planted):
 
 
 def test_kernels_are_race_free(race_build, tmp_path):
-    _, tsan = race_build
+    build, _, tsan = race_build
     selection = [] if os.environ.get("PYLLM_RACE_ALL") == "1" else ["-k", SUBSET]
-    proc, reports = under_tsan(tsan, tmp_path, ["-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
-                                                "tests/test_cuda_emu.py", *selection], timeout=3600)
+    proc, reports = build.run_under_tsan(tsan, ["-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
+                                                "tests/test_cuda_emu.py", *selection], ROOT, tmp_path, timeout=3600)
     assert proc.returncode != 5, "no emulator case selected: " + proc.stdout[-2000:]
     assert not reports, "races in the CUDA kernels:\n" + summary(reports)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]

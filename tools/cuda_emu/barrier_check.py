@@ -14,15 +14,14 @@ Writes one JSON line per barrier to stdout.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+import build  # (this folder: a script's own folder leads sys.path)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
@@ -53,9 +52,6 @@ def _copy_tree(dst: Path) -> None:
 
 
 def main(files: list[str]) -> int:
-    spec = importlib.util.spec_from_file_location("cuda_emu_build", HERE / "build.py")
-    build = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build)
     tsan = build.tsan_runtime()
     if tsan is None or build.cuda_include() is None:
         print("needs a CUDA toolkit's headers and the host compiler's libtsan.so", file=sys.stderr)
@@ -71,15 +67,10 @@ def main(files: list[str]) -> int:
                 if "__syncthreads();" not in line.split("//")[0]:
                     continue
                 src.write_text("\n".join(lines[:i] + [line.replace("__syncthreads();", ";", 1)] + lines[i + 1:]))
-                logs = Path(tmp) / f"logs_{name}_{i + 1}"
-                logs.mkdir()
-                env = dict(os.environ, LD_PRELOAD=str(tsan), PYLLM_EMU_RACE="1", OMP_NUM_THREADS="1",
-                           TSAN_OPTIONS=f"exitcode=66 log_path={logs / 'tsan'}")
-                proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                                       "tests/test_cuda_emu.py", "-k", CASES[name]],
-                                      cwd=tree, env=env, capture_output=True, text=True)
+                proc, reports = build.run_under_tsan(
+                    tsan, ["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_cuda_emu.py", "-k", CASES[name]],
+                    tree, Path(tmp) / f"logs_{name}_{i + 1}")
                 src.write_text(original)
-                reports = "".join(p.read_text(errors="replace") for p in logs.glob("tsan*"))
                 tail = proc.stdout.strip().splitlines()[-1:] or [proc.stderr[-300:]]
                 print(json.dumps({
                     "file": name, "line": i + 1, "races_reported": reports.count("WARNING: ThreadSanitizer"),

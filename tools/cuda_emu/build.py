@@ -107,6 +107,19 @@ def tsan_runtime() -> Path | None:
     return Path(out) if out and Path(out).is_absolute() and Path(out).is_file() else None
 
 
+def run_under_tsan(tsan: Path, args: list[str], cwd: Path, log_dir: Path, timeout: float | None = None
+                   ) -> tuple[subprocess.CompletedProcess, str]:
+    """Runs `python args` in cwd with TSan preloaded and the race build selected (PYLLM_EMU_RACE=1);
+    returns the process and TSan's reports, read from its log files in log_dir (a test runner would
+    swallow them on stderr)."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, LD_PRELOAD=str(tsan), PYLLM_EMU_RACE="1", OMP_NUM_THREADS="1",
+               TSAN_OPTIONS=f"exitcode=66 log_path={log_dir / 'tsan'}")
+    proc = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    reports = "".join(p.read_text(errors="replace") for p in sorted(log_dir.glob("tsan*")))
+    return proc, reports
+
+
 def _key(include: Path, race: bool) -> str:
     h = hashlib.sha256(f"{include} race={race}".encode())
     files = [CSRC / "cuda" / s for s in SOURCES] + [CSRC / s for s in CPU_SOURCES] + sorted((CSRC / "cpu").glob("*.h")) + [
@@ -151,24 +164,21 @@ def build(out_dir: Path | None = None, jobs: int = 2, race: bool = False) -> Pat
         cpp = work / (source.stem + ".cpp")
         cpp.write_text(f'#line 1 "{source}"\n' + translate(source.read_text()))
         units.append(cpp)
-    instrumented = len(units)  # the kernels; the emulator's own bookkeeping stays out of TSan's sight
+    tsan = ["-fsanitize=thread"] if race else []
+    # the kernels instrumented; the emulator's own bookkeeping stays out of TSan's sight
+    args = [flags + tsan] * len(units)
     units += [HERE / "cuda_emu.cpp", HERE / "shim.cpp"]
-    emulated = len(units)
+    args += [flags] * 2
     units += [CSRC / s for s in CPU_SOURCES]
+    args += [["-std=c++17", "-O2", "-fPIC", "-w", f"-I{CSRC}", f"-I{work}"]] * len(CPU_SOURCES)
     # the pre-tokenizers' Unicode tables, generated as CMakeLists.txt does
     subprocess.run([sys.executable, str(ROOT / "tools" / "gen_unicode_tables.py"), str(work / "bpe_unicode_tables.h")],
                    check=True, capture_output=True)
     objects = [work / (unit.stem + ".o") for unit in units]
-    tsan = ["-fsanitize=thread"] if race else []
-    plain = ["-std=c++17", "-O2", "-fPIC", "-w", f"-I{CSRC}", f"-I{work}"]
-
-    def compile_one(unit, obj):
-        i = units.index(unit)
-        args = plain if i >= emulated else [*flags, *(tsan if i < instrumented else [])]
-        return subprocess.run([cxx, *args, "-c", str(unit), "-o", str(obj)], capture_output=True, text=True)
-
+    compile_one = lambda unit, obj, a: subprocess.run([cxx, *a, "-c", str(unit), "-o", str(obj)],
+                                                      capture_output=True, text=True)
     with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
-        results = list(pool.map(compile_one, units, objects))
+        results = list(pool.map(compile_one, units, objects, args))
     errors = [r.stderr for r in results if r.returncode != 0]
     if errors:
         raise RuntimeError("cuda_emu: compile failed:\n" + "\n".join(errors)[-8000:])

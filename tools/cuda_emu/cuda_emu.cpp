@@ -19,8 +19,8 @@
 // a TSan fiber, switched to without synchronizing; a __syncthreads is a release by every arriving
 // thread and an acquire by each as it leaves, and so is a warp collective for its warp; blocks are
 // ordered one after another (racecheck's scope is a block's shared memory; this sees its global
-// memory too). ldmatrix's rows and cp.async's copies (done here, uninstrumented) are reported as the
-// lane's own reads and writes, a copy's write at the wait that lands it. TSan then reports any two
+// memory too). ldmatrix's rows (read here, uninstrumented) are reported as the lane's own reads, and
+// cp.async's copies as accesses of the lane's copy engine (cp_async_16 says why). TSan then reports any two
 // accesses to one address, one a write, with no barrier between them: a race on the GPU whichever
 // order the emulator happened to run them in.
 #if PYLLM_EMU_RACE

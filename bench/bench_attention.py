@@ -53,12 +53,15 @@ FWD_M128 = "pyllm fwd-m128"
 DQ_M128 = "pyllm dq-m128"
 DKV_M128 = "pyllm dkv-n128"
 ALL_M128 = "pyllm all-128"
+# The backward with dQ added up by fp32 atomics in the dk_dv kernel (PYLLM_ATTN_BWD=atomic, D = 64 /
+# 128, sm_90; FlashAttention-2's default) instead of the dq kernel: not yet measured, fwd+bwd rows.
+ATOMIC_DQ = "pyllm atomic-dq"
 # Each taller-tile variant's setting (128 where it is on).
 TALL_TILES = {FWD_M128: "PYLLM_ATTN_FWD_BLOCK_M", DQ_M128: "PYLLM_ATTN_BWD_DQ_BLOCK_M",
               DKV_M128: "PYLLM_ATTN_BWD_DKV_BLOCK_N"}
 # The environment each variant of ours runs under, set around its timing only.
 VARIANT_ENV = {SIMT_BWD: {"PYLLM_ATTN_BWD": "simt"}, **{name: {var: "128"} for name, var in TALL_TILES.items()},
-               ALL_M128: {var: "128" for var in TALL_TILES.values()}}
+               ALL_M128: {var: "128" for var in TALL_TILES.values()}, ATOMIC_DQ: {"PYLLM_ATTN_BWD": "atomic"}}
 
 
 @contextlib.contextmanager
@@ -79,7 +82,8 @@ def impls_for(device: str) -> dict:
     from torch.nn.attention import SDPBackend
 
     if device == "cuda":
-        return {"pyllm": ours, FWD_M128: ours, DQ_M128: ours, DKV_M128: ours, ALL_M128: ours, SIMT_BWD: ours,
+        return {"pyllm": ours, FWD_M128: ours, DQ_M128: ours, DKV_M128: ours, ALL_M128: ours, ATOMIC_DQ: ours,
+                SIMT_BWD: ours,
                 "sdpa flash": sdpa(SDPBackend.FLASH_ATTENTION),
                 "sdpa cudnn": sdpa(SDPBackend.CUDNN_ATTENTION)}
     return {"pyllm": ours, "sdpa": sdpa(SDPBackend.FLASH_ATTENTION)}
@@ -387,7 +391,7 @@ def main() -> int:
             for name, fn in impls.items():
                 if name == SIMT_BWD and (mode == "fwd" or t > 4096):
                     continue
-                if name in (DQ_M128, DKV_M128, ALL_M128) and mode == "fwd":  # the forward is fwd-m128's row
+                if name in (DQ_M128, DKV_M128, ALL_M128, ATOMIC_DQ) and mode == "fwd":  # the forwards' rows
                     continue
                 if name == DKV_M128 and d != 64:  # built for D = 64 only: the default tiles' row again
                     continue

@@ -334,6 +334,46 @@ def flash_attn_tall_tiles_cases():
                     assert torch.equal(a, b), f"flash_attn backward with {env}=128 differs from the default tiles"
 
 
+def flash_attn_atomic_dq_cases():
+    # The backward with dQ added up by atomics (PYLLM_ATTN_BWD=atomic, deterministic=False; D = 64 /
+    # 128 on sm_90): dk and dv the deterministic kernels' bits, dq within rounding of theirs. Causal
+    # with a window and Tq < Tk, GQA; causal Tq > Tk (queries with no key: dq 0); varlen with an
+    # empty and a length-1 sequence; then garbage cu_seqlens (memcheck: the accumulator rows stay in
+    # bounds, whatever the answers).
+    import os
+
+    def grads(algo, fn, inputs, dout):
+        os.environ["PYLLM_ATTN_BWD"] = algo
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        return torch.autograd.grad(fn(*leaves), leaves, dout)
+
+    cu_q = torch.tensor([0, 0, 1, 41, 44], dtype=torch.int32, device="cuda")
+    cu_k = torch.tensor([0, 3, 4, 74, 74], dtype=torch.int32, device="cuda")
+    for dtype in (torch.float16, torch.bfloat16):
+        for d in (64, 128):
+            q = torch.randn(2, 150, 4, d, device="cuda", dtype=dtype)
+            k, v = (torch.randn(2, 170, 2, d, device="cuda", dtype=dtype) for _ in range(2))
+            cases = [((q, k, v), lambda q, k, v: pyllm.flash_attn(q, k, v, causal=True, window=(90, -1))),
+                     ((q, k[:, :70], v[:, :70]), lambda q, k, v: pyllm.flash_attn(q, k, v, causal=True)),
+                     ((q[0, :44], k[0, :74], v[0, :74]),
+                      lambda q, k, v: pyllm.flash_attn(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k))]
+            for inputs, fn in cases:
+                dout = torch.randn_like(inputs[0])
+                atomic, mma = grads("atomic", fn, inputs, dout), grads("mma", fn, inputs, dout)
+                err = ((atomic[0].float() - mma[0].float()).norm() / mma[0].float().norm()).item()
+                assert err < 1e-2, f"flash_attn atomic dq differs from the dq kernel's: {err:.3g}"
+                assert torch.equal(atomic[1], mma[1]) and torch.equal(atomic[2], mma[2]), "atomic-dq dk / dv differ"
+    os.environ["PYLLM_ATTN_BWD"] = "atomic"
+    q = torch.randn(10, 2, 64, device="cuda", dtype=torch.float16)
+    for vals in ([0, 7, 3, 10], [-5, 2**30, -2**31, 10], [0, 10, 20, 40]):
+        bad = torch.tensor(vals, dtype=torch.int32, device="cuda")
+        qg = q.clone().requires_grad_()
+        out = pyllm.flash_attn(qg, qg, qg, causal=True, cu_seqlens_q=bad, cu_seqlens_k=bad, max_seqlen_q=10,
+                               max_seqlen_k=10)
+        out.backward(torch.ones_like(out))
+    os.environ.pop("PYLLM_ATTN_BWD")
+
+
 def flash_attn_bad_seqlens_cases():
     # Unchecked cu_seqlens / cache_seqlens (CUDA, max_seqlen given, no PYLLM_ATTN_CHECK_SEQLENS):
     # garbage contents must stay in bounds (memcheck), whatever the answers.
@@ -392,7 +432,7 @@ CASES = {"swiglu": swiglu_cases, "rms_norm": rms_norm_cases, "rope": rope_cases,
          "adamw": adamw_cases, "bpe": bpe_cases, "flash_attn": flash_attn_cases,
          "flash_attn_bwd_mma": flash_attn_bwd_mma_cases, "flash_attn_shapes": flash_attn_shapes_cases,
          "flash_attn_tall_tiles": flash_attn_tall_tiles_cases, "flash_attn_bad_seqlens": flash_attn_bad_seqlens_cases,
-         "flash_attn_cache_layouts": flash_attn_cache_layouts_cases}
+         "flash_attn_cache_layouts": flash_attn_cache_layouts_cases, "flash_attn_atomic_dq": flash_attn_atomic_dq_cases}
 
 if __name__ == "__main__":
     names = sys.argv[1:] or list(CASES)

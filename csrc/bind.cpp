@@ -278,7 +278,8 @@ PYBIND11_MODULE(_C, m) {
         arg("head_dim"), arg("q_strides"), arg("k_strides"), arg("v_strides"), arg("o_strides"),
         arg("dkv_strides"), arg("lse_strides"), arg("scale"), arg("window_left"), arg("window_right"),
         arg("dtype"), arg("deterministic"), arg("device"), arg("stream"), arg("algo") = 0, arg("total_q") = -1,
-        arg("total_k") = -1, arg("delta") = 0, arg("delta_capacity") = 0);
+        arg("total_k") = -1, arg("delta") = 0, arg("delta_capacity") = 0, arg("dq_accum") = 0,
+        arg("dq_accum_capacity") = 0);
   m.def("flash_attn_decode_cuda", &pyllm::flash_attn_decode_cuda, nogil, arg("q"), arg("k_cache"), arg("v_cache"),
         arg("out"), arg("lse"), arg("seqused_k"), arg("batch"), arg("seqlen_q"), arg("capacity"), arg("n_heads"),
         arg("n_kv_heads"), arg("head_dim"), arg("q_strides"), arg("k_strides"), arg("v_strides"),

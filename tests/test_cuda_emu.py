@@ -65,7 +65,7 @@ SIGNATURES = {
                            I64, I64],
     "emu_bpe_encode": [P, P, P, I64, I32, P, P, I64, I32, P, P],
     "emu_flash_attn_bwd": [P, P, P, P, P, P, P, P, P, P, P, P, I64, I64, I64, I64, I64, I64, IP, IP, IP, IP, IP, IP, F64,
-                           I64, I64, I32, I32, I32, I64, I64, P, I64],
+                           I64, I64, I32, I32, I32, I64, I64, P, I64, P, I64],
 }
 
 
@@ -529,7 +529,8 @@ def test_kv_cache_decode_layouts(emu, dtype, Tq, layout):
 
 def emulated_attention(emu, q, k, v, dout, causal, window, cu_q=None, cu_k=None, algo=0):
     """out, lse, dq, dk, dv from the CUDA launchers (forward, then the backward with algo 0: the
-    tensor-core kernels, 1: the fp32 SIMT ones), every buffer framed."""
+    tensor-core kernels, 1: the fp32 SIMT ones, 2: the tensor-core kernels with dQ added up by
+    atomics, with deterministic=False), every buffer framed."""
     frame = Framed()
     varlen = cu_q is not None
     dtype, D = q.dtype, q.shape[-1]
@@ -553,10 +554,12 @@ def emulated_attention(emu, q, k, v, dout, causal, window, cu_q=None, cu_k=None,
                        left, right, CODES[dtype], *totals)
     dq, dk, dv = (frame(shape=t.shape, dtype=dtype) for t in (q, k, v))
     delta = frame(shape=lse.shape, dtype=torch.float32)
+    # the atomic variant's fp32 dQ accumulator: (rows, heads, D) as q, poisoned (the launcher zeroes it)
+    dq_accum = frame(shape=(q.numel(),), dtype=torch.float32) if algo == 2 else None
     emu.flash_attn_bwd(ptr(dout_e), 0, ptr(q_e), ptr(k_e), ptr(v_e), ptr(out), ptr(lse), ptr(dq), ptr(dk), ptr(dv),
                        ptr(cu_q_e), ptr(cu_k_e), batch, seqlen_q, seqlen_k, q.shape[-2], k.shape[-2], D, s3(q_e), s3(k_e),
-                       s3(v_e), s3(out), s3(dk), lse_strides, scale, left, right, CODES[dtype], True, algo, *totals,
-                       ptr(delta), delta.numel())
+                       s3(v_e), s3(out), s3(dk), lse_strides, scale, left, right, CODES[dtype], algo != 2, algo, *totals,
+                       ptr(delta), delta.numel(), ptr(dq_accum), 0 if dq_accum is None else dq_accum.numel())
     frame.check()
     return out, lse, dq, dk, dv
 
@@ -608,6 +611,37 @@ def test_flash_attn_taller_tiles(emu, monkeypatch, tiles, D):
         randn((1, 260, 1, D), torch.bfloat16), randn((1, 200, 2, D), torch.bfloat16)
     got = emulated_attention(emu, q, k, v, dout, True, (-1, -1))
     check_attention(got, q, k, v, dout, lambda a, b, c: attention(a, b, c, True))
+
+
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("case", ["square", "gqa", "mqa-short-q", "tiny", "no-key-rows"])
+@pytest.mark.parametrize("causal, window", [(False, (-1, -1)), (True, (-1, -1)), (False, (40, 7))],
+                         ids=["full", "causal", "window"])
+def test_flash_attn_atomic_dq_backward(emu, D, case, causal, window):
+    # PYLLM_ATTN_BWD=atomic (deterministic=False; sm_90, D = 64 / 128; unverified on a GPU): dQ
+    # added into an fp32 buffer by the dk_dv kernel, no dq kernel. dk and dv are the same sums as
+    # the deterministic kernels', so the same bits; dq within torch's error. "no-key-rows": causal
+    # with Tq > Tk leaves the first queries with no key (dq 0).
+    B, Tq, Tk, H, Hkv = ATTN_CASES[case] if case in ATTN_CASES else (2, 150, 70, 4, 1)
+    q, k, v, dout = randn((B, Tq, H, D), torch.bfloat16), randn((B, Tk, Hkv, D), torch.bfloat16), \
+        randn((B, Tk, Hkv, D), torch.bfloat16), randn((B, Tq, H, D), torch.bfloat16)
+    got = emulated_attention(emu, q, k, v, dout, causal, window, algo=2)
+    check_attention(got, q, k, v, dout, lambda a, b, c: attention(a, b, c, causal, window))
+    deterministic = emulated_attention(emu, q, k, v, dout, causal, window, algo=0)
+    for name, mine, theirs in zip(("out", "lse", "dk", "dv"), got[:2] + got[3:], deterministic[:2] + deterministic[3:]):
+        assert torch.equal(mine, theirs), name
+
+
+def test_flash_attn_atomic_dq_varlen(emu):
+    # packed sequences of 0, 1, 70 and 130 tokens (keys 5, 0, 90, 130), GQA: rows of the packed
+    # accumulator per sequence, a sequence with no keys (dq 0)
+    cu_q = torch.tensor([0, 0, 1, 71, 201], dtype=torch.int32)
+    cu_k = torch.tensor([0, 5, 5, 95, 225], dtype=torch.int32)
+    q, dout = randn((201, 4, 128), torch.bfloat16), randn((201, 4, 128), torch.bfloat16)
+    k, v = randn((225, 2, 128), torch.bfloat16), randn((225, 2, 128), torch.bfloat16)
+    got = emulated_attention(emu, q, k, v, dout, True, (-1, -1), cu_q, cu_k, algo=2)
+    check_attention(got, q, k, v, dout, lambda a, b, c: attention_varlen(a, b, c, cu_q, cu_k, causal=True))
+    assert torch.equal(got[2][:1], torch.zeros_like(got[2][:1]))  # the length-1 sequence sees no key
 
 
 def test_flash_attn_simt_backward(emu):

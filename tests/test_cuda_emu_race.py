@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # test_cuda_emu.py's cases under TSan: every kernel, each of its launch shapes and code paths (the
 # warp- and block-per-row RMSNorm, the scalar and vector GLU paths, both AdamW passes, the decode's
-# cache layouts, the attention forward and both backwards at each tile shape, the BPE encoder's
+# cache layouts, the attention forward and the backwards (mma, atomic dQ, SIMT) at each tile shape, the BPE encoder's
 # thread and block paths), one dtype where the dtype changes nothing in the synchronisation:
 # ~3 minutes. (The whole file, which passed on 2026-12-04, takes ~15 minutes under TSan:
 # `PYLLM_RACE_ALL=1` runs it all.)
@@ -44,6 +44,8 @@ SUBSET = " or ".join(f"({k})" for k in [
     "test_flash_attn_other_head_dims",
     "test_flash_attn_taller_tiles and 64",
     "test_flash_attn_simt_backward",
+    "test_flash_attn_atomic_dq_backward and causal and (gqa or no-key-rows)",
+    "test_flash_attn_atomic_dq_varlen",
     "test_flash_attn_varlen",
     "test_bpe_encoder and gpt4o",
 ])

@@ -811,6 +811,61 @@ def test_cuda_128_row_tiles_varlen_and_gradients(monkeypatch, tiles, dtype, d, c
         assert torch.equal(out_128, run(q, k, v))  # the same bits, as above
 
 
+# --- the atomic-dQ backward (PYLLM_ATTN_BWD=atomic, deterministic=False; D = 64 / 128, sm_90) -----
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("causal,window", [(False, (-1, -1)), (True, (-1, -1)), (False, (5, 3)), (True, (20, -1))],
+                         ids=str)
+@pytest.mark.parametrize("shape", [s for s in BWD_SHAPES if s[-1] in (64, 128)] + [(2, 150, 70, 4, 1, 64)], ids=str)
+def test_cuda_atomic_dq_backward_matches_reference(monkeypatch, dtype, shape, causal, window):
+    # dQ added into an fp32 buffer by the dk_dv kernel (no dq kernel; flash-attn's default): dq
+    # within twice torch's error, dk and dv the same sums as the deterministic kernels' (same
+    # bits); with deterministic=True the deterministic kernels whatever the setting. The last
+    # shape is causal with Tq > Tk: queries that see no key get dq = 0.
+    b, tq, tk, h, hk, d = shape
+    q, k, v = rand((b, tq, h, d), dtype, "cuda"), rand((b, tk, hk, d), dtype, "cuda"), rand((b, tk, hk, d), dtype, "cuda")
+    dout = rand((b, tq, h, d), dtype, "cuda")
+    run = lambda q, k, v: pyllm.flash_attn(q, k, v, causal=causal, window=window)  # noqa: E731
+    run_det = lambda q, k, v: pyllm.flash_attn(q, k, v, causal=causal, window=window, deterministic=True)  # noqa: E731
+    monkeypatch.setenv("PYLLM_ATTN_BWD", "atomic")
+    check_against_reference(q, k, v, dout, run, lambda q, k, v: attention(q, k, v, causal, window)[0])
+    atomic, atomic_det = grads_of(run, (q, k, v), dout)[1], grads_of(run_det, (q, k, v), dout)[1]
+    monkeypatch.setenv("PYLLM_ATTN_BWD", "mma")
+    mma = grads_of(run, (q, k, v), dout)[1]
+    assert torch.equal(atomic[1], mma[1]) and torch.equal(atomic[2], mma[2])
+    for a, b_ in zip(atomic_det, mma):
+        assert torch.equal(a, b_)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_cuda_atomic_dq_varlen_and_poisoned_outputs(monkeypatch, dtype, d, causal):
+    monkeypatch.setenv("PYLLM_ATTN_BWD", "atomic")
+    lens_q, lens_k = [0, 1, 130, 5, 0, 260, 3, 1], [0, 1, 70, 9, 4, 260, 0, 200]  # empty, length-1, Tq != Tk
+    cu_q, cu_k = cu(lens_q, "cuda"), cu(lens_k, "cuda")
+    q = rand((sum(lens_q), 4, d), dtype, "cuda")
+    k, v = rand((sum(lens_k), 2, d), dtype, "cuda"), rand((sum(lens_k), 2, d), dtype, "cuda")
+    run = lambda q, k, v: pyllm.flash_attn(q, k, v, causal=causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)  # noqa: E731
+    check_against_reference(q, k, v, rand(q.shape, dtype, "cuda"), run,
+                            lambda q, k, v: attention_varlen(q, k, v, cu_q.cpu(), cu_k.cpu(), causal=causal)[0])
+    # The sequence of 3 queries and no keys gets dq = 0; through the raw entry point, a poisoned dq
+    # is written everywhere.
+    seg = cu_q[6:8].tolist()
+    grads = grads_of(run, (q, k, v), rand(q.shape, dtype, "cuda"))[1]
+    assert torch.equal(grads[0][seg[0]:seg[1]], torch.zeros_like(grads[0][seg[0]:seg[1]]))
+    qd = rand((2, 67, 4, d), dtype, "cuda")
+    kd, vd = rand((2, 131, 2, d), dtype, "cuda"), rand((2, 131, 2, d), dtype, "cuda")
+    out, lse = torch.empty_like(qd), torch.empty(2, 4, 67, device="cuda")
+    fa.flash_attn_forward_into(qd, kd, vd, out, lse, None, None, 67, 131, 0.2, 3, 0)
+    dq, dk, dv = (poisoned(t.shape, t.dtype, "cuda") for t in (qd, kd, vd))
+    fa.flash_attn_backward_into(rand(qd.shape, dtype, "cuda"), None, qd, kd, vd, out, lse, dq, dk, dv, None, None,
+                                67, 131, 0.2, 3, 0, False, algo="atomic")
+    assert not dq.isnan().any()
+
+
 def test_emulated_tensor_core_kernels_match_reference():
     # tools/flash_attn_mma_emulate.py transliterates the CUDA kernels' index logic (tiles, swizzle,
     # ldmatrix / mma fragments, masks) to numpy: a few of its cases each run, so that it stays
@@ -837,7 +892,7 @@ def test_emulated_tensor_core_kernels_match_reference():
 
 
 def test_bwd_algo_choice_is_checked(monkeypatch):
-    assert fa._cuda_bwd_algo("simt") == 1 and fa._cuda_bwd_algo(None) == 0
+    assert fa._cuda_bwd_algo("simt") == 1 and fa._cuda_bwd_algo(None) == 0 and fa._cuda_bwd_algo("atomic") == 2
     monkeypatch.setenv("PYLLM_ATTN_BWD", "simt")
     assert fa._cuda_bwd_algo(None) == 1
     monkeypatch.setenv("PYLLM_ATTN_BWD", "wmma")

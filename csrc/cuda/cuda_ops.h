@@ -72,9 +72,10 @@ void flash_attn_bwd_cuda(uintptr_t dout, uintptr_t dlse, uintptr_t q, uintptr_t 
                          const std::vector<int64_t>& v_strides, const std::vector<int64_t>& o_strides,
                          const std::vector<int64_t>& dkv_strides, const std::vector<int64_t>& lse_strides,
                          double scale, int64_t window_left, int64_t window_right, int dtype, bool deterministic,
-                         int device, uintptr_t stream, int algo = 0,  // algo: 0 = mma, 1 = simt
+                         int device, uintptr_t stream, int algo = 0,  // algo: 0 = mma, 1 = simt, 2 = atomic
                          int64_t total_q = -1, int64_t total_k = -1,
-                         uintptr_t delta_ws = 0, int64_t delta_capacity = 0);  // fp32 scratch, lse's layout
+                         uintptr_t delta_ws = 0, int64_t delta_capacity = 0,  // fp32 scratch, lse's layout
+                         uintptr_t dq_accum_ws = 0, int64_t dq_accum_capacity = 0);  // fp32, algo 2 (see .cu)
 void flash_attn_decode_cuda(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, uintptr_t out, uintptr_t lse,
                             uintptr_t seqused_k, int64_t batch, int64_t seqlen_q, int64_t capacity, int64_t n_heads,
                             int64_t n_kv_heads, int64_t head_dim, const std::vector<int64_t>& q_strides,

@@ -2,13 +2,17 @@
 // Partly verified: ran on an H200 (2026-11-30): compute-sanitizer clean, its small cases right; the CUDA test suite not yet run through (see README).
 // The fp32 SIMT reference: 5-7 TFLOP/s fwd+bwd there, 10-30x slower than the mma backward.
 //
-// flash_attn_bwd_cuda runs the delta kernel below, then one of two implementations of dK, dV, dQ
-// chosen by its `algo` argument (Python: PYLLM_ATTN_BWD=mma|simt, default mma):
-//   mma (algo 0):  the FlashAttention-2 tensor-core kernels of flash_attn_bwd_mma.cu;
-//   simt (algo 1): the correctness-first fp32 SIMT kernels below, kept as the reference the GPU
-//                  tests compare the mma kernels with (and a fallback).
-// Both give every gradient element one owner that sums in a fixed order, with no atomics: they
-// are always bitwise deterministic, whatever `deterministic` says.
+// flash_attn_bwd_cuda runs the delta kernel below, then one of three implementations of dK, dV, dQ
+// chosen by its `algo` argument (Python: PYLLM_ATTN_BWD=mma|simt|atomic, default mma):
+//   mma (algo 0):    the FlashAttention-2 tensor-core kernels of flash_attn_bwd_mma.cu;
+//   simt (algo 1):   the correctness-first fp32 SIMT kernels below, kept as the reference the GPU
+//                    tests compare the mma kernels with (and a fallback);
+//   atomic (algo 2): the mma kernels with dQ added into an fp32 buffer by the dk_dv kernel (fp32
+//                    atomics, FlashAttention-2's default) instead of a dq kernel recomputing S and
+//                    dP; only with deterministic = false, at D = 64 / 128 on sm_90 (an experiment:
+//                    UNVERIFIED, never run on a GPU), else algo 0.
+// mma and simt give every gradient element one owner that sums in a fixed order, with no atomics:
+// they are bitwise deterministic, whatever `deterministic` says.
 //
 // The SIMT version (fp32 FMA, no tensor cores) is structured like the CPU twin's backward
 // (csrc/cpu/flash_attn.cpp). Three kernels:
@@ -251,7 +255,8 @@ void flash_attn_bwd_cuda(uintptr_t dout, uintptr_t dlse, uintptr_t q, uintptr_t 
                          const std::vector<int64_t>& dkv_strides, const std::vector<int64_t>& lse_strides,
                          double scale, int64_t window_left, int64_t window_right, int dtype, bool deterministic,
                          int device, uintptr_t stream, int algo, int64_t total_q, int64_t total_k,
-                         uintptr_t delta_ws, int64_t delta_capacity) {
+                         uintptr_t delta_ws, int64_t delta_capacity, uintptr_t dq_accum_ws,
+                         int64_t dq_accum_capacity) {
   AttnParams p = make_attn_params(q, k, v, cu_seqlens_q, cu_seqlens_k, 0, batch, seqlen_q, seqlen_k, n_heads,
                                   n_kv_heads, head_dim, q_strides, k_strides, v_strides, o_strides, lse_strides,
                                   scale, window_left, window_right, dtype);
@@ -264,8 +269,7 @@ void flash_attn_bwd_cuda(uintptr_t dout, uintptr_t dlse, uintptr_t q, uintptr_t 
   p.dk = reinterpret_cast<void*>(dk);
   p.dv = reinterpret_cast<void*>(dv);
   copy_strides(p.dkv_strides, dkv_strides, 3, "dkv_strides");
-  p.deterministic = true;  // always: see the header comment
-  PYLLM_CHECK(algo == 0 || algo == 1, "flash_attn: backward algo must be 0 (mma) or 1 (simt), got ", algo);
+  PYLLM_CHECK(algo >= 0 && algo <= 2, "flash_attn: backward algo must be 0 (mma), 1 (simt) or 2 (atomic), got ", algo);
   const bool simt = algo == 1;
   // Varlen: seqlen_q / seqlen_k are the max_seqlen bounds; the packed totals say what exists.
   const int64_t rows_q = p.cu_seqlens_q ? p.total_q : seqlen_q, rows_k = p.cu_seqlens_q ? p.total_k : seqlen_k;
@@ -296,13 +300,24 @@ void flash_attn_bwd_cuda(uintptr_t dout, uintptr_t dlse, uintptr_t q, uintptr_t 
   PYLLM_CHECK(delta_elems == 0 || (delta_ws && delta_ws % 4 == 0 && delta_capacity >= delta_elems),
               "flash_attn: the backward's delta workspace needs ", delta_elems, " fp32 elements (aligned), got ",
               delta_capacity);
+  // algo 2 where it exists: the (rows_q, n_heads, head_dim) fp32 dQ accumulator, from the caller
+  // (torch's caching allocator, as delta), 16-byte aligned for the conversion's float4 reads.
+  const int64_t accum_rows = p.cu_seqlens_q ? p.total_q : batch * seqlen_q;
+  const bool atomic_dq = algo == 2 && !deterministic && accum_rows > 0 && attn::atomic_dq_available(head_dim, device);
+  const int64_t accum_elems = atomic_dq ? accum_rows * n_heads * head_dim : 0;
+  PYLLM_CHECK(!atomic_dq || (dq_accum_ws && dq_accum_ws % 16 == 0 && dq_accum_capacity >= accum_elems),
+              "flash_attn: the atomic backward's dq accumulator needs ", accum_elems,
+              " fp32 elements (16-byte aligned), got ", dq_accum_capacity);
+  p.deterministic = !atomic_dq;
   const cudaStream_t s = as_stream(stream);
   float* delta = delta_elems ? reinterpret_cast<float*>(delta_ws) : nullptr;
   if (dtype == int(DType::f16))
     attn::dispatch_bwd<__half>(p, delta, simt, s);
   else
     attn::dispatch_bwd<__nv_bfloat16>(p, delta, simt, s);
-  if (!simt) attn::launch_bwd_mma(p, delta, device, s);
+  if (!simt)
+    attn::launch_bwd_mma(p, delta, device, s, atomic_dq ? reinterpret_cast<float*>(dq_accum_ws) : nullptr,
+                          accum_rows);
 }
 
 }  // namespace pyllm

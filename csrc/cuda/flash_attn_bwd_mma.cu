@@ -22,13 +22,28 @@
 // dq kernel: grid (ceil(Tq / 64), n_heads, batch), 4 warps x 16 query rows, looping over the key
 //   blocks the rows see, K and V double-buffered as in the forward; dQ stays in registers.
 //
-// dQ choice: a separate dq kernel (FlashAttention-2's option of recomputing S and dP there)
-// rather than fp32 atomicAdd of dS K into a dQ accumulator from the dk_dv kernel. Every gradient
-// element then has one owner that sums in a fixed order: the result is bitwise deterministic by
-// construction whatever `deterministic` says, there is no fp32 dQ buffer and no conversion
-// pass, and no atomics' ordering to get wrong with no GPU to test on. The cost is recomputing
-// S and dP: 7 matmuls of Tq x Tk x D per head instead of 5 (14 vs 10 * Tq * Tk * D FLOPs, half
-// for causal). Whether atomics would be faster is not yet measured.
+// dQ choice: by default a separate dq kernel (FlashAttention-2's option of recomputing S and dP
+// there) rather than fp32 atomicAdd of dS K into a dQ accumulator from the dk_dv kernel. Every
+// gradient element then has one owner that sums in a fixed order: the result is bitwise
+// deterministic by construction whatever `deterministic` says, there is no fp32 dQ buffer and no
+// conversion pass. The cost is recomputing S and dP: 7 matmuls of Tq x Tk x D per head instead of
+// 5 (14 vs 10 * Tq * Tk * D FLOPs, half for causal).
+// The atomic variant (AtomicDQ; PYLLM_ATTN_BWD=atomic with deterministic = false, D = 64 / 128,
+// sm_90 while it is an experiment: UNVERIFIED, never run on a GPU) is FlashAttention-2's default:
+// after each step's dK / dV mmas the dk_dv kernel stores dS^T (16-bit, as the dK mma rounds it)
+// in shared memory, and each warp computes 16 queries x 64 columns of dQ += dS K over the block's
+// keys (dS via ldmatrix.trans of the stored dS^T, K as the dq kernel reads it), then adds them
+// into a (rows, heads, D) fp32 buffer with red.global.add.v2.f32 (the launcher zeroes it first;
+// flash_attn_dq_from_accum_kernel scales and converts it to dq after). Per step and warp
+// (D = 64, BM = 64): 32 more mmas and 20 ldmatrix.x4 beside the 64 + 64 of S^T / dP^T and dV / dK,
+// one more barrier, 8 KB more shared memory (D = 128, BM = 32: 4 KB); ptxas (nvcc 13.0, sm_90):
+// 236 / 251 registers at D = 64 / 128, no spill (235 / 248 without). Traffic: BM x D fp32
+// reductions per step, i.e. dQ summed in L2 once per key block that sees it (Tk / 64 times, half
+// for causal) instead of the dq kernel's recompute; plus 4 + 4 + 2 bytes per dq element for the
+// zeroing, the conversion's read and its write. Summation order across key blocks is the order
+// the CTAs' reductions reach L2: dq is not bitwise repeatable; dk, dv are (the same sums as
+// without it: tests/test_cuda_emu.py checks the same bits). Which is faster is a GPU measurement
+// (bench_attention's "pyllm atomic-dq" rows).
 //
 // Memory traffic per (batch, KV head): dk_dv reads K, V once and Q, dO (plus 8 bytes of lse /
 // delta per row) once per key block per query head, mostly from L2; dq reads Q, dO once and K, V
@@ -97,15 +112,18 @@ constexpr int kMaxSmemBytes = 99 * 1024;
 // it: UNVERIFIED (never run on a GPU). Where a key tile's first query does not move with the
 // taller tile (no right window clamping it, e.g. non-causal without a window), the 16-query groups
 // its mmas sum are the same and so are the bits; otherwise a rounding-level difference.
-template <int D, int MK = 1>
+template <int D, int MK = 1, bool AtomicDQ = false>
 struct BwdKVTile {
   static constexpr int kWarps = kBwdMmaThreads / 32;
   static constexpr int kWarpsD = D <= 128 ? 1 : 2;               // warps splitting the head dim of dK / dV
   static constexpr int kBlockN = 16 * MK * kWarps / kWarpsD;       // keys per CTA: 64 (128 with MK = 2), 32 at D = 256
   static constexpr int kBlockM = (D <= 64 ? 64 : 32) / MK;         // queries per step
   static constexpr int kSliceD = D / kWarpsD;                      // dK / dV columns per warp
-  // K, V (one stage) + Q, dO (two stages) in 16-bit, + lse2, delta (two stages) in fp32.
-  static constexpr int kSmemBytes = (2 * kBlockN * D + 4 * kBlockM * D) * 2 + 4 * kBlockM * 4;
+  // K, V (one stage) + Q, dO (two stages) in 16-bit, + lse2, delta (two stages) in fp32, + with
+  // AtomicDQ the step's dS^T (kBlockN x kBlockM, 16-bit).
+  static constexpr int kSmemBytes =
+      (2 * kBlockN * D + 4 * kBlockM * D) * 2 + 4 * kBlockM * 4 + (AtomicDQ ? kBlockN * kBlockM * 2 : 0);
+  static_assert(!AtomicDQ || (MK == 1 && kWarpsD == 1), "the atomic dQ variant: 16 keys per warp, whole rows");
   static_assert(kSmemBytes <= kMaxSmemBytes, "dk_dv tile over 99 KB of shared memory");
   static_assert((kSliceD / 8) % 2 == 0 && (kBlockM / 8) % 2 == 0, "tiles pair up for ldmatrix.x4");
 };
@@ -159,19 +177,34 @@ __device__ __forceinline__ void acc_to_a(uint32_t (&a)[4], const float (&c0)[4],
   a[3] = pack2<T>(c1[2], c1[3]);
 }
 
-template <typename T, int D, int MK>
+// p[0] += x, p[1] += y in global memory (8-byte aligned): one vector reduction on sm_90 (red: no
+// value returned; atomicAdd(float2*) compiles to atom.global.add.v2.f32), two scalar ones before.
+__device__ __forceinline__ void atomic_add2(float* p, float x, float y) {
+#if !defined(PYLLM_CUDA_EMU) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(__cvta_generic_to_global(p)), "f"(x), "f"(y)
+               : "memory");
+#else
+  atomicAdd(p, x);
+  atomicAdd(p + 1, y);
+#endif
+}
+
+// dq_accum: with AtomicDQ, the (rows_q, n_heads, D) fp32 dQ / scale accumulator (zeroed by the
+// launcher), else unused.
+template <typename T, int D, int MK, bool AtomicDQ>
 __global__ void __launch_bounds__(kBwdMmaThreads)
-    flash_attn_bwd_dk_dv_mma_kernel(const AttnParams p, const float* __restrict__ delta, float scale_log2) {
+    flash_attn_bwd_dk_dv_mma_kernel(const AttnParams p, const float* __restrict__ delta, float scale_log2,
+                                    float* __restrict__ dq_accum) {
 #ifdef PYLLM_ATTN_UNSUPPORTED_ARCH
   __trap();
 #else
 #if __CUDA_ARCH__ < 900
-  if constexpr (MK > 1) {  // Hopper only while it is an experiment (see BwdKVTile)
+  if constexpr (MK > 1 || AtomicDQ) {  // Hopper only while they are experiments (see BwdKVTile, launch_bwd_mma_d)
     __trap();
     return;
   }
 #endif
-  using Tile = BwdKVTile<D, MK>;
+  using Tile = BwdKVTile<D, MK, AtomicDQ>;
   constexpr int BN = Tile::kBlockN, BM = Tile::kBlockM, MT = BM / 8, ST = Tile::kSliceD / 8;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T* sK = reinterpret_cast<T*>(smem_raw);
@@ -180,6 +213,7 @@ __global__ void __launch_bounds__(kBwdMmaThreads)
   T* sdO = sQ + 2 * BM * D;  // 2 stages of BM x D
   float* sLse2 = reinterpret_cast<float*>(sdO + 2 * BM * D);  // 2 stages of BM, log2 units
   float* sDelta = sLse2 + 2 * BM;                               // 2 stages of BM
+  T* sdS = reinterpret_cast<T*>(sDelta + 2 * BM);               // AtomicDQ: BN x BM, dS^T (keys x queries)
 
   const int b = blockIdx.z, hk = blockIdx.y;
   const SeqInfo s = seq_info(p, b);
@@ -321,6 +355,16 @@ __global__ void __launch_bounds__(kBwdMmaThreads)
         }
       }
     }
+    if constexpr (AtomicDQ) {
+      // dS^T, rounded as the dK mma takes it, for every warp's dQ phase below: this warp's key
+      // rows g, g + 8, queries 2t, 2t + 1 of each 8-query tile (one 32-bit store each).
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr)
+          *reinterpret_cast<uint32_t*>(sdS + Swizzle<BM>::offset(key_row0 + g + rr * 8, mt * 8) + 2 * t) =
+              pack2<T>(dpt[0][mt][2 * rr], dpt[0][mt][2 * rr + 1]);
+    }
 
     // dV += P^T dO and dK += dS^T Q over the block's queries, 16 per k-step, this warp's columns;
     // each dO / Q fragment feeds MK key tiles.
@@ -348,7 +392,46 @@ __global__ void __launch_bounds__(kBwdMmaThreads)
         }
       }
     }
-    __syncthreads();  // every warp is done with this stage before it is refilled
+    if constexpr (AtomicDQ) {
+      // dQ += dS K for this block's queries over its BN keys, added into dq_accum. Warp w takes
+      // 16 queries (m-tile w % QM) x D / CG columns: dS from sdS as the A operand (.trans of the
+      // stored dS^T), K as the B operand (.trans, keys = k), as the dq kernel reads it.
+      constexpr int QM = BM / 16, CG = (kBwdMmaThreads / 32) / QM, DQN = D / CG / 8;
+      static_assert(QM * CG == kBwdMmaThreads / 32 && DQN % 2 == 0, "dQ tiles cover the block evenly");
+      __syncthreads();  // every warp's dS^T rows are in sdS
+      const int m0 = (warp % QM) * 16, n0 = (warp / QM) * DQN * 8;
+      float dqa[DQN][4];
+#pragma unroll
+      for (int dt = 0; dt < DQN; ++dt) dqa[dt][0] = dqa[dt][1] = dqa[dt][2] = dqa[dt][3] = 0.f;
+#pragma unroll
+      for (int kb = 0; kb < BN / 16; ++kb) {
+        uint32_t a[4];
+        ldmatrix_x4_trans(a, frag_addr_rows_n<BM>(sdS, kb * 16, m0, lane));
+#pragma unroll
+        for (int dt = 0; dt < DQN; dt += 2) {
+          uint32_t bb[4];
+          ldmatrix_x4_trans(bb, frag_addr_rows_m<D>(sK, kb * 16, n0 + dt * 8, lane));
+          const uint32_t b0[2] = {bb[0], bb[1]}, b1[2] = {bb[2], bb[3]};
+          mma_16x8x16<T>(dqa[dt], a, b0);
+          mma_16x8x16<T>(dqa[dt + 1], a, b1);
+        }
+      }
+      // Rows of the sequence only (a block's last rows may lie past its end). Accumulator rows:
+      // (b, token) flattened as dq's rows, packed tokens for varlen.
+      const int hq = hk * group + step / n_qblocks;
+      const int valid = int(min(int64_t(BM), s.len_q - i0));
+      const int64_t row_base = (p.cu_seqlens_q ? 0 : int64_t(b) * p.seqlen_q) + s.q_start + i0;
+#pragma unroll
+      for (int rr = 0; rr < 2; ++rr) {
+        const int r = m0 + g + rr * 8;
+        if (r >= valid) continue;
+        float* dst = dq_accum + ((row_base + r) * p.n_heads + hq) * D + n0 + 2 * t;
+#pragma unroll
+        for (int dt = 0; dt < DQN; ++dt)
+          atomic_add2(dst + dt * 8, dqa[dt][2 * rr], dqa[dt][2 * rr + 1]);
+      }
+    }
+    __syncthreads();  // every warp is done with this stage (and sdS) before it is refilled
   }
   cp_async_wait<0>();  // nothing in flight at exit
 
@@ -557,15 +640,46 @@ __global__ void __launch_bounds__(kBwdMmaThreads)
 #endif
 }
 
-template <typename T, int D, int MK>
-void launch_dk_dv(const AttnParams& p, const float* delta, float scale_log2, int device, cudaStream_t stream) {
-  using Tile = BwdKVTile<D, MK>;
-  constexpr auto kernel = flash_attn_bwd_dk_dv_mma_kernel<T, D, MK>;
+template <typename T, int D, int MK, bool AtomicDQ = false>
+void launch_dk_dv(const AttnParams& p, const float* delta, float scale_log2, int device, cudaStream_t stream,
+                  float* dq_accum = nullptr) {
+  using Tile = BwdKVTile<D, MK, AtomicDQ>;
+  constexpr auto kernel = flash_attn_bwd_dk_dv_mma_kernel<T, D, MK, AtomicDQ>;
   opt_in_dynamic_smem<kernel>(Tile::kSmemBytes, device, "the backward's dk_dv kernel");
   const dim3 grid(unsigned((p.seqlen_k + Tile::kBlockN - 1) / Tile::kBlockN), unsigned(p.n_kv_heads),
                   unsigned(p.batch));
-  kernel<<<grid, kBwdMmaThreads, Tile::kSmemBytes, stream>>>(p, delta, scale_log2);
+  kernel<<<grid, kBwdMmaThreads, Tile::kSmemBytes, stream>>>(p, delta, scale_log2, dq_accum);
   PYLLM_CUDA_CHECK_LAUNCH("flash_attn_bwd_dk_dv_mma_kernel");
+}
+
+// dq = scale * dq_accum in dq's dtype and layout, 4 elements per thread: every row of
+// (rows_q, n_heads), rows_q being batch * seqlen_q or, varlen, the packed total (rows in no
+// sequence were never added to: zeros, as the caller's dq holds there).
+template <typename T>
+__global__ void flash_attn_dq_from_accum_kernel(const AttnParams p, const float* __restrict__ dq_accum,
+                                                int64_t rows_q) {
+  const int D = int(p.head_dim);
+  const int64_t n4 = rows_q * p.n_heads * D / 4;
+  const float scale = float(p.scale);
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n4; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t e = i * 4, row = e / D / p.n_heads;
+    const int h = int(e / D % p.n_heads), d = int(e % D);
+    const int64_t b = p.cu_seqlens_q ? 0 : row / p.seqlen_q, token = p.cu_seqlens_q ? row : row % p.seqlen_q;
+    const float4 x = reinterpret_cast<const float4*>(dq_accum)[i];
+    T* dst = static_cast<T*>(p.dq) + b * p.o_strides[0] + token * p.o_strides[1] + h * p.o_strides[2] + d;
+    reinterpret_cast<uint32_t*>(dst)[0] = pack2<T>(x.x * scale, x.y * scale);
+    reinterpret_cast<uint32_t*>(dst)[1] = pack2<T>(x.z * scale, x.w * scale);
+  }
+}
+
+template <typename T>
+void launch_dq_from_accum(const AttnParams& p, const float* dq_accum, int64_t rows_q, cudaStream_t stream) {
+  const int64_t n4 = rows_q * p.n_heads * p.head_dim / 4;
+  if (n4 == 0) return;
+  constexpr int kThreads = 256;
+  const int64_t blocks = std::min<int64_t>((n4 + kThreads - 1) / kThreads, 8192);  // grid-stride past that
+  flash_attn_dq_from_accum_kernel<T><<<unsigned(blocks), kThreads, 0, stream>>>(p, dq_accum, rows_q);
+  PYLLM_CUDA_CHECK_LAUNCH("flash_attn_dq_from_accum_kernel");
 }
 
 template <typename T, int D, int MT>
@@ -580,8 +694,18 @@ void launch_dq(const AttnParams& p, const float* delta, float scale_log2, int de
 }
 
 template <typename T, int D>
-void launch_bwd_mma_d(const AttnParams& p, const float* delta, int device, cudaStream_t stream) {
+void launch_bwd_mma_d(const AttnParams& p, const float* delta, int device, cudaStream_t stream, float* dq_accum,
+                      int64_t rows_q) {
   const float scale_log2 = float(p.scale * 1.4426950408889634);
+  if constexpr (D == 64 || D == 128) {  // the atomic dQ variant: D = 64 / 128, sm_90 (atomic_dq_available)
+    if (dq_accum) {
+      // Zeroed here, on the stream: the dk_dv CTAs of every key block add into it.
+      PYLLM_CUDA_CHECK(cudaMemsetAsync(dq_accum, 0, size_t(rows_q * p.n_heads * D) * sizeof(float), stream));
+      if (p.seqlen_k > 0) launch_dk_dv<T, D, 1, true>(p, delta, scale_log2, device, stream, dq_accum);
+      launch_dq_from_accum<T>(p, dq_accum, rows_q, stream);
+      return;
+    }
+  }
   if (p.seqlen_k > 0) {
     if constexpr (D == 64) {  // the taller tiles exist at D = 64 only (BwdKVTile)
       if (tall_tiles(device, "PYLLM_ATTN_BWD_DKV_BLOCK_N") == 2)
@@ -605,16 +729,23 @@ void launch_bwd_mma_d(const AttnParams& p, const float* delta, int device, cudaS
 }
 
 template <typename T>
-void dispatch_bwd_mma(const AttnParams& p, const float* delta, int device, cudaStream_t stream) {
-  dispatch_head_dim(p.head_dim,
-                    [&](auto d) { launch_bwd_mma_d<T, decltype(d)::value>(p, delta, device, stream); });
+void dispatch_bwd_mma(const AttnParams& p, const float* delta, int device, cudaStream_t stream, float* dq_accum,
+                      int64_t rows_q) {
+  dispatch_head_dim(p.head_dim, [&](auto d) {
+    launch_bwd_mma_d<T, decltype(d)::value>(p, delta, device, stream, dq_accum, rows_q);
+  });
 }
 
-void launch_bwd_mma(const AttnParams& p, const float* delta, int device, cudaStream_t stream) {
+bool atomic_dq_available(int64_t head_dim, int device) {
+  return (head_dim == 64 || head_dim == 128) && runs_sm90_code(device);
+}
+
+void launch_bwd_mma(const AttnParams& p, const float* delta, int device, cudaStream_t stream, float* dq_accum,
+                    int64_t rows_q) {
   if (p.dtype == int(DType::f16))
-    dispatch_bwd_mma<__half>(p, delta, device, stream);
+    dispatch_bwd_mma<__half>(p, delta, device, stream, dq_accum, rows_q);
   else
-    dispatch_bwd_mma<__nv_bfloat16>(p, delta, device, stream);
+    dispatch_bwd_mma<__nv_bfloat16>(p, delta, device, stream, dq_accum, rows_q);
 }
 
 }  // namespace attn

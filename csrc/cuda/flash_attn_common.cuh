@@ -181,21 +181,30 @@ void opt_in_dynamic_smem(int bytes, int device, const char* what) {
 // compute_80 PTX, where __CUDA_ARCH__ is 800 and the taller kernels are a __trap() (a sticky error
 // that takes torch's context down with it). The probe's ptxVersion says which virtual arch the
 // device runs this module's code from.
+// runs_sm90_code: whether `device` runs this module's sm_90 code (asked by the other sm_90
+// experiments too: the backward's atomic dQ).
 __global__ void tall_tiles_probe_kernel();
+inline bool runs_sm90_code(int device) {
+  int major = 0;
+  PYLLM_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  if (major != 9) return false;
+  cudaFuncAttributes attr{};
+  PYLLM_CUDA_CHECK(cudaFuncGetAttributes(&attr, tall_tiles_probe_kernel));
+  return attr.ptxVersion >= 90;
+}
 inline int tall_tiles(int device, const char* env_name) {
   const char* env = std::getenv(env_name);
   if (!env || std::strcmp(env, "128") != 0) return 1;
-  int major = 0;
-  PYLLM_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  if (major != 9) return 1;
-  cudaFuncAttributes attr{};
-  PYLLM_CUDA_CHECK(cudaFuncGetAttributes(&attr, tall_tiles_probe_kernel));
-  return attr.ptxVersion >= 90 ? 2 : 1;
+  return runs_sm90_code(device) ? 2 : 1;
 }
 
 // The tensor-core backward's dk_dv and dq kernels (flash_attn_bwd_mma.cu), launched by
-// flash_attn_bwd_cuda after its delta kernel; p.dtype is f16 or bf16.
-void launch_bwd_mma(const AttnParams& p, const float* delta, int device, cudaStream_t stream);
+// flash_attn_bwd_cuda after its delta kernel; p.dtype is f16 or bf16. With dq_accum (fp32, rows_q *
+// n_heads * head_dim, 16-byte aligned; only where atomic_dq_available) the dk_dv kernel adds dQ into
+// it with fp32 atomics (not bitwise repeatable) and a conversion pass writes dq: no dq kernel.
+bool atomic_dq_available(int64_t head_dim, int device);
+void launch_bwd_mma(const AttnParams& p, const float* delta, int device, cudaStream_t stream, float* dq_accum,
+                    int64_t rows_q);
 
 // Host-side checks shared by the launchers.
 inline void check_cuda_attn_args(const AttnParams& p, int dtype, int device) {

@@ -292,9 +292,13 @@ def flash_attn_forward_into(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_s
                               **(cache_options or {}))
 
 
-# The CUDA backward's two implementations (csrc/cuda/flash_attn_bwd.cu): the tensor-core kernels
-# (default) and the fp32 SIMT ones kept as their reference. Both are always deterministic.
-BWD_ALGOS = {"mma": 0, "simt": 1}
+# The CUDA backward's implementations (csrc/cuda/flash_attn_bwd.cu): the tensor-core kernels
+# (default) and the fp32 SIMT ones kept as their reference, both always deterministic; "atomic",
+# the tensor-core kernels with dQ added up by fp32 atomics (FlashAttention-2's default), only
+# with deterministic=False at head dims 64 / 128 on sm_90, else "mma": an experiment, unverified
+# on a GPU, off unless asked for.
+BWD_ALGOS = {"mma": 0, "simt": 1, "atomic": 2}
+ATOMIC_DQ_HEAD_DIMS = (64, 128)
 
 
 def _cuda_bwd_algo(algo: Optional[str]) -> int:
@@ -311,7 +315,7 @@ def flash_attn_backward_into(dout, dlse, q, k, v, out, lse, dq, dk, dv, cu_seqle
                              alibi_slopes: Optional[Tensor] = None) -> None:
     """dq, dk, dv from dout (and dlse, or None). out, dout and dq share one layout, dk and dv one.
 
-    algo: the CUDA backward, "mma" or "simt"; None reads PYLLM_ATTN_BWD (default "mma").
+    algo: the CUDA backward, "mma", "simt" or "atomic"; None reads PYLLM_ATTN_BWD (default "mma").
     """
     _check_softcap_device(q, softcap)
     _check_alibi_device(q, alibi_slopes)
@@ -328,9 +332,17 @@ def flash_attn_backward_into(dout, dlse, q, k, v, out, lse, dq, dk, dv, cu_seqle
         # delta = rowsum(dO * O) - dlse, fp32 in lse's layout: from torch's caching allocator.
         delta = torch.empty_strided(lse.shape, lse.stride(), dtype=torch.float32, device=q.device)
         delta_capacity = delta.untyped_storage().nbytes() // 4
+        algo_code = _cuda_bwd_algo(algo)
+        # "atomic": an fp32 dQ accumulator of q's (rows, heads, D), zeroed by the C++ side, which
+        # uses it only where the variant exists (else the deterministic kernels: unused)
+        dq_accum = None
+        if (algo_code == BWD_ALGOS["atomic"] and not deterministic and q.shape[-1] in ATOMIC_DQ_HEAD_DIMS
+                and torch.cuda.get_device_capability(q.device)[0] == 9):
+            dq_accum = torch.empty(q.numel(), dtype=torch.float32, device=q.device)
         _C.flash_attn_bwd_cuda(*args, bool(deterministic), q.device.index, _util.stream_of(q),
-                               _cuda_bwd_algo(algo), **_packed_totals(q, k, varlen), delta=_opt_ptr(delta),
-                               delta_capacity=delta_capacity)
+                               algo_code, **_packed_totals(q, k, varlen), delta=_opt_ptr(delta),
+                               delta_capacity=delta_capacity, dq_accum=_opt_ptr(dq_accum),
+                               dq_accum_capacity=0 if dq_accum is None else dq_accum.numel())
     else:
         _util.init_cpu_threads()
         _C.flash_attn_bwd_cpu(*args, softcap=float(softcap), **_alibi_args(alibi_slopes, q.shape[-2], batch))  # deterministic
@@ -1054,10 +1066,12 @@ def flash_attn(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, softmax
         return_lse: also return the log-sum-exp of the scaled scores, fp32 (fp64 for fp64
             inputs), shape (batch, n_heads, seqlen_q), or (n_heads, total_q) for varlen;
             +inf for queries that see no key. It is differentiable too.
-        deterministic: bitwise-repeatable gradients. Both backwards (CPU and CUDA) already are:
-            every gradient element has one owner that sums in a fixed order (no atomics). The
-            CUDA backward runs on tensor cores; PYLLM_ATTN_BWD=simt selects the fp32 SIMT
-            reference kernels instead (for testing).
+        deterministic: bitwise-repeatable gradients. Both backwards (CPU and CUDA) are, by
+            default: every gradient element has one owner that sums in a fixed order (no
+            atomics). The CUDA backward runs on tensor cores; PYLLM_ATTN_BWD=simt selects the
+            fp32 SIMT reference kernels instead (for testing). PYLLM_ATTN_BWD=atomic (an
+            experiment, unverified on a GPU: head dims 64 / 128 on sm_90) adds dq up with fp32
+            atomics, as flash-attn does, when deterministic is False: not bitwise repeatable.
         softcap: > 0 caps the scaled scores as softcap * tanh(s / softcap) before the mask and the
             softmax (Gemma 2's attn_logit_softcapping, flash-attn's softcap); the LSE is of the
             capped scores. CPU kernels only for now: NotImplementedError on CUDA.

@@ -36,7 +36,8 @@ CASES = {
     "flash_attn_bwd.cu": "test_flash_attn_simt_backward",
     "flash_attn_bwd_mma.cu": "(test_flash_attn_forward_and_backward and bfloat16 and 64 and (square or mqa or tiny) "
                              "and not full-square) or (test_flash_attn_taller_tiles and 64) or "
-                             "test_flash_attn_other_head_dims",
+                             "test_flash_attn_other_head_dims or (test_flash_attn_atomic_dq_backward and causal and "
+                             "(gqa or no-key-rows))",
     "flash_attn_decode.cu": "(test_kv_cache_decode and bfloat16 and 64) or (test_kv_cache_decode_layouts and 3)",
     "flash_attn_fwd.cu": "(test_flash_attn_forward_and_backward and bfloat16 and 64 and (square or mqa or tiny) "
                          "and not full-square) or (test_flash_attn_taller_tiles and 64)",

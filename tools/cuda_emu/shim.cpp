@@ -151,13 +151,13 @@ int emu_flash_attn_bwd(uintptr_t dout, uintptr_t dlse, uintptr_t q, uintptr_t k,
                        const int64_t* v_strides, const int64_t* o_strides, const int64_t* dkv_strides,
                        const int64_t* lse_strides, double scale, int64_t window_left, int64_t window_right, int dtype,
                        int deterministic, int algo, int64_t total_q, int64_t total_k, uintptr_t delta_ws,
-                       int64_t delta_capacity) {
+                       int64_t delta_capacity, uintptr_t dq_accum_ws, int64_t dq_accum_capacity) {
   return guarded([&] {
     pyllm::flash_attn_bwd_cuda(dout, dlse, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, batch, seqlen_q,
                                seqlen_k, n_heads, n_kv_heads, head_dim, vec(q_strides, 3), vec(k_strides, 3),
                                vec(v_strides, 3), vec(o_strides, 3), vec(dkv_strides, 3), vec(lse_strides, 2), scale,
                                window_left, window_right, dtype, deterministic, 0, 0, algo, total_q, total_k, delta_ws,
-                               delta_capacity);
+                               delta_capacity, dq_accum_ws, dq_accum_capacity);
   });
 }
 

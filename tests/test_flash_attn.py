@@ -814,7 +814,7 @@ def test_cuda_128_row_tiles_varlen_and_gradients(monkeypatch, tiles, dtype, d, c
 # --- the atomic-dQ backward (PYLLM_ATTN_BWD=atomic, deterministic=False; D = 64 / 128, sm_90) -----
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16], ids=str)  # (fp16: the varlen test below; only the mma differs)
 @pytest.mark.parametrize("causal,window", [(False, (-1, -1)), (True, (-1, -1)), (False, (5, 3)), (True, (20, -1))],
                          ids=str)
 @pytest.mark.parametrize("shape", [s for s in BWD_SHAPES if s[-1] in (64, 128)] + [(2, 150, 70, 4, 1, 64)], ids=str)

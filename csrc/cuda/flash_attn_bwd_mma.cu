@@ -43,7 +43,9 @@
 // zeroing, the conversion's read and its write. Summation order across key blocks is the order
 // the CTAs' reductions reach L2: dq is not bitwise repeatable; dk, dv are (the same sums as
 // without it: tests/test_cuda_emu.py checks the same bits). Which is faster is a GPU measurement
-// (bench_attention's "pyllm atomic-dq" rows).
+// (bench_attention's "pyllm atomic-dq" rows). tools/cuda_emu/barrier_check.py (2026-12-04): each of
+// this file's 5 barriers removed in turn is reported by the race build, the new dS^T barrier
+// among them (its removal left the plain emulator's answers right: only the race build sees it).
 //
 // Memory traffic per (batch, KV head): dk_dv reads K, V once and Q, dO (plus 8 bytes of lse /
 // delta per row) once per key block per query head, mostly from L2; dq reads Q, dO once and K, V

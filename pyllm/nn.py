@@ -1392,8 +1392,8 @@ def linear_distill(x: torch.Tensor, weight: torch.Tensor, x_teacher: torch.Tenso
     temperature), fp32, fused as linear_cross_entropy (Liger-Kernel's fused linear JSD): the student's
     gradients computed chunk by chunk in the forward, the teacher's logits a chunk at a time (no
     gradient for the teacher). x (N, C), weight (V, C), x_teacher (N, C_teacher), weight_teacher (V,
-    C_teacher): the two models' final hidden states at the same N positions and output layers over
-    one vocabulary. Under autocast all four are cast to its dtype first. scale, softcap (and the
+    C_teacher): the two models' final hidden states at the same N positions (or the same (B, T, ...)
+    leading dims, taken as rows) and output layers over one vocabulary. Under autocast all four are cast to its dtype first. scale, softcap (and the
     teacher's): each model's logits scaled and capped, as in linear_cross_entropy, before the
     temperature divides them. Each chunk's divergences and gradient are pyllm.ops.distill's kernel
     where it takes them (one call, the chunk's logits in x's dtype, 64 MiB of each model's by default):
@@ -1401,10 +1401,13 @@ def linear_distill(x: torch.Tensor, weight: torch.Tensor, x_teacher: torch.Tenso
     torch ops in fp32 (at least)."""
     if not 0.0 <= beta <= 1.0 or not temperature > 0:
         raise ValueError(f"linear_distill: beta must be in [0, 1] and temperature > 0, got {beta}, {temperature}")
-    if weight.shape[0] != weight_teacher.shape[0] or x.shape[0] != x_teacher.shape[0]:
-        raise ValueError(f"linear_distill: the student's and the teacher's rows and vocabularies must match, got "
-                         f"{x.shape[0]} / {x_teacher.shape[0]} rows, {weight.shape[0]} / {weight_teacher.shape[0]} words")
+    _check_output_layer("linear_distill", x, weight)
     _check_output_layer("linear_distill (the teacher's)", x_teacher, weight_teacher)
+    if weight.shape[0] != weight_teacher.shape[0] or x.shape[:-1] != x_teacher.shape[:-1]:
+        raise ValueError(f"linear_distill: the student's and the teacher's positions and vocabularies must match, got "
+                         f"x {tuple(x.shape)} / x_teacher {tuple(x_teacher.shape)}, "
+                         f"{weight.shape[0]} / {weight_teacher.shape[0]} words")
+    x_teacher = x_teacher.reshape(-1, x_teacher.shape[-1])  # (N, C_teacher), as x becomes below
     if x_teacher.device != x.device:
         raise ValueError(f"linear_distill: x_teacher is on {x_teacher.device} but x on {x.device}; they must match")
     x, weight, chunk_rows = _fused_linear_inputs(x, weight, chunk_rows, softcap or teacher_softcap, distill_ops.takes)

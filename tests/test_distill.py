@@ -131,6 +131,21 @@ def test_bad_arguments():
         linear_distill(x, w, x, w, beta=1.5)
     with pytest.raises(ValueError, match="vocabularies must match"):
         linear_distill(x, w, x, torch.randn(11, 8))
+    with pytest.raises(ValueError, match=r"positions .* must match, got x \(4, 8\) / x_teacher \(2, 2, 8\)"):
+        linear_distill(x, w, x.view(2, 2, 8), w)  # the same rows, laid out otherwise: not taken as the same
+
+
+def test_linear_distill_takes_leading_dims():
+    # (B, T, C) hidden states, as a model's last layer gives them: the rows of both models in order
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
+    xt, wt = torch.randn(3, 5, 24, dtype=torch.float64), torch.randn(50, 24, dtype=torch.float64)
+    got = linear_distill(x, w, xt, wt, 0.5, 1.5, chunk_rows=4)
+    want = linear_distill(x.reshape(15, 16), w, xt.reshape(15, 24), wt, 0.5, 1.5, chunk_rows=4)
+    assert rel_err(got, reference(x, w, xt, wt, 0.5, 1.5)) < 1e-13 and torch.equal(got, want)
+    for g, ref in zip(torch.autograd.grad(got, [x, w]), torch.autograd.grad(reference(x, w, xt, wt, 0.5, 1.5), [x, w])):
+        assert g.shape == ref.shape and rel_err(g, ref) < 1e-12
     with pytest.raises(ValueError, match=r"linear_distill \(the teacher's\): scale must be positive"):
         linear_distill(x, w, x, w, teacher_scale=0.0)
     with pytest.raises(ValueError, match="softcap None or positive and finite, got scale=1.0, softcap=-1.0"):

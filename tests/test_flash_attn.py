@@ -1635,6 +1635,27 @@ def test_kvcache_shortcut_leaves_tracing_and_autograd_to_the_op():
     assert torch.equal(compiled_k, k_cache) and torch.equal(compiled_v, v_cache)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)  # (fp16: the widened path)
+def test_kvcache_forward_under_grad_and_a_backward_that_says_there_is_none(dtype):
+    # As flash-attn's: no backward. A call whose inputs need grad (a generation step outside
+    # no_grad) still runs, appends and gives the no-grad call's bits; a backward through it raises
+    # NotImplementedError saying what to use instead (it had raised torch's generic message).
+    q, k_new, v_new = new_kv(2, 1, 4, 2, 64, dtype, "contiguous")
+    k_cache, v_cache, _ = kv_cache_pair(2, 16, 2, 64, dtype, "contiguous")
+    lengths = torch.tensor([3, 9], dtype=torch.int32)
+    with torch.no_grad():
+        want = pyllm.flash_attn_with_kvcache(q, k_cache.clone(), v_cache.clone(), lengths, k_new, v_new)
+    for cache_seqlens in (lengths, 5):
+        kc, vc = k_cache.clone(), v_cache.clone()
+        q_leaf, k_leaf = q.clone().requires_grad_(), k_new.clone().requires_grad_()
+        out = pyllm.flash_attn_with_kvcache(q_leaf, kc, vc, cache_seqlens, k_leaf, v_new)
+        assert out.requires_grad and torch.equal(kc[1, 9 if cache_seqlens is lengths else 5], k_new[1, 0])
+        if cache_seqlens is lengths:
+            assert torch.equal(out, want)
+        with pytest.raises(NotImplementedError, match="flash_attn_with_kvcache has no backward.*pyllm.flash_attn"):
+            out.sum().backward()
+
+
 def test_kvcache_shortcut_append_is_seen_by_autograd_and_inference_mode():
     # The shortcut's append bumps the caches' version counters: a product that saved the cache for
     # its backward raises there instead of using the overwritten values.

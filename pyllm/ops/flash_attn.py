@@ -836,6 +836,23 @@ _flash_attn_with_kvcache = torch.library.custom_op("pyllm::flash_attn_with_kvcac
     _flash_attn_with_kvcache_body)
 
 
+class _KVCacheNoBackward(torch.autograd.Function):
+    """The op's body for eager calls with an input that needs grad: the forward runs as without it
+    (an eval or generation step outside no_grad works, as flash-attn's does); a backward through it
+    says that there is none, where torch's generic "no autograd formula was registered" named no
+    way out."""
+
+    @staticmethod
+    def forward(ctx, *args):
+        return _flash_attn_with_kvcache_body(*args)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise NotImplementedError("flash_attn_with_kvcache has no backward (as flash-attn's): it is for inference "
+                                  "with a KV cache; for training call pyllm.flash_attn (causal=True, cu_seqlens for "
+                                  "packed sequences), or run the cache step under torch.no_grad()")
+
+
 @_flash_attn_with_kvcache.register_fake
 def _(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale, window_left, window_right, softcap=0.0,
       sinks=None, alibi_slopes=None, cache_batch_idx=None, cache_leftpad=None, block_table=None):
@@ -1219,7 +1236,7 @@ def _kvcache_widened(q, k_cache, v_cache, cache_seqlens, k_new, v_new, capacity:
         longest = int(cache_seqlens.max()) if cache_seqlens.numel() else 0
     # only those copied (bad lengths: the call says so); a paged cache's blocks are anywhere: all of them
     keys = capacity if block_table is not None or longest is None else min(max(longest + n_new, 0), capacity)
-    out, lse = _util.call(_flash_attn_with_kvcache_body, _flash_attn_with_kvcache, None, _widened(q),
+    out, lse = _util.call(_flash_attn_with_kvcache_body, _flash_attn_with_kvcache, _KVCacheNoBackward, _widened(q),
                           _widened(k_cache[:, :keys]), _widened(v_cache[:, :keys]), cache_seqlens, _widened(k_new),
                           _widened(v_new), scale, left, right, softcap, sinks, alibi_slopes, cache_batch_idx,
                           cache_leftpad, block_table)
@@ -1420,9 +1437,10 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_s
         else:
             cache_seqlens = torch.full((q.shape[0],), length, dtype=torch.int32, device=q.device)
     # The op's dispatch cost ~0.1 ms per call on the CPU (op 0.20 ms vs its body 0.10 ms at cache
-    # 512, D = 64, H = 8), as much as the kernel. Not differentiable: calls that need grad take the op.
+    # 512, D = 64, H = 8), as much as the kernel. Not differentiable: calls that need grad run it under
+    # _KVCacheNoBackward, whose backward says so.
     if result is None:
-        result = _util.call(_flash_attn_with_kvcache_body, _flash_attn_with_kvcache, None, q, k_cache, v_cache,
-                            cache_seqlens, k_new, v_new, scale, left, right, float(softcap), sinks, alibi_slopes,
-                            cache_batch_idx, cache_leftpad, block_table)
+        result = _util.call(_flash_attn_with_kvcache_body, _flash_attn_with_kvcache, _KVCacheNoBackward, q, k_cache,
+                            v_cache, cache_seqlens, k_new, v_new, scale, left, right, float(softcap), sinks,
+                            alibi_slopes, cache_batch_idx, cache_leftpad, block_table)
     return result if return_lse else result[0]

@@ -76,6 +76,7 @@ class Emu:
         self.lib = lib
         lib.emu_error.restype = ctypes.c_char_p
         lib.emu_set_device.argtypes = [I32, I32, I32, I32]
+        lib.emu_set_block_order.argtypes = [I32, ctypes.c_uint64]
         for name, types in SIGNATURES.items():
             fn = getattr(lib, name)
             fn.argtypes = types
@@ -100,6 +101,9 @@ def emu():
         pytest.skip("no CUDA toolkit headers to build the emulator with")
     e = Emu(lib)
     lib.emu_set_device(4, 9, 0, 227 * 1024)
+    # PYLLM_EMU_BLOCK_ORDER=reverse|shuffle: every launch's blocks in that order (the grid's otherwise)
+    e.block_order = {"reverse": 1, "shuffle": 2}.get(os.environ.get("PYLLM_EMU_BLOCK_ORDER", ""), 0)
+    lib.emu_set_block_order(e.block_order, 1)
     return e
 
 
@@ -659,6 +663,60 @@ def test_flash_attn_varlen(emu):
     got = emulated_attention(emu, q, k, v, dout, True, (-1, -1), cu_q, cu_k)
     ref = lambda a, b, c: attention_varlen(a, b, c, cu_q, cu_k, causal=True)
     check_attention(got, q, k, v, dout, ref)
+
+
+# --- the order of a launch's blocks -----------------------------------------------------------------
+
+# One case per kernel and launch shape: (test, its arguments after emu, whether its outputs must keep
+# their bits). The atomic-dQ backward's dq sums in the order blocks run (here 3 key blocks: its bits
+# do change), so it is only rechecked.
+BLOCK_ORDER_CASES = {
+    "glu": (test_glu_forward_and_backward, (torch.bfloat16, 130, 64, 0, "split"), True),
+    "rms_norm-block-rows": (test_rms_norm_forward_and_backward, (torch.float32, 100, 2048, True, 0.0, False), True),
+    "rms_norm-warp-rows": (test_rms_norm_forward_and_backward, (torch.bfloat16, 9, 256, True, 1.0, True), True),
+    "rope": (test_rope, (torch.bfloat16, 2, 7, 3, 64, 64, True, False, False), True),
+    "cross_entropy": (test_cross_entropy, (torch.bfloat16, 6, 100, "smoothing", False), True),
+    "generalized_jsd": (test_generalized_jsd, (torch.bfloat16, 4, 1001, 0.5, 2.0, "plain"), True),
+    "adamw": (test_adamw, (torch.bfloat16, True, True, True), True),
+    "kv_cache_decode": (test_kv_cache_decode, (torch.bfloat16, 64, 3, 2, 4, 2, 700, [5, 700, 333], (-1, 0)), True),
+    "kv_cache_paged": (test_kv_cache_decode_layouts, (torch.bfloat16, 3, "paged-leftpad"), True),
+    "flash_attn": (test_flash_attn_forward_and_backward, (torch.bfloat16, 64, "gqa", True, (-1, -1)), True),
+    "flash_attn-d256": (test_flash_attn_other_head_dims, (256,), True),
+    "flash_attn-simt": (test_flash_attn_simt_backward, (), True),
+    "flash_attn-varlen": (test_flash_attn_varlen, (), True),
+    "flash_attn-atomic-dq": (test_flash_attn_atomic_dq_backward, (128, "square", False, (-1, -1)), False),
+}
+
+
+@pytest.mark.parametrize("case", list(BLOCK_ORDER_CASES))
+def test_block_order(emu, monkeypatch, case):
+    # A GPU runs a launch's blocks in any order (and at once). Each case again with its blocks reversed
+    # and shuffled: its checks still pass, and every buffer it framed (inputs, outputs, workspaces) has
+    # the same bits as in the grid's order: no block reads what another block of its launch writes
+    # (pyllm's kernels give each output one owner), and the deterministic kernels stay so.
+    test, args, same_bits = BLOCK_ORDER_CASES[case]
+    frames: list[Framed] = []
+    init = Framed.__init__
+
+    def recording_init(self):
+        init(self)
+        frames.append(self)
+
+    monkeypatch.setattr(Framed, "__init__", recording_init)
+    runs = []
+    try:
+        for order, seed in ((0, 0), (1, 0), (2, 12345)):
+            emu.lib.emu_set_block_order(order, seed)
+            frames.clear()
+            torch.manual_seed(0)
+            test(emu, *args)
+            runs.append([whole.view(torch.uint8).clone() for f in frames for whole, *_ in f.frames])
+    finally:
+        emu.lib.emu_set_block_order(emu.block_order, 1)
+    assert runs[0], "the case framed no buffers"
+    if same_bits:
+        for other in runs[1:]:
+            assert len(other) == len(runs[0]) and all(torch.equal(a, b) for a, b in zip(runs[0], other))
 
 
 # --- BPE batch encoder -----------------------------------------------------------------------------

@@ -110,6 +110,12 @@ std::vector<char*> stacks;
 std::vector<void*> tsan_fibers, tsan_engines;  // race mode: per fiber slot, kept (as the stacks are) across blocks
 std::vector<unsigned char> smem;
 std::map<const void*, int> max_dynamic_smem;  // cudaFuncSetAttribute's opt-ins
+// The order blocks run in (emu_set_block_order): 0 the grid's (x fastest), 1 reversed, 2 a shuffle
+// drawn from block_seed per launch. A GPU runs them in any order, and at once: a kernel whose answer
+// (or, for pyllm's deterministic kernels, whose bits) changes with the order reads what another
+// block of the same launch writes.
+int block_order = 0;
+uint64_t block_seed = 0;
 cudaError_t last_error = cudaSuccess;
 std::string last_message;
 
@@ -328,15 +334,35 @@ void run_grid(const void* kernel, const LaunchConfig& c, void (*body)(void*), vo
   Block b;
   b.body = body;
   b.state = state;
-  for (unsigned z = 0; z < c.grid.z; ++z)
-    for (unsigned y = 0; y < c.grid.y; ++y)
-      for (unsigned x = 0; x < c.grid.x; ++x) {
-        block_idx = dim3(x, y, z);
-        run_block(b);
-        if (!b.error.empty())
-          return set_error(cudaErrorLaunchFailure, "block (" + std::to_string(x) + ", " + std::to_string(y) + ", " +
-                                                       std::to_string(z) + "): " + b.error);
-      }
+  const uint64_t n_blocks = uint64_t(c.grid.x) * c.grid.y * c.grid.z;
+  std::vector<uint64_t> order;  // (the grid's order needs no list: grids of 2^31 blocks exist)
+  if (block_order != 0) {
+    order.resize(n_blocks);
+    for (uint64_t i = 0; i < n_blocks; ++i) order[i] = block_order == 1 ? n_blocks - 1 - i : i;
+    if (block_order == 2) {  // Fisher-Yates on splitmix64, seeded per launch
+      uint64_t rng = block_seed++;
+      auto next = [&rng] {
+        uint64_t z = (rng += 0x9E3779B97F4A7C15ull);
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+        return z ^ (z >> 31);
+      };
+      for (uint64_t i = n_blocks - 1; i > 0; --i) std::swap(order[i], order[next() % (i + 1)]);
+    }
+  }
+  for (uint64_t i = 0; i < n_blocks; ++i) {
+    const uint64_t linear = block_order == 0 ? i : order[i];
+    const unsigned x = unsigned(linear % c.grid.x), y = unsigned(linear / c.grid.x % c.grid.y),
+                   z = unsigned(linear / c.grid.x / c.grid.y);
+    block_idx = dim3(x, y, z);
+    // Each block finds garbage in shared memory, not what the block before left (a GPU's SM may
+    // give it another's leftovers, or none that make sense).
+    if (i > 0) std::fill(smem.begin(), smem.end(), static_cast<unsigned char>(0xCD));
+    run_block(b);
+    if (!b.error.empty())
+      return set_error(cudaErrorLaunchFailure, "block (" + std::to_string(x) + ", " + std::to_string(y) + ", " +
+                                                   std::to_string(z) + "): " + b.error);
+  }
 }
 
 void trap(const char* file, int line) { fail("__trap() at " + where(file, line)); }
@@ -570,6 +596,12 @@ void emu_set_device(int sms, int major, int minor, int smem_optin) {
   emu::device.minor = minor;
   emu::device.smem_optin = smem_optin;
   emu::device.smem_per_sm = smem_optin + 1024;  // (opt-ins set before stay: launchers cache them)
+}
+
+// For the tests: the order of a launch's blocks (0 the grid's, 1 reversed, 2 shuffled, from seed).
+void emu_set_block_order(int order, uint64_t seed) {
+  emu::block_order = order;
+  emu::block_seed = seed;
 }
 
 }  // extern "C"

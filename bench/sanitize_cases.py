@@ -235,35 +235,46 @@ def flash_attn_cases():
                                     0.125, -1, 0, True)
 
 
+def _attn_grads(algo, fn, inputs, dout):
+    """dq, dk, dv of fn(*inputs) against dout under PYLLM_ATTN_BWD=algo."""
+    import os
+
+    os.environ["PYLLM_ATTN_BWD"] = algo
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    return torch.autograd.grad(fn(*leaves), leaves, dout)
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-6)).item()
+
+
+def _attn_backward_cases(dtype, d, b, tq, tk, window, extra=()):
+    """(inputs, fn) pairs: causal with `window`, GQA 4:2, (b, tq, tk); then varlen with an empty and a
+    length-1 sequence (the first 44 queries and 74 keys of batch 0); `extra`: more (kv_len, kwargs)."""
+    q = torch.randn(b, tq, 4, d, device="cuda", dtype=dtype)
+    k, v = (torch.randn(b, tk, 2, d, device="cuda", dtype=dtype) for _ in range(2))
+    cu_q = torch.tensor([0, 0, 1, 41, 44], dtype=torch.int32, device="cuda")
+    cu_k = torch.tensor([0, 3, 4, 74, 74], dtype=torch.int32, device="cuda")
+    cases = [((q, k, v), lambda q, k, v: pyllm.flash_attn(q, k, v, causal=True, window=window))]
+    cases += [((q, k[:, :n], v[:, :n]), lambda q, k, v, kw=kw: pyllm.flash_attn(q, k, v, **kw)) for n, kw in extra]
+    cases.append(((q[0, :44], k[0, :74], v[0, :74]),
+                  lambda q, k, v: pyllm.flash_attn(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)))
+    return cases
+
+
 def flash_attn_bwd_mma_cases():
     # The tensor-core backward (PYLLM_ATTN_BWD=mma) next to the SIMT one on small shapes: several
     # key / query blocks, tails, GQA, a window with Tq != Tk, varlen with empty and length-1
     # sequences; the two must agree (the mma one rounds P and dS to 16 bits, hence 5%).
     import os
 
-    def grads(algo, fn, inputs, dout):
-        os.environ["PYLLM_ATTN_BWD"] = algo
-        leaves = [t.detach().clone().requires_grad_() for t in inputs]
-        out = fn(*leaves)
-        return torch.autograd.grad(out, leaves, dout)
-
-    def rel(a, b):
-        return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-6)).item()
-
-    cu_q = torch.tensor([0, 0, 1, 41, 44], dtype=torch.int32, device="cuda")
-    cu_k = torch.tensor([0, 3, 4, 74, 74], dtype=torch.int32, device="cuda")
     for dtype in (torch.float16, torch.bfloat16):
         for d in (64, 256):
-            q = torch.randn(1, 70, 4, d, device="cuda", dtype=dtype)
-            k, v = (torch.randn(1, 100, 2, d, device="cuda", dtype=dtype) for _ in range(2))
-            cases = [((q, k, v), lambda q, k, v: pyllm.flash_attn(q, k, v, causal=True, window=(20, -1))),
-                     ((q[0, :44], k[0, :74], v[0, :74]),
-                      lambda q, k, v: pyllm.flash_attn(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k))]
-            for inputs, fn in cases:
+            for inputs, fn in _attn_backward_cases(dtype, d, 1, 70, 100, (20, -1)):
                 dout = torch.randn_like(inputs[0])
-                mma, simt = grads("mma", fn, inputs, dout), grads("simt", fn, inputs, dout)
+                mma, simt = _attn_grads("mma", fn, inputs, dout), _attn_grads("simt", fn, inputs, dout)
                 for name, a, b in zip("qkv", mma, simt):
-                    assert rel(a, b) < 0.05, f"flash_attn mma backward: d{name} differs from the SIMT one"
+                    assert _rel(a, b) < 0.05, f"flash_attn mma backward: d{name} differs from the SIMT one"
     os.environ.pop("PYLLM_ATTN_BWD")
 
 
@@ -342,25 +353,12 @@ def flash_attn_atomic_dq_cases():
     # bounds, whatever the answers).
     import os
 
-    def grads(algo, fn, inputs, dout):
-        os.environ["PYLLM_ATTN_BWD"] = algo
-        leaves = [t.detach().clone().requires_grad_() for t in inputs]
-        return torch.autograd.grad(fn(*leaves), leaves, dout)
-
-    cu_q = torch.tensor([0, 0, 1, 41, 44], dtype=torch.int32, device="cuda")
-    cu_k = torch.tensor([0, 3, 4, 74, 74], dtype=torch.int32, device="cuda")
     for dtype in (torch.float16, torch.bfloat16):
         for d in (64, 128):
-            q = torch.randn(2, 150, 4, d, device="cuda", dtype=dtype)
-            k, v = (torch.randn(2, 170, 2, d, device="cuda", dtype=dtype) for _ in range(2))
-            cases = [((q, k, v), lambda q, k, v: pyllm.flash_attn(q, k, v, causal=True, window=(90, -1))),
-                     ((q, k[:, :70], v[:, :70]), lambda q, k, v: pyllm.flash_attn(q, k, v, causal=True)),
-                     ((q[0, :44], k[0, :74], v[0, :74]),
-                      lambda q, k, v: pyllm.flash_attn(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k))]
-            for inputs, fn in cases:
+            for inputs, fn in _attn_backward_cases(dtype, d, 2, 150, 170, (90, -1), extra=[(70, dict(causal=True))]):
                 dout = torch.randn_like(inputs[0])
-                atomic, mma = grads("atomic", fn, inputs, dout), grads("mma", fn, inputs, dout)
-                err = ((atomic[0].float() - mma[0].float()).norm() / mma[0].float().norm()).item()
+                atomic, mma = _attn_grads("atomic", fn, inputs, dout), _attn_grads("mma", fn, inputs, dout)
+                err = _rel(atomic[0], mma[0])
                 assert err < 1e-2, f"flash_attn atomic dq differs from the dq kernel's: {err:.3g}"
                 assert torch.equal(atomic[1], mma[1]) and torch.equal(atomic[2], mma[2]), "atomic-dq dk / dv differ"
     os.environ["PYLLM_ATTN_BWD"] = "atomic"

@@ -790,6 +790,20 @@ def test_cuda_backward_128_row_tiles_match_reference(monkeypatch, kernel, dtype,
             assert torch.equal(a, b_)
 
 
+def cuda_varlen_case(dtype, d, causal):
+    """Packed sequences of 0, 1, 130, 5, 0, 260, 3 and 1 queries (keys 0, 1, 70, 9, 4, 260, 0, 200:
+    empty, length-1, Tq != Tk, a sequence with queries and no keys), GQA 4:2 on CUDA, checked against
+    the float64 reference, forward and backward. Returns (run, (q, k, v), cu_q)."""
+    lens_q, lens_k = [0, 1, 130, 5, 0, 260, 3, 1], [0, 1, 70, 9, 4, 260, 0, 200]
+    cu_q, cu_k = cu(lens_q, "cuda"), cu(lens_k, "cuda")
+    q = rand((sum(lens_q), 4, d), dtype, "cuda")
+    k, v = rand((sum(lens_k), 2, d), dtype, "cuda"), rand((sum(lens_k), 2, d), dtype, "cuda")
+    run = lambda q, k, v: pyllm.flash_attn(q, k, v, causal=causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)  # noqa: E731
+    check_against_reference(q, k, v, rand(q.shape, dtype, "cuda"), run,
+                            lambda q, k, v: attention_varlen(q, k, v, cu_q.cpu(), cu_k.cpu(), causal=causal)[0])
+    return run, (q, k, v), cu_q
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("tiles", ["fwd", "dq", "dkv"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
@@ -798,13 +812,7 @@ def test_cuda_backward_128_row_tiles_match_reference(monkeypatch, kernel, dtype,
 def test_cuda_128_row_tiles_varlen_and_gradients(monkeypatch, tiles, dtype, d, causal):
     env = TALL_TILES_ENV[tiles]
     monkeypatch.setenv(env, "128")
-    lens_q, lens_k = [0, 1, 130, 5, 0, 260, 3, 1], [0, 1, 70, 9, 4, 260, 0, 200]  # empty, length-1, Tq != Tk
-    cu_q, cu_k = cu(lens_q, "cuda"), cu(lens_k, "cuda")
-    q = rand((sum(lens_q), 4, d), dtype, "cuda")
-    k, v = rand((sum(lens_k), 2, d), dtype, "cuda"), rand((sum(lens_k), 2, d), dtype, "cuda")
-    run = lambda q, k, v: pyllm.flash_attn(q, k, v, causal=causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)  # noqa: E731
-    check_against_reference(q, k, v, rand(q.shape, dtype, "cuda"), run,
-                            lambda q, k, v: attention_varlen(q, k, v, cu_q.cpu(), cu_k.cpu(), causal=causal)[0])
+    run, (q, k, v), _ = cuda_varlen_case(dtype, d, causal)
     if tiles == "fwd":
         out_128 = run(q, k, v)
         monkeypatch.setenv(env, "64")
@@ -844,13 +852,7 @@ def test_cuda_atomic_dq_backward_matches_reference(monkeypatch, dtype, shape, ca
 @pytest.mark.parametrize("causal", [False, True])
 def test_cuda_atomic_dq_varlen_and_poisoned_outputs(monkeypatch, dtype, d, causal):
     monkeypatch.setenv("PYLLM_ATTN_BWD", "atomic")
-    lens_q, lens_k = [0, 1, 130, 5, 0, 260, 3, 1], [0, 1, 70, 9, 4, 260, 0, 200]  # empty, length-1, Tq != Tk
-    cu_q, cu_k = cu(lens_q, "cuda"), cu(lens_k, "cuda")
-    q = rand((sum(lens_q), 4, d), dtype, "cuda")
-    k, v = rand((sum(lens_k), 2, d), dtype, "cuda"), rand((sum(lens_k), 2, d), dtype, "cuda")
-    run = lambda q, k, v: pyllm.flash_attn(q, k, v, causal=causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)  # noqa: E731
-    check_against_reference(q, k, v, rand(q.shape, dtype, "cuda"), run,
-                            lambda q, k, v: attention_varlen(q, k, v, cu_q.cpu(), cu_k.cpu(), causal=causal)[0])
+    run, (q, k, v), cu_q = cuda_varlen_case(dtype, d, causal)
     # The sequence of 3 queries and no keys gets dq = 0; through the raw entry point, a poisoned dq
     # is written everywhere.
     seg = cu_q[6:8].tolist()

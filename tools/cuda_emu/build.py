@@ -82,6 +82,21 @@ def _callee_start(text: str, end: int) -> int:
     return i
 
 
+def _static_shared(m: re.Match) -> str:
+    """A static __shared__ declaration (`T a[N], b;`) and the registration of each array it declares."""
+    parts, depth, start = [], 0, 0
+    for i, c in enumerate(m.group(2)):
+        depth += (c in "[(") - (c in "])")
+        if c == "," and depth == 0:
+            parts.append(m.group(2)[start:i])
+            start = i + 1
+    parts.append(m.group(2)[start:])
+    # the first part is the type and the first declarator: its name is the last word before any [
+    names = [re.findall(r"\w+", parts[0].split("[")[0])[-1]] + [re.match(r"\s*(\w+)", p).group(1) for p in parts[1:]]
+    return (f"{m.group(1)}static {m.group(2)}; " +
+            " ".join(f"::emu::static_smem(&{n}, sizeof({n}));" for n in names))
+
+
 def translate(text: str) -> str:
     """A .cu file's text as C++ for the emulator."""
     out, pos = [], 0
@@ -92,6 +107,9 @@ def translate(text: str) -> str:
         pos = m.end()
     out.append(text[pos:])
     text = "".join(out).replace("__CUDA_ARCH__", "PYLLM_EMU_CUDA_ARCH")  # pyllm's arch checks: the modelled sm_90
+    # __shared__ float a[N], b[N];  ->  static float a[N], b[N]; ::emu::static_smem(&a, sizeof(a)); ...
+    # (whole-line declarations: the garbage a GPU block finds there; cuda_emu.h's macro takes the rest)
+    text = re.sub(r"^([ \t]*)__shared__\s+([^;\n]*);", _static_shared, text, flags=re.M)
     # extern __shared__ __align__(16) T name[];  ->  T* name = reinterpret_cast<T*>(::emu::dynamic_smem());
     return re.sub(r"extern\s+__shared__\s+(?:__align__\s*\(\s*\d+\s*\)\s+)?([\w:\s]+?)\s*(?:__align__\s*\(\s*\d+\s*\)\s*)?(\w+)\s*\[\s*\]\s*;",
                   lambda m: f"{m.group(1)}* {m.group(2)} = reinterpret_cast<{m.group(1)}*>(::emu::dynamic_smem());", text)

@@ -116,6 +116,18 @@ std::map<const void*, int> max_dynamic_smem;  // cudaFuncSetAttribute's opt-ins
 // block of the same launch writes.
 int block_order = 0;
 uint64_t block_seed = 0;
+// What shared memory holds before a block writes it: all-ones bytes, NaN in every float type (and
+// -1 / the largest unsigned in the integer ones), so that a read of it shows in the answers; a byte
+// like 0xCD reads as -4e-8 in fp32, which a sum can swallow.
+constexpr unsigned char kGarbage = 0xFF;
+// The static __shared__ arrays seen so far (static_smem): refilled with garbage before each block.
+std::map<void*, size_t> static_arrays;
+
+// Garbage, by byte stores TSan does not intercept (a memset would count as the current fiber's write).
+void poison(void* p, size_t bytes) {
+  volatile unsigned char* q = static_cast<unsigned char*>(p);
+  for (size_t i = 0; i < bytes; ++i) q[i] = kGarbage;
+}
 cudaError_t last_error = cudaSuccess;
 std::string last_message;
 
@@ -314,6 +326,10 @@ void warp_meet(unsigned mask, const char* what) {
 
 void* dynamic_smem() { return smem.data(); }
 
+void static_smem(void* p, size_t bytes) {
+  if (static_arrays.emplace(p, bytes).second) poison(p, bytes);  // its first use: no thread wrote it yet
+}
+
 unsigned char* lane_slot(int warp, int lane) { return block->slots.data() + (size_t(warp) * 32 + lane) * kSlotBytes; }
 
 void run_grid(const void* kernel, const LaunchConfig& c, void (*body)(void*), void* state) {
@@ -328,7 +344,7 @@ void run_grid(const void* kernel, const LaunchConfig& c, void (*body)(void*), vo
   if (c.smem > allowed)
     return set_error(cudaErrorInvalidValue, "dynamic shared memory of " + std::to_string(c.smem) +
                                                 " bytes past the kernel's " + std::to_string(allowed));
-  smem.assign(std::max<size_t>(c.smem, 16), 0xCD);  // garbage, as the GPU's: a kernel must write before it reads
+  smem.assign(std::max<size_t>(c.smem, 16), kGarbage);  // garbage, as the GPU's: a kernel must write before it reads
   grid_dim = c.grid;
   block_dim = c.block;
   Block b;
@@ -357,7 +373,10 @@ void run_grid(const void* kernel, const LaunchConfig& c, void (*body)(void*), vo
     block_idx = dim3(x, y, z);
     // Each block finds garbage in shared memory, not what the block before left (a GPU's SM may
     // give it another's leftovers, or none that make sense).
-    if (i > 0) std::fill(smem.begin(), smem.end(), static_cast<unsigned char>(0xCD));
+    if (i > 0) {
+      std::fill(smem.begin(), smem.end(), kGarbage);
+      for (auto& [p, bytes] : static_arrays) poison(p, bytes);
+    }
     run_block(b);
     if (!b.error.empty())
       return set_error(cudaErrorLaunchFailure, "block (" + std::to_string(x) + ", " + std::to_string(y) + ", " +

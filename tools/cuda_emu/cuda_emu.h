@@ -44,7 +44,10 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-#define __shared__ static  // one block at a time: a static local is the block's shared array
+// One block at a time: a static local is the block's shared array. build.py registers each one it
+// declares (static_smem below), so that every block finds garbage there, as on the GPU, not zeros
+// (C++'s static storage) or what the block before left; this macro covers what it does not rewrite.
+#define __shared__ static
 
 namespace emu {
 
@@ -60,6 +63,10 @@ void syncthreads(const char* file, int line);
 // Every live lane of the calling thread's warp meets here; a full-mask collective needs all 32.
 void warp_meet(unsigned mask, const char* what);
 void* dynamic_smem();
+// A static __shared__ array (build.py adds the call after its declaration): filled with garbage the
+// first time a thread passes it, then before every block (run_grid), with stores ThreadSanitizer
+// does not see (they stand for no thread's write).
+void static_smem(void* p, size_t bytes);
 // The storage a shuffle passes values through: one slot per lane of each warp.
 unsigned char* lane_slot(int warp, int lane);
 

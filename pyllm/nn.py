@@ -1389,16 +1389,17 @@ def linear_distill(x: torch.Tensor, weight: torch.Tensor, x_teacher: torch.Tenso
                    scale: float = 1.0, softcap: float | None = None, teacher_scale: float = 1.0,
                    teacher_softcap: float | None = None) -> torch.Tensor:
     """The sum over rows of distill_divergence(x @ weight.T, x_teacher @ weight_teacher.T, beta,
-    temperature), fp32, fused as linear_cross_entropy (Liger-Kernel's fused linear JSD): the student's
-    gradients computed chunk by chunk in the forward, the teacher's logits a chunk at a time (no
-    gradient for the teacher). x (N, C), weight (V, C), x_teacher (N, C_teacher), weight_teacher (V,
-    C_teacher): the two models' final hidden states at the same N positions (or the same (B, T, ...)
-    leading dims, taken as rows) and output layers over one vocabulary. Under autocast all four are cast to its dtype first. scale, softcap (and the
-    teacher's): each model's logits scaled and capped, as in linear_cross_entropy, before the
-    temperature divides them. Each chunk's divergences and gradient are pyllm.ops.distill's kernel
-    where it takes them (one call, the chunk's logits in x's dtype, 64 MiB of each model's by default):
-    the CPU, and CUDA with PYLLM_DISTILL_CUDA=1 (until its kernel is verified on a GPU); elsewhere
-    torch ops in fp32 (at least)."""
+    temperature), fp32, fused as linear_cross_entropy (Liger-Kernel's fused linear JSD): the
+    student's gradients computed chunk by chunk in the forward, the teacher's logits a chunk at a
+    time (no gradient for the teacher). x (N, C), weight (V, C), x_teacher (N, C_teacher),
+    weight_teacher (V, C_teacher): the two models' final hidden states at the same N positions (or
+    the same (B, T, ...) leading dims, taken as rows) and output layers over one vocabulary. Under
+    autocast all four are cast to its dtype first. scale, softcap (and the teacher's): each model's
+    logits scaled and capped, as in linear_cross_entropy, before the temperature divides them. Each
+    chunk's divergences and gradient are pyllm.ops.distill's kernel where it takes them (one call,
+    the chunk's logits in x's dtype, 64 MiB of each model's by default): the CPU, and CUDA with
+    PYLLM_DISTILL_CUDA=1 (until its kernel is verified on a GPU); elsewhere torch ops in fp32 (at
+    least)."""
     if not 0.0 <= beta <= 1.0 or not temperature > 0:
         raise ValueError(f"linear_distill: beta must be in [0, 1] and temperature > 0, got {beta}, {temperature}")
     _check_output_layer("linear_distill", x, weight)

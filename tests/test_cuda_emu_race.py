@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # test_cuda_emu.py's cases under TSan: every kernel, each of its launch shapes and code paths (the
 # warp- and block-per-row RMSNorm, the scalar and vector GLU paths, both AdamW passes, the decode's
-# cache layouts, the attention forward and the backwards (mma, atomic dQ, SIMT) at each tile shape, the BPE encoder's
-# thread and block paths), one dtype where the dtype changes nothing in the synchronisation:
+# cache layouts, the attention forward and the backwards (mma, atomic dQ, SIMT) at each tile shape,
+# the BPE encoder's thread and block paths), one dtype where the dtype changes nothing in the synchronisation:
 # ~3 minutes. (The whole file, which passed on 2026-12-04, takes ~15 minutes under TSan:
 # `PYLLM_RACE_ALL=1` runs it all.)
 SUBSET = " or ".join(f"({k})" for k in [

@@ -133,6 +133,10 @@ def test_bad_arguments():
         linear_distill(x, w, x, torch.randn(11, 8))
     with pytest.raises(ValueError, match=r"positions .* must match, got x \(4, 8\) / x_teacher \(2, 2, 8\)"):
         linear_distill(x, w, x.view(2, 2, 8), w)  # the same rows, laid out otherwise: not taken as the same
+    with pytest.raises(ValueError, match=r"linear_distill \(the teacher's\): scale must be positive"):
+        linear_distill(x, w, x, w, teacher_scale=0.0)
+    with pytest.raises(ValueError, match="softcap None or positive and finite, got scale=1.0, softcap=-1.0"):
+        linear_distill(x, w, x, w, softcap=-1.0)
 
 
 def test_linear_distill_takes_leading_dims():
@@ -146,10 +150,6 @@ def test_linear_distill_takes_leading_dims():
     assert rel_err(got, reference(x, w, xt, wt, 0.5, 1.5)) < 1e-13 and torch.equal(got, want)
     for g, ref in zip(torch.autograd.grad(got, [x, w]), torch.autograd.grad(reference(x, w, xt, wt, 0.5, 1.5), [x, w])):
         assert g.shape == ref.shape and rel_err(g, ref) < 1e-12
-    with pytest.raises(ValueError, match=r"linear_distill \(the teacher's\): scale must be positive"):
-        linear_distill(x, w, x, w, teacher_scale=0.0)
-    with pytest.raises(ValueError, match="softcap None or positive and finite, got scale=1.0, softcap=-1.0"):
-        linear_distill(x, w, x, w, softcap=-1.0)
 
 
 # --- the row kernel (csrc/cpu/distill.cpp) that linear_distill runs on each chunk ------------------

@@ -347,7 +347,7 @@ void run_grid(const void* kernel, const LaunchConfig& c, void (*body)(void*), vo
   if (c.smem > allowed)
     return set_error(cudaErrorInvalidValue, "dynamic shared memory of " + std::to_string(c.smem) +
                                                 " bytes past the kernel's " + std::to_string(allowed));
-  smem.assign(std::max<size_t>(c.smem, 16), kGarbage);  // garbage, as the GPU's: a kernel must write before it reads
+  smem.resize(std::max<size_t>(c.smem, 16));  // (filled with garbage before each block, below)
   grid_dim = c.grid;
   block_dim = c.block;
   Block b;
@@ -374,12 +374,10 @@ void run_grid(const void* kernel, const LaunchConfig& c, void (*body)(void*), vo
     const unsigned x = unsigned(linear % c.grid.x), y = unsigned(linear / c.grid.x % c.grid.y),
                    z = unsigned(linear / c.grid.x / c.grid.y);
     block_idx = dim3(x, y, z);
-    // Each block finds garbage in shared memory, not what the block before left (a GPU's SM may
-    // give it another's leftovers, or none that make sense).
-    if (i > 0) {
-      std::fill(smem.begin(), smem.end(), kGarbage);
-      for (auto& [p, bytes] : static_arrays) poison(p, bytes);
-    }
+    // Each block finds garbage in shared memory, as on the GPU, not what the block before left:
+    // a kernel must write before it reads.
+    poison(smem.data(), smem.size());
+    for (auto& [p, bytes] : static_arrays) poison(p, bytes);
     run_block(b);
     if (!b.error.empty())
       return set_error(cudaErrorLaunchFailure, "block (" + std::to_string(x) + ", " + std::to_string(y) + ", " +

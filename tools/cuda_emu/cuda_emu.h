@@ -5,10 +5,10 @@
 // and cuda_emu.cpp give the rest.
 //
 // Model: a launch runs its blocks one after another (in the grid's order, reversed or shuffled:
-// emu_set_block_order; dynamic shared memory refilled with garbage before each); a block's threads
-// are fibers (ucontext) on one OS thread, each running until it reaches __syncthreads, a warp
-// shuffle or its end. So __shared__ arrays are static locals (one block lives at a time; they keep
-// what the block before left), memory is plain host memory, and
+// emu_set_block_order), each finding garbage in its shared memory; a block's threads are fibers
+// (ucontext) on one OS thread, each running until it reaches __syncthreads, a warp shuffle or its
+// end. So __shared__ arrays are static locals (one block lives at a time), memory is plain host
+// memory, and
 // every interleaving is one the hardware allows. What it finds: wrong indices (with ASan), a
 // barrier some threads reach at another call site or never reach (a hang on a GPU), a full-mask
 // shuffle in a warp with exited or missing lanes (undefined there), a launch the GPU would refuse

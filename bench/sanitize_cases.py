@@ -372,6 +372,42 @@ def flash_attn_atomic_dq_cases():
     os.environ.pop("PYLLM_ATTN_BWD")
 
 
+def flash_attn_score_mods_cases():
+    # Capped scores and ALiBi (softcap, alibi_slopes; new 2026-12-05) in the forward, the tensor-core
+    # and SIMT backwards and the decode kernel, against the CPU kernels in fp32: causal with a window,
+    # GQA 4:2, per-sequence slopes; varlen with an empty and a length-1 sequence.
+    import os
+
+    for dtype in (torch.float16, torch.bfloat16):
+        for d in (64, 128):
+            slopes = torch.rand(3, 4, device="cuda") * 0.3 + 0.02
+            q = 2 * torch.randn(2, 150, 4, d, device="cuda", dtype=dtype)  # (x 2: the cap binds)
+            k, v = (2 * torch.randn(2, 170, 2, d, device="cuda", dtype=dtype) for _ in range(2))
+            cu_q = torch.tensor([0, 0, 1, 44], dtype=torch.int32, device="cuda")
+            cu_k = torch.tensor([0, 3, 4, 74], dtype=torch.int32, device="cuda")
+            cases = [((q, k, v), dict(causal=True, window=(90, -1), alibi_slopes=slopes[:2])),
+                     ((q[0, :44], k[0, :74], v[0, :74]), dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, alibi_slopes=slopes))]
+            for inputs, kw in cases:
+                fn = lambda q, k, v, kw=kw: pyllm.flash_attn(q, k, v, softcap=1.5, **kw)  # noqa: E731
+                dout = torch.randn_like(inputs[0])
+                cpu_in = [t.cpu().float().requires_grad_() for t in inputs]
+                cpu_kw = {name: t.cpu() if isinstance(t, torch.Tensor) else t for name, t in kw.items()}
+                cpu_out = pyllm.flash_attn(*cpu_in, softcap=1.5, **cpu_kw)
+                cpu_grads = torch.autograd.grad(cpu_out, cpu_in, dout.cpu().float())
+                assert _rel(fn(*inputs).cpu(), cpu_out) < 1e-2, "flash_attn forward with softcap / ALiBi wrong"
+                for algo in ("mma", "simt"):
+                    for name, a, c in zip("qkv", _attn_grads(algo, fn, inputs, dout), cpu_grads):
+                        assert _rel(a.cpu(), c) < 2e-2, f"flash_attn {algo} backward with softcap / ALiBi: d{name} wrong"
+            cache = torch.randn(2, 300, 2, d, device="cuda", dtype=dtype)
+            qd = 2 * torch.randn(2, 2, 4, d, device="cuda", dtype=dtype)
+            lens = torch.tensor([0, 290], dtype=torch.int32, device="cuda")
+            out = pyllm.flash_attn_with_kvcache(qd, cache, cache.clone(), lens, softcap=1.5, alibi_slopes=slopes[:2])
+            ref = pyllm.flash_attn_with_kvcache(qd.cpu().float(), cache.cpu().float(), cache.cpu().float(), lens.cpu(),
+                                                softcap=1.5, alibi_slopes=slopes[:2].cpu())
+            assert _rel(out.cpu(), ref) < 1e-2, "flash_attn_with_kvcache with softcap / ALiBi wrong"
+    os.environ.pop("PYLLM_ATTN_BWD")
+
+
 def flash_attn_bad_seqlens_cases():
     # Unchecked cu_seqlens / cache_seqlens (CUDA, max_seqlen given, no PYLLM_ATTN_CHECK_SEQLENS):
     # garbage contents must stay in bounds (memcheck), whatever the answers.
@@ -430,7 +466,8 @@ CASES = {"swiglu": swiglu_cases, "rms_norm": rms_norm_cases, "rope": rope_cases,
          "adamw": adamw_cases, "bpe": bpe_cases, "flash_attn": flash_attn_cases,
          "flash_attn_bwd_mma": flash_attn_bwd_mma_cases, "flash_attn_shapes": flash_attn_shapes_cases,
          "flash_attn_tall_tiles": flash_attn_tall_tiles_cases, "flash_attn_bad_seqlens": flash_attn_bad_seqlens_cases,
-         "flash_attn_cache_layouts": flash_attn_cache_layouts_cases, "flash_attn_atomic_dq": flash_attn_atomic_dq_cases}
+         "flash_attn_cache_layouts": flash_attn_cache_layouts_cases, "flash_attn_atomic_dq": flash_attn_atomic_dq_cases,
+         "flash_attn_score_mods": flash_attn_score_mods_cases}
 
 if __name__ == "__main__":
     names = sys.argv[1:] or list(CASES)

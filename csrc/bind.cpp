@@ -271,7 +271,8 @@ PYBIND11_MODULE(_C, m) {
         arg("lse"), arg("cu_seqlens_q"), arg("cu_seqlens_k"), arg("seqused_k"), arg("batch"), arg("seqlen_q"),
         arg("seqlen_k"), arg("n_heads"), arg("n_kv_heads"), arg("head_dim"), arg("q_strides"), arg("k_strides"),
         arg("v_strides"), arg("o_strides"), arg("lse_strides"), arg("scale"), arg("window_left"),
-        arg("window_right"), arg("dtype"), arg("device"), arg("stream"), arg("total_q") = -1, arg("total_k") = -1);
+        arg("window_right"), arg("dtype"), arg("device"), arg("stream"), arg("total_q") = -1, arg("total_k") = -1,
+        arg("softcap") = 0.0, arg("alibi_slopes") = 0, arg("alibi_batch_stride") = 0);
   m.def("flash_attn_bwd_cuda", &pyllm::flash_attn_bwd_cuda, nogil, arg("dout"), arg("dlse"), arg("q"), arg("k"),
         arg("v"), arg("out"), arg("lse"), arg("dq"), arg("dk"), arg("dv"), arg("cu_seqlens_q"),
         arg("cu_seqlens_k"), arg("batch"), arg("seqlen_q"), arg("seqlen_k"), arg("n_heads"), arg("n_kv_heads"),
@@ -279,14 +280,14 @@ PYBIND11_MODULE(_C, m) {
         arg("dkv_strides"), arg("lse_strides"), arg("scale"), arg("window_left"), arg("window_right"),
         arg("dtype"), arg("deterministic"), arg("device"), arg("stream"), arg("algo") = 0, arg("total_q") = -1,
         arg("total_k") = -1, arg("delta") = 0, arg("delta_capacity") = 0, arg("dq_accum") = 0,
-        arg("dq_accum_capacity") = 0);
+        arg("dq_accum_capacity") = 0, arg("softcap") = 0.0, arg("alibi_slopes") = 0, arg("alibi_batch_stride") = 0);
   m.def("flash_attn_decode_cuda", &pyllm::flash_attn_decode_cuda, nogil, arg("q"), arg("k_cache"), arg("v_cache"),
         arg("out"), arg("lse"), arg("seqused_k"), arg("batch"), arg("seqlen_q"), arg("capacity"), arg("n_heads"),
         arg("n_kv_heads"), arg("head_dim"), arg("q_strides"), arg("k_strides"), arg("v_strides"),
         arg("o_strides"), arg("lse_strides"), arg("scale"), arg("window_left"), arg("window_right"),
         arg("dtype"), arg("device"), arg("stream"), arg("workspace"), arg("workspace_bytes"), arg("kv_batch_idx") = 0,
         arg("kv_leftpad") = 0, arg("block_table") = 0, arg("block_table_stride") = 0, arg("page_size") = 0,
-        arg("kv_rows") = 0);
+        arg("kv_rows") = 0, arg("softcap") = 0.0, arg("alibi_slopes") = 0, arg("alibi_batch_stride") = 0);
   m.def("flash_attn_decode_workspace_cuda", &pyllm::flash_attn_decode_workspace_cuda, arg("batch"), arg("seqlen_q"),
         arg("capacity"), arg("n_heads"), arg("head_dim"), arg("device"));
 #else

@@ -4,13 +4,13 @@
     from pyllm.flash_attn_interface import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
 
 Same layouts, same bottom-right causal alignment, same window semantics, same LSE shapes
-((batch, n_heads, seqlen_q); (n_heads, total_q) for varlen); softcap and alibi_slopes on the CPU
-kernels (with ALiBi, flash-attn's causal kernels return an LSE shifted by slope * (i + seqlen_k -
+((batch, n_heads, seqlen_q); (n_heads, total_q) for varlen); softcap and alibi_slopes (on CUDA
+unverified on a GPU, 2026-12-05; with ALiBi, flash-attn's causal kernels return an LSE shifted by slope * (i + seqlen_k -
 seqlen_q), pyllm's the bias as documented; the outputs agree). The kv-cache call takes all of
 flash-attn's options: rotary embedding inside the call, cache_batch_idx, cache_leftpad and paged
 caches (block_table, any page size; on CUDA unverified on a GPU), return_softmax_lse. The varlen call takes
-a paged k / v too (block_table), gathered into packed tensors for the kernels. Options pyllm has no
-kernel for (dropout, softcap and ALiBi on CUDA) raise NotImplementedError naming the option instead
+a paged k / v too (block_table), gathered into packed tensors for the kernels. An option pyllm has no
+kernel for (dropout) raises NotImplementedError naming it instead
 of being ignored: silently dropping one would give a different model. `return_attn_probs=True` returns
 (out, softmax_lse, an empty tensor), as flash-attn without dropout (its third value only carries a
 dropout pattern for its own tests). `num_splits` is a tuning hint and is ignored (pyllm picks the

@@ -207,7 +207,7 @@ def _with_4d_mask(q, k, v, mask, call, dropout: float) -> torch.Tensor:
 
 def _kernel_takes(q, k, v, softcap: float, decode: bool = False) -> bool:
     return (pnn._flash_attn_takes(q, k, v, decode) and q.shape[-1] == k.shape[-1] == v.shape[-1]  # not MLA's value dim
-            and (not softcap or q.is_cpu))  # capped scores: CPU kernels only
+            and flash_attn_ops.takes_score_mods(q, softcap, None))  # capped scores on CUDA: when asked
 
 
 # Up to this many new queries over a cache go to the KV-cache kernel, which streams the cache once per

@@ -1165,7 +1165,7 @@ class LLM(nn.Module):
     def new_kv_cache(self, batch_size: int, max_len: int | None = None):
         """One (k, v) pair per layer, each (B, S_max, H_kv, D), in the dtype of the weights, zeros.
         Zeros, not torch.empty's leftovers: the SDPA fallback for per-row lengths (head dims the
-        kernels do not take, softcap on CUDA) multiplies the whole cache by its masked weights, and 0 times
+        kernels do not take, softcap on CUDA unless asked) multiplies the whole cache by its masked weights, and 0 times
         a leftover NaN or inf is NaN (generate_batch sampled from NaN logits, now and then, with
         head_dim 16; the kernels read no position past a row's length)."""
         cfg, p = self.config, self.lm_head.weight
@@ -1794,8 +1794,8 @@ def _gemma2_config(hf: dict) -> ModelConfig:
     """Gemma 2 (Gemma2ForCausalLM: 2B, 9B, 27B): Gemma 3's layout without q / k norms and with one
     RoPE theta, sliding windows in every other layer (the first one too), and capped attention
     scores and output logits (attn_logit_softcapping, final_logit_softcapping: softcap * tanh(x /
-    softcap)); the capped attention runs on pyllm's CPU kernels (flash_attn and flash_attn_with_kvcache
-    with softcap), on torch's ops on CUDA."""
+    softcap)); the capped attention runs on pyllm's kernels (flash_attn and flash_attn_with_kvcache with
+    softcap; on CUDA with PYLLM_ATTN_SCORE_MODS_CUDA=1 until verified on a GPU, else torch's ops)."""
     n_layers = hf["num_hidden_layers"]
     unsupported = {"use_bidirectional_attention": hf.get("use_bidirectional_attention")}
     types = _gemma_layer_types(hf, "gemma2", unsupported, [  # transformers' default: the even layers windowed

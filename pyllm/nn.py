@@ -1827,14 +1827,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     the N documents packed into the B * T tokens (row-major, none crossing a row's end): a query
     sees only its own document's keys, as flash_attn's varlen call computes. softcap: Gemma 2's
     capped scores, softcap * tanh(scores / softcap); alibi: fp32 (H,) or (B, H) ALiBi slopes (BLOOM's, MPT's),
-    -slope * distance added to the scores (both on pyllm's CPU kernels; torch ops on other devices).
+    -slope * distance added to the scores (both on pyllm's kernels: on CUDA with
+    PYLLM_ATTN_SCORE_MODS_CUDA=1 until verified on a GPU, torch ops otherwise).
     dropout_p: dropout on the attention probabilities (nanoGPT's attn_dropout, GPT-2's attn_pdrop):
     no kernel has it, so a call with it runs SDPA's."""
     if window_left >= 0 and not causal:
         raise ValueError("attention: window_left needs causal=True")
     if cu_seqlens is not None:
         return _document_attention(q, k, v, cu_seqlens, window_left, scale, softcap, alibi, dropout_p)
-    if not dropout_p and _flash_attn_takes(q, k, v) and ((not softcap and alibi is None) or q.is_cpu):  # cap, ALiBi: CPU kernels only
+    if not dropout_p and _flash_attn_takes(q, k, v) and flash_attn_ops.takes_score_mods(q, softcap, alibi):
         return flash_attn_ops.flash_attn(q, k, v, causal=causal, window=(window_left, -1), softmax_scale=scale,
                                          softcap=softcap or 0.0, alibi_slopes=alibi)
     mask = _window_mask(q.shape[1], k.shape[1], window_left, q.device) if window_left >= 0 else None
@@ -1843,7 +1844,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
 
 def _document_attention(q, k, v, cu_seqlens, window_left, scale, softcap=None, alibi=None, dropout_p=0.0):
     B, T, H, D = q.shape
-    if not dropout_p and _flash_attn_takes(q, k, v) and ((not softcap and alibi is None) or q.is_cpu):
+    if not dropout_p and _flash_attn_takes(q, k, v) and flash_attn_ops.takes_score_mods(q, softcap, alibi):
         # max_seqlen = T bounds every document (none crosses a row), so no device sync reads cu_seqlens.
         out = flash_attn_ops.flash_attn(q.reshape(B * T, H, D), k.reshape(B * T, *k.shape[2:]),
                                         v.reshape(B * T, *v.shape[2:]), causal=True, window=(window_left, -1),
@@ -1866,9 +1867,9 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     sit at the end, so query i sees keys up to cache_seqlen+i, and none more than window_left before
     it when window_left >= 0). cache_seqlen: an int, or an int32 (B,) tensor of each row's length,
     read on its device only (the lengths' bounds are the caller's to keep). pyllm.flash_attn_with_kvcache
-    where it has a kernel (split-KV on the GPU; softcap and ALiBi on the CPU's alone), else the same
-    through SDPA."""
-    if (((not softcap and alibi is None) or not q.is_cuda)
+    where it has a kernel (split-KV on the GPU; softcap and ALiBi there with PYLLM_ATTN_SCORE_MODS_CUDA=1
+    until verified), else the same through SDPA."""
+    if (flash_attn_ops.takes_score_mods(q, softcap, alibi)
             and _flash_attn_takes(q, k_cache, v_cache, decode=q.shape[1] <= 16)  # (a prompt's prefill: not a step)
             and k.dtype == k_cache.dtype):
         if window_left < 0:  # the default window: the eager CPU shortcut skips checking it

@@ -34,7 +34,7 @@ from helpers import cuda_emu_build, rel_err, shaped_logits, tolerance
 from test_cross_entropy import reference_rows
 from test_bpe import _cuda_texts, _shuffled_ranks_tokenizer, corpus_texts
 from test_distill import divergence_and_grad
-from test_flash_attn import attention, attention_varlen, grads_of
+from test_flash_attn import alibi_slopes, attention, attention_varlen, grads_of
 
 ROOT = Path(__file__).resolve().parent.parent
 CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
@@ -59,13 +59,13 @@ SIGNATURES = {
     "emu_adamw_grad_sumsq": [P, I64, I32, P, I64, P],
     "emu_adamw_step": [P, I64, I32, I32, F64, F64, F64, F64, F64, P, P, F64, I32, ctypes.c_uint64],
     "emu_flash_attn_decode": [P, P, P, P, P, P, I64, I64, I64, I64, I64, I64, IP, IP, IP, IP, IP, F64, I64, I64, I32,
-                              P, I64, P, P, P, I64, I64, I64],
+                              P, I64, P, P, P, I64, I64, I64, F64, P, I64],
     "emu_flash_attn_decode_workspace": [I64, I64, I64, I64, I64],
     "emu_flash_attn_fwd": [P, P, P, P, P, P, P, P, I64, I64, I64, I64, I64, I64, IP, IP, IP, IP, IP, F64, I64, I64, I32,
-                           I64, I64],
+                           I64, I64, F64, P, I64],
     "emu_bpe_encode": [P, P, P, I64, I32, P, P, I64, I32, P, P],
     "emu_flash_attn_bwd": [P, P, P, P, P, P, P, P, P, P, P, P, I64, I64, I64, I64, I64, I64, IP, IP, IP, IP, IP, IP, F64,
-                           I64, I64, I32, I32, I32, I64, I64, P, I64, P, I64],
+                           I64, I64, I32, I32, I32, I64, I64, P, I64, P, I64, F64, P, I64],
 }
 
 
@@ -457,10 +457,15 @@ def test_adamw(emu, param_dtype, master, clip, scaled):
                           (2, 4, 8, 2, 129, [0, 129])],
                          ids=["mha", "mqa", "gqa-2q", "gqa-4q-empty"])
 @pytest.mark.parametrize("window", [(-1, 0), (-1, -1), (50, 0)], ids=["causal", "full", "window"])
-def test_kv_cache_decode(emu, dtype, D, B, Tq, H, Hkv, capacity, lengths, window):
+def test_kv_cache_decode(emu, dtype, D, B, Tq, H, Hkv, capacity, lengths, window, mods="plain"):
+    # mods: capped scores ("softcap") and ALiBi slopes per head or per sequence ("alibi", "alibi-batch"),
+    # run by test_kv_cache_decode_score_mods
     frame = Framed()
-    q = randn((B, Tq, H, D), dtype)
+    q = randn((B, Tq, H, D), dtype, 2.0 if mods == "softcap" else 1.0)  # (so that a cap of 1.5 binds)
     k, v = randn((B, capacity, Hkv, D), dtype), randn((B, capacity, Hkv, D), dtype)
+    softcap = 1.5 if mods == "softcap" else 0.0
+    slopes = {"alibi": lambda: alibi_slopes((H,)), "alibi-batch": lambda: alibi_slopes((B, H)) * 0.1}.get(mods, lambda: None)()
+    slopes_e = None if slopes is None else frame(slopes)
     seqused = torch.tensor(lengths, dtype=torch.int32)
     out = frame(shape=q.shape, dtype=dtype)
     lse = frame(shape=(B, H, Tq), dtype=torch.float32)
@@ -471,11 +476,13 @@ def test_kv_cache_decode(emu, dtype, D, B, Tq, H, Hkv, capacity, lengths, window
     scale = D ** -0.5
     emu.flash_attn_decode(ptr(q_e), ptr(k_e), ptr(v_e), ptr(out), ptr(lse), ptr(frame(seqused)), B, Tq, capacity, H,
                           Hkv, D, s3(q_e), s3(k_e), s3(v_e), s3(out), attn_ops._lse_strides(lse, False), scale,
-                          window[0], window[1], CODES[dtype], ptr(workspace), ws_bytes, 0, 0, 0, 0, 0, B)
+                          window[0], window[1], CODES[dtype], ptr(workspace), ws_bytes, 0, 0, 0, 0, 0, B, softcap,
+                          ptr(slopes_e), 0 if slopes is None or slopes.dim() == 1 else H)
     frame.check()
 
     def cpu(dt):  # (fp16: in fp32, rounded once, as pyllm's CPU path runs it)
-        o, l_ = attn_ops._attend_cache(q.to(dt), k.to(dt), v.to(dt), seqused, scale, window[0], window[1])
+        o, l_ = attn_ops._attend_cache(q.to(dt), k.to(dt), v.to(dt), seqused, scale, window[0], window[1],
+                                       softcap=softcap, alibi_slopes=slopes)
         return o, l_
 
     same, ref = cpu(torch.float32 if dtype == torch.float16 else dtype), cpu(torch.float64)
@@ -484,6 +491,17 @@ def test_kv_cache_decode(emu, dtype, D, B, Tq, H, Hkv, capacity, lengths, window
     seen = torch.isfinite(ref[1])  # a query that sees no key: lse +inf, out 0
     assert torch.equal(torch.isfinite(lse), seen)
     close(lse[seen], same[1][seen], ref[1][seen], "lse")
+
+
+@pytest.mark.parametrize("mods", ["softcap", "alibi", "alibi-batch"])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("B, Tq, H, Hkv, capacity, lengths",
+                         [(2, 1, 4, 1, 300, [300, 1]), (2, 4, 8, 2, 129, [0, 129])], ids=["mqa", "gqa-4q-empty"])
+def test_kv_cache_decode_score_mods(emu, mods, D, B, Tq, H, Hkv, capacity, lengths):
+    # Gemma 2's capped scores and ALiBi (flash-attn's softcap, alibi_slopes) in the split-KV decode
+    # kernel (unverified on a GPU): against the CPU twin's, causal and windowed
+    for window in ((-1, 0), (50, 0)):
+        test_kv_cache_decode(emu, torch.bfloat16, D, B, Tq, H, Hkv, capacity, lengths, window, mods)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16], ids=str)
@@ -516,7 +534,7 @@ def test_kv_cache_decode_layouts(emu, dtype, Tq, layout):
                           Hkv, D, s3(q_e), s3(k_e), s3(v_e), s3(out), attn_ops._lse_strides(lse, False), scale, -1, 0,
                           CODES[dtype], ptr(workspace), ws_bytes, ptr(framed.get("kv_batch_idx")),
                           ptr(framed.get("kv_leftpad")), ptr(framed.get("block_table")),
-                          options.get("block_table_stride", 0), options.get("page_size", 0), kv_rows)
+                          options.get("block_table_stride", 0), options.get("page_size", 0), kv_rows, 0.0, 0, 0)
     frame.check()
 
     def cpu(dt):
@@ -531,10 +549,11 @@ def test_kv_cache_decode_layouts(emu, dtype, Tq, layout):
 
 # --- FlashAttention forward and backward (tensor cores: mma.sync, ldmatrix, cp.async emulated) --------
 
-def emulated_attention(emu, q, k, v, dout, causal, window, cu_q=None, cu_k=None, algo=0):
+def emulated_attention(emu, q, k, v, dout, causal, window, cu_q=None, cu_k=None, algo=0, softcap=0.0, slopes=None):
     """out, lse, dq, dk, dv from the CUDA launchers (forward, then the backward with algo 0: the
     tensor-core kernels, 1: the fp32 SIMT ones, 2: the tensor-core kernels with dQ added up by
-    atomics, with deterministic=False), every buffer framed."""
+    atomics, with deterministic=False), every buffer framed. softcap, slopes: capped scores and
+    ALiBi slopes ((H,) or (batch, H) fp32)."""
     frame = Framed()
     varlen = cu_q is not None
     dtype, D = q.dtype, q.shape[-1]
@@ -553,9 +572,11 @@ def emulated_attention(emu, q, k, v, dout, causal, window, cu_q=None, cu_k=None,
     s3 = lambda t: attn_ops._strides3(t, varlen)
     lse_strides = attn_ops._lse_strides(lse, varlen)
     scale = D ** -0.5
+    mods = (softcap, ptr(frame(slopes)) if slopes is not None else 0,
+            slopes.shape[1] if slopes is not None and slopes.dim() == 2 else 0)
     emu.flash_attn_fwd(ptr(q_e), ptr(k_e), ptr(v_e), ptr(out), ptr(lse), ptr(cu_q_e), ptr(cu_k_e), 0, batch, seqlen_q,
                        seqlen_k, q.shape[-2], k.shape[-2], D, s3(q_e), s3(k_e), s3(v_e), s3(out), lse_strides, scale,
-                       left, right, CODES[dtype], *totals)
+                       left, right, CODES[dtype], *totals, *mods)
     dq, dk, dv = (frame(shape=t.shape, dtype=dtype) for t in (q, k, v))
     delta = frame(shape=lse.shape, dtype=torch.float32)
     # the atomic variant's fp32 dQ accumulator: (rows, heads, D) as q, poisoned (the launcher zeroes it)
@@ -563,7 +584,7 @@ def emulated_attention(emu, q, k, v, dout, causal, window, cu_q=None, cu_k=None,
     emu.flash_attn_bwd(ptr(dout_e), 0, ptr(q_e), ptr(k_e), ptr(v_e), ptr(out), ptr(lse), ptr(dq), ptr(dk), ptr(dv),
                        ptr(cu_q_e), ptr(cu_k_e), batch, seqlen_q, seqlen_k, q.shape[-2], k.shape[-2], D, s3(q_e), s3(k_e),
                        s3(v_e), s3(out), s3(dk), lse_strides, scale, left, right, CODES[dtype], algo != 2, algo, *totals,
-                       ptr(delta), delta.numel(), ptr(dq_accum), 0 if dq_accum is None else dq_accum.numel())
+                       ptr(delta), delta.numel(), ptr(dq_accum), 0 if dq_accum is None else dq_accum.numel(), *mods)
     frame.check()
     return out, lse, dq, dk, dv
 
@@ -646,6 +667,50 @@ def test_flash_attn_atomic_dq_varlen(emu):
     got = emulated_attention(emu, q, k, v, dout, True, (-1, -1), cu_q, cu_k, algo=2)
     check_attention(got, q, k, v, dout, lambda a, b, c: attention_varlen(a, b, c, cu_q, cu_k, causal=True))
     assert torch.equal(got[2][:1], torch.zeros_like(got[2][:1]))  # the length-1 sequence sees no key
+
+
+@pytest.mark.parametrize("mods", ["softcap", "alibi", "alibi-batch-softcap"])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("case", ["square", "gqa", "mqa-short-q"])
+@pytest.mark.parametrize("causal, window", [(False, (-1, -1)), (True, (-1, -1)), (False, (40, 7))],
+                         ids=["full", "causal", "window"])
+def test_flash_attn_score_mods(emu, mods, D, case, causal, window):
+    # Gemma 2's capped scores and ALiBi (flash-attn's softcap, alibi_slopes; unverified on a GPU) in
+    # the forward and the tensor-core backward, per head or per (sequence, head) slopes, the cap alone
+    # and under the bias. Inputs twice unit size so that a cap of 1.5 binds.
+    B, Tq, Tk, H, Hkv = ATTN_CASES[case]
+    q, k, v = (randn(shape, torch.bfloat16, 2.0) for shape in ((B, Tq, H, D), (B, Tk, Hkv, D), (B, Tk, Hkv, D)))
+    dout = randn((B, Tq, H, D), torch.bfloat16)
+    softcap = 1.5 if "softcap" in mods else 0.0
+    slopes = alibi_slopes((B, H) if "batch" in mods else (H,)) if "alibi" in mods else None
+    got = emulated_attention(emu, q, k, v, dout, causal, window, softcap=softcap, slopes=slopes)
+    check_attention(got, q, k, v, dout, lambda a, b, c: attention(a, b, c, causal, window, softcap=softcap, alibi=slopes))
+
+
+@pytest.mark.parametrize("algo", [1, 2], ids=["simt", "atomic-falls-back"])
+def test_flash_attn_score_mods_other_backwards(emu, algo):
+    # The SIMT reference backward takes them too; the atomic-dQ experiment does not (its registers),
+    # so algo 2 with them runs the deterministic kernels
+    q, k, v, dout = (randn((1, 70, 2, 64), torch.bfloat16, 2.0) for _ in range(4))
+    slopes = alibi_slopes((2,))
+    got = emulated_attention(emu, q, k, v, dout, True, (-1, -1), algo=algo, softcap=1.5, slopes=slopes)
+    check_attention(got, q, k, v, dout, lambda a, b, c: attention(a, b, c, True, softcap=1.5, alibi=slopes))
+    if algo == 2:
+        mma = emulated_attention(emu, q, k, v, dout, True, (-1, -1), algo=0, softcap=1.5, slopes=slopes)
+        assert all(torch.equal(a, b) for a, b in zip(got, mma))
+
+
+def test_flash_attn_score_mods_varlen(emu):
+    # packed sequences of 0, 1, 70 and 130 tokens (keys 5, 0, 90, 130), GQA, slopes per sequence:
+    # bottom-right ALiBi distances per sequence
+    cu_q = torch.tensor([0, 0, 1, 71, 201], dtype=torch.int32)
+    cu_k = torch.tensor([0, 5, 5, 95, 225], dtype=torch.int32)
+    q, dout = randn((201, 4, 64), torch.bfloat16, 2.0), randn((201, 4, 64), torch.bfloat16)
+    k, v = randn((225, 2, 64), torch.bfloat16, 2.0), randn((225, 2, 64), torch.bfloat16, 2.0)
+    slopes = alibi_slopes((4, 4))
+    got = emulated_attention(emu, q, k, v, dout, True, (-1, -1), cu_q, cu_k, softcap=1.5, slopes=slopes)
+    ref = lambda a, b, c: attention_varlen(a, b, c, cu_q, cu_k, causal=True, softcap=1.5, alibi=slopes)
+    check_attention(got, q, k, v, dout, ref)
 
 
 def test_flash_attn_simt_backward(emu):

@@ -52,7 +52,7 @@ def attention(q, k, v, causal=False, window=(-1, -1), scale=None, softcap=0.0, s
         s = softcap * torch.tanh(s / softcap)
     if alibi is not None:
         distance = (torch.arange(tq)[:, None] + (tk - tq) - torch.arange(tk)[None, :]).abs().to(s.device, s.dtype)
-        slopes = alibi.to(s.dtype)
+        slopes = alibi.to(s.device, s.dtype)
         slopes = slopes[None, :, None, None] if slopes.dim() == 1 else slopes[:, :, None, None]
         s = s - slopes * distance
     seen = mask_of(tq, tk, causal, window).to(q.device)
@@ -281,10 +281,35 @@ def test_softcap_varlen_and_checks():
 
 
 @pytest.mark.cuda
-def test_softcap_has_no_cuda_kernel_yet():
-    q = torch.randn(1, 8, 2, 64, device="cuda", dtype=torch.bfloat16)
-    with pytest.raises(NotImplementedError, match="CPU kernel only"):
-        pyllm.flash_attn(q, q, q, softcap=2.0)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("causal,window", [(False, (-1, -1)), (True, (-1, -1)), (False, (5, 3))], ids=str)
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[2], SHAPES[3], SHAPES[5]], ids=str)
+@pytest.mark.parametrize("mods", ["softcap", "alibi", "alibi-batch-softcap"])
+def test_softcap_and_alibi_on_cuda(dtype, shape, causal, window, mods, monkeypatch, algo="mma"):
+    # The CUDA kernels' capped scores and ALiBi (new 2026-12-05, unverified until this passes on a
+    # GPU): forward, LSE and the backward (test_softcap_and_alibi_on_cuda_other_backwards: the others)
+    monkeypatch.setenv("PYLLM_ATTN_BWD", algo)
+    b, tq, tk, h, hk, d = shape
+    q, k, v = (2 * rand(s, dtype, "cuda") for s in ((b, tq, h, d), (b, tk, hk, d), (b, tk, hk, d)))
+    dout = rand((b, tq, h, d), dtype, "cuda")
+    softcap = 1.5 if "softcap" in mods else 0.0
+    slopes = alibi_slopes((b, h) if "batch" in mods else (h,)).cuda() if "alibi" in mods else None
+    kw = dict(causal=causal, window=window, softcap=softcap)
+    ours = lambda q, k, v: pyllm.flash_attn(q, k, v, alibi_slopes=slopes, **kw)  # noqa: E731
+    reference = lambda q, k, v: attention(q, k, v, alibi=slopes, **kw)[0]  # noqa: E731
+    check_against_reference(q, k, v, dout, ours, reference)
+    _, lse = pyllm.flash_attn(q, k, v, alibi_slopes=slopes, return_lse=True, **kw)
+    ref_lse = attention(q.double(), k.double(), v.double(), alibi=slopes, **kw)[1]
+    seen = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), seen)
+    assert (lse[seen].double() - ref_lse[seen]).abs().max() < 1e-2
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("algo", ["simt", "atomic"])  # (atomic: the deterministic kernels run with them)
+@pytest.mark.parametrize("shape", [SHAPES[2], SHAPES[3]], ids=str)
+def test_softcap_and_alibi_on_cuda_other_backwards(algo, shape, monkeypatch):
+    test_softcap_and_alibi_on_cuda(torch.bfloat16, shape, True, (-1, -1), "alibi-batch-softcap", monkeypatch, algo)
 
 
 # --- ALiBi (flash-attn's alibi_slopes; BLOOM, MPT) -----------------------------------------------
@@ -488,20 +513,29 @@ def test_alibi_sdpa_fallback_matches_the_kernels(monkeypatch, per_sequence):
 
 
 @pytest.mark.cuda
-def test_alibi_has_no_cuda_kernel_yet():
+def test_alibi_slopes_on_another_device_are_refused_on_cuda():
+    # CPU slopes for CUDA inputs (and the op called directly, past the public checks): an error
+    # before anything is appended, never a kernel reading a host pointer
     q = torch.randn(1, 8, 2, 64, device="cuda", dtype=torch.bfloat16)
-    slopes = torch.tensor([0.5, 0.25], device="cuda")
-    with pytest.raises(NotImplementedError, match="alibi_slopes .* CPU kernel only"):
+    slopes = torch.tensor([0.5, 0.25])
+    with pytest.raises(ValueError, match="alibi_slopes must be on q's device"):
         pyllm.flash_attn(q, q, q, alibi_slopes=slopes)
-    with pytest.raises(NotImplementedError, match="flash_attn_with_kvcache: alibi_slopes .* CPU kernel only"):
-        pyllm.flash_attn_with_kvcache(q[:, :1], q.clone(), q.clone(), 3, alibi_slopes=slopes)
-    with pytest.raises(NotImplementedError, match="alibi_slopes .* CPU kernel only"):  # CPU slopes: the same answer
-        pyllm.flash_attn(q, q, q, alibi_slopes=slopes.cpu())
     cache = q.clone()
-    with pytest.raises(NotImplementedError, match="flash_attn_with_kvcache: alibi_slopes .* CPU kernel only"):
+    with pytest.raises(ValueError, match="alibi_slopes must be on q's device"):
+        pyllm.flash_attn_with_kvcache(q[:, :1], cache, q.clone(), 3, q[:, :1], q[:, :1], alibi_slopes=slopes)
+    with pytest.raises(ValueError, match="alibi_slopes must be float32 with a contiguous last dim on q's device"):
         torch.ops.pyllm.flash_attn_with_kvcache(q[:, :1], cache, q.clone(), torch.tensor([3], dtype=torch.int32, device="cuda"),
                                                 q[:, :1], q[:, :1], 0.125, -1, 0, 0.0, None, slopes)
     assert torch.equal(cache, q)  # nothing appended
+    bad = torch.tensor([0.5, math.inf], device="cuda")
+    with pytest.raises(ValueError, match="alibi_slopes must be finite"):
+        pyllm.flash_attn(q, q, q, alibi_slopes=bad)
+    good = bad.clone()
+    good[1] = 0.25
+    pyllm.flash_attn(q, q, q, alibi_slopes=good)  # read once, then kept with the tensor's version
+    good[1] = math.inf  # an in-place write bumps it: read again
+    with pytest.raises(ValueError, match="alibi_slopes must be finite"):
+        pyllm.flash_attn(q, q, q, alibi_slopes=good)
 
 
 def cu(lengths, device="cpu"):
@@ -1456,11 +1490,31 @@ def test_kvcache_softcap_checks():
 
 
 @pytest.mark.cuda
-def test_kvcache_softcap_has_no_cuda_kernel_yet():
-    q = torch.randn(1, 1, 2, 64, device="cuda", dtype=torch.bfloat16)
-    cache = torch.randn(1, 8, 2, 64, device="cuda", dtype=torch.bfloat16)
-    with pytest.raises(NotImplementedError, match="flash_attn_with_kvcache: softcap .* CPU kernel only"):
-        pyllm.flash_attn_with_kvcache(q, cache, cache, 3, softcap=2.0)
+@pytest.mark.parametrize("tq", [1, 3])
+@pytest.mark.parametrize("mods", ["softcap", "alibi", "alibi-batch-softcap"])
+def test_kvcache_softcap_and_alibi_on_cuda(tq, mods):
+    # The split-KV decode kernel's capped scores and ALiBi (new 2026-12-05, unverified until this
+    # passes on a GPU): each sequence as full attention over its first lengths[b] + tq keys
+    b, cap, h, hk, d, dtype = 4, 1100, 8, 2, 64, torch.bfloat16
+    lengths = [0, 37, 700, 1080]
+    k_cache, v_cache = rand((b, cap, hk, d), dtype, "cuda"), rand((b, cap, hk, d), dtype, "cuda")
+    q = 2 * rand((b, tq, h, d), dtype, "cuda")
+    k_new, v_new = rand((b, tq, hk, d), dtype, "cuda"), rand((b, tq, hk, d), dtype, "cuda")
+    softcap = 1.5 if "softcap" in mods else 0.0
+    slopes = (alibi_slopes((b, h) if "batch" in mods else (h,)) * 0.1).cuda() if "alibi" in mods else None
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+    for window in ((-1, -1), (300, -1)):
+        kc, vc = k_cache.clone(), v_cache.clone()
+        out = pyllm.flash_attn_with_kvcache(q, kc, vc, seqlens, k_new, v_new, window=window, softcap=softcap,
+                                            alibi_slopes=slopes)
+        for i, n in enumerate(lengths):
+            keys = torch.cat([k_cache[i:i + 1, :n], k_new[i:i + 1]], dim=1)
+            vals = torch.cat([v_cache[i:i + 1, :n], v_new[i:i + 1]], dim=1)
+            row = None if slopes is None else slopes if slopes.dim() == 1 else slopes[i]
+            kw = dict(causal=True, window=window, softcap=softcap, alibi=row)
+            ref, _ = attention(q[i:i + 1].double(), keys.double(), vals.double(), **kw)
+            torch_out, _ = attention(q[i:i + 1], keys, vals, **kw)
+            assert rel_err(out[i:i + 1], ref) <= tolerance(torch_out, ref), (i, n, window)
 
 
 def test_kvcache_fp32_decode_is_repeatable_across_thread_counts():

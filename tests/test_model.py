@@ -345,6 +345,32 @@ def test_decode_step_at_device_positions_matches_forward_cached(name, dtype):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("name", ["softcap", "alibi"])
+def test_capped_and_alibi_attention_on_the_cuda_kernels(name, monkeypatch):
+    # Gemma 2's capped scores and BLOOM's ALiBi take the CUDA kernels with PYLLM_ATTN_SCORE_MODS_CUDA=1
+    # (torch's ops on the whole scores without it, until the kernels are verified on a GPU): loss and
+    # gradients within twice the torch-ops path's own bf16 error (the float64 CPU model the reference)
+    torch.manual_seed(0)
+    model = LLM(ModelConfig(**CONFIGS[name])).double()
+    idx = torch.randint(0, model.config.vocab_size, (2, 32))
+    loss = model(idx, idx)[1]
+    exact = [loss.detach()] + list(torch.autograd.grad(loss, list(model.parameters())))
+    cuda_model = LLM(ModelConfig(**CONFIGS[name])).to("cuda", torch.bfloat16)
+    cuda_model.load_state_dict(model.state_dict())
+
+    def run():
+        loss = cuda_model(idx.cuda(), idx.cuda())[1]
+        return [loss.detach()] + list(torch.autograd.grad(loss, list(cuda_model.parameters())))
+
+    monkeypatch.delenv("PYLLM_ATTN_SCORE_MODS_CUDA", raising=False)  # (bench/gpu_check.sh sets it)
+    torch_ops = run()
+    monkeypatch.setenv("PYLLM_ATTN_SCORE_MODS_CUDA", "1")
+    kernels = run()
+    for got, theirs, want in zip(kernels, torch_ops, exact):
+        assert rel_err(got.cpu(), want) <= tolerance(theirs.cpu(), want)
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("name", ["llama", "gpt2", "window", "moe"])
 def test_generate_with_a_cuda_graph_gives_the_same_tokens(name):
     # cuda_graph replays decode_step captured once: the same greedy tokens as the eager steps, also

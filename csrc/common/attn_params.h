@@ -60,9 +60,9 @@ struct AttnParams {
   int64_t dkv_strides[3] = {0, 0, 0};  // dk, dv
   int64_t lse_strides[2] = {0, 0};    // (batch, head); the token stride is 1
   double scale = 1.0;
-  double softcap = 0.0;  // > 0: the scaled scores capped as softcap * tanh(s / softcap) (Gemma 2; CPU kernels only)
-  // ALiBi (CPU kernels only): fp32 slopes, sequence b's head h at alibi_slopes[b * alibi_batch_stride
-  // + h] (stride 0: one (n_heads,) set for every sequence); null: none. See alibi_distance.
+  double softcap = 0.0;  // > 0: the scaled scores capped as softcap * tanh(s / softcap) (Gemma 2)
+  // ALiBi: fp32 slopes, sequence b's head h at alibi_slopes[b * alibi_batch_stride + h] (stride 0:
+  // one (n_heads,) set for every sequence); null: none. See alibi_distance.
   const float* alibi_slopes = nullptr;
   int64_t alibi_batch_stride = 0;
   int64_t window_left = -1, window_right = -1;  // causal folded in as window_right = 0
@@ -74,6 +74,10 @@ struct AttnParams {
 // key j, as flash-attn's alibi_slopes (Press et al. 2022): the distance from the key to the query's
 // own key position (bottom-right aligned, as the mask), for causal and non-causal calls alike.
 PYLLM_HD int64_t alibi_distance(int64_t i, int64_t j, int64_t len_q, int64_t len_k) { return i + (len_k - len_q) - j; }
+
+// Whether the scores are capped or biased (the CUDA launchers keep the experimental tiles to calls
+// without).
+PYLLM_HD bool has_score_mods(const AttnParams& p) { return p.softcap > 0 || p.alibi_slopes != nullptr; }
 
 // Per-sequence view: where sequence b's tokens start and how many there are.
 struct SeqInfo {
@@ -252,6 +256,22 @@ inline AttnParams make_attn_params(uintptr_t q, uintptr_t k, uintptr_t v, uintpt
   PYLLM_CHECK(dtype == int(DType::f64) || std::isfinite(static_cast<float>(scale)),
               "flash_attn: softmax_scale ", scale, " is inf in fp32, the kernels' math type for ", dtype_name(dtype));
   return p;
+}
+
+// Capped scores and ALiBi (see the fields above), checked as far as the host can without reading
+// the slopes: CUDA's live in device memory (Python checks their values where it can read them); the
+// CPU launchers read them too (flash_attn.cpp's set_alibi). A cap that rounds to 0 in the math type
+// would read as "no cap" and leave the scores uncapped without a word.
+inline void set_score_mods(AttnParams& p, double softcap, uintptr_t alibi_slopes, int64_t alibi_batch_stride) {
+  PYLLM_CHECK(std::isfinite(softcap) && softcap >= 0, "flash_attn: softcap must be finite and >= 0, got ", softcap);
+  PYLLM_CHECK(softcap == 0 || positive_in_math_type(softcap, p.dtype), "flash_attn: softcap ", softcap,
+              " rounds to 0 in fp32, the math type of ", dtype_name(p.dtype), " inputs");
+  p.softcap = softcap;
+  if (!alibi_slopes) return;
+  PYLLM_CHECK(alibi_batch_stride == 0 || alibi_batch_stride >= p.n_heads, "flash_attn: alibi_batch_stride must be 0 ",
+              "(one slope per head for every sequence) or at least n_heads (", p.n_heads, "), got ", alibi_batch_stride);
+  p.alibi_slopes = reinterpret_cast<const float*>(alibi_slopes);
+  p.alibi_batch_stride = alibi_batch_stride;
 }
 
 // The KV-cache options' pointers and shapes (no contents: those the CPU launcher reads itself).

@@ -1209,21 +1209,11 @@ std::vector<std::pair<const void*, size_t>>& flash_attn_kept_by_kernel() {
 
 bool flash_attn_cpu_bf16_dot() { return bf16_dot_enabled(); }
 
-static double checked_softcap(double softcap, int dtype) {
-  PYLLM_CHECK(std::isfinite(softcap) && softcap >= 0, "flash_attn: softcap must be finite and >= 0, got ", softcap);
-  PYLLM_CHECK(softcap == 0 || positive_in_math_type(softcap, dtype), "flash_attn: softcap ", softcap,
-              " rounds to 0 in fp32, the math type of ", dtype_name(dtype), " inputs");
-  return softcap;
-}
-
 // The slopes are read here (host memory): each must be finite (an inf slope gives inf - inf = NaN at
-// distance 0).
-static void set_alibi(AttnParams& p, uintptr_t slopes, int64_t batch_stride) {
+// distance 0). softcap and the slopes' layout: set_score_mods (attn_params.h).
+static void set_score_mods_read(AttnParams& p, double softcap, uintptr_t slopes, int64_t batch_stride) {
+  set_score_mods(p, softcap, slopes, batch_stride);
   if (!slopes) return;
-  PYLLM_CHECK(batch_stride == 0 || batch_stride >= p.n_heads, "flash_attn: alibi_batch_stride must be 0 (one slope ",
-              "per head for every sequence) or at least n_heads (", p.n_heads, "), got ", batch_stride);
-  p.alibi_slopes = reinterpret_cast<const float*>(slopes);
-  p.alibi_batch_stride = batch_stride;
   for (int64_t b = 0; b < (batch_stride ? p.batch : 1); ++b)
     for (int64_t h = 0; h < p.n_heads; ++h)
       PYLLM_CHECK(std::isfinite(p.alibi_slopes[b * batch_stride + h]), "flash_attn: alibi_slopes must be finite, got ",
@@ -1320,8 +1310,7 @@ void flash_attn_fwd_cpu(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, ui
                                   n_heads, n_kv_heads, head_dim, q_strides, k_strides, v_strides, o_strides,
                                   lse_strides, scale, window_left, window_right, dtype);
   check_cpu_dtype(dtype);
-  p.softcap = checked_softcap(softcap, dtype);
-  set_alibi(p, alibi_slopes, alibi_batch_stride);
+  set_score_mods_read(p, softcap, alibi_slopes, alibi_batch_stride);
   p.out = reinterpret_cast<void*>(out);
   p.lse = reinterpret_cast<void*>(lse);
   const int64_t total_q = total_tokens(p.cu_seqlens_q, batch, seqlen_q);
@@ -1356,8 +1345,7 @@ void flash_attn_bwd_cpu(uintptr_t dout, uintptr_t dlse, uintptr_t q, uintptr_t k
                                   n_kv_heads, head_dim, q_strides, k_strides, v_strides, o_strides, lse_strides,
                                   scale, window_left, window_right, dtype);
   check_cpu_dtype(dtype);
-  p.softcap = checked_softcap(softcap, dtype);
-  set_alibi(p, alibi_slopes, alibi_batch_stride);
+  set_score_mods_read(p, softcap, alibi_slopes, alibi_batch_stride);
   copy_strides(p.dkv_strides, dkv_strides, 3, "dkv_strides");
   p.out = reinterpret_cast<void*>(out);
   p.lse = reinterpret_cast<void*>(lse);

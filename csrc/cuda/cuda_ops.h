@@ -55,7 +55,8 @@ void adamw_step_cuda(uintptr_t table, int64_t n_tensors, int param_dtype, bool h
                      double beta2, double eps, double weight_decay, uintptr_t sumsq, uintptr_t loss_scale,
                      double max_grad_norm, bool stochastic_rounding, uint64_t seed, int device, uintptr_t stream);
 // flash_attn_fwd.cu, flash_attn_bwd.cu, flash_attn_decode.cu: the arguments of the CPU twins
-// (csrc/cpu/cpu_ops.h), plus the device and stream. fp16 / bf16 only, sm80+.
+// (csrc/cpu/cpu_ops.h), plus the device and stream. fp16 / bf16 only, sm80+. alibi_slopes: fp32 in
+// device memory, not read on the host (finite: the caller's to check).
 void flash_attn_fwd_cuda(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse, uintptr_t cu_seqlens_q,
                          uintptr_t cu_seqlens_k, uintptr_t seqused_k, int64_t batch, int64_t seqlen_q,
                          int64_t seqlen_k, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
@@ -63,7 +64,8 @@ void flash_attn_fwd_cuda(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, u
                          const std::vector<int64_t>& v_strides, const std::vector<int64_t>& o_strides,
                          const std::vector<int64_t>& lse_strides, double scale, int64_t window_left,
                          int64_t window_right, int dtype, int device, uintptr_t stream, int64_t total_q = -1,
-                         int64_t total_k = -1);  // total_*: varlen's packed token counts (cu_seqlens clamped to them)
+                         int64_t total_k = -1,  // total_*: varlen's packed token counts (cu_seqlens clamped to them)
+                         double softcap = 0.0, uintptr_t alibi_slopes = 0, int64_t alibi_batch_stride = 0);
 void flash_attn_bwd_cuda(uintptr_t dout, uintptr_t dlse, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out,
                          uintptr_t lse, uintptr_t dq, uintptr_t dk, uintptr_t dv, uintptr_t cu_seqlens_q,
                          uintptr_t cu_seqlens_k, int64_t batch, int64_t seqlen_q, int64_t seqlen_k,
@@ -75,7 +77,8 @@ void flash_attn_bwd_cuda(uintptr_t dout, uintptr_t dlse, uintptr_t q, uintptr_t 
                          int device, uintptr_t stream, int algo = 0,  // algo: 0 = mma, 1 = simt, 2 = atomic
                          int64_t total_q = -1, int64_t total_k = -1,
                          uintptr_t delta_ws = 0, int64_t delta_capacity = 0,  // fp32 scratch, lse's layout
-                         uintptr_t dq_accum_ws = 0, int64_t dq_accum_capacity = 0);  // fp32, algo 2 (see .cu)
+                         uintptr_t dq_accum_ws = 0, int64_t dq_accum_capacity = 0,  // fp32, algo 2 (see .cu)
+                         double softcap = 0.0, uintptr_t alibi_slopes = 0, int64_t alibi_batch_stride = 0);
 void flash_attn_decode_cuda(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, uintptr_t out, uintptr_t lse,
                             uintptr_t seqused_k, int64_t batch, int64_t seqlen_q, int64_t capacity, int64_t n_heads,
                             int64_t n_kv_heads, int64_t head_dim, const std::vector<int64_t>& q_strides,
@@ -84,7 +87,8 @@ void flash_attn_decode_cuda(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, u
                             double scale, int64_t window_left, int64_t window_right, int dtype, int device,
                             uintptr_t stream, uintptr_t workspace, int64_t workspace_bytes,
                             uintptr_t kv_batch_idx = 0, uintptr_t kv_leftpad = 0, uintptr_t block_table = 0,
-                            int64_t block_table_stride = 0, int64_t page_size = 0, int64_t kv_rows = 0);
+                            int64_t block_table_stride = 0, int64_t page_size = 0, int64_t kv_rows = 0,
+                            double softcap = 0.0, uintptr_t alibi_slopes = 0, int64_t alibi_batch_stride = 0);
 int64_t flash_attn_decode_workspace_cuda(int64_t batch, int64_t seqlen_q, int64_t capacity, int64_t n_heads,
                                          int64_t head_dim, int device);
 

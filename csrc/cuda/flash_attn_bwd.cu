@@ -24,7 +24,9 @@
 //           kKeyChunk at a time through shared memory; dQ accumulates in registers
 // Each row (of keys in dk_dv, of queries in dq) belongs to 8 consecutive lanes, each holding the
 // head-dim elements d = 8c + lane % 8; dot products reduce over those 8 lanes with shuffles.
-// Memory beyond inputs and outputs: the (B, H, Tq) fp32 delta (stream-ordered allocation).
+// Capped scores and ALiBi: ScoreMod (flash_attn_common.cuh) in natural-log units, dS through the
+// cap's derivative, in both SIMT kernels (unverified on a GPU, 2026-12-05).
+// Memory beyond inputs and outputs: the (B, H, Tq) fp32 delta (caller-allocated workspace).
 // Work: 14 * Tq * Tk * D FLOPs per head (S and dP are computed in both dk_dv and dq), all on
 // the FP32 pipes.
 #include <cmath>
@@ -106,6 +108,7 @@ __global__ void __launch_bounds__(kBwdThreads) flash_attn_dk_dv_kernel(const Att
   const int64_t q_lo = query_lo(p, j0, s.len_q, s.len_k), q_hi = query_hi(p, j0 + nk - 1, s.len_q, s.len_k);
   const int group = int(p.n_heads / p.n_kv_heads);
   for (int hq = hk * group; hq < (hk + 1) * group; ++hq) {
+    const ScoreMod mod(p, b, hq, scale, 1.f);  // capped or biased scores (natural-log units)
     for (int64_t i0 = q_lo; i0 < q_hi; i0 += kQueryChunk) {
       const int nq = int(min(int64_t(kQueryChunk), q_hi - i0));
       __syncthreads();  // the previous chunk (and, first time, the K / V tiles' readers) are done
@@ -134,8 +137,10 @@ __global__ void __launch_bounds__(kBwdThreads) flash_attn_dk_dv_kernel(const Att
         sdot = sum_over_row_lanes(sdot);
         dpdot = sum_over_row_lanes(dpdot);
         const bool seen = row < nk && j >= key_lo(p, i, s.len_q, s.len_k) && j < key_hi(p, i, s.len_q, s.len_k);
-        const float pr = seen ? __expf(sdot * scale - sLse[r]) : 0.f;
-        const float ds = pr * (dpdot - sDelta[r]);
+        float x = sdot * scale, dcap = 1.f;
+        if (mod.on) x = mod.score(sdot, int(i + (s.len_k - s.len_q) - j), dcap);
+        const float pr = seen ? __expf(x - sLse[r]) : 0.f;
+        const float ds = pr * (dpdot - sDelta[r]) * dcap;
 #pragma unroll
         for (int c = 0; c < C; ++c) {
           const int d = c * kLanesPerRow + part;
@@ -170,6 +175,7 @@ __global__ void __launch_bounds__(kBwdThreads) flash_attn_dq_kernel(const AttnPa
   const int64_t i = i_first + (active ? row : 0);
   const int hk = h / int(p.n_heads / p.n_kv_heads);
   const float scale = float(p.scale);
+  const ScoreMod mod(p, b, h, scale, 1.f);  // capped or biased scores (natural-log units)
 
   float q[C], g[C], dq[C];
   const T* q_row = row_ptr<T>(p.q, p.q_strides, b, s.q_start + i, h);
@@ -206,8 +212,10 @@ __global__ void __launch_bounds__(kBwdThreads) flash_attn_dq_kernel(const AttnPa
       sdot = sum_over_row_lanes(sdot);
       dpdot = sum_over_row_lanes(dpdot);
       const bool seen = active && j >= lo_i && j < hi_i;
-      const float pr = seen ? __expf(sdot * scale - lse_i) : 0.f;
-      const float ds = pr * (dpdot - delta_i);
+      float x = sdot * scale, dcap = 1.f;
+      if (mod.on) x = mod.score(sdot, int(i + (s.len_k - s.len_q) - j), dcap);
+      const float pr = seen ? __expf(x - lse_i) : 0.f;
+      const float ds = pr * (dpdot - delta_i) * dcap;
 #pragma unroll
       for (int c = 0; c < C; ++c) dq[c] += ds * sK[r * D + c * kLanesPerRow + part];
     }
@@ -256,11 +264,13 @@ void flash_attn_bwd_cuda(uintptr_t dout, uintptr_t dlse, uintptr_t q, uintptr_t 
                          double scale, int64_t window_left, int64_t window_right, int dtype, bool deterministic,
                          int device, uintptr_t stream, int algo, int64_t total_q, int64_t total_k,
                          uintptr_t delta_ws, int64_t delta_capacity, uintptr_t dq_accum_ws,
-                         int64_t dq_accum_capacity) {
+                         int64_t dq_accum_capacity, double softcap, uintptr_t alibi_slopes,
+                         int64_t alibi_batch_stride) {
   AttnParams p = make_attn_params(q, k, v, cu_seqlens_q, cu_seqlens_k, 0, batch, seqlen_q, seqlen_k, n_heads,
                                   n_kv_heads, head_dim, q_strides, k_strides, v_strides, o_strides, lse_strides,
                                   scale, window_left, window_right, dtype);
   set_packed_totals(p, total_q, total_k);
+  set_score_mods(p, softcap, alibi_slopes, alibi_batch_stride);
   p.out = reinterpret_cast<void*>(out);
   p.lse = reinterpret_cast<void*>(lse);
   p.dout = reinterpret_cast<const void*>(dout);
@@ -303,7 +313,8 @@ void flash_attn_bwd_cuda(uintptr_t dout, uintptr_t dlse, uintptr_t q, uintptr_t 
   // algo 2 where it exists: the (rows_q, n_heads, head_dim) fp32 dQ accumulator, from the caller
   // (torch's caching allocator, as delta), 16-byte aligned for the conversion's float4 reads.
   const int64_t accum_rows = p.cu_seqlens_q ? p.total_q : batch * seqlen_q;
-  const bool atomic_dq = algo == 2 && !deterministic && accum_rows > 0 && attn::atomic_dq_available(head_dim, device);
+  const bool atomic_dq = algo == 2 && !deterministic && accum_rows > 0 && !has_score_mods(p) &&
+                         attn::atomic_dq_available(head_dim, device);
   const int64_t accum_elems = atomic_dq ? accum_rows * n_heads * head_dim : 0;
   PYLLM_CHECK(!atomic_dq || (dq_accum_ws && dq_accum_ws % 16 == 0 && dq_accum_capacity >= accum_elems),
               "flash_attn: the atomic backward's dq accumulator needs ", accum_elems,

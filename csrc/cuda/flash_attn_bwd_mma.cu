@@ -9,6 +9,9 @@
 // With scale_log2 = softmax_scale * log2(e) and lse2 = lse * log2(e), for one key block x query
 // block:  S = Q K^T,  P = exp2(S * scale_log2 - lse2),  dP = dO V^T,  dS = P * (dP - delta),
 //         dV += P^T dO,  dK += scale * dS^T Q,  dQ += scale * dS K.
+// Capped scores and ALiBi (ScoreMod, flash_attn_common.cuh; unverified on a GPU, 2026-12-05): S is
+// recomputed as the forward's, and dS scaled by the cap's derivative 1 - tanh^2 (the bias is a
+// constant); the default tiles only (launch_bwd_mma_d).
 //
 // dk_dv kernel: grid (ceil(Tk / kBlockN), n_kv_heads, batch), 4 warps. One CTA owns kBlockN keys of
 //   one KV head and loops over the query blocks (kBlockM queries) of every query head of the GQA
@@ -193,7 +196,8 @@ __device__ __forceinline__ void atomic_add2(float* p, float x, float y) {
 
 // dq_accum: with AtomicDQ, the (rows_q, n_heads, D) fp32 dQ / scale accumulator (zeroed by the
 // launcher), else unused.
-template <typename T, int D, int MK, bool AtomicDQ>
+// Mods: capped / biased scores (ScoreMod), on the default tiles only (launch_bwd_mma_d).
+template <typename T, int D, int MK, bool AtomicDQ, bool Mods>
 __global__ void __launch_bounds__(kBwdMmaThreads)
     flash_attn_bwd_dk_dv_mma_kernel(const AttnParams p, const float* __restrict__ delta, float scale_log2,
                                     float* __restrict__ dq_accum) {
@@ -208,6 +212,7 @@ __global__ void __launch_bounds__(kBwdMmaThreads)
 #endif
   using Tile = BwdKVTile<D, MK, AtomicDQ>;
   constexpr int BN = Tile::kBlockN, BM = Tile::kBlockM, MT = BM / 8, ST = Tile::kSliceD / 8;
+  static_assert(!Mods || (MK == 1 && !AtomicDQ), "the experiments take no score mods");
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T* sK = reinterpret_cast<T*>(smem_raw);
   T* sV = sK + BN * D;
@@ -337,8 +342,10 @@ __global__ void __launch_bounds__(kBwdMmaThreads)
     }
 
     // P^T and dS^T in place. Element e of tile mt: key row g + 8 * (e / 2) of key tile mk, query
-    // mt * 8 + 2t + e % 2.
+    // mt * 8 + 2t + e % 2. Capped or biased scores as the forward's (ScoreMod), dS through the cap.
     const bool need_mask = !(nk == BN && qlo_last <= i0 && i0 + BM <= qhi_first);
+    const ScoreMod mod = Mods ? ScoreMod(p, b, hk * group + step / n_qblocks, float(p.scale), kLog2e) : ScoreMod();
+    const int dist0 = int(i0 + (s.len_k - s.len_q) - j0) - key_row0 - g + 2 * t;  // ALiBi: query - key
 #pragma unroll
     for (int mk = 0; mk < MK; ++mk) {
 #pragma unroll
@@ -346,8 +353,14 @@ __global__ void __launch_bounds__(kBwdMmaThreads)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int col = mt * 8 + 2 * t + (e & 1);
-          float pr = exp2f(st[mk][mt][e] * scale_log2 - cLse2[col]);
+          float x, dcap = 1.f;
+          if constexpr (Mods)
+            x = mod.score(st[mk][mt][e], dist0 + mt * 8 + (e & 1) - mk * 16 - (e / 2) * 8, dcap);
+          else
+            x = st[mk][mt][e] * scale_log2;
+          float pr = exp2f(x - cLse2[col]);
           float ds = pr * (dpt[mk][mt][e] - cDelta[col]);
+          if constexpr (Mods) ds *= dcap;
           if (need_mask) {
             const int i = int(i0) + col;
             if (i < row_qlo[mk][e / 2] || i >= row_qhi[mk][e / 2]) pr = ds = 0.f;
@@ -460,9 +473,10 @@ __global__ void __launch_bounds__(kBwdMmaThreads)
 #endif
 }
 
-template <typename T, int D, int MT>
+template <typename T, int D, int MT, bool Mods>
 __global__ void __launch_bounds__(kBwdMmaThreads)
     flash_attn_bwd_dq_mma_kernel(const AttnParams p, const float* __restrict__ delta, float scale_log2) {
+  static_assert(!Mods || MT == 1, "the taller tiles take no score mods");
 #ifdef PYLLM_ATTN_UNSUPPORTED_ARCH
   __trap();
 #else
@@ -488,6 +502,7 @@ __global__ void __launch_bounds__(kBwdMmaThreads)
   const int hk = h / int(p.n_heads / p.n_kv_heads);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int warp_row = warp * 16 * MT;  // this warp's first row in the tile; m-tile mt starts 16 * mt below
+  const ScoreMod mod = Mods ? ScoreMod(p, b, h, float(p.scale), kLog2e) : ScoreMod();
 
   // Keys any of the block's queries see (both bounds monotone in the query), BN at a time.
   const int64_t k_lo = key_lo(p, i0, s.len_q, s.len_k), k_hi = key_hi(p, i0 + mq - 1, s.len_q, s.len_k);
@@ -583,15 +598,23 @@ __global__ void __launch_bounds__(kBwdMmaThreads)
     }
 
     // dS in place of dP. Element e of tile nt: query row g + 8 * (e / 2), key nt * 8 + 2t + e % 2.
+    // Capped or biased scores as the forward's (ScoreMod), dS through the cap.
     const bool need_mask = !(klo_last <= j0 && j0 + BN <= khi_first);
+    const int dist0 = int(i0 + (s.len_k - s.len_q) - j0) + warp_row + g - 2 * t;  // ALiBi: query - key
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const float pr = exp2f(sacc[mt][nt][e] * scale_log2 - lse2[mt][e / 2]);
+          float x, dcap = 1.f;
+          if constexpr (Mods)
+            x = mod.score(sacc[mt][nt][e], dist0 + mt * 16 + (e / 2) * 8 - nt * 8 - (e & 1), dcap);
+          else
+            x = sacc[mt][nt][e] * scale_log2;
+          const float pr = exp2f(x - lse2[mt][e / 2]);
           float ds = pr * (dpacc[mt][nt][e] - delta_row[mt][e / 2]);
+          if constexpr (Mods) ds *= dcap;
           if (need_mask) {
             const int j = int(j0) + nt * 8 + 2 * t + (e & 1);
             if (j < row_lo[mt][e / 2] || j >= row_hi[mt][e / 2]) ds = 0.f;
@@ -642,11 +665,11 @@ __global__ void __launch_bounds__(kBwdMmaThreads)
 #endif
 }
 
-template <typename T, int D, int MK, bool AtomicDQ = false>
+template <typename T, int D, int MK, bool AtomicDQ = false, bool Mods = false>
 void launch_dk_dv(const AttnParams& p, const float* delta, float scale_log2, int device, cudaStream_t stream,
                   float* dq_accum = nullptr) {
   using Tile = BwdKVTile<D, MK, AtomicDQ>;
-  constexpr auto kernel = flash_attn_bwd_dk_dv_mma_kernel<T, D, MK, AtomicDQ>;
+  constexpr auto kernel = flash_attn_bwd_dk_dv_mma_kernel<T, D, MK, AtomicDQ, Mods>;
   opt_in_dynamic_smem<kernel>(Tile::kSmemBytes, device, "the backward's dk_dv kernel");
   const dim3 grid(unsigned((p.seqlen_k + Tile::kBlockN - 1) / Tile::kBlockN), unsigned(p.n_kv_heads),
                   unsigned(p.batch));
@@ -684,10 +707,10 @@ void launch_dq_from_accum(const AttnParams& p, const float* dq_accum, int64_t ro
   PYLLM_CUDA_CHECK_LAUNCH("flash_attn_dq_from_accum_kernel");
 }
 
-template <typename T, int D, int MT>
+template <typename T, int D, int MT, bool Mods = false>
 void launch_dq(const AttnParams& p, const float* delta, float scale_log2, int device, cudaStream_t stream) {
   using Tile = BwdQTile<D, MT>;
-  constexpr auto kernel = flash_attn_bwd_dq_mma_kernel<T, D, MT>;
+  constexpr auto kernel = flash_attn_bwd_dq_mma_kernel<T, D, MT, Mods>;
   opt_in_dynamic_smem<kernel>(Tile::kSmemBytes, device, "the backward's dq kernel");
   const dim3 grid(unsigned((p.seqlen_q + Tile::kBlockM - 1) / Tile::kBlockM), unsigned(p.n_heads),
                   unsigned(p.batch));
@@ -699,6 +722,13 @@ template <typename T, int D>
 void launch_bwd_mma_d(const AttnParams& p, const float* delta, int device, cudaStream_t stream, float* dq_accum,
                       int64_t rows_q) {
   const float scale_log2 = float(p.scale * 1.4426950408889634);
+  // Capped and biased scores: their own instances of the default tiles (ScoreMod; flash_attn_bwd_cuda
+  // passes no dq_accum with them).
+  if (has_score_mods(p)) {
+    if (p.seqlen_k > 0) launch_dk_dv<T, D, 1, false, true>(p, delta, scale_log2, device, stream);
+    if (p.seqlen_q > 0) launch_dq<T, D, 1, true>(p, delta, scale_log2, device, stream);
+    return;
+  }
   if constexpr (D == 64 || D == 128) {  // the atomic dQ variant: D = 64 / 128, sm_90 (atomic_dq_available)
     if (dq_accum) {
       // Zeroed here, on the stream: the dk_dv CTAs of every key block add into it.

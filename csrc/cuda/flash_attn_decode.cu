@@ -16,6 +16,8 @@
 // lengths are not read on the host (a sync per decode step): seq_info clamps them to [0, capacity].
 // flash-attn's cache layouts (cache_batch_idx, cache_leftpad, a paged block_table): each key row is
 // found through kv_offset, its indices clamped (unverified on a GPU, 2026-12-03).
+// Capped scores and ALiBi: ScoreMod (flash_attn_common.cuh) on each key's score (unverified on a GPU,
+// 2026-12-05).
 // FP32 SIMT math: decode is bandwidth-bound (2 FLOPs per byte of K and V read).
 #include <algorithm>
 #include <cmath>
@@ -59,6 +61,10 @@ __global__ void __launch_bounds__(kDecodeThreads)
     q[c] = to_f32(q_row[lane + 32 * c]) * float(p.scale);
     o[c] = 0.f;
   }
+  // Capped or biased scores (natural-log units; the scale is in q already). ALiBi distance of key
+  // j: dist_i - j.
+  const ScoreMod mod(p, b, h, 1.f, 1.f);
+  const int64_t dist_i = i + (s.len_k - s.len_q);
   float m = -INFINITY, l = 0.f;
   for (int64_t j = k_begin + warp; j < k_end; j += kDecodeWarps) {
     const T* k_row = static_cast<const T*>(p.k) + kv_offset(p, p.k_strides, b, s.k_start + j, hk);
@@ -68,6 +74,10 @@ __global__ void __launch_bounds__(kDecodeThreads)
     for (int c = 0; c < C; ++c) dot += q[c] * to_f32(k_row[lane + 32 * c]);
 #pragma unroll
     for (int off = 16; off > 0; off /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, off);
+    if (mod.on) {
+      float dcap;
+      dot = mod.score(dot, int(dist_i - j), dcap);
+    }
     // NaN scores: fmaxf skips them, expf(NaN) carries them into o and l.
     const float m_new = fmaxf(m, dot);
     const float m_use = m_new == -INFINITY ? 0.f : m_new;
@@ -200,10 +210,12 @@ void flash_attn_decode_cuda(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, u
                             double scale, int64_t window_left, int64_t window_right, int dtype, int device,
                             uintptr_t stream, uintptr_t workspace, int64_t workspace_bytes, uintptr_t kv_batch_idx,
                             uintptr_t kv_leftpad, uintptr_t block_table, int64_t block_table_stride,
-                            int64_t page_size, int64_t kv_rows) {
+                            int64_t page_size, int64_t kv_rows, double softcap, uintptr_t alibi_slopes,
+                            int64_t alibi_batch_stride) {
   AttnParams p = make_attn_params(q, k_cache, v_cache, 0, 0, seqused_k, batch, seqlen_q, capacity, n_heads,
                                   n_kv_heads, head_dim, q_strides, k_strides, v_strides, o_strides, lse_strides,
                                   scale, window_left, window_right, dtype);
+  set_score_mods(p, softcap, alibi_slopes, alibi_batch_stride);
   // Unverified on a GPU (2026-12-03): the cache layouts, their indices clamped in kv_offset.
   set_kv_layout(p, kv_batch_idx, kv_leftpad, block_table, block_table_stride, page_size, kv_rows);
   p.out = reinterpret_cast<void*>(out);

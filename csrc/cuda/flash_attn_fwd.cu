@@ -7,7 +7,9 @@
 // each warp owning MT m-tiles of 16 rows (MT = 1 by default, see FwdTile). Per key block of
 // kBlockN keys (only the blocks the mask leaves):
 //   S = Q K^T          mma.m16n8k16, Q from shared memory (ldmatrix), K via ldmatrix (non-trans)
-//   S *= scale*log2(e), masked (-inf) only on blocks that cross the mask or the sequence end
+//   S *= scale*log2(e), masked (-inf) only on blocks that cross the mask or the sequence end; with
+//                      softcap / ALiBi S = log2(e) (c tanh(S scale / c) - slope |i - j|) first
+//                      (ScoreMod, flash_attn_common.cuh; unverified on a GPU, 2026-12-05)
 //   online softmax per row in registers (the 4 lanes of a row reduce with shuffles), exp2
 //   O = O * corr + P V P packed from the S accumulators straight into A fragments, V via
 //                      ldmatrix.trans
@@ -65,8 +67,10 @@ struct FwdTile {
   static constexpr int kSmemBytes = (kBlockM * D + 4 * kBlockN * D) * 2;
 };
 
-template <typename T, int D, int MT>
+// Mods: capped / biased scores (ScoreMod), MT = 1 only (dispatch_fwd).
+template <typename T, int D, int MT, bool Mods>
 __global__ void __launch_bounds__(128) flash_attn_fwd_kernel(const AttnParams p, float scale_log2) {
+  static_assert(!Mods || MT == 1, "the taller tiles take no score mods");
 #ifdef PYLLM_ATTN_UNSUPPORTED_ARCH
   __trap();
 #else
@@ -92,6 +96,7 @@ __global__ void __launch_bounds__(128) flash_attn_fwd_kernel(const AttnParams p,
   const int hk = h / int(p.n_heads / p.n_kv_heads);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int warp_row = warp * 16 * MT;  // this warp's first row in the tile; m-tile mt starts 16 * mt below
+  const ScoreMod mod = Mods ? ScoreMod(p, b, h, float(p.scale), 1.4426950408889634f) : ScoreMod();
 
   const T* q_base = static_cast<const T*>(p.q) + b * p.q_strides[0] + (s.q_start + i0) * p.q_strides[1] +
                     h * p.q_strides[2];
@@ -180,16 +185,24 @@ __global__ void __launch_bounds__(128) flash_attn_fwd_kernel(const AttnParams p,
       }
     }
 
-    // Scale into log2 units; mask only blocks that cross the mask or the end of the keys.
+    // Scale into log2 units (capped and biased where asked: ScoreMod); mask only blocks that cross
+    // the mask or the end of the keys.
     const int64_t j0 = int64_t(nb) * BN;
     const bool need_mask = !(lo_last <= j0 && j0 + BN <= hi_first);
+    // ALiBi distance of element e of tile (mt, nt): query i0 + warp_row + 16 mt + g + 8 (e / 2),
+    // key j0 + 8 nt + 2t + (e & 1).
+    const int dist0 = int(i0 + (s.len_k - s.len_q) - j0) + warp_row + g - 2 * t;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          float x = sacc[mt][nt][e] * scale_log2;
+          float x, dcap;
+          if constexpr (Mods)
+            x = mod.score(sacc[mt][nt][e], dist0 + mt * 16 + (e / 2) * 8 - nt * 8 - (e & 1), dcap);
+          else
+            x = sacc[mt][nt][e] * scale_log2;
           if (need_mask) {
             const int j = int(j0) + nt * 8 + 2 * t + (e & 1);
             if (j < row_lo[mt][e / 2] || j >= row_hi[mt][e / 2]) x = -INFINITY;
@@ -295,10 +308,10 @@ __global__ void __launch_bounds__(128) flash_attn_fwd_kernel(const AttnParams p,
 #endif
 }
 
-template <typename T, int D, int MT>
+template <typename T, int D, int MT, bool Mods = false>
 void launch_fwd(const AttnParams& p, int device, cudaStream_t stream) {
   using Tile = FwdTile<D, MT>;
-  constexpr auto kernel = flash_attn_fwd_kernel<T, D, MT>;
+  constexpr auto kernel = flash_attn_fwd_kernel<T, D, MT, Mods>;
   opt_in_dynamic_smem<kernel>(Tile::kSmemBytes, device, "the forward kernel");
   const dim3 grid(unsigned((p.seqlen_q + Tile::kBlockM - 1) / Tile::kBlockM), unsigned(p.n_heads), unsigned(p.batch));
   kernel<<<grid, Tile::kThreads, Tile::kSmemBytes, stream>>>(p, float(p.scale * 1.4426950408889634));
@@ -308,6 +321,11 @@ void launch_fwd(const AttnParams& p, int device, cudaStream_t stream) {
 template <typename T>
 void dispatch_fwd(const AttnParams& p, int device, cudaStream_t stream) {
   // MT = 2 exists at D = 64 / 128 only (FwdTile); 10 s more nvcc per arch, hence sm_90 alone.
+  // Capped and biased scores: their own instances of the default tiles (ScoreMod).
+  if (has_score_mods(p)) {
+    dispatch_head_dim(p.head_dim, [&](auto d) { launch_fwd<T, decltype(d)::value, 1, true>(p, device, stream); });
+    return;
+  }
   if ((p.head_dim == 64 || p.head_dim == 128) && tall_tiles(device, "PYLLM_ATTN_FWD_BLOCK_M") == 2) {
     if (p.head_dim == 64)
       launch_fwd<T, 64, 2>(p, device, stream);
@@ -327,11 +345,12 @@ void flash_attn_fwd_cuda(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, u
                          const std::vector<int64_t>& v_strides, const std::vector<int64_t>& o_strides,
                          const std::vector<int64_t>& lse_strides, double scale, int64_t window_left,
                          int64_t window_right, int dtype, int device, uintptr_t stream, int64_t total_q,
-                         int64_t total_k) {
+                         int64_t total_k, double softcap, uintptr_t alibi_slopes, int64_t alibi_batch_stride) {
   AttnParams p = make_attn_params(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, batch, seqlen_q, seqlen_k,
                                   n_heads, n_kv_heads, head_dim, q_strides, k_strides, v_strides, o_strides,
                                   lse_strides, scale, window_left, window_right, dtype);
   set_packed_totals(p, total_q, total_k);
+  set_score_mods(p, softcap, alibi_slopes, alibi_batch_stride);
   p.out = reinterpret_cast<void*>(out);
   p.lse = reinterpret_cast<void*>(lse);
   // Varlen: seqlen_q / seqlen_k are the max_seqlen bounds; the packed totals say what exists.

@@ -172,26 +172,18 @@ def _opt_ptr(t: Optional[Tensor]) -> int:
 
 
 def _check_softcap(op: str, q: Tensor, softcap) -> None:
-    """A public call's softcap: a finite number >= 0, and 0 on CUDA (no kernel there yet)."""
+    """A public call's softcap: a finite number >= 0."""
     if not _util.symbolic(softcap) and (not _util.is_number(softcap) or not 0 <= softcap < math.inf):
         raise ValueError(f"{op}: softcap must be a finite number >= 0 (0: no cap), got {softcap!r}")
-    _check_softcap_device(q, softcap, op)
-
-
-def _check_softcap_device(q: Tensor, softcap: float, op: str = OP) -> None:
-    if softcap and q.is_cuda:
-        raise NotImplementedError(f"{op}: softcap (capped scores) has a CPU kernel only; on CUDA leave it 0 "
-                                  "(pyllm's models compute capped attention with torch's ops there)")
 
 
 def _check_alibi(op: str, q: Tensor, slopes, batch: int) -> Optional[Tensor]:
     """A public call's alibi_slopes: None, or float32 (n_heads,) / (batch, n_heads) on q's device,
-    finite, taking no gradient; CPU only for now. Returns them contiguous."""
+    finite, taking no gradient. Returns them contiguous."""
     if slopes is None:
         return None
     if not isinstance(slopes, Tensor):
         raise TypeError(f"{op}: alibi_slopes must be a torch.Tensor or None, got {type(slopes).__name__}")
-    _check_alibi_device(q, slopes, op)
     if slopes.dtype != torch.float32:
         raise TypeError(f"{op}: alibi_slopes must be float32 (as flash-attn's), got {slopes.dtype}")
     n_heads = q.shape[-2]
@@ -202,27 +194,43 @@ def _check_alibi(op: str, q: Tensor, slopes, batch: int) -> Optional[Tensor]:
         raise ValueError(f"{op}: alibi_slopes must be on q's device {q.device}, got {slopes.device}")
     if slopes.requires_grad:
         raise ValueError(f"{op}: alibi_slopes are fixed biases and get no gradient; pass alibi_slopes.detach()")
-    # Read here, before a kv-cache call writes anything (the C++ launchers check them again); traced
-    # calls leave it to the launchers (a data-dependent branch would break the graph).
-    if not _util.values_unreadable(slopes) and not bool(torch.isfinite(slopes).all()):
+    # Read here, before a kv-cache call writes anything (the CPU launchers check them again; CUDA's
+    # cannot read device memory); traced calls leave it to the launchers (a data-dependent branch
+    # would break the graph).
+    if not _util.values_unreadable(slopes) and not _finite_slopes(slopes):
         raise ValueError(f"{op}: alibi_slopes must be finite")
     return slopes.contiguous()
 
 
-def _check_alibi_device(q: Tensor, slopes: Optional[Tensor], op: str = OP) -> None:
-    if slopes is not None and q.is_cuda:
-        raise NotImplementedError(f"{op}: alibi_slopes (ALiBi) has a CPU kernel only; on CUDA pass None")
+def _finite_slopes(slopes: Tensor) -> bool:
+    """Whether every slope is finite. On CUDA reading the answer is a device sync, which a model
+    would pay in every layer of every step for the same slopes buffer: the answer is kept on the
+    tensor with its version counter (in-place writes bump it), so each buffer is read once."""
+    if not slopes.is_cuda or slopes.is_inference():  # (inference tensors have no version counter)
+        return bool(torch.isfinite(slopes).all())
+    version = slopes._version
+    if getattr(slopes, "_pyllm_finite_at", None) == version:
+        return True
+    finite = bool(torch.isfinite(slopes).all())
+    if finite:
+        slopes._pyllm_finite_at = version
+    return finite
 
 
-def _alibi_args(slopes: Optional[Tensor], n_heads: int, batch: int) -> dict:
-    """The CPU launchers' ALiBi arguments: the slopes' address and their batch stride (0: (n_heads,))."""
+def _alibi_args(slopes: Optional[Tensor], n_heads: int, batch: int, q: Tensor) -> dict:
+    """The launchers' ALiBi arguments: the slopes' address and their batch stride (0: (n_heads,))."""
     if slopes is None:
         return {}
     # (the kernel reads n_heads slopes per row wherever they point: a DTensor's whole slopes beside a
-    # shard of the heads would bias them by other heads' slopes without a word)
+    # shard of the heads would bias them by other heads' slopes without a word; and the op called
+    # directly reaches here unchecked: slopes on another device would be read through a pointer
+    # that is not the kernel's to read)
     if slopes.shape[-1] != n_heads or (slopes.dim() == 2 and slopes.shape[0] not in (1, batch)):
         raise ValueError(f"{OP}: alibi_slopes must be (n_heads,) = ({n_heads},) or (batch or 1, n_heads) for "
                          f"{batch} sequences, got {tuple(slopes.shape)}")
+    if slopes.dtype is not torch.float32 or slopes.get_device() != q.get_device() or slopes.stride(-1) != 1:
+        raise ValueError(f"{OP}: alibi_slopes must be float32 with a contiguous last dim on q's device {q.device}, "
+                         f"got {slopes.dtype} on {slopes.device}")
     # A (1, H) tensor's first stride is free (contiguous whatever it is): one row is stride 0.
     return dict(alibi_slopes=_util.ptr(slopes),
                 alibi_batch_stride=slopes.stride(0) if slopes.dim() == 2 and slopes.shape[0] > 1 else 0)
@@ -271,8 +279,6 @@ def flash_attn_forward_into(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_s
                             alibi_slopes: Optional[Tensor] = None, cache_options: Optional[dict] = None) -> None:
     """Runs the forward kernel into out (q's shape, contiguous) and lse. Inputs already checked.
     cache_options: the CPU launcher's KV-cache arguments (_cache_option_args), their seqlen_k too."""
-    _check_softcap_device(q, softcap)
-    _check_alibi_device(q, alibi_slopes)
     varlen = cu_seqlens_q is not None
     batch, seqlen_q, seqlen_k = _sizes(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     if cache_options:
@@ -284,12 +290,24 @@ def flash_attn_forward_into(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_s
             _opt_ptr(cu_seqlens_k), _opt_ptr(seqused_k), batch, seqlen_q, seqlen_k, q.shape[-2], k.shape[-2],
             q.shape[-1], _strides3(q, varlen), _strides3(k, varlen), _strides3(v, varlen), _strides3(out, varlen),
             _lse_strides(lse, varlen), float(scale), window_left, window_right, _util.dtype_code(q))
+    mods = dict(softcap=float(softcap), **_alibi_args(alibi_slopes, q.shape[-2], batch, q))
     if q.is_cuda:
-        _C.flash_attn_fwd_cuda(*args, q.device.index, _util.stream_of(q), **_packed_totals(q, k, varlen))
+        _C.flash_attn_fwd_cuda(*args, q.device.index, _util.stream_of(q), **_packed_totals(q, k, varlen), **mods)
     else:
         _util.init_cpu_threads()
-        _C.flash_attn_fwd_cpu(*args, softcap=float(softcap), **_alibi_args(alibi_slopes, q.shape[-2], batch),
-                              **(cache_options or {}))
+        _C.flash_attn_fwd_cpu(*args, **mods, **(cache_options or {}))
+
+
+# The capped (softcap) and ALiBi CUDA kernels have not yet run on a GPU: pyllm.nn's attention (the
+# models) takes them only when asked (bench/gpu_check.sh asks), torch ops otherwise; pyllm.flash_attn
+# and flash_attn_with_kvcache themselves always run them.
+SCORE_MODS_CUDA_ENV = "PYLLM_ATTN_SCORE_MODS_CUDA"
+
+
+def takes_score_mods(q: Tensor, softcap, alibi_slopes) -> bool:
+    """Whether pyllm.nn's attention runs the kernels for q with these score modifiers: always
+    without them and off CUDA; on CUDA with PYLLM_ATTN_SCORE_MODS_CUDA=1 (until verified on a GPU)."""
+    return (not softcap and alibi_slopes is None) or not q.is_cuda or os.environ.get(SCORE_MODS_CUDA_ENV) == "1"
 
 
 # The CUDA backward's implementations (csrc/cuda/flash_attn_bwd.cu): the tensor-core kernels
@@ -317,8 +335,6 @@ def flash_attn_backward_into(dout, dlse, q, k, v, out, lse, dq, dk, dv, cu_seqle
 
     algo: the CUDA backward, "mma", "simt" or "atomic"; None reads PYLLM_ATTN_BWD (default "mma").
     """
-    _check_softcap_device(q, softcap)
-    _check_alibi_device(q, alibi_slopes)
     varlen = cu_seqlens_q is not None
     batch, seqlen_q, seqlen_k = _sizes(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     _check_kernel_tensors(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, None, batch, grads=(dout, dlse, dq, dk, dv))
@@ -328,24 +344,26 @@ def flash_attn_backward_into(dout, dlse, q, k, v, out, lse, dq, dk, dv, cu_seqle
             _strides3(q, varlen), _strides3(k, varlen), _strides3(v, varlen), _strides3(out, varlen),
             _strides3(dk, varlen), _lse_strides(lse, varlen), float(scale), window_left, window_right,
             _util.dtype_code(q))
+    mods = dict(softcap=float(softcap), **_alibi_args(alibi_slopes, q.shape[-2], batch, q))
     if q.is_cuda:
         # delta = rowsum(dO * O) - dlse, fp32 in lse's layout: from torch's caching allocator.
         delta = torch.empty_strided(lse.shape, lse.stride(), dtype=torch.float32, device=q.device)
         delta_capacity = delta.untyped_storage().nbytes() // 4
         algo_code = _cuda_bwd_algo(algo)
         # "atomic": an fp32 dQ accumulator of q's (rows, heads, D), zeroed by the C++ side, which
-        # uses it only where the variant exists (else the deterministic kernels: unused)
+        # uses it only where the variant exists (else the deterministic kernels: unused); capped or
+        # biased scores run on those too
         dq_accum = None
         if (algo_code == BWD_ALGOS["atomic"] and not deterministic and q.shape[-1] in ATOMIC_DQ_HEAD_DIMS
-                and torch.cuda.get_device_capability(q.device)[0] == 9):
+                and not softcap and alibi_slopes is None and torch.cuda.get_device_capability(q.device)[0] == 9):
             dq_accum = torch.empty(q.numel(), dtype=torch.float32, device=q.device)
         _C.flash_attn_bwd_cuda(*args, bool(deterministic), q.device.index, _util.stream_of(q),
                                algo_code, **_packed_totals(q, k, varlen), delta=_opt_ptr(delta),
                                delta_capacity=delta_capacity, dq_accum=_opt_ptr(dq_accum),
-                               dq_accum_capacity=0 if dq_accum is None else dq_accum.numel())
+                               dq_accum_capacity=0 if dq_accum is None else dq_accum.numel(), **mods)
     else:
         _util.init_cpu_threads()
-        _C.flash_attn_bwd_cpu(*args, softcap=float(softcap), **_alibi_args(alibi_slopes, q.shape[-2], batch))  # deterministic
+        _C.flash_attn_bwd_cpu(*args, **mods)  # deterministic
 
 
 def _last_dim_contiguous(t: Tensor) -> Tensor:
@@ -751,10 +769,9 @@ def _flash_attn_with_kvcache_body(q: Tensor, k_cache: Tensor, v_cache: Tensor, c
                              sinks: Optional[Tensor] = None, alibi_slopes: Optional[Tensor] = None,
                              cache_batch_idx: Optional[Tensor] = None, cache_leftpad: Optional[Tensor] = None,
                              block_table: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-    # The op called directly: what CUDA lacks is refused before anything is appended
     op = "flash_attn_with_kvcache"
-    _check_softcap_device(q, softcap, op)
-    _check_alibi_device(q, alibi_slopes, op)
+    if alibi_slopes is not None:  # the op called directly: slopes a launch cannot read, refused before the append
+        _alibi_args(alibi_slopes, q.shape[2], q.shape[0], q)
     # The op called directly: the layouts' dtypes and shapes, whose addresses the kernel reads as int32
     _check_cache_options(op, q, k_cache, cache_batch_idx, cache_leftpad, block_table)
     _check_cache_layout(k_cache, v_cache)
@@ -803,8 +820,8 @@ def _attend_cache(q: Tensor, k_cache: Tensor, v_cache: Tensor, seqused_k: Tensor
                   window_left: int, window_right: int, softcap: float = 0.0, sinks: Optional[Tensor] = None,
                   alibi_slopes: Optional[Tensor] = None, cache_options: Optional[dict] = None) -> tuple[Tensor, Tensor]:
     """Attention of q over each cache's first seqused_k[b] (int32, valid) keys: the split-KV decode
-    kernel on the GPU, the forward kernel on the CPU (softcap, alibi_slopes: the CPU's alone, checked
-    before). cache_options: _cache_layout_args' (the cache layouts). Returns (out, lse)."""
+    kernel on the GPU, the forward kernel on the CPU (softcap, alibi_slopes: checked before).
+    cache_options: _cache_layout_args' (the cache layouts). Returns (out, lse)."""
     layout = dict(cache_options or {})
     keep = layout.pop("_keep", None)  # alive until the launch has taken their addresses
     capacity = layout.pop("seqlen_k", k_cache.shape[1])
@@ -822,7 +839,8 @@ def _attend_cache(q: Tensor, k_cache: Tensor, v_cache: Tensor, seqused_k: Tensor
                                   _strides3(k_cache, False), _strides3(v_cache, False), _strides3(out, False),
                                   _lse_strides(lse, False), float(softmax_scale), window_left, window_right,
                                   _util.dtype_code(q), q.device.index, _util.stream_of(q), _opt_ptr(workspace),
-                                  workspace.numel(), **layout)
+                                  workspace.numel(), **layout, softcap=float(softcap),
+                                  **_alibi_args(alibi_slopes, q.shape[2], q.shape[0], q))
     else:
         flash_attn_forward_into(q, k_cache, v_cache, out, lse, None, None, q.shape[1], capacity, softmax_scale,
                                 window_left, window_right, seqused_k=seqused_k, softcap=softcap,
@@ -959,7 +977,7 @@ def _kvcache_eager_cpu(q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal,
                 or alibi_slopes.shape not in ((n_heads,), (batch, n_heads)) or not alibi_slopes.is_contiguous()
                 or not all(map(math.isfinite, alibi_slopes.view(-1).tolist()))):
             return None
-        alibi = _alibi_args(alibi_slopes, n_heads, batch)
+        alibi = _alibi_args(alibi_slopes, n_heads, batch, q)
     q_strides, k_strides, v_strides = q.stride(), k_cache.stride(), v_cache.stride()
     if q_strides[3] != 1 or k_strides[3] != 1 or v_strides[3] != 1:
         return None
@@ -1091,7 +1109,10 @@ def flash_attn(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, softmax
             atomics, as flash-attn does, when deterministic is False: not bitwise repeatable.
         softcap: > 0 caps the scaled scores as softcap * tanh(s / softcap) before the mask and the
             softmax (Gemma 2's attn_logit_softcapping, flash-attn's softcap); the LSE is of the
-            capped scores. CPU kernels only for now: NotImplementedError on CUDA.
+            capped scores. On CUDA (fp16 / bf16) the tanh is tanhf, not flash-attn's tanh.approx
+            (its ~2^-11 error, times the cap, moves the scores past bf16's own error): unverified
+            on a GPU (2026-12-05); the calls with it take the default tiles, never the taller or
+            atomic-dQ experiments.
         sinks: None, or a (n_heads,) float tensor on q's device: one learned logit per query head
             that joins every query's softmax as an extra key with a zero value (gpt-oss's
             attention sinks, transformers' s_aux): softmax([q k^T * scale, sink]) with the sink's
@@ -1104,8 +1125,9 @@ def flash_attn(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, softmax
             and key j after the scale and the cap (the distance to the query's own position,
             bottom-right aligned as the mask), causal or not. The LSE includes the bias (flash-attn's
             causal kernels return it shifted by slope * (i + seqlen_k - seqlen_q): they add
-            slope * j, the same softmax). Fixed: they take no gradient. CPU kernels only for now:
-            NotImplementedError on CUDA.
+            slope * j, the same softmax). Fixed: they take no gradient. On CUDA the slopes are
+            read once per tensor (a device sync; again after an in-place change) to check that
+            they are finite; the kernels are unverified on a GPU (2026-12-05), as softcap's.
     Returns:
         out, shaped like q (contiguous), or (out, lse) with return_lse.
     Raises:
@@ -1308,10 +1330,10 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_s
         k_new, v_new: (batch, seqlen_new, n_kv_heads, head_dim) or None.
         causal: bottom-right aligned as in :func:`flash_attn`: with L = cache_seqlens + seqlen_new
             keys, query i sees keys 0 .. L - seqlen_q + i.
-        softcap: > 0 caps the scaled scores as in :func:`flash_attn` (Gemma 2's); CPU only for now.
+        softcap: > 0 caps the scaled scores as in :func:`flash_attn` (Gemma 2's).
         sinks: a (n_heads,) logit per query head joining each softmax, as in :func:`flash_attn`.
         alibi_slopes: float32 (n_heads,) or (batch, n_heads), ALiBi as in :func:`flash_attn`: the
-            distance of key j from query i is L - seqlen_q + i - j; CPU only for now.
+            distance of key j from query i is L - seqlen_q + i - j.
         rotary_cos, rotary_sin: (seqlen_ro >= capacity, rotary_dim / 2), flash-attn's rotary
             embedding inside the call: k_new (required) is rotated at positions cache_seqlens[b] + j
             before it is appended, q at cache_seqlens[b] + i when causal or windowed, else every

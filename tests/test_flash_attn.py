@@ -243,6 +243,19 @@ def test_nan_in_v_of_a_later_block_stays_there(dtype):
 
 # --- varlen ---------------------------------------------------------------------------------------
 
+def check_score_mods(q, k, v, dout, slopes, **kw):
+    """pyllm.flash_attn with alibi_slopes=slopes and kw (softcap, causal, window): out and gradients
+    against the float64 reference within twice torch's error, the LSE within 1e-2 (1e-10 in fp64)."""
+    ours = lambda q, k, v: pyllm.flash_attn(q, k, v, alibi_slopes=slopes, **kw)  # noqa: E731
+    reference = lambda q, k, v: attention(q, k, v, alibi=slopes, **kw)[0]  # noqa: E731
+    check_against_reference_any_dtype(q, k, v, dout, ours, reference)
+    _, lse = pyllm.flash_attn(q, k, v, alibi_slopes=slopes, return_lse=True, **kw)
+    ref_lse = attention(q.double(), k.double(), v.double(), alibi=slopes, **kw)[1]
+    seen = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), seen)
+    assert (lse[seen].double() - ref_lse[seen]).abs().max() < (1e-10 if q.dtype == torch.float64 else 1e-2)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("causal,window", [(False, (-1, -1)), (True, (-1, -1)), (False, (5, 3)), (True, (16, -1))],
                          ids=str)
@@ -253,13 +266,7 @@ def test_softcap_matches_float64_reference(dtype, shape, causal, window):
     b, tq, tk, h, hk, d = shape
     q, k, v = (2 * rand(s, dtype, "cpu") for s in ((b, tq, h, d), (b, tk, hk, d), (b, tk, hk, d)))
     dout = rand((b, tq, h, d), dtype, "cpu")
-    ours = lambda q, k, v: pyllm.flash_attn(q, k, v, causal=causal, window=window, softcap=1.5)  # noqa: E731
-    reference = lambda q, k, v: attention(q, k, v, causal, window, softcap=1.5)[0]  # noqa: E731
-    check_against_reference_any_dtype(q, k, v, dout, ours, reference)
-    _, lse = pyllm.flash_attn(q, k, v, causal=causal, window=window, softcap=1.5, return_lse=True)
-    ref_lse = attention(q.double(), k.double(), v.double(), causal, window, softcap=1.5)[1]
-    seen = torch.isfinite(ref_lse)
-    assert (lse[seen].double() - ref_lse[seen]).abs().max() < (1e-10 if dtype == torch.float64 else 1e-2)
+    check_score_mods(q, k, v, dout, None, causal=causal, window=window, softcap=1.5)
 
 
 def test_softcap_varlen_and_checks():
@@ -292,17 +299,8 @@ def test_softcap_and_alibi_on_cuda(dtype, shape, causal, window, mods, monkeypat
     b, tq, tk, h, hk, d = shape
     q, k, v = (2 * rand(s, dtype, "cuda") for s in ((b, tq, h, d), (b, tk, hk, d), (b, tk, hk, d)))
     dout = rand((b, tq, h, d), dtype, "cuda")
-    softcap = 1.5 if "softcap" in mods else 0.0
     slopes = alibi_slopes((b, h) if "batch" in mods else (h,)).cuda() if "alibi" in mods else None
-    kw = dict(causal=causal, window=window, softcap=softcap)
-    ours = lambda q, k, v: pyllm.flash_attn(q, k, v, alibi_slopes=slopes, **kw)  # noqa: E731
-    reference = lambda q, k, v: attention(q, k, v, alibi=slopes, **kw)[0]  # noqa: E731
-    check_against_reference(q, k, v, dout, ours, reference)
-    _, lse = pyllm.flash_attn(q, k, v, alibi_slopes=slopes, return_lse=True, **kw)
-    ref_lse = attention(q.double(), k.double(), v.double(), alibi=slopes, **kw)[1]
-    seen = torch.isfinite(ref_lse)
-    assert torch.equal(torch.isfinite(lse), seen)
-    assert (lse[seen].double() - ref_lse[seen]).abs().max() < 1e-2
+    check_score_mods(q, k, v, dout, slopes, causal=causal, window=window, softcap=1.5 if "softcap" in mods else 0.0)
 
 
 @pytest.mark.cuda
@@ -334,14 +332,7 @@ def test_alibi_matches_float64_reference(dtype, shape, causal, window, per_seque
     dout = rand((b, tq, h, d), dtype, "cpu")
     slopes = alibi_slopes((b, h) if per_sequence else (h,))
     kw = dict(causal=causal, window=window, softcap=softcap)
-    ours = lambda q, k, v: pyllm.flash_attn(q, k, v, alibi_slopes=slopes, **kw)  # noqa: E731
-    reference = lambda q, k, v: attention(q, k, v, alibi=slopes, **kw)[0]  # noqa: E731
-    check_against_reference_any_dtype(q, k, v, dout, ours, reference)
-    _, lse = pyllm.flash_attn(q, k, v, alibi_slopes=slopes, return_lse=True, **kw)
-    ref_lse = attention(q.double(), k.double(), v.double(), alibi=slopes, **kw)[1]
-    seen = torch.isfinite(ref_lse)
-    assert torch.equal(torch.isfinite(lse), seen)
-    assert (lse[seen].double() - ref_lse[seen]).abs().max() < (1e-10 if dtype == torch.float64 else 1e-2)
+    check_score_mods(q, k, v, dout, slopes, **kw)
     if tk > 1:  # (the bias binds)
         plain = pyllm.flash_attn(q, k, v, **kw)
         assert not torch.allclose(plain.double(), attention(q.double(), k.double(), v.double(), alibi=slopes, **kw)[0],

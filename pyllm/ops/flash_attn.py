@@ -206,7 +206,11 @@ def _finite_slopes(slopes: Tensor) -> bool:
     """Whether every slope is finite. On CUDA reading the answer is a device sync, which a model
     would pay in every layer of every step for the same slopes buffer: the answer is kept on the
     tensor with its version counter (in-place writes bump it), so each buffer is read once."""
-    if not slopes.is_cuda or slopes.is_inference():  # (inference tensors have no version counter)
+    if not slopes.is_cuda:
+        return bool(torch.isfinite(slopes).all())
+    if torch.cuda.is_current_stream_capturing():  # a CUDA graph's capture cannot read them: left unchecked
+        return True
+    if slopes.is_inference():  # (no version counter to keep the answer with)
         return bool(torch.isfinite(slopes).all())
     version = slopes._version
     if getattr(slopes, "_pyllm_finite_at", None) == version:

@@ -674,17 +674,24 @@ def test_flash_attn_atomic_dq_varlen(emu):
 @pytest.mark.parametrize("case", ["square", "gqa", "mqa-short-q"])
 @pytest.mark.parametrize("causal, window", [(False, (-1, -1)), (True, (-1, -1)), (False, (40, 7))],
                          ids=["full", "causal", "window"])
-def test_flash_attn_score_mods(emu, mods, D, case, causal, window):
+def test_flash_attn_score_mods(emu, mods, D, case, causal, window, dtype=torch.bfloat16):
     # Gemma 2's capped scores and ALiBi (flash-attn's softcap, alibi_slopes; unverified on a GPU) in
     # the forward and the tensor-core backward, per head or per (sequence, head) slopes, the cap alone
     # and under the bias. Inputs twice unit size so that a cap of 1.5 binds.
     B, Tq, Tk, H, Hkv = ATTN_CASES[case]
-    q, k, v = (randn(shape, torch.bfloat16, 2.0) for shape in ((B, Tq, H, D), (B, Tk, Hkv, D), (B, Tk, Hkv, D)))
-    dout = randn((B, Tq, H, D), torch.bfloat16)
+    q, k, v = (randn(shape, dtype, 2.0) for shape in ((B, Tq, H, D), (B, Tk, Hkv, D), (B, Tk, Hkv, D)))
+    dout = randn((B, Tq, H, D), dtype)
     softcap = 1.5 if "softcap" in mods else 0.0
     slopes = alibi_slopes((B, H) if "batch" in mods else (H,)) if "alibi" in mods else None
     got = emulated_attention(emu, q, k, v, dout, causal, window, softcap=softcap, slopes=slopes)
     check_attention(got, q, k, v, dout, lambda a, b, c: attention(a, b, c, causal, window, softcap=softcap, alibi=slopes))
+
+
+@pytest.mark.parametrize("mods", ["softcap", "alibi-batch-softcap"])
+@pytest.mark.parametrize("causal, window", [(True, (-1, -1)), (False, (40, 7))], ids=["causal", "window"])
+def test_flash_attn_score_mods_fp16(emu, mods, causal, window):
+    # fp16's instances of the same kernels (its narrower range: the capped scores and dS in fp16 A fragments)
+    test_flash_attn_score_mods(emu, mods, 64, "gqa", causal, window, torch.float16)
 
 
 @pytest.mark.parametrize("algo", [1, 2], ids=["simt", "atomic-falls-back"])

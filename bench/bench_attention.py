@@ -12,6 +12,7 @@ one new token against a KV cache of T tokens (flash_attn_with_kvcache vs SDPA on
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 from pathlib import Path
@@ -137,8 +138,11 @@ def eager_with_sinks(q, k, v, causal):
     return (p.to(v.dtype) @ v).transpose(1, 2)
 
 
-def alibi_slopes_of(h: int, device: str) -> torch.Tensor:
-    """ALiBi's own slopes for h heads (a power of 2): 2^(-8 i / h), i = 1..h (Press et al. 2022)."""
+@functools.lru_cache(maxsize=None)
+def alibi_slopes_of(h: int, device) -> torch.Tensor:
+    """ALiBi's own slopes for h heads (a power of 2): 2^(-8 i / h), i = 1..h (Press et al. 2022). One
+    tensor per (h, device), as a model keeps them in a buffer: a fresh CUDA tensor per call would time
+    its host copy and pyllm's finiteness check (a sync, read once per slopes tensor) with the kernel."""
     return torch.tensor([2.0 ** (-8.0 * i / h) for i in range(1, h + 1)], device=device)
 
 

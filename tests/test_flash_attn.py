@@ -288,11 +288,10 @@ def test_softcap_varlen_and_checks():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("causal,window", [(False, (-1, -1)), (True, (-1, -1)), (False, (5, 3))], ids=str)
 @pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[2], SHAPES[3], SHAPES[5]], ids=str)
 @pytest.mark.parametrize("mods", ["softcap", "alibi", "alibi-batch-softcap"])
-def test_softcap_and_alibi_on_cuda(dtype, shape, causal, window, mods, monkeypatch, algo="mma"):
+def test_softcap_and_alibi_on_cuda(shape, causal, window, mods, monkeypatch, algo="mma", dtype=torch.bfloat16):
     # The CUDA kernels' capped scores and ALiBi (new 2026-12-05, unverified until this passes on a
     # GPU): forward, LSE and the backward (test_softcap_and_alibi_on_cuda_other_backwards: the others)
     monkeypatch.setenv("PYLLM_ATTN_BWD", algo)
@@ -304,10 +303,12 @@ def test_softcap_and_alibi_on_cuda(dtype, shape, causal, window, mods, monkeypat
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("algo", ["simt", "atomic"])  # (atomic: the deterministic kernels run with them)
+@pytest.mark.parametrize("algo", ["simt", "atomic", "mma-fp16"])  # (atomic: the deterministic kernels run with them)
 @pytest.mark.parametrize("shape", [SHAPES[2], SHAPES[3]], ids=str)
 def test_softcap_and_alibi_on_cuda_other_backwards(algo, shape, monkeypatch):
-    test_softcap_and_alibi_on_cuda(torch.bfloat16, shape, True, (-1, -1), "alibi-batch-softcap", monkeypatch, algo)
+    # the SIMT backward, "atomic" with them (the deterministic kernels), and fp16's instances
+    dtype = torch.float16 if algo == "mma-fp16" else torch.bfloat16
+    test_softcap_and_alibi_on_cuda(shape, True, (5, -1), "alibi-batch-softcap", monkeypatch, algo.split("-")[0], dtype)
 
 
 # --- ALiBi (flash-attn's alibi_slopes; BLOOM, MPT) -----------------------------------------------

@@ -260,7 +260,7 @@ inline AttnParams make_attn_params(uintptr_t q, uintptr_t k, uintptr_t v, uintpt
 
 // Capped scores and ALiBi (see the fields above), checked as far as the host can without reading
 // the slopes: CUDA's live in device memory (Python checks their values where it can read them); the
-// CPU launchers read them too (flash_attn.cpp's set_alibi). A cap that rounds to 0 in the math type
+// CPU launchers read them too (flash_attn.cpp's set_score_mods_read). A cap that rounds to 0 in the math type
 // would read as "no cap" and leave the scores uncapped without a word.
 inline void set_score_mods(AttnParams& p, double softcap, uintptr_t alibi_slopes, int64_t alibi_batch_stride) {
   PYLLM_CHECK(std::isfinite(softcap) && softcap >= 0, "flash_attn: softcap must be finite and >= 0, got ", softcap);

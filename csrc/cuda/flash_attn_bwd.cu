@@ -137,8 +137,8 @@ __global__ void __launch_bounds__(kBwdThreads) flash_attn_dk_dv_kernel(const Att
         sdot = sum_over_row_lanes(sdot);
         dpdot = sum_over_row_lanes(dpdot);
         const bool seen = row < nk && j >= key_lo(p, i, s.len_q, s.len_k) && j < key_hi(p, i, s.len_q, s.len_k);
-        float x = sdot * scale, dcap = 1.f;
-        if (mod.on) x = mod.score(sdot, int(i + (s.len_k - s.len_q) - j), dcap);
+        float dcap;
+        const float x = mod.score_or(mod.on(), sdot, scale, int(i + (s.len_k - s.len_q) - j), dcap);
         const float pr = seen ? __expf(x - sLse[r]) : 0.f;
         const float ds = pr * (dpdot - sDelta[r]) * dcap;
 #pragma unroll
@@ -212,8 +212,8 @@ __global__ void __launch_bounds__(kBwdThreads) flash_attn_dq_kernel(const AttnPa
       sdot = sum_over_row_lanes(sdot);
       dpdot = sum_over_row_lanes(dpdot);
       const bool seen = active && j >= lo_i && j < hi_i;
-      float x = sdot * scale, dcap = 1.f;
-      if (mod.on) x = mod.score(sdot, int(i + (s.len_k - s.len_q) - j), dcap);
+      float dcap;
+      const float x = mod.score_or(mod.on(), sdot, scale, int(i + (s.len_k - s.len_q) - j), dcap);
       const float pr = seen ? __expf(x - lse_i) : 0.f;
       const float ds = pr * (dpdot - delta_i) * dcap;
 #pragma unroll

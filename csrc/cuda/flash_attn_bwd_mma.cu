@@ -353,11 +353,9 @@ __global__ void __launch_bounds__(kBwdMmaThreads)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int col = mt * 8 + 2 * t + (e & 1);
-          float x, dcap = 1.f;
-          if constexpr (Mods)
-            x = mod.score(st[mk][mt][e], dist0 + mt * 8 + (e & 1) - mk * 16 - (e / 2) * 8, dcap);
-          else
-            x = st[mk][mt][e] * scale_log2;
+          float dcap;
+          const float x =
+              mod.score_or(Mods, st[mk][mt][e], scale_log2, dist0 + mt * 8 + (e & 1) - mk * 16 - (e / 2) * 8, dcap);
           float pr = exp2f(x - cLse2[col]);
           float ds = pr * (dpt[mk][mt][e] - cDelta[col]);
           if constexpr (Mods) ds *= dcap;
@@ -607,11 +605,9 @@ __global__ void __launch_bounds__(kBwdMmaThreads)
       for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          float x, dcap = 1.f;
-          if constexpr (Mods)
-            x = mod.score(sacc[mt][nt][e], dist0 + mt * 16 + (e / 2) * 8 - nt * 8 - (e & 1), dcap);
-          else
-            x = sacc[mt][nt][e] * scale_log2;
+          float dcap;
+          const float x = mod.score_or(Mods, sacc[mt][nt][e], scale_log2,
+                                       dist0 + mt * 16 + (e / 2) * 8 - nt * 8 - (e & 1), dcap);
           const float pr = exp2f(x - lse2[mt][e / 2]);
           float ds = pr * (dpacc[mt][nt][e] - delta_row[mt][e / 2]);
           if constexpr (Mods) ds *= dcap;

@@ -114,7 +114,7 @@ __device__ __forceinline__ void cp_async_wait() {
 // the kernels that exponentiate with exp2, 1 for natural logs):
 //   unit * (cap * tanh(x * scale / cap) - slope * |d|)
 // with dcap = 1 - tanh^2, the cap's derivative, by which the backward scales dS (the bias is a
-// constant). The kernels without either keep their own x * scale * unit path; `on` says which.
+// constant). The kernels without either keep their own x * scale * unit path (score_or).
 // tanhf, not tanh.approx: its ~2^-11 relative error times a cap of 50 would move a score by ~0.02,
 // a 2% error in P, past twice torch's bf16 error; tanhf is a dozen instructions beside a score's
 // 2 * D FMAs. The tensor-core kernels take it as a template parameter (Mods): their instances
@@ -122,28 +122,27 @@ __device__ __forceinline__ void cp_async_wait() {
 // allocation (with a runtime branch, ptxas re-planned the default kernels: a 168-register cap on
 // the dq kernel, 8 B of spill on sm_80); the SIMT and decode kernels branch at run time.
 struct ScoreMod {
-  bool on = false, capped = false, alibi = false;
-  float scale = 0.f, scale_unit = 0.f, inv_cap = 0.f, cap_unit = 0.f, slope_unit = 0.f;
+  bool capped = false, alibi = false;
+  float scale_unit = 0.f, cap_in = 0.f, cap_unit = 0.f, slope_unit = 0.f;  // cap_in = scale / cap
 
   __device__ __forceinline__ ScoreMod() {}  // none (the kernels instantiated without them)
   // Sequence b, query head h; scale: the factor x still needs (the decode kernel folds it into q: 1).
-  __device__ __forceinline__ ScoreMod(const AttnParams& p, int64_t b, int64_t h, float scale_, float unit) {
+  __device__ __forceinline__ ScoreMod(const AttnParams& p, int64_t b, int64_t h, float scale, float unit) {
     capped = p.softcap > 0;
     alibi = p.alibi_slopes != nullptr;
-    on = capped || alibi;
-    scale = scale_;
-    scale_unit = scale_ * unit;
+    scale_unit = scale * unit;
     if (capped) {
       const float cap = float(p.softcap);
-      inv_cap = 1.f / cap;
+      cap_in = scale / cap;
       cap_unit = cap * unit;
     }
     if (alibi) slope_unit = -p.alibi_slopes[b * p.alibi_batch_stride + h] * unit;
   }
+  __device__ __forceinline__ bool on() const { return capped || alibi; }
   __device__ __forceinline__ float score(float x, int dist, float& dcap) const {
     float s;
     if (capped) {
-      const float th = tanhf(x * scale * inv_cap);
+      const float th = tanhf(x * cap_in);
       s = cap_unit * th;
       dcap = 1.f - th * th;
     } else {
@@ -152,6 +151,13 @@ struct ScoreMod {
     }
     if (alibi) s += slope_unit * fabsf(float(dist));
     return s;
+  }
+  // score() where `use` (Mods, a compile-time constant in the tensor-core kernels, or on()), else the
+  // plain x * plain_scale with dcap = 1.
+  __device__ __forceinline__ float score_or(bool use, float x, float plain_scale, int dist, float& dcap) const {
+    if (use) return score(x, dist, dcap);
+    dcap = 1.f;
+    return x * plain_scale;
   }
 };
 

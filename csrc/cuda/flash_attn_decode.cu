@@ -74,7 +74,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
     for (int c = 0; c < C; ++c) dot += q[c] * to_f32(k_row[lane + 32 * c]);
 #pragma unroll
     for (int off = 16; off > 0; off /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, off);
-    if (mod.on) {
+    if (mod.on()) {
       float dcap;
       dot = mod.score(dot, int(dist_i - j), dcap);
     }

@@ -198,11 +198,9 @@ __global__ void __launch_bounds__(128) flash_attn_fwd_kernel(const AttnParams p,
       for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          float x, dcap;
-          if constexpr (Mods)
-            x = mod.score(sacc[mt][nt][e], dist0 + mt * 16 + (e / 2) * 8 - nt * 8 - (e & 1), dcap);
-          else
-            x = sacc[mt][nt][e] * scale_log2;
+          float dcap;
+          float x = mod.score_or(Mods, sacc[mt][nt][e], scale_log2, dist0 + mt * 16 + (e / 2) * 8 - nt * 8 - (e & 1),
+                                 dcap);
           if (need_mask) {
             const int j = int(j0) + nt * 8 + 2 * t + (e & 1);
             if (j < row_lo[mt][e / 2] || j >= row_hi[mt][e / 2]) x = -INFINITY;

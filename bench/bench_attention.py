@@ -8,6 +8,7 @@ for T = 2k..16k is recorded too (it should grow linearly in T: no T x T matrix).
 one new token against a KV cache of T tokens (flash_attn_with_kvcache vs SDPA on the cache).
 --overhead-only: the Python cost of one flash_attn_with_kvcache call on the CPU (call minus kernel).
 --paged: decode over a paged KV cache (block_table) vs gathering its blocks for SDPA (CPU).
+--dropout P: prefill rows with dropout on the probabilities, ours vs SDPA's dropout_p (and ours without).
 """
 from __future__ import annotations
 
@@ -148,6 +149,22 @@ def alibi_slopes_of(h: int, device) -> torch.Tensor:
 
 def ours_with_alibi(q, k, v, causal):
     return pyllm.flash_attn(q, k, v, causal=causal, alibi_slopes=alibi_slopes_of(q.shape[2], q.device))
+
+
+def ours_with_dropout(p: float):
+    def run(q, k, v, causal):
+        return pyllm.flash_attn(q, k, v, causal=causal, dropout_p=p)
+    return run
+
+
+def sdpa_with_dropout(p: float):
+    """SDPA's own dropout_p (its default backend choice: on the CPU and for flash-less shapes the math
+    backend materialises the (B, H, T, T) probabilities and their mask)."""
+    def run(q, k, v, causal):
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             is_causal=causal, dropout_p=p)
+        return out.transpose(1, 2)
+    return run
 
 
 _ALIBI_MASKS: dict = {}
@@ -359,6 +376,8 @@ def main() -> int:
                         help="prefill rows with attention sinks (gpt-oss's): ours vs transformers' eager form")
     parser.add_argument("--alibi", action="store_true",
                         help="prefill rows with ALiBi (BLOOM's, MPT's): ours vs SDPA with the bias as a float mask")
+    parser.add_argument("--dropout", type=float, default=0.0,
+                        help="prefill rows with dropout on the probabilities (e.g. 0.1): ours vs SDPA's dropout_p")
     parser.add_argument("--paged", action="store_true",
                         help="only decode over a paged KV cache (CPU): ours vs gathering the blocks for SDPA")
     parser.add_argument("--overhead-only", action="store_true",
@@ -385,6 +404,9 @@ def main() -> int:
     if args.alibi:  # the peer is SDPA with a float mask; ours without the bias shows its cost
         impls, ratio, only = {"pyllm alibi": ours_with_alibi, "pyllm": ours, "sdpa alibi mask": sdpa_with_alibi}, \
             "vs sdpa mask", False
+    if args.dropout:  # the peer is SDPA's dropout_p; ours without dropout shows its cost
+        impls, ratio, only = {"pyllm dropout": ours_with_dropout(args.dropout), "pyllm": ours,
+                              "sdpa dropout": sdpa_with_dropout(args.dropout)}, "vs sdpa dropout", False
     dims = tuple(int(d) for d in args.head_dims.split(","))
     for b, t, d, dtype, causal in ([] if only else configs(device, args.quick, dims)):
         flops = 4 * b * t * t * h * d * (0.5 if causal else 1.0)
@@ -421,13 +443,15 @@ def main() -> int:
             for ours_row in rows[first:]:  # this mode's rows
                 if base and ours_row["impl"].startswith("pyllm") and isinstance(ours_row["ms"], float):
                     ours_row[ratio] = f"{base / ours_row['ms']:.2f}x"
-    if not args.memory_only and not args.sinks and not args.alibi:
+    prefill_only = args.sinks or args.alibi or args.dropout
+    if not args.memory_only and not prefill_only:
         rows += decode_rows(device, h, args.quick, args.softcap, dims)
-    if not args.decode_only and not args.sinks and not args.alibi:
+    if not args.decode_only and not prefill_only:
         rows += memory_rows(device, impls, h, args.quick)
     common.print_table(rows, ["dtype", "B", "T", "D", "causal", "mode", "impl", "ms", "TFLOPs", ratio, "note"])
     common.write_json(args.json, "attention", device, rows, {"heads": h, "softcap": args.softcap, "sinks": args.sinks,
-                                                             "alibi": args.alibi, "head_dims": list(dims)})
+                                                             "alibi": args.alibi, "dropout": args.dropout,
+                                                             "head_dims": list(dims)})
     return 0
 
 

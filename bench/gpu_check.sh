@@ -28,6 +28,7 @@
 # by fp32 atomics (PYLLM_ATTN_BWD=atomic: tests -k atomic_dq, sanitizer case flash_attn_atomic_dq, bench
 # row "pyllm atomic-dq"); since 2026-12-05 softcap and ALiBi in the CUDA attention kernels (tests -k
 # "softcap or alibi", the models' with PYLLM_ATTN_SCORE_MODS_CUDA=1, sanitizer case flash_attn_score_mods);
+# later that day dropout (dropout_p) there too (tests -k dropout, sanitizer case flash_attn_dropout);
 # bench_generate has "cuda-graph" and batch
 # rows; the bench times bursts of calls (bench/common.py median_ms), so GPU rows are no longer
 # comparable with 2026-11-30's single calls.
@@ -42,8 +43,8 @@ export PYLLM_CUDA=on PYLLM_CUDA_ARCHS=${PYLLM_CUDA_ARCHS:-90} PYLLM_REQUIRE_CUDA
 export PYLLM_CROSS_ENTROPY_CUDA=${PYLLM_CROSS_ENTROPY_CUDA:-1}
 # PYLLM_DISTILL_CUDA: the same for pyllm.nn.linear_distill and the (unverified) CUDA distill kernel.
 export PYLLM_DISTILL_CUDA=${PYLLM_DISTILL_CUDA:-1}
-# PYLLM_ATTN_SCORE_MODS_CUDA: the same for pyllm.nn's capped (Gemma 2) and ALiBi attention and the
-# (unverified) CUDA kernels' softcap / alibi_slopes.
+# PYLLM_ATTN_SCORE_MODS_CUDA: the same for pyllm.nn's capped (Gemma 2), ALiBi and dropout attention and
+# the (unverified) CUDA kernels' softcap / alibi_slopes / dropout_p.
 export PYLLM_ATTN_SCORE_MODS_CUDA=${PYLLM_ATTN_SCORE_MODS_CUDA:-1}
 PY=${PYTHON:-python3}
 STAGES=${STAGES:-build test sanitize bench}
@@ -86,7 +87,7 @@ if want test; then
   session_timeout() { $PY -c "import pytest_timeout" 2>/dev/null && echo "--timeout 120 --timeout-method thread --session-timeout $(( $1 - 20 ))"; }
   # What no GPU has run yet goes first, in its own short session (its own log), so that a cut
   # full run still answers for it; the full run then leaves it out. FIRST_K="" skips this pass.
-  first_k=${FIRST_K-128_row or atomic_dq or rechecks_raw or int_length or eager_autograd or lora_run_from_a_run or cuda_graph or linear_cross_entropy or linear_token_logps or dpo_with_lora or softcap or alibi or moe or linear_distill or row_kernel or generalized_jsd or kvcache_layouts or rotary_and_lse or widened_head_dims}
+  first_k=${FIRST_K-128_row or atomic_dq or rechecks_raw or int_length or eager_autograd or lora_run_from_a_run or cuda_graph or linear_cross_entropy or linear_token_logps or dpo_with_lora or softcap or alibi or dropout or moe or linear_distill or row_kernel or generalized_jsd or kvcache_layouts or rotary_and_lse or widened_head_dims}
   first_rc=0
   if [ -n "$first_k" ]; then
     start=$(date +%s)

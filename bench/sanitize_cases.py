@@ -408,6 +408,38 @@ def flash_attn_score_mods_cases():
     os.environ.pop("PYLLM_ATTN_BWD")
 
 
+def flash_attn_dropout_cases():
+    # Dropout on the probabilities (dropout_p; new 2026-12-05) in the forward and the tensor-core and
+    # SIMT backwards, against the CPU kernels in fp32 with the same seed (torch.manual_seed: the same
+    # draw, the same elements): causal with a window and GQA 4:2; varlen with an empty and a length-1
+    # sequence, under a cap.
+    import os
+
+    for dtype in (torch.float16, torch.bfloat16):
+        for d in (64, 128):
+            q = torch.randn(2, 150, 4, d, device="cuda", dtype=dtype)
+            k, v = (torch.randn(2, 170, 2, d, device="cuda", dtype=dtype) for _ in range(2))
+            cu_q = torch.tensor([0, 0, 1, 44], dtype=torch.int32, device="cuda")
+            cu_k = torch.tensor([0, 3, 4, 74], dtype=torch.int32, device="cuda")
+            cases = [((q, k, v), dict(causal=True, window=(90, -1))),
+                     ((q[0, :44], k[0, :74], v[0, :74]), dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, softcap=1.5))]
+            for inputs, kw in cases:
+                def fn(q, k, v, kw=kw):
+                    torch.manual_seed(3)
+                    return pyllm.flash_attn(q, k, v, dropout_p=0.3, **kw)
+                dout = torch.randn_like(inputs[0])
+                cpu_in = [t.cpu().float().requires_grad_() for t in inputs]
+                cpu_kw = {name: t.cpu() if isinstance(t, torch.Tensor) else t for name, t in kw.items()}
+                torch.manual_seed(3)
+                cpu_out = pyllm.flash_attn(*cpu_in, dropout_p=0.3, **cpu_kw)
+                cpu_grads = torch.autograd.grad(cpu_out, cpu_in, dout.cpu().float())
+                assert _rel(fn(*inputs).cpu(), cpu_out) < 1e-2, "flash_attn forward with dropout wrong"
+                for algo in ("mma", "simt"):
+                    for name, a, c in zip("qkv", _attn_grads(algo, fn, inputs, dout), cpu_grads):
+                        assert _rel(a.cpu(), c) < 2e-2, f"flash_attn {algo} backward with dropout: d{name} wrong"
+    os.environ.pop("PYLLM_ATTN_BWD")
+
+
 def flash_attn_bad_seqlens_cases():
     # Unchecked cu_seqlens / cache_seqlens (CUDA, max_seqlen given, no PYLLM_ATTN_CHECK_SEQLENS):
     # garbage contents must stay in bounds (memcheck), whatever the answers.
@@ -467,7 +499,7 @@ CASES = {"swiglu": swiglu_cases, "rms_norm": rms_norm_cases, "rope": rope_cases,
          "flash_attn_bwd_mma": flash_attn_bwd_mma_cases, "flash_attn_shapes": flash_attn_shapes_cases,
          "flash_attn_tall_tiles": flash_attn_tall_tiles_cases, "flash_attn_bad_seqlens": flash_attn_bad_seqlens_cases,
          "flash_attn_cache_layouts": flash_attn_cache_layouts_cases, "flash_attn_atomic_dq": flash_attn_atomic_dq_cases,
-         "flash_attn_score_mods": flash_attn_score_mods_cases}
+         "flash_attn_score_mods": flash_attn_score_mods_cases, "flash_attn_dropout": flash_attn_dropout_cases}
 
 if __name__ == "__main__":
     names = sys.argv[1:] or list(CASES)

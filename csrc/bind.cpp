@@ -185,13 +185,15 @@ PYBIND11_MODULE(_C, m) {
         arg("v_strides"), arg("o_strides"), arg("lse_strides"), arg("scale"), arg("window_left"),
         arg("window_right"), arg("dtype"), arg("softcap") = 0.0, arg("alibi_slopes") = 0,
         arg("alibi_batch_stride") = 0, arg("kv_batch_idx") = 0, arg("kv_leftpad") = 0, arg("block_table") = 0,
-        arg("block_table_stride") = 0, arg("page_size") = 0, arg("kv_rows") = 0);
+        arg("block_table_stride") = 0, arg("page_size") = 0, arg("kv_rows") = 0, arg("dropout_p") = 0.0,
+        arg("dropout_seed") = 0);
   m.def("flash_attn_bwd_cpu", cpu.flash_attn_bwd_cpu, nogil, arg("dout"), arg("dlse"), arg("q"), arg("k"),
         arg("v"), arg("out"), arg("lse"), arg("dq"), arg("dk"), arg("dv"), arg("cu_seqlens_q"),
         arg("cu_seqlens_k"), arg("batch"), arg("seqlen_q"), arg("seqlen_k"), arg("n_heads"), arg("n_kv_heads"),
         arg("head_dim"), arg("q_strides"), arg("k_strides"), arg("v_strides"), arg("o_strides"),
         arg("dkv_strides"), arg("lse_strides"), arg("scale"), arg("window_left"), arg("window_right"),
-        arg("dtype"), arg("softcap") = 0.0, arg("alibi_slopes") = 0, arg("alibi_batch_stride") = 0);
+        arg("dtype"), arg("softcap") = 0.0, arg("alibi_slopes") = 0, arg("alibi_batch_stride") = 0,
+        arg("dropout_p") = 0.0, arg("dropout_seed") = 0);
 
   m.def("flash_attn_cpu_bf16_dot", cpu.flash_attn_cpu_bf16_dot);
   m.def("flash_attn_cpu_amx", cpu.flash_attn_cpu_amx);
@@ -272,7 +274,8 @@ PYBIND11_MODULE(_C, m) {
         arg("seqlen_k"), arg("n_heads"), arg("n_kv_heads"), arg("head_dim"), arg("q_strides"), arg("k_strides"),
         arg("v_strides"), arg("o_strides"), arg("lse_strides"), arg("scale"), arg("window_left"),
         arg("window_right"), arg("dtype"), arg("device"), arg("stream"), arg("total_q") = -1, arg("total_k") = -1,
-        arg("softcap") = 0.0, arg("alibi_slopes") = 0, arg("alibi_batch_stride") = 0);
+        arg("softcap") = 0.0, arg("alibi_slopes") = 0, arg("alibi_batch_stride") = 0, arg("dropout_p") = 0.0,
+        arg("dropout_seed") = 0);
   m.def("flash_attn_bwd_cuda", &pyllm::flash_attn_bwd_cuda, nogil, arg("dout"), arg("dlse"), arg("q"), arg("k"),
         arg("v"), arg("out"), arg("lse"), arg("dq"), arg("dk"), arg("dv"), arg("cu_seqlens_q"),
         arg("cu_seqlens_k"), arg("batch"), arg("seqlen_q"), arg("seqlen_k"), arg("n_heads"), arg("n_kv_heads"),
@@ -280,7 +283,8 @@ PYBIND11_MODULE(_C, m) {
         arg("dkv_strides"), arg("lse_strides"), arg("scale"), arg("window_left"), arg("window_right"),
         arg("dtype"), arg("deterministic"), arg("device"), arg("stream"), arg("algo") = 0, arg("total_q") = -1,
         arg("total_k") = -1, arg("delta") = 0, arg("delta_capacity") = 0, arg("dq_accum") = 0,
-        arg("dq_accum_capacity") = 0, arg("softcap") = 0.0, arg("alibi_slopes") = 0, arg("alibi_batch_stride") = 0);
+        arg("dq_accum_capacity") = 0, arg("softcap") = 0.0, arg("alibi_slopes") = 0, arg("alibi_batch_stride") = 0,
+        arg("dropout_p") = 0.0, arg("dropout_seed") = 0);
   m.def("flash_attn_decode_cuda", &pyllm::flash_attn_decode_cuda, nogil, arg("q"), arg("k_cache"), arg("v_cache"),
         arg("out"), arg("lse"), arg("seqused_k"), arg("batch"), arg("seqlen_q"), arg("capacity"), arg("n_heads"),
         arg("n_kv_heads"), arg("head_dim"), arg("q_strides"), arg("k_strides"), arg("v_strides"),

@@ -9,11 +9,11 @@ unverified on a GPU, 2026-12-05; with ALiBi, flash-attn's causal kernels return 
 seqlen_q), pyllm's the bias as documented; the outputs agree). The kv-cache call takes all of
 flash-attn's options: rotary embedding inside the call, cache_batch_idx, cache_leftpad and paged
 caches (block_table, any page size; on CUDA unverified on a GPU), return_softmax_lse. The varlen call takes
-a paged k / v too (block_table), gathered into packed tensors for the kernels. An option pyllm has no
-kernel for (dropout) raises NotImplementedError naming it instead
-of being ignored: silently dropping one would give a different model. `return_attn_probs=True` returns
-(out, softmax_lse, an empty tensor), as flash-attn without dropout (its third value only carries a
-dropout pattern for its own tests). `num_splits` is a tuning hint and is ignored (pyllm picks the
+a paged k / v too (block_table), gathered into packed tensors for the kernels. dropout_p runs in
+the kernels (on CUDA unverified on a GPU), its elements drawn by pyllm's own generator of masks, not
+flash-attn's Philox: the same statistics, other elements (pyllm.ops.flash_attn.dropout_mask gives
+them). `return_attn_probs=True` returns (out, softmax_lse, an empty tensor): flash-attn's third
+value (the dropout pattern, for its own tests) is not made. `num_splits` is a tuning hint and is ignored (pyllm picks the
 split-KV count itself). As flash-attn: head dims up to 256 (those without a kernel zero-padded to the
 next one), windows with any negative side unlimited, softcap <= 0 no cap, max_seqlen as any integer,
 packed tensors longer than cu_seqlens' last entry (the rows past it: zeros, their gradients
@@ -32,13 +32,6 @@ from torch import Tensor
 
 from pyllm.ops._util import is_number
 from pyllm.ops.flash_attn import cu_seqlens_of, flash_attn, flash_attn_with_kvcache as _kvcache, real_tokens
-
-
-def _unsupported(op: str, **options) -> None:
-    """Raises for the first option set to something other than its no-op default."""
-    for name, (value, default) in options.items():
-        if (value is not None) if default is None else (value != default):
-            raise NotImplementedError(f"{op}: {name}={value!r} is not supported by pyllm (only {name}={default!r})")
 
 
 def _gather_paged(op: str, k: Tensor, v: Tensor, block_table: Tensor, cu_seqlens_k: Tensor) -> tuple[Tensor, Tensor]:
@@ -112,12 +105,12 @@ def _no_cap(softcap):
 
 def _attn(op, q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
           return_attn_probs, **varlen):
-    _unsupported(op, dropout_p=(dropout_p, 0.0))
     window = _window(op, window_size)
     result = _in_their_words(op, lambda: flash_attn(
         q, k, v, causal=causal, softmax_scale=softmax_scale, window=window, return_lse=return_attn_probs,
-        deterministic=deterministic, softcap=_no_cap(softcap), alibi_slopes=alibi_slopes, **varlen), "return_attn_probs")
-    # flash-attn's third value: the dropout pattern, empty without dropout
+        deterministic=deterministic, softcap=_no_cap(softcap), alibi_slopes=alibi_slopes, dropout_p=dropout_p,
+        **varlen), "return_attn_probs")
+    # flash-attn's third value: the dropout pattern (its tests'), not made
     return (*result, q.new_empty(0)) if return_attn_probs else result
 
 

@@ -143,13 +143,16 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     if attention_mask is not None and attention_mask.dim() != 2:
         raise ValueError(f"pyllm attention takes a 2D padding mask (B, S) or a 4D mask (B, 1 or H, T, S), got shape "
                          f"{tuple(attention_mask.shape)}")
-    # Training with attention dropout (GPT-2's attn_pdrop): no kernel has it, so every call below takes
-    # its SDPA form, with SDPA's dropout: the unpatched model's computation.
-    kernels, dropout = not dropout, float(dropout)
+    # Training with attention dropout (GPT-2's attn_pdrop, 0.1 by default): the kernels' dropout_p
+    # (pyllm's masks, not SDPA's draws); the KV-cache kernel has none (inference), so a decode-shaped
+    # call with dropout takes the tiles, and the reference forms SDPA's dropout.
+    dropout = float(dropout)
+    decoding = not dropout
+    call["dropout_p"] = dropout
 
     if attention_mask is not None:  # padding: only real tokens attend and are attended to
         k, v = k[:, :attention_mask.shape[1]], v[:, :attention_mask.shape[1]]  # a static cache's unwritten tail goes
-        if kernels and _decoding(q, k, v, causal, call["softcap"]):
+        if decoding and _decoding(q, k, v, causal, call["softcap"]):
             starts = _suffix_starts(attention_mask, attention_mask.bool())
             if starts is not None and not any(starts):
                 return _decode(q, k, v, **call), None  # no padding, only a static cache's unwritten keys (gone)
@@ -159,11 +162,12 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
                 return torch.cat([_decode(q[b:b + 1], k[b:b + 1, start:], v[b:b + 1, start:], **call)
                                   for b, start in enumerate(starts)]), None
         position_ids = kwargs.get("position_ids") if T == k.shape[1] else None
-        if not (kernels and _kernel_takes(q, k, v, call["softcap"], decode=_step_shaped(q, k, causal))):
+        if not _kernel_takes(q, k, v, call["softcap"], decode=decoding and _step_shaped(q, k, causal),
+                             dropout=dropout):
             real_k = attention_mask.bool()
             # documents too: under torch.compile a mask without padding comes here with packed rows
             return _reference_rows(q, k, v, real_k[:, -T:], real_k, **call,
-                                   documents=_documents(position_ids, B, T, real_k), dropout=dropout), None
+                                   documents=_documents(position_ids, B, T, real_k)), None
         return _attend(q, k, v, attention_mask, position_ids, **call), None
 
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
@@ -172,22 +176,22 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
         max_q, max_k = (B * T if max_q is None else int(max_q)), (B * k.shape[1] if max_k is None else int(max_k))
         q, k, v = q.reshape(B * T, H, D), k.reshape(-1, *k.shape[2:]), v.reshape(-1, *v.shape[2:])
         cu_q, cu_k = cu_q.int(), cu_k.int()
-        if kernels and _kernel_takes(q, k, v, call["softcap"]):
+        if _kernel_takes(q, k, v, call["softcap"], dropout=dropout):
             out = flash_attn_ops.flash_attn(q, k, v, causal=causal, window=window, softmax_scale=scaling,
                                             cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q,
-                                            max_seqlen_k=max_k, softcap=call["softcap"], sinks=call["sinks"])
+                                            max_seqlen_k=max_k, softcap=call["softcap"], sinks=call["sinks"],
+                                            dropout_p=dropout)
         else:
-            out = _reference_packed(q, k, v, cu_q, cu_k, **call, dropout=dropout)
+            out = _reference_packed(q, k, v, cu_q, cu_k, **call)
         return out.view(B, T, *out.shape[1:]), None
 
     position_ids = kwargs.get("position_ids") if T == k.shape[1] else None  # packing is read off these
-    if kernels and _decoding(q, k, v, causal, call["softcap"]):
+    if decoding and _decoding(q, k, v, causal, call["softcap"]):
         return _decode(q, k, v, **call), None
-    if kernels and _kernel_takes(q, k, v, call["softcap"], decode=_step_shaped(q, k, causal)):
+    if _kernel_takes(q, k, v, call["softcap"], decode=decoding and _step_shaped(q, k, causal), dropout=dropout):
         return _attend(q, k, v, None, position_ids, **call), None
     every = torch.ones(B, k.shape[1], dtype=torch.bool, device=q.device)
-    return _reference_rows(q, k, v, every[:, -T:], every, **call, documents=_documents(position_ids, B, T),
-                           dropout=dropout), None
+    return _reference_rows(q, k, v, every[:, -T:], every, **call, documents=_documents(position_ids, B, T)), None
 
 
 def _with_4d_mask(q, k, v, mask, call, dropout: float) -> torch.Tensor:
@@ -205,9 +209,9 @@ def _with_4d_mask(q, k, v, mask, call, dropout: float) -> torch.Tensor:
     return out.transpose(1, 2)  # (B, T, H, D)
 
 
-def _kernel_takes(q, k, v, softcap: float, decode: bool = False) -> bool:
+def _kernel_takes(q, k, v, softcap: float, decode: bool = False, dropout: float = 0.0) -> bool:
     return (pnn._flash_attn_takes(q, k, v, decode) and q.shape[-1] == k.shape[-1] == v.shape[-1]  # not MLA's value dim
-            and flash_attn_ops.takes_score_mods(q, softcap, None))  # capped scores on CUDA: when asked
+            and flash_attn_ops.takes_score_mods(q, softcap, None, dropout))  # capped scores, dropout on CUDA: when asked
 
 
 # Up to this many new queries over a cache go to the KV-cache kernel, which streams the cache once per
@@ -230,9 +234,9 @@ def _decoding(q, k, v, causal, softcap) -> bool:
     return not wants_grad and _step_shaped(q, k, causal) and _kernel_takes(q, k, v, softcap, decode=True)
 
 
-def _decode(q, k, v, causal, window, scale, softcap, sinks, pads=None):
+def _decode(q, k, v, causal, window, scale, softcap, sinks, pads=None, dropout_p=0.0):
     """q (B, T, H, D) at the end of the keys k, v (B, S, H_kv, D), views of transformers' cache;
-    pads: int32 (B,), row b's keys start there (left padding)."""
+    pads: int32 (B,), row b's keys start there (left padding). (Never with dropout: inference.)"""
     return flash_attn_ops.flash_attn_with_kvcache(q, k, v, k.shape[1], causal=True, softmax_scale=scale,
                                                   window=(window[0], -1), softcap=softcap, sinks=sinks,
                                                   cache_leftpad=pads)
@@ -256,17 +260,20 @@ def _syncing_op(name: str, body):
     return torch.library.custom_op(name, mutates_args=(), **tags)(body)
 
 
-def _attend(q, k, v, mask, position_ids, causal, window, scale, softcap, sinks):
+def _attend(q, k, v, mask, position_ids, causal, window, scale, softcap, sinks, dropout_p=0.0):
     """q (B, T, H, D) at the end of k, v (B, S, H_kv, D); mask (B, S) of real keys or None;
-    position_ids (B or 1, T) restarting at 0 where documents are packed, or None. -> (B, T, H, D)."""
+    position_ids (B or 1, T) restarting at 0 where documents are packed, or None. dropout_p: on the
+    probabilities (each padded row or packed document a sequence of pyllm.flash_attn's masks).
+    -> (B, T, H, D)."""
     flash_attn_ops._check_qkv(NAME, q, k, v, varlen=False)
     flash_attn_ops._check_sinks(NAME, q, sinks)
     scale = flash_attn_ops._resolve_scale(NAME, scale, q.shape[-1])
     like = q
     if flash_attn_ops._runs_widened(q):  # a head dim (Phi-2's 80) or dtype (CPU fp16) without a kernel
         q, k, v = (flash_attn_ops._widened(t) for t in (q, k, v))
+    dropout = (flash_attn_ops._check_dropout(NAME, dropout_p), flash_attn_ops._new_dropout_seed()) if dropout_p else ()
     out, lse = _util.call(_hf_attention_body, _hf_attention, _HfAttentionFunction, q, k, v, mask, position_ids,
-                          scale, *window, float(softcap))  # causal: window's right is 0
+                          scale, *window, float(softcap), *dropout)  # causal: window's right is 0
     if sinks is not None:
         out, _ = flash_attn_ops._with_sinks(out, lse, sinks, False)  # (B, H, T) lse: not varlen
     return out if q is like else flash_attn_ops._narrowed(out, like)
@@ -307,15 +314,17 @@ def _lse_rows(lse: torch.Tensor, index) -> torch.Tensor:  # (B, H, T) -> (H, N)
 
 def _hf_attention_body(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                        position_ids: torch.Tensor | None, scale: float, window_left: int, window_right: int,
-                       softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
+                       softcap: float, dropout_p: float = 0.0,
+                       dropout_seed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     B, T, H, _ = q.shape
     layout = _layout(mask, position_ids, B, T, k.shape[1])
     if layout is None:
         return flash_attn_ops._flash_attn_body(q, k, v, None, None, -1, -1, scale, window_left, window_right,
-                                               False, softcap)
+                                               False, softcap, None, dropout_p, dropout_seed)
     q_index, cu_q, max_q, k_index, cu_k, max_k = layout
     out, lse = flash_attn_ops._flash_attn_body(_rows(q, q_index), _rows(k, k_index), _rows(v, k_index), cu_q, cu_k,
-                                               max_q, max_k, scale, window_left, window_right, False, softcap)
+                                               max_q, max_k, scale, window_left, window_right, False, softcap, None,
+                                               dropout_p, dropout_seed)
     lse = _unrows(lse.t(), q_index, (B, T, H), math.inf)  # a padded query sees no key, as the kernel's lse says
     return _unrows(out, q_index, q.shape), lse.permute(0, 2, 1).contiguous()  # (B, T, H, D), (B, H, T)
 
@@ -324,24 +333,26 @@ _hf_attention = _syncing_op("pyllm::hf_attention", _hf_attention_body)
 
 
 @_hf_attention.register_fake
-def _(q, k, v, mask, position_ids, scale, window_left, window_right, softcap):
+def _(q, k, v, mask, position_ids, scale, window_left, window_right, softcap, dropout_p=0.0, dropout_seed=None):
     return q.new_empty(q.shape), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=flash_attn_ops._lse_dtype(q))
 
 
 def _hf_attention_backward_body(dout: torch.Tensor, dlse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor,
                                 v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, mask: torch.Tensor | None,
                                 position_ids: torch.Tensor | None, scale: float, window_left: int, window_right: int,
-                                softcap: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                                softcap: float, dropout_p: float = 0.0,
+                                dropout_seed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, T = q.shape[:2]
     layout = _layout(mask, position_ids, B, T, k.shape[1])
     if layout is None:
         return flash_attn_ops._flash_attn_backward_body(dout, dlse, q, k, v, out, lse, None, None, -1, -1, scale,
-                                                        window_left, window_right, False, softcap)
+                                                        window_left, window_right, False, softcap, None, dropout_p,
+                                                        dropout_seed)
     q_index, cu_q, max_q, k_index, cu_k, max_k = layout
     dq, dk, dv = flash_attn_ops._flash_attn_backward_body(
         _rows(dout, q_index), None if dlse is None else _lse_rows(dlse, q_index), _rows(q, q_index),
         _rows(k, k_index), _rows(v, k_index), _rows(out, q_index), _lse_rows(lse, q_index), cu_q, cu_k, max_q, max_k,
-        scale, window_left, window_right, False, softcap)
+        scale, window_left, window_right, False, softcap, None, dropout_p, dropout_seed)
     return _unrows(dq, q_index, q.shape), _unrows(dk, k_index, k.shape), _unrows(dv, k_index, v.shape)
 
 
@@ -349,22 +360,27 @@ _hf_attention_backward = _syncing_op("pyllm::hf_attention_backward", _hf_attenti
 
 
 @_hf_attention_backward.register_fake
-def _(dout, dlse, q, k, v, out, lse, mask, position_ids, scale, window_left, window_right, softcap):
+def _(dout, dlse, q, k, v, out, lse, mask, position_ids, scale, window_left, window_right, softcap, dropout_p=0.0,
+      dropout_seed=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _hf_attention_setup(ctx, inputs, output):
-    q, k, v, mask, position_ids, *ctx.args = inputs
+    q, k, v, mask, position_ids, *args = inputs
+    ctx.args, dropout_seed = args[:4] + args[4:5], (args[5] if len(args) > 5 else None)  # (dropout_p's seed: a tensor)
     # An inference tensor (a mask or positions made under torch.inference_mode) cannot be saved: a copy
-    mask, position_ids = (t.clone() if t is not None and t.is_inference() else t for t in (mask, position_ids))
-    ctx.save_for_backward(q, k, v, *output, mask, position_ids)
+    mask, position_ids, dropout_seed = (t.clone() if t is not None and t.is_inference() else t
+                                        for t in (mask, position_ids, dropout_seed))
+    ctx.save_for_backward(q, k, v, *output, mask, position_ids, dropout_seed)
+    ctx.n_inputs = len(inputs)
 
 
 def _hf_attention_grad(ctx, dout, dlse):
-    q, k, v, out, lse, mask, position_ids = ctx.saved_tensors
+    q, k, v, out, lse, mask, position_ids, dropout_seed = ctx.saved_tensors
+    seed = (dropout_seed,) if dropout_seed is not None else ()
     dq, dk, dv = _util.call(_hf_attention_backward_body, torch.ops.pyllm.hf_attention_backward, None, dout, dlse,
-                            q, k, v, out, lse, mask, position_ids, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None, None
+                            q, k, v, out, lse, mask, position_ids, *ctx.args, *seed)
+    return (dq, dk, dv) + (None,) * (ctx.n_inputs - 3)
 
 
 _hf_attention.register_autograd(_hf_attention_grad, setup_context=_hf_attention_setup)
@@ -445,7 +461,7 @@ def _packed_starts(position_ids: torch.Tensor | None, B: int, T: int) -> torch.T
     return _packed_memo.get(position_ids, (B, T), compute)
 
 
-def _reference_rows(q, k, v, real_q, real_k, causal, window, scale, softcap, sinks, documents=None, dropout=0.0):
+def _reference_rows(q, k, v, real_q, real_k, causal, window, scale, softcap, sinks, documents=None, dropout_p=0.0):
     """The kernel's function through SDPA, row by row of the batch: q (B, T, H, D), k and v (B, S,
     H_kv, D), real_q (B, T) / real_k (B, S) the tokens that are not padding. Each row's real queries
     sit at the end of its real keys (flash-attn's bottom-right causal, after unpadding), the window
@@ -457,11 +473,11 @@ def _reference_rows(q, k, v, real_q, real_k, causal, window, scale, softcap, sin
     if documents is not None:
         seen &= documents[:, :, None] == documents[:, None, :]
     out = pnn._sdpa(q, k.to(q.dtype), v.to(q.dtype), seen[:, None], scale=scale, softcap=softcap or None, sinks=sinks,
-                    dropout_p=dropout)
+                    dropout_p=dropout_p)
     return out.masked_fill(~seen.any(dim=2)[:, :, None, None], 0)  # a query seeing no key: 0, as the kernel
 
 
-def _reference_packed(q, k, v, cu_q, cu_k, causal, window, scale, softcap, sinks, dropout=0.0):
+def _reference_packed(q, k, v, cu_q, cu_k, causal, window, scale, softcap, sinks, dropout_p=0.0):
     """The varlen kernel's function through SDPA: sequences back to back, q (N_q, H, D), k and v
     (N_k, H_kv, D), sequence b at rows cu_q[b]:cu_q[b + 1] / cu_k[b]:cu_k[b + 1], with an (N_q, N_k)
     mask (packed rows are usually one row of the batch: B = 1)."""
@@ -470,7 +486,7 @@ def _reference_packed(q, k, v, cu_q, cu_k, causal, window, scale, softcap, sinks
     pos_q = pos_q + (cu_k.diff() - cu_q.diff()).long()[seq_q]  # aligned to the end of its keys
     seen = (seq_q[:, None] == seq_k[None, :]) & _band(pos_q[:, None], pos_k[None, :], causal, window)
     out = pnn._sdpa(q[None], k[None].to(q.dtype), v[None].to(q.dtype), seen[None, None], scale=scale,
-                    softcap=softcap or None, sinks=sinks, dropout_p=dropout)[0]
+                    softcap=softcap or None, sinks=sinks, dropout_p=dropout_p)[0]
     return out.masked_fill(~seen.any(dim=1)[:, None, None], 0)
 
 

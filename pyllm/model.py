@@ -115,7 +115,7 @@ class ModelConfig:
     num_labels: int = 0
     tie_embeddings: bool = True
     dropout: float = 0.0  # while training: on the embeddings, each block's two outputs and the attention
-    # probabilities (nanoGPT's three; the last runs attention through SDPA, no kernel has dropout)
+    # probabilities (nanoGPT's three; the last in pyllm.flash_attn's kernels, dropout_p)
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None  # Llama 3.1's: {"rope_type": "llama3", "factor", "low_freq_factor", ...}
     norm_eps: float = 1e-5

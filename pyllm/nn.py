@@ -1829,27 +1829,29 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     capped scores, softcap * tanh(scores / softcap); alibi: fp32 (H,) or (B, H) ALiBi slopes (BLOOM's, MPT's),
     -slope * distance added to the scores (both on pyllm's kernels: on CUDA with
     PYLLM_ATTN_SCORE_MODS_CUDA=1 until verified on a GPU, torch ops otherwise).
-    dropout_p: dropout on the attention probabilities (nanoGPT's attn_dropout, GPT-2's attn_pdrop):
-    no kernel has it, so a call with it runs SDPA's."""
+    dropout_p: dropout on the attention probabilities (nanoGPT's attn_dropout, GPT-2's attn_pdrop),
+    in the kernels too (on CUDA with PYLLM_ATTN_SCORE_MODS_CUDA=1 until verified on a GPU); SDPA's
+    dropout where SDPA runs. The two draw different elements (each its own generator of masks)."""
     if window_left >= 0 and not causal:
         raise ValueError("attention: window_left needs causal=True")
     if cu_seqlens is not None:
         return _document_attention(q, k, v, cu_seqlens, window_left, scale, softcap, alibi, dropout_p)
-    if not dropout_p and _flash_attn_takes(q, k, v) and flash_attn_ops.takes_score_mods(q, softcap, alibi):
+    if _flash_attn_takes(q, k, v) and flash_attn_ops.takes_score_mods(q, softcap, alibi, dropout_p):
         return flash_attn_ops.flash_attn(q, k, v, causal=causal, window=(window_left, -1), softmax_scale=scale,
-                                         softcap=softcap or 0.0, alibi_slopes=alibi)
+                                         softcap=softcap or 0.0, alibi_slopes=alibi, dropout_p=dropout_p)
     mask = _window_mask(q.shape[1], k.shape[1], window_left, q.device) if window_left >= 0 else None
     return _sdpa(q, k, v, mask, causal and mask is None, scale, softcap, alibi=alibi, dropout_p=dropout_p)
 
 
 def _document_attention(q, k, v, cu_seqlens, window_left, scale, softcap=None, alibi=None, dropout_p=0.0):
     B, T, H, D = q.shape
-    if not dropout_p and _flash_attn_takes(q, k, v) and flash_attn_ops.takes_score_mods(q, softcap, alibi):
+    if _flash_attn_takes(q, k, v) and flash_attn_ops.takes_score_mods(q, softcap, alibi, dropout_p):
         # max_seqlen = T bounds every document (none crosses a row), so no device sync reads cu_seqlens.
         out = flash_attn_ops.flash_attn(q.reshape(B * T, H, D), k.reshape(B * T, *k.shape[2:]),
                                         v.reshape(B * T, *v.shape[2:]), causal=True, window=(window_left, -1),
                                         softmax_scale=scale, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
-                                        max_seqlen_q=T, max_seqlen_k=T, softcap=softcap or 0.0, alibi_slopes=alibi)
+                                        max_seqlen_q=T, max_seqlen_k=T, softcap=softcap or 0.0, alibi_slopes=alibi,
+                                        dropout_p=dropout_p)
         return out.view(B, T, H, D)
     doc = document_ids(cu_seqlens, B, T)  # (B, T)
     mask = (doc[:, :, None] == doc[:, None, :]) & _window_mask(T, T, window_left, q.device)  # (B, T, T)

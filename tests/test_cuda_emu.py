@@ -34,7 +34,7 @@ from helpers import cuda_emu_build, rel_err, shaped_logits, tolerance
 from test_cross_entropy import reference_rows
 from test_bpe import _cuda_texts, _shuffled_ranks_tokenizer, corpus_texts
 from test_distill import divergence_and_grad
-from test_flash_attn import alibi_slopes, attention, attention_varlen, grads_of
+from test_flash_attn import alibi_slopes, attention, attention_varlen, dropped_attention, grads_of
 
 ROOT = Path(__file__).resolve().parent.parent
 CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
@@ -62,10 +62,10 @@ SIGNATURES = {
                               P, I64, P, P, P, I64, I64, I64, F64, P, I64],
     "emu_flash_attn_decode_workspace": [I64, I64, I64, I64, I64],
     "emu_flash_attn_fwd": [P, P, P, P, P, P, P, P, I64, I64, I64, I64, I64, I64, IP, IP, IP, IP, IP, F64, I64, I64, I32,
-                           I64, I64, F64, P, I64],
+                           I64, I64, F64, P, I64, F64, ctypes.c_uint64],
     "emu_bpe_encode": [P, P, P, I64, I32, P, P, I64, I32, P, P],
     "emu_flash_attn_bwd": [P, P, P, P, P, P, P, P, P, P, P, P, I64, I64, I64, I64, I64, I64, IP, IP, IP, IP, IP, IP, F64,
-                           I64, I64, I32, I32, I32, I64, I64, P, I64, P, I64, F64, P, I64],
+                           I64, I64, I32, I32, I32, I64, I64, P, I64, P, I64, F64, P, I64, F64, ctypes.c_uint64],
 }
 
 
@@ -549,11 +549,12 @@ def test_kv_cache_decode_layouts(emu, dtype, Tq, layout):
 
 # --- FlashAttention forward and backward (tensor cores: mma.sync, ldmatrix, cp.async emulated) --------
 
-def emulated_attention(emu, q, k, v, dout, causal, window, cu_q=None, cu_k=None, algo=0, softcap=0.0, slopes=None):
+def emulated_attention(emu, q, k, v, dout, causal, window, cu_q=None, cu_k=None, algo=0, softcap=0.0, slopes=None,
+                       dropout=(0.0, 0)):
     """out, lse, dq, dk, dv from the CUDA launchers (forward, then the backward with algo 0: the
     tensor-core kernels, 1: the fp32 SIMT ones, 2: the tensor-core kernels with dQ added up by
     atomics, with deterministic=False), every buffer framed. softcap, slopes: capped scores and
-    ALiBi slopes ((H,) or (batch, H) fp32)."""
+    ALiBi slopes ((H,) or (batch, H) fp32). dropout: (dropout_p, seed)."""
     frame = Framed()
     varlen = cu_q is not None
     dtype, D = q.dtype, q.shape[-1]
@@ -573,7 +574,7 @@ def emulated_attention(emu, q, k, v, dout, causal, window, cu_q=None, cu_k=None,
     lse_strides = attn_ops._lse_strides(lse, varlen)
     scale = D ** -0.5
     mods = (softcap, ptr(frame(slopes)) if slopes is not None else 0,
-            slopes.shape[1] if slopes is not None and slopes.dim() == 2 else 0)
+            slopes.shape[1] if slopes is not None and slopes.dim() == 2 else 0, *dropout)
     emu.flash_attn_fwd(ptr(q_e), ptr(k_e), ptr(v_e), ptr(out), ptr(lse), ptr(cu_q_e), ptr(cu_k_e), 0, batch, seqlen_q,
                        seqlen_k, q.shape[-2], k.shape[-2], D, s3(q_e), s3(k_e), s3(v_e), s3(out), lse_strides, scale,
                        left, right, CODES[dtype], *totals, *mods)
@@ -718,6 +719,66 @@ def test_flash_attn_score_mods_varlen(emu):
     got = emulated_attention(emu, q, k, v, dout, True, (-1, -1), cu_q, cu_k, softcap=1.5, slopes=slopes)
     ref = lambda a, b, c: attention_varlen(a, b, c, cu_q, cu_k, causal=True, softcap=1.5, alibi=slopes)
     check_attention(got, q, k, v, dout, ref)
+
+
+def dropout_reference(seed: int, p: float, b: int, h: int, tq: int, tk: int, first: int = 0, **kw):
+    """(out, lse) of attention with the elements seed keeps (pyllm.ops.flash_attn.dropout_mask) in
+    sequences first .. first + b - 1, the LSE of the whole softmax; kw: causal, window, softcap."""
+    keep = torch.stack([torch.stack([attn_ops.dropout_mask(seed, i, j, tq, tk, p) for j in range(h)])
+                        for i in range(first, first + b)])
+    return lambda q, k, v: (dropped_attention(q, k, v, keep, p, **kw), attention(q, k, v, **kw)[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("case", list(ATTN_CASES))
+@pytest.mark.parametrize("causal, window", [(False, (-1, -1)), (True, (-1, -1)), (False, (40, 7))],
+                         ids=["full", "causal", "window"])
+def test_flash_attn_dropout(emu, dtype, D, case, causal, window):
+    # Dropout on the probabilities (flash-attn's dropout_p; unverified on a GPU) in the forward and
+    # the tensor-core backward: the elements pyllm.ops.flash_attn.dropout_mask gives for the seed,
+    # the same as the CPU twin's; the LSE of the whole softmax.
+    B, Tq, Tk, H, Hkv = ATTN_CASES[case]
+    q, k, v = (randn(shape, dtype) for shape in ((B, Tq, H, D), (B, Tk, Hkv, D), (B, Tk, Hkv, D)))
+    dout = randn((B, Tq, H, D), dtype)
+    seed = 0x9E3779B97F4A7C15
+    got = emulated_attention(emu, q, k, v, dout, causal, window, dropout=(0.3, seed))
+    check_attention(got, q, k, v, dout, dropout_reference(seed, 0.3, B, H, Tq, Tk, causal=causal, window=window))
+
+
+@pytest.mark.parametrize("algo", [1, 2], ids=["simt", "atomic-falls-back"])
+def test_flash_attn_dropout_other_backwards_and_mods(emu, algo):
+    # The SIMT reference backward takes it too, under a cap; the atomic-dQ experiment does not, so
+    # algo 2 with it runs the deterministic kernels (the same bits)
+    q, k, v, dout = (randn((1, 70, 2, 64), torch.bfloat16, 2.0) for _ in range(4))
+    got = emulated_attention(emu, q, k, v, dout, True, (-1, -1), algo=algo, softcap=1.5, dropout=(0.5, 7))
+    check_attention(got, q, k, v, dout, dropout_reference(7, 0.5, 1, 2, 70, 70, causal=True, softcap=1.5))
+    if algo == 2:
+        mma = emulated_attention(emu, q, k, v, dout, True, (-1, -1), algo=0, softcap=1.5, dropout=(0.5, 7))
+        assert all(torch.equal(a, b) for a, b in zip(got, mma))
+
+
+def test_flash_attn_dropout_varlen(emu):
+    # packed sequences of 0, 1, 70 and 130 tokens (keys 5, 0, 90, 130), GQA: sequence i's elements
+    # are dropout_mask(seed, i, head, ...) over its own positions
+    cu_q = torch.tensor([0, 0, 1, 71, 201], dtype=torch.int32)
+    cu_k = torch.tensor([0, 5, 5, 95, 225], dtype=torch.int32)
+    q, dout = randn((201, 4, 64), torch.bfloat16), randn((201, 4, 64), torch.bfloat16)
+    k, v = randn((225, 2, 64), torch.bfloat16), randn((225, 2, 64), torch.bfloat16)
+    got = emulated_attention(emu, q, k, v, dout, True, (-1, -1), cu_q, cu_k, dropout=(0.25, 3))
+
+    def reference(a, b, c):
+        outs, lses = [], []
+        cq, ck = cu_q.tolist(), cu_k.tolist()
+        for i in range(4):
+            qs, ks = slice(cq[i], cq[i + 1]), slice(ck[i], ck[i + 1])
+            out, lse = dropout_reference(3, 0.25, 1, 4, qs.stop - qs.start, ks.stop - ks.start, i, causal=True)(
+                a[None, qs], b[None, ks], c[None, ks])
+            outs.append(out[0])
+            lses.append(lse[0])
+        return torch.cat(outs), torch.cat(lses, dim=-1)
+
+    check_attention(got, q, k, v, dout, reference)
 
 
 def test_flash_attn_simt_backward(emu):

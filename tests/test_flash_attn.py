@@ -530,6 +530,210 @@ def test_alibi_slopes_on_another_device_are_refused_on_cuda():
         pyllm.flash_attn(q, q, q, alibi_slopes=good)
 
 
+# --- dropout on the probabilities (flash-attn's dropout_p) -------------------------------------
+
+def seeded_draw(seed: int) -> torch.Tensor:
+    """The dropout seed a pyllm.flash_attn call draws right after torch.manual_seed(seed)."""
+    torch.manual_seed(seed)
+    return fa._new_dropout_seed()
+
+
+def dropout_keep(seed: int, b: int, h: int, tq: int, tk: int, p: float) -> torch.Tensor:
+    """(b, h, tq, tk) bool: the elements a call after torch.manual_seed(seed) keeps."""
+    draw = seeded_draw(seed)
+    return torch.stack([torch.stack([fa.dropout_mask(draw, i, j, tq, tk, p) for j in range(h)]) for i in range(b)])
+
+
+def dropped_attention(q, k, v, keep, p, **kw):
+    """The reference with dropout: attention()'s softmax times keep / (1 - p), in q's dtype."""
+    b, tq, h, d = q.shape
+    hk = k.shape[2]
+    scale = 1.0 / math.sqrt(d)
+    k, v = k.repeat_interleave(h // hk, dim=2), v.repeat_interleave(h // hk, dim=2)
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    if kw.get("softcap"):
+        s = kw["softcap"] * torch.tanh(s / kw["softcap"])
+    seen = mask_of(tq, k.shape[1], kw.get("causal", False), kw.get("window", (-1, -1))).to(s.device)
+    s = s.masked_fill(~seen, -math.inf)
+    probs = torch.softmax(s, dim=-1).nan_to_num(0.0) * keep.to(s.device) / (1 - p)
+    return torch.einsum("bhqk,bkhd->bqhd", probs.to(q.dtype), v)
+
+
+def seeded(fn, seed: int):
+    """fn run right after torch.manual_seed(seed): every call draws the same dropout seed."""
+    def run(*args):
+        torch.manual_seed(seed)
+        return fn(*args)
+    return run
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("causal,window", [(False, (-1, -1)), (True, (-1, -1)), (False, (5, 3)), (True, (16, -1))],
+                         ids=str)
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[2], SHAPES[3], SHAPES[6]], ids=str)
+@pytest.mark.parametrize("p,softcap", [(0.6, 0.0), (0.25, 1.5)], ids=str)
+def test_dropout_matches_float64_reference(dtype, shape, causal, window, p, softcap):
+    # Forward and every gradient against the float64 reference computed with the same kept elements
+    # (dropout_mask of the seed the call draws), within twice torch's own error; bf16 off the AMX
+    # tiles (which take no dropout). The first case drops most, the second caps the scores too.
+    # (Both at once, fp32 dv came to 2.05x torch's error, 1.86x with the cap alone: the backward's
+    # P = exp(s - lse) carries the fp32 LSE's rounding into a whole row, which the cap's flat rows
+    # and the few kept terms do not average out; FlashAttention-2's, not the mask's.)
+    b, tq, tk, h, hk, d = shape
+    q, k, v = (rand(sz, dtype, "cpu") for sz in ((b, tq, h, d), (b, tk, hk, d), (b, tk, hk, d)))
+    dout = rand((b, tq, h, d), dtype, "cpu")
+    keep = dropout_keep(11, b, h, tq, tk, p)
+    kw = dict(causal=causal, window=window, softcap=softcap)
+    check_against_reference_any_dtype(
+        q, k, v, dout, seeded(lambda q, k, v: pyllm.flash_attn(q, k, v, dropout_p=p, **kw), 11),
+        lambda q, k, v: dropped_attention(q, k, v, keep, p, **kw))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("causal,window", [(True, (-1, -1)), (False, (5, 3))], ids=str)
+@pytest.mark.parametrize("shape", [SHAPES[2], SHAPES[3], SHAPES[5]], ids=str)
+@pytest.mark.parametrize("algo,dtype", [("mma", torch.bfloat16), ("mma", torch.float16), ("simt", torch.bfloat16),
+                                        ("atomic", torch.bfloat16)], ids=str)
+def test_dropout_on_cuda(shape, causal, window, algo, dtype, monkeypatch):
+    # The CUDA kernels' dropout (new 2026-12-05, unverified until this passes on a GPU): the elements
+    # the CPU kernels and dropout_mask give for the seed (drawn from the CPU generator either way),
+    # forward and every backward ("atomic" runs the deterministic kernels with it), within twice
+    # torch's error against the float64 reference
+    monkeypatch.setenv("PYLLM_ATTN_BWD", algo)
+    b, tq, tk, h, hk, d = shape
+    q, k, v = (rand(sz, dtype, "cuda") for sz in ((b, tq, h, d), (b, tk, hk, d), (b, tk, hk, d)))
+    dout = rand((b, tq, h, d), dtype, "cuda")
+    keep = dropout_keep(11, b, h, tq, tk, 0.3)
+    kw = dict(causal=causal, window=window)
+    ours = seeded(lambda q, k, v: pyllm.flash_attn(q, k, v, dropout_p=0.3, **kw), 11)
+    check_against_reference(q, k, v, dout, ours, lambda q, k, v: dropped_attention(q, k, v, keep, 0.3, **kw))
+    cpu = ours(*(t.cpu().float() for t in (q, k, v)))
+    assert rel_err(ours(q, k, v).cpu(), cpu) < 1e-2  # the CPU twin's elements
+
+
+@pytest.mark.cuda
+def test_dropout_on_cuda_varlen_and_graph_capture():
+    lens = [0, 1, 70, 130]
+    cu_q = cu(lens, "cuda")
+    q, k, v = (rand((sum(lens), 4 if i == 0 else 2, 64), torch.bfloat16, "cuda") for i in range(3))
+    call = seeded(lambda q, k, v: pyllm.flash_attn(q, k, v, causal=True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_q,
+                                                   max_seqlen_q=130, max_seqlen_k=130, dropout_p=0.2), 4)
+    cpu = call(*(t.cpu().float() for t in (q, k, v)))
+    assert rel_err(call(q, k, v).cpu(), cpu) < 1e-2
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream), pytest.raises(NotImplementedError, match="dropout inside a CUDA graph capture"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph(), stream=stream):
+            pyllm.flash_attn(q, k, v, causal=True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_q, max_seqlen_q=130,
+                             max_seqlen_k=130, dropout_p=0.2)
+
+
+def test_dropout_varlen_gqa_and_lse():
+    # Packed sequences (empty and length-1 ones, Tq != Tk): sequence i's mask is dropout_mask(seed,
+    # i, head, ...) over its own positions; the LSE is of the whole softmax, the same bits as
+    # without dropout (flash-attn's).
+    lens_q, lens_k = [0, 1, 70, 5, 130], [3, 1, 90, 0, 130]
+    cu_q, cu_k = cu(lens_q), cu(lens_k)
+    p = 0.3
+    q = rand((sum(lens_q), 4, 64), torch.float32, "cpu")
+    k, v = (rand((sum(lens_k), 2, 64), torch.float32, "cpu") for _ in range(2))
+    dout = rand(q.shape, torch.float32, "cpu")
+    draw = seeded_draw(5)
+
+    def reference(q, k, v):
+        outs = []
+        for i in range(len(lens_q)):
+            qs, ks = slice(cu_q[i], cu_q[i + 1]), slice(cu_k[i], cu_k[i + 1])
+            keep = torch.stack([fa.dropout_mask(draw, i, h, lens_q[i], lens_k[i], p) for h in range(4)])[None]
+            outs.append(dropped_attention(q[None, qs], k[None, ks], v[None, ks], keep, p, causal=True)[0])
+        return torch.cat(outs)
+
+    call = lambda q, k, v, **kw: pyllm.flash_attn(q, k, v, causal=True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, **kw)
+    check_against_reference(q, k, v, dout, seeded(lambda q, k, v: call(q, k, v, dropout_p=p), 5), reference)
+    torch.manual_seed(5)
+    out, lse = call(q, k, v, dropout_p=p, return_lse=True)
+    plain, plain_lse = call(q, k, v, return_lse=True)
+    assert torch.equal(lse, plain_lse) and not torch.equal(out, plain)
+
+
+def test_dropout_draws_repeat_and_differ():
+    # One seed (torch.manual_seed) repeats the call bit for bit, the next call draws anew, p = 0 is
+    # no dropout at all; heads, sequences and seeds each get their own masks.
+    q, k, v = (rand((2, 40, 4, 32), torch.float32, "cpu") for _ in range(3))
+    torch.manual_seed(0)
+    a, b = pyllm.flash_attn(q, k, v, dropout_p=0.5), pyllm.flash_attn(q, k, v, dropout_p=0.5)
+    torch.manual_seed(0)
+    assert torch.equal(pyllm.flash_attn(q, k, v, dropout_p=0.5), a) and not torch.equal(a, b)
+    assert torch.equal(pyllm.flash_attn(q, k, v, dropout_p=0.0), pyllm.flash_attn(q, k, v))
+    masks = [fa.dropout_mask(seed, i, h, 64, 64, 0.5) for seed in (1, 2) for i in (0, 1) for h in (0, 1)]
+    for i, m in enumerate(masks):
+        for other in masks[i + 1:]:
+            assert (m == other).float().mean() < 0.56  # independent halves agree on ~50%
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**64 - 1), sequence=st.integers(0, 2**31 - 1), head=st.integers(0, 65535),
+       p=st.floats(0.01, 0.99))
+def test_dropout_mask_keeps_one_minus_p_independently(seed, sequence, head, p):
+    # Kept fraction within 5 sigma of 1 - p, overall and per row / column (no row or column far off:
+    # the rows' counts spread as a binomial's, not identical), and neighbouring rows, columns and
+    # heads no more alike than independent draws.
+    n = 256
+    keep = fa.dropout_mask(seed, sequence, head, n, n, p).double()
+    sigma = math.sqrt(p * (1 - p))
+    assert abs(keep.mean().item() - (1 - p)) < 5 * sigma / n
+    rows, cols = keep.mean(1), keep.mean(0)
+    assert ((rows - (1 - p)).abs() < 6 * sigma / math.sqrt(n)).all() and ((cols - (1 - p)).abs() < 6 * sigma / math.sqrt(n)).all()
+    assert 0.5 < rows.var().item() / (sigma**2 / n) < 1.6  # a binomial's spread
+    other = fa.dropout_mask(seed, sequence, (head + 1) % 65536, n, n, p).double()
+    for x, y in ((keep[1:], keep[:-1]), (keep[:, 1:], keep[:, :-1]), (keep, other)):
+        corr = ((x - x.mean()) * (y - y.mean())).mean() / (x.std() * y.std())
+        assert abs(corr.item()) < 5 / math.sqrt(x.numel())
+
+
+def test_dropout_gradcheck_opcheck_and_checkpoint():
+    q, k, v = (torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in ((2, 9, 4, 32), (2, 13, 2, 32),
+                                                                                (2, 13, 2, 32)))
+    assert torch.autograd.gradcheck(
+        seeded(lambda q, k, v: pyllm.flash_attn(q, k, v, causal=True, dropout_p=0.4, return_lse=True), 3), (q, k, v))
+    seed = torch.tensor([12345], dtype=torch.int64)
+    args = (q.detach(), k.detach(), v.detach(), None, None, -1, -1, 0.25, -1, 0, False, 0.0, None, 0.4, seed)
+    torch.library.opcheck(torch.ops.pyllm.flash_attn.default, args)
+    torch.library.opcheck(torch.ops.pyllm.flash_attn.default, tuple(t.clone().requires_grad_() for t in args[:3]) + args[3:])
+    # Activation checkpointing recomputes the forward under the saved RNG state: the same elements.
+    from torch.utils.checkpoint import checkpoint
+    f = lambda q, k, v: pyllm.flash_attn(q, k, v, causal=True, dropout_p=0.4).sum()  # noqa: E731
+    torch.manual_seed(8)
+    grads = torch.autograd.grad(f(q, k, v), (q, k, v))
+    torch.manual_seed(8)
+    grads_ckpt = torch.autograd.grad(checkpoint(f, q, k, v, use_reentrant=False), (q, k, v))
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_ckpt))
+
+
+def test_dropout_compiles_and_checks():
+    torch._dynamo.reset()
+
+    def block(x, w):
+        qkv = (x @ w).view(1, 12, 3, 2, 32)
+        return pyllm.flash_attn(*qkv.unbind(dim=2), causal=True, dropout_p=0.5)
+
+    x, w = torch.randn(12, 16), torch.randn(16, 192, requires_grad=True)
+    out = torch.compile(block, fullgraph=True)(x, w)  # no graph break: the seed is drawn in the graph
+    qkv = (x @ w).view(1, 12, 3, 2, 32).unbind(dim=2)
+    plain = pyllm.flash_attn(*qkv, causal=True)
+    assert torch.isfinite(out).all() and not torch.allclose(out, plain)
+    (g,) = torch.autograd.grad(out.sum(), w)
+    assert torch.isfinite(g).all()
+    q = torch.randn(1, 5, 2, 32)
+    for bad in (-0.1, 1.0, math.nan, "0.1"):
+        with pytest.raises(ValueError, match="dropout_p must be a number in \\[0, 1\\)"):
+            pyllm.flash_attn(q, q, q, dropout_p=bad)
+    with pytest.raises(ValueError, match="dropout_p > 0 needs dropout_seed"):
+        torch.ops.pyllm.flash_attn(q, q, q, None, None, -1, -1, 0.25, -1, -1, False, 0.0, None, 0.5, None)
+    with pytest.raises(ValueError, match="dropout_p must be in \\[0, 1\\)"):
+        torch.ops.pyllm.flash_attn(q, q, q, None, None, -1, -1, 0.25, -1, -1, False, 0.0, None, 1.5,
+                                   torch.tensor([1]))
+
+
 def cu(lengths, device="cpu"):
     return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
 
@@ -2446,8 +2650,13 @@ def test_flash_attn_interface_kvcache_and_unsupported_options():
     paged = cache[0].view(4, 8, 2, 64)
     assert torch.equal(fai.flash_attn_with_kvcache(q, paged, paged, block_table=table),
                        pyllm.flash_attn_with_kvcache(q, paged, paged, 16, causal=False, block_table=table))
-    with pytest.raises(NotImplementedError, match="dropout_p"):
-        fai.flash_attn_func(q, k, k, dropout_p=0.1)
+    # dropout_p: the kernels' (pyllm's masks), the same call as pyllm.flash_attn's
+    torch.manual_seed(4)
+    dropped = fai.flash_attn_func(q, k, k, dropout_p=0.1)
+    torch.manual_seed(4)
+    assert torch.equal(dropped, pyllm.flash_attn(q, k, k, dropout_p=0.1))
+    with pytest.raises(ValueError, match=r"flash_attn_func: dropout_p must be a number in \[0, 1\)"):
+        fai.flash_attn_func(q, k, k, dropout_p=1.0)
 
 
 def test_flash_attn_interface_errors_use_flash_attns_names():

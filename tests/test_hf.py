@@ -648,12 +648,42 @@ def test_tuple_outputs_and_a_lora_output_layer():
     assert models[1].base_model.model.lm_head.lora_A["default"].weight.grad is not None
 
 
+_DROPPED_LENGTHS: list = []  # the real tokens of each row (right padding) for float64_dropped_attention
+
+
+def float64_dropped_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """float64_attention with pyllm's dropout: one seed drawn per call, as pyllm's attention draws it,
+    and the elements pyllm.ops.flash_attn.dropout_mask keeps for (row, head) over each row's real
+    tokens (_DROPPED_LENGTHS: right padding, positions as in the row), scaled by 1 / (1 - p)."""
+    if not dropout:
+        return float64_attention(module, query, key, value, attention_mask, scaling, **kwargs)
+    from pyllm.ops import flash_attn as fa
+    seed = fa._new_dropout_seed()
+    B, H, T, S = query.shape[0], query.shape[1], query.shape[2], key.shape[2]
+    keep = torch.zeros(B, H, T, S, dtype=torch.bool)
+    for b in range(B):
+        n = _DROPPED_LENGTHS[b] if _DROPPED_LENGTHS else T
+        for h in range(H):
+            keep[b, h, :n, :n] = fa.dropout_mask(seed, b, h, n, n, dropout)
+    groups = H // key.shape[1]
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    scores = query @ key.transpose(-1, -2) * scaling
+    if attention_mask is None:
+        attention_mask = torch.ones(T, S, dtype=torch.bool).tril(0)
+    probs = scores.masked_fill(~attention_mask, float("-inf")).softmax(dim=-1).nan_to_num(0.0)
+    return ((probs * keep / (1 - dropout)) @ value).transpose(1, 2).contiguous(), None
+
+
+transformers.AttentionInterface.register("float64_dropped", float64_dropped_attention)
+transformers.masking_utils.AttentionMaskInterface.register("float64_dropped", transformers.masking_utils.sdpa_mask)
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_attention_dropout_trains_as_sdpa_does(family):
+def test_attention_dropout_runs_in_the_kernels(family):
     # Attention dropout while training (GPT-2's attn_pdrop 0.1 by default; Llama's attention_dropout):
-    # no kernel has it, so those calls go through SDPA with its dropout_p, the unpatched model's
-    # own attention; with one seed the random draws are the same ones: loss (HF's in fp32) and
-    # gradients as the unpatched model's, padded or not. Eval (no dropout) keeps the kernels.
+    # pyllm's kernels with dropout_p (before 2026-12-05 SDPA's), the elements pyllm.ops.flash_attn's
+    # dropout_mask gives for each call's seed: loss and gradients as the float64 reference with those
+    # elements, padded (right) or not; another seed other draws. Eval (no dropout) keeps the kernels.
     if family == "llama":
         config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=96, num_hidden_layers=2,
                                           num_attention_heads=4, num_key_value_heads=2, attention_dropout=0.3)
@@ -662,24 +692,26 @@ def test_attention_dropout_trains_as_sdpa_does(family):
         config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=128, n_layer=2, n_head=4, attn_pdrop=0.3,
                                          resid_pdrop=0.0, embd_pdrop=0.0, bos_token_id=2, eos_token_id=1)
         model_class = transformers.GPT2LMHeadModel
-    config._attn_implementation = "sdpa"
+    config._attn_implementation = "float64_dropped"
     torch.manual_seed(0)
     reference = model_class(config).double().train()
     ours = copy.deepcopy(reference)
     phf.apply_pyllm_kernels(ours)
     ids = inputs()
-    for mask in (None, padded()):
+    for mask in (None, padded(left=False)):
+        _DROPPED_LENGTHS[:] = [] if mask is None else mask.sum(1).tolist()
         losses = []
         for model in (reference, ours):
             model.zero_grad()
             torch.manual_seed(1)
             losses.append(model(ids, attention_mask=mask, labels=ids).loss)
             losses[-1].backward()
-        assert rel_err(losses[1], losses[0].double()) < 1e-6
+        assert rel_err(losses[1], losses[0].double()) < 1e-6  # (HF's loss: fp32; the same elements dropped)
         for (name, p), q in zip(reference.named_parameters(), ours.parameters()):
             assert rel_err(q.grad, p.grad) < 1e-5, name
         torch.manual_seed(2)
         assert abs(ours(ids, attention_mask=mask, labels=ids).loss.item() - losses[1].item()) > 1e-4  # other draws
+    _DROPPED_LENGTHS[:] = []
     reference.eval(), ours.eval()
     with torch.no_grad():
         assert rel_err(ours(ids).logits, reference(ids).logits) < 1e-6  # (HF's norms: fp32 in a float64 model)

@@ -901,25 +901,30 @@ def test_preset_overrides_name_what_went_wrong():
 
 def test_dropout_reaches_the_attention_probabilities_while_training(monkeypatch):
     # nanoGPT's dropout is on the embeddings, the blocks' outputs and the attention probabilities
-    # (attn_dropout); the last had been left out here. Training with it: SDPA's dropout_p (no kernel
-    # has dropout), packed documents too; eval: the kernels, no dropout.
+    # (attn_dropout); the last had been left out here, then ran through SDPA (no kernel had
+    # dropout). Training with it: the kernels' dropout_p, packed documents too, no SDPA; eval: the
+    # kernels, no dropout.
     from pyllm import nn as pyllm_nn
+    from pyllm.ops import flash_attn as fa
 
-    seen, sdpa = [], pyllm_nn._sdpa
-    monkeypatch.setattr(pyllm_nn, "_sdpa", lambda *a, **k: seen.append(k.get("dropout_p", 0.0)) or sdpa(*a, **k))
+    seen, kernel = [], fa.flash_attn
+    monkeypatch.setattr(fa, "flash_attn", lambda *a, **k: seen.append(k.get("dropout_p", 0.0)) or kernel(*a, **k))
+    monkeypatch.setattr(pyllm_nn, "_sdpa", None)  # (not called)
     model = LLM(ModelConfig(**{**SMALL, "dropout": 0.2})).train()
     idx = torch.randint(0, 97, (2, 12))
     torch.manual_seed(0)
     a = model(idx)[0]
     torch.manual_seed(1)
     b = model(idx)[0]
-    assert seen == [0.2] * SMALL["n_layers"] * 2 and not torch.equal(a, b)
+    torch.manual_seed(0)
+    assert torch.equal(model(idx)[0], a)
+    assert seen == [0.2] * SMALL["n_layers"] * 3 and not torch.equal(a, b)
     cu = torch.tensor([0, 5, 12, 20, 24], dtype=torch.int32)
     model(idx, cu_seqlens=cu)
     assert seen[-SMALL["n_layers"]:] == [0.2] * SMALL["n_layers"]
     seen.clear()
     model.eval()
-    assert torch.equal(model(idx)[0], model(idx)[0]) and seen == []
+    assert torch.equal(model(idx)[0], model(idx)[0]) and seen == [0.0] * SMALL["n_layers"] * 2
 
 
 def test_generation_arguments_are_checked_and_edge_values_work():

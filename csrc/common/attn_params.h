@@ -66,6 +66,14 @@ struct AttnParams {
   const float* alibi_slopes = nullptr;
   int64_t alibi_batch_stride = 0;
   int64_t window_left = -1, window_right = -1;  // causal folded in as window_right = 0
+  // Dropout on the probabilities (dropout_p > 0; not for KV-cache calls): (query i, key j) of
+  // sequence b, query head h is kept iff its word (common/counter_rng.h's AttnDropoutKey, keyed by
+  // dropout_seed) >= dropout_threshold, and the kept ones scaled by dropout_scale = 1 / (1 - p).
+  // The LSE is of the whole softmax, before dropout (flash-attn's).
+  double dropout_p = 0.0;
+  uint64_t dropout_seed = 0;
+  uint32_t dropout_threshold = 0;
+  double dropout_scale = 1.0;
   bool deterministic = false;
   int dtype = 0;
 };
@@ -78,6 +86,8 @@ PYLLM_HD int64_t alibi_distance(int64_t i, int64_t j, int64_t len_q, int64_t len
 // Whether the scores are capped or biased (the CUDA launchers keep the experimental tiles to calls
 // without).
 PYLLM_HD bool has_score_mods(const AttnParams& p) { return p.softcap > 0 || p.alibi_slopes != nullptr; }
+
+PYLLM_HD bool has_dropout(const AttnParams& p) { return p.dropout_p > 0; }
 
 // Per-sequence view: where sequence b's tokens start and how many there are.
 struct SeqInfo {
@@ -165,6 +175,7 @@ PYLLM_HD int64_t query_hi(const AttnParams& p, int64_t j, int64_t len_q, int64_t
 
 #include <vector>
 
+#include <algorithm>
 #include <cmath>
 #include <type_traits>
 
@@ -272,6 +283,16 @@ inline void set_score_mods(AttnParams& p, double softcap, uintptr_t alibi_slopes
               "(one slope per head for every sequence) or at least n_heads (", p.n_heads, "), got ", alibi_batch_stride);
   p.alibi_slopes = reinterpret_cast<const float*>(alibi_slopes);
   p.alibi_batch_stride = alibi_batch_stride;
+}
+
+// Dropout on the probabilities (see the fields above): p in [0, 1). The threshold is p * 2^32
+// rounded to nearest, so that p is kept to 2^-33; p = 0: none.
+inline void set_dropout(AttnParams& p, double dropout_p, uint64_t seed) {
+  PYLLM_CHECK(dropout_p >= 0 && dropout_p < 1, "flash_attn: dropout_p must be in [0, 1), got ", dropout_p);
+  p.dropout_p = dropout_p;
+  p.dropout_seed = seed;
+  p.dropout_threshold = uint32_t(std::min(std::nearbyint(dropout_p * 4294967296.0), 4294967295.0));
+  p.dropout_scale = 1.0 / (1.0 - dropout_p);
 }
 
 // The KV-cache options' pointers and shapes (no contents: those the CPU launcher reads itself).

@@ -39,3 +39,31 @@ PYLLM_HD uint32_t block_key(uint32_t key, uint64_t i0) {
 PYLLM_HD uint32_t random_bits(uint32_t key, uint32_t i) { return mix32(i ^ key); }
 
 }  // namespace pyllm
+
+namespace pyllm {
+
+// Attention dropout (flash_attn's dropout_p): the random word of (query i, key j) of sequence b's
+// query head h, positions counted within the sequence, is
+//   mix32(row_hash(i) + col_hash(j)),  row_hash(i) = mix32(i ^ rk),  col_hash(j) = mix32(j ^ ck)
+// with rk = stream_key(seed, b, h) and ck = mix32(rk ^ 0x632be5ab). A pure function of (seed, b, h,
+// i, j), so every kernel (CPU tiles, CUDA forward, both backwards, with any tile shape or block
+// order) draws the same mask, and pyllm.ops.flash_attn.dropout_mask gives it in torch ops. Per
+// element one add and one mix32 (~9 integer ops), the row and column hashes computed once per tile
+// row / column. Hashing the sum of two hashed coordinates, not a hash of i * Tk + j or of j ^ key_i:
+// with a single hash of a coordinate shifted or XOR-ed by a per-row key, two rows whose keys differ
+// by less than Tk draw permutations of one another's words (same dropped count); here such
+// collisions are as rare and as unstructured as for independent 32-bit words.
+// Kept iff the word >= threshold = round(p * 2^32) (attn_dropout_threshold); the kept values are
+// scaled by 1 / (1 - p).
+struct AttnDropoutKey {
+  uint32_t rk = 0, ck = 0;
+  PYLLM_HD AttnDropoutKey() {}
+  PYLLM_HD AttnDropoutKey(uint64_t seed, int64_t b, int64_t h)
+      : rk(stream_key(seed, uint32_t(b), uint32_t(h))), ck(mix32(rk ^ 0x632be5abu)) {}
+  PYLLM_HD uint32_t row_hash(int64_t i) const { return mix32(uint32_t(i) ^ rk); }
+  PYLLM_HD uint32_t col_hash(int64_t j) const { return mix32(uint32_t(j) ^ ck); }
+};
+
+PYLLM_HD uint32_t attn_dropout_bits(uint32_t row_hash, uint32_t col_hash) { return mix32(row_hash + col_hash); }
+
+}  // namespace pyllm

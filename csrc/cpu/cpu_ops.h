@@ -72,7 +72,8 @@ const char* flash_attn_cpu_amx();
 // flash_attn.cpp (layout and argument meaning: common/attn_params.h). Strides are
 // (batch, token, head) in elements; lse_strides (batch, head). Causal is window_right = 0.
 // alibi_slopes: fp32 (n_heads,) (alibi_batch_stride 0) or (batch, n_heads) rows alibi_batch_stride
-// apart, or 0 for none. KV-cache calls (seqused_k) only: kv_batch_idx, kv_leftpad (int32 (batch,)),
+// apart, or 0 for none. dropout_p, dropout_seed: dropout on the probabilities (not with seqused_k),
+// see attn_params.h. KV-cache calls (seqused_k) only: kv_batch_idx, kv_leftpad (int32 (batch,)),
 // block_table (int32, rows block_table_stride apart; k / v then (blocks, page_size, Hkv, D) with
 // seqlen_k the capacity a row of the table addresses), kv_rows: k / v's batch rows or blocks.
 void flash_attn_fwd_cpu(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse, uintptr_t cu_seqlens_q,
@@ -84,7 +85,7 @@ void flash_attn_fwd_cpu(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, ui
                         int64_t window_right, int dtype, double softcap = 0.0, uintptr_t alibi_slopes = 0,
                         int64_t alibi_batch_stride = 0, uintptr_t kv_batch_idx = 0, uintptr_t kv_leftpad = 0,
                         uintptr_t block_table = 0, int64_t block_table_stride = 0, int64_t page_size = 0,
-                        int64_t kv_rows = 0);
+                        int64_t kv_rows = 0, double dropout_p = 0.0, uint64_t dropout_seed = 0);
 void flash_attn_bwd_cpu(uintptr_t dout, uintptr_t dlse, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out,
                         uintptr_t lse, uintptr_t dq, uintptr_t dk, uintptr_t dv, uintptr_t cu_seqlens_q,
                         uintptr_t cu_seqlens_k, int64_t batch, int64_t seqlen_q, int64_t seqlen_k,
@@ -92,7 +93,8 @@ void flash_attn_bwd_cpu(uintptr_t dout, uintptr_t dlse, uintptr_t q, uintptr_t k
                         const std::vector<int64_t>& q_strides, const std::vector<int64_t>& k_strides,
                         const std::vector<int64_t>& v_strides, const std::vector<int64_t>& o_strides,
                         const std::vector<int64_t>& dkv_strides, const std::vector<int64_t>& lse_strides,
-                        double scale, int64_t window_left, int64_t window_right, int dtype, double softcap = 0.0, uintptr_t alibi_slopes = 0,
-                        int64_t alibi_batch_stride = 0);
+                        double scale, int64_t window_left, int64_t window_right, int dtype, double softcap = 0.0,
+                        uintptr_t alibi_slopes = 0, int64_t alibi_batch_stride = 0, double dropout_p = 0.0,
+                        uint64_t dropout_seed = 0);
 
 }  // namespace pyllm

@@ -31,6 +31,11 @@
 // the mask, in the forward, the backward (the same bias bit for bit; the cap's derivative then comes
 // from the capped score before the bias) and the decode kernel; not on AMX (the tiles here instead).
 // Its cost, one vector pass over each score tile: below.
+// Dropout (dropout_p, attn_params.h; new 2026-12-05): the forward zeroes the dropped probabilities
+// after the row sums and scales the output by 1 / (1 - p) once; the backward recomputes the same
+// mask (common/counter_rng.h's AttnDropoutKey: a pure function of the seed, sequence, head, query
+// and key), takes dV over the kept P and dS = P (f dP - delta). Here, on AMX (flash_attn_amx.cpp)
+// and in the CUDA kernels alike; not in the decode kernel (KV-cache calls are inference).
 // FLOPs: 4 * Tq * Tk * D per head forward (2 matmuls), 10 backward (5), halved for causal.
 // Bytes: the forward reads q once and k, v once per thread that works on the head (each key block
 // is packed into that thread's fp32 copy of the head the first time one of its query blocks needs
@@ -120,6 +125,7 @@
 
 #include "common/attn_params.h"
 #include "common/checks.h"
+#include "common/counter_rng.h"
 #include "common/cpu_math.h"
 #include "common/dtype.h"
 #include "cpu/cpu_ops.h"
@@ -529,6 +535,37 @@ inline void alibi_row(A* __restrict srow, int64_t n, int64_t d0, A slope) {
   }
 }
 
+// Dropout (attn_params.h, common/counter_rng.h): the forward zeroes the dropped probabilities after
+// their row sums (the softmax's denominator is of every key) and scales the output by 1 / (1 - p)
+// once at the end, as the backward does dV: the kept products stay unrounded by the scale (per
+// element it had put fp32 dV at 1.01x twice torch's error at p = 0.6). dS needs the scale per
+// element: dS = P (f dP - delta), f = 1 / (1 - p) or 0. A multiply, not a select, so that a NaN
+// probability stays NaN as in torch's reference. ~9 integer ops per score (one mix32), the column
+// hashes once per key; in lanes of the build's ISA (vpmulld).
+// Transposed tile (the forward: St[key j][query r], n query lanes per key row).
+template <typename A>
+inline void dropout_transposed(A* __restrict st, int n, int64_t nk, const uint32_t* __restrict row_hash, uint32_t ck,
+                               int64_t j0, const AttnParams& p) {
+  const uint32_t threshold = p.dropout_threshold;
+  const A kept = A(1);
+  for (int64_t j = 0; j < nk; ++j) {
+    const uint32_t col = mix32(uint32_t(j0 + j) ^ ck);
+    A* __restrict row = st + j * kBlockQ;
+#pragma omp simd
+    for (int r = 0; r < n; ++r) row[r] *= attn_dropout_bits(row_hash[r], col) >= threshold ? kept : A(0);
+  }
+}
+
+// One query's row of n keys (the backward): the factor of each, kept / (1 - p) or 0.
+template <typename A>
+inline void dropout_factors(A* __restrict factor, int64_t n, uint32_t row_hash, const uint32_t* __restrict col_hash,
+                            const AttnParams& p) {
+  const uint32_t threshold = p.dropout_threshold;
+  const A kept = A(p.dropout_scale);
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) factor[j] = attn_dropout_bits(row_hash, col_hash[j]) >= threshold ? kept : A(0);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------------------------
@@ -582,6 +619,9 @@ void fwd(const AttnParams& p) {
     int64_t packed_b = -1, packed_hk = -1;
     alignas(64) A m[kBlockQ], l[kBlockQ], corr[kBlockQ];
     QueryBounds bounds;
+    const bool drop = has_dropout(p);
+    AttnDropoutKey drop_key;
+    alignas(64) uint32_t row_hash[kBlockQ];  // dropout: of the block's queries
 #pragma omp for schedule(dynamic)
     for (int64_t item = 0; item < items; ++item) {
       const FwdItem it = fwd_item(p, item, qblocks);
@@ -601,6 +641,10 @@ void fwd(const AttnParams& p) {
       if constexpr (dot) pack_pairs_transposed<D>(qp.data(), kBlockQ, p.q, p.q_strides, b, s.q_start + i0, h, mq);
       else pack_cols<D, T>(qt.data(), kBlockQ, p.q, p.q_strides, b, s.q_start + i0, h, mq, A(p.scale));
       bounds.set(p, s, i0, mq);
+      if (drop) {
+        drop_key = AttnDropoutKey(p.dropout_seed, b, h);
+        for (int r = 0; r < kBlockQ; ++r) row_hash[r] = drop_key.row_hash(i0 + r);
+      }
       std::fill(o.begin(), o.end(), A(0));
       std::fill(m, m + kBlockQ, kNegInf);
       std::fill(l, l + kBlockQ, A(0));
@@ -677,6 +721,7 @@ void fwd(const AttnParams& p) {
           }
         }
         for (int v = 0; v < qv; ++v) vstore(l + v * L, vload(l + v * L) * vload(corr + v * L) + sum[v]);
+        if (drop) dropout_transposed(S, qv * L, nk, row_hash, drop_key.ck, j0, p);
         for (int64_t r = 0; r < mq; ++r) {
           if (corr[r] != A(1)) {
             A* __restrict orow = o.data() + r * D;
@@ -691,7 +736,7 @@ void fwd(const AttnParams& p) {
         T* __restrict dst = at_mut<T>(p.out, p.o_strides, b, s.q_start + i0 + r, h);
         const A* __restrict orow = o.data() + r * D;
         const bool empty = l[r] == A(0);  // sees no key; NaN inputs give l = NaN and stay NaN
-        const A inv = empty ? A(0) : A(1) / l[r];
+        const A inv = empty ? A(0) : (drop ? A(p.dropout_scale) : A(1)) / l[r];
 #pragma omp simd
         for (int d = 0; d < D; ++d) dst[d] = from_acc<T>(orow[d] * inv);
         lse_out[lse_index(p, b, h, s, i0 + r)] = empty ? std::numeric_limits<A>::infinity() : m[r] + std::log(l[r]);
@@ -1006,6 +1051,9 @@ void bwd(const AttnParams& p) {
     constexpr bool dot = Dot;
     static thread_local TileBuffer<uint32_t> q16_all, do16_all;
     TileBuffer<uint32_t> ktp(dot ? D / 2 * kBlockK : 0), vtp(dot ? D / 2 * kBlockK : 0);
+    const bool drop = has_dropout(p);
+    AttnDropoutKey drop_key;
+    alignas(64) uint32_t col_hash[kBlockK];  // dropout: of the key block's keys, for one query head
 #pragma omp for schedule(dynamic)
     for (int64_t item = 0; item < items; ++item) {
       const BwdItem it = bwd_item(p, item, chunks);
@@ -1059,6 +1107,10 @@ void bwd(const AttnParams& p) {
         }
         for (int64_t g = 0; g < group && q_lo < q_hi; ++g) {
           const A slope = alibi_slope<A>(p, b, hk * group + g);
+          if (drop) {
+            drop_key = AttnDropoutKey(p.dropout_seed, b, hk * group + g);
+            for (int64_t j = 0; j < kBlockK; ++j) col_hash[j] = drop_key.col_hash(j0 + j);
+          }
           for (int64_t i0 = (q_lo / kBlockQ) * kBlockQ; i0 < q_hi; i0 += kBlockQ) {  // qa is a multiple of kBlockQ
             const int64_t mq = std::min(kBlockQ, qz - i0), row0 = g * n_rows + i0 - qa;
             const A* qi = q_all.data() + row0 * D;
@@ -1089,6 +1141,25 @@ void bwd(const AttnParams& p) {
               }
               if (!unmasked) mask_row(srow, key_lo(p, i0 + r, len_q, len_k) - j0, key_hi(p, i0 + r, len_q, len_k) - j0);
               const A lse_r = lse_all[row0 + r], delta_r = delta_all[row0 + r];
+              if (drop) {
+                // Dropout: dV takes the dropped, rescaled P; dS = P (f dP - delta) with f the same factor
+                // (delta = dO . O is of the dropped output: sum_j P f dP).
+                alignas(64) A factor[kBlockK];
+                dropout_factors(factor, kBlockK, drop_key.row_hash(i0 + r), col_hash, p);
+                const V inv_cap = V{} + (cap > 0 ? A(1) / cap : A(0)), one = V{} + A(1), zero = V{};
+                const A* sc_src = p.alibi_slopes ? capped : srow;
+                for (int v = 0; v < kKV; ++v) {
+                  const V pj = vsoftmax_exp<T>(vload(srow + v * L) - lse_r), f = vload(factor + v * L);
+                  V ds = pj * (vload(dprow + v * L) * f - delta_r);
+                  if (cap > 0) {
+                    const V t = vload(sc_src + v * L) * inv_cap, t2 = t * t;
+                    ds *= one - (t2 < one ? t2 : one);
+                  }
+                  vstore(srow + v * L, f == zero ? zero : pj);  // dV's P: kept or 0 (scaled once at the end)
+                  vstore(dprow + v * L, ds);
+                }
+                continue;
+              }
               if (cap > 0) {
                 // Through the cap: d(cap tanh(s / cap)) / ds = 1 - (s' / cap)^2 of the capped s'; the
                 // square clamped at 1 so that a masked s' = -inf gives 0, not 0 * -inf.
@@ -1114,6 +1185,8 @@ void bwd(const AttnParams& p) {
             gemm<D>(mq, nk, dp.data(), kBlockK, 1, kr.data(), D, dq_all.data() + row0 * D, D, true);  // dQ += dS K
           }
         }
+        if (drop)  // dV = (1 / (1 - p)) sum over the kept P dO
+          for (auto& x : dv) x *= A(p.dropout_scale);
         for (int64_t r = 0; r < nk; ++r) {
           if (chunks > 1) {
             A* __restrict part = parts.template row<D>(c, hk, b, s, j0 + r);
@@ -1305,12 +1378,15 @@ void flash_attn_fwd_cpu(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, ui
                         const std::vector<int64_t>& lse_strides, double scale, int64_t window_left,
                         int64_t window_right, int dtype, double softcap, uintptr_t alibi_slopes,
                         int64_t alibi_batch_stride, uintptr_t kv_batch_idx, uintptr_t kv_leftpad,
-                        uintptr_t block_table, int64_t block_table_stride, int64_t page_size, int64_t kv_rows) {
+                        uintptr_t block_table, int64_t block_table_stride, int64_t page_size, int64_t kv_rows,
+                        double dropout_p, uint64_t dropout_seed) {
   AttnParams p = make_attn_params(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, batch, seqlen_q, seqlen_k,
                                   n_heads, n_kv_heads, head_dim, q_strides, k_strides, v_strides, o_strides,
                                   lse_strides, scale, window_left, window_right, dtype);
   check_cpu_dtype(dtype);
   set_score_mods_read(p, softcap, alibi_slopes, alibi_batch_stride);
+  set_dropout(p, dropout_p, dropout_seed);
+  PYLLM_CHECK(!(has_dropout(p) && seqused_k), "flash_attn: dropout is for training calls, not KV-cache ones");
   p.out = reinterpret_cast<void*>(out);
   p.lse = reinterpret_cast<void*>(lse);
   const int64_t total_q = total_tokens(p.cu_seqlens_q, batch, seqlen_q);
@@ -1340,12 +1416,13 @@ void flash_attn_bwd_cpu(uintptr_t dout, uintptr_t dlse, uintptr_t q, uintptr_t k
                         const std::vector<int64_t>& v_strides, const std::vector<int64_t>& o_strides,
                         const std::vector<int64_t>& dkv_strides, const std::vector<int64_t>& lse_strides,
                         double scale, int64_t window_left, int64_t window_right, int dtype, double softcap,
-                        uintptr_t alibi_slopes, int64_t alibi_batch_stride) {
+                        uintptr_t alibi_slopes, int64_t alibi_batch_stride, double dropout_p, uint64_t dropout_seed) {
   AttnParams p = make_attn_params(q, k, v, cu_seqlens_q, cu_seqlens_k, 0, batch, seqlen_q, seqlen_k, n_heads,
                                   n_kv_heads, head_dim, q_strides, k_strides, v_strides, o_strides, lse_strides,
                                   scale, window_left, window_right, dtype);
   check_cpu_dtype(dtype);
   set_score_mods_read(p, softcap, alibi_slopes, alibi_batch_stride);
+  set_dropout(p, dropout_p, dropout_seed);
   copy_strides(p.dkv_strides, dkv_strides, 3, "dkv_strides");
   p.out = reinterpret_cast<void*>(out);
   p.lse = reinterpret_cast<void*>(lse);

@@ -3,6 +3,8 @@
 // Linux grants this process the tile state (arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA), asked once
 // per process). PYLLM_ATTN_CPU_AMX=0 turns it off. This file alone is compiled with -mamx-tile
 // -mamx-bf16 (CMakeLists.txt); without AVX512_BF16 in the build's -march it is a stub.
+// Dropout (dropout_p) runs here too, with flash_attn.cpp's masks (dropout_kept below); softcap and
+// ALiBi do not (flash_attn.cpp's tiles take those calls).
 //
 // Algorithm: flash_attn.cpp's forward (its header), same work items (sequence, head, block of
 // kBlockQ = 64 queries), same transposed score tile St[key][query] and the same fp32 online
@@ -119,6 +121,7 @@
 #endif
 #include <vector>
 
+#include "common/counter_rng.h"
 #include "common/cpu_math.h"
 #endif
 #include "common/checks.h"
@@ -374,6 +377,23 @@ inline void pack_transposed(uint16_t* __restrict dst, int64_t ld, const void* ba
     for (int d = 0; d < D; ++d) std::memset(dst + d * ld + padded, 0, (ld - padded) * 2);
 }
 
+// Dropout (attn_params.h; common/counter_rng.h's AttnDropoutKey, the words flash_attn.cpp's tiles and
+// the CUDA kernels draw): the lanes of 16 queries (their row hashes) that keep one key (its column
+// hash). mix32 on 16 lanes, ~9 vector integer ops per 16 scores. As the fp32 tiles: the forward
+// drops P after the row sums and scales the output once, the backward takes dV over the kept P
+// (scaled once) and dS = P (f dP - delta), f = 1 / (1 - p) or 0.
+inline __m512i mix32_lanes(__m512i x) {
+  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x7feb352d));
+  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
+  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(int(0x846ca68bu)));
+  return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+}
+inline __mmask16 dropout_kept(__m512i row_hashes, uint32_t col_hash, __m512i threshold) {
+  return _mm512_cmpge_epu32_mask(mix32_lanes(_mm512_add_epi32(row_hashes, _mm512_set1_epi32(int(col_hash)))),
+                                 threshold);
+}
+
 template <int D>
 void fwd_amx(const AttnParams& p) {
   constexpr int kQV = kBlockQ / 16;  // vectors per row of St
@@ -403,6 +423,10 @@ void fwd_amx(const AttnParams& p) {
     alignas(64) float m[kBlockQ], l[kBlockQ], corr[kBlockQ];
     QueryBounds bounds;
     MatmulSteps scores, pv;  // start_scores / start_pv
+    const bool drop = has_dropout(p);
+    const __m512i drop_threshold = _mm512_set1_epi32(int(p.dropout_threshold));
+    AttnDropoutKey drop_key;
+    alignas(64) uint32_t row_hash[kBlockQ];  // dropout: of the item's queries
     // Chunks of up to a whole (sequence, head) of query blocks, so that each thread packs the K / V
     // of fewer heads (with chunks of one item each of 2 threads packed nearly every head: ~6-8% more
     // work at T = 512, from the pack times at pack_transposed), and still 16 chunks per thread for
@@ -431,6 +455,10 @@ void fwd_amx(const AttnParams& p) {
       }
       pack_pairs_16x16<D>(qp.data(), p.q, p.q_strides, b, s.q_start + i0, h, mq, negate_q ? 0x80008000u : 0u);
       bounds.set(p, s, i0, mq);
+      if (drop) {
+        drop_key = AttnDropoutKey(p.dropout_seed, b, h);
+        for (int r = 0; r < kBlockQ; ++r) row_hash[r] = drop_key.row_hash(i0 + r);
+      }
       std::fill(ot.begin(), ot.end(), 0.f);
       std::fill(m, m + kBlockQ, kNegInf);
       std::fill(l, l + kBlockQ, 0.f);
@@ -554,14 +582,20 @@ void fwd_amx(const AttnParams& p) {
           const float* r0 = S + j * kBlockQ;
           const float* r1 = S + (j + 1) * kBlockQ;
           const bool second = j + 1 < nk;
+          const uint32_t col0 = drop ? drop_key.col_hash(j0 + j) : 0u, col1 = drop ? drop_key.col_hash(j0 + j + 1) : 0u;
 #pragma GCC unroll 4
           for (int v = 0; v < kQV; ++v) {
-            const __m512 p0 = exp2_block(_mm512_fmsub_ps(_mm512_loadu_ps(r0 + v * 16), scale_log2e, m_log2e[v]));
+            __m512 p0 = exp2_block(_mm512_fmsub_ps(_mm512_loadu_ps(r0 + v * 16), scale_log2e, m_log2e[v]));
             sum[v] = _mm512_add_ps(sum[v], p0);
             __m512 p1 = zero;
             if (second) {
               p1 = exp2_block(_mm512_fmsub_ps(_mm512_loadu_ps(r1 + v * 16), scale_log2e, m_log2e[v]));
               sum[v] = _mm512_add_ps(sum[v], p1);
+            }
+            if (drop) {  // after the row sums
+              const __m512i rows = _mm512_load_si512(row_hash + v * 16);
+              p0 = _mm512_maskz_mov_ps(dropout_kept(rows, col0, drop_threshold), p0);
+              p1 = _mm512_maskz_mov_ps(dropout_kept(rows, col1, drop_threshold), p1);
             }
             const __m512i pairs = _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(p1, p0));
             _mm512_storeu_si512(P + j / 2 * kBlockQ + v * 16, pairs);
@@ -594,7 +628,8 @@ void fwd_amx(const AttnParams& p) {
       for (int v = 0; v < kQV; ++v) {
         const __m512 lv = _mm512_load_ps(l + v * 16);
         const __mmask16 empty = _mm512_cmp_ps_mask(lv, zero, _CMP_EQ_OQ);
-        _mm512_store_ps(inv + v * 16, _mm512_mask_mov_ps(_mm512_div_ps(one, lv), empty, zero));
+        _mm512_store_ps(inv + v * 16, _mm512_mask_mov_ps(_mm512_div_ps(drop ? _mm512_set1_ps(float(p.dropout_scale)) : one, lv),
+                                                          empty, zero));
         _mm512_store_ps(lse_blk + v * 16, _mm512_mask_mov_ps(_mm512_add_ps(_mm512_load_ps(m + v * 16), log_block(lv)),
                                                              empty, _mm512_set1_ps(std::numeric_limits<float>::infinity())));
       }
@@ -679,6 +714,11 @@ void bwd_amx(const AttnParams& p) {
     TileBuffer<uint32_t> dsp(BK / 2 * kBlockQ);
     TileBuffer<float> st(BK * kBlockQ), dpt(BK * kBlockQ), dk(BK * D), dv(BK * D);
     static thread_local TileBuffer<uint32_t> qd_all, dod_all, qq_all, doq_all;
+    const bool drop = has_dropout(p);
+    const __m512i drop_threshold = _mm512_set1_epi32(int(p.dropout_threshold));
+    const __m512 drop_scale = _mm512_set1_ps(float(p.dropout_scale));
+    AttnDropoutKey drop_key;
+    alignas(64) uint32_t row_hash[kBlockQ], col_hash[BK];  // dropout: of a query block, of the key block
     static thread_local TileBuffer<float> dqt_all, lse_all, delta_all;
     QueryBounds bounds;
 #pragma omp for schedule(dynamic)
@@ -735,8 +775,14 @@ void bwd_amx(const AttnParams& p) {
           pack_transposed<D>(kt.data(), BK, p.k, p.k_strides, b, s.k_start + j0, hk, nk);
         }
         for (int64_t g = 0; g < group && q_lo < q_hi; ++g) {
+          if (drop) {
+            drop_key = AttnDropoutKey(p.dropout_seed, b, hk * group + g);
+            for (int64_t j = 0; j < BK; ++j) col_hash[j] = drop_key.col_hash(j0 + j);
+          }
           for (int64_t i0 = q_lo / kBlockQ * kBlockQ; i0 < q_hi; i0 += kBlockQ) {
             const int64_t blk = g * blocks + (i0 - qa) / kBlockQ, mq = std::min(kBlockQ, qz - i0), mq32 = round_up32(mq);
+            if (drop)
+              for (int r = 0; r < kBlockQ; ++r) row_hash[r] = drop_key.row_hash(i0 + r);
             matmul_tiles(nk32, mq32, D, kr.data(), D, qd_all.data() + blk * kPairsD, kBlockQ, st.data(), kBlockQ, false);    // S^T = K Q^T
             matmul_tiles(nk32, mq32, D, vr.data(), D, dod_all.data() + blk * kPairsD, kBlockQ, dpt.data(), kBlockQ, false);  // dP^T = V dO^T
             const bool masked = !block_unmasked(p, s, i0, mq, j0);
@@ -761,7 +807,15 @@ void bwd_amx(const AttnParams& p) {
                   t = _mm512_mask_mov_ps(ninf, _mm512_cmpge_epi32_mask(key, lo) & _mm512_cmplt_epi32_mask(key, hi), t);
                 }
                 pj = exp2_block(t);
-                dsj = _mm512_mul_ps(pj, _mm512_sub_ps(_mm512_loadu_ps(dpt.data() + j * kBlockQ + v * 16), delta_v));
+                __m512 dp = _mm512_loadu_ps(dpt.data() + j * kBlockQ + v * 16);
+                if (drop) {  // dS = P (f dP - delta), dV's P the kept ones (scaled at the end)
+                  const __mmask16 kept = dropout_kept(_mm512_load_si512(row_hash + v * 16), col_hash[j], drop_threshold);
+                  dp = _mm512_maskz_mul_ps(kept, dp, drop_scale);
+                  dsj = _mm512_mul_ps(pj, _mm512_sub_ps(dp, delta_v));
+                  pj = _mm512_maskz_mov_ps(kept, pj);
+                  return;
+                }
+                dsj = _mm512_mul_ps(pj, _mm512_sub_ps(dp, delta_v));
               };
               for (int64_t j = 0; j < nk; j += 2) {
                 __m512 p0, ds0, p1 = zero, ds1 = zero;
@@ -790,6 +844,9 @@ void bwd_amx(const AttnParams& p) {
         for (int64_t r = 0; r < nk; ++r) {
           float* dk_row = dk.data() + r * D;
           for (int d = 0; d < D; d += 16) _mm512_storeu_ps(dk_row + d, _mm512_mul_ps(_mm512_loadu_ps(dk_row + d), scale));
+          if (drop)  // dV = (1 / (1 - p)) sum over the kept P dO
+            for (int d = 0; d < D; d += 16)
+              _mm512_storeu_ps(dv.data() + r * D + d, _mm512_mul_ps(_mm512_loadu_ps(dv.data() + r * D + d), drop_scale));
           if (chunks > 1) {
             float* __restrict part = parts.row<D>(it.c, hk, b, s, j0 + r);
             std::copy(dk_row, dk_row + D, part);

@@ -65,7 +65,8 @@ void flash_attn_fwd_cuda(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, u
                          const std::vector<int64_t>& lse_strides, double scale, int64_t window_left,
                          int64_t window_right, int dtype, int device, uintptr_t stream, int64_t total_q = -1,
                          int64_t total_k = -1,  // total_*: varlen's packed token counts (cu_seqlens clamped to them)
-                         double softcap = 0.0, uintptr_t alibi_slopes = 0, int64_t alibi_batch_stride = 0);
+                         double softcap = 0.0, uintptr_t alibi_slopes = 0, int64_t alibi_batch_stride = 0,
+                         double dropout_p = 0.0, uint64_t dropout_seed = 0);
 void flash_attn_bwd_cuda(uintptr_t dout, uintptr_t dlse, uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out,
                          uintptr_t lse, uintptr_t dq, uintptr_t dk, uintptr_t dv, uintptr_t cu_seqlens_q,
                          uintptr_t cu_seqlens_k, int64_t batch, int64_t seqlen_q, int64_t seqlen_k,
@@ -78,7 +79,8 @@ void flash_attn_bwd_cuda(uintptr_t dout, uintptr_t dlse, uintptr_t q, uintptr_t 
                          int64_t total_q = -1, int64_t total_k = -1,
                          uintptr_t delta_ws = 0, int64_t delta_capacity = 0,  // fp32 scratch, lse's layout
                          uintptr_t dq_accum_ws = 0, int64_t dq_accum_capacity = 0,  // fp32, algo 2 (see .cu)
-                         double softcap = 0.0, uintptr_t alibi_slopes = 0, int64_t alibi_batch_stride = 0);
+                         double softcap = 0.0, uintptr_t alibi_slopes = 0, int64_t alibi_batch_stride = 0,
+                         double dropout_p = 0.0, uint64_t dropout_seed = 0);
 void flash_attn_decode_cuda(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, uintptr_t out, uintptr_t lse,
                             uintptr_t seqused_k, int64_t batch, int64_t seqlen_q, int64_t capacity, int64_t n_heads,
                             int64_t n_kv_heads, int64_t head_dim, const std::vector<int64_t>& q_strides,

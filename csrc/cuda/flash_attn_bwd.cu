@@ -25,7 +25,8 @@
 // Each row (of keys in dk_dv, of queries in dq) belongs to 8 consecutive lanes, each holding the
 // head-dim elements d = 8c + lane % 8; dot products reduce over those 8 lanes with shuffles.
 // Capped scores and ALiBi: ScoreMod (flash_attn_common.cuh) in natural-log units, dS through the
-// cap's derivative, in both SIMT kernels (unverified on a GPU, 2026-12-05).
+// cap's derivative, in both SIMT kernels (unverified on a GPU, 2026-12-05); dropout likewise
+// (Dropout, 2026-12-05, unverified).
 // Memory beyond inputs and outputs: the (B, H, Tq) fp32 delta (caller-allocated workspace).
 // Work: 14 * Tq * Tk * D FLOPs per head (S and dP are computed in both dk_dv and dq), all on
 // the FP32 pipes.
@@ -109,6 +110,8 @@ __global__ void __launch_bounds__(kBwdThreads) flash_attn_dk_dv_kernel(const Att
   const int group = int(p.n_heads / p.n_kv_heads);
   for (int hq = hk * group; hq < (hk + 1) * group; ++hq) {
     const ScoreMod mod(p, b, hq, scale, 1.f);  // capped or biased scores (natural-log units)
+    const Dropout drop(p, b, hq);
+    const uint32_t drop_key = drop.on ? drop.key.col_hash(j) : 0u;
     for (int64_t i0 = q_lo; i0 < q_hi; i0 += kQueryChunk) {
       const int nq = int(min(int64_t(kQueryChunk), q_hi - i0));
       __syncthreads();  // the previous chunk (and, first time, the K / V tiles' readers) are done
@@ -136,15 +139,23 @@ __global__ void __launch_bounds__(kBwdThreads) flash_attn_dk_dv_kernel(const Att
         }
         sdot = sum_over_row_lanes(sdot);
         dpdot = sum_over_row_lanes(dpdot);
+        float pr_dv;
         const bool seen = row < nk && j >= key_lo(p, i, s.len_q, s.len_k) && j < key_hi(p, i, s.len_q, s.len_k);
         float dcap;
         const float x = mod.score_or(mod.on(), sdot, scale, int(i + (s.len_k - s.len_q) - j), dcap);
-        const float pr = seen ? __expf(x - sLse[r]) : 0.f;
+        float pr = seen ? __expf(x - sLse[r]) : 0.f;
+        if (drop.on) {  // dV over the kept P (scaled at the end), dS = P (f dP - delta) (Dropout)
+          const float f = drop.kept(drop.key.row_hash(i), drop_key) ? drop.scale : 0.f;
+          dpdot *= f;
+          pr_dv = pr * float(f != 0.f);
+        } else {
+          pr_dv = pr;
+        }
         const float ds = pr * (dpdot - sDelta[r]) * dcap;
 #pragma unroll
         for (int c = 0; c < C; ++c) {
           const int d = c * kLanesPerRow + part;
-          dv[c] += pr * sdO[r * D + d];
+          dv[c] += pr_dv * sdO[r * D + d];
           dk[c] += ds * sQ[r * D + d];
         }
       }
@@ -156,7 +167,7 @@ __global__ void __launch_bounds__(kBwdThreads) flash_attn_dk_dv_kernel(const Att
 #pragma unroll
     for (int c = 0; c < C; ++c) {
       dk_row[c * kLanesPerRow + part] = from_f32<T>(dk[c] * scale);
-      dv_row[c * kLanesPerRow + part] = from_f32<T>(dv[c]);
+      dv_row[c * kLanesPerRow + part] = from_f32<T>(dv[c] * (has_dropout(p) ? float(p.dropout_scale) : 1.f));
     }
   }
 }
@@ -176,6 +187,7 @@ __global__ void __launch_bounds__(kBwdThreads) flash_attn_dq_kernel(const AttnPa
   const int hk = h / int(p.n_heads / p.n_kv_heads);
   const float scale = float(p.scale);
   const ScoreMod mod(p, b, h, scale, 1.f);  // capped or biased scores (natural-log units)
+  const Dropout drop(p, b, h);
 
   float q[C], g[C], dq[C];
   const T* q_row = row_ptr<T>(p.q, p.q_strides, b, s.q_start + i, h);
@@ -189,6 +201,7 @@ __global__ void __launch_bounds__(kBwdThreads) flash_attn_dq_kernel(const AttnPa
   const int64_t idx = lse_at(p, b, h, s, i);
   const float lse_i = static_cast<const float*>(p.lse)[idx], delta_i = delta[idx];
   const int64_t lo_i = key_lo(p, i, s.len_q, s.len_k), hi_i = key_hi(p, i, s.len_q, s.len_k);
+  const uint32_t drop_row = drop.on ? drop.key.row_hash(i) : 0u;
 
   const int64_t k_lo = key_lo(p, i_first, s.len_q, s.len_k), k_hi = key_hi(p, i_first + mq - 1, s.len_q, s.len_k);
   for (int64_t j0 = k_lo; j0 < k_hi; j0 += kKeyChunk) {
@@ -215,6 +228,7 @@ __global__ void __launch_bounds__(kBwdThreads) flash_attn_dq_kernel(const AttnPa
       float dcap;
       const float x = mod.score_or(mod.on(), sdot, scale, int(i + (s.len_k - s.len_q) - j), dcap);
       const float pr = seen ? __expf(x - lse_i) : 0.f;
+      if (drop.on) dpdot *= drop.kept(drop_row, drop.key.col_hash(j)) ? drop.scale : 0.f;  // (Dropout)
       const float ds = pr * (dpdot - delta_i) * dcap;
 #pragma unroll
       for (int c = 0; c < C; ++c) dq[c] += ds * sK[r * D + c * kLanesPerRow + part];
@@ -265,12 +279,13 @@ void flash_attn_bwd_cuda(uintptr_t dout, uintptr_t dlse, uintptr_t q, uintptr_t 
                          int device, uintptr_t stream, int algo, int64_t total_q, int64_t total_k,
                          uintptr_t delta_ws, int64_t delta_capacity, uintptr_t dq_accum_ws,
                          int64_t dq_accum_capacity, double softcap, uintptr_t alibi_slopes,
-                         int64_t alibi_batch_stride) {
+                         int64_t alibi_batch_stride, double dropout_p, uint64_t dropout_seed) {
   AttnParams p = make_attn_params(q, k, v, cu_seqlens_q, cu_seqlens_k, 0, batch, seqlen_q, seqlen_k, n_heads,
                                   n_kv_heads, head_dim, q_strides, k_strides, v_strides, o_strides, lse_strides,
                                   scale, window_left, window_right, dtype);
   set_packed_totals(p, total_q, total_k);
   set_score_mods(p, softcap, alibi_slopes, alibi_batch_stride);
+  set_dropout(p, dropout_p, dropout_seed);
   p.out = reinterpret_cast<void*>(out);
   p.lse = reinterpret_cast<void*>(lse);
   p.dout = reinterpret_cast<const void*>(dout);
@@ -314,7 +329,7 @@ void flash_attn_bwd_cuda(uintptr_t dout, uintptr_t dlse, uintptr_t q, uintptr_t 
   // (torch's caching allocator, as delta), 16-byte aligned for the conversion's float4 reads.
   const int64_t accum_rows = p.cu_seqlens_q ? p.total_q : batch * seqlen_q;
   const bool atomic_dq = algo == 2 && !deterministic && accum_rows > 0 && !has_score_mods(p) &&
-                         attn::atomic_dq_available(head_dim, device);
+                         attn::atomic_dq_available(head_dim, device) && !has_dropout(p);
   const int64_t accum_elems = atomic_dq ? accum_rows * n_heads * head_dim : 0;
   PYLLM_CHECK(!atomic_dq || (dq_accum_ws && dq_accum_ws % 16 == 0 && dq_accum_capacity >= accum_elems),
               "flash_attn: the atomic backward's dq accumulator needs ", accum_elems,

@@ -346,6 +346,12 @@ __global__ void __launch_bounds__(kBwdMmaThreads)
     const bool need_mask = !(nk == BN && qlo_last <= i0 && i0 + BM <= qhi_first);
     const ScoreMod mod = Mods ? ScoreMod(p, b, hk * group + step / n_qblocks, float(p.scale), kLog2e) : ScoreMod();
     const int dist0 = int(i0 + (s.len_k - s.len_q) - j0) - key_row0 - g + 2 * t;  // ALiBi: query - key
+    // Dropout (Dropout, flash_attn_common.cuh): this step's query head; the lane's keys g, g + 8
+    // (MK = 1 with Mods) hashed per step, its queries per tile.
+    const Dropout drop = Mods ? Dropout(p, b, hk * group + step / n_qblocks) : Dropout();
+    uint32_t drop_key[2] = {0, 0};
+    if (Mods && drop.on)
+      for (int rr = 0; rr < 2; ++rr) drop_key[rr] = drop.key.col_hash(j0 + key_row0 + g + rr * 8);
 #pragma unroll
     for (int mk = 0; mk < MK; ++mk) {
 #pragma unroll
@@ -357,7 +363,14 @@ __global__ void __launch_bounds__(kBwdMmaThreads)
           const float x =
               mod.score_or(Mods, st[mk][mt][e], scale_log2, dist0 + mt * 8 + (e & 1) - mk * 16 - (e / 2) * 8, dcap);
           float pr = exp2f(x - cLse2[col]);
-          float ds = pr * (dpt[mk][mt][e] - cDelta[col]);
+          float ds;
+          if (Mods && drop.on) {  // dV over the kept P (scaled at the end), dS = P (f dP - delta)
+            const float f = drop.kept(drop.key.row_hash(i0 + col), drop_key[e / 2]) ? drop.scale : 0.f;
+            ds = pr * (dpt[mk][mt][e] * f - cDelta[col]);
+            pr *= float(f != 0.f);
+          } else {
+            ds = pr * (dpt[mk][mt][e] - cDelta[col]);
+          }
           if constexpr (Mods) ds *= dcap;
           if (need_mask) {
             const int i = int(i0) + col;
@@ -450,6 +463,7 @@ __global__ void __launch_bounds__(kBwdMmaThreads)
 
   // Every key row of the sequence in this block is written, zeros for keys no query sees.
   const float scale = float(p.scale);
+  const float dv_scale = Mods && has_dropout(p) ? float(p.dropout_scale) : 1.f;  // dropout's 1 / (1 - p)
 #pragma unroll
   for (int mk = 0; mk < MK; ++mk) {
 #pragma unroll
@@ -464,7 +478,11 @@ __global__ void __launch_bounds__(kBwdMmaThreads)
         const int col = (dt0 + dt) * 8 + 2 * t;
         *reinterpret_cast<uint32_t*>(dk_row + col) =
             pack2<T>(dk[mk][dt][2 * rr] * scale, dk[mk][dt][2 * rr + 1] * scale);
-        *reinterpret_cast<uint32_t*>(dv_row + col) = pack2<T>(dv[mk][dt][2 * rr], dv[mk][dt][2 * rr + 1]);
+        if constexpr (Mods)
+          *reinterpret_cast<uint32_t*>(dv_row + col) =
+              pack2<T>(dv[mk][dt][2 * rr] * dv_scale, dv[mk][dt][2 * rr + 1] * dv_scale);
+        else
+          *reinterpret_cast<uint32_t*>(dv_row + col) = pack2<T>(dv[mk][dt][2 * rr], dv[mk][dt][2 * rr + 1]);
       }
     }
   }
@@ -501,6 +519,10 @@ __global__ void __launch_bounds__(kBwdMmaThreads)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int warp_row = warp * 16 * MT;  // this warp's first row in the tile; m-tile mt starts 16 * mt below
   const ScoreMod mod = Mods ? ScoreMod(p, b, h, float(p.scale), kLog2e) : ScoreMod();
+  const Dropout drop = Mods ? Dropout(p, b, h) : Dropout();
+  uint32_t drop_row[2] = {0, 0};  // dropout: the row hashes of this lane's rows g, g + 8 (MT = 1)
+  if (Mods && drop.on)
+    for (int rr = 0; rr < 2; ++rr) drop_row[rr] = drop.key.row_hash(i0 + warp_row + g + rr * 8);
 
   // Keys any of the block's queries see (both bounds monotone in the query), BN at a time.
   const int64_t k_lo = key_lo(p, i0, s.len_q, s.len_k), k_hi = key_hi(p, i0 + mq - 1, s.len_q, s.len_k);
@@ -609,7 +631,10 @@ __global__ void __launch_bounds__(kBwdMmaThreads)
           const float x = mod.score_or(Mods, sacc[mt][nt][e], scale_log2,
                                        dist0 + mt * 16 + (e / 2) * 8 - nt * 8 - (e & 1), dcap);
           const float pr = exp2f(x - lse2[mt][e / 2]);
-          float ds = pr * (dpacc[mt][nt][e] - delta_row[mt][e / 2]);
+          float dp = dpacc[mt][nt][e];
+          if (Mods && drop.on)  // dS = P (f dP - delta), f = 1 / (1 - p) or 0 (Dropout)
+            dp *= drop.kept(drop_row[e / 2], drop.key.col_hash(j0 + nt * 8 + 2 * t + (e & 1))) ? drop.scale : 0.f;
+          float ds = pr * (dp - delta_row[mt][e / 2]);
           if constexpr (Mods) ds *= dcap;
           if (need_mask) {
             const int j = int(j0) + nt * 8 + 2 * t + (e & 1);
@@ -718,9 +743,9 @@ template <typename T, int D>
 void launch_bwd_mma_d(const AttnParams& p, const float* delta, int device, cudaStream_t stream, float* dq_accum,
                       int64_t rows_q) {
   const float scale_log2 = float(p.scale * 1.4426950408889634);
-  // Capped and biased scores: their own instances of the default tiles (ScoreMod; flash_attn_bwd_cuda
-  // passes no dq_accum with them).
-  if (has_score_mods(p)) {
+  // Capped and biased scores, dropout: their own instances of the default tiles (ScoreMod, Dropout;
+  // flash_attn_bwd_cuda passes no dq_accum with them).
+  if (has_score_mods(p) || has_dropout(p)) {
     if (p.seqlen_k > 0) launch_dk_dv<T, D, 1, false, true>(p, delta, scale_log2, device, stream);
     if (p.seqlen_q > 0) launch_dq<T, D, 1, true>(p, delta, scale_log2, device, stream);
     return;

@@ -20,6 +20,7 @@
 #include <cstring>
 
 #include "common/attn_params.h"
+#include "common/counter_rng.h"
 #include "cuda/cuda_common.cuh"
 
 namespace pyllm {
@@ -158,6 +159,32 @@ struct ScoreMod {
     if (use) return score(x, dist, dcap);
     dcap = 1.f;
     return x * plain_scale;
+  }
+};
+
+// Dropout on the probabilities (dropout_p; attn_params.h): (query i, key j) of sequence b's query
+// head h is kept iff attn_dropout_bits(row_hash(i), col_hash(j)) >= threshold (common/counter_rng.h,
+// the same words as the CPU twin's and pyllm.ops.flash_attn.dropout_mask's). As the CPU twin: the
+// forward zeroes the dropped P after the row sums and scales the output by 1 / (1 - p) at the end,
+// the backward takes dV over the kept P (scaled once at the end) and dS = P (f dP - delta) with
+// f = 1 / (1 - p) or 0. The tensor-core kernels take it in their Mods instances (run-time branch
+// there), the SIMT backward at run time. ~9 integer ops per score (one mix32), the row / column
+// hashes once per lane row and column. The decode kernel has none (inference).
+struct Dropout {
+  AttnDropoutKey key;
+  uint32_t threshold = 0;
+  float scale = 1.f;
+  bool on = false;
+  __device__ __forceinline__ Dropout() {}
+  __device__ __forceinline__ Dropout(const AttnParams& p, int64_t b, int64_t h) : on(has_dropout(p)) {
+    if (on) {
+      key = AttnDropoutKey(p.dropout_seed, b, h);
+      threshold = p.dropout_threshold;
+      scale = float(p.dropout_scale);
+    }
+  }
+  __device__ __forceinline__ bool kept(uint32_t row_hash, uint32_t col_hash) const {
+    return attn_dropout_bits(row_hash, col_hash) >= threshold;
   }
 };
 

@@ -97,6 +97,10 @@ __global__ void __launch_bounds__(128) flash_attn_fwd_kernel(const AttnParams p,
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int warp_row = warp * 16 * MT;  // this warp's first row in the tile; m-tile mt starts 16 * mt below
   const ScoreMod mod = Mods ? ScoreMod(p, b, h, float(p.scale), 1.4426950408889634f) : ScoreMod();
+  const Dropout drop = Mods ? Dropout(p, b, h) : Dropout();
+  uint32_t drop_row[2] = {0, 0};  // dropout: the row hashes of this lane's rows g, g + 8 (MT = 1)
+  if (Mods && drop.on)
+    for (int rr = 0; rr < 2; ++rr) drop_row[rr] = drop.key.row_hash(i0 + warp_row + g + rr * 8);
 
   const T* q_base = static_cast<const T*>(p.q) + b * p.q_strides[0] + (s.q_start + i0) * p.q_strides[1] +
                     h * p.q_strides[2];
@@ -243,6 +247,17 @@ __global__ void __launch_bounds__(128) flash_attn_fwd_kernel(const AttnParams p,
       }
     }
 
+    if (Mods && drop.on) {  // the dropped P zeroed after the row sums (Dropout, flash_attn_common.cuh)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const uint32_t col = drop.key.col_hash(j0 + nt * 8 + 2 * t + c);
+#pragma unroll
+          for (int rr = 0; rr < 2; ++rr) sacc[0][nt][2 * rr + c] *= float(drop.kept(drop_row[rr], col));
+        }
+    }
+
     // O += P V: the S accumulators of key tiles 2kk, 2kk+1 are the A fragment of k-step kk; each V
     // fragment feeds MT m-tiles.
 #pragma unroll
@@ -289,7 +304,7 @@ __global__ void __launch_bounds__(128) flash_attn_fwd_kernel(const AttnParams p,
       const int row = warp_row + mt * 16 + g + rr * 8;
       if (row >= mq) continue;
       const bool empty = l[mt][rr] == 0.f;  // saw no key (NaN stays NaN)
-      const float inv = empty ? 0.f : 1.f / l[mt][rr];
+      const float inv = empty ? 0.f : (Mods && drop.on ? drop.scale : 1.f) / l[mt][rr];
       T* dst =
           static_cast<T*>(p.out) + b * p.o_strides[0] + (s.q_start + i0 + row) * p.o_strides[1] + h * p.o_strides[2];
 #pragma unroll
@@ -319,8 +334,8 @@ void launch_fwd(const AttnParams& p, int device, cudaStream_t stream) {
 template <typename T>
 void dispatch_fwd(const AttnParams& p, int device, cudaStream_t stream) {
   // MT = 2 exists at D = 64 / 128 only (FwdTile); 10 s more nvcc per arch, hence sm_90 alone.
-  // Capped and biased scores: their own instances of the default tiles (ScoreMod).
-  if (has_score_mods(p)) {
+  // Capped and biased scores, dropout: their own instances of the default tiles (ScoreMod, Dropout).
+  if (has_score_mods(p) || has_dropout(p)) {
     dispatch_head_dim(p.head_dim, [&](auto d) { launch_fwd<T, decltype(d)::value, 1, true>(p, device, stream); });
     return;
   }
@@ -343,12 +358,15 @@ void flash_attn_fwd_cuda(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, u
                          const std::vector<int64_t>& v_strides, const std::vector<int64_t>& o_strides,
                          const std::vector<int64_t>& lse_strides, double scale, int64_t window_left,
                          int64_t window_right, int dtype, int device, uintptr_t stream, int64_t total_q,
-                         int64_t total_k, double softcap, uintptr_t alibi_slopes, int64_t alibi_batch_stride) {
+                         int64_t total_k, double softcap, uintptr_t alibi_slopes, int64_t alibi_batch_stride,
+                         double dropout_p, uint64_t dropout_seed) {
   AttnParams p = make_attn_params(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, batch, seqlen_q, seqlen_k,
                                   n_heads, n_kv_heads, head_dim, q_strides, k_strides, v_strides, o_strides,
                                   lse_strides, scale, window_left, window_right, dtype);
   set_packed_totals(p, total_q, total_k);
   set_score_mods(p, softcap, alibi_slopes, alibi_batch_stride);
+  set_dropout(p, dropout_p, dropout_seed);
+  PYLLM_CHECK(!(has_dropout(p) && seqused_k), "flash_attn: dropout is for training calls, not KV-cache ones");
   p.out = reinterpret_cast<void*>(out);
   p.lse = reinterpret_cast<void*>(lse);
   // Varlen: seqlen_q / seqlen_k are the max_seqlen bounds; the packed totals say what exists.

@@ -240,6 +240,72 @@ def _alibi_args(slopes: Optional[Tensor], n_heads: int, batch: int, q: Tensor) -
                 alibi_batch_stride=slopes.stride(0) if slopes.dim() == 2 and slopes.shape[0] > 1 else 0)
 
 
+def _check_dropout(op: str, dropout_p) -> float:
+    """A public call's dropout_p: a number in [0, 1)."""
+    if _util.symbolic(dropout_p):
+        return dropout_p
+    if not _util.is_number(dropout_p) or not 0 <= dropout_p < 1:
+        raise ValueError(f"{op}: dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    return float(dropout_p)
+
+
+def _new_dropout_seed() -> Tensor:
+    """One call's dropout seed: a draw of torch's default CPU generator, as an int64 (1,) CPU tensor
+    (reading it is no device sync; torch.manual_seed and activation checkpointing's saved RNG state
+    make it repeat)."""
+    return torch.randint(0, 2**63 - 1, (1,), dtype=torch.int64)
+
+
+def _dropout_args(dropout_p: float, seed: Optional[Tensor], q: Tensor) -> dict:
+    """The launchers' dropout arguments: p and the seed as an unsigned 64-bit int."""
+    if not dropout_p:
+        return {}
+    if not isinstance(seed, Tensor) or seed.numel() != 1 or seed.dtype is not torch.int64:
+        raise ValueError(f"{OP}: dropout_p > 0 needs dropout_seed, an int64 tensor of one element, got {seed!r}")
+    if q.is_cuda and torch.cuda.is_current_stream_capturing():
+        # (the seed is read on the host: a graph would replay one mask at every step)
+        raise NotImplementedError(f"{OP}: dropout inside a CUDA graph capture: each replay would drop the same "
+                                  "elements; capture the step without attention dropout")
+    return dict(dropout_p=float(dropout_p), dropout_seed=int(seed) & 0xFFFF_FFFF_FFFF_FFFF)
+
+
+_M32 = 0xFFFF_FFFF
+
+
+def _mix32(x):
+    """common/counter_rng.h's mix32 on Python ints or int64 tensors holding 32-bit words."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
+def _stream_key(seed: int, a: int, b: int) -> int:
+    k = _mix32((seed & _M32) ^ 0x9E3779B9)
+    k = _mix32(k ^ ((seed >> 32) & _M32))
+    k = _mix32(k ^ (a & _M32))
+    return _mix32(k ^ ((b * 0x85EBCA6B) & _M32))
+
+
+def dropout_mask(seed, sequence: int, head: int, seqlen_q: int, seqlen_k: int, dropout_p: float,
+                 device=None) -> Tensor:
+    """The kept elements of attention dropout for one (sequence, query head): a bool (seqlen_q,
+    seqlen_k) tensor, True where flash_attn(dropout_p=...) with this seed kept query i's probability
+    of key j (positions within the sequence; sequence: the batch row, or the varlen sequence's index).
+    The kernels scale the kept ones by 1 / (1 - dropout_p). seed: the int64 one-element tensor (or
+    int) of the call, e.g. from torch.manual_seed before it, then the same draw. For tests and for
+    reproducing a call; the kernels compute the same words (common/counter_rng.h's AttnDropoutKey)."""
+    seed = int(seed) & 0xFFFF_FFFF_FFFF_FFFF
+    rk = _stream_key(seed, sequence, head)
+    ck = _mix32(rk ^ 0x632BE5AB)
+    rows = _mix32(torch.arange(seqlen_q, dtype=torch.int64, device=device) ^ rk)
+    cols = _mix32(torch.arange(seqlen_k, dtype=torch.int64, device=device) ^ ck)
+    words = _mix32((rows[:, None] + cols[None, :]) & _M32)
+    threshold = min(round(dropout_p * 2**32), _M32)  # (nearest, ties to even: as std::nearbyint)
+    return words >= threshold
+
+
 def _check_kernel_tensors(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k, batch: int,
                           cache_rows: bool = False, grads: tuple = ()) -> None:
     """What a launch reads and writes wherever the tensors point: k and v at q's dtype, head dim and
@@ -280,9 +346,11 @@ def _check_kernel_tensors(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused
 
 def flash_attn_forward_into(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                             scale, window_left, window_right, seqused_k=None, softcap: float = 0.0,
-                            alibi_slopes: Optional[Tensor] = None, cache_options: Optional[dict] = None) -> None:
+                            alibi_slopes: Optional[Tensor] = None, cache_options: Optional[dict] = None,
+                            dropout_p: float = 0.0, dropout_seed: Optional[Tensor] = None) -> None:
     """Runs the forward kernel into out (q's shape, contiguous) and lse. Inputs already checked.
-    cache_options: the CPU launcher's KV-cache arguments (_cache_option_args), their seqlen_k too."""
+    cache_options: the CPU launcher's KV-cache arguments (_cache_option_args), their seqlen_k too.
+    dropout_p, dropout_seed: dropout on the probabilities, its seed an int64 tensor (_dropout_args)."""
     varlen = cu_seqlens_q is not None
     batch, seqlen_q, seqlen_k = _sizes(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     if cache_options:
@@ -294,7 +362,8 @@ def flash_attn_forward_into(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_s
             _opt_ptr(cu_seqlens_k), _opt_ptr(seqused_k), batch, seqlen_q, seqlen_k, q.shape[-2], k.shape[-2],
             q.shape[-1], _strides3(q, varlen), _strides3(k, varlen), _strides3(v, varlen), _strides3(out, varlen),
             _lse_strides(lse, varlen), float(scale), window_left, window_right, _util.dtype_code(q))
-    mods = dict(softcap=float(softcap), **_alibi_args(alibi_slopes, q.shape[-2], batch, q))
+    mods = dict(softcap=float(softcap), **_alibi_args(alibi_slopes, q.shape[-2], batch, q),
+                **_dropout_args(dropout_p, dropout_seed, q))
     if q.is_cuda:
         _C.flash_attn_fwd_cuda(*args, q.device.index, _util.stream_of(q), **_packed_totals(q, k, varlen), **mods)
     else:
@@ -302,16 +371,17 @@ def flash_attn_forward_into(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_s
         _C.flash_attn_fwd_cpu(*args, **mods, **(cache_options or {}))
 
 
-# The capped (softcap) and ALiBi CUDA kernels have not yet run on a GPU: pyllm.nn's attention (the
-# models) takes them only when asked (bench/gpu_check.sh asks), torch ops otherwise; pyllm.flash_attn
-# and flash_attn_with_kvcache themselves always run them.
+# The capped (softcap), ALiBi and dropout CUDA kernels have not yet run on a GPU: pyllm.nn's
+# attention (the models) takes them only when asked (bench/gpu_check.sh asks), torch ops otherwise;
+# pyllm.flash_attn and flash_attn_with_kvcache themselves always run them.
 SCORE_MODS_CUDA_ENV = "PYLLM_ATTN_SCORE_MODS_CUDA"
 
 
-def takes_score_mods(q: Tensor, softcap, alibi_slopes) -> bool:
-    """Whether pyllm.nn's attention runs the kernels for q with these score modifiers: always
-    without them and off CUDA; on CUDA with PYLLM_ATTN_SCORE_MODS_CUDA=1 (until verified on a GPU)."""
-    return (not softcap and alibi_slopes is None) or not q.is_cuda or os.environ.get(SCORE_MODS_CUDA_ENV) == "1"
+def takes_score_mods(q: Tensor, softcap, alibi_slopes, dropout_p: float = 0.0) -> bool:
+    """Whether pyllm.nn's attention runs the kernels for q with these score modifiers (and dropout):
+    always without them and off CUDA; on CUDA with PYLLM_ATTN_SCORE_MODS_CUDA=1 (until verified on a GPU)."""
+    return ((not softcap and alibi_slopes is None and not dropout_p) or not q.is_cuda
+            or os.environ.get(SCORE_MODS_CUDA_ENV) == "1")
 
 
 # The CUDA backward's implementations (csrc/cuda/flash_attn_bwd.cu): the tensor-core kernels
@@ -334,7 +404,8 @@ def _cuda_bwd_algo(algo: Optional[str]) -> int:
 def flash_attn_backward_into(dout, dlse, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                              max_seqlen_k, scale, window_left, window_right, deterministic,
                              algo: Optional[str] = None, softcap: float = 0.0,
-                             alibi_slopes: Optional[Tensor] = None) -> None:
+                             alibi_slopes: Optional[Tensor] = None, dropout_p: float = 0.0,
+                             dropout_seed: Optional[Tensor] = None) -> None:
     """dq, dk, dv from dout (and dlse, or None). out, dout and dq share one layout, dk and dv one.
 
     algo: the CUDA backward, "mma", "simt" or "atomic"; None reads PYLLM_ATTN_BWD (default "mma").
@@ -348,7 +419,8 @@ def flash_attn_backward_into(dout, dlse, q, k, v, out, lse, dq, dk, dv, cu_seqle
             _strides3(q, varlen), _strides3(k, varlen), _strides3(v, varlen), _strides3(out, varlen),
             _strides3(dk, varlen), _lse_strides(lse, varlen), float(scale), window_left, window_right,
             _util.dtype_code(q))
-    mods = dict(softcap=float(softcap), **_alibi_args(alibi_slopes, q.shape[-2], batch, q))
+    mods = dict(softcap=float(softcap), **_alibi_args(alibi_slopes, q.shape[-2], batch, q),
+                **_dropout_args(dropout_p, dropout_seed, q))
     if q.is_cuda:
         # delta = rowsum(dO * O) - dlse, fp32 in lse's layout: from torch's caching allocator.
         delta = torch.empty_strided(lse.shape, lse.stride(), dtype=torch.float32, device=q.device)
@@ -359,7 +431,7 @@ def flash_attn_backward_into(dout, dlse, q, k, v, out, lse, dq, dk, dv, cu_seqle
         # biased scores run on those too
         dq_accum = None
         if (algo_code == BWD_ALGOS["atomic"] and not deterministic and q.shape[-1] in ATOMIC_DQ_HEAD_DIMS
-                and not softcap and alibi_slopes is None and torch.cuda.get_device_capability(q.device)[0] == 9):
+                and not softcap and alibi_slopes is None and not dropout_p and torch.cuda.get_device_capability(q.device)[0] == 9):
             dq_accum = torch.empty(q.numel(), dtype=torch.float32, device=q.device)
         _C.flash_attn_bwd_cuda(*args, bool(deterministic), q.device.index, _util.stream_of(q),
                                algo_code, **_packed_totals(q, k, varlen), delta=_opt_ptr(delta),
@@ -483,14 +555,15 @@ def _clear_past_end(cu: Tensor, *fills) -> None:
 
 def _flash_attn_body(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
                      max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, window_left: int, window_right: int,
-                     deterministic: bool, softcap: float = 0.0,
-                     alibi_slopes: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+                     deterministic: bool, softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None,
+                     dropout_p: float = 0.0, dropout_seed: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
     max_seqlen_q, max_seqlen_k = _resolve_max_seqlens(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     out = _past_end_rows(cu_seqlens_q)(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(_lse_shape(q, cu_seqlens_q is not None), dtype=_lse_dtype(q), device=q.device)
     flash_attn_forward_into(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                            softmax_scale, window_left, window_right, softcap=softcap, alibi_slopes=alibi_slopes)
+                            softmax_scale, window_left, window_right, softcap=softcap, alibi_slopes=alibi_slopes,
+                            dropout_p=dropout_p, dropout_seed=dropout_seed)
     if cu_seqlens_q is not None:
         _clear_past_end(cu_seqlens_q, (out, 0, 0.0), (lse, 1, math.inf))
     return out, lse
@@ -503,7 +576,7 @@ _flash_attn = torch.library.custom_op("pyllm::flash_attn", mutates_args=())(_fla
 
 @_flash_attn.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right,
-      deterministic, softcap=0.0, alibi_slopes=None):
+      deterministic, softcap=0.0, alibi_slopes=None, dropout_p=0.0, dropout_seed=None):
     out = q.new_empty(q.shape)
     lse = q.new_empty(_lse_shape(q, cu_seqlens_q is not None), dtype=_lse_dtype(q))
     return out, lse
@@ -513,7 +586,8 @@ def _flash_attn_backward_body(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k
                          lse: Tensor, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
                          max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, window_left: int,
                          window_right: int, deterministic: bool, softcap: float = 0.0,
-                         alibi_slopes: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+                         alibi_slopes: Optional[Tensor] = None, dropout_p: float = 0.0,
+                         dropout_seed: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
     dout, out, lse = _last_dim_contiguous(dout.contiguous()), out.contiguous(), lse.contiguous()
     dlse = None if dlse is None else dlse.contiguous()
@@ -523,7 +597,7 @@ def _flash_attn_backward_body(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k
     dv = _past_end_rows(cu_seqlens_k)(v.shape, dtype=v.dtype, device=v.device)
     flash_attn_backward_into(dout, dlse, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                              max_seqlen_k, softmax_scale, window_left, window_right, deterministic, softcap=softcap,
-                             alibi_slopes=alibi_slopes)
+                             alibi_slopes=alibi_slopes, dropout_p=dropout_p, dropout_seed=dropout_seed)
     if cu_seqlens_q is not None:
         _clear_past_end(cu_seqlens_q, (dq, 0, 0.0))
         _clear_past_end(cu_seqlens_k, (dk, 0, 0.0), (dv, 0, 0.0))
@@ -536,7 +610,7 @@ _flash_attn_backward = torch.library.custom_op("pyllm::flash_attn_backward", mut
 
 @_flash_attn_backward.register_fake
 def _(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-      window_left, window_right, deterministic, softcap=0.0, alibi_slopes=None):
+      window_left, window_right, deterministic, softcap=0.0, alibi_slopes=None, dropout_p=0.0, dropout_seed=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -579,20 +653,22 @@ def _attention_placements(q, k, cu_seqlens_q, alibi_slopes) -> list:
 
 @_util.sharding_rule(_flash_attn)
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right,
-      deterministic, softcap=0.0, alibi_slopes=None):
+      deterministic, softcap=0.0, alibi_slopes=None, dropout_p=0.0, dropout_seed=None):
     Shard, Replicate, _ = _util.shard_placements()
     cu = None if cu_seqlens_q is None else Replicate()
-    return [([qkv, lse], [qkv, qkv, qkv, cu, cu] + [None] * 7 + [slopes])
+    seed = None if dropout_seed is None else Replicate()
+    return [([qkv, lse], [qkv, qkv, qkv, cu, cu] + [None] * 7 + [slopes, None, seed])
             for qkv, lse, slopes in _attention_placements(q, k, cu_seqlens_q, alibi_slopes)]
 
 
 @_util.sharding_rule(_flash_attn_backward)
 def _(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-      window_left, window_right, deterministic, softcap=0.0, alibi_slopes=None):
+      window_left, window_right, deterministic, softcap=0.0, alibi_slopes=None, dropout_p=0.0, dropout_seed=None):
     Shard, Replicate, _ = _util.shard_placements()
     cu = None if cu_seqlens_q is None else Replicate()
+    seed = None if dropout_seed is None else Replicate()
     return [([qkv] * 3, [qkv, None if dlse is None else lse_place, qkv, qkv, qkv, qkv, lse_place, cu, cu]
-             + [None] * 7 + [slopes])
+             + [None] * 7 + [slopes, None, seed])
             for qkv, lse_place, slopes in _attention_placements(q, k, cu_seqlens_q, alibi_slopes)]
 
 
@@ -600,18 +676,24 @@ def _flash_attn_setup(ctx, inputs, output):
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, deterministic = inputs[:11]
     softcap = inputs[11] if len(inputs) > 11 else 0.0
     alibi_slopes = inputs[12] if len(inputs) > 12 else None
+    dropout_p = inputs[13] if len(inputs) > 13 else 0.0
+    dropout_seed = inputs[14] if len(inputs) > 14 else None
     if alibi_slopes is not None and alibi_slopes.is_inference():  # made under inference_mode: not savable
         alibi_slopes = alibi_slopes.clone()
+    if dropout_seed is not None and dropout_seed.is_inference():
+        dropout_seed = dropout_seed.clone()
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes)
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, dropout_seed)
     ctx.args = (max_seqlen_q, max_seqlen_k, scale, left, right, deterministic, softcap)
+    ctx.dropout_p = dropout_p
     ctx.n_inputs = len(inputs)
 
 
 def _flash_attn_grad(ctx, dout, dlse):
-    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes = ctx.saved_tensors
+    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, dropout_seed = ctx.saved_tensors
+    dropout = (ctx.dropout_p, dropout_seed) if ctx.dropout_p else ()
     dq, dk, dv = _util.call(_flash_attn_backward_body, torch.ops.pyllm.flash_attn_backward, None, dout, dlse, q, k,
-                            v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.args, alibi_slopes)
+                            v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.args, alibi_slopes, *dropout)
     return (dq, dk, dv) + (None,) * (ctx.n_inputs - 3)
 
 
@@ -1070,7 +1152,8 @@ def flash_attn(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, softmax
                window: tuple[int, int] = (-1, -1), cu_seqlens_q: Optional[Tensor] = None,
                cu_seqlens_k: Optional[Tensor] = None, max_seqlen_q: Optional[int] = None,
                max_seqlen_k: Optional[int] = None, return_lse: bool = False, deterministic: bool = False,
-               softcap: float = 0.0, sinks: Optional[Tensor] = None, alibi_slopes: Optional[Tensor] = None):
+               softcap: float = 0.0, sinks: Optional[Tensor] = None, alibi_slopes: Optional[Tensor] = None,
+               dropout_p: float = 0.0):
     """Exact attention softmax(q k^T * scale) v, tiled (FlashAttention-2), differentiable.
 
     Args:
@@ -1132,6 +1215,15 @@ def flash_attn(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, softmax
             slope * j, the same softmax). Fixed: they take no gradient. On CUDA the slopes are
             read once per tensor (a device sync; again after an in-place change) to check that
             they are finite; the kernels are unverified on a GPU (2026-12-05), as softcap's.
+        dropout_p: dropout on the attention probabilities (flash-attn's dropout_p; nanoGPT's and
+            GPT-2's attn_dropout), in [0, 1): each probability is zeroed with chance dropout_p and
+            the kept ones scaled by 1 / (1 - dropout_p), after the softmax's row sums (the LSE is of
+            every key, as flash-attn's). Pass 0 outside training, as flash-attn wants. Each call
+            draws a seed from torch's default CPU generator (torch.manual_seed repeats it, and so
+            does activation checkpointing's saved RNG state); the kept elements are a pure function
+            of (seed, sequence, head, query, key), the same on every kernel, thread count and device
+            (`dropout_mask` gives them). The backward drops the same elements. Not inside a CUDA
+            graph capture (NotImplementedError: each replay would drop the same elements).
     Returns:
         out, shaped like q (contiguous), or (out, lse) with return_lse.
     Raises:
@@ -1164,12 +1256,13 @@ def flash_attn(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, softmax
     _check_softcap(OP, q, softcap)
     _check_sinks(OP, q, sinks)
     alibi_slopes = _check_alibi(OP, q, alibi_slopes, cu_seqlens_q.numel() - 1 if varlen else q.shape[0])
+    dropout = (_check_dropout(OP, dropout_p), _new_dropout_seed()) if dropout_p else ()
     like = q
     if _runs_widened(q):
         q, k, v = _widened(q), _widened(k), _widened(v)
     out, lse = _util.call(_flash_attn_body, _flash_attn, _FlashAttnFunction, q, k, v, cu_seqlens_q, cu_seqlens_k,
                           max_q, max_k, scale, left, right, bool(deterministic),
-                          float(softcap), alibi_slopes)
+                          float(softcap), alibi_slopes, *dropout)
     if sinks is not None:  # (on the widened output: fp16 on the CPU rounded once, after)
         out, lse = _with_sinks(out, lse, sinks, varlen)
     if q is not like:

@@ -137,12 +137,12 @@ int emu_flash_attn_fwd(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uin
                        const int64_t* k_strides, const int64_t* v_strides, const int64_t* o_strides,
                        const int64_t* lse_strides, double scale, int64_t window_left, int64_t window_right, int dtype,
                        int64_t total_q, int64_t total_k, double softcap, uintptr_t alibi_slopes,
-                       int64_t alibi_batch_stride) {
+                       int64_t alibi_batch_stride, double dropout_p, uint64_t dropout_seed) {
   return guarded([&] {
     pyllm::flash_attn_fwd_cuda(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k, batch, seqlen_q, seqlen_k,
                                n_heads, n_kv_heads, head_dim, vec(q_strides, 3), vec(k_strides, 3), vec(v_strides, 3),
                                vec(o_strides, 3), vec(lse_strides, 2), scale, window_left, window_right, dtype, 0, 0,
-                               total_q, total_k, softcap, alibi_slopes, alibi_batch_stride);
+                               total_q, total_k, softcap, alibi_slopes, alibi_batch_stride, dropout_p, dropout_seed);
   });
 }
 
@@ -154,14 +154,14 @@ int emu_flash_attn_bwd(uintptr_t dout, uintptr_t dlse, uintptr_t q, uintptr_t k,
                        const int64_t* lse_strides, double scale, int64_t window_left, int64_t window_right, int dtype,
                        int deterministic, int algo, int64_t total_q, int64_t total_k, uintptr_t delta_ws,
                        int64_t delta_capacity, uintptr_t dq_accum_ws, int64_t dq_accum_capacity, double softcap,
-                       uintptr_t alibi_slopes, int64_t alibi_batch_stride) {
+                       uintptr_t alibi_slopes, int64_t alibi_batch_stride, double dropout_p, uint64_t dropout_seed) {
   return guarded([&] {
     pyllm::flash_attn_bwd_cuda(dout, dlse, q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, batch, seqlen_q,
                                seqlen_k, n_heads, n_kv_heads, head_dim, vec(q_strides, 3), vec(k_strides, 3),
                                vec(v_strides, 3), vec(o_strides, 3), vec(dkv_strides, 3), vec(lse_strides, 2), scale,
                                window_left, window_right, dtype, deterministic, 0, 0, algo, total_q, total_k, delta_ws,
                                delta_capacity, dq_accum_ws, dq_accum_capacity, softcap, alibi_slopes,
-                               alibi_batch_stride);
+                               alibi_batch_stride, dropout_p, dropout_seed);
   });
 }
 

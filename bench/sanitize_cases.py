@@ -244,6 +244,25 @@ def _attn_grads(algo, fn, inputs, dout):
     return torch.autograd.grad(fn(*leaves), leaves, dout)
 
 
+def _attn_against_cpu(inputs, kw, what: str, seed=None):
+    """pyllm.flash_attn(*inputs, **kw) on CUDA against the same call on the CPU kernels in fp32 (kw's
+    tensors moved there): the forward, and the mma and SIMT backwards. seed: torch.manual_seed before
+    every call (dropout's draw: the same seed, the same elements on both)."""
+    def call(*tensors, kw=kw):
+        if seed is not None:
+            torch.manual_seed(seed)
+        return pyllm.flash_attn(*tensors, **kw)
+
+    dout = torch.randn_like(inputs[0])
+    cpu_in = [t.cpu().float().requires_grad_() for t in inputs]
+    cpu_out = call(*cpu_in, kw={name: t.cpu() if isinstance(t, torch.Tensor) else t for name, t in kw.items()})
+    cpu_grads = torch.autograd.grad(cpu_out, cpu_in, dout.cpu().float())
+    assert _rel(call(*inputs).cpu(), cpu_out) < 1e-2, f"flash_attn forward with {what} wrong"
+    for algo in ("mma", "simt"):
+        for name, a, c in zip("qkv", _attn_grads(algo, call, inputs, dout), cpu_grads):
+            assert _rel(a.cpu(), c) < 2e-2, f"flash_attn {algo} backward with {what}: d{name} wrong"
+
+
 def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-6)).item()
 
@@ -388,16 +407,7 @@ def flash_attn_score_mods_cases():
             cases = [((q, k, v), dict(causal=True, window=(90, -1), alibi_slopes=slopes[:2])),
                      ((q[0, :44], k[0, :74], v[0, :74]), dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, alibi_slopes=slopes))]
             for inputs, kw in cases:
-                fn = lambda q, k, v, kw=kw: pyllm.flash_attn(q, k, v, softcap=1.5, **kw)  # noqa: E731
-                dout = torch.randn_like(inputs[0])
-                cpu_in = [t.cpu().float().requires_grad_() for t in inputs]
-                cpu_kw = {name: t.cpu() if isinstance(t, torch.Tensor) else t for name, t in kw.items()}
-                cpu_out = pyllm.flash_attn(*cpu_in, softcap=1.5, **cpu_kw)
-                cpu_grads = torch.autograd.grad(cpu_out, cpu_in, dout.cpu().float())
-                assert _rel(fn(*inputs).cpu(), cpu_out) < 1e-2, "flash_attn forward with softcap / ALiBi wrong"
-                for algo in ("mma", "simt"):
-                    for name, a, c in zip("qkv", _attn_grads(algo, fn, inputs, dout), cpu_grads):
-                        assert _rel(a.cpu(), c) < 2e-2, f"flash_attn {algo} backward with softcap / ALiBi: d{name} wrong"
+                _attn_against_cpu(inputs, dict(kw, softcap=1.5), "softcap / ALiBi")
             cache = torch.randn(2, 300, 2, d, device="cuda", dtype=dtype)
             qd = 2 * torch.randn(2, 2, 4, d, device="cuda", dtype=dtype)
             lens = torch.tensor([0, 290], dtype=torch.int32, device="cuda")
@@ -424,19 +434,7 @@ def flash_attn_dropout_cases():
             cases = [((q, k, v), dict(causal=True, window=(90, -1))),
                      ((q[0, :44], k[0, :74], v[0, :74]), dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, softcap=1.5))]
             for inputs, kw in cases:
-                def fn(q, k, v, kw=kw):
-                    torch.manual_seed(3)
-                    return pyllm.flash_attn(q, k, v, dropout_p=0.3, **kw)
-                dout = torch.randn_like(inputs[0])
-                cpu_in = [t.cpu().float().requires_grad_() for t in inputs]
-                cpu_kw = {name: t.cpu() if isinstance(t, torch.Tensor) else t for name, t in kw.items()}
-                torch.manual_seed(3)
-                cpu_out = pyllm.flash_attn(*cpu_in, dropout_p=0.3, **cpu_kw)
-                cpu_grads = torch.autograd.grad(cpu_out, cpu_in, dout.cpu().float())
-                assert _rel(fn(*inputs).cpu(), cpu_out) < 1e-2, "flash_attn forward with dropout wrong"
-                for algo in ("mma", "simt"):
-                    for name, a, c in zip("qkv", _attn_grads(algo, fn, inputs, dout), cpu_grads):
-                        assert _rel(a.cpu(), c) < 2e-2, f"flash_attn {algo} backward with dropout: d{name} wrong"
+                _attn_against_cpu(inputs, dict(kw, dropout_p=0.3), "dropout", seed=3)
     os.environ.pop("PYLLM_ATTN_BWD")
 
 

@@ -244,6 +244,19 @@ def _attn_grads(algo, fn, inputs, dout):
     return torch.autograd.grad(fn(*leaves), leaves, dout)
 
 
+def _gqa_and_varlen_inputs(scale: float = 1.0):
+    """(dtype, head dim, (q, k, v), varlen's cu_seqlens kwargs) for fp16 / bf16 x D = 64 / 128: q (2,
+    150, 4, D), k and v (2, 170, 2, D) (GQA 4:2, Tq < Tk); the varlen call takes sequences of 0, 1 and
+    43 queries (3, 1 and 70 keys) from batch row 0's first 44 / 74 tokens."""
+    for dtype in (torch.float16, torch.bfloat16):
+        for d in (64, 128):
+            q = scale * torch.randn(2, 150, 4, d, device="cuda", dtype=dtype)
+            k, v = (scale * torch.randn(2, 170, 2, d, device="cuda", dtype=dtype) for _ in range(2))
+            cu = dict(cu_seqlens_q=torch.tensor([0, 0, 1, 44], dtype=torch.int32, device="cuda"),
+                      cu_seqlens_k=torch.tensor([0, 3, 4, 74], dtype=torch.int32, device="cuda"))
+            yield dtype, d, (q, k, v), cu
+
+
 def _attn_against_cpu(inputs, kw, what: str, seed=None):
     """pyllm.flash_attn(*inputs, **kw) on CUDA against the same call on the CPU kernels in fp32 (kw's
     tensors moved there): the forward, and the mma and SIMT backwards. seed: torch.manual_seed before
@@ -397,24 +410,19 @@ def flash_attn_score_mods_cases():
     # GQA 4:2, per-sequence slopes; varlen with an empty and a length-1 sequence.
     import os
 
-    for dtype in (torch.float16, torch.bfloat16):
-        for d in (64, 128):
-            slopes = torch.rand(3, 4, device="cuda") * 0.3 + 0.02
-            q = 2 * torch.randn(2, 150, 4, d, device="cuda", dtype=dtype)  # (x 2: the cap binds)
-            k, v = (2 * torch.randn(2, 170, 2, d, device="cuda", dtype=dtype) for _ in range(2))
-            cu_q = torch.tensor([0, 0, 1, 44], dtype=torch.int32, device="cuda")
-            cu_k = torch.tensor([0, 3, 4, 74], dtype=torch.int32, device="cuda")
-            cases = [((q, k, v), dict(causal=True, window=(90, -1), alibi_slopes=slopes[:2])),
-                     ((q[0, :44], k[0, :74], v[0, :74]), dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, alibi_slopes=slopes))]
-            for inputs, kw in cases:
-                _attn_against_cpu(inputs, dict(kw, softcap=1.5), "softcap / ALiBi")
-            cache = torch.randn(2, 300, 2, d, device="cuda", dtype=dtype)
-            qd = 2 * torch.randn(2, 2, 4, d, device="cuda", dtype=dtype)
-            lens = torch.tensor([0, 290], dtype=torch.int32, device="cuda")
-            out = pyllm.flash_attn_with_kvcache(qd, cache, cache.clone(), lens, softcap=1.5, alibi_slopes=slopes[:2])
-            ref = pyllm.flash_attn_with_kvcache(qd.cpu().float(), cache.cpu().float(), cache.cpu().float(), lens.cpu(),
-                                                softcap=1.5, alibi_slopes=slopes[:2].cpu())
-            assert _rel(out.cpu(), ref) < 1e-2, "flash_attn_with_kvcache with softcap / ALiBi wrong"
+    for dtype, d, (q, k, v), cu in _gqa_and_varlen_inputs(scale=2.0):  # (x 2: the cap binds)
+        slopes = torch.rand(3, 4, device="cuda") * 0.3 + 0.02
+        cases = [((q, k, v), dict(causal=True, window=(90, -1), alibi_slopes=slopes[:2])),
+                 ((q[0, :44], k[0, :74], v[0, :74]), dict(cu, alibi_slopes=slopes))]
+        for inputs, kw in cases:
+            _attn_against_cpu(inputs, dict(kw, softcap=1.5), "softcap / ALiBi")
+        cache = torch.randn(2, 300, 2, d, device="cuda", dtype=dtype)
+        qd = 2 * torch.randn(2, 2, 4, d, device="cuda", dtype=dtype)
+        lens = torch.tensor([0, 290], dtype=torch.int32, device="cuda")
+        out = pyllm.flash_attn_with_kvcache(qd, cache, cache.clone(), lens, softcap=1.5, alibi_slopes=slopes[:2])
+        ref = pyllm.flash_attn_with_kvcache(qd.cpu().float(), cache.cpu().float(), cache.cpu().float(), lens.cpu(),
+                                            softcap=1.5, alibi_slopes=slopes[:2].cpu())
+        assert _rel(out.cpu(), ref) < 1e-2, "flash_attn_with_kvcache with softcap / ALiBi wrong"
     os.environ.pop("PYLLM_ATTN_BWD")
 
 
@@ -425,16 +433,11 @@ def flash_attn_dropout_cases():
     # sequence, under a cap.
     import os
 
-    for dtype in (torch.float16, torch.bfloat16):
-        for d in (64, 128):
-            q = torch.randn(2, 150, 4, d, device="cuda", dtype=dtype)
-            k, v = (torch.randn(2, 170, 2, d, device="cuda", dtype=dtype) for _ in range(2))
-            cu_q = torch.tensor([0, 0, 1, 44], dtype=torch.int32, device="cuda")
-            cu_k = torch.tensor([0, 3, 4, 74], dtype=torch.int32, device="cuda")
-            cases = [((q, k, v), dict(causal=True, window=(90, -1))),
-                     ((q[0, :44], k[0, :74], v[0, :74]), dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, softcap=1.5))]
-            for inputs, kw in cases:
-                _attn_against_cpu(inputs, dict(kw, dropout_p=0.3), "dropout", seed=3)
+    for dtype, d, (q, k, v), cu in _gqa_and_varlen_inputs():
+        cases = [((q, k, v), dict(causal=True, window=(90, -1))),
+                 ((q[0, :44], k[0, :74], v[0, :74]), dict(cu, softcap=1.5))]
+        for inputs, kw in cases:
+            _attn_against_cpu(inputs, dict(kw, dropout_p=0.3), "dropout", seed=3)
     os.environ.pop("PYLLM_ATTN_BWD")
 
 

@@ -357,6 +357,7 @@ def _hf_attention_backward_body(dout: torch.Tensor, dlse: torch.Tensor | None, q
 
 
 _hf_attention_backward = _syncing_op("pyllm::hf_attention_backward", _hf_attention_backward_body)
+_util.refuse_second_derivatives("pyllm::hf_attention_backward")
 
 
 @_hf_attention_backward.register_fake

@@ -144,6 +144,31 @@ def test_forward_mode_ad_is_refused_not_zero():
     torch.testing.assert_close(grad(lambda s: (s * pyllm.rms_norm(x, w, 1e-6)).sum())(scale), pyllm.rms_norm(x, w, 1e-6))
 
 
+def test_double_backward_names_the_op():
+    # A gradient taken with create_graph=True and then differentiated (a gradient penalty): pyllm's
+    # backward ops have no derivative, and said so in torch's words ("no autograd formula was
+    # registered. Please use register_autograd to add one", advice for the op's author); now the
+    # forward op's name and what is missing. The first backward with create_graph=True still works.
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 8, dtype=torch.float64, generator=gen, requires_grad=True)
+    w = torch.rand(8, dtype=torch.float64, generator=gen, requires_grad=True)
+    q = torch.randn(1, 4, 2, 32, dtype=torch.float64, generator=gen, requires_grad=True)
+    targets = torch.tensor([1, 2, 3])
+    calls = {"flash_attn": lambda: pyllm.flash_attn(q, q, q, causal=True), "swiglu": lambda: pyllm.swiglu(x, x),
+             "swiglu_packed": lambda: pyllm.swiglu_packed(x), "geglu": lambda: pyllm.geglu(x, x),
+             "rms_norm": lambda: pyllm.rms_norm(x, w, 1e-6), "cross_entropy": lambda: pyllm.cross_entropy(x, targets),
+             "generalized_jsd": lambda: pyllm.generalized_jsd(x, x.detach().flip(1))}
+    for name, call in calls.items():
+        inputs = [t for t in (q, x, w) if t.grad_fn is None]
+        grads = [g for g in torch.autograd.grad(call().sum(), inputs, create_graph=True, allow_unused=True)
+                 if g is not None]
+        op = {"generalized_jsd": "distill"}.get(name, name)
+        with pytest.raises(NotImplementedError, match=f"pyllm.{op}: no second derivative"):
+            sum(g.sum() for g in grads).backward()
+
+
 def _autograd(fn, *inputs):
     """torch.autograd's gradients of fn(*inputs).sum() for every input."""
     inputs = [t.detach().requires_grad_() for t in inputs]

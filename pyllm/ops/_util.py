@@ -388,6 +388,23 @@ def functorch_function(body, op, function) -> type:
     return twin
 
 
+def refuse_second_derivatives(qualname: str) -> None:
+    """Registers on a backward op (e.g. "pyllm::flash_attn_backward") an autograd formula that
+    refuses: a double backward (a gradient taken with create_graph=True, then differentiated: a
+    gradient penalty) raises NotImplementedError naming the forward op, where torch's own error
+    asked the reader to "use register_autograd to add one". A first backward is unchanged: the
+    formula only runs when a gradient is differentiated."""
+    name = qualname.split("::")[-1].removesuffix("_backward")
+
+    def refuse(ctx, *grads):
+        raise NotImplementedError(
+            f"pyllm.{name}: no second derivative (a backward through a gradient taken with create_graph=True, "
+            "e.g. a gradient penalty): pyllm's backward kernels have no derivative of their own, as flash-attn's "
+            "and Liger's have none; compute such a term with torch's own ops")
+
+    torch.library.register_autograd(qualname, refuse, setup_context=_no_setup)
+
+
 # --- vmap batching rules ---------------------------------------------------------------------------
 #
 # Without a rule torch.vmap runs an op once per example (its fallback, with a "performance drop"

@@ -12,6 +12,9 @@
 // Capped scores and ALiBi (ScoreMod, flash_attn_common.cuh; unverified on a GPU, 2026-12-05): S is
 // recomputed as the forward's, and dS scaled by the cap's derivative 1 - tanh^2 (the bias is a
 // constant); the default tiles only (launch_bwd_mma_d).
+// Dropout (dropout_p; Dropout, flash_attn_common.cuh; unverified on a GPU, 2026-12-05): the same
+// elements as the forward's; dV over the kept P, scaled by 1 / (1 - p) once at the end, and
+// dS = P (f dP - delta) with f = 1 / (1 - p) or 0; in the same instances as the score mods.
 //
 // dk_dv kernel: grid (ceil(Tk / kBlockN), n_kv_heads, batch), 4 warps. One CTA owns kBlockN keys of
 //   one KV head and loops over the query blocks (kBlockM queries) of every query head of the GQA

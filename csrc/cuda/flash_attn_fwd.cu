@@ -11,6 +11,8 @@
 //                      softcap / ALiBi S = log2(e) (c tanh(S scale / c) - slope |i - j|) first
 //                      (ScoreMod, flash_attn_common.cuh; unverified on a GPU, 2026-12-05)
 //   online softmax per row in registers (the 4 lanes of a row reduce with shuffles), exp2
+//                      with dropout_p: the dropped P zeroed after the row sums, out scaled by
+//                      1 / (1 - p) at the end (Dropout, flash_attn_common.cuh; unverified, 2026-12-05)
 //   O = O * corr + P V P packed from the S accumulators straight into A fragments, V via
 //                      ldmatrix.trans
 // K and V tiles are double-buffered: the cp.async copy of block n+1 runs while block n is

@@ -758,6 +758,15 @@ def test_flash_attn_dropout_other_backwards_and_mods(emu, algo):
         assert all(torch.equal(a, b) for a, b in zip(got, mma))
 
 
+@pytest.mark.parametrize("D", [32, 96, 256])
+def test_flash_attn_dropout_other_head_dims(emu, D):
+    # D = 256: two warps share each 16 keys of the dk_dv kernel and split dK / dV, each drawing the
+    # same mask; D = 32 / 96: the other tile shapes
+    q, k, v, dout = (randn((1, 70, 2, D), torch.bfloat16) for _ in range(4))
+    got = emulated_attention(emu, q, k, v, dout, True, (-1, -1), dropout=(0.4, 11))
+    check_attention(got, q, k, v, dout, dropout_reference(11, 0.4, 1, 2, 70, 70, causal=True))
+
+
 def test_flash_attn_dropout_varlen(emu):
     # packed sequences of 0, 1, 70 and 130 tokens (keys 5, 0, 90, 130), GQA: sequence i's elements
     # are dropout_mask(seed, i, head, ...) over its own positions

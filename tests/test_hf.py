@@ -648,13 +648,14 @@ def test_tuple_outputs_and_a_lora_output_layer():
     assert models[1].base_model.model.lm_head.lora_A["default"].weight.grad is not None
 
 
-_DROPPED_LENGTHS: list = []  # the real tokens of each row (right padding) for float64_dropped_attention
+_DROPPED_ROWS: list = []  # (first real token, real tokens) of each padded row, for float64_dropped_attention
 
 
 def float64_dropped_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """float64_attention with pyllm's dropout: one seed drawn per call, as pyllm's attention draws it,
     and the elements pyllm.ops.flash_attn.dropout_mask keeps for (row, head) over each row's real
-    tokens (_DROPPED_LENGTHS: right padding, positions as in the row), scaled by 1 / (1 - p)."""
+    tokens (_DROPPED_ROWS; positions counted from a row's first real token, as the kernels' unpadded
+    sequences count them), scaled by 1 / (1 - p)."""
     if not dropout:
         return float64_attention(module, query, key, value, attention_mask, scaling, **kwargs)
     from pyllm.ops import flash_attn as fa
@@ -662,9 +663,9 @@ def float64_dropped_attention(module, query, key, value, attention_mask, scaling
     B, H, T, S = query.shape[0], query.shape[1], query.shape[2], key.shape[2]
     keep = torch.zeros(B, H, T, S, dtype=torch.bool)
     for b in range(B):
-        n = _DROPPED_LENGTHS[b] if _DROPPED_LENGTHS else T
+        start, n = _DROPPED_ROWS[b] if _DROPPED_ROWS else (0, T)
         for h in range(H):
-            keep[b, h, :n, :n] = fa.dropout_mask(seed, b, h, n, n, dropout)
+            keep[b, h, start:start + n, start:start + n] = fa.dropout_mask(seed, b, h, n, n, dropout)
     groups = H // key.shape[1]
     key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     scores = query @ key.transpose(-1, -2) * scaling
@@ -683,7 +684,7 @@ def test_attention_dropout_runs_in_the_kernels(family):
     # Attention dropout while training (GPT-2's attn_pdrop 0.1 by default; Llama's attention_dropout):
     # pyllm's kernels with dropout_p (before 2026-12-05 SDPA's), the elements pyllm.ops.flash_attn's
     # dropout_mask gives for each call's seed: loss and gradients as the float64 reference with those
-    # elements, padded (right) or not; another seed other draws. Eval (no dropout) keeps the kernels.
+    # elements, padded (left or right) or not; another seed other draws. Eval (no dropout) keeps the kernels.
     if family == "llama":
         config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=96, num_hidden_layers=2,
                                           num_attention_heads=4, num_key_value_heads=2, attention_dropout=0.3)
@@ -698,8 +699,8 @@ def test_attention_dropout_runs_in_the_kernels(family):
     ours = copy.deepcopy(reference)
     phf.apply_pyllm_kernels(ours)
     ids = inputs()
-    for mask in (None, padded(left=False)):
-        _DROPPED_LENGTHS[:] = [] if mask is None else mask.sum(1).tolist()
+    for mask in (None, padded(left=False), padded(left=True)):
+        _DROPPED_ROWS[:] = [] if mask is None else list(zip(mask.argmax(1).tolist(), mask.sum(1).tolist()))
         losses = []
         for model in (reference, ours):
             model.zero_grad()
@@ -711,7 +712,7 @@ def test_attention_dropout_runs_in_the_kernels(family):
             assert rel_err(q.grad, p.grad) < 1e-5, name
         torch.manual_seed(2)
         assert abs(ours(ids, attention_mask=mask, labels=ids).loss.item() - losses[1].item()) > 1e-4  # other draws
-    _DROPPED_LENGTHS[:] = []
+    _DROPPED_ROWS[:] = []
     reference.eval(), ours.eval()
     with torch.no_grad():
         assert rel_err(ours(ids).logits, reference(ids).logits) < 1e-6  # (HF's norms: fp32 in a float64 model)

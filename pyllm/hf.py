@@ -271,7 +271,7 @@ def _attend(q, k, v, mask, position_ids, causal, window, scale, softcap, sinks, 
     like = q
     if flash_attn_ops._runs_widened(q):  # a head dim (Phi-2's 80) or dtype (CPU fp16) without a kernel
         q, k, v = (flash_attn_ops._widened(t) for t in (q, k, v))
-    dropout = (flash_attn_ops._check_dropout(NAME, dropout_p), flash_attn_ops._new_dropout_seed()) if dropout_p else ()
+    dropout = flash_attn_ops._dropout_inputs(NAME, dropout_p)
     out, lse = _util.call(_hf_attention_body, _hf_attention, _HfAttentionFunction, q, k, v, mask, position_ids,
                           scale, *window, float(softcap), *dropout)  # causal: window's right is 0
     if sinks is not None:
@@ -368,7 +368,7 @@ def _(dout, dlse, q, k, v, out, lse, mask, position_ids, scale, window_left, win
 
 def _hf_attention_setup(ctx, inputs, output):
     q, k, v, mask, position_ids, *args = inputs
-    ctx.args, dropout_seed = args[:4] + args[4:5], (args[5] if len(args) > 5 else None)  # (dropout_p's seed: a tensor)
+    ctx.args, dropout_seed = args[:5], (args[5] if len(args) > 5 else None)  # (dropout_p's seed: a tensor, saved)
     # An inference tensor (a mask or positions made under torch.inference_mode) cannot be saved: a copy
     mask, position_ids, dropout_seed = (t.clone() if t is not None and t.is_inference() else t
                                         for t in (mask, position_ids, dropout_seed))

@@ -38,10 +38,6 @@ PYLLM_HD uint32_t block_key(uint32_t key, uint64_t i0) {
 // The random word of element i (its low 32 bits) in the stream `key` (from block_key).
 PYLLM_HD uint32_t random_bits(uint32_t key, uint32_t i) { return mix32(i ^ key); }
 
-}  // namespace pyllm
-
-namespace pyllm {
-
 // Attention dropout (flash_attn's dropout_p): the random word of (query i, key j) of sequence b's
 // query head h, positions counted within the sequence, is
 //   mix32(row_hash(i) + col_hash(j)),  row_hash(i) = mix32(i ^ rk),  col_hash(j) = mix32(j ^ ck)
@@ -53,8 +49,8 @@ namespace pyllm {
 // with a single hash of a coordinate shifted or XOR-ed by a per-row key, two rows whose keys differ
 // by less than Tk draw permutations of one another's words (same dropped count); here such
 // collisions are as rare and as unstructured as for independent 32-bit words.
-// Kept iff the word >= threshold = round(p * 2^32) (attn_dropout_threshold); the kept values are
-// scaled by 1 / (1 - p).
+// Kept iff the word >= threshold = round(p * 2^32) (attn_params.h's set_dropout); the kept values
+// are scaled by 1 / (1 - p).
 struct AttnDropoutKey {
   uint32_t rk = 0, ck = 0;
   PYLLM_HD AttnDropoutKey() {}

@@ -544,15 +544,14 @@ inline void alibi_row(A* __restrict srow, int64_t n, int64_t d0, A slope) {
 // hashes once per key; in lanes of the build's ISA (vpmulld).
 // Transposed tile (the forward: St[key j][query r], n query lanes per key row).
 template <typename A>
-inline void dropout_transposed(A* __restrict st, int n, int64_t nk, const uint32_t* __restrict row_hash, uint32_t ck,
-                               int64_t j0, const AttnParams& p) {
+inline void dropout_transposed(A* __restrict st, int n, int64_t nk, const uint32_t* __restrict row_hash,
+                               const AttnDropoutKey& key, int64_t j0, const AttnParams& p) {
   const uint32_t threshold = p.dropout_threshold;
-  const A kept = A(1);
   for (int64_t j = 0; j < nk; ++j) {
-    const uint32_t col = mix32(uint32_t(j0 + j) ^ ck);
+    const uint32_t col = key.col_hash(j0 + j);
     A* __restrict row = st + j * kBlockQ;
 #pragma omp simd
-    for (int r = 0; r < n; ++r) row[r] *= attn_dropout_bits(row_hash[r], col) >= threshold ? kept : A(0);
+    for (int r = 0; r < n; ++r) row[r] *= attn_dropout_bits(row_hash[r], col) >= threshold ? A(1) : A(0);
   }
 }
 
@@ -721,7 +720,7 @@ void fwd(const AttnParams& p) {
           }
         }
         for (int v = 0; v < qv; ++v) vstore(l + v * L, vload(l + v * L) * vload(corr + v * L) + sum[v]);
-        if (drop) dropout_transposed(S, qv * L, nk, row_hash, drop_key.ck, j0, p);
+        if (drop) dropout_transposed(S, qv * L, nk, row_hash, drop_key, j0, p);
         for (int64_t r = 0; r < mq; ++r) {
           if (corr[r] != A(1)) {
             A* __restrict orow = o.data() + r * D;
@@ -1141,24 +1140,13 @@ void bwd(const AttnParams& p) {
               }
               if (!unmasked) mask_row(srow, key_lo(p, i0 + r, len_q, len_k) - j0, key_hi(p, i0 + r, len_q, len_k) - j0);
               const A lse_r = lse_all[row0 + r], delta_r = delta_all[row0 + r];
+              // Dropout: dS = P (f dP - delta) with f = 1 / (1 - p) or 0 (delta = dO . O is of the dropped
+              // output: sum_j P f dP), so dP is scaled first; dV's P is zeroed where dropped after (and dV
+              // scaled once at the end).
+              alignas(64) A factor[kBlockK];
               if (drop) {
-                // Dropout: dV takes the dropped, rescaled P; dS = P (f dP - delta) with f the same factor
-                // (delta = dO . O is of the dropped output: sum_j P f dP).
-                alignas(64) A factor[kBlockK];
                 dropout_factors(factor, kBlockK, drop_key.row_hash(i0 + r), col_hash, p);
-                const V inv_cap = V{} + (cap > 0 ? A(1) / cap : A(0)), one = V{} + A(1), zero = V{};
-                const A* sc_src = p.alibi_slopes ? capped : srow;
-                for (int v = 0; v < kKV; ++v) {
-                  const V pj = vsoftmax_exp<T>(vload(srow + v * L) - lse_r), f = vload(factor + v * L);
-                  V ds = pj * (vload(dprow + v * L) * f - delta_r);
-                  if (cap > 0) {
-                    const V t = vload(sc_src + v * L) * inv_cap, t2 = t * t;
-                    ds *= one - (t2 < one ? t2 : one);
-                  }
-                  vstore(srow + v * L, f == zero ? zero : pj);  // dV's P: kept or 0 (scaled once at the end)
-                  vstore(dprow + v * L, ds);
-                }
-                continue;
+                for (int v = 0; v < kKV; ++v) vstore(dprow + v * L, vload(dprow + v * L) * vload(factor + v * L));
               }
               if (cap > 0) {
                 // Through the cap: d(cap tanh(s / cap)) / ds = 1 - (s' / cap)^2 of the capped s'; the
@@ -1171,13 +1159,18 @@ void bwd(const AttnParams& p) {
                   vstore(srow + v * L, pj);
                   vstore(dprow + v * L, pj * (vload(dprow + v * L) - delta_r) * (one - (t2 < one ? t2 : one)));
                 }
-                continue;
-              }
+              } else {
 #pragma GCC unroll 8
-              for (int v = 0; v < kKV; ++v) {
-                const V pj = vsoftmax_exp<T>(vload(srow + v * L) - lse_r);
-                vstore(srow + v * L, pj);
-                vstore(dprow + v * L, pj * (vload(dprow + v * L) - delta_r));  // dS
+                for (int v = 0; v < kKV; ++v) {
+                  const V pj = vsoftmax_exp<T>(vload(srow + v * L) - lse_r);
+                  vstore(srow + v * L, pj);
+                  vstore(dprow + v * L, pj * (vload(dprow + v * L) - delta_r));  // dS
+                }
+              }
+              if (drop) {
+                const V zero = V{};
+                for (int v = 0; v < kKV; ++v)
+                  vstore(srow + v * L, vload(factor + v * L) == zero ? zero : vload(srow + v * L));
               }
             }
             gemm<D>(nk, mq, sc.data(), 1, kBlockK, doi, D, dv.data(), D, true);                    // dV += P^T dO

@@ -249,6 +249,11 @@ def _check_dropout(op: str, dropout_p) -> float:
     return float(dropout_p)
 
 
+def _dropout_inputs(op: str, dropout_p) -> tuple:
+    """A public call's trailing op arguments for dropout_p: (p, a fresh seed), or () without dropout."""
+    return (_check_dropout(op, dropout_p), _new_dropout_seed()) if dropout_p else ()
+
+
 def _new_dropout_seed() -> Tensor:
     """One call's dropout seed: a draw of torch's default CPU generator, as an int64 (1,) CPU tensor
     (reading it is no device sync; torch.manual_seed and activation checkpointing's saved RNG state
@@ -1256,7 +1261,7 @@ def flash_attn(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, softmax
     _check_softcap(OP, q, softcap)
     _check_sinks(OP, q, sinks)
     alibi_slopes = _check_alibi(OP, q, alibi_slopes, cu_seqlens_q.numel() - 1 if varlen else q.shape[0])
-    dropout = (_check_dropout(OP, dropout_p), _new_dropout_seed()) if dropout_p else ()
+    dropout = _dropout_inputs(OP, dropout_p)
     like = q
     if _runs_widened(q):
         q, k, v = _widened(q), _widened(k), _widened(v)

@@ -1303,6 +1303,27 @@ def set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def rank_seed(seed: int, rank: int, step: int) -> int:
+    """Rank `rank`'s torch seed for the steps from `step` on, where its random draws (dropout masks)
+    are its own: with cfg.seed alone every data-parallel rank drops the same elements of its rows."""
+    return int(np.random.default_rng([seed, rank, step, 2]).integers(2 ** 62))
+
+
+def start_rank_rng(ckpt: dict | None, cfg: TrainConfig, info: DistInfo, step: int) -> None:
+    """Each rank's random state for the training steps: its own stream under several processes (the
+    set-up before drew alike on every rank: the initial weights, and the seed of stochastic
+    rounding, which the replicas of DDP must share), and on resume the state the run had. A run
+    resumed on another number of processes, or from a checkpoint that kept rank 0's state alone
+    (format < 3), starts each rank's stream anew from (seed, rank, step): repeatable, never shared."""
+    states = ckpt.get("rng_ranks") if ckpt is not None else None
+    if ckpt is not None and info.world_size == 1:
+        set_rng_state(ckpt["rng"], info.device)  # (rank 0's: the same for a 1-process checkpoint)
+    elif states is not None and len(states) == info.world_size:
+        set_rng_state(states[info.rank], info.device)
+    elif info.world_size > 1:
+        torch.manual_seed(rank_seed(cfg.seed, info.rank, step))
+
+
 # Checkpoints hold the full (unsharded) model and optimizer state in the single-process format
 # whatever the dist_mode, so a run may resume under another mode or number of processes.
 
@@ -1508,7 +1529,8 @@ CHECKPOINT_KEYS = ("model", "optimizer", "step", "skipped_steps", "model_config"
 # gives a saved field another meaning on resume, so that a later pyllm can keep the old meaning for
 # older checkpoints or say what changed, and an older pyllm refuses a newer checkpoint instead of
 # resuming it under rules it does not know. 1: the checkpoints without the key (before 2026-12-04).
-CHECKPOINT_FORMAT = 2
+# 3: each rank's random state ("rng_ranks"; before 2026-12-05 every rank drew as rank 0 did).
+CHECKPOINT_FORMAT = 3
 
 
 def check_checkpoint_format(ckpt: dict, path) -> None:
@@ -1518,13 +1540,17 @@ def check_checkpoint_format(ckpt: dict, path) -> None:
                          f"{CHECKPOINT_FORMAT}): upgrade pyllm to resume it")
 
 
-def changes_since(ckpt: dict, cfg: TrainConfig) -> list[str]:
+def changes_since(ckpt: dict, cfg: TrainConfig, world_size: int = 1) -> list[str]:
     """What a resumed run of an older checkpoint format now does otherwise, from its own settings (an
-    audit resumed run folders of earlier pyllm commits: these two changed the run without a word)."""
-    if ckpt.get("format", 1) >= 2:
-        return []
+    audit resumed run folders of earlier pyllm commits: the format-1 two changed the run without a word)."""
+    found = ckpt.get("format", 1)
     changes = []
     dropout = ckpt["model_config"].get("dropout", 0.0)
+    if found < 3 and world_size > 1 and (dropout or cfg.lora_dropout):
+        changes.append("each of the processes draws its own dropout masks (since 2026-12-05; every process had "
+                       "drawn the ones of the first, so all of them dropped the same elements of their rows)")
+    if found >= 2:
+        return changes
     if dropout:
         changes.append(f"dropout ({dropout}) also drops attention probabilities, as nanoGPT's and GPT-2's "
                        "(since 2026-12-03; it had been the residual branches' only)")
@@ -1760,7 +1786,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
     precision = resolve_precision(cfg.precision, info.device)
     out, data = Path(cfg.out_dir), Path(cfg.data_dir)
     ckpt = load_checkpoint(out) if resume else None
-    changes = changes_since(ckpt, cfg) if ckpt is not None else []
+    changes = changes_since(ckpt, cfg, info.world_size) if ckpt is not None else []
     if changes and info.is_main:
         print(f"pyllm: {out / CHECKPOINT} is from an earlier pyllm, whose run goes on under the current rules: "
               + "; ".join(changes), file=sys.stderr)
@@ -1909,6 +1935,10 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
     def checkpoint(step_done: int):
         model_state = full_model_state(model, cfg, info)
         optim_state = full_optimizer_state(model, optimizer, cfg, info)
+        rng_ranks = [rng_state(info.device)]  # each rank's own random state
+        if info.world_size > 1:
+            rng_ranks = [None] * info.world_size
+            dist.all_gather_object(rng_ranks, rng_state(info.device))
         grpo_rollouts = None  # mid-way through a generation's steps: every rank's samples, to go on with
         if reward is not None and step_done % cfg.grpo_iterations:
             grpo_rollouts = [to_device(rollouts, "cpu")]
@@ -1923,7 +1953,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
         save_checkpoint(out / CHECKPOINT, {
             "format": CHECKPOINT_FORMAT,
             "model": model_state, "optimizer": optim_state, "scaler": scaler.state_dict() if scaler else None,
-            "rng": rng_state(info.device), "loader": loader.state_dict(), "step": step_done,
+            "rng": rng_ranks[0], "rng_ranks": rng_ranks, "loader": loader.state_dict(), "step": step_done,
             "skipped_steps": skipped, "model_config": mcfg.to_dict(), "train_config": asdict(cfg),
             "best_val_loss": best_val,
             **({"reference_logps": {k: torch.from_numpy(v) for k, v in reference.items()}}
@@ -1936,8 +1966,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
     # the trained positions only, the MoE balancing term added here); the fused loss computes it at
     # those positions itself, and z-loss takes the model's own loss (logits at every position).
     per_token_packed = not cfg.fused_loss and not cfg.z_loss
-    if ckpt is not None:  # last, after everything the set-up drew, as a run going on straight has it here
-        set_rng_state(ckpt["rng"], info.device)
+    start_rank_rng(ckpt, cfg, info, start_step)  # last, after everything the set-up drew
     stopped_after = None  # request_stop: the step whose checkpoint ends the run
     for step in range(start_step, cfg.max_steps):
         if stop_at is not None and step >= stop_at:

@@ -67,6 +67,24 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def pytest_collection_finish(session):
+    """test_cuda_emu_race.py's check of the kernels (a single-threaded process of minutes) starts
+    now, to run beside the tests before it (not under xdist: every worker collects every test)."""
+    if session.config.option.collectonly or os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    for item in session.items:
+        if item.name == "test_kernels_are_race_free":
+            item.module.start_race_check()
+            break
+
+
+def pytest_sessionfinish(session):
+    for item in session.items:
+        if item.name == "test_kernels_are_race_free":  # (also where xdist's worker started it)
+            item.module.stop_race_check()
+            break
+
+
 def pytest_runtest_setup(item):
     if "cuda" in item.keywords and not _cuda_usable() and _must_run_cuda():
         pytest.fail(f"cuda: {_why_cuda_unusable()} (the GPU tests must run here: torch sees a GPU or "

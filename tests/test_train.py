@@ -279,7 +279,7 @@ def test_checkpoint_format_old_notes_and_newer_refused(data_dir, tmp_path, capsy
                  model={**TINY, "dropout": 0.1})
     trainer.train(cfg)
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
-    assert ckpt["format"] == trainer.CHECKPOINT_FORMAT == 2
+    assert ckpt["format"] == trainer.CHECKPOINT_FORMAT == 3
     capsys.readouterr()
     trainer.train(replace(cfg, max_steps=5), resume=True)
     assert "earlier pyllm" not in capsys.readouterr().err  # (a current checkpoint: nothing to say)
@@ -291,10 +291,14 @@ def test_checkpoint_format_old_notes_and_newer_refused(data_dir, tmp_path, capsy
     assert "is from an earlier pyllm" in err and "dropout (0.1) also drops attention probabilities" in err
     assert "the WSD decay starts at step 5, not 4" in err  # 7 - round(2.1) vs int(7 * 0.7)
     assert trainer.changes_since({"model_config": {"dropout": 0.0}}, replace(cfg, schedule="cosine")) == []
+    # format 2 (every process drew rank 0's random numbers): said to a run of several processes with dropout
+    two = {"format": 2, "model_config": {"dropout": 0.1}}
+    assert trainer.changes_since(two, cfg) == [] == trainer.changes_since({**two, "format": 3}, cfg, world_size=2)
+    assert "each of the processes draws its own dropout masks" in trainer.changes_since(two, cfg, world_size=2)[0]
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     ckpt["format"] = trainer.CHECKPOINT_FORMAT + 1
     torch.save(ckpt, out / "checkpoint.pt")
-    with pytest.raises(ValueError, match="written by a newer pyllm \\(checkpoint format 3; this one reads up to 2\\): upgrade"):
+    with pytest.raises(ValueError, match="written by a newer pyllm \\(checkpoint format 4; this one reads up to 3\\): upgrade"):
         trainer.load_checkpoint(out)
 
 
@@ -740,6 +744,23 @@ def test_muon_on_two_processes(data_dir, tmp_path):
     # (1.2e-5 apart by step 8 on the AMD EPYC VM, 2026-12-01)
     np.testing.assert_allclose(losses(tmp_path / "two/whole"), losses(tmp_path / "one"), rtol=1e-4)
     np.testing.assert_allclose(losses(tmp_path / "two/cross")[4:], losses(tmp_path / "one")[4:], rtol=1e-4)
+
+
+def test_two_processes_draw_their_own_dropout_masks_and_resume_exactly(data_dir, tmp_path):
+    # Dropout (the residual branches' and the attention's) on 2 DDP processes: each rank draws from
+    # its own stream (the set-up, the initial weights, alike on both: torch.manual_seed(cfg.seed)),
+    # where every rank had drawn rank 0's and so dropped the same elements of its rows; the checkpoint
+    # holds both ranks' states, and a run stopped after step 5 resumes from step 4 bitwise (with rank
+    # 0's state on both ranks rank 1's masks would differ from the uninterrupted run's). A 1-process
+    # checkpoint resumes on 2 (each rank's stream started anew from seed, rank and step).
+    common = dict(data_dir=str(data_dir), model=dict(TINY, dropout=0.2), device="cpu", max_steps=8, warmup_steps=1,
+                  eval_every=4, eval_batches=2, ckpt_every=4, progress=False, lr=1e-2)
+    trainer.train(TrainConfig(**common, out_dir=str(tmp_path / "two/cross"), batch_size=4), stop_at=6)
+    run_two_processes({**common, "out_dir": str(tmp_path / "two"), "batch_size": 2, "dist_mode": "ddp"})
+    assert losses(tmp_path / "two/cut") == losses(tmp_path / "two/whole")
+    assert all(math.isfinite(x) for x in losses(tmp_path / "two/cross"))
+    states = torch.load(tmp_path / "two/whole/checkpoint.pt", weights_only=True)["rng_ranks"]
+    assert len(states) == 2 and not torch.equal(states[0]["torch"], states[1]["torch"])
 
 
 @pytest.mark.parametrize("device", [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.cuda)])

@@ -125,17 +125,32 @@ def tsan_runtime() -> Path | None:
     return Path(out) if out and Path(out).is_absolute() and Path(out).is_file() else None
 
 
+def _tsan_env(tsan: Path, log_dir: Path) -> dict:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    return dict(os.environ, LD_PRELOAD=str(tsan), PYLLM_EMU_RACE="1", OMP_NUM_THREADS="1",
+                TSAN_OPTIONS=f"exitcode=66 log_path={log_dir / 'tsan'}")
+
+
+def tsan_reports(log_dir: Path) -> str:
+    return "".join(p.read_text(errors="replace") for p in sorted(log_dir.glob("tsan*")))
+
+
 def run_under_tsan(tsan: Path, args: list[str], cwd: Path, log_dir: Path, timeout: float | None = None
                    ) -> tuple[subprocess.CompletedProcess, str]:
     """Runs `python args` in cwd with TSan preloaded and the race build selected (PYLLM_EMU_RACE=1);
     returns the process and TSan's reports, read from its log files in log_dir (a test runner would
     swallow them on stderr)."""
-    log_dir.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, LD_PRELOAD=str(tsan), PYLLM_EMU_RACE="1", OMP_NUM_THREADS="1",
-               TSAN_OPTIONS=f"exitcode=66 log_path={log_dir / 'tsan'}")
+    env = _tsan_env(tsan, log_dir)
     proc = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    reports = "".join(p.read_text(errors="replace") for p in sorted(log_dir.glob("tsan*")))
-    return proc, reports
+    return proc, tsan_reports(log_dir)
+
+
+def start_under_tsan(tsan: Path, args: list[str], cwd: Path, log_dir: Path) -> subprocess.Popen:
+    """run_under_tsan's process, started and not waited for: its stdout and stderr go to the files
+    log_dir/stdout and log_dir/stderr, TSan's reports to log_dir/tsan* (tsan_reports)."""
+    env = _tsan_env(tsan, log_dir)
+    with open(log_dir / "stdout", "w") as out, open(log_dir / "stderr", "w") as err:
+        return subprocess.Popen([sys.executable, *args], cwd=cwd, env=env, stdout=out, stderr=err)
 
 
 def _key(include: Path, race: bool) -> str:

@@ -63,8 +63,8 @@ SELFTEST = {0: "reduce_kernel", 1: "reuse_kernel", 2: "warp_kernel", 3: "cp_asyn
 # test_kernels_are_race_free's work: the race build, then the check, one process on one core for
 # ~4.5 minutes. conftest.py starts it as soon as pytest has collected the test, so that it runs beside
 # the tests before it (on 2 cores the emulator's own cases, single-threaded too, leave the second
-# idle) rather than after them: the suite took ~15.5 minutes with it run in turn, ~4 fewer with it
-# beside (2-core Intel Xeon VM, 2026-12-05). Keys: "built" (an Event), "build" ((build module,
+# idle) rather than after them: the suite took 15m47s with it run in turn, 11m54s with it beside
+# (the emulator's cases 37 s slower; 2-core Intel Xeon VM, 2026-12-05). Keys: "built" (an Event), "build" ((build module,
 # library, TSan runtime), a reason to skip, or the exception), "proc", "log_dir".
 _check: dict = {}
 

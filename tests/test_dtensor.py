@@ -62,6 +62,10 @@ def _cases(mesh):
         ("flash_attn batch", lambda a, b, c: pyllm.flash_attn(a, b, c, window=(3, 0)), (q, k, v), (S(0),) * 3, (0, 1, 2), S(0)),
         ("flash_attn alibi heads", lambda a, b, c: pyllm.flash_attn(a, b, c, causal=True, alibi_slopes=slopes),
          (q, k, v), (S(2),) * 3, (0, 1, 2), S(2)),
+        # dropout: gathered (a shard's kernel would count its heads from 0: ranks drawing one seed would drop
+        # the same elements of different heads); the mask is the whole call's (the seed, drawn here, alike)
+        ("flash_attn dropout heads (gathered)", lambda a, b, c: (torch.manual_seed(7), pyllm.flash_attn(
+            a, b, c, causal=True, dropout_p=0.3))[1], (q, k, v), (S(2),) * 3, (0, 1, 2), R()),
         ("flash_attn sequence (gathered)", lambda a, b, c: pyllm.flash_attn(a, b, c, causal=True), (q, k, v),
          (S(1),) * 3, (0, 1, 2), R()),
         ("flash_attn varlen heads", lambda a, b, c: pyllm.flash_attn(a, b, c, cu_seqlens_q=cu, cu_seqlens_k=cu,

@@ -640,14 +640,18 @@ _util.batching_rule(_flash_attn_backward, _flash_attn_vmap((0, 1, 2, 3, 4, 5, 6)
 # DTensor: q, k, v (B, T, H, D) sharded on their batch or their heads (tensor parallelism: each rank
 # its heads, q's and k / v's split evenly so that a GQA group stays on one rank); varlen (total, H,
 # D) on its heads only. Never on the positions: every query sees every key (context parallelism
-# is not this). lse (B, H, T) or (H, total) and ALiBi's slopes ((H,) or (B, H)) follow.
-def _attention_placements(q, k, cu_seqlens_q, alibi_slopes) -> list:
+# is not this). lse (B, H, T) or (H, total) and ALiBi's slopes ((H,) or (B, H)) follow. With dropout
+# the inputs are gathered: a shard's kernel counts its sequences and heads from 0, so ranks with one
+# seed would drop the same elements of different heads (or sequences), not the whole call's mask.
+def _attention_placements(q, k, cu_seqlens_q, alibi_slopes, dropout_p=0.0) -> list:
     """[(q / k / v / out's placement, lse's, the slopes')] the op computes locally."""
     Shard, Replicate, _ = _util.shard_placements()
     varlen = cu_seqlens_q is not None
     slopes = lambda per_head, per_batch: None if alibi_slopes is None else (
         per_batch if alibi_slopes.ndim == 2 else per_head)
     rules = [(Replicate(), Replicate(), slopes(Replicate(), Replicate()))]
+    if dropout_p:
+        return rules
     heads = 1 if varlen else 2
     if _util.sharded_evenly(q, heads) and _util.sharded_evenly(k, heads):
         rules.append((Shard(heads), Shard(0 if varlen else 1), slopes(Shard(0), Shard(1))))
@@ -663,7 +667,7 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_s
     cu = None if cu_seqlens_q is None else Replicate()
     seed = None if dropout_seed is None else Replicate()
     return [([qkv, lse], [qkv, qkv, qkv, cu, cu] + [None] * 7 + [slopes, None, seed])
-            for qkv, lse, slopes in _attention_placements(q, k, cu_seqlens_q, alibi_slopes)]
+            for qkv, lse, slopes in _attention_placements(q, k, cu_seqlens_q, alibi_slopes, dropout_p)]
 
 
 @_util.sharding_rule(_flash_attn_backward)
@@ -674,7 +678,7 @@ def _(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
     seed = None if dropout_seed is None else Replicate()
     return [([qkv] * 3, [qkv, None if dlse is None else lse_place, qkv, qkv, qkv, qkv, lse_place, cu, cu]
              + [None] * 7 + [slopes, None, seed])
-            for qkv, lse_place, slopes in _attention_placements(q, k, cu_seqlens_q, alibi_slopes)]
+            for qkv, lse_place, slopes in _attention_placements(q, k, cu_seqlens_q, alibi_slopes, dropout_p)]
 
 
 def _flash_attn_setup(ctx, inputs, output):

@@ -709,6 +709,32 @@ def test_dropout_gradcheck_opcheck_and_checkpoint():
     assert all(torch.equal(a, b) for a, b in zip(grads, grads_ckpt))
 
 
+def test_dropout_under_vmap_follows_its_randomness_flag():
+    # torch.vmap's randomness: "error" (the default) refuses the seed's draw; "same" gives every example
+    # one call's mask, gradients too (examples folded into the batch had each drawn other sequences'
+    # masks); "different" gives each example its own.
+    q, k, v = (rand((3, 2, 24, 2, 32), torch.float32, "cpu") for _ in range(3))
+    f = lambda q, k, v: pyllm.flash_attn(q, k, v, causal=True, dropout_p=0.5)  # noqa: E731
+    with pytest.raises(RuntimeError, match="randomness"):
+        torch.vmap(f)(q, k, v)
+    vjp = lambda q, k, v: torch.func.vjp(f, q, k, v)[1](torch.ones_like(q))  # noqa: E731
+    torch.manual_seed(1)
+    same, same_grads = torch.vmap(f, randomness="same")(q, k, v), torch.vmap(vjp, randomness="same")(q, k, v)
+    for i in range(3):
+        torch.manual_seed(1)
+        want = f(q[i], k[i], v[i])
+        want_grads = vjp(q[i], k[i], v[i])
+        assert torch.equal(same[i], want)
+        assert all(torch.equal(g[i], w) for g, w in zip(same_grads, want_grads))
+    alike = [t[:1].expand(3, *t.shape[1:]) for t in (q, k, v)]  # every example the same inputs
+    torch.manual_seed(1)
+    out = torch.vmap(f, randomness="different")(*alike)
+    assert not torch.equal(out[0], out[1]) and not torch.equal(out[1], out[2]) and not torch.equal(out[0], out[2])
+    torch.manual_seed(1)
+    out = torch.vmap(f, randomness="same")(*alike)
+    assert torch.equal(out[0], out[1]) and torch.equal(out[0], out[2])
+
+
 def test_dropout_compiles_and_checks():
     torch._dynamo.reset()
 

@@ -620,13 +620,16 @@ def _(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
 
 
 # vmap: padded batches (no cu_seqlens) fold the vmapped dim into B, with ALiBi slopes shared by the
-# batch ((H,)); varlen, per-batch or vmapped slopes run per example.
+# batch ((H,)); varlen, per-batch or vmapped slopes run per example. So does dropout under vmap's
+# randomness="same": every example draws one call's mask, where folded ones would each draw other
+# sequences' ("different" draws a seed per example, vmapped: per example too).
 def _flash_attn_vmap(tensors: tuple, alibi_at: int):
     def rule(op, info, in_dims, *args):
         alibi = args[alibi_at] if len(args) > alibi_at else None
+        dropout = len(args) > alibi_at + 1 and args[alibi_at + 1]
         others = [d for i, d in enumerate(in_dims) if i not in tensors]
         if any(d is not None for d in others) or any(a is not None for a in args[tensors[-1] + 1:tensors[-1] + 3]) \
-                or (alibi is not None and alibi.dim() != 1):
+                or (alibi is not None and alibi.dim() != 1) or (dropout and info.randomness == "same"):
             return _util.vmap_loop(op, info, in_dims, *args)
         return _util.vmap_folded(op, info, in_dims, args, tensors)
     return rule

@@ -393,6 +393,31 @@ def test_cpu_kernels_take_torchs_thread_count_in_any_thread(threads, env):
     assert int(out) == threads
 
 
+FORK_PROBE = """
+import os, signal, sys, torch, pyllm
+x, w, q = torch.randn(64, 4096), torch.randn(4096), torch.randn(2, 256, 4, 64)
+want = pyllm.rms_norm(x, w), pyllm.flash_attn(q, q, q, causal=True)  # (the parent's OpenMP threads started)
+pid = os.fork()
+if pid == 0:
+    signal.alarm(60)  # a hang ends the child, not the test run
+    got = pyllm.rms_norm(x, w), pyllm.flash_attn(q, q, q, causal=True)
+    os._exit(0 if all(torch.equal(a, b) for a, b in zip(got, want)) else 3)
+sys.exit(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+"""
+
+
+def test_a_process_forked_after_the_kernels_ran_runs_them():
+    # A child forked after the CPU kernels had run (a DataLoader worker, a fork Pool's) hung at its
+    # next kernel (killed by its alarm: -14): GNU OpenMP kept the parent's thread pool, whose
+    # threads the child does not have. The child now runs them on its one thread, to the same bits.
+    import os
+
+    if not hasattr(os, "fork"):
+        pytest.skip("no fork on this platform")
+    out = subprocess.run([sys.executable, "-c", FORK_PROBE], capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, (out.returncode, out.stderr[-3000:])
+
+
 def test_a_gpu_older_than_the_kernels_is_named_and_left_to_torch(monkeypatch):
     # A V100 / T4 has no image of the sm_80+ kernels: pyllm's layers take torch's ops there, and an op
     # called directly says why (not the launch's "no kernel image is available"). No GPU here: the

@@ -12,6 +12,12 @@
 #include <stdexcept>
 #include <string>
 
+#if defined(_OPENMP) && !defined(_WIN32)
+#include <omp.h>
+#include <pthread.h>
+#define PYLLM_OMP_AFTER_FORK 1
+#endif
+
 #include "common/checks.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -141,8 +147,23 @@ std::vector<std::pair<std::string, bool>> cpu_levels() {
   return out;
 }
 
+#ifdef PYLLM_OMP_AFTER_FORK
+// A process forked after a CPU kernel ran had hung at its next one (a DataLoader worker, a fork
+// Pool's): GCC's libgomp keeps the parent's thread pool, whose threads the child does not have, and
+// waits for them. The child runs the kernels on its one thread instead, as torch's DataLoader
+// workers run torch's (a spawned process has every thread; LLVM's libomp, which re-creates its pool
+// in a child, gets one thread too).
+void one_thread_after_fork() { omp_set_num_threads(1); }
+#endif
+
 const CpuKernels& cpu_kernels() {
-  static const CpuKernels chosen = choose();
+  static const CpuKernels chosen = [] {
+    CpuKernels kernels = choose();
+#ifdef PYLLM_OMP_AFTER_FORK
+    pthread_atfork(nullptr, nullptr, one_thread_after_fork);
+#endif
+    return kernels;
+  }();
   return chosen;
 }
 

@@ -746,17 +746,22 @@ def test_muon_on_two_processes(data_dir, tmp_path):
     np.testing.assert_allclose(losses(tmp_path / "two/cross")[4:], losses(tmp_path / "one")[4:], rtol=1e-4)
 
 
-def test_two_processes_draw_their_own_dropout_masks_and_resume_exactly(data_dir, tmp_path):
-    # Dropout (the residual branches' and the attention's) on 2 DDP processes: each rank draws from
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_draw_their_own_dropout_masks_and_resume_exactly(data_dir, tmp_path, mode):
+    # Dropout (the residual branches' and the attention's) on 2 processes: each rank draws from
     # its own stream (the set-up, the initial weights, alike on both: torch.manual_seed(cfg.seed)),
     # where every rank had drawn rank 0's and so dropped the same elements of its rows; the checkpoint
     # holds both ranks' states, and a run stopped after step 5 resumes from step 4 bitwise (with rank
     # 0's state on both ranks rank 1's masks would differ from the uninterrupted run's). A 1-process
-    # checkpoint resumes on 2 (each rank's stream started anew from seed, rank and step).
+    # checkpoint resumes on 2 (each rank's stream started anew from seed, rank and step). fsdp
+    # recomputes its blocks in the backward (activation checkpointing): the masks drawn again alike.
+    if mode == "fsdp" and not hasattr(torch.cpu.Stream, "record_event"):
+        pytest.skip("FSDP2 on the CPU needs torch >= 2.7 (torch.cpu.Stream.record_event)")
     common = dict(data_dir=str(data_dir), model=dict(TINY, dropout=0.2), device="cpu", max_steps=8, warmup_steps=1,
                   eval_every=4, eval_batches=2, ckpt_every=4, progress=False, lr=1e-2)
     trainer.train(TrainConfig(**common, out_dir=str(tmp_path / "two/cross"), batch_size=4), stop_at=6)
-    run_two_processes({**common, "out_dir": str(tmp_path / "two"), "batch_size": 2, "dist_mode": "ddp"})
+    run_two_processes({**common, "out_dir": str(tmp_path / "two"), "batch_size": 2, "dist_mode": mode,
+                       "activation_checkpointing": mode == "fsdp"})
     assert losses(tmp_path / "two/cut") == losses(tmp_path / "two/whole")
     assert all(math.isfinite(x) for x in losses(tmp_path / "two/cross"))
     states = torch.load(tmp_path / "two/whole/checkpoint.pt", weights_only=True)["rng_ranks"]

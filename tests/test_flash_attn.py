@@ -36,13 +36,16 @@ def mask_of(tq: int, tk: int, causal: bool, window) -> torch.Tensor:
     return seen
 
 
-def attention(q, k, v, causal=False, window=(-1, -1), scale=None, softcap=0.0, sinks=None, alibi=None):
+def attention(q, k, v, causal=False, window=(-1, -1), scale=None, softcap=0.0, sinks=None, alibi=None, keep=None,
+              dropout_p=0.0):
     """Plain attention in q's dtype and device: the float64 reference, or torch's own in a low
     precision dtype. (B, T, H, D) layout; queries that see no key give 0; returns (out, lse).
     softcap: the scaled scores capped as softcap * tanh(s / softcap) first. sinks: (H,) logits
     appended to each row of scores (a key with a zero value), as transformers' gpt-oss does.
     alibi: (H,) or (B, H) slopes, -slope * |i + tk - tq - j| added after the cap (flash-attn's
-    alibi_slopes), as an additive float mask the way transformers' BLOOM / MPT build it."""
+    alibi_slopes), as an additive float mask the way transformers' BLOOM / MPT build it.
+    keep: (B, H, Tq, Tk) bool, the probabilities dropout keeps, scaled by 1 / (1 - dropout_p)
+    (the LSE is of every key)."""
     b, tq, h, d = q.shape
     tk, hk = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
@@ -63,14 +66,22 @@ def attention(q, k, v, causal=False, window=(-1, -1), scale=None, softcap=0.0, s
     p = torch.softmax(s, dim=-1).nan_to_num(0.0)
     if sinks is not None:
         p = p[..., :-1]
+    if keep is not None:
+        p = p * keep.to(p.device) / (1 - dropout_p)
     return torch.einsum("bhqk,bkhd->bqhd", p, v), lse
 
 
-def attention_varlen(q, k, v, cu_q, cu_k, alibi=None, **kw):
+def attention_varlen(q, k, v, cu_q, cu_k, alibi=None, dropout=None, **kw):
+    """attention() of each packed sequence; dropout: (the call's seed, p), sequence i's mask
+    dropout_mask(seed, i, head, ...) over its own positions."""
     outs, lses = [], []
     cq, ck = cu_q.tolist(), cu_k.tolist()
     for i in range(len(cq) - 1):
         slopes = None if alibi is None else alibi if alibi.dim() == 1 else alibi[i]
+        if dropout is not None:
+            kw["keep"] = torch.stack([fa.dropout_mask(dropout[0], i, j, cq[i + 1] - cq[i], ck[i + 1] - ck[i], dropout[1])
+                                      for j in range(q.shape[1])])[None]
+            kw["dropout_p"] = dropout[1]
         o, lse = attention(q[None, cq[i]:cq[i + 1]], k[None, ck[i]:ck[i + 1]], v[None, ck[i]:ck[i + 1]], alibi=slopes,
                            **kw)
         outs.append(o[0])
@@ -2775,7 +2786,8 @@ def attn_problems(draw):
                 lens_k=lens_k, n_heads=group * n_kv_heads, n_kv_heads=n_kv_heads,
                 head_dim=draw(st.sampled_from([32, 64, 96, 128, 256])), causal=draw(st.booleans()),
                 window=(draw(side), draw(side)), scale=draw(st.sampled_from([None, 0.05, 0.7])),
-                alibi=draw(st.sampled_from([None, "per head", "per sequence"])))
+                alibi=draw(st.sampled_from([None, "per head", "per sequence"])),
+                softcap=draw(st.sampled_from([0.0, 0.0, 1.5])), dropout=draw(st.sampled_from([0.0, 0.0, 0.3])))
 
 
 @settings(max_examples=int(__import__("os").environ.get("ATTN_EXAMPLES", 60)), deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
@@ -2784,8 +2796,10 @@ def test_random_problems_match_reference(problem):
     # Inputs seeded by the problem: the same data for an example whatever ran before it.
     torch.manual_seed(zlib.crc32(repr(sorted(problem.items())).encode()))
     dtype, h, hk, d = problem["dtype"], problem["n_heads"], problem["n_kv_heads"], problem["head_dim"]
-    kw = dict(causal=problem["causal"], window=problem["window"], scale=problem["scale"])
-    ours_kw = dict(causal=kw["causal"], window=kw["window"], softmax_scale=kw["scale"])
+    kw = dict(causal=problem["causal"], window=problem["window"], scale=problem["scale"], softcap=problem["softcap"])
+    ours_kw = dict(causal=kw["causal"], window=kw["window"], softmax_scale=kw["scale"], softcap=kw["softcap"],
+                   dropout_p=problem["dropout"])
+    seed = zlib.crc32(repr(sorted(problem.items())).encode()) % 2**31  # (dropout's: the call's draw after it)
     if problem["alibi"]:
         kw["alibi"] = ours_kw["alibi_slopes"] = alibi_slopes(
             (len(problem["lens_q"]), h) if problem["alibi"] == "per sequence" else (h,))
@@ -2794,13 +2808,17 @@ def test_random_problems_match_reference(problem):
         q = rand((sum(problem["lens_q"]), h, d), dtype, "cpu")
         k, v = (rand((sum(problem["lens_k"]), hk, d), dtype, "cpu") for _ in range(2))
         fn_ours = lambda q, k, v: pyllm.flash_attn(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, **ours_kw)  # noqa: E731
-        fn_ref = lambda q, k, v: attention_varlen(q, k, v, cu_q, cu_k, **kw)[0]  # noqa: E731
+        dropout = (seeded_draw(seed), problem["dropout"]) if problem["dropout"] else None
+        fn_ref = lambda q, k, v: attention_varlen(q, k, v, cu_q, cu_k, dropout=dropout, **kw)[0]  # noqa: E731
     else:
         b, tq, tk = len(problem["lens_q"]), problem["lens_q"][0], problem["lens_k"][0]
         q = rand((b, tq, h, d), dtype, "cpu")
         k, v = (rand((b, tk, hk, d), dtype, "cpu") for _ in range(2))
         fn_ours = lambda q, k, v: pyllm.flash_attn(q, k, v, **ours_kw)  # noqa: E731
+        if problem["dropout"]:
+            kw.update(keep=dropout_keep(seed, b, h, tq, tk, problem["dropout"]), dropout_p=problem["dropout"])
         fn_ref = lambda q, k, v: attention(q, k, v, **kw)[0]  # noqa: E731
+    fn_ours = seeded(fn_ours, seed)
     if q.numel() == 0 or k.numel() == 0:
         return
     # This test hunts logic errors (masks, varlen offsets, GQA mapping, block edges) over random

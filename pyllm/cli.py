@@ -709,18 +709,31 @@ def _train_command(args, explicit: dict, opts: dict, model: dict, cli: dict) -> 
             raise ValueError("prompts alone ({\"prompt\": ...} lines without a completion) train by sampling the "
                              "replies: --grpo-reward, or distillation with --distill-seq-kd or --distill-lmbda 1")
         Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
-        # Under torchrun, rank 0 trains the tokenizer and writes the token files; the rest wait.
+        # Under torchrun, rank 0 trains the tokenizer and writes the token files; the rest wait, and
+        # learn whether it failed (a bad --data, a tokenizer that does not fit). Wherever no torchrun
+        # ended them, they had failed at a barrier with gloo's "Connection closed by peer", naming no
+        # cause, and under nccl, which notices a lost peer at its watchdog's timeout, waited for it.
         rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+        info = None
         if world_size > 1:
             from pyllm.train import setup_distributed
 
-            setup_distributed(cfg.device)
+            info = setup_distributed(cfg.device)
+        failed = None
         if rank == 0:
-            setup_run_data(cfg, cli)
-        if world_size > 1:
-            import torch.distributed as dist
+            try:
+                setup_run_data(cfg, cli)
+            except Exception as e:
+                if info is None:
+                    raise
+                failed = e
+        if info is not None:
+            from pyllm.train import any_rank
 
-            dist.barrier()
+            if any_rank(failed is not None, info):
+                if failed is not None:
+                    raise failed
+                raise RuntimeError("rank 0 could not set up the run's data (its error says why)")
         run = read_run(cfg.out_dir)
         tokenizer_path, cfg.data_dir = run["tokenizer"], run["data_dir"]
         source = run.get("init_from_hf") or cfg.init_from_hf

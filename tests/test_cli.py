@@ -893,6 +893,35 @@ def test_torchrun_two_cpu_processes_end_to_end(tmp_path):
     assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 6
 
 
+def test_a_data_error_on_rank_0_ends_every_rank(tmp_path):
+    """2 processes started without torchrun (its agent ends the others when one fails; srun or a
+    hand-made launch does not): rank 0 alone prepares the data, and its error (a corpus without
+    text) reaches rank 1, which had failed at a barrier with gloo's "Connection closed by peer"
+    (under nccl: waited for the watchdog's timeout)."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import free_port
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+           "WORLD_SIZE": "2", "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    procs = [subprocess.Popen([sys.executable, "-m", "pyllm", "train", "--data", str(corpus), "--out", str(tmp_path / "run"),
+                               "--device", "cpu"], cwd=root, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    try:
+        errs = [p.communicate(timeout=150)[1] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] != [0, 0]
+    assert procs[0].returncode and "no text files found" in errs[0], errs[0][-2000:]
+    assert procs[1].returncode and "rank 0 could not set up the run's data" in errs[1], errs[1][-2000:]
+
+
 @pytest.mark.parametrize("kind", ["byte-level", "sentencepiece"])
 def test_train_init_from_hf_and_generate(tmp_path, capsys, kind):
     # Fine-tuning a Hugging Face checkpoint folder: its weights start the run, its tokenizer.json

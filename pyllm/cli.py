@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import os
@@ -657,16 +658,34 @@ def cmd_train(args) -> int:
     if resume and not run_dir.is_dir():
         raise FileNotFoundError(f"no checkpoint to resume from: {run_dir} is no folder")
     run_dir.mkdir(parents=True, exist_ok=True)
-    with run_lock(run_dir, is_main=int(os.environ.get("RANK", "0")) == 0):
-        return _train_command(args, explicit, opts, model, cli)
+    with contextlib.ExitStack() as held:
+        refused = None
+        try:
+            held.enter_context(run_lock(run_dir, is_main=int(os.environ.get("RANK", "0")) == 0))
+        except RuntimeError as e:
+            # Several processes: rank 0 meets the others first and tells them (gone before the
+            # rendezvous, it had left them waiting for it there until its timeout, without torchrun)
+            if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+                raise
+            refused = e
+        return _train_command(args, explicit, opts, model, cli, refused)
 
 
-def _train_command(args, explicit: dict, opts: dict, model: dict, cli: dict) -> int:
+def _refuse_on_every_rank(refused: Exception, device: str):
+    """Rank 0 could not lock the run's folder: it joins the process group and says so in the other
+    ranks' first collective (train()'s lock of the folder), then raises."""
+    from pyllm.train import any_rank, setup_distributed
+
+    any_rank(True, setup_distributed(device))
+    raise refused
+
+
+def _train_command(args, explicit: dict, opts: dict, model: dict, cli: dict, refused: Exception | None = None) -> int:
     from pyllm.train import TrainConfig, TrainingDiverged, TrainingStopped, load_checkpoint, request_stop, train
 
     resume = cli["resume"]
-    if resume and Path(resume).is_file():
-        resume = install_kept_checkpoint(Path(resume))
+    if resume and Path(resume).is_file():  # (not into a folder another run holds)
+        resume = install_kept_checkpoint(Path(resume)) if refused is None else str(kept_checkpoint_run(Path(resume)))
     if resume:
         checkpoint = load_checkpoint(resume)
         saved = checkpoint["train_config"]
@@ -674,6 +693,8 @@ def _train_command(args, explicit: dict, opts: dict, model: dict, cli: dict) -> 
         check_resume_options(saved, opts, model, cli, resume, from_config - set(explicit))
         check_reward_code(saved, opts)
         cfg = TrainConfig.from_dict({**saved, **opts, "out_dir": opts.get("out_dir", str(resume))})
+        if refused is not None:
+            _refuse_on_every_rank(refused, cfg.device)
         if Path(cfg.out_dir).resolve() != Path(resume).resolve():
             raise ValueError("--resume continues in its own folder; leave out --out")
         cfg.validate()  # what this call changes (--max-steps, --lr, ...)
@@ -722,6 +743,8 @@ def _train_command(args, explicit: dict, opts: dict, model: dict, cli: dict) -> 
         failed = None
         if rank == 0:
             try:
+                if refused is not None:  # (the folder another run's: the others learn it here)
+                    raise refused
                 setup_run_data(cfg, cli)
             except Exception as e:
                 if info is None:
@@ -733,7 +756,7 @@ def _train_command(args, explicit: dict, opts: dict, model: dict, cli: dict) -> 
             if any_rank(failed is not None, info):
                 if failed is not None:
                     raise failed
-                raise RuntimeError("rank 0 could not set up the run's data (its error says why)")
+                raise RuntimeError("rank 0 could not start the run (its error says why)")
         run = read_run(cfg.out_dir)
         tokenizer_path, cfg.data_dir = run["tokenizer"], run["data_dir"]
         source = run.get("init_from_hf") or cfg.init_from_hf

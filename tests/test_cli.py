@@ -893,33 +893,56 @@ def test_torchrun_two_cpu_processes_end_to_end(tmp_path):
     assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 6
 
 
-def test_a_data_error_on_rank_0_ends_every_rank(tmp_path):
+@pytest.mark.parametrize("kind", ["no text", "folder in use", "resumed folder in use"])
+def test_what_stops_rank_0_ends_every_rank(tmp_path, kind):
     """2 processes started without torchrun (its agent ends the others when one fails; srun or a
-    hand-made launch does not): rank 0 alone prepares the data, and its error (a corpus without
-    text) reaches rank 1, which had failed at a barrier with gloo's "Connection closed by peer"
-    (under nccl: waited for the watchdog's timeout)."""
+    hand-made launch does not). Rank 0 alone prepares the data: its error (a corpus without text)
+    reaches rank 1, which had failed at a barrier with gloo's "Connection closed by peer" (under
+    nccl: waited for the watchdog's timeout). Rank 0 alone locks the run's folder: its refusal (the
+    folder another run's) reaches rank 1, which had waited at the rendezvous for rank 0, gone
+    before it, until the rendezvous' timeout; on --resume too."""
+    import fcntl
     import os
     import subprocess
     import sys
 
     from helpers import free_port
 
-    corpus = tmp_path / "corpus"
+    corpus, run = tmp_path / "corpus", tmp_path / "run"
     corpus.mkdir()
+    if kind != "no text":
+        for i in range(20):
+            (corpus / f"m{i:02d}.py").write_text(f"def f{i}(x):\n    return x + {i}\n" * 20)
     root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
-           "WORLD_SIZE": "2", "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
-    procs = [subprocess.Popen([sys.executable, "-m", "pyllm", "train", "--data", str(corpus), "--out", str(tmp_path / "run"),
-                               "--device", "cpu"], cwd=root, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    args = ["--data", str(corpus), "--out", str(run), "--vocab-size", "270", "--max-steps", "1", *SMALL[:-2],
+            "--sample-tokens", "0"]
+    if kind == "resumed folder in use":
+        done = subprocess.run([sys.executable, "-m", "pyllm", "train", *args], cwd=root, env=env, capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        args = ["--resume", str(run), "--max-steps", "2"]
+    held = None
+    if kind != "no text":
+        run.mkdir(exist_ok=True)
+        held = open(run / ".lock", "a")  # another run's
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2")
+    procs = [subprocess.Popen([sys.executable, "-m", "pyllm", "train", *args], cwd=root,
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in range(2)]
     try:
         errs = [p.communicate(timeout=150)[1] for p in procs]
     finally:
         for p in procs:
             p.kill()
-    assert [p.returncode for p in procs] != [0, 0]
-    assert procs[0].returncode and "no text files found" in errs[0], errs[0][-2000:]
-    assert procs[1].returncode and "rank 0 could not set up the run's data" in errs[1], errs[1][-2000:]
+        if held is not None:
+            held.close()
+    why = "no text files found" if kind == "no text" else "is in use by another `pyllm train`"
+    assert procs[0].returncode and why in errs[0], errs[0][-2000:]
+    theirs = "rank 0 could not lock it" if kind == "resumed folder in use" else "rank 0 could not start the run"
+    assert procs[1].returncode and theirs in errs[1], errs[1][-2000:]
+    assert "Traceback" not in errs[0] + errs[1], errs
 
 
 @pytest.mark.parametrize("kind", ["byte-level", "sentencepiece"])

@@ -67,22 +67,23 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def _race_check_module(session):
+    """test_cuda_emu_race.py's module where the session runs its test_kernels_are_race_free, or None."""
+    return next((item.module for item in session.items if item.name == "test_kernels_are_race_free"), None)
+
+
 def pytest_collection_finish(session):
     """test_cuda_emu_race.py's check of the kernels (a single-threaded process of minutes) starts
     now, to run beside the tests before it (not under xdist: every worker collects every test)."""
     if session.config.option.collectonly or os.environ.get("PYTEST_XDIST_WORKER"):
         return
-    for item in session.items:
-        if item.name == "test_kernels_are_race_free":
-            item.module.start_race_check()
-            break
+    if (module := _race_check_module(session)) is not None:
+        module.start_race_check()
 
 
 def pytest_sessionfinish(session):
-    for item in session.items:
-        if item.name == "test_kernels_are_race_free":  # (also where xdist's worker started it)
-            item.module.stop_race_check()
-            break
+    if (module := _race_check_module(session)) is not None:  # (also where xdist's worker started it)
+        module.stop_race_check()
 
 
 def pytest_runtest_setup(item):

@@ -70,13 +70,18 @@ _check: dict = {}
 
 
 def _race_build_or_why():
-    build = cuda_emu_build()
-    if build.cuda_include() is None:
-        return "no CUDA toolkit headers to build the emulator with"
-    tsan = build.tsan_runtime()
-    if tsan is None:
-        return "the host compiler has no ThreadSanitizer runtime (libtsan.so)"
-    return build, build.build(race=True), tsan
+    """(build module, library, TSan runtime), a reason to skip, or the exception the build raised
+    (raised again by the tests that need the build)."""
+    try:
+        build = cuda_emu_build()
+        if build.cuda_include() is None:
+            return "no CUDA toolkit headers to build the emulator with"
+        tsan = build.tsan_runtime()
+        if tsan is None:
+            return "the host compiler has no ThreadSanitizer runtime (libtsan.so)"
+        return build, build.build(race=True), tsan
+    except BaseException as e:
+        return e
 
 
 def _start_check(build, tsan) -> None:
@@ -91,11 +96,7 @@ def start_race_check() -> None:
     _check["built"] = threading.Event()
 
     def work():
-        try:
-            got = _race_build_or_why()
-        except BaseException as e:  # (raised again by the tests that need the build)
-            got = e
-        _check["build"] = got
+        _check["build"] = got = _race_build_or_why()
         _check["built"].set()
         if isinstance(got, tuple) and not _check.get("stopping"):
             _start_check(got[0], got[2])
@@ -121,10 +122,7 @@ def race_build():
     if "thread" in _check:  # (started at collection)
         _check["built"].wait()
     else:
-        try:
-            _check["build"] = _race_build_or_why()
-        except BaseException as e:
-            _check["build"] = e
+        _check["build"] = _race_build_or_why()
     if isinstance(_check["build"], BaseException):
         raise _check["build"]
     if isinstance(_check["build"], str):

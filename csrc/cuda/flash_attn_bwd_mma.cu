@@ -60,6 +60,15 @@
 // Masks: per element against the per-row bounds of common/attn_params.h (key_lo/key_hi for query
 // rows, query_lo/query_hi for key rows), only on blocks that cross a mask edge or a sequence end;
 // rows past a sequence's end are zero-filled by cp.async and get lse = +inf (P = 0).
+// Issue slots (2026-12-05, UNVERIFIED on a GPU): P by exp2_ftz (one MUFU.EX2; exp2f had been 4
+// instructions), the mask in a branch of its own (mask_scores) and full tiles copied without row
+// tests (load_tile_async), as in the forward. tools/sass_census.py (nvcc 13.0, sm_90, bf16, one warp
+// per step, mma.sync included), on a full block no mask crosses: dk_dv D = 64 1,244 -> 927, D = 128
+// 1,093 -> 905; dq D = 64 1,018 -> 781, D = 128 840 -> 769 (a block the mask crosses: dq D = 128
+// 887, 5% above before, where the branch costs more than the predicated mask did). ptxas: no new
+// spill in a default-tile loop (sm_90: dq D = 64's and dq-m128's 4 B are gone; sm_80: dq D = 64 at
+// its 168-register cap spills 16 B outside the loop, 4 B before). The score-mod instances
+// (unverified too): dk_dv D = 64 255 registers with 64 B of spill stores, 6 loads a step.
 //
 // Fragment layouts used below (PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating point
 // type"; lane = 4 * g + t, see also flash_attn_common.cuh):
@@ -365,7 +374,7 @@ __global__ void __launch_bounds__(kBwdMmaThreads)
           float dcap;
           const float x =
               mod.score_or(Mods, st[mk][mt][e], scale_log2, dist0 + mt * 8 + (e & 1) - mk * 16 - (e / 2) * 8, dcap);
-          float pr = exp2f(x - cLse2[col]);
+          float pr = exp2_ftz(x - cLse2[col]);
           float ds;
           if (Mods && drop.on) {  // dV over the kept P (scaled at the end), dS = P (f dP - delta)
             const float f = drop.kept(drop.key.row_hash(i0 + col), drop_key[e / 2]) ? drop.scale : 0.f;
@@ -375,15 +384,12 @@ __global__ void __launch_bounds__(kBwdMmaThreads)
             ds = pr * (dpt[mk][mt][e] - cDelta[col]);
           }
           if constexpr (Mods) ds *= dcap;
-          if (need_mask) {
-            const int i = int(i0) + col;
-            if (i < row_qlo[mk][e / 2] || i >= row_qhi[mk][e / 2]) pr = ds = 0.f;
-          }
           st[mk][mt][e] = pr;
           dpt[mk][mt][e] = ds;
         }
       }
     }
+    if (need_mask) mask_scores(0.f, int(i0) + 2 * t, row_qlo, row_qhi, st, dpt);  // a branch (mask_scores)
     if constexpr (AtomicDQ) {
       // dS^T, rounded as the dK mma takes it, for every warp's dQ phase below: this warp's key
       // rows g, g + 8, queries 2t, 2t + 1 of each 8-query tile (one 32-bit store each).
@@ -633,20 +639,17 @@ __global__ void __launch_bounds__(kBwdMmaThreads)
           float dcap;
           const float x = mod.score_or(Mods, sacc[mt][nt][e], scale_log2,
                                        dist0 + mt * 16 + (e / 2) * 8 - nt * 8 - (e & 1), dcap);
-          const float pr = exp2f(x - lse2[mt][e / 2]);
+          const float pr = exp2_ftz(x - lse2[mt][e / 2]);
           float dp = dpacc[mt][nt][e];
           if (Mods && drop.on)  // dS = P (f dP - delta), f = 1 / (1 - p) or 0 (Dropout)
             dp *= drop.kept(drop_row[e / 2], drop.key.col_hash(j0 + nt * 8 + 2 * t + (e & 1))) ? drop.scale : 0.f;
           float ds = pr * (dp - delta_row[mt][e / 2]);
           if constexpr (Mods) ds *= dcap;
-          if (need_mask) {
-            const int j = int(j0) + nt * 8 + 2 * t + (e & 1);
-            if (j < row_lo[mt][e / 2] || j >= row_hi[mt][e / 2]) ds = 0.f;
-          }
           dpacc[mt][nt][e] = ds;
         }
       }
     }
+    if (need_mask) mask_scores(0.f, int(j0) + 2 * t, row_lo, row_hi, dpacc);  // a branch (mask_scores)
 
     // dQ += dS K: the dS accumulators of key tiles 2kk, 2kk+1 are the A fragment of k-step kk; each
     // K fragment feeds MT m-tiles.

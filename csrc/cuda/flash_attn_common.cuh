@@ -84,6 +84,46 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t add
 #endif
 }
 
+// 2^x for the softmax's probabilities: one MUFU.EX2 (ex2.approx.ftz, FlashAttention-2's exp2f
+// under --use_fast_math). exp2f without fast math is the same MUFU instruction wrapped in a range
+// check and two predicated multiplies that keep results below 2^-126 as subnormals (SASS, nvcc 13,
+// sm_90: FSETP, FMUL, MUFU.EX2, FMUL per score): 4 issue slots instead of 1, for probabilities that
+// no 16-bit P and no row sum (>= 1, the row's maximum contributes 2^0) can hold. Same bits as exp2f
+// for x >= -126; 0 below (and for -inf); NaN stays NaN.
+__device__ __forceinline__ float exp2_ftz(float x) {
+#if defined(PYLLM_CUDA_EMU)
+  return x < -126.f ? 0.f : exp2f(x);
+#else
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+#endif
+}
+
+// The mask of a block of scores held as mma C fragments: element e of tile (r, c) is row g + 8 (e / 2)
+// of row tile r, column col_lane + 8 c + (e & 1) (col_lane = the block's first column + 2t). Columns
+// outside that row's [lo, hi) get `fill`, in `acc` and in each of `more` (the dk_dv kernel zeroes P^T
+// and dS^T). Query rows by key columns in the forward's S and the dq kernel's dS; key rows by query
+// columns in the dk_dv kernel. The callers branch around it on the blocks no mask crosses: tested
+// inside their loops over the scores, ptxas predicated its ~3 instructions per score on every block
+// (2026-11-30's kernels).
+template <int R, int C, typename... More>
+__device__ __forceinline__ void mask_scores(float fill, int col_lane, const int (&lo)[R][2], const int (&hi)[R][2],
+                                            float (&acc)[R][C][4], More&... more) {
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int c = 0; c < C; ++c)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = col_lane + c * 8 + (e & 1);
+        if (col < lo[r][e / 2] || col >= hi[r][e / 2]) {
+          acc[r][c][e] = fill;
+          ((more[r][c][e] = fill), ...);
+        }
+      }
+}
+
 // 16-byte global -> shared copy that bypasses L1; src_bytes = 0 writes 16 zero bytes and reads
 // nothing (rows past the end of a sequence), the source address must still be a valid one.
 __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, int src_bytes) {
@@ -220,6 +260,14 @@ struct Swizzle {
 template <int Rows, int D, int Threads, typename T>
 __device__ __forceinline__ void load_tile_async(T* tile, const T* base, int64_t token_stride, int valid) {
   constexpr int kChunks = D / 8;
+  if (valid >= Rows) {  // every tile but a sequence's last: no row test, no select, 16 bytes each
+#pragma unroll
+    for (int c = threadIdx.x; c < Rows * kChunks; c += Threads) {
+      const int row = c / kChunks, col = (c % kChunks) * 8;
+      cp_async_16(smem_addr(tile + Swizzle<D>::offset(row, col)), base + row * token_stride + col, 16);
+    }
+    return;
+  }
 #pragma unroll
   for (int c = threadIdx.x; c < Rows * kChunks; c += Threads) {
     const int row = c / kChunks, col = (c % kChunks) * 8;

@@ -18,6 +18,15 @@
 // K and V tiles are double-buffered: the cp.async copy of block n+1 runs while block n is
 // computed. out = O / l and lse = m ln2 + ln l are written once; nothing T x T ever exists, the
 // extra memory is the (B, H, Tq) fp32 LSE.
+// Issue slots (2026-12-05, UNVERIFIED on a GPU): the probabilities by exp2_ftz (one MUFU.EX2, as
+// FlashAttention-2's exp2f under --use_fast_math; exp2f had been 4 instructions a score), the mask
+// in a branch of its own (mask_scores; ptxas had predicated its ~3 instructions a score on every
+// block), and full K / V tiles copied without row tests (load_tile_async). tools/sass_census.py
+// (nvcc 13.0, sm_90, bf16, one warp per key block, mma.sync included; a full block no mask crosses
+// / one the mask crosses):
+//   D = 64: 1,008 -> 812 / 985;  D = 128: 1,334 -> 1,004 / 1,177;
+//   MT = 2: D = 64 1,675 -> 1,119 / 1,388, D = 128 2,025 -> 1,453 / 1,727.
+// What that buys in time is a GPU measurement (the softmax is the part no mma overlaps).
 // Work: 4 * Tq * Tk * D FLOPs per head (half that causal); reads Q once and K, V once per query
 // block (Tq / kBlockM times, mostly from L2), writes O and LSE once.
 // Layout, mask (bottom-right causal, windows), varlen and KV-cache conventions:
@@ -44,6 +53,9 @@ __global__ void tall_tiles_probe_kernel() {}
 // gives 185 registers, no spill, 2 CTAs per SM (D = 128: 203). Which is faster is a GPU measurement
 // (3 CTAs: more latency hiding, 20 B of L1 spill traffic per thread). At 172 registers D = 128 fits
 // 2 CTAs of 128 threads per SM by registers.
+// Since exp2_ftz, the mask branch and the full-tile copy (2026-12-05, sm_90): 105 / 135 / 168 / 172 /
+// 250, no spill (D = 64's is gone, 3 CTAs per SM still); MT = 2: D = 64 234, no spill; D = 128 255
+// with 16 B of spill stores / 80 B loads (16 / 48 before). sm_80: D = 64 135, no spill.
 // MT: 16-row m-tiles per warp. Shared memory moves 128 B per clock per SM, so one ldmatrix.x4
 // (512 B) takes 4 clocks; with MT = 1 each K or V fragment feeds 2 mma.m16n8k16 (4096 FMAs) and
 // the Q fragments add a fifth load per 4, so shared memory alone caps the kernel at ~820 FMAs per
@@ -205,16 +217,12 @@ __global__ void __launch_bounds__(128) flash_attn_fwd_kernel(const AttnParams p,
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           float dcap;
-          float x = mod.score_or(Mods, sacc[mt][nt][e], scale_log2, dist0 + mt * 16 + (e / 2) * 8 - nt * 8 - (e & 1),
-                                 dcap);
-          if (need_mask) {
-            const int j = int(j0) + nt * 8 + 2 * t + (e & 1);
-            if (j < row_lo[mt][e / 2] || j >= row_hi[mt][e / 2]) x = -INFINITY;
-          }
-          sacc[mt][nt][e] = x;
+          sacc[mt][nt][e] = mod.score_or(Mods, sacc[mt][nt][e], scale_log2,
+                                         dist0 + mt * 16 + (e / 2) * 8 - nt * 8 - (e & 1), dcap);
         }
       }
     }
+    if (need_mask) mask_scores(-INFINITY, int(j0) + 2 * t, row_lo, row_hi, sacc);  // a branch (mask_scores)
 
     // Online softmax for rows g (rr = 0) and g + 8 (rr = 1) of each m-tile. fmaxf skips NaN, so one
     // NaN score does not poison the running max; exp2 of it is NaN and reaches the output. A row
@@ -231,13 +239,13 @@ __global__ void __launch_bounds__(128) flash_attn_fwd_kernel(const AttnParams p,
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
         const float m_new = fmaxf(m[mt][rr], mx);
         const float m_use = m_new == -INFINITY ? 0.f : m_new;
-        const float corr = exp2f(m[mt][rr] - m_use);
+        const float corr = exp2_ftz(m[mt][rr] - m_use);
         m[mt][rr] = m_new;
         float sum = 0.f;
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
-          sacc[mt][nt][2 * rr] = exp2f(sacc[mt][nt][2 * rr] - m_use);
-          sacc[mt][nt][2 * rr + 1] = exp2f(sacc[mt][nt][2 * rr + 1] - m_use);
+          sacc[mt][nt][2 * rr] = exp2_ftz(sacc[mt][nt][2 * rr] - m_use);
+          sacc[mt][nt][2 * rr + 1] = exp2_ftz(sacc[mt][nt][2 * rr + 1] - m_use);
           sum += sacc[mt][nt][2 * rr] + sacc[mt][nt][2 * rr + 1];
         }
         l[mt][rr] = l[mt][rr] * corr + sum;  // this lane's partial row sum; the 4 lanes are summed at the end

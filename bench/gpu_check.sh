@@ -30,7 +30,8 @@
 # "softcap or alibi", the models' with PYLLM_ATTN_SCORE_MODS_CUDA=1, sanitizer case flash_attn_score_mods);
 # later that day dropout (dropout_p) there too (tests -k dropout, sanitizer case flash_attn_dropout);
 # later still the softmax of every tensor-core attention kernel, the default ones included (one
-# ex2.approx.ftz a score, the mask a branch, full tiles copied without row tests: 8-33% fewer
+# ex2.approx.ftz a score, the mask a branch, full tiles copied without row tests, the forward's
+# scale in its exponent and O rescaled only where a maximum moved: 8-40% fewer
 # instructions a block by tools/sass_census.py):
 # every attention test and sanitizer case covers it, and the bench rows against 2026-11-30's ratios
 # (0.52-0.66x SDPA-flash forward, 0.30-0.50x fwd+bwd) say what it bought;

@@ -550,7 +550,7 @@ def test_kv_cache_decode_layouts(emu, dtype, Tq, layout):
 # --- FlashAttention forward and backward (tensor cores: mma.sync, ldmatrix, cp.async emulated) --------
 
 def emulated_attention(emu, q, k, v, dout, causal, window, cu_q=None, cu_k=None, algo=0, softcap=0.0, slopes=None,
-                       dropout=(0.0, 0)):
+                       dropout=(0.0, 0), scale=None):
     """out, lse, dq, dk, dv from the CUDA launchers (forward, then the backward with algo 0: the
     tensor-core kernels, 1: the fp32 SIMT ones, 2: the tensor-core kernels with dQ added up by
     atomics, with deterministic=False), every buffer framed. softcap, slopes: capped scores and
@@ -572,7 +572,7 @@ def emulated_attention(emu, q, k, v, dout, causal, window, cu_q=None, cu_k=None,
     out = frame(shape=q.shape, dtype=dtype)
     s3 = lambda t: attn_ops._strides3(t, varlen)
     lse_strides = attn_ops._lse_strides(lse, varlen)
-    scale = D ** -0.5
+    scale = D ** -0.5 if scale is None else scale
     mods = (softcap, ptr(frame(slopes)) if slopes is not None else 0,
             slopes.shape[1] if slopes is not None and slopes.dim() == 2 else 0, *dropout)
     emu.flash_attn_fwd(ptr(q_e), ptr(k_e), ptr(v_e), ptr(out), ptr(lse), ptr(cu_q_e), ptr(cu_k_e), 0, batch, seqlen_q,
@@ -619,6 +619,28 @@ def test_flash_attn_forward_and_backward(emu, dtype, D, case, causal, window):
         randn((B, Tq, H, D), dtype)
     got = emulated_attention(emu, q, k, v, dout, causal, window)
     check_attention(got, q, k, v, dout, lambda a, b, c: attention(a, b, c, causal, window))
+
+
+@pytest.mark.parametrize("scores", ["negative scale", "kept maximum"])
+@pytest.mark.parametrize("D", [64, 128])
+def test_flash_attn_softmax_paths(emu, scores, D):
+    # The forward's softmax folds a positive scale into its exponent (a scale <= 0 runs the
+    # score-mod instance) and rescales O only for a warp where some row has a new maximum: with
+    # key 0 every row's largest score (an attention sink, as LLMs' first token), the later key
+    # blocks skip it (random scores seldom do: each row's maximum moves now and then).
+    B, Tq, Tk, H = 1, 70, 200, 2
+    q, k, v, dout = (randn(shape, torch.bfloat16) for shape in ((B, Tq, H, D), (B, Tk, H, D), (B, Tk, H, D),
+                                                                  (B, Tq, H, D)))
+    scale = None
+    if scores == "negative scale":
+        scale = -0.2
+    else:
+        u = randn((1, 1, H, D), torch.float32)
+        q = (q.float() + 1.5 * u).to(torch.bfloat16)
+        k[:, 0] = (1.5 * u[:, 0] + 0.1 * k[:, 0].float()).to(torch.bfloat16)
+    for causal in (False, True):
+        got = emulated_attention(emu, q, k, v, dout, causal, (-1, -1), scale=scale)
+        check_attention(got, q, k, v, dout, lambda a, b, c: attention(a, b, c, causal, scale=scale))
 
 
 @pytest.mark.parametrize("D", [32, 96, 256])

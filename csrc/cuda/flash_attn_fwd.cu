@@ -19,13 +19,14 @@
 // computed. out = O / l and lse = m ln2 + ln l are written once; nothing T x T ever exists, the
 // extra memory is the (B, H, Tq) fp32 LSE.
 // Issue slots (2026-12-05, UNVERIFIED on a GPU): the probabilities by exp2_ftz (one MUFU.EX2, as
-// FlashAttention-2's exp2f under --use_fast_math; exp2f had been 4 instructions a score), the mask
-// in a branch of its own (mask_scores; ptxas had predicated its ~3 instructions a score on every
-// block), and full K / V tiles copied without row tests (load_tile_async). tools/sass_census.py
-// (nvcc 13.0, sm_90, bf16, one warp per key block, mma.sync included; a full block no mask crosses
-// / one the mask crosses):
-//   D = 64: 1,008 -> 812 / 985;  D = 128: 1,334 -> 1,004 / 1,177;
-//   MT = 2: D = 64 1,675 -> 1,119 / 1,388, D = 128 2,025 -> 1,453 / 1,727.
+// FlashAttention-2's exp2f under --use_fast_math; exp2f had been 4 instructions a score) of one FFMA
+// (the scale folded in: one FMUL a score fewer), the mask in a branch of its own (mask_scores; ptxas
+// had predicated its ~3 instructions a score on every block), full K / V tiles copied without row
+// tests (load_tile_async), and O rescaled only where a row's maximum moved (a warp vote).
+// tools/sass_census.py (nvcc 13.0, sm_90, bf16, one warp per key block, mma.sync included), a full
+// block no mask crosses, no row's maximum moving (moving) / the most a block can take:
+//   D = 64: 1,008 -> 755 (782) / 960;  D = 128: 1,334 -> 915 (975) / 1,152;
+//   MT = 2: D = 64 1,675 -> 1,005 / 1,338, D = 128 2,025 -> 1,280 / 1,675.
 // What that buys in time is a GPU measurement (the softmax is the part no mma overlaps).
 // Work: 4 * Tq * Tk * D FLOPs per head (half that causal); reads Q once and K, V once per query
 // block (Tq / kBlockM times, mostly from L2), writes O and LSE once.
@@ -53,9 +54,9 @@ __global__ void tall_tiles_probe_kernel() {}
 // gives 185 registers, no spill, 2 CTAs per SM (D = 128: 203). Which is faster is a GPU measurement
 // (3 CTAs: more latency hiding, 20 B of L1 spill traffic per thread). At 172 registers D = 128 fits
 // 2 CTAs of 128 threads per SM by registers.
-// Since exp2_ftz, the mask branch and the full-tile copy (2026-12-05, sm_90): 105 / 135 / 168 / 172 /
-// 250, no spill (D = 64's is gone, 3 CTAs per SM still); MT = 2: D = 64 234, no spill; D = 128 255
-// with 16 B of spill stores / 80 B loads (16 / 48 before). sm_80: D = 64 135, no spill.
+// Since the 2026-12-05 changes above (sm_90): 121 / 134 / 164 / 171 / 255, no spill (D = 64's is
+// gone, 3 CTAs per SM still); MT = 2: D = 64 no spill; D = 128 255 with 48 B of spill stores / 32 B
+// loads (16 / 48 before). sm_80: 119 / 136 / 168 / 171 / 254, no spill.
 // MT: 16-row m-tiles per warp. Shared memory moves 128 B per clock per SM, so one ldmatrix.x4
 // (512 B) takes 4 clocks; with MT = 1 each K or V fragment feeds 2 mma.m16n8k16 (4096 FMAs) and
 // the Q fragments add a fifth load per 4, so shared memory alone caps the kernel at ~820 FMAs per
@@ -203,33 +204,37 @@ __global__ void __launch_bounds__(128) flash_attn_fwd_kernel(const AttnParams p,
       }
     }
 
-    // Scale into log2 units (capped and biased where asked: ScoreMod); mask only blocks that cross
-    // the mask or the end of the keys.
+    // Capped and biased scores (ScoreMod) into log2 units here; plain ones stay q . k, their scale
+    // folded into the exponent's FFMA below (as FlashAttention-2: one FMUL a score fewer), which
+    // takes scale > 0 (the max of the raw scores is then the max of the scaled ones; dispatch_fwd
+    // sends other scales to the Mods instances). Mask only blocks that cross the mask or the end of
+    // the keys.
     const int64_t j0 = int64_t(nb) * BN;
     const bool need_mask = !(lo_last <= j0 && j0 + BN <= hi_first);
-    // ALiBi distance of element e of tile (mt, nt): query i0 + warp_row + 16 mt + g + 8 (e / 2),
-    // key j0 + 8 nt + 2t + (e & 1).
-    const int dist0 = int(i0 + (s.len_k - s.len_q) - j0) + warp_row + g - 2 * t;
+    if constexpr (Mods) {
+      // ALiBi distance of element e of tile (mt, nt): query i0 + warp_row + 16 mt + g + 8 (e / 2),
+      // key j0 + 8 nt + 2t + (e & 1).
+      const int dist0 = int(i0 + (s.len_k - s.len_q) - j0) + warp_row + g - 2 * t;
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
+      for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
+        for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          float dcap;
-          sacc[mt][nt][e] = mod.score_or(Mods, sacc[mt][nt][e], scale_log2,
-                                         dist0 + mt * 16 + (e / 2) * 8 - nt * 8 - (e & 1), dcap);
-        }
-      }
+          for (int e = 0; e < 4; ++e) {
+            float dcap;
+            sacc[mt][nt][e] = mod.score(sacc[mt][nt][e], dist0 + mt * 16 + (e / 2) * 8 - nt * 8 - (e & 1), dcap);
+          }
     }
+    const float unit = Mods ? 1.f : scale_log2;  // what the scores still need
     if (need_mask) mask_scores(-INFINITY, int(j0) + 2 * t, row_lo, row_hi, sacc);  // a branch (mask_scores)
 
-    // Online softmax for rows g (rr = 0) and g + 8 (rr = 1) of each m-tile. fmaxf skips NaN, so one
-    // NaN score does not poison the running max; exp2 of it is NaN and reaches the output. A row
-    // that has seen only masked keys keeps m = -inf and takes exp2 against 0 (exp2(-inf) = 0, no
-    // inf - inf).
+    // Online softmax for rows g (rr = 0) and g + 8 (rr = 1) of each m-tile, m in log2 units. fmaxf
+    // skips NaN, so one NaN score does not poison the running max; exp2 of it is NaN and reaches the
+    // output. A row that has seen only masked keys keeps m = -inf and takes exp2 against 0
+    // (exp2(-inf) = 0, no inf - inf).
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
+      float corr[2];
 #pragma unroll
       for (int rr = 0; rr < 2; ++rr) {
         float mx = -INFINITY;
@@ -237,22 +242,29 @@ __global__ void __launch_bounds__(128) flash_attn_fwd_kernel(const AttnParams p,
         for (int nt = 0; nt < NT; ++nt) mx = fmaxf(mx, fmaxf(sacc[mt][nt][2 * rr], sacc[mt][nt][2 * rr + 1]));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float m_new = fmaxf(m[mt][rr], mx);
+        const float m_new = fmaxf(m[mt][rr], mx * unit);
         const float m_use = m_new == -INFINITY ? 0.f : m_new;
-        const float corr = exp2_ftz(m[mt][rr] - m_use);
+        corr[rr] = exp2_ftz(m[mt][rr] - m_use);
         m[mt][rr] = m_new;
         float sum = 0.f;
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
-          sacc[mt][nt][2 * rr] = exp2_ftz(sacc[mt][nt][2 * rr] - m_use);
-          sacc[mt][nt][2 * rr + 1] = exp2_ftz(sacc[mt][nt][2 * rr + 1] - m_use);
+          sacc[mt][nt][2 * rr] = exp2_ftz(fmaf(sacc[mt][nt][2 * rr], unit, -m_use));
+          sacc[mt][nt][2 * rr + 1] = exp2_ftz(fmaf(sacc[mt][nt][2 * rr + 1], unit, -m_use));
           sum += sacc[mt][nt][2 * rr] + sacc[mt][nt][2 * rr + 1];
         }
-        l[mt][rr] = l[mt][rr] * corr + sum;  // this lane's partial row sum; the 4 lanes are summed at the end
+        l[mt][rr] = l[mt][rr] * corr[rr] + sum;  // this lane's partial row sum; the 4 lanes are summed at the end
+      }
+      // O rescaled only when a row of the warp's m-tile has a new maximum: corr is exactly 1 for the
+      // others (exp2 of 0), so skipping is bitwise the same; after the first blocks most rows keep
+      // theirs (an LLM's often from its first key), and the 4 * D / 8 multiplies a lane are skipped.
+      if (__any_sync(0xffffffffu, corr[0] != 1.f || corr[1] != 1.f)) {
 #pragma unroll
         for (int dt = 0; dt < DT; ++dt) {
-          o[mt][dt][2 * rr] *= corr;
-          o[mt][dt][2 * rr + 1] *= corr;
+          o[mt][dt][0] *= corr[0];
+          o[mt][dt][1] *= corr[0];
+          o[mt][dt][2] *= corr[1];
+          o[mt][dt][3] *= corr[1];
         }
       }
     }
@@ -345,7 +357,8 @@ template <typename T>
 void dispatch_fwd(const AttnParams& p, int device, cudaStream_t stream) {
   // MT = 2 exists at D = 64 / 128 only (FwdTile); 10 s more nvcc per arch, hence sm_90 alone.
   // Capped and biased scores, dropout: their own instances of the default tiles (ScoreMod, Dropout).
-  if (has_score_mods(p) || has_dropout(p)) {
+  // So are scales <= 0, which the others' softmax does not take (it folds a positive scale into exp2).
+  if (has_score_mods(p) || has_dropout(p) || !(p.scale > 0)) {
     dispatch_head_dim(p.head_dim, [&](auto d) { launch_fwd<T, decltype(d)::value, 1, true>(p, device, stream); });
     return;
   }

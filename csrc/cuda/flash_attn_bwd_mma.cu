@@ -1,5 +1,6 @@
 // FlashAttention-2 backward on tensor cores (sm80 mma.sync m16n8k16; runs unchanged on sm90).
 // Partly verified: ran on an H200 (2026-11-30): compute-sanitizer clean, its small cases right; the CUDA test suite not yet run through (see README).
+// Its loops have changed since (2026-12-05, "Issue slots" below): that version never ran on a GPU.
 // Speed there: fwd+bwd 0.30-0.50x torch SDPA's flash backend (bf16, D = 64 / 128): not tuned yet.
 // The taller tiles (the dq kernel's 128 rows, PYLLM_ATTN_BWD_DQ_BLOCK_M=128; the dk_dv kernel's 128
 // keys at D = 64, PYLLM_ATTN_BWD_DKV_BLOCK_N=128) are unverified: never run on a GPU.

@@ -1,5 +1,6 @@
 // FlashAttention-2 forward on tensor cores (sm80 mma.sync; runs unchanged on sm90).
 // Partly verified: ran on an H200 (2026-11-30): compute-sanitizer clean, its small cases right; the CUDA test suite not yet run through (see README).
+// Its loop has changed since (2026-12-05, "Issue slots" below): that version never ran on a GPU.
 // Speed there (bf16, H = 8): 68-154 TFLOP/s, 0.52-0.66x torch SDPA's flash backend: not tuned yet.
 // The 128-row tiles (MT = 2, PYLLM_ATTN_FWD_BLOCK_M=128) are unverified: never run on a GPU.
 //

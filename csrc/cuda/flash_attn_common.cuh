@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #include "common/attn_params.h"
 #include "common/counter_rng.h"
@@ -260,21 +261,19 @@ struct Swizzle {
 template <int Rows, int D, int Threads, typename T>
 __device__ __forceinline__ void load_tile_async(T* tile, const T* base, int64_t token_stride, int valid) {
   constexpr int kChunks = D / 8;
-  if (valid >= Rows) {  // every tile but a sequence's last: no row test, no select, 16 bytes each
+  auto copy = [&](auto full) {  // full: std::true_type for every tile but a sequence's last (no row test)
 #pragma unroll
     for (int c = threadIdx.x; c < Rows * kChunks; c += Threads) {
       const int row = c / kChunks, col = (c % kChunks) * 8;
-      cp_async_16(smem_addr(tile + Swizzle<D>::offset(row, col)), base + row * token_stride + col, 16);
+      const bool in = decltype(full)::value || row < valid;
+      cp_async_16(smem_addr(tile + Swizzle<D>::offset(row, col)), in ? base + row * token_stride + col : base,
+                  in ? 16 : 0);
     }
-    return;
-  }
-#pragma unroll
-  for (int c = threadIdx.x; c < Rows * kChunks; c += Threads) {
-    const int row = c / kChunks, col = (c % kChunks) * 8;
-    const bool in = row < valid;
-    const T* src = in ? base + row * token_stride + col : base;
-    cp_async_16(smem_addr(tile + Swizzle<D>::offset(row, col)), src, in ? 16 : 0);
-  }
+  };
+  if (valid >= Rows)
+    copy(std::true_type{});
+  else
+    copy(std::false_type{});
 }
 
 // Opts Kernel into `bytes` of dynamic shared memory on `device` (the current device: the launchers

@@ -173,14 +173,13 @@ inline T __shfl_sync(unsigned mask, T v, int src, int width = 32) {
   return ::emu::exchange(mask, v, 32, (segment + (src % width)) ^ lane, 0, "__shfl_sync");
 }
 
-// Warp votes: an OR / AND over the mask's lanes, by the shuffles' exchange (so the same checks: every
-// lane of the mask must reach it).
+// The warp vote the attention forward takes: an OR over the mask's lanes, by the shuffles' exchange
+// (so the same checks: every lane of the mask must reach it).
 inline int __any_sync(unsigned mask, int pred) {
   int v = pred != 0;
   for (int o = 1; o < 32; o <<= 1) v |= __shfl_xor_sync(mask, v, o);
   return v;
 }
-inline int __all_sync(unsigned mask, int pred) { return !__any_sync(mask, !pred); }
 
 // Device intrinsics as the host computes them (the fast-math ones exactly: a looser bound is the
 // GPU's, which the tests' tolerances already allow).

@@ -4,12 +4,13 @@
 
 Compiles the file to a cubin (nvcc -O3, as CMakeLists.txt does), disassembles it with nvdisasm and,
 for each kernel whose mangled name matches REGEX, takes the loop with the most HMMA instructions (the
-key- or query-block loop of the attention kernels) and walks its control-flow graph from the loop's
-head to its back edge. Every path through an iteration is listed with its instruction count by
-class: HMMA (tensor-core mma.sync), MUFU (exp2, rcp), FP32, INT (addresses, masks, counters), MEM
-(ldmatrix, shared and global loads and stores, cp.async, shuffles, barriers), CVT and OTHER (branches,
-convergence markers). A path that skips a branch (the masking of a block that no mask crosses, the
-copy of the next block on the last iteration) is its own row. Predicated-off instructions still take
+key- or query-block loop of the attention kernels) and, over its control-flow graph from the loop's
+head to its back edge, the two paths through an iteration that issue every copy (LDGSTS) of it with
+the fewest and the most instructions (loop_paths): a full block no mask crosses, and one that takes
+every branch (the mask, a partial tile, O's rescale). Each is a row of counts by class: HMMA
+(tensor-core mma.sync), MUFU (exp2, rcp), FP32, INT (addresses, masks, counters), MEM (ldmatrix,
+shared and global loads and stores, cp.async, shuffles, barriers), CVT and OTHER (branches,
+convergence markers); --opcodes lists the opcodes themselves. Predicated-off instructions still take
 an issue slot, so they are counted. These are static counts: they say how many issue slots one warp
 spends per iteration beside its mma.sync, not how long it waits (latency, bank conflicts, occupancy):
 only a GPU (bench/profile_attention.py under Nsight Compute) says that.
@@ -88,9 +89,9 @@ def branch_target(text: str, labels: dict):
 
 def loop_paths(instrs: list, labels: dict) -> tuple:
     """The loop with the most HMMAs, and two paths through one iteration of it, among those that issue
-    every global -> shared copy of the loop (LDGSTS): the one with the fewest instructions (a block that
-    needs no mask) and the one with the most (a block that does). Dynamic programming over the
-    iteration's forward edges, in program order (a topological order of them)."""
+    every global -> shared copy of the loop (LDGSTS): the one with the fewest instructions and the one
+    with the most, as opcode counts. Dynamic programming over the iteration's forward edges, in program
+    order (a topological order of them)."""
     loops = [(t, i) for i, (op, text) in enumerate(instrs)
              if op.startswith("BRA") and (t := branch_target(text, labels)) is not None and t <= i]
     if not loops:

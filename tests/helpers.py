@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import socket
 from pathlib import Path
 
@@ -121,3 +122,34 @@ class _ElsewhereTensor(torch.Tensor):
 
 def on_unsupported_device(t: torch.Tensor) -> torch.Tensor:
     return torch.Tensor._make_subclass(_ElsewhereTensor, t)
+
+
+def all_pairs(axes: list[tuple[str, list, list[str] | None]], every: bool = False):
+    """One pytest.mark.parametrize over the product of axes, each (argnames, values, ids or None for
+    str(value)), listed as the stacked decorators it replaces are, top to bottom, so each case's id
+    is theirs ("full-square-128-torch.float16"). Unless every, only a covering subset of the product:
+    rows picked greedily (the one covering most pairs not yet covered, first in product order on a
+    tie) until every value of each axis has met every value of each other axis, which is what a
+    fault in the interplay of two options needs to show; about the product of the two largest axes'
+    sizes (48 -> 12 for 2 x 2 x 4 x 3), where the kernels' code paths are selected by one option or two."""
+    names = [n for n, _, _ in axes]
+    choices = [range(len(values)) for _, values, _ in axes]
+    rows = list(itertools.product(*choices))
+    if not every:
+        pairs = lambda row: ({(a, row[a], b, row[b]) for a, b in itertools.combinations(range(len(axes)), 2)}
+                             | {(a, row[a]) for a in range(len(axes))})  # (and each value: one axis alone)
+        uncovered, picked = set().union(*map(pairs, rows)), []
+        while uncovered:
+            best = max(rows, key=lambda row: len(pairs(row) & uncovered))  # (max: the first of the best)
+            picked.append(best)
+            uncovered -= pairs(best)
+        rows = sorted(picked)
+    params = []
+    for row in rows:
+        values, ids = [], []
+        for (name, axis_values, axis_ids), i in zip(axes, row):
+            value = axis_values[i]
+            values += list(value) if "," in name else [value]
+            ids.append(axis_ids[i] if axis_ids is not None else str(value))
+        params.append(pytest.param(*values, id="-".join(reversed(ids))))
+    return pytest.mark.parametrize(", ".join(names), params)

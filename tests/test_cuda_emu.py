@@ -30,7 +30,7 @@ import pyllm
 from pyllm import _C
 from pyllm.tokenizer import PATTERNS, Tokenizer
 from pyllm.ops import flash_attn as attn_ops
-from helpers import cuda_emu_build, rel_err, shaped_logits, tolerance
+from helpers import all_pairs, cuda_emu_build, rel_err, shaped_logits, tolerance
 from test_cross_entropy import reference_rows
 from test_bpe import _cuda_texts, _shuffled_ranks_tokenizer, corpus_texts
 from test_distill import divergence_and_grad
@@ -608,11 +608,17 @@ ATTN_CASES = {  # B, Tq, Tk, H, Hkv: block edges of 64 and 128 crossed, Tq != Tk
     "square": (1, 130, 130, 2, 2), "gqa": (2, 70, 70, 4, 2), "mqa-short-q": (1, 33, 150, 4, 1), "tiny": (1, 1, 5, 2, 2)}
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("D", [64, 128])
-@pytest.mark.parametrize("case", list(ATTN_CASES))
-@pytest.mark.parametrize("causal, window", [(False, (-1, -1)), (True, (-1, -1)), (False, (40, 7))],
-                         ids=["full", "causal", "window"])
+# The attention kernels' option matrices (dtype x head dim x shape x mask, ...) run as a covering subset
+# (helpers.all_pairs: each two options' values together at least once; 48 -> 12 cases; this file 460 ->
+# 191 s on the 2-core VM, 2026-12-05), or every case with PYLLM_EMU_ALL=1, as after a change to a
+# kernel. The race build's run (PYLLM_EMU_RACE=1) picks its subset by name from all of them.
+EVERY_CASE = os.environ.get("PYLLM_EMU_ALL") == "1" or os.environ.get("PYLLM_EMU_RACE") == "1"
+HALF_DTYPES = ("dtype", [torch.bfloat16, torch.float16], ["torch.bfloat16", "torch.float16"])
+HEAD_DIMS = ("D", [64, 128], None)
+MASKS = ("causal, window", [(False, (-1, -1)), (True, (-1, -1)), (False, (40, 7))], ["full", "causal", "window"])
+
+
+@all_pairs([HALF_DTYPES, HEAD_DIMS, ("case", list(ATTN_CASES), None), MASKS], EVERY_CASE)
 def test_flash_attn_forward_and_backward(emu, dtype, D, case, causal, window):
     B, Tq, Tk, H, Hkv = ATTN_CASES[case]
     q, k, v, dout = randn((B, Tq, H, D), dtype), randn((B, Tk, Hkv, D), dtype), randn((B, Tk, Hkv, D), dtype), \
@@ -661,10 +667,7 @@ def test_flash_attn_taller_tiles(emu, monkeypatch, tiles, D):
     check_attention(got, q, k, v, dout, lambda a, b, c: attention(a, b, c, True))
 
 
-@pytest.mark.parametrize("D", [64, 128])
-@pytest.mark.parametrize("case", ["square", "gqa", "mqa-short-q", "tiny", "no-key-rows"])
-@pytest.mark.parametrize("causal, window", [(False, (-1, -1)), (True, (-1, -1)), (False, (40, 7))],
-                         ids=["full", "causal", "window"])
+@all_pairs([HEAD_DIMS, ("case", ["square", "gqa", "mqa-short-q", "tiny", "no-key-rows"], None), MASKS], EVERY_CASE)
 def test_flash_attn_atomic_dq_backward(emu, D, case, causal, window):
     # PYLLM_ATTN_BWD=atomic (deterministic=False; sm_90, D = 64 / 128; unverified on a GPU): dQ
     # added into an fp32 buffer by the dk_dv kernel, no dq kernel. dk and dv are the same sums as
@@ -692,11 +695,8 @@ def test_flash_attn_atomic_dq_varlen(emu):
     assert torch.equal(got[2][:1], torch.zeros_like(got[2][:1]))  # the length-1 sequence sees no key
 
 
-@pytest.mark.parametrize("mods", ["softcap", "alibi", "alibi-batch-softcap"])
-@pytest.mark.parametrize("D", [64, 128])
-@pytest.mark.parametrize("case", ["square", "gqa", "mqa-short-q"])
-@pytest.mark.parametrize("causal, window", [(False, (-1, -1)), (True, (-1, -1)), (False, (40, 7))],
-                         ids=["full", "causal", "window"])
+@all_pairs([("mods", ["softcap", "alibi", "alibi-batch-softcap"], None), HEAD_DIMS,
+           ("case", ["square", "gqa", "mqa-short-q"], None), MASKS], EVERY_CASE)
 def test_flash_attn_score_mods(emu, mods, D, case, causal, window, dtype=torch.bfloat16):
     # Gemma 2's capped scores and ALiBi (flash-attn's softcap, alibi_slopes; unverified on a GPU) in
     # the forward and the tensor-core backward, per head or per (sequence, head) slopes, the cap alone
@@ -751,11 +751,7 @@ def dropout_reference(seed: int, p: float, b: int, h: int, tq: int, tk: int, fir
     return lambda q, k, v: (dropped_attention(q, k, v, keep, p, **kw), attention(q, k, v, **kw)[1])
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("D", [64, 128])
-@pytest.mark.parametrize("case", list(ATTN_CASES))
-@pytest.mark.parametrize("causal, window", [(False, (-1, -1)), (True, (-1, -1)), (False, (40, 7))],
-                         ids=["full", "causal", "window"])
+@all_pairs([HALF_DTYPES, HEAD_DIMS, ("case", list(ATTN_CASES), None), MASKS], EVERY_CASE)
 def test_flash_attn_dropout(emu, dtype, D, case, causal, window):
     # Dropout on the probabilities (flash-attn's dropout_p; unverified on a GPU) in the forward and
     # the tensor-core backward: the elements pyllm.ops.flash_attn.dropout_mask gives for the seed,

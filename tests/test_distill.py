@@ -590,6 +590,7 @@ def teacher_run(data_dir, tmp_path_factory):  # noqa: F811
     return out
 
 
+@pytest.mark.level_free
 def test_distillation_trains_the_student_toward_the_teacher(data_dir, teacher_run, tmp_path):  # noqa: F811
     # A student distilled from a trained teacher (a pyllm run, wider): the divergence falls; with
     # alpha 0 the loss is the cross-entropy alone (the fused loss's run, to rounding); exact resume.
@@ -695,6 +696,7 @@ def test_on_policy_batch_replaces_the_last_replies(tmp_path):
     assert (y.view(-1) != -1).sum() == sum(min(len(p) + len(q), 24) - len(p) for p, q in zip(prompts, samples))
 
 
+@pytest.mark.level_free
 def test_on_policy_distillation_learns_and_resumes_exactly(chat_dir, teacher_run, tmp_path):  # noqa: F811
     # distill_lmbda 1: every micro-batch the student's own samples, the divergence falls; 0.5: the
     # draws are logged, and resume is exact (the draws and samples seeded by step and micro-step).
@@ -712,6 +714,7 @@ def test_on_policy_distillation_learns_and_resumes_exactly(chat_dir, teacher_run
     assert losses(tmp_path / "cut") == losses(tmp_path / "whole")
 
 
+@pytest.mark.level_free
 def test_sequence_level_distillation_on_the_teachers_samples(chat_dir, teacher_run, tmp_path):  # noqa: F811
     # distill_seq_kd: every micro-batch's last replies the teacher's samples (GKD's seq_kd), the
     # divergence on them falls; with lmbda the student's replace them at its draws; exact resume.

@@ -369,6 +369,7 @@ def test_alibi_varlen_per_sequence_slopes():
         )
 
 
+@pytest.mark.level_free
 def test_alibi_gradcheck_and_opcheck():
     q, k, v = (torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in ((2, 9, 4, 32), (2, 13, 2, 32),
                                                                                 (2, 13, 2, 32)))
@@ -701,6 +702,7 @@ def test_dropout_mask_keeps_one_minus_p_independently(seed, sequence, head, p):
         assert abs(corr.item()) < 5 / math.sqrt(x.numel())
 
 
+@pytest.mark.level_free
 def test_dropout_gradcheck_opcheck_and_checkpoint():
     q, k, v = (torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in ((2, 9, 4, 32), (2, 13, 2, 32),
                                                                                 (2, 13, 2, 32)))
@@ -746,6 +748,7 @@ def test_dropout_under_vmap_follows_its_randomness_flag():
     assert torch.equal(out[0], out[1]) and torch.equal(out[0], out[2])
 
 
+@pytest.mark.level_free
 def test_dropout_compiles_and_checks():
     torch._dynamo.reset()
 
@@ -1137,8 +1140,10 @@ def test_cuda_atomic_dq_varlen_and_poisoned_outputs(monkeypatch, dtype, d, causa
 
 def test_emulated_tensor_core_kernels_match_reference():
     # tools/flash_attn_mma_emulate.py transliterates the CUDA kernels' index logic (tiles, swizzle,
-    # ldmatrix / mma fragments, masks) to numpy: a few of its cases each run, so that it stays
-    # runnable, and the 128-row forward tiles' index logic is checked here without a GPU.
+    # ldmatrix / mma fragments, masks) to numpy: one of its cases runs, so that it stays runnable.
+    # (The kernels themselves, the 128-row tiles and varlen included, run on the CPU in
+    # test_cuda_emu.py, their own source through tools/cuda_emu; this case took 9 s of the 40 that
+    # the 128-row ones here had added.)
     import importlib.util
 
     path = Path(__file__).resolve().parent.parent / "tools" / "flash_attn_mma_emulate.py"
@@ -1147,17 +1152,6 @@ def test_emulated_tensor_core_kernels_match_reference():
     spec.loader.exec_module(em)
     case = em.CASES[2]  # Tq != Tk, a window, GQA, two query blocks
     assert max(em.run_fwd(**case)[:2]) < 1e-9 and max(em.run_bwd(**case)) < 1e-9
-    varlen = next(case for case in em.M128_CASES if "varlen" in case)
-    for case in (em.M128_CASES[1], varlen):  # D = 128 with a window; varlen
-        out_err, lse_err, out, lse = em.run_fwd(**case, m_tiles=2)
-        assert max(out_err, lse_err) < 1e-9
-        out_64, lse_64 = em.run_fwd(**case)[2:]
-        assert np.array_equal(out, out_64) and np.array_equal(lse, lse_64)
-    dq, dk, dv = em.run_bwd(**varlen, return_grads=True)[1]  # the backward's taller tiles (D = 64 here)
-    errs, grads = em.run_bwd(**varlen, dq_m_tiles=2, return_grads=True)
-    assert max(errs) < 1e-9 and np.array_equal(grads[0], dq)  # no left window: the same bits
-    errs, grads = em.run_bwd(**varlen, dkv_m_tiles=2, return_grads=True)
-    assert max(errs) < 1e-9  # causal: a 128-key tile's first query can move, so rounding may differ
 
 
 def test_bwd_algo_choice_is_checked(monkeypatch):
@@ -1348,6 +1342,7 @@ def test_gradient_through_lse():
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.level_free
 def test_gradcheck_float64():
     def leaf(*shape):
         return torch.randn(*shape, dtype=torch.float64, requires_grad=True)
@@ -1361,6 +1356,7 @@ def test_gradcheck_float64():
         lambda q, k, v: pyllm.flash_attn(q, k, v, causal=True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k), (q, k, v))
 
 
+@pytest.mark.level_free
 def test_opcheck():
     q, k, v = torch.randn(2, 9, 4, 32), torch.randn(2, 11, 2, 32), torch.randn(2, 11, 2, 32)
     args = (q, k, v, None, None, -1, -1, 0.25, -1, 0, False)

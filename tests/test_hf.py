@@ -530,7 +530,12 @@ SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_
              n_routed_experts=4, num_experts=4, num_local_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
              n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=24, n_group=1, topk_group=1,
              shared_expert_intermediate_size=32, expert_ffn_hidden_size=32, ffn_hidden_size=96, pad_token_id=0,
-             bos_token_id=2, eos_token_id=1, attention_dropout=0.0, attn_pdrop=0.0)
+             bos_token_id=2, eos_token_id=1, attention_dropout=0.0, attn_pdrop=0.0,
+             # the hybrids' state-space and linear-attention mixers (their defaults: 128 heads, states of
+             # 256, 4.4M parameters in Kimi Linear's; 8-11 s a type in transformers' reference code paths,
+             # ~2 s now); chunks of 8 so that T = 11 spans two
+             mamba_n_heads=8, mamba_d_state=16, mamba_chunk_size=8, mamba_d_ssm=128,
+             linear_num_heads=4, linear_head_dim=16)
 MLA = dict(num_key_value_heads=4, head_dim=8, qk_rope_head_dim=8, qk_nope_head_dim=16, qk_head_dim=24, v_head_dim=16)
 SMALL_BY_TYPE = {"minicpm3": dict(MLA, qk_rope_head_dim=16, head_dim=16, qk_head_dim=32),
                  "zamba": dict(layers_block_type=["linear_attention", "hybrid", "hybrid"], num_hidden_layers=3,

@@ -1022,6 +1022,7 @@ def _zero_worker(rank, world, port):
     end_process(0)  # every check passed; past gloo's abort at interpreter exit (its docstring)
 
 
+@pytest.mark.level_free
 def test_zero1_over_gloo_matches_unsharded():
     import torch.multiprocessing as mp
 
@@ -1223,6 +1224,7 @@ dist.destroy_process_group()
 
 @pytest.mark.skipif(not hasattr(importlib.import_module("torch.distributed.fsdp"), "fully_shard"),
                     reason="the probe uses torch.distributed.fsdp.fully_shard (torch 2.6+)")
+@pytest.mark.level_free
 def test_adamw_refuses_dtensor_params_when_built():
     # FSDP2's DTensor params have no data pointer of their own: the first step had failed with
     # "null pointer in row 0"; now the optimizer says so when it is built, naming the way out.

@@ -104,6 +104,7 @@ def test_every_output_element_is_written(device, dtype):
             assert rel_err(back, x) < 3 * torch.finfo(dtype).eps  # rotating back gives x again
 
 
+@pytest.mark.level_free
 def test_gradcheck_float64():
     x = torch.randn(2, 4, 3, 10, dtype=torch.float64, requires_grad=True)
     for kind in TABLES:
@@ -113,6 +114,7 @@ def test_gradcheck_float64():
             assert torch.autograd.gradcheck(fn, (x,)) and torch.autograd.gradgradcheck(fn, (x,))
 
 
+@pytest.mark.level_free
 def test_opcheck():
     cos, sin = tables("per_row", 2, 4, 8, torch.float32, "cpu")
     for x in [torch.randn(2, 4, 3, 8), torch.randn(2, 4, 3, 12, requires_grad=True)]:

@@ -1,6 +1,11 @@
 """The developer tools' own logic, where it runs without their external programs (nvcc, nvdisasm)."""
 import importlib.util
+import itertools
 import os
+from math import prod
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,3 +54,28 @@ def test_sass_census_counts_each_path_through_a_loop_iteration():
     # The exit branch is taken by neither (it leaves the loop); predicated, it still takes a slot.
     assert fewest == {"MEM": 1, "HMMA": 1, "OTHER": 3, "MUFU": 1}
     assert most == {"MEM": 1, "HMMA": 1, "OTHER": 3, "INT": 1, "FP32": 1, "MUFU": 1}
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(1, 5), min_size=1, max_size=5))
+def test_all_pairs_covers_every_two_options_values(sizes):
+    # helpers.all_pairs, which picks the emulator's attention cases: every value of each axis meets
+    # every value of each other axis in some case; ids as the stacked decorators gave them
+    from helpers import all_pairs
+
+    axes = [(f"a{i}", [f"v{i}{j}" for j in range(n)], None) for i, n in enumerate(sizes)]
+    if len(sizes) > 1:  # an axis of two names given together, as "causal, window"
+        axes[-1] = (f"a{len(sizes) - 1}, b", [(f"v{len(sizes) - 1}{j}", j) for j in range(sizes[-1])],
+                    [f"w{j}" for j in range(sizes[-1])])
+    every, picked = (all_pairs(axes, e).args[1] for e in (True, False))
+    assert len(every) == prod(sizes) and {p.id for p in picked} <= {p.id for p in every}
+    assert len(picked) <= len(every) and len({p.id for p in picked}) == len(picked)
+    first = lambda value: value[0] if isinstance(value, tuple) else value  # noqa: E731
+    rows = [[first(v) for v in p.values[:len(sizes)]] for p in picked]
+    for a in range(len(sizes)):
+        assert {row[a] for row in rows} == {first(v) for v in axes[a][1]}
+    for a, b in itertools.combinations(range(len(sizes)), 2):
+        want = {(x, y) for x in (first(v) for v in axes[a][1]) for y in (first(v) for v in axes[b][1])}
+        assert {(row[a], row[b]) for row in rows} == want
+    if len(sizes) > 1:  # the last axis's id first, its two values each given
+        assert every[0].id.startswith("w0-") and every[0].values[-2:] == ("v%d0" % (len(sizes) - 1), 0)

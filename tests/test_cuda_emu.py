@@ -613,7 +613,7 @@ ATTN_CASES = {  # B, Tq, Tk, H, Hkv: block edges of 64 and 128 crossed, Tq != Tk
 # 191 s on the 2-core VM, 2026-12-05), or every case with PYLLM_EMU_ALL=1, as after a change to a
 # kernel. The race build's run (PYLLM_EMU_RACE=1) picks its subset by name from all of them.
 EVERY_CASE = os.environ.get("PYLLM_EMU_ALL") == "1" or os.environ.get("PYLLM_EMU_RACE") == "1"
-HALF_DTYPES = ("dtype", [torch.bfloat16, torch.float16], ["torch.bfloat16", "torch.float16"])
+HALF_DTYPES = ("dtype", [torch.bfloat16, torch.float16], None)
 HEAD_DIMS = ("D", [64, 128], None)
 MASKS = ("causal, window", [(False, (-1, -1)), (True, (-1, -1)), (False, (40, 7))], ["full", "causal", "window"])
 

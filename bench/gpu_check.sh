@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole GPU check, in one call on the lent GPU machine (see README, "Kernels": the kernel table and this check):
+# The whole GPU check, in one call on the lent GPU machine (see the README's kernel table and docs/kernels.md):
 #   build -> pytest -m cuda -> compute-sanitizer (memcheck, racecheck) on small cases -> benchmarks.
 # Logs and one JSON summary go under $OUT (at most 8 files come back from the device tool).
 # Usage (device tool): bash bench/gpu_check.sh            [env: PYLLM_CUDA_ARCHS, default 90]

@@ -352,7 +352,27 @@ def wrap_model(model: LLM, cfg: TrainConfig, info: DistInfo) -> torch.nn.Module:
         for block in model.blocks:
             fully_shard(block)
         fully_shard(model)
+        if dist.get_backend() == "gloo" and not reduce_scatter_averages():
+            # FSDP2 reduce-scatters fp32 / bf16 gradients with ReduceOp.AVG, which gloo's
+            # reduce_scatter summed up to torch 2.8: every gradient world_size times too large, hidden by
+            # AdamW's scale invariance and by clipping, but not by a resume from a checkpoint of another
+            # world size (its moments), a clip threshold the norm crosses, or the logged grad norm.
+            if hasattr(model, "set_force_sum_reduction_for_comms"):  # torch 2.8: a sum, then FSDP divides
+                for module in (*model.blocks, model):
+                    module.set_force_sum_reduction_for_comms(True)
+            else:  # torch 2.7: the trainer divides them before the optimizer step (optimizer_step)
+                model.fsdp_grad_divisor = info.world_size
     return wrapped
+
+
+def reduce_scatter_averages() -> bool:
+    """Whether ReduceOp.AVG averages in reduce_scatter_tensor on the default process group
+    (collective: every rank calls). Gloo's summed up to torch 2.8 (measured: 2.8.0 sums, 2.13
+    averages)."""
+    world = dist.get_world_size()
+    out = torch.empty(1)
+    dist.reduce_scatter_tensor(out, torch.ones(world), op=dist.ReduceOp.AVG)
+    return out.item() == 1.0
 
 
 def all_reduce_sum(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
@@ -473,9 +493,17 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, info: DistInfo) -> 
     return AdamW(groups, **hyper)
 
 
-def optimizer_step(optimizer, scaler, max_grad_norm: float) -> tuple[bool, float]:
+def optimizer_step(optimizer, scaler, max_grad_norm: float, model=None) -> tuple[bool, float]:
     """Unscale, clip, step (skipped on an inf/nan gradient, which also backs off the fp16 scale),
-    zero the grads. Returns (stepped, grad norm before clipping)."""
+    zero the grads. Returns (stepped, grad norm before clipping). model: its fsdp_grad_divisor, if
+    set (wrap_model), divides the gradients first."""
+    divisor = getattr(model, "fsdp_grad_divisor", 1)
+    if divisor != 1:
+        with torch.no_grad():
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.grad.div_(divisor)
     optimizer.step(grad_scaler=scaler, max_grad_norm=max_grad_norm if max_grad_norm > 0 else math.inf)
     if scaler is not None:
         scaler.update()
@@ -2051,7 +2079,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
         loss_value = float(all_reduce_mean(loss_sum, info))
         if math.isfinite(loss_value):
             bad_in_a_row = 0
-            stepped, grad_norm = optimizer_step(optimizer, scaler, cfg.grad_clip)
+            stepped, grad_norm = optimizer_step(optimizer, scaler, cfg.grad_clip, model)
         else:
             bad_in_a_row, stepped, grad_norm = bad_in_a_row + 1, False, float("nan")
             optimizer.zero_grad(set_to_none=True)

@@ -7,6 +7,7 @@ checkpoints (atomic, exact resume); logging (tqdm, log.jsonl, the loss plot).
 from __future__ import annotations
 
 import atexit
+import collections
 import contextlib
 import errno
 import json
@@ -380,8 +381,17 @@ def all_reduce_sum(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
     if info.world_size > 1:
         x = x.to(info.device)
         dist.all_reduce(x)
+        _held_by_gloo.append(x)
         x = x.cpu()
     return x
+
+
+# The last few tensors given to pyllm's own collectives, kept referenced. Gloo's worker thread lets go
+# of a finished collective's tensors just after the caller's wait() returns; if Python has dropped
+# the tensor by then, freeing it takes the GIL, and under torch 2.7 destroy_process_group holds the
+# GIL while it joins that thread: a deadlock (seen on a loaded 2-core VM, 2026-12-05: the rank of a
+# run whose rank 0 had refused to start, in end_process, after any_rank's all_reduce).
+_held_by_gloo: collections.deque = collections.deque(maxlen=8)
 
 
 def any_rank(flag: bool, info: DistInfo) -> bool:
@@ -393,7 +403,8 @@ def all_reduce_mean(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
     if info.world_size > 1:
         x = x.clone()
         dist.all_reduce(x)
-        x /= info.world_size
+        _held_by_gloo.append(x)
+        x = x / info.world_size
     return x
 
 
@@ -2195,10 +2206,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
 def weights_lost(path: Path, info: DistInfo) -> bool:
     """Whether rank 0 finds no weights file at path, told to every rank: writing them is collective
     (FSDP gathers), and other nodes' folders need not show rank 0's files."""
-    lost = [info.is_main and not path.is_file()]
-    if info.world_size > 1:
-        dist.broadcast_object_list(lost, src=0)
-    return lost[0]
+    return any_rank(info.is_main and not path.is_file(), info)  # (rank 0's alone: the others give False)
 
 
 def restore(ckpt: dict, model, optimizer, scaler, loader, cfg: TrainConfig, info: DistInfo) -> None:

@@ -615,8 +615,8 @@ if reduce:
     for name in ("reduce_scatter_tensor", "reduce_scatter_single"):  # (FSDP2 calls the second from 2.10 or so)
         if hasattr(dist, name):
             setattr(dist, name, summing(getattr(dist, name)))
-    if reduce == "divide":
-        from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp import FSDPModule
+    if reduce == "divide" and hasattr(FSDPModule, "set_force_sum_reduction_for_comms"):  # (2.8 and later)
         del FSDPModule.set_force_sum_reduction_for_comms
 # In one process group: an uninterrupted run, a run stopped after step 5 (checkpoint at 4), its resume.
 # Then "cross" (unless told not to): a 1-process run's checkpoint, resumed by these 2 processes in this mode.

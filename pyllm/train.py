@@ -372,7 +372,9 @@ def reduce_scatter_averages() -> bool:
     averages)."""
     world = dist.get_world_size()
     out = torch.empty(1)
-    dist.reduce_scatter_tensor(out, torch.ones(world), op=dist.ReduceOp.AVG)
+    # (reduce_scatter_tensor's new name from torch 2.10 or so, which warns of the old one)
+    reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    reduce_scatter(out, torch.ones(world), op=dist.ReduceOp.AVG)
     return out.item() == 1.0
 
 

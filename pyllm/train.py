@@ -406,7 +406,7 @@ def all_reduce_mean(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
         x = x.clone()
         dist.all_reduce(x)
         _held_by_gloo.append(x)
-        x = x / info.world_size
+        x /= info.world_size
     return x
 
 

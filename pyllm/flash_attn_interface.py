@@ -25,13 +25,20 @@ unpad_input_for_concatenated_sequences), with flash-attn 2.8's return values.
 from __future__ import annotations
 
 import re
-from typing import Optional, Union
+from typing import Literal, Optional, Union, overload
 
 import torch
 from torch import Tensor
 
 from pyllm.ops._util import is_number
 from pyllm.ops.flash_attn import cu_seqlens_of, flash_attn, flash_attn_with_kvcache as _kvcache, real_tokens
+
+
+# The return types of the overloads below: out, or with the flag (out, softmax_lse[, empty]) as flash-attn's
+_OutProbs = tuple[Tensor, Tensor, Tensor]
+_OutMaybeProbs = Union[Tensor, _OutProbs]
+_OutLse = tuple[Tensor, Tensor]
+_OutMaybeLse = Union[Tensor, _OutLse]
 
 
 def _gather_paged(op: str, k: Tensor, v: Tensor, block_table: Tensor, cu_seqlens_k: Tensor) -> tuple[Tensor, Tensor]:
@@ -114,10 +121,31 @@ def _attn(op, q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, a
     return (*result, q.new_empty(0)) if return_attn_probs else result
 
 
+@overload
 def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
                     causal: bool = False, window_size=(-1, -1), softcap: float = 0.0,
                     alibi_slopes: Optional[Tensor] = None, deterministic: bool = False,
-                    return_attn_probs: bool = False):
+                    return_attn_probs: Literal[False] = False) -> Tensor: ...
+
+
+@overload
+def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
+                    causal: bool = False, window_size=(-1, -1), softcap: float = 0.0,
+                    alibi_slopes: Optional[Tensor] = None, deterministic: bool = False,
+                    *, return_attn_probs: Literal[True]) -> _OutProbs: ...
+
+
+@overload
+def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
+                    causal: bool = False, window_size=(-1, -1), softcap: float = 0.0,
+                    alibi_slopes: Optional[Tensor] = None, deterministic: bool = False,
+                    return_attn_probs: bool = False) -> _OutMaybeProbs: ...
+
+
+def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
+                    causal: bool = False, window_size=(-1, -1), softcap: float = 0.0,
+                    alibi_slopes: Optional[Tensor] = None, deterministic: bool = False,
+                    return_attn_probs: bool = False) -> _OutMaybeProbs:
     """q (batch, seqlen_q, n_heads, head_dim), k and v (batch, seqlen_k, n_kv_heads, head_dim) ->
     out like q; see pyllm.flash_attn for dtypes, head dims and masking."""
     return _attn("flash_attn_func", q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
@@ -134,24 +162,93 @@ def _unpack(op: str, name: str, packed, dim: int, n: int, ndim: int) -> tuple:
     return packed.unbind(dim=dim)
 
 
+@overload
 def flash_attn_qkvpacked_func(qkv: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
                               causal: bool = False, window_size=(-1, -1), softcap: float = 0.0,
                               alibi_slopes: Optional[Tensor] = None, deterministic: bool = False,
-                              return_attn_probs: bool = False):
+                              return_attn_probs: Literal[False] = False) -> Tensor: ...
+
+
+@overload
+def flash_attn_qkvpacked_func(qkv: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
+                              causal: bool = False, window_size=(-1, -1), softcap: float = 0.0,
+                              alibi_slopes: Optional[Tensor] = None, deterministic: bool = False,
+                              *, return_attn_probs: Literal[True]) -> _OutProbs: ...
+
+
+@overload
+def flash_attn_qkvpacked_func(qkv: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
+                              causal: bool = False, window_size=(-1, -1), softcap: float = 0.0,
+                              alibi_slopes: Optional[Tensor] = None, deterministic: bool = False,
+                              return_attn_probs: bool = False) -> _OutMaybeProbs: ...
+
+
+def flash_attn_qkvpacked_func(qkv: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
+                              causal: bool = False, window_size=(-1, -1), softcap: float = 0.0,
+                              alibi_slopes: Optional[Tensor] = None, deterministic: bool = False,
+                              return_attn_probs: bool = False) -> _OutMaybeProbs:
     """qkv (batch, seqlen, 3, n_heads, head_dim): q, k, v are read as strided views (no copy)."""
     q, k, v = _unpack("flash_attn_qkvpacked_func", "qkv", qkv, 2, 3, 5)
     return _attn("flash_attn_qkvpacked_func", q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
                  alibi_slopes, deterministic, return_attn_probs)
 
 
+@overload
 def flash_attn_kvpacked_func(q: Tensor, kv: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
                              causal: bool = False, window_size=(-1, -1), softcap: float = 0.0,
                              alibi_slopes: Optional[Tensor] = None, deterministic: bool = False,
-                             return_attn_probs: bool = False):
+                             return_attn_probs: Literal[False] = False) -> Tensor: ...
+
+
+@overload
+def flash_attn_kvpacked_func(q: Tensor, kv: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
+                             causal: bool = False, window_size=(-1, -1), softcap: float = 0.0,
+                             alibi_slopes: Optional[Tensor] = None, deterministic: bool = False,
+                             *, return_attn_probs: Literal[True]) -> _OutProbs: ...
+
+
+@overload
+def flash_attn_kvpacked_func(q: Tensor, kv: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
+                             causal: bool = False, window_size=(-1, -1), softcap: float = 0.0,
+                             alibi_slopes: Optional[Tensor] = None, deterministic: bool = False,
+                             return_attn_probs: bool = False) -> _OutMaybeProbs: ...
+
+
+def flash_attn_kvpacked_func(q: Tensor, kv: Tensor, dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
+                             causal: bool = False, window_size=(-1, -1), softcap: float = 0.0,
+                             alibi_slopes: Optional[Tensor] = None, deterministic: bool = False,
+                             return_attn_probs: bool = False) -> _OutMaybeProbs:
     """q (batch, seqlen_q, n_heads, head_dim), kv (batch, seqlen_k, 2, n_kv_heads, head_dim)."""
     k, v = _unpack("flash_attn_kvpacked_func", "kv", kv, 2, 2, 5)
     return _attn("flash_attn_kvpacked_func", q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
                  alibi_slopes, deterministic, return_attn_probs)
+
+
+@overload
+def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                           max_seqlen_q: int, max_seqlen_k: int, dropout_p: float = 0.0,
+                           softmax_scale: Optional[float] = None, causal: bool = False, window_size=(-1, -1),
+                           softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None,
+                           deterministic: bool = False, return_attn_probs: Literal[False] = False,
+                           block_table: Optional[Tensor] = None) -> Tensor: ...
+
+
+@overload
+def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                           max_seqlen_q: int, max_seqlen_k: int, dropout_p: float = 0.0,
+                           softmax_scale: Optional[float] = None, causal: bool = False, window_size=(-1, -1),
+                           softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None,
+                           deterministic: bool = False, *, return_attn_probs: Literal[True],
+                           block_table: Optional[Tensor] = None) -> _OutProbs: ...
+
+
+@overload
+def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                           max_seqlen_q: int, max_seqlen_k: int, dropout_p: float = 0.0,
+                           softmax_scale: Optional[float] = None, causal: bool = False, window_size=(-1, -1),
+                           softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None,
+                           deterministic: bool = False, return_attn_probs: bool = False,
+                           block_table: Optional[Tensor] = None) -> _OutMaybeProbs: ...
 
 
 def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
@@ -159,7 +256,7 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
                            softmax_scale: Optional[float] = None, causal: bool = False, window_size=(-1, -1),
                            softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None,
                            deterministic: bool = False, return_attn_probs: bool = False,
-                           block_table: Optional[Tensor] = None):
+                           block_table: Optional[Tensor] = None) -> _OutMaybeProbs:
     """Packed sequences: q (total_q, n_heads, head_dim), k and v (total_k, n_kv_heads, head_dim),
     int32 cu_seqlens (batch + 1,). With block_table (batch, blocks per sequence) int32, k and v are
     a paged cache (num_blocks, page_size, n_kv_heads, head_dim) as flash-attn's: key t of sequence b
@@ -175,10 +272,33 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
                  cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
 
 
+@overload
 def flash_attn_varlen_qkvpacked_func(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0,
                                      softmax_scale: Optional[float] = None, causal: bool = False, window_size=(-1, -1),
                                      softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None,
-                                     deterministic: bool = False, return_attn_probs: bool = False):
+                                     deterministic: bool = False,
+                                     return_attn_probs: Literal[False] = False) -> Tensor: ...
+
+
+@overload
+def flash_attn_varlen_qkvpacked_func(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0,
+                                     softmax_scale: Optional[float] = None, causal: bool = False, window_size=(-1, -1),
+                                     softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None,
+                                     deterministic: bool = False, *, return_attn_probs: Literal[True]) -> _OutProbs: ...
+
+
+@overload
+def flash_attn_varlen_qkvpacked_func(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0,
+                                     softmax_scale: Optional[float] = None, causal: bool = False, window_size=(-1, -1),
+                                     softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None,
+                                     deterministic: bool = False,
+                                     return_attn_probs: bool = False) -> _OutMaybeProbs: ...
+
+
+def flash_attn_varlen_qkvpacked_func(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float = 0.0,
+                                     softmax_scale: Optional[float] = None, causal: bool = False, window_size=(-1, -1),
+                                     softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None,
+                                     deterministic: bool = False, return_attn_probs: bool = False) -> _OutMaybeProbs:
     """qkv (total, 3, n_heads, head_dim), one cu_seqlens for q and k: strided views, no copy."""
     q, k, v = _unpack("flash_attn_varlen_qkvpacked_func", "qkv", qkv, 1, 3, 4)
     return _attn("flash_attn_varlen_qkvpacked_func", q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
@@ -186,16 +306,74 @@ def flash_attn_varlen_qkvpacked_func(qkv: Tensor, cu_seqlens: Tensor, max_seqlen
                  max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen)
 
 
+@overload
 def flash_attn_varlen_kvpacked_func(q: Tensor, kv: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                                     max_seqlen_q: int, max_seqlen_k: int, dropout_p: float = 0.0,
                                     softmax_scale: Optional[float] = None, causal: bool = False,
                                     window_size=(-1, -1), softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None,
-                                    deterministic: bool = False, return_attn_probs: bool = False):
+                                    deterministic: bool = False,
+                                    return_attn_probs: Literal[False] = False) -> Tensor: ...
+
+
+@overload
+def flash_attn_varlen_kvpacked_func(q: Tensor, kv: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                                    max_seqlen_q: int, max_seqlen_k: int, dropout_p: float = 0.0,
+                                    softmax_scale: Optional[float] = None, causal: bool = False,
+                                    window_size=(-1, -1), softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None,
+                                    deterministic: bool = False, *, return_attn_probs: Literal[True]) -> _OutProbs: ...
+
+
+@overload
+def flash_attn_varlen_kvpacked_func(q: Tensor, kv: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                                    max_seqlen_q: int, max_seqlen_k: int, dropout_p: float = 0.0,
+                                    softmax_scale: Optional[float] = None, causal: bool = False,
+                                    window_size=(-1, -1), softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None,
+                                    deterministic: bool = False, return_attn_probs: bool = False) -> _OutMaybeProbs: ...
+
+
+def flash_attn_varlen_kvpacked_func(q: Tensor, kv: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                                    max_seqlen_q: int, max_seqlen_k: int, dropout_p: float = 0.0,
+                                    softmax_scale: Optional[float] = None, causal: bool = False,
+                                    window_size=(-1, -1), softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None,
+                                    deterministic: bool = False, return_attn_probs: bool = False) -> _OutMaybeProbs:
     """q (total_q, n_heads, head_dim), kv (total_k, 2, n_kv_heads, head_dim)."""
     k, v = _unpack("flash_attn_varlen_kvpacked_func", "kv", kv, 1, 2, 4)
     return _attn("flash_attn_varlen_kvpacked_func", q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
                  alibi_slopes, deterministic, return_attn_probs, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                  max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
+
+
+@overload
+def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optional[Tensor] = None,
+                            v: Optional[Tensor] = None, rotary_cos: Optional[Tensor] = None,
+                            rotary_sin: Optional[Tensor] = None, cache_seqlens: Union[int, Tensor, None] = None,
+                            cache_batch_idx: Optional[Tensor] = None, cache_leftpad: Optional[Tensor] = None,
+                            block_table: Optional[Tensor] = None, softmax_scale: Optional[float] = None,
+                            causal: bool = False, window_size=(-1, -1), softcap: float = 0.0,
+                            rotary_interleaved: bool = True, alibi_slopes: Optional[Tensor] = None,
+                            num_splits: int = 0, return_softmax_lse: Literal[False] = False) -> Tensor: ...
+
+
+@overload
+def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optional[Tensor] = None,
+                            v: Optional[Tensor] = None, rotary_cos: Optional[Tensor] = None,
+                            rotary_sin: Optional[Tensor] = None, cache_seqlens: Union[int, Tensor, None] = None,
+                            cache_batch_idx: Optional[Tensor] = None, cache_leftpad: Optional[Tensor] = None,
+                            block_table: Optional[Tensor] = None, softmax_scale: Optional[float] = None,
+                            causal: bool = False, window_size=(-1, -1), softcap: float = 0.0,
+                            rotary_interleaved: bool = True, alibi_slopes: Optional[Tensor] = None,
+                            num_splits: int = 0, *, return_softmax_lse: Literal[True]) -> _OutLse: ...
+
+
+@overload
+def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optional[Tensor] = None,
+                            v: Optional[Tensor] = None, rotary_cos: Optional[Tensor] = None,
+                            rotary_sin: Optional[Tensor] = None, cache_seqlens: Union[int, Tensor, None] = None,
+                            cache_batch_idx: Optional[Tensor] = None, cache_leftpad: Optional[Tensor] = None,
+                            block_table: Optional[Tensor] = None, softmax_scale: Optional[float] = None,
+                            causal: bool = False, window_size=(-1, -1), softcap: float = 0.0,
+                            rotary_interleaved: bool = True, alibi_slopes: Optional[Tensor] = None,
+                            num_splits: int = 0, return_softmax_lse: bool = False) -> _OutMaybeLse: ...
 
 
 def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optional[Tensor] = None,
@@ -205,7 +383,7 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Opti
                             block_table: Optional[Tensor] = None, softmax_scale: Optional[float] = None,
                             causal: bool = False, window_size=(-1, -1), softcap: float = 0.0,
                             rotary_interleaved: bool = True, alibi_slopes: Optional[Tensor] = None,
-                            num_splits: int = 0, return_softmax_lse: bool = False):
+                            num_splits: int = 0, return_softmax_lse: bool = False) -> _OutMaybeLse:
     """Attention over a KV cache, appending k / v (new tokens) in place at cache_seqlens. Note
     flash-attn's default causal=False here (pyllm.flash_attn_with_kvcache defaults to True).
     cache_seqlens None means every cache is full (nothing to append). Unlike flash-attn 2, any
@@ -288,5 +466,6 @@ def pad_input(hidden_states: Tensor, indices: Tensor, batch: int, seqlen: int) -
 
 __all__ = ["flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func", "flash_attn_varlen_func",
            "flash_attn_varlen_qkvpacked_func", "flash_attn_varlen_kvpacked_func", "flash_attn_with_kvcache",
-           "index_first_axis", "index_first_axis_residual", "index_put_first_axis", "unpad_input", "unpad_input_for_concatenated_sequences",
+           "index_first_axis", "index_first_axis_residual", "index_put_first_axis", "unpad_input",
+           "unpad_input_for_concatenated_sequences",
            "pad_input"]

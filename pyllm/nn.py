@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+from typing import Literal, overload
 
 import torch
 import torch.nn.functional as F
@@ -848,10 +849,35 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return _saved_grads_times(ctx, grad_total, 6)
 
 
+@overload
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          chunk_rows: int | None = None, *, scale: float = 1.0,
                          softcap: float | None = None, label_smoothing: float = 0.0, z_loss: float = 0.0,
-                         return_z_loss: bool = False, ignore_index: int = -1, reduction: str = "sum"):
+                         return_z_loss: Literal[False] = False, ignore_index: int = -1,
+                         reduction: str = "sum") -> torch.Tensor: ...
+
+
+@overload
+def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         chunk_rows: int | None = None, *, scale: float = 1.0,
+                         softcap: float | None = None, label_smoothing: float = 0.0, z_loss: float = 0.0,
+                         return_z_loss: Literal[True], ignore_index: int = -1,
+                         reduction: str = "sum") -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@overload
+def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         chunk_rows: int | None = None, *, scale: float = 1.0,
+                         softcap: float | None = None, label_smoothing: float = 0.0, z_loss: float = 0.0,
+                         return_z_loss: bool = False, ignore_index: int = -1,
+                         reduction: str = "sum") -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         chunk_rows: int | None = None, *, scale: float = 1.0,
+                         softcap: float | None = None, label_smoothing: float = 0.0, z_loss: float = 0.0,
+                         return_z_loss: bool = False, ignore_index: int = -1,
+                         reduction: str = "sum") -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The sum over rows of F.cross_entropy(x @ weight.T, targets), -1 targets ignored, in fp32, with
     its gradients for x and weight computed chunk by chunk in the forward (a fused linear
     cross-entropy): memory O(chunk_rows * vocab) for the logits instead of O(rows * vocab) twice

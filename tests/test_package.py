@@ -1,7 +1,9 @@
 """The package itself: import, the extension's build flags, `python -m pyllm info`."""
+import inspect
 import shutil
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,37 @@ def test_import_and_version():
     from pyllm import linear_cross_entropy
     from pyllm.nn import linear_cross_entropy as in_nn
     assert linear_cross_entropy is in_nn
+
+
+
+def _flagged_functions():
+    import pyllm.flash_attn_interface as fai
+    import pyllm.nn
+    interface = [(getattr(fai, name), "return_attn_probs") for name in (
+        "flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func", "flash_attn_varlen_func",
+        "flash_attn_varlen_qkvpacked_func", "flash_attn_varlen_kvpacked_func")]
+    return [(pyllm.flash_attn, "return_lse"), (pyllm.flash_attn_with_kvcache, "return_lse"),
+            (pyllm.cross_entropy, "return_z_loss"), (pyllm.nn.linear_cross_entropy, "return_z_loss"),
+            (fai.flash_attn_with_kvcache, "return_softmax_lse"), *interface]
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="typing.get_overloads is Python 3.11's")
+@pytest.mark.parametrize("func, flag", _flagged_functions(), ids=lambda x: getattr(x, "__qualname__", x))
+def test_overloads_follow_the_function(func, flag):
+    """A function whose flag adds return values has three overloads (flag False -> out, True -> a
+    tuple, a bool -> either), so that a type checker sees a Tensor where one is returned (pyright had
+    flagged `pyllm.flash_attn(q, k, v).square()`). Each must keep the function's parameters: names in
+    order and defaults (a parameter added to the function alone would be refused by type checkers)."""
+    overloads = typing.get_overloads(func)
+    assert [str(inspect.signature(o).parameters[flag].annotation) for o in overloads] == \
+        ["Literal[False]", "Literal[True]", "bool"]
+    real = inspect.signature(func).parameters
+    for o in overloads:
+        params = inspect.signature(o).parameters
+        assert list(params) == list(real), o
+        for name, p in params.items():
+            if name != flag:
+                assert p.default == real[name].default, (name, o)
 
 
 def test_extension_reports_its_build():

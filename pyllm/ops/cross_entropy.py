@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
-from typing import Optional
+from typing import Literal, Optional, Union, overload
 
 import torch
 from torch import Tensor
@@ -254,9 +254,31 @@ def _weighted(logits, targets, weight, ignore_index, reduction, scale, softcap, 
     return losses.sum() if reduction == "sum" else losses.sum() / row_weights.sum()
 
 
+@overload
 def cross_entropy(logits: Tensor, targets: Tensor, *, ignore_index: int = -100, reduction: str = "mean",
                   label_smoothing: float = 0.0, z_loss: float = 0.0, scale: float = 1.0,
-                  softcap: Optional[float] = None, return_z_loss: bool = False, weight: Optional[Tensor] = None):
+                  softcap: Optional[float] = None, return_z_loss: Literal[False] = False,
+                  weight: Optional[Tensor] = None) -> Tensor: ...
+
+
+@overload
+def cross_entropy(logits: Tensor, targets: Tensor, *, ignore_index: int = -100, reduction: str = "mean",
+                  label_smoothing: float = 0.0, z_loss: float = 0.0, scale: float = 1.0,
+                  softcap: Optional[float] = None, return_z_loss: Literal[True],
+                  weight: Optional[Tensor] = None) -> tuple[Tensor, Tensor]: ...
+
+
+@overload
+def cross_entropy(logits: Tensor, targets: Tensor, *, ignore_index: int = -100, reduction: str = "mean",
+                  label_smoothing: float = 0.0, z_loss: float = 0.0, scale: float = 1.0,
+                  softcap: Optional[float] = None, return_z_loss: bool = False,
+                  weight: Optional[Tensor] = None) -> Union[Tensor, tuple[Tensor, Tensor]]: ...
+
+
+def cross_entropy(logits: Tensor, targets: Tensor, *, ignore_index: int = -100, reduction: str = "mean",
+                  label_smoothing: float = 0.0, z_loss: float = 0.0, scale: float = 1.0,
+                  softcap: Optional[float] = None, return_z_loss: bool = False,
+                  weight: Optional[Tensor] = None) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """F.cross_entropy(logits, targets, ignore_index=, reduction=, label_smoothing=) over the last
     dim, one kernel call for the forward and one for the backward, which recomputes each row's
     softmax from logits (saved by reference: no (N, V) buffer is kept). 16-bit logits are never

@@ -10,7 +10,7 @@ import math
 import operator
 import os
 from array import array
-from typing import Callable, Optional
+from typing import Callable, Literal, Optional, Union, overload
 
 import numpy as np
 import torch
@@ -1160,12 +1160,40 @@ def _check_max_seqlen(op: str, name: str, value) -> int:
     return number
 
 
+# Overloads: the return type follows return_lse, so that type checkers see a Tensor where one is returned.
+@overload
+def flash_attn(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, softmax_scale: Optional[float] = None,
+               window: tuple[int, int] = (-1, -1), cu_seqlens_q: Optional[Tensor] = None,
+               cu_seqlens_k: Optional[Tensor] = None, max_seqlen_q: Optional[int] = None,
+               max_seqlen_k: Optional[int] = None, return_lse: Literal[False] = False, deterministic: bool = False,
+               softcap: float = 0.0, sinks: Optional[Tensor] = None, alibi_slopes: Optional[Tensor] = None,
+               dropout_p: float = 0.0) -> Tensor: ...
+
+
+@overload
+def flash_attn(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, softmax_scale: Optional[float] = None,
+               window: tuple[int, int] = (-1, -1), cu_seqlens_q: Optional[Tensor] = None,
+               cu_seqlens_k: Optional[Tensor] = None, max_seqlen_q: Optional[int] = None,
+               max_seqlen_k: Optional[int] = None, return_lse: Literal[True], deterministic: bool = False,
+               softcap: float = 0.0, sinks: Optional[Tensor] = None, alibi_slopes: Optional[Tensor] = None,
+               dropout_p: float = 0.0) -> tuple[Tensor, Tensor]: ...
+
+
+@overload
 def flash_attn(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, softmax_scale: Optional[float] = None,
                window: tuple[int, int] = (-1, -1), cu_seqlens_q: Optional[Tensor] = None,
                cu_seqlens_k: Optional[Tensor] = None, max_seqlen_q: Optional[int] = None,
                max_seqlen_k: Optional[int] = None, return_lse: bool = False, deterministic: bool = False,
                softcap: float = 0.0, sinks: Optional[Tensor] = None, alibi_slopes: Optional[Tensor] = None,
-               dropout_p: float = 0.0):
+               dropout_p: float = 0.0) -> Union[Tensor, tuple[Tensor, Tensor]]: ...
+
+
+def flash_attn(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, softmax_scale: Optional[float] = None,
+               window: tuple[int, int] = (-1, -1), cu_seqlens_q: Optional[Tensor] = None,
+               cu_seqlens_k: Optional[Tensor] = None, max_seqlen_q: Optional[int] = None,
+               max_seqlen_k: Optional[int] = None, return_lse: bool = False, deterministic: bool = False,
+               softcap: float = 0.0, sinks: Optional[Tensor] = None, alibi_slopes: Optional[Tensor] = None,
+               dropout_p: float = 0.0) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Exact attention softmax(q k^T * scale) v, tiled (FlashAttention-2), differentiable.
 
     Args:
@@ -1409,6 +1437,7 @@ def _apart_from_caches(k_cache, v_cache, *news) -> tuple:
                  and new.untyped_storage().data_ptr() in caches else new for new in news)
 
 
+@overload
 def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens, k_new: Optional[Tensor] = None,
                             v_new: Optional[Tensor] = None, causal: bool = True, *,
                             softmax_scale: Optional[float] = None, window: tuple[int, int] = _NO_WINDOW,
@@ -1416,7 +1445,43 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_s
                             alibi_slopes: Optional[Tensor] = None, rotary_cos: Optional[Tensor] = None,
                             rotary_sin: Optional[Tensor] = None, rotary_interleaved: bool = True,
                             cache_batch_idx: Optional[Tensor] = None, cache_leftpad: Optional[Tensor] = None,
-                            block_table: Optional[Tensor] = None, return_lse: bool = False):
+                            block_table: Optional[Tensor] = None,
+                            return_lse: Literal[False] = False) -> Tensor: ...
+
+
+@overload
+def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens, k_new: Optional[Tensor] = None,
+                            v_new: Optional[Tensor] = None, causal: bool = True, *,
+                            softmax_scale: Optional[float] = None, window: tuple[int, int] = _NO_WINDOW,
+                            softcap: float = 0.0, sinks: Optional[Tensor] = None,
+                            alibi_slopes: Optional[Tensor] = None, rotary_cos: Optional[Tensor] = None,
+                            rotary_sin: Optional[Tensor] = None, rotary_interleaved: bool = True,
+                            cache_batch_idx: Optional[Tensor] = None, cache_leftpad: Optional[Tensor] = None,
+                            block_table: Optional[Tensor] = None,
+                            return_lse: Literal[True]) -> tuple[Tensor, Tensor]: ...
+
+
+@overload
+def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens, k_new: Optional[Tensor] = None,
+                            v_new: Optional[Tensor] = None, causal: bool = True, *,
+                            softmax_scale: Optional[float] = None, window: tuple[int, int] = _NO_WINDOW,
+                            softcap: float = 0.0, sinks: Optional[Tensor] = None,
+                            alibi_slopes: Optional[Tensor] = None, rotary_cos: Optional[Tensor] = None,
+                            rotary_sin: Optional[Tensor] = None, rotary_interleaved: bool = True,
+                            cache_batch_idx: Optional[Tensor] = None, cache_leftpad: Optional[Tensor] = None,
+                            block_table: Optional[Tensor] = None,
+                            return_lse: bool = False) -> Union[Tensor, tuple[Tensor, Tensor]]: ...
+
+
+def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens, k_new: Optional[Tensor] = None,
+                            v_new: Optional[Tensor] = None, causal: bool = True, *,
+                            softmax_scale: Optional[float] = None, window: tuple[int, int] = _NO_WINDOW,
+                            softcap: float = 0.0, sinks: Optional[Tensor] = None,
+                            alibi_slopes: Optional[Tensor] = None, rotary_cos: Optional[Tensor] = None,
+                            rotary_sin: Optional[Tensor] = None, rotary_interleaved: bool = True,
+                            cache_batch_idx: Optional[Tensor] = None, cache_leftpad: Optional[Tensor] = None,
+                            block_table: Optional[Tensor] = None,
+                            return_lse: bool = False) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Attention of new queries over a KV cache, appending k_new / v_new to the cache in place.
 
     Args:

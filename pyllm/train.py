@@ -1305,7 +1305,7 @@ def grpo_loss(model, rollout: dict, cfg: TrainConfig, world_size: int = 1) -> tu
 
 
 def grpo_batch_loss(model, policy: LLM, batch, cfg: TrainConfig, reward_fns: list, generator: torch.Generator | None,
-                    reference=None, rows: list | None = None) -> tuple[torch.Tensor, torch.Tensor, list[int], int]:
+                    reference=None, rows: list | None = None) -> tuple[torch.Tensor, list, list[int], int]:
     """GRPO's loss on one packed batch of conversations, one process, no accumulation: grpo_rollout,
     grpo_prepare, grpo_loss with the policy as it is (model: what computes the log-probabilities;
     policy: the LLM that samples). Returns the loss, the means (grpo_stat_means: mean reward,

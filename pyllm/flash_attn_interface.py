@@ -13,11 +13,13 @@ a paged k / v too (block_table), gathered into packed tensors for the kernels. d
 the kernels (on CUDA unverified on a GPU), its elements drawn by pyllm's own generator of masks, not
 flash-attn's Philox: the same statistics, other elements (pyllm.ops.flash_attn.dropout_mask gives
 them). `return_attn_probs=True` returns (out, softmax_lse, an empty tensor): flash-attn's third
-value (the dropout pattern, for its own tests) is not made. `num_splits` is a tuning hint and is ignored (pyllm picks the
+value (the dropout pattern, for its own tests) is not made. The kv-cache call has no backward: a
+loss through its output raises at backward() (flash-attn's output has no grad_fn, and the gradient
+is lost silently). `num_splits` is a tuning hint and is ignored (pyllm picks the
 split-KV count itself). As flash-attn: head dims up to 256 (those without a kernel zero-padded to the
 next one), windows with any negative side unlimited, softcap <= 0 no cap, max_seqlen as any integer,
-packed tensors longer than cu_seqlens' last entry (the rows past it: zeros, their gradients
-zeros), a KV cache of more rows than the batch (its first rows). Unlike flash-attn, CPU tensors
+packed tensors longer than cu_seqlens' last entry (the rows past it: zeros, where flash-attn leaves
+them unwritten; their gradients zeros), a KV cache of more rows than the batch (its first rows). Unlike flash-attn, CPU tensors
 work too (fp32, bf16, fp64, and fp16 computed in fp32). flash_attn.bert_padding's helpers are here
 too (unpad_input, pad_input, index_first_axis, index_put_first_axis,
 unpad_input_for_concatenated_sequences), with flash-attn 2.8's return values.
@@ -419,8 +421,10 @@ def index_first_axis(x: Tensor, indices: Tensor) -> Tensor:
 
 
 def index_first_axis_residual(x: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:
-    """(x[indices], x detached): flash-attn's, for a residual kept whole beside the rows taken."""
-    return index_first_axis(x, indices), x.detach()
+    """(x[indices], x as a view): flash-attn's, for a residual kept whole beside the rows taken. Both
+    carry gradients back to x (flash-attn's autograd.Function adds the rows' gradient into the
+    residual's; until 2026-12-05 this returned x detached, and the residual's gradient was lost)."""
+    return index_first_axis(x, indices), x.view_as(x)
 
 
 def index_put_first_axis(values: Tensor, indices: Tensor, first_axis_dim: int) -> Tensor:

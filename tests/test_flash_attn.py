@@ -3122,6 +3122,14 @@ def test_flash_attn_interface_padding_helpers():
         fai.index_first_axis(torch.arange(4.0), torch.tensor([0]))
     rows, whole = fai.index_first_axis_residual(x.view(18, 1), idx)
     assert torch.equal(rows, packed) and torch.equal(whole, x.view(18, 1)) and not whole.requires_grad
+    # both differentiable, as flash-attn's autograd.Function (its BERT keeps the last layer's keys
+    # and values whole beside the rows taken): x's gradient is the residual's plus the rows'
+    leaf = torch.randn(18, 3, requires_grad=True)
+    rows, whole = fai.index_first_axis_residual(leaf, idx)
+    (2 * rows.sum() + whole.sum()).backward()
+    taken = torch.zeros(18)
+    taken[idx] = 1
+    assert torch.equal(leaf.grad, (1 + 2 * taken)[:, None].expand(18, 3))
     q = torch.randn(1, 4, 2, 32)
     for no_cap in (np.float32(-1.0), torch.tensor(-1.0), torch.tensor(0.0)):  # as a float's: no cap
         torch.testing.assert_close(fai.flash_attn_func(q, q, q, softcap=no_cap), fai.flash_attn_func(q, q, q))

@@ -964,7 +964,8 @@ class _KVCacheNoBackward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        raise NotImplementedError("flash_attn_with_kvcache has no backward (as flash-attn's): it is for inference "
+        raise NotImplementedError("flash_attn_with_kvcache has no backward (flash-attn's returns an output without "
+                                  "one, so a gradient through it is lost there silently): it is for inference "
                                   "with a KV cache; for training call pyllm.flash_attn (causal=True, cu_seqlens for "
                                   "packed sequences), or run the cache step under torch.no_grad()")
 

@@ -54,10 +54,10 @@ def _check_hyper(where: str, lr, betas, eps, weight_decay) -> None:
             raise ValueError(f"{where}: betas[{i}] must be a number in [0, 1), got {b!r}")
 
 
-def _check_param(p: Tensor, stepped: bool) -> None:
+def _check_param(p: Tensor) -> None:
     """A param the fused step takes: on cpu or cuda (with its kernels built), float32 / bfloat16 /
-    float16, and, where it is stepped, contiguous (the kernels walk param, grad and state as flat
-    arrays). At construction and again at each step (a param may change in between)."""
+    float16, contiguous (the kernels walk param, grad and state as flat arrays). At construction
+    (params that require grad) and again at each step (a param may change in between)."""
     if _util.is_dtensor(p):  # (no data pointer of its own: the step would read none)
         raise TypeError("AdamW: got a DTensor param (FSDP2's fully_shard, or tensor parallelism): pyllm's fused step "
                         "takes plain tensors; use torch.optim.AdamW for sharded params (pyllm train does), or "
@@ -67,7 +67,7 @@ def _check_param(p: Tensor, stepped: bool) -> None:
     _util.check_backend("AdamW", p)
     if p.dtype not in _ops.DTYPES[p.device.type]:
         raise TypeError(f"AdamW: params must be float32, bfloat16 or float16, got a {p.dtype} param")
-    if stepped and not p.is_contiguous():
+    if not p.is_contiguous():
         raise ValueError(f"AdamW: params must be contiguous, got one of shape {tuple(p.shape)} with strides "
                          f"{p.stride()} (channels_last or a transposed view: give the optimizer contiguous params, "
                          "or use torch.optim.AdamW for these)")
@@ -186,8 +186,12 @@ class AdamW(torch.optim.Optimizer):
         if not isinstance(stochastic_rounding, bool):
             raise TypeError(f"AdamW: stochastic_rounding must be a bool, got {type(stochastic_rounding).__name__}")
         seed = torch.initial_seed()  # fixed by torch.manual_seed, and draws nothing from the generator
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                        master_weights=master_weights, stochastic_rounding=stochastic_rounding, seed=seed)
+        # torch's group keys too (code reads group["amsgrad"] or defaults["fused"]; a state_dict loaded
+        # into torch.optim.AdamW keeps them), with the values given
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                        maximize=maximize, foreach=foreach, capturable=capturable, differentiable=differentiable,
+                        fused=fused, decoupled_weight_decay=True, master_weights=master_weights,
+                        stochastic_rounding=stochastic_rounding, seed=seed)
         super().__init__(params, defaults)
         self.last_grad_norm: Tensor | None = None
         self.last_step_skipped: Tensor | None = None
@@ -223,12 +227,15 @@ class AdamW(torch.optim.Optimizer):
     def _check_group(group: dict) -> None:
         AdamW._check_no_repeats(group["params"])
         _check_hyper("AdamW param group", group["lr"], group["betas"], group["eps"], group["weight_decay"])
-        devices = {p.device for p in group["params"]}
+        # Frozen params are never stepped (as torch's: an int64 buffer-like Parameter, a float64
+        # constant): not refused here; one that gets a grad later is checked at that step.
+        trained = [p for p in group["params"] if p.requires_grad]
+        devices = {p.device for p in trained}
         if len(devices) > 1:
             raise ValueError(f"AdamW: every param of a group must be on one device, got params on "
                              f"{', '.join(sorted(map(str, devices)))}")
-        for p in group["params"]:
-            _check_param(p, stepped=p.requires_grad)
+        for p in trained:
+            _check_param(p)
 
     # --- state -------------------------------------------------------------------------------
 
@@ -319,7 +326,7 @@ class AdamW(torch.optim.Optimizer):
                 if p.device != device:
                     raise ValueError(f"AdamW: every param of a group must be on one device, group {gi} has "
                                      f"params on {device} and on {p.device}")
-                _check_param(p, stepped=True)
+                _check_param(p)
                 if p.grad.dtype != p.dtype or p.grad.shape != p.shape:
                     raise TypeError(f"AdamW: a grad must match its param, got grad {p.grad.dtype} "
                                     f"{tuple(p.grad.shape)} for param {p.dtype} {tuple(p.shape)}")

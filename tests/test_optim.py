@@ -426,10 +426,51 @@ def test_torch_adamw_signature_is_accepted():
     model = make_model()
     AdamW(model.parameters(), 1e-3, (0.9, 0.999), 1e-8, 0.01, False, maximize=False, foreach=True,
           capturable=False, differentiable=False, fused=True)
-    AdamW(model.parameters(), foreach=False, fused=None, capturable=True)
+    opt = AdamW(model.parameters(), foreach=False, fused=None, capturable=True)
     for option in ("amsgrad", "maximize", "differentiable"):
         with pytest.raises(NotImplementedError, match=f"{option}=True"):
             AdamW(model.parameters(), **{option: True})
+    # torch's group and defaults keys too, with the values given (code reads group["amsgrad"] or
+    # defaults["fused"]); pyllm's own beside them
+    theirs = torch.optim.AdamW(model.parameters(), foreach=False, capturable=True)
+    assert set(theirs.defaults) <= set(opt.defaults) and set(theirs.param_groups[0]) <= set(opt.param_groups[0])
+    assert opt.defaults["foreach"] is False and opt.defaults["capturable"] is True and not opt.defaults["amsgrad"]
+
+
+def test_frozen_params_of_any_dtype_are_left_alone():
+    """As torch's: a param that does not require grad (an int64 counter, a float64 constant kept as an
+    nn.Parameter) is never stepped, so not refused at construction; given a grad later, it is refused at
+    that step, before anything moves."""
+    weight = nn.Parameter(torch.randn(3))
+    frozen = [nn.Parameter(torch.arange(3), requires_grad=False),
+              nn.Parameter(torch.zeros(3, dtype=torch.float64), requires_grad=False),
+              nn.Parameter(torch.zeros(2, device="meta"), requires_grad=False)]
+    opt = AdamW([weight, *frozen])
+    weight.grad = torch.ones(3)
+    before = weight.detach().clone()
+    opt.step()
+    assert not torch.equal(weight, before) and all(p not in opt.state for p in frozen)
+    frozen[1].requires_grad_(True)
+    frozen[1].grad = torch.ones(3, dtype=torch.float64)
+    before = weight.detach().clone()
+    with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
+        opt.step()
+    assert torch.equal(weight, before)
+
+
+def test_large_grads_update_the_second_moment_as_torch():
+    """v = b2 v + ((1 - b2) g) g, torch's order: g * g alone overflows fp32 from |g| ~ 1.8e19, and v
+    had gone inf there, freezing the element for good (pyllm before 2026-12-05). No clipping."""
+    grads = torch.tensor([1e19, 2e19, -2e20, 3.0, 1e21])
+    ours, theirs = nn.Parameter(torch.ones(5)), nn.Parameter(torch.ones(5))
+    opts = AdamW([ours], lr=1e-2), torch.optim.AdamW([theirs], lr=1e-2, foreach=False)
+    for _ in range(3):
+        ours.grad, theirs.grad = grads.clone(), grads.clone()
+        for opt in opts:
+            opt.step()
+    v_ours, v_theirs = opts[0].state[ours]["exp_avg_sq"], opts[1].state[theirs]["exp_avg_sq"]
+    assert torch.isfinite(v_ours[:4]).all() and torch.equal(torch.isinf(v_ours), torch.isinf(v_theirs))
+    assert rel_err(v_ours[:4], v_theirs[:4]) < 1e-6 and rel_err(ours.detach(), theirs.detach()) < 1e-6
 
 
 @pytest.mark.parametrize("option", ["amsgrad", "maximize"])

@@ -176,7 +176,7 @@ __device__ __forceinline__ uint16_t bf16_stochastic(float x, uint32_t bits) {
 __device__ __forceinline__ void adam_element(float g, float& p, float& m, float& v, float omb1, float b2,
                                               float omb2, float keep, float step_size, float inv_bc2_sqrt, float eps) {
   m = m + omb1 * (g - m);
-  v = b2 * v + omb2 * (g * g);
+  v = b2 * v + (omb2 * g) * g;  // torch's order (csrc/cpu/adamw.cpp): g * g alone overflows fp32 from |g| ~ 1.8e19
   p = p * keep;
   p = p - step_size * m / (sqrtf(v) * inv_bc2_sqrt + eps);
 }

@@ -458,11 +458,12 @@ def test_frozen_params_of_any_dtype_are_left_alone():
     assert torch.equal(weight, before)
 
 
-def test_large_grads_update_the_second_moment_as_torch():
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+def test_large_grads_update_the_second_moment_as_torch(device):
     """v = b2 v + ((1 - b2) g) g, torch's order: g * g alone overflows fp32 from |g| ~ 1.8e19, and v
     had gone inf there, freezing the element for good (pyllm before 2026-12-05). No clipping."""
-    grads = torch.tensor([1e19, 2e19, -2e20, 3.0, 1e21])
-    ours, theirs = nn.Parameter(torch.ones(5)), nn.Parameter(torch.ones(5))
+    grads = torch.tensor([1e19, 2e19, -2e20, 3.0, 1e21], device=device)
+    ours, theirs = nn.Parameter(torch.ones(5, device=device)), nn.Parameter(torch.ones(5, device=device))
     opts = AdamW([ours], lr=1e-2), torch.optim.AdamW([theirs], lr=1e-2, foreach=False)
     for _ in range(3):
         ours.grad, theirs.grad = grads.clone(), grads.clone()

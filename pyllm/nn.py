@@ -908,10 +908,18 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
         # NaN for its row, as any target out of range. (One no int64 holds ignores nothing.)
         ignored = targets == ignore_index if -2**63 <= ignore_index < 2**63 else None
         minus_one = targets == -1
-        if targets.is_cpu and not _util.values_unreadable(targets) and bool(minus_one.any()):  # (free on the CPU)
-            raise ValueError(f"linear_cross_entropy: a target of -1 is out of range with ignore_index={ignore_index} "
-                             f"(row {int(minus_one.reshape(-1).nonzero()[0])}), as in F.cross_entropy")
-        targets = targets.masked_fill(minus_one, weight.shape[0] if isinstance(weight, torch.Tensor) else 0)
+        vocab = weight.shape[0] if isinstance(weight, torch.Tensor) else 0
+        if targets.is_cpu and not _util.values_unreadable(targets):  # (free on the CPU)
+            # any target out of range, -1 among them, named with the caller's ignore_index (the
+            # kernel's own message would name -1, the sentinel it is given)
+            out = (targets < 0) | (targets >= vocab)
+            if ignored is not None:
+                out &= ~ignored
+            if bool(out.any()):
+                row = int(out.reshape(-1).nonzero()[0])
+                raise ValueError(f"linear_cross_entropy: a target of {int(targets.reshape(-1)[row])} is out of range "
+                                 f"[0, {vocab}) with ignore_index={ignore_index} (row {row}), as in F.cross_entropy")
+        targets = targets.masked_fill(minus_one, vocab)
         if ignored is not None:
             targets = targets.masked_fill(ignored, -1)
     x, weight, chunk_rows = _fused_linear_inputs(x, weight, chunk_rows, softcap, cross_entropy_ops.takes)
@@ -949,12 +957,17 @@ def _mean_over(total: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
 
 
 class CrossEntropyLoss(nn.Module):
-    """torch.nn.CrossEntropyLoss's arguments (weight, ignore_index, reduction, label_smoothing) over
-    pyllm.cross_entropy: forward(logits (..., V), targets (...)), classes on the last dim."""
+    """torch.nn.CrossEntropyLoss's arguments in its order (weight, size_average, ignore_index, reduce,
+    reduction, label_smoothing; the deprecated size_average / reduce mapped to a reduction as torch
+    does) over pyllm.cross_entropy: forward(logits (..., V), targets (...)), classes on the last dim."""
 
-    def __init__(self, weight: torch.Tensor | None = None, ignore_index: int = -100, reduction: str = "mean",
-                 label_smoothing: float = 0.0):
+    def __init__(self, weight: torch.Tensor | None = None, size_average=None, ignore_index: int = -100,
+                 reduce=None, reduction: str = "mean", label_smoothing: float = 0.0):
         super().__init__()
+        if size_average is not None or reduce is not None:
+            from torch.nn import _reduction
+
+            reduction = _reduction.legacy_get_string(size_average, reduce)  # (warns, as torch's)
         self.register_buffer("weight", weight)
         self.ignore_index, self.reduction, self.label_smoothing = ignore_index, reduction, label_smoothing
 
@@ -964,13 +977,23 @@ class CrossEntropyLoss(nn.Module):
 
 
 class LinearCrossEntropyLoss(nn.Module):
-    """Liger-Kernel's LigerFusedLinearCrossEntropyLoss over linear_cross_entropy: its arguments
-    (ignore_index -100, lse_square_scale as z_loss, label_smoothing, reduction "mean" or "sum",
-    softcap, return_z_loss) and its forward's order, forward(lin_weight, _input, target): the output
-    layer's weight first. No bias (pyllm's fused losses take none)."""
+    """Liger-Kernel's LigerFusedLinearCrossEntropyLoss over linear_cross_entropy: its arguments in its
+    order (ce_weight, ignore_index -100, lse_square_scale as z_loss, label_smoothing, reduction "mean"
+    or "sum", softcap, return_z_loss, accum_dtype) and its forward's order, forward(lin_weight,
+    _input, target): the output layer's weight first. No bias and no class weights (ce_weight must be
+    None: pyllm's fused losses take neither); accum_dtype None or float32 (the weight's gradient is
+    summed in fp32 either way). return_z_loss gives (loss, z_loss), as Liger's did before its
+    CrossEntropyOutput."""
 
-    def __init__(self, ignore_index: int = -100, lse_square_scale: float = 0.0, label_smoothing: float = 0.0,
-                 reduction: str = "mean", softcap: float | None = None, return_z_loss: bool = False):
+    def __init__(self, ce_weight: torch.Tensor | None = None, ignore_index: int = -100, lse_square_scale: float = 0.0,
+                 label_smoothing: float = 0.0, reduction: str = "mean", softcap: float | None = None,
+                 return_z_loss: bool = False, accum_dtype: torch.dtype | None = None):
+        if ce_weight is not None:
+            raise NotImplementedError("LinearCrossEntropyLoss: class weights (ce_weight) are not taken by pyllm's "
+                                      "fused loss; use pyllm.cross_entropy(logits, targets, weight) on the logits")
+        if accum_dtype not in (None, torch.float32):
+            raise ValueError(f"LinearCrossEntropyLoss: accum_dtype must be None or torch.float32 (the weight's "
+                             f"gradient is summed in fp32), got {accum_dtype}")
         super().__init__()
         self.ignore_index, self.z_loss, self.label_smoothing = ignore_index, lse_square_scale, label_smoothing
         self.reduction, self.softcap, self.return_z_loss = reduction, softcap, return_z_loss
@@ -1600,13 +1623,19 @@ def _rms_norm_takes(x: torch.Tensor) -> bool:
 class RMSNorm(nn.Module):
     """x / rms(x) * weight (Zhang & Sennrich 2019), computed in fp32 and cast back, as LLaMA does:
     bf16 squares lose too many bits when summed over a 4k-wide row. torch.nn.RMSNorm's arguments
-    (dim: an int or the trailing dims normalised together, elementwise_affine), with LLaMA's
-    roundings and eps default (1e-5; None: torch's, fp32's epsilon). A weight of another dtype than
-    x is cast to x's first; an fp32 weight on bf16 / fp16 x (under autocast) is rounded for the
-    product too, its gradient written in fp32 (rms_norm's)."""
+    (dim: an int or the trailing dims normalised together, also by torch's name normalized_shape=;
+    elementwise_affine), with LLaMA's roundings and eps default (1e-5; None: torch's, fp32's
+    epsilon). A weight of another dtype than x is cast to x's first; an fp32 weight on bf16 / fp16 x
+    (under autocast) is rounded for the product too, its gradient written in fp32 (rms_norm's)."""
 
-    def __init__(self, dim, eps: float | None = 1e-5, elementwise_affine: bool = True, device=None, dtype=None):
+    def __init__(self, dim=None, eps: float | None = 1e-5, elementwise_affine: bool = True, device=None, dtype=None, *,
+                 normalized_shape=None):
         super().__init__()
+        if (dim is None) == (normalized_shape is None):  # normalized_shape: torch.nn.RMSNorm's name for dim
+            raise TypeError("RMSNorm: give the normalised size as dim (first argument) or normalized_shape= "
+                            f"(torch.nn.RMSNorm's name), one of them; got dim={dim!r}, "
+                            f"normalized_shape={normalized_shape!r}")
+        dim = dim if normalized_shape is None else normalized_shape
         if isinstance(elementwise_affine, (torch.device, str)) or not isinstance(elementwise_affine, bool):
             raise TypeError(f"RMSNorm: elementwise_affine (the 3rd argument, as in torch.nn.RMSNorm) must be a bool, got "
                             f"{elementwise_affine!r}; give device= by name")
@@ -1703,7 +1732,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotates the pairs (x[..., i], x[..., i + R/2]) of x (B, T, H, D) by the angles of their
     position (the "rotate half" layout of GPT-NeoX / HF LLaMA, not the interleaved one of Meta's),
     R = 2 * cos.shape[-1] <= D; dims from R on pass unrotated (partial RoPE, Phi-4-mini's).
-    cos, sin: (T, R/2) for every row alike, or (B, T, R/2) (packed documents: positions per row)."""
+    cos, sin: (T, R/2) for every row alike, or (B, T, R/2) (packed documents: positions per row);
+    from transformers' full-width tables (cat(freqs, freqs)), their first R/2 columns (pyllm.rope)."""
     if _rope_takes(x, cos, sin):
         return rope_ops.rope(x, cos, sin)  # the same function in one kernel
     # torch ops (tables of another dtype or needing grad, devices without the kernel): the kernel's

@@ -1,3 +1,4 @@
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -167,6 +168,28 @@ def test_modules_as_torchs_and_ligers():
     assert rel_err(z, 1e-2 * lse.square().sum()) < 1e-12
     with pytest.raises(ValueError, match="bias is not taken"):
         LinearCrossEntropyLoss()(w, x, targets, torch.zeros(12))
+    # positional arguments in torch's and Liger's orders: weight third in the function; the module's
+    # (weight, size_average, ignore_index, reduce, reduction, ...), size_average / reduce mapped as
+    # torch maps them (with its deprecation warning); Liger's (ce_weight, ignore_index,
+    # lse_square_scale, label_smoothing, reduction, ...)
+    assert rel_err(pyllm.cross_entropy(logits, targets, weight), F.cross_entropy(logits, targets, weight)) < 1e-14
+    for i, args in enumerate(((weight, None, -100, None, "sum"), (weight, False), (None, None, -100, False))):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ours, theirs = CrossEntropyLoss(*args), torch.nn.CrossEntropyLoss(*args)
+        assert len(caught) == (2 if i else 0)  # size_average / reduce: torch's deprecation warning, each
+        assert ours.reduction == theirs.reduction and ours.ignore_index == theirs.ignore_index
+        assert rel_err(ours(logits, targets), theirs(logits, targets)) < 1e-14
+    liger = LinearCrossEntropyLoss(None, 11, 0.0, 0.0, "sum", None, False, torch.float32)
+    with pytest.raises(ValueError, match=r"target of -100 is out of range \[0, 12\) with ignore_index=11"):
+        liger(w, x, targets)  # -100 is a class like any other there, out of range (the message names 11)
+    targets = targets.clone()
+    targets[2] = 11
+    assert rel_err(liger(w, x, targets), F.cross_entropy(x @ w.t(), targets, ignore_index=11, reduction="sum")) < 1e-14
+    with pytest.raises(NotImplementedError, match="ce_weight"):
+        LinearCrossEntropyLoss(torch.ones(12))
+    with pytest.raises(ValueError, match="accum_dtype"):
+        LinearCrossEntropyLoss(accum_dtype=torch.bfloat16)
 
 
 def test_z_loss_share_is_returned_detached():

@@ -296,6 +296,12 @@ def test_module_takes_torchs_arguments():
         RMSNorm(8, 1e-5, "cpu")
     with pytest.raises(ValueError, match=r"trailing dims must be \(4, 8\)"):
         ours(x[..., :4])
+    # torch's keyword name for the size too, and one of the two names only
+    named = RMSNorm(normalized_shape=(4, 8), eps=None, dtype=torch.float64)
+    assert named.normalized_shape == (4, 8) and named.eps is None
+    for args, kwargs in (((), {}), ((8,), dict(normalized_shape=8))):
+        with pytest.raises(TypeError, match="dim .* or normalized_shape="):
+            RMSNorm(*args, **kwargs)
 
 
 def test_torch_compile_fullgraph():

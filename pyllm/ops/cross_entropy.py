@@ -255,32 +255,28 @@ def _weighted(logits, targets, weight, ignore_index, reduction, scale, softcap, 
 
 
 @overload
-def cross_entropy(logits: Tensor, targets: Tensor, *, ignore_index: int = -100, reduction: str = "mean",
-                  label_smoothing: float = 0.0, z_loss: float = 0.0, scale: float = 1.0,
-                  softcap: Optional[float] = None, return_z_loss: Literal[False] = False,
-                  weight: Optional[Tensor] = None) -> Tensor: ...
+def cross_entropy(logits: Tensor, targets: Tensor, weight: Optional[Tensor] = None, *, ignore_index: int = -100,
+                  reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0, scale: float = 1.0,
+                  softcap: Optional[float] = None, return_z_loss: Literal[False] = False) -> Tensor: ...
 
 
 @overload
-def cross_entropy(logits: Tensor, targets: Tensor, *, ignore_index: int = -100, reduction: str = "mean",
-                  label_smoothing: float = 0.0, z_loss: float = 0.0, scale: float = 1.0,
-                  softcap: Optional[float] = None, return_z_loss: Literal[True],
-                  weight: Optional[Tensor] = None) -> tuple[Tensor, Tensor]: ...
+def cross_entropy(logits: Tensor, targets: Tensor, weight: Optional[Tensor] = None, *, ignore_index: int = -100,
+                  reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0, scale: float = 1.0,
+                  softcap: Optional[float] = None, return_z_loss: Literal[True]) -> tuple[Tensor, Tensor]: ...
 
 
 @overload
-def cross_entropy(logits: Tensor, targets: Tensor, *, ignore_index: int = -100, reduction: str = "mean",
-                  label_smoothing: float = 0.0, z_loss: float = 0.0, scale: float = 1.0,
-                  softcap: Optional[float] = None, return_z_loss: bool = False,
-                  weight: Optional[Tensor] = None) -> Union[Tensor, tuple[Tensor, Tensor]]: ...
+def cross_entropy(logits: Tensor, targets: Tensor, weight: Optional[Tensor] = None, *, ignore_index: int = -100,
+                  reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0, scale: float = 1.0,
+                  softcap: Optional[float] = None, return_z_loss: bool = False) -> Union[Tensor, tuple[Tensor, Tensor]]: ...
 
 
-def cross_entropy(logits: Tensor, targets: Tensor, *, ignore_index: int = -100, reduction: str = "mean",
-                  label_smoothing: float = 0.0, z_loss: float = 0.0, scale: float = 1.0,
-                  softcap: Optional[float] = None, return_z_loss: bool = False,
-                  weight: Optional[Tensor] = None) -> Union[Tensor, tuple[Tensor, Tensor]]:
-    """F.cross_entropy(logits, targets, ignore_index=, reduction=, label_smoothing=) over the last
-    dim, one kernel call for the forward and one for the backward, which recomputes each row's
+def cross_entropy(logits: Tensor, targets: Tensor, weight: Optional[Tensor] = None, *, ignore_index: int = -100,
+                  reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0, scale: float = 1.0,
+                  softcap: Optional[float] = None, return_z_loss: bool = False) -> Union[Tensor, tuple[Tensor, Tensor]]:
+    """F.cross_entropy(logits, targets, weight, ignore_index=, reduction=, label_smoothing=) over the
+    last dim (weight its third positional argument, as torch's; the rest by name), one kernel call for the forward and one for the backward, which recomputes each row's
     softmax from logits (saved by reference: no (N, V) buffer is kept). 16-bit logits are never
     widened to an fp32 (N, V) copy, as autocast's F.cross_entropy does.
 

@@ -159,7 +159,10 @@ def rope(x: Tensor, cos: Tensor, sin: Tensor, *, interleaved: bool = False) -> T
             float16, bfloat16.
         cos, sin: the angles' cosines and sines, (T, R/2) for every row alike or (B, T, R/2) (each row
             at its own positions; (1, T, R/2) broadcasts), 2 <= R <= D; float32 (float64 for float64
-            x), x's device, not requiring grad (pyllm.nn.rope_cos_sin makes them).
+            x), x's device, not requiring grad (pyllm.nn.rope_cos_sin makes them). Not transformers'
+            tables, whose R columns are cat(freqs, freqs): give their first R/2 (cos[..., :R // 2]);
+            with partial rotary (R <= D / 2) a full-width table has a valid shape here and rotates
+            2R dims by the wrong angles.
     Returns:
         A new contiguous (B, T, H, D) tensor of x's dtype: x1 * cos - x2 * sin, x2 * cos + x1 * sin
         in fp32 (fp64 for fp64), one rounding. Backward rotates the gradient back (the same kernel,

@@ -292,6 +292,33 @@ def test_special_tokens(pair):
     assert tok.special_tokens == {EOT: 1198, "<|fim|>": 1199} and tok.eot_token == 1198 == enc.eot_token
 
 
+# Kimi K2's split pattern (moonshotai's tokenization_kimi.py): letters without Han by class
+# intersection (&&), Rust regex syntax that Python's `regex` reads only in its version 1.
+KIMI_PATTERN = "|".join([
+    r"""[\p{Han}]+""",
+    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+"""
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+    r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*"""
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+    r"""\p{N}{1,3}""", r""" ?[^\s\p{L}\p{N}]+[\r\n]*""", r"""\s*[\r\n]+""", r"""\s+(?!\S)""", r"""\s+"""])
+# "$" is the end of the text in tiktoken's syntax; Python's also matches before a final newline.
+DOLLAR_PATTERN = r""" ?[^\s\p{L}\p{N}]+$|\p{L}+$| ?[^\s\p{L}\p{N}]++[\r\n]*+|\p{L}+|\p{N}+|\s+"""
+
+
+@pytest.mark.parametrize("pattern", [KIMI_PATTERN, DOLLAR_PATTERN], ids=["kimi-class-intersection", "dollar"])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(text=st.lists(st.sampled_from(list(" \t\n\r'sStTlLdD09 aAzZ!?.,&[]中文国жé\u0301😀") + ["'re", "!\n", "\r\n"]),
+                     max_size=30).map("".join) | st.text(max_size=20))
+def test_custom_patterns_are_read_in_tiktokens_syntax(pair, pattern, text):
+    """A custom pattern splits as tiktoken's Rust regex does: Kimi K2's had dropped every letter it
+    meant to take ("Hello world" encoded as one space), "$" had matched before a final newline."""
+    import tiktoken
+
+    tok, _ = pair
+    ours = Tokenizer(tok.mergeable_ranks, pattern, {})
+    theirs = tiktoken.Encoding("custom", pat_str=pattern, mergeable_ranks=tok.mergeable_ranks, special_tokens={})
+    assert ours.encode_ordinary(text) == theirs.encode_ordinary(text)
+
 def test_custom_pattern_matches_tiktoken(corpus):
     pat = r"""\p{L}+|\p{N}|\s+|[^\s\p{L}\p{N}]+"""
     tok = Tokenizer.train(corpus[:8], 600, pattern=pat, special_tokens=[EOT], show_progress=False)

@@ -432,16 +432,63 @@ def hf_prefix_ids(path) -> list[int]:
     return []
 
 
+_SET_OPERATIONS = ("&&", "--", "~~", "||")
+
+
+def _python_spelling(pattern: str) -> tuple[str, bool]:
+    """A pattern in tiktoken's syntax (Rust's regex crate) as Python's `regex` module reads it alike:
+    `$` outside a class is the end of the text there (Python's also matches before a final newline:
+    " ?[^\\s\\p{L}]+$" took "!\\n" as two pieces): written \\Z; a class with a set operation
+    (`&&`, `--`, `~~`, `||`; Kimi K2's "[\\p{Lu}...&&[^\\p{Han}]]") needs `regex`'s version 1 syntax,
+    version 0 reading "&&" as two more characters of the class (whose letters then never matched,
+    and the text they covered was dropped). Returns (the pattern, whether it needs version 1)."""
+    translate_dollar = re.search(r"\(\?[a-zA-Z]*m", pattern) is None  # (?m): a line's end in both
+    out, depth, v1, i = [], 0, False, 0
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\":
+            out.append(pattern[i:i + 2])
+            i += 2
+            continue
+        if c == "[":
+            depth += 1  # nested classes ([a&&[^b]]) as Rust reads them
+            out.append(c)
+            i += 1
+            if pattern.startswith("^", i):
+                out.append("^")
+                i += 1
+            if pattern.startswith("]", i):  # a ']' first in a class is one of its characters
+                out.append("]")
+                i += 1
+            continue
+        if depth and c == "]":
+            depth -= 1
+        elif depth and pattern.startswith(_SET_OPERATIONS, i):
+            v1 = True
+        elif not depth and c == "$" and translate_dollar:
+            out.append("\\Z")
+            i += 1
+            continue
+        out.append(c)
+        i += 1
+    return "".join(out), v1
+
+
 def _compile_custom(pattern: str):
-    """The slow general path for a custom pattern: Python's `regex` module if installed, else `re`."""
+    """The slow general path for a custom pattern: Python's `regex` module if installed, else `re`;
+    the pattern read in tiktoken's syntax (_python_spelling)."""
     try:
         import regex as engine
     except ImportError:  # pragma: no cover - regex is installed in dev/CI
         engine = re
     if pattern == "":
         raise ValueError("pattern must not be empty (use 'gpt2', 'gpt4', 'gpt4o' or a regex)")
+    spelled, v1 = _python_spelling(pattern)
     try:
-        return engine.compile(pattern)
+        if v1 and engine is not re:
+            # (?-f): Rust's simple case folding under (?i), not version 1's default full folding
+            return engine.compile("(?-f)" + spelled, engine.V1)
+        return engine.compile(spelled)
     except Exception as e:
         hint = "" if engine is not re else " (install the `regex` package for \\p{..} classes and possessive quantifiers)"
         raise ValueError(
@@ -640,6 +687,8 @@ class Tokenizer:
         pattern: "gpt2", "gpt4" (cl100k), "gpt4o" (o200k) -- each split by a hand-written C++
             pre-tokenizer -- or any other regex string, split with Python's `regex` module (or `re`
             when `regex` is not installed): correct but several times slower, single-threaded.
+            The string is read in tiktoken's (Rust) syntax: `$` the end of the text, class set
+            operations such as `[\\p{L}&&[^\\p{Han}]]` (Kimi K2's).
             The exact regex strings of the built-ins are recognised as the built-ins.
         special_tokens: dict str -> id; ids must not collide with ranks.
         normalization: None, or a Unicode form ("NFC", "NFD", "NFKC", "NFKD") applied to every text

@@ -319,6 +319,22 @@ def test_custom_patterns_are_read_in_tiktokens_syntax(pair, pattern, text):
     theirs = tiktoken.Encoding("custom", pat_str=pattern, mergeable_ranks=tok.mergeable_ranks, special_tokens={})
     assert ours.encode_ordinary(text) == theirs.encode_ordinary(text)
 
+def test_tiktokens_recipe_for_extending_an_encoding(pair):
+    """tiktoken's README extends an encoding by its private names and keywords; the same lines with
+    pyllm.Tokenizer in tiktoken.Encoding's place give the same ids."""
+    import tiktoken
+
+    tok, enc = pair
+    extra = {"<|im_start|>": tok.vocab_size + 10, "<|im_end|>": tok.vocab_size + 11}
+    made = [cls(name="im", pat_str=base._pat_str, mergeable_ranks=base._mergeable_ranks,
+                special_tokens={**base._special_tokens, **extra}) for cls, base in ((Tokenizer, tok),
+                                                                                   (tiktoken.Encoding, enc))]
+    text = "<|im_start|>user hello there<|im_end|>"
+    assert made[0].encode(text, allowed_special="all") == made[1].encode(text, allowed_special="all")
+    assert made[0].pattern_name == tok.pattern_name  # a built-in's string is still the built-in
+    with pytest.raises(ValueError, match="explicit_n_vocab=5"):
+        Tokenizer(tok.mergeable_ranks, explicit_n_vocab=5)
+
 def test_custom_pattern_matches_tiktoken(corpus):
     pat = r"""\p{L}+|\p{N}|\s+|[^\s\p{L}\p{N}]+"""
     tok = Tokenizer.train(corpus[:8], 600, pattern=pat, special_tokens=[EOT], show_progress=False)

@@ -704,11 +704,25 @@ class Tokenizer:
             (Hugging Face's ignore_merges). Encoding starts from characters, not bytes; decode
             turns "▁" back into spaces and byte tokens into their bytes, and keeps the space
             encode put first (decode(encode(t)) == " " + t with "all" or "always").
+        pat_str, explicit_n_vocab: tiktoken.Encoding's keywords (pat_str the pattern; the ranks and
+            special tokens must number explicit_n_vocab), with its _pat_str, _mergeable_ranks and
+            _special_tokens to read: tiktoken's recipe for extending an encoding runs as it is.
     """
 
     def __init__(self, mergeable_ranks: dict[bytes, int], pattern: str = "gpt4",
                  special_tokens: dict[str, int] | None = None, *, name: str = "pyllm-bpe",
-                 normalization: str | None = None, sentencepiece: dict | None = None):
+                 normalization: str | None = None, sentencepiece: dict | None = None, pat_str: str | None = None,
+                 explicit_n_vocab: int | None = None):
+        # pat_str, explicit_n_vocab: tiktoken.Encoding's keywords, so that its README's way of extending
+        # an encoding (Encoding(name=, pat_str=enc._pat_str, mergeable_ranks=enc._mergeable_ranks,
+        # special_tokens={**enc._special_tokens, ...})) runs with pyllm.Tokenizer in its place
+        if pat_str is not None:
+            if pattern != "gpt4":
+                raise TypeError("Tokenizer: give the split regex as pattern or as tiktoken's pat_str, not both")
+            pattern = pat_str
+        if explicit_n_vocab is not None and explicit_n_vocab != len(mergeable_ranks) + len(special_tokens or {}):
+            raise ValueError(f"Tokenizer: explicit_n_vocab={explicit_n_vocab} but the ranks and special tokens "
+                             f"number {len(mergeable_ranks) + len(special_tokens or {})}")
         if normalization is not None and normalization not in _UNICODE_FORMS:
             raise ValueError(f"normalization must be None, 'NFC', 'NFD', 'NFKC' or 'NFKD', got {normalization!r}")
         if not isinstance(mergeable_ranks, dict):
@@ -818,6 +832,15 @@ class Tokenizer:
 
     @property
     def mergeable_ranks(self) -> dict[bytes, int]:
+        return dict(self._ranks)
+
+    # tiktoken.Encoding's private names that its README's recipe for extending an encoding reads
+    @property
+    def _pat_str(self) -> str:
+        return self._pattern
+
+    @property
+    def _mergeable_ranks(self) -> dict[bytes, int]:
         return dict(self._ranks)
 
     def __getstate__(self):

@@ -665,7 +665,9 @@ def read_conversations(path) -> list[dict]:
                                                              empty assistant turn) for samples to replace
     returned as {"messages": [...], "train_from": index of the first trainable message} or
     {"prompt": str, "completion": str}, with "columns": the row's other keys where it has any (what
-    GRPO's reward functions are given, as TRL's)."""
+    GRPO's reward functions are given, as TRL's). A conversation's "tools" and
+    "chat_template_kwargs" columns reach its chat template, as TRL passes them to
+    apply_chat_template (a function-calling row's tool schemas; enable_thinking=)."""
     examples = []
     for number, row, line in _jsonl_rows(path):
         example = _example(row)
@@ -673,9 +675,24 @@ def read_conversations(path) -> list[dict]:
             raise ValueError(f"{path}:{number}: expected {{\"messages\": [{{\"role\": ..., \"content\": ...}}, ...]}} "
                              f"or {{\"prompt\": ..., \"completion\": ...}} (both text or both messages), got "
                              f"{line.strip()[:80]!r}")
+        if "messages" in example:
+            example.update(_template_args(row, f"{path}:{number}"))
         columns = {k: v for k, v in row.items() if k not in ("messages", "prompt", "completion")}
         examples.append({**example, "columns": columns} if columns else example)
     return examples
+
+
+def _template_args(row: dict, where: str) -> dict:
+    """{"template": the chat template's extra inputs} of a row, where it has any: its "tools" (a list
+    of tool schemas) and its "chat_template_kwargs" (a dict of template variables), as TRL hands
+    them to apply_chat_template. A row without them: {}."""
+    tools, extra = row.get("tools"), row.get("chat_template_kwargs")
+    if tools is not None and not isinstance(tools, list):
+        raise ValueError(f"{where}: \"tools\" must be a list of tool schemas, got {type(tools).__name__}")
+    if extra is not None and not (isinstance(extra, dict) and all(isinstance(k, str) for k in extra)):
+        raise ValueError(f"{where}: \"chat_template_kwargs\" must be an object of template variables, got {extra!r}")
+    template = {**({"tools": tools} if tools is not None else {}), **(extra or {})}
+    return {"template": template} if template else {}
 
 
 def example_row(example: dict) -> dict:
@@ -781,7 +798,8 @@ def example_tokens(example: dict, tokenizer, folder=None, doc_start: Sequence[in
         if folder is None:
             raise ValueError("examples with messages need a chat template: fine-tune a Hugging Face folder that has one "
                              "(or a run fine-tuned from one)")
-        return hf_chat_tokens(folder, tokenizer, example["messages"], example["train_from"])
+        return hf_chat_tokens(folder, tokenizer, example["messages"], example["train_from"],
+                              **example.get("template", {}))
     prompt = [*doc_start, *tokenizer.encode_ordinary(example["prompt"])]
     completion = [*tokenizer.encode_ordinary(example["completion"]), *([] if doc_end is None else [doc_end])]
     return prompt + completion, [0] * len(prompt) + [1] * len(completion)
@@ -899,7 +917,9 @@ def read_preferences(path) -> list[tuple[dict, dict]]:
                     common += 1
                 prompt, chosen, rejected = chosen[:common], chosen[common:], rejected[common:]
             if prompt and chosen and rejected:
-                pair = tuple({"messages": prompt + reply, "train_from": len(prompt)} for reply in (chosen, rejected))
+                template = _template_args(row, f"{path}:{number}")
+                pair = tuple({"messages": prompt + reply, "train_from": len(prompt), **template}
+                             for reply in (chosen, rejected))
         margin = row.get("margin")
         if pair is not None and "margin" in row:
             if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
@@ -956,7 +976,8 @@ def read_kto(path) -> list[tuple[dict, bool]]:
         if isinstance(prompt, str) and isinstance(completion, str):
             example = {"prompt": prompt, "completion": completion}
         elif _is_messages(prompt) and _is_messages(completion) and prompt and completion:
-            example = {"messages": prompt + completion, "train_from": len(prompt)}
+            example = {"messages": prompt + completion, "train_from": len(prompt),
+                       **_template_args(row, f"{path}:{number}")}
         if example is None or not isinstance(label, bool):
             raise ValueError(f"{path}:{number}: expected {{\"prompt\": ..., \"completion\": ..., \"label\": true or "
                              f"false}} (text, or lists of messages), got {line.strip()[:80]!r}")
@@ -974,7 +995,7 @@ def _mismatched(example: dict, other: dict) -> dict:
     """example's prompt with other's completion (KTO's KL term's input)."""
     if "messages" in example:
         return {"messages": example["messages"][:example["train_from"]] + other["messages"][other["train_from"]:],
-                "train_from": example["train_from"]}
+                "train_from": example["train_from"], **{k: v for k, v in example.items() if k == "template"}}
     return {"prompt": example["prompt"], "completion": other["completion"]}
 
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from pyllm import cli, data
 from pyllm.tokenizer import Tokenizer
-from pyllm.tokenizer.tokenizer import hf_chat_spans, hf_chat_tokens
+from pyllm.tokenizer.tokenizer import hf_chat_prompt, hf_chat_spans, hf_chat_tokens
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -153,6 +153,63 @@ def test_template_rewriting_earlier_turns_is_refused(tmp_path):
     assert hf_chat_spans(folder, messages[:2])[1] == [(len("<|im_start|>user\na<|im_end|>\n<|im_start|>assistant\n"),
                                                        len(hf_chat_spans(folder, messages[:2])[0]))]
 
+
+# What apply_chat_template gives a template besides the messages, and how it hands them over.
+INPUTS_TEMPLATE = (
+    "{% if tools is not none %}<|im_start|>system\nTools: {{ tools | tojson }}<|im_end|>\n{% endif %}"
+    "{% if documents is not none %}[documents]{% endif %}{% if bos_token is defined %}[bos]{% endif %}"
+    "{% if enable_thinking is defined and not enable_thinking %}[no thinking]{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m.reasoning_content is defined %}<think>{{ m.reasoning_content }}</think>{% endif %}"
+    "{% if m.thinking is defined %}[thinking]{% endif %}{% if m.tool_calls is defined %}{{ m.tool_calls | tojson }}"
+    "{% endif %}{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% endif %}")
+
+
+def test_template_inputs_as_transformers_gives_them(folders, tmp_path):
+    # transformers drops a message's None values (a JSONL row's "content": null had rendered "None",
+    # and been trained on), puts a reasoning under each of its names ("reasoning" had given Qwen3's
+    # template an empty <think>), renders with tools and documents None when not given, passes only
+    # the special tokens the folder sets, and TRL hands a row's "tools" and "chat_template_kwargs"
+    # columns to the template (they had been dropped: tool calls trained without their schemas).
+    _, _, ours, _ = folders
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    (folder / "tokenizer.json").write_text((folders[0] / "tokenizer.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
+                                                              "chat_template": INPUTS_TEMPLATE, "eos_token": "<|im_end|>"}))
+    theirs = transformers.AutoTokenizer.from_pretrained(folder)
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+    messages = [{"role": "user", "content": "2 + 2?", "tool_calls": None},
+                {"role": "assistant", "content": None, "reasoning": "add them",
+                 "tool_calls": [{"function": {"name": "add", "arguments": {"a": 2, "b": 2}}}]},
+                {"role": "tool", "content": "4"}, {"role": "assistant", "content": "4", "thinking": None}]
+    for kwargs in (dict(), dict(tools=tools), dict(tools=tools, enable_thinking=False), dict(documents=[])):
+        for generation_prompt in (False, True):
+            want = theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt,
+                                              **kwargs)
+            assert hf_chat_prompt(folder, messages, generation_prompt, **kwargs) == want, kwargs
+    text, spans = hf_chat_spans(folder, messages, tools=tools)
+    assert text == theirs.apply_chat_template(messages, tokenize=False, tools=tools) and "None" not in text
+    assert [text[a:b] for a, b in spans] == ['<think>add them</think>[thinking][{"function": {"name": "add", '
+                                             '"arguments": {"a": 2, "b": 2}}}]<|im_end|>\n', "4<|im_end|>\n"]
+    # the data path: the row's tools and template variables reach the template
+    path = tmp_path / "tools.jsonl"
+    path.write_text(json.dumps({"messages": messages[:2], "tools": tools,
+                                "chat_template_kwargs": {"enable_thinking": False}}) + "\n")
+    example, = data.read_conversations(path)
+    ids, _ = data.example_tokens(example, ours, folder)
+    assert ids == list(theirs.apply_chat_template(messages[:2], tools=tools, enable_thinking=False,
+                                                  return_dict=True)["input_ids"])
+    path.write_text(json.dumps({"messages": messages[:2], "tools": {"add": 1}}) + "\n")
+    with pytest.raises(ValueError, match="tools.jsonl:1: \"tools\" must be a list"):
+        data.read_conversations(path)
+    # a conversation opening with the assistant, under a template that reads messages[0]
+    (folder / "chat_template.jinja").write_text("{{ messages[0]['role'] }}|" + INPUTS_TEMPLATE)
+    opening = [{"role": "assistant", "content": "hello"}, {"role": "user", "content": "hi"}]
+    with pytest.raises(ValueError, match="opens with an assistant message"):
+        hf_chat_spans(folder, opening)
+    assert hf_chat_spans(folder, [{**opening[0], "weight": 0}, *opening[1:]])[1] == []
 
 def test_template_changes_are_seen(folders, tmp_path):
     # The compiled template is cached per folder, and compiled again when the file changes.

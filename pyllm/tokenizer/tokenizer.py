@@ -287,7 +287,11 @@ def _compiled_chat_template(folder: str, stamps: tuple):
     map_path = os.path.join(folder, "special_tokens_map.json")
     tokens = {**(json.loads(Path(map_path).read_text(encoding="utf-8")) if os.path.exists(map_path) else {}),
               **{k: v for k, v in config.items() if k.endswith("_token") and v is not None}}
-    variables = {name: token_text(tokens.get(name)) or "" for name in ("bos_token", "eos_token", "pad_token", "unk_token")}
+    # the ones the folder sets, as transformers passes its special tokens (`bos_token is defined` is
+    # False without one; it renders "" either way)
+    variables = {name: token_text(tokens[name]) for name in ("bos_token", "eos_token", "unk_token", "sep_token",
+                                                             "pad_token", "cls_token", "mask_token")
+                 if token_text(tokens.get(name))}
     marked = re.search(r"\{%-?\s*generation\s*[-+]?%\}", template) is not None
     return env.from_string(template), tracker, variables, marked
 
@@ -300,13 +304,49 @@ def hf_has_chat_template(folder) -> bool:
     return True
 
 
-def hf_chat_prompt(folder, messages: list[dict], add_generation_prompt: bool = True) -> str:
+# The names a message's reasoning comes under (transformers' _REASONING_FIELDS, the first the one
+# templates read; gpt-oss's read "thinking").
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+def _template_messages(messages: list[dict]) -> list[dict]:
+    """messages as transformers' apply_chat_template gives them to a template: keys whose value is
+    None dropped (a JSONL row's "content": null had rendered as the word None, and been trained on;
+    "tool_calls": null had failed Llama 3.1's template), and a reasoning under any of its names also
+    under "reasoning_content" and "thinking" (Qwen3's template reads the first: a "reasoning" key
+    had trained an empty <think> block)."""
+    out = []
+    for message in messages:
+        if not isinstance(message, dict):
+            raise TypeError(f"a chat message must be a dict, got {type(message).__name__}: {message!r}")
+        message = {key: value for key, value in message.items() if value is not None}
+        reasoning = next((message[key] for key in _REASONING_FIELDS if key in message), None)
+        if reasoning is not None:
+            message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
+        out.append(message)
+    return out
+
+
+def _template_inputs(messages: list[dict], add_generation_prompt: bool, variables: dict, tools, documents,
+                     template_kwargs: dict) -> dict:
+    """What a template is rendered with, as apply_chat_template passes it: tools and documents
+    always (None when not given), the special tokens, then the caller's template kwargs
+    (enable_thinking=, ...)."""
+    return {**variables, **template_kwargs, "messages": _template_messages(messages),
+            "add_generation_prompt": add_generation_prompt, "tools": tools, "documents": documents}
+
+
+def hf_chat_prompt(folder, messages: list[dict], add_generation_prompt: bool = True, tools: list | None = None,
+                   documents: list | None = None, **template_kwargs) -> str:
     """The text a Hugging Face checkpoint folder's chat template makes of messages ([{"role":
     "user", "content": ...}, ...]), as transformers' apply_chat_template renders it (jinja2 in a
-    sandbox, trim_blocks and lstrip_blocks, bos_token / eos_token from tokenizer_config.json).
-    Encode it with allowed_special="all": the template writes the special tokens as text."""
+    sandbox, trim_blocks and lstrip_blocks, the special tokens from tokenizer_config.json, messages'
+    None values dropped, reasoning under each of its names; tools, documents and further template
+    variables such as enable_thinking=, as apply_chat_template's). Encode it with
+    allowed_special="all": the template writes the special tokens as text."""
     template, _, variables, _ = _chat_template(folder)
-    return template.render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
+    return template.render(**_template_inputs(messages, add_generation_prompt, variables, tools, documents,
+                                              template_kwargs))
 
 
 def _untrained(message: dict) -> bool:
@@ -317,23 +357,28 @@ def _untrained(message: dict) -> bool:
     return weight == 0
 
 
-def hf_chat_spans(folder, messages: list[dict], train_from: int = 0) -> tuple[str, list[tuple[int, int]]]:
+def hf_chat_spans(folder, messages: list[dict], train_from: int = 0, tools: list | None = None,
+                  documents: list | None = None, **template_kwargs) -> tuple[str, list[tuple[int, int]]]:
     """(the rendered conversation, the (start, end) character spans of what the assistant says in
     it): the template's {% generation %} blocks where it has them (transformers'
     return_assistant_tokens_mask reads the same), else for each assistant message i what the
     conversation up to and with it adds to the conversation before it with the generation prompt
     (the reply and the template's end-of-turn text). The latter needs a template that renders every
     earlier turn as the whole conversation does; ValueError otherwise. train_from: the spans of the
-    assistant messages from this index on only (a prompt's own assistant turns are not trained on)."""
+    assistant messages from this index on only (a prompt's own assistant turns are not trained on).
+    tools, documents, template_kwargs: as hf_chat_prompt's (TRL's "tools" and
+    "chat_template_kwargs" columns)."""
     template, tracker, variables, marked = _chat_template(folder)
 
     def render(msgs, add_generation_prompt=False):
-        return template.render(messages=msgs, add_generation_prompt=add_generation_prompt, **variables)
+        return template.render(**_template_inputs(msgs, add_generation_prompt, variables, tools, documents,
+                                                  template_kwargs))
 
     if marked:
         tracker.chunks, tracker.spans = [], []
         try:
-            for chunk in template.generate(messages=messages, add_generation_prompt=False, **variables):
+            for chunk in template.generate(**_template_inputs(messages, False, variables, tools, documents,
+                                                              template_kwargs)):
                 tracker.chunks.append(chunk)
             text, spans = "".join(tracker.chunks), tracker.spans
         finally:
@@ -350,7 +395,17 @@ def hf_chat_spans(folder, messages: list[dict], train_from: int = 0) -> tuple[st
     for i, message in enumerate(messages):
         if message.get("role") != "assistant" or i < train_from or _untrained(message):
             continue
-        before, through = render(messages[:i], add_generation_prompt=True), render(messages[:i + 1])
+        try:
+            before = render(messages[:i], add_generation_prompt=True)
+        except Exception as e:
+            if i:
+                raise
+            # (Qwen2.5's and Llama 3.1's templates read messages[0]: the empty conversation fails)
+            raise ValueError(f"{folder}: the conversation opens with an assistant message, and the chat template "
+                             f"cannot render the empty conversation before it ({type(e).__name__}: {e}), where its "
+                             "reply would start; begin it with a system or user message, or give the first "
+                             "message \"weight\": 0 (not trained)") from None
+        through = render(messages[:i + 1])
         if not (through.startswith(before) and text.startswith(through)):
             raise ValueError(f"{folder}: the chat template renders the conversation before assistant message {i} "
                              "differently on its own than inside the whole conversation (it rewrites earlier turns, "
@@ -361,12 +416,14 @@ def hf_chat_spans(folder, messages: list[dict], train_from: int = 0) -> tuple[st
     return text, spans
 
 
-def hf_chat_tokens(folder, tokenizer: "Tokenizer", messages: list[dict], train_from: int = 0) -> tuple[list[int], list[int]]:
+def hf_chat_tokens(folder, tokenizer: "Tokenizer", messages: list[dict], train_from: int = 0,
+                   tools: list | None = None, documents: list | None = None,
+                   **template_kwargs) -> tuple[list[int], list[int]]:
     """(ids, mask) of a conversation for fine-tuning: the ids of hf_chat_spans' text (special tokens
     as written, as apply_chat_template encodes it) and mask[j] = 1 where token j holds a character
     of an assistant span (a token straddling a span's edge counts: transformers'
     return_assistant_tokens_mask maps spans to tokens the same way)."""
-    text, spans = hf_chat_spans(folder, messages, train_from)
+    text, spans = hf_chat_spans(folder, messages, train_from, tools, documents, **template_kwargs)
     ids = tokenizer.encode(text, allowed_special="all")
     ends = _token_ends(tokenizer, ids, text)  # byte offset in text where each token ends
     codes = np.frombuffer(text.encode("utf-32-le"), np.uint32)

@@ -409,7 +409,9 @@ def hf_chat_spans(folder, messages: list[dict], train_from: int = 0, tools: list
         if not (through.startswith(before) and text.startswith(through)):
             raise ValueError(f"{folder}: the chat template renders the conversation before assistant message {i} "
                              "differently on its own than inside the whole conversation (it rewrites earlier turns, "
-                             "as templates dropping earlier reasoning do), so the assistant's text cannot be found "
+                             "as templates dropping earlier reasoning do, or its generation prompt or its end of a "
+                             "conversation is not how a turn goes on: DeepSeek-R1's <think>, Phi-3's end-of-text), "
+                             "so the assistant's text cannot be found "
                              "by rendering prefixes; a template with {% generation %} ... {% endgeneration %} around "
                              "each assistant reply marks it instead")
         spans.append((len(before), len(through)))

@@ -1008,6 +1008,30 @@ def test_sample_top_k_top_p():
     assert draws == {1}  # p(1) = 0.64 alone crosses 0.5
 
 
+def test_sampling_probs_are_transformers_warpers():
+    """temperature, top-k, top-p as transformers' generate(do_sample=True) applies its warpers, to
+    the same probabilities: ties at the top-p edge kept as its sort keeps them, and the token that
+    crosses top_p over a flat 32K vocabulary (a descending fp32 sum had dropped it in ~1% of rows)."""
+    transformers = pytest.importorskip("transformers")
+    from pyllm.model import sampling_probs
+
+    g = torch.Generator().manual_seed(0)
+    cases = [(torch.tensor([[1.0, 1, 1, 1], [2, 1, 1, 0]]), 1.0, None, 0.5),
+             (torch.tensor([[2.0, 1, 1, 0]]), 1.0, None, 0.6),
+             ((3 * torch.randn(64, 32000, generator=g)).bfloat16(), 0.8, None, 0.9),
+             (torch.randn(64, 32000, generator=g), 1.0, None, 0.95),
+             (torch.randn(16, 1000, generator=g), 0.7, 40, 0.8),
+             (torch.randn(4, 100, generator=g), 1.3, 5, 0.0)]
+    for logits, temperature, top_k, top_p in cases:
+        warpers = [transformers.TemperatureLogitsWarper(temperature)]
+        warpers += [transformers.TopKLogitsWarper(top_k)] if top_k else []
+        warpers += [transformers.TopPLogitsWarper(top_p)]
+        scores = logits.float()
+        for warp in warpers:
+            scores = warp(None, scores)
+        assert torch.equal(sampling_probs(logits, temperature, top_k=top_k, top_p=top_p), scores.softmax(-1))
+
+
 def nanogpt_forward(state: dict, args: dict, idx: torch.Tensor) -> torch.Tensor:
     """GPT-2's forward written plainly over nanoGPT's parameter names, float64: LayerNorm (eps
     1e-5), causal softmax attention, the exact (erf) GELU, tied output embeddings."""

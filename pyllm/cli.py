@@ -924,13 +924,16 @@ def start_ids(tokenizer) -> list[int]:
 def resolve_sampling(args, source) -> None:
     """--temperature / --top-k / --top-p not given: a Hugging Face model's generation_config.json
     (do_sample false: greedy; else its temperature, top_k, top_p, transformers' defaults 1.0 / 50 /
-    1.0 for the ones it leaves out), as transformers' generate() takes them; else 0.8 / 50 / none."""
+    1.0 for the ones it leaves out or sets null), as transformers' generate() takes them; else
+    0.8 / 50 / none. A --top-k or --top-p given asks to sample, whatever do_sample says (it had
+    been ignored under do_sample false, greedy without a word)."""
     config = {}
     if source is not None and (Path(source) / "generation_config.json").is_file():
         config = json.loads((Path(source) / "generation_config.json").read_text())
+        config = {key: value for key, value in config.items() if value is not None}  # null: transformers' default
     if config:
-        # do_sample left out is greedy, as transformers; a --top-k or --top-p given asks to sample
-        sampling = config.get("do_sample", args.top_k is not None or args.top_p is not None)
+        # do_sample left out is greedy, as transformers
+        sampling = args.top_k is not None or args.top_p is not None or bool(config.get("do_sample", False))
         defaults = dict(temperature=float(config.get("temperature", 1.0)) if sampling else 0.0,
                         top_k=config.get("top_k", 50), top_p=config.get("top_p", 1.0))
     else:

@@ -1223,7 +1223,9 @@ class LLM(nn.Module):
                         generator: torch.Generator | None = None,
                         stop_tokens: Iterable[int] = (), cuda_graph: bool = False) -> Iterator[torch.Tensor]:
         """Yields up to max_new_tokens next tokens (B,) one at a time, in eval mode (no dropout).
-        temperature 0 is greedy. Past block_size the cached path re-reads the last block_size/2
+        temperature 0 is greedy; then top_k, then top_p, as transformers' warpers (the same
+        probabilities); top_k None cuts nothing (nanoGPT's default: transformers' generate takes 50
+        unless told, as `pyllm generate` does). Past block_size the cached path re-reads the last block_size/2
         tokens into a fresh cache (nanoGPT crops to the last block_size tokens at every step, as
         use_cache=False does here: the tokens past block_size differ between the two). Stops after
         the step at which every row has sampled one of stop_tokens (an id or several: end-of-sequence
@@ -2373,7 +2375,8 @@ def check_sampling(temperature, top_k, top_p) -> None:
 
 
 def check_new_tokens(max_new_tokens, op: str) -> None:
-    """ValueError unless max_new_tokens is an int >= 0 (transformers' generate refuses the rest too)."""
+    """ValueError unless max_new_tokens is an int >= 0 (0: nothing generated; transformers' generate
+    refuses 0 as well as the rest)."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
         raise ValueError(f"{op}: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
 

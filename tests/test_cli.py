@@ -258,6 +258,15 @@ def test_generate_ends_documents_and_reads_generation_configs(corpus, tmp_path, 
     plain = argparse.Namespace(temperature=None, top_k=None, top_p=None)
     cli.resolve_sampling(plain, tmp_path)
     assert plain.temperature == 0.0  # do_sample left out: greedy, as transformers
+    # under do_sample false too (greedy had ignored the flag); a null in the config is its default
+    (tmp_path / "generation_config.json").write_text(json.dumps({"do_sample": False, "temperature": 0.6}))
+    asked = argparse.Namespace(temperature=None, top_k=None, top_p=0.5)
+    cli.resolve_sampling(asked, tmp_path)
+    assert (asked.temperature, asked.top_p) == (0.6, 0.5)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": None, "top_k": None}))
+    nulls = argparse.Namespace(temperature=None, top_k=None, top_p=None)
+    cli.resolve_sampling(nulls, tmp_path)
+    assert (nulls.temperature, nulls.top_k, nulls.top_p) == (1.0, 50, 1.0)
     (tmp_path / "generation_config.json").write_text(json.dumps({"do_sample": True, "top_k": 0}))
     given = argparse.Namespace(temperature=0.3, top_k=7, top_p=None)
     cli.resolve_sampling(given, tmp_path)

@@ -1038,6 +1038,9 @@ def _check_output_layer(what: str, x, weight) -> None:
                          f"weight {tuple(weight.shape)}")
     if weight.device != x.device:
         raise ValueError(f"{what}: weight is on {weight.device} but x on {x.device}; they must match")
+    if not (x.dtype.is_floating_point and weight.dtype.is_floating_point):  # (bool / complex failed in a matmul)
+        raise TypeError(f"{what}: x and weight must be floating point (float32, bfloat16, float16, float64), got "
+                        f"{x.dtype} and {weight.dtype}")
 
 
 def _fused_linear_inputs(x, weight, chunk_rows, softcap=None, takes=None):

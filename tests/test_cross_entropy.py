@@ -530,6 +530,15 @@ def test_linear_loss_with_another_ignore_index_takes_minus_one_as_out_of_range()
     assert torch.isfinite(linear_cross_entropy(x, w, t.clamp_min(0), ignore_index=2**70))  # ignores nothing
 
 
+def test_fused_losses_refuse_inputs_that_are_not_floating_point():
+    # bool and complex had failed inside torch's matmul ("addmm_impl_cpu_" not implemented for 'Bool')
+    from pyllm.nn import linear_cross_entropy
+    targets = torch.tensor([0, 1, 2, 3])
+    for dtype in (torch.bool, torch.complex64, torch.int64):
+        with pytest.raises(TypeError, match="must be floating point"):
+            linear_cross_entropy(torch.ones(4, 8, dtype=dtype), torch.ones(10, 8, dtype=dtype), targets)
+
+
 def test_fused_losses_refuse_an_output_layer_on_another_device():
     # a meta weight (a model not yet materialized) had given numbers from uninitialized memory
     from pyllm.nn import linear_cross_entropy, linear_distill, linear_token_logps

@@ -1391,6 +1391,27 @@ def test_eager_inference_call_matches_the_op(dtype):
 
 
 @pytest.mark.parametrize("device", CPU_AND_CUDA)
+def test_zero_scale_is_uniform_attention_under_masks(device):
+    """softmax_scale=0: every key a query sees weighs the same (the prefix mean under causal). The
+    bf16 forward and backward on AMX tiles had given NaN rows (the masked -inf scores times the zero
+    scale); within twice torch's error of float64, forward and gradients."""
+    dtype = torch.bfloat16
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 70, 2, 64, generator=g, dtype=torch.float64) for _ in range(3))
+    dout = torch.randn(2, 70, 2, 64, generator=g, dtype=torch.float64)
+    for mask in (dict(causal=True), dict(window=(9, 3))):
+        want, want_grads = grads_of(lambda q, k, v: attention(q, k, v, scale=0.0, **mask), (q, k, v), dout)
+        theirs, their_grads = grads_of(lambda q, k, v: attention(q, k, v, scale=0.0, **mask),
+                                       (q.to(dtype), k.to(dtype), v.to(dtype)), dout.to(dtype))
+        out, grads = grads_of(lambda q, k, v: pyllm.flash_attn(q, k, v, softmax_scale=0.0, **mask),
+                              (q.to(dtype).to(device), k.to(dtype).to(device), v.to(dtype).to(device)),
+                              dout.to(dtype).to(device))
+        assert rel_err(out, want) <= tolerance(theirs, want), mask
+        for got, their, ref in zip(grads, their_grads, want_grads):
+            assert rel_err(got, ref) <= tolerance(their, ref), mask
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
 def test_eager_autograd_call_matches_the_op(device):
     # Eager calls with autograd run the op's body in a plain autograd.Function (pyllm/ops/_util.py):
     # the same bits forward and backward (lse too) as through the op's own autograd, which

@@ -1295,7 +1295,9 @@ static void forward(const AttnParams& p) {
     });
     return;
   }
-  if (p.dtype == int(DType::bf16) && amx_enabled() && p.softcap == 0 && !p.alibi_slopes) {  // nor ALiBi
+  // Not a zero scale either: the AMX kernels scale the raw scores after masking them, and -inf * 0
+  // is NaN (a causal softmax_scale=0 call had given NaN rows); the tiles here mask scaled scores.
+  if (p.dtype == int(DType::bf16) && amx_enabled() && p.softcap == 0 && !p.alibi_slopes && p.scale != 0) {
     flash_attn_fwd_amx(p);
     return;
   }
@@ -1435,7 +1437,7 @@ void flash_attn_bwd_cpu(uintptr_t dout, uintptr_t dlse, uintptr_t q, uintptr_t k
   const int64_t lse_size = p.cu_seqlens_q ? n_heads * lse_strides[1] : batch * lse_strides[0];
   PYLLM_CHECK(lse_size >= (p.cu_seqlens_q ? n_heads * total_q : batch * n_heads * seqlen_q),
               "flash_attn: lse_strides (", lse_strides[0], ", ", lse_strides[1], ") do not fit the lse layout");
-  if (dtype == int(DType::bf16) && amx_enabled() && p.softcap == 0 && !p.alibi_slopes) {
+  if (dtype == int(DType::bf16) && amx_enabled() && p.softcap == 0 && !p.alibi_slopes && p.scale != 0) {
     flash_attn_bwd_amx(p);
     return;
   }

@@ -293,6 +293,14 @@ def generalized_jsd(student_logits: Tensor, teacher_logits: Tensor, labels: Opti
         mask = mask.to(rows.device)
         rows = torch.where(mask, rows, rows.new_zeros(()))
     if num_items_in_batch is not None:
+        # a count of tokens: a positive number (0 had given inf, a negative one a negative loss)
+        # (read on the host only where that is free: a CPU tensor, not a CUDA one's sync)
+        count = num_items_in_batch
+        if isinstance(count, Tensor) and count.is_cpu and count.numel() == 1 and not _util.values_unreadable(count):
+            count = count.item()
+        if not isinstance(count, Tensor) and (isinstance(count, bool) or not _util.is_number(count) or not count > 0):
+            raise ValueError(f"generalized_jsd: num_items_in_batch must be a positive number (the labelled tokens "
+                             f"of the accumulated batch), got {num_items_in_batch!r}")
         if isinstance(num_items_in_batch, Tensor):
             num_items_in_batch = num_items_in_batch.to(rows.device)
         return rows.sum() / num_items_in_batch

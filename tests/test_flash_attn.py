@@ -1390,6 +1390,14 @@ def test_eager_inference_call_matches_the_op(dtype):
     assert torch.equal(out, out_op)
 
 
+def test_flags_must_be_bools():
+    q = torch.randn(1, 4, 1, 32)
+    for name in ("causal", "deterministic", "return_lse"):
+        with pytest.raises(TypeError, match=f"{name} must be a bool, got 'no'"):  # a string had been truthy
+            pyllm.flash_attn(q, q, q, **{name: "no"})
+    assert torch.equal(pyllm.flash_attn(q, q, q, causal=np.True_), pyllm.flash_attn(q, q, q, causal=1))
+
+
 @pytest.mark.parametrize("device", CPU_AND_CUDA)
 def test_zero_scale_is_uniform_attention_under_masks(device):
     """softmax_scale=0: every key a query sees weighs the same (the prefix mean under causal). The

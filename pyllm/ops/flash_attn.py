@@ -1291,6 +1291,10 @@ def flash_attn(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, softmax
     elif max_seqlen_q is not None or max_seqlen_k is not None:
         raise ValueError(f"{OP}: max_seqlen_q / max_seqlen_k are for varlen (with cu_seqlens) only")
     left, right = _check_window(OP, window)
+    for name, flag in (("causal", causal), ("deterministic", deterministic), ("return_lse", return_lse)):
+        # a bool (numpy's too) or 0 / 1: a string had been truthy (causal="no" was causal)
+        if not (isinstance(flag, (bool, np.bool_)) or isinstance(flag, int) and flag in (0, 1)):
+            raise TypeError(f"{OP}: {name} must be a bool, got {flag!r}")
     if causal:
         right = 0
     scale = _resolve_scale(OP, softmax_scale, q.shape[-1])

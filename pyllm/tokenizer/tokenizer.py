@@ -351,7 +351,8 @@ def hf_chat_prompt(folder, messages: list[dict], add_generation_prompt: bool = T
 
 def _untrained(message: dict) -> bool:
     """An assistant message OpenAI's fine-tuning format marks "weight": 0: in the context, not trained on."""
-    weight = message.get("weight", 1)
+    weight = message.get("weight")
+    weight = 1 if weight is None else weight  # (null as absent, as transformers drops None values)
     if weight not in (0, 1):
         raise ValueError(f"a message's \"weight\" is 0 or 1 (OpenAI's fine-tuning format), got {weight!r}")
     return weight == 0

@@ -1478,6 +1478,9 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grpo-mask-truncated", action=argparse.BooleanOptionalAction, default=None,
                    help="GRPO: samples that reach --grpo-max-new-tokens without a stop token are rewarded but not "
                         "trained on (DAPO's overlong filtering; TRL's mask_truncated_completions)")
+    p.add_argument("--grpo-kl-bias-correction", action=argparse.BooleanOptionalAction, default=None,
+                   help="GRPO: the KL penalty's tokens times their ratio to the sampling policy (TRL's "
+                        "use_bias_correction_kl, default on: the unbiased reverse-KL gradient of DeepSeek-V3.2)")
     p.add_argument("--grpo-beta", type=float, help="GRPO: the weight of a KL penalty against the starting model (a "
                    "frozen copy of --init-from-hf / --init-from-run, or with --lora-rank the model with its updates "
                    "off; default 0, TRL's)")

@@ -1521,7 +1521,9 @@ def preference_loss(kind: str, chosen_logps: torch.Tensor, rejected_logps: torch
     chosen and rejected replies (detached). Each (P,). As TRL computes them:
       dpo    Direct Preference Optimization (Rafailov et al. 2023): with d = (chosen - ref_chosen) -
              (rejected - ref_rejected), -log sigmoid(beta d); with label_smoothing e (the
-             conservative DPO of Mitchell 2023), -(1 - e) log sigmoid(beta d) - e log sigmoid(-beta d).
+             conservative DPO of Mitchell 2023), -(1 - e) log sigmoid(beta d) - e log sigmoid(-beta d):
+             TRL's sigmoid loss before 1.x (TRL 1.16's ignores label_smoothing, which it keeps for its
+             robust and exo_pair losses).
              Rewards beta * (logps - ref_logps).
       ipo    IPO (Azar et al. 2023): (d - 1 / (2 beta))^2, d from log-probabilities per token.
       hinge  SLiC's hinge (Zhao et al. 2023): max(0, 1 - beta d).

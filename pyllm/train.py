@@ -79,6 +79,7 @@ class TrainConfig:
     grpo_importance_sampling: str = "token"  # GRPO: the ratio p / p_old per token | sequence (GSPO: the exp of its tokens' mean log-ratio)
     grpo_log_completions: int = 0  # GRPO: each generation's first N samples (rank 0's) with their rewards to completions.jsonl
     grpo_mask_truncated: bool = False  # GRPO: samples that end without a stop token are not trained on (DAPO's overlong filtering)
+    grpo_kl_bias_correction: bool = True  # GRPO: the KL term times the ratio (TRL's use_bias_correction_kl, its default)
     distill_seq_kd: bool = False  # GKD's seq_kd: every micro-batch's last replies the teacher's samples first (sequence-level KD)
     model: dict = field(default_factory=dict)  # ModelConfig overrides, e.g. {"n_layers": 2}
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -1147,8 +1148,8 @@ def grpo_rollout(policy: LLM, batch, cfg: TrainConfig, reward_fns: list, generat
     mask_truncated_completions, rewarded and counted in its group all the same), rewarded by
     load_reward's functions (given rows[segment], the data's row of each conversation, where rows
     are given), their sum weighted by cfg.grpo_reward_weights with NaN left out (TRL's nansum):
-    "rewards" (n,) fp64. Also "each" (n, R), "lengths" (each sequence's, cut to T: the FLOPs),
-    "targets" (the sampled tokens trained on), "all_targets" (and those masked), "stats" (sums
+    "rewards" (n,) fp64, NaN for a sample no function scored. Also "each" (n, R), "lengths" (each
+    sequence's, cut to T: the FLOPs), "targets" (the sampled tokens trained on), "stats" (sums
     and counts: grpo_stat_means) and "sampled" (each sequence's length as sampled, uncut, and the
     sampled tokens: the sampling's FLOPs), the "prompt_ids" and "completion_ids" lists. With rows,
     a conversation whose row is None is left out (grpo_rows: one cut to the row, whose last
@@ -1171,15 +1172,17 @@ def grpo_rollout(policy: LLM, batch, cfg: TrainConfig, reward_fns: list, generat
             if groups else torch.zeros(0, len(reward_fns), dtype=torch.float64))  # (n, R); fp64: n numbers
     weights = torch.tensor(cfg.grpo_reward_weights or [1.0] * len(reward_fns), dtype=torch.float64)
     rewards = (each * weights).nansum(1)  # (n,)
+    # A sample no reward function scored (each returned None): NaN, left out of its group's mean and
+    # std and of the logged reward, its advantage 0 (TRL's; nansum had made it a reward of 0)
+    rewards[each.isnan().all(1) if each.shape[1] else torch.zeros_like(rewards, dtype=torch.bool)] = math.nan
     lengths = [min(len(p) + len(s), T) for p, s in zip(groups, samples)]
     n = len(groups)
-    stats = torch.cat([torch.tensor([rewards.sum().item(), float(n),
-                                     rewards.view(-1, G).std(1).sum().item() if n else 0.0, float(n // G),
+    scored = rewards[~rewards.isnan()]
+    stats = torch.cat([torch.tensor([scored.sum().item(), float(n), (scored ** 2).sum().item(), float(len(scored)),
                                      float(sum(map(len, samples)))], dtype=torch.float64),
                        each.nansum(0), (~each.isnan()).sum(0).double()])
     targets = sum(n - len(p) for i, (n, p) in enumerate(zip(lengths, groups)) if trained is None or trained[i])
     return {"packed": packed, "rewards": rewards, "each": each, "lengths": lengths, "targets": targets,
-            "all_targets": sum(n - len(p) for n, p in zip(lengths, groups)),
             "prompt_ids": groups, "completion_ids": samples, "stats": stats,
             "sampled": ([len(p) + len(s) for p, s in zip(groups, samples)], sum(len(s) for s in samples))}
 
@@ -1197,14 +1200,24 @@ def grpo_rows(rows: list | None, docs: list[int], cu_seqlens: torch.Tensor, offs
 
 def grpo_stat_means(sums: torch.Tensor, n_rewards: int) -> list:
     """The logged means of a step's GRPO sums (grpo_rollout's "stats" then grpo_loss's, added up
-    over micro-batches and ranks): mean reward, the groups' mean reward std (TRL's reward_std),
-    mean sample length, mean KL (over the samples trained on), the share of trained tokens whose
-    ratio was clipped, each reward's mean over the samples it scored; None where nothing counted."""
+    over micro-batches and ranks): mean reward and the std of the step's rewards (TRL's reward and
+    reward_std, over the samples some function scored; reward_std had been the groups' mean std),
+    mean sample length, mean KL per trained token (TRL's), the share of trained tokens whose ratio
+    was clipped, each reward's mean over the samples it scored; None where nothing counted."""
     s = sums.tolist()
     ratio = lambda a, b: a / b if b else None  # noqa: E731
     R = n_rewards
-    return ([ratio(s[0], s[1]), ratio(s[2], s[3]), ratio(s[4], s[1]), ratio(s[5 + 2 * R], s[6 + 2 * R]),
+    std = math.sqrt(max(s[2] - s[0] * s[0] / s[3], 0.0) / (s[3] - 1)) if s[3] > 1 else None
+    return ([ratio(s[0], s[3]), std, ratio(s[4], s[1]), ratio(s[5 + 2 * R], s[6 + 2 * R]),
              ratio(s[7 + 2 * R], s[8 + 2 * R])] + [ratio(s[5 + i], s[5 + R + i]) for i in range(R)])
+
+
+def _nanstd(grouped: torch.Tensor) -> torch.Tensor:
+    """Each row's std over its non-NaN values, Bessel-corrected (TRL's nanstd), (rows, 1); NaN for
+    a row with fewer than two."""
+    count = (~grouped.isnan()).sum(1, keepdim=True)
+    deviations = (grouped - grouped.nanmean(1, keepdim=True)).square().nansum(1, keepdim=True)
+    return (deviations / (count - 1)).sqrt()
 
 
 def grpo_prepare(rollouts: list[dict], cfg: TrainConfig, info: DistInfo, policy: LLM | None = None,
@@ -1212,25 +1225,28 @@ def grpo_prepare(rollouts: list[dict], cfg: TrainConfig, info: DistInfo, policy:
     """What a step's rollouts (grpo_rollout's, this rank's micro-batches) need before their loss,
     added to each: "advantages" (n,), each reward less its group's mean, divided by the group's std
     + 1e-4 (cfg.grpo_scale_rewards group), by the std of every rank's rewards of the step + 1e-4
-    (batch), or not (none; Dr. GRPO's), TRL's; "tokens", every rank's sampled tokens in the step
-    (dapo's normalizer; masked truncated samples' too, TRL's count); with cfg.grpo_iterations > 1 "old" (B, T), the policy's
+    (batch), or not (none; Dr. GRPO's), TRL's, over the samples some reward function scored (the
+    others' advantage 0); "tokens", every rank's trained tokens in the step (dapo's and cispo's
+    normalizer: not a masked truncated sample's, as TRL 1.16 counts; they had counted, shrinking the
+    loss by the masked share); with cfg.grpo_iterations > 1 "old" (B, T), the policy's
     log-probabilities of the targets as sampled (the clipped ratio's denominator); with reference
     (cfg.grpo_beta) "ref", the reference's (reference(x, y, cu_seqlens), no autograd)."""
     G = cfg.grpo_generations
-    totals = torch.zeros(4, dtype=torch.float64)  # rewards' sum, sum of squares, count; sampled tokens
-    for r in rollouts:  # (dapo's count: the sampled tokens, masked ones too, as TRL counts them)
-        totals += torch.stack([r["rewards"].sum(), (r["rewards"] ** 2).sum(), torch.tensor(float(len(r["rewards"]))),
-                               torch.tensor(float(r["all_targets"]))])
+    totals = torch.zeros(4, dtype=torch.float64)  # scored rewards' sum, sum of squares, count; trained tokens
+    for r in rollouts:
+        scored = r["rewards"][~r["rewards"].isnan()]
+        totals += torch.stack([scored.sum(), (scored ** 2).sum(), torch.tensor(float(len(scored))),
+                               torch.tensor(float(r["targets"]))])
     total, squares, count, tokens = all_reduce_sum(totals, info).tolist()
     batch_std = math.sqrt(max(squares - total * total / count, 0.0) / (count - 1)) if count > 1 else 0.0
     for r in rollouts:
         grouped = r["rewards"].view(-1, G)
-        advantages = grouped - grouped.mean(1, keepdim=True)
+        advantages = grouped - grouped.nanmean(1, keepdim=True)
         if cfg.grpo_scale_rewards == "group":
-            advantages = advantages / (grouped.std(1, keepdim=True) + 1e-4)
+            advantages = advantages / (_nanstd(grouped) + 1e-4)
         elif cfg.grpo_scale_rewards == "batch":
             advantages = advantages / (batch_std + 1e-4)
-        r["advantages"], r["tokens"] = advantages.view(-1), tokens
+        r["advantages"], r["tokens"] = advantages.view(-1).nan_to_num(0.0), tokens
         x, y, cu, _ = r["packed"]
         if cfg.grpo_iterations > 1:
             with torch.no_grad():
@@ -1252,9 +1268,9 @@ def grpo_loss(model, rollout: dict, cfg: TrainConfig, world_size: int = 1) -> tu
     -min(ratio, eps_high).detach() A log p per token, divided as dapo; sapo (TRL's) -sigmoid(tau
     (ratio - 1)) 4 / tau A, tau 1 for A > 0 else 1.05 (SAPO_TEMPERATURES), divided as grpo (the step's token mean once the
     trainer divides by grad_accum and DDP averages). model: what computes the log-probabilities
-    (DDP's wrapper). Also the sums for the log (grpo_stat_means): (sum over the samples trained on
-    of each one's mean KL, their number, the trained tokens whose ratio was clipped, the trained
-    tokens), fp64 on the CPU."""
+    (DDP's wrapper). With cfg.grpo_kl_bias_correction (TRL's default) the KL term is times the
+    ratio. Also the sums for the log (grpo_stat_means): (the trained tokens' KL, the trained tokens,
+    those whose ratio was clipped, the trained tokens), fp64 on the CPU."""
     x, y, cu, at = rollout["packed"]
     token_logps = model(x, y, cu, per_token=True, **balance_kwargs(model, x, cu, at))[1]  # (B, T), 0 where no target
     mask = (y != -1).to(token_logps.dtype)
@@ -1286,7 +1302,10 @@ def grpo_loss(model, rollout: dict, cfg: TrainConfig, world_size: int = 1) -> tu
     if cfg.grpo_beta:
         d = rollout["ref"].to(token_logps) - token_logps  # 0 where no target: exp(0) - 0 - 1 = 0
         kl = torch.exp(d) - d - 1
-        per_token = per_token + cfg.grpo_beta * kl
+        # TRL's use_bias_correction_kl (its default): times the ratio, the unbiased reverse-KL
+        # gradient (DeepSeek-V3.2); the ratio, 1 in value on-policy, still moves the gradient
+        weighted = kl * ratio if cfg.grpo_kl_bias_correction else kl
+        per_token = per_token + cfg.grpo_beta * weighted
     per_token = per_token * mask
     if cfg.grpo_loss_type in ("grpo", "sapo"):
         loss = (sequence_logps(per_token, cu)[at] / tokens).sum() / max(n, 1)
@@ -1297,10 +1316,9 @@ def grpo_loss(model, rollout: dict, cfg: TrainConfig, world_size: int = 1) -> tu
     else:  # dapo, cispo
         loss = per_token.sum() * (world_size * cfg.grad_accum / max(rollout["tokens"], 1.0))
     with torch.no_grad():
-        trained = counts > 0  # (the samples trained on: masked ones not)
-        kl_sum = (sequence_logps(kl, cu)[at] / tokens)[trained].sum() if kl is not None else mask.new_zeros(())
+        kl_sum = (kl * mask).sum() if kl is not None else mask.new_zeros(())  # (TRL's: a mean per trained token)
         is_clipped = ((ratio < 1 - cfg.grpo_epsilon) & (advantage < 0)) | ((ratio > 1 + high) & (advantage > 0))
-        stats = torch.stack([kl_sum, trained.sum().to(kl_sum), (is_clipped.to(mask) * mask).sum(), mask.sum()])
+        stats = torch.stack([kl_sum, mask.sum(), (is_clipped.to(mask) * mask).sum(), mask.sum()])
     return loss, stats.double().cpu()
 
 

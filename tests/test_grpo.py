@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -73,7 +74,7 @@ def test_grpo_loss_and_gradients_are_the_formula(chat_dir, loss_type, scale, bet
         shift = torch.randn(len(cu) - 1, generator=g, dtype=torch.float64)[
             torch.repeat_interleave(torch.arange(len(cu) - 1), cu.diff().long())].view_as(y)
         rollout["old"] = rollout["old"] + (torch.randn(y.shape, generator=g, dtype=torch.float64) + shift) * 0.2 * (y != -1)
-    loss, (kl_sum, trained_samples, clipped_tokens, trained_tokens) = trainer.grpo_loss(model, rollout, cfg)
+    loss, (kl_sum, kl_tokens, clipped_tokens, trained_tokens) = trainer.grpo_loss(model, rollout, cfg)
     loss.backward()
     got = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
@@ -111,28 +112,30 @@ def test_grpo_loss_and_gradients_are_the_formula(chat_dir, loss_type, scale, bet
             d = logps(ref_model) - logp
         d = d.detach() + logp.detach() - logp  # (d = ref - log p, its gradient -grad log p)
         kl = torch.exp(d) - d - 1
-        terms.append(term + beta * kl)
-        kls.append(kl.mean())
+        terms.append(term + beta * kl * ratio)  # (TRL's use_bias_correction_kl, its default: times the ratio)
+        kls.append(kl.sum())
     n, tokens, sampled = len(samples), sum(len(t) for t in terms), sum(map(len, samples))
     assert not masked or 0 < len(terms) < n
     # (grpo: the mean over all samples, masked ones adding 0)
     want = {"grpo": torch.stack([t.mean() for t in terms]).sum() / n, "bnpo": torch.cat(terms).sum() / tokens,
-            "sapo": torch.stack([t.mean() for t in terms]).sum() / n, "cispo": torch.cat(terms).sum() / sampled,
-            "dapo": torch.cat(terms).sum() / sampled,  # (TRL's count: masked samples' tokens too)
+            "sapo": torch.stack([t.mean() for t in terms]).sum() / n, "cispo": torch.cat(terms).sum() / tokens,
+            "dapo": torch.cat(terms).sum() / tokens,  # (TRL 1.16's count: the trained tokens, not masked ones)
             "dr_grpo": torch.cat(terms).sum() / (n * 5)}[loss_type]
     want.backward()
     assert loss.item() == pytest.approx(want.item(), rel=1e-9, abs=1e-12)
     for g, p in zip(got, model.parameters()):
         torch.testing.assert_close(g, p.grad, rtol=1e-7, atol=1e-12)
     assert (clipped > 0) == (iterations > 1)  # (the perturbation clips some)
-    assert (clipped_tokens, trained_tokens, trained_samples) == (clipped, tokens, len(terms))
+    assert (clipped_tokens, trained_tokens, kl_tokens) == (clipped, tokens, tokens)
     assert kl_sum.item() == pytest.approx(beta and torch.stack(kls).sum().item(), abs=1e-9)
     cut = [len(p) + len(s) for p, s in zip(prompts, samples)]  # (MFU's count: the sequences computed)
-    assert rollout["lengths"] == cut and rollout["targets"] == tokens and rollout["all_targets"] == sampled
+    assert rollout["lengths"] == cut and rollout["targets"] == tokens and sampled >= tokens
     flat = rewards.view(-1)
-    means = trainer.grpo_stat_means(torch.cat([rollout["stats"], torch.tensor([kl_sum, len(terms), clipped, tokens])]), 1)
-    np.testing.assert_allclose(means, [flat.mean().item(), rewards.std(1).mean().item(), np.mean([len(s) for s in samples]),
-                                       beta and torch.stack(kls).mean().item(), clipped / tokens, flat.mean().item()],
+    means = trainer.grpo_stat_means(torch.cat([rollout["stats"], torch.tensor([kl_sum, tokens, clipped, tokens])]), 1)
+    # (TRL 1.16's reward_std: the std of the step's rewards; its kl: a mean per trained token)
+    np.testing.assert_allclose(means, [flat.mean().item(), flat.std().item(), np.mean([len(s) for s in samples]),
+                                       beta and torch.stack(kls).sum().item() / tokens, clipped / tokens,
+                                       flat.mean().item()],
                                rtol=1e-6, atol=1e-12)
 
 
@@ -160,16 +163,36 @@ def test_grpo_rewards_are_summed_by_weight(chat_dir):  # noqa: F811
     assert np.isnan(b).any() and not np.isnan(b).all()
     total = 2 * a + 0.5 * np.nan_to_num(b)
     grouped = total.reshape(-1, 4)
-    np.testing.assert_allclose(stats, [total.mean(), grouped.std(1, ddof=1).mean(), np.mean([len(s) for s in samples]),
+    np.testing.assert_allclose(stats, [total.mean(), total.std(ddof=1), np.mean([len(s) for s in samples]),
                                                 0.0, 0.0, a.mean(), np.nanmean(b), 0.0], rtol=1e-6)
     assert [r["doc"] for r in seen] == [loader.docs[s] for s in segments for _ in range(4)]
     assert trainer.reward_names(cfg.grpo_reward) == ["sevens", "short_or_none"]
     # the log's means are of sums and counts over micro-batches and ranks: a reward no sample got is None
-    sums = torch.tensor([3.0, 4, 1.0, 2, 8, 2.0, 0.0, 4, 0, 0.5, 4, 1, 10], dtype=torch.float64)
-    assert trainer.grpo_stat_means(sums, 2) == [0.75, 0.5, 2.0, 0.125, 0.1, 0.5, None]
+    # (scored rewards' sum, samples, scored rewards' squares, scored samples, sampled tokens, each
+    # reward's sums, counts, then grpo_loss's KL sum, KL tokens, clipped tokens, trained tokens)
+    sums = torch.tensor([3.0, 4, 5.0, 2, 8, 2.0, 0.0, 4, 0, 0.5, 4, 1, 10], dtype=torch.float64)
+    assert trainer.grpo_stat_means(sums, 2) == pytest.approx([1.5, 0.5 ** 0.5, 2.0, 0.125, 0.1, 0.5, None])
     with pytest.raises(ValueError, match="a finite number for each of the 2"):
         TrainConfig(grpo_reward=cfg.grpo_reward, grpo_reward_weights=[1.0]).validate()
 
+
+@pytest.mark.parametrize("scale", ["group", "batch"])
+def test_grpo_advantages_leave_out_unscored_samples(scale):
+    # A sample no reward function scored (each returned None) is NaN: left out of its group's mean
+    # and std (and the batch's), its advantage 0, as TRL's; nansum had made it a reward of 0.
+    cfg = TrainConfig(grpo_generations=4, grpo_scale_rewards=scale)
+    rewards = torch.tensor([1.0, math.nan, 0.0, 1.0, 2.0, 2.0, 3.0, math.nan], dtype=torch.float64)
+    rollout = {"rewards": rewards, "targets": 9, "packed": (None, None, None, None)}
+    trainer.grpo_prepare([rollout], cfg, trainer.DistInfo())
+    scored = rewards.view(-1, 4)
+    mean = scored.nanmean(1, keepdim=True)
+    std = {"group": torch.tensor([[3 ** -0.5], [3 ** -0.5]], dtype=torch.float64),
+           "batch": rewards[~rewards.isnan()].std()}[scale]
+    want = ((scored - mean) / (std + 1e-4)).nan_to_num(0.0).view(-1)
+    torch.testing.assert_close(rollout["advantages"], want, rtol=1e-12, atol=0)
+    assert rollout["advantages"][1] == 0 and rollout["advantages"][7] == 0 and rollout["tokens"] == 9
+    if scale == "group":  # TRL's numbers for the group [1, None, 0, 1]
+        assert rollout["advantages"][:4].tolist() == pytest.approx([0.5773, 0.0, -1.1545, 0.5773], abs=1e-4)
 
 def test_grpo_leaves_out_conversations_cut_from_their_rows(chat_dir):  # noqa: F811
     # A conversation longer than the row is cut: its last reply in the row is not the one its row

@@ -1207,9 +1207,14 @@ def grpo_stat_means(sums: torch.Tensor, n_rewards: int) -> list:
     s = sums.tolist()
     ratio = lambda a, b: a / b if b else None  # noqa: E731
     R = n_rewards
-    std = math.sqrt(max(s[2] - s[0] * s[0] / s[3], 0.0) / (s[3] - 1)) if s[3] > 1 else None
-    return ([ratio(s[0], s[3]), std, ratio(s[4], s[1]), ratio(s[5 + 2 * R], s[6 + 2 * R]),
+    return ([ratio(s[0], s[3]), _std_of_sums(s[0], s[2], s[3]), ratio(s[4], s[1]), ratio(s[5 + 2 * R], s[6 + 2 * R]),
              ratio(s[7 + 2 * R], s[8 + 2 * R])] + [ratio(s[5 + i], s[5 + R + i]) for i in range(R)])
+
+
+def _std_of_sums(total: float, squares: float, count: float) -> float | None:
+    """The Bessel-corrected std of count numbers from their sum and sum of squares (sums added up over
+    micro-batches and ranks); None for fewer than two."""
+    return math.sqrt(max(squares - total * total / count, 0.0) / (count - 1)) if count > 1 else None
 
 
 def _nanstd(grouped: torch.Tensor) -> torch.Tensor:
@@ -1238,7 +1243,7 @@ def grpo_prepare(rollouts: list[dict], cfg: TrainConfig, info: DistInfo, policy:
         totals += torch.stack([scored.sum(), (scored ** 2).sum(), torch.tensor(float(len(scored))),
                                torch.tensor(float(r["targets"]))])
     total, squares, count, tokens = all_reduce_sum(totals, info).tolist()
-    batch_std = math.sqrt(max(squares - total * total / count, 0.0) / (count - 1)) if count > 1 else 0.0
+    batch_std = _std_of_sums(total, squares, count) or 0.0
     for r in rollouts:
         grouped = r["rewards"].view(-1, G)
         advantages = grouped - grouped.nanmean(1, keepdim=True)

@@ -329,11 +329,11 @@ def _template_messages(messages: list[dict]) -> list[dict]:
 
 def _template_inputs(messages: list[dict], add_generation_prompt: bool, variables: dict, tools, documents,
                      template_kwargs: dict) -> dict:
-    """What a template is rendered with, as apply_chat_template passes it: tools and documents
-    always (None when not given), the special tokens, then the caller's template kwargs
-    (enable_thinking=, ...)."""
-    return {**variables, **template_kwargs, "messages": _template_messages(messages),
-            "add_generation_prompt": add_generation_prompt, "tools": tools, "documents": documents}
+    """What a template is rendered with, as apply_chat_template passes it: messages (already
+    _template_messages'), tools and documents always (None when not given), the special tokens,
+    then the caller's template kwargs (enable_thinking=, ...)."""
+    return {**variables, **template_kwargs, "messages": messages, "add_generation_prompt": add_generation_prompt,
+            "tools": tools, "documents": documents}
 
 
 def hf_chat_prompt(folder, messages: list[dict], add_generation_prompt: bool = True, tools: list | None = None,
@@ -345,14 +345,13 @@ def hf_chat_prompt(folder, messages: list[dict], add_generation_prompt: bool = T
     variables such as enable_thinking=, as apply_chat_template's). Encode it with
     allowed_special="all": the template writes the special tokens as text."""
     template, _, variables, _ = _chat_template(folder)
-    return template.render(**_template_inputs(messages, add_generation_prompt, variables, tools, documents,
-                                              template_kwargs))
+    return template.render(**_template_inputs(_template_messages(messages), add_generation_prompt, variables, tools,
+                                              documents, template_kwargs))
 
 
 def _untrained(message: dict) -> bool:
     """An assistant message OpenAI's fine-tuning format marks "weight": 0: in the context, not trained on."""
-    weight = message.get("weight")
-    weight = 1 if weight is None else weight  # (null as absent, as transformers drops None values)
+    weight = message.get("weight", 1)  # (a null one is dropped with the other None values: _template_messages)
     if weight not in (0, 1):
         raise ValueError(f"a message's \"weight\" is 0 or 1 (OpenAI's fine-tuning format), got {weight!r}")
     return weight == 0
@@ -370,6 +369,7 @@ def hf_chat_spans(folder, messages: list[dict], train_from: int = 0, tools: list
     tools, documents, template_kwargs: as hf_chat_prompt's (TRL's "tools" and
     "chat_template_kwargs" columns)."""
     template, tracker, variables, marked = _chat_template(folder)
+    messages = _template_messages(messages)  # once: every prefix rendered below is a slice of these
 
     def render(msgs, add_generation_prompt=False):
         return template.render(**_template_inputs(msgs, add_generation_prompt, variables, tools, documents,

@@ -409,6 +409,8 @@ class AdamW(torch.optim.Optimizer):
         self.last_grad_norm = self.last_step_skipped = None
         if not buckets:
             return loss
+        if grad_scaler is not None:
+            grad_scaler._begin_step(self)
 
         need_norm = grad_scaler is not None or max_grad_norm is not None or self._reduce_sumsq is not None
         sumsq = self._global_sumsq(buckets) if need_norm else {}
@@ -473,6 +475,17 @@ class DynamicLossScaler:
         self._scale: Tensor | None = None
         self._growth_tracker: Tensor | None = None
         self._found_inf: Tensor | None = None
+        self._stepped: set[int] = set()  # ids of the optimizers stepped since the last update()
+
+    def _begin_step(self, optimizer) -> None:
+        # torch's GradScaler refuses this too: a second step on the same scaled grads before update()
+        # would apply them twice, and the backoff would come one step late.
+        if optimizer is None:
+            return
+        if id(optimizer) in self._stepped:
+            raise RuntimeError(f"{type(optimizer).__name__}.step(grad_scaler=...) was already called since the "
+                               "scaler's last update(); call scaler.update() after each step (as torch.amp.GradScaler)")
+        self._stepped.add(id(optimizer))
 
     def _scale_on(self, device) -> Tensor:
         """The scale tensor, created on (or moved for good to) `device`."""
@@ -516,6 +529,7 @@ class DynamicLossScaler:
         torch._amp_update_scale_(scale, self._growth_tracker, found, self._growth_factor,
                                  self._backoff_factor, self._growth_interval)
         self._found_inf = None
+        self._stepped.clear()
 
     @staticmethod
     def _check(where: str, init_scale, growth_factor, backoff_factor, growth_interval) -> None:
@@ -550,6 +564,7 @@ class DynamicLossScaler:
         self._scale = torch.full((), self._init_scale, dtype=torch.float32, device=device)
         self._growth_tracker = torch.full((), int(state_dict["_growth_tracker"]), dtype=torch.int32, device=device)
         self._found_inf = None
+        self._stepped.clear()
 
 
 class ZeroAdamW(torch.optim.Optimizer):
@@ -911,12 +926,14 @@ def _grad_norm(g: Tensor) -> Tensor:
 
 
 def unscale_clip_check(params: list[Tensor], grad_scaler: "DynamicLossScaler | None",
-                       max_grad_norm: float | None) -> tuple[Tensor, Tensor]:
+                       max_grad_norm: float | None, optimizer=None) -> tuple[Tensor, Tensor]:
     """What an optimizer built on torch's ops does before its update, as AdamW's fused pass does it:
     the grads of params unscaled by grad_scaler's scale, their global norm clipped to max_grad_norm
     (None: not), an inf/nan norm recorded with grad_scaler. Returns (the norm before clipping, a
-    plain tensor even for FSDP2's DTensor grads; whether the step is to be skipped)."""
+    plain tensor even for FSDP2's DTensor grads; whether the step is to be skipped). optimizer: the
+    one stepping, so that a second step before the scaler's update() raises as torch's."""
     if grad_scaler is not None:
+        grad_scaler._begin_step(optimizer)
         inv = 1.0 / grad_scaler.get_scale()
         for p in params:
             p.grad.mul_(inv)
@@ -982,7 +999,7 @@ class MuonAdamW(torch.optim.Optimizer):
         if closure is not None:
             raise ValueError("MuonAdamW: step takes no closure")
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-        self.last_grad_norm, self.last_step_skipped = unscale_clip_check(params, grad_scaler, max_grad_norm)
+        self.last_grad_norm, self.last_step_skipped = unscale_clip_check(params, grad_scaler, max_grad_norm, self)
         if not self.last_step_skipped:
             self.muon.step()
             self.adamw.step()

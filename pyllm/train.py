@@ -439,7 +439,7 @@ class TorchAdamW(torch.optim.AdamW):
 
     def step(self, closure=None, grad_scaler: DynamicLossScaler | None = None, max_grad_norm: float | None = None):
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-        self.last_grad_norm, self.last_step_skipped = unscale_clip_check(params, grad_scaler, max_grad_norm)
+        self.last_grad_norm, self.last_step_skipped = unscale_clip_check(params, grad_scaler, max_grad_norm, self)
         if not self.last_step_skipped:
             super().step(closure)
 

@@ -820,6 +820,31 @@ def test_cuda_launchers_without_cuda_kernels_raise(monkeypatch):
                         stochastic_rounding=False, seed=0)
 
 
+def test_a_second_step_before_update_raises_as_grad_scaler():
+    # torch.amp.GradScaler refuses it: the same scaled grads would be applied twice. Two optimizers
+    # sharing one scaler each step once; update() opens the next round.
+    from pyllm.optim import Muon, MuonAdamW
+    torch.manual_seed(0)
+    a, b = nn.Parameter(torch.randn(4, 8)), nn.Parameter(torch.randn(8))
+    w, c = nn.Parameter(torch.randn(8, 8)), nn.Parameter(torch.randn(8))
+    opt_a, opt_b = AdamW([a], lr=1e-2), AdamW([b], lr=1e-2)
+    muon = MuonAdamW(Muon([w], lr=0.01), AdamW([c], lr=0.01))
+    scaler = DynamicLossScaler(init_scale=4.0)
+    for _ in range(2):
+        scaler.scale((a.sum() * b.sum()) + (w @ c).square().sum()).backward()
+        opt_a.step(grad_scaler=scaler)
+        opt_b.step(grad_scaler=scaler)
+        muon.step(grad_scaler=scaler)
+        before = a.detach().clone()
+        for opt in (opt_a, muon):
+            with pytest.raises(RuntimeError, match="already called since the scaler's last update"):
+                opt.step(grad_scaler=scaler)
+        assert torch.equal(a, before)  # refused before anything moved
+        scaler.update()
+        for p in (a, b, w, c):
+            p.grad = None
+
+
 def test_bad_scaler_arguments():
     for kwargs in (dict(init_scale=0.0), dict(init_scale=math.inf), dict(growth_factor=0.5),
                    dict(backoff_factor=0.0), dict(backoff_factor=1.5), dict(growth_interval=0)):

@@ -1441,7 +1441,8 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                    "1 - alpha (default 1: the divergence alone)")
     p.add_argument("--distill-lmbda", type=float, help="GKD's lmbda: the share of micro-batches (drawn at random) "
                    "whose conversations' last replies are replaced by the student's own samples, the divergence taken "
-                   "on those (on-policy distillation; default 0: the data's replies alone)")
+                   "on those (on-policy distillation; default 0: the data's replies alone). With --distill-alpha < 1 those "
+                   "micro-batches' cross-entropy is on the samples too (the student's own sample as its target)")
     p.add_argument("--grpo-reward", metavar="SPEC[,SPEC...]", help="GRPO (DeepSeekMath; TRL's GRPOTrainer, beta 0) "
                    "on --data of prompts, conversations or prompt-completion lines: each one's last reply replaced by "
                    "--grpo-generations samples of the model, rewarded by the sum of the SPECs' rewards: a reward model (a "

@@ -1203,7 +1203,7 @@ def grpo_stat_means(sums: torch.Tensor, n_rewards: int) -> list:
     over micro-batches and ranks): mean reward and the std of the step's rewards (TRL's reward and
     reward_std, over the samples some function scored; reward_std had been the groups' mean std),
     mean sample length, mean KL per trained token (TRL's), the share of trained tokens whose ratio
-    was clipped, each reward's mean over the samples it scored; None where nothing counted."""
+    was clipped (of samples with GSPO's ratio a sample, as TRL counts), each reward's mean over the samples it scored; None where nothing counted."""
     s = sums.tolist()
     ratio = lambda a, b: a / b if b else None  # noqa: E731
     R = n_rewards
@@ -1323,7 +1323,10 @@ def grpo_loss(model, rollout: dict, cfg: TrainConfig, world_size: int = 1) -> tu
     with torch.no_grad():
         kl_sum = (kl * mask).sum() if kl is not None else mask.new_zeros(())  # (TRL's: a mean per trained token)
         is_clipped = ((ratio < 1 - cfg.grpo_epsilon) & (advantage < 0)) | ((ratio > 1 + high) & (advantage > 0))
-        stats = torch.stack([kl_sum, mask.sum(), (is_clipped.to(mask) * mask).sum(), mask.sum()])
+        clipped, counted = (is_clipped.to(mask) * mask).sum(), mask.sum()
+        if cfg.grpo_importance_sampling == "sequence":  # one ratio a sample: TRL counts samples there
+            clipped, counted = (sequence_logps(is_clipped.to(mask) * mask, cu)[at] > 0).sum().to(mask), mask.new_tensor(n)
+        stats = torch.stack([kl_sum, mask.sum(), clipped, counted])
     return loss, stats.double().cpu()
 
 

@@ -107,7 +107,8 @@ def test_grpo_loss_and_gradients_are_the_formula(chat_dir, loss_type, scale, bet
             term = -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * a
         else:
             term = -torch.min(ratio * a, torch.clamp(ratio, 0.9, 1.15) * a)
-        clipped += int((((ratio < 0.9) & (a < 0)) | ((ratio > 1.15) & (a > 0))).sum())
+        clipped_here = int((((ratio < 0.9) & (a < 0)) | ((ratio > 1.15) & (a > 0))).sum())
+        clipped += clipped_here if level == "token" else int(clipped_here > 0)  # (TRL: samples in sequence mode)
         with torch.no_grad():
             d = logps(ref_model) - logp
         d = d.detach() + logp.detach() - logp  # (d = ref - log p, its gradient -grad log p)
@@ -126,15 +127,16 @@ def test_grpo_loss_and_gradients_are_the_formula(chat_dir, loss_type, scale, bet
     for g, p in zip(got, model.parameters()):
         torch.testing.assert_close(g, p.grad, rtol=1e-7, atol=1e-12)
     assert (clipped > 0) == (iterations > 1)  # (the perturbation clips some)
-    assert (clipped_tokens, trained_tokens, kl_tokens) == (clipped, tokens, tokens)
+    counted = tokens if level == "token" else n  # (TRL 1.16's clip_ratio in sequence mode: over the samples)
+    assert (clipped_tokens, trained_tokens, kl_tokens) == (clipped, counted, tokens)
     assert kl_sum.item() == pytest.approx(beta and torch.stack(kls).sum().item(), abs=1e-9)
     cut = [len(p) + len(s) for p, s in zip(prompts, samples)]  # (MFU's count: the sequences computed)
     assert rollout["lengths"] == cut and rollout["targets"] == tokens and sampled >= tokens
     flat = rewards.view(-1)
-    means = trainer.grpo_stat_means(torch.cat([rollout["stats"], torch.tensor([kl_sum, tokens, clipped, tokens])]), 1)
+    means = trainer.grpo_stat_means(torch.cat([rollout["stats"], torch.tensor([kl_sum, tokens, clipped, counted])]), 1)
     # (TRL 1.16's reward_std: the std of the step's rewards; its kl: a mean per trained token)
     np.testing.assert_allclose(means, [flat.mean().item(), flat.std().item(), np.mean([len(s) for s in samples]),
-                                       beta and torch.stack(kls).sum().item() / tokens, clipped / tokens,
+                                       beta and torch.stack(kls).sum().item() / tokens, clipped / counted,
                                        flat.mean().item()],
                                rtol=1e-6, atol=1e-12)
 

@@ -170,6 +170,28 @@ def load_tokenizer(path):
     return CharTokenizer.load(path) if is_nanogpt_meta(path) else tokenizer_class().load(str(path))
 
 
+def text_tokenizer(path, flag: str):
+    """A pyllm tokenizer to tokenize text with; nanoGPT's meta.pkl refused with what to do."""
+    from pyllm.tokenizer.chars import is_nanogpt_meta
+
+    if is_nanogpt_meta(path):
+        raise ValueError(f"{flag} {path} is nanoGPT's character vocabulary (meta.pkl): pyllm reads it beside nanoGPT's "
+                         "token files (--data FOLDER) and does not tokenize text with it; give a pyllm tokenizer "
+                         "(`pyllm tokenizer train`, or Tokenizer.from_tiktoken / Tokenizer.from_hf saved)")
+    return tokenizer_class().load(str(path))
+
+
+def is_char_meta(path) -> bool:
+    """Whether a nanoGPT meta.pkl holds a character vocabulary (stoi / itos), not a vocab_size alone."""
+    from pyllm.tokenizer.chars import CharTokenizer
+
+    try:
+        CharTokenizer.load(path)
+    except Exception:
+        return False
+    return True
+
+
 def same_tokenizer(a, b) -> bool:
     """Whether two tokenizer files (pyllm's, or nanoGPT's meta.pkl) make the same ids: the same
     bytes, else the same definition (merges, pattern, special tokens, normalization; characters)."""
@@ -412,7 +434,7 @@ def check_token_dirs(data_list) -> None:
 
 # CLI-only keys (the rest are TrainConfig fields): where the text comes from and what to do after.
 _CLI_KEYS = {"data": None, "tokenizer": None, "vocab_size": None, "tokenizer_train_bytes": 0,
-             "val_fraction": 0.02, "sample_tokens": 200, "prompt": "def ", "config": None, "resume": None,
+             "val_fraction": 0.02, "sample_tokens": 200, "prompt": None, "config": None, "resume": None,
              "model_overrides": None, "eval_choices_file": None, "eval_choices_limit": None}
 
 
@@ -433,23 +455,34 @@ def setup_run_data(cfg, cli: dict) -> None:
         check_token_dirs(data_list)
     if data_list is not None and len(data_list) == 1 and is_token_dir(data_list[0]):
         data_dir = str(Path(data_list[0]).resolve())  # a resume from another folder reads the same files
-        if tokenizer_path is None and (Path(data_dir) / "tokenizer.bpe").is_file():  # `pyllm prepare`'s copy
-            tokenizer_path = Path(data_dir) / "tokenizer.bpe"
-        if cfg.init_from_run and tokenizer_path and source_run.get("tokenizer") and not same_tokenizer(
-                tokenizer_path, source_run["tokenizer"]):
-            raise ValueError(f"--data {data_list[0]} was tokenized with {tokenizer_path}, not with the tokenizer of "
-                             f"--init-from-run {cfg.init_from_run} ({source_run['tokenizer']}): its ids would be other "
-                             "tokens to that model (prepare the data with the run's tokenizer)")
         from pyllm import data
 
         header = data.read_header(Path(data_dir) / "train.bin")
+        train_files = data.split_files(data_dir, "train")
+        bare = bool(header.get("bare"))  # nanoGPT's
+        own = not bare and data.llmc_format(train_files[0]) is None  # pyllm's header
+        meta = Path(data_dir) / "meta.pkl"
+        char = bare and meta.is_file() and is_char_meta(meta)
+        # The folder's own tokenizer, unless one is given: `pyllm prepare`'s copy (a stale one beside
+        # nanoGPT's files is not theirs), nanoGPT's characters.
+        found = tokenizer_path or (Path(data_dir) / "tokenizer.bpe" if own and (Path(data_dir) / "tokenizer.bpe").is_file()
+                                   else meta if char else None)
+        if cfg.init_from_run and found and source_run.get("tokenizer") and not same_tokenizer(
+                found, source_run["tokenizer"]):
+            raise ValueError(f"--data {data_list[0]} was tokenized with {found}, not with the tokenizer of "
+                             f"--init-from-run {cfg.init_from_run} ({source_run['tokenizer']}): its ids would be other "
+                             "tokens to that model (prepare the data with the run's tokenizer)")
+        if own:
+            tokenizer_path = found
         given = tokenizer_path or source_run.get("tokenizer")
         if given:
             if (vocab := load_tokenizer(given).vocab_size) != header["vocab_size"]:
                 raise ValueError(f"--data {data_list[0]} was tokenized with a {header['vocab_size']:,}-id tokenizer, and "
                                  f"the tokenizer given ({given}) has {vocab:,} ids: its samples and prompts would be "
-                                 "another vocabulary's (prepare the data with this tokenizer)")
-        train_files = data.split_files(data_dir, "train")
+                                 "another vocabulary's (prepare the data with this tokenizer)"
+                                 + (f"; nanoGPT's bare files without a meta.pkl are read as GPT-2's ids: for another "
+                                    f"tokenizer's, write its vocab_size there (pickle.dump({{'vocab_size': {vocab}}}, "
+                                    "open('meta.pkl', 'wb')))" if bare and not meta.is_file() else ""))
         if (llmc := data.llmc_format(train_files[0])) is not None:
             print(f"data: {data_dir} holds llm.c's token files ({len(train_files)} train and "
                   f"{len(data.split_files(data_dir, 'val'))} val shards, "
@@ -459,13 +492,14 @@ def setup_run_data(cfg, cli: dict) -> None:
                      if llmc[1] == data.GPT2_VOCAB else "(Llama 3's; give --tokenizer, its tokenizer.json converted "
                      "with Tokenizer.from_hf(path).save(path), to decode its samples)"))
         elif (nanogpt := data.nanogpt_vocab(Path(data_dir) / "train.bin")) is not None:
-            char = (Path(data_dir) / "meta.pkl").is_file()
             if char and tokenizer_path is None:  # its characters: prompts encoded and samples decoded by them,
                 # a copy in the run (the data folder's may be made again or moved)
                 tokenizer_path = out / "meta.pkl"
-                copy_into(Path(data_dir) / "meta.pkl", tokenizer_path)
+                copy_into(meta, tokenizer_path)
             print(f"data: {data_dir} holds nanoGPT's bare uint16 token files: vocab {nanogpt:,} "
                   + ("(its meta.pkl's characters)" if char else
+                     "(its meta.pkl's vocab_size, no characters in it; give --tokenizer, a pyllm tokenizer of the "
+                     "data's ids, to decode its samples)" if meta.is_file() else
                      "(no meta.pkl: GPT-2 BPE; give --tokenizer, a pyllm tokenizer of GPT-2's ids made by "
                      "Tokenizer.from_tiktoken(tiktoken.get_encoding('gpt2')).save(path), to decode its samples)"))
     else:
@@ -478,7 +512,7 @@ def setup_run_data(cfg, cli: dict) -> None:
                              "fine-tuning on them needs --init-from-hf DIR (or --init-from-run DIR), whose tokenizer "
                              "(and chat template, for messages) make their tokens")
         if tokenizer_path:
-            tokenizer = tokenizer_class().load(str(tokenizer_path))
+            tokenizer = text_tokenizer(tokenizer_path, "--tokenizer")
         elif hf_source:
             from pyllm.model import hf_folder
 
@@ -842,22 +876,25 @@ def _train_command(args, explicit: dict, opts: dict, model: dict, cli: dict, ref
         tokenizer = load_tokenizer(tokenizer_path)
         eot = eot_id(tokenizer)
         prompt_ids, stops = None, ([] if eot is None else [eot])  # as pyllm generate
+        prompt = default_prompt(tokenizer) if cli["prompt"] is None else cli["prompt"]
         try:
-            tokenizer.encode_ordinary(cli["prompt"])
-        except ValueError as e:  # a character vocabulary without the default prompt's: the run is kept
-            print(f"sample skipped: --prompt {cli['prompt']!r}: {e}", file=sys.stderr)
+            tokenizer.encode_ordinary(prompt)
+        except ValueError as e:  # a character vocabulary without the prompt's characters: the run is kept
+            print(f"sample skipped: --prompt {prompt!r}: {e}", file=sys.stderr)
             return 0
         if run.get("chat") and run.get("init_from_hf"):  # a reply to the prompt as a user's message
             from pyllm.model import hf_folder
             from pyllm.tokenizer.tokenizer import hf_chat_prompt, hf_stop_ids
 
             source = hf_folder(run["init_from_hf"])
-            prompt_ids = tokenizer.encode(hf_chat_prompt(source, [{"role": "user", "content": cli["prompt"]}]),
+            prompt_ids = tokenizer.encode(hf_chat_prompt(source, [{"role": "user", "content": prompt}]),
                                           allowed_special="all")
             stops = hf_stop_ids(source)
-        print(f"sample ({cli['sample_tokens']} tokens {'replying to' if prompt_ids else 'after'} {cli['prompt']!r}):\n"
+        elif not prompt and not run.get("prompt_prefix"):  # a document's start, as pyllm generate
+            prompt_ids = start_ids(tokenizer)
+        print(f"sample ({cli['sample_tokens']} tokens {'replying to' if prompt_ids and prompt else 'after'} {prompt!r}):\n"
               + "-" * 60)
-        stream_sample(model_obj, tokenizer, cli["prompt"], cli["sample_tokens"], 0.8, 50, None, seed=cfg.seed,
+        stream_sample(model_obj, tokenizer, prompt, cli["sample_tokens"], 0.8, 50, None, seed=cfg.seed,
                       prefix_ids=run.get("prompt_prefix", []), prompt_ids=prompt_ids, stop_tokens=stops)
         print("\n" + "-" * 60)
     return 0
@@ -907,6 +944,16 @@ def stream_sample(model, tokenizer, prompt: str, max_new_tokens: int, temperatur
         model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, callback=on_token,
                        generator=gen, stop_tokens=stops, cuda_graph=cuda_graph)
     return prompt + tokenizer.decode(generated)
+
+
+def default_prompt(tokenizer) -> str:
+    """The prompt when none is given: "def " (the bundled corpus is Python), or none (a document's
+    start, nanoGPT's "\n") for a character vocabulary without those characters."""
+    try:
+        tokenizer.encode_ordinary("def ")
+    except ValueError:
+        return ""
+    return "def "
 
 
 def start_ids(tokenizer) -> list[int]:
@@ -1012,7 +1059,7 @@ def generate_file(model, tokenizer, args, prefix_ids, stop_tokens, source) -> in
 def cmd_prepare(args) -> int:
     from pyllm import data
 
-    tokenizer = tokenizer_class().load(str(args.tokenizer))
+    tokenizer = text_tokenizer(args.tokenizer, "--tokenizer")
     stats = data.prepare(args.input, tokenizer, args.out, args.val_fraction)
     # the tokenizer beside its token files: `pyllm train --data OUT` records it, generate and eval find it
     copy = Path(args.out) / "tokenizer.bpe"
@@ -1086,12 +1133,14 @@ def cmd_generate(args) -> int:
 
     from pyllm.tokenizer.tokenizer import hf_chat_prompt, hf_stop_ids
 
-    if args.prompt.startswith("FILE:"):  # nanoGPT's sample.py: the prompt is the file's text
+    if args.prompt is not None and args.prompt.startswith("FILE:"):  # nanoGPT's sample.py: the prompt is the file's text
         path = Path(args.prompt[len("FILE:"):])
         if not path.is_file():
             raise ValueError(f"--prompt {args.prompt}: no such file {str(path)!r}")
         args.prompt = path.read_text(encoding="utf-8")
     model, tokenizer, prefix, source = load_model(args)
+    if args.prompt is None:
+        args.prompt = default_prompt(tokenizer)
     prompt_ids, stops = None, []
     if args.chat and source is None:
         raise ValueError("--chat needs --hf DIR, or a --run fine-tuned from one (--init-from-hf): a chat template")
@@ -1535,7 +1584,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "source, tokenize it, train the tiny preset (CPU: a few minutes), print val loss and a sample.")
     add_train_options(p)
     p.set_defaults(func=cmd_train)
-    p = sub.add_parser("prepare", help="tokenize text files into train.bin / val.bin")
+    p = sub.add_parser("prepare", help="tokenize text files into train.bin / val.bin",
+                       description="Tokenize text files into train.bin / val.bin: a 64-byte header (magic PYLLMTOK, "
+                       "version, bytes per token, count, vocab size, end-of-document id), then the tokens, uint16 when "
+                       "the vocab fits, else uint32. Read them with pyllm.data.open_tokens(path) or np.memmap(path, "
+                       "dtype, mode='r', offset=64); nanoGPT's get_batch reads bare uint16 from byte 0.")
     p.add_argument("--input", nargs="+", help="text files or folders (default: this Python's standard-library source)")
     p.add_argument("--tokenizer", required=True, help="a saved pyllm tokenizer (from `pyllm tokenizer train`)")
     p.add_argument("--out", required=True, help="folder to write train.bin and val.bin into")
@@ -1551,7 +1604,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_tokenizer_train)
     p = sub.add_parser("generate", help="sample text from a trained model, streaming it")
     add_model_options(p)
-    p.add_argument("--prompt", default="def ", help="text to continue (default 'def '); FILE:path reads it from a "
+    p.add_argument("--prompt", help="text to continue (default 'def ', or a document's start for a character "
+                   "vocabulary without those characters); FILE:path reads it from a "
                    "file (nanoGPT's sample.py convention)")
     p.add_argument("--chat", action="store_true", help="with --hf (or a --run fine-tuned from one): --prompt is a user "
                    "message, put in the folder's chat template (an instruct model's turn format); the reply ends at the "

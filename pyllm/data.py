@@ -344,6 +344,22 @@ def nanogpt_vocab(path) -> int | None:
     return read_nanogpt_meta(meta)["vocab_size"] if meta.is_file() else GPT2_VOCAB
 
 
+def _nanogpt_pair_problem(path: Path) -> str:
+    """Why path, bare, is not read as nanoGPT's: what is wrong with it or the other split beside it."""
+    if path.name not in NANOGPT_SPLITS:
+        return ""
+    for split in NANOGPT_SPLITS:
+        other = path.with_name(split)
+        if not other.is_file():
+            return f": {split} is missing beside it"
+        if other.stat().st_size % 2:
+            return f": {other} has an odd number of bytes ({other.stat().st_size}), not uint16 tokens"
+        with open(other, "rb") as f:
+            if f.read(8) == MAGIC:
+                return f": {other} has pyllm's header and {path.name} not (prepare both splits again together)"
+    return ""
+
+
 def read_nanogpt_meta(meta) -> dict:
     """nanoGPT's meta.pkl (vocab_size, and a character vocabulary's itos / stoi), unpickling plain
     containers, strings and numbers only: a pickle can run code."""
@@ -392,7 +408,28 @@ def split_files(folder, split: str) -> list[Path]:
         return [folder / f"{split}.bin"]
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.glob(f"*_{split}*.bin") if p.is_file() and llmc_format(p) is not None)
+    named = sorted(p for p in folder.glob(f"*_{split}*.bin") if p.is_file())
+    shards = [p for p in named if llmc_format(p) is not None]
+    # A file named as a shard that is not one would be left out of the split without a word (llm.c
+    # itself exits on its header); llm.c's HellaSwag file (magic 20240522) is no token shard.
+    odd = [p for p in named if p not in shards and (_llmc_magic(p) in _LLMC_TOKEN_MAGICS
+                                                     or (shards and _llmc_magic(p) != LLMC_HELLASWAG_MAGIC))]
+    if odd:
+        raise TokenFileError(f"{folder}: {', '.join(p.name for p in odd)} named as llm.c's {split} shards but without "
+                             "the header of one this pyllm reads (int32 magic and version: 20240520 and 1, GPT-2's "
+                             "uint16 tokens; 20240801 and 7, Llama 3's uint32): write it again with llm.c's dev/data "
+                             "scripts, or move it out of the folder")
+    return shards
+
+
+LLMC_HELLASWAG_MAGIC = 20240522
+_LLMC_TOKEN_MAGICS = {magic for magic, _ in _LLMC_FORMATS}
+
+
+def _llmc_magic(path) -> int | None:
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return struct.unpack("<i", head)[0] if len(head) == 4 else None
 
 
 def read_header(path) -> dict:
@@ -426,7 +463,7 @@ def read_header(path) -> dict:
     if len(head) < HEADER_BYTES or head[:8] != MAGIC:
         raise TokenFileError(f"{path} is not a pyllm token file (bad magic or a header shorter than {HEADER_BYTES} "
                              "bytes), nor one of nanoGPT's (train.bin and val.bin, bare uint16, in one folder) or "
-                             "llm.c's")
+                             "llm.c's" + _nanogpt_pair_problem(path))
     magic, version, itemsize, count, vocab_size, doc_end = _HEADER.unpack(head[:_HEADER.size])
     if version != VERSION:
         raise TokenFileError(f"{path}: token file format version {version}, this pyllm reads version {VERSION}")

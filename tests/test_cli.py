@@ -675,6 +675,81 @@ def test_train_on_nanogpts_token_files(tmp_path, capsys):
         data.read_header(folder / "train.bin")
 
 
+def test_nanogpt_folders_as_nanogpt_reads_them(corpus, tmp_path, capsys):
+    # What nanoGPT's own folders may hold, each read as nanoGPT reads it (an audit, 2026-12-05):
+    # another folder's characters under the same vocab size are another vocabulary to a run's model;
+    # a meta.pkl of a vocab_size alone is no tokenizer; a stale tokenizer.bpe is not the bare files';
+    # a vocabulary without "def " samples from a document's start; itos may be a list.
+    import pickle
+
+    import numpy as np
+
+    from pyllm import data
+
+    def folder(name, chars, meta=True, itos_list=False):
+        path = tmp_path / name
+        path.mkdir()
+        rng = np.random.default_rng(0)
+        rng.integers(0, len(chars), 3000, dtype=np.uint16).tofile(path / "train.bin")
+        rng.integers(0, len(chars), 400, dtype=np.uint16).tofile(path / "val.bin")
+        if meta:
+            itos = list(chars) if itos_list else dict(enumerate(chars))
+            (path / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": len(chars), "itos": itos,
+                                                          "stoi": {c: i for i, c in enumerate(chars)}}))
+        return path
+
+    lower = folder("lower", "\n abcdefghijklmnopqrstuvwxyz.", itos_list=True)
+    upper = folder("upper", "\n ABCDEFGHIJKLMNOPQRSTUVWXYZ.")
+    run = tmp_path / "run"
+    assert cli.main(["train", "--data", str(upper), "--out", str(run), "--max-steps", "1", *SMALL]) == 0
+    out = capsys.readouterr().out  # no 'd', 'e', 'f': the sample starts a document ("\n", nanoGPT's start)
+    assert "sample (12 tokens after ''" in out
+    assert cli.main(["generate", "--run", str(run), "--max-new-tokens", "3"]) == 0
+    assert set(capsys.readouterr().out.split("-" * 60)[0]) <= set("\n ABCDEFGHIJKLMNOPQRSTUVWXYZ.")
+    assert cli.main(["train", "--data", str(lower), "--out", str(tmp_path / "ft"), "--init-from-run", str(run),
+                     "--max-steps", "1", "--device", "cpu"]) == 2  # 29 characters either way, 26 of them others
+    assert "not with the tokenizer of --init-from-run" in capsys.readouterr().err
+    assert cli.main(["train", "--data", str(lower), "--out", str(tmp_path / "lr"), "--max-steps", "1", *SMALL]) == 0
+    assert "sample (12 tokens after 'def '" in capsys.readouterr().out  # (itos a list)
+    sized = folder("sized", "x" * 300, meta=False)
+    (sized / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": 300}))
+    (sized / "tokenizer.bpe").write_bytes(_standin(tmp_path).read_bytes())  # stale: not the bare files'
+    assert cli.main(["train", "--data", str(sized), "--out", str(tmp_path / "s"), "--max-steps", "1", *SMALL]) == 0
+    assert "vocab 300 (its meta.pkl's vocab_size, no characters in it; give --tokenizer" in capsys.readouterr().out
+    assert json.loads((tmp_path / "s" / "run.json").read_text())["tokenizer"] is None
+    (sized / "meta.pkl").unlink()
+    assert cli.main(["train", "--data", str(sized), "--out", str(tmp_path / "s2"), "--tokenizer",
+                     str(_standin(tmp_path)), *SMALL]) == 2  # read as GPT-2's ids without a meta.pkl
+    assert "write its vocab_size there (pickle.dump({'vocab_size': 257}" in capsys.readouterr().err
+    assert cli.main(["prepare", "--input", str(corpus), "--tokenizer", str(upper / "meta.pkl"), "--out",
+                     str(tmp_path / "p")]) == 2
+    assert "is nanoGPT's character vocabulary (meta.pkl): pyllm reads it beside" in capsys.readouterr().err
+    (upper / "val.bin").write_bytes(b"abc")
+    with pytest.raises(data.TokenFileError, match="val.bin has an odd number of bytes"):
+        data.read_header(upper / "train.bin")
+
+
+def test_llmc_shards_nanogpt_would_refuse(tmp_path):
+    # llm.c exits on a shard whose header it does not know; such a file had been left out of its split
+    import numpy as np
+
+    from pyllm import data
+
+    def shard(name, magic=20240520, version=1, n=100):
+        header = np.zeros(256, np.int32)
+        header[:3] = magic, version, n
+        (tmp_path / name).write_bytes(header.tobytes() + np.arange(n, dtype=np.uint16).tobytes())
+
+    shard("fw_train_000001.bin")
+    shard("fw_val_000000.bin")
+    shard("hellaswag_val.bin", magic=20240522)  # llm.c's eval file: not a token shard, left out
+    assert data.split_files(tmp_path, "val") == [tmp_path / "fw_val_000000.bin"]
+    for magic, version in ((20240520, 2), (0, 0)):
+        shard("fw_train_000002.bin", magic, version)
+        with pytest.raises(data.TokenFileError, match="fw_train_000002.bin named as llm.c's train shards but without"):
+            data.read_header(tmp_path / "train.bin")
+
+
 def test_data_folders_as_given(corpus, tmp_path, capsys, monkeypatch):
     # A token folder is read alone and whole; a run records it absolute (a resume from another
     # folder reads the same files); changed text is tokenized again; another vocabulary is refused.

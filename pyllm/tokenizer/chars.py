@@ -19,11 +19,14 @@ class CharTokenizer:
 
         meta = read_nanogpt_meta(path)
         stoi, itos = meta.get("stoi"), meta.get("itos")
+        if isinstance(itos, (list, tuple)):  # (a list indexes as nanoGPT's sample.py reads its dict)
+            itos = dict(enumerate(itos))
         if not (isinstance(stoi, dict) and isinstance(itos, dict) and all(
                 isinstance(c, str) and isinstance(i, int) for c, i in stoi.items())
                 and all(isinstance(i, int) and isinstance(c, str) for i, c in itos.items())):
-            raise TokenFileError(f"{path}: a vocab_size without a character vocabulary (stoi, itos): GPT-2 BPE data "
-                                 "decodes with a pyllm tokenizer of GPT-2's ids (Tokenizer.from_tiktoken)")
+            raise TokenFileError(f"{path}: a vocab_size without a character vocabulary (stoi and itos, dicts of str "
+                                 "and int): its data decodes with a pyllm tokenizer of its ids (GPT-2's: "
+                                 "Tokenizer.from_tiktoken(tiktoken.get_encoding('gpt2')))")
         if any(not 0 <= i < meta["vocab_size"] for i in stoi.values()):
             raise TokenFileError(f"{path}: stoi has ids outside [0, vocab_size = {meta['vocab_size']})")
         return cls(stoi, itos, meta["vocab_size"])

@@ -34,7 +34,7 @@ import sysconfig
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -545,6 +545,16 @@ _EOT_IF_ANY = object()
 CONVERSATION_FILES = (".docs.npy", ".mask.npy", ".pairs.npy", ".labels.npy", ".margins.npy", ".rows.jsonl")
 
 
+def split_at_separator(documents: Iterable[str], separator: str) -> Iterator[str]:
+    """Each document cut at the separator's occurrences, pieces of whitespace alone left out where it
+    cut (the newlines around TinyStories' separators)."""
+    for text in documents:
+        if separator not in text:
+            yield text
+            continue
+        yield from (piece for piece in text.split(separator) if piece.strip())
+
+
 def prepare(inputs: Sequence[str | os.PathLike] | None, tokenizer, out_dir, val_fraction: float = 0.02,
             show_progress: bool = True, batch_docs: int = 64, doc_start: Sequence[int] = (),
             doc_end=_EOT_IF_ANY) -> dict:
@@ -555,8 +565,10 @@ def prepare(inputs: Sequence[str | os.PathLike] | None, tokenizer, out_dir, val_
 
     The split is by document (every round(1/val_fraction)-th document goes to val) when there are at
     least 1/val_fraction documents, else by position (the last val_fraction of the tokens). A file
-    is a document, or each line of a JSON Lines file of {"text": ...} rows is (read_documents).
-    Returns {"train_tokens", "val_tokens", "files", "documents", "bytes"}.
+    is a document, or each line of a JSON Lines file of {"text": ...} rows is (read_documents); with
+    the default doc_end, a literal "<|endoftext|>" in the text also ends one (TinyStories' files
+    separate their stories so; the tokenizer trainer splits there too), pieces of whitespace alone
+    dropped. Returns {"train_tokens", "val_tokens", "files", "documents", "bytes"}.
     """
     from tqdm import tqdm
 
@@ -567,7 +579,9 @@ def prepare(inputs: Sequence[str | os.PathLike] | None, tokenizer, out_dir, val_
     out_dir.mkdir(parents=True, exist_ok=True)
     eot = eot_id(tokenizer) if doc_end is _EOT_IF_ANY else doc_end
     start_ids = list(doc_start)
-    # Ordinary encoding: a literal "<|endoftext|>" inside a file is text, not a separator.
+    # Ordinary encoding: no special token is read from the text (a literal "<|endoftext|>" with the
+    # default end is a separator, cut first: it had been encoded as 13 bytes of text, and a file of
+    # stories one document)
     encode_batch = getattr(tokenizer, "encode_ordinary_batch", None) or tokenizer.encode_batch
     every = max(2, round(1 / val_fraction))
     n_docs = 0
@@ -578,6 +592,8 @@ def prepare(inputs: Sequence[str | os.PathLike] | None, tokenizer, out_dir, val_
     train_file = TokenWriter(out_dir / "train.bin", tokenizer.vocab_size, eot)
     val_file = TokenWriter(out_dir / "val.bin", tokenizer.vocab_size, eot)
     documents = read_documents(files, not_utf8)  # lazily: a file, or a JSON Lines row, at a time
+    if doc_end is _EOT_IF_ANY and eot is not None:
+        documents = split_at_separator(documents, EOT)
     try:
         while texts := list(itertools.islice(documents, batch_docs)):
             for ids in encode_batch(texts):

@@ -54,6 +54,26 @@ def test_prepare_by_document_round_trip(tmp_path):
     assert "never read" not in "".join(docs)
 
 
+def test_prepare_cuts_documents_at_a_literal_endoftext(tmp_path):
+    # TinyStories' files: stories separated by "\n<|endoftext|>\n". The tokenizer trainer splits the
+    # text there; prepare had encoded each separator as 13 bytes of text and the file as one document.
+    stories = [f"Once upon a time {i} " * (i % 3 + 1) for i in range(20)]
+    (tmp_path / "stories.txt").write_text("\n<|endoftext|>\n".join(stories) + "\n<|endoftext|>\n")
+    stats = data.prepare([tmp_path / "stories.txt"], ByteTokenizer(), tmp_path / "out", val_fraction=0.1,
+                         show_progress=False)
+    tok = ByteTokenizer()
+    ids = [np.asarray(data.open_tokens(tmp_path / "out" / f"{split}.bin")) for split in ("train", "val")]
+    docs = [[tok.decode(d) for d in np.split(t, np.flatnonzero(t == 256) + 1) if len(d)] for t in ids]
+    assert stats["documents"] == 20  # (the trailing newline after the last separator is no document)
+    pieces = [stories[0] + "\n"] + ["\n" + s + "\n" for s in stories[1:]]
+    assert docs[1] == [pieces[9], pieces[19]] and docs[0] == [p for i, p in enumerate(pieces) if i % 10 != 9]
+    assert all(b"<|endoftext|>" not in bytes(t[t < 256].astype(np.uint8)) for t in ids)
+    data.prepare([tmp_path / "stories.txt"], ByteTokenizer(vocab_size=300), tmp_path / "own", val_fraction=0.1,
+                 show_progress=False, doc_end=299)  # a model's own end: the text is the text
+    own = np.concatenate([np.asarray(data.open_tokens(tmp_path / "own" / f"{split}.bin")) for split in ("train", "val")])
+    assert b"<|endoftext|>" in bytes(own[own < 256].astype(np.uint8)) and (own == 299).sum() == 1  # (one document)
+
+
 def test_prepare_with_a_models_document_markers(tmp_path):
     # As a Llama 3 checkpoint wants its documents: <|begin_of_text|> first, <|end_of_text|> last.
     folder = make_docs(tmp_path, 3)

@@ -1294,6 +1294,35 @@ def test_from_hf_of_to_hf_keeps_the_builtin_pre_tokenizer(to_hf_pair, corpus, tm
                 text, add_special_tokens=False).ids
 
 
+_ANCHORED = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+|^ ?[^\s\p{L}\p{N}]+| ?[^\s\p{L}\p{N}]+|\s+$|\s+(?!\S)|\s"""
+
+
+@pytest.fixture(scope="module")
+def anchored_pair(tmp_path_factory):
+    # A custom pattern with ^ and $ (the text's start and end in tiktoken's syntax, a line's in
+    # Oniguruma's): written by to_hf, and the same regex as a Hugging Face file of its own
+    tk = pytest.importorskip("tokenizers")
+    ours = Tokenizer.train(["a\n  \n  b c\n# x!\n"] * 50, 262, pattern=_ANCHORED, show_progress=False)
+    folder = tmp_path_factory.mktemp("anchored")
+    ours.to_hf(folder / "ours.json")
+    data = json.loads((folder / "ours.json").read_text(encoding="utf-8"))
+    data["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = _ANCHORED
+    (folder / "theirs.json").write_text(json.dumps(data), encoding="utf-8")
+    return (ours, tk.Tokenizer.from_file(str(folder / "ours.json")), Tokenizer.from_hf(folder / "theirs.json"),
+            tk.Tokenizer.from_file(str(folder / "theirs.json")))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.text(alphabet="ab #!\n\t 1", max_size=30))
+def test_anchors_mean_the_same_across_hugging_face(anchored_pair, text):
+    # to_hf had written "$" as it was: Hugging Face split "a\n  \n  b" at the line's end, other ids
+    # than pyllm's and tiktoken's; from_hf had read a Hugging Face file's "$" as the text's end
+    ours, hf_of_ours, ours_of_hf, hf = anchored_pair
+    assert hf_of_ours.encode(text, add_special_tokens=False).ids == ours.encode_ordinary(text)
+    assert ours_of_hf.encode_ordinary(text) == hf.encode(text, add_special_tokens=False).ids
+    assert ours.encode_ordinary("a\n  \n  b") != hf.encode("a\n  \n  b").ids  # (the two readings differ here)
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=6),
                          lambda inner: st.lists(inner, max_size=4) | st.dictionaries(

@@ -1,4 +1,5 @@
 """The built-in split patterns (tiktoken's), each with a hand-written C++ pre-tokenizer."""
+import re
 
 GPT2 = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 
@@ -28,6 +29,40 @@ def hf_spelling(regex: str) -> str:
     as "({1,3})+", not as possessive. In the built-ins nothing follows "{1,3}+" inside its
     alternative, so the greedy "{1,3}" left in its place matches the same digits."""
     return regex.replace("{1,3}+", "{1,3}")
+
+
+def respell_anchors(regex: str, start: str, end: str) -> str:
+    """regex with each "^" / "$" outside a character class written start / end, escapes and classes
+    kept. Oniguruma (Hugging Face's engine, Ruby's syntax) reads a bare "^" / "$" as a line's start /
+    end, Rust's regex crate (tiktoken's, the syntax pyllm's patterns are in) as the text's; a
+    pattern with an inline m flag is left alone (Ruby's m is Rust's s)."""
+    if re.search(r"\(\?[a-zA-Z]*m", regex):
+        return regex
+    out, depth, i = [], 0, 0
+    while i < len(regex):
+        c = regex[i]
+        if c == "\\":
+            out.append(regex[i:i + 2])
+            i += 2
+            continue
+        if c == "[":
+            depth += 1  # nested classes ([a&&[^b]])
+            out.append(c)
+            i += 1
+            for lead in ("^", "]"):  # a negation, then a ']' first in a class, are the class's
+                if regex.startswith(lead, i):
+                    out.append(lead)
+                    i += 1
+            continue
+        if depth and c == "]":
+            depth -= 1
+        elif not depth and c in "^$":
+            out.append(start if c == "^" else end)
+            i += 1
+            continue
+        out.append(c)
+        i += 1
+    return "".join(out)
 
 
 # Hugging Face's ByteLevel regex (GPT-2's release): the same pieces as GPT2 on every text. Its

@@ -23,7 +23,7 @@ from typing import AbstractSet, Collection, Iterable, Literal, Sequence
 import numpy as np
 
 from pyllm import _C
-from pyllm.tokenizer.patterns import PATTERNS, SPELLINGS, hf_spelling
+from pyllm.tokenizer.patterns import PATTERNS, SPELLINGS, hf_spelling, respell_anchors
 
 _MAGIC = "#pyllm-bpe v1"
 # Unicode normalization forms a Tokenizer may apply (unicodedata.normalize's, Hugging Face's normalizers').
@@ -183,7 +183,10 @@ def _hf_pattern(pre_tokenizer, where: str) -> str:
             or split.get("behavior") != "Isolated" or byte_level[0].get("use_regex", True)):
         raise NotImplementedError(f"{where}: pre-tokenizer {pre_tokenizer!r}: expected ByteLevel, or an isolating "
                                   "Split regex and then ByteLevel without its own")
-    return split["pattern"]["Regex"]
+    regex = split["pattern"]["Regex"]
+    # Oniguruma's bare ^ / $ are a line's start / end: (?m:^) / (?m:$) in tiktoken's syntax (the
+    # built-ins' spellings end "\s++$", the same pieces either way, and keep their C++ pre-tokenizers)
+    return regex if regex in SPELLINGS else respell_anchors(regex, "(?m:^)", "(?m:$)")
 
 
 def _hf_sentencepiece(data: dict, where: str) -> dict | None:
@@ -1560,8 +1563,11 @@ class Tokenizer:
             "normalizer": {"type": self.normalization} if self.normalization else None,
             "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
                 # from_hf reads this spelling back as the built-in it is (patterns.SPELLINGS).
-                {"type": "Split", "pattern": {"Regex": hf_spelling(self._pattern)}, "behavior": "Isolated",
-                 "invert": False},
+                # A custom pattern's ^ / $ (the text's start / end in tiktoken's syntax) as \A / \z:
+                # Oniguruma's bare ones are a line's ("\s+$" had split "a\n  \n  b" otherwise).
+                {"type": "Split", "pattern": {"Regex": hf_spelling(
+                    self._pattern if self.pattern_name else respell_anchors(self._pattern, r"\A", r"\z"))},
+                 "behavior": "Isolated", "invert": False},
                 {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
             "post_processor": None,
             "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},

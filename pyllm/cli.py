@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 from pyllm.data import eot_id, write_whole  # (importing pyllm, this module's package, has loaded torch and numpy already)
@@ -205,12 +206,55 @@ def same_tokenizer(a, b) -> bool:
         return False
 
 
-def training_sample(files, max_bytes: int) -> list[Path]:
-    """Every k-th file, k chosen so that about max_bytes are read: tokenizer training sees the
-    whole corpus's variety at a fraction of its cost."""
-    total = sum(f.stat().st_size for f in files)
-    step = max(1, -(-total // max_bytes)) if max_bytes > 0 else 1
-    return files[::step]
+SAMPLE_WINDOW = 1 << 14  # bytes: the sample's pieces, short enough to spread through a file, long enough for its words
+
+
+def training_sample(files, max_bytes: int) -> tuple[list, str]:
+    """What the tokenizer trains on, (file paths or texts, what they are): every file when max_bytes
+    is 0 or they hold no more; else about max_bytes spread evenly over the corpus, each file giving
+    its share by size as windows of whole lines (a JSON Lines file's rows: their "text") at evenly
+    spaced offsets, so that tokenizer training sees the whole corpus's variety at a fraction of its
+    cost. (Every k-th whole file had been taken: one large file was read whole, and of a small
+    file and a large one only the small one.)"""
+    import math
+
+    from pyllm import data
+
+    sizes = [f.stat().st_size for f in files]
+    total = sum(sizes)
+    if max_bytes <= 0 or total <= max_bytes:
+        return files, f"{len(files)} of {len(files)} files"
+    texts = []
+    for f, size in zip(files, sizes):
+        share = size * max_bytes / total
+        n = max(1, math.ceil(share / SAMPLE_WINDOW))
+        width = max(1, int(share / n))
+        rows = data.is_text_rows(f)
+        with open(f, "rb") as fh:
+            for i in range(n):
+                start = max(0, min(size - width, int(size * (i + 0.5) / n - width / 2)))
+                fh.seek(start)
+                chunk = fh.read(width)
+                for sep in (b"\n",) if rows else (b"\n", b" "):  # cut at a line's (else a word's) edge
+                    first = chunk.find(sep) + 1 if start > 0 else 0
+                    last = chunk.rfind(sep) + 1 if start + len(chunk) < size else len(chunk)
+                    if 0 <= first < last and (start == 0 or first > 0) and last > 0:
+                        chunk = chunk[first:last]
+                        break
+                else:
+                    continue  # (no line, nor word, whole in the window)
+                text = chunk.decode("utf-8", errors="replace")
+                if rows:
+                    for line in text.splitlines():
+                        try:
+                            row = json.loads(line)
+                        except ValueError:
+                            continue
+                        if isinstance(row, dict) and isinstance(row.get("text"), str):
+                            texts.append(row["text"])
+                else:
+                    texts.append(text)
+    return texts, f"about {sum(map(len, texts)):,} characters spread over {len(files)} files"
 
 
 def copy_into(source, dest) -> None:
@@ -292,13 +336,16 @@ def ensure_tokenizer(inputs, path: Path, vocab_size: int, max_bytes: int, retrai
         print(f"tokenizer: reusing {path}")
         return Tokenizer.load(str(path))
     meta_path.unlink(missing_ok=True)  # until the new file is whole: a kill in between must not leave a stale match
-    sample = training_sample(files, max_bytes)
-    print(f"tokenizer: training a {vocab_size}-token BPE on {len(sample)} of {len(files)} files", flush=True)
+    sample, what = training_sample(files, max_bytes)
+    print(f"tokenizer: training a {vocab_size}-token BPE on {what}", flush=True)
     t0 = time.perf_counter()
     # File paths are read as they are (the pair counting runs in C++); JSON Lines files of {"text": ...}
     # rows are their texts
-    texts = data.read_documents(sample) if any(map(data.is_text_rows, sample)) else sample
-    tok = Tokenizer.train(texts, vocab_size, special_tokens=(data.EOT,))
+    texts = data.read_documents(sample) if sample is files and any(map(data.is_text_rows, sample)) else sample
+    with warnings.catch_warnings():
+        if inputs is None:  # (the stdlib corpus: 4 test files in other encodings, on purpose; as prepare)
+            warnings.filterwarnings("ignore", message=".*are not UTF-8")
+        tok = Tokenizer.train(texts, vocab_size, special_tokens=(data.EOT,))
     tok.save(str(path))
     write_json(meta_path, meta)
     print(f"tokenizer: trained in {time.perf_counter() - t0:.1f} s, saved to {path}")

@@ -239,6 +239,16 @@ def test_train_refuses_a_path_that_names_no_file(corpus, tmp_path):
     real.write_text("some text " * 100)
     with pytest.raises(FileNotFoundError, match="a list of file paths .* but .*b_typo.txt. names no file"):
         Tokenizer.train([str(real), str(tmp_path / "b_typo.txt")], 300, show_progress=False)
+    # ... and the first, or the only one, missing (an audit, 2026-12-05: trained on the names)
+    for texts in ([str(tmp_path / "typo.txt"), str(real)], [str(tmp_path / "typo.txt")], ["corpus.tx"]):
+        with pytest.raises(FileNotFoundError, match="looks like a list of file paths, but .*names no file"):
+            Tokenizer.train(texts, 257, show_progress=False)
+    (tmp_path / "latin1.txt").write_bytes("café crème ".encode("latin-1") * 50)
+    with pytest.warns(UserWarning, match="1 file.s. are not UTF-8 .*latin1.txt first"):
+        Tokenizer.train([str(real), str(tmp_path / "latin1.txt")], 257, show_progress=False)
+    names = ["data/corpus.tx", "notes.md"]  # such strings as text: an iterator
+    assert Tokenizer.train(iter(names), 257, show_progress=False).vocab_size == 257
+    assert Tokenizer.train(["some words", "hello.world again"], 257, show_progress=False).vocab_size == 257
 
 
 def test_train_refuses_what_it_would_read_wrong(tmp_path):

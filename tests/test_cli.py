@@ -729,6 +729,29 @@ def test_nanogpt_folders_as_nanogpt_reads_them(corpus, tmp_path, capsys):
         data.read_header(upper / "train.bin")
 
 
+def test_tokenizer_training_sample_spreads_over_the_bytes(tmp_path):
+    # --train-bytes: about that many bytes from every file by its size, whole lines from all through
+    # it (every k-th whole file had been taken: a single large file read whole, of a small and a
+    # large file only the small one)
+    small, big, rows = tmp_path / "a.txt", tmp_path / "b.txt", tmp_path / "c.jsonl"
+    small.write_text("".join(f"small {i}\n" for i in range(400)))
+    big.write_text("".join(f"line {i} of the big file\n" for i in range(40000)))
+    rows.write_text("".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(20000)))
+    files = [small, big, rows]
+    assert cli.training_sample(files, 0) == (files, "3 of 3 files")
+    assert cli.training_sample(files, 10**9)[0] == files
+    total = sum(f.stat().st_size for f in files)
+    texts, what = cli.training_sample(files, total // 10)
+    assert "spread over 3 files" in what and 0.8 * total / 10 < sum(map(len, texts)) <= total / 10
+    lines = [line for t in texts for line in t.splitlines()]
+    numbers = sorted(int(line.split()[1]) for line in lines if line.startswith("line"))
+    assert any(line.startswith("small") for line in lines) and any(line.startswith("row") for line in lines)
+    assert numbers[0] < 4000 and numbers[-1] > 36000  # (the big file's beginning to end)
+    assert all(line.split()[-1] == "file" for line in lines if line.startswith("line"))  # whole lines
+    one, _ = cli.training_sample([big], 50_000)
+    assert 40_000 < sum(map(len, one)) <= 50_000
+
+
 def test_llmc_shards_nanogpt_would_refuse(tmp_path):
     # llm.c exits on a shard whose header it does not know; such a file had been left out of its split
     import numpy as np

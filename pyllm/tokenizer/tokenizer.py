@@ -1637,6 +1637,12 @@ def _looks_like_file(t) -> bool:
     return isinstance(t, str) and 0 < len(t) < 4096 and "\n" not in t and os.path.isfile(t)
 
 
+def _looks_like_path(t) -> bool:
+    """A short line that reads as a file's path: a folder in it, or a file's extension, no spaces."""
+    return (isinstance(t, str) and 0 < len(t) < 4096 and not any(c.isspace() for c in t)
+            and (os.sep in t or "/" in t or re.fullmatch(r"[^.]+(\.[^.]+)*\.[A-Za-z][A-Za-z0-9]{0,5}", t) is not None))
+
+
 def _text_batches(texts):
     """(generator of (list of str, bytes), total bytes or None): texts in batches of ~32 MB."""
     if isinstance(texts, (str, bytes)) or not isinstance(texts, Iterable):
@@ -1653,13 +1659,31 @@ def _text_batches(texts):
         total = sum(os.path.getsize(p) for p in paths)
 
         def read():
+            not_utf8 = []
             for p in paths:
                 with open(p, "rb") as f:
                     data = f.read()
-                yield data.decode("utf-8", errors="replace")
+                try:
+                    yield data.decode("utf-8")
+                except UnicodeDecodeError:  # said, as prepare says it (merges of U+FFFD had been learned silently)
+                    not_utf8.append(p)
+                    yield data.decode("utf-8", errors="replace")
+            if not_utf8:
+                import warnings
+
+                warnings.warn(f"train: {len(not_utf8)} file(s) are not UTF-8 ({not_utf8[0]} first): their other bytes "
+                              "were read as U+FFFD; convert them first (iconv -f cp1252 -t utf-8 ...)", stacklevel=3)
 
         source = read()
     else:
+        if isinstance(texts, (list, tuple)) and texts:  # a list of paths whose first (or only) names no file
+            named = next((t for t in texts if _looks_like_file(t)), None)
+            if named is not None or all(_looks_like_path(t) for t in texts):
+                raise FileNotFoundError(
+                    f"train: texts looks like a list of file paths, but {str(texts[0])[:80]!r} names no file"
+                    + (f" (where {os.fspath(named)!r} does)" if named is not None else "")
+                    + ": give every path of an existing file; to train on such strings as text, give an iterator "
+                    "(iter(texts))")
         total = sum(len(t) for t in texts if isinstance(t, str)) if isinstance(texts, (list, tuple)) else None
         source = iter(texts)
         if not isinstance(texts, (list, tuple)):  # an iterator of paths (glob.iglob) had trained on the paths' text

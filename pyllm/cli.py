@@ -1300,6 +1300,8 @@ def cmd_export(args) -> int:
             eos = None if eot is None else "<|endoftext|>"
             write_whole(out / "tokenizer_config.json", json.dumps({
                 "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model.config.block_size,
+                # byte-level: decode gives the text back as it was (transformers 4.x cleaned " ," to ",")
+                "clean_up_tokenization_spaces": False,
                 **({"eos_token": eos, "bos_token": eos} if eos else {})}, indent=2))
             if eot is not None:  # generation ends at a document's end there too (the config's defaults
                 # were LLaMA's ids 1 and 2, bytes in this vocabulary, or GPT-2's 50256, past it)

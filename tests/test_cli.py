@@ -376,6 +376,8 @@ def test_train_end_to_end_cache_resume_generate(corpus, tmp_path, capsys, monkey
     assert json.loads((tmp_path / "hf2/generation_config.json").read_text())["eos_token_id"] == 256
     assert transformers.AutoConfig.from_pretrained(tmp_path / "hf2").eos_token_id == 256
     assert transformers.GenerationConfig.from_pretrained(tmp_path / "hf2").eos_token_id == 256
+    # (byte-level ids decode to the text as it was: transformers 4.x's default had cleaned " ," to ",")
+    assert json.loads((tmp_path / "hf2/tokenizer_config.json").read_text())["clean_up_tokenization_spaces"] is False
 
 
 def test_config_file_with_cli_override(corpus, tmp_path):

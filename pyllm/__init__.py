@@ -25,6 +25,12 @@ from pyllm.tokenizer import Tokenizer  # noqa: E402
 __all__ = ["cross_entropy", "linear_cross_entropy", "generalized_jsd", "flash_attn", "flash_attn_with_kvcache", "geglu", "geglu_packed", "rms_norm", "rope", "swiglu", "swiglu_packed", "optim", "Tokenizer", "__version__"]
 
 
+# Submodules the docs name as pyllm.nn, pyllm.model, ...: imported at their first use, so that
+# `import pyllm; pyllm.nn.RMSNorm` works (it raised AttributeError unless something had imported
+# pyllm.nn) while `import pyllm` stays as light as it was.
+_SUBMODULES = {"nn", "model", "train", "data", "evaluate", "hf", "flash_attn_interface", "cpu_memory", "plan", "cli"}
+
+
 def __getattr__(name: str):
     # The fused output-layer loss lives with the modules (pyllm.nn); here too, where the other losses
     # are, without importing pyllm.nn at `import pyllm`.
@@ -32,4 +38,8 @@ def __getattr__(name: str):
         from pyllm.nn import linear_cross_entropy
 
         return linear_cross_entropy
+    if name in _SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"pyllm.{name}")
     raise AttributeError(f"module 'pyllm' has no attribute {name!r}")

@@ -23,6 +23,17 @@ def test_import_and_version():
     from pyllm import linear_cross_entropy
     from pyllm.nn import linear_cross_entropy as in_nn
     assert linear_cross_entropy is in_nn
+    # the submodules as the docs name them (pyllm.nn.RMSNorm after a bare `import pyllm` had raised
+    # AttributeError), imported at first use: `import pyllm` does not load them
+    code = ("import sys, pyllm; assert 'pyllm.hf' not in sys.modules and 'pyllm.train' not in sys.modules; "
+            "print(pyllm.nn.RMSNorm.__name__, pyllm.model.LLM.__name__, pyllm.hf.apply_pyllm_kernels.__name__, "
+            "pyllm.train.TrainConfig.__name__, pyllm.data.open_tokens.__name__, pyllm.evaluate.__name__, "
+            "pyllm.flash_attn_interface.flash_attn_func.__name__, pyllm.cpu_memory.reuse_cpu_memory.__name__, "
+            "pyllm.plan.__name__, pyllm.cli.main.__name__)")
+    root = Path(pyllm.__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["RMSNorm", "LLM", "apply_pyllm_kernels", "TrainConfig", "open_tokens", "pyllm.evaluate",
+                           "flash_attn_func", "reuse_cpu_memory", "pyllm.plan", "main"]
 
 
 

@@ -592,7 +592,9 @@ def setup_run_data(cfg, cli: dict) -> None:
         "data_dir": data_dir, "vocab_size": vocab_size,
         "prompt_prefix": doc_markers["doc_start"] if doc_markers else [],  # samples start as documents do
         "chat": chat_folder is not None and hf_has_chat_template(chat_folder),  # on conversations: the sample is a reply
-        "init_from_hf": hf_source,  # `pyllm export` writes the source's config.json
+        # `pyllm export` writes the source's config.json: a local folder recorded absolute (as typed, an
+        # export from another directory had read another folder of that name, or failed)
+        "init_from_hf": str(Path(hf_source).resolve()) if hf_source and Path(hf_source).is_dir() else hf_source,
         **({"init_from_run": str(Path(cfg.init_from_run).resolve())} if cfg.init_from_run else {})})
 
 
@@ -1267,15 +1269,19 @@ def cmd_export(args) -> int:
     from pyllm.train import load_checkpoint
 
     run, out = Path(args.run), Path(args.out)
+    check_run_folder(run)
+    clear_export_folder(out, args.force)
     if args.adapter:
         return export_adapter(run, out, args.dtype)
-    if not (run / "model.safetensors").exists():
-        raise ValueError(f"{run}: no model.safetensors; give a folder `pyllm train` wrote")
-    model = LLM.load(run / "model.safetensors").to(getattr(torch, GENERATE_DTYPES[args.dtype]))
+    ckpt = load_checkpoint(run) if (run / "checkpoint.pt").exists() else None
+    weights = run_weights(run, ckpt)
+    model = LLM.load(weights).to(getattr(torch, GENERATE_DTYPES[args.dtype]))
+    if weights.parent != run:  # (the checkpoint's weights, written for the export)
+        shutil.rmtree(weights.parent, ignore_errors=True)
     run_info = read_run(run)
     source = run_info.get("init_from_hf")
-    if source is None and (run / "checkpoint.pt").exists():  # runs from before run.json said
-        source = load_checkpoint(run)["train_config"].get("init_from_hf")
+    if source is None and ckpt is not None:  # runs from before run.json said
+        source = ckpt["train_config"].get("init_from_hf")
     hf_config = None
     if source:
         folder = hf_folder(source)
@@ -1315,6 +1321,72 @@ def cmd_export(args) -> int:
     return 0
 
 
+# What a checkpoint folder may hold that transformers or PEFT would read with the new files: a
+# weights index and its shards (read instead of model.safetensors), an adapter (applied on top),
+# tokenizer side files (mixed with the new tokenizer's).
+_EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+                 "pytorch_model.bin", "pytorch_model.bin.index.json", "adapter_config.json",
+                 "adapter_model.safetensors", "adapter_model.bin", "tokenizer.json", "tokenizer_config.json",
+                 "tokenizer.model", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
+                 "chat_template.json", "vocab.json", "merges.txt", "tokenizer.bpe", "meta.pkl")
+_EXPORT_SHARDS = ("model-*-of-*.safetensors", "pytorch_model-*-of-*.bin")
+
+
+def clear_export_folder(out: Path, force: bool) -> None:
+    """--out must be new or empty (files left in it had been loaded with the export: an adapter
+    from before applied on top of new weights, silently); --force removes the checkpoint files
+    there (_EXPORT_FILES, shards) and keeps the rest."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file: give a folder to write the checkpoint into")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    found = sorted({p.name for p in out.iterdir() if p.name in _EXPORT_FILES or any(p.match(g) for g in _EXPORT_SHARDS)})
+    if not force:
+        raise ValueError(f"--out {out} is not empty ({', '.join(found[:4]) or next(out.iterdir()).name}"
+                         f"{', ...' if len(found) > 4 else ''}): files there would be loaded with the export (an "
+                         "adapter over the new weights, an index's shards instead of them); give a new folder, or "
+                         "--force to replace the checkpoint files in it")
+    for name in found:
+        (out / name).unlink()
+
+
+def check_run_folder(run: Path) -> None:
+    """A folder `pyllm train` wrote, or what to do instead."""
+    if not run.is_dir():
+        raise FileNotFoundError(f"--run {run}: no such folder (give the --out of a `pyllm train` run)")
+    if (run / "config.json").is_file() and not (run / "checkpoint.pt").exists() and not (run / "run.json").exists():
+        raise ValueError(f"--run {run} is a Hugging Face checkpoint folder already, not a run `pyllm train` wrote: "
+                         "transformers loads it as it is")
+    if not (run / "checkpoint.pt").exists() and not (run / "model.safetensors").exists():
+        raise ValueError(f"--run {run}: no model.safetensors nor checkpoint.pt; give a folder `pyllm train` wrote")
+
+
+def run_weights(run: Path, ckpt: dict | None) -> Path:
+    """The weights file of a run to export: its model.safetensors, unless the run went on past them
+    and stopped (a resume stopped early, a first run stopped before its end: model.safetensors is
+    written when training ends), then its checkpoint's weights, in a temp file; keep_best's
+    model.safetensors stays what it is (the lowest val loss)."""
+    import tempfile
+
+    from pyllm.model import ModelConfig, save_weights, weights_step
+
+    weights = run / "model.safetensors"
+    if ckpt is None:
+        return weights
+    step = weights_step(weights) if weights.exists() else None
+    keep_best = ckpt["train_config"].get("keep_best") and ckpt.get("best_val_loss") is not None
+    if weights.exists() and (keep_best or step is None or step >= ckpt["step"]):
+        return weights
+    print(f"pyllm export: {run} stopped at step {ckpt['step']}, "
+          + (f"after its model.safetensors (step {step}) was written" if weights.exists() else "before its end")
+          + f": exporting its checkpoint's weights (step {ckpt['step']})", file=sys.stderr)
+    tc = ckpt["train_config"]
+    scale = ((tc.get("lora_alpha") or 2.0 * tc["lora_rank"]) / tc["lora_rank"]) if tc.get("lora_rank") else None
+    tmp = Path(tempfile.mkdtemp(prefix="pyllm-export-")) / "model.safetensors"
+    save_weights(ckpt["model"], ModelConfig(**ckpt["model_config"]), tmp, scale, step=ckpt["step"])
+    return tmp
+
+
 def export_adapter(run: Path, out: Path, dtype: str) -> int:
     """A LoRA run (--lora-rank, --init-from-hf) as a PEFT adapter folder (adapter_model.safetensors,
     adapter_config.json) over its Hugging Face source: PeftModel.from_pretrained(base, out) loads it."""
@@ -1331,7 +1403,16 @@ def export_adapter(run: Path, out: Path, dtype: str) -> int:
     if ckpt["model_config"].get("num_labels"):
         raise ValueError(f"{run}: a reward model (a score head, trained whole beside the LoRA updates): export it "
                          "without --adapter (a *ForSequenceClassification with the updates merged)")
-    source = train_config.get("init_from_hf")
+    source = read_run(run).get("init_from_hf") or train_config.get("init_from_hf")
+    if train_config.get("keep_best") and ckpt.get("best_val_loss") is not None:
+        from pyllm.model import weights_step
+
+        best = weights_step(run / "model.safetensors") if (run / "model.safetensors").exists() else None
+        if best != ckpt["step"]:  # the adapter is the last step's, model.safetensors (merged) the best's
+            raise ValueError(f"{run} kept the weights of its lowest val loss (--keep-best: model.safetensors, "
+                             f"{'step ' + str(best) if best is not None else 'an earlier step'}), and its adapter is "
+                             f"the last step's ({ckpt['step']}): export it without --adapter (the best weights, "
+                             "merged), or train without --keep-best")
     if not source:
         raise ValueError(f"{run}: an adapter applies to a Hugging Face model, and this run started from "
                          f"{train_config.get('init_from_run') or 'a preset'}: export it without --adapter (merged weights)")
@@ -1702,7 +1783,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("export", help="write a run as a Hugging Face checkpoint folder (transformers, vLLM, ... load it)")
     p.add_argument("--run", required=True, help="a run folder written by `pyllm train`")
-    p.add_argument("--out", required=True, help="the folder to write (config.json, model.safetensors, tokenizer files)")
+    p.add_argument("--out", required=True, help="the folder to write (config.json, model.safetensors, tokenizer "
+                   "files): new or empty")
+    p.add_argument("--force", action="store_true", help="--out may hold a checkpoint already: its files (weights, "
+                   "index and shards, adapter, config, tokenizer files) are replaced, the others kept")
     p.add_argument("--dtype", default="bf16", choices=tuple(GENERATE_DTYPES),
                    help="dtype of the exported weights (default bf16)")
     p.add_argument("--adapter", action="store_true", help="a LoRA run (--lora-rank, --init-from-hf): write its "

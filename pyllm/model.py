@@ -1587,9 +1587,21 @@ def lora_targets(targets) -> list[str]:
     return sorted(set(out), key=LORA_TARGETS.index)
 
 
-def save_weights(state_dict: dict, cfg: ModelConfig, path, lora_scale: float | None = None) -> None:
+def weights_step(path) -> int | None:
+    """The training step of a run's model.safetensors (save_weights' step), None when not recorded."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        step = (f.metadata() or {}).get("pyllm_step")
+    return int(step) if step is not None else None
+
+
+def save_weights(state_dict: dict, cfg: ModelConfig, path, lora_scale: float | None = None,
+                 step: int | None = None) -> None:
     """Writes a state dict (e.g. gathered from FSDP shards) as LLM.load reads it; LoRA layers' (with
-    their lora_scale) merged into the weights they update."""
+    their lora_scale) merged into the weights they update. step: the training step the weights are
+    of, in the metadata (pyllm_step; weights_step reads it), for `pyllm export` to tell them from a
+    newer checkpoint."""
     from safetensors.torch import save_file
 
     if lora_scale is not None:
@@ -1603,7 +1615,8 @@ def save_weights(state_dict: dict, cfg: ModelConfig, path, lora_scale: float | N
     fd, tmp = new_temp_file(path)  # (made exclusively: never written through a planted link)
     os.close(fd)
     try:
-        save_file(state, str(tmp), metadata={"pyllm_config": json.dumps(cfg.to_dict())})
+        save_file(state, str(tmp), metadata={"pyllm_config": json.dumps(cfg.to_dict()),
+                                             **({"pyllm_step": str(step)} if step is not None else {})})
         # safetensors writes through a private (0600) temp file of its own, renamed onto tmp: the
         # weights get the mode any new file gets (0644 under the usual umask), as the run's others.
         os.chmod(tmp, 0o666 & ~_umask())

@@ -1993,11 +1993,11 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
     bar = make_progress(cfg, start_step, info)
     bad_in_a_row, val_loss, tok_s = 0, None, 0.0
 
-    def write_weights() -> None:
+    def write_weights(step_done: int) -> None:
         """model.safetensors, LoRA merged in (every rank calls: FSDP gathers; rank 0 writes)."""
         model_state = full_model_state(model, cfg, info)
         if info.is_main:
-            save_weights(model_state, mcfg, out / "model.safetensors", model.lora_scale())
+            save_weights(model_state, mcfg, out / "model.safetensors", model.lora_scale(), step=step_done)
 
     def checkpoint(step_done: int):
         model_state = full_model_state(model, cfg, info)
@@ -2186,7 +2186,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
                 say(info, bar, f"step {step + 1}: val loss {val_loss:.4f}")
             if cfg.keep_best and math.isfinite(val_loss) and (best_val is None or val_loss < best_val):
                 best_val = val_loss
-                write_weights()
+                write_weights(step + 1)
                 say(info, bar, f"step {step + 1}: the lowest val loss so far: its weights are model.safetensors")
             if reward is not None:  # GRPO: the policy's samples of the val prompts, rewarded
                 record.update(evaluate_rewards(model, data / "val.bin", cfg, seq_len, reward, val_rows, info, step))
@@ -2222,7 +2222,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
             print(f"pyllm: {out / 'model.safetensors'}, the weights of the lowest val loss ({best_val:.4f}), is gone: "
                   "writing the last weights there instead", file=sys.stderr)
         if not (cfg.keep_best and best_val is not None) or lost:
-            write_weights()  # (keep_best: written at its evaluation)
+            write_weights(cfg.max_steps)  # (keep_best: written at its evaluation)
         if info.is_main:
             plot_losses(out / "log.jsonl", out / "loss.png")
     if info.world_size > 1:

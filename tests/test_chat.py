@@ -541,6 +541,56 @@ def test_lora_run_exports_a_peft_adapter(chat_run_inputs, tmp_path, options, mod
         torch.testing.assert_close(theirs(idx).logits, full(idx).logits, rtol=1e-5, atol=1e-5)
 
 
+def test_exports_take_the_weights_the_run_means(chat_run_inputs, tmp_path, capsys, monkeypatch):
+    # From an audit of `pyllm export` (2026-12-05): a relative --init-from-hf is recorded absolute
+    # (an export from elsewhere had read another folder of that name); --keep-best's adapter would be
+    # the last step's while the merged export is the best's: refused; a run stopped after its
+    # model.safetensors was written exports its checkpoint's weights; --out must be new or empty.
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    folder, chats = chat_run_inputs
+    monkeypatch.chdir(folder.parent)
+    run = tmp_path / "r"
+    args = train_args(folder.name, chats, run, "--max-steps", "2", "--batch-size", "4", "--lora-rank", "4",
+                      "--keep-best", "--eval-every", "1")
+    assert cli.main(args) == 0
+    monkeypatch.chdir(tmp_path)
+    assert json.loads((run / "run.json").read_text())["init_from_hf"] == str(folder)
+    weights = run / "model.safetensors"
+    with safe_open(str(weights), "pt") as f:
+        meta = f.metadata()
+    state = load_file(str(weights))
+    if meta["pyllm_step"] == "2":  # (the last step was the best: as if the first had been)
+        save_file(state, str(weights), metadata={**meta, "pyllm_step": "1"})
+    capsys.readouterr()
+    assert cli.main(["export", "--run", str(run), "--out", str(tmp_path / "adapter"), "--adapter"]) == 2
+    assert "its adapter is the last step's (2): export it without --adapter" in capsys.readouterr().err
+    assert cli.main(["export", "--run", str(run), "--out", str(tmp_path / "merged"), "--dtype", "fp32"]) == 0
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())  # (the source's, found from here)
+    assert config["model_type"] == json.loads((folder / "config.json").read_text())["model_type"]
+    # stopped after model.safetensors: the checkpoint's weights (step 2), with a notice
+    save_file(state, str(weights), metadata={**meta, "pyllm_step": "1"})
+    checkpoint = torch.load(run / "checkpoint.pt", weights_only=True)
+    checkpoint["train_config"]["keep_best"] = False
+    torch.save(checkpoint, run / "checkpoint.pt")
+    assert cli.main(["export", "--run", str(run), "--out", str(tmp_path / "merged"), "--dtype", "fp32"]) == 2
+    assert "is not empty (config.json, generation_config.json, model.safetensors" in capsys.readouterr().err
+    (tmp_path / "merged" / "adapter_config.json").write_text("{}")  # a stale adapter: would be applied on top
+    (tmp_path / "merged" / "notes.txt").write_text("mine")
+    assert cli.main(["export", "--run", str(run), "--out", str(tmp_path / "merged"), "--dtype", "fp32", "--force"]) == 0
+    assert "stopped at step 2, after its model.safetensors (step 1) was written" in capsys.readouterr().err
+    assert not (tmp_path / "merged" / "adapter_config.json").exists() and (tmp_path / "merged" / "notes.txt").exists()
+    (run / "model.safetensors").unlink()  # stopped before its end: the checkpoint's
+    assert cli.main(["export", "--run", str(run), "--out", str(tmp_path / "m2"), "--dtype", "fp32"]) == 0
+    assert "before its end" in capsys.readouterr().err
+    first, second = load_file(str(tmp_path / "merged" / "model.safetensors")), load_file(str(tmp_path / "m2" / "model.safetensors"))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    assert any(not torch.equal(first[k], v) for k, v in load_file(str(folder / "model.safetensors")).items())
+    assert cli.main(["export", "--run", str(folder), "--out", str(tmp_path / "m3")]) == 2
+    assert "is a Hugging Face checkpoint folder already" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("lora", [(), ("--lora-rank", "4"), ("--lora-rank", "4", "--lora-targets", "q,v,experts")],
                          ids=["full", "lora", "lora-experts"])
 def test_mixture_of_experts_checkpoint_fine_tunes_and_exports(chat_run_inputs, tmp_path, lora):

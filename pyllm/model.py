@@ -1134,8 +1134,7 @@ class LLM(nn.Module):
         from safetensors.torch import save_file
 
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        hf = dict(hf_config) if hf_config is not None else hf_config_of(self.config)
+        hf = dict(hf_config) if hf_config is not None else hf_config_of(self.config)  # (refused: no folder made)
         if hf.get("model_type") == "gemma3":  # a multimodal source: its language model, as Gemma3ForCausalLM
             hf = gemma3_text_config(hf)
         kind = hf.get("model_type")
@@ -1152,6 +1151,7 @@ class LLM(nn.Module):
         if self.lora_scale() is not None:  # the updates merged, as save() writes them
             state = merge_lora_state(state, self.lora_scale())
         state = state_to_hf(state, self.config, kind)
+        folder.mkdir(parents=True, exist_ok=True)
         save_file({k: v.cpu().contiguous() for k, v in state.items()}, str(folder / "model.safetensors"),
                   metadata={"format": "pt"})
         dtypes = {v.dtype for v in state.values()}
@@ -2109,20 +2109,26 @@ def hf_config_of(cfg: ModelConfig) -> dict:
                     embd_pdrop=0.0, attn_pdrop=0.0)
     # q/k norms per head (Qwen3's), on a model otherwise LLaMA's with full attention: Qwen3ForCausalLM
     qwen3 = cfg.qk_norm and not cfg.qk_norm_all_heads and not cfg.sliding_window and not cfg.n_experts
-    plain = (cfg.norm, cfg.mlp, cfg.positions, cfg.bias, cfg.qkv_bias, cfg.parallel_block, cfg.qk_norm and not qwen3,
-             cfg.nope_layers,
-             cfg.rotary_dim, cfg.sandwich_norm, cfg.embed_scale, cfg.softmax_scale, cfg.local_rope_theta,
-             cfg.window_layers, cfg.pre_norm, cfg.embed_multiplier, cfg.residual_multiplier, cfg.logits_scaling,
-             cfg.attn_softcap, cfg.final_softcap) == ("rmsnorm", "swiglu", "rope", False, False, False, False, None, None,
-                                                      False, False, None, None, None, True, None, None, None, None, None)
+    llama = {"norm": "rmsnorm", "mlp": "swiglu", "positions": "rope", "bias": False, "qkv_bias": False,
+             "parallel_block": False, "qk_norm": False, "nope_layers": None, "rotary_dim": None, "sandwich_norm": False,
+             "embed_scale": False, "softmax_scale": None, "local_rope_theta": None, "window_layers": None,
+             "pre_norm": True, "embed_multiplier": None, "residual_multiplier": None, "logits_scaling": None,
+             "attn_softcap": None, "final_softcap": None}
+    # (what a LLaMA config cannot say, named in the refusal)
+    unlike = [f"{name}={getattr(cfg, name)!r}" for name, value in llama.items()
+              if (getattr(cfg, name) and not qwen3 if name == "qk_norm" else getattr(cfg, name)) != value]
+    plain = not unlike
     if cfg.window_layers is not None and cfg.sliding_window and plain is False and (
             cfg.norm, cfg.mlp, cfg.positions, cfg.bias) == ("rmsnorm", "swiglu", "rope", False):
         raise NotImplementedError("to_hf: a sliding window on some layers only (window_layers) has no LLaMA or "
                                   "Mistral config (Mistral's window is on every layer); give the hf_config of the "
                                   "checkpoint it was read from")
-    if not plain or (cfg.rope_scaling or {}).get("rope_type", "llama3") != "llama3":
-        raise NotImplementedError("to_hf: this model is neither LLaMA- nor GPT-2-shaped; give the hf_config of the "
-                                  "checkpoint it was read from")
+    if (cfg.rope_scaling or {}).get("rope_type", "llama3") != "llama3":
+        unlike.append(f"rope_scaling={cfg.rope_scaling!r}")
+    if unlike:
+        raise NotImplementedError(f"to_hf: this model is neither LLaMA- nor GPT-2-shaped ({', '.join(unlike)} has no "
+                                  "LLaMA config); give the hf_config of the checkpoint it was read from (a model "
+                                  "trained from scratch so is not exported)")
     if cfg.shared_expert_hidden:
         raise NotImplementedError("to_hf: a shared expert is Qwen2-MoE's, which pyllm exports only with the "
                                   "hf_config of the checkpoint it was read from")

@@ -2060,6 +2060,9 @@ def test_to_hf_of_a_model_pyllm_trained(name, kind, tmp_path):
     assert LLM.from_hf(tmp_path, dtype=torch.float64).config == ours.config
     with pytest.raises(NotImplementedError, match="neither LLaMA- nor GPT-2-shaped"):
         LLM(ModelConfig(**CONFIGS["gemma-style"])).to_hf(tmp_path / "x")
+    with pytest.raises(NotImplementedError, match=r"\(qkv_bias=True, rotary_dim=8 has no LLaMA config\)"):  # (named)
+        LLM(ModelConfig(**{**SMALL, "qkv_bias": True, "rotary_dim": 8})).to_hf(tmp_path / "x")
+    assert not (tmp_path / "x").exists()  # (refused before the folder is made)
     with pytest.raises(NotImplementedError, match="a sliding window on some layers only"):  # (said so, not "neither")
         LLM(ModelConfig(**{**SMALL, "sliding_window": 4, "window_layers": [0]})).to_hf(tmp_path / "x")
     with pytest.raises(NotImplementedError, match="norm_topk_prob=False"):

@@ -31,6 +31,31 @@ def hf_spelling(regex: str) -> str:
     return regex.replace("{1,3}+", "{1,3}")
 
 
+def regex_pieces(regex: str):
+    """(piece, class depth, index) for each piece of a regex: an escape ("\\$"), a class's opening
+    ("[" with a first "^" and a first "]", the class's own), or one character; depth 0 outside any
+    class (nested classes, [a&&[^b]], as Rust reads them; a class's closing "]" at its own depth)."""
+    depth, i = 0, 0
+    while i < len(regex):
+        if regex[i] == "\\":
+            yield regex[i:i + 2], depth, i
+            i += 2
+            continue
+        if regex[i] == "[":
+            j = i + 1
+            for lead in ("^", "]"):  # a negation, then a ']' first in a class, are the class's
+                if regex.startswith(lead, j):
+                    j += 1
+            depth += 1
+            yield regex[i:j], depth, i
+            i = j
+            continue
+        yield regex[i], depth, i
+        if depth and regex[i] == "]":
+            depth -= 1
+        i += 1
+
+
 def respell_anchors(regex: str, start: str, end: str) -> str:
     """regex with each "^" / "$" outside a character class written start / end, escapes and classes
     kept. Oniguruma (Hugging Face's engine, Ruby's syntax) reads a bare "^" / "$" as a line's start /
@@ -38,31 +63,8 @@ def respell_anchors(regex: str, start: str, end: str) -> str:
     pattern with an inline m flag is left alone (Ruby's m is Rust's s)."""
     if re.search(r"\(\?[a-zA-Z]*m", regex):
         return regex
-    out, depth, i = [], 0, 0
-    while i < len(regex):
-        c = regex[i]
-        if c == "\\":
-            out.append(regex[i:i + 2])
-            i += 2
-            continue
-        if c == "[":
-            depth += 1  # nested classes ([a&&[^b]])
-            out.append(c)
-            i += 1
-            for lead in ("^", "]"):  # a negation, then a ']' first in a class, are the class's
-                if regex.startswith(lead, i):
-                    out.append(lead)
-                    i += 1
-            continue
-        if depth and c == "]":
-            depth -= 1
-        elif not depth and c in "^$":
-            out.append(start if c == "^" else end)
-            i += 1
-            continue
-        out.append(c)
-        i += 1
-    return "".join(out)
+    return "".join({"^": start, "$": end}.get(piece, piece) if not depth else piece
+                   for piece, depth, _ in regex_pieces(regex))
 
 
 # Hugging Face's ByteLevel regex (GPT-2's release): the same pieces as GPT2 on every text. Its

@@ -23,7 +23,7 @@ from typing import AbstractSet, Collection, Iterable, Literal, Sequence
 import numpy as np
 
 from pyllm import _C
-from pyllm.tokenizer.patterns import PATTERNS, SPELLINGS, hf_spelling, respell_anchors
+from pyllm.tokenizer.patterns import PATTERNS, SPELLINGS, hf_spelling, regex_pieces, respell_anchors
 
 _MAGIC = "#pyllm-bpe v1"
 # Unicode normalization forms a Tokenizer may apply (unicodedata.normalize's, Hugging Face's normalizers').
@@ -505,36 +505,8 @@ def _python_spelling(pattern: str) -> tuple[str, bool]:
     (`&&`, `--`, `~~`, `||`; Kimi K2's "[\\p{Lu}...&&[^\\p{Han}]]") needs `regex`'s version 1 syntax,
     version 0 reading "&&" as two more characters of the class (whose letters then never matched,
     and the text they covered was dropped). Returns (the pattern, whether it needs version 1)."""
-    translate_dollar = re.search(r"\(\?[a-zA-Z]*m", pattern) is None  # (?m): a line's end in both
-    out, depth, v1, i = [], 0, False, 0
-    while i < len(pattern):
-        c = pattern[i]
-        if c == "\\":
-            out.append(pattern[i:i + 2])
-            i += 2
-            continue
-        if c == "[":
-            depth += 1  # nested classes ([a&&[^b]]) as Rust reads them
-            out.append(c)
-            i += 1
-            if pattern.startswith("^", i):
-                out.append("^")
-                i += 1
-            if pattern.startswith("]", i):  # a ']' first in a class is one of its characters
-                out.append("]")
-                i += 1
-            continue
-        if depth and c == "]":
-            depth -= 1
-        elif depth and pattern.startswith(_SET_OPERATIONS, i):
-            v1 = True
-        elif not depth and c == "$" and translate_dollar:
-            out.append("\\Z")
-            i += 1
-            continue
-        out.append(c)
-        i += 1
-    return "".join(out), v1
+    v1 = any(depth and pattern.startswith(_SET_OPERATIONS, i) for _, depth, i in regex_pieces(pattern))
+    return respell_anchors(pattern, "^", "\\Z"), v1  # ((?m): a line's end in both, left alone)
 
 
 def _compile_custom(pattern: str):

@@ -1229,9 +1229,18 @@ def cmd_eval(args) -> int:
 
     if not (args.choices or args.text):
         raise ValueError("give --choices FILE (multiple-choice examples) and/or --text FILE")
-    model, tokenizer, prefix, _ = load_model(args)
+    from pyllm import data
+    from pyllm.tokenizer.tokenizer import hf_stop_ids
+
+    model, tokenizer, prefix, source = load_model(args)
     device, dtype = inference_device_dtype(args)
     model = model.to(device=device, dtype=getattr(torch, GENERATE_DTYPES[dtype])).eval()
+    # What an empty context and a text start from where the tokenizer has no <|endoftext|> (nor the
+    # model a BOS, prefix): its end-of-sequence id, as lm-evaluation-harness's prefix token (the
+    # first token had gone unpredicted, and a one-token ending after an empty context scored 0)
+    start = None
+    if not prefix and data.eot_id(tokenizer) is None:
+        start = (hf_stop_ids(source)[:1] if source is not None else []) or start_ids(tokenizer)
     seq_len = args.seq_len or min(model.config.block_size, 2048)
     if not 1 <= seq_len <= model.config.block_size:
         raise ValueError(f"--seq-len must be in [1, {model.config.block_size}] (the model's block_size), got {seq_len}")
@@ -1240,14 +1249,20 @@ def cmd_eval(args) -> int:
         examples = evaluate.read_choices(path)[:args.limit]
         if not examples:
             raise ValueError(f"{path}: no examples in it")
-        score = evaluate.score_choices(model, tokenizer, examples, seq_len, args.batch_size, prefix)
+        score = evaluate.score_choices(model, tokenizer, examples, seq_len, args.batch_size, prefix, start=start)
         score.pop("logps")
         results[str(path)] = score
         print(f"{path}: {score['examples']:,} examples: acc {score['acc']:.4f}, acc_norm {score['acc_norm']:.4f}, "
               f"acc per byte {score['acc_bytes']:.4f}, acc per token {score['acc_per_token']:.4f}")
     if args.text:
-        texts = [Path(p).read_text(encoding="utf-8", errors="replace") for p in args.text]
-        loss = results["text"] = evaluate.text_loss(model, tokenizer, texts, seq_len, args.batch_size, prefix)
+        # read as `pyllm prepare` reads them: as on disk (CRLF kept), a JSON Lines file of {"text"}
+        # rows a document each, a literal <|endoftext|> a document's end (it had been scored as 13
+        # bytes of text, and the raw JSON of a rows file)
+        texts = list(data.read_documents([Path(p) for p in args.text]))
+        if data.eot_id(tokenizer) is not None:
+            texts = list(data.split_at_separator(texts, data.EOT))
+        loss = results["text"] = evaluate.text_loss(model, tokenizer, texts, seq_len, args.batch_size, prefix,
+                                                    start=start)
         if not loss["tokens"]:
             raise ValueError(f"--text {' '.join(args.text)}: no tokens to predict (empty files?)")
         print(f"text ({loss['bytes']:,} bytes, {loss['tokens']:,} tokens predicted): loss {loss['loss']:.4f} nats/token, "
@@ -1774,7 +1789,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "by each ending's summed log-probability after the context (acc), per character (acc_norm, "
                    "lm-evaluation-harness's), per byte (acc_bytes) and per token (llm.c's)")
     p.add_argument("--text", nargs="+", metavar="FILE", help="text files: the loss per token, perplexity and bits per "
-                   "byte over non-overlapping windows of --seq-len tokens")
+                   "byte over windows of --seq-len tokens, each token predicted once (a text's last window with a "
+                   "whole window of context, as lm-evaluation-harness); read as `pyllm prepare` reads them (a JSON "
+                   "Lines file of {\"text\"} rows a document each, a literal <|endoftext|> a document's end)")
     p.add_argument("--limit", type=at_least(1), help="the first N examples of each --choices file only")
     p.add_argument("--seq-len", type=int, help="tokens per row (default: the model's block_size, at most 2048)")
     p.add_argument("--batch-size", type=at_least(1), default=8, help="rows per forward (default 8)")

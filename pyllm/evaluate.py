@@ -9,10 +9,12 @@ HellaSwag eval calls acc_norm). The files are read as they are: lm-evaluation-ha
 task first rewrites HellaSwag's contexts (activity label, bracket removal), so its numbers differ. The candidates are packed into rows and computed each
 alone (the varlen attention), as training packs conversations, so short candidates cost no padding.
 
-Text: the mean loss over non-overlapping windows of seq_len tokens (each token predicted from the
-ones before it in its window; a text's first one from <|endoftext|>, as the documents were
-separated in training, where the tokenizer has it), as nats per token, perplexity and bits per
-byte (the summed loss over the text's UTF-8 bytes: comparable across tokenizers).
+Text: the mean loss over windows of seq_len tokens, each token predicted once (from the ones
+before it in its window; a text's first one from <|endoftext|>, as the documents were separated in
+training, where the tokenizer has it; a text's last, shorter window given a whole window of the
+text before it as context, lm-evaluation-harness's rolling loglikelihood), as nats per token,
+perplexity and bits per byte (the summed loss over the text's UTF-8 bytes: comparable across
+tokenizers).
 """
 from __future__ import annotations
 
@@ -29,25 +31,36 @@ from pyllm import data
 from pyllm.train import DistInfo, document_logps
 
 _CONTEXT_KEYS, _ENDING_KEYS, _LABEL_KEYS = ("ctx", "context", "query"), ("endings", "choices"), ("label", "gold")
+# lm-evaluation-harness's processed documents (its hellaswag task's process_docs keeps HellaSwag's
+# own fields beside them): read as the harness scores them when a row has all three
+_HARNESS_KEYS = ("query", "choices", "gold")
 
 
 def read_choices(path) -> list[dict]:
     """The examples of a JSON Lines file of multiple-choice questions, one per line:
     {"ctx": "text", "endings": ["text", ...], "label": i} (HellaSwag's own files; "context" or
     "query" for "ctx", "choices" for "endings", "gold" for "label" too), label the index of the
-    right ending (an int or a string of one). Returned as {"context", "endings", "label"}."""
+    right ending (an int or a string of one). A row of lm-evaluation-harness's processed documents
+    (query, choices and gold beside HellaSwag's own ctx, endings and label) is read by those, as the
+    harness scores it. Returned as {"context", "endings", "label"}."""
     examples = []
     for number, row, line in data._jsonl_rows(path):
-        context = next((row[k] for k in _CONTEXT_KEYS if k in row), None)
-        endings = next((row[k] for k in _ENDING_KEYS if k in row), None)
-        label = next((row[k] for k in _LABEL_KEYS if k in row), None)
-        if isinstance(label, str) and label.strip().isdigit():
+        keys = [(k,) for k in _HARNESS_KEYS] if all(k in row for k in _HARNESS_KEYS) else [
+            _CONTEXT_KEYS, _ENDING_KEYS, _LABEL_KEYS]
+        (context_key, context), (endings_key, endings), (label_key, label) = (
+            next(((k, row[k]) for k in names if k in row), (names[0], None)) for names in keys)
+        if isinstance(label, str) and label.strip().isascii() and label.strip().isdigit():
             label = int(label)
-        if not (isinstance(context, str) and isinstance(endings, list) and len(endings) >= 2
-                and all(isinstance(e, str) and e for e in endings) and isinstance(label, int)
-                and not isinstance(label, bool) and 0 <= label < len(endings)):
-            raise ValueError(f"{path}:{number}: expected {{\"ctx\": \"text\", \"endings\": [\"text\", ...] (2 or more, "
-                             f"none empty), \"label\": index of the right one}}, got {line.strip()[:80]!r}")
+        wrong = ("no context (ctx, context or query)" if context is None and context_key not in row else
+                 f"{context_key} is not a string" if not isinstance(context, str) else
+                 "no endings (endings or choices)" if endings is None else
+                 f"{endings_key} is not a list of 2 or more non-empty strings" if not (
+                     isinstance(endings, list) and len(endings) >= 2 and all(isinstance(e, str) and e for e in endings))
+                 else f"{label_key} {label!r} is not the index of one of its {len(endings)} endings" if not (
+                     isinstance(label, int) and not isinstance(label, bool) and 0 <= label < len(endings)) else None)
+        if wrong:
+            raise ValueError(f"{path}:{number}: {wrong} (expected {{\"ctx\": \"text\", \"endings\": [\"text\", ...], "
+                             f"\"label\": index of the right one}}); the line starts {line.strip()[:80]!r}")
         examples.append({"context": context, "endings": endings, "label": label})
     return examples
 
@@ -57,13 +70,18 @@ def _ending_text(ending: str) -> str:
     return ending if ending[:1].isspace() else " " + ending
 
 
-def _start_token(tokenizer) -> list[int]:
-    """<|endoftext|>, which the model saw before every document, where the tokenizer has it."""
+def _start_token(tokenizer, start: Sequence[int] | None = None) -> list[int]:
+    """What a text starts from: start when given (`pyllm eval`: a Hugging Face model's BOS or EOS
+    where its tokenizer has no <|endoftext|>, as lm-evaluation-harness's prefix token), else
+    <|endoftext|>, which the model saw before every document, where the tokenizer has it."""
+    if start is not None:
+        return list(start)
     eot = data.eot_id(tokenizer)
     return [] if eot is None else [eot]
 
 
-def choice_documents(examples: Sequence[dict], tokenizer, prefix: Sequence[int] = ()) -> tuple[list, list]:
+def choice_documents(examples: Sequence[dict], tokenizer, prefix: Sequence[int] = (),
+                     start: Sequence[int] | None = None) -> tuple[list, list]:
     """(docs, masks): for each example, for each ending, prefix + the tokens of the context and
     the ending written together, the ending's marked, as lm-evaluation-harness splits them
     (encoding the ending alone would differ where a tokenizer treats a text's start specially:
@@ -72,29 +90,30 @@ def choice_documents(examples: Sequence[dict], tokenizer, prefix: Sequence[int] 
     (where the context's last token merges with the ending's first, "Answer:\n" + "\nbar", that
     token is scored: the harness's split by length would leave part of the ending unscored). An
     ending that does not start with whitespace gets one space before it, as HellaSwag's
-    evaluations join them. An empty context (no prefix either) starts from <|endoftext|>, so the
-    ending's first token is predicted too."""
+    evaluations join them. An empty context (no prefix either) starts from <|endoftext|> (or
+    start), so the ending's first token is predicted too."""
     docs, masks = [], []
     for example in examples:
         context = example["context"].rstrip()
         moved = example["context"][len(context):]  # trailing whitespace: the ending's
-        lead = list(prefix) or ([] if context else _start_token(tokenizer))
+        lead = list(prefix) or ([] if context else _start_token(tokenizer, start))
         context_ids = [*lead, *tokenizer.encode_ordinary(context)]
         for ending in example["endings"]:
             whole = [*lead, *tokenizer.encode_ordinary(context + moved + _ending_text(ending))]
-            start = next((i for i, (a, b) in enumerate(zip(context_ids, whole)) if a != b), len(context_ids))
-            start = max(min(start, len(whole) - 1), 1 if len(whole) > 1 else 0)  # a scored token has one before it
+            first = next((i for i, (a, b) in enumerate(zip(context_ids, whole)) if a != b), len(context_ids))
+            first = max(min(first, len(whole) - 1), 1 if len(whole) > 1 else 0)  # a scored token has one before it
             docs.append(np.asarray(whole, np.int64))
-            masks.append(np.asarray([0] * start + [1] * (len(whole) - start), np.uint8))
+            masks.append(np.asarray([0] * first + [1] * (len(whole) - first), np.uint8))
     return docs, masks
 
 
-def write_choices(examples: Sequence[dict], tokenizer, path, prefix: Sequence[int] = ()) -> None:
+def write_choices(examples: Sequence[dict], tokenizer, path, prefix: Sequence[int] = (),
+                  start: Sequence[int] | None = None) -> None:
     """Tokenizes multiple-choice examples (read_choices) into a document file (choice_documents'
     candidates, write_documents) and its .choices.json (each example's label, number of endings and
     the raw endings' sizes in characters and in bytes): what score_choice_files, and the trainer's
     --eval-choices, read."""
-    docs, masks = choice_documents(examples, tokenizer, prefix)
+    docs, masks = choice_documents(examples, tokenizer, prefix, start)
     path = Path(path)
     path.with_suffix(".choices.json").write_text(json.dumps({
         "labels": [e["label"] for e in examples],
@@ -114,8 +133,14 @@ def score_choice_files(model, path, seq_len: int, batch_size: int = 8, precision
     mask = np.load(path.with_suffix(".mask.npy"))
     longest = int(np.diff(offsets).max())
     if longest > seq_len:
-        raise ValueError(f"a context with its ending is {longest} tokens, longer than seq_len {seq_len}: raise it "
-                         f"(up to the model's block_size, {model.config.block_size})")
+        at = int(np.argmax(np.diff(offsets)))  # (the candidate's example: the labels' and endings' order)
+        example = int(np.searchsorted(np.cumsum([len(c) for c in meta["bytes"]]), at, side="right"))
+        raise ValueError(f"example {example + 1} (in file order): a context with its ending is {longest} tokens, "
+                         f"longer than seq_len {seq_len}"
+                         + (f": raise --seq-len (up to the model's block_size, {model.config.block_size})"
+                            if seq_len < min(longest, model.config.block_size) else
+                            f", the model's block_size: shorten its context (lm-evaluation-harness cuts such a "
+                            "context from the left)"))
     info = info or DistInfo(device=next(model.parameters()).device)
     logps = document_logps(model, path, batch_size, seq_len, precision, info)
     tokens = np.add.reduceat(mask.astype(np.int64), offsets[:-1])  # each candidate's ending tokens
@@ -136,42 +161,48 @@ def score_choice_files(model, path, seq_len: int, batch_size: int = 8, precision
 
 @torch.no_grad()
 def score_choices(model, tokenizer, examples: Sequence[dict], seq_len: int, batch_size: int = 8,
-                  prefix: Sequence[int] = (), precision: str = "fp32") -> dict:
+                  prefix: Sequence[int] = (), precision: str = "fp32", start: Sequence[int] | None = None) -> dict:
     """Accuracy of model on multiple-choice examples (read_choices): acc, acc_norm, acc_per_token
     (see the module's docstring), the number of examples, and logps, each candidate's summed
     log-probability (examples in order, each one's endings in order). ValueError when a candidate
     is longer than seq_len (it would be cut)."""
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "choices.bin"
-        write_choices(examples, tokenizer, path, prefix)
+        write_choices(examples, tokenizer, path, prefix, start)
         return score_choice_files(model, path, seq_len, batch_size, precision)
 
 
 @torch.no_grad()
 def text_loss(model, tokenizer, texts: Sequence[str], seq_len: int, batch_size: int = 8, prefix: Sequence[int] = (),
-              precision: str = "fp32") -> dict:
-    """The model's loss on texts, each tokenized alone after prefix (none: <|endoftext|>, as the
-    training documents were separated, where the tokenizer has it, so the text's first token is
-    predicted too) and cut into non-overlapping windows of seq_len + 1 tokens (each window's first
-    token is not predicted; the last, shorter window too): nats per predicted token, perplexity,
-    bits per byte of the texts, and the counts."""
+              precision: str = "fp32", start: Sequence[int] | None = None) -> dict:
+    """The model's loss on texts, each tokenized alone after prefix (none: <|endoftext|>, or start,
+    as the training documents were separated, so the text's first token is predicted too) and cut
+    into windows of seq_len + 1 tokens, each token predicted once: non-overlapping windows, whose
+    first token is not predicted, and a text's last, shorter one as a whole window ending at the
+    text's end whose earlier targets are the window before's (lm-evaluation-harness's rolling
+    loglikelihood: the last tokens had been predicted from the few before them alone): nats per
+    predicted token, perplexity, bits per byte of the texts, and the counts."""
     from pyllm.train import autocast
 
     device = next(model.parameters()).device
-    windows = []
+    windows = []  # (tokens, targets left unscored at its start: the window before predicted them)
     for text in texts:
-        ids = [*(list(prefix) or _start_token(tokenizer)), *tokenizer.encode_ordinary(text)]
-        windows += [ids[i:i + seq_len + 1] for i in range(0, max(len(ids) - 1, 0), seq_len)]
+        ids = [*(list(prefix) or _start_token(tokenizer, start)), *tokenizer.encode_ordinary(text)]
+        for i in range(0, max(len(ids) - 1, 0), seq_len):
+            if i and len(ids) - i < seq_len + 1:  # the last, shorter window: a whole window's context
+                windows.append((ids[len(ids) - seq_len - 1:], i - (len(ids) - seq_len - 1)))
+            else:
+                windows.append((ids[i:i + seq_len + 1], 0))
     total, predicted = 0.0, 0
     was_training = model.training
     model.eval()
     for i in range(0, len(windows), batch_size):
         group = windows[i:i + batch_size]
-        T = max(len(w) for w in group) - 1
+        T = max(len(w) for w, _ in group) - 1
         x = torch.zeros(len(group), T, dtype=torch.long)
         y = torch.full((len(group), T), -1, dtype=torch.long)
-        for r, w in enumerate(group):
-            x[r, :len(w) - 1], y[r, :len(w) - 1] = torch.tensor(w[:-1]), torch.tensor(w[1:])
+        for r, (w, seen) in enumerate(group):
+            x[r, :len(w) - 1], y[r, seen:len(w) - 1] = torch.tensor(w[:-1]), torch.tensor(w[1 + seen:])
         with autocast(precision, device):
             logps = model(x.to(device), y.to(device), per_token=True)[1]
         total -= float(logps.double().sum())

@@ -55,12 +55,23 @@ def test_read_choices_formats_and_errors(tmp_path):
     assert evaluate.read_choices(path) == [{"context": "a", "endings": ["b", "c"], "label": 1},
                                            {"context": "a", "endings": ["b", "c", "d"], "label": 2},
                                            {"context": "q", "endings": ["x", "y"], "label": 0}]
-    for bad in ({"ctx": "a", "endings": ["b", "c"], "label": 2}, {"ctx": "a", "endings": ["b"], "label": 0},
-                {"ctx": "a", "endings": ["b", ""], "label": 0}, {"ctx": "a", "endings": ["b", "c"], "label": True},
-                {"endings": ["b", "c"], "label": 0}):
+    # the field that is wrong named (HellaSwag's test split has "label": "", "²" passed isdigit())
+    for bad, why in (({"ctx": "a", "endings": ["b", "c"], "label": 2}, "label 2 is not the index of one of its 2"),
+                     ({"ctx": "a", "endings": ["b"], "label": 0}, "endings is not a list of 2 or more non-empty"),
+                     ({"ctx": "a", "endings": ["b", ""], "label": 0}, "endings is not a list"),
+                     ({"ctx": "a", "endings": ["b", "c"], "label": True}, "label True is not the index"),
+                     ({"ctx": "a", "endings": ["b", "c"], "label": ""}, "label '' is not the index"),
+                     ({"ctx": "a", "endings": ["b", "c"], "label": "\u00b2"}, "label '\u00b2' is not the index"),
+                     ({"ctx": 3, "endings": ["b", "c"], "label": 0}, "ctx is not a string"),
+                     ({"endings": ["b", "c"], "label": 0}, r"no context \(ctx, context or query\)")):
         path.write_text(json.dumps(rows[0]) + "\n" + json.dumps(bad) + "\n")
-        with pytest.raises(ValueError, match="c.jsonl:2: expected"):
+        with pytest.raises(ValueError, match=f"c.jsonl:2: {why}.*expected"):
             evaluate.read_choices(path)
+    # lm-evaluation-harness's processed hellaswag rows keep HellaSwag's fields beside its own: its read
+    harness = {"ctx": "raw. then", "endings": ["a [title]", "b"], "label": "1", "query": "Act: Raw. Then",
+               "choices": ["a", "b"], "gold": 1}
+    path.write_text(json.dumps(harness) + "\n")
+    assert evaluate.read_choices(path) == [{"context": "Act: Raw. Then", "endings": ["a", "b"], "label": 1}]
 
 
 def test_choice_documents(setup):
@@ -140,8 +151,10 @@ def test_score_choices_as_transformers(setup, tmp_path):
 
 
 def test_text_loss(setup):
-    # Non-overlapping windows of seq_len + 1 tokens, each text alone after the prefix: the mean
-    # over every predicted token, and the bits per byte of the texts.
+    # Windows of seq_len + 1 tokens, each text alone after the prefix, each token predicted once:
+    # lm-evaluation-harness's rolling loglikelihood (a text's last, shorter window predicted after a
+    # whole window of context, where it had had the few tokens before it alone): the mean over every
+    # predicted token, and the bits per byte of the texts.
     tokenizer, model, _ = setup
     rng = random.Random(4)
     texts = [sentence(rng, 60), sentence(rng, 3), "x"]
@@ -151,8 +164,9 @@ def test_text_loss(setup):
         ids = [5, *tokenizer.encode_ordinary(text)]
         for start in range(0, len(ids) - 1, 16):
             window = ids[start:start + 17]
-            total -= alone(model, window, len(window) - 1)
-            count += len(window) - 1
+            new = len(window) - 1
+            total -= alone(model, ids[max(0, start + 1 + new - 17):start + 1 + new], new)
+            count += new
     assert got["tokens"] == count and got["loss"] == pytest.approx(total / count, rel=1e-12)
     # no prefix: each text after <|endoftext|>, as training separated documents (every token predicted)
     got = evaluate.text_loss(model, tokenizer, texts, seq_len=16, batch_size=3)
@@ -162,10 +176,15 @@ def test_text_loss(setup):
         ids = [eot, *tokenizer.encode_ordinary(text)]
         for start in range(0, len(ids) - 1, 16):
             window = ids[start:start + 17]
-            total -= alone(model, window, len(window) - 1)
-            count += len(window) - 1
+            new = len(window) - 1
+            total -= alone(model, ids[max(0, start + 1 + new - 17):start + 1 + new], new)
+            count += new
     n_bytes = sum(len(t.encode()) for t in texts)
     assert got["tokens"] == count and got["bytes"] == n_bytes
+    # start: what a text starts from where the tokenizer has no <|endoftext|> (pyllm eval: a Hugging
+    # Face model's end-of-sequence id, lm-evaluation-harness's prefix token)
+    assert evaluate.text_loss(model, tokenizer, texts, seq_len=16, start=[5]) == evaluate.text_loss(
+        model, tokenizer, texts, seq_len=16, prefix=[5])
     assert got["loss"] == pytest.approx(total / count, rel=1e-12)
     assert got["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-12)
     assert got["bits_per_byte"] == pytest.approx(total / n_bytes / math.log(2), rel=1e-12)
@@ -192,3 +211,21 @@ def test_eval_command(setup, tmp_path, capsys):
     assert cli.main(base) == 2 and "give --choices" in capsys.readouterr().err
     assert cli.main([*base, "--text", str(tmp_path / "t.txt"), "--seq-len", "500"]) == 2
     assert "--seq-len must be in [1, 128]" in capsys.readouterr().err
+    # --text files read as `pyllm prepare` reads them: CRLF kept, a {"text"} rows file a document a
+    # row, a literal <|endoftext|> a document's end (rows had been scored as raw JSON, the separator
+    # as 13 bytes of text)
+    rng = random.Random(2)
+    docs = [sentence(rng, 10), sentence(rng, 7) + "\r\n" + sentence(rng, 3)]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    (tmp_path / "sep.txt").write_bytes("<|endoftext|>".join(docs).encode())
+    want = evaluate.text_loss(LLM.load(tmp_path / "model.safetensors"), tokenizer, docs, 64)
+    for name in ("rows.jsonl", "sep.txt"):
+        assert cli.main([*base, "--text", str(tmp_path / name), "--seq-len", "64", "--json", str(tmp_path / "r.json")]) == 0
+        got = json.loads((tmp_path / "r.json").read_text())["text"]
+        assert got["bytes"] == sum(len(d.encode()) for d in docs) and got["tokens"] == want["tokens"], name
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-6), name
+    # a lm-evaluation-harness-style choice too long for the model: which one, and what to do
+    long = {"ctx": sentence(rng, 200), "endings": ["a b", "c d"], "label": 0}
+    (tmp_path / "long.jsonl").write_text(json.dumps(examples[0] | {"ctx": examples[0]["context"]}) + "\n" + json.dumps(long) + "\n")
+    assert cli.main([*base, "--choices", str(tmp_path / "long.jsonl")]) == 2
+    assert "example 2 (in file order)" in (err := capsys.readouterr().err) and "shorten its context" in err

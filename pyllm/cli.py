@@ -530,6 +530,8 @@ def setup_run_data(cfg, cli: dict) -> None:
                                  + (f"; nanoGPT's bare files without a meta.pkl are read as GPT-2's ids: for another "
                                     f"tokenizer's, write its vocab_size there (pickle.dump({{'vocab_size': {vocab}}}, "
                                     "open('meta.pkl', 'wb')))" if bare and not meta.is_file() else ""))
+        if tokenizer_path is None and not char and source_run.get("tokenizer"):  # (llm.c's, GPT-2's bare files:
+            tokenizer_path = Path(source_run["tokenizer"])  # the run's own, checked above, decodes its samples)
         if (llmc := data.llmc_format(train_files[0])) is not None:
             print(f"data: {data_dir} holds llm.c's token files ({len(train_files)} train and "
                   f"{len(data.split_files(data_dir, 'val'))} val shards, "

@@ -829,6 +829,16 @@ def test_token_files_of_another_vocabulary(corpus, tmp_path, capsys):
     assert cli.main(["train", "--data", str(tokens), "--out", str(tmp_path / "r"), *SMALL]) == 2
     assert ("was tokenized with a 300-id tokenizer, and the tokenizer given "
             f"({tokens / 'tokenizer.bpe'}) has 257 ids") in capsys.readouterr().err
+    # a fine-tune of a run on token files without their tokenizer beside them (llm.c's, nanoGPT's
+    # GPT-2 ids) records the run's, which its samples decode by (it had recorded none)
+    data.write_tokens(tokens / "train.bin", ids, 257)
+    (tokens / "tokenizer.bpe").unlink()
+    assert cli.main(["train", "--data", str(tokens), "--tokenizer", str(_standin(tmp_path)), "--out", str(tmp_path / "a"),
+                     "--max-steps", "1", *SMALL]) == 0
+    assert cli.main(["train", "--data", str(tokens), "--init-from-run", str(tmp_path / "a"), "--out", str(tmp_path / "b"),
+                     "--max-steps", "1", "--device", "cpu", "--sample-tokens", "0"]) == 0
+    recorded = [json.loads((tmp_path / run / "run.json").read_text())["tokenizer"] for run in ("a", "b")]
+    assert recorded[0] == recorded[1] == str(_standin(tmp_path).resolve())
 
 
 def test_train_on_llmc_token_files(tmp_path, capsys):

@@ -985,6 +985,10 @@ def stream_sample(model, tokenizer, prompt: str, max_new_tokens: int, temperatur
 
     gen = torch.Generator(device=device).manual_seed(seed)
     if draft is not None:
+        if len(ids) + max_new_tokens > (room := min(model.config.block_size, draft.config.block_size)):
+            raise ValueError(f"--draft: the prompt's {len(ids)} tokens + --max-new-tokens {max_new_tokens} are more than "
+                             f"the models' block_size ({room}): lower --max-new-tokens, or leave out --draft (without "
+                             "it, generation slides past block_size)")
         stats = {}
         for token in model.generate_speculative(idx, draft, max_new_tokens, temperature, top_k, top_p, draft_tokens,
                                                 gen, stops, stats):
@@ -994,7 +998,10 @@ def stream_sample(model, tokenizer, prompt: str, max_new_tokens: int, temperatur
     else:
         model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, callback=on_token,
                        generator=gen, stop_tokens=stops, cuda_graph=cuda_graph)
-    return prompt + tokenizer.decode(generated)
+    final = prompt + tokenizer.decode(generated)
+    if final.startswith(printed) and final != printed:  # a last, incomplete character held back: printed
+        sys.stdout.write(final[len(printed):])  # as it is returned (transformers' TextStreamer.end)
+    return final
 
 
 def default_prompt(tokenizer) -> str:
@@ -1029,6 +1036,17 @@ def resolve_sampling(args, source) -> None:
     if source is not None and (Path(source) / "generation_config.json").is_file():
         config = json.loads((Path(source) / "generation_config.json").read_text())
         config = {key: value for key, value in config.items() if value is not None}  # null: transformers' default
+    # What transformers' generate would apply and pyllm's sampling does not: said, not dropped silently
+    # (Qwen2.5-Instruct's folder sets repetition_penalty 1.05)
+    neutral = {"repetition_penalty": 1.0, "min_new_tokens": 0, "min_length": 0, "no_repeat_ngram_size": 0,
+               "encoder_no_repeat_ngram_size": 0, "bad_words_ids": [], "suppress_tokens": [],
+               "begin_suppress_tokens": [], "min_p": 0.0, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
+               "diversity_penalty": 0.0, "length_penalty": 1.0, "num_beams": 1, "sequence_bias": {}}
+    ignored = {k: v for k, v in config.items() if k in neutral and v != neutral[k]}
+    if ignored:
+        print(f"pyllm generate: {Path(source) / 'generation_config.json'} sets "
+              f"{', '.join(f'{k}={v!r}' for k, v in ignored.items())}, which pyllm's sampling does not apply "
+              "(transformers' generate would): its tokens may differ", file=sys.stderr)
     if config:
         # do_sample left out is greedy, as transformers
         sampling = args.top_k is not None or args.top_p is not None or bool(config.get("do_sample", False))

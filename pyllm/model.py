@@ -1442,6 +1442,12 @@ class LLM(nn.Module):
         if longest + max_new_tokens > self.config.block_size:
             raise ValueError(f"generate_batch: a prompt of {longest} tokens + {max_new_tokens} new ones is more than "
                              f"block_size {self.config.block_size}; shorten them, or generate() that prompt alone")
+        if (self.config.rope_scaling or {}).get("rope_type") == "longrope":
+            # LongRoPE (Phi-3.5, Phi-4-mini) picks its factors by position on the host, one position for
+            # the batch: a row at a time through generate() (the batch had raised an internal message)
+            stops = set(int(t) for t in stop_tokens)
+            return [until_stop(self.generate(r[None], max_new_tokens, temperature, top_k, top_p, generator=generator,
+                                             stop_tokens=stops)[0, len(r):].tolist(), stops) for r in rows]
         with self._in_eval():  # (restored even when sampling raises)
             cache = self.new_kv_cache(len(rows), longest + max_new_tokens)
             graph = _DecodeGraph(self, cache, len(rows)) if cuda_graph else None  # before the prompts fill the cache
@@ -1766,7 +1772,7 @@ def _hf_experts(hf: dict, kind: str) -> dict:
                 norm_topk_prob=kind in ("mixtral", "granitemoe") or bool(hf.get("norm_topk_prob", False)),
                 # (transformers' default where the config names none: OLMoE's 0.01, the others' 0.001)
                 router_aux_loss_coef=hf.get("router_aux_loss_coef", 0.01 if kind == "olmoe" else 0.001)
-                if hf.get("output_router_logits") else 0.0)
+                if hf.get("output_router_logits") or hf.get("pyllm_router_aux_loss") else 0.0)
 
 
 # transformers' Gemma3TextConfig defaults: a multimodal checkpoint's text_config lists only the
@@ -2150,7 +2156,11 @@ def hf_config_of(cfg: ModelConfig) -> dict:
         hf.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layers)
     if kind == "mixtral":
         hf.update(num_local_experts=cfg.n_experts, num_experts_per_tok=cfg.experts_per_token, router_jitter_noise=0.0,
-                  router_aux_loss_coef=cfg.router_aux_loss_coef, output_router_logits=cfg.router_aux_loss_coef > 0)
+                  # output_router_logits false, as published Mixtral configs: true, transformers' generate on
+                  # a padded batch had failed in its load-balancing loss; the coefficient pyllm trained
+                  # with kept for from_hf (pyllm_router_aux_loss)
+                  router_aux_loss_coef=cfg.router_aux_loss_coef, output_router_logits=False,
+                  **({"pyllm_router_aux_loss": True} if cfg.router_aux_loss_coef > 0 else {}))
     return hf
 
 

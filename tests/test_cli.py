@@ -258,6 +258,28 @@ def test_generate_ends_documents_and_reads_generation_configs(corpus, tmp_path, 
     plain = argparse.Namespace(temperature=None, top_k=None, top_p=None)
     cli.resolve_sampling(plain, tmp_path)
     assert plain.temperature == 0.0  # do_sample left out: greedy, as transformers
+    assert "does not apply" not in capsys.readouterr().err
+    # what transformers' generate would apply and pyllm's sampling does not: said (it had been dropped)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"repetition_penalty": 1.05, "min_new_tokens": 0,
+                                                                 "no_repeat_ngram_size": 3}))
+    cli.resolve_sampling(argparse.Namespace(temperature=None, top_k=None, top_p=None), tmp_path)
+    assert "sets repetition_penalty=1.05, no_repeat_ngram_size=3, which pyllm's sampling does not apply" in \
+        capsys.readouterr().err
+    # the stream prints what is returned, an incomplete last character too (it had been held back for
+    # good); --draft past block_size names the flags
+    import torch
+
+    model = LLM.load(run / "model.safetensors")
+
+    def two_tokens(self, idx, max_new_tokens, *args, callback=None, **kw):
+        for token in (0xC3, 0xA9, 0xC3):  # "é", then the first byte of another
+            callback(torch.tensor([token]))
+    monkeypatch.setattr(LLM, "generate", two_tokens)
+    capsys.readouterr()
+    text = cli.stream_sample(model, StandInTokenizer(), "x", 3, 0.0, None, None, seed=0)
+    assert capsys.readouterr().out == text == "x\u00e9\ufffd"
+    with pytest.raises(ValueError, match="--max-new-tokens 40 are more than the models' block_size .32.: lower"):
+        cli.stream_sample(model, StandInTokenizer(), "x", 40, 0.0, None, None, seed=0, draft=model)
     # under do_sample false too (greedy had ignored the flag); a null in the config is its default
     (tmp_path / "generation_config.json").write_text(json.dumps({"do_sample": False, "temperature": 0.6}))
     asked = argparse.Namespace(temperature=None, top_k=None, top_p=0.5)

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pyllm.model import LLM, PRESETS, ModelConfig, sample
+from pyllm.model import LLM, PRESETS, ModelConfig, sample, until_stop
 
 from helpers import CPU_AND_CUDA, rel_err, shaped_logits, tolerance
 
@@ -592,6 +592,21 @@ def test_generate_batch_refuses_what_it_cannot_do():
         model.generate_batch([[1, 2], []], 3)
     with pytest.raises(ValueError, match="block_size"):
         model.generate_batch([[1] * model.config.block_size], 1)
+
+
+def test_generate_batch_of_a_longrope_model_is_each_alone():
+    # LongRoPE (Phi-3.5, Phi-4-mini) picks its factors by position on the host: the batch had raised
+    # "rope_cos_sin: ... give start" (pyllm generate --prompts-file, GRPO's samples); rows past the
+    # switch to the long factors included
+    rs = dict(rope_type="longrope", short_factor=[1.0] * 16, long_factor=[2.0] * 16,
+              original_max_position_embeddings=8, attention_factor=1.2)
+    torch.manual_seed(0)
+    model = randomized(ModelConfig(**{**CONFIGS["llama"], "rope_scaling": rs})).eval()
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11]]
+    got = model.generate_batch(prompts, 6, temperature=0.0, stop_tokens=[7])
+    alone = [until_stop(model.generate(torch.tensor([p]), 6, temperature=0.0, stop_tokens=[7])[0, len(p):].tolist(), {7})
+             for p in prompts]
+    assert got == alone and any(len(p) + 6 > 8 for p in prompts)
 
 
 def test_cuda_graph_generation_needs_cuda():
@@ -2058,6 +2073,11 @@ def test_to_hf_of_a_model_pyllm_trained(name, kind, tmp_path):
     with torch.no_grad():
         assert rel_err(back(idx).logits, ours(idx)[0]) < 1e-6
     assert LLM.from_hf(tmp_path, dtype=torch.float64).config == ours.config
+    if kind == "mixtral":  # output_router_logits false (as published Mixtral configs): with it true, generate
+        # on a padded batch had failed in transformers' load-balancing loss; the coefficient comes back
+        assert json.loads((tmp_path / "config.json").read_text())["output_router_logits"] is False
+        mask = torch.tensor([[0] * 4 + [1] * 15, [1] * 19])
+        back.generate(idx, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0)
     with pytest.raises(NotImplementedError, match="neither LLaMA- nor GPT-2-shaped"):
         LLM(ModelConfig(**CONFIGS["gemma-style"])).to_hf(tmp_path / "x")
     with pytest.raises(NotImplementedError, match=r"\(qkv_bias=True, rotary_dim=8 has no LLaMA config\)"):  # (named)

@@ -1991,7 +1991,8 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
                              f"block_size {mcfg.block_size}")
         choices_len = max(seq_len, longest)
     bar = make_progress(cfg, start_step, info)
-    bad_in_a_row, val_loss, tok_s = 0, None, 0.0
+    # (non-finite losses in a row before this step: a resume goes on counting, as the run would have)
+    bad_in_a_row, val_loss, tok_s = (ckpt.get("bad_in_a_row", 0) if ckpt is not None else 0), None, 0.0
 
     def write_weights(step_done: int) -> None:
         """model.safetensors, LoRA merged in (every rank calls: FSDP gathers; rank 0 writes)."""
@@ -2021,7 +2022,8 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
             "format": CHECKPOINT_FORMAT,
             "model": model_state, "optimizer": optim_state, "scaler": scaler.state_dict() if scaler else None,
             "rng": rng_ranks[0], "rng_ranks": rng_ranks, "loader": loader.state_dict(), "step": step_done,
-            "skipped_steps": skipped, "model_config": mcfg.to_dict(), "train_config": asdict(cfg),
+            "skipped_steps": skipped, "bad_in_a_row": bad_in_a_row, "model_config": mcfg.to_dict(),
+            "train_config": asdict(cfg),
             "best_val_loss": best_val,
             **({"reference_logps": {k: torch.from_numpy(v) for k, v in reference.items()}}
                if reference and cfg.reference == "precomputed" else {}),

@@ -538,6 +538,30 @@ def test_persistent_nan_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path,
     assert ckpt["step"] == 4 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
+def test_a_resume_goes_on_counting_non_finite_losses(data_dir, tmp_path, monkeypatch):
+    # the count of non-finite losses in a row is in the checkpoint (an audit of exact resume,
+    # 2026-12-05: a resume had given a run two steps from its nan_patience the whole patience again)
+    real_forward = trainer.LLM.forward
+    poisoned = set()
+
+    def poisoned_forward(self, idx, targets=None):
+        logits, loss = real_forward(self, idx, targets)
+        if self.training:
+            poisoned_forward.n += 1
+            if poisoned_forward.n in poisoned:
+                loss = loss * float("nan")
+        return logits, loss
+
+    poisoned_forward.n = 0
+    poisoned.update({5, 6})  # steps 5 and 6 (indices 4 and 5): two in a row, then the run ends
+    monkeypatch.setattr(trainer.LLM, "forward", poisoned_forward)
+    trainer.train(config(data_dir, tmp_path, max_steps=6, ckpt_every=1))
+    assert trainer.load_checkpoint(tmp_path)["bad_in_a_row"] == 2
+    poisoned.update({7})  # one more: the third in a row, as in the run that had gone on
+    with pytest.raises(trainer.TrainingDiverged, match=r"nan for 3 steps in a row \(steps 4..6\)"):
+        trainer.train(config(data_dir, tmp_path, max_steps=10, ckpt_every=1), resume=True)
+
+
 def test_short_runs_are_told_when_warmup_swallows_them(data_dir, tmp_path, capsys):
     # nanoGPT's fine-tune recipe (20 steps, a constant lr) with the default 30 warmup steps never
     # reaches its lr: said on stderr, not silently

@@ -1308,7 +1308,7 @@ def cmd_export(args) -> int:
     clear_export_folder(out, args.force)
     if args.adapter:
         return export_adapter(run, out, args.dtype)
-    ckpt = load_checkpoint(run) if (run / "checkpoint.pt").exists() else None
+    ckpt = load_checkpoint(run, mmap=True) if (run / "checkpoint.pt").exists() else None
     weights = run_weights(run, ckpt)
     model = LLM.load(weights).to(getattr(torch, GENERATE_DTYPES[args.dtype]))
     if weights.parent != run:  # (the checkpoint's weights, written for the export)

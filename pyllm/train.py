@@ -1571,12 +1571,14 @@ def to_device(value, device):
     return value
 
 
-def load_checkpoint(run_dir) -> dict:
+def load_checkpoint(run_dir, mmap: bool = False) -> dict:
+    """A run's checkpoint, checked; mmap: its tensors mapped from the file, read where used (an
+    export reads its step and config, and the weights only when it takes them)."""
     path = Path(run_dir) / CHECKPOINT
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint to resume from: {path} does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # torch raises RuntimeError/EOFError/UnpicklingError for torn files
         # (torch's long advice to load with weights_only=False is wrong, and unsafe, for a torn file)
         why = str(e).splitlines()[0] if str(e) else ""

@@ -1203,7 +1203,8 @@ def grpo_stat_means(sums: torch.Tensor, n_rewards: int) -> list:
     over micro-batches and ranks): mean reward and the std of the step's rewards (TRL's reward and
     reward_std, over the samples some function scored; reward_std had been the groups' mean std),
     mean sample length, mean KL per trained token (TRL's), the share of trained tokens whose ratio
-    was clipped (of samples with GSPO's ratio a sample, as TRL counts), each reward's mean over the samples it scored; None where nothing counted."""
+    was clipped (of samples with GSPO's ratio a sample, as TRL counts), each reward's mean over the
+    samples it scored; None where nothing counted."""
     s = sums.tolist()
     ratio = lambda a, b: a / b if b else None  # noqa: E731
     R = n_rewards

@@ -1548,7 +1548,9 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init-adapter", metavar="DIR", help="with --init-from-hf: a PEFT LoRA adapter folder trained on that model, merged into its weights before training")
     p.add_argument("--init-from-run", metavar="DIR", help="start from the final weights of a folder `pyllm train` wrote (model.safetensors; its own model config) instead of a preset, with its tokenizer: continue pretraining on new --data, or fine-tune on {\"prompt\": ..., \"completion\": ...} lines (each ending in <|endoftext|>, as its documents did; a run fine-tuned from a Hugging Face model passes on that model's chat template, for {\"messages\"} lines). The optimizer starts afresh (--resume continues a run instead)")
     p.add_argument("--lora-rank", type=int, help="train LoRA (low-rank) updates of this rank on every block's linear layers instead of all the weights, which stay frozen (no gradients or optimizer state for them); the run's model.safetensors has the updates merged in (default 0: full fine-tuning)")
-    p.add_argument("--lora-alpha", type=float, help="LoRA's alpha: the updates are scaled by alpha / rank (default 2 * rank)")
+    p.add_argument("--lora-alpha", type=positive_number, help="LoRA's alpha: the updates are scaled by alpha / rank "
+                   "(default 2 * rank; PEFT's default is 8: give --lora-alpha 8 to match it; rsLoRA's alpha / sqrt(rank): "
+                   "give alpha * sqrt(rank))")
     p.add_argument("--lora-targets", metavar="NAMES", help="LoRA on these projections only, each its own update as PEFT "
                    "gives them: comma-separated q, k, v, o, gate, up, down (or PEFT's q_proj ...; all-linear for every "
                    "one); a mixture of experts' experts: experts (each expert its own updates; PEFT's target_parameters "
@@ -1588,7 +1590,8 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decay-frac", type=float, help="wsd: fraction of the steps spent decaying (default 0.2)")
     p.add_argument("--warmup-steps", type=int, help="linear warmup steps W: lr (s + 1) / W at step s < W, the peak "
                                                      "at step W - 1 (nanoGPT's reaches it at W; default 30)")
-    p.add_argument("--weight-decay", type=float, help="AdamW weight decay on matrices (default 0.1)")
+    p.add_argument("--weight-decay", type=float, help="AdamW weight decay on matrices (default 0.1; LoRA's A and B "
+                   "too, where the Hugging Face Trainer's default is 0)")
     p.add_argument("--beta1", type=float, help="AdamW's beta1 (default 0.9)")
     p.add_argument("--beta2", type=float, help="AdamW's beta2 (default 0.95)")
     p.add_argument("--grad-clip", type=float, help="max global grad norm, 0 for none (default 1.0)")

@@ -873,9 +873,10 @@ class LLM(nn.Module):
         update each (rank `rank` over the fused output). targets, PEFT's way: the projections named
         (lora_targets: q, k, v, o, gate, up, down, or PEFT's q_proj ... down_proj, or "all-linear"),
         each its own update, also inside a fused layer. dropout: on each update's input (PEFT's
-        lora_dropout). A mixture-of-experts model's experts and router are not adapted by default
-        (as PEFT's all-linear on transformers 5's MoE models, whose experts are no linear layers);
-        targets experts (both projections) or experts.gate_up / experts.down (PEFT's target_parameters
+        lora_dropout; one mask for a fused layer's parts, where PEFT draws one a projection). A
+        mixture-of-experts model's experts, router and shared expert are not adapted by default nor
+        by all-linear (PEFT 0.21's all-linear adapts the router and a shared expert, and the experts
+        through target_parameters: pyllm adapts fewer parameters there); targets experts (both projections) or experts.gate_up / experts.down (PEFT's target_parameters
         experts.gate_up_proj / experts.down_proj) give each expert updates of its own
         (MoEMLP.add_lora; no dropout there, as PEFT's ParamWrapper). The frozen experts are held in
         frozen_dtype too."""
@@ -1582,14 +1583,18 @@ def lora_targets(targets) -> list[str]:
     gate, up, down or PEFT's q_proj ... down_proj; "all-linear" (or "all") for all of them; a MoE's
     experts.gate_up, experts.down (PEFT's experts.gate_up_proj, experts.down_proj), or experts for
     both."""
-    out = []
+    out, bad = [], []
     for n in _lora_target_names(targets):
-        out += (LORA_LINEAR_TARGETS if n in ("all-linear", "all") else LORA_EXPERT_TARGETS if n == "experts"
-                else [n.removesuffix("_proj")])
-    bad = [n for n in out if n not in LORA_TARGETS]
+        # a module path's last part (PEFT's self_attn.q_proj, mlp.down_proj) names the projection
+        short = n if n.startswith("experts.") else n.rsplit(".", 1)[-1]
+        names = (LORA_LINEAR_TARGETS if n in ("all-linear", "all") else LORA_EXPERT_TARGETS if n == "experts"
+                 else [short.removesuffix("_proj")])
+        bad += [n for name in names if name not in LORA_TARGETS]  # (named as given)
+        out += names
     if bad or not out:
         raise ValueError(f"LoRA targets must be among {', '.join(LORA_TARGETS)}, experts (or PEFT's q_proj ... down_proj, "
-                         f"experts.gate_up_proj, experts.down_proj, or all-linear), got {', '.join(bad) if bad else 'none'}")
+                         f"experts.gate_up_proj, experts.down_proj, or all-linear; the embeddings, the output layer "
+                         f"and a router take no LoRA update here), got {', '.join(bad) if bad else 'none'}")
     return sorted(set(out), key=LORA_TARGETS.index)
 
 

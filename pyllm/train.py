@@ -161,8 +161,9 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.lora_rank and lora_alpha must be >= 0, got {self.lora_rank} and {self.lora_alpha}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"TrainConfig.lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if (self.lora_targets or self.lora_dropout) and not self.lora_rank:
-            raise ValueError("TrainConfig.lora_targets and lora_dropout go with lora_rank (a LoRA run)")
+        if (self.lora_targets or self.lora_dropout or self.lora_alpha) and not self.lora_rank:
+            # (--lora-alpha alone had run a full fine-tune without a word)
+            raise ValueError("TrainConfig.lora_targets, lora_alpha and lora_dropout go with lora_rank (a LoRA run)")
         if self.lora_targets:
             lora_targets(self.lora_targets)  # names checked before any work
         if not isinstance(self.model, dict):

@@ -895,10 +895,14 @@ def test_expert_lora_run_learns_with_the_experts_frozen(data_dir, tmp_path):
 
 def test_lora_options_are_checked(tmp_path):
     for options, message in ((dict(lora_dropout=0.1), "go with lora_rank"),
+                             (dict(lora_alpha=16.0), "go with lora_rank"),  # (a full fine-tune had run)
                              (dict(lora_rank=2, lora_dropout=1.5), "lora_dropout must be in"),
-                             (dict(lora_rank=2, lora_targets="q,mlp"), "LoRA targets must be among")):
+                             (dict(lora_rank=2, lora_targets="q,mlp"), "LoRA targets must be among"),
+                             (dict(lora_rank=2, lora_targets="q,lm_head"), "the output layer .* got lm_head$")):
         with pytest.raises(ValueError, match=message):
             TrainConfig(out_dir=str(tmp_path), **options).validate()
+    from pyllm.model import lora_targets  # PEFT's module paths name their projections
+    assert lora_targets("self_attn.q_proj, mlp.down_proj,experts.gate_up_proj") == ["q", "down", "experts.gate_up"]
 
 
 @pytest.mark.parametrize("logits", ["plain", "capped"])

@@ -915,9 +915,14 @@ def _train_command(args, explicit: dict, opts: dict, model: dict, cli: dict, ref
           f"{summary['skipped_steps']} skipped steps")
     print(f"wrote {out / 'checkpoint.pt'}, {out / 'model.safetensors'}, {out / 'log.jsonl'}"
           + (f", {out / 'loss.png'}" if (out / "loss.png").is_file() else ""))
-    if summary["skipped_steps"] * 4 > cfg.max_steps:  # the run mostly stood still: say why, not just a count
-        print(f"warning: {summary['skipped_steps']} of {cfg.max_steps} steps were skipped (non-finite gradients): "
-              "the learning rate is likely too high (--lr), or gradient clipping off (--grad-clip)", file=sys.stderr)
+    empty = summary.get("empty_steps", 0)
+    if empty:
+        print(f"warning: {empty} steps had no trained token (every reply in their batches cut away by --seq-len): "
+              "skipped; raise --seq-len", file=sys.stderr)
+    if (summary["skipped_steps"] - empty) * 4 > cfg.max_steps:  # the run mostly stood still: say why
+        print(f"warning: {summary['skipped_steps'] - empty} of {cfg.max_steps} steps were skipped (non-finite "
+              "gradients): the learning rate is likely too high (--lr), or gradient clipping off (--grad-clip)",
+              file=sys.stderr)
     if cfg.keep_best and summary["best_val_loss"] is not None:  # the sample from the weights kept
         from pyllm.model import LLM
 

@@ -565,8 +565,8 @@ def evaluate(model, path, cfg: TrainConfig, seq_len: int, precision: str, info: 
         else:
             total += loss
     model.train()
-    if isinstance(loader, PackedLoader):
-        return float(all_reduce_mean(total, info)) * info.world_size / max(targets, 1)
+    if isinstance(loader, PackedLoader):  # (no trained token in the val batches: NaN, not a best loss of 0)
+        return float(all_reduce_mean(total, info)) * info.world_size / targets if targets else float("nan")
     return float(all_reduce_mean(total / cfg.eval_batches, info))
 
 
@@ -631,7 +631,9 @@ def evaluate_preference(model, path, reference: np.ndarray | None, cfg: TrainCon
         total += torch.stack([loss.float(), stats[2]]) * loader.placed
         pairs += loader.global_placed
     model.train()
-    loss, accuracy = (all_reduce_mean(total, info) * info.world_size / max(pairs, 1)).tolist()
+    if not pairs:  # (none in the val batches: NaN, not a best loss of 0)
+        return float("nan"), float("nan")
+    loss, accuracy = (all_reduce_mean(total, info) * info.world_size / pairs).tolist()
     return loss, accuracy
 
 
@@ -1680,7 +1682,8 @@ class RunLog:
         os.replace(tmp, path)
 
     def write(self, record: dict) -> None:
-        if self.enabled:
+        if self.enabled:  # (a non-finite number as null: JSON has none)
+            record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
@@ -1997,6 +2000,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
     bar = make_progress(cfg, start_step, info)
     # (non-finite losses in a row before this step: a resume goes on counting, as the run would have)
     bad_in_a_row, val_loss, tok_s = (ckpt.get("bad_in_a_row", 0) if ckpt is not None else 0), None, 0.0
+    empty = 0  # steps of this process's run without a trained token (skipped too)
 
     def write_weights(step_done: int) -> None:
         """model.safetensors, LoRA merged in (every rank calls: FSDP gathers; rank 0 writes)."""
@@ -2122,7 +2126,13 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
             (scaler.scale(loss) if scaler else loss).backward()
             loss_sum += loss.detach()
         loss_value = float(all_reduce_mean(loss_sum, info))
-        if math.isfinite(loss_value):
+        # no trained token in the step's batches of any rank (every reply cut away by seq_len): nothing to
+        # learn from; skipped, its loss none (AdamW's momentum and weight decay had moved the weights)
+        no_targets = weights is not None and not any(weights)
+        if no_targets:
+            stepped, grad_norm, empty = False, float("nan"), empty + 1
+            optimizer.zero_grad(set_to_none=True)
+        elif math.isfinite(loss_value):
             bad_in_a_row = 0
             stepped, grad_norm = optimizer_step(optimizer, scaler, cfg.grad_clip, model)
         else:
@@ -2155,7 +2165,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
             step_flops *= info.world_size  # this rank's, as every rank's
             tok_s = sum(lengths) * info.world_size / dt
         mfu = step_flops / dt / (peak * info.world_size) if peak else None
-        record = {"step": step, "loss": loss_value if math.isfinite(loss_value) else None, "lr": lr,
+        record = {"step": step, "loss": loss_value if math.isfinite(loss_value) and not no_targets else None, "lr": lr,
                   "grad_norm": grad_norm if math.isfinite(grad_norm) else None, "tokens_per_s": round(tok_s, 1),
                   "mfu": mfu, "skipped": not stepped}
         if scaler:
@@ -2189,7 +2199,8 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
                                f"{record['val_reward_accuracy']:.1%}")
             else:
                 val_loss = record["val_loss"] = evaluate(wrapped, data / "val.bin", cfg, seq_len, precision, info)
-                say(info, bar, f"step {step + 1}: val loss {val_loss:.4f}")
+                say(info, bar, f"step {step + 1}: val loss {val_loss:.4f}" + (
+                    " (no trained token in the val batches, or a diverged model)" if math.isnan(val_loss) else ""))
             if cfg.keep_best and math.isfinite(val_loss) and (best_val is None or val_loss < best_val):
                 best_val = val_loss
                 write_weights(step + 1)
@@ -2233,7 +2244,8 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
             plot_losses(out / "log.jsonl", out / "loss.png")
     if info.world_size > 1:
         dist.barrier()  # rank 0's files are complete when any rank returns
-    return {"model": model, "val_loss": val_loss, "best_val_loss": best_val, "skipped_steps": skipped, "tokens_per_s": tok_s,
+    return {"model": model, "val_loss": val_loss, "best_val_loss": best_val, "skipped_steps": skipped,
+            "empty_steps": empty, "tokens_per_s": tok_s,
             "precision": precision, "device": str(info.device), "out_dir": str(out), "rank": info.rank}
 
 

@@ -541,6 +541,25 @@ def test_lora_run_exports_a_peft_adapter(chat_run_inputs, tmp_path, options, mod
         torch.testing.assert_close(theirs(idx).logits, full(idx).logits, rtol=1e-5, atol=1e-5)
 
 
+def test_steps_and_evaluations_with_nothing_to_train_on(chat_run_inputs, tmp_path, capsys):
+    # Conversations whose replies --seq-len cuts away entirely (an audit of accumulation, 2026-12-05):
+    # such a step had logged loss 0.0 and stepped (AdamW's momentum and weight decay moving the
+    # weights), such an evaluation val loss 0.0, which --keep-best then kept as the best
+    folder, chats = chat_run_inputs
+    run = tmp_path / "r"
+    assert cli.main(train_args(folder, chats, run, "--max-steps", "2", "--batch-size", "2", "--seq-len", "8",
+                               "--eval-every", "1", "--keep-best", "--weight-decay", "0.1")) == 0
+    log = logged(run)
+    assert [(r["loss"], r["skipped"], r["val_loss"]) for r in log] == [(None, True, None)] * 2
+    out = capsys.readouterr()
+    assert "val loss nan (no trained token in the val batches" in out.out + out.err
+    assert "2 steps had no trained token" in out.err and "non-finite gradients" not in out.err
+    from pyllm.model import LLM
+
+    before, after = LLM.from_hf(folder).state_dict(), LLM.load(run / "model.safetensors").state_dict()
+    assert all(torch.equal(before[k], after[k].to(before[k].dtype)) for k in before)  # (nothing stepped)
+
+
 def test_exports_take_the_weights_the_run_means(chat_run_inputs, tmp_path, capsys, monkeypatch):
     # From an audit of `pyllm export` (2026-12-05): a relative --init-from-hf is recorded absolute
     # (an export from elsewhere had read another folder of that name); --keep-best's adapter would be

@@ -1421,7 +1421,8 @@ def run_weights(run: Path, ckpt: dict | None) -> Path:
           + (f"after its model.safetensors (step {step}) was written" if weights.exists() else "before its end")
           + f": exporting its checkpoint's weights (step {ckpt['step']})", file=sys.stderr)
     tc = ckpt["train_config"]
-    scale = ((tc.get("lora_alpha") or 2.0 * tc["lora_rank"]) / tc["lora_rank"]) if tc.get("lora_rank") else None
+    from pyllm.train import lora_alpha_of
+    scale = lora_alpha_of(tc["lora_rank"], tc.get("lora_alpha")) / tc["lora_rank"] if tc.get("lora_rank") else None
     tmp = Path(tempfile.mkdtemp(prefix="pyllm-export-")) / "model.safetensors"
     save_weights(ckpt["model"], ModelConfig(**ckpt["model_config"]), tmp, scale, step=ckpt["step"])
     return tmp
@@ -1434,7 +1435,7 @@ def export_adapter(run: Path, out: Path, dtype: str) -> int:
     from safetensors.torch import save_file
 
     from pyllm.model import ModelConfig, hf_folder, lora_state_to_peft
-    from pyllm.train import load_checkpoint
+    from pyllm.train import load_checkpoint, lora_alpha_of
 
     ckpt = load_checkpoint(run)
     train_config = ckpt["train_config"]
@@ -1463,7 +1464,7 @@ def export_adapter(run: Path, out: Path, dtype: str) -> int:
                          "without --adapter (merged weights)")
     kind = model_kind(hf_folder(source))
     rank = train_config["lora_rank"]
-    alpha = train_config.get("lora_alpha") or 2.0 * rank
+    alpha = lora_alpha_of(rank, train_config.get("lora_alpha"))
     tensors, targets, parameters = lora_state_to_peft(ckpt["model"], ModelConfig(**ckpt["model_config"]), kind)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.to(getattr(torch, GENERATE_DTYPES[dtype])) for k, v in tensors.items()},

@@ -262,6 +262,12 @@ class TrainConfig:
         return cls(**d)
 
 
+def lora_alpha_of(rank: int, alpha: float | None) -> float:
+    """LoRA's alpha as trained: the configured one, else 2 * rank (updates scaled by alpha / rank = 2).
+    One place, read by training and by both exports, so a merged export and an adapter scale as trained."""
+    return alpha or 2.0 * rank
+
+
 # Each preference loss's usual beta: TRL's defaults (DPOConfig, ORPOConfig), SimPO's paper's 2.0.
 PREFERENCE_BETA = {"dpo": 0.1, "ipo": 0.1, "hinge": 0.1, "simpo": 2.0, "orpo": 0.1, "kto": 0.1, "reward": 1.0}
 
@@ -1890,7 +1896,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
         # per forward). Not under FSDP2, which all-gathers a block's parameters in one dtype.
         fsdp = info.world_size > 1 and cfg.dist_mode == "fsdp"
         frozen_dtype = None if fsdp else {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-        model.add_lora(cfg.lora_rank, cfg.lora_alpha or 2.0 * cfg.lora_rank, frozen_dtype,
+        model.add_lora(cfg.lora_rank, lora_alpha_of(cfg.lora_rank, cfg.lora_alpha), frozen_dtype,
                        cfg.lora_targets or None, cfg.lora_dropout)
         if cfg.preference == "reward":  # the new head is trained whole (PEFT's modules_to_save for SEQ_CLS)
             model.score.requires_grad_(True)

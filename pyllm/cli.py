@@ -500,7 +500,14 @@ def setup_run_data(cfg, cli: dict) -> None:
     hf_source = cfg.init_from_hf or source_run.get("init_from_hf", "")
     if data_list is not None:
         check_token_dirs(data_list)
-    if data_list is not None and len(data_list) == 1 and is_token_dir(data_list[0]):
+    token_dir = data_list is not None and len(data_list) == 1 and is_token_dir(data_list[0])
+    if cli["vocab_size"] is not None and (token_dir or tokenizer_path or hf_source or cfg.init_from_run):
+        # (it had been ignored without a word: the run's ids are another tokenizer's, of its own size)
+        whose = ("--data's token files'" if token_dir else "--tokenizer's" if tokenizer_path
+                 else f"--init-from-hf {hf_source}'s" if hf_source else f"--init-from-run {cfg.init_from_run}'s")
+        raise ValueError(f"--vocab-size {cli['vocab_size']} sizes the tokenizer trained on --data; this run's tokens "
+                         f"are {whose}: leave it out (a larger embedding table than the tokenizer's: --model vocab_size=N)")
+    if token_dir:
         data_dir = str(Path(data_list[0]).resolve())  # a resume from another folder reads the same files
         from pyllm import data
 

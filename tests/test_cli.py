@@ -709,6 +709,7 @@ def test_nanogpt_folders_as_nanogpt_reads_them(corpus, tmp_path, capsys):
     import numpy as np
 
     from pyllm import data
+    from pyllm.model import LLM
 
     def folder(name, chars, meta=True, itos_list=False):
         path = tmp_path / name
@@ -748,6 +749,16 @@ def test_nanogpt_folders_as_nanogpt_reads_them(corpus, tmp_path, capsys):
     assert cli.main(["prepare", "--input", str(corpus), "--tokenizer", str(upper / "meta.pkl"), "--out",
                      str(tmp_path / "p")]) == 2
     assert "is nanoGPT's character vocabulary (meta.pkl): pyllm reads it beside" in capsys.readouterr().err
+    # --vocab-size sizes a tokenizer trained on --data; with token files (or --tokenizer) it had been
+    # ignored without a word
+    assert cli.main(["train", "--data", str(upper), "--out", str(tmp_path / "v"), "--vocab-size", "64", *SMALL]) == 2
+    assert "--vocab-size 64 sizes the tokenizer trained on --data; this run's tokens are --data's token" in capsys.readouterr().err
+    assert cli.main(["train", "--data", str(corpus), "--tokenizer", str(_standin(tmp_path)), "--vocab-size", "300",
+                     "--out", str(tmp_path / "v"), *SMALL]) == 2
+    assert "this run's tokens are --tokenizer's" in capsys.readouterr().err
+    assert cli.main(["train", "--data", str(upper), "--out", str(tmp_path / "v"), "--max-steps", "1", *SMALL,
+                     "--model", "vocab_size=64"]) == 0
+    assert LLM.load(tmp_path / "v" / "model.safetensors").config.vocab_size == 64
     (upper / "val.bin").write_bytes(b"abc")
     with pytest.raises(data.TokenFileError, match="val.bin has an odd number of bytes"):
         data.read_header(upper / "train.bin")

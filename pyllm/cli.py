@@ -95,12 +95,17 @@ def cmd_bench(args) -> int:
 # --- config files --------------------------------------------------------------------------------
 
 def load_config_file(path) -> dict:
-    """A TOML (.toml) or YAML (.yaml/.yml) file of training options; a [model] table holds
-    ModelConfig overrides."""
+    """A TOML (.toml), YAML (.yaml/.yml) or JSON (.json) file of training options; a [model] table
+    holds ModelConfig overrides. Relative paths in it are the working directory's, as a flag's are."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
-    if path.suffix in (".yaml", ".yml"):
+    if path.suffix.lower() == ".json":  # (HfArgumentParser's other format; it had been read as TOML)
+        try:
+            doc = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from e
+    elif path.suffix.lower() in (".yaml", ".yml"):
         try:
             import yaml
         except ImportError as e:
@@ -625,12 +630,13 @@ def source_run_info(run_dir) -> dict:
 
 # What makes a run what it is: a resume keeps the checkpoint's (its weights and optimizer state are
 # of that model, data and optimizer) and refuses another value rather than ignore it.
-# (beta1, beta2, eps, weight_decay: the optimizer's state_dict brings the checkpoint's back on resume)
+# (beta1, beta2, eps, weight_decay, muon_momentum: the optimizer's state_dict brings the checkpoint's
+# back on resume; a new muon_momentum had been recorded and not used)
 # seed: the loaders' orders (a packed loader's cursor points into its epoch's permutation of the
 # seed); lora_alpha: the adapters' scale, part of the function; doc_mask: what attends to what.
 _RUN_DEFINING = ("preset", "init_from_hf", "init_from_run", "init_adapter", "lora_rank", "lora_targets", "lora_alpha",
                  "optimizer", "preference", "teacher", "grpo_reward", "data_dir", "beta1", "beta2", "eps", "weight_decay",
-                 "seed", "doc_mask")
+                 "muon_momentum", "seed", "doc_mask")
 
 
 def run_record(run_dir) -> dict:
@@ -667,7 +673,12 @@ def check_reward_code(saved: dict, opts: dict) -> None:
 def check_resume_options(saved: dict, opts: dict, model: dict, cli: dict, run_dir=None, config_keys=()) -> None:
     """ValueError naming the options a resume cannot change (the model, its data, its optimizer);
     the values the run was made with are taken (its config file given again)."""
-    changed = [k for k in _RUN_DEFINING if k in opts and opts[k] != saved.get(k)]
+    def saved_differs(key) -> bool:  # (a relative data_dir is the saved, resolved one: the run's own file again)
+        if key == "data_dir" and isinstance(opts[key], str) and saved.get(key):
+            return Path(opts[key]).resolve() != Path(saved[key]).resolve()
+        return opts[key] != saved.get(key)
+
+    changed = [k for k in _RUN_DEFINING if k in opts and saved_differs(k)]
     recorded = run_record(run_dir) if run_dir is not None else {}
 
     def same(key, value) -> bool:  # (paths compared resolved, as lists: --data takes several)
@@ -680,7 +691,8 @@ def check_resume_options(saved: dict, opts: dict, model: dict, cli: dict, run_di
     if any(saved.get("model", {}).get(k, object()) != v for k, v in model.items()):
         changed.append("model")
     if changed:
-        flags = ", ".join("--" + k.replace("_", "-") + (" (its config file's)" if k in config_keys else "")
+        flags = ", ".join(("data_dir" if k == "data_dir" else "--" + k.replace("_", "-"))  # (no --data-dir flag)
+                          + (" (its config file's)" if k in config_keys else "")
                           for k in changed)
         raise ValueError(f"--resume continues the run as it was made (its model, data and optimizer); leave out {flags} "
                          "(or start a new run, e.g. with --init-from-run)")
@@ -725,11 +737,69 @@ def install_kept_checkpoint(kept: Path) -> str:
     return str(run_dir)
 
 
+def config_file_options(path) -> dict:
+    """A training config file's options under the names the flags' values have: ValueError for the
+    keys that would be ignored or taken without a word (another config, a second spelling of out)."""
+    import dataclasses
+
+    from pyllm.train import TrainConfig
+
+    doc = dict(load_config_file(path))
+    known = {f.name for f in dataclasses.fields(TrainConfig)} | set(_CLI_KEYS) | {"out"}
+    if unknown := sorted(set(doc) - known):
+        named = [f"{k} (spelled {k.replace('-', '_')})" if k.replace("-", "_") in known else k for k in unknown]
+        raise ValueError(f"{path}: unknown option(s) {', '.join(named)}; a file's keys are the flags' names with _ "
+                         f"for -: {', '.join(sorted(known - {'config', 'model_overrides'}))}")
+    if "config" in doc:
+        raise ValueError(f"{path}: config = {doc['config']!r}: a config file does not include another (give one --config)")
+    if "model_overrides" in doc:  # (the --model flag's values)
+        raise ValueError(f"{path}: model_overrides: a config file's ModelConfig fields go in its [model] table")
+    if "out" in doc and "out_dir" in doc:
+        raise ValueError(f"{path}: out and out_dir are one option (the run folder): give one")
+    if "model" in doc and not isinstance(doc["model"], dict):
+        raise ValueError(f"{path}: model must be a table of ModelConfig fields ([model] in TOML, a mapping in "
+                         f"YAML), got {type(doc['model']).__name__} {doc['model']!r}")
+    choices = doc.get("eval_choices")
+    if isinstance(choices, str) and not Path(choices).with_suffix(".choices.json").is_file():
+        # what --eval-choices names (a JSONL file of examples), not TrainConfig's tokenized one
+        if "eval_choices_file" in doc:
+            raise ValueError(f"{path}: eval_choices and eval_choices_file are one option: give one")
+        doc["eval_choices_file"] = doc.pop("eval_choices")
+    return doc
+
+
+# The CLI keys' kinds, checked where a config file gives them (argparse checks the flags'): a string
+# for a number had failed in a traceback, some after training.
+_CLI_KINDS = {"data": "paths", "tokenizer": "path", "resume": "path", "prompt": "text", "eval_choices_file": "path",
+              "vocab_size": (int, 257), "tokenizer_train_bytes": (int, 0), "sample_tokens": (int, 0),
+              "eval_choices_limit": (int, 1), "val_fraction": (float, None)}
+
+
+def check_cli_kinds(cli: dict, path) -> None:
+    for key, kind in _CLI_KINDS.items():
+        value = cli.get(key)
+        if value is None:
+            continue
+        if kind == "paths":
+            ok = isinstance(value, str) or (isinstance(value, list) and value and all(isinstance(v, str) for v in value))
+            want = "a path or a list of paths"
+        elif kind in ("path", "text"):
+            ok, want = isinstance(value, str), f"a {'path' if kind == 'path' else 'string'}"
+        elif kind[0] is int:
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= kind[1]
+            want = f"an integer >= {kind[1]}"
+        else:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1
+            want = "a number in (0, 1)"
+        if not ok:
+            raise ValueError(f"{path}: {key} must be {want}, got {value!r}")
+
+
 def cmd_train(args) -> int:
     from pyllm.train import TrainConfig, run_lock
 
     explicit = {k: v for k, v in vars(args).items() if v is not None and k not in ("func", "command")}
-    opts = dict(load_config_file(args.config)) if args.config else {}
+    opts = config_file_options(args.config) if args.config else {}
     if "out" in opts:
         opts["out_dir"] = opts.pop("out")
     model = dict(opts.pop("model", {}) or {})
@@ -738,6 +808,7 @@ def cmd_train(args) -> int:
         explicit["out_dir"] = explicit.pop("out")
     opts.update(explicit)
     cli = {k: opts.pop(k, default) for k, default in _CLI_KEYS.items()}
+    check_cli_kinds(cli, args.config or "train")
     # The run's folder locked before anything is written into it (run.json, the tokenizer, the token
     # files, a kept checkpoint made checkpoint.pt): a second run aimed at a running one had rewritten
     # its data before train()'s lock refused it.
@@ -782,7 +853,7 @@ def _train_command(args, explicit: dict, opts: dict, model: dict, cli: dict, ref
     if resume:
         checkpoint = load_checkpoint(resume)
         saved = checkpoint["train_config"]
-        from_config = set(load_config_file(args.config)) if args.config else set()
+        from_config = set(config_file_options(args.config)) if args.config else set()
         check_resume_options(saved, opts, model, cli, resume, from_config - set(explicit))
         check_reward_code(saved, opts)
         cfg = TrainConfig.from_dict({**saved, **opts, "out_dir": opts.get("out_dir", str(resume))})
@@ -1741,7 +1812,10 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                    help="under torchrun with several processes: ddp (default: DistributedDataParallel), fsdp (FSDP2: "
                         "params, grads and optimizer state sharded), zero1 (pyllm's ZeroAdamW: optimizer state sharded)")
     p.add_argument("--sample-tokens", type=int, help="tokens of the sample printed at the end, 0 for none (default 200)")
-    p.add_argument("--prompt", help="prompt of the sample printed at the end (default 'def ')")
+    p.add_argument("--prompt", help="prompt of the sample printed at the end (default 'def ', or a document's start "
+                   "for a character vocabulary without those characters)")
+    p.add_argument("--val-fraction", type=number_type(float, lambda v: 0 < v < 1, "in (0, 1)"), help="share of --data's documents (or tokens) held out for val, "
+                   "when the run tokenizes it (default 0.02)")
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:

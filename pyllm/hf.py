@@ -1136,7 +1136,11 @@ def _fused_loss_refusal(model: nn.Module) -> str | None:
     except (AttributeError, TypeError, ValueError, ZeroDivisionError) as e:
         return f"its logits' scale cannot be read ({e})"
     head = model.get_output_embeddings()
-    if type(head) is not nn.Linear or head.bias is not None:  # (a subclass may compute more: Dory's scales)
+    # (a subclass may compute more: Dory's scales). PEFT's wrappers (LoRA on lm_head, modules_to_save)
+    # run HF's forward at each call (_fused_loss_forward), as when PEFT wraps after the patch: refused
+    # here, the order of get_peft_model and the patch had decided whether a run started.
+    peft_head = type(head).__module__.startswith("peft.")
+    if not peft_head and (type(head) is not nn.Linear or head.bias is not None):
         return "its output layer is not a plain nn.Linear without bias"
     if not hasattr(model, "get_decoder") or model.get_decoder() is None:
         return "it has no decoder (get_decoder)"
@@ -1165,7 +1169,10 @@ def apply_pyllm_kernels(model: nn.Module, attention: bool = True, swiglu: bool =
         logits scaled (Granite's, Cohere's) and capped (Gemma 2 / 3's final_logit_softcapping) as the
         model's forward does, in fp32; a mixture of experts' load-balancing loss added as its forward
         adds it (FUSED_LOSS_MOE_TYPES).
-        Code that reads outputs.logits in training (TRL's SFT entropy and token accuracy) needs it off.
+        An output layer PEFT wraps (LoRA on lm_head, modules_to_save), before or after this call,
+        runs HF's own forward (logits and loss). Code that reads outputs.logits in training (a
+        compute_metrics of your own) needs it off; TRL's SFTTrainer computes its entropy and token
+        accuracy with its own fused head, which works either way.
     Returns what was applied: {"attention": bool, "swiglu": number of MLPs, "geglu": number of MLPs,
     "rms_norm": number of norms, "rope": number of attention modules, "fused_linear_cross_entropy": bool}. A requested part the model cannot take raises ValueError saying why (fused loss on
     a model whose logits are more than lm_head(hidden); a model that cannot switch attention or does not take

@@ -449,6 +449,42 @@ def test_init_from_run_refuses_token_files_of_another_tokenizer(corpus, tmp_path
     assert cli.main(["train", "--data", str(ours), "--out", str(tmp_path / "b"), *common]) == 0
 
 
+def test_config_file_keys_are_read_or_refused(corpus, tmp_path, capsys, monkeypatch):
+    # From an audit of --config (2026-12-06): keys that had been ignored without a word (another
+    # config, model_overrides, out beside out_dir), values of the wrong kind that had failed in a
+    # traceback (some after training), a JSON file read as TOML, eval_choices (what --eval-choices
+    # names) taken for the tokenized file; a relative data_dir given again on resume had been
+    # refused; a new muon_momentum on resume recorded and not used.
+    import torch
+
+    config = tmp_path / "c.toml"
+    for body, said in (('config = "other.toml"', "a config file does not include another"),
+                       ('model_overrides = ["n_layers=2"]', "go in its [model] table"),
+                       ('out = "a"\nout_dir = "b"', "out and out_dir are one option"),
+                       ('model = "tiny"', "model must be a table of ModelConfig fields"),
+                       ('tokenizer_train_bytes = "5"', "tokenizer_train_bytes must be an integer >= 0, got '5'"),
+                       ("vocab_size = 300.0", "vocab_size must be an integer >= 257, got 300.0"),
+                       ("val_fraction = 1.5", "val_fraction must be a number in (0, 1), got 1.5"),
+                       ("prompt = 5", "prompt must be a string, got 5"),
+                       ("max-steps = 3", "unknown option(s) max-steps (spelled max_steps)")):
+        config.write_text(body + "\n")
+        assert cli.main(["train", "--config", str(config), "--out", str(tmp_path / "x"), *SMALL]) == 2, body
+        assert said in capsys.readouterr().err, body
+    assert not (tmp_path / "x").exists()  # refused before the run folder was made
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.json").write_text(json.dumps({"data": str(corpus), "out": "r", "max_steps": 1, "optimizer": "muon"}))
+    assert cli.main(["train", "--config", "c.json", *SMALL]) == 0
+    (tmp_path / "d.toml").write_text('data_dir = "r/data"\nout = "d"\nmax_steps = 2\noptimizer = "muon"\n')
+    assert cli.main(["train", "--config", "d.toml", *SMALL]) == 0
+    assert cli.main(["train", "--resume", "d", "--config", "d.toml", "--max-steps", "3", *SMALL]) == 0
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", "d", "--max-steps", "4", "--muon-momentum", "0.5", *SMALL]) == 2
+    assert "leave out --muon-momentum" in capsys.readouterr().err
+    assert torch.load(tmp_path / "d" / "checkpoint.pt", weights_only=True)["step"] == 3
+    (tmp_path / "e.toml").write_text('eval_choices = "hellaswag.jsonl"\n')  # what --eval-choices names
+    assert cli.config_file_options(tmp_path / "e.toml") == {"eval_choices_file": "hellaswag.jsonl"}
+
+
 def test_yaml_config(tmp_path):
     pytest.importorskip("yaml")
     (tmp_path / "c.yaml").write_text("max_steps: 7\nmodel:\n  n_layers: 2\n")

@@ -651,6 +651,19 @@ def test_tuple_outputs_and_a_lora_output_layer():
     assert rel_err(got, want) < 1e-6
     got.backward()
     assert models[1].base_model.model.lm_head.lora_A["default"].weight.grad is not None
+    # PEFT first, then the patch (lm_head in LoRA, or kept whole by modules_to_save): the same, where
+    # the fused loss had been refused (the order of the two had decided whether a run started)
+    for lora in (dict(target_modules=["q_proj", "lm_head"]), dict(target_modules=["q_proj"], modules_to_save=["lm_head"])):
+        reference, ours = tiny("llama")
+        models = []
+        for model in (reference, ours):
+            torch.manual_seed(5)
+            models.append(peft.get_peft_model(model, peft.LoraConfig(r=4, init_lora_weights=False, **lora)))
+        assert phf.apply_pyllm_kernels(models[1])["fused_linear_cross_entropy"]
+        for model in models:
+            model.train()
+        want, got = (m(input_ids=ids, labels=ids).loss for m in models)
+        assert rel_err(got, want) < 1e-6
 
 
 _DROPPED_ROWS: list = []  # (first real token, real tokens) of each padded row, for float64_dropped_attention

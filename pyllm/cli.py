@@ -880,9 +880,9 @@ def _train_command(args, explicit: dict, opts: dict, model: dict, cli: dict, ref
                     break
     else:
         data_dir = opts.pop("data_dir", None)  # a TrainConfig field a config file may name: the data, as --data
-        if data_dir is not None:  # (run.json records where its token files are)
-            if cli["data"] is not None:
-                raise ValueError("give the data once: --data (or a config file's data) or a config file's data_dir")
+        if data_dir is not None and "data" not in explicit:  # (run.json records where its token files are;
+            if cli["data"] is not None:  # the command's --data overrides the file's, as any flag does)
+                raise ValueError("give the data once: a config file's data or its data_dir")
             cli["data"] = data_dir
         cfg = TrainConfig.from_dict({"model": model, **opts})
         cfg.validate()

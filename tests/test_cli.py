@@ -425,9 +425,13 @@ def test_config_files_data_dir_is_the_data(corpus, tmp_path, capsys):
     assert json.loads((tmp_path / "r/data/source.json").read_text())  # made from the corpus's files
     assert "m00.py" in (tmp_path / "r/data/source.json").read_text() and run["data_dir"] == str((tmp_path / "r/data").resolve())
     capsys.readouterr()
-    assert cli.main(["train", "--config", str(tmp_path / "c.toml"), "--data", str(corpus), "--out", str(tmp_path / "r2"),
-                     *SMALL]) == 2
+    (tmp_path / "both.toml").write_text(f'data_dir = "{corpus}"\ndata = "{corpus}"\nmax_steps = 1\n')
+    assert cli.main(["train", "--config", str(tmp_path / "both.toml"), "--out", str(tmp_path / "r2"), *SMALL]) == 2
     assert "give the data once" in capsys.readouterr().err
+    # the command's --data overrides the file's data_dir, as every flag overrides the file
+    assert cli.main(["train", "--config", str(tmp_path / "c.toml"), "--data", str(tmp_path / "r/data"), "--out",
+                     str(tmp_path / "r3"), *SMALL, "--sample-tokens", "0"]) == 0
+    assert json.loads((tmp_path / "r3/run.json").read_text())["data_dir"] == str((tmp_path / "r/data").resolve())
 
 
 def test_init_from_run_refuses_token_files_of_another_tokenizer(corpus, tmp_path, capsys):

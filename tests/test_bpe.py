@@ -223,6 +223,15 @@ def test_surrogates_match_tiktoken(pair):
                                special_tokens={})
     for text in ("x\ud83d\ude00y", "a\ud800b \udfff"):
         assert custom.encode(text) == custom.encode_ordinary(text) == theirs.encode(text), text
+    # disallowed special tokens are looked for in the text as given, as tiktoken does: one that the
+    # surrogates' repair makes is text (it had been refused), on both encoders
+    specials = {"<|\ufffd|>": len(tok.mergeable_ranks)}
+    for pattern in ("gpt4", r"\p{L}+|\p{N}+|."):
+        ours = Tokenizer(tok.mergeable_ranks, pattern, specials)
+        theirs = tiktoken.Encoding("c", pat_str=ours.pattern, mergeable_ranks=tok.mergeable_ranks, special_tokens=specials)
+        assert ours.encode("a <|\ud800|> b") == theirs.encode("a <|\ud800|> b") == ours.encode_batch(["a <|\ud800|> b"])[0]
+        with pytest.raises(ValueError, match="disallowed special token"):
+            ours.encode("a <|\ufffd|> \ud800")
 
 
 def test_sparse_ids_are_refused():
@@ -315,9 +324,19 @@ KIMI_PATTERN = "|".join([
 DOLLAR_PATTERN = r""" ?[^\s\p{L}\p{N}]+$|\p{L}+$| ?[^\s\p{L}\p{N}]++[\r\n]*+|\p{L}+|\p{N}+|\s+"""
 
 
-@pytest.mark.parametrize("pattern", [KIMI_PATTERN, DOLLAR_PATTERN], ids=["kimi-class-intersection", "dollar"])
+# A scoped m flag: the "$" outside its group is still the text's end (any "(?m" had left every
+# anchor bare, "$" then Python's, before a final newline too); POSIX classes are ASCII in Rust's
+# syntax, Unicode in Python's `regex` ("ı", U+00A0, "é" had split otherwise); a class nested in a
+# class is Rust's union, which `regex` reads in its version 1 only.
+SCOPED_M_PATTERN = r"""(?m:^)\s+|[^\S\n]+$|\S+|\s"""
+POSIX_PATTERN = r"""[[:alpha:]]+|[[:^alpha:][:digit:]]+|[[:space:][:punct:]]+|[a[0-9]]+|[\s\S]"""
+
+
+@pytest.mark.parametrize("pattern", [KIMI_PATTERN, DOLLAR_PATTERN, SCOPED_M_PATTERN, POSIX_PATTERN],
+                         ids=["kimi-class-intersection", "dollar", "scoped-m", "posix-classes"])
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(text=st.lists(st.sampled_from(list(" \t\n\r'sStTlLdD09 aAzZ!?.,&[]中文国жé\u0301😀") + ["'re", "!\n", "\r\n"]),
+@given(text=st.lists(st.sampled_from(list(" \t\n\r'sStTlLdD09 aAzZ!?.,&[]中文国жé\u0301😀ı\u00a0\u3000_`~")
+                                     + ["'re", "!\n", "\r\n", "x  \n"]),
                      max_size=30).map("".join) | st.text(max_size=20))
 def test_custom_patterns_are_read_in_tiktokens_syntax(pair, pattern, text):
     """A custom pattern splits as tiktoken's Rust regex does: Kimi K2's had dropped every letter it
@@ -1331,6 +1350,30 @@ def test_anchors_mean_the_same_across_hugging_face(anchored_pair, text):
     assert hf_of_ours.encode(text, add_special_tokens=False).ids == ours.encode_ordinary(text)
     assert ours_of_hf.encode_ordinary(text) == hf.encode(text, add_special_tokens=False).ids
     assert ours.encode_ordinary("a\n  \n  b") != hf.encode("a\n  \n  b").ids  # (the two readings differ here)
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(alphabet="aZ09_ ıß\u00a0\u3000\n\t!-[]`~é日x\x7f\u0301", max_size=16))
+def test_posix_classes_mean_the_same_across_hugging_face(posix_pair, text):
+    # POSIX classes are ASCII in Rust's syntax (pyllm's, tiktoken's) and Unicode in Oniguruma's:
+    # to_hf writes them as their ASCII sets, from_hf reads a Hugging Face file's as Unicode sets
+    ours, hf_of_ours, ours_of_hf, hf = posix_pair
+    assert hf_of_ours.encode(text, add_special_tokens=False).ids == ours.encode_ordinary(text)
+    assert ours_of_hf.encode_ordinary(text) == hf.encode(text, add_special_tokens=False).ids
+
+
+@pytest.fixture(scope="module")
+def posix_pair(tmp_path_factory):
+    tk = pytest.importorskip("tokenizers")
+    pattern = r"[[:alpha:]]+|[[:^alpha:][:digit:]]+|[[:space:][:punct:]]+|[\s\S]"
+    ours = Tokenizer.train(["hello world ıs ß 12 ab\u00a0cd !x"] * 20, 270, pattern=pattern, show_progress=False)
+    folder = tmp_path_factory.mktemp("posix")
+    ours.to_hf(folder / "ours.json")
+    data = json.loads((folder / "ours.json").read_text(encoding="utf-8"))
+    data["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = pattern
+    (folder / "theirs.json").write_text(json.dumps(data), encoding="utf-8")
+    return (ours, tk.Tokenizer.from_file(str(folder / "ours.json")), Tokenizer.from_hf(folder / "theirs.json"),
+            tk.Tokenizer.from_file(str(folder / "theirs.json")))
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

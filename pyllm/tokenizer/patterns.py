@@ -57,14 +57,67 @@ def regex_pieces(regex: str):
 
 
 def respell_anchors(regex: str, start: str, end: str) -> str:
-    """regex with each "^" / "$" outside a character class written start / end, escapes and classes
-    kept. Oniguruma (Hugging Face's engine, Ruby's syntax) reads a bare "^" / "$" as a line's start /
-    end, Rust's regex crate (tiktoken's, the syntax pyllm's patterns are in) as the text's; a
-    pattern with an inline m flag is left alone (Ruby's m is Rust's s)."""
-    if re.search(r"\(\?[a-zA-Z]*m", regex):
-        return regex
-    return "".join({"^": start, "$": end}.get(piece, piece) if not depth else piece
-                   for piece, depth, _ in regex_pieces(regex))
+    """regex with each "^" / "$" outside a character class written start / end where no inline m
+    flag is on, escapes and classes kept. Oniguruma (Hugging Face's engine, Ruby's syntax) reads a
+    bare "^" / "$" as a line's start / end, Rust's regex crate (tiktoken's, the syntax pyllm's
+    patterns are in) as the text's, unless an m flag makes them a line's: those are left as they are
+    (Ruby's m is Rust's s, and Ruby's anchors are a line's anyway). The m flag is followed through
+    the groups: "(?m:^)" scopes it to its group, "(?m)" holds to the end of the group it is in (a
+    scoped "(?m:" anywhere had left every anchor of the pattern bare)."""
+    out, multiline = [], [False]  # the m flag in each open group, the innermost last
+    for piece, depth, i in regex_pieces(regex):
+        if depth:
+            out.append(piece)
+            continue
+        if piece == "(":
+            flags = re.match(r"\(\?([a-zA-Z]*)(?:-([a-zA-Z]*))?([:)])", regex[i:])
+            now = multiline[-1]
+            if flags and "m" in flags[1] + (flags[2] or ""):
+                now = "m" in flags[1] and "m" not in (flags[2] or "")
+            if flags and flags[3] == ")":  # (?m): on to the end of the enclosing group
+                multiline[-1] = now
+            multiline.append(now)  # (for "(?m)", what its own ")" takes off)
+        elif piece == ")" and len(multiline) > 1:
+            multiline.pop()
+        elif piece in ("^", "$") and not multiline[-1]:
+            piece = start if piece == "^" else end
+        out.append(piece)
+    return "".join(out)
+
+
+# The POSIX classes ([[:alpha:]], inside a class) as sets: Rust's regex crate's (tiktoken's, the
+# syntax pyllm's patterns are in) are ASCII; Python's `regex` module's and Oniguruma's (Hugging
+# Face's) are Unicode ("ı" was a letter to one and not the other), Oniguruma's as its doc/RE
+# defines them for Unicode text, written in Rust's syntax; print and graph have no such spelling.
+RUST_POSIX = {"alnum": "0-9A-Za-z", "alpha": "A-Za-z", "ascii": r"\x00-\x7F", "blank": r"\t ",
+              "cntrl": r"\x00-\x1F\x7F", "digit": "0-9", "graph": "!-~", "lower": "a-z", "print": " -~",
+              "punct": r"!-/:-@\[-`{-~", "space": r"\t\n\x0B\f\r ", "upper": "A-Z", "word": "0-9A-Za-z_",
+              "xdigit": "0-9A-Fa-f"}
+ONIGURUMA_POSIX = {"alnum": r"\p{Alphabetic}\p{Nd}", "alpha": r"\p{Alphabetic}", "ascii": r"\x00-\x7F",
+                   "blank": r"\p{Zs}\t", "cntrl": r"\p{Cc}\p{Cf}\p{Cn}\p{Co}\p{Cs}", "digit": r"\p{Nd}",
+                   "lower": r"\p{Lowercase}", "punct": r"\p{P}", "space": r"\p{White_Space}",
+                   "upper": r"\p{Uppercase}", "word": r"\p{L}\p{M}\p{Nd}\p{Pc}", "xdigit": "0-9A-Fa-f"}
+_POSIX_RE = re.compile(r"\[:(\^?)([a-z]+):\]")
+
+
+def respell_posix(regex: str, sets: dict) -> tuple[str, bool]:
+    """regex with each POSIX class inside a class written as its set in sets (a negated one as a
+    nested negated class, which Python's `regex` reads in its version 1 only), and whether one was
+    negated. NotImplementedError for a POSIX class sets has no spelling of."""
+    out, negated, skip_to = [], False, 0
+    for piece, depth, i in regex_pieces(regex):
+        if i < skip_to:
+            continue
+        posix = _POSIX_RE.match(regex, i) if piece == "[" and depth >= 2 else None
+        if posix and posix[2] in RUST_POSIX:
+            if posix[2] not in sets:
+                raise NotImplementedError(f"the POSIX class [:{posix[2]}:] of {regex!r} has no spelling here")
+            out.append(f"[^{sets[posix[2]]}]" if posix[1] else sets[posix[2]])
+            negated |= bool(posix[1])
+            skip_to = posix.end()
+            continue
+        out.append(piece)
+    return "".join(out), negated
 
 
 # Hugging Face's ByteLevel regex (GPT-2's release): the same pieces as GPT2 on every text. Its

@@ -23,7 +23,8 @@ from typing import AbstractSet, Collection, Iterable, Literal, Sequence
 import numpy as np
 
 from pyllm import _C
-from pyllm.tokenizer.patterns import PATTERNS, SPELLINGS, hf_spelling, regex_pieces, respell_anchors
+from pyllm.tokenizer.patterns import (ONIGURUMA_POSIX, PATTERNS, RUST_POSIX, SPELLINGS, hf_spelling, regex_pieces,
+                                      respell_anchors, respell_posix)
 
 _MAGIC = "#pyllm-bpe v1"
 # Unicode normalization forms a Tokenizer may apply (unicodedata.normalize's, Hugging Face's normalizers').
@@ -186,7 +187,8 @@ def _hf_pattern(pre_tokenizer, where: str) -> str:
     regex = split["pattern"]["Regex"]
     # Oniguruma's bare ^ / $ are a line's start / end: (?m:^) / (?m:$) in tiktoken's syntax (the
     # built-ins' spellings end "\s++$", the same pieces either way, and keep their C++ pre-tokenizers)
-    return regex if regex in SPELLINGS else respell_anchors(regex, "(?m:^)", "(?m:$)")
+    # Oniguruma's POSIX classes are Unicode, Rust's ASCII: written as Oniguruma's sets
+    return regex if regex in SPELLINGS else respell_anchors(respell_posix(regex, ONIGURUMA_POSIX)[0], "(?m:^)", "(?m:$)")
 
 
 def _hf_sentencepiece(data: dict, where: str) -> dict | None:
@@ -504,8 +506,12 @@ def _python_spelling(pattern: str) -> tuple[str, bool]:
     " ?[^\\s\\p{L}]+$" took "!\\n" as two pieces): written \\Z; a class with a set operation
     (`&&`, `--`, `~~`, `||`; Kimi K2's "[\\p{Lu}...&&[^\\p{Han}]]") needs `regex`'s version 1 syntax,
     version 0 reading "&&" as two more characters of the class (whose letters then never matched,
-    and the text they covered was dropped). Returns (the pattern, whether it needs version 1)."""
-    v1 = any(depth and pattern.startswith(_SET_OPERATIONS, i) for _, depth, i in regex_pieces(pattern))
+    and the text they covered was dropped), as does a class nested in a class (Rust's union,
+    "[[^a-z]0-9]", which version 0 reads as other characters); the POSIX classes as Rust's ASCII sets
+    (respell_posix: `regex`'s are Unicode). Returns (the pattern, whether it needs version 1)."""
+    pattern = respell_posix(pattern, RUST_POSIX)[0]
+    v1 = any(depth and (pattern.startswith(_SET_OPERATIONS, i) or (depth >= 2 and piece.startswith("[")))
+             for piece, depth, i in regex_pieces(pattern))
     return respell_anchors(pattern, "^", "\\Z"), v1  # ((?m): a line's end in both, left alone)
 
 
@@ -968,7 +974,7 @@ class Tokenizer:
         if self._regex is not None:
             encoded = self._encode_custom_batch(pieces, [], [], num_threads)
         else:
-            encoded = self._by_encoder(lambda ts: self._enc.encode_batch(ts, [], [], num_threads), pieces, [])
+            encoded = self._by_encoder(lambda ts, disallowed: self._enc.encode_batch(ts, [], [], num_threads), pieces, [])
         out, k = [], 0
         for split in parts:
             ids = []
@@ -991,14 +997,18 @@ class Tokenizer:
         return []
 
     def _by_encoder(self, encode, texts: list[str], disallowed: list[int]):
-        """encode(texts) on the C++ encoder, with what each encode call needs around it: texts holding
-        lone surrogates (refused with a TypeError) again with them replaced, as tiktoken does, and a
-        disallowed special token named as tiktoken names it."""
+        """encode(texts, disallowed) on the C++ encoder, with what each encode call needs around it:
+        texts holding lone surrogates (refused with a TypeError) again with them replaced, as tiktoken
+        does, their disallowed special tokens looked for before, in the texts as given (as tiktoken
+        looks: a special token that the repair makes had been refused), and a disallowed special token
+        named as tiktoken names it."""
         try:
             try:
-                return encode(texts)
+                return encode(texts, disallowed)
             except TypeError:
-                return encode([_fix_surrogates(t) for t in texts])
+                if disallowed:
+                    _check_disallowed(texts, [self._special_list[d] for d in disallowed])
+                return encode([_fix_surrogates(t) for t in texts], [])
         except ValueError as e:
             self._reraise_disallowed(e, texts, disallowed)
             raise
@@ -1030,7 +1040,7 @@ class Tokenizer:
             disallowed = self._checked_in_python([text], disallowed, others)
         if self._regex is not None or self._spm is not None:
             return self._encode_custom(text, allowed, disallowed)
-        return self._by_encoder(lambda ts: self._enc.encode(ts[0], allowed, disallowed), [text], disallowed)
+        return self._by_encoder(lambda ts, disallowed: self._enc.encode(ts[0], allowed, disallowed), [text], disallowed)
 
     def encode_to_numpy(self, text: str, *, allowed_special: Literal["all"] | AbstractSet[str] = frozenset(),
                         disallowed_special: Literal["all"] | Collection[str] | None = "all") -> np.ndarray:
@@ -1044,7 +1054,7 @@ class Tokenizer:
         if self._regex is not None or self._spm is not None:
             return np.array(self._encode_custom(text, allowed, disallowed), dtype=np.uint32)
         # one thread: the caller's, as encode()
-        return self._by_encoder(lambda ts: self._enc.encode_batch_packed(ts, allowed, disallowed, 1)[0], [text],
+        return self._by_encoder(lambda ts, disallowed: self._enc.encode_batch_packed(ts, allowed, disallowed, 1)[0], [text],
                                 disallowed)
 
     def encode_single_token(self, text_or_bytes: str | bytes) -> int:
@@ -1072,9 +1082,9 @@ class Tokenizer:
         return special_re
 
     def _encode_custom(self, text: str, allowed: list[int], disallowed: list[int]) -> list[int]:
-        text = _utf8_safe(text)
-        if disallowed:
+        if disallowed:  # (in the text as given, before its lone surrogates are replaced, as tiktoken looks)
             _check_disallowed([text], [self._special_list[d] for d in disallowed])
+        text = _utf8_safe(text)
         if self._spm is None:
             split = lambda segment, first: self._split_custom(segment)  # noqa: E731
         else:  # the text's first segment is the one a "first" prepend scheme marks
@@ -1129,7 +1139,7 @@ class Tokenizer:
                 raise
         if self._regex is not None or self._spm is not None:  # (names the first disallowed token itself)
             return self._encode_custom_batch(texts, allowed, disallowed, num_threads)
-        return self._by_encoder(lambda ts: self._enc.encode_batch(ts, allowed, disallowed, num_threads), texts,
+        return self._by_encoder(lambda ts, disallowed: self._enc.encode_batch(ts, allowed, disallowed, num_threads), texts,
                                 disallowed)
 
     def encode_batch_packed(self, texts: Sequence[str], num_threads: int | None = None, *,
@@ -1144,7 +1154,7 @@ class Tokenizer:
         else:
             disallowed = self._checked_in_python(texts, disallowed, others)
             if self._regex is None and self._spm is None:
-                return self._by_encoder(lambda ts: self._enc.encode_batch_packed(ts, allowed, disallowed, num_threads),
+                return self._by_encoder(lambda ts, disallowed: self._enc.encode_batch_packed(ts, allowed, disallowed, num_threads),
                                         texts, disallowed)
             lists = self._encode_custom_batch(texts, allowed, disallowed, num_threads)
         offsets = np.zeros(len(lists) + 1, dtype=np.int64)
@@ -1536,9 +1546,11 @@ class Tokenizer:
             "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
                 # from_hf reads this spelling back as the built-in it is (patterns.SPELLINGS).
                 # A custom pattern's ^ / $ (the text's start / end in tiktoken's syntax) as \A / \z:
-                # Oniguruma's bare ones are a line's ("\s+$" had split "a\n  \n  b" otherwise).
+                # Oniguruma's bare ones are a line's ("\s+$" had split "a\n  \n  b" otherwise); its
+                # POSIX classes as their ASCII sets (Oniguruma's are Unicode).
                 {"type": "Split", "pattern": {"Regex": hf_spelling(
-                    self._pattern if self.pattern_name else respell_anchors(self._pattern, r"\A", r"\z"))},
+                    self._pattern if self.pattern_name
+                    else respell_anchors(respell_posix(self._pattern, RUST_POSIX)[0], r"\A", r"\z"))},
                  "behavior": "Isolated", "invert": False},
                 {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
             "post_processor": None,

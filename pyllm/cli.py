@@ -812,62 +812,175 @@ def cmd_train(args) -> int:
     # The run's folder locked before anything is written into it (run.json, the tokenizer, the token
     # files, a kept checkpoint made checkpoint.pt): a second run aimed at a running one had rewritten
     # its data before train()'s lock refused it.
+    out_dir = opts.get("out_dir") or TrainConfig.__dataclass_fields__["out_dir"].default
+    if not cli["resume"]:
+        cli["resume"] = elastic_restart_resume(out_dir)
     resume = cli["resume"]
-    if resume and Path(resume).is_file():
-        run_dir = kept_checkpoint_run(Path(resume))
-    elif resume:
-        run_dir = Path(resume)
-    else:
-        run_dir = Path(opts.get("out_dir") or TrainConfig.__dataclass_fields__["out_dir"].default)
-    if resume and not run_dir.is_dir():
-        raise FileNotFoundError(f"no checkpoint to resume from: {run_dir} is no folder")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    refused = None
+    try:
+        if resume and Path(resume).is_file():
+            run_dir = kept_checkpoint_run(Path(resume))
+        elif resume:
+            run_dir = Path(resume)
+        else:
+            run_dir = Path(out_dir)
+        if resume and not run_dir.is_dir():
+            raise FileNotFoundError(f"no checkpoint to resume from: {run_dir} is no folder" + _SHARED_HINT * several)
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except (ValueError, OSError) as e:
+        # Several processes: told to the others in their first collective (raised here alone, the
+        # others had waited for this rank at the rendezvous until its timeout: 30 minutes)
+        if not several:
+            raise
+        refused = e
     with contextlib.ExitStack() as held:
-        refused = None
         try:
-            held.enter_context(run_lock(run_dir, is_main=int(os.environ.get("RANK", "0")) == 0))
+            if refused is None:
+                held.enter_context(run_lock(run_dir, is_main=int(os.environ.get("RANK", "0")) == 0))
         except RuntimeError as e:
             # Several processes: rank 0 meets the others first and tells them (gone before the
             # rendezvous, it had left them waiting for it there until its timeout, without torchrun)
-            if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            if not several:
                 raise
             refused = e
         return _train_command(args, explicit, opts, model, cli, refused)
 
 
-def _refuse_on_every_rank(refused: Exception, device: str):
-    """Rank 0 could not lock the run's folder: it joins the process group and says so in the other
-    ranks' first collective (train()'s lock of the folder), then raises."""
-    from pyllm.train import any_rank, setup_distributed
+_SHARED_HINT = (" (under torchrun on several nodes, --out must be a folder on a filesystem every node shares: "
+                "rank 0 writes the run's files, every rank reads them)")
 
-    any_rank(True, setup_distributed(device))
-    raise refused
+
+def elastic_restart_resume(out_dir) -> str | None:
+    """torchrun --max-restarts: a restarted attempt (TORCHELASTIC_RESTART_COUNT > 0) of a run goes on
+    from the checkpoint an earlier attempt of the same job (TORCHELASTIC_RUN_ID, --rdzv-id) wrote in
+    out_dir, as the same command given --resume would (it had set that checkpoint aside and started
+    again from step 0); out_dir, or None for a first attempt or no such checkpoint."""
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) == 0:
+        return None
+    import torch
+
+    from pyllm.train import CHECKPOINT
+
+    try:
+        saved = torch.load(Path(out_dir) / CHECKPOINT, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # (none yet: the first attempt died before its first checkpoint)
+        return None
+    if saved.get("elastic_run_id") is None or saved.get("elastic_run_id") != os.environ.get("TORCHELASTIC_RUN_ID"):
+        return None
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"torchrun restart {os.environ['TORCHELASTIC_RESTART_COUNT']}: going on from {out_dir}'s checkpoint "
+              f"(step {saved['step']}), which an earlier attempt of this job wrote", file=sys.stderr, flush=True)
+    return str(out_dir)
+
+
+def _raise_on_every_rank(failed: Exception | None, info, what: str) -> None:
+    """Under torchrun, a failure on any rank raised on every rank: its own error where it failed,
+    else one saying another rank could not `what` (its error says why). One process: nothing."""
+    if info is None or info.world_size == 1:
+        return
+    import torch
+
+    from pyllm.train import all_reduce_sum
+
+    flags = torch.zeros(info.world_size, dtype=torch.float64)
+    flags[info.rank] = failed is not None
+    ranks = all_reduce_sum(flags, info).nonzero().flatten().tolist()
+    if failed is not None:
+        raise failed
+    if ranks:
+        raise RuntimeError(f"rank {', '.join(map(str, ranks))} could not {what} (its error says why)")
+
+
+def _resume_device(resume: str, opts: dict) -> str:
+    """The device a resume joins its process group for (before the checkpoint is checked): the
+    command's, else its checkpoint's, else auto."""
+    if opts.get("device"):
+        return opts["device"]
+    import torch
+
+    from pyllm.train import CHECKPOINT
+
+    path = Path(resume) if Path(resume).is_file() else Path(resume) / CHECKPOINT
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["train_config"].get("device", "auto")
+    except Exception:
+        return "auto"
+
+
+def same_checkpoint_everywhere(checkpoint: dict, resume: str, info) -> None:
+    """ValueError on every rank unless every rank read the same run's checkpoint at the same step:
+    each reads its own --resume folder, and a node with another (an older step, another run) had
+    hung or trained its replica on with its own optimizer state and schedule, out of step with
+    rank 0's, without a word."""
+    import hashlib
+
+    import torch.distributed as dist
+
+    config = json.dumps(checkpoint["train_config"], sort_keys=True, default=str)
+    mine = (checkpoint["step"], hashlib.sha256(config.encode()).hexdigest()[:12], str(Path(resume).resolve()))
+    every = [None] * info.world_size
+    dist.all_gather_object(every, mine)
+    differ = [r for r, theirs in enumerate(every) if theirs[:2] != every[0][:2]]
+    if differ:
+        r = differ[0]
+        raise ValueError(f"the ranks read different checkpoints: rank {r}'s ({every[r][2]}) is step {every[r][0]}"
+                         + (" of another run's config" if every[r][1] != every[0][1] else "")
+                         + f", rank 0's ({every[0][2]}) step {every[0][0]}: every rank must resume the same run"
+                         + _SHARED_HINT)
 
 
 def _train_command(args, explicit: dict, opts: dict, model: dict, cli: dict, refused: Exception | None = None) -> int:
     from pyllm.train import TrainConfig, TrainingDiverged, TrainingStopped, load_checkpoint, request_stop, train
 
     resume = cli["resume"]
-    if resume and Path(resume).is_file():  # (not into a folder another run holds)
-        resume = install_kept_checkpoint(Path(resume)) if refused is None else str(kept_checkpoint_run(Path(resume)))
     if resume:
-        checkpoint = load_checkpoint(resume)
-        saved = checkpoint["train_config"]
-        from_config = set(config_file_options(args.config)) if args.config else set()
-        check_resume_options(saved, opts, model, cli, resume, from_config - set(explicit))
-        check_reward_code(saved, opts)
-        cfg = TrainConfig.from_dict({**saved, **opts, "out_dir": opts.get("out_dir", str(resume))})
-        if refused is not None:
-            _refuse_on_every_rank(refused, cfg.device)
-        if Path(cfg.out_dir).resolve() != Path(resume).resolve():
-            raise ValueError("--resume continues in its own folder; leave out --out")
-        cfg.validate()  # what this call changes (--max-steps, --lr, ...)
-        finished = cfg.max_steps == checkpoint["step"] and not (Path(resume) / "model.safetensors").is_file()
-        if finished:  # killed between its last checkpoint and the weights: train() writes them, no step taken
+        # Under torchrun every rank joins the group first, so that what fails on one rank (its node
+        # without the checkpoint, rank 0 refused the folder) ends every rank: the others had waited
+        # for it at the rendezvous (30 minutes). Rank 0 alone makes a kept checkpoint the run's
+        # (the folder's lock is its), before any rank reads it.
+        several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        info = None
+        if several:
+            from pyllm.train import setup_distributed
+
+            info = setup_distributed(_resume_device(resume, opts))
+        failed = refused
+        if failed is None and Path(resume).is_file() and int(os.environ.get("RANK", "0")) == 0:
+            try:
+                install_kept_checkpoint(Path(resume))
+            except Exception as e:
+                if not several:
+                    raise
+                failed = e
+        _raise_on_every_rank(failed, info, "resume")
+        if Path(resume).is_file():
+            resume = str(kept_checkpoint_run(Path(resume)))
+        try:
+            checkpoint = load_checkpoint(resume)
+            saved = checkpoint["train_config"]
+            from_config = set(config_file_options(args.config)) if args.config else set()
+            check_resume_options(saved, opts, model, cli, resume, from_config - set(explicit))
+            check_reward_code(saved, opts)
+            cfg = TrainConfig.from_dict({**saved, **opts, "out_dir": opts.get("out_dir", str(resume))})
+            if Path(cfg.out_dir).resolve() != Path(resume).resolve():
+                raise ValueError("--resume continues in its own folder; leave out --out")
+            cfg.validate()  # what this call changes (--max-steps, --lr, ...)
+            finished = cfg.max_steps == checkpoint["step"] and not (Path(resume) / "model.safetensors").is_file()
+            if not finished and cfg.max_steps <= checkpoint["step"]:
+                raise ValueError(f"{resume} is at step {checkpoint['step']} already: give --max-steps above it to "
+                                 "train on")
+        except Exception as e:
+            if not several:
+                raise
+            failed = FileNotFoundError(f"rank {info.rank}: {e}{_SHARED_HINT}") if isinstance(e, FileNotFoundError) else e
+        _raise_on_every_rank(failed, info, "resume")
+        if several:
+            same_checkpoint_everywhere(checkpoint, resume, info)
+        if finished and int(os.environ.get("RANK", "0")) == 0:
+            # killed between its last checkpoint and the weights: train() writes them, no step taken
             print(f"{resume} is at step {checkpoint['step']}, its max_steps, without model.safetensors: writing it "
                   "from the checkpoint", file=sys.stderr)
-        elif cfg.max_steps <= checkpoint["step"]:
-            raise ValueError(f"{resume} is at step {checkpoint['step']} already: give --max-steps above it to train on")
         run = read_run(resume)
         tokenizer_path = run.get("tokenizer")
         # The saved settings' paths into the run's own folder, where it is now (moved, renamed, copied):
@@ -904,23 +1017,19 @@ def _train_command(args, explicit: dict, opts: dict, model: dict, cli: dict, ref
             from pyllm.train import setup_distributed
 
             info = setup_distributed(cfg.device)
-        failed = None
-        if rank == 0:
+        failed = refused  # (the folder another run's, or not made on this rank: the others learn it here)
+        if rank == 0 and failed is None:
             try:
-                if refused is not None:  # (the folder another run's: the others learn it here)
-                    raise refused
                 setup_run_data(cfg, cli)
             except Exception as e:
                 if info is None:
                     raise
                 failed = e
-        if info is not None:
-            from pyllm.train import any_rank
-
-            if any_rank(failed is not None, info):
-                if failed is not None:
-                    raise failed
-                raise RuntimeError("rank 0 could not start the run (its error says why)")
+        _raise_on_every_rank(failed, info, "start the run")
+        if info is not None and not (Path(cfg.out_dir) / "run.json").is_file():  # (rank 0 wrote it)
+            failed = FileNotFoundError(f"rank {rank}: {Path(cfg.out_dir) / 'run.json'}, which rank 0 wrote, is not "
+                                       f"here{_SHARED_HINT}")
+        _raise_on_every_rank(failed, info, "start the run")
         run = read_run(cfg.out_dir)
         tokenizer_path, cfg.data_dir = run["tokenizer"], run["data_dir"]
         source = run.get("init_from_hf") or cfg.init_from_hf
@@ -2012,13 +2121,23 @@ def main(argv=None) -> int:
 def entry() -> None:
     """The `pyllm` command and `python -m pyllm`: main(), then out. Under torchrun each rank leaves
     through pyllm.train.end_process, past gloo's abort at interpreter exit (see there); main()
-    itself returns, for callers in a process of their own."""
-    code = main()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from pyllm.train import end_process
+    itself returns, for callers in a process of their own. Under torchrun an error main() does not
+    catch (an internal one) is printed and leaves that way too (it had reached the interpreter's
+    exit: SIGABRT, exit -6 and a core dump, in place of 1)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        sys.exit(main())
+    from pyllm.train import end_process
 
-        end_process(code)
-    sys.exit(code)
+    try:
+        code = main()
+    except SystemExit as e:  # (argparse's usage errors)
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    end_process(code)
 
 
 if __name__ == "__main__":

@@ -2039,6 +2039,8 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
             "skipped_steps": skipped, "bad_in_a_row": bad_in_a_row, "model_config": mcfg.to_dict(),
             "train_config": asdict(cfg),
             "best_val_loss": best_val,
+            # (torchrun --max-restarts: a restarted attempt of this job goes on from here, cli.elastic_restart_resume)
+            "elastic_run_id": os.environ.get("TORCHELASTIC_RUN_ID"),
             **({"reference_logps": {k: torch.from_numpy(v) for k, v in reference.items()}}
                if reference and cfg.reference == "precomputed" else {}),
             **({"grpo_rollouts": grpo_rollouts} if grpo_rollouts is not None else {})})

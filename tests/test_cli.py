@@ -1158,9 +1158,90 @@ def test_what_stops_rank_0_ends_every_rank(tmp_path, kind):
             held.close()
     why = "no text files found" if kind == "no text" else "is in use by another `pyllm train`"
     assert procs[0].returncode and why in errs[0], errs[0][-2000:]
-    theirs = "rank 0 could not lock it" if kind == "resumed folder in use" else "rank 0 could not start the run"
+    theirs = "rank 0 could not resume" if kind == "resumed folder in use" else "rank 0 could not start the run"
     assert procs[1].returncode and theirs in errs[1], errs[1][-2000:]
     assert "Traceback" not in errs[0] + errs[1], errs
+
+
+@pytest.mark.parametrize("kind", ["fresh", "resume without the checkpoint", "resume of other checkpoints"])
+def test_nodes_without_a_shared_folder_end_every_rank(tmp_path, kind):
+    """Two processes, each with its own --out (two nodes without a shared filesystem; an audit of
+    multi-node torchrun, 2026-12-06): rank 1 had failed with a KeyError and SIGABRT (a fresh run),
+    or left at once while rank 0 waited at the rendezvous for 30 minutes (its folder without the
+    checkpoint), or trained on from its own checkpoint of another step, its replica's optimizer and
+    schedule out of step with rank 0's. Every rank now ends with the reason."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import torch
+
+    from helpers import free_port
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(20):
+        (corpus / f"m{i:02d}.py").write_text(f"def f{i}(x):\n    return x + {i}\n" * 20)
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    folders = [tmp_path / "node0", tmp_path / "node1"]
+    args = ["--data", str(corpus), "--vocab-size", "270", "--max-steps", "2", *SMALL[:-2], "--sample-tokens", "0"]
+    if kind != "fresh":
+        done = subprocess.run([sys.executable, "-m", "pyllm", "train", *args, "--out", str(folders[0])], cwd=root,
+                              env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        if kind == "resume of other checkpoints":
+            shutil.copytree(folders[0], folders[1])
+            checkpoint = torch.load(folders[1] / "checkpoint.pt", weights_only=True)
+            checkpoint["step"] = 1  # (an older checkpoint of the run)
+            torch.save(checkpoint, folders[1] / "checkpoint.pt")
+        else:
+            folders[1].mkdir()
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2")
+    commands = [[*args, "--out", str(folder)] if kind == "fresh" else ["--resume", str(folder), "--max-steps", "3"]
+                for folder in folders]
+    procs = [subprocess.Popen([sys.executable, "-m", "pyllm", "train", *commands[r]], cwd=root,
+                              env={**env, "RANK": str(r), "LOCAL_RANK": "0"}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in range(2)]
+    try:
+        errs = [p.communicate(timeout=150)[1] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert procs[0].returncode and procs[1].returncode, errs
+    assert "must be a folder on a filesystem every node shares" in errs[1], errs[1][-2000:]
+    if kind == "resume of other checkpoints":
+        assert "the ranks read different checkpoints: rank 1's" in errs[0] and "step 1" in errs[0], errs[0][-2000:]
+    else:
+        assert f"rank 1 could not {'start the run' if kind == 'fresh' else 'resume'}" in errs[0], errs[0][-2000:]
+    assert "Traceback" not in errs[0] + errs[1], errs
+    if kind != "fresh":  # (no step taken)
+        assert torch.load(folders[0] / "checkpoint.pt", weights_only=True)["step"] == 2
+
+
+def test_a_torchrun_restart_goes_on_from_its_jobs_checkpoint(corpus, tmp_path, capsys, monkeypatch):
+    # torchrun --max-restarts runs the same command again: it had set the job's checkpoint aside and
+    # trained from step 0. A restarted attempt (TORCHELASTIC_RESTART_COUNT > 0) of the job that
+    # wrote the checkpoint (TORCHELASTIC_RUN_ID) goes on from it; another job's is set aside as before.
+    import torch
+
+    run = tmp_path / "run"
+    args = ["train", "--data", str(corpus), "--out", str(run), *SMALL]
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-1")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    assert cli.main([*args, "--max-steps", "2"]) == 0
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["elastic_run_id"] == "job-1"
+    capsys.readouterr()
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert cli.main([*args, "--max-steps", "3"]) == 0
+    assert "torchrun restart 1: going on from" in capsys.readouterr().err
+    assert [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()] == [0, 1, 2]
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-2")  # another job's checkpoint: a new run
+    assert cli.main([*args, "--max-steps", "4"]) == 0
+    assert "holds an earlier run's checkpoint" in capsys.readouterr().err
+    assert (run / "checkpoint.previous.pt").is_file()
+    assert [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()] == [0, 1, 2, 3]
 
 
 @pytest.mark.parametrize("kind", ["byte-level", "sentencepiece"])

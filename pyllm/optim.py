@@ -596,8 +596,12 @@ class ZeroAdamW(torch.optim.Optimizer):
     optimizer state: the shard of the params is re-read from them.
     """
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, master_weights=None,
-                 stochastic_rounding=False, process_group=None):
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
+                 maximize=False, foreach=None, capturable=False, differentiable=False, fused=None,
+                 master_weights=None, stochastic_rounding=False, process_group=None):
+        # torch.optim.AdamW's signature, as AdamW's (the 6th positional had been master_weights, where
+        # torch's is amsgrad: ZeroAdamW(p, lr, betas, eps, wd, True) had meant master weights)
+        _check_torch_options("ZeroAdamW", amsgrad=amsgrad, maximize=maximize, differentiable=differentiable)
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("ZeroAdamW: torch.distributed is not initialised (call init_process_group first)")
         _check_hyper("ZeroAdamW", lr, betas, eps, weight_decay)
@@ -840,10 +844,14 @@ class Muon(torch.optim.Optimizer):
     Moonlight) for matrices: Nesterov momentum, each update orthogonalized (newton_schulz) and
     scaled to AdamW's update RMS, lr * 0.2 * sqrt(max(rows, cols)) (Moonlight's; torch.optim.Muon's
     adjust_lr_fn="match_rms_adamw"), so that AdamW's lr and weight decay serve; decoupled weight
-    decay. A param may be a stack of matrices (..., rows, cols), each its own (a MoE's experts), and
+    decay. A param may be a stack of matrices (experts, rows, cols), each its own (a MoE's experts:
+    a 3-D param is one, not a Conv1d weight, which the reference flattens; 4-D params are refused), and
     a fused one is orthogonalized part by part: a group's "splits", aligned with its "params", each
     the sizes of its parts along the rows (q, k, v of one weight; gate and up) or None. State per
-    param: ``momentum_buffer`` (the param's dtype, as torch's). No closure, no sparse grads."""
+    param: ``momentum_buffer`` (the param's dtype, as torch's). No closure, no sparse grads.
+    Not torch.optim.Muon's defaults: weight_decay 0 (torch's 0.1) and the AdamW-matched scale
+    (torch's default adjust_lr_fn scales by max(1, rows / cols) ** 0.5: a 1024 x 1024 matrix's
+    update is 6.4x larger here at one lr); pass weight_decay=0.1 for torch's decay."""
 
     def __init__(self, params, lr: float = 1e-3, momentum: float = 0.95, weight_decay: float = 0.0,
                  nesterov: bool = True, ns_steps: int = 5):
@@ -869,6 +877,10 @@ class Muon(torch.optim.Optimizer):
         if len(splits) != len(group["params"]):
             raise ValueError("Muon: a group's splits must have one entry (sizes or None) per param")
         for p, split in zip(group["params"], splits):
+            if p.dim() > 3:  # (each 3x3 kernel of a conv had been orthogonalized alone)
+                raise ValueError(f"Muon: a param of shape {tuple(p.shape)}: Muon takes matrices and stacks of them "
+                                 "(experts, 3-D); a conv weight is one matrix to Muon's reference (flattened to "
+                                 "(out, in * kh * kw)): give it to AdamW, or keep it as a 2-D param")
             if p.dim() < 2 or (split is not None and (sum(split) != p.shape[-2] or not all(
                     isinstance(n, int) and n > 0 for n in split))):
                 raise ValueError(f"Muon: params are matrices (or stacks of them) whose splits add up to their rows "
@@ -933,6 +945,13 @@ def unscale_clip_check(params: list[Tensor], grad_scaler: "DynamicLossScaler | N
     plain tensor even for FSDP2's DTensor grads; whether the step is to be skipped). optimizer: the
     one stepping, so that a second step before the scaler's update() raises as torch's."""
     if grad_scaler is not None:
+        half = [tuple(p.shape) for p in params if p.grad is not None and p.grad.dtype == torch.float16]
+        if half:  # (as torch's GradScaler.unscale_ refuses them)
+            raise ValueError(f"{type(optimizer).__name__}.step(grad_scaler=): its grads are unscaled in place, in their "
+                             f"dtype, and fp16 grads (a param of shape {half[0]}) lose what falls below fp16's range "
+                             "there (below ~6e-5 in part, below ~6e-8 all of it): keep fp32 params under autocast "
+                             "(as `pyllm train` does), bf16 params, or pyllm.optim.AdamW alone, which unscales "
+                             "inside its step in fp32")
         grad_scaler._begin_step(optimizer)
         inv = 1.0 / grad_scaler.get_scale()
         for p in params:

@@ -1207,6 +1207,27 @@ def test_muon_adamw_clips_globally_skips_and_saves():
     torch.testing.assert_close(again.muon.state_dict()["state"][0]["momentum_buffer"], opt.muon.state[w]["momentum_buffer"])
 
 
+def test_what_would_step_wrongly_is_refused():
+    # From an audit of the optimizers as torch's drop-ins (2026-12-06): MuonAdamW unscales grads in
+    # place, and fp16 ones lost what fell below fp16's range (1e-7 grads became 0; torch's
+    # GradScaler refuses them); a conv weight's 3x3 kernels had each been orthogonalized alone (the
+    # reference flattens it); ZeroAdamW's sixth positional had been master_weights, torch's amsgrad.
+    from pyllm.optim import Muon, MuonAdamW, ZeroAdamW
+
+    w, b = torch.randn(16, 24, dtype=torch.float16, requires_grad=True), torch.randn(24, requires_grad=True)
+    opt = MuonAdamW(Muon([w], lr=0.01), AdamW([b], lr=0.01))
+    w.grad, b.grad = torch.randn(w.shape, dtype=torch.float16), torch.randn(b.shape)
+    with pytest.raises(ValueError, match=r"fp16 grads \(a param of shape \(16, 24\)\) lose what falls below"):
+        opt.step(grad_scaler=DynamicLossScaler())
+    assert w.grad.dtype == torch.float16 and opt.muon.state == {}  # (nothing unscaled, nothing stepped)
+    opt.step()  # (without a scaler: nothing to unscale)
+    with pytest.raises(ValueError, match=r"a param of shape \(8, 4, 3, 3\): Muon takes matrices"):
+        Muon([torch.randn(8, 4, 3, 3, requires_grad=True)])
+    for args, kwargs in (((1e-3, (0.9, 0.999), 1e-8, 0.0, True), {}), ((), {"maximize": True})):
+        with pytest.raises(NotImplementedError, match="ZeroAdamW: (amsgrad|maximize)=True is not supported"):
+            ZeroAdamW([torch.randn(4, requires_grad=True)], *args, **kwargs)
+
+
 def test_muon_adamw_leaves_a_skipped_steps_grads_and_sums_in_fp64():
     # A skipped step's grads stay as they came (clip_grad_norm_ had made every element NaN, even
     # unclipped); fp32 grads of 1e20 have a finite norm (in fp64, as AdamW's) and are clipped and

@@ -17,7 +17,9 @@ value (the dropout pattern, for its own tests) is not made. The kv-cache call ha
 loss through its output raises at backward() (flash-attn's output has no grad_fn, and the gradient
 is lost silently). `num_splits` is a tuning hint and is ignored (pyllm picks the
 split-KV count itself). As flash-attn: head dims up to 256 (those without a kernel zero-padded to the
-next one), windows with any negative side unlimited, softcap <= 0 no cap, max_seqlen as any integer,
+next one), windows with any negative side unlimited, softcap <= 0 no cap, max_seqlen as any integer at
+least the longest sequence (a smaller one raises, where flash-attn leaves rows unwritten),
+alibi_slopes that require grad given none (detached, with a warning),
 packed tensors longer than cu_seqlens' last entry (the rows past it: zeros, where flash-attn leaves
 them unwritten; their gradients zeros), a KV cache of more rows than the batch (its first rows). Unlike flash-attn, CPU tensors
 work too (fp32, bf16, fp64, and fp16 computed in fp32). flash_attn.bert_padding's helpers are here
@@ -27,6 +29,7 @@ unpad_input_for_concatenated_sequences), with flash-attn 2.8's return values.
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Literal, Optional, Union, overload
 
 import torch
@@ -112,9 +115,27 @@ def _no_cap(softcap):
     return 0.0 if is_number(softcap) and softcap <= 0 else softcap
 
 
+_warned_alibi_grad = False
+
+
+def _fixed_slopes(op: str, slopes):
+    """flash-attn's alibi_slopes: fixed biases, given no gradient even when they require one (a
+    trainable parameter in the caller's model): detached here as there, with a warning once (pyllm's
+    own flash_attn refuses them, as it cannot give their gradient)."""
+    global _warned_alibi_grad
+    if isinstance(slopes, Tensor) and slopes.requires_grad:
+        if not _warned_alibi_grad:
+            warnings.warn(f"{op}: alibi_slopes requires grad; as flash-attn's, the attention gives it none "
+                          "(detached)", stacklevel=4)
+            _warned_alibi_grad = True
+        return slopes.detach()
+    return slopes
+
+
 def _attn(op, q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
           return_attn_probs, **varlen):
     window = _window(op, window_size)
+    alibi_slopes = _fixed_slopes(op, alibi_slopes)
     result = _in_their_words(op, lambda: flash_attn(
         q, k, v, causal=causal, softmax_scale=softmax_scale, window=window, return_lse=return_attn_probs,
         deterministic=deterministic, softcap=_no_cap(softcap), alibi_slopes=alibi_slopes, dropout_p=dropout_p,
@@ -400,7 +421,7 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Opti
     window = _window(op, window_size)
     return _in_their_words(op, lambda: _kvcache(
         q, k_cache, v_cache, cache_seqlens, k, v, causal, softmax_scale=softmax_scale, window=window,
-        softcap=_no_cap(softcap), alibi_slopes=alibi_slopes, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
+        softcap=_no_cap(softcap), alibi_slopes=_fixed_slopes(op, alibi_slopes), rotary_cos=rotary_cos, rotary_sin=rotary_sin,
         rotary_interleaved=rotary_interleaved, cache_batch_idx=cache_batch_idx, cache_leftpad=cache_leftpad,
         block_table=block_table, return_lse=return_softmax_lse), "return_softmax_lse")
 

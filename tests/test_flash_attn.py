@@ -2697,6 +2697,12 @@ def test_flash_attn_interface_kvcache_and_unsupported_options():
     assert torch.equal(fai.flash_attn_func(q, k, k, alibi_slopes=slopes), pyllm.flash_attn(q, k, k, alibi_slopes=slopes))
     assert torch.equal(fai.flash_attn_with_kvcache(q, k, k, alibi_slopes=slopes),
                        pyllm.flash_attn_with_kvcache(q, k, k, k.shape[1], causal=False, alibi_slopes=slopes))
+    # slopes a model trains (requires_grad): fixed, as flash-attn takes them, with a warning (refused before)
+    trained = slopes.clone().requires_grad_()
+    fai._warned_alibi_grad = False  # (once a process)
+    with pytest.warns(UserWarning, match="alibi_slopes requires grad; as flash-attn's, the attention gives it none"):
+        assert torch.equal(fai.flash_attn_func(q, k, k, alibi_slopes=trained),
+                           pyllm.flash_attn(q, k, k, alibi_slopes=slopes))
     # the kv-cache options pass through: rotary, cache rows, left pads, paged caches, the LSE
     cos, sin = rotary_tables(16, 32)
     rows, pads, table = (torch.tensor(v, dtype=torch.int32) for v in ([1, 0], [2, 0], [[1, 0], [0, 1]]))

@@ -771,7 +771,7 @@ def config_file_options(path) -> dict:
 # The CLI keys' kinds, checked where a config file gives them (argparse checks the flags'): a string
 # for a number had failed in a traceback, some after training.
 _CLI_KINDS = {"data": "paths", "tokenizer": "path", "resume": "path", "prompt": "text", "eval_choices_file": "path",
-              "vocab_size": (int, 257), "tokenizer_train_bytes": (int, 0), "sample_tokens": (int, 0),
+              "vocab_size": (int, 1), "tokenizer_train_bytes": (int, 0), "sample_tokens": (int, 0),
               "eval_choices_limit": (int, 1), "val_fraction": (float, None)}
 
 

@@ -467,7 +467,7 @@ def test_config_file_keys_are_read_or_refused(corpus, tmp_path, capsys, monkeypa
                        ('out = "a"\nout_dir = "b"', "out and out_dir are one option"),
                        ('model = "tiny"', "model must be a table of ModelConfig fields"),
                        ('tokenizer_train_bytes = "5"', "tokenizer_train_bytes must be an integer >= 0, got '5'"),
-                       ("vocab_size = 300.0", "vocab_size must be an integer >= 257, got 300.0"),
+                       ("vocab_size = 300.0", "vocab_size must be an integer >= 1, got 300.0"),
                        ("val_fraction = 1.5", "val_fraction must be a number in (0, 1), got 1.5"),
                        ("prompt = 5", "prompt must be a string, got 5"),
                        ("max-steps = 3", "unknown option(s) max-steps (spelled max_steps)")):
@@ -524,7 +524,7 @@ def test_clear_errors(corpus, tmp_path, capsys):
     # config files: bad syntax, an unknown option, a wrongly typed one
     for name, text, message in [("a.toml", "max_steps = = 3", "is not valid TOML"),
                                 ("b.yaml", "max_steps: [3", "is not valid YAML"),
-                                ("c.toml", "max_step = 3", "unknown training option.*max_step"),
+                                ("c.toml", "max_step = 3", "unknown option.*max_step"),
                                 ("d.toml", 'max_steps = "ten"', "max_steps must be of type int, got 'ten'")]:
         if name.endswith(".yaml"):
             pytest.importorskip("yaml")

@@ -83,12 +83,16 @@ def cmd_bench(args) -> int:
               "with --dir CLONE/bench (it measures this installed pyllm unless the clone is built)", file=sys.stderr)
         return 2
     scripts = sorted(bench_dir.glob("bench_*.py"))
-    rc = 0
+    failed = []
     for script in scripts:
         print(f"== {script.name}", flush=True)
         extra = (["--quick"] if args.quick else []) + (["--device", args.device] if args.device else [])
-        rc |= subprocess.call([sys.executable, str(script), *extra])
-    return rc
+        code = subprocess.call([sys.executable, str(script), *extra])
+        if code:  # (a killed script's -9 had been OR-ed into exit 247, with no word of which)
+            failed.append(f"{script.name} ({f'killed by signal {-code}' if code < 0 else f'exit {code}'})")
+    if failed:
+        print(f"pyllm bench: {len(failed)} of {len(scripts)} scripts failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 

@@ -1023,6 +1023,16 @@ def test_plan(capsys):
     assert "1e+15 params, 2e+16 tokens" in capsys.readouterr().out
 
 
+def test_bench_names_the_scripts_that_failed(tmp_path, capsys):
+    # `pyllm bench` had OR-ed the scripts' exit codes (a killed one: 247), naming none
+    (tmp_path / "bench_a.py").write_text("import sys; print('a', sys.argv[1:])")
+    (tmp_path / "bench_b.py").write_text("import os, signal; os.kill(os.getpid(), signal.SIGKILL)")
+    (tmp_path / "bench_c.py").write_text("raise SystemExit(3)")
+    assert cli.main(["bench", "--dir", str(tmp_path), "--quick"]) == 1
+    captured = capsys.readouterr()
+    assert "pyllm bench: 2 of 3 scripts failed: bench_b.py (killed by signal 9), bench_c.py (exit 3)" in captured.err
+
+
 def test_plan_api_refuses_what_is_no_plan():
     from pyllm import plan
 

@@ -64,8 +64,18 @@ class CMakeBuild(build_ext):
             f"-DPYLLM_OPENMP={'OFF' if os.environ.get('PYLLM_OPENMP', '1') == '0' else 'ON'}",
         ]
         jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
-        subprocess.run(configure, cwd=build_dir, check=True)
-        subprocess.run(["cmake", "--build", ".", "-j", jobs], cwd=build_dir, check=True)
+        # A failed step ends in one line that says where its error is (a CalledProcessError's
+        # traceback, ending in the 600-character cmake command, had buried CMake's message above it).
+        for step, command in (("configure", configure), ("build", ["cmake", "--build", ".", "-j", jobs])):
+            try:
+                subprocess.run(command, cwd=build_dir, check=True)
+            except FileNotFoundError:
+                sys.exit("pyllm: cmake was not found: pip install cmake ninja (a build with "
+                         "--no-build-isolation uses the ones installed)")
+            except subprocess.CalledProcessError:
+                sys.exit(f"pyllm: CMake's {step} step failed: its error is above ('CMake Error' or the compiler's "
+                         "'error:' lines); the build options (PYLLM_CUDA, PYLLM_CUDA_ARCHS, PYLLM_MARCH) are in "
+                         "docs/building.md")
 
     # CMake writes _C_cpu.json (the instruction sets the CPU kernels need, which `import pyllm`
     # checks) beside the module. A wheel takes the whole build folder; an editable install copies

@@ -9,9 +9,23 @@ _cpu_guard.check()
 import importlib.util as _importlib_util  # noqa: E402
 
 if _importlib_util.find_spec("pyllm._C") is None:  # else a circular-import error from the first op module
-    raise ImportError(f"pyllm's compiled extension (pyllm._C) is not in {__path__[0]}: a source checkout without a "
-                      "build. Build it there (pip install --no-build-isolation -e .), or run from another folder to "
-                      "import an installed pyllm")
+    def _missing_extension() -> str:
+        import glob
+        import os
+        import sys
+
+        here = __path__[0]
+        others = sorted(os.path.basename(f) for f in glob.glob(os.path.join(here, "_C.*")) if not f.endswith(".json"))
+        found = (f" It holds {', '.join(others)}: built for another Python than this {sys.version_info[0]}."
+                 f"{sys.version_info[1]}." if others else "")
+        if os.path.basename(os.path.dirname(here)) in ("site-packages", "dist-packages"):
+            return (f"pyllm's compiled extension (pyllm._C) is not in the installed {here}.{found} Install pyllm "
+                    "again with this Python (pip install --force-reinstall --no-deps ...)")
+        return (f"pyllm's compiled extension (pyllm._C) is not in {here}: a source checkout without a build.{found} "
+                "Build it there (pip install --no-build-isolation -e .), or run from another folder to import an "
+                "installed pyllm")
+
+    raise ImportError(_missing_extension())
 
 from pyllm.ops.cross_entropy import cross_entropy  # noqa: E402
 from pyllm.ops.distill import generalized_jsd  # noqa: E402

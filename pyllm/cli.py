@@ -1928,7 +1928,7 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", help="prompt of the sample printed at the end (default 'def ', or a document's start "
                    "for a character vocabulary without those characters)")
     p.add_argument("--val-fraction", type=number_type(float, lambda v: 0 < v < 1, "in (0, 1)"), help="share of --data's documents (or tokens) held out for val, "
-                   "when the run tokenizes it (default 0.02)")
+                   "when the run tokenizes it: every round(1 / x)-th document, so at most a half (default 0.02)")
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
@@ -1971,7 +1971,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", nargs="+", help="text files or folders (default: this Python's standard-library source)")
     p.add_argument("--tokenizer", required=True, help="a saved pyllm tokenizer (from `pyllm tokenizer train`)")
     p.add_argument("--out", required=True, help="folder to write train.bin and val.bin into")
-    p.add_argument("--val-fraction", type=float, default=0.02, help="share of the documents (or tokens) held out for val (default 0.02)")
+    p.add_argument("--val-fraction", type=float, default=0.02, help="share of the documents (or tokens) held out for val: every round(1 / x)-th document, so at most a half (default 0.02)")
     p.set_defaults(func=cmd_prepare)
     p = sub.add_parser("tokenizer", help="tokenizer commands (train)")
     tsub = p.add_subparsers(dest="tokenizer_command", required=True)

@@ -438,6 +438,9 @@ def read_header(path) -> dict:
     path = Path(path)
     if not path.is_file():
         shards = split_files(path.parent, path.stem) if path.name in NANOGPT_SPLITS else []
+        if not shards and path.is_dir():
+            raise TokenFileError(f"{path} is a folder, not a token file: give one of its files ({path / 'train.bin'}, "
+                                 f"{path / 'val.bin'})")
         if not shards:
             raise TokenFileError(f"token file {path} does not exist; run `pyllm prepare` first")
         headers = [(shard, read_header(shard)) for shard in shards]
@@ -477,9 +480,9 @@ def read_header(path) -> dict:
 
 
 class ShardedTokens:
-    """Several token files read as one sequence (llm.c's shards of a split): len() and slices,
-    which is what the loaders take of a memmap. A window may run from one shard into the next, as
-    it runs from one document into the next within a shard."""
+    """Several token files read as one sequence (llm.c's shards of a split): len(), slices and
+    single tokens, what the loaders take of a memmap (np.asarray reads it whole). A window may run
+    from one shard into the next, as it runs from one document into the next within a shard."""
 
     def __init__(self, parts: list[np.memmap]):
         self.parts = parts
@@ -489,7 +492,18 @@ class ShardedTokens:
     def __len__(self) -> int:
         return int(self.starts[-1])
 
-    def __getitem__(self, index: slice) -> np.ndarray:
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        whole = self[0:len(self)]
+        return whole if dtype is None else whole.astype(dtype)
+
+    def __getitem__(self, index: slice | int) -> np.ndarray:
+        if isinstance(index, (int, np.integer)):  # (a memmap's single token: a numpy scalar)
+            at = int(index) + len(self) if index < 0 else int(index)
+            if not 0 <= at < len(self):
+                raise IndexError(f"token {index} of {len(self)}")
+            return self[at:at + 1][0]
+        if not isinstance(index, slice):
+            raise TypeError(f"ShardedTokens takes an int or a contiguous slice, got {type(index).__name__}")
         start, stop, step = index.indices(len(self))
         if step != 1:
             raise IndexError("ShardedTokens takes contiguous slices")
@@ -563,7 +577,8 @@ def prepare(inputs: Sequence[str | os.PathLike] | None, tokenizer, out_dir, val_
     <|endoftext|> last when the tokenizer has it (a model's own markers, e.g. Llama 3's
     <|begin_of_text|> and <|end_of_text|> ids, can be given instead; doc_end=None for none).
 
-    The split is by document (every round(1/val_fraction)-th document goes to val) when there are at
+    The split is by document (every round(1/val_fraction)-th document goes to val: 0.3 holds out a
+    third, anything from 0.4 up a half) when there are at
     least 1/val_fraction documents, else by position (the last val_fraction of the tokens). A file
     is a document, or each line of a JSON Lines file of {"text": ...} rows is (read_documents); with
     the default doc_end, a literal "<|endoftext|>" in the text also ends one (TinyStories' files
@@ -1079,8 +1094,19 @@ def prepare_kto(inputs: Sequence[str | os.PathLike], tokenizer, folder, out_dir,
 def write_documents(path, docs: Sequence[np.ndarray], masks: Sequence[np.ndarray], vocab_size: int,
                     pairs: np.ndarray | None = None) -> None:
     """A token file of docs, one after another, and its .docs.npy offsets and .mask.npy; with pairs
-    ((P, 2) document indices) a .pairs.npy too (else one left by earlier data is removed)."""
+    ((P, 2) document indices) a .pairs.npy too (else one left by earlier data is removed). Each
+    document has at least one token and a mask of its length (ValueError naming it). An earlier
+    set's token file is removed first: the token file, written last, says the set is whole (a
+    failed write over an earlier set had left its tokens beside the new offsets, taken as a set)."""
     path = Path(path)
+    if not len(docs) or len(docs) != len(masks):
+        raise ValueError(f"write_documents: {len(docs)} documents and {len(masks)} masks: give one mask per "
+                         "document, and at least one document")
+    for i, (doc, mask) in enumerate(zip(docs, masks)):
+        if not len(doc) or len(mask) != len(doc):
+            raise ValueError(f"write_documents: document {i} has {len(doc)} tokens and a mask of {len(mask)}: every "
+                             "document has at least one token and a mask of its length")
+    path.unlink(missing_ok=True)
     if pairs is not None:
         write_whole(path.with_suffix(".pairs.npy"), np.asarray(pairs, np.int64))
     else:
@@ -1124,7 +1150,8 @@ class PackedLoader:
     Preference pairs (a .pairs.npy beside the token file: prepare_preferences) are placed as one:
     a pair's two documents go into the same row one after the other (chosen, then rejected), cut
     together to fit a row when they do not (pair_lengths). shuffle=False takes documents (pairs) in
-    their order (reference_logps' pass over a set).
+    their order into the window, from which rows still choose what fits (the placed order is not
+    the file's: read loader.docs for each row's documents; reference_logps' pass over a set).
     """
 
     # Documents a row may choose from. 1000 of bench/bench_sft.py's conversations (log-normal
@@ -1256,11 +1283,20 @@ class PackedLoader:
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "cursor": self.cursor, "waiting": list(self.waiting), "path": str(self.path),
-                "seed": self.seed}
+                "seed": self.seed, "units": self.units, "tokens": len(self.tokens)}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("seed", self.seed) != self.seed:  # the cursor points into the seed's order of the epoch
             raise ValueError(f"this loader's seed is {self.seed}, the state's {state['seed']}: its place in the epoch "
                              "is in that seed's order of the documents (resume with the run's seed)")
+        # Another set's place (as TokenLoader's check): a cursor past this set's end had given
+        # all-padding batches forever, an index past it an IndexError; states before 2026-12-06
+        # recorded no sizes, and are checked by their cursor and waiting documents alone.
+        units, tokens = state.get("units", self.units), state.get("tokens", len(self.tokens))
+        if (units, tokens) != (self.units, len(self.tokens)) or not 0 <= state["cursor"] <= self.units or any(
+                not 0 <= u < self.units for u in state["waiting"]):
+            raise TokenFileError(f"{self.path} holds {self.units:,} {'pairs' if self.pairs is not None else 'documents'} "
+                                 f"of {len(self.tokens):,} tokens, the state's data ({state.get('path')}) {units:,} of "
+                                 f"{tokens:,}: the files changed since, or are another set's")
         self.epoch, self.cursor, self.waiting = state["epoch"], state["cursor"], list(state["waiting"])
         self._order = self._epoch_order(self.epoch)

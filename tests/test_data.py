@@ -407,6 +407,48 @@ def test_packed_loader_counts_what_it_trains_on(tmp_path):
     assert loader.targets == int((y != -1).sum()) > 0
 
 
+def test_document_sets_are_whole_and_their_loader_states_their_own(tmp_path):
+    # From an audit of the data API (2026-12-06): a PackedLoader state of another set had given
+    # all-padding batches forever (or an IndexError); a failed write_documents over an earlier set
+    # had left its tokens beside the new offsets, taken as a set; masks of other lengths than their
+    # documents and empty documents had been written.
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(1, 16, n) for n in rng.integers(2, 9, 50)]
+    masks = [np.ones(len(d), np.uint8) for d in docs]
+    data.write_documents(tmp_path / "big.bin", docs, masks, vocab_size=16)
+    data.write_documents(tmp_path / "small.bin", docs[:10], masks[:10], vocab_size=16)
+    big = data.PackedLoader(tmp_path / "big.bin", 2, 12)
+    for _ in range(5):
+        big.next_batch()
+    small = data.PackedLoader(tmp_path / "small.bin", 2, 12)
+    with pytest.raises(data.TokenFileError, match="holds 10 documents of .* the state's data .* 50 of"):
+        small.load_state_dict(big.state_dict())
+    again = data.PackedLoader(tmp_path / "big.bin", 2, 12)
+    again.load_state_dict(big.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(again.next_batch(), big.next_batch()))
+    for bad_docs, bad_masks, match in (([np.array([1, 2, 3]), np.array([4])], [np.ones(2), np.ones(2)], "document 0 has 3"),
+                                       ([np.array([1, 2]), np.array([], np.int64)], [np.ones(2), np.ones(0)], "document 1 has 0"),
+                                       ([], [], "at least one document")):
+        with pytest.raises(ValueError, match=match):
+            data.write_documents(tmp_path / "small.bin", bad_docs, bad_masks, vocab_size=16)
+    with pytest.raises(ValueError):  # an id past the vocabulary, over the earlier set: no set left half new
+        data.write_documents(tmp_path / "small.bin", [np.array([1, 99])] * 5, [np.ones(2, np.uint8)] * 5, vocab_size=16)
+    assert not (tmp_path / "small.bin").exists()
+    with pytest.raises(data.TokenFileError, match="is a folder, not a token file"):
+        data.open_tokens(tmp_path)
+    # llm.c's shards as one sequence: single tokens and np.asarray too, as a memmap takes them
+    shards = tmp_path / "llmc"
+    shards.mkdir()
+    tokens = rng.integers(0, 50257, 30).astype(np.uint16)
+    for name, part in (("x_train_000000.bin", tokens[:12]), ("x_train_000001.bin", tokens[12:])):
+        header = np.zeros(256, np.int32)
+        header[:3] = 20240520, 1, len(part)
+        (shards / name).write_bytes(header.tobytes() + part.tobytes())
+    joined = data.open_tokens(shards / "train.bin")
+    assert isinstance(joined, data.ShardedTokens) and np.array_equal(np.asarray(joined), tokens)
+    assert joined[12] == tokens[12] and joined[-1] == tokens[-1] and np.array_equal(joined[10:14], tokens[10:14])
+
+
 def test_token_loader_batches_are_contiguous(tmp_path):
     # as nanoGPT's get_batch stacks them: a user's model that views its targets with view(-1) takes them
     data.write_tokens(tmp_path / "t.bin", np.arange(200) % 7, vocab_size=7, doc_end=6)

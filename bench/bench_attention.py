@@ -9,6 +9,8 @@ one new token against a KV cache of T tokens (flash_attn_with_kvcache vs SDPA on
 --overhead-only: the Python cost of one flash_attn_with_kvcache call on the CPU (call minus kernel).
 --paged: decode over a paged KV cache (block_table) vs gathering its blocks for SDPA (CPU).
 --dropout P: prefill rows with dropout on the probabilities, ours vs SDPA's dropout_p (and ours without).
+Before timing, each row's forward output of ours must match the peer's (the first that runs) on the
+same inputs, prefill and decode alike (dropout rows excepted: their masks are random).
 """
 from __future__ import annotations
 
@@ -220,6 +222,9 @@ def decode_rows(device: str, h: int, quick: bool, softcap: float = 0.0, dims=(64
                     if name != "pyllm" and name not in VARIANT_ENV:
                         impls[name] = lambda fn=fn: fn(q, k_cache, v_cache, False)
                 base, ours_ms = None, None
+                with torch.no_grad():
+                    check_against_peer(impls, ["pyllm"], lambda fn: fn(), dtype,
+                                       f"decode B {b} T {t} D {d} {dtype} softcap {softcap}")
                 for name, fn in impls.items():
                     def step(fn=fn):
                         with torch.no_grad():
@@ -231,7 +236,8 @@ def decode_rows(device: str, h: int, quick: bool, softcap: float = 0.0, dims=(64
                     except RuntimeError as e:
                         rows.append({**row, "ms": "n/a", "note": str(e)[:60]})
                         continue
-                    rows.append({**row, "ms": round(ms, 3), "TFLOPs": round(4 * b * t * h * d / ms / 1e9, 3)})
+                    rows.append({**row, "ms": round(ms, 3), "TFLOPs": round(4 * b * t * h * d / ms / 1e9, 3),
+                                 **common.spread(ms)})
                     if name == "pyllm":
                         ours_ms, ours_row = ms, rows[-1]
                     elif base is None:
@@ -239,6 +245,26 @@ def decode_rows(device: str, h: int, quick: bool, softcap: float = 0.0, dims=(64
                 if base and ours_ms:
                     ours_row["vs sdpa"] = f"{base / ours_ms:.2f}x"
     return rows
+
+
+def check_against_peer(impls: dict, ours: list[str], call, dtype, what: str) -> None:
+    """call(fn) of each of ours against the first other impl for which it runs (check_close);
+    nothing to compare where none runs."""
+    for name, fn in impls.items():
+        if name in ours or name.startswith("pyllm"):
+            continue
+        try:
+            expected = call(fn)
+        except RuntimeError:  # a backend that refuses this config
+            continue
+        for mine in ours:
+            with variant_env(mine):
+                try:
+                    got = call(impls[mine])
+                except RuntimeError:  # refused here: its row says so
+                    continue
+            common.check_close(got, expected, f"{mine} vs {name}, {what}")
+        return
 
 
 def overhead_rows(h: int) -> list[dict]:
@@ -305,8 +331,10 @@ def memory_rows(device: str, impls: dict, h: int, quick: bool) -> list[dict]:
                 continue
             if t == 256:  # warm-up: thread pools, lazy initialisation
                 continue
+            # "ms" holds MiB in these rows (older files read it there); unit and mib say so
             rows.append({"dtype": "bfloat16", "B": 1, "T": t, "D": 128, "causal": True, "mode": "peak MiB fwd+bwd",
-                         "impl": name, "ms": round(mb, 1), "note": f"{mb / t * 1024:.2f} MiB per 1k tokens"})
+                         "impl": name, "ms": round(mb, 1), "unit": "MiB", "mib": round(mb, 1),
+                         "note": f"{mb / t * 1024:.2f} MiB per 1k tokens"})
     return rows
 
 
@@ -347,6 +375,9 @@ def paged_rows(h: int, quick: bool, page: int = 16) -> list[dict]:
                          "pyllm contiguous": lambda: pyllm.flash_attn_with_kvcache(q, k_cache=k_cont, v_cache=v_cont,
                                                                                     cache_seqlens=seqlens),
                          "torch gather + sdpa": gather_sdpa}
+                with torch.no_grad():
+                    check_against_peer(impls, ["pyllm paged", "pyllm contiguous"], lambda fn: fn(), dtype,
+                                       f"paged decode B {b} T {t} D {d} {dtype}")
                 timed = {}
                 for name, fn in impls.items():
                     def step(fn=fn):
@@ -356,9 +387,9 @@ def paged_rows(h: int, quick: bool, page: int = 16) -> list[dict]:
                     timed[name] = ms
                     rows.append({"dtype": str(dtype).removeprefix("torch."), "B": b, "T": t, "D": d, "causal": False,
                                  "mode": f"decode paged {page}", "impl": name, "ms": round(ms, 3),
-                                 "note": f"Hkv {hk}, lengths {lengths[0]}..{lengths[-1]}"})
+                                 "note": f"Hkv {hk}, lengths {lengths[0]}..{lengths[-1]}", **common.spread(ms)})
                 for row in rows[-3:-1]:
-                    row["vs gather+sdpa"] = f"{timed['torch gather + sdpa'] / row['ms']:.2f}x"
+                    row["vs gather+sdpa"] = f"{timed['torch gather + sdpa'] / timed[row['impl']]:.2f}x"
     return rows
 
 
@@ -407,13 +438,19 @@ def main() -> int:
     if args.dropout:  # the peer is SDPA's dropout_p; ours without dropout shows its cost
         impls, ratio, only = {"pyllm dropout": ours_with_dropout(args.dropout), "pyllm": ours,
                               "sdpa dropout": sdpa_with_dropout(args.dropout)}, "vs sdpa dropout", False
+    # ours with the peer's feature (all of ours in plain rows); none with dropout, whose masks are random
+    checked = [] if args.dropout else list(impls)[:1] if args.sinks or args.alibi else \
+        [name for name in impls if name.startswith("pyllm")]
     dims = tuple(int(d) for d in args.head_dims.split(","))
     for b, t, d, dtype, causal in ([] if only else configs(device, args.quick, dims)):
         flops = 4 * b * t * t * h * d * (0.5 if causal else 1.0)
         q, k, v, dout = (torch.randn(b, t, h, d, device=device, dtype=dtype) for _ in range(4))
         repeat = 5 if device == "cpu" or t >= 8192 else 20  # a 16k fwd+bwd call takes tens of ms on the GPU
+        with torch.no_grad():
+            check_against_peer(impls, checked, lambda fn: fn(q, k, v, causal), dtype,
+                               f"prefill B {b} T {t} D {d} {dtype} causal {causal}")
         for mode, work in (("fwd", flops), ("fwd+bwd", 3.5 * flops)):
-            base, first = None, len(rows)
+            base, first, times = None, len(rows), {}
             for name, fn in impls.items():
                 if name == SIMT_BWD and (mode == "fwd" or t > 4096):
                     continue
@@ -438,11 +475,13 @@ def main() -> int:
                                  "causal": causal, "mode": mode, "impl": name, "ms": "n/a", "note": str(e)[:60]})
                     continue
                 base = ms if base is None and not name.startswith("pyllm") else base
+                times[name] = ms
                 rows.append({"dtype": str(dtype).removeprefix("torch."), "B": b, "T": t, "D": d, "causal": causal,
-                             "mode": mode, "impl": name, "ms": round(ms, 4), "TFLOPs": round(work / ms / 1e9, 3)})
+                             "mode": mode, "impl": name, "ms": round(ms, 4), "TFLOPs": round(work / ms / 1e9, 3),
+                             **common.spread(ms)})
             for ours_row in rows[first:]:  # this mode's rows
-                if base and ours_row["impl"].startswith("pyllm") and isinstance(ours_row["ms"], float):
-                    ours_row[ratio] = f"{base / ours_row['ms']:.2f}x"
+                if base and ours_row["impl"].startswith("pyllm") and ours_row["impl"] in times:
+                    ours_row[ratio] = f"{base / times[ours_row['impl']]:.2f}x"
     prefill_only = args.sinks or args.alibi or args.dropout
     if not args.memory_only and not prefill_only:
         rows += decode_rows(device, h, args.quick, args.softcap, dims)

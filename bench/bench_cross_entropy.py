@@ -122,32 +122,45 @@ def liger_ce_fn():
     def loss(logits, targets, z_loss):
         if z_loss not in losses:
             losses[z_loss] = LigerCrossEntropyLoss(ignore_index=-1, lse_square_scale=z_loss)
-        # Liger writes the gradient over its input: a copy, or every later run would read gradients
-        return losses[z_loss](logits.clone(), targets)
+        return losses[z_loss](logits, targets)
+    # Liger writes the gradient over its input: measure() hands it a copy, made untimed before each call
+    loss.overwrites_input = True
     return loss
 
 
 def measure(impls: dict, inputs: tuple, targets, repeat: int, device: str, labels: dict,
             objectives=(("ce", 0.0), ("ce+z", Z))) -> list[dict]:
     """One row per impl and objective (name, the loss functions' last argument): fwd+bwd of the
-    loss for the gradients of inputs."""
+    loss for the gradients of inputs. An impl marked overwrites_input gets its own copy of inputs,
+    refreshed untimed before every call."""
+    copies = {name: [t.clone() for t in inputs] for name, fn in impls.items() if getattr(fn, "overwrites_input", False)}
+
+    def refresh():
+        for copy in copies.values():
+            for c, t in zip(copy, inputs):
+                c.copy_(t)
+
     rows = []
     for objective, z_loss in objectives:
-        def step_of(fn, z_loss=z_loss):
+        def step_of(fn, given, z_loss=z_loss):
             def step():
-                leaves = [t.detach().requires_grad_() for t in inputs]
+                leaves = [t.detach().requires_grad_() for t in given]
                 return torch.autograd.grad(fn(*leaves, targets, z_loss), leaves)
             return step
 
-        runs = {name: step_of(fn) for name, fn in impls.items()}
+        runs = {name: step_of(fn, copies.get(name, inputs)) for name, fn in impls.items()}
         for run in runs.values():  # warm up (and compile) outside the timing
+            refresh()
             run()
-        seconds = common.interleaved_seconds(runs, repeat, device)
-        losses = {name: float(fn(*inputs, targets, z_loss)) for name, fn in impls.items()}
+        seconds = common.interleaved_seconds(runs, repeat, device, before=refresh if copies else None)
+        refresh()
+        losses = {name: float(fn(*copies.get(name, inputs), targets, z_loss)) for name, fn in impls.items()}
         for name, run in runs.items():
+            refresh()
             rows.append({**labels, "loss": objective, "impl": name, "ms": round(seconds[name] * 1e3, 1),
                          "peak MiB": round(common.peak_memory_mb(run, device)),
-                         "vs torch": f"{seconds['torch'] / seconds[name]:.2f}x", "value": round(losses[name], 5)})
+                         "vs torch": f"{seconds['torch'] / seconds[name]:.2f}x", "value": round(losses[name], 5),
+                         **common.spread(seconds[name], 1e3)})
     return rows
 
 
@@ -171,10 +184,13 @@ def main() -> int:
         ce_impls["torch.compile"] = torch.compile(torch_ce)
         logps_impls["torch.compile"] = torch.compile(torch_logps)
         dpo_impls["torch.compile"] = torch.compile(torch_dpo)
-    if device == "cuda" and (liger := liger_fn()) is not None:
-        impls["liger"] = liger
-    if device == "cuda" and (liger := liger_ce_fn()) is not None:
-        ce_impls["liger"] = liger
+    if device == "cuda":
+        if (liger := liger_fn()) is not None:
+            impls["liger"] = liger
+        if (liger := liger_ce_fn()) is not None:
+            ce_impls["liger"] = liger
+        else:
+            print("# skipped: liger_kernel not installed: no liger rows")
 
     print(f"# linear cross-entropy on {common.device_description(device)}: {rows_n} rows x {args.dim} -> "
           f"{args.vocab} words, fwd+bwd; then the loss alone on ({rows_n}, {args.vocab}) logits; then the "

@@ -124,8 +124,8 @@ def main() -> int:
     memory, seconds = peak_mb_and_seconds(runs, args.repeat, device, zero)
     peer = seconds["TRL GKD (transformers)"]
     rows = [{"impl": name, "s/step": round(s, 3), "tokens/s": round(x.numel() / s),
-             "vs TRL": f"{peer / s:.2f}x", "peak MB": round(memory[name]), "loss": round(losses[name], 5)}
-            for name, s in seconds.items()]
+             "vs TRL": f"{peer / s:.2f}x", "peak MB": round(memory[name]), "loss": round(losses[name], 5),
+             **common.spread(s)} for name, s in seconds.items()]
     print(f"# distillation step on {common.device_description(device)}: student {layers} layers, teacher "
           f"{2 * layers}, {args.dtype}, {args.batch} x {args.seq_len} tokens, beta {args.beta}, T {args.temperature}, "
           f"transformers {transformers.__version__}")
@@ -162,8 +162,11 @@ def logits_bench(args) -> int:
              "TRL's formula (torch eager)": trl}
     if not args.quick:
         impls["torch.compile of it"] = torch.compile(trl)
-    if device == "cuda" and (liger := liger_jsd(beta, temperature)) is not None:
-        impls["Liger's LigerJSD"] = liger
+    if device == "cuda":
+        if (liger := liger_jsd(beta, temperature)) is not None:
+            impls["Liger's LigerJSD"] = liger
+        else:
+            print("# skipped: liger_kernel not installed: no LigerJSD row")
     runs = {name: (lambda fn=fn: fn(student, teacher).backward()) for name, fn in impls.items()}
     with torch.no_grad():
         losses = {name: float(fn(student, teacher)) for name, fn in impls.items()}
@@ -176,7 +179,7 @@ def logits_bench(args) -> int:
     memory, seconds = peak_mb_and_seconds(runs, args.repeat, device, zero)
     peer = seconds["TRL's formula (torch eager)"]
     table = [{"impl": name, "ms": round(s * 1e3, 1), "vs TRL": f"{peer / s:.2f}x", "peak MB": round(memory[name]),
-              "loss": round(losses[name], 6)} for name, s in seconds.items()]
+              "loss": round(losses[name], 6), **common.spread(s, 1e3)} for name, s in seconds.items()]
     print(f"# generalized JSD on {rows} x {vocab} logits, fwd + bwd, {common.device_description(device)}: "
           f"{args.dtype}, beta {beta}, T {temperature}")
     common.print_table(table, ["impl", "ms", "vs TRL", "peak MB", "loss"])

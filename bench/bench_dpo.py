@@ -24,9 +24,10 @@ then rejected sequences padded together (its pad id pooling the last real token)
 The padded batches hold as many pairs as a packed batch holds on average. Prompt and reply lengths
 are drawn from log-normals around --mean-prompt / --mean-reply (cut to [8, ...]); each pair's two
 replies differ in length. Rows: seconds per epoch (median of --repeat, interleaved), real tokens/s,
-the share of computed positions that were padding. Needs transformers; prints why and exits 0
-without it. (TRL itself is not imported: its trainer's loop around this computation is not what is
-measured.)
+the share of computed positions that were padding. pyllm packed's last batch may also hold the next
+epoch's first pairs (the loader fills it so): they are in its s/epoch and its real tokens, and their
+tokens are printed under the table. Needs transformers; prints why and exits 0 without it. (TRL
+itself is not imported: its trainer's loop around this computation is not what is measured.)
 """
 from __future__ import annotations
 
@@ -139,10 +140,13 @@ def main() -> int:
         path = Path(folder) / "train.bin"
         data.write_documents(path, docs, masks, config.vocab_size, np.arange(2 * n_pairs).reshape(-1, 2))
         loader = data.PackedLoader(path, args.rows, args.seq_len, seed=0)
-        packed, pad = [], 0
+        packed, pad, seen, next_epoch_tokens = [], 0, set(), 0
         while loader.epoch == 0:  # the last batch may hold the next epoch's first pairs
             packed.append((*loader.next_batch(), loader.docs))
             pad += loader.padding
+            for doc, n in zip((d for d in loader.docs if d >= 0), loader.lengths):
+                next_epoch_tokens += n if doc in seen else 0
+                seen.add(doc)
         order = [int(i) for i in loader._epoch_order(0)]
     ours, theirs = ours.to(args.device, dtype).train(), theirs.to(args.device, dtype).train()
     per_batch = max(1, round(n_pairs / len(packed)))
@@ -235,15 +239,19 @@ def main() -> int:
         rows.append({"impl": name, "batches": len(packed) if name.startswith("pyllm") else len(batches),
                      "s/epoch": round(s, 2), "real tokens/s": round(real[name] / s),
                      "padding": f"{1 - real[name] / positions[name]:.0%}",
-                     "vs transformers": f"{peer * real[name] / (s * real['transformers padded']):.2f}x"})
+                     "vs transformers": f"{peer * real[name] / (s * real['transformers padded']):.2f}x",
+                     **common.spread(s)})
     print(f"# {args.loss.upper()} epoch on {common.device_description(args.device)}: {config.num_hidden_layers} layers, {args.dtype}, "
           f"{n_pairs} pairs, {lengths.sum()} tokens (sequences of mean {lengths.mean():.0f}, max {lengths.max()}), "
           f"packed {args.rows} x {args.seq_len}, padded {per_batch} pairs per batch, transformers {transformers.__version__}")
     common.print_table(rows, ["impl", "batches", "s/epoch", "real tokens/s", "padding", "vs transformers"])
+    if next_epoch_tokens:
+        print(f"# pyllm packed's last batch also trains {next_epoch_tokens} tokens of the next epoch's first pairs "
+              f"({next_epoch_tokens / lengths.sum():.1%} of an epoch): in its s/epoch and its real tokens/s")
     common.write_json(args.json, args.loss, args.device, rows, {
         "layers": config.num_hidden_layers, "dtype": args.dtype, "pairs": n_pairs, "tokens": int(lengths.sum()),
         "seq_len": args.seq_len, "rows": args.rows, "pairs_per_padded_batch": per_batch,
-        "transformers": transformers.__version__, "beta": BETA})
+        "transformers": transformers.__version__, "beta": BETA, "packed_next_epoch_tokens": next_epoch_tokens})
     return 0
 
 

@@ -107,10 +107,10 @@ def timed_rows(args, runs: dict, dtype, batch: int, same_of) -> list[dict]:
     peer = statistics.median(seconds[next(name for name in runs if name.startswith("transformers"))])
     rows = []
     for name in runs:
-        s = statistics.median(seconds[name])
+        s = common.timing(seconds[name])
         rows.append({"dtype": str(dtype).removeprefix("torch."), "B": batch, "impl": name, "s": round(s, 3),
                      "tokens/s": round(batch * args.new_tokens / s, 1), "vs transformers": f"{peer / s:.2f}x",
-                     "same tokens": same})
+                     "same tokens": same, **common.spread(s)})
     return rows
 
 

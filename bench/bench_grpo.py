@@ -76,6 +76,7 @@ def main() -> int:
     def step_pyllm():
         t0 = time.perf_counter()
         rollout = trainer.grpo_rollout(ours, batch, cfg, [reward], None)  # sampling (the reward costs nothing)
+        common.sync(args.device)  # the split between sampling and training is read off the host clock
         t1 = time.perf_counter()
         trainer.grpo_prepare([rollout], cfg, trainer.DistInfo(device=torch.device(args.device)))
         trainer.grpo_loss(ours, rollout, cfg)[0].backward()
@@ -95,6 +96,7 @@ def main() -> int:
             out = theirs.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0,
                                   max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
                                   num_return_sequences=G, eos_token_id=None)
+        common.sync(args.device)
         t1 = time.perf_counter()
         full_mask = torch.cat([mask.repeat_interleave(G, 0), torch.ones(len(out), args.new_tokens, dtype=torch.long,
                                                                          device=args.device)], 1)
@@ -116,14 +118,15 @@ def main() -> int:
         ours.zero_grad(set_to_none=True), theirs.zero_grad(set_to_none=True)))
     rows = []
     new_tokens = n_prompts * G * args.new_tokens
+    totals = {}
     for name in runs:
         sampling, training = (float(np.median([t[i] for t in times[name]])) for i in (0, 1))
-        total = sampling + training
+        total = totals[name] = sampling + training
+        steps = common.timing([a + b for a, b in times[name]])  # the spread of whole steps
         rows.append({"impl": name, "sampling s": round(sampling, 2), "training s": round(training, 2),
-                     "step s": round(total, 2), "sampled tokens/s": round(new_tokens / sampling)})
-    base = rows[1]["step s"]
-    for row in rows:
-        row["vs transformers"] = f"{base / row['step s']:.2f}x"
+                     "step s": round(total, 2), "sampled tokens/s": round(new_tokens / sampling), **common.spread(steps)})
+    for row in rows:  # from unrounded seconds
+        row["vs transformers"] = f"{totals['transformers'] / totals[row['impl']]:.2f}x"
     print(f"# GRPO step on {common.device_description(args.device)}: {config.num_hidden_layers} layers, {args.dtype}, "
           f"{n_prompts} prompts (mean {lengths.mean():.0f} tokens) x {G} samples of {args.new_tokens} tokens, "
           f"transformers {transformers.__version__}")

@@ -15,8 +15,10 @@ is largest. Batches, each --batch x --seq-len tokens:
   use_cache=False), pyllm reads the documents off position_ids.
 Rows: median seconds per step (the contenders interleaved, --repeat rounds), real tokens / s, the
 peak memory of one step above the model's (CPU: the process's peak resident set, CUDA: the
-allocator's), and the ratio to transformers' own. --compile: each model under torch.compile (inductor),
-compiled before timing, with the number of graph breaks dynamo counted in it.
+allocator's), and the ratio to transformers' own. Each model takes one untimed step per batch first;
+its loss there must match transformers' own (relative difference at most 1e-4 in fp32, 2e-2 in
+bf16), or the run stops: a fast wrong patch gets no ratio. --compile: each model under torch.compile
+(inductor), compiled in that first step, with the number of graph breaks dynamo counted in it.
 Needs transformers; prints why and exits 0 without it.
 """
 from __future__ import annotations
@@ -92,7 +94,7 @@ def main() -> int:
         models["transformers+liger"] = copy.deepcopy(models["transformers"])
         getattr(liger, f"apply_liger_kernel_to_{args.family}")(model=models["transformers+liger"])
     except ImportError:
-        pass
+        print("# skipped: liger_kernel not installed: no transformers+liger rows")
 
     inputs, real_tokens = batches(args.batch, args.seq_len, config.vocab_size, device)
     shape = "SmolLM2-135M shape" if args.family == "llama" else "Gemma 2 in SmolLM2-135M's width"
@@ -100,17 +102,26 @@ def main() -> int:
           f"{args.batch} x {args.seq_len} tokens per step ({real_tokens} real), pyllm applied: {applied}"
           + (", torch.compile" if args.compile else ""))
     rows = []
+    tolerance = 1e-4 if dtype == torch.float32 else 2e-2  # the losses' relative difference
     for layout, batch in inputs.items():
         def step(model, forward, batch=batch):
-            forward(**batch).loss.backward()
+            loss = forward(**batch).loss
+            loss.backward()
             model.zero_grad(set_to_none=True)
-        forwards, breaks = dict(models), {}
-        if args.compile:
-            for name, model in models.items():
-                before = sum(torch._dynamo.utils.counters["graph_break"].values())
+            return loss.detach()
+        forwards, breaks, losses = dict(models), {}, {}
+        for name, model in models.items():  # one untimed step each (warm-up; under --compile, the compile)
+            before = sum(torch._dynamo.utils.counters["graph_break"].values())
+            if args.compile:
                 forwards[name] = torch.compile(model)
-                step(model, forwards[name])  # compiled here, not in the timing
-                breaks[name] = sum(torch._dynamo.utils.counters["graph_break"].values()) - before
+            losses[name] = float(step(model, forwards[name]))
+            breaks[name] = sum(torch._dynamo.utils.counters["graph_break"].values()) - before
+        print(f"# {layout}: first-step losses " + ", ".join(f"{name} {loss:.6f}" for name, loss in losses.items()))
+        diff = abs(losses["transformers+pyllm"] - losses["transformers"]) / abs(losses["transformers"])
+        if not diff <= tolerance:
+            raise RuntimeError(f"{layout} batch: transformers+pyllm's loss {losses['transformers+pyllm']:.6f} differs from "
+                               f"transformers' {losses['transformers']:.6f} by {diff:.1e} (more than {tolerance:g} in "
+                               f"{dtype}): not timed")
         runs = {name: (lambda m=model, f=forwards[name]: step(m, f)) for name, model in models.items()}
         seconds = common.interleaved_seconds(runs, args.repeat, device)
         base = seconds["transformers"]
@@ -118,8 +129,8 @@ def main() -> int:
             peak = common.peak_memory_mb(lambda m=model, f=forwards[name]: step(m, f), device)
             rows.append({"batch": layout, "model": name, "s/step": round(seconds[name], 4),
                          "tokens/s": round(real_tokens / seconds[name]), "peak MiB": round(peak, 1),
-                         "speed vs transformers": round(base / seconds[name], 2),
-                         **({"graph breaks": breaks[name]} if args.compile else {})})
+                         "speed vs transformers": round(base / seconds[name], 2), "first loss": losses[name],
+                         **({"graph breaks": breaks[name]} if args.compile else {}), **common.spread(seconds[name])})
     common.print_table(rows, ["batch", "model", "s/step", "tokens/s", "peak MiB", "speed vs transformers"]
                        + (["graph breaks"] if args.compile else []))
     common.write_json(args.json, "hf", device, rows,

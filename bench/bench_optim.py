@@ -12,8 +12,11 @@ Rows:
                   Ours: one step(grad_scaler=, max_grad_norm=) call.
 GB/s counts the minimum bytes per param for every implementation alike: 28 B (grad read; master or
 fp32 param, m, v read and written; the bf16 params' 2 B grad + 2 B write are the same 4 B as an fp32
-grad) plus, for the amp row, the norm pass's grad read (2 B). "of copy" is that over the measured
-copy bandwidth. Speedup is against torch foreach=True (the default where torch has it).
+grad) plus, for the amp row, the norm pass's grad read (2 B). "vs copy" is that over the measured
+copy bandwidth, for scale (an in-place update can pass 100%). Speedup is against torch foreach=True
+(the default where torch has it). Every implementation starts from the same params and grads; before
+timing, ours and torch foreach's weights after one step must match (the fp32 weights of record within
+2% of lr, the bf16 params within bf16's tolerance).
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ MAX_NORM = 1e4
 
 
 def make_params(sizes, dtype, device):
+    torch.manual_seed(0)  # the same start for every implementation: the step-one check compares them
     params = [torch.nn.Parameter(torch.randn(n, device=device).to(dtype)) for n in sizes]
     for p in params:
         p.grad = torch.randn_like(p) * 1e-3
@@ -45,12 +49,13 @@ def make_params(sizes, dtype, device):
 
 
 def torch_impl(kind: str, sizes, mode: str, device: str):
-    """A step function for torch AdamW (kind: foreach / for-loop / fused) in `mode`."""
+    """(step, weights) for torch AdamW (kind: foreach / for-loop / fused) in `mode`: weights() gives
+    the fp32 weights of record and, with bf16 params, those params."""
     flags = {"foreach": dict(foreach=True), "for-loop": dict(foreach=False), "fused": dict(fused=True)}[kind]
     if mode == "fp32":
         params = make_params(sizes, torch.float32, device)
         opt = torch.optim.AdamW(params, **HYPER, **flags)
-        return opt.step
+        return opt.step, lambda: (params, [])
     model = make_params(sizes, torch.bfloat16, device)  # the bf16 model, whose grads arrive
     masters = [torch.nn.Parameter(p.detach().float()) for p in model]
     for m in masters:
@@ -69,31 +74,54 @@ def torch_impl(kind: str, sizes, mode: str, device: str):
         opt.step()
         torch._foreach_copy_([p.data for p in model], [m.data for m in masters])
 
-    return step
+    return step, lambda: (masters, model)
 
 
 def ours_impl(sizes, mode: str, device: str):
     if mode == "fp32":
         params = make_params(sizes, torch.float32, device)
         opt = AdamW(params, **HYPER)
-        return opt.step
+        return opt.step, lambda: (params, [])
     params = make_params(sizes, torch.bfloat16, device)
     opt = AdamW(params, **HYPER)
+    weights = lambda: ([opt.state[p]["master"] for p in params], params)  # noqa: E731
     if mode == "bf16+master":
-        return opt.step
+        return opt.step, weights
     scaler = DynamicLossScaler(init_scale=LOSS_SCALE)
-    return lambda: opt.step(grad_scaler=scaler, max_grad_norm=MAX_NORM)
+    return lambda: opt.step(grad_scaler=scaler, max_grad_norm=MAX_NORM), weights
 
 
 def apex_impl(sizes, mode: str, device: str):
+    if device != "cuda" or mode != "fp32":
+        return None
     try:
         from apex.optimizers import FusedAdam
     except ImportError:
-        return None
-    if device != "cuda" or mode != "fp32":
+        print("# skipped: apex not installed (its FusedAdam row)")
         return None
     params = make_params(sizes, torch.float32, device)
-    return FusedAdam(params, adam_w_mode=True, **HYPER).step
+    return FusedAdam(params, adam_w_mode=True, **HYPER).step, lambda: (params, [])
+
+
+def after_one_step(make) -> tuple[list, list]:
+    """Copies of an implementation's weights (weights of record, bf16 params) after one step."""
+    step, weights = make()
+    with torch.no_grad():
+        step()
+    return tuple([w.detach().clone() for w in ws] for ws in weights())
+
+
+def check_step(ours, theirs, mode: str) -> None:
+    """Ours against torch foreach after one step from the same start. The step moves a weight by
+    about lr: a tolerance on the weights themselves (1e-4 of ~1) would pass a step that did nothing,
+    so the fp32 weights must agree within 2% of lr (a few ulps of |w| < 8); bf16 params round them."""
+    record, params = after_one_step(ours)
+    peer_record, peer_params = after_one_step(theirs)
+    common.check_close(record, peer_record, f"{mode}: weights after one step, pyllm vs torch foreach",
+                       rtol=0.0, atol=HYPER["lr"] * 2e-2)
+    if params:
+        common.check_close(params, peer_params, f"{mode}: bf16 params after one step, pyllm vs torch foreach")
+    gc.collect()
 
 
 def main() -> int:
@@ -123,27 +151,29 @@ def main() -> int:
             impls[f"torch {kind}"] = lambda kind=kind: torch_impl(kind, sizes, mode, device)
         impls["apex FusedAdam"] = lambda: apex_impl(sizes, mode, device)
         bytes_per_param = 28 + (2 if mode == "bf16+master+amp" else 0)
-        mode_rows = []
+        check_step(impls["pyllm"], impls["torch foreach"], mode)
+        mode_rows, times = [], {}
         for name, make in impls.items():
             try:
-                step = make()
+                made = make()
             except (RuntimeError, NotImplementedError) as e:  # e.g. fused not supported here
                 print(f"# {name} {mode}: skipped ({str(e).splitlines()[0][:80]})")
                 continue
-            if step is None:
+            if made is None:
                 continue
             with torch.no_grad():
-                ms = common.median_ms(step, device, warmup=2, repeat=repeat)
+                ms = times[name] = common.median_ms(made[0], device, warmup=2, repeat=repeat)
             gbs = bytes_per_param * n / ms / 1e6
             mode_rows.append({"mode": mode, "impl": name, "ms": round(ms, 2), "GB/s": round(gbs, 1),
-                              "of copy": f"{gbs / copy_gbs:.0%}"})
-            del step
+                              "of copy": f"{gbs / copy_gbs:.0%}", **common.spread(ms)})
+            del made
             gc.collect()
-        base = next((r["ms"] for r in mode_rows if r["impl"] == "torch foreach"), None)
+        base = times.get("torch foreach")  # unrounded: 0.01 ms is 5% of a 0.2 ms GPU step
         for r in mode_rows:
-            r["vs foreach"] = f"{base / r['ms']:.2f}x" if base else ""
+            r["vs foreach"] = f"{base / times[r['impl']]:.2f}x" if base else ""
         rows += mode_rows
-    common.print_table(rows, ["mode", "impl", "ms", "GB/s", "of copy", "vs foreach"])
+    common.print_table(rows, ["mode", "impl", "ms", "GB/s", "of copy", "vs foreach"], common.COPY_HEADER)
+    print(common.COPY_NOTE)
     common.write_json(args.json, "optim", device, rows, {"params": n, "tensors": len(sizes),
                                                          "copy_GBps": round(copy_gbs, 1)})
     return 0

@@ -36,7 +36,7 @@ def main() -> int:
     cfg = ModelConfig.from_preset(args.preset, block_size=max(T, ModelConfig.from_preset(args.preset).block_size))
     x = torch.randint(0, cfg.vocab_size, (B, 1, T + 1), device=device)
     idx, targets = x[..., :-1], x[..., 1:]  # (B, 1, T): one example per vmapped slice
-    rows = []
+    rows, times = [], {}
     for impl in ("pyllm", "plain torch"):
         torch.manual_seed(0)
         model = (LLM(cfg) if impl == "pyllm" else PlainLLM(cfg)).to(device)
@@ -57,11 +57,11 @@ def main() -> int:
 
         for method, fn in (("torch.func", lambda: per_example(params, idx, targets)), ("loop", loop)):
             ms = common.median_ms(fn, args.device, warmup=1, repeat=args.repeat, burst_ms=0)
+            times[impl, method] = ms
             rows.append({"impl": impl, "method": method, "ms/batch": round(ms, 1),
-                         "examples/s": round(B / ms * 1e3, 1)})
-    base = {r["method"]: r["ms/batch"] for r in rows if r["impl"] == "plain torch"}
-    for r in rows:
-        r["vs plain torch (same method)"] = f"{base[r['method']] / r['ms/batch']:.2f}x"
+                         "examples/s": round(B / ms * 1e3, 1), **common.spread(ms)})
+    for r in rows:  # from unrounded times
+        r["vs plain torch (same method)"] = f"{times['plain torch', r['method']] / times[r['impl'], r['method']]:.2f}x"
     common.print_table(rows, ["impl", "method", "ms/batch", "examples/s", "vs plain torch (same method)"])
     common.write_json(args.json, "per_example", args.device, rows,
                       {"preset": args.preset, "examples": B, "T": T})

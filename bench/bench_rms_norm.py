@@ -5,7 +5,8 @@ One process, same inputs, side by side, forward and forward+backward (the gradie
 the weight). Shapes: a model's hidden rows (2048 x 4096) and per-head rows as Qwen3's q/k norm
 sees them (2048 tokens x 32 heads x 128). Effective GB/s counts the minimum bytes (forward reads x
 and writes y: 2 elements per element; backward reads dy and x and writes dx: 3 more) over the time,
-for every implementation alike; "of copy" is that over this device's measured copy bandwidth.
+for every implementation alike; "vs copy" is that over this device's measured copy bandwidth, for
+scale. Before timing, ours must match LLaMA's module on the row's inputs.
 """
 from __future__ import annotations
 
@@ -55,8 +56,11 @@ def main() -> int:
     impls = {"pyllm": ours, "torch (LLaMA's module)": llama, "F.rms_norm": torch_rms_norm}
     if not args.quick:
         impls["torch.compile"] = torch.compile(llama)
-    if device == "cuda" and (liger := liger_fn()) is not None:
-        impls["liger"] = liger
+    if device == "cuda":
+        if (liger := liger_fn()) is not None:
+            impls["liger"] = liger
+        else:
+            print("# skipped: liger_kernel not installed: no liger rows")
 
     copy_gbs = common.copy_bandwidth_gbs(device)
     shapes = [(args.rows, args.cols), (args.rows * 32, 128)]
@@ -87,7 +91,8 @@ def main() -> int:
                                               "torch (LLaMA's module)", "vs LLaMA's",
                                               {"shape": "x".join(map(str, shape)),
                                                "dtype": str(dtype).removeprefix("torch."), "mode": mode})
-    common.print_table(rows, ["shape", "dtype", "mode", "impl", "ms", "GB/s", "of copy", "vs LLaMA's"])
+    common.print_table(rows, ["shape", "dtype", "mode", "impl", "ms", "GB/s", "of copy", "vs LLaMA's"], common.COPY_HEADER)
+    print(common.COPY_NOTE)
     common.write_json(args.json, "rms_norm", device, rows, {"shapes": [list(s) for s in shapes],
                                                              "copy_GBps": round(copy_gbs, 1)})
     return 0

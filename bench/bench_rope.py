@@ -6,7 +6,8 @@ One process, same inputs, side by side, forward and forward+backward of q for a 
 layer (B = 4, T = 1024, H = 12, D = 64) and an 8B-like one (B = 1, T = 4096, H = 32, D = 128), q a
 view of a fused qkv projection as in pyllm's model. Effective GB/s counts the minimum bytes (forward
 reads x and writes out: 2 elements per element; backward 2 more) over the time, for every
-implementation alike; "of copy" is that over this device's measured copy bandwidth.
+implementation alike; "vs copy" is that over this device's measured copy bandwidth, for scale.
+Before timing, ours must match the torch form on the row's inputs.
 """
 from __future__ import annotations
 
@@ -67,7 +68,8 @@ def main() -> int:
                                               "torch (apply_rope's form)", "vs torch",
                                               {"shape": f"{B}x{T}x{H}x{D}",
                                                "dtype": str(dtype).removeprefix("torch."), "mode": mode})
-    common.print_table(rows, ["shape", "dtype", "mode", "impl", "ms", "GB/s", "of copy", "vs torch"])
+    common.print_table(rows, ["shape", "dtype", "mode", "impl", "ms", "GB/s", "of copy", "vs torch"], common.COPY_HEADER)
+    print(common.COPY_NOTE)
     common.write_json(args.json, "rope", device, rows, {"shapes": [list(s) for s in shapes],
                                                          "copy_GBps": round(copy_gbs, 1)})
     return 0

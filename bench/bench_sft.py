@@ -28,7 +28,9 @@ The padded batches hold as many conversations as a packed batch holds on average
 about the same real tokens per step ("vs transformers" compares real tokens/s). Conversation lengths are drawn from a log-normal around
 --mean-tokens (SFT sets are long-tailed: most replies short, some long), cut to [16, --seq-len]; the
 second half of each is the assistant's (the loss's). Rows: seconds per epoch (median of --repeat,
-the three interleaved), real tokens/s, the share of computed positions that were padding.
+the three interleaved), real tokens/s, the share of computed positions that were padding. pyllm
+packed's last batch may also hold the next epoch's first conversations (the loader fills it so): they
+are in its s/epoch and its real tokens, and their tokens are printed under the table.
 Needs transformers; prints why and exits 0 without it.
 """
 from __future__ import annotations
@@ -104,15 +106,18 @@ def main() -> int:
         theirs.save_pretrained(folder)
         ours = LLM.from_hf(folder)
         data.write_documents(Path(folder) / "train.bin", docs, masks, config.vocab_size)
-        packing = {}  # lookahead -> (batches, padded positions): the window's default, and in order
+        packing = {}  # lookahead -> (batches, padded positions, next epoch's tokens): the window's default, in order
         for lookahead in (None, 1):
             loader = data.PackedLoader(Path(folder) / "train.bin", args.rows, args.seq_len, seed=0, lookahead=lookahead)
-            batches, pad = [], 0
+            batches, pad, seen, again = [], 0, set(), 0
             while loader.epoch == 0:  # the last batch may hold the next epoch's first documents
                 batches.append(loader.next_batch())
                 pad += loader.padding
-            packing[lookahead] = batches, pad
-        packed, packed_padding = packing[None]
+                for doc, n in zip((d for d in loader.docs if d >= 0), loader.lengths):
+                    again += n if doc in seen else 0
+                    seen.add(doc)
+            packing[lookahead] = batches, pad, again
+        packed, packed_padding, next_epoch_tokens = packing[None]
         order = [int(i) for i in loader._epoch_order(0)]
     peft_version = None
     if args.lora:
@@ -152,6 +157,7 @@ def main() -> int:
     real = {name: int(lengths.sum()) for name in positions}
     real["pyllm packed"] = positions["pyllm packed"] - packed_padding
     in_order = packing[1][1] / (len(packing[1][0]) * args.rows * args.seq_len)
+    # (the next epoch's tokens trained in the last batch are real work: counted; in-order packing ignores them)
     for run in runs.values():  # warm-up
         run(limit=2)
     seconds = common.interleaved_seconds(runs, args.repeat, args.device, before=lambda: (
@@ -163,7 +169,8 @@ def main() -> int:
         rows.append({"impl": name, "batches": len(packed) if name == "pyllm packed" else len(padded),
                      "s/epoch": round(s, 2), "real tokens/s": round(real[name] / s),
                      "padding": f"{1 - real[name] / positions[name]:.0%}",
-                     "vs transformers": f"{peer * real[name] / (s * real['transformers padded']):.2f}x"})
+                     "vs transformers": f"{peer * real[name] / (s * real['transformers padded']):.2f}x",
+                     **common.spread(s)})
     print(f"# SFT epoch on {common.device_description(args.device)}: {config.num_hidden_layers} layers, {args.dtype}, "
           f"{n_conv} conversations, {lengths.sum()} tokens (mean {lengths.mean():.0f}, max {lengths.max()}), packed "
           f"{args.rows} x {args.seq_len} (padding {in_order:.0%} when packed strictly in order), padded {per_batch} "
@@ -172,10 +179,13 @@ def main() -> int:
           + (" on the experts too" if args.lora and args.moe and args.lora_experts else "")
           + (f", {args.moe.split(',')[0]} experts, {args.moe.split(',')[1]} per token" if args.moe else ""))
     common.print_table(rows, ["impl", "batches", "s/epoch", "real tokens/s", "padding", "vs transformers"])
+    if next_epoch_tokens:
+        print(f"# pyllm packed's last batch also trains {next_epoch_tokens} tokens of the next epoch's first conversations "
+              f"({next_epoch_tokens / lengths.sum():.1%} of an epoch): in its s/epoch and its real tokens/s")
     common.write_json(args.json, ("sft_lora" if args.lora else "sft") + ("_moe" if args.moe else ""), args.device, rows, {
         "moe": args.moe,
         "layers": config.num_hidden_layers, "dtype": args.dtype, "conversations": n_conv, "tokens": int(lengths.sum()),
-        "padding_packed_in_order": round(in_order, 3),
+        "padding_packed_in_order": round(in_order, 3), "packed_next_epoch_tokens": next_epoch_tokens,
         "seq_len": args.seq_len, "rows": args.rows, "per_padded_batch": per_batch, "transformers": transformers.__version__,
         "lora_rank": args.lora, "peft": peft_version, "lora_experts": bool(args.lora and args.moe and args.lora_experts)})
     return 0

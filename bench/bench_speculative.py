@@ -98,7 +98,8 @@ def main() -> int:
     for name, s in seconds.items():
         plain = seconds[name.split()[0] + " plain"]
         rows.append({"impl": name, "tokens/s": round(new / s, 1), "kept": f"{kept[name]:.0%}" if name in kept else "",
-                     "vs its plain": f"{plain / s:.2f}x", "vs transformers assisted": f"{seconds['transformers assisted'] / s:.2f}x"})
+                     "vs its plain": f"{plain / s:.2f}x", "vs transformers assisted": f"{seconds['transformers assisted'] / s:.2f}x",
+                     **common.spread(s)})
     print(f"# greedy speculative decoding on {common.device_description(args.device)}: target {layers} layers, draft "
           f"{args.draft_layers}, {args.dtype}, prompt {args.prompt}, {new} new tokens, {k} drafted a round, perturb "
           f"{args.perturb}; pyllm and transformers agree on {agree:.0%} of the greedy tokens; transformers "

@@ -153,7 +153,7 @@ def main() -> int:
     if n_params["pyllm"] != n_params["plain torch"]:
         raise RuntimeError(f"the two models differ: {n_params}")
 
-    rows = []
+    rows, times = [], {}
     print(f"# train step on {common.device_description(args.device)}: preset {preset} ({n_params['pyllm'] / 1e6:.2f}M params), "
           f"B={B}, T={T}, {precision}, {flops_per_token / 1e6:.0f} MFLOPs/token, MFU vs "
           + (f"{peak / 1e12:.0f} TFLOP/s bf16 peak" if peak else "no known peak (n/a)"))
@@ -182,11 +182,11 @@ def main() -> int:
                 fwd(x[:, :-1], x[:, 1:])
             rows.append({"impl": impl, "compile": "yes" if compiled else "no", "ms/step": round(ms, 2),
                          "tokens/s": round(tok_s), "MFU": f"{flops_per_token * tok_s / peak:.1%}" if peak else "n/a",
-                         "saved MB": round(sum(saved) / 2**20, 1), "peak MB": round(peak_mb, 1)})
+                         "saved MB": round(sum(saved) / 2**20, 1), "peak MB": round(peak_mb, 1), **common.spread(ms)})
+            times[impl, rows[-1]["compile"]] = ms
             del model, opt, fwd
-    base = {r["compile"]: r["ms/step"] for r in rows if r["impl"] == "plain torch"}
-    for r in rows:
-        r["vs plain torch (same compile)"] = f"{base[r['compile']] / r['ms/step']:.2f}x"
+    for r in rows:  # from unrounded times
+        r["vs plain torch (same compile)"] = f"{times['plain torch', r['compile']] / times[r['impl'], r['compile']]:.2f}x"
     common.print_table(rows, ["impl", "compile", "ms/step", "tokens/s", "MFU", "saved MB", "peak MB",
                               "vs plain torch (same compile)"])
     common.write_json(args.json, "train", args.device, rows, {"preset": preset, "B": B, "T": T, "precision": precision,

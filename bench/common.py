@@ -1,9 +1,11 @@
-"""Shared by the bench_*.py scripts: timing, the copy-bandwidth ceiling, the device line, tables."""
+"""Shared by the bench_*.py scripts: timing, copy bandwidth for scale, correctness checks, the device line, tables."""
 from __future__ import annotations
 
 import argparse
 import ctypes
 import gc
+import importlib.metadata
+import importlib.util
 import json
 import platform
 import statistics
@@ -32,13 +34,69 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def median_ms(fn, device: str, warmup: int = 3, repeat: int = 15, burst_ms: float = 1.0) -> float:
-    """Median time per call of fn() in ms. CPU: the wall time of one call. GPU: CUDA events around a
-    burst of back-to-back calls (enough to fill about burst_ms, 1 to 64 of them) over their number,
-    i.e. the rate a loop of such calls runs at: each call's Python and launch cost overlaps the
-    kernels queued before it, as in a training step, and a call whose host cost exceeds its kernels
-    shows as host time. burst_ms=0 times single calls, host cost included (the only way until
-    2026-12-01: GPU results before then include it)."""
+# A row whose samples' spread passes this share of their median is marked noisy in its table.
+NOISY = 0.10
+
+
+class Timing(float):
+    """A median time (the number reported) that also carries its samples' min and spread, the
+    interquartile range over the median (inclusive quartiles: with 3 samples, half their range);
+    arithmetic on it gives plain floats."""
+    min: float
+    spread: float
+
+
+def timing(samples) -> Timing:
+    t = Timing(statistics.median(samples))
+    t.min = min(samples)
+    q = statistics.quantiles(samples, n=4, method="inclusive") if len(samples) > 1 else [t] * 3
+    t.spread = (q[2] - q[0]) / t if t > 0 else 0.0
+    return t
+
+
+def spread(t: Timing, scale: float = 1.0, digits: int = 4) -> dict:
+    """A timed row's "min" (t's fastest sample times scale: the row's time unit) and "spread"."""
+    return {"min": round(t.min * scale, digits), "spread": round(t.spread, 3)}
+
+
+def tolerance(dtype: torch.dtype) -> dict:
+    """assert_close's tolerance between two implementations' results in dtype."""
+    if dtype in (torch.bfloat16, torch.float16):
+        return dict(rtol=2e-2, atol=2e-2)
+    return dict(rtol=1e-4, atol=1e-5)
+
+
+def check_close(ours, theirs, what: str, **tol) -> None:
+    """Raises, naming what, unless ours matches theirs (tensors, or sequences of them) within tol
+    (assert_close's rtol, atol): a fast wrong result must not be timed into a ratio. Without tol,
+    tolerance of each tensor's dtype, in two parts: element by element with atol times the tensor's
+    RMS where that passes 1 (an element that a sum cancelled to near 0 keeps the rounding of its
+    terms' size), and the whole tensor's relative error (norm of the difference over the norm)
+    within rtol, which an output of small values (attention's over many keys) cannot pass by
+    being near 0 everywhere."""
+    pairs = [(ours, theirs)] if torch.is_tensor(theirs) else list(zip(ours, theirs, strict=True))
+    for i, (a, b) in enumerate(pairs):
+        bound, error = tol or tolerance(b.dtype), 0.0
+        try:
+            if not tol and b.numel():
+                norm = b.double().norm().item()
+                bound = {**bound, "atol": bound["atol"] * max(1.0, norm / b.numel() ** 0.5)}
+                error = (a.double() - b.double()).norm().item() / (norm or 1.0)
+            torch.testing.assert_close(a, b, **bound)
+            if not error <= bound["rtol"]:
+                raise AssertionError(f"relative error of the whole tensor {error:.2e}, more than {bound['rtol']:g}")
+        except AssertionError as e:
+            item = "" if len(pairs) == 1 else f" (item {i} of {len(pairs)})"
+            raise AssertionError(f"{what}{item}: results differ from the peer's, not timed\n{e}") from None
+
+
+def median_ms(fn, device: str, warmup: int = 3, repeat: int = 15, burst_ms: float = 1.0) -> Timing:
+    """Median time per call of fn() in ms (a Timing: with the samples' min and spread). CPU: the
+    wall time of one call. GPU: CUDA events around a burst of back-to-back calls (enough to fill
+    about burst_ms, 1 to 64 of them) over their number, i.e. the rate a loop of such calls runs at:
+    each call's Python and launch cost overlaps the kernels queued before it, as in a training step,
+    and a call whose host cost exceeds its kernels shows as host time. burst_ms=0 times single
+    calls, host cost included (the only way until 2026-12-01: GPU results before then include it)."""
     for _ in range(warmup):
         fn()
     sync(device)
@@ -64,12 +122,12 @@ def median_ms(fn, device: str, warmup: int = 3, repeat: int = 15, burst_ms: floa
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return timing(times)
 
 
 def interleaved_seconds(runs: dict, repeat: int, device: str, before=None) -> dict:
-    """The median wall seconds of each of runs (name -> callable), each timed once per round for
-    repeat rounds in turn (a busy spell of the machine touches them alike), the device synchronized
+    """The median wall seconds (a Timing) of each of runs (name -> callable), each timed once per
+    round for repeat rounds in turn (a busy spell of the machine touches them alike), the device synchronized
     around every call; before(), when given, runs untimed ahead of each (zeroing grads, say)."""
     seconds = {name: [] for name in runs}
     for _ in range(repeat):
@@ -81,26 +139,39 @@ def interleaved_seconds(runs: dict, repeat: int, device: str, before=None) -> di
             run()
             sync(device)
             seconds[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(values) for name, values in seconds.items()}
+    return {name: timing(values) for name, values in seconds.items()}
 
 
 def bandwidth_rows(impls: dict, step_of, device: str, nbytes: int, copy_gbs: float, base: str, ratio: str,
                    labels: dict) -> list[dict]:
     """The rows of a bandwidth-bound op's table: for each implementation (name -> fn) the median ms
     of step_of(fn)() (median_ms), the effective GB/s of nbytes (the op's minimum traffic) over it,
-    that as a fraction of copy_gbs, and under `ratio` the speed relative to implementation `base`;
-    labels (shape, dtype, mode, ...) lead each row."""
-    times = {name: median_ms(step_of(fn), device) for name, fn in impls.items()}
+    that as a fraction of copy_gbs (for scale), and under `ratio` the speed relative to
+    implementation `base`; labels (shape, dtype, mode, ...) lead each row. Each pyllm
+    implementation's first step must match base's (check_close) before anything is timed."""
+    steps = {name: step_of(fn) for name, fn in impls.items()}
+    expected = steps[base]()  # every step_of(fn) starts on the same inputs
+    for name, step in steps.items():
+        if name.startswith("pyllm"):
+            check_close(step(), expected, f"{name} vs {base}, {labels}")
+    times = {name: median_ms(step, device) for name, step in steps.items()}
     rows = []
     for name, ms in times.items():
         gbs = nbytes / ms / 1e6
         rows.append({**labels, "impl": name, "ms": round(ms, 3), "GB/s": round(gbs, 1),
-                     "of copy": f"{gbs / copy_gbs:.0%}", ratio: f"{times[base] / ms:.2f}x"})
+                     "of copy": f"{gbs / copy_gbs:.0%}", ratio: f"{times[base] / ms:.2f}x", **spread(ms)})
     return rows
 
 
+# The "of copy" key (kept in the JSON) printed under a header that does not read as a bound
+COPY_HEADER = {"of copy": "vs copy"}
+COPY_NOTE = ("vs copy: the GB/s over a large copy's (a copy moving the same bytes), for scale, not a bound: "
+             "an in-place update or a cached input can pass 100%")
+
+
 def copy_bandwidth_gbs(device: str, nbytes: int = 256 << 20) -> float:
-    """Measured ceiling: a large device-to-device (or RAM-to-RAM) copy, bytes read + written."""
+    """A large device-to-device (or RAM-to-RAM) copy's GB/s, bytes read + written: a scale for the
+    bandwidth-bound ops' GB/s, not their ceiling."""
     src = torch.randn(nbytes // 4, device=device)
     dst = torch.empty_like(src)
     ms = median_ms(lambda: dst.copy_(src), device, warmup=3, repeat=10)
@@ -122,6 +193,7 @@ def device_description(device: str) -> str:
 
 
 def git_commit() -> str:
+    """HEAD's short hash, "-dirty" added when pyllm/, csrc/ or bench/ differ from it."""
     try:
         here = Path(__file__).parent
         commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
@@ -132,6 +204,11 @@ def git_commit() -> str:
         return commit + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+# Read when the run starts (every script imports this module first): code edited or checked out
+# while a long run goes on must not lend the results its commit.
+START_COMMIT = git_commit()
 
 
 def _device(value: str) -> str:
@@ -151,11 +228,20 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
-def print_table(rows: list[dict], columns: list[str]) -> None:
-    widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns]
-    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+def print_table(rows: list[dict], columns: list[str], headers: dict | None = None) -> None:
+    """rows under columns (a column's header renamed by headers); a row whose "spread" passes
+    NOISY ends in "~", explained under the table."""
+    names = [(headers or {}).get(c, c) for c in columns]
+    widths = [max(len(n), *(len(str(r.get(c, ""))) for r in rows)) for c, n in zip(columns, names)]
+    print("  ".join(n.ljust(w) for n, w in zip(names, widths)))
+    noisy = False
     for r in rows:
-        print("  ".join(str(r.get(c, "")).ljust(w) for c, w in zip(columns, widths)))
+        mark = isinstance(r.get("spread"), (int, float)) and r["spread"] > NOISY
+        noisy |= mark
+        print("  ".join(str(r.get(c, "")).ljust(w) for c, w in zip(columns, widths)) + ("  ~" if mark else ""))
+    if noisy:
+        print(f"~ noisy: the samples' interquartile range is over {NOISY:.0%} of their median (the row's \"spread\" "
+              "in the JSON); its median may be off by as much")
 
 
 def write_json(path: Path | None, bench: str, device: str, rows: list[dict], extra: dict | None = None) -> None:
@@ -165,13 +251,40 @@ def write_json(path: Path | None, bench: str, device: str, rows: list[dict], ext
         "bench": bench,
         "device": device_description(device),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-        "commit": git_commit(),
+        "commit": START_COMMIT,
+        "dirty": START_COMMIT.endswith("-dirty"),
         "torch": torch.__version__,
+        **cpu_isa(),
+        "versions": peer_versions(),
+        **({"timing": "median of the samples; min: the fastest sample, in the row's time unit; spread: (p75 - p25) "
+                      "/ median"} if any("spread" in r for r in rows) else {}),
         **(extra or {}),
         "rows": rows,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=1))
+
+
+def cpu_isa() -> dict:
+    """pyllm's CPU kernels: the instruction sets compiled in and the level that runs (pyllm info's)."""
+    try:
+        from pyllm import _C
+        return {"cpu_isa": _C.cpu_isa, "cpu_level": _C.cpu_level}
+    except (ImportError, AttributeError):
+        return {}
+
+
+def peer_versions() -> dict:
+    """The installed versions of the peers some benchmarks measure (those importable here)."""
+    versions = {}
+    for module, dist in (("tiktoken", "tiktoken"), ("tokenizers", "tokenizers"), ("liger_kernel", "liger-kernel"),
+                         ("transformers", "transformers"), ("peft", "peft")):
+        try:
+            if importlib.util.find_spec(module) is not None:
+                versions[module] = importlib.metadata.version(dist)
+        except (ImportError, ValueError, importlib.metadata.PackageNotFoundError):
+            pass
+    return versions
 
 
 def _vm_kib(field: str) -> int:

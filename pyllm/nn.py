@@ -219,6 +219,11 @@ class MoEMLP(nn.Module):
             path = moe_experts_grouped
         elif x.is_cuda and torch.cuda.is_current_stream_capturing():
             path = moe_experts_gathered
+        elif torch.compiler.is_compiling() and _grouped_mm_takes(x, self.gate_up):
+            # traced in bf16 (the grouped GEMM's fake kernel takes bf16 alone): the sorted path's host
+            # read of the experts' shares and its kernels writing into slices break the graph at each
+            # layer (~14 graphs a forward of tiny-moe; fullgraph=True fails there, as in fp32 still)
+            path = moe_experts_grouped
         elif x.shape[0] == 1 and not torch.is_grad_enabled():  # decoding one sequence on the CPU
             path = moe_experts_one_token
         elif (not torch.is_grad_enabled() and x.shape[0] * self.top_k <= 4 * self.n_experts and hasattr(F, "grouped_mm")
@@ -347,12 +352,14 @@ class _SortedExperts(torch.autograd.Function):
 
 def _grouped_mm_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether moe_experts_grouped runs here: torch's grouped GEMM takes bf16 (autocast's or the
-    tensors' own) on CUDA (sm80 and newer; torch 2.8 and newer)."""
+    tensors' own) on CUDA (sm80 and newer; torch 2.8 and newer) and on the CPU."""
     if not hasattr(F, "grouped_mm"):
         return False
-    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
-    return dtype == torch.bfloat16 and (weight.dtype == torch.bfloat16 or torch.is_autocast_enabled("cuda")) \
-        and torch.cuda.get_device_capability(x.device)[0] >= 8
+    device = x.device.type
+    autocast = torch.is_autocast_enabled(device)
+    dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
+    return dtype == torch.bfloat16 and (weight.dtype == torch.bfloat16 or autocast) \
+        and (device == "cpu" or (device == "cuda" and torch.cuda.get_device_capability(x.device)[0] >= 8))
 
 
 def moe_experts_grouped(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,

@@ -1326,19 +1326,24 @@ def test_from_hf_of_to_hf_keeps_the_builtin_pre_tokenizer(to_hf_pair, corpus, tm
 _ANCHORED = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+|^ ?[^\s\p{L}\p{N}]+| ?[^\s\p{L}\p{N}]+|\s+$|\s+(?!\S)|\s"""
 
 
+def hugging_face_pair(folder, pattern: str, texts: list, vocab_size: int):
+    """A tokenizer trained with a custom pattern, its to_hf file read by Hugging Face, and the same
+    regex as a Hugging Face file of its own read by pyllm and by Hugging Face."""
+    tk = pytest.importorskip("tokenizers")
+    ours = Tokenizer.train(texts, vocab_size, pattern=pattern, show_progress=False)
+    ours.to_hf(folder / "ours.json")
+    data = json.loads((folder / "ours.json").read_text(encoding="utf-8"))
+    data["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = pattern
+    (folder / "theirs.json").write_text(json.dumps(data), encoding="utf-8")
+    return (ours, tk.Tokenizer.from_file(str(folder / "ours.json")), Tokenizer.from_hf(folder / "theirs.json"),
+            tk.Tokenizer.from_file(str(folder / "theirs.json")))
+
+
 @pytest.fixture(scope="module")
 def anchored_pair(tmp_path_factory):
     # A custom pattern with ^ and $ (the text's start and end in tiktoken's syntax, a line's in
     # Oniguruma's): written by to_hf, and the same regex as a Hugging Face file of its own
-    tk = pytest.importorskip("tokenizers")
-    ours = Tokenizer.train(["a\n  \n  b c\n# x!\n"] * 50, 262, pattern=_ANCHORED, show_progress=False)
-    folder = tmp_path_factory.mktemp("anchored")
-    ours.to_hf(folder / "ours.json")
-    data = json.loads((folder / "ours.json").read_text(encoding="utf-8"))
-    data["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = _ANCHORED
-    (folder / "theirs.json").write_text(json.dumps(data), encoding="utf-8")
-    return (ours, tk.Tokenizer.from_file(str(folder / "ours.json")), Tokenizer.from_hf(folder / "theirs.json"),
-            tk.Tokenizer.from_file(str(folder / "theirs.json")))
+    return hugging_face_pair(tmp_path_factory.mktemp("anchored"), _ANCHORED, ["a\n  \n  b c\n# x!\n"] * 50, 262)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -1364,16 +1369,9 @@ def test_posix_classes_mean_the_same_across_hugging_face(posix_pair, text):
 
 @pytest.fixture(scope="module")
 def posix_pair(tmp_path_factory):
-    tk = pytest.importorskip("tokenizers")
-    pattern = r"[[:alpha:]]+|[[:^alpha:][:digit:]]+|[[:space:][:punct:]]+|[\s\S]"
-    ours = Tokenizer.train(["hello world ıs ß 12 ab\u00a0cd !x"] * 20, 270, pattern=pattern, show_progress=False)
-    folder = tmp_path_factory.mktemp("posix")
-    ours.to_hf(folder / "ours.json")
-    data = json.loads((folder / "ours.json").read_text(encoding="utf-8"))
-    data["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = pattern
-    (folder / "theirs.json").write_text(json.dumps(data), encoding="utf-8")
-    return (ours, tk.Tokenizer.from_file(str(folder / "ours.json")), Tokenizer.from_hf(folder / "theirs.json"),
-            tk.Tokenizer.from_file(str(folder / "theirs.json")))
+    return hugging_face_pair(tmp_path_factory.mktemp("posix"),
+                             r"[[:alpha:]]+|[[:^alpha:][:digit:]]+|[[:space:][:punct:]]+|[\s\S]",
+                             ["hello world ıs ß 12 ab\u00a0cd !x"] * 20, 270)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -1121,6 +1121,25 @@ def test_torchrun_two_cpu_processes_end_to_end(tmp_path):
     assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 6
 
 
+def two_ranks(commands: list, env: dict, root, local_ranks=(0, 1)):
+    """`pyllm train` as ranks 0 and 1 of a process group without torchrun (each its own command):
+    the processes and their stderr, each given 150 s."""
+    import subprocess
+    import sys
+
+    from helpers import free_port
+
+    env = {**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}
+    procs = [subprocess.Popen([sys.executable, "-m", "pyllm", "train", *command], cwd=root,
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(local_ranks[r])}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r, command in enumerate(commands)]
+    try:
+        return procs, [p.communicate(timeout=150)[1] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+
+
 @pytest.mark.parametrize("kind", ["no text", "folder in use", "resumed folder in use"])
 def test_what_stops_rank_0_ends_every_rank(tmp_path, kind):
     """2 processes started without torchrun (its agent ends the others when one fails; srun or a
@@ -1133,8 +1152,6 @@ def test_what_stops_rank_0_ends_every_rank(tmp_path, kind):
     import os
     import subprocess
     import sys
-
-    from helpers import free_port
 
     corpus, run = tmp_path / "corpus", tmp_path / "run"
     corpus.mkdir()
@@ -1155,15 +1172,9 @@ def test_what_stops_rank_0_ends_every_rank(tmp_path, kind):
         run.mkdir(exist_ok=True)
         held = open(run / ".lock", "a")  # another run's
         fcntl.flock(held.fileno(), fcntl.LOCK_EX)
-    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2")
-    procs = [subprocess.Popen([sys.executable, "-m", "pyllm", "train", *args], cwd=root,
-                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for r in range(2)]
     try:
-        errs = [p.communicate(timeout=150)[1] for p in procs]
+        procs, errs = two_ranks([args, args], env, root, local_ranks=(0, 1))
     finally:
-        for p in procs:
-            p.kill()
         if held is not None:
             held.close()
     why = "no text files found" if kind == "no text" else "is in use by another `pyllm train`"
@@ -1187,8 +1198,6 @@ def test_nodes_without_a_shared_folder_end_every_rank(tmp_path, kind):
 
     import torch
 
-    from helpers import free_port
-
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     for i in range(20):
@@ -1208,17 +1217,9 @@ def test_nodes_without_a_shared_folder_end_every_rank(tmp_path, kind):
             torch.save(checkpoint, folders[1] / "checkpoint.pt")
         else:
             folders[1].mkdir()
-    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2")
     commands = [[*args, "--out", str(folder)] if kind == "fresh" else ["--resume", str(folder), "--max-steps", "3"]
                 for folder in folders]
-    procs = [subprocess.Popen([sys.executable, "-m", "pyllm", "train", *commands[r]], cwd=root,
-                              env={**env, "RANK": str(r), "LOCAL_RANK": "0"}, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for r in range(2)]
-    try:
-        errs = [p.communicate(timeout=150)[1] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
+    procs, errs = two_ranks(commands, env, root, local_ranks=(0, 0))  # (two nodes of one process each)
     assert procs[0].returncode and procs[1].returncode, errs
     assert "must be a folder on a filesystem every node shares" in errs[1], errs[1][-2000:]
     if kind == "resume of other checkpoints":

@@ -132,17 +132,15 @@ def score_choice_files(model, path, seq_len: int, batch_size: int = 8, precision
     offsets = np.load(path.with_suffix(".docs.npy"))
     mask = np.load(path.with_suffix(".mask.npy"))
     longest = int(np.diff(offsets).max())
-    if longest > seq_len:
-        at = int(np.argmax(np.diff(offsets)))  # (the candidate's example: the labels' and endings' order)
-        example = int(np.searchsorted(np.cumsum([len(c) for c in meta["bytes"]]), at, side="right"))
-        raise ValueError(f"example {example + 1} (in file order): a context with its ending is {longest} tokens, "
-                         f"longer than seq_len {seq_len}"
-                         + (f": raise --seq-len (up to the model's block_size, {model.config.block_size})"
-                            if seq_len < min(longest, model.config.block_size) else
-                            f", the model's block_size: shorten its context (lm-evaluation-harness cuts such a "
-                            "context from the left)"))
+    if longest > seq_len and seq_len < min(longest, model.config.block_size):
+        raise ValueError(f"example {_example_of(meta, int(np.argmax(np.diff(offsets)))) + 1} (in file order): a "
+                         f"context with its ending is {longest} tokens, longer than seq_len {seq_len}: raise --seq-len "
+                         f"(up to the model's block_size, {model.config.block_size})")
     info = info or DistInfo(device=next(model.parameters()).device)
-    logps = document_logps(model, path, batch_size, seq_len, precision, info)
+    with tempfile.TemporaryDirectory() as folder:
+        if longest > seq_len:  # past the model's context: cut from the left, as lm-evaluation-harness cuts
+            path = _left_cut(path, meta, offsets, mask, seq_len, Path(folder) / "cut.bin")  # (it had been refused)
+        logps = document_logps(model, path, batch_size, seq_len, precision, info)
     tokens = np.add.reduceat(mask.astype(np.int64), offsets[:-1])  # each candidate's ending tokens
     right = {"acc": 0, "acc_norm": 0, "acc_bytes": 0, "acc_per_token": 0}
     start = 0
@@ -159,13 +157,43 @@ def score_choice_files(model, path, seq_len: int, batch_size: int = 8, precision
     return {"examples": n_examples, **{k: v / max(n_examples, 1) for k, v in right.items()}, "logps": logps}
 
 
+def _example_of(meta: dict, candidate: int) -> int:
+    """The example (0-based, file order) a candidate document belongs to."""
+    return int(np.searchsorted(np.cumsum([len(c) for c in meta["bytes"]]), candidate, side="right"))
+
+
+def _left_cut(path: Path, meta: dict, offsets: np.ndarray, mask: np.ndarray, seq_len: int, out: Path) -> Path:
+    """write_choices' documents at out with each one longer than seq_len cut to its last seq_len
+    tokens (its context's first tokens dropped, its ending whole), as lm-evaluation-harness keeps a
+    request's last max_length + 1 tokens; ValueError for an ending that does not fit after one token
+    of context. Says how many were cut."""
+    import sys
+
+    tokens = data.open_tokens(path)
+    docs, masks, cut = [], [], 0
+    for i in range(len(offsets) - 1):
+        doc, trained = np.asarray(tokens[offsets[i]:offsets[i + 1]]), mask[offsets[i]:offsets[i + 1]]
+        if len(doc) > seq_len:
+            if trained[-seq_len]:  # (the first token of a row is never predicted)
+                raise ValueError(f"example {_example_of(meta, i) + 1} (in file order): an ending of "
+                                 f"{int(trained.sum())} tokens does not fit seq_len {seq_len} after its context")
+            doc, trained, cut = doc[-seq_len:], trained[-seq_len:], cut + 1
+        docs.append(doc)
+        masks.append(np.asarray(trained))
+    data.write_documents(out, docs, masks, data.read_header(path)["vocab_size"])
+    print(f"eval: {cut} candidate(s) longer than seq_len {seq_len}: their contexts cut from the left to fit "
+          "(lm-evaluation-harness's truncation)", file=sys.stderr)
+    return out
+
+
 @torch.no_grad()
 def score_choices(model, tokenizer, examples: Sequence[dict], seq_len: int, batch_size: int = 8,
                   prefix: Sequence[int] = (), precision: str = "fp32", start: Sequence[int] | None = None) -> dict:
     """Accuracy of model on multiple-choice examples (read_choices): acc, acc_norm, acc_per_token
     (see the module's docstring), the number of examples, and logps, each candidate's summed
-    log-probability (examples in order, each one's endings in order). ValueError when a candidate
-    is longer than seq_len (it would be cut)."""
+    log-probability (examples in order, each one's endings in order). A candidate longer than
+    seq_len: ValueError when seq_len is below the model's block_size (raise it), else its context
+    cut from the left, as lm-evaluation-harness cuts it."""
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "choices.bin"
         write_choices(examples, tokenizer, path, prefix, start)

@@ -224,8 +224,20 @@ def test_eval_command(setup, tmp_path, capsys):
         got = json.loads((tmp_path / "r.json").read_text())["text"]
         assert got["bytes"] == sum(len(d.encode()) for d in docs) and got["tokens"] == want["tokens"], name
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-6), name
-    # a lm-evaluation-harness-style choice too long for the model: which one, and what to do
+    # a choice too long for the model: its context cut from the left, as lm-evaluation-harness cuts
+    # it (it had been refused), each ending's tokens predicted from the last 127 before them
     long = {"ctx": sentence(rng, 200), "endings": ["a b", "c d"], "label": 0}
     (tmp_path / "long.jsonl").write_text(json.dumps(examples[0] | {"ctx": examples[0]["context"]}) + "\n" + json.dumps(long) + "\n")
-    assert cli.main([*base, "--choices", str(tmp_path / "long.jsonl")]) == 2
-    assert "example 2 (in file order)" in (err := capsys.readouterr().err) and "shorten its context" in err
+    assert cli.main([*base, "--choices", str(tmp_path / "long.jsonl")]) == 0
+    assert "eval: 2 candidate(s) longer than seq_len 128: their contexts cut from the left" in capsys.readouterr().err
+    model = LLM.load(tmp_path / "model.safetensors")
+    docs, masks = evaluate.choice_documents([long | {"context": long["ctx"]}], tokenizer)
+    got = evaluate.score_choices(model, tokenizer, [long | {"context": long["ctx"]}], 128)["logps"]
+    for doc, trained, logp in zip(docs, masks, got):
+        doc, trained = torch.tensor(doc[-128:]), torch.tensor(trained[-128:], dtype=torch.bool)
+        with torch.no_grad():
+            logits = model(doc[None, :-1])[0].double()
+        want = logits.log_softmax(-1)[0].gather(-1, doc[1:, None])[:, 0][trained[1:]].sum()
+        assert logp == pytest.approx(want.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="raise --seq-len"):  # (a seq_len below the model's own: say so)
+        evaluate.score_choices(model, tokenizer, [long | {"context": long["ctx"]}], 64)

@@ -132,14 +132,15 @@ def score_choice_files(model, path, seq_len: int, batch_size: int = 8, precision
     offsets = np.load(path.with_suffix(".docs.npy"))
     mask = np.load(path.with_suffix(".mask.npy"))
     longest = int(np.diff(offsets).max())
-    if longest > seq_len and seq_len < min(longest, model.config.block_size):
+    block_size = getattr(model, "module", model).config.block_size  # (the trainer's may be DDP's wrapper)
+    if longest > seq_len and seq_len < min(longest, block_size):
         raise ValueError(f"example {_example_of(meta, int(np.argmax(np.diff(offsets)))) + 1} (in file order): a "
                          f"context with its ending is {longest} tokens, longer than seq_len {seq_len}: raise --seq-len "
-                         f"(up to the model's block_size, {model.config.block_size})")
+                         f"(up to the model's block_size, {block_size})")
     info = info or DistInfo(device=next(model.parameters()).device)
     with tempfile.TemporaryDirectory() as folder:
         if longest > seq_len:  # past the model's context: cut from the left, as lm-evaluation-harness cuts
-            path = _left_cut(path, meta, offsets, mask, seq_len, Path(folder) / "cut.bin")  # (it had been refused)
+            path = _left_cut(path, meta, offsets, mask, seq_len, Path(folder) / "cut.bin", info.is_main)  # (refused before)
         logps = document_logps(model, path, batch_size, seq_len, precision, info)
     tokens = np.add.reduceat(mask.astype(np.int64), offsets[:-1])  # each candidate's ending tokens
     right = {"acc": 0, "acc_norm": 0, "acc_bytes": 0, "acc_per_token": 0}
@@ -162,7 +163,8 @@ def _example_of(meta: dict, candidate: int) -> int:
     return int(np.searchsorted(np.cumsum([len(c) for c in meta["bytes"]]), candidate, side="right"))
 
 
-def _left_cut(path: Path, meta: dict, offsets: np.ndarray, mask: np.ndarray, seq_len: int, out: Path) -> Path:
+def _left_cut(path: Path, meta: dict, offsets: np.ndarray, mask: np.ndarray, seq_len: int, out: Path,
+              say: bool = True) -> Path:
     """write_choices' documents at out with each one longer than seq_len cut to its last seq_len
     tokens (its context's first tokens dropped, its ending whole), as lm-evaluation-harness keeps a
     request's last max_length + 1 tokens; ValueError for an ending that does not fit after one token
@@ -181,8 +183,9 @@ def _left_cut(path: Path, meta: dict, offsets: np.ndarray, mask: np.ndarray, seq
         docs.append(doc)
         masks.append(np.asarray(trained))
     data.write_documents(out, docs, masks, data.read_header(path)["vocab_size"])
-    print(f"eval: {cut} candidate(s) longer than seq_len {seq_len}: their contexts cut from the left to fit "
-          "(lm-evaluation-harness's truncation)", file=sys.stderr)
+    if say:
+        print(f"eval: {cut} candidate(s) longer than seq_len {seq_len}: their contexts cut from the left to fit "
+              "(lm-evaluation-harness's truncation)", file=sys.stderr)
     return out
 
 

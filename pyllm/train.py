@@ -1999,10 +1999,8 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
     choices_len = 0  # rows for the multiple-choice candidates: seq_len, or the longest candidate
     if cfg.eval_choices:
         longest = int(np.diff(np.load(Path(cfg.eval_choices).with_suffix(".docs.npy"))).max())
-        if longest > mcfg.block_size:
-            raise ValueError(f"eval_choices: a context with its ending is {longest} tokens, longer than the model's "
-                             f"block_size {mcfg.block_size}")
-        choices_len = max(seq_len, longest)
+        # (longer than the model's context: cut from the left by score_choice_files, as pyllm eval cuts)
+        choices_len = min(max(seq_len, longest), mcfg.block_size)
     bar = make_progress(cfg, start_step, info)
     # (non-finite losses in a row before this step: a resume goes on counting, as the run would have)
     bad_in_a_row, val_loss, tok_s = (ckpt.get("bad_in_a_row", 0) if ckpt is not None else 0), None, 0.0

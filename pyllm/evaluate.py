@@ -166,9 +166,10 @@ def _example_of(meta: dict, candidate: int) -> int:
 def _left_cut(path: Path, meta: dict, offsets: np.ndarray, mask: np.ndarray, seq_len: int, out: Path,
               say: bool = True) -> Path:
     """write_choices' documents at out with each one longer than seq_len cut to its last seq_len
-    tokens (its context's first tokens dropped, its ending whole), as lm-evaluation-harness keeps a
-    request's last max_length + 1 tokens; ValueError for an ending that does not fit after one token
-    of context. Says how many were cut."""
+    tokens (its context's first tokens dropped, its ending whole), as lm-evaluation-harness cuts a
+    request (it keeps the last max_length + 1 tokens, one more of context: a row here holds seq_len
+    tokens, the first of them unpredicted); ValueError for an ending that does not fit after one
+    token of context. Says how many were cut."""
     import sys
 
     tokens = data.open_tokens(path)

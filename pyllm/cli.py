@@ -862,15 +862,14 @@ def elastic_restart_resume(out_dir) -> str | None:
     again from step 0); out_dir, or None for a first attempt or no such checkpoint."""
     if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) == 0:
         return None
-    import torch
-
-    from pyllm.train import CHECKPOINT
+    from pyllm.train import load_checkpoint
 
     try:
-        saved = torch.load(Path(out_dir) / CHECKPOINT, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # (none yet: the first attempt died before its first checkpoint)
-        return None
-    if saved.get("elastic_run_id") is None or saved.get("elastic_run_id") != os.environ.get("TORCHELASTIC_RUN_ID"):
+        saved = load_checkpoint(out_dir, mmap=True)
+    except (FileNotFoundError, RuntimeError, ValueError):  # none yet (the first attempt died before its
+        return None  # first checkpoint), or none of this job's: a new run, which sets it aside
+    run_id = saved.get("elastic_run_id")
+    if run_id is None or run_id != os.environ.get("TORCHELASTIC_RUN_ID"):
         return None
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"torchrun restart {os.environ['TORCHELASTIC_RESTART_COUNT']}: going on from {out_dir}'s checkpoint "

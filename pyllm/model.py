@@ -1594,7 +1594,7 @@ def lora_targets(targets) -> list[str]:
     if bad or not out:
         raise ValueError(f"LoRA targets must be among {', '.join(LORA_TARGETS)}, experts (or PEFT's q_proj ... down_proj, "
                          f"experts.gate_up_proj, experts.down_proj, or all-linear; the embeddings, the output layer "
-                         f"and a router take no LoRA update here), got {', '.join(bad) if bad else 'none'}")
+                         f"and a router take no LoRA update here), got {', '.join(dict.fromkeys(bad)) if bad else 'none'}")
     return sorted(set(out), key=LORA_TARGETS.index)
 
 

@@ -2613,3 +2613,9 @@ def test_a_weights_file_whose_config_claims_another_model_is_refused_before_it_i
     with pytest.raises(ValueError, match=r"its weights are not the model its config describes: missing "):
         LLM.load(tmp_path / "model.safetensors")
     assert built == ["meta"]  # the shape-only copy alone
+
+
+def test_lora_targets_name_each_bad_target_once():
+    from pyllm.model import lora_targets
+    with pytest.raises(ValueError, match=r"got mlp, attn$"):
+        lora_targets("q, mlp, attn, mlp")

@@ -1467,3 +1467,18 @@ def test_resume_takes_a_file_only_as_a_kept_checkpoint(tmp_path, capsys):
     assert cli.main(["train", "--resume", str(tmp_path / "run" / "checkpoint.pt")]) == 2
     assert "give a run folder, or a checkpoint its --keep-checkpoints kept" in capsys.readouterr().err
     assert not (tmp_path / ".lock").exists()  # (refused before any folder was locked)
+
+
+def test_char_tokenizer_decodes_ids_as_nanogpt_and_refuses_float_ids():
+    # nanoGPT's decode is ''.join(itos[i] for i in ids); an id past itos (a padded table) is U+FFFD,
+    # and a float id is refused rather than truncated to another character's id
+    import numpy as np
+    import torch
+
+    from pyllm.tokenizer.chars import CharTokenizer
+
+    tok = CharTokenizer({"a": 0, "b": 1}, {0: "a", 1: "b"}, 2)
+    assert tok.decode([1, 0, np.int64(1), torch.tensor(0)]) == "baba"
+    assert tok.decode([0, 5]) == "a\ufffd"
+    with pytest.raises(TypeError):
+        tok.decode([1.7])

@@ -3,6 +3,7 @@ that a run trained on nanoGPT's token files encodes prompts and decodes samples 
 sample.py does. Only what `pyllm generate` / `train` / `eval` ask of a tokenizer."""
 from __future__ import annotations
 
+import operator
 from pathlib import Path
 
 
@@ -45,7 +46,10 @@ class CharTokenizer:
         return [self.encode_ordinary(t) for t in texts]
 
     def decode(self, ids) -> str:
-        return "".join(self.itos.get(int(i), "\ufffd") for i in ids)
+        # An id without a character (a vocabulary padded past itos) is U+FFFD, as the BPE tokenizer's
+        # undecodable bytes are, so that sampling from an untrained model never stops with a KeyError;
+        # operator.index refuses a float id rather than truncating it to another character's id.
+        return "".join(self.itos.get(operator.index(i), "\ufffd") for i in ids)
 
 
 def is_nanogpt_meta(path) -> bool:

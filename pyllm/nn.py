@@ -1533,6 +1533,7 @@ def preference_loss(kind: str, chosen_logps: torch.Tensor, rejected_logps: torch
              robust and exo_pair losses).
              Rewards beta * (logps - ref_logps).
       ipo    IPO (Azar et al. 2023): (d - 1 / (2 beta))^2, d from log-probabilities per token.
+             Rewards beta * (logps - ref_logps) summed, as TRL logs them (its accuracy compares those).
       hinge  SLiC's hinge (Zhao et al. 2023): max(0, 1 - beta d).
       simpo  SimPO (Meng et al. 2024), no reference: -log sigmoid(beta (chosen - rejected) - gamma) of
              the log-probabilities per token. Rewards beta * logps per token.
@@ -1540,7 +1541,8 @@ def preference_loss(kind: str, chosen_logps: torch.Tensor, rejected_logps: torch
              token plus beta * -log sigmoid(log odds(chosen) - log odds(rejected)), odds(y) = p / (1 - p)
              with p the probability per token, exp(logps / tokens). Rewards beta * logps per token.
              (The NLL is each pair's mean over its reply's tokens, so the mean loss weighs pairs
-             alike; TRL's ORPOTrainer averages it over all of a batch's chosen tokens.)
+             alike; TRL's ORPOTrainer averages it over all of a batch's chosen sequences' tokens,
+             the prompt's too.)
       kto    KTO (Ethayarajh et al. 2024), unpaired: "chosen" is each example, "rejected" the same
              prompt with another example's completion, desirable (P,) bool its label. With z the
              batch's KL estimate, mean(rejected - ref_rejected) clamped at 0 and detached (TRL's
@@ -1567,6 +1569,9 @@ def preference_loss(kind: str, chosen_logps: torch.Tensor, rejected_logps: torch
         raise ValueError(f"preference loss: sft_weight goes with dpo, ipo, hinge or simpo (orpo has its own NLL), "
                          f"not {kind}")
     nll = -chosen_logps / chosen_tokens.clamp(min=1) if sft_weight else None  # (before per_token rescales them)
+    logged = None
+    if kind == "ipo":  # TRL's rewards (and so its accuracy) for ipo: beta times the summed log-ratio, not per token
+        logged = (beta * (chosen_logps - ref_chosen_logps)).detach(), (beta * (rejected_logps - ref_rejected_logps)).detach()
     per_token = kind in ("ipo", "simpo", "orpo")
     if per_token:  # a reply's mean log-probability per token (empty replies: 0)
         chosen_logps, rejected_logps = chosen_logps / chosen_tokens.clamp(min=1), rejected_logps / rejected_tokens.clamp(min=1)
@@ -1607,6 +1612,8 @@ def preference_loss(kind: str, chosen_logps: torch.Tensor, rejected_logps: torch
         losses = -chosen_logps - beta * F.logsigmoid(log_odds)
     if nll is not None:
         losses = losses + sft_weight * nll
+    if logged is not None:
+        return losses, *logged
     return losses, chosen_rewards.detach(), rejected_rewards.detach()
 
 

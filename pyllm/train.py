@@ -18,6 +18,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -989,13 +990,26 @@ def _set_reshard_after_forward(block, reshard: bool) -> None:
         group.post_forward_mesh_info = group.mesh_info if reshard else None
 
 
+_warned_sample_room: list = []
+
+
 def sample_replies(model: LLM, prompts: list[list[int]], max_new_tokens: int, temperature: float,
-                   stop_tokens, generator: torch.Generator | None) -> list[list[int]]:
+                   stop_tokens, generator: torch.Generator | None, limit: int | None = None) -> list[list[int]]:
     """Each prompt's sample (generate_batch: all at once, eval mode, no autograd), in the model's own
     dtype outside autocast, at most max_new_tokens and what the model's block_size leaves. Under
     FSDP2 the whole model is gathered for it (gathered); every rank must call it then, with
     prompts or without."""
-    new = min(max_new_tokens, model.config.block_size - max((len(p) for p in prompts), default=0))
+    # limit: the rows the samples are trained in (seq_len): a sample longer than them would be rewarded for
+    # tokens that are cut away before training (pack_replies), its stop token among them
+    room = min(model.config.block_size, limit or model.config.block_size)
+    new = min(max_new_tokens, room - max((len(p) for p in prompts), default=0))
+    if prompts and new < max_new_tokens and not _warned_sample_room:
+        # once a run: a long prompt shortens every sample of its batch (generate_batch's one length), and
+        # with grpo_mask_truncated those cut short are not trained on
+        _warned_sample_room.append(True)
+        warnings.warn(f"sample_replies: at most {new} new tokens (not {max_new_tokens}): the longest prompt of the batch "
+                      f"has {max(map(len, prompts))} of the {room} tokens a sequence may hold (--seq-len and the "
+                      f"model's block_size); said once", stacklevel=2)
     with torch.autocast(next(model.parameters()).device.type, enabled=False), gathered(model):
         if not prompts:
             return []
@@ -1173,7 +1187,7 @@ def grpo_rollout(policy: LLM, batch, cfg: TrainConfig, reward_fns: list, generat
     groups = [prompt for prompt in prompts for _ in range(G)]
     group_rows = [rows[segment] for segment in segments for _ in range(G)] if rows is not None else None
     samples = sample_replies(policy, groups, cfg.grpo_max_new_tokens, cfg.grpo_temperature, cfg.sample_stop_tokens,
-                             generator)
+                             generator, limit=T)
     stops = set(cfg.sample_stop_tokens)
     trained = [bool(s) and s[-1] in stops for s in samples] if cfg.grpo_mask_truncated else None
     packed = pack_replies(groups, samples, T, batch[0].device, trained)
@@ -1247,12 +1261,12 @@ def grpo_prepare(rollouts: list[dict], cfg: TrainConfig, info: DistInfo, policy:
     log-probabilities of the targets as sampled (the clipped ratio's denominator); with reference
     (cfg.grpo_beta) "ref", the reference's (reference(x, y, cu_seqlens), no autograd)."""
     G = cfg.grpo_generations
-    totals = torch.zeros(4, dtype=torch.float64)  # scored rewards' sum, sum of squares, count; trained tokens
+    totals = torch.zeros(5, dtype=torch.float64)  # scored rewards' sum, sum of squares, count; trained tokens; samples
     for r in rollouts:
         scored = r["rewards"][~r["rewards"].isnan()]
         totals += torch.stack([scored.sum(), (scored ** 2).sum(), torch.tensor(float(len(scored))),
-                               torch.tensor(float(r["targets"]))])
-    total, squares, count, tokens = all_reduce_sum(totals, info).tolist()
+                               torch.tensor(float(r["targets"])), torch.tensor(float(len(r["rewards"])))])
+    total, squares, count, tokens, samples = all_reduce_sum(totals, info).tolist()
     batch_std = _std_of_sums(total, squares, count) or 0.0
     for r in rollouts:
         grouped = r["rewards"].view(-1, G)
@@ -1261,7 +1275,7 @@ def grpo_prepare(rollouts: list[dict], cfg: TrainConfig, info: DistInfo, policy:
             advantages = advantages / (_nanstd(grouped) + 1e-4)
         elif cfg.grpo_scale_rewards == "batch":
             advantages = advantages / (batch_std + 1e-4)
-        r["advantages"], r["tokens"] = advantages.view(-1).nan_to_num(0.0), tokens
+        r["advantages"], r["tokens"], r["samples"] = advantages.view(-1).nan_to_num(0.0), tokens, samples
         x, y, cu, _ = r["packed"]
         if cfg.grpo_iterations > 1:
             with torch.no_grad():
@@ -1277,15 +1291,18 @@ def grpo_loss(model, rollout: dict, cfg: TrainConfig, world_size: int = 1) -> tu
     generation; cfg.grpo_importance_sampling sequence, GSPO's: exp of the sample's mean log p -
     log p_old, for each of its tokens), plus cfg.grpo_beta times the k3 estimate of KL(policy || reference), exp(d) - d
     - 1 with d = ref - log p; summed over the tokens and divided (cfg.grpo_loss_type) by: grpo,
-    each sample's tokens, then the samples' number (each sample's mean, their mean); bnpo, the
-    micro-batch's tokens; dr_grpo, the samples' number times cfg.grpo_max_new_tokens; dapo, every
-    rank's tokens in the step / (world_size * cfg.grad_accum). cispo (MiniMax-M1; TRL's) takes
-    -min(ratio, eps_high).detach() A log p per token, divided as dapo; sapo (TRL's) -sigmoid(tau
-    (ratio - 1)) 4 / tau A, tau 1 for A > 0 else 1.05 (SAPO_TEMPERATURES), divided as grpo (the step's token mean once the
-    trainer divides by grad_accum and DDP averages). model: what computes the log-probabilities
-    (DDP's wrapper). With cfg.grpo_kl_bias_correction (TRL's default) the KL term is times the
-    ratio. Also the sums for the log (grpo_stat_means): (the trained tokens' KL, the trained tokens,
-    those whose ratio was clipped, the trained tokens), fp64 on the CPU."""
+    each sample's tokens, then the step's samples (every rank's, from grpo_prepare) / (world_size *
+    cfg.grad_accum) (each sample's mean, their mean over the step once the trainer divides by
+    grad_accum and DDP averages: TRL's micro-batches of equal size give that; pyllm's packed ones
+    hold varying numbers of samples); bnpo, the micro-batch's tokens; dr_grpo, the step's samples,
+    counted so, times cfg.grpo_max_new_tokens; dapo, every rank's tokens in the step / (world_size *
+    cfg.grad_accum). cispo (MiniMax-M1; TRL's) takes -min(ratio, eps_high).detach() A log p per
+    token, divided as dapo; sapo (TRL's) -sigmoid(tau (ratio - 1)) 4 / tau A, tau 1 for A > 0 else
+    1.05 (SAPO_TEMPERATURES), divided as grpo. model: what computes the log-probabilities (DDP's
+    wrapper). With cfg.grpo_kl_bias_correction (TRL's default) the KL term is times the ratio (and
+    so is the KL logged, as TRL logs it). Also the sums for the log (grpo_stat_means): (the trained tokens' KL, the trained tokens,
+    those whose ratio was clipped (cispo: TRL's cispo_clip_ratio, above eps_high with A > 0), the
+    trained tokens), fp64 on the CPU."""
     x, y, cu, at = rollout["packed"]
     token_logps = model(x, y, cu, per_token=True, **balance_kwargs(model, x, cu, at))[1]  # (B, T), 0 where no target
     mask = (y != -1).to(token_logps.dtype)
@@ -1319,20 +1336,28 @@ def grpo_loss(model, rollout: dict, cfg: TrainConfig, world_size: int = 1) -> tu
         kl = torch.exp(d) - d - 1
         # TRL's use_bias_correction_kl (its default): times the ratio, the unbiased reverse-KL
         # gradient (DeepSeek-V3.2); the ratio, 1 in value on-policy, still moves the gradient
-        weighted = kl * ratio if cfg.grpo_kl_bias_correction else kl
-        per_token = per_token + cfg.grpo_beta * weighted
+        if cfg.grpo_kl_bias_correction:
+            kl = kl * ratio  # (TRL logs this one too: grpo_trainer.py:3105, 3268)
+        per_token = per_token + cfg.grpo_beta * kl
     per_token = per_token * mask
+    # grpo, sapo, dr_grpo: TRL's micro-batches hold per_device_train_batch_size samples each, so every sample
+    # of the step weighs 1 / (the step's samples); pyllm's hold varying numbers (packed conversations): divide by
+    # the step's samples on all ranks / (world_size * grad_accum), as dapo by its tokens
+    per_batch = rollout.get("samples", n * world_size * cfg.grad_accum) / (world_size * cfg.grad_accum)
     if cfg.grpo_loss_type in ("grpo", "sapo"):
-        loss = (sequence_logps(per_token, cu)[at] / tokens).sum() / max(n, 1)
+        loss = (sequence_logps(per_token, cu)[at] / tokens).sum() / (per_batch or 1.0)
     elif cfg.grpo_loss_type == "bnpo":
         loss = per_token.sum() / mask.sum().clamp(min=1)
     elif cfg.grpo_loss_type == "dr_grpo":
-        loss = per_token.sum() / max(n * cfg.grpo_max_new_tokens, 1)
+        loss = per_token.sum() / ((per_batch * cfg.grpo_max_new_tokens) or 1.0)
     else:  # dapo, cispo
         loss = per_token.sum() * (world_size * cfg.grad_accum / max(rollout["tokens"], 1.0))
     with torch.no_grad():
-        kl_sum = (kl * mask).sum() if kl is not None else mask.new_zeros(())  # (TRL's: a mean per trained token)
-        is_clipped = ((ratio < 1 - cfg.grpo_epsilon) & (advantage < 0)) | ((ratio > 1 + high) & (advantage > 0))
+        kl_sum = (kl.detach() * mask).sum() if kl is not None else mask.new_zeros(())  # (TRL's: a mean per trained token)
+        if cfg.grpo_loss_type == "cispo":  # TRL's cispo_clip_ratio: the ratio above epsilon_high itself
+            is_clipped = (ratio > high) & (advantage > 0)
+        else:
+            is_clipped = ((ratio < 1 - cfg.grpo_epsilon) & (advantage < 0)) | ((ratio > 1 + high) & (advantage > 0))
         clipped, counted = (is_clipped.to(mask) * mask).sum(), mask.sum()
         if cfg.grpo_importance_sampling == "sequence":  # one ratio a sample: TRL counts samples there
             clipped, counted = (sequence_logps(is_clipped.to(mask) * mask, cu)[at] > 0).sum().to(mask), mask.new_tensor(n)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -107,14 +108,17 @@ def test_grpo_loss_and_gradients_are_the_formula(chat_dir, loss_type, scale, bet
             term = -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * a
         else:
             term = -torch.min(ratio * a, torch.clamp(ratio, 0.9, 1.15) * a)
-        clipped_here = int((((ratio < 0.9) & (a < 0)) | ((ratio > 1.15) & (a > 0))).sum())
+        if loss_type == "cispo":  # (TRL's cispo_clip_ratio: the ratio above epsilon_high, A > 0)
+            clipped_here = int(((ratio > 0.15) & (a > 0)).sum())
+        else:
+            clipped_here = int((((ratio < 0.9) & (a < 0)) | ((ratio > 1.15) & (a > 0))).sum())
         clipped += clipped_here if level == "token" else int(clipped_here > 0)  # (TRL: samples in sequence mode)
         with torch.no_grad():
             d = logps(ref_model) - logp
         d = d.detach() + logp.detach() - logp  # (d = ref - log p, its gradient -grad log p)
         kl = torch.exp(d) - d - 1
         terms.append(term + beta * kl * ratio)  # (TRL's use_bias_correction_kl, its default: times the ratio)
-        kls.append(kl.sum())
+        kls.append((kl * ratio).sum())  # (TRL logs the KL as it trains it: times the ratio)
     n, tokens, sampled = len(samples), sum(len(t) for t in terms), sum(map(len, samples))
     assert not masked or 0 < len(terms) < n
     # (grpo: the mean over all samples, masked ones adding 0)
@@ -126,7 +130,7 @@ def test_grpo_loss_and_gradients_are_the_formula(chat_dir, loss_type, scale, bet
     assert loss.item() == pytest.approx(want.item(), rel=1e-9, abs=1e-12)
     for g, p in zip(got, model.parameters()):
         torch.testing.assert_close(g, p.grad, rtol=1e-7, atol=1e-12)
-    assert (clipped > 0) == (iterations > 1)  # (the perturbation clips some)
+    assert (clipped > 0) == (iterations > 1 or loss_type == "cispo")  # (the perturbation clips some)
     counted = tokens if level == "token" else n  # (TRL 1.16's clip_ratio in sequence mode: over the samples)
     assert (clipped_tokens, trained_tokens, kl_tokens) == (clipped, counted, tokens)
     assert kl_sum.item() == pytest.approx(beta and torch.stack(kls).sum().item(), abs=1e-9)
@@ -479,3 +483,43 @@ def test_grpo_options_are_checked(data_dir, pairs_dir, tmp_path):  # noqa: F811
     for folder in (data_dir, pairs_dir):
         with pytest.raises(ValueError, match="they need conversations"):
             trainer.train(config(folder, tmp_path / "x", grpo_reward=SPEC))
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "sapo", "dr_grpo"])
+def test_grpo_weighs_every_sample_of_the_step_alike_however_micro_batches_split_them(chat_dir, loss_type):  # noqa: F811
+    # TRL's micro-batches hold per_device_train_batch_size samples each, so each sample of a step
+    # weighs 1 / (the step's samples); pyllm's packed micro-batches hold varying numbers. Divided by
+    # each micro-batch's own count, samples of a smaller one had weighed more (an audit, 2026-12-06).
+    model, ref_model = tiny().double(), tiny(dim=96, n_heads=3, n_kv_heads=1).double()
+    reference = torch.no_grad()(lambda x, y, cu: ref_model(x, y, cu, per_token=True)[1])
+    cfg = TrainConfig(grpo_reward=SPEC, grpo_generations=4, grpo_max_new_tokens=5, grpo_loss_type=loss_type,
+                      sample_stop_tokens=list(range(12)), grpo_beta=0.3)  # (a KL term: grpo's on-policy loss is 0 without)
+    reward = trainer.load_reward(cfg, model, "fp32", torch.device("cpu"))
+
+    def rollouts():
+        made = [trainer.grpo_rollout(model, data.PackedLoader(chat_dir / "train.bin", rows, 32, seed=rows).next_batch(),
+                                     cfg, reward, torch.Generator().manual_seed(1)) for rows in (3, 1)]
+        return made, [len(r["rewards"]) for r in made]
+
+    alone = []
+    for r in rollouts()[0]:  # each micro-batch a step of its own: its samples' mean
+        trainer.grpo_prepare([r], cfg, trainer.DistInfo(), model, reference)
+        alone.append(trainer.grpo_loss(model, r, cfg)[0].item())
+    made, n = rollouts()
+    assert n[0] != n[1]
+    two = replace(cfg, grad_accum=2)
+    trainer.grpo_prepare(made, two, trainer.DistInfo(), model, reference)
+    step = sum(trainer.grpo_loss(model, r, two)[0].item() for r in made) / 2  # (the trainer's / grad_accum)
+    assert step == pytest.approx((alone[0] * n[0] + alone[1] * n[1]) / sum(n), rel=1e-9)
+
+
+def test_grpo_samples_fit_the_rows_they_are_trained_in(chat_dir):  # noqa: F811
+    # A sample longer than --seq-len's rows was rewarded whole but trained on its first tokens only
+    # (its stop token perhaps cut away): samples now stop where the rows end.
+    model = tiny(block_size=64).double()
+    batch = data.PackedLoader(chat_dir / "train.bin", 2, 16, seed=0).next_batch()
+    cfg = TrainConfig(grpo_reward=SPEC, grpo_generations=2, grpo_max_new_tokens=40)
+    seen = []
+    record = lambda groups, samples, packed, rows, step=None: (seen.extend(zip(groups, samples)), torch.zeros(len(samples)))[1]  # noqa: E731
+    trainer.grpo_rollout(model, batch, cfg, [record], torch.Generator().manual_seed(1))
+    assert seen and max(len(p) + len(c) for p, c in seen) <= 16

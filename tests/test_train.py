@@ -950,7 +950,7 @@ def formula(kind, pc, pr, nc, nr, rc, rr, beta, gamma=0.5, smoothing=0.0):
         return -(1 - smoothing) * F.logsigmoid(d) - smoothing * F.logsigmoid(-d), beta * (pc - rc), beta * (pr - rr)
     if kind == "ipo":
         d = (pc / nc - rc / nc) - (pr / nr - rr / nr)
-        return (d - 1 / (2 * beta)) ** 2, beta * (pc - rc) / nc, beta * (pr - rr) / nr
+        return (d - 1 / (2 * beta)) ** 2, beta * (pc - rc), beta * (pr - rr)  # (TRL's rewards: summed)
     if kind == "hinge":
         return torch.relu(1 - beta * ((pc - rc) - (pr - rr))), beta * (pc - rc), beta * (pr - rr)
     mc, mr = pc / nc, pr / nr
@@ -1486,3 +1486,15 @@ def test_kto_learns_and_resumes_exactly(kto_dir, pairs_dir, tmp_path):
         trainer.train(config(kto_dir, tmp_path / "x", preference="dpo"))
     with pytest.raises(ValueError, match="preference kto trains on unpaired examples"):
         trainer.train(config(pairs_dir, tmp_path / "y", preference="kto"))
+
+
+def test_ipo_rewards_are_summed_log_ratios_as_trl_logs_them():
+    # IPO's loss takes log-ratios per token, but TRL logs rewards (and their accuracy) as beta times
+    # the summed log-ratio: a pair whose chosen reply gains 2 nats over 10 tokens and rejected 1 over 1
+    # is a right pair (accuracy 1), per token it had been a wrong one (an audit, 2026-12-06).
+    from pyllm.nn import preference_loss
+
+    d = lambda *v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    losses, chosen, rejected = preference_loss("ipo", d(-8.0), d(-2.0), d(10.0), d(1.0), d(-10.0), d(-3.0), beta=0.1)
+    assert chosen.item() == pytest.approx(0.2) and rejected.item() == pytest.approx(0.1)
+    assert losses.item() == pytest.approx((0.2 - 1.0 - 1 / 0.2) ** 2)  # (the loss per token: 2/10 - 1/1)

@@ -1225,8 +1225,8 @@ def start_ids(tokenizer) -> list[int]:
 def resolve_sampling(args, source) -> None:
     """--temperature / --top-k / --top-p not given: a Hugging Face model's generation_config.json
     (do_sample false: greedy; else its temperature, top_k, top_p, transformers' defaults 1.0 / 50 /
-    1.0 for the ones it leaves out or sets null), as transformers' generate() takes them; else
-    0.8 / 50 / none. A --top-k or --top-p given asks to sample, whatever do_sample says (it had
+    1.0 for the ones it leaves out or sets null), as transformers' generate() takes them (a folder
+    without one, or an empty one: greedy, as there); a model of pyllm's own: 0.8 / 50 / none. A --top-k or --top-p given asks to sample, whatever do_sample says (it had
     been ignored under do_sample false, greedy without a word)."""
     config = {}
     if source is not None and (Path(source) / "generation_config.json").is_file():
@@ -1243,7 +1243,7 @@ def resolve_sampling(args, source) -> None:
         print(f"pyllm generate: {Path(source) / 'generation_config.json'} sets "
               f"{', '.join(f'{k}={v!r}' for k, v in ignored.items())}, which pyllm's sampling does not apply "
               "(transformers' generate would): its tokens may differ", file=sys.stderr)
-    if config:
+    if source is not None:  # a Hugging Face folder: no generation_config.json (or an empty one) is greedy there too
         # do_sample left out is greedy, as transformers
         sampling = args.top_k is not None or args.top_p is not None or bool(config.get("do_sample", False))
         defaults = dict(temperature=float(config.get("temperature", 1.0)) if sampling else 0.0,
@@ -1990,7 +1990,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "model's end-of-sequence token")
     p.add_argument("--max-new-tokens", type=at_least(1), default=200, help="tokens to generate (default 200)")
     p.add_argument("--temperature", type=at_least(0.0, float), help="softmax temperature; 0 is greedy (default 0.8; "
-                   "a Hugging Face model's generation_config.json: its do_sample and temperature, as transformers)")
+                   "a Hugging Face model's generation_config.json: its do_sample and temperature, as transformers; "
+                   "greedy where the folder has none)")
     p.add_argument("--top-k", type=at_least(0), help="sample from the k most likely tokens only, 0: all (default 50, "
                    "or generation_config.json's)")
     p.add_argument("--top-p", type=probability, help="nucleus sampling: the smallest set of tokens with this much "

@@ -1703,7 +1703,7 @@ def _decoder_config_from_hf(hf: dict) -> ModelConfig:
     if kind not in HF_DECODERS:
         raise NotImplementedError(f"Hugging Face model_type {kind!r}: pyllm reads {', '.join(HF_DECODERS)}, "
                                   "gemma2, gemma3, gemma3_text and gpt2")
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}  # transformers 5 / 4
+    rope = hf_rope_parameters(hf, kind)
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if kind == "phi3" and rope_type in ("su", "yarn"):  # Phi-3's early names of LongRoPE, as transformers reads them
         rope_type = "longrope"
@@ -1733,13 +1733,37 @@ def _decoder_config_from_hf(hf: dict) -> ModelConfig:
                        dim=hf["hidden_size"], head_dim=hf.get("head_dim") or None,
                        mlp_hidden=hf.get("moe_intermediate_size") or hf["intermediate_size"],  # Qwen3-MoE's experts'
                        # (transformers' default where config.json says nothing: SmolLM3's ties)
-                       tie_embeddings=hf.get("tie_word_embeddings", kind == "smollm3"), norm_eps=hf.get("rms_norm_eps", 1e-6),
-                       rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)), rope_scaling=scaling,
+                       tie_embeddings=hf.get("tie_word_embeddings", kind == "smollm3"),
+                       norm_eps=hf.get("rms_norm_eps", HF_RMS_NORM_EPS.get(kind, 1e-6)),
+                       rope_theta=rope.get("rope_theta", hf.get("rope_theta", HF_ROPE_THETA.get(kind, 10000.0))),
+                       rope_scaling=scaling,
                        qkv_bias=kind == "qwen2" or (kind == "qwen2_moe" and hf.get("qkv_bias", True)),
                        qk_norm=kind in ("qwen3", "olmo2", "qwen3_moe", "olmoe"),
                        qk_norm_all_heads=kind in ("olmo2", "olmoe"), pre_norm=kind != "olmo2",
                        sandwich_norm=kind == "olmo2", sliding_window=window, window_layers=window_layers,
                        nope_layers=nope_layers, rotary_dim=rotary_dim, **_hf_experts(hf, kind), **_hf_granite(hf, kind))
+
+
+def hf_rope_parameters(hf: dict, kind: str) -> dict:
+    """A (non-nested) config.json's RoPE parameters as transformers 5 reads them: rope_scaling, where
+    given, over rope_parameters (PreTrainedConfig.convert_rope_params_to_dict: `rope_scaling or
+    rope_parameters`; a user adding "rope_scaling" to a config transformers 5 wrote, as model cards
+    say to enable YaRN, gets it there). Both given with different values: refused, since transformers
+    then also drops rope_parameters' rope_theta for its class default."""
+    params, scaling = hf.get("rope_parameters") or {}, hf.get("rope_scaling") or {}
+    if params and scaling:
+        if any(params.get(k, v) != v for k, v in scaling.items()):
+            raise NotImplementedError(f"{kind}: config.json gives both rope_parameters {params} and rope_scaling "
+                                      f"{scaling}; transformers 5 applies rope_scaling alone: merge them into "
+                                      "rope_parameters")
+        return {**params, **scaling}
+    return scaling or params
+
+
+# transformers' config classes' defaults where they are not LLaMA's (1e-6, 10000), for a config.json that leaves
+# them out (a hand-written or trimmed one): Mixtral's rope_theta 1e6 had read as 10000, Phi-3's eps 1e-5 as 1e-6.
+HF_RMS_NORM_EPS = {"phi3": 1e-5, "olmo2": 1e-5, "mixtral": 1e-5, "olmoe": 1e-5}
+HF_ROPE_THETA = {"mixtral": 1e6, "smollm3": 2e6}
 
 
 def _hf_granite(hf: dict, kind: str) -> dict:
@@ -1826,7 +1850,7 @@ def _gemma2_config(hf: dict) -> ModelConfig:
     unsupported = {"use_bidirectional_attention": hf.get("use_bidirectional_attention")}
     types = _gemma_layer_types(hf, "gemma2", unsupported, [  # transformers' default: the even layers windowed
         "sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n_layers)])
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    rope = hf_rope_parameters(hf, "gemma2")
     if rope.get("rope_type", rope.get("type", "default")) != "default":
         raise NotImplementedError(f"gemma2 with scaled RoPE ({rope}): pyllm reads its unscaled RoPE")
     window = hf.get("sliding_window")
@@ -1864,6 +1888,8 @@ def _gemma3_config(hf: dict) -> ModelConfig:
         "full_attention" if (i + 1) % hf.get("sliding_window_pattern", 6) == 0 else "sliding_attention"
         for i in range(n_layers)])
     params = hf.get("rope_parameters") or {}
+    if params and hf.get("rope_scaling"):  # transformers 5 updates the full layers' parameters with it
+        params = {**params, "full_attention": {**(params.get("full_attention") or {}), **hf["rope_scaling"]}}
     full, local = params.get("full_attention"), params.get("sliding_attention")
     if full is None:  # transformers 4: rope_theta, rope_scaling (full layers), rope_local_base_freq
         full = {**(hf.get("rope_scaling") or {"rope_type": "default"}), "rope_theta": hf.get("rope_theta", 1e6)}
@@ -1888,7 +1914,8 @@ def _gemma3_config(hf: dict) -> ModelConfig:
 def _hf_longrope(hf: dict, rope: dict) -> dict:
     """ModelConfig.rope_scaling of a LongRoPE config (transformers' _compute_longrope_parameters):
     the attention factor from factor, or else from max / original positions, when not given."""
-    original = rope.get("original_max_position_embeddings") or hf.get("original_max_position_embeddings")
+    # transformers 5 (standardize_rope_params) gives a top-level original_max_position_embeddings priority
+    original = hf.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings")
     if not original or "short_factor" not in rope or "long_factor" not in rope:
         raise ValueError(f"LongRoPE needs short_factor, long_factor and original_max_position_embeddings; got {rope}")
     factor = rope.get("factor") or hf["max_position_embeddings"] / original
@@ -1927,6 +1954,8 @@ def _hf_sliding_window(hf: dict, kind: str, n_layers: int) -> tuple[int | None, 
                                       "has no sliding window; is this another model_type?")
         return None, None
     if kind in ("mistral", "phi3", "mixtral"):  # every layer
+        if kind == "mistral" and "sliding_window" not in hf:
+            window = 4096  # MistralConfig's default
         return window or None, None
     if not (hf.get("use_sliding_window") and window):
         return None, None

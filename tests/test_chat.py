@@ -1018,3 +1018,17 @@ def test_dpo_on_preference_pairs(chat_run_inputs, tmp_path, capsys):
                                "--preference", "reward", "--lora-rank", "2")) == 0
     assert cli.main(["export", "--run", str(tmp_path / "rm-lora"), "--out", str(tmp_path / "x"), "--adapter"]) == 2
     assert "a reward model" in capsys.readouterr().err  # its head trained whole: no adapter says so
+
+
+def test_hf_stop_ids_are_generation_config_json_s_where_it_names_them(tmp_path):
+    # transformers' generate stops at generation_config.json's eos_token_id alone where that file
+    # names one; config.json's is read only where it does not (the union had stopped at an id
+    # transformers goes past: an audit, 2026-12-06)
+    from pyllm.tokenizer.tokenizer import hf_stop_ids
+
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 27}))
+    assert hf_stop_ids(tmp_path) == [27]
+    (tmp_path / "generation_config.json").write_text(json.dumps({"do_sample": False}))
+    assert hf_stop_ids(tmp_path) == [27]
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [299, 87]}))
+    assert hf_stop_ids(tmp_path) == [87, 299]

@@ -244,6 +244,9 @@ def test_generate_ends_documents_and_reads_generation_configs(corpus, tmp_path, 
         lines = [json.loads(line) for line in out.read_text().splitlines()]
         assert [line["prompt"] for line in lines] == ["def f", "def f", "x", "x"]
     assert len(calls) == 2 + 4
+    nothing = argparse.Namespace(temperature=None, top_k=None, top_p=None)
+    cli.resolve_sampling(nothing, tmp_path)  # a Hugging Face folder without generation_config.json: greedy, as there
+    assert nothing.temperature == 0.0
     for config, want in (({"do_sample": False, "temperature": 0.6}, (0.0, 50, 1.0)),
                          ({"do_sample": True, "temperature": 0.6, "top_p": 0.9}, (0.6, 50, 0.9)),
                          ({"do_sample": True, "top_k": 0}, (1.0, None, 1.0))):

@@ -2619,3 +2619,43 @@ def test_lora_targets_name_each_bad_target_once():
     from pyllm.model import lora_targets
     with pytest.raises(ValueError, match=r"got mlp, attn$"):
         lora_targets("q, mlp, attn, mlp")
+
+
+def test_from_hf_reads_rope_and_defaults_as_transformers_5_does():
+    # An audit (2026-12-06): transformers 5 takes rope_scaling over rope_parameters (a user adding
+    # YaRN or llama3 scaling to a config it wrote, as model cards say, got unscaled RoPE here), a
+    # top-level original_max_position_embeddings over LongRoPE's own, and its classes' defaults
+    # where config.json leaves a key out (Mixtral's rope_theta 1e6 had read as 10000).
+    from pyllm.model import config_from_hf
+
+    base = dict(model_type="llama", vocab_size=97, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=64)
+    llama3 = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                  original_max_position_embeddings=16)
+    with pytest.raises(NotImplementedError, match="both rope_parameters .* and rope_scaling"):
+        config_from_hf({**base, "rope_parameters": dict(rope_type="default", rope_theta=5e5), "rope_scaling": llama3})
+    both = config_from_hf({**base, "rope_parameters": dict(llama3, rope_theta=5e5), "rope_scaling": llama3})
+    assert both.rope_scaling["rope_type"] == "llama3" and both.rope_theta == 5e5
+    for kind, theta, eps in (("mixtral", 1e6, 1e-5), ("smollm3", 2e6, 1e-6), ("phi3", 1e4, 1e-5), ("olmo2", 1e4, 1e-5),
+                             ("olmoe", 1e4, 1e-5), ("qwen3", 1e4, 1e-6)):
+        extra = dict(num_local_experts=4, num_experts=4, num_experts_per_tok=2)
+        cfg = config_from_hf({**base, "model_type": kind, **(extra if kind in ("mixtral", "olmoe") else {})})
+        assert (cfg.rope_theta, cfg.norm_eps) == (theta, eps), kind
+    assert config_from_hf({**base, "model_type": "mistral"}).sliding_window == 4096  # MistralConfig's default
+    assert config_from_hf({**base, "model_type": "mistral", "sliding_window": None}).sliding_window is None
+    phi3 = config_from_hf({**base, "model_type": "phi3", "original_max_position_embeddings": 32, "rope_scaling": dict(
+        rope_type="longrope", short_factor=[1.0] * 8, long_factor=[2.0] * 8, original_max_position_embeddings=16)})
+    assert phi3.rope_scaling["original_max_position_embeddings"] == 32
+    gemma3 = config_from_hf({**base, "model_type": "gemma3_text", "num_hidden_layers": 6, "head_dim": 16,
+                             "sliding_window": 8, "rope_scaling": {"rope_type": "linear", "factor": 8.0},
+                             "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                                                 "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}})
+    assert (gemma3.rope_scaling, gemma3.rope_theta, gemma3.local_rope_theta) == (
+        {"rope_type": "linear", "factor": 8.0}, 1e6, 1e4)  # (transformers 5 scales the full layers with it)
+    transformers = pytest.importorskip("transformers")
+    for kind in ("llama", "mistral", "qwen2", "qwen3", "smollm3", "phi3", "olmo2", "mixtral", "qwen3_moe", "olmoe",
+                 "qwen2_moe", "granite", "granitemoe"):  # the table is transformers' classes' defaults
+        hf = transformers.AutoConfig.for_model(kind)
+        cfg = config_from_hf({**base, "model_type": kind, **{k: v for k, v in (("num_local_experts", 4), (
+            "num_experts", 4), ("num_experts_per_tok", 2)) if hasattr(hf, k)}})
+        assert (cfg.rope_theta, cfg.norm_eps) == (hf.rope_parameters["rope_theta"], hf.rms_norm_eps), kind

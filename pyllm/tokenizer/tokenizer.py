@@ -472,13 +472,15 @@ def _token_ends(tokenizer: "Tokenizer", ids: list[int], text: str) -> np.ndarray
 def hf_stop_ids(folder) -> list[int]:
     """The end-of-sequence ids of a Hugging Face checkpoint folder: generation_config.json's and
     config.json's eos_token_id (an int or a list)."""
-    ids: list[int] = []
+    # As transformers' generate: generation_config.json's where it names them (config.json's is then not read:
+    # a config.json id the generation config leaves out does not stop transformers), else config.json's.
     for name in ("generation_config.json", "config.json"):
         path = os.path.join(os.fspath(folder), name)
         if os.path.exists(path):
             eos = json.loads(Path(path).read_text(encoding="utf-8")).get("eos_token_id")
-            ids += [eos] if isinstance(eos, int) else list(eos or [])
-    return sorted(set(ids))
+            if eos is not None:
+                return sorted(set([eos] if isinstance(eos, int) else list(eos)))
+    return []
 
 
 def hf_prefix_ids(path) -> list[int]:

@@ -761,9 +761,20 @@ def _scaled_grad_w(grad_w: torch.Tensor, grad_total: torch.Tensor, dtype: torch.
     return out
 
 
+def _refuse_create_graph(name: str) -> None:
+    """The fused losses' backwards return gradients made in the forward: constants to autograd. Under
+    create_graph=True (a gradient penalty, a Hessian-vector product) they came back detached and a
+    term built on them got no gradient, without a word: refused instead."""
+    if torch.is_grad_enabled():
+        raise NotImplementedError(
+            f"pyllm.nn.{name}: no second derivative (a backward with create_graph=True): its gradients are made in "
+            "the forward and have no graph; compute such a term with torch's ops (F.linear + F.cross_entropy)")
+
+
 def _saved_grads_times(ctx, grad_total: torch.Tensor, n_other_inputs: int) -> tuple:
     """The backward of a loss whose gradients the forward made and saved (grad_x, grad_w): them
     times the loss's incoming gradient, None for the other inputs."""
+    _refuse_create_graph(ctx.name)
     grad_x, grad_w = ctx.saved_tensors
     # (the product in fp32: grad_total (1 / n, a micro-step's weight) rounded to bf16 first biased
     # every gradient by up to 2^-9)
@@ -842,6 +853,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, targets, chunk_rows, scale, softcap, label_smoothing, z_loss):
+        ctx.name = "linear_cross_entropy"
         # x (N, C), weight (V, C), targets (N,)
         total, z_total, grad_x, grad_w = _linear_cross_entropy_with_grads(
             x, weight, targets, chunk_rows, ctx.needs_input_grad[0], ctx.needs_input_grad[1], scale, softcap,
@@ -1173,6 +1185,7 @@ class _LinearTokenLogps(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        _refuse_create_graph("linear_token_logps")
         if ctx.jacobian:
             (jac,) = ctx.saved_tensors
             acc = torch.promote_types(jac.dtype, torch.float32)
@@ -1264,6 +1277,7 @@ class _LinearSequenceLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, targets, segment_rows, group, loss_fn, chunk_rows, scale, softcap, grad_enabled):
+        ctx.name = "linear_sequence_loss"
         acc = torch.promote_types(x.dtype, torch.float32)
         # (under no_grad a weight that requires grad still says so: the caller's grad mode decides)
         need_x, need_w = ctx.needs_input_grad[0] and grad_enabled, ctx.needs_input_grad[1] and grad_enabled
@@ -1379,6 +1393,7 @@ class _LinearDistill(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, x_teacher, weight_teacher, beta, temperature, chunk_rows, shape, teacher_shape):
+        ctx.name = "linear_distill"
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         acc = torch.promote_types(x.dtype, torch.float32)
         total = torch.zeros((), dtype=torch.float64, device=x.device)

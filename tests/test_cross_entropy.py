@@ -551,3 +551,25 @@ def test_fused_losses_refuse_an_output_layer_on_another_device():
             call()
     with pytest.raises(ValueError, match="weight must be"):
         linear_cross_entropy(x, torch.randn(0, 5), t)
+
+
+def test_fused_output_losses_refuse_create_graph():
+    # Their gradients are made in the forward: under create_graph=True (a gradient penalty) they had
+    # come back detached, the penalty adding nothing without a word (an audit, 2026-12-06)
+    from pyllm import nn as pnn
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 8, dtype=torch.float64, generator=gen, requires_grad=True)
+    w = torch.randn(5, 8, dtype=torch.float64, generator=gen, requires_grad=True)
+    xt, wt = torch.randn(4, 8, dtype=torch.float64, generator=gen), torch.randn(5, 8, dtype=torch.float64, generator=gen)
+    t = torch.randint(0, 5, (4,), generator=gen)
+    pairs = lambda s, *_: -torch.nn.functional.logsigmoid(s[0::2] - s[1::2]).sum()  # noqa: E731
+    calls = {"linear_cross_entropy": lambda: pnn.linear_cross_entropy(x, w, t),
+             "linear_token_logps": lambda: pnn.linear_token_logps(x, w, t).sum(),
+             "linear_distill": lambda: pnn.linear_distill(x, w, xt, wt, 0.5),
+             "linear_sequence_loss": lambda: pnn.linear_sequence_loss(x, w, t, torch.tensor([2, 2]), 2, pairs)[0]}
+    for name, call in calls.items():
+        with pytest.raises(NotImplementedError, match=f"pyllm.nn.{name}: no second derivative"):
+            torch.autograd.grad(call(), x, create_graph=True)
+        gx, = torch.autograd.grad(call(), x)  # (a first derivative as before)
+        assert gx.isfinite().all() and gx.abs().sum() > 0

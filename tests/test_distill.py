@@ -533,7 +533,8 @@ def test_generalized_jsd_called_as_trls_gives_its_loss(reduction, with_labels):
 
 def test_generalized_jsd_bad_arguments():
     student, teacher = kernel_case(3, 10, torch.float32)
-    for count in (0, -2, "6", True, torch.tensor(0)):  # a token count: 0 had given inf, -2 a negative loss
+    # a token count: 0 had given inf, -2 a negative loss, a vector a vector of losses
+    for count in (0, -2, "6", True, torch.tensor(0), torch.tensor([3.0, 4.0])):
         with pytest.raises(ValueError, match="num_items_in_batch must be a positive number"):
             pyllm.generalized_jsd(student, teacher, num_items_in_batch=count)
     with pytest.raises(ValueError, match="reduction must be one of"):

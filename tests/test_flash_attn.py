@@ -3235,6 +3235,20 @@ def test_kvcache_new_rows_that_are_views_of_the_cache():
     assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref) and torch.equal(out, want)
 
 
+@pytest.mark.parametrize("return_lse", [False, True])
+def test_kvcache_query_that_is_a_view_of_the_cache_slot_appended_to(return_lse):
+    # q in the cache's memory where k_new lands had been overwritten by the append before attention
+    # read it (an audit, 2026-12-06): q is read as it was at the call
+    torch.manual_seed(0)
+    kc, vc, k_new, v_new = torch.randn(1, 8, 1, 32), torch.randn(1, 8, 1, 32), torch.randn(1, 1, 1, 32), torch.randn(1, 1, 1, 32)
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    out = pyllm.flash_attn_with_kvcache(kc[:, 3:4], kc, vc, 3, k_new, v_new, return_lse=return_lse)
+    want = pyllm.flash_attn_with_kvcache(kc_ref[:, 3:4].clone(), kc_ref, vc_ref, 3, k_new, v_new, return_lse=return_lse)
+    for o, w in zip(*((out, want) if return_lse else ((out,), (want,)))):
+        assert torch.equal(o, w)
+    assert torch.equal(kc, kc_ref)
+
+
 def test_a_softmax_scale_fp32_cannot_hold_is_refused():
     q = torch.randn(1, 4, 2, 32)
     with pytest.raises(ValueError, match="is inf in fp32"):

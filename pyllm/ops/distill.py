@@ -298,7 +298,8 @@ def generalized_jsd(student_logits: Tensor, teacher_logits: Tensor, labels: Opti
         count = num_items_in_batch
         if isinstance(count, Tensor) and count.is_cpu and count.numel() == 1 and not _util.values_unreadable(count):
             count = count.item()
-        if not isinstance(count, Tensor) and (isinstance(count, bool) or not _util.is_number(count) or not count > 0):
+        if (isinstance(count, Tensor) and count.numel() != 1) or not isinstance(count, Tensor) and (
+                isinstance(count, bool) or not _util.is_number(count) or not count > 0):  # (a vector had broadcast)
             raise ValueError(f"generalized_jsd: num_items_in_batch must be a positive number (the labelled tokens "
                              f"of the accumulated batch), got {num_items_in_batch!r}")
         if isinstance(num_items_in_batch, Tensor):

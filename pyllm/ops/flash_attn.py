@@ -1551,7 +1551,8 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_s
     # New rows that are views of a cache's memory were overwritten part way through the append (torch's
     # overlap checks miss such strided 4-D views at batch > 1): appended from copies
     if k_new is not None or v_new is not None:
-        k_new, v_new = _apart_from_caches(k_cache, v_cache, k_new, v_new)
+        # (q too: read after the append, a q in a cache's memory had been overwritten by the new keys)
+        q, k_new, v_new = _apart_from_caches(k_cache, v_cache, q, k_new, v_new)
     plain = rotary_cos is None and rotary_sin is None and not return_lse
     out = None if sinks is not None or not plain else _kvcache_eager_cpu(
         q, k_cache, v_cache, cache_seqlens, k_new, v_new, causal, softmax_scale, window, softcap, alibi_slopes,

@@ -1438,6 +1438,22 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def harness_prefix_ids(folder, tokenizer) -> list[int] | None:
+    """[id] of a Hugging Face folder's tokenizer_config.json bos_token, else its eos_token, where the
+    tokenizer has it as a special token: what lm-evaluation-harness conditions a text's first token
+    (and an empty context's candidates) on (Qwen2.5-Instruct: <|im_end|>, not <|endoftext|>)."""
+    path = Path(folder) / "tokenizer_config.json"
+    if not path.is_file():
+        return None
+    config = json.loads(path.read_text(encoding="utf-8"))
+    for key in ("bos_token", "eos_token"):
+        token = config.get(key)
+        token = token.get("content") if isinstance(token, dict) else token
+        if token and token in getattr(tokenizer, "special_tokens", {}):
+            return [tokenizer.special_tokens[token]]
+    return None
+
+
 def cmd_eval(args) -> int:
     import torch
 
@@ -1455,7 +1471,9 @@ def cmd_eval(args) -> int:
     # model a BOS, prefix): its end-of-sequence id, as lm-evaluation-harness's prefix token (the
     # first token had gone unpredicted, and a one-token ending after an empty context scored 0)
     start = None
-    if not prefix and data.eot_id(tokenizer) is None:
+    if not prefix and source is not None:  # lm-evaluation-harness's prefix_token_id (huggingface.py:611):
+        start = harness_prefix_ids(source, tokenizer)  # the tokenizer's bos_token, else its eos_token
+    if not prefix and not start and data.eot_id(tokenizer) is None:
         start = (hf_stop_ids(source)[:1] if source is not None else []) or start_ids(tokenizer)
     seq_len = args.seq_len or min(model.config.block_size, 2048)
     if not 1 <= seq_len <= model.config.block_size:
@@ -1463,12 +1481,20 @@ def cmd_eval(args) -> int:
     results = {"device": device, "dtype": dtype, "seq_len": seq_len}
     for path in args.choices or []:
         examples = evaluate.read_choices(path)[:args.limit]
+        keys = data._first_row_keys(path)
+        if {"activity_label", "ctx_a", "ctx_b"} <= keys and "query" not in keys:
+            print(f"eval: {path}: HellaSwag's own rows, scored as they are (as llm.c scores them); "
+                  "lm-evaluation-harness's hellaswag rewrites each context first (activity label, [title], "
+                  "brackets), so its acc / acc_norm differ: its processed rows ({query, choices, gold}) give them",
+                  file=sys.stderr)
         if not examples:
             raise ValueError(f"{path}: no examples in it")
         score = evaluate.score_choices(model, tokenizer, examples, seq_len, args.batch_size, prefix, start=start)
         score.pop("logps")
         results[str(path)] = score
-        print(f"{path}: {score['examples']:,} examples: acc {score['acc']:.4f}, acc_norm {score['acc_norm']:.4f}, "
+        pm = {k: "" if score[f"{k}_stderr"] is None else f" ± {score[f'{k}_stderr']:.4f}" for k in ("acc", "acc_norm")}
+        print(f"{path}: {score['examples']:,} examples: acc {score['acc']:.4f}{pm['acc']}, "
+              f"acc_norm {score['acc_norm']:.4f}{pm['acc_norm']}, "
               f"acc per byte {score['acc_bytes']:.4f}, acc per token {score['acc_per_token']:.4f}")
     if args.text:
         # read as `pyllm prepare` reads them: as on disk (CRLF kept), a JSON Lines file of {"text"}
@@ -2019,7 +2045,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="a model's multiple-choice accuracy (HellaSwag-style files) and loss on text")
     add_model_options(p)
     p.add_argument("--choices", nargs="+", metavar="FILE", help="JSONL files of multiple-choice examples, "
-                   "{\"ctx\": ..., \"endings\": [...], \"label\": i} lines (HellaSwag's files as they are): accuracy "
+                   "{\"ctx\": ..., \"endings\": [...], \"label\": i} lines (HellaSwag's files as they are: "
+                   "lm-evaluation-harness's hellaswag task rewrites them first, so for its numbers give its processed "
+                   "rows, {\"query\", \"choices\", \"gold\"}; no few-shot examples, each row scored alone): accuracy "
                    "by each ending's summed log-probability after the context (acc), per character (acc_norm, "
                    "lm-evaluation-harness's), per byte (acc_bytes) and per token (llm.c's)")
     p.add_argument("--text", nargs="+", metavar="FILE", help="text files: the loss per token, perplexity and bits per "

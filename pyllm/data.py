@@ -208,8 +208,15 @@ def _token_file_hint(path: Path) -> str:
 
 def is_text_rows(path) -> bool:
     """Whether path is a JSON Lines file of documents, {"text": ...} per line (a Hugging Face
-    dataset's export): each line's text is a document."""
-    return "text" in _first_row_keys(path)
+    dataset's export): each line's text is a document. ValueError for a *.jsonl file of rows
+    without "text" ({"page": ...}, {"content": ...}): it had been read as one text, JSON and all."""
+    keys = _first_row_keys(path)
+    if keys and "text" not in keys:
+        raise ValueError(f"{path}: a JSON Lines file whose rows have no \"text\" (its first has "
+                         f"{', '.join(sorted(keys)[:6])}{' ...' if len(keys) > 6 else ''}): write each document as a "
+                         "{\"text\": ...} row (lm-evaluation-harness's wikitext: its \"page\"), or give a plain "
+                         "text file")
+    return bool(keys)
 
 
 def read_documents(files: Iterable[Path], not_utf8: list | None = None) -> Iterable[str]:

@@ -5,16 +5,24 @@ a document; the model's log-probability of each ending's tokens is summed, and t
 as right when the labelled ending scores highest: by the sum (`acc`), by the sum per character of
 the ending (`acc_norm`, lm-evaluation-harness's: the raw ending, without the space before it), per
 UTF-8 byte of it (`acc_bytes`, the harness's too) and per token (`acc_per_token`, what llm.c's
-HellaSwag eval calls acc_norm). The files are read as they are: lm-evaluation-harness's hellaswag
-task first rewrites HellaSwag's contexts (activity label, bracket removal), so its numbers differ. The candidates are packed into rows and computed each
-alone (the varlen attention), as training packs conversations, so short candidates cost no padding.
+HellaSwag eval calls acc_norm), with each accuracy's standard error (the harness's: the scores'
+sample standard deviation over sqrt(n)). The files are read as they are (llm.c's way):
+lm-evaluation-harness's hellaswag task first rewrites HellaSwag's contexts (activity label, bracket
+removal), so its numbers differ; its processed rows ({"query", "choices", "gold"}) give its numbers.
+No few-shot examples: each row is scored alone (a few-shot context written into its "ctx" is scored
+as any context). The candidates are packed into rows and computed each alone (the varlen
+attention), as training packs conversations, so short candidates cost no padding.
 
 Text: the mean loss over windows of seq_len tokens, each token predicted once (from the ones
 before it in its window; a text's first one from <|endoftext|>, as the documents were separated in
 training, where the tokenizer has it; a text's last, shorter window given a whole window of the
 text before it as context, lm-evaluation-harness's rolling loglikelihood), as nats per token,
 perplexity and bits per byte (the summed loss over the text's UTF-8 bytes: comparable across
-tokenizers).
+tokenizers; the harness's byte_perplexity is 2 ** bits per byte). Two differences from the harness's
+numbers remain: a tokenizer that adds a BOS (Llama's) gets it once here, where the harness puts its
+prefix token before the BOS the tokenizer already added (log p(BOS | BOS) scored, the windows one
+token later); and the default window is min(block_size, 2048) tokens, where the harness takes the
+model's max_position_embeddings (give --seq-len for its number).
 """
 from __future__ import annotations
 
@@ -155,7 +163,13 @@ def score_choice_files(model, path, seq_len: int, batch_size: int = 8, precision
             right[name] += int(np.argmax(value) == label)
         start += n
     n_examples = len(meta["labels"])
-    return {"examples": n_examples, **{k: v / max(n_examples, 1) for k, v in right.items()}, "logps": logps}
+    accs = {k: v / max(n_examples, 1) for k, v in right.items()}
+    # lm-evaluation-harness's stderr of a mean (api/metrics.py mean_stderr: the sample standard
+    # deviation, Bessel's n - 1, over sqrt(n)); for 0/1 scores sqrt(p (1 - p) / (n - 1)); None (the
+    # harness's N/A) for one example
+    stderrs = {f"{k}_stderr": math.sqrt(p * (1 - p) / (n_examples - 1)) if n_examples > 1 else None
+               for k, p in accs.items()}
+    return {"examples": n_examples, **accs, **stderrs, "logps": logps}
 
 
 def _example_of(meta: dict, candidate: int) -> int:

@@ -241,3 +241,47 @@ def test_eval_command(setup, tmp_path, capsys):
         assert logp == pytest.approx(want.item(), rel=1e-5)
     with pytest.raises(ValueError, match="raise --seq-len"):  # (a seq_len below the model's own: say so)
         evaluate.score_choices(model, tokenizer, [long | {"context": long["ctx"]}], 64)
+
+
+def test_eval_as_the_harness_reports_and_reads(setup, tmp_path, capsys):
+    # An audit against lm-evaluation-harness (2026-12-06): each accuracy's standard error (its
+    # mean_stderr: sample std / sqrt(n)); a JSON Lines file of rows without "text" (its wikitext's
+    # {"page"}) refused, where it had been scored as one raw text, JSON and all; HellaSwag's own rows
+    # scored as they are, with a word that the harness rewrites them first.
+    tokenizer, model, examples = setup
+    score = evaluate.score_choices(model, tokenizer, examples, 128)
+    for key in ("acc", "acc_norm", "acc_bytes", "acc_per_token"):
+        right = np.array([np.argmax(score["logps"][4 * i:4 * i + 4]) == e["label"] for i, e in enumerate(examples)],
+                         dtype=float) if key == "acc" else None
+        if right is not None:
+            assert score[key] == right.mean() and score[f"{key}_stderr"] == pytest.approx(right.std(ddof=1) / math.sqrt(12))
+        p = score[key]
+        assert score[f"{key}_stderr"] == pytest.approx(math.sqrt(p * (1 - p) / 11))
+    assert evaluate.score_choices(model, tokenizer, examples[:1], 128)["acc_stderr"] is None  # (the harness's N/A)
+    copy.deepcopy(model).float().save(tmp_path / "model.safetensors")
+    tokenizer.save(tmp_path / "tok.bpe")
+    base = ["eval", "--model", str(tmp_path / "model.safetensors"), "--tokenizer", str(tmp_path / "tok.bpe"),
+            "--device", "cpu"]
+    (tmp_path / "pages.jsonl").write_text(json.dumps({"page": "the cat sat", "title": "cats"}) + "\n")
+    assert cli.main([*base, "--text", str(tmp_path / "pages.jsonl")]) == 2
+    assert 'pages.jsonl: a JSON Lines file whose rows have no "text" (its first has page, title)' in capsys.readouterr().err
+    rows = [{"activity_label": "Cats", "ctx_a": e["context"], "ctx_b": "", "ctx": e["context"], "endings": e["endings"],
+             "label": e["label"]} for e in examples[:3]]
+    (tmp_path / "hellaswag.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert cli.main([*base, "--choices", str(tmp_path / "hellaswag.jsonl")]) == 0
+    captured = capsys.readouterr()
+    assert "lm-evaluation-harness's hellaswag rewrites each context first" in captured.err
+    assert "3 examples: acc " in captured.out and " ± " in captured.out
+
+
+def test_eval_starts_from_the_harness_prefix_token(tmp_path):
+    # lm-evaluation-harness's prefix_token_id: the tokenizer's bos_token, else its eos_token (Qwen2.5-
+    # Instruct: <|im_end|>), not <|endoftext|> because the vocabulary has one
+    import types
+
+    tokenizer = types.SimpleNamespace(special_tokens={"<|endoftext|>": 5, "<|im_end|>": 6, "<s>": 7})
+    assert cli.harness_prefix_ids(tmp_path, tokenizer) is None  # (no tokenizer_config.json: the old rule)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": None, "eos_token": "<|im_end|>"}))
+    assert cli.harness_prefix_ids(tmp_path, tokenizer) == [6]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": {"content": "<s>"}, "eos_token": "<|im_end|>"}))
+    assert cli.harness_prefix_ids(tmp_path, tokenizer) == [7]

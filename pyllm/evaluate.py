@@ -74,8 +74,10 @@ def read_choices(path) -> list[dict]:
 
 
 def _ending_text(ending: str) -> str:
-    """An ending as it follows its context: a space before it unless it starts with whitespace."""
-    return ending if ending[:1].isspace() else " " + ending
+    """An ending as it follows its context: a space before it, whatever it starts with (the harness's
+    target_delimiter, as llm.c's HellaSwag eval joins them too; an ending starting with whitespace
+    had been given none, another text than both score)."""
+    return " " + ending
 
 
 def _start_token(tokenizer, start: Sequence[int] | None = None) -> list[int]:
@@ -96,9 +98,8 @@ def choice_documents(examples: Sequence[dict], tokenizer, prefix: Sequence[int] 
     SentencePiece-style ones put a "▁" first): the context's trailing whitespace moved to the
     ending, and the ending's tokens those past the context's tokens' common prefix with the whole
     (where the context's last token merges with the ending's first, "Answer:\n" + "\nbar", that
-    token is scored: the harness's split by length would leave part of the ending unscored). An
-    ending that does not start with whitespace gets one space before it, as HellaSwag's
-    evaluations join them. An empty context (no prefix either) starts from <|endoftext|> (or
+    token is scored: the harness's split by length would leave part of the ending unscored). Every
+    ending gets one space before it, as HellaSwag's evaluations join them. An empty context (no prefix either) starts from <|endoftext|> (or
     start), so the ending's first token is predicted too."""
     docs, masks = [], []
     for example in examples:

@@ -35,7 +35,7 @@ def setup():
             p.add_(torch.randn_like(p) * 0.05)  # norms too, so no term hides
     examples = [{"context": sentence(rng, rng.randint(1, 12)), "endings": [sentence(rng, rng.randint(1, 6)) for _ in range(4)],
                  "label": rng.randrange(4)} for _ in range(12)]
-    examples[3]["endings"][1] = "\n" + examples[3]["endings"][1]  # starts with whitespace: no space added
+    examples[3]["endings"][1] = "\n" + examples[3]["endings"][1]  # starts with whitespace: a space all the same
     return tokenizer, model, examples
 
 
@@ -80,7 +80,7 @@ def test_choice_documents(setup):
     assert len(docs) == 16
     for k, (doc, mask) in enumerate(zip(docs, masks)):
         example, ending = examples[k // 4], examples[k // 4]["endings"][k % 4]
-        whole = [7, *tokenizer.encode_ordinary(example["context"] + (ending if ending.startswith("\n") else " " + ending))]
+        whole = [7, *tokenizer.encode_ordinary(example["context"] + " " + ending)]  # (the harness's target_delimiter)
         # scored: past the common prefix of the whole and the context without its trailing whitespace
         # (lm-evaluation-harness moves that to the ending)
         context = [7, *tokenizer.encode_ordinary(example["context"].rstrip())]
@@ -99,7 +99,7 @@ def test_choice_documents_score_every_character_of_an_ending(setup):
                                             tokenizer)
     for (context, ending), doc, mask in zip(cases, docs[::2], masks[::2]):
         scored = tokenizer.decode(doc[mask.astype(bool)].tolist())
-        joined = ending if ending[:1].isspace() else " " + ending
+        joined = " " + ending
         assert scored.endswith(joined) and len(scored) >= len(joined), (context, ending, scored)
     assert docs[4][0] == tokenizer.special_tokens["<|endoftext|>"] and mask_first_scored(masks[4]) == 1
 

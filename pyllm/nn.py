@@ -1002,7 +1002,8 @@ class LinearCrossEntropyLoss(nn.Module):
     _input, target): the output layer's weight first. No bias and no class weights (ce_weight must be
     None: pyllm's fused losses take neither); accum_dtype None or float32 (the weight's gradient is
     summed in fp32 either way). return_z_loss gives (loss, z_loss), as Liger's did before its
-    CrossEntropyOutput."""
+    CrossEntropyOutput. "mean" with every target ignored gives 0, as Liger's (not linear_cross_entropy's
+    NaN)."""
 
     def __init__(self, ce_weight: torch.Tensor | None = None, ignore_index: int = -100, lse_square_scale: float = 0.0,
                  label_smoothing: float = 0.0, reduction: str = "mean", softcap: float | None = None,
@@ -1021,10 +1022,18 @@ class LinearCrossEntropyLoss(nn.Module):
         if bias is not None:
             raise ValueError("LinearCrossEntropyLoss: an output layer with a bias is not taken (pyllm's fused "
                              "losses have none)")
-        return linear_cross_entropy(_input, lin_weight, target, softcap=self.softcap,
-                                    label_smoothing=self.label_smoothing, z_loss=self.z_loss,
-                                    return_z_loss=self.return_z_loss, ignore_index=self.ignore_index,
-                                    reduction=self.reduction)
+        out = linear_cross_entropy(_input, lin_weight, target, softcap=self.softcap,
+                                   label_smoothing=self.label_smoothing, z_loss=self.z_loss,
+                                   return_z_loss=self.return_z_loss, ignore_index=self.ignore_index,
+                                   reduction=self.reduction)
+        if self.reduction != "mean":
+            return out
+        # Liger's fused loss gives 0 (not F.cross_entropy's NaN) when every target is ignored: each
+        # row returns before writing its loss and the rows' zeros are summed. Keep its value here, the
+        # Liger-compatible module (no host sync: a select on a device bool).
+        none = ~(target.long() != self.ignore_index).any()
+        zero_if_none = lambda t: torch.where(none, torch.zeros_like(t), t)  # noqa: E731
+        return tuple(zero_if_none(t) for t in out) if self.return_z_loss else zero_if_none(out)
 
 
 def _logit_shape(name: str, scale, softcap) -> tuple[float, float]:

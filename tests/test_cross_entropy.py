@@ -168,6 +168,15 @@ def test_modules_as_torchs_and_ligers():
     assert rel_err(z, 1e-2 * lse.square().sum()) < 1e-12
     with pytest.raises(ValueError, match="bias is not taken"):
         LinearCrossEntropyLoss()(w, x, targets, torch.zeros(12))
+    # every target ignored (a micro-batch of prompt tokens alone): Liger's mean is 0, not NaN, with
+    # zero gradients (an audit, 2026-12-06: NaN had reached a summed log)
+    x.requires_grad_()
+    ignored = torch.full((6,), -100)
+    loss, z = LinearCrossEntropyLoss(lse_square_scale=1e-2, return_z_loss=True)(w, x, ignored)
+    assert (loss.item(), z.item()) == (0.0, 0.0)
+    loss.backward()
+    assert not x.grad.any()
+    x = x.detach()
     # positional arguments in torch's and Liger's orders: weight third in the function; the module's
     # (weight, size_average, ignore_index, reduce, reduction, ...), size_average / reduce mapped as
     # torch maps them (with its deprecation warning); Liger's (ce_weight, ignore_index,

@@ -1077,8 +1077,9 @@ def _mismatched(example: dict, other: dict) -> dict:
 def prepare_kto(inputs: Sequence[str | os.PathLike], tokenizer, folder, out_dir, val_fraction: float = 0.02,
                 show_progress: bool = True, doc_start: Sequence[int] = (), doc_end: int | None = None) -> dict:
     """prepare_preferences for KTO's unpaired examples (read_kto): each example is written with its
-    KL example, its prompt followed by the next example's completion in its split (TRL's KL
-    dataset: completions shifted by one), as a pair of documents (.pairs.npy) the loader places
+    KL example, its prompt followed by the next example's completion in its split (completions
+    shifted by one, as TRL's KL dataset, though TRL shifts them within each batch: the packed loader
+    shuffles the pairs, so a batch's KL completions are mostly not its own), as a pair of documents (.pairs.npy) the loader places
     side by side, and its label in .labels.npy. Returns counts."""
     rows = [r for path in inputs for r in read_kto(path)]
     if len({"messages" in example for example, _ in rows}) > 1:  # a KL example joins one's prompt to another's completion

@@ -866,8 +866,12 @@ def preference_batch_loss(model, batch, reference, labels: np.ndarray | None = N
     if desirable is not None:  # the accuracy: the reward on the label's side of the KL baseline beta z
         good, bad = chosen_rewards[desirable], chosen_rewards[~desirable]
         baseline = options.get("beta", 0.1) * kl.clamp(min=0)
+        # sums and counts (stats[3:]): the step's means are over the examples of each label that it
+        # had, as TRL logs them (a micro-batch without undesirable examples adds no 0 to their mean)
         stats = torch.stack([good.sum() / max(len(good), 1), bad.sum() / max(len(bad), 1),
-                             ((chosen_rewards > baseline) == desirable).to(chosen_rewards.dtype).sum() / n])
+                             ((chosen_rewards > baseline) == desirable).to(chosen_rewards.dtype).sum() / n,
+                             good.sum(), bad.sum(), good.new_tensor(len(good)), bad.new_tensor(len(bad)),
+                             kl.clamp(min=0).detach().to(good)])
     else:
         stats = torch.stack([chosen_rewards.sum(), rejected_rewards.sum(),
                              (chosen_rewards > rejected_rewards).sum()]) / n
@@ -2087,6 +2091,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
         aux_sum = torch.zeros((), device=info.device)  # the part of loss_sum that is load balancing (MoE)
         z_sum = torch.zeros((), device=info.device)  # the part of loss_sum that is z-loss
         pref_sums = torch.zeros(3, device=info.device)  # mean chosen reward, rejected reward, accuracy
+        kto_sums = torch.zeros(5, device=info.device)  # KTO: desirable, undesirable rewards' sums and counts; z's sum
         on_policy = 0  # micro-batches of the student's own samples (distill_lmbda)
         grpo_sums = torch.zeros(9 + 2 * len(reward or ()), dtype=torch.float64)  # grpo_stat_means' sums
         generation_flops = 0.0
@@ -2125,7 +2130,9 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
                                                         loader.margins, fused=(cfg.fused_loss and not cfg.compile
                                                                                and precision != "fp16"),
                                                         **preference_options(cfg))
-                    pref_sums += stats * weights[micro]
+                    pref_sums += stats[:3] * weights[micro]
+                    if len(stats) > 3:
+                        kto_sums += torch.cat([stats[3:7], stats[7:] / cfg.grad_accum])
                 elif reward is not None:
                     loss, loss_stats = grpo_loss(wrapped, batch, cfg, info.world_size)
                     grpo_sums += torch.cat([batch["stats"].cpu(), loss_stats])
@@ -2219,7 +2226,13 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
                 del record[names[-1]]
         if cfg.preference:
             chosen, rejected, accuracy = all_reduce_mean(pref_sums, info).tolist()
-            record.update(reward_chosen=chosen, reward_rejected=rejected, reward_margin=chosen - rejected,
+            if cfg.preference == "kto":  # TRL's rewards/chosen, rejected (None when the step had none), kl
+                good, bad, n_good, n_bad, kl = all_reduce_sum(kto_sums, info).tolist()
+                chosen = good / n_good if n_good else None
+                rejected = bad / n_bad if n_bad else None
+                record["kl"] = kl / info.world_size
+            record.update(reward_chosen=chosen, reward_rejected=rejected,
+                          reward_margin=None if chosen is None or rejected is None else chosen - rejected,
                           reward_accuracy=accuracy)
         if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step == cfg.max_steps - 1:
             if cfg.preference:

@@ -1400,6 +1400,10 @@ def test_kto_batch_loss_is_each_sequence_alone(kto_dir, fused, monkeypatch):
     assert stats[0].item() == pytest.approx(np.mean(good) if good else 0.0, rel=1e-10, abs=1e-14)
     assert stats[1].item() == pytest.approx(np.mean(bad) if bad else 0.0, rel=1e-10, abs=1e-14)
     assert stats[2].item() == pytest.approx(np.mean([(r > beta * z.item()) == g for g, r in rewards]), rel=1e-12)
+    # the sums and counts the log's means are of (TRL's: over the examples of each label the step had,
+    # None where it had none, not a 0 averaged in), and z, which TRL logs as kl
+    np.testing.assert_allclose(stats[3:].tolist(), [sum(good), sum(bad), len(good), len(bad), z.item()],
+                               rtol=1e-10, atol=1e-14)
     for g, p in zip(got, policy.parameters()):
         torch.testing.assert_close(g, p.grad, rtol=1e-9, atol=1e-14)
 
@@ -1476,8 +1480,8 @@ def test_kto_learns_and_resumes_exactly(kto_dir, pairs_dir, tmp_path):
     kw = dict(preference="kto", beta=0.5, max_steps=16, eval_every=8, ckpt_every=4, lr=3e-3)
     trainer.train(config(kto_dir, tmp_path / "whole", **kw))
     log = [json.loads(line) for line in (tmp_path / "whole/log.jsonl").read_text().splitlines()]
-    assert log[0]["loss"] == pytest.approx(0.5, abs=1e-6)
-    assert np.mean([r["reward_chosen"] - r["reward_rejected"] for r in log[-4:]]) > 0
+    assert log[0]["loss"] == pytest.approx(0.5, abs=1e-6) and log[0]["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert np.mean([r["reward_margin"] for r in log[-4:] if r["reward_margin"] is not None]) > 0
     assert log[-1]["val_reward_accuracy"] > 0.6
     trainer.train(config(kto_dir, tmp_path / "cut", **kw), stop_at=6)
     trainer.train(config(kto_dir, tmp_path / "cut", **kw), resume=True)

@@ -997,6 +997,23 @@ def _set_reshard_after_forward(block, reshard: bool) -> None:
 _warned_sample_room: list = []
 
 
+def kto_weight_advice(labels, desirable_weight: float, undesirable_weight: float) -> str | None:
+    """TRL's KTOTrainer's advice where the desirable and undesirable examples are unequal in number
+    and neither weight is in the range that balances them (Ethayarajh et al. 2024, eq. 8: desirable
+    weight x count over undesirable weight x count in [1, 4/3]); None where one is."""
+    good = max(int(np.sum(labels)), 1)
+    bad = max(len(labels) - good, 1)
+    if good == bad:
+        return None
+    des = round(bad * undesirable_weight / good, 2), round(bad * undesirable_weight / good * 1.33, 2)
+    und = round(good * desirable_weight / bad / 1.33, 2), round(good * desirable_weight / bad, 2)
+    if des[0] <= desirable_weight <= des[1] or und[0] <= undesirable_weight <= und[1]:
+        return None
+    return (f"{good:,} desirable and {bad:,} undesirable examples: their weights balance them (TRL's advice, the KTO "
+            f"paper's eq. 8) with EITHER --desirable-weight in [{des[0]}, {des[1]}] or --undesirable-weight in "
+            f"[{und[0]}, {und[1]}] (not both)")
+
+
 def sample_replies(model: LLM, prompts: list[list[int]], max_new_tokens: int, temperature: float,
                    stop_tokens, generator: torch.Generator | None, limit: int | None = None) -> list[list[int]]:
     """Each prompt's sample (generate_batch: all at once, eval mode, no autograd), in the model's own
@@ -1971,6 +1988,9 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
         raise ValueError("preference pairs ({\"prompt\", \"chosen\", \"rejected\"} lines) train by a preference loss: "
                          "give preference (--preference dpo)" if pairs else f"preference {cfg.preference}: it trains on "
                          "preference pairs ({\"prompt\", \"chosen\", \"rejected\"} lines), and these token files hold none")
+    if labelled and info.is_main and (advice := kto_weight_advice(loader.labels, cfg.desirable_weight,
+                                                                 cfg.undesirable_weight)):
+        print(f"pyllm: {advice}", file=sys.stderr)
     if pairs and info.is_main:
         lengths = np.diff(loader.offsets)[loader.pairs].sum(1)
         if (lengths > seq_len).any():

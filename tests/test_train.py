@@ -1502,3 +1502,14 @@ def test_ipo_rewards_are_summed_log_ratios_as_trl_logs_them():
     losses, chosen, rejected = preference_loss("ipo", d(-8.0), d(-2.0), d(10.0), d(1.0), d(-10.0), d(-3.0), beta=0.1)
     assert chosen.item() == pytest.approx(0.2) and rejected.item() == pytest.approx(0.1)
     assert losses.item() == pytest.approx((0.2 - 1.0 - 1 / 0.2) ** 2)  # (the loss per token: 2/10 - 1/1)
+
+
+def test_kto_weight_advice_as_trls():
+    # TRL's KTOTrainer warns where the labels are unbalanced and neither weight balances them (an
+    # audit, 2026-12-06: 50 desirable and 10 undesirable examples had trained without a word)
+    labels = np.array([True] * 50 + [False] * 10)
+    assert trainer.kto_weight_advice(labels, 1.0, 1.0) == (
+        "50 desirable and 10 undesirable examples: their weights balance them (TRL's advice, the KTO paper's eq. 8) "
+        "with EITHER --desirable-weight in [0.2, 0.27] or --undesirable-weight in [3.76, 5.0] (not both)")
+    assert trainer.kto_weight_advice(labels, 0.25, 1.0) is None and trainer.kto_weight_advice(labels, 1.0, 4.0) is None
+    assert trainer.kto_weight_advice(np.array([True, False] * 5), 1.0, 1.0) is None

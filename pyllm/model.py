@@ -113,6 +113,10 @@ class ModelConfig:
     # > 0: a score head, Linear(dim, num_labels) at each sequence's last token (LLM.forward's scores;
     # reward models: 1, as transformers' *ForSequenceClassification); the LM head stays.
     num_labels: int = 0
+    # A reward model's pad token (config.json's pad_token_id): its scores are read at each sequence's
+    # last token that is not this one, as transformers' *ForSequenceClassification reads them (with
+    # pad == eos, TRL's default, the token before a trailing EOS); None: each sequence's last token.
+    pad_token_id: int | None = None
     tie_embeddings: bool = True
     dropout: float = 0.0  # while training: on the embeddings, each block's two outputs and the attention
     # probabilities (nanoGPT's three; the last in pyllm.flash_attn's kernels, dropout_p)
@@ -239,6 +243,10 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.router_aux_loss_coef must be a number >= 0, got {self.router_aux_loss_coef!r}")
         if isinstance(self.num_labels, bool) or not isinstance(self.num_labels, int) or self.num_labels < 0:
             raise ValueError(f"ModelConfig.num_labels must be an integer >= 0, got {self.num_labels!r}")
+        if self.pad_token_id is not None and (isinstance(self.pad_token_id, bool) or not isinstance(
+                self.pad_token_id, int) or not 0 <= self.pad_token_id < self.vocab_size):
+            raise ValueError(f"ModelConfig.pad_token_id must be None or a token id in [0, vocab_size = "
+                             f"{self.vocab_size}), got {self.pad_token_id!r}")
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "ModelConfig":
@@ -588,7 +596,8 @@ class LLM(nn.Module):
 
         scores (a model with a score head, ModelConfig.num_labels): (None, the head's scores (N,
         num_labels), fp32 at least, at the last token of each of cu_seqlens' N documents, or of each
-        row without them), as transformers' *ForSequenceClassification pools them (its last token
+        row without them, that is not ModelConfig.pad_token_id (where set; a document of pad tokens
+        alone: its first), as transformers' *ForSequenceClassification pools them (its last token
         that is not padding); targets are not read. A reward model's rewards.
 
         cu_seqlens: packed documents. int32 (N + 1,) on idx's device, the offsets in idx.view(-1) where
@@ -656,6 +665,14 @@ class LLM(nn.Module):
             B, T = idx.shape
             last = (cu_seqlens[1:].long() - 1 if cu_seqlens is not None
                     else torch.arange(1, B + 1, device=idx.device) * T - 1)  # (N,) in the B * T positions
+            if self.config.pad_token_id is not None:  # transformers' pooling: the last token that is not pad
+                position = torch.arange(B * T, device=idx.device)
+                doc = (document_ids(cu_seqlens, B, T).reshape(-1).long() if cu_seqlens is not None
+                       else position // T)  # (B * T,)
+                kept = idx.reshape(-1) != self.config.pad_token_id
+                found = torch.full_like(last, -1).scatter_reduce(0, doc[kept], position[kept], "amax")
+                first = cu_seqlens[:-1].long() if cu_seqlens is not None else torch.arange(B, device=idx.device) * T
+                last = torch.where(found >= 0, found, first)  # (pad alone: the first, transformers' argmax of 0s)
             h = self.norm_f(x.reshape(B * T, -1)[last.clamp(min=0)])  # (N, C)
             out = self.score(h)
             out = out.to(torch.promote_types(out.dtype, torch.float32))
@@ -1146,6 +1163,7 @@ class LLM(nn.Module):
                       id2label={str(i): f"LABEL_{i}" for i in range(self.config.num_labels)},
                       label2id={f"LABEL_{i}": i for i in range(self.config.num_labels)})
             hf.pop("num_labels", None)
+            hf["pad_token_id"] = self.config.pad_token_id  # where transformers reads the scores, as pyllm does
         if hf_config is not None and config_from_hf(hf) != self.config:
             raise ValueError(f"to_hf: hf_config (model_type {kind!r}) does not describe this model's config")
         state = {k: v.detach() for k, v in self.state_dict().items()}
@@ -1678,6 +1696,8 @@ def config_from_hf(hf: dict) -> ModelConfig:
                          "from it") from None
     if any(a.endswith("ForSequenceClassification") for a in hf.get("architectures") or ()):
         cfg.num_labels = hf.get("num_labels") or len(hf.get("id2label") or {0: 0, 1: 1})  # (transformers' default 2)
+        pad = hf.get("pad_token_id")  # where its scores are read (TRL's reward models: often its eos)
+        cfg.pad_token_id = pad if isinstance(pad, int) and not isinstance(pad, bool) and 0 <= pad < cfg.vocab_size else None
     return cfg
 
 

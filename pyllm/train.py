@@ -997,6 +997,39 @@ def _set_reshard_after_forward(block, reshard: bool) -> None:
 _warned_sample_room: list = []
 
 
+def reward_pad_id(cfg: TrainConfig) -> int | None:
+    """The pad token of a reward model trained from a language model, as TRL's RewardTrainer sets
+    it (its tokenizer's pad_token, else its eos_token, to config.pad_token_id): where its scores are
+    read (LLM.forward's scores, transformers' *ForSequenceClassification: each sequence's last
+    token that is not it). A Hugging Face source: its tokenizer_config.json's pad_token, else
+    eos_token (else config.json's eos_token_id); a run of pyllm's: its tokenizer's <|endoftext|>;
+    None where neither is known (each sequence's last token)."""
+    from pyllm.data import EOT
+
+    if cfg.init_from_hf:
+        from pyllm.model import hf_folder
+
+        folder = hf_folder(cfg.init_from_hf)
+        read = lambda name: json.loads((folder / name).read_text(encoding="utf-8")) if (folder / name).is_file() else {}  # noqa: E731
+        ids = {t.get("content"): t.get("id") for t in read("tokenizer.json").get("added_tokens") or ()}
+        config = read("tokenizer_config.json")
+        ids |= {t.get("content"): int(i) for i, t in (config.get("added_tokens_decoder") or {}).items()
+                if isinstance(t, dict)}
+        for key in ("pad_token", "eos_token"):
+            token = config.get(key)
+            token = token.get("content") if isinstance(token, dict) else token
+            if isinstance(ids.get(token), int):
+                return ids[token]
+        eos = read("config.json").get("eos_token_id")
+        eos = eos[0] if isinstance(eos, list) and eos else eos
+        return eos if isinstance(eos, int) and not isinstance(eos, bool) else None
+    if cfg.tokenizer and not str(cfg.tokenizer).endswith(".pkl"):
+        from pyllm.tokenizer import Tokenizer
+
+        return Tokenizer.load(str(cfg.tokenizer)).special_tokens.get(EOT)
+    return None
+
+
 def kto_weight_advice(labels, desirable_weight: float, undesirable_weight: float) -> str | None:
     """TRL's KTOTrainer's advice where the desirable and undesirable examples are unequal in number
     and neither weight is in the range that balances them (Ethayarajh et al. 2024, eq. 8: desirable
@@ -1932,6 +1965,9 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
     if cfg.preference == "reward":
         if model.score is None:  # a reward model from a language model
             model.add_score_head(1)
+            if ckpt is None:  # its scores read where TRL's (and so transformers') are: before a trailing pad
+                pad = reward_pad_id(cfg)
+                model.config.pad_token_id = pad if pad is not None and 0 <= pad < model.config.vocab_size else None
         if model.config.num_labels != 1:
             raise ValueError(f"preference reward trains a score head of one label; the model's has "
                              f"{model.config.num_labels} (ModelConfig.num_labels)")

@@ -1012,8 +1012,14 @@ def test_dpo_on_preference_pairs(chat_run_inputs, tmp_path, capsys):
     ours = LLM.load(tmp_path / "rm" / "model.safetensors").eval()
     theirs = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm-hf").eval()
     idx = torch.randint(0, theirs.config.vocab_size, (1, 12))
+    # its pad token TRL's (the tokenizer's pad, else eos), in the export: both read a sequence's score
+    # at its last token that is not pad, the one before a trailing EOS
+    pad = ours.config.pad_token_id
+    assert pad is not None and theirs.config.pad_token_id == pad
+    padded = torch.cat([idx, torch.tensor([[pad]])], 1)
     with torch.no_grad():
         torch.testing.assert_close(theirs(idx).logits, ours(idx, scores=True)[1], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(theirs(padded).logits, ours(padded, scores=True)[1], rtol=1e-4, atol=1e-5)
     assert cli.main(train_args(folder, path, tmp_path / "rm-lora", "--max-steps", "1", "--batch-size", "4",
                                "--preference", "reward", "--lora-rank", "2")) == 0
     assert cli.main(["export", "--run", str(tmp_path / "rm-lora"), "--out", str(tmp_path / "x"), "--adapter"]) == 2

@@ -586,6 +586,36 @@ def test_reward_model_is_transformers_sequence_classifier(name, tmp_path):
         assert back.config.num_labels == 1 and rel_err(back(idx, scores=True)[1], want) < 1e-6
 
 
+def test_reward_model_reads_scores_before_trailing_padding_as_transformers(tmp_path):
+    # TRL's reward models have pad_token_id = eos where the tokenizer has no pad token, and
+    # transformers reads the score at each sequence's last token that is not pad: the token before a
+    # trailing EOS. pyllm had read the EOS itself (an audit, 2026-12-06): another position than the
+    # one the model was trained at, both ways (export, and a TRL reward model for GRPO).
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      num_labels=1, pad_token_id=2, eos_token_id=2)
+    transformers.LlamaForSequenceClassification(config).save_pretrained(tmp_path / "rm")
+    theirs = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm", dtype=torch.float64).eval()
+    ours = LLM.from_hf(tmp_path / "rm", dtype=torch.float64).eval()
+    assert ours.config.pad_token_id == 2
+    g = torch.Generator().manual_seed(1)
+    rows = [torch.cat([torch.randint(3, 97, (n,), generator=g), torch.tensor([2] * pads)]) for n, pads in ((9, 1), (5, 3))]
+    with torch.no_grad():
+        want = torch.cat([theirs(row[None]).logits for row in rows])  # (2, 1)
+        packed = torch.cat([*rows, torch.tensor([2, 2])])[None]  # and a document of pad alone
+        cu = torch.tensor([0, 10, 18, 20], dtype=torch.int32)
+        got = ours(packed, None, cu, scores=True)[1]
+        assert rel_err(got[:2], want) < 1e-6
+        assert rel_err(got[2:], theirs(torch.tensor([[2, 2]])).logits) < 1e-6  # (its first token, as transformers)
+        assert rel_err(ours(rows[0][None], scores=True)[1], want[:1]) < 1e-6  # (a row without cu_seqlens)
+    ours.to_hf(tmp_path / "back", json.loads((tmp_path / "rm" / "config.json").read_text()))
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["pad_token_id"] == 2
+    with pytest.raises(ValueError, match="pad_token_id must be None or a token id"):
+        ModelConfig(**{**CONFIGS["llama"], "pad_token_id": -1})
+
+
 def test_generate_batch_refuses_what_it_cannot_do():
     model = LLM(ModelConfig(**CONFIGS["llama"]))
     with pytest.raises(ValueError, match="at least one token"):

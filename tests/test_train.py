@@ -1513,3 +1513,25 @@ def test_kto_weight_advice_as_trls():
         "with EITHER --desirable-weight in [0.2, 0.27] or --undesirable-weight in [3.76, 5.0] (not both)")
     assert trainer.kto_weight_advice(labels, 0.25, 1.0) is None and trainer.kto_weight_advice(labels, 1.0, 4.0) is None
     assert trainer.kto_weight_advice(np.array([True, False] * 5), 1.0, 1.0) is None
+
+
+def test_reward_pad_id_as_trls_reward_trainer_sets_it(tmp_path):
+    # TRL's RewardTrainer: config.pad_token_id = the tokenizer's pad_token, else its eos_token (where
+    # transformers' classifier then reads the scores)
+    from pyllm.tokenizer import Tokenizer
+
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "tokenizer.json").write_text(json.dumps({"added_tokens": [{"id": 5, "content": "<eos>"},
+                                                                     {"id": 6, "content": "<pad>"}]}))
+    (hf / "config.json").write_text(json.dumps({"eos_token_id": [9, 5]}))
+    cfg = TrainConfig(init_from_hf=str(hf))
+    assert trainer.reward_pad_id(cfg) == 9  # (no tokenizer_config.json: config.json's first eos)
+    (hf / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eos>", "pad_token": None}))
+    assert trainer.reward_pad_id(cfg) == 5
+    (hf / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eos>", "pad_token": {"content": "<pad>"}}))
+    assert trainer.reward_pad_id(cfg) == 6
+    tok = Tokenizer.train(["some text to train on " * 20], 260, special_tokens=["<|endoftext|>"], show_progress=False)
+    tok.save(str(tmp_path / "tok.bpe"))
+    assert trainer.reward_pad_id(TrainConfig(tokenizer=str(tmp_path / "tok.bpe"))) == tok.special_tokens["<|endoftext|>"]
+    assert trainer.reward_pad_id(TrainConfig()) is None

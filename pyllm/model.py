@@ -2451,6 +2451,9 @@ def check_sampling(temperature, top_k, top_p) -> None:
         temperature = float(temperature)  # (a 0-d tensor, as some loops keep it)
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not 0 <= temperature < math.inf:
         raise ValueError(f"sampling: temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
+    if 0 < temperature < 1e-30:  # logits / t overflows fp32 to inf: NaN probabilities, torch.multinomial's error
+        raise ValueError(f"sampling: temperature {temperature!r} is too small to divide fp32 logits by; give 0 for "
+                         "greedy decoding")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0):
         raise ValueError(f"sampling: top_k must be None or an int >= 0 (0 or None: no top-k), got {top_k!r}")
     if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0 <= top_p <= 1):

@@ -1520,14 +1520,39 @@ def cmd_export(args) -> int:
     Mistral or GPT-2 config, and its tokenizer as tokenizer.json (Tokenizer.to_hf) plus pyllm's own."""
     import shutil
 
+    run, out = Path(args.run), Path(args.out)
+    check_run_folder(run)
+    run_info = read_run(run)
+    # --force removes checkpoint files (model.safetensors, tokenizer.bpe, config.json, ...) from --out before
+    # the export reads them: --out the run itself or its source had lost them (and the source all its files)
+    reads = [("--run", run), ("its --init-from-hf source", Path(run_info.get("init_from_hf") or "")),
+             ("its tokenizer's folder", Path(run_info.get("tokenizer") or "").parent)]
+    for what, folder in reads:
+        if str(folder) not in ("", ".") and folder.is_dir() and out.exists() and out.resolve() == folder.resolve():
+            raise ValueError(f"--out {out} is {what}, which the export reads: give a new folder")
+    existed = out.exists()
+    empty = not existed or (out.is_dir() and not any(out.iterdir()))
+    clear_export_folder(out, args.force)
+    try:
+        return _export(run, out, args, run_info)
+    except BaseException:  # no half-written checkpoint left behind (a later export had found it "not empty")
+        if empty and out.is_dir():
+            if existed:  # the user's empty folder: emptied again, kept
+                for item in out.iterdir():
+                    shutil.rmtree(item, ignore_errors=True) if item.is_dir() else item.unlink(missing_ok=True)
+            else:
+                shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _export(run: Path, out: Path, args, run_info: dict) -> int:
+    import shutil
+
     import torch
 
     from pyllm.model import HF_SIDE_FILES, LLM, hf_folder
     from pyllm.train import load_checkpoint
 
-    run, out = Path(args.run), Path(args.out)
-    check_run_folder(run)
-    clear_export_folder(out, args.force)
     if args.adapter:
         return export_adapter(run, out, args.dtype)
     ckpt = load_checkpoint(run, mmap=True) if (run / "checkpoint.pt").exists() else None
@@ -1535,7 +1560,6 @@ def cmd_export(args) -> int:
     model = LLM.load(weights).to(getattr(torch, GENERATE_DTYPES[args.dtype]))
     if weights.parent != run:  # (the checkpoint's weights, written for the export)
         shutil.rmtree(weights.parent, ignore_errors=True)
-    run_info = read_run(run)
     source = run_info.get("init_from_hf")
     if source is None and ckpt is not None:  # runs from before run.json said
         source = ckpt["train_config"].get("init_from_hf")
@@ -1551,6 +1575,14 @@ def cmd_export(args) -> int:
     else:
         from pyllm.tokenizer.chars import is_nanogpt_meta
 
+        if not run_info.get("tokenizer") and (run / "tokenizer.bpe").is_file():  # (no run.json: the folder's own)
+            run_info["tokenizer"] = str(run / "tokenizer.bpe")
+        if not run_info.get("tokenizer"):
+            raise ValueError(f"--run {run}: no tokenizer (no run.json naming one, no tokenizer.bpe): transformers "
+                             "could not read or write text with the export")
+        if not Path(run_info["tokenizer"]).is_file():
+            raise FileNotFoundError(f"--run {run}: its tokenizer {run_info['tokenizer']} is gone (run.json names it); "
+                                    "put it back to export the run with its tokenizer")
         if run_info.get("tokenizer") and is_nanogpt_meta(run_info["tokenizer"]):
             copy_into(run_info["tokenizer"], out / "meta.pkl")  # nanoGPT's characters: no tokenizer.json for them
             print(f"pyllm export: {out} gets the run's nanoGPT meta.pkl (a character vocabulary), no tokenizer.json",
@@ -1654,6 +1686,9 @@ def export_adapter(run: Path, out: Path, dtype: str) -> int:
     from pyllm.model import ModelConfig, hf_folder, lora_state_to_peft
     from pyllm.train import load_checkpoint, lora_alpha_of
 
+    if not (run / "checkpoint.pt").exists():  # (load_checkpoint's own message speaks of resuming)
+        raise ValueError(f"--adapter: {run} has no checkpoint.pt, which holds the LoRA updates unmerged; export it "
+                         "without --adapter (model.safetensors: merged weights)")
     ckpt = load_checkpoint(run)
     train_config = ckpt["train_config"]
     if not train_config.get("lora_rank"):
@@ -1674,6 +1709,12 @@ def export_adapter(run: Path, out: Path, dtype: str) -> int:
     if not source:
         raise ValueError(f"{run}: an adapter applies to a Hugging Face model, and this run started from "
                          f"{train_config.get('init_from_run') or 'a preset'}: export it without --adapter (merged weights)")
+    started = train_config.get("init_from_run") or read_run(run).get("init_from_run")
+    if source and started:  # the LoRA trained over that run's weights, not over the source's: PEFT's
+        # base + adapter is another model (logits 0.11 off the merged export after 2 steps)
+        raise ValueError(f"{run} started from the weights of the run {started} (fine-tuned from {source}), and its "
+                         f"LoRA updates apply to those, not to {source}'s: an adapter over {source} is not this model; "
+                         "export it without --adapter (merged weights)")
     if train_config.get("init_adapter"):  # merged into the base before training: the new updates alone are
         # another model over the base (PEFT's logits had been up to 0.68 off the merged export's)
         raise ValueError(f"{run} started from the adapter {train_config['init_adapter']}, merged into {source} before "

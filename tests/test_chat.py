@@ -832,6 +832,20 @@ def test_adapter_export_needs_a_lora_run_from_hf(chat_run_inputs, tmp_path, caps
     assert cli.main(train_args(folder, chats, tmp_path / "full", "--max-steps", "1", "--batch-size", "4")) == 0
     assert cli.main(["export", "--run", str(tmp_path / "full"), "--out", str(tmp_path / "x"), "--adapter"]) == 2
     assert "not a LoRA run" in capsys.readouterr().err
+    # LoRA over another run's weights: an adapter over the Hugging Face source is another model (an
+    # audit, 2026-12-06: PEFT's logits 0.11 off the merged export after 2 steps)
+    assert cli.main(["train", "--init-from-run", str(tmp_path / "full"), "--data", str(chats), "--out",
+                     str(tmp_path / "chained"), "--lora-rank", "2", "--max-steps", "1", "--batch-size", "4",
+                     "--seq-len", "48", "--eval-every", "0", "--device", "cpu", "--sample-tokens", "0"]) == 0
+    capsys.readouterr()
+    assert cli.main(["export", "--run", str(tmp_path / "chained"), "--out", str(tmp_path / "x"), "--adapter"]) == 2
+    assert "started from the weights of the run" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    assert cli.main(train_args(folder, chats, tmp_path / "lora", "--max-steps", "1", "--batch-size", "4",
+                               "--lora-rank", "2")) == 0
+    (tmp_path / "lora" / "checkpoint.pt").unlink()
+    capsys.readouterr()
+    assert cli.main(["export", "--run", str(tmp_path / "lora"), "--out", str(tmp_path / "x"), "--adapter"]) == 2
+    assert "has no checkpoint.pt, which holds the LoRA updates unmerged" in capsys.readouterr().err
 
 
 def test_conversations_need_a_chat_template(chat_run_inputs, tmp_path, capsys):

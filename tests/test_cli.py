@@ -403,6 +403,17 @@ def test_train_end_to_end_cache_resume_generate(corpus, tmp_path, capsys, monkey
     assert transformers.GenerationConfig.from_pretrained(tmp_path / "hf2").eos_token_id == 256
     # (byte-level ids decode to the text as it was: transformers 4.x's default had cleaned " ," to ",")
     assert json.loads((tmp_path / "hf2/tokenizer_config.json").read_text())["clean_up_tokenization_spaces"] is False
+    # An audit (2026-12-06): --force into the run itself had deleted its weights and tokenizer before
+    # reading them; a run whose tokenizer is gone had left a half-written folder behind
+    capsys.readouterr()
+    assert cli.main(["export", "--run", str(run), "--out", str(run), "--force"]) == 2
+    assert "is --run, which the export reads: give a new folder" in capsys.readouterr().err
+    assert (run / "model.safetensors").is_file()
+    tokenizer = Path(json.loads((run / "run.json").read_text())["tokenizer"])
+    tokenizer.rename(tokenizer.with_suffix(".away"))
+    assert cli.main(["export", "--run", str(run), "--out", str(tmp_path / "hf3")]) == 2
+    assert "is gone (run.json names it)" in capsys.readouterr().err and not (tmp_path / "hf3").exists()
+    tokenizer.with_suffix(".away").rename(tokenizer)
 
 
 def test_config_file_with_cli_override(corpus, tmp_path):

@@ -997,6 +997,18 @@ def _set_reshard_after_forward(block, reshard: bool) -> None:
 _warned_sample_room: list = []
 
 
+def exact_copies(model, dtype: torch.dtype) -> dict:
+    """The floating state of model that dtype does not hold exactly, each copied to the CPU in the
+    narrowest of fp16 / fp32 that does: what a LoRA run's 16-bit frozen weights lose, kept for its
+    merged export. Empty for a source of bf16 weights (the usual checkpoint) under bf16."""
+    kept = {}
+    for name, value in model.state_dict().items():
+        if value.is_floating_point() and value.dtype != dtype and not torch.equal(value.to(dtype).to(value.dtype), value):
+            exact16 = torch.equal(value.to(torch.float16).to(value.dtype), value)
+            kept[name] = value.detach().to("cpu", torch.float16 if exact16 else torch.float32, copy=True)
+    return kept
+
+
 def reward_pad_id(cfg: TrainConfig) -> int | None:
     """The pad token of a reward model trained from a language model, as TRL's RewardTrainer sets
     it (its tokenizer's pad_token, else its eos_token, to config.pad_token_id): where its scores are
@@ -1973,11 +1985,14 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
                              f"{model.config.num_labels} (ModelConfig.num_labels)")
         if not model.config.tie_embeddings:  # never computed with: frozen, not a parameter without a gradient (DDP)
             model.lm_head.requires_grad_(False)
+    loaded = {}  # LoRA with 16-bit frozen weights: those the 16-bit copy would round, as loaded (for the export)
     if cfg.lora_rank:  # before the checkpoint's weights load: they hold the LoRA layers' too
         # Frozen weights need no fp32 master: held in the compute dtype (half their memory, no cast
         # per forward). Not under FSDP2, which all-gathers a block's parameters in one dtype.
         fsdp = info.world_size > 1 and cfg.dist_mode == "fsdp"
         frozen_dtype = None if fsdp else {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        if frozen_dtype is not None and ckpt is None:
+            loaded = exact_copies(model, frozen_dtype)
         model.add_lora(cfg.lora_rank, lora_alpha_of(cfg.lora_rank, cfg.lora_alpha), frozen_dtype,
                        cfg.lora_targets or None, cfg.lora_dropout)
         if cfg.preference == "reward":  # the new head is trained whole (PEFT's modules_to_save for SEQ_CLS)
@@ -2095,6 +2110,11 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
         """model.safetensors, LoRA merged in (every rank calls: FSDP gathers; rank 0 writes)."""
         model_state = full_model_state(model, cfg, info)
         if info.is_main:
+            # B A merged into the frozen weights as loaded, as PEFT's merge_and_unload adds it, not into
+            # their 16-bit copies (which had rounded every adapted layer, its untargeted rows too, and
+            # every MoE expert: 2e-3 off an fp32 source's weights)
+            model_state = {k: loaded[k].to(torch.float32) if k in loaded and v.dtype != torch.float32 else v
+                           for k, v in model_state.items()}
             save_weights(model_state, mcfg, out / "model.safetensors", model.lora_scale(), step=step_done)
 
     def checkpoint(step_done: int):

@@ -863,6 +863,25 @@ def test_lora_run_from_a_run_learns_with_the_base_frozen(data_dir, tmp_path, dev
     assert summary["device"].startswith(device)
 
 
+def test_bf16_lora_run_merges_into_the_weights_as_loaded(data_dir, tmp_path):
+    # The frozen weights are held in bf16 while training; the merged model.safetensors adds B A to the
+    # weights as loaded (PEFT's merge_and_unload), not to their bf16 copies: the k rows of a q,v run
+    # are the base's exactly (an audit, 2026-12-06: they had moved 1e-4, rounded to bf16).
+    from safetensors.torch import load_file
+
+    trainer.train(config(data_dir, tmp_path / "base", max_steps=2, eval_every=0))  # (fp32 weights)
+    trainer.train(config(data_dir, tmp_path / "lora", init_from_run=str(tmp_path / "base"), lora_rank=2,
+                         lora_targets="q,v", max_steps=3, eval_every=0, precision="bf16"))
+    base, tuned = load_file(str(tmp_path / "base" / "model.safetensors")), load_file(str(tmp_path / "lora" / "model.safetensors"))
+    assert not all(torch.equal(w, w.bfloat16().float()) for w in base.values())  # (bf16 would have rounded them)
+    q, k = 64, 64  # (rows of q, then k, then v: 2 heads of 32, as many kv heads)
+    qkv = "blocks.0.attn.qkv.weight"
+    assert torch.equal(tuned[qkv][q:q + k], base[qkv][q:q + k]) and not torch.equal(tuned[qkv][:q], base[qkv][:q])
+    for name, w in base.items():
+        if name != qkv:
+            assert torch.equal(tuned[name], w), name
+
+
 def test_expert_lora_run_learns_with_the_experts_frozen(data_dir, tmp_path):
     # LoRA on a mixture of experts' experts alone (--lora-targets experts), bf16: the val loss falls
     # from the base run's, the frozen experts are held in bf16, only the updates have optimizer

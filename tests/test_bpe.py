@@ -990,6 +990,9 @@ def test_from_hf_refuses_what_tiktoken_semantics_cannot_do(corpus, tmp_path):
         ({"added_tokens": [{**good["added_tokens"][0], "lstrip": True}]}, "strips"),
         # a token no merge makes (hand-extended): tiktoken's rule would merge into it, Hugging Face not
         ({"model": {**good["model"], "vocab": {**good["model"]["vocab"], "xyzq": 5000}}}, "made by no merge"),
+        # tokenizers gives an added token its vocabulary id, else the next after the vocabulary in the
+        # list's order, whatever the file's "id" says (an audit, 2026-12-06: read at the file's id)
+        ({"added_tokens": [{**good["added_tokens"][0], "id": good["added_tokens"][0]["id"] + 7}]}, "tokenizers gives"),
     ]
     for change, message in cases:
         path.write_text(json.dumps({**good, **change}))
@@ -1010,6 +1013,10 @@ def test_hf_prefix_ids(corpus, tmp_path):
     begin = hf.token_to_id(EOT)
     hf.post_processor = tk.processors.Sequence([tk.processors.ByteLevel(trim_offsets=False),
                                                 tk.processors.TemplateProcessing(single=f"{EOT} $A", special_tokens=[(EOT, begin)])])
+    hf.save(str(path))
+    assert hf_prefix_ids(path) == [begin] == hf.encode("def f").ids[:1]
+    # RoBERTa's and BERT's processors: cls first (it had been none)
+    hf.post_processor = tk.processors.RobertaProcessing((EOT, begin), (EOT, begin))  # (sep, cls)
     hf.save(str(path))
     assert hf_prefix_ids(path) == [begin] == hf.encode("def f").ids[:1]
 

@@ -490,6 +490,8 @@ def hf_prefix_ids(path) -> list[int]:
     with open(path, encoding="utf-8") as f:
         post = json.load(f).get("post_processor") or {}
     for step in post.get("processors", [post]) if post.get("type") == "Sequence" else [post]:
+        if step.get("type") in ("RobertaProcessing", "BertProcessing"):  # cls $A sep: cls = [token, id]
+            return [step["cls"][1]]
         if step.get("type") == "TemplateProcessing":
             ids = []
             for piece in step.get("single", []):
@@ -720,6 +722,22 @@ def _hf_merge_pairs(data, where: str) -> list:
             raise ValueError(f"{where}: merge {merge!r} is not two tokens ('a b' or [\"a\", \"b\"])")
         pairs.append(pair)
     return pairs
+
+
+def _check_hf_added_ids(data: dict, where: str) -> None:
+    """tokenizers does not read an added token's "id": one in the model's vocabulary gets that id,
+    the others the ids after the vocabulary, in the list's order. A file whose ids say otherwise
+    had been read at its own ids (silently other ids than tokenizers gives)."""
+    vocab = data["model"].get("vocab") or {}
+    following = len(vocab)
+    for t in data.get("added_tokens") or []:
+        expected = vocab.get(t["content"])
+        if expected is None:
+            expected, following = following, following + 1
+        if t["id"] != expected:
+            raise NotImplementedError(f"{where}: added token {t['content']!r} has id {t['id']}, but tokenizers gives "
+                                      f"it {expected} (the vocabulary's id, else the next after the vocabulary in the "
+                                      "list's order)")
 
 
 class Tokenizer:
@@ -1459,6 +1477,7 @@ class Tokenizer:
         for t in added:
             if t.get("lstrip") or t.get("rstrip") or t.get("single_word"):
                 raise NotImplementedError(f"{where}: added token {t['content']!r} strips or matches whole words only")
+        _check_hf_added_ids(data, where)
         specials = {t["content"]: t["id"] for t in added}
         name = os.path.splitext(os.path.basename(os.fspath(path)))[0]
         spm = _hf_sentencepiece(data, where)

@@ -109,6 +109,17 @@ def load_config_file(path) -> dict:
             doc = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} is not valid JSON: {e}") from e
+    elif path.suffix.lower() == ".py":  # nanoGPT's config/*.py (Python assignments, exec'd by its configurator.py)
+        raise ValueError(f"{path} is a Python file: pyllm does not run config code (nanoGPT's configurator execs it); "
+                         "write a TOML file instead, with pyllm's names: learning_rate -> lr, max_iters -> max_steps, "
+                         "warmup_iters -> warmup_steps (pyllm's warmup peaks a step earlier), min_lr -> min_lr_ratio "
+                         "(min_lr / lr), lr_decay_iters: always max_steps here, gradient_accumulation_steps -> "
+                         "grad_accum (not divided by the processes), eval_interval -> eval_every, eval_iters -> "
+                         "eval_batches (fixed val windows, no train-split estimate), always_save_checkpoint = False -> "
+                         "keep_best = true, dataset -> data, and a [model] table: n_layer -> n_layers, n_head -> "
+                         "n_heads, n_embd -> dim, block_size, bias, dropout, mlp = \"gelu_exact\" (nanoGPT's nn.GELU), "
+                         "norm = \"layernorm\", positions = \"learned\" (or preset = \"gpt2-124m\" with mlp = "
+                         "\"gelu_exact\")")
     elif path.suffix.lower() in (".yaml", ".yml"):
         try:
             import yaml
@@ -505,7 +516,7 @@ def setup_run_data(cfg, cli: dict) -> None:
     data_arg = cli["data"]
     data_list = None if data_arg is None else (data_arg if isinstance(data_arg, list) else [data_arg])
     tokenizer_path, vocab_size, doc_markers, chat_folder = cli["tokenizer"], None, None, None
-    source_run = source_run_info(cfg.init_from_run) if cfg.init_from_run else {}
+    source_run = source_run_info(cfg.init_from_run, tokenizer_path) if cfg.init_from_run else {}
     # A run fine-tuned from a Hugging Face model passes it on: its chat template, markers, config.
     hf_source = cfg.init_from_hf or source_run.get("init_from_hf", "")
     if data_list is not None:
@@ -605,6 +616,8 @@ def setup_run_data(cfg, cli: dict) -> None:
         data_dir = str(ensure_token_files(data_list, tokenizer, Path(tokenizer_path), out / "data", cli["val_fraction"],
                                           doc_markers, chat_folder).resolve())
         vocab_size = tokenizer.vocab_size
+    if cfg.teacher and tokenizer_path:
+        check_teacher_tokenizer(cfg.teacher, tokenizer_path)
     write_json(out / "run.json", {
         "run_dir": str(out.resolve()),  # (read_run: the folder's own files followed wherever it goes)
         "tokenizer": str(Path(tokenizer_path).resolve()) if tokenizer_path else None,
@@ -617,7 +630,26 @@ def setup_run_data(cfg, cli: dict) -> None:
         **({"init_from_run": str(Path(cfg.init_from_run).resolve())} if cfg.init_from_run else {})})
 
 
-def source_run_info(run_dir) -> dict:
+def check_teacher_tokenizer(teacher, tokenizer_path) -> None:
+    """ValueError where a distillation teacher that is a pyllm run makes its ids with another
+    tokenizer than this run's (same_tokenizer): load_teacher compares vocabulary sizes only, and two
+    runs' tokenizers trained on different text have the same size and other ids (the student had
+    learnt the teacher's distribution over other words without a word). A Hugging Face teacher
+    keeps the size check alone (its tokenizer a family's, shared by its sizes)."""
+    folder = Path(teacher)
+    if not (folder.is_dir() and not (folder / "config.json").exists() and (folder / "model.safetensors").is_file()):
+        return
+    try:
+        theirs = source_run_info(folder)["tokenizer"]
+    except ValueError:  # (its tokenizer gone: nothing to compare)
+        return
+    if theirs and not same_tokenizer(theirs, tokenizer_path):
+        raise ValueError(f"--teacher {teacher}: its tokenizer ({theirs}) is not this run's ({tokenizer_path}): "
+                         "distillation compares the two models' next-token distributions id by id, so they must "
+                         "share the tokenizer (train the student with --tokenizer of the teacher's)")
+
+
+def source_run_info(run_dir, given_tokenizer=None) -> dict:
     """What a new run takes from a folder `pyllm train` wrote: its tokenizer file (run.json's, else
     the folder's tokenizer.bpe) and the Hugging Face model it was itself fine-tuned from, if any."""
     run_dir = Path(run_dir)
@@ -625,10 +657,11 @@ def source_run_info(run_dir) -> dict:
 
     source_run_weights(run_dir)  # the folder is a finished run
     info = read_run(run_dir)
-    tokenizer = next((Path(p) for p in (info.get("tokenizer"), run_dir / "tokenizer.bpe") if p and Path(p).is_file()), None)
-    if tokenizer is None:
+    tokenizer = next((Path(p) for p in (info.get("tokenizer"), run_dir / "tokenizer.bpe", run_dir / "meta.pkl",
+                                        given_tokenizer) if p and Path(p).is_file()), None)
+    if tokenizer is None:  # (a folder holding LLM.from_nanogpt(...).save(...) has no run.json: --tokenizer names it)
         raise ValueError(f"{run_dir}: its tokenizer is gone (run.json names {info.get('tokenizer')!r}, and there is no "
-                         "tokenizer.bpe): give the one it was trained with as --tokenizer")
+                         "tokenizer.bpe or meta.pkl): give the one it was trained with as --tokenizer")
     return {"tokenizer": str(tokenizer), "init_from_hf": info.get("init_from_hf") or ""}
 
 
@@ -1924,7 +1957,8 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                    "repo id, or a folder `pyllm train` wrote, over the student's vocabulary (the same tokenizer). The "
                    "loss at each trained token is --distill-alpha times the divergence between the two models' "
                    "next-token distributions (fused: no logits in memory) plus 1 - alpha times the cross-entropy on "
-                   "the data, as TRL's GKD (off-policy) and Hinton's distillation; val loss stays the cross-entropy")
+                   "the data, as TRL's GKD (off-policy; every assistant turn of a conversation, where TRL trains the "
+                   "last) and Hinton's distillation; val loss stays the cross-entropy")
     p.add_argument("--distill-beta", type=float, help="GKD's generalized Jensen-Shannon divergence: 0 (default) the "
                    "forward KL(teacher || student), 1 the reverse KL(student || teacher), in between the mixture's")
     p.add_argument("--distill-temperature", type=float, help="both models' logits divided by it first (default 1)")

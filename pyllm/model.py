@@ -277,7 +277,8 @@ def check_fields(overrides: dict) -> None:
     if unknown:
         hints = [f"{n} is {_NANOGPT_NAMES[n]} here" for n in sorted(unknown) if n in _NANOGPT_NAMES]
         raise ValueError(f"unknown ModelConfig field(s) {', '.join(sorted(unknown))}"
-                         + (f" ({'; '.join(hints)}: nanoGPT's GPT-2 is preset gpt2-124m)" if hints else "")
+                         + (f" ({'; '.join(hints)}: nanoGPT's GPT-2 is preset gpt2-124m with mlp=gelu_exact (its "
+                            "nn.GELU) and bias=false (its train.py's default))" if hints else "")
                          + f"; fields: {', '.join(sorted(known))}")
 
 

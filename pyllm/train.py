@@ -908,6 +908,10 @@ def load_teacher(cfg: TrainConfig, student: LLM, precision: str, device: torch.d
     """The distillation teacher (cfg.teacher: load_frozen's). It must predict over the student's
     vocabulary."""
     teacher = load_frozen(cfg.teacher, precision, device)
+    seq_len = cfg.seq_len or student.config.block_size
+    if teacher.config.block_size < seq_len:
+        raise ValueError(f"teacher {cfg.teacher}: its context is {teacher.config.block_size} tokens, shorter than the "
+                         f"rows of {seq_len} it would read (--seq-len); give a shorter --seq-len")
     if teacher.config.vocab_size != student.config.vocab_size:
         raise ValueError(f"teacher {cfg.teacher}: its vocabulary has {teacher.config.vocab_size} ids, the student's "
                          f"{student.config.vocab_size}: distillation compares their next-token distributions id by id "
@@ -1109,8 +1113,10 @@ def on_policy_batch(model: LLM, batch, cfg: TrainConfig, generator: torch.Genera
     docs: each segment's sample's index, -1 for padding), as the loader's packed batches."""
     T = batch[0].shape[1]
     prompts = last_reply_prompts(batch, min(T, model.config.block_size))
+    # limit=T: a sample is trained in rows of T (pack_replies cuts prompt + sample there); drawing past
+    # them was sampling thrown away, and the cut silent (sample_replies warns once where T shortens them)
     samples = sample_replies(model, prompts, cfg.distill_max_new_tokens, cfg.distill_sample_temperature,
-                             cfg.sample_stop_tokens, generator)
+                             cfg.sample_stop_tokens, generator, limit=T)
     x, y, cu, at = pack_replies(prompts, samples, T, batch[0].device)
     docs = [-1] * (len(cu) - 1)
     for i, segment in enumerate(at):
@@ -2217,11 +2223,13 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
                     # every rank (seeded by step and micro-step), each rank's samples its own; a batch
                     # of samples keeps the weight of the one it replaced
                     seeds = np.random.default_rng([cfg.seed, step, micro, info.rank]).integers(2 ** 62, size=2)
-                    if cfg.distill_seq_kd:
-                        batch = on_policy_batch(teacher, batch, cfg, torch.Generator(info.device).manual_seed(int(seeds[0])))
+                    # TRL's order: the student's samples at lmbda's draw, else (seq_kd) the teacher's; the
+                    # teacher had sampled every micro-batch first, its samples then replaced by the student's
                     if cfg.distill_lmbda and np.random.default_rng([cfg.seed, step, micro]).random() < cfg.distill_lmbda:
                         batch = on_policy_batch(model, batch, cfg, torch.Generator(info.device).manual_seed(int(seeds[1])))
                         on_policy += 1
+                    elif cfg.distill_seq_kd:
+                        batch = on_policy_batch(teacher, batch, cfg, torch.Generator(info.device).manual_seed(int(seeds[0])))
                     loss = distill_loss(wrapped, teacher, batch, cfg)
                 elif weights is not None and per_token_packed:  # packed conversations
                     loss = packed_loss(wrapped, batch)

@@ -416,6 +416,14 @@ def test_train_end_to_end_cache_resume_generate(corpus, tmp_path, capsys, monkey
     tokenizer.with_suffix(".away").rename(tokenizer)
 
 
+def test_nanogpt_python_config_is_refused_with_pyllms_names(tmp_path, capsys):
+    # nanoGPT's config/*.py (Python its configurator execs) had failed as TOML at `wandb_log = False`
+    (tmp_path / "train_shakespeare_char.py").write_text("out_dir = 'out'\nwandb_log = False\nlearning_rate = 1e-3\n")
+    assert cli.main(["train", "--config", str(tmp_path / "train_shakespeare_char.py")]) == 2
+    err = capsys.readouterr().err
+    assert "is a Python file: pyllm does not run config code" in err and "learning_rate -> lr" in err
+
+
 def test_config_file_with_cli_override(corpus, tmp_path):
     (tmp_path / "c.toml").write_text(
         f'max_steps = 5\nlr = 0.01\ndata = ["{corpus}"]\nout = "{tmp_path / "r"}"\n[model]\nn_layers = 2\ndim = 64\nn_heads = 2\nblock_size = 16\n'

@@ -682,7 +682,8 @@ def test_on_policy_batch_replaces_the_last_replies(tmp_path):
         while mask[first - 1]:
             first -= 1
         prompts.append(list(docs[doc][:first]))
-    samples = model.generate_batch(prompts, min(6, 32 - max(map(len, prompts))), 1.0,
+    # (samples end where the rows of 24 do: drawn past them, they had been cut there untold)
+    samples = model.generate_batch(prompts, min(6, 24 - max(map(len, prompts))), 1.0,
                                    generator=torch.Generator().manual_seed(3), stop_tokens=[7])
     check_documents(cu, *x.shape, "cpu")
     offsets = cu.tolist()
@@ -696,7 +697,7 @@ def test_on_policy_batch_replaces_the_last_replies(tmp_path):
         assert x.view(-1)[a:b].tolist() == want
         targets = y.view(-1)[a:b].tolist()
         assert targets == [-1] * (len(prompt) - 1) + want[len(prompt):] + [-1]
-    assert all(s[-1] == 7 or len(s) == min(6, 32 - max(map(len, prompts))) for s in samples)
+    assert all(s[-1] == 7 or len(s) == min(6, 24 - max(map(len, prompts))) for s in samples)
     assert (y.view(-1) != -1).sum() == sum(min(len(p) + len(q), 24) - len(p) for p, q in zip(prompts, samples))
 
 
@@ -747,6 +748,10 @@ def test_distillation_options_are_checked(data_dir, teacher_run, tmp_path):  # n
         trainer.train(config(data_dir, tmp_path / "x", teacher=str(teacher_run), model=dict(TINY, vocab_size=80)))
     with pytest.raises(ValueError, match="they need conversations"):
         trainer.train(config(data_dir, tmp_path / "w", teacher=str(teacher_run), distill_lmbda=0.5))
+    # a teacher of a shorter context than the rows: said up front, naming it (it had failed at the first
+    # step as "longer than block_size 16")
+    with pytest.raises(ValueError, match="its context is 16 tokens, shorter than the rows of 32"):
+        trainer.train(config(data_dir, tmp_path / "b", teacher=str(teacher_run), model=dict(TINY, block_size=32)))
     TrainConfig(teacher="x", distill_lmbda=0.5, dist_mode="fsdp").validate()  # (the student gathered for its samples)
 
 
@@ -756,3 +761,25 @@ def test_scales_and_temperatures_fp32_cannot_hold_are_refused(kw):
     logits = torch.randn(4, 10)
     with pytest.raises(ValueError, match="finite in fp32"):
         pyllm.generalized_jsd(logits, logits.clone(), **kw)
+
+
+def test_a_teacher_run_of_another_tokenizer_is_refused(tmp_path):
+    # Two runs' tokenizers trained on different text have the same size and other ids: the student had
+    # learnt the teacher's distribution over other words without a word (an audit, 2026-12-06)
+    import json
+
+    from pyllm import cli
+    from pyllm.tokenizer import Tokenizer
+
+    paths = []
+    for name, text in (("a", "alpha beta gamma delta " * 50), ("b", "one two three four five " * 50)):
+        tok = Tokenizer.train([text], 262, special_tokens=["<|endoftext|>"], show_progress=False)
+        tok.save(str(tmp_path / f"{name}.bpe"))
+        paths.append(tmp_path / f"{name}.bpe")
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    LLM(ModelConfig.from_preset("tiny", **{**TINY, "vocab_size": 262})).save(teacher / "model.safetensors")
+    (teacher / "run.json").write_text(json.dumps({"tokenizer": str(paths[0])}))
+    cli.check_teacher_tokenizer(teacher, paths[0])  # (its own: taken)
+    with pytest.raises(ValueError, match="its tokenizer .* is not this run's"):
+        cli.check_teacher_tokenizer(teacher, paths[1])

@@ -1140,6 +1140,20 @@ def test_a_nanogpt_checkpoint_is_the_same_function(tmp_path, bias, compiled):
                                                           "stoi": {c: i for i, c in enumerate(chars)}}))
         assert cli.main(["generate", "--model", str(tmp_path / "ckpt.pt"), "--tokenizer", str(tmp_path / "meta.pkl"),
                          "--prompt", "ab", "--max-new-tokens", "5", "--device", "cpu"]) == 0
+        # training goes on from it (from_nanogpt's docstring: save, then --init-from-run with its meta.pkl
+        # as --tokenizer; the folder without a run.json had been refused as a run whose tokenizer is gone)
+        import numpy as np
+
+        (tmp_path / "conv").mkdir()
+        LLM.from_nanogpt(tmp_path / "ckpt.pt").save(tmp_path / "conv" / "model.safetensors")
+        data = tmp_path / "data"
+        data.mkdir()
+        for name in ("train.bin", "val.bin"):
+            np.random.default_rng(0).integers(0, 97, 2000, dtype=np.uint16).tofile(data / name)
+        (data / "meta.pkl").write_bytes((tmp_path / "meta.pkl").read_bytes())
+        assert cli.main(["train", "--init-from-run", str(tmp_path / "conv"), "--tokenizer", str(tmp_path / "meta.pkl"),
+                         "--data", str(data), "--out", str(tmp_path / "more"), "--max-steps", "1", "--batch-size", "2",
+                         "--eval-batches", "1", "--device", "cpu", "--sample-tokens", "0"]) == 0
 
 
 def test_nanogpts_method_names():

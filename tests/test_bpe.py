@@ -1410,3 +1410,33 @@ def test_from_hf_sentencepiece_unk_token_outside_the_vocabulary(tmp_path):
     path.write_text(json.dumps(data))
     with pytest.raises(ValueError, match="unk_token '<unk>' is not in the vocabulary"):
         Tokenizer.from_hf(path)
+
+
+def test_from_hf_matches_non_special_added_tokens_everywhere(corpus, tmp_path):
+    # tokenizers matches an added token that is not "special" (Qwen2.5's <tool_call>) wherever it is,
+    # add_special_tokens=False too; encode_ordinary (data preparation, prompts) had spelled it byte by
+    # byte and encode() refused it as a disallowed special token (an audit, 2026-12-06). It stays
+    # matched through save / load, pickling and to_hf.
+    import pickle
+
+    tk = pytest.importorskip("tokenizers")
+    hf = hf_byte_level_bpe(corpus[:3], "NFC+Split+ByteLevel")
+    hf.add_tokens([tk.AddedToken("<tool_call>", special=False, normalized=False)])
+    path = tmp_path / "tokenizer.json"
+    hf.save(str(path))
+    ours = Tokenizer.from_hf(path)
+    for text in ('x <tool_call>{"name": "f"}</tool_call>', "<tool_call><tool_call>", "a<|endoftext|>b <tool_call>"):
+        want = hf.encode(text, add_special_tokens=False).ids
+        assert ours.encode(text, allowed_special="all") == want  # (tokenizers matches special ones too)
+        if EOT not in text:  # (a special one: ordinary text to encode_ordinary, tiktoken's rule)
+            assert ours.encode_ordinary(text) == ours.encode_ordinary_batch([text])[0] == want
+            assert ours.encode(text) == want and list(ours.encode_to_numpy(text)) == want
+    with pytest.raises(ValueError, match="disallowed special token"):
+        ours.encode("<|endoftext|>")  # (a special one stays refused by default)
+    ours.save(str(tmp_path / "t.bpe"))
+    for again in (Tokenizer.load(str(tmp_path / "t.bpe")), pickle.loads(pickle.dumps(ours))):
+        assert again.encode_ordinary("<tool_call>x") == ours.encode_ordinary("<tool_call>x")
+    ours.to_hf(tmp_path / "back.json")
+    back = tk.Tokenizer.from_file(str(tmp_path / "back.json"))
+    assert back.encode("y<tool_call>", add_special_tokens=False).ids == ours.encode_ordinary("y<tool_call>")
+    assert Tokenizer.from_hf(tmp_path / "back.json").encode_ordinary("<tool_call>") == [hf.token_to_id("<tool_call>")]

@@ -773,7 +773,9 @@ class Tokenizer:
     def __init__(self, mergeable_ranks: dict[bytes, int], pattern: str = "gpt4",
                  special_tokens: dict[str, int] | None = None, *, name: str = "pyllm-bpe",
                  normalization: str | None = None, sentencepiece: dict | None = None, pat_str: str | None = None,
-                 explicit_n_vocab: int | None = None):
+                 explicit_n_vocab: int | None = None, matched: Iterable[str] = ()):
+        # matched: special tokens matched wherever they are, as Hugging Face matches its added tokens
+        # that are not "special" (Qwen2.5's <tool_call>): by encode_ordinary too, never disallowed
         # pat_str, explicit_n_vocab: tiktoken.Encoding's keywords, so that its README's way of extending
         # an encoding (Encoding(name=, pat_str=enc._pat_str, mergeable_ranks=enc._mergeable_ranks,
         # special_tokens={**enc._special_tokens, ...})) runs with pyllm.Tokenizer in its place
@@ -810,6 +812,11 @@ class Tokenizer:
                 raise ValueError(f"special token {s!r} has id {i}, which is already the rank of a token")
         if len(set(special_tokens.values())) != len(special_tokens):
             raise ValueError("special_tokens: two special tokens share an id")
+        if isinstance(matched, str) or not isinstance(matched, Iterable):
+            raise TypeError(f"matched must be a collection of special tokens' names, got {matched!r}")
+        matched = sorted(set(matched))
+        if stray := [m for m in matched if m not in special_tokens]:
+            raise ValueError(f"matched names {stray[0]!r}, which is no special token")
         self.name = name
         self.normalization = normalization
         self._ranks = dict(mergeable_ranks)
@@ -819,7 +826,9 @@ class Tokenizer:
         self._special_regex_cache: dict = {}
         self._special_ids = frozenset(special_tokens.values())
         self._table: list | None = None  # id -> bytes, built on first use (_token_table)
-        self._all_special_indices = list(range(len(self._special_list)))
+        self._matched = tuple(matched)
+        self._matched_indices = sorted(self._special_index[m] for m in matched)
+        self._all_special_indices = sorted(set(range(len(self._special_list))) - set(self._matched_indices))
         self._n_vocab = max([*ranks_used, *special_tokens.values()]) + 1
         count = len(ranks_used) + len(special_tokens)
         if self._n_vocab > 2 * count + (1 << 20):  # the tables hold every id up to the largest (dense):
@@ -908,11 +917,12 @@ class Tokenizer:
         # Pickle as the definition (ranks, pattern, specials), e.g. for DataLoader workers.
         return {"ranks": self._ranks, "pattern": self._pattern, "special_tokens": self._special_tokens,
                 "name": self.name, "normalization": self.normalization,
-                "sentencepiece": None if self._spm is None else self._spm.settings}
+                "sentencepiece": None if self._spm is None else self._spm.settings, "matched": self._matched}
 
     def __setstate__(self, state):
         self.__init__(state["ranks"], state["pattern"] or "gpt4", state["special_tokens"], name=state["name"],
-                      normalization=state.get("normalization"), sentencepiece=state.get("sentencepiece"))
+                      normalization=state.get("normalization"), sentencepiece=state.get("sentencepiece"),
+                      matched=state.get("matched", ()))
 
     def _normalized(self, text: str) -> str:
         return text if self.normalization is None else unicodedata.normalize(self.normalization, text)
@@ -926,9 +936,12 @@ class Tokenizer:
         return [m.group(0) for m in self._regex.finditer(text) if m.group(0)]
 
     def encode_ordinary(self, text: str) -> list[int]:
-        """Encodes text, treating special tokens as ordinary text."""
+        """Encodes text, treating special tokens as ordinary text (but the matched ones, which are
+        matched wherever they are, as Hugging Face's non-special added tokens)."""
         if not isinstance(text, str):
             raise TypeError(f"encode_ordinary: text must be a str, got {type(text).__name__}")
+        if self._matched:
+            return self.encode(text, disallowed_special=())
         text = self._normalized(text)
         if self._spm is not None:
             return self._encode_pieces(self._spm.pieces(_utf8_safe(text), True))
@@ -953,7 +966,8 @@ class Tokenizer:
         special tokens or not, and raise only when found. none_disallowed: disallowed_special=None
         checks nothing, as tiktoken's encode (its encode_batch raises TypeError)."""
         if disallowed_special == "all" and not allowed_special and isinstance(allowed_special, (frozenset, set, tuple, list)):
-            return [], self._all_special_indices, ()  # the default, on every call: skip the set algebra
+            # the default, on every call: skip the set algebra
+            return self._matched_indices, self._all_special_indices, ()
         if allowed_special == "all":
             allowed = set(self._special_list)
         else:
@@ -975,6 +989,8 @@ class Tokenizer:
             _check_strs(disallowed, "disallowed_special", where)
             others = tuple(sorted(disallowed - self._special_index.keys()))
             disallowed -= set(others)
+        allowed |= set(self._matched)  # (matched wherever they are; never disallowed)
+        disallowed -= set(self._matched)
         return (sorted(self._special_index[s] for s in allowed), sorted(self._special_index[s] for s in disallowed),
                 others)
 
@@ -1401,6 +1417,7 @@ class Tokenizer:
             "name": self.name, "pattern": self._pattern, "pattern_name": self._pattern_name,
             "special_tokens": self._special_tokens, "n_ranks": len(self._ranks),
             "sha256": hashlib.sha256(body).hexdigest(), **({"normalization": self.normalization} if self.normalization else {}),
+            **({"matched": list(self._matched)} if self._matched else {}),
         }
         if self._spm is not None:  # its merges are checksummed with the ranks
             header["sentencepiece"] = self._spm.settings
@@ -1435,7 +1452,7 @@ class Tokenizer:
         if len(ranks) != n_ranks:
             raise ValueError(f"{where}: corrupt file ({len(ranks)} ranks, the header says {n_ranks})")
         return cls(ranks, pattern or "gpt4", specials, name=header.get("name", "pyllm-bpe"),
-                   normalization=header.get("normalization"), sentencepiece=spm)
+                   normalization=header.get("normalization"), sentencepiece=spm, matched=header.get("matched", ()))
 
     def save_tiktoken(self, path) -> None:
         """Writes the ranks as a tiktoken .tiktoken file (base64 token, space, rank per line), atomically.
@@ -1455,7 +1472,9 @@ class Tokenizer:
         """A Hugging Face tokenizer.json of a byte-level BPE (GPT-2's, and those of tiktoken's kind:
         ranks = ids, merges in id order): its vocabulary, split pattern, Unicode normalization and
         added tokens (as special tokens: encode(text, allowed_special="all") splits them out as
-        Hugging Face does; plain encode_ordinary does not). What tiktoken's semantics cannot
+        Hugging Face does; plain encode_ordinary does not, but for those the file says are not
+        "special", Qwen2.5's <tool_call>: matched everywhere, as tokenizers matches them, never
+        disallowed; Tokenizer(matched=)). Added ids other than tokenizers assigns are refused. What tiktoken's semantics cannot
         reproduce (other normalizers, a prefix space, word suffixes, merges out of id order, other
         models or pre-tokenizers) raises NotImplementedError, naming it.
 
@@ -1479,10 +1498,14 @@ class Tokenizer:
                 raise NotImplementedError(f"{where}: added token {t['content']!r} strips or matches whole words only")
         _check_hf_added_ids(data, where)
         specials = {t["content"]: t["id"] for t in added}
+        # tokenizers matches every added token wherever it is, "special" or not (add_special_tokens=False
+        # leaves out the post-processor's alone); a "special": false one (Qwen2.5's <tool_call>) had been
+        # spelled byte by byte by encode_ordinary, which data preparation and prompts use
+        matched = [t["content"] for t in added if not t.get("special", False)]
         name = os.path.splitext(os.path.basename(os.fspath(path)))[0]
         spm = _hf_sentencepiece(data, where)
         if spm is not None:
-            return cls._from_hf_sentencepiece(data, spm, specials, merge_pairs, where, name)
+            return cls._from_hf_sentencepiece(data, spm, specials, merge_pairs, where, name, matched)
         normalizer = data.get("normalizer") or {}
         normalization = normalizer.get("type")
         if normalizer and normalization not in _UNICODE_FORMS:
@@ -1511,11 +1534,11 @@ class Tokenizer:
         if unmade is not None:
             raise NotImplementedError(f"{where}: token {unmade!r} (id {ranks[unmade]}) is made by no merge: tiktoken's "
                                       "semantics would merge into it where Hugging Face's merge list does not")
-        return cls(ranks, pattern, specials, name=name, normalization=normalization)
+        return cls(ranks, pattern, specials, name=name, normalization=normalization, matched=matched)
 
     @classmethod
     def _from_hf_sentencepiece(cls, data: dict, spm: dict, specials: dict[str, int], merge_pairs: list,
-                               where: str, name: str) -> "Tokenizer":
+                               where: str, name: str, matched: Sequence[str] = ()) -> "Tokenizer":
         model = data["model"]
         for t in data.get("added_tokens") or []:
             if t.get("normalized") and data.get("normalizer"):
@@ -1534,7 +1557,7 @@ class Tokenizer:
         settings = {**spm, "merges": merges, "byte_fallback": bool(model.get("byte_fallback")),
                     "unk": vocab.get(unk) if unk is not None else None, "fuse_unk": bool(model.get("fuse_unk")),
                     "whole_first": bool(model.get("ignore_merges"))}
-        return cls(ranks, special_tokens=specials, name=name, sentencepiece=settings)
+        return cls(ranks, special_tokens=specials, name=name, sentencepiece=settings, matched=matched)
 
     def to_hf(self, path) -> None:
         """Writes a Hugging Face tokenizer.json that tokenizers (and transformers' fast tokenizers)
@@ -1561,8 +1584,8 @@ class Tokenizer:
         data = {
             "version": "1.0", "truncation": None, "padding": None,
             "added_tokens": [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
-                              "normalized": False, "special": True} for t, i in sorted(self._special_tokens.items(),
-                                                                                      key=lambda kv: kv[1])],
+                              "normalized": False, "special": t not in self._matched}
+                             for t, i in sorted(self._special_tokens.items(), key=lambda kv: kv[1])],
             "normalizer": {"type": self.normalization} if self.normalization else None,
             "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
                 # from_hf reads this spelling back as the built-in it is (patterns.SPELLINGS).

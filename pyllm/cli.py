@@ -1472,18 +1472,15 @@ def cmd_generate(args) -> int:
 
 
 def harness_prefix_ids(folder, tokenizer) -> list[int] | None:
-    """[id] of a Hugging Face folder's tokenizer_config.json bos_token, else its eos_token, where the
+    """[id] of a Hugging Face folder's bos_token, else its eos_token (hf_special_tokens), where the
     tokenizer has it as a special token: what lm-evaluation-harness conditions a text's first token
     (and an empty context's candidates) on (Qwen2.5-Instruct: <|im_end|>, not <|endoftext|>)."""
-    path = Path(folder) / "tokenizer_config.json"
-    if not path.is_file():
-        return None
-    config = json.loads(path.read_text(encoding="utf-8"))
+    from pyllm.tokenizer.tokenizer import hf_special_tokens
+
+    tokens = hf_special_tokens(folder)
     for key in ("bos_token", "eos_token"):
-        token = config.get(key)
-        token = token.get("content") if isinstance(token, dict) else token
-        if token and token in getattr(tokenizer, "special_tokens", {}):
-            return [tokenizer.special_tokens[token]]
+        if tokens.get(key) in getattr(tokenizer, "special_tokens", {}):
+            return [tokenizer.special_tokens[tokens[key]]]
     return None
 
 

@@ -1031,7 +1031,7 @@ class LinearCrossEntropyLoss(nn.Module):
         # Liger's fused loss gives 0 (not F.cross_entropy's NaN) when every target is ignored: each
         # row returns before writing its loss and the rows' zeros are summed. Keep its value here, the
         # Liger-compatible module (no host sync: a select on a device bool).
-        none = ~(target.long() != self.ignore_index).any()
+        none = (target == self.ignore_index).all()
         zero_if_none = lambda t: torch.where(none, torch.zeros_like(t), t)  # noqa: E731
         return tuple(zero_if_none(t) for t in out) if self.return_z_loss else zero_if_none(out)
 

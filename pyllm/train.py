@@ -1017,13 +1017,14 @@ def reward_pad_id(cfg: TrainConfig) -> int | None:
     """The pad token of a reward model trained from a language model, as TRL's RewardTrainer sets
     it (its tokenizer's pad_token, else its eos_token, to config.pad_token_id): where its scores are
     read (LLM.forward's scores, transformers' *ForSequenceClassification: each sequence's last
-    token that is not it). A Hugging Face source: its tokenizer_config.json's pad_token, else
-    eos_token (else config.json's eos_token_id); a run of pyllm's: its tokenizer's <|endoftext|>;
+    token that is not it). A Hugging Face source: its pad_token, else its eos_token
+    (hf_special_tokens; else config.json's eos_token_id); a run of pyllm's: its tokenizer's <|endoftext|>;
     None where neither is known (each sequence's last token)."""
     from pyllm.data import EOT
 
     if cfg.init_from_hf:
         from pyllm.model import hf_folder
+        from pyllm.tokenizer.tokenizer import hf_special_tokens
 
         folder = hf_folder(cfg.init_from_hf)
         read = lambda name: json.loads((folder / name).read_text(encoding="utf-8")) if (folder / name).is_file() else {}  # noqa: E731
@@ -1031,11 +1032,10 @@ def reward_pad_id(cfg: TrainConfig) -> int | None:
         config = read("tokenizer_config.json")
         ids |= {t.get("content"): int(i) for i, t in (config.get("added_tokens_decoder") or {}).items()
                 if isinstance(t, dict)}
+        tokens = hf_special_tokens(folder, config)
         for key in ("pad_token", "eos_token"):
-            token = config.get(key)
-            token = token.get("content") if isinstance(token, dict) else token
-            if isinstance(ids.get(token), int):
-                return ids[token]
+            if isinstance(ids.get(tokens.get(key)), int):
+                return ids[tokens[key]]
         eos = read("config.json").get("eos_token_id")
         eos = eos[0] if isinstance(eos, list) and eos else eos
         return eos if isinstance(eos, int) and not isinstance(eos, bool) else None

@@ -250,9 +250,6 @@ def _compiled_chat_template(folder: str, stamps: tuple):
     if not template:
         raise ValueError(f"{folder}: no chat template (tokenizer_config.json's chat_template or chat_template.jinja)")
 
-    def token_text(value):
-        return value.get("content") if isinstance(value, dict) else value
-
     def raise_exception(message):
         raise ValueError(f"chat template: {message}")
 
@@ -287,18 +284,28 @@ def _compiled_chat_template(folder: str, stamps: tuple):
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: __import__("datetime").datetime.now().strftime(fmt)
     tracker = next(ext for ext in env.extensions.values() if isinstance(ext, Generation))
-    # Older folders keep their special tokens in special_tokens_map.json only (transformers reads both):
-    # Mistral's template then rendered no <s> and no </s>, the stop its replies never learned.
-    map_path = os.path.join(folder, "special_tokens_map.json")
-    tokens = {**(json.loads(Path(map_path).read_text(encoding="utf-8")) if os.path.exists(map_path) else {}),
-              **{k: v for k, v in config.items() if k.endswith("_token") and v is not None}}
     # the ones the folder sets, as transformers passes its special tokens (`bos_token is defined` is
     # False without one; it renders "" either way)
-    variables = {name: token_text(tokens[name]) for name in ("bos_token", "eos_token", "unk_token", "sep_token",
-                                                             "pad_token", "cls_token", "mask_token")
-                 if token_text(tokens.get(name))}
+    tokens = hf_special_tokens(folder, config)
+    variables = {name: tokens[name] for name in ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token",
+                                                 "cls_token", "mask_token") if name in tokens}
     marked = re.search(r"\{%-?\s*generation\s*[-+]?%\}", template) is not None
     return env.from_string(template), tracker, variables, marked
+
+
+def hf_special_tokens(folder, config: dict | None = None) -> dict[str, str]:
+    """A Hugging Face folder's special tokens by role (bos_token, eos_token, pad_token, ...), each its
+    text, as transformers reads them: tokenizer_config.json's (config, where already read) over
+    special_tokens_map.json's. Older folders keep them in special_tokens_map.json only: Mistral's
+    template had rendered no <s> and no </s> without it, the stop its replies never learned."""
+    folder = os.fspath(folder)
+    read = lambda name: (json.loads(Path(folder, name).read_text(encoding="utf-8"))  # noqa: E731
+                         if os.path.exists(os.path.join(folder, name)) else {})
+    config = read("tokenizer_config.json") if config is None else config
+    tokens = {**read("special_tokens_map.json"), **{k: v for k, v in config.items() if v is not None}}  # (null: the map's)
+    text = {name: value.get("content") if isinstance(value, dict) else value
+            for name, value in tokens.items() if name.endswith("_token")}
+    return {name: value for name, value in text.items() if isinstance(value, str) and value}
 
 
 def hf_has_chat_template(folder) -> bool:

@@ -1147,10 +1147,15 @@ def _train_command(args, explicit: dict, opts: dict, model: dict, cli: dict, ref
         print(f"warning: {summary['skipped_steps'] - empty} of {cfg.max_steps} steps were skipped (non-finite "
               "gradients): the learning rate is likely too high (--lr), or gradient clipping off (--grad-clip)",
               file=sys.stderr)
-    if cfg.keep_best and summary["best_val_loss"] is not None:  # the sample from the weights kept
+    kept_best = cfg.keep_best and summary["best_val_loss"] is not None
+    # FSDP2: the trained model's parameters are DTensor shards of a process group that is gone now;
+    # the sample reads the whole weights rank 0 wrote (LoRA merged in)
+    sharded = cfg.dist_mode == "fsdp" and summary["world_size"] > 1
+    if kept_best or sharded:  # the sample from the weights kept
         from pyllm.model import LLM
 
-        print(f"model.safetensors: the weights of the lowest val loss, {summary['best_val_loss']:.4f}")
+        if kept_best:
+            print(f"model.safetensors: the weights of the lowest val loss, {summary['best_val_loss']:.4f}")
         model_obj = LLM.load(out / "model.safetensors", device=summary["device"])
     if tokenizer_path and cli["sample_tokens"] > 0 and not model_obj.config.num_labels:  # (a reward model scores)
         tokenizer = load_tokenizer(tokenizer_path)

@@ -755,6 +755,26 @@ class LLM(nn.Module):
                 loss = loss + self.aux_loss
         return logits, loss
 
+    # The ModelConfig fields that change how a model trains but not its weights: a fine-tune sets them
+    # over what its checkpoint says (nanoGPT's override_args at init_from).
+    TRAINING_FIELDS = ("dropout", "router_aux_loss_coef")
+
+    def set_training_options(self, **options) -> None:
+        """Set TRAINING_FIELDS (dropout: on the embeddings, each block's two outputs and the attention
+        probabilities; router_aux_loss_coef: a mixture of experts' load-balancing loss) in this built
+        model and its config, which the checkpoint records."""
+        if set(options) - set(self.TRAINING_FIELDS):
+            raise ValueError(f"set_training_options takes {', '.join(self.TRAINING_FIELDS)}, got "
+                             f"{', '.join(sorted(set(options) - set(self.TRAINING_FIELDS)))}")
+        replace(self.config, **options)  # (validated there)
+        for key, value in options.items():
+            setattr(self.config, key, value)
+        p = self.config.dropout
+        self.dropout.p = p
+        for block in self.blocks:
+            block.dropout.p = p
+            block.attn.attn_dropout = p
+
     def router_aux_loss(self, token_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The load-balancing loss of the routers of the forward under way (forward calls it: its value
         is aux_loss, weighted; the statistics are dropped after it) (Fedus et al. 2021, as
@@ -1700,6 +1720,15 @@ def config_from_hf(hf: dict) -> ModelConfig:
         pad = hf.get("pad_token_id")  # where its scores are read (TRL's reward models: often its eos)
         cfg.pad_token_id = pad if isinstance(pad, int) and not isinstance(pad, bool) and 0 <= pad < cfg.vocab_size else None
     return cfg
+
+
+def hf_dropout(hf: dict) -> str:
+    """The dropout probabilities above 0 a Hugging Face config.json names (transformers trains with
+    them; config_from_hf leaves them out, as nanoGPT's from_pretrained does), as "key=p, ..."."""
+    hf = {**hf, **(hf.get("text_config") or {})}
+    return ", ".join(f"{key}={hf[key]}" for key in ("embd_pdrop", "resid_pdrop", "attn_pdrop", "attention_dropout",
+                                                    "hidden_dropout", "embedding_dropout")
+                     if isinstance(hf.get(key), (int, float)) and hf[key] > 0)
 
 
 def _decoder_config_from_hf(hf: dict) -> ModelConfig:

@@ -170,9 +170,11 @@ class TrainConfig:
         if not isinstance(self.model, dict):
             raise ValueError(f"TrainConfig.model must be a dict of ModelConfig fields, got {self.model!r}")
         check_fields(self.model)  # (at validate, not when train() builds the model)
-        if (self.init_from_hf or self.init_from_run) and set(self.model) - {"vocab_size"}:
-            raise ValueError(f"TrainConfig.model {sorted(set(self.model) - {'vocab_size'})}: a model from init_from_hf / "
-                             "init_from_run keeps its own config (its weights are of that shape); leave them out")
+        kept = set(self.model) - {"vocab_size", *LLM.TRAINING_FIELDS}
+        if (self.init_from_hf or self.init_from_run) and kept:
+            raise ValueError(f"TrainConfig.model {sorted(kept)}: a model from init_from_hf / init_from_run keeps its "
+                             "own config (its weights are of that shape); leave them out (what it trains with, "
+                             f"{' and '.join(LLM.TRAINING_FIELDS)}, may be set)")
         if self.keep_best and self.grpo_reward:
             raise ValueError("TrainConfig.keep_best keeps the weights of the lowest val loss; GRPO's measure is its val "
                              "reward (the prompts' loss says little of it): train without keep_best")
@@ -1972,12 +1974,22 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
     data_vocab = max(read_header(data / name)["vocab_size"] for name in ("train.bin", "val.bin"))  # (llm.c's shards too)
     if ckpt is not None:
         model = LLM.fitting(ModelConfig(**ckpt["model_config"]), ckpt["model"], out / CHECKPOINT)
-    elif cfg.init_from_hf:  # its own config: the preset and model overrides do not apply
+    elif cfg.init_from_hf:  # its own config: the preset and model overrides do not apply (TRAINING_FIELDS aside)
         model = LLM.from_hf(cfg.init_from_hf, adapter=cfg.init_adapter or None)
     elif cfg.init_from_run:  # likewise
         model = LLM.load(source_run_weights(cfg.init_from_run))
     else:
         model = LLM(ModelConfig.from_preset(cfg.preset, **{"vocab_size": data_vocab, **cfg.model}))
+    if ckpt is None and (cfg.init_from_hf or cfg.init_from_run):
+        model.set_training_options(**{k: v for k, v in cfg.model.items() if k in LLM.TRAINING_FIELDS})
+        if cfg.init_from_hf and "dropout" not in cfg.model and info.is_main:
+            from pyllm.model import hf_dropout, hf_folder
+
+            unused = hf_dropout(json.loads((hf_folder(cfg.init_from_hf) / "config.json").read_text()))
+            if unused:
+                print(f"pyllm: {cfg.init_from_hf}'s config.json asks for dropout ({unused}), which transformers "
+                      "trains with: pyllm's fine-tune has none unless --model dropout=P says (P on the embeddings, "
+                      "each block's outputs and the attention probabilities, as nanoGPT's)", file=sys.stderr)
     model.train()  # (a loaded model comes in eval mode: its dropout would be off)
     mcfg = model.config
     if cfg.preference == "reward":
@@ -2268,7 +2280,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
         skipped += not stepped
         dt = time.perf_counter() - t0
         if lengths is None:  # windows of seq_len tokens
-            tok_s, step_flops = tokens_per_step / dt, flops_per_token * tokens_per_step
+            step_tokens, step_flops = tokens_per_step, flops_per_token * tokens_per_step
         else:  # documents: their tokens alone (not the padding), each attending to its own document
             # packed batches: the output layer at the trained tokens only (every position when compiled,
             # or with z-loss on the plain loss: the model's own logits)
@@ -2284,12 +2296,15 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
             if teacher is not None:  # (its output layer at the trained targets alone: linear_distill)
                 step_flops += teacher.flops_of_documents(lengths, outputs if skipped_outputs else None, forward_only=True)
             step_flops += generation_flops  # GRPO
-            step_flops *= info.world_size  # this rank's, as every rank's
-            tok_s = sum(lengths) * info.world_size / dt
+            # every rank's documents (their lengths differ: packed rows, pairs, KTO's examples), not
+            # this rank's times world_size
+            counted = all_reduce_sum(torch.tensor([step_flops, float(sum(lengths))], dtype=torch.float64), info)
+            step_flops, step_tokens = float(counted[0]), int(counted[1])
+        tok_s = step_tokens / dt
         mfu = step_flops / dt / (peak * info.world_size) if peak else None
         record = {"step": step, "loss": loss_value if math.isfinite(loss_value) and not no_targets else None, "lr": lr,
-                  "grad_norm": grad_norm if math.isfinite(grad_norm) else None, "tokens_per_s": round(tok_s, 1),
-                  "mfu": mfu, "skipped": not stepped}
+                  "grad_norm": grad_norm if math.isfinite(grad_norm) else None, "tokens": step_tokens,
+                  "tokens_per_s": round(tok_s, 1), "mfu": mfu, "skipped": not stepped}
         if scaler:
             record["loss_scale"] = scaler.get_scale()
         if mcfg.n_experts and mcfg.router_aux_loss_coef:
@@ -2374,7 +2389,8 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
         dist.barrier()  # rank 0's files are complete when any rank returns
     return {"model": model, "val_loss": val_loss, "best_val_loss": best_val, "skipped_steps": skipped,
             "empty_steps": empty, "tokens_per_s": tok_s,
-            "precision": precision, "device": str(info.device), "out_dir": str(out), "rank": info.rank}
+            "precision": precision, "device": str(info.device), "out_dir": str(out), "rank": info.rank,
+            "world_size": info.world_size}
 
 
 def weights_lost(path: Path, info: DistInfo) -> bool:

@@ -607,11 +607,46 @@ def test_run_log_drops_a_torn_line(tmp_path, capsys):
     # nanoGPT's names: at validate, pointed to ours (train() had failed only once it built the model)
     (dict(model=dict(n_layer=2, n_embd=64)), r"unknown ModelConfig field\(s\) n_embd, n_layer \(n_embd is dim here"),
     # a loaded model keeps its own config: overrides had been ignored silently
-    (dict(init_from_hf="some/model", model=dict(dropout=0.1)), r"TrainConfig.model \['dropout'\]: a model from"),
+    (dict(init_from_hf="some/model", model=dict(n_layers=2, dropout=0.1)),
+     r"TrainConfig.model \['n_layers'\]: a model from.*dropout and router_aux_loss_coef, may be set"),
 ])
 def test_bad_option_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(**kwargs).validate()
+
+
+def test_a_fine_tune_sets_what_it_trains_with(data_dir, tmp_path, capsys):
+    # dropout and router_aux_loss_coef change how a model trains, not its weights: a fine-tune sets
+    # them over its source's (they had been refused as a change of the weights' shape). A Hugging Face
+    # source whose config.json asks for dropout (GPT-2's 0.1) is said to train without it.
+    transformers = pytest.importorskip("transformers")
+    moe = dict(TINY, n_experts=4, router_aux_loss_coef=0.01)
+    trainer.train(config(data_dir, tmp_path / "base", model=moe, max_steps=2, eval_every=0))
+    kw = dict(init_from_run=str(tmp_path / "base"), max_steps=2, eval_every=0)
+    trainer.train(config(data_dir, tmp_path / "same", **kw))
+    trainer.train(config(data_dir, tmp_path / "tuned", **kw, model=dict(dropout=0.2, router_aux_loss_coef=0.0)))
+    same, tuned = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=True)["model_config"] for d in ("same", "tuned"))
+    assert (same["dropout"], same["router_aux_loss_coef"]) == (0.0, 0.01)
+    assert (tuned["dropout"], tuned["router_aux_loss_coef"]) == (0.2, 0.0)
+    records = [json.loads(line) for line in (tmp_path / "same/log.jsonl").read_text().splitlines()]
+    assert all(r["aux_loss"] > 0 for r in records)
+    records = [json.loads(line) for line in (tmp_path / "tuned/log.jsonl").read_text().splitlines()]
+    assert all("aux_loss" not in r for r in records)
+    # the model dropped: at the same weights and batch, the first loss differs from the source's
+    assert losses(tmp_path / "tuned")[0] != losses(tmp_path / "same")[0]
+    model = LLM.load(tmp_path / "tuned/model.safetensors")
+    assert model.dropout.p == model.blocks[0].dropout.p == model.blocks[0].attn.attn_dropout == 0.2
+
+    hf = tmp_path / "gpt2"
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=1,
+                                                         n_head=2)).save_pretrained(hf)
+    capsys.readouterr()
+    trainer.train(config(data_dir, tmp_path / "hf", init_from_hf=str(hf), max_steps=1, eval_every=0))
+    assert "asks for dropout (embd_pdrop=0.1, resid_pdrop=0.1, attn_pdrop=0.1)" in capsys.readouterr().err
+    trainer.train(config(data_dir, tmp_path / "hf-dropout", init_from_hf=str(hf), max_steps=1, eval_every=0,
+                         model=dict(dropout=0.1)))
+    assert "asks for dropout" not in capsys.readouterr().err
+    assert torch.load(tmp_path / "hf-dropout/checkpoint.pt", weights_only=True)["model_config"]["dropout"] == 0.1
 
 
 def test_bad_config():
@@ -760,6 +795,10 @@ def test_two_cpu_processes_match_one_and_resume_exactly(data_dir, chat_dir, pair
     # the gradients' scale too, which AdamW and clipping hide from the losses (torch 2.8's FSDP2 on gloo
     # summed the ranks' gradients: 2x here, the losses within these tolerances but for a resume)
     np.testing.assert_allclose(grad_norms(whole)[0], grad_norms(tmp_path / "one")[0], rtol=10 * rtol)
+    # each step's tokens, every rank's summed (rank 0's documents times 2 had been counted: packed
+    # rows and KTO's examples hold other lengths on each rank)
+    tokens = lambda out: [json.loads(line)["tokens"] for line in (out / "log.jsonl").read_text().splitlines()]  # noqa: E731
+    assert tokens(whole) == tokens(tmp_path / "one")
     assert losses(cut) == losses(whole)  # bitwise
     np.testing.assert_allclose(losses(tmp_path / "two/cross")[4:], losses(tmp_path / "one")[4:], rtol=rtol)
     one, a, b = (torch.load(d / "checkpoint.pt", weights_only=True) for d in (tmp_path / "one", whole, cut))

@@ -2411,6 +2411,60 @@ def test_from_hf_of_what_transformers_5_writes_and_leaves_out(tmp_path):
         _gemma2_config({"num_hidden_layers": 2, "use_bidirectional_attention": True})
 
 
+MOE_FAMILIES = {  # (config class, its experts' count key, what else differs)
+    "mixtral": ("MixtralConfig", "num_local_experts", dict(num_experts_per_tok=1)),
+    "qwen2_moe": ("Qwen2MoeConfig", "num_experts", dict(norm_topk_prob=True, moe_intermediate_size=32,
+                                                        shared_expert_intermediate_size=48)),
+    "qwen3_moe": ("Qwen3MoeConfig", "num_experts", dict(num_experts_per_tok=4, moe_intermediate_size=32)),
+    "olmoe": ("OlmoeConfig", "num_experts", {}),
+    "granitemoe": ("GraniteMoeConfig", "num_local_experts", dict(embedding_multiplier=3.0, residual_multiplier=0.4,
+                                                                 logits_scaling=2.5, attention_multiplier=0.2)),
+}
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_moe_training_loss_and_gradients_are_transformers(tmp_path, family):
+    # A mixture of experts in training: transformers' loss with output_router_logits (cross-entropy
+    # plus router_aux_loss_coef times load_balancing_loss_func over the attention_mask's tokens) and
+    # every gradient, against from_hf's with token_mask, fp64 (transformers rounds its router softmax,
+    # norms, RoPE and balancing sums through fp32: 1.3e-7 / 2.4e-6 apart at most in an audit, 1e-14
+    # with those made fp64). Top-k 1, 2 and all; renormalized or not; a shared expert; multipliers.
+    transformers = pytest.importorskip("transformers")
+    from pyllm.model import state_from_hf
+
+    name, experts, extra = MOE_FAMILIES[family]
+    cfg = getattr(transformers, name)(vocab_size=97, hidden_size=64, intermediate_size=32, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      tie_word_embeddings=False, output_router_logits=True, router_aux_loss_coef=0.3,
+                                      pad_token_id=0, **{"num_experts_per_tok": 2, experts: 4, **extra})
+    torch.manual_seed(0)
+    theirs = transformers.AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():  # every weight random, norms around 1: nothing cancels
+        for p in theirs.parameters():
+            p.copy_(torch.randn_like(p) * 0.3 + (1.0 if p.dim() == 1 else 0.0))
+    theirs.save_pretrained(tmp_path)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64, attn_implementation="eager",
+                                                               **HF_EAGER_EXPERTS).train()
+    ours = LLM.from_hf(tmp_path, dtype=torch.float64).train()
+    assert ours.config.router_aux_loss_coef == 0.3
+    ids = torch.randint(3, 97, (2, 11))
+    mask = torch.ones_like(ids)
+    mask[0, 7:] = 0  # right padding: neither the loss nor the balancing statistics count it
+    labels = ids.masked_fill(mask == 0, -100)
+    out = theirs(ids, attention_mask=mask, labels=labels)
+    targets = F.pad(labels[:, 1:], (0, 1), value=-100).masked_fill(F.pad(labels[:, 1:], (0, 1), value=-100) == -100, -1)
+    _, loss = ours(ids, targets, token_mask=mask.bool())
+    assert float(out.aux_loss.detach()) > 0 and float(ours.aux_loss.detach()) > 0
+    assert abs(float(loss) - float(out.loss)) < 1e-6 * float(out.loss)
+    out.loss.backward()
+    loss.backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = state_from_hf({n: p.grad for n, p in theirs.named_parameters()}, ours.config, family)
+    for n, p in ours.named_parameters():
+        assert rel_err(p.grad, want[n]) < 1e-5, n
+
+
 def test_generation_from_threads_keeps_dropout_off_throughout():
     # Several threads generating with one model left in training mode (dropout 0.5): every forward
     # runs in eval mode until the last generation ends, then training mode is back. (Each restoring

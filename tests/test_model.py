@@ -2455,7 +2455,7 @@ def test_moe_training_loss_and_gradients_are_transformers(tmp_path, family):
     targets = F.pad(labels[:, 1:], (0, 1), value=-100).masked_fill(F.pad(labels[:, 1:], (0, 1), value=-100) == -100, -1)
     _, loss = ours(ids, targets, token_mask=mask.bool())
     assert float(out.aux_loss.detach()) > 0 and float(ours.aux_loss.detach()) > 0
-    assert abs(float(loss) - float(out.loss)) < 1e-6 * float(out.loss)
+    assert abs(loss.item() - out.loss.item()) < 1e-6 * out.loss.item()
     out.loss.backward()
     loss.backward()
     with warnings.catch_warnings():

@@ -408,6 +408,17 @@ def hf_doc_markers(folder: Path) -> dict:
     return {"doc_start": hf_prefix_ids(folder / "tokenizer.json"), "doc_end": eos[0] if isinstance(eos, list) else eos}
 
 
+def recorded_tokenizer(data_dir: Path) -> Path | None:
+    """The tokenizer file a run's data folder was made with (runs/main/data: ensure_token_files'
+    source.json names it; no copy lies beside the token files), where it is as it was then."""
+    source = data_dir / "source.json"
+    meta = read_json(source) if source.is_file() else {}
+    path = Path(meta["tokenizer"]) if isinstance(meta.get("tokenizer"), str) else None
+    if path is not None and path.is_file() and path.stat().st_mtime == meta.get("tokenizer_mtime"):
+        return path
+    return None
+
+
 def ensure_token_files(inputs, tokenizer, tokenizer_path: Path, out_dir: Path, val_fraction: float,
                        doc_markers: dict | None = None, chat_folder: Path | None = None, rows: bool = True) -> Path:
     """out_dir/train.bin and val.bin for inputs, reused when made from the same inputs, tokenizer
@@ -541,7 +552,7 @@ def setup_run_data(cfg, cli: dict) -> None:
         # The folder's own tokenizer, unless one is given: `pyllm prepare`'s copy (a stale one beside
         # nanoGPT's files is not theirs), nanoGPT's characters.
         found = tokenizer_path or (Path(data_dir) / "tokenizer.bpe" if own and (Path(data_dir) / "tokenizer.bpe").is_file()
-                                   else meta if char else None)
+                                   else meta if char else recorded_tokenizer(Path(data_dir)) if own else None)
         if cfg.init_from_run and found and source_run.get("tokenizer") and not same_tokenizer(
                 found, source_run["tokenizer"]):
             raise ValueError(f"--data {data_list[0]} was tokenized with {found}, not with the tokenizer of "
@@ -1182,6 +1193,9 @@ def _train_command(args, explicit: dict, opts: dict, model: dict, cli: dict, ref
         stream_sample(model_obj, tokenizer, prompt, cli["sample_tokens"], 0.8, 50, None, seed=cfg.seed,
                       prefix_ids=run.get("prompt_prefix", []), prompt_ids=prompt_ids, stop_tokens=stops)
         print("\n" + "-" * 60)
+    elif cli["sample_tokens"] > 0 and not model_obj.config.num_labels:
+        print("sample skipped: no tokenizer is known for these token files (--tokenizer FILE decodes them)",
+              file=sys.stderr)
     return 0
 
 

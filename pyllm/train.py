@@ -2034,8 +2034,11 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
                   "(answer=, solution=); give the *.jsonl file as --data again to have them", file=sys.stderr)
     seq_len = cfg.seq_len or mcfg.block_size
     if info.is_main and cfg.warmup_steps >= cfg.max_steps and cfg.lr and not resume:
-        print(f"pyllm: warmup_steps {cfg.warmup_steps} >= max_steps {cfg.max_steps}: the learning rate never reaches "
-              f"lr {cfg.lr:g} in this run (a short fine-tune wants --warmup-steps 0 or a few)", file=sys.stderr)
+        # (lr (s + 1) / W at step s: the peak at step W - 1, the last step when W = max_steps)
+        reach = "reaches lr {:g} only at its last step" if cfg.warmup_steps == cfg.max_steps else "never reaches lr {:g}"
+        print(f"pyllm: warmup_steps {cfg.warmup_steps} >= max_steps {cfg.max_steps}: the learning rate "
+              f"{reach.format(cfg.lr)} in this run, and never decays (a short fine-tune wants --warmup-steps 0 or "
+              "a few)", file=sys.stderr)
     if info.is_main and not has_kernels_for(info.device):
         print(f"pyllm: {_no_kernels_why()}: training runs on torch's attention, SwiGLU and AdamW", file=sys.stderr)
     model = model.to(info.device)

@@ -63,6 +63,24 @@ SMALL = ["--model", "n_layers=1", "--model", "dim=64", "--model", "n_heads=2", "
          "--batch-size", "4", "--eval-every", "0", "--eval-batches", "2", "--device", "cpu", "--sample-tokens", "12"]
 
 
+def test_a_run_on_another_runs_token_folder_takes_its_tokenizer(corpus, tmp_path, capsys):
+    # runs/main/data holds no tokenizer.bpe: its source.json names the one it was made with. A run on
+    # that folder records it, samples and generates (it had recorded none: the sample skipped
+    # silently, generate refused); token files whose tokenizer is unknown say why no sample comes.
+    assert cli.main(["train", "--data", str(corpus), "--out", str(tmp_path / "main"), "--max-steps", "1", *SMALL]) == 0
+    assert not (tmp_path / "main/data/tokenizer.bpe").exists()
+    capsys.readouterr()
+    assert cli.main(["train", "--data", str(tmp_path / "main/data"), "--out", str(tmp_path / "again"), "--max-steps", "1",
+                     *SMALL]) == 0
+    assert "sample (12 tokens" in capsys.readouterr().out
+    assert Path(json.loads((tmp_path / "again/run.json").read_text())["tokenizer"]) == (tmp_path / "main/tokenizer.bpe").resolve()
+    os.utime(tmp_path / "main/tokenizer.bpe", (1, 1))  # changed since, perhaps another file now: not taken
+    assert cli.main(["train", "--data", str(tmp_path / "main/data"), "--out", str(tmp_path / "third"), "--max-steps", "1",
+                     *SMALL]) == 0
+    out = capsys.readouterr()
+    assert "sample (" not in out.out and "sample skipped: no tokenizer is known" in out.err
+
+
 def test_fine_tune_a_run(corpus, tmp_path, capsys):
     # --init-from-run starts from a finished run's weights (its own config) and tokenizer: on
     # prompt-completion pairs, each ends in <|endoftext|> as the run's documents did, that end and

@@ -567,6 +567,11 @@ def test_short_runs_are_told_when_warmup_swallows_them(data_dir, tmp_path, capsy
     # reaches its lr: said on stderr, not silently
     trainer.train(config(data_dir, tmp_path, max_steps=3, warmup_steps=30, schedule="constant"))
     assert "warmup_steps 30 >= max_steps 3: the learning rate never reaches lr 0.01" in capsys.readouterr().err
+    # as long as the run: lr (s + 1) / W reaches the peak at its last step (said as it is)
+    trainer.train(config(data_dir, tmp_path / "equal", max_steps=3, warmup_steps=3, eval_every=0))
+    assert "warmup_steps 3 >= max_steps 3: the learning rate reaches lr 0.01 only at its last step" \
+        in capsys.readouterr().err
+    assert json.loads((tmp_path / "equal/log.jsonl").read_text().splitlines()[-1])["lr"] == 0.01
 
 
 def test_schedules():

@@ -1213,8 +1213,16 @@ def stream_sample(model, tokenizer, prompt: str, max_new_tokens: int, temperatur
     if prompt_ids is not None:
         ids, prompt = list(prompt_ids), ""
     else:
-        ids = [*prefix_ids, *tokenizer.encode_ordinary(prompt)] or start_ids(tokenizer)
+        ids = [*prefix_ids, *prompt_tokens(tokenizer, prompt)] or start_ids(tokenizer)
     idx = torch.tensor([ids], dtype=torch.long, device=device)
+    if draft is not None:  # checked before the prompt is printed (a half sample had been left on stdout)
+        if len(ids) + max_new_tokens > (room := min(model.config.block_size, draft.config.block_size)):
+            raise ValueError(f"--draft: the prompt's {len(ids)} tokens + --max-new-tokens {max_new_tokens} are more than "
+                             f"the models' block_size ({room}): lower --max-new-tokens, or leave out --draft (without "
+                             "it, generation slides past block_size)")
+        if draft.config.vocab_size != model.config.vocab_size:
+            raise ValueError(f"--draft: the draft predicts {draft.config.vocab_size:,} ids, the model "
+                             f"{model.config.vocab_size:,}: speculative decoding needs the same vocabulary")
     generated: list[int] = []
     printed = prompt
     sys.stdout.write(prompt)
@@ -1225,7 +1233,7 @@ def stream_sample(model, tokenizer, prompt: str, max_new_tokens: int, temperatur
         if int(token[0]) in stops:
             return
         generated.append(int(token[0]))
-        text = prompt + tokenizer.decode(generated)
+        text = prompt + decode_known(tokenizer, generated)
         if not text.endswith("\ufffd"):
             sys.stdout.write(text[len(printed):])
             sys.stdout.flush()
@@ -1233,10 +1241,6 @@ def stream_sample(model, tokenizer, prompt: str, max_new_tokens: int, temperatur
 
     gen = torch.Generator(device=device).manual_seed(seed)
     if draft is not None:
-        if len(ids) + max_new_tokens > (room := min(model.config.block_size, draft.config.block_size)):
-            raise ValueError(f"--draft: the prompt's {len(ids)} tokens + --max-new-tokens {max_new_tokens} are more than "
-                             f"the models' block_size ({room}): lower --max-new-tokens, or leave out --draft (without "
-                             "it, generation slides past block_size)")
         stats = {}
         for token in model.generate_speculative(idx, draft, max_new_tokens, temperature, top_k, top_p, draft_tokens,
                                                 gen, stops, stats):
@@ -1246,10 +1250,32 @@ def stream_sample(model, tokenizer, prompt: str, max_new_tokens: int, temperatur
     else:
         model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, callback=on_token,
                        generator=gen, stop_tokens=stops, cuda_graph=cuda_graph)
-    final = prompt + tokenizer.decode(generated)
+    final = prompt + decode_known(tokenizer, generated)
     if final.startswith(printed) and final != printed:  # a last, incomplete character held back: printed
         sys.stdout.write(final[len(printed):])  # as it is returned (transformers' TextStreamer.end)
     return final
+
+
+def prompt_tokens(tokenizer, text: str) -> list[int]:
+    """A prompt's ids: special-token text in it (<|endoftext|>, a hand-written <|im_start|>) as that
+    special token, as transformers' tokenizer(text) and nanoGPT's sample.py (allowed_special) encode it."""
+    return tokenizer.encode(text, allowed_special="all")
+
+
+def decode_known(tokenizer, ids) -> str:
+    """tokenizer.decode(ids), leaving out ids no token has: the padding rows of an embedding table
+    larger than the tokenizer (nanoGPT's 50304 for GPT-2's 50257, `--model vocab_size=N`), which a
+    sample may draw; transformers' decode skips them too (generation had died mid-stream)."""
+    try:
+        return tokenizer.decode(ids)
+    except (KeyError, ValueError):  # InvalidTokenError (both)
+        def known(t: int) -> bool:
+            try:
+                tokenizer.decode([t])
+            except (KeyError, ValueError):
+                return False
+            return True
+        return tokenizer.decode([t for t in ids if known(t)])
 
 
 def default_prompt(tokenizer) -> str:
@@ -1321,7 +1347,7 @@ def generate_file(model, tokenizer, args, prefix_ids, stop_tokens, source) -> in
 
     path = Path(args.prompts_file)
     prompts = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):  # not splitlines(): U+2028 in a string
         if not line.strip():
             continue
         try:
@@ -1331,13 +1357,12 @@ def generate_file(model, tokenizer, args, prefix_ids, stop_tokens, source) -> in
         if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
             raise ValueError(f"{path}:{n}: expected a JSON object with a \"prompt\" string")
         prompts.extend([record["prompt"]] * args.num_samples)  # --num-samples completions of each, in a row
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    args.batch_size = 16 if args.batch_size is None else args.batch_size
 
     def ids_of(prompt: str) -> list[int]:
         if args.chat:  # the template writes the BOS and the turn markers itself
             return tokenizer.encode(hf_chat_prompt(source, [{"role": "user", "content": prompt}]), allowed_special="all")
-        return [*prefix_ids, *tokenizer.encode_ordinary(prompt)] or start_ids(tokenizer)
+        return [*prefix_ids, *prompt_tokens(tokenizer, prompt)] or start_ids(tokenizer)
 
     def one_by_one(ids: list[int]) -> list[int]:
         """A prompt whose completion passes block_size: generate() slides past it, as --prompt does."""
@@ -1360,7 +1385,7 @@ def generate_file(model, tokenizer, args, prefix_ids, stop_tokens, source) -> in
             else:
                 new = [one_by_one(row) for row in ids]
             for prompt, tokens in zip(chunk, new):
-                completion = tokenizer.decode([t for t in tokens if t not in stops])
+                completion = decode_known(tokenizer, [t for t in tokens if t not in stops])
                 out.write(json.dumps({"prompt": prompt, "completion": completion}, ensure_ascii=False) + "\n")
             out.flush()
     finally:
@@ -1455,6 +1480,12 @@ def cmd_generate(args) -> int:
         if not path.is_file():
             raise ValueError(f"--prompt {args.prompt}: no such file {str(path)!r}")
         args.prompt = path.read_text(encoding="utf-8")
+    alone = [flag for flag, given, needs in (("--out", args.out, args.prompts_file), ("--batch-size", args.batch_size,
+             args.prompts_file), ("--draft-tokens", args.draft_tokens, args.draft)) if given is not None and not needs]
+    if alone:
+        raise ValueError(f"{alone[0]} goes with {'--draft' if alone[0] == '--draft-tokens' else '--prompts-file'} "
+                         "(without it, it would be ignored)")
+    args.draft_tokens = 4 if args.draft_tokens is None else args.draft_tokens
     model, tokenizer, prefix, source = load_model(args)
     if args.prompt is None:
         args.prompt = default_prompt(tokenizer)
@@ -2120,12 +2151,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "per line) instead of --prompt, --batch-size at a time (prompts of different lengths in one "
                    "batch, no padding between them); writes {\"prompt\", \"completion\"} lines to --out or stdout")
     p.add_argument("--out", metavar="FILE", help="with --prompts-file: the JSONL file to write (default: stdout)")
-    p.add_argument("--batch-size", type=at_least(1), default=16, help="with --prompts-file: prompts generated at once (default 16)")
+    p.add_argument("--batch-size", type=at_least(1), help="with --prompts-file: prompts generated at once (default 16)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--draft", metavar="MODEL", help="speculative decoding: a smaller model over the same tokenizer (a "
                    "pyllm run or weights file, a Hugging Face folder or hub id) drafts --draft-tokens tokens that the "
                    "model checks in one forward; the same tokens greedily, the model's own distribution sampling")
-    p.add_argument("--draft-tokens", type=int, default=4, help="with --draft: tokens drafted per round (default 4)")
+    p.add_argument("--draft-tokens", type=at_least(1), help="with --draft: tokens drafted per round (default 4)")
     p.add_argument("--cuda-graph", action="store_true", help="on CUDA: each decode step replays a CUDA graph instead "
                    "of launching its kernels one by one (small models are bound by those launches; the same tokens). "
                    "UNVERIFIED: not yet run on a GPU")

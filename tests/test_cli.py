@@ -228,6 +228,72 @@ def test_generate_a_prompts_file(corpus, tmp_path, capsys):
     assert 'bad.jsonl:1: expected a JSON object with a "prompt" string' in capsys.readouterr().err
 
 
+GENERATE_TEXT = "hello world caf\u00e9 \u65e5\u672c\u8a9e data model token\n" * 50
+
+
+@pytest.fixture
+def padded_vocab(tmp_path):
+    """A model of 20 ids more than its tokenizer's (nanoGPT's padded vocabulary, --model vocab_size=N),
+    random weights: --model / --tokenizer flags and the tokenizer."""
+    import torch
+
+    from pyllm.model import LLM, ModelConfig
+    from pyllm.tokenizer.tokenizer import Tokenizer
+
+    tok = Tokenizer.train([GENERATE_TEXT], 280, special_tokens=("<|endoftext|>",))
+    tok.save(str(tmp_path / "tok.bpe"))
+    torch.manual_seed(0)
+    LLM(ModelConfig(vocab_size=tok.vocab_size + 20, block_size=64, n_layers=1, n_heads=2,
+                    dim=32)).save(tmp_path / "m.safetensors")
+    return ["--model", str(tmp_path / "m.safetensors"), "--tokenizer", str(tmp_path / "tok.bpe")], tok
+
+
+def test_generate_leaves_out_ids_past_the_tokenizer(padded_vocab, tmp_path, capsys):
+    # a padding id drawn is left out of the text, as transformers' decode skips it (the run had died
+    # part-way through its output with "Invalid token for decoding", a --prompts-file batch with it)
+    model, _ = padded_vocab
+    for seed in range(4):
+        assert cli.main(["generate", *model, "--prompt", "hello", "--max-new-tokens", "40", "--top-k", "0",
+                         "--temperature", "1", "--seed", str(seed)]) == 0
+    (tmp_path / "p.jsonl").write_text('{"prompt": "hello"}\n')
+    assert cli.main(["generate", *model, "--prompts-file", str(tmp_path / "p.jsonl"), "--max-new-tokens", "40",
+                     "--top-k", "0", "--temperature", "1"]) == 0
+
+
+def test_generate_prompts_file_lines_end_at_newlines_only(padded_vocab, tmp_path, capsys):
+    # json.dumps(ensure_ascii=False) writes U+2028 / U+0085 raw inside strings, as --out does; they
+    # had split a line (refused as "not a JSON line")
+    model, _ = padded_vocab
+    rows = [{"prompt": "one\u2028two"}, {"prompt": "a\x85b"}]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in rows), encoding="utf-8")
+    capsys.readouterr()
+    assert cli.main(["generate", *model, "--prompts-file", str(tmp_path / "p.jsonl"), "--max-new-tokens", "2",
+                     "--temperature", "0", "--ignore-eos"]) == 0
+    out = [json.loads(line) for line in capsys.readouterr().out.split("\n") if line]
+    assert [o["prompt"] for o in out] == [r["prompt"] for r in rows]
+
+
+@pytest.mark.parametrize("flags", [["--out", "x.jsonl"], ["--batch-size", "4"], ["--draft-tokens", "3"]])
+def test_generate_refuses_flags_it_would_ignore(padded_vocab, flags, capsys):
+    model, _ = padded_vocab
+    assert cli.main(["generate", *model, "--prompt", "hello", "--max-new-tokens", "2", *flags]) == 2
+    assert flags[0] in capsys.readouterr().err
+
+
+def test_generate_reads_special_token_text_in_a_prompt_as_the_token(padded_vocab, monkeypatch):
+    # as transformers' tokenizer(prompt) and nanoGPT's sample.py (allowed_special) encode it: a
+    # hand-written ChatML prompt's markers had been spelled byte by byte
+    from pyllm.model import LLM, ModelConfig
+
+    _, tok = padded_vocab
+    seen = []
+    model = LLM(ModelConfig(vocab_size=tok.vocab_size, block_size=64, n_layers=1, n_heads=2, dim=32))
+    monkeypatch.setattr(LLM, "generate", lambda self, idx, *a, **k: seen.append(idx[0].tolist()) or idx)
+    cli.stream_sample(model, tok, "a<|endoftext|>b", 1, 0.0, None, None, seed=0)
+    assert seen == [tok.encode("a<|endoftext|>b", allowed_special="all")]
+    assert tok.encode("<|endoftext|>", allowed_special="all") == [tok.vocab_size - 1]
+
+
 def test_generate_ends_documents_and_reads_generation_configs(corpus, tmp_path, capsys, monkeypatch):
     # As transformers' generate: a model trained here stops at <|endoftext|> (--ignore-eos goes on),
     # an empty prompt starts a document (from <|endoftext|>, not id 0), --top-k 0 is no top-k, and a

@@ -641,12 +641,15 @@ def setup_run_data(cfg, cli: dict) -> None:
         **({"init_from_run": str(Path(cfg.init_from_run).resolve())} if cfg.init_from_run else {})})
 
 
-def check_teacher_tokenizer(teacher, tokenizer_path) -> None:
-    """ValueError where a distillation teacher that is a pyllm run makes its ids with another
-    tokenizer than this run's (same_tokenizer): load_teacher compares vocabulary sizes only, and two
-    runs' tokenizers trained on different text have the same size and other ids (the student had
-    learnt the teacher's distribution over other words without a word). A Hugging Face teacher
-    keeps the size check alone (its tokenizer a family's, shared by its sizes)."""
+def check_teacher_tokenizer(teacher, tokenizer_path, flag: str = "--teacher",
+                            why: str = "distillation compares the two models' next-token distributions id by id, so "
+                                       "they must share the tokenizer (train the student with --tokenizer of the "
+                                       "teacher's)") -> None:
+    """ValueError where a distillation teacher (or generate's --draft: flag, why) that is a pyllm
+    run makes its ids with another tokenizer than this run's (same_tokenizer): load_teacher compares
+    vocabulary sizes only, and two runs' tokenizers trained on different text have the same size and
+    other ids (the student had learnt the teacher's distribution over other words without a word). A
+    Hugging Face teacher keeps the size check alone (its tokenizer a family's, shared by its sizes)."""
     folder = Path(teacher)
     if not (folder.is_dir() and not (folder / "config.json").exists() and (folder / "model.safetensors").is_file()):
         return
@@ -655,9 +658,7 @@ def check_teacher_tokenizer(teacher, tokenizer_path) -> None:
     except ValueError:  # (its tokenizer gone: nothing to compare)
         return
     if theirs and not same_tokenizer(theirs, tokenizer_path):
-        raise ValueError(f"--teacher {teacher}: its tokenizer ({theirs}) is not this run's ({tokenizer_path}): "
-                         "distillation compares the two models' next-token distributions id by id, so they must "
-                         "share the tokenizer (train the student with --tokenizer of the teacher's)")
+        raise ValueError(f"{flag} {teacher}: its tokenizer ({theirs}) is not this run's ({tokenizer_path}): {why}")
 
 
 def source_run_info(run_dir, given_tokenizer=None) -> dict:
@@ -1509,6 +1510,10 @@ def cmd_generate(args) -> int:
                              "leave out --prompts-file and --cuda-graph")
         from pyllm.train import load_frozen
 
+        mine = args.tokenizer or (read_run(Path(args.run)).get("tokenizer") if args.run and not args.hf else None)
+        if mine:  # (a draft of another tokenizer of the same size had drafted tokens the model never kept)
+            check_teacher_tokenizer(args.draft, mine, "--draft", "speculative decoding checks the draft's tokens id by "
+                                    "id, so the two models must share the tokenizer")
         draft = load_frozen(args.draft, "fp32", torch.device(device)).to(getattr(torch, GENERATE_DTYPES[dtype]))
     if args.prompts_file:
         return generate_file(model, tokenizer, args, prefix, stops, source)

@@ -280,6 +280,30 @@ def test_generate_refuses_flags_it_would_ignore(padded_vocab, flags, capsys):
     assert flags[0] in capsys.readouterr().err
 
 
+def test_generate_refuses_a_draft_of_another_tokenizer(padded_vocab, tmp_path, capsys):
+    # a draft run whose tokenizer has the size of the model's and other ids: its drafts were never kept
+    # (0% accepted, silently); its own tokenizer is taken
+    import shutil
+
+    from pyllm.tokenizer.tokenizer import Tokenizer
+
+    model, tok = padded_vocab
+    other = Tokenizer.train(["the quick brown fox jumps over the lazy dog, 0123456789 " * 80], tok.vocab_size,
+                            special_tokens=("<|endoftext|>",))
+    assert other.vocab_size == tok.vocab_size
+    other.save(str(tmp_path / "other.bpe"))
+    draft = tmp_path / "draft"
+    draft.mkdir()
+    shutil.copy(tmp_path / "m.safetensors", draft / "model.safetensors")
+    (draft / "run.json").write_text(json.dumps({"tokenizer": str(tmp_path / "other.bpe")}))
+    capsys.readouterr()
+    args = ["generate", *model, "--prompt", "hello", "--max-new-tokens", "4", "--temperature", "0", "--draft", str(draft)]
+    assert cli.main(args) == 2
+    assert "--draft " in (err := capsys.readouterr().err) and "is not this run's" in err
+    (draft / "run.json").write_text(json.dumps({"tokenizer": str(tmp_path / "tok.bpe")}))
+    assert cli.main(args) == 0
+
+
 def test_generate_reads_special_token_text_in_a_prompt_as_the_token(padded_vocab, monkeypatch):
     # as transformers' tokenizer(prompt) and nanoGPT's sample.py (allowed_special) encode it: a
     # hand-written ChatML prompt's markers had been spelled byte by byte

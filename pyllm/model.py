@@ -1087,6 +1087,9 @@ class LLM(nn.Module):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
             raise ValueError(f"{path}: not a checkpoint torch.load reads as plain data ({e})") from e
+        if isinstance(ckpt, dict) and {"model_config", "model"} <= set(ckpt):  # pyllm's own checkpoint.pt
+            raise ValueError(f"{path}: a checkpoint of `pyllm train`, not nanoGPT's: its weights are "
+                             f"{Path(path).with_name('model.safetensors')} (or --run {Path(path).parent})")
         if not isinstance(ckpt, dict) or not {"model_args", "model"} <= set(ckpt):
             raise ValueError(f"{path}: not a nanoGPT checkpoint (a dict with model_args and model)")
         args = ckpt["model_args"]

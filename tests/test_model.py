@@ -1130,6 +1130,9 @@ def test_a_nanogpt_checkpoint_is_the_same_function(tmp_path, bias, compiled):
     with pytest.raises(ValueError, match="not a nanoGPT checkpoint"):
         torch.save({"model": state}, tmp_path / "other.pt")
         LLM.from_nanogpt(tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="a checkpoint of `pyllm train`, not nanoGPT's: its weights are .*model.safetensors"):
+        torch.save({"model": state, "model_config": {}}, tmp_path / "checkpoint.pt")  # (generate --model checkpoint.pt)
+        LLM.from_nanogpt(tmp_path / "checkpoint.pt")
     if not bias:  # and `pyllm generate --model ckpt.pt --tokenizer meta.pkl`, as nanoGPT's sample.py
         import pickle
 

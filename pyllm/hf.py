@@ -1117,6 +1117,10 @@ def _balancing_loss_function(model: nn.Module):
 def _fused_loss_refusal(model: nn.Module) -> str | None:
     """Why the fused loss cannot replace this model's logits and loss (None: it can)."""
     model_type = getattr(model.config, "model_type", None)
+    if model.get_output_embeddings() is None:  # a *ForSequenceClassification (TRL's RewardTrainer), a bare decoder:
+        # said first, before the MoE check below blames the forward of a classifier of a MoE type
+        return ("its output layer is not a plain nn.Linear without bias (it has no language-model head: a "
+                "*ForSequenceClassification or a bare decoder)")
     if model_type in FUSED_LOSS_MOE_TYPES:
         if _balancing_loss_function(model) is None or not all(
                 hasattr(model, name) for name in ("num_experts", "num_experts_per_tok", "router_aux_loss_coef")):

@@ -931,6 +931,10 @@ def test_what_it_cannot_take_is_refused():
 REFUSED = {
     "llama-classifier": ("LlamaConfig", "LlamaForSequenceClassification", {}, "output layer is not a plain nn.Linear"),
     "llama-decoder": ("LlamaConfig", "LlamaModel", {}, "output layer is not a plain nn.Linear"),
+    # (TRL's RewardTrainer's model: a MoE type's classifier had been told its forward is not transformers')
+    "mixtral-classifier": ("MixtralConfig", "MixtralForSequenceClassification",
+                           {"num_local_experts": 4, "num_experts_per_tok": 2, "num_key_value_heads": 2},
+                           "it has no language-model head"),
     "bert-masked-lm": ("BertConfig", "BertForMaskedLM", {}, "model_type 'bert' is not one whose logits"),
     "llama-capped": ("LlamaConfig", "LlamaForCausalLM", {"final_logit_softcapping": 30.0}, "final_logit_softcapping"),
 }

@@ -703,7 +703,10 @@ class _ChunkBuffers:
     widens the whole product into a fresh copy first) and 10 slice by slice (2-core Xeon, 2026-12-02)."""
 
     def __init__(self, x: torch.Tensor, weight: torch.Tensor, chunk_rows: int, need_w: bool):
-        self.rows, self.vocab, self.device = _util.sym_min(chunk_rows, x.shape[0]), weight.shape[0], x.device
+        # (not sym_min: a buffer of Min(chunk_rows, N) rows sliced to N gave torch.export the guard
+        # N <= Min(chunk_rows, N), which it could not prove for a dynamic N: a constraint violation)
+        rows = x.shape[0] if x.shape[0] <= chunk_rows else chunk_rows
+        self.rows, self.vocab, self.device = rows, weight.shape[0], x.device
         self.buffers, self.product = {}, None
         # grad_w is written whole by the first chunk's product; zeros only where no chunk comes
         acc = torch.promote_types(weight.dtype, torch.float32)
@@ -949,8 +952,9 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     if not 0.0 <= z_loss < math.inf:
         raise ValueError(f"linear_cross_entropy: z_loss must be 0 or positive and finite, got {z_loss}")
     with _autocast_off(x):
-        if _util.torch_func_active():
-            # torch.func (per-example gradients) cannot take the gradients this Function computes in
+        if _util.torch_func_active() or _util.exporting():
+            # torch.func (per-example gradients) and torch.export (which inlines an autograd.Function's forward
+            # and drops its backward) cannot take the gradients this Function computes in
             # its forward: the whole logits, and pyllm.cross_entropy's derivative, which it can.
             acc = torch.promote_types(x.dtype, torch.float32)
             loss, z_part = cross_entropy_ops.cross_entropy(
@@ -1236,7 +1240,7 @@ def linear_token_logps(x: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     # Only x wants a gradient (a frozen head): the forward keeps d logp / dx instead of the inputs.
     jacobian = torch.is_grad_enabled() and x.requires_grad and not weight.requires_grad
     with _autocast_off(x):
-        if _util.torch_func_active():
+        if _util.torch_func_active() or _util.exporting():  # (see linear_cross_entropy)
             return _whole_logps(x, weight, targets.reshape(-1), scale, softcap).view(targets.shape)
         return _LinearTokenLogps.apply(x, weight, targets.reshape(-1), chunk_rows, scale,
                                        softcap, jacobian).view(targets.shape)
@@ -1500,7 +1504,8 @@ def linear_distill(x: torch.Tensor, weight: torch.Tensor, x_teacher: torch.Tenso
     x_teacher = x_teacher.to(x.dtype)
     weight_teacher = weight_teacher.to(x.dtype)
     with _autocast_off(x):
-        if _util.torch_func_active():  # (see _whole_logps) the whole logits, and the op's own derivative
+        # (see _whole_logps) the whole logits, and the op's own derivative
+        if _util.torch_func_active() or _util.exporting():
             return distill_ops.generalized_jsd(
                 F.linear(x, weight), F.linear(x_teacher, weight_teacher).detach(), beta=float(beta),
                 temperature=float(temperature), reduction="sum", scale=shape[0], softcap=shape[1] or None,

@@ -582,3 +582,66 @@ def test_fused_output_losses_refuse_create_graph():
             torch.autograd.grad(call(), x, create_graph=True)
         gx, = torch.autograd.grad(call(), x)  # (a first derivative as before)
         assert gx.isfinite().all() and gx.abs().sum() > 0
+
+
+class _FusedLoss(torch.nn.Module):
+    """One of the fused output-layer losses of a (12, 16) input over 11 classes (an audit of
+    torch.export and compile, 2026-12-06)."""
+
+    def __init__(self, kind):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.kind = kind
+        self.w = torch.nn.Parameter(torch.randn(11, 16, generator=g))
+        self.wt = torch.randn(11, 16, generator=g)
+
+    def forward(self, x, t):
+        import pyllm.nn as pnn
+
+        if self.kind == "ce":
+            return pnn.linear_cross_entropy(x, self.w, t)
+        if self.kind == "logps":
+            return pnn.linear_token_logps(x, self.w, t).sum()
+        return pnn.linear_distill(x, self.w, x.detach() * 0.5, self.wt, 0.5, 1.0)
+
+
+@pytest.mark.skipif(not hasattr(torch.compiler, "is_exporting"), reason="torch.export of pyllm's ops: torch >= 2.6")
+@pytest.mark.parametrize("strict", [False, True])
+@pytest.mark.parametrize("kind", ["ce", "logps", "distill"])
+def test_fused_losses_export_with_gradients_and_dynamic_rows(kind, strict):
+    # torch.export inlines an autograd.Function's forward and drops its backward: the exported losses
+    # take the whole logits and the ops' own derivatives, as under torch.func (a backward through the
+    # exported module had raised "mm(): functions with out=... arguments don't support automatic
+    # differentiation"); a dynamic row count exports (the chunk buffer's Min(chunk_rows, N) rows had
+    # been a constraint violation)
+    m = _FusedLoss(kind)
+    x, t = torch.randn(12, 16, requires_grad=True), torch.randint(0, 11, (12,))
+    eager = m(x, t)
+    want = torch.autograd.grad(eager, (x, m.w))
+    exported = torch.export.export(m, (x, t), strict=strict)
+    out = exported.module()(x, t)
+    torch.testing.assert_close(out, eager)
+    torch.testing.assert_close(torch.autograd.grad(out, (x, m.w)), want)
+    n = torch.export.Dim("n", min=2, max=512)
+    with torch.no_grad():
+        exported = torch.export.export(m, (x, t), dynamic_shapes=({0: n}, {0: n}), strict=strict)
+        x2, t2 = torch.randn(27, 16), torch.randint(0, 11, (27,))
+        torch.testing.assert_close(exported.module()(x2, t2), m(x2, t2))
+
+
+def test_linear_distill_compiles_fullgraph_and_takes_fake_tensors():
+    # the student / teacher overlap check had read fake tensors' data pointers (both 0): "teacher
+    # logits share memory with the student's" under FakeTensorMode, a failed fullgraph compile
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    m = _FusedLoss("distill")
+    x, t = torch.randn(6, 16, requires_grad=True), torch.randint(0, 11, (6,))
+    eager = m(x, t)
+    want = torch.autograd.grad(eager, (x, m.w))
+    torch._dynamo.reset()
+    out = torch.compile(m, backend="aot_eager", fullgraph=True)(x, t)
+    torch.testing.assert_close(out, eager)
+    torch.testing.assert_close(torch.autograd.grad(out, (x, m.w)), want)
+    with FakeTensorMode():
+        s, t = torch.randn(4, 7), torch.randn(4, 7)
+        assert distill_ops.distill_rows_(s, t).shape == (4,)

@@ -250,6 +250,10 @@ _PLAIN_TYPES = (Tensor, torch.nn.Parameter)
 # under a name, no frame of ours on the eager calls' path.
 torch_func_active = torch._C._are_functorch_transforms_active
 
+# Whether torch.export is tracing (which inlines an autograd.Function's forward and drops its
+# backward); torch 2.6 and newer name it, older ones never export pyllm's ops anyway.
+exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+
 
 # A torch.func wrapper is a Tensor too, with no storage of its own; one outlives its transform in
 # what a torch.func.vjp pullback saved, called after the transform has returned.

@@ -77,8 +77,9 @@ def _check(student: Tensor, teacher: Tensor, beta, temperature, scale, softcap, 
 
 def _overlap(a: Tensor, b: Tensor) -> bool:
     """Whether the memory spans of a and b (first to last element) intersect: conservative (views
-    that interleave without sharing an element count as overlapping); meta tensors have no memory."""
-    if a.numel() == 0 or b.numel() == 0 or a.is_meta or b.is_meta:
+    that interleave without sharing an element count as overlapping); meta tensors have no memory, nor
+    fake ones (torch.compile, torch.export, FakeTensorMode: data_ptr() raises or reads 0 for both)."""
+    if a.numel() == 0 or b.numel() == 0 or _util.values_unreadable(a) or _util.values_unreadable(b):
         return False
 
     def span(t):

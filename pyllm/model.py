@@ -44,6 +44,10 @@ LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_m
 GELU_MLPS = ("gelu", "gelu_exact")
 
 LONGROPE_KEYS = ("short_factor", "long_factor", "attention_factor", "original_max_position_embeddings")
+# YaRN's (Peng et al. 2023; Qwen2.5 / Qwen3's long context, DeepSeek's; nn.yarn_scaled), resolved as
+# transformers resolves them: each frequency interpolated by factor, extrapolated, or blended on a
+# ramp between beta_fast and beta_slow rotations over the original context; cos / sin scaled.
+YARN_KEYS = ("factor", "original_max_position_embeddings", "attention_factor", "beta_fast", "beta_slow", "truncate")
 
 
 def _of_kind(value, kind: str) -> bool:
@@ -201,20 +205,26 @@ class ModelConfig:
                              f"got {self.rotary_dim!r}")
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("rope_type") if isinstance(self.rope_scaling, dict) else None
-            keys = {"rope_type", *{"longrope": LONGROPE_KEYS, "linear": ("factor",)}.get(kind, LLAMA3_ROPE_KEYS)}
-            if kind not in ("llama3", "longrope", "linear") or set(self.rope_scaling) != keys:
+            keys = {"rope_type", *{"longrope": LONGROPE_KEYS, "linear": ("factor",),
+                                   "yarn": YARN_KEYS}.get(kind, LLAMA3_ROPE_KEYS)}
+            if kind not in ("llama3", "longrope", "linear", "yarn") or set(self.rope_scaling) != keys:
                 raise ValueError(f"ModelConfig.rope_scaling must be None, Llama 3.1's (rope_type 'llama3' and "
                                  f"{', '.join(LLAMA3_ROPE_KEYS)}), LongRoPE's (rope_type 'longrope' and "
-                                 f"{', '.join(LONGROPE_KEYS)}) or linear (rope_type 'linear' and factor), got "
-                                 f"{self.rope_scaling!r}")
+                                 f"{', '.join(LONGROPE_KEYS)}), YaRN's (rope_type 'yarn' and {', '.join(YARN_KEYS)}) "
+                                 f"or linear (rope_type 'linear' and factor), got {self.rope_scaling!r}")
+            if kind == "yarn" and not isinstance(self.rope_scaling["truncate"], bool):
+                raise ValueError(f"ModelConfig.rope_scaling: YaRN's truncate must be a bool, got "
+                                 f"{self.rope_scaling['truncate']!r}")
             if kind == "longrope" and not all(
                     isinstance(f, list) and len(f) == (self.rotary_dim or self.head_dim) // 2
                     and all(_positive_number(x) for x in f)
                     for f in (self.rope_scaling["short_factor"], self.rope_scaling["long_factor"])):
                 raise ValueError("ModelConfig.rope_scaling: LongRoPE's short_factor and long_factor need one number "
                                  f"per rotated pair ({(self.rotary_dim or self.head_dim) // 2}), each positive")
-            positive = [k for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-                        if k in self.rope_scaling]
+            positive = [k for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings",
+                                    "beta_fast", "beta_slow") if k in self.rope_scaling]
+            if kind == "yarn":
+                positive.append("attention_factor")
             if kind == "longrope" and self.rope_scaling.get("attention_factor") is not None:
                 positive.append("attention_factor")
             bad = [k for k in positive if not _positive_number(self.rope_scaling[k])]
@@ -1122,7 +1132,7 @@ class LLM(nn.Module):
         `dtype` (fp32: master weights for training; the checkpoint's own dtype may be bf16), or a hub
         repo id (see hf_folder). Read with safetensors alone, no transformers needed. Anything the
         model cannot compute the same way (biases in LLaMA layers, RoPE scalings other than Llama
-        3.1's and LongRoPE, another activation, layer types other than full and sliding-window attention) raises
+        3.1's, LongRoPE and YaRN, another activation, layer types other than full and sliding-window attention) raises
         NotImplementedError. adapter: a PEFT LoRA adapter folder (adapter_config.json,
         adapter_model.safetensors) trained on this model, merged into its weights (merge_peft_adapter)."""
         from safetensors.torch import load_file
@@ -1760,14 +1770,21 @@ def _decoder_config_from_hf(hf: dict) -> ModelConfig:
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if kind == "phi3" and rope_type in ("su", "yarn"):  # Phi-3's early names of LongRoPE, as transformers reads them
         rope_type = "longrope"
-    if rope_type not in ("default", "llama3", "longrope"):
-        raise NotImplementedError(f"scaled RoPE ({rope}): pyllm's RoPE is the unscaled one, Llama 3.1's or LongRoPE")
+    if rope_type not in ("default", "llama3", "longrope", "yarn"):
+        raise NotImplementedError(f"scaled RoPE ({rope}): pyllm's RoPE is the unscaled one, Llama 3.1's, LongRoPE or "
+                                  "YaRN")
     if rope_type == "llama3" and not all(k in rope for k in LLAMA3_ROPE_KEYS):
         raise ValueError(f"llama3 RoPE scaling needs {', '.join(LLAMA3_ROPE_KEYS)}; the config has {rope}")
     scaling = {"rope_type": "llama3", **{k: rope[k] for k in LLAMA3_ROPE_KEYS}} if rope_type == "llama3" else None
     if rope_type == "longrope":
         scaling = _hf_longrope(hf, rope)
     head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+    block_size = hf["max_position_embeddings"]
+    if rope_type == "yarn":
+        scaling = _hf_yarn(hf, rope)
+        # transformers sets no limit; YaRN's own is factor x the original context (Qwen2.5's 32k x 4),
+        # where max_position_embeddings often stays the original's (the model cards' added rope_scaling)
+        block_size = max(block_size, int(scaling["factor"] * scaling["original_max_position_embeddings"]))
     partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
     rotary_dim = int(head_dim * partial) if partial != 1.0 else None
     n_layers = hf["num_hidden_layers"]
@@ -1781,7 +1798,7 @@ def _decoder_config_from_hf(hf: dict) -> ModelConfig:
         if value:
             raise NotImplementedError(f"{kind} with {name}={value!r}: pyllm's LLaMA has no biases in its "
                                       "output and MLP projections and uses SiLU")
-    return ModelConfig(vocab_size=hf["vocab_size"], block_size=hf["max_position_embeddings"], n_layers=n_layers,
+    return ModelConfig(vocab_size=hf["vocab_size"], block_size=block_size, n_layers=n_layers,
                        n_heads=hf["num_attention_heads"], n_kv_heads=hf.get("num_key_value_heads") or None,
                        dim=hf["hidden_size"], head_dim=hf.get("head_dim") or None,
                        mlp_hidden=hf.get("moe_intermediate_size") or hf["intermediate_size"],  # Qwen3-MoE's experts'
@@ -1805,10 +1822,13 @@ def hf_rope_parameters(hf: dict, kind: str) -> dict:
     then also drops rope_parameters' rope_theta for its class default."""
     params, scaling = hf.get("rope_parameters") or {}, hf.get("rope_scaling") or {}
     if params and scaling:
-        if any(params.get(k, v) != v for k, v in scaling.items()):
+        # transformers then takes rope_theta from rope_scaling, else the top level, else its class default,
+        # never from rope_parameters: a rope_theta there alone is dropped too
+        theta = scaling.get("rope_theta", hf.get("rope_theta", HF_ROPE_THETA.get(kind, 10000.0)))
+        if any(params.get(k, v) != v for k, v in scaling.items()) or params.get("rope_theta", theta) != theta:
             raise NotImplementedError(f"{kind}: config.json gives both rope_parameters {params} and rope_scaling "
-                                      f"{scaling}; transformers 5 applies rope_scaling alone: merge them into "
-                                      "rope_parameters")
+                                      f"{scaling}; transformers 5 applies rope_scaling alone (its rope_theta "
+                                      f"{theta}): merge them into rope_parameters")
         return {**params, **scaling}
     return scaling or params
 
@@ -1962,6 +1982,31 @@ def _gemma3_config(hf: dict) -> ModelConfig:
                        local_rope_theta=local["rope_theta"] if window_layers else None, qk_norm=True, sandwich_norm=True,
                        embed_scale=True, softmax_scale=hf.get("query_pre_attn_scalar", 256) ** -0.5,
                        sliding_window=window if window_layers else None, window_layers=window_layers or None)
+
+
+def _hf_yarn(hf: dict, rope: dict) -> dict:
+    """ModelConfig.rope_scaling of a YaRN config, resolved as transformers 5 resolves it
+    (_compute_yarn_parameters, standardize_rope_params): the original context a top-level
+    original_max_position_embeddings, else rope's, else max_position_embeddings; factor, where null,
+    max_position_embeddings over it (DeepSeek-V3's); attention_factor, where not given, YaRN's
+    0.1 ln(factor) + 1, or the ratio of its mscale and mscale_all_dim forms; beta_fast 32, beta_slow 1."""
+    if "factor" not in rope:  # (null is DeepSeek-V3's form; left out, transformers refuses the config)
+        raise ValueError(f"YaRN RoPE scaling needs factor (null: max_position_embeddings over the original "
+                         f"context); the config has {rope}")
+    original = hf.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings") \
+        or hf["max_position_embeddings"]
+    factor = rope.get("factor") or hf["max_position_embeddings"] / original
+
+    def mscale(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention = rope.get("attention_factor")
+    if attention is None:
+        m, m_all = rope.get("mscale"), rope.get("mscale_all_dim")
+        attention = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+    return {"rope_type": "yarn", "factor": float(factor), "original_max_position_embeddings": int(original),
+            "attention_factor": float(attention), "beta_fast": float(rope.get("beta_fast") or 32),
+            "beta_slow": float(rope.get("beta_slow") or 1), "truncate": bool(rope.get("truncate", True))}
 
 
 def _hf_longrope(hf: dict, rope: dict) -> dict:

@@ -1729,7 +1729,8 @@ def rope_cos_sin(seq_len: int, head_dim: int, theta: float = 10000.0, start: int
                  dtype=torch.float32, scaling: dict | None = None, positions: torch.Tensor | None = None):
     """cos, sin of the rotary angles (Su et al. 2021, eq. 34) for positions start..start+seq_len-1,
     each (seq_len, head_dim // 2), in fp32 (or fp64) whatever the model dtype: angles up to 1e4 rad
-    need it. scaling: Llama 3.1's long-context rule (see llama3_scaled). positions: an int tensor of
+    need it. scaling: Llama 3.1's long-context rule (see llama3_scaled), LongRoPE's,
+    YaRN's (yarn_scaled) or linear. positions: an int tensor of
     positions instead (read on its device, never on the host: a CUDA graph's decode step), giving
     (*positions.shape, head_dim // 2); not with LongRoPE, whose factors depend on the position."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=dtype) / head_dim)
@@ -1746,6 +1747,10 @@ def rope_cos_sin(seq_len: int, head_dim: int, theta: float = 10000.0, start: int
         scale = scaling["attention_factor"]
     elif scaling is not None and scaling["rope_type"] == "linear":  # positions divided by factor
         inv_freq = inv_freq / scaling["factor"]
+    elif scaling is not None and scaling["rope_type"] == "yarn":
+        inv_freq = yarn_scaled(inv_freq, head_dim, theta, **{k: v for k, v in scaling.items()
+                                                             if k not in ("rope_type", "attention_factor")})
+        scale = scaling["attention_factor"]
     elif scaling is not None:
         inv_freq = llama3_scaled(inv_freq, **{k: v for k, v in scaling.items() if k != "rope_type"})
     if positions is not None:  # the same products as the outer product below
@@ -1753,6 +1758,25 @@ def rope_cos_sin(seq_len: int, head_dim: int, theta: float = 10000.0, start: int
     else:
         angles = torch.outer(torch.arange(start, start + seq_len, device=device, dtype=dtype), inv_freq)  # (T, D/2)
     return angles.cos() * scale, angles.sin() * scale
+
+
+def yarn_scaled(inv_freq: torch.Tensor, dim: int, theta: float, factor: float, original_max_position_embeddings: int,
+                beta_fast: float, beta_slow: float, truncate: bool) -> torch.Tensor:
+    """YaRN's RoPE frequencies (Peng et al. 2023, as transformers' _compute_yarn_parameters): the
+    pairs that turn more than beta_fast times over the original context keep their frequency, those
+    turning fewer than beta_slow times are divided by factor, and a linear ramp over the pair index
+    blends the ones between (its ends rounded outward where truncate)."""
+    def pair_turning(turns: float) -> float:  # the pair index at which a frequency turns `turns` times
+        return dim * math.log(original_max_position_embeddings / (turns * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = pair_turning(beta_fast), pair_turning(beta_slow)
+    if truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # (transformers': no division by zero)
+    ramp = ((torch.arange(dim // 2, device=inv_freq.device, dtype=inv_freq.dtype) - low) / (high - low)).clamp(0, 1)
+    return inv_freq / factor * ramp + inv_freq * (1 - ramp)
 
 
 def llama3_scaled(inv_freq: torch.Tensor, factor: float, low_freq_factor: float, high_freq_factor: float,

@@ -1838,6 +1838,10 @@ def test_presets_build(preset):
     (dict(rope_scaling={"rope_type": "longrope", "short_factor": [1.0], "long_factor": [1.0], "attention_factor": 1.0,
                         "original_max_position_embeddings": 16}), "one number per rotated pair .16."),
     (dict(rope_scaling={"rope_type": "yarn"}), "rope_scaling must be None"),
+    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "attention_factor": 1.1,
+                        "beta_fast": 32.0, "beta_slow": 1.0, "truncate": 1}), "truncate must be a bool"),
+    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "attention_factor": 0.0,
+                        "beta_fast": 32.0, "beta_slow": 1.0, "truncate": True}), "attention_factor must be positive"),
     (dict(pre_norm=False), "pre_norm=False needs sandwich_norm=True"),
     (dict(qk_norm_all_heads=True), "qk_norm_all_heads needs qk_norm=True"),
 ])
@@ -1872,6 +1876,15 @@ def hf_models():
         "llama3-rope": transformers.LlamaForCausalLM(transformers.LlamaConfig(**llama, rope_scaling=dict(
             rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
             original_max_position_embeddings=32))),
+        # YaRN as Qwen2.5's model card adds it (factor 4 over a 256-token original context: head dim
+        # 16's pairs 0 kept, 1-3 blended, 4-7 interpolated; the context becomes 1024)
+        "qwen2-yarn": transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+            **llama, num_key_value_heads=2, rope_theta=1e4, rope_scaling=dict(
+                rope_type="yarn", factor=4.0, original_max_position_embeddings=256))),
+        # DeepSeek's form: the cos / sin scale from mscale / mscale_all_dim, the ramp's ends not rounded
+        "llama-yarn": transformers.LlamaForCausalLM(transformers.LlamaConfig(**llama, rope_scaling=dict(
+            rope_type="yarn", factor=8.0, original_max_position_embeddings=512, mscale=0.8, mscale_all_dim=1.0,
+            beta_fast=16.0, beta_slow=2.0, truncate=False))),
         # q, k, v biases; real checkpoints set sliding_window with use_sliding_window false
         "qwen2": transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
             **llama, num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1e6, sliding_window=4096,
@@ -1956,7 +1969,7 @@ HF_EAGER_EXPERTS = dict(experts_implementation="eager")  # transformers' default
 # transformers up to 5.20 (the last release for Python 3.10) ran Gemma 2 on SDPA by default, which drops its
 # attention softcap; later releases refuse SDPA for it and take eager, as the tests' Gemma 2 does everywhere
 HF_GEMMA2_ATTENTION = dict(attn_implementation="eager")
-HF_NAMES = ["llama-gqa", "llama-tied", "llama3-rope", "qwen2", "gpt2", "qwen3-window", "qwen3", "mistral-window", "smollm3",
+HF_NAMES = ["llama-gqa", "llama-tied", "llama3-rope", "qwen2-yarn", "llama-yarn", "qwen2", "gpt2", "qwen3-window", "qwen3", "mistral-window", "smollm3",
             "phi3-longrope", "phi3", "gemma3", "gemma2", "olmo2", "mixtral", "qwen3-moe", "olmoe",
             "qwen2-moe", "granite", "granitemoe"]
 
@@ -2021,7 +2034,6 @@ def test_from_hf_refuses_what_it_cannot_compute(tmp_path):
                 num_attention_heads=4, max_position_embeddings=64)
     for extra, message in [(dict(attention_bias=True), "attention_bias"), (dict(sliding_window=4096), "sliding_window"),
                            (dict(model_type="qwen3", attention_bias=True), "attention_bias"),
-                           (dict(rope_scaling=dict(rope_type="yarn", factor=8.0)), "scaled RoPE"),
                            (dict(hidden_act="gelu"), "hidden_act"),
                            (dict(layer_types=["sliding_attention", "full_attention"]), "layer_types"),
                            (dict(model_type="qwen3", layer_types=["chunked_attention", "full_attention"]), "layer_types"),
@@ -2053,6 +2065,17 @@ def test_from_hf_refuses_what_it_cannot_compute(tmp_path):
         config_from_hf({**base, "rope_scaling": dict(rope_type="llama3", factor=8.0)})
     with pytest.raises(ValueError, match="LongRoPE needs"):
         config_from_hf({**base, "rope_scaling": dict(rope_type="longrope", short_factor=[1.0] * 8)})
+    # YaRN resolved as transformers 5 resolves it: the original context rope's (else max_position_embeddings),
+    # a null factor max_position_embeddings over it (DeepSeek-V3's), attention_factor 0.1 ln(factor) + 1
+    yarn = config_from_hf({**base, "rope_scaling": dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=32)})
+    assert yarn.rope_scaling == {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
+                                 "attention_factor": pytest.approx(0.1 * math.log(4) + 1), "beta_fast": 32.0,
+                                 "beta_slow": 1.0, "truncate": True}
+    assert yarn.block_size == 128  # factor x the original context, past max_position_embeddings' 64
+    yarn = config_from_hf({**base, "rope_scaling": dict(rope_type="yarn", factor=None, original_max_position_embeddings=16)})
+    assert (yarn.rope_scaling["factor"], yarn.block_size) == (4.0, 64)
+    with pytest.raises(ValueError, match="YaRN RoPE scaling needs factor"):  # transformers: a required key
+        config_from_hf({**base, "rope_scaling": dict(rope_type="yarn", original_max_position_embeddings=16)})
     # transformers 4's Phi-3 configs: "su" for LongRoPE, original_max_position_embeddings at the top
     phi3 = config_from_hf({**base, "model_type": "phi3", "original_max_position_embeddings": 32,
                            "rope_scaling": dict(type="su", short_factor=[1.0] * 8, long_factor=[2.0] * 8)})
@@ -2736,8 +2759,14 @@ def test_from_hf_reads_rope_and_defaults_as_transformers_5_does():
                   original_max_position_embeddings=16)
     with pytest.raises(NotImplementedError, match="both rope_parameters .* and rope_scaling"):
         config_from_hf({**base, "rope_parameters": dict(rope_type="default", rope_theta=5e5), "rope_scaling": llama3})
-    both = config_from_hf({**base, "rope_parameters": dict(llama3, rope_theta=5e5), "rope_scaling": llama3})
+    # equal keys, but rope_theta in rope_parameters alone: transformers 5.25 drops it for the class default
+    # (10000 here), so pyllm refuses rather than read 5e5; with rope_theta in rope_scaling too, both agree
+    with pytest.raises(NotImplementedError, match=r"rope_scaling alone \(its rope_theta 10000.0\)"):
+        config_from_hf({**base, "rope_parameters": dict(llama3, rope_theta=5e5), "rope_scaling": llama3})
+    both = config_from_hf({**base, "rope_parameters": dict(llama3, rope_theta=5e5), "rope_scaling": dict(llama3, rope_theta=5e5)})
     assert both.rope_scaling["rope_type"] == "llama3" and both.rope_theta == 5e5
+    assert config_from_hf({**base, "rope_theta": 5e5, "rope_parameters": dict(llama3, rope_theta=5e5),
+                           "rope_scaling": llama3}).rope_theta == 5e5  # the top level's, as transformers
     for kind, theta, eps in (("mixtral", 1e6, 1e-5), ("smollm3", 2e6, 1e-6), ("phi3", 1e4, 1e-5), ("olmo2", 1e4, 1e-5),
                              ("olmoe", 1e4, 1e-5), ("qwen3", 1e4, 1e-6)):
         extra = dict(num_local_experts=4, num_experts=4, num_experts_per_tok=2)

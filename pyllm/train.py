@@ -2033,6 +2033,9 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
                   "reward functions get the prompts decoded from the tokens and none of the lines' other keys "
                   "(answer=, solution=); give the *.jsonl file as --data again to have them", file=sys.stderr)
     seq_len = cfg.seq_len or mcfg.block_size
+    if seq_len > mcfg.block_size:  # (said before any work: the first forward had refused it, mid-run)
+        raise ValueError(f"seq_len {seq_len} is longer than the model's block_size {mcfg.block_size} (its context): "
+                         f"give --seq-len {mcfg.block_size} or less")
     if info.is_main and cfg.warmup_steps >= cfg.max_steps and cfg.lr and not resume:
         # (lr (s + 1) / W at step s: the peak at step W - 1, the last step when W = max_steps)
         reach = "reaches lr {:g} only at its last step" if cfg.warmup_steps == cfg.max_steps else "never reaches lr {:g}"

@@ -654,6 +654,15 @@ def test_a_fine_tune_sets_what_it_trains_with(data_dir, tmp_path, capsys):
     assert torch.load(tmp_path / "hf-dropout/checkpoint.pt", weights_only=True)["model_config"]["dropout"] == 0.1
 
 
+def test_rows_longer_than_the_context_are_refused_up_front(data_dir, tmp_path):
+    # a fine-tune's --seq-len past its source's block_size had failed at the first forward, after
+    # the run's set-up ("sequence of 32 tokens is longer than block_size 16")
+    trainer.train(config(data_dir, tmp_path / "base", max_steps=1, eval_every=0))
+    with pytest.raises(ValueError, match="seq_len 32 is longer than the model's block_size 16"):
+        trainer.train(config(data_dir, tmp_path / "ft", init_from_run=str(tmp_path / "base"), seq_len=32))
+    assert not (tmp_path / "ft/log.jsonl").exists()
+
+
 def test_bad_config():
     TrainConfig().validate()
     TrainConfig(lr=1, grad_clip=0).validate()  # an int where a float is expected is fine

@@ -1200,14 +1200,15 @@ def _train_command(args, explicit: dict, opts: dict, model: dict, cli: dict, ref
     return 0
 
 
-def stream_sample(model, tokenizer, prompt: str, max_new_tokens: int, temperature: float, top_k, top_p, seed: int,
+def stream_sample(model, tokenizer, prompt: str, max_new_tokens: int, temperature: float, top_k, top_p, seed,
                   prefix_ids=(), prompt_ids=None, stop_tokens=(), cuda_graph: bool = False, draft=None,
                   draft_tokens: int = 4) -> str:
     """Generates after prompt (after prefix_ids, e.g. a BOS token), printing text as it comes (a
     UTF-8 character split across tokens is printed once its last byte arrives). prompt_ids: the
     tokens to continue instead (a rendered chat), not printed; generation ends at a stop token,
     which is not printed either. draft: a smaller model over the same vocabulary for speculative
-    decoding (LLM.generate_speculative; its acceptance is printed to stderr after)."""
+    decoding (LLM.generate_speculative; its acceptance is printed to stderr after). seed: an int, or
+    a torch.Generator on the model's device to go on drawing from (several samples of one stream)."""
     import torch
 
     device = next(model.parameters()).device
@@ -1240,7 +1241,7 @@ def stream_sample(model, tokenizer, prompt: str, max_new_tokens: int, temperatur
             sys.stdout.flush()
             printed = text
 
-    gen = torch.Generator(device=device).manual_seed(seed)
+    gen = seed if isinstance(seed, torch.Generator) else torch.Generator(device=device).manual_seed(seed)
     if draft is not None:
         stats = {}
         for token in model.generate_speculative(idx, draft, max_new_tokens, temperature, top_k, top_p, draft_tokens,
@@ -1519,9 +1520,12 @@ def cmd_generate(args) -> int:
         return generate_file(model, tokenizer, args, prefix, stops, source)
     if not args.prompt and not prefix and prompt_ids is None:  # no text to continue: a document's start
         prompt_ids = start_ids(tokenizer)
+    # every sample drawn from one stream, as nanoGPT's sample.py draws them (seed + i had made --seed 1's
+    # first sample --seed 0's second: runs of adjacent seeds repeated each other's samples)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
     for i in range(args.num_samples):
         stream_sample(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                      args.seed + i, prefix, prompt_ids, stops, args.cuda_graph, draft, args.draft_tokens)
+                      gen, prefix, prompt_ids, stops, args.cuda_graph, draft, args.draft_tokens)
         print("\n" + "-" * 60)
     return 0
 

@@ -260,6 +260,22 @@ def test_generate_leaves_out_ids_past_the_tokenizer(padded_vocab, tmp_path, caps
                      "--top-k", "0", "--temperature", "1"]) == 0
 
 
+def test_generate_samples_of_one_seed_are_one_stream(padded_vocab, capsys):
+    # --num-samples draws every sample from one generator, as nanoGPT's sample.py: the first is the
+    # seed's own, the second no other seed's first (seed + i had made --seed 1's first --seed 0's second)
+    model, _ = padded_vocab
+    args = ["generate", *model, "--prompt", "hello", "--max-new-tokens", "24", "--top-k", "0", "--temperature", "1"]
+
+    def samples(*extra):
+        capsys.readouterr()
+        assert cli.main([*args, *extra]) == 0
+        return [s.strip() for s in capsys.readouterr().out.split("-" * 60) if s.strip()]
+
+    two = samples("--seed", "0", "--num-samples", "2")
+    assert len(two) == 2 and two[0] == samples("--seed", "0")[0] and two[1] != samples("--seed", "1")[0]
+    assert two == samples("--seed", "0", "--num-samples", "2")
+
+
 def test_generate_prompts_file_lines_end_at_newlines_only(padded_vocab, tmp_path, capsys):
     # json.dumps(ensure_ascii=False) writes U+2028 / U+0085 raw inside strings, as --out does; they
     # had split a line (refused as "not a JSON line")

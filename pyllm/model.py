@@ -1198,7 +1198,9 @@ class LLM(nn.Module):
                       label2id={f"LABEL_{i}": i for i in range(self.config.num_labels)})
             hf.pop("num_labels", None)
             hf["pad_token_id"] = self.config.pad_token_id  # where transformers reads the scores, as pyllm does
-        if hf_config is not None and config_from_hf(hf) != self.config:
+        # (what the model trained with, TRAINING_FIELDS, is no part of the function written)
+        trained = {k: getattr(self.config, k) for k in self.TRAINING_FIELDS}
+        if hf_config is not None and replace(config_from_hf(hf), **trained) != self.config:
             raise ValueError(f"to_hf: hf_config (model_type {kind!r}) does not describe this model's config")
         state = {k: v.detach() for k, v in self.state_dict().items()}
         if self.lora_scale() is not None:  # the updates merged, as save() writes them
@@ -1821,6 +1823,10 @@ def hf_rope_parameters(hf: dict, kind: str) -> dict:
     say to enable YaRN, gets it there). Both given with different values: refused, since transformers
     then also drops rope_parameters' rope_theta for its class default."""
     params, scaling = hf.get("rope_parameters") or {}, hf.get("rope_scaling") or {}
+    if "type" in scaling and "rope_type" not in scaling:  # transformers 4's key (Qwen2.5's model card writes it)
+        scaling = {"rope_type": scaling["type"], **{k: v for k, v in scaling.items() if k != "type"}}
+    if "type" in params and "rope_type" not in params:
+        params = {"rope_type": params["type"], **{k: v for k, v in params.items() if k != "type"}}
     if params and scaling:
         # transformers then takes rope_theta from rope_scaling, else the top level, else its class default,
         # never from rope_parameters: a rope_theta there alone is dropped too

@@ -703,8 +703,8 @@ class _ChunkBuffers:
     widens the whole product into a fresh copy first) and 10 slice by slice (2-core Xeon, 2026-12-02)."""
 
     def __init__(self, x: torch.Tensor, weight: torch.Tensor, chunk_rows: int, need_w: bool):
-        # (not sym_min: a buffer of Min(chunk_rows, N) rows sliced to N gave torch.export the guard
-        # N <= Min(chunk_rows, N), which it could not prove for a dynamic N: a constraint violation)
+        # (not sym_min: a buffer of Min(chunk_rows, N) rows sliced to N gives the guard
+        # N <= Min(chunk_rows, N), which a dynamic N cannot prove)
         rows = x.shape[0] if x.shape[0] <= chunk_rows else chunk_rows
         self.rows, self.vocab, self.device = rows, weight.shape[0], x.device
         self.buffers, self.product = {}, None
@@ -1359,7 +1359,8 @@ def linear_sequence_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
         raise ValueError(f"linear_sequence_loss: segment_rows must be {group}-sequence groups of rows >= 0 summing "
                          f"to the {x.shape[0]} rows of x, got {len(segment_rows)} sequences of {sum(segment_rows)} rows")
     with _autocast_off(x):
-        if _util.torch_func_active():  # (see _whole_logps) the loss of every group at once
+        # (see linear_cross_entropy, _whole_logps) the loss of every group at once
+        if _util.torch_func_active() or _util.exporting():
             owner = _segment_of_rows(segment_rows, x.shape[0], x.device)
             logps = _whole_logps(x, weight, targets.reshape(-1), scale, softcap)
             seq_logps = logps.new_zeros(len(segment_rows)).index_add(0, owner, logps)

@@ -602,12 +602,15 @@ class _FusedLoss(torch.nn.Module):
             return pnn.linear_cross_entropy(x, self.w, t)
         if self.kind == "logps":
             return pnn.linear_token_logps(x, self.w, t).sum()
+        if self.kind == "sequence":  # (DPO's over the 12 rows as 2 pairs of 3-row sequences)
+            pairs = lambda s, *_: -torch.nn.functional.logsigmoid(s[0::2] - s[1::2]).sum()  # noqa: E731
+            return pnn.linear_sequence_loss(x, self.w, t, [3, 3, 3, 3], 2, pairs)[0]
         return pnn.linear_distill(x, self.w, x.detach() * 0.5, self.wt, 0.5, 1.0)
 
 
 @pytest.mark.skipif(not hasattr(torch.compiler, "is_exporting"), reason="torch.export of pyllm's ops: torch >= 2.6")
 @pytest.mark.parametrize("strict", [False, True])
-@pytest.mark.parametrize("kind", ["ce", "logps", "distill"])
+@pytest.mark.parametrize("kind", ["ce", "logps", "distill", "sequence"])
 def test_fused_losses_export_with_gradients_and_dynamic_rows(kind, strict):
     # torch.export inlines an autograd.Function's forward and drops its backward: the exported losses
     # take the whole logits and the ops' own derivatives, as under torch.func (a backward through the
@@ -622,6 +625,8 @@ def test_fused_losses_export_with_gradients_and_dynamic_rows(kind, strict):
     out = exported.module()(x, t)
     torch.testing.assert_close(out, eager)
     torch.testing.assert_close(torch.autograd.grad(out, (x, m.w)), want)
+    if kind == "sequence":  # (its rows' split into sequences is the call's, not a dimension)
+        return
     n = torch.export.Dim("n", min=2, max=512)
     with torch.no_grad():
         exported = torch.export.export(m, (x, t), dynamic_shapes=({0: n}, {0: n}), strict=strict)

@@ -1998,6 +1998,19 @@ def test_from_hf_computes_what_transformers_computes(name, tmp_path):
     assert torch.equal(ours.generate(prompt, 20, temperature=0), expected)
 
 
+def test_to_hf_of_a_fine_tune_that_set_its_training_fields(tmp_path):
+    # dropout and router_aux_loss_coef set for training (set_training_options) are no part of the
+    # function written: the source's config.json still describes the model (export had refused it)
+    from dataclasses import replace
+
+    theirs = hf_models()["llama-gqa"]
+    theirs.save_pretrained(tmp_path / "src")
+    ours = LLM.from_hf(tmp_path / "src")
+    ours.set_training_options(dropout=0.1, router_aux_loss_coef=0.02)
+    ours.to_hf(tmp_path / "out", json.loads((tmp_path / "src/config.json").read_text()))
+    assert replace(LLM.from_hf(tmp_path / "out").config, dropout=0.1, router_aux_loss_coef=0.02) == ours.config
+
+
 def test_from_hf_warns_of_tensors_it_leaves_out_as_transformers_does(tmp_path):
     """A tensor the config has no place for (an o_proj bias beside attention_bias false) is left out,
     as transformers leaves it out, but said; buffers older checkpoints saved are left out silently."""
@@ -2074,6 +2087,12 @@ def test_from_hf_refuses_what_it_cannot_compute(tmp_path):
     assert yarn.block_size == 128  # factor x the original context, past max_position_embeddings' 64
     yarn = config_from_hf({**base, "rope_scaling": dict(rope_type="yarn", factor=None, original_max_position_embeddings=16)})
     assert (yarn.rope_scaling["factor"], yarn.block_size) == (4.0, 64)
+    # the model card's "type" (transformers 4's key) beside a default rope_parameters conflicts, as "rope_type"
+    # does (the key-by-key merge had kept rope_parameters' rope_type "default": unscaled, silently)
+    with pytest.raises(NotImplementedError, match="both rope_parameters .* and rope_scaling"):
+        config_from_hf({**base, "rope_theta": 1e6, "rope_parameters": dict(rope_type="default", rope_theta=1e6),
+                        "rope_scaling": dict(type="yarn", factor=4.0, original_max_position_embeddings=32)})
+    assert config_from_hf({**base, "rope_scaling": dict(type="yarn", factor=4.0)}).rope_scaling["rope_type"] == "yarn"
     with pytest.raises(ValueError, match="YaRN RoPE scaling needs factor"):  # transformers: a required key
         config_from_hf({**base, "rope_scaling": dict(rope_type="yarn", original_max_position_embeddings=16)})
     # transformers 4's Phi-3 configs: "su" for LongRoPE, original_max_position_embeddings at the top

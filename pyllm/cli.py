@@ -1217,18 +1217,19 @@ def stream_sample(model, tokenizer, prompt: str, max_new_tokens: int, temperatur
     else:
         ids = [*prefix_ids, *prompt_tokens(tokenizer, prompt)] or start_ids(tokenizer)
     idx = torch.tensor([ids], dtype=torch.long, device=device)
-    if draft is not None:  # checked before the prompt is printed (a half sample had been left on stdout)
+    stops = set(stop_tokens)
+    gen = seed if isinstance(seed, torch.Generator) else torch.Generator(device=device).manual_seed(seed)
+    if draft is not None:  # refused before the prompt is printed (a half sample had been left on stdout)
         if len(ids) + max_new_tokens > (room := min(model.config.block_size, draft.config.block_size)):
             raise ValueError(f"--draft: the prompt's {len(ids)} tokens + --max-new-tokens {max_new_tokens} are more than "
                              f"the models' block_size ({room}): lower --max-new-tokens, or leave out --draft (without "
                              "it, generation slides past block_size)")
-        if draft.config.vocab_size != model.config.vocab_size:
-            raise ValueError(f"--draft: the draft predicts {draft.config.vocab_size:,} ids, the model "
-                             f"{model.config.vocab_size:,}: speculative decoding needs the same vocabulary")
+        stats = {}  # (generate_speculative checks the rest of its arguments when called)
+        speculated = model.generate_speculative(idx, draft, max_new_tokens, temperature, top_k, top_p, draft_tokens,
+                                                gen, stops, stats)
     generated: list[int] = []
     printed = prompt
     sys.stdout.write(prompt)
-    stops = set(stop_tokens)
 
     def on_token(token):
         nonlocal printed
@@ -1241,11 +1242,8 @@ def stream_sample(model, tokenizer, prompt: str, max_new_tokens: int, temperatur
             sys.stdout.flush()
             printed = text
 
-    gen = seed if isinstance(seed, torch.Generator) else torch.Generator(device=device).manual_seed(seed)
     if draft is not None:
-        stats = {}
-        for token in model.generate_speculative(idx, draft, max_new_tokens, temperature, top_k, top_p, draft_tokens,
-                                                gen, stops, stats):
+        for token in speculated:
             on_token(token)
         print(f"\nspeculative: {stats['accepted']:,} of {stats['drafted']:,} drafted tokens kept "
               f"({stats['accepted'] / max(stats['drafted'], 1):.0%}) in {stats['rounds']:,} rounds", file=sys.stderr)

@@ -1348,7 +1348,6 @@ class LLM(nn.Module):
             logits = self.forward_cached(pending, cache, cache_len)
         return logits, cache_len + pending.shape[1]
 
-    @torch.no_grad()
     def generate_speculative(self, idx: torch.Tensor, draft: "LLM", max_new_tokens: int, temperature: float = 1.0,
                              top_k: int | None = None, top_p: float | None = None, draft_tokens: int = 4,
                              generator: torch.Generator | None = None, stop_tokens: Iterable[int] = (),
@@ -1365,7 +1364,9 @@ class LLM(nn.Module):
         this model. Yields (1,) tokens as they are settled, up to max_new_tokens; stops after a stop
         token. The prompt + max_new_tokens must fit in both models' block_size (no sliding restart),
         and stay short of a LongRoPE model's switch to its long factors (generate's cache starts
-        over there). stats (a dict): filled with "rounds", "drafted" and "accepted" counts."""
+        over there). stats (a dict): filled with "rounds", "drafted" and "accepted" counts. The
+        arguments are checked when it is called, before any token is asked for (a caller printing
+        the prompt first, pyllm generate, had been refused after it)."""
         check_sampling(temperature, top_k, top_p)
         check_new_tokens(max_new_tokens, "generate_speculative")
         if idx.dim() != 2 or idx.shape[0] != 1 or idx.shape[1] == 0:
@@ -1388,6 +1389,13 @@ class LLM(nn.Module):
         stop = stop_ids(stop_tokens)
         counts = stats if stats is not None else {}
         counts.update(rounds=0, drafted=0, accepted=0)
+        return self._speculative_tokens(idx, draft, max_new_tokens, temperature, top_k, top_p, draft_tokens, generator,
+                                        stop, counts, capacity)
+
+    @torch.no_grad()
+    def _speculative_tokens(self, idx, draft, max_new_tokens, temperature, top_k, top_p, draft_tokens, generator,
+                            stop, counts, capacity) -> Iterator[torch.Tensor]:
+        """generate_speculative's rounds, its arguments checked."""
         with self._in_eval(), draft._in_eval():
             cache, draft_cache = self.new_kv_cache(1, capacity), draft.new_kv_cache(1, capacity)
             length, draft_length = 0, 0  # positions in each cache

@@ -493,8 +493,8 @@ def test_speculative_on_cuda():
 def test_speculative_checks():
     model = LLM(ModelConfig(**CONFIGS["llama"]))
     prompt = torch.zeros(1, 4, dtype=torch.long)
-    with pytest.raises(ValueError, match="must share the tokenizer"):
-        next(model.generate_speculative(prompt, LLM(ModelConfig(**{**CONFIGS["llama"], "vocab_size": 50})), 4))
+    with pytest.raises(ValueError, match="must share the tokenizer"):  # at the call, before any token is asked for
+        model.generate_speculative(prompt, LLM(ModelConfig(**{**CONFIGS["llama"], "vocab_size": 50})), 4)
     with pytest.raises(ValueError, match="one sequence at a time"):
         next(model.generate_speculative(prompt.repeat(2, 1), model, 4))
     with pytest.raises(ValueError, match="more than the block_size"):

@@ -119,6 +119,29 @@ def test_backward_is_bitwise_repeatable(device):
         assert all(torch.equal(a, b) for a, b in zip(first, again))
 
 
+@pytest.mark.parametrize("dtype, weight_dtype", [(torch.float32, None), (torch.float64, None), (torch.bfloat16, None),
+                                                 (torch.float16, None), (torch.bfloat16, torch.float32)], ids=str)
+@pytest.mark.parametrize("rows", [300, 37])
+def test_backward_has_the_same_bits_on_any_thread_count(dtype, weight_dtype, rows):
+    # dw is summed per segment of rows that the row count sets, then in segment order: one partial
+    # per thread had made its last bits depend on OMP_NUM_THREADS (2 vs 3 threads: 1-ulp differences
+    # in bf16). 300 rows run 18 segments of 16 or 17 rows; 37 rows two of 18 and 19.
+    x, weight = inputs((rows, 1040), dtype, "cpu", True)
+    if weight_dtype is not None:
+        weight = weight.detach().to(weight_dtype).requires_grad_()
+    dout = randn((rows, 1040), dtype, "cpu")
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, 2, 3, 5):
+            torch.set_num_threads(n)  # torch and pyllm share one OpenMP runtime
+            runs.append(grads(lambda a, b: pyllm.rms_norm(a, b), x, weight, dout)[1])
+    finally:
+        torch.set_num_threads(threads)
+    for other in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
+
+
 @pytest.mark.parametrize("device", CPU_AND_CUDA)
 def test_strided_misaligned_and_zero_rows(device):
     # A non-contiguous x is copied; an offset view (misaligned by 2 bytes) takes the scalar path on

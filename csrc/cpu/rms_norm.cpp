@@ -13,9 +13,9 @@
 // gradient left unrounded, as torch's autograd gives an fp32 parameter).
 //
 // Traffic per element: forward reads x, writes y (4 B bf16); backward reads dy and x, writes dx
-// (6 B bf16), plus a cols-wide fp32 partial of dw per thread, summed in thread order at the end
-// (bitwise repeatable for a given thread count). Every row is read twice (sum of squares, then
-// the output), the second time from L1/L2: rows up to 16K bf16 elements are 32 KB.
+// (6 B bf16), plus a cols-wide partial of dw per segment of rows (at most 128 segments), summed in
+// segment order at the end: the same bits on any thread count. Every row is read twice (sum of
+// squares, then the output), the second time from L1/L2: rows up to 16K bf16 elements are 32 KB.
 //
 // Threading: OpenMP over rows in static blocks; calls under kParallelMin elements run on the calling
 // thread (the fork/join costs more than it saves, as in swiglu.cpp). Inner loops: on AVX-512 builds,
@@ -252,60 +252,70 @@ void bwd_rows(const T* dout, const T* x, const T* w, const acc_t<T>* rstd, T* dx
 }
 
 // 16-bit inputs with an fp32 dw wanted (a master weight): the fp32 partials are summed this many rows
-// at a time into fp64 ones, so the fp32 gradient carries the rounding of 32 adds, not of rows / threads
+// at a time into fp64 ones, so the fp32 gradient carries the rounding of 32 adds, not of a segment's
 // sequential ones (3.7e-6 relative at 512 rows in fp16 against torch's 1.3e-7: 4e-8 now, 1 block).
 constexpr int64_t kDwBlockRows = 32;
+
+// dw's rows are cut into segments that the row count alone sets, never the thread count: whichever
+// thread takes a segment sums it into that segment's partial, and the partials are added in segment
+// order, so dw has the same bits on 1 thread or 64 (one partial per thread had made it depend on
+// OMP_NUM_THREADS). At least 16 rows a segment, so that the partials (zeroed per call, summed at the
+// end) weigh at most 1/16 of the bytes of the segment's dy and x (1/8 for 16-bit x with an fp32 dw,
+// whose partials are fp64); at most 128 segments (4 MB of partials at 4,096 fp32 columns), so a
+// static schedule leaves a thread at most 1/128 of the rows behind another. Under 16 x threads rows,
+// fewer threads than offered run the backward.
+constexpr int64_t kDwSegmentMinRows = 16;
+constexpr int64_t kDwSegments = 128;
 
 template <typename T>
 void bwd(const T* dout, const T* x, const T* w, const acc_t<T>* rstd, T* dx, void* dw, bool dw_fp32, const Args& a) {
   using S = sum_t<T>;
-  const bool want_dw = dw != nullptr;
-  const bool blocked = want_dw && dw_fp32 && !std::is_same_v<S, double>;
   const int threads = row_team(a.rows, a.rows * a.cols, kParallelMin);
-  // One cols-wide partial of dw per thread of the team OpenMP actually gives (it may give fewer than
-  // asked: a thread limit, OMP_DYNAMIC); thread t of `team` takes rows [t * rows / team, ...).
-  std::vector<S> partials;
-  std::vector<double> wide;  // blocked: each thread's fp64 sums of its blocks' partials
+  auto rows = [&](S* partial, int64_t r0, int64_t r1) {
+    if (a.has_weight) bwd_rows<T, true>(dout, x, w, rstd, dx, partial, r0, r1, a);
+    else bwd_rows<T, false>(dout, x, w, rstd, dx, partial, r0, r1, a);
+  };
+  if (dw == nullptr) {  // dx alone: each row on its own, one static block of rows per thread
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (int t = 0; t < threads; ++t) rows(nullptr, a.rows * t / threads, a.rows * (t + 1) / threads);
+    return;
+  }
+  const bool blocked = dw_fp32 && !std::is_same_v<S, double>;
+  const int64_t segments = std::clamp<int64_t>(a.rows / kDwSegmentMinRows, 1, kDwSegments);
+  const size_t cols = size_t(a.cols);
+  std::vector<S> partials(blocked ? 0 : size_t(segments) * cols, S(0));  // one per segment
+  std::vector<double> wide(blocked ? size_t(segments) * cols : 0, 0.0);   // blocked: fp64 per segment
+  std::vector<S> block(blocked ? size_t(threads) * cols : 0);            // blocked: a thread's block sums
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
-    int t = 0, team = 1;
+    int t = 0;
 #ifdef _OPENMP
     t = omp_get_thread_num();
-    team = omp_get_num_threads();
 #endif
-#pragma omp single
-    {
-      if (want_dw) partials.assign(size_t(team) * size_t(a.cols), S(0));  // the single's barrier follows
-      if (blocked) wide.assign(size_t(team) * size_t(a.cols), 0.0);
-    }
-    const int64_t r0 = a.rows * t / team, r1 = a.rows * (t + 1) / team;
-    S* partial = want_dw ? partials.data() + size_t(t) * a.cols : nullptr;
-    auto rows = [&](int64_t b0, int64_t b1) {
-      if (a.has_weight) bwd_rows<T, true>(dout, x, w, rstd, dx, partial, b0, b1, a);
-      else bwd_rows<T, false>(dout, x, w, rstd, dx, partial, b0, b1, a);
-    };
-    if (blocked) {
-      double* sums = wide.data() + size_t(t) * a.cols;
+#pragma omp for schedule(static)
+    for (int64_t seg = 0; seg < segments; ++seg) {
+      const int64_t r0 = a.rows * seg / segments, r1 = a.rows * (seg + 1) / segments;
+      if (!blocked) {
+        rows(partials.data() + size_t(seg) * cols, r0, r1);
+        continue;
+      }
+      S* sums32 = block.data() + size_t(t) * cols;
+      double* sums = wide.data() + size_t(seg) * cols;
       for (int64_t b0 = r0; b0 < r1; b0 += kDwBlockRows) {
-        std::fill_n(partial, a.cols, S(0));
-        rows(b0, std::min(r1, b0 + kDwBlockRows));
-        for (int64_t c = 0; c < a.cols; ++c) sums[c] += double(partial[c]);
+        std::fill_n(sums32, a.cols, S(0));
+        rows(sums32, b0, std::min(r1, b0 + kDwBlockRows));
+        for (size_t c = 0; c < cols; ++c) sums[c] += double(sums32[c]);
       }
-    } else {
-      rows(r0, r1);
-    }
-#pragma omp barrier
-    if (want_dw) {  // each thread sums a slice of columns over the partials, in thread order
-      const int64_t c0 = a.cols * t / team, c1 = a.cols * (t + 1) / team;
-      for (int64_t c = c0; c < c1; ++c) {
-        double total = 0;
-        for (int p = 0; p < team; ++p)
-          total += blocked ? wide[size_t(p) * a.cols + c] : double(partials[size_t(p) * a.cols + c]);
-        if (dw_fp32)  // an fp32 weight (master) on 16-bit activations: its gradient unrounded
-          static_cast<float*>(dw)[c] = float(total);
-        else
-          static_cast<T*>(dw)[c] = from_acc<T>(acc_t<T>(S(total)));
-      }
+    }  // the loop's barrier: every segment summed before any column is
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < a.cols; ++c) {
+      double total = 0;
+      for (int64_t seg = 0; seg < segments; ++seg)
+        total += blocked ? wide[size_t(seg) * cols + c] : double(partials[size_t(seg) * cols + c]);
+      if (dw_fp32)  // an fp32 weight (master) on 16-bit activations: its gradient unrounded
+        static_cast<float*>(dw)[c] = float(total);
+      else
+        static_cast<T*>(dw)[c] = from_acc<T>(acc_t<T>(S(total)));
     }
   }
 }

@@ -5,6 +5,12 @@ HF's Trainer or TRL (Liger-Kernel's apply_liger_kernel_to_* for one model instan
     model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.bfloat16)
     pyllm.hf.apply_pyllm_kernels(model)          # attention, SwiGLU, RMSNorm, RoPE, fused linear cross-entropy
 
+or for every model from_pretrained loads from then on (Liger's apply_liger_kernel_to_llama() form; TRL's
+DPO / KTO / GRPO / RLOO load their reference model again from the policy's path):
+
+    pyllm.hf.apply_pyllm_kernels_on_load()
+    model = AutoModelForCausalLM.from_pretrained(name)  # patched as above
+
 or only the attention, chosen by name at load time (transformers' AttentionInterface):
 
     pyllm.hf.register_attention()
@@ -35,6 +41,7 @@ import dataclasses
 import inspect
 import math
 import sys
+import threading
 import types
 import warnings
 import weakref
@@ -1195,19 +1202,9 @@ def apply_pyllm_kernels(model: nn.Module, attention: bool = True, swiglu: bool =
     # keep what the failed call had changed.
     if attention:
         register_attention()
-        if not model._can_set_attn_implementation():
-            raise ValueError(f"{type(model).__name__} does not take attention functions by name (AttentionInterface)")
-        if not getattr(model, "_supports_flash_attn", True):  # pyllm's attention gets flash-attention's mask
-            raise ValueError(f"{type(model).__name__} does not take flash-attention's 2D padding mask "
-                             "(_supports_flash_attn is False, as transformers marks models whose masks are more than "
-                             "causal and padding: DeepSeek-V3.2's sparse-attention indexer reads the 4D mask, Gemma "
-                             "3's image tokens attend both ways); pass attention=False")
-        config = getattr(model, "config", None)
-        if getattr(config, "model_type", None) == "gemma2" and getattr(config, "use_bidirectional_attention", False):
-            # transformers' Gemma 2 sets is_causal=False but still builds a causal mask: which of the two
-            # the unpatched model computes depends on the attention implementation
-            raise ValueError("Gemma 2 with use_bidirectional_attention: transformers' modules say not causal while its "
-                             "mask is causal; pass attention=False")
+        why = _attention_refusal(model)
+        if why is not None:
+            raise ValueError(f"{type(model).__name__} {why}; pass attention=False")
     if fused_linear_cross_entropy:
         why = _fused_loss_refusal(model)
         if why is not None:
@@ -1220,6 +1217,83 @@ def apply_pyllm_kernels(model: nn.Module, attention: bool = True, swiglu: bool =
         _restore(saved)
         raise
     return applied
+
+
+def _attention_refusal(model: nn.Module) -> str | None:
+    """Why the model cannot take pyllm's attention (None when it can)."""
+    if not model._can_set_attn_implementation():
+        return "does not take attention functions by name (AttentionInterface)"
+    if not getattr(model, "_supports_flash_attn", True):  # pyllm's attention gets flash-attention's mask
+        return ("does not take flash-attention's 2D padding mask (_supports_flash_attn is False, as transformers "
+                "marks models whose masks are more than causal and padding: DeepSeek-V3.2's sparse-attention "
+                "indexer reads the 4D mask, Gemma 3's image tokens attend both ways)")
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) == "gemma2" and getattr(config, "use_bidirectional_attention", False):
+        # transformers' Gemma 2 sets is_causal=False but still builds a causal mask: which of the two the
+        # unpatched model computes depends on the attention implementation
+        return "(Gemma 2 with use_bidirectional_attention): transformers' modules say not causal while its mask is causal"
+    return None
+
+
+# --- every model from_pretrained loads ---------------------------------------------------------------
+# TRL's DPO / KTO / GRPO / RLOO trainers load their reference model again from the policy's path (not a
+# deepcopy of the patched policy), as Liger-Kernel's users meet it with apply_liger_kernel_to_llama(),
+# which patches transformers' classes for every model made afterwards. This patches each model
+# from_pretrained returns instead: the same parts as apply_pyllm_kernels, for any family it takes.
+
+_ON_LOAD: dict = {}  # the parts apply_pyllm_kernels_on_load asked for; empty: off
+_LOADING = threading.local()  # from_pretrained's depth on this thread (a composite model loads its parts)
+_FROM_PRETRAINED: list = []  # transformers' PreTrainedModel.from_pretrained, once it is wrapped
+
+
+def apply_pyllm_kernels_on_load(enable: bool = True, **parts) -> None:
+    """From this call on, every model a transformers from_pretrained (AutoModelForCausalLM's and any
+    PreTrainedModel's) returns in this process comes back with apply_pyllm_kernels(model, **parts)
+    applied, as Liger-Kernel's apply_liger_kernel_to_llama() patches the models made after it, for
+    every family apply_pyllm_kernels takes: TRL's reference model (DPO, KTO, GRPO, RLOO load it again
+    from the policy's path) runs the same kernels as the patched policy. enable=False turns it off
+    (models loaded until then keep their patch). A part a loaded model cannot take (the fused loss on
+    a reward model's score head, pyllm's attention on a model without flash-attention's mask) is left
+    off for that model, with a warning saying why; the model's other parts are applied. Models made
+    from a config (from_config, the class itself) are not loaded, so not patched: call
+    apply_pyllm_kernels on them."""
+    known = set(inspect.signature(apply_pyllm_kernels).parameters) - {"model"}
+    unknown = set(parts) - known
+    if unknown:
+        raise TypeError(f"apply_pyllm_kernels_on_load: unknown parts {sorted(unknown)}; parts: {sorted(known)}")
+    from transformers import PreTrainedModel
+    _ON_LOAD.clear()
+    if enable:
+        _ON_LOAD.update({part: True for part in known})
+        _ON_LOAD.update(parts)
+        if not _FROM_PRETRAINED:  # transformers' own, kept to call
+            _FROM_PRETRAINED.append(PreTrainedModel.__dict__["from_pretrained"].__func__)
+            PreTrainedModel.from_pretrained = classmethod(_from_pretrained_patched)
+
+
+def _from_pretrained_patched(cls, *args, **kwargs):
+    depth = getattr(_LOADING, "depth", 0)
+    _LOADING.depth = depth + 1
+    try:
+        model = _FROM_PRETRAINED[0](cls, *args, **kwargs)
+    finally:
+        _LOADING.depth = depth
+    if depth == 0 and _ON_LOAD:
+        _apply_on_load(model, dict(_ON_LOAD))
+    return model
+
+
+def _apply_on_load(model: nn.Module, parts: dict) -> None:
+    refusals = {}
+    if parts.get("attention") and (why := _attention_refusal(model)) is not None:
+        refusals["attention"] = why
+    if parts.get("fused_linear_cross_entropy") and (why := _fused_loss_refusal(model)) is not None:
+        refusals["fused_linear_cross_entropy"] = why
+    for part, why in refusals.items():
+        warnings.warn(f"pyllm.hf.apply_pyllm_kernels_on_load: {type(model).__name__} loads without pyllm's {part}: "
+                      f"{why}", stacklevel=3)
+        parts[part] = False
+    apply_pyllm_kernels(model, **parts)
 
 
 def _apply(model: nn.Module, applied: dict, attention: bool, swiglu: bool, rms_norm: bool, rope: bool,

@@ -1673,3 +1673,53 @@ def test_gemma2_both_ways_is_refused():
     with pytest.raises(ValueError, match="Gemma 2 with use_bidirectional_attention"):
         phf.apply_pyllm_kernels(ours)
     phf.apply_pyllm_kernels(ours, attention=False)
+
+
+@pytest.fixture
+def on_load():
+    """apply_pyllm_kernels_on_load, turned off again after the test (it is process-wide)."""
+    yield phf.apply_pyllm_kernels_on_load
+    phf.apply_pyllm_kernels_on_load(False)
+
+
+def test_models_loaded_after_on_load_come_patched(tmp_path, on_load):
+    # Every model from_pretrained returns, until turned off: a causal LM with every part; a classifier
+    # of the same weights with the parts it takes (no fused loss: a warning says why); none after.
+    model, _ = tiny("llama", torch.float32, attention="sdpa")
+    model.save_pretrained(tmp_path)
+    on_load(rope=False)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert loaded.config._attn_implementation == phf.NAME
+    assert type(loaded.model.layers[0].mlp)._pyllm_kind == "_swiglu_mlp_forward"
+    assert type(loaded)._pyllm_kind == "_fused_loss_forward"
+    assert "_pyllm_kind" not in type(loaded.model.layers[0].self_attn).__dict__  # rope=False kept
+    with pytest.warns(UserWarning, match="LlamaForSequenceClassification loads without pyllm's fused_linear_cross"):
+        classifier = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path, num_labels=1)
+    assert type(classifier.model.layers[0].mlp)._pyllm_kind == "_swiglu_mlp_forward"
+    on_load(False)
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert again.config._attn_implementation != phf.NAME and not hasattr(type(again.model.layers[0].mlp), "_pyllm_kind")
+    with pytest.raises(TypeError, match="unknown parts.*'swiglu'"):
+        on_load(swigl=False)
+
+
+def test_trls_reference_model_runs_the_policys_kernels(tmp_path, on_load):
+    # TRL's DPOTrainer loads its reference model again from the policy's path: with on_load it is
+    # patched as the policy is, so at step 0 the two give the same logits, bit for bit (apply_pyllm_
+    # kernels on the policy alone leaves the reference with pyllm's attention and transformers' rest).
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    model, _ = tiny("llama", torch.float32, attention="sdpa")
+    model.save_pretrained(tmp_path / "policy")
+    on_load()
+    policy = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "policy")
+    pairs = {"prompt": ["w1 w2", "w3"], "chosen": [" w4 w5", " w6"], "rejected": [" w7", " w8 w9"]}
+    args = trl.DPOConfig(output_dir=str(tmp_path / "run"), max_steps=1, per_device_train_batch_size=2, report_to=[],
+                         use_cpu=True, bf16=False, save_strategy="no")
+    trainer = trl.DPOTrainer(model=policy, args=args, train_dataset=datasets.Dataset.from_dict(pairs),
+                             processing_class=word_tokenizer())
+    reference = trainer.ref_model
+    assert reference is not policy and type(reference.model.layers[0].mlp)._pyllm_kind == "_swiglu_mlp_forward"
+    ids = inputs()
+    with torch.no_grad():
+        assert torch.equal(reference.model(ids).last_hidden_state, policy.model(ids).last_hidden_state)

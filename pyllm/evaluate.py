@@ -140,15 +140,17 @@ def score_choice_files(model, path, seq_len: int, batch_size: int = 8, precision
     meta = json.loads(path.with_suffix(".choices.json").read_text())
     offsets = np.load(path.with_suffix(".docs.npy"))
     mask = np.load(path.with_suffix(".mask.npy"))
-    longest = int(np.diff(offsets).max())
+    # a candidate of seq_len + 1 tokens takes seq_len positions (its last token is a target only: the
+    # loader predicts all seq_len of its tokens after the first), lm-evaluation-harness's max_length + 1
+    longest = int(np.diff(offsets).max()) - 1
     block_size = getattr(model, "module", model).config.block_size  # (the trainer's may be DDP's wrapper)
     if longest > seq_len and seq_len < min(longest, block_size):
         raise ValueError(f"example {_example_of(meta, int(np.argmax(np.diff(offsets)))) + 1} (in file order): a "
-                         f"context with its ending is {longest} tokens, longer than seq_len {seq_len}: raise --seq-len "
+                         f"context with its ending is {longest + 1} tokens, longer than seq_len {seq_len} + 1: raise --seq-len "
                          f"(up to the model's block_size, {block_size})")
     info = info or DistInfo(device=next(model.parameters()).device)
     with tempfile.TemporaryDirectory() as folder:
-        if longest > seq_len:  # past the model's context: cut from the left, as lm-evaluation-harness cuts
+        if longest > seq_len:  # past seq_len + 1 tokens: cut from the left, as lm-evaluation-harness cuts
             path = _left_cut(path, meta, offsets, mask, seq_len, Path(folder) / "cut.bin", info.is_main)  # (refused before)
         logps = document_logps(model, path, batch_size, seq_len, precision, info)
     tokens = np.add.reduceat(mask.astype(np.int64), offsets[:-1])  # each candidate's ending tokens
@@ -180,22 +182,23 @@ def _example_of(meta: dict, candidate: int) -> int:
 
 def _left_cut(path: Path, meta: dict, offsets: np.ndarray, mask: np.ndarray, seq_len: int, out: Path,
               say: bool = True) -> Path:
-    """write_choices' documents at out with each one longer than seq_len cut to its last seq_len
-    tokens (its context's first tokens dropped, its ending whole), as lm-evaluation-harness cuts a
-    request (it keeps the last max_length + 1 tokens, one more of context: a row here holds seq_len
-    tokens, the first of them unpredicted); ValueError for an ending that does not fit after one
-    token of context. Says how many were cut."""
+    """write_choices' documents at out with each one longer than seq_len + 1 cut to its last
+    seq_len + 1 tokens (its context's first tokens dropped, its ending whole), as lm-evaluation-harness
+    cuts a request (it keeps the last max_length + 1 tokens, max_length of them input; the loader
+    places such a document in seq_len positions); ValueError for an ending that does not fit after one
+    token of context. Says how many were cut. (Until 2026-12-06 the cut kept seq_len tokens: one
+    token of context fewer than the harness, and a candidate of seq_len + 1 cut that it keeps whole.)"""
     import sys
 
     tokens = data.open_tokens(path)
     docs, masks, cut = [], [], 0
     for i in range(len(offsets) - 1):
         doc, trained = np.asarray(tokens[offsets[i]:offsets[i + 1]]), mask[offsets[i]:offsets[i + 1]]
-        if len(doc) > seq_len:
-            if trained[-seq_len]:  # (the first token of a row is never predicted)
+        if len(doc) > seq_len + 1:  # the harness keeps the last max_length + 1 tokens, max_length of them input
+            if trained[-seq_len - 1]:  # (the first token kept is never predicted)
                 raise ValueError(f"example {_example_of(meta, i) + 1} (in file order): an ending of "
                                  f"{int(trained.sum())} tokens does not fit seq_len {seq_len} after its context")
-            doc, trained, cut = doc[-seq_len:], trained[-seq_len:], cut + 1
+            doc, trained, cut = doc[-seq_len - 1:], trained[-seq_len - 1:], cut + 1
         docs.append(doc)
         masks.append(np.asarray(trained))
     data.write_documents(out, docs, masks, data.read_header(path)["vocab_size"])

@@ -2122,8 +2122,9 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
         flops_per_token += teacher.flops_of_documents([seq_len], forward_only=True) / seq_len
     choices_len = 0  # rows for the multiple-choice candidates: seq_len, or the longest candidate
     if cfg.eval_choices:
-        longest = int(np.diff(np.load(Path(cfg.eval_choices).with_suffix(".docs.npy"))).max())
-        # (longer than the model's context: cut from the left by score_choice_files, as pyllm eval cuts)
+        # a candidate of n tokens takes n - 1 positions (its first is never predicted); longer than the
+        # model's context: cut from the left by score_choice_files, as pyllm eval cuts
+        longest = int(np.diff(np.load(Path(cfg.eval_choices).with_suffix(".docs.npy"))).max()) - 1
         choices_len = min(max(seq_len, longest), mcfg.block_size)
     bar = make_progress(cfg, start_step, info)
     # (non-finite losses in a row before this step: a resume goes on counting, as the run would have)

@@ -225,7 +225,8 @@ def test_eval_command(setup, tmp_path, capsys):
         assert got["bytes"] == sum(len(d.encode()) for d in docs) and got["tokens"] == want["tokens"], name
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-6), name
     # a choice too long for the model: its context cut from the left, as lm-evaluation-harness cuts
-    # it (it had been refused), each ending's tokens predicted from the last 127 before them
+    # it (it had been refused), each ending's tokens predicted from the last 128 before them (the harness
+    # keeps max_length + 1 tokens, max_length of them input)
     long = {"ctx": sentence(rng, 200), "endings": ["a b", "c d"], "label": 0}
     (tmp_path / "long.jsonl").write_text(json.dumps(examples[0] | {"ctx": examples[0]["context"]}) + "\n" + json.dumps(long) + "\n")
     assert cli.main([*base, "--choices", str(tmp_path / "long.jsonl")]) == 0
@@ -234,7 +235,7 @@ def test_eval_command(setup, tmp_path, capsys):
     docs, masks = evaluate.choice_documents([long | {"context": long["ctx"]}], tokenizer)
     got = evaluate.score_choices(model, tokenizer, [long | {"context": long["ctx"]}], 128)["logps"]
     for doc, trained, logp in zip(docs, masks, got):
-        doc, trained = torch.tensor(doc[-128:]), torch.tensor(trained[-128:], dtype=torch.bool)
+        doc, trained = torch.tensor(doc[-129:]), torch.tensor(trained[-129:], dtype=torch.bool)
         with torch.no_grad():
             logits = model(doc[None, :-1])[0].double()
         want = logits.log_softmax(-1)[0].gather(-1, doc[1:, None])[:, 0][trained[1:]].sum()
@@ -285,3 +286,32 @@ def test_eval_starts_from_the_harness_prefix_token(tmp_path):
     assert cli.harness_prefix_ids(tmp_path, tokenizer) == [6]
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": {"content": "<s>"}, "eos_token": "<|im_end|>"}))
     assert cli.harness_prefix_ids(tmp_path, tokenizer) == [7]
+
+
+CUT_WORDS = ["the", "cat", "sat", "on", "a", "mat", "dog", "ran", "ate", "fish"]
+
+
+def test_long_candidates_cut_as_the_harness_cuts():
+    # lm-evaluation-harness keeps a request's last max_length + 1 tokens and feeds max_length of them
+    # ((context_enc + continuation_enc)[-(max_length + 1):][:-1]): a candidate of seq_len + 1 tokens is
+    # scored whole, a longer one from the seq_len before each ending token (pyllm had kept seq_len: one
+    # token of context fewer, up to 5.9 nats apart on a random model).
+    rng = random.Random(0)
+    tok = Tokenizer.train([" ".join(rng.choice(CUT_WORDS) for _ in range(40)) for _ in range(30)], 270,
+                          special_tokens=["<|endoftext|>"], show_progress=False)
+    torch.manual_seed(0)
+    L = 24
+    model = LLM(ModelConfig(vocab_size=tok.vocab_size, n_layers=2, n_heads=4, n_kv_heads=2, dim=64, block_size=L)).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    examples = [{"context": " ".join(rng.choice(CUT_WORDS) for _ in range(n)), "endings": ["cat sat", "fish"], "label": 0}
+                for n in range(L - 6, L + 12)]
+    got = evaluate.score_choices(model, tok, examples, L, 4)["logps"]
+    docs, masks = evaluate.choice_documents(examples, tok)
+    for doc, mask, logp in zip(docs, masks, got):
+        doc, n = torch.tensor(doc[-(L + 1):]), int(mask.sum())  # the harness's max_length + 1
+        with torch.no_grad():
+            logits = model(doc[None, :-1])[0][0].log_softmax(-1)
+        want = logits[-n:].gather(-1, doc[-n:, None]).sum()
+        assert logp == pytest.approx(want.item(), rel=1e-12)

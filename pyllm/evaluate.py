@@ -151,8 +151,9 @@ def score_choice_files(model, path, seq_len: int, batch_size: int = 8, precision
     info = info or DistInfo(device=next(model.parameters()).device)
     with tempfile.TemporaryDirectory() as folder:
         if longest > seq_len:  # past seq_len + 1 tokens: cut from the left, as lm-evaluation-harness cuts
-            path = _left_cut(path, meta, offsets, mask, seq_len, Path(folder) / "cut.bin", info.is_main)  # (refused before)
-        logps = document_logps(model, path, batch_size, seq_len, precision, info)
+            cut = _left_cut(path, meta, offsets, mask, seq_len, Path(folder) / "cut.bin", info.is_main)  # (refused before)
+        logps = document_logps(model, cut if longest > seq_len else path, batch_size, seq_len, precision, info)
+    _same_scores_for_same_candidates(logps, path, meta, offsets, mask)
     tokens = np.add.reduceat(mask.astype(np.int64), offsets[:-1])  # each candidate's ending tokens
     right = {"acc": 0, "acc_norm": 0, "acc_bytes": 0, "acc_per_token": 0}
     start = 0
@@ -173,6 +174,22 @@ def score_choice_files(model, path, seq_len: int, batch_size: int = 8, precision
     stderrs = {f"{k}_stderr": math.sqrt(p * (1 - p) / (n_examples - 1)) if n_examples > 1 else None
                for k, p in accs.items()}
     return {"examples": n_examples, **accs, **stderrs, "logps": logps}
+
+
+def _same_scores_for_same_candidates(logps: np.ndarray, path: Path, meta: dict, offsets: np.ndarray,
+                                     mask: np.ndarray) -> None:
+    """An example's identical candidates (a repeated ending) get the first one's score, in place:
+    lm-evaluation-harness scores identical requests once, so argmax takes the first copy; here the
+    copies sit at other places in the packed rows, and rounding there (1e-14 in fp64, more in bf16)
+    had picked the winner, so acc depended on --batch-size."""
+    tokens = data.open_tokens(path)
+    start = 0
+    for endings in meta["bytes"]:
+        seen = {}
+        for j in range(start, start + len(endings)):
+            key = (np.asarray(tokens[offsets[j]:offsets[j + 1]]).tobytes(), mask[offsets[j]:offsets[j + 1]].tobytes())
+            logps[j] = logps[seen.setdefault(key, j)]
+        start += len(endings)
 
 
 def _example_of(meta: dict, candidate: int) -> int:

@@ -800,17 +800,26 @@ def read_rows(path) -> list[dict] | None:
 
 
 def _jsonl_rows(path):
-    """(line number, the line's object ({} if not an object), the line) for each non-blank line;
-    ValueError naming the line that is not JSON."""
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{number}: not JSON ({e.msg})") from None
-            yield number, row if isinstance(row, dict) else {}, line
+    """(line number, the line's object, the line) for each non-blank line (a UTF-8 byte-order mark
+    before the first skipped, as Notepad writes one); ValueError naming the line that is not a JSON
+    object, or the file where it is not UTF-8."""
+    number = 0
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{number}: not JSON ({e.msg})") from None
+                if not isinstance(row, dict):  # (a .json file of one array: its first line "[")
+                    raise ValueError(f"{path}:{number}: a JSON {type(row).__name__}, not an object: JSON Lines "
+                                     "holds one {...} object per line")
+                yield number, row, line
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start:e.start + 1].hex()} on line {number + 1} or "
+                         f"later); save it as UTF-8") from None
 
 
 def _is_messages(value) -> bool:
@@ -836,8 +845,8 @@ def _first_row_keys(item) -> set:
     path = Path(item)
     if path.suffix != ".jsonl" or not path.is_file():
         return set()
-    with open(path, encoding="utf-8") as f:
-        first = next((line for line in f if line.strip()), "")
+    with open(path, encoding="utf-8-sig", errors="replace") as f:  # (a BOM as _jsonl_rows reads it; bytes not
+        first = next((line for line in f if line.strip()), "")      # UTF-8 said there, naming the file)
     try:
         row = json.loads(first)
     except json.JSONDecodeError:

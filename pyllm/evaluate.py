@@ -59,7 +59,9 @@ def read_choices(path) -> list[dict]:
             next(((k, row[k]) for k in names if k in row), (names[0], None)) for names in keys)
         if isinstance(label, str) and label.strip().isascii() and label.strip().isdigit():
             label = int(label)
-        wrong = ("no context (ctx, context or query)" if context is None and context_key not in row else
+        wrong = ("a Winogrande row (sentence, option1, option2): its options change the context, not the ending (the "
+                 "harness's partial scoring), which this format cannot say" if {"sentence", "option1"} <= set(row) else
+                 "no context (ctx, context or query)" if context is None and context_key not in row else
                  f"{context_key} is not a string" if not isinstance(context, str) else
                  "no endings (endings or choices)" if endings is None else
                  f"{endings_key} is not a list of 2 or more non-empty strings" if not (

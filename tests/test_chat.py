@@ -262,12 +262,24 @@ def test_prepare_chat_files(folders, tmp_path):
     ("{not json", "chats.jsonl:2: not JSON"),
     (json.dumps({"text": "hi"}), "chats.jsonl:2: expected"),
     (json.dumps({"messages": [{"content": "no role"}]}), "chats.jsonl:2: expected"),
+    (json.dumps([{"messages": []}]), "chats.jsonl:2: a JSON list, not an object: JSON Lines holds one"),
+    ('{"messages": "caf\xe9"}', r"chats.jsonl: not UTF-8 text \(byte 0xe9 on line 1 or later\)"),
 ])
 def test_read_conversations_says_which_line(tmp_path, line, message):
+    # (a row that is not an object had read as {}: "expected ..."; bytes not UTF-8 raised
+    # UnicodeDecodeError without the file's name)
     path = tmp_path / "chats.jsonl"
-    path.write_text(json.dumps({"messages": [{"role": "user", "content": "a"}]}) + "\n" + line + "\n")
+    path.write_bytes((json.dumps({"messages": [{"role": "user", "content": "a"}]}) + "\n" + line + "\n").encode("latin-1"))
     with pytest.raises(ValueError, match=message):
         data.read_conversations(path)
+
+
+def test_a_byte_order_mark_is_read_past(tmp_path):
+    # JSON Lines saved with a UTF-8 BOM (Windows editors) had been refused ("Unexpected UTF-8 BOM")
+    path = tmp_path / "chats.jsonl"
+    talk = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    path.write_bytes(("\ufeff" + json.dumps({"messages": talk}) + "\n").encode())
+    assert data.is_chat_data([path]) and data.read_conversations(path) == [{"messages": talk, "train_from": 0}]
 
 
 def test_prompt_completion_examples(folders, tmp_path):

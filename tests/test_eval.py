@@ -63,7 +63,8 @@ def test_read_choices_formats_and_errors(tmp_path):
                      ({"ctx": "a", "endings": ["b", "c"], "label": ""}, "label '' is not the index"),
                      ({"ctx": "a", "endings": ["b", "c"], "label": "\u00b2"}, "label '\u00b2' is not the index"),
                      ({"ctx": 3, "endings": ["b", "c"], "label": 0}, "ctx is not a string"),
-                     ({"endings": ["b", "c"], "label": 0}, r"no context \(ctx, context or query\)")):
+                     ({"endings": ["b", "c"], "label": 0}, r"no context \(ctx, context or query\)"),
+                     ({"sentence": "a _ b", "option1": "x", "option2": "y", "answer": "1"}, "a Winogrande row")):
         path.write_text(json.dumps(rows[0]) + "\n" + json.dumps(bad) + "\n")
         with pytest.raises(ValueError, match=f"c.jsonl:2: {why}.*expected"):
             evaluate.read_choices(path)

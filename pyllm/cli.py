@@ -1595,7 +1595,8 @@ def cmd_eval(args) -> int:
         if not loss["tokens"]:
             raise ValueError(f"--text {' '.join(args.text)}: no tokens to predict (empty files?)")
         print(f"text ({loss['bytes']:,} bytes, {loss['tokens']:,} tokens predicted): loss {loss['loss']:.4f} nats/token, "
-              f"perplexity {loss['perplexity']:.2f}, {loss['bits_per_byte']:.4f} bits/byte")
+              f"perplexity {loss['perplexity']:.2f}, {loss['bits_per_byte']:.4f} bits/byte, word perplexity "
+              f"{loss['word_perplexity']:.2f} ({loss['words']:,} words)")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import tempfile
 from pathlib import Path
 from typing import Sequence
@@ -250,7 +251,8 @@ def text_loss(model, tokenizer, texts: Sequence[str], seq_len: int, batch_size: 
     first token is not predicted, and a text's last, shorter one as a whole window ending at the
     text's end whose earlier targets are the window before's (lm-evaluation-harness's rolling
     loglikelihood: the last tokens had been predicted from the few before them alone): nats per
-    predicted token, perplexity, bits per byte of the texts, and the counts."""
+    predicted token, perplexity, bits per byte of the texts, the harness's byte and word perplexity,
+    and the counts."""
     from pyllm.train import autocast
 
     device = next(model.parameters()).device
@@ -278,6 +280,11 @@ def text_loss(model, tokenizer, texts: Sequence[str], seq_len: int, batch_size: 
         predicted += int((y != -1).sum())
     model.train(was_training)
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    # lm-evaluation-harness's words (count_words: re.split(r"\s+", text), a leading or trailing
+    # space's empty piece counted too): word_perplexity, wikitext's headline number, comparable
+    # across tokenizers as bits per byte is
+    n_words = sum(len(re.split(r"\s+", t)) for t in texts)
     loss = total / max(predicted, 1)
     return {"loss": loss, "perplexity": math.exp(loss), "bits_per_byte": total / (max(n_bytes, 1) * math.log(2)),
-            "tokens": predicted, "bytes": n_bytes}
+            "byte_perplexity": math.exp(total / max(n_bytes, 1)), "word_perplexity": math.exp(total / max(n_words, 1)),
+            "tokens": predicted, "bytes": n_bytes, "words": n_words}

@@ -189,6 +189,12 @@ def test_text_loss(setup):
     assert got["loss"] == pytest.approx(total / count, rel=1e-12)
     assert got["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-12)
     assert got["bits_per_byte"] == pytest.approx(total / n_bytes / math.log(2), rel=1e-12)
+    # lm-evaluation-harness's rolling metrics: byte perplexity, and word perplexity over its count_words
+    # (re.split(r"\s+", text): a "\n" among the words joins its neighbours' spaces; " a b " is 4 pieces)
+    assert got["byte_perplexity"] == pytest.approx(math.exp(total / n_bytes), rel=1e-12)
+    words = sum(len(t.split()) + t[0].isspace() + t[-1].isspace() for t in texts)
+    assert got["words"] == words and got["word_perplexity"] == pytest.approx(math.exp(total / words), rel=1e-12)
+    assert evaluate.text_loss(model, tokenizer, [" a b "], seq_len=16)["words"] == 4
 
 
 def test_eval_command(setup, tmp_path, capsys):

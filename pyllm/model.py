@@ -1935,6 +1935,9 @@ def _gemma2_config(hf: dict) -> ModelConfig:
     softcap; on CUDA with PYLLM_ATTN_SCORE_MODS_CUDA=1 until verified on a GPU, else torch's ops)."""
     n_layers = hf["num_hidden_layers"]
     unsupported = {"use_bidirectional_attention": hf.get("use_bidirectional_attention")}
+    if hf.get("attn_logit_softcapping"):  # (Gemma3TextConfig takes the field from Gemma 2's; its attention never reads it)
+        warnings.warn(f"gemma3_text attn_logit_softcapping={hf['attn_logit_softcapping']}: transformers' Gemma 3 does "
+                      "not cap its attention scores (only Gemma 2 does), so neither does pyllm", stacklevel=3)
     types = _gemma_layer_types(hf, "gemma2", unsupported, [  # transformers' default: the even layers windowed
         "sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n_layers)])
     rope = hf_rope_parameters(hf, "gemma2")
@@ -1967,10 +1970,14 @@ def _gemma3_config(hf: dict) -> ModelConfig:
     """Gemma 3's text model (Gemma3ForCausalLM, the 270M and 1B checkpoints): a LLaMA with
     sqrt(dim)-scaled embeddings, norms around both sublayers' outputs too, (1 + w) norm weights
     (folded into w at load), q / k norms, a tanh-GELU-gated MLP, softmax scale
-    query_pre_attn_scalar ** -0.5, sliding-window layers (5 in 6) with their own RoPE theta."""
+    query_pre_attn_scalar ** -0.5, sliding-window layers (5 in 6) with their own RoPE theta, and
+    Gemma 2's capped logits where the config sets final_logit_softcapping (its attention scores are
+    not capped: transformers' Gemma 3 leaves attn_logit_softcapping unread)."""
     n_layers = hf["num_hidden_layers"]
-    unsupported = {name: hf.get(name) for name in ("attn_logit_softcapping", "final_logit_softcapping",
-                                                   "use_bidirectional_attention")}
+    unsupported = {"use_bidirectional_attention": hf.get("use_bidirectional_attention")}
+    if hf.get("attn_logit_softcapping"):  # (Gemma3TextConfig takes the field from Gemma 2's; its attention never reads it)
+        warnings.warn(f"gemma3_text attn_logit_softcapping={hf['attn_logit_softcapping']}: transformers' Gemma 3 does "
+                      "not cap its attention scores (only Gemma 2 does), so neither does pyllm", stacklevel=3)
     types = _gemma_layer_types(hf, "gemma3_text", unsupported, [  # transformers 4's: every pattern-th layer full
         "full_attention" if (i + 1) % hf.get("sliding_window_pattern", 6) == 0 else "sliding_attention"
         for i in range(n_layers)])
@@ -1995,7 +2002,10 @@ def _gemma3_config(hf: dict) -> ModelConfig:
                        rope_scaling={"rope_type": "linear", "factor": full["factor"]} if full_type == "linear" else None,
                        local_rope_theta=local["rope_theta"] if window_layers else None, qk_norm=True, sandwich_norm=True,
                        embed_scale=True, softmax_scale=hf.get("query_pre_attn_scalar", 256) ** -0.5,
-                       sliding_window=window if window_layers else None, window_layers=window_layers or None)
+                       sliding_window=window if window_layers else None, window_layers=window_layers or None,
+                       # (null in Gemma 3's checkpoints; transformers' Gemma3ForCausalLM caps its logits where the
+                       # config says: it had been refused)
+                       final_softcap=hf.get("final_logit_softcapping") or None)
 
 
 def _hf_yarn(hf: dict, rope: dict) -> dict:
@@ -2121,7 +2131,10 @@ def state_from_hf(hf_state: dict, cfg: ModelConfig, kind: str) -> dict:
                 state[f"blocks.{i}.{ours}.bias"] = hf_state[f"h.{i}.{theirs}.bias"]
         state["norm_f.weight"], state["norm_f.bias"] = hf_state["ln_f.weight"], hf_state["ln_f.bias"]
     else:
-        fold = (lambda w: w + 1.0) if kind in GEMMA_KINDS else (lambda w: w)  # noqa: E731  Gemma's norms scale by (1 + w)
+        # Gemma's norms scale by (1 + w), which transformers computes in fp32 (`1.0 + weight.float()`): folded
+        # in a bf16 checkpoint's own dtype, 1 + w had been rounded to bf16 (up to 2^-9 of the scale off)
+        fold = (lambda w: w.to(torch.promote_types(w.dtype, torch.float32)) + 1.0) if kind in GEMMA_KINDS else (  # noqa: E731
+            lambda w: w)
         state["tok_emb.weight"], state["norm_f.weight"] = hf_state["embed_tokens.weight"], fold(hf_state["norm.weight"])
         for i in range(cfg.n_layers):
             layer = lambda name: hf_state[f"layers.{i}.{name}.weight"]  # noqa: E731

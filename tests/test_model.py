@@ -1925,6 +1925,13 @@ def hf_models():
             layer_types=["sliding_attention", "full_attention", "sliding_attention"],
             rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e5},
                              "sliding_attention": {"rope_type": "default", "rope_theta": 1e3}})),
+        # Gemma 3 with Gemma 2's caps (null in Gemma 3's checkpoints; had been refused): transformers caps its
+        # logits (3, low enough to bind) and leaves attn_logit_softcapping unread, as pyllm does (a warning says)
+        "gemma3-capped": transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(
+            vocab_size=97, hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=1, head_dim=32, max_position_embeddings=64, sliding_window=5, query_pre_attn_scalar=24,
+            pad_token_id=None, bos_token_id=None, eos_token_id=None, attn_logit_softcapping=2.0,
+            final_logit_softcapping=3.0, **HF_GEMMA2_ATTENTION)),
         # Gemma 3's layout without q / k norms, capped attention scores and logits (caps low enough to
         # bind on these random weights' scores), 5-key windows in layers 0 and 2 (its default pattern),
         # GQA with a 32-wide head in a 64-wide model, softmax scale 24 ** -0.5 (eager attention: see
@@ -1970,7 +1977,7 @@ HF_EAGER_EXPERTS = dict(experts_implementation="eager")  # transformers' default
 # attention softcap; later releases refuse SDPA for it and take eager, as the tests' Gemma 2 does everywhere
 HF_GEMMA2_ATTENTION = dict(attn_implementation="eager")
 HF_NAMES = ["llama-gqa", "llama-tied", "llama3-rope", "qwen2-yarn", "llama-yarn", "qwen2", "gpt2", "qwen3-window", "qwen3", "mistral-window", "smollm3",
-            "phi3-longrope", "phi3", "gemma3", "gemma2", "olmo2", "mixtral", "qwen3-moe", "olmoe",
+            "phi3-longrope", "phi3", "gemma3", "gemma3-capped", "gemma2", "olmo2", "mixtral", "qwen3-moe", "olmoe",
             "qwen2-moe", "granite", "granitemoe"]
 
 
@@ -2106,7 +2113,7 @@ def test_from_hf_refuses_what_it_cannot_compute(tmp_path):
     assert gemma.window_layers == [0, 1, 2, 3, 4, 6, 7, 8, 9, 10] and gemma.sliding_window == 512
     assert (gemma.rope_theta, gemma.local_rope_theta, gemma.rope_scaling) == (1e6, 1e4, {"rope_type": "linear", "factor": 8.0})
     assert gemma.softmax_scale == 256 ** -0.5 and gemma.mlp == "geglu" and gemma.tie_embeddings
-    for extra, message in [(dict(final_logit_softcapping=30.0), "final_logit_softcapping"),
+    for extra, message in [(dict(use_bidirectional_attention=True), "use_bidirectional_attention"),
                            (dict(hidden_activation="gelu"), "hidden_activation"),
                            (dict(rope_scaling={"rope_type": "yarn", "factor": 8.0}), "RoPE")]:
         with pytest.raises(NotImplementedError, match=message):
@@ -2809,3 +2816,28 @@ def test_from_hf_reads_rope_and_defaults_as_transformers_5_does():
         cfg = config_from_hf({**base, "model_type": kind, **{k: v for k, v in (("num_local_experts", 4), (
             "num_experts", 4), ("num_experts_per_tok", 2)) if hasattr(hf, k)}})
         assert (cfg.rope_theta, cfg.norm_eps) == (hf.rope_parameters["rope_theta"], hf.rms_norm_eps), kind
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "gemma3_text"])
+def test_from_hf_bf16_gemma_norms_fold_in_fp32(tmp_path, kind):
+    # A bf16 checkpoint (as Gemma ships) read into an fp32 model: its (1 + w) norm scales are
+    # transformers' 1.0 + weight.float(); folded in bf16 they had been rounded (0.4% off, logits 0.02)
+    transformers = pytest.importorskip("transformers")
+    common = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, head_dim=16, max_position_embeddings=64, sliding_window=4)
+    if kind == "gemma2":
+        model = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**common, attn_implementation="eager"))
+    else:
+        model = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**common, attn_implementation="eager"))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn(p.shape) * (0.3 if "norm" in name else 0.05))
+    model.to(torch.bfloat16).save_pretrained(tmp_path)  # as Gemma checkpoints ship
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, attn_implementation="eager").eval()
+    ours = LLM.from_hf(tmp_path, dtype=torch.float32)
+    w = hf.model.layers[0].input_layernorm.weight
+    assert torch.equal(ours.blocks[0].norm1.weight, 1.0 + w.float())
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids)[0], hf(ids).logits, atol=1e-5, rtol=1e-5)

@@ -17,7 +17,9 @@ value (the dropout pattern, for its own tests) is not made. The kv-cache call ha
 loss through its output raises at backward() (flash-attn's output has no grad_fn, and the gradient
 is lost silently). `num_splits` is a tuning hint and is ignored (pyllm picks the
 split-KV count itself). As flash-attn: head dims up to 256 (those without a kernel zero-padded to the
-next one), windows with any negative side unlimited, softcap <= 0 no cap, max_seqlen as any integer at
+next one), windows as its kernels take them (a side >= seqlen_k unlimited, then a negative right beside
+a left >= 0 is seqlen_k, not unlimited: it differs from the window as written for the queries more
+than seqlen_k before the last; until 2026-12-06 pyllm took the window as written), softcap <= 0 no cap, max_seqlen as any integer at
 least the longest sequence (a smaller one raises, where flash-attn leaves rows unwritten),
 alibi_slopes that require grad given none (detached, with a warning),
 packed tensors longer than cu_seqlens' last entry (the rows past it: zeros, where flash-attn leaves
@@ -28,6 +30,7 @@ unpad_input_for_concatenated_sequences), with flash-attn 2.8's return values.
 """
 from __future__ import annotations
 
+import operator
 import re
 import warnings
 from typing import Literal, Optional, Union, overload
@@ -108,6 +111,22 @@ def _window(op: str, window_size) -> tuple:
         raise TypeError(f"{op}: window_size must be a pair of ints (left, right), got {window_size!r}") from None
 
 
+def _as_flash_attn_kernel_window(window: tuple, seqlen_k) -> tuple:
+    """window_size as flash-attn 2's kernels apply it (flash_api.cpp: mha_fwd, set_params_fprop): a
+    side >= seqlen_k is -1, then a negative right beside a left >= 0 is seqlen_k (not unlimited). This
+    differs from the literal window only for queries more than seqlen_k before the last one
+    (seqlen_q > seqlen_k + 1). seqlen_k: k's length, varlen's max_seqlen_k, the cache's capacity."""
+    try:
+        left, right, seqlen_k = (operator.index(x) for x in (*window, seqlen_k))
+    except (TypeError, ValueError):
+        return window  # (bad values: the call's own checks say so)
+    left = -1 if left >= seqlen_k else left
+    right = -1 if right >= seqlen_k else right
+    if left >= 0 and right < 0:
+        right = seqlen_k
+    return (left, right)
+
+
 def _no_cap(softcap):
     """flash-attn's softcap: any value <= 0 is no cap (a numpy scalar or a 0-d tensor as a float)."""
     if isinstance(softcap, Tensor) and softcap.numel() == 1 and not softcap.requires_grad:
@@ -135,6 +154,8 @@ def _fixed_slopes(op: str, slopes):
 def _attn(op, q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
           return_attn_probs, **varlen):
     window = _window(op, window_size)
+    if isinstance(k, Tensor) and k.dim() >= 3:
+        window = _as_flash_attn_kernel_window(window, varlen["max_seqlen_k"] if varlen else k.shape[1])
     alibi_slopes = _fixed_slopes(op, alibi_slopes)
     result = _in_their_words(op, lambda: flash_attn(
         q, k, v, causal=causal, softmax_scale=softmax_scale, window=window, return_lse=return_attn_probs,
@@ -419,6 +440,9 @@ def flash_attn_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Opti
         blocks = block_table.shape[-1] if isinstance(block_table, Tensor) and block_table.dim() == 2 else 1
         cache_seqlens = k_cache.shape[1] * blocks
     window = _window(op, window_size)
+    if isinstance(k_cache, Tensor) and k_cache.dim() == 4:
+        pages = block_table.shape[-1] if isinstance(block_table, Tensor) and block_table.dim() == 2 else 1
+        window = _as_flash_attn_kernel_window(window, k_cache.shape[1] * pages)
     return _in_their_words(op, lambda: _kvcache(
         q, k_cache, v_cache, cache_seqlens, k, v, causal, softmax_scale=softmax_scale, window=window,
         softcap=_no_cap(softcap), alibi_slopes=_fixed_slopes(op, alibi_slopes), rotary_cos=rotary_cos, rotary_sin=rotary_sin,

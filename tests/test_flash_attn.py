@@ -3268,3 +3268,34 @@ def test_packed_interface_functions_name_a_wrong_packing():
     cu = torch.tensor([0, 4], dtype=torch.int32)
     with pytest.raises(ValueError, match="kv must have 4 dims"):
         flash_attn_varlen_kvpacked_func(q[0], torch.randn(4, 2, 32), cu, cu, 4, 4)
+
+
+def _literal_window_attention(q, k, v, left, right):
+    """float64 attention with the window as written (bottom-right aligned; -1 unlimited)."""
+    sq, sk = q.shape[1], k.shape[1]
+    s = torch.einsum("bthd,bshd->bhts", q.double(), k.double()) / math.sqrt(q.shape[-1])
+    i, j = torch.arange(sq)[:, None], torch.arange(sk)[None]
+    keep = torch.ones(sq, sk, dtype=torch.bool)
+    if left >= 0:
+        keep &= j >= i + sk - sq - left
+    if right >= 0:
+        keep &= j <= i + sk - sq + right
+    p = torch.nan_to_num(torch.softmax(s.masked_fill(~keep, float("-inf")), -1))
+    return torch.einsum("bhts,bshd->bthd", p, v.double())
+
+
+def test_interface_window_sides_past_seqlen_k_as_flash_attn_kernels():
+    # flash-attn 2's kernels (flash_api.cpp, mha_fwd / set_params_fprop) rewrite window_size: a side
+    # >= seqlen_k becomes -1, then a negative right beside a left >= 0 becomes seqlen_k; the drop-in
+    # gives their numbers (it had taken the window as written: the first queries' outputs 2-4 apart
+    # where seqlen_q > seqlen_k + 1). pyllm.flash_attn itself keeps the window as written.
+    from pyllm import flash_attn_interface as fai
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 12, 2, 32), torch.randn(1, 4, 2, 32), torch.randn(1, 4, 2, 32)
+    # flash-attn 2: right >= seqlen_k -> -1; then left >= 0 with right < 0 -> right = seqlen_k
+    for window, kernel in (((3, -1), (3, 4)), ((3, 5), (3, 4)), ((-1, 5), (-1, -1)), ((2, 1), (2, 1))):
+        out = fai.flash_attn_func(q, k, v, window_size=window)
+        torch.testing.assert_close(out.double(), _literal_window_attention(q, k, v, *kernel), atol=1e-5, rtol=0)
+        cache_k, cache_v = k.clone(), v.clone()
+        out = fai.flash_attn_with_kvcache(q, cache_k, cache_v, cache_seqlens=4, window_size=window)
+        torch.testing.assert_close(out.double(), _literal_window_attention(q, k, v, *kernel), atol=1e-5, rtol=0)

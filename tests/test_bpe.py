@@ -6,6 +6,7 @@ import glob
 import json
 import os
 import random
+import re
 import sysconfig
 import unicodedata
 
@@ -1440,3 +1441,31 @@ def test_from_hf_matches_non_special_added_tokens_everywhere(corpus, tmp_path):
     back = tk.Tokenizer.from_file(str(tmp_path / "back.json"))
     assert back.encode("y<tool_call>", add_special_tokens=False).ids == ours.encode_ordinary("y<tool_call>")
     assert Tokenizer.from_hf(tmp_path / "back.json").encode_ordinary("<tool_call>") == [hf.token_to_id("<tool_call>")]
+
+
+@pytest.mark.parametrize("name", ["cl100k_base", "o200k_base", "GPT4", "gpt5"])
+def test_pattern_name_that_is_no_builtin_is_refused(name):
+    # tiktoken's encoding names (and other words) are no pattern; taken as a regex, a word matches only
+    # itself, so every encode had been [] (training: "allows only 0 merges"), silently
+    ranks = {bytes([b]): b for b in range(256)}
+    with pytest.raises(ValueError, match="no built-in pattern name"):
+        Tokenizer(ranks, pattern=name)
+    with pytest.raises(ValueError, match="no built-in pattern name"):
+        Tokenizer.train(["hello world"] * 10, 260, pattern=name, show_progress=False)
+
+
+def test_regex_patterns_still_work():
+    tok = Tokenizer.train(["hello world"] * 10, 260, pattern=r"\w+|\s+", show_progress=False)
+    assert tok.decode(tok.encode("hello world")) == "hello world"
+
+
+def test_vocab_size_advice_for_a_long_run_is_trainable():
+    # the advised vocab_size trains (it had counted merges past MAX_TOKEN_BYTES: 281 advised, 272 the most)
+    texts = ["a" * 1_000_000]
+    with pytest.raises(ValueError, match=r"use vocab_size <= (\d+)") as e:
+        Tokenizer.train(texts, 300, show_progress=False)
+    advised = int(re.search(r"use vocab_size <= (\d+)", str(e.value))[1])
+    tok = Tokenizer.train(texts, advised, show_progress=False)  # the advice itself trains
+    assert tok.vocab_size == advised
+    with pytest.raises(ValueError, match=f"use vocab_size <= {advised}"):
+        Tokenizer.train(texts, advised + 1, show_progress=False)

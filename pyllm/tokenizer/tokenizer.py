@@ -146,7 +146,18 @@ def _resolve_pattern(pattern) -> tuple[str | None, str, int]:
             return name, regex_str, code
     if pattern in SPELLINGS:  # the same pieces in other words (Hugging Face's): keep the C++ pre-tokenizer
         return SPELLINGS[pattern], *PATTERNS[SPELLINGS[pattern]]
+    if re.fullmatch(r"[A-Za-z0-9_-]+", pattern):  # a name, not a regex: as a regex it matches only itself,
+        # and every other character of a text would be dropped (encode("hello") == [])
+        alias = _TIKTOKEN_NAMES.get(pattern.lower(), pattern.lower() if pattern.lower() in PATTERNS else None)
+        hint = f" (tiktoken's {pattern!r} splits as {alias!r})" if alias else ""
+        raise ValueError(f"pattern {pattern!r} is no built-in pattern name ({', '.join(PATTERNS)}){hint}; a regex "
+                         "made of letters and digits alone would match only that literal text")
     return None, pattern, -1
+
+
+# tiktoken's encoding names -> the built-in pattern each splits with (for the error message)
+_TIKTOKEN_NAMES = {"r50k_base": "gpt2", "p50k_base": "gpt2", "p50k_edit": "gpt2", "cl100k_base": "gpt4",
+                   "o200k_base": "gpt4o"}
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -1401,16 +1412,18 @@ class Tokenizer:
                     tokens.append(tokens[new[k]] + tokens[new[k + 1]])
                 bar.update(len(new) // 2)
                 if len(new) // 2 < want:
-                    got = len(tokens) - 256
+                    # (the largest vocab_size that works: its tokens no longer than MAX_TOKEN_BYTES too)
+                    got = next((k for k, t in enumerate(tokens) if len(t) > MAX_TOKEN_BYTES), len(tokens)) - 256
                     raise ValueError(
                         f"train: vocab_size={vocab_size} needs {n_merges} merges but the training data allows only "
-                        f"{got} (no pair of tokens is left to merge): use vocab_size <= {256 + got + len(specials)} "
-                        f"or more text")
+                        f"{len(tokens) - 256} (no pair of tokens is left to merge): use vocab_size <= "
+                        f"{256 + got + len(specials)} or more text")
         longest = max(map(len, tokens))
         if longest > MAX_TOKEN_BYTES:
             raise ValueError(f"train: merging made a token of {longest:,} bytes (a text holds one piece that long, a run "
-                             f"of one character), longer than the {MAX_TOKEN_BYTES:,} a token may be: use a smaller "
-                             "vocab_size or more varied text")
+                             f"of one character), longer than the {MAX_TOKEN_BYTES:,} a token may be: use vocab_size "
+                             f"<= {next(k for k, t in enumerate(tokens) if len(t) > MAX_TOKEN_BYTES) + len(specials)} "
+                             "or more varied text")
         ranks = {tok: i for i, tok in enumerate(tokens)}
         special_ids = {s: len(tokens) + k for k, s in enumerate(specials)}
         return cls(ranks, regex_str if name is None else name, special_ids)

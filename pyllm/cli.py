@@ -1546,8 +1546,8 @@ def cmd_eval(args) -> int:
 
     from pyllm import evaluate
 
-    if not (args.choices or args.text):
-        raise ValueError("give --choices FILE (multiple-choice examples) and/or --text FILE")
+    if not (args.choices or args.text or args.continuations):
+        raise ValueError("give --choices FILE (multiple-choice examples), --continuations FILE and / or --text FILE")
     from pyllm import data
     from pyllm.tokenizer.tokenizer import hf_stop_ids
 
@@ -1583,6 +1583,15 @@ def cmd_eval(args) -> int:
         print(f"{path}: {score['examples']:,} examples: acc {score['acc']:.4f}{pm['acc']}, "
               f"acc_norm {score['acc_norm']:.4f}{pm['acc_norm']}, "
               f"acc per byte {score['acc_bytes']:.4f}, acc per token {score['acc_per_token']:.4f}")
+    for path in args.continuations or []:
+        examples = evaluate.read_continuations(path)[:args.limit]
+        if not examples:
+            raise ValueError(f"{path}: no examples in it")
+        score = evaluate.score_continuations(model, tokenizer, examples, seq_len, args.batch_size, prefix, start=start)
+        score.pop("logps"), score.pop("greedy")
+        results[str(path)] = score
+        pm = "" if score["acc_stderr"] is None else f" ± {score['acc_stderr']:.4f}"
+        print(f"{path}: {score['examples']:,} examples: acc {score['acc']:.4f}{pm}, perplexity {score['perplexity']:.4f}")
     if args.text:
         # read as `pyllm prepare` reads them: as on disk (CRLF kept), a JSON Lines file of {"text"}
         # rows a document each, a literal <|endoftext|> a document's end (it had been scored as 13
@@ -2170,7 +2179,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "UNVERIFIED: not yet run on a GPU")
     add_device_options(p)
     p.set_defaults(func=cmd_generate)
-    p = sub.add_parser("eval", help="a model's multiple-choice accuracy (HellaSwag-style files) and loss on text")
+    p = sub.add_parser("eval", help="a model's multiple-choice accuracy (HellaSwag-style files), continuations' "
+                       "accuracy (LAMBADA's) and loss on text")
     add_model_options(p)
     p.add_argument("--choices", nargs="+", metavar="FILE", help="JSONL files of multiple-choice examples, "
                    "{\"ctx\": ..., \"endings\": [...], \"label\": i} lines (HellaSwag's files as they are: "
@@ -2182,7 +2192,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "byte over windows of --seq-len tokens, each token predicted once (a text's last window with a "
                    "whole window of context, as lm-evaluation-harness); read as `pyllm prepare` reads them (a JSON "
                    "Lines file of {\"text\"} rows a document each, a literal <|endoftext|> a document's end)")
-    p.add_argument("--limit", type=at_least(1), help="the first N examples of each --choices file only")
+    p.add_argument("--continuations", nargs="+", metavar="FILE", help="JSONL files of single continuations, "
+                   "{\"context\": ..., \"continuation\": ...} lines joined as they are (lm-evaluation-harness's "
+                   "loglikelihood requests), or {\"text\": ...} lines split before the last word (LAMBADA's, as the "
+                   "harness's lambada tasks): acc (every continuation token the model's top one) and perplexity")
+    p.add_argument("--limit", type=at_least(1), help="the first N examples of each --choices / --continuations file only")
     p.add_argument("--seq-len", type=int, help="tokens per row (default: the model's block_size, at most 2048)")
     p.add_argument("--batch-size", type=at_least(1), default=8, help="rows per forward (default 8)")
     add_device_options(p)

@@ -1,4 +1,5 @@
-"""Evaluating a finished model: multiple-choice accuracy and perplexity on text (`pyllm eval`).
+"""Evaluating a finished model: multiple-choice accuracy, continuations' accuracy and perplexity on
+text (`pyllm eval`).
 
 Multiple choice (HellaSwag and the like): each example's context followed by each of its endings is
 a document; the model's log-probability of each ending's tokens is summed, and the example counts
@@ -12,6 +13,10 @@ removal), so its numbers differ; its processed rows ({"query", "choices", "gold"
 No few-shot examples: each row is scored alone (a few-shot context written into its "ctx" is scored
 as any context). The candidates are packed into rows and computed each alone (the varlen
 attention), as training packs conversations, so short candidates cost no padding.
+
+Continuations (LAMBADA's): a context and one continuation, scored as the harness's loglikelihood
+requests: the continuation's summed log-probability and whether each of its tokens is the model's
+top token; acc (the share that is greedy) and perplexity.
 
 Text: the mean loss over windows of seq_len tokens, each token predicted once (from the ones
 before it in its window; a text's first one from <|endoftext|>, as the documents were separated in
@@ -94,7 +99,7 @@ def _start_token(tokenizer, start: Sequence[int] | None = None) -> list[int]:
 
 
 def choice_documents(examples: Sequence[dict], tokenizer, prefix: Sequence[int] = (),
-                     start: Sequence[int] | None = None) -> tuple[list, list]:
+                     start: Sequence[int] | None = None, delimiter: str = " ") -> tuple[list, list]:
     """(docs, masks): for each example, for each ending, prefix + the tokens of the context and
     the ending written together, the ending's marked, as lm-evaluation-harness splits them
     (encoding the ending alone would differ where a tokenizer treats a text's start specially:
@@ -102,7 +107,7 @@ def choice_documents(examples: Sequence[dict], tokenizer, prefix: Sequence[int] 
     ending, and the ending's tokens those past the context's tokens' common prefix with the whole
     (where the context's last token merges with the ending's first, "Answer:\n" + "\nbar", that
     token is scored: the harness's split by length would leave part of the ending unscored). Every
-    ending gets one space before it, as HellaSwag's evaluations join them. An empty context (no prefix either) starts from <|endoftext|> (or
+    ending gets delimiter (one space) before it, as HellaSwag's evaluations join them. An empty context (no prefix either) starts from <|endoftext|> (or
     start), so the ending's first token is predicted too."""
     docs, masks = [], []
     for example in examples:
@@ -111,7 +116,8 @@ def choice_documents(examples: Sequence[dict], tokenizer, prefix: Sequence[int] 
         lead = list(prefix) or ([] if context else _start_token(tokenizer, start))
         context_ids = [*lead, *tokenizer.encode_ordinary(context)]
         for ending in example["endings"]:
-            whole = [*lead, *tokenizer.encode_ordinary(context + moved + _ending_text(ending))]
+            ending = _ending_text(ending) if delimiter == " " else delimiter + ending
+            whole = [*lead, *tokenizer.encode_ordinary(context + moved + ending)]
             first = next((i for i, (a, b) in enumerate(zip(context_ids, whole)) if a != b), len(context_ids))
             first = max(min(first, len(whole) - 1), 1 if len(whole) > 1 else 0)  # a scored token has one before it
             docs.append(np.asarray(whole, np.int64))
@@ -243,6 +249,80 @@ def score_choices(model, tokenizer, examples: Sequence[dict], seq_len: int, batc
 
 
 @torch.no_grad()
+def read_continuations(path) -> list[dict]:
+    """The examples of a JSON Lines file of single continuations, one per line: {"context": "text",
+    "continuation": "text"} (lm-evaluation-harness's loglikelihood requests: the two joined as they
+    are, no space put between), or {"text": "text"}, LAMBADA's rows, split as the harness's lambada
+    tasks split them: the context the text before its last " ", the continuation " " and the last
+    word. Returned as {"context", "continuation"}."""
+    examples = []
+    for number, row, line in data._jsonl_rows(path):
+        context, continuation = row.get("context"), row.get("continuation")
+        if context is None and continuation is None and isinstance(row.get("text"), str):
+            words = row["text"].split(" ")
+            context, continuation = " ".join(words[:-1]), " " + words[-1]
+        if not (isinstance(context, str) and isinstance(continuation, str) and continuation):
+            raise ValueError(f"{path}:{number}: expected {{\"context\": \"text\", \"continuation\": \"non-empty text\"}} "
+                             f"or {{\"text\": \"text\"}} (LAMBADA's: its last word the continuation); the line starts "
+                             f"{line.strip()[:80]!r}")
+        examples.append({"context": context, "continuation": continuation})
+    return examples
+
+
+@torch.no_grad()
+def score_continuations(model, tokenizer, examples: Sequence[dict], seq_len: int, batch_size: int = 8,
+                        prefix: Sequence[int] = (), precision: str = "fp32", start: Sequence[int] | None = None) -> dict:
+    """Each example's continuation scored after its context as lm-evaluation-harness scores a
+    loglikelihood request (LAMBADA's): the log-probability of its tokens (split from the whole as
+    choice_documents splits them, no space added) and whether each of them is the model's top
+    token (greedy). Gives acc (the share whose continuation is greedy), its standard error,
+    perplexity (exp of minus the mean log-probability: the harness's lambada perplexity), examples
+    and logps. A context past seq_len + 1 tokens with its continuation is cut from the left, as the
+    harness cuts it. One row per example, padded after its end (the causal attention never reads
+    the padding), the output layer at the continuation's positions only."""
+    from pyllm.train import autocast
+
+    docs, masks = choice_documents([{"context": e["context"], "endings": [e["continuation"]]} for e in examples],
+                                   tokenizer, prefix, start, delimiter="")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    logps, greedy = [], []
+    for i in range(0, len(docs), batch_size):
+        group = []
+        for doc, mask in zip(docs[i:i + batch_size], masks[i:i + batch_size]):
+            if len(doc) > seq_len + 1:
+                if mask[-seq_len - 1]:
+                    raise ValueError(f"example {i + len(group) + 1}: a continuation of {int(mask.sum())} tokens does not "
+                                     f"fit seq_len {seq_len} after its context")
+                doc, mask = doc[-seq_len - 1:], mask[-seq_len - 1:]
+            group.append((doc, mask))
+        T = max(len(d) for d, _ in group) - 1
+        x = torch.zeros(len(group), T, dtype=torch.long)
+        y = torch.full((len(group), T), -1, dtype=torch.long)
+        for r, (doc, mask) in enumerate(group):
+            x[r, :len(doc) - 1] = torch.from_numpy(doc[:-1])
+            y[r, :len(doc) - 1] = torch.from_numpy(np.where(mask[1:] != 0, doc[1:], -1))
+        with autocast(precision, device):
+            hidden = model(x.to(device), y.to(device), hidden=True)[1]  # (N, C): the targets, row by row
+            logits = getattr(model, "module", model)._logits(hidden)
+        token_logps = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)  # (N, V)
+        targets = y[y != -1].to(device)
+        picked = token_logps.gather(-1, targets[:, None])[:, 0].double().cpu()
+        top = (token_logps.argmax(-1) == targets).cpu()
+        at = 0
+        for doc, mask in group:
+            n = int(mask[1:].sum())
+            logps.append(float(picked[at:at + n].sum()))
+            greedy.append(bool(top[at:at + n].all()))
+            at += n
+    model.train(was_training)
+    n = len(examples)
+    acc = sum(greedy) / max(n, 1)
+    return {"examples": n, "acc": acc, "acc_stderr": math.sqrt(acc * (1 - acc) / (n - 1)) if n > 1 else None,
+            "perplexity": math.exp(-sum(logps) / max(n, 1)), "logps": np.array(logps), "greedy": greedy}
+
+
 def text_loss(model, tokenizer, texts: Sequence[str], seq_len: int, batch_size: int = 8, prefix: Sequence[int] = (),
               precision: str = "fp32", start: Sequence[int] | None = None) -> dict:
     """The model's loss on texts, each tokenized alone after prefix (none: <|endoftext|>, or start,

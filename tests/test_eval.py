@@ -215,6 +215,15 @@ def test_eval_command(setup, tmp_path, capsys):
     assert {k: result[str(tmp_path / "c.jsonl")][k] for k in ("acc", "acc_norm")} == \
         {k: reference[k] for k in ("acc", "acc_norm")}
     assert result["text"]["tokens"] > 0 and result["seq_len"] == 64
+    # LAMBADA's rows: acc and perplexity, as score_continuations gives them
+    (tmp_path / "l.jsonl").write_text("".join(json.dumps({"text": e["context"] + " " + e["endings"][0]}) + "\n"
+                                              for e in examples))
+    assert cli.main([*base, "--continuations", str(tmp_path / "l.jsonl"), "--json", str(tmp_path / "r.json")]) == 0
+    assert f"{len(examples)} examples: acc " in capsys.readouterr().out
+    want = evaluate.score_continuations(LLM.load(tmp_path / "model.safetensors"), tokenizer,
+                                        evaluate.read_continuations(tmp_path / "l.jsonl"), 128)
+    got = json.loads((tmp_path / "r.json").read_text())[str(tmp_path / "l.jsonl")]
+    assert got["acc"] == want["acc"] and got["perplexity"] == pytest.approx(want["perplexity"], rel=1e-9)
     assert cli.main(base) == 2 and "give --choices" in capsys.readouterr().err
     assert cli.main([*base, "--text", str(tmp_path / "t.txt"), "--seq-len", "500"]) == 2
     assert "--seq-len must be in [1, 128]" in capsys.readouterr().err
@@ -345,3 +354,56 @@ def test_repeated_endings_score_alike_at_every_batch_size():
         assert np.array_equal(logps[:, 1], logps[:, 3])
         assert {k: run[k] for k in ("acc", "acc_norm", "acc_bytes")} == {k: runs[0][k] for k in ("acc", "acc_norm",
                                                                                                    "acc_bytes")}
+
+
+def test_continuations_as_the_harness_scores_loglikelihood(tmp_path):
+    # lm-evaluation-harness's loglikelihood requests (LAMBADA's): the continuation's tokens split from
+    # the whole text's, their summed log-probability, greedy when each is the top token; acc and
+    # perplexity (exp of minus the mean); a long context cut to the last seq_len + 1 tokens
+    rng = random.Random(1)
+    sentence = lambda n: " ".join(rng.choice(CUT_WORDS) for _ in range(n))  # noqa: E731
+    tok = Tokenizer.train([sentence(40) for _ in range(50)], 270, special_tokens=["<|endoftext|>"], show_progress=False)
+    torch.manual_seed(1)
+    L = 24
+    model = LLM(ModelConfig(vocab_size=tok.vocab_size, n_layers=2, n_heads=4, n_kv_heads=2, dim=64, block_size=L))
+    model = model.double().eval()
+    learnt = [sentence(rng.randint(3, 8)) for _ in range(4)]  # memorised below: greedy continuations
+    rows = [{"text": t} for t in learnt] + [{"text": sentence(rng.randint(2, L + 8))} for _ in range(10)]
+    rows += [{"context": "the cat sat on the", "continuation": " mat"}, {"context": "", "continuation": "dog ran"}]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ids = [[tok.special_tokens["<|endoftext|>"], *tok.encode_ordinary(t)] for t in learnt]
+    for _ in range(40):
+        for seq in ids:
+            seq = torch.tensor(seq)
+            loss = model(seq[None, :-1], seq[None, 1:])[1]
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    path = tmp_path / "lambada.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    examples = evaluate.read_continuations(path)
+    assert examples[0] == {"context": " ".join(rows[0]["text"].split(" ")[:-1]),
+                           "continuation": " " + rows[0]["text"].split(" ")[-1]}
+    want_logps, want_greedy = [], []
+    eot = tok.special_tokens["<|endoftext|>"]
+    for e in examples:
+        lead = [] if e["context"] else [eot]
+        context = [*lead, *tok.encode_ordinary(e["context"])]
+        whole = [*lead, *tok.encode_ordinary(e["context"] + e["continuation"])]
+        n = len(whole) - next((i for i, (a, b) in enumerate(zip(context, whole)) if a != b), len(context))
+        whole = torch.tensor(whole[-(L + 1):])  # the harness's max_length + 1
+        with torch.no_grad():
+            logp = model(whole[None, :-1])[0][0].log_softmax(-1)[-n:]
+        target = whole[-n:]
+        want_logps.append(float(logp.gather(-1, target[:, None]).sum()))
+        want_greedy.append(bool((logp.argmax(-1) == target).all()))
+    assert 0 < sum(want_greedy) < len(examples)
+    for batch_size in (1, 3, 16):
+        got = evaluate.score_continuations(model, tok, examples, L, batch_size)
+        np.testing.assert_allclose(got["logps"], want_logps, rtol=1e-12)
+        assert got["greedy"] == want_greedy and got["acc"] == sum(want_greedy) / len(examples)
+        assert got["perplexity"] == pytest.approx(math.exp(-sum(want_logps) / len(examples)), rel=1e-12)
+    with pytest.raises(ValueError, match="continuation"):
+        path.write_text(json.dumps({"context": "a", "continuation": ""}) + "\n")
+        evaluate.read_continuations(path)

@@ -25,7 +25,7 @@ def sentence(rng: random.Random, n: int) -> str:
 @pytest.fixture(scope="module")
 def setup():
     rng = random.Random(0)
-    tokenizer = Tokenizer.train([sentence(rng, 40) for _ in range(50)], 270, special_tokens=["<|endoftext|>"],
+    tokenizer = Tokenizer.train([sentence(rng, 40) for _ in range(50)], 290, special_tokens=["<|endoftext|>"],
                                 show_progress=False)
     torch.manual_seed(0)
     model = LLM(ModelConfig(vocab_size=tokenizer.vocab_size, n_layers=2, n_heads=4, n_kv_heads=2, dim=64,

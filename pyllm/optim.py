@@ -108,18 +108,21 @@ def _check_torch_options(where: str, **options) -> None:
                                       f"(use torch.optim.AdamW for it)")
 
 
-def _readopt_changed_params(params: list[Tensor], masters: list[Tensor]) -> None:
+def _readopt_changed_params(params: list[Tensor], masters: list[Tensor], stochastic: list[bool]) -> None:
     """The 16-bit param is the weight; its fp32 master only carries the bits below the param's
-    precision, while the param still is a rounding of it (either neighbour: nearest or stochastic).
-    Elements changed since (a checkpoint loaded into the model, a clamp, an init) are taken from the
-    param again, so that the next step starts from what the model holds, as torch.optim.AdamW's
-    would; the other elements keep their masters' bits."""
-    for p, master in zip(params, masters):
+    precision, while the param still is a rounding of it (the nearest; with stochastic rounding
+    either neighbour). Elements changed since (a checkpoint loaded into the model, a clamp, an init,
+    a broadcast) are taken from the param again, so that the next step starts from what the model
+    holds, as torch.optim.AdamW's would; the other elements keep their masters' bits. (Round to
+    nearest had also let the other neighbour pass as unchanged: a write landing there, ~1 element in
+    300 of a broadcast's, was stepped from the stale master.)"""
+    for p, master, either in zip(params, masters, stochastic):
         p = p.detach()
         nearest = master.to(p.dtype)
-        toward = torch.where(nearest.float() > master, -math.inf, math.inf).to(p.dtype)
-        other = torch.nextafter(nearest, toward)  # the neighbour on master's other side
-        changed = (p != nearest) & (p != other)
+        changed = p != nearest
+        if either:
+            toward = torch.where(nearest.float() > master, -math.inf, math.inf).to(p.dtype)
+            changed &= p != torch.nextafter(nearest, toward)  # the neighbour on master's other side
         master.copy_(torch.where(changed, p.float(), master))  # (no any(): a host sync on CUDA)
 
 
@@ -151,8 +154,10 @@ class AdamW(torch.optim.Optimizer):
             the weight, as with torch.optim.AdamW: where it was changed in place since the last step
             (``model.load_state_dict``, ``nn.init``, a clamp under ``torch.no_grad()``), the next
             step takes those elements from it rather than from the master. The step notices a
-            change by the param's version counter, which writes through ``p.data`` do not move:
-            make them on ``p`` itself under ``torch.no_grad()``.
+            change by the param's version counter, which writes through ``p.data`` and collectives
+            (``dist.broadcast`` / ``all_reduce`` on the param, torch's PeriodicModelAverager,
+            ``vector_to_parameters``) do not move: make them on ``p`` itself under
+            ``torch.no_grad()``, or call ``params_changed()`` after them.
         amsgrad, maximize, differentiable: torch.optim.AdamW's; only False (NotImplementedError
             otherwise, also for a param group loaded from torch's state_dict with them set).
         foreach, fused, capturable: torch's choice of implementation; accepted and ignored (this
@@ -306,6 +311,15 @@ class AdamW(torch.optim.Optimizer):
             if "step" in saved:
                 state["step"] = _loaded_step(saved["step"], "AdamW.load_state_dict").to(p.device, copy=True)
 
+    def params_changed(self) -> None:
+        """Says that the params were written where their version counters do not see it (a collective
+        on the param: dist.broadcast from rank 0, an all_reduce average, local SGD's / DiLoCo's outer
+        step; ``p.data = ...``; vector_to_parameters): the next step compares every 16-bit param with
+        its master and takes the changed elements from the param, as after an in-place write.
+        Without it such a write is undone by the next step (each rank's stale master written back:
+        ranks re-synced by a broadcast drift apart again). fp32 params need none (their own master)."""
+        self._written.clear()
+
     # --- the step ------------------------------------------------------------------------------
 
     def _collect(self) -> list[dict]:
@@ -341,7 +355,7 @@ class AdamW(torch.optim.Optimizer):
                 state = self._init_state(group, p)
                 _check_state(gi, p, state, master)
                 if master and had_master and self._written.get(id(p)) != p._version:
-                    changed.append((p, state["master"]))
+                    changed.append((p, state["master"], bool(group["stochastic_rounding"])))
                 bucket["params"].append(p)
                 bucket["grads"].append(p.grad.contiguous())
                 bucket["masters"].append(state["master"] if master else None)
@@ -725,6 +739,11 @@ class ZeroAdamW(torch.optim.Optimizer):
         self._written = self._versions()
         return loss
 
+    def params_changed(self) -> None:
+        """As AdamW.params_changed: the params were written where their version counters do not see
+        it; the next step re-reads this rank's shards from them."""
+        self._written = {}
+
     def state_dict(self) -> dict:
         """This rank's shard of the state (see full_state_dict for a world-size independent one)."""
         return {"rank": self._rank, "world_size": self._world, "numel": list(self._numels),
@@ -858,8 +877,11 @@ class Muon(torch.optim.Optimizer):
         if not lr >= 0 or not 0 <= momentum < 1 or not weight_decay >= 0 or ns_steps < 1:
             raise ValueError(f"Muon: lr and weight_decay must be >= 0, momentum in [0, 1) and ns_steps >= 1, got "
                              f"{lr}, {weight_decay}, {momentum} and {ns_steps}")
+        # torch.optim.Muon's group keys too, with the values this step computes with, so that its
+        # state_dict loads into torch.optim.Muon (which reads them at its step)
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
-                                      ns_steps=ns_steps))
+                                      ns_steps=ns_steps, ns_coefficients=_NS_COEFFICIENTS, eps=1e-7,
+                                      adjust_lr_fn="match_rms_adamw"))
 
     def add_param_group(self, param_group: dict) -> None:
         """As torch's, each param checked (a matrix or a stack of them) with its split (None: whole)."""
@@ -1022,6 +1044,11 @@ class MuonAdamW(torch.optim.Optimizer):
         if not self.last_step_skipped:
             self.muon.step()
             self.adamw.step()
+
+    def params_changed(self) -> None:
+        """As AdamW.params_changed, for the AdamW part's params (the Muon part keeps no master)."""
+        if hasattr(self.adamw, "params_changed"):
+            self.adamw.params_changed()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.muon.zero_grad(set_to_none)

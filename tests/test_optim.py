@@ -1073,6 +1073,40 @@ def _zero_groups_and_full_state(rank, world):
         opt2.load_full_state_dict({"state": {}, "param_groups": [{"params": [0]}]})
 
 
+def _broadcast_weights_are_taken(rank, world):
+    """Weights a collective wrote (dist.broadcast moves no version counter) are the weights after
+    params_changed(): each rank's stale bf16 master had been written back over them (ranks re-synced
+    from rank 0 drifted apart again; from the optimizer audit). AdamW per rank, and ZeroAdamW."""
+    import torch.distributed as dist
+
+    from pyllm.optim import ZeroAdamW
+
+    for make in (lambda ps: AdamW(ps, lr=1e-2), lambda ps: ZeroAdamW(ps, lr=1e-2)):
+        torch.manual_seed(rank)
+        p = nn.Parameter(torch.randn(300).to(torch.bfloat16))
+        opt = make([p])
+        zero = isinstance(opt, ZeroAdamW)
+        if zero:  # ZeRO's ranks hold one model
+            with torch.no_grad():
+                dist.broadcast(p, src=0)
+        for _ in range(3):
+            p.grad = torch.randn(300).to(torch.bfloat16)
+            if zero:
+                dist.broadcast(p.grad, src=0)
+            opt.step()
+        with torch.no_grad():
+            if rank == 0:
+                p.data.add_(0.25)  # (through .data: no version counter moves anywhere)
+            dist.broadcast(p, src=0)
+        synced = p.detach().clone()
+        opt.params_changed()
+        for group in opt.param_groups:
+            group["lr"] = 0.0
+        p.grad = torch.zeros_like(p)
+        opt.step()
+        assert torch.equal(p, synced), type(opt).__name__
+
+
 def _zero_worker(rank, world, port):
     import os
 
@@ -1085,6 +1119,7 @@ def _zero_worker(rank, world, port):
     for dtype in (torch.float32, torch.bfloat16):
         _zero_matches_unsharded(rank, world, dtype)
     _zero_groups_and_full_state(rank, world)
+    _broadcast_weights_are_taken(rank, world)
     dist.barrier()  # no rank tears gloo down while another is still in a collective
     end_process(0)  # every check passed; past gloo's abort at interpreter exit (its docstring)
 
@@ -1380,7 +1415,29 @@ def test_muon_refused_state_leaves_the_optimizer_as_it_was():
     ours = Muon([p], lr=0.02)
     with pytest.raises(ValueError, match="adjust_lr_fn"):
         ours.load_state_dict(torch.optim.Muon([p], lr=0.5).state_dict())
-    assert ours.param_groups[0]["lr"] == 0.02 and "adjust_lr_fn" not in ours.param_groups[0]
+    assert ours.param_groups[0]["lr"] == 0.02 and ours.param_groups[0]["adjust_lr_fn"] == "match_rms_adamw"
+
+
+@needs_torch_muon
+def test_muon_state_steps_in_torchs_muon():
+    # pyllm's groups carry torch.optim.Muon's keys (ns_coefficients, eps, adjust_lr_fn) with the values
+    # pyllm computes with: torch's step after loading pyllm's state had raised KeyError; both now
+    # take the same next step
+    from pyllm.optim import Muon
+
+    torch.manual_seed(0)
+    ours = nn.Parameter(torch.randn(16, 8))
+    opt = Muon([ours], lr=0.02, weight_decay=0.1)
+    ours.grad = torch.randn(16, 8)
+    opt.step()
+    theirs = nn.Parameter(ours.detach().clone())
+    torch_opt = torch.optim.Muon([theirs], lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    torch_opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # (its buffers, not shared with ours)
+    grad = torch.randn(16, 8)
+    ours.grad, theirs.grad = grad.clone(), grad.clone()
+    opt.step()
+    torch_opt.step()
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("backoffs", [130, 150])

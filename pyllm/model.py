@@ -1508,7 +1508,7 @@ class LLM(nn.Module):
         if (self.config.rope_scaling or {}).get("rope_type") == "longrope":
             # LongRoPE (Phi-3.5, Phi-4-mini) picks its factors by position on the host, one position for
             # the batch: a row at a time through generate() (the batch had raised an internal message)
-            stops = set(int(t) for t in stop_tokens)
+            stops = stop_ids(stop_tokens)  # (an int id or None too, as the batched path takes them)
             return [until_stop(self.generate(r[None], max_new_tokens, temperature, top_k, top_p, generator=generator,
                                              stop_tokens=stops)[0, len(r):].tolist(), stops) for r in rows]
         with self._in_eval():  # (restored even when sampling raises)
@@ -1935,9 +1935,6 @@ def _gemma2_config(hf: dict) -> ModelConfig:
     softcap; on CUDA with PYLLM_ATTN_SCORE_MODS_CUDA=1 until verified on a GPU, else torch's ops)."""
     n_layers = hf["num_hidden_layers"]
     unsupported = {"use_bidirectional_attention": hf.get("use_bidirectional_attention")}
-    if hf.get("attn_logit_softcapping"):  # (Gemma3TextConfig takes the field from Gemma 2's; its attention never reads it)
-        warnings.warn(f"gemma3_text attn_logit_softcapping={hf['attn_logit_softcapping']}: transformers' Gemma 3 does "
-                      "not cap its attention scores (only Gemma 2 does), so neither does pyllm", stacklevel=3)
     types = _gemma_layer_types(hf, "gemma2", unsupported, [  # transformers' default: the even layers windowed
         "sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n_layers)])
     rope = hf_rope_parameters(hf, "gemma2")
@@ -2607,7 +2604,8 @@ def _sample(logits, temperature, top_k, top_p, generator) -> torch.Tensor:
     """sample() for settings checked already (generation checks them once, not per token)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    return torch.multinomial(_sampling_probs(logits, temperature, top_k, top_p), 1, generator=generator)[:, 0]
+    probs = _sampling_probs(logits, temperature, top_k, top_p)  # (..., V), as argmax takes any leading shape
+    return torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator).view(probs.shape[:-1])
 
 
 def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int | None = None,

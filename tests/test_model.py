@@ -2841,3 +2841,35 @@ def test_from_hf_bf16_gemma_norms_fold_in_fp32(tmp_path, kind):
     ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(ours(ids)[0], hf(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("stop", [7, None, [7], torch.tensor([7])])
+def test_generate_batch_of_a_longrope_model_takes_every_stop_tokens_form(stop):
+    # (an int id or None had raised TypeError on LongRoPE's row-at-a-time path alone; from the sampling audit)
+    rs = dict(rope_type="longrope", short_factor=[1.0] * 4, long_factor=[2.0] * 4,
+              original_max_position_embeddings=8, attention_factor=1.2)
+    torch.manual_seed(0)
+    model = LLM(ModelConfig(vocab_size=64, block_size=32, n_layers=1, n_heads=2, dim=16, rope_scaling=rs)).eval()
+    prompts = [[1, 2, 3], [4, 5]]
+    got = model.generate_batch(prompts, 4, temperature=0, stop_tokens=stop)
+    assert got == model.generate_batch(prompts, 4, temperature=0, stop_tokens=[7] if stop is not None else [])
+
+
+@pytest.mark.parametrize("shape", [(5,), (2, 5), (2, 3, 5)])
+def test_sample_takes_the_shapes_greedy_takes(shape):
+    # (sampling had raised torch's IndexError / "prob_dist must be 1 or 2 dim" where greedy took them)
+    logits = torch.randn(*shape)
+    assert sample(logits, 0).shape == sample(logits, 1.0).shape == shape[:-1]
+
+
+def test_gemma2_config_does_not_warn_about_gemma3():
+    # (the Gemma 3 warning about attn_logit_softcapping had been pasted into Gemma 2's config too)
+    from pyllm.model import config_from_hf
+
+    hf = dict(model_type="gemma2", vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+              num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=64,
+              attn_logit_softcapping=50.0, final_logit_softcapping=30.0, sliding_window=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cfg = config_from_hf(hf)
+    assert cfg.attn_softcap == 50.0

@@ -1347,7 +1347,8 @@ def generate_file(model, tokenizer, args, prefix_ids, stop_tokens, source) -> in
 
     path = Path(args.prompts_file)
     prompts = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):  # not splitlines(): U+2028 in a string
+    # (utf-8-sig: a byte-order mark before the first line read past, as the other JSON Lines readers do)
+    for n, line in enumerate(path.read_text(encoding="utf-8-sig").split("\n"), 1):  # not splitlines(): U+2028 in a string
         if not line.strip():
             continue
         try:

@@ -223,7 +223,8 @@ def read_documents(files: Iterable[Path], not_utf8: list | None = None) -> Itera
     """The documents of files: each file's text, or each line's "text" of a JSON Lines file of
     {"text": ...} rows. Text is read as it is on disk (CRLF kept, as the tokenizer's trainer reads
     files in C++); bytes that are not UTF-8 become U+FFFD, with a warning naming the file (or the
-    file appended to not_utf8, for the caller to say once)."""
+    file appended to not_utf8, for the caller to say once); a rows file not UTF-8 is refused
+    (ValueError naming it)."""
     for f in files:
         if is_text_rows(f):
             for number, row, _ in _jsonl_rows(f):

@@ -66,7 +66,8 @@ def read_choices(path) -> list[dict]:
         if isinstance(label, str) and label.strip().isascii() and label.strip().isdigit():
             label = int(label)
         wrong = ("a Winogrande row (sentence, option1, option2): its options change the context, not the ending (the "
-                 "harness's partial scoring), which this format cannot say" if {"sentence", "option1"} <= set(row) else
+                 "harness's partial scoring), which this format cannot say" if context is None and context_key not in
+                 row and {"sentence", "option1"} <= set(row) else
                  "no context (ctx, context or query)" if context is None and context_key not in row else
                  f"{context_key} is not a string" if not isinstance(context, str) else
                  "no endings (endings or choices)" if endings is None else
@@ -248,7 +249,6 @@ def score_choices(model, tokenizer, examples: Sequence[dict], seq_len: int, batc
         return score_choice_files(model, path, seq_len, batch_size, precision)
 
 
-@torch.no_grad()
 def read_continuations(path) -> list[dict]:
     """The examples of a JSON Lines file of single continuations, one per line: {"context": "text",
     "continuation": "text"} (lm-evaluation-harness's loglikelihood requests: the two joined as they
@@ -323,6 +323,7 @@ def score_continuations(model, tokenizer, examples: Sequence[dict], seq_len: int
             "perplexity": math.exp(-sum(logps) / max(n, 1)), "logps": np.array(logps), "greedy": greedy}
 
 
+@torch.no_grad()
 def text_loss(model, tokenizer, texts: Sequence[str], seq_len: int, batch_size: int = 8, prefix: Sequence[int] = (),
               precision: str = "fp32", start: Sequence[int] | None = None) -> dict:
     """The model's loss on texts, each tokenized alone after prefix (none: <|endoftext|>, or start,

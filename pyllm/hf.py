@@ -38,6 +38,7 @@ rest of the HF stack (PEFT adapters, Trainer callbacks, TRL's trainers, any deco
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import math
 import sys
@@ -1254,9 +1255,10 @@ def apply_pyllm_kernels_on_load(enable: bool = True, **parts) -> None:
     from the policy's path) runs the same kernels as the patched policy. enable=False turns it off
     (models loaded until then keep their patch). A part a loaded model cannot take (the fused loss on
     a reward model's score head, pyllm's attention on a model without flash-attention's mask) is left
-    off for that model, with a warning saying why; the model's other parts are applied. Models made
-    from a config (from_config, the class itself) are not loaded, so not patched: call
-    apply_pyllm_kernels on them."""
+    off for that model, with a warning saying why; the model's other parts are applied. A load that
+    names another attn_implementation (eager, for its attention weights) keeps it. Models made from a
+    config (from_config, the class itself) are not loaded, so not patched: call apply_pyllm_kernels
+    on them."""
     known = set(inspect.signature(apply_pyllm_kernels).parameters) - {"model"}
     unknown = set(parts) - known
     if unknown:
@@ -1266,8 +1268,9 @@ def apply_pyllm_kernels_on_load(enable: bool = True, **parts) -> None:
     if enable:
         _ON_LOAD.update({part: True for part in known})
         _ON_LOAD.update(parts)
-        if not _FROM_PRETRAINED:  # transformers' own, kept to call
+        if not _FROM_PRETRAINED:  # transformers' own, kept to call (its signature and docstring shown for it)
             _FROM_PRETRAINED.append(PreTrainedModel.__dict__["from_pretrained"].__func__)
+            functools.update_wrapper(_from_pretrained_patched, _FROM_PRETRAINED[0])
             PreTrainedModel.from_pretrained = classmethod(_from_pretrained_patched)
 
 
@@ -1279,7 +1282,14 @@ def _from_pretrained_patched(cls, *args, **kwargs):
     finally:
         _LOADING.depth = depth
     if depth == 0 and _ON_LOAD:
-        _apply_on_load(model, dict(_ON_LOAD))
+        parts = dict(_ON_LOAD)
+        # the caller's choice stays (eager's attention weights): given here, or by the Auto classes in the
+        # config they read first
+        named = kwargs.get("attn_implementation") or getattr(kwargs.get("config"), "_attn_implementation_internal", None)
+        if named not in (None, NAME):
+            parts["attention"] = False
+        # output_loading_info=True returns (model, loading_info)
+        _apply_on_load(model[0] if isinstance(model, tuple) else model, parts)
     return model
 
 

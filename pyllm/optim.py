@@ -872,16 +872,17 @@ class Muon(torch.optim.Optimizer):
     (torch's default adjust_lr_fn scales by max(1, rows / cols) ** 0.5: a 1024 x 1024 matrix's
     update is 6.4x larger here at one lr); pass weight_decay=0.1 for torch's decay."""
 
+    # torch.optim.Muon's group keys, with the values this step computes with: its state_dict then steps
+    # in torch.optim.Muon, which reads them (a KeyError there before 2026-12-06)
+    _TORCH_KEYS = {"ns_coefficients": _NS_COEFFICIENTS, "eps": 1e-7, "adjust_lr_fn": "match_rms_adamw"}
+
     def __init__(self, params, lr: float = 1e-3, momentum: float = 0.95, weight_decay: float = 0.0,
                  nesterov: bool = True, ns_steps: int = 5):
         if not lr >= 0 or not 0 <= momentum < 1 or not weight_decay >= 0 or ns_steps < 1:
             raise ValueError(f"Muon: lr and weight_decay must be >= 0, momentum in [0, 1) and ns_steps >= 1, got "
                              f"{lr}, {weight_decay}, {momentum} and {ns_steps}")
-        # torch.optim.Muon's group keys too, with the values this step computes with, so that its
-        # state_dict loads into torch.optim.Muon (which reads them at its step)
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
-                                      ns_steps=ns_steps, ns_coefficients=_NS_COEFFICIENTS, eps=1e-7,
-                                      adjust_lr_fn="match_rms_adamw"))
+                                      ns_steps=ns_steps, **self._TORCH_KEYS))
 
     def add_param_group(self, param_group: dict) -> None:
         """As torch's, each param checked (a matrix or a stack of them) with its split (None: whole)."""
@@ -926,6 +927,9 @@ class Muon(torch.optim.Optimizer):
         for group in state_dict.get("param_groups", ()):  # refused before anything is loaded
             self._check_scaling(group)
         super().load_state_dict(state_dict)
+        for group in self.param_groups:  # (a state saved before they were kept: torch's Muon reads them)
+            for key, value in self._TORCH_KEYS.items():
+                group.setdefault(key, value)
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -407,3 +407,23 @@ def test_continuations_as_the_harness_scores_loglikelihood(tmp_path):
     with pytest.raises(ValueError, match="continuation"):
         path.write_text(json.dumps({"context": "a", "continuation": ""}) + "\n")
         evaluate.read_continuations(path)
+
+
+def test_text_loss_builds_no_graph():
+    # (its no_grad had slid onto read_continuations when score_continuations was put before it)
+    rng = random.Random(0)
+    texts = [" ".join(rng.choice("the a cat dog sat on mat".split()) for _ in range(40)) for _ in range(4)]
+    tok = Tokenizer.train(texts, 270, special_tokens=["<|endoftext|>"], show_progress=False)
+    model = LLM(ModelConfig(vocab_size=tok.vocab_size, n_layers=1, n_heads=2, n_kv_heads=2, dim=32, block_size=64))
+    seen = []
+    model.register_forward_hook(lambda m, i, o: seen.append(torch.is_grad_enabled()))
+    evaluate.text_loss(model, tok, texts, seq_len=16)
+    assert seen and not any(seen)
+
+
+def test_choice_row_with_winogrande_fields_beside_is_read(tmp_path):
+    # the Winogrande message only where no context was found (it had refused a valid row carrying both)
+    path = tmp_path / "c.jsonl"
+    path.write_text(json.dumps({"sentence": "x _ y", "option1": "a", "option2": "b", "answer": "1",
+                                "ctx": "c", "endings": ["d", "e"], "label": 0}) + "\n")
+    assert evaluate.read_choices(path) == [{"context": "c", "endings": ["d", "e"], "label": 0}]

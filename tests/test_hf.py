@@ -1696,6 +1696,10 @@ def test_models_loaded_after_on_load_come_patched(tmp_path, on_load):
     with pytest.warns(UserWarning, match="LlamaForSequenceClassification loads without pyllm's fused_linear_cross"):
         classifier = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path, num_labels=1)
     assert type(classifier.model.layers[0].mlp)._pyllm_kind == "_swiglu_mlp_forward"
+    eager = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager")
+    assert eager.config._attn_implementation == "eager"  # named by the caller: kept (the rest patched)
+    assert type(eager.model.layers[0].mlp)._pyllm_kind == "_swiglu_mlp_forward"
+    assert "pretrained_model_name_or_path" in str(inspect.signature(transformers.PreTrainedModel.from_pretrained))
     on_load(False)
     again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
     assert again.config._attn_implementation != phf.NAME and not hasattr(type(again.model.layers[0].mlp), "_pyllm_kind")
@@ -1723,3 +1727,15 @@ def test_trls_reference_model_runs_the_policys_kernels(tmp_path, on_load):
     ids = inputs()
     with torch.no_grad():
         assert torch.equal(reference.model(ids).last_hidden_state, policy.model(ids).last_hidden_state)
+
+
+def test_on_load_with_output_loading_info(tmp_path):
+    # output_loading_info=True returns (model, loading_info): the tuple had been patched (AttributeError)
+    model, _ = tiny("llama", torch.float32, attention="sdpa")
+    model.save_pretrained(tmp_path)
+    phf.apply_pyllm_kernels_on_load()
+    try:
+        loaded, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+        assert loaded.config._attn_implementation == phf.NAME and "missing_keys" in info
+    finally:
+        phf.apply_pyllm_kernels_on_load(False)

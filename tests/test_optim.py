@@ -1438,6 +1438,16 @@ def test_muon_state_steps_in_torchs_muon():
     opt.step()
     torch_opt.step()
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-6)
+    # a state saved before the keys were kept gets them at load, and steps in torch's Muon too
+    old = copy.deepcopy(opt.state_dict())
+    for group in old["param_groups"]:
+        for key in ("ns_coefficients", "eps", "adjust_lr_fn"):
+            del group[key]
+    again = Muon([ours], lr=0.02, weight_decay=0.1)
+    again.load_state_dict(old)
+    torch_opt.load_state_dict(copy.deepcopy(again.state_dict()))
+    theirs.grad = torch.randn(16, 8)
+    torch_opt.step()
 
 
 @pytest.mark.parametrize("backoffs", [130, 150])
@@ -1464,3 +1474,23 @@ def test_a_loss_scale_past_fp32_skips_the_step(backoffs):
 def test_loss_scales_fp32_cannot_hold_are_refused(init_scale):
     with pytest.raises(ValueError, match="fp32 holds"):
         DynamicLossScaler(init_scale=init_scale)
+
+
+def test_write_on_the_masters_other_neighbour_is_kept():
+    # round to nearest: a param written (in place) onto its master's other bf16 neighbour is a change
+    torch.manual_seed(0)
+    p = nn.Parameter(torch.randn(4096).to(torch.bfloat16))
+    opt = AdamW([p], lr=1e-3, master_weights=True)
+    p.grad = torch.randn(4096).to(torch.bfloat16)
+    opt.step()
+    master = opt.state[p]["master"]
+    nearest = master.to(torch.bfloat16)
+    other = torch.nextafter(nearest, torch.where(nearest.float() > master, -math.inf, math.inf).to(torch.bfloat16))
+    with torch.no_grad():
+        p.copy_(other)
+    written = p.detach().clone()
+    for g in opt.param_groups:
+        g["lr"], g["weight_decay"] = 0.0, 0.0
+    p.grad = torch.zeros_like(p)
+    opt.step()
+    assert torch.equal(p.detach(), written)

@@ -125,7 +125,7 @@ def test_backward_is_bitwise_repeatable(device):
 def test_backward_has_the_same_bits_on_any_thread_count(dtype, weight_dtype, rows):
     # dw is summed per segment of rows that the row count sets, then in segment order: one partial
     # per thread had made its last bits depend on OMP_NUM_THREADS (2 vs 3 threads: 1-ulp differences
-    # in bf16). 300 rows run 9 segments of 33 or 34 rows; 70 rows two of 35.
+    # in bf16). 300 rows run 9 segments of 33 or 34 rows; 70 rows 8 of 8 or 9.
     x, weight = inputs((rows, 1040), dtype, "cpu", True)
     if weight_dtype is not None:
         weight = weight.detach().to(weight_dtype).requires_grad_()

@@ -260,19 +260,22 @@ constexpr int64_t kDwBlockRows = 32;
 // thread takes a segment sums it into that segment's partial, and the partials are added in segment
 // order, so dw has the same bits on 1 thread or 64 (one partial per thread had made it depend on
 // OMP_NUM_THREADS). At least 32 rows a segment, so that the partials weigh at most 1/32 of the bytes
-// of the segment's dy and x (1/16 for 16-bit x with an fp32 dw, whose partials are fp64); at most
-// 128 segments (4 MB of partials at 4,096 fp32 columns), so a static schedule leaves a thread at
-// most 1/128 of the rows behind another. Under 32 x threads rows, fewer threads than offered run.
+// of the segment's dy and x (1/16 for 16-bit x with an fp32 dw, whose partials are fp64), but at
+// least 8 segments (of fewer rows: one each under 8), so that a call of few long rows still runs on
+// up to 8 threads; at most 128 segments (4 MB of partials at 4,096 fp32 columns), so a static
+// schedule leaves a thread at most 1/128 of the rows behind another.
 constexpr int64_t kDwSegmentMinRows = 32;
+constexpr int64_t kDwSegmentsMin = 8;
 constexpr int64_t kDwSegments = 128;
 
 // The partials live in a buffer the calling thread keeps across calls (as flash_attn.h's tiles), each
 // zeroed by the thread that sums into it just before, while it is in that thread's cache. 1-thread
-// backward, 2048 x 4096 bf16, 2 EPYC cores shared with other work (best of 3 runs of thread CPU
-// time, 2026-12-06): one partial per thread (thread-count dependent) 4.7 ms; 128 segments in a
-// fresh zeroed buffer, summed a column at a time, 7.2; kept, zeroed in place, summed in runs of
-// columns, 5.4 at 16-row segments, 5.2 at 32 (4% over one partial per thread; 8192 x 1024 bf16 and
-// 2048 x 4096 fp32 likewise). A call that needed more than 32 MB frees it at the end.
+// backward, 2048 x 4096 bf16, 2 EPYC cores shared with other work (thread CPU time, best of 3 runs
+// of 40, 2026-12-06; the runs of a build vary by ~10%): one partial per thread (thread-count
+// dependent) 4.7-4.9 ms; 128 segments in a fresh zeroed buffer, summed a column at a time, 7.2;
+// kept, zeroed in place, summed in runs of columns, 5.4 at 16-row segments, 5.2 at 32 (the last
+// pair of runs: 4.94 vs 5.15 ms, 4%; 8192 x 1024 bf16 and 2048 x 4096 fp32 alike). A call that
+// needed more than 32 MB (of fp64 partials: 128 x 32K columns) frees it at the end.
 constexpr size_t kKeptScratchBytes = size_t(32) << 20;
 constexpr int64_t kDwColumnRun = 256;  // 2 KB of fp64 sums, in L1 beside a segment's run of partials
 
@@ -290,7 +293,8 @@ void bwd(const T* dout, const T* x, const T* w, const acc_t<T>* rstd, T* dx, voi
     return;
   }
   const bool blocked = dw_fp32 && !std::is_same_v<S, double>;
-  const int64_t segments = std::clamp<int64_t>(a.rows / kDwSegmentMinRows, 1, kDwSegments);
+  const int64_t segments =
+      std::clamp<int64_t>(a.rows / kDwSegmentMinRows, std::min<int64_t>(a.rows, kDwSegmentsMin), kDwSegments);
   const size_t cols = size_t(a.cols);
   // one partial per segment (fp64 when blocked), then, blocked, each thread's sums of a block of rows
   static thread_local std::vector<double> kept;
@@ -325,7 +329,7 @@ void bwd(const T* dout, const T* x, const T* w, const acc_t<T>* rstd, T* dx, voi
       }
     }  // the loop's barrier: every segment summed before any column is
     // Columns in runs of kDwColumnRun, each run's partials added segment after segment along the row
-    // (a column at a time down the segments, 16 KB apart per add, had been slower: below)
+    // (a column at a time down the segments, 16 KB apart per add, had been slower: above)
     const int64_t runs = (a.cols + kDwColumnRun - 1) / kDwColumnRun;
 #pragma omp for schedule(static)
     for (int64_t run = 0; run < runs; ++run) {

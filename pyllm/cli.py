@@ -1342,20 +1342,15 @@ def generate_file(model, tokenizer, args, prefix_ids, stop_tokens, source) -> in
     prompt in the chat template; completions end before a stop token."""
     import torch
 
+    from pyllm import data
     from pyllm.model import until_stop
     from pyllm.tokenizer.tokenizer import hf_chat_prompt
 
     path = Path(args.prompts_file)
     prompts = []
-    # (utf-8-sig: a byte-order mark before the first line read past, as the other JSON Lines readers do)
-    for n, line in enumerate(path.read_text(encoding="utf-8-sig").split("\n"), 1):  # not splitlines(): U+2028 in a string
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not a JSON line ({e})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+    # read as the training data's JSON Lines (a BOM read past, U+2028 inside a string kept in its line)
+    for n, record, _ in data._jsonl_rows(path):
+        if not isinstance(record.get("prompt"), str):
             raise ValueError(f"{path}:{n}: expected a JSON object with a \"prompt\" string")
         prompts.extend([record["prompt"]] * args.num_samples)  # --num-samples completions of each, in a row
     args.batch_size = 16 if args.batch_size is None else args.batch_size

@@ -788,7 +788,7 @@ def test_bad_numbers_and_paths_are_one_line_errors(corpus, tmp_path, capsys):
     assert "Is a directory" in capsys.readouterr().err
     (tmp_path / "prompts.jsonl").write_text('{"prompt": "a"}\nnot json\n')
     assert cli.main(["generate", "--run", str(run), "--prompts-file", str(tmp_path / "prompts.jsonl")]) == 2
-    assert "prompts.jsonl:2: not a JSON line" in capsys.readouterr().err
+    assert "prompts.jsonl:2: not JSON" in capsys.readouterr().err
 
 
 def test_what_a_nanogpt_user_tries(corpus, tmp_path, capsys):

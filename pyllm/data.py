@@ -211,6 +211,8 @@ def is_text_rows(path) -> bool:
     dataset's export): each line's text is a document. ValueError for a *.jsonl file of rows
     without "text" ({"page": ...}, {"content": ...}): it had been read as one text, JSON and all."""
     keys = _first_row_keys(path)
+    if keys and "text" not in keys and Path(path).suffix == ".json":  # (a .json of other rows: left as text)
+        return False
     if keys and "text" not in keys:
         raise ValueError(f"{path}: a JSON Lines file whose rows have no \"text\" (its first has "
                          f"{', '.join(sorted(keys)[:6])}{' ...' if len(keys) > 6 else ''}): write each document as a "
@@ -844,7 +846,8 @@ def _example(row: dict) -> dict | None:
 def _first_row_keys(item) -> set:
     """The keys of a *.jsonl file's first row (an empty set for anything else)."""
     path = Path(item)
-    if path.suffix != ".jsonl" or not path.is_file():
+    # (*.json too: Hugging Face datasets' Dataset.to_json writes JSON Lines by default, to any name)
+    if path.suffix not in (".jsonl", ".json") or not path.is_file():
         return set()
     with open(path, encoding="utf-8-sig", errors="replace") as f:  # (a BOM as _jsonl_rows reads it; bytes not
         first = next((line for line in f if line.strip()), "")      # UTF-8 said there, naming the file)

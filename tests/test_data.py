@@ -1,11 +1,14 @@
 """Token files, prepare and the loader, with a byte-level stand-in for pyllm's tokenizer."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
 from pyllm import data
+from pyllm.tokenizer import Tokenizer
 
 
 class ByteTokenizer:
@@ -476,3 +479,21 @@ def test_a_killed_writers_temp_files_are_removed_by_the_next_one(tmp_path):
     (tmp_path / "t.mask.npy").symlink_to(link)  # a planted link is replaced, not written through
     data.write_whole(tmp_path / "t.mask.npy", np.zeros(3, np.uint8))
     assert link.read_text() == "keep" and np.load(tmp_path / "t.mask.npy").tolist() == [0, 0, 0]
+
+
+def test_hf_to_json_export_is_rows(tmp_path):
+    # datasets.Dataset.to_json("x.json") writes JSON Lines of {"text": ...}: one document per row (a .json
+    # had been read as one raw text, braces and keys too; from the data audit)
+    tok = Tokenizer.train(["story number %d." % i for i in range(50)], 300, special_tokens=["<|endoftext|>"],
+                          show_progress=False)
+    (tmp_path / "x.json").write_text("".join(json.dumps({"text": f"story number {i}."}) + "\n" for i in range(10)))
+    st = data.prepare([tmp_path / "x.json"], tok, tmp_path / "out", 0.5, show_progress=False)
+    assert st["documents"] == 10
+    ids = np.asarray(data.open_tokens(tmp_path / "out" / "train.bin")).tolist()
+    assert tok.decode(ids).startswith("story number 0.<|endoftext|>")
+
+
+def test_other_json_stays_text(tmp_path):
+    # a .json whose first row has no "text" (a package.json in a corpus folder) is text, not refused
+    (tmp_path / "package.json").write_text('{"name": "x", "version": "1"}\n')
+    assert list(data.read_documents([tmp_path / "package.json"])) == ['{"name": "x", "version": "1"}\n']

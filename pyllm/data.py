@@ -844,7 +844,8 @@ def _example(row: dict) -> dict | None:
 
 
 def _first_row_keys(item) -> set:
-    """The keys of a *.jsonl file's first row (an empty set for anything else)."""
+    """The keys of a *.jsonl (or *.json) file's first row when it is a JSON object (an empty set for
+    anything else)."""
     path = Path(item)
     # (*.json too: Hugging Face datasets' Dataset.to_json writes JSON Lines by default, to any name)
     if path.suffix not in (".jsonl", ".json") or not path.is_file():

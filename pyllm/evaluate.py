@@ -82,13 +82,6 @@ def read_choices(path) -> list[dict]:
     return examples
 
 
-def _ending_text(ending: str) -> str:
-    """An ending as it follows its context: a space before it, whatever it starts with (the harness's
-    target_delimiter, as llm.c's HellaSwag eval joins them too; an ending starting with whitespace
-    had been given none, another text than both score)."""
-    return " " + ending
-
-
 def _start_token(tokenizer, start: Sequence[int] | None = None) -> list[int]:
     """What a text starts from: start when given (`pyllm eval`: a Hugging Face model's BOS or EOS
     where its tokenizer has no <|endoftext|>, as lm-evaluation-harness's prefix token), else
@@ -108,8 +101,11 @@ def choice_documents(examples: Sequence[dict], tokenizer, prefix: Sequence[int] 
     ending, and the ending's tokens those past the context's tokens' common prefix with the whole
     (where the context's last token merges with the ending's first, "Answer:\n" + "\nbar", that
     token is scored: the harness's split by length would leave part of the ending unscored). Every
-    ending gets delimiter (one space) before it, as HellaSwag's evaluations join them. An empty context (no prefix either) starts from <|endoftext|> (or
-    start), so the ending's first token is predicted too."""
+    ending gets delimiter before it, whatever it starts with: one space, the harness's target_delimiter,
+    as llm.c's HellaSwag eval joins them too (an ending starting with whitespace had been given none,
+    another text than both score); "" for a loglikelihood request's continuation. An empty context
+    (no prefix either) starts from <|endoftext|> (or start), so the ending's first token is predicted
+    too."""
     docs, masks = [], []
     for example in examples:
         context = example["context"].rstrip()
@@ -117,8 +113,7 @@ def choice_documents(examples: Sequence[dict], tokenizer, prefix: Sequence[int] 
         lead = list(prefix) or ([] if context else _start_token(tokenizer, start))
         context_ids = [*lead, *tokenizer.encode_ordinary(context)]
         for ending in example["endings"]:
-            ending = _ending_text(ending) if delimiter == " " else delimiter + ending
-            whole = [*lead, *tokenizer.encode_ordinary(context + moved + ending)]
+            whole = [*lead, *tokenizer.encode_ordinary(context + moved + delimiter + ending)]
             first = next((i for i, (a, b) in enumerate(zip(context_ids, whole)) if a != b), len(context_ids))
             first = max(min(first, len(whole) - 1), 1 if len(whole) > 1 else 0)  # a scored token has one before it
             docs.append(np.asarray(whole, np.int64))
@@ -207,6 +202,18 @@ def _example_of(meta: dict, candidate: int) -> int:
     return int(np.searchsorted(np.cumsum([len(c) for c in meta["bytes"]]), candidate, side="right"))
 
 
+def _harness_cut(doc: np.ndarray, trained: np.ndarray, seq_len: int, what) -> tuple[np.ndarray, np.ndarray]:
+    """doc and its trained mask cut to their last seq_len + 1 tokens where longer, as
+    lm-evaluation-harness cuts a request (it keeps the last max_length + 1 tokens, max_length of them
+    input); ValueError where the ending does not fit after one token of context (what(): whose
+    ending, worked out only then)."""
+    if len(doc) <= seq_len + 1:
+        return doc, trained
+    if trained[-seq_len - 1]:  # (the first token kept is never predicted)
+        raise ValueError(f"{what()} of {int(trained.sum())} tokens does not fit seq_len {seq_len} after its context")
+    return doc[-seq_len - 1:], trained[-seq_len - 1:]
+
+
 def _left_cut(path: Path, meta: dict, offsets: np.ndarray, mask: np.ndarray, seq_len: int, out: Path,
               say: bool = True) -> Path:
     """write_choices' documents at out with each one longer than seq_len + 1 cut to its last
@@ -221,11 +228,9 @@ def _left_cut(path: Path, meta: dict, offsets: np.ndarray, mask: np.ndarray, seq
     docs, masks, cut = [], [], 0
     for i in range(len(offsets) - 1):
         doc, trained = np.asarray(tokens[offsets[i]:offsets[i + 1]]), mask[offsets[i]:offsets[i + 1]]
-        if len(doc) > seq_len + 1:  # the harness keeps the last max_length + 1 tokens, max_length of them input
-            if trained[-seq_len - 1]:  # (the first token kept is never predicted)
-                raise ValueError(f"example {_example_of(meta, i) + 1} (in file order): an ending of "
-                                 f"{int(trained.sum())} tokens does not fit seq_len {seq_len} after its context")
-            doc, trained, cut = doc[-seq_len - 1:], trained[-seq_len - 1:], cut + 1
+        cut += len(doc) > seq_len + 1
+        doc, trained = _harness_cut(doc, trained, seq_len,
+                                    lambda: f"example {_example_of(meta, i) + 1} (in file order): an ending")
         docs.append(doc)
         masks.append(np.asarray(trained))
     data.write_documents(out, docs, masks, data.read_header(path)["vocab_size"])
@@ -289,14 +294,8 @@ def score_continuations(model, tokenizer, examples: Sequence[dict], seq_len: int
     model.eval()
     logps, greedy = [], []
     for i in range(0, len(docs), batch_size):
-        group = []
-        for doc, mask in zip(docs[i:i + batch_size], masks[i:i + batch_size]):
-            if len(doc) > seq_len + 1:
-                if mask[-seq_len - 1]:
-                    raise ValueError(f"example {i + len(group) + 1}: a continuation of {int(mask.sum())} tokens does not "
-                                     f"fit seq_len {seq_len} after its context")
-                doc, mask = doc[-seq_len - 1:], mask[-seq_len - 1:]
-            group.append((doc, mask))
+        group = [_harness_cut(doc, mask, seq_len, lambda: f"example {i + k + 1}: a continuation")
+                 for k, (doc, mask) in enumerate(zip(docs[i:i + batch_size], masks[i:i + batch_size]))]
         T = max(len(d) for d, _ in group) - 1
         x = torch.zeros(len(group), T, dtype=torch.long)
         y = torch.full((len(group), T), -1, dtype=torch.long)

@@ -1824,17 +1824,21 @@ def _decoder_config_from_hf(hf: dict) -> ModelConfig:
                        nope_layers=nope_layers, rotary_dim=rotary_dim, **_hf_experts(hf, kind), **_hf_granite(hf, kind))
 
 
+def _rope_type_named(rope: dict) -> dict:
+    """rope with transformers 4's "type" key under transformers 5's name, "rope_type"."""
+    if "type" in rope and "rope_type" not in rope:
+        return {"rope_type": rope["type"], **{k: v for k, v in rope.items() if k != "type"}}
+    return rope
+
+
 def hf_rope_parameters(hf: dict, kind: str) -> dict:
     """A (non-nested) config.json's RoPE parameters as transformers 5 reads them: rope_scaling, where
     given, over rope_parameters (PreTrainedConfig.convert_rope_params_to_dict: `rope_scaling or
     rope_parameters`; a user adding "rope_scaling" to a config transformers 5 wrote, as model cards
     say to enable YaRN, gets it there). Both given with different values: refused, since transformers
     then also drops rope_parameters' rope_theta for its class default."""
-    params, scaling = hf.get("rope_parameters") or {}, hf.get("rope_scaling") or {}
-    if "type" in scaling and "rope_type" not in scaling:  # transformers 4's key (Qwen2.5's model card writes it)
-        scaling = {"rope_type": scaling["type"], **{k: v for k, v in scaling.items() if k != "type"}}
-    if "type" in params and "rope_type" not in params:
-        params = {"rope_type": params["type"], **{k: v for k, v in params.items() if k != "type"}}
+    # (transformers 4's "type" key read as "rope_type": Qwen2.5's model card writes it)
+    params, scaling = (_rope_type_named(hf.get(key) or {}) for key in ("rope_parameters", "rope_scaling"))
     if params and scaling:
         # transformers then takes rope_theta from rope_scaling, else the top level, else its class default,
         # never from rope_parameters: a rope_theta there alone is dropped too

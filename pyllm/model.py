@@ -127,6 +127,9 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None  # Llama 3.1's: {"rope_type": "llama3", "factor", "low_freq_factor", ...}
     norm_eps: float = 1e-5
+    # RMSNorm weights stored as w for a scale of (norm_offset + w), computed in fp32 and rounded once
+    # (Gemma's 1.0: a bf16 model then scales as transformers' does; 0: LLaMA's w, rounded after the norm)
+    norm_offset: float = 0.0
 
     def __post_init__(self):
         self._check_types()
@@ -192,6 +195,9 @@ class ModelConfig:
             value = getattr(self, name)
             if value is not None and not _positive_number(value):
                 raise ValueError(f"ModelConfig.{name} must be None or a positive number, got {value!r}")
+        if not (_util.is_number(self.norm_offset) and math.isfinite(self.norm_offset)) or (self.norm_offset and self.norm != "rmsnorm"):
+            raise ValueError(f"ModelConfig.norm_offset must be a finite number, and 0 unless norm='rmsnorm', got "
+                             f"{self.norm_offset!r} with norm={self.norm!r}")
         for name in ("rope_theta", "norm_eps"):  # (NaN logits otherwise, at the first forward)
             if not _positive_number(getattr(self, name)):
                 raise ValueError(f"ModelConfig.{name} must be a positive number, got {getattr(self, name)!r}")
@@ -310,9 +316,13 @@ PRESETS: dict[str, dict] = {
 }
 
 
+def rms_norm_of(cfg: ModelConfig, dim: int) -> RMSNorm:
+    return RMSNorm(dim, eps=cfg.norm_eps, offset=cfg.norm_offset, cast_first=not cfg.norm_offset)
+
+
 def make_norm(cfg: ModelConfig) -> nn.Module:
     if cfg.norm == "rmsnorm":
-        return RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        return rms_norm_of(cfg, cfg.dim)
     return nn.LayerNorm(cfg.dim, eps=cfg.norm_eps, bias=cfg.bias)
 
 
@@ -323,8 +333,8 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=cfg.bias or cfg.qkv_bias)
         self.proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.bias)
         q_width, k_width = (cfg.n_heads, cfg.n_kv_heads) if cfg.qk_norm_all_heads else (1, 1)
-        self.q_norm = RMSNorm(q_width * cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(k_width * cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
+        self.q_norm = rms_norm_of(cfg, q_width * cfg.head_dim) if cfg.qk_norm else None
+        self.k_norm = rms_norm_of(cfg, k_width * cfg.head_dim) if cfg.qk_norm else None
         self.qk_norm_all_heads = cfg.qk_norm_all_heads
         self.use_rope = cfg.positions == "rope" and layer not in (cfg.nope_layers or ())
         self.window = cfg.layer_window(layer)  # keys before a query's own that it sees; -1: all
@@ -1200,7 +1210,9 @@ class LLM(nn.Module):
             hf["pad_token_id"] = self.config.pad_token_id  # where transformers reads the scores, as pyllm does
         # (what the model trained with, TRAINING_FIELDS, is no part of the function written)
         trained = {k: getattr(self.config, k) for k in self.TRAINING_FIELDS}
-        if hf_config is not None and replace(config_from_hf(hf), **trained) != self.config:
+        # (a Gemma run saved before norm_offset holds its norms folded, 1 + w, state_to_hf unfolds them)
+        folded = {"norm_offset": 0.0} if kind in GEMMA_KINDS and not self.config.norm_offset else {}
+        if hf_config is not None and replace(config_from_hf(hf), **trained, **folded) != self.config:
             raise ValueError(f"to_hf: hf_config (model_type {kind!r}) does not describe this model's config")
         state = {k: v.detach() for k, v in self.state_dict().items()}
         if self.lora_scale() is not None:  # the updates merged, as save() writes them
@@ -1953,7 +1965,7 @@ def _gemma2_config(hf: dict) -> ModelConfig:
                        norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=rope.get("rope_theta", hf.get("rope_theta")),
                        sandwich_norm=True, embed_scale=True, softmax_scale=hf.get("query_pre_attn_scalar", 256) ** -0.5,
                        attn_softcap=hf.get("attn_logit_softcapping") or None,
-                       final_softcap=hf.get("final_logit_softcapping") or None,
+                       final_softcap=hf.get("final_logit_softcapping") or None, norm_offset=1.0,
                        sliding_window=window if window_layers else None, window_layers=window_layers or None)
 
 
@@ -1970,7 +1982,7 @@ def gemma3_text_config(hf: dict) -> dict:
 def _gemma3_config(hf: dict) -> ModelConfig:
     """Gemma 3's text model (Gemma3ForCausalLM, the 270M and 1B checkpoints): a LLaMA with
     sqrt(dim)-scaled embeddings, norms around both sublayers' outputs too, (1 + w) norm weights
-    (folded into w at load), q / k norms, a tanh-GELU-gated MLP, softmax scale
+    (norm_offset=1), q / k norms, a tanh-GELU-gated MLP, softmax scale
     query_pre_attn_scalar ** -0.5, sliding-window layers (5 in 6) with their own RoPE theta, and
     Gemma 2's capped logits where the config sets final_logit_softcapping (its attention scores are
     not capped: transformers' Gemma 3 leaves attn_logit_softcapping unread)."""
@@ -2002,7 +2014,7 @@ def _gemma3_config(hf: dict) -> ModelConfig:
                        norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=full["rope_theta"],
                        rope_scaling={"rope_type": "linear", "factor": full["factor"]} if full_type == "linear" else None,
                        local_rope_theta=local["rope_theta"] if window_layers else None, qk_norm=True, sandwich_norm=True,
-                       embed_scale=True, softmax_scale=hf.get("query_pre_attn_scalar", 256) ** -0.5,
+                       embed_scale=True, norm_offset=1.0, softmax_scale=hf.get("query_pre_attn_scalar", 256) ** -0.5,
                        sliding_window=window if window_layers else None, window_layers=window_layers or None,
                        # (null in Gemma 3's checkpoints; transformers' Gemma3ForCausalLM caps its logits where the
                        # config says: it had been refused)
@@ -2132,10 +2144,11 @@ def state_from_hf(hf_state: dict, cfg: ModelConfig, kind: str) -> dict:
                 state[f"blocks.{i}.{ours}.bias"] = hf_state[f"h.{i}.{theirs}.bias"]
         state["norm_f.weight"], state["norm_f.bias"] = hf_state["ln_f.weight"], hf_state["ln_f.bias"]
     else:
-        # Gemma's norms scale by (1 + w), which transformers computes in fp32 (`1.0 + weight.float()`): folded
-        # in a bf16 checkpoint's own dtype, 1 + w had been rounded to bf16 (up to 2^-9 of the scale off)
-        fold = (lambda w: w.to(torch.promote_types(w.dtype, torch.float32)) + 1.0) if kind in GEMMA_KINDS else (  # noqa: E731
-            lambda w: w)
+        # Gemma's norms scale by (1 + w), which transformers computes in fp32 (`1.0 + weight.float()`):
+        # kept as w under norm_offset=1. Folded into the weight for a config without it (a LLaMA-shaped
+        # one), in fp32: folded in a bf16 checkpoint's own dtype, 1 + w had been up to 2^-9 off.
+        fold = (lambda w: w.to(torch.promote_types(w.dtype, torch.float32)) + 1.0) if (  # noqa: E731
+            kind in GEMMA_KINDS and not cfg.norm_offset) else (lambda w: w)
         state["tok_emb.weight"], state["norm_f.weight"] = hf_state["embed_tokens.weight"], fold(hf_state["norm.weight"])
         for i in range(cfg.n_layers):
             layer = lambda name: hf_state[f"layers.{i}.{name}.weight"]  # noqa: E731
@@ -2279,7 +2292,7 @@ def hf_config_of(cfg: ModelConfig) -> dict:
              "parallel_block": False, "qk_norm": False, "nope_layers": None, "rotary_dim": None, "sandwich_norm": False,
              "embed_scale": False, "softmax_scale": None, "local_rope_theta": None, "window_layers": None,
              "pre_norm": True, "embed_multiplier": None, "residual_multiplier": None, "logits_scaling": None,
-             "attn_softcap": None, "final_softcap": None}
+             "attn_softcap": None, "final_softcap": None, "norm_offset": 0.0}
     # (what a LLaMA config cannot say, named in the refusal)
     unlike = [f"{name}={getattr(cfg, name)!r}" for name, value in llama.items()
               if (getattr(cfg, name) and not qwen3 if name == "qk_norm" else getattr(cfg, name)) != value]
@@ -2516,7 +2529,8 @@ def state_to_hf(state: dict, cfg: ModelConfig, kind: str) -> dict:
         if cfg.num_labels:  # GPT2ForSequenceClassification: the score head instead of the LM head
             out["score.weight"] = state["score.weight"]
         return out
-    norm = (lambda w: w - 1.0) if kind in GEMMA_KINDS else (lambda w: w)  # noqa: E731  Gemma's (1 + w), unfolded
+    # Gemma's (1 + w): unfolded where the model holds it folded (a run saved before norm_offset)
+    norm = (lambda w: w - 1.0) if kind in GEMMA_KINDS and not cfg.norm_offset else (lambda w: w)  # noqa: E731
     H, H_kv, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     out["model.embed_tokens.weight"], out["model.norm.weight"] = state["tok_emb.weight"], norm(state["norm_f.weight"])
     for i in range(cfg.n_layers):

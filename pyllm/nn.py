@@ -1675,10 +1675,12 @@ class RMSNorm(nn.Module):
     (dim: an int or the trailing dims normalised together, also by torch's name normalized_shape=;
     elementwise_affine), with LLaMA's roundings and eps default (1e-5; None: torch's, fp32's
     epsilon). A weight of another dtype than x is cast to x's first; an fp32 weight on bf16 / fp16 x
-    (under autocast) is rounded for the product too, its gradient written in fp32 (rms_norm's)."""
+    (under autocast) is rounded for the product too, its gradient written in fp32 (rms_norm's).
+    offset, cast_first: rms_norm's; Gemma's norm is offset=1.0, cast_first=False (the weight stored
+    as scale - 1, initialised to 0, the product taken in fp32 and rounded once)."""
 
     def __init__(self, dim=None, eps: float | None = 1e-5, elementwise_affine: bool = True, device=None, dtype=None, *,
-                 normalized_shape=None):
+                 normalized_shape=None, offset: float = 0.0, cast_first: bool = True):
         super().__init__()
         if (dim is None) == (normalized_shape is None):  # normalized_shape: torch.nn.RMSNorm's name for dim
             raise TypeError("RMSNorm: give the normalised size as dim (first argument) or normalized_shape= "
@@ -1691,6 +1693,7 @@ class RMSNorm(nn.Module):
         self.normalized_shape = (dim,) if isinstance(dim, int) else tuple(dim)
         self.eps = eps
         self.elementwise_affine = elementwise_affine
+        self.offset, self.cast_first = float(offset), bool(cast_first)
         if elementwise_affine:
             self.weight = nn.Parameter(torch.empty(self.normalized_shape, device=device, dtype=dtype))
         else:
@@ -1698,12 +1701,14 @@ class RMSNorm(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Ones (what meta-device init then to_empty, FSDP2's way, calls to fill the weight)."""
+        """A scale of one: weights 1 - offset (what meta-device init then to_empty, FSDP2's way, calls to
+        fill the weight)."""
         if self.weight is not None:
-            nn.init.ones_(self.weight)
+            nn.init.constant_(self.weight, 1.0 - self.offset)
 
     def extra_repr(self) -> str:
-        return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
+        extra = f", offset={self.offset}, cast_first={self.cast_first}" if (self.offset, self.cast_first) != (0, True) else ""
+        return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}{extra}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = len(self.normalized_shape)
@@ -1719,11 +1724,14 @@ class RMSNorm(nn.Module):
         eps = rms_norm_ops._torch_eps(x) if self.eps is None else self.eps
         weight = None if self.weight is None else self.weight.reshape(-1)
         if _rms_norm_takes(x):  # the same roundings, one kernel (an fp32 weight's gradient in fp32)
-            return rms_norm(x, weight, eps)
-        weight = None if weight is None else weight.to(x.dtype)
+            return rms_norm(x, weight, eps, offset=self.offset, cast_first=self.cast_first)
         x32 = x.to(torch.promote_types(x.dtype, torch.float32))
-        y = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-        return y if weight is None else y * weight
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        if weight is None:
+            return y.to(x.dtype)
+        if self.cast_first:
+            y = y.to(x.dtype).to(y.dtype)
+        return (y * (self.offset + weight.to(x.dtype).to(y.dtype))).to(x.dtype)  # the kernel's T(y * (offset + w))
 
 
 def rope_cos_sin(seq_len: int, head_dim: int, theta: float = 10000.0, start: int = 0, device=None,

@@ -2818,13 +2818,10 @@ def test_from_hf_reads_rope_and_defaults_as_transformers_5_does():
         assert (cfg.rope_theta, cfg.norm_eps) == (hf.rope_parameters["rope_theta"], hf.rms_norm_eps), kind
 
 
-@pytest.mark.parametrize("kind", ["gemma2", "gemma3_text"])
-def test_from_hf_bf16_gemma_norms_fold_in_fp32(tmp_path, kind):
-    # A bf16 checkpoint (as Gemma ships) read into an fp32 model: its (1 + w) norm scales are
-    # transformers' 1.0 + weight.float(); folded in bf16 they had been rounded (0.4% off, logits 0.02)
-    transformers = pytest.importorskip("transformers")
+def bf16_gemma_checkpoint(transformers, folder, kind: str, **sizes):
+    """A random Gemma 2 / 3 checkpoint saved in bf16, as Gemma's ship, norm weights far from 0."""
     common = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
-                  num_key_value_heads=1, head_dim=16, max_position_embeddings=64, sliding_window=4)
+                  num_key_value_heads=1, head_dim=16, max_position_embeddings=64, sliding_window=4, **sizes)
     if kind == "gemma2":
         model = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**common, attn_implementation="eager"))
     else:
@@ -2833,14 +2830,91 @@ def test_from_hf_bf16_gemma_norms_fold_in_fp32(tmp_path, kind):
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(torch.randn(p.shape) * (0.3 if "norm" in name else 0.05))
-    model.to(torch.bfloat16).save_pretrained(tmp_path)  # as Gemma checkpoints ship
+    model.to(torch.bfloat16).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "gemma3_text"])
+def test_from_hf_bf16_gemma_norms_scale_in_fp32(tmp_path, kind):
+    # A bf16 checkpoint (as Gemma ships) read into an fp32 model: its (1 + w) norm scales are
+    # transformers' 1.0 + weight.float(); folded in bf16 they had been rounded (0.4% off, logits 0.02).
+    # w is kept as the checkpoint has it, under norm_offset=1.
+    transformers = pytest.importorskip("transformers")
+    bf16_gemma_checkpoint(transformers, tmp_path, kind)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, attn_implementation="eager").eval()
     ours = LLM.from_hf(tmp_path, dtype=torch.float32)
+    assert ours.config.norm_offset == 1.0
     w = hf.model.layers[0].input_layernorm.weight
-    assert torch.equal(ours.blocks[0].norm1.weight, 1.0 + w.float())
+    assert torch.equal(ours.blocks[0].norm1.weight, w.float())
     ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(ours(ids)[0], hf(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "gemma3_text"])
+def test_bf16_gemma_norms_give_transformers_bits(tmp_path, kind):
+    # A bf16 model's Gemma norms: the scale 1 + w in fp32, one rounding, as transformers' Gemma RMSNorm.
+    # They had held 1 + w folded in bf16 (0.36% off) and rounded twice (LLaMA's order): bf16 logits
+    # 0.04-0.06 from transformers' bf16, whose own error from fp64 is ~0.03.
+    transformers = pytest.importorskip("transformers")
+    bf16_gemma_checkpoint(transformers, tmp_path, kind)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16, attn_implementation="eager").eval()
+    ours = LLM.from_hf(tmp_path, dtype=torch.bfloat16).eval()
+    x = torch.randn(3, 5, 32, dtype=torch.bfloat16)
+    pairs = [(ours.blocks[0].norm1, hf.model.layers[0].input_layernorm),
+             (ours.blocks[1].attn_out_norm, hf.model.layers[1].post_attention_layernorm),
+             (ours.blocks[0].mlp_out_norm, hf.model.layers[0].post_feedforward_layernorm), (ours.norm_f, hf.model.norm)]
+    with torch.no_grad():
+        for mine, theirs in pairs:
+            assert torch.equal(mine(x), theirs(x))
+        if kind == "gemma3_text":  # q / k norms, per head
+            q = torch.randn(2, 4, 2, 16, dtype=torch.bfloat16)
+            assert torch.equal(ours.blocks[0].attn.q_norm(q), hf.model.layers[0].self_attn.q_norm(q))
+        ids = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(0))
+        ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64,
+                                                                attn_implementation="eager").eval()(ids).logits
+        err = lambda logits: (logits.double() - ref).abs().max().item()  # noqa: E731
+        assert err(ours(ids)[0]) <= 2 * err(hf(ids).logits)
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "gemma3_text"])
+def test_gemma_run_saved_with_folded_norms_exports_as_before(tmp_path, kind):
+    # Runs saved before norm_offset hold 1 + w in their norm weights under norm_offset=0 (LLaMA's
+    # norm): they compute as before and export w, as the new form does.
+    transformers = pytest.importorskip("transformers")
+    from dataclasses import replace
+    bf16_gemma_checkpoint(transformers, tmp_path / "hf", kind)
+    new = LLM.from_hf(tmp_path / "hf", dtype=torch.float32).eval()
+    old = LLM(replace(new.config, norm_offset=0.0)).eval()
+    old.load_state_dict({k: v + 1.0 if "norm" in k else v for k, v in new.state_dict().items()})
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(old(ids)[0], new(ids)[0], atol=1e-5, rtol=1e-5)
+    hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    from safetensors.torch import load_file
+    a = load_file(str(new.to_hf(tmp_path / "new", hf_config) / "model.safetensors"))
+    b = load_file(str(old.to_hf(tmp_path / "old", hf_config) / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+
+
+def test_norm_offset_models_start_at_scale_one_and_are_checked():
+    cfg = ModelConfig(vocab_size=32, block_size=16, n_layers=1, n_heads=2, dim=16, qk_norm=True, norm_offset=1.0)
+    model = LLM(cfg)
+    for name, p in model.named_parameters():
+        if "norm" in name:
+            assert torch.equal(p, torch.zeros_like(p)), name  # scale 1 + 0
+    x = torch.randn(4, 16)
+    from dataclasses import replace
+    plain = LLM(replace(cfg, norm_offset=0.0)).norm_f
+    torch.testing.assert_close(model.norm_f(x), plain(x))
+    with pytest.raises(ValueError, match="norm_offset"):
+        ModelConfig(norm="layernorm", norm_offset=1.0).validate()
+    with pytest.raises(ValueError, match="norm_offset"):
+        ModelConfig(norm_offset=float("nan")).validate()
+    with pytest.raises(NotImplementedError, match="norm_offset"):
+        model.to_hf("/nonexistent/never-made")  # (a LLaMA config cannot say it)
 
 
 @pytest.mark.parametrize("stop", [7, None, [7], torch.tensor([7])])

@@ -802,12 +802,34 @@ def read_rows(path) -> list[dict] | None:
     return rows
 
 
+def _json_array_text(path, errors: str = "strict") -> str | None:
+    """The text of a file whose first non-blank character is "[" (one JSON array: pandas' and
+    datasets' to_json(lines=False), many datasets' *.json files), None for any other."""
+    with open(path, encoding="utf-8-sig", errors=errors) as f:
+        head = f.read(4096)
+        return head + f.read() if head.lstrip().startswith("[") else None
+
+
 def _jsonl_rows(path):
     """(line number, the line's object, the line) for each non-blank line (a UTF-8 byte-order mark
     before the first skipped, as Notepad writes one); ValueError naming the line that is not a JSON
-    object, or the file where it is not UTF-8."""
+    object, or the file where it is not UTF-8. A file of one JSON array gives its objects, "row N"
+    for the line number."""
     number = 0
     try:
+        text = _json_array_text(path)
+        try:
+            rows = None if text is None else json.loads(text)
+        except json.JSONDecodeError:
+            rows = None  # (JSON Lines whose lines are arrays, or a broken array: refused line by line below)
+        if isinstance(rows, list):
+            for number, row in enumerate(rows, 1):
+                if not isinstance(row, dict):
+                    raise ValueError(f"{path}:row {number}: a JSON {type(row).__name__}, not an object: the array "
+                                     "must hold one {...} object per example")
+                yield f"row {number}", row, json.dumps(row, ensure_ascii=False)
+            return
+        number = 0
         with open(path, encoding="utf-8-sig") as f:
             for number, line in enumerate(f, 1):
                 if not line.strip():
@@ -850,10 +872,15 @@ def _first_row_keys(item) -> set:
     # (*.json too: Hugging Face datasets' Dataset.to_json writes JSON Lines by default, to any name)
     if path.suffix not in (".jsonl", ".json") or not path.is_file():
         return set()
-    with open(path, encoding="utf-8-sig", errors="replace") as f:  # (a BOM as _jsonl_rows reads it; bytes not
-        first = next((line for line in f if line.strip()), "")      # UTF-8 said there, naming the file)
+    text = _json_array_text(path, errors="replace")  # (bytes not UTF-8 are refused by _jsonl_rows, naming the file)
     try:
-        row = json.loads(first)
+        if text is not None:  # one JSON array: its first element, decoded alone
+            start = text.index("[") + 1
+            start += len(text[start:]) - len(text[start:].lstrip())
+            row = json.JSONDecoder().raw_decode(text, start)[0]
+        else:
+            with open(path, encoding="utf-8-sig", errors="replace") as f:  # (a BOM as _jsonl_rows reads it)
+                row = json.loads(next((line for line in f if line.strip()), ""))
     except json.JSONDecodeError:
         return set()
     return set(row) if isinstance(row, dict) else set()

@@ -497,3 +497,24 @@ def test_other_json_stays_text(tmp_path):
     # a .json whose first row has no "text" (a package.json in a corpus folder) is text, not refused
     (tmp_path / "package.json").write_text('{"name": "x", "version": "1"}\n')
     assert list(data.read_documents([tmp_path / "package.json"])) == ['{"name": "x", "version": "1"}\n']
+
+
+@pytest.mark.parametrize("indent", [None, 2])
+def test_json_array_files_are_rows(tmp_path, indent):
+    # pandas' / datasets' to_json(lines=False) and many datasets' *.json files hold one JSON array of
+    # rows: its documents and conversations are read as JSON Lines' are (they had been tokenized as one
+    # raw text, brackets, keys and all, or refused on line 1)
+    docs = [{"text": f"story number {i}, é."} for i in range(6)]
+    (tmp_path / "x.json").write_text(json.dumps(docs, indent=indent, ensure_ascii=False), encoding="utf-8")
+    assert data.is_text_rows(tmp_path / "x.json")
+    assert list(data.read_documents([tmp_path / "x.json"])) == [d["text"] for d in docs]
+    chats = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+             for i in range(3)]
+    (tmp_path / "c.json").write_text("\ufeff" + json.dumps(chats, indent=indent), encoding="utf-8")
+    assert data.is_chat_data([tmp_path / "c.json"])
+    assert [e["messages"] for e in data.read_conversations(tmp_path / "c.json")] == [c["messages"] for c in chats]
+    (tmp_path / "bad.json").write_text(json.dumps([{"text": "a"}, "b"]))
+    with pytest.raises(ValueError, match=r"bad.json:row 2: a JSON str, not an object"):
+        list(data.read_documents([tmp_path / "bad.json"]))
+    (tmp_path / "words.json").write_text('["a", "b"]')  # (no rows: text, as any other .json)
+    assert list(data.read_documents([tmp_path / "words.json"])) == ['["a", "b"]']

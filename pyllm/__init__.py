@@ -45,6 +45,10 @@ __all__ = ["cross_entropy", "linear_cross_entropy", "generalized_jsd", "flash_at
 _SUBMODULES = {"nn", "model", "train", "data", "evaluate", "hf", "flash_attn_interface", "cpu_memory", "plan", "cli"}
 
 
+def __dir__():  # (tab completion: the names __getattr__ gives too)
+    return sorted({*globals(), "linear_cross_entropy", *_SUBMODULES})
+
+
 def __getattr__(name: str):
     # The fused output-layer loss lives with the modules (pyllm.nn); here too, where the other losses
     # are, without importing pyllm.nn at `import pyllm`.

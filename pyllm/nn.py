@@ -918,9 +918,7 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     ignore_index, reduction: for code written against Liger-Kernel's fused loss (whose defaults are
     -100 and "mean"): the targets to skip (-1 by default, pyllm's), and "sum" (pyllm's default) or
     "mean" over the targets counted (NaN when none is, as F.cross_entropy's)."""
-    if reduction not in ("sum", "mean"):
-        raise ValueError(f"linear_cross_entropy: reduction must be 'sum' or 'mean' (the rows' losses are never "
-                         f"kept), got {reduction!r}")
+    _check_reduction("linear_cross_entropy", reduction)
     _check_targets("linear_cross_entropy", x, targets)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):  # (True had been class 1)
         raise TypeError(f"linear_cross_entropy: ignore_index must be an int, got {type(ignore_index).__name__}")
@@ -946,11 +944,7 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
             targets = targets.masked_fill(ignored, -1)
     x, weight, chunk_rows = _fused_linear_inputs(x, weight, chunk_rows, softcap, cross_entropy_ops.takes)
     scale, softcap = _logit_shape("linear_cross_entropy", scale, softcap)
-    label_smoothing, z_loss = float(label_smoothing), float(z_loss)
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"linear_cross_entropy: label_smoothing must be in [0, 1], got {label_smoothing}")
-    if not 0.0 <= z_loss < math.inf:
-        raise ValueError(f"linear_cross_entropy: z_loss must be 0 or positive and finite, got {z_loss}")
+    label_smoothing, z_loss = _smoothing_and_z_loss("linear_cross_entropy", label_smoothing, z_loss)
     with _autocast_off(x):
         if _util.torch_func_active() or _util.exporting():
             # torch.func (per-example gradients) and torch.export (which inlines an autograd.Function's forward
@@ -1018,6 +1012,10 @@ class LinearCrossEntropyLoss(nn.Module):
         if accum_dtype not in (None, torch.float32):
             raise ValueError(f"LinearCrossEntropyLoss: accum_dtype must be None or torch.float32 (the weight's "
                              f"gradient is summed in fp32), got {accum_dtype}")
+        # (checked here, naming the module, as Liger's asserts do; they had surfaced at the first forward)
+        _check_reduction("LinearCrossEntropyLoss", reduction)
+        _smoothing_and_z_loss("LinearCrossEntropyLoss", label_smoothing, lse_square_scale, "lse_square_scale")
+        _logit_shape("LinearCrossEntropyLoss", 1.0, softcap)
         super().__init__()
         self.ignore_index, self.z_loss, self.label_smoothing = ignore_index, lse_square_scale, label_smoothing
         self.reduction, self.softcap, self.return_z_loss = reduction, softcap, return_z_loss
@@ -1038,6 +1036,22 @@ class LinearCrossEntropyLoss(nn.Module):
         none = (target == self.ignore_index).all()
         zero_if_none = lambda t: torch.where(none, torch.zeros_like(t), t)  # noqa: E731
         return tuple(zero_if_none(t) for t in out) if self.return_z_loss else zero_if_none(out)
+
+
+def _check_reduction(name: str, reduction) -> None:
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"{name}: reduction must be 'sum' or 'mean' (the rows' losses are never kept), got "
+                         f"{reduction!r}")
+
+
+def _smoothing_and_z_loss(name: str, label_smoothing, z_loss, z_name: str = "z_loss") -> tuple[float, float]:
+    """(label_smoothing, z_loss) checked, as floats (z_name: what the caller calls z_loss)."""
+    label_smoothing, z_loss = float(label_smoothing), float(z_loss)
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"{name}: label_smoothing must be in [0, 1], got {label_smoothing}")
+    if not 0.0 <= z_loss < math.inf:
+        raise ValueError(f"{name}: {z_name} must be 0 or positive and finite, got {z_loss}")
+    return label_smoothing, z_loss
 
 
 def _logit_shape(name: str, scale, softcap) -> tuple[float, float]:

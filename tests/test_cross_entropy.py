@@ -650,3 +650,27 @@ def test_linear_distill_compiles_fullgraph_and_takes_fake_tensors():
     with FakeTensorMode():
         s, t = torch.randn(4, 7), torch.randn(4, 7)
         assert distill_ops.distill_rows_(s, t).shape == (4,)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.int32, torch.uint8, torch.uint16, torch.uint32])
+def test_every_integer_target_dtype_is_taken(dtype):
+    # (int8, uint16, uint32 had been refused as "not an integer tensor"; linear_cross_entropy took them)
+    g = torch.Generator().manual_seed(0)
+    logits, targets = torch.randn(5, 7, dtype=torch.float64, generator=g), torch.tensor([0, 6, 2, 3, 1])
+    assert rel_err(pyllm.cross_entropy(logits, targets.to(dtype)), F.cross_entropy(logits, targets)) < 1e-14
+    with pytest.raises(TypeError, match="int64, int32"):
+        pyllm.cross_entropy(logits, targets.float())
+
+
+@pytest.mark.parametrize("kw, named", [(dict(reduction="avg"), "reduction"), (dict(label_smoothing=2.0), "label_smoothing"),
+                                       (dict(softcap=-1.0), "softcap"), (dict(lse_square_scale=-1.0), "lse_square_scale")])
+def test_linear_cross_entropy_loss_checks_its_arguments_when_made(kw, named):
+    # as Liger's module asserts them in __init__ (they had surfaced at the first forward, naming the function)
+    from pyllm.nn import LinearCrossEntropyLoss
+
+    with pytest.raises(ValueError, match=f"LinearCrossEntropyLoss: .*{named}"):
+        LinearCrossEntropyLoss(**kw)
+
+
+def test_dir_lists_the_lazy_names():
+    assert {"linear_cross_entropy", "nn", "model", "rms_norm"} <= set(dir(pyllm))

@@ -27,6 +27,7 @@ DTYPES = {
     "cuda": (torch.float32, torch.float16, torch.bfloat16),
 }
 REDUCTIONS = ("mean", "sum", "none")
+_TARGET_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.uint16, torch.uint32)
 
 
 # --- validation ---------------------------------------------------------------------------------
@@ -36,8 +37,10 @@ def _check(logits, targets, ignore_index, reduction, label_smoothing, z_loss, sc
     if logits.dim() == 0 or logits.shape[-1] == 0:
         raise ValueError(f"{OP}: logits must be (..., V) with V >= 1 (the classes on the last dim), got shape "
                          f"{tuple(logits.shape)}")
-    if not isinstance(targets, Tensor) or targets.dtype not in (torch.int64, torch.int32, torch.uint8, torch.int16):
-        raise TypeError(f"{OP}: targets must be an integer tensor of class indices, got "
+    # (any integer dtype whose values int64 holds: they are widened with .long(), as linear_cross_entropy's)
+    if not isinstance(targets, Tensor) or targets.dtype not in _TARGET_DTYPES:
+        raise TypeError(f"{OP}: targets must be an integer tensor of class indices "
+                        f"(int64, int32, int16, int8, uint8, uint16, uint32), got "
                         f"{getattr(targets, 'dtype', type(targets).__name__)}")
     if targets.shape != logits.shape[:-1]:
         raise ValueError(f"{OP}: targets must have logits' shape without its last dim, {tuple(logits.shape[:-1])}, "

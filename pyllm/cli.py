@@ -896,6 +896,40 @@ def cmd_train(args) -> int:
         return _train_command(args, explicit, opts, model, cli, refused)
 
 
+# Options that tune one schedule, optimizer or loss: given to a run without it, they change nothing
+# (--decay-frac had been taken silently by a cosine run, --muon-momentum by AdamW, --beta without a
+# preference loss), as TrainConfig.validate refuses sft_weight or label_smoothing without theirs.
+_GOES_WITH = {
+    "decay_frac": (lambda c: c.schedule == "wsd", "schedule wsd"),
+    "min_lr_ratio": (lambda c: c.schedule != "constant", "schedule cosine or wsd"),
+    "muon_momentum": (lambda c: c.optimizer == "muon", "optimizer muon"),
+    "beta": (lambda c: bool(c.preference), "a preference loss"),
+    "simpo_gamma": (lambda c: c.preference == "simpo", "preference simpo"),
+    "desirable_weight": (lambda c: c.preference == "kto", "preference kto"),
+    "undesirable_weight": (lambda c: c.preference == "kto", "preference kto"),
+    **{name: (lambda c: bool(c.teacher), "a teacher (distillation)") for name in (
+        "distill_beta", "distill_temperature", "distill_alpha", "distill_max_new_tokens", "distill_sample_temperature")},
+    **{name: (lambda c: bool(c.grpo_reward), "grpo_reward (GRPO)") for name in (
+        "grpo_reward_weights", "grpo_generations", "grpo_max_new_tokens", "grpo_temperature", "grpo_beta",
+        "grpo_loss_type", "grpo_scale_rewards", "grpo_iterations", "grpo_epsilon", "grpo_epsilon_high",
+        "grpo_importance_sampling", "grpo_log_completions", "grpo_mask_truncated", "grpo_kl_bias_correction")},
+}
+
+
+def check_options_used(cfg, opts: dict, flags: dict) -> None:
+    """ValueError for an option given that cfg's run would not read, naming what it goes with: a flag
+    (flags' names), or a config file's key (opts') at another value than the default (a file may
+    list every option)."""
+    from pyllm.train import TrainConfig
+
+    defaults = TrainConfig()
+    given = {name for name, value in opts.items() if name in flags or value != getattr(defaults, name, value)}
+    unused = [f"{name} (--{name.replace('_', '-')}) goes with {what}" for name, (used, what) in _GOES_WITH.items()
+              if name in given and not used(cfg)]
+    if unused:
+        raise ValueError(f"{'; '.join(unused)}, which this run has not: it would change nothing; leave it out")
+
+
 _SHARED_HINT = (" (under torchrun on several nodes, --out must be a folder on a filesystem every node shares: "
                 "rank 0 writes the run's files, every rank reads them)")
 
@@ -1014,6 +1048,7 @@ def _train_command(args, explicit: dict, opts: dict, model: dict, cli: dict, ref
             if Path(cfg.out_dir).resolve() != Path(resume).resolve():
                 raise ValueError("--resume continues in its own folder; leave out --out")
             cfg.validate()  # what this call changes (--max-steps, --lr, ...)
+            check_options_used(cfg, opts, explicit)
             finished = cfg.max_steps == checkpoint["step"] and not (Path(resume) / "model.safetensors").is_file()
             if not finished and cfg.max_steps <= checkpoint["step"]:
                 raise ValueError(f"{resume} is at step {checkpoint['step']} already: give --max-steps above it to "
@@ -1047,6 +1082,7 @@ def _train_command(args, explicit: dict, opts: dict, model: dict, cli: dict, ref
             cli["data"] = data_dir
         cfg = TrainConfig.from_dict({"model": model, **opts})
         cfg.validate()
+        check_options_used(cfg, opts, explicit)
         from pyllm import data
 
         data_list = cli["data"] if isinstance(cli["data"], list) else [cli["data"]]
@@ -2106,8 +2142,50 @@ def add_device_options(p: argparse.ArgumentParser) -> None:
                    help="weights and activations: auto (default: bf16 on a GPU, fp32 on the CPU), fp32, bf16, fp16")
 
 
+class _ExactOptionsParser(argparse.ArgumentParser):
+    """argparse without prefix matching (allow_abbrev=False), for every subcommand (add_subparsers makes
+    parsers of this class): `--min-lr 6e-5`, nanoGPT's absolute min_lr, had been taken as --min-lr-ratio
+    6e-5 (the cosine ending at lr * 6e-5), and `--decay 0.1` as --decay-frac, without a word."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        if message.startswith("unrecognized arguments:"):
+            hints = [hint for word in message.split()[2:] if (hint := self._spelled_as(word))]
+            if hints:
+                message += f" ({'; '.join(hints)})"
+        super().error(message)
+
+    def _spelled_as(self, word: str) -> str | None:
+        """pyllm's flag for an unrecognized one: nanoGPT's train.py names, underscores for dashes."""
+        if not word.startswith("--"):
+            return None
+        name = word[2:].split("=")[0].replace("-", "_")
+        if name in _NANOGPT_FLAGS:
+            return f"nanoGPT's {name}: pyllm's {_NANOGPT_FLAGS[name]}"
+        flag = "--" + name.replace("_", "-")
+        parsers = [self, *(sub for action in self._actions if isinstance(action, argparse._SubParsersAction)
+                           for sub in action.choices.values())]
+        known = any(flag in action.option_strings for parser in parsers for action in parser._actions)
+        return f"pyllm's {flag}, with dashes" if known and flag != word.split("=")[0] else None
+
+
+# nanoGPT's train.py options (its config keys, --key=value on its command line) -> pyllm train's
+_NANOGPT_FLAGS = {"min_lr": "--min-lr-ratio (min_lr / lr, nanoGPT's 6e-5 / 6e-4 = 0.1)",
+                  "max_iters": "--max-steps", "learning_rate": "--lr",
+                  "warmup_iters": "--warmup-steps (its warmup peaks a step earlier)",
+                  "lr_decay_iters": "none: the decay always ends at --max-steps",
+                  "gradient_accumulation_steps": "--grad-accum (per process, not divided by the processes)",
+                  "eval_interval": "--eval-every", "eval_iters": "--eval-batches", "out_dir": "--out",
+                  "decay_lr": "--schedule constant for False", "dataset": "--data",
+                  "always_save_checkpoint": "--keep-best for False", "n_layer": "--model n_layers=N",
+                  "n_head": "--model n_heads=N", "n_embd": "--model dim=N"}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pyllm", description="pyllm: LLM training kernels, model and trainer")
+    parser = _ExactOptionsParser(prog="pyllm", description="pyllm: LLM training kernels, model and trainer")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="version, CUDA build and GPU status, and which ops have which backends")
     p.set_defaults(func=cmd_info)

@@ -1630,3 +1630,44 @@ def test_char_tokenizer_decodes_ids_as_nanogpt_and_refuses_float_ids():
     assert tok.decode([0, 5]) == "a\ufffd"
     with pytest.raises(TypeError):
         tok.decode([1.7])
+
+
+@pytest.mark.parametrize("argv, hint", [
+    (["train", "--min-lr", "6e-5"], "nanoGPT's min_lr: pyllm's --min-lr-ratio"),
+    (["train", "--decay", "0.1"], None), (["train", "--warmup", "5"], None),
+    (["train", "--max_iters=5"], "pyllm's --max-steps"), (["train", "--max_steps=5"], "--max-steps, with dashes")])
+def test_flags_are_taken_by_their_whole_names(argv, hint, capsys):
+    # argparse's prefix matching had taken nanoGPT's absolute --min-lr 6e-5 as --min-lr-ratio 6e-5 (the
+    # cosine ending at lr * 6e-5) and --decay as --decay-frac, without a word (from the train-loop audit)
+    with pytest.raises(SystemExit) as e:
+        cli.build_parser().parse_args(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"unrecognized arguments: {argv[1]}" in err
+    assert hint is None or hint in err
+    args = cli.build_parser().parse_args(["train", "--min-lr-ratio", "0.1", "--decay-frac", "0.2", "--warmup-steps", "5"])
+    assert (args.min_lr_ratio, args.decay_frac, args.warmup_steps) == (0.1, 0.2, 5)
+
+
+@pytest.mark.parametrize("flags, named", [(["--decay-frac", "0.9"], "decay_frac (--decay-frac) goes with schedule wsd"),
+                                          (["--schedule", "constant", "--min-lr-ratio", "0.5"], "min_lr_ratio"),
+                                          (["--muon-momentum", "0.5"], "optimizer muon"),
+                                          (["--beta", "0.5"], "beta (--beta) goes with a preference loss"),
+                                          (["--grpo-temperature", "0.5"], "grpo_reward (GRPO)")])
+def test_options_a_run_would_not_read_are_refused(corpus, tmp_path, capsys, flags, named):
+    # (each had been taken silently, the run the same as without it; from the train-loop audit)
+    out = tmp_path / "run"
+    assert cli.main(["train", "--data", str(corpus), "--out", str(out), "--max-steps", "1", *SMALL, *flags]) == 2
+    assert named in capsys.readouterr().err
+    assert not (out / "checkpoint.pt").exists()
+
+
+def test_a_config_file_may_list_options_at_their_defaults(corpus, tmp_path, capsys):
+    # a file listing every option (decay_frac at its default with a cosine run) is not refused; another
+    # value is, as the flag
+    (tmp_path / "all.toml").write_text("decay_frac = 0.2\nmuon_momentum = 0.95\n")
+    assert cli.main(["train", "--config", str(tmp_path / "all.toml"), "--data", str(corpus), "--out",
+                     str(tmp_path / "run"), "--max-steps", "1", *SMALL]) == 0
+    (tmp_path / "other.toml").write_text("decay_frac = 0.5\n")
+    assert cli.main(["train", "--config", str(tmp_path / "other.toml"), "--data", str(corpus), "--out",
+                     str(tmp_path / "run2"), "--max-steps", "1", *SMALL]) == 2
+    assert "decay_frac" in capsys.readouterr().err

@@ -907,7 +907,8 @@ def example_tokens(example: dict, tokenizer, folder=None, doc_start: Sequence[in
     """(ids, mask) of one of read_conversations' examples, mask 1 on the tokens trained on. Messages
     go through folder's chat template (tokenizer.hf_chat_tokens), which frames them itself; a text
     prompt and completion are doc_start + prompt + completion + doc_end (each encoded alone, so the
-    completion's tokens are its own), the completion and doc_end trained on."""
+    completion's tokens are its own; a SentencePiece-style tokenizer's completion without the "▁" it
+    puts before a text of its own: the prompt's continuation), the completion and doc_end trained on."""
     if "messages" in example:
         from pyllm.tokenizer.tokenizer import hf_chat_tokens
 
@@ -917,7 +918,9 @@ def example_tokens(example: dict, tokenizer, folder=None, doc_start: Sequence[in
         return hf_chat_tokens(folder, tokenizer, example["messages"], example["train_from"],
                               **example.get("template", {}))
     prompt = [*doc_start, *tokenizer.encode_ordinary(example["prompt"])]
-    completion = [*tokenizer.encode_ordinary(example["completion"]), *([] if doc_end is None else [doc_end])]
+    # (the completion continues the prompt: a SentencePiece-style tokenizer puts no "▁" before it)
+    encode = getattr(tokenizer, "_encode_continuation", tokenizer.encode_ordinary)
+    completion = [*encode(example["completion"]), *([] if doc_end is None else [doc_end])]
     return prompt + completion, [0] * len(prompt) + [1] * len(completion)
 
 

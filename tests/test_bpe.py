@@ -1469,3 +1469,77 @@ def test_vocab_size_advice_for_a_long_run_is_trainable():
     assert tok.vocab_size == advised
     with pytest.raises(ValueError, match=f"use vocab_size <= {advised}"):
         Tokenizer.train(texts, advised + 1, show_progress=False)
+
+
+def _llama2_style_tokenizer_json(tk, path):
+    """A SentencePiece-converted BPE in Llama 2's shape: Prepend + Replace normalizer, byte fallback."""
+    from tokenizers import models, pre_tokenizers, trainers
+
+    hf = tk.Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    hf.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always", split=True)
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    hf.train_from_iterator(["The capital of France is Paris. Question: 2+2? Answer: 4"] * 20, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<unk>", "<s>", "</s>", *byte_tokens], show_progress=False))
+    d = json.loads(hf.to_str())
+    d["added_tokens"] = [t for t in d["added_tokens"] if t["content"] in ("<unk>", "<s>", "</s>")]
+    d["pre_tokenizer"] = None
+    d["normalizer"] = {"type": "Sequence", "normalizers": [
+        {"type": "Prepend", "prepend": "\u2581"}, {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]}
+    path.write_text(json.dumps(d))
+    return path
+
+
+@pytest.mark.parametrize("prompt, completion", [("The capital of France is", " Paris."), ("Answer:", " 4"),
+                                                ("Answer: ", "4")])
+def test_text_completion_continues_the_prompt_sentencepiece(tmp_path, prompt, completion):
+    # A SentencePiece-style completion encoded alone had started with a "▁" of its own: Llama 2's
+    # " Paris." as "▁", "▁P", ... (two spaces in the data; TRL's SFTTrainer, encoding the two together,
+    # gives "▁P", ...). From the tokenizer audit.
+    tk = pytest.importorskip("tokenizers")
+    from pyllm import data
+
+    path = _llama2_style_tokenizer_json(tk, tmp_path / "tokenizer.json")
+    ours, hf = Tokenizer.from_hf(path), tk.Tokenizer.from_file(str(path))
+    ids, mask = data.example_tokens({"prompt": prompt, "completion": completion}, ours, doc_start=[1], doc_end=2)
+    assert ours.decode(ids[1:-1]) == " " + prompt + completion  # (the leading "▁" decoded as a space, as documented)
+    assert ours.decode([i for i, m in zip(ids, mask) if m][:-1]) == completion
+    if not prompt.endswith(" "):  # (a prompt's own last space is its token, as byte-level tokenizers' is)
+        assert ids == [1, *hf.encode(prompt + completion, add_special_tokens=False).ids, 2]
+
+
+def test_from_hf_reads_no_op_and_single_step_normalizer_sequences(tmp_path):
+    # DeepSeek-V3's tokenizer.json has an empty normalizer Sequence: it had been refused as "no tiktoken
+    # equivalent"; a Sequence of one Unicode form is that form
+    tk = pytest.importorskip("tokenizers")
+    from tokenizers import models, pre_tokenizers, trainers
+
+    hf = tk.Tokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.train_from_iterator(["hello world café"] * 5, trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    base = json.loads(hf.to_str())
+    for normalizer, form in [({"type": "Sequence", "normalizers": []}, None),
+                             ({"type": "Sequence", "normalizers": [{"type": "NFC"}]}, "NFC")]:
+        path = tmp_path / "tokenizer.json"
+        path.write_text(json.dumps({**base, "normalizer": normalizer}))
+        ours, theirs = Tokenizer.from_hf(path), tk.Tokenizer.from_file(str(path))
+        assert ours.normalization == form
+        for text in ["hello world", "cafe\u0301 x"]:
+            assert ours.encode_ordinary(text) == theirs.encode(text, add_special_tokens=False).ids
+
+
+def test_from_hf_refuses_normalized_added_tokens_it_would_match_elsewhere(tmp_path):
+    # tokenizers matches a "normalized": true added token in the NFC text ("cafe" + U+0301 as the added
+    # "café"), pyllm in the text as given: refused, not encoded otherwise silently (the tokenizer audit)
+    tk = pytest.importorskip("tokenizers")
+    from tokenizers import models, normalizers, pre_tokenizers, trainers
+
+    hf = tk.Tokenizer(models.BPE())
+    hf.normalizer = normalizers.NFC()
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.train_from_iterator(["hello world café"] * 5, trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    hf.add_tokens([tk.AddedToken("café", special=False, normalized=True)])
+    hf.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(NotImplementedError, match="normalized"):
+        Tokenizer.from_hf(tmp_path / "tokenizer.json")

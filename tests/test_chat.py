@@ -285,7 +285,8 @@ def test_a_byte_order_mark_is_read_past(tmp_path):
 def test_prompt_completion_examples(folders, tmp_path):
     # TRL's prompt-completion formats. Messages: the conversation's tokens, the completion's
     # assistant turns alone trained (not an assistant turn inside the prompt). Text: prompt then
-    # completion, each encoded alone, between the model's document markers, the completion trained.
+    # completion, each encoded alone (a SentencePiece-style tokenizer's completion without its "▁"
+    # prefix), between the model's document markers, the completion trained.
     marked, plain, ours, _ = folders
     rng = random.Random(5)
     talk = conversation(rng, 2)
@@ -303,8 +304,12 @@ def test_prompt_completion_examples(folders, tmp_path):
         assert mask == [m - (prompt_mask[j] if j < len(prompt_mask) else 0) for j, m in enumerate(full_mask)]
         assert 0 < sum(mask) < sum(full_mask)
     ids, mask = data.example_tokens(text, ours, None, doc_start=[7], doc_end=9)
-    head, tail = [7, *ours.encode_ordinary("def f(x):")], [*ours.encode_ordinary(" return x + 1"), 9]
+    head, tail = [7, *ours.encode_ordinary("def f(x):")], [*ours._encode_continuation(" return x + 1"), 9]
     assert ids == head + tail and mask == [0] * len(head) + [1] * len(tail)
+    # the data's text, no space of the tokenizer's own: a SentencePiece-style completion encoded alone
+    # had started with a "▁" (Llama 2's " Paris." as "▁", "▁P", ...)
+    assert ours.decode(tail[:-1]) == " return x + 1" and ours.decode(ids[1:-1]).lstrip() == "def f(x): return x + 1"
+    assert (tail[:-1] == ours.encode_ordinary(" return x + 1")) == (ours._spm is None)
     with pytest.raises(ValueError, match="need a chat template"):
         data.example_tokens(chat, ours, None)
     path.write_text(json.dumps({"prompt": "a", "completion": [{"role": "assistant", "content": "b"}]}) + "\n")

@@ -202,6 +202,13 @@ def _hf_pattern(pre_tokenizer, where: str) -> str:
     return regex if regex in SPELLINGS else respell_anchors(respell_posix(regex, ONIGURUMA_POSIX)[0], "(?m:^)", "(?m:$)")
 
 
+def _flat_normalizers(normalizer: dict) -> list[dict]:
+    """A tokenizer.json normalizer as its steps: nested Sequences flattened, an empty one none."""
+    if normalizer.get("type") == "Sequence":
+        return [step for inner in normalizer.get("normalizers") or [] for step in _flat_normalizers(inner or {})]
+    return [normalizer] if normalizer else []
+
+
 def _hf_sentencepiece(data: dict, where: str) -> dict | None:
     """{"prepend", "split"} when a tokenizer.json is SentencePiece-style (spaces written "▁" by a
     Prepend + Replace normalizer, as Llama 2's, or a Metaspace pre-tokenizer, as Mistral's later
@@ -691,14 +698,16 @@ class _SentencePieceSettings:
         self.fuse_unk, self.whole_first = settings["fuse_unk"], settings["whole_first"]
         self._table = None
 
-    def pieces(self, segment: str, first: bool) -> list[str]:
+    def pieces(self, segment: str, first: bool, prefix: bool = True) -> list[str]:
         """A text between special tokens as the encoder takes it: spaces as "▁", the prefix "▁" per
-        the prepend scheme (first: this segment starts the text), cut before each "▁" if split."""
+        the prepend scheme (first: this segment starts the text; prefix False: none, the segment
+        continuing a text before it), cut before each "▁" if split."""
         if not segment:
             return []
         prepend = self.settings["prepend"]
         text = segment.replace(" ", _SPACE)
-        if prepend == "all" or (prepend != "never" and (prepend == "always" or first) and not text.startswith(_SPACE)):
+        if prefix and (prepend == "all" or (prepend != "never" and (prepend == "always" or first)
+                                            and not text.startswith(_SPACE))):
             text = _SPACE + text
         if not self.settings["split"]:
             return [text]
@@ -970,6 +979,17 @@ class Tokenizer:
         except TypeError:
             return self._enc.encode_ordinary(_fix_surrogates(text))
 
+    def _encode_continuation(self, text: str) -> list[int]:
+        """encode_ordinary of a text that continues another (a prompt's completion): a
+        SentencePiece-style tokenizer puts no "▁" before it, which encoded alone it would (a space the
+        data does not hold: Llama 2's " Paris." had become "▁", "▁P", ..., where the two texts encoded
+        together give "▁P", ...). Any other tokenizer: encode_ordinary's."""
+        if self._spm is None or self.normalization is not None:
+            return self.encode_ordinary(text)
+        if self._matched:
+            return self._encode_custom(text, self._matched_indices, [], continuation=True)
+        return self._encode_pieces(self._spm.pieces(_utf8_safe(text), True, prefix=False))
+
     def _encode_pieces(self, pieces: list[str]) -> list[int]:
         try:
             return self._enc.encode_pieces(pieces)
@@ -1135,14 +1155,14 @@ class Tokenizer:
             special_re = self._special_regex_cache[key] = re.compile("|".join(map(re.escape, names)))
         return special_re
 
-    def _encode_custom(self, text: str, allowed: list[int], disallowed: list[int]) -> list[int]:
+    def _encode_custom(self, text: str, allowed: list[int], disallowed: list[int], continuation: bool = False) -> list[int]:
         if disallowed:  # (in the text as given, before its lone surrogates are replaced, as tiktoken looks)
             _check_disallowed([text], [self._special_list[d] for d in disallowed])
         text = _utf8_safe(text)
         if self._spm is None:
             split = lambda segment, first: self._split_custom(segment)  # noqa: E731
-        else:  # the text's first segment is the one a "first" prepend scheme marks
-            split = lambda segment, first: self._spm.pieces(segment, first)  # noqa: E731
+        else:  # the text's first segment is the one a "first" prepend scheme marks (none: a continuation's)
+            split = lambda segment, first: self._spm.pieces(segment, first, not (first and continuation))  # noqa: E731
         if not allowed:
             return self._encode_pieces(split(text, True))
         out: list[int] = []
@@ -1527,10 +1547,17 @@ class Tokenizer:
         if spm is not None:
             return cls._from_hf_sentencepiece(data, spm, specials, merge_pairs, where, name, matched)
         normalizer = data.get("normalizer") or {}
-        normalization = normalizer.get("type")
-        if normalizer and normalization not in _UNICODE_FORMS:
+        steps = _flat_normalizers(normalizer)  # DeepSeek-V3's empty Sequence: none; Sequence([NFC]): NFC
+        normalization = steps[0].get("type") if len(steps) == 1 else None
+        if len(steps) > 1 or (steps and normalization not in _UNICODE_FORMS):
             raise NotImplementedError(f"{where}: normalizer {normalizer!r} has no tiktoken equivalent (only the "
                                       "Unicode forms NFC, NFD, NFKC, NFKD are applied)")
+        if normalization is not None:  # tokenizers matches "normalized" added tokens in the normalized text,
+            # pyllm in the text as given: alike for ASCII ones under NFC / NFD (a combining mark aside)
+            for t in added:
+                if t.get("normalized") and not (normalization in ("NFC", "NFD") and t["content"].isascii()):
+                    raise NotImplementedError(f"{where}: added token {t['content']!r} is matched in the "
+                                              f"{normalization}-normalized text by tokenizers, here in the text as given")
         pattern = _hf_pattern(data.get("pre_tokenizer"), where)
         byte_of = {char: byte for byte, char in _bytes_to_unicode().items()}
         ranks = {}

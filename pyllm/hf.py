@@ -1075,11 +1075,12 @@ def _labelled_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
 def _labelled_loss_body(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int,
                         need_x: bool, need_w: bool, scale: float,
                         softcap: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (the loss, grad_x (N, C), grad_w (V, C)), each gradient empty where not needed."""
+    """-> (the loss, grad_x (N, C), grad_w (V, C)), each gradient empty where not needed; grad_w in
+    fp32 at least, returned in the weight's own dtype (an fp32 master's under autocast unrounded)."""
     rows = (targets != -1).nonzero()[:, 0]
     every = rows.numel() == targets.numel()
     total, _, grad_x, grad_w = pnn._linear_cross_entropy_with_grads(
-        x if every else x[rows], weight, targets if every else targets[rows], chunk_rows, need_x, need_w, scale,
+        x if every else x[rows], weight.to(x.dtype), targets if every else targets[rows], chunk_rows, need_x, need_w, scale,
         softcap)
     if need_x and not every:
         grad_x = x.new_zeros(x.shape).index_copy_(0, rows, grad_x)

@@ -857,12 +857,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, targets, chunk_rows, scale, softcap, label_smoothing, z_loss):
         ctx.name = "linear_cross_entropy"
+        ctx.weight_dtype, weight = weight.dtype, weight.to(x.dtype)  # (see _fused_linear_inputs)
         # x (N, C), weight (V, C), targets (N,)
         total, z_total, grad_x, grad_w = _linear_cross_entropy_with_grads(
             x, weight, targets, chunk_rows, ctx.needs_input_grad[0], ctx.needs_input_grad[1], scale, softcap,
             label_smoothing, z_loss)
         ctx.save_for_backward(grad_x, grad_w)
-        ctx.weight_dtype = weight.dtype
         ctx.mark_non_differentiable(z_total)
         return total, z_total
 
@@ -952,7 +952,7 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
             # its forward: the whole logits, and pyllm.cross_entropy's derivative, which it can.
             acc = torch.promote_types(x.dtype, torch.float32)
             loss, z_part = cross_entropy_ops.cross_entropy(
-                F.linear(x, weight), targets.reshape(-1), ignore_index=-1, reduction="sum", scale=scale,
+                F.linear(x, weight.to(x.dtype)), targets.reshape(-1), ignore_index=-1, reduction="sum", scale=scale,
                 softcap=softcap or None, label_smoothing=label_smoothing, z_loss=z_loss, return_z_loss=True)
             loss, z_part = loss.to(acc), z_part.detach().to(acc)
         else:
@@ -999,7 +999,7 @@ class LinearCrossEntropyLoss(nn.Module):
     or "sum", softcap, return_z_loss, accum_dtype) and its forward's order, forward(lin_weight,
     _input, target): the output layer's weight first. No bias and no class weights (ce_weight must be
     None: pyllm's fused losses take neither); accum_dtype None or float32 (the weight's gradient is
-    summed in fp32 either way). return_z_loss gives (loss, z_loss), as Liger's did before its
+    summed in fp32 either way, the chunks' products in x's dtype). return_z_loss gives (loss, z_loss), as Liger's did before its
     CrossEntropyOutput. "mean" with every target ignored gives 0, as Liger's (not linear_cross_entropy's
     NaN)."""
 
@@ -1090,8 +1090,8 @@ def _check_output_layer(what: str, x, weight) -> None:
 
 
 def _fused_linear_inputs(x, weight, chunk_rows, softcap=None, takes=None):
-    """x as rows (N, C) and weight in the dtype nn.Linear would compute in (autocast's, else x's),
-    and the rows per chunk (default: the rows split evenly into as few chunks as keep each within
+    """x as rows (N, C) in the dtype nn.Linear would compute in (autocast's, else x's), weight as
+    given, and the rows per chunk (default: the rows split evenly into as few chunks as keep each within
     64 MiB of fp32 logits, at least 1 row; capped logits keep two (c, V) buffers, the capped
     logits and the tanh, in that; the transient
     x-dtype matmul result and the chunk's last rounding to x's dtype come on top). takes: the ops
@@ -1099,7 +1099,11 @@ def _fused_linear_inputs(x, weight, chunk_rows, softcap=None, takes=None):
     on its chunks: where it takes the (cast) x, a chunk's (c, V) buffers are logits in x's dtype, 64
     MiB of them per buffer. Twice the rows in
     bf16, where the fewer, larger matmuls took the loss from 1,009 to 824 ms
-    (bench_cross_entropy.py: SmolLM2's output layer, 1,024 rows, 2-core EPYC, 2026-12-02)."""
+    (bench_cross_entropy.py: SmolLM2's output layer, 1,024 rows, 2-core EPYC, 2026-12-02).
+    The fused losses' Functions cast the weight to x's dtype themselves and return its gradient (the
+    chunks' products summed in fp32) in the weight's own dtype: an fp32 master's under autocast
+    unrounded, as Liger-Kernel's (cast here, the sum had been rounded to bf16: 2,048 rows in 64-row
+    chunks 3.2e-3 from fp64, as torch's autocast F.linear, now 2.6e-3)."""
     if not (chunk_rows is None or isinstance(chunk_rows, int) and not isinstance(chunk_rows, bool)):
         raise TypeError(f"the fused loss's chunk_rows (its 4th positional argument) must be an int or None, got "
                         f"{type(chunk_rows).__name__}" + (": Liger-Kernel's 4th is the output layer's bias, which "
@@ -1109,10 +1113,7 @@ def _fused_linear_inputs(x, weight, chunk_rows, softcap=None, takes=None):
     _check_output_layer("the fused loss", x, weight)
     x = x.reshape(-1, x.shape[-1])
     if _autocast_on(x):
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, weight = x.to(dtype), weight.to(dtype)
-    else:
-        weight = weight.to(x.dtype)
+        x = x.to(torch.get_autocast_dtype(x.device.type))
     if chunk_rows is None:
         row_bytes = x.element_size() if takes is not None and takes(x) else 4 * (2 if softcap else 1)
         most = max(1, (64 << 20) // (row_bytes * weight.shape[0]))
@@ -1183,6 +1184,7 @@ class _LinearTokenLogps(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, targets, chunk_rows, scale, softcap, jacobian):  # x (N, C), weight (V, C), targets (N,)
+        ctx.weight_dtype, weight = weight.dtype, weight.to(x.dtype)  # (see _fused_linear_inputs)
         acc = torch.promote_types(x.dtype, torch.float32)
         out = torch.empty(x.shape[0], dtype=acc, device=x.device)
         kernel = cross_entropy_ops.takes(x)
@@ -1236,7 +1238,7 @@ class _LinearTokenLogps(torch.autograd.Function):
             buffers.add_grads(grad, xc, weight, rows, grad_x)
             del grad  # before the next chunk's are made
         grad_w = buffers.grad_w
-        return grad_x, None if grad_w is None else grad_w.to(weight.dtype), None, None, None, None, None
+        return grad_x, None if grad_w is None else grad_w.to(ctx.weight_dtype), None, None, None, None, None
 
 
 def linear_token_logps(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -1265,7 +1267,7 @@ def _whole_logps(x, weight, targets, scale: float, softcap: float) -> torch.Tens
     that keeps its own state (it recomputes in the backward, or computes gradients in the forward):
     the whole (rows, V) logits and pyllm.cross_entropy's derivative, which it takes. x (N, C) ->
     (N,) in fp32 at least, 0 where the target is -1."""
-    losses = cross_entropy_ops.cross_entropy(F.linear(x, weight), targets, ignore_index=-1, reduction="none",
+    losses = cross_entropy_ops.cross_entropy(F.linear(x, weight.to(x.dtype)), targets, ignore_index=-1, reduction="none",
                                              scale=scale, softcap=softcap or None)
     return losses.neg().to(torch.promote_types(x.dtype, torch.float32))
 
@@ -1305,6 +1307,7 @@ class _LinearSequenceLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, targets, segment_rows, group, loss_fn, chunk_rows, scale, softcap, grad_enabled):
         ctx.name = "linear_sequence_loss"
+        ctx.weight_dtype, weight = weight.dtype, weight.to(x.dtype)  # (see _fused_linear_inputs)
         acc = torch.promote_types(x.dtype, torch.float32)
         # (under no_grad a weight that requires grad still says so: the caller's grad mode decides)
         need_x, need_w = ctx.needs_input_grad[0] and grad_enabled, ctx.needs_input_grad[1] and grad_enabled
@@ -1335,7 +1338,6 @@ class _LinearSequenceLoss(torch.autograd.Function):
         for r0, r1, s0, s1 in chunks:
             total += chunk(r0, r1, s0, s1)
         ctx.save_for_backward(grad_x, buffers.grad_w)  # (no rows: _ChunkBuffers' zeros)
-        ctx.weight_dtype = weight.dtype
         ctx.mark_non_differentiable(seq_logps)
         return total.to(acc), seq_logps
 
@@ -1421,6 +1423,7 @@ class _LinearDistill(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, x_teacher, weight_teacher, beta, temperature, chunk_rows, shape, teacher_shape):
+        ctx.weight_dtype, weight = weight.dtype, weight.to(x.dtype)  # (see _fused_linear_inputs)
         ctx.name = "linear_distill"
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         acc = torch.promote_types(x.dtype, torch.float32)
@@ -1478,7 +1481,6 @@ class _LinearDistill(torch.autograd.Function):
         for rows in chunk_slices(x.shape[0], chunk_rows):
             total += chunk(rows)
         ctx.save_for_backward(grad_x, buffers.grad_w)
-        ctx.weight_dtype = weight.dtype
         return total.to(acc)
 
     @staticmethod
@@ -1522,7 +1524,7 @@ def linear_distill(x: torch.Tensor, weight: torch.Tensor, x_teacher: torch.Tenso
         # (see _whole_logps) the whole logits, and the op's own derivative
         if _util.torch_func_active() or _util.exporting():
             return distill_ops.generalized_jsd(
-                F.linear(x, weight), F.linear(x_teacher, weight_teacher).detach(), beta=float(beta),
+                F.linear(x, weight.to(x.dtype)), F.linear(x_teacher, weight_teacher).detach(), beta=float(beta),
                 temperature=float(temperature), reduction="sum", scale=shape[0], softcap=shape[1] or None,
                 teacher_scale=teacher_shape[0], teacher_softcap=teacher_shape[1] or None,
             ).to(torch.promote_types(x.dtype, torch.float32))

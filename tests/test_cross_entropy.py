@@ -674,3 +674,28 @@ def test_linear_cross_entropy_loss_checks_its_arguments_when_made(kw, named):
 
 def test_dir_lists_the_lazy_names():
     assert {"linear_cross_entropy", "nn", "model", "rms_norm"} <= set(dir(pyllm))
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "token_logps", "sequence", "distill"])
+def test_fused_losses_keep_an_fp32_master_weights_gradient_unrounded_under_autocast(loss):
+    # The fused losses had cast the weight before their Functions: the fp32 sum of the chunks' products
+    # came back rounded to bf16 (torch's autocast F.linear does so too; Liger's does not). From the
+    # ops-API audit.
+    from pyllm import nn as pnn
+
+    g = torch.Generator().manual_seed(0)
+    x, w0 = torch.randn(512, 32, generator=g), torch.randn(300, 32, generator=g) * 0.1
+    t = torch.randint(0, 300, (512,), generator=g)
+    xb, wb = x.bfloat16().double(), w0.bfloat16().double().requires_grad_()
+    calls = {
+        "cross_entropy": lambda x, w: pnn.linear_cross_entropy(x, w, t, 64),
+        "token_logps": lambda x, w: pnn.linear_token_logps(x, w, t, 64).sum(),
+        "sequence": lambda x, w: pnn.linear_sequence_loss(x, w, t, [64] * 8, 2, lambda s, a, b: -s.sum(), 128)[0],
+        "distill": lambda x, w: pnn.linear_distill(x, w, x.flip(0), w.detach().flip(0), 0.5, 1.0, 64)}
+    calls[loss](xb, wb).backward()
+    w = w0.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        calls[loss](x, w).backward()
+    assert w.grad.dtype == torch.float32 and not torch.equal(w.grad, w.grad.bfloat16().float())
+    err = ((w.grad.double() - wb.grad).abs().max() / wb.grad.abs().max()).item()
+    assert err < 2 ** -8  # (bf16's rounding of the whole: up to 2^-9 relative, plus the products')

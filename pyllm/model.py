@@ -1520,6 +1520,9 @@ class LLM(nn.Module):
         if (self.config.rope_scaling or {}).get("rope_type") == "longrope":
             # LongRoPE (Phi-3.5, Phi-4-mini) picks its factors by position on the host, one position for
             # the batch: a row at a time through generate() (the batch had raised an internal message)
+            if cuda_graph:  # as generate() and _DecodeGraph refuse it (the flag had been dropped here silently)
+                raise NotImplementedError("generate_batch: cuda_graph does not take LongRoPE (its factors change "
+                                          "with the position)")
             stops = stop_ids(stop_tokens)  # (an int id or None too, as the batched path takes them)
             return [until_stop(self.generate(r[None], max_new_tokens, temperature, top_k, top_p, generator=generator,
                                              stop_tokens=stops)[0, len(r):].tolist(), stops) for r in rows]

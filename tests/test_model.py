@@ -2947,3 +2947,13 @@ def test_gemma2_config_does_not_warn_about_gemma3():
         warnings.simplefilter("error")
         cfg = config_from_hf(hf)
     assert cfg.attn_softcap == 50.0
+
+
+def test_generate_batch_of_a_longrope_model_refuses_cuda_graph():
+    # as generate() and _DecodeGraph refuse it: the flag had been dropped silently on LongRoPE's
+    # row-at-a-time path (from the KV-cache audit)
+    rs = dict(rope_type="longrope", short_factor=[1.0] * 8, long_factor=[2.0] * 8, attention_factor=1.0,
+              original_max_position_embeddings=16)
+    model = LLM(ModelConfig(vocab_size=64, block_size=64, n_layers=1, n_heads=2, dim=32, rope_scaling=rs)).eval()
+    with pytest.raises(NotImplementedError, match="cuda_graph does not take LongRoPE"):
+        model.generate_batch([[1, 2, 3], [4, 5]], 4, temperature=0, cuda_graph=True)

@@ -1543,3 +1543,54 @@ def test_from_hf_refuses_normalized_added_tokens_it_would_match_elsewhere(tmp_pa
     hf.save(str(tmp_path / "tokenizer.json"))
     with pytest.raises(NotImplementedError, match="normalized"):
         Tokenizer.from_hf(tmp_path / "tokenizer.json")
+
+
+def test_from_hf_sentencepiece_tokens_that_strip_white_space(tmp_path):
+    # Phi-3's chat tokens take in the white space after them (rstrip: "<|user|>\n" is the token alone):
+    # refused until 2026-12-06, so Phi-3 fine-tunes (whose weights LLM.from_hf reads) could not start.
+    # lstrip likewise. Compared with tokenizers on random texts of white space, text and the tokens.
+    tk = pytest.importorskip("tokenizers")
+    path = _llama2_style_tokenizer_json(tk, tmp_path / "base.json")
+    data = json.loads(path.read_text())
+    vocab = data["model"]["vocab"]
+    flags = {"<|user|>": (False, True), "<|end|>": (False, True), "<|pre|>": (True, False), "<|both|>": (True, True),
+             "<|plain|>": (False, False)}
+    for k, (content, (lstrip, rstrip)) in enumerate(flags.items()):
+        data["added_tokens"].append({"id": len(vocab) + k, "content": content, "single_word": False, "lstrip": lstrip,
+                                     "rstrip": rstrip, "normalized": False, "special": True})
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data))
+    ours, theirs = Tokenizer.from_hf(tmp_path / "tokenizer.json"), tk.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    rng = random.Random(0)
+    pieces = ["Paris", " capital", "\n", "\n\n", " ", "  ", "\t", "\u3000", "\xa0", "\x1c", "é", "2+2", "\r\n", *flags]
+    texts = ["<|user|>\nThe capital?<|end|>\n<|assistant|>\nParis<|end|>\n"] + [
+        "".join(rng.choice(pieces) for _ in range(rng.randint(1, 10))) for _ in range(600)]
+    for text in texts:
+        assert ours.encode(text, allowed_special="all") == theirs.encode(text, add_special_tokens=False).ids, text
+    copy = tmp_path / "copy.bpe"
+    ours.save(copy)
+    assert Tokenizer.load(copy).encode(texts[0], allowed_special="all") == ours.encode(texts[0], allowed_special="all")
+    # a conversation's assistant tokens: the white space a token took in is its own (they had not been
+    # located: "does not decode to the text"), as transformers' return_assistant_tokens_mask marks them
+    transformers = pytest.importorskip("transformers")
+    from pyllm.tokenizer.tokenizer import hf_chat_tokens
+
+    template = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ '<|user|>\\n' + m['content'] + '<|end|>\\n' }}"
+                "{% else %}{{ '<|pre|>\\n' }}{% generation %}{{ m['content'] + '<|end|>\\n' }}{% endgeneration %}"
+                "{% endif %}{% endfor %}")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
+                                                                "chat_template": template}))
+    talk = [{"role": "user", "content": "The capital?"}, {"role": "assistant", "content": "Paris.\n  It is."},
+            {"role": "user", "content": " 2+2 "}, {"role": "assistant", "content": " 4"}]
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    want = hf.apply_chat_template(talk, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    assert hf_chat_tokens(tmp_path, ours, talk) == (list(want["input_ids"]), list(want["assistant_masks"]))
+    from tokenizers import models, pre_tokenizers, trainers
+
+    byte_level = tk.Tokenizer(models.BPE())
+    byte_level.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level.train_from_iterator(["hello world"] * 5, trainers.BpeTrainer(
+        vocab_size=280, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    byte_level.add_special_tokens([tk.AddedToken("<|user|>", rstrip=True)])
+    byte_level.save(str(tmp_path / "bytes.json"))
+    with pytest.raises(NotImplementedError, match="strips the white space"):
+        Tokenizer.from_hf(tmp_path / "bytes.json")  # (byte-level: not taken)

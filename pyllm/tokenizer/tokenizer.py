@@ -119,6 +119,13 @@ def _utf8_safe(text: str) -> str:
         return _fix_surrogates(text)
 
 
+# Rust's char::is_whitespace (Unicode's White_Space), what tokenizers' lstrip / rstrip added tokens take
+# in (Python's \s has the separators U+001C-U+001F too)
+_WHITE_SPACE = "[\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
+_WHITE_SPACE_RUN_UTF8 = re.compile(b"(?:%s)*" % b"|".join(
+    re.escape(chr(c).encode("utf-8")) for c in range(0x3001) if re.fullmatch(_WHITE_SPACE, chr(c))))
+
+
 def _split_keeping(special_re: re.Pattern, text: str) -> list[str]:
     """text cut at special_re's matches: [text, special, text, ..., text]."""
     parts, pos = [], 0
@@ -482,14 +489,22 @@ def _token_ends(tokenizer: "Tokenizer", ids: list[int], text: str) -> np.ndarray
     data = text.encode("utf-8")
     if b"".join(pieces) == data:  # byte-level: the tokens are the text
         return np.cumsum([len(piece) for piece in pieces], dtype=np.int64)
+    spm = getattr(tokenizer, "_spm", None)
+    # special tokens that took in the white space around them (Phi-3's "<|user|>\n"): it is theirs
+    strip = {tokenizer._special_tokens[t]: side for t, side in (spm.settings.get("strip", {}) if spm else {}).items()}
     pos, ends = 0, np.zeros(len(ids), np.int64)
     for j, piece in enumerate(pieces):
+        side = strip.get(ids[j], "")
+        if "l" in side:
+            pos = _WHITE_SPACE_RUN_UTF8.match(data, pos).end()
         for byte in piece:
             if pos < len(data) and data[pos] == byte:
                 pos += 1
             elif byte != 0x20:
                 raise ValueError(f"token {ids[j]} ({piece!r}) does not decode to the text at byte {pos}: the "
                                  "assistant's tokens cannot be located")
+        if "r" in side:
+            pos = _WHITE_SPACE_RUN_UTF8.match(data, pos).end()
         ends[j] = pos
     return ends
 
@@ -665,9 +680,14 @@ class _SentencePieceSettings:
 
     def __init__(self, settings: dict, ranks: dict[bytes, int], specials: dict[str, int]):
         keys = {"merges", "prepend", "split", "byte_fallback", "unk", "fuse_unk", "whole_first"}
-        if not isinstance(settings, dict) or set(settings) != keys:
-            raise ValueError(f"sentencepiece must be a dict of {sorted(keys)}, got "
+        if not isinstance(settings, dict) or not keys <= set(settings) <= keys | {"strip"}:
+            raise ValueError(f"sentencepiece must be a dict of {sorted(keys)} (and \"strip\"), got "
                              f"{sorted(settings) if isinstance(settings, dict) else type(settings).__name__}")
+        strip = settings.get("strip", {})
+        if not isinstance(strip, dict) or any(t not in specials or side not in ("l", "r", "lr")
+                                              for t, side in strip.items()):
+            raise ValueError("sentencepiece['strip'] must map special tokens to 'l', 'r' or 'lr' (the sides whose "
+                             f"white space they take in, Hugging Face's lstrip / rstrip), got {strip!r}")
         if settings["prepend"] not in _PREPEND:
             raise ValueError(f"sentencepiece['prepend'] must be one of {', '.join(_PREPEND)}, got {settings['prepend']!r}")
         for name in ("split", "byte_fallback", "fuse_unk", "whole_first"):
@@ -789,7 +809,9 @@ class Tokenizer:
             "▁" before every text between special tokens, as a Prepend normalizer; "always" /
             "first" / "never": as a Metaspace pre-tokenizer's prepend_scheme), "split" (pieces cut
             before each "▁"), "byte_fallback", "unk" (id or None), "fuse_unk", "whole_first"
-            (Hugging Face's ignore_merges). Encoding starts from characters, not bytes; decode
+            (Hugging Face's ignore_merges), and optionally "strip" ({special token: "l", "r" or
+            "lr"}: the white space before / after it taken in with it where it is matched, as
+            Hugging Face's lstrip / rstrip added tokens: Phi-3's chat tokens). Encoding starts from characters, not bytes; decode
             turns "▁" back into spaces and byte tokens into their bytes, and keeps the space
             encode put first (decode(encode(t)) == " " + t with "all" or "always").
         pat_str, explicit_n_vocab: tiktoken.Encoding's keywords (pat_str the pattern; the ranks and
@@ -1152,8 +1174,22 @@ class Tokenizer:
         special_re = self._special_regex_cache.get(key)
         if special_re is None:
             names = sorted((self._special_list[a] for a in allowed), key=len, reverse=True)
-            special_re = self._special_regex_cache[key] = re.compile("|".join(map(re.escape, names)))
+            special_re = self._special_regex_cache[key] = re.compile("|".join(map(self._special_alternative, names)))
         return special_re
+
+    def _special_alternative(self, name: str) -> str:
+        """A special token's regex: its text, with the white space it takes in (strip) around."""
+        side = self._spm.settings.get("strip", {}).get(name, "") if self._spm is not None else ""
+        return f"{_WHITE_SPACE}*" * ("l" in side) + re.escape(name) + f"{_WHITE_SPACE}*" * ("r" in side)
+
+    def _special_id(self, matched: str) -> int:
+        """The id of the special token _special_regex matched (with the white space it took in)."""
+        token = self._special_tokens.get(matched)
+        if token is not None:
+            return token
+        strip = self._spm.settings["strip"]  # (the longest first, as the regex tries them)
+        return next(self._special_tokens[name] for name in sorted(strip, key=len, reverse=True)
+                    if re.fullmatch(self._special_alternative(name), matched))
 
     def _encode_custom(self, text: str, allowed: list[int], disallowed: list[int], continuation: bool = False) -> list[int]:
         if disallowed:  # (in the text as given, before its lone surrogates are replaced, as tiktoken looks)
@@ -1167,7 +1203,7 @@ class Tokenizer:
             return self._encode_pieces(split(text, True))
         out: list[int] = []
         for j, part in enumerate(_split_keeping(self._special_regex(allowed), text)):  # text, special, text, ...
-            out += [self._special_tokens[part]] if j % 2 else self._encode_pieces(split(part, j == 0))
+            out += [self._special_id(part)] if j % 2 else self._encode_pieces(split(part, j == 0))
         return out
 
     def _encode_custom_batch(self, texts: list[str], allowed: list[int], disallowed: list[int],
@@ -1533,9 +1569,13 @@ class Tokenizer:
             if model.get(name):
                 raise NotImplementedError(f"{where}: {name} {model[name]!r} is not supported")
         added = data.get("added_tokens") or []
+        spm = _hf_sentencepiece(data, where)
         for t in added:
-            if t.get("lstrip") or t.get("rstrip") or t.get("single_word"):
-                raise NotImplementedError(f"{where}: added token {t['content']!r} strips or matches whole words only")
+            if t.get("single_word") or ((t.get("lstrip") or t.get("rstrip")) and spm is None):
+                raise NotImplementedError(f"{where}: added token {t['content']!r} "
+                                          + ("matches whole words only" if t.get("single_word") else
+                                             "strips the white space around it (taken by SentencePiece-style "
+                                             "tokenizers alone here)"))
         _check_hf_added_ids(data, where)
         specials = {t["content"]: t["id"] for t in added}
         # tokenizers matches every added token wherever it is, "special" or not (add_special_tokens=False
@@ -1543,7 +1583,6 @@ class Tokenizer:
         # spelled byte by byte by encode_ordinary, which data preparation and prompts use
         matched = [t["content"] for t in added if not t.get("special", False)]
         name = os.path.splitext(os.path.basename(os.fspath(path)))[0]
-        spm = _hf_sentencepiece(data, where)
         if spm is not None:
             return cls._from_hf_sentencepiece(data, spm, specials, merge_pairs, where, name, matched)
         normalizer = data.get("normalizer") or {}
@@ -1604,6 +1643,11 @@ class Tokenizer:
         settings = {**spm, "merges": merges, "byte_fallback": bool(model.get("byte_fallback")),
                     "unk": vocab.get(unk) if unk is not None else None, "fuse_unk": bool(model.get("fuse_unk")),
                     "whole_first": bool(model.get("ignore_merges"))}
+        # Phi-3's chat tokens take in the white space after them (rstrip): "<|user|>\n" is the token alone
+        strip = {t["content"]: "l" * bool(t.get("lstrip")) + "r" * bool(t.get("rstrip"))
+                 for t in data.get("added_tokens") or [] if t.get("lstrip") or t.get("rstrip")}
+        if strip:
+            settings["strip"] = strip
         return cls(ranks, special_tokens=specials, name=name, sentencepiece=settings, matched=matched)
 
     def to_hf(self, path) -> None:

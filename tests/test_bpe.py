@@ -1584,6 +1584,18 @@ def test_from_hf_sentencepiece_tokens_that_strip_white_space(tmp_path):
     hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
     want = hf.apply_chat_template(talk, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
     assert hf_chat_tokens(tmp_path, ours, talk) == (list(want["input_ids"]), list(want["assistant_masks"]))
+    # Phi-3's own template has no {% generation %} and ends a conversation with eos_token: the replies
+    # are found by rendering prefixes, each one's end-of-text aside where the conversation goes on
+    # (it had been refused: "renders the conversation ... differently")
+    from pyllm.tokenizer.tokenizer import hf_chat_spans
+
+    phi3 = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ '<|user|>\\n' + m['content'] + '<|end|>\\n' }}"
+            "{% else %}{{ '<|pre|>\\n' + m['content'] + '<|end|>\\n' }}{% endif %}{% endfor %}"
+            "{% if add_generation_prompt %}{{ '<|pre|>\\n' }}{% else %}{{ eos_token }}{% endif %}")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
+                                                                "chat_template": phi3, "eos_token": "</s>"}))
+    text, spans = hf_chat_spans(tmp_path, talk)
+    assert [text[a:b] for a, b in spans] == ["Paris.\n  It is.<|end|>\n", " 4<|end|>\n</s>"]
     from tokenizers import models, pre_tokenizers, trainers
 
     byte_level = tk.Tokenizer(models.BPE())

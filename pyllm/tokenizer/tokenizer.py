@@ -400,8 +400,9 @@ def hf_chat_spans(folder, messages: list[dict], train_from: int = 0, tools: list
     it): the template's {% generation %} blocks where it has them (transformers'
     return_assistant_tokens_mask reads the same), else for each assistant message i what the
     conversation up to and with it adds to the conversation before it with the generation prompt
-    (the reply and the template's end-of-turn text). The latter needs a template that renders every
-    earlier turn as the whole conversation does; ValueError otherwise. train_from: the spans of the
+    (the reply and the template's end-of-turn text; an eos_token the template puts at the end of a
+    conversation, Phi-3's, only where the whole conversation ends there). The latter needs a
+    template that renders every earlier turn as the whole conversation does; ValueError otherwise. train_from: the spans of the
     assistant messages from this index on only (a prompt's own assistant turns are not trained on).
     tools, documents, template_kwargs: as hf_chat_prompt's (TRL's "tools" and
     "chat_template_kwargs" columns)."""
@@ -444,11 +445,16 @@ def hf_chat_spans(folder, messages: list[dict], train_from: int = 0, tools: list
                              "reply would start; begin it with a system or user message, or give the first "
                              "message \"weight\": 0 (not trained)") from None
         through = render(messages[:i + 1])
+        eos = variables.get("eos_token")
+        if eos and through.endswith(eos) and not text.startswith(through) and text.endswith(eos) and (
+                text.startswith(through[:-len(eos)])):
+            # a conversation the template ends with eos_token (Phi-3's end-of-text) where the whole one goes on
+            through = through[:-len(eos)]
         if not (through.startswith(before) and text.startswith(through)):
             raise ValueError(f"{folder}: the chat template renders the conversation before assistant message {i} "
                              "differently on its own than inside the whole conversation (it rewrites earlier turns, "
                              "as templates dropping earlier reasoning do, or its generation prompt or its end of a "
-                             "conversation is not how a turn goes on: DeepSeek-R1's <think>, Phi-3's end-of-text), "
+                             "conversation, eos_token aside, is not how a turn goes on: DeepSeek-R1's <think>), "
                              "so the assistant's text cannot be found "
                              "by rendering prefixes; a template with {% generation %} ... {% endgeneration %} around "
                              "each assistant reply marks it instead")

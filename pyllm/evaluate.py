@@ -235,8 +235,8 @@ def _left_cut(path: Path, meta: dict, offsets: np.ndarray, mask: np.ndarray, seq
         masks.append(np.asarray(trained))
     data.write_documents(out, docs, masks, data.read_header(path)["vocab_size"])
     if say:
-        print(f"eval: {cut} candidate(s) longer than seq_len {seq_len}: their contexts cut from the left to fit "
-              "(lm-evaluation-harness's truncation)", file=sys.stderr)
+        print(f"eval: {cut} candidate(s) longer than seq_len {seq_len} + 1 tokens: their contexts cut from the left "
+              "to fit (lm-evaluation-harness's truncation: the last seq_len + 1 kept)", file=sys.stderr)
     return out
 
 

@@ -246,7 +246,8 @@ def test_eval_command(setup, tmp_path, capsys):
     long = {"ctx": sentence(rng, 200), "endings": ["a b", "c d"], "label": 0}
     (tmp_path / "long.jsonl").write_text(json.dumps(examples[0] | {"ctx": examples[0]["context"]}) + "\n" + json.dumps(long) + "\n")
     assert cli.main([*base, "--choices", str(tmp_path / "long.jsonl")]) == 0
-    assert "eval: 2 candidate(s) longer than seq_len 128: their contexts cut from the left" in capsys.readouterr().err
+    assert "eval: 2 candidate(s) longer than seq_len 128 + 1 tokens: their contexts cut from the left" in (
+        capsys.readouterr().err)
     model = LLM.load(tmp_path / "model.safetensors")
     docs, masks = evaluate.choice_documents([long | {"context": long["ctx"]}], tokenizer)
     got = evaluate.score_choices(model, tokenizer, [long | {"context": long["ctx"]}], 128)["logps"]

@@ -872,17 +872,27 @@ def _first_row_keys(item) -> set:
     # (*.json too: Hugging Face datasets' Dataset.to_json writes JSON Lines by default, to any name)
     if path.suffix not in (".jsonl", ".json") or not path.is_file():
         return set()
-    text = _json_array_text(path, errors="replace")  # (bytes not UTF-8 are refused by _jsonl_rows, naming the file)
-    try:
-        if text is not None:  # one JSON array: its first element, decoded alone
-            start = text.index("[") + 1
-            start += len(text[start:]) - len(text[start:].lstrip())
-            row = json.JSONDecoder().raw_decode(text, start)[0]
-        else:
-            with open(path, encoding="utf-8-sig", errors="replace") as f:  # (a BOM as _jsonl_rows reads it)
+    # (bytes not UTF-8 are refused by _jsonl_rows, naming the file; a BOM read past as it reads it)
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
+        text = f.read(1 << 16)
+        try:
+            if not text.lstrip().startswith("["):
+                f.seek(0)
                 row = json.loads(next((line for line in f if line.strip()), ""))
-    except json.JSONDecodeError:
-        return set()
+            else:  # one JSON array: its first element, read as far as it goes (not the whole file: is_chat_data
+                start = text.index("[") + 1  # and its kin ask for each file's keys several times)
+                while True:
+                    first = start + len(text[start:]) - len(text[start:].lstrip())
+                    try:
+                        row = json.JSONDecoder().raw_decode(text, first)[0]
+                        break
+                    except json.JSONDecodeError:
+                        more = f.read(max(len(text), 1 << 16))
+                        if not more:
+                            raise
+                        text += more
+        except json.JSONDecodeError:
+            return set()
     return set(row) if isinstance(row, dict) else set()
 
 
@@ -919,8 +929,10 @@ def example_tokens(example: dict, tokenizer, folder=None, doc_start: Sequence[in
                               **example.get("template", {}))
     prompt = [*doc_start, *tokenizer.encode_ordinary(example["prompt"])]
     # (the completion continues the prompt: a SentencePiece-style tokenizer puts no "▁" before it)
-    encode = getattr(tokenizer, "_encode_continuation", tokenizer.encode_ordinary)
-    completion = [*encode(example["completion"]), *([] if doc_end is None else [doc_end])]
+    continuation = getattr(tokenizer, "_encode_continuation", None)
+    ids = (continuation(example["completion"], example["prompt"]) if continuation is not None else
+           tokenizer.encode_ordinary(example["completion"]))
+    completion = [*ids, *([] if doc_end is None else [doc_end])]
     return prompt + completion, [0] * len(prompt) + [1] * len(completion)
 
 

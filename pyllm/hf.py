@@ -1097,7 +1097,9 @@ _labelled_loss_op = _syncing_op("pyllm::hf_labelled_loss", _labelled_loss_body)
 @_labelled_loss_op.register_fake
 def _(x, weight, targets, chunk_rows, need_x, need_w, scale, softcap):
     total = x.new_empty((), dtype=torch.promote_types(x.dtype, torch.float32))
-    return total, x.new_empty(x.shape if need_x else (0,)), _grad_w_like(weight, weight.shape[0] if need_w else 0)
+    # (the body's grad_w: the weight cast to x's dtype, its products summed in fp32 at least)
+    grad_w = weight.new_empty(weight.shape, dtype=total.dtype) if need_w else _grad_w_like(weight, 0)
+    return total, x.new_empty(x.shape if need_x else (0,)), grad_w
 
 
 def _labelled_loss_setup(ctx, inputs, output):

@@ -304,7 +304,7 @@ def test_prompt_completion_examples(folders, tmp_path):
         assert mask == [m - (prompt_mask[j] if j < len(prompt_mask) else 0) for j, m in enumerate(full_mask)]
         assert 0 < sum(mask) < sum(full_mask)
     ids, mask = data.example_tokens(text, ours, None, doc_start=[7], doc_end=9)
-    head, tail = [7, *ours.encode_ordinary("def f(x):")], [*ours._encode_continuation(" return x + 1"), 9]
+    head, tail = [7, *ours.encode_ordinary("def f(x):")], [*ours._encode_continuation(" return x + 1", "def f(x):"), 9]
     assert ids == head + tail and mask == [0] * len(head) + [1] * len(tail)
     # the data's text, no space of the tokenizer's own: a SentencePiece-style completion encoded alone
     # had started with a "▁" (Llama 2's " Paris." as "▁", "▁P", ...)

@@ -1618,6 +1618,12 @@ def test_op_registrations():
                                            (True, True, 2.0, 3.0)]:
         torch.library.opcheck(torch.ops.pyllm.hf_labelled_loss.default,
                               (x, weight, targets, 4, need_x, need_w, scale, softcap))
+    # a weight of another dtype than x (an fp32 master under autocast; fp32 / fp64 mixes): the body casts
+    # it, its gradient fp32 at least in x's terms; the fake had given the weight's dtype (from the review)
+    for x_dtype, w_dtype in [(torch.bfloat16, torch.float32), (torch.float32, torch.float64), (torch.float64, torch.float32)]:
+        torch.library.opcheck(torch.ops.pyllm.hf_labelled_loss.default,
+                              (x.detach().to(x_dtype).requires_grad_(), weight.detach().to(w_dtype).requires_grad_(),
+                               targets, 4, True, True, 1.0, 0.0), test_utils=("test_faketensor",))
     unsafe = getattr(torch.Tag, "cudagraph_unsafe", None)  # torch 2.8+
     for op in (torch.ops.pyllm.hf_attention, torch.ops.pyllm.hf_labelled_loss):  # they read the mask on the host
         assert unsafe is None or unsafe in op.default.tags

@@ -135,6 +135,29 @@ def _split_keeping(special_re: re.Pattern, text: str) -> list[str]:
     return parts + [text[pos:]]
 
 
+_WHITE_SPACE_RUN = re.compile(f"{_WHITE_SPACE}*")
+
+
+def _split_stripping(special_re: re.Pattern, text: str, strip: dict) -> list[str]:
+    """_split_keeping, a special token that strips (strip: its name -> "l", "r" or "lr") taking in
+    the white space beside it as tokenizers' AddedVocabulary.find_matches does: back to the end of
+    the match before (lstrip), forward to the next other character (rstrip). Each match is found
+    by its text alone and widened after, in one pass (a regex of "white space, then the token" had
+    been retried at every position of a run of white space: quadratic in the run)."""
+    parts, pos = [], 0
+    for m in special_re.finditer(text):
+        start, end, side = m.start(), m.end(), strip.get(m.group(0), "")
+        if "l" in side:
+            while start > pos and _WHITE_SPACE_RUN.match(text, start - 1, start).end() == start:
+                start -= 1
+            start = max(start, pos)
+        if "r" in side:
+            end = _WHITE_SPACE_RUN.match(text, end).end()
+        parts += [text[pos:start] if pos < start else "", m.group(0)]
+        pos = end
+    return parts + [text[pos:]]
+
+
 def _header_digest(header: dict) -> str:
     """The SHA-256 of a saved tokenizer's header (all but this digest itself), canonical JSON: the
     ranks' digest does not cover the pattern, the special tokens or the normalization."""
@@ -1007,14 +1030,19 @@ class Tokenizer:
         except TypeError:
             return self._enc.encode_ordinary(_fix_surrogates(text))
 
-    def _encode_continuation(self, text: str) -> list[int]:
-        """encode_ordinary of a text that continues another (a prompt's completion): a
+    def _encode_continuation(self, text: str, after: str) -> list[int]:
+        """encode_ordinary of a text that continues another, after (a prompt's completion): a
         SentencePiece-style tokenizer puts no "▁" before it, which encoded alone it would (a space the
         data does not hold: Llama 2's " Paris." had become "▁", "▁P", ..., where the two texts encoded
-        together give "▁P", ...). Any other tokenizer: encode_ordinary's."""
-        if self._spm is None or self.normalization is not None:
+        together give "▁P", ...). Where after is empty or ends at a matched token (with the white space
+        it takes in), text starts a segment of its own, "▁" and all, as the two encoded together give
+        it. Any other tokenizer: encode_ordinary's."""
+        if self._spm is None or self.normalization is not None or not after:
             return self.encode_ordinary(text)
         if self._matched:
+            if _split_stripping(self._special_regex(self._matched_indices), _utf8_safe(after),
+                                self._spm.settings.get("strip", {}))[-1] == "":
+                return self.encode_ordinary(text)
             return self._encode_custom(text, self._matched_indices, [], continuation=True)
         return self._encode_pieces(self._spm.pieces(_utf8_safe(text), True, prefix=False))
 
@@ -1180,22 +1208,8 @@ class Tokenizer:
         special_re = self._special_regex_cache.get(key)
         if special_re is None:
             names = sorted((self._special_list[a] for a in allowed), key=len, reverse=True)
-            special_re = self._special_regex_cache[key] = re.compile("|".join(map(self._special_alternative, names)))
+            special_re = self._special_regex_cache[key] = re.compile("|".join(map(re.escape, names)))
         return special_re
-
-    def _special_alternative(self, name: str) -> str:
-        """A special token's regex: its text, with the white space it takes in (strip) around."""
-        side = self._spm.settings.get("strip", {}).get(name, "") if self._spm is not None else ""
-        return f"{_WHITE_SPACE}*" * ("l" in side) + re.escape(name) + f"{_WHITE_SPACE}*" * ("r" in side)
-
-    def _special_id(self, matched: str) -> int:
-        """The id of the special token _special_regex matched (with the white space it took in)."""
-        token = self._special_tokens.get(matched)
-        if token is not None:
-            return token
-        strip = self._spm.settings["strip"]  # (the longest first, as the regex tries them)
-        return next(self._special_tokens[name] for name in sorted(strip, key=len, reverse=True)
-                    if re.fullmatch(self._special_alternative(name), matched))
 
     def _encode_custom(self, text: str, allowed: list[int], disallowed: list[int], continuation: bool = False) -> list[int]:
         if disallowed:  # (in the text as given, before its lone surrogates are replaced, as tiktoken looks)
@@ -1208,8 +1222,10 @@ class Tokenizer:
         if not allowed:
             return self._encode_pieces(split(text, True))
         out: list[int] = []
-        for j, part in enumerate(_split_keeping(self._special_regex(allowed), text)):  # text, special, text, ...
-            out += [self._special_id(part)] if j % 2 else self._encode_pieces(split(part, j == 0))
+        strip = self._spm.settings.get("strip", {}) if self._spm is not None else {}
+        # text, special, text, ...: the white space a special token that strips takes in left out
+        for j, part in enumerate(_split_stripping(self._special_regex(allowed), text, strip)):
+            out += [self._special_tokens[part]] if j % 2 else self._encode_pieces(split(part, j == 0))
         return out
 
     def _encode_custom_batch(self, texts: list[str], allowed: list[int], disallowed: list[int],

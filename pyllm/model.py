@@ -538,10 +538,11 @@ class LLM(nn.Module):
             nn.init.normal_(module.gate_up, mean=0.0, std=0.02)
             nn.init.normal_(module.down, mean=0.0, std=0.02)
 
-    def _embed(self, idx, start: int | torch.Tensor = 0, positions=None):
+    def _embed(self, idx, start: int | torch.Tensor = 0, positions=None, doc_lengths=None):
         """Token (+ learned position) embeddings and RoPE's (cos, sin) for positions start.. of each
-        row, or for positions (B, T) (packed documents, each starting at 0). start may be an int
-        tensor (B,) of each row's first position, read on its device only (decode_step)."""
+        row, or for positions (B, T) (packed documents, each starting at 0; doc_lengths (B, T): each
+        token's document's length, which picks LongRoPE's factors). start may be an int tensor (B,)
+        of each row's first position, read on its device only (decode_step)."""
         T = idx.shape[1]
         on_device = isinstance(start, torch.Tensor)
         if on_device:  # (B, T) positions; their bounds are the caller's (no host read)
@@ -565,6 +566,15 @@ class LLM(nn.Module):
                                                                             idx.device, dtype, positions=at))
             if positions is not None and not on_device:  # (T, R/2) tables -> (B, T, R/2), each token at its own position
                 rope = tuple(None if cs is None else (cs[0][positions], cs[1][positions]) for cs in rope)
+                scaling = cfg.rope_scaling or {}
+                if doc_lengths is not None and scaling.get("rope_type") == "longrope" and (
+                        T > (switch := scaling["original_max_position_embeddings"])):
+                    # LongRoPE picks its factors by each document's own length (as the document alone does), not
+                    # by the packed row's: the tables above have the long ones, documents within the switch the short
+                    short = rope_cos_sin(switch, dims, cfg.rope_theta, 0, idx.device, dtype, cfg.rope_scaling)
+                    at, alone = positions.clamp(max=switch - 1), (doc_lengths <= switch)[..., None]
+                    rope = ((torch.where(alone, short[0][at], rope[0][0]), torch.where(alone, short[1][at], rope[0][1])),
+                            rope[1])
         return self.dropout(x), rope
 
     def add_score_head(self, num_labels: int = 1) -> None:
@@ -659,10 +669,11 @@ class LLM(nn.Module):
             doc = document_ids(cu_seqlens, B, T)  # (B, T): each token's document
             starts = cu_seqlens.long()[doc]  # (B, T): its document's first token
             positions = torch.arange(B * T, device=idx.device).view(B, T) - starts
+            doc_lengths = cu_seqlens.long()[doc + 1] - starts  # (B, T): its document's length
         # The last forward's loss term and its graph (through every block's activations) let go before
         # this one runs: a loss dropped without backward (a skipped step) had been held through it.
         self.aux_loss = None
-        x, rope = self._embed(idx, positions=positions)
+        x, rope = self._embed(idx, positions=positions, doc_lengths=doc_lengths if cu_seqlens is not None else None)
         moes = [block.mlp for block in self.blocks if isinstance(block.mlp, MoEMLP)]
         balance = bool(moes) and bool(self.config.router_aux_loss_coef) and self.training and torch.is_grad_enabled()
         for moe in moes:  # this forward's statistics only (a block run without autograd sets none), when wanted

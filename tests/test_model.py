@@ -2957,3 +2957,28 @@ def test_generate_batch_of_a_longrope_model_refuses_cuda_graph():
     model = LLM(ModelConfig(vocab_size=64, block_size=64, n_layers=1, n_heads=2, dim=32, rope_scaling=rs)).eval()
     with pytest.raises(NotImplementedError, match="cuda_graph does not take LongRoPE"):
         model.generate_batch([[1, 2, 3], [4, 5]], 4, temperature=0, cuda_graph=True)
+
+
+def test_a_packed_longrope_document_takes_its_own_factors():
+    # LongRoPE picks the short or long factors by the sequence's length (transformers' Phi-3 by each
+    # text's, TRL's padding-free packing by its positions): a short conversation packed in a row past the
+    # switch had taken the row's long ones, so Phi-3.5 fine-tunes trained every short conversation under
+    # other rotations than the model runs them with (from the Phi-3 audit: first loss 12.314 vs 12.478)
+    rs = dict(rope_type="longrope", short_factor=[1.0 + 0.1 * i for i in range(4)], long_factor=[4.0] * 4,
+              original_max_position_embeddings=16, attention_factor=1.1)
+    torch.manual_seed(0)
+    model = LLM(ModelConfig(vocab_size=64, block_size=64, n_layers=2, n_heads=2, dim=16, rope_scaling=rs)).double().eval()
+    ids = torch.randint(0, 64, (1, 24))
+    with torch.no_grad():
+        alone = [model(ids[:, :10])[0][0], model(ids[:, 10:])[0][0]]  # 10 tokens: short; 14: short
+        longer = model(ids)[0][0]  # 24 tokens: long
+        for T in (24, 48):  # rows past the switch, the second one padded
+            row = torch.zeros(1, T, dtype=torch.long)
+            row[0, :24] = ids[0]
+            packed = model(row, cu_seqlens=torch.tensor([0, 10, 24, T], dtype=torch.int32))[0][0]
+            torch.testing.assert_close(packed[:10], alone[0], rtol=0, atol=1e-10)
+            torch.testing.assert_close(packed[10:24], alone[1], rtol=0, atol=1e-10)
+        row = torch.zeros(1, 48, dtype=torch.long)
+        row[0, :24] = ids[0]
+        packed = model(row, cu_seqlens=torch.tensor([0, 24, 48], dtype=torch.int32))[0][0]
+        torch.testing.assert_close(packed[:24], longer, rtol=0, atol=1e-10)  # a document past the switch: long

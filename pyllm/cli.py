@@ -2151,37 +2151,57 @@ class _ExactOptionsParser(argparse.ArgumentParser):
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
 
+    def parse_known_args(self, args=None, namespace=None):
+        self._argv = list(sys.argv[1:] if args is None else args)  # (error's hints: the subcommand given)
+        return super().parse_known_args(args, namespace)
+
     def error(self, message):
         if message.startswith("unrecognized arguments:"):
-            hints = [hint for word in message.split()[2:] if (hint := self._spelled_as(word))]
+            flags = {flag for action in self._command()._actions for flag in action.option_strings}
+            hints = [hint for word in message.split()[2:] if (hint := _spelled_as(word, flags))]
             if hints:
                 message += f" ({'; '.join(hints)})"
         super().error(message)
 
-    def _spelled_as(self, word: str) -> str | None:
-        """pyllm's flag for an unrecognized one: nanoGPT's train.py names, underscores for dashes."""
-        if not word.startswith("--"):
-            return None
-        name = word[2:].split("=")[0].replace("-", "_")
-        if name in _NANOGPT_FLAGS:
-            return f"nanoGPT's {name}: pyllm's {_NANOGPT_FLAGS[name]}"
-        flag = "--" + name.replace("_", "-")
-        parsers = [self, *(sub for action in self._actions if isinstance(action, argparse._SubParsersAction)
-                           for sub in action.choices.values())]
-        known = any(flag in action.option_strings for parser in parsers for action in parser._actions)
-        return f"pyllm's {flag}, with dashes" if known and flag != word.split("=")[0] else None
+    def _command(self) -> argparse.ArgumentParser:
+        """The (sub)command parser the arguments name (pyllm tokenizer train: the nested one)."""
+        parser = self
+        for word in getattr(self, "_argv", []):
+            sub = next((a.choices[word] for a in parser._actions
+                        if isinstance(a, argparse._SubParsersAction) and word in a.choices), None)
+            if sub is not None:
+                parser = sub
+        return parser
 
 
-# nanoGPT's train.py options (its config keys, --key=value on its command line) -> pyllm train's
-_NANOGPT_FLAGS = {"min_lr": "--min-lr-ratio (min_lr / lr, nanoGPT's 6e-5 / 6e-4 = 0.1)",
-                  "max_iters": "--max-steps", "learning_rate": "--lr",
-                  "warmup_iters": "--warmup-steps (its warmup peaks a step earlier)",
-                  "lr_decay_iters": "none: the decay always ends at --max-steps",
-                  "gradient_accumulation_steps": "--grad-accum (per process, not divided by the processes)",
-                  "eval_interval": "--eval-every", "eval_iters": "--eval-batches", "out_dir": "--out",
-                  "decay_lr": "--schedule constant for False", "dataset": "--data",
-                  "always_save_checkpoint": "--keep-best for False", "n_layer": "--model n_layers=N",
-                  "n_head": "--model n_heads=N", "n_embd": "--model dim=N"}
+def _spelled_as(word: str, flags: set) -> str | None:
+    """pyllm's flag for an unrecognized one, among the command's flags: nanoGPT's train.py names,
+    underscores for dashes, a flag's beginning (taken as the whole flag before: --max-step) or end."""
+    if not word.startswith("--"):
+        return None
+    given = word.split("=")[0]
+    name = given[2:].replace("-", "_")
+    if name in _NANOGPT_FLAGS and _NANOGPT_FLAGS[name][0] in flags:
+        flag, note = _NANOGPT_FLAGS[name]
+        return f"nanoGPT's {name}: pyllm's {flag}{note}"
+    flag = "--" + name.replace("_", "-")
+    if flag != given and flag in flags:
+        return f"pyllm's {flag}, with dashes"
+    # (its beginning or its end: --decay is --decay-frac's or --weight-decay's)
+    longer = sorted(f for f in flags if f != given and (f.startswith(given) or f.endswith("-" + given[2:])))
+    return f"did you mean {' or '.join(longer)}?" if 0 < len(longer) <= 3 else None
+
+
+# nanoGPT's train.py options (its config keys, --key=value on its command line) -> pyllm train's flag, a note
+_NANOGPT_FLAGS = {"min_lr": ("--min-lr-ratio", " (min_lr / lr, nanoGPT's 6e-5 / 6e-4 = 0.1)"),
+                  "max_iters": ("--max-steps", ""), "learning_rate": ("--lr", ""),
+                  "warmup_iters": ("--warmup-steps", " (its warmup peaks a step earlier)"),
+                  "lr_decay_iters": ("--max-steps", ", where the decay always ends"),
+                  "gradient_accumulation_steps": ("--grad-accum", " (per process, not divided by the processes)"),
+                  "eval_interval": ("--eval-every", ""), "eval_iters": ("--eval-batches", ""), "out_dir": ("--out", ""),
+                  "decay_lr": ("--schedule", " constant for False"), "dataset": ("--data", ""),
+                  "always_save_checkpoint": ("--keep-best", " for False"), "n_layer": ("--model", " n_layers=N"),
+                  "n_head": ("--model", " n_heads=N"), "n_embd": ("--model", " dim=N")}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -82,6 +82,20 @@ def read_choices(path) -> list[dict]:
     return examples
 
 
+def _row_documents(model, lengths: Sequence[int], T: int) -> torch.Tensor | None:
+    """cu_seqlens of right-padded rows (each row's text, then its padding, as documents) for a
+    LongRoPE model, whose factors follow a sequence's length: each text's own, as alone (the padded
+    row's had given a short text the long factors where a longer one shared its batch). None for
+    the others (the causal attention never reads the padding)."""
+    cfg = getattr(model, "module", model).config
+    if (cfg.rope_scaling or {}).get("rope_type") != "longrope":
+        return None
+    edges = [0]
+    for n in lengths:
+        edges += [edges[-1] + n, edges[-1] + T]
+    return torch.tensor(edges, dtype=torch.int32)
+
+
 def _start_token(tokenizer, start: Sequence[int] | None = None) -> list[int]:
     """What a text starts from: start when given (`pyllm eval`: a Hugging Face model's BOS or EOS
     where its tokenizer has no <|endoftext|>, as lm-evaluation-harness's prefix token), else
@@ -303,7 +317,9 @@ def score_continuations(model, tokenizer, examples: Sequence[dict], seq_len: int
             x[r, :len(doc) - 1] = torch.from_numpy(doc[:-1])
             y[r, :len(doc) - 1] = torch.from_numpy(np.where(mask[1:] != 0, doc[1:], -1))
         with autocast(precision, device):
-            hidden = model(x.to(device), y.to(device), hidden=True)[1]  # (N, C): the targets, row by row
+            cu = _row_documents(model, [len(d) - 1 for d, _ in group], T)
+            hidden = model(x.to(device), y.to(device), None if cu is None else cu.to(device),
+                           hidden=True)[1]  # (N, C): the targets, row by row
             logits = getattr(model, "module", model)._logits(hidden)
         token_logps = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)  # (N, V)
         targets = y[y != -1].to(device)
@@ -355,7 +371,8 @@ def text_loss(model, tokenizer, texts: Sequence[str], seq_len: int, batch_size: 
         for r, (w, seen) in enumerate(group):
             x[r, :len(w) - 1], y[r, seen:len(w) - 1] = torch.tensor(w[:-1]), torch.tensor(w[1 + seen:])
         with autocast(precision, device):
-            logps = model(x.to(device), y.to(device), per_token=True)[1]
+            cu = _row_documents(model, [len(w) - 1 for w, _ in group], T)
+            logps = model(x.to(device), y.to(device), None if cu is None else cu.to(device), per_token=True)[1]
         total -= float(logps.double().sum())
         predicted += int((y != -1).sum())
     model.train(was_training)

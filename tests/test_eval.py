@@ -428,3 +428,24 @@ def test_choice_row_with_winogrande_fields_beside_is_read(tmp_path):
     path.write_text(json.dumps({"sentence": "x _ y", "option1": "a", "option2": "b", "answer": "1",
                                 "ctx": "c", "endings": ["d", "e"], "label": 0}) + "\n")
     assert evaluate.read_choices(path) == [{"context": "c", "endings": ["d", "e"], "label": 0}]
+
+
+def test_a_longrope_models_padded_rows_score_each_text_as_alone(setup):
+    # LongRoPE's factors follow a sequence's length: a short text batched with one past the switch
+    # had been scored under the long ones (the padded row's), so a LongRoPE model's scores moved with
+    # --batch-size; each row is its own document now (packing's rule, 00a8076)
+    tokenizer, _, _ = setup
+    rs = dict(rope_type="longrope", short_factor=[1.0 + 0.2 * i for i in range(4)], long_factor=[4.0] * 4,
+              original_max_position_embeddings=16, attention_factor=1.1)
+    torch.manual_seed(0)
+    model = LLM(ModelConfig(vocab_size=tokenizer.vocab_size, n_layers=2, n_heads=2, dim=16, block_size=64,
+                            rope_scaling=rs)).double().eval()
+    rng = random.Random(3)
+    examples = [{"context": sentence(rng, n), "continuation": " " + sentence(rng, 2)} for n in (2, 30, 3, 1)]
+    batched = evaluate.score_continuations(model, tokenizer, examples, 60, batch_size=4)
+    single = evaluate.score_continuations(model, tokenizer, examples, 60, batch_size=1)
+    assert batched["logps"] == pytest.approx(single["logps"], rel=1e-12, abs=1e-12)
+    texts = [sentence(rng, 3), sentence(rng, 40), sentence(rng, 2)]
+    batched = evaluate.text_loss(model, tokenizer, texts, 60, batch_size=3)
+    assert batched["loss"] == pytest.approx(evaluate.text_loss(model, tokenizer, texts, 60, batch_size=1)["loss"],
+                                            rel=1e-12)

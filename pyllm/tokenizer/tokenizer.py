@@ -239,6 +239,31 @@ def _flat_normalizers(normalizer: dict) -> list[dict]:
     return [normalizer] if normalizer else []
 
 
+# transformers 5's tokenizer classes that rebuild a SentencePiece-style pipeline of their own from a
+# tokenizer.json's vocabulary and merges alone (its normalizer and pre-tokenizer unread)
+_LLAMA_TOKENIZER_CLASSES = ("LlamaTokenizer", "LlamaTokenizerFast")
+
+
+def _transformers_class_pipeline(path, spm: dict) -> dict:
+    """spm as transformers 5 encodes with it: a tokenizer_config.json beside the tokenizer.json naming
+    LlamaTokenizer (Llama 2's, TinyLlama's, Mistral v0.x's, Phi-3's) makes transformers build a
+    Metaspace(prepend_scheme="first" unless "legacy": true ("always"), "never" for add_prefix_space
+    false, split=False) without the file's normalizer: no "▁" after a special token where legacy
+    is false (the file's Prepend normalizer puts one there), as TRL 1.16's SFT / DPO data then has
+    it. Any other class (PreTrainedTokenizerFast, none): the file as it is."""
+    config_path = os.path.join(os.path.dirname(os.fspath(path)), "tokenizer_config.json")
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return spm
+    if not isinstance(config, dict) or config.get("tokenizer_class") not in _LLAMA_TOKENIZER_CLASSES:
+        return spm
+    prefix = config.get("add_prefix_space")
+    prepend = "never" if prefix is not None and not prefix else ("always" if config.get("legacy", False) else "first")
+    return {**spm, "prepend": prepend, "split": False}
+
+
 def _hf_sentencepiece(data: dict, where: str) -> dict | None:
     """{"prepend", "split"} when a tokenizer.json is SentencePiece-style (spaces written "▁" by a
     Prepend + Replace normalizer, as Llama 2's, or a Metaspace pre-tokenizer, as Mistral's later
@@ -476,7 +501,8 @@ def hf_chat_spans(folder, messages: list[dict], train_from: int = 0, tools: list
         if not (through.startswith(before) and text.startswith(through)):
             raise ValueError(f"{folder}: the chat template renders the conversation before assistant message {i} "
                              "differently on its own than inside the whole conversation (it rewrites earlier turns, "
-                             "as templates dropping earlier reasoning do, or its generation prompt or its end of a "
+                             "as templates dropping earlier reasoning do, or those putting the system message in the "
+                             "last user turn only, Mistral v0.3's; or its generation prompt or its end of a "
                              "conversation, eos_token aside, is not how a turn goes on: DeepSeek-R1's <think>), "
                              "so the assistant's text cannot be found "
                              "by rendering prefixes; a template with {% generation %} ... {% endgeneration %} around "
@@ -1606,6 +1632,7 @@ class Tokenizer:
         matched = [t["content"] for t in added if not t.get("special", False)]
         name = os.path.splitext(os.path.basename(os.fspath(path)))[0]
         if spm is not None:
+            spm = _transformers_class_pipeline(path, spm)
             return cls._from_hf_sentencepiece(data, spm, specials, merge_pairs, where, name, matched)
         normalizer = data.get("normalizer") or {}
         steps = _flat_normalizers(normalizer)  # DeepSeek-V3's empty Sequence: none; Sequence([NFC]): NFC

@@ -385,7 +385,9 @@ def ensure_hf_tokenizer(folder: Path, path: Path):
     if not source.is_file():
         raise ValueError(f"{folder}: no tokenizer.json to tokenize --data with (or give --tokenizer)")
     meta_path = path.with_name(path.name + ".json")
-    meta = {"hf_tokenizer": str(source.resolve()), "mtime": source.stat().st_mtime}
+    config = folder / "tokenizer_config.json"  # (its tokenizer_class and legacy change the encoding too)
+    meta = {"hf_tokenizer": str(source.resolve()), "mtime": source.stat().st_mtime,
+            "config_mtime": config.stat().st_mtime if config.is_file() else None}
     Tokenizer = tokenizer_class()
     if path.exists() and meta_path.exists() and read_json(meta_path) == meta:
         print(f"tokenizer: reusing {path}")

@@ -1668,3 +1668,55 @@ def test_from_hf_encodes_as_transformers_llama_tokenizer_class_does(tmp_path, co
     for _ in range(300):
         text = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 8)))
         assert ours.encode(text, allowed_special="all") == theirs(text, add_special_tokens=False).input_ids, text
+
+
+@pytest.mark.parametrize("config", [{"tokenizer_class": "LlamaTokenizer"}, {"tokenizer_class": "LlamaTokenizer", "legacy": True},
+                                    {"tokenizer_class": "CodeLlamaTokenizer", "legacy": True}, None])
+@pytest.mark.parametrize("strip", [False, True])
+def test_completion_after_a_matched_token_as_transformers_encodes_the_two_together(tmp_path, config, strip):
+    # A completion after a matched (non-special) added token: a "▁" of its own only where the scheme puts
+    # one after every token ("all" / "always"), none under transformers' LlamaTokenizer's "first"; the
+    # white space such a token takes in (rstrip) not the completion's (from the review of 919574c)
+    tk = pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    from pyllm import data
+
+    path = _llama2_style_tokenizer_json(tk, tmp_path / "tokenizer.json")
+    d = json.loads(path.read_text())
+    d["added_tokens"].append({"id": len(d["model"]["vocab"]), "content": "<|sep|>", "single_word": False,
+                              "lstrip": strip, "rstrip": strip, "normalized": False, "special": False})
+    path.write_text(json.dumps(d))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**(config or {"tokenizer_class": "PreTrainedTokenizerFast"}),
+                                                                "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
+    ours, theirs = Tokenizer.from_hf(path), transformers.AutoTokenizer.from_pretrained(tmp_path)
+    for prompt, completion in [("Question: 2+2?<|sep|>", "Answer: 4"), ("Q<|sep|>", " yes"), ("Q<|sep|> ", "yes"),
+                               ("", "The capital"), ("The capital of France is", " Paris.")]:
+        ids, _ = data.example_tokens({"prompt": prompt, "completion": completion}, ours, doc_start=[1], doc_end=2)
+        assert ids == [1, *theirs(prompt + completion, add_special_tokens=False).input_ids, 2], (prompt, completion)
+    rng = random.Random(0)
+    pieces = ["Paris", " capital", " ", "\n", "<s>", "</s>", "x", "<|sep|>"]
+    for _ in range(200):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 8)))
+        assert ours.encode(text, allowed_special="all") == theirs(text, add_special_tokens=False).input_ids, text
+
+
+def test_a_converted_hf_tokenizer_is_converted_again_when_its_config_changes(tmp_path, capsys):
+    # tokenizer_config.json's class changes the encoding (transformers 5's LlamaTokenizer): a run folder's
+    # converted tokenizer had been reused on tokenizer.json's path and time alone (from the review)
+    tk = pytest.importorskip("tokenizers")
+    from pyllm import cli
+
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    _llama2_style_tokenizer_json(tk, folder / "tokenizer.json")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+    (tmp_path / "run").mkdir()
+    first = cli.ensure_hf_tokenizer(folder, tmp_path / "run" / "tokenizer.bpe")
+    assert cli.ensure_hf_tokenizer(folder, tmp_path / "run" / "tokenizer.bpe")._spm.settings["prepend"] == "all"
+    assert "tokenizer: reusing" in capsys.readouterr().out
+    config = folder / "tokenizer_config.json"
+    config.write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}))
+    os.utime(config, (config.stat().st_atime, config.stat().st_mtime + 5))
+    again = cli.ensure_hf_tokenizer(folder, tmp_path / "run" / "tokenizer.bpe")
+    assert "reusing" not in capsys.readouterr().out
+    assert (first._spm.settings["prepend"], again._spm.settings["prepend"]) == ("all", "first")

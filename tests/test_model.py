@@ -2961,7 +2961,7 @@ def test_generate_batch_of_a_longrope_model_refuses_cuda_graph():
 
 def test_a_packed_longrope_document_takes_its_own_factors():
     # LongRoPE picks the short or long factors by the sequence's length (transformers' Phi-3 by each
-    # text's, TRL's padding-free packing by its positions): a short conversation packed in a row past the
+    # text's alone): a short conversation packed in a row past the
     # switch had taken the row's long ones, so Phi-3.5 fine-tunes trained every short conversation under
     # other rotations than the model runs them with (from the Phi-3 audit: first loss 12.314 vs 12.478)
     rs = dict(rope_type="longrope", short_factor=[1.0 + 0.1 * i for i in range(4)], long_factor=[4.0] * 4,

@@ -242,6 +242,7 @@ def _flat_normalizers(normalizer: dict) -> list[dict]:
 # transformers 5's tokenizer classes that rebuild a SentencePiece-style pipeline of their own from a
 # tokenizer.json's vocabulary and merges alone (its normalizer and pre-tokenizer unread)
 _LLAMA_TOKENIZER_CLASSES = ("LlamaTokenizer", "LlamaTokenizerFast")
+_CODE_LLAMA_TOKENIZER_CLASSES = ("CodeLlamaTokenizer", "CodeLlamaTokenizerFast")  # ("first" whatever legacy)
 
 
 def _transformers_class_pipeline(path, spm: dict) -> dict:
@@ -257,10 +258,12 @@ def _transformers_class_pipeline(path, spm: dict) -> dict:
             config = json.load(f)
     except (OSError, ValueError):
         return spm
-    if not isinstance(config, dict) or config.get("tokenizer_class") not in _LLAMA_TOKENIZER_CLASSES:
+    kind = config.get("tokenizer_class") if isinstance(config, dict) else None
+    if kind not in _LLAMA_TOKENIZER_CLASSES + _CODE_LLAMA_TOKENIZER_CLASSES:
         return spm
     prefix = config.get("add_prefix_space")
-    prepend = "never" if prefix is not None and not prefix else ("always" if config.get("legacy", False) else "first")
+    legacy = config.get("legacy", False) and kind in _LLAMA_TOKENIZER_CLASSES  # (CodeLlamaTokenizer reads none)
+    prepend = "never" if prefix is not None and not prefix else ("always" if legacy else "first")
     return {**spm, "prepend": prepend, "split": False}
 
 
@@ -1066,9 +1069,14 @@ class Tokenizer:
         if self._spm is None or self.normalization is not None or not after:
             return self.encode_ordinary(text)
         if self._matched:
-            if _split_stripping(self._special_regex(self._matched_indices), _utf8_safe(after),
-                                self._spm.settings.get("strip", {}))[-1] == "":
-                return self.encode_ordinary(text)
+            strip = self._spm.settings.get("strip", {})
+            parts = _split_stripping(self._special_regex(self._matched_indices), _utf8_safe(after), strip)
+            if parts[-1] == "" and len(parts) > 1:  # after ends at a matched token: text starts a segment
+                if "r" in strip.get(parts[-2], ""):  # (the token takes in the white space text starts with)
+                    text = text[_WHITE_SPACE_RUN.match(text).end():]
+                if self._spm.settings["prepend"] in ("all", "always"):  # a "▁" after every token
+                    return self.encode_ordinary(text)
+                # "first" (transformers' LlamaTokenizer, legacy false) / "never": none past the text's start
             return self._encode_custom(text, self._matched_indices, [], continuation=True)
         return self._encode_pieces(self._spm.pieces(_utf8_safe(text), True, prefix=False))
 

@@ -1596,6 +1596,14 @@ def test_from_hf_sentencepiece_tokens_that_strip_white_space(tmp_path):
                                                                 "chat_template": phi3, "eos_token": "</s>"}))
     text, spans = hf_chat_spans(tmp_path, talk)
     assert [text[a:b] for a, b in spans] == ["Paris.\n  It is.<|end|>\n", " 4<|end|>\n</s>"]
+    # a reply that starts with white space an rstrip header takes in (" 4" after "<|user|>\n" here, as
+    # Phi-3's <|assistant|>): the header is the prompt's, as TRL's prompt-completion mask has it (it had
+    # been trained; the {% generation %} path above keeps transformers' mask, which counts it)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
+                                                                "chat_template": phi3.replace("<|pre|>", "<|user|>")}))
+    ids, mask = hf_chat_tokens(tmp_path, ours, talk[2:])
+    header = ids.index(ours.encode("<|user|>", allowed_special="all")[0], 1)
+    assert mask[header] == 0 and ours.decode([i for i, m in zip(ids, mask) if m]) == " 4<|end|>"
     from tokenizers import models, pre_tokenizers, trainers
 
     byte_level = tk.Tokenizer(models.BPE())

@@ -520,25 +520,29 @@ def hf_chat_tokens(folder, tokenizer: "Tokenizer", messages: list[dict], train_f
     """(ids, mask) of a conversation for fine-tuning: the ids of hf_chat_spans' text (special tokens
     as written, as apply_chat_template encodes it) and mask[j] = 1 where token j holds a character
     of an assistant span (a token straddling a span's edge counts: transformers'
-    return_assistant_tokens_mask maps spans to tokens the same way)."""
+    return_assistant_tokens_mask maps spans to tokens the same way). Where the spans come from
+    rendering prefixes (no {% generation %}), a special token that took in a reply's leading white
+    space (Phi-3's <|assistant|>, rstrip) is the prompt's, as in TRL's prompt-completion masks."""
     text, spans = hf_chat_spans(folder, messages, train_from, tools, documents, **template_kwargs)
     ids = tokenizer.encode(text, allowed_special="all")
-    ends = _token_ends(tokenizer, ids, text)  # byte offset in text where each token ends
+    ends, own = _token_ends(tokenizer, ids, text)  # byte offset in text where each token ends
+    starts_at = ends if _chat_template(folder)[3] else own  # (marked: transformers' mask counts it)
     codes = np.frombuffer(text.encode("utf-32-le"), np.uint32)
     char_bytes = np.concatenate([[0], np.cumsum(1 + (codes >= 0x80) + (codes >= 0x800) + (codes >= 0x10000))])
     mask = np.zeros(len(ids), np.int64)
     for start, end in spans:
         if end <= start:
             continue
-        first = int(np.searchsorted(ends, char_bytes[start], side="right"))  # the token holding byte b: first end > b
+        first = int(np.searchsorted(starts_at, char_bytes[start], side="right"))  # the token holding byte b: first end > b
         last = int(np.searchsorted(ends, char_bytes[end - 1], side="right"))
         mask[first:min(last, len(ids) - 1) + 1] = 1
     return ids, mask.tolist()
 
 
-def _token_ends(tokenizer: "Tokenizer", ids: list[int], text: str) -> np.ndarray:
-    """The byte offset in text's UTF-8 where each token's bytes end. The tokens' bytes are text's
-    but for the spaces a SentencePiece-style tokenizer puts first, which are skipped."""
+def _token_ends(tokenizer: "Tokenizer", ids: list[int], text: str) -> tuple[np.ndarray, np.ndarray]:
+    """The byte offsets in text's UTF-8 where each token's bytes end: with the white space a special
+    token that strips took in after it, and without (its own text's end). The tokens' bytes are
+    text's but for the spaces a SentencePiece-style tokenizer puts first, which are skipped."""
     pieces_of = tokenizer.__dict__.setdefault("_piece_cache", {})  # id -> bytes: a conversation set reuses them
     pieces = [pieces_of.get(i) for i in ids]
     for j, piece in enumerate(pieces):
@@ -546,11 +550,12 @@ def _token_ends(tokenizer: "Tokenizer", ids: list[int], text: str) -> np.ndarray
             pieces[j] = pieces_of[ids[j]] = tokenizer.token_bytes(ids[j])
     data = text.encode("utf-8")
     if b"".join(pieces) == data:  # byte-level: the tokens are the text
-        return np.cumsum([len(piece) for piece in pieces], dtype=np.int64)
+        ends = np.cumsum([len(piece) for piece in pieces], dtype=np.int64)
+        return ends, ends
     spm = getattr(tokenizer, "_spm", None)
     # special tokens that took in the white space around them (Phi-3's "<|user|>\n"): it is theirs
     strip = {tokenizer._special_tokens[t]: side for t, side in (spm.settings.get("strip", {}) if spm else {}).items()}
-    pos, ends = 0, np.zeros(len(ids), np.int64)
+    pos, ends, own = 0, np.zeros(len(ids), np.int64), np.zeros(len(ids), np.int64)
     for j, piece in enumerate(pieces):
         side = strip.get(ids[j], "")
         if "l" in side:
@@ -561,10 +566,11 @@ def _token_ends(tokenizer: "Tokenizer", ids: list[int], text: str) -> np.ndarray
             elif byte != 0x20:
                 raise ValueError(f"token {ids[j]} ({piece!r}) does not decode to the text at byte {pos}: the "
                                  "assistant's tokens cannot be located")
+        own[j] = pos
         if "r" in side:
             pos = _WHITE_SPACE_RUN_UTF8.match(data, pos).end()
         ends[j] = pos
-    return ends
+    return ends, own
 
 
 def hf_stop_ids(folder) -> list[int]:

@@ -1069,3 +1069,35 @@ def test_hf_stop_ids_are_generation_config_json_s_where_it_names_them(tmp_path):
     assert hf_stop_ids(tmp_path) == [27]
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [299, 87]}))
     assert hf_stop_ids(tmp_path) == [87, 299]
+
+
+# Mistral v0.3's template (Mistral Small / Nemo's likewise): the system message goes into the last
+# user turn only, so a conversation's earlier turns render differently alone than inside it
+MISTRAL_V3 = (
+    "{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content'] %}"
+    "{%- set loop_messages = messages[1:] %}{%- else %}{%- set loop_messages = messages %}{%- endif %}"
+    "{{- bos_token }}{%- for message in loop_messages %}{%- if message['role'] == 'user' %}"
+    "{%- if loop.last and system_message is defined %}"
+    "{{- '[INST] ' + system_message + '\\n\\n' + message['content'] + '[/INST]' }}"
+    "{%- else %}{{- '[INST] ' + message['content'] + '[/INST]' }}{%- endif %}"
+    "{%- elif message['role'] == 'assistant' %}{{- ' ' + message['content']|trim + eos_token }}"
+    "{%- endif %}{%- endfor %}")
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "sentencepiece"])
+def test_a_template_that_moves_the_system_message_finds_each_reply_in_place(tmp_path, kind):
+    # Rendering prefixes cannot find Mistral v0.3's replies where a system message is given (it had
+    # been refused); each reply is found where the whole conversation has it: the same ids and mask
+    # as transformers' return_assistant_tokens_mask on the template marked with {% generation %}
+    transformers = pytest.importorskip("transformers")
+    marked = MISTRAL_V3.replace("{{- ' ' + message['content']|trim + eos_token }}",
+                                "{% generation %}{{- ' ' + message['content']|trim + eos_token }}{% endgeneration %}")
+    plain, twin = make_folder(tmp_path / "plain", MISTRAL_V3, kind), make_folder(tmp_path / "marked", marked, kind)
+    ours = Tokenizer.from_hf(plain / "tokenizer.json")
+    rng = random.Random(7)
+    for turns in (1, 2, 3):
+        talk = [{"role": "system", "content": "Be terse."}, *(m for m in conversation(rng, turns) if m["role"] != "system")]
+        talk[-1]["content"] = " " + talk[-1]["content"] + " "  # (trimmed by the template)
+        want = transformers.AutoTokenizer.from_pretrained(twin).apply_chat_template(
+            talk, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        assert hf_chat_tokens(plain, ours, talk) == (list(want["input_ids"]), list(want["assistant_masks"]))

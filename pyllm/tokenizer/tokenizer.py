@@ -482,6 +482,34 @@ def hf_chat_spans(folder, messages: list[dict], train_from: int = 0, tools: list
                              "told from the trained ones")
         return text, [span for span, i in zip(spans, replies) if i >= train_from and not _untrained(messages[i])]
     text, spans = render(messages), []
+    eos = variables.get("eos_token")
+
+    def in_place(i: int) -> tuple[int, int] | None:
+        """Reply i's span found inside the whole conversation, for a template that renders the turns
+        before it differently alone (Mistral v0.3's system message in the last user turn only): the
+        conversation rendered with the reply's content as a sentinel, the reply where the sentinel
+        is, as written (trimmed at most), then the end of turn the template writes after it. None
+        where the reply is rewritten (a reasoning dropped, Qwen3's): not guessed at."""
+        content, sentinel = messages[i].get("content"), "\ue000pyllm-reply\ue001"
+        if not isinstance(content, str) or not content.strip() or any(k in messages[i] for k in _REASONING_FIELDS):
+            return None
+        probe_messages = [*messages[:i], {**messages[i], "content": sentinel}, *messages[i + 1:]]
+        probe = render(probe_messages)
+        if probe.count(sentinel) != 1:
+            return None
+        start, tail = probe.index(sentinel), len(probe) - probe.index(sentinel) - len(sentinel)
+        if probe[:start] != text[:start] or probe[len(probe) - tail:] != text[len(text) - tail:]:
+            return None
+        end = len(text) - tail
+        if text[start:end] not in (content, content.strip()):
+            return None
+        alone = render(probe_messages[:i + 1])  # what the template writes after a reply: its end of turn
+        turn_end = alone[alone.index(sentinel) + len(sentinel):] if alone.count(sentinel) == 1 else None
+        for ending in ([turn_end, turn_end[:-len(eos)]] if turn_end and eos and turn_end.endswith(eos) else [turn_end]):
+            if ending is not None and text.startswith(ending, end):
+                return start, end + len(ending)
+        return None
+
     for i, message in enumerate(messages):
         if message.get("role") != "assistant" or i < train_from or _untrained(message):
             continue
@@ -496,16 +524,18 @@ def hf_chat_spans(folder, messages: list[dict], train_from: int = 0, tools: list
                              "reply would start; begin it with a system or user message, or give the first "
                              "message \"weight\": 0 (not trained)") from None
         through = render(messages[:i + 1])
-        eos = variables.get("eos_token")
         if eos and through.endswith(eos) and not text.startswith(through) and text.endswith(eos) and (
                 text.startswith(through[:-len(eos)])):
             # a conversation the template ends with eos_token (Phi-3's end-of-text) where the whole one goes on
             through = through[:-len(eos)]
+        if not (through.startswith(before) and text.startswith(through)) and (span := in_place(i)) is not None:
+            spans.append(span)
+            continue
         if not (through.startswith(before) and text.startswith(through)):
             raise ValueError(f"{folder}: the chat template renders the conversation before assistant message {i} "
                              "differently on its own than inside the whole conversation (it rewrites earlier turns, "
-                             "as templates dropping earlier reasoning do, or those putting the system message in the "
-                             "last user turn only, Mistral v0.3's; or its generation prompt or its end of a "
+                             "as templates dropping earlier reasoning do, the reply itself among them; or its "
+                             "generation prompt or its end of a "
                              "conversation, eos_token aside, is not how a turn goes on: DeepSeek-R1's <think>), "
                              "so the assistant's text cannot be found "
                              "by rendering prefixes; a template with {% generation %} ... {% endgeneration %} around "

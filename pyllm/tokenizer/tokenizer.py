@@ -494,7 +494,10 @@ def hf_chat_spans(folder, messages: list[dict], train_from: int = 0, tools: list
         if not isinstance(content, str) or not content.strip() or any(k in messages[i] for k in _REASONING_FIELDS):
             return None
         probe_messages = [*messages[:i], {**messages[i], "content": sentinel}, *messages[i + 1:]]
-        probe = render(probe_messages)
+        try:
+            probe, alone = render(probe_messages), render(probe_messages[:i + 1])
+        except Exception:  # (a template that reads the content: not found this way)
+            return None
         if probe.count(sentinel) != 1:
             return None
         start, tail = probe.index(sentinel), len(probe) - probe.index(sentinel) - len(sentinel)
@@ -503,7 +506,7 @@ def hf_chat_spans(folder, messages: list[dict], train_from: int = 0, tools: list
         end = len(text) - tail
         if text[start:end] not in (content, content.strip()):
             return None
-        alone = render(probe_messages[:i + 1])  # what the template writes after a reply: its end of turn
+        # what the template writes after a reply that ends the conversation: its end of turn
         turn_end = alone[alone.index(sentinel) + len(sentinel):] if alone.count(sentinel) == 1 else None
         for ending in ([turn_end, turn_end[:-len(eos)]] if turn_end and eos and turn_end.endswith(eos) else [turn_end]):
             if ending is not None and text.startswith(ending, end):

@@ -1616,25 +1616,6 @@ def test_from_hf_sentencepiece_tokens_that_strip_white_space(tmp_path):
         Tokenizer.from_hf(tmp_path / "bytes.json")  # (byte-level: not taken)
 
 
-def test_text_completion_after_an_empty_prompt_or_a_matched_token_starts_its_own_text(tmp_path):
-    # The completion continues the prompt's text only where the prompt leaves one open: after an
-    # empty prompt, or one ending at a matched (non-special) added token, tokenizers puts the "▁" of
-    # a text's start before it ("▁The", not "Th", "e"), as TRL's prompt + completion encoded together.
-    tk = pytest.importorskip("tokenizers")
-    from pyllm import data
-
-    path = _llama2_style_tokenizer_json(tk, tmp_path / "tokenizer.json")
-    d = json.loads(path.read_text())
-    d["added_tokens"].append({"id": len(d["model"]["vocab"]), "content": "<|sep|>", "single_word": False,
-                              "lstrip": False, "rstrip": False, "normalized": False, "special": False})
-    path.write_text(json.dumps(d))
-    ours, hf = Tokenizer.from_hf(path), tk.Tokenizer.from_file(str(path))
-    for prompt, completion in [("", "The capital of France is Paris."), ("Question: 2+2?<|sep|>", "Answer: 4"),
-                               ("The capital of France is", " Paris.")]:
-        ids, _ = data.example_tokens({"prompt": prompt, "completion": completion}, ours, doc_start=[1], doc_end=2)
-        assert ids == [1, *hf.encode(prompt + completion, add_special_tokens=False).ids, 2], (prompt, completion)
-
-
 def test_strip_tokens_beside_white_space_added_tokens_and_long_runs(tmp_path):
     # A token that strips is found by its text and widened over the white space after (as tokenizers'
     # find_matches): a regex of "white space*, token" had retried every position of a run (16,000

@@ -195,7 +195,8 @@ class ModelConfig:
             value = getattr(self, name)
             if value is not None and not _positive_number(value):
                 raise ValueError(f"ModelConfig.{name} must be None or a positive number, got {value!r}")
-        if not (_util.is_number(self.norm_offset) and math.isfinite(self.norm_offset)) or (self.norm_offset and self.norm != "rmsnorm"):
+        finite_offset = _util.is_number(self.norm_offset) and math.isfinite(self.norm_offset)
+        if not finite_offset or (self.norm_offset and self.norm != "rmsnorm"):
             raise ValueError(f"ModelConfig.norm_offset must be a finite number, and 0 unless norm='rmsnorm', got "
                              f"{self.norm_offset!r} with norm={self.norm!r}")
         for name in ("rope_theta", "norm_eps"):  # (NaN logits otherwise, at the first forward)

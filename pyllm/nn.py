@@ -999,8 +999,8 @@ class LinearCrossEntropyLoss(nn.Module):
     or "sum", softcap, return_z_loss, accum_dtype) and its forward's order, forward(lin_weight,
     _input, target): the output layer's weight first. No bias and no class weights (ce_weight must be
     None: pyllm's fused losses take neither); accum_dtype None or float32 (the weight's gradient is
-    summed in fp32 either way, the chunks' products in x's dtype). return_z_loss gives (loss, z_loss), as Liger's did before its
-    CrossEntropyOutput. "mean" with every target ignored gives 0, as Liger's (not linear_cross_entropy's
+    summed in fp32 either way, the chunks' products in x's dtype). return_z_loss gives (loss,
+    z_loss), as Liger's did before its CrossEntropyOutput. "mean" with every target ignored gives 0, as Liger's (not linear_cross_entropy's
     NaN)."""
 
     def __init__(self, ce_weight: torch.Tensor | None = None, ignore_index: int = -100, lse_square_scale: float = 0.0,

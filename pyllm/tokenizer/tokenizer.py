@@ -453,7 +453,8 @@ def hf_chat_spans(folder, messages: list[dict], train_from: int = 0, tools: list
     conversation up to and with it adds to the conversation before it with the generation prompt
     (the reply and the template's end-of-turn text; an eos_token the template puts at the end of a
     conversation, Phi-3's, only where the whole conversation ends there). The latter needs a
-    template that renders every earlier turn as the whole conversation does; ValueError otherwise. train_from: the spans of the
+    template that renders every earlier turn as the whole conversation does, or each reply as
+    written (then found in place: see in_place); ValueError otherwise. train_from: the spans of the
     assistant messages from this index on only (a prompt's own assistant turns are not trained on).
     tools, documents, template_kwargs: as hf_chat_prompt's (TRL's "tools" and
     "chat_template_kwargs" columns)."""
@@ -566,7 +567,7 @@ def hf_chat_tokens(folder, tokenizer: "Tokenizer", messages: list[dict], train_f
     for start, end in spans:
         if end <= start:
             continue
-        first = int(np.searchsorted(starts_at, char_bytes[start], side="right"))  # the token holding byte b: first end > b
+        first = int(np.searchsorted(starts_at, char_bytes[start], side="right"))  # the token holding b: first end > b
         last = int(np.searchsorted(ends, char_bytes[end - 1], side="right"))
         mask[first:min(last, len(ids) - 1) + 1] = 1
     return ids, mask.tolist()
@@ -908,7 +909,8 @@ class Tokenizer:
             before each "▁"), "byte_fallback", "unk" (id or None), "fuse_unk", "whole_first"
             (Hugging Face's ignore_merges), and optionally "strip" ({special token: "l", "r" or
             "lr"}: the white space before / after it taken in with it where it is matched, as
-            Hugging Face's lstrip / rstrip added tokens: Phi-3's chat tokens). Encoding starts from characters, not bytes; decode
+            Hugging Face's lstrip / rstrip added tokens: Phi-3's chat tokens). Encoding starts
+            from characters, not bytes; decode
             turns "▁" back into spaces and byte tokens into their bytes, and keeps the space
             encode put first (decode(encode(t)) == " " + t with "all" or "always").
         pat_str, explicit_n_vocab: tiktoken.Encoding's keywords (pat_str the pattern; the ranks and

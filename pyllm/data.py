@@ -829,7 +829,6 @@ def _jsonl_rows(path):
                                      "must hold one {...} object per example")
                 yield f"row {number}", row, json.dumps(row, ensure_ascii=False)
             return
-        number = 0
         with open(path, encoding="utf-8-sig") as f:
             for number, line in enumerate(f, 1):
                 if not line.strip():

@@ -121,9 +121,10 @@ def _utf8_safe(text: str) -> str:
 
 # Rust's char::is_whitespace (Unicode's White_Space), what tokenizers' lstrip / rstrip added tokens take
 # in (Python's \s has the separators U+001C-U+001F too)
-_WHITE_SPACE = "[\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
-_WHITE_SPACE_RUN_UTF8 = re.compile(b"(?:%s)*" % b"|".join(
-    re.escape(chr(c).encode("utf-8")) for c in range(0x3001) if re.fullmatch(_WHITE_SPACE, chr(c))))
+_WHITE_SPACE_CHARS = ("\t\n\x0b\x0c\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200b)))
+                      + "\u2028\u2029\u202f\u205f\u3000")
+_WHITE_SPACE = f"[{re.escape(_WHITE_SPACE_CHARS)}]"
+_WHITE_SPACE_RUN_UTF8 = re.compile(b"(?:%s)*" % b"|".join(re.escape(c.encode("utf-8")) for c in _WHITE_SPACE_CHARS))
 
 
 def _split_keeping(special_re: re.Pattern, text: str) -> list[str]:

@@ -789,9 +789,11 @@ def _saved_grads_times(ctx, grad_total: torch.Tensor, n_other_inputs: int) -> tu
 
 def _linear_cross_entropy_with_grads(x, weight, targets, chunk_rows: int, need_x: bool, need_w: bool,
                                      scale: float = 1.0, softcap: float = 0.0, label_smoothing: float = 0.0,
-                                     z_loss: float = 0.0):
+                                     z_loss: float = 0.0, grad_rows=None, rows_out=None):
     """_LinearCrossEntropy's forward: (the sum of losses, the z-loss's share of it (a tensor; 0
-    without z_loss), grad_x or None, grad_w (fp32 at least) or None)."""
+    without z_loss), grad_x or None, grad_w (fp32 at least) or None). grad_rows (N,), fp32 at least:
+    the gradients are of each row's loss times its entry (reduction "none"'s backward). rows_out:
+    (losses, z-loss shares), (N,) each, written per row."""
     acc = torch.promote_types(x.dtype, torch.float32)  # the logits' dtype, fp32 at least
     # chunk sums add up without drift
     total, z_total = (torch.zeros((), dtype=torch.float64, device=x.device) for _ in range(2))
@@ -807,9 +809,11 @@ def _linear_cross_entropy_with_grads(x, weight, targets, chunk_rows: int, need_x
         if cross_entropy_ops.takes(logits):  # one kernel pass per row; the gradient lands over the logits
             loss, z_rows = cross_entropy_ops.cross_entropy_rows_(
                 logits, tc, ignore_index=-1, scale=scale, softcap=softcap, label_smoothing=label_smoothing,
-                z_loss=z_loss, want_grad=need_x or need_w)
+                z_loss=z_loss, want_grad=need_x or need_w, grad_rows=None if grad_rows is None else grad_rows[rows])
             if need_x or need_w:
                 buffers.add_grads(logits, xc, weight, rows, grad_x)
+            if rows_out is not None:
+                rows_out[0][rows], rows_out[1][rows] = loss, z_rows
             return loss.sum(), z_rows.sum()
         # elsewhere (fp64 on CUDA, devices without kernels) in torch ops: scaled and capped in fp32
         logits, tanh = _final_logits(logits.to(acc), scale, softcap)
@@ -836,9 +840,12 @@ def _linear_cross_entropy_with_grads(x, weight, targets, chunk_rows: int, need_x
             grad.scatter_add_(1, picked, -(1 - label_smoothing) * valid[:, None].to(grad.dtype))
             if label_smoothing:
                 grad.sub_(label_smoothing / vocab)
-            grad = _through_final(grad.mul_(valid[:, None]).masked_fill_(bad, math.nan), tanh, scale)
+            grad.mul_(valid[:, None] if grad_rows is None else (grad_rows[rows] * valid)[:, None])
+            grad = _through_final(grad.masked_fill_(bad, math.nan), tanh, scale)
             buffers.add_grads(grad.to(x.dtype), xc, weight, rows, grad_x)
         losses = ((lse - target_logit + z_rows) * valid).masked_fill_(bad[:, 0], math.nan)
+        if rows_out is not None:
+            rows_out[0][rows], rows_out[1][rows] = losses, z_rows * valid
         return losses.sum(), (z_rows * valid).sum()
 
     for rows in chunk_slices(x.shape[0], chunk_rows):
@@ -869,6 +876,38 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total, _):
         return _saved_grads_times(ctx, grad_total, 6)
+
+
+class _LinearCrossEntropyRows(torch.autograd.Function):
+    """Each row's cross_entropy(x W^T, target) (reduction "none"), chunk by chunk. A row's weight in
+    the gradient (its incoming gradient: a per-token weighting, a mask) is known only in the
+    backward, so, as linear_token_logps', the backward recomputes each chunk's logits from x: one
+    more (rows x C x V) matmul than the summed loss's (Liger's reduction "none" likewise since 2026-07:
+    before, its gradients were all weighted by the first row's). -> (losses, z-loss shares), (N,)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, chunk_rows, scale, softcap, label_smoothing, z_loss):
+        ctx.name = "linear_cross_entropy"
+        ctx.weight_dtype, weight = weight.dtype, weight.to(x.dtype)  # (see _fused_linear_inputs)
+        acc = torch.promote_types(x.dtype, torch.float32)
+        losses, z_rows = (torch.empty(x.shape[0], dtype=acc, device=x.device) for _ in range(2))
+        _linear_cross_entropy_with_grads(x, weight, targets, chunk_rows, False, False, scale, softcap,
+                                         label_smoothing, z_loss, rows_out=(losses, z_rows))
+        ctx.save_for_backward(x, weight, targets)
+        ctx.args = (chunk_rows, scale, softcap, label_smoothing, z_loss)
+        ctx.mark_non_differentiable(z_rows)
+        return losses, z_rows
+
+    @staticmethod
+    def backward(ctx, grad_rows, _):
+        _refuse_create_graph(ctx.name)
+        x, weight, targets = ctx.saved_tensors
+        chunk_rows, scale, softcap, label_smoothing, z_loss = ctx.args
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_rows = grad_rows.to(torch.promote_types(x.dtype, torch.float32)).contiguous()
+        _, _, grad_x, grad_w = _linear_cross_entropy_with_grads(
+            x, weight, targets, chunk_rows, need_x, need_w, scale, softcap, label_smoothing, z_loss, grad_rows)
+        return (grad_x, None if grad_w is None else grad_w.to(ctx.weight_dtype), *([None] * 6))
 
 
 @overload
@@ -916,8 +955,11 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     keeping the softmax's normaliser near 1; Liger-Kernel's lse_square_scale). return_z_loss: ->
     (the loss, that term's share of it, detached: for the log) instead of the loss.
     ignore_index, reduction: for code written against Liger-Kernel's fused loss (whose defaults are
-    -100 and "mean"): the targets to skip (-1 by default, pyllm's), and "sum" (pyllm's default) or
-    "mean" over the targets counted (NaN when none is, as F.cross_entropy's)."""
+    -100 and "mean"): the targets to skip (-1 by default, pyllm's), and "sum" (pyllm's default),
+    "mean" over the targets counted (NaN when none is, as F.cross_entropy's) or "none": each row's
+    loss, targets' shape (0 where ignored; with return_z_loss each row's z-loss share too), for a
+    weighting of your own; its backward recomputes the logits chunk by chunk (one more matmul of the
+    output layer: the rows' weights are known only then)."""
     _check_reduction("linear_cross_entropy", reduction)
     _check_targets("linear_cross_entropy", x, targets)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):  # (True had been class 1)
@@ -952,13 +994,19 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
             # its forward: the whole logits, and pyllm.cross_entropy's derivative, which it can.
             acc = torch.promote_types(x.dtype, torch.float32)
             loss, z_part = cross_entropy_ops.cross_entropy(
-                F.linear(x, weight.to(x.dtype)), targets.reshape(-1), ignore_index=-1, reduction="sum", scale=scale,
-                softcap=softcap or None, label_smoothing=label_smoothing, z_loss=z_loss, return_z_loss=True)
+                F.linear(x, weight.to(x.dtype)), targets.reshape(-1), ignore_index=-1, scale=scale,
+                reduction="none" if reduction == "none" else "sum", softcap=softcap or None,
+                label_smoothing=label_smoothing, z_loss=z_loss, return_z_loss=True)
             loss, z_part = loss.to(acc), z_part.detach().to(acc)
+        elif reduction == "none":
+            loss, z_part = _LinearCrossEntropyRows.apply(x, weight, targets.reshape(-1), chunk_rows, scale, softcap,
+                                                         label_smoothing, z_loss)
         else:
             loss, z_part = _LinearCrossEntropy.apply(x, weight, targets.reshape(-1), chunk_rows, scale, softcap,
                                                      label_smoothing, z_loss)
-    if reduction == "mean":
+    if reduction == "none":
+        loss, z_part = loss.view(targets.shape), z_part.view(targets.shape)
+    elif reduction == "mean":
         counted = (targets != -1).sum()
         # NaN when nothing is counted, as F.cross_entropy's, but the gradients stay 0 (they are 0 over
         # every row): a micro-batch of no targets must not poison the weights through 0 / 0.
@@ -995,13 +1043,13 @@ class CrossEntropyLoss(nn.Module):
 
 class LinearCrossEntropyLoss(nn.Module):
     """Liger-Kernel's LigerFusedLinearCrossEntropyLoss over linear_cross_entropy: its arguments in its
-    order (ce_weight, ignore_index -100, lse_square_scale as z_loss, label_smoothing, reduction "mean"
-    or "sum", softcap, return_z_loss, accum_dtype) and its forward's order, forward(lin_weight,
+    order (ce_weight, ignore_index -100, lse_square_scale as z_loss, label_smoothing, reduction "mean",
+    "sum" or "none", softcap, return_z_loss, accum_dtype) and its forward's order, forward(lin_weight,
     _input, target): the output layer's weight first. No bias and no class weights (ce_weight must be
     None: pyllm's fused losses take neither); accum_dtype None or float32 (the weight's gradient is
     summed in fp32 either way, the chunks' products in x's dtype). return_z_loss gives (loss,
-    z_loss), as Liger's did before its CrossEntropyOutput. "mean" with every target ignored gives 0, as Liger's (not linear_cross_entropy's
-    NaN)."""
+    z_loss), as Liger's did before its CrossEntropyOutput. "mean" with every target ignored gives 0, as
+    Liger's (not linear_cross_entropy's NaN)."""
 
     def __init__(self, ce_weight: torch.Tensor | None = None, ignore_index: int = -100, lse_square_scale: float = 0.0,
                  label_smoothing: float = 0.0, reduction: str = "mean", softcap: float | None = None,
@@ -1039,9 +1087,8 @@ class LinearCrossEntropyLoss(nn.Module):
 
 
 def _check_reduction(name: str, reduction) -> None:
-    if reduction not in ("sum", "mean"):
-        raise ValueError(f"{name}: reduction must be 'sum' or 'mean' (the rows' losses are never kept), got "
-                         f"{reduction!r}")
+    if reduction not in ("sum", "mean", "none"):
+        raise ValueError(f"{name}: reduction must be 'sum', 'mean' or 'none', got {reduction!r}")
 
 
 def _smoothing_and_z_loss(name: str, label_smoothing, z_loss, z_name: str = "z_loss") -> tuple[float, float]:

@@ -1471,8 +1471,67 @@ def test_linear_cross_entropy_takes_ligers_ignore_index_and_mean(dtype, step, mo
     else:
         loss, dx, dw = loss_and_grads(lambda x, w, t: linear_cross_entropy(x, w, t, 37), x64, w64, targets, dtype)
         assert torch.isnan(loss) and dx.isnan().any() and dw.isnan().any()
-    with pytest.raises(ValueError, match="reduction must be 'sum' or 'mean'"):
-        linear_cross_entropy(x64.float(), w64.float(), targets, reduction="none")
+    with pytest.raises(ValueError, match="reduction must be 'sum', 'mean' or 'none'"):
+        linear_cross_entropy(x64.float(), w64.float(), targets, reduction="avg")
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("chunk_rows, shape, objective", [(37, "scaled-capped", "both"), (None, "plain", None)])
+@pytest.mark.parametrize("step", ["kernel", "torch-ops"])
+def test_linear_cross_entropy_rows_take_a_weight_each(device, dtype, chunk_rows, shape, objective, step, monkeypatch):
+    # reduction="none" (Liger's, for a weighting of one's own): each row's loss (targets' shape, 0
+    # where ignored) and the gradients of the rows' losses each times its own weight, within twice
+    # torch's own error in that dtype; the z-loss shares per row too. (Liger's had weighted every
+    # row's gradient by the first row's weight until 2026-07.)
+    from pyllm.nn import LinearCrossEntropyLoss, linear_cross_entropy
+
+    softmax_step(monkeypatch, step)
+    call, options = LOGIT_SHAPES[shape], OBJECTIVES.get(objective, {})
+    z = options.get("z_loss", 0.0)
+    x64, w64, targets = output_layer_case(4)
+    x64, targets = x64.view(3, 100, 64), targets.view(3, 100)  # (B, T, C), (B, T)
+    weights = torch.randn(3, 100, dtype=torch.float64)  # some negative: a preference-style weighting
+
+    def rows(x, w, t):  # (B, T)
+        logits = shaped_logits(x @ w.t(), **call)
+        ce = F.cross_entropy(logits.flatten(0, 1), t.flatten(), ignore_index=-1, reduction="none",
+                             label_smoothing=options.get("label_smoothing", 0.0)).view(t.shape)
+        return ce + z * torch.logsumexp(logits, dim=-1).square() * (t != -1)
+
+    def weighted(fn):
+        seen = []
+
+        def call_and_weigh(x, w, t):
+            out = fn(x, w, t)
+            seen.append(out.detach())
+            return (out * weights.to(out.device, out.dtype)).sum()
+        return call_and_weigh, seen
+
+    results = {}
+    for name, fn, dt in (("exact", rows, torch.float64), ("torch", rows, dtype),
+                         ("ours", lambda x, w, t: linear_cross_entropy(x, w, t, chunk_rows, **call, **options,
+                                                                       reduction="none"), dtype)):
+        fn, seen = weighted(fn)
+        _, dx, dw = loss_and_grads(fn, x64, w64, targets, dt, "cpu" if dt == torch.float64 else device)
+        results[name] = (seen[0], dx, dw)
+    for name, got, torch_value, exact in zip(("losses", "dx", "dw"), results["ours"], results["torch"],
+                                             results["exact"]):
+        assert got.shape == exact.shape, name
+        assert rel_err(got, exact) <= tolerance(torch_value, exact), name
+    assert torch.equal(results["ours"][0][targets == -1].cpu(), torch.zeros(int((targets == -1).sum())))
+    x, w = (t.to(device, dtype) for t in (x64, w64))
+    _, shares = linear_cross_entropy(x, w, targets.to(device), chunk_rows, **call, **options, reduction="none",
+                                     return_z_loss=True)
+    want = z * torch.logsumexp(shaped_logits(x64 @ w64.t(), **call), dim=-1).square() * (targets != -1)
+    assert shares.shape == targets.shape and not shares.requires_grad
+    assert not shares.any() if not z else rel_err(shares, want) <= (2e-2 if dtype == torch.bfloat16 else 1e-5)
+    # Liger's module: the same rows (its ignore_index -100)
+    liger = LinearCrossEntropyLoss(ignore_index=-100, reduction="none", softcap=call.get("softcap"),
+                                   label_smoothing=options.get("label_smoothing", 0.0), lse_square_scale=z)
+    if not call.get("scale"):
+        got = liger(w, x.flatten(0, 1), targets.flatten().masked_fill(targets.flatten() == -1, -100).to(device))
+        assert torch.equal(got.view(3, 100), results["ours"][0])
 
 
 def test_linear_cross_entropy_objectives_are_checked():

@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from typing import Literal, overload
+from typing import Literal, NamedTuple, overload
 
 import torch
 import torch.nn.functional as F
@@ -1041,15 +1041,23 @@ class CrossEntropyLoss(nn.Module):
                                                label_smoothing=self.label_smoothing, weight=self.weight)
 
 
+class LinearCrossEntropyOutput(NamedTuple):
+    """LinearCrossEntropyLoss's output with return_z_loss: read by name as Liger's CrossEntropyOutput
+    (out.loss, out.z_loss) or unpacked as its tuple had been (loss, z_loss = out)."""
+    loss: torch.Tensor
+    z_loss: torch.Tensor
+
+
 class LinearCrossEntropyLoss(nn.Module):
     """Liger-Kernel's LigerFusedLinearCrossEntropyLoss over linear_cross_entropy: its arguments in its
     order (ce_weight, ignore_index -100, lse_square_scale as z_loss, label_smoothing, reduction "mean",
     "sum" or "none", softcap, return_z_loss, accum_dtype) and its forward's order, forward(lin_weight,
     _input, target): the output layer's weight first. No bias and no class weights (ce_weight must be
     None: pyllm's fused losses take neither); accum_dtype None or float32 (the weight's gradient is
-    summed in fp32 either way, the chunks' products in x's dtype). return_z_loss gives (loss,
-    z_loss), as Liger's did before its CrossEntropyOutput. "mean" with every target ignored gives 0, as
-    Liger's (not linear_cross_entropy's NaN)."""
+    summed in fp32 either way, the chunks' products in x's dtype). return_z_loss gives a
+    LinearCrossEntropyOutput (loss, z_loss), by name as Liger's CrossEntropyOutput, or unpacked as
+    its tuple had been. "mean" with every target ignored gives 0, as Liger's (not
+    linear_cross_entropy's NaN)."""
 
     def __init__(self, ce_weight: torch.Tensor | None = None, ignore_index: int = -100, lse_square_scale: float = 0.0,
                  label_smoothing: float = 0.0, reduction: str = "mean", softcap: float | None = None,
@@ -1076,8 +1084,11 @@ class LinearCrossEntropyLoss(nn.Module):
                                    label_smoothing=self.label_smoothing, z_loss=self.z_loss,
                                    return_z_loss=self.return_z_loss, ignore_index=self.ignore_index,
                                    reduction=self.reduction)
-        if self.reduction != "mean":
-            return out
+        if self.reduction == "mean":
+            out = self._zero_if_all_ignored(out, target)
+        return LinearCrossEntropyOutput(*out) if self.return_z_loss else out
+
+    def _zero_if_all_ignored(self, out, target: torch.Tensor):
         # Liger's fused loss gives 0 (not F.cross_entropy's NaN) when every target is ignored: each
         # row returns before writing its loss and the rows' zeros are summed. Keep its value here, the
         # Liger-compatible module (no host sync: a select on a device bool).

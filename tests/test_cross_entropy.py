@@ -163,7 +163,9 @@ def test_modules_as_torchs_and_ligers():
         assert ours.state_dict().keys() == theirs.state_dict().keys()
     x, w = torch.randn(6, 8, dtype=torch.float64, generator=g), torch.randn(12, 8, dtype=torch.float64, generator=g)
     assert rel_err(LinearCrossEntropyLoss()(w, x, targets), F.cross_entropy(x @ w.t(), targets)) < 1e-14
-    loss, z = LinearCrossEntropyLoss(lse_square_scale=1e-2, return_z_loss=True, reduction="sum")(w, x, targets)
+    out = LinearCrossEntropyLoss(lse_square_scale=1e-2, return_z_loss=True, reduction="sum")(w, x, targets)
+    loss, z = out  # (Liger's tuple until its CrossEntropyOutput; read by name as that now)
+    assert out.loss is loss and out.z_loss is z
     lse = torch.logsumexp(x @ w.t(), -1)[targets != -100]
     assert rel_err(z, 1e-2 * lse.square().sum()) < 1e-12
     with pytest.raises(ValueError, match="bias is not taken"):

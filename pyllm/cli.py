@@ -111,15 +111,9 @@ def load_config_file(path) -> dict:
             raise ValueError(f"{path} is not valid JSON: {e}") from e
     elif path.suffix.lower() == ".py":  # nanoGPT's config/*.py (Python assignments, exec'd by its configurator.py)
         raise ValueError(f"{path} is a Python file: pyllm does not run config code (nanoGPT's configurator execs it); "
-                         "write a TOML file instead, with pyllm's names: learning_rate -> lr, max_iters -> max_steps, "
-                         "warmup_iters -> warmup_steps (pyllm's warmup peaks a step earlier), min_lr -> min_lr_ratio "
-                         "(min_lr / lr), lr_decay_iters: always max_steps here, gradient_accumulation_steps -> "
-                         "grad_accum (not divided by the processes), eval_interval -> eval_every, eval_iters -> "
-                         "eval_batches (fixed val windows, no train-split estimate), always_save_checkpoint = False -> "
-                         "keep_best = true, dataset -> data, and a [model] table: n_layer -> n_layers, n_head -> "
-                         "n_heads, n_embd -> dim, block_size, bias, dropout, mlp = \"gelu_exact\" (nanoGPT's nn.GELU), "
-                         "norm = \"layernorm\", positions = \"learned\" (or preset = \"gpt2-124m\" with mlp = "
-                         "\"gelu_exact\")")
+                         f"write a TOML file instead, with pyllm's names: {_nanogpt_keys()}, and in the [model] table "
+                         "block_size, bias, dropout, mlp = \"gelu_exact\" (nanoGPT's nn.GELU), norm = \"layernorm\", "
+                         "positions = \"learned\" (or preset = \"gpt2-124m\" with mlp = \"gelu_exact\")")
     elif path.suffix.lower() in (".yaml", ".yml"):
         try:
             import yaml
@@ -2198,12 +2192,18 @@ def _spelled_as(word: str, flags: set) -> str | None:
 _NANOGPT_FLAGS = {"min_lr": ("--min-lr-ratio", " (min_lr / lr, nanoGPT's 6e-5 / 6e-4 = 0.1)"),
                   "max_iters": ("--max-steps", ""), "learning_rate": ("--lr", ""),
                   "warmup_iters": ("--warmup-steps", " (its warmup peaks a step earlier)"),
-                  "lr_decay_iters": ("--max-steps", ", where the decay always ends"),
+                  "lr_decay_iters": ("--max-steps", " (where the decay always ends)"),
                   "gradient_accumulation_steps": ("--grad-accum", " (per process, not divided by the processes)"),
-                  "eval_interval": ("--eval-every", ""), "eval_iters": ("--eval-batches", ""), "out_dir": ("--out", ""),
+                  "eval_interval": ("--eval-every", ""), "eval_iters": ("--eval-batches", " (fixed val windows, no train-split estimate)"), "out_dir": ("--out", ""),
                   "decay_lr": ("--schedule", " constant for False"), "dataset": ("--data", ""),
                   "always_save_checkpoint": ("--keep-best", " for False"), "n_layer": ("--model", " n_layers=N"),
                   "n_head": ("--model", " n_heads=N"), "n_embd": ("--model", " dim=N")}
+
+
+def _nanogpt_keys() -> str:
+    """_NANOGPT_FLAGS as a config file's keys: "learning_rate -> lr, ..., n_layer -> [model] n_layers"."""
+    return ", ".join(f"{name} -> [model] {note.strip().split('=')[0]}" if flag == "--model" else
+                     f"{name} -> {flag[2:].replace('-', '_')}{note}" for name, (flag, note) in _NANOGPT_FLAGS.items())
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1659,6 +1659,56 @@ def test_from_hf_encodes_as_transformers_llama_tokenizer_class_does(tmp_path, co
         assert ours.encode(text, allowed_special="all") == theirs(text, add_special_tokens=False).input_ids, text
 
 
+def _gemma_style_tokenizer_json(tk, variant: str) -> dict:
+    """A Gemma-shaped tokenizer.json (Replace(" ", "▁"), a Split at " ", BPE with byte fallback and fused
+    <unk>, its special tokens), or one of the files a GemmaTokenizer class may come with otherwise."""
+    from tokenizers import models, normalizers, pre_tokenizers, trainers
+
+    special = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"]
+    corpus = ["the quick brown fox jumps over the lazy dog " * 3, "def main():\n    return 42\n", "naïve café, 東京!"] * 20
+    tok = tk.Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True)
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=special + [f"<0x{b:02X}>" for b in range(256)], show_progress=False))
+    data = json.loads(tok.to_str())
+    data["normalizer"] = {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}
+    data["pre_tokenizer"] = {"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious",
+                             "invert": False}
+    data["model"].update(byte_fallback=variant != "no-byte-fallback", fuse_unk=True, ignore_merges=False)
+    data["added_tokens"] = [dict(a, special=True, normalized=False) for a in data["added_tokens"] if a["content"] in special]
+    if variant == "prepend":
+        data["normalizer"] = {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "▁"}, data["normalizer"]]}
+        data["pre_tokenizer"] = None
+    elif variant == "metaspace":
+        data["normalizer"] = None
+        data["pre_tokenizer"] = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first", "split": False}
+    return data
+
+
+@pytest.mark.parametrize("variant, cls", [("gemma", "GemmaTokenizer"), ("gemma", "PreTrainedTokenizerFast"),
+                                          ("prepend", "GemmaTokenizer"), ("metaspace", "GemmaTokenizerFast"),
+                                          ("no-byte-fallback", "GemmaTokenizer")])
+def test_from_hf_encodes_as_transformers_gemma_tokenizer_class_does(tmp_path, variant, cls):
+    # transformers 5's GemmaTokenizer, as its LlamaTokenizer, rebuilds the pipeline from the vocabulary
+    # and merges alone (Replace(" ", "▁"), byte fallback, fused <unk>), the file's normalizer,
+    # pre-tokenizer and byte_fallback unread; pyllm had read the file (a Prepend normalizer's "▁"
+    # before every text: 300 of 300 texts apart; a Metaspace "first" 215; no byte fallback 163). Gemma's
+    # own files have the class's shape, read alike either way.
+    tk = pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    data = _gemma_style_tokenizer_json(tk, variant)
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": cls, "bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>", "pad_token": "<pad>"}))
+    theirs, ours = transformers.AutoTokenizer.from_pretrained(tmp_path), Tokenizer.from_hf(tmp_path / "tokenizer.json")
+    rng = random.Random(0)
+    words = "the quick brown fox  jumps\nover naïve café 東京 ☃ 𝔘 <start_of_turn>user\n 42 \t".split(" ")
+    for _ in range(100):
+        text = " ".join(rng.choice(words) for _ in range(rng.randint(1, 12)))
+        assert ours.encode(text, allowed_special="all") == theirs(text, add_special_tokens=False).input_ids, text
+
+
 @pytest.mark.parametrize("config", [{"tokenizer_class": "LlamaTokenizer"}, {"tokenizer_class": "LlamaTokenizer", "legacy": True},
                                     {"tokenizer_class": "CodeLlamaTokenizer", "legacy": True}, None])
 @pytest.mark.parametrize("strip", [False, True])

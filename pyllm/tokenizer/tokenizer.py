@@ -244,6 +244,9 @@ def _flat_normalizers(normalizer: dict) -> list[dict]:
 # tokenizer.json's vocabulary and merges alone (its normalizer and pre-tokenizer unread)
 _LLAMA_TOKENIZER_CLASSES = ("LlamaTokenizer", "LlamaTokenizerFast")
 _CODE_LLAMA_TOKENIZER_CLASSES = ("CodeLlamaTokenizer", "CodeLlamaTokenizerFast")  # ("first" whatever legacy)
+# transformers 5's GemmaTokenizer: Replace(" ", "▁") and a no-op Split, BPE with byte fallback and fused <unk>,
+# no ignore_merges, whatever the tokenizer.json says
+_GEMMA_TOKENIZER_CLASSES = ("GemmaTokenizer", "GemmaTokenizerFast")
 
 
 def _transformers_class_pipeline(path, spm: dict) -> dict:
@@ -252,7 +255,9 @@ def _transformers_class_pipeline(path, spm: dict) -> dict:
     Metaspace(prepend_scheme="first" unless "legacy": true ("always"), "never" for add_prefix_space
     false, split=False) without the file's normalizer: no "▁" after a special token where legacy
     is false (the file's Prepend normalizer puts one there), as TRL 1.16's SFT / DPO data then has
-    it. Any other class (PreTrainedTokenizerFast, none): the file as it is."""
+    it. GemmaTokenizer: Replace(" ", "▁") ("never", no split), byte fallback and fused <unk>, whatever
+    the file says (Gemma's own files say the same). Any other class (PreTrainedTokenizerFast, none):
+    the file as it is."""
     config_path = os.path.join(os.path.dirname(os.fspath(path)), "tokenizer_config.json")
     try:
         with open(config_path, encoding="utf-8") as f:
@@ -260,6 +265,8 @@ def _transformers_class_pipeline(path, spm: dict) -> dict:
     except (OSError, ValueError):
         return spm
     kind = config.get("tokenizer_class") if isinstance(config, dict) else None
+    if kind in _GEMMA_TOKENIZER_CLASSES:
+        return {**spm, "prepend": "never", "split": False, "byte_fallback": True, "fuse_unk": True, "whole_first": False}
     if kind not in _LLAMA_TOKENIZER_CLASSES + _CODE_LLAMA_TOKENIZER_CLASSES:
         return spm
     prefix = config.get("add_prefix_space")
@@ -1739,9 +1746,9 @@ class Tokenizer:
         if unk is not None and unk not in vocab and not model.get("byte_fallback"):
             # (Hugging Face refuses such a file's text at the first unknown character; it had been dropped)
             raise ValueError(f"{where}: unk_token {unk!r} is not in the vocabulary")
-        settings = {**spm, "merges": merges, "byte_fallback": bool(model.get("byte_fallback")),
+        settings = {"merges": merges, "byte_fallback": bool(model.get("byte_fallback")),
                     "unk": vocab.get(unk) if unk is not None else None, "fuse_unk": bool(model.get("fuse_unk")),
-                    "whole_first": bool(model.get("ignore_merges"))}
+                    "whole_first": bool(model.get("ignore_merges")), **spm}  # (spm: a class's settings win)
         # Phi-3's chat tokens take in the white space after them (rstrip): "<|user|>\n" is the token alone
         strip = {t["content"]: "l" * bool(t.get("lstrip")) + "r" * bool(t.get("rstrip"))
                  for t in data.get("added_tokens") or [] if t.get("lstrip") or t.get("rstrip")}

@@ -396,12 +396,18 @@ def ensure_hf_tokenizer(folder: Path, path: Path):
 
 def hf_doc_markers(folder: Path) -> dict:
     """A Hugging Face model's document markers for data.prepare: what its tokenizer.json puts before
-    a text (Llama 3's <|begin_of_text|>) and its config's end-of-sequence id (the first of a list),
-    so that fine-tuning documents look like the ones it was trained on."""
-    from pyllm.tokenizer.tokenizer import hf_prefix_ids
+    a text (Llama 3's <|begin_of_text|>) and its tokenizer's eos_token after, as TRL's trainers
+    append it (else its config's end-of-sequence id, the first of a list). (The config's first had
+    been taken: Llama 3.x Instruct's <|end_of_text|>, where TRL appends its tokenizer's <|eot_id|>; a
+    reward model's score, read at the last token that is not its pad, the tokenizer's eos_token,
+    had been read at that end token instead of the text's last.)"""
+    from pyllm.tokenizer.tokenizer import hf_prefix_ids, hf_special_token_id
 
-    eos = json.loads((folder / "config.json").read_text()).get("eos_token_id")
-    return {"doc_start": hf_prefix_ids(folder / "tokenizer.json"), "doc_end": eos[0] if isinstance(eos, list) else eos}
+    eos = hf_special_token_id(folder, "eos_token")
+    if eos is None:
+        eos = json.loads((folder / "config.json").read_text()).get("eos_token_id")
+        eos = eos[0] if isinstance(eos, list) else eos
+    return {"doc_start": hf_prefix_ids(folder / "tokenizer.json"), "doc_end": eos}
 
 
 def recorded_tokenizer(data_dir: Path) -> Path | None:

@@ -1026,19 +1026,13 @@ def reward_pad_id(cfg: TrainConfig) -> int | None:
 
     if cfg.init_from_hf:
         from pyllm.model import hf_folder
-        from pyllm.tokenizer.tokenizer import hf_special_tokens
+        from pyllm.tokenizer.tokenizer import hf_special_token_id
 
         folder = hf_folder(cfg.init_from_hf)
-        read = lambda name: json.loads((folder / name).read_text(encoding="utf-8")) if (folder / name).is_file() else {}  # noqa: E731
-        ids = {t.get("content"): t.get("id") for t in read("tokenizer.json").get("added_tokens") or ()}
-        config = read("tokenizer_config.json")
-        ids |= {t.get("content"): int(i) for i, t in (config.get("added_tokens_decoder") or {}).items()
-                if isinstance(t, dict)}
-        tokens = hf_special_tokens(folder, config)
-        for key in ("pad_token", "eos_token"):
-            if isinstance(ids.get(tokens.get(key)), int):
-                return ids[tokens[key]]
-        eos = read("config.json").get("eos_token_id")
+        for role in ("pad_token", "eos_token"):
+            if (found := hf_special_token_id(folder, role)) is not None:
+                return found
+        eos = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("eos_token_id")
         eos = eos[0] if isinstance(eos, list) and eos else eos
         return eos if isinstance(eos, int) and not isinstance(eos, bool) else None
     if cfg.tokenizer and not str(cfg.tokenizer).endswith(".pkl"):

@@ -1589,7 +1589,11 @@ def test_kto_weight_advice_as_trls():
 
 def test_reward_pad_id_as_trls_reward_trainer_sets_it(tmp_path):
     # TRL's RewardTrainer: config.pad_token_id = the tokenizer's pad_token, else its eos_token (where
-    # transformers' classifier then reads the scores)
+    # transformers' classifier then reads the scores); text documents end in that eos_token, as TRL's
+    # trainers append it, not config.json's first end id (Llama 3.x Instruct's <|end_of_text|> where
+    # the tokenizer's is <|eot_id|>: a reward model's score had been read at that appended token,
+    # not the text's last, one step's loss 0.643 where TRL's is 1.783; from the reward-model audit)
+    from pyllm.cli import hf_doc_markers
     from pyllm.tokenizer import Tokenizer
 
     hf = tmp_path / "hf"
@@ -1599,8 +1603,9 @@ def test_reward_pad_id_as_trls_reward_trainer_sets_it(tmp_path):
     (hf / "config.json").write_text(json.dumps({"eos_token_id": [9, 5]}))
     cfg = TrainConfig(init_from_hf=str(hf))
     assert trainer.reward_pad_id(cfg) == 9  # (no tokenizer_config.json: config.json's first eos)
+    assert hf_doc_markers(hf)["doc_end"] == 9
     (hf / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eos>", "pad_token": None}))
-    assert trainer.reward_pad_id(cfg) == 5
+    assert trainer.reward_pad_id(cfg) == 5 and hf_doc_markers(hf)["doc_end"] == 5
     (hf / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eos>", "pad_token": {"content": "<pad>"}}))
     assert trainer.reward_pad_id(cfg) == 6
     tok = Tokenizer.train(["some text to train on " * 20], 260, special_tokens=["<|endoftext|>"], show_progress=False)

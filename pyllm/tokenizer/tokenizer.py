@@ -392,6 +392,22 @@ def hf_special_tokens(folder, config: dict | None = None) -> dict[str, str]:
     return {name: value for name, value in text.items() if isinstance(value, str) and value}
 
 
+def hf_special_token_id(folder, role: str) -> int | None:
+    """The id of a Hugging Face folder's special token of a role ("eos_token", "pad_token"), as
+    transformers resolves it: its text (hf_special_tokens) among tokenizer.json's added tokens,
+    tokenizer_config.json's added_tokens_decoder, or the vocabulary; None where none names it."""
+    read = lambda name: (json.loads(Path(folder, name).read_text(encoding="utf-8"))  # noqa: E731
+                         if os.path.isfile(os.path.join(os.fspath(folder), name)) else {})
+    config, data = read("tokenizer_config.json"), read("tokenizer.json")
+    text = hf_special_tokens(folder, config).get(role)
+    vocab = (data.get("model") or {}).get("vocab")
+    ids = dict(vocab) if isinstance(vocab, dict) else {}
+    ids |= {t.get("content"): t.get("id") for t in data.get("added_tokens") or ()}
+    ids |= {t.get("content"): int(i) for i, t in (config.get("added_tokens_decoder") or {}).items() if isinstance(t, dict)}
+    found = ids.get(text)
+    return found if isinstance(found, int) and not isinstance(found, bool) else None
+
+
 def hf_has_chat_template(folder) -> bool:
     try:
         _chat_template(folder)

@@ -2076,7 +2076,8 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                    help="GRPO: each --grpo-reward's weight in the sum (default 1 each)")
     p.add_argument("--grpo-generations", type=int, help="GRPO: samples per prompt (default 8)")
     p.add_argument("--grpo-max-new-tokens", type=int, help="GRPO: at most this many tokens a sample (default 128)")
-    p.add_argument("--grpo-temperature", type=float, help="GRPO: samples drawn at this temperature (default 1)")
+    p.add_argument("--grpo-temperature", type=float, help="GRPO: samples drawn at this temperature, and their "
+                   "log-probabilities taken at it, as TRL's (default 1)")
     p.add_argument("--grpo-loss-type", choices=("dapo", "grpo", "bnpo", "dr_grpo", "cispo", "sapo"),
                    help="GRPO: the sampled tokens' losses summed and divided by the step's sampled tokens (dapo, the "
                         "default, TRL's), each sample's then the samples' number (grpo), the micro-batch's tokens "

@@ -593,13 +593,16 @@ class LLM(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
                 per_token: bool = False, hidden: bool = False, distill: dict | None = None, scores: bool = False,
-                z_loss: float = 0.0, sequence_loss: dict | None = None, token_mask: torch.Tensor | None = None):
+                z_loss: float = 0.0, sequence_loss: dict | None = None, token_mask: torch.Tensor | None = None,
+                temperature: float = 1.0):
         """idx (B, T) int64 -> logits (B, T, V) and, given targets (B, T), the mean cross-entropy
         (targets of -1 are ignored). With fused_loss set and targets given, logits is None (the
         loss came from linear_cross_entropy, chunk by chunk). per_token: instead of the logits and
         the loss, None and each target's log-probability (B, T) fp32, 0 where the target is -1 (for
         sequence-level losses: nn.sequence_logps), the output layer computed at the targets'
         positions only (all of them under torch.compile); with fused_loss by nn.linear_token_logps.
+        temperature (per_token only): log_softmax(logits / temperature), GRPO's log-probabilities of
+        samples drawn at that temperature (TRL's GRPOTrainer divides its logits by args.temperature).
         Mixture-of-experts models in training add router_aux_loss_coef times router_aux_loss() to
         the loss, also kept as aux_loss (for per_token's callers to add; None otherwise);
         token_mask, bool (B, T), False at padding (packed rows' ends: the trainer's), leaves those
@@ -759,8 +762,14 @@ class LLM(nn.Module):
                 if z_loss:
                     self.z_loss_term = z_part / n
                 return None, loss if self.aux_loss is None else loss + self.aux_loss
-            logps = (linear_token_logps(h, self.lm_head.weight, targets_at, **self.logit_shape()) if fused
-                     else token_logps(self._logits(h), targets_at))
+            shape = self.logit_shape()
+            if temperature != 1.0 and shape["softcap"] is None:  # (the division folded into the scale, in fp32)
+                shape["scale"] /= temperature
+            if fused and (temperature == 1.0 or shape["softcap"] is None):
+                logps = linear_token_logps(h, self.lm_head.weight, targets_at, **shape)
+            else:  # (a cap, then the division: the final logits / temperature, as sampling divides them)
+                logits = self._logits(h)
+                logps = token_logps(logits if temperature == 1.0 else logits / temperature, targets_at)
             return None, logps if at is None else logps.new_zeros(targets.shape).index_put(at, logps)
         logits = self._logits(self.norm_f(x))  # (B, T, V)
         loss = None

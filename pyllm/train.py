@@ -679,7 +679,7 @@ def reference_logps(model, path, cfg: TrainConfig, seq_len: int, precision: str,
     return document_logps(model, path, cfg.batch_size, seq_len, precision, info)
 
 
-def lora_off_token_logps(model: LLM, wrapped):
+def lora_off_token_logps(model: LLM, wrapped, temperature: float = 1.0):
     """f(x, y, cu_seqlens) -> each target's log-probability (B, T) (0 where none) by the model with
     its LoRA updates off (LLM.lora_disabled), in eval mode, without gradients: a LoRA run's
     reference model at the cost of one more forward per step."""
@@ -688,7 +688,7 @@ def lora_off_token_logps(model: LLM, wrapped):
         training = wrapped.training
         wrapped.eval()
         with model.lora_disabled():
-            logps = wrapped(x, y, cu, per_token=True)[1]
+            logps = wrapped(x, y, cu, per_token=True, temperature=temperature)[1]
         wrapped.train(training)
         return logps
 
@@ -1347,7 +1347,7 @@ def grpo_prepare(rollouts: list[dict], cfg: TrainConfig, info: DistInfo, policy:
         x, y, cu, _ = r["packed"]
         if cfg.grpo_iterations > 1:
             with torch.no_grad():
-                r["old"] = policy(x, y, cu, per_token=True)[1]
+                r["old"] = policy(x, y, cu, per_token=True, temperature=cfg.grpo_temperature)[1]
         if reference is not None:
             r["ref"] = reference(x, y, cu)  # before the policy's pass (its aux_loss stays)
 
@@ -1372,7 +1372,9 @@ def grpo_loss(model, rollout: dict, cfg: TrainConfig, world_size: int = 1) -> tu
     those whose ratio was clipped (cispo: TRL's cispo_clip_ratio, above eps_high with A > 0), the
     trained tokens), fp64 on the CPU."""
     x, y, cu, at = rollout["packed"]
-    token_logps = model(x, y, cu, per_token=True, **balance_kwargs(model, x, cu, at))[1]  # (B, T), 0 where no target
+    # at the sampling temperature, as TRL's (its logits / temperature): the policy that drew the samples
+    token_logps = model(x, y, cu, per_token=True, temperature=cfg.grpo_temperature,
+                        **balance_kwargs(model, x, cu, at))[1]  # (B, T), 0 where no target
     mask = (y != -1).to(token_logps.dtype)
     old = rollout.get("old")
     old = token_logps.detach() if old is None else old.to(token_logps)
@@ -2091,11 +2093,12 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
     reference = None  # DPO, IPO, hinge: the starting model's log-probability of every train and val document
     grpo_reference = None  # GRPO's KL term: the starting model's log-probabilities
     if cfg.grpo_beta and cfg.lora_rank:
-        grpo_reference, start = lora_off_token_logps(model, wrapped), model
+        grpo_reference, start = lora_off_token_logps(model, wrapped, cfg.grpo_temperature), model
     elif cfg.grpo_beta:  # the starting weights again, frozen (a resumed model is no longer them)
         start = load_frozen(cfg.init_from_hf or str(source_run_weights(cfg.init_from_run)), precision, info.device,
                             cfg.init_adapter or None)
-        grpo_reference = torch.no_grad()(lambda x, y, cu: start(x, y, cu, per_token=True)[1])
+        grpo_reference = torch.no_grad()(
+            lambda x, y, cu: start(x, y, cu, per_token=True, temperature=cfg.grpo_temperature)[1])
     if cfg.preference and cfg.preference not in REFERENCE_FREE and cfg.reference == "lora-off":
         reference = dict.fromkeys(("train", "val"), lora_off_reference(model, wrapped))
     elif cfg.preference and cfg.preference not in REFERENCE_FREE:

@@ -45,6 +45,62 @@ def tiny(**kw):
     return LLM(ModelConfig.from_preset("tiny", **{**TINY, "vocab_size": 64, "block_size": 32, **kw}))
 
 
+@pytest.mark.parametrize("shape", [{}, {"logits_scaling": 4.0}, {"final_softcap": 3.0}])
+@pytest.mark.parametrize("fused", [False, True])
+def test_log_probabilities_at_a_temperature(shape, fused):
+    # LLM.forward(per_token=True, temperature=T): log_softmax(final logits / T), the distribution GRPO's
+    # samples are drawn from (TRL's GRPOTrainer divides its logits by the temperature), with the
+    # fused loss too (the division folded into its scale; after a cap, the logits whole)
+    model = tiny(**shape).double()
+    model.fused_loss = fused
+    idx = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    targets = idx.roll(-1, 1)
+    targets[:, :3] = -1
+    logits = model(idx)[0]
+    want = torch.log_softmax(logits / 0.7, -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0] * (targets != -1)
+    torch.testing.assert_close(model(idx, targets, per_token=True, temperature=0.7)[1], want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("beta,iterations", [(0.0, 1), (0.3, 2)])
+def test_grpo_log_probabilities_are_at_the_sampling_temperature(chat_dir, beta, iterations):  # noqa: F811
+    # The policy's, p_old's and the reference's log-probabilities at --grpo-temperature, as TRL's
+    # (its logits / args.temperature): at T = 0.7 they had been at T = 1, another objective than the
+    # sampling policy's (gradients 0.066 apart of at most 0.21; from the GRPO audit)
+    T = 0.7
+    model, ref_model = tiny().double(), tiny(dim=96, n_heads=3, n_kv_heads=1).double()
+    batch = data.PackedLoader(chat_dir / "train.bin", 3, 32, seed=0).next_batch()
+    stops = list(range(12))
+    cfg = TrainConfig(grpo_reward=SPEC, grpo_generations=4, grpo_max_new_tokens=5, grpo_beta=beta,
+                      sample_stop_tokens=stops, grpo_temperature=T, grpo_iterations=iterations)
+    reward = trainer.load_reward(cfg, model, "fp32", torch.device("cpu"))
+    reference = torch.no_grad()(lambda x, y, cu: ref_model(x, y, cu, per_token=True, temperature=T)[1])
+    rollout = trainer.grpo_rollout(model, batch, cfg, reward, torch.Generator().manual_seed(1))
+    trainer.grpo_prepare([rollout], cfg, trainer.DistInfo(), model, reference if beta else None)
+    loss, _ = trainer.grpo_loss(model, rollout, cfg)
+    loss.backward()
+    got = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    terms = []
+    for prompt, sample, a in zip(rollout["prompt_ids"], rollout["completion_ids"], rollout["advantages"]):
+        ids = torch.tensor(prompt + sample)
+
+        def logps(m):
+            return torch.log_softmax(m(ids[None])[0][0] / T, -1)[torch.arange(len(ids) - 1), ids[1:]][len(prompt) - 1:]
+
+        logp = logps(model)
+        ratio = torch.exp(logp - logp.detach())  # (p_old at T too: the ratio 1 in value)
+        term = -torch.min(ratio * a, torch.clamp(ratio, 0.8, 1.2) * a)
+        with torch.no_grad():
+            d = logps(ref_model) - logp
+        d = d.detach() + logp.detach() - logp
+        terms.append(term + beta * (torch.exp(d) - d - 1) * ratio)
+    want = torch.cat(terms).sum() / sum(len(t) for t in terms)  # dapo's
+    want.backward()
+    assert loss.item() == pytest.approx(want.item(), rel=1e-9, abs=1e-12)
+    for g, p in zip(got, model.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=1e-7, atol=1e-12)
+
+
 @pytest.mark.parametrize("loss_type,scale,beta,iterations,level,masked", [
     ("grpo", "group", 0.0, 1, "token", False), ("grpo", "group", 0.3, 1, "token", False),
     ("dapo", "group", 0.0, 1, "token", False), ("dapo", "batch", 0.3, 2, "token", True),

@@ -1123,10 +1123,15 @@ def _train_command(args, explicit: dict, opts: dict, model: dict, cli: dict, ref
             cfg.tokenizer = str(tokenizer_path)
         if cfg.samples_replies and not cfg.sample_stop_tokens and source:
             from pyllm.model import hf_folder
-            from pyllm.tokenizer.tokenizer import hf_stop_ids
+            from pyllm.tokenizer.tokenizer import hf_special_token_id, hf_stop_ids
 
-            # samples end where the model's replies end: its end-of-sequence ids
+            # samples end where the model's replies end: its end-of-sequence ids, and GRPO's at its
+            # tokenizer's eos_token too, as TRL's GRPOTrainer (a generation_config naming another
+            # end had let samples run past the tokenizer's, rewarded and trained so)
             cfg.sample_stop_tokens = hf_stop_ids(hf_folder(source))
+            eos = hf_special_token_id(hf_folder(source), "eos_token") if cfg.grpo_reward else None
+            if eos is not None and eos not in cfg.sample_stop_tokens:
+                cfg.sample_stop_tokens = [*cfg.sample_stop_tokens, eos]
         elif cfg.samples_replies and not cfg.sample_stop_tokens and tokenizer_path:
             end = eot_id(load_tokenizer(tokenizer_path))
             cfg.sample_stop_tokens = [] if end is None else [end]  # pyllm's own tokenizer: its end of document

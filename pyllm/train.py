@@ -598,7 +598,8 @@ def log_completions(log: "RunLog", step: int, rollouts: list[dict], cfg: TrainCo
             each = r["each"][i].tolist()
             log.write({"step": step, "prompt": prompt, "completion": completion, "reward": r["rewards"][i].item(),
                        "advantage": r["advantages"][i].item(),
-                       "rewards": {n: None if math.isnan(v) else v for n, v in zip(names, each)}})
+                       "rewards": {n: None if math.isnan(v) else v for n, v in zip(names, each)},
+                       **{column: values[i] for column, values in r.get("extra", {}).items()}})
 
 
 def evaluate_rewards(policy: LLM, path, cfg: TrainConfig, seq_len: int, reward_fns: list, rows: list | None,
@@ -621,6 +622,7 @@ def evaluate_rewards(policy: LLM, path, cfg: TrainConfig, seq_len: int, reward_f
     out = {"val_reward": means[0]}
     if R > 1:
         out.update((f"val_rewards/{name}", mean) for name, mean in zip(reward_names(cfg.grpo_reward), means[5:]))
+    out.update((f"val_{name}", mean) for name, mean in reward_metric_means(reward_fns, info).items())
     return out
 
 
@@ -1185,9 +1187,22 @@ def _reward_module(module: str):
 def _reward_function(function, spec: str, tokenizer, stops: set, max_steps: int = 0):
     import types
 
+    # what transformers' decode(skip_special_tokens=True) leaves out, as TRL decodes the completions:
+    # special tokens, not the added ones matched as text (Qwen's <think>, "special": false)
+    skipped = set(tokenizer.special_ids()) if hasattr(tokenizer, "special_ids") else set()
+    metrics: dict[str, list[float]] = {}
+
+    def log_metric(name: str, value: float) -> None:  # TRL's: averaged over the step's calls and the ranks
+        metrics.setdefault(str(name), []).append(float(value))
+
+    def log_extra(column: str, values: list) -> None:  # TRL's: a column of the completions log, one per sample
+        reward.extra.setdefault(str(column), []).extend(values)
+
     def reward(prompt_ids, completion_ids, packed, rows, step: int | None = None):
+        reward.extra = {}
         if tokenizer is not None:
-            completions = [tokenizer.decode(_without_stop(ids, stops)) for ids in completion_ids]
+            completions = [tokenizer.decode([t for t in _without_stop(ids, stops) if t not in skipped])
+                           for ids in completion_ids]
             prompts = [row["prompt"] for row in rows] if rows else [tokenizer.decode(ids) for ids in prompt_ids]
             completions = [[{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
                            for prompt, text in zip(prompts, completions)]
@@ -1196,13 +1211,35 @@ def _reward_function(function, spec: str, tokenizer, stops: set, max_steps: int 
         columns = {key: [row.get(key) for row in rows] for key in rows[0] if key != "prompt"} if rows else {}
         state = types.SimpleNamespace(global_step=step, max_steps=max_steps)  # (TRL's TrainerState, its step)
         values = function(**{**columns, "prompts": prompts, "completions": completions, "completion_ids": completion_ids,
-                             "trainer_state": state})
+                             "trainer_state": state, "log_metric": log_metric, "log_extra": log_extra})
         values = list(values)
         if len(values) != len(completion_ids):
             raise ValueError(f"grpo_reward {spec}: gave {len(values)} rewards for {len(completion_ids)} completions")
         return torch.tensor([math.nan if v is None else float(v) for v in values], dtype=torch.float32)
 
+    reward.metrics, reward.extra = metrics, {}
     return reward
+
+
+def reward_metric_means(reward_fns: list, info: DistInfo) -> dict:
+    """What reward functions gave log_metric since the last call, each name's mean over the calls
+    and every rank (TRL's), emptied; None for a name no rank logged a value of."""
+    pending: dict[str, list[float]] = {}
+    for fn in reward_fns:
+        for name, values in getattr(fn, "metrics", {}).items():
+            pending.setdefault(name, []).extend(values)
+        getattr(fn, "metrics", {}).clear()
+    names = set(pending)
+    if info.world_size > 1:  # (every rank the same names, in the same order, for the one all_reduce)
+        gathered: list = [None] * info.world_size
+        dist.all_gather_object(gathered, sorted(names))
+        names = set().union(*gathered)
+    if not names:
+        return {}
+    names = sorted(names)
+    sums = all_reduce_sum(torch.tensor([[sum(pending.get(n, [])), len(pending.get(n, []))] for n in names],
+                                       dtype=torch.float64), info)
+    return {n: total / count if count else None for n, (total, count) in zip(names, sums.tolist())}
 
 
 def _reward_model(spec: str, policy: LLM, precision: str, device: torch.device):
@@ -1273,8 +1310,11 @@ def grpo_rollout(policy: LLM, batch, cfg: TrainConfig, reward_fns: list, generat
                                      float(sum(map(len, samples)))], dtype=torch.float64),
                        each.nansum(0), (~each.isnan()).sum(0).double()])
     targets = sum(n - len(p) for i, (n, p) in enumerate(zip(lengths, groups)) if trained is None or trained[i])
+    # the columns reward functions gave log_extra (TRL's), for the completions log: one value per sample
+    extra = {column: (list(values) + [None] * n)[:n] for fn in reward_fns
+             for column, values in getattr(fn, "extra", {}).items()}
     return {"packed": packed, "rewards": rewards, "each": each, "lengths": lengths, "targets": targets,
-            "prompt_ids": groups, "completion_ids": samples, "stats": stats,
+            "prompt_ids": groups, "completion_ids": samples, "stats": stats, "extra": extra,
             "sampled": ([len(p) + len(s) for p, s in zip(groups, samples)], sum(len(s) for s in samples))}
 
 
@@ -2327,6 +2367,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
                 del record["clip_ratio"]
             if len(reward) == 1:  # (the one reward's mean is the reward)
                 del record[names[-1]]
+            record.update(reward_metric_means(reward, info))  # (reward functions' log_metric, TRL's)
         if cfg.preference:
             chosen, rejected, accuracy = all_reduce_mean(pref_sums, info).tolist()
             if cfg.preference == "kto":  # TRL's rewards/chosen, rejected (None when the step had none), kl

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -693,8 +694,8 @@ def test_distill_from_a_hugging_face_teacher(chat_run_inputs, tmp_path):
 
 def test_grpo_from_a_hugging_face_model(chat_run_inputs, tmp_path):
     # `pyllm train --grpo-reward module:function`: samples ending at the checkpoint's end-of-sequence
-    # ids, rewarded by the function; the log has the rewards.
-    from pyllm.tokenizer.tokenizer import hf_stop_ids
+    # ids and its tokenizer's eos_token (TRL's GRPOTrainer's), rewarded by the function; the log has the rewards.
+    from pyllm.tokenizer.tokenizer import hf_special_token_id, hf_stop_ids
 
     folder, chats = chat_run_inputs
     assert cli.main(train_args(folder, chats, tmp_path / "rl", "--max-steps", "2", "--batch-size", "2",
@@ -709,7 +710,18 @@ def test_grpo_from_a_hugging_face_model(chat_run_inputs, tmp_path):
     assert "clip_ratio" in record and logged(tmp_path / "rl")[0]["reward"] == record["reward"]  # (one generation)
     assert {"reward", "reward_std", "completion_length"} <= record.keys() and 1 <= record["completion_length"] <= 4
     saved = torch.load(tmp_path / "rl" / "checkpoint.pt", weights_only=False)["train_config"]
-    assert saved["sample_stop_tokens"] == hf_stop_ids(folder) and saved["grpo_generations"] == 2
+    stops = set(hf_stop_ids(folder)) | {hf_special_token_id(folder, "eos_token")} - {None}
+    assert set(saved["sample_stop_tokens"]) == stops and saved["grpo_generations"] == 2
+    # a generation_config.json naming another end: GRPO's samples stop at the tokenizer's eos_token too
+    # (they had run past it, rewarded and trained so; from the GRPO audit)
+    other = tmp_path / "other"
+    shutil.copytree(folder, other)
+    (other / "generation_config.json").write_text(json.dumps({"eos_token_id": 5}))
+    assert cli.main(train_args(other, chats, tmp_path / "rl-other", "--max-steps", "1", "--batch-size", "2",
+                               "--grpo-reward", "test_grpo:sevens", "--grpo-generations", "2",
+                               "--grpo-max-new-tokens", "2")) == 0
+    other_saved = torch.load(tmp_path / "rl-other" / "checkpoint.pt", weights_only=False)["train_config"]
+    assert sorted(other_saved["sample_stop_tokens"]) == sorted({5, hf_special_token_id(folder, "eos_token")})
     assert (saved["grpo_iterations"], saved["grpo_epsilon_high"], saved["grpo_scale_rewards"], saved["grpo_loss_type"]) \
         == (2, 0.28, "batch", "bnpo") and saved["grpo_importance_sampling"] == "sequence" and saved["grpo_mask_truncated"]
     # prompts alone (TRL's prompt-only format), as messages and as text: each conversation's prompt
@@ -743,7 +755,8 @@ def test_grpo_from_a_hugging_face_model(chat_run_inputs, tmp_path):
         assert call["prompts"] == [lines[i]["prompt"] for i in call["id"]]
         assert call["answer"] == [lines[i]["answer"] for i in call["id"]]
         tokenizer = Tokenizer.load(json.loads((run / "run.json").read_text())["tokenizer"])
-        texts = [tokenizer.decode(ids[:-1] if ids[-1] in hf_stop_ids(folder) else ids) for ids in call["completion_ids"]]
+        texts = [tokenizer.decode([t for t in (ids[:-1] if ids[-1] in stops else ids) if t not in tokenizer.special_ids()])
+                 for ids in call["completion_ids"]]  # (TRL's skip_special_tokens)
         assert call["completions"] == ([[{"role": "assistant", "content": t}] for t in texts] if kind == "messages" else texts)
         record = logged(run)[-1]
         assert {"rewards/sevens", "rewards/answered", "val_reward", "val_rewards/sevens", "val_rewards/answered"} <= record.keys()

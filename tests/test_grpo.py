@@ -316,12 +316,57 @@ def test_reward_functions_are_called_as_trl_calls_them():
     (raw,) = trainer.load_reward(TrainConfig(grpo_reward="grpo_judge:echo"), None, "fp32", torch.device("cpu"))
     assert raw([[1, 2]], [[5, 6]], None, None).tolist() == [0.0]  # no tokenizer, no rows: the ids
     state = calls[-1].pop("trainer_state")
+    assert callable(calls[-1].pop("log_metric")) and callable(calls[-1].pop("log_extra"))
     assert calls[-1] == {"prompts": [[1, 2]], "completions": [[5, 6]], "completion_ids": [[5, 6]]}
     assert (state.global_step, state.max_steps) == (None, 600)  # (TRL's TrainerState's step; the trainer passes it)
     cfg = TrainConfig(grpo_reward="grpo_judge:wrong")
     (wrong,) = trainer.load_reward(cfg, None, "fp32", torch.device("cpu"), tokenizer)
     with pytest.raises(ValueError, match="grpo_judge:wrong: gave 1 rewards for 2 completions"):
         wrong([[1], [2]], [[3], [4]], None, None)
+
+
+def test_reward_functions_see_completions_as_trl_decodes_them_and_log_as_trls(tmp_path):
+    # completions decoded as TRL's batch_decode(skip_special_tokens=True): special tokens left out,
+    # an added token matched as text ("special": false, Qwen's <think>) kept (a <pad> or <s> a sample
+    # held had reached a format reward's regex); log_metric (a step's mean, TRL's) and log_extra (a
+    # column of the completions log) given, as TRL 1.16 gives them (a function naming them had
+    # raised TypeError). From the GRPO audit.
+    tk = pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from pyllm.tokenizer import Tokenizer
+
+    hf = tk.Tokenizer(models.BPE(unk_token="<unk>"))
+    hf.pre_tokenizer, hf.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    hf.train_from_iterator(["the answer is 42. what is six times seven?"] * 4, trainers.BpeTrainer(
+        vocab_size=280, special_tokens=["<unk>", "<s>", "</s>", "<pad>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    hf.add_tokens(["<think>"])
+    hf.save(str(tmp_path / "tokenizer.json"))
+    tokenizer = Tokenizer.from_hf(tmp_path / "tokenizer.json")
+    seen = []
+
+    def texts(completions, log_metric, log_extra, **kwargs):
+        seen.append(completions)
+        log_metric("format", 0.25)
+        log_metric("format", 0.75)
+        log_extra("verdict", ["ok"] * len(completions))
+        return [0.0] * len(completions)
+
+    import sys
+    import types
+
+    sys.modules["grpo_texts"] = types.SimpleNamespace(texts=texts)
+    (reward,) = trainer.load_reward(TrainConfig(grpo_reward="grpo_texts:texts", sample_stop_tokens=[2]), None, "fp32",
+                                    torch.device("cpu"), tokenizer)
+    ids = [3, tokenizer.special_tokens["<think>"], *tokenizer.encode("42"), 1, 2]  # <pad> <think> 42 <s> </s>
+    reward([[5]], [ids], None, None)
+    theirs = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
+    assert seen[-1] == theirs.batch_decode([ids], skip_special_tokens=True) == ["<think>42"]
+    assert reward.extra == {"verdict": ["ok"]}
+    assert trainer.reward_metric_means([reward], trainer.DistInfo()) == {"format": 0.5}
+    assert trainer.reward_metric_means([reward], trainer.DistInfo()) == {}  # (emptied: each step its own)
 
 
 def test_reward_functions_from_a_file_get_the_step(chat_dir, tmp_path, monkeypatch):  # noqa: F811

@@ -1056,6 +1056,11 @@ class Tokenizer:
             raise TypeError(f"is_special_token: token must be an int, got {type(token).__name__}")
         return token in self._special_ids
 
+    def special_ids(self) -> list[int]:
+        """The ids transformers' decode(skip_special_tokens=True) leaves out: the special tokens, not
+        the added tokens matched as text ("special": false in a tokenizer.json: Qwen's <think>)."""
+        return sorted(i for text, i in self._special_tokens.items() if text not in self._matched)
+
     def token_byte_values(self) -> list[bytes]:
         """The bytes of every mergeable (non-special) token, sorted bytewise as tiktoken's."""
         if self._spm is None:

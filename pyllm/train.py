@@ -1161,7 +1161,7 @@ def load_reward(cfg: TrainConfig, policy: LLM, precision: str, device: torch.dev
                 raise ValueError(f"grpo_reward {spec}: {module} has no function {name}")
             rewards.append(_reward_function(function, spec, tokenizer, stops, cfg.max_steps))
         else:
-            rewards.append(_reward_model(spec, policy, precision, device))
+            rewards.append(_reward_model(spec, policy, precision, device, _reply_framing(cfg, tokenizer), stops))
     return rewards
 
 
@@ -1242,7 +1242,25 @@ def reward_metric_means(reward_fns: list, info: DistInfo) -> dict:
     return {n: total / count if count else None for n, (total, count) in zip(names, sums.tolist())}
 
 
-def _reward_model(spec: str, policy: LLM, precision: str, device: torch.device):
+def _reply_framing(cfg: TrainConfig, tokenizer) -> tuple[list[int], list[int]]:
+    """hf_reply_framing of the --init-from-hf folder's chat template; ([], []) without one."""
+    if not cfg.init_from_hf or tokenizer is None:
+        return [], []
+    from pyllm.model import hf_folder
+    from pyllm.tokenizer.tokenizer import hf_has_chat_template, hf_reply_framing
+
+    folder = hf_folder(cfg.init_from_hf)
+    return hf_reply_framing(folder, tokenizer) if hf_has_chat_template(folder) else ([], [])
+
+
+def _reward_model(spec: str, policy: LLM, precision: str, device: torch.device,
+                  framing: tuple[list[int], list[int]] = ([], []), stops: set = frozenset()):
+    """A reward model's scores of the samples at each one's last token that is not its pad (as it
+    was trained). framing: (the chat template's generation prompt, what it puts after a reply)
+    (hf_reply_framing): a sample of a prompt ending in the first is scored, as TRL's GRPOTrainer
+    renders it, with the reply's end as the template writes it (its stop token, if any of stops,
+    replaced): a reward model trained on conversations had been read at ChatML's <|im_end|> where
+    it was trained at the "\n" after it (-3.02 there, +2.11 at <|im_end|>)."""
     rm = load_frozen(spec, precision, device)
     if rm.score is None or rm.config.num_labels != 1:
         raise ValueError(f"grpo_reward {spec}: not a reward model (a score head of one label: train one with "
@@ -1251,9 +1269,16 @@ def _reward_model(spec: str, policy: LLM, precision: str, device: torch.device):
         raise ValueError(f"grpo_reward {spec}: its vocabulary has {rm.config.vocab_size} ids, the policy's "
                          f"{policy.config.vocab_size}: it scores the policy's token ids (the same tokenizer)")
 
+    opening, closing = framing
+
     @torch.no_grad()
     def score(prompt_ids, completion_ids, packed, rows, step=None):
         x, _, cu, at = packed
+        if opening and closing and any(p[-len(opening):] == opening for p in prompt_ids):
+            replies = [(c[:-1] if c and c[-1] in stops else c) + closing if p[-len(opening):] == opening else c
+                       for p, c in zip(prompt_ids, completion_ids)]
+            T = max(x.shape[1], min(x.shape[1] + len(closing), rm.config.block_size))
+            x, _, cu, at = pack_replies(prompt_ids, replies, T, x.device)
         with autocast(precision, device):
             return rm(x, None, cu, scores=True)[1][at, 0].float().cpu()
 

@@ -692,6 +692,44 @@ def test_distill_from_a_hugging_face_teacher(chat_run_inputs, tmp_path):
     assert abs(logged(tmp_path / "seq")[0]["loss"]) < 1e-6
 
 
+def test_grpo_reward_model_reads_a_reply_framed_as_the_template_frames_it(chat_run_inputs, tmp_path):
+    # A reward model trained on conversations saw each reply end as the chat template ends it (ChatML:
+    # "<|im_end|>\n", read at the "\n", its pad <|endoftext|>); GRPO's samples stop at <|im_end|> (or
+    # are cut): each is scored with the template's ending, as TRL's GRPOTrainer renders the
+    # conversation for its reward model (it had been read at <|im_end|>: +2.11 where the model's
+    # training read -3.02; from the reward-model audit). Text prompts (no generation prompt) as sampled.
+    from pyllm import train as trainer
+    from pyllm.model import LLM
+    from pyllm.tokenizer.tokenizer import hf_chat_prompt, hf_reply_framing
+    from pyllm.train import TrainConfig
+
+    folder, _ = chat_run_inputs
+    tokenizer = Tokenizer.from_hf(folder / "tokenizer.json")
+    end, newline = tokenizer.special_tokens["<|im_end|>"], tokenizer.encode("\n")
+    opening, closing = hf_reply_framing(folder, tokenizer)
+    assert tokenizer.decode(opening) == "<|im_start|>assistant\n" and closing == [end, *newline]
+    torch.manual_seed(0)
+    rm = LLM.from_hf(folder)
+    rm.add_score_head()
+    rm.config.pad_token_id = tokenizer.special_tokens["<|endoftext|>"]
+    rm.to_hf(tmp_path / "rm")
+    rm.eval()
+    user = [{"role": "user", "content": "what is 2 plus 3?"}]
+    prompt = tokenizer.encode(hf_chat_prompt(folder, user), allowed_special="all")
+    text_prompt = tokenizer.encode("what is 2 plus 3?")
+    reply = tokenizer.encode("5")
+    cfg = TrainConfig(grpo_reward=str(tmp_path / "rm"), init_from_hf=str(folder), sample_stop_tokens=[end])
+    (reward,) = trainer.load_reward(cfg, rm, "fp32", torch.device("cpu"), tokenizer)
+    prompts, samples = [prompt, prompt, text_prompt], [reply + [end], reply, reply + [end]]
+    got = reward(prompts, samples, trainer.pack_replies(prompts, samples, 48, "cpu"), None)
+    trained = tokenizer.encode(hf_chat_prompt(folder, user + [{"role": "assistant", "content": "5"}],
+                                              add_generation_prompt=False), allowed_special="all")
+    assert trained == prompt + reply + closing
+    with torch.no_grad():
+        want = [rm(torch.tensor([ids]), scores=True)[1][0, 0].item() for ids in (trained, trained, text_prompt + reply + [end])]
+    np.testing.assert_allclose(got.tolist(), want, rtol=1e-5)
+
+
 def test_grpo_from_a_hugging_face_model(chat_run_inputs, tmp_path):
     # `pyllm train --grpo-reward module:function`: samples ending at the checkpoint's end-of-sequence
     # ids and its tokenizer's eos_token (TRL's GRPOTrainer's), rewarded by the function; the log has the rewards.

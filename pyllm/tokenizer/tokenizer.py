@@ -461,6 +461,22 @@ def hf_chat_prompt(folder, messages: list[dict], add_generation_prompt: bool = T
                                               documents, template_kwargs))
 
 
+def hf_reply_framing(folder, tokenizer: "Tokenizer") -> tuple[list[int], list[int]]:
+    """(the ids a folder's chat template puts before an assistant's reply, its generation prompt,
+    and those it puts after one: ChatML's "<|im_start|>assistant\n" and "<|im_end|>\n", Llama 3's
+    header and "<|eot_id|>"), as a reward model trained on rendered conversations saw a reply
+    framed; ([], []) where the template renders a reply otherwise than after its generation prompt."""
+    hello = [{"role": "user", "content": "Hello"}]
+    mark = "\u2063pyllm reply\u2063"  # (invisible separators: text no template writes itself)
+    prompt = hf_chat_prompt(folder, hello, add_generation_prompt=True)
+    bare = hf_chat_prompt(folder, hello, add_generation_prompt=False)
+    whole = hf_chat_prompt(folder, hello + [{"role": "assistant", "content": mark}], add_generation_prompt=False)
+    if not (prompt.startswith(bare) and whole.startswith(prompt + mark)):
+        return [], []
+    encode = lambda text: tokenizer.encode(text, allowed_special="all") if text else []  # noqa: E731
+    return encode(prompt[len(bare):]), encode(whole[len(prompt) + len(mark):])
+
+
 def _untrained(message: dict) -> bool:
     """An assistant message OpenAI's fine-tuning format marks "weight": 0: in the context, not trained on."""
     weight = message.get("weight", 1)  # (a null one is dropped with the other None values: _template_messages)

@@ -578,10 +578,10 @@ class LLM(nn.Module):
                             rope[1])
         return self.dropout(x), rope
 
-    def add_score_head(self, num_labels: int = 1) -> None:
+    def add_score_head(self, num_labels: int = 1, std: float = 0.02) -> None:
         """A score head (ModelConfig.num_labels) on a model without one, drawn as transformers draws
-        its *ForSequenceClassification's (normal, std 0.02): a reward model's start from a language
-        model."""
+        its *ForSequenceClassification's (normal, std the config's initializer_range, 0.02 in
+        nearly every family): a reward model's start from a language model."""
         if self.score is not None:
             raise ValueError(f"add_score_head: the model has a score head already ({self.config.num_labels} labels)")
         if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
@@ -589,7 +589,7 @@ class LLM(nn.Module):
         self.config.num_labels = num_labels
         w = self.norm_f.weight
         self.score = nn.Linear(self.config.dim, num_labels, bias=False, device=w.device, dtype=w.dtype)
-        nn.init.normal_(self.score.weight, mean=0.0, std=0.02)
+        nn.init.normal_(self.score.weight, mean=0.0, std=std)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
                 per_token: bool = False, hidden: bool = False, distill: dict | None = None, scores: bool = False,

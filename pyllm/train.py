@@ -2055,7 +2055,12 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
     mcfg = model.config
     if cfg.preference == "reward":
         if model.score is None:  # a reward model from a language model
-            model.add_score_head(1)
+            std = 0.02  # (transformers draws the head with the config's initializer_range)
+            if cfg.init_from_hf:
+                from pyllm.model import hf_folder
+
+                std = json.loads((hf_folder(cfg.init_from_hf) / "config.json").read_text()).get("initializer_range", std)
+            model.add_score_head(1, std=float(std))
             if ckpt is None:  # its scores read where TRL's (and so transformers') are: before a trailing pad
                 pad = reward_pad_id(cfg)
                 model.config.pad_token_id = pad if pad is not None and 0 <= pad < model.config.vocab_size else None

@@ -547,7 +547,8 @@ def test_score_head_scores_each_sequence_at_its_last_token(tmp_path):
     model = randomized(ModelConfig(**CONFIGS["llama"])).double()
     with pytest.raises(ValueError, match="no score head"):
         model(torch.zeros(1, 4, dtype=torch.long), scores=True)
-    model.add_score_head(2)
+    model.add_score_head(2, std=0.5)  # (the std transformers takes from initializer_range)
+    assert 0.3 < model.score.weight.std().item() < 0.7
     with pytest.raises(ValueError, match="has a score head already"):
         model.add_score_head(1)
     idx = torch.randint(0, 97, (2, 16))

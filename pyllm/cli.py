@@ -1739,9 +1739,30 @@ def _export(run: Path, out: Path, args, run_info: dict) -> int:
                 write_whole(out / "config.json", json.dumps(config, indent=2))
                 write_whole(out / "generation_config.json", json.dumps({"bos_token_id": eot, "eos_token_id": eot},
                                                                        indent=2))
+    if model.score is not None and model.config.pad_token_id is not None:
+        name_the_pad_token(out, model.config.pad_token_id)
     print(f"exported {run} to {out} ({'config of ' + str(source) if source else 'a ' + model_kind(out) + ' config'}, "
           f"{args.dtype})")
     return 0
+
+
+def name_the_pad_token(out: Path, pad_id: int) -> None:
+    """A reward model's export: tokenizer_config.json's pad_token, where it names none, the token its
+    scores are read before (TRL's RewardTrainer saves its tokenizer with pad = eos), so that
+    transformers' tokenizer pads a batch for it (it had raised "no padding token")."""
+    from pyllm.tokenizer.tokenizer import hf_special_token_id, hf_special_tokens
+
+    tokens = hf_special_tokens(out)
+    path = out / "tokenizer_config.json"
+    if "pad_token" in tokens or not (out / "tokenizer.json").is_file():
+        return
+    text = next((t for role, t in tokens.items() if hf_special_token_id(out, role) == pad_id), None)
+    if text is None:
+        added = json.loads((out / "tokenizer.json").read_text(encoding="utf-8")).get("added_tokens") or ()
+        text = next((t.get("content") for t in added if t.get("id") == pad_id), None)
+    if text is not None:
+        config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        write_whole(path, json.dumps({**config, "pad_token": text}, indent=2, ensure_ascii=False))
 
 
 # What a checkpoint folder may hold that transformers or PEFT would read with the new files: a

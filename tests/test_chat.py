@@ -1102,6 +1102,10 @@ def test_dpo_on_preference_pairs(chat_run_inputs, tmp_path, capsys):
     with torch.no_grad():
         torch.testing.assert_close(theirs(idx).logits, ours(idx, scores=True)[1], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(theirs(padded).logits, ours(padded, scores=True)[1], rtol=1e-4, atol=1e-5)
+    # its tokenizer pads a batch (pad_token named in the export, as TRL saves pad = eos: it had raised)
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "rm-hf")
+    batch = hf_tokenizer(["what is 2 plus 3?", "5"], padding=True, return_tensors="pt")
+    assert hf_tokenizer.pad_token_id == pad and batch.input_ids.shape[0] == 2
     assert cli.main(train_args(folder, path, tmp_path / "rm-lora", "--max-steps", "1", "--batch-size", "4",
                                "--preference", "reward", "--lora-rank", "2")) == 0
     assert cli.main(["export", "--run", str(tmp_path / "rm-lora"), "--out", str(tmp_path / "x"), "--adapter"]) == 2

@@ -2059,8 +2059,9 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                         "-log sigmoid(score chosen - score rejected): TRL's RewardTrainer)")
     p.add_argument("--desirable-weight", type=float, help="kto: the desirable examples' weight (default 1)")
     p.add_argument("--undesirable-weight", type=float, help="kto: the undesirable examples' weight (default 1)")
-    p.add_argument("--beta", type=float, help="the preference loss's beta (orpo: its lambda; default: dpo, ipo, hinge "
-                   "and orpo 0.1 as TRL's, simpo 2.0)")
+    # (> 0: TrainConfig's 0 stands for the default, and --beta 0 had trained with it, silently)
+    p.add_argument("--beta", type=positive_number, help="the preference loss's beta, > 0 (orpo: its lambda; default: "
+                   "dpo, ipo, hinge and orpo 0.1 as TRL's, simpo 2.0)")
     p.add_argument("--simpo-gamma", type=float, help="SimPO's target reward margin (default 0.5)")
     p.add_argument("--sft-weight", type=float, help="with --preference dpo / ipo / hinge / simpo: plus this times "
                    "the chosen reply's negative log-likelihood per token (RPO; TRL's loss_type [\"sigmoid\", "

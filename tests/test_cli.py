@@ -759,6 +759,8 @@ def test_bad_numbers_and_paths_are_one_line_errors(corpus, tmp_path, capsys):
             (["eval", "--run", "x", "--text", "y", "--batch-size", "0"], "argument --batch-size: must be an integer >= 1"),
             (["eval", "--run", "x", "--choices", "y", "--limit", "-1"], "argument --limit: must be an integer >= 1"),
             (["plan", "--params", "1M", "--gpus", "0"], "argument --gpus: must be an integer >= 1, got 0"),
+            # (0 had been read as "the loss's default", 0.1, silently; from the ORPO / SimPO audit)
+            (["train", "--preference", "orpo", "--beta", "0"], "argument --beta: must be a finite number > 0, got 0"),
             (["plan", "--params", "1M", "--tokens-per-param", "-20"], "argument --tokens-per-param: must be a finite number > 0"),
             (["plan", "--params", "1M", "--flops-per-s", "0"], "--flops-per-s must be a finite number > 0, got '0'"),
             (["plan", "--compute", "-1"], "--compute: must be positive, got '-1'"),

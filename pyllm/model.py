@@ -1683,6 +1683,10 @@ def lora_targets(targets) -> list[str]:
     both."""
     out, bad = [], []
     for n in _lora_target_names(targets):
+        if any(part.isdigit() for part in n.split(".")):  # PEFT adapts that layer alone; pyllm's targets are every layer's
+            raise ValueError(f"LoRA target {n!r} names one layer's module (PEFT would adapt that layer only): pyllm's "
+                             "targets are projections adapted in every layer (q_proj, self_attn.q_proj, ...); give the "
+                             "projection without its layer path")
         # a module path's last part (PEFT's self_attn.q_proj, mlp.down_proj) names the projection
         short = n if n.startswith("experts.") else n.rsplit(".", 1)[-1]
         names = (LORA_LINEAR_TARGETS if n in ("all-linear", "all") else LORA_EXPERT_TARGETS if n == "experts"
@@ -2397,7 +2401,11 @@ def merge_peft_adapter(hf_state: dict, adapter) -> dict:
               and not (t == "gate.weight" or t.endswith(".gate.weight"))]
     unsupported = {"peft_type": config.get("peft_type", "LORA") != "LORA", "use_dora": config.get("use_dora"),
                    "bias": config.get("bias", "none") != "none", "modules_to_save": config.get("modules_to_save"),
-                   "fan_in_fan_out": config.get("fan_in_fan_out"), "target_parameters": others}
+                   "fan_in_fan_out": config.get("fan_in_fan_out"), "target_parameters": others,
+                   # an activated LoRA acts from its invocation tokens on only (PEFT refuses to merge it), and
+                   # layer_replication rebuilds the stack of layers the adapter's indices refer to
+                   "alora_invocation_tokens": config.get("alora_invocation_tokens"),
+                   "layer_replication": config.get("layer_replication")}
     refused = [name for name, bad in unsupported.items() if bad]
     if refused:
         raise NotImplementedError(f"{adapter}: adapter_config.json sets {', '.join(refused)}; pyllm merges plain "

@@ -2830,6 +2830,21 @@ def test_lora_targets_name_each_bad_target_once():
     from pyllm.model import lora_targets
     with pytest.raises(ValueError, match=r"got mlp, attn$"):
         lora_targets("q, mlp, attn, mlp")
+    # a module path of one layer (PEFT's adapter_config.json lists them so, and PEFT adapts that layer
+    # alone) had been widened to that projection in every layer; refused (from the LoRA audit)
+    assert lora_targets("self_attn.q_proj,mlp.down_proj") == ["q", "down"]
+    with pytest.raises(ValueError, match="names one layer's module"):
+        lora_targets("model.layers.0.self_attn.q_proj")
+
+
+@pytest.mark.parametrize("option", [{"alora_invocation_tokens": [5, 6]}, {"layer_replication": [[1, 2], [0, 1]]}],
+                         ids=["alora", "layer_replication"])
+def test_peft_adapter_options_a_merge_cannot_express_are_refused(tmp_path, option):
+    # An activated LoRA acts from its invocation tokens on (PEFT refuses its merge_and_unload), and
+    # layer_replication rebuilds the layer stack: merged into the weights each had been another model
+    # without a word (logits 0.4-0.8 off PeftModel's; from the LoRA audit)
+    with pytest.raises(NotImplementedError, match=next(iter(option))):  # (its from_hf with the adapter)
+        peft_adapted("llama-gqa", tmp_path, r=2, target_modules=["q_proj"], **option)
 
 
 def test_from_hf_reads_rope_and_defaults_as_transformers_5_does():

@@ -1689,8 +1689,9 @@ def _export(run: Path, out: Path, args, run_info: dict) -> int:
     from pyllm.model import HF_SIDE_FILES, LLM, hf_folder
     from pyllm.train import load_checkpoint
 
-    if args.adapter:
-        return export_adapter(run, out, args.dtype)
+    if args.adapter:  # (fp32 by default, as PEFT's save_pretrained keeps it: bf16 had moved the logits 6e-4)
+        return export_adapter(run, out, args.dtype or "fp32")
+    args.dtype = args.dtype or "bf16"
     ckpt = load_checkpoint(run, mmap=True) if (run / "checkpoint.pt").exists() else None
     weights = run_weights(run, ckpt)
     model = LLM.load(weights).to(getattr(torch, GENERATE_DTYPES[args.dtype]))
@@ -2338,8 +2339,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "files): new or empty")
     p.add_argument("--force", action="store_true", help="--out may hold a checkpoint already: its files (weights, "
                    "index and shards, adapter, config, tokenizer files) are replaced, the others kept")
-    p.add_argument("--dtype", default="bf16", choices=tuple(GENERATE_DTYPES),
-                   help="dtype of the exported weights (default bf16)")
+    p.add_argument("--dtype", choices=tuple(GENERATE_DTYPES),
+                   help="dtype of the exported weights (default bf16; with --adapter fp32, as PEFT saves an adapter)")
     p.add_argument("--adapter", action="store_true", help="a LoRA run (--lora-rank, --init-from-hf): write its "
                    "updates alone as a PEFT adapter (adapter_model.safetensors, adapter_config.json) over the source model")
     p.set_defaults(func=cmd_export)

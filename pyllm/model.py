@@ -2426,7 +2426,9 @@ def merge_peft_adapter(hf_state: dict, adapter) -> dict:
     prefix = "base_model.model."
     for key in tensors:
         if not key.endswith((".lora_A.weight", ".lora_B.weight")) and not key.endswith("lm_head.base_layer.weight"):
-            raise NotImplementedError(f"{adapter}: {key} is no LoRA A / B matrix of a linear layer")
+            what = ("an adapter of the token embeddings (target_modules embed_tokens), which pyllm does not merge"
+                    if "embed_tokens" in key or "lora_embedding_" in key else "no LoRA A / B matrix of a linear layer")
+            raise NotImplementedError(f"{adapter}: {key} is {what}")
         pair = key[:-len("A.weight")] + "B.weight" if key.endswith(".lora_A.weight") else key[:-len("B.weight")] + "A.weight"
         if key.endswith((".lora_A.weight", ".lora_B.weight")) and pair not in tensors:
             raise ValueError(f"{adapter}: {key} has no {pair.rsplit('.', 2)[-2]} to go with it")

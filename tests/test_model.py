@@ -2837,14 +2837,17 @@ def test_lora_targets_name_each_bad_target_once():
         lora_targets("model.layers.0.self_attn.q_proj")
 
 
-@pytest.mark.parametrize("option", [{"alora_invocation_tokens": [5, 6]}, {"layer_replication": [[1, 2], [0, 1]]}],
-                         ids=["alora", "layer_replication"])
+@pytest.mark.parametrize("option", [{"alora_invocation_tokens": [5, 6]}, {"layer_replication": [[1, 2], [0, 1]]},
+                                    {"target_modules": ["q_proj", "embed_tokens"]}],
+                         ids=["alora", "layer_replication", "embeddings"])
 def test_peft_adapter_options_a_merge_cannot_express_are_refused(tmp_path, option):
     # An activated LoRA acts from its invocation tokens on (PEFT refuses its merge_and_unload), and
     # layer_replication rebuilds the layer stack: merged into the weights each had been another model
     # without a word (logits 0.4-0.8 off PeftModel's; from the LoRA audit)
-    with pytest.raises(NotImplementedError, match=next(iter(option))):  # (its from_hf with the adapter)
-        peft_adapted("llama-gqa", tmp_path, r=2, target_modules=["q_proj"], **option)
+    # (an adapter of the embeddings: named so, not as "no LoRA A / B matrix of a linear layer")
+    match = "adapter of the token embeddings" if "target_modules" in option else next(iter(option))
+    with pytest.raises(NotImplementedError, match=match):  # (its from_hf with the adapter)
+        peft_adapted("llama-gqa", tmp_path, r=2, **{"target_modules": ["q_proj"], **option})
 
 
 def test_from_hf_reads_rope_and_defaults_as_transformers_5_does():

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import math
 import re
@@ -442,6 +443,10 @@ def ensure_token_files(inputs, tokenizer, tokenizer_path: Path, out_dir: Path, v
     examples = chat_folder is not None or preferences or kto or data.is_chat_data(inputs)  # text pairs need no template
     if examples:
         meta["chat_template_of"] = str(Path(chat_folder).resolve()) if chat_folder is not None else None
+        if chat_folder is not None:  # (its text: a template edited, or another --chat-template, tokenizes again)
+            meta["chat_template_sha1"] = hashlib.sha1(b"".join(
+                (Path(chat_folder) / name).read_bytes() for name in ("tokenizer_config.json", "chat_template.jinja")
+                if (Path(chat_folder) / name).is_file())).hexdigest()
         meta["rows"] = rows
         meta["inputs_mtime"] = [Path(p).stat().st_mtime for p in inputs]
     if meta_path.exists() and read_json(meta_path) == meta:
@@ -516,7 +521,7 @@ def check_token_dirs(data_list) -> None:
 # CLI-only keys (the rest are TrainConfig fields): where the text comes from and what to do after.
 _CLI_KEYS = {"data": None, "tokenizer": None, "vocab_size": None, "tokenizer_train_bytes": 0,
              "val_fraction": 0.02, "sample_tokens": 200, "prompt": None, "config": None, "resume": None,
-             "model_overrides": None, "eval_choices_file": None, "eval_choices_limit": None}
+             "model_overrides": None, "eval_choices_file": None, "eval_choices_limit": None, "chat_template": None}
 
 
 def setup_run_data(cfg, cli: dict) -> None:
@@ -610,9 +615,17 @@ def setup_run_data(cfg, cli: dict) -> None:
             tokenizer = ensure_hf_tokenizer(folder, tokenizer_path)
             doc_markers = hf_doc_markers(folder)  # the chat template frames conversations itself
             chat_folder = folder if examples else None
+            if cli["chat_template"]:
+                if chat_folder is None:
+                    raise ValueError("--chat-template renders fine-tuning examples ({\"messages\": [...]} lines and "
+                                     "their kin); --data holds none: leave it out")
+                chat_folder = training_chat_folder(folder, Path(cli["chat_template"]), out / "chat_template")
         elif cfg.init_from_run:  # the run's own tokenizer, copied: the new run stands alone
             from pyllm.tokenizer.chars import is_nanogpt_meta
 
+            if cli["chat_template"]:
+                raise ValueError("--chat-template goes with --init-from-hf (the folder whose tokenizer files it is "
+                                 f"rendered with); --init-from-run {cfg.init_from_run} was not fine-tuned from one")
             if is_nanogpt_meta(source_run["tokenizer"]):
                 raise ValueError(f"--init-from-run {cfg.init_from_run} trained on nanoGPT's character tokens: pyllm "
                                  "does not tokenize text with them; give --data a folder of nanoGPT's token files")
@@ -641,6 +654,30 @@ def setup_run_data(cfg, cli: dict) -> None:
         # export from another directory had read another folder of that name, or failed)
         "init_from_hf": str(Path(hf_source).resolve()) if hf_source and Path(hf_source).is_dir() else hf_source,
         **({"init_from_run": str(Path(cfg.init_from_run).resolve())} if cfg.init_from_run else {})})
+
+
+def training_chat_folder(folder: Path, template: Path, into: Path) -> Path:
+    """A folder of folder's tokenizer_config.json and special_tokens_map.json with template (a .jinja
+    file, or a tokenizer_config.json whose chat_template it is) as its chat_template.jinja: the
+    conversations of a run given --chat-template are rendered with it (TRL's chat_template_path: a
+    training variant with {% generation %} marks, as TRL's trl/chat_templates/*_training.jinja;
+    Qwen3's keeps every turn's reasoning, which its own template drops). Generation and export keep
+    the model folder's own template."""
+    if not template.is_file():
+        raise FileNotFoundError(f"--chat-template {template}: no such file (a .jinja chat template)")
+    text = template.read_text(encoding="utf-8")
+    if template.suffix == ".json":
+        text = json.loads(text).get("chat_template")
+        if not isinstance(text, str):
+            raise ValueError(f"--chat-template {template}: a JSON file without a chat_template string")
+    into.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        if (folder / name).is_file():
+            copy_into(folder / name, into / name)
+        else:
+            (into / name).unlink(missing_ok=True)
+    write_whole(into / "chat_template.jinja", text)  # (the file wins over the config's, as in transformers)
+    return into
 
 
 def check_teacher_tokenizer(teacher, tokenizer_path, flag: str = "--teacher",
@@ -1976,6 +2013,11 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", help="model preset: tiny (default), tiny-moe, llama-124m, gpt2-124m, palm-style")
     p.add_argument("--init-from-hf", metavar="DIR", help="fine-tune a Hugging Face checkpoint folder or hub repo id (LLaMA, Mistral, Qwen2/3, SmolLM3, Phi-3/4, Gemma 2/3, OLMo 2, Granite, GPT-2, and the mixtures of experts Mixtral, Qwen3-MoE, OLMoE, Qwen2-MoE, GraniteMoE: config.json, *.safetensors, tokenizer.json) instead of a preset; its tokenizer tokenizes --data (set --seq-len, the default being the model's whole context, and --lr, whose default 3e-3 is for training from scratch: fine-tuning wants about 1e-5 to 1e-4)")
     p.add_argument("--init-adapter", metavar="DIR", help="with --init-from-hf: a PEFT LoRA adapter folder trained on that model, merged into its weights before training")
+    p.add_argument("--chat-template", metavar="FILE", help="with --init-from-hf and conversations: render them with "
+                   "this chat template (a .jinja file) instead of the folder's, as TRL's chat_template_path: a training "
+                   "variant with {%% generation %%} marks, such as TRL's trl/chat_templates/qwen3_training.jinja "
+                   "(Qwen3's own template drops earlier turns' reasoning, which pyllm refuses); generation and "
+                   "export keep the folder's")
     p.add_argument("--init-from-run", metavar="DIR", help="start from the final weights of a folder `pyllm train` wrote (model.safetensors; its own model config) instead of a preset, with its tokenizer: continue pretraining on new --data, or fine-tune on {\"prompt\": ..., \"completion\": ...} lines (each ending in <|endoftext|>, as its documents did; a run fine-tuned from a Hugging Face model passes on that model's chat template, for {\"messages\"} lines). The optimizer starts afresh (--resume continues a run instead)")
     p.add_argument("--lora-rank", type=int, help="train LoRA (low-rank) updates of this rank on every block's linear layers instead of all the weights, which stay frozen (no gradients or optimizer state for them); the run's model.safetensors has the updates merged in (default 0: full fine-tuning)")
     p.add_argument("--lora-alpha", type=positive_number, help="LoRA's alpha: the updates are scaled by alpha / rank "

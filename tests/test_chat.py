@@ -694,6 +694,50 @@ def test_distill_from_a_hugging_face_teacher(chat_run_inputs, tmp_path):
     assert abs(logged(tmp_path / "seq")[0]["loss"]) < 1e-6
 
 
+def test_chat_template_given_renders_the_training_conversations(tmp_path, capsys):
+    # Qwen3's template drops earlier turns' reasoning (refused: the replies cannot be found by
+    # rendering prefixes; the message names TRL's training variant where trl is installed);
+    # --chat-template FILE renders the conversations with another (TRL's chat_template_path), here
+    # TRL's qwen3_training.jinja ({% generation %} marks, every turn's reasoning kept): the ids and
+    # mask transformers' return_assistant_tokens_mask gives with it. The folder's own template stays
+    # the model's (generation, export).
+    trl = pytest.importorskip("trl")
+    from pathlib import Path
+
+    from pyllm.tokenizer.tokenizer import hf_chat_tokens
+
+    templates = Path(trl.__file__).parent / "chat_templates"
+    if not (templates / "qwen3_training.jinja").is_file():
+        pytest.skip("this TRL ships no qwen3_training.jinja")
+    folder = make_folder(tmp_path / "hf", (templates / "qwen3.jinja").read_text(), model=True)
+    rng = random.Random(1)
+    convs = []
+    for i in range(12):
+        a, b = rng.randrange(100), rng.randrange(100)
+        convs.append([{"role": "user", "content": f"what is {a} plus {b}?"},
+                      {"role": "assistant", "content": f"{a + b}", "reasoning_content": f"{a} and {b} make {a + b}"},
+                      {"role": "user", "content": "and times?"}, {"role": "assistant", "content": f"{a * b}"}])
+    chats = write_jsonl(tmp_path / "chats.jsonl", convs)
+    assert cli.main(train_args(folder, chats, tmp_path / "own", "--max-steps", "1", "--batch-size", "2")) == 2
+    assert f"--chat-template {templates / 'qwen3_training.jinja'}" in capsys.readouterr().err
+    run = tmp_path / "run"
+    assert cli.main(train_args(folder, chats, run, "--max-steps", "1", "--batch-size", "2", "--chat-template",
+                               str(templates / "qwen3_training.jinja"))) == 0
+    training = (templates / "qwen3_training.jinja").read_text()
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    ours = Tokenizer.from_hf(folder / "tokenizer.json")
+    for messages in convs[:3]:
+        out = hf_tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, chat_template=training,
+                                               return_assistant_tokens_mask=True)
+        assert hf_chat_tokens(run / "chat_template", ours, messages) == (list(out["input_ids"]),
+                                                                          list(out["assistant_masks"]))
+    assert json.loads((folder / "tokenizer_config.json").read_text())["chat_template"] != training
+    (tmp_path / "none.txt").write_text("plain text to continue pretraining on\n" * 50)
+    assert cli.main(train_args(folder, tmp_path / "none.txt", tmp_path / "x", "--chat-template",
+                               str(templates / "qwen3_training.jinja"))) == 2
+    assert "--data holds none" in capsys.readouterr().err
+
+
 def test_grpo_reward_model_reads_a_reply_framed_as_the_template_frames_it(chat_run_inputs, tmp_path):
     # A reward model trained on conversations saw each reply end as the chat template ends it (ChatML:
     # "<|im_end|>\n", read at the "\n", its pad <|endoftext|>); GRPO's samples stop at <|im_end|> (or

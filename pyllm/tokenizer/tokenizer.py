@@ -461,6 +461,32 @@ def hf_chat_prompt(folder, messages: list[dict], add_generation_prompt: bool = T
                                               documents, template_kwargs))
 
 
+def _training_template_hint(folder) -> str:
+    """Where TRL (when installed) keeps the training variant of folder's chat template: its
+    trl/chat_templates/NAME_training.jinja beside a NAME.jinja equal to it; "" where none is."""
+    try:
+        import importlib.util
+
+        spec = importlib.util.find_spec("trl")
+    except (ImportError, ValueError):
+        return ""
+    if spec is None or not spec.submodule_search_locations:
+        return ""
+    templates = Path(next(iter(spec.submodule_search_locations))) / "chat_templates"
+    try:
+        config = json.loads(Path(folder, "tokenizer_config.json").read_text(encoding="utf-8"))
+        own = config.get("chat_template")
+        if Path(folder, "chat_template.jinja").is_file():
+            own = Path(folder, "chat_template.jinja").read_text(encoding="utf-8")
+        for path in sorted(templates.glob("*.jinja")):
+            training = path.with_name(path.stem + "_training.jinja")
+            if training.is_file() and path.read_text(encoding="utf-8").strip() == (own or "").strip():
+                return f" (TRL's for this template: --chat-template {training})"
+    except (OSError, ValueError, AttributeError):
+        pass
+    return ""
+
+
 def hf_reply_framing(folder, tokenizer: "Tokenizer") -> tuple[list[int], list[int]]:
     """(the ids a folder's chat template puts before an assistant's reply, its generation prompt,
     and those it puts after one: ChatML's "<|im_start|>assistant\n" and "<|im_end|>\n", Llama 3's
@@ -583,7 +609,8 @@ def hf_chat_spans(folder, messages: list[dict], train_from: int = 0, tools: list
                              "conversation, eos_token aside, is not how a turn goes on: DeepSeek-R1's <think>), "
                              "so the assistant's text cannot be found "
                              "by rendering prefixes; a template with {% generation %} ... {% endgeneration %} around "
-                             "each assistant reply marks it instead")
+                             "each assistant reply marks it instead: `pyllm train --chat-template FILE` renders the "
+                             "conversations with one" + _training_template_hint(folder))
         spans.append((len(before), len(through)))
     return text, spans
 

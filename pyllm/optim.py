@@ -518,8 +518,10 @@ class DynamicLossScaler:
 
     def scale(self, loss: Tensor) -> Tensor:
         """loss * scale, a new tensor: backward through it gives scaled grads. A 16-bit loss is
-        scaled in fp32 (an fp16 loss of 10 times 2^16 would overflow fp16 before any grad exists);
-        the grads still come out in the params' dtype."""
+        scaled in fp32 (an fp16 loss of 10 times 2^16 would overflow fp16 in the forward), though
+        the gradient flowing back into an fp16 loss is the scale itself, past fp16's 65504 at 2^16:
+        that step is skipped and the scale backed off, as torch.amp.GradScaler's (keep the loss in
+        fp32, as autocast's cross-entropy does, to avoid it); the grads come out in the params' dtype."""
         if not isinstance(loss, Tensor):
             raise TypeError(f"DynamicLossScaler.scale: expected a tensor, got {type(loss).__name__}")
         if loss.dtype in _LOW_PRECISION:
@@ -537,6 +539,12 @@ class DynamicLossScaler:
                 raise RuntimeError("DynamicLossScaler.update: no inf/nan check was recorded since the last "
                                    "update; call optimizer.step(grad_scaler=scaler) first or pass found_inf")
             found_inf = self._found_inf
+        elif not isinstance(found_inf, (bool, Tensor)) and found_inf not in (0, 1):
+            # torch.amp.GradScaler.update(new_scale) sets the scale; here the argument is the found-inf
+            # flag, and update(1024.0) had silently backed the scale off instead
+            raise TypeError(f"DynamicLossScaler.update: found_inf must be a bool or a tensor, got {found_inf!r} "
+                            "(torch.amp.GradScaler.update(new_scale) sets the scale; here use "
+                            "load_state_dict or a new DynamicLossScaler(init_scale=...) for that)")
         scale = self._scale if self._scale is not None else self._scale_on(
             found_inf.device if isinstance(found_inf, Tensor) else "cpu")
         found = torch.as_tensor(found_inf, dtype=torch.float32).to(scale.device).reshape(())
@@ -981,7 +989,8 @@ def unscale_clip_check(params: list[Tensor], grad_scaler: "DynamicLossScaler | N
         grad_scaler._begin_step(optimizer)
         inv = 1.0 / grad_scaler.get_scale()
         for p in params:
-            p.grad.mul_(inv)
+            if p.grad is not None:  # (a frozen or unused param: nothing to unscale, as torch's unscale_)
+                p.grad.mul_(inv)
     grads = [p.grad for p in params if p.grad is not None]
     if grads and hasattr(grads[0], "full_tensor"):  # FSDP2's DTensor grads: torch's reduction over the shards
         norm = (torch.nn.utils.get_total_norm(grads) if hasattr(torch.nn.utils, "get_total_norm")

@@ -369,6 +369,28 @@ def test_scaler_growth_after_interval_and_state_dict():
     assert big.dtype == torch.float32 and big.item() == 10.0 * 2**16  # not an fp16 overflow
     with pytest.raises(RuntimeError, match="no inf/nan check"):
         s.update()
+    # torch's GradScaler.update(new_scale) sets the scale; here the argument is the found-inf flag, and
+    # update(1024.0) had backed the scale off without a word (from the fp16 audit)
+    with pytest.raises(TypeError, match="new_scale"):
+        t.update(1024.0)
+    assert t.get_scale() == 8.0
+    t.update(1)  # (a flag as an int still taken)
+    assert t.get_scale() == 4.0
+
+
+def test_unscale_clip_check_skips_params_without_grad():
+    # torch's GradScaler.unscale_ skips a param without a grad (an unused module); the helper had
+    # raised AttributeError on it with a scaler (from the fp16 audit)
+    from pyllm.optim import unscale_clip_check
+
+    m = torch.nn.ModuleDict({"used": torch.nn.Linear(4, 4), "unused": torch.nn.Linear(4, 4)})
+    opt = torch.optim.AdamW(m.parameters())
+    scaler = DynamicLossScaler(init_scale=8.0)
+    scaler.scale(m["used"](torch.randn(2, 4)).sum()).backward()
+    expected = m["used"].weight.grad.clone() / 8.0
+    norm, skipped = unscale_clip_check(list(m.parameters()), scaler, None, opt)
+    assert not skipped and m["unused"].weight.grad is None
+    torch.testing.assert_close(m["used"].weight.grad, expected)
 
 
 # --- state_dict -----------------------------------------------------------------------------------

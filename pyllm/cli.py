@@ -2002,7 +2002,7 @@ def cmd_plan(args) -> int:
 
 def add_train_options(p: argparse.ArgumentParser) -> None:
     # Every default is None: unset options fall through to the config file, then TrainConfig.
-    p.add_argument("--config", help="TOML or YAML file of options (any option below, as key = value; a [model] table); CLI options override it")
+    p.add_argument("--config", help="TOML, YAML or JSON file of options (any option below, as key = value; a [model] table); CLI options override it")
     p.add_argument("--out", help="run folder: checkpoint.pt, log.jsonl, loss.png, model.safetensors, the tokenizer and token files (default runs/main)")
     p.add_argument("--data", nargs="+", help="text files or folders to train on, or a folder holding train.bin/val.bin from `pyllm prepare` (default: this Python's standard-library source); with --init-from-hf also fine-tuning examples, *.jsonl files of {\"messages\": [{\"role\": ..., \"content\": ...}, ...]} lines (each put in the folder's chat template, the loss on the assistant's tokens) or {\"prompt\": ..., \"completion\": ...} lines (text, or lists of messages; the loss on the completion): whole examples are packed into rows, each attending to itself alone")
     p.add_argument("--tokenizer", help="a saved pyllm tokenizer to use instead of training one on --data")

@@ -1702,6 +1702,8 @@ def test_from_hf_encodes_as_transformers_gemma_tokenizer_class_does(tmp_path, va
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": cls, "bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>", "pad_token": "<pad>"}))
     theirs, ours = transformers.AutoTokenizer.from_pretrained(tmp_path), Tokenizer.from_hf(tmp_path / "tokenizer.json")
+    # (the folder, as LLM.from_hf takes one, means its tokenizer.json: it had raised IsADirectoryError)
+    assert Tokenizer.from_hf(tmp_path).encode("the quick fox") == ours.encode("the quick fox")
     rng = random.Random(0)
     words = "the quick brown fox  jumps\nover naïve café 東京 ☃ 𝔘 <start_of_turn>user\n 42 \t".split(" ")
     for _ in range(100):

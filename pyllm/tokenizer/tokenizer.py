@@ -1726,7 +1726,11 @@ class Tokenizer:
         Or a SentencePiece-style BPE (Llama 2's, TinyLlama's, Mistral's: spaces as "▁" through a
         Prepend + Replace normalizer or a Metaspace pre-tokenizer, characters as the starting
         symbols, byte fallback or <unk>, merges in their own list's order): see the sentencepiece
-        argument of Tokenizer."""
+        argument of Tokenizer. A folder (as LLM.from_hf takes) means its tokenizer.json."""
+        if os.path.isdir(path):
+            if not os.path.isfile(os.path.join(path, "tokenizer.json")):
+                raise FileNotFoundError(f"Tokenizer.from_hf({os.fspath(path)!r}): the folder has no tokenizer.json")
+            path = os.path.join(path, "tokenizer.json")
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
         where = f"Tokenizer.from_hf({os.fspath(path)!r})"

@@ -1243,13 +1243,16 @@ def reward_metric_means(reward_fns: list, info: DistInfo) -> dict:
 
 
 def _reply_framing(cfg: TrainConfig, tokenizer) -> tuple[list[int], list[int]]:
-    """hf_reply_framing of the --init-from-hf folder's chat template; ([], []) without one."""
-    if not cfg.init_from_hf or tokenizer is None:
+    """hf_reply_framing of the run's Hugging Face source's chat template (--init-from-hf, or the one
+    an --init-from-run run was fine-tuned from: run.json's); ([], []) without one."""
+    run = Path(cfg.out_dir) / "run.json"
+    source = cfg.init_from_hf or (json.loads(run.read_text()).get("init_from_hf") if run.is_file() else None)
+    if not source or tokenizer is None:
         return [], []
     from pyllm.model import hf_folder
     from pyllm.tokenizer.tokenizer import hf_has_chat_template, hf_reply_framing
 
-    folder = hf_folder(cfg.init_from_hf)
+    folder = hf_folder(source)
     return hf_reply_framing(folder, tokenizer) if hf_has_chat_template(folder) else ([], [])
 
 

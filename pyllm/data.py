@@ -1132,8 +1132,8 @@ def _mismatched(example: dict, other: dict) -> dict:
 def prepare_kto(inputs: Sequence[str | os.PathLike], tokenizer, folder, out_dir, val_fraction: float = 0.02,
                 show_progress: bool = True, doc_start: Sequence[int] = (), doc_end: int | None = None) -> dict:
     """prepare_preferences for KTO's unpaired examples (read_kto): each example is written with its
-    KL example, its prompt followed by the next example's completion in its split (completions
-    shifted by one, as TRL's KL dataset, though TRL shifts them within each batch: the packed loader
+    KL example, its prompt followed by the previous example's completion in its split (completions
+    rotated by one, as TRL's KL dataset, though TRL rotates them within each batch: the packed loader
     shuffles the pairs, so a batch's KL completions are mostly not its own), as a pair of documents (.pairs.npy) the loader places
     side by side, and its label in .labels.npy. Returns counts."""
     rows = [r for path in inputs for r in read_kto(path)]
@@ -1144,7 +1144,9 @@ def prepare_kto(inputs: Sequence[str | os.PathLike], tokenizer, folder, out_dir,
     for split in (True, False):
         idx = [i for i, v in enumerate(in_val) if v == split]
         for j, i in enumerate(idx):
-            units[i] = (rows[i][0], _mismatched(rows[i][0], rows[idx[(j + 1) % len(idx)]][0]))
+            # the previous example's completion (the last one's for the first): TRL's rotation
+            # [y_n, y_1, ..., y_{n-1}], so a batch of the whole split has TRL's KL pairs
+            units[i] = (rows[i][0], _mismatched(rows[i][0], rows[idx[j - 1]][0]))
     parts, silent = _write_units(units, in_val, tokenizer, folder, out_dir, show_progress, doc_start, doc_end,
                                  "example(s)", "example with a completion", labels=[label for _, label in rows])
     stats = {"examples": len(rows), "desirable": sum(label for _, label in rows), "without_completion": silent}

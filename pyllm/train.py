@@ -1910,7 +1910,7 @@ def next_batches(loader, grad_accum: int, world_size: int) -> tuple[list, list[f
             batches.append(loader.next_batch())
             lengths = None if loader.lengths is None else lengths + loader.lengths
         return batches, None, lengths, 0, None
-    mine, total, outputs = [], 0, 0
+    mine, total, outputs, trained = [], 0, 0, 0
     kto = loader.labels is not None
     kl_lengths, kl_outputs = [], 0
     for _ in range(grad_accum):
@@ -1922,6 +1922,7 @@ def next_batches(loader, grad_accum: int, world_size: int) -> tuple[list, list[f
             batches.append((*loader.next_batch(), loader.docs))
             mine.append(loader.placed)
             total += loader.global_placed
+            trained += loader.global_targets  # (every rank's: a step none of whose replies is left is skipped)
         if not kto:
             lengths += loader.lengths
             outputs += loader.targets
@@ -1931,6 +1932,8 @@ def next_batches(loader, grad_accum: int, world_size: int) -> tuple[list, list[f
         outputs += sum(loader.doc_targets[0::2])
         kl_lengths += loader.lengths[1::2]
         kl_outputs += sum(loader.doc_targets[1::2])
+    if loader.pairs is not None and not trained:  # every reply cut away by seq_len: no weight, the step skipped
+        mine = [0] * len(mine)
     return (batches, [n * world_size / max(total, 1) for n in mine], lengths, outputs,
             (kl_lengths, kl_outputs) if kto else None)
 
@@ -2262,7 +2265,9 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
         aux_sum = torch.zeros((), device=info.device)  # the part of loss_sum that is load balancing (MoE)
         z_sum = torch.zeros((), device=info.device)  # the part of loss_sum that is z-loss
         pref_sums = torch.zeros(3, device=info.device)  # mean chosen reward, rejected reward, accuracy
-        kto_sums = torch.zeros(5, device=info.device)  # KTO: desirable, undesirable rewards' sums and counts; z's sum
+        # KTO, per micro-step: desirable, undesirable rewards' sums and counts, z (TRL logs each micro-step's
+        # means over all ranks, then their mean over the micro-steps)
+        kto_sums = torch.zeros(cfg.grad_accum, 5, device=info.device)
         on_policy = 0  # micro-batches of the student's own samples (distill_lmbda)
         grpo_sums = torch.zeros(9 + 2 * len(reward or ()), dtype=torch.float64)  # grpo_stat_means' sums
         generation_flops = 0.0
@@ -2303,7 +2308,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
                                                         **preference_options(cfg))
                     pref_sums += stats[:3] * weights[micro]
                     if len(stats) > 3:
-                        kto_sums += torch.cat([stats[3:7], stats[7:] / cfg.grad_accum])
+                        kto_sums[micro] = stats[3:8]
                 elif reward is not None:
                     loss, loss_stats = grpo_loss(wrapped, batch, cfg, info.world_size)
                     grpo_sums += torch.cat([batch["stats"].cpu(), loss_stats])
@@ -2404,12 +2409,17 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
         if cfg.preference:
             chosen, rejected, accuracy = all_reduce_mean(pref_sums, info).tolist()
             if cfg.preference == "kto":  # TRL's rewards/chosen, rejected (None when the step had none), kl
-                good, bad, n_good, n_bad, kl = all_reduce_sum(kto_sums, info).tolist()
-                chosen = good / n_good if n_good else None
-                rejected = bad / n_bad if n_bad else None
-                record["kl"] = kl / info.world_size
-            record.update(reward_chosen=chosen, reward_rejected=rejected,
-                          reward_margin=None if chosen is None or rejected is None else chosen - rejected,
+                per = all_reduce_sum(kto_sums, info).tolist()  # (z is every rank's alike: summed world_size times)
+                goods = [g / n for g, _, n, _, _ in per if n]
+                bads = [b / n for _, b, _, n, _ in per if n]
+                margins = [g / ng - b / nb for g, b, ng, nb, _ in per if ng and nb]
+                chosen = sum(goods) / len(goods) if goods else None
+                rejected = sum(bads) / len(bads) if bads else None
+                record["kl"] = sum(z for *_, z in per) / (len(per) * info.world_size)
+                margin = sum(margins) / len(margins) if margins else None
+            else:
+                margin = None if chosen is None or rejected is None else chosen - rejected
+            record.update(reward_chosen=chosen, reward_rejected=rejected, reward_margin=margin,
                           reward_accuracy=accuracy)
         if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step == cfg.max_steps - 1:
             if cfg.preference:

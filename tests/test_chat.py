@@ -859,7 +859,7 @@ def test_grpo_from_a_hugging_face_model(chat_run_inputs, tmp_path):
 
 def test_kto_on_unpaired_examples(chat_run_inputs, tmp_path, capsys):
     # `pyllm train --preference kto` on TRL's unpaired format (text and messages): each example
-    # written with its KL example (its prompt, the next example's completion in its split) as a
+    # written with its KL example (its prompt, the previous example's completion in its split: TRL's rotation) as a
     # pair, the labels beside them; the first loss 0.5 (policy = reference), rewards logged.
     folder, _ = chat_run_inputs
     rng = random.Random(1)
@@ -888,8 +888,8 @@ def test_kto_on_unpaired_examples(chat_run_inputs, tmp_path, capsys):
     mask = np.load(data_dir / "train.mask.npy")
     doc = lambda d: np.asarray(tokens[offsets[d]:offsets[d + 1]])  # noqa: E731
     trained = lambda d: mask[offsets[d]:offsets[d + 1]].astype(bool)  # noqa: E731
-    for u in range(len(pairs)):  # the KL document: this prompt, the next example's completion
-        nxt = (u + 1) % len(pairs)
+    for u in range(len(pairs)):  # the KL document: this prompt, the previous example's completion
+        nxt = (u - 1) % len(pairs)
         assert np.array_equal(doc(2 * u + 1)[~trained(2 * u + 1)], doc(2 * u)[~trained(2 * u)])
         assert np.array_equal(doc(2 * u + 1)[trained(2 * u + 1)], doc(2 * nxt)[trained(2 * nxt)])
     assert logged(tmp_path / "chat")[0]["loss"] == pytest.approx(0.5, abs=1e-6)  # weights 1: 1 - sigmoid(0)

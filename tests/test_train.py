@@ -1576,6 +1576,28 @@ def test_ipo_rewards_are_summed_log_ratios_as_trl_logs_them():
     assert losses.item() == pytest.approx((0.2 - 1.0 - 1 / 0.2) ** 2)  # (the loss per token: 2/10 - 1/1)
 
 
+@pytest.mark.parametrize("preference", ["simpo", "kto"])
+def test_a_preference_step_whose_replies_are_all_cut_away_is_skipped(tmp_path, preference):
+    # Pairs (or KTO's example and KL document) longer than a row are cut together to fit it; where
+    # every reply of a step is cut away nothing is trained: the step is skipped (loss null, the
+    # weights unmoved), as a step of conversations without a trained token (it had been stepped,
+    # weight decay moving the weights; from the KTO audit)
+    rng = np.random.default_rng(0)
+    for name, n in (("train.bin", 8), ("val.bin", 2)):
+        docs, masks = [], []
+        for _ in range(2 * n):
+            docs.append(rng.integers(0, 64, 30))
+            masks.append((np.arange(30) >= 24).astype(np.uint8))  # a 24-token prompt, 6 reply tokens
+        if preference == "kto":
+            np.save(tmp_path / name.replace(".bin", ".labels.npy"), np.arange(n) % 2 == 0)
+        data.write_documents(tmp_path / name, docs, masks, vocab_size=64, pairs=np.arange(2 * n).reshape(-1, 2))
+    cfg = config(tmp_path, tmp_path / "run", preference=preference, max_steps=1, eval_every=0, seq_len=24,
+                 weight_decay=0.5, model=dict(TINY, block_size=24))
+    out = trainer.train(cfg)
+    record = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[0])
+    assert record["skipped"] and record["loss"] is None and out["empty_steps"] == 1
+
+
 def test_kto_weight_advice_as_trls():
     # TRL's KTOTrainer warns where the labels are unbalanced and neither weight balances them (an
     # audit, 2026-12-06: 50 desirable and 10 undesirable examples had trained without a word)

@@ -540,6 +540,12 @@ def setup_run_data(cfg, cli: dict) -> None:
     if data_list is not None:
         check_token_dirs(data_list)
     token_dir = data_list is not None and len(data_list) == 1 and is_token_dir(data_list[0])
+    if cli["chat_template"] and (not hf_source or tokenizer_path or token_dir):
+        # (it would have been left unread without a word)
+        raise ValueError("--chat-template renders the conversations of --data with an --init-from-hf model's "
+                         "tokenizer; this run's " + ("token files are made already" if token_dir else
+                                                     "tokenizer is --tokenizer's" if tokenizer_path else
+                                                     "has no --init-from-hf model") + ": leave it out")
     if cli["vocab_size"] is not None and (token_dir or tokenizer_path or hf_source or cfg.init_from_run):
         # (it had been ignored without a word: the run's ids are another tokenizer's, of its own size)
         whose = ("--data's token files'" if token_dir else "--tokenizer's" if tokenizer_path
@@ -623,9 +629,6 @@ def setup_run_data(cfg, cli: dict) -> None:
         elif cfg.init_from_run:  # the run's own tokenizer, copied: the new run stands alone
             from pyllm.tokenizer.chars import is_nanogpt_meta
 
-            if cli["chat_template"]:
-                raise ValueError("--chat-template goes with --init-from-hf (the folder whose tokenizer files it is "
-                                 f"rendered with); --init-from-run {cfg.init_from_run} was not fine-tuned from one")
             if is_nanogpt_meta(source_run["tokenizer"]):
                 raise ValueError(f"--init-from-run {cfg.init_from_run} trained on nanoGPT's character tokens: pyllm "
                                  "does not tokenize text with them; give --data a folder of nanoGPT's token files")
@@ -844,6 +847,10 @@ def config_file_options(path) -> dict:
         raise ValueError(f"{path}: model_overrides: a config file's ModelConfig fields go in its [model] table")
     if "out" in doc and "out_dir" in doc:
         raise ValueError(f"{path}: out and out_dir are one option (the run folder): give one")
+    if "beta" in doc and not isinstance(doc["beta"], bool) and doc["beta"] == 0 and doc.get("preference"):
+        # (as --beta 0: TrainConfig's 0 stands for the loss's default, which it would have trained with)
+        raise ValueError(f"{path}: beta = 0 would train with the loss's default beta (0.1; simpo 2.0), not 0: give a "
+                         "beta > 0, or leave it out for the default")
     if "model" in doc and not isinstance(doc["model"], dict):
         raise ValueError(f"{path}: model must be a table of ModelConfig fields ([model] in TOML, a mapping in "
                          f"YAML), got {type(doc['model']).__name__} {doc['model']!r}")

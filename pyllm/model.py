@@ -716,6 +716,9 @@ class LLM(nn.Module):
                 out = torch.where((cu_seqlens[1:] > cu_seqlens[:-1])[:, None], out, torch.nan)
             return None, out
         fused = targets is not None and self.fused_loss
+        if temperature != 1.0 and (not per_token or targets is None or not temperature > 0):
+            raise ValueError(f"LLM.forward: temperature {temperature} takes per_token=True with targets (the "
+                             "log-probabilities of samples drawn at it) and a value > 0")
         if targets is not None and (hidden or distill is not None) and torch.compiler.is_compiling():
             raise NotImplementedError("distillation (LLM.forward's hidden / distill) is not compiled")
         if sequence_loss is not None:

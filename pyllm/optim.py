@@ -473,7 +473,9 @@ class DynamicLossScaler:
 
     Use: ``scaler.scale(loss).backward()``; ``opt.step(grad_scaler=scaler, ...)`` (pyllm.optim.AdamW
     unscales inside its fused step and records whether it found an inf/nan); ``scaler.update()``.
-    ``update(found_inf)`` takes the flag directly (a bool or a tensor) for other optimizers.
+    ``update(found_inf)`` takes the flag directly (a bool or a tensor, > 0 meaning found) for other
+    optimizers; unlike torch.amp.GradScaler.update(new_scale) it never sets the scale (a number
+    other than 0 or 1 is refused; a tensor is read as the flag).
     bf16 needs no loss scaling; ``DynamicLossScaler(init_scale=1.0, growth_factor=1.0)`` keeps the
     scale at 1 if a loop wants one code path. The scale lives in a float32 tensor on the device of
     the first loss (or optimizer) that uses it: no host sync except get_scale() and state_dict().

@@ -1146,9 +1146,10 @@ def load_reward(cfg: TrainConfig, policy: LLM, precision: str, device: torch.dev
     frozen, eval mode, the compute dtype, the policy's vocabulary), or "module:function", called
     as TRL's GRPOTrainer calls its reward functions, by keyword: prompts (the rows' prompts, text
     or messages; without rows decoded), completions (decoded with tokenizer without the stop
-    token; [{"role": "assistant", "content": text}] where the prompt is messages), completion_ids,
-    trainer_state (TRL's TrainerState as far as global_step, the step sampled at, and max_steps)
-    and each of the rows' other columns as a list; without a tokenizer prompts and completions
+    token and the special tokens, TRL's skip_special_tokens; [{"role": "assistant", "content":
+    text}] where the prompt is messages), completion_ids, trainer_state (TRL's TrainerState as far
+    as global_step, the step sampled at, and max_steps), log_metric and log_extra (TRL's: see
+    reward_metric_means and grpo_rollout's "extra") and each of the rows' other columns as a list; without a tokenizer prompts and completions
     are the token ids. It gives a number (or None) for each completion. module: an importable name
     (the working directory searched too) or a file, path/to/rewards.py."""
     rewards = []
@@ -1253,7 +1254,14 @@ def _reply_framing(cfg: TrainConfig, tokenizer) -> tuple[list[int], list[int]]:
     from pyllm.tokenizer.tokenizer import hf_has_chat_template, hf_reply_framing
 
     folder = hf_folder(source)
-    return hf_reply_framing(folder, tokenizer) if hf_has_chat_template(folder) else ([], [])
+    if not hf_has_chat_template(folder):
+        return [], []
+    framing = hf_reply_framing(folder, tokenizer)
+    if framing == ([], []):  # (Qwen3's empty think block between the generation prompt and a reply, Phi-3.5's eos)
+        print(f"pyllm: {source}'s chat template puts a reply otherwise than right after its generation prompt: a "
+              "reward model scores GRPO's samples as sampled, not re-rendered as TRL's GRPOTrainer renders them",
+              file=sys.stderr)
+    return framing
 
 
 def _reward_model(spec: str, policy: LLM, precision: str, device: torch.device,

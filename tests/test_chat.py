@@ -732,6 +732,10 @@ def test_chat_template_given_renders_the_training_conversations(tmp_path, capsys
         assert hf_chat_tokens(run / "chat_template", ours, messages) == (list(out["input_ids"]),
                                                                           list(out["assistant_masks"]))
     assert json.loads((folder / "tokenizer_config.json").read_text())["chat_template"] != training
+    # given where it would be left unread: refused (from the review)
+    assert cli.main(train_args(folder, chats, tmp_path / "y", "--tokenizer", str(run / "tokenizer.bpe"),
+                               "--chat-template", str(templates / "qwen3_training.jinja"))) == 2
+    assert "this run's tokenizer is --tokenizer's" in capsys.readouterr().err
     (tmp_path / "none.txt").write_text("plain text to continue pretraining on\n" * 50)
     assert cli.main(train_args(folder, tmp_path / "none.txt", tmp_path / "x", "--chat-template",
                                str(templates / "qwen3_training.jinja"))) == 2

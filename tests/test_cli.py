@@ -747,6 +747,15 @@ def test_a_run_that_mostly_skipped_its_steps_says_why(corpus, tmp_path, capsys, 
     assert "warning" not in capsys.readouterr().err
 
 
+def test_beta_zero_in_a_config_file_is_refused(tmp_path):
+    # as --beta 0: TrainConfig's 0 stands for the loss's default (from the review)
+    (tmp_path / "c.toml").write_text('preference = "orpo"\nbeta = 0\n')
+    with pytest.raises(ValueError, match="beta = 0 would train with the loss's default"):
+        cli.config_file_options(tmp_path / "c.toml")
+    (tmp_path / "d.toml").write_text("beta = 0\n")  # (a file listing the defaults)
+    assert cli.config_file_options(tmp_path / "d.toml") == {"beta": 0}
+
+
 def test_bad_numbers_and_paths_are_one_line_errors(corpus, tmp_path, capsys):
     # argparse's own line (exit 2) for numbers out of range; a missing --run folder, a path that is no
     # folder (not tried as a hub id), a CUDA device on a torch without one, an empty --text: a line each

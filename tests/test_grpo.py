@@ -59,6 +59,9 @@ def test_log_probabilities_at_a_temperature(shape, fused):
     logits = model(idx)[0]
     want = torch.log_softmax(logits / 0.7, -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0] * (targets != -1)
     torch.testing.assert_close(model(idx, targets, per_token=True, temperature=0.7)[1], want, rtol=1e-12, atol=1e-12)
+    for call in (dict(), dict(targets=targets), dict(targets=targets, per_token=True, temperature=0.0)):
+        with pytest.raises(ValueError, match="temperature"):  # (ignored, or a ZeroDivisionError, before)
+            model(idx, **{"temperature": 0.7, **call})
 
 
 @pytest.mark.parametrize("beta,iterations", [(0.0, 1), (0.3, 2)])
@@ -325,7 +328,7 @@ def test_reward_functions_are_called_as_trl_calls_them():
         wrong([[1], [2]], [[3], [4]], None, None)
 
 
-def test_reward_functions_see_completions_as_trl_decodes_them_and_log_as_trls(tmp_path):
+def test_reward_functions_see_completions_as_trl_decodes_them_and_log_as_trls(tmp_path, monkeypatch):
     # completions decoded as TRL's batch_decode(skip_special_tokens=True): special tokens left out,
     # an added token matched as text ("special": false, Qwen's <think>) kept (a <pad> or <s> a sample
     # held had reached a format reward's regex); log_metric (a step's mean, TRL's) and log_extra (a
@@ -357,7 +360,7 @@ def test_reward_functions_see_completions_as_trl_decodes_them_and_log_as_trls(tm
     import sys
     import types
 
-    sys.modules["grpo_texts"] = types.SimpleNamespace(texts=texts)
+    monkeypatch.setitem(sys.modules, "grpo_texts", types.SimpleNamespace(texts=texts))
     (reward,) = trainer.load_reward(TrainConfig(grpo_reward="grpo_texts:texts", sample_stop_tokens=[2]), None, "fp32",
                                     torch.device("cpu"), tokenizer)
     ids = [3, tokenizer.special_tokens["<think>"], *tokenizer.encode("42"), 1, 2]  # <pad> <think> 42 <s> </s>

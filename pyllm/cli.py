@@ -382,7 +382,10 @@ def ensure_hf_tokenizer(folder: Path, path: Path):
     meta_path = path.with_name(path.name + ".json")
     config = folder / "tokenizer_config.json"  # (its tokenizer_class and legacy change the encoding too)
     meta = {"hf_tokenizer": str(source.resolve()), "mtime": source.stat().st_mtime,
-            "config_mtime": config.stat().st_mtime if config.is_file() else None}
+            "config_mtime": config.stat().st_mtime if config.is_file() else None,
+            # from_hf's reading of the files: raised when it changes what an existing folder encodes to
+            # (2: transformers 5's GemmaTokenizer class rebuild, 2026-12-06), so runs convert again
+            "from_hf": 2}
     Tokenizer = tokenizer_class()
     if path.exists() and meta_path.exists() and read_json(meta_path) == meta:
         print(f"tokenizer: reusing {path}")

@@ -22,8 +22,11 @@ SPEC = "test_grpo:sevens"  # the reward function below, as "module:function"
 
 def sevens(completion_ids, **kwargs):
     """A verifiable reward (TRL's convention: by keyword, the rest in kwargs): the share of a
-    completion's tokens that are 7."""
-    return [sum(t == 7 for t in c) / len(c) for c in completion_ids]
+    completion's tokens that are 7; its mean logged through TRL's log_metric where given."""
+    shares = [sum(t == 7 for t in c) / len(c) for c in completion_ids]
+    if "log_metric" in kwargs and shares:
+        kwargs["log_metric"]("sevens_mean", sum(shares) / len(shares))
+    return shares
 
 
 def short_or_none(completion_ids, **kwargs):
@@ -530,6 +533,8 @@ def test_sampling_runs_on_two_processes_resume_exactly(chat_dir, tmp_path, monke
     assert len(log) == 8 and all(np.isfinite(r["loss"]) for r in log)
     assert ("val_reward" in log[3]) == ("grpo" in kind)
     assert ("reward" in log[-1]) if "grpo" in kind else ("on_policy" in log[-1])
+    # the reward function's log_metric: its mean over the step's calls on both ranks (collectives in step)
+    assert ("sevens_mean" in log[-1] and 0 <= log[-1]["sevens_mean"] <= 1) if kind == "grpo" else True
     if kind == "grpo" and mode == "fsdp":  # the gathered model samples what DDP's whole copies do, from the same start
         run_two_processes({**common, "out_dir": str(tmp_path / "ddp"), "batch_size": 2, "dist_mode": "ddp",
                            "cross": False})

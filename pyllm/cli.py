@@ -1445,9 +1445,12 @@ def generate_file(model, tokenizer, args, prefix_ids, stop_tokens, source) -> in
         prompts.extend([record["prompt"]] * args.num_samples)  # --num-samples completions of each, in a row
     args.batch_size = 16 if args.batch_size is None else args.batch_size
 
+    template_kwargs = getattr(args, "chat_template_kwargs", None) or {}
+
     def ids_of(prompt: str) -> list[int]:
         if args.chat:  # the template writes the BOS and the turn markers itself
-            return tokenizer.encode(hf_chat_prompt(source, [{"role": "user", "content": prompt}]), allowed_special="all")
+            return tokenizer.encode(hf_chat_prompt(source, [{"role": "user", "content": prompt}], **template_kwargs),
+                                    allowed_special="all")
         return [*prefix_ids, *prompt_tokens(tokenizer, prompt)] or start_ids(tokenizer)
 
     def one_by_one(ids: list[int]) -> list[int]:
@@ -1567,10 +1570,12 @@ def cmd_generate(args) -> int:
             raise ValueError(f"--prompt {args.prompt}: no such file {str(path)!r}")
         args.prompt = path.read_text(encoding="utf-8")
     alone = [flag for flag, given, needs in (("--out", args.out, args.prompts_file), ("--batch-size", args.batch_size,
-             args.prompts_file), ("--draft-tokens", args.draft_tokens, args.draft)) if given is not None and not needs]
+             args.prompts_file), ("--draft-tokens", args.draft_tokens, args.draft),
+             ("--chat-template-kwargs", getattr(args, "chat_template_kwargs", None), args.chat))
+             if given is not None and not needs]
     if alone:
-        raise ValueError(f"{alone[0]} goes with {'--draft' if alone[0] == '--draft-tokens' else '--prompts-file'} "
-                         "(without it, it would be ignored)")
+        needed = {"--draft-tokens": "--draft", "--chat-template-kwargs": "--chat"}.get(alone[0], "--prompts-file")
+        raise ValueError(f"{alone[0]} goes with {needed} (without it, it would be ignored)")
     args.draft_tokens = 4 if args.draft_tokens is None else args.draft_tokens
     model, tokenizer, prefix, source = load_model(args)
     if args.prompt is None:
@@ -1584,7 +1589,8 @@ def cmd_generate(args) -> int:
         stops = hf_stop_ids(source) if source is not None else ([] if eot is None else [eot])
     if source is not None:
         if args.chat:  # the template writes the BOS and the turn markers itself
-            text = hf_chat_prompt(source, [{"role": "user", "content": args.prompt}])
+            text = hf_chat_prompt(source, [{"role": "user", "content": args.prompt}],
+                                  **(getattr(args, "chat_template_kwargs", None) or {}))
             prompt_ids = tokenizer.encode(text, allowed_special="all")
     device, dtype = inference_device_dtype(args)
     model = model.to(device=device, dtype=getattr(torch, GENERATE_DTYPES[dtype])).eval()
@@ -2334,6 +2340,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="with --hf (or a --run fine-tuned from one): --prompt is a user "
                    "message, put in the folder's chat template (an instruct model's turn format); the reply ends at the "
                    "model's end-of-sequence token")
+    p.add_argument("--chat-template-kwargs", metavar="JSON", type=json_object, help="with --chat: the chat template's "
+                   "variables, as apply_chat_template's keyword arguments (TRL's and vLLM's chat_template_kwargs), "
+                   "e.g. '{\"enable_thinking\": false}' for Qwen3's reply without reasoning")
     p.add_argument("--max-new-tokens", type=at_least(1), default=200, help="tokens to generate (default 200)")
     p.add_argument("--temperature", type=at_least(0.0, float), help="softmax temperature; 0 is greedy (default 0.8; "
                    "a Hugging Face model's generation_config.json: its do_sample and temperature, as transformers; "
@@ -2429,6 +2438,17 @@ def at_least(low, kind=int):
 
 
 positive_number = number_type(float, lambda v: 0 < v < float("inf"), "a finite number > 0")
+
+
+def json_object(text: str) -> dict:
+    """A flag's JSON object (argparse's type: its error for anything else)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object ({{...}}), got {text!r}")
+    return value
 probability = number_type(float, lambda v: 0 < v <= 1, "in (0, 1]")
 
 

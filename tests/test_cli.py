@@ -1505,7 +1505,7 @@ def test_stream_sample_starts_with_the_prefix(capsys):
     assert seen["idx"] == [[256, 97, 98]]
 
 
-def test_generate_chat_renders_the_template_as_transformers(tmp_path, capsys):
+def test_generate_chat_renders_the_template_as_transformers(tmp_path, capsys, monkeypatch):
     # An instruct model's folder: ChatML turn markers as added tokens, a chat template and eos in
     # tokenizer_config.json. `--chat` puts the prompt in the template (ids as transformers'
     # apply_chat_template makes them) and the reply ends at <|im_end|>.
@@ -1539,6 +1539,20 @@ def test_generate_chat_renders_the_template_as_transformers(tmp_path, capsys):
     assert ours == list(theirs) and hf_stop_ids(folder) == [end]
     assert cli.main(["generate", "--hf", str(folder), "--chat", "--prompt", " def g(y): ", "--max-new-tokens", "5"]) == 0
     assert "<|im_start|>" not in capsys.readouterr().out  # the reply alone
+    # --chat-template-kwargs: the template's variables (Qwen3's enable_thinking), as apply_chat_template's
+    from pyllm.tokenizer import tokenizer as tokenizer_module
+
+    seen = []
+    real = tokenizer_module.hf_chat_prompt
+    monkeypatch.setattr(tokenizer_module, "hf_chat_prompt", lambda *a, **kw: (seen.append(kw), real(*a, **kw))[1])
+    assert cli.main(["generate", "--hf", str(folder), "--chat", "--prompt", "hi", "--max-new-tokens", "2",
+                     "--chat-template-kwargs", '{"enable_thinking": false}']) == 0
+    assert seen == [{"enable_thinking": False}]
+    assert cli.main(["generate", "--hf", str(folder), "--prompt", "hi", "--chat-template-kwargs", "{}"]) == 2
+    assert "--chat-template-kwargs goes with --chat" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--hf", str(folder), "--chat", "--prompt", "hi", "--chat-template-kwargs", "[1]"])
+    assert "must be a JSON object" in capsys.readouterr().err
     # a run fine-tuned from the folder chats with its template too
     corpus = tmp_path / "corpus"
     corpus.mkdir()

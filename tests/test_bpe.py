@@ -1683,12 +1683,14 @@ def _gemma_style_tokenizer_json(tk, variant: str) -> dict:
     elif variant == "metaspace":
         data["normalizer"] = None
         data["pre_tokenizer"] = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first", "split": False}
+    elif variant == "no-normalizer":  # (refused before the class rule was reached: from the Gemma 3 audit)
+        data["normalizer"] = None
     return data
 
 
 @pytest.mark.parametrize("variant, cls", [("gemma", "GemmaTokenizer"), ("gemma", "PreTrainedTokenizerFast"),
                                           ("prepend", "GemmaTokenizer"), ("metaspace", "GemmaTokenizerFast"),
-                                          ("no-byte-fallback", "GemmaTokenizer")])
+                                          ("no-byte-fallback", "GemmaTokenizer"), ("no-normalizer", "GemmaTokenizer")])
 def test_from_hf_encodes_as_transformers_gemma_tokenizer_class_does(tmp_path, variant, cls):
     # transformers 5's GemmaTokenizer, as its LlamaTokenizer, rebuilds the pipeline from the vocabulary
     # and merges alone (Replace(" ", "▁"), byte fallback, fused <unk>), the file's normalizer,

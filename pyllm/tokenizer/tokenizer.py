@@ -249,6 +249,16 @@ _CODE_LLAMA_TOKENIZER_CLASSES = ("CodeLlamaTokenizer", "CodeLlamaTokenizerFast")
 _GEMMA_TOKENIZER_CLASSES = ("GemmaTokenizer", "GemmaTokenizerFast")
 
 
+def _tokenizer_class(path) -> str | None:
+    """The tokenizer_class a tokenizer.json's folder's tokenizer_config.json names (None: none)."""
+    try:
+        with open(os.path.join(os.path.dirname(os.fspath(path)), "tokenizer_config.json"), encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return config.get("tokenizer_class") if isinstance(config, dict) else None
+
+
 def _transformers_class_pipeline(path, spm: dict) -> dict:
     """spm as transformers 5 encodes with it: a tokenizer_config.json beside the tokenizer.json naming
     LlamaTokenizer (Llama 2's, TinyLlama's, Mistral v0.x's, Phi-3's) makes transformers build a
@@ -1742,7 +1752,10 @@ class Tokenizer:
             if model.get(name):
                 raise NotImplementedError(f"{where}: {name} {model[name]!r} is not supported")
         added = data.get("added_tokens") or []
-        spm = _hf_sentencepiece(data, where)
+        # transformers 5's GemmaTokenizer rebuilds its own pipeline whatever the file's normalizer and
+        # pre-tokenizer (a file without the Replace normalizer had been refused here, read there)
+        spm = ({"prepend": "never", "split": False} if _tokenizer_class(path) in _GEMMA_TOKENIZER_CLASSES
+               else _hf_sentencepiece(data, where))
         for t in added:
             if t.get("single_word") or ((t.get("lstrip") or t.get("rstrip")) and spm is None):
                 raise NotImplementedError(f"{where}: added token {t['content']!r} "

@@ -765,6 +765,11 @@ def _template_args(row: dict, where: str) -> dict:
     of tool schemas) and its "chat_template_kwargs" (a dict of template variables), as TRL hands
     them to apply_chat_template. A row without them: {}."""
     tools, extra = row.get("tools"), row.get("chat_template_kwargs")
+    if isinstance(tools, str):  # a JSON string, as datasets often store it (TRL's SFTTrainer json.loads it)
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: \"tools\" is a string that is not JSON ({e})") from None
     if tools is not None and not isinstance(tools, list):
         raise ValueError(f"{where}: \"tools\" must be a list of tool schemas, got {type(tools).__name__}")
     if extra is not None and not (isinstance(extra, dict) and all(isinstance(k, str) for k in extra)):

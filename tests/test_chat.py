@@ -202,9 +202,32 @@ def test_template_inputs_as_transformers_gives_them(folders, tmp_path):
     ids, _ = data.example_tokens(example, ours, folder)
     assert ids == list(theirs.apply_chat_template(messages[:2], tools=tools, enable_thinking=False,
                                                   return_dict=True)["input_ids"])
+    # a "tools" column stored as a JSON string (datasets' way with schemas of differing shapes): read as
+    # TRL's SFTTrainer reads it (json.loads); it had been refused (from the tool-calling audit)
+    path.write_text(json.dumps({"messages": messages[:2], "tools": json.dumps(tools)}) + "\n")
+    assert data.read_conversations(path)[0]["template"]["tools"] == tools
     path.write_text(json.dumps({"messages": messages[:2], "tools": {"add": 1}}) + "\n")
     with pytest.raises(ValueError, match="tools.jsonl:1: \"tools\" must be a list"):
         data.read_conversations(path)
+    # named templates (Hermes-2-Pro's, Command-R's: a list in tokenizer_config.json; transformers 5's
+    # save_pretrained: additional_chat_templates/tool_use.jinja): "tool_use" where tools are given, as
+    # transformers picks it (the default had been rendered: every tool schema and call left out)
+    named = tmp_path / "named"
+    named.mkdir()
+    (named / "tokenizer.json").write_text((folders[0] / "tokenizer.json").read_text())
+    default = "{% for m in messages %}{{ m['content'] }}<|im_end|>{% endfor %}"
+    tool_use = "[tools: {{ tools | tojson }}]" + default
+    (named / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>",
+        "chat_template": [{"name": "default", "template": default}, {"name": "tool_use", "template": tool_use}]}))
+    theirs = transformers.AutoTokenizer.from_pretrained(named)
+    user = [{"role": "user", "content": "2 + 2?"}]
+    for kwargs in (dict(), dict(tools=tools)):
+        assert hf_chat_prompt(named, user, False, **kwargs) == theirs.apply_chat_template(user, tokenize=False,
+                                                                                          **kwargs)
+    assert hf_chat_prompt(named, user, False, tools=tools).startswith("[tools:")
+    theirs.save_pretrained(tmp_path / "saved")  # (its layout: chat_template.jinja and additional_chat_templates/)
+    assert hf_chat_prompt(tmp_path / "saved", user, False, tools=tools) == hf_chat_prompt(named, user, False, tools=tools)
     # a conversation opening with the assistant, under a template that reads messages[0]
     (folder / "chat_template.jinja").write_text("{{ messages[0]['role'] }}|" + INPUTS_TEMPLATE)
     opening = [{"role": "assistant", "content": "hello"}, {"role": "user", "content": "hi"}]

@@ -315,17 +315,19 @@ def _hf_sentencepiece(data: dict, where: str) -> dict | None:
     return {"prepend": "all" if prepends else "never", "split": False}
 
 
-def _chat_template(folder) -> tuple:
-    """_compiled_chat_template of folder, compiled again when its files change."""
+def _chat_template(folder, tools=None) -> tuple:
+    """_compiled_chat_template of folder, compiled again when its files change; its "tool_use"
+    template where tools are given and it has one (transformers' get_chat_template)."""
     folder = os.path.abspath(os.fspath(folder))
     stamps = tuple(os.stat(p).st_mtime_ns if os.path.exists(p) else None
                    for p in (os.path.join(folder, "tokenizer_config.json"), os.path.join(folder, "chat_template.jinja"),
-                             os.path.join(folder, "special_tokens_map.json")))
-    return _compiled_chat_template(folder, stamps)
+                             os.path.join(folder, "special_tokens_map.json"),
+                             os.path.join(folder, "additional_chat_templates", "tool_use.jinja")))
+    return _compiled_chat_template(folder, stamps, "tool_use" if tools is not None else "default")
 
 
 @functools.lru_cache(maxsize=8)
-def _compiled_chat_template(folder: str, stamps: tuple):
+def _compiled_chat_template(folder: str, stamps: tuple, variant: str = "default"):
     """(the compiled chat template of a Hugging Face checkpoint folder, its {% generation %} tracker,
     the variables it is rendered with), as transformers compiles it: jinja2 in a sandbox,
     trim_blocks and lstrip_blocks, bos_token / eos_token from tokenizer_config.json."""
@@ -337,10 +339,14 @@ def _compiled_chat_template(folder: str, stamps: tuple):
     config = json.loads(Path(config_path).read_text(encoding="utf-8")) if os.path.exists(config_path) else {}
     template = config.get("chat_template")
     if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
-        template = {t["name"]: t["template"] for t in template}.get("default")
+        named = {t["name"]: t["template"] for t in template}
+        template = named.get(variant) or named.get("default")
     jinja_path = os.path.join(folder, "chat_template.jinja")
     if os.path.exists(jinja_path):  # the file wins, as in transformers (a template fixed by writing one)
         template = Path(jinja_path).read_text(encoding="utf-8")
+    named_path = os.path.join(folder, "additional_chat_templates", f"{variant}.jinja")  # (save_pretrained's)
+    if variant != "default" and os.path.exists(named_path):
+        template = Path(named_path).read_text(encoding="utf-8")
     if not template:
         raise ValueError(f"{folder}: no chat template (tokenizer_config.json's chat_template or chat_template.jinja)")
 
@@ -466,7 +472,7 @@ def hf_chat_prompt(folder, messages: list[dict], add_generation_prompt: bool = T
     None values dropped, reasoning under each of its names; tools, documents and further template
     variables such as enable_thinking=, as apply_chat_template's). Encode it with
     allowed_special="all": the template writes the special tokens as text."""
-    template, _, variables, _ = _chat_template(folder)
+    template, _, variables, _ = _chat_template(folder, tools)
     return template.render(**_template_inputs(_template_messages(messages), add_generation_prompt, variables, tools,
                                               documents, template_kwargs))
 
@@ -534,7 +540,7 @@ def hf_chat_spans(folder, messages: list[dict], train_from: int = 0, tools: list
     assistant messages from this index on only (a prompt's own assistant turns are not trained on).
     tools, documents, template_kwargs: as hf_chat_prompt's (TRL's "tools" and
     "chat_template_kwargs" columns)."""
-    template, tracker, variables, marked = _chat_template(folder)
+    template, tracker, variables, marked = _chat_template(folder, tools)
     messages = _template_messages(messages)  # once: every prefix rendered below is a slice of these
 
     def render(msgs, add_generation_prompt=False):
@@ -637,7 +643,7 @@ def hf_chat_tokens(folder, tokenizer: "Tokenizer", messages: list[dict], train_f
     text, spans = hf_chat_spans(folder, messages, train_from, tools, documents, **template_kwargs)
     ids = tokenizer.encode(text, allowed_special="all")
     ends, own = _token_ends(tokenizer, ids, text)  # byte offset in text where each token ends
-    starts_at = ends if _chat_template(folder)[3] else own  # (marked: transformers' mask counts it)
+    starts_at = ends if _chat_template(folder, tools)[3] else own  # (marked: transformers' mask counts it)
     codes = np.frombuffer(text.encode("utf-32-le"), np.uint32)
     char_bytes = np.concatenate([[0], np.cumsum(1 + (codes >= 0x80) + (codes >= 0x800) + (codes >= 0x10000))])
     mask = np.zeros(len(ids), np.int64)

@@ -1686,7 +1686,8 @@ def lora_targets(targets) -> list[str]:
     both."""
     out, bad = [], []
     for n in _lora_target_names(targets):
-        if any(part.isdigit() for part in n.split(".")):  # PEFT adapts that layer alone; pyllm's targets are every layer's
+        # (PEFT adapts that layer alone; pyllm's targets are every layer's)
+        if any(part.isdigit() for part in n.split(".")):
             raise ValueError(f"LoRA target {n!r} names one layer's module (PEFT would adapt that layer only): pyllm's "
                              "targets are projections adapted in every layer (q_proj, self_attn.q_proj, ...); give the "
                              "projection without its layer path")

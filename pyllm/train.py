@@ -1149,9 +1149,10 @@ def load_reward(cfg: TrainConfig, policy: LLM, precision: str, device: torch.dev
     token and the special tokens, TRL's skip_special_tokens; [{"role": "assistant", "content":
     text}] where the prompt is messages), completion_ids, trainer_state (TRL's TrainerState as far
     as global_step, the step sampled at, and max_steps), log_metric and log_extra (TRL's: see
-    reward_metric_means and grpo_rollout's "extra") and each of the rows' other columns as a list; without a tokenizer prompts and completions
-    are the token ids. It gives a number (or None) for each completion. module: an importable name
-    (the working directory searched too) or a file, path/to/rewards.py."""
+    reward_metric_means and grpo_rollout's "extra") and each of the rows' other columns as a list;
+    without a tokenizer prompts and completions are the token ids. It gives a number (or None) for
+    each completion. module: an importable name (the working directory searched too) or a file,
+    path/to/rewards.py."""
     rewards = []
     stops = set(cfg.sample_stop_tokens)
     for spec in cfg.grpo_reward.split(","):
@@ -2073,7 +2074,8 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
             if cfg.init_from_hf:
                 from pyllm.model import hf_folder
 
-                std = json.loads((hf_folder(cfg.init_from_hf) / "config.json").read_text()).get("initializer_range", std)
+                config = json.loads((hf_folder(cfg.init_from_hf) / "config.json").read_text())
+                std = config.get("initializer_range", std)
             model.add_score_head(1, std=float(std))
             if ckpt is None:  # its scores read where TRL's (and so transformers') are: before a trailing pad
                 pad = reward_pad_id(cfg)

@@ -276,7 +276,8 @@ def _transformers_class_pipeline(path, spm: dict) -> dict:
         return spm
     kind = config.get("tokenizer_class") if isinstance(config, dict) else None
     if kind in _GEMMA_TOKENIZER_CLASSES:
-        return {**spm, "prepend": "never", "split": False, "byte_fallback": True, "fuse_unk": True, "whole_first": False}
+        return {**spm, "prepend": "never", "split": False, "byte_fallback": True, "fuse_unk": True,
+                "whole_first": False}
     if kind not in _LLAMA_TOKENIZER_CLASSES + _CODE_LLAMA_TOKENIZER_CLASSES:
         return spm
     prefix = config.get("add_prefix_space")
@@ -419,7 +420,8 @@ def hf_special_token_id(folder, role: str) -> int | None:
     vocab = (data.get("model") or {}).get("vocab")
     ids = dict(vocab) if isinstance(vocab, dict) else {}
     ids |= {t.get("content"): t.get("id") for t in data.get("added_tokens") or ()}
-    ids |= {t.get("content"): int(i) for i, t in (config.get("added_tokens_decoder") or {}).items() if isinstance(t, dict)}
+    ids |= {t.get("content"): int(i) for i, t in (config.get("added_tokens_decoder") or {}).items()
+            if isinstance(t, dict)}
     found = ids.get(text)
     return found if isinstance(found, int) and not isinstance(found, bool) else None
 

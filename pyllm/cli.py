@@ -1804,13 +1804,13 @@ def name_the_pad_token(out: Path, pad_id: int) -> None:
     """A reward model's export: tokenizer_config.json's pad_token, where it names none, the token its
     scores are read before (TRL's RewardTrainer saves its tokenizer with pad = eos), so that
     transformers' tokenizer pads a batch for it (it had raised "no padding token")."""
-    from pyllm.tokenizer.tokenizer import hf_special_token_id, hf_special_tokens
+    from pyllm.tokenizer.tokenizer import hf_special_token_ids, hf_special_tokens
 
     tokens = hf_special_tokens(out)
     path = out / "tokenizer_config.json"
     if "pad_token" in tokens or not (out / "tokenizer.json").is_file():
         return
-    text = next((t for role, t in tokens.items() if hf_special_token_id(out, role) == pad_id), None)
+    text = next((tokens[role] for role, i in hf_special_token_ids(out).items() if i == pad_id), None)
     if text is None:
         added = json.loads((out / "tokenizer.json").read_text(encoding="utf-8")).get("added_tokens") or ()
         text = next((t.get("content") for t in added if t.get("id") == pad_id), None)

@@ -1028,12 +1028,13 @@ def reward_pad_id(cfg: TrainConfig) -> int | None:
 
     if cfg.init_from_hf:
         from pyllm.model import hf_folder
-        from pyllm.tokenizer.tokenizer import hf_special_token_id
+        from pyllm.tokenizer.tokenizer import hf_special_token_ids
 
         folder = hf_folder(cfg.init_from_hf)
+        ids = hf_special_token_ids(folder)
         for role in ("pad_token", "eos_token"):
-            if (found := hf_special_token_id(folder, role)) is not None:
-                return found
+            if role in ids:
+                return ids[role]
         eos = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("eos_token_id")
         eos = eos[0] if isinstance(eos, list) and eos else eos
         return eos if isinstance(eos, int) and not isinstance(eos, bool) else None

@@ -249,17 +249,17 @@ _CODE_LLAMA_TOKENIZER_CLASSES = ("CodeLlamaTokenizer", "CodeLlamaTokenizerFast")
 _GEMMA_TOKENIZER_CLASSES = ("GemmaTokenizer", "GemmaTokenizerFast")
 
 
-def _tokenizer_class(path) -> str | None:
-    """The tokenizer_class a tokenizer.json's folder's tokenizer_config.json names (None: none)."""
+def _tokenizer_config(path) -> dict:
+    """The tokenizer_config.json beside a tokenizer.json ({} where there is none, or it is no JSON object)."""
     try:
         with open(os.path.join(os.path.dirname(os.fspath(path)), "tokenizer_config.json"), encoding="utf-8") as f:
             config = json.load(f)
     except (OSError, ValueError):
-        return None
-    return config.get("tokenizer_class") if isinstance(config, dict) else None
+        return {}
+    return config if isinstance(config, dict) else {}
 
 
-def _transformers_class_pipeline(path, spm: dict) -> dict:
+def _transformers_class_pipeline(config: dict, spm: dict) -> dict:
     """spm as transformers 5 encodes with it: a tokenizer_config.json beside the tokenizer.json naming
     LlamaTokenizer (Llama 2's, TinyLlama's, Mistral v0.x's, Phi-3's) makes transformers build a
     Metaspace(prepend_scheme="first" unless "legacy": true ("always"), "never" for add_prefix_space
@@ -267,14 +267,8 @@ def _transformers_class_pipeline(path, spm: dict) -> dict:
     is false (the file's Prepend normalizer puts one there), as TRL 1.16's SFT / DPO data then has
     it. GemmaTokenizer: Replace(" ", "▁") ("never", no split), byte fallback and fused <unk>, whatever
     the file says (Gemma's own files say the same). Any other class (PreTrainedTokenizerFast, none):
-    the file as it is."""
-    config_path = os.path.join(os.path.dirname(os.fspath(path)), "tokenizer_config.json")
-    try:
-        with open(config_path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, ValueError):
-        return spm
-    kind = config.get("tokenizer_class") if isinstance(config, dict) else None
+    the file as it is. config: the tokenizer_config.json (_tokenizer_config)."""
+    kind = config.get("tokenizer_class")
     if kind in _GEMMA_TOKENIZER_CLASSES:
         return {**spm, "prepend": "never", "split": False, "byte_fallback": True, "fuse_unk": True,
                 "whole_first": False}
@@ -327,6 +321,23 @@ def _chat_template(folder, tools=None) -> tuple:
     return _compiled_chat_template(folder, stamps, "tool_use" if tools is not None else "default")
 
 
+def _template_text(folder, config: dict, variant: str = "default") -> str | None:
+    """The chat template's text a folder renders with, as transformers picks it: tokenizer_config.json's
+    (config; of a list of named ones, variant's, else "default"), chat_template.jinja over it, and
+    save_pretrained's additional_chat_templates/VARIANT.jinja over that for another variant."""
+    template = config.get("chat_template")
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+        named = {t["name"]: t["template"] for t in template}
+        template = named.get(variant) or named.get("default")
+    jinja_path = os.path.join(folder, "chat_template.jinja")
+    if os.path.exists(jinja_path):  # the file wins, as in transformers (a template fixed by writing one)
+        template = Path(jinja_path).read_text(encoding="utf-8")
+    named_path = os.path.join(folder, "additional_chat_templates", f"{variant}.jinja")  # (save_pretrained's)
+    if variant != "default" and os.path.exists(named_path):
+        template = Path(named_path).read_text(encoding="utf-8")
+    return template
+
+
 @functools.lru_cache(maxsize=8)
 def _compiled_chat_template(folder: str, stamps: tuple, variant: str = "default"):
     """(the compiled chat template of a Hugging Face checkpoint folder, its {% generation %} tracker,
@@ -338,16 +349,7 @@ def _compiled_chat_template(folder: str, stamps: tuple, variant: str = "default"
 
     config_path = os.path.join(folder, "tokenizer_config.json")
     config = json.loads(Path(config_path).read_text(encoding="utf-8")) if os.path.exists(config_path) else {}
-    template = config.get("chat_template")
-    if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
-        named = {t["name"]: t["template"] for t in template}
-        template = named.get(variant) or named.get("default")
-    jinja_path = os.path.join(folder, "chat_template.jinja")
-    if os.path.exists(jinja_path):  # the file wins, as in transformers (a template fixed by writing one)
-        template = Path(jinja_path).read_text(encoding="utf-8")
-    named_path = os.path.join(folder, "additional_chat_templates", f"{variant}.jinja")  # (save_pretrained's)
-    if variant != "default" and os.path.exists(named_path):
-        template = Path(named_path).read_text(encoding="utf-8")
+    template = _template_text(folder, config, variant)
     if not template:
         raise ValueError(f"{folder}: no chat template (tokenizer_config.json's chat_template or chat_template.jinja)")
 
@@ -409,21 +411,26 @@ def hf_special_tokens(folder, config: dict | None = None) -> dict[str, str]:
     return {name: value for name, value in text.items() if isinstance(value, str) and value}
 
 
-def hf_special_token_id(folder, role: str) -> int | None:
-    """The id of a Hugging Face folder's special token of a role ("eos_token", "pad_token"), as
-    transformers resolves it: its text (hf_special_tokens) among tokenizer.json's added tokens,
-    tokenizer_config.json's added_tokens_decoder, or the vocabulary; None where none names it."""
+def hf_special_token_ids(folder) -> dict[str, int]:
+    """The ids of a Hugging Face folder's special tokens by role ("eos_token", "pad_token", ...), as
+    transformers resolves them: each one's text (hf_special_tokens) among tokenizer.json's added
+    tokens, tokenizer_config.json's added_tokens_decoder, or the vocabulary; a role none of them
+    names is left out. (One read of the files: tokenizer.json is megabytes.)"""
     read = lambda name: (json.loads(Path(folder, name).read_text(encoding="utf-8"))  # noqa: E731
                          if os.path.isfile(os.path.join(os.fspath(folder), name)) else {})
     config, data = read("tokenizer_config.json"), read("tokenizer.json")
-    text = hf_special_tokens(folder, config).get(role)
     vocab = (data.get("model") or {}).get("vocab")
     ids = dict(vocab) if isinstance(vocab, dict) else {}
     ids |= {t.get("content"): t.get("id") for t in data.get("added_tokens") or ()}
     ids |= {t.get("content"): int(i) for i, t in (config.get("added_tokens_decoder") or {}).items()
             if isinstance(t, dict)}
-    found = ids.get(text)
-    return found if isinstance(found, int) and not isinstance(found, bool) else None
+    return {role: ids[text] for role, text in hf_special_tokens(folder, config).items()
+            if isinstance(ids.get(text), int) and not isinstance(ids[text], bool)}
+
+
+def hf_special_token_id(folder, role: str) -> int | None:
+    """hf_special_token_ids' id of one role, None where none is named."""
+    return hf_special_token_ids(folder).get(role)
 
 
 def hf_has_chat_template(folder) -> bool:
@@ -492,15 +499,12 @@ def _training_template_hint(folder) -> str:
         return ""
     templates = Path(next(iter(spec.submodule_search_locations))) / "chat_templates"
     try:
-        config = json.loads(Path(folder, "tokenizer_config.json").read_text(encoding="utf-8"))
-        own = config.get("chat_template")
-        if Path(folder, "chat_template.jinja").is_file():
-            own = Path(folder, "chat_template.jinja").read_text(encoding="utf-8")
+        own = (_template_text(folder, _tokenizer_config(Path(folder, "tokenizer.json"))) or "").strip()
         for path in sorted(templates.glob("*.jinja")):
             training = path.with_name(path.stem + "_training.jinja")
-            if training.is_file() and path.read_text(encoding="utf-8").strip() == (own or "").strip():
+            if training.is_file() and path.read_text(encoding="utf-8").strip() == own:
                 return f" (TRL's for this template: --chat-template {training})"
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError):
         pass
     return ""
 
@@ -1761,9 +1765,10 @@ class Tokenizer:
                 raise NotImplementedError(f"{where}: {name} {model[name]!r} is not supported")
         added = data.get("added_tokens") or []
         # transformers 5's GemmaTokenizer rebuilds its own pipeline whatever the file's normalizer and
-        # pre-tokenizer (a file without the Replace normalizer had been refused here, read there)
-        spm = ({"prepend": "never", "split": False} if _tokenizer_class(path) in _GEMMA_TOKENIZER_CLASSES
-               else _hf_sentencepiece(data, where))
+        # pre-tokenizer (a file without the Replace normalizer had been refused here, read there): the
+        # class's settings, all of them _transformers_class_pipeline's
+        config = _tokenizer_config(path)
+        spm = {} if config.get("tokenizer_class") in _GEMMA_TOKENIZER_CLASSES else _hf_sentencepiece(data, where)
         for t in added:
             if t.get("single_word") or ((t.get("lstrip") or t.get("rstrip")) and spm is None):
                 raise NotImplementedError(f"{where}: added token {t['content']!r} "
@@ -1778,7 +1783,7 @@ class Tokenizer:
         matched = [t["content"] for t in added if not t.get("special", False)]
         name = os.path.splitext(os.path.basename(os.fspath(path)))[0]
         if spm is not None:
-            spm = _transformers_class_pipeline(path, spm)
+            spm = _transformers_class_pipeline(config, spm)
             return cls._from_hf_sentencepiece(data, spm, specials, merge_pairs, where, name, matched)
         normalizer = data.get("normalizer") or {}
         steps = _flat_normalizers(normalizer)  # DeepSeek-V3's empty Sequence: none; Sequence([NFC]): NFC

@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -1164,7 +1165,8 @@ def load_reward(cfg: TrainConfig, policy: LLM, precision: str, device: torch.dev
                 raise ValueError(f"grpo_reward {spec}: {module} has no function {name}")
             rewards.append(_reward_function(function, spec, tokenizer, stops, cfg.max_steps))
         else:
-            rewards.append(_reward_model(spec, policy, precision, device, _reply_framing(cfg, tokenizer), stops))
+            rewards.append(_reward_model(spec, policy, precision, device, *_reward_rendering(cfg, tokenizer), stops,
+                                         tokenizer))
     return rewards
 
 
@@ -1245,35 +1247,50 @@ def reward_metric_means(reward_fns: list, info: DistInfo) -> dict:
     return {n: total / count if count else None for n, (total, count) in zip(names, sums.tolist())}
 
 
-def _reply_framing(cfg: TrainConfig, tokenizer) -> tuple[list[int], list[int]]:
-    """hf_reply_framing of the run's Hugging Face source's chat template (--init-from-hf, or the one
-    an --init-from-run run was fine-tuned from: run.json's); ([], []) without one."""
+def _reward_rendering(cfg: TrainConfig, tokenizer) -> tuple[tuple[list[int], list[int]], Callable | None]:
+    """How a reward model sees a sample of a chat prompt, from the run's Hugging Face source's chat
+    template (--init-from-hf, or the one an --init-from-run run was fine-tuned from: run.json's):
+    (hf_reply_framing, None) where the template puts a reply right after its generation prompt;
+    where it puts more between them (Qwen3's empty think block, Phi-3.5's), (([], []), render):
+    render(prompt messages, reply text, template variables) -> the ids of the conversation with the
+    reply as its last assistant message, rendered as TRL's GRPOTrainer renders it for its reward
+    model (apply_chat_template of prompt + completion, encoded again). (([], []), None) without a
+    chat template or a tokenizer."""
     run = Path(cfg.out_dir) / "run.json"
     source = cfg.init_from_hf or (json.loads(run.read_text()).get("init_from_hf") if run.is_file() else None)
     if not source or tokenizer is None:
-        return [], []
+        return ([], []), None
     from pyllm.model import hf_folder
-    from pyllm.tokenizer.tokenizer import hf_has_chat_template, hf_reply_framing
+    from pyllm.tokenizer.tokenizer import hf_chat_prompt, hf_has_chat_template, hf_reply_framing
 
     folder = hf_folder(source)
     if not hf_has_chat_template(folder):
-        return [], []
+        return ([], []), None
     framing = hf_reply_framing(folder, tokenizer)
-    if framing == ([], []):  # (Qwen3's empty think block between the generation prompt and a reply, Phi-3.5's eos)
-        print(f"pyllm: {source}'s chat template puts a reply otherwise than right after its generation prompt: a "
-              "reward model scores GRPO's samples as sampled, not re-rendered as TRL's GRPOTrainer renders them",
-              file=sys.stderr)
-    return framing
+    if framing != ([], []):
+        return framing, None
+
+    def render(prompt: list[dict], reply: str, template_kwargs: dict | None) -> list[int]:
+        # (no tools, as TRL's: its reward model's conversation is {"messages": prompt + completion})
+        text = hf_chat_prompt(folder, [*prompt, {"role": "assistant", "content": reply}], add_generation_prompt=False,
+                              **(template_kwargs or {}))
+        return tokenizer.encode(text, allowed_special="all")
+
+    return framing, render
 
 
 def _reward_model(spec: str, policy: LLM, precision: str, device: torch.device,
-                  framing: tuple[list[int], list[int]] = ([], []), stops: set = frozenset()):
+                  framing: tuple[list[int], list[int]] = ([], []), render: Callable | None = None,
+                  stops: set = frozenset(), tokenizer=None):
     """A reward model's scores of the samples at each one's last token that is not its pad (as it
     was trained). framing: (the chat template's generation prompt, what it puts after a reply)
     (hf_reply_framing): a sample of a prompt ending in the first is scored, as TRL's GRPOTrainer
     renders it, with the reply's end as the template writes it (its stop token, if any of stops,
     replaced): a reward model trained on conversations had been read at ChatML's <|im_end|> where
-    it was trained at the "\n" after it (-3.02 there, +2.11 at <|im_end|>)."""
+    it was trained at the "\n" after it (-3.02 there, +2.11 at <|im_end|>). render (_reward_rendering's,
+    for templates framing cannot describe): samples of rows whose prompt is messages are decoded
+    (tokenizer's, as the reward functions' completions) and the conversation rendered again, as
+    TRL does (Qwen3's template: the reply after an empty think block where one was not sampled)."""
     rm = load_frozen(spec, precision, device)
     if rm.score is None or rm.config.num_labels != 1:
         raise ValueError(f"grpo_reward {spec}: not a reward model (a score head of one label: train one with "
@@ -1283,11 +1300,17 @@ def _reward_model(spec: str, policy: LLM, precision: str, device: torch.device,
                          f"{policy.config.vocab_size}: it scores the policy's token ids (the same tokenizer)")
 
     opening, closing = framing
+    skipped = set(tokenizer.special_ids()) if render is not None else set()  # (TRL's skip_special_tokens)
 
     @torch.no_grad()
     def score(prompt_ids, completion_ids, packed, rows, step=None):
         x, _, cu, at = packed
-        if opening and closing and any(p[-len(opening):] == opening for p in prompt_ids):
+        if render is not None and rows and all(row is not None and isinstance(row.get("prompt"), list) for row in rows):
+            conversations = [render(row["prompt"], tokenizer.decode([t for t in _without_stop(c, stops) if t not in skipped]),
+                                    row.get("chat_template_kwargs")) for row, c in zip(rows, completion_ids)]
+            T = max(x.shape[1], min(max(map(len, conversations)), rm.config.block_size))
+            x, _, cu, at = pack_replies(conversations, [[] for _ in conversations], T, x.device)
+        elif opening and closing and any(p[-len(opening):] == opening for p in prompt_ids):
             replies = [(c[:-1] if c and c[-1] in stops else c) + closing if p[-len(opening):] == opening else c
                        for p, c in zip(prompt_ids, completion_ids)]
             T = max(x.shape[1], min(x.shape[1] + len(closing), rm.config.block_size))

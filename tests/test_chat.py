@@ -803,6 +803,64 @@ def test_grpo_reward_model_reads_a_reply_framed_as_the_template_frames_it(chat_r
     np.testing.assert_allclose(got.tolist(), want, rtol=1e-5)
 
 
+
+def test_grpo_reward_model_reads_a_sample_rendered_again_where_framing_fails(tmp_path):
+    # Qwen3's template puts an empty think block between its generation prompt and a reply where none
+    # was given, so no prompt + reply + ending describes how a reward model trained on its
+    # conversations saw a reply: the sample is decoded and the conversation rendered again, as TRL's
+    # GRPOTrainer does for its reward model (apply_chat_template of prompt + completion, its text
+    # tokenized again); samples had been scored as sampled, a think block the model had not seen.
+    trl = pytest.importorskip("trl")
+    from pathlib import Path
+
+    from trl.data_utils import apply_chat_template
+
+    from pyllm import train as trainer
+    from pyllm.model import LLM
+    from pyllm.tokenizer.tokenizer import hf_reply_framing
+    from pyllm.train import TrainConfig
+
+    template = Path(trl.__file__).parent / "chat_templates" / "qwen3.jinja"
+    if not template.is_file():
+        pytest.skip("this TRL ships no qwen3.jinja")
+    folder = make_folder(tmp_path / "hf", template.read_text(), model=True)
+    tokenizer = Tokenizer.from_hf(folder / "tokenizer.json")
+    end = tokenizer.special_tokens["<|im_end|>"]
+    assert hf_reply_framing(folder, tokenizer) == ([], [])
+    torch.manual_seed(0)
+    rm = LLM.from_hf(folder)
+    rm.add_score_head()
+    rm.config.pad_token_id = tokenizer.special_tokens["<|endoftext|>"]
+    rm.to_hf(tmp_path / "rm")
+    rm.eval()
+    user = [{"role": "user", "content": "what is 2 plus 3?"}]
+    rows = [{"prompt": user}, {"prompt": user}, {"prompt": user, "chat_template_kwargs": {"enable_thinking": False}},
+            {"prompt": "what is 2 plus 3?"}]
+    prompt = tokenizer.encode(hf_chat_prompt(folder, user), allowed_special="all")
+    text_prompt = tokenizer.encode("what is 2 plus 3?")
+    prompts = [prompt, prompt, prompt, text_prompt]
+    samples = [tokenizer.encode("<think>\ntwo and three\n</think>\n\n5") + [end], tokenizer.encode("5"),
+               tokenizer.encode("5") + [end, tokenizer.special_tokens["<|endoftext|>"]], tokenizer.encode("5") + [end]]
+    cfg = TrainConfig(grpo_reward=str(tmp_path / "rm"), init_from_hf=str(folder), sample_stop_tokens=[end])
+    (reward,) = trainer.load_reward(cfg, rm, "fp32", torch.device("cpu"), tokenizer)
+    packed = trainer.pack_replies(prompts, samples, 96, "cpu")
+    got = reward(prompts[:3], samples[:3], trainer.pack_replies(prompts[:3], samples[:3], 96, "cpu"), rows[:3])
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    texts = hf_tokenizer.batch_decode([s[:-1] if s[-1] == end else s for s in samples[:3]], skip_special_tokens=True)
+    trl_ids = [hf_tokenizer(apply_chat_template({"messages": row["prompt"] + [{"role": "assistant", "content": text}]},
+                                                hf_tokenizer, **row.get("chat_template_kwargs", {}))["text"],
+                            add_special_tokens=False)["input_ids"] for row, text in zip(rows, texts)]
+    assert tokenizer.decode(trl_ids[0]).count("<think>") == 1 and "<think>\n\n</think>" in tokenizer.decode(trl_ids[1])
+    with torch.no_grad():
+        want = [rm(torch.tensor([ids]), scores=True)[1][0, 0].item() for ids in trl_ids]
+        sampled = [rm(torch.tensor([p + s]), scores=True)[1][0, 0].item() for p, s in zip(prompts, samples)]
+    np.testing.assert_allclose(got.tolist(), want, rtol=1e-5)
+    assert abs(got[1].item() - sampled[1]) > 1e-3  # (the empty think block: another sequence than as sampled)
+    # rows of text prompts (and no rows at all) are scored as sampled
+    np.testing.assert_allclose(reward(prompts, samples, packed, None).tolist(), sampled, rtol=1e-5)
+    np.testing.assert_allclose(reward(prompts[3:], samples[3:], trainer.pack_replies(prompts[3:], samples[3:], 96, "cpu"),
+                                      rows[3:]).tolist(), sampled[3:], rtol=1e-5)
+
 def test_grpo_from_a_hugging_face_model(chat_run_inputs, tmp_path):
     # `pyllm train --grpo-reward module:function`: samples ending at the checkpoint's end-of-sequence
     # ids and its tokenizer's eos_token (TRL's GRPOTrainer's), rewarded by the function; the log has the rewards.

@@ -1306,8 +1306,9 @@ def _reward_model(spec: str, policy: LLM, precision: str, device: torch.device,
     def score(prompt_ids, completion_ids, packed, rows, step=None):
         x, _, cu, at = packed
         if render is not None and rows and all(row is not None and isinstance(row.get("prompt"), list) for row in rows):
-            conversations = [render(row["prompt"], tokenizer.decode([t for t in _without_stop(c, stops) if t not in skipped]),
-                                    row.get("chat_template_kwargs")) for row, c in zip(rows, completion_ids)]
+            texts = [tokenizer.decode([t for t in _without_stop(c, stops) if t not in skipped]) for c in completion_ids]
+            conversations = [render(row["prompt"], text, row.get("chat_template_kwargs"))
+                             for row, text in zip(rows, texts)]
             T = max(x.shape[1], min(max(map(len, conversations)), rm.config.block_size))
             x, _, cu, at = pack_replies(conversations, [[] for _ in conversations], T, x.device)
         elif opening and closing and any(p[-len(opening):] == opening for p in prompt_ids):

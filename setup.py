@@ -25,8 +25,21 @@ from setuptools.command.build_ext import build_ext
 ROOT = Path(__file__).resolve().parent
 
 
+def flag(name: str, default: bool) -> bool:
+    """A build switch in the spellings PYLLM_CUDA takes (1 / 0, on / off, true / false, yes / no, any
+    case); anything else stops the build ("PYLLM_NATIVE=off" had built -march=native kernels)."""
+    value = os.environ.get(name, "").strip().lower()
+    if value == "":
+        return default
+    if value in ("1", "on", "true", "yes"):
+        return True
+    if value in ("0", "off", "false", "no"):
+        return False
+    sys.exit(f"pyllm: {name}={os.environ[name]!r}: use 1 / 0 (or on / off, true / false, yes / no)")
+
+
 def dispatch() -> bool:
-    return os.environ.get("PYLLM_CPU_DISPATCH", "0").lower() not in ("", "0", "off", "false", "no")
+    return flag("PYLLM_CPU_DISPATCH", False)
 
 
 def march() -> str:
@@ -34,7 +47,7 @@ def march() -> str:
     dispatch build's base level."""
     if os.environ.get("PYLLM_MARCH"):
         return os.environ["PYLLM_MARCH"]
-    return "native" if os.environ.get("PYLLM_NATIVE", "1") != "0" and not dispatch() else ""
+    return "native" if flag("PYLLM_NATIVE", True) and not dispatch() else ""
 
 
 class CMakeExtension(Extension):
@@ -61,7 +74,7 @@ class CMakeBuild(build_ext):
             f"-DPYLLM_CUDA_ARCHS={os.environ.get('PYLLM_CUDA_ARCHS', '80;90')}",
             f"-DPYLLM_MARCH={march()}",
             f"-DPYLLM_CPU_DISPATCH={'ON' if dispatch() else 'OFF'}",
-            f"-DPYLLM_OPENMP={'OFF' if os.environ.get('PYLLM_OPENMP', '1') == '0' else 'ON'}",
+            f"-DPYLLM_OPENMP={'ON' if flag('PYLLM_OPENMP', True) else 'OFF'}",
         ]
         jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
         # A failed step ends in one line that says where its error is (a CalledProcessError's

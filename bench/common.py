@@ -253,6 +253,8 @@ def write_json(path: Path | None, bench: str, device: str, rows: list[dict], ext
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
         "commit": START_COMMIT,
         "dirty": START_COMMIT.endswith("-dirty"),
+        # the pyllm measured: an unbuilt checkout's bench runs the installed one, not the commit above
+        "pyllm": measured_pyllm(),
         "torch": torch.__version__,
         **cpu_isa(),
         "versions": peer_versions(),
@@ -263,6 +265,13 @@ def write_json(path: Path | None, bench: str, device: str, rows: list[dict], ext
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=1))
+
+
+def measured_pyllm() -> str:
+    """'checkout' when this checkout's pyllm runs, else the installed one's version and folder."""
+    import pyllm
+    where = Path(pyllm.__file__).resolve().parent
+    return "checkout" if where.parent == Path(_CHECKOUT) else f"installed {pyllm.__version__} at {where}"
 
 
 def cpu_isa() -> dict:

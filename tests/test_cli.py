@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import pyllm
 from pyllm import cli
 
 
@@ -1249,7 +1250,7 @@ def test_torchrun_two_cpu_processes_end_to_end(tmp_path):
     for i in range(60):
         (corpus / f"m{i:02d}.py").write_text(f"def f{i}(x):\n    return x + {i}\n" * 20)
     run = tmp_path / "run"
-    root = Path(__file__).resolve().parent.parent
+    root = Path(pyllm.__file__).resolve().parent.parent  # the pyllm under test (an sdist's pyllm/ is unbuilt)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "pyllm", "train"]
     small = ["--model", "n_layers=1", "--model", "dim=64", "--model", "n_heads=2", "--model", "block_size=32",
@@ -1317,7 +1318,7 @@ def test_what_stops_rank_0_ends_every_rank(tmp_path, kind):
     if kind != "no text":
         for i in range(20):
             (corpus / f"m{i:02d}.py").write_text(f"def f{i}(x):\n    return x + {i}\n" * 20)
-    root = Path(__file__).resolve().parent.parent
+    root = Path(pyllm.__file__).resolve().parent.parent  # the pyllm under test (an sdist's pyllm/ is unbuilt)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
     args = ["--data", str(corpus), "--out", str(run), "--vocab-size", "270", "--max-steps", "1", *SMALL[:-2],
             "--sample-tokens", "0"]
@@ -1361,7 +1362,7 @@ def test_nodes_without_a_shared_folder_end_every_rank(tmp_path, kind):
     corpus.mkdir()
     for i in range(20):
         (corpus / f"m{i:02d}.py").write_text(f"def f{i}(x):\n    return x + {i}\n" * 20)
-    root = Path(__file__).resolve().parent.parent
+    root = Path(pyllm.__file__).resolve().parent.parent  # the pyllm under test (an sdist's pyllm/ is unbuilt)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
     folders = [tmp_path / "node0", tmp_path / "node1"]
     args = ["--data", str(corpus), "--vocab-size", "270", "--max-steps", "2", *SMALL[:-2], "--sample-tokens", "0"]

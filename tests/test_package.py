@@ -1,5 +1,6 @@
 """The package itself: import, the extension's build flags, `python -m pyllm info`."""
 import inspect
+import json
 import shutil
 import subprocess
 import sys
@@ -491,3 +492,68 @@ def test_a_gpu_older_than_the_kernels_is_named_and_left_to_torch(monkeypatch):
     monkeypatch.setattr(_util, "HAS_CUDA_KERNELS", False)
     monkeypatch.setattr(_util, "_runs_on", {})
     assert not _util.cuda_kernels_run_on(gpu[2]) and not ptrain.has_kernels_for(torch.device("cuda", 2))
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _setup_functions(monkeypatch):
+    """setup.py's functions, without running its setup()."""
+    import runpy
+
+    import setuptools
+
+    monkeypatch.setattr(setuptools, "setup", lambda **kw: None)
+    return runpy.run_path(str(ROOT / "setup.py"), run_name="not_main")
+
+
+@pytest.mark.parametrize("value", ["0", "off", "OFF", "false", "no"])
+def test_build_switches_take_the_spellings_pyllm_cuda_takes(monkeypatch, value):
+    # PYLLM_NATIVE=off had built -march=native kernels (a "portable" wheel that other CPUs refuse to
+    # import) and PYLLM_OPENMP=false had kept OpenMP: only "0" was read as off (from the install audit)
+    for var in ("PYLLM_MARCH", "PYLLM_CPU_DISPATCH", "PYLLM_OPENMP"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("PYLLM_NATIVE", value)
+    setup = _setup_functions(monkeypatch)
+    assert setup["march"]() == ""
+    monkeypatch.setenv("PYLLM_OPENMP", value)
+    assert setup["flag"]("PYLLM_OPENMP", True) is False
+    monkeypatch.setenv("PYLLM_CPU_DISPATCH", value.replace("0", "1").replace("off", "on").replace("OFF", "ON")
+                       .replace("false", "true").replace("no", "yes"))
+    assert setup["dispatch"]() is True
+    monkeypatch.setenv("PYLLM_NATIVE", "maybe")
+    with pytest.raises(SystemExit, match="PYLLM_NATIVE='maybe'"):
+        setup["march"]()
+
+
+@pytest.mark.skipif(not (ROOT / ".git").exists() or not (ROOT / "setup.py").is_file(), reason="needs a source checkout")
+def test_sdist_holds_the_build_and_what_the_docs_link(tmp_path):
+    # the docs link bench/results/ (tests/test_readme.py checks the links resolve), which the sdist
+    # had left out: its tests failed there (from the install audit)
+    import tarfile
+
+    subprocess.run([sys.executable, "setup.py", "-q", "egg_info", "-e", str(tmp_path), "sdist", "-d", str(tmp_path)],
+                   cwd=ROOT, check=True, capture_output=True)
+    (sdist,) = tmp_path.glob("*.tar.gz")
+    names = {n.split("/", 1)[1] for n in tarfile.open(sdist).getnames() if "/" in n}
+    assert any(n.startswith("bench/results/") for n in names)
+    assert {"CMakeLists.txt", "pyproject.toml", "README.md", "pyllm/py.typed", "csrc/bind.cpp",
+            "tools/gen_unicode_tables.py", "tests/conftest.py", "bench/common.py"} <= names
+    assert not any(n.startswith((".ci/", "build/")) or n.endswith(".so") for n in names)
+
+
+def test_bench_results_name_the_pyllm_they_measured(tmp_path):
+    # an unbuilt clone's benchmarks run the installed pyllm, and had been labelled with the clone's commit alone
+    bench = ROOT / "bench"
+    if not (bench / "common.py").is_file():
+        pytest.skip("needs the source's bench/")
+    sys.path.insert(0, str(bench))
+    try:
+        import common
+    finally:
+        sys.path.remove(str(bench))
+    out = tmp_path / "r.json"
+    common.write_json(out, "probe", "cpu", [])
+    measured = json.loads(out.read_text())["pyllm"]
+    where = Path(pyllm.__file__).resolve().parent
+    assert measured == ("checkout" if where.parent == ROOT else f"installed {pyllm.__version__} at {where}")

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+import pyllm
 from pyllm import data
 from pyllm import train as trainer
 from pyllm.model import LLM, ModelConfig
@@ -701,10 +702,15 @@ end_process(0)
 """
 
 
+# the folder holding the pyllm under test: subprocesses started there import it (an sdist's own
+# pyllm/ folder is unbuilt: its tests run against the installed one)
+PYLLM_ROOT = Path(pyllm.__file__).resolve().parent.parent
+
+
 def run_two_processes(args: dict, timeout: float = 150) -> None:
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2",
            "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "-c", DIST_WORKER, json.dumps(args)], cwd=Path(__file__).parent.parent,
+    procs = [subprocess.Popen([sys.executable, "-c", DIST_WORKER, json.dumps(args)], cwd=PYLLM_ROOT,
                               env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(2)]
     try:
         assert [p.wait(timeout=timeout) for p in procs] == [0, 0]
@@ -734,7 +740,7 @@ end_process(int(sys.argv[1]))
 @pytest.mark.parametrize("code", [0, 3])
 def test_end_process_destroys_the_group_runs_atexit_flushes_and_skips_finalization(code):
     out = subprocess.run([sys.executable, "-c", END_PROCESS_PROBE, str(code)], capture_output=True, text=True,
-                         timeout=120, cwd=Path(__file__).parent.parent)
+                         timeout=120, cwd=PYLLM_ROOT)
     # atexit's handlers ran, stdout was flushed after them, and the interpreter's finalization (which
     # would collect `kept`) did not run
     # (torch 2.9's gloo prints "[Gloo] Rank 0 is connected to 0 peer ranks..." to stdout at init)

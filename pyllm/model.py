@@ -1082,9 +1082,15 @@ class LLM(nn.Module):
     @classmethod
     def load(cls, path, device="cpu") -> "LLM":
         """The model LLM.save wrote, in eval mode (dropout off, as transformers' from_pretrained
-        returns its models: model.train() before training it; the trainer does)."""
+        returns its models: model.train() before training it; the trainer does). path: the file,
+        or a run's folder (its model.safetensors)."""
         from safetensors.torch import load_file
 
+        if Path(path).is_dir():  # (a run's folder, as from_pretrained takes a checkpoint's)
+            if not (Path(path) / "model.safetensors").is_file():
+                raise ValueError(f"{path}: a folder without model.safetensors (LLM.load reads a run's weights; a "
+                                 "Hugging Face checkpoint folder: LLM.from_hf)")
+            path = Path(path) / "model.safetensors"
         try:
             from safetensors import safe_open
 

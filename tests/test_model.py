@@ -1195,6 +1195,13 @@ def test_save_load_roundtrip(tmp_path, name):
     (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 5)
     with pytest.raises(ValueError, match="safetensors"):
         LLM.load(tmp_path / "bad.safetensors")
+    # a run's folder, as from_pretrained takes a checkpoint's (it had said "not a readable
+    # safetensors file (No such device (os error 19))"; from the install audit)
+    (tmp_path / "run").mkdir()
+    with pytest.raises(ValueError, match="a folder without model.safetensors"):
+        LLM.load(tmp_path / "run")
+    model.save(tmp_path / "run" / "model.safetensors")
+    assert torch.equal(model(idx)[0], LLM.load(tmp_path / "run")(idx)[0])
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2", "gqa-untied", "moe", "moe-shared"])

@@ -755,6 +755,7 @@ def read_conversations(path) -> list[dict]:
                              f"{line.strip()[:80]!r}")
         if "messages" in example:
             example.update(_template_args(row, f"{path}:{number}"))
+            example["where"] = f"{path}:{number}"  # (named where its chat template fails on it)
         columns = {k: v for k, v in row.items() if k not in ("messages", "prompt", "completion")}
         examples.append({**example, "columns": columns} if columns else example)
     return examples
@@ -993,7 +994,16 @@ def _write_units(units: Sequence[tuple], in_val: Sequence[bool], tokenizer, fold
     silent = 0
     for i, (unit, val) in enumerate(zip(tqdm(units, desc=f"tokenizing {what.replace('(s)', 's')}",
                                              disable=not show_progress), in_val)):
-        sides = [example_tokens(example, tokenizer, folder, doc_start, doc_end) for example in unit]
+        try:
+            sides = [example_tokens(example, tokenizer, folder, doc_start, doc_end) for example in unit]
+        except Exception as e:  # a template's raise_exception, an undefined field: name the line it failed on
+            import jinja2
+
+            where = next((example["where"] for example in unit if "where" in example), None)
+            if where is None or not isinstance(e, (ValueError, TypeError, jinja2.TemplateError)):
+                raise
+            kind = "" if isinstance(e, ValueError) else f"the chat template failed ({type(e).__name__}): "
+            raise ValueError(f"{where}: {kind}{e}") from e
         if not all(any(mask) for _, mask in sides):
             silent += 1
             continue

@@ -765,6 +765,49 @@ def test_chat_template_given_renders_the_training_conversations(tmp_path, capsys
     assert "--data holds none" in capsys.readouterr().err
 
 
+
+def test_token_files_are_made_again_when_a_template_they_were_rendered_with_changes(tmp_path, capsys):
+    # save_pretrained's additional_chat_templates/tool_use.jinja renders the rows with tools, and
+    # special_tokens_map.json gives older folders' bos / eos: an edit of either had reused the token
+    # files made with the old text ("data: reusing"; from the tool-calling audit)
+    folder = make_folder(tmp_path / "hf", PLAIN, model=True)
+    (folder / "additional_chat_templates").mkdir()
+    tool_use = folder / "additional_chat_templates" / "tool_use.jinja"
+    tool_use.write_text("{{ 'TOOLS ' + (tools | tojson) + '\\n' }}" + PLAIN)
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {}}}}]
+    rows = tmp_path / "tools.jsonl"
+    rows.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"what is {i} plus 1?"},
+                                                     {"role": "assistant", "content": f"{i + 1}"}], "tools": tools}) + "\n"
+                            for i in range(20)))
+    args = train_args(folder, rows, tmp_path / "run", "--max-steps", "1", "--batch-size", "2", "--seq-len", "96")
+    assert cli.main(args) == 0
+    assert cli.main(args) == 0 and "data: reusing" in capsys.readouterr().out
+    tool_use.write_text("{{ 'OTHER ' + (tools | tojson) + '\\n' }}" + PLAIN)
+    assert cli.main(args) == 0 and "data: reusing" not in capsys.readouterr().out
+    ids = data.open_tokens(tmp_path / "run" / "data" / "train.bin")
+    assert Tokenizer.from_hf(folder / "tokenizer.json").decode(list(ids[:40])).startswith("OTHER ")
+    (folder / "special_tokens_map.json").write_text(json.dumps({"bos_token": "<|endoftext|>"}))
+    assert cli.main(args) == 0 and "data: reusing" not in capsys.readouterr().out
+
+
+def test_a_row_its_chat_template_fails_on_is_named(tmp_path):
+    # a template's raise_exception (Mistral's roles must alternate) or an undefined field had been
+    # reported without the line (a jinja2 UndefinedError escaped as a traceback; from the
+    # tool-calling audit)
+    folder = make_folder(tmp_path / "hf", "{% for m in messages %}{% if loop.index0 % 2 != (m.role == 'assistant') %}"
+                         "{{ raise_exception('roles must alternate') }}{% endif %}{{ m.role }}: {{ m.content }}"
+                         "{% if m.role == 'assistant' %}{{ m.tool_calls[0].function.name }}{% endif %}\n{% endfor %}")
+    tokenizer = Tokenizer.from_hf(folder / "tokenizer.json")
+    good = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo", "tool_calls": [
+        {"type": "function", "function": {"name": "f", "arguments": {}}}]}]
+    path = tmp_path / "c.jsonl"
+    path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in (good, [good[0], good[0], good[1]])))
+    with pytest.raises(ValueError, match=r"c.jsonl:2: .*roles must alternate"):
+        data.prepare_chat([path], tokenizer, folder, tmp_path / "out", show_progress=False)
+    path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in (good, good, [good[0], {**good[1], "tool_calls": None}])))
+    with pytest.raises(ValueError, match=r"c.jsonl:3: the chat template failed \(UndefinedError\)"):
+        data.prepare_chat([path], tokenizer, folder, tmp_path / "out", show_progress=False)
+
 def test_grpo_reward_model_reads_a_reply_framed_as_the_template_frames_it(chat_run_inputs, tmp_path):
     # A reward model trained on conversations saw each reply end as the chat template ends it (ChatML:
     # "<|im_end|>\n", read at the "\n", its pad <|endoftext|>); GRPO's samples stop at <|im_end|> (or
@@ -1287,3 +1330,44 @@ def test_a_template_that_moves_the_system_message_finds_each_reply_in_place(tmp_
         want = transformers.AutoTokenizer.from_pretrained(twin).apply_chat_template(
             talk, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
         assert hf_chat_tokens(plain, ours, talk) == (list(want["input_ids"]), list(want["assistant_masks"]))
+
+
+# a template that moves the system message as Mistral's does, with a generation prompt ending in a space
+MOVING_SYSTEM = (
+    "{%- set ns = namespace(last=-1) %}{%- for m in messages %}{%- if m.role == 'user' %}{%- set ns.last = loop.index0 %}"
+    "{%- endif %}{%- endfor %}{%- for m in messages %}{%- if m.role == 'user' %}User: "
+    "{%- if loop.index0 == ns.last and messages[0].role == 'system' %}{{ ' ' + messages[0].content }}{%- endif %}"
+    "{{ ' ' + m.content + '\\n' }}{%- elif m.role == 'assistant' %}Assistant: {{ m.content + eos_token + '\\n' }}"
+    "{%- endif %}{%- endfor %}{%- if add_generation_prompt %}Assistant: {% endif %}")
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "sentencepiece"])
+@pytest.mark.parametrize("reply", ["21 is the answer.", "Twenty-one.", "\u300c21\u300d"])
+def test_a_reply_found_in_place_has_the_space_before_it_its_template_gives_it(tmp_path, kind, reply):
+    # Mistral v0.3 writes " " + the reply: found in place (a system message given), its span began
+    # at the reply's text, and a SentencePiece "\u2581" alone before a digit went untrained, where
+    # rendering prefixes, TRL's completion mask and a {% generation %} block train it (from the
+    # tool-calling audit); a space a generation prompt ends in ("Assistant: ") stays the prompt's
+    transformers = pytest.importorskip("transformers")
+    talk = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "What is 20 plus 1?"},
+            {"role": "assistant", "content": reply}, {"role": "user", "content": "Sure?"},
+            {"role": "assistant", "content": reply}]
+    for name, template, marked in [
+            ("mistral", MISTRAL_V3, MISTRAL_V3.replace(
+                "{{- ' ' + message['content']|trim + eos_token }}",
+                "{% generation %}{{- ' ' + message['content']|trim + eos_token }}{% endgeneration %}")),
+            ("moving", MOVING_SYSTEM, MOVING_SYSTEM.replace(
+                "{{ m.content + eos_token + '\\n' }}",
+                "{% generation %}{{ m.content + eos_token + '\\n' }}{% endgeneration %}"))]:
+        plain = make_folder(tmp_path / f"{name}-plain", template, kind)
+        twin = make_folder(tmp_path / f"{name}-marked", marked, kind)
+        want = transformers.AutoTokenizer.from_pretrained(twin).apply_chat_template(
+            talk, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        got = hf_chat_tokens(plain, Tokenizer.from_hf(plain / "tokenizer.json"), talk)
+        assert got == (list(want["input_ids"]), list(want["assistant_masks"])), name
+    # a tool call (no text to find in place) under Mistral's moving system message: refused, saying
+    # so and how to go on (it had blamed templates that drop earlier reasoning)
+    call = {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "add",
+                                                                                                 "arguments": {}}}]}
+    with pytest.raises(ValueError, match=r"assistant message 2 is a tool call.*--chat-template FILE"):
+        hf_chat_spans(tmp_path / "mistral-plain", [*talk[:2], call, *talk[3:]])

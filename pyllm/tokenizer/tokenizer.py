@@ -595,6 +595,19 @@ def hf_chat_spans(folder, messages: list[dict], train_from: int = 0, tools: list
         end = len(text) - tail
         if text[start:end] not in (content, content.strip()):
             return None
+        # the spaces the template writes right before the reply (Mistral's "[/INST]" + " " + content) are
+        # the reply's, as rendering prefixes and a {% generation %} block count them (a SentencePiece "▁"
+        # alone before a reply that starts with a digit had been left untrained), but for those its
+        # generation prompt ends in, the prompt's
+        spaces = len(text[:start]) - len(text[:start].rstrip(" \t"))
+        try:
+            prompt, bare = render(messages[:i], add_generation_prompt=True), render(messages[:i])
+            generation = prompt[len(bare):] if prompt.startswith(bare) else ""
+        except Exception:  # (a template that refuses the turns before alone: Mistral's roles must alternate)
+            generation = ""
+        if generation and text[:start].endswith(generation):
+            spaces -= min(spaces, len(generation) - len(generation.rstrip(" \t")))
+        start -= spaces
         # what the template writes after a reply that ends the conversation: its end of turn
         turn_end = alone[alone.index(sentinel) + len(sentinel):] if alone.count(sentinel) == 1 else None
         for ending in ([turn_end, turn_end[:-len(eos)]] if turn_end and eos and turn_end.endswith(eos) else [turn_end]):
@@ -624,6 +637,16 @@ def hf_chat_spans(folder, messages: list[dict], train_from: int = 0, tools: list
             spans.append(span)
             continue
         if not (through.startswith(before) and text.startswith(through)):
+            content = message.get("content")
+            if message.get("tool_calls") and not (isinstance(content, str) and content.strip()):
+                raise ValueError(
+                    f"{folder}: assistant message {i} is a tool call, and the chat template renders the conversation "
+                    "before it differently on its own than inside the whole conversation (Mistral's templates put "
+                    "the system message and the tool list with the last user message only), so its tokens cannot "
+                    "be found by rendering prefixes, and a tool call has no text of its own to find in place; a "
+                    "template with {% generation %} ... {% endgeneration %} around each assistant reply marks it "
+                    "instead: `pyllm train --chat-template FILE` renders the conversations with one"
+                    + _training_template_hint(folder))
             raise ValueError(f"{folder}: the chat template renders the conversation before assistant message {i} "
                              "differently on its own than inside the whole conversation (it rewrites earlier turns, "
                              "as templates dropping earlier reasoning do, the reply itself among them; or its "

@@ -2062,6 +2062,26 @@ def run_lock(out: Path, is_main: bool = True, info: DistInfo | None = None):
             f.close()  # (closing the last descriptor drops the lock)
 
 
+def global_batch_notice(ckpt: dict, cfg: TrainConfig, world_size: int) -> str | None:
+    """What a resume on another number of processes, batch size or accumulation does to the global
+    batch (processes x --batch-size x --grad-accum sequences a step), where it changes it: the
+    batch size is each process's, and a run resumed on 2 processes of 3's --batch-size went on
+    with two thirds of its batch without a word (from the 3-process audit). None where it is kept
+    or the checkpoint does not say its number of processes (before format 3)."""
+    ranks, saved = len(ckpt.get("rng_ranks") or ()), ckpt.get("train_config") or {}
+    if not ranks or "batch_size" not in saved:
+        return None
+    was = ranks * saved["batch_size"] * saved.get("grad_accum", 1)
+    now = world_size * cfg.batch_size * cfg.grad_accum
+    if was == now:
+        return None
+    keep = was // (world_size * cfg.grad_accum) if was % (world_size * cfg.grad_accum) == 0 else None
+    return (f"the run goes on with {now} sequences a step ({world_size} process(es) x --batch-size {cfg.batch_size} "
+            f"x --grad-accum {cfg.grad_accum}) where it had {was} ({ranks} x {saved['batch_size']} x "
+            f"{saved.get('grad_accum', 1)}): --batch-size is each process's"
+            + (f"; --batch-size {keep} keeps the run's" if keep else ""))
+
+
 def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) -> dict:
     precision = resolve_precision(cfg.precision, info.device)
     out, data = Path(cfg.out_dir), Path(cfg.data_dir)
@@ -2070,6 +2090,8 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
     if changes and info.is_main:
         print(f"pyllm: {out / CHECKPOINT} is from an earlier pyllm, whose run goes on under the current rules: "
               + "; ".join(changes), file=sys.stderr)
+    if ckpt is not None and info.is_main and (notice := global_batch_notice(ckpt, cfg, info.world_size)):
+        print(f"pyllm: {notice}", file=sys.stderr)
     torch.manual_seed(cfg.seed)
     # (val.bin's too: each file's header bounds its ids, and it was train.bin's alone that met the model)
     data_vocab = max(read_header(data / name)["vocab_size"] for name in ("train.bin", "val.bin"))  # (llm.c's shards too)
@@ -2378,8 +2400,10 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
             loss_sum += loss.detach()
         loss_value = float(all_reduce_mean(loss_sum, info))
         # no trained token in the step's batches of any rank (every reply cut away by seq_len): nothing to
-        # learn from; skipped, its loss none (AdamW's momentum and weight decay had moved the weights)
-        no_targets = weights is not None and not any(weights)
+        # learn from; skipped, its loss none (AdamW's momentum and weight decay had moved the weights).
+        # Every rank's weights, not this rank's alone: a rank whose rows hold no trained token while
+        # another's do must step too (its replica would drift; FSDP's and ZeRO-1's collectives mismatch)
+        no_targets = weights is not None and not any_rank(any(weights), info)
         if no_targets:
             stepped, grad_norm, empty = False, float("nan"), empty + 1
             optimizer.zero_grad(set_to_none=True)

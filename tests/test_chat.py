@@ -4,8 +4,11 @@ return_assistant_tokens_mask), prepare_chat's files, PackedLoader's rows, and `p
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -1371,3 +1374,65 @@ def test_a_reply_found_in_place_has_the_space_before_it_its_template_gives_it(tm
                                                                                                  "arguments": {}}}]}
     with pytest.raises(ValueError, match=r"assistant message 2 is a tool call.*--chat-template FILE"):
         hf_chat_spans(tmp_path / "mistral-plain", [*talk[:2], call, *talk[3:]])
+
+
+# --- packed fine-tuning over several processes ---------------------------------------------------
+
+# trains (TrainConfig of argv[1]) and prints how far apart the ranks' weights end
+RANK_WEIGHTS_WORKER = r"""
+import sys, json, torch, torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from pyllm.train import TrainConfig, train, end_process
+args = json.loads(sys.argv[1])
+model = train(TrainConfig(**args))["model"]
+state = (get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)) if args["dist_mode"] == "fsdp"
+         else model.state_dict())
+flat = torch.cat([t.float().flatten() for t in state.values()])
+got = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]
+dist.all_gather(got, flat)
+if dist.get_rank() == 0:
+    print("APART", max((got[0] - g).abs().max().item() for g in got))
+end_process(0)
+"""
+
+
+@pytest.fixture(scope="module")
+def cut_chats(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cut")
+    folder = make_folder(root / "hf", PLAIN, model=True)
+    rng = random.Random(1)
+    with open(root / "chats.jsonl", "w") as f:
+        for _ in range(40):
+            a, b = rng.randrange(100), rng.randrange(100)
+            long = " please think about it very carefully" * 12 if rng.random() < 0.5 else ""
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"what is {a} plus {b}?{long}"},
+                                             {"role": "assistant", "content": f"{a + b}"}]}) + "\n")
+    return folder, root / "chats.jsonl"
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_a_rank_without_trained_tokens_still_steps(cut_chats, tmp_path, mode):
+    # A packed fine-tuning step where one rank's rows hold no trained token (replies cut away by
+    # --seq-len) while another's do is a step like any other: the empty rank had skipped its
+    # optimizer step alone (DDP: replicas drifting apart without a word, losses logged null; FSDP /
+    # ZeRO-1: a collective mismatch, SIGABRT). 2 processes give the 1-process run's losses and every
+    # rank the same weights (from the 3-process audit)
+    folder, chats = cut_chats
+    common = ["--init-from-hf", str(folder), "--data", str(chats), "--lr", "1e-3", "--warmup-steps", "1",
+              "--seq-len", "48", "--eval-every", "0", "--eval-batches", "1", "--sample-tokens", "0", "--seed", "5",
+              "--max-steps", "6", "--device", "cpu", "--val-fraction", "0.2"]
+    assert cli.main(["train", *common, "--batch-size", "2", "--out", str(tmp_path / "one")]) == 0
+    one = [json.loads(line) for line in (tmp_path / "one" / "log.jsonl").read_text().splitlines()]
+    assert all(r["loss"] is not None for r in one)  # every global batch holds trained tokens
+    args = dict(data_dir=str(tmp_path / "one" / "data"), out_dir=str(tmp_path / "two"), init_from_hf=str(folder),
+                batch_size=1, seq_len=48, max_steps=6, lr=1e-3, warmup_steps=1, eval_every=0, eval_batches=1,
+                seed=5, device="cpu", dist_mode=mode, progress=False)
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "--no-python", sys.executable, "-c", RANK_WEIGHTS_WORKER, json.dumps(args)],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert float(out.stdout.split("APART")[1].split()[0]) == 0.0
+    two = [json.loads(line) for line in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in two] == [False] * 6
+    assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], rel=1e-5)

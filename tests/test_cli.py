@@ -1107,10 +1107,16 @@ def test_resume_as_the_run_was_made(corpus, tmp_path, capsys):
     config.write_text(body.replace("dim = 64", "dim = 32"))
     assert cli.main(["train", "--config", str(config), "--resume", str(run), "--max-steps", "4"]) == 2
     assert "leave out --model (its config file's)" in capsys.readouterr().err
+    # another batch size (or number of processes): the run goes on with another global batch, and
+    # says so (it had gone on without a word; from the 3-process audit)
+    assert cli.main(["train", "--resume", str(run), "--max-steps", "4", "--batch-size", "2"]) == 0
+    assert ("the run goes on with 2 sequences a step (1 process(es) x --batch-size 2 x --grad-accum 1) where it had "
+            "4 (1 x 4 x 1): --batch-size is each process's; --batch-size 4 keeps the run's") in capsys.readouterr().err
     (run / "model.safetensors").unlink()
-    assert cli.main(["train", "--resume", str(run)]) == 0  # at its max_steps, 3
+    assert cli.main(["train", "--resume", str(run)]) == 0  # at its max_steps, 4
     assert (run / "model.safetensors").is_file()
-    assert "without model.safetensors: writing it from the checkpoint" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "without model.safetensors: writing it from the checkpoint" in err and "sequences a step" not in err
 
 
 def test_every_option_has_help():

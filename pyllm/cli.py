@@ -932,6 +932,10 @@ def cmd_train(args) -> int:
             run_dir = Path(resume)
         else:
             run_dir = Path(out_dir)
+        if resume and not run_dir.is_dir() and run_dir.suffix == ".pt":  # (a kept checkpoint's file, named wrong)
+            kept = sorted(p.name for p in run_dir.parent.glob("*.pt")) if run_dir.parent.is_dir() else []
+            raise FileNotFoundError(f"no checkpoint to resume from: no file {run_dir}"
+                                    + (f" (kept there: {', '.join(kept)})" if kept else "") + _SHARED_HINT * several)
         if resume and not run_dir.is_dir():
             raise FileNotFoundError(f"no checkpoint to resume from: {run_dir} is no folder" + _SHARED_HINT * several)
         run_dir.mkdir(parents=True, exist_ok=True)

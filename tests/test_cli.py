@@ -1647,6 +1647,13 @@ def test_resume_takes_a_file_only_as_a_kept_checkpoint(tmp_path, capsys):
     assert cli.main(["train", "--resume", str(tmp_path / "run" / "checkpoint.pt")]) == 2
     assert "give a run folder, or a checkpoint its --keep-checkpoints kept" in capsys.readouterr().err
     assert not (tmp_path / ".lock").exists()  # (refused before any folder was locked)
+    # a kept checkpoint that is not there: named as a missing file, with the ones kept (it had
+    # said "step_2.pt is no folder"; from the 3-process audit)
+    (tmp_path / "run" / "checkpoints").mkdir()
+    (tmp_path / "run" / "checkpoints" / "step_4.pt").write_bytes(b"x")
+    assert cli.main(["train", "--resume", str(tmp_path / "run" / "checkpoints" / "step_2.pt")]) == 2
+    assert "no file " + str(tmp_path / "run" / "checkpoints" / "step_2.pt") + " (kept there: step_4.pt)" \
+        in capsys.readouterr().err
 
 
 def test_char_tokenizer_decodes_ids_as_nanogpt_and_refuses_float_ids():

@@ -731,7 +731,7 @@ class TokenLoader:
 
 # --- conversations -------------------------------------------------------------------------------
 
-def read_conversations(path) -> list[dict]:
+def read_conversations(path, lines: list[str] | None = None) -> list[dict]:
     """The examples of a JSON Lines file for fine-tuning, one per line, in the formats of OpenAI's
     fine-tuning files and Hugging Face / TRL datasets:
       {"messages": [{"role": ..., "content": ...}, ...]}     a conversation (the assistant's turns trained)
@@ -745,7 +745,8 @@ def read_conversations(path) -> list[dict]:
     {"prompt": str, "completion": str}, with "columns": the row's other keys where it has any (what
     GRPO's reward functions are given, as TRL's). A conversation's "tools" and
     "chat_template_kwargs" columns reach its chat template, as TRL passes them to
-    apply_chat_template (a function-calling row's tool schemas; enable_thinking=)."""
+    apply_chat_template (a function-calling row's tool schemas; enable_thinking=). lines: a list
+    each example's "path:line" is appended to."""
     examples = []
     for number, row, line in _jsonl_rows(path):
         example = _example(row)
@@ -755,9 +756,10 @@ def read_conversations(path) -> list[dict]:
                              f"{line.strip()[:80]!r}")
         if "messages" in example:
             example.update(_template_args(row, f"{path}:{number}"))
-            example["where"] = f"{path}:{number}"  # (named where its chat template fails on it)
         columns = {k: v for k, v in row.items() if k not in ("messages", "prompt", "completion")}
         examples.append({**example, "columns": columns} if columns else example)
+        if lines is not None:
+            lines.append(f"{path}:{number}")
     return examples
 
 
@@ -961,11 +963,12 @@ def prepare_chat(inputs: Sequence[str | os.PathLike], tokenizer, folder, out_dir
     Every round(1 / val_fraction)-th example goes to val (the last one when there are fewer).
     Examples with nothing to train on are left out. rows: each kept one's example_row in
     {train,val}.rows.jsonl too (GRPO's reward functions get them). Returns counts."""
-    conversations = [c for path in inputs for c in read_conversations(path)]
+    lines: list[str] = []  # (each one's "file:line", named where its chat template fails on it)
+    conversations = [c for path in inputs for c in read_conversations(path, lines)]
     in_val = _val_split(len(conversations), val_fraction, inputs, "conversation(s)")
     parts, silent = _write_units([(c,) for c in conversations], in_val, tokenizer, folder, out_dir, show_progress,
                                  doc_start, doc_end, "conversation(s)", "conversation with an assistant reply",
-                                 rows=rows)
+                                 rows=rows, lines=lines)
     stats = {"conversations": len(conversations), "without_assistant": silent}
     for name, (docs, masks) in parts.items():
         stats[f"{name}_conversations"] = len(docs)
@@ -977,13 +980,14 @@ def prepare_chat(inputs: Sequence[str | os.PathLike], tokenizer, folder, out_dir
 def _write_units(units: Sequence[tuple], in_val: Sequence[bool], tokenizer, folder, out_dir, show_progress: bool,
                  doc_start: Sequence[int], doc_end: int | None, what: str, kept: str,
                  labels: Sequence[bool] | None = None, rows: bool = False,
-                 margins: Sequence[float] | None = None) -> tuple[dict, int]:
+                 margins: Sequence[float] | None = None, lines: Sequence[str] | None = None) -> tuple[dict, int]:
     """Tokenizes units of examples (example_tokens; a conversation alone, or a preference pair's
     chosen and rejected sides) into out_dir/{train,val}.bin (write_documents), each unit's
     documents one after the other, and with pairs the .pairs.npy naming them; labels (one per unit,
     KTO's): a .labels.npy of the units kept; margins (one per unit, preference pairs'): a
     .margins.npy of those kept; rows (conversations): a .rows.jsonl of each kept one's
-    example_row (read_rows). A unit with a side that has nothing to train on is left out.
+    example_row (read_rows); lines (one per unit): its "file:line", named where the chat template
+    fails on it. A unit with a side that has nothing to train on is left out.
     Returns ({split: (docs, masks)}, units left out)."""
     from tqdm import tqdm
 
@@ -999,7 +1003,7 @@ def _write_units(units: Sequence[tuple], in_val: Sequence[bool], tokenizer, fold
         except Exception as e:  # a template's raise_exception, an undefined field: name the line it failed on
             import jinja2
 
-            where = next((example["where"] for example in unit if "where" in example), None)
+            where = lines[i] if lines else None
             if where is None or not isinstance(e, (ValueError, TypeError, jinja2.TemplateError)):
                 raise
             kind = "" if isinstance(e, ValueError) else f"the chat template failed ({type(e).__name__}): "

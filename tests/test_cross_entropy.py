@@ -502,8 +502,9 @@ def test_cpp_rechecks_raw_calls():
 
 @pytest.mark.level_free
 def test_compiles_with_float_arguments_symbols():
-    # label_smoothing / z_loss / scale changing between compiled calls are traced as symbols: the
-    # argument checks skip them there (they broke fullgraph, 2026-12-03); eager calls check them.
+    # label_smoothing / z_loss / scale changing between compiled calls compile (a graph per value:
+    # dynamo specialises a custom op's float arguments, as torch's F.cross_entropy(label_smoothing=)
+    # too); the argument checks skip symbols (they broke fullgraph, 2026-12-03); eager calls check them.
     torch._dynamo.reset()
     logits, targets = torch.randn(5, 11, requires_grad=True), torch.randint(0, 11, (5,))
     for dynamic in (True, None):

@@ -811,6 +811,18 @@ def test_a_row_its_chat_template_fails_on_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"c.jsonl:3: the chat template failed \(UndefinedError\)"):
         data.prepare_chat([path], tokenizer, folder, tmp_path / "out", show_progress=False)
 
+
+def reward_model_of(folder, tokenizer, path):
+    """A reward model (a random score head, pad <|endoftext|>) on folder's model, saved to path, in eval mode."""
+    from pyllm.model import LLM
+
+    torch.manual_seed(0)
+    rm = LLM.from_hf(folder)
+    rm.add_score_head()
+    rm.config.pad_token_id = tokenizer.special_tokens["<|endoftext|>"]
+    rm.to_hf(path)
+    return rm.eval()
+
 def test_grpo_reward_model_reads_a_reply_framed_as_the_template_frames_it(chat_run_inputs, tmp_path):
     # A reward model trained on conversations saw each reply end as the chat template ends it (ChatML:
     # "<|im_end|>\n", read at the "\n", its pad <|endoftext|>); GRPO's samples stop at <|im_end|> (or
@@ -818,7 +830,6 @@ def test_grpo_reward_model_reads_a_reply_framed_as_the_template_frames_it(chat_r
     # conversation for its reward model (it had been read at <|im_end|>: +2.11 where the model's
     # training read -3.02; from the reward-model audit). Text prompts (no generation prompt) as sampled.
     from pyllm import train as trainer
-    from pyllm.model import LLM
     from pyllm.tokenizer.tokenizer import hf_chat_prompt, hf_reply_framing
     from pyllm.train import TrainConfig
 
@@ -827,12 +838,7 @@ def test_grpo_reward_model_reads_a_reply_framed_as_the_template_frames_it(chat_r
     end, newline = tokenizer.special_tokens["<|im_end|>"], tokenizer.encode("\n")
     opening, closing = hf_reply_framing(folder, tokenizer)
     assert tokenizer.decode(opening) == "<|im_start|>assistant\n" and closing == [end, *newline]
-    torch.manual_seed(0)
-    rm = LLM.from_hf(folder)
-    rm.add_score_head()
-    rm.config.pad_token_id = tokenizer.special_tokens["<|endoftext|>"]
-    rm.to_hf(tmp_path / "rm")
-    rm.eval()
+    rm = reward_model_of(folder, tokenizer, tmp_path / "rm")
     user = [{"role": "user", "content": "what is 2 plus 3?"}]
     prompt = tokenizer.encode(hf_chat_prompt(folder, user), allowed_special="all")
     text_prompt = tokenizer.encode("what is 2 plus 3?")
@@ -849,7 +855,6 @@ def test_grpo_reward_model_reads_a_reply_framed_as_the_template_frames_it(chat_r
     np.testing.assert_allclose(got.tolist(), want, rtol=1e-5)
 
 
-
 def test_grpo_reward_model_reads_a_sample_rendered_again_where_framing_fails(tmp_path):
     # Qwen3's template puts an empty think block between its generation prompt and a reply where none
     # was given, so no prompt + reply + ending describes how a reward model trained on its
@@ -862,7 +867,6 @@ def test_grpo_reward_model_reads_a_sample_rendered_again_where_framing_fails(tmp
     from trl.data_utils import apply_chat_template
 
     from pyllm import train as trainer
-    from pyllm.model import LLM
     from pyllm.tokenizer.tokenizer import hf_reply_framing
     from pyllm.train import TrainConfig
 
@@ -873,12 +877,7 @@ def test_grpo_reward_model_reads_a_sample_rendered_again_where_framing_fails(tmp
     tokenizer = Tokenizer.from_hf(folder / "tokenizer.json")
     end = tokenizer.special_tokens["<|im_end|>"]
     assert hf_reply_framing(folder, tokenizer) == ([], [])
-    torch.manual_seed(0)
-    rm = LLM.from_hf(folder)
-    rm.add_score_head()
-    rm.config.pad_token_id = tokenizer.special_tokens["<|endoftext|>"]
-    rm.to_hf(tmp_path / "rm")
-    rm.eval()
+    rm = reward_model_of(folder, tokenizer, tmp_path / "rm")
     user = [{"role": "user", "content": "what is 2 plus 3?"}]
     rows = [{"prompt": user}, {"prompt": user}, {"prompt": user, "chat_template_kwargs": {"enable_thinking": False}},
             {"prompt": "what is 2 plus 3?"}]

@@ -665,6 +665,7 @@ def setup_run_data(cfg, cli: dict) -> None:
         "data_dir": data_dir, "vocab_size": vocab_size,
         "prompt_prefix": doc_markers["doc_start"] if doc_markers else [],  # samples start as documents do
         "chat": chat_folder is not None and hf_has_chat_template(chat_folder),  # on conversations: the sample is a reply
+        "sample_tokens": cli["sample_tokens"], "prompt": cli["prompt"],  # (its closing sample: a resume's too)
         # `pyllm export` writes the source's config.json: a local folder recorded absolute (as typed, an
         # export from another directory had read another folder of that name, or failed)
         "init_from_hf": str(Path(hf_source).resolve()) if hf_source and Path(hf_source).is_dir() else hf_source,
@@ -1128,6 +1129,9 @@ def _train_command(args, explicit: dict, opts: dict, model: dict, cli: dict, ref
                   "from the checkpoint", file=sys.stderr)
         run = read_run(resume)
         tokenizer_path = run.get("tokenizer")
+        for key in ("sample_tokens", "prompt"):  # (what the run ends with, as the run was told: --sample-tokens 0)
+            if key in run and key not in explicit and cli[key] == _CLI_KEYS[key]:
+                cli[key] = run[key]
         # The saved settings' paths into the run's own folder, where it is now (moved, renamed, copied):
         # the folder was where run.json was written, or where this checkpoint was (a resume elsewhere).
         for key in ("data_dir", "tokenizer", "eval_choices"):

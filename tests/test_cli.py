@@ -1110,8 +1110,10 @@ def test_resume_as_the_run_was_made(corpus, tmp_path, capsys):
     # another batch size (or number of processes): the run goes on with another global batch, and
     # says so (it had gone on without a word; from the 3-process audit)
     assert cli.main(["train", "--resume", str(run), "--max-steps", "4", "--batch-size", "2"]) == 0
+    out, err = capsys.readouterr()
     assert ("the run goes on with 2 sequences a step (1 process(es) x --batch-size 2 x --grad-accum 1) where it had "
-            "4 (1 x 4 x 1): --batch-size is each process's; --batch-size 4 keeps the run's") in capsys.readouterr().err
+            "4 (1 x 4 x 1): --batch-size is each process's; --batch-size 4 keeps the run's") in err
+    assert "sample (" not in out  # (the run's sample_tokens = 0, kept on resume: it had sampled 200 tokens)
     (run / "model.safetensors").unlink()
     assert cli.main(["train", "--resume", str(run)]) == 0  # at its max_steps, 4
     assert (run / "model.safetensors").is_file()

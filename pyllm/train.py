@@ -990,6 +990,23 @@ def gathered(model: torch.nn.Module):
             m.reshard()
         for block in blocks:  # (fully_shard's default, as wrap_model applies it)
             _set_reshard_after_forward(block, True)
+        _forget_forwards(model, blocks)
+
+
+def _forget_forwards(model, blocks) -> None:
+    """Drops what FSDP2 recorded of the forwards run inside gathered() (its post-forward order and each
+    group's indices in it, kept for the next backward's prefetching and cleared only by a backward):
+    a rank that had sampled would prefetch a block those forwards left last, an all-gather the others,
+    having sampled nothing (no prompt got samples), do not make: the ranks' collectives part and hang."""
+    for m in (model, *blocks):
+        state = m._get_fsdp_state()
+        groups = getattr(state, "_fsdp_param_groups", None)
+        if groups is None:  # (torch < 2.10: one group a module)
+            groups = [getattr(state, "_fsdp_param_group", None)]
+        for group in filter(None, groups):
+            getattr(group, "_post_forward_indices", []).clear()
+    # (FSDP2's internals: where a torch names them otherwise, nothing is cleared, as before)
+    getattr(getattr(model._get_fsdp_state(), "_comm_ctx", None), "post_forward_order", []).clear()
 
 
 def _set_reshard_after_forward(block, reshard: bool) -> None:
@@ -2404,6 +2421,9 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
         # Every rank's weights, not this rank's alone: a rank whose rows hold no trained token while
         # another's do must step too (its replica would drift; FSDP's and ZeRO-1's collectives mismatch)
         no_targets = weights is not None and not any_rank(any(weights), info)
+        # GRPO: no sampled token to train on in the step on any rank (every prompt cut by --seq-len, or
+        # every sample masked as truncated): skipped alike ("tokens" is every rank's, from grpo_prepare)
+        no_targets = no_targets or (reward is not None and not any(r["tokens"] for r in rollouts))
         if no_targets:
             stepped, grad_norm, empty = False, float("nan"), empty + 1
             optimizer.zero_grad(set_to_none=True)

@@ -1435,3 +1435,29 @@ def test_a_rank_without_trained_tokens_still_steps(cut_chats, tmp_path, mode):
     two = [json.loads(line) for line in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
     assert [r["skipped"] for r in two] == [False] * 6
     assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], rel=1e-5)
+
+
+def test_grpo_under_fsdp_with_a_rank_without_samples(tmp_path):
+    # GRPO under 3-process FSDP2 where one rank's prompt is cut by --seq-len (no samples) while the
+    # others sample: FSDP2 had kept the sampling forwards' order for the next backward, so the
+    # ranks that sampled prefetched a block the other did not and all hung (gloo's 30 minutes);
+    # and a step with no sampled token on any rank had been stepped (AdamW moved the weights):
+    # skipped, its loss null (from the GRPO / KTO / GKD 3-process audit)
+    rows = []
+    for i in range(24):  # every other prompt longer than --seq-len: cut, no samples
+        question = f"what is {i} plus {i + 1}?" + (" please think hard about it and explain" * 6 if i % 2 else "")
+        rows.append({"prompt": [{"role": "user", "content": question}]})
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "rw.py").write_text("def r(completions, **kw):\n    return [float(len(str(c))) for c in completions]\n")
+    make_folder(tmp_path / "hf", PLAIN, model=True)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "3", "-m", "pyllm",
+               "train", "--device", "cpu", "--init-from-hf", str(tmp_path / "hf"), "--data", str(tmp_path / "p.jsonl"),
+               "--seq-len", "48", "--batch-size", "1", "--max-steps", "4", "--eval-every", "0", "--sample-tokens", "0",
+               "--grpo-reward", f"{tmp_path / 'rw.py'}:r", "--grpo-generations", "3", "--grpo-max-new-tokens", "6",
+               "--dist-mode", "fsdp", "--seed", "5", "--out", str(tmp_path / "run")]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=tmp_path,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 4 and all(r["skipped"] == (r["tokens"] == 0) for r in log)
+    assert [r["loss"] is None for r in log] == [r["tokens"] == 0 for r in log] and not all(r["tokens"] for r in log)

@@ -79,7 +79,7 @@ class TrainConfig:
     grpo_epsilon: float = 0.2  # GRPO: the ratio clipped to [1 - epsilon, 1 + epsilon_high]
     grpo_epsilon_high: float = 0.0  # GRPO: 0: epsilon (DAPO's clip-higher: 0.28)
     grpo_importance_sampling: str = "token"  # GRPO: the ratio p / p_old per token | sequence (GSPO: the exp of its tokens' mean log-ratio)
-    grpo_log_completions: int = 0  # GRPO: each generation's first N samples (rank 0's) with their rewards to completions.jsonl
+    grpo_log_completions: int = 0  # GRPO: each generation's first N samples (every rank's) with their rewards to completions.jsonl
     grpo_mask_truncated: bool = False  # GRPO: samples that end without a stop token are not trained on (DAPO's overlong filtering)
     grpo_kl_bias_correction: bool = True  # GRPO: the KL term times the ratio (TRL's use_bias_correction_kl, its default)
     distill_seq_kd: bool = False  # GKD's seq_kd: every micro-batch's last replies the teacher's samples first (sequence-level KD)
@@ -580,27 +580,35 @@ def evaluate(model, path, cfg: TrainConfig, seq_len: int, precision: str, info: 
     return float(all_reduce_mean(total / cfg.eval_batches, info))
 
 
-def log_completions(log: "RunLog", step: int, rollouts: list[dict], cfg: TrainConfig, tokenizer=None) -> None:
-    """The first cfg.grpo_log_completions samples of a generation's rollouts (TRL's log_completions),
-    one line each: step, prompt, completion (text decoded with tokenizer, the stop token left out;
+def log_completions(log: "RunLog", step: int, rollouts: list[dict], cfg: TrainConfig, info: DistInfo,
+                    tokenizer=None) -> None:
+    """The first cfg.grpo_log_completions samples of a generation's rollouts, every rank's (rank 0's
+    first; gathered as TRL's log_completions gathers them: rank 0's alone had been written), one
+    line each: step, prompt, completion (text decoded with tokenizer, the stop token left out;
     without one the token ids), reward, advantage and each reward's ("rewards": {name: value}, None
-    where it gave none)."""
+    where it gave none). Collective: every rank calls."""
     names = reward_names(cfg.grpo_reward)
     stops = set(cfg.sample_stop_tokens)
-    left = cfg.grpo_log_completions
+    lines = []
     for r in rollouts:
         for i, (prompt, completion) in enumerate(zip(r["prompt_ids"], r["completion_ids"])):
-            if left == 0:
-                return
-            left -= 1
+            if len(lines) == cfg.grpo_log_completions:
+                break
             if tokenizer is not None:
                 prompt = tokenizer.decode(prompt)
                 completion = tokenizer.decode(_without_stop(completion, stops))
             each = r["each"][i].tolist()
-            log.write({"step": step, "prompt": prompt, "completion": completion, "reward": r["rewards"][i].item(),
-                       "advantage": r["advantages"][i].item(),
-                       "rewards": {n: None if math.isnan(v) else v for n, v in zip(names, each)},
-                       **{column: values[i] for column, values in r.get("extra", {}).items()}})
+            lines.append({"step": step, "prompt": prompt, "completion": completion, "reward": r["rewards"][i].item(),
+                          "advantage": r["advantages"][i].item(),
+                          "rewards": {n: None if math.isnan(v) else v for n, v in zip(names, each)},
+                          **{column: values[i] for column, values in r.get("extra", {}).items()}})
+    if info.world_size > 1:
+        gathered: list = [None] * info.world_size
+        dist.all_gather_object(gathered, lines)
+        lines = [line for part in gathered for line in part][:cfg.grpo_log_completions]
+    if info.is_main:
+        for line in lines:
+            log.write(line)
 
 
 def evaluate_rewards(policy: LLM, path, cfg: TrainConfig, seq_len: int, reward_fns: list, rows: list | None,
@@ -2356,8 +2364,8 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
                                              grpo_rows(rows, batch[3], batch[2], loader.offsets), step))
             with autocast(precision, info.device):
                 grpo_prepare(rollouts, cfg, info, model, grpo_reference)
-            if cfg.grpo_log_completions and info.is_main:
-                log_completions(completions_log, step, rollouts, cfg, tokenizer)
+            if cfg.grpo_log_completions:
+                log_completions(completions_log, step, rollouts, cfg, info, tokenizer)
         if reward is not None:  # the FLOPs: the samples' sequences' training pass (not the sampling)
             batches, weights, forward_only = rollouts, None, None
             lengths, outputs = [n for r in rollouts for n in r["lengths"]], sum(r["targets"] for r in rollouts)

@@ -521,7 +521,8 @@ def test_sampling_runs_on_two_processes_resume_exactly(chat_dir, tmp_path, monke
         teacher = dict(teacher=str(tmp_path / "teacher"), distill_lmbda=0.5, distill_max_new_tokens=4)
     common = dict(data_dir=str(chat_dir), model=dict(TINY, block_size=32), device="cpu", max_steps=8, warmup_steps=1,
                   grad_accum=2, eval_every=4, eval_batches=2, ckpt_every=4, progress=False, lr=1e-2,
-                  **(dict(grpo_reward=SPEC, grpo_generations=2, grpo_max_new_tokens=4) if "grpo" in kind else teacher))
+                  **(dict(grpo_reward=SPEC, grpo_generations=2, grpo_max_new_tokens=4, grpo_log_completions=1000)
+                     if "grpo" in kind else teacher))
     if kind == "grpo-iterations":  # the step-4 checkpoint is mid-way through a generation's 3 steps: both ranks'
         common.update(grpo_iterations=3, grpo_scale_rewards="batch", sample_stop_tokens=[7, 9])  # samples in it
     else:  # (a mid-generation checkpoint holds each rank's samples: it resumes on as many processes)
@@ -535,6 +536,11 @@ def test_sampling_runs_on_two_processes_resume_exactly(chat_dir, tmp_path, monke
     assert ("reward" in log[-1]) if "grpo" in kind else ("on_policy" in log[-1])
     # the reward function's log_metric: its mean over the step's calls on both ranks (collectives in step)
     assert ("sevens_mean" in log[-1] and 0 <= log[-1]["sevens_mean"] <= 1) if kind == "grpo" else True
+    if kind == "grpo":  # completions.jsonl: every rank's samples (rank 0's alone had been written), as the
+        def prompts(run):  # 1-process run of the same global batch writes its own
+            lines = [json.loads(line) for line in (tmp_path / run / "completions.jsonl").read_text().splitlines()]
+            return sorted(map(str, (line["prompt"] for line in lines if line["step"] == 0)))
+        assert prompts("two/whole") == prompts("two/cross") and len(prompts("two/whole")) >= 8
     if kind == "grpo" and mode == "fsdp":  # the gathered model samples what DDP's whole copies do, from the same start
         run_two_processes({**common, "out_dir": str(tmp_path / "ddp"), "batch_size": 2, "dist_mode": "ddp",
                            "cross": False})

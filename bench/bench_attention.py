@@ -14,6 +14,7 @@ same inputs, prefill and decode alike (dropout rows excepted: their masks are ra
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import functools
 import os
@@ -324,7 +325,13 @@ def memory_rows(device: str, impls: dict, h: int, quick: bool) -> list[dict]:
                 continue
             leaves = [x.detach().requires_grad_() for x in (q, k, v)]
             try:
-                mb = common.peak_memory_mb(lambda: torch.autograd.grad(fn(*leaves, True), leaves, dout), device)
+                if device == "cpu" and t != 256:
+                    # A fresh process per row: pyllm's CPU kernels keep per-thread scratch across calls, so in
+                    # one process an earlier, shorter row's scratch sat in this row's baseline (ours at 16k
+                    # read 173 MiB in the bench's order against 218 measured alone, after the same warm-up).
+                    mb = _peak_mib_in_fresh_process(name, t, h)
+                else:
+                    mb = common.peak_memory_mb(lambda: torch.autograd.grad(fn(*leaves, True), leaves, dout), device)
             except RuntimeError as e:
                 rows.append({"dtype": "bfloat16", "B": 1, "T": t, "D": 128, "causal": True,
                              "mode": "peak MiB fwd+bwd", "impl": name, "ms": "n/a", "note": str(e)[:60]})
@@ -336,6 +343,29 @@ def memory_rows(device: str, impls: dict, h: int, quick: bool) -> list[dict]:
                          "impl": name, "ms": round(mb, 1), "unit": "MiB", "mib": round(mb, 1),
                          "note": f"{mb / t * 1024:.2f} MiB per 1k tokens"})
     return rows
+
+
+def _peak_mib_in_fresh_process(name: str, t: int, h: int) -> float:
+    """memory_rows' measurement of impl `name` at length t in a new process (after its own T = 256
+    warm-up, as memory_rows does): nothing an earlier row left behind sits in its baseline."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, __file__, "--memory-one", f"{name},{t}", "--heads", str(h)],
+                         capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}")
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def _memory_one(spec: str, h: int) -> int:
+    name, t = spec.rsplit(",", 1)
+    fn = impls_for("cpu")[name]
+    for length in (256, int(t)):
+        q, k, v, dout = (torch.randn(1, length, h, 128, dtype=torch.bfloat16) for _ in range(4))
+        leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+        mb = common.peak_memory_mb(lambda: torch.autograd.grad(fn(*leaves, True), leaves, dout), "cpu")
+    print(mb)
+    return 0
 
 
 def paged_rows(h: int, quick: bool, page: int = 16) -> list[dict]:
@@ -413,8 +443,11 @@ def main() -> int:
                         help="only decode over a paged KV cache (CPU): ours vs gathering the blocks for SDPA")
     parser.add_argument("--overhead-only", action="store_true",
                         help="only the Python cost per flash_attn_with_kvcache call (CPU, tiny cache)")
+    parser.add_argument("--memory-one", help=argparse.SUPPRESS)  # IMPL,T: one memory row, in a fresh process
     args = parser.parse_args()
     device, h = args.device, args.heads
+    if args.memory_one:
+        return _memory_one(args.memory_one, h)
     impls = impls_for(device)
     print(f"# attention on {common.device_description(device)}, H={h}, (B, T, H, D) layout")
     if args.overhead_only:

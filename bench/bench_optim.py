@@ -14,9 +14,10 @@ GB/s counts the minimum bytes per param for every implementation alike: 28 B (gr
 fp32 param, m, v read and written; the bf16 params' 2 B grad + 2 B write are the same 4 B as an fp32
 grad) plus, for the amp row, the norm pass's grad read (2 B). "vs copy" is that over the measured
 copy bandwidth, for scale (an in-place update can pass 100%). Speedup is against torch foreach=True
-(the default where torch has it). Every implementation starts from the same params and grads; before
-timing, ours and torch foreach's weights after one step must match (the fp32 weights of record within
-2% of lr, the bf16 params within bf16's tolerance).
+(torch's default on CUDA; on the CPU torch.optim.AdamW() runs the for-loop row). Every
+implementation starts from the same params and grads; before timing, ours and torch foreach's
+weights after one step must match (the fp32 weights of record within 2% of lr, the bf16 params
+within bf16's tolerance).
 """
 from __future__ import annotations
 
@@ -62,17 +63,21 @@ def torch_impl(kind: str, sizes, mode: str, device: str):
         m.grad = torch.empty_like(m)
     master_grads = [m.grad for m in masters]
     opt = torch.optim.AdamW(masters, **HYPER, **flags)
-    inv_scale = torch.full((), 1.0 / LOSS_SCALE, device=device)
+    scale = torch.full((), LOSS_SCALE, device=device)
+    growth_tracker = torch.zeros((), dtype=torch.int32, device=device)
     found_inf = torch.zeros((), device=device)
 
     def step():
         grads = [p.grad for p in model]
         if mode == "bf16+master+amp":
-            torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv_scale)
+            found_inf.zero_()
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, scale.double().reciprocal().float())
             torch.nn.utils.clip_grad_norm_(model, MAX_NORM, foreach=True)
         torch._foreach_copy_(master_grads, grads)  # torch's AdamW wants grads in the params' dtype
         opt.step()
         torch._foreach_copy_([p.data for p in model], [m.data for m in masters])
+        if mode == "bf16+master+amp":  # GradScaler.update's growth / backoff
+            torch._amp_update_scale_(scale, growth_tracker, found_inf, 2.0, 0.5, 2000)
 
     return step, lambda: (masters, model)
 
@@ -88,7 +93,11 @@ def ours_impl(sizes, mode: str, device: str):
     if mode == "bf16+master":
         return opt.step, weights
     scaler = DynamicLossScaler(init_scale=LOSS_SCALE)
-    return lambda: opt.step(grad_scaler=scaler, max_grad_norm=MAX_NORM), weights
+
+    def step():  # a scaler is updated once per step (step() refuses a second step before update())
+        opt.step(grad_scaler=scaler, max_grad_norm=MAX_NORM)
+        scaler.update()
+    return step, weights
 
 
 def apex_impl(sizes, mode: str, device: str):

@@ -7,6 +7,7 @@ import gc
 import importlib.metadata
 import importlib.util
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -258,6 +259,12 @@ def write_json(path: Path | None, bench: str, device: str, rows: list[dict], ext
         "torch": torch.__version__,
         **cpu_isa(),
         "versions": peer_versions(),
+        # what else changes the numbers: the command line (--quick, --repeat, --reuse-cpu-memory, ...),
+        # the threads both sides ran on and the environment knobs the docs' results name
+        "argv": sys.argv[1:],
+        "threads": {"torch": torch.get_num_threads(), "affinity": len(os.sched_getaffinity(0))
+                    if hasattr(os, "sched_getaffinity") else os.cpu_count()},
+        "env": {k: v for k, v in sorted(os.environ.items()) if k in _ENV_KNOBS or k.startswith("PYLLM_")},
         **({"timing": "median of the samples; min: the fastest sample, in the row's time unit; spread: (p75 - p25) "
                       "/ median"} if any("spread" in r for r in rows) else {}),
         **(extra or {}),
@@ -265,6 +272,10 @@ def write_json(path: Path | None, bench: str, device: str, rows: list[dict], ext
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=1))
+
+
+_ENV_KNOBS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "RAYON_NUM_THREADS", "TOKENIZERS_PARALLELISM",
+              "ATEN_CPU_CAPABILITY", "THP_MEM_ALLOC_ENABLE", "CUDA_VISIBLE_DEVICES", "TORCHINDUCTOR_MAX_AUTOTUNE")
 
 
 def measured_pyllm() -> str:

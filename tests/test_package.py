@@ -557,3 +557,31 @@ def test_bench_results_name_the_pyllm_they_measured(tmp_path):
     measured = json.loads(out.read_text())["pyllm"]
     where = Path(pyllm.__file__).resolve().parent
     assert measured == ("checkout" if where.parent == ROOT else f"installed {pyllm.__version__} at {where}")
+
+
+def test_bench_results_say_how_they_were_run(tmp_path, monkeypatch):
+    # a run's command line (--quick, --reuse-cpu-memory), its threads and the environment the docs'
+    # results name (ATEN_CPU_CAPABILITY=avx2) were nowhere in its JSON (from the benchmark audit)
+    bench = ROOT / "bench"
+    if not (bench / "common.py").is_file():
+        pytest.skip("needs the source's bench/")
+    monkeypatch.syspath_prepend(str(bench))
+    import common
+
+    monkeypatch.setattr(sys, "argv", ["bench_x.py", "--quick", "--reuse-cpu-memory"])
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    monkeypatch.setenv("PYLLM_CPU_LEVEL", "portable")
+    common.write_json(tmp_path / "r.json", "probe", "cpu", [])
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert doc["argv"] == ["--quick", "--reuse-cpu-memory"] and doc["threads"]["torch"] == torch.get_num_threads()
+    assert doc["env"]["ATEN_CPU_CAPABILITY"] == "avx2" and doc["env"]["PYLLM_CPU_LEVEL"] == "portable"
+
+
+@pytest.mark.skipif(not (ROOT / "bench" / "bench_optim.py").is_file(), reason="needs the source's bench/")
+def test_bench_optim_runs_its_mixed_precision_row():
+    # the amp row stepped one DynamicLossScaler again and again without update(), which the
+    # optimizer refuses since: the script died without --quick, no optimizer numbers at all
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_optim.py"), "--params", "2e6",
+                          "--tensor-size", "1000000", "--repeat", "2"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "bf16+master+amp  pyllm" in out.stdout

@@ -313,6 +313,22 @@ def overhead_rows(h: int) -> list[dict]:
     return rows
 
 
+def prefill_step(name: str, fn, q, k, v, dout, causal: bool, mode: str):
+    """One timed call of implementation `name` (its variant's environment set around it): the forward
+    without autograd, or the forward and the gradients of q, k and v."""
+    if mode == "fwd":
+        def step():
+            with variant_env(name), torch.no_grad():
+                return fn(q, k, v, causal)
+    else:
+        leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+
+        def step():
+            with variant_env(name):
+                return torch.autograd.grad(fn(*leaves, causal), leaves, dout)
+    return step
+
+
 def memory_rows(device: str, impls: dict, h: int, quick: bool) -> list[dict]:
     """Peak memory of one causal bf16 forward + backward (B=1, D=128) as T doubles: linear growth
     (about 2x per row) means no T x T matrix anywhere; the per-1k-token column makes that easy to read."""
@@ -484,6 +500,7 @@ def main() -> int:
                                f"prefill B {b} T {t} D {d} {dtype} causal {causal}")
         for mode, work in (("fwd", flops), ("fwd+bwd", 3.5 * flops)):
             base, first, times = None, len(rows), {}
+            steps = {}
             for name, fn in impls.items():
                 if name == SIMT_BWD and (mode == "fwd" or t > 4096):
                     continue
@@ -491,24 +508,34 @@ def main() -> int:
                     continue
                 if name == DKV_M128 and d != 64:  # built for D = 64 only: the default tiles' row again
                     continue
-                if mode == "fwd":
-                    def step():
-                        with torch.no_grad():
-                            return fn(q, k, v, causal)
-                else:
-                    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
-
-                    def step():
-                        return torch.autograd.grad(fn(*leaves, causal), leaves, dout)
-                try:
-                    with variant_env(name):
-                        ms = common.median_ms(step, device, warmup=1 if device == "cpu" else 3, repeat=repeat)
-                except RuntimeError as e:  # a backend that refuses this config
+                steps[name] = prefill_step(name, fn, q, k, v, dout, causal, mode)
+            if device == "cpu":
+                # each implementation timed once per round, in turn (a busy spell of the shared machine
+                # touches them alike: timed one after the other, 5 calls each, one config's ratio read
+                # 1.72x, 8.75x and 2.29x in three runs, 2.00-2.15x interleaved; benchmark audit, 2026-12-06)
+                timed = {}
+                for name, step in steps.items():
+                    try:
+                        step()  # (the warm-up; a backend that refuses this config says so here)
+                        timed[name] = step
+                    except RuntimeError as e:
+                        times[name] = e
+                seconds = common.interleaved_seconds(timed, repeat, device)
+                times.update((name, common.in_ms(seconds[name])) for name in timed)
+            else:
+                for name, step in steps.items():
+                    try:
+                        times[name] = common.median_ms(step, device, warmup=3, repeat=repeat)
+                    except RuntimeError as e:  # a backend that refuses this config
+                        times[name] = e
+            for name in steps:
+                ms = times[name]
+                if isinstance(ms, RuntimeError):
                     rows.append({"dtype": str(dtype).removeprefix("torch."), "B": b, "T": t, "D": d,
-                                 "causal": causal, "mode": mode, "impl": name, "ms": "n/a", "note": str(e)[:60]})
+                                 "causal": causal, "mode": mode, "impl": name, "ms": "n/a", "note": str(ms)[:60]})
+                    del times[name]
                     continue
                 base = ms if base is None and not name.startswith("pyllm") else base
-                times[name] = ms
                 rows.append({"dtype": str(dtype).removeprefix("torch."), "B": b, "T": t, "D": d, "causal": causal,
                              "mode": mode, "impl": name, "ms": round(ms, 4), "TFLOPs": round(work / ms / 1e9, 3),
                              **common.spread(ms)})

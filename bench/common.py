@@ -55,6 +55,13 @@ def timing(samples) -> Timing:
     return t
 
 
+
+def in_ms(t: Timing) -> Timing:
+    """A Timing of seconds as one of milliseconds (its min too; the spread is a ratio)."""
+    ms = Timing(t * 1e3)
+    ms.min, ms.spread = t.min * 1e3, t.spread
+    return ms
+
 def spread(t: Timing, scale: float = 1.0, digits: int = 4) -> dict:
     """A timed row's "min" (t's fastest sample times scale: the row's time unit) and "spread"."""
     return {"min": round(t.min * scale, digits), "spread": round(t.spread, 3)}

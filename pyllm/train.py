@@ -1127,6 +1127,20 @@ def pack_replies(prompts: list[list[int]], replies: list[list[int]], T: int, dev
     return x.view(-1, T).to(device), y.view(-1, T).to(device), torch.tensor(cu, dtype=torch.int32, device=device), at
 
 
+def sampled_weight(batch, weights: list[float] | None, micro: int, cfg: TrainConfig, info: DistInfo) -> float:
+    """The weight of a micro-batch of samples (distillation's, on every rank alike at this micro-step)
+    in the step's loss: the micro-step's data weight (every rank's weights[micro], or 1 / grad_accum)
+    shared between the ranks by their sampled tokens, so that the micro-step's loss is its samples'
+    token mean over every rank, as one process of the same global batch computes it. Each rank's
+    batch had kept its own data batch's weight, a mean of each rank's samples weighted by its data
+    tokens (3 processes: the first gradient norm 13% above one process's; from the 3-process audit).
+    Collective: every rank calls."""
+    mine = float((batch[1] >= 0).sum())
+    share = 1.0 / cfg.grad_accum if weights is None else float(weights[micro])  # (world_size x its share)
+    total, tokens = all_reduce_sum(torch.tensor([share, mine], dtype=torch.float64), info).tolist()
+    return total * mine / tokens if tokens else 0.0
+
+
 def on_policy_batch(model: LLM, batch, cfg: TrainConfig, generator: torch.Generator | None = None) -> tuple:
     """GKD's on-policy batch (Agarwal et al. 2024; TRL's GKDTrainer with lmbda; with the teacher as
     model, its seq_kd): each conversation of a packed batch (x, y, cu_seqlens) with trained
@@ -2382,6 +2396,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
         for micro, batch in enumerate(batches):
             last = micro == cfg.grad_accum - 1
             no_sync = wrapped.no_sync() if hasattr(wrapped, "no_sync") and not last else contextlib.nullcontext()
+            micro_weight = None  # (a micro-batch of samples': sampled_weight)
             with no_sync, autocast(precision, info.device):
                 if cfg.preference:
                     loss, stats = preference_batch_loss(wrapped, batch, reference and reference["train"], loader.labels,
@@ -2404,8 +2419,10 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
                     if cfg.distill_lmbda and np.random.default_rng([cfg.seed, step, micro]).random() < cfg.distill_lmbda:
                         batch = on_policy_batch(model, batch, cfg, torch.Generator(info.device).manual_seed(int(seeds[1])))
                         on_policy += 1
+                        micro_weight = sampled_weight(batch, weights, micro, cfg, info)
                     elif cfg.distill_seq_kd:
                         batch = on_policy_batch(teacher, batch, cfg, torch.Generator(info.device).manual_seed(int(seeds[0])))
+                        micro_weight = sampled_weight(batch, weights, micro, cfg, info)
                     loss = distill_loss(wrapped, teacher, batch, cfg)
                 elif weights is not None and per_token_packed:  # packed conversations
                     loss = packed_loss(wrapped, batch)
@@ -2420,7 +2437,8 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
                         loss = loss + model.aux_loss
                     aux = model.aux_loss.detach()
                     aux_sum += aux / cfg.grad_accum if weights is None else aux * weights[micro]
-                loss = loss / cfg.grad_accum if weights is None else loss * weights[micro]
+                loss = loss * micro_weight if micro_weight is not None else (
+                    loss / cfg.grad_accum if weights is None else loss * weights[micro])
             (scaler.scale(loss) if scaler else loss).backward()
             loss_sum += loss.detach()
         loss_value = float(all_reduce_mean(loss_sum, info))

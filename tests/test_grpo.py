@@ -638,3 +638,49 @@ def test_grpo_samples_fit_the_rows_they_are_trained_in(chat_dir):  # noqa: F811
     record = lambda groups, samples, packed, rows, step=None: (seen.extend(zip(groups, samples)), torch.zeros(len(samples)))[1]  # noqa: E731
     trainer.grpo_rollout(model, batch, cfg, [record], torch.Generator().manual_seed(1))
     assert seen and max(len(p) + len(c) for p, c in seen) <= 16
+
+
+# trains TrainConfig(**argv[1]) with each prompt's "sample" a fixed function of the prompt, so that
+# runs of any number of processes distill on the same samples
+FIXED_SAMPLES_WORKER = r"""
+import json, random, sys, torch
+torch.set_num_threads(1)
+import pyllm.train as T
+def fixed(model, prompts, max_new_tokens, temperature, stop_tokens, generator, limit=None):
+    draws = [random.Random(len(p) * 1000 + sum(p)) for p in prompts]
+    return [[r.randrange(3, 40) for _ in range(r.randint(1, max_new_tokens))] for r in draws]
+T.sample_replies = fixed
+T.train(T.TrainConfig(**json.loads(sys.argv[1])))
+T.end_process(0)
+"""
+
+
+def test_on_policy_distillation_on_two_processes_is_one_process(chat_dir, tmp_path):  # noqa: F811
+    # A micro-batch of samples had kept its data batch's weight on each rank: the loss a mean of each
+    # rank's samples weighted by its data tokens, not the step's samples' token mean (3 processes: the
+    # first gradient norm 13% above one process's). The same samples (fixed here) on 2 DDP processes
+    # and on 1 process of the same global batch: the same losses and gradient norms (from the
+    # 3-process audit)
+    import os
+    import subprocess
+    import sys
+
+    trainer.train(config(chat_dir, tmp_path / "teacher", model=dict(TINY, block_size=32), max_steps=2))
+    common = dict(data_dir=str(chat_dir), model=dict(TINY, block_size=32), device="cpu", max_steps=3, warmup_steps=1,
+                  grad_accum=2, eval_every=0, progress=False, lr=1e-2, teacher=str(tmp_path / "teacher"),
+                  distill_lmbda=1.0, distill_max_new_tokens=4)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-c", FIXED_SAMPLES_WORKER, json.dumps(
+        {**common, "batch_size": 4, "out_dir": str(tmp_path / "one")})], capture_output=True, text=True, timeout=300,
+        env=env, cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "--no-python", sys.executable, "-c", FIXED_SAMPLES_WORKER, json.dumps(
+                              {**common, "batch_size": 2, "out_dir": str(tmp_path / "two")})],
+                         capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    logs = [[json.loads(line) for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+            for run in ("one", "two")]
+    assert [r["on_policy"] for r in logs[0]] == [1.0] * 3
+    for key in ("loss", "grad_norm"):
+        assert [r[key] for r in logs[1]] == pytest.approx([r[key] for r in logs[0]], rel=1e-5), key

@@ -55,12 +55,12 @@ def timing(samples) -> Timing:
     return t
 
 
-
 def in_ms(t: Timing) -> Timing:
     """A Timing of seconds as one of milliseconds (its min too; the spread is a ratio)."""
     ms = Timing(t * 1e3)
     ms.min, ms.spread = t.min * 1e3, t.spread
     return ms
+
 
 def spread(t: Timing, scale: float = 1.0, digits: int = 4) -> dict:
     """A timed row's "min" (t's fastest sample times scale: the row's time unit) and "spread"."""
@@ -344,7 +344,6 @@ def peak_memory_mb(step, device: str) -> float:
         return float("nan")
     step()
     return (_vm_kib("VmHWM") - base) / 1024
-
 
 
 def peer_module(name: str, bench: str, missing: str):

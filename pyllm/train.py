@@ -79,7 +79,7 @@ class TrainConfig:
     grpo_epsilon: float = 0.2  # GRPO: the ratio clipped to [1 - epsilon, 1 + epsilon_high]
     grpo_epsilon_high: float = 0.0  # GRPO: 0: epsilon (DAPO's clip-higher: 0.28)
     grpo_importance_sampling: str = "token"  # GRPO: the ratio p / p_old per token | sequence (GSPO: the exp of its tokens' mean log-ratio)
-    grpo_log_completions: int = 0  # GRPO: each generation's first N samples (every rank's) with their rewards to completions.jsonl
+    grpo_log_completions: int = 0  # GRPO: each generation's first N samples (every rank's) to completions.jsonl
     grpo_mask_truncated: bool = False  # GRPO: samples that end without a stop token are not trained on (DAPO's overlong filtering)
     grpo_kl_bias_correction: bool = True  # GRPO: the KL term times the ratio (TRL's use_bias_correction_kl, its default)
     distill_seq_kd: bool = False  # GKD's seq_kd: every micro-batch's last replies the teacher's samples first (sequence-level KD)
@@ -1006,15 +1006,29 @@ def _forget_forwards(model, blocks) -> None:
     group's indices in it, kept for the next backward's prefetching and cleared only by a backward):
     a rank that had sampled would prefetch a block those forwards left last, an all-gather the others,
     having sampled nothing (no prompt got samples), do not make: the ranks' collectives part and hang."""
+    found = True
     for m in (model, *blocks):
         state = m._get_fsdp_state()
         groups = getattr(state, "_fsdp_param_groups", None)
         if groups is None:  # (torch < 2.10: one group a module)
             groups = [getattr(state, "_fsdp_param_group", None)]
         for group in filter(None, groups):
-            getattr(group, "_post_forward_indices", []).clear()
-    # (FSDP2's internals: where a torch names them otherwise, nothing is cleared, as before)
-    getattr(getattr(model._get_fsdp_state(), "_comm_ctx", None), "post_forward_order", []).clear()
+            indices = getattr(group, "_post_forward_indices", None)
+            found = found and indices is not None
+            if indices is not None:
+                indices.clear()
+    order = getattr(getattr(model._get_fsdp_state(), "_comm_ctx", None), "post_forward_order", None)
+    if order is not None:
+        order.clear()
+    if (order is None or not found) and not _warned_fsdp_internals:
+        # (FSDP2's internals, named otherwise in this torch: a rank that sampled nothing may hang the others)
+        _warned_fsdp_internals.append(True)
+        warnings.warn(f"pyllm: torch {torch.__version__}'s FSDP2 keeps its post-forward order under other names: "
+                      "the sampling's forwards are not forgotten, and ranks that sample different numbers of "
+                      "prompts may hang in the next backward", stacklevel=2)
+
+
+_warned_fsdp_internals: list = []
 
 
 def _set_reshard_after_forward(block, reshard: bool) -> None:
@@ -1350,6 +1364,11 @@ def _reward_model(spec: str, policy: LLM, precision: str, device: torch.device,
                              for row, text in zip(rows, texts)]
             T = max(x.shape[1], min(max(map(len, conversations)), rm.config.block_size))
             x, _, cu, at = pack_replies(conversations, [[] for _ in conversations], T, x.device)
+        elif render is not None and not score.warned:
+            score.warned = True  # (once: a batch of text prompts, or data prepared without its .rows.jsonl)
+            print(f"pyllm: grpo_reward {spec}: samples whose rows are not all chat prompts are scored as sampled, "
+                  "not rendered again with the chat template (the data's .rows.jsonl gives the prompts)",
+                  file=sys.stderr)
         elif opening and closing and any(p[-len(opening):] == opening for p in prompt_ids):
             replies = [(c[:-1] if c and c[-1] in stops else c) + closing if p[-len(opening):] == opening else c
                        for p, c in zip(prompt_ids, completion_ids)]
@@ -1358,7 +1377,7 @@ def _reward_model(spec: str, policy: LLM, precision: str, device: torch.device,
         with autocast(precision, device):
             return rm(x, None, cu, scores=True)[1][at, 0].float().cpu()
 
-    score.model = rm  # (its FLOPs: the trainer's MFU)
+    score.model, score.warned = rm, False  # (its FLOPs: the trainer's MFU)
     return score
 
 
@@ -1639,6 +1658,7 @@ def start_rank_rng(ckpt: dict | None, cfg: TrainConfig, info: DistInfo, step: in
 
 # Checkpoints hold the full (unsharded) model and optimizer state in the single-process format
 # whatever the dist_mode, so a run may resume under another mode or number of processes.
+
 
 def full_model_state(model, cfg: TrainConfig, info: DistInfo) -> dict:
     """The model's state dict; under FSDP2 gathered from the shards (collective: every rank calls)."""

@@ -153,3 +153,22 @@ def all_pairs(axes: list[tuple[str, list, list[str] | None]], every: bool = Fals
             ids.append(axis_ids[i] if axis_ids is not None else str(value))
         params.append(pytest.param(*values, id="-".join(reversed(ids))))
     return pytest.mark.parametrize(", ".join(names), params)
+
+
+def run_torchrun(command: list[str], timeout: float, **kwargs):
+    """subprocess.run of a torch.distributed.run command whose workers go with it on a timeout:
+    subprocess.run kills the launcher alone, and its workers, hung in a collective (and deaf to
+    SIGTERM: pyllm's stop request waits for the step), stayed up to gloo's 30 minutes."""
+    import os
+    import signal
+    import subprocess
+
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, **kwargs)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)

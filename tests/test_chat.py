@@ -7,7 +7,6 @@ import json
 import os
 import random
 import shutil
-import subprocess
 import sys
 
 import numpy as np
@@ -19,6 +18,8 @@ from hypothesis import strategies as st
 from pyllm import cli, data
 from pyllm.tokenizer import Tokenizer
 from pyllm.tokenizer.tokenizer import hf_chat_prompt, hf_chat_spans, hf_chat_tokens
+
+from helpers import run_torchrun
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -237,6 +238,7 @@ def test_template_inputs_as_transformers_gives_them(folders, tmp_path):
     with pytest.raises(ValueError, match="opens with an assistant message"):
         hf_chat_spans(folder, opening)
     assert hf_chat_spans(folder, [{**opening[0], "weight": 0}, *opening[1:]])[1] == []
+
 
 def test_template_changes_are_seen(folders, tmp_path):
     # The compiled template is cached per folder, and compiled again when the file changes.
@@ -768,7 +770,6 @@ def test_chat_template_given_renders_the_training_conversations(tmp_path, capsys
     assert "--data holds none" in capsys.readouterr().err
 
 
-
 def test_token_files_are_made_again_when_a_template_they_were_rendered_with_changes(tmp_path, capsys):
     # save_pretrained's additional_chat_templates/tool_use.jinja renders the rows with tools, and
     # special_tokens_map.json gives older folders' bos / eos: an edit of either had reused the token
@@ -779,9 +780,9 @@ def test_token_files_are_made_again_when_a_template_they_were_rendered_with_chan
     tool_use.write_text("{{ 'TOOLS ' + (tools | tojson) + '\\n' }}" + PLAIN)
     tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {}}}}]
     rows = tmp_path / "tools.jsonl"
-    rows.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"what is {i} plus 1?"},
-                                                     {"role": "assistant", "content": f"{i + 1}"}], "tools": tools}) + "\n"
-                            for i in range(20)))
+    talks = [[{"role": "user", "content": f"what is {i} plus 1?"}, {"role": "assistant", "content": f"{i + 1}"}]
+             for i in range(20)]
+    rows.write_text("".join(json.dumps({"messages": talk, "tools": tools}) + "\n" for talk in talks))
     args = train_args(folder, rows, tmp_path / "run", "--max-steps", "1", "--batch-size", "2", "--seq-len", "96")
     assert cli.main(args) == 0
     assert cli.main(args) == 0 and "data: reusing" in capsys.readouterr().out
@@ -807,7 +808,8 @@ def test_a_row_its_chat_template_fails_on_is_named(tmp_path):
     path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in (good, [good[0], good[0], good[1]])))
     with pytest.raises(ValueError, match=r"c.jsonl:2: .*roles must alternate"):
         data.prepare_chat([path], tokenizer, folder, tmp_path / "out", show_progress=False)
-    path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in (good, good, [good[0], {**good[1], "tool_calls": None}])))
+    no_call = [good[0], {**good[1], "tool_calls": None}]
+    path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in (good, good, no_call)))
     with pytest.raises(ValueError, match=r"c.jsonl:3: the chat template failed \(UndefinedError\)"):
         data.prepare_chat([path], tokenizer, folder, tmp_path / "out", show_progress=False)
 
@@ -822,6 +824,7 @@ def reward_model_of(folder, tokenizer, path):
     rm.config.pad_token_id = tokenizer.special_tokens["<|endoftext|>"]
     rm.to_hf(path)
     return rm.eval()
+
 
 def test_grpo_reward_model_reads_a_reply_framed_as_the_template_frames_it(chat_run_inputs, tmp_path):
     # A reward model trained on conversations saw each reply end as the chat template ends it (ChatML:
@@ -855,12 +858,14 @@ def test_grpo_reward_model_reads_a_reply_framed_as_the_template_frames_it(chat_r
     np.testing.assert_allclose(got.tolist(), want, rtol=1e-5)
 
 
-def test_grpo_reward_model_reads_a_sample_rendered_again_where_framing_fails(tmp_path):
+def test_grpo_reward_model_reads_a_sample_rendered_again_where_framing_fails(tmp_path, capsys):
     # Qwen3's template puts an empty think block between its generation prompt and a reply where none
     # was given, so no prompt + reply + ending describes how a reward model trained on its
     # conversations saw a reply: the sample is decoded and the conversation rendered again, as TRL's
     # GRPOTrainer does for its reward model (apply_chat_template of prompt + completion, its text
-    # tokenized again); samples had been scored as sampled, a think block the model had not seen.
+    # tokenized again; with the row's chat_template_kwargs, as pyllm renders the row's prompt, where
+    # TRL 1.16 takes GRPOConfig's for every row); samples had been scored as sampled, a think block
+    # the model had not seen.
     trl = pytest.importorskip("trl")
     from pathlib import Path
 
@@ -901,10 +906,13 @@ def test_grpo_reward_model_reads_a_sample_rendered_again_where_framing_fails(tmp
         sampled = [rm(torch.tensor([p + s]), scores=True)[1][0, 0].item() for p, s in zip(prompts, samples)]
     np.testing.assert_allclose(got.tolist(), want, rtol=1e-5)
     assert abs(got[1].item() - sampled[1]) > 1e-3  # (the empty think block: another sequence than as sampled)
-    # rows of text prompts (and no rows at all) are scored as sampled
+    # rows of text prompts (and no rows at all) are scored as sampled, saying so once
+    capsys.readouterr()
     np.testing.assert_allclose(reward(prompts, samples, packed, None).tolist(), sampled, rtol=1e-5)
-    np.testing.assert_allclose(reward(prompts[3:], samples[3:], trainer.pack_replies(prompts[3:], samples[3:], 96, "cpu"),
-                                      rows[3:]).tolist(), sampled[3:], rtol=1e-5)
+    assert "scored as sampled, not rendered again" in capsys.readouterr().err
+    packed_text = trainer.pack_replies(prompts[3:], samples[3:], 96, "cpu")
+    np.testing.assert_allclose(reward(prompts[3:], samples[3:], packed_text, rows[3:]).tolist(), sampled[3:], rtol=1e-5)
+
 
 def test_grpo_from_a_hugging_face_model(chat_run_inputs, tmp_path):
     # `pyllm train --grpo-reward module:function`: samples ending at the checkpoint's end-of-sequence
@@ -1336,8 +1344,9 @@ def test_a_template_that_moves_the_system_message_finds_each_reply_in_place(tmp_
 
 # a template that moves the system message as Mistral's does, with a generation prompt ending in a space
 MOVING_SYSTEM = (
-    "{%- set ns = namespace(last=-1) %}{%- for m in messages %}{%- if m.role == 'user' %}{%- set ns.last = loop.index0 %}"
-    "{%- endif %}{%- endfor %}{%- for m in messages %}{%- if m.role == 'user' %}User: "
+    "{%- set ns = namespace(last=-1) %}{%- for m in messages %}"
+    "{%- if m.role == 'user' %}{%- set ns.last = loop.index0 %}{%- endif %}{%- endfor %}"
+    "{%- for m in messages %}{%- if m.role == 'user' %}User: "
     "{%- if loop.index0 == ns.last and messages[0].role == 'system' %}{{ ' ' + messages[0].content }}{%- endif %}"
     "{{ ' ' + m.content + '\\n' }}{%- elif m.role == 'assistant' %}Assistant: {{ m.content + eos_token + '\\n' }}"
     "{%- endif %}{%- endfor %}{%- if add_generation_prompt %}Assistant: {% endif %}")
@@ -1350,7 +1359,6 @@ def test_a_reply_found_in_place_has_the_space_before_it_its_template_gives_it(tm
     # at the reply's text, and a SentencePiece "\u2581" alone before a digit went untrained, where
     # rendering prefixes, TRL's completion mask and a {% generation %} block train it (from the
     # tool-calling audit); a space a generation prompt ends in ("Assistant: ") stays the prompt's
-    transformers = pytest.importorskip("transformers")
     talk = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "What is 20 plus 1?"},
             {"role": "assistant", "content": reply}, {"role": "user", "content": "Sure?"},
             {"role": "assistant", "content": reply}]
@@ -1426,10 +1434,9 @@ def test_a_rank_without_trained_tokens_still_steps(cut_chats, tmp_path, mode):
     args = dict(data_dir=str(tmp_path / "one" / "data"), out_dir=str(tmp_path / "two"), init_from_hf=str(folder),
                 batch_size=1, seq_len=48, max_steps=6, lr=1e-3, warmup_steps=1, eval_every=0, eval_batches=1,
                 seed=5, device="cpu", dist_mode=mode, progress=False)
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "--no-python", sys.executable, "-c", RANK_WEIGHTS_WORKER, json.dumps(args)],
-                         capture_output=True, text=True, timeout=300, cwd=tmp_path,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out = run_torchrun([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "--no-python", sys.executable, "-c", RANK_WEIGHTS_WORKER, json.dumps(args)],
+                       timeout=300, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
     assert float(out.stdout.split("APART")[1].split()[0]) == 0.0
     two = [json.loads(line) for line in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
@@ -1455,8 +1462,7 @@ def test_grpo_under_fsdp_with_a_rank_without_samples(tmp_path):
                "--seq-len", "48", "--batch-size", "1", "--max-steps", "4", "--eval-every", "0", "--sample-tokens", "0",
                "--grpo-reward", f"{tmp_path / 'rw.py'}:r", "--grpo-generations", "3", "--grpo-max-new-tokens", "6",
                "--dist-mode", "fsdp", "--seed", "5", "--out", str(tmp_path / "run")]
-    out = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=tmp_path,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out = run_torchrun(command, timeout=240, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert len(log) == 4 and all(r["skipped"] == (r["tokens"] == 0) for r in log)

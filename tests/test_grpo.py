@@ -15,6 +15,7 @@ from pyllm import train as trainer
 from pyllm.model import LLM, ModelConfig
 from pyllm.train import TrainConfig
 
+from helpers import run_torchrun
 from test_train import TINY, chat_dir, config, data_dir, losses, pairs_dir, run_two_processes  # noqa: F401  (fixtures)
 
 SPEC = "test_grpo:sevens"  # the reward function below, as "module:function"
@@ -261,6 +262,7 @@ def test_grpo_advantages_leave_out_unscored_samples(scale):
     assert rollout["advantages"][1] == 0 and rollout["advantages"][7] == 0 and rollout["tokens"] == 9
     if scale == "group":  # TRL's numbers for the group [1, None, 0, 1]
         assert rollout["advantages"][:4].tolist() == pytest.approx([0.5773, 0.0, -1.1545, 0.5773], abs=1e-4)
+
 
 def test_grpo_leaves_out_conversations_cut_from_their_rows(chat_dir):  # noqa: F811
     # A conversation longer than the row is cut: its last reply in the row is not the one its row
@@ -674,10 +676,10 @@ def test_on_policy_distillation_on_two_processes_is_one_process(chat_dir, tmp_pa
         {**common, "batch_size": 4, "out_dir": str(tmp_path / "one")})], capture_output=True, text=True, timeout=300,
         env=env, cwd=tmp_path)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "--no-python", sys.executable, "-c", FIXED_SAMPLES_WORKER, json.dumps(
-                              {**common, "batch_size": 2, "out_dir": str(tmp_path / "two")})],
-                         capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    two = run_torchrun([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "--no-python", sys.executable, "-c", FIXED_SAMPLES_WORKER, json.dumps(
+                            {**common, "batch_size": 2, "out_dir": str(tmp_path / "two")})],
+                       timeout=300, env=env, cwd=tmp_path)
     assert two.returncode == 0, two.stderr[-3000:]
     logs = [[json.loads(line) for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
             for run in ("one", "two")]

@@ -37,7 +37,6 @@ def test_import_and_version():
                            "flash_attn_func", "reuse_cpu_memory", "pyllm.plan", "main"]
 
 
-
 def _flagged_functions():
     import pyllm.flash_attn_interface as fai
     import pyllm.nn

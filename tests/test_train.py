@@ -1640,3 +1640,30 @@ def test_reward_pad_id_as_trls_reward_trainer_sets_it(tmp_path):
     tok.save(str(tmp_path / "tok.bpe"))
     assert trainer.reward_pad_id(TrainConfig(tokenizer=str(tmp_path / "tok.bpe"))) == tok.special_tokens["<|endoftext|>"]
     assert trainer.reward_pad_id(TrainConfig()) is None
+
+
+def test_gathered_forgets_the_sampling_forwards():
+    # gathered() leaves FSDP2 no record of the sampling's forwards (their order had been kept for the
+    # next backward's prefetching: 3 processes, one of which sampled nothing, hung there), checked in
+    # one gloo process, so that a torch naming those internals otherwise fails here, not in a hang
+    if not hasattr(torch.cpu.Stream, "record_event"):
+        pytest.skip("FSDP2 on the CPU needs torch >= 2.7 (torch.cpu.Stream.record_event)")
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = LLM(ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=2, block_size=16))
+        for block in model.blocks:
+            fully_shard(block)
+        fully_shard(model)
+        with trainer.gathered(model), torch.no_grad():
+            model.generate_batch([[1, 2, 3]], 3, 1.0, generator=torch.Generator().manual_seed(0))
+        assert model._get_fsdp_state()._comm_ctx.post_forward_order == []
+        states = [m._get_fsdp_state() for m in model.modules() if hasattr(m, "_get_fsdp_state")]
+        groups = [g for state in states for g in (getattr(state, "_fsdp_param_groups", None)
+                                                  or [state._fsdp_param_group]) if g is not None]
+        assert groups and all(not g._post_forward_indices for g in groups)
+    finally:
+        dist.destroy_process_group()

@@ -131,8 +131,8 @@ def liger_ce_fn():
 def measure(impls: dict, inputs: tuple, targets, repeat: int, device: str, labels: dict,
             objectives=(("ce", 0.0), ("ce+z", Z))) -> list[dict]:
     """One row per impl and objective (name, the loss functions' last argument): fwd+bwd of the
-    loss for the gradients of inputs. An impl marked overwrites_input gets its own copy of inputs,
-    refreshed untimed before every call."""
+    loss for the gradients of inputs, each impl's gradients checked against torch's before timing.
+    An impl marked overwrites_input gets its own copy of inputs, refreshed untimed before every call."""
     copies = {name: [t.clone() for t in inputs] for name, fn in impls.items() if getattr(fn, "overwrites_input", False)}
 
     def refresh():
@@ -149,9 +149,13 @@ def measure(impls: dict, inputs: tuple, targets, repeat: int, device: str, label
             return step
 
         runs = {name: step_of(fn, copies.get(name, inputs)) for name, fn in impls.items()}
-        for run in runs.values():  # warm up (and compile) outside the timing
+        refresh()
+        expected = runs["torch"]()  # (each run once untimed: the warm-up, and compiles)
+        for name, run in runs.items():  # the same gradients, or no ratio (a fast wrong result is not timed)
             refresh()
-            run()
+            got = run()
+            if name != "torch":
+                common.check_close(got, expected, f"{name} vs torch, {labels}, {objective}")
         seconds = common.interleaved_seconds(runs, repeat, device, before=refresh if copies else None)
         refresh()
         losses = {name: float(fn(*copies.get(name, inputs), targets, z_loss)) for name, fn in impls.items()}

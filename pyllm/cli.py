@@ -425,17 +425,6 @@ def recorded_tokenizer(data_dir: Path) -> Path | None:
     return None
 
 
-def chat_template_stamp(folder) -> str:
-    """sha1 of what a folder's chat templates are read from: tokenizer_config.json, chat_template.jinja,
-    special_tokens_map.json (its bos / eos tokens) and save_pretrained's additional_chat_templates/*.jinja
-    (the "tool_use" template rendered for rows with tools), so token files made with another text are
-    made again."""
-    folder = Path(folder)
-    files = [folder / name for name in ("tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")]
-    files += sorted((folder / "additional_chat_templates").glob("*.jinja"))
-    return hashlib.sha1(b"".join(p.name.encode() + b"\0" + p.read_bytes() for p in files if p.is_file())).hexdigest()
-
-
 def ensure_token_files(inputs, tokenizer, tokenizer_path: Path, out_dir: Path, val_fraction: float,
                        doc_markers: dict | None = None, chat_folder: Path | None = None, rows: bool = True) -> Path:
     """out_dir/train.bin and val.bin for inputs, reused when made from the same inputs, tokenizer
@@ -458,7 +447,9 @@ def ensure_token_files(inputs, tokenizer, tokenizer_path: Path, out_dir: Path, v
     if examples:
         meta["chat_template_of"] = str(Path(chat_folder).resolve()) if chat_folder is not None else None
         if chat_folder is not None:  # (its text: a template edited, or another --chat-template, tokenizes again)
-            meta["chat_template_sha1"] = chat_template_stamp(chat_folder)
+            from pyllm.tokenizer.tokenizer import chat_template_sha1
+
+            meta["chat_template_sha1"] = chat_template_sha1(chat_folder)
         meta["rows"] = rows
         meta["inputs_mtime"] = [Path(p).stat().st_mtime for p in inputs]
     if meta_path.exists() and read_json(meta_path) == meta:

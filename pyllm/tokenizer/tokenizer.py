@@ -310,14 +310,32 @@ def _hf_sentencepiece(data: dict, where: str) -> dict | None:
     return {"prepend": "all" if prepends else "never", "split": False}
 
 
+def chat_template_files(folder) -> list[str]:
+    """The files a folder's chat template is made from: tokenizer_config.json, chat_template.jinja,
+    special_tokens_map.json (bos / eos only there in older folders) and save_pretrained's
+    additional_chat_templates/*.jinja ("tool_use", rendered where tools are given); those that are
+    not there among them."""
+    folder = os.fspath(folder)
+    files = [os.path.join(folder, name) for name in ("tokenizer_config.json", "chat_template.jinja",
+                                                       "special_tokens_map.json")]
+    named = os.path.join(folder, "additional_chat_templates")
+    if os.path.isdir(named):
+        files += sorted(os.path.join(named, name) for name in os.listdir(named) if name.endswith(".jinja"))
+    return files
+
+
+def chat_template_sha1(folder) -> str:
+    """sha1 of the text of chat_template_files: token files rendered with another text are made again
+    (a changed tool_use.jinja or special_tokens_map.json had reused them)."""
+    return hashlib.sha1(b"".join(os.path.basename(p).encode() + b"\0" + Path(p).read_bytes()
+                                 for p in chat_template_files(folder) if os.path.isfile(p))).hexdigest()
+
+
 def _chat_template(folder, tools=None) -> tuple:
     """_compiled_chat_template of folder, compiled again when its files change; its "tool_use"
     template where tools are given and it has one (transformers' get_chat_template)."""
     folder = os.path.abspath(os.fspath(folder))
-    stamps = tuple(os.stat(p).st_mtime_ns if os.path.exists(p) else None
-                   for p in (os.path.join(folder, "tokenizer_config.json"), os.path.join(folder, "chat_template.jinja"),
-                             os.path.join(folder, "special_tokens_map.json"),
-                             os.path.join(folder, "additional_chat_templates", "tool_use.jinja")))
+    stamps = tuple((p, os.stat(p).st_mtime_ns if os.path.exists(p) else None) for p in chat_template_files(folder))
     return _compiled_chat_template(folder, stamps, "tool_use" if tools is not None else "default")
 
 

@@ -591,12 +591,13 @@ def hf_chat_spans(folder, messages: list[dict], train_from: int = 0, tools: list
     text, spans = render(messages), []
     eos = variables.get("eos_token")
 
-    def in_place(i: int) -> tuple[int, int] | None:
+    def in_place(i: int, before: str) -> tuple[int, int] | None:
         """Reply i's span found inside the whole conversation, for a template that renders the turns
         before it differently alone (Mistral v0.3's system message in the last user turn only): the
         conversation rendered with the reply's content as a sentinel, the reply where the sentinel
         is, as written (trimmed at most), then the end of turn the template writes after it. None
-        where the reply is rewritten (a reasoning dropped, Qwen3's): not guessed at."""
+        where the reply is rewritten (a reasoning dropped, Qwen3's): not guessed at. before: the
+        conversation before it with the generation prompt, as rendered alone."""
         content, sentinel = messages[i].get("content"), "\ue000pyllm-reply\ue001"
         if not isinstance(content, str) or not content.strip() or any(k in messages[i] for k in _REASONING_FIELDS):
             return None
@@ -619,8 +620,8 @@ def hf_chat_spans(folder, messages: list[dict], train_from: int = 0, tools: list
         # generation prompt ends in, the prompt's
         spaces = len(text[:start]) - len(text[:start].rstrip(" \t"))
         try:
-            prompt, bare = render(messages[:i], add_generation_prompt=True), render(messages[:i])
-            generation = prompt[len(bare):] if prompt.startswith(bare) else ""
+            bare = render(messages[:i])
+            generation = before[len(bare):] if before.startswith(bare) else ""
         except Exception:  # (a template that refuses the turns before alone: Mistral's roles must alternate)
             generation = ""
         if generation and text[:start].endswith(generation):
@@ -651,7 +652,7 @@ def hf_chat_spans(folder, messages: list[dict], train_from: int = 0, tools: list
                 text.startswith(through[:-len(eos)])):
             # a conversation the template ends with eos_token (Phi-3's end-of-text) where the whole one goes on
             through = through[:-len(eos)]
-        if not (through.startswith(before) and text.startswith(through)) and (span := in_place(i)) is not None:
+        if not (through.startswith(before) and text.startswith(through)) and (span := in_place(i, before)) is not None:
             spans.append(span)
             continue
         if not (through.startswith(before) and text.startswith(through)):

@@ -1187,6 +1187,14 @@ def _without_stop(ids: list[int], stops: set) -> list[int]:
     return ids[:-1] if ids and ids[-1] in stops else ids
 
 
+def _completion_decoder(tokenizer, stops: set):
+    """sample ids -> the text TRL's GRPOTrainer decodes them to: without the stop token it ended at
+    and what transformers' decode(skip_special_tokens=True) leaves out, the special tokens (not the
+    added ones matched as text: Qwen's <think>, "special": false)."""
+    skipped = set(tokenizer.special_ids()) if hasattr(tokenizer, "special_ids") else set()
+    return lambda ids: tokenizer.decode([t for t in _without_stop(ids, stops) if t not in skipped])
+
+
 def reward_names(spec: str) -> list[str]:
     """Each reward's name in the log (rewards/<name>): a function's name, a reward model's folder's."""
     return [part.rsplit(":", 1)[1] if _is_function_spec(part) else Path(part).name or part for part in spec.split(",")]
@@ -1245,9 +1253,7 @@ def _reward_module(module: str):
 def _reward_function(function, spec: str, tokenizer, stops: set, max_steps: int = 0):
     import types
 
-    # what transformers' decode(skip_special_tokens=True) leaves out, as TRL decodes the completions:
-    # special tokens, not the added ones matched as text (Qwen's <think>, "special": false)
-    skipped = set(tokenizer.special_ids()) if hasattr(tokenizer, "special_ids") else set()
+    decode = _completion_decoder(tokenizer, stops) if tokenizer is not None else None
     metrics: dict[str, list[float]] = {}
 
     def log_metric(name: str, value: float) -> None:  # TRL's: averaged over the step's calls and the ranks
@@ -1259,8 +1265,7 @@ def _reward_function(function, spec: str, tokenizer, stops: set, max_steps: int 
     def reward(prompt_ids, completion_ids, packed, rows, step: int | None = None):
         reward.extra = {}
         if tokenizer is not None:
-            completions = [tokenizer.decode([t for t in _without_stop(ids, stops) if t not in skipped])
-                           for ids in completion_ids]
+            completions = [decode(ids) for ids in completion_ids]
             prompts = [row["prompt"] for row in rows] if rows else [tokenizer.decode(ids) for ids in prompt_ids]
             completions = [[{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
                            for prompt, text in zip(prompts, completions)]
@@ -1353,15 +1358,14 @@ def _reward_model(spec: str, policy: LLM, precision: str, device: torch.device,
                          f"{policy.config.vocab_size}: it scores the policy's token ids (the same tokenizer)")
 
     opening, closing = framing
-    skipped = set(tokenizer.special_ids()) if render is not None else set()  # (TRL's skip_special_tokens)
+    decode = _completion_decoder(tokenizer, stops) if render is not None else None  # (as reward functions get them)
 
     @torch.no_grad()
     def score(prompt_ids, completion_ids, packed, rows, step=None):
         x, _, cu, at = packed
         if render is not None and rows and all(row is not None and isinstance(row.get("prompt"), list) for row in rows):
-            texts = [tokenizer.decode([t for t in _without_stop(c, stops) if t not in skipped]) for c in completion_ids]
-            conversations = [render(row["prompt"], text, row.get("chat_template_kwargs"))
-                             for row, text in zip(rows, texts)]
+            conversations = [render(row["prompt"], decode(ids), row.get("chat_template_kwargs"))
+                             for row, ids in zip(rows, completion_ids)]
             T = max(x.shape[1], min(max(map(len, conversations)), rm.config.block_size))
             x, _, cu, at = pack_replies(conversations, [[] for _ in conversations], T, x.device)
         elif render is not None and not score.warned:

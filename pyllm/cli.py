@@ -1453,12 +1453,10 @@ def generate_file(model, tokenizer, args, prefix_ids, stop_tokens, source) -> in
         prompts.extend([record["prompt"]] * args.num_samples)  # --num-samples completions of each, in a row
     args.batch_size = 16 if args.batch_size is None else args.batch_size
 
-    template_kwargs = getattr(args, "chat_template_kwargs", None) or {}
-
     def ids_of(prompt: str) -> list[int]:
         if args.chat:  # the template writes the BOS and the turn markers itself
-            return tokenizer.encode(hf_chat_prompt(source, [{"role": "user", "content": prompt}], **template_kwargs),
-                                    allowed_special="all")
+            return tokenizer.encode(hf_chat_prompt(source, [{"role": "user", "content": prompt}],
+                                                   **args.chat_template_kwargs), allowed_special="all")
         return [*prefix_ids, *prompt_tokens(tokenizer, prompt)] or start_ids(tokenizer)
 
     def one_by_one(ids: list[int]) -> list[int]:
@@ -1579,12 +1577,13 @@ def cmd_generate(args) -> int:
         args.prompt = path.read_text(encoding="utf-8")
     alone = [flag for flag, given, needs in (("--out", args.out, args.prompts_file), ("--batch-size", args.batch_size,
              args.prompts_file), ("--draft-tokens", args.draft_tokens, args.draft),
-             ("--chat-template-kwargs", getattr(args, "chat_template_kwargs", None), args.chat))
+             ("--chat-template-kwargs", args.chat_template_kwargs, args.chat))
              if given is not None and not needs]
     if alone:
         needed = {"--draft-tokens": "--draft", "--chat-template-kwargs": "--chat"}.get(alone[0], "--prompts-file")
         raise ValueError(f"{alone[0]} goes with {needed} (without it, it would be ignored)")
     args.draft_tokens = 4 if args.draft_tokens is None else args.draft_tokens
+    args.chat_template_kwargs = args.chat_template_kwargs or {}
     model, tokenizer, prefix, source = load_model(args)
     if args.prompt is None:
         args.prompt = default_prompt(tokenizer)
@@ -1597,8 +1596,7 @@ def cmd_generate(args) -> int:
         stops = hf_stop_ids(source) if source is not None else ([] if eot is None else [eot])
     if source is not None:
         if args.chat:  # the template writes the BOS and the turn markers itself
-            text = hf_chat_prompt(source, [{"role": "user", "content": args.prompt}],
-                                  **(getattr(args, "chat_template_kwargs", None) or {}))
+            text = hf_chat_prompt(source, [{"role": "user", "content": args.prompt}], **args.chat_template_kwargs)
             prompt_ids = tokenizer.encode(text, allowed_special="all")
     device, dtype = inference_device_dtype(args)
     model = model.to(device=device, dtype=getattr(torch, GENERATE_DTYPES[dtype])).eval()

@@ -335,11 +335,9 @@ def memory_rows(device: str, impls: dict, h: int, quick: bool) -> list[dict]:
     rows = []
     # The GPU's quick run still reaches 16k (a few ms per call there).
     for t in ((256, 1024, 4096, 16384) if device == "cuda" else (256, 1024, 2048, 4096)) if quick else (256, 2048, 4096, 8192, 16384):
-        q, k, v, dout = (torch.randn(1, t, h, 128, device=device, dtype=torch.bfloat16) for _ in range(4))
         for name, fn in impls.items():
             if name in VARIANT_ENV:
                 continue
-            leaves = [x.detach().requires_grad_() for x in (q, k, v)]
             try:
                 if device == "cpu" and t != 256:
                     # A fresh process per row: pyllm's CPU kernels keep per-thread scratch across calls, so in
@@ -347,7 +345,7 @@ def memory_rows(device: str, impls: dict, h: int, quick: bool) -> list[dict]:
                     # read 173 MiB in the bench's order against 218 measured alone, after the same warm-up).
                     mb = _peak_mib_in_fresh_process(name, t, h)
                 else:
-                    mb = common.peak_memory_mb(lambda: torch.autograd.grad(fn(*leaves, True), leaves, dout), device)
+                    mb = peak_mib(fn, t, h, device)
             except RuntimeError as e:
                 rows.append({"dtype": "bfloat16", "B": 1, "T": t, "D": 128, "causal": True,
                              "mode": "peak MiB fwd+bwd", "impl": name, "ms": "n/a", "note": str(e)[:60]})
@@ -359,6 +357,13 @@ def memory_rows(device: str, impls: dict, h: int, quick: bool) -> list[dict]:
                          "impl": name, "ms": round(mb, 1), "unit": "MiB", "mib": round(mb, 1),
                          "note": f"{mb / t * 1024:.2f} MiB per 1k tokens"})
     return rows
+
+
+def peak_mib(fn, t: int, h: int, device: str) -> float:
+    """Peak MiB of one causal bf16 forward + backward of fn at length t (B = 1, H = h, D = 128)."""
+    q, k, v, dout = (torch.randn(1, t, h, 128, device=device, dtype=torch.bfloat16) for _ in range(4))
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    return common.peak_memory_mb(lambda: torch.autograd.grad(fn(*leaves, True), leaves, dout), device)
 
 
 def _peak_mib_in_fresh_process(name: str, t: int, h: int) -> float:
@@ -376,11 +381,8 @@ def _peak_mib_in_fresh_process(name: str, t: int, h: int) -> float:
 def _memory_one(spec: str, h: int) -> int:
     name, t = spec.rsplit(",", 1)
     fn = impls_for("cpu")[name]
-    for length in (256, int(t)):
-        q, k, v, dout = (torch.randn(1, length, h, 128, dtype=torch.bfloat16) for _ in range(4))
-        leaves = [x.detach().requires_grad_() for x in (q, k, v)]
-        mb = common.peak_memory_mb(lambda: torch.autograd.grad(fn(*leaves, True), leaves, dout), "cpu")
-    print(mb)
+    peak_mib(fn, 256, h, "cpu")  # (memory_rows' warm-up)
+    print(peak_mib(fn, int(t), h, "cpu"))
     return 0
 
 

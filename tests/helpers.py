@@ -155,14 +155,17 @@ def all_pairs(axes: list[tuple[str, list, list[str] | None]], every: bool = Fals
     return pytest.mark.parametrize(", ".join(names), params)
 
 
-def run_torchrun(command: list[str], timeout: float, **kwargs):
-    """subprocess.run of a torch.distributed.run command whose workers go with it on a timeout:
-    subprocess.run kills the launcher alone, and its workers, hung in a collective (and deaf to
-    SIGTERM: pyllm's stop request waits for the step), stayed up to gloo's 30 minutes."""
+def run_torchrun(processes: int, args: list[str], timeout: float, **kwargs):
+    """subprocess.run of `torchrun --standalone --nproc_per_node <processes> <args>` (as this
+    Python's torch.distributed.run) whose workers go with it on a timeout: subprocess.run kills the
+    launcher alone, and its workers, hung in a collective (and deaf to SIGTERM: pyllm's stop request
+    waits for the step), stayed up to gloo's 30 minutes."""
     import os
     import signal
     import subprocess
+    import sys
 
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes), *args]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, **kwargs)
     try:

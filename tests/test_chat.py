@@ -1434,8 +1434,7 @@ def test_a_rank_without_trained_tokens_still_steps(cut_chats, tmp_path, mode):
     args = dict(data_dir=str(tmp_path / "one" / "data"), out_dir=str(tmp_path / "two"), init_from_hf=str(folder),
                 batch_size=1, seq_len=48, max_steps=6, lr=1e-3, warmup_steps=1, eval_every=0, eval_batches=1,
                 seed=5, device="cpu", dist_mode=mode, progress=False)
-    out = run_torchrun([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        "--no-python", sys.executable, "-c", RANK_WEIGHTS_WORKER, json.dumps(args)],
+    out = run_torchrun(2, ["--no-python", sys.executable, "-c", RANK_WEIGHTS_WORKER, json.dumps(args)],
                        timeout=300, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
     assert float(out.stdout.split("APART")[1].split()[0]) == 0.0
@@ -1457,12 +1456,12 @@ def test_grpo_under_fsdp_with_a_rank_without_samples(tmp_path):
     (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "rw.py").write_text("def r(completions, **kw):\n    return [float(len(str(c))) for c in completions]\n")
     make_folder(tmp_path / "hf", PLAIN, model=True)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "3", "-m", "pyllm",
-               "train", "--device", "cpu", "--init-from-hf", str(tmp_path / "hf"), "--data", str(tmp_path / "p.jsonl"),
-               "--seq-len", "48", "--batch-size", "1", "--max-steps", "4", "--eval-every", "0", "--sample-tokens", "0",
+    command = ["-m", "pyllm", "train", "--device", "cpu", "--init-from-hf", str(tmp_path / "hf"),
+               "--data", str(tmp_path / "p.jsonl"), "--seq-len", "48", "--batch-size", "1", "--max-steps", "4",
+               "--eval-every", "0", "--sample-tokens", "0",
                "--grpo-reward", f"{tmp_path / 'rw.py'}:r", "--grpo-generations", "3", "--grpo-max-new-tokens", "6",
                "--dist-mode", "fsdp", "--seed", "5", "--out", str(tmp_path / "run")]
-    out = run_torchrun(command, timeout=240, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out = run_torchrun(3, command, timeout=240, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert len(log) == 4 and all(r["skipped"] == (r["tokens"] == 0) for r in log)

@@ -1250,8 +1250,8 @@ def test_torchrun_two_cpu_processes_end_to_end(tmp_path):
     trained model's parameters are shards of a process group gone by then: the sample had failed,
     and the job with it, after a finished run)."""
     import os
-    import subprocess
-    import sys
+
+    from helpers import run_torchrun
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -1260,12 +1260,11 @@ def test_torchrun_two_cpu_processes_end_to_end(tmp_path):
     run = tmp_path / "run"
     root = Path(pyllm.__file__).resolve().parent.parent  # the pyllm under test (an sdist's pyllm/ is unbuilt)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "pyllm", "train"]
     small = ["--model", "n_layers=1", "--model", "dim=64", "--model", "n_heads=2", "--model", "block_size=32",
              "--batch-size", "2", "--eval-every", "2", "--eval-batches", "1", "--device", "cpu"]
 
     def torchrun(*args):
-        done = subprocess.run([*launch, *args], cwd=root, env=env, capture_output=True, text=True, timeout=240)
+        done = run_torchrun(2, ["-m", "pyllm", "train", *args], cwd=root, env=env, timeout=240)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         return done.stdout
 

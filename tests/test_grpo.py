@@ -676,10 +676,8 @@ def test_on_policy_distillation_on_two_processes_is_one_process(chat_dir, tmp_pa
         {**common, "batch_size": 4, "out_dir": str(tmp_path / "one")})], capture_output=True, text=True, timeout=300,
         env=env, cwd=tmp_path)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = run_torchrun([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        "--no-python", sys.executable, "-c", FIXED_SAMPLES_WORKER, json.dumps(
-                            {**common, "batch_size": 2, "out_dir": str(tmp_path / "two")})],
-                       timeout=300, env=env, cwd=tmp_path)
+    two = run_torchrun(2, ["--no-python", sys.executable, "-c", FIXED_SAMPLES_WORKER, json.dumps(
+        {**common, "batch_size": 2, "out_dir": str(tmp_path / "two")})], timeout=300, env=env, cwd=tmp_path)
     assert two.returncode == 0, two.stderr[-3000:]
     logs = [[json.loads(line) for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
             for run in ("one", "two")]

@@ -1008,11 +1008,7 @@ def _forget_forwards(model, blocks) -> None:
     having sampled nothing (no prompt got samples), do not make: the ranks' collectives part and hang."""
     found = True
     for m in (model, *blocks):
-        state = m._get_fsdp_state()
-        groups = getattr(state, "_fsdp_param_groups", None)
-        if groups is None:  # (torch < 2.10: one group a module)
-            groups = [getattr(state, "_fsdp_param_group", None)]
-        for group in filter(None, groups):
+        for group in _fsdp_groups(m):
             indices = getattr(group, "_post_forward_indices", None)
             found = found and indices is not None
             if indices is not None:
@@ -1031,14 +1027,23 @@ def _forget_forwards(model, blocks) -> None:
 _warned_fsdp_internals: list = []
 
 
+def _fsdp_groups(module) -> list:
+    """A fully_shard module's FSDP2 parameter groups (internals: several a module from torch 2.10, one
+    before, named otherwise), without the None of a module that holds no parameters of its own."""
+    state = module._get_fsdp_state()
+    groups = getattr(state, "_fsdp_param_groups", None)
+    if groups is None:
+        groups = [getattr(state, "_fsdp_param_group", None)]
+    return [group for group in groups if group is not None]
+
+
 def _set_reshard_after_forward(block, reshard: bool) -> None:
     """FSDPModule.set_reshard_after_forward(reshard, recurse=False); torch 2.6 has no such method: its
     one param group's post-forward mesh is set as fully_shard(reshard_after_forward=reshard) sets it."""
     if hasattr(block, "set_reshard_after_forward"):
         block.set_reshard_after_forward(reshard, recurse=False)
         return
-    group = block._get_fsdp_state()._fsdp_param_group
-    if group is not None:
+    for group in _fsdp_groups(block):
         group.post_forward_mesh_info = group.mesh_info if reshard else None
 
 

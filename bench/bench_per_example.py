@@ -7,8 +7,8 @@ RMSNorm), each two ways, in one process:
                the op allows), the plain model through torch's own rules.
   loop         one forward and backward per example (what a trainer without torch.func does).
 
-Same config, parameter count, examples and process; median ms per batch of per-example gradients
-(their values are tests/test_package.py's: torch.autograd's, example by example).
+Same config, weights (their loss and gradients compared first), examples and process; median ms
+per batch of per-example gradients (their values are tests/test_package.py's: torch.autograd's, example by example).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from bench_train import PlainLLM  # noqa: E402
+from bench_train import PlainLLM, same_function  # noqa: E402
 
 from pyllm.model import LLM, ModelConfig  # noqa: E402
 
@@ -36,10 +36,12 @@ def main() -> int:
     cfg = ModelConfig.from_preset(args.preset, block_size=max(T, ModelConfig.from_preset(args.preset).block_size))
     x = torch.randint(0, cfg.vocab_size, (B, 1, T + 1), device=device)
     idx, targets = x[..., :-1], x[..., 1:]  # (B, 1, T): one example per vmapped slice
+    torch.manual_seed(0)
+    ours = LLM(cfg).to(device)
+    models = {"pyllm": ours, "plain torch": PlainLLM(cfg).to(device).load_pyllm(ours)}  # (the same weights)
+    same_function(ours, models["plain torch"], idx[:, 0], targets[:, 0], "fp32", device)
     rows, times = [], {}
-    for impl in ("pyllm", "plain torch"):
-        torch.manual_seed(0)
-        model = (LLM(cfg) if impl == "pyllm" else PlainLLM(cfg)).to(device)
+    for impl, model in models.items():
         params = {name: p.detach() for name, p in model.named_parameters()}
 
         def loss(params, idx, targets):

@@ -3,14 +3,15 @@
 pyllm: pyllm.model.LLM (its attention / SwiGLU / RMSNorm call sites) and the trainer's optimizer.
 plain PyTorch: the same architecture written here with F.scaled_dot_product_attention, an eager
 SwiGLU (silu(gate) * up), an eager RMSNorm and torch.optim.AdamW(fused=True) (torch has a fused
-CPU AdamW too). Both clip the global grad norm to 1. Each with and without torch.compile (--quick
-skips compile unless --compile is given). Same config, parameter count, batch, precision and
-process; median step time of repeats. --activation-checkpointing recomputes every block in the
-backward in both (torch.utils.checkpoint, non-reentrant, as pyllm's LLM does); "saved MB" is what
-autograd keeps from one forward (saved-tensor hooks: activations, whatever the device), "peak MB"
-the peak memory of one step above what was held before it (CUDA allocator peak; CPU peak RSS). A
-third row, "pyllm fused-loss", computes the loss with pyllm.nn.linear_cross_entropy (LLM.fused_loss):
-the (B, T, vocab) logits and their gradient never exist.
+CPU AdamW too), holding pyllm's model's weights: their losses and gradients are compared first.
+Both clip the global grad norm to 1. Each with and without torch.compile (--quick skips compile
+unless --compile is given). Same config, weights, batch, precision and process; median step time
+of repeats. --activation-checkpointing recomputes every block in the backward in both
+(torch.utils.checkpoint, non-reentrant, as pyllm's LLM does); "saved MB" is what autograd keeps
+from one forward (saved-tensor hooks: activations, whatever the device), "peak MB" the peak memory
+of one step above what was held before it (CUDA allocator peak; CPU peak RSS). A third row, "pyllm
+fused-loss", computes the loss with pyllm.nn.linear_cross_entropy (LLM.fused_loss): the (B, T,
+vocab) logits and their gradient never exist.
 
 MFU = model FLOPs per token (6N + 12 L C T) x tokens/s / the GPU's peak bf16 FLOP/s
 (pyllm.train.PEAK_BF16_FLOPS); n/a on the CPU.
@@ -29,7 +30,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from pyllm.model import LLM, ModelConfig  # noqa: E402
+from pyllm.model import LLM, ModelConfig, state_to_hf  # noqa: E402
 from pyllm.train import DistInfo, TrainConfig, autocast, make_optimizer, peak_flops  # noqa: E402
 
 
@@ -108,6 +109,38 @@ class PlainLLM(nn.Module):
         logits = self.lm_head(self.norm_f(x))
         return logits, F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
 
+    def load_pyllm(self, model: LLM) -> "PlainLLM":
+        """Takes pyllm's model's weights, through its Hugging Face export's names and layouts (whose
+        RoPE rotates halves, as plain_rope): the two models then compute the same function."""
+        plain = {"model.embed_tokens.": "tok_emb.", "model.norm.": "norm_f.", "model.layers.": "blocks.",
+                 "input_layernorm": "norm1", "post_attention_layernorm": "norm2", "self_attn.q_proj": "wq",
+                 "self_attn.k_proj": "wk", "self_attn.v_proj": "wv", "self_attn.o_proj": "wo",
+                 "mlp.gate_proj": "w1", "mlp.up_proj": "w3", "mlp.down_proj": "w2"}
+        state = {}
+        for name, value in state_to_hf(model.state_dict(), model.config, "llama").items():
+            for theirs, ours in plain.items():
+                name = name.replace(theirs, ours)
+            state[name] = value
+        self.load_state_dict(state, strict=False)  # (lm_head: tied to tok_emb)
+        return self
+
+
+def same_function(ours: nn.Module, plain: nn.Module, idx, targets, precision: str, device) -> None:
+    """Raises unless the two models' loss and gradients agree (the plain one holding pyllm's
+    weights): a benchmark of two models must time the same computation."""
+    results = []
+    for model in (ours, plain):
+        model.zero_grad(set_to_none=True)
+        with autocast(precision, device):
+            loss = model(idx, targets)[1]
+        loss.backward()
+        grads = dict(model.named_parameters())
+        results.append([loss.detach().float()] + [grads[n].grad.float() for n in ("tok_emb.weight", "norm_f.weight")])
+        model.zero_grad(set_to_none=True)
+    tol = {} if precision == "fp32" else {"rtol": 2e-2, "atol": 2e-2}
+    common.check_close(results[0], results[1], "pyllm's model vs the plain one (loss, embedding and final norm "
+                                                "gradients)", **tol)
+
 
 def main() -> int:
     parser = common.base_parser(__doc__)
@@ -139,7 +172,10 @@ def main() -> int:
 
     def make(impl):
         torch.manual_seed(0)
-        model = (LLM(cfg) if impl.startswith("pyllm") else PlainLLM(cfg)).to(device)
+        model = LLM(cfg)
+        if not impl.startswith("pyllm"):  # the same weights, in the plain model
+            model = PlainLLM(cfg).load_pyllm(model)
+        model = model.to(device)
         model.activation_checkpointing = args.activation_checkpointing
         if impl == FUSED:
             model.fused_loss = True
@@ -149,9 +185,13 @@ def main() -> int:
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
         return model, opt
 
-    n_params = {impl: sum(p.numel() for p in make(impl)[0].parameters()) for impl in ("pyllm", "plain torch")}
+    models = {impl: make(impl)[0] for impl in ("pyllm", FUSED, "plain torch")}
+    n_params = {impl: sum(p.numel() for p in models[impl].parameters()) for impl in ("pyllm", "plain torch")}
     if n_params["pyllm"] != n_params["plain torch"]:
         raise RuntimeError(f"the two models differ: {n_params}")
+    for impl in ("pyllm", FUSED):
+        same_function(models[impl], models["plain torch"], x[:, :-1], x[:, 1:], precision, device)
+    del models
 
     rows, times = [], {}
     print(f"# train step on {common.device_description(args.device)}: preset {preset} ({n_params['pyllm'] / 1e6:.2f}M params), "

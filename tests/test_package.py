@@ -584,3 +584,28 @@ def test_bench_optim_runs_its_mixed_precision_row():
                           "--tensor-size", "1000000", "--repeat", "2"], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "bf16+master+amp  pyllm" in out.stdout
+
+
+def test_bench_train_times_two_models_of_the_same_weights(monkeypatch):
+    # bench_train / bench_per_example had timed pyllm's model against a plain one initialised on
+    # its own: nothing said the two computed the same function (a swapped gate / up would time on)
+    bench = ROOT / "bench"
+    if not (bench / "bench_train.py").is_file():
+        pytest.skip("needs the source's bench/")
+    monkeypatch.syspath_prepend(str(bench))
+    import bench_train
+
+    from pyllm.model import LLM, ModelConfig
+
+    cfg = ModelConfig.from_preset("tiny", n_layers=2, vocab_size=300)
+    torch.manual_seed(0)
+    ours = LLM(cfg)
+    plain = bench_train.PlainLLM(cfg).load_pyllm(ours)
+    x = torch.randint(0, cfg.vocab_size, (2, 33))
+    for precision in ("fp32", "bf16"):
+        bench_train.same_function(ours, plain, x[:, :-1], x[:, 1:], precision, torch.device("cpu"))
+    with torch.no_grad():
+        block = plain.blocks[1]
+        block.w1.weight, block.w3.weight = block.w3.weight, block.w1.weight
+    with pytest.raises(AssertionError, match="results differ from the peer's, not timed"):
+        bench_train.same_function(ours, plain, x[:, :-1], x[:, 1:], "fp32", torch.device("cpu"))

@@ -885,10 +885,35 @@ def preference_batch_loss(model, batch, reference, labels: np.ndarray | None = N
                              ((chosen_rewards > baseline) == desirable).to(chosen_rewards.dtype).sum() / n,
                              good.sum(), bad.sum(), good.new_tensor(len(good)), bad.new_tensor(len(bad)),
                              kl.clamp(min=0).detach().to(good)])
-    else:
-        stats = torch.stack([chosen_rewards.sum(), rejected_rewards.sum(),
-                             (chosen_rewards > rejected_rewards).sum()]) / n
+    else:  # preference_stat_names(kind)'s sums over the pairs, / n
+        stats = [chosen_rewards.sum(), rejected_rewards.sum(), (chosen_rewards > rejected_rewards).sum()]
+        kind = options.get("kind")
+        if kind != "reward":  # TRL's logps/*: DPOTrainer's summed, CPOTrainer's (simpo) and ORPOTrainer's per token
+            c, r = chosen_logps.detach(), rejected_logps.detach()
+            if kind in ("simpo", "orpo"):
+                c, r = c / tokens[chosen].clamp(min=1), r / tokens[rejected].clamp(min=1)
+            stats += [c.sum(), r.sum()]
+            if kind == "orpo":  # ORPOTrainer's log_odds_ratio (the term's logsigmoid) and log_odds_chosen
+                def log1m_exp(logp):  # log(1 - p), as preference_loss takes it
+                    return torch.log(-torch.expm1(logp.clamp(max=-1e-12)))
+
+                log_odds = (c - r) - (log1m_exp(c) - log1m_exp(r))
+                stats += [-c.sum(), torch.nn.functional.logsigmoid(log_odds).sum(), log_odds.sum()]
+        stats = torch.stack(stats) / n
     return losses.sum() / n, stats
+
+
+def preference_stat_names(kind: str) -> list[str]:
+    """The names in log.jsonl of preference_batch_loss's stats (the KTO ones' first three): TRL's
+    rewards/chosen, rewards/rejected, rewards/accuracies, logps/chosen, logps/rejected and, ORPO's,
+    nll_loss (here the NLL term of pyllm's loss: each pair's mean over its reply, TRL's a token mean
+    over the chosen sequences with their prompts), log_odds_ratio, log_odds_chosen."""
+    names = ["reward_chosen", "reward_rejected", "reward_accuracy"]
+    if kind not in ("reward", "kto"):
+        names += ["logps_chosen", "logps_rejected"]
+    if kind == "orpo":
+        names += ["nll_loss", "log_odds_ratio", "log_odds_chosen"]
+    return names
 
 
 def packed_loss(model, batch) -> torch.Tensor:
@@ -2389,7 +2414,8 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
         loss_sum = torch.zeros((), device=info.device)
         aux_sum = torch.zeros((), device=info.device)  # the part of loss_sum that is load balancing (MoE)
         z_sum = torch.zeros((), device=info.device)  # the part of loss_sum that is z-loss
-        pref_sums = torch.zeros(3, device=info.device)  # mean chosen reward, rejected reward, accuracy
+        pref_names = preference_stat_names(cfg.preference) if cfg.preference else []
+        pref_sums = torch.zeros(len(pref_names), device=info.device)  # their step means (KTO: chosen, rejected)
         # KTO, per micro-step: desirable, undesirable rewards' sums and counts, z (TRL logs each micro-step's
         # means over all ranks, then their mean over the micro-steps)
         kto_sums = torch.zeros(cfg.grad_accum, 5, device=info.device)
@@ -2432,8 +2458,8 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
                                                         loader.margins, fused=(cfg.fused_loss and not cfg.compile
                                                                                and precision != "fp16"),
                                                         **preference_options(cfg))
-                    pref_sums += stats[:3] * weights[micro]
-                    if len(stats) > 3:
+                    pref_sums += stats[:len(pref_names)] * weights[micro]
+                    if cfg.preference == "kto":
                         kto_sums[micro] = stats[3:8]
                 elif reward is not None:
                     loss, loss_stats = grpo_loss(wrapped, batch, cfg, info.world_size)
@@ -2541,7 +2567,8 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
                 del record[names[-1]]
             record.update(reward_metric_means(reward, info))  # (reward functions' log_metric, TRL's)
         if cfg.preference:
-            chosen, rejected, accuracy = all_reduce_mean(pref_sums, info).tolist()
+            means = dict(zip(pref_names, all_reduce_mean(pref_sums, info).tolist()))
+            chosen, rejected, accuracy = (means.pop(f"reward_{name}") for name in ("chosen", "rejected", "accuracy"))
             if cfg.preference == "kto":  # TRL's rewards/chosen, rejected (None when the step had none), kl
                 per = all_reduce_sum(kto_sums, info).tolist()  # (z is every rank's alike: summed world_size times)
                 goods = [g / n for g, _, n, _, _ in per if n]
@@ -2554,7 +2581,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
             else:
                 margin = None if chosen is None or rejected is None else chosen - rejected
             record.update(reward_chosen=chosen, reward_rejected=rejected, reward_margin=margin,
-                          reward_accuracy=accuracy)
+                          reward_accuracy=accuracy, **means)
         if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step == cfg.max_steps - 1:
             if cfg.preference:
                 val_loss, record["val_reward_accuracy"] = evaluate_preference(

@@ -1092,7 +1092,7 @@ def test_preference_batch_loss_is_each_sequence_alone(pairs_dir, kind, options, 
     real = [d for d in batch[3] if d >= 0]
     lengths = [n for n in loader.lengths]
     assert len(real) == len(lengths) and len(real) % 2 == 0 and loader.placed == len(real) // 2
-    terms, rewards = [], []
+    terms, rewards, logged = [], [], []  # logged: TRL's logps/*, ORPO's nll_loss, log_odds_ratio, log_odds_chosen
     for c, r, lc, lr in zip(real[0::2], real[1::2], lengths[0::2], lengths[1::2]):
         assert loader.pairs.tolist().count([c, r]) == 1
         with torch.no_grad():
@@ -1103,14 +1103,39 @@ def test_preference_batch_loss_is_each_sequence_alone(pairs_dir, kind, options, 
                                                        options.get("gamma", 0.5), options.get("label_smoothing", 0.0))
         terms.append(term + options.get("sft_weight", 0.0) * -pc / nc)  # (RPO: the chosen reply's NLL per token)
         rewards.append((chosen_reward.item(), rejected_reward.item()))
+        lc_, lr_ = (pc.item() / nc, pr.item() / nr) if kind in ("simpo", "orpo") else (pc.item(), pr.item())
+        log_odds = (lc_ - lr_) - (math.log1p(-math.exp(lc_)) - math.log1p(-math.exp(lr_)))  # TRL's odds_ratio_loss
+        logged.append((lc_, lr_) + ((-lc_, -math.log1p(math.exp(-log_odds)), log_odds) if kind == "orpo" else ()))
     want = torch.stack(terms).mean()
     want.backward()
     assert loss.item() == pytest.approx(want.item(), rel=1e-12)
     chosen, rejected = np.mean(rewards, axis=0)
     assert stats[0].item() == pytest.approx(chosen, rel=1e-10) and stats[1].item() == pytest.approx(rejected, rel=1e-10)
     assert stats[2].item() == np.mean([a > b for a, b in rewards])
+    assert len(stats) == len(trainer.preference_stat_names(kind))
+    np.testing.assert_allclose(stats[3:].tolist(), np.mean(logged, axis=0), rtol=1e-10)
     for g, p in zip(got, policy.parameters()):
         torch.testing.assert_close(g, p.grad, rtol=1e-9, atol=1e-14)
+
+
+@pytest.mark.parametrize("kind", ["dpo", "orpo"])
+def test_preference_runs_log_trls_metrics(pairs_dir, tmp_path, kind):
+    # TRL's logps/chosen, logps/rejected and ORPOTrainer's nll_loss, log_odds_ratio, log_odds_chosen
+    # had not been logged (an audit against TRL 1.16, 2026-12-06, found the values equal: log odds
+    # ratio -0.6140962 both); ORPO's loss is its NLL term less beta times the log odds ratio.
+    beta = 0.2
+    trainer.train(config(pairs_dir, tmp_path, preference=kind, beta=beta, max_steps=3, eval_every=0, grad_accum=2))
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    for r in log:
+        assert r["logps_chosen"] < 0 and r["logps_rejected"] < 0
+        if kind == "orpo":
+            assert r["loss"] == pytest.approx(r["nll_loss"] - beta * r["log_odds_ratio"], rel=1e-5)
+            assert r["nll_loss"] == pytest.approx(-r["logps_chosen"], rel=1e-6) and r["log_odds_ratio"] < 0
+            assert r["reward_chosen"] == pytest.approx(beta * r["logps_chosen"], rel=1e-6)
+        else:
+            assert "nll_loss" not in r
+    if kind == "dpo":  # the policy starts as the reference: rewards 0, log-probabilities the reference's
+        assert log[0]["reward_chosen"] == pytest.approx(0, abs=1e-6)
 
 
 def test_dpo_learns_and_resumes_exactly(pairs_dir, tmp_path):

@@ -620,7 +620,7 @@ def evaluate_rewards(policy: LLM, path, cfg: TrainConfig, seq_len: int, reward_f
     ...}. rows: the val set's (data.read_rows), or None."""
     loader = make_loader(path, cfg, seq_len, cfg.seed + 1, info)
     R = len(reward_fns)
-    sums = torch.zeros(5 + 2 * R, dtype=torch.float64)  # grpo_rollout's "stats", added up
+    sums = torch.zeros(7 + 2 * R, dtype=torch.float64)  # grpo_rollout's "stats", added up
     for b in range(cfg.eval_batches):
         batch = loader.next_batch()
         seed = int(np.random.default_rng([cfg.seed, b, info.rank, 1]).integers(2 ** 62))
@@ -630,7 +630,8 @@ def evaluate_rewards(policy: LLM, path, cfg: TrainConfig, seq_len: int, reward_f
     means = grpo_stat_means(torch.cat([sums, torch.zeros(4, dtype=torch.float64)]), R)
     out = {"val_reward": means[0]}
     if R > 1:
-        out.update((f"val_rewards/{name}", mean) for name, mean in zip(reward_names(cfg.grpo_reward), means[5:]))
+        out.update((f"val_rewards/{name}", mean) for name, mean in zip(reward_names(cfg.grpo_reward),
+                                                                        means[len(GRPO_STATS):]))
     out.update((f"val_{name}", mean) for name, mean in reward_metric_means(reward_fns, info).items())
     return out
 
@@ -1448,7 +1449,8 @@ def grpo_rollout(policy: LLM, batch, cfg: TrainConfig, reward_fns: list, generat
     samples = sample_replies(policy, groups, cfg.grpo_max_new_tokens, cfg.grpo_temperature, cfg.sample_stop_tokens,
                              generator, limit=T)
     stops = set(cfg.sample_stop_tokens)
-    trained = [bool(s) and s[-1] in stops for s in samples] if cfg.grpo_mask_truncated else None
+    ended = [bool(s) and s[-1] in stops for s in samples]
+    trained = ended if cfg.grpo_mask_truncated else None
     packed = pack_replies(groups, samples, T, batch[0].device, trained)
     each = (torch.stack([reward(groups, samples, packed, group_rows, step) for reward in reward_fns], 1).to(torch.float64)
             if groups else torch.zeros(0, len(reward_fns), dtype=torch.float64))  # (n, R); fp64: n numbers
@@ -1460,8 +1462,14 @@ def grpo_rollout(policy: LLM, batch, cfg: TrainConfig, reward_fns: list, generat
     lengths = [min(len(p) + len(s), T) for p, s in zip(groups, samples)]
     n = len(groups)
     scored = rewards[~rewards.isnan()]
+    # TRL's frac_reward_zero_std (here the samples of groups whose rewards' std is 0: group and none
+    # scaling's; batch scaling's is the step's std, grpo_stat_means) and completions/clipped_ratio
+    # (samples that end without a stop token)
+    flat = _nanstd(rewards.view(-1, G)).view(-1) <= 1e-8 if n else torch.zeros(0, dtype=torch.bool)  # (groups)
     stats = torch.cat([torch.tensor([scored.sum().item(), float(n), (scored ** 2).sum().item(), float(len(scored)),
-                                     float(sum(map(len, samples)))], dtype=torch.float64),
+                                     float(sum(map(len, samples))), float(flat.sum().item() * G),
+                                     float(n - sum(ended))],
+                                    dtype=torch.float64),
                        each.nansum(0), (~each.isnan()).sum(0).double()])
     targets = sum(n - len(p) for i, (n, p) in enumerate(zip(lengths, groups)) if trained is None or trained[i])
     # the columns reward functions gave log_extra (TRL's), for the completions log: one value per sample
@@ -1483,18 +1491,27 @@ def grpo_rows(rows: list | None, docs: list[int], cu_seqlens: torch.Tensor, offs
             for i, d in enumerate(docs)]
 
 
-def grpo_stat_means(sums: torch.Tensor, n_rewards: int) -> list:
+GRPO_STATS = ["reward", "reward_std", "completion_length", "kl", "clip_ratio", "frac_reward_zero_std",
+              "completions/clipped_ratio"]  # (then rewards/<name> of each reward)
+
+
+def grpo_stat_means(sums: torch.Tensor, n_rewards: int, batch_scaled: bool = False) -> list:
     """The logged means of a step's GRPO sums (grpo_rollout's "stats" then grpo_loss's, added up
-    over micro-batches and ranks): mean reward and the std of the step's rewards (TRL's reward and
-    reward_std, over the samples some function scored; reward_std had been the groups' mean std),
-    mean sample length, mean KL per trained token (TRL's), the share of trained tokens whose ratio
-    was clipped (of samples with GSPO's ratio a sample, as TRL counts), each reward's mean over the
-    samples it scored; None where nothing counted."""
+    over micro-batches and ranks), GRPO_STATS: mean reward and the std of the step's rewards (TRL's
+    reward and reward_std, over the samples some function scored; reward_std had been the groups'
+    mean std), mean sample length, mean KL per trained token (TRL's), the share of trained tokens
+    whose ratio was clipped (of samples with GSPO's ratio a sample, as TRL counts), the share of
+    samples whose group's rewards have std 0 (batch_scaled, cfg.grpo_scale_rewards batch: 1 or 0 as
+    the step's std is, TRL's), the share that ended without a stop token; then each reward's mean
+    over the samples it scored; None where nothing counted."""
     s = sums.tolist()
     ratio = lambda a, b: a / b if b else None  # noqa: E731
     R = n_rewards
-    return ([ratio(s[0], s[3]), _std_of_sums(s[0], s[2], s[3]), ratio(s[4], s[1]), ratio(s[5 + 2 * R], s[6 + 2 * R]),
-             ratio(s[7 + 2 * R], s[8 + 2 * R])] + [ratio(s[5 + i], s[5 + R + i]) for i in range(R)])
+    std = _std_of_sums(s[0], s[2], s[3])
+    zero_std = (float(std is not None and std <= 1e-8) if s[1] else None) if batch_scaled else ratio(s[5], s[1])
+    return ([ratio(s[0], s[3]), std, ratio(s[4], s[1]), ratio(s[7 + 2 * R], s[8 + 2 * R]),
+             ratio(s[9 + 2 * R], s[10 + 2 * R]), zero_std, ratio(s[6], s[1])]
+            + [ratio(s[7 + i], s[7 + R + i]) for i in range(R)])
 
 
 def _std_of_sums(total: float, squares: float, count: float) -> float | None:
@@ -1639,8 +1656,9 @@ def grpo_batch_loss(model, policy: LLM, batch, cfg: TrainConfig, reward_fns: lis
     rollout = grpo_rollout(policy, batch, cfg, reward_fns, generator, rows)
     grpo_prepare([rollout], replace(cfg, grad_accum=1), DistInfo(0, 1, batch[0].device), policy, reference)
     loss, loss_stats = grpo_loss(model, rollout, replace(cfg, grad_accum=1))
-    return (loss, grpo_stat_means(torch.cat([rollout["stats"], loss_stats]), len(reward_fns)), rollout["lengths"],
-            rollout["targets"])
+    means = grpo_stat_means(torch.cat([rollout["stats"], loss_stats]), len(reward_fns),
+                            cfg.grpo_scale_rewards == "batch")
+    return loss, means, rollout["lengths"], rollout["targets"]
 
 
 def make_loader(path, cfg: TrainConfig, seq_len: int, seed: int, info: DistInfo):
@@ -2420,7 +2438,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
         # means over all ranks, then their mean over the micro-steps)
         kto_sums = torch.zeros(cfg.grad_accum, 5, device=info.device)
         on_policy = 0  # micro-batches of the student's own samples (distill_lmbda)
-        grpo_sums = torch.zeros(9 + 2 * len(reward or ()), dtype=torch.float64)  # grpo_stat_means' sums
+        grpo_sums = torch.zeros(11 + 2 * len(reward or ()), dtype=torch.float64)  # grpo_stat_means' sums
         generation_flops = 0.0
         generates = reward is not None and (step % cfg.grpo_iterations == 0 or rollouts is None)
         if reward is None or generates:
@@ -2556,12 +2574,12 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
         if cfg.distill_lmbda:
             record["on_policy"] = on_policy / cfg.grad_accum
         if reward is not None:
-            names = (["reward", "reward_std", "completion_length", "kl", "clip_ratio"]
-                     + [f"rewards/{n}" for n in reward_names(cfg.grpo_reward)])
-            record.update(zip(names, grpo_stat_means(all_reduce_sum(grpo_sums, info), len(reward))))
+            names = GRPO_STATS + [f"rewards/{n}" for n in reward_names(cfg.grpo_reward)]
+            record.update(zip(names, grpo_stat_means(all_reduce_sum(grpo_sums, info), len(reward),
+                                                     cfg.grpo_scale_rewards == "batch")))
             if not cfg.grpo_beta:
                 del record["kl"]
-            if cfg.grpo_iterations == 1:  # (never clipped: every ratio is 1)
+            if cfg.grpo_iterations == 1 and cfg.grpo_loss_type != "cispo":  # (never clipped: every ratio is 1)
                 del record["clip_ratio"]
             if len(reward) == 1:  # (the one reward's mean is the reward)
                 del record[names[-1]]

@@ -200,11 +200,18 @@ def test_grpo_loss_and_gradients_are_the_formula(chat_dir, loss_type, scale, bet
     cut = [len(p) + len(s) for p, s in zip(prompts, samples)]  # (MFU's count: the sequences computed)
     assert rollout["lengths"] == cut and rollout["targets"] == tokens and sampled >= tokens
     flat = rewards.view(-1)
-    means = trainer.grpo_stat_means(torch.cat([rollout["stats"], torch.tensor([kl_sum, tokens, clipped, counted])]), 1)
-    # (TRL 1.16's reward_std: the std of the step's rewards; its kl: a mean per trained token)
+    means = trainer.grpo_stat_means(torch.cat([rollout["stats"], torch.tensor([kl_sum, tokens, clipped, counted])]), 1,
+                                    scale == "batch")
+    # (TRL 1.16's reward_std: the std of the step's rewards; its kl: a mean per trained token; its
+    # frac_reward_zero_std: the samples whose group's std is 0, batch scaling's the step's std;
+    # completions/clipped_ratio: the samples without a stop token)
+    zero_std = float(flat.std() == 0) if scale == "batch" else (rewards.std(1) == 0).double().mean().item()
+    assert 0 < (rewards.std(1) == 0).double().mean().item() < 1  # (some groups' rewards all equal, not all)
+    unended = np.mean([not (s and s[-1] in stops) for s in samples])
+    assert 0 < unended < 1
     np.testing.assert_allclose(means, [flat.mean().item(), flat.std().item(), np.mean([len(s) for s in samples]),
-                                       beta and torch.stack(kls).sum().item() / tokens, clipped / counted,
-                                       flat.mean().item()],
+                                       beta and torch.stack(kls).sum().item() / tokens, clipped / counted, zero_std,
+                                       unended, flat.mean().item()],
                                rtol=1e-6, atol=1e-12)
 
 
@@ -232,15 +239,20 @@ def test_grpo_rewards_are_summed_by_weight(chat_dir):  # noqa: F811
     assert np.isnan(b).any() and not np.isnan(b).all()
     total = 2 * a + 0.5 * np.nan_to_num(b)
     grouped = total.reshape(-1, 4)
-    np.testing.assert_allclose(stats, [total.mean(), total.std(ddof=1), np.mean([len(s) for s in samples]),
-                                                0.0, 0.0, a.mean(), np.nanmean(b), 0.0], rtol=1e-6)
+    np.testing.assert_allclose(stats[:5] + stats[7:], [total.mean(), total.std(ddof=1),
+                                                        np.mean([len(s) for s in samples]), 0.0, 0.0, a.mean(),
+                                                        np.nanmean(b), 0.0], rtol=1e-6)
+    # (no stop tokens: every sample ends unfinished; groups of equal rewards' share)
+    assert stats[5:7] == pytest.approx([(grouped.std(1) == 0).mean(), 1.0])
     assert [r["doc"] for r in seen] == [loader.docs[s] for s in segments for _ in range(4)]
     assert trainer.reward_names(cfg.grpo_reward) == ["sevens", "short_or_none"]
     # the log's means are of sums and counts over micro-batches and ranks: a reward no sample got is None
-    # (scored rewards' sum, samples, scored rewards' squares, scored samples, sampled tokens, each
-    # reward's sums, counts, then grpo_loss's KL sum, KL tokens, clipped tokens, trained tokens)
-    sums = torch.tensor([3.0, 4, 5.0, 2, 8, 2.0, 0.0, 4, 0, 0.5, 4, 1, 10], dtype=torch.float64)
-    assert trainer.grpo_stat_means(sums, 2) == pytest.approx([1.5, 0.5 ** 0.5, 2.0, 0.125, 0.1, 0.5, None])
+    # (scored rewards' sum, samples, scored rewards' squares, scored samples, sampled tokens, samples of
+    # groups whose std is 0, samples without a stop token, each reward's sums, counts, then
+    # grpo_loss's KL sum, KL tokens, clipped tokens, trained tokens)
+    sums = torch.tensor([3.0, 4, 5.0, 2, 8, 2, 1, 2.0, 0.0, 4, 0, 0.5, 4, 1, 10], dtype=torch.float64)
+    assert trainer.grpo_stat_means(sums, 2) == pytest.approx([1.5, 0.5 ** 0.5, 2.0, 0.125, 0.1, 0.5, 0.25, 0.5, None])
+    assert trainer.grpo_stat_means(sums, 2, batch_scaled=True)[5] == 0.0  # (the step's std is not 0)
     with pytest.raises(ValueError, match="a finite number for each of the 2"):
         TrainConfig(grpo_reward=cfg.grpo_reward, grpo_reward_weights=[1.0]).validate()
 

@@ -262,6 +262,10 @@ def _through_experts(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tens
     return ys.new_zeros(N, ys.shape[1]).index_add_(0, token, ys)
 
 
+# Eager inside a compiled function: its host read of the experts' shares breaks the graph anyway, and
+# traced, dynamo went on into _SortedExperts' raw kernel launches (a graph break each, and torch's
+# "wrap it into a custom operator" UserWarning). torch._disable_dynamo imports dynamo at the first call.
+@torch._disable_dynamo
 def moe_experts_sorted(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
                        down: torch.Tensor) -> torch.Tensor:
     """sum_j weights[n, j] * expert_{experts[n, j]}(x[n]) for each token n of x (N, C), experts and

@@ -206,7 +206,8 @@ class TrainConfig:
         if not 0.0 < self.distill_temperature < math.inf:
             raise ValueError(f"TrainConfig.distill_temperature must be > 0, got {self.distill_temperature}")
         if self.teacher and (self.preference or self.compile):
-            raise ValueError("TrainConfig.teacher (distillation) goes with neither preference tuning nor compile")
+            raise ValueError("TrainConfig.teacher (distillation, --teacher) goes with neither preference tuning "
+                             "(--preference) nor torch.compile (--compile): drop one")
         if not 0.0 <= self.distill_lmbda <= 1.0 or self.distill_max_new_tokens < 1 or not self.distill_sample_temperature >= 0:
             raise ValueError(f"TrainConfig.distill_lmbda must be in [0, 1], distill_max_new_tokens >= 1 and "
                              f"distill_sample_temperature >= 0, got {self.distill_lmbda}, {self.distill_max_new_tokens} "

@@ -484,10 +484,20 @@ void Encoder::encode_into(std::string_view text, const std::vector<uint32_t>& al
   }
 }
 
+// The pool's mutex is only ever tried, never waited on: a process forked while another thread held
+// it (a DataLoader / fork Pool started while a thread encodes) has it locked for good, and its
+// encodes had hung there. A failed try costs a fresh cache (or drops a returned one), never a hang.
+// 64 tries with a yield between: a live holder keeps the lock for one push or pop (nanoseconds),
+// so only a lock no thread will release outlasts them.
+static bool try_lock_briefly(std::unique_lock<std::mutex>& lock) {
+  for (int i = 0; i < 64 && !lock.try_lock(); ++i) std::this_thread::yield();
+  return lock.owns_lock();
+}
+
 std::unique_ptr<PieceCache> Encoder::take_cache() const {
   {
-    std::lock_guard<std::mutex> lock(cache_mutex_);
-    if (!free_caches_.empty()) {
+    std::unique_lock<std::mutex> lock(cache_mutex_, std::defer_lock);
+    if (try_lock_briefly(lock) && !free_caches_.empty()) {
       auto cache = std::move(free_caches_.back());
       free_caches_.pop_back();
       return cache;
@@ -497,7 +507,8 @@ std::unique_ptr<PieceCache> Encoder::take_cache() const {
 }
 
 void Encoder::give_cache(std::unique_ptr<PieceCache> cache) const {
-  std::lock_guard<std::mutex> lock(cache_mutex_);
+  std::unique_lock<std::mutex> lock(cache_mutex_, std::defer_lock);
+  if (!try_lock_briefly(lock)) return;  // (the cache is freed)
   // As many as threads can use at once (encode_batch takes one per worker), not more: each holds
   // its arena of pieces (~12-25 MB settled).
   static const size_t kMaxPooled = std::max<size_t>(1, std::min<size_t>(64, std::thread::hardware_concurrency()));

@@ -346,8 +346,16 @@ def end_process(code: int = 0) -> None:
 def wrap_model(model: LLM, cfg: TrainConfig, info: DistInfo) -> torch.nn.Module:
     """compile (on request), then DDP or FSDP2 when there are several processes. zero1 needs no
     wrapper: ZeroAdamW averages the grads over the ranks itself, once per optimizer step (so grad
-    accumulation communicates nothing until then)."""
-    wrapped: torch.nn.Module = torch.compile(model) if cfg.compile else model
+    accumulation communicates nothing until then). Under FSDP2 each block is compiled (in place,
+    its names kept) before it is sharded, as torchtitan does: the whole model compiled around
+    fully_shard met FSDP's dynamo-disabled hooks in the block loop, skipped that frame and compiled
+    pieces of it (12 graphs where there are 2); the embedding and the output layer's loss run eager
+    (pyllm's kernels either way)."""
+    fsdp = info.world_size > 1 and cfg.dist_mode == "fsdp"
+    if cfg.compile and fsdp:
+        for block in model.blocks:
+            block.compile()
+    wrapped: torch.nn.Module = torch.compile(model) if cfg.compile and not fsdp else model
     if info.world_size == 1 or cfg.dist_mode == "zero1":
         return wrapped
     if cfg.dist_mode == "ddp":
@@ -1151,7 +1159,11 @@ def sample_replies(model: LLM, prompts: list[list[int]], max_new_tokens: int, te
         warnings.warn(f"sample_replies: at most {new} new tokens (not {max_new_tokens}): the longest prompt of the batch "
                       f"has {max(map(len, prompts))} of the {room} tokens a sequence may hold (--seq-len and the "
                       f"model's block_size); said once", stacklevel=2)
-    with torch.autocast(next(model.parameters()).device.type, enabled=False), gathered(model):
+    # eager: under FSDP with compile the blocks are compiled (wrap_model), and a token at a time through
+    # a KV cache they had recompiled for each new shape (8 graphs a rank in 3 GRPO steps)
+    stance = getattr(torch.compiler, "set_stance", None)  # (torch >= 2.6)
+    eager = stance("force_eager") if stance else contextlib.nullcontext()
+    with torch.autocast(next(model.parameters()).device.type, enabled=False), gathered(model), eager:
         if not prompts:
             return []
         return model.generate_batch(prompts, new, temperature, generator=generator, stop_tokens=stop_tokens)

@@ -49,6 +49,24 @@ def tiny(**kw):
     return LLM(ModelConfig.from_preset("tiny", **{**TINY, "vocab_size": 64, "block_size": 32, **kw}))
 
 
+def test_sampling_runs_compiled_blocks_eager():
+    # Under FSDP with --compile each block is compiled (wrap_model); the samples, a token at a time
+    # through a KV cache, had recompiled the blocks for each new shape (8 graphs a rank in 3 GRPO
+    # steps, near dynamo's limit of 8): they run eager, the samples those of the uncompiled model.
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    model = tiny()
+    prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9]]
+    want = trainer.sample_replies(model, prompts, 6, 1.0, [], torch.Generator().manual_seed(3))
+    torch._dynamo.reset()
+    counters.clear()
+    for block in model.blocks:
+        block.compile()
+    got = trainer.sample_replies(model, prompts, 6, 1.0, [], torch.Generator().manual_seed(3))
+    assert got == want and counters["stats"]["unique_graphs"] == 0
+
+
 @pytest.mark.parametrize("shape", [{}, {"logits_scaling": 4.0}, {"final_softcap": 3.0}])
 @pytest.mark.parametrize("fused", [False, True])
 def test_log_probabilities_at_a_temperature(shape, fused):

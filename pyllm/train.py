@@ -891,10 +891,12 @@ def preference_batch_loss(model, batch, reference, labels: np.ndarray | None = N
         baseline = options.get("beta", 0.1) * kl.clamp(min=0)
         # sums and counts (stats[3:]): the step's means are over the examples of each label that it
         # had, as TRL logs them (a micro-batch without undesirable examples adds no 0 to their mean)
+        logps = chosen_logps.detach()  # (then TRL's logps/chosen, logps/rejected: the labels' summed logps)
         stats = torch.stack([good.sum() / max(len(good), 1), bad.sum() / max(len(bad), 1),
                              ((chosen_rewards > baseline) == desirable).to(chosen_rewards.dtype).sum() / n,
                              good.sum(), bad.sum(), good.new_tensor(len(good)), bad.new_tensor(len(bad)),
-                             kl.clamp(min=0).detach().to(good)])
+                             kl.clamp(min=0).detach().to(good), logps[desirable].sum().to(good),
+                             logps[~desirable].sum().to(good)])
     else:  # preference_stat_names(kind)'s sums over the pairs, / n
         stats = [chosen_rewards.sum(), rejected_rewards.sum(), (chosen_rewards > rejected_rewards).sum()]
         kind = options.get("kind")
@@ -919,7 +921,7 @@ def preference_stat_names(kind: str) -> list[str]:
     nll_loss (here the NLL term of pyllm's loss: each pair's mean over its reply, TRL's a token mean
     over the chosen sequences with their prompts), log_odds_ratio, log_odds_chosen."""
     names = ["reward_chosen", "reward_rejected", "reward_accuracy"]
-    if kind not in ("reward", "kto"):
+    if kind not in ("reward", "kto"):  # (KTO's logps: each label's, as its rewards, from the kto sums)
         names += ["logps_chosen", "logps_rejected"]
     if kind == "orpo":
         names += ["nll_loss", "log_odds_ratio", "log_odds_chosen"]
@@ -2449,7 +2451,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
         pref_sums = torch.zeros(len(pref_names), device=info.device)  # their step means (KTO: chosen, rejected)
         # KTO, per micro-step: desirable, undesirable rewards' sums and counts, z (TRL logs each micro-step's
         # means over all ranks, then their mean over the micro-steps)
-        kto_sums = torch.zeros(cfg.grad_accum, 5, device=info.device)
+        kto_sums = torch.zeros(cfg.grad_accum, 7, device=info.device)  # (then the labels' logps sums)
         on_policy = 0  # micro-batches of the student's own samples (distill_lmbda)
         grpo_sums = torch.zeros(11 + 2 * len(reward or ()), dtype=torch.float64)  # grpo_stat_means' sums
         generation_flops = 0.0
@@ -2491,7 +2493,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
                                                         **preference_options(cfg))
                     pref_sums += stats[:len(pref_names)] * weights[micro]
                     if cfg.preference == "kto":
-                        kto_sums[micro] = stats[3:8]
+                        kto_sums[micro] = stats[3:10]
                 elif reward is not None:
                     loss, loss_stats = grpo_loss(wrapped, batch, cfg, info.world_size)
                     grpo_sums += torch.cat([batch["stats"].cpu(), loss_stats])
@@ -2602,12 +2604,15 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
             chosen, rejected, accuracy = (means.pop(f"reward_{name}") for name in ("chosen", "rejected", "accuracy"))
             if cfg.preference == "kto":  # TRL's rewards/chosen, rejected (None when the step had none), kl
                 per = all_reduce_sum(kto_sums, info).tolist()  # (z is every rank's alike: summed world_size times)
-                goods = [g / n for g, _, n, _, _ in per if n]
-                bads = [b / n for _, b, _, n, _ in per if n]
-                margins = [g / ng - b / nb for g, b, ng, nb, _ in per if ng and nb]
-                chosen = sum(goods) / len(goods) if goods else None
-                rejected = sum(bads) / len(bads) if bads else None
-                record["kl"] = sum(z for *_, z in per) / (len(per) * info.world_size)
+
+                def mean_of(sum_at, count_at):  # the micro-steps' means over their examples of a label
+                    means = [m[sum_at] / m[count_at] for m in per if m[count_at]]
+                    return sum(means) / len(means) if means else None
+
+                chosen, rejected = mean_of(0, 2), mean_of(1, 3)
+                record.update(logps_chosen=mean_of(5, 2), logps_rejected=mean_of(6, 3))
+                margins = [g / ng - b / nb for g, b, ng, nb, *_ in per if ng and nb]
+                record["kl"] = sum(m[4] for m in per) / (len(per) * info.world_size)
                 margin = sum(margins) / len(margins) if margins else None
             else:
                 margin = None if chosen is None or rejected is None else chosen - rejected

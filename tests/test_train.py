@@ -1545,8 +1545,11 @@ def test_kto_batch_loss_is_each_sequence_alone(kto_dir, fused, monkeypatch):
     assert stats[2].item() == pytest.approx(np.mean([(r > beta * z.item()) == g for g, r in rewards]), rel=1e-12)
     # the sums and counts the log's means are of (TRL's: over the examples of each label the step had,
     # None where it had none, not a 0 averaged in), and z, which TRL logs as kl
-    np.testing.assert_allclose(stats[3:].tolist(), [sum(good), sum(bad), len(good), len(bad), z.item()],
-                               rtol=1e-10, atol=1e-14)
+    # then each label's summed log-probabilities (TRL's logps/chosen and logps/rejected are their means)
+    logps = [(bool(loader.labels[d // 2]), alone(policy, d, n).item()) for d, n in examples]
+    np.testing.assert_allclose(stats[3:].tolist(), [sum(good), sum(bad), len(good), len(bad), z.item(),
+                                                    sum(lp for g, lp in logps if g),
+                                                    sum(lp for g, lp in logps if not g)], rtol=1e-10, atol=1e-14)
     for g, p in zip(got, policy.parameters()):
         torch.testing.assert_close(g, p.grad, rtol=1e-9, atol=1e-14)
 
@@ -1626,6 +1629,9 @@ def test_kto_learns_and_resumes_exactly(kto_dir, pairs_dir, tmp_path):
     assert log[0]["loss"] == pytest.approx(0.5, abs=1e-6) and log[0]["kl"] == pytest.approx(0.0, abs=1e-6)
     assert np.mean([r["reward_margin"] for r in log[-4:] if r["reward_margin"] is not None]) > 0
     assert log[-1]["val_reward_accuracy"] > 0.6
+    # TRL's logps/chosen and logps/rejected: each label's mean summed log-probability, as its rewards
+    assert all((r["logps_chosen"] is None) == (r["reward_chosen"] is None) for r in log)
+    assert all(v <= 0 for r in log for v in (r["logps_chosen"], r["logps_rejected"]) if v is not None)
     trainer.train(config(kto_dir, tmp_path / "cut", **kw), stop_at=6)
     trainer.train(config(kto_dir, tmp_path / "cut", **kw), resume=True)
     assert losses(tmp_path / "cut") == losses(tmp_path / "whole")

@@ -1846,14 +1846,26 @@ def _decoder_config_from_hf(hf: dict) -> ModelConfig:
         # where max_position_embeddings often stays the original's (the model cards' added rope_scaling)
         block_size = max(block_size, int(scaling["factor"] * scaling["original_max_position_embeddings"]))
     partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if partial != 1.0 and kind != "phi3":
+        # transformers' Phi-3 alone rotates part of each head; the other kinds' default RoPE never reads
+        # the factor (the whole head turns), and their scaled RoPEs read it but rotate q / k whole (a shape error)
+        if rope_type != "default":
+            raise NotImplementedError(f"{kind} with partial_rotary_factor={partial} and {rope_type} RoPE: "
+                                      f"transformers' {kind} cannot compute it either (only phi3 rotates part of a head)")
+        warnings.warn(f"{kind} partial_rotary_factor={partial}: transformers' {kind} does not read it (it rotates "
+                      "each head whole), and neither does pyllm", stacklevel=3)
+        partial = 1.0
     rotary_dim = int(head_dim * partial) if partial != 1.0 else None
     n_layers = hf["num_hidden_layers"]
     window, window_layers = _hf_sliding_window(hf, kind, n_layers)
     nope_layers = None
     if kind == "smollm3":
         nope_layers = [i for i, uses_rope in enumerate(_smollm3_rope_layers(hf)) if not uses_rope] or None
-    unsupported = {"attention_bias": hf.get("attention_bias"), "mlp_bias": hf.get("mlp_bias"),
-                   "hidden_act": None if hf.get("hidden_act", "silu") == "silu" else hf["hidden_act"]}
+    # (each flag where transformers' class of that kind reads it: Qwen2's q / k / v biases are its own,
+    # Mistral's attention_bias is read by nothing; "swish" is transformers' other name of SiLU)
+    unsupported = {"attention_bias": kind in HF_READ_ATTENTION_BIAS and hf.get("attention_bias"),
+                   "mlp_bias": kind in HF_READ_MLP_BIAS and hf.get("mlp_bias"),
+                   "hidden_act": None if hf.get("hidden_act", "silu") in ("silu", "swish") else hf["hidden_act"]}
     for name, value in unsupported.items():
         if value:
             raise NotImplementedError(f"{kind} with {name}={value!r}: pyllm's LLaMA has no biases in its "
@@ -2108,6 +2120,10 @@ def _smollm3_rope_layers(hf: dict) -> list[int]:
 # The LLaMA-shaped decoders config_from_hf reads (besides gpt2).
 HF_DECODERS = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "phi3", "olmo2", "mixtral", "qwen3_moe", "olmoe",
                "qwen2_moe", "granite", "granitemoe")
+# The kinds whose transformers class reads config.attention_bias / mlp_bias (5.25's; the others'
+# projections have no such flag, and a config.json that sets it anyway loads there as without)
+HF_READ_ATTENTION_BIAS = ("llama", "qwen3", "smollm3", "olmo2", "qwen3_moe", "olmoe", "granite", "granitemoe")
+HF_READ_MLP_BIAS = ("llama", "smollm3", "granite")
 
 
 def _hf_sliding_window(hf: dict, kind: str, n_layers: int) -> tuple[int | None, list[int] | None]:
@@ -2236,7 +2252,12 @@ class _ReadNames(dict):
 
     def __getitem__(self, name):
         self.read.add(name)
-        return super().__getitem__(name)
+        try:
+            return super().__getitem__(name)
+        except KeyError:  # (a bare KeyError of a prefix-stripped name had said nothing of the checkpoint)
+            raise ValueError(f"the checkpoint has no tensor {name!r} (under its 'model.' / 'transformer.' prefix), "
+                             "which a model of its config.json needs: a truncated or differently named "
+                             "checkpoint, or a config.json of another model") from None
 
     def get(self, name, default=None):
         self.read.add(name)

@@ -2114,6 +2114,51 @@ def test_from_hf_warns_of_tensors_it_leaves_out_as_transformers_does(tmp_path):
         LLM.from_hf(gpt2)
 
 
+@pytest.mark.parametrize("kind, flags", [("llama", dict(partial_rotary_factor=0.5)),
+                                         ("granite", dict(partial_rotary_factor=0.5)),
+                                         ("qwen2", dict(attention_bias=True)), ("mistral", dict(mlp_bias=True)),
+                                         ("llama", dict(hidden_act="swish"))])
+def test_from_hf_takes_flags_as_transformers_reads_them(kind, flags, tmp_path):
+    # Flags transformers' class of that kind does not read (a partial_rotary_factor outside Phi-3:
+    # the whole head is rotated; Qwen2's attention_bias, Mistral's mlp_bias) or reads as SiLU ("swish")
+    # load as transformers computes them (an architecture audit, 2026-12-06: pyllm had rotated half of
+    # each head, logits 50-100% off; the others had been refused).
+    import transformers
+
+    config = transformers.AutoConfig.for_model(kind, vocab_size=64, hidden_size=64, intermediate_size=96,
+                                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                               max_position_embeddings=64, **flags)
+    torch.manual_seed(0)
+    theirs = transformers.AutoModelForCausalLM.from_config(config).double().eval()
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.normal_(0, 0.08) if p.dim() > 1 else p.normal_(1.0, 0.3)
+    theirs.save_pretrained(tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours = LLM.from_hf(tmp_path, dtype=torch.float64)
+    assert any("partial_rotary_factor" in str(w.message) for w in caught) == ("partial_rotary_factor" in flags)
+    idx = torch.randint(0, 64, (2, 20))
+    with torch.no_grad():
+        assert rel_err(ours(idx)[0], theirs(idx).logits) < 1e-6  # (transformers: RoPE angles in fp32)
+
+
+def test_from_hf_names_a_tensor_the_checkpoint_lacks(tmp_path):
+    # a Qwen2 checkpoint without its k_proj bias had failed on a bare KeyError of a prefix-stripped name
+    from safetensors.torch import load_file, save_file
+
+    import transformers
+
+    config = transformers.AutoConfig.for_model("qwen2", vocab_size=64, hidden_size=64, intermediate_size=96,
+                                               num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    del weights["model.layers.0.self_attn.k_proj.bias"]
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="the checkpoint has no tensor 'layers.0.self_attn.k_proj.bias'"):
+        LLM.from_hf(tmp_path)
+
+
 def test_from_hf_refuses_what_it_cannot_compute(tmp_path):
     from pyllm.model import config_from_hf
 
@@ -2121,7 +2166,9 @@ def test_from_hf_refuses_what_it_cannot_compute(tmp_path):
                 num_attention_heads=4, max_position_embeddings=64)
     for extra, message in [(dict(attention_bias=True), "attention_bias"), (dict(sliding_window=4096), "sliding_window"),
                            (dict(model_type="qwen3", attention_bias=True), "attention_bias"),
-                           (dict(hidden_act="gelu"), "hidden_act"),
+                           (dict(mlp_bias=True), "mlp_bias"), (dict(hidden_act="gelu"), "hidden_act"),
+                           (dict(partial_rotary_factor=0.5, rope_scaling=dict(
+                               rope_type="yarn", factor=4.0, original_max_position_embeddings=16)), "partial_rotary_factor"),
                            (dict(layer_types=["sliding_attention", "full_attention"]), "layer_types"),
                            (dict(model_type="qwen3", layer_types=["chunked_attention", "full_attention"]), "layer_types"),
                            (dict(model_type="qwen3", layer_types=["full_attention"]), "layer_types"),

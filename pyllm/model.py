@@ -1816,7 +1816,7 @@ def _decoder_config_from_hf(hf: dict) -> ModelConfig:
                            n_heads=hf["n_head"], dim=hf["n_embd"], mlp_hidden=hf.get("n_inner") or 4 * hf["n_embd"],
                            norm="layernorm", mlp="gelu_exact" if activation == "gelu" else "gelu", positions="learned",
                            bias=True, tie_embeddings=hf.get("tie_word_embeddings", True),
-                           norm_eps=hf["layer_norm_epsilon"])
+                           norm_eps=hf.get("layer_norm_epsilon", 1e-5))  # (GPT2Config's default)
     if kind == "gemma3":  # the multimodal checkpoints (4B and up): their text model alone
         return _gemma3_config(gemma3_text_config(hf))
     if kind == "gemma3_text":
@@ -1838,7 +1838,8 @@ def _decoder_config_from_hf(hf: dict) -> ModelConfig:
     scaling = {"rope_type": "llama3", **{k: rope[k] for k in LLAMA3_ROPE_KEYS}} if rope_type == "llama3" else None
     if rope_type == "longrope":
         scaling = _hf_longrope(hf, rope)
-    head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+    # (Qwen3Config's head_dim defaults to 128 where config.json has none, not to hidden / heads)
+    head_dim = hf.get("head_dim", HF_HEAD_DIM.get(kind)) or hf["hidden_size"] // hf["num_attention_heads"]
     block_size = hf["max_position_embeddings"]
     if rope_type == "yarn":
         scaling = _hf_yarn(hf, rope)
@@ -1872,7 +1873,7 @@ def _decoder_config_from_hf(hf: dict) -> ModelConfig:
                                       "output and MLP projections and uses SiLU")
     return ModelConfig(vocab_size=hf["vocab_size"], block_size=block_size, n_layers=n_layers,
                        n_heads=hf["num_attention_heads"], n_kv_heads=hf.get("num_key_value_heads") or None,
-                       dim=hf["hidden_size"], head_dim=hf.get("head_dim") or None,
+                       dim=hf["hidden_size"], head_dim=head_dim,
                        mlp_hidden=hf.get("moe_intermediate_size") or hf["intermediate_size"],  # Qwen3-MoE's experts'
                        # (transformers' default where config.json says nothing: SmolLM3's ties)
                        tie_embeddings=hf.get("tie_word_embeddings", kind == "smollm3"),
@@ -1917,6 +1918,7 @@ def hf_rope_parameters(hf: dict, kind: str) -> dict:
 # them out (a hand-written or trimmed one): Mixtral's rope_theta 1e6 had read as 10000, Phi-3's eps 1e-5 as 1e-6.
 HF_RMS_NORM_EPS = {"phi3": 1e-5, "olmo2": 1e-5, "mixtral": 1e-5, "olmoe": 1e-5}
 HF_ROPE_THETA = {"mixtral": 1e6, "smollm3": 2e6}
+HF_HEAD_DIM = {"qwen3": 128}
 
 
 def _hf_granite(hf: dict, kind: str) -> dict:

@@ -1874,7 +1874,8 @@ def _decoder_config_from_hf(hf: dict) -> ModelConfig:
     return ModelConfig(vocab_size=hf["vocab_size"], block_size=block_size, n_layers=n_layers,
                        n_heads=hf["num_attention_heads"], n_kv_heads=hf.get("num_key_value_heads") or None,
                        dim=hf["hidden_size"], head_dim=head_dim,
-                       mlp_hidden=hf.get("moe_intermediate_size") or hf["intermediate_size"],  # Qwen3-MoE's experts'
+                       mlp_hidden=(kind in ("qwen3_moe", "qwen2_moe") and hf.get("moe_intermediate_size")
+                                   or hf["intermediate_size"]),  # Qwen's experts' (Mixtral and OLMoE read no such key)
                        # (transformers' default where config.json says nothing: SmolLM3's ties)
                        tie_embeddings=hf.get("tie_word_embeddings", kind == "smollm3"),
                        norm_eps=hf.get("rms_norm_eps", HF_RMS_NORM_EPS.get(kind, 1e-6)),

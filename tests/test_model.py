@@ -2117,30 +2117,32 @@ def test_from_hf_warns_of_tensors_it_leaves_out_as_transformers_does(tmp_path):
 @pytest.mark.parametrize("kind, flags", [("llama", dict(partial_rotary_factor=0.5)),
                                          ("granite", dict(partial_rotary_factor=0.5)),
                                          ("qwen2", dict(attention_bias=True)), ("mistral", dict(mlp_bias=True)),
-                                         ("llama", dict(hidden_act="swish"))])
+                                         ("llama", dict(hidden_act="swish")),
+                                         ("mixtral", dict(moe_intermediate_size=24))])
 def test_from_hf_takes_flags_as_transformers_reads_them(kind, flags, tmp_path):
     # Flags transformers' class of that kind does not read (a partial_rotary_factor outside Phi-3:
     # the whole head is rotated; Qwen2's attention_bias, Mistral's mlp_bias) or reads as SiLU ("swish")
     # load as transformers computes them (an architecture audit, 2026-12-06: pyllm had rotated half of
-    # each head, logits 50-100% off; the others had been refused).
+    # each head, logits 50-100% off; the others had been refused, Mixtral's experts sized by Qwen's key).
     import transformers
 
     config = transformers.AutoConfig.for_model(kind, vocab_size=64, hidden_size=64, intermediate_size=96,
                                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                                max_position_embeddings=64, **flags)
+    dtype = torch.float32 if kind == "mixtral" else torch.float64  # (transformers' grouped_mm takes no fp64)
     torch.manual_seed(0)
-    theirs = transformers.AutoModelForCausalLM.from_config(config).double().eval()
+    theirs = transformers.AutoModelForCausalLM.from_config(config).to(dtype).eval()
     with torch.no_grad():
         for p in theirs.parameters():
             p.normal_(0, 0.08) if p.dim() > 1 else p.normal_(1.0, 0.3)
     theirs.save_pretrained(tmp_path)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        ours = LLM.from_hf(tmp_path, dtype=torch.float64)
+        ours = LLM.from_hf(tmp_path, dtype=dtype)
     assert any("partial_rotary_factor" in str(w.message) for w in caught) == ("partial_rotary_factor" in flags)
     idx = torch.randint(0, 64, (2, 20))
     with torch.no_grad():
-        assert rel_err(ours(idx)[0], theirs(idx).logits) < 1e-6  # (transformers: RoPE angles in fp32)
+        assert rel_err(ours(idx)[0], theirs(idx).logits) < (1e-6 if dtype == torch.float64 else 1e-5)  # (RoPE: fp32)
 
 
 @pytest.mark.parametrize("kind, key", [("qwen3", "head_dim"), ("gpt2", "layer_norm_epsilon")])

@@ -2358,6 +2358,12 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
                             cfg.init_adapter or None)
         grpo_reference = torch.no_grad()(
             lambda x, y, cu: start(x, y, cu, per_token=True, temperature=cfg.grpo_temperature)[1])
+    if rollouts is not None and grpo_reference is not None and any("ref" not in r for r in rollouts):
+        # a run resumed with --grpo-beta mid-way through a generation sampled without it: the stored
+        # samples' reference log-probabilities (every rank alike: a LoRA run's reference is collective)
+        with autocast(precision, info.device):
+            for r in rollouts:
+                r["ref"] = grpo_reference(*r["packed"][:3])
     if cfg.preference and cfg.preference not in REFERENCE_FREE and cfg.reference == "lora-off":
         reference = dict.fromkeys(("train", "val"), lora_off_reference(model, wrapped))
     elif cfg.preference and cfg.preference not in REFERENCE_FREE:

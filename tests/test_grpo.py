@@ -463,6 +463,19 @@ def test_grpo_iterations_reuse_a_generation_and_resume_mid_way(chat_dir, tmp_pat
         assert losses(run) == [r["loss"] for r in log]
 
 
+def test_grpo_resumed_mid_generation_with_a_kl_term_added(chat_dir, tmp_path):  # noqa: F811
+    # grpo_beta is not run-defining (a resume may add it), but a checkpoint written mid-way through a
+    # generation holds samples prepared without the reference's log-probabilities: the resume had
+    # died of KeyError 'ref' (from the GRPO audit, 2026-12-06). They are computed on resume.
+    trainer.train(config(chat_dir, tmp_path / "base", max_steps=2))
+    kw = dict(grpo_reward=SPEC, grpo_generations=2, grpo_max_new_tokens=4, grpo_iterations=2, eval_every=0,
+              warmup_steps=1, init_from_run=str(tmp_path / "base"))
+    trainer.train(config(chat_dir, tmp_path / "rl", max_steps=3, **kw))  # (its checkpoint: mid-way, step 3 of 2 + 2)
+    trainer.train(config(chat_dir, tmp_path / "rl", max_steps=4, grpo_beta=0.1, **kw), resume=True)
+    log = [json.loads(line) for line in (tmp_path / "rl/log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [0, 1, 2, 3] and "kl" not in log[2] and log[3]["kl"] >= 0
+
+
 @pytest.mark.cuda
 def test_grpo_on_the_gpu_resumes_mid_generation(chat_dir, tmp_path):  # noqa: F811
     # GRPO on CUDA (bf16 autocast, samples by generate_batch on the device, its generator seeded per

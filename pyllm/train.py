@@ -353,6 +353,13 @@ def wrap_model(model: LLM, cfg: TrainConfig, info: DistInfo) -> torch.nn.Module:
     (pyllm's kernels either way)."""
     fsdp = info.world_size > 1 and cfg.dist_mode == "fsdp"
     if cfg.compile and fsdp:
+        from torch import _dynamo
+
+        # The blocks run one code object, whose graphs share one cache of dynamo's recompile_limit
+        # (8): GRPO with LoRA, a KL term and iterations calls it in 9 variants (trained, p_old and
+        # the LoRA-off reference without grad, eval; block 0's input needing no grad), past which it
+        # ran eager (the GRPO audit, 2026-12-06). Under DDP one compiled forward holds 4-6.
+        _dynamo.config.recompile_limit = max(_dynamo.config.recompile_limit, 32)
         for block in model.blocks:
             block.compile()
     wrapped: torch.nn.Module = torch.compile(model) if cfg.compile and not fsdp else model

@@ -359,7 +359,8 @@ def wrap_model(model: LLM, cfg: TrainConfig, info: DistInfo) -> torch.nn.Module:
         # (8): GRPO with LoRA, a KL term and iterations calls it in 9 variants (trained, p_old and
         # the LoRA-off reference without grad, eval; block 0's input needing no grad), past which it
         # ran eager (the GRPO audit, 2026-12-06). Under DDP one compiled forward holds 4-6.
-        _dynamo.config.recompile_limit = max(_dynamo.config.recompile_limit, 32)
+        limit = "recompile_limit" if hasattr(_dynamo.config, "recompile_limit") else "cache_size_limit"  # (torch < 2.6)
+        setattr(_dynamo.config, limit, max(getattr(_dynamo.config, limit), 32))
         for block in model.blocks:
             block.compile()
     wrapped: torch.nn.Module = torch.compile(model) if cfg.compile and not fsdp else model

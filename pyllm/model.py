@@ -600,7 +600,7 @@ class LLM(nn.Module):
         loss came from linear_cross_entropy, chunk by chunk). per_token: instead of the logits and
         the loss, None and each target's log-probability (B, T) fp32, 0 where the target is -1 (for
         sequence-level losses: nn.sequence_logps), the output layer computed at the targets'
-        positions only (all of them under torch.compile); with fused_loss by nn.linear_token_logps.
+        positions only (all of them where this forward is compiled); with fused_loss by nn.linear_token_logps.
         temperature (per_token only): log_softmax(logits / temperature), GRPO's log-probabilities of
         samples drawn at that temperature (TRL's GRPOTrainer divides its logits by args.temperature).
         Mixture-of-experts models in training add router_aux_loss_coef times router_aux_loss() to
@@ -1838,7 +1838,8 @@ def _decoder_config_from_hf(hf: dict) -> ModelConfig:
     scaling = {"rope_type": "llama3", **{k: rope[k] for k in LLAMA3_ROPE_KEYS}} if rope_type == "llama3" else None
     if rope_type == "longrope":
         scaling = _hf_longrope(hf, rope)
-    # (Qwen3Config's head_dim defaults to 128 where config.json has none, not to hidden / heads)
+    # (transformers' defaults where config.json has none: Qwen3Config's head_dim is 128, not hidden / heads;
+    # the Qwen MoEs' experts are 768 / 1408 wide)
     head_dim = hf.get("head_dim", HF_HEAD_DIM.get(kind)) or hf["hidden_size"] // hf["num_attention_heads"]
     block_size = hf["max_position_embeddings"]
     if rope_type == "yarn":
@@ -1874,8 +1875,9 @@ def _decoder_config_from_hf(hf: dict) -> ModelConfig:
     return ModelConfig(vocab_size=hf["vocab_size"], block_size=block_size, n_layers=n_layers,
                        n_heads=hf["num_attention_heads"], n_kv_heads=hf.get("num_key_value_heads") or None,
                        dim=hf["hidden_size"], head_dim=head_dim,
-                       mlp_hidden=(kind in ("qwen3_moe", "qwen2_moe") and hf.get("moe_intermediate_size")
-                                   or hf["intermediate_size"]),  # Qwen's experts' (Mixtral and OLMoE read no such key)
+                       # (the Qwen MoEs' experts'; Mixtral and OLMoE read no such key)
+                       mlp_hidden=(hf.get("moe_intermediate_size") or HF_MOE_HIDDEN[kind] if kind in HF_MOE_HIDDEN
+                                   else hf["intermediate_size"]),
                        # (transformers' default where config.json says nothing: SmolLM3's ties)
                        tie_embeddings=hf.get("tie_word_embeddings", kind == "smollm3"),
                        norm_eps=hf.get("rms_norm_eps", HF_RMS_NORM_EPS.get(kind, 1e-6)),
@@ -1920,6 +1922,7 @@ def hf_rope_parameters(hf: dict, kind: str) -> dict:
 HF_RMS_NORM_EPS = {"phi3": 1e-5, "olmo2": 1e-5, "mixtral": 1e-5, "olmoe": 1e-5}
 HF_ROPE_THETA = {"mixtral": 1e6, "smollm3": 2e6}
 HF_HEAD_DIM = {"qwen3": 128}
+HF_MOE_HIDDEN = {"qwen3_moe": 768, "qwen2_moe": 1408}  # (their configs' moe_intermediate_size)
 
 
 def _hf_granite(hf: dict, kind: str) -> dict:

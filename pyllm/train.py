@@ -359,7 +359,7 @@ def wrap_model(model: LLM, cfg: TrainConfig, info: DistInfo) -> torch.nn.Module:
         # (8): GRPO with LoRA, a KL term and iterations calls it in 9 variants (trained, p_old and
         # the LoRA-off reference without grad, eval; block 0's input needing no grad), past which it
         # ran eager (the GRPO audit, 2026-12-06). Under DDP one compiled forward holds 4-6.
-        limit = "recompile_limit" if hasattr(_dynamo.config, "recompile_limit") else "cache_size_limit"  # (torch < 2.6)
+        limit = "recompile_limit" if hasattr(_dynamo.config, "recompile_limit") else "cache_size_limit"  # (torch < 2.7)
         setattr(_dynamo.config, limit, max(getattr(_dynamo.config, limit), 32))
         for block in model.blocks:
             block.compile()
@@ -1171,9 +1171,9 @@ def sample_replies(model: LLM, prompts: list[list[int]], max_new_tokens: int, te
                       f"model's block_size); said once", stacklevel=2)
     # eager: under FSDP with compile the blocks are compiled (wrap_model), and a token at a time through
     # a KV cache they had recompiled for each new shape (8 graphs a rank in 3 GRPO steps)
-    stance = getattr(torch.compiler, "set_stance", None)  # (torch >= 2.6)
-    eager = stance("force_eager") if stance else contextlib.nullcontext()
-    with torch.autocast(next(model.parameters()).device.type, enabled=False), gathered(model), eager:
+    stance = getattr(torch.compiler, "set_stance", None)  # (torch >= 2.6; set as soon as it is called)
+    with torch.autocast(next(model.parameters()).device.type, enabled=False), gathered(model), \
+            (stance("force_eager") if stance else contextlib.nullcontext()):
         if not prompts:
             return []
         return model.generate_batch(prompts, new, temperature, generator=generator, stop_tokens=stop_tokens)
@@ -1472,8 +1472,7 @@ def grpo_rollout(policy: LLM, batch, cfg: TrainConfig, reward_fns: list, generat
     samples = sample_replies(policy, groups, cfg.grpo_max_new_tokens, cfg.grpo_temperature, cfg.sample_stop_tokens,
                              generator, limit=T)
     stops = set(cfg.sample_stop_tokens)
-    ended = [bool(s) and s[-1] in stops for s in samples]
-    trained = ended if cfg.grpo_mask_truncated else None
+    trained = [bool(s) and s[-1] in stops for s in samples] if cfg.grpo_mask_truncated else None
     packed = pack_replies(groups, samples, T, batch[0].device, trained)
     each = (torch.stack([reward(groups, samples, packed, group_rows, step) for reward in reward_fns], 1).to(torch.float64)
             if groups else torch.zeros(0, len(reward_fns), dtype=torch.float64))  # (n, R); fp64: n numbers
@@ -1485,13 +1484,8 @@ def grpo_rollout(policy: LLM, batch, cfg: TrainConfig, reward_fns: list, generat
     lengths = [min(len(p) + len(s), T) for p, s in zip(groups, samples)]
     n = len(groups)
     scored = rewards[~rewards.isnan()]
-    # TRL's frac_reward_zero_std (here the samples of groups whose rewards' std is 0: group and none
-    # scaling's; batch scaling's is the step's std, grpo_stat_means) and completions/clipped_ratio
-    # (samples that end without a stop token)
-    flat = _nanstd(rewards.view(-1, G)).view(-1) <= 1e-8 if n else torch.zeros(0, dtype=torch.bool)  # (groups)
     stats = torch.cat([torch.tensor([scored.sum().item(), float(n), (scored ** 2).sum().item(), float(len(scored)),
-                                     float(sum(map(len, samples))), float(flat.sum().item() * G),
-                                     float(n - sum(ended))],
+                                     float(sum(map(len, samples))), *_flat_and_unended(rewards, samples, G, stops)],
                                     dtype=torch.float64),
                        each.nansum(0), (~each.isnan()).sum(0).double()])
     targets = sum(n - len(p) for i, (n, p) in enumerate(zip(lengths, groups)) if trained is None or trained[i])
@@ -1501,6 +1495,26 @@ def grpo_rollout(policy: LLM, batch, cfg: TrainConfig, reward_fns: list, generat
     return {"packed": packed, "rewards": rewards, "each": each, "lengths": lengths, "targets": targets,
             "prompt_ids": groups, "completion_ids": samples, "stats": stats, "extra": extra,
             "sampled": ([len(p) + len(s) for p, s in zip(groups, samples)], sum(len(s) for s in samples))}
+
+
+def _flat_and_unended(rewards: torch.Tensor, samples: list[list[int]], G: int, stops: set) -> list[float]:
+    """For TRL's frac_reward_zero_std and completions/clipped_ratio: the samples of groups whose
+    rewards' std is 0 (group and none scaling's; batch scaling's is the step's std, grpo_stat_means;
+    a group no function scored has none, NaN, as TRL's nanstd) and the samples that end without a stop token."""
+    flat = (_nanstd(rewards.view(-1, G)) <= 1e-8).sum().item() * G if len(rewards) else 0
+    return [float(flat), float(sum(not (s and s[-1] in stops) for s in samples))]
+
+
+def upgrade_rollout_stats(rollouts: list[dict], cfg: TrainConfig) -> None:
+    """A checkpoint's rollouts (written mid-way through a generation) as this pyllm lays out their
+    "stats": before 2026-12-06 they held 5 + 2R sums, without _flat_and_unended's two (a resume had
+    died of a size mismatch), which are computed from the saved rewards and samples."""
+    for r in rollouts:
+        s = r["stats"]
+        if len(s) == 5 + 2 * r["each"].shape[1]:
+            counts = _flat_and_unended(r["rewards"], r["completion_ids"], cfg.grpo_generations,
+                                       set(cfg.sample_stop_tokens))
+            r["stats"] = torch.cat([s[:5], s.new_tensor(counts), s[5:]])
 
 
 def grpo_rows(rows: list | None, docs: list[int], cu_seqlens: torch.Tensor, offsets: np.ndarray) -> list | None:
@@ -1531,7 +1545,9 @@ def grpo_stat_means(sums: torch.Tensor, n_rewards: int, batch_scaled: bool = Fal
     ratio = lambda a, b: a / b if b else None  # noqa: E731
     R = n_rewards
     std = _std_of_sums(s[0], s[2], s[3])
-    zero_std = (float(std is not None and std <= 1e-8) if s[1] else None) if batch_scaled else ratio(s[5], s[1])
+    # (batch: the std of equal rewards from their sums is a rounding, not 0: 256 rewards of 0.7 give 1.7e-8)
+    flat = std is not None and std <= max(1e-8, 1e-7 * abs(s[0] / s[3]))
+    zero_std = (float(flat) if s[1] else None) if batch_scaled else ratio(s[5], s[1])
     return ([ratio(s[0], s[3]), std, ratio(s[4], s[1]), ratio(s[7 + 2 * R], s[8 + 2 * R]),
              ratio(s[9 + 2 * R], s[10 + 2 * R]), zero_std, ratio(s[6], s[1])]
             + [ratio(s[7 + i], s[7 + R + i]) for i in range(R)])
@@ -1545,10 +1561,10 @@ def _std_of_sums(total: float, squares: float, count: float) -> float | None:
 
 def _nanstd(grouped: torch.Tensor) -> torch.Tensor:
     """Each row's std over its non-NaN values, Bessel-corrected (TRL's nanstd), (rows, 1); NaN for
-    a row with fewer than two."""
+    a row with fewer than two (the division had left -0.0 for a row with none)."""
     count = (~grouped.isnan()).sum(1, keepdim=True)
     deviations = (grouped - grouped.nanmean(1, keepdim=True)).square().nansum(1, keepdim=True)
-    return (deviations / (count - 1)).sqrt()
+    return (deviations / (count - 1)).sqrt().masked_fill(count < 2, math.nan)
 
 
 def grpo_prepare(rollouts: list[dict], cfg: TrainConfig, info: DistInfo, policy: LLM | None = None,
@@ -1673,8 +1689,8 @@ def grpo_batch_loss(model, policy: LLM, batch, cfg: TrainConfig, reward_fns: lis
                     reference=None, rows: list | None = None) -> tuple[torch.Tensor, list, list[int], int]:
     """GRPO's loss on one packed batch of conversations, one process, no accumulation: grpo_rollout,
     grpo_prepare, grpo_loss with the policy as it is (model: what computes the log-probabilities;
-    policy: the LLM that samples). Returns the loss, the means (grpo_stat_means: mean reward,
-    reward std, sample length, mean KL, clip ratio, each reward's mean), the lengths of the
+    policy: the LLM that samples). Returns the loss, the means (grpo_stat_means: GRPO_STATS, then
+    each reward's mean), the lengths of the
     sequences the loss was computed on and their trained targets (for MFU)."""
     rollout = grpo_rollout(policy, batch, cfg, reward_fns, generator, rows)
     grpo_prepare([rollout], replace(cfg, grad_accum=1), DistInfo(0, 1, batch[0].device), policy, reference)
@@ -2342,6 +2358,8 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
                   f"{seq_len} (the longest: {lengths.max():,} tokens) and are cut to it: what the assistant says past "
                   "that is not trained on (raise --seq-len)", file=sys.stderr)
     wrapped = wrap_model(model, cfg, info)
+    # the whole forward compiled (its output layer at every position); under FSDP2 the blocks alone are (wrap_model)
+    compiled_whole = cfg.compile and not (info.world_size > 1 and cfg.dist_mode == "fsdp")
     optimizer = make_optimizer(model, cfg, info)
     scaler = make_loss_scaler(precision, cfg)
     start_step, skipped = 0, 0
@@ -2357,6 +2375,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
                              f"by {len(ckpt['grpo_rollouts'])} process(es) with {len(ckpt['grpo_rollouts'][0])} micro-batches "
                              "each, with their samples: resume it on as many, with as many (grad_accum)")
         rollouts = to_device(ckpt["grpo_rollouts"][info.rank], info.device)
+        upgrade_rollout_stats(rollouts, cfg)
     reference = None  # DPO, IPO, hinge: the starting model's log-probability of every train and val document
     grpo_reference = None  # GRPO's KL term: the starting model's log-probabilities
     if cfg.grpo_beta and cfg.lora_rank:
@@ -2502,7 +2521,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
             with no_sync, autocast(precision, info.device):
                 if cfg.preference:
                     loss, stats = preference_batch_loss(wrapped, batch, reference and reference["train"], loader.labels,
-                                                        loader.margins, fused=(cfg.fused_loss and not cfg.compile
+                                                        loader.margins, fused=(cfg.fused_loss and not compiled_whole
                                                                                and precision != "fp16"),
                                                         **preference_options(cfg))
                     pref_sums += stats[:len(pref_names)] * weights[micro]
@@ -2573,7 +2592,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
         else:  # documents: their tokens alone (not the padding), each attending to its own document
             # packed batches: the output layer at the trained tokens only (every position when compiled,
             # or with z-loss on the plain loss: the model's own logits)
-            skipped_outputs = (isinstance(loader, PackedLoader) and not cfg.compile
+            skipped_outputs = (isinstance(loader, PackedLoader) and not compiled_whole
                                and (cfg.fused_loss or per_token_packed))
             if cfg.preference == "reward":  # the score head at a token per sequence, no output layer
                 outputs, skipped_outputs = 0, True

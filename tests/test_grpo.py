@@ -463,6 +463,38 @@ def test_grpo_iterations_reuse_a_generation_and_resume_mid_way(chat_dir, tmp_pat
         assert losses(run) == [r["loss"] for r in log]
 
 
+def test_grpo_resumes_a_mid_generation_checkpoint_of_the_old_stats_layout(chat_dir, tmp_path):  # noqa: F811
+    # a checkpoint written mid-way through a generation before frac_reward_zero_std and
+    # completions/clipped_ratio (2026-12-06) holds each rollout's stats as 5 + 2R sums: the resume
+    # had died of a size mismatch (13 vs 11); the two are computed from the saved samples
+    kw = dict(grpo_reward=SPEC, grpo_generations=2, grpo_max_new_tokens=4, grpo_iterations=2, eval_every=0,
+              warmup_steps=1, ckpt_every=3, max_steps=4)
+    trainer.train(config(chat_dir, tmp_path / "whole", **kw))
+    trainer.train(config(chat_dir, tmp_path / "rl", **kw), stop_at=3)
+    ckpt = torch.load(tmp_path / "rl/checkpoint.pt", weights_only=True)
+    for rank in ckpt["grpo_rollouts"]:
+        for r in rank:
+            r["stats"] = torch.cat([r["stats"][:5], r["stats"][7:]])  # the old layout
+    torch.save(ckpt, tmp_path / "rl/checkpoint.pt")
+    trainer.train(config(chat_dir, tmp_path / "rl", **kw), resume=True)
+    logs = [[json.loads(line) for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+            for run in ("whole", "rl")]
+    assert logs[1] == [{**r, **{k: logs[1][i][k] for k in ("tokens_per_s", "mfu")}} for i, r in enumerate(logs[0])]
+
+
+def test_frac_reward_zero_std_as_trl_counts_it():
+    # TRL 1.16's: the samples of groups whose rewards' std is 0; a group no reward function scored
+    # has a NaN std (nanstd), not 0 (it had counted: 0.5 here, TRL's 0.0); under batch scaling the
+    # step's std, which equal rewards' sums leave a rounding above 0 (256 of 0.7: 1.7e-8; had read 0.0)
+    rewards = torch.tensor([math.nan] * 4 + [1.0, 0.0, 1.0, 1.0] + [2.0] * 4, dtype=torch.float64)
+    assert torch.isnan(trainer._nanstd(rewards.view(-1, 4))[0]).all()
+    samples = [[5, 1], [5], [], [2, 7]] * 3
+    assert trainer._flat_and_unended(rewards, samples, 4, {1}) == [4.0, 9.0]  # (the last group; all but [5, 1])
+    n = 256
+    sums = torch.tensor([0.7 * n, n, 0.49 * n, n, 0, 0, 0, 0, 0, 0, 1], dtype=torch.float64)
+    assert trainer.grpo_stat_means(sums, 0, batch_scaled=True)[5] == 1.0
+
+
 def test_grpo_resumed_mid_generation_with_a_kl_term_added(chat_dir, tmp_path):  # noqa: F811
     # grpo_beta is not run-defining (a resume may add it), but a checkpoint written mid-way through a
     # generation holds samples prepared without the reference's log-probabilities: the resume had

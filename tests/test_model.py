@@ -2145,25 +2145,30 @@ def test_from_hf_takes_flags_as_transformers_reads_them(kind, flags, tmp_path):
         assert rel_err(ours(idx)[0], theirs(idx).logits) < (1e-6 if dtype == torch.float64 else 1e-5)  # (RoPE: fp32)
 
 
-@pytest.mark.parametrize("kind, key", [("qwen3", "head_dim"), ("gpt2", "layer_norm_epsilon")])
+@pytest.mark.parametrize("kind, key", [("qwen3", "head_dim"), ("gpt2", "layer_norm_epsilon"),
+                                       ("qwen3_moe", "moe_intermediate_size")])
 def test_from_hf_takes_transformers_defaults_of_a_trimmed_config(kind, key, tmp_path):
     # config.json without a field takes the config class's default: Qwen3's head_dim is 128, not
-    # hidden / heads (had been refused on the shapes); GPT-2's layer_norm_epsilon 1e-5 (had been refused)
+    # hidden / heads (had been refused on the shapes); GPT-2's layer_norm_epsilon 1e-5 (had been
+    # refused); Qwen3-MoE's experts 768 wide, not intermediate_size
     import transformers
 
     sizes = dict(n_embd=64, n_layer=1, n_head=4, n_positions=32) if kind == "gpt2" else dict(
         hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
+    if kind == "qwen3_moe":
+        sizes.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=768)
     config = transformers.AutoConfig.for_model(kind, vocab_size=64, **sizes)
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
     trimmed = json.loads((tmp_path / "config.json").read_text())
     del trimmed[key]
     (tmp_path / "config.json").write_text(json.dumps(trimmed))
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, torch_dtype=torch.float64).eval()
-    ours = LLM.from_hf(tmp_path, dtype=torch.float64)
+    dtype = torch.float32 if kind == "qwen3_moe" else torch.float64  # (transformers' grouped_mm takes no fp64)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, torch_dtype=dtype).eval()
+    ours = LLM.from_hf(tmp_path, dtype=dtype)
     idx = torch.randint(0, 64, (2, 12))
     with torch.no_grad():
-        assert rel_err(ours(idx)[0], theirs(idx).logits) < 1e-6
+        assert rel_err(ours(idx)[0], theirs(idx).logits) < (1e-6 if dtype == torch.float64 else 1e-5)
 
 
 def test_from_hf_names_a_tensor_the_checkpoint_lacks(tmp_path):

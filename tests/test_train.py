@@ -855,9 +855,9 @@ end_process(0)
 
 
 def test_fsdp_with_compile_compiles_each_block_whole(data_dir, tmp_path):
-    # FSDP2 with --compile: the whole model compiled around fully_shard had hit FSDP's dynamo-disabled
-    # hooks in the block loop, skipped that frame and compiled pieces of it (6 graphs and 4 breaks a
-    # rank in the compile audit). Each block is compiled before it is sharded (torchtitan's way):
+    # FSDP2 with --compile: the whole model compiled around fully_shard had hit FSDP's dynamo-disabled hooks in the
+    # block loop, skipped that frame and compiled pieces of it (12 graphs a rank here; 6 recompiles and 4 break
+    # messages a rank in the compile audit's run). Each block is compiled before it is sharded (torchtitan's way):
     # one graph for training and one for eval (no_grad), no breaks, the eager run's losses.
     args = dict(data_dir=str(data_dir), out_dir=str(tmp_path), model=dict(TINY, n_layers=3), device="cpu",
                 batch_size=2, max_steps=3, warmup_steps=1, lr=1e-2, eval_every=3, eval_batches=1, ckpt_every=0,

@@ -532,3 +532,22 @@ def test_first_row_keys_of_arrays_reads_the_first_row_only(tmp_path):
     for name, text in cases.items():
         (tmp_path / name).write_text(text, encoding="utf-8")
         assert data._first_row_keys(tmp_path / name) == want[name], name
+
+
+def test_one_large_file_prepares_without_a_python_int_per_token(tmp_path):
+    # A file is one document, encoded whole: its ids had been a Python int each, listed twice, then an
+    # int64 array, beside the file's bytes and text (a 200 MB file took 2.9 GB; 1.8 GB since; the
+    # data-scale audit, 2026-12-06). pyllm's tokenizer gives them as one numpy array.
+    import tracemalloc
+
+    text = "".join(f"def f{i}(x):\n    return x * {i} + 'caf\u00e9'\n" for i in range(100_000))  # ~3.8 MB
+    (tmp_path / "big.txt").write_text(text, encoding="utf-8")
+    tok = Tokenizer.train([text[:100_000]], 400, special_tokens=("<|endoftext|>",), show_progress=False)
+    tracemalloc.start()
+    data.prepare([tmp_path / "big.txt"], tok, tmp_path / "out", show_progress=False)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    size = len(text.encode())
+    assert peak < 6 * size, f"peak {peak / 1e6:.0f} MB for a {size / 1e6:.1f} MB file"
+    ids = np.concatenate([data.open_tokens(tmp_path / "out" / f"{s}.bin") for s in ("train", "val")])
+    assert ids.tolist() == tok.encode_ordinary(text) + [tok.encode("<|endoftext|>", allowed_special="all")[0]]

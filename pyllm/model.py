@@ -433,6 +433,22 @@ class Block(nn.Module):
         return y if self.residual_multiplier is None else y * self.residual_multiplier  # Granite's
 
 
+@contextlib.contextmanager
+def _moe_recompute(moe, collect: bool):
+    """A checkpointed MoE block's recompute: collect_stats as its forward had it (a block compiled alone
+    guards on it), the statistics it makes dropped after (LLM.forward has made its loss of them)."""
+    moe.collect_stats = collect
+    try:
+        yield
+    finally:
+        moe.stats, moe.collect_stats = None, False
+
+
+def _moe_recompute_contexts(moe, collect: bool):
+    """torch.utils.checkpoint's context_fn: nothing around the forward, _moe_recompute around the recompute."""
+    return contextlib.nullcontext(), _moe_recompute(moe, collect)
+
+
 def check_documents(cu_seqlens: torch.Tensor, B: int, T: int, device) -> None:
     """ValueError unless cu_seqlens is LLM.forward's packing of documents into B rows of T tokens."""
     if not isinstance(cu_seqlens, torch.Tensor):
@@ -687,7 +703,13 @@ class LLM(nn.Module):
             # Non-reentrant: works with DDP, FSDP2, torch.compile and inputs that need no grad;
             # the dropout masks are redrawn identically (the RNG state is saved).
             if recompute:
-                x = torch.utils.checkpoint.checkpoint(block, x, rope, None, 0, cu_seqlens, use_reentrant=False)
+                # A block compiled alone (wrap_model under FSDP2 with --compile) guards on its MoE's
+                # collect_stats: the backward's recompute runs with the forward's value (else another graph,
+                # saving other tensors: CheckpointError under bf16 autocast), its statistics dropped after
+                # (the whole forward compiled traces the recompute into its own graph: no context there)
+                moe = block.mlp if isinstance(block.mlp, MoEMLP) and not torch.compiler.is_compiling() else None
+                extra = {} if moe is None else {"context_fn": functools.partial(_moe_recompute_contexts, moe, balance)}
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, None, 0, cu_seqlens, use_reentrant=False, **extra)
             else:
                 x = block(x, rope, cu_seqlens=cu_seqlens)
         if balance:

@@ -1875,7 +1875,8 @@ def _decoder_config_from_hf(hf: dict) -> ModelConfig:
         # the factor (the whole head turns), and their scaled RoPEs read it but rotate q / k whole (a shape error)
         if rope_type != "default":
             raise NotImplementedError(f"{kind} with partial_rotary_factor={partial} and {rope_type} RoPE: "
-                                      f"transformers' {kind} cannot compute it either (only phi3 rotates part of a head)")
+                                      f"transformers' {kind} cannot compute it either (only phi3 rotates part "
+                                      "of a head)")
         warnings.warn(f"{kind} partial_rotary_factor={partial}: transformers' {kind} does not read it (it rotates "
                       "each head whole), and neither does pyllm", stacklevel=3)
         partial = 1.0

@@ -2196,7 +2196,8 @@ def test_from_hf_refuses_what_it_cannot_compute(tmp_path):
                            (dict(model_type="qwen3", attention_bias=True), "attention_bias"),
                            (dict(mlp_bias=True), "mlp_bias"), (dict(hidden_act="gelu"), "hidden_act"),
                            (dict(partial_rotary_factor=0.5, rope_scaling=dict(
-                               rope_type="yarn", factor=4.0, original_max_position_embeddings=16)), "partial_rotary_factor"),
+                               rope_type="yarn", factor=4.0, original_max_position_embeddings=16)),
+                            "partial_rotary_factor"),
                            (dict(layer_types=["sliding_attention", "full_attention"]), "layer_types"),
                            (dict(model_type="qwen3", layer_types=["chunked_attention", "full_attention"]), "layer_types"),
                            (dict(model_type="qwen3", layer_types=["full_attention"]), "layer_types"),

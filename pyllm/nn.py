@@ -1712,17 +1712,20 @@ def preference_loss(kind: str, chosen_logps: torch.Tensor, rejected_logps: torch
         ratio = chosen_logps - ref_chosen_logps
         losses = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (ratio - z))),
                              undesirable_weight * (1 - torch.sigmoid(beta * (z - ratio))))
-    else:  # orpo; log(1 - p) as log(-expm1(log p)): exact as p nears 1 (and finite for a cut-off, empty reply)
-        def log_odds(logp):
-            return logp - torch.log(-torch.expm1(logp.clamp(max=-1e-12)))
-
-        log_odds = log_odds(chosen_logps) - log_odds(rejected_logps)
+    else:  # orpo
+        log_odds = orpo_log_odds(chosen_logps) - orpo_log_odds(rejected_logps)
         losses = -chosen_logps - beta * F.logsigmoid(log_odds)
     if nll is not None:
         losses = losses + sft_weight * nll
     if logged is not None:
         return losses, *logged
     return losses, chosen_rewards.detach(), rejected_rewards.detach()
+
+
+def orpo_log_odds(logp: torch.Tensor) -> torch.Tensor:
+    """log(p / (1 - p)) of a reply's log-probability per token (ORPO's odds), log(1 - p) as
+    log(-expm1(log p)): exact as p nears 1 (and finite for a cut-off, empty reply)."""
+    return logp - torch.log(-torch.expm1(logp.clamp(max=-1e-12)))
 
 
 def _kernel_dtypes(x: torch.Tensor, by_device: dict) -> tuple:

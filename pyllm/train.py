@@ -30,7 +30,7 @@ import torch.distributed as dist
 from pyllm.data import (PackedLoader, TokenLoader, has_documents, new_temp_file, read_header, read_rows,
                         remove_stale_temp_files)
 from pyllm.model import LLM, ModelConfig, check_fields, lora_targets, save_weights
-from pyllm.nn import PREFERENCE_LOSSES, REFERENCE_FREE, preference_loss, sequence_logps
+from pyllm.nn import PREFERENCE_LOSSES, REFERENCE_FREE, orpo_log_odds, preference_loss, sequence_logps
 from pyllm.ops import _util
 from pyllm.optim import AdamW, DynamicLossScaler, Muon, MuonAdamW, ZeroAdamW, unscale_clip_check
 
@@ -343,6 +343,12 @@ def end_process(code: int = 0) -> None:
     os._exit(code)
 
 
+def compiles_blocks_alone(cfg: TrainConfig, info: DistInfo) -> bool:
+    """Whether wrap_model compiles each block (FSDP2 with compile on several processes) rather than
+    the whole forward, whose output layer then runs eager (at the trained tokens only)."""
+    return cfg.compile and info.world_size > 1 and cfg.dist_mode == "fsdp"
+
+
 def wrap_model(model: LLM, cfg: TrainConfig, info: DistInfo) -> torch.nn.Module:
     """compile (on request), then DDP or FSDP2 when there are several processes. zero1 needs no
     wrapper: ZeroAdamW averages the grads over the ranks itself, once per optimizer step (so grad
@@ -351,8 +357,7 @@ def wrap_model(model: LLM, cfg: TrainConfig, info: DistInfo) -> torch.nn.Module:
     fully_shard met FSDP's dynamo-disabled hooks in the block loop, skipped that frame and compiled
     pieces of it (12 graphs where there are 2); the embedding and the output layer's loss run eager
     (pyllm's kernels either way)."""
-    fsdp = info.world_size > 1 and cfg.dist_mode == "fsdp"
-    if cfg.compile and fsdp:
+    if compiles_blocks_alone(cfg, info):
         from torch import _dynamo
 
         # The blocks run one code object, whose graphs share one cache of dynamo's recompile_limit
@@ -363,7 +368,7 @@ def wrap_model(model: LLM, cfg: TrainConfig, info: DistInfo) -> torch.nn.Module:
         setattr(_dynamo.config, limit, max(getattr(_dynamo.config, limit), 32))
         for block in model.blocks:
             block.compile()
-    wrapped: torch.nn.Module = torch.compile(model) if cfg.compile and not fsdp else model
+    wrapped: torch.nn.Module = model if compiles_blocks_alone(cfg, info) or not cfg.compile else torch.compile(model)
     if info.world_size == 1 or cfg.dist_mode == "zero1":
         return wrapped
     if cfg.dist_mode == "ddp":
@@ -914,10 +919,7 @@ def preference_batch_loss(model, batch, reference, labels: np.ndarray | None = N
                 c, r = c / tokens[chosen].clamp(min=1), r / tokens[rejected].clamp(min=1)
             stats += [c.sum(), r.sum()]
             if kind == "orpo":  # ORPOTrainer's log_odds_ratio (the term's logsigmoid) and log_odds_chosen
-                def log1m_exp(logp):  # log(1 - p), as preference_loss takes it
-                    return torch.log(-torch.expm1(logp.clamp(max=-1e-12)))
-
-                log_odds = (c - r) - (log1m_exp(c) - log1m_exp(r))
+                log_odds = orpo_log_odds(c) - orpo_log_odds(r)
                 stats += [-c.sum(), torch.nn.functional.logsigmoid(log_odds).sum(), log_odds.sum()]
         stats = torch.stack(stats) / n
     return losses.sum() / n, stats
@@ -2358,8 +2360,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
                   f"{seq_len} (the longest: {lengths.max():,} tokens) and are cut to it: what the assistant says past "
                   "that is not trained on (raise --seq-len)", file=sys.stderr)
     wrapped = wrap_model(model, cfg, info)
-    # the whole forward compiled (its output layer at every position); under FSDP2 the blocks alone are (wrap_model)
-    compiled_whole = cfg.compile and not (info.world_size > 1 and cfg.dist_mode == "fsdp")
+    compiled_whole = cfg.compile and not compiles_blocks_alone(cfg, info)  # (its output layer at every position)
     optimizer = make_optimizer(model, cfg, info)
     scaler = make_loss_scaler(precision, cfg)
     start_step, skipped = 0, 0
@@ -2639,8 +2640,8 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
                 per = all_reduce_sum(kto_sums, info).tolist()  # (z is every rank's alike: summed world_size times)
 
                 def mean_of(sum_at, count_at):  # the micro-steps' means over their examples of a label
-                    means = [m[sum_at] / m[count_at] for m in per if m[count_at]]
-                    return sum(means) / len(means) if means else None
+                    each = [m[sum_at] / m[count_at] for m in per if m[count_at]]
+                    return sum(each) / len(each) if each else None
 
                 chosen, rejected = mean_of(0, 2), mean_of(1, 3)
                 record.update(logps_chosen=mean_of(5, 2), logps_rejected=mean_of(6, 3))

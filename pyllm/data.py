@@ -29,6 +29,7 @@ import json
 import math
 import numbers
 import os
+import re
 import struct
 import sysconfig
 import tempfile
@@ -227,6 +228,47 @@ def read_documents(files: Iterable[Path], not_utf8: list | None = None) -> Itera
     files in C++); bytes that are not UTF-8 become U+FFFD, with a warning naming the file (or the
     file appended to not_utf8, for the caller to say once); a rows file not UTF-8 is refused
     (ValueError naming it)."""
+    for text, _ in read_document_parts(files, not_utf8):
+        yield text
+
+
+# Where a long text is cut into parts that a built-in split pattern tokenizes to the ids of the
+# whole: a visible ASCII character, "\n", an ASCII letter (the C++ encoder cuts its long texts there
+# too, cut_at_safe_boundaries in csrc/cpu/bpe_pretokenize.cpp, which says why each holds).
+_SAFE_CUT = re.compile(rb"(?<=[\x21-\x7e]\n)[A-Za-z]")
+# A large file's parts: about 16 MiB each, so that preparing one holds a few parts' bytes, text and
+# ids (a whole 200 MB file had taken 1.8 GB); the encoder still spreads a part over every thread.
+PART_BYTES = 1 << 24
+
+
+def _file_parts(path: Path, part_bytes: int) -> Iterator[tuple[bytes, bool]]:
+    """A file's bytes in parts of about part_bytes, each but the last ending at a _SAFE_CUT (longer
+    where none comes sooner: a file without one is a single part), with whether it is the last; at
+    least one part. (What follows a cut starts with its letter: the last part is never empty.)"""
+    with open(path, "rb") as f:
+        rest = b""
+        while more := f.read(part_bytes):
+            block, rest, more = rest + more, b"", b""  # (no copy when nothing was left over)
+            cut, start = None, len(block)
+            while cut is None and start > 1:  # the last cut: looked for in ever longer tails
+                start = max(1, start - (len(block) - start) * 7 - (1 << 12))
+                for cut in _SAFE_CUT.finditer(block, start):
+                    pass
+            if cut is None:
+                rest = block
+                continue
+            part, rest = [block[:cut.start()]], block[cut.start():]
+            del block, cut  # (a match holds what it searched; the part handed over in a list: nothing
+            # here holds a part while it is tokenized)
+            yield part.pop(), False
+        yield rest, True
+
+
+def read_document_parts(files: Iterable[Path], not_utf8: list | None = None,
+                        part_bytes: int | None = None) -> Iterator[tuple[str, bool]]:
+    """read_documents' documents as (text, last) pairs: a plain text file of more than part_bytes
+    in parts cut where a built-in split pattern's pieces are those of the whole (_SAFE_CUT), last
+    True on its final part; every other document (part_bytes None, a JSON Lines row) whole."""
     for f in files:
         if is_text_rows(f):
             for number, row, _ in _jsonl_rows(f):
@@ -234,23 +276,30 @@ def read_documents(files: Iterable[Path], not_utf8: list | None = None) -> Itera
                 if not isinstance(text, str):
                     raise ValueError(f"{f}:{number}: expected a \"text\" string in every line, as the first line has, "
                                      f"got {type(text).__name__}")
-                yield text
+                yield text, True
             continue
-        raw = f.read_bytes()
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            import warnings
-
-            text = raw.decode("utf-8", errors="replace")
-            if not_utf8 is not None:
+        if part_bytes is None or f.stat().st_size <= part_bytes:
+            raw_parts: Iterable[tuple[bytes, bool]] = ((f.read_bytes(), True) for _ in range(1))  # (no list
+        else:  # holding the bytes while their text is tokenized)
+            raw_parts = _file_parts(f, part_bytes)
+        offset, bad, replaced = 0, None, 0
+        for raw, last in raw_parts:
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:  # (parts end before an ASCII letter: no character is cut)
+                text = raw.decode("utf-8", errors="replace")
+                replaced += text.count(chr(0xFFFD)) - raw.decode("utf-8", "ignore").count(chr(0xFFFD))
+                bad = bad or (offset + e.start, raw[e.start:e.start + 1])
+            offset += len(raw)
+            del raw  # (the bytes beside their text while it is tokenized: twice a large file's size)
+            if last and bad and not_utf8 is not None:
                 not_utf8.append(f)
-            else:
-                replaced = text.count(chr(0xFFFD)) - raw.decode("utf-8", "ignore").count(chr(0xFFFD))
-                warnings.warn(f"{f} is not UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r}): {replaced} bytes "
-                              "read as U+FFFD; convert it first (iconv -f cp1252 -t utf-8 ...)", stacklevel=2)
-        del raw  # (the bytes beside their text while it is tokenized: twice a large file's size)
-        yield text
+            elif last and bad:
+                import warnings
+
+                warnings.warn(f"{f} is not UTF-8 (byte {bad[0]}: {bad[1]!r}): {replaced} bytes read as U+FFFD; "
+                              "convert it first (iconv -f cp1252 -t utf-8 ...)", stacklevel=3)
+            yield text, last
 
 
 # --- token files ---------------------------------------------------------------------------------
@@ -573,11 +622,38 @@ CONVERSATION_FILES = (".docs.npy", ".mask.npy", ".pairs.npy", ".labels.npy", ".m
 def split_at_separator(documents: Iterable[str], separator: str) -> Iterator[str]:
     """Each document cut at the separator's occurrences, pieces of whitespace alone left out where it
     cut (the newlines around TinyStories' separators)."""
-    for text in documents:
-        if separator not in text:
-            yield text
-            continue
-        yield from (piece for piece in text.split(separator) if piece.strip())
+    for piece, _ in split_parts_at_separator(((text, True) for text in documents), separator):
+        yield piece
+
+
+def split_parts_at_separator(parts: Iterable[tuple[str, bool]], separator: str) -> Iterator[tuple[str, bool]]:
+    """split_at_separator over read_document_parts' (text, last) parts: the same documents, those
+    of a file in parts still in parts (last True at each one's end). A separator never spans two
+    parts (a cut follows a newline, which no separator has), and a document running on past a
+    part's end is never whitespace alone (the next part starts with a letter)."""
+    open_document = False  # (its start yielded, with last False)
+    for text, last in parts:
+        pieces = text.split(separator)
+        if len(pieces) == 1:  # (a document without the separator: kept even when only whitespace)
+            yield text, last
+        else:
+            for k, piece in enumerate(pieces):
+                if k == len(pieces) - 1 and not last:
+                    yield piece, False
+                elif (k == 0 and open_document) or piece.strip():
+                    yield piece, True
+        open_document = not last
+
+
+def _take_parts(parts: Iterator[tuple[str, bool]], count: int, characters: int) -> list[tuple[str, bool]]:
+    """The next count parts, or fewer that make characters (at least one; none at the end)."""
+    batch, size = [], 0
+    for part in parts:
+        batch.append(part)
+        size += len(part[0])
+        if len(batch) == count or size >= characters:
+            break
+    return batch
 
 
 def prepare(inputs: Sequence[str | os.PathLike] | None, tokenizer, out_dir, val_fraction: float = 0.02,
@@ -594,7 +670,9 @@ def prepare(inputs: Sequence[str | os.PathLike] | None, tokenizer, out_dir, val_
     is a document, or each line of a JSON Lines file of {"text": ...} rows is (read_documents); with
     the default doc_end, a literal "<|endoftext|>" in the text also ends one (TinyStories' files
     separate their stories so; the tokenizer trainer splits there too), pieces of whitespace alone
-    dropped. Returns {"train_tokens", "val_tokens", "files", "documents", "bytes"}.
+    dropped. A large file is read and encoded in parts (PART_BYTES) where the tokenizer is pyllm's
+    with a built-in split pattern, which gives the parts the ids of the whole (read_document_parts).
+    Returns {"train_tokens", "val_tokens", "files", "documents", "bytes"}.
     """
     from tqdm import tqdm
 
@@ -618,22 +696,33 @@ def prepare(inputs: Sequence[str | os.PathLike] | None, tokenizer, out_dir, val_
     # Written as they are tokenized (memory: a batch of documents, not the corpus)
     train_file = TokenWriter(out_dir / "train.bin", tokenizer.vocab_size, eot)
     val_file = TokenWriter(out_dir / "val.bin", tokenizer.vocab_size, eot)
-    documents = read_documents(files, not_utf8)  # lazily: a file, or a JSON Lines row, at a time
+    # Lazily: a file, a JSON Lines row, or a part of a large file at a time; cut only where a built-in
+    # split pattern gives the ids of the whole (pyllm's own tokenizers; others take a file whole)
+    from pyllm.tokenizer.patterns import PATTERNS
+
+    cuts = getattr(tokenizer, "pattern_name", None) in PATTERNS and getattr(tokenizer, "normalization", 0) is None
+    parts = read_document_parts(files, not_utf8, PART_BYTES if cuts else None)
     if doc_end is _EOT_IF_ANY and eot is not None:
-        documents = split_at_separator(documents, EOT)
+        parts = split_parts_at_separator(parts, EOT)
+    starts = True  # (the next part starts a document)
     try:
-        while texts := list(itertools.islice(documents, batch_docs)):
+        # A batch: batch_docs parts, or fewer making half a part's characters (a large file's part alone)
+        while batch := _take_parts(parts, batch_docs, PART_BYTES // 2):
+            texts = [text for text, _ in batch]
             if packed is not None:  # numpy ids: no Python int per token (a 200 MB file had taken 2.9 GB)
                 ids_all, offsets = packed(texts, disallowed_special=())
-                docs = (ids_all[offsets[k]:offsets[k + 1]] for k in range(len(texts)))
+                docs = [ids_all[offsets[k]:offsets[k + 1]] for k in range(len(texts))]
+                del ids_all  # (its views in docs: gone with them, before the next batch is encoded)
             else:
                 docs = encode_batch(texts)
-            for ids in docs:
+            for ids, (_, last) in zip(docs, batch):
                 split = val_file if n_docs % every == every - 1 else train_file
-                for part in (start_ids, ids, [] if eot is None else [eot]):
+                for part in (start_ids if starts else [], ids, [] if eot is None or not last else [eot]):
                     split.append(part)
-                n_docs += 1
+                n_docs += last
+                starts = last
             bar.update(min(sum(map(len, texts)), bar.total - bar.n))  # (characters: about the bytes read)
+            del texts, batch, docs
         bar.update(bar.total - bar.n)
         bar.close()
         if n_docs < every:  # too few documents to hold some out: the last val_fraction of the tokens

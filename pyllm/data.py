@@ -40,6 +40,8 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
+from pyllm.tokenizer.patterns import PATTERNS, file_parts
+
 MAGIC = b"PYLLMTOK"
 VERSION = 1
 HEADER_BYTES = 64
@@ -232,42 +234,15 @@ def read_documents(files: Iterable[Path], not_utf8: list | None = None) -> Itera
         yield text
 
 
-# Where a long text is cut into parts that a built-in split pattern tokenizes to the ids of the
-# whole: a visible ASCII character, "\n", an ASCII letter (the C++ encoder cuts its long texts there
-# too, cut_at_safe_boundaries in csrc/cpu/bpe_pretokenize.cpp, which says why each holds).
-_SAFE_CUT = re.compile(rb"(?<=[\x21-\x7e]\n)[A-Za-z]")
 # A large file's parts: about 16 MiB each, so that preparing one holds a few parts' bytes, text and
 # ids (a whole 200 MB file had taken 1.8 GB); the encoder still spreads a part over every thread.
 PART_BYTES = 1 << 24
 
 
-def _file_parts(path: Path, part_bytes: int) -> Iterator[tuple[bytes, bool]]:
-    """A file's bytes in parts of about part_bytes, each but the last ending at a _SAFE_CUT (longer
-    where none comes sooner: a file without one is a single part), with whether it is the last; at
-    least one part. (What follows a cut starts with its letter: the last part is never empty.)"""
-    with open(path, "rb") as f:
-        rest = b""
-        while more := f.read(part_bytes):
-            block, rest, more = rest + more, b"", b""  # (no copy when nothing was left over)
-            cut, start = None, len(block)
-            while cut is None and start > 1:  # the last cut: looked for in ever longer tails
-                start = max(1, start - (len(block) - start) * 7 - (1 << 12))
-                for cut in _SAFE_CUT.finditer(block, start):
-                    pass
-            if cut is None:
-                rest = block
-                continue
-            part, rest = [block[:cut.start()]], block[cut.start():]
-            del block, cut  # (a match holds what it searched; the part handed over in a list: nothing
-            # here holds a part while it is tokenized)
-            yield part.pop(), False
-        yield rest, True
-
-
 def read_document_parts(files: Iterable[Path], not_utf8: list | None = None,
                         part_bytes: int | None = None) -> Iterator[tuple[str, bool]]:
     """read_documents' documents as (text, last) pairs: a plain text file of more than part_bytes
-    in parts cut where a built-in split pattern's pieces are those of the whole (_SAFE_CUT), last
+    in parts cut where a built-in split pattern's pieces are those of the whole (file_parts), last
     True on its final part; every other document (part_bytes None, a JSON Lines row) whole."""
     for f in files:
         if is_text_rows(f):
@@ -281,7 +256,7 @@ def read_document_parts(files: Iterable[Path], not_utf8: list | None = None,
         if part_bytes is None or f.stat().st_size <= part_bytes:
             raw_parts: Iterable[tuple[bytes, bool]] = ((f.read_bytes(), True) for _ in range(1))  # (no list
         else:  # holding the bytes while their text is tokenized)
-            raw_parts = _file_parts(f, part_bytes)
+            raw_parts = file_parts(f, part_bytes)
         offset, bad, replaced = 0, None, 0
         for raw, last in raw_parts:
             try:
@@ -698,8 +673,6 @@ def prepare(inputs: Sequence[str | os.PathLike] | None, tokenizer, out_dir, val_
     val_file = TokenWriter(out_dir / "val.bin", tokenizer.vocab_size, eot)
     # Lazily: a file, a JSON Lines row, or a part of a large file at a time; cut only where a built-in
     # split pattern gives the ids of the whole (pyllm's own tokenizers; others take a file whole)
-    from pyllm.tokenizer.patterns import PATTERNS
-
     cuts = getattr(tokenizer, "pattern_name", None) in PATTERNS and getattr(tokenizer, "normalization", 0) is None
     parts = read_document_parts(files, not_utf8, PART_BYTES if cuts else None)
     if doc_end is _EOT_IF_ANY and eot is not None:

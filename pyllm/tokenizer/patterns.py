@@ -1,5 +1,7 @@
 """The built-in split patterns (tiktoken's), each with a hand-written C++ pre-tokenizer."""
 import re
+from pathlib import Path
+from typing import Iterator
 
 GPT2 = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 
@@ -22,6 +24,35 @@ GPT4O = "|".join(
 
 # name -> (regex string, code of the C++ pre-tokenizer)
 PATTERNS = {"gpt2": (GPT2, 0), "gpt4": (GPT4, 1), "gpt4o": (GPT4O, 2)}
+
+
+# Where a long text is cut into parts that a built-in split pattern tokenizes to the ids of the
+# whole: a visible ASCII character, "\n", an ASCII letter (the C++ encoder cuts its long texts there
+# too, cut_at_safe_boundaries in csrc/cpu/bpe_pretokenize.cpp, which says why each holds).
+SAFE_CUT = re.compile(rb"(?<=[\x21-\x7e]\n)[A-Za-z]")
+
+
+def file_parts(path: Path, part_bytes: int) -> Iterator[tuple[bytes, bool]]:
+    """A file's bytes in parts of about part_bytes, each but the last ending at a SAFE_CUT (longer
+    where none comes sooner: a file without one is a single part), with whether it is the last; at
+    least one part. (What follows a cut starts with its letter: the last part is never empty.)"""
+    with open(path, "rb") as f:
+        rest = b""
+        while more := f.read(part_bytes):
+            block, rest, more = rest + more, b"", b""  # (no copy when nothing was left over)
+            cut, start = None, len(block)
+            while cut is None and start > 1:  # the last cut: looked for in ever longer tails
+                start = max(1, start - (len(block) - start) * 7 - (1 << 12))
+                for cut in SAFE_CUT.finditer(block, start):
+                    pass
+            if cut is None:
+                rest = block
+                continue
+            part, rest = [block[:cut.start()]], block[cut.start():]
+            del block, cut  # (a match holds what it searched; the part handed over in a list: nothing
+            # here holds a part while it is tokenized)
+            yield part.pop(), False
+        yield rest, True
 
 
 def hf_spelling(regex: str) -> str:

@@ -23,14 +23,17 @@ from typing import AbstractSet, Collection, Iterable, Literal, Sequence
 import numpy as np
 
 from pyllm import _C
-from pyllm.tokenizer.patterns import (ONIGURUMA_POSIX, PATTERNS, RUST_POSIX, SPELLINGS, hf_spelling, regex_pieces,
-                                      respell_anchors, respell_posix)
+from pyllm.tokenizer.patterns import (ONIGURUMA_POSIX, PATTERNS, RUST_POSIX, SPELLINGS, file_parts, hf_spelling,
+                                      regex_pieces, respell_anchors, respell_posix)
 
 _MAGIC = "#pyllm-bpe v1"
 # Unicode normalization forms a Tokenizer may apply (unicodedata.normalize's, Hugging Face's normalizers').
 _UNICODE_FORMS = ("NFC", "NFD", "NFKC", "NFKD")
 # Texts are handed to C++ in batches of about this many bytes (bounds the memory of one call).
 _COUNT_BATCH_BYTES = 32 << 20
+# A training file larger than this is read in parts cut at patterns.SAFE_CUT (a built-in pattern's
+# pieces there are the whole's): memory a few parts, not the file (a 200 MB file had taken ~7x).
+_PART_BYTES = 16 << 20
 
 
 class InvalidTokenError(KeyError, ValueError):
@@ -1666,7 +1669,9 @@ class Tokenizer:
         from tqdm.auto import tqdm
 
         trainer = _C.BpeTrainer(code)
-        batches, total_bytes = _text_batches(texts)
+        # (a special token with a newline might span a cut: such files are read whole)
+        cuts = custom is None and not any("\n" in s for s in specials)
+        batches, total_bytes = _text_batches(texts, _PART_BYTES if cuts else None)
         # Longest first, so that a special token holding another is cut whole.
         special_re = re.compile("|".join(map(re.escape, sorted(specials, key=len, reverse=True)))) if specials else None
         with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="bpe: counting pieces",
@@ -2004,8 +2009,9 @@ def _looks_like_path(t) -> bool:
             and (os.sep in t or "/" in t or re.fullmatch(r"[^.]+(\.[^.]+)*\.[A-Za-z][A-Za-z0-9]{0,5}", t) is not None))
 
 
-def _text_batches(texts):
-    """(generator of (list of str, bytes), total bytes or None): texts in batches of ~32 MB."""
+def _text_batches(texts, part_bytes: int | None = None):
+    """(generator of (list of str, bytes), total bytes or None): texts in batches of ~32 MB; files
+    larger than part_bytes (not None) in parts (patterns.file_parts)."""
     if isinstance(texts, (str, bytes)) or not isinstance(texts, Iterable):
         raise TypeError(f"train: texts must be an iterable of str or a list of file paths, got {type(texts).__name__}")
     # A list of paths is known by its first item; a later one naming no file is a typo (it had
@@ -2022,13 +2028,21 @@ def _text_batches(texts):
         def read():
             not_utf8 = []
             for p in paths:
-                with open(p, "rb") as f:
-                    data = f.read()
-                try:
-                    yield data.decode("utf-8")
-                except UnicodeDecodeError:  # said, as prepare says it (merges of U+FFFD had been learned silently)
+                if part_bytes is None or os.path.getsize(p) <= part_bytes:
+                    parts = ((Path(p).read_bytes(), True) for _ in range(1))
+                else:
+                    parts = file_parts(p, part_bytes)
+                bad = False
+                for data, _ in parts:
+                    try:
+                        text = data.decode("utf-8")
+                    except UnicodeDecodeError:  # said, as prepare says it (merges of U+FFFD had been learned silently)
+                        bad = True
+                        text = data.decode("utf-8", errors="replace")
+                    del data
+                    yield text
+                if bad:
                     not_utf8.append(p)
-                    yield data.decode("utf-8", errors="replace")
             if not_utf8:
                 import warnings
 

@@ -268,10 +268,12 @@ def test_row_kernel_strides_outputs_and_row_weights(device, beta):
                              grad_rows=weights)
     assert torch.equal(loss, got)
     weighted = want_grad * (-1.5 * weights.double())[:, None]
-    assert rel_err(grad, weighted) <= 2 * rel_err(inside, want_grad) + 2 ** -9
+    # torch's own: its fp32 gradient times the factors, rounded once (the bound had been twice ours + 2^-9)
+    grad32 = divergence_and_grad(original.float(), teacher.float(), beta, 2.0)[1]
+    assert rel_err(grad, weighted) <= tolerance((grad32 * (-1.5 * weights)[:, None]).to(grad.dtype), weighted)
     # grad_scale alone; capped logits without a gradient (no tanh row kept) give the loss of those with
     distill_ops.distill_into(original, teacher, loss, grad, beta, 2.0, 1.0, 0.0, 1.0, 0.0, grad_scale=0.75)
-    assert rel_err(grad, want_grad * 0.75) <= 2 * tolerance(their_grad, want_grad)
+    assert rel_err(grad, want_grad * 0.75) <= tolerance((grad32 * 0.75).to(grad.dtype), want_grad * 0.75)
     capped = dict(softcap=4.0, teacher_softcap=3.0)
     assert torch.equal(distill_ops.distill_rows_(original.clone(), teacher, beta=beta, temperature=2.0, **capped),
                        distill_ops.distill_rows_(original.clone(), teacher, beta=beta, temperature=2.0,
@@ -285,7 +287,8 @@ def test_row_kernel_strides_outputs_and_row_weights(device, beta):
     distill_ops.distill_into(in_place, teacher, loss, in_place, beta, 2.0, 1.0, 0.0, 1.0, 0.0, grad_rows=weights)
     assert torch.equal(loss, got)
     assert (in_place[1::2] == 0).all()
-    assert rel_err(in_place[0::2], want_grad[0::2] * weights[0::2, None].double()) <= 2 * rel_err(inside, want_grad) + 2 ** -9
+    assert rel_err(in_place[0::2], want_grad[0::2] * weights[0::2, None].double()) <= tolerance(
+        (grad32[0::2] * weights[0::2, None]).to(in_place.dtype), want_grad[0::2] * weights[0::2, None].double())
 
 
 def masked_reference(student, teacher, beta, temperature):

@@ -264,7 +264,11 @@ def check_score_mods(q, k, v, dout, slopes, **kw):
     ref_lse = attention(q.double(), k.double(), v.double(), alibi=slopes, **kw)[1]
     seen = torch.isfinite(ref_lse)
     assert torch.equal(torch.isfinite(lse), seen)
-    assert (lse[seen].double() - ref_lse[seen]).abs().max() < (1e-10 if q.dtype == torch.float64 else 1e-2)
+    if q.dtype == torch.float64:
+        assert (lse[seen].double() - ref_lse[seen]).abs().max() < 1e-10
+    else:  # twice torch's own LSE error (an absolute 1e-2 let a 2e-4 relative error through in fp32)
+        torch_lse = attention(q, k, v, alibi=slopes, **kw)[1]
+        assert rel_err(lse[seen], ref_lse[seen]) <= tolerance(torch_lse[seen], ref_lse[seen])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
@@ -781,7 +785,8 @@ def cu(lengths, device="cpu"):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype_idx", [0, 1])
 @pytest.mark.parametrize("causal,window", [(False, (-1, -1)), (True, (-1, -1)), (True, (7, -1)), (False, (4, 9))])
-def test_varlen_matches_reference(device, dtype_idx, causal, window):
+def test_varlen_matches_reference(device, dtype_idx, causal, window, monkeypatch):
+    nan_filled_empty(monkeypatch)  # rows a kernel leaves unwritten show, not the allocator's zeros
     dtype = DTYPES_BY_DEVICE[device][dtype_idx]
     lens_q, lens_k = [0, 1, 70, 5, 0, 130, 3], [0, 1, 70, 9, 4, 130, 0]  # empty, length-1, Tq != Tk
     cu_q, cu_k = cu(lens_q, device), cu(lens_k, device)
@@ -800,7 +805,9 @@ def test_varlen_matches_reference(device, dtype_idx, causal, window):
     assert lse.shape == (h, sum(lens_q))
     seen = torch.isfinite(ref_lse)
     assert torch.equal(torch.isinf(lse.cpu()), ~seen)
-    assert (lse.cpu()[seen] - ref_lse[seen]).abs().max() < 1e-3
+    torch_out, torch_lse = attention_varlen(q.cpu(), k.cpu(), v.cpu(), cu_q.cpu(), cu_k.cpu(), **kw)
+    assert rel_err(out, ref) <= tolerance(torch_out, ref)
+    assert rel_err(lse.cpu()[seen], ref_lse[seen]) <= tolerance(torch_lse[seen], ref_lse[seen])
 
 
 # --- layout, determinism, every element written ---------------------------------------------------
@@ -1565,7 +1572,8 @@ def test_sinks_match_float64_reference(device, dtype_idx, shape, causal, window)
     assert our_grads[3].dtype == torch.float32 and rel_err(our_grads[3], ref_grads[3]) <= bound
     _, lse = pyllm.flash_attn(q, k, v, causal=causal, window=window, sinks=sinks, return_lse=True)
     ref_lse = attention(q.double().cpu(), k.double().cpu(), v.double().cpu(), causal, window, sinks=sinks.double().cpu())[1]
-    assert torch.isfinite(lse).all() and (lse.cpu().double() - ref_lse).abs().max() < 1e-3
+    torch_lse = attention(q, k, v, causal, window, sinks=sinks)[1]
+    assert torch.isfinite(lse).all() and rel_err(lse, ref_lse) <= tolerance(torch_lse, ref_lse)
 
 
 def test_sinks_varlen_empty_rows_and_neutral_sinks():
@@ -2988,7 +2996,8 @@ def test_head_dims_without_a_kernel_and_cpu_fp16_match_float64_reference(dtype, 
                             lambda q, k, v: attention(q, k, v, causal, window)[0])
     out, lse = pyllm.flash_attn(q, k, v, causal=causal, window=window, return_lse=True)
     _, ref_lse = attention(q.double(), k.double(), v.double(), causal, window)
-    assert out.is_contiguous() and lse.dtype == torch.float32 and rel_err(lse, ref_lse) < 1e-6
+    torch_lse = attention(q, k, v, causal, window)[1]
+    assert out.is_contiguous() and lse.dtype == torch.float32 and rel_err(lse, ref_lse) <= tolerance(torch_lse, ref_lse)
 
 
 @pytest.mark.parametrize("dtype,d", [(torch.float16, 64), (torch.float32, 80), (torch.bfloat16, 40)], ids=str)

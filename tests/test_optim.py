@@ -247,19 +247,23 @@ def test_mixed_dtypes_in_one_group_share_one_global_norm(device):
     ours = [nn.Parameter(torch.randn(3000, device=device).bfloat16()), nn.Parameter(torch.randn(50, device=device)),
             nn.Parameter(torch.randn(7, 9, device=device).half())]
     ref = [nn.Parameter(p.detach().double().cpu()) for p in ours]
+    torch32 = [nn.Parameter(p.detach().float().cpu()) for p in ours]  # torch's own: fp32 masters, fp32 AdamW
     opt, opt64 = AdamW(ours, lr=1e-2), torch.optim.AdamW(ref, lr=1e-2)
+    opt32 = torch.optim.AdamW(torch32, lr=1e-2)
     gen = torch.Generator().manual_seed(7)
     for _ in range(3):
-        for p, r in zip(ours, ref):
+        for p, r, t in zip(ours, ref, torch32):
             g = torch.randn(p.shape, generator=gen).to(p.dtype)
-            p.grad, r.grad = g.to(device), g.double()
+            p.grad, r.grad, t.grad = g.to(device), g.double(), g.float()
         opt.step(max_grad_norm=0.5)
         norm64 = nn.utils.clip_grad_norm_(ref, 0.5)
         opt64.step()
+        nn.utils.clip_grad_norm_(torch32, 0.5)
+        opt32.step()
         # CPU: fp64 accumulation; CUDA: fp32 sums per 64K-element chunk, then fp64
         assert opt.last_grad_norm.item() == pytest.approx(norm64.item(), rel=1e-9 if device == "cpu" else 1e-6)
     masters = [opt.state[ours[0]]["master"], ours[1], opt.state[ours[2]]["master"]]
-    assert rel_err(flat(masters), flat(ref)) < 1e-6
+    assert rel_err(flat(masters), flat(ref)) <= tolerance(flat(torch32), flat(ref))  # (< 1e-6 had been ~7x that)
 
 
 def test_unscaling_matches_torch_grad_scaler():

@@ -89,8 +89,14 @@ def test_backward_of_a_row_of_huge_values_is_finite():
     _, (dx, dw) = grads(lambda x, w: pyllm.rms_norm(x, w, eps=EPS), x, weight, dout)
     _, (dx64, dw64) = grads(lambda x, w: exact(x, w, 0.0), x.double(), weight.double(), dout.double())
     assert torch.isfinite(dx).all() and torch.isfinite(dw).all()
-    torch.testing.assert_close(dx.double(), dx64, rtol=1e-4, atol=1e-45)
-    torch.testing.assert_close(dw.double(), dw64, rtol=1e-4, atol=1e-6)
+    # torch overflows here (x^2 = inf); dx and dw do not change under x -> 2^-126 x, where torch's
+    # fp32 form is finite: twice its worst element's error there (rtol 1e-4 was 8-12x that)
+    xs = x * 2.0 ** -126
+    _, (tdx, tdw) = grads(lambda x, w: as_torch_writes_it(x, w, 0.0, True), xs, weight, dout)
+    _, (sdx, sdw) = grads(lambda x, w: exact(x, w, 0.0), xs.double(), weight.double(), dout.double())
+    for ours, want, theirs, scaled in ((dx, dx64, tdx, sdx), (dw, dw64, tdw, sdw)):
+        rtol = 2 * ((theirs.double() - scaled).abs() / scaled.abs()).max().item()
+        torch.testing.assert_close(ours.double(), want, rtol=rtol, atol=0)
 
 
 @pytest.mark.parametrize("device", CPU_AND_CUDA)
@@ -106,7 +112,12 @@ def test_every_output_element_is_written(device, dtype):
         rms_norm_ops.rms_norm_backward_into(dout, x, weight, rstd, dx, dweight, 0.0, True)
         for t in (out, rstd, dx, dweight):
             assert not t.isnan().any()
-        torch.testing.assert_close(rstd.cpu(), torch.rsqrt(x.double().cpu().pow(2).mean(-1) + EPS).float())
+        rstd64 = torch.rsqrt(x.double().cpu().pow(2).mean(-1) + EPS)
+        if dtype == torch.float32:  # twice torch's error (the default assert_close allowed ~75x that)
+            torch_rstd = torch.rsqrt(x.float().cpu().pow(2).mean(-1) + EPS)
+            assert rel_err(rstd.cpu(), rstd64) <= tolerance(torch_rstd, rstd64)
+        else:  # 16-bit rows sum their squares in fp32 by design (rms_norm.cpp, sum_t): up to ~7 fp32 ulps
+            torch.testing.assert_close(rstd.cpu(), rstd64.float())
 
 
 @pytest.mark.parametrize("device", CPU_AND_CUDA)

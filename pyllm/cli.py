@@ -2474,8 +2474,34 @@ def check_device(device) -> None:
                          f"cuda:{torch.cuda.device_count() - 1}")
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the command is (main's handler), so that what it was writing is removed
+    on the way out, as on Ctrl-C."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    # SIGTERM (a job's time limit, `kill`) ends a command as Ctrl-C does: by an exception, so that the
+    # files it was writing are removed (killed by the default action, a prepare had left its hidden
+    # temp token files, gigabytes, for the next prepare to remove 10 minutes later). `pyllm train`
+    # swaps in its own while it trains (request_stop: a checkpoint first). A handler of the caller's
+    # own is left in place.
+    own_handler = (threading.current_thread() is threading.main_thread()
+                   and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)
+    if own_handler:
+        signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return _main(args)
+    finally:
+        if own_handler:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _main(args) -> int:
     try:
         check_device(getattr(args, "device", None))
     except ValueError as e:
@@ -2494,6 +2520,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"\npyllm {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"\npyllm {args.command}: terminated (SIGTERM)", file=sys.stderr)
+        return 143  # 128 + SIGTERM, what a shell reports
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
         if args.command in ("info", "bench"):
             raise

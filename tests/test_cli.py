@@ -736,6 +736,37 @@ def test_sigterm_checkpoints_the_step_and_says_where_to_go_on(corpus, tmp_path, 
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+def test_sigterm_during_prepare_leaves_no_temp_files(corpus, tmp_path, capsys, monkeypatch):
+    # Killed by SIGTERM's default action, a prepare (or a train preparing its data) had left its hidden
+    # temp token files, gigabytes, for the next prepare to remove 10 minutes later: main() raises it.
+    import os
+    import signal
+
+    from pyllm import data
+
+    tok = tmp_path / "tok.bpe"
+    assert cli.main(["tokenizer", "train", "--input", str(corpus), "--vocab-size", "300", "--out", str(tok)]) == 0
+    real_append, calls = data.TokenWriter.append, []
+
+    def append_and_term(self, tokens):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_append(self, tokens)
+
+    monkeypatch.setattr(data.TokenWriter, "append", append_and_term)
+    before = signal.getsignal(signal.SIGTERM)
+    for argv in (["prepare", "--input", str(corpus), "--tokenizer", str(tok), "--out", str(tmp_path / "d")],
+                 ["train", "--data", str(corpus), "--tokenizer", str(tok), "--out", str(tmp_path / "run"), *SMALL]):
+        calls.clear()
+        assert cli.main(argv) == 143
+        assert "terminated (SIGTERM)" in capsys.readouterr().err
+        assert signal.getsignal(signal.SIGTERM) is before
+        folder = tmp_path / ("d" if argv[0] == "prepare" else "run/data")
+        assert len(calls) == 3 and folder.is_dir()
+        assert not list(folder.glob(".*.tmp")) and not (folder / "train.bin").exists(), sorted(folder.iterdir())
+
+
 def test_a_run_that_mostly_skipped_its_steps_says_why(corpus, tmp_path, capsys, monkeypatch):
     import pyllm.train
 

@@ -369,8 +369,10 @@ def ensure_tokenizer(inputs, path: Path, vocab_size: int, max_bytes: int, retrai
 
 
 def files_stamp(files) -> list:
-    """What tells a reuse that its inputs changed: each file's path, size and modification time."""
-    return [[str(Path(f).resolve()), (st := Path(f).stat()).st_size, st.st_mtime_ns] for f in files]
+    """What tells a reuse that its inputs changed: each file's path, size, modification time and
+    status-change time (an edit that kept the size and put the time back, cp -p or rsync -t over the
+    file, had been reused stale; only a change of metadata, a chmod, costs a tokenization more)."""
+    return [[str(Path(f).resolve()), (st := Path(f).stat()).st_size, st.st_mtime_ns, st.st_ctime_ns] for f in files]
 
 
 def ensure_hf_tokenizer(folder: Path, path: Path):

@@ -1075,6 +1075,12 @@ def test_data_folders_as_given(corpus, tmp_path, capsys, monkeypatch):
     assert "reusing" not in out and "tokenizer: training" in out
     ids = __import__("numpy").asarray(__import__("pyllm.data").data.open_tokens(tmp_path / "t" / "data" / "train.bin"))
     assert b"def b()" in bytes(ids[ids < 256].astype("uint8"))
+    was = (text / "a.py").stat()
+    (text / "a.py").write_text("def c():\n    return 3\n" * 1000)  # the same size, its time put back (cp -p)
+    __import__("os").utime(text / "a.py", ns=(was.st_atime_ns, was.st_mtime_ns))
+    assert cli.main(args) == 0 and "data: reusing" not in capsys.readouterr().out
+    ids = __import__("numpy").asarray(__import__("pyllm.data").data.open_tokens(tmp_path / "t" / "data" / "train.bin"))
+    assert b"def c()" in bytes(ids[ids < 256].astype("uint8"))
 
 
 def _standin(tmp_path):

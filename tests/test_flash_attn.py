@@ -1030,7 +1030,8 @@ def test_cuda_forward_128_row_tiles_match_reference(monkeypatch, dtype, shape, c
     assert rel_err(out, ref) <= tolerance(attention(q, k, v, causal, window)[0], ref)
     seen = torch.isfinite(ref_lse)
     assert torch.equal(torch.isinf(lse.cpu()), ~seen)  # +inf where a query sees no key, never NaN
-    assert (lse.cpu()[seen] - ref_lse[seen]).abs().max() < 1e-3
+    torch_lse = attention(q, k, v, causal, window)[1].cpu()
+    assert rel_err(lse.cpu()[seen], ref_lse[seen]) <= tolerance(torch_lse[seen], ref_lse[seen])
     unseen_rows = out.cpu()[~seen.transpose(1, 2)]
     assert torch.equal(unseen_rows, torch.zeros_like(unseen_rows))
     # The same bits as the 64-row tiles: every row takes the same steps, plus key blocks that only
@@ -2323,7 +2324,7 @@ def test_kvcache_options_match_float64_reference(dtype, layout, page, leftpad, t
             continue
         torch_out, torch_lse = attention(q[i:i + 1], seq_k, seq_v, causal=True, window=window)
         assert rel_err(out[i:i + 1], ref) <= tolerance(torch_out, ref), (i, n)
-        assert rel_err(lse[i:i + 1], ref_lse) <= tolerance(torch_lse, ref_lse) + 1e-6, (i, n)
+        assert rel_err(lse[i:i + 1], ref_lse) <= tolerance(torch_lse, ref_lse), (i, n)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -3057,9 +3058,9 @@ def test_kvcache_widened_matches_float64_reference(dtype, d, layout, page, tq, n
             assert torch.equal(keys[i, n:n + n_new], k_new[i]) and torch.equal(vals[i, n:n + n_new], v_new[i])
         seq_k, seq_v = keys[i:i + 1, pad:n + n_new], vals[i:i + 1, pad:n + n_new]
         ref, ref_lse = attention(q[i:i + 1].double(), seq_k.double(), seq_v.double(), causal=True)
-        torch_out, _ = attention(q[i:i + 1], seq_k, seq_v, causal=True)
+        torch_out, torch_lse = attention(q[i:i + 1], seq_k, seq_v, causal=True)
         assert rel_err(out[i:i + 1], ref) <= tolerance(torch_out, ref), i
-        assert rel_err(lse[i:i + 1], ref_lse) < 1e-6, i
+        assert rel_err(lse[i:i + 1], ref_lse) <= tolerance(torch_lse, ref_lse), i
     written = torch.zeros(k_cache.shape[:2], dtype=torch.bool)  # nothing written but the new tokens
     if n_new:
         written = ~((k_cache == untouched) | (k_cache.isnan() & untouched.isnan())).all(-1).all(-1)

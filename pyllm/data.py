@@ -239,10 +239,10 @@ def read_documents(files: Iterable[Path], not_utf8: list | None = None) -> Itera
 PART_BYTES = 1 << 24
 
 
-def read_document_parts(files: Iterable[Path], not_utf8: list | None = None,
-                        part_bytes: int | None = None) -> Iterator[tuple[str, bool]]:
+def read_document_parts(files: Iterable[Path], not_utf8: list | None = None, part_bytes: int | None = None,
+                        pattern: str = "gpt2") -> Iterator[tuple[str, bool]]:
     """read_documents' documents as (text, last) pairs: a plain text file of more than part_bytes
-    in parts cut where a built-in split pattern's pieces are those of the whole (file_parts), last
+    in parts cut where the built-in split pattern's pieces are those of the whole (file_parts), last
     True on its final part; every other document (part_bytes None, a JSON Lines row) whole."""
     for f in files:
         if is_text_rows(f):
@@ -256,7 +256,7 @@ def read_document_parts(files: Iterable[Path], not_utf8: list | None = None,
         if part_bytes is None or f.stat().st_size <= part_bytes:
             raw_parts: Iterable[tuple[bytes, bool]] = ((f.read_bytes(), True) for _ in range(1))  # (no list
         else:  # holding the bytes while their text is tokenized)
-            raw_parts = file_parts(f, part_bytes)
+            raw_parts = file_parts(f, part_bytes, pattern)
         offset, bad, replaced = 0, None, 0
         for raw, last in raw_parts:
             try:
@@ -674,7 +674,7 @@ def prepare(inputs: Sequence[str | os.PathLike] | None, tokenizer, out_dir, val_
     # Lazily: a file, a JSON Lines row, or a part of a large file at a time; cut only where a built-in
     # split pattern gives the ids of the whole (pyllm's own tokenizers; others take a file whole)
     cuts = getattr(tokenizer, "pattern_name", None) in PATTERNS and getattr(tokenizer, "normalization", 0) is None
-    parts = read_document_parts(files, not_utf8, PART_BYTES if cuts else None)
+    parts = read_document_parts(files, not_utf8, *((PART_BYTES, tokenizer.pattern_name) if cuts else ()))
     if doc_end is _EOT_IF_ANY and eot is not None:
         parts = split_parts_at_separator(parts, EOT)
     starts = True  # (the next part starts a document)

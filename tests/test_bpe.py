@@ -827,7 +827,7 @@ def test_train_long_text_cut_and_custom_path_agree(corpus):
 
 @pytest.mark.parametrize("pattern", list(PATTERNS))
 def test_train_reads_a_large_file_in_parts_to_the_merges_of_the_whole(corpus, tmp_path, monkeypatch, pattern):
-    # A file larger than _PART_BYTES is read in parts cut at patterns.SAFE_CUT (a 200 MB file had been
+    # A file larger than _PART_BYTES is read in parts cut at patterns.SAFE_CUTS (a 200 MB file had been
     # read whole, ~7x its size in memory): the same merges, specials cut out as before.
     import pyllm.tokenizer.tokenizer as tokenizer_module
     from pyllm.tokenizer.patterns import file_parts
@@ -841,7 +841,7 @@ def test_train_reads_a_large_file_in_parts_to_the_merges_of_the_whole(corpus, tm
             merges[part_bytes] = Tokenizer.train([tmp_path / "big.txt"], 700, pattern, SPECIALS,
                                                  show_progress=False).mergeable_ranks
     assert merges[500] == merges[1 << 40]
-    assert len(list(file_parts(tmp_path / "big.txt", 500))) > 10
+    assert len(list(file_parts(tmp_path / "big.txt", 500, pattern))) > 10
 
 
 def test_encode_batch_long_text_is_cut_consistently(pair, corpus):

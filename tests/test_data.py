@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from pyllm import data
 from pyllm.tokenizer import Tokenizer
-from pyllm.tokenizer.patterns import SAFE_CUT, file_parts
+from pyllm.tokenizer.patterns import SAFE_CUTS, file_parts
 
 
 class ByteTokenizer:
@@ -567,17 +567,17 @@ CUT_ALPHABET = list("  \t\n\n\n\r'sStTaZ09.,/-_<|>!") + ["é", "中", "\u00a0", 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(text=st.lists(st.sampled_from(CUT_ALPHABET), max_size=60).map("".join))
 def test_safe_cuts_keep_every_built_in_patterns_pieces(text):
-    # prepare and the tokenizer trainer read a large file in parts cut at SAFE_CUT (the C++ encoder's
-    # long-text cut): each built-in pattern must split the parts into the whole's pieces, so that their
-    # ids (and counted pieces) are the whole's.
+    # prepare and the tokenizer trainer read a large file in parts cut at SAFE_CUTS (the C++ encoder's
+    # long-text cut, and after CRLF for cl100k's and o200k's): each built-in pattern must split the
+    # parts into the whole's pieces, so that their ids (and counted pieces) are the whole's.
     import regex
 
     from pyllm.tokenizer.patterns import PATTERNS
 
     raw = text.encode("utf-8")
-    cuts = [len(raw[:m.start()].decode("utf-8")) for m in SAFE_CUT.finditer(raw)]
-    parts = [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])]
     for name, (pattern, _) in PATTERNS.items():
+        cuts = [len(raw[:m.start()].decode("utf-8")) for m in SAFE_CUTS[name].finditer(raw)]
+        parts = [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])]
         assert [p for part in parts for p in regex.findall(pattern, part)] == regex.findall(pattern, text), name
 
 
@@ -594,6 +594,7 @@ def test_a_large_file_prepares_in_parts_to_the_ids_of_the_whole(tmp_path, monkey
     (tmp_path / "big.txt").write_bytes(text.encode() + b"\nbad \xff byte\nend")
     (tmp_path / "one_line.txt").write_text("no newline before a letter " * 50)
     (tmp_path / "small.txt").write_text("small\n")
+    (tmp_path / "crlf.txt").write_bytes(b"Line of text.\r\n" * 100)
     tok = Tokenizer.train([text], 400, pattern=pattern, special_tokens=("<|endoftext|>",), show_progress=False)
     out = {}
     for part_bytes in (1 << 30, 300):
@@ -602,7 +603,10 @@ def test_a_large_file_prepares_in_parts_to_the_ids_of_the_whole(tmp_path, monkey
             stats = data.prepare([tmp_path], tok, tmp_path / str(part_bytes), val_fraction=0.1, show_progress=False)
         out[part_bytes] = stats, [(tmp_path / str(part_bytes) / f"{s}.bin").read_bytes() for s in ("train", "val")]
     assert out[300] == out[1 << 30] and out[300][0]["documents"] > 100
-    parts, whole = [p for p, _ in file_parts(tmp_path / "big.txt", 300)], (tmp_path / "big.txt").read_bytes()
+    parts = [p for p, _ in file_parts(tmp_path / "big.txt", 300, pattern)]
+    whole = (tmp_path / "big.txt").read_bytes()
     assert b"".join(parts) == whole and len(parts) > 100
-    assert all(SAFE_CUT.match(whole, cut) for cut in np.cumsum([len(p) for p in parts[:-1]]).tolist())
-    assert len(list(file_parts(tmp_path / "one_line.txt", 300))) == 1  # (no cut: whole)
+    assert all(SAFE_CUTS[pattern].match(whole, cut) for cut in np.cumsum([len(p) for p in parts[:-1]]).tolist())
+    assert len(list(file_parts(tmp_path / "one_line.txt", 300, pattern))) == 1  # (no cut: whole)
+    crlf = [p for p, _ in file_parts(tmp_path / "crlf.txt", 300, pattern)]  # Project Gutenberg's line ends
+    assert (len(crlf) == 1) == (pattern == "gpt2") and b"".join(crlf) == (tmp_path / "crlf.txt").read_bytes()

@@ -26,16 +26,23 @@ GPT4O = "|".join(
 PATTERNS = {"gpt2": (GPT2, 0), "gpt4": (GPT4, 1), "gpt4o": (GPT4O, 2)}
 
 
-# Where a long text is cut into parts that a built-in split pattern tokenizes to the ids of the
-# whole: a visible ASCII character, "\n", an ASCII letter (the C++ encoder cuts its long texts there
-# too, cut_at_safe_boundaries in csrc/cpu/bpe_pretokenize.cpp, which says why each holds).
-SAFE_CUT = re.compile(rb"(?<=[\x21-\x7e]\n)[A-Za-z]")
+# Where a long text is cut into parts that a built-in split pattern splits into the pieces of the
+# whole (so the same ids): a visible ASCII character, "\n", an ASCII letter (the C++ encoder cuts
+# its long texts there too, cut_at_safe_boundaries in csrc/cpu/bpe_pretokenize.cpp, which says why
+# each holds); for cl100k's and o200k's also after "\r\n", which they take as one piece anyway
+# (GPT-2's "\s++$" would take it whole at a part's end and "\r", "\n" within the text), so that a
+# file of CRLF lines (Project Gutenberg's) is cut too.
+_CUT_AFTER_CRLF_TOO = re.compile(rb"(?:(?<=[\x21-\x7e]\n)|(?<=[\x21-\x7e]\r\n))[A-Za-z]")
+SAFE_CUTS = {"gpt2": re.compile(rb"(?<=[\x21-\x7e]\n)[A-Za-z]"), "gpt4": _CUT_AFTER_CRLF_TOO,
+             "gpt4o": _CUT_AFTER_CRLF_TOO}
 
 
-def file_parts(path: Path, part_bytes: int) -> Iterator[tuple[bytes, bool]]:
-    """A file's bytes in parts of about part_bytes, each but the last ending at a SAFE_CUT (longer
-    where none comes sooner: a file without one is a single part), with whether it is the last; at
-    least one part. (What follows a cut starts with its letter: the last part is never empty.)"""
+def file_parts(path: Path, part_bytes: int, pattern: str) -> Iterator[tuple[bytes, bool]]:
+    """A file's bytes in parts of about part_bytes, each but the last ending at a cut of the
+    built-in pattern's SAFE_CUTS (longer where none comes sooner: a file without one is a single
+    part), with whether it is the last; at least one part. (What follows a cut starts with its
+    letter: the last part is never empty.)"""
+    safe_cut = SAFE_CUTS[pattern]
     with open(path, "rb") as f:
         rest = b""
         while more := f.read(part_bytes):
@@ -43,7 +50,7 @@ def file_parts(path: Path, part_bytes: int) -> Iterator[tuple[bytes, bool]]:
             cut, start = None, len(block)
             while cut is None and start > 1:  # the last cut: looked for in ever longer tails
                 start = max(1, start - (len(block) - start) * 7 - (1 << 12))
-                for cut in SAFE_CUT.finditer(block, start):
+                for cut in safe_cut.finditer(block, start):
                     pass
             if cut is None:
                 rest = block

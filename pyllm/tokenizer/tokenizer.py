@@ -31,7 +31,7 @@ _MAGIC = "#pyllm-bpe v1"
 _UNICODE_FORMS = ("NFC", "NFD", "NFKC", "NFKD")
 # Texts are handed to C++ in batches of about this many bytes (bounds the memory of one call).
 _COUNT_BATCH_BYTES = 32 << 20
-# A training file larger than this is read in parts cut at patterns.SAFE_CUT (a built-in pattern's
+# A training file larger than this is read in parts cut at patterns.SAFE_CUTS (a built-in pattern's
 # pieces there are the whole's): memory a few parts, not the file (a 200 MB file had taken ~7x).
 _PART_BYTES = 16 << 20
 
@@ -1671,7 +1671,7 @@ class Tokenizer:
         trainer = _C.BpeTrainer(code)
         # (a special token with a newline might span a cut: such files are read whole)
         cuts = custom is None and not any("\n" in s for s in specials)
-        batches, total_bytes = _text_batches(texts, _PART_BYTES if cuts else None)
+        batches, total_bytes = _text_batches(texts, _PART_BYTES if cuts else None, name)
         # Longest first, so that a special token holding another is cut whole.
         special_re = re.compile("|".join(map(re.escape, sorted(specials, key=len, reverse=True)))) if specials else None
         with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="bpe: counting pieces",
@@ -2009,7 +2009,7 @@ def _looks_like_path(t) -> bool:
             and (os.sep in t or "/" in t or re.fullmatch(r"[^.]+(\.[^.]+)*\.[A-Za-z][A-Za-z0-9]{0,5}", t) is not None))
 
 
-def _text_batches(texts, part_bytes: int | None = None):
+def _text_batches(texts, part_bytes: int | None = None, pattern: str = "gpt2"):
     """(generator of (list of str, bytes), total bytes or None): texts in batches of ~32 MB; files
     larger than part_bytes (not None) in parts (patterns.file_parts)."""
     if isinstance(texts, (str, bytes)) or not isinstance(texts, Iterable):
@@ -2031,7 +2031,7 @@ def _text_batches(texts, part_bytes: int | None = None):
                 if part_bytes is None or os.path.getsize(p) <= part_bytes:
                     parts = ((Path(p).read_bytes(), True) for _ in range(1))
                 else:
-                    parts = file_parts(p, part_bytes)
+                    parts = file_parts(p, part_bytes, pattern)
                 bad = False
                 for data, _ in parts:
                     try:

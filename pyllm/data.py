@@ -24,12 +24,10 @@ each pair's chosen and rejected documents, which PackedLoader then places side b
 from __future__ import annotations
 
 import glob
-import itertools
 import json
 import math
 import numbers
 import os
-import re
 import struct
 import sysconfig
 import tempfile

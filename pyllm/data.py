@@ -24,6 +24,8 @@ each pair's chosen and rejected documents, which PackedLoader then places side b
 from __future__ import annotations
 
 import glob
+import io
+import itertools
 import json
 import math
 import numbers
@@ -816,6 +818,16 @@ def read_conversations(path, lines: list[str] | None = None) -> list[dict]:
     apply_chat_template (a function-calling row's tool schemas; enable_thinking=). lines: a list
     each example's "path:line" is appended to."""
     examples = []
+    for example, where in _conversations(path):
+        examples.append(example)
+        if lines is not None:
+            lines.append(where)
+    return examples
+
+
+def _conversations(path) -> Iterator[tuple[dict, str]]:
+    """read_conversations' examples one at a time, each with its "path:line" (prepare_chat holds
+    none of them: a file's examples, held, had taken ~14x its size)."""
     for number, row, line in _jsonl_rows(path):
         example = _example(row)
         if example is None:
@@ -825,10 +837,7 @@ def read_conversations(path, lines: list[str] | None = None) -> list[dict]:
         if "messages" in example:
             example.update(_template_args(row, f"{path}:{number}"))
         columns = {k: v for k, v in row.items() if k not in ("messages", "prompt", "completion")}
-        examples.append({**example, "columns": columns} if columns else example)
-        if lines is not None:
-            lines.append(f"{path}:{number}")
-    return examples
+        yield ({**example, "columns": columns} if columns else example), f"{path}:{number}"
 
 
 def _template_args(row: dict, where: str) -> dict:
@@ -1030,85 +1039,168 @@ def prepare_chat(inputs: Sequence[str | os.PathLike], tokenizer, folder, out_dir
     assistant's tokens marked) into out_dir/{train,val}.bin with their .docs.npy and .mask.npy.
     Every round(1 / val_fraction)-th example goes to val (the last one when there are fewer).
     Examples with nothing to train on are left out. rows: each kept one's example_row in
-    {train,val}.rows.jsonl too (GRPO's reward functions get them). Returns counts."""
-    lines: list[str] = []  # (each one's "file:line", named where its chat template fails on it)
-    conversations = [c for path in inputs for c in read_conversations(path, lines)]
-    in_val = _val_split(len(conversations), val_fraction, inputs, "conversation(s)")
-    parts, silent = _write_units([(c,) for c in conversations], in_val, tokenizer, folder, out_dir, show_progress,
-                                 doc_start, doc_end, "conversation(s)", "conversation with an assistant reply",
-                                 rows=rows, lines=lines)
-    stats = {"conversations": len(conversations), "without_assistant": silent}
-    for name, (docs, masks) in parts.items():
-        stats[f"{name}_conversations"] = len(docs)
-        stats[f"{name}_tokens"] = int(sum(map(len, docs)))
-        stats[f"{name}_assistant_tokens"] = int(sum(int(m.sum()) for m in masks))
+    {train,val}.rows.jsonl too (GRPO's reward functions get them). Returns counts.
+
+    The files are read twice, a line at a time: first to check every line (before anything is
+    written) and count them (the val split needs the count), then to tokenize and write them."""
+    n = sum(1 for path in inputs for _ in _conversations(path))
+    in_val = _val_split(n, val_fraction, inputs, "conversation(s)")
+    units = (((c,), where) for path in inputs for c, where in _conversations(path))
+    parts, silent = _write_units(units, in_val, tokenizer, folder, out_dir, show_progress, doc_start, doc_end,
+                                 "conversation(s)", "conversation with an assistant reply", rows=rows)
+    stats = {"conversations": n, "without_assistant": silent}
+    for name, part in parts.items():
+        stats[f"{name}_conversations"] = part["docs"]
+        stats[f"{name}_tokens"] = part["tokens"]
+        stats[f"{name}_assistant_tokens"] = part["trained"]
     return stats
 
 
-def _write_units(units: Sequence[tuple], in_val: Sequence[bool], tokenizer, folder, out_dir, show_progress: bool,
-                 doc_start: Sequence[int], doc_end: int | None, what: str, kept: str,
-                 labels: Sequence[bool] | None = None, rows: bool = False,
-                 margins: Sequence[float] | None = None, lines: Sequence[str] | None = None) -> tuple[dict, int]:
+class _StreamedFile:
+    """One of _write_units' files written as its values come, to a temp file beside path renamed
+    into place at close (fsync first, as write_whole): text lines, or with a dtype the .npy np.save
+    writes of them (width: values per row, 0 for a 1-D array), its header written first with no
+    rows and again at close with their count: numpy pads it to 64 bytes, 128 for ours, with room to
+    spare for any count's digits (numpy 1.23 on reserves 21 for arrays that grow)."""
+
+    def __init__(self, path, dtype=None, width: int = 0):
+        self.path, self.dtype, self.width, self.count = Path(path), dtype, width, 0
+        remove_stale_temp_files(self.path)
+        fd, self.tmp = new_temp_file(self.path)
+        self._file = os.fdopen(fd, "w+b")
+        self._reserved = self._file.write(self._header()) if dtype is not None else 0
+
+    def _header(self) -> bytes:
+        f = io.BytesIO()
+        np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(self.dtype)),
+                                                 "fortran_order": False,
+                                                 "shape": (self.count, self.width) if self.width else (self.count,)})
+        return f.getvalue()
+
+    def append(self, values) -> None:
+        if self.dtype is None:
+            self._file.write("".join(line + "\n" for line in values).encode("utf-8"))
+            return
+        values = np.asarray(values, self.dtype)
+        self._file.write(values.tobytes())
+        self.count += len(values)
+
+    def close(self) -> None:
+        if self.dtype is not None:
+            header = self._header()
+            if len(header) != self._reserved:  # (it would overwrite values or leave a gap)
+                raise RuntimeError(f"{self.path}: numpy's .npy header for {self.count} rows is not as long as for 0")
+            self._file.seek(0)
+            self._file.write(header)
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        self._file.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def _write_units(units: Iterable[tuple[tuple, str | None]], in_val: Sequence[bool], tokenizer, folder, out_dir,
+                 show_progress: bool, doc_start: Sequence[int], doc_end: int | None, what: str, kept: str,
+                 labels: Sequence[bool] | None = None, rows: bool = False, margins: bool = False,
+                 batch_docs: int = 512) -> tuple[dict, int]:
     """Tokenizes units of examples (example_tokens; a conversation alone, or a preference pair's
-    chosen and rejected sides) into out_dir/{train,val}.bin (write_documents), each unit's
+    chosen and rejected sides), each given with its "file:line" (named where the chat template fails
+    on it; None: not named), into out_dir/{train,val}.bin and write_documents' files, each unit's
     documents one after the other, and with pairs the .pairs.npy naming them; labels (one per unit,
-    KTO's): a .labels.npy of the units kept; margins (one per unit, preference pairs'): a
-    .margins.npy of those kept; rows (conversations): a .rows.jsonl of each kept one's
-    example_row (read_rows); lines (one per unit): its "file:line", named where the chat template
-    fails on it. A unit with a side that has nothing to train on is left out.
-    Returns ({split: (docs, masks)}, units left out)."""
+    KTO's): a .labels.npy of the units kept; margins (preference pairs'): a .margins.npy of the
+    kept ones' (their chosen example's "margin"); rows (conversations): a .rows.jsonl of each kept
+    one's example_row (read_rows). A unit with a side that has nothing to train on is left out.
+    Written as the units come, batch_docs documents at a time, to temp files renamed into place once
+    every unit is tokenized, each split's token file last (removed first: its presence says the set
+    is whole, as write_documents'): memory holds a batch, not the set (every example's ids and masks
+    had been held to the end). Returns ({split: {"docs", "tokens", "trained"}}, units left out)."""
     from tqdm import tqdm
 
-    parts = {"train": ([], []), "val": ([], [])}
-    kept_labels = {"train": [], "val": []}
-    kept_rows = {"train": [], "val": []}
-    kept_margins = {"train": [], "val": []}
-    silent = 0
-    for i, (unit, val) in enumerate(zip(tqdm(units, desc=f"tokenizing {what.replace('(s)', 's')}",
-                                             disable=not show_progress), in_val)):
-        try:
-            sides = [example_tokens(example, tokenizer, folder, doc_start, doc_end) for example in unit]
-        except Exception as e:  # a template's raise_exception, an undefined field: name the line it failed on
-            import jinja2
-
-            where = lines[i] if lines else None
-            if where is None or not isinstance(e, (ValueError, TypeError, jinja2.TemplateError)):
-                raise
-            kind = "" if isinstance(e, ValueError) else f"the chat template failed ({type(e).__name__}): "
-            raise ValueError(f"{where}: {kind}{e}") from e
-        if not all(any(mask) for _, mask in sides):
-            silent += 1
-            continue
-        for ids, mask in sides:
-            parts["val" if val else "train"][0].append(np.asarray(ids, np.int64))
-            parts["val" if val else "train"][1].append(np.asarray(mask, np.uint8))
-        if labels is not None:
-            kept_labels["val" if val else "train"].append(bool(labels[i]))
-        if rows:
-            kept_rows["val" if val else "train"].append(json.dumps(example_row(unit[0]), ensure_ascii=False))
-        if margins is not None:
-            kept_margins["val" if val else "train"].append(margins[i])
+    units = iter(units)
+    first = next(units)  # (its size: pairs, or documents alone)
+    size = len(first[0])
+    written = {".docs.npy": np.int64, ".mask.npy": np.uint8, **({".pairs.npy": np.int64} if size > 1 else {}),
+               **({".labels.npy": np.bool_} if labels is not None else {}),
+               **({".margins.npy": np.float32} if margins else {}), **({".rows.jsonl": None} if rows else {})}
+    counts = {name: {"docs": 0, "tokens": 0, "trained": 0} for name in ("train", "val")}
+    pending = {name: {side: [] for side in (".bin", *written)} for name in counts}
+    files, silent = {}, 0
     out_dir = Path(out_dir)
+    made = not out_dir.is_dir()  # (removed again where nothing is written)
     out_dir.mkdir(parents=True, exist_ok=True)
-    size = len(units[0])
-    for name, (docs, masks) in parts.items():
-        if not docs:
-            raise ValueError(f"no {name} {kept} left (of {len(units)})")
-        if labels is not None:  # before the token file, whose presence says the set is whole
-            write_whole(out_dir / f"{name}.labels.npy", np.asarray(kept_labels[name], np.bool_))
-        else:
-            (out_dir / f"{name}.labels.npy").unlink(missing_ok=True)
-        if margins is not None:
-            write_whole(out_dir / f"{name}.margins.npy", np.asarray(kept_margins[name], np.float32))
-        else:
-            (out_dir / f"{name}.margins.npy").unlink(missing_ok=True)
-        if rows:
-            write_whole(out_dir / f"{name}.rows.jsonl", "".join(r + "\n" for r in kept_rows[name]))
-        else:
-            (out_dir / f"{name}.rows.jsonl").unlink(missing_ok=True)
-        write_documents(out_dir / f"{name}.bin", docs, masks, tokenizer.vocab_size,
-                        np.arange(len(docs)).reshape(-1, size) if size > 1 else None)
-    return parts, silent
+
+    def flush(name: str) -> None:
+        batch, count = pending[name], counts[name]
+        if not batch[".bin"]:
+            return
+        lengths = np.fromiter(map(len, batch[".bin"]), np.int64, len(batch[".bin"]))
+        batch[".bin"], batch[".mask.npy"] = np.concatenate(batch[".bin"]), np.concatenate(batch[".mask.npy"])
+        batch[".docs.npy"] = count["tokens"] + np.cumsum(lengths)
+        if size > 1:
+            batch[".pairs.npy"] = np.arange(count["docs"], count["docs"] + len(lengths)).reshape(-1, size)
+        for side, values in batch.items():
+            files[name, side].append(values)
+        count["docs"] += len(lengths)
+        count["tokens"] += int(lengths.sum())
+        count["trained"] += int(batch[".mask.npy"].sum())
+        pending[name] = {side: [] for side in batch}
+
+    try:
+        for name in counts:
+            files[name, ".bin"] = TokenWriter(out_dir / f"{name}.bin", tokenizer.vocab_size)
+            for side, dtype in written.items():
+                files[name, side] = _StreamedFile(out_dir / f"{name}{side}", dtype, size if side == ".pairs.npy" else 0)
+            files[name, ".docs.npy"].append([0])
+        for i, ((unit, where), val) in enumerate(zip(tqdm(itertools.chain([first], units), total=len(in_val),
+                                                          desc=f"tokenizing {what.replace('(s)', 's')}",
+                                                          disable=not show_progress), in_val)):
+            try:
+                sides = [example_tokens(example, tokenizer, folder, doc_start, doc_end) for example in unit]
+            except Exception as e:  # a template's raise_exception, an undefined field: name the line it failed on
+                import jinja2
+
+                if where is None or not isinstance(e, (ValueError, TypeError, jinja2.TemplateError)):
+                    raise
+                kind = "" if isinstance(e, ValueError) else f"the chat template failed ({type(e).__name__}): "
+                raise ValueError(f"{where}: {kind}{e}") from e
+            if not all(any(mask) for _, mask in sides):
+                silent += 1
+                continue
+            name = "val" if val else "train"
+            batch = pending[name]
+            for ids, mask in sides:
+                batch[".bin"].append(np.asarray(ids, np.int64))
+                batch[".mask.npy"].append(np.asarray(mask, np.uint8))
+            if labels is not None:
+                batch[".labels.npy"].append(bool(labels[i]))
+            if rows:
+                batch[".rows.jsonl"].append(json.dumps(example_row(unit[0]), ensure_ascii=False))
+            if margins:
+                batch[".margins.npy"].append(unit[0]["margin"])
+            if len(batch[".bin"]) >= batch_docs:
+                flush(name)
+        for name in counts:
+            flush(name)
+            if not counts[name]["docs"]:
+                raise ValueError(f"no {name} {kept} left (of {len(in_val)})")
+        for name in counts:
+            (out_dir / f"{name}.bin").unlink(missing_ok=True)
+            for side in CONVERSATION_FILES:
+                if (name, side) in files:
+                    files[name, side].close()
+                else:  # (one an earlier set left: it would describe other tokens)
+                    (out_dir / f"{name}{side}").unlink(missing_ok=True)
+            files[name, ".bin"].close()  # last: its presence says the set is whole
+    except BaseException:
+        for f in files.values():
+            f.abort()
+        if made and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        raise
+    return counts, silent
 
 
 # --- preference pairs (DPO) --------------------------------------------------------------------------
@@ -1121,7 +1213,11 @@ def read_preferences(path) -> list[tuple[dict, dict]]:
     returned as (chosen, rejected) examples in read_conversations' form (the chosen and the rejected
     reply each after the same prompt, the replies trained); a line's "margin" (a number: how much
     better chosen is, TRL's RewardTrainer column) as the chosen example's "margin"."""
-    pairs = []
+    return list(_preference_pairs(path))
+
+
+def _preference_pairs(path) -> Iterator[tuple[dict, dict]]:
+    """read_preferences' pairs one at a time (prepare_preferences holds none of them)."""
     for number, row, line in _jsonl_rows(path):
         prompt, chosen, rejected = row.get("prompt"), row.get("chosen"), row.get("rejected")
         pair = None
@@ -1146,8 +1242,7 @@ def read_preferences(path) -> list[tuple[dict, dict]]:
             raise ValueError(f"{path}:{number}: expected {{\"prompt\": ..., \"chosen\": ..., \"rejected\": ...}} "
                              "(all text, or all lists of messages) or {\"chosen\": [messages], \"rejected\": "
                              f"[messages]}} with a prompt in common, got {line.strip()[:80]!r}")
-        pairs.append(pair)
-    return pairs
+        yield pair
 
 
 def is_preference_data(inputs) -> bool:
@@ -1162,20 +1257,22 @@ def prepare_preferences(inputs: Sequence[str | os.PathLike], tokenizer, folder, 
     sequences are two documents, one after the other, in out_dir/{train,val}.bin with their
     .docs.npy and .mask.npy (the replies' tokens marked), and .pairs.npy, the (P, 2) document
     indices of each pair. A pair with nothing to train on either side is left out. With a "margin"
-    on every line, a .margins.npy of the kept pairs' (float32). Returns counts."""
-    pairs = [p for path in inputs for p in read_preferences(path)]
-    in_val = _val_split(len(pairs), val_fraction, inputs, "preference pair(s)")
-    with_margin = sum("margin" in chosen for chosen, _ in pairs)
-    if 0 < with_margin < len(pairs):
-        raise ValueError(f"{with_margin} of {len(pairs)} preference pairs have a \"margin\": give it on every line "
+    on every line, a .margins.npy of the kept pairs' (float32). Returns counts. The files are read
+    twice, a line at a time, as prepare_chat reads them."""
+    n = with_margin = 0
+    for chosen, _ in (pair for path in inputs for pair in _preference_pairs(path)):
+        n, with_margin = n + 1, with_margin + ("margin" in chosen)
+    in_val = _val_split(n, val_fraction, inputs, "preference pair(s)")
+    if 0 < with_margin < n:
+        raise ValueError(f"{with_margin} of {n} preference pairs have a \"margin\": give it on every line "
                          "or on none")
+    pairs = ((pair, None) for path in inputs for pair in _preference_pairs(path))
     parts, silent = _write_units(pairs, in_val, tokenizer, folder, out_dir, show_progress, doc_start, doc_end,
-                                 "preference pair(s)", "pair with a reply on both sides",
-                                 margins=[chosen["margin"] for chosen, _ in pairs] if with_margin else None)
-    stats = {"pairs": len(pairs), "without_reply": silent}
-    for name, (docs, _) in parts.items():
-        stats[f"{name}_pairs"] = len(docs) // 2
-        stats[f"{name}_tokens"] = int(sum(map(len, docs)))
+                                 "preference pair(s)", "pair with a reply on both sides", margins=with_margin > 0)
+    stats = {"pairs": n, "without_reply": silent}
+    for name, part in parts.items():
+        stats[f"{name}_pairs"] = part["docs"] // 2
+        stats[f"{name}_tokens"] = part["tokens"]
     return stats
 
 
@@ -1186,7 +1283,11 @@ def read_kto(path) -> list[tuple[dict, bool]]:
       {"prompt": "text", "completion": "text", "label": true}                  text
       {"prompt": [messages], "completion": [messages], "label": false}         conversations
     as (example in read_conversations' form, desirable)."""
-    out = []
+    return list(_kto_examples(path))
+
+
+def _kto_examples(path) -> Iterator[tuple[dict, bool]]:
+    """read_kto's examples one at a time (prepare_kto holds none of them)."""
     for number, row, line in _jsonl_rows(path):
         prompt, completion, label = row.get("prompt"), row.get("completion"), row.get("label")
         example = None
@@ -1198,8 +1299,7 @@ def read_kto(path) -> list[tuple[dict, bool]]:
         if example is None or not isinstance(label, bool):
             raise ValueError(f"{path}:{number}: expected {{\"prompt\": ..., \"completion\": ..., \"label\": true or "
                              f"false}} (text, or lists of messages), got {line.strip()[:80]!r}")
-        out.append((example, label))
-    return out
+        yield example, label
 
 
 def is_kto_data(inputs) -> bool:
@@ -1222,24 +1322,39 @@ def prepare_kto(inputs: Sequence[str | os.PathLike], tokenizer, folder, out_dir,
     KL example, its prompt followed by the previous example's completion in its split (completions
     rotated by one, as TRL's KL dataset, though TRL rotates them within each batch: the packed loader
     shuffles the pairs, so a batch's KL completions are mostly not its own), as a pair of documents (.pairs.npy) the loader places
-    side by side, and its label in .labels.npy. Returns counts."""
-    rows = [r for path in inputs for r in read_kto(path)]
-    if len({"messages" in example for example, _ in rows}) > 1:  # a KL example joins one's prompt to another's completion
+    side by side, and its label in .labels.npy. Returns counts. The files are read twice, a line at a
+    time, as prepare_chat reads them."""
+    def examples() -> Iterator[tuple[dict, bool]]:
+        return (e for path in inputs for e in _kto_examples(path))
+
+    # The first pass keeps the labels and, of the examples, those that may end a split (its first
+    # one's KL completion is the last one's): each split's last two as if there were at least
+    # `every` examples (the split then does not depend on their count), else the last two of all.
+    every = max(2, round(1 / val_fraction)) if 0.0 < val_fraction < 1.0 else 2  # (else _val_split says so)
+    labels, kinds, ends = [], set(), {True: [], False: []}
+    for i, (example, label) in enumerate(examples()):
+        labels.append(label)
+        kinds.add("messages" in example)
+        ends[i % every == every - 1] = [*ends[i % every == every - 1][-1:], example]
+    if len(kinds) > 1:  # a KL example joins one's prompt to another's completion
         raise ValueError("KTO examples must be all text or all lists of messages, not both")
-    in_val = _val_split(len(rows), val_fraction, inputs, "example(s)")
-    units = [None] * len(rows)
-    for split in (True, False):
-        idx = [i for i, v in enumerate(in_val) if v == split]
-        for j, i in enumerate(idx):
-            # the previous example's completion (the last one's for the first): TRL's rotation
-            # [y_n, y_1, ..., y_{n-1}], so a batch of the whole split has TRL's KL pairs
-            units[i] = (rows[i][0], _mismatched(rows[i][0], rows[idx[j - 1]][0]))
-    parts, silent = _write_units(units, in_val, tokenizer, folder, out_dir, show_progress, doc_start, doc_end,
-                                 "example(s)", "example with a completion", labels=[label for _, label in rows])
-    stats = {"examples": len(rows), "desirable": sum(label for _, label in rows), "without_completion": silent}
-    for name, (docs, _) in parts.items():
-        stats[f"{name}_examples"] = len(docs) // 2
-        stats[f"{name}_tokens"] = int(sum(map(len, docs)))
+    in_val = _val_split(len(labels), val_fraction, inputs, "example(s)")
+    previous = ({True: ends[True][-1], False: ends[False][-1]} if len(labels) >= every
+                else {True: ends[False][-1], False: ends[False][-2]})
+
+    def units():
+        # the previous example's completion in its split (the last one's for the first): TRL's
+        # rotation [y_n, y_1, ..., y_{n-1}], so a batch of the whole split has TRL's KL pairs
+        for (example, _), val in zip(examples(), in_val):
+            yield (example, _mismatched(example, previous[val])), None
+            previous[val] = example
+
+    parts, silent = _write_units(units(), in_val, tokenizer, folder, out_dir, show_progress, doc_start, doc_end,
+                                 "example(s)", "example with a completion", labels=labels)
+    stats = {"examples": len(labels), "desirable": sum(labels), "without_completion": silent}
+    for name, part in parts.items():
+        stats[f"{name}_examples"] = part["docs"] // 2
+        stats[f"{name}_tokens"] = part["tokens"]
     return stats
 
 

@@ -3,6 +3,7 @@ return_assistant_tokens_mask), prepare_chat's files, PackedLoader's rows, and `p
 *.jsonl conversations (resume, gradient accumulation)."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -372,6 +373,60 @@ def test_prepare_chat_needs_two_conversations(folders, tmp_path):
     path = write_jsonl(tmp_path / "chats.jsonl", [conversation(random.Random(0), 1)])
     with pytest.raises(ValueError, match="at least 2"):
         data.prepare_chat([path], ours, marked, tmp_path / "out", show_progress=False)
+
+
+def test_prepared_files_are_written_as_they_are_tokenized(folders, tmp_path, monkeypatch):
+    # prepare_chat / prepare_preferences / prepare_kto write their files a batch of documents at a
+    # time (every example, held to the end, had taken ~14x the JSON Lines' size): the same bytes
+    # for any batch, each .npy np.save's own; a run stopped part-way leaves the earlier set as it
+    # was and no temp file beside it (nor a folder it made).
+    marked, _, ours, _ = folders
+    rng = random.Random(2)
+    chats = [conversation(rng, rng.randint(1, 3)) for _ in range(25)]
+    chats[4] = [{"role": "user", "content": "hello"}]  # left out
+    inputs = {"chat": write_jsonl(tmp_path / "chats.jsonl", chats), "preferences": tmp_path / "prefs.jsonl",
+              "kto": tmp_path / "kto.jsonl"}
+    inputs["preferences"].write_text("".join(json.dumps({"prompt": f"{i} + {i} =", "chosen": f" {2 * i}", "rejected":
+                                                         f" {i}" if i % 7 else "", "margin": i / 3}) + "\n"
+                                             for i in range(25)))
+    inputs["kto"].write_text("".join(json.dumps({"prompt": f"{i} + 1 =", "completion": f" {i + 1}" if i % 7 else "",
+                                                 "label": i % 3 > 0}) + "\n" for i in range(25)))
+    prepare = {"chat": data.prepare_chat, "preferences": data.prepare_preferences, "kto": data.prepare_kto}
+    sides = {"chat": {".rows.jsonl"}, "preferences": {".pairs.npy", ".margins.npy"},
+             "kto": {".pairs.npy", ".labels.npy"}}
+    write_units = data._write_units
+    for kind, path in inputs.items():
+        made = []
+        for batch in (512, 1, 3):
+            monkeypatch.setattr(data, "_write_units", lambda *a, **k: write_units(*a, **k, batch_docs=batch))
+            out = tmp_path / f"{kind}-{batch}"
+            prepare[kind]([path], ours, marked, out, val_fraction=0.2, show_progress=False)
+            made.append({f.name: f.read_bytes() for f in sorted(out.iterdir())})
+        assert made[0] == made[1] == made[2]
+        assert set(made[0]) == {split + side for split in ("train", "val")
+                                for side in {".bin", ".docs.npy", ".mask.npy", *sides[kind]}}
+        for name, content in made[0].items():
+            if name.endswith(".npy"):
+                saved = io.BytesIO()
+                np.save(saved, np.load(io.BytesIO(content)))
+                assert saved.getvalue() == content, name
+    out = tmp_path / "chat-512"
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    monkeypatch.setattr(data, "_write_units", lambda *a, **k: write_units(*a, **k, batch_docs=2))
+    tokens, calls = data.example_tokens, []
+
+    def stopped(*args, **kwargs):  # (a Ctrl-C after some batches were written)
+        calls.append(1)
+        if len(calls) == 19:
+            raise KeyboardInterrupt
+        return tokens(*args, **kwargs)
+
+    monkeypatch.setattr(data, "example_tokens", stopped)
+    for where in (out, tmp_path / "new"):
+        calls.clear()
+        with pytest.raises(KeyboardInterrupt):
+            data.prepare_chat([inputs["chat"]], ours, marked, where, show_progress=False)
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before and not (tmp_path / "new").exists()
 
 
 # --- PackedLoader ------------------------------------------------------------------------------

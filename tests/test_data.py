@@ -560,6 +560,23 @@ def test_one_large_file_prepares_without_a_python_int_per_token(tmp_path, monkey
     assert ids.tolist() == tok.encode_ordinary(text) + [tok.encode("<|endoftext|>", allowed_special="all")[0]]
 
 
+def test_examples_prepare_without_holding_them(tmp_path):
+    # prepare_chat (and prepare_preferences, prepare_kto) read the lines twice, to check and count
+    # them, then to tokenize and write them a batch at a time: every example's dict, ids and mask
+    # had been held to the end (~14x the JSON Lines' size; 23x here).
+    import tracemalloc
+
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"what is {i} plus {i}?", "completion": f" {2 * i} and so on"}) + "\n"
+                            for i in range(30_000)))  # ~2.2 MB
+    tracemalloc.start()
+    stats = data.prepare_chat([path], ByteTokenizer(), None, tmp_path / "out", show_progress=False)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < path.stat().st_size, f"peak {peak / 1e6:.1f} MB for a {path.stat().st_size / 1e6:.1f} MB file"
+    assert stats["train_conversations"] + stats["val_conversations"] == 30_000
+
+
 CUT_ALPHABET = list("  \t\n\n\n\r'sStTaZ09.,/-_<|>!") + ["é", "中", "\u00a0", "\u3000", "\x85", "\u2028", "\u0301",
                                                            "<|endoftext|>"]
 

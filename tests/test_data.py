@@ -577,8 +577,9 @@ def test_examples_prepare_without_holding_them(tmp_path):
     assert stats["train_conversations"] + stats["val_conversations"] == 30_000
 
 
-CUT_ALPHABET = list("  \t\n\n\n\r'sStTaZ09.,/-_<|>!") + ["é", "中", "\u00a0", "\u3000", "\x85", "\u2028", "\u0301",
-                                                           "<|endoftext|>"]
+CUT_ALPHABET = list("  \t\n\n\n\r'sStTaZ09.,/-_<|>!") + [
+    "é", "中", "。", "\u00a0", "\u3000", "\x85", "\u2028", "\u0301", "\u1680", "\u202f", "\u205f", "\u200b", "٣", "Ⅻ",
+    "😀", "<|endoftext|>"]
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -612,6 +613,7 @@ def test_a_large_file_prepares_in_parts_to_the_ids_of_the_whole(tmp_path, monkey
     (tmp_path / "one_line.txt").write_text("no newline before a letter " * 50)
     (tmp_path / "small.txt").write_text("small\n")
     (tmp_path / "crlf.txt").write_bytes(b"Line of text.\r\n" * 100)
+    (tmp_path / "cjk.txt").write_text("\u4e00\u4e2a\u53e5\u5b50\u3002\n" * 200 + "\u3000\n\u3000x\n\u00a0y\n")
     tok = Tokenizer.train([text], 400, pattern=pattern, special_tokens=("<|endoftext|>",), show_progress=False)
     out = {}
     for part_bytes in (1 << 30, 300):
@@ -627,3 +629,4 @@ def test_a_large_file_prepares_in_parts_to_the_ids_of_the_whole(tmp_path, monkey
     assert len(list(file_parts(tmp_path / "one_line.txt", 300, pattern))) == 1  # (no cut: whole)
     crlf = [p for p, _ in file_parts(tmp_path / "crlf.txt", 300, pattern)]  # Project Gutenberg's line ends
     assert (len(crlf) == 1) == (pattern == "gpt2") and b"".join(crlf) == (tmp_path / "crlf.txt").read_bytes()
+    assert len(list(file_parts(tmp_path / "cjk.txt", 300, pattern))) > 5  # (a Chinese line after "\u3002\n")

@@ -27,14 +27,31 @@ PATTERNS = {"gpt2": (GPT2, 0), "gpt4": (GPT4, 1), "gpt4o": (GPT4O, 2)}
 
 
 # Where a long text is cut into parts that a built-in split pattern splits into the pieces of the
-# whole (so the same ids): a visible ASCII character, "\n", an ASCII letter (the C++ encoder cuts
-# its long texts there too, cut_at_safe_boundaries in csrc/cpu/bpe_pretokenize.cpp, which says why
-# each holds); for cl100k's and o200k's also after "\r\n", which they take as one piece anyway
-# (GPT-2's "\s++$" would take it whole at a part's end and "\r", "\n" within the text), so that a
-# file of CRLF lines (Project Gutenberg's) is cut too.
-_CUT_AFTER_CRLF_TOO = re.compile(rb"(?:(?<=[\x21-\x7e]\n)|(?<=[\x21-\x7e]\r\n))[A-Za-z]")
-SAFE_CUTS = {"gpt2": re.compile(rb"(?<=[\x21-\x7e]\n)[A-Za-z]"), "gpt4": _CUT_AFTER_CRLF_TOO,
-             "gpt4o": _CUT_AFTER_CRLF_TOO}
+# whole (so the same ids): a character that is not whitespace, "\n", a letter or a character from
+# U+0080 up that is not whitespace. No piece runs on past such a newline (only whitespace runs and
+# o200k's "/" after punctuation take a character after one, and neither starts the next part), and
+# the newline is a piece's end either way (GPT-2's "\s++$" at a part's end takes the "\n" alone, as
+# "\s" does before the next character). The C++ encoder cuts its long texts at a stricter set of
+# these (cut_at_safe_boundaries, csrc/cpu/bpe_pretokenize.cpp: ASCII on both sides), which left
+# text in other scripts (a Chinese corpus: "。\n" before its next line) in one part. For cl100k's
+# and o200k's also after "\r\n", which they take as one piece anyway (GPT-2's "\s++$" would take it
+# whole at a part's end and "\r", "\n" within the text), so that a file of CRLF lines (Project
+# Gutenberg's) is cut too. (The hypothesis test in tests/test_data.py checks each against the regex.)
+# White_Space from U+0080 up, as UTF-8: U+0085, U+00A0, U+1680, U+2000-200A, U+2028/9, U+202F, U+205F, U+3000
+_WHITESPACE_UTF8 = [rb"\xc2\x85", rb"\xc2\xa0", rb"\xe1\x9a\x80", rb"\xe2\x80[\x80-\x8a\xa8\xa9\xaf]", rb"\xe2\x81\x9f",
+                    rb"\xe3\x80\x80"]
+
+
+def _cut_after(newline: bytes) -> bytes:
+    """A cut after newline, with a character before it that is not whitespace."""
+    after_ws = b"".join(rb"(?<!" + w + newline + rb")" for w in _WHITESPACE_UTF8)
+    return rb"(?:(?<=[\x21-\x7e]" + newline + rb")|(?<=[\x80-\xbf]" + newline + rb")" + after_ws + rb")"
+
+
+_NEXT = rb"(?=[A-Za-z\xc2-\xf4])(?!" + b"|".join(_WHITESPACE_UTF8) + rb")"
+SAFE_CUTS = {"gpt2": re.compile(_cut_after(rb"\n") + _NEXT)}
+SAFE_CUTS["gpt4"] = SAFE_CUTS["gpt4o"] = re.compile(
+    rb"(?:" + _cut_after(rb"\n") + b"|" + _cut_after(rb"\r\n") + rb")" + _NEXT)
 
 
 def file_parts(path: Path, part_bytes: int, pattern: str) -> Iterator[tuple[bytes, bool]]:

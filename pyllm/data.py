@@ -40,7 +40,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from pyllm.tokenizer.patterns import PATTERNS, file_parts
+from pyllm.tokenizer.patterns import file_parts
 
 MAGIC = b"PYLLMTOK"
 VERSION = 1
@@ -671,9 +671,9 @@ def prepare(inputs: Sequence[str | os.PathLike] | None, tokenizer, out_dir, val_
     # Written as they are tokenized (memory: a batch of documents, not the corpus)
     train_file = TokenWriter(out_dir / "train.bin", tokenizer.vocab_size, eot)
     val_file = TokenWriter(out_dir / "val.bin", tokenizer.vocab_size, eot)
-    # Lazily: a file, a JSON Lines row, or a part of a large file at a time; cut only where a built-in
-    # split pattern gives the ids of the whole (pyllm's own tokenizers; others take a file whole)
-    cuts = getattr(tokenizer, "pattern_name", None) in PATTERNS and getattr(tokenizer, "normalization", 0) is None
+    # Lazily: a file, a JSON Lines row, or a part of a large file at a time; cut only where the parts
+    # give the ids of the whole (pyllm's own tokenizers, most of them; others take a file whole)
+    cuts = getattr(tokenizer, "encodes_in_parts", lambda: False)()
     parts = read_document_parts(files, not_utf8, *((PART_BYTES, tokenizer.pattern_name) if cuts else ()))
     if doc_end is _EOT_IF_ANY and eot is not None:
         parts = split_parts_at_separator(parts, EOT)

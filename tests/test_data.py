@@ -622,6 +622,19 @@ def test_a_large_file_prepares_in_parts_to_the_ids_of_the_whole(tmp_path, monkey
             stats = data.prepare([tmp_path], tok, tmp_path / str(part_bytes), val_fraction=0.1, show_progress=False)
         out[part_bytes] = stats, [(tmp_path / str(part_bytes) / f"{s}.bin").read_bytes() for s in ("train", "val")]
     assert out[300] == out[1 << 30] and out[300][0]["documents"] > 100
+    # A token matched in ordinary text (Hugging Face's non-special added tokens) with a newline in it
+    # could be split by a cut: such a tokenizer, a normalizing one and a custom pattern take files whole
+    matched = Tokenizer(tok.mergeable_ranks, pattern, {"<|endoftext|>": 400, "\nOnce": 401}, matched=["\nOnce"])
+    custom = Tokenizer(tok.mergeable_ranks, f"(?:{tok.pattern})", {"<|endoftext|>": 400})
+    nfc = Tokenizer(tok.mergeable_ranks, pattern, {"<|endoftext|>": 400}, normalization="NFC")
+    assert tok.encodes_in_parts() and not any(t.encodes_in_parts() for t in (matched, custom, nfc))
+    for other in (matched, custom, nfc):
+        for part_bytes in (1 << 30, 300):
+            monkeypatch.setattr(data, "PART_BYTES", part_bytes)
+            with pytest.warns(UserWarning, match="1 file"):
+                data.prepare([tmp_path], other, tmp_path / f"o{part_bytes}", val_fraction=0.1, show_progress=False)
+        assert all((tmp_path / f"o300/{s}.bin").read_bytes() == (tmp_path / f"o{1 << 30}/{s}.bin").read_bytes()
+                   for s in ("train", "val"))
     parts = [p for p, _ in file_parts(tmp_path / "big.txt", 300, pattern)]
     whole = (tmp_path / "big.txt").read_bytes()
     assert b"".join(parts) == whole and len(parts) > 100

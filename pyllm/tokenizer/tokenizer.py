@@ -1187,6 +1187,13 @@ class Tokenizer:
     def pattern_name(self) -> str | None:
         return self._pattern_name
 
+    def encodes_in_parts(self) -> bool:
+        """Whether a text cut at patterns.SAFE_CUTS[pattern_name] encodes, part by part, to the ids of
+        the whole (data.prepare reads a large file so): a built-in pattern, no normalization, and no
+        token matched in ordinary text (Tokenizer(matched=)) with a newline, which a cut could split."""
+        return (self._pattern_name in PATTERNS and self.normalization is None
+                and not any("\n" in token for token in self._matched))
+
     @property
     def mergeable_ranks(self) -> dict[bytes, int]:
         return dict(self._ranks)

@@ -643,3 +643,41 @@ def test_a_large_file_prepares_in_parts_to_the_ids_of_the_whole(tmp_path, monkey
     crlf = [p for p, _ in file_parts(tmp_path / "crlf.txt", 300, pattern)]  # Project Gutenberg's line ends
     assert (len(crlf) == 1) == (pattern == "gpt2") and b"".join(crlf) == (tmp_path / "crlf.txt").read_bytes()
     assert len(list(file_parts(tmp_path / "cjk.txt", 300, pattern))) > 5  # (a Chinese line after "\u3002\n")
+
+
+def test_file_parts_take_no_cut_before_a_character_a_read_split(tmp_path):
+    # A read ending inside a U+3000 that follows a newline: the cut's lookahead (no white space next)
+    # must see the whole character, else GPT-2's "\n\u3000" piece is split (different ids; helper audit).
+    import regex
+
+    from pyllm.tokenizer.patterns import GPT2
+
+    text = b"x" * 58 + b"ok\nq\n" + "\u3000\u3000text\n".encode()
+    assert text[62:65] == b"\n\xe3\x80"
+    (tmp_path / "a.txt").write_bytes(text)
+    parts = [b for b, _ in file_parts(tmp_path / "a.txt", 64, "gpt2")]
+    pieces = regex.compile(GPT2)
+    assert [p for b in parts for p in pieces.findall(b.decode())] == pieces.findall(text.decode())
+
+
+def test_file_parts_search_each_byte_about_once(tmp_path, monkeypatch):
+    # A file without a cut (one long line, or CRLF lines under GPT-2's pattern) had been copied and
+    # searched whole again at every read: quadratic, 188 s for 300 MB where the whole took 15 s.
+    from pyllm.tokenizer import patterns
+
+    class Counting:
+        def __init__(self, regex):
+            self.regex, self.scanned = regex, 0
+
+        def finditer(self, text, pos=0):
+            self.scanned += len(text) - pos
+            return self.regex.finditer(text, pos)
+
+    counting = Counting(patterns.SAFE_CUTS["gpt2"])
+    monkeypatch.setitem(patterns.SAFE_CUTS, "gpt2", counting)
+    for name, text in (("line.txt", b"word " * 40_000), ("crlf.txt", b"Line of text.\r\n" * 15_000),
+                       ("lines.txt", b"A line.\n" * 25_000)):
+        (tmp_path / name).write_bytes(text)
+        counting.scanned = 0
+        parts = [b for b, _ in file_parts(tmp_path / name, 1 << 12, "gpt2")]
+        assert b"".join(parts) == text and counting.scanned < 3 * len(text), (name, counting.scanned / len(text))

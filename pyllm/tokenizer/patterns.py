@@ -61,22 +61,31 @@ def file_parts(path: Path, part_bytes: int, pattern: str) -> Iterator[tuple[byte
     letter: the last part is never empty.)"""
     safe_cut = SAFE_CUTS[pattern]
     with open(path, "rb") as f:
-        rest = b""
+        # Read, not yet handed over; no cut in it before `searched`. A cut is taken only with 3 bytes
+        # after it read (its lookahead, that the next character is no white space, sees all of it: a
+        # block ending inside a U+3000 after a newline had been cut there)
+        rest, searched = bytearray(), 1
         while more := f.read(part_bytes):
-            block, rest, more = rest + more, b"", b""  # (no copy when nothing was left over)
-            cut, start = None, len(block)
-            while cut is None and start > 1:  # the last cut: looked for in ever longer tails
-                start = max(1, start - (len(block) - start) * 7 - (1 << 12))
-                for cut in safe_cut.finditer(block, start):
-                    pass
+            rest += more  # (amortized: a file without a cut is not copied, nor searched, again per read)
+            del more
+            cut, start, end = None, len(rest), len(rest) - 3
+            while cut is None and start > searched:  # the last cut: looked for in ever longer tails of
+                # what was not searched yet (the lookbehind reads the bytes before start)
+                start = max(searched, start - (len(rest) - start) * 7 - (1 << 12))
+                for match in safe_cut.finditer(rest, start):
+                    if match.start() <= end:
+                        cut = match.start()
+                match = None  # (a match holds what it searched)
+            searched = max(1, end)
             if cut is None:
-                rest = block
                 continue
-            part, rest = [block[:cut.start()]], block[cut.start():]
-            del block, cut  # (a match holds what it searched; the part handed over in a list: nothing
-            # here holds a part while it is tokenized)
+            part = [bytes(memoryview(rest)[:cut])]  # (one copy; a slice of the bytearray would be two)
+            del rest[:cut]
+            searched = max(1, searched - cut)
             yield part.pop(), False
-        yield rest, True
+        last = [bytes(rest)]
+        del rest
+        yield last.pop(), True
 
 
 def hf_spelling(regex: str) -> str:

@@ -2481,20 +2481,39 @@ class Terminated(BaseException):
     on the way out, as on Ctrl-C."""
 
 
+_terminated_at: list[float] = []
+
+
 def _terminate(signum, frame) -> None:
+    """main's SIGTERM handler: Terminated raised; a second signal at least ESCALATE_AFTER_S after the
+    first is the default's, the process ends now (its clean-up stuck); sooner, the same request
+    (SLURM and torchrun each send one), as train.request_stop."""
+    from pyllm.train import ESCALATE_AFTER_S
+
+    if _terminated_at:
+        if time.monotonic() - _terminated_at[0] >= ESCALATE_AFTER_S:
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)
+        return
+    _terminated_at.append(time.monotonic())
     raise Terminated
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    # SIGTERM (a job's time limit, `kill`) ends a command as Ctrl-C does: by an exception, so that the
-    # files it was writing are removed (killed by the default action, a prepare had left its hidden
-    # temp token files, gigabytes, for the next prepare to remove 10 minutes later). `pyllm train`
-    # swaps in its own while it trains (request_stop: a checkpoint first). A handler of the caller's
-    # own is left in place.
-    own_handler = (threading.current_thread() is threading.main_thread()
+    # SIGTERM (a job's time limit, `kill`) ends the commands that write data files as Ctrl-C does: by
+    # an exception, so that the files they were writing are removed (killed by the default action, a
+    # prepare had left its hidden temp token files, gigabytes, for the next prepare to remove 10
+    # minutes later). `pyllm train` swaps in its own while it trains (request_stop: a checkpoint
+    # first). Under torchrun only rank 0, which prepares the data: Python runs a handler only between
+    # its own instructions, and the other ranks wait for it in a collective, where a handler's signal
+    # had waited with them (the default action ends them at once). Other commands, and a handler of
+    # the caller's own, are left as they are.
+    own_handler = (args.command in ("prepare", "tokenizer", "train") and int(os.environ.get("RANK", "0")) == 0
+                   and threading.current_thread() is threading.main_thread()
                    and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)
     if own_handler:
+        _terminated_at.clear()
         signal.signal(signal.SIGTERM, _terminate)
     try:
         return _main(args)

@@ -767,6 +767,26 @@ def test_sigterm_during_prepare_leaves_no_temp_files(corpus, tmp_path, capsys, m
         assert not list(folder.glob(".*.tmp")) and not (folder / "train.bin").exists(), sorted(folder.iterdir())
 
 
+def test_a_second_sigterm_ends_a_command_stuck_in_its_clean_up(monkeypatch):
+    # main's handler raises Terminated; the same signal again within 5 s is the same request (SLURM and
+    # torchrun each send one), later the default action (as train.request_stop; from the audit).
+    import signal
+
+    calls, now = [], [100.0]
+    monkeypatch.setattr(cli.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(cli.signal, "signal", lambda signum, handler: calls.append(("signal", handler)))
+    monkeypatch.setattr(cli.signal, "raise_signal", lambda signum: calls.append(("raise", signum)))
+    monkeypatch.setattr(cli, "_terminated_at", [])
+    with pytest.raises(cli.Terminated):
+        cli._terminate(signal.SIGTERM, None)
+    now[0] += 1.0
+    cli._terminate(signal.SIGTERM, None)
+    assert calls == []
+    now[0] += 5.0
+    cli._terminate(signal.SIGTERM, None)
+    assert calls == [("signal", signal.SIG_DFL), ("raise", signal.SIGTERM)]
+
+
 def test_a_run_that_mostly_skipped_its_steps_says_why(corpus, tmp_path, capsys, monkeypatch):
     import pyllm.train
 

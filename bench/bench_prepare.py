@@ -85,6 +85,9 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--mb", type=int, help="the file's size in MB (default 200; --quick 20)")
     args = parser.parse_args()
+    if args.device != "cpu":  # (bench/gpu_check.sh runs every script with --device cuda: no GPU time spent here)
+        print("# bench_prepare: data preparation runs on the CPU; skipped with --device cuda")
+        return 0
     if common.peer_module("tiktoken", "bench_prepare", "tiktoken is not installed; nothing to compare with") is None:
         return 0
     from pyllm import data

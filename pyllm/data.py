@@ -344,8 +344,12 @@ class TokenWriter:
         os.replace(self.tmp, self.path)
 
     def abort(self) -> None:
-        self._file.close()
-        self.tmp.unlink(missing_ok=True)
+        try:
+            self._file.close()  # (on a full disk its flush fails again; the descriptor is closed all the same)
+        except OSError:
+            pass
+        finally:
+            self.tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> "TokenWriter":
         return self
@@ -1043,6 +1047,7 @@ def prepare_chat(inputs: Sequence[str | os.PathLike], tokenizer, folder, out_dir
 
     The files are read twice, a line at a time: first to check every line (before anything is
     written) and count them (the val split needs the count), then to tokenize and write them."""
+    inputs = list(inputs)  # (read twice)
     n = sum(1 for path in inputs for _ in _conversations(path))
     in_val = _val_split(n, val_fraction, inputs, "conversation(s)")
     units = (((c,), where) for path in inputs for c, where in _conversations(path))
@@ -1098,8 +1103,12 @@ class _StreamedFile:
         os.replace(self.tmp, self.path)
 
     def abort(self) -> None:
-        self._file.close()
-        self.tmp.unlink(missing_ok=True)
+        try:
+            self._file.close()  # (on a full disk its flush fails again; the descriptor is closed all the same)
+        except OSError:
+            pass
+        finally:
+            self.tmp.unlink(missing_ok=True)
 
 
 def _write_units(units: Iterable[tuple[tuple, str | None]], in_val: Sequence[bool], tokenizer, folder, out_dir,
@@ -1119,8 +1128,12 @@ def _write_units(units: Iterable[tuple[tuple, str | None]], in_val: Sequence[boo
     had been held to the end). Returns ({split: {"docs", "tokens", "trained"}}, units left out)."""
     from tqdm import tqdm
 
+    changed = (f"the {what.replace('(s)', 's')}' files changed while they were prepared (their lines are read twice: "
+               "counted, then tokenized); prepare them again once nothing writes them")
     units = iter(units)
-    first = next(units)  # (its size: pairs, or documents alone)
+    first = next(units, None)  # (its size: pairs, or documents alone)
+    if first is None:
+        raise ValueError(changed)
     size = len(first[0])
     written = {".docs.npy": np.int64, ".mask.npy": np.uint8, **({".pairs.npy": np.int64} if size > 1 else {}),
                **({".labels.npy": np.bool_} if labels is not None else {}),
@@ -1129,7 +1142,7 @@ def _write_units(units: Iterable[tuple[tuple, str | None]], in_val: Sequence[boo
     pending = {name: {side: [] for side in (".bin", *written)} for name in counts}
     files, silent = {}, 0
     out_dir = Path(out_dir)
-    made = not out_dir.is_dir()  # (removed again where nothing is written)
+    made = [p for p in (out_dir, *out_dir.parents) if not p.is_dir()]  # (removed again where nothing is written)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     def flush(name: str) -> None:
@@ -1154,9 +1167,12 @@ def _write_units(units: Iterable[tuple[tuple, str | None]], in_val: Sequence[boo
             for side, dtype in written.items():
                 files[name, side] = _StreamedFile(out_dir / f"{name}{side}", dtype, size if side == ".pairs.npy" else 0)
             files[name, ".docs.npy"].append([0])
-        for i, ((unit, where), val) in enumerate(zip(tqdm(itertools.chain([first], units), total=len(in_val),
-                                                          desc=f"tokenizing {what.replace('(s)', 's')}",
-                                                          disable=not show_progress), in_val)):
+        for i, (unit, where) in enumerate(tqdm(itertools.chain([first], units), total=len(in_val),
+                                               desc=f"tokenizing {what.replace('(s)', 's')}",
+                                               disable=not show_progress)):
+            if i >= len(in_val):
+                raise ValueError(changed)
+            val = in_val[i]
             try:
                 sides = [example_tokens(example, tokenizer, folder, doc_start, doc_end) for example in unit]
             except Exception as e:  # a template's raise_exception, an undefined field: name the line it failed on
@@ -1182,6 +1198,8 @@ def _write_units(units: Iterable[tuple[tuple, str | None]], in_val: Sequence[boo
                 batch[".margins.npy"].append(unit[0]["margin"])
             if len(batch[".bin"]) >= batch_docs:
                 flush(name)
+        if i + 1 != len(in_val):
+            raise ValueError(changed)
         for name in counts:
             flush(name)
             if not counts[name]["docs"]:
@@ -1197,8 +1215,11 @@ def _write_units(units: Iterable[tuple[tuple, str | None]], in_val: Sequence[boo
     except BaseException:
         for f in files.values():
             f.abort()
-        if made and not any(out_dir.iterdir()):
-            out_dir.rmdir()
+        for folder_made in made:  # this run's folders, innermost first, while they are empty
+            try:
+                folder_made.rmdir()
+            except OSError:
+                break
         raise
     return counts, silent
 
@@ -1259,6 +1280,7 @@ def prepare_preferences(inputs: Sequence[str | os.PathLike], tokenizer, folder, 
     indices of each pair. A pair with nothing to train on either side is left out. With a "margin"
     on every line, a .margins.npy of the kept pairs' (float32). Returns counts. The files are read
     twice, a line at a time, as prepare_chat reads them."""
+    inputs = list(inputs)  # (read twice)
     n = with_margin = 0
     for chosen, _ in (pair for path in inputs for pair in _preference_pairs(path)):
         n, with_margin = n + 1, with_margin + ("margin" in chosen)
@@ -1324,6 +1346,8 @@ def prepare_kto(inputs: Sequence[str | os.PathLike], tokenizer, folder, out_dir,
     shuffles the pairs, so a batch's KL completions are mostly not its own), as a pair of documents (.pairs.npy) the loader places
     side by side, and its label in .labels.npy. Returns counts. The files are read twice, a line at a
     time, as prepare_chat reads them."""
+    inputs = list(inputs)  # (read twice)
+
     def examples() -> Iterator[tuple[dict, bool]]:
         return (e for path in inputs for e in _kto_examples(path))
 
@@ -1345,7 +1369,11 @@ def prepare_kto(inputs: Sequence[str | os.PathLike], tokenizer, folder, out_dir,
     def units():
         # the previous example's completion in its split (the last one's for the first): TRL's
         # rotation [y_n, y_1, ..., y_{n-1}], so a batch of the whole split has TRL's KL pairs
-        for (example, _), val in zip(examples(), in_val):
+        for i, (example, label) in enumerate(examples()):
+            if i >= len(labels) or label != labels[i]:  # (the first pass's labels would go with other examples)
+                raise ValueError("the KTO examples' files changed while they were prepared (their lines are read "
+                                 "twice); prepare them again once nothing writes them")
+            val = in_val[i]
             yield (example, _mismatched(example, previous[val])), None
             previous[val] = example
 

@@ -3,6 +3,7 @@ return_assistant_tokens_mask), prepare_chat's files, PackedLoader's rows, and `p
 *.jsonl conversations (resume, gradient accumulation)."""
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -427,6 +428,85 @@ def test_prepared_files_are_written_as_they_are_tokenized(folders, tmp_path, mon
         with pytest.raises(KeyboardInterrupt):
             data.prepare_chat([inputs["chat"]], ours, marked, where, show_progress=False)
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before and not (tmp_path / "new").exists()
+
+
+def test_a_full_disk_leaves_no_temp_file(folders, tmp_path, monkeypatch):
+    # ENOSPC part-way: the buffered temp files' close (in abort) flushes again and fails again; each
+    # must still be removed (they had all been left: gigabytes, hidden, on the disk that is full;
+    # from the review of the streamed prepare).
+    marked, _, ours, _ = folders
+    rng = random.Random(0)
+    path = write_jsonl(tmp_path / "chats.jsonl", [conversation(rng, 2) for _ in range(40)])
+    real = os.fdopen
+
+    class Full(io.FileIO):  # a disk with `left` bytes free, shared by every file: a part written, then ENOSPC
+        left = [0]
+
+        def write(self, b):
+            if self.left[0] <= 0:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            n = min(len(b), self.left[0])
+            self.left[0] -= n
+            return super().write(bytes(memoryview(b)[:n]))
+
+    def fdopen(fd, mode="r", *args, **kwargs):
+        if mode in ("wb", "w+b"):
+            return (io.BufferedRandom if "+" in mode else io.BufferedWriter)(Full(fd, "r+" if "+" in mode else "w"))
+        return real(fd, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "fdopen", fdopen)
+    for left in (0, 500, 3000):
+        Full.left[0] = left
+        out = tmp_path / f"out{left}"
+        out.mkdir()
+        with pytest.raises(OSError, match="No space"):
+            data.prepare_chat([path], ours, marked, out, val_fraction=0.25, show_progress=False)
+        assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_failed_run_removes_the_folders_it_made(folders, tmp_path):
+    # (all of them, innermost first, while empty; a folder of the user's never)
+    marked, _, ours, _ = folders
+    path = tmp_path / "chats.jsonl"
+    path.write_text("".join(json.dumps({"prompt": "a", "completion": "b" if i % 2 == 0 else ""}) + "\n"
+                            for i in range(6)))  # no val example with a completion
+    with pytest.raises(ValueError, match="no val"):
+        data.prepare_chat([path], ours, marked, tmp_path / "new" / "a" / "b", val_fraction=0.5, show_progress=False)
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(ValueError, match="no val"):
+        data.prepare_chat([path], ours, marked, tmp_path / "mine" / "out", val_fraction=0.5, show_progress=False)
+    assert (tmp_path / "mine").is_dir() and not (tmp_path / "mine" / "out").exists()
+
+
+@pytest.mark.parametrize("rewrite", ["emptied", "first removed", "doubled"])
+def test_examples_changed_between_the_passes_are_refused(folders, tmp_path, monkeypatch, rewrite):
+    # The lines are read twice; a file rewritten in between had its first pass's labels (KTO) put on
+    # other examples, lines past the count dropped, or a bare StopIteration raised.
+    marked, _, ours, _ = folders
+    path = tmp_path / "kto.jsonl"
+    rows = [json.dumps({"prompt": f"{i} + 1 =", "completion": f" {i + 1}", "label": i % 2 == 0}) for i in range(6)]
+    path.write_text("".join(r + "\n" for r in rows))
+    after = {"emptied": [], "first removed": rows[1:], "doubled": rows + rows}[rewrite]
+    split = data._val_split
+
+    def then_rewrite(*args, **kwargs):  # (called between the passes)
+        in_val = split(*args, **kwargs)
+        path.write_text("".join(r + "\n" for r in after))
+        return in_val
+
+    monkeypatch.setattr(data, "_val_split", then_rewrite)
+    with pytest.raises(ValueError, match="changed while"):
+        data.prepare_kto([path], ours, marked, tmp_path / "out", val_fraction=0.5, show_progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_inputs_may_be_any_iterable(folders, tmp_path):
+    # (the two passes had found an iterator empty the second time: a bare StopIteration)
+    marked, _, ours, _ = folders
+    path = write_jsonl(tmp_path / "chats.jsonl", [conversation(random.Random(i), 1) for i in range(4)])
+    stats = data.prepare_chat(iter([path]), ours, marked, tmp_path / "out", val_fraction=0.5, show_progress=False)
+    assert stats["train_conversations"] + stats["val_conversations"] == 4
 
 
 # --- PackedLoader ------------------------------------------------------------------------------

@@ -85,6 +85,17 @@ def new_temp_file(path) -> tuple[int, Path]:
     return fd, Path(tmp)
 
 
+def discard_temp_file(file, tmp: Path) -> None:
+    """A writer's open temp file closed and removed: on a full disk close's flush fails again (the
+    descriptor is closed all the same), and the file had been left, hidden, on the disk that is full."""
+    try:
+        file.close()
+    except OSError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_whole(path, data: bytes | str | np.ndarray) -> None:
     """path written through new_temp_file, fsync and a rename: bytes or text as they are, an array
     as np.save writes it (never through a planted link, never half a file)."""
@@ -344,12 +355,7 @@ class TokenWriter:
         os.replace(self.tmp, self.path)
 
     def abort(self) -> None:
-        try:
-            self._file.close()  # (on a full disk its flush fails again; the descriptor is closed all the same)
-        except OSError:
-            pass
-        finally:
-            self.tmp.unlink(missing_ok=True)
+        discard_temp_file(self._file, self.tmp)
 
     def __enter__(self) -> "TokenWriter":
         return self
@@ -1103,12 +1109,7 @@ class _StreamedFile:
         os.replace(self.tmp, self.path)
 
     def abort(self) -> None:
-        try:
-            self._file.close()  # (on a full disk its flush fails again; the descriptor is closed all the same)
-        except OSError:
-            pass
-        finally:
-            self.tmp.unlink(missing_ok=True)
+        discard_temp_file(self._file, self.tmp)
 
 
 def _write_units(units: Iterable[tuple[tuple, str | None]], in_val: Sequence[bool], tokenizer, folder, out_dir,

@@ -272,7 +272,7 @@ def read_document_parts(files: Iterable[Path], not_utf8: list | None = None, par
         for raw, last in raw_parts:
             try:
                 text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:  # (parts end before an ASCII letter: no character is cut)
+            except UnicodeDecodeError as e:  # (parts end after a newline: no character is cut)
                 text = raw.decode("utf-8", errors="replace")
                 replaced += text.count(chr(0xFFFD)) - raw.decode("utf-8", "ignore").count(chr(0xFFFD))
                 bad = bad or (offset + e.start, raw[e.start:e.start + 1])
@@ -615,7 +615,7 @@ def split_parts_at_separator(parts: Iterable[tuple[str, bool]], separator: str) 
     """split_at_separator over read_document_parts' (text, last) parts: the same documents, those
     of a file in parts still in parts (last True at each one's end). A separator never spans two
     parts (a cut follows a newline, which no separator has), and a document running on past a
-    part's end is never whitespace alone (the next part starts with a letter)."""
+    part's end is never whitespace alone (the next part starts with a character that is not)."""
     open_document = False  # (its start yielded, with last False)
     for text, last in parts:
         pieces = text.split(separator)

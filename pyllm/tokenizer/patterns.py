@@ -57,8 +57,8 @@ SAFE_CUTS["gpt4"] = SAFE_CUTS["gpt4o"] = re.compile(
 def file_parts(path: Path, part_bytes: int, pattern: str) -> Iterator[tuple[bytes, bool]]:
     """A file's bytes in parts of about part_bytes, each but the last ending at a cut of the
     built-in pattern's SAFE_CUTS (longer where none comes sooner: a file without one is a single
-    part), with whether it is the last; at least one part. (What follows a cut starts with its
-    letter: the last part is never empty.)"""
+    part), with whether it is the last; at least one part. (What follows a cut starts with the
+    character after it: the last part is never empty.)"""
     safe_cut = SAFE_CUTS[pattern]
     with open(path, "rb") as f:
         # Read, not yet handed over; no cut in it before `searched`. A cut is taken only with 3 bytes

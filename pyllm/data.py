@@ -40,7 +40,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from pyllm.tokenizer.patterns import file_parts
+from pyllm.tokenizer.patterns import text_parts
 
 MAGIC = b"PYLLMTOK"
 VERSION = 1
@@ -264,26 +264,15 @@ def read_document_parts(files: Iterable[Path], not_utf8: list | None = None, par
                                      f"got {type(text).__name__}")
                 yield text, True
             continue
-        if part_bytes is None or f.stat().st_size <= part_bytes:
-            raw_parts: Iterable[tuple[bytes, bool]] = ((f.read_bytes(), True) for _ in range(1))  # (no list
-        else:  # holding the bytes while their text is tokenized)
-            raw_parts = file_parts(f, part_bytes, pattern)
-        offset, bad, replaced = 0, None, 0
-        for raw, last in raw_parts:
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:  # (parts end after a newline: no character is cut)
-                text = raw.decode("utf-8", errors="replace")
-                replaced += text.count(chr(0xFFFD)) - raw.decode("utf-8", "ignore").count(chr(0xFFFD))
-                bad = bad or (offset + e.start, raw[e.start:e.start + 1])
-            offset += len(raw)
-            del raw  # (the bytes beside their text while it is tokenized: twice a large file's size)
+        bad: dict = {}
+        for text, last in text_parts(f, part_bytes, pattern, bad):
             if last and bad and not_utf8 is not None:
                 not_utf8.append(f)
             elif last and bad:
                 import warnings
 
-                warnings.warn(f"{f} is not UTF-8 (byte {bad[0]}: {bad[1]!r}): {replaced} bytes read as U+FFFD; "
+                start, byte, replaced = bad[f]
+                warnings.warn(f"{f} is not UTF-8 (byte {start}: {byte!r}): {replaced} bytes read as U+FFFD; "
                               "convert it first (iconv -f cp1252 -t utf-8 ...)", stacklevel=3)
             yield text, last
 

@@ -1,4 +1,5 @@
 """The built-in split patterns (tiktoken's), each with a hand-written C++ pre-tokenizer."""
+import os
 import re
 from pathlib import Path
 from typing import Iterator
@@ -86,6 +87,30 @@ def file_parts(path: Path, part_bytes: int, pattern: str) -> Iterator[tuple[byte
         last = [bytes(rest)]
         del rest
         yield last.pop(), True
+
+
+def text_parts(path, part_bytes: int | None, pattern: str, not_utf8: dict) -> Iterator[tuple[str, bool]]:
+    """A file's text (UTF-8, other bytes read as U+FFFD), whole, or in file_parts where it is larger
+    than part_bytes (not None), with whether each is the last (data.prepare's and Tokenizer.train's
+    reading of a file). A file not UTF-8 gets not_utf8[path] = (its first such byte's offset, that
+    byte, the U+FFFD read), set before its last part is given."""
+    if part_bytes is None or os.path.getsize(path) <= part_bytes:
+        raw_parts = ((Path(path).read_bytes(), True) for _ in range(1))  # (no list holding the bytes while
+    else:  # their text is tokenized)
+        raw_parts = file_parts(path, part_bytes, pattern)
+    offset, bad, replaced = 0, None, 0
+    for raw, last in raw_parts:
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:  # (parts end after a newline: no character is cut)
+            text = raw.decode("utf-8", errors="replace")
+            replaced += text.count(chr(0xFFFD)) - raw.decode("utf-8", "ignore").count(chr(0xFFFD))
+            bad = bad or (offset + e.start, raw[e.start:e.start + 1])
+        offset += len(raw)
+        del raw  # (the bytes beside their text while it is tokenized: twice a large file's size)
+        if last and bad:
+            not_utf8[path] = (*bad, replaced)
+        yield text, last
 
 
 def hf_spelling(regex: str) -> str:

@@ -23,8 +23,8 @@ from typing import AbstractSet, Collection, Iterable, Literal, Sequence
 import numpy as np
 
 from pyllm import _C
-from pyllm.tokenizer.patterns import (ONIGURUMA_POSIX, PATTERNS, RUST_POSIX, SPELLINGS, file_parts, hf_spelling,
-                                      regex_pieces, respell_anchors, respell_posix)
+from pyllm.tokenizer.patterns import (ONIGURUMA_POSIX, PATTERNS, RUST_POSIX, SPELLINGS, hf_spelling,
+                                      regex_pieces, respell_anchors, respell_posix, text_parts)
 
 _MAGIC = "#pyllm-bpe v1"
 # Unicode normalization forms a Tokenizer may apply (unicodedata.normalize's, Hugging Face's normalizers').
@@ -2033,28 +2033,15 @@ def _text_batches(texts, part_bytes: int | None = None, pattern: str = "gpt2"):
         total = sum(os.path.getsize(p) for p in paths)
 
         def read():
-            not_utf8 = []
+            not_utf8: dict = {}  # (said, as prepare says it: merges of U+FFFD had been learned silently)
             for p in paths:
-                if part_bytes is None or os.path.getsize(p) <= part_bytes:
-                    parts = ((Path(p).read_bytes(), True) for _ in range(1))
-                else:
-                    parts = file_parts(p, part_bytes, pattern)
-                bad = False
-                for data, _ in parts:
-                    try:
-                        text = data.decode("utf-8")
-                    except UnicodeDecodeError:  # said, as prepare says it (merges of U+FFFD had been learned silently)
-                        bad = True
-                        text = data.decode("utf-8", errors="replace")
-                    del data
-                    yield text
-                if bad:
-                    not_utf8.append(p)
+                yield from (text for text, _ in text_parts(p, part_bytes, pattern, not_utf8))
             if not_utf8:
                 import warnings
 
-                warnings.warn(f"train: {len(not_utf8)} file(s) are not UTF-8 ({not_utf8[0]} first): their other bytes "
-                              "were read as U+FFFD; convert them first (iconv -f cp1252 -t utf-8 ...)", stacklevel=3)
+                warnings.warn(f"train: {len(not_utf8)} file(s) are not UTF-8 ({next(iter(not_utf8))} first): their "
+                              "other bytes were read as U+FFFD; convert them first (iconv -f cp1252 -t utf-8 ...)",
+                              stacklevel=3)
 
         source = read()
     else:

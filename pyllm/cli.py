@@ -2485,15 +2485,12 @@ _terminated_at: list[float] = []
 
 
 def _terminate(signum, frame) -> None:
-    """main's SIGTERM handler: Terminated raised; a second signal at least ESCALATE_AFTER_S after the
-    first is the default's, the process ends now (its clean-up stuck); sooner, the same request
-    (SLURM and torchrun each send one), as train.request_stop."""
-    from pyllm.train import ESCALATE_AFTER_S
+    """main's SIGTERM handler: Terminated raised; a second signal ends the process at once where its
+    clean-up is stuck (train.end_if_repeated, as train.request_stop)."""
+    from pyllm.train import end_if_repeated
 
     if _terminated_at:
-        if time.monotonic() - _terminated_at[0] >= ESCALATE_AFTER_S:
-            signal.signal(signum, signal.SIG_DFL)
-            signal.raise_signal(signum)
+        end_if_repeated(signum, _terminated_at[0])
         return
     _terminated_at.append(time.monotonic())
     raise Terminated

@@ -1856,12 +1856,19 @@ def request_stop(signum=None, frame=None) -> None:
     worker gets SIGTERM twice within milliseconds (from the step's cgroup and from torchrun's agent)."""
     global _first_stop_at
     if signum is not None and _stop_requested.is_set():
-        if time.monotonic() - _first_stop_at >= ESCALATE_AFTER_S:
-            signal.signal(signum, signal.SIG_DFL)
-            signal.raise_signal(signum)
+        end_if_repeated(signum, _first_stop_at)
         return
     _first_stop_at = time.monotonic()
     _stop_requested.set()
+
+
+def end_if_repeated(signum: int, first_at: float) -> None:
+    """A signal handler's escalation (request_stop's, cli's SIGTERM handler's): the signal again at
+    least ESCALATE_AFTER_S after the first (time.monotonic) is the default's, the process ends now;
+    sooner, it is the same request (SLURM and torchrun each send one within milliseconds)."""
+    if time.monotonic() - first_at >= ESCALATE_AFTER_S:
+        signal.signal(signum, signal.SIG_DFL)
+        signal.raise_signal(signum)
 
 
 ESCALATE_AFTER_S = 5.0

@@ -800,7 +800,7 @@ class TokenLoader:
 
 # --- conversations -------------------------------------------------------------------------------
 
-def read_conversations(path, lines: list[str] | None = None) -> list[dict]:
+def read_conversations(path) -> list[dict]:
     """The examples of a JSON Lines file for fine-tuning, one per line, in the formats of OpenAI's
     fine-tuning files and Hugging Face / TRL datasets:
       {"messages": [{"role": ..., "content": ...}, ...]}     a conversation (the assistant's turns trained)
@@ -814,14 +814,8 @@ def read_conversations(path, lines: list[str] | None = None) -> list[dict]:
     {"prompt": str, "completion": str}, with "columns": the row's other keys where it has any (what
     GRPO's reward functions are given, as TRL's). A conversation's "tools" and
     "chat_template_kwargs" columns reach its chat template, as TRL passes them to
-    apply_chat_template (a function-calling row's tool schemas; enable_thinking=). lines: a list
-    each example's "path:line" is appended to."""
-    examples = []
-    for example, where in _conversations(path):
-        examples.append(example)
-        if lines is not None:
-            lines.append(where)
-    return examples
+    apply_chat_template (a function-calling row's tool schemas; enable_thinking=)."""
+    return [example for example, _ in _conversations(path)]
 
 
 def _conversations(path) -> Iterator[tuple[dict, str]]:

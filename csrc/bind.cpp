@@ -110,7 +110,8 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("cross_entropy_cpu", cpu.cross_entropy_cpu, nogil, arg("logits"), arg("targets"), arg("loss"),
         arg("z_part"), arg("grad"), arg("grad_rows"), arg("rows"), arg("vocab"), arg("stride"), arg("grad_stride"), arg("ignore_index"),
-        arg("scale"), arg("softcap"), arg("label_smoothing"), arg("z_loss"), arg("grad_scale"), arg("dtype"));
+        arg("scale"), arg("softcap"), arg("label_smoothing"), arg("z_loss"), arg("grad_scale"), arg("dtype"),
+        arg("stats") = 0);
 
   m.def("distill_cpu", cpu.distill_cpu, nogil, arg("student"), arg("teacher"), arg("loss"), arg("grad"),
         arg("grad_rows"), arg("rows"), arg("vocab"), arg("student_stride"), arg("teacher_stride"), arg("grad_stride"),

@@ -494,6 +494,7 @@ class LLM(nn.Module):
         self.fused_loss = False
         self.aux_loss = None  # the last training forward's weighted load-balancing loss (MoE; forward)
         self.z_loss_term = None  # the last forward's z-loss share of its loss, detached (forward's z_loss; for the log)
+        self.token_stats_term = None  # the last forward's (entropy sum, targets its argmax, targets) (token_stats)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.apply(self._init_weights)
@@ -610,7 +611,7 @@ class LLM(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
                 per_token: bool = False, hidden: bool = False, distill: dict | None = None, scores: bool = False,
                 z_loss: float = 0.0, sequence_loss: dict | None = None, token_mask: torch.Tensor | None = None,
-                temperature: float = 1.0):
+                temperature: float = 1.0, token_stats: bool = False):
         """idx (B, T) int64 -> logits (B, T, V) and, given targets (B, T), the mean cross-entropy
         (targets of -1 are ignored). With fused_loss set and targets given, logits is None (the
         loss came from linear_cross_entropy, chunk by chunk). per_token: instead of the logits and
@@ -627,6 +628,12 @@ class LLM(nn.Module):
         of logsumexp(logits)^2 (PaLM's auxiliary loss, 1e-4 there: it keeps the softmax's normaliser
         near 1, so the logits do not drift in bf16), with or without fused_loss; that share is
         kept, detached, as z_loss_term (None without z_loss).
+        token_stats (with targets, for the loss or per_token without fused_loss): keeps, as
+        token_stats_term, a (3,) fp32 tensor (fp64 for an fp64 model): the sum over the counted
+        targets of the entropy of the next-token distribution, how many of them are its argmax, and
+        how many are counted (TRL's SFT metrics entropy and mean_token_accuracy are the first two over
+        the third; None without token_stats). From the fused loss's own pass over each chunk of
+        logits; one more read of the logits otherwise (cross_entropy_ops.token_stats).
 
         sequence_loss (with targets and cu_seqlens, fused_loss set; not under torch.compile): a loss
         over whole documents' log-probabilities fused with the output layer (nn.linear_sequence_loss:
@@ -657,7 +664,7 @@ class LLM(nn.Module):
         were alone: its positions start at 0 and its tokens attend to its own tokens only (flash_attn's
         varlen call). The offsets are checked on the CPU; on CUDA only with PYLLM_ATTN_CHECK_SEQLENS=1
         (reading them costs a device sync): bad ones there give wrong results, never a bad access."""
-        self.z_loss_term = None
+        self.z_loss_term = self.token_stats_term = None
         if not isinstance(idx, torch.Tensor) or idx.dim() != 2:
             raise ValueError(f"LLM.forward: idx must be a (B, T) tensor of token ids, got "
                              f"{tuple(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__}")
@@ -672,6 +679,10 @@ class LLM(nn.Module):
         if z_loss and (targets is None or per_token or hidden or distill is not None or scores or sequence_loss):
             raise ValueError("LLM.forward: z_loss goes with the mean loss of targets (not per_token, hidden, distill, "
                              "scores or sequence_loss)")
+        if token_stats and (targets is None or hidden or distill is not None or scores or sequence_loss is not None
+                            or (per_token and self.fused_loss)):
+            raise ValueError("LLM.forward: token_stats goes with the loss of targets, or per_token without fused_loss "
+                             "(not hidden, distill, scores or sequence_loss)")
         if sequence_loss is not None and (targets is None or cu_seqlens is None or not self.fused_loss
                                           or torch.compiler.is_compiling()):
             raise ValueError("LLM.forward: sequence_loss needs targets, cu_seqlens and fused_loss, and is not compiled")
@@ -781,8 +792,12 @@ class LLM(nn.Module):
                 return None, loss if self.aux_loss is None else loss + self.aux_loss
             if not per_token:  # no (B, T, V) logits at all (linear_cross_entropy)
                 n = (targets != -1).sum().clamp(min=1)
-                loss, z_part = linear_cross_entropy(h, self.lm_head.weight, targets_at, **self.logit_shape(),
-                                                    z_loss=z_loss, return_z_loss=True)
+                out = linear_cross_entropy(h, self.lm_head.weight, targets_at, **self.logit_shape(), z_loss=z_loss,
+                                           return_z_loss=True, return_token_stats=token_stats)
+                loss, z_part = out[:2]
+                if token_stats:
+                    self.token_stats_term = torch.stack([out.entropy, out.token_accuracy,
+                                                         (targets != -1).sum().to(out.entropy.dtype)])
                 loss = loss / n
                 if z_loss:
                     self.z_loss_term = z_part / n
@@ -794,10 +809,15 @@ class LLM(nn.Module):
                 logps = linear_token_logps(h, self.lm_head.weight, targets_at, **shape)
             else:  # (a cap, then the division: the final logits / temperature, as sampling divides them)
                 logits = self._logits(h)
-                logps = token_logps(logits if temperature == 1.0 else logits / temperature, targets_at)
+                logits = logits if temperature == 1.0 else logits / temperature
+                logps = token_logps(logits, targets_at)
+                if token_stats:
+                    self._keep_token_stats(logits, targets_at)
             return None, logps if at is None else logps.new_zeros(targets.shape).index_put(at, logps)
         logits = self._logits(self.norm_f(x))  # (B, T, V)
         loss = None
+        if token_stats:
+            self._keep_token_stats(logits, targets)
         if targets is not None:
             # The sum over the counted targets rather than reduction="mean": a batch whose targets
             # are all -1 (a packed row of prompts alone) gives 0, not NaN.
@@ -869,6 +889,12 @@ class LLM(nn.Module):
             probs_sum = probs_sum + probs_of
         tokens = tokens.clamp(min=1) if token_mask is not None else max(tokens, 1)  # (no token: 0, not NaN)
         return E * (picks / tokens * probs_sum / tokens).sum()
+
+    def _keep_token_stats(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        """token_stats_term from logits (..., V) and their targets (...) (-1: none)."""
+        entropy, top1 = cross_entropy_ops.token_stats(logits, targets, ignore_index=-1)
+        self.token_stats_term = torch.stack([entropy.sum(), top1.sum().to(entropy.dtype),
+                                             (targets != -1).sum().to(entropy.dtype)])
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(h)

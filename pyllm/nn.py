@@ -793,11 +793,12 @@ def _saved_grads_times(ctx, grad_total: torch.Tensor, n_other_inputs: int) -> tu
 
 def _linear_cross_entropy_with_grads(x, weight, targets, chunk_rows: int, need_x: bool, need_w: bool,
                                      scale: float = 1.0, softcap: float = 0.0, label_smoothing: float = 0.0,
-                                     z_loss: float = 0.0, grad_rows=None, rows_out=None):
+                                     z_loss: float = 0.0, grad_rows=None, rows_out=None, stats_out=None):
     """_LinearCrossEntropy's forward: (the sum of losses, the z-loss's share of it (a tensor; 0
     without z_loss), grad_x or None, grad_w (fp32 at least) or None). grad_rows (N,), fp32 at least:
     the gradients are of each row's loss times its entry (reduction "none"'s backward). rows_out:
-    (losses, z-loss shares), (N,) each, written per row."""
+    (losses, z-loss shares), (N,) each, written per row. stats_out: (N, 2) in the losses' dtype,
+    each row's entropy and 1.0 where its target is the argmax (cross_entropy_ops.token_stats')."""
     acc = torch.promote_types(x.dtype, torch.float32)  # the logits' dtype, fp32 at least
     # chunk sums add up without drift
     total, z_total = (torch.zeros((), dtype=torch.float64, device=x.device) for _ in range(2))
@@ -813,7 +814,8 @@ def _linear_cross_entropy_with_grads(x, weight, targets, chunk_rows: int, need_x
         if cross_entropy_ops.takes(logits):  # one kernel pass per row; the gradient lands over the logits
             loss, z_rows = cross_entropy_ops.cross_entropy_rows_(
                 logits, tc, ignore_index=-1, scale=scale, softcap=softcap, label_smoothing=label_smoothing,
-                z_loss=z_loss, want_grad=need_x or need_w, grad_rows=None if grad_rows is None else grad_rows[rows])
+                z_loss=z_loss, want_grad=need_x or need_w, grad_rows=None if grad_rows is None else grad_rows[rows],
+                stats=None if stats_out is None else stats_out[rows])
             if need_x or need_w:
                 buffers.add_grads(logits, xc, weight, rows, grad_x)
             if rows_out is not None:
@@ -831,6 +833,8 @@ def _linear_cross_entropy_with_grads(x, weight, targets, chunk_rows: int, need_x
         target_logit = logits.gather(1, picked)[:, 0] * (1 - label_smoothing)
         if label_smoothing:
             target_logit += logits.mean(dim=-1) * label_smoothing
+        if stats_out is not None:  # (before the exp pass below overwrites the logits)
+            stats_out[rows] = cross_entropy_ops.stats_of_shaped(logits, tc, valid)
         # One exp pass, in place: exp(logits - max) gives both the log-sum-exp and the softmax.
         top = logits.amax(dim=-1, keepdim=True)
         sums = logits.sub_(top).exp_().sum(dim=-1)  # (c,)
@@ -863,23 +867,30 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """sum over rows of cross_entropy(x W^T, targets) (targets -1 ignored), its gradients computed
     in the forward, chunk by chunk (Liger-Kernel's fused linear cross-entropy, in torch ops): the
     (rows, vocab) logits exist one chunk at a time, never whole, and are not kept for the backward.
-    -> (the loss, its z-loss share, not differentiable: for the log)."""
+    -> (the loss, its z-loss share, the rows' token statistics (N, 2) (want_stats; else (0, 2)),
+    these two not differentiable: for the log)."""
 
     @staticmethod
-    def forward(ctx, x, weight, targets, chunk_rows, scale, softcap, label_smoothing, z_loss):
+    def forward(ctx, x, weight, targets, chunk_rows, scale, softcap, label_smoothing, z_loss, want_stats=False):
         ctx.name = "linear_cross_entropy"
         ctx.weight_dtype, weight = weight.dtype, weight.to(x.dtype)  # (see _fused_linear_inputs)
         # x (N, C), weight (V, C), targets (N,)
+        stats = _stats_buffer(x, want_stats)
         total, z_total, grad_x, grad_w = _linear_cross_entropy_with_grads(
             x, weight, targets, chunk_rows, ctx.needs_input_grad[0], ctx.needs_input_grad[1], scale, softcap,
-            label_smoothing, z_loss)
+            label_smoothing, z_loss, stats_out=stats if want_stats else None)
         ctx.save_for_backward(grad_x, grad_w)
-        ctx.mark_non_differentiable(z_total)
-        return total, z_total
+        ctx.mark_non_differentiable(z_total, stats)
+        return total, z_total, stats
 
     @staticmethod
-    def backward(ctx, grad_total, _):
-        return _saved_grads_times(ctx, grad_total, 6)
+    def backward(ctx, grad_total, _, __):
+        return _saved_grads_times(ctx, grad_total, 7)
+
+
+def _stats_buffer(x: torch.Tensor, wanted: bool) -> torch.Tensor:
+    """The fused losses' per-row token statistics: (N, 2) in the losses' dtype, (0, 2) when not wanted."""
+    return x.new_empty((x.shape[0] if wanted else 0, 2), dtype=torch.promote_types(x.dtype, torch.float32))
 
 
 class _LinearCrossEntropyRows(torch.autograd.Function):
@@ -890,20 +901,22 @@ class _LinearCrossEntropyRows(torch.autograd.Function):
     before, its gradients were all weighted by the first row's). -> (losses, z-loss shares), (N,)."""
 
     @staticmethod
-    def forward(ctx, x, weight, targets, chunk_rows, scale, softcap, label_smoothing, z_loss):
+    def forward(ctx, x, weight, targets, chunk_rows, scale, softcap, label_smoothing, z_loss, want_stats=False):
         ctx.name = "linear_cross_entropy"
         ctx.weight_dtype, weight = weight.dtype, weight.to(x.dtype)  # (see _fused_linear_inputs)
         acc = torch.promote_types(x.dtype, torch.float32)
         losses, z_rows = (torch.empty(x.shape[0], dtype=acc, device=x.device) for _ in range(2))
+        stats = _stats_buffer(x, want_stats)
         _linear_cross_entropy_with_grads(x, weight, targets, chunk_rows, False, False, scale, softcap,
-                                         label_smoothing, z_loss, rows_out=(losses, z_rows))
+                                         label_smoothing, z_loss, rows_out=(losses, z_rows),
+                                         stats_out=stats if want_stats else None)
         ctx.save_for_backward(x, weight, targets)
         ctx.args = (chunk_rows, scale, softcap, label_smoothing, z_loss)
-        ctx.mark_non_differentiable(z_rows)
-        return losses, z_rows
+        ctx.mark_non_differentiable(z_rows, stats)
+        return losses, z_rows, stats
 
     @staticmethod
-    def backward(ctx, grad_rows, _):
+    def backward(ctx, grad_rows, _, __):
         _refuse_create_graph(ctx.name)
         x, weight, targets = ctx.saved_tensors
         chunk_rows, scale, softcap, label_smoothing, z_loss = ctx.args
@@ -911,7 +924,17 @@ class _LinearCrossEntropyRows(torch.autograd.Function):
         grad_rows = grad_rows.to(torch.promote_types(x.dtype, torch.float32)).contiguous()
         _, _, grad_x, grad_w = _linear_cross_entropy_with_grads(
             x, weight, targets, chunk_rows, need_x, need_w, scale, softcap, label_smoothing, z_loss, grad_rows)
-        return (grad_x, None if grad_w is None else grad_w.to(ctx.weight_dtype), *([None] * 6))
+        return (grad_x, None if grad_w is None else grad_w.to(ctx.weight_dtype), *([None] * 7))
+
+
+class LinearCrossEntropyStats(NamedTuple):
+    """linear_cross_entropy's output with return_token_stats, each reduced as the loss: "sum" the
+    sums over the counted targets (token_accuracy: how many are the argmax), "mean" their means (TRL's
+    SFT metrics mean_token_accuracy and entropy), "none" per row (0 where ignored)."""
+    loss: torch.Tensor
+    z_loss: torch.Tensor  # (0 without z_loss)
+    token_accuracy: torch.Tensor
+    entropy: torch.Tensor
 
 
 @overload
@@ -919,7 +942,7 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
                          chunk_rows: int | None = None, *, scale: float = 1.0,
                          softcap: float | None = None, label_smoothing: float = 0.0, z_loss: float = 0.0,
                          return_z_loss: Literal[False] = False, ignore_index: int = -1,
-                         reduction: str = "sum") -> torch.Tensor: ...
+                         reduction: str = "sum", return_token_stats: Literal[False] = False) -> torch.Tensor: ...
 
 
 @overload
@@ -927,7 +950,8 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
                          chunk_rows: int | None = None, *, scale: float = 1.0,
                          softcap: float | None = None, label_smoothing: float = 0.0, z_loss: float = 0.0,
                          return_z_loss: Literal[True], ignore_index: int = -1,
-                         reduction: str = "sum") -> tuple[torch.Tensor, torch.Tensor]: ...
+                         reduction: str = "sum", return_token_stats: Literal[False] = False
+                         ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 @overload
@@ -935,14 +959,24 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
                          chunk_rows: int | None = None, *, scale: float = 1.0,
                          softcap: float | None = None, label_smoothing: float = 0.0, z_loss: float = 0.0,
                          return_z_loss: bool = False, ignore_index: int = -1,
-                         reduction: str = "sum") -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...
+                         reduction: str = "sum", return_token_stats: Literal[True]) -> LinearCrossEntropyStats: ...
+
+
+@overload
+def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         chunk_rows: int | None = None, *, scale: float = 1.0,
+                         softcap: float | None = None, label_smoothing: float = 0.0, z_loss: float = 0.0,
+                         return_z_loss: bool = False, ignore_index: int = -1, reduction: str = "sum",
+                         return_token_stats: bool = False
+                         ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | LinearCrossEntropyStats: ...
 
 
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          chunk_rows: int | None = None, *, scale: float = 1.0,
                          softcap: float | None = None, label_smoothing: float = 0.0, z_loss: float = 0.0,
-                         return_z_loss: bool = False, ignore_index: int = -1,
-                         reduction: str = "sum") -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                         return_z_loss: bool = False, ignore_index: int = -1, reduction: str = "sum",
+                         return_token_stats: bool = False
+                         ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | LinearCrossEntropyStats:
     """The sum over rows of F.cross_entropy(x @ weight.T, targets), -1 targets ignored, in fp32, with
     its gradients for x and weight computed chunk by chunk in the forward (a fused linear
     cross-entropy): memory O(chunk_rows * vocab) for the logits instead of O(rows * vocab) twice
@@ -963,7 +997,11 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     "mean" over the targets counted (NaN when none is, as F.cross_entropy's) or "none": each row's
     loss, targets' shape (0 where ignored; with return_z_loss each row's z-loss share too), for a
     weighting of your own; its backward recomputes the logits chunk by chunk (one more matmul of the
-    output layer: the rows' weights are known only then)."""
+    output layer: the rows' weights are known only then).
+    return_token_stats: -> LinearCrossEntropyStats(loss, z_loss, token_accuracy, entropy) (whatever
+    return_z_loss), TRL's SFT metrics from the same pass over each chunk: whether each target is the
+    argmax of its logits (the first of equal maxima, as torch.argmax) and the entropy of their
+    softmax (the final logits': scaled and capped), detached, reduced as the loss."""
     _check_reduction("linear_cross_entropy", reduction)
     _check_targets("linear_cross_entropy", x, targets)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):  # (True had been class 1)
@@ -997,25 +1035,38 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
             # and drops its backward) cannot take the gradients this Function computes in
             # its forward: the whole logits, and pyllm.cross_entropy's derivative, which it can.
             acc = torch.promote_types(x.dtype, torch.float32)
+            logits = F.linear(x, weight.to(x.dtype))
             loss, z_part = cross_entropy_ops.cross_entropy(
-                F.linear(x, weight.to(x.dtype)), targets.reshape(-1), ignore_index=-1, scale=scale,
+                logits, targets.reshape(-1), ignore_index=-1, scale=scale,
                 reduction="none" if reduction == "none" else "sum", softcap=softcap or None,
                 label_smoothing=label_smoothing, z_loss=z_loss, return_z_loss=True)
             loss, z_part = loss.to(acc), z_part.detach().to(acc)
-        elif reduction == "none":
-            loss, z_part = _LinearCrossEntropyRows.apply(x, weight, targets.reshape(-1), chunk_rows, scale, softcap,
-                                                         label_smoothing, z_loss)
+            if return_token_stats:
+                entropy, top1 = cross_entropy_ops.token_stats(logits, targets.reshape(-1), ignore_index=-1, scale=scale,
+                                                              softcap=softcap or None)
+                stats = torch.stack([entropy, top1.to(entropy.dtype)], dim=1).to(acc)
         else:
-            loss, z_part = _LinearCrossEntropy.apply(x, weight, targets.reshape(-1), chunk_rows, scale, softcap,
-                                                     label_smoothing, z_loss)
+            function = _LinearCrossEntropyRows if reduction == "none" else _LinearCrossEntropy
+            loss, z_part, stats = function.apply(x, weight, targets.reshape(-1), chunk_rows, scale, softcap,
+                                                 label_smoothing, z_loss, return_token_stats)
+    if return_token_stats:
+        entropy, accuracy = stats[:, 0], stats[:, 1]
+        if reduction != "none":  # (summed in fp64, as the loss's chunks are)
+            entropy, accuracy = (t.sum(dtype=torch.float64).to(t.dtype) for t in (entropy, accuracy))
     if reduction == "none":
         loss, z_part = loss.view(targets.shape), z_part.view(targets.shape)
+        if return_token_stats:
+            entropy, accuracy = entropy.view(targets.shape), accuracy.view(targets.shape)
     elif reduction == "mean":
         counted = (targets != -1).sum()
         # NaN when nothing is counted, as F.cross_entropy's, but the gradients stay 0 (they are 0 over
         # every row): a micro-batch of no targets must not poison the weights through 0 / 0.
         loss = _mean_over(loss, counted)
         z_part = z_part / counted
+        if return_token_stats:
+            entropy, accuracy = entropy / counted, accuracy / counted
+    if return_token_stats:
+        return LinearCrossEntropyStats(loss, z_part, accuracy, entropy)
     return (loss, z_part) if return_z_loss else loss
 
 

@@ -49,6 +49,7 @@ class TrainConfig:
     lora_dropout: float = 0.0  # dropout on the LoRA updates' inputs (PEFT's lora_dropout)
     fused_loss: bool = False  # the loss by linear_cross_entropy: no (batch, seq, vocab) logits in memory
     z_loss: float = 0.0  # plus this times the mean logsumexp(logits)^2 (PaLM's z-loss, 1e-4 there; OLMo 2's 1e-5): pretraining and SFT
+    token_stats: bool = True  # pretraining and SFT: log TRL's mean_token_accuracy and entropy (its SFTTrainer's metrics)
     preference: str = ""  # on preference pairs: dpo | ipo | hinge | simpo | orpo ("": not preference tuning)
     beta: float = 0.0  # the preference loss's beta (ORPO's lambda); 0: its usual value (PREFERENCE_BETA)
     simpo_gamma: float = 0.5  # SimPO's target reward margin
@@ -938,14 +939,23 @@ def preference_stat_names(kind: str) -> list[str]:
     return names
 
 
-def packed_loss(model, batch) -> torch.Tensor:
+def token_stat_means(sums: torch.Tensor) -> tuple[float, float]:
+    """(entropy, mean_token_accuracy) of a step as TRL's SFTTrainer logs them, from each micro-step's
+    (entropy sum, targets the argmax, targets) summed over every rank (grad_accum, 3): each
+    micro-step's ratios (0.0 for one without targets), then their mean over the micro-steps."""
+    per = sums.tolist()
+    return (sum(e / n if n else 0.0 for e, _, n in per) / len(per),
+            sum(c / n if n else 0.0 for _, c, n in per) / len(per))
+
+
+def packed_loss(model, batch, token_stats: bool = False) -> torch.Tensor:
     """The mean loss over a PackedLoader batch's trained tokens, as model(*batch)[1], from the
     per-token log-probabilities: the output layer runs at the trained positions only (the prompts',
     users' and padding's tokens take no logits; the assistant's share of a conversation is often
     half or less). Not with fused_loss, whose forward already computes the loss at those positions
     alone, its gradients in the forward (linear_token_logps would recompute the logits)."""
     x, y, cu = batch[:3]
-    logps = model(x, y, cu, per_token=True, **batch_balance_kwargs(model, batch))[1]
+    logps = model(x, y, cu, per_token=True, token_stats=token_stats, **batch_balance_kwargs(model, batch))[1]
     return -logps.sum() / (y != -1).sum().clamp(min=1)
 
 
@@ -2476,6 +2486,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
     # the trained positions only, the MoE balancing term added here); the fused loss computes it at
     # those positions itself, and z-loss takes the model's own loss (logits at every position).
     per_token_packed = not cfg.fused_loss and not cfg.z_loss
+    token_stats = cfg.token_stats and not (cfg.preference or reward is not None or teacher is not None)
     start_rank_rng(ckpt, cfg, info, start_step)  # last, after everything the set-up drew
     stopped_after = None  # request_stop: the step whose checkpoint ends the run
     for step in range(start_step, cfg.max_steps):
@@ -2493,6 +2504,8 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
         # KTO, per micro-step: desirable, undesirable rewards' sums and counts, z (TRL logs each micro-step's
         # means over all ranks, then their mean over the micro-steps)
         kto_sums = torch.zeros(cfg.grad_accum, 7, device=info.device)  # (then the labels' logps sums)
+        # pretraining and SFT: each micro-step's token_stats_term (entropy sum, argmax hits, targets)
+        stat_sums = torch.zeros(cfg.grad_accum, 3, device=info.device) if token_stats else None
         on_policy = 0  # micro-batches of the student's own samples (distill_lmbda)
         grpo_sums = torch.zeros(11 + 2 * len(reward or ()), dtype=torch.float64)  # grpo_stat_means' sums
         generation_flops = 0.0
@@ -2554,12 +2567,15 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
                         micro_weight = sampled_weight(batch, weights, micro, cfg, info)
                     loss = distill_loss(wrapped, teacher, batch, cfg)
                 elif weights is not None and per_token_packed:  # packed conversations
-                    loss = packed_loss(wrapped, batch)
+                    loss = packed_loss(wrapped, batch, token_stats)
                 elif cfg.z_loss:
-                    loss = wrapped(*batch[:3], z_loss=cfg.z_loss, **batch_balance_kwargs(wrapped, batch))[1]
+                    loss = wrapped(*batch[:3], z_loss=cfg.z_loss, token_stats=token_stats,
+                                   **batch_balance_kwargs(wrapped, batch))[1]
                     z_sum += model.z_loss_term / cfg.grad_accum if weights is None else model.z_loss_term * weights[micro]
                 else:
-                    loss = wrapped(*batch[:3], **batch_balance_kwargs(wrapped, batch))[1]
+                    loss = wrapped(*batch[:3], token_stats=token_stats, **batch_balance_kwargs(wrapped, batch))[1]
+                if token_stats:
+                    stat_sums[micro] = model.token_stats_term
                 if model.aux_loss is not None:  # a MoE's load balancing (in the loss unless the forward was per token)
                     if cfg.preference or reward is not None or (teacher is None and weights is not None
                                                                 and per_token_packed):
@@ -2627,6 +2643,8 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
             record["aux_loss"] = float(all_reduce_mean(aux_sum, info))
         if cfg.z_loss:
             record["z_loss"] = float(all_reduce_mean(z_sum, info))
+        if token_stats:
+            record["entropy"], record["mean_token_accuracy"] = token_stat_means(all_reduce_sum(stat_sums, info))
         if cfg.distill_lmbda:
             record["on_policy"] = on_policy / cfg.grad_accum
         if reward is not None:

@@ -1,3 +1,4 @@
+import math
 import warnings
 from types import SimpleNamespace
 
@@ -709,3 +710,92 @@ def test_fused_losses_keep_an_fp32_master_weights_gradient_unrounded_under_autoc
     assert w.grad.dtype == torch.float32 and not torch.equal(w.grad, w.grad.bfloat16().float())
     err = ((w.grad.double() - wb.grad).abs().max() / wb.grad.abs().max()).item()
     assert err < 2 ** -8  # (bf16's rounding of the whole: up to 2^-9 relative, plus the products')
+
+
+# --- token statistics (TRL's SFT metrics entropy and mean_token_accuracy) ----------------------------
+
+def reference_stats(logits, targets, ignore_index, scale, softcap, dtype=torch.float64):
+    """Each row's entropy of softmax(z) and whether its target is argmax(z), z the final logits in
+    dtype (float64: the reference; float32: what torch computes, as TRL does, from the same logits)."""
+    z = logits.to(dtype) * scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    logp = torch.log_softmax(z, dim=-1)
+    entropy = -(logp.exp() * logp).sum(dim=-1)
+    counted = targets != ignore_index
+    return torch.where(counted, entropy, 0.0), (z.argmax(dim=-1) == targets) & counted
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
+def test_token_stats_match_float64(device, dtype, shape, variant):
+    # Each row's entropy within twice torch's own error (fp32 math on the same logits, as TRL's)
+    # against float64, scaled and capped logits too; is_top1 exactly torch's argmax of the fp32
+    # final logits (the first of equal maxima), on rows whose target is the argmax and rows whose
+    # target is not; 0 and False where ignored.
+    _, _, scale, softcap = variant
+    logits = logits_of(shape, dtype, device)
+    targets = targets_of(shape, shape[-1], device)
+    hits = (logits.float() * scale if softcap is None else softcap * torch.tanh(logits.float() * scale / softcap)
+            ).argmax(dim=-1)
+    keep = targets.view(-1)[1::3] != -100
+    targets.view(-1)[1::3] = torch.where(keep, hits.view(-1)[1::3], targets.view(-1)[1::3])  # a third at the argmax
+    entropy, top1 = pyllm.ops.cross_entropy.token_stats(logits, targets, scale=scale, softcap=softcap)
+    ref_entropy, _ = reference_stats(logits.cpu(), targets.cpu(), -100, scale, softcap)
+    theirs, their_top1 = reference_stats(logits, targets, -100, scale, softcap, torch.float32)
+    assert entropy.dtype == torch.float32 and entropy.shape == targets.shape and top1.dtype == torch.bool
+    assert rel_err(entropy, ref_entropy) <= tolerance(theirs, ref_entropy)
+    assert torch.equal(top1, their_top1) and bool(top1.any()) == bool(keep.any())
+    assert not entropy[targets == -100].any() and not top1[targets == -100].any()
+
+
+def test_token_stats_take_the_first_maximum_and_mark_rows_without_a_softmax():
+    # Ties: the target is the argmax only as the first of equal maxima (torch.argmax's, TRL's
+    # is_top1); a masked class (-inf) adds 0 to the entropy; a NaN logit, a row of -inf and a +inf
+    # give a NaN entropy and False, as the loss is NaN there. The kernel (CPU) and the torch ops
+    # (CUDA's) agree.
+    inf, nan = math.inf, math.nan
+    x = torch.tensor([[1.0, 3.0, 3.0, 0.0], [1.0, 3.0, 3.0, 0.0], [0.5, -inf, 2.0, 1.0], [nan, 0.0, 1.0, 2.0],
+                      [-inf] * 4, [inf, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    t = torch.tensor([2, 1, 2, 3, 0, 0, -100])
+    entropy, top1 = pyllm.ops.cross_entropy.token_stats(x, t)
+    assert top1.tolist() == [False, True, True, False, False, False, False]
+    p = torch.softmax(x[:3].double(), -1)
+    want = -(torch.where(p > 0, p * p.log(), 0.0)).sum(-1)
+    assert torch.allclose(entropy[:3].double(), want, rtol=1e-6) and entropy[3:6].isnan().all() and entropy[6] == 0
+    torch_ops = ce_ops.stats_of_shaped(x, t, t != -100)
+    assert torch.equal(torch_ops[:, 1] > 0, top1) and torch.allclose(torch_ops[:, 0], entropy, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rows_op_writes_every_token_stat_and_the_same_loss_and_gradient(dtype):
+    # cross_entropy_rows_'s stats (the fused losses'): every entry written over a poisoned buffer,
+    # token_stats' values; the losses and the gradient over the logits bit for bit the same as
+    # without them.
+    logits = logits_of((33, 1001), dtype, "cpu")
+    targets = targets_of((33, 1001), 1001, "cpu")
+    stats = poisoned((33, 2), torch.float32, "cpu")
+    with_stats, without = logits.clone(), logits.clone()
+    loss, z = ce_ops.cross_entropy_rows_(with_stats, targets, z_loss=1e-3, label_smoothing=0.1, stats=stats)
+    loss0, z0 = ce_ops.cross_entropy_rows_(without, targets, z_loss=1e-3, label_smoothing=0.1)
+    assert torch.equal(loss, loss0) and torch.equal(z, z0) and torch.equal(with_stats, without)
+    entropy, top1 = ce_ops.token_stats(logits, targets)
+    assert torch.equal(stats[:, 0], entropy) and torch.equal(stats[:, 1] > 0, top1)
+
+
+@pytest.mark.level_free
+def test_token_stats_are_checked_and_compile():
+    # token_stats takes cross_entropy's checks (out-of-range targets named) and traces whole under
+    # torch.compile (a custom op with a fake), giving eager's values.
+    logits = logits_of((4, 9, 50), torch.float32, "cpu")
+    targets = targets_of((4, 9, 50), 50, "cpu")
+    with pytest.raises(ValueError, match="targets must be in"):
+        ce_ops.token_stats(logits, torch.full_like(targets, 50))
+    with pytest.raises(ValueError, match="targets must have logits' shape"):
+        ce_ops.token_stats(logits, targets[:, :3])
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda l, t: ce_ops.token_stats(l, t, softcap=5.0), fullgraph=True)(logits, targets)
+    eager = ce_ops.token_stats(logits, targets, softcap=5.0)
+    assert torch.equal(compiled.entropy, eager.entropy) and torch.equal(compiled.is_top1, eager.is_top1)

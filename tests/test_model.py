@@ -1814,6 +1814,82 @@ def test_z_loss_compiles_with_the_fused_loss():
         torch.testing.assert_close(c, g, rtol=1e-5, atol=1e-7)
 
 
+@fused_loss_grid
+def test_linear_cross_entropy_token_stats_match_float64(device, dtype, chunk_rows, shape, step, monkeypatch):
+    # return_token_stats (TRL's SFT metrics from the fused loss's own pass over each chunk): the
+    # entropies within twice torch's own error (its fp32 softmax of the logits in that dtype)
+    # against float64, the argmax hits those of torch.argmax on the same logits, reduced as the
+    # loss ("sum", "mean", "none"); the loss and gradients are the same as without them.
+    from pyllm.nn import linear_cross_entropy
+
+    softmax_step(monkeypatch, step)
+    call = LOGIT_SHAPES[shape]
+    x64, w64, targets = output_layer_case(0)
+    x, w = x64.to(device, dtype), w64.to(device, dtype)
+    targets[1::3] = shaped_logits(x @ w.t(), **call).argmax(dim=-1).cpu()[1::3]  # a third of the rows hit
+    targets[::7] = -1
+    counted = targets != -1
+
+    def stats_of(z):  # (entropy, argmax hit) per row, 0 where ignored
+        logp = torch.log_softmax(z, dim=-1)
+        return (-(logp.exp() * logp).sum(dim=-1) * counted.to(z.device),
+                ((z.argmax(dim=-1).cpu() == targets) & counted).double())
+
+    exact = stats_of(shaped_logits(x64 @ w64.t(), **call))
+    theirs = stats_of(shaped_logits(x @ w.t(), **call))
+    for reduction in ("sum", "mean", "none"):
+        xg, wg = (t.clone().requires_grad_() for t in (x, w))
+        out = linear_cross_entropy(xg, wg, targets.to(device), chunk_rows, **call, reduction=reduction,
+                                   return_token_stats=True)
+        plain = linear_cross_entropy(x.clone().requires_grad_(), w.clone().requires_grad_(), targets.to(device),
+                                     chunk_rows, **call, reduction=reduction)
+        assert torch.equal(out.loss.detach(), plain.detach()) and not out.entropy.requires_grad
+        reduce = {"sum": lambda t: t.sum(), "mean": lambda t: t.sum() / counted.sum(), "none": lambda t: t}[reduction]
+        assert rel_err(out.entropy, reduce(exact[0])) <= tolerance(reduce(theirs[0]), reduce(exact[0]))
+        # (exactly the same hits: "mean" rounds its fp32 division once)
+        torch.testing.assert_close(out.token_accuracy.cpu().double(), reduce(theirs[1]), rtol=2 ** -24, atol=0)
+    assert 40 < theirs[1].sum() <= 100
+
+
+def test_model_token_stats_agree_on_every_loss_path():
+    # LLM.forward(token_stats=True): the entropy sum, argmax hits and counted targets of its targets,
+    # the same from the logits, the fused loss and the per-token path (to fp32 rounding), those of a
+    # float64 computation from the model's logits, compiled too; refused where no such loss is made.
+    torch.manual_seed(0)
+    model = LLM(ModelConfig(**SMALL))
+    idx = torch.randint(0, 97, (2, 16))
+    targets = torch.randint(0, 97, (2, 16))
+    targets[0, :5] = -1
+    with torch.no_grad():
+        logits = model.double()(idx)[0]
+        model.float()
+    hit = logits.argmax(dim=-1) == targets
+    targets[1, ::2] = torch.where(hit[1, ::2], targets[1, ::2], logits.argmax(dim=-1)[1, ::2])  # some hits
+    logp = torch.log_softmax(logits, dim=-1)
+    counted = targets != -1
+    want = torch.stack([(-(logp.exp() * logp).sum(-1) * counted).sum(),
+                        ((logits.argmax(-1) == targets) & counted).sum(), counted.sum().double()])
+    got = {}
+    for name, fused, kw in (("logits", False, {}), ("fused", True, {}), ("per_token", False, {"per_token": True}),
+                            ("z_loss", True, {"z_loss": 1e-3})):
+        model.fused_loss = fused
+        model(idx, targets, token_stats=True, **kw)
+        got[name] = model.token_stats_term
+        assert got[name].dtype == torch.float32 and rel_err(got[name], want) < 1e-6, name
+        assert got[name][1] == want[1] and want[1] >= 4
+    model(idx, targets)
+    assert model.token_stats_term is None
+    for fused in (False, True):
+        model.fused_loss = fused
+        torch._dynamo.reset()
+        torch.compile(model, fullgraph=True)(idx, targets, token_stats=True)
+        torch.testing.assert_close(model.token_stats_term, got["logits"], rtol=1e-5, atol=1e-5)
+    model.fused_loss = True
+    for kw in ({}, {"per_token": True}, {"hidden": True}):
+        with pytest.raises(ValueError, match="token_stats goes with the loss of targets"):
+            model(idx, None if not kw else targets, token_stats=True, **kw)
+
+
 def test_lora_disabled_is_the_base_model():
     # LLM.lora_disabled: inside, the frozen base model's logits bitwise (DPO's lora-off reference);
     # after, the updates again.

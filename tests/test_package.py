@@ -45,6 +45,7 @@ def _flagged_functions():
         "flash_attn_varlen_qkvpacked_func", "flash_attn_varlen_kvpacked_func")]
     return [(pyllm.flash_attn, "return_lse"), (pyllm.flash_attn_with_kvcache, "return_lse"),
             (pyllm.cross_entropy, "return_z_loss"), (pyllm.nn.linear_cross_entropy, "return_z_loss"),
+            (pyllm.nn.linear_cross_entropy, "return_token_stats"),
             (fai.flash_attn_with_kvcache, "return_softmax_lse"), *interface]
 
 
@@ -54,16 +55,19 @@ def test_overloads_follow_the_function(func, flag):
     """A function whose flag adds return values has three overloads (flag False -> out, True -> a
     tuple, a bool -> either), so that a type checker sees a Tensor where one is returned (pyright had
     flagged `pyllm.flash_attn(q, k, v).square()`). Each must keep the function's parameters: names in
-    order and defaults (a parameter added to the function alone would be refused by type checkers)."""
+    order and defaults (a parameter added to the function alone would be refused by type checkers).
+    Where a function has two such flags, each flag's three are those where the other is not True."""
     overloads = typing.get_overloads(func)
-    assert [str(inspect.signature(o).parameters[flag].annotation) for o in overloads] == \
+    annotations = [{name: str(p.annotation) for name, p in inspect.signature(o).parameters.items()} for o in overloads]
+    others = {name for a in annotations for name, kind in a.items() if name != flag and kind == "Literal[True]"}
+    assert [a[flag] for a in annotations if not any(a[other] == "Literal[True]" for other in others)] == \
         ["Literal[False]", "Literal[True]", "bool"]
     real = inspect.signature(func).parameters
-    for o in overloads:
+    for o, a in zip(overloads, annotations):
         params = inspect.signature(o).parameters
         assert list(params) == list(real), o
         for name, p in params.items():
-            if name != flag:
+            if name != flag and a[name] != "Literal[True]":  # (a flag True: a required keyword there)
                 assert p.default == real[name].default, (name, o)
 
 

@@ -524,8 +524,8 @@ def test_persistent_nan_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path,
     real_forward = trainer.LLM.forward
     calls = {"n": 0}
 
-    def poisoned_forward(self, idx, targets=None):
-        logits, loss = real_forward(self, idx, targets)
+    def poisoned_forward(self, idx, targets=None, **kw):
+        logits, loss = real_forward(self, idx, targets, **kw)
         if self.training:
             calls["n"] += 1
             if calls["n"] > 5:
@@ -545,8 +545,8 @@ def test_a_resume_goes_on_counting_non_finite_losses(data_dir, tmp_path, monkeyp
     real_forward = trainer.LLM.forward
     poisoned = set()
 
-    def poisoned_forward(self, idx, targets=None):
-        logits, loss = real_forward(self, idx, targets)
+    def poisoned_forward(self, idx, targets=None, **kw):
+        logits, loss = real_forward(self, idx, targets, **kw)
         if self.training:
             poisoned_forward.n += 1
             if poisoned_forward.n in poisoned:
@@ -1032,6 +1032,30 @@ def test_fused_loss_trains_as_the_plain_loss(data_dir, tmp_path, logits):
     trainer.train(config(data_dir, tmp_path / "plain", model=model))
     trainer.train(config(data_dir, tmp_path / "fused", model=model, fused_loss=True))
     np.testing.assert_allclose(losses(tmp_path / "fused"), losses(tmp_path / "plain"), rtol=1e-5)
+
+
+def test_token_stats_are_logged_as_trl_logs_them(data_dir, chat_dir, tmp_path):
+    # TRL's SFT metrics each step (on by default): mean_token_accuracy in [0, 1] and entropy in
+    # [0, log V]; at step 0 (the same weights, 2 micro-steps) the same from the model's logits, the
+    # fused loss and packed conversations' per-token path (to fp32 rounding); none with
+    # token_stats off. A step's value is each micro-step's ratio over every rank's targets, then
+    # their mean, a micro-step without targets counting 0.0, as TRL's.
+    first = {}
+    for folder, kind in ((data_dir, "windows"), (chat_dir, "chats")):
+        for how, kw in (("plain", {}), ("fused", {"fused_loss": True}), ("z", {"z_loss": 1e-3})):
+            out = tmp_path / f"{kind}-{how}"
+            trainer.train(config(folder, out, max_steps=2, grad_accum=2, eval_every=0, **kw))
+            records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+            assert all(0 <= r["mean_token_accuracy"] <= 1 and 0 < r["entropy"] <= math.log(64) for r in records)
+            first[kind, how] = records[0]
+        for how in ("fused", "z"):
+            for name in ("entropy", "mean_token_accuracy"):
+                assert first[kind, how][name] == pytest.approx(first[kind, "plain"][name], rel=1e-5), (kind, how)
+    off = tmp_path / "off"
+    trainer.train(config(data_dir, off, max_steps=1, eval_every=0, token_stats=False))
+    assert "entropy" not in json.loads((off / "log.jsonl").read_text())
+    sums = torch.tensor([[30.0, 3.0, 10.0], [0.0, 0.0, 0.0], [8.0, 4.0, 4.0]])
+    assert trainer.token_stat_means(sums) == pytest.approx(((3.0 + 0.0 + 2.0) / 3, (0.3 + 0.0 + 1.0) / 3))
 
 
 @pytest.mark.parametrize("fused", [False, True])

@@ -26,6 +26,13 @@
 // vectorises them only with -fno-trapping-math (CMakeLists.txt: otherwise their clamps and selects
 // stayed branches, and an AVX2 build ran bf16 cross-entropy at 252 ms; now 101-105, AVX-512 70).
 //
+// Token statistics (stats, when not 0: two per row, TRL's SFT metrics): the entropy of softmax(z),
+// log sum_j e_j - sum_j e_j (z_j - max) / sum_j e_j with e_j = exp(z_j - max) (the second sum formed
+// in pass (2) beside the first: one multiply-add per element), and 1 where the target is the first
+// largest z (torch's argmax takes the first of equal maxima, as TRL's is_top1), else 0; checked after
+// pass (1), reading the row up to the target only when the target ties the maximum. Ignored rows: 0
+// and 0; a NaN row: NaN and 0.
+//
 // Non-finite logits: a NaN in a row, or a max of +-inf (torch's log_softmax gives NaN there too),
 // gives a NaN loss and NaN gradient for the row. Targets are checked before any work: one outside
 // [0, vocab) that is not ignore_index throws.
@@ -99,28 +106,48 @@ void capped_pass_avx512(const T* x, int64_t V, float scale, float cap, float* zs
 }
 #endif
 
-// zs[j] = exp(zs[j] - top), returning their sum in fp64. AVX-512 builds run it on 16 lanes by hand:
+// zs[j] = exp(zs[j] - top), returning their sum in fp64, and in *ed (when kEntropy) the sum of
+// exp(zs[j] - top) (zs[j] - top) (terms whose exp is 0 count 0: a -inf logit's d is -inf).
+// AVX-512 builds run it on 16 lanes by hand:
 // the forward of 1,024 x 49,152 fp32 logits went from 108 to 20 ms (2-core EPYC VM, 2026-12-02;
 // the portable loop was scalar then, before -fno-trapping-math; not re-measured since).
-template <typename A>
-double exp_pass(A* __restrict zs, int64_t V, A top) {
+template <bool kEntropy, typename A>
+double exp_pass(A* __restrict zs, int64_t V, A top, double* ed) {
 #ifdef PYLLM_AVX512
   if constexpr (std::is_same_v<A, float>) {
     const __m512 shift = _mm512_set1_ps(top), floor = _mm512_set1_ps(-87.0f);
-    __m512d lo = _mm512_setzero_pd(), hi = _mm512_setzero_pd();
+    __m512d lo = _mm512_setzero_pd(), hi = _mm512_setzero_pd(), ed_lo = lo, ed_hi = hi;
     for (int64_t j = 0; j < V; j += 16) {
       const __mmask16 lanes = avx512::first(V - j);
       const __m512 d = _mm512_sub_ps(avx512::load(zs + j, V - j), shift);
       // lanes past the row's end and exp below -87 give 0, as exp_shifted
-      const __m512 e = _mm512_maskz_mov_ps(lanes & _mm512_cmp_ps_mask(d, floor, _CMP_GE_OQ), avx512::exp<7>(d));
+      const __mmask16 kept = lanes & _mm512_cmp_ps_mask(d, floor, _CMP_GE_OQ);
+      const __m512 e = _mm512_maskz_mov_ps(kept, avx512::exp<7>(d));
       avx512::store(zs + j, e, V - j);
       lo = _mm512_add_pd(lo, avx512::low_pd(e));
       hi = _mm512_add_pd(hi, avx512::high_pd(e));
+      if constexpr (kEntropy) {
+        const __m512 ed_j = _mm512_maskz_mul_ps(kept, e, d);
+        ed_lo = _mm512_add_pd(ed_lo, avx512::low_pd(ed_j));
+        ed_hi = _mm512_add_pd(ed_hi, avx512::high_pd(ed_j));
+      }
     }
+    if constexpr (kEntropy) *ed = _mm512_reduce_add_pd(_mm512_add_pd(ed_lo, ed_hi));
     return _mm512_reduce_add_pd(_mm512_add_pd(lo, hi));
   }
 #endif
-  double sum = 0;
+  double sum = 0, ed_sum = 0;
+  if constexpr (kEntropy) {
+#pragma omp simd reduction(+ : sum, ed_sum)
+    for (int64_t j = 0; j < V; ++j) {
+      const A d = zs[j] - top, e = exp_shifted(d);
+      zs[j] = e;
+      sum += double(e);
+      ed_sum += e > A(0) ? double(e * d) : 0.0;
+    }
+    *ed = ed_sum;
+    return sum;
+  }
 #pragma omp simd reduction(+ : sum)
   for (int64_t j = 0; j < V; ++j) {
     const A e = exp_shifted(zs[j] - top);
@@ -131,13 +158,14 @@ double exp_pass(A* __restrict zs, int64_t V, A top) {
 }
 
 template <typename T>
-void row(const T* x, T* grad, int64_t target, acc_t<T>* loss_out, acc_t<T>* z_out, double grad_scale,
-         acc_t<T>* __restrict zs, acc_t<T>* __restrict tanhs, const Args& a) {
+void row(const T* x, T* grad, int64_t target, acc_t<T>* loss_out, acc_t<T>* z_out, acc_t<T>* stats,
+         double grad_scale, acc_t<T>* __restrict zs, acc_t<T>* __restrict tanhs, const Args& a) {
   using A = acc_t<T>;
   const int64_t V = a.vocab;
   if (target == a.ignore_index) {
     loss_out[0] = A(0);
     if (z_out) z_out[0] = A(0);
+    if (stats) stats[0] = stats[1] = A(0);
     if (grad) std::fill_n(grad, V, from_acc<T>(A(0)));
     return;
   }
@@ -180,12 +208,23 @@ void row(const T* x, T* grad, int64_t target, acc_t<T>* loss_out, acc_t<T>* z_ou
     const A nan = std::numeric_limits<A>::quiet_NaN();
     loss_out[0] = nan;
     if (z_out) z_out[0] = nan;
+    if (stats) {
+      stats[0] = nan;
+      stats[1] = A(0);
+    }
     if (grad) std::fill_n(grad, V, from_acc<T>(A(nan)));
     return;
   }
+  if (stats) {  // the target the first maximum? (before pass (2) overwrites z)
+    bool first = zs[target] == top;
+    for (int64_t j = 0; first && j < target; ++j) first = zs[j] != top;
+    stats[1] = A(first);
+  }
   // (2) exp(z - max) over the scratch row, and their sum
-  const double sum = exp_pass(zs, V, top);
+  double ed = 0;
+  const double sum = stats ? exp_pass<true>(zs, V, top, &ed) : exp_pass<false>(zs, V, top, nullptr);
   const double lse = double(top) + std::log(sum);
+  if (stats) stats[0] = A(std::log(sum) - ed / sum);
   const double e = a.label_smoothing, z_part = a.z_loss * lse * lse;
   // e = 0 leaves the mean out: a -inf logit (a masked class) makes it -inf, and 0 * inf is NaN
   loss_out[0] = A(lse - (1 - e) * z_target - (e > 0 ? e * z_sum / double(V) : 0.0) + z_part);
@@ -211,7 +250,7 @@ void row(const T* x, T* grad, int64_t target, acc_t<T>* loss_out, acc_t<T>* z_ou
 
 template <typename T>
 void run(const T* x, const int64_t* targets, acc_t<T>* loss, acc_t<T>* z_part, T* grad, const acc_t<T>* grad_rows,
-         const Args& a) {
+         acc_t<T>* stats, const Args& a) {
   using A = acc_t<T>;
   const int threads = row_team(a.rows, a.rows * a.vocab, kParallelMin);
 #pragma omp parallel num_threads(threads) if (threads > 1)
@@ -220,7 +259,8 @@ void run(const T* x, const int64_t* targets, acc_t<T>* loss, acc_t<T>* z_part, T
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < a.rows; ++r)
       row<T>(x + r * a.stride, grad ? grad + r * a.grad_stride : nullptr, targets[r], loss + r,
-             z_part ? z_part + r : nullptr, a.grad_scale * (grad_rows ? double(grad_rows[r]) : 1.0), zs.data(),
+             z_part ? z_part + r : nullptr, stats ? stats + 2 * r : nullptr,
+             a.grad_scale * (grad_rows ? double(grad_rows[r]) : 1.0), zs.data(),
              tanhs.data(), a);
   }
 }
@@ -230,7 +270,7 @@ void run(const T* x, const int64_t* targets, acc_t<T>* loss, acc_t<T>* z_part, T
 void cross_entropy_cpu(uintptr_t logits, uintptr_t targets, uintptr_t loss, uintptr_t z_part, uintptr_t grad,
                        uintptr_t grad_rows, int64_t rows, int64_t vocab, int64_t stride, int64_t grad_stride,
                        int64_t ignore_index, double scale, double softcap, double label_smoothing, double z_loss,
-                       double grad_scale, int dtype) {
+                       double grad_scale, int dtype, uintptr_t stats) {
   check_cross_entropy_args(logits, targets, loss, grad, rows, vocab, stride, grad_stride, scale, softcap,
                            label_smoothing, z_loss, grad_scale, dtype);
   if (rows == 0) return;
@@ -242,7 +282,7 @@ void cross_entropy_cpu(uintptr_t logits, uintptr_t targets, uintptr_t loss, uint
   PYLLM_DISPATCH_CPU(dtype, T,
                      run<T>(reinterpret_cast<const T*>(logits), t, reinterpret_cast<acc_t<T>*>(loss),
                             reinterpret_cast<acc_t<T>*>(z_part), reinterpret_cast<T*>(grad),
-                            reinterpret_cast<const acc_t<T>*>(grad_rows), a));
+                            reinterpret_cast<const acc_t<T>*>(grad_rows), reinterpret_cast<acc_t<T>*>(stats), a));
 }
 
 }  // namespace pyllm

@@ -7,13 +7,15 @@ Kernels: csrc/cpu/cross_entropy.cpp, csrc/cuda/cross_entropy.cu. Two entry point
   with the incoming gradient. Nothing of (N, V) in fp32, nothing of (N, V) kept.
 - cross_entropy_rows_(logits, targets, ...): the per-row losses, and the gradient written over the
   logits themselves: what pyllm.nn.linear_cross_entropy runs on each chunk of logits it makes.
+And token_stats(logits, targets): each row's entropy and whether its target is the argmax (TRL's
+SFT metrics entropy and mean_token_accuracy), by the same kernel on the CPU.
 """
 from __future__ import annotations
 
 import math
 import numbers
 import os
-from typing import Literal, Optional, Union, overload
+from typing import Literal, NamedTuple, Optional, Union, overload
 
 import torch
 from torch import Tensor
@@ -91,14 +93,21 @@ def takes(logits: Tensor) -> bool:
 
 def cross_entropy_into(logits: Tensor, targets: Tensor, loss: Tensor, z_part: Optional[Tensor], grad: Optional[Tensor],
                        ignore_index: int, scale: float, softcap: float, label_smoothing: float, z_loss: float,
-                       grad_scale: float = 1.0, grad_rows: Optional[Tensor] = None) -> None:
+                       grad_scale: float = 1.0, grad_rows: Optional[Tensor] = None,
+                       stats: Optional[Tensor] = None) -> None:
     """loss (rows,), z_part (rows,) or None, grad (rows, V) or None (may be logits: in place), for 2-D
     logits and grad with a contiguous last dim; targets int64 (rows,) contiguous. The gradient is
-    of the row losses times grad_scale and grad_rows (rows,) in loss's dtype, when given."""
+    of the row losses times grad_scale and grad_rows (rows,) in loss's dtype, when given. stats:
+    None or (rows, 2) contiguous in loss's dtype, each row's entropy and 1.0 where its target is
+    the first argmax (0 and 0 where ignored; NaN and 0 where its loss is NaN)."""
     rows, vocab = logits.shape
     # (the kernel reads `rows` targets and writes `rows` losses wherever they point: one shorter, a
     # DTensor's rows chunked otherwise than the logits', would be read past its end)
     _util.check_row_lengths(OP, rows, targets=targets, loss=loss, z_part=z_part, grad_rows=grad_rows)
+    if stats is not None and (tuple(stats.shape) != (rows, 2) or not stats.is_contiguous()
+                              or stats.dtype != loss.dtype or stats.device != logits.device):
+        raise ValueError(f"{OP}: stats must be a contiguous ({rows}, 2) {loss.dtype} tensor on {logits.device}, got "
+                         f"{stats.dtype} {tuple(stats.shape)} on {stats.device}")
     if grad is not None and tuple(grad.shape) != (rows, vocab):
         raise ValueError(f"{OP}: grad must have the logits' shape {(rows, vocab)}, got {tuple(grad.shape)}")
     args = (_util.ptr(logits), _util.ptr(targets), _util.ptr(loss), 0 if z_part is None else _util.ptr(z_part),
@@ -108,17 +117,41 @@ def cross_entropy_into(logits: Tensor, targets: Tensor, loss: Tensor, z_part: Op
             _util.dtype_code(logits))
     if logits.is_cuda:
         _util.check_backend(OP, logits)
+        if stats is not None:  # (the CUDA kernel writes none: torch ops, before a gradient overwrites the logits)
+            _stats_in_torch(logits, targets, ignore_index, scale, softcap, stats)
         _C.cross_entropy_cuda(*args, logits.device.index, _util.stream_of(logits))
     else:
         _util.init_cpu_threads()
-        _C.cross_entropy_cpu(*args)
+        _C.cross_entropy_cpu(*args, 0 if stats is None else _util.ptr(stats))
+
+
+def stats_of_shaped(z: Tensor, targets: Tensor, valid: Tensor) -> Tensor:
+    """(rows, 2): each row's entropy of softmax(z) and 1.0 where its target is the first largest z
+    (torch's argmax), for final logits z (rows, V) in fp32 or fp64; 0 and 0 where valid is False,
+    NaN and 0 where the softmax is NaN (a NaN logit, a row of -inf, a +inf), as the CPU kernel."""
+    p = torch.softmax(z, dim=-1)
+    entropy = -torch.special.xlogy(p, p).sum(dim=-1)  # (a masked class, p = 0, adds 0)
+    top1 = (z.argmax(dim=-1) == targets) & ~entropy.isnan()
+    return torch.stack([torch.where(valid, entropy, 0.0), (top1 & valid).to(z.dtype)], dim=1)
+
+
+def _stats_in_torch(logits: Tensor, targets: Tensor, ignore_index: int, scale: float, softcap: float,
+                    stats: Tensor) -> None:
+    """cross_entropy_into's stats in torch ops, ~16 M logits at a time (the fp32 copies' memory)."""
+    step = max(1, (1 << 24) // max(1, logits.shape[1]))
+    for start in range(0, logits.shape[0], step):
+        z = logits[start:start + step].to(stats.dtype) * scale
+        if softcap:
+            z = softcap * torch.tanh(z / softcap)
+        t = targets[start:start + step]
+        stats[start:start + step] = stats_of_shaped(z, t, t != ignore_index)
 
 
 # --- the per-row op, gradient over the logits (pyllm.nn's fused output-layer loss) --------------
 
 def _rows_inplace_body(logits: Tensor, targets: Tensor, ignore_index: int, scale: float, softcap: float,
                        label_smoothing: float, z_loss: float, want_grad: bool,
-                       grad_rows: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+                       grad_rows: Optional[Tensor] = None, stats: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     if logits.dim() != 2 or not _util.kernel_rows(logits):
         raise ValueError(f"cross_entropy_rows_: logits must be 2-D, rows apart, with a contiguous last dim, got shape "
                          f"{tuple(logits.shape)}, strides {logits.stride()}")
@@ -131,31 +164,35 @@ def _rows_inplace_body(logits: Tensor, targets: Tensor, ignore_index: int, scale
     z_part = torch.empty_like(loss)
     cross_entropy_into(logits, targets.contiguous().long(), loss, z_part, logits if want_grad else None, ignore_index,
                        scale, softcap, label_smoothing, z_loss, 1.0,
-                       None if grad_rows is None else grad_rows.to(loss.dtype).contiguous())
+                       None if grad_rows is None else grad_rows.to(loss.dtype).contiguous(), stats)
     return loss, z_part
 
 
-_rows_inplace = torch.library.custom_op("pyllm::cross_entropy_rows_", mutates_args=("logits",))(_rows_inplace_body)
+_rows_inplace = torch.library.custom_op("pyllm::cross_entropy_rows_",
+                                        mutates_args=("logits", "stats"))(_rows_inplace_body)
 
 
 @_rows_inplace.register_fake
-def _(logits, targets, ignore_index, scale, softcap, label_smoothing, z_loss, want_grad, grad_rows=None):
+def _(logits, targets, ignore_index, scale, softcap, label_smoothing, z_loss, want_grad, grad_rows=None, stats=None):
     loss = _util.row_losses(logits, logits.shape[0])
     return loss, torch.empty_like(loss)
 
 
 def cross_entropy_rows_(logits: Tensor, targets: Tensor, *, ignore_index: int = -100, scale: float = 1.0,
                         softcap: float = 0.0, label_smoothing: float = 0.0, z_loss: float = 0.0,
-                        want_grad: bool = True, grad_rows: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+                        want_grad: bool = True, grad_rows: Optional[Tensor] = None,
+                        stats: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """Each row's loss (lse - (1 - e) z_target - e mean(z) + z_loss lse^2, 0 where the target is
     ignore_index) and its z-loss share, both (rows,) fp32 (fp64 for fp64), for 2-D logits (rows, V)
     with a contiguous last dim (logits[i] may sit any stride apart). want_grad: logits are
     overwritten with d(row's loss) / d(logits), in their own dtype (0 on ignored rows), times
     grad_rows[i] (rows,) when given (multiplied in fp32, before the one rounding: a sequence-level
     loss's weight per row, as pyllm.nn.linear_token_logps's backward passes). No autograd: the
-    gradient is the output. Arguments as cross_entropy's (softcap 0.0: none), not re-checked."""
+    gradient is the output. Arguments as cross_entropy's (softcap 0.0: none), not re-checked.
+    stats: None or (rows, 2) contiguous in the losses' dtype, written with token_stats' values
+    (entropy, 1.0 where the target is the first argmax) from the same pass."""
     return _util.call(_rows_inplace_body, _rows_inplace, None, logits, targets, int(ignore_index), float(scale),
-                      float(softcap), float(label_smoothing), float(z_loss), bool(want_grad), grad_rows)
+                      float(softcap), float(label_smoothing), float(z_loss), bool(want_grad), grad_rows, stats)
 
 
 # --- the differentiable op: the backward recomputes each row's softmax from the saved logits -------
@@ -329,3 +366,47 @@ def cross_entropy(logits: Tensor, targets: Tensor, weight: Optional[Tensor] = No
         counted = (targets.long() != ignore_index).sum()
         loss, z_part = loss.sum() / counted, z_part.sum() / counted
     return (loss, z_part.detach()) if return_z_loss else loss
+
+
+# --- token statistics: no autograd (a metric) -------------------------------------------------------
+
+class TokenStats(NamedTuple):
+    """token_stats' output, each of targets' shape: the entropy of the next-token distribution
+    (fp32; fp64 for fp64 logits) and whether the target is its argmax (bool)."""
+    entropy: Tensor
+    is_top1: Tensor
+
+
+def _token_stats_body(logits: Tensor, targets: Tensor, ignore_index: int, scale: float, softcap: float) -> Tensor:
+    rows = _util.as_rows(logits)
+    loss = _util.row_losses(rows, rows.shape[0])  # (the kernel's losses: unused)
+    stats = loss.new_empty(rows.shape[0], 2)
+    cross_entropy_into(rows, targets.reshape(-1).contiguous().long(), loss, None, None, ignore_index, scale, softcap,
+                       0.0, 0.0, stats=stats)
+    return stats
+
+
+_token_stats = torch.library.custom_op("pyllm::token_stats", mutates_args=())(_token_stats_body)
+
+
+@_token_stats.register_fake
+def _(logits, targets, ignore_index, scale, softcap):
+    return _util.row_losses(logits, logits.numel() // logits.shape[-1]).new_empty(
+        logits.numel() // logits.shape[-1], 2)
+
+
+def token_stats(logits: Tensor, targets: Tensor, *, ignore_index: int = -100, scale: float = 1.0,
+                softcap: Optional[float] = None) -> TokenStats:
+    """TRL's SFT metrics per token, from logits (..., V) and targets (...) as cross_entropy takes
+    them: TokenStats(entropy, is_top1), each of targets' shape, 0 / False where the target is
+    ignore_index. entropy: -sum_j p_j log p_j of p = softmax(z), z the logits times scale, capped
+    as cross_entropy's (TRL's entropy); is_top1: whether the target is argmax(z), the first of
+    equal maxima as torch.argmax (TRL's is_top1; their mean over the counted targets is its
+    mean_token_accuracy). A row whose loss would be NaN (a NaN logit, +-inf as its largest) gets a
+    NaN entropy and False. No gradient. One read of the logits by the cross-entropy kernel on the
+    CPU (in fp32, fp64 for fp64); torch ops on CUDA."""
+    _check(logits, targets, ignore_index, "sum", 0.0, 0.0, scale, softcap)
+    with torch.no_grad():
+        stats = _util.call(_token_stats_body, _token_stats, None, logits.detach(), targets, int(ignore_index),
+                           float(scale), float(softcap or 0.0))
+    return TokenStats(stats[:, 0].reshape(targets.shape), stats[:, 1].reshape(targets.shape) > 0)

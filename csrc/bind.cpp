@@ -178,6 +178,7 @@ PYBIND11_MODULE(_C, m) {
         .def("unique_pieces", &Trainer::unique_pieces)
         .def("merge", &Trainer::merge, nogil, arg("max_new_tokens"));
     m.def("bpe_pretokenize", &pyllm::bpe::pretokenize_offsets, nogil, arg("pattern"), arg("text"));
+    m.def("bpe_safe_cuts", &pyllm::bpe::safe_cut_offsets, nogil, arg("pattern"), arg("text"), arg("span_bytes"));
   }
   // flash_attn
   m.def("flash_attn_fwd_cpu", cpu.flash_attn_fwd_cpu, nogil, arg("q"), arg("k"), arg("v"), arg("out"),

@@ -813,8 +813,8 @@ def test_cuda_unavailable_raises(gpt4):
 
 
 def test_train_long_text_cut_and_custom_path_agree(corpus):
-    # One text over 1 MiB is counted in work items cut at "\n" + letter; the custom-pattern path
-    # (Python's regex, no cuts) with the same regex in other words must learn the same merges.
+    # One text over 1 MiB is counted in work items cut at the pattern's safe cuts; the custom-pattern
+    # path (Python's regex, no cuts) with the same regex in other words must learn the same merges.
     big = "".join(corpus) * 3
     assert len(big.encode()) > (1 << 20) + 100_000
     pieces = {name: Tokenizer.train([big], 600, pattern=name, show_progress=False).mergeable_ranks
@@ -855,6 +855,76 @@ def test_encode_batch_long_text_is_cut_consistently(pair, corpus):
     # Newlines after spaces, before letters: where a cut would change gpt2's split at a span's end.
     tricky = "x  \nfoo \n\nbar\t\nBaz.\nqux\r\nq\n" * 40000
     assert tok.encode_batch([tricky], num_threads=2)[0] == enc.encode_ordinary(tricky)
+
+
+def _span_ends(cuts, size, span):
+    """The span ends cut_at_safe_boundaries should give: at the first cut at or after each span's
+    start + span (the rest of the text where none comes)."""
+    ends, begin = [], 0
+    while size - begin > span:
+        cut = next((c for c in cuts if c >= begin + span), None)
+        if cut is None:
+            break
+        ends.append(cut)
+        begin = cut
+    return ends + [size]
+
+
+# CJK and punctuation, the White_Space characters from U+0080 up (and U+200B, which is none), "\n",
+# "\r\n", a lone "\r", letters, digits and ASCII punctuation.
+SPAN_ALPHABET = list("  \t\n\n\n\r\n\r\n'sSaZ09.,/-!") + [
+    "\r", "中", "文", "。", "，", "「", "」", "é", "\u0301", "😀", "٣", "\x85", "\u00a0", "\u1680", "\u2000", "\u2005",
+    "\u200a", "\u200b", "\u2028", "\u2029", "\u202f", "\u205f", "\u3000", "\r\n", "\r\n", "。\n", "。\r\n"]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(text=st.lists(st.sampled_from(SPAN_ALPHABET), max_size=60).map("".join), span=st.integers(1, 12))
+def test_encoder_cuts_long_texts_at_the_python_safe_cuts(text, span):
+    # encode_batch (and the trainer) cut a long text into spans encoded on separate threads at the
+    # pattern's patterns.SAFE_CUTS (they had taken "\n" with ASCII on both sides only: a Chinese text
+    # or CRLF lines ran on one thread): the same cuts as Python's, and the spans split into the
+    # whole's pieces. (A small span here, so that the cuts come; encode_batch's is 1 MiB.)
+    from pyllm import _C
+    from pyllm.tokenizer.patterns import SAFE_CUTS
+
+    raw = text.encode("utf-8")
+    for name, (pat, code) in PATTERNS.items():
+        cuts = [m.start() for m in SAFE_CUTS[name].finditer(raw)]
+        assert _C.bpe_safe_cuts(code, raw, 1) == cuts + [len(raw)], name  # (span 1: every cut)
+        ends = _C.bpe_safe_cuts(code, raw, span)
+        assert ends == _span_ends(cuts, len(raw), span), name
+        spans = [raw[a:b].decode("utf-8") for a, b in zip([0] + ends, ends)]
+        assert [p for part in spans for p in split_builtin(code, part)] == regex.findall(pat, text), name
+    with pytest.raises(ValueError, match="span_bytes"):
+        _C.bpe_safe_cuts(0, raw, 0)
+    with pytest.raises(ValueError, match="pattern"):
+        _C.bpe_safe_cuts(3, raw, 1)
+    assert _C.bpe_safe_cuts(-1, "x\nA" * 8, 1) == [24]  # a custom pattern: no cut proven, one span
+
+
+def test_encode_batch_cuts_chinese_and_crlf_texts(pair):
+    # A long Chinese text ("。\n" before the next line, lines indented with U+3000) and a file of CRLF
+    # lines (Project Gutenberg's) are cut into spans too (cl100k's and o200k's after "\r\n": GPT-2's
+    # splits "\r\n" before a letter within a text but not at a span's end), to the ids of the whole.
+    from pyllm import _C
+
+    tok, enc = pair
+    code = PATTERNS[tok.pattern_name][1]
+    rng = random.Random(7)
+    lines = ["敏捷的棕色狐狸跳过了懒狗。", "「你好，世界！」他说。", "\u3000\u3000第一章\u3000开始", "日本語のテキストも少し：こんにちは、世界！",
+             "2024年1月1日，晴。", "빠른 갈색 여우가 게으른 개를 뛰어넘습니다.", "（注）", "中文 ", "", "\u3000"]
+    chinese = "".join(rng.choice(lines) + rng.choice(["\n", "\n", "\n\n", "\r\n"]) for _ in range(80_000))
+    lines = ["CHAPTER I.", "It was a dark night; the rain fell.", "  indented, and \"quoted\"", "", "x  ", "tail\t",
+             "naïve café", "1851"]
+    crlf = "".join(rng.choice(lines) + "\r\n" for _ in range(180_000))
+    for big in (chinese, crlf):
+        assert len(big.encode()) > 2 * (1 << 20)
+        spans = len(_C.bpe_safe_cuts(code, big.encode(), 1 << 20))  # (encode_batch's kBatchSpanBytes)
+        if big is crlf and tok.pattern_name == "gpt2":
+            assert spans == 1
+        else:  # a cut within a few lines of each MiB
+            assert spans >= len(big.encode()) >> 20, tok.pattern_name
+        assert tok.encode_batch([big, "x"], num_threads=2) == [enc.encode_ordinary(big), enc.encode_ordinary("x")]
 
 
 def test_pickle_and_numpy_ids(gpt4):

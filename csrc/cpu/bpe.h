@@ -35,11 +35,17 @@ size_t pretokenize(Pattern pattern, const uint8_t* text, size_t n, size_t start,
 // The same, for Python (tests): the end byte offset of each piece.
 std::vector<uint32_t> pretokenize_offsets(int pattern, std::string_view text);
 
-// Cuts text into spans of about `span_bytes` at piece boundaries that hold for all built-in
-// patterns (visible ASCII, "\n", ASCII letter: no alternative runs from a newline into a letter,
-// none looks behind, and the newline's whitespace run is that one char, which splits the same at a
-// span's end), so the spans pre-tokenize independently. Appends the span ends.
-void cut_at_safe_boundaries(std::string_view text, size_t span_bytes, std::vector<size_t>& ends);
+// Cuts text into spans of about `span_bytes` (at the first safe cut at or after each span's start
+// plus span_bytes; the rest of the text where none comes) at piece boundaries of the built-in
+// pattern, so the spans pre-tokenize independently to the whole's pieces. Appends the span ends.
+// A safe cut is patterns.SAFE_CUTS[pattern] in Python (its comment says why they hold): after "\n"
+// (cl100k, o200k: also after "\r\n", which they take whole) whose char before is not whitespace
+// (visible ASCII, or a char from U+0080 up that is not White_Space), before an ASCII letter or a
+// char from U+0080 up that is not White_Space; so text in other scripts ("。\n" + a CJK line) and
+// CRLF lines are cut too. kCustom: one span (no cut is proven for a pattern we do not know).
+void cut_at_safe_boundaries(Pattern pattern, std::string_view text, size_t span_bytes, std::vector<size_t>& ends);
+// The same, for Python (tests): the span ends.
+std::vector<size_t> safe_cut_offsets(int pattern, std::string_view text, size_t span_bytes);
 
 // 64-bit hash of a byte string (not DoS-resistant; inputs are the user's own data).
 uint64_t hash_bytes(const uint8_t* p, size_t n);

@@ -539,7 +539,7 @@ std::vector<std::vector<uint32_t>> Encoder::encode_batch(const std::vector<std::
                                                          const std::vector<uint32_t>& disallowed,
                                                          int num_threads) const {
   // Work items: whole texts, or spans of kBatchSpanBytes for long texts without allowed special
-  // tokens (cut at safe piece boundaries), so a few long texts still use every thread.
+  // tokens (cut at the pattern's safe piece boundaries), so a few long texts still use every thread.
   constexpr size_t kBatchSpanBytes = 1 << 20;
   struct Item {
     size_t text, begin, end;
@@ -553,7 +553,7 @@ std::vector<std::vector<uint32_t>> Encoder::encode_batch(const std::vector<std::
       continue;
     }
     ends.clear();
-    cut_at_safe_boundaries(texts[t], kBatchSpanBytes, ends);
+    cut_at_safe_boundaries(pattern_, texts[t], kBatchSpanBytes, ends);
     size_t begin = 0;
     for (const size_t end : ends) {
       items.push_back({t, begin, end, false});
@@ -583,10 +583,19 @@ std::vector<std::vector<uint32_t>> Encoder::encode_batch(const std::vector<std::
   });
   for (auto& st : state) give_cache(std::move(st.cache));
   std::vector<std::vector<uint32_t>> results(texts.size());
+  std::vector<size_t> total(texts.size(), 0);
+  for (size_t k = 0; k < items.size(); ++k) total[items[k].text] += item_ids[k].size();
   for (size_t k = 0; k < items.size(); ++k) {
     auto& out = results[items[k].text];
-    if (out.empty()) out = std::move(item_ids[k]);
-    else out.insert(out.end(), item_ids[k].begin(), item_ids[k].end());
+    if (items[k].whole || (items[k].begin == 0 && items[k].end == texts[items[k].text].size())) {
+      out = std::move(item_ids[k]);  // (a long text without a safe cut is one span)
+      continue;
+    }
+    // A long text's spans, copied once into ids reserved whole (growing by insert had copied them
+    // about twice more, serially), each span's freed as it is copied.
+    if (items[k].begin == 0) out.reserve(total[items[k].text]);
+    out.insert(out.end(), item_ids[k].begin(), item_ids[k].end());
+    item_ids[k] = {};
   }
   return results;
 }

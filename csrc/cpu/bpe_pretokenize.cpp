@@ -268,20 +268,89 @@ std::vector<uint32_t> pretokenize_offsets(int pattern, std::string_view text) {
   return ends;
 }
 
-void cut_at_safe_boundaries(std::string_view s, size_t span_bytes, std::vector<size_t>& ends) {
+namespace {
+
+// The length of the Unicode White_Space char from U+0080 up that starts at p (avail bytes there),
+// else 0: U+0085, U+00A0 (C2 85, C2 A0), U+1680 (E1 9A 80), U+2000-200A, U+2028/9, U+202F
+// (E2 80 80-8A/A8/A9/AF), U+205F (E2 81 9F), U+3000 (E3 80 80). A newline next to one of these is
+// part of a longer whitespace run, which a span's end would split differently.
+inline size_t unicode_space_len(const uint8_t* p, size_t avail) {
+  if (avail >= 2 && p[0] == 0xC2 && (p[1] == 0x85 || p[1] == 0xA0)) return 2;
+  if (avail < 3) return 0;
+  const bool space = (p[0] == 0xE1 && p[1] == 0x9A && p[2] == 0x80) ||
+                     (p[0] == 0xE2 && p[1] == 0x80 &&
+                      ((p[2] >= 0x80 && p[2] <= 0x8A) || p[2] == 0xA8 || p[2] == 0xA9 || p[2] == 0xAF)) ||
+                     (p[0] == 0xE2 && p[1] == 0x81 && p[2] == 0x9F) || (p[0] == 0xE3 && p[1] == 0x80 && p[2] == 0x80);
+  return space ? 3 : 0;
+}
+
+// Whether the char that ends at s[e - 1] is not whitespace: visible ASCII, or the last byte of a
+// char from U+0080 up (a continuation byte) whose whole sequence is none of the White_Space ones.
+// Looks behind only as far as the text's start (the lookbehinds of patterns.SAFE_CUTS).
+inline bool ends_non_space(const uint8_t* s, size_t e) {
+  if (e == 0) return false;
+  const uint8_t b = s[e - 1];
+  if (b > 0x20 && b < 0x7F) return true;
+  if (b < 0x80 || b > 0xBF) return false;
+  return !(e >= 2 && unicode_space_len(s + e - 2, 2) == 2) && !(e >= 3 && unicode_space_len(s + e - 3, 3) == 3);
+}
+
+// Whether a cut before s[c] (0 < c < n) is one of patterns.SAFE_CUTS[pattern] (see bpe.h): "\n"
+// (or "\r\n" where after_crlf) between a char that is not whitespace and an ASCII letter or a char
+// from U+0080 up that is not whitespace. The char before keeps the newline's whitespace run that
+// newline alone, so gpt2's \s++$ at the span's end takes the same "\n" as \s in the whole text; no
+// piece runs from a newline into the next char, and none looks behind.
+inline bool safe_cut_at(const uint8_t* s, size_t n, size_t c, bool after_crlf) {
+  if (s[c - 1] != '\n') return false;
+  const uint8_t next = s[c];
+  const bool letter = (next | 0x20) >= 'a' && (next | 0x20) <= 'z';
+  // (a lead byte C2-F4: the whole char is looked at, so a newline before U+3000 is no cut)
+  if (!letter && !(next >= 0xC2 && next <= 0xF4 && unicode_space_len(s + c, n - c) == 0)) return false;
+  size_t e = c - 1;  // where the char before the newline ends
+  // cl100k and o200k take "\r\n" as one piece, in the text and at a span's end alike; gpt2 takes
+  // "\r", "\n" apart before a letter but "\r\n" whole at a span's end (\s++$): no cut after "\r".
+  if (after_crlf && e > 0 && s[e - 1] == '\r') --e;
+  return ends_non_space(s, e);
+}
+
+}  // namespace
+
+void cut_at_safe_boundaries(Pattern pattern, std::string_view text, size_t span_bytes, std::vector<size_t>& ends) {
+  PYLLM_CHECK(span_bytes > 0, "bpe: span_bytes must be positive");
+  // A custom pattern (split in Python) has no proven cut: one span.
+  if (pattern == Pattern::kCustom) {
+    ends.push_back(text.size());
+    return;
+  }
+  const bool after_crlf = pattern != Pattern::kGpt2;
+  const auto* s = reinterpret_cast<const uint8_t*>(text.data());
+  const size_t n = text.size();
   size_t begin = 0;
-  while (s.size() - begin > span_bytes) {
-    size_t cut = begin + span_bytes;
-    // Visible ASCII, "\n", ASCII letter. The visible char keeps the newline's whitespace run one
-    // char long, so gpt2's \s++$ at the span's end takes the same "\n" as \s in the whole text.
-    while (cut < s.size() && !(s[cut - 1] == '\n' && (s[cut] | 0x20) >= 'a' && (s[cut] | 0x20) <= 'z' &&
-                                s[cut - 2] > 0x20 && s[cut - 2] < 0x7F))
-      ++cut;
-    if (cut >= s.size()) break;
+  while (n - begin > span_bytes) {
+    // The first safe cut at or after begin + span_bytes: the newlines from there on (memchr), each
+    // byte looked at once per span and a few around each newline, so linear in the text.
+    size_t cut = n;
+    for (size_t from = begin + span_bytes - 1; from < n;) {
+      const void* nl = std::memchr(s + from, '\n', n - from);
+      if (nl == nullptr) break;
+      const size_t c = size_t(static_cast<const uint8_t*>(nl) - s) + 1;
+      if (c < n && safe_cut_at(s, n, c, after_crlf)) {
+        cut = c;
+        break;
+      }
+      from = c;
+    }
+    if (cut >= n) break;
     ends.push_back(cut);
     begin = cut;
   }
-  ends.push_back(s.size());
+  ends.push_back(n);
+}
+
+std::vector<size_t> safe_cut_offsets(int pattern, std::string_view text, size_t span_bytes) {
+  std::vector<size_t> ends;
+  cut_at_safe_boundaries(pattern_from_code(pattern), text, span_bytes, ends);
+  return ends;
 }
 
 uint64_t hash_bytes(const uint8_t* p, size_t n) {

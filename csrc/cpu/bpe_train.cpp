@@ -2,7 +2,7 @@
 //
 // 1. Counting: texts are pre-tokenized (bpe_pretokenize.cpp) on std::threads into per-thread hash
 //    tables of piece -> count, merged at the end of each call. Texts over 1 MiB are cut into work
-//    items at piece boundaries shared by all built-in patterns (cut_at_safe_boundaries).
+//    items at safe piece boundaries of the pattern (cut_at_safe_boundaries).
 // 2. Merging: every unique piece becomes a word of byte ids (byte b = id b) with its count. Each
 //    pair of adjacent ids has a count (summed over words, times word counts) and the list of words
 //    it occurs in. A max-heap of (count, pair) with lazy deletion picks the next merge: a popped
@@ -250,7 +250,7 @@ Trainer::~Trainer() = default;
 void Trainer::count_texts(const std::vector<std::string_view>& texts, int num_threads) {
   PYLLM_CHECK(pattern_ != Pattern::kCustom, "bpe: a custom pattern is split in Python; use count_pieces");
   PYLLM_CHECK(!state_->merging, "bpe: count_texts after merging started");
-  // Work items: (text, begin, end), long texts cut at "\n" + ASCII letter.
+  // Work items: (text, begin, end), long texts cut at the (built-in) pattern's safe boundaries.
   struct Item {
     size_t text, begin, end;
   };
@@ -258,7 +258,7 @@ void Trainer::count_texts(const std::vector<std::string_view>& texts, int num_th
   std::vector<size_t> ends;
   for (size_t t = 0; t < texts.size(); ++t) {
     ends.clear();
-    cut_at_safe_boundaries(texts[t], kWorkItemBytes, ends);
+    cut_at_safe_boundaries(pattern_, texts[t], kWorkItemBytes, ends);
     size_t begin = 0;
     for (const size_t end : ends) {
       items.push_back({t, begin, end});

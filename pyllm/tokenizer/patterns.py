@@ -32,12 +32,13 @@ PATTERNS = {"gpt2": (GPT2, 0), "gpt4": (GPT4, 1), "gpt4o": (GPT4O, 2)}
 # U+0080 up that is not whitespace. No piece runs on past such a newline (only whitespace runs and
 # o200k's "/" after punctuation take a character after one, and neither starts the next part), and
 # the newline is a piece's end either way (GPT-2's "\s++$" at a part's end takes the "\n" alone, as
-# "\s" does before the next character). The C++ encoder cuts its long texts at a stricter set of
-# these (cut_at_safe_boundaries, csrc/cpu/bpe_pretokenize.cpp: ASCII on both sides), which left
-# text in other scripts (a Chinese corpus: "。\n" before its next line) in one part. For cl100k's
-# and o200k's also after "\r\n", which they take as one piece anyway (GPT-2's "\s++$" would take it
-# whole at a part's end and "\r", "\n" within the text), so that a file of CRLF lines (Project
-# Gutenberg's) is cut too. (The hypothesis test in tests/test_data.py checks each against the regex.)
+# "\s" does before the next character). For cl100k's and o200k's also after "\r\n", which they
+# take as one piece anyway (GPT-2's "\s++$" would take it whole at a part's end and "\r", "\n"
+# within the text), so that a file of CRLF lines (Project Gutenberg's) is cut too. (The hypothesis
+# test in tests/test_data.py checks each against the regex.) The C++ encoder and trainer cut their
+# long texts at the same cuts (cut_at_safe_boundaries, csrc/cpu/bpe_pretokenize.cpp; tests/test_bpe.py
+# checks that they agree); it had taken ASCII on both sides only, which left text in other scripts
+# (a Chinese corpus: "。\n" before its next line) and CRLF lines in one part.
 # White_Space from U+0080 up, as UTF-8: U+0085, U+00A0, U+1680, U+2000-200A, U+2028/9, U+202F, U+205F, U+3000
 _WHITESPACE_UTF8 = [rb"\xc2\x85", rb"\xc2\xa0", rb"\xe1\x9a\x80", rb"\xe2\x80[\x80-\x8a\xa8\xa9\xaf]", rb"\xe2\x81\x9f",
                     rb"\xe3\x80\x80"]

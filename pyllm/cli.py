@@ -2117,8 +2117,9 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                         "every position, prompts too). Pretraining and SFT (default 0: off)")
     p.add_argument("--token-stats", action=argparse.BooleanOptionalAction, default=None,
                    help="log TRL's SFT metrics each step, mean_token_accuracy (the share of targets that are the "
-                        "model's argmax) and entropy (of its next-token distribution, at the targets), as TRL "
-                        "averages them: over each micro-step's targets on every rank, then the micro-steps. From the "
+                        "model's argmax) and entropy (of its next-token distribution, at the targets), and val_ ones "
+                        "at each evaluation, as TRL averages them: over each micro-step's targets on every rank, then "
+                        "the micro-steps. From the "
                         "cross-entropy kernel's pass over the logits (one more read of them without --fused-loss). "
                         "Pretraining and SFT (default on)")
     p.add_argument("--preference", choices=["dpo", "ipo", "hinge", "simpo", "orpo", "kto", "reward"],

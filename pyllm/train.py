@@ -581,23 +581,32 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 # --- evaluation ------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def evaluate(model, path, cfg: TrainConfig, seq_len: int, precision: str, info: DistInfo) -> float:
+def evaluate(model, path, cfg: TrainConfig, seq_len: int, precision: str, info: DistInfo,
+             stats: dict | None = None) -> float:
     """Mean loss over eval_batches fixed val batches (a fresh generator each time, so every eval
-    sees the same windows and the training RNG is untouched)."""
+    sees the same windows and the training RNG is untouched). stats: a dict given gets
+    val_entropy and val_mean_token_accuracy (TRL's eval_entropy, eval_mean_token_accuracy: each
+    batch's over every rank's targets, then their mean)."""
     loader = make_loader(path, cfg, seq_len, cfg.seed + 1, info)
     model.eval()
     total = torch.zeros((), device=info.device)
     targets = 0
-    for _ in range(cfg.eval_batches):
+    stat_sums = torch.zeros(cfg.eval_batches, 3, device=info.device)
+    for i in range(cfg.eval_batches):
         batch = loader.next_batch()
         with autocast(precision, info.device):
             packed = isinstance(loader, PackedLoader) and not cfg.fused_loss
-            loss = (packed_loss(model, batch) if packed else model(*batch)[1]).float()
+            kw = {"token_stats": True} if stats is not None else {}
+            loss = (packed_loss(model, batch, **kw) if packed else model(*batch, **kw)[1]).float()
+        if stats is not None:
+            stat_sums[i] = getattr(model, "module", model).token_stats_term  # (DDP's; compile's and FSDP's read through)
         if isinstance(loader, PackedLoader):  # the mean over all trained tokens, not of the batches' means
             total, targets = total + loss * loader.targets, targets + loader.global_targets
         else:
             total += loss
     model.train()
+    if stats is not None:
+        stats["val_entropy"], stats["val_mean_token_accuracy"] = token_stat_means(all_reduce_sum(stat_sums, info))
     if isinstance(loader, PackedLoader):  # (no trained token in the val batches: NaN, not a best loss of 0)
         return float(all_reduce_mean(total, info)) * info.world_size / targets if targets else float("nan")
     return float(all_reduce_mean(total / cfg.eval_batches, info))
@@ -2685,7 +2694,8 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
                 say(info, bar, f"step {step + 1}: val {cfg.preference} loss {val_loss:.4f}, reward accuracy "
                                f"{record['val_reward_accuracy']:.1%}")
             else:
-                val_loss = record["val_loss"] = evaluate(wrapped, data / "val.bin", cfg, seq_len, precision, info)
+                val_loss = record["val_loss"] = evaluate(wrapped, data / "val.bin", cfg, seq_len, precision, info,
+                                                         record if token_stats else None)
                 say(info, bar, f"step {step + 1}: val loss {val_loss:.4f}" + (
                     " (no trained token in the val batches, or a diverged model)" if math.isnan(val_loss) else ""))
             if cfg.keep_best and math.isfinite(val_loss) and (best_val is None or val_loss < best_val):

@@ -1036,7 +1036,7 @@ def test_fused_loss_trains_as_the_plain_loss(data_dir, tmp_path, logits):
 
 def test_token_stats_are_logged_as_trl_logs_them(data_dir, chat_dir, tmp_path):
     # TRL's SFT metrics each step (on by default): mean_token_accuracy in [0, 1] and entropy in
-    # [0, log V]; at step 0 (the same weights, 2 micro-steps) the same from the model's logits, the
+    # [0, log V], and at each evaluation val_ ones (TRL's eval_); at step 0 (the same weights, 2 micro-steps) the same from the model's logits, the
     # fused loss and packed conversations' per-token path (to fp32 rounding); none with
     # token_stats off. A step's value is each micro-step's ratio over every rank's targets, then
     # their mean, a micro-step without targets counting 0.0, as TRL's.
@@ -1048,12 +1048,15 @@ def test_token_stats_are_logged_as_trl_logs_them(data_dir, chat_dir, tmp_path):
             records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
             assert all(0 <= r["mean_token_accuracy"] <= 1 and 0 < r["entropy"] <= math.log(64) for r in records)
             first[kind, how] = records[0]
+            evaluated = [r for r in records if "val_loss" in r]
+            assert evaluated and all(0 <= r["val_mean_token_accuracy"] <= 1 and 0 < r["val_entropy"] <= math.log(64)
+                                     for r in evaluated)
         for how in ("fused", "z"):
             for name in ("entropy", "mean_token_accuracy"):
                 assert first[kind, how][name] == pytest.approx(first[kind, "plain"][name], rel=1e-5), (kind, how)
     off = tmp_path / "off"
     trainer.train(config(data_dir, off, max_steps=1, eval_every=0, token_stats=False))
-    assert "entropy" not in json.loads((off / "log.jsonl").read_text())
+    assert not {"entropy", "val_entropy"} & set(json.loads((off / "log.jsonl").read_text()))
     sums = torch.tensor([[30.0, 3.0, 10.0], [0.0, 0.0, 0.0], [8.0, 4.0, 4.0]])
     assert trainer.token_stat_means(sums) == pytest.approx(((3.0 + 0.0 + 2.0) / 3, (0.3 + 0.0 + 1.0) / 3))
 

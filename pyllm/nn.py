@@ -1103,20 +1103,38 @@ class LinearCrossEntropyOutput(NamedTuple):
     z_loss: torch.Tensor
 
 
+class LinearCrossEntropyAccuracyOutput(NamedTuple):
+    """LinearCrossEntropyLoss's output with return_token_accuracy, read by name as Liger's
+    CrossEntropyOutput: z_loss None without return_z_loss; token_accuracy the share of counted
+    targets that are the argmax ("mean" and "sum"; NaN when none is counted, as Liger's) or each
+    row's 1.0 / 0.0 ("none")."""
+    loss: torch.Tensor
+    z_loss: torch.Tensor | None
+    token_accuracy: torch.Tensor
+
+
 class LinearCrossEntropyLoss(nn.Module):
     """Liger-Kernel's LigerFusedLinearCrossEntropyLoss over linear_cross_entropy: its arguments in its
     order (ce_weight, ignore_index -100, lse_square_scale as z_loss, label_smoothing, reduction "mean",
-    "sum" or "none", softcap, return_z_loss, accum_dtype) and its forward's order, forward(lin_weight,
+    "sum" or "none", softcap, return_z_loss, accum_dtype, use_token_scaling (False only),
+    return_token_accuracy) and its forward's order, forward(lin_weight,
     _input, target): the output layer's weight first. No bias and no class weights (ce_weight must be
     None: pyllm's fused losses take neither); accum_dtype None or float32 (the weight's gradient is
     summed in fp32 either way, the chunks' products in x's dtype). return_z_loss gives a
     LinearCrossEntropyOutput (loss, z_loss), by name as Liger's CrossEntropyOutput, or unpacked as
     its tuple had been. "mean" with every target ignored gives 0, as Liger's (not
-    linear_cross_entropy's NaN)."""
+    linear_cross_entropy's NaN). return_token_accuracy gives a LinearCrossEntropyAccuracyOutput
+    (loss, z_loss, token_accuracy), from the fused loss's own pass (linear_cross_entropy's
+    return_token_stats)."""
 
     def __init__(self, ce_weight: torch.Tensor | None = None, ignore_index: int = -100, lse_square_scale: float = 0.0,
                  label_smoothing: float = 0.0, reduction: str = "mean", softcap: float | None = None,
-                 return_z_loss: bool = False, accum_dtype: torch.dtype | None = None):
+                 return_z_loss: bool = False, accum_dtype: torch.dtype | None = None, use_token_scaling: bool = False,
+                 return_token_accuracy: bool = False):
+        if use_token_scaling:
+            raise NotImplementedError("LinearCrossEntropyLoss: use_token_scaling (each token's loss times its "
+                                      "target's detached probability) is not taken; reduction='none' gives each "
+                                      "row's loss for a weighting of your own")
         if ce_weight is not None:
             raise NotImplementedError("LinearCrossEntropyLoss: class weights (ce_weight) are not taken by pyllm's "
                                       "fused loss; use pyllm.cross_entropy(logits, targets, weight) on the logits")
@@ -1130,26 +1148,38 @@ class LinearCrossEntropyLoss(nn.Module):
         super().__init__()
         self.ignore_index, self.z_loss, self.label_smoothing = ignore_index, lse_square_scale, label_smoothing
         self.reduction, self.softcap, self.return_z_loss = reduction, softcap, return_z_loss
+        self.return_token_accuracy = return_token_accuracy
 
     def forward(self, lin_weight: torch.Tensor, _input: torch.Tensor, target: torch.Tensor, bias=None):
         if bias is not None:
             raise ValueError("LinearCrossEntropyLoss: an output layer with a bias is not taken (pyllm's fused "
                              "losses have none)")
-        out = linear_cross_entropy(_input, lin_weight, target, softcap=self.softcap,
-                                   label_smoothing=self.label_smoothing, z_loss=self.z_loss,
-                                   return_z_loss=self.return_z_loss, ignore_index=self.ignore_index,
-                                   reduction=self.reduction)
+        if self.return_token_accuracy:
+            stats = linear_cross_entropy(_input, lin_weight, target, softcap=self.softcap,
+                                         label_smoothing=self.label_smoothing, z_loss=self.z_loss,
+                                         ignore_index=self.ignore_index, reduction=self.reduction,
+                                         return_token_stats=True)
+            out, accuracy = (stats.loss, stats.z_loss), stats.token_accuracy
+            if self.reduction == "sum":  # (Liger's accuracy is the mean for "sum" too)
+                accuracy = accuracy / (target != self.ignore_index).sum()
+        else:
+            out = linear_cross_entropy(_input, lin_weight, target, softcap=self.softcap,
+                                       label_smoothing=self.label_smoothing, z_loss=self.z_loss,
+                                       return_z_loss=self.return_z_loss, ignore_index=self.ignore_index,
+                                       reduction=self.reduction)
         if self.reduction == "mean":
-            out = self._zero_if_all_ignored(out, target)
+            out = self._zero_if_all_ignored(out, target, self.return_z_loss or self.return_token_accuracy)
+        if self.return_token_accuracy:
+            return LinearCrossEntropyAccuracyOutput(out[0], out[1] if self.return_z_loss else None, accuracy)
         return LinearCrossEntropyOutput(*out) if self.return_z_loss else out
 
-    def _zero_if_all_ignored(self, out, target: torch.Tensor):
+    def _zero_if_all_ignored(self, out, target: torch.Tensor, pair: bool):
         # Liger's fused loss gives 0 (not F.cross_entropy's NaN) when every target is ignored: each
         # row returns before writing its loss and the rows' zeros are summed. Keep its value here, the
         # Liger-compatible module (no host sync: a select on a device bool).
         none = (target == self.ignore_index).all()
         zero_if_none = lambda t: torch.where(none, torch.zeros_like(t), t)  # noqa: E731
-        return tuple(zero_if_none(t) for t in out) if self.return_z_loss else zero_if_none(out)
+        return tuple(zero_if_none(t) for t in out) if pair else zero_if_none(out)
 
 
 def _check_reduction(name: str, reduction) -> None:

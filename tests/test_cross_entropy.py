@@ -202,6 +202,23 @@ def test_modules_as_torchs_and_ligers():
         LinearCrossEntropyLoss(torch.ones(12))
     with pytest.raises(ValueError, match="accum_dtype"):
         LinearCrossEntropyLoss(accum_dtype=torch.bfloat16)
+    # Liger's return_token_accuracy (its tenth argument, after use_token_scaling): the share of counted
+    # targets that are the argmax for "mean" and "sum", each row's for "none", by name as its
+    # CrossEntropyOutput (z_loss None without return_z_loss); NaN when every target is ignored
+    targets = torch.tensor([1, 2, -100, 3, 11, 0])
+    logits = x @ w.t()
+    targets[[0, 3]] = logits.argmax(-1)[[0, 3]]
+    hits = (logits.argmax(-1) == targets) & (targets != -100)
+    for reduction in ("mean", "sum", "none"):
+        out = LinearCrossEntropyLoss(None, -100, 1e-2, 0.0, reduction, None, False, None, False, True)(w, x, targets)
+        plain = LinearCrossEntropyLoss(lse_square_scale=1e-2, reduction=reduction)(w, x, targets)
+        want = hits.double() if reduction == "none" else hits.double().sum() / 5
+        assert torch.equal(out.loss, plain) and out.z_loss is None and torch.equal(out.token_accuracy, want), reduction
+    assert hits.sum() >= 2
+    out = LinearCrossEntropyLoss(return_z_loss=True, return_token_accuracy=True)(w, x, ignored)
+    assert (out.loss.item(), out.z_loss.item()) == (0.0, 0.0) and out.token_accuracy.isnan()
+    with pytest.raises(NotImplementedError, match="use_token_scaling"):
+        LinearCrossEntropyLoss(use_token_scaling=True)
 
 
 def test_z_loss_share_is_returned_detached():

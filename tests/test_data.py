@@ -359,6 +359,10 @@ def test_collect_files_as_text(tmp_path):
     with pytest.warns(UserWarning, match=r"latin.txt is not UTF-8 \(byte 3: b'\\xe9'\): 1 bytes"):
         texts = list(data.read_documents([tmp_path / "crlf.txt", tmp_path / "latin.txt"]))
     assert texts == ["a\r\nb", "caf\ufffd"]
+    # the bytes counted, not the U+FFFD they became (a cut 3-byte sequence is one), nor a U+FFFD in the file
+    (tmp_path / "cut.txt").write_bytes("\ufffd x ".encode() + b"\xe2\x82 y \xff")
+    with pytest.warns(UserWarning, match=r"cut.txt is not UTF-8 \(byte 6: b'\\xe2'\): 3 bytes read as U\+FFFD"):
+        assert list(data.read_documents([tmp_path / "cut.txt"])) == ["\ufffd x \ufffd y \ufffd"]
 
 
 def test_doc_mask_on_nanogpts_gpt2_files(tmp_path):

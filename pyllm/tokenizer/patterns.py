@@ -94,7 +94,7 @@ def text_parts(path, part_bytes: int | None, pattern: str, not_utf8: dict) -> It
     """A file's text (UTF-8, other bytes read as U+FFFD), whole, or in file_parts where it is larger
     than part_bytes (not None), with whether each is the last (data.prepare's and Tokenizer.train's
     reading of a file). A file not UTF-8 gets not_utf8[path] = (its first such byte's offset, that
-    byte, the U+FFFD read), set before its last part is given."""
+    byte, how many bytes were read as U+FFFD), set before its last part is given."""
     if part_bytes is None or os.path.getsize(path) <= part_bytes:
         raw_parts = ((Path(path).read_bytes(), True) for _ in range(1))  # (no list holding the bytes while
     else:  # their text is tokenized)
@@ -105,7 +105,8 @@ def text_parts(path, part_bytes: int | None, pattern: str, not_utf8: dict) -> It
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:  # (parts end after a newline: no character is cut)
             text = raw.decode("utf-8", errors="replace")
-            replaced += text.count(chr(0xFFFD)) - raw.decode("utf-8", "ignore").count(chr(0xFFFD))
+            # the bytes replaced (a U+FFFD stands for 1-3 of them; one in the file itself is UTF-8)
+            replaced += len(raw) - len(raw.decode("utf-8", "ignore").encode("utf-8"))
             bad = bad or (offset + e.start, raw[e.start:e.start + 1])
         offset += len(raw)
         del raw  # (the bytes beside their text while it is tokenized: twice a large file's size)

@@ -133,7 +133,8 @@ def main() -> int:
                      "over its start MB": round(over), "ids equal": same, **common.spread(s)})
     base = rows[1]
     for r in rows:
-        memory = base["over its start MB"] / max(r["over its start MB"], 1)
+        # (MB rounded: both under 1 MB over their start, a tiny --mb, read 1.0x, not 0.0x)
+        memory = max(base["over its start MB"], 1) / max(r["over its start MB"], 1)
         r["vs nanoGPT"] = f"{base['s'] / r['s']:.2f}x time, {memory:.1f}x memory"
     common.print_table(rows, ["impl", "s", "MB/s", "peak RSS MB", "over its start MB", "vs nanoGPT", "ids equal"])
     common.write_json(args.json, "prepare", "cpu", rows, {"file_MB": size / 1e6, "vocab_size": vocab_size,

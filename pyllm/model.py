@@ -628,7 +628,8 @@ class LLM(nn.Module):
         of logsumexp(logits)^2 (PaLM's auxiliary loss, 1e-4 there: it keeps the softmax's normaliser
         near 1, so the logits do not drift in bf16), with or without fused_loss; that share is
         kept, detached, as z_loss_term (None without z_loss).
-        token_stats (with targets, for the loss or per_token without fused_loss): keeps, as
+        token_stats (with targets, for the loss or per_token; per_token at temperature: of logits /
+        temperature, GRPO's): keeps, as
         token_stats_term, a (3,) fp32 tensor (fp64 for an fp64 model): the sum over the counted
         targets of the entropy of the next-token distribution, how many of them are its argmax, and
         how many are counted (TRL's SFT metrics entropy and mean_token_accuracy are the first two over
@@ -679,9 +680,8 @@ class LLM(nn.Module):
         if z_loss and (targets is None or per_token or hidden or distill is not None or scores or sequence_loss):
             raise ValueError("LLM.forward: z_loss goes with the mean loss of targets (not per_token, hidden, distill, "
                              "scores or sequence_loss)")
-        if token_stats and (targets is None or hidden or distill is not None or scores or sequence_loss is not None
-                            or (per_token and self.fused_loss)):
-            raise ValueError("LLM.forward: token_stats goes with the loss of targets, or per_token without fused_loss "
+        if token_stats and (targets is None or hidden or distill is not None or scores or sequence_loss is not None):
+            raise ValueError("LLM.forward: token_stats goes with the loss or per_token log-probabilities of targets "
                              "(not hidden, distill, scores or sequence_loss)")
         if sequence_loss is not None and (targets is None or cu_seqlens is None or not self.fused_loss
                                           or torch.compiler.is_compiling()):
@@ -806,7 +806,11 @@ class LLM(nn.Module):
             if temperature != 1.0 and shape["softcap"] is None:  # (the division folded into the scale, in fp32)
                 shape["scale"] /= temperature
             if fused and (temperature == 1.0 or shape["softcap"] is None):
-                logps = linear_token_logps(h, self.lm_head.weight, targets_at, **shape)
+                logps = linear_token_logps(h, self.lm_head.weight, targets_at, **shape, return_token_stats=token_stats)
+                if token_stats:
+                    logps, entropy, top1 = logps
+                    self.token_stats_term = torch.stack([entropy.sum(), top1.sum().to(entropy.dtype),
+                                                         (targets != -1).sum().to(entropy.dtype)])
             else:  # (a cap, then the division: the final logits / temperature, as sampling divides them)
                 logits = self._logits(h)
                 logits = logits if temperature == 1.0 else logits / temperature

@@ -1285,18 +1285,22 @@ def _logp_grad_(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, 
     return grad.scatter_add_(1, targets.clamp(min=0)[:, None], g[:, None])
 
 
-def _chunk_logps(xc, weight, tc, buffers, kernel: bool, scale: float, softcap: float, want_grad: bool = False):
+def _chunk_logps(xc, weight, tc, buffers, kernel: bool, scale: float, softcap: float, want_grad: bool = False,
+                 stats=None):
     """A chunk's logits and each row's log-probability of its target (0 where it is -1): by pyllm's
     kernel over buffers' logits (c, V) in x's dtype (want_grad: they then hold d(-logp) / d logits),
     or in torch ops ((c, V) scaled and capped in fp32 at least, with their log-sum-exp and the cap's
-    tanh for the backward). -> (logits, logps, lse or None, tanh or None)."""
+    tanh for the backward). stats: None or the chunk's rows of token statistics (c, 2) to write
+    (cross_entropy_ops.token_stats'). -> (logits, logps, lse or None, tanh or None)."""
     if kernel:
         logits = buffers.logits(xc, weight)  # (c, V) in x's dtype, read once by the kernel
         loss = cross_entropy_ops.cross_entropy_rows_(logits, tc, ignore_index=-1, scale=scale, softcap=softcap,
-                                                     want_grad=want_grad)[0]
+                                                     want_grad=want_grad, stats=stats)[0]
         return logits, loss.neg(), None, None
     acc = torch.promote_types(xc.dtype, torch.float32)
     logits, tanh = _final_logits((xc @ weight.t()).to(acc), scale, softcap)  # (c, V)
+    if stats is not None:
+        stats.copy_(cross_entropy_ops.stats_of_shaped(logits, tc, tc != -1))
     lse = torch.logsumexp(logits, dim=-1)
     logps = (logits.gather(1, tc.clamp(min=0)[:, None])[:, 0] - lse) * (tc != -1)
     return logits, logps, lse, tanh
@@ -1326,10 +1330,12 @@ class _LinearTokenLogps(torch.autograd.Function):
     grad_x = grad_out * J: two matmuls of the head in all rather than three."""
 
     @staticmethod
-    def forward(ctx, x, weight, targets, chunk_rows, scale, softcap, jacobian):  # x (N, C), weight (V, C), targets (N,)
+    def forward(ctx, x, weight, targets, chunk_rows, scale, softcap, jacobian, want_stats=False):
+        # x (N, C), weight (V, C), targets (N,)
         ctx.weight_dtype, weight = weight.dtype, weight.to(x.dtype)  # (see _fused_linear_inputs)
         acc = torch.promote_types(x.dtype, torch.float32)
         out = torch.empty(x.shape[0], dtype=acc, device=x.device)
+        stats = _stats_buffer(x, want_stats)
         kernel = cross_entropy_ops.takes(x)
         lse = None if kernel or jacobian else torch.empty(x.shape[0], dtype=acc, device=x.device)
         jac = torch.empty_like(x) if jacobian else None  # d loss_r / d x_r = -d logp_r / d x_r
@@ -1337,7 +1343,8 @@ class _LinearTokenLogps(torch.autograd.Function):
         for rows in chunk_slices(x.shape[0], chunk_rows):
             tc = targets[rows]
             logits, out[rows], chunk_lse, tanh = _chunk_logps(x[rows], weight, tc, buffers, kernel, scale, softcap,
-                                                              want_grad=jacobian)
+                                                              want_grad=jacobian,
+                                                              stats=stats[rows] if want_stats else None)
             if kernel:
                 if jacobian:  # logits now hold d loss / d logits
                     jac[rows] = _rows_times(logits, weight)
@@ -1353,16 +1360,17 @@ class _LinearTokenLogps(torch.autograd.Function):
         else:
             ctx.save_for_backward(x, weight, targets, lse)
         ctx.chunk_rows, ctx.scale, ctx.softcap, ctx.kernel, ctx.jacobian = chunk_rows, scale, softcap, kernel, jacobian
-        return out
+        ctx.mark_non_differentiable(stats)
+        return out, stats
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, _):
         _refuse_create_graph("linear_token_logps")
         if ctx.jacobian:
             (jac,) = ctx.saved_tensors
             acc = torch.promote_types(jac.dtype, torch.float32)
             grad_x = (jac.to(acc) * grad_out.to(acc).neg()[:, None]).to(jac.dtype)
-            return grad_x, None, None, None, None, None, None
+            return grad_x, None, None, None, None, None, None, None
         x, weight, targets, lse = ctx.saved_tensors
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_x = torch.empty_like(x) if need_x else None
@@ -1381,18 +1389,46 @@ class _LinearTokenLogps(torch.autograd.Function):
             buffers.add_grads(grad, xc, weight, rows, grad_x)
             del grad  # before the next chunk's are made
         grad_w = buffers.grad_w
-        return grad_x, None if grad_w is None else grad_w.to(ctx.weight_dtype), None, None, None, None, None
+        return grad_x, None if grad_w is None else grad_w.to(ctx.weight_dtype), None, None, None, None, None, None
+
+
+class TokenLogps(NamedTuple):
+    """linear_token_logps' output with return_token_stats, each of targets' shape: the
+    log-probabilities, and TRL's token statistics from the same pass (cross_entropy_ops.token_stats')."""
+    logps: torch.Tensor
+    entropy: torch.Tensor
+    is_top1: torch.Tensor
+
+
+@overload
+def linear_token_logps(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                       chunk_rows: int | None = None, *, scale: float = 1.0, softcap: float | None = None,
+                       return_token_stats: Literal[False] = False) -> torch.Tensor: ...
+
+
+@overload
+def linear_token_logps(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                       chunk_rows: int | None = None, *, scale: float = 1.0, softcap: float | None = None,
+                       return_token_stats: Literal[True]) -> TokenLogps: ...
+
+
+@overload
+def linear_token_logps(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                       chunk_rows: int | None = None, *, scale: float = 1.0, softcap: float | None = None,
+                       return_token_stats: bool = False) -> torch.Tensor | TokenLogps: ...
 
 
 def linear_token_logps(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                       chunk_rows: int | None = None, *, scale: float = 1.0,
-                       softcap: float | None = None) -> torch.Tensor:
+                       chunk_rows: int | None = None, *, scale: float = 1.0, softcap: float | None = None,
+                       return_token_stats: bool = False) -> torch.Tensor | TokenLogps:
     """log_softmax(x @ weight.T)[targets] per row, in fp32 (at least), 0 where targets is -1,
     without the (rows, vocab) logits in memory: chunk by chunk in the forward, and again in the
     backward (recomputed from x and the saved log-sum-exp). x (..., C), weight (V, C), targets (...)
     -> (...). For losses over sequences (DPO's sequence_logps), where linear_cross_entropy's
     gradients-in-the-forward cannot serve. Under autocast, x and weight are cast to its dtype
-    first, as nn.Linear would be. chunk_rows, scale, softcap: as in linear_cross_entropy."""
+    first, as nn.Linear would be. chunk_rows, scale, softcap: as in linear_cross_entropy.
+    return_token_stats: -> TokenLogps(logps, entropy, is_top1): also each row's entropy of the
+    softmax and whether its target is the argmax (TRL's GRPO entropy), from the same pass, detached."""
     _check_targets("linear_token_logps", x, targets)
     x, weight, chunk_rows = _fused_linear_inputs(x, weight, chunk_rows, softcap, cross_entropy_ops.takes)
     scale, softcap = _logit_shape("linear_token_logps", scale, softcap)
@@ -1400,9 +1436,17 @@ def linear_token_logps(x: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     jacobian = torch.is_grad_enabled() and x.requires_grad and not weight.requires_grad
     with _autocast_off(x):
         if _util.torch_func_active() or _util.exporting():  # (see linear_cross_entropy)
-            return _whole_logps(x, weight, targets.reshape(-1), scale, softcap).view(targets.shape)
-        return _LinearTokenLogps.apply(x, weight, targets.reshape(-1), chunk_rows, scale,
-                                       softcap, jacobian).view(targets.shape)
+            logps = _whole_logps(x, weight, targets.reshape(-1), scale, softcap).view(targets.shape)
+            if not return_token_stats:
+                return logps
+            entropy, top1 = cross_entropy_ops.token_stats(F.linear(x, weight.to(x.dtype)), targets.reshape(-1),
+                                                          ignore_index=-1, scale=scale, softcap=softcap or None)
+            return TokenLogps(logps, entropy.to(logps.dtype).view(targets.shape), top1.view(targets.shape))
+        logps, stats = _LinearTokenLogps.apply(x, weight, targets.reshape(-1), chunk_rows, scale, softcap, jacobian,
+                                               return_token_stats)
+    if not return_token_stats:
+        return logps.view(targets.shape)
+    return TokenLogps(logps.view(targets.shape), stats[:, 0].view(targets.shape), (stats[:, 1] > 0).view(targets.shape))
 
 
 def _whole_logps(x, weight, targets, scale: float, softcap: float) -> torch.Tensor:

@@ -659,7 +659,7 @@ def evaluate_rewards(policy: LLM, path, cfg: TrainConfig, seq_len: int, reward_f
         sums += grpo_rollout(policy, batch, cfg, reward_fns, torch.Generator(info.device).manual_seed(seed),
                              grpo_rows(rows, loader.docs, batch[2], loader.offsets), step)["stats"]
     sums = all_reduce_sum(sums, info)
-    means = grpo_stat_means(torch.cat([sums, torch.zeros(4, dtype=torch.float64)]), R)
+    means = grpo_stat_means(torch.cat([sums, torch.zeros(5, dtype=torch.float64)]), R)
     out = {"val_reward": means[0]}
     if R > 1:
         out.update((f"val_rewards/{name}", mean) for name, mean in zip(reward_names(cfg.grpo_reward),
@@ -1550,7 +1550,7 @@ def grpo_rows(rows: list | None, docs: list[int], cu_seqlens: torch.Tensor, offs
 
 
 GRPO_STATS = ["reward", "reward_std", "completion_length", "kl", "clip_ratio", "frac_reward_zero_std",
-              "completions/clipped_ratio"]  # (then rewards/<name> of each reward)
+              "completions/clipped_ratio", "entropy"]  # (then rewards/<name> of each reward)
 
 
 def grpo_stat_means(sums: torch.Tensor, n_rewards: int, batch_scaled: bool = False) -> list:
@@ -1560,8 +1560,9 @@ def grpo_stat_means(sums: torch.Tensor, n_rewards: int, batch_scaled: bool = Fal
     mean std), mean sample length, mean KL per trained token (TRL's), the share of trained tokens
     whose ratio was clipped (of samples with GSPO's ratio a sample, as TRL counts), the share of
     samples whose group's rewards have std 0 (batch_scaled, cfg.grpo_scale_rewards batch: 1 or 0 as
-    the step's std is, TRL's), the share that ended without a stop token; then each reward's mean
-    over the samples it scored; None where nothing counted."""
+    the step's std is, TRL's), the share that ended without a stop token, the mean entropy of the
+    policy's next-token distribution (at the sampling temperature) per trained token (TRL's); then
+    each reward's mean over the samples it scored; None where nothing counted."""
     s = sums.tolist()
     ratio = lambda a, b: a / b if b else None  # noqa: E731
     R = n_rewards
@@ -1570,7 +1571,7 @@ def grpo_stat_means(sums: torch.Tensor, n_rewards: int, batch_scaled: bool = Fal
     flat = std is not None and std <= max(1e-8, 1e-7 * abs(s[0] / s[3]))
     zero_std = (float(flat) if s[1] else None) if batch_scaled else ratio(s[5], s[1])
     return ([ratio(s[0], s[3]), std, ratio(s[4], s[1]), ratio(s[7 + 2 * R], s[8 + 2 * R]),
-             ratio(s[9 + 2 * R], s[10 + 2 * R]), zero_std, ratio(s[6], s[1])]
+             ratio(s[9 + 2 * R], s[10 + 2 * R]), zero_std, ratio(s[6], s[1]), ratio(s[11 + 2 * R], s[8 + 2 * R])]
             + [ratio(s[7 + i], s[7 + R + i]) for i in range(R)])
 
 
@@ -1641,11 +1642,12 @@ def grpo_loss(model, rollout: dict, cfg: TrainConfig, world_size: int = 1) -> tu
     wrapper). With cfg.grpo_kl_bias_correction (TRL's default) the KL term is times the ratio (and
     so is the KL logged, as TRL logs it). Also the sums for the log (grpo_stat_means): (the trained tokens' KL, the trained tokens,
     those whose ratio was clipped (cispo: TRL's cispo_clip_ratio, above eps_high with A > 0), the
-    trained tokens), fp64 on the CPU."""
+    trained tokens, their entropies (LLM.forward's token_stats)), fp64 on the CPU."""
     x, y, cu, at = rollout["packed"]
     # at the sampling temperature, as TRL's (its logits / temperature): the policy that drew the samples
-    token_logps = model(x, y, cu, per_token=True, temperature=cfg.grpo_temperature,
+    token_logps = model(x, y, cu, per_token=True, temperature=cfg.grpo_temperature, token_stats=True,
                         **balance_kwargs(model, x, cu, at))[1]  # (B, T), 0 where no target
+    entropy_sum = getattr(model, "module", model).token_stats_term[0].detach()  # (DDP's; the others read through)
     mask = (y != -1).to(token_logps.dtype)
     old = rollout.get("old")
     old = token_logps.detach() if old is None else old.to(token_logps)
@@ -1702,7 +1704,7 @@ def grpo_loss(model, rollout: dict, cfg: TrainConfig, world_size: int = 1) -> tu
         clipped, counted = (is_clipped.to(mask) * mask).sum(), mask.sum()
         if cfg.grpo_importance_sampling == "sequence":  # one ratio a sample: TRL counts samples there
             clipped, counted = (sequence_logps(is_clipped.to(mask) * mask, cu)[at] > 0).sum().to(mask), mask.new_tensor(n)
-        stats = torch.stack([kl_sum, mask.sum(), clipped, counted])
+        stats = torch.stack([kl_sum, mask.sum(), clipped, counted, entropy_sum.to(mask)])
     return loss, stats.double().cpu()
 
 
@@ -2516,7 +2518,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
         # pretraining and SFT: each micro-step's token_stats_term (entropy sum, argmax hits, targets)
         stat_sums = torch.zeros(cfg.grad_accum, 3, device=info.device) if token_stats else None
         on_policy = 0  # micro-batches of the student's own samples (distill_lmbda)
-        grpo_sums = torch.zeros(11 + 2 * len(reward or ()), dtype=torch.float64)  # grpo_stat_means' sums
+        grpo_sums = torch.zeros(12 + 2 * len(reward or ()), dtype=torch.float64)  # grpo_stat_means' sums
         generation_flops = 0.0
         generates = reward is not None and (step % cfg.grpo_iterations == 0 or rollouts is None)
         if reward is None or generates:

@@ -156,7 +156,7 @@ def test_grpo_loss_and_gradients_are_the_formula(chat_dir, loss_type, scale, bet
         shift = torch.randn(len(cu) - 1, generator=g, dtype=torch.float64)[
             torch.repeat_interleave(torch.arange(len(cu) - 1), cu.diff().long())].view_as(y)
         rollout["old"] = rollout["old"] + (torch.randn(y.shape, generator=g, dtype=torch.float64) + shift) * 0.2 * (y != -1)
-    loss, (kl_sum, kl_tokens, clipped_tokens, trained_tokens) = trainer.grpo_loss(model, rollout, cfg)
+    loss, (kl_sum, kl_tokens, clipped_tokens, trained_tokens, entropy_sum) = trainer.grpo_loss(model, rollout, cfg)
     loss.backward()
     got = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
@@ -169,7 +169,7 @@ def test_grpo_loss_and_gradients_are_the_formula(chat_dir, loss_type, scale, bet
     advantages = (centered / {"group": rewards.std(1, keepdim=True) + 1e-4, "batch": rewards.std() + 1e-4,
                               "none": 1.0}[scale]).view(-1)
     old_flat = rollout["old"].view(-1) if iterations > 1 else None
-    terms, kls, clipped = [], [], 0
+    terms, kls, clipped, entropies = [], [], 0, []
     for i, (prompt, sample, a) in enumerate(zip(prompts, samples, advantages)):
         ids = torch.tensor(prompt + sample)
 
@@ -182,6 +182,9 @@ def test_grpo_loss_and_gradients_are_the_formula(chat_dir, loss_type, scale, bet
         ratio = torch.exp(logp - old) if level == "token" else torch.exp((logp - old).mean()).expand(len(sample))
         if masked and sample[-1] not in stops:  # (its advantage counted in its group, no loss)
             continue
+        with torch.no_grad():  # (TRL's entropy: of the policy's next-token distribution at each trained token)
+            lp = torch.log_softmax(model(ids[None])[0][0], -1)[len(prompt) - 1:len(ids) - 1]
+            entropies.append(-(lp.exp() * lp).sum())
         if loss_type == "cispo":
             term = -torch.clamp(ratio, max=0.15).detach() * a * logp
         elif loss_type == "sapo":
@@ -218,8 +221,9 @@ def test_grpo_loss_and_gradients_are_the_formula(chat_dir, loss_type, scale, bet
     cut = [len(p) + len(s) for p, s in zip(prompts, samples)]  # (MFU's count: the sequences computed)
     assert rollout["lengths"] == cut and rollout["targets"] == tokens and sampled >= tokens
     flat = rewards.view(-1)
-    means = trainer.grpo_stat_means(torch.cat([rollout["stats"], torch.tensor([kl_sum, tokens, clipped, counted])]), 1,
-                                    scale == "batch")
+    assert entropy_sum.item() == pytest.approx(torch.stack(entropies).sum().item(), rel=1e-9)
+    means = trainer.grpo_stat_means(torch.cat([rollout["stats"], torch.tensor([kl_sum, tokens, clipped, counted,
+                                                                               entropy_sum])]), 1, scale == "batch")
     # (TRL 1.16's reward_std: the std of the step's rewards; its kl: a mean per trained token; its
     # frac_reward_zero_std: the samples whose group's std is 0, batch scaling's the step's std;
     # completions/clipped_ratio: the samples without a stop token)
@@ -229,7 +233,7 @@ def test_grpo_loss_and_gradients_are_the_formula(chat_dir, loss_type, scale, bet
     assert 0 < unended < 1
     np.testing.assert_allclose(means, [flat.mean().item(), flat.std().item(), np.mean([len(s) for s in samples]),
                                        beta and torch.stack(kls).sum().item() / tokens, clipped / counted, zero_std,
-                                       unended, flat.mean().item()],
+                                       unended, entropy_sum.item() / tokens, flat.mean().item()],
                                rtol=1e-6, atol=1e-12)
 
 
@@ -257,7 +261,8 @@ def test_grpo_rewards_are_summed_by_weight(chat_dir):  # noqa: F811
     assert np.isnan(b).any() and not np.isnan(b).all()
     total = 2 * a + 0.5 * np.nan_to_num(b)
     grouped = total.reshape(-1, 4)
-    np.testing.assert_allclose(stats[:5] + stats[7:], [total.mean(), total.std(ddof=1),
+    assert 0 < stats[7] < math.log(model.config.vocab_size)  # (the entropy)
+    np.testing.assert_allclose(stats[:5] + stats[8:], [total.mean(), total.std(ddof=1),
                                                         np.mean([len(s) for s in samples]), 0.0, 0.0, a.mean(),
                                                         np.nanmean(b), 0.0], rtol=1e-6)
     # (no stop tokens: every sample ends unfinished; groups of equal rewards' share)
@@ -267,9 +272,10 @@ def test_grpo_rewards_are_summed_by_weight(chat_dir):  # noqa: F811
     # the log's means are of sums and counts over micro-batches and ranks: a reward no sample got is None
     # (scored rewards' sum, samples, scored rewards' squares, scored samples, sampled tokens, samples of
     # groups whose std is 0, samples without a stop token, each reward's sums, counts, then
-    # grpo_loss's KL sum, KL tokens, clipped tokens, trained tokens)
-    sums = torch.tensor([3.0, 4, 5.0, 2, 8, 2, 1, 2.0, 0.0, 4, 0, 0.5, 4, 1, 10], dtype=torch.float64)
-    assert trainer.grpo_stat_means(sums, 2) == pytest.approx([1.5, 0.5 ** 0.5, 2.0, 0.125, 0.1, 0.5, 0.25, 0.5, None])
+    # grpo_loss's KL sum, KL tokens, clipped tokens, trained tokens, entropy sum)
+    sums = torch.tensor([3.0, 4, 5.0, 2, 8, 2, 1, 2.0, 0.0, 4, 0, 0.5, 4, 1, 10, 6.0], dtype=torch.float64)
+    assert trainer.grpo_stat_means(sums, 2) == pytest.approx([1.5, 0.5 ** 0.5, 2.0, 0.125, 0.1, 0.5, 0.25, 1.5, 0.5,
+                                                              None])
     assert trainer.grpo_stat_means(sums, 2, batch_scaled=True)[5] == 0.0  # (the step's std is not 0)
     with pytest.raises(ValueError, match="a finite number for each of the 2"):
         TrainConfig(grpo_reward=cfg.grpo_reward, grpo_reward_weights=[1.0]).validate()
@@ -491,7 +497,7 @@ def test_frac_reward_zero_std_as_trl_counts_it():
     samples = [[5, 1], [5], [], [2, 7]] * 3
     assert trainer._flat_and_unended(rewards, samples, 4, {1}) == [4.0, 9.0]  # (the last group; all but [5, 1])
     n = 256
-    sums = torch.tensor([0.7 * n, n, 0.49 * n, n, 0, 0, 0, 0, 0, 0, 1], dtype=torch.float64)
+    sums = torch.tensor([0.7 * n, n, 0.49 * n, n, 0, 0, 0, 0, 0, 0, 1, 0], dtype=torch.float64)
     assert trainer.grpo_stat_means(sums, 0, batch_scaled=True)[5] == 1.0
 
 

@@ -1851,10 +1851,48 @@ def test_linear_cross_entropy_token_stats_match_float64(device, dtype, chunk_row
     assert 40 < theirs[1].sum() <= 100
 
 
+@pytest.mark.parametrize("step", ["kernel", "torch-ops"])
+@pytest.mark.parametrize("shape", ["plain", "scaled-capped"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_linear_token_logps_token_stats(dtype, shape, step, monkeypatch):
+    # linear_token_logps(return_token_stats=True) (GRPO's entropy, with the frozen head's Jacobian
+    # path too): each row's entropy within twice torch's own error against float64 and its argmax hit
+    # torch.argmax's on the same logits, 0 / False where ignored; the log-probabilities and gradients
+    # the same as without them.
+    from pyllm.nn import linear_token_logps
+
+    softmax_step(monkeypatch, step)
+    call = LOGIT_SHAPES[shape]
+    x64, w64, targets = output_layer_case(1)
+    x, w = x64.to(dtype), w64.to(dtype)
+    targets[1::3] = shaped_logits(x @ w.t(), **call).argmax(dim=-1)[1::3]
+    targets[::7] = -1
+    counted = targets != -1
+
+    def entropy_of(z):
+        logp = torch.log_softmax(z, dim=-1)
+        return -(logp.exp() * logp).sum(dim=-1) * counted
+
+    theirs = shaped_logits(x @ w.t(), **call)
+    for frozen_head in (False, True):
+        xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_(not frozen_head)
+        out = linear_token_logps(xg, wg, targets, 37, **call, return_token_stats=True)
+        x2, w2 = x.clone().requires_grad_(), w.clone().requires_grad_(not frozen_head)
+        plain = linear_token_logps(x2, w2, targets, 37, **call)
+        assert torch.equal(out.logps.detach(), plain.detach()) and not out.entropy.requires_grad
+        exact = entropy_of(shaped_logits(x64 @ w64.t(), **call))
+        assert rel_err(out.entropy, exact) <= tolerance(entropy_of(theirs), exact)
+        assert torch.equal(out.is_top1, (theirs.argmax(dim=-1) == targets) & counted) and out.is_top1.sum() >= 40
+        out.logps.sum().backward()
+        plain.sum().backward()
+        assert torch.equal(xg.grad, x2.grad)
+
+
 def test_model_token_stats_agree_on_every_loss_path():
     # LLM.forward(token_stats=True): the entropy sum, argmax hits and counted targets of its targets,
-    # the same from the logits, the fused loss and the per-token path (to fp32 rounding), those of a
-    # float64 computation from the model's logits, compiled too; refused where no such loss is made.
+    # the same from the logits, the fused loss and the per-token paths, fused or not (to fp32 rounding),
+    # those of a float64 computation from the model's logits, compiled too; refused where no such
+    # loss is made. At a temperature (GRPO's per-token path) those of logits / temperature.
     torch.manual_seed(0)
     model = LLM(ModelConfig(**SMALL))
     idx = torch.randint(0, 97, (2, 16))
@@ -1871,7 +1909,7 @@ def test_model_token_stats_agree_on_every_loss_path():
                         ((logits.argmax(-1) == targets) & counted).sum(), counted.sum().double()])
     got = {}
     for name, fused, kw in (("logits", False, {}), ("fused", True, {}), ("per_token", False, {"per_token": True}),
-                            ("z_loss", True, {"z_loss": 1e-3})):
+                            ("fused per_token", True, {"per_token": True}), ("z_loss", True, {"z_loss": 1e-3})):
         model.fused_loss = fused
         model(idx, targets, token_stats=True, **kw)
         got[name] = model.token_stats_term
@@ -1884,9 +1922,16 @@ def test_model_token_stats_agree_on_every_loss_path():
         torch._dynamo.reset()
         torch.compile(model, fullgraph=True)(idx, targets, token_stats=True)
         torch.testing.assert_close(model.token_stats_term, got["logits"], rtol=1e-5, atol=1e-5)
+    logits_t = logits / 0.7
+    logp_t = torch.log_softmax(logits_t, dim=-1)
+    want_t = (-(logp_t.exp() * logp_t).sum(-1) * counted).sum()
+    for fused in (False, True):
+        model.fused_loss = fused
+        model(idx, targets, per_token=True, temperature=0.7, token_stats=True)
+        assert rel_err(model.token_stats_term[0], want_t) < 1e-6 and model.token_stats_term[1] == want[1]
     model.fused_loss = True
-    for kw in ({}, {"per_token": True}, {"hidden": True}):
-        with pytest.raises(ValueError, match="token_stats goes with the loss of targets"):
+    for kw in ({}, {"hidden": True}):
+        with pytest.raises(ValueError, match="token_stats goes with the loss or per_token"):
             model(idx, None if not kw else targets, token_stats=True, **kw)
 
 

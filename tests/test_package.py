@@ -45,7 +45,7 @@ def _flagged_functions():
         "flash_attn_varlen_qkvpacked_func", "flash_attn_varlen_kvpacked_func")]
     return [(pyllm.flash_attn, "return_lse"), (pyllm.flash_attn_with_kvcache, "return_lse"),
             (pyllm.cross_entropy, "return_z_loss"), (pyllm.nn.linear_cross_entropy, "return_z_loss"),
-            (pyllm.nn.linear_cross_entropy, "return_token_stats"),
+            (pyllm.nn.linear_cross_entropy, "return_token_stats"), (pyllm.nn.linear_token_logps, "return_token_stats"),
             (fai.flash_attn_with_kvcache, "return_softmax_lse"), *interface]
 
 

@@ -395,6 +395,11 @@ def _(logits, targets, ignore_index, scale, softcap):
         logits.numel() // logits.shape[-1], 2)
 
 
+@_util.batching_rule(_token_stats)
+def _(op, info, in_dims, *args):  # vmap: the vmapped dim first makes more rows of one call
+    return op(*_util.batched_first(info, in_dims, args, expand=True)).view(info.batch_size, -1, 2), 0
+
+
 def token_stats(logits: Tensor, targets: Tensor, *, ignore_index: int = -100, scale: float = 1.0,
                 softcap: Optional[float] = None) -> TokenStats:
     """TRL's SFT metrics per token, from logits (..., V) and targets (...) as cross_entropy takes

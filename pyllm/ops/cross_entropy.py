@@ -34,8 +34,13 @@ _TARGET_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8
 
 # --- validation ---------------------------------------------------------------------------------
 
-def _check(logits, targets, ignore_index, reduction, label_smoothing, z_loss, scale, softcap) -> None:
-    _util.check_tensor(OP, "logits", logits, DTYPES)
+def _check(logits, targets, ignore_index, reduction, label_smoothing, z_loss, scale, softcap,
+           kernel: bool = True) -> None:
+    """kernel False: logits any float tensor on any device (token_stats' torch ops off the CPU)."""
+    if kernel:
+        _util.check_tensor(OP, "logits", logits, DTYPES)
+    elif not isinstance(logits, Tensor) or not logits.is_floating_point():
+        raise TypeError(f"{OP}: logits must be a float tensor, got {getattr(logits, 'dtype', type(logits).__name__)}")
     if logits.dim() == 0 or logits.shape[-1] == 0:
         raise ValueError(f"{OP}: logits must be (..., V) with V >= 1 (the classes on the last dim), got shape "
                          f"{tuple(logits.shape)}")
@@ -409,9 +414,16 @@ def token_stats(logits: Tensor, targets: Tensor, *, ignore_index: int = -100, sc
     equal maxima as torch.argmax (TRL's is_top1; their mean over the counted targets is its
     mean_token_accuracy). A row whose loss would be NaN (a NaN logit, +-inf as its largest) gets a
     NaN entropy and False. No gradient. One read of the logits by the cross-entropy kernel on the
-    CPU (in fp32, fp64 for fp64); torch ops on CUDA."""
-    _check(logits, targets, ignore_index, "sum", 0.0, 0.0, scale, softcap)
+    CPU (in fp32, fp64 for fp64); torch ops elsewhere (CUDA, with or without pyllm's kernels)."""
+    kernel = isinstance(logits, Tensor) and (logits.is_cpu or logits.is_meta)
+    _check(logits, targets, ignore_index, "sum", 0.0, 0.0, scale, softcap, kernel)
     with torch.no_grad():
-        stats = _util.call(_token_stats_body, _token_stats, None, logits.detach(), targets, int(ignore_index),
-                           float(scale), float(softcap or 0.0))
+        if kernel:
+            stats = _util.call(_token_stats_body, _token_stats, None, logits.detach(), targets, int(ignore_index),
+                               float(scale), float(softcap or 0.0))
+        else:
+            rows = logits.detach().reshape(-1, logits.shape[-1])
+            stats = rows.new_empty(rows.shape[0], 2, dtype=torch.promote_types(logits.dtype, torch.float32))
+            _stats_in_torch(rows, targets.reshape(-1).long(), int(ignore_index), float(scale), float(softcap or 0.0),
+                            stats)
     return TokenStats(stats[:, 0].reshape(targets.shape), stats[:, 1].reshape(targets.shape) > 0)

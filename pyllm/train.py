@@ -2392,10 +2392,11 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
     optimizer = make_optimizer(model, cfg, info)
     scaler = make_loss_scaler(precision, cfg)
     start_step, skipped = 0, 0
+    num_tokens = 0  # the tokens of every step so far (TRL's num_tokens); None from a checkpoint without it
     best_val = None  # keep_best: the lowest val loss so far, whose weights model.safetensors holds
     if ckpt is not None:
         restore(ckpt, model, optimizer, scaler, loader, cfg, info)
-        start_step, skipped = ckpt["step"], ckpt["skipped_steps"]
+        start_step, skipped, num_tokens = ckpt["step"], ckpt["skipped_steps"], ckpt.get("num_tokens")
         best_val = ckpt.get("best_val_loss") if cfg.keep_best else None
     rollouts = None  # GRPO: the samples of the generation the steps are on (grpo_rollout, grpo_prepare)
     if ckpt is not None and "grpo_rollouts" in ckpt:
@@ -2482,7 +2483,8 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
             "format": CHECKPOINT_FORMAT,
             "model": model_state, "optimizer": optim_state, "scaler": scaler.state_dict() if scaler else None,
             "rng": rng_ranks[0], "rng_ranks": rng_ranks, "loader": loader.state_dict(), "step": step_done,
-            "skipped_steps": skipped, "bad_in_a_row": bad_in_a_row, "model_config": mcfg.to_dict(),
+            "skipped_steps": skipped, "bad_in_a_row": bad_in_a_row, "num_tokens": num_tokens,
+            "model_config": mcfg.to_dict(),
             "train_config": asdict(cfg),
             "best_val_loss": best_val,
             # (torchrun --max-restarts: a restarted attempt of this job goes on from here, cli.elastic_restart_resume)
@@ -2645,8 +2647,10 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
             step_flops, step_tokens = float(counted[0]), int(counted[1])
         tok_s = step_tokens / dt
         mfu = step_flops / dt / (peak * info.world_size) if peak else None
+        num_tokens = None if num_tokens is None else num_tokens + step_tokens
         record = {"step": step, "loss": loss_value if math.isfinite(loss_value) and not no_targets else None, "lr": lr,
                   "grad_norm": grad_norm if math.isfinite(grad_norm) else None, "tokens": step_tokens,
+                  "num_tokens": num_tokens,
                   "tokens_per_s": round(tok_s, 1), "mfu": mfu, "skipped": not stepped}
         if scaler:
             record["loss_scale"] = scaler.get_scale()

@@ -403,6 +403,19 @@ def test_exact_resume(data_dir, tmp_path, extra):
     a = torch.load(tmp_path / "whole/checkpoint.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "cut/checkpoint.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # the logged token stats and TRL's num_tokens (the tokens of every step so far) go on alike
+    records = {run: [json.loads(line) for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+               for run in ("whole", "cut")}
+    for name in ("entropy", "mean_token_accuracy", "num_tokens", "val_entropy"):
+        assert [r.get(name) for r in records["cut"]] == [r.get(name) for r in records["whole"]], name
+    assert [r["num_tokens"] for r in records["whole"]] == list(np.cumsum([r["tokens"] for r in records["whole"]]))
+    if not extra:  # a checkpoint written before num_tokens was: None from there on, not a count from 0
+        ckpt = torch.load(tmp_path / "cut/checkpoint.pt", weights_only=False)
+        del ckpt["num_tokens"]
+        torch.save(ckpt, tmp_path / "cut/checkpoint.pt")
+        trainer.train(config(data_dir, tmp_path / "cut", **dict(extra, max_steps=10)), resume=True)
+        assert [json.loads(line)["num_tokens"] for line in (tmp_path / "cut/log.jsonl").read_text().splitlines()][-2:] \
+            == [None, None]
 
 
 def test_doc_mask_changes_what_is_seen(data_dir, tmp_path):

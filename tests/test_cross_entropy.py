@@ -784,6 +784,9 @@ def test_token_stats_take_the_first_maximum_and_mark_rows_without_a_softmax():
     assert torch.allclose(entropy[:3].double(), want, rtol=1e-6) and entropy[3:6].isnan().all() and entropy[6] == 0
     torch_ops = ce_ops.stats_of_shaped(x, t, t != -100)
     assert torch.equal(torch_ops[:, 1] > 0, top1) and torch.allclose(torch_ops[:, 0], entropy, equal_nan=True)
+    # (a target out of range, which the CPU refuses: torch ops give it NaN and 0, as CUDA gives its loss NaN)
+    out = ce_ops.stats_of_shaped(x[:2], torch.tensor([4, -5]), torch.tensor([True, True]))
+    assert out[:, 0].isnan().all() and not out[:, 1].any()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -22,6 +22,7 @@ def _cases(mesh):
     lets the inputs stay as they are, gathered (Replicate) where it does not; a row loss's sum Partial, each rank's rows' share, or
     Replicate where torch sums at once: 2.6)."""
     import pyllm
+    from pyllm.ops.cross_entropy import token_stats
     from torch.distributed.tensor import Partial, Replicate, Shard
 
     gen = torch.Generator().manual_seed(0)
@@ -78,6 +79,9 @@ def _cases(mesh):
         ("cross_entropy vocab parallel (gathered)", lambda a, t: pyllm.cross_entropy(a, t), (logits, targets),
          (S(2), R()), (0,), R()),
         ("generalized_jsd", lambda a, b: pyllm.generalized_jsd(a, b, beta=0.3), (logits, teacher), (S(0), S(0)), (0,), (P(), R())),
+        # (no gradient: a metric)
+        ("token_stats rows", lambda a, t: tuple(token_stats(a, t, softcap=5.0)), (logits, targets), (S(0), S(0)), (),
+         S(0)),
     ]
 
 
@@ -93,8 +97,9 @@ def _worker(rank: int, port: int, failures) -> None:
             plain = [t.clone().requires_grad_(i in wanted) for i, t in enumerate(inputs)]
             want = fn(*plain)
             want = want if isinstance(want, tuple) else (want,)
-            grads_out = [torch.randn(o.shape, dtype=o.dtype, generator=torch.Generator().manual_seed(i)) for i, o in enumerate(want)]
-            want_grads = torch.autograd.grad(want, [plain[i] for i in wanted], grads_out)
+            grads_out = [torch.randn(o.shape, dtype=o.dtype, generator=torch.Generator().manual_seed(i))
+                         for i, o in enumerate(want) if o.is_floating_point()]
+            want_grads = torch.autograd.grad(want, [plain[i] for i in wanted], grads_out) if wanted else ()
             dist_in = [distribute_tensor(t, mesh, [p]).requires_grad_(i in wanted)
                        for i, (t, p) in enumerate(zip(inputs, placements))]
             got = fn(*dist_in)
@@ -104,7 +109,7 @@ def _worker(rank: int, port: int, failures) -> None:
                 (name, got[0].placements)
             got_grads = torch.autograd.grad(
                 got, [dist_in[i] for i in wanted],
-                [distribute_tensor(gr, mesh, o.placements) for gr, o in zip(grads_out, got)])
+                [distribute_tensor(gr, mesh, o.placements) for gr, o in zip(grads_out, got)]) if wanted else ()
             for i, (a, b) in enumerate(zip([*got, *got_grads], [*want, *want_grads])):
                 what = f"output {i}" if i < len(got) else f"gradient {i - len(got)}"
                 torch.testing.assert_close(a.full_tensor(), b, rtol=1e-12, atol=1e-12, msg=lambda m: f"{what}: {m}")

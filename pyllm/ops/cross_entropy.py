@@ -112,7 +112,8 @@ def cross_entropy_into(logits: Tensor, targets: Tensor, loss: Tensor, z_part: Op
     if stats is not None and (tuple(stats.shape) != (rows, 2) or not stats.is_contiguous()
                               or stats.dtype != loss.dtype or stats.device != logits.device):
         raise ValueError(f"{OP}: stats must be a contiguous ({rows}, 2) {loss.dtype} tensor on {logits.device}, got "
-                         f"{stats.dtype} {tuple(stats.shape)} on {stats.device}")
+                         f"{stats.dtype} {tuple(stats.shape)} on {stats.device}"
+                         + ("" if stats.is_contiguous() else f", strides {stats.stride()}"))
     if grad is not None and tuple(grad.shape) != (rows, vocab):
         raise ValueError(f"{OP}: grad must have the logits' shape {(rows, vocab)}, got {tuple(grad.shape)}")
     args = (_util.ptr(logits), _util.ptr(targets), _util.ptr(loss), 0 if z_part is None else _util.ptr(z_part),
@@ -133,9 +134,12 @@ def cross_entropy_into(logits: Tensor, targets: Tensor, loss: Tensor, z_part: Op
 def stats_of_shaped(z: Tensor, targets: Tensor, valid: Tensor) -> Tensor:
     """(rows, 2): each row's entropy of softmax(z) and 1.0 where its target is the first largest z
     (torch's argmax), for final logits z (rows, V) in fp32 or fp64; 0 and 0 where valid is False,
-    NaN and 0 where the softmax is NaN (a NaN logit, a row of -inf, a +inf), as the CPU kernel."""
+    NaN and 0 where the softmax is NaN (a NaN logit, a row of -inf, a +inf), as the CPU kernel, and
+    where a counted target is out of [0, V)."""
     p = torch.softmax(z, dim=-1)
     entropy = -torch.special.xlogy(p, p).sum(dim=-1)  # (a masked class, p = 0, adds 0)
+    # a target out of range (CUDA's kernel and torch ops give its loss NaN, not an error) too
+    entropy = entropy.masked_fill((targets < 0) | (targets >= z.shape[-1]), math.nan)
     top1 = (z.argmax(dim=-1) == targets) & ~entropy.isnan()
     return torch.stack([torch.where(valid, entropy, 0.0), (top1 & valid).to(z.dtype)], dim=1)
 
@@ -403,6 +407,10 @@ def _(logits, targets, ignore_index, scale, softcap):
 @_util.batching_rule(_token_stats)
 def _(op, info, in_dims, *args):  # vmap: the vmapped dim first makes more rows of one call
     return op(*_util.batched_first(info, in_dims, args, expand=True)).view(info.batch_size, -1, 2), 0
+
+
+# DTensor: rows on the first dim (as cross_entropy's), (rows, 2) out
+_util.sharding_rule(_token_stats)(lambda logits, *args: _util.rows_rule(2, 1, min(logits.ndim, 2), extra_inputs=3))
 
 
 def token_stats(logits: Tensor, targets: Tensor, *, ignore_index: int = -100, scale: float = 1.0,

@@ -413,11 +413,12 @@ def reduce_scatter_averages() -> bool:
     return out.item() == 1.0
 
 
-def all_reduce_sum(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    """x (a small CPU tensor of sums and counts, fp64) summed over every rank, on the CPU."""
+def all_reduce_sum(x: torch.Tensor, info: DistInfo, op=None) -> torch.Tensor:
+    """x (a small CPU tensor of sums and counts, fp64) summed over every rank (op: another
+    dist.ReduceOp, MAX), on the CPU."""
     if info.world_size > 1:
         x = x.to(info.device)
-        dist.all_reduce(x)
+        dist.all_reduce(x, **({} if op is None else {"op": op}))
         _held_by_gloo.append(x)
         x = x.cpu()
     return x
@@ -1575,6 +1576,35 @@ def grpo_stat_means(sums: torch.Tensor, n_rewards: int, batch_scaled: bool = Fal
             + [ratio(s[7 + i], s[7 + R + i]) for i in range(R)])
 
 
+def completion_stats(rollouts: list[dict], stops: set, names: list[str], info: DistInfo) -> dict:
+    """TRL's completions/min_length and max_length, and the mean, min and max length of the samples
+    that ended with a stop token (0.0 where none did, as TRL's), over every rank's samples of the
+    step's rollouts; with several rewards, rewards/<name>/std: each one's std over the samples it
+    scored (TRL's, Bessel-corrected; None for fewer than two). Collective: every rank calls."""
+    lengths = [len(s) for r in rollouts for s in r["completion_ids"]]
+    ended = [len(s) for r in rollouts for s in r["completion_ids"] if s and s[-1] in stops]
+    each = torch.cat([r["each"].cpu() for r in rollouts]) if rollouts else torch.zeros(0, len(names), dtype=torch.float64)
+    scored = ~each.isnan()
+    values = each.nan_to_num()
+    sums = all_reduce_sum(torch.cat([torch.tensor([float(sum(ended)), float(len(ended))], dtype=torch.float64),
+                                     values.sum(0), values.square().sum(0), scored.sum(0).double()]), info)
+    # (the minima as maxima of their negatives: one MAX over the four)
+    inf = math.inf
+    top = all_reduce_sum(torch.tensor([max(lengths, default=-inf), -min(lengths, default=inf), max(ended, default=-inf),
+                                       -min(ended, default=inf)], dtype=torch.float64), info, dist.ReduceOp.MAX)
+    top = [v if math.isfinite(v) else None for v in top.tolist()]
+    n_ended = sums[1].item()
+    out = {"completions/min_length": None if top[1] is None else -top[1], "completions/max_length": top[0],
+           "completions/mean_terminated_length": sums[0].item() / n_ended if n_ended else 0.0,
+           "completions/min_terminated_length": 0.0 if top[3] is None else -top[3],
+           "completions/max_terminated_length": 0.0 if top[2] is None else top[2]}
+    R = len(names)
+    if R > 1:
+        for i, name in enumerate(names):
+            out[f"rewards/{name}/std"] = _std_of_sums(sums[2 + i].item(), sums[2 + R + i].item(), sums[2 + 2 * R + i].item())
+    return out
+
+
 def _std_of_sums(total: float, squares: float, count: float) -> float | None:
     """The Bessel-corrected std of count numbers from their sum and sum of squares (sums added up over
     micro-batches and ranks); None for fewer than two."""
@@ -2672,6 +2702,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
                 del record["clip_ratio"]
             if len(reward) == 1:  # (the one reward's mean is the reward)
                 del record[names[-1]]
+            record.update(completion_stats(rollouts, set(cfg.sample_stop_tokens), reward_names(cfg.grpo_reward), info))
             record.update(reward_metric_means(reward, info))  # (reward functions' log_metric, TRL's)
         if cfg.preference:
             means = dict(zip(pref_names, all_reduce_mean(pref_sums, info).tolist()))

@@ -434,7 +434,8 @@ def test_grpo_raises_the_reward_and_resumes_exactly(chat_dir, tmp_path):  # noqa
     kw = dict(grpo_reward=SPEC, grpo_generations=4, grpo_max_new_tokens=6, model=dict(TINY, block_size=32), lr=1e-2)
     trainer.train(config(chat_dir, tmp_path / "rl", max_steps=24, eval_every=24, **kw))
     log = [json.loads(line) for line in (tmp_path / "rl/log.jsonl").read_text().splitlines()]
-    assert {"reward", "reward_std", "completion_length"} <= log[0].keys()
+    assert {"reward", "reward_std", "completion_length", "entropy", "completions/max_terminated_length"} <= log[0].keys()
+    assert all(r["completions/min_length"] <= r["completion_length"] <= r["completions/max_length"] <= 6 for r in log)
     assert np.mean([r["reward"] for r in log[-5:]]) > np.mean([r["reward"] for r in log[:5]]) + 0.2
     assert log[-1]["val_reward"] > 0.5 and "val_reward" not in log[0]  # (the val prompts' samples, at the eval)
     kw.update(grad_accum=2)
@@ -486,6 +487,23 @@ def test_grpo_resumes_a_mid_generation_checkpoint_of_the_old_stats_layout(chat_d
     logs = [[json.loads(line) for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
             for run in ("whole", "rl")]
     assert logs[1] == [{**r, **{k: logs[1][i][k] for k in ("tokens_per_s", "mfu")}} for i, r in enumerate(logs[0])]
+
+
+def test_completion_stats_as_trl_logs_them():
+    # TRL's completions/min_length, max_length and the lengths of the samples that ended with a stop
+    # token (0.0 where none did); with several rewards each one's std over the samples it scored
+    nan = math.nan
+    rollouts = [{"completion_ids": [[5, 1], [5], [], [2, 7, 1]], "each": torch.tensor([[1.0, nan], [2.0, 0.5],
+                                                                                      [nan, nan], [4.0, 1.5]])},
+                {"completion_ids": [[3, 3, 3, 3, 7]], "each": torch.tensor([[0.0, nan]])}]
+    got = trainer.completion_stats(rollouts, {7}, ["a", "b"], trainer.DistInfo())
+    assert got == pytest.approx({"completions/min_length": 0, "completions/max_length": 5,
+                                 "completions/mean_terminated_length": 5.0, "completions/min_terminated_length": 5,
+                                 "completions/max_terminated_length": 5, "rewards/a/std": np.std([1, 2, 4, 0], ddof=1),
+                                 "rewards/b/std": np.std([0.5, 1.5], ddof=1)})
+    none = trainer.completion_stats(rollouts[:1], {9}, ["a"], trainer.DistInfo())
+    assert none == {"completions/min_length": 0, "completions/max_length": 3, "completions/mean_terminated_length": 0.0,
+                    "completions/min_terminated_length": 0.0, "completions/max_terminated_length": 0.0}
 
 
 def test_frac_reward_zero_std_as_trl_counts_it():
@@ -629,6 +647,13 @@ def test_sampling_runs_on_two_processes_resume_exactly(chat_dir, tmp_path, monke
                            "cross": False})
         ddp = [json.loads(line) for line in (tmp_path / "ddp/whole/log.jsonl").read_text().splitlines()]
         assert (ddp[0]["reward"], ddp[0]["completion_length"]) == (log[0]["reward"], log[0]["completion_length"])
+        lengths = [name for name in log[0] if name.startswith("completions/")]
+        assert len(lengths) == 6 and [ddp[0][name] for name in lengths] == [log[0][name] for name in lengths]
+    # TRL's completions/ lengths over both ranks' samples (a MAX over the ranks): the mean between them
+    for r in log if "grpo" in kind else ():
+        assert r["completions/min_length"] <= r["completion_length"] <= r["completions/max_length"] <= 4
+        assert r["completions/min_terminated_length"] <= r["completions/mean_terminated_length"] \
+            <= r["completions/max_terminated_length"]
     if kind == "grpo-iterations":  # a generation's 3 steps: its rewards; clipped ratios after its first
         assert [r["reward"] for r in log[:3]] == [log[0]["reward"]] * 3 != [r["reward"] for r in log[3:6]]
         assert log[0]["clip_ratio"] == 0 and all(0 <= r["clip_ratio"] < 1 for r in log)

@@ -1,6 +1,7 @@
 """GRPO: group-normalized rewards of the policy's own samples (train.grpo_batch_loss) and the trainer's use of it."""
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from dataclasses import replace
@@ -459,6 +460,9 @@ def test_grpo_iterations_reuse_a_generation_and_resume_mid_way(chat_dir, tmp_pat
     assert rewards[0:3] == [rewards[0]] * 3 and rewards[3:6] == [rewards[3]] * 3 and rewards[6:9] == [rewards[6]] * 3
     assert len({rewards[0], rewards[3], rewards[6]}) == 3
     assert log[0]["clip_ratio"] == 0 and max(r["clip_ratio"] for r in log) > 0
+    # TRL's num_tokens: a generation's tokens counted once, when sampled, not on each of its steps
+    generated = [r["tokens"] if r["step"] % 3 == 0 else 0 for r in log]
+    assert [r["num_tokens"] for r in log] == list(itertools.accumulate(generated))
     for stop, ckpt_every in ((6, 4), (5, 3)):  # checkpoints at 4 (mid-way) and 3 (a generation's start)
         run = tmp_path / f"cut{stop}"
         trainer.train(config(chat_dir, run, **kw, ckpt_every=ckpt_every), stop_at=stop)
@@ -468,6 +472,8 @@ def test_grpo_iterations_reuse_a_generation_and_resume_mid_way(chat_dir, tmp_pat
                 trainer.train(config(chat_dir, run, **{**kw, "grad_accum": 1}, ckpt_every=ckpt_every), resume=True)
         trainer.train(config(chat_dir, run, **kw, ckpt_every=ckpt_every), resume=True)
         assert losses(run) == [r["loss"] for r in log]
+        resumed = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+        assert [r["num_tokens"] for r in resumed] == [r["num_tokens"] for r in log]
 
 
 def test_grpo_resumes_a_mid_generation_checkpoint_of_the_old_stats_layout(chat_dir, tmp_path):  # noqa: F811
@@ -487,6 +493,21 @@ def test_grpo_resumes_a_mid_generation_checkpoint_of_the_old_stats_layout(chat_d
     logs = [[json.loads(line) for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
             for run in ("whole", "rl")]
     assert logs[1] == [{**r, **{k: logs[1][i][k] for k in ("tokens_per_s", "mfu")}} for i, r in enumerate(logs[0])]
+
+
+def test_grpo_entropy_is_the_mean_of_each_micro_steps(chat_dir, tmp_path, monkeypatch):  # noqa: F811
+    # TRL's entropy: each micro-step's mean over its trained tokens, then their mean (the pooled ratio
+    # weighs micro-steps by their tokens); grpo_loss's fifth stat is its micro-batch's entropy sum
+    calls = []
+    real = trainer.grpo_loss
+    monkeypatch.setattr(trainer, "grpo_loss", lambda *a, **k: (lambda out: (calls.append(out[1]), out)[1])(real(*a, **k)))
+    kw = dict(grpo_reward=SPEC, grpo_generations=4, grpo_max_new_tokens=6, model=dict(TINY, block_size=32), grad_accum=2,
+              max_steps=3, eval_every=0)
+    trainer.train(config(chat_dir, tmp_path / "run", **kw))
+    log = [json.loads(line) for line in (tmp_path / "run/log.jsonl").read_text().splitlines()]
+    assert len(calls) == 6 and any(calls[i][1] != calls[i + 1][1] for i in range(0, 6, 2))  # (unequal micro-steps)
+    for r, (a, b) in zip(log, zip(calls[::2], calls[1::2])):
+        assert r["entropy"] == pytest.approx((a[4] / a[1] + b[4] / b[1]).item() / 2, rel=1e-12)
 
 
 def test_completion_stats_as_trl_logs_them():

@@ -1098,9 +1098,18 @@ class CrossEntropyLoss(nn.Module):
 
 class LinearCrossEntropyOutput(NamedTuple):
     """LinearCrossEntropyLoss's output with return_z_loss: read by name as Liger's CrossEntropyOutput
-    (out.loss, out.z_loss) or unpacked as its tuple had been (loss, z_loss = out)."""
+    (out.loss, out.z_loss; its token_accuracy and predicted_tokens None, as Liger's unasked ones) or
+    unpacked as its tuple had been (loss, z_loss = out)."""
     loss: torch.Tensor
     z_loss: torch.Tensor
+
+    @property
+    def token_accuracy(self) -> None:
+        return None
+
+    @property
+    def predicted_tokens(self) -> None:
+        return None
 
 
 class LinearCrossEntropyAccuracyOutput(NamedTuple):
@@ -1112,12 +1121,16 @@ class LinearCrossEntropyAccuracyOutput(NamedTuple):
     z_loss: torch.Tensor | None
     token_accuracy: torch.Tensor
 
+    @property
+    def predicted_tokens(self) -> None:  # (Liger's, unasked)
+        return None
+
 
 class LinearCrossEntropyLoss(nn.Module):
     """Liger-Kernel's LigerFusedLinearCrossEntropyLoss over linear_cross_entropy: its arguments in its
     order (ce_weight, ignore_index -100, lse_square_scale as z_loss, label_smoothing, reduction "mean",
     "sum" or "none", softcap, return_z_loss, accum_dtype, use_token_scaling (False only),
-    return_token_accuracy) and its forward's order, forward(lin_weight,
+    return_token_accuracy, return_predicted_tokens (False only)) and its forward's order, forward(lin_weight,
     _input, target): the output layer's weight first. No bias and no class weights (ce_weight must be
     None: pyllm's fused losses take neither); accum_dtype None or float32 (the weight's gradient is
     summed in fp32 either way, the chunks' products in x's dtype). return_z_loss gives a
@@ -1130,7 +1143,10 @@ class LinearCrossEntropyLoss(nn.Module):
     def __init__(self, ce_weight: torch.Tensor | None = None, ignore_index: int = -100, lse_square_scale: float = 0.0,
                  label_smoothing: float = 0.0, reduction: str = "mean", softcap: float | None = None,
                  return_z_loss: bool = False, accum_dtype: torch.dtype | None = None, use_token_scaling: bool = False,
-                 return_token_accuracy: bool = False):
+                 return_token_accuracy: bool = False, return_predicted_tokens: bool = False):
+        if return_predicted_tokens:
+            raise NotImplementedError("LinearCrossEntropyLoss: return_predicted_tokens (each row's argmax) is not "
+                                      "taken; return_token_accuracy gives whether each target is it (reduction='none')")
         if use_token_scaling:
             raise NotImplementedError("LinearCrossEntropyLoss: use_token_scaling (each token's loss times its "
                                       "target's detached probability) is not taken; reduction='none' gives each "

@@ -219,6 +219,12 @@ def test_modules_as_torchs_and_ligers():
     assert (out.loss.item(), out.z_loss.item()) == (0.0, 0.0) and out.token_accuracy.isnan()
     with pytest.raises(NotImplementedError, match="use_token_scaling"):
         LinearCrossEntropyLoss(use_token_scaling=True)
+    # Liger's eleventh argument, return_predicted_tokens, False only; its fields not asked for read None
+    out = LinearCrossEntropyLoss(None, -100, 0.0, 0.0, "mean", None, True, None, False, False, False)(w, x, targets)
+    assert (out.token_accuracy, out.predicted_tokens) == (None, None) and len(out) == 2
+    with pytest.raises(NotImplementedError, match="return_predicted_tokens"):
+        LinearCrossEntropyLoss(return_predicted_tokens=True)
+    assert LinearCrossEntropyLoss(return_token_accuracy=True)(w, x, targets).predicted_tokens is None
 
 
 def test_z_loss_share_is_returned_detached():

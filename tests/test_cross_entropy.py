@@ -24,6 +24,15 @@ VARIANTS = [(0.0, 0.0, 1.0, None), (0.1, 1e-3, 1.0, None), (0.0, 0.0, 0.7, 5.0),
 VARIANT_IDS = ["plain", "smooth_z", "scale_cap", "all"]
 
 
+def row_grid(test):
+    """The per-row tests' grid: device, dtype, shape and variant (label smoothing, z-loss, scale, cap)."""
+    for mark in (pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS),
+                 pytest.mark.parametrize("shape", SHAPES, ids=str), pytest.mark.parametrize("dtype", DTYPES, ids=str),
+                 pytest.mark.parametrize("device", CPU_AND_CUDA)):
+        test = mark(test)
+    return test
+
+
 def logits_of(shape, dtype, device, std=3.0, seed=0):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(shape, dtype=torch.float64, generator=g) * std).to(dtype).to(device)
@@ -63,10 +72,7 @@ def reference_and_grad(logits, targets, dout, ignore_index, label_smoothing, z_l
     return out, g
 
 
-@pytest.mark.parametrize("device", CPU_AND_CUDA)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
+@row_grid
 def test_forward_and_backward_match_float64(device, dtype, shape, variant):
     label_smoothing, z_loss, scale, softcap = variant
     logits = logits_of(shape, dtype, device)
@@ -749,10 +755,7 @@ def reference_stats(logits, targets, ignore_index, scale, softcap, dtype=torch.f
     return torch.where(counted, entropy, 0.0), (z.argmax(dim=-1) == targets) & counted
 
 
-@pytest.mark.parametrize("device", CPU_AND_CUDA)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("variant", VARIANTS, ids=VARIANT_IDS)
+@row_grid
 def test_token_stats_match_float64(device, dtype, shape, variant):
     # Each row's entropy within twice torch's own error (fp32 math on the same logits, as TRL's)
     # against float64, scaled and capped logits too; is_top1 exactly torch's argmax of the fp32

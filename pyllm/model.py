@@ -628,13 +628,13 @@ class LLM(nn.Module):
         of logsumexp(logits)^2 (PaLM's auxiliary loss, 1e-4 there: it keeps the softmax's normaliser
         near 1, so the logits do not drift in bf16), with or without fused_loss; that share is
         kept, detached, as z_loss_term (None without z_loss).
-        token_stats (with targets, for the loss or per_token; per_token at temperature: of logits /
-        temperature, GRPO's): keeps, as
-        token_stats_term, a (3,) fp32 tensor (fp64 for an fp64 model): the sum over the counted
-        targets of the entropy of the next-token distribution, how many of them are its argmax, and
-        how many are counted (TRL's SFT metrics entropy and mean_token_accuracy are the first two over
-        the third; None without token_stats). From the fused loss's own pass over each chunk of
-        logits; one more read of the logits otherwise (cross_entropy_ops.token_stats).
+        token_stats (with targets, for the loss or per_token): keeps, as token_stats_term, a (3,)
+        fp32 tensor (fp64 for an fp64 model): the sum over the counted targets of the entropy of the
+        next-token distribution (per_token at a temperature: of logits / temperature, GRPO's), how
+        many of them are its argmax, and how many are counted (TRL's SFT metrics entropy and
+        mean_token_accuracy are the first two over the third; None without token_stats). From the
+        fused losses' own pass over each chunk of logits; one more read of the logits otherwise
+        (cross_entropy_ops.token_stats).
 
         sequence_loss (with targets and cu_seqlens, fused_loss set; not under torch.compile): a loss
         over whole documents' log-probabilities fused with the output layer (nn.linear_sequence_loss:

@@ -49,7 +49,7 @@ class TrainConfig:
     lora_dropout: float = 0.0  # dropout on the LoRA updates' inputs (PEFT's lora_dropout)
     fused_loss: bool = False  # the loss by linear_cross_entropy: no (batch, seq, vocab) logits in memory
     z_loss: float = 0.0  # plus this times the mean logsumexp(logits)^2 (PaLM's z-loss, 1e-4 there; OLMo 2's 1e-5): pretraining and SFT
-    token_stats: bool = True  # pretraining and SFT: log TRL's mean_token_accuracy and entropy (its SFTTrainer's metrics)
+    token_stats: bool = True  # pretraining and SFT: log TRL's SFTTrainer metrics mean_token_accuracy and entropy
     preference: str = ""  # on preference pairs: dpo | ipo | hinge | simpo | orpo ("": not preference tuning)
     beta: float = 0.0  # the preference loss's beta (ORPO's lambda); 0: its usual value (PREFERENCE_BETA)
     simpo_gamma: float = 0.5  # SimPO's target reward margin
@@ -600,7 +600,7 @@ def evaluate(model, path, cfg: TrainConfig, seq_len: int, precision: str, info: 
             kw = {"token_stats": True} if stats is not None else {}
             loss = (packed_loss(model, batch, **kw) if packed else model(*batch, **kw)[1]).float()
         if stats is not None:
-            stat_sums[i] = getattr(model, "module", model).token_stats_term  # (DDP's; compile's and FSDP's read through)
+            stat_sums[i] = getattr(model, "module", model).token_stats_term  # (DDP's; compile's, FSDP's: through)
         if isinstance(loader, PackedLoader):  # the mean over all trained tokens, not of the batches' means
             total, targets = total + loss * loader.targets, targets + loader.global_targets
         else:
@@ -1583,7 +1583,8 @@ def completion_stats(rollouts: list[dict], stops: set, names: list[str], info: D
     scored (TRL's, Bessel-corrected; None for fewer than two). Collective: every rank calls."""
     lengths = [len(s) for r in rollouts for s in r["completion_ids"]]
     ended = [len(s) for r in rollouts for s in r["completion_ids"] if s and s[-1] in stops]
-    each = torch.cat([r["each"].cpu() for r in rollouts]) if rollouts else torch.zeros(0, len(names), dtype=torch.float64)
+    each = (torch.cat([r["each"].cpu() for r in rollouts]) if rollouts
+            else torch.zeros(0, len(names), dtype=torch.float64))
     scored = ~each.isnan()
     values = each.nan_to_num()
     sums = all_reduce_sum(torch.cat([torch.tensor([float(sum(ended)), float(len(ended))], dtype=torch.float64),
@@ -1601,7 +1602,7 @@ def completion_stats(rollouts: list[dict], stops: set, names: list[str], info: D
     R = len(names)
     if R > 1:
         for i, name in enumerate(names):
-            out[f"rewards/{name}/std"] = _std_of_sums(sums[2 + i].item(), sums[2 + R + i].item(), sums[2 + 2 * R + i].item())
+            out[f"rewards/{name}/std"] = _std_of_sums(*(sums[2 + k * R + i].item() for k in range(3)))
     return out
 
 

@@ -435,7 +435,8 @@ def test_grpo_raises_the_reward_and_resumes_exactly(chat_dir, tmp_path):  # noqa
     kw = dict(grpo_reward=SPEC, grpo_generations=4, grpo_max_new_tokens=6, model=dict(TINY, block_size=32), lr=1e-2)
     trainer.train(config(chat_dir, tmp_path / "rl", max_steps=24, eval_every=24, **kw))
     log = [json.loads(line) for line in (tmp_path / "rl/log.jsonl").read_text().splitlines()]
-    assert {"reward", "reward_std", "completion_length", "entropy", "completions/max_terminated_length"} <= log[0].keys()
+    assert {"reward", "reward_std", "completion_length", "entropy",
+            "completions/max_terminated_length"} <= log[0].keys()
     assert all(r["completions/min_length"] <= r["completion_length"] <= r["completions/max_length"] <= 6 for r in log)
     assert np.mean([r["reward"] for r in log[-5:]]) > np.mean([r["reward"] for r in log[:5]]) + 0.2
     assert log[-1]["val_reward"] > 0.5 and "val_reward" not in log[0]  # (the val prompts' samples, at the eval)
@@ -500,9 +501,14 @@ def test_grpo_entropy_is_the_mean_of_each_micro_steps(chat_dir, tmp_path, monkey
     # weighs micro-steps by their tokens); grpo_loss's fifth stat is its micro-batch's entropy sum
     calls = []
     real = trainer.grpo_loss
-    monkeypatch.setattr(trainer, "grpo_loss", lambda *a, **k: (lambda out: (calls.append(out[1]), out)[1])(real(*a, **k)))
-    kw = dict(grpo_reward=SPEC, grpo_generations=4, grpo_max_new_tokens=6, model=dict(TINY, block_size=32), grad_accum=2,
-              max_steps=3, eval_every=0)
+    def recorded(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append(out[1])
+        return out
+
+    monkeypatch.setattr(trainer, "grpo_loss", recorded)
+    kw = dict(grpo_reward=SPEC, grpo_generations=4, grpo_max_new_tokens=6, model=dict(TINY, block_size=32),
+              grad_accum=2, max_steps=3, eval_every=0)
     trainer.train(config(chat_dir, tmp_path / "run", **kw))
     log = [json.loads(line) for line in (tmp_path / "run/log.jsonl").read_text().splitlines()]
     assert len(calls) == 6 and any(calls[i][1] != calls[i + 1][1] for i in range(0, 6, 2))  # (unequal micro-steps)

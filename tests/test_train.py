@@ -1058,10 +1058,11 @@ def test_fused_loss_trains_as_the_plain_loss(data_dir, tmp_path, logits):
 
 def test_token_stats_are_logged_as_trl_logs_them(data_dir, chat_dir, tmp_path):
     # TRL's SFT metrics each step (on by default): mean_token_accuracy in [0, 1] and entropy in
-    # [0, log V], and at each evaluation val_ ones (TRL's eval_); at step 0 (the same weights, 2 micro-steps) the same from the model's logits, the
-    # fused loss and packed conversations' per-token path (to fp32 rounding); none with
-    # token_stats off. A step's value is each micro-step's ratio over every rank's targets, then
-    # their mean, a micro-step without targets counting 0.0, as TRL's.
+    # [0, log V], and at each evaluation val_ ones (TRL's eval_); at step 0 (the same weights, 2
+    # micro-steps) the same from the model's logits, the fused loss and packed conversations'
+    # per-token path (to fp32 rounding); none with token_stats off. A step's value is each
+    # micro-step's ratio over every rank's targets, then their mean, a micro-step without targets
+    # counting 0.0, as TRL's.
     first = {}
     for folder, kind in ((data_dir, "windows"), (chat_dir, "chats")):
         for how, kw in (("plain", {}), ("fused", {"fused_loss": True}), ("z", {"z_loss": 1e-3})):

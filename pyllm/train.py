@@ -2552,7 +2552,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
         stat_sums = torch.zeros(cfg.grad_accum, 3, device=info.device) if token_stats else None
         on_policy = 0  # micro-batches of the student's own samples (distill_lmbda)
         grpo_sums = torch.zeros(12 + 2 * len(reward or ()), dtype=torch.float64)  # grpo_stat_means' sums
-        grpo_entropy = torch.zeros(cfg.grad_accum, 2, dtype=torch.float64)  # each micro-step's entropy sum, tokens
+        grpo_micro = torch.zeros(cfg.grad_accum, 3, dtype=torch.float64)  # each micro-step's entropy, KL sums, tokens
         generation_flops = 0.0
         generates = reward is not None and (step % cfg.grpo_iterations == 0 or rollouts is None)
         if reward is None or generates:
@@ -2596,7 +2596,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
                 elif reward is not None:
                     loss, loss_stats = grpo_loss(wrapped, batch, cfg, info.world_size)
                     grpo_sums += torch.cat([batch["stats"].cpu(), loss_stats])
-                    grpo_entropy[micro] = loss_stats[[4, 1]]
+                    grpo_micro[micro] = loss_stats[[4, 0, 1]]
                 elif teacher is not None:
                     # GKD's seq_kd (the teacher's samples), then lmbda (the student's): the same draw on
                     # every rank (seeded by step and micro-step), each rank's samples its own; a batch
@@ -2709,10 +2709,12 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
             if len(reward) == 1:  # (the one reward's mean is the reward)
                 del record[names[-1]]
             record.update(completion_stats(rollouts, set(cfg.sample_stop_tokens), reward_names(cfg.grpo_reward), info))
-            # TRL's entropy: each micro-step's mean over every rank's trained tokens (0.0 where none), then their
-            # mean (the pooled ratio had weighed micro-steps by their tokens: 0.01 nats apart at 2 and 22)
-            per = all_reduce_sum(grpo_entropy, info).tolist()
-            record["entropy"] = sum(e / n if n else 0.0 for e, n in per) / len(per)
+            # TRL's entropy and KL: each micro-step's mean over every rank's trained tokens (0.0 where none), then
+            # their mean (the pooled ratio had weighed micro-steps by their tokens: 0.01 nats apart at 2 and 22)
+            per = all_reduce_sum(grpo_micro, info).tolist()
+            record["entropy"] = sum(e / n if n else 0.0 for e, _, n in per) / len(per)
+            if cfg.grpo_beta:
+                record["kl"] = sum(k / n if n else 0.0 for _, k, n in per) / len(per)
             record.update(reward_metric_means(reward, info))  # (reward functions' log_metric, TRL's)
         if cfg.preference:
             means = dict(zip(pref_names, all_reduce_mean(pref_sums, info).tolist()))

@@ -496,9 +496,10 @@ def test_grpo_resumes_a_mid_generation_checkpoint_of_the_old_stats_layout(chat_d
     assert logs[1] == [{**r, **{k: logs[1][i][k] for k in ("tokens_per_s", "mfu")}} for i, r in enumerate(logs[0])]
 
 
-def test_grpo_entropy_is_the_mean_of_each_micro_steps(chat_dir, tmp_path, monkeypatch):  # noqa: F811
-    # TRL's entropy: each micro-step's mean over its trained tokens, then their mean (the pooled ratio
-    # weighs micro-steps by their tokens); grpo_loss's fifth stat is its micro-batch's entropy sum
+def test_grpo_entropy_and_kl_are_the_mean_of_each_micro_steps(chat_dir, tmp_path, monkeypatch):  # noqa: F811
+    # TRL's entropy and KL: each micro-step's mean over its trained tokens, then their mean (the pooled
+    # ratio weighs micro-steps by their tokens); grpo_loss's first and fifth stats are its micro-batch's
+    # KL and entropy sums
     calls = []
     real = trainer.grpo_loss
     def recorded(*args, **kwargs):
@@ -508,12 +509,14 @@ def test_grpo_entropy_is_the_mean_of_each_micro_steps(chat_dir, tmp_path, monkey
 
     monkeypatch.setattr(trainer, "grpo_loss", recorded)
     kw = dict(grpo_reward=SPEC, grpo_generations=4, grpo_max_new_tokens=6, model=dict(TINY, block_size=32),
-              grad_accum=2, max_steps=3, eval_every=0)
+              grad_accum=2, max_steps=3, eval_every=0, grpo_beta=0.1, lora_rank=2, lr=1e-2)
     trainer.train(config(chat_dir, tmp_path / "run", **kw))
     log = [json.loads(line) for line in (tmp_path / "run/log.jsonl").read_text().splitlines()]
     assert len(calls) == 6 and any(calls[i][1] != calls[i + 1][1] for i in range(0, 6, 2))  # (unequal micro-steps)
     for r, (a, b) in zip(log, zip(calls[::2], calls[1::2])):
         assert r["entropy"] == pytest.approx((a[4] / a[1] + b[4] / b[1]).item() / 2, rel=1e-12)
+        assert r["kl"] == pytest.approx((a[0] / a[1] + b[0] / b[1]).item() / 2, rel=1e-12)
+    assert log[-1]["kl"] > 0  # (the policy has moved from the start by then)
 
 
 def test_completion_stats_as_trl_logs_them():

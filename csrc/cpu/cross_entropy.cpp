@@ -137,23 +137,14 @@ double exp_pass(A* __restrict zs, int64_t V, A top, double* ed) {
   }
 #endif
   double sum = 0, ed_sum = 0;
-  if constexpr (kEntropy) {
 #pragma omp simd reduction(+ : sum, ed_sum)
-    for (int64_t j = 0; j < V; ++j) {
-      const A d = zs[j] - top, e = exp_shifted(d);
-      zs[j] = e;
-      sum += double(e);
-      ed_sum += e > A(0) ? double(e * d) : 0.0;
-    }
-    *ed = ed_sum;
-    return sum;
-  }
-#pragma omp simd reduction(+ : sum)
   for (int64_t j = 0; j < V; ++j) {
-    const A e = exp_shifted(zs[j] - top);
+    const A d = zs[j] - top, e = exp_shifted(d);
     zs[j] = e;
     sum += double(e);
+    if constexpr (kEntropy) ed_sum += e > A(0) ? double(e * d) : 0.0;
   }
+  if constexpr (kEntropy) *ed = ed_sum;
   return sum;
 }
 

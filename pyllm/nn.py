@@ -1170,19 +1170,14 @@ class LinearCrossEntropyLoss(nn.Module):
         if bias is not None:
             raise ValueError("LinearCrossEntropyLoss: an output layer with a bias is not taken (pyllm's fused "
                              "losses have none)")
+        out = linear_cross_entropy(_input, lin_weight, target, softcap=self.softcap,
+                                   label_smoothing=self.label_smoothing, z_loss=self.z_loss,
+                                   return_z_loss=self.return_z_loss, ignore_index=self.ignore_index,
+                                   reduction=self.reduction, return_token_stats=self.return_token_accuracy)
         if self.return_token_accuracy:
-            stats = linear_cross_entropy(_input, lin_weight, target, softcap=self.softcap,
-                                         label_smoothing=self.label_smoothing, z_loss=self.z_loss,
-                                         ignore_index=self.ignore_index, reduction=self.reduction,
-                                         return_token_stats=True)
-            out, accuracy = (stats.loss, stats.z_loss), stats.token_accuracy
+            out, accuracy = (out.loss, out.z_loss), out.token_accuracy
             if self.reduction == "sum":  # (Liger's accuracy is the mean for "sum" too)
                 accuracy = accuracy / (target != self.ignore_index).sum()
-        else:
-            out = linear_cross_entropy(_input, lin_weight, target, softcap=self.softcap,
-                                       label_smoothing=self.label_smoothing, z_loss=self.z_loss,
-                                       return_z_loss=self.return_z_loss, ignore_index=self.ignore_index,
-                                       reduction=self.reduction)
         if self.reduction == "mean":
             out = self._zero_if_all_ignored(out, target, self.return_z_loss or self.return_token_accuracy)
         if self.return_token_accuracy:

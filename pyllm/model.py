@@ -495,6 +495,7 @@ class LLM(nn.Module):
         self.aux_loss = None  # the last training forward's weighted load-balancing loss (MoE; forward)
         self.z_loss_term = None  # the last forward's z-loss share of its loss, detached (forward's z_loss; for the log)
         self.token_stats_term = None  # the last forward's (entropy sum, targets its argmax, targets) (token_stats)
+        self.token_stats_rows = None  # and per target, (B, T, 3): (entropy, 1.0 if the argmax, mean logit)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.apply(self._init_weights)
@@ -628,12 +629,16 @@ class LLM(nn.Module):
         of logsumexp(logits)^2 (PaLM's auxiliary loss, 1e-4 there: it keeps the softmax's normaliser
         near 1, so the logits do not drift in bf16), with or without fused_loss; that share is
         kept, detached, as z_loss_term (None without z_loss).
-        token_stats (with targets, for the loss or per_token): keeps, as token_stats_term, a (3,)
-        fp32 tensor (fp64 for an fp64 model): the sum over the counted targets of the entropy of the
-        next-token distribution (per_token at a temperature: of logits / temperature, GRPO's), how
+        token_stats (with targets, for the loss, per_token or sequence_loss): keeps, as
+        token_stats_term, a (3,) fp32 tensor (fp64 for an fp64 model): the sum over the counted
+        targets of the entropy of the next-token distribution (per_token at a temperature: of logits / temperature, GRPO's), how
         many of them are its argmax, and how many are counted (TRL's SFT metrics entropy and
-        mean_token_accuracy are the first two over the third; None without token_stats). From the
-        fused losses' own pass over each chunk of logits; one more read of the logits otherwise
+        mean_token_accuracy are the first two over the third; None without token_stats); and, but
+        after the fused mean loss (which sums them in its pass), as token_stats_rows (B, T, 3) in
+        that dtype, each target's entropy, 1.0 where it is the argmax, and the mean over the
+        vocabulary of its final logits, 0s where the target is -1 (per document: preference tuning's
+        metrics, TRL's DPOTrainer's logits/chosen and logits/rejected). From the fused losses' own
+        pass over each chunk of logits; one more read of the logits otherwise
         (cross_entropy_ops.token_stats).
 
         sequence_loss (with targets and cu_seqlens, fused_loss set; not under torch.compile): a loss
@@ -665,7 +670,7 @@ class LLM(nn.Module):
         were alone: its positions start at 0 and its tokens attend to its own tokens only (flash_attn's
         varlen call). The offsets are checked on the CPU; on CUDA only with PYLLM_ATTN_CHECK_SEQLENS=1
         (reading them costs a device sync): bad ones there give wrong results, never a bad access."""
-        self.z_loss_term = self.token_stats_term = None
+        self.z_loss_term = self.token_stats_term = self.token_stats_rows = None
         if not isinstance(idx, torch.Tensor) or idx.dim() != 2:
             raise ValueError(f"LLM.forward: idx must be a (B, T) tensor of token ids, got "
                              f"{tuple(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__}")
@@ -680,9 +685,9 @@ class LLM(nn.Module):
         if z_loss and (targets is None or per_token or hidden or distill is not None or scores or sequence_loss):
             raise ValueError("LLM.forward: z_loss goes with the mean loss of targets (not per_token, hidden, distill, "
                              "scores or sequence_loss)")
-        if token_stats and (targets is None or hidden or distill is not None or scores or sequence_loss is not None):
-            raise ValueError("LLM.forward: token_stats goes with the loss or per_token log-probabilities of targets "
-                             "(not hidden, distill, scores or sequence_loss)")
+        if token_stats and (targets is None or hidden or distill is not None or scores):
+            raise ValueError("LLM.forward: token_stats goes with the loss, per_token log-probabilities or sequence_loss "
+                             "of targets (not hidden, distill or scores)")
         if sequence_loss is not None and (targets is None or cu_seqlens is None or not self.fused_loss
                                           or torch.compiler.is_compiling()):
             raise ValueError("LLM.forward: sequence_loss needs targets, cu_seqlens and fused_loss, and is not compiled")
@@ -763,9 +768,11 @@ class LLM(nn.Module):
             if sorted(set(documents)) != documents or (documents and documents[0] < 0) or sum(rows) != len(at[0]):
                 raise ValueError("LLM.forward: sequence_loss's documents must be increasing indices of cu_seqlens' "
                                  "documents and hold every target")
-            loss, logps_of = linear_sequence_loss(h[at], self.lm_head.weight, targets[at], rows, sequence_loss["group"],
-                                                  sequence_loss["loss_fn"], **self.logit_shape())
-            return logps_of, loss
+            out = linear_sequence_loss(h[at], self.lm_head.weight, targets[at], rows, sequence_loss["group"],
+                                       sequence_loss["loss_fn"], **self.logit_shape(), return_token_stats=token_stats)
+            if token_stats:
+                self._keep_token_stats(out[2], targets, at)
+            return out[1], out[0]
         if targets is not None and (per_token or fused or hidden or distill is not None):
             h = self.norm_f(x)  # (B, T, C)
             at = None
@@ -808,20 +815,19 @@ class LLM(nn.Module):
             if fused and (temperature == 1.0 or shape["softcap"] is None):
                 logps = linear_token_logps(h, self.lm_head.weight, targets_at, **shape, return_token_stats=token_stats)
                 if token_stats:
-                    logps, entropy, top1 = logps
-                    self.token_stats_term = torch.stack([entropy.sum(), top1.sum().to(entropy.dtype),
-                                                         (targets != -1).sum().to(entropy.dtype)])
+                    self._keep_token_stats(cross_entropy_ops.TokenStats(*logps[1:]), targets, at)
+                    logps = logps.logps
             else:  # (a cap, then the division: the final logits / temperature, as sampling divides them)
                 logits = self._logits(h)
                 logits = logits if temperature == 1.0 else logits / temperature
                 logps = token_logps(logits, targets_at)
                 if token_stats:
-                    self._keep_token_stats(logits, targets_at)
+                    self._keep_token_stats(cross_entropy_ops.token_stats(logits, targets_at, ignore_index=-1), targets, at)
             return None, logps if at is None else logps.new_zeros(targets.shape).index_put(at, logps)
         logits = self._logits(self.norm_f(x))  # (B, T, V)
         loss = None
         if token_stats:
-            self._keep_token_stats(logits, targets)
+            self._keep_token_stats(cross_entropy_ops.token_stats(logits, targets, ignore_index=-1), targets)
         if targets is not None:
             # The sum over the counted targets rather than reduction="mean": a batch whose targets
             # are all -1 (a packed row of prompts alone) gives 0, not NaN.
@@ -894,11 +900,15 @@ class LLM(nn.Module):
         tokens = tokens.clamp(min=1) if token_mask is not None else max(tokens, 1)  # (no token: 0, not NaN)
         return E * (picks / tokens * probs_sum / tokens).sum()
 
-    def _keep_token_stats(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
-        """token_stats_term from logits (..., V) and their targets (...) (-1: none)."""
-        entropy, top1 = cross_entropy_ops.token_stats(logits, targets, ignore_index=-1)
-        self.token_stats_term = torch.stack([entropy.sum(), top1.sum().to(entropy.dtype),
-                                             (targets != -1).sum().to(entropy.dtype)])
+    def _keep_token_stats(self, stats, targets: torch.Tensor, at=None) -> None:
+        """token_stats_term and token_stats_rows from the token statistics (cross_entropy_ops.TokenStats)
+        of targets (B, T) (-1: none), or of targets[at] alone (at: their indices, nonzero's)."""
+        rows = torch.stack([stats.entropy, stats.is_top1.to(stats.entropy.dtype), stats.mean_logit], dim=-1)
+        if at is not None:  # (N, 3) at the targets' positions
+            rows = rows.new_zeros(*targets.shape, 3).index_put(at, rows)
+        self.token_stats_rows = rows  # (B, T, 3)
+        self.token_stats_term = torch.stack([rows[..., 0].sum(), rows[..., 1].sum(),
+                                             (targets != -1).sum().to(rows.dtype)])
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(h)

@@ -797,8 +797,9 @@ def _linear_cross_entropy_with_grads(x, weight, targets, chunk_rows: int, need_x
     """_LinearCrossEntropy's forward: (the sum of losses, the z-loss's share of it (a tensor; 0
     without z_loss), grad_x or None, grad_w (fp32 at least) or None). grad_rows (N,), fp32 at least:
     the gradients are of each row's loss times its entry (reduction "none"'s backward). rows_out:
-    (losses, z-loss shares), (N,) each, written per row. stats_out: (N, 2) in the losses' dtype,
-    each row's entropy and 1.0 where its target is the argmax (cross_entropy_ops.token_stats')."""
+    (losses, z-loss shares), (N,) each, written per row. stats_out: (N, 3) in the losses' dtype,
+    each row's entropy, 1.0 where its target is the argmax and its mean logit
+    (cross_entropy_ops.token_stats')."""
     acc = torch.promote_types(x.dtype, torch.float32)  # the logits' dtype, fp32 at least
     # chunk sums add up without drift
     total, z_total = (torch.zeros((), dtype=torch.float64, device=x.device) for _ in range(2))
@@ -867,7 +868,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """sum over rows of cross_entropy(x W^T, targets) (targets -1 ignored), its gradients computed
     in the forward, chunk by chunk (Liger-Kernel's fused linear cross-entropy, in torch ops): the
     (rows, vocab) logits exist one chunk at a time, never whole, and are not kept for the backward.
-    -> (the loss, its z-loss share, the rows' token statistics (N, 2) (want_stats; else (0, 2)),
+    -> (the loss, its z-loss share, the rows' token statistics (N, 3) (want_stats; else (0, 3)),
     these two not differentiable: for the log)."""
 
     @staticmethod
@@ -889,8 +890,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def _stats_buffer(x: torch.Tensor, wanted: bool) -> torch.Tensor:
-    """The fused losses' per-row token statistics: (N, 2) in the losses' dtype, (0, 2) when not wanted."""
-    return x.new_empty((x.shape[0] if wanted else 0, 2), dtype=torch.promote_types(x.dtype, torch.float32))
+    """The fused losses' per-row token statistics: (N, 3) in the losses' dtype, (0, 3) when not wanted."""
+    return x.new_empty((x.shape[0] if wanted else 0, 3), dtype=torch.promote_types(x.dtype, torch.float32))
 
 
 class _LinearCrossEntropyRows(torch.autograd.Function):
@@ -1042,8 +1043,8 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
                 label_smoothing=label_smoothing, z_loss=z_loss, return_z_loss=True)
             loss, z_part = loss.to(acc), z_part.detach().to(acc)
             if return_token_stats:
-                entropy, top1 = cross_entropy_ops.token_stats(logits, targets.reshape(-1), ignore_index=-1, scale=scale,
-                                                              softcap=softcap or None)
+                entropy, top1, _ = cross_entropy_ops.token_stats(logits, targets.reshape(-1), ignore_index=-1,
+                                                                 scale=scale, softcap=softcap or None)
                 stats = torch.stack([entropy, top1.to(entropy.dtype)], dim=1).to(acc)
         else:
             function = _LinearCrossEntropyRows if reduction == "none" else _LinearCrossEntropy
@@ -1301,7 +1302,7 @@ def _chunk_logps(xc, weight, tc, buffers, kernel: bool, scale: float, softcap: f
     """A chunk's logits and each row's log-probability of its target (0 where it is -1): by pyllm's
     kernel over buffers' logits (c, V) in x's dtype (want_grad: they then hold d(-logp) / d logits),
     or in torch ops ((c, V) scaled and capped in fp32 at least, with their log-sum-exp and the cap's
-    tanh for the backward). stats: None or the chunk's rows of token statistics (c, 2) to write
+    tanh for the backward). stats: None or the chunk's rows of token statistics (c, 3) to write
     (cross_entropy_ops.token_stats'). -> (logits, logps, lse or None, tanh or None)."""
     if kernel:
         logits = buffers.logits(xc, weight)  # (c, V) in x's dtype, read once by the kernel
@@ -1409,6 +1410,7 @@ class TokenLogps(NamedTuple):
     logps: torch.Tensor
     entropy: torch.Tensor
     is_top1: torch.Tensor
+    mean_logit: torch.Tensor
 
 
 @overload
@@ -1438,8 +1440,9 @@ def linear_token_logps(x: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     -> (...). For losses over sequences (DPO's sequence_logps), where linear_cross_entropy's
     gradients-in-the-forward cannot serve. Under autocast, x and weight are cast to its dtype
     first, as nn.Linear would be. chunk_rows, scale, softcap: as in linear_cross_entropy.
-    return_token_stats: -> TokenLogps(logps, entropy, is_top1): also each row's entropy of the
-    softmax and whether its target is the argmax (TRL's GRPO entropy), from the same pass, detached."""
+    return_token_stats: -> TokenLogps(logps, entropy, is_top1, mean_logit): also each row's entropy
+    of the softmax, whether its target is the argmax and its mean logit (TRL's GRPO entropy), from
+    the same pass, detached."""
     _check_targets("linear_token_logps", x, targets)
     x, weight, chunk_rows = _fused_linear_inputs(x, weight, chunk_rows, softcap, cross_entropy_ops.takes)
     scale, softcap = _logit_shape("linear_token_logps", scale, softcap)
@@ -1450,14 +1453,16 @@ def linear_token_logps(x: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
             logps = _whole_logps(x, weight, targets.reshape(-1), scale, softcap).view(targets.shape)
             if not return_token_stats:
                 return logps
-            entropy, top1 = cross_entropy_ops.token_stats(F.linear(x, weight.to(x.dtype)), targets.reshape(-1),
-                                                          ignore_index=-1, scale=scale, softcap=softcap or None)
-            return TokenLogps(logps, entropy.to(logps.dtype).view(targets.shape), top1.view(targets.shape))
+            stats = cross_entropy_ops.token_stats(F.linear(x, weight.to(x.dtype)), targets.reshape(-1),
+                                                  ignore_index=-1, scale=scale, softcap=softcap or None)
+            return TokenLogps(logps, stats.entropy.to(logps.dtype).view(targets.shape),
+                              stats.is_top1.view(targets.shape), stats.mean_logit.to(logps.dtype).view(targets.shape))
         logps, stats = _LinearTokenLogps.apply(x, weight, targets.reshape(-1), chunk_rows, scale, softcap, jacobian,
                                                return_token_stats)
     if not return_token_stats:
         return logps.view(targets.shape)
-    return TokenLogps(logps.view(targets.shape), stats[:, 0].view(targets.shape), (stats[:, 1] > 0).view(targets.shape))
+    return TokenLogps(logps.view(targets.shape), stats[:, 0].view(targets.shape), (stats[:, 1] > 0).view(targets.shape),
+                      stats[:, 2].view(targets.shape))
 
 
 def _whole_logps(x, weight, targets, scale: float, softcap: float) -> torch.Tensor:
@@ -1500,10 +1505,12 @@ class _LinearSequenceLoss(torch.autograd.Function):
     chunk's sequence sums and loss_fn's gradient for them (torch autograd over a few scalars), then
     d loss / d logits = g_row (one_hot - softmax) over the logits in place (a second pass) and the
     two gradient matmuls: three (rows x C x V) matmuls, where linear_token_logps' backward recomputes
-    the logits (four). -> (the loss, the (S,) sequence log-probabilities, detached)."""
+    the logits (four). -> (the loss, the (S,) sequence log-probabilities and the rows' token
+    statistics (N, 3) (want_stats; else (0, 3)), these two detached)."""
 
     @staticmethod
-    def forward(ctx, x, weight, targets, segment_rows, group, loss_fn, chunk_rows, scale, softcap, grad_enabled):
+    def forward(ctx, x, weight, targets, segment_rows, group, loss_fn, chunk_rows, scale, softcap, grad_enabled,
+                want_stats=False):
         ctx.name = "linear_sequence_loss"
         ctx.weight_dtype, weight = weight.dtype, weight.to(x.dtype)  # (see _fused_linear_inputs)
         acc = torch.promote_types(x.dtype, torch.float32)
@@ -1516,10 +1523,12 @@ class _LinearSequenceLoss(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float64, device=x.device)  # chunk sums add up without drift
         owner = _segment_of_rows(segment_rows, x.shape[0], x.device)
         kernel = cross_entropy_ops.takes(x)
+        stats = _stats_buffer(x, want_stats)
 
         def chunk(r0, r1, s0, s1):
             xc, tc, oc = x[r0:r1], targets[r0:r1], owner[r0:r1] - s0
-            logits, logps, lse, tanh = _chunk_logps(xc, weight, tc, buffers, kernel, scale, softcap)
+            logits, logps, lse, tanh = _chunk_logps(xc, weight, tc, buffers, kernel, scale, softcap,
+                                                    stats=stats[r0:r1] if want_stats else None)
             sums = logps.new_zeros(s1 - s0).index_add_(0, oc, logps)  # (s,)
             seq_logps[s0:s1] = sums
             if not (need_x or need_w):
@@ -1536,17 +1545,18 @@ class _LinearSequenceLoss(torch.autograd.Function):
         for r0, r1, s0, s1 in chunks:
             total += chunk(r0, r1, s0, s1)
         ctx.save_for_backward(grad_x, buffers.grad_w)  # (no rows: _ChunkBuffers' zeros)
-        ctx.mark_non_differentiable(seq_logps)
-        return total.to(acc), seq_logps
+        ctx.mark_non_differentiable(seq_logps, stats)
+        return total.to(acc), seq_logps, stats
 
     @staticmethod
-    def backward(ctx, grad_total, _):
-        return _saved_grads_times(ctx, grad_total, 8)
+    def backward(ctx, grad_total, _, __):
+        return _saved_grads_times(ctx, grad_total, 9)
 
 
 def linear_sequence_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, segment_rows,
                          group: int, loss_fn, chunk_rows: int | None = None, *, scale: float = 1.0,
-                         softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                         softcap: float | None = None, return_token_stats: bool = False
+                         ) -> tuple[torch.Tensor, ...]:
     """A loss over whole sequences' log-probabilities (DPO's and its kin's, over pairs) fused with
     the output layer: -> (the loss, each sequence's summed log-probability (S,), detached).
 
@@ -1562,7 +1572,10 @@ def linear_sequence_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     after it takes four. chunk_rows, scale, softcap, autocast: as in linear_cross_entropy.
     fp16: the gradients are made at their own size in the forward, before a loss scaler multiplies
     them in the backward, so a pair's small weight (DPO's beta sigmoid(-beta d) of a well-separated
-    pair) can underflow there where linear_token_logps keeps it: the trainer's fp16 runs take that."""
+    pair) can underflow there where linear_token_logps keeps it: the trainer's fp16 runs take that.
+    return_token_stats: -> (the loss, those sums, cross_entropy_ops.TokenStats(entropy, is_top1,
+    mean_logit), (N,) each): TRL's token statistics of every row from the same pass (cross_entropy_ops.token_stats';
+    DPO's entropy, mean_token_accuracy and logits/chosen, logits/rejected), detached."""
     _check_targets("linear_sequence_loss", x, targets)
     x, weight, chunk_rows = _fused_linear_inputs(x, weight, chunk_rows, softcap, cross_entropy_ops.takes)
     scale, softcap = _logit_shape("linear_sequence_loss", scale, softcap)
@@ -1578,9 +1591,19 @@ def linear_sequence_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
             owner = _segment_of_rows(segment_rows, x.shape[0], x.device)
             logps = _whole_logps(x, weight, targets.reshape(-1), scale, softcap)
             seq_logps = logps.new_zeros(len(segment_rows)).index_add(0, owner, logps)
-            return loss_fn(seq_logps, 0, len(segment_rows)).to(logps.dtype), seq_logps.detach()
-        return _LinearSequenceLoss.apply(x, weight, targets.reshape(-1), segment_rows, group, loss_fn, chunk_rows,
-                                         scale, softcap, torch.is_grad_enabled())
+            loss = loss_fn(seq_logps, 0, len(segment_rows)).to(logps.dtype)
+            if not return_token_stats:
+                return loss, seq_logps.detach()
+            stats = cross_entropy_ops.token_stats(F.linear(x, weight.to(x.dtype)), targets.reshape(-1),
+                                                  ignore_index=-1, scale=scale, softcap=softcap or None)
+            return loss, seq_logps.detach(), stats._replace(entropy=stats.entropy.to(logps.dtype),
+                                                            mean_logit=stats.mean_logit.to(logps.dtype))
+        loss, seq_logps, stats = _LinearSequenceLoss.apply(x, weight, targets.reshape(-1), segment_rows, group,
+                                                           loss_fn, chunk_rows, scale, softcap, torch.is_grad_enabled(),
+                                                           return_token_stats)
+    if not return_token_stats:
+        return loss, seq_logps
+    return loss, seq_logps, cross_entropy_ops.TokenStats(stats[:, 0], stats[:, 1] > 0, stats[:, 2])
 
 
 def distill_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float = 0.0,

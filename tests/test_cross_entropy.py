@@ -741,26 +741,28 @@ def test_fused_losses_keep_an_fp32_master_weights_gradient_unrounded_under_autoc
     assert err < 2 ** -8  # (bf16's rounding of the whole: up to 2^-9 relative, plus the products')
 
 
-# --- token statistics (TRL's SFT metrics entropy and mean_token_accuracy) ----------------------------
+# --- token statistics (TRL's metrics entropy, mean_token_accuracy and DPO's logits/*) ------------
 
 def reference_stats(logits, targets, ignore_index, scale, softcap, dtype=torch.float64):
-    """Each row's entropy of softmax(z) and whether its target is argmax(z), z the final logits in
-    dtype (float64: the reference; float32: what torch computes, as TRL does, from the same logits)."""
+    """Each row's entropy of softmax(z), whether its target is argmax(z) and the mean of z, z the
+    final logits in dtype (float64: the reference; float32: what torch computes, as TRL does, from
+    the same logits)."""
     z = logits.to(dtype) * scale
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
     logp = torch.log_softmax(z, dim=-1)
     entropy = -(logp.exp() * logp).sum(dim=-1)
     counted = targets != ignore_index
-    return torch.where(counted, entropy, 0.0), (z.argmax(dim=-1) == targets) & counted
+    return (torch.where(counted, entropy, 0.0), (z.argmax(dim=-1) == targets) & counted,
+            torch.where(counted, z.mean(dim=-1), 0.0))
 
 
 @row_grid
 def test_token_stats_match_float64(device, dtype, shape, variant):
-    # Each row's entropy within twice torch's own error (fp32 math on the same logits, as TRL's)
-    # against float64, scaled and capped logits too; is_top1 exactly torch's argmax of the fp32
-    # final logits (the first of equal maxima), on rows whose target is the argmax and rows whose
-    # target is not; 0 and False where ignored.
+    # Each row's entropy and mean logit within twice torch's own error (fp32 math on the same
+    # logits, as TRL's) against float64, scaled and capped logits too; is_top1 exactly torch's
+    # argmax of the fp32 final logits (the first of equal maxima), on rows whose target is the
+    # argmax and rows whose target is not; 0, False and 0 where ignored.
     _, _, scale, softcap = variant
     logits = logits_of(shape, dtype, device)
     targets = targets_of(shape, shape[-1], device)
@@ -768,31 +770,44 @@ def test_token_stats_match_float64(device, dtype, shape, variant):
             ).argmax(dim=-1)
     keep = targets.view(-1)[1::3] != -100
     targets.view(-1)[1::3] = torch.where(keep, hits.view(-1)[1::3], targets.view(-1)[1::3])  # a third at the argmax
-    entropy, top1 = pyllm.ops.cross_entropy.token_stats(logits, targets, scale=scale, softcap=softcap)
-    ref_entropy, _ = reference_stats(logits.cpu(), targets.cpu(), -100, scale, softcap)
-    theirs, their_top1 = reference_stats(logits, targets, -100, scale, softcap, torch.float32)
-    assert entropy.dtype == torch.float32 and entropy.shape == targets.shape and top1.dtype == torch.bool
+    entropy, top1, mean = pyllm.ops.cross_entropy.token_stats(logits, targets, scale=scale, softcap=softcap)
+    ref_entropy, _, ref_mean = reference_stats(logits.cpu(), targets.cpu(), -100, scale, softcap)
+    theirs, their_top1, their_mean = reference_stats(logits, targets, -100, scale, softcap, torch.float32)
+    assert entropy.dtype == mean.dtype == torch.float32 and entropy.shape == mean.shape == targets.shape
+    assert top1.dtype == torch.bool
     assert rel_err(entropy, ref_entropy) <= tolerance(theirs, ref_entropy)
+    # (a mean of O(1) logits can be ~0: its error is taken relative to the mean |z|, the sum's
+    # condition, with one fp32 rounding of that as the floor)
+    z_abs = reference_stats(logits.abs().cpu(), targets.cpu(), -100, scale, None)[2]  # (capped: |z| is less)
+
+    def mean_err(m):
+        return ((m.double().cpu() - ref_mean).abs() / z_abs.clamp_min(1e-300)).max().item()
+
+    assert mean_err(mean) <= 2 * max(mean_err(their_mean), 2 ** -24)
     assert torch.equal(top1, their_top1) and bool(top1.any()) == bool(keep.any())
-    assert not entropy[targets == -100].any() and not top1[targets == -100].any()
+    ignored = targets == -100
+    assert not entropy[ignored].any() and not top1[ignored].any() and not mean[ignored].any()
 
 
 def test_token_stats_take_the_first_maximum_and_mark_rows_without_a_softmax():
     # Ties: the target is the argmax only as the first of equal maxima (torch.argmax's, TRL's
     # is_top1); a masked class (-inf) adds 0 to the entropy; a NaN logit, a row of -inf and a +inf
-    # give a NaN entropy and False, as the loss is NaN there. The kernel (CPU) and the torch ops
-    # (CUDA's) agree.
+    # give a NaN entropy and False, as the loss is NaN there; the mean logit as it comes. The kernel
+    # (CPU) and the torch ops (CUDA's) agree.
     inf, nan = math.inf, math.nan
     x = torch.tensor([[1.0, 3.0, 3.0, 0.0], [1.0, 3.0, 3.0, 0.0], [0.5, -inf, 2.0, 1.0], [nan, 0.0, 1.0, 2.0],
                       [-inf] * 4, [inf, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
     t = torch.tensor([2, 1, 2, 3, 0, 0, -100])
-    entropy, top1 = pyllm.ops.cross_entropy.token_stats(x, t)
+    entropy, top1, mean = pyllm.ops.cross_entropy.token_stats(x, t)
     assert top1.tolist() == [False, True, True, False, False, False, False]
+    assert mean[[0, 1, 3, 4, 5, 6]].tolist()[:2] == [1.75, 1.75] and mean[2] == -inf and mean[3].isnan()
+    assert mean[4] == -inf and mean[5] == inf and mean[6] == 0
     p = torch.softmax(x[:3].double(), -1)
     want = -(torch.where(p > 0, p * p.log(), 0.0)).sum(-1)
     assert torch.allclose(entropy[:3].double(), want, rtol=1e-6) and entropy[3:6].isnan().all() and entropy[6] == 0
     torch_ops = ce_ops.stats_of_shaped(x, t, t != -100)
     assert torch.equal(torch_ops[:, 1] > 0, top1) and torch.allclose(torch_ops[:, 0], entropy, equal_nan=True)
+    assert torch.equal(torch_ops[:, 2], mean.nan_to_num(0.0)) or torch.allclose(torch_ops[:, 2], mean, equal_nan=True)
     # (a target out of range, which the CPU refuses: torch ops give it NaN and 0, as CUDA gives its loss NaN)
     out = ce_ops.stats_of_shaped(x[:2], torch.tensor([4, -5]), torch.tensor([True, True]))
     assert out[:, 0].isnan().all() and not out[:, 1].any()
@@ -805,13 +820,13 @@ def test_rows_op_writes_every_token_stat_and_the_same_loss_and_gradient(dtype):
     # without them.
     logits = logits_of((33, 1001), dtype, "cpu")
     targets = targets_of((33, 1001), 1001, "cpu")
-    stats = poisoned((33, 2), torch.float32, "cpu")
+    stats = poisoned((33, 3), torch.float32, "cpu")
     with_stats, without = logits.clone(), logits.clone()
     loss, z = ce_ops.cross_entropy_rows_(with_stats, targets, z_loss=1e-3, label_smoothing=0.1, stats=stats)
     loss0, z0 = ce_ops.cross_entropy_rows_(without, targets, z_loss=1e-3, label_smoothing=0.1)
     assert torch.equal(loss, loss0) and torch.equal(z, z0) and torch.equal(with_stats, without)
-    entropy, top1 = ce_ops.token_stats(logits, targets)
-    assert torch.equal(stats[:, 0], entropy) and torch.equal(stats[:, 1] > 0, top1)
+    entropy, top1, mean = ce_ops.token_stats(logits, targets)
+    assert torch.equal(stats[:, 0], entropy) and torch.equal(stats[:, 1] > 0, top1) and torch.equal(stats[:, 2], mean)
 
 
 @pytest.mark.level_free
@@ -827,4 +842,4 @@ def test_token_stats_are_checked_and_compile():
     torch._dynamo.reset()
     compiled = torch.compile(lambda l, t: ce_ops.token_stats(l, t, softcap=5.0), fullgraph=True)(logits, targets)
     eager = ce_ops.token_stats(logits, targets, softcap=5.0)
-    assert torch.equal(compiled.entropy, eager.entropy) and torch.equal(compiled.is_top1, eager.is_top1)
+    assert all(torch.equal(a, b) for a, b in zip(compiled, eager)) and len(eager) == 3

@@ -1643,6 +1643,38 @@ def test_linear_sequence_loss_matches_float64(device, dtype, chunk_rows, shape, 
         assert rel_err(got, exact) <= tolerance(torch_value, exact), name
 
 
+@pytest.mark.parametrize("step", ["kernel", "torch-ops"])
+@pytest.mark.parametrize("shape", ["plain", "scaled-capped"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_linear_sequence_loss_token_stats(dtype, shape, step, monkeypatch):
+    # linear_sequence_loss(return_token_stats=True) (DPO's entropy, token accuracy and mean logits
+    # from the fused pass over whole pairs): each row's statistics those of linear_token_logps
+    # (tested against float64 above) on the same rows, 0s where ignored; the loss, log-probabilities
+    # and gradients bit for bit those without them.
+    from pyllm.nn import linear_sequence_loss, linear_token_logps
+
+    softmax_step(monkeypatch, step)
+    call = LOGIT_SHAPES[shape]
+    x64, w64, targets = output_layer_case(2)
+    x, w = x64.to(dtype), w64.to(dtype)
+    targets[1::3] = shaped_logits(x @ w.t(), **call).argmax(dim=-1)[1::3]
+    loss_fn = pair_loss_fn(torch.randn(len(SEQUENCE_ROWS), dtype=torch.float64) * 20 - 60)
+    runs = []
+    for stats in (True, False):
+        xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+        out = linear_sequence_loss(xg, wg, targets, SEQUENCE_ROWS, 2, loss_fn, 37, **call, return_token_stats=stats)
+        out[0].backward()
+        runs.append((*out, xg.grad, wg.grad))
+    (loss, logps, stats, dx, dw), plain = runs
+    assert all(torch.equal(a, b) for a, b in zip((loss, logps, dx, dw), plain))
+    want = linear_token_logps(x, w, targets, 37, **call, return_token_stats=True)
+    torch.testing.assert_close(stats.entropy, want.entropy, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(stats.mean_logit, want.mean_logit, rtol=1e-6, atol=1e-6)
+    assert torch.equal(stats.is_top1, want.is_top1) and stats.is_top1.sum() >= 40
+    ignored = targets == -1
+    assert not stats.entropy[ignored].any() and not stats.mean_logit[ignored].any() and ignored.sum() > 0
+
+
 def test_linear_sequence_loss_heads_grad_modes_and_checks():
     # A frozen head (no weight gradient made), no_grad (no gradients made, the loss still), no rows,
     # and the arguments checked.
@@ -1856,9 +1888,9 @@ def test_linear_cross_entropy_token_stats_match_float64(device, dtype, chunk_row
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_linear_token_logps_token_stats(dtype, shape, step, monkeypatch):
     # linear_token_logps(return_token_stats=True) (GRPO's entropy, with the frozen head's Jacobian
-    # path too): each row's entropy within twice torch's own error against float64 and its argmax hit
-    # torch.argmax's on the same logits, 0 / False where ignored; the log-probabilities and gradients
-    # the same as without them.
+    # path too): each row's entropy and mean logit within twice torch's own error against float64
+    # and its argmax hit torch.argmax's on the same logits, 0 / False where ignored; the
+    # log-probabilities and gradients the same as without them.
     from pyllm.nn import linear_token_logps
 
     softmax_step(monkeypatch, step)
@@ -1883,6 +1915,8 @@ def test_linear_token_logps_token_stats(dtype, shape, step, monkeypatch):
         exact = entropy_of(shaped_logits(x64 @ w64.t(), **call))
         assert rel_err(out.entropy, exact) <= tolerance(entropy_of(theirs), exact)
         assert torch.equal(out.is_top1, (theirs.argmax(dim=-1) == targets) & counted) and out.is_top1.sum() >= 40
+        exact_mean = shaped_logits(x64 @ w64.t(), **call).mean(dim=-1) * counted
+        assert rel_err(out.mean_logit, exact_mean) <= tolerance(theirs.float().mean(dim=-1) * counted, exact_mean)
         out.logps.sum().backward()
         plain.sum().backward()
         assert torch.equal(xg.grad, x2.grad)
@@ -1890,9 +1924,11 @@ def test_linear_token_logps_token_stats(dtype, shape, step, monkeypatch):
 
 def test_model_token_stats_agree_on_every_loss_path():
     # LLM.forward(token_stats=True): the entropy sum, argmax hits and counted targets of its targets,
-    # the same from the logits, the fused loss and the per-token paths, fused or not (to fp32 rounding),
-    # those of a float64 computation from the model's logits, compiled too; refused where no such
-    # loss is made. At a temperature (GRPO's per-token path) those of logits / temperature.
+    # the same from the logits, the fused loss, the per-token paths, fused or not, and the fused
+    # sequence loss (to fp32 rounding), those of a float64 computation from the model's logits,
+    # compiled too; and each target's entropy, hit and mean logit (token_stats_rows, 0s where
+    # ignored) but after the fused mean loss; refused where no such loss is made. At a temperature
+    # (GRPO's per-token path) those of logits / temperature.
     torch.manual_seed(0)
     model = LLM(ModelConfig(**SMALL))
     idx = torch.randint(0, 97, (2, 16))
@@ -1905,23 +1941,37 @@ def test_model_token_stats_agree_on_every_loss_path():
     targets[1, ::2] = torch.where(hit[1, ::2], targets[1, ::2], logits.argmax(dim=-1)[1, ::2])  # some hits
     logp = torch.log_softmax(logits, dim=-1)
     counted = targets != -1
-    want = torch.stack([(-(logp.exp() * logp).sum(-1) * counted).sum(),
-                        ((logits.argmax(-1) == targets) & counted).sum(), counted.sum().double()])
+    want_rows = torch.stack([-(logp.exp() * logp).sum(-1), (logits.argmax(-1) == targets).double(),
+                             logits.mean(-1)], dim=-1) * counted[..., None]  # (B, T, 3)
+    want = torch.stack([want_rows[..., 0].sum(), want_rows[..., 1].sum(), counted.sum().double()])
     got = {}
+    pairs = {"cu_seqlens": torch.tensor([0, 16, 32], dtype=torch.int32),
+             "sequence_loss": {"documents": [0, 1], "group": 2, "loss_fn": lambda logps, d0, d1: logps.sum()}}
     for name, fused, kw in (("logits", False, {}), ("fused", True, {}), ("per_token", False, {"per_token": True}),
-                            ("fused per_token", True, {"per_token": True}), ("z_loss", True, {"z_loss": 1e-3})):
+                            ("fused per_token", True, {"per_token": True}), ("z_loss", True, {"z_loss": 1e-3}),
+                            ("sequence_loss", True, pairs)):
         model.fused_loss = fused
         model(idx, targets, token_stats=True, **kw)
         got[name] = model.token_stats_term
         assert got[name].dtype == torch.float32 and rel_err(got[name], want) < 1e-6, name
         assert got[name][1] == want[1] and want[1] >= 4
+        rows = model.token_stats_rows
+        if name in ("fused", "z_loss"):  # (linear_cross_entropy sums them in its pass)
+            assert rows is None
+        else:
+            assert rows.dtype == torch.float32 and rows.shape == (2, 16, 3), name
+            for k in (0, 2):
+                assert rel_err(rows[..., k], want_rows[..., k]) < 1e-6, (name, k)
+            assert torch.equal(rows[..., 1].double(), want_rows[..., 1]) and not rows[~counted].any()
     model(idx, targets)
-    assert model.token_stats_term is None
+    assert model.token_stats_term is None and model.token_stats_rows is None
     for fused in (False, True):
         model.fused_loss = fused
         torch._dynamo.reset()
         torch.compile(model, fullgraph=True)(idx, targets, token_stats=True)
         torch.testing.assert_close(model.token_stats_term, got["logits"], rtol=1e-5, atol=1e-5)
+        if not fused:
+            torch.testing.assert_close(model.token_stats_rows, want_rows.float(), rtol=1e-5, atol=1e-5)
     logits_t = logits / 0.7
     logp_t = torch.log_softmax(logits_t, dim=-1)
     want_t = (-(logp_t.exp() * logp_t).sum(-1) * counted).sum()
@@ -1931,7 +1981,7 @@ def test_model_token_stats_agree_on_every_loss_path():
         assert rel_err(model.token_stats_term[0], want_t) < 1e-6 and model.token_stats_term[1] == want[1]
     model.fused_loss = True
     for kw in ({}, {"hidden": True}):
-        with pytest.raises(ValueError, match="token_stats goes with the loss or per_token"):
+        with pytest.raises(ValueError, match="token_stats goes with the loss, per_token"):
             model(idx, None if not kw else targets, token_stats=True, **kw)
 
 

@@ -26,12 +26,13 @@
 // vectorises them only with -fno-trapping-math (CMakeLists.txt: otherwise their clamps and selects
 // stayed branches, and an AVX2 build ran bf16 cross-entropy at 252 ms; now 101-105, AVX-512 70).
 //
-// Token statistics (stats, when not 0: two per row, TRL's SFT metrics): the entropy of softmax(z),
+// Token statistics (stats, when not 0: three per row, TRL's SFT and DPO metrics): the entropy of softmax(z),
 // log sum_j e_j - sum_j e_j (z_j - max) / sum_j e_j with e_j = exp(z_j - max) (the second sum formed
 // in pass (2) beside the first: one multiply-add per element), and 1 where the target is the first
 // largest z (torch's argmax takes the first of equal maxima, as TRL's is_top1), else 0; checked after
-// pass (1), reading the row up to the target only when the target ties the maximum. Ignored rows: 0
-// and 0; a NaN row: NaN and 0.
+// pass (1), reading the row up to the target only when the target ties the maximum; the mean of z
+// (pass (1)'s sum, already formed for label smoothing: TRL's DPO logits/chosen). Ignored rows: 0, 0
+// and 0; a NaN row: NaN, 0 and the mean as it comes (NaN, or +-inf where the max is).
 //
 // Non-finite logits: a NaN in a row, or a max of +-inf (torch's log_softmax gives NaN there too),
 // gives a NaN loss and NaN gradient for the row. Targets are checked before any work: one outside
@@ -156,7 +157,7 @@ void row(const T* x, T* grad, int64_t target, acc_t<T>* loss_out, acc_t<T>* z_ou
   if (target == a.ignore_index) {
     loss_out[0] = A(0);
     if (z_out) z_out[0] = A(0);
-    if (stats) stats[0] = stats[1] = A(0);
+    if (stats) stats[0] = stats[1] = stats[2] = A(0);
     if (grad) std::fill_n(grad, V, from_acc<T>(A(0)));
     return;
   }
@@ -195,6 +196,7 @@ void row(const T* x, T* grad, int64_t target, acc_t<T>* loss_out, acc_t<T>* z_ou
     }
   }
   const double z_target = double(zs[target]);
+  if (stats) stats[2] = A(z_sum / double(V));
   if (nans || !std::isfinite(top)) {
     const A nan = std::numeric_limits<A>::quiet_NaN();
     loss_out[0] = nan;
@@ -250,7 +252,7 @@ void run(const T* x, const int64_t* targets, acc_t<T>* loss, acc_t<T>* z_part, T
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < a.rows; ++r)
       row<T>(x + r * a.stride, grad ? grad + r * a.grad_stride : nullptr, targets[r], loss + r,
-             z_part ? z_part + r : nullptr, stats ? stats + 2 * r : nullptr,
+             z_part ? z_part + r : nullptr, stats ? stats + 3 * r : nullptr,
              a.grad_scale * (grad_rows ? double(grad_rows[r]) : 1.0), zs.data(),
              tanhs.data(), a);
   }

@@ -7,8 +7,9 @@ Kernels: csrc/cpu/cross_entropy.cpp, csrc/cuda/cross_entropy.cu. Two entry point
   with the incoming gradient. Nothing of (N, V) in fp32, nothing of (N, V) kept.
 - cross_entropy_rows_(logits, targets, ...): the per-row losses, and the gradient written over the
   logits themselves: what pyllm.nn.linear_cross_entropy runs on each chunk of logits it makes.
-And token_stats(logits, targets): each row's entropy and whether its target is the argmax (TRL's
-SFT metrics entropy and mean_token_accuracy), by the same kernel on the CPU.
+And token_stats(logits, targets): each row's entropy, whether its target is the argmax and its
+mean logit (TRL's SFT metrics entropy and mean_token_accuracy, its DPO metrics logits/chosen and
+logits/rejected), by the same kernel on the CPU.
 """
 from __future__ import annotations
 
@@ -103,15 +104,16 @@ def cross_entropy_into(logits: Tensor, targets: Tensor, loss: Tensor, z_part: Op
     """loss (rows,), z_part (rows,) or None, grad (rows, V) or None (may be logits: in place), for 2-D
     logits and grad with a contiguous last dim; targets int64 (rows,) contiguous. The gradient is
     of the row losses times grad_scale and grad_rows (rows,) in loss's dtype, when given. stats:
-    None or (rows, 2) contiguous in loss's dtype, each row's entropy and 1.0 where its target is
-    the first argmax (0 and 0 where ignored; NaN and 0 where its loss is NaN)."""
+    None or (rows, 3) contiguous in loss's dtype, each row's entropy, 1.0 where its target is the
+    first argmax, and its mean final logit (0, 0 and 0 where ignored; NaN and 0 where its loss is
+    NaN, the mean as it comes)."""
     rows, vocab = logits.shape
     # (the kernel reads `rows` targets and writes `rows` losses wherever they point: one shorter, a
     # DTensor's rows chunked otherwise than the logits', would be read past its end)
     _util.check_row_lengths(OP, rows, targets=targets, loss=loss, z_part=z_part, grad_rows=grad_rows)
-    if stats is not None and (tuple(stats.shape) != (rows, 2) or not stats.is_contiguous()
+    if stats is not None and (tuple(stats.shape) != (rows, 3) or not stats.is_contiguous()
                               or stats.dtype != loss.dtype or stats.device != logits.device):
-        raise ValueError(f"{OP}: stats must be a contiguous ({rows}, 2) {loss.dtype} tensor on {logits.device}, got "
+        raise ValueError(f"{OP}: stats must be a contiguous ({rows}, 3) {loss.dtype} tensor on {logits.device}, got "
                          f"{stats.dtype} {tuple(stats.shape)} on {stats.device}"
                          + ("" if stats.is_contiguous() else f", strides {stats.stride()}"))
     if grad is not None and tuple(grad.shape) != (rows, vocab):
@@ -132,16 +134,17 @@ def cross_entropy_into(logits: Tensor, targets: Tensor, loss: Tensor, z_part: Op
 
 
 def stats_of_shaped(z: Tensor, targets: Tensor, valid: Tensor) -> Tensor:
-    """(rows, 2): each row's entropy of softmax(z) and 1.0 where its target is the first largest z
-    (torch's argmax), for final logits z (rows, V) in fp32 or fp64; 0 and 0 where valid is False,
-    NaN and 0 where the softmax is NaN (a NaN logit, a row of -inf, a +inf), as the CPU kernel, and
-    where a counted target is out of [0, V)."""
+    """(rows, 3): each row's entropy of softmax(z), 1.0 where its target is the first largest z
+    (torch's argmax) and the mean of z, for final logits z (rows, V) in fp32 or fp64; 0, 0 and 0
+    where valid is False; NaN and 0 where the softmax is NaN (a NaN logit, a row of -inf, a +inf),
+    as the CPU kernel, and where a counted target is out of [0, V)."""
     p = torch.softmax(z, dim=-1)
     entropy = -torch.special.xlogy(p, p).sum(dim=-1)  # (a masked class, p = 0, adds 0)
     # a target out of range (CUDA's kernel and torch ops give its loss NaN, not an error) too
     entropy = entropy.masked_fill((targets < 0) | (targets >= z.shape[-1]), math.nan)
     top1 = (z.argmax(dim=-1) == targets) & ~entropy.isnan()
-    return torch.stack([torch.where(valid, entropy, 0.0), (top1 & valid).to(z.dtype)], dim=1)
+    return torch.stack([torch.where(valid, entropy, 0.0), (top1 & valid).to(z.dtype),
+                        torch.where(valid, z.mean(dim=-1), 0.0)], dim=1)
 
 
 def _stats_in_torch(logits: Tensor, targets: Tensor, ignore_index: int, scale: float, softcap: float,
@@ -198,8 +201,8 @@ def cross_entropy_rows_(logits: Tensor, targets: Tensor, *, ignore_index: int = 
     grad_rows[i] (rows,) when given (multiplied in fp32, before the one rounding: a sequence-level
     loss's weight per row, as pyllm.nn.linear_token_logps's backward passes). No autograd: the
     gradient is the output. Arguments as cross_entropy's (softcap 0.0: none), not re-checked.
-    stats: None or (rows, 2) contiguous in the losses' dtype, written with token_stats' values
-    (entropy, 1.0 where the target is the first argmax) from the same pass."""
+    stats: None or (rows, 3) contiguous in the losses' dtype, written with token_stats' values
+    (entropy, 1.0 where the target is the first argmax, the mean logit) from the same pass."""
     return _util.call(_rows_inplace_body, _rows_inplace, None, logits, targets, int(ignore_index), float(scale),
                       float(softcap), float(label_smoothing), float(z_loss), bool(want_grad), grad_rows, stats)
 
@@ -381,15 +384,17 @@ def cross_entropy(logits: Tensor, targets: Tensor, weight: Optional[Tensor] = No
 
 class TokenStats(NamedTuple):
     """token_stats' output, each of targets' shape: the entropy of the next-token distribution
-    (fp32; fp64 for fp64 logits) and whether the target is its argmax (bool)."""
+    (fp32; fp64 for fp64 logits), whether the target is its argmax (bool) and the mean of its final
+    logits (as the entropy's dtype)."""
     entropy: Tensor
     is_top1: Tensor
+    mean_logit: Tensor
 
 
 def _token_stats_body(logits: Tensor, targets: Tensor, ignore_index: int, scale: float, softcap: float) -> Tensor:
     rows = _util.as_rows(logits)
     loss = _util.row_losses(rows, rows.shape[0])  # (the kernel's losses: unused)
-    stats = loss.new_empty(rows.shape[0], 2)
+    stats = loss.new_empty(rows.shape[0], 3)
     cross_entropy_into(rows, targets.reshape(-1).contiguous().long(), loss, None, None, ignore_index, scale, softcap,
                        0.0, 0.0, stats=stats)
     return stats
@@ -401,27 +406,28 @@ _token_stats = torch.library.custom_op("pyllm::token_stats", mutates_args=())(_t
 @_token_stats.register_fake
 def _(logits, targets, ignore_index, scale, softcap):
     return _util.row_losses(logits, logits.numel() // logits.shape[-1]).new_empty(
-        logits.numel() // logits.shape[-1], 2)
+        logits.numel() // logits.shape[-1], 3)
 
 
 @_util.batching_rule(_token_stats)
 def _(op, info, in_dims, *args):  # vmap: the vmapped dim first makes more rows of one call
-    return op(*_util.batched_first(info, in_dims, args, expand=True)).view(info.batch_size, -1, 2), 0
+    return op(*_util.batched_first(info, in_dims, args, expand=True)).view(info.batch_size, -1, 3), 0
 
 
-# DTensor: rows on the first dim (as cross_entropy's), (rows, 2) out
+# DTensor: rows on the first dim (as cross_entropy's), (rows, 3) out
 _util.sharding_rule(_token_stats)(lambda logits, *args: _util.rows_rule(2, 1, min(logits.ndim, 2), extra_inputs=3))
 
 
 def token_stats(logits: Tensor, targets: Tensor, *, ignore_index: int = -100, scale: float = 1.0,
                 softcap: Optional[float] = None) -> TokenStats:
     """TRL's SFT metrics per token, from logits (..., V) and targets (...) as cross_entropy takes
-    them: TokenStats(entropy, is_top1), each of targets' shape, 0 / False where the target is
-    ignore_index. entropy: -sum_j p_j log p_j of p = softmax(z), z the logits times scale, capped
-    as cross_entropy's (TRL's entropy); is_top1: whether the target is argmax(z), the first of
-    equal maxima as torch.argmax (TRL's is_top1; their mean over the counted targets is its
-    mean_token_accuracy). A row whose loss would be NaN (a NaN logit, +-inf as its largest) gets a
-    NaN entropy and False. No gradient. One read of the logits by the cross-entropy kernel on the
+    them: TokenStats(entropy, is_top1, mean_logit), each of targets' shape, 0 / False where the
+    target is ignore_index. entropy: -sum_j p_j log p_j of p = softmax(z), z the logits times scale,
+    capped as cross_entropy's (TRL's entropy); is_top1: whether the target is argmax(z), the first
+    of equal maxima as torch.argmax (TRL's is_top1; their mean over the counted targets is its
+    mean_token_accuracy); mean_logit: the mean of z over the vocabulary (TRL's mean_logits, whose
+    mean over a DPO pair's chosen reply's tokens is its logits/chosen). A row whose loss would be
+    NaN (a NaN logit, +-inf as its largest) gets a NaN entropy and False. No gradient. One read of the logits by the cross-entropy kernel on the
     CPU (in fp32, fp64 for fp64); torch ops elsewhere (CUDA, with or without pyllm's kernels)."""
     kernel = isinstance(logits, Tensor) and (logits.is_cpu or logits.is_meta)
     _check(logits, targets, ignore_index, "sum", 0.0, 0.0, scale, softcap, kernel)
@@ -431,7 +437,8 @@ def token_stats(logits: Tensor, targets: Tensor, *, ignore_index: int = -100, sc
                                float(scale), float(softcap or 0.0))
         else:
             rows = logits.detach().reshape(-1, logits.shape[-1])
-            stats = rows.new_empty(rows.shape[0], 2, dtype=torch.promote_types(logits.dtype, torch.float32))
+            stats = rows.new_empty(rows.shape[0], 3, dtype=torch.promote_types(logits.dtype, torch.float32))
             _stats_in_torch(rows, targets.reshape(-1).long(), int(ignore_index), float(scale), float(softcap or 0.0),
                             stats)
-    return TokenStats(stats[:, 0].reshape(targets.shape), stats[:, 1].reshape(targets.shape) > 0)
+    return TokenStats(stats[:, 0].reshape(targets.shape), stats[:, 1].reshape(targets.shape) > 0,
+                      stats[:, 2].reshape(targets.shape))

@@ -963,8 +963,9 @@ _GOES_WITH = {
     "simpo_gamma": (lambda c: c.preference == "simpo", "preference simpo"),
     "desirable_weight": (lambda c: c.preference == "kto", "preference kto"),
     "undesirable_weight": (lambda c: c.preference == "kto", "preference kto"),
-    "token_stats": (lambda c: not (c.preference or c.teacher or c.grpo_reward), "pretraining or SFT (not preference "
-                    "tuning, distillation or GRPO, which log their own metrics)"),
+    "token_stats": (lambda c: not (c.preference == "reward" or c.teacher or c.grpo_reward),
+                    "pretraining, SFT or preference tuning (not a reward model, distillation or GRPO, which log their "
+                    "own metrics)"),
     **{name: (lambda c: bool(c.teacher), "a teacher (distillation)") for name in (
         "distill_beta", "distill_temperature", "distill_alpha", "distill_max_new_tokens", "distill_sample_temperature")},
     **{name: (lambda c: bool(c.grpo_reward), "grpo_reward (GRPO)") for name in (
@@ -2116,12 +2117,14 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                         "alone), with or without --fused-loss (packed conversations without it take logits at "
                         "every position, prompts too). Pretraining and SFT (default 0: off)")
     p.add_argument("--token-stats", action=argparse.BooleanOptionalAction, default=None,
-                   help="log TRL's SFT metrics each step, mean_token_accuracy (the share of targets that are the "
-                        "model's argmax) and entropy (of its next-token distribution, at the targets), and val_ ones "
-                        "at each evaluation, as TRL averages them: over each micro-step's targets on every rank, then "
-                        "the micro-steps. From the "
+                   help="log TRL's metrics each step, mean_token_accuracy (the share of targets that are the "
+                        "model's argmax) and entropy (of its next-token distribution, at the targets), as TRL "
+                        "averages them: over each micro-step's targets on every rank, then the micro-steps; val_ ones "
+                        "at each evaluation (pretraining and SFT); with --preference also logits_chosen and "
+                        "logits_rejected (the mean logit over the vocabulary, at the replies' tokens: TRL's "
+                        "DPOTrainer's and KTOTrainer's logits/*; the chosen replies' accuracy, KTO none). From the "
                         "cross-entropy kernel's pass over the logits (one more read of them without --fused-loss). "
-                        "Pretraining and SFT (default on)")
+                        "Not with a reward model, distillation or GRPO (default on)")
     p.add_argument("--preference", choices=["dpo", "ipo", "hinge", "simpo", "orpo", "kto", "reward"],
                    help="preference tuning on --data of preference pairs: *.jsonl lines of {\"prompt\": ..., "
                         "\"chosen\": ..., \"rejected\": ...} (text, or lists of messages put in the chat template; or "

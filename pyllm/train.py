@@ -49,7 +49,7 @@ class TrainConfig:
     lora_dropout: float = 0.0  # dropout on the LoRA updates' inputs (PEFT's lora_dropout)
     fused_loss: bool = False  # the loss by linear_cross_entropy: no (batch, seq, vocab) logits in memory
     z_loss: float = 0.0  # plus this times the mean logsumexp(logits)^2 (PaLM's z-loss, 1e-4 there; OLMo 2's 1e-5): pretraining and SFT
-    token_stats: bool = True  # pretraining and SFT: log TRL's SFTTrainer metrics mean_token_accuracy and entropy
+    token_stats: bool = True  # log TRL's metrics mean_token_accuracy and entropy (pretraining, SFT; DPO's, KTO's with logits_*)
     preference: str = ""  # on preference pairs: dpo | ipo | hinge | simpo | orpo ("": not preference tuning)
     beta: float = 0.0  # the preference loss's beta (ORPO's lambda); 0: its usual value (PREFERENCE_BETA)
     simpo_gamma: float = 0.5  # SimPO's target reward margin
@@ -785,11 +785,22 @@ def segments_alone(x: torch.Tensor, y: torch.Tensor, cu: torch.Tensor, segments:
             torch.tensor(cu_new, dtype=torch.int32, device=x.device), at)
 
 
-def segment_logps(model, batch, segments: list[int]) -> torch.Tensor:
+def segment_logps(model, batch, segments: list[int], token_stats: bool = False):
     """Each of a packed batch's segments' summed log-probability (sequence_logps) from a pass of
-    the model over those segments alone (segments_alone)."""
+    the model over those segments alone (segments_alone). token_stats: -> (those, their
+    document_stats)."""
     x, y, cu, at = segments_alone(*batch[:3], segments)
-    return sequence_logps(model(x, y, cu, per_token=True, **balance_kwargs(model, x, cu, at))[1], cu)[at]
+    logps = sequence_logps(model(x, y, cu, per_token=True, token_stats=token_stats,
+                                 **balance_kwargs(model, x, cu, at))[1], cu)[at]
+    return (logps, document_stats(model, cu)[at]) if token_stats else logps
+
+
+def document_stats(model, cu: torch.Tensor) -> torch.Tensor:
+    """(N, 3): each of cu_seqlens' N documents' sums over its targets of the last forward's
+    token statistics (LLM.token_stats_rows: entropy, argmax hits, mean logits). model: the LLM or
+    its wrapper."""
+    rows = getattr(model, "module", model).token_stats_rows  # (B, T, 3) (DDP's; compile's, FSDP's: through)
+    return torch.stack([sequence_logps(rows[..., k], cu) for k in range(3)], dim=1)
 
 
 def balance_kwargs(model, x: torch.Tensor, cu: torch.Tensor | None, segments) -> dict:
@@ -822,8 +833,8 @@ FUSED_PREFERENCE_LOSSES = ("dpo", "ipo", "hinge", "simpo", "orpo", "kto")
 
 
 def preference_batch_loss(model, batch, reference, labels: np.ndarray | None = None,
-                          margins: np.ndarray | None = None, fused: bool = False,
-                          **options) -> tuple[torch.Tensor, torch.Tensor]:
+                          margins: np.ndarray | None = None, fused: bool = False, token_stats: bool = False,
+                          **options) -> tuple[torch.Tensor, ...]:
     """The mean preference loss (nn.preference_loss with options: kind, beta, ...) over a
     PackedLoader batch's pairs (x, y, cu_seqlens, docs: each pair's chosen and rejected documents
     one after the other), and the means of the chosen and rejected rewards and of the accuracy
@@ -835,8 +846,17 @@ def preference_batch_loss(model, batch, reference, labels: np.ndarray | None = N
     models: margins, each pair's (the loader's), subtracted from the score difference. fused (a
     pyllm LLM with fused_loss, not compiled, not fp16; the FUSED_PREFERENCE_LOSSES): the loss fused
     with the output layer, pairs whole (nn.linear_sequence_loss: three matmuls of it, not four); the
-    same loss and gradients. A MoE's aux_loss is the caller's to add, fused or not."""
+    same loss and gradients. A MoE's aux_loss is the caller's to add, fused or not.
+    token_stats (not reward models): -> (the loss, the stats, the sums over the batch of TRL's
+    DPOTrainer / KTOTrainer token metrics (7,): the entropy over the trained replies' tokens (KTO:
+    the examples', not the KL documents'), their number, the chosen replies' tokens that are the
+    argmax, their number, the chosen and the rejected replies' mean logits (KTO: the desirable and
+    the undesirable examples'), the rejected replies' tokens), from the loss's own pass
+    (LLM.forward's token_stats)."""
     x, y, cu, docs = batch
+    if token_stats and options.get("kind") == "reward":
+        raise ValueError("preference_batch_loss: token_stats goes with the preference losses of a language model, not "
+                         "a reward model's scores")
     real = [i for i, d in enumerate(docs) if d >= 0]
     ref = None
     if callable(reference):
@@ -846,6 +866,7 @@ def preference_batch_loss(model, batch, reference, labels: np.ndarray | None = N
     chosen, rejected = real[0::2], real[1::2]
     tokens = sequence_logps((y != -1).to(torch.float32), cu)  # each segment's trained tokens (exact counts)
     desirable = kl = fused_total = None
+    doc_stats = None  # token_stats: (N, 3) of every segment, or (KTO) of each example
     if fused and options.get("kind") in FUSED_PREFERENCE_LOSSES and options.get("kind") != "kto" and real:
         tokens_real = tokens[real]
 
@@ -859,8 +880,9 @@ def preference_batch_loss(model, batch, reference, labels: np.ndarray | None = N
                                    ref_rejected_logps=None if ref_of is None else ref_of[1::2], **options)[0].sum()
 
         logps, fused_total = model(x, y, cu, sequence_loss={"documents": real, "group": 2, "loss_fn": pair_losses},
-                                   **balance_kwargs(model, x, cu, real))
+                                   token_stats=token_stats, **balance_kwargs(model, x, cu, real))
         chosen_logps, rejected_logps = logps[0::2], logps[1::2]
+        doc_stats = document_stats(model, cu) if token_stats else None
         ref = None if ref is None else ref.to(logps)
     elif options.get("kind") == "kto":  # a unit's documents are 2u, 2u + 1 (prepare_kto)
         # The KL documents (the mismatched completions) only give the detached estimate z: a
@@ -890,15 +912,19 @@ def preference_batch_loss(model, batch, reference, labels: np.ndarray | None = N
                                        kl=kl, **options)[0].sum()
 
             chosen_logps, fused_total = model(x_alone, y_alone, cu_alone, sequence_loss={
-                "documents": list(at), "group": 1, "loss_fn": example_losses},
+                "documents": list(at), "group": 1, "loss_fn": example_losses}, token_stats=token_stats,
                 **balance_kwargs(model, x_alone, cu_alone, at))
+            doc_stats = document_stats(model, cu_alone)[at] if token_stats else None
+        elif token_stats and chosen:
+            chosen_logps, doc_stats = segment_logps(model, batch, chosen, token_stats=True)
         else:
             chosen_logps = segment_logps(model, batch, chosen)
     else:  # (N,) of every segment, padding too: log-probabilities, or a reward model's scores
         balance = balance_kwargs(model, x, cu, real)
         logps = (model(x, y, cu, scores=True, **balance)[1][:, 0] if options.get("kind") == "reward"
-                 else sequence_logps(model(x, y, cu, per_token=True, **balance)[1], cu))
+                 else sequence_logps(model(x, y, cu, per_token=True, token_stats=token_stats, **balance)[1], cu))
         chosen_logps, rejected_logps = logps[chosen], logps[rejected]
+        doc_stats = document_stats(model, cu) if token_stats else None
         ref = None if ref is None else ref.to(logps)
     tokens = tokens.to(chosen_logps)
     if margins is not None and options.get("kind") == "reward":  # a pair's documents are 2p, 2p + 1
@@ -933,7 +959,18 @@ def preference_batch_loss(model, batch, reference, labels: np.ndarray | None = N
                 log_odds = orpo_log_odds(c) - orpo_log_odds(r)
                 stats += [-c.sum(), torch.nn.functional.logsigmoid(log_odds).sum(), log_odds.sum()]
         stats = torch.stack(stats) / n
-    return losses.sum() / n, stats
+    if not token_stats:
+        return losses.sum() / n, stats
+    if desirable is not None:  # KTO: doc_stats by example; chosen and rejected are the labels
+        ex = doc_stats.to(tokens) if doc_stats is not None else tokens.new_zeros(0, 3)
+        t = tokens[chosen]
+        sums = [ex[:, 0].sum(), t.sum(), ex[desirable, 1].sum(), t[desirable].sum(), ex[desirable, 2].sum(),
+                ex[~desirable, 2].sum(), t[~desirable].sum()]
+    else:
+        c, r, tc, tr = doc_stats[chosen].to(tokens), doc_stats[rejected].to(tokens), tokens[chosen], tokens[rejected]
+        sums = [c[:, 0].sum() + r[:, 0].sum(), tc.sum() + tr.sum(), c[:, 1].sum(), tc.sum(), c[:, 2].sum(),
+                r[:, 2].sum(), tr.sum()]
+    return losses.sum() / n, stats, torch.stack(sums)
 
 
 def preference_stat_names(kind: str) -> list[str]:
@@ -947,6 +984,26 @@ def preference_stat_names(kind: str) -> list[str]:
     if kind == "orpo":
         names += ["nll_loss", "log_odds_ratio", "log_odds_chosen"]
     return names
+
+
+def preference_token_means(sums: torch.Tensor, kto: bool = False) -> dict:
+    """TRL's DPOTrainer token metrics of a step (KTOTrainer's: no mean_token_accuracy) from each
+    micro-step's preference_batch_loss token sums over every rank (grad_accum, 7): each micro-step's
+    ratios, then their mean over the micro-steps: entropy (over every trained reply's tokens),
+    mean_token_accuracy (the chosen replies'), logits_chosen and logits_rejected (TRL's logits/*: the
+    mean logit over the vocabulary, averaged over those replies' tokens). A micro-step without
+    such tokens adds 0.0, as DPOTrainer's; KTOTrainer's logits/* leave it out (None when none had any)."""
+    per = sums.tolist()
+
+    def mean(num: int, den: int, skip_empty: bool) -> float | None:
+        each = [m[num] / m[den] if m[den] else 0.0 for m in per if m[den] or not skip_empty]
+        return sum(each) / len(each) if each else None
+
+    out = {"entropy": mean(0, 1, False)}
+    if not kto:
+        out["mean_token_accuracy"] = mean(2, 3, False)
+    out.update(logits_chosen=mean(4, 3, kto), logits_rejected=mean(5, 6, kto))
+    return out
 
 
 def token_stat_means(sums: torch.Tensor) -> tuple[float, float]:
@@ -2531,6 +2588,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
     # those positions itself, and z-loss takes the model's own loss (logits at every position).
     per_token_packed = not cfg.fused_loss and not cfg.z_loss
     token_stats = cfg.token_stats and not (cfg.preference or reward is not None or teacher is not None)
+    pair_token_stats = cfg.token_stats and cfg.preference not in ("", "reward")  # (preference_batch_loss')
     start_rank_rng(ckpt, cfg, info, start_step)  # last, after everything the set-up drew
     stopped_after = None  # request_stop: the step whose checkpoint ends the run
     for step in range(start_step, cfg.max_steps):
@@ -2550,6 +2608,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
         kto_sums = torch.zeros(cfg.grad_accum, 7, device=info.device)  # (then the labels' logps sums)
         # pretraining and SFT: each micro-step's token_stats_term (entropy sum, argmax hits, targets)
         stat_sums = torch.zeros(cfg.grad_accum, 3, device=info.device) if token_stats else None
+        pair_stat_sums = torch.zeros(cfg.grad_accum, 7, device=info.device) if pair_token_stats else None
         on_policy = 0  # micro-batches of the student's own samples (distill_lmbda)
         grpo_sums = torch.zeros(12 + 2 * len(reward or ()), dtype=torch.float64)  # grpo_stat_means' sums
         grpo_micro = torch.zeros(cfg.grad_accum, 3, dtype=torch.float64)  # each micro-step's entropy, KL sums, tokens
@@ -2586,11 +2645,13 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
             micro_weight = None  # (a micro-batch of samples': sampled_weight)
             with no_sync, autocast(precision, info.device):
                 if cfg.preference:
-                    loss, stats = preference_batch_loss(wrapped, batch, reference and reference["train"], loader.labels,
-                                                        loader.margins, fused=(cfg.fused_loss and not compiled_whole
-                                                                               and precision != "fp16"),
-                                                        **preference_options(cfg))
+                    loss, stats, *pair_stats = preference_batch_loss(
+                        wrapped, batch, reference and reference["train"], loader.labels, loader.margins,
+                        fused=cfg.fused_loss and not compiled_whole and precision != "fp16",
+                        token_stats=pair_token_stats, **preference_options(cfg))
                     pref_sums += stats[:len(pref_names)] * weights[micro]
+                    if pair_token_stats:
+                        pair_stat_sums[micro] = pair_stats[0]
                     if cfg.preference == "kto":
                         kto_sums[micro] = stats[3:10]
                 elif reward is not None:
@@ -2735,6 +2796,8 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
                 margin = None if chosen is None or rejected is None else chosen - rejected
             record.update(reward_chosen=chosen, reward_rejected=rejected, reward_margin=margin,
                           reward_accuracy=accuracy, **means)
+            if pair_token_stats:
+                record.update(preference_token_means(all_reduce_sum(pair_stat_sums, info), cfg.preference == "kto"))
         if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step == cfg.max_steps - 1:
             if cfg.preference:
                 val_loss, record["val_reward_accuracy"] = evaluate_preference(

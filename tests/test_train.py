@@ -836,12 +836,14 @@ def test_two_cpu_processes_match_one_and_resume_exactly(data_dir, chat_dir, pair
     # TRL's step metrics are ratios over every rank's targets: the same on 2 processes as on 1 (each
     # rank's ratio, averaged, had been 2e-4 off on the conversations)
     if "entropy" in json.loads((whole / "log.jsonl").read_text().splitlines()[0]):
-        def column(out, name):
-            return [json.loads(line)[name] for line in (out / "log.jsonl").read_text().splitlines()]
+        def column(out, name):  # (KTO's logits_* are null in a step without examples of that label)
+            return [math.nan if (v := json.loads(line)[name]) is None else v
+                    for line in (out / "log.jsonl").read_text().splitlines()]
 
-        for name in ("entropy", "mean_token_accuracy"):
+        first = json.loads((whole / "log.jsonl").read_text().splitlines()[0])
+        for name in {"entropy", "mean_token_accuracy", "logits_chosen", "logits_rejected"} & set(first):
             np.testing.assert_allclose(column(whole, name), column(tmp_path / "one", name), rtol=rtol, atol=1e-7)
-            assert column(cut, name) == column(whole, name)
+            np.testing.assert_array_equal(column(cut, name), column(whole, name))
     np.testing.assert_allclose(losses(tmp_path / "two/cross")[4:], losses(tmp_path / "one")[4:], rtol=rtol)
     one, a, b = (torch.load(d / "checkpoint.pt", weights_only=True) for d in (tmp_path / "one", whole, cut))
     assert a["step"] == b["step"] == 8
@@ -1209,6 +1211,76 @@ def test_preference_batch_loss_is_each_sequence_alone(pairs_dir, kind, options, 
         torch.testing.assert_close(g, p.grad, rtol=1e-9, atol=1e-14)
 
 
+def token_stats_alone(loader, m, doc, length):
+    """(entropy sum, argmax hits, mean-logit sum, count) over a document's trained targets within its
+    first length tokens, the document run alone through m (logps_alone's positions)."""
+    start, end = loader.offsets[doc], loader.offsets[doc + 1]
+    ids = torch.from_numpy(np.asarray(loader.tokens[start:end], np.int64))
+    mask = torch.from_numpy(np.asarray(loader.mask[start:end], np.int64))[1:min(length + 1, end - start)].bool()
+    with torch.no_grad():
+        logits = m(ids[None, :min(length, end - start)])[0][0][:len(mask)]  # (n, V)
+    logp = torch.log_softmax(logits, -1)
+    entropy, hit = -(logp.exp() * logp).sum(-1), logits.argmax(-1) == ids[1:len(mask) + 1]
+    return np.array([entropy[mask].sum().item(), hit[mask].sum().item(), logits.mean(-1)[mask].sum().item(),
+                     mask.sum().item()])
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+@pytest.mark.parametrize("kind", ["dpo", "simpo", "kto"])
+def test_preference_token_stats_are_trls(pairs_dir, kto_dir, kind, fused):
+    # preference_batch_loss(token_stats=True): the sums TRL's DPOTrainer / KTOTrainer log their entropy
+    # (every trained reply's tokens: KTO's examples, not its KL documents), mean_token_accuracy (the
+    # chosen replies') and logits/chosen, logits/rejected (the mean logit over the vocabulary, at the
+    # chosen and the rejected replies' tokens; KTO's desirable and undesirable examples') from, each
+    # document computed alone in fp64; fused or not; the loss and its stats as without them.
+    model, policy, loader, reference, batch = batch_of_pairs(kto_dir if kind == "kto" else pairs_dir)
+
+    def labels_trained(batch):  # the labels of the examples with trained tokens
+        tokens = trainer.sequence_logps((batch[1] != -1).double(), batch[2])
+        examples = [i for i, d in enumerate(batch[3]) if d >= 0][0::2]
+        return {bool(loader.labels[batch[3][i] // 2]) for i in examples if tokens[i] > 0}
+
+    while kind == "kto" and labels_trained(batch) != {True, False}:
+        batch = (*loader.next_batch(), loader.docs)
+    optimizer = torch.optim.Adam(policy.parameters(), lr=1e-2)
+    for _ in range(20):  # (the batch's replies learnt a little: some targets become the argmax)
+        optimizer.zero_grad()
+        (-policy(*batch[:3], per_token=True)[1].sum()).backward()
+        optimizer.step()
+    policy.fused_loss = fused
+    options = dict(kind=kind, beta=0.3, fused=fused)
+    ref = None if kind == "simpo" else reference
+    loss, stats, sums = trainer.preference_batch_loss(policy, batch, ref, loader.labels, token_stats=True, **options)
+    plain_loss, plain_stats = trainer.preference_batch_loss(policy, batch, ref, loader.labels, **options)
+    assert torch.equal(loss, plain_loss) and torch.equal(stats, plain_stats)
+    real, lengths = [d for d in batch[3] if d >= 0], list(loader.lengths)
+    first = [token_stats_alone(loader, policy, d, n) for d, n in zip(real[0::2], lengths[0::2])]
+    second = [token_stats_alone(loader, policy, d, n) for d, n in zip(real[1::2], lengths[1::2])]
+    if kind == "kto":  # the examples by label; the KL documents (second) count nowhere
+        good = [bool(loader.labels[d // 2]) for d in real[0::2]]
+        chosen = [f for f, g in zip(first, good) if g] or [np.zeros(4)]
+        rejected = [f for f, g in zip(first, good) if not g] or [np.zeros(4)]
+        everything = first
+    else:
+        chosen, rejected, everything = first, second, first + second
+    c, r, e = (np.sum(group, axis=0) for group in (chosen, rejected, everything))
+    want = [e[0], e[3], c[1], c[3], c[2], r[2], r[3]]
+    np.testing.assert_allclose(sums.tolist(), want, rtol=1e-10, atol=1e-12)
+    assert sums.dtype == torch.float64 and e[3] > 0 and 0 < c[1] < c[3]
+
+
+def test_preference_token_means_average_micro_steps_as_trl():
+    # each micro-step's ratios, then their mean: DPOTrainer's 0.0 for a micro-step without the tokens;
+    # KTOTrainer's logits/* leave it out (None with none), and it logs no mean_token_accuracy
+    sums = torch.tensor([[6.0, 3.0, 1.0, 2.0, 4.0, -1.0, 1.0], [0.0] * 7, [2.0, 1.0, 1.0, 1.0, 3.0, 0.0, 0.0]])
+    dpo = trainer.preference_token_means(sums)
+    assert dpo == pytest.approx({"entropy": (2 + 0 + 2) / 3, "mean_token_accuracy": (0.5 + 0 + 1) / 3,
+                                 "logits_chosen": (2 + 0 + 3) / 3, "logits_rejected": (-1 + 0 + 0) / 3})
+    kto = trainer.preference_token_means(sums, kto=True)
+    assert kto == pytest.approx({"entropy": (2 + 0 + 2) / 3, "logits_chosen": (2 + 3) / 2, "logits_rejected": -1.0})
+    assert trainer.preference_token_means(sums[1:2], kto=True)["logits_chosen"] is None
+
+
 @pytest.mark.parametrize("kind", ["dpo", "orpo"])
 def test_preference_runs_log_trls_metrics(pairs_dir, tmp_path, kind):
     # TRL's logps/chosen, logps/rejected and ORPOTrainer's nll_loss, log_odds_ratio, log_odds_chosen
@@ -1227,6 +1299,28 @@ def test_preference_runs_log_trls_metrics(pairs_dir, tmp_path, kind):
             assert "nll_loss" not in r
     if kind == "dpo":  # the policy starts as the reference: rewards 0, log-probabilities the reference's
         assert log[0]["reward_chosen"] == pytest.approx(0, abs=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["dpo", "kto"])
+def test_preference_runs_log_trls_token_metrics(pairs_dir, kto_dir, tmp_path, kind):
+    # TRL's DPOTrainer's entropy, mean_token_accuracy, logits/chosen and logits/rejected (KTOTrainer's:
+    # no accuracy) in every log line, by default: the same at step 0 fused or not (to fp32
+    # rounding); none with --no-token-stats
+    folder = kto_dir if kind == "kto" else pairs_dir
+    first = {}
+    for fused in (False, True):
+        out = tmp_path / f"fused-{fused}"
+        trainer.train(config(folder, out, preference=kind, max_steps=2, eval_every=0, grad_accum=2, fused_loss=fused))
+        log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+        for r in log:
+            assert 0 < r["entropy"] <= math.log(64) and abs(r["logits_chosen"]) < 10 and abs(r["logits_rejected"]) < 10
+            assert ("mean_token_accuracy" in r) == (kind != "kto") and 0 <= r.get("mean_token_accuracy", 0) <= 1
+        first[fused] = log[0]
+    for name in ("entropy", "mean_token_accuracy", "logits_chosen", "logits_rejected"):
+        assert first[True].get(name) == pytest.approx(first[False].get(name), rel=1e-5, abs=1e-6), name
+    trainer.train(config(folder, tmp_path / "off", preference=kind, max_steps=1, eval_every=0, token_stats=False))
+    record = json.loads((tmp_path / "off/log.jsonl").read_text())
+    assert not {"entropy", "mean_token_accuracy", "logits_chosen"} & set(record) and "reward_chosen" in record
 
 
 def test_dpo_learns_and_resumes_exactly(pairs_dir, tmp_path):

@@ -49,7 +49,7 @@ class TrainConfig:
     lora_dropout: float = 0.0  # dropout on the LoRA updates' inputs (PEFT's lora_dropout)
     fused_loss: bool = False  # the loss by linear_cross_entropy: no (batch, seq, vocab) logits in memory
     z_loss: float = 0.0  # plus this times the mean logsumexp(logits)^2 (PaLM's z-loss, 1e-4 there; OLMo 2's 1e-5): pretraining and SFT
-    token_stats: bool = True  # log TRL's metrics mean_token_accuracy and entropy (pretraining, SFT; DPO's, KTO's with logits_*)
+    token_stats: bool = True  # log TRL's mean_token_accuracy and entropy (pretraining, SFT; DPO, KTO: with logits_*)
     preference: str = ""  # on preference pairs: dpo | ipo | hinge | simpo | orpo ("": not preference tuning)
     beta: float = 0.0  # the preference loss's beta (ORPO's lambda); 0: its usual value (PREFERENCE_BETA)
     simpo_gamma: float = 0.5  # SimPO's target reward margin

@@ -1755,8 +1755,8 @@ def test_flags_are_taken_by_their_whole_names(argv, hint, capsys):
                                           (["--muon-momentum", "0.5"], "optimizer muon"),
                                           (["--beta", "0.5"], "beta (--beta) goes with a preference loss"),
                                           (["--grpo-temperature", "0.5"], "grpo_reward (GRPO)"),
-                                          (["--preference", "reward", "--no-token-stats"], "token_stats (--token-stats) "
-                                           "goes with pretraining, SFT or preference tuning")])
+                                          (["--preference", "reward", "--no-token-stats"],
+                                           "token_stats (--token-stats) goes with pretraining, SFT or preference")])
 def test_options_a_run_would_not_read_are_refused(corpus, tmp_path, capsys, flags, named):
     # (each had been taken silently, the run the same as without it; from the train-loop audit)
     out = tmp_path / "run"

@@ -1665,7 +1665,7 @@ def cmd_eval(args) -> int:
         start = harness_prefix_ids(source, tokenizer)  # the tokenizer's bos_token, else its eos_token
     if not prefix and not start and data.eot_id(tokenizer) is None:
         start = (hf_stop_ids(source)[:1] if source is not None else []) or start_ids(tokenizer)
-    seq_len = args.seq_len or min(model.config.block_size, 2048)
+    seq_len = args.seq_len if args.seq_len is not None else min(model.config.block_size, 2048)  # (0: refused)
     if not 1 <= seq_len <= model.config.block_size:
         raise ValueError(f"--seq-len must be in [1, {model.config.block_size}] (the model's block_size), got {seq_len}")
     results = {"device": device, "dtype": dtype, "seq_len": seq_len}

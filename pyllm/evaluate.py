@@ -23,11 +23,15 @@ before it in its window; a text's first one from <|endoftext|>, as the documents
 training, where the tokenizer has it; a text's last, shorter window given a whole window of the
 text before it as context, lm-evaluation-harness's rolling loglikelihood), as nats per token,
 perplexity and bits per byte (the summed loss over the text's UTF-8 bytes: comparable across
-tokenizers; the harness's byte_perplexity is 2 ** bits per byte). Two differences from the harness's
+tokenizers; the harness's byte_perplexity is 2 ** bits per byte). Three differences from the harness's
 numbers remain: a tokenizer that adds a BOS (Llama's) gets it once here, where the harness puts its
 prefix token before the BOS the tokenizer already added (log p(BOS | BOS) scored, the windows one
-token later); and the default window is min(block_size, 2048) tokens, where the harness takes the
-model's max_position_embeddings (give --seq-len for its number).
+token later); the default window is min(block_size, 2048) tokens, where the harness takes the
+model's max_position_embeddings (give --seq-len for its number); and where a context's last token
+merges with a continuation's first (one given without a leading space, "a a" + "the" with GPT-2's
+merges; multiple choice always puts a space between), the merged token is scored as the
+continuation's, where the harness splits the whole text's tokens at the context's length
+(choice_documents).
 """
 from __future__ import annotations
 
@@ -80,6 +84,15 @@ def read_choices(path) -> list[dict]:
                              f"\"label\": index of the right one}}); the line starts {line.strip()[:80]!r}")
         examples.append({"context": context, "endings": endings, "label": label})
     return examples
+
+
+def _exp(x: float) -> float:
+    """math.exp, inf past float64's range: a word perplexity of text with few spaces (CJK, code:
+    over 709 nats per word) had raised OverflowError, losing the loss and bits per byte with it."""
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf
 
 
 def _row_documents(model, lengths: Sequence[int], T: int) -> torch.Tensor | None:
@@ -335,7 +348,7 @@ def score_continuations(model, tokenizer, examples: Sequence[dict], seq_len: int
     n = len(examples)
     acc = sum(greedy) / max(n, 1)
     return {"examples": n, "acc": acc, "acc_stderr": math.sqrt(acc * (1 - acc) / (n - 1)) if n > 1 else None,
-            "perplexity": math.exp(-sum(logps) / max(n, 1)), "logps": np.array(logps), "greedy": greedy}
+            "perplexity": _exp(-sum(logps) / max(n, 1)), "logps": np.array(logps), "greedy": greedy}
 
 
 @torch.no_grad()
@@ -382,6 +395,6 @@ def text_loss(model, tokenizer, texts: Sequence[str], seq_len: int, batch_size: 
     # across tokenizers as bits per byte is
     n_words = sum(len(re.split(r"\s+", t)) for t in texts)
     loss = total / max(predicted, 1)
-    return {"loss": loss, "perplexity": math.exp(loss), "bits_per_byte": total / (max(n_bytes, 1) * math.log(2)),
-            "byte_perplexity": math.exp(total / max(n_bytes, 1)), "word_perplexity": math.exp(total / max(n_words, 1)),
+    return {"loss": loss, "perplexity": _exp(loss), "bits_per_byte": total / (max(n_bytes, 1) * math.log(2)),
+            "byte_perplexity": _exp(total / max(n_bytes, 1)), "word_perplexity": _exp(total / max(n_words, 1)),
             "tokens": predicted, "bytes": n_bytes, "words": n_words}

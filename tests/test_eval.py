@@ -449,3 +449,41 @@ def test_a_longrope_models_padded_rows_score_each_text_as_alone(setup):
     batched = evaluate.text_loss(model, tokenizer, texts, 60, batch_size=3)
     assert batched["loss"] == pytest.approx(evaluate.text_loss(model, tokenizer, texts, 60, batch_size=1)["loss"],
                                             rel=1e-12)
+
+
+# --- from an audit against lm-evaluation-harness (2026-12-07) -------------------------------------
+
+AUDIT_WORDS = ["the", "cat", "sat", "on", "a", "mat", "日本", "42", "\n"]
+
+
+def tiny_eval_model(tmp_path):
+    rng = random.Random(0)
+    tok = Tokenizer.train([" ".join(rng.choice(AUDIT_WORDS) for _ in range(40)) for _ in range(50)], 280,
+                          special_tokens=["<|endoftext|>"], show_progress=False)
+    torch.manual_seed(0)
+    model = LLM(ModelConfig(vocab_size=tok.vocab_size, n_layers=1, n_heads=2, n_kv_heads=2, dim=32, block_size=64))
+    model.save(tmp_path / "model.safetensors")
+    tok.save(tmp_path / "tok.bpe")
+    return model, tok, ["eval", "--model", str(tmp_path / "model.safetensors"), "--tokenizer", str(tmp_path / "tok.bpe"),
+                        "--device", "cpu"]
+
+
+def test_text_without_spaces_gives_an_infinite_word_perplexity(tmp_path, capsys):
+    # one "word" of 1,000 tokens: its loss is far past the 709 nats whose exp float64 holds
+    model, tok, base = tiny_eval_model(tmp_path)
+    text = "日本" * 1000
+    got = evaluate.text_loss(model.eval(), tok, [text], seq_len=64)
+    assert got["words"] == 1 and got["loss"] * got["tokens"] > 710
+    assert got["word_perplexity"] == math.inf and math.isfinite(got["bits_per_byte"]) and math.isfinite(got["loss"])
+    (tmp_path / "cjk.txt").write_text(text, encoding="utf-8")
+    assert cli.main([*base, "--text", str(tmp_path / "cjk.txt"), "--json", str(tmp_path / "r.json")]) == 0
+    assert "bits/byte, word perplexity inf" in capsys.readouterr().out
+    assert json.loads((tmp_path / "r.json").read_text())["text"]["word_perplexity"] == math.inf
+
+
+def test_seq_len_zero_is_refused(tmp_path, capsys):
+    # (0 had been read as "not given": the default window)
+    _, _, base = tiny_eval_model(tmp_path)
+    (tmp_path / "t.txt").write_text("the cat sat on the mat")
+    assert cli.main([*base, "--text", str(tmp_path / "t.txt"), "--seq-len", "0"]) == 2
+    assert "--seq-len must be in [1, 64]" in capsys.readouterr().err

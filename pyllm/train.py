@@ -1633,6 +1633,29 @@ def grpo_stat_means(sums: torch.Tensor, n_rewards: int, batch_scaled: bool = Fal
             + [ratio(s[7 + i], s[7 + R + i]) for i in range(R)])
 
 
+def grpo_clip_metrics(cfg: TrainConfig, micro_mean, extremes: torch.Tensor) -> dict:
+    """TRL 1.16's clip metrics of a GRPO step: clip_ratio/low_mean, high_mean, region_mean (the
+    share of the trained tokens whose ratio was clipped below, above, either; of samples under
+    sequence ratios), each micro-step's over every rank, then their mean (micro_mean(numerator,
+    count) of the step's per-micro-step sums: 0.0 for one without tokens), and clip_ratio/low_min,
+    high_max (the least share of a sample's tokens clipped low and the largest clipped high, over
+    every rank's samples, from extremes (grad_accum, 2): -low_min and high_max, MAX-reduced), the
+    mean over the micro-steps that had a sample (None where none had); cispo's cispo_clip_ratio
+    (above eps_high, A > 0) alone; none for sapo (no clip) or a single iteration (every ratio 1)."""
+    if cfg.grpo_loss_type == "cispo":
+        return {"cispo_clip_ratio": micro_mean(3, 6)}
+    if cfg.grpo_loss_type == "sapo" or cfg.grpo_iterations == 1:
+        return {}
+
+    def mean_of(values: list) -> float | None:
+        kept = [v for v in values if math.isfinite(v)]
+        return sum(kept) / len(kept) if kept else None
+
+    low_min, high_max = (mean_of(values) for values in zip(*[(-a, b) for a, b in extremes.tolist()]))
+    return {"clip_ratio/low_mean": micro_mean(4, 6), "clip_ratio/high_mean": micro_mean(5, 6),
+            "clip_ratio/region_mean": micro_mean(3, 6), "clip_ratio/low_min": low_min, "clip_ratio/high_max": high_max}
+
+
 def completion_stats(rollouts: list[dict], stops: set, names: list[str], info: DistInfo) -> dict:
     """TRL's completions/min_length and max_length, and the mean, min and max length of the samples
     that ended with a stop token (0.0 where none did, as TRL's), over every rank's samples of the
@@ -1730,7 +1753,11 @@ def grpo_loss(model, rollout: dict, cfg: TrainConfig, world_size: int = 1) -> tu
     wrapper). With cfg.grpo_kl_bias_correction (TRL's default) the KL term is times the ratio (and
     so is the KL logged, as TRL logs it). Also the sums for the log (grpo_stat_means): (the trained tokens' KL, the trained tokens,
     those whose ratio was clipped (cispo: TRL's cispo_clip_ratio, above eps_high with A > 0), the
-    trained tokens, their entropies (LLM.forward's token_stats)), fp64 on the CPU."""
+    trained tokens, their entropies (LLM.forward's token_stats)), then TRL's clip_ratio/low_mean's
+    and high_mean's numerators (below 1 - eps with A < 0, above 1 + eps_high with A > 0; of the
+    trained tokens counted as the clipped ones) and clip_ratio/low_min, high_max: the least share of
+    a sample's trained tokens clipped low, the largest clipped high (inf and -inf without one), fp64
+    on the CPU. Under GSPO's sequence ratios those count samples, as TRL's."""
     x, y, cu, at = rollout["packed"]
     # at the sampling temperature, as TRL's (its logits / temperature): the policy that drew the samples
     token_logps = model(x, y, cu, per_token=True, temperature=cfg.grpo_temperature, token_stats=True,
@@ -1785,14 +1812,24 @@ def grpo_loss(model, rollout: dict, cfg: TrainConfig, world_size: int = 1) -> tu
         loss = per_token.sum() * (world_size * cfg.grad_accum / max(rollout["tokens"], 1.0))
     with torch.no_grad():
         kl_sum = (kl.detach() * mask).sum() if kl is not None else mask.new_zeros(())  # (TRL's: a mean per trained token)
+        low, high_side = (ratio < 1 - cfg.grpo_epsilon) & (advantage < 0), (ratio > 1 + high) & (advantage > 0)
         if cfg.grpo_loss_type == "cispo":  # TRL's cispo_clip_ratio: the ratio above epsilon_high itself
-            is_clipped = (ratio > high) & (advantage > 0)
-        else:
-            is_clipped = ((ratio < 1 - cfg.grpo_epsilon) & (advantage < 0)) | ((ratio > 1 + high) & (advantage > 0))
-        clipped, counted = (is_clipped.to(mask) * mask).sum(), mask.sum()
+            low, high_side = torch.zeros_like(low), (ratio > high) & (advantage > 0)
+        # each sample's clipped tokens (n,): low, high, either
+        per_sample = [sequence_logps(c.to(mask) * mask, cu)[at] for c in (low, high_side, low | high_side)]
         if cfg.grpo_importance_sampling == "sequence":  # one ratio a sample: TRL counts samples there
-            clipped, counted = (sequence_logps(is_clipped.to(mask) * mask, cu)[at] > 0).sum().to(mask), mask.new_tensor(n)
-        stats = torch.stack([kl_sum, mask.sum(), clipped, counted, entropy_sum.to(mask)])
+            shares = [(c > 0).to(mask) for c in per_sample]  # (a sample without tokens: 0, as TRL's)
+            counted = mask.new_tensor(n)
+        else:  # (a sample without trained tokens has no share: left out of the min and max, TRL's nanmin)
+            shares = [torch.where(counts > 0, c / tokens, math.nan) for c in per_sample]
+            counted = mask.sum()
+        totals = [share.sum() if cfg.grpo_importance_sampling == "sequence" else c.sum()
+                  for share, c in zip(shares, per_sample)]
+        inf = mask.new_tensor(math.inf)
+        low_min = shares[0].nan_to_num(math.inf).min() if n else inf
+        high_max = shares[1].nan_to_num(-math.inf).max() if n else -inf
+        stats = torch.stack([kl_sum, mask.sum(), totals[2], counted, entropy_sum.to(mask), totals[0], totals[1],
+                             low_min, high_max])
     return loss, stats.double().cpu()
 
 
@@ -2611,7 +2648,9 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
         pair_stat_sums = torch.zeros(cfg.grad_accum, 7, device=info.device) if pair_token_stats else None
         on_policy = 0  # micro-batches of the student's own samples (distill_lmbda)
         grpo_sums = torch.zeros(12 + 2 * len(reward or ()), dtype=torch.float64)  # grpo_stat_means' sums
-        grpo_micro = torch.zeros(cfg.grad_accum, 3, dtype=torch.float64)  # each micro-step's entropy, KL sums, tokens
+        # each micro-step's entropy, KL sums, tokens, then clipped tokens (either side, low, high) and their count
+        grpo_micro = torch.zeros(cfg.grad_accum, 7, dtype=torch.float64)
+        grpo_extremes = torch.zeros(cfg.grad_accum, 2, dtype=torch.float64)  # and -clip_ratio/low_min, high_max
         generation_flops = 0.0
         generates = reward is not None and (step % cfg.grpo_iterations == 0 or rollouts is None)
         if reward is None or generates:
@@ -2656,8 +2695,9 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
                         kto_sums[micro] = stats[3:10]
                 elif reward is not None:
                     loss, loss_stats = grpo_loss(wrapped, batch, cfg, info.world_size)
-                    grpo_sums += torch.cat([batch["stats"].cpu(), loss_stats])
-                    grpo_micro[micro] = loss_stats[[4, 0, 1]]
+                    grpo_sums += torch.cat([batch["stats"].cpu(), loss_stats[:5]])
+                    grpo_micro[micro] = loss_stats[[4, 0, 1, 2, 5, 6, 3]]
+                    grpo_extremes[micro] = loss_stats[[7, 8]] * torch.tensor([-1.0, 1.0], dtype=torch.float64)
                 elif teacher is not None:
                     # GKD's seq_kd (the teacher's samples), then lmbda (the student's): the same draw on
                     # every rank (seeded by step and micro-step), each rank's samples its own; a batch
@@ -2765,17 +2805,21 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
                                                      cfg.grpo_scale_rewards == "batch")))
             if not cfg.grpo_beta:
                 del record["kl"]
-            if cfg.grpo_iterations == 1 and cfg.grpo_loss_type != "cispo":  # (never clipped: every ratio is 1)
-                del record["clip_ratio"]
+            del record["clip_ratio"]  # (TRL's, per micro-step, below)
             if len(reward) == 1:  # (the one reward's mean is the reward)
                 del record[names[-1]]
             record.update(completion_stats(rollouts, set(cfg.sample_stop_tokens), reward_names(cfg.grpo_reward), info))
             # TRL's entropy and KL: each micro-step's mean over every rank's trained tokens (0.0 where none), then
             # their mean (the pooled ratio had weighed micro-steps by their tokens: 0.01 nats apart at 2 and 22)
             per = all_reduce_sum(grpo_micro, info).tolist()
-            record["entropy"] = sum(e / n if n else 0.0 for e, _, n in per) / len(per)
+
+            def micro_mean(at: int, count_at: int) -> float:
+                return sum(m[at] / m[count_at] if m[count_at] else 0.0 for m in per) / len(per)
+
+            record["entropy"] = micro_mean(0, 2)
             if cfg.grpo_beta:
-                record["kl"] = sum(k / n if n else 0.0 for _, k, n in per) / len(per)
+                record["kl"] = micro_mean(1, 2)
+            record.update(grpo_clip_metrics(cfg, micro_mean, all_reduce_sum(grpo_extremes, info, dist.ReduceOp.MAX)))
             record.update(reward_metric_means(reward, info))  # (reward functions' log_metric, TRL's)
         if cfg.preference:
             means = dict(zip(pref_names, all_reduce_mean(pref_sums, info).tolist()))

@@ -157,7 +157,8 @@ def test_grpo_loss_and_gradients_are_the_formula(chat_dir, loss_type, scale, bet
         shift = torch.randn(len(cu) - 1, generator=g, dtype=torch.float64)[
             torch.repeat_interleave(torch.arange(len(cu) - 1), cu.diff().long())].view_as(y)
         rollout["old"] = rollout["old"] + (torch.randn(y.shape, generator=g, dtype=torch.float64) + shift) * 0.2 * (y != -1)
-    loss, (kl_sum, kl_tokens, clipped_tokens, trained_tokens, entropy_sum) = trainer.grpo_loss(model, rollout, cfg)
+    loss, loss_stats = trainer.grpo_loss(model, rollout, cfg)
+    kl_sum, kl_tokens, clipped_tokens, trained_tokens, entropy_sum, low_tokens, high_tokens, low_min, high_max = loss_stats
     loss.backward()
     got = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
@@ -171,6 +172,7 @@ def test_grpo_loss_and_gradients_are_the_formula(chat_dir, loss_type, scale, bet
                               "none": 1.0}[scale]).view(-1)
     old_flat = rollout["old"].view(-1) if iterations > 1 else None
     terms, kls, clipped, entropies = [], [], 0, []
+    lows, highs = [], []  # (TRL's clip_ratio/low_*, high_*: each sample's clipped share, or 0/1 for its ratio)
     for i, (prompt, sample, a) in enumerate(zip(prompts, samples, advantages)):
         ids = torch.tensor(prompt + sample)
 
@@ -198,6 +200,11 @@ def test_grpo_loss_and_gradients_are_the_formula(chat_dir, loss_type, scale, bet
         else:
             clipped_here = int((((ratio < 0.9) & (a < 0)) | ((ratio > 1.15) & (a > 0))).sum())
         clipped += clipped_here if level == "token" else int(clipped_here > 0)  # (TRL: samples in sequence mode)
+        low, high = ((ratio < 0.9) & (a < 0)).double(), ((ratio > (0.15 if loss_type == "cispo" else 1.15)) & (a > 0)).double()
+        if loss_type == "cispo":
+            low = low * 0
+        lows.append(low.mean().item() if level == "token" else float(low.max()))
+        highs.append(high.mean().item() if level == "token" else float(high.max()))
         with torch.no_grad():
             d = logps(ref_model) - logp
         d = d.detach() + logp.detach() - logp  # (d = ref - log p, its gradient -grad log p)
@@ -218,13 +225,19 @@ def test_grpo_loss_and_gradients_are_the_formula(chat_dir, loss_type, scale, bet
     assert (clipped > 0) == (iterations > 1 or loss_type == "cispo")  # (the perturbation clips some)
     counted = tokens if level == "token" else n  # (TRL 1.16's clip_ratio in sequence mode: over the samples)
     assert (clipped_tokens, trained_tokens, kl_tokens) == (clipped, counted, tokens)
+    if level == "token":  # (the tokens clipped low and high; the samples, of sequence ratios)
+        weights = [len(t) for t in terms]
+        assert (low_tokens, high_tokens) == pytest.approx((np.dot(lows, weights), np.dot(highs, weights)), abs=1e-9)
+    else:
+        assert (low_tokens, high_tokens) == (sum(lows), sum(highs))
+    assert (low_min, high_max) == pytest.approx((min(lows), max(highs)), abs=1e-12)
+    assert low_tokens + high_tokens == clipped_tokens and (iterations == 1 or max(highs) + max(lows) > 0)
     assert kl_sum.item() == pytest.approx(beta and torch.stack(kls).sum().item(), abs=1e-9)
     cut = [len(p) + len(s) for p, s in zip(prompts, samples)]  # (MFU's count: the sequences computed)
     assert rollout["lengths"] == cut and rollout["targets"] == tokens and sampled >= tokens
     flat = rewards.view(-1)
     assert entropy_sum.item() == pytest.approx(torch.stack(entropies).sum().item(), rel=1e-9)
-    means = trainer.grpo_stat_means(torch.cat([rollout["stats"], torch.tensor([kl_sum, tokens, clipped, counted,
-                                                                               entropy_sum])]), 1, scale == "batch")
+    means = trainer.grpo_stat_means(torch.cat([rollout["stats"], loss_stats]), 1, scale == "batch")
     # (TRL 1.16's reward_std: the std of the step's rewards; its kl: a mean per trained token; its
     # frac_reward_zero_std: the samples whose group's std is 0, batch scaling's the step's std;
     # completions/clipped_ratio: the samples without a stop token)
@@ -460,7 +473,7 @@ def test_grpo_iterations_reuse_a_generation_and_resume_mid_way(chat_dir, tmp_pat
     rewards = [r["reward"] for r in log]
     assert rewards[0:3] == [rewards[0]] * 3 and rewards[3:6] == [rewards[3]] * 3 and rewards[6:9] == [rewards[6]] * 3
     assert len({rewards[0], rewards[3], rewards[6]}) == 3
-    assert log[0]["clip_ratio"] == 0 and max(r["clip_ratio"] for r in log) > 0
+    assert log[0]["clip_ratio/region_mean"] == 0 and max(r["clip_ratio/region_mean"] for r in log) > 0
     # TRL's num_tokens: a generation's tokens counted once, when sampled, not on each of its steps
     generated = [r["tokens"] if r["step"] % 3 == 0 else 0 for r in log]
     assert [r["num_tokens"] for r in log] == list(itertools.accumulate(generated))
@@ -497,9 +510,10 @@ def test_grpo_resumes_a_mid_generation_checkpoint_of_the_old_stats_layout(chat_d
 
 
 def test_grpo_entropy_and_kl_are_the_mean_of_each_micro_steps(chat_dir, tmp_path, monkeypatch):  # noqa: F811
-    # TRL's entropy and KL: each micro-step's mean over its trained tokens, then their mean (the pooled
-    # ratio weighs micro-steps by their tokens); grpo_loss's first and fifth stats are its micro-batch's
-    # KL and entropy sums
+    # TRL's entropy, KL and clip_ratio/*_mean: each micro-step's mean over its trained tokens, then
+    # their mean (the pooled ratio weighs micro-steps by their tokens); clip_ratio/low_min and high_max
+    # the mean of the micro-steps' extremes; grpo_loss's stats are its micro-batch's sums (KL, tokens,
+    # clipped, counted, entropy, clipped low, clipped high) and extremes
     calls = []
     real = trainer.grpo_loss
     def recorded(*args, **kwargs):
@@ -517,6 +531,35 @@ def test_grpo_entropy_and_kl_are_the_mean_of_each_micro_steps(chat_dir, tmp_path
         assert r["entropy"] == pytest.approx((a[4] / a[1] + b[4] / b[1]).item() / 2, rel=1e-12)
         assert r["kl"] == pytest.approx((a[0] / a[1] + b[0] / b[1]).item() / 2, rel=1e-12)
     assert log[-1]["kl"] > 0  # (the policy has moved from the start by then)
+    calls.clear()
+    trainer.train(config(chat_dir, tmp_path / "again", **{**kw, "max_steps": 4}, grpo_iterations=2))
+    log = [json.loads(line) for line in (tmp_path / "again/log.jsonl").read_text().splitlines()]
+    for r, (a, b) in zip(log, zip(calls[::2], calls[1::2])):
+        for name, at in (("region_mean", 2), ("low_mean", 5), ("high_mean", 6)):
+            assert r[f"clip_ratio/{name}"] == pytest.approx((a[at] / a[3] + b[at] / b[3]).item() / 2, rel=1e-12, abs=0)
+        assert r["clip_ratio/low_min"] == pytest.approx((a[7] + b[7]).item() / 2, rel=1e-12, abs=0)
+        assert r["clip_ratio/high_max"] == pytest.approx((a[8] + b[8]).item() / 2, rel=1e-12, abs=0)
+    assert max(r["clip_ratio/region_mean"] for r in log) > 0 and "clip_ratio" not in log[0]  # (the policy has moved from the start by then)
+
+
+def test_grpo_clip_metrics_as_trl_logs_them():
+    # TRL 1.16's names: the means per micro-step; the extremes' mean over the micro-steps that had a
+    # sample (inf: none); cispo's cispo_clip_ratio alone; none for sapo or a single iteration
+    sums = [[0, 0, 0, 3.0, 1.0, 2.0, 10.0], [0, 0, 0, 0.0, 0.0, 0.0, 0.0]]
+
+    def micro_mean(at, count_at):
+        return sum(m[at] / m[count_at] if m[count_at] else 0.0 for m in sums) / len(sums)
+
+    extremes = torch.tensor([[-0.0, 0.5], [-math.inf, -math.inf]], dtype=torch.float64)
+    got = trainer.grpo_clip_metrics(TrainConfig(grpo_iterations=2), micro_mean, extremes)
+    assert got == {"clip_ratio/low_mean": 0.05, "clip_ratio/high_mean": 0.1, "clip_ratio/region_mean": 0.15,
+                   "clip_ratio/low_min": 0.0, "clip_ratio/high_max": 0.5}
+    assert trainer.grpo_clip_metrics(TrainConfig(grpo_iterations=2), micro_mean, extremes[1:].repeat(2, 1))[
+        "clip_ratio/high_max"] is None
+    assert trainer.grpo_clip_metrics(TrainConfig(grpo_loss_type="cispo"), micro_mean, extremes) == {
+        "cispo_clip_ratio": 0.15}
+    for cfg in (TrainConfig(grpo_loss_type="sapo", grpo_iterations=2), TrainConfig()):
+        assert trainer.grpo_clip_metrics(cfg, micro_mean, extremes) == {}
 
 
 def test_completion_stats_as_trl_logs_them():
@@ -686,7 +729,7 @@ def test_sampling_runs_on_two_processes_resume_exactly(chat_dir, tmp_path, monke
             <= r["completions/max_terminated_length"]
     if kind == "grpo-iterations":  # a generation's 3 steps: its rewards; clipped ratios after its first
         assert [r["reward"] for r in log[:3]] == [log[0]["reward"]] * 3 != [r["reward"] for r in log[3:6]]
-        assert log[0]["clip_ratio"] == 0 and all(0 <= r["clip_ratio"] < 1 for r in log)
+        assert log[0]["clip_ratio/region_mean"] == 0 and all(0 <= r["clip_ratio/region_mean"] < 1 for r in log)
         ckpt = torch.load(tmp_path / "two/cut/checkpoint.pt", weights_only=True)
         assert ckpt["step"] == 8 and "grpo_rollouts" in ckpt and len(ckpt["grpo_rollouts"]) == 2
 

@@ -730,6 +730,9 @@ def test_sampling_runs_on_two_processes_resume_exactly(chat_dir, tmp_path, monke
     if kind == "grpo-iterations":  # a generation's 3 steps: its rewards; clipped ratios after its first
         assert [r["reward"] for r in log[:3]] == [log[0]["reward"]] * 3 != [r["reward"] for r in log[3:6]]
         assert log[0]["clip_ratio/region_mean"] == 0 and all(0 <= r["clip_ratio/region_mean"] < 1 for r in log)
+        for r in log:  # (the extremes over both ranks' samples, a MAX collective: a sum could pass 1)
+            assert 0 <= r["clip_ratio/low_min"] <= r["clip_ratio/low_mean"] + 1e-12
+            assert r["clip_ratio/high_mean"] - 1e-12 <= r["clip_ratio/high_max"] <= 1
         ckpt = torch.load(tmp_path / "two/cut/checkpoint.pt", weights_only=True)
         assert ckpt["step"] == 8 and "grpo_rollouts" in ckpt and len(ckpt["grpo_rollouts"]) == 2
 

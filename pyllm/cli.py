@@ -551,6 +551,12 @@ def setup_run_data(cfg, cli: dict) -> None:
                          "tokenizer; this run's " + ("token files are made already" if token_dir else
                                                      "tokenizer is --tokenizer's" if tokenizer_path else
                                                      "has no --init-from-hf model") + ": leave it out")
+    if cli["eval_choices_limit"] is not None and not cli["eval_choices_file"]:
+        raise ValueError("--eval-choices-limit goes with --eval-choices (without it, it would be ignored): leave it out")
+    if token_dir and cli["val_fraction"] != _CLI_KEYS["val_fraction"]:
+        # (the token files' val split is theirs; the share had been ignored without a word)
+        raise ValueError(f"--val-fraction holds out a share of text --data tokenizes; {data_list[0]} holds token "
+                         "files, their val split made already: leave it out")
     if cli["vocab_size"] is not None and (token_dir or tokenizer_path or hf_source or cfg.init_from_run):
         # (it had been ignored without a word: the run's ids are another tokenizer's, of its own size)
         whose = ("--data's token files'" if token_dir else "--tokenizer's" if tokenizer_path
@@ -959,7 +965,8 @@ _GOES_WITH = {
     "decay_frac": (lambda c: c.schedule == "wsd", "schedule wsd"),
     "min_lr_ratio": (lambda c: c.schedule != "constant", "schedule cosine or wsd"),
     "muon_momentum": (lambda c: c.optimizer == "muon", "optimizer muon"),
-    "beta": (lambda c: bool(c.preference), "a preference loss"),
+    "beta": (lambda c: bool(c.preference) and c.preference != "reward",
+             "a preference loss other than reward (a reward model's Bradley-Terry loss has no beta)"),
     "simpo_gamma": (lambda c: c.preference == "simpo", "preference simpo"),
     "desirable_weight": (lambda c: c.preference == "kto", "preference kto"),
     "undesirable_weight": (lambda c: c.preference == "kto", "preference kto"),
@@ -2120,7 +2127,7 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                    help="log TRL's metrics each step, mean_token_accuracy (the share of targets that are the "
                         "model's argmax) and entropy (of its next-token distribution, at the targets), as TRL "
                         "averages them: over each micro-step's targets on every rank, then the micro-steps; val_ ones "
-                        "at each evaluation (pretraining and SFT); with --preference also logits_chosen and "
+                        "at each evaluation; with --preference also logits_chosen and "
                         "logits_rejected (the mean logit over the vocabulary, at the replies' tokens: TRL's "
                         "DPOTrainer's and KTOTrainer's logits/*; the chosen replies' accuracy, KTO none). From the "
                         "cross-entropy kernel's pass over the logits (one more read of them without --fused-loss). "
@@ -2140,7 +2147,7 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--undesirable-weight", type=float, help="kto: the undesirable examples' weight (default 1)")
     # (> 0: TrainConfig's 0 stands for the default, and --beta 0 had trained with it, silently)
     p.add_argument("--beta", type=positive_number, help="the preference loss's beta, > 0 (orpo: its lambda; default: "
-                   "dpo, ipo, hinge and orpo 0.1 as TRL's, simpo 2.0)")
+                   "dpo, ipo, hinge, orpo and kto 0.1 as TRL's, simpo 2.0; a reward model's loss has none)")
     p.add_argument("--simpo-gamma", type=float, help="SimPO's target reward margin (default 0.5)")
     p.add_argument("--sft-weight", type=float, help="with --preference dpo / ipo / hinge / simpo: plus this times "
                    "the chosen reply's negative log-likelihood per token (RPO; TRL's loss_type [\"sigmoid\", "

@@ -50,7 +50,7 @@ class TrainConfig:
     fused_loss: bool = False  # the loss by linear_cross_entropy: no (batch, seq, vocab) logits in memory
     z_loss: float = 0.0  # plus this times the mean logsumexp(logits)^2 (PaLM's z-loss, 1e-4 there; OLMo 2's 1e-5): pretraining and SFT
     token_stats: bool = True  # log TRL's mean_token_accuracy and entropy (pretraining, SFT; DPO, KTO: with logits_*)
-    preference: str = ""  # on preference pairs: dpo | ipo | hinge | simpo | orpo ("": not preference tuning)
+    preference: str = ""  # on preference pairs: dpo | ipo | hinge | simpo | orpo | kto | reward ("": none)
     beta: float = 0.0  # the preference loss's beta (ORPO's lambda); 0: its usual value (PREFERENCE_BETA)
     simpo_gamma: float = 0.5  # SimPO's target reward margin
     label_smoothing: float = 0.0  # dpo: the share of pairs taken to be mislabelled (conservative DPO)
@@ -194,8 +194,11 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.sft_weight must be >= 0 and goes with preference dpo, ipo, hinge or simpo, got "
                              f"{self.sft_weight} with {self.preference or 'no preference loss'!r}")
         if not 0.0 <= self.z_loss < math.inf or (self.z_loss and (self.preference or self.teacher or self.grpo_reward)):
+            mode = ("preference tuning" if self.preference else "distillation" if self.teacher else "GRPO"
+                    if self.grpo_reward else None)
             raise ValueError(f"TrainConfig.z_loss must be >= 0 and finite and goes with pretraining and SFT (not "
-                             f"preference tuning, distillation or GRPO), got {self.z_loss}")
+                             f"preference tuning, distillation or GRPO), got {self.z_loss}"
+                             + (f" with {mode}" if mode and 0.0 <= self.z_loss < math.inf else ""))
         if self.label_smoothing and self.preference != "dpo":
             raise ValueError("TrainConfig.label_smoothing goes with preference dpo")
         if not 0.0 <= self.center_rewards < math.inf or (self.center_rewards and self.preference != "reward"):
@@ -671,24 +674,37 @@ def evaluate_rewards(policy: LLM, path, cfg: TrainConfig, seq_len: int, reward_f
 
 @torch.no_grad()
 def evaluate_preference(model, path, reference: np.ndarray | None, cfg: TrainConfig, seq_len: int, precision: str,
-                        info: DistInfo) -> tuple[float, float]:
-    """The preference loss's mean and the reward accuracy (the chosen reply's reward above the
-    rejected one's) over the preference pairs of eval_batches fixed val batches."""
+                        info: DistInfo) -> dict:
+    """{"val_loss": the preference loss's mean, "val_reward_accuracy": the reward accuracy (the
+    chosen reply's reward above the rejected one's), ...} over the preference pairs of eval_batches
+    fixed val batches, with val_ each of the step's metrics (preference_metrics: TRL's eval_ ones):
+    the rewards' and log-probabilities' means over the pairs, KTO's and the token metrics each batch's
+    over every rank, then their mean. NaN loss and accuracy where the batches hold no pair."""
     loader = make_loader(path, cfg, seq_len, cfg.seed + 1, info)
+    names = preference_stat_names(cfg.preference)
+    token_stats = cfg.token_stats and cfg.preference != "reward"
     model.eval()
-    total, pairs = torch.zeros(2, device=info.device), 0
-    for _ in range(cfg.eval_batches):
+    total, pairs = torch.zeros(1 + len(names), device=info.device), 0
+    kto_sums = torch.zeros(cfg.eval_batches, 7, device=info.device)
+    token_sums = torch.zeros(cfg.eval_batches, 7, device=info.device)
+    for i in range(cfg.eval_batches):
         batch = (*loader.next_batch(), loader.docs)
         with autocast(precision, info.device):
-            loss, stats = preference_batch_loss(model, batch, reference, loader.labels, loader.margins,
-                                                **preference_options(cfg))
-        total += torch.stack([loss.float(), stats[2]]) * loader.placed
+            loss, stats, *tokens = preference_batch_loss(model, batch, reference, loader.labels, loader.margins,
+                                                         token_stats=token_stats, **preference_options(cfg))
+        total += torch.cat([loss.float()[None], stats[:len(names)].float()]) * loader.placed
+        kto_sums[i] = stats[3:10] if cfg.preference == "kto" else 0
+        if token_stats:
+            token_sums[i] = tokens[0]
         pairs += loader.global_placed
     model.train()
     if not pairs:  # (none in the val batches: NaN, not a best loss of 0)
-        return float("nan"), float("nan")
-    loss, accuracy = (all_reduce_mean(total, info) * info.world_size / pairs).tolist()
-    return loss, accuracy
+        return {"val_loss": float("nan"), "val_reward_accuracy": float("nan")}
+    loss, *means = (all_reduce_sum(total.double(), info) / pairs).tolist()
+    metrics = preference_metrics(cfg.preference, dict(zip(names, means)),
+                                 all_reduce_sum(kto_sums, info) if cfg.preference == "kto" else None,
+                                 all_reduce_sum(token_sums, info) if token_stats else None, info.world_size)
+    return {"val_loss": loss, **{f"val_{name}": value for name, value in metrics.items()}}
 
 
 @torch.no_grad()
@@ -971,6 +987,36 @@ def preference_batch_loss(model, batch, reference, labels: np.ndarray | None = N
         sums = [c[:, 0].sum() + r[:, 0].sum(), tc.sum() + tr.sum(), c[:, 1].sum(), tc.sum(), c[:, 2].sum(),
                 r[:, 2].sum(), tr.sum()]
     return losses.sum() / n, stats, torch.stack(sums)
+
+
+def preference_metrics(kind: str, means: dict, kto_sums: torch.Tensor | None = None,
+                       token_sums: torch.Tensor | None = None, world_size: int = 1) -> dict:
+    """The logged preference metrics of a step (or of the val batches) as TRL logs them: means, the
+    means over the pairs of preference_stat_names(kind)'s stats; KTO: kto_sums, each micro-step's
+    (batch's) preference_batch_loss stats[3:10] over every rank (then rewards/* and logps/* are each
+    label's means over the micro-steps that had one, None where none had; kl the micro-steps' mean
+    of z); token_sums: each one's token sums over every rank (preference_token_means)."""
+    means = dict(means)
+    chosen, rejected, accuracy = (means.pop(f"reward_{name}") for name in ("chosen", "rejected", "accuracy"))
+    out = {}
+    if kind == "kto":  # TRL's rewards/chosen, rejected (None when the step had none), kl
+        per = kto_sums.tolist()  # (z is every rank's alike: summed world_size times)
+
+        def mean_of(sum_at, count_at):  # the micro-steps' means over their examples of a label
+            each = [m[sum_at] / m[count_at] for m in per if m[count_at]]
+            return sum(each) / len(each) if each else None
+
+        chosen, rejected = mean_of(0, 2), mean_of(1, 3)
+        out.update(logps_chosen=mean_of(5, 2), logps_rejected=mean_of(6, 3))
+        margins = [g / ng - b / nb for g, b, ng, nb, *_ in per if ng and nb]
+        out["kl"] = sum(m[4] for m in per) / (len(per) * world_size)
+        margin = sum(margins) / len(margins) if margins else None
+    else:
+        margin = None if chosen is None or rejected is None else chosen - rejected
+    out.update(reward_chosen=chosen, reward_rejected=rejected, reward_margin=margin, reward_accuracy=accuracy, **means)
+    if token_sums is not None:
+        out.update(preference_token_means(token_sums, kind == "kto"))
+    return out
 
 
 def preference_stat_names(kind: str) -> list[str]:
@@ -2822,31 +2868,15 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
             record.update(grpo_clip_metrics(cfg, micro_mean, all_reduce_sum(grpo_extremes, info, dist.ReduceOp.MAX)))
             record.update(reward_metric_means(reward, info))  # (reward functions' log_metric, TRL's)
         if cfg.preference:
-            means = dict(zip(pref_names, all_reduce_mean(pref_sums, info).tolist()))
-            chosen, rejected, accuracy = (means.pop(f"reward_{name}") for name in ("chosen", "rejected", "accuracy"))
-            if cfg.preference == "kto":  # TRL's rewards/chosen, rejected (None when the step had none), kl
-                per = all_reduce_sum(kto_sums, info).tolist()  # (z is every rank's alike: summed world_size times)
-
-                def mean_of(sum_at, count_at):  # the micro-steps' means over their examples of a label
-                    each = [m[sum_at] / m[count_at] for m in per if m[count_at]]
-                    return sum(each) / len(each) if each else None
-
-                chosen, rejected = mean_of(0, 2), mean_of(1, 3)
-                record.update(logps_chosen=mean_of(5, 2), logps_rejected=mean_of(6, 3))
-                margins = [g / ng - b / nb for g, b, ng, nb, *_ in per if ng and nb]
-                record["kl"] = sum(m[4] for m in per) / (len(per) * info.world_size)
-                margin = sum(margins) / len(margins) if margins else None
-            else:
-                margin = None if chosen is None or rejected is None else chosen - rejected
-            record.update(reward_chosen=chosen, reward_rejected=rejected, reward_margin=margin,
-                          reward_accuracy=accuracy, **means)
-            if pair_token_stats:
-                record.update(preference_token_means(all_reduce_sum(pair_stat_sums, info), cfg.preference == "kto"))
+            record.update(preference_metrics(
+                cfg.preference, dict(zip(pref_names, all_reduce_mean(pref_sums, info).tolist())),
+                all_reduce_sum(kto_sums, info) if cfg.preference == "kto" else None,
+                all_reduce_sum(pair_stat_sums, info) if pair_token_stats else None, info.world_size))
         if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step == cfg.max_steps - 1:
             if cfg.preference:
-                val_loss, record["val_reward_accuracy"] = evaluate_preference(
-                    wrapped, data / "val.bin", reference and reference["val"], cfg, seq_len, precision, info)
-                record["val_loss"] = val_loss
+                record.update(evaluate_preference(wrapped, data / "val.bin", reference and reference["val"], cfg,
+                                                  seq_len, precision, info))
+                val_loss = record["val_loss"]
                 say(info, bar, f"step {step + 1}: val {cfg.preference} loss {val_loss:.4f}, reward accuracy "
                                f"{record['val_reward_accuracy']:.1%}")
             else:

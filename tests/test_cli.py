@@ -1775,3 +1775,29 @@ def test_a_config_file_may_list_options_at_their_defaults(corpus, tmp_path, caps
     assert cli.main(["train", "--config", str(tmp_path / "other.toml"), "--data", str(corpus), "--out",
                      str(tmp_path / "run2"), "--max-steps", "1", *SMALL]) == 2
     assert "decay_frac" in capsys.readouterr().err
+
+
+def test_options_a_run_would_not_read_are_refused_too(corpus, tmp_path, capsys):
+    # --beta of a reward model (its Bradley-Terry loss has no beta), --eval-choices-limit without
+    # --eval-choices and --val-fraction on token files had been taken and ignored without a word.
+    assert cli.main(["train", "--data", str(corpus), "--out", str(tmp_path / "base"), "--max-steps", "1", *SMALL]) == 0
+    pairs = tmp_path / "prefs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"def f{i}(x):\n", "chosen": f"    return x + {i}\n",
+                                         "rejected": f"    return x - {i}\n"}) + "\n" for i in range(20)))
+    capsys.readouterr()
+    common = ["--max-steps", "1", "--batch-size", "2", "--seq-len", "32", "--eval-every", "0", "--eval-batches", "1",
+              "--device", "cpu", "--sample-tokens", "0"]
+    assert cli.main(["train", "--init-from-run", str(tmp_path / "base"), "--data", str(pairs), "--preference", "reward",
+                     "--beta", "0.5", "--out", str(tmp_path / "rm"), *common]) == 2
+    assert "beta (--beta) goes with a preference loss other than reward" in capsys.readouterr().err
+    assert cli.main(["train", "--data", str(corpus), "--out", str(tmp_path / "r"), "--eval-choices-limit", "3",
+                     *common]) == 2
+    assert "--eval-choices-limit goes with --eval-choices" in capsys.readouterr().err
+    assert cli.main(["train", "--init-from-run", str(tmp_path / "base"), "--data", str(tmp_path / "base" / "data"),
+                     "--val-fraction", "0.3", "--out", str(tmp_path / "t"), *common]) == 2
+    assert "--val-fraction holds out a share of text --data tokenizes" in capsys.readouterr().err
+    # still taken: --beta with dpo, --val-fraction on text
+    assert cli.main(["train", "--init-from-run", str(tmp_path / "base"), "--data", str(pairs), "--preference", "dpo",
+                     "--beta", "0.5", "--out", str(tmp_path / "dpo"), *common]) == 0
+    assert cli.main(["train", "--data", str(corpus), "--out", str(tmp_path / "vf"), "--val-fraction", "0.1",
+                     *common]) == 0

@@ -1281,6 +1281,57 @@ def test_preference_token_means_average_micro_steps_as_trl():
     assert trainer.preference_token_means(sums[1:2], kto=True)["logits_chosen"] is None
 
 
+@pytest.mark.parametrize("kind", ["dpo", "kto", "reward"])
+def test_preference_evaluation_logs_trls_eval_metrics(pairs_dir, kto_dir, tmp_path, kind):
+    # evaluate_preference: val_ each of the step's metrics (TRL's eval_ ones) over the fixed val batches:
+    # the rewards and log-probabilities means over the pairs (KTO's: each batch's per label, then the
+    # batches'), the token metrics each batch's ratios, then their mean; in the run's log too
+    folder = kto_dir if kind == "kto" else pairs_dir
+    cfg = config(folder, tmp_path / "run", preference=kind, eval_batches=3, batch_size=2)
+    torch.manual_seed(0)
+    model = LLM(ModelConfig.from_preset("tiny", **{**TINY, "vocab_size": 64}))
+    if kind == "reward":
+        model.add_score_head()
+    reference = None
+    if kind != "reward":
+        reference = trainer.reference_logps(model, folder / "val.bin", cfg, 16, "fp32", trainer.DistInfo())
+    got = trainer.evaluate_preference(model, folder / "val.bin", reference, cfg, 16, "fp32", trainer.DistInfo())
+    loader = trainer.make_loader(folder / "val.bin", cfg, 16, cfg.seed + 1, trainer.DistInfo())
+    names = trainer.preference_stat_names(kind)
+    weighted, pairs, per_batch, tokens = 0, 0, [], []
+    for _ in range(3):
+        batch = (*loader.next_batch(), loader.docs)
+        with torch.no_grad():
+            loss, stats, *sums = trainer.preference_batch_loss(model, batch, reference, loader.labels, loader.margins,
+                                                               token_stats=kind != "reward",
+                                                               **trainer.preference_options(cfg))
+        weighted = weighted + torch.cat([loss[None], stats[:len(names)]]).double() * loader.placed
+        pairs += loader.placed
+        per_batch.append(stats[3:10].tolist())
+        tokens += sums
+    means = (weighted / pairs).tolist()
+    assert got["val_loss"] == pytest.approx(means[0], rel=1e-6) and pairs > 3
+    assert got["val_reward_accuracy"] == pytest.approx(means[3], rel=1e-6, abs=1e-9)
+    if kind == "dpo":
+        assert got["val_reward_chosen"] == pytest.approx(means[1], rel=1e-6)
+        assert got["val_logps_rejected"] == pytest.approx(means[5], rel=1e-6)
+        assert got["val_reward_margin"] == pytest.approx(means[1] - means[2], rel=1e-6)
+    if kind == "kto":  # (each batch's mean of a label's rewards, over the batches that had one)
+        good = [b[0] / b[2] for b in per_batch if b[2]]
+        assert got["val_reward_chosen"] == pytest.approx(sum(good) / len(good), rel=1e-6) and "val_kl" in got
+    if kind != "reward":
+        t = torch.stack(tokens).tolist()
+        assert got["val_entropy"] == pytest.approx(sum(e / n if n else 0.0 for e, n, *_ in t) / 3, rel=1e-6)
+        assert got["val_logits_chosen"] == pytest.approx(np.mean([m[4] / m[3] for m in t if m[3]]), rel=1e-5)
+        assert ("val_mean_token_accuracy" in got) == (kind == "dpo")
+    else:
+        assert not {"val_entropy", "val_logits_chosen"} & set(got)
+    trainer.train(config(folder, tmp_path / "logged", preference=kind, max_steps=2, eval_every=1))
+    record = json.loads((tmp_path / "logged/log.jsonl").read_text().splitlines()[0])
+    assert {"val_loss", "val_reward_accuracy", "val_reward_chosen", "val_reward_margin"} <= set(record)
+    assert ("val_entropy" in record) == (kind != "reward")
+
+
 @pytest.mark.parametrize("kind", ["dpo", "orpo"])
 def test_preference_runs_log_trls_metrics(pairs_dir, tmp_path, kind):
     # TRL's logps/chosen, logps/rejected and ORPOTrainer's nll_loss, log_odds_ratio, log_odds_chosen

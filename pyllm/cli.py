@@ -552,7 +552,8 @@ def setup_run_data(cfg, cli: dict) -> None:
                                                      "tokenizer is --tokenizer's" if tokenizer_path else
                                                      "has no --init-from-hf model") + ": leave it out")
     if cli["eval_choices_limit"] is not None and not cli["eval_choices_file"]:
-        raise ValueError("--eval-choices-limit goes with --eval-choices (without it, it would be ignored): leave it out")
+        raise ValueError("--eval-choices-limit goes with --eval-choices (without it, it would be ignored): "
+                         "leave it out")
     if token_dir and cli["val_fraction"] != _CLI_KEYS["val_fraction"]:
         # (the token files' val split is theirs; the share had been ignored without a word)
         raise ValueError(f"--val-fraction holds out a share of text --data tokenizes; {data_list[0]} holds token "

@@ -687,6 +687,7 @@ def evaluate_preference(model, path, reference: np.ndarray | None, cfg: TrainCon
     total, pairs = torch.zeros(1 + len(names), device=info.device), 0
     kto_sums = torch.zeros(cfg.eval_batches, 7, device=info.device)
     token_sums = torch.zeros(cfg.eval_batches, 7, device=info.device)
+    extremes = torch.zeros(cfg.eval_batches, 2, device=info.device)  # (a reward model's)
     for i in range(cfg.eval_batches):
         batch = (*loader.next_batch(), loader.docs)
         with autocast(precision, info.device):
@@ -694,6 +695,7 @@ def evaluate_preference(model, path, reference: np.ndarray | None, cfg: TrainCon
                                                          token_stats=token_stats, **preference_options(cfg))
         total += torch.cat([loss.float()[None], stats[:len(names)].float()]) * loader.placed
         kto_sums[i] = stats[3:10] if cfg.preference == "kto" else 0
+        extremes[i] = stats[3:5] if cfg.preference == "reward" else 0
         if token_stats:
             token_sums[i] = tokens[0]
         pairs += loader.global_placed
@@ -703,7 +705,8 @@ def evaluate_preference(model, path, reference: np.ndarray | None, cfg: TrainCon
     loss, *means = (all_reduce_sum(total.double(), info) / pairs).tolist()
     metrics = preference_metrics(cfg.preference, dict(zip(names, means)),
                                  all_reduce_sum(kto_sums, info) if cfg.preference == "kto" else None,
-                                 all_reduce_sum(token_sums, info) if token_stats else None, info.world_size)
+                                 all_reduce_sum(token_sums, info) if token_stats else None, info.world_size,
+                                 all_reduce_sum(extremes, info, dist.ReduceOp.MAX) if cfg.preference == "reward" else None)
     return {"val_loss": loss, **{f"val_{name}": value for name, value in metrics.items()}}
 
 
@@ -859,7 +862,8 @@ def preference_batch_loss(model, batch, reference, labels: np.ndarray | None = N
     reference-free losses). KTO: labels, each pair's (the loader's), and the stats are the mean
     rewards of the desirable and of the undesirable examples and the share whose reward lies on its
     label's side of the KL baseline (beta z: above for desirable, below for undesirable). Reward
-    models: margins, each pair's (the loader's), subtracted from the score difference. fused (a
+    models: margins, each pair's (the loader's), subtracted from the score difference; the stats then
+    end with minus the least and the largest score of the batch (-inf, -inf without pairs). fused (a
     pyllm LLM with fused_loss, not compiled, not fp16; the FUSED_PREFERENCE_LOSSES): the loss fused
     with the output layer, pairs whole (nn.linear_sequence_loss: three matmuls of it, not four); the
     same loss and gradients. A MoE's aux_loss is the caller's to add, fused or not.
@@ -975,6 +979,10 @@ def preference_batch_loss(model, batch, reference, labels: np.ndarray | None = N
                 log_odds = orpo_log_odds(c) - orpo_log_odds(r)
                 stats += [-c.sum(), torch.nn.functional.logsigmoid(log_odds).sum(), log_odds.sum()]
         stats = torch.stack(stats) / n
+        if kind == "reward":  # then -min and max of the batch's scores (RewardTrainer's min_reward, max_reward)
+            scores = torch.cat([chosen_rewards, rejected_rewards]).detach().to(stats)
+            stats = torch.cat([stats, -scores.min()[None], scores.max()[None]] if len(scores)
+                              else [stats, stats.new_full((2,), -math.inf)])
     if not token_stats:
         return losses.sum() / n, stats
     if desirable is not None:  # KTO: doc_stats by example; chosen and rejected are the labels
@@ -990,12 +998,16 @@ def preference_batch_loss(model, batch, reference, labels: np.ndarray | None = N
 
 
 def preference_metrics(kind: str, means: dict, kto_sums: torch.Tensor | None = None,
-                       token_sums: torch.Tensor | None = None, world_size: int = 1) -> dict:
+                       token_sums: torch.Tensor | None = None, world_size: int = 1,
+                       extremes: torch.Tensor | None = None) -> dict:
     """The logged preference metrics of a step (or of the val batches) as TRL logs them: means, the
     means over the pairs of preference_stat_names(kind)'s stats; KTO: kto_sums, each micro-step's
     (batch's) preference_batch_loss stats[3:10] over every rank (then rewards/* and logps/* are each
     label's means over the micro-steps that had one, None where none had; kl the micro-steps' mean
-    of z); token_sums: each one's token sums over every rank (preference_token_means)."""
+    of z); token_sums: each one's token sums over every rank (preference_token_means); reward
+    models: extremes, each one's -least and largest score over every rank (stats[3:5], a MAX),
+    give RewardTrainer's min_reward and max_reward (the mean over the micro-steps that had pairs,
+    None where none had), beside mean_reward (the mean score over the pairs)."""
     means = dict(means)
     chosen, rejected, accuracy = (means.pop(f"reward_{name}") for name in ("chosen", "rejected", "accuracy"))
     out = {}
@@ -1014,6 +1026,12 @@ def preference_metrics(kind: str, means: dict, kto_sums: torch.Tensor | None = N
     else:
         margin = None if chosen is None or rejected is None else chosen - rejected
     out.update(reward_chosen=chosen, reward_rejected=rejected, reward_margin=margin, reward_accuracy=accuracy, **means)
+    if extremes is not None:
+        lows, highs = zip(*[(-a, b) for a, b in extremes.tolist()])
+        finite = lambda values: [v for v in values if math.isfinite(v)]  # noqa: E731
+        out.update(min_reward=sum(finite(lows)) / len(finite(lows)) if finite(lows) else None,
+                   mean_reward=None if chosen is None or rejected is None else (chosen + rejected) / 2,
+                   max_reward=sum(finite(highs)) / len(finite(highs)) if finite(highs) else None)
     if token_sums is not None:
         out.update(preference_token_means(token_sums, kind == "kto"))
     return out
@@ -1653,7 +1671,7 @@ def grpo_rows(rows: list | None, docs: list[int], cu_seqlens: torch.Tensor, offs
             for i, d in enumerate(docs)]
 
 
-GRPO_STATS = ["reward", "reward_std", "completion_length", "kl", "clip_ratio", "frac_reward_zero_std",
+GRPO_STATS = ["reward", "reward_std", "completions/mean_length", "kl", "clip_ratio", "frac_reward_zero_std",
               "completions/clipped_ratio", "entropy"]  # (then rewards/<name> of each reward)
 
 
@@ -2692,6 +2710,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
         # pretraining and SFT: each micro-step's token_stats_term (entropy sum, argmax hits, targets)
         stat_sums = torch.zeros(cfg.grad_accum, 3, device=info.device) if token_stats else None
         pair_stat_sums = torch.zeros(cfg.grad_accum, 7, device=info.device) if pair_token_stats else None
+        reward_extremes = torch.zeros(cfg.grad_accum, 2, device=info.device)  # a reward model's -least, largest score
         on_policy = 0  # micro-batches of the student's own samples (distill_lmbda)
         grpo_sums = torch.zeros(12 + 2 * len(reward or ()), dtype=torch.float64)  # grpo_stat_means' sums
         # each micro-step's entropy, KL sums, tokens, then clipped tokens (either side, low, high) and their count
@@ -2739,6 +2758,8 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
                         pair_stat_sums[micro] = pair_stats[0]
                     if cfg.preference == "kto":
                         kto_sums[micro] = stats[3:10]
+                    elif cfg.preference == "reward":
+                        reward_extremes[micro] = stats[3:5]
                 elif reward is not None:
                     loss, loss_stats = grpo_loss(wrapped, batch, cfg, info.world_size)
                     grpo_sums += torch.cat([batch["stats"].cpu(), loss_stats[:5]])
@@ -2871,7 +2892,8 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
             record.update(preference_metrics(
                 cfg.preference, dict(zip(pref_names, all_reduce_mean(pref_sums, info).tolist())),
                 all_reduce_sum(kto_sums, info) if cfg.preference == "kto" else None,
-                all_reduce_sum(pair_stat_sums, info) if pair_token_stats else None, info.world_size))
+                all_reduce_sum(pair_stat_sums, info) if pair_token_stats else None, info.world_size,
+                all_reduce_sum(reward_extremes, info, dist.ReduceOp.MAX) if cfg.preference == "reward" else None))
         if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step == cfg.max_steps - 1:
             if cfg.preference:
                 record.update(evaluate_preference(wrapped, data / "val.bin", reference and reference["val"], cfg,

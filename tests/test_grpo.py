@@ -448,9 +448,9 @@ def test_grpo_raises_the_reward_and_resumes_exactly(chat_dir, tmp_path):  # noqa
     kw = dict(grpo_reward=SPEC, grpo_generations=4, grpo_max_new_tokens=6, model=dict(TINY, block_size=32), lr=1e-2)
     trainer.train(config(chat_dir, tmp_path / "rl", max_steps=24, eval_every=24, **kw))
     log = [json.loads(line) for line in (tmp_path / "rl/log.jsonl").read_text().splitlines()]
-    assert {"reward", "reward_std", "completion_length", "entropy",
+    assert {"reward", "reward_std", "completions/mean_length", "entropy",
             "completions/max_terminated_length"} <= log[0].keys()
-    assert all(r["completions/min_length"] <= r["completion_length"] <= r["completions/max_length"] <= 6 for r in log)
+    assert all(r["completions/min_length"] <= r["completions/mean_length"] <= r["completions/max_length"] <= 6 for r in log)
     assert np.mean([r["reward"] for r in log[-5:]]) > np.mean([r["reward"] for r in log[:5]]) + 0.2
     assert log[-1]["val_reward"] > 0.5 and "val_reward" not in log[0]  # (the val prompts' samples, at the eval)
     kw.update(grad_accum=2)
@@ -719,12 +719,12 @@ def test_sampling_runs_on_two_processes_resume_exactly(chat_dir, tmp_path, monke
         run_two_processes({**common, "out_dir": str(tmp_path / "ddp"), "batch_size": 2, "dist_mode": "ddp",
                            "cross": False})
         ddp = [json.loads(line) for line in (tmp_path / "ddp/whole/log.jsonl").read_text().splitlines()]
-        assert (ddp[0]["reward"], ddp[0]["completion_length"]) == (log[0]["reward"], log[0]["completion_length"])
+        assert ddp[0]["reward"] == log[0]["reward"]
         lengths = [name for name in log[0] if name.startswith("completions/")]
-        assert len(lengths) == 6 and [ddp[0][name] for name in lengths] == [log[0][name] for name in lengths]
+        assert len(lengths) == 7 and [ddp[0][name] for name in lengths] == [log[0][name] for name in lengths]
     # TRL's completions/ lengths over both ranks' samples (a MAX over the ranks): the mean between them
     for r in log if "grpo" in kind else ():
-        assert r["completions/min_length"] <= r["completion_length"] <= r["completions/max_length"] <= 4
+        assert r["completions/min_length"] <= r["completions/mean_length"] <= r["completions/max_length"] <= 4
         assert r["completions/min_terminated_length"] <= r["completions/mean_terminated_length"] \
             <= r["completions/max_terminated_length"]
     if kind == "grpo-iterations":  # a generation's 3 steps: its rewards; clipped ratios after its first

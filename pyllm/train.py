@@ -706,7 +706,8 @@ def evaluate_preference(model, path, reference: np.ndarray | None, cfg: TrainCon
     metrics = preference_metrics(cfg.preference, dict(zip(names, means)),
                                  all_reduce_sum(kto_sums, info) if cfg.preference == "kto" else None,
                                  all_reduce_sum(token_sums, info) if token_stats else None, info.world_size,
-                                 all_reduce_sum(extremes, info, dist.ReduceOp.MAX) if cfg.preference == "reward" else None)
+                                 all_reduce_sum(extremes, info, dist.ReduceOp.MAX)
+                                 if cfg.preference == "reward" else None)
     return {"val_loss": loss, **{f"val_{name}": value for name, value in metrics.items()}}
 
 

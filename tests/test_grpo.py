@@ -450,7 +450,8 @@ def test_grpo_raises_the_reward_and_resumes_exactly(chat_dir, tmp_path):  # noqa
     log = [json.loads(line) for line in (tmp_path / "rl/log.jsonl").read_text().splitlines()]
     assert {"reward", "reward_std", "completions/mean_length", "entropy",
             "completions/max_terminated_length"} <= log[0].keys()
-    assert all(r["completions/min_length"] <= r["completions/mean_length"] <= r["completions/max_length"] <= 6 for r in log)
+    assert all(r["completions/min_length"] <= r["completions/mean_length"] <= r["completions/max_length"] <= 6
+               for r in log)
     assert np.mean([r["reward"] for r in log[-5:]]) > np.mean([r["reward"] for r in log[:5]]) + 0.2
     assert log[-1]["val_reward"] > 0.5 and "val_reward" not in log[0]  # (the val prompts' samples, at the eval)
     kw.update(grad_accum=2)

@@ -90,8 +90,15 @@ struct DeleteWithoutGil {
 #endif
 }  // namespace
 
+// The contract between pyllm's Python and this module: bumped with pyllm/__init__.py's _ABI whenever
+// a binding's arguments or the buffers it writes change meaning (2: the cross-entropy kernel's token
+// statistics went from two per row to three). A build left from older sources fails the import
+// instead of writing an old layout into new buffers (an editable install pulled, not rebuilt).
+constexpr int kAbi = 2;
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "pyllm kernels (C++ CPU; CUDA when built with nvcc)";
+  m.attr("abi") = kAbi;
   const auto nogil = py::call_guard<py::gil_scoped_release>();
   // The CPU kernels' copy this process runs (one in a default build; a dispatch build's highest
   // level this CPU runs, or PYLLM_CPU_LEVEL's: a bad value fails the import with the levels).

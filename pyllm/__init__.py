@@ -27,6 +27,26 @@ if _importlib_util.find_spec("pyllm._C") is None:  # else a circular-import erro
 
     raise ImportError(_missing_extension())
 
+# csrc/bind.cpp's kAbi: the layout of what this Python passes the extension and reads back from it.
+_ABI = 2
+
+
+def _check_abi(extension) -> None:
+    """ImportError where the compiled extension was built from other sources than this Python's
+    (a checkout pulled, not rebuilt): its kernels would read arguments or write buffers in another
+    layout, wrong numbers without an error."""
+    abi = getattr(extension, "abi", 1)
+    if abi != _ABI:
+        raise ImportError(f"pyllm's compiled extension ({extension.__file__}) was built from "
+                          f"{'older' if abi < _ABI else 'newer'} sources than this pyllm's Python (its interface "
+                          f"{abi}, this pyllm's {_ABI}): build it again (pip install --no-build-isolation -e . in a "
+                          "checkout; reinstall pyllm otherwise)")
+
+
+from pyllm import _C  # noqa: E402
+
+_check_abi(_C)
+
 from pyllm.ops.cross_entropy import cross_entropy  # noqa: E402
 from pyllm.ops.distill import generalized_jsd  # noqa: E402
 from pyllm.ops.flash_attn import flash_attn, flash_attn_with_kvcache  # noqa: E402

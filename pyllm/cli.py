@@ -529,6 +529,13 @@ _CLI_KEYS = {"data": None, "tokenizer": None, "vocab_size": None, "tokenizer_tra
              "model_overrides": None, "eval_choices_file": None, "eval_choices_limit": None, "chat_template": None}
 
 
+def check_eval_choices_limit(cli: dict) -> None:
+    """ValueError for --eval-choices-limit without --eval-choices (a new run's or a resume's)."""
+    if cli["eval_choices_limit"] is not None and not cli["eval_choices_file"]:
+        raise ValueError("--eval-choices-limit goes with --eval-choices (without it, it would be ignored): "
+                         "leave it out")
+
+
 def setup_run_data(cfg, cli: dict) -> None:
     """Finds or makes the token files (and the tokenizer) for a new run; records them in
     out_dir/run.json."""
@@ -551,9 +558,7 @@ def setup_run_data(cfg, cli: dict) -> None:
                          "tokenizer; this run's " + ("token files are made already" if token_dir else
                                                      "tokenizer is --tokenizer's" if tokenizer_path else
                                                      "has no --init-from-hf model") + ": leave it out")
-    if cli["eval_choices_limit"] is not None and not cli["eval_choices_file"]:
-        raise ValueError("--eval-choices-limit goes with --eval-choices (without it, it would be ignored): "
-                         "leave it out")
+    check_eval_choices_limit(cli)
     if token_dir and cli["val_fraction"] != _CLI_KEYS["val_fraction"]:
         # (the token files' val split is theirs; the share had been ignored without a word)
         raise ValueError(f"--val-fraction holds out a share of text --data tokenizes; {data_list[0]} holds token "
@@ -1110,6 +1115,7 @@ def _train_command(args, explicit: dict, opts: dict, model: dict, cli: dict, ref
             saved = checkpoint["train_config"]
             from_config = set(config_file_options(args.config)) if args.config else set()
             check_resume_options(saved, opts, model, cli, resume, from_config - set(explicit))
+            check_eval_choices_limit(cli)  # (a resume's too: it had been taken and ignored)
             check_reward_code(saved, opts)
             cfg = TrainConfig.from_dict({**saved, **opts, "out_dir": opts.get("out_dir", str(resume))})
             if Path(cfg.out_dir).resolve() != Path(resume).resolve():
@@ -1717,9 +1723,21 @@ def cmd_eval(args) -> int:
         print(f"text ({loss['bytes']:,} bytes, {loss['tokens']:,} tokens predicted): loss {loss['loss']:.4f} nats/token, "
               f"perplexity {loss['perplexity']:.2f}, {loss['bits_per_byte']:.4f} bits/byte, word perplexity "
               f"{loss['word_perplexity']:.2f} ({loss['words']:,} words)")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+    if args.json:  # (an infinite perplexity as null, as log.jsonl writes non-finite numbers: JSON has no inf)
+        Path(args.json).write_text(json.dumps(_strict_json(results), indent=1, allow_nan=False))
     return 0
+
+
+def _strict_json(value):
+    """value with every non-finite float as None (Python's json writes Infinity and NaN, which JSON
+    parsers elsewhere refuse or misread)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _strict_json(v) for key, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(v) for v in value]
+    return value
 
 
 def cmd_export(args) -> int:

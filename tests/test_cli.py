@@ -1801,3 +1801,12 @@ def test_options_a_run_would_not_read_are_refused_too(corpus, tmp_path, capsys):
                      "--beta", "0.5", "--out", str(tmp_path / "dpo"), *common]) == 0
     assert cli.main(["train", "--data", str(corpus), "--out", str(tmp_path / "vf"), "--val-fraction", "0.1",
                      *common]) == 0
+
+
+def test_a_resume_refuses_eval_choices_limit_without_eval_choices(corpus, tmp_path, capsys):
+    # (a new run's refusal had not been a resume's: the option taken and ignored)
+    out = tmp_path / "run"
+    assert cli.main(["train", "--data", str(corpus), "--out", str(out), "--max-steps", "1", *SMALL]) == 0
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", str(out), "--max-steps", "2", "--eval-choices-limit", "3"]) == 2
+    assert "--eval-choices-limit goes with --eval-choices" in capsys.readouterr().err

@@ -613,3 +613,18 @@ def test_bench_train_times_two_models_of_the_same_weights(monkeypatch):
         block.w1.weight, block.w3.weight = block.w3.weight, block.w1.weight
     with pytest.raises(AssertionError, match="results differ from the peer's, not timed"):
         bench_train.same_function(ours, plain, x[:, :-1], x[:, 1:], "fp32", torch.device("cpu"))
+
+
+def test_an_extension_built_from_other_sources_is_refused():
+    # pyllm._C's interface number (csrc/bind.cpp's kAbi) against this Python's: a checkout pulled and
+    # not rebuilt had run a cross-entropy kernel writing two statistics a row into a buffer of three
+    # (the third left as it was allocated), wrong metrics without an error; its import now fails
+    import types
+
+    import pyllm
+
+    pyllm._check_abi(pyllm._C)  # this build's
+    for abi in (None, pyllm._ABI - 1, pyllm._ABI + 1):  # (None: a build from before the number existed)
+        other = types.SimpleNamespace(__file__="/elsewhere/_C.so", **({} if abi is None else {"abi": abi}))
+        with pytest.raises(ImportError, match="build it again"):
+            pyllm._check_abi(other)

@@ -1362,14 +1362,16 @@ def stream_sample(model, tokenizer, prompt: str, max_new_tokens: int, temperatur
     if draft is not None:
         for token in speculated:
             on_token(token)
-        print(f"\nspeculative: {stats['accepted']:,} of {stats['drafted']:,} drafted tokens kept "
-              f"({stats['accepted'] / max(stats['drafted'], 1):.0%}) in {stats['rounds']:,} rounds", file=sys.stderr)
     else:
         model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, callback=on_token,
                        generator=gen, stop_tokens=stops, cuda_graph=cuda_graph)
     final = prompt + decode_known(tokenizer, generated)
     if final.startswith(printed) and final != printed:  # a last, incomplete character held back: printed
         sys.stdout.write(final[len(printed):])  # as it is returned (transformers' TextStreamer.end)
+    if draft is not None:  # (after the sample's last character: it had come after this line)
+        sys.stdout.flush()
+        print(f"\nspeculative: {stats['accepted']:,} of {stats['drafted']:,} drafted tokens kept "
+              f"({stats['accepted'] / max(stats['drafted'], 1):.0%}) in {stats['rounds']:,} rounds", file=sys.stderr)
     return final
 
 
@@ -1432,7 +1434,8 @@ def resolve_sampling(args, source) -> None:
     neutral = {"repetition_penalty": 1.0, "min_new_tokens": 0, "min_length": 0, "no_repeat_ngram_size": 0,
                "encoder_no_repeat_ngram_size": 0, "bad_words_ids": [], "suppress_tokens": [],
                "begin_suppress_tokens": [], "min_p": 0.0, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
-               "diversity_penalty": 0.0, "length_penalty": 1.0, "num_beams": 1, "sequence_bias": {}}
+               "diversity_penalty": 0.0, "length_penalty": 1.0, "num_beams": 1, "sequence_bias": {},
+               "stop_strings": [], "top_h": None}  # (nulls are dropped above: a top_h given is said)
     ignored = {k: v for k, v in config.items() if k in neutral and v != neutral[k]}
     if ignored:
         print(f"pyllm generate: {Path(source) / 'generation_config.json'} sets "
@@ -1638,6 +1641,13 @@ def cmd_generate(args) -> int:
     # every sample drawn from one stream, as nanoGPT's sample.py draws them (seed + i had made --seed 1's
     # first sample --seed 0's second: runs of adjacent seeds repeated each other's samples)
     gen = torch.Generator(device=device).manual_seed(args.seed)
+    if source is not None and draft is None:  # (a Hugging Face model: where transformers' tokens would differ)
+        n = len(prompt_ids) if prompt_ids is not None else len([*prefix, *prompt_tokens(tokenizer, args.prompt)])
+        if n + args.max_new_tokens > model.config.block_size:
+            print(f"pyllm generate: the prompt's {n} tokens + --max-new-tokens {args.max_new_tokens} pass the model's "
+                  f"context ({model.config.block_size} tokens, its max_position_embeddings): past it pyllm goes on "
+                  f"over the last {model.config.block_size} (nanoGPT's sampling), where transformers' generate keeps "
+                  "them all: the tokens from there on may differ", file=sys.stderr)
     for i in range(args.num_samples):
         stream_sample(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                       gen, prefix, prompt_ids, stops, args.cuda_graph, draft, args.draft_tokens)

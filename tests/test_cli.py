@@ -1541,7 +1541,11 @@ def test_train_init_from_hf_and_generate(tmp_path, capsys, kind):
     assert [begin, *ids] == hf_tokenizer.encode("def g(y):\n    return y").ids
     assert cli.main(argv) == 0 and "tokenizer: reusing" in capsys.readouterr().out
     assert cli.main(["generate", "--hf", str(hf_dir), "--max-new-tokens", "6", "--prompt", "def g"]) == 0
-    assert capsys.readouterr().out.startswith("def g")
+    out = capsys.readouterr()
+    assert out.out.startswith("def g") and "pass the model's context" not in out.err
+    # past max_position_embeddings pyllm slides on (nanoGPT's way), transformers keeps the whole context: said
+    assert cli.main(["generate", "--hf", str(hf_dir), "--max-new-tokens", "70", "--prompt", "def g"]) == 0
+    assert "+ --max-new-tokens 70 pass the model's context (64 tokens" in capsys.readouterr().err
     # export: the source's config.json and tokenizer.json, the fine-tuned weights (bf16 by default)
     assert cli.main(["export", "--run", str(run), "--out", str(tmp_path / "out")]) == 0
     assert (tmp_path / "out/tokenizer.json").read_bytes() == (hf_dir / "tokenizer.json").read_bytes()
@@ -1810,3 +1814,15 @@ def test_a_resume_refuses_eval_choices_limit_without_eval_choices(corpus, tmp_pa
     capsys.readouterr()
     assert cli.main(["train", "--resume", str(out), "--max-steps", "2", "--eval-choices-limit", "3"]) == 2
     assert "--eval-choices-limit goes with --eval-choices" in capsys.readouterr().err
+
+
+def test_generation_config_stop_strings_and_top_h_are_said(tmp_path, capsys):
+    # (transformers' generate applies both; pyllm's sampling neither: said, as repetition_penalty is,
+    # where they had been dropped without a word; from the generation audit)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"stop_strings": ["</answer>"], "top_h": 0.4}))
+    cli.resolve_sampling(argparse.Namespace(temperature=None, top_k=None, top_p=None), tmp_path)
+    err = capsys.readouterr().err
+    assert "stop_strings=['</answer>']" in err and "top_h=0.4" in err and "does not apply" in err
+    (tmp_path / "generation_config.json").write_text(json.dumps({"stop_strings": None, "top_h": None}))
+    cli.resolve_sampling(argparse.Namespace(temperature=None, top_k=None, top_p=None), tmp_path)
+    assert "does not apply" not in capsys.readouterr().err

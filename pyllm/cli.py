@@ -1319,13 +1319,15 @@ def _train_command(args, explicit: dict, opts: dict, model: dict, cli: dict, ref
 
 def stream_sample(model, tokenizer, prompt: str, max_new_tokens: int, temperature: float, top_k, top_p, seed,
                   prefix_ids=(), prompt_ids=None, stop_tokens=(), cuda_graph: bool = False, draft=None,
-                  draft_tokens: int = 4) -> str:
+                  draft_tokens: int = 4, stop_strings=()) -> str:
     """Generates after prompt (after prefix_ids, e.g. a BOS token), printing text as it comes (a
     UTF-8 character split across tokens is printed once its last byte arrives). prompt_ids: the
     tokens to continue instead (a rendered chat), not printed; generation ends at a stop token,
     which is not printed either. draft: a smaller model over the same vocabulary for speculative
     decoding (LLM.generate_speculative; its acceptance is printed to stderr after). seed: an int, or
-    a torch.Generator on the model's device to go on drawing from (several samples of one stream)."""
+    a torch.Generator on the model's device to go on drawing from (several samples of one stream).
+    stop_strings: generation also ends with the token that completes one of them in the sample's
+    text (has_stop_string), that token printed."""
     import torch
 
     device = next(model.parameters()).device
@@ -1348,23 +1350,32 @@ def stream_sample(model, tokenizer, prompt: str, max_new_tokens: int, temperatur
     printed = prompt
     sys.stdout.write(prompt)
 
-    def on_token(token):
+    def on_token(token) -> bool:  # -> whether a stop string ended with it
         nonlocal printed
         if int(token[0]) in stops:
-            return
+            return False
         generated.append(int(token[0]))
         text = prompt + decode_known(tokenizer, generated)
         if not text.endswith("\ufffd"):
             sys.stdout.write(text[len(printed):])
             sys.stdout.flush()
             printed = text
+        return bool(stop_strings) and has_stop_string(text[len(prompt):], stop_strings)
 
     if draft is not None:
         for token in speculated:
-            on_token(token)
+            if on_token(token):
+                break
     else:
-        model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, callback=on_token,
-                       generator=gen, stop_tokens=stops, cuda_graph=cuda_graph)
+        def callback(token):
+            if on_token(token):
+                raise _StopString  # (out of generate(), which restores the model's mode on its way out)
+
+        try:
+            model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, callback=callback,
+                           generator=gen, stop_tokens=stops, cuda_graph=cuda_graph)
+        except _StopString:
+            pass
     final = prompt + decode_known(tokenizer, generated)
     if final.startswith(printed) and final != printed:  # a last, incomplete character held back: printed
         sys.stdout.write(final[len(printed):])  # as it is returned (transformers' TextStreamer.end)
@@ -1373,6 +1384,27 @@ def stream_sample(model, tokenizer, prompt: str, max_new_tokens: int, temperatur
         print(f"\nspeculative: {stats['accepted']:,} of {stats['drafted']:,} drafted tokens kept "
               f"({stats['accepted'] / max(stats['drafted'], 1):.0%}) in {stats['rounds']:,} rounds", file=sys.stderr)
     return final
+
+
+class _StopString(Exception):
+    """A sample's text holds a stop string: generation ends (stream_sample)."""
+
+
+def has_stop_string(text: str, stop_strings) -> bool:
+    """Whether a generated text holds one of stop_strings. Checked after each token, the first time
+    it does is at the token that completes one (transformers' StopStringCriteria stops there, the
+    stop string ending in that token's text or overhanging it); over the generated text alone,
+    where transformers' also takes the prompt's tail."""
+    return any(stop in text for stop in stop_strings)
+
+
+def cut_at_stop_string(tokenizer, tokens: list[int], stop_strings) -> list[int]:
+    """tokens cut after the one that completes one of stop_strings in their text (kept, as
+    transformers' generate keeps the token its StopStringCriteria stops at), or all of them."""
+    if not stop_strings or not has_stop_string(decode_known(tokenizer, tokens), stop_strings):
+        return tokens
+    return tokens[:next(n for n in range(1, len(tokens) + 1)
+                        if has_stop_string(decode_known(tokenizer, tokens[:n]), stop_strings))]
 
 
 def prompt_tokens(tokenizer, text: str) -> list[int]:
@@ -1435,8 +1467,11 @@ def resolve_sampling(args, source) -> None:
                "encoder_no_repeat_ngram_size": 0, "bad_words_ids": [], "suppress_tokens": [],
                "begin_suppress_tokens": [], "min_p": 0.0, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
                "diversity_penalty": 0.0, "length_penalty": 1.0, "num_beams": 1, "sequence_bias": {},
-               "stop_strings": [], "top_h": None}  # (nulls are dropped above: a top_h given is said)
+               "top_h": None}  # (nulls are dropped above: a top_h given is said)
     ignored = {k: v for k, v in config.items() if k in neutral and v != neutral[k]}
+    if getattr(args, "stop", None) is None:  # (--stop over the folder's, as generate(stop_strings=) over its config)
+        stops = config.get("stop_strings") or []
+        args.stop = [stops] if isinstance(stops, str) else list(stops)
     if ignored:
         print(f"pyllm generate: {Path(source) / 'generation_config.json'} sets "
               f"{', '.join(f'{k}={v!r}' for k, v in ignored.items())}, which pyllm's sampling does not apply "
@@ -1502,7 +1537,8 @@ def generate_file(model, tokenizer, args, prefix_ids, stop_tokens, source) -> in
             else:
                 new = [one_by_one(row) for row in ids]
             for prompt, tokens in zip(chunk, new):
-                completion = decode_known(tokenizer, [t for t in tokens if t not in stops])
+                tokens = cut_at_stop_string(tokenizer, [t for t in tokens if t not in stops], args.stop)
+                completion = decode_known(tokenizer, tokens)
                 out.write(json.dumps({"prompt": prompt, "completion": completion}, ensure_ascii=False) + "\n")
             out.flush()
     finally:
@@ -1650,7 +1686,7 @@ def cmd_generate(args) -> int:
                   "them all: the tokens from there on may differ", file=sys.stderr)
     for i in range(args.num_samples):
         stream_sample(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                      gen, prefix, prompt_ids, stops, args.cuda_graph, draft, args.draft_tokens)
+                      gen, prefix, prompt_ids, stops, args.cuda_graph, draft, args.draft_tokens, args.stop)
         print("\n" + "-" * 60)
     return 0
 
@@ -2410,6 +2446,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-eos", action="store_true", help="go on past the end of a document: the model's "
                    "end-of-sequence ids (a Hugging Face model's) or <|endoftext|> (a model trained here) stop "
                    "generation otherwise")
+    p.add_argument("--stop", action="append", metavar="TEXT", help="end a sample with the token that completes TEXT "
+                   "in it, that token kept (transformers' stop_strings; repeatable; default: a Hugging Face model's "
+                   "generation_config.json stop_strings, if any)")
     p.add_argument("--num-samples", type=at_least(1), default=1, help="independent samples (default 1); with "
                    "--prompts-file, completions of each prompt")
     p.add_argument("--prompts-file", metavar="FILE", help="continue every prompt of a JSONL file ({\"prompt\": ...} "

@@ -1816,13 +1816,42 @@ def test_a_resume_refuses_eval_choices_limit_without_eval_choices(corpus, tmp_pa
     assert "--eval-choices-limit goes with --eval-choices" in capsys.readouterr().err
 
 
-def test_generation_config_stop_strings_and_top_h_are_said(tmp_path, capsys):
-    # (transformers' generate applies both; pyllm's sampling neither: said, as repetition_penalty is,
-    # where they had been dropped without a word; from the generation audit)
-    (tmp_path / "generation_config.json").write_text(json.dumps({"stop_strings": ["</answer>"], "top_h": 0.4}))
-    cli.resolve_sampling(argparse.Namespace(temperature=None, top_k=None, top_p=None), tmp_path)
-    err = capsys.readouterr().err
-    assert "stop_strings=['</answer>']" in err and "top_h=0.4" in err and "does not apply" in err
-    (tmp_path / "generation_config.json").write_text(json.dumps({"stop_strings": None, "top_h": None}))
-    cli.resolve_sampling(argparse.Namespace(temperature=None, top_k=None, top_p=None), tmp_path)
-    assert "does not apply" not in capsys.readouterr().err
+def test_generation_config_stop_strings_are_taken_and_top_h_said(tmp_path, capsys):
+    # transformers' generate applies both: stop_strings are taken (--stop over them), top_h, which
+    # pyllm's sampling does not apply, is said, as repetition_penalty is (both had been dropped without
+    # a word; from the generation audit)
+    def resolved(config: dict, stop=None):
+        (tmp_path / "generation_config.json").write_text(json.dumps(config))
+        args = argparse.Namespace(temperature=None, top_k=None, top_p=None, stop=stop)
+        cli.resolve_sampling(args, tmp_path)
+        return args.stop, capsys.readouterr().err
+
+    stop, err = resolved({"stop_strings": ["</answer>"], "top_h": 0.4})
+    assert stop == ["</answer>"] and "top_h=0.4" in err and "does not apply" in err and "stop_strings" not in err
+    assert resolved({"stop_strings": "</a>"})[0] == ["</a>"] and resolved({"stop_strings": "</a>"}, ["x"])[0] == ["x"]
+    assert resolved({"stop_strings": None, "top_h": None}) == ([], "")
+
+
+def test_generate_stops_at_a_stop_string(corpus, tmp_path, capsys):
+    # --stop TEXT: a sample ends with the token that completes TEXT in it, that token kept (transformers'
+    # stop_strings), streamed and in --prompts-file completions alike
+    import torch
+
+    from pyllm.model import LLM
+
+    run = tmp_path / "run"
+    assert cli.main(["train", "--data", str(corpus), "--out", str(run), "--max-steps", "2", *SMALL]) == 0
+    model, tokenizer = LLM.load(run / "model.safetensors").eval(), cli.tokenizer_class().load(str(run / "tokenizer.bpe"))
+    ids = tokenizer.encode_ordinary("def f")
+    tokens = model.generate(torch.tensor([ids]), 20, temperature=0)[0, len(ids):].tolist()
+    middle = len(tokenizer.decode(tokens[:8]))
+    stop = tokenizer.decode(tokens)[middle:middle + 2]
+    n = next(n for n in range(1, 21) if stop in tokenizer.decode(tokens[:n]))  # (the first token completing it)
+    assert len(stop) == 2 and n < 20
+    base = ["generate", "--run", str(run), "--max-new-tokens", "20", "--temperature", "0", "--stop", stop]
+    capsys.readouterr()
+    assert cli.main([*base, "--prompt", "def f"]) == 0
+    assert capsys.readouterr().out.split("\n" + "-" * 60)[0] == "def f" + tokenizer.decode(tokens[:n])
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "def f"}) + "\n")
+    assert cli.main([*base, "--prompts-file", str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "c.jsonl")]) == 0
+    assert json.loads((tmp_path / "c.jsonl").read_text())["completion"] == tokenizer.decode(tokens[:n])

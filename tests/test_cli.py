@@ -1841,7 +1841,8 @@ def test_generate_stops_at_a_stop_string(corpus, tmp_path, capsys):
 
     run = tmp_path / "run"
     assert cli.main(["train", "--data", str(corpus), "--out", str(run), "--max-steps", "2", *SMALL]) == 0
-    model, tokenizer = LLM.load(run / "model.safetensors").eval(), cli.tokenizer_class().load(str(run / "tokenizer.bpe"))
+    model = LLM.load(run / "model.safetensors").eval()
+    tokenizer = cli.tokenizer_class().load(str(run / "tokenizer.bpe"))
     ids = tokenizer.encode_ordinary("def f")
     tokens = model.generate(torch.tensor([ids]), 20, temperature=0)[0, len(ids):].tolist()
     middle = len(tokenizer.decode(tokens[:8]))

@@ -1946,3 +1946,16 @@ def test_gathered_forgets_the_sampling_forwards():
         assert groups and all(not g._post_forward_indices for g in groups)
     finally:
         dist.destroy_process_group()
+
+
+def test_loss_plot_of_a_log_without_losses_warns_nothing(tmp_path):
+    # every step skipped (no loss, no val_loss): loss.png still, without matplotlib's "No artists with
+    # labels" warning (from the docs audit)
+    import warnings
+
+    pytest.importorskip("matplotlib")
+    (tmp_path / "log.jsonl").write_text(json.dumps({"step": 0, "loss": None}) + "\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        trainer.plot_losses(tmp_path / "log.jsonl", tmp_path / "loss.png")
+    assert (tmp_path / "loss.png").stat().st_size > 0

@@ -1472,6 +1472,9 @@ def resolve_sampling(args, source) -> None:
     if getattr(args, "stop", None) is None:  # (--stop over the folder's, as generate(stop_strings=) over its config)
         stops = config.get("stop_strings") or []
         args.stop = [stops] if isinstance(stops, str) else list(stops)
+    if "" in args.stop:  # (every text holds it: each sample would end at its first token)
+        raise ValueError("--stop (or generation_config.json's stop_strings): an empty string would end every sample "
+                         "at its first token; give the text to stop at")
     if ignored:
         print(f"pyllm generate: {Path(source) / 'generation_config.json'} sets "
               f"{', '.join(f'{k}={v!r}' for k, v in ignored.items())}, which pyllm's sampling does not apply "

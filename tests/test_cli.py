@@ -1830,6 +1830,8 @@ def test_generation_config_stop_strings_are_taken_and_top_h_said(tmp_path, capsy
     assert stop == ["</answer>"] and "top_h=0.4" in err and "does not apply" in err and "stop_strings" not in err
     assert resolved({"stop_strings": "</a>"})[0] == ["</a>"] and resolved({"stop_strings": "</a>"}, ["x"])[0] == ["x"]
     assert resolved({"stop_strings": None, "top_h": None}) == ([], "")
+    with pytest.raises(ValueError, match="an empty string would end every sample"):
+        resolved({}, ["x", ""])
 
 
 def test_generate_stops_at_a_stop_string(corpus, tmp_path, capsys):

@@ -998,6 +998,25 @@ def preference_batch_loss(model, batch, reference, labels: np.ndarray | None = N
     return losses.sum() / n, stats, torch.stack(sums)
 
 
+def micro_step_mean(per: list, num: int, den: int, skip_empty: bool = False) -> float | None:
+    """The mean over the micro-steps (per: each one's sums over every rank) of each one's ratio
+    per[num] / per[den], as TRL logs a step's metrics: a micro-step whose count is 0 adds 0.0, or with
+    skip_empty is left out (None where every one is)."""
+    each = [m[num] / m[den] if m[den] else 0.0 for m in per if m[den] or not skip_empty]
+    return sum(each) / len(each) if each else None
+
+
+def extreme_means(extremes: torch.Tensor) -> tuple[float | None, float | None]:
+    """(the mean least, the mean largest) over the micro-steps from each one's (-least, largest)
+    over every rank (extremes (steps, 2), MAX-reduced: -inf where a micro-step had none, left out;
+    None where none had)."""
+    def finite_mean(values) -> float | None:
+        kept = [v for v in values if math.isfinite(v)]
+        return sum(kept) / len(kept) if kept else None
+
+    return finite_mean(-a for a, _ in extremes.tolist()), finite_mean(b for _, b in extremes.tolist())
+
+
 def preference_metrics(kind: str, means: dict, kto_sums: torch.Tensor | None = None,
                        token_sums: torch.Tensor | None = None, world_size: int = 1,
                        extremes: torch.Tensor | None = None) -> dict:
@@ -1014,13 +1033,9 @@ def preference_metrics(kind: str, means: dict, kto_sums: torch.Tensor | None = N
     out = {}
     if kind == "kto":  # TRL's rewards/chosen, rejected (None when the step had none), kl
         per = kto_sums.tolist()  # (z is every rank's alike: summed world_size times)
-
-        def mean_of(sum_at, count_at):  # the micro-steps' means over their examples of a label
-            each = [m[sum_at] / m[count_at] for m in per if m[count_at]]
-            return sum(each) / len(each) if each else None
-
-        chosen, rejected = mean_of(0, 2), mean_of(1, 3)
-        out.update(logps_chosen=mean_of(5, 2), logps_rejected=mean_of(6, 3))
+        # the micro-steps' means over their examples of a label
+        chosen, rejected = micro_step_mean(per, 0, 2, True), micro_step_mean(per, 1, 3, True)
+        out.update(logps_chosen=micro_step_mean(per, 5, 2, True), logps_rejected=micro_step_mean(per, 6, 3, True))
         margins = [g / ng - b / nb for g, b, ng, nb, *_ in per if ng and nb]
         out["kl"] = sum(m[4] for m in per) / (len(per) * world_size)
         margin = sum(margins) / len(margins) if margins else None
@@ -1028,11 +1043,9 @@ def preference_metrics(kind: str, means: dict, kto_sums: torch.Tensor | None = N
         margin = None if chosen is None or rejected is None else chosen - rejected
     out.update(reward_chosen=chosen, reward_rejected=rejected, reward_margin=margin, reward_accuracy=accuracy, **means)
     if extremes is not None:
-        lows, highs = zip(*[(-a, b) for a, b in extremes.tolist()])
-        finite = lambda values: [v for v in values if math.isfinite(v)]  # noqa: E731
-        out.update(min_reward=sum(finite(lows)) / len(finite(lows)) if finite(lows) else None,
-                   mean_reward=None if chosen is None or rejected is None else (chosen + rejected) / 2,
-                   max_reward=sum(finite(highs)) / len(finite(highs)) if finite(highs) else None)
+        least, largest = extreme_means(extremes)
+        mean = None if chosen is None or rejected is None else (chosen + rejected) / 2
+        out.update(min_reward=least, mean_reward=mean, max_reward=largest)
     if token_sums is not None:
         out.update(preference_token_means(token_sums, kind == "kto"))
     return out
@@ -1059,15 +1072,10 @@ def preference_token_means(sums: torch.Tensor, kto: bool = False) -> dict:
     mean logit over the vocabulary, averaged over those replies' tokens). A micro-step without
     such tokens adds 0.0, as DPOTrainer's; KTOTrainer's logits/* leave it out (None when none had any)."""
     per = sums.tolist()
-
-    def mean(num: int, den: int, skip_empty: bool) -> float | None:
-        each = [m[num] / m[den] if m[den] else 0.0 for m in per if m[den] or not skip_empty]
-        return sum(each) / len(each) if each else None
-
-    out = {"entropy": mean(0, 1, False)}
+    out = {"entropy": micro_step_mean(per, 0, 1)}
     if not kto:
-        out["mean_token_accuracy"] = mean(2, 3, False)
-    out.update(logits_chosen=mean(4, 3, kto), logits_rejected=mean(5, 6, kto))
+        out["mean_token_accuracy"] = micro_step_mean(per, 2, 3)
+    out.update(logits_chosen=micro_step_mean(per, 4, 3, kto), logits_rejected=micro_step_mean(per, 5, 6, kto))
     return out
 
 
@@ -1076,8 +1084,7 @@ def token_stat_means(sums: torch.Tensor) -> tuple[float, float]:
     (entropy sum, targets the argmax, targets) summed over every rank (grad_accum, 3): each
     micro-step's ratios (0.0 for one without targets), then their mean over the micro-steps."""
     per = sums.tolist()
-    return (sum(e / n if n else 0.0 for e, _, n in per) / len(per),
-            sum(c / n if n else 0.0 for _, c, n in per) / len(per))
+    return micro_step_mean(per, 0, 2), micro_step_mean(per, 1, 2)
 
 
 def packed_loss(model, batch, token_stats: bool = False) -> torch.Tensor:
@@ -1698,27 +1705,23 @@ def grpo_stat_means(sums: torch.Tensor, n_rewards: int, batch_scaled: bool = Fal
             + [ratio(s[7 + i], s[7 + R + i]) for i in range(R)])
 
 
-def grpo_clip_metrics(cfg: TrainConfig, micro_mean, extremes: torch.Tensor) -> dict:
+def grpo_clip_metrics(cfg: TrainConfig, per: list, extremes: torch.Tensor) -> dict:
     """TRL 1.16's clip metrics of a GRPO step: clip_ratio/low_mean, high_mean, region_mean (the
     share of the trained tokens whose ratio was clipped below, above, either; of samples under
-    sequence ratios), each micro-step's over every rank, then their mean (micro_mean(numerator,
-    count) of the step's per-micro-step sums: 0.0 for one without tokens), and clip_ratio/low_min,
+    sequence ratios), each micro-step's over every rank, then their mean (micro_step_mean of per,
+    the step's per-micro-step sums: 0.0 for one without tokens), and clip_ratio/low_min,
     high_max (the least share of a sample's tokens clipped low and the largest clipped high, over
     every rank's samples, from extremes (grad_accum, 2): -low_min and high_max, MAX-reduced), the
     mean over the micro-steps that had a sample (None where none had); cispo's cispo_clip_ratio
     (above eps_high, A > 0) alone; none for sapo (no clip) or a single iteration (every ratio 1)."""
     if cfg.grpo_loss_type == "cispo":
-        return {"cispo_clip_ratio": micro_mean(3, 6)}
+        return {"cispo_clip_ratio": micro_step_mean(per, 3, 6)}
     if cfg.grpo_loss_type == "sapo" or cfg.grpo_iterations == 1:
         return {}
-
-    def mean_of(values: list) -> float | None:
-        kept = [v for v in values if math.isfinite(v)]
-        return sum(kept) / len(kept) if kept else None
-
-    low_min, high_max = (mean_of(values) for values in zip(*[(-a, b) for a, b in extremes.tolist()]))
-    return {"clip_ratio/low_mean": micro_mean(4, 6), "clip_ratio/high_mean": micro_mean(5, 6),
-            "clip_ratio/region_mean": micro_mean(3, 6), "clip_ratio/low_min": low_min, "clip_ratio/high_max": high_max}
+    low_min, high_max = extreme_means(extremes)
+    return {"clip_ratio/low_mean": micro_step_mean(per, 4, 6), "clip_ratio/high_mean": micro_step_mean(per, 5, 6),
+            "clip_ratio/region_mean": micro_step_mean(per, 3, 6), "clip_ratio/low_min": low_min,
+            "clip_ratio/high_max": high_max}
 
 
 def completion_stats(rollouts: list[dict], stops: set, names: list[str], info: DistInfo) -> dict:
@@ -2881,14 +2884,10 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
             # TRL's entropy and KL: each micro-step's mean over every rank's trained tokens (0.0 where none), then
             # their mean (the pooled ratio had weighed micro-steps by their tokens: 0.01 nats apart at 2 and 22)
             per = all_reduce_sum(grpo_micro, info).tolist()
-
-            def micro_mean(at: int, count_at: int) -> float:
-                return sum(m[at] / m[count_at] if m[count_at] else 0.0 for m in per) / len(per)
-
-            record["entropy"] = micro_mean(0, 2)
+            record["entropy"] = micro_step_mean(per, 0, 2)
             if cfg.grpo_beta:
-                record["kl"] = micro_mean(1, 2)
-            record.update(grpo_clip_metrics(cfg, micro_mean, all_reduce_sum(grpo_extremes, info, dist.ReduceOp.MAX)))
+                record["kl"] = micro_step_mean(per, 1, 2)
+            record.update(grpo_clip_metrics(cfg, per, all_reduce_sum(grpo_extremes, info, dist.ReduceOp.MAX)))
             record.update(reward_metric_means(reward, info))  # (reward functions' log_metric, TRL's)
         if cfg.preference:
             record.update(preference_metrics(

@@ -546,21 +546,17 @@ def test_grpo_entropy_and_kl_are_the_mean_of_each_micro_steps(chat_dir, tmp_path
 def test_grpo_clip_metrics_as_trl_logs_them():
     # TRL 1.16's names: the means per micro-step; the extremes' mean over the micro-steps that had a
     # sample (inf: none); cispo's cispo_clip_ratio alone; none for sapo or a single iteration
-    sums = [[0, 0, 0, 3.0, 1.0, 2.0, 10.0], [0, 0, 0, 0.0, 0.0, 0.0, 0.0]]
-
-    def micro_mean(at, count_at):
-        return sum(m[at] / m[count_at] if m[count_at] else 0.0 for m in sums) / len(sums)
-
+    per = [[0, 0, 0, 3.0, 1.0, 2.0, 10.0], [0, 0, 0, 0.0, 0.0, 0.0, 0.0]]  # (each micro-step's sums)
     extremes = torch.tensor([[-0.0, 0.5], [-math.inf, -math.inf]], dtype=torch.float64)
-    got = trainer.grpo_clip_metrics(TrainConfig(grpo_iterations=2), micro_mean, extremes)
+    got = trainer.grpo_clip_metrics(TrainConfig(grpo_iterations=2), per, extremes)
     assert got == {"clip_ratio/low_mean": 0.05, "clip_ratio/high_mean": 0.1, "clip_ratio/region_mean": 0.15,
                    "clip_ratio/low_min": 0.0, "clip_ratio/high_max": 0.5}
-    assert trainer.grpo_clip_metrics(TrainConfig(grpo_iterations=2), micro_mean, extremes[1:].repeat(2, 1))[
+    assert trainer.grpo_clip_metrics(TrainConfig(grpo_iterations=2), per, extremes[1:].repeat(2, 1))[
         "clip_ratio/high_max"] is None
-    assert trainer.grpo_clip_metrics(TrainConfig(grpo_loss_type="cispo"), micro_mean, extremes) == {
+    assert trainer.grpo_clip_metrics(TrainConfig(grpo_loss_type="cispo"), per, extremes) == {
         "cispo_clip_ratio": 0.15}
     for cfg in (TrainConfig(grpo_loss_type="sapo", grpo_iterations=2), TrainConfig()):
-        assert trainer.grpo_clip_metrics(cfg, micro_mean, extremes) == {}
+        assert trainer.grpo_clip_metrics(cfg, per, extremes) == {}
 
 
 def test_completion_stats_as_trl_logs_them():

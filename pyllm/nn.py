@@ -1461,8 +1461,7 @@ def linear_token_logps(x: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
                                                return_token_stats)
     if not return_token_stats:
         return logps.view(targets.shape)
-    return TokenLogps(logps.view(targets.shape), stats[:, 0].view(targets.shape), (stats[:, 1] > 0).view(targets.shape),
-                      stats[:, 2].view(targets.shape))
+    return TokenLogps(logps.view(targets.shape), *cross_entropy_ops.TokenStats.of_rows(stats, targets.shape))
 
 
 def _whole_logps(x, weight, targets, scale: float, softcap: float) -> torch.Tensor:
@@ -1603,7 +1602,7 @@ def linear_sequence_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
                                                            return_token_stats)
     if not return_token_stats:
         return loss, seq_logps
-    return loss, seq_logps, cross_entropy_ops.TokenStats(stats[:, 0], stats[:, 1] > 0, stats[:, 2])
+    return loss, seq_logps, cross_entropy_ops.TokenStats.of_rows(stats, stats.shape[:1])
 
 
 def distill_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float = 0.0,

@@ -390,6 +390,11 @@ class TokenStats(NamedTuple):
     is_top1: Tensor
     mean_logit: Tensor
 
+    @classmethod
+    def of_rows(cls, stats: Tensor, shape) -> "TokenStats":
+        """From the kernel's per-row statistics (rows, 3), each of them reshaped to shape."""
+        return cls(stats[:, 0].reshape(shape), stats[:, 1].reshape(shape) > 0, stats[:, 2].reshape(shape))
+
 
 def _token_stats_body(logits: Tensor, targets: Tensor, ignore_index: int, scale: float, softcap: float) -> Tensor:
     rows = _util.as_rows(logits)
@@ -440,5 +445,4 @@ def token_stats(logits: Tensor, targets: Tensor, *, ignore_index: int = -100, sc
             stats = rows.new_empty(rows.shape[0], 3, dtype=torch.promote_types(logits.dtype, torch.float32))
             _stats_in_torch(rows, targets.reshape(-1).long(), int(ignore_index), float(scale), float(softcap or 0.0),
                             stats)
-    return TokenStats(stats[:, 0].reshape(targets.shape), stats[:, 1].reshape(targets.shape) > 0,
-                      stats[:, 2].reshape(targets.shape))
+    return TokenStats.of_rows(stats, targets.shape)

@@ -94,7 +94,7 @@ struct DeleteWithoutGil {
 // a binding's arguments or the buffers it writes change meaning (2: the cross-entropy kernel's token
 // statistics went from two per row to three). A build left from older sources fails the import
 // instead of writing an old layout into new buffers (an editable install pulled, not rebuilt).
-constexpr int kAbi = 2;
+constexpr int kAbi = 3;
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "pyllm kernels (C++ CPU; CUDA when built with nvcc)";
@@ -118,7 +118,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("cross_entropy_cpu", cpu.cross_entropy_cpu, nogil, arg("logits"), arg("targets"), arg("loss"),
         arg("z_part"), arg("grad"), arg("grad_rows"), arg("rows"), arg("vocab"), arg("stride"), arg("grad_stride"), arg("ignore_index"),
         arg("scale"), arg("softcap"), arg("label_smoothing"), arg("z_loss"), arg("grad_scale"), arg("dtype"),
-        arg("stats") = 0);
+        arg("stats") = 0, arg("token_scaling") = false);
 
   m.def("distill_cpu", cpu.distill_cpu, nogil, arg("student"), arg("teacher"), arg("loss"), arg("grad"),
         arg("grad_rows"), arg("rows"), arg("vocab"), arg("student_stride"), arg("teacher_stride"), arg("grad_stride"),
@@ -259,7 +259,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("cross_entropy_cuda", &pyllm::cross_entropy_cuda, nogil, arg("logits"), arg("targets"), arg("loss"),
         arg("z_part"), arg("grad"), arg("grad_rows"), arg("rows"), arg("vocab"), arg("stride"), arg("grad_stride"), arg("ignore_index"),
         arg("scale"), arg("softcap"), arg("label_smoothing"), arg("z_loss"), arg("grad_scale"), arg("dtype"),
-        arg("device"), arg("stream"));
+        arg("device"), arg("stream"), arg("token_scaling") = false);
 
   m.def("distill_cuda", &pyllm::distill_cuda, nogil, arg("student"), arg("teacher"), arg("loss"), arg("grad"),
         arg("grad_rows"), arg("rows"), arg("vocab"), arg("student_stride"), arg("teacher_stride"), arg("grad_stride"),

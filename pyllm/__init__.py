@@ -28,7 +28,7 @@ if _importlib_util.find_spec("pyllm._C") is None:  # else a circular-import erro
     raise ImportError(_missing_extension())
 
 # csrc/bind.cpp's kAbi: the layout of what this Python passes the extension and reads back from it.
-_ABI = 2
+_ABI = 3
 
 
 def _check_abi(extension) -> None:

@@ -2191,6 +2191,12 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                         "(bf16 runs); logged as z_loss and part of the logged loss (val_loss is the cross-entropy "
                         "alone), with or without --fused-loss (packed conversations without it take logits at "
                         "every position, prompts too). Pretraining and SFT (default 0: off)")
+    p.add_argument("--loss-type", choices=("nll", "dft"),
+                   help="the training loss: nll (default, the cross-entropy) or dft (Dynamic Fine-Tuning, "
+                        "arXiv 2508.05629; TRL's SFT loss_type 'dft'): each target's cross-entropy times its "
+                        "probability under the model, held constant, still over the counted targets; from the "
+                        "same kernel pass. Logged as the loss; val_loss stays the cross-entropy. Pretraining and "
+                        "SFT")
     p.add_argument("--token-stats", action=argparse.BooleanOptionalAction, default=None,
                    help="log TRL's metrics each step, mean_token_accuracy (the share of targets that are the "
                         "model's argmax) and entropy (of its next-token distribution, at the targets), as TRL "

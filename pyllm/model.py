@@ -612,7 +612,7 @@ class LLM(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
                 per_token: bool = False, hidden: bool = False, distill: dict | None = None, scores: bool = False,
                 z_loss: float = 0.0, sequence_loss: dict | None = None, token_mask: torch.Tensor | None = None,
-                temperature: float = 1.0, token_stats: bool = False):
+                temperature: float = 1.0, token_stats: bool = False, token_scaling: bool = False):
         """idx (B, T) int64 -> logits (B, T, V) and, given targets (B, T), the mean cross-entropy
         (targets of -1 are ignored). With fused_loss set and targets given, logits is None (the
         loss came from linear_cross_entropy, chunk by chunk). per_token: instead of the logits and
@@ -629,6 +629,9 @@ class LLM(nn.Module):
         of logsumexp(logits)^2 (PaLM's auxiliary loss, 1e-4 there: it keeps the softmax's normaliser
         near 1, so the logits do not drift in bf16), with or without fused_loss; that share is
         kept, detached, as z_loss_term (None without z_loss).
+        token_scaling (with targets, for the mean loss): each target's loss (and z-loss share) times
+        its probability under the model, held constant: DFT (Dynamic Fine-Tuning, arXiv 2508.05629;
+        TRL's SFT loss_type "dft"), still divided by the counted targets; from the same kernel pass.
         token_stats (with targets, for the loss, per_token or sequence_loss): keeps, as
         token_stats_term, a (3,) fp32 tensor (fp64 for an fp64 model): the sum over the counted
         targets of the entropy of the next-token distribution (per_token at a temperature: of logits / temperature, GRPO's), how
@@ -685,6 +688,10 @@ class LLM(nn.Module):
         if z_loss and (targets is None or per_token or hidden or distill is not None or scores or sequence_loss):
             raise ValueError("LLM.forward: z_loss goes with the mean loss of targets (not per_token, hidden, distill, "
                              "scores or sequence_loss)")
+        if token_scaling and (targets is None or per_token or hidden or distill is not None or scores
+                              or sequence_loss):
+            raise ValueError("LLM.forward: token_scaling goes with the mean loss of targets (not per_token, hidden, "
+                             "distill, scores or sequence_loss)")
         if token_stats and (targets is None or hidden or distill is not None or scores):
             raise ValueError("LLM.forward: token_stats goes with the loss, per_token log-probabilities or sequence_loss "
                              "of targets (not hidden, distill or scores)")
@@ -800,7 +807,8 @@ class LLM(nn.Module):
             if not per_token:  # no (B, T, V) logits at all (linear_cross_entropy)
                 n = (targets != -1).sum().clamp(min=1)
                 out = linear_cross_entropy(h, self.lm_head.weight, targets_at, **self.logit_shape(), z_loss=z_loss,
-                                           return_z_loss=True, return_token_stats=token_stats)
+                                           return_z_loss=True, return_token_stats=token_stats,
+                                           token_scaling=token_scaling)
                 loss, z_part = out[:2]
                 if token_stats:
                     self.token_stats_term = torch.stack([out.entropy, out.token_accuracy,
@@ -835,16 +843,23 @@ class LLM(nn.Module):
             n = counted.sum().clamp(min=1)
             if cross_entropy_ops.takes(logits):  # pyllm's kernel: one pass each way, no fp32 (B, T, V) copy
                 loss, z_part = cross_entropy_ops.cross_entropy(logits, targets, ignore_index=-1, reduction="sum",
-                                                               z_loss=z_loss, return_z_loss=True)
+                                                               z_loss=z_loss, return_z_loss=True,
+                                                               token_scaling=token_scaling)
                 loss = loss / n
                 if z_loss:
                     self.z_loss_term = z_part / n
             else:
                 logits32 = logits.to(torch.promote_types(logits.dtype, torch.float32))
-                loss = F.cross_entropy(logits32.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-1,
-                                       reduction="sum") / n
+                flat = logits32.reshape(-1, logits.shape[-1])
+                p = counted
+                if token_scaling:  # DFT: each target's probability, exp(-its loss), held constant (0 where ignored)
+                    rows = F.cross_entropy(flat, targets.reshape(-1), ignore_index=-1, reduction="none")
+                    p = torch.where(counted, (-rows.detach()).exp().view(targets.shape), 0.0)  # (B, T)
+                    loss = (rows * p.view(-1)).sum() / n
+                else:
+                    loss = F.cross_entropy(flat, targets.reshape(-1), ignore_index=-1, reduction="sum") / n
                 if z_loss:
-                    z_part = z_loss * (torch.logsumexp(logits32, dim=-1).square() * counted).sum() / n
+                    z_part = z_loss * (torch.logsumexp(logits32, dim=-1).square() * p).sum() / n
                     loss = loss + z_part
                     self.z_loss_term = z_part.detach()
             if self.aux_loss is not None:

@@ -793,13 +793,15 @@ def _saved_grads_times(ctx, grad_total: torch.Tensor, n_other_inputs: int) -> tu
 
 def _linear_cross_entropy_with_grads(x, weight, targets, chunk_rows: int, need_x: bool, need_w: bool,
                                      scale: float = 1.0, softcap: float = 0.0, label_smoothing: float = 0.0,
-                                     z_loss: float = 0.0, grad_rows=None, rows_out=None, stats_out=None):
+                                     z_loss: float = 0.0, grad_rows=None, rows_out=None, stats_out=None,
+                                     token_scaling: bool = False):
     """_LinearCrossEntropy's forward: (the sum of losses, the z-loss's share of it (a tensor; 0
     without z_loss), grad_x or None, grad_w (fp32 at least) or None). grad_rows (N,), fp32 at least:
     the gradients are of each row's loss times its entry (reduction "none"'s backward). rows_out:
     (losses, z-loss shares), (N,) each, written per row. stats_out: (N, 3) in the losses' dtype,
     each row's entropy, 1.0 where its target is the argmax and its mean logit
-    (cross_entropy_ops.token_stats')."""
+    (cross_entropy_ops.token_stats'). token_scaling: each row's loss, z-loss share and gradient
+    times its target's probability, held constant (DFT)."""
     acc = torch.promote_types(x.dtype, torch.float32)  # the logits' dtype, fp32 at least
     # chunk sums add up without drift
     total, z_total = (torch.zeros((), dtype=torch.float64, device=x.device) for _ in range(2))
@@ -816,7 +818,7 @@ def _linear_cross_entropy_with_grads(x, weight, targets, chunk_rows: int, need_x
             loss, z_rows = cross_entropy_ops.cross_entropy_rows_(
                 logits, tc, ignore_index=-1, scale=scale, softcap=softcap, label_smoothing=label_smoothing,
                 z_loss=z_loss, want_grad=need_x or need_w, grad_rows=None if grad_rows is None else grad_rows[rows],
-                stats=None if stats_out is None else stats_out[rows])
+                stats=None if stats_out is None else stats_out[rows], token_scaling=token_scaling)
             if need_x or need_w:
                 buffers.add_grads(logits, xc, weight, rows, grad_x)
             if rows_out is not None:
@@ -841,6 +843,10 @@ def _linear_cross_entropy_with_grads(x, weight, targets, chunk_rows: int, need_x
         sums = logits.sub_(top).exp_().sum(dim=-1)  # (c,)
         lse = top[:, 0] + sums.log()
         z_rows = z_loss * lse.square() if z_loss else lse.new_zeros(())
+        # DFT: each row times its target's probability, a constant (torch's softmax's rounding)
+        w = logits.gather(1, picked)[:, 0] / sums if token_scaling else None
+        if w is not None:
+            z_rows = z_rows * w
         if need_x or need_w:
             # d(sum of losses) / d logits = softmax (1 + 2 z lse) - the smoothed one_hot, 0 on ignored rows
             grad = logits.div_(sums[:, None])
@@ -849,10 +855,12 @@ def _linear_cross_entropy_with_grads(x, weight, targets, chunk_rows: int, need_x
             grad.scatter_add_(1, picked, -(1 - label_smoothing) * valid[:, None].to(grad.dtype))
             if label_smoothing:
                 grad.sub_(label_smoothing / vocab)
-            grad.mul_(valid[:, None] if grad_rows is None else (grad_rows[rows] * valid)[:, None])
+            row_factor = valid if grad_rows is None else grad_rows[rows] * valid
+            grad.mul_((row_factor if w is None else row_factor * w)[:, None])
             grad = _through_final(grad.masked_fill_(bad, math.nan), tanh, scale)
             buffers.add_grads(grad.to(x.dtype), xc, weight, rows, grad_x)
-        losses = ((lse - target_logit + z_rows) * valid).masked_fill_(bad[:, 0], math.nan)
+        losses = lse - target_logit if w is None else (lse - target_logit) * w
+        losses = ((losses + z_rows) * valid).masked_fill_(bad[:, 0], math.nan)
         if rows_out is not None:
             rows_out[0][rows], rows_out[1][rows] = losses, z_rows * valid
         return losses.sum(), (z_rows * valid).sum()
@@ -872,21 +880,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
     these two not differentiable: for the log)."""
 
     @staticmethod
-    def forward(ctx, x, weight, targets, chunk_rows, scale, softcap, label_smoothing, z_loss, want_stats=False):
+    def forward(ctx, x, weight, targets, chunk_rows, scale, softcap, label_smoothing, z_loss, want_stats=False,
+                token_scaling=False):
         ctx.name = "linear_cross_entropy"
         ctx.weight_dtype, weight = weight.dtype, weight.to(x.dtype)  # (see _fused_linear_inputs)
         # x (N, C), weight (V, C), targets (N,)
         stats = _stats_buffer(x, want_stats)
         total, z_total, grad_x, grad_w = _linear_cross_entropy_with_grads(
             x, weight, targets, chunk_rows, ctx.needs_input_grad[0], ctx.needs_input_grad[1], scale, softcap,
-            label_smoothing, z_loss, stats_out=stats if want_stats else None)
+            label_smoothing, z_loss, stats_out=stats if want_stats else None, token_scaling=token_scaling)
         ctx.save_for_backward(grad_x, grad_w)
         ctx.mark_non_differentiable(z_total, stats)
         return total, z_total, stats
 
     @staticmethod
     def backward(ctx, grad_total, _, __):
-        return _saved_grads_times(ctx, grad_total, 7)
+        return _saved_grads_times(ctx, grad_total, 8)
 
 
 def _stats_buffer(x: torch.Tensor, wanted: bool) -> torch.Tensor:
@@ -902,7 +911,8 @@ class _LinearCrossEntropyRows(torch.autograd.Function):
     before, its gradients were all weighted by the first row's). -> (losses, z-loss shares), (N,)."""
 
     @staticmethod
-    def forward(ctx, x, weight, targets, chunk_rows, scale, softcap, label_smoothing, z_loss, want_stats=False):
+    def forward(ctx, x, weight, targets, chunk_rows, scale, softcap, label_smoothing, z_loss, want_stats=False,
+                token_scaling=False):
         ctx.name = "linear_cross_entropy"
         ctx.weight_dtype, weight = weight.dtype, weight.to(x.dtype)  # (see _fused_linear_inputs)
         acc = torch.promote_types(x.dtype, torch.float32)
@@ -910,9 +920,9 @@ class _LinearCrossEntropyRows(torch.autograd.Function):
         stats = _stats_buffer(x, want_stats)
         _linear_cross_entropy_with_grads(x, weight, targets, chunk_rows, False, False, scale, softcap,
                                          label_smoothing, z_loss, rows_out=(losses, z_rows),
-                                         stats_out=stats if want_stats else None)
+                                         stats_out=stats if want_stats else None, token_scaling=token_scaling)
         ctx.save_for_backward(x, weight, targets)
-        ctx.args = (chunk_rows, scale, softcap, label_smoothing, z_loss)
+        ctx.args = (chunk_rows, scale, softcap, label_smoothing, z_loss, token_scaling)
         ctx.mark_non_differentiable(z_rows, stats)
         return losses, z_rows, stats
 
@@ -920,12 +930,13 @@ class _LinearCrossEntropyRows(torch.autograd.Function):
     def backward(ctx, grad_rows, _, __):
         _refuse_create_graph(ctx.name)
         x, weight, targets = ctx.saved_tensors
-        chunk_rows, scale, softcap, label_smoothing, z_loss = ctx.args
+        chunk_rows, scale, softcap, label_smoothing, z_loss, token_scaling = ctx.args
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_rows = grad_rows.to(torch.promote_types(x.dtype, torch.float32)).contiguous()
         _, _, grad_x, grad_w = _linear_cross_entropy_with_grads(
-            x, weight, targets, chunk_rows, need_x, need_w, scale, softcap, label_smoothing, z_loss, grad_rows)
-        return (grad_x, None if grad_w is None else grad_w.to(ctx.weight_dtype), *([None] * 7))
+            x, weight, targets, chunk_rows, need_x, need_w, scale, softcap, label_smoothing, z_loss, grad_rows,
+            token_scaling=token_scaling)
+        return (grad_x, None if grad_w is None else grad_w.to(ctx.weight_dtype), *([None] * 8))
 
 
 class LinearCrossEntropyStats(NamedTuple):
@@ -943,7 +954,8 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
                          chunk_rows: int | None = None, *, scale: float = 1.0,
                          softcap: float | None = None, label_smoothing: float = 0.0, z_loss: float = 0.0,
                          return_z_loss: Literal[False] = False, ignore_index: int = -1,
-                         reduction: str = "sum", return_token_stats: Literal[False] = False) -> torch.Tensor: ...
+                         reduction: str = "sum", return_token_stats: Literal[False] = False,
+                         token_scaling: bool = False) -> torch.Tensor: ...
 
 
 @overload
@@ -951,8 +963,8 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
                          chunk_rows: int | None = None, *, scale: float = 1.0,
                          softcap: float | None = None, label_smoothing: float = 0.0, z_loss: float = 0.0,
                          return_z_loss: Literal[True], ignore_index: int = -1,
-                         reduction: str = "sum", return_token_stats: Literal[False] = False
-                         ) -> tuple[torch.Tensor, torch.Tensor]: ...
+                         reduction: str = "sum", return_token_stats: Literal[False] = False,
+                         token_scaling: bool = False) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 @overload
@@ -960,7 +972,8 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
                          chunk_rows: int | None = None, *, scale: float = 1.0,
                          softcap: float | None = None, label_smoothing: float = 0.0, z_loss: float = 0.0,
                          return_z_loss: bool = False, ignore_index: int = -1,
-                         reduction: str = "sum", return_token_stats: Literal[True]) -> LinearCrossEntropyStats: ...
+                         reduction: str = "sum", return_token_stats: Literal[True],
+                         token_scaling: bool = False) -> LinearCrossEntropyStats: ...
 
 
 @overload
@@ -968,7 +981,7 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
                          chunk_rows: int | None = None, *, scale: float = 1.0,
                          softcap: float | None = None, label_smoothing: float = 0.0, z_loss: float = 0.0,
                          return_z_loss: bool = False, ignore_index: int = -1, reduction: str = "sum",
-                         return_token_stats: bool = False
+                         return_token_stats: bool = False, token_scaling: bool = False
                          ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | LinearCrossEntropyStats: ...
 
 
@@ -976,7 +989,7 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
                          chunk_rows: int | None = None, *, scale: float = 1.0,
                          softcap: float | None = None, label_smoothing: float = 0.0, z_loss: float = 0.0,
                          return_z_loss: bool = False, ignore_index: int = -1, reduction: str = "sum",
-                         return_token_stats: bool = False
+                         return_token_stats: bool = False, token_scaling: bool = False
                          ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | LinearCrossEntropyStats:
     """The sum over rows of F.cross_entropy(x @ weight.T, targets), -1 targets ignored, in fp32, with
     its gradients for x and weight computed chunk by chunk in the forward (a fused linear
@@ -1002,7 +1015,11 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     return_token_stats: -> LinearCrossEntropyStats(loss, z_loss, token_accuracy, entropy) (whatever
     return_z_loss), TRL's SFT metrics from the same pass over each chunk: whether each target is the
     argmax of its logits (the first of equal maxima, as torch.argmax) and the entropy of their
-    softmax (the final logits': scaled and capped), detached, reduced as the loss."""
+    softmax (the final logits': scaled and capped), detached, reduced as the loss.
+    token_scaling: each row's loss (z-loss and smoothing in it) and its gradients times its target's
+    probability softmax(z)[target], held constant (DFT, Dynamic Fine-Tuning, arXiv 2508.05629: TRL's
+    SFT loss_type "dft", Liger-Kernel's use_token_scaling), from the same pass; "mean" still divides
+    by the counted targets, the z-loss share returned is the scaled one."""
     _check_reduction("linear_cross_entropy", reduction)
     _check_targets("linear_cross_entropy", x, targets)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):  # (True had been class 1)
@@ -1040,7 +1057,7 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
             loss, z_part = cross_entropy_ops.cross_entropy(
                 logits, targets.reshape(-1), ignore_index=-1, scale=scale,
                 reduction="none" if reduction == "none" else "sum", softcap=softcap or None,
-                label_smoothing=label_smoothing, z_loss=z_loss, return_z_loss=True)
+                label_smoothing=label_smoothing, z_loss=z_loss, return_z_loss=True, token_scaling=token_scaling)
             loss, z_part = loss.to(acc), z_part.detach().to(acc)
             if return_token_stats:
                 entropy, top1, _ = cross_entropy_ops.token_stats(logits, targets.reshape(-1), ignore_index=-1,
@@ -1049,7 +1066,7 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
         else:
             function = _LinearCrossEntropyRows if reduction == "none" else _LinearCrossEntropy
             loss, z_part, stats = function.apply(x, weight, targets.reshape(-1), chunk_rows, scale, softcap,
-                                                 label_smoothing, z_loss, return_token_stats)
+                                                 label_smoothing, z_loss, return_token_stats, bool(token_scaling))
     if return_token_stats:
         entropy, accuracy = stats[:, 0], stats[:, 1]
         if reduction != "none":  # (summed in fp64, as the loss's chunks are)
@@ -1130,7 +1147,8 @@ class LinearCrossEntropyAccuracyOutput(NamedTuple):
 class LinearCrossEntropyLoss(nn.Module):
     """Liger-Kernel's LigerFusedLinearCrossEntropyLoss over linear_cross_entropy: its arguments in its
     order (ce_weight, ignore_index -100, lse_square_scale as z_loss, label_smoothing, reduction "mean",
-    "sum" or "none", softcap, return_z_loss, accum_dtype, use_token_scaling (False only),
+    "sum" or "none", softcap, return_z_loss, accum_dtype, use_token_scaling (each row's loss and
+    gradient times its target's probability, held constant: DFT, linear_cross_entropy's token_scaling),
     return_token_accuracy, return_predicted_tokens (False only)) and its forward's order, forward(lin_weight,
     _input, target): the output layer's weight first. No bias and no class weights (ce_weight must be
     None: pyllm's fused losses take neither); accum_dtype None or float32 (the weight's gradient is
@@ -1148,10 +1166,6 @@ class LinearCrossEntropyLoss(nn.Module):
         if return_predicted_tokens:
             raise NotImplementedError("LinearCrossEntropyLoss: return_predicted_tokens (each row's argmax) is not "
                                       "taken; return_token_accuracy gives whether each target is it (reduction='none')")
-        if use_token_scaling:
-            raise NotImplementedError("LinearCrossEntropyLoss: use_token_scaling (each token's loss times its "
-                                      "target's detached probability) is not taken; reduction='none' gives each "
-                                      "row's loss for a weighting of your own")
         if ce_weight is not None:
             raise NotImplementedError("LinearCrossEntropyLoss: class weights (ce_weight) are not taken by pyllm's "
                                       "fused loss; use pyllm.cross_entropy(logits, targets, weight) on the logits")
@@ -1165,7 +1179,7 @@ class LinearCrossEntropyLoss(nn.Module):
         super().__init__()
         self.ignore_index, self.z_loss, self.label_smoothing = ignore_index, lse_square_scale, label_smoothing
         self.reduction, self.softcap, self.return_z_loss = reduction, softcap, return_z_loss
-        self.return_token_accuracy = return_token_accuracy
+        self.return_token_accuracy, self.use_token_scaling = return_token_accuracy, bool(use_token_scaling)
 
     def forward(self, lin_weight: torch.Tensor, _input: torch.Tensor, target: torch.Tensor, bias=None):
         if bias is not None:
@@ -1174,7 +1188,8 @@ class LinearCrossEntropyLoss(nn.Module):
         out = linear_cross_entropy(_input, lin_weight, target, softcap=self.softcap,
                                    label_smoothing=self.label_smoothing, z_loss=self.z_loss,
                                    return_z_loss=self.return_z_loss, ignore_index=self.ignore_index,
-                                   reduction=self.reduction, return_token_stats=self.return_token_accuracy)
+                                   reduction=self.reduction, return_token_stats=self.return_token_accuracy,
+                                   token_scaling=self.use_token_scaling)
         if self.return_token_accuracy:
             out, accuracy = (out.loss, out.z_loss), out.token_accuracy
             if self.reduction == "sum":  # (Liger's accuracy is the mean for "sum" too)

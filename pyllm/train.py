@@ -49,6 +49,7 @@ class TrainConfig:
     lora_dropout: float = 0.0  # dropout on the LoRA updates' inputs (PEFT's lora_dropout)
     fused_loss: bool = False  # the loss by linear_cross_entropy: no (batch, seq, vocab) logits in memory
     z_loss: float = 0.0  # plus this times the mean logsumexp(logits)^2 (PaLM's z-loss, 1e-4 there; OLMo 2's 1e-5): pretraining and SFT
+    loss_type: str = "nll"  # "dft": each target's loss times its probability, held constant (DFT; TRL's SFT loss_type): pretraining and SFT
     token_stats: bool = True  # log TRL's mean_token_accuracy and entropy (pretraining, SFT; DPO, KTO: with logits_*)
     preference: str = ""  # on preference pairs: dpo | ipo | hinge | simpo | orpo | kto | reward ("": none)
     beta: float = 0.0  # the preference loss's beta (ORPO's lambda); 0: its usual value (PREFERENCE_BETA)
@@ -199,6 +200,11 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.z_loss must be >= 0 and finite and goes with pretraining and SFT (not "
                              f"preference tuning, distillation or GRPO), got {self.z_loss}"
                              + (f" with {mode}" if mode and 0.0 <= self.z_loss < math.inf else ""))
+        if self.loss_type not in ("nll", "dft") or (self.loss_type == "dft" and (self.preference or self.teacher
+                                                                                 or self.grpo_reward)):
+            raise ValueError(f"TrainConfig.loss_type must be 'nll' or 'dft', dft with pretraining and SFT (not "
+                             f"preference tuning, distillation or GRPO, whose losses are their own), got "
+                             f"{self.loss_type!r}")
         if self.label_smoothing and self.preference != "dpo":
             raise ValueError("TrainConfig.label_smoothing goes with preference dpo")
         if not 0.0 <= self.center_rewards < math.inf or (self.center_rewards and self.preference != "reward"):
@@ -1087,14 +1093,17 @@ def token_stat_means(sums: torch.Tensor) -> tuple[float, float]:
     return micro_step_mean(per, 0, 2), micro_step_mean(per, 1, 2)
 
 
-def packed_loss(model, batch, token_stats: bool = False) -> torch.Tensor:
+def packed_loss(model, batch, token_stats: bool = False, token_scaling: bool = False) -> torch.Tensor:
     """The mean loss over a PackedLoader batch's trained tokens, as model(*batch)[1], from the
     per-token log-probabilities: the output layer runs at the trained positions only (the prompts',
     users' and padding's tokens take no logits; the assistant's share of a conversation is often
     half or less). Not with fused_loss, whose forward already computes the loss at those positions
-    alone, its gradients in the forward (linear_token_logps would recompute the logits)."""
+    alone, its gradients in the forward (linear_token_logps would recompute the logits).
+    token_scaling: DFT's, each token's loss times its probability, held constant (TRL's)."""
     x, y, cu = batch[:3]
     logps = model(x, y, cu, per_token=True, token_stats=token_stats, **batch_balance_kwargs(model, batch))[1]
+    if token_scaling:
+        logps = logps * logps.detach().exp()  # (0 where the target is -1: logps are 0 there, times 1)
     return -logps.sum() / (y != -1).sum().clamp(min=1)
 
 
@@ -2693,6 +2702,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
     # the trained positions only, the MoE balancing term added here); the fused loss computes it at
     # those positions itself, and z-loss takes the model's own loss (logits at every position).
     per_token_packed = not cfg.fused_loss and not cfg.z_loss
+    dft = {"token_scaling": True} if cfg.loss_type == "dft" else {}  # (the model's loss; val_loss stays the NLL)
     token_stats = cfg.token_stats and not (cfg.preference or reward is not None or teacher is not None)
     pair_token_stats = cfg.token_stats and cfg.preference not in ("", "reward")  # (preference_batch_loss')
     start_rank_rng(ckpt, cfg, info, start_step)  # last, after everything the set-up drew
@@ -2786,13 +2796,13 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
                         micro_weight = sampled_weight(batch, weights, micro, cfg, info)
                     loss = distill_loss(wrapped, teacher, batch, cfg)
                 elif weights is not None and per_token_packed:  # packed conversations
-                    loss = packed_loss(wrapped, batch, token_stats)
+                    loss = packed_loss(wrapped, batch, token_stats, cfg.loss_type == "dft")
                 elif cfg.z_loss:
-                    loss = wrapped(*batch[:3], z_loss=cfg.z_loss, token_stats=token_stats,
+                    loss = wrapped(*batch[:3], z_loss=cfg.z_loss, token_stats=token_stats, **dft,
                                    **batch_balance_kwargs(wrapped, batch))[1]
                     z_sum += model.z_loss_term / cfg.grad_accum if weights is None else model.z_loss_term * weights[micro]
                 else:
-                    loss = wrapped(*batch[:3], token_stats=token_stats, **batch_balance_kwargs(wrapped, batch))[1]
+                    loss = wrapped(*batch[:3], token_stats=token_stats, **dft, **batch_balance_kwargs(wrapped, batch))[1]
                 if token_stats:
                     stat_sums[micro] = model.token_stats_term
                 if model.aux_loss is not None:  # a MoE's load balancing (in the loss unless the forward was per token)

@@ -12,7 +12,7 @@ from pyllm.ops import distill as distill_ops
 from pyllm import _C
 from pyllm.ops import _util
 from pyllm.ops import cross_entropy as ce_ops
-from helpers import CPU_AND_CUDA, on_unsupported_device, poisoned, rel_err, tolerance
+from helpers import CPU_AND_CUDA, on_unsupported_device, poisoned, rel_err, shaped_logits, tolerance
 
 # (rows..., V): one class, rows of a single 16-byte pack, V not a multiple of a pack (the CUDA
 # scalar path), two leading dims, wide rows (many packs per CUDA thread; the CPU's fp64 sums).
@@ -45,9 +45,20 @@ def targets_of(shape, vocab, device, ignore_index=-100, seed=1):
     return t.to(device)
 
 
-def reference_rows(logits, targets, ignore_index, label_smoothing, z_loss, scale, softcap, dtype=torch.float64):
+def target_probability(z, targets):
+    """softmax(z)[target] per row, detached (DFT's token scaling: Liger's use_token_scaling, TRL's
+    loss_type "dft"), 0 where the target is out of range (ignored)."""
+    flat, t = z.detach().reshape(-1, z.shape[-1]), targets.reshape(-1)
+    valid = (t >= 0) & (t < flat.shape[-1])
+    p = torch.softmax(flat, -1).gather(1, t.clamp(0, flat.shape[-1] - 1)[:, None])[:, 0]
+    return torch.where(valid, p, 0.0).reshape(targets.shape)
+
+
+def reference_rows(logits, targets, ignore_index, label_smoothing, z_loss, scale, softcap, dtype=torch.float64,
+                   token_scaling=False):
     """Per-row losses written plainly in torch, in `dtype` (float64: the reference; float32: what a
-    torch model computes from 16-bit logits, as autocast's F.cross_entropy runs in fp32)."""
+    torch model computes from 16-bit logits, as autocast's F.cross_entropy runs in fp32);
+    token_scaling: each times its target's probability, detached."""
     z = logits.to(dtype) * scale
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
@@ -55,6 +66,8 @@ def reference_rows(logits, targets, ignore_index, label_smoothing, z_loss, scale
     t = targets.reshape(-1)
     rows = F.cross_entropy(flat, t, ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing)
     rows = rows + z_loss * torch.logsumexp(flat, -1).square() * (t != ignore_index)
+    if token_scaling:
+        rows = rows * target_probability(flat, t)
     return rows.reshape(targets.shape)
 
 
@@ -86,6 +99,36 @@ def test_forward_and_backward_match_float64(device, dtype, shape, variant):
     assert ours.dtype == torch.float32 and g.dtype == dtype and g.shape == logits.shape
     assert rel_err(ours, ref) <= tolerance(theirs, ref)
     assert rel_err(g, g_ref) <= tolerance(g_theirs.to(dtype), g_ref)
+
+
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("variant", [VARIANTS[0], VARIANTS[3]], ids=[VARIANT_IDS[0], VARIANT_IDS[3]])
+def test_token_scaling_matches_float64(device, dtype, shape, variant):
+    # DFT (token_scaling): each row's loss, z-loss share and gradient times its target's probability,
+    # held constant, within twice torch's own error (the same written in fp32 on the same logits)
+    label_smoothing, z_loss, scale, softcap = variant
+    logits = logits_of(shape, dtype, device)
+    targets = targets_of(shape, shape[-1], device)
+    dout = torch.rand(shape[:-1], dtype=torch.float64, generator=torch.Generator().manual_seed(2)) + 0.5
+    kw = dict(label_smoothing=label_smoothing, z_loss=z_loss, scale=scale, softcap=softcap)
+    ours, g = ours_and_grad(logits, targets, dout.float().to(device), **kw, token_scaling=True)
+    x = logits.detach().cpu().double().requires_grad_()
+    ref = reference_rows(x, targets.cpu(), -100, **kw, token_scaling=True)
+    (g_ref,) = torch.autograd.grad(ref, x, dout)
+    x = logits.detach().float().requires_grad_()
+    theirs = reference_rows(x, targets, -100, **kw, dtype=torch.float32, token_scaling=True)
+    (g_theirs,) = torch.autograd.grad(theirs, x, dout.float().to(device))
+    assert rel_err(ours, ref) <= tolerance(theirs, ref)
+    assert rel_err(g, g_ref) <= tolerance(g_theirs.to(dtype), g_ref)
+    # the z-loss share scaled alike; "mean" still over the counted rows
+    _, share = pyllm.cross_entropy(logits, targets, **kw, token_scaling=True, reduction="none", return_z_loss=True)
+    z = shaped_logits(logits.cpu().double(), scale, softcap)
+    want = z_loss * torch.logsumexp(z, -1).square() * target_probability(z, targets.cpu())
+    assert rel_err(share.cpu().double(), want) <= 1e-5 if z_loss else not share.any()
+    mean = pyllm.cross_entropy(logits, targets, **kw, token_scaling=True)
+    assert rel_err(mean.cpu().double(), ref.sum() / (targets != -100).sum().cpu()) <= tolerance(theirs.sum(), ref.sum())
 
 
 @pytest.mark.parametrize("device", CPU_AND_CUDA)
@@ -223,8 +266,16 @@ def test_modules_as_torchs_and_ligers():
     assert hits.sum() >= 2
     out = LinearCrossEntropyLoss(return_z_loss=True, return_token_accuracy=True)(w, x, ignored)
     assert (out.loss.item(), out.z_loss.item()) == (0.0, 0.0) and out.token_accuracy.isnan()
-    with pytest.raises(NotImplementedError, match="use_token_scaling"):
-        LinearCrossEntropyLoss(use_token_scaling=True)
+    # Liger's use_token_scaling (its ninth argument; DFT): each counted row's loss and gradient times
+    # its target's probability, held constant, "mean" over the counted rows
+    x_ = x.detach().clone().requires_grad_()
+    dft = LinearCrossEntropyLoss(None, -100, 1e-2, 0.1, "mean", None, False, None, True)(w, x_, targets)
+    (dx,) = torch.autograd.grad(dft, x_)
+    x_ = x.detach().clone().requires_grad_()
+    want = reference_rows(x_ @ w.t(), targets, -100, 0.1, 1e-2, 1.0, None, torch.float64, True).sum() / 5
+    (want_dx,) = torch.autograd.grad(want, x_)
+    assert rel_err(dft, want) < 1e-14 and rel_err(dx, want_dx) < 1e-13
+    assert rel_err(dft, LinearCrossEntropyLoss(lse_square_scale=1e-2, label_smoothing=0.1)(w, x, targets)) > 0.1
     # Liger's eleventh argument, return_predicted_tokens, False only; its fields not asked for read None
     out = LinearCrossEntropyLoss(None, -100, 0.0, 0.0, "mean", None, True, None, False, False, False)(w, x, targets)
     assert (out.token_accuracy, out.predicted_tokens) == (None, None) and len(out) == 2
@@ -396,6 +447,13 @@ def test_opcheck():
                           (logits.clone(), targets, -100, 1.0, 3.0, 0.1, 1e-3, True))
     torch.library.opcheck(torch.ops.pyllm.cross_entropy_rows_.default,
                           (logits.clone(), targets, -100, 1.0, 3.0, 0.1, 1e-3, True, torch.randn(4)))
+    # token scaling (DFT): the ops' last argument, False when left out (graphs and callers written before it)
+    torch.library.opcheck(torch.ops.pyllm.cross_entropy.default,
+                          (logits.clone().requires_grad_(), targets, -100, 1.0, 3.0, 0.1, 1e-3, True))
+    torch.library.opcheck(torch.ops.pyllm.cross_entropy_backward.default,
+                          (torch.rand(4) + 0.5, logits, targets, -100, 1.0, 3.0, 0.1, 1e-3, True))
+    torch.library.opcheck(torch.ops.pyllm.cross_entropy_rows_.default,
+                          (logits.clone(), targets, -100, 1.0, 3.0, 0.1, 1e-3, True, None, None, True))
 
 
 @pytest.mark.parametrize("device", CPU_AND_CUDA)

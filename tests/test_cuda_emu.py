@@ -31,7 +31,7 @@ from pyllm import _C
 from pyllm.tokenizer import PATTERNS, Tokenizer
 from pyllm.ops import flash_attn as attn_ops
 from helpers import all_pairs, cuda_emu_build, rel_err, shaped_logits, tolerance
-from test_cross_entropy import reference_rows
+from test_cross_entropy import reference_rows, target_probability
 from test_bpe import _cuda_texts, _shuffled_ranks_tokenizer, corpus_texts
 from test_distill import divergence_and_grad
 from test_flash_attn import alibi_slopes, attention, attention_varlen, dropped_attention, grads_of
@@ -53,7 +53,7 @@ SIGNATURES = {
     "emu_rms_norm_fwd": [P, P, P, P, I64, I64, F64, F64, I32, I32],
     "emu_rms_norm_bwd": [P, P, P, P, P, P, I64, I64, I64, F64, I32, I32],
     "emu_rms_norm_partials": [I64, I64, I32],
-    "emu_cross_entropy": [P, P, P, P, P, P, I64, I64, I64, I64, I64, F64, F64, F64, F64, F64, I32],
+    "emu_cross_entropy": [P, P, P, P, P, P, I64, I64, I64, I64, I64, F64, F64, F64, F64, F64, I32, I32],
     "emu_distill": [P, P, P, P, P, I64, I64, I64, I64, I64, F64, F64, F64, F64, F64, F64, F64, I32],
     "emu_rope": [P, P, P, P, I64, I64, I64, I64, I64, IP, IP, I64, I32, I32, I32],
     "emu_adamw_grad_sumsq": [P, I64, I32, P, I64, P],
@@ -298,7 +298,9 @@ def math_dtype(dt):
 # path), rows of several 16-byte packs per thread
 ROW_CASES = [(32, 5), (6, 100), (4, 1001), (3, 4096), (2, 20011)]
 CE_OPTIONS = {"plain": dict(), "smoothing": dict(label_smoothing=0.1), "z-loss": dict(z_loss=1e-3),
-              "capped": dict(scale=0.7, softcap=5.0), "grad-rows": dict(grad_rows=True, grad_scale=0.25)}
+              "capped": dict(scale=0.7, softcap=5.0), "grad-rows": dict(grad_rows=True, grad_scale=0.25),
+              # DFT's: each row times its target's probability, with z-loss and smoothing in it too
+              "token-scaling": dict(token_scaling=True, z_loss=1e-3, label_smoothing=0.1, grad_rows=True)}
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -306,7 +308,8 @@ CE_OPTIONS = {"plain": dict(), "smoothing": dict(label_smoothing=0.1), "z-loss":
 @pytest.mark.parametrize("option", list(CE_OPTIONS))
 @pytest.mark.parametrize("in_place", [False, True], ids=["grad", "in-place"])
 def test_cross_entropy(emu, dtype, rows, vocab, option, in_place):
-    o = dict(scale=1.0, softcap=0.0, label_smoothing=0.0, z_loss=0.0, grad_scale=1.0, grad_rows=False)
+    o = dict(scale=1.0, softcap=0.0, label_smoothing=0.0, z_loss=0.0, grad_scale=1.0, grad_rows=False,
+             token_scaling=False)
     o.update(CE_OPTIONS[option])
     frame = Framed()
     logits = randn((rows, vocab + 3), dtype, 4.0)[:, :vocab]  # rows a stride apart, as a view's
@@ -321,7 +324,7 @@ def test_cross_entropy(emu, dtype, rows, vocab, option, in_place):
     emu.cross_entropy(ptr(logits_e), ptr(frame(targets)), ptr(loss), ptr(z_part), ptr(grad),
                       ptr(frame(grad_rows.float())) if o["grad_rows"] else 0, rows, vocab, vocab + 3,
                       grad.stride(0), -100, o["scale"], o["softcap"], o["label_smoothing"], o["z_loss"],
-                      o["grad_scale"], CODES[dtype])
+                      o["grad_scale"], CODES[dtype], int(o["token_scaling"]))
     frame.check()
 
     def cpu(dt):  # the CPU twin: in float64 the reference
@@ -331,7 +334,7 @@ def test_cross_entropy(emu, dtype, rows, vocab, option, in_place):
         gr = grad_rows.to(m) if o["grad_rows"] else None
         _C.cross_entropy_cpu(ptr(lg), ptr(targets), ptr(l_), ptr(z_), ptr(g_), ptr(gr), rows, vocab, vocab, vocab,
                              -100, o["scale"], o["softcap"], o["label_smoothing"], o["z_loss"], o["grad_scale"],
-                             CODES[dt])
+                             CODES[dt], token_scaling=o["token_scaling"])
         return l_, z_, g_
 
     ref = cpu(torch.float64)
@@ -339,11 +342,13 @@ def test_cross_entropy(emu, dtype, rows, vocab, option, in_place):
     # gradient by autograd, rounded to the logits' dtype
     x = logits.detach().float().requires_grad_()
     theirs = reference_rows(x, targets, -100, o["label_smoothing"], o["z_loss"], o["scale"], o["softcap"] or None,
-                            torch.float32)
+                            torch.float32, o["token_scaling"])
     weights = torch.full((rows,), o["grad_scale"]) * (grad_rows.float() if o["grad_rows"] else 1.0)
     (their_grad,) = torch.autograd.grad(theirs, x, weights)
     z = shaped_logits(logits.float(), o["scale"], o["softcap"] or None)
     their_z = o["z_loss"] * torch.logsumexp(z, -1).square() * (targets != -100)
+    if o["token_scaling"]:
+        their_z = their_z * target_probability(z, targets)
     close(loss, theirs.detach(), ref[0], "loss")
     close(z_part, their_z, ref[1], "z_part")
     close(grad, their_grad.to(dtype), ref[2], "grad")

@@ -1542,6 +1542,55 @@ def test_linear_cross_entropy_rows_take_a_weight_each(device, dtype, chunk_rows,
         assert torch.equal(got.view(3, 100), results["ours"][0])
 
 
+@pytest.mark.parametrize("device", CPU_AND_CUDA)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("reduction, chunk_rows, shape", [("sum", 37, "scaled-capped"), ("none", None, "plain"),
+                                                          ("mean", 37, "plain")])
+@pytest.mark.parametrize("step", ["kernel", "torch-ops"])
+def test_linear_cross_entropy_token_scaling_matches_float64(device, dtype, reduction, chunk_rows, shape, step,
+                                                            monkeypatch):
+    # DFT (token_scaling, TRL's SFT loss_type "dft"): each row's loss (smoothing and z-loss in it) and
+    # gradients times its target's probability, held constant, within twice torch's own error, the
+    # softmax step by the kernel or torch ops; the z-loss share scaled alike
+    from pyllm.nn import linear_cross_entropy
+
+    softmax_step(monkeypatch, step)
+    call, options = LOGIT_SHAPES[shape], OBJECTIVES["both"]
+    x64, w64, targets = output_layer_case(5)
+    weights = torch.rand(targets.shape, dtype=torch.float64) + 0.5  # ("none": a weight each)
+
+    def rows(x, w, t, z_only=False):
+        logits = shaped_logits(x @ w.t(), **call)
+        p = torch.softmax(logits.detach(), -1).gather(1, t.clamp(min=0)[:, None])[:, 0] * (t != -1)
+        z = options["z_loss"] * torch.logsumexp(logits, dim=-1).square() * p
+        if z_only:
+            return z
+        return F.cross_entropy(logits, t, ignore_index=-1, reduction="none",
+                               label_smoothing=options["label_smoothing"]) * p + z
+
+    def reduced(fn):
+        def call_and_reduce(x, w, t):
+            out = fn(x, w, t)
+            if reduction == "none":
+                return (out * weights.to(out.device, out.dtype)).sum()
+            return out.sum() if reduction == "sum" else out.sum() / (t != -1).sum()
+        return call_and_reduce
+
+    ref = loss_and_grads(reduced(rows), x64, w64, targets, torch.float64)
+    theirs = loss_and_grads(reduced(rows), x64, w64, targets, dtype, device)
+    ours = loss_and_grads(reduced(lambda x, w, t: linear_cross_entropy(
+        x, w, t, chunk_rows, **call, **options, reduction="none", token_scaling=True)) if reduction == "none" else
+        lambda x, w, t: linear_cross_entropy(x, w, t, chunk_rows, **call, **options, reduction=reduction,
+                                             token_scaling=True), x64, w64, targets, dtype, device)
+    for name, got, torch_value, exact in zip(("loss", "dx", "dw"), ours, theirs, ref):
+        assert rel_err(got, exact) <= tolerance(torch_value, exact), name
+    x, w = (t.to(device, dtype) for t in (x64, w64))
+    _, share = linear_cross_entropy(x, w, targets.to(device), chunk_rows, **call, **options, reduction="sum",
+                                    return_z_loss=True, token_scaling=True)
+    want = rows(x64, w64, targets, z_only=True).sum()
+    assert abs(float(share) - float(want)) <= (2e-2 if dtype == torch.bfloat16 else 1e-5) * float(want)
+
+
 def test_linear_cross_entropy_objectives_are_checked():
     from pyllm.nn import linear_cross_entropy
 
@@ -1826,6 +1875,44 @@ def test_z_loss_of_the_model(name):
             model(idx, targets, z_loss=1e-2, **kw)
     with pytest.raises(ValueError, match="z_loss goes with the mean loss"):
         model(idx, z_loss=1e-2)
+
+
+@pytest.mark.parametrize("name", ["llama", "moe", "softcap"])
+def test_token_scaling_of_the_model(name, monkeypatch):
+    # forward(token_scaling=True), DFT (TRL's SFT loss_type "dft"): the mean over the counted targets
+    # of each one's cross-entropy times its probability, held constant, z-loss share scaled alike;
+    # the same by the kernel, by torch ops and with fused_loss (fp64: to rounding), gradients too;
+    # asked of a forward without a mean loss, refused.
+    from pyllm.ops import cross_entropy as ce_ops
+
+    model, idx, targets = model_and_next_tokens(name)
+    params = [p for p in model.parameters()]
+    logits = model(idx)[0]
+    valid = targets != -1
+    logp = torch.log_softmax(logits, -1).gather(2, targets.clamp(min=0)[..., None])[..., 0]
+    p = logp.detach().exp() * valid
+    want = -(logp * p).sum() / valid.sum() + (model.aux_loss if model.aux_loss is not None else 0.0)
+    want_grads = torch.autograd.grad(want, params)
+    want_share = 1e-2 * (torch.logsumexp(logits.detach(), -1).square() * p).sum() / valid.sum()
+    results = []
+    for fused, kernel in ((False, True), (False, False), (True, True)):
+        model.fused_loss = fused
+        with monkeypatch.context() as patch:
+            if not kernel:
+                patch.setattr(ce_ops, "takes", lambda logits: False)
+            loss = model(idx, targets, token_scaling=True)[1]
+            results.append((loss, torch.autograd.grad(loss, params)))
+            model(idx, targets, token_scaling=True, z_loss=1e-2)
+            assert rel_err(model.z_loss_term, want_share) < 1e-13
+    for loss, grads in results:
+        assert rel_err(loss.detach(), want.detach()) < 1e-13
+        for g, g0 in zip(grads, want_grads):
+            assert rel_err(g, g0) < 1e-11
+    plain = model(idx, targets)[1]
+    assert rel_err(plain, results[0][0]) > 1e-3  # (not the NLL)
+    for kw in (dict(per_token=True), dict(hidden=True)):
+        with pytest.raises(ValueError, match="token_scaling goes with the mean loss"):
+            model(idx, targets, token_scaling=True, **kw)
 
 
 def test_z_loss_compiles_with_the_fused_loss():

@@ -1113,6 +1113,32 @@ def test_z_loss_is_logged_and_added(data_dir, chat_dir, tmp_path, fused):
         TrainConfig(out_dir=str(tmp_path), preference="dpo", z_loss=1e-4).validate()
 
 
+def test_dft_loss_type_trains_every_loss_path(data_dir, chat_dir, tmp_path):
+    # --loss-type dft (TRL's SFT loss_type "dft"): the logged loss is the mean of each target's
+    # cross-entropy times its probability: at step 0 of a fresh model (probabilities near 1 / V)
+    # about exp(-nll) * nll of the NLL run on the same batch; val_loss stays the NLL (near log V, many
+    # times the DFT loss); windows by the kernel and fused, packed conversations per token
+    # and fused, and with z-loss, give the same losses (fp32 rounding); refused with preference tuning.
+    runs = {}
+    for folder, kind in ((data_dir, "windows"), (chat_dir, "chats")):
+        for name, kw in (("nll", {}), ("dft", dict(loss_type="dft")), ("fused", dict(loss_type="dft", fused_loss=True)),
+                         ("z", dict(loss_type="dft", z_loss=1e-2))):
+            out = tmp_path / f"{kind}-{name}"
+            trainer.train(config(folder, out, max_steps=3, eval_every=2, grad_accum=2, **kw))
+            runs[kind, name] = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+        nll, dft = runs[kind, "nll"][0]["loss"], runs[kind, "dft"][0]["loss"]
+        assert dft == pytest.approx(math.exp(-nll) * nll, rel=0.05) and dft < 0.1 * nll
+        assert runs[kind, "dft"][1]["val_loss"] > 10 * runs[kind, "dft"][1]["loss"]  # (the NLL, near log V)
+        np.testing.assert_allclose([r["loss"] for r in runs[kind, "fused"]], [r["loss"] for r in runs[kind, "dft"]],
+                                   rtol=1e-5)
+        z = runs[kind, "z"][0]
+        assert z["loss"] - z["z_loss"] == pytest.approx(dft, rel=1e-5) and 0 < z["z_loss"] < 0.1 * dft
+    with pytest.raises(ValueError, match="loss_type must be 'nll' or 'dft', dft with pretraining and SFT"):
+        TrainConfig(out_dir=str(tmp_path), preference="dpo", loss_type="dft").validate()
+    with pytest.raises(ValueError, match="loss_type must be 'nll' or 'dft'"):
+        TrainConfig(out_dir=str(tmp_path), loss_type="DFT").validate()
+
+
 # --- DPO ------------------------------------------------------------------------------------------
 
 def formula(kind, pc, pr, nc, nr, rc, rr, beta, gamma=0.5, smoothing=0.0):

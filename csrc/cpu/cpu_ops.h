@@ -33,11 +33,12 @@ void rms_norm_bwd_cpu(uintptr_t dout, uintptr_t x, uintptr_t weight, uintptr_t r
 // be logits itself (the gradient then overwrites them), times grad_scale and, where grad_rows is
 // not 0, that row's entry of grad_rows (rows, the math type). softcap 0: no cap. stats 0 for none,
 // else (rows, 3) in the math type: each row's entropy, whether its target is the first argmax, and
-// its mean final logit.
+// its mean final logit. token_scaling: each row's loss, z-loss share and gradient times its target's
+// probability, held constant (DFT).
 void cross_entropy_cpu(uintptr_t logits, uintptr_t targets, uintptr_t loss, uintptr_t z_part, uintptr_t grad,
                        uintptr_t grad_rows, int64_t rows, int64_t vocab, int64_t stride, int64_t grad_stride, int64_t ignore_index,
                        double scale, double softcap, double label_smoothing, double z_loss, double grad_scale,
-                       int dtype, uintptr_t stats);
+                       int dtype, uintptr_t stats, bool token_scaling);
 
 // distill.cpp: student and teacher logits (rows, vocab), rows `student_stride` / `teacher_stride`
 // elements apart (the teacher's may be 0: one row for all); loss (rows) in the math type (fp32;

@@ -34,6 +34,11 @@
 // (pass (1)'s sum, already formed for label smoothing: TRL's DPO logits/chosen). Ignored rows: 0, 0
 // and 0; a NaN row: NaN, 0 and the mean as it comes (NaN, or +-inf where the max is).
 //
+// Token scaling (DFT, Dynamic Fine-Tuning, arXiv 2508.05629: TRL's SFT loss_type "dft", Liger's
+// use_token_scaling): each counted row's loss, z-loss share and gradient times w = exp(z_target -
+// lse), its target's probability, as a constant (no gradient flows through w). Free: lse and
+// z_target are at hand; the gradient's factors take w once per row.
+//
 // Non-finite logits: a NaN in a row, or a max of +-inf (torch's log_softmax gives NaN there too),
 // gives a NaN loss and NaN gradient for the row. Targets are checked before any work: one outside
 // [0, vocab) that is not ignore_index throws.
@@ -61,6 +66,7 @@ constexpr int64_t kParallelMin = 32768;
 struct Args {
   int64_t rows, vocab, stride, grad_stride, ignore_index;
   double scale, softcap, label_smoothing, z_loss, grad_scale;
+  bool token_scaling;
 };
 
 
@@ -219,10 +225,12 @@ void row(const T* x, T* grad, int64_t target, acc_t<T>* loss_out, acc_t<T>* z_ou
   const double lse = double(top) + std::log(sum);
   if (stats) stats[0] = A(std::log(sum) - ed / sum);
   const double e = a.label_smoothing, z_part = a.z_loss * lse * lse;
+  const double w = a.token_scaling ? std::exp(z_target - lse) : 1.0;
   // e = 0 leaves the mean out: a -inf logit (a masked class) makes it -inf, and 0 * inf is NaN
-  loss_out[0] = A(lse - (1 - e) * z_target - (e > 0 ? e * z_sum / double(V) : 0.0) + z_part);
-  if (z_out) z_out[0] = A(z_part);
+  loss_out[0] = A(w * (lse - (1 - e) * z_target - (e > 0 ? e * z_sum / double(V) : 0.0) + z_part));
+  if (z_out) z_out[0] = A(w * z_part);
   if (!grad) return;
+  grad_scale *= w;
   // (3) the gradient: softmax - e / V, the label's -(1 - e) after, plus the z-loss's softmax 2 zl lse
   // apart (folded into one factor, the label's 1 - p would cancel against 1 + 2 zl lse: 40x torch's
   // error at V = 1), then through the cap and the scale
@@ -263,11 +271,12 @@ void run(const T* x, const int64_t* targets, acc_t<T>* loss, acc_t<T>* z_part, T
 void cross_entropy_cpu(uintptr_t logits, uintptr_t targets, uintptr_t loss, uintptr_t z_part, uintptr_t grad,
                        uintptr_t grad_rows, int64_t rows, int64_t vocab, int64_t stride, int64_t grad_stride,
                        int64_t ignore_index, double scale, double softcap, double label_smoothing, double z_loss,
-                       double grad_scale, int dtype, uintptr_t stats) {
+                       double grad_scale, int dtype, uintptr_t stats, bool token_scaling) {
   check_cross_entropy_args(logits, targets, loss, grad, rows, vocab, stride, grad_stride, scale, softcap,
                            label_smoothing, z_loss, grad_scale, dtype);
   if (rows == 0) return;
-  const Args a{rows, vocab, stride, grad_stride, ignore_index, scale, softcap, label_smoothing, z_loss, grad_scale};
+  const Args a{rows,    vocab,           stride, grad_stride, ignore_index, scale,
+               softcap, label_smoothing, z_loss, grad_scale,  token_scaling};
   const auto* t = reinterpret_cast<const int64_t*>(targets);
   for (int64_t r = 0; r < rows; ++r)
     PYLLM_CHECK(t[r] == ignore_index || (t[r] >= 0 && t[r] < vocab), "cross_entropy: targets must be in [0, ", vocab,

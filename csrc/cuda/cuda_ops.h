@@ -30,10 +30,11 @@ int64_t rms_norm_partials_cuda(int64_t rows, int64_t cols, int dtype, int device
 
 // cross_entropy.cu: the arguments of the CPU twin (csrc/cpu/cpu_ops.h); loss and z_part fp32. A
 // target outside [0, vocab) that is not ignore_index gives its row a NaN loss and gradient.
+// token_scaling as the CPU's (its stats are torch ops' in pyllm/ops/cross_entropy.py).
 void cross_entropy_cuda(uintptr_t logits, uintptr_t targets, uintptr_t loss, uintptr_t z_part, uintptr_t grad,
                         uintptr_t grad_rows, int64_t rows, int64_t vocab, int64_t stride, int64_t grad_stride, int64_t ignore_index,
                         double scale, double softcap, double label_smoothing, double z_loss, double grad_scale,
-                        int dtype, int device, uintptr_t stream);
+                        int dtype, int device, uintptr_t stream, bool token_scaling);
 
 // distill.cu: the arguments of the CPU twin (csrc/cpu/cpu_ops.h); loss and grad_rows fp32.
 void distill_cuda(uintptr_t student, uintptr_t teacher, uintptr_t loss, uintptr_t grad, uintptr_t grad_rows,

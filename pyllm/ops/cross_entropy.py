@@ -100,13 +100,14 @@ def takes(logits: Tensor) -> bool:
 def cross_entropy_into(logits: Tensor, targets: Tensor, loss: Tensor, z_part: Optional[Tensor], grad: Optional[Tensor],
                        ignore_index: int, scale: float, softcap: float, label_smoothing: float, z_loss: float,
                        grad_scale: float = 1.0, grad_rows: Optional[Tensor] = None,
-                       stats: Optional[Tensor] = None) -> None:
+                       stats: Optional[Tensor] = None, token_scaling: bool = False) -> None:
     """loss (rows,), z_part (rows,) or None, grad (rows, V) or None (may be logits: in place), for 2-D
     logits and grad with a contiguous last dim; targets int64 (rows,) contiguous. The gradient is
     of the row losses times grad_scale and grad_rows (rows,) in loss's dtype, when given. stats:
     None or (rows, 3) contiguous in loss's dtype, each row's entropy, 1.0 where its target is the
     first argmax, and its mean final logit (0, 0 and 0 where ignored; NaN and 0 where its loss is
-    NaN, the mean as it comes)."""
+    NaN, the mean as it comes). token_scaling: each row's loss, z-loss share and gradient times its
+    target's probability, held constant (DFT)."""
     rows, vocab = logits.shape
     # (the kernel reads `rows` targets and writes `rows` losses wherever they point: one shorter, a
     # DTensor's rows chunked otherwise than the logits', would be read past its end)
@@ -127,10 +128,10 @@ def cross_entropy_into(logits: Tensor, targets: Tensor, loss: Tensor, z_part: Op
         _util.check_backend(OP, logits)
         if stats is not None:  # (the CUDA kernel writes none: torch ops, before a gradient overwrites the logits)
             _stats_in_torch(logits, targets, ignore_index, scale, softcap, stats)
-        _C.cross_entropy_cuda(*args, logits.device.index, _util.stream_of(logits))
+        _C.cross_entropy_cuda(*args, logits.device.index, _util.stream_of(logits), bool(token_scaling))
     else:
         _util.init_cpu_threads()
-        _C.cross_entropy_cpu(*args, 0 if stats is None else _util.ptr(stats))
+        _C.cross_entropy_cpu(*args, 0 if stats is None else _util.ptr(stats), bool(token_scaling))
 
 
 def stats_of_shaped(z: Tensor, targets: Tensor, valid: Tensor) -> Tensor:
@@ -163,7 +164,8 @@ def _stats_in_torch(logits: Tensor, targets: Tensor, ignore_index: int, scale: f
 
 def _rows_inplace_body(logits: Tensor, targets: Tensor, ignore_index: int, scale: float, softcap: float,
                        label_smoothing: float, z_loss: float, want_grad: bool,
-                       grad_rows: Optional[Tensor] = None, stats: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+                       grad_rows: Optional[Tensor] = None, stats: Optional[Tensor] = None,
+                       token_scaling: bool = False) -> tuple[Tensor, Tensor]:
     if logits.dim() != 2 or not _util.kernel_rows(logits):
         raise ValueError(f"cross_entropy_rows_: logits must be 2-D, rows apart, with a contiguous last dim, got shape "
                          f"{tuple(logits.shape)}, strides {logits.stride()}")
@@ -176,7 +178,7 @@ def _rows_inplace_body(logits: Tensor, targets: Tensor, ignore_index: int, scale
     z_part = torch.empty_like(loss)
     cross_entropy_into(logits, targets.contiguous().long(), loss, z_part, logits if want_grad else None, ignore_index,
                        scale, softcap, label_smoothing, z_loss, 1.0,
-                       None if grad_rows is None else grad_rows.to(loss.dtype).contiguous(), stats)
+                       None if grad_rows is None else grad_rows.to(loss.dtype).contiguous(), stats, token_scaling)
     return loss, z_part
 
 
@@ -185,7 +187,8 @@ _rows_inplace = torch.library.custom_op("pyllm::cross_entropy_rows_",
 
 
 @_rows_inplace.register_fake
-def _(logits, targets, ignore_index, scale, softcap, label_smoothing, z_loss, want_grad, grad_rows=None, stats=None):
+def _(logits, targets, ignore_index, scale, softcap, label_smoothing, z_loss, want_grad, grad_rows=None, stats=None,
+      token_scaling=False):
     loss = _util.row_losses(logits, logits.shape[0])
     return loss, torch.empty_like(loss)
 
@@ -193,7 +196,7 @@ def _(logits, targets, ignore_index, scale, softcap, label_smoothing, z_loss, wa
 def cross_entropy_rows_(logits: Tensor, targets: Tensor, *, ignore_index: int = -100, scale: float = 1.0,
                         softcap: float = 0.0, label_smoothing: float = 0.0, z_loss: float = 0.0,
                         want_grad: bool = True, grad_rows: Optional[Tensor] = None,
-                        stats: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+                        stats: Optional[Tensor] = None, token_scaling: bool = False) -> tuple[Tensor, Tensor]:
     """Each row's loss (lse - (1 - e) z_target - e mean(z) + z_loss lse^2, 0 where the target is
     ignore_index) and its z-loss share, both (rows,) fp32 (fp64 for fp64), for 2-D logits (rows, V)
     with a contiguous last dim (logits[i] may sit any stride apart). want_grad: logits are
@@ -202,9 +205,12 @@ def cross_entropy_rows_(logits: Tensor, targets: Tensor, *, ignore_index: int = 
     loss's weight per row, as pyllm.nn.linear_token_logps's backward passes). No autograd: the
     gradient is the output. Arguments as cross_entropy's (softcap 0.0: none), not re-checked.
     stats: None or (rows, 3) contiguous in the losses' dtype, written with token_stats' values
-    (entropy, 1.0 where the target is the first argmax, the mean logit) from the same pass."""
+    (entropy, 1.0 where the target is the first argmax, the mean logit) from the same pass.
+    token_scaling: each row's loss, z-loss share and gradient times its target's probability, held
+    constant (DFT, cross_entropy's)."""
     return _util.call(_rows_inplace_body, _rows_inplace, None, logits, targets, int(ignore_index), float(scale),
-                      float(softcap), float(label_smoothing), float(z_loss), bool(want_grad), grad_rows, stats)
+                      float(softcap), float(label_smoothing), float(z_loss), bool(want_grad), grad_rows, stats,
+                      bool(token_scaling))
 
 
 # --- the differentiable op: the backward recomputes each row's softmax from the saved logits -------
@@ -217,13 +223,13 @@ def cross_entropy_rows_(logits: Tensor, targets: Tensor, *, ignore_index: int = 
 # each).
 
 def _cross_entropy_body(logits: Tensor, targets: Tensor, ignore_index: int, scale: float, softcap: float,
-                        label_smoothing: float, z_loss: float) -> tuple[Tensor, Tensor]:
+                        label_smoothing: float, z_loss: float, token_scaling: bool = False) -> tuple[Tensor, Tensor]:
     """(per-row losses, per-row z-loss shares), (rows,) each, for logits (..., V)."""
     rows = _util.as_rows(logits)
     loss = _util.row_losses(rows, rows.shape[0])
     z_part = torch.empty_like(loss)
     cross_entropy_into(rows, targets.reshape(-1).contiguous().long(), loss, z_part, None, ignore_index, scale, softcap,
-                       label_smoothing, z_loss)
+                       label_smoothing, z_loss, token_scaling=token_scaling)
     return loss, z_part
 
 
@@ -231,19 +237,20 @@ _cross_entropy = torch.library.custom_op("pyllm::cross_entropy", mutates_args=()
 
 
 @_cross_entropy.register_fake
-def _(logits, targets, ignore_index, scale, softcap, label_smoothing, z_loss):
+def _(logits, targets, ignore_index, scale, softcap, label_smoothing, z_loss, token_scaling=False):
     loss = _util.row_losses(logits, logits.numel() // logits.shape[-1])
     return loss, torch.empty_like(loss)
 
 
 def _cross_entropy_backward_body(grad_rows: Tensor, logits: Tensor, targets: Tensor, ignore_index: int, scale: float,
-                                 softcap: float, label_smoothing: float, z_loss: float) -> Tensor:
+                                 softcap: float, label_smoothing: float, z_loss: float,
+                                 token_scaling: bool = False) -> Tensor:
     """d(sum of grad_rows * row losses) / d logits, in logits' shape and dtype."""
     rows = _util.as_rows(logits)
     grad = torch.empty(rows.shape, dtype=rows.dtype, device=rows.device)
     loss = _util.row_losses(rows, rows.shape[0])  # recomputed, unused
     cross_entropy_into(rows, targets.reshape(-1).contiguous().long(), loss, None, grad, ignore_index, scale, softcap,
-                       label_smoothing, z_loss, 1.0, grad_rows.to(loss.dtype).contiguous())
+                       label_smoothing, z_loss, 1.0, grad_rows.to(loss.dtype).contiguous(), token_scaling=token_scaling)
     return grad.reshape(logits.shape)
 
 
@@ -252,11 +259,11 @@ _cross_entropy_backward = torch.library.custom_op("pyllm::cross_entropy_backward
 
 
 @_cross_entropy_backward.register_fake
-def _(grad_rows, logits, targets, ignore_index, scale, softcap, label_smoothing, z_loss):
+def _(grad_rows, logits, targets, ignore_index, scale, softcap, label_smoothing, z_loss, token_scaling=False):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
-_util.row_loss_sharding(_cross_entropy, _cross_entropy_backward, 2, 5)  # DTensor: rows on the first dim
+_util.row_loss_sharding(_cross_entropy, _cross_entropy_backward, 2, 6)  # DTensor: rows on the first dim
 
 
 # vmap: the vmapped dim first makes more rows of one call.
@@ -274,10 +281,10 @@ def _cross_entropy_setup(ctx, inputs, output):
 def _cross_entropy_grad(ctx, grad_loss, grad_z):
     logits, targets = ctx.saved_tensors
     if grad_loss is None:  # only the (non-differentiable) z share was used
-        return torch.zeros_like(logits), None, None, None, None, None, None
+        return torch.zeros_like(logits), *([None] * 7)
     grad = _util.call(_cross_entropy_backward_body, torch.ops.pyllm.cross_entropy_backward, None, grad_loss, logits,
                       targets, *ctx.args)
-    return grad, None, None, None, None, None, None
+    return grad, *([None] * 7)
 
 
 _cross_entropy.register_autograd(_cross_entropy_grad, setup_context=_cross_entropy_setup)
@@ -285,7 +292,7 @@ _CrossEntropyFunction = _util.eager_function(OP, _cross_entropy_body, _cross_ent
 
 
 def _weighted(logits, targets, weight, ignore_index, reduction, scale, softcap, label_smoothing, z_loss,
-              return_z_loss):
+              return_z_loss, token_scaling):
     """cross_entropy with per-class weights: the rows' losses (the kernel's) times their targets'
     weights; the gradient through them."""
     V = logits.shape[-1]
@@ -296,7 +303,8 @@ def _weighted(logits, targets, weight, ignore_index, reduction, scale, softcap, 
         raise ValueError(f"{OP}: weight is on {weight.device} but logits on {logits.device}; they must match")
     if label_smoothing or z_loss or return_z_loss:
         raise ValueError(f"{OP}: weight goes without label_smoothing, z_loss and return_z_loss")
-    rows = cross_entropy(logits, targets, ignore_index=ignore_index, reduction="none", scale=scale, softcap=softcap)
+    rows = cross_entropy(logits, targets, ignore_index=ignore_index, reduction="none", scale=scale, softcap=softcap,
+                         token_scaling=token_scaling)
     wide = targets.long()
     counted = wide != ignore_index
     row_weights = torch.where(counted, weight.to(rows.dtype)[wide.clamp(0, V - 1)], 0.0)  # (ignored rows: 0)
@@ -309,24 +317,28 @@ def _weighted(logits, targets, weight, ignore_index, reduction, scale, softcap, 
 @overload
 def cross_entropy(logits: Tensor, targets: Tensor, weight: Optional[Tensor] = None, *, ignore_index: int = -100,
                   reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0, scale: float = 1.0,
-                  softcap: Optional[float] = None, return_z_loss: Literal[False] = False) -> Tensor: ...
+                  softcap: Optional[float] = None, return_z_loss: Literal[False] = False,
+                  token_scaling: bool = False) -> Tensor: ...
 
 
 @overload
 def cross_entropy(logits: Tensor, targets: Tensor, weight: Optional[Tensor] = None, *, ignore_index: int = -100,
                   reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0, scale: float = 1.0,
-                  softcap: Optional[float] = None, return_z_loss: Literal[True]) -> tuple[Tensor, Tensor]: ...
+                  softcap: Optional[float] = None, return_z_loss: Literal[True],
+                  token_scaling: bool = False) -> tuple[Tensor, Tensor]: ...
 
 
 @overload
 def cross_entropy(logits: Tensor, targets: Tensor, weight: Optional[Tensor] = None, *, ignore_index: int = -100,
                   reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0, scale: float = 1.0,
-                  softcap: Optional[float] = None, return_z_loss: bool = False) -> Union[Tensor, tuple[Tensor, Tensor]]: ...
+                  softcap: Optional[float] = None, return_z_loss: bool = False,
+                  token_scaling: bool = False) -> Union[Tensor, tuple[Tensor, Tensor]]: ...
 
 
 def cross_entropy(logits: Tensor, targets: Tensor, weight: Optional[Tensor] = None, *, ignore_index: int = -100,
                   reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0, scale: float = 1.0,
-                  softcap: Optional[float] = None, return_z_loss: bool = False) -> Union[Tensor, tuple[Tensor, Tensor]]:
+                  softcap: Optional[float] = None, return_z_loss: bool = False,
+                  token_scaling: bool = False) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """F.cross_entropy(logits, targets, weight, ignore_index=, reduction=, label_smoothing=) over the
     last dim (weight its third positional argument, as torch's; the rest by name), one kernel call for the forward and one for the backward, which recomputes each row's
     softmax from logits (saved by reference: no (N, V) buffer is kept). 16-bit logits are never
@@ -349,6 +361,10 @@ def cross_entropy(logits: Tensor, targets: Tensor, weight: Optional[Tensor] = No
         scale, softcap: the logits are z = scale * logits, then softcap * tanh(z / softcap) when
             softcap is given (Gemma 2's final_logit_softcapping), in fp32 (fp64 for fp64).
         return_z_loss: -> (loss, the z-loss's share of it, detached, reduced alike).
+        token_scaling: each row's loss (z-loss and smoothing included) times its target's
+            probability softmax(z)[target], held constant: its gradient too is the row's times
+            that probability (DFT, Dynamic Fine-Tuning, arXiv 2508.05629: TRL's SFT loss_type
+            "dft", Liger-Kernel's use_token_scaling). "mean" still divides by the counted rows.
         weight: (V,) per-class weights, as F.cross_entropy's: each row's loss times its target's
             weight, "mean" divided by the counted rows' weights summed (not with label_smoothing
             or z_loss, whose weighted forms torch defines otherwise).
@@ -365,10 +381,10 @@ def cross_entropy(logits: Tensor, targets: Tensor, weight: Optional[Tensor] = No
     _check(logits, targets, ignore_index, reduction, label_smoothing, z_loss, scale, softcap)
     if weight is not None:
         return _weighted(logits, targets, weight, ignore_index, reduction, scale, softcap, label_smoothing, z_loss,
-                         return_z_loss)
+                         return_z_loss, bool(token_scaling))
     loss, z_part = _util.call(_cross_entropy_body, _cross_entropy, _CrossEntropyFunction, logits, targets,
                               int(ignore_index), float(scale), float(softcap or 0.0), float(label_smoothing),
-                              float(z_loss))
+                              float(z_loss), bool(token_scaling))
     if reduction == "none":
         if loss.shape != targets.shape:
             loss, z_part = loss.reshape(targets.shape), z_part.reshape(targets.shape)

@@ -66,10 +66,11 @@ int64_t emu_rms_norm_partials(int64_t rows, int64_t cols, int dtype) {
 int emu_cross_entropy(uintptr_t logits, uintptr_t targets, uintptr_t loss, uintptr_t z_part, uintptr_t grad,
                       uintptr_t grad_rows, int64_t rows, int64_t vocab, int64_t stride, int64_t grad_stride,
                       int64_t ignore_index, double scale, double softcap, double label_smoothing, double z_loss,
-                      double grad_scale, int dtype) {
+                      double grad_scale, int dtype, int token_scaling) {
   return guarded([&] {
     pyllm::cross_entropy_cuda(logits, targets, loss, z_part, grad, grad_rows, rows, vocab, stride, grad_stride,
-                              ignore_index, scale, softcap, label_smoothing, z_loss, grad_scale, dtype, 0, 0);
+                              ignore_index, scale, softcap, label_smoothing, z_loss, grad_scale, dtype, 0, 0,
+                              token_scaling != 0);
   });
 }
 

@@ -2802,7 +2802,8 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
                                    **batch_balance_kwargs(wrapped, batch))[1]
                     z_sum += model.z_loss_term / cfg.grad_accum if weights is None else model.z_loss_term * weights[micro]
                 else:
-                    loss = wrapped(*batch[:3], token_stats=token_stats, **dft, **batch_balance_kwargs(wrapped, batch))[1]
+                    loss = wrapped(*batch[:3], token_stats=token_stats, **dft,
+                                   **batch_balance_kwargs(wrapped, batch))[1]
                 if token_stats:
                     stat_sums[micro] = model.token_stats_term
                 if model.aux_loss is not None:  # a MoE's load balancing (in the loss unless the forward was per token)

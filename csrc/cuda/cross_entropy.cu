@@ -47,7 +47,8 @@ __device__ __forceinline__ float final_logit(float x, const Args& a) {
 __device__ __forceinline__ void merge(float& m, double& s, float m2, double s2) {
   const float top = fmaxf(m, m2);
   if (top == -INFINITY) return;
-  s = (m == -INFINITY ? 0.0 : s * exp(double(m) - double(top))) + (m2 == -INFINITY ? 0.0 : s2 * exp(double(m2) - double(top)));
+  s = (m == -INFINITY ? 0.0 : s * exp(double(m) - double(top))) +
+      (m2 == -INFINITY ? 0.0 : s2 * exp(double(m2) - double(top)));
   m = top;
 }
 
@@ -136,7 +137,8 @@ cross_entropy_kernel(const T* x, const int64_t* __restrict__ targets, float* __r
     const double e = a.label_smoothing, zp = a.z_loss * lse * lse;
     // lse - (1 - e) z_t - e mean(z) as (1 - e) (m - z_t + log s) + e (m - mean(z) + log s); e = 0
     // leaves the mean out: a -inf logit (a masked class) makes it -inf, and 0 * inf is NaN
-    const double ce = (1.0 - e) * ((double(m) - z_t) + log_s) + (e > 0.0 ? e * ((double(m) - z_sum / double(V)) + log_s) : 0.0);
+    const double ce = (1.0 - e) * ((double(m) - z_t) + log_s) +
+                      (e > 0.0 ? e * ((double(m) - z_sum / double(V)) + log_s) : 0.0);
     loss[r] = nan_row ? nan : float(w * (ce + zp));
     if (z_part) z_part[r] = nan_row ? nan : float(w * zp);
   }

@@ -112,6 +112,38 @@ def register_attention() -> None:
     from transformers.masking_utils import AttentionMaskInterface
     AttentionInterface.register(NAME, attention_forward)
     AttentionMaskInterface.register(NAME, padding_mask)
+    _continuous_batching_on_sdpa()
+
+
+def _continuous_batching_on_sdpa() -> None:
+    """transformers' continuous batching (generate_batch; TRL's GRPO / RLOO with
+    use_transformers_continuous_batching=True) takes paged|eager, sdpa and flash attention only, and
+    raised "Implementation pyllm is not supported for continuous batching" for a patched model: it
+    now switches such a model to transformers' SDPA for its generation (pyllm's other kernels stay)
+    and back to pyllm's attention afterwards, as transformers puts back the implementation it
+    switched from. Idempotent; a transformers without continuous batching is left alone."""
+    try:
+        from transformers.generation.continuous_batching.continuous_api import ContinuousBatchingManager
+    except ImportError:
+        return
+    switch = ContinuousBatchingManager.__dict__.get("switch_to_cb_friendly_attn")
+    if not isinstance(switch, types.FunctionType) or getattr(switch, "_pyllm", False):
+        return
+
+    @functools.wraps(switch)
+    def switch_to_cb_friendly_attn(self, model, *args, **kwargs):
+        if getattr(model.config, "_attn_implementation", None) != NAME:
+            return switch(self, model, *args, **kwargs)
+        model.set_attn_implementation("sdpa")
+        try:
+            switch(self, model, *args, **kwargs)
+        except BaseException:
+            model.set_attn_implementation(NAME)
+            raise
+        self._original_attn_impl = NAME  # what transformers puts back when the batching stops
+
+    switch_to_cb_friendly_attn._pyllm = True
+    ContinuousBatchingManager.switch_to_cb_friendly_attn = switch_to_cb_friendly_attn
 
 
 def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0, mask_function=None,

@@ -1745,3 +1745,27 @@ def test_on_load_with_output_loading_info(tmp_path):
         assert loaded.config._attn_implementation == phf.NAME and "missing_keys" in info
     finally:
         phf.apply_pyllm_kernels_on_load(False)
+
+
+def test_continuous_batching_generates_with_the_patched_model():
+    # transformers' continuous batching (generate_batch: TRL's GRPO / RLOO with use_transformers_continuous_batching)
+    # takes paged|eager, sdpa and flash attention only: a patched model had raised "Implementation pyllm is not
+    # supported for continuous batching". It generates on SDPA, the tokens the unpatched model gives, and has
+    # pyllm's attention back afterwards.
+    from transformers.generation import ContinuousBatchingConfig, GenerationConfig
+    reference, ours = tiny("llama", torch.float32, attention="sdpa")
+    if not hasattr(reference, "generate_batch"):
+        pytest.skip("this transformers has no continuous batching (generate_batch)")
+    phf.apply_pyllm_kernels(ours)
+    prompts = [inputs(1, n, seed=n)[0].tolist() for n in (3, 7, 5)]
+    config = GenerationConfig(max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0)
+
+    def tokens(model):
+        batching = ContinuousBatchingConfig(page_size=16, num_blocks=8, max_batch_tokens=32)  # (a small cache: fast)
+        outputs = model.generate_batch(prompts, generation_config=config, continuous_batching_config=batching,
+                                       progress_bar=False)
+        return sorted((output.prompt_ids, output.generated_tokens) for output in outputs.values())
+
+    assert tokens(ours) == tokens(reference)
+    assert ours.config._attn_implementation == phf.NAME
+    assert type(ours.model.layers[0].mlp)._pyllm_kind == "_swiglu_mlp_forward"

@@ -671,9 +671,8 @@ def evaluate_rewards(policy: LLM, path, cfg: TrainConfig, seq_len: int, reward_f
     sums = all_reduce_sum(sums, info)
     means = grpo_stat_means(torch.cat([sums, torch.zeros(5, dtype=torch.float64)]), R)
     out = {"val_reward": means[0]}
-    if R > 1:
-        out.update((f"val_rewards/{name}", mean) for name, mean in zip(reward_names(cfg.grpo_reward),
-                                                                        means[len(GRPO_STATS):]))
+    out.update((f"val_rewards/{name}/mean", mean) for name, mean in zip(reward_names(cfg.grpo_reward),
+                                                                         means[len(GRPO_STATS):]))
     out.update((f"val_{name}", mean) for name, mean in reward_metric_means(reward_fns, info).items())
     return out
 
@@ -1689,7 +1688,7 @@ def grpo_rows(rows: list | None, docs: list[int], cu_seqlens: torch.Tensor, offs
 
 
 GRPO_STATS = ["reward", "reward_std", "completions/mean_length", "kl", "clip_ratio", "frac_reward_zero_std",
-              "completions/clipped_ratio", "entropy"]  # (then rewards/<name> of each reward)
+              "completions/clipped_ratio", "entropy"]  # (then rewards/<name>/mean of each reward)
 
 
 def grpo_stat_means(sums: torch.Tensor, n_rewards: int, batch_scaled: bool = False) -> list:
@@ -1722,10 +1721,10 @@ def grpo_clip_metrics(cfg: TrainConfig, per: list, extremes: torch.Tensor) -> di
     high_max (the least share of a sample's tokens clipped low and the largest clipped high, over
     every rank's samples, from extremes (grad_accum, 2): -low_min and high_max, MAX-reduced), the
     mean over the micro-steps that had a sample (None where none had); cispo's cispo_clip_ratio
-    (above eps_high, A > 0) alone; none for sapo (no clip) or a single iteration (every ratio 1)."""
+    (above eps_high, A > 0) alone; none for sapo (no clip); 0.0 at a single iteration (every ratio 1), as TRL's."""
     if cfg.grpo_loss_type == "cispo":
         return {"cispo_clip_ratio": micro_step_mean(per, 3, 6)}
-    if cfg.grpo_loss_type == "sapo" or cfg.grpo_iterations == 1:
+    if cfg.grpo_loss_type == "sapo":  # (TRL logs them at one iteration too: 0.0, every ratio 1)
         return {}
     low_min, high_max = extreme_means(extremes)
     return {"clip_ratio/low_mean": micro_step_mean(per, 4, 6), "clip_ratio/high_mean": micro_step_mean(per, 5, 6),
@@ -1736,7 +1735,7 @@ def grpo_clip_metrics(cfg: TrainConfig, per: list, extremes: torch.Tensor) -> di
 def completion_stats(rollouts: list[dict], stops: set, names: list[str], info: DistInfo) -> dict:
     """TRL's completions/min_length and max_length, and the mean, min and max length of the samples
     that ended with a stop token (0.0 where none did, as TRL's), over every rank's samples of the
-    step's rollouts; with several rewards, rewards/<name>/std: each one's std over the samples it
+    step's rollouts; rewards/<name>/std: each reward's std over the samples it
     scored (TRL's, Bessel-corrected; None for fewer than two). Collective: every rank calls."""
     lengths = [len(s) for r in rollouts for s in r["completion_ids"]]
     ended = [len(s) for r in rollouts for s in r["completion_ids"] if s and s[-1] in stops]
@@ -1757,9 +1756,8 @@ def completion_stats(rollouts: list[dict], stops: set, names: list[str], info: D
            "completions/min_terminated_length": 0.0 if top[3] is None else -top[3],
            "completions/max_terminated_length": 0.0 if top[2] is None else top[2]}
     R = len(names)
-    if R > 1:
-        for i, name in enumerate(names):
-            out[f"rewards/{name}/std"] = _std_of_sums(*(sums[2 + k * R + i].item() for k in range(3)))
+    for i, name in enumerate(names):  # (TRL's, one reward's too: unweighted, where reward is weighted)
+        out[f"rewards/{name}/std"] = _std_of_sums(*(sums[2 + k * R + i].item() for k in range(3)))
     return out
 
 
@@ -2882,16 +2880,16 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
             record["entropy"], record["mean_token_accuracy"] = token_stat_means(all_reduce_sum(stat_sums, info))
         if cfg.distill_lmbda:
             record["on_policy"] = on_policy / cfg.grad_accum
-        if reward is not None:
-            names = GRPO_STATS + [f"rewards/{n}" for n in reward_names(cfg.grpo_reward)]
+        if generates:  # a generation's metrics once, in the step that samples it (TRL's: its steps that
+            # reuse the samples log the loss's alone, not the same rewards again; every rank alike: collectives)
+            names = GRPO_STATS + [f"rewards/{n}/mean" for n in reward_names(cfg.grpo_reward)]  # (TRL 1.16's names)
             record.update(zip(names, grpo_stat_means(all_reduce_sum(grpo_sums, info), len(reward),
                                                      cfg.grpo_scale_rewards == "batch")))
             if not cfg.grpo_beta:
                 del record["kl"]
             del record["clip_ratio"]  # (TRL's, per micro-step, below)
-            if len(reward) == 1:  # (the one reward's mean is the reward)
-                del record[names[-1]]
             record.update(completion_stats(rollouts, set(cfg.sample_stop_tokens), reward_names(cfg.grpo_reward), info))
+        if reward is not None:
             # TRL's entropy and KL: each micro-step's mean over every rank's trained tokens (0.0 where none), then
             # their mean (the pooled ratio had weighed micro-steps by their tokens: 0.01 nats apart at 2 and 22)
             per = all_reduce_sum(grpo_micro, info).tolist()

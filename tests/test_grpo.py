@@ -471,9 +471,8 @@ def test_grpo_iterations_reuse_a_generation_and_resume_mid_way(chat_dir, tmp_pat
               grpo_iterations=3, grpo_epsilon_high=0.28, grad_accum=2, max_steps=9)
     trainer.train(config(chat_dir, tmp_path / "whole", **kw))
     log = [json.loads(line) for line in (tmp_path / "whole/log.jsonl").read_text().splitlines()]
-    rewards = [r["reward"] for r in log]
-    assert rewards[0:3] == [rewards[0]] * 3 and rewards[3:6] == [rewards[3]] * 3 and rewards[6:9] == [rewards[6]] * 3
-    assert len({rewards[0], rewards[3], rewards[6]}) == 3
+    rewards = [r.get("reward") for r in log]  # (a generation's metrics in the step that samples it alone, TRL's)
+    assert rewards[1:3] == rewards[4:6] == rewards[7:9] == [None] * 2 and len({rewards[0], rewards[3], rewards[6]}) == 3
     assert log[0]["clip_ratio/region_mean"] == 0 and max(r["clip_ratio/region_mean"] for r in log) > 0
     # TRL's num_tokens: a generation's tokens counted once, when sampled, not on each of its steps
     generated = [r["tokens"] if r["step"] % 3 == 0 else 0 for r in log]
@@ -489,6 +488,46 @@ def test_grpo_iterations_reuse_a_generation_and_resume_mid_way(chat_dir, tmp_pat
         assert losses(run) == [r["loss"] for r in log]
         resumed = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
         assert [r["num_tokens"] for r in resumed] == [r["num_tokens"] for r in log]
+
+
+GENERATION_METRICS = {"reward", "reward_std", "frac_reward_zero_std", "sevens_mean", "completions/mean_length",
+                      "completions/min_length", "completions/max_length", "completions/clipped_ratio",
+                      "completions/mean_terminated_length", "completions/min_terminated_length",
+                      "completions/max_terminated_length"}
+LOSS_METRICS = {"entropy", "kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
+                "clip_ratio/low_min", "clip_ratio/high_max"}
+
+
+def test_grpo_logs_a_generations_metrics_once(chat_dir, tmp_path):  # noqa: F811
+    # TRL 1.16 logs a generation's metrics (reward, reward_std, frac_reward_zero_std, completions/*, the
+    # reward functions' log_metric) once, at the step that samples it: with num_iterations 2 the next
+    # step's line holds the loss's metrics alone (entropy, kl, clip_ratio/*: each step's own). They had
+    # been logged again on each step that reuses the samples, the same values (a plot's mean over the
+    # steps weighed each generation by its steps).
+    kw = dict(grpo_reward=SPEC, grpo_generations=2, grpo_max_new_tokens=4, model=dict(TINY, block_size=32),
+              grpo_iterations=2, grpo_beta=0.1, lora_rank=2, max_steps=4, eval_every=0)
+    trainer.train(config(chat_dir, tmp_path / "run", **kw))
+    log = [json.loads(line) for line in (tmp_path / "run/log.jsonl").read_text().splitlines()]
+    for r in log:  # (the loss's metrics are each step's own: computed on its pass)
+        assert LOSS_METRICS <= r.keys()
+        assert (GENERATION_METRICS & r.keys()) == (GENERATION_METRICS if r["step"] % 2 == 0 else set())
+    assert all(r[k] is not None for r in log for k in LOSS_METRICS) and len(log) == 4
+
+
+def test_grpo_logs_trls_names_with_one_reward_and_one_iteration(chat_dir, tmp_path):  # noqa: F811
+    # TRL 1.16 logs rewards/<name>/mean and /std for each reward function, one alone too (unweighted:
+    # reward is weighted), and clip_ratio/* at num_iterations 1 (0.0: every ratio 1). pyllm had logged
+    # rewards/<name> (TRL's old name) with several rewards only, and no clip_ratio/* at one iteration.
+    kw = dict(grpo_reward=SPEC, grpo_reward_weights=[2.0], grpo_generations=4, grpo_max_new_tokens=6,
+              model=dict(TINY, block_size=32), max_steps=1, eval_every=1)
+    trainer.train(config(chat_dir, tmp_path / "run", **kw))
+    r = json.loads((tmp_path / "run/log.jsonl").read_text().splitlines()[0])
+    assert r["reward"] == pytest.approx(2 * r["rewards/sevens/mean"]) and r["rewards/sevens/std"] is not None
+    assert r["reward_std"] == pytest.approx(2 * r["rewards/sevens/std"]) and "rewards/sevens" not in r
+    assert r["val_reward"] == pytest.approx(2 * r["val_rewards/sevens/mean"])
+    assert {k: r[k] for k in r if k.startswith("clip_ratio/")} == dict.fromkeys(
+        ["clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "clip_ratio/low_min",
+         "clip_ratio/high_max"], 0.0)
 
 
 def test_grpo_resumes_a_mid_generation_checkpoint_of_the_old_stats_layout(chat_dir, tmp_path):  # noqa: F811
@@ -545,7 +584,7 @@ def test_grpo_entropy_and_kl_are_the_mean_of_each_micro_steps(chat_dir, tmp_path
 
 def test_grpo_clip_metrics_as_trl_logs_them():
     # TRL 1.16's names: the means per micro-step; the extremes' mean over the micro-steps that had a
-    # sample (inf: none); cispo's cispo_clip_ratio alone; none for sapo or a single iteration
+    # sample (inf: none); cispo's cispo_clip_ratio alone; none for sapo (a single iteration's: TRL logs them)
     per = [[0, 0, 0, 3.0, 1.0, 2.0, 10.0], [0, 0, 0, 0.0, 0.0, 0.0, 0.0]]  # (each micro-step's sums)
     extremes = torch.tensor([[-0.0, 0.5], [-math.inf, -math.inf]], dtype=torch.float64)
     got = trainer.grpo_clip_metrics(TrainConfig(grpo_iterations=2), per, extremes)
@@ -555,13 +594,13 @@ def test_grpo_clip_metrics_as_trl_logs_them():
         "clip_ratio/high_max"] is None
     assert trainer.grpo_clip_metrics(TrainConfig(grpo_loss_type="cispo"), per, extremes) == {
         "cispo_clip_ratio": 0.15}
-    for cfg in (TrainConfig(grpo_loss_type="sapo", grpo_iterations=2), TrainConfig()):
-        assert trainer.grpo_clip_metrics(cfg, per, extremes) == {}
+    assert trainer.grpo_clip_metrics(TrainConfig(grpo_loss_type="sapo", grpo_iterations=2), per, extremes) == {}
+    assert trainer.grpo_clip_metrics(TrainConfig(), per, extremes) == got
 
 
 def test_completion_stats_as_trl_logs_them():
     # TRL's completions/min_length, max_length and the lengths of the samples that ended with a stop
-    # token (0.0 where none did); with several rewards each one's std over the samples it scored
+    # token (0.0 where none did); each reward's std over the samples it scored (one reward's too, TRL 1.16's)
     nan = math.nan
     rollouts = [{"completion_ids": [[5, 1], [5], [], [2, 7, 1]], "each": torch.tensor([[1.0, nan], [2.0, 0.5],
                                                                                       [nan, nan], [4.0, 1.5]])},
@@ -571,9 +610,11 @@ def test_completion_stats_as_trl_logs_them():
                                  "completions/mean_terminated_length": 5.0, "completions/min_terminated_length": 5,
                                  "completions/max_terminated_length": 5, "rewards/a/std": np.std([1, 2, 4, 0], ddof=1),
                                  "rewards/b/std": np.std([0.5, 1.5], ddof=1)})
-    none = trainer.completion_stats(rollouts[:1], {9}, ["a"], trainer.DistInfo())
-    assert none == {"completions/min_length": 0, "completions/max_length": 3, "completions/mean_terminated_length": 0.0,
-                    "completions/min_terminated_length": 0.0, "completions/max_terminated_length": 0.0}
+    none = trainer.completion_stats([{**rollouts[0], "each": rollouts[0]["each"][:, :1]}], {9}, ["a"],
+                                    trainer.DistInfo())
+    assert none == pytest.approx({"completions/min_length": 0, "completions/max_length": 3,
+                                  "completions/mean_terminated_length": 0.0, "completions/min_terminated_length": 0.0,
+                                  "completions/max_terminated_length": 0.0, "rewards/a/std": np.std([1, 2, 4], ddof=1)})
 
 
 def test_frac_reward_zero_std_as_trl_counts_it():
@@ -704,7 +745,7 @@ def test_sampling_runs_on_two_processes_resume_exactly(chat_dir, tmp_path, monke
     log = [json.loads(line) for line in (tmp_path / "two/whole/log.jsonl").read_text().splitlines()]
     assert len(log) == 8 and all(np.isfinite(r["loss"]) for r in log)
     assert ("val_reward" in log[3]) == ("grpo" in kind)
-    assert ("reward" in log[-1]) if "grpo" in kind else ("on_policy" in log[-1])
+    assert ("reward" in log[6]) if "grpo" in kind else ("on_policy" in log[-1])  # (step 6: a generation's)
     # the reward function's log_metric: its mean over the step's calls on both ranks (collectives in step)
     assert ("sevens_mean" in log[-1] and 0 <= log[-1]["sevens_mean"] <= 1) if kind == "grpo" else True
     if kind == "grpo":  # completions.jsonl: every rank's samples (rank 0's alone had been written), as the
@@ -720,12 +761,12 @@ def test_sampling_runs_on_two_processes_resume_exactly(chat_dir, tmp_path, monke
         lengths = [name for name in log[0] if name.startswith("completions/")]
         assert len(lengths) == 7 and [ddp[0][name] for name in lengths] == [log[0][name] for name in lengths]
     # TRL's completions/ lengths over both ranks' samples (a MAX over the ranks): the mean between them
-    for r in log if "grpo" in kind else ():
+    for r in log if "grpo" in kind and kind != "grpo-iterations" else log[::3] if "grpo" in kind else ():
         assert r["completions/min_length"] <= r["completions/mean_length"] <= r["completions/max_length"] <= 4
         assert r["completions/min_terminated_length"] <= r["completions/mean_terminated_length"] \
             <= r["completions/max_terminated_length"]
     if kind == "grpo-iterations":  # a generation's 3 steps: its rewards; clipped ratios after its first
-        assert [r["reward"] for r in log[:3]] == [log[0]["reward"]] * 3 != [r["reward"] for r in log[3:6]]
+        assert [("reward" in r, "completions/mean_length" in r) for r in log] == [(s % 3 == 0,) * 2 for s in range(8)]
         assert log[0]["clip_ratio/region_mean"] == 0 and all(0 <= r["clip_ratio/region_mean"] < 1 for r in log)
         for r in log:  # (the extremes over both ranks' samples, a MAX collective: a sum could pass 1)
             assert 0 <= r["clip_ratio/low_min"] <= r["clip_ratio/low_mean"] + 1e-12

@@ -1398,15 +1398,6 @@ def has_stop_string(text: str, stop_strings) -> bool:
     return any(stop in text for stop in stop_strings)
 
 
-def cut_at_stop_string(tokenizer, tokens: list[int], stop_strings) -> list[int]:
-    """tokens cut after the one that completes one of stop_strings in their text (kept, as
-    transformers' generate keeps the token its StopStringCriteria stops at), or all of them."""
-    if not stop_strings or not has_stop_string(decode_known(tokenizer, tokens), stop_strings):
-        return tokens
-    return tokens[:next(n for n in range(1, len(tokens) + 1)
-                        if has_stop_string(decode_known(tokenizer, tokens[:n]), stop_strings))]
-
-
 def prompt_tokens(tokenizer, text: str) -> list[int]:
     """A prompt's ids: special-token text in it (<|endoftext|>, a hand-written <|im_start|>) as that
     special token, as transformers' tokenizer(text) and nanoGPT's sample.py (allowed_special) encode it."""
@@ -1519,11 +1510,24 @@ def generate_file(model, tokenizer, args, prefix_ids, stop_tokens, source) -> in
                                                    **args.chat_template_kwargs), allowed_special="all")
         return [*prefix_ids, *prompt_tokens(tokenizer, prompt)] or start_ids(tokenizer)
 
+    def ended(new: list[int]) -> bool:  # a completion ends with the token that completes a --stop string
+        return has_stop_string(decode_known(tokenizer, new), args.stop)
+
     def one_by_one(ids: list[int]) -> list[int]:
         """A prompt whose completion passes block_size: generate() slides past it, as --prompt does."""
         idx = torch.tensor([ids], dtype=torch.long, device=device)
-        new = model.generate(idx, args.max_new_tokens, args.temperature, args.top_k, args.top_p, generator=generator,
-                             stop_tokens=stops)[0, len(ids):].tolist()
+        new = []
+
+        def callback(token):
+            new.append(int(token[0]))
+            if args.stop and new[-1] not in stops and ended(new):
+                raise _StopString  # (out of generate(), which restores the model's mode on its way out)
+
+        try:
+            model.generate(idx, args.max_new_tokens, args.temperature, args.top_k, args.top_p, callback=callback,
+                           generator=generator, stop_tokens=stops)
+        except _StopString:
+            pass
         return until_stop(new, stops)
 
     device = next(model.parameters()).device
@@ -1535,13 +1539,13 @@ def generate_file(model, tokenizer, args, prefix_ids, stop_tokens, source) -> in
             chunk = prompts[start:start + args.batch_size]
             ids = [ids_of(p) for p in chunk]
             if max(map(len, ids)) + args.max_new_tokens <= model.config.block_size:
+                # a row ends at a stop token or at a --stop string (the batch once every row has)
                 new = model.generate_batch(ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p, generator,
-                                           stops, cuda_graph=args.cuda_graph)
+                                           stops, cuda_graph=args.cuda_graph, stop_when=ended if args.stop else None)
             else:
                 new = [one_by_one(row) for row in ids]
             for prompt, tokens in zip(chunk, new):
-                tokens = cut_at_stop_string(tokenizer, [t for t in tokens if t not in stops], args.stop)
-                completion = decode_known(tokenizer, tokens)
+                completion = decode_known(tokenizer, [t for t in tokens if t not in stops])
                 out.write(json.dumps({"prompt": prompt, "completion": completion}, ensure_ascii=False) + "\n")
             out.flush()
     finally:

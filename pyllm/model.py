@@ -1598,14 +1598,18 @@ class LLM(nn.Module):
     @torch.no_grad()
     def generate_batch(self, prompts, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                        top_p: float | None = None, generator: torch.Generator | None = None,
-                       stop_tokens: Iterable[int] = (), cuda_graph: bool = False) -> list[list[int]]:
+                       stop_tokens: Iterable[int] = (), cuda_graph: bool = False,
+                       stop_when: Callable[[list[int]], bool] | None = None) -> list[list[int]]:
         """Continues several prompts of different lengths at once: one prefill of the prompts (each a
         list of ids or a 1-D tensor, at least one token) padded on the right, then every step samples
         one token per row at each row's own position (decode_step), no padding in between. Returns each prompt's
         new tokens, up to max_new_tokens, cut after its first stop token. Greedy rows get the tokens
         generate() gives that prompt alone (the same function per row, rounding aside).
         prompt length + max_new_tokens must fit in block_size (no sliding restart here: generate()
-        has one). cuda_graph: as in generate_stream (CUDA; unverified)."""
+        has one). cuda_graph: as in generate_stream (CUDA; unverified). stop_when: a row's new tokens
+        so far -> whether the row ends with the last of them (kept), as after a stop token (pyllm
+        generate's --stop strings, transformers' StopStringCriteria); asked on the host after each
+        token of a row not yet ended. Generation ends when every row has ended."""
         check_sampling(temperature, top_k, top_p)
         check_new_tokens(max_new_tokens, "generate_batch")
         device = self.lm_head.weight.device
@@ -1631,8 +1635,16 @@ class LLM(nn.Module):
                 raise NotImplementedError("generate_batch: cuda_graph does not take LongRoPE (its factors change "
                                           "with the position)")
             stops = stop_ids(stop_tokens)  # (an int id or None too, as the batched path takes them)
-            return [until_stop(self.generate(r[None], max_new_tokens, temperature, top_k, top_p, generator=generator,
-                                             stop_tokens=stops)[0, len(r):].tolist(), stops) for r in rows]
+
+            def alone(r) -> list[int]:
+                new = []
+                for token in self.generate_stream(r[None], max_new_tokens, temperature, top_k, top_p,
+                                                  generator=generator, stop_tokens=stops):
+                    new.append(int(token[0]))
+                    if new[-1] in stops or stop_when is not None and stop_when(new):
+                        break
+                return new
+            return [alone(r) for r in rows]
         with self._in_eval():  # (restored even when sampling raises)
             cache = self.new_kv_cache(len(rows), longest + max_new_tokens)
             graph = _DecodeGraph(self, cache, len(rows)) if cuda_graph else None  # before the prompts fill the cache
@@ -1664,20 +1676,29 @@ class LLM(nn.Module):
                 del read
             stop = torch.tensor(sorted(stop_ids(stop_tokens)), dtype=torch.long, device=device)
             done = torch.zeros(len(rows), dtype=torch.bool, device=device)
+            made = [[] for _ in rows]  # stop_when: each row's new tokens, on the host
+            ends = [None] * len(rows)  # where stop_when ended a row
             out = []
             for step in range(max_new_tokens):
                 token = _sample(logits, temperature, top_k, top_p, generator)  # (B,)
                 out.append(token)
                 if len(stop):
                     done |= torch.isin(token, stop)
-                    if bool(done.all()):  # a host sync per token, only when stop tokens are given
-                        break
+                if stop_when is not None:
+                    for b, (t, ended) in enumerate(zip(token.tolist(), done.tolist())):
+                        if not ended:
+                            made[b].append(t)
+                            if stop_when(made[b]):
+                                ends[b] = step + 1
+                                done[b] = True
+                if (len(stop) or stop_when is not None) and bool(done.all()):  # a host sync per token, only then
+                    break
                 if step + 1 < max_new_tokens:
                     logits = graph(token[:, None], lengths) if graph is not None else self.decode_step(token[:, None], cache,
                                                                                                        lengths)
                     lengths += 1
         stops = set(stop.tolist())
-        return [until_stop(row, stops) for row in torch.stack(out, dim=1).tolist()]  # (B, n) rows
+        return [until_stop(row, stops)[:end] for row, end in zip(torch.stack(out, dim=1).tolist(), ends)]  # (B, n) rows
 
 
 def _longrope_switch(cfg: ModelConfig) -> float:

@@ -290,6 +290,66 @@ def test_generate_prompts_file_lines_end_at_newlines_only(padded_vocab, tmp_path
     assert [o["prompt"] for o in out] == [r["prompt"] for r in rows]
 
 
+def cut_at_stop_string(tokenizer, tokens: list[int], stop_strings) -> list[int]:
+    """tokens cut after the one that completes one of stop_strings in their text (kept, as
+    transformers' generate keeps the token its StopStringCriteria stops at), or all of them: what
+    --prompts-file had done after generating each batch in full."""
+    if not cli.has_stop_string(cli.decode_known(tokenizer, tokens), stop_strings):
+        return tokens
+    return tokens[:next(n for n in range(1, len(tokens) + 1)
+                        if cli.has_stop_string(cli.decode_known(tokenizer, tokens[:n]), stop_strings))]
+
+
+def test_generate_prompts_file_ends_rows_and_batches_at_stop_strings(padded_vocab, tmp_path, monkeypatch):
+    # --stop with --prompts-file: a row ends with the token that completes a stop string, as at a stop
+    # token, and a batch once every row has (each batch had been decoded to --max-new-tokens, then cut):
+    # the completions of generating in full and cutting (cut_at_stop_string), greedy and sampled,
+    # --batch-size 1 and 3, stop strings across token boundaries, past block_size (one prompt at a time)
+    import torch
+
+    from pyllm.model import LLM, until_stop
+
+    flags, tok = padded_vocab
+    model = LLM.load(flags[1]).eval()
+    eot = tok.encode("<|endoftext|>", allowed_special="all")[0]
+    prompts = ["hello", "data model", "caf\u00e9 "]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    ids = [tok.encode_ordinary(p) for p in prompts]
+    calls = []
+    for name in ("decode_step", "forward_cached"):
+        monkeypatch.setattr(LLM, name, lambda self, *a, _f=getattr(LLM, name), **k:
+                            calls.append(_f.__name__) or _f(self, *a, **k))
+    for temperature, batch, new in (("0", 1, 30), ("0", 3, 30), ("1", 3, 30), ("0", 3, 70)):
+        if new > 64:  # past block_size 64: generate() slides, a prompt at a time
+            full = [until_stop(model.generate(torch.tensor([p]), new, float(temperature), stop_tokens=[eot])[0, len(p):]
+                               .tolist(), {eot}) for p in ids]
+        else:
+            full = model.generate_batch(ids, new, float(temperature), generator=torch.Generator().manual_seed(0),
+                                        stop_tokens=[eot])
+        stops = set()
+        for row in full:  # in each row, the two characters either side of a boundary between tokens
+            text = cli.decode_known(tok, row)
+            for k in range(3, 12):
+                head = cli.decode_known(tok, row[:k])
+                if (head and text.startswith(head) and len(text) > len(head)
+                        and "\ufffd" not in text[len(head) - 1:][:2]):
+                    stops.add(text[len(head) - 1:len(head) + 1])
+                    break
+        cut = [cut_at_stop_string(tok, [t for t in row if t != eot], stops) for row in full]
+        ends = [len(c) if len(c) < len([t for t in row if t != eot]) else len(row) for c, row in zip(cut, full)]
+        assert stops and max(ends) < new  # (every row ends early)
+        calls.clear()
+        assert cli.main(["generate", *flags, "--prompts-file", str(tmp_path / "p.jsonl"), "--max-new-tokens", str(new),
+                         "--temperature", temperature, "--top-k", "0", "--batch-size", str(batch), "--out",
+                         str(tmp_path / "c.jsonl"), *(f"--stop={s}" for s in sorted(stops))]) == 0
+        lines = [json.loads(line) for line in (tmp_path / "c.jsonl").read_text().splitlines()]
+        assert [line["completion"] for line in lines] == [cli.decode_known(tok, c) for c in cut]
+        if new > 64:  # one forward per token of each row
+            assert calls.count("forward_cached") == sum(ends)
+        else:  # after a batch's prefill, a decode step per token of its longest row but the last
+            assert calls.count("decode_step") == sum(max(ends[i:i + batch]) - 1 for i in range(0, len(ids), batch))
+
+
 @pytest.mark.parametrize("flags", [["--out", "x.jsonl"], ["--batch-size", "4"], ["--draft-tokens", "3"]])
 def test_generate_refuses_flags_it_would_ignore(padded_vocab, flags, capsys):
     model, _ = padded_vocab

@@ -640,6 +640,42 @@ def test_generate_batch_of_a_longrope_model_is_each_alone():
     assert got == alone and any(len(p) + 6 > 8 for p in prompts)
 
 
+@pytest.mark.parametrize("longrope", [False, True])
+def test_generate_batch_stop_when_ends_rows_and_then_the_batch(longrope, monkeypatch):
+    # stop_when (pyllm generate's --stop strings) ends a row with the token it first holds at, as a stop
+    # token does: each row is what generating in full and cutting there gives (greedy and seeded
+    # sampling, stop tokens too), and nothing is decoded once every row has ended (a batch had gone on
+    # to max_new_tokens, its rows cut after)
+    cfg = dict(CONFIGS["llama"])
+    if longrope:  # (a row at a time through generate_stream)
+        cfg["rope_scaling"] = dict(rope_type="longrope", short_factor=[1.0] * 16, long_factor=[2.0] * 16,
+                                   original_max_position_embeddings=8, attention_factor=1.2)
+    torch.manual_seed(0)
+    model = randomized(ModelConfig(**cfg)).eval()
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11]]
+    calls = []
+    counted = "forward_cached" if longrope else "decode_step"
+    original = getattr(LLM, counted)
+    monkeypatch.setattr(LLM, counted, lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+
+    def stop_when(new):
+        return len(new) >= 2 and sum(new[-2:]) % 3 == 0
+
+    for temperature, stop_tokens in ((0.0, ()), (1.0, ()), (1.0, [7, 30])):
+        full = model.generate_batch(prompts, 16, temperature, generator=torch.Generator().manual_seed(3),
+                                    stop_tokens=stop_tokens)
+        want = [row[:next((n for n in range(1, len(row) + 1) if stop_when(row[:n])), len(row))] for row in full]
+        assert max(map(len, want)) < 16  # (every row ends early)
+        calls.clear()
+        got = model.generate_batch(prompts, 16, temperature, generator=torch.Generator().manual_seed(3),
+                                   stop_tokens=stop_tokens, stop_when=stop_when)
+        # decode steps: one fewer than the longest row; a row at a time: one forward per token
+        assert len(calls) == (sum(map(len, got)) if longrope else max(map(len, got)) - 1)
+        if longrope and temperature:  # (rows drawn one after another from the generator: a row that ends
+            got, want = got[:1], want[:1]  # early leaves the next row other draws, as a stop token does)
+        assert got == want
+
+
 def test_cuda_graph_generation_needs_cuda():
     model = LLM(ModelConfig(**CONFIGS["llama"]))
     with pytest.raises(ValueError, match="cuda_graph"):

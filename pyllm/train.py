@@ -657,9 +657,8 @@ def evaluate_rewards(policy: LLM, path, cfg: TrainConfig, seq_len: int, reward_f
                      info: DistInfo, step: int | None = None) -> dict:
     """GRPO's eval (TRL's: the policy sampled and rewarded on the eval set): the mean reward of
     the policy's samples of the prompts of eval_batches fixed val batches (grpo_rollout: G samples
-    each, as in training; seeded by batch and rank, so every eval draws alike), and with several
-    rewards each one's mean over the samples it scored: {"val_reward": ..., "val_rewards/<name>":
-    ...}. rows: the val set's (data.read_rows), or None."""
+    each, as in training; seeded by batch and rank, so every eval draws alike), and each reward's
+    mean over the samples it scored: {"val_reward": ..., "val_rewards/<name>/mean": ...}. rows: the val set's (data.read_rows), or None."""
     loader = make_loader(path, cfg, seq_len, cfg.seed + 1, info)
     R = len(reward_fns)
     sums = torch.zeros(7 + 2 * R, dtype=torch.float64)  # grpo_rollout's "stats", added up
@@ -1409,7 +1408,8 @@ def _completion_decoder(tokenizer, stops: set):
 
 
 def reward_names(spec: str) -> list[str]:
-    """Each reward's name in the log (rewards/<name>): a function's name, a reward model's folder's."""
+    """Each reward's name in the log (rewards/<name>/mean and /std): a function's name, a reward model's
+    folder's."""
     return [part.rsplit(":", 1)[1] if _is_function_spec(part) else Path(part).name or part for part in spec.split(",")]
 
 

@@ -794,14 +794,15 @@ def _saved_grads_times(ctx, grad_total: torch.Tensor, n_other_inputs: int) -> tu
 def _linear_cross_entropy_with_grads(x, weight, targets, chunk_rows: int, need_x: bool, need_w: bool,
                                      scale: float = 1.0, softcap: float = 0.0, label_smoothing: float = 0.0,
                                      z_loss: float = 0.0, grad_rows=None, rows_out=None, stats_out=None,
-                                     token_scaling: bool = False):
+                                     token_scaling: bool = False, predicted_out=None):
     """_LinearCrossEntropy's forward: (the sum of losses, the z-loss's share of it (a tensor; 0
     without z_loss), grad_x or None, grad_w (fp32 at least) or None). grad_rows (N,), fp32 at least:
     the gradients are of each row's loss times its entry (reduction "none"'s backward). rows_out:
     (losses, z-loss shares), (N,) each, written per row. stats_out: (N, 3) in the losses' dtype,
     each row's entropy, 1.0 where its target is the argmax and its mean logit
     (cross_entropy_ops.token_stats'). token_scaling: each row's loss, z-loss share and gradient
-    times its target's probability, held constant (DFT)."""
+    times its target's probability, held constant (DFT). predicted_out: (N,) int64, each row's argmax
+    over its final logits, -1 where ignored (Liger's predicted tokens)."""
     acc = torch.promote_types(x.dtype, torch.float32)  # the logits' dtype, fp32 at least
     # chunk sums add up without drift
     total, z_total = (torch.zeros((), dtype=torch.float64, device=x.device) for _ in range(2))
@@ -814,6 +815,8 @@ def _linear_cross_entropy_with_grads(x, weight, targets, chunk_rows: int, need_x
     def chunk(rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
         xc, tc = x[rows], targets[rows]
         logits = buffers.logits(xc, weight)  # (c, V) in x's dtype
+        if predicted_out is not None:  # (before the gradient overwrites the logits; torch ops: a metric asked for)
+            predicted_out[rows] = cross_entropy_ops.predicted_of(logits, tc, -1, scale, softcap)
         if cross_entropy_ops.takes(logits):  # one kernel pass per row; the gradient lands over the logits
             loss, z_rows = cross_entropy_ops.cross_entropy_rows_(
                 logits, tc, ignore_index=-1, scale=scale, softcap=softcap, label_smoothing=label_smoothing,
@@ -881,26 +884,32 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, targets, chunk_rows, scale, softcap, label_smoothing, z_loss, want_stats=False,
-                token_scaling=False):
+                token_scaling=False, want_predicted=False):
         ctx.name = "linear_cross_entropy"
         ctx.weight_dtype, weight = weight.dtype, weight.to(x.dtype)  # (see _fused_linear_inputs)
         # x (N, C), weight (V, C), targets (N,)
-        stats = _stats_buffer(x, want_stats)
+        stats, predicted = _stats_buffer(x, want_stats), _predicted_buffer(x, want_predicted)
         total, z_total, grad_x, grad_w = _linear_cross_entropy_with_grads(
             x, weight, targets, chunk_rows, ctx.needs_input_grad[0], ctx.needs_input_grad[1], scale, softcap,
-            label_smoothing, z_loss, stats_out=stats if want_stats else None, token_scaling=token_scaling)
+            label_smoothing, z_loss, stats_out=stats if want_stats else None, token_scaling=token_scaling,
+            predicted_out=predicted if want_predicted else None)
         ctx.save_for_backward(grad_x, grad_w)
-        ctx.mark_non_differentiable(z_total, stats)
-        return total, z_total, stats
+        ctx.mark_non_differentiable(z_total, stats, predicted)
+        return total, z_total, stats, predicted
 
     @staticmethod
-    def backward(ctx, grad_total, _, __):
-        return _saved_grads_times(ctx, grad_total, 8)
+    def backward(ctx, grad_total, _, __, ___):
+        return _saved_grads_times(ctx, grad_total, 9)
 
 
 def _stats_buffer(x: torch.Tensor, wanted: bool) -> torch.Tensor:
     """The fused losses' per-row token statistics: (N, 3) in the losses' dtype, (0, 3) when not wanted."""
     return x.new_empty((x.shape[0] if wanted else 0, 3), dtype=torch.promote_types(x.dtype, torch.float32))
+
+
+def _predicted_buffer(x: torch.Tensor, wanted: bool) -> torch.Tensor:
+    """The fused loss's per-row argmax (Liger's predicted tokens): (N,) int64, (0,) when not wanted."""
+    return x.new_empty(x.shape[0] if wanted else 0, dtype=torch.long)
 
 
 class _LinearCrossEntropyRows(torch.autograd.Function):
@@ -912,22 +921,23 @@ class _LinearCrossEntropyRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, targets, chunk_rows, scale, softcap, label_smoothing, z_loss, want_stats=False,
-                token_scaling=False):
+                token_scaling=False, want_predicted=False):
         ctx.name = "linear_cross_entropy"
         ctx.weight_dtype, weight = weight.dtype, weight.to(x.dtype)  # (see _fused_linear_inputs)
         acc = torch.promote_types(x.dtype, torch.float32)
         losses, z_rows = (torch.empty(x.shape[0], dtype=acc, device=x.device) for _ in range(2))
-        stats = _stats_buffer(x, want_stats)
+        stats, predicted = _stats_buffer(x, want_stats), _predicted_buffer(x, want_predicted)
         _linear_cross_entropy_with_grads(x, weight, targets, chunk_rows, False, False, scale, softcap,
                                          label_smoothing, z_loss, rows_out=(losses, z_rows),
-                                         stats_out=stats if want_stats else None, token_scaling=token_scaling)
+                                         stats_out=stats if want_stats else None, token_scaling=token_scaling,
+                                         predicted_out=predicted if want_predicted else None)
         ctx.save_for_backward(x, weight, targets)
         ctx.args = (chunk_rows, scale, softcap, label_smoothing, z_loss, token_scaling)
-        ctx.mark_non_differentiable(z_rows, stats)
-        return losses, z_rows, stats
+        ctx.mark_non_differentiable(z_rows, stats, predicted)
+        return losses, z_rows, stats, predicted
 
     @staticmethod
-    def backward(ctx, grad_rows, _, __):
+    def backward(ctx, grad_rows, _, __, ___):
         _refuse_create_graph(ctx.name)
         x, weight, targets = ctx.saved_tensors
         chunk_rows, scale, softcap, label_smoothing, z_loss, token_scaling = ctx.args
@@ -936,7 +946,7 @@ class _LinearCrossEntropyRows(torch.autograd.Function):
         _, _, grad_x, grad_w = _linear_cross_entropy_with_grads(
             x, weight, targets, chunk_rows, need_x, need_w, scale, softcap, label_smoothing, z_loss, grad_rows,
             token_scaling=token_scaling)
-        return (grad_x, None if grad_w is None else grad_w.to(ctx.weight_dtype), *([None] * 8))
+        return (grad_x, None if grad_w is None else grad_w.to(ctx.weight_dtype), *([None] * 9))
 
 
 class LinearCrossEntropyStats(NamedTuple):
@@ -949,13 +959,25 @@ class LinearCrossEntropyStats(NamedTuple):
     entropy: torch.Tensor
 
 
+class LinearCrossEntropyPredictions(NamedTuple):
+    """linear_cross_entropy's output with return_predicted_tokens: LinearCrossEntropyStats' fields, and
+    each row's argmax over its final logits (Liger-Kernel's predicted tokens: int64, targets' shape,
+    the first of equal maxima as torch.argmax, -1 where the target is ignored)."""
+    loss: torch.Tensor
+    z_loss: torch.Tensor  # (0 without z_loss)
+    token_accuracy: torch.Tensor
+    entropy: torch.Tensor
+    predicted_tokens: torch.Tensor
+
+
 @overload
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          chunk_rows: int | None = None, *, scale: float = 1.0,
                          softcap: float | None = None, label_smoothing: float = 0.0, z_loss: float = 0.0,
                          return_z_loss: Literal[False] = False, ignore_index: int = -1,
                          reduction: str = "sum", return_token_stats: Literal[False] = False,
-                         token_scaling: bool = False) -> torch.Tensor: ...
+                         token_scaling: bool = False,
+                         return_predicted_tokens: Literal[False] = False) -> torch.Tensor: ...
 
 
 @overload
@@ -964,7 +986,8 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
                          softcap: float | None = None, label_smoothing: float = 0.0, z_loss: float = 0.0,
                          return_z_loss: Literal[True], ignore_index: int = -1,
                          reduction: str = "sum", return_token_stats: Literal[False] = False,
-                         token_scaling: bool = False) -> tuple[torch.Tensor, torch.Tensor]: ...
+                         token_scaling: bool = False,
+                         return_predicted_tokens: Literal[False] = False) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 @overload
@@ -973,7 +996,8 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
                          softcap: float | None = None, label_smoothing: float = 0.0, z_loss: float = 0.0,
                          return_z_loss: bool = False, ignore_index: int = -1,
                          reduction: str = "sum", return_token_stats: Literal[True],
-                         token_scaling: bool = False) -> LinearCrossEntropyStats: ...
+                         token_scaling: bool = False,
+                         return_predicted_tokens: Literal[False] = False) -> LinearCrossEntropyStats: ...
 
 
 @overload
@@ -981,16 +1005,29 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
                          chunk_rows: int | None = None, *, scale: float = 1.0,
                          softcap: float | None = None, label_smoothing: float = 0.0, z_loss: float = 0.0,
                          return_z_loss: bool = False, ignore_index: int = -1, reduction: str = "sum",
-                         return_token_stats: bool = False, token_scaling: bool = False
-                         ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | LinearCrossEntropyStats: ...
+                         return_token_stats: bool = False, token_scaling: bool = False,
+                         return_predicted_tokens: Literal[True]) -> LinearCrossEntropyPredictions: ...
+
+
+@overload
+def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         chunk_rows: int | None = None, *, scale: float = 1.0,
+                         softcap: float | None = None, label_smoothing: float = 0.0, z_loss: float = 0.0,
+                         return_z_loss: bool = False, ignore_index: int = -1, reduction: str = "sum",
+                         return_token_stats: bool = False, token_scaling: bool = False,
+                         return_predicted_tokens: bool = False
+                         ) -> (torch.Tensor | tuple[torch.Tensor, torch.Tensor] | LinearCrossEntropyStats
+                               | LinearCrossEntropyPredictions): ...
 
 
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          chunk_rows: int | None = None, *, scale: float = 1.0,
                          softcap: float | None = None, label_smoothing: float = 0.0, z_loss: float = 0.0,
                          return_z_loss: bool = False, ignore_index: int = -1, reduction: str = "sum",
-                         return_token_stats: bool = False, token_scaling: bool = False
-                         ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | LinearCrossEntropyStats:
+                         return_token_stats: bool = False, token_scaling: bool = False,
+                         return_predicted_tokens: bool = False
+                         ) -> (torch.Tensor | tuple[torch.Tensor, torch.Tensor] | LinearCrossEntropyStats
+                               | LinearCrossEntropyPredictions):
     """The sum over rows of F.cross_entropy(x @ weight.T, targets), -1 targets ignored, in fp32, with
     its gradients for x and weight computed chunk by chunk in the forward (a fused linear
     cross-entropy): memory O(chunk_rows * vocab) for the logits instead of O(rows * vocab) twice
@@ -1019,7 +1056,11 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     token_scaling: each row's loss (z-loss and smoothing in it) and its gradients times its target's
     probability softmax(z)[target], held constant (DFT, Dynamic Fine-Tuning, arXiv 2508.05629: TRL's
     SFT loss_type "dft", Liger-Kernel's use_token_scaling), from the same pass; "mean" still divides
-    by the counted targets, the z-loss share returned is the scaled one."""
+    by the counted targets, the z-loss share returned is the scaled one.
+    return_predicted_tokens: -> LinearCrossEntropyPredictions, return_token_stats' fields and each
+    row's argmax over its final logits (Liger-Kernel's predicted tokens: int64, targets' shape, -1
+    where ignored), read from each chunk of logits before its gradient overwrites it (torch ops: one
+    more read of the logits, only when asked)."""
     _check_reduction("linear_cross_entropy", reduction)
     _check_targets("linear_cross_entropy", x, targets)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):  # (True had been class 1)
@@ -1047,6 +1088,8 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     x, weight, chunk_rows = _fused_linear_inputs(x, weight, chunk_rows, softcap, cross_entropy_ops.takes)
     scale, softcap = _logit_shape("linear_cross_entropy", scale, softcap)
     label_smoothing, z_loss = _smoothing_and_z_loss("linear_cross_entropy", label_smoothing, z_loss)
+    return_token_stats = return_token_stats or return_predicted_tokens
+    predicted = None
     with _autocast_off(x):
         if _util.torch_func_active() or _util.exporting():
             # torch.func (per-example gradients) and torch.export (which inlines an autograd.Function's forward
@@ -1063,10 +1106,13 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
                 entropy, top1, _ = cross_entropy_ops.token_stats(logits, targets.reshape(-1), ignore_index=-1,
                                                                  scale=scale, softcap=softcap or None)
                 stats = torch.stack([entropy, top1.to(entropy.dtype)], dim=1).to(acc)
+            if return_predicted_tokens:
+                predicted = cross_entropy_ops.predicted_of(logits.detach(), targets.reshape(-1), -1, scale, softcap)
         else:
             function = _LinearCrossEntropyRows if reduction == "none" else _LinearCrossEntropy
-            loss, z_part, stats = function.apply(x, weight, targets.reshape(-1), chunk_rows, scale, softcap,
-                                                 label_smoothing, z_loss, return_token_stats, bool(token_scaling))
+            loss, z_part, stats, predicted = function.apply(
+                x, weight, targets.reshape(-1), chunk_rows, scale, softcap, label_smoothing, z_loss,
+                return_token_stats, bool(token_scaling), bool(return_predicted_tokens))
     if return_token_stats:
         entropy, accuracy = stats[:, 0], stats[:, 1]
         if reduction != "none":  # (summed in fp64, as the loss's chunks are)
@@ -1083,6 +1129,8 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
         z_part = z_part / counted
         if return_token_stats:
             entropy, accuracy = entropy / counted, accuracy / counted
+    if return_predicted_tokens:
+        return LinearCrossEntropyPredictions(loss, z_part, accuracy, entropy, predicted.view(targets.shape))
     if return_token_stats:
         return LinearCrossEntropyStats(loss, z_part, accuracy, entropy)
     return (loss, z_part) if return_z_loss else loss
@@ -1144,12 +1192,22 @@ class LinearCrossEntropyAccuracyOutput(NamedTuple):
         return None
 
 
+class LinearCrossEntropyPredictionOutput(NamedTuple):
+    """LinearCrossEntropyLoss's output with return_predicted_tokens: Liger's CrossEntropyOutput's
+    four fields (z_loss and token_accuracy None where not asked for) and predicted_tokens, each row's
+    argmax over its final logits, int64 (rows,), -1 where the target is ignored, as Liger's."""
+    loss: torch.Tensor
+    z_loss: torch.Tensor | None
+    token_accuracy: torch.Tensor | None
+    predicted_tokens: torch.Tensor
+
+
 class LinearCrossEntropyLoss(nn.Module):
     """Liger-Kernel's LigerFusedLinearCrossEntropyLoss over linear_cross_entropy: its arguments in its
     order (ce_weight, ignore_index -100, lse_square_scale as z_loss, label_smoothing, reduction "mean",
     "sum" or "none", softcap, return_z_loss, accum_dtype, use_token_scaling (each row's loss and
     gradient times its target's probability, held constant: DFT, linear_cross_entropy's token_scaling),
-    return_token_accuracy, return_predicted_tokens (False only)) and its forward's order, forward(lin_weight,
+    return_token_accuracy, return_predicted_tokens) and its forward's order, forward(lin_weight,
     _input, target): the output layer's weight first. No bias and no class weights (ce_weight must be
     None: pyllm's fused losses take neither); accum_dtype None or float32 (the weight's gradient is
     summed in fp32 either way, the chunks' products in x's dtype). return_z_loss gives a
@@ -1157,15 +1215,13 @@ class LinearCrossEntropyLoss(nn.Module):
     its tuple had been. "mean" with every target ignored gives 0, as Liger's (not
     linear_cross_entropy's NaN). return_token_accuracy gives a LinearCrossEntropyAccuracyOutput
     (loss, z_loss, token_accuracy), from the fused loss's own pass (linear_cross_entropy's
-    return_token_stats)."""
+    return_token_stats); return_predicted_tokens a LinearCrossEntropyPredictionOutput (loss, z_loss,
+    token_accuracy, predicted_tokens), each row's argmax (-1 where ignored, Liger's)."""
 
     def __init__(self, ce_weight: torch.Tensor | None = None, ignore_index: int = -100, lse_square_scale: float = 0.0,
                  label_smoothing: float = 0.0, reduction: str = "mean", softcap: float | None = None,
                  return_z_loss: bool = False, accum_dtype: torch.dtype | None = None, use_token_scaling: bool = False,
                  return_token_accuracy: bool = False, return_predicted_tokens: bool = False):
-        if return_predicted_tokens:
-            raise NotImplementedError("LinearCrossEntropyLoss: return_predicted_tokens (each row's argmax) is not "
-                                      "taken; return_token_accuracy gives whether each target is it (reduction='none')")
         if ce_weight is not None:
             raise NotImplementedError("LinearCrossEntropyLoss: class weights (ce_weight) are not taken by pyllm's "
                                       "fused loss; use pyllm.cross_entropy(logits, targets, weight) on the logits")
@@ -1180,24 +1236,32 @@ class LinearCrossEntropyLoss(nn.Module):
         self.ignore_index, self.z_loss, self.label_smoothing = ignore_index, lse_square_scale, label_smoothing
         self.reduction, self.softcap, self.return_z_loss = reduction, softcap, return_z_loss
         self.return_token_accuracy, self.use_token_scaling = return_token_accuracy, bool(use_token_scaling)
+        self.return_predicted_tokens = bool(return_predicted_tokens)
 
     def forward(self, lin_weight: torch.Tensor, _input: torch.Tensor, target: torch.Tensor, bias=None):
         if bias is not None:
             raise ValueError("LinearCrossEntropyLoss: an output layer with a bias is not taken (pyllm's fused "
                              "losses have none)")
+        stats = self.return_token_accuracy or self.return_predicted_tokens
         out = linear_cross_entropy(_input, lin_weight, target, softcap=self.softcap,
                                    label_smoothing=self.label_smoothing, z_loss=self.z_loss,
                                    return_z_loss=self.return_z_loss, ignore_index=self.ignore_index,
-                                   reduction=self.reduction, return_token_stats=self.return_token_accuracy,
-                                   token_scaling=self.use_token_scaling)
-        if self.return_token_accuracy:
+                                   reduction=self.reduction, return_token_stats=stats,
+                                   token_scaling=self.use_token_scaling,
+                                   return_predicted_tokens=self.return_predicted_tokens)
+        if stats:
+            predicted = out.predicted_tokens.reshape(-1) if self.return_predicted_tokens else None  # (Liger's: flat)
             out, accuracy = (out.loss, out.z_loss), out.token_accuracy
             if self.reduction == "sum":  # (Liger's accuracy is the mean for "sum" too)
                 accuracy = accuracy / (target != self.ignore_index).sum()
         if self.reduction == "mean":
-            out = self._zero_if_all_ignored(out, target, self.return_z_loss or self.return_token_accuracy)
+            out = self._zero_if_all_ignored(out, target, self.return_z_loss or stats)
+        z_loss = out[1] if self.return_z_loss else None
+        if self.return_predicted_tokens:
+            return LinearCrossEntropyPredictionOutput(out[0], z_loss, accuracy if self.return_token_accuracy else None,
+                                                      predicted)
         if self.return_token_accuracy:
-            return LinearCrossEntropyAccuracyOutput(out[0], out[1] if self.return_z_loss else None, accuracy)
+            return LinearCrossEntropyAccuracyOutput(out[0], z_loss, accuracy)
         return LinearCrossEntropyOutput(*out) if self.return_z_loss else out
 
     def _zero_if_all_ignored(self, out, target: torch.Tensor, pair: bool):

@@ -276,12 +276,23 @@ def test_modules_as_torchs_and_ligers():
     (want_dx,) = torch.autograd.grad(want, x_)
     assert rel_err(dft, want) < 1e-14 and rel_err(dx, want_dx) < 1e-13
     assert rel_err(dft, LinearCrossEntropyLoss(lse_square_scale=1e-2, label_smoothing=0.1)(w, x, targets)) > 0.1
-    # Liger's eleventh argument, return_predicted_tokens, False only; its fields not asked for read None
+    # Liger's eleventh argument, return_predicted_tokens: each row's argmax over the final (capped)
+    # logits, int64, -1 where ignored, the first of equal maxima (a tie planted in row 3); the fields
+    # not asked for read None
     out = LinearCrossEntropyLoss(None, -100, 0.0, 0.0, "mean", None, True, None, False, False, False)(w, x, targets)
     assert (out.token_accuracy, out.predicted_tokens) == (None, None) and len(out) == 2
-    with pytest.raises(NotImplementedError, match="return_predicted_tokens"):
-        LinearCrossEntropyLoss(return_predicted_tokens=True)
     assert LinearCrossEntropyLoss(return_token_accuracy=True)(w, x, targets).predicted_tokens is None
+    w_tied = w.clone()
+    w_tied[7] = w_tied[(x[3] @ w.t()).argmax()]  # (row 3's two largest logits equal: the first counts)
+    for softcap, reduction in ((None, "mean"), (2.0, "none")):
+        out = LinearCrossEntropyLoss(None, -100, 1e-2, 0.0, reduction, softcap, True, None, False, True, True)(
+            w_tied, x, targets)
+        plain = LinearCrossEntropyLoss(None, -100, 1e-2, 0.0, reduction, softcap, True)(w_tied, x, targets)
+        z = x @ w_tied.t() if softcap is None else softcap * torch.tanh(x @ w_tied.t() / softcap)
+        want = torch.where(targets == -100, -1, z.argmax(-1))
+        assert out.predicted_tokens.dtype == torch.int64 and torch.equal(out.predicted_tokens, want)
+        assert torch.equal(out.loss, plain.loss) and torch.equal(out.z_loss, plain.z_loss)
+        assert out.token_accuracy is not None and z[3].eq(z[3].max()).sum() == 2
 
 
 def test_z_loss_share_is_returned_detached():

@@ -1974,7 +1974,8 @@ def test_linear_cross_entropy_token_stats_match_float64(device, dtype, chunk_row
     # return_token_stats (TRL's SFT metrics from the fused loss's own pass over each chunk): the
     # entropies within twice torch's own error (its fp32 softmax of the logits in that dtype)
     # against float64, the argmax hits those of torch.argmax on the same logits, reduced as the
-    # loss ("sum", "mean", "none"); the loss and gradients are the same as without them.
+    # loss ("sum", "mean", "none"); the loss and gradients are the same as without them. With
+    # return_predicted_tokens (Liger's) also each row's argmax itself, -1 where ignored.
     from pyllm.nn import linear_cross_entropy
 
     softmax_step(monkeypatch, step)
@@ -1992,6 +1993,7 @@ def test_linear_cross_entropy_token_stats_match_float64(device, dtype, chunk_row
 
     exact = stats_of(shaped_logits(x64 @ w64.t(), **call))
     theirs = stats_of(shaped_logits(x @ w.t(), **call))
+    argmax = shaped_logits(x @ w.t(), **call).argmax(dim=-1).cpu()
     for reduction in ("sum", "mean", "none"):
         xg, wg = (t.clone().requires_grad_() for t in (x, w))
         out = linear_cross_entropy(xg, wg, targets.to(device), chunk_rows, **call, reduction=reduction,
@@ -2003,6 +2005,10 @@ def test_linear_cross_entropy_token_stats_match_float64(device, dtype, chunk_row
         assert rel_err(out.entropy, reduce(exact[0])) <= tolerance(reduce(theirs[0]), reduce(exact[0]))
         # (exactly the same hits: "mean" rounds its fp32 division once)
         torch.testing.assert_close(out.token_accuracy.cpu().double(), reduce(theirs[1]), rtol=2 ** -24, atol=0)
+        predicted = linear_cross_entropy(x, w, targets.to(device), chunk_rows, **call, reduction=reduction,
+                                         return_predicted_tokens=True)
+        assert torch.equal(predicted.loss, plain.detach()) and torch.equal(predicted.entropy, out.entropy)
+        assert torch.equal(predicted.predicted_tokens.cpu(), torch.where(counted, argmax, -1))
     assert 40 < theirs[1].sum() <= 100
 
 

@@ -153,11 +153,28 @@ def _stats_in_torch(logits: Tensor, targets: Tensor, ignore_index: int, scale: f
     """cross_entropy_into's stats in torch ops, ~16 M logits at a time (the fp32 copies' memory)."""
     step = max(1, (1 << 24) // max(1, logits.shape[1]))
     for start in range(0, logits.shape[0], step):
-        z = logits[start:start + step].to(stats.dtype) * scale
-        if softcap:
-            z = softcap * torch.tanh(z / softcap)
+        z = _final(logits[start:start + step].to(stats.dtype), scale, softcap)
         t = targets[start:start + step]
         stats[start:start + step] = stats_of_shaped(z, t, t != ignore_index)
+
+
+def predicted_of(logits: Tensor, targets: Tensor, ignore_index: int, scale: float, softcap: float) -> Tensor:
+    """Each row's argmax over its final logits (scaled, capped: the first of equal maxima, a NaN's
+    index where one is, as torch.argmax), -1 where its target is ignore_index: Liger-Kernel's
+    predicted tokens, int64 (rows,), for 2-D logits; in torch ops, ~16 M logits at a time."""
+    if scale == 1.0 and not softcap:  # (the logits' own order: no fp32 copy)
+        top = logits.argmax(dim=-1)
+    else:
+        step = max(1, (1 << 24) // max(1, logits.shape[1]))
+        top = torch.cat([_final(logits[start:start + step], scale, softcap).argmax(dim=-1)
+                         for start in range(0, logits.shape[0], step)]) if logits.shape[0] else \
+            logits.new_empty(0, dtype=torch.long)
+    return torch.where(targets == ignore_index, -1, top)
+
+
+def _final(logits: Tensor, scale: float, softcap: float) -> Tensor:
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32)) * scale
+    return softcap * torch.tanh(z / softcap) if softcap else z
 
 
 # --- the per-row op, gradient over the logits (pyllm.nn's fused output-layer loss) --------------

@@ -920,7 +920,7 @@ class LLM(nn.Module):
         of targets (B, T) (-1: none), or of targets[at] alone (at: their indices, nonzero's)."""
         rows = torch.stack([stats.entropy, stats.is_top1.to(stats.entropy.dtype), stats.mean_logit], dim=-1)
         if at is not None:  # (N, 3) at the targets' positions
-            rows = rows.new_zeros(*targets.shape, 3).index_put(at, rows)
+            rows = rows.new_zeros(*targets.shape, cross_entropy_ops.STATS).index_put(at, rows)
         self.token_stats_rows = rows  # (B, T, 3)
         self.token_stats_term = torch.stack([rows[..., 0].sum(), rows[..., 1].sum(),
                                              (targets != -1).sum().to(rows.dtype)])

@@ -904,7 +904,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 def _stats_buffer(x: torch.Tensor, wanted: bool) -> torch.Tensor:
     """The fused losses' per-row token statistics: (N, 3) in the losses' dtype, (0, 3) when not wanted."""
-    return x.new_empty((x.shape[0] if wanted else 0, 3), dtype=torch.promote_types(x.dtype, torch.float32))
+    return x.new_empty((x.shape[0] if wanted else 0, cross_entropy_ops.STATS),
+                       dtype=torch.promote_types(x.dtype, torch.float32))
 
 
 def _predicted_buffer(x: torch.Tensor, wanted: bool) -> torch.Tensor:

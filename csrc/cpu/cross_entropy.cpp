@@ -62,6 +62,7 @@ namespace pyllm {
 namespace {
 
 constexpr int64_t kParallelMin = 32768;
+constexpr int64_t kStats = 3;  // token statistics per row: entropy, target is the argmax, mean z
 
 struct Args {
   int64_t rows, vocab, stride, grad_stride, ignore_index;
@@ -260,7 +261,7 @@ void run(const T* x, const int64_t* targets, acc_t<T>* loss, acc_t<T>* z_part, T
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < a.rows; ++r)
       row<T>(x + r * a.stride, grad ? grad + r * a.grad_stride : nullptr, targets[r], loss + r,
-             z_part ? z_part + r : nullptr, stats ? stats + 3 * r : nullptr,
+             z_part ? z_part + r : nullptr, stats ? stats + kStats * r : nullptr,
              a.grad_scale * (grad_rows ? double(grad_rows[r]) : 1.0), zs.data(),
              tanhs.data(), a);
   }

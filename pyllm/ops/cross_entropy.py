@@ -30,6 +30,9 @@ DTYPES = {
     "cuda": (torch.float32, torch.float16, torch.bfloat16),
 }
 REDUCTIONS = ("mean", "sum", "none")
+# The kernel's token statistics per row (its stats buffer's columns): entropy, 1.0 where the target is
+# the argmax, mean final logit (csrc/cpu/cross_entropy.cpp's kStats).
+STATS = 3
 _TARGET_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.uint16, torch.uint32)
 
 
@@ -112,9 +115,9 @@ def cross_entropy_into(logits: Tensor, targets: Tensor, loss: Tensor, z_part: Op
     # (the kernel reads `rows` targets and writes `rows` losses wherever they point: one shorter, a
     # DTensor's rows chunked otherwise than the logits', would be read past its end)
     _util.check_row_lengths(OP, rows, targets=targets, loss=loss, z_part=z_part, grad_rows=grad_rows)
-    if stats is not None and (tuple(stats.shape) != (rows, 3) or not stats.is_contiguous()
+    if stats is not None and (tuple(stats.shape) != (rows, STATS) or not stats.is_contiguous()
                               or stats.dtype != loss.dtype or stats.device != logits.device):
-        raise ValueError(f"{OP}: stats must be a contiguous ({rows}, 3) {loss.dtype} tensor on {logits.device}, got "
+        raise ValueError(f"{OP}: stats must be a contiguous ({rows}, {STATS}) {loss.dtype} tensor on {logits.device}, got "
                          f"{stats.dtype} {tuple(stats.shape)} on {stats.device}"
                          + ("" if stats.is_contiguous() else f", strides {stats.stride()}"))
     if grad is not None and tuple(grad.shape) != (rows, vocab):
@@ -432,7 +435,7 @@ class TokenStats(NamedTuple):
 def _token_stats_body(logits: Tensor, targets: Tensor, ignore_index: int, scale: float, softcap: float) -> Tensor:
     rows = _util.as_rows(logits)
     loss = _util.row_losses(rows, rows.shape[0])  # (the kernel's losses: unused)
-    stats = loss.new_empty(rows.shape[0], 3)
+    stats = loss.new_empty(rows.shape[0], STATS)
     cross_entropy_into(rows, targets.reshape(-1).contiguous().long(), loss, None, None, ignore_index, scale, softcap,
                        0.0, 0.0, stats=stats)
     return stats
@@ -444,12 +447,12 @@ _token_stats = torch.library.custom_op("pyllm::token_stats", mutates_args=())(_t
 @_token_stats.register_fake
 def _(logits, targets, ignore_index, scale, softcap):
     return _util.row_losses(logits, logits.numel() // logits.shape[-1]).new_empty(
-        logits.numel() // logits.shape[-1], 3)
+        logits.numel() // logits.shape[-1], STATS)
 
 
 @_util.batching_rule(_token_stats)
 def _(op, info, in_dims, *args):  # vmap: the vmapped dim first makes more rows of one call
-    return op(*_util.batched_first(info, in_dims, args, expand=True)).view(info.batch_size, -1, 3), 0
+    return op(*_util.batched_first(info, in_dims, args, expand=True)).view(info.batch_size, -1, STATS), 0
 
 
 # DTensor: rows on the first dim (as cross_entropy's), (rows, 3) out

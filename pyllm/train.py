@@ -689,29 +689,20 @@ def evaluate_preference(model, path, reference: np.ndarray | None, cfg: TrainCon
     token_stats = cfg.token_stats and cfg.preference != "reward"
     model.eval()
     total, pairs = torch.zeros(1 + len(names), device=info.device), 0
-    kto_sums = torch.zeros(cfg.eval_batches, 7, device=info.device)
-    token_sums = torch.zeros(cfg.eval_batches, 7, device=info.device)
-    extremes = torch.zeros(cfg.eval_batches, 2, device=info.device)  # (a reward model's)
+    sums = PreferenceSums(cfg.preference, cfg.eval_batches, token_stats, info.device)
     for i in range(cfg.eval_batches):
         batch = (*loader.next_batch(), loader.docs)
         with autocast(precision, info.device):
             loss, stats, *tokens = preference_batch_loss(model, batch, reference, loader.labels, loader.margins,
                                                          token_stats=token_stats, **preference_options(cfg))
         total += torch.cat([loss.float()[None], stats[:len(names)].float()]) * loader.placed
-        kto_sums[i] = stats[3:10] if cfg.preference == "kto" else 0
-        extremes[i] = stats[3:5] if cfg.preference == "reward" else 0
-        if token_stats:
-            token_sums[i] = tokens[0]
+        sums.add(i, stats, tokens)
         pairs += loader.global_placed
     model.train()
     if not pairs:  # (none in the val batches: NaN, not a best loss of 0)
         return {"val_loss": float("nan"), "val_reward_accuracy": float("nan")}
     loss, *means = (all_reduce_sum(total.double(), info) / pairs).tolist()
-    metrics = preference_metrics(cfg.preference, dict(zip(names, means)),
-                                 all_reduce_sum(kto_sums, info) if cfg.preference == "kto" else None,
-                                 all_reduce_sum(token_sums, info) if token_stats else None, info.world_size,
-                                 all_reduce_sum(extremes, info, dist.ReduceOp.MAX)
-                                 if cfg.preference == "reward" else None)
+    metrics = sums.metrics(dict(zip(names, means)), info)
     return {"val_loss": loss, **{f"val_{name}": value for name, value in metrics.items()}}
 
 
@@ -1019,6 +1010,34 @@ def extreme_means(extremes: torch.Tensor) -> tuple[float | None, float | None]:
         return sum(kept) / len(kept) if kept else None
 
     return finite_mean(-a for a, _ in extremes.tolist()), finite_mean(b for _, b in extremes.tolist())
+
+
+class PreferenceSums:
+    """What preference_metrics reads beside the pairs' means, per micro-step of a step (or val batch),
+    as the trainer and evaluate_preference collect it: KTO's preference_batch_loss stats[3:10], the
+    token statistics' sums (token_stats: its third output), a reward model's -least and largest
+    scores (stats[3:5])."""
+
+    def __init__(self, kind: str, n: int, token_stats: bool, device):
+        self.kind, self.token_stats = kind, token_stats
+        self.kto, self.tokens = (torch.zeros(n, 7, device=device) for _ in range(2))
+        self.extremes = torch.zeros(n, 2, device=device)
+
+    def add(self, i: int, stats: torch.Tensor, extra: list) -> None:
+        """Micro-step (batch) i's preference_batch_loss stats and its outputs after them (extra)."""
+        if self.kind == "kto":
+            self.kto[i] = stats[3:10]
+        elif self.kind == "reward":
+            self.extremes[i] = stats[3:5]
+        if self.token_stats:
+            self.tokens[i] = extra[0]
+
+    def metrics(self, means: dict, info: DistInfo) -> dict:
+        """preference_metrics of the pairs' means and these sums over every rank (collectives: every rank calls)."""
+        return preference_metrics(
+            self.kind, means, all_reduce_sum(self.kto, info) if self.kind == "kto" else None,
+            all_reduce_sum(self.tokens, info) if self.token_stats else None, info.world_size,
+            all_reduce_sum(self.extremes, info, dist.ReduceOp.MAX) if self.kind == "reward" else None)
 
 
 def preference_metrics(kind: str, means: dict, kto_sums: torch.Tensor | None = None,
@@ -2718,12 +2737,10 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
         pref_names = preference_stat_names(cfg.preference) if cfg.preference else []
         pref_sums = torch.zeros(len(pref_names), device=info.device)  # their step means (KTO: chosen, rejected)
         # KTO, per micro-step: desirable, undesirable rewards' sums and counts, z (TRL logs each micro-step's
-        # means over all ranks, then their mean over the micro-steps)
-        kto_sums = torch.zeros(cfg.grad_accum, 7, device=info.device)  # (then the labels' logps sums)
+        # means over all ranks, then their mean over the micro-steps); the token sums, a reward model's extremes
+        pref_extra = PreferenceSums(cfg.preference, cfg.grad_accum, pair_token_stats, info.device)
         # pretraining and SFT: each micro-step's token_stats_term (entropy sum, argmax hits, targets)
         stat_sums = torch.zeros(cfg.grad_accum, 3, device=info.device) if token_stats else None
-        pair_stat_sums = torch.zeros(cfg.grad_accum, 7, device=info.device) if pair_token_stats else None
-        reward_extremes = torch.zeros(cfg.grad_accum, 2, device=info.device)  # a reward model's -least, largest score
         on_policy = 0  # micro-batches of the student's own samples (distill_lmbda)
         grpo_sums = torch.zeros(12 + 2 * len(reward or ()), dtype=torch.float64)  # grpo_stat_means' sums
         # each micro-step's entropy, KL sums, tokens, then clipped tokens (either side, low, high) and their count
@@ -2762,17 +2779,12 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
             micro_weight = None  # (a micro-batch of samples': sampled_weight)
             with no_sync, autocast(precision, info.device):
                 if cfg.preference:
-                    loss, stats, *pair_stats = preference_batch_loss(
+                    loss, stats, *extra = preference_batch_loss(
                         wrapped, batch, reference and reference["train"], loader.labels, loader.margins,
                         fused=cfg.fused_loss and not compiled_whole and precision != "fp16",
                         token_stats=pair_token_stats, **preference_options(cfg))
                     pref_sums += stats[:len(pref_names)] * weights[micro]
-                    if pair_token_stats:
-                        pair_stat_sums[micro] = pair_stats[0]
-                    if cfg.preference == "kto":
-                        kto_sums[micro] = stats[3:10]
-                    elif cfg.preference == "reward":
-                        reward_extremes[micro] = stats[3:5]
+                    pref_extra.add(micro, stats, extra)
                 elif reward is not None:
                     loss, loss_stats = grpo_loss(wrapped, batch, cfg, info.world_size)
                     grpo_sums += torch.cat([batch["stats"].cpu(), loss_stats[:5]])
@@ -2899,11 +2911,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
             record.update(grpo_clip_metrics(cfg, per, all_reduce_sum(grpo_extremes, info, dist.ReduceOp.MAX)))
             record.update(reward_metric_means(reward, info))  # (reward functions' log_metric, TRL's)
         if cfg.preference:
-            record.update(preference_metrics(
-                cfg.preference, dict(zip(pref_names, all_reduce_mean(pref_sums, info).tolist())),
-                all_reduce_sum(kto_sums, info) if cfg.preference == "kto" else None,
-                all_reduce_sum(pair_stat_sums, info) if pair_token_stats else None, info.world_size,
-                all_reduce_sum(reward_extremes, info, dist.ReduceOp.MAX) if cfg.preference == "reward" else None))
+            record.update(pref_extra.metrics(dict(zip(pref_names, all_reduce_mean(pref_sums, info).tolist())), info))
         if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step == cfg.max_steps - 1:
             if cfg.preference:
                 record.update(evaluate_preference(wrapped, data / "val.bin", reference and reference["val"], cfg,

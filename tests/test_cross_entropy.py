@@ -78,20 +78,25 @@ def ours_and_grad(logits, targets, dout, **kw):
     return out, g
 
 
-def reference_and_grad(logits, targets, dout, ignore_index, label_smoothing, z_loss, scale, softcap, dtype):
+def reference_and_grad(logits, targets, dout, ignore_index, label_smoothing, z_loss, scale, softcap, dtype,
+                       token_scaling=False):
     x = logits.detach().clone().requires_grad_()
-    out = reference_rows(x, targets, ignore_index, label_smoothing, z_loss, scale, softcap, dtype)
+    out = reference_rows(x, targets, ignore_index, label_smoothing, z_loss, scale, softcap, dtype, token_scaling)
     (g,) = torch.autograd.grad(out, x, dout.to(out.dtype))
     return out, g
 
 
+def row_case(device, dtype, shape, variant):
+    """The per-row tests' logits, targets, incoming gradient (float64) and keyword arguments."""
+    label_smoothing, z_loss, scale, softcap = variant
+    dout = torch.rand(shape[:-1], dtype=torch.float64, generator=torch.Generator().manual_seed(2)) + 0.5
+    return (logits_of(shape, dtype, device), targets_of(shape, shape[-1], device), dout,
+            dict(label_smoothing=label_smoothing, z_loss=z_loss, scale=scale, softcap=softcap))
+
+
 @row_grid
 def test_forward_and_backward_match_float64(device, dtype, shape, variant):
-    label_smoothing, z_loss, scale, softcap = variant
-    logits = logits_of(shape, dtype, device)
-    targets = targets_of(shape, shape[-1], device)
-    dout = torch.rand(shape[:-1], dtype=torch.float64, generator=torch.Generator().manual_seed(2)) + 0.5
-    kw = dict(label_smoothing=label_smoothing, z_loss=z_loss, scale=scale, softcap=softcap)
+    logits, targets, dout, kw = row_case(device, dtype, shape, variant)
     ours, g = ours_and_grad(logits, targets, dout.float().to(device), **kw)
     ref, g_ref = reference_and_grad(logits.cpu(), targets.cpu(), dout, -100, **kw, dtype=torch.float64)
     # torch's own: the same function in fp32 on the same logits, its gradient in logits' dtype
@@ -108,18 +113,13 @@ def test_forward_and_backward_match_float64(device, dtype, shape, variant):
 def test_token_scaling_matches_float64(device, dtype, shape, variant):
     # DFT (token_scaling): each row's loss, z-loss share and gradient times its target's probability,
     # held constant, within twice torch's own error (the same written in fp32 on the same logits)
-    label_smoothing, z_loss, scale, softcap = variant
-    logits = logits_of(shape, dtype, device)
-    targets = targets_of(shape, shape[-1], device)
-    dout = torch.rand(shape[:-1], dtype=torch.float64, generator=torch.Generator().manual_seed(2)) + 0.5
-    kw = dict(label_smoothing=label_smoothing, z_loss=z_loss, scale=scale, softcap=softcap)
+    logits, targets, dout, kw = row_case(device, dtype, shape, variant)
+    z_loss, scale, softcap = kw["z_loss"], kw["scale"], kw["softcap"]
     ours, g = ours_and_grad(logits, targets, dout.float().to(device), **kw, token_scaling=True)
-    x = logits.detach().cpu().double().requires_grad_()
-    ref = reference_rows(x, targets.cpu(), -100, **kw, token_scaling=True)
-    (g_ref,) = torch.autograd.grad(ref, x, dout)
-    x = logits.detach().float().requires_grad_()
-    theirs = reference_rows(x, targets, -100, **kw, dtype=torch.float32, token_scaling=True)
-    (g_theirs,) = torch.autograd.grad(theirs, x, dout.float().to(device))
+    ref, g_ref = reference_and_grad(logits.cpu(), targets.cpu(), dout, -100, **kw, dtype=torch.float64,
+                                    token_scaling=True)
+    theirs, g_theirs = reference_and_grad(logits, targets, dout.to(device), -100, **kw, dtype=torch.float32,
+                                          token_scaling=True)
     assert rel_err(ours, ref) <= tolerance(theirs, ref)
     assert rel_err(g, g_ref) <= tolerance(g_theirs.to(dtype), g_ref)
     # the z-loss share scaled alike; "mean" still over the counted rows

@@ -1599,17 +1599,17 @@ class LLM(nn.Module):
     def generate_batch(self, prompts, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                        top_p: float | None = None, generator: torch.Generator | None = None,
                        stop_tokens: Iterable[int] = (), cuda_graph: bool = False,
-                       stop_when: Callable[[list[int]], bool] | None = None) -> list[list[int]]:
+                       stop_when: Callable[[int, list[int]], bool] | None = None) -> list[list[int]]:
         """Continues several prompts of different lengths at once: one prefill of the prompts (each a
         list of ids or a 1-D tensor, at least one token) padded on the right, then every step samples
         one token per row at each row's own position (decode_step), no padding in between. Returns each prompt's
         new tokens, up to max_new_tokens, cut after its first stop token. Greedy rows get the tokens
         generate() gives that prompt alone (the same function per row, rounding aside).
         prompt length + max_new_tokens must fit in block_size (no sliding restart here: generate()
-        has one). cuda_graph: as in generate_stream (CUDA; unverified). stop_when: a row's new tokens
-        so far -> whether the row ends with the last of them (kept), as after a stop token (pyllm
-        generate's --stop strings, transformers' StopStringCriteria); asked on the host after each
-        token of a row not yet ended. Generation ends when every row has ended."""
+        has one). cuda_graph: as in generate_stream (CUDA; unverified). stop_when: (a row's index in
+        prompts, its new tokens so far) -> whether the row ends with the last of them (kept), as
+        after a stop token (pyllm generate's --stop strings, transformers' StopStringCriteria); asked
+        on the host after each token of a row not yet ended. Generation ends when every row has ended."""
         check_sampling(temperature, top_k, top_p)
         check_new_tokens(max_new_tokens, "generate_batch")
         device = self.lm_head.weight.device
@@ -1636,15 +1636,15 @@ class LLM(nn.Module):
                                           "with the position)")
             stops = stop_ids(stop_tokens)  # (an int id or None too, as the batched path takes them)
 
-            def alone(r) -> list[int]:
+            def alone(b: int, r) -> list[int]:
                 new = []
                 for token in self.generate_stream(r[None], max_new_tokens, temperature, top_k, top_p,
                                                   generator=generator, stop_tokens=stops):
                     new.append(int(token[0]))
-                    if new[-1] in stops or stop_when is not None and stop_when(new):
+                    if new[-1] in stops or stop_when is not None and stop_when(b, new):
                         break
                 return new
-            return [alone(r) for r in rows]
+            return [alone(b, r) for b, r in enumerate(rows)]
         with self._in_eval():  # (restored even when sampling raises)
             cache = self.new_kv_cache(len(rows), longest + max_new_tokens)
             graph = _DecodeGraph(self, cache, len(rows)) if cuda_graph else None  # before the prompts fill the cache
@@ -1688,7 +1688,7 @@ class LLM(nn.Module):
                     for b, (t, ended) in enumerate(zip(token.tolist(), done.tolist())):
                         if not ended:
                             made[b].append(t)
-                            if stop_when(made[b]):
+                            if stop_when(b, made[b]):
                                 ends[b] = step + 1
                                 done[b] = True
                 if (len(stop) or stop_when is not None) and bool(done.all()):  # a host sync per token, only then

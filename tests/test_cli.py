@@ -290,14 +290,14 @@ def test_generate_prompts_file_lines_end_at_newlines_only(padded_vocab, tmp_path
     assert [o["prompt"] for o in out] == [r["prompt"] for r in rows]
 
 
-def cut_at_stop_string(tokenizer, tokens: list[int], stop_strings) -> list[int]:
-    """tokens cut after the one that completes one of stop_strings in their text (kept, as
-    transformers' generate keeps the token its StopStringCriteria stops at), or all of them: what
-    --prompts-file had done after generating each batch in full."""
-    if not cli.has_stop_string(cli.decode_known(tokenizer, tokens), stop_strings):
+def cut_at_stop_string(tokenizer, tokens: list[int], stop_strings, prompt: str = "") -> list[int]:
+    """tokens cut after the one that completes one of stop_strings in their text, which may begin in
+    the prompt's (kept, as transformers' generate keeps the token its StopStringCriteria stops at),
+    or all of them: what --prompts-file had done after generating each batch in full."""
+    if not cli.has_stop_string(cli.decode_known(tokenizer, tokens), stop_strings, prompt):
         return tokens
     return tokens[:next(n for n in range(1, len(tokens) + 1)
-                        if cli.has_stop_string(cli.decode_known(tokenizer, tokens[:n]), stop_strings))]
+                        if cli.has_stop_string(cli.decode_known(tokenizer, tokens[:n]), stop_strings, prompt))]
 
 
 def test_generate_prompts_file_ends_rows_and_batches_at_stop_strings(padded_vocab, tmp_path, monkeypatch):
@@ -335,7 +335,7 @@ def test_generate_prompts_file_ends_rows_and_batches_at_stop_strings(padded_voca
                         and "\ufffd" not in text[len(head) - 1:][:2]):
                     stops.add(text[len(head) - 1:len(head) + 1])
                     break
-        cut = [cut_at_stop_string(tok, [t for t in row if t != eot], stops) for row in full]
+        cut = [cut_at_stop_string(tok, [t for t in row if t != eot], stops, p) for row, p in zip(full, prompts)]
         ends = [len(c) if len(c) < len([t for t in row if t != eot]) else len(row) for c, row in zip(cut, full)]
         assert stops and max(ends) < new  # (every row ends early)
         calls.clear()
@@ -1896,7 +1896,8 @@ def test_generation_config_stop_strings_are_taken_and_top_h_said(tmp_path, capsy
 
 def test_generate_stops_at_a_stop_string(corpus, tmp_path, capsys):
     # --stop TEXT: a sample ends with the token that completes TEXT in it, that token kept (transformers'
-    # stop_strings), streamed and in --prompts-file completions alike
+    # stop_strings), streamed and in --prompts-file completions alike; TEXT may begin in the prompt's
+    # text (transformers' StopStringCriteria reads the whole sequence), not lie in it alone
     import torch
 
     from pyllm.model import LLM
@@ -1909,12 +1910,37 @@ def test_generate_stops_at_a_stop_string(corpus, tmp_path, capsys):
     tokens = model.generate(torch.tensor([ids]), 20, temperature=0)[0, len(ids):].tolist()
     middle = len(tokenizer.decode(tokens[:8]))
     stop = tokenizer.decode(tokens)[middle:middle + 2]
-    n = next(n for n in range(1, 21) if stop in tokenizer.decode(tokens[:n]))  # (the first token completing it)
-    assert len(stop) == 2 and n < 20
-    base = ["generate", "--run", str(run), "--max-new-tokens", "20", "--temperature", "0", "--stop", stop]
-    capsys.readouterr()
-    assert cli.main([*base, "--prompt", "def f"]) == 0
-    assert capsys.readouterr().out.split("\n" + "-" * 60)[0] == "def f" + tokenizer.decode(tokens[:n])
-    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "def f"}) + "\n")
-    assert cli.main([*base, "--prompts-file", str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "c.jsonl")]) == 0
-    assert json.loads((tmp_path / "c.jsonl").read_text())["completion"] == tokenizer.decode(tokens[:n])
+    first = tokenizer.decode(tokens[:1])
+    for stop in (stop, "f" + first[:1], "def"):  # (the second begins in the prompt; the third lies in it alone)
+        # (the first token completing it, over the prompt's text and the sample's)
+        n = next((n for n in range(1, 21) if stop in ("def f" + tokenizer.decode(tokens[:n]))[5 - len(stop) + 1:]), 20)
+        assert len(stop) == 2 and n < 20 if stop != "def" else n == 20 or "def" in tokenizer.decode(tokens)
+        base = ["generate", "--run", str(run), "--max-new-tokens", "20", "--temperature", "0", "--stop", stop]
+        capsys.readouterr()
+        assert cli.main([*base, "--prompt", "def f"]) == 0
+        assert capsys.readouterr().out.split("\n" + "-" * 60)[0] == "def f" + tokenizer.decode(tokens[:n])
+        (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "def f"}) + "\n")
+        assert cli.main([*base, "--prompts-file", str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "c.jsonl")]) == 0
+        assert json.loads((tmp_path / "c.jsonl").read_text())["completion"] == tokenizer.decode(tokens[:n])
+
+
+def test_generate_prompts_file_stop_strings_decode_linearly_past_padding_ids(padded_vocab, tmp_path, monkeypatch):
+    # --stop with --prompts-file asks after each token whether a row's text holds a stop string: a row
+    # holding ids past the tokenizer (a padded vocabulary's, which a sample may draw) must not be
+    # decoded one id at a time again at every step (decode_known's fallback: quadratic in the length)
+    import torch
+
+    from pyllm import model as model_module
+    from pyllm.tokenizer.tokenizer import Tokenizer
+
+    flags, tok = padded_vocab
+    pad = tok.vocab_size + 3  # (an id of the model's, past the tokenizer's)
+    monkeypatch.setattr(model_module, "_sample", lambda logits, *a, **k: torch.full(logits.shape[:1], pad))
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "hello"}) + "\n")
+    calls = []
+    decode = Tokenizer.decode
+    monkeypatch.setattr(Tokenizer, "decode", lambda self, ids, *a, **k: calls.append(1) or decode(self, ids, *a, **k))
+    assert cli.main(["generate", *flags, "--prompts-file", str(tmp_path / "p.jsonl"), "--max-new-tokens", "50",
+                     "--out", str(tmp_path / "c.jsonl"), "--stop", "never seen"]) == 0
+    assert json.loads((tmp_path / "c.jsonl").read_text())["completion"] == ""  # (50 padding ids: no text)
+    assert len(calls) < 200  # (a decode per step and a few; ~1,300 had been made, one per id per step)

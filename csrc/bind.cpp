@@ -92,8 +92,9 @@ struct DeleteWithoutGil {
 
 // The contract between pyllm's Python and this module: bumped with pyllm/__init__.py's _ABI whenever
 // a binding's arguments or the buffers it writes change meaning (2: the cross-entropy kernel's token
-// statistics went from two per row to three). A build left from older sources fails the import
-// instead of writing an old layout into new buffers (an editable install pulled, not rebuilt).
+// statistics went from two per row to three; 3: cross_entropy_cpu / _cuda take token_scaling). A build
+// left from older sources fails the import instead of writing an old layout into new buffers (an
+// editable install pulled, not rebuilt).
 constexpr int kAbi = 3;
 
 PYBIND11_MODULE(_C, m) {

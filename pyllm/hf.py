@@ -119,7 +119,8 @@ def _continuous_batching_on_sdpa() -> None:
     """transformers' continuous batching (generate_batch; TRL's GRPO / RLOO with
     use_transformers_continuous_batching=True) takes paged|eager, sdpa and flash attention only, and
     raised "Implementation pyllm is not supported for continuous batching" for a patched model: it
-    now switches such a model to transformers' SDPA for its generation (pyllm's other kernels stay)
+    now switches such a model to transformers' SDPA for its generation (transformers may move a 16-bit
+    one on to flash attention; pyllm's other kernels stay)
     and back to pyllm's attention afterwards, as transformers puts back the implementation it
     switched from. Idempotent; a transformers without continuous batching is left alone."""
     try:

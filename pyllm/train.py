@@ -657,23 +657,29 @@ def evaluate_rewards(policy: LLM, path, cfg: TrainConfig, seq_len: int, reward_f
                      info: DistInfo, step: int | None = None) -> dict:
     """GRPO's eval (TRL's: the policy sampled and rewarded on the eval set): the mean reward of
     the policy's samples of the prompts of eval_batches fixed val batches (grpo_rollout: G samples
-    each, as in training; seeded by batch and rank, so every eval draws alike), and each reward's
-    mean over the samples it scored: {"val_reward": ..., "val_rewards/<name>/mean": ...}. rows: the val set's (data.read_rows), or None."""
+    each, as in training; seeded by batch and rank, so every eval draws alike), with val_ each of
+    a generation's metrics as training logs them (TRL's eval_ ones: reward, reward_std,
+    frac_reward_zero_std, completions/*, rewards/<name>/mean and /std, the reward functions'
+    log_metric; not the loss's). rows: the val set's (data.read_rows), or None."""
     loader = make_loader(path, cfg, seq_len, cfg.seed + 1, info)
-    R = len(reward_fns)
+    R, names = len(reward_fns), reward_names(cfg.grpo_reward)
     sums = torch.zeros(7 + 2 * R, dtype=torch.float64)  # grpo_rollout's "stats", added up
+    rollouts = []
     for b in range(cfg.eval_batches):
         batch = loader.next_batch()
         seed = int(np.random.default_rng([cfg.seed, b, info.rank, 1]).integers(2 ** 62))
-        sums += grpo_rollout(policy, batch, cfg, reward_fns, torch.Generator(info.device).manual_seed(seed),
-                             grpo_rows(rows, loader.docs, batch[2], loader.offsets), step)["stats"]
+        rollouts.append(grpo_rollout(policy, batch, cfg, reward_fns, torch.Generator(info.device).manual_seed(seed),
+                                     grpo_rows(rows, loader.docs, batch[2], loader.offsets), step))
+        sums += rollouts[-1]["stats"]
     sums = all_reduce_sum(sums, info)
-    means = grpo_stat_means(torch.cat([sums, torch.zeros(5, dtype=torch.float64)]), R)
-    out = {"val_reward": means[0]}
-    out.update((f"val_rewards/{name}/mean", mean) for name, mean in zip(reward_names(cfg.grpo_reward),
-                                                                         means[len(GRPO_STATS):]))
-    out.update((f"val_{name}", mean) for name, mean in reward_metric_means(reward_fns, info).items())
-    return out
+    means = dict(zip(GRPO_STATS + [f"rewards/{name}/mean" for name in names],
+                     grpo_stat_means(torch.cat([sums, torch.zeros(5, dtype=torch.float64)]), R,
+                                     cfg.grpo_scale_rewards == "batch")))
+    for loss_stat in ("kl", "clip_ratio", "entropy"):  # (the loss's: none in an eval)
+        del means[loss_stat]
+    means.update(completion_stats(rollouts, set(cfg.sample_stop_tokens), names, info))
+    means.update(reward_metric_means(reward_fns, info))
+    return {f"val_{name}": value for name, value in means.items()}
 
 
 @torch.no_grad()

@@ -518,6 +518,7 @@ def test_grpo_logs_trls_names_with_one_reward_and_one_iteration(chat_dir, tmp_pa
     # TRL 1.16 logs rewards/<name>/mean and /std for each reward function, one alone too (unweighted:
     # reward is weighted), and clip_ratio/* at num_iterations 1 (0.0: every ratio 1). pyllm had logged
     # rewards/<name> (TRL's old name) with several rewards only, and no clip_ratio/* at one iteration.
+    # Its eval logs val_ each of a generation's metrics (val_reward and val_rewards/<name> alone before).
     kw = dict(grpo_reward=SPEC, grpo_reward_weights=[2.0], grpo_generations=4, grpo_max_new_tokens=6,
               model=dict(TINY, block_size=32), max_steps=1, eval_every=1)
     trainer.train(config(chat_dir, tmp_path / "run", **kw))
@@ -525,6 +526,10 @@ def test_grpo_logs_trls_names_with_one_reward_and_one_iteration(chat_dir, tmp_pa
     assert r["reward"] == pytest.approx(2 * r["rewards/sevens/mean"]) and r["rewards/sevens/std"] is not None
     assert r["reward_std"] == pytest.approx(2 * r["rewards/sevens/std"]) and "rewards/sevens" not in r
     assert r["val_reward"] == pytest.approx(2 * r["val_rewards/sevens/mean"])
+    # the eval's: each of a generation's metrics (TRL's eval_ ones), not the loss's
+    assert {f"val_{k}" for k in GENERATION_METRICS - {"sevens_mean"}} | {"val_rewards/sevens/std"} <= r.keys()
+    assert r["val_reward_std"] == pytest.approx(2 * r["val_rewards/sevens/std"]) and "val_kl" not in r
+    assert r["val_completions/min_length"] <= r["val_completions/mean_length"] <= r["val_completions/max_length"] <= 6
     assert {k: r[k] for k in r if k.startswith("clip_ratio/")} == dict.fromkeys(
         ["clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "clip_ratio/low_min",
          "clip_ratio/high_max"], 0.0)

@@ -1232,6 +1232,8 @@ class LinearCrossEntropyLoss(nn.Module):
         # (checked here, naming the module, as Liger's asserts do; they had surfaced at the first forward)
         _check_reduction("LinearCrossEntropyLoss", reduction)
         _smoothing_and_z_loss("LinearCrossEntropyLoss", label_smoothing, lse_square_scale, "lse_square_scale")
+        if softcap is not None and softcap == 0:  # (Liger asserts softcap > 0; 0 had been taken as no cap)
+            raise ValueError("LinearCrossEntropyLoss: softcap must be None or positive and finite, got 0 (None: no cap)")
         _logit_shape("LinearCrossEntropyLoss", 1.0, softcap)
         super().__init__()
         self.ignore_index, self.z_loss, self.label_smoothing = ignore_index, lse_square_scale, label_smoothing
@@ -1272,6 +1274,25 @@ class LinearCrossEntropyLoss(nn.Module):
         none = (target == self.ignore_index).all()
         zero_if_none = lambda t: torch.where(none, torch.zeros_like(t), t)  # noqa: E731
         return tuple(zero_if_none(t) for t in out) if pair else zero_if_none(out)
+
+
+def liger_fused_linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bias=None,
+                                     ce_weight: torch.Tensor | None = None, ignore_index: int = -100,
+                                     lse_square_scale: float = 0.0, label_smoothing: float = 0.0,
+                                     reduction: str = "mean", softcap: float | None = None,
+                                     return_z_loss: bool = False, accum_dtype: torch.dtype | None = None,
+                                     use_token_scaling: bool = False, return_token_accuracy: bool = False,
+                                     return_predicted_tokens: bool = False):
+    """Liger-Kernel's functional form, liger_kernel.transformers.functional.liger_fused_linear_cross_entropy:
+    its arguments in its order and with its defaults (input (BT, H) first, then the output layer's
+    weight (V, H); ignore_index -100, reduction "mean"), computed and returned as
+    LinearCrossEntropyLoss(ce_weight, ignore_index, ...)(weight, input, target, bias) (bias and
+    ce_weight must be None). linear_cross_entropy's own signature differs: its 4th argument is
+    chunk_rows, its defaults -1 and "sum", and it names lse_square_scale z_loss and
+    use_token_scaling token_scaling."""
+    return LinearCrossEntropyLoss(ce_weight, ignore_index, lse_square_scale, label_smoothing, reduction, softcap,
+                                  return_z_loss, accum_dtype, use_token_scaling, return_token_accuracy,
+                                  return_predicted_tokens)(weight, input, target, bias)
 
 
 def _check_reduction(name: str, reduction) -> None:

@@ -772,7 +772,8 @@ def test_every_integer_target_dtype_is_taken(dtype):
 
 
 @pytest.mark.parametrize("kw, named", [(dict(reduction="avg"), "reduction"), (dict(label_smoothing=2.0), "label_smoothing"),
-                                       (dict(softcap=-1.0), "softcap"), (dict(lse_square_scale=-1.0), "lse_square_scale")])
+                                       (dict(softcap=-1.0), "softcap"), (dict(softcap=0.0), "softcap"),
+                                       (dict(lse_square_scale=-1.0), "lse_square_scale")])
 def test_linear_cross_entropy_loss_checks_its_arguments_when_made(kw, named):
     # as Liger's module asserts them in __init__ (they had surfaced at the first forward, naming the function)
     from pyllm.nn import LinearCrossEntropyLoss
@@ -912,3 +913,24 @@ def test_token_stats_are_checked_and_compile():
     compiled = torch.compile(lambda l, t: ce_ops.token_stats(l, t, softcap=5.0), fullgraph=True)(logits, targets)
     eager = ce_ops.token_stats(logits, targets, softcap=5.0)
     assert all(torch.equal(a, b) for a, b in zip(compiled, eager)) and len(eager) == 3
+
+
+def test_ligers_functional_fused_linear_cross_entropy():
+    # liger_kernel.transformers.functional.liger_fused_linear_cross_entropy's signature (input first,
+    # bias 4th, ignore_index -100, "mean"), positionally and by name: LinearCrossEntropyLoss's values
+    from pyllm.nn import LinearCrossEntropyLoss, liger_fused_linear_cross_entropy
+
+    g = torch.Generator().manual_seed(7)
+    x, w = torch.randn(6, 8, dtype=torch.float64, generator=g), torch.randn(12, 8, dtype=torch.float64, generator=g)
+    targets = torch.tensor([1, 2, -100, 3, 11, 0])
+    assert rel_err(liger_fused_linear_cross_entropy(x, w, targets), F.cross_entropy(x @ w.t(), targets)) < 1e-14
+    out = liger_fused_linear_cross_entropy(x, w, targets, None, None, -100, 1e-2, 0.1, "sum", 3.0, True, None, True,
+                                           True, True)
+    ref = LinearCrossEntropyLoss(None, -100, 1e-2, 0.1, "sum", 3.0, True, None, True, True, True)(w, x, targets)
+    for a, b in zip(out, ref):
+        assert torch.equal(a, b)
+    named = liger_fused_linear_cross_entropy(input=x, weight=w, target=targets, lse_square_scale=1e-2,
+                                             return_z_loss=True, use_token_scaling=True, return_predicted_tokens=True)
+    assert named.predicted_tokens.tolist()[2] == -1 and named.token_accuracy is None
+    with pytest.raises(ValueError, match="bias is not taken"):
+        liger_fused_linear_cross_entropy(x, w, targets, torch.zeros(12))

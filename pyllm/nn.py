@@ -1217,7 +1217,9 @@ class LinearCrossEntropyLoss(nn.Module):
     linear_cross_entropy's NaN). return_token_accuracy gives a LinearCrossEntropyAccuracyOutput
     (loss, z_loss, token_accuracy), from the fused loss's own pass (linear_cross_entropy's
     return_token_stats); return_predicted_tokens a LinearCrossEntropyPredictionOutput (loss, z_loss,
-    token_accuracy, predicted_tokens), each row's argmax (-1 where ignored, Liger's)."""
+    token_accuracy, predicted_tokens), each row's argmax (-1 where ignored, Liger's). fp64 inputs are
+    capped in fp64 (Liger's kernel casts to fp32 first): two logits far past the cap, equal after an
+    fp32 tanh, keep their order there (the argmax and the accuracy follow the larger)."""
 
     def __init__(self, ce_weight: torch.Tensor | None = None, ignore_index: int = -100, lse_square_scale: float = 0.0,
                  label_smoothing: float = 0.0, reduction: str = "mean", softcap: float | None = None,

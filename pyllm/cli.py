@@ -1336,7 +1336,7 @@ def stream_sample(model, tokenizer, prompt: str, max_new_tokens: int, temperatur
         before = decode_known(tokenizer, ids) if stop_strings else ""  # (a stop string may begin in it)
     else:
         ids = [*prefix_ids, *prompt_tokens(tokenizer, prompt)] or start_ids(tokenizer)
-        before = prompt
+        before = decode_known(tokenizer, ids) if stop_strings else ""  # (its tokens' text: a SentencePiece "▁")
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     stops = set(stop_tokens)
     gen = seed if isinstance(seed, torch.Generator) else torch.Generator(device=device).manual_seed(seed)
@@ -1400,7 +1400,7 @@ def has_stop_string(text: str, stop_strings, prompt: str = "") -> bool:
     one (transformers' stops there, the stop string ending in that token's text or overhanging it);
     a stop string within the prompt alone does not count."""
     longest = max(map(len, stop_strings), default=0)
-    tail = prompt[len(prompt) - longest + 1:] if longest > 1 else ""  # (what a stop string can begin in)
+    tail = prompt[max(0, len(prompt) - longest + 1):] if longest > 1 else ""  # (what a stop string can begin in)
     whole = tail + text
     return any(whole.find(stop, max(0, len(tail) - len(stop) + 1)) >= 0 for stop in stop_strings)
 
@@ -1569,7 +1569,7 @@ def generate_file(model, tokenizer, args, prefix_ids, stop_tokens, source) -> in
             chunk = prompts[start:start + args.batch_size]
             ids = [ids_of(p) for p in chunk]
             # the text a stop string may begin in: the prompt's (a chat's rendered turns)
-            prompt_texts = [decode_known(tokenizer, r) if args.chat else p for p, r in zip(chunk, ids)]
+            prompt_texts = [decode_known(tokenizer, r) for r in ids]
             if max(map(len, ids)) + args.max_new_tokens <= model.config.block_size:
                 # a row ends at a stop token or at a --stop string (the batch once every row has)
                 new = model.generate_batch(ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p, generator,

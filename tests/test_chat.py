@@ -1605,3 +1605,35 @@ def test_grpo_under_fsdp_with_a_rank_without_samples(tmp_path):
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert len(log) == 4 and all(r["skipped"] == (r["tokens"] == 0) for r in log)
     assert [r["loss"] is None for r in log] == [r["tokens"] == 0 for r in log] and not all(r["tokens"] for r in log)
+
+
+def test_generate_stop_strings_over_the_prompts_tokens_as_transformers(tmp_path, capsys):
+    # --stop TEXT may begin in the prompt: over the text of its tokens, as transformers' StopStringCriteria
+    # reads them, not the prompt as given: a SentencePiece tokenizer writes a "▁" (a space) before it
+    # and after a special token in it ("é" is " é"; "x <|im_start|> y" is " x <|im_start|>  y"). The raw
+    # prompt's text had missed a stop string beginning at that space and matched one transformers does not
+    folder = make_folder(tmp_path / "sp", PLAIN, "sentencepiece", model=True)
+    theirs = transformers.AutoTokenizer.from_pretrained(folder)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    ours = Tokenizer.from_hf(folder / "tokenizer.json")
+    checked = 0
+    for prompt in ("é", "x <|im_start|> y"):
+        ids = theirs(prompt, return_tensors="pt")
+        full = model.generate(**ids, max_new_tokens=8, do_sample=False)[0, ids["input_ids"].shape[1]:].tolist()
+        head, first = ours.decode(ids["input_ids"][0].tolist()), ours.decode(full[:1])
+        assert head != prompt and not first.startswith("\ufffd")
+        # beginning at the space the tokenizer put in; the prompt's own spelling of the same
+        for stop in (head[-3:] + first[:2], prompt[-3:] + first[:2]):
+            out = model.generate(**ids, max_new_tokens=8, do_sample=False, stop_strings=[stop], tokenizer=theirs)
+            want = ours.decode([t for t in out[0, ids["input_ids"].shape[1]:].tolist() if t != theirs.eos_token_id])
+            checked += len(want) == len(first)  # (transformers ended at the first token)
+            base = ["generate", "--hf", str(folder), "--max-new-tokens", "8", "--temperature", "0", "--device", "cpu",
+                    "--stop", stop]
+            capsys.readouterr()
+            assert cli.main([*base, "--prompt", prompt]) == 0
+            assert capsys.readouterr().out.split("\n" + "-" * 60)[0] == prompt + want, (prompt, stop)
+            (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": prompt}) + "\n")
+            assert cli.main([*base, "--prompts-file", str(tmp_path / "p.jsonl"), "--out",
+                             str(tmp_path / "c.jsonl")]) == 0
+            assert json.loads((tmp_path / "c.jsonl").read_text())["completion"] == want, (prompt, stop)
+    assert checked >= 2

@@ -1944,3 +1944,12 @@ def test_generate_prompts_file_stop_strings_decode_linearly_past_padding_ids(pad
                      "--out", str(tmp_path / "c.jsonl"), "--stop", "never seen"]) == 0
     assert json.loads((tmp_path / "c.jsonl").read_text())["completion"] == ""  # (50 padding ids: no text)
     assert len(calls) < 200  # (a decode per step and a few; ~1,300 had been made, one per id per step)
+
+
+def test_stop_string_may_begin_at_the_start_of_a_short_prompt():
+    # A prompt shorter than the longest stop string less one: a stop string beginning in it was looked
+    # for after its last (longest - 1 - len(prompt)) characters alone (a negative slice start), so one
+    # beginning earlier in it was missed, and generation ran on past it (transformers' generate stops).
+    assert cli.has_stop_string("i>", ["abcdei>"], "abcde")
+    assert cli.has_stop_string("i", ["cdei", "zzzzzzz"], "abcde")
+    assert not cli.has_stop_string("i", ["abcde", "zzzzzzz"], "abcde")  # (in the prompt alone)

@@ -1568,8 +1568,8 @@ def generate_file(model, tokenizer, args, prefix_ids, stop_tokens, source) -> in
         for start in range(0, len(prompts), args.batch_size):
             chunk = prompts[start:start + args.batch_size]
             ids = [ids_of(p) for p in chunk]
-            # the text a stop string may begin in: the prompt's (a chat's rendered turns)
-            prompt_texts = [decode_known(tokenizer, r) for r in ids]
+            # the text a stop string may begin in: the prompt's tokens' (transformers' reads them)
+            prompt_texts = [decode_known(tokenizer, r) for r in ids] if args.stop else []
             if max(map(len, ids)) + args.max_new_tokens <= model.config.block_size:
                 # a row ends at a stop token or at a --stop string (the batch once every row has)
                 new = model.generate_batch(ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p, generator,

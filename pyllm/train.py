@@ -202,9 +202,11 @@ class TrainConfig:
                              + (f" with {mode}" if mode and 0.0 <= self.z_loss < math.inf else ""))
         if self.loss_type not in ("nll", "dft") or (self.loss_type == "dft" and (self.preference or self.teacher
                                                                                  or self.grpo_reward)):
+            mode = ("preference tuning" if self.preference else "distillation" if self.teacher else "GRPO"
+                    if self.grpo_reward else None)
             raise ValueError(f"TrainConfig.loss_type must be 'nll' or 'dft', dft with pretraining and SFT (not "
                              f"preference tuning, distillation or GRPO, whose losses are their own), got "
-                             f"{self.loss_type!r}")
+                             f"{self.loss_type!r}" + (f" with {mode}" if mode and self.loss_type == "dft" else ""))
         if self.label_smoothing and self.preference != "dpo":
             raise ValueError("TrainConfig.label_smoothing goes with preference dpo")
         if not 0.0 <= self.center_rewards < math.inf or (self.center_rewards and self.preference != "reward"):
@@ -2488,6 +2490,18 @@ def global_batch_notice(ckpt: dict, cfg: TrainConfig, world_size: int) -> str | 
             + (f"; --batch-size {keep} keeps the run's" if keep else ""))
 
 
+def loss_change_notice(ckpt: dict, cfg: TrainConfig) -> str | None:
+    """What a resume that changes the training loss (--loss-type, --z-loss: taken, as the run's other
+    options) does to its log: the loss logged before and after are other quantities (a dft run
+    resumed as nll had jumped from 0.07 to 4.0 in its loss.png without a word). None where kept."""
+    saved = ckpt.get("train_config") or {}
+    was, now = (saved.get("loss_type", "nll"), saved.get("z_loss", 0.0)), (cfg.loss_type, cfg.z_loss)
+    if was == now:
+        return None
+    return (f"the training loss changes at step {ckpt.get('step')}: --loss-type {was[0]} --z-loss {was[1]:g} before, "
+            f"--loss-type {now[0]} --z-loss {now[1]:g} now; log.jsonl's loss before and after are other quantities")
+
+
 def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) -> dict:
     precision = resolve_precision(cfg.precision, info.device)
     out, data = Path(cfg.out_dir), Path(cfg.data_dir)
@@ -2497,6 +2511,8 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
         print(f"pyllm: {out / CHECKPOINT} is from an earlier pyllm, whose run goes on under the current rules: "
               + "; ".join(changes), file=sys.stderr)
     if ckpt is not None and info.is_main and (notice := global_batch_notice(ckpt, cfg, info.world_size)):
+        print(f"pyllm: {notice}", file=sys.stderr)
+    if ckpt is not None and info.is_main and (notice := loss_change_notice(ckpt, cfg)):
         print(f"pyllm: {notice}", file=sys.stderr)
     torch.manual_seed(cfg.seed)
     # (val.bin's too: each file's header bounds its ids, and it was train.bin's alone that met the model)

@@ -1135,8 +1135,25 @@ def test_dft_loss_type_trains_every_loss_path(data_dir, chat_dir, tmp_path):
         assert z["loss"] - z["z_loss"] == pytest.approx(dft, rel=1e-5) and 0 < z["z_loss"] < 0.1 * dft
     with pytest.raises(ValueError, match="loss_type must be 'nll' or 'dft', dft with pretraining and SFT"):
         TrainConfig(out_dir=str(tmp_path), preference="dpo", loss_type="dft").validate()
+    # (the refusal names the run's kind, as z_loss's does)
+    for kw, mode in ((dict(preference="dpo"), "preference tuning"), (dict(teacher="t"), "distillation"),
+                     (dict(grpo_reward="length"), "GRPO")):
+        with pytest.raises(ValueError, match=f"got 'dft' with {mode}$"):
+            TrainConfig(out_dir=str(tmp_path), loss_type="dft", **kw).validate()
     with pytest.raises(ValueError, match="loss_type must be 'nll' or 'dft'"):
         TrainConfig(out_dir=str(tmp_path), loss_type="DFT").validate()
+
+
+def test_a_resume_that_changes_the_loss_says_so(data_dir, tmp_path, capsys):
+    # --loss-type and --z-loss are taken on resume, as the run's other options; the log's loss then
+    # changes meaning at that step (a dft run resumed as nll had jumped from 0.07 to 4.0 without a word)
+    trainer.train(config(data_dir, tmp_path, max_steps=2, eval_every=0, ckpt_every=2, loss_type="dft"))
+    capsys.readouterr()
+    trainer.train(config(data_dir, tmp_path, max_steps=3, eval_every=0, loss_type="dft"), resume=True)
+    assert "training loss changes" not in capsys.readouterr().err
+    trainer.train(config(data_dir, tmp_path, max_steps=4, eval_every=0, z_loss=1e-3), resume=True)
+    assert ("the training loss changes at step 3: --loss-type dft --z-loss 0 before, --loss-type nll --z-loss 0.001 now"
+            in capsys.readouterr().err)
 
 
 # --- DPO ------------------------------------------------------------------------------------------

@@ -1333,10 +1333,10 @@ def stream_sample(model, tokenizer, prompt: str, max_new_tokens: int, temperatur
     device = next(model.parameters()).device
     if prompt_ids is not None:
         ids, prompt = list(prompt_ids), ""
-        before = decode_known(tokenizer, ids) if stop_strings else ""  # (a stop string may begin in it)
     else:
         ids = [*prefix_ids, *prompt_tokens(tokenizer, prompt)] or start_ids(tokenizer)
-        before = decode_known(tokenizer, ids) if stop_strings else ""  # (its tokens' text: a SentencePiece "▁")
+    # the text a stop string may begin in: the prompt's tokens' (a SentencePiece "▁", a BOS: transformers' reads them)
+    before = decode_known(tokenizer, ids) if stop_strings else ""
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     stops = set(stop_tokens)
     gen = seed if isinstance(seed, torch.Generator) else torch.Generator(device=device).manual_seed(seed)
@@ -1439,13 +1439,7 @@ def decode_known(tokenizer, ids) -> str:
     try:
         return tokenizer.decode(ids)
     except (KeyError, ValueError):  # InvalidTokenError (both)
-        def known(t: int) -> bool:
-            try:
-                tokenizer.decode([t])
-            except (KeyError, ValueError):
-                return False
-            return True
-        return tokenizer.decode([t for t in ids if known(t)])
+        return KnownIds(tokenizer).decode(ids)
 
 
 def default_prompt(tokenizer) -> str:

@@ -664,8 +664,7 @@ def evaluate_rewards(policy: LLM, path, cfg: TrainConfig, seq_len: int, reward_f
     frac_reward_zero_std, completions/*, rewards/<name>/mean and /std, the reward functions'
     log_metric; not the loss's). rows: the val set's (data.read_rows), or None."""
     loader = make_loader(path, cfg, seq_len, cfg.seed + 1, info)
-    R, names = len(reward_fns), reward_names(cfg.grpo_reward)
-    sums = torch.zeros(7 + 2 * R, dtype=torch.float64)  # grpo_rollout's "stats", added up
+    sums = torch.zeros(7 + 2 * len(reward_fns), dtype=torch.float64)  # grpo_rollout's "stats", added up
     rollouts = []
     for b in range(cfg.eval_batches):
         batch = loader.next_batch()
@@ -673,13 +672,8 @@ def evaluate_rewards(policy: LLM, path, cfg: TrainConfig, seq_len: int, reward_f
         rollouts.append(grpo_rollout(policy, batch, cfg, reward_fns, torch.Generator(info.device).manual_seed(seed),
                                      grpo_rows(rows, loader.docs, batch[2], loader.offsets), step))
         sums += rollouts[-1]["stats"]
-    sums = all_reduce_sum(sums, info)
-    means = dict(zip(GRPO_STATS + [f"rewards/{name}/mean" for name in names],
-                     grpo_stat_means(torch.cat([sums, torch.zeros(5, dtype=torch.float64)]), R,
-                                     cfg.grpo_scale_rewards == "batch")))
-    for loss_stat in ("kl", "clip_ratio", "entropy"):  # (the loss's: none in an eval)
-        del means[loss_stat]
-    means.update(completion_stats(rollouts, set(cfg.sample_stop_tokens), names, info))
+    sums = torch.cat([all_reduce_sum(sums, info), torch.zeros(5, dtype=torch.float64)])  # (no loss's sums)
+    means = generation_metrics(sums, rollouts, cfg, info)
     means.update(reward_metric_means(reward_fns, info))
     return {f"val_{name}": value for name, value in means.items()}
 
@@ -1738,6 +1732,20 @@ def grpo_stat_means(sums: torch.Tensor, n_rewards: int, batch_scaled: bool = Fal
     return ([ratio(s[0], s[3]), std, ratio(s[4], s[1]), ratio(s[7 + 2 * R], s[8 + 2 * R]),
              ratio(s[9 + 2 * R], s[10 + 2 * R]), zero_std, ratio(s[6], s[1]), ratio(s[11 + 2 * R], s[8 + 2 * R])]
             + [ratio(s[7 + i], s[7 + R + i]) for i in range(R)])
+
+
+def generation_metrics(sums: torch.Tensor, rollouts: list[dict], cfg: TrainConfig, info: DistInfo) -> dict:
+    """A generation's logged metrics, a training step's and the eval's alike (TRL's): GRPO_STATS'
+    means of sums (every rank's grpo_rollout stats, then grpo_loss's) but the loss's (kl, clip_ratio,
+    entropy: logged per micro-step), each reward's mean (rewards/<name>/mean), and completion_stats
+    of rollouts. Collective: every rank calls."""
+    names = reward_names(cfg.grpo_reward)
+    means = dict(zip(GRPO_STATS + [f"rewards/{name}/mean" for name in names],  # (TRL 1.16's names)
+                     grpo_stat_means(sums, len(names), cfg.grpo_scale_rewards == "batch")))
+    for loss_stat in ("kl", "clip_ratio", "entropy"):
+        del means[loss_stat]
+    means.update(completion_stats(rollouts, set(cfg.sample_stop_tokens), names, info))
+    return means
 
 
 def grpo_clip_metrics(cfg: TrainConfig, per: list, extremes: torch.Tensor) -> dict:
@@ -2916,13 +2924,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
             record["on_policy"] = on_policy / cfg.grad_accum
         if generates:  # a generation's metrics once, in the step that samples it (TRL's: its steps that
             # reuse the samples log the loss's alone, not the same rewards again; every rank alike: collectives)
-            names = GRPO_STATS + [f"rewards/{n}/mean" for n in reward_names(cfg.grpo_reward)]  # (TRL 1.16's names)
-            record.update(zip(names, grpo_stat_means(all_reduce_sum(grpo_sums, info), len(reward),
-                                                     cfg.grpo_scale_rewards == "batch")))
-            if not cfg.grpo_beta:
-                del record["kl"]
-            del record["clip_ratio"]  # (TRL's, per micro-step, below)
-            record.update(completion_stats(rollouts, set(cfg.sample_stop_tokens), reward_names(cfg.grpo_reward), info))
+            record.update(generation_metrics(all_reduce_sum(grpo_sums, info), rollouts, cfg, info))
         if reward is not None:
             # TRL's entropy and KL: each micro-step's mean over every rank's trained tokens (0.0 where none), then
             # their mean (the pooled ratio had weighed micro-steps by their tokens: 0.01 nats apart at 2 and 22)

@@ -983,7 +983,8 @@ _GOES_WITH = {
         "distill_beta", "distill_temperature", "distill_alpha", "distill_max_new_tokens", "distill_sample_temperature")},
     **{name: (lambda c: bool(c.grpo_reward), "grpo_reward (GRPO)") for name in (
         "grpo_reward_weights", "grpo_generations", "grpo_max_new_tokens", "grpo_temperature", "grpo_beta",
-        "grpo_loss_type", "grpo_scale_rewards", "grpo_iterations", "grpo_epsilon", "grpo_epsilon_high",
+        "grpo_loss_type", "grpo_scale_rewards", "grpo_iterations", "grpo_steps_per_generation", "grpo_epsilon",
+        "grpo_epsilon_high",
         "grpo_importance_sampling", "grpo_log_completions", "grpo_mask_truncated", "grpo_kl_bias_correction")},
 }
 
@@ -2306,6 +2307,10 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                         "(batch), or not (none, Dr. GRPO's)")
     p.add_argument("--grpo-iterations", type=int, help="GRPO: optimizer steps on each generation's samples (TRL's "
                    "num_iterations; default 1), the ratio to the sampling policy clipped to [1 - eps, 1 + eps_high]")
+    p.add_argument("--grpo-steps-per-generation", type=int, metavar="N",
+                   help="GRPO: each generation samples N micro-batches a process (TRL's steps_per_generation; a "
+                        "multiple of --grad-accum; default --grad-accum) and trains N / grad_accum optimizer steps "
+                        "on them in turn, off-policy after the first (the ratio to the sampling policy clipped)")
     p.add_argument("--grpo-epsilon", type=float, help="GRPO: the ratio's lower clip, 1 - eps (default 0.2)")
     p.add_argument("--grpo-epsilon-high", type=float, help="GRPO: the ratio's upper clip, 1 + eps_high (default: "
                    "--grpo-epsilon; DAPO's clip-higher: 0.28)")

@@ -78,6 +78,7 @@ class TrainConfig:
     grpo_loss_type: str = "dapo"  # GRPO: the token losses' sum divided by: dapo (the step's tokens; TRL's default) | grpo | bnpo | dr_grpo; or cispo | sapo
     grpo_scale_rewards: str = "group"  # GRPO: advantages divided by the std of their group | batch (the step's) | none (Dr. GRPO)
     grpo_iterations: int = 1  # GRPO: optimizer steps on each generation (TRL's num_iterations, mu), the ratio to it clipped
+    grpo_steps_per_generation: int = 0  # GRPO: micro-batches a generation samples (TRL's steps_per_generation), a multiple of grad_accum; 0: grad_accum
     grpo_epsilon: float = 0.2  # GRPO: the ratio clipped to [1 - epsilon, 1 + epsilon_high]
     grpo_epsilon_high: float = 0.0  # GRPO: 0: epsilon (DAPO's clip-higher: 0.28)
     grpo_importance_sampling: str = "token"  # GRPO: the ratio p / p_old per token | sequence (GSPO: the exp of its tokens' mean log-ratio)
@@ -263,6 +264,10 @@ class TrainConfig:
         if self.grpo_iterations < 1 or not 0.0 < self.grpo_epsilon < 1.0 or not 0.0 <= self.grpo_epsilon_high < math.inf:
             raise ValueError(f"TrainConfig.grpo_iterations must be >= 1, grpo_epsilon in (0, 1) and grpo_epsilon_high "
                              f">= 0, got {self.grpo_iterations}, {self.grpo_epsilon} and {self.grpo_epsilon_high}")
+        if self.grpo_steps_per_generation < 0 or self.grpo_steps_per_generation % self.grad_accum:
+            raise ValueError(f"TrainConfig.grpo_steps_per_generation must be a multiple of grad_accum (each optimizer "
+                             f"step trains on grad_accum of a generation's micro-batches) or 0 (grad_accum), got "
+                             f"{self.grpo_steps_per_generation} with grad_accum {self.grad_accum}")
         if self.reference not in ("precomputed", "lora-off"):
             raise ValueError(f"TrainConfig.reference must be precomputed or lora-off, got {self.reference!r}")
         if self.reference == "lora-off" and not (self.lora_rank and self.preference
@@ -1625,6 +1630,18 @@ GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
 SAPO_TEMPERATURES = (1.0, 1.05)
 
 
+def grpo_generation_micro(cfg: TrainConfig) -> int:
+    """The micro-batches (each rank's) one GRPO generation samples: cfg.grpo_steps_per_generation
+    (TRL's steps_per_generation), else one optimizer step's, grad_accum."""
+    return cfg.grpo_steps_per_generation or cfg.grad_accum
+
+
+def grpo_generation_steps(cfg: TrainConfig) -> int:
+    """The optimizer steps one GRPO generation trains: each grad_accum of its micro-batches once
+    (in their order), all of them cfg.grpo_iterations times over (TRL's order)."""
+    return grpo_generation_micro(cfg) // cfg.grad_accum * cfg.grpo_iterations
+
+
 def grpo_rollout(policy: LLM, batch, cfg: TrainConfig, reward_fns: list, generator: torch.Generator | None,
                  rows: list | None = None, step: int | None = None) -> dict:
     """GRPO's samples of a packed batch of conversations (x, y, cu_seqlens): each one's prompt
@@ -1812,24 +1829,31 @@ def _nanstd(grouped: torch.Tensor) -> torch.Tensor:
 
 def grpo_prepare(rollouts: list[dict], cfg: TrainConfig, info: DistInfo, policy: LLM | None = None,
                  reference=None) -> None:
-    """What a step's rollouts (grpo_rollout's, this rank's micro-batches) need before their loss,
-    added to each: "advantages" (n,), each reward less its group's mean, divided by the group's std
-    + 1e-4 (cfg.grpo_scale_rewards group), by the std of every rank's rewards of the step + 1e-4
-    (batch), or not (none; Dr. GRPO's), TRL's, over the samples some reward function scored (the
-    others' advantage 0); "tokens", every rank's trained tokens in the step (dapo's and cispo's
-    normalizer: not a masked truncated sample's, as TRL 1.16 counts; they had counted, shrinking the
-    loss by the masked share); with cfg.grpo_iterations > 1 "old" (B, T), the policy's
-    log-probabilities of the targets as sampled (the clipped ratio's denominator); with reference
-    (cfg.grpo_beta) "ref", the reference's (reference(x, y, cu_seqlens), no autograd)."""
+    """What a generation's rollouts (grpo_rollout's, this rank's micro-batches: grpo_generation_micro)
+    need before their loss, added to each: "advantages" (n,), each reward less its group's mean,
+    divided by the group's std + 1e-4 (cfg.grpo_scale_rewards group), by the std of every rank's
+    rewards of the generation + 1e-4 (batch), or not (none; Dr. GRPO's), TRL's, over the samples some
+    reward function scored (the others' advantage 0); "tokens" and "samples", every rank's trained
+    tokens and samples in the generation (dapo's and cispo's normalizer, grpo's: not a masked
+    truncated sample's tokens, as TRL 1.16 counts; they had counted, shrinking the loss by the
+    masked share); "micro_tokens", every rank's trained tokens in the micro-batches at this one's
+    index (a step without any is skipped); off-policy (cfg.grpo_iterations > 1, or a generation of
+    several steps) "old" (B, T), the policy's log-probabilities of the targets as sampled (the
+    clipped ratio's denominator); with reference (cfg.grpo_beta) "ref", the reference's
+    (reference(x, y, cu_seqlens), no autograd)."""
     G = cfg.grpo_generations
-    totals = torch.zeros(5, dtype=torch.float64)  # scored rewards' sum, sum of squares, count; trained tokens; samples
-    for r in rollouts:
+    # scored rewards' sum, sum of squares, count; trained tokens; samples; then each micro-batch's trained tokens
+    totals = torch.zeros(5 + len(rollouts), dtype=torch.float64)
+    for i, r in enumerate(rollouts):
         scored = r["rewards"][~r["rewards"].isnan()]
-        totals += torch.stack([scored.sum(), (scored ** 2).sum(), torch.tensor(float(len(scored))),
-                               torch.tensor(float(r["targets"])), torch.tensor(float(len(r["rewards"])))])
-    total, squares, count, tokens, samples = all_reduce_sum(totals, info).tolist()
+        totals[:5] += torch.stack([scored.sum(), (scored ** 2).sum(), torch.tensor(float(len(scored))),
+                                   torch.tensor(float(r["targets"])), torch.tensor(float(len(r["rewards"])))])
+        totals[5 + i] = r["targets"]
+    totals = all_reduce_sum(totals, info).tolist()
+    total, squares, count, tokens, samples = totals[:5]
     batch_std = _std_of_sums(total, squares, count) or 0.0
-    for r in rollouts:
+    off_policy = grpo_generation_steps(cfg) > 1
+    for r, micro_tokens in zip(rollouts, totals[5:]):
         grouped = r["rewards"].view(-1, G)
         advantages = grouped - grouped.nanmean(1, keepdim=True)
         if cfg.grpo_scale_rewards == "group":
@@ -1837,8 +1861,9 @@ def grpo_prepare(rollouts: list[dict], cfg: TrainConfig, info: DistInfo, policy:
         elif cfg.grpo_scale_rewards == "batch":
             advantages = advantages / (batch_std + 1e-4)
         r["advantages"], r["tokens"], r["samples"] = advantages.view(-1).nan_to_num(0.0), tokens, samples
+        r["micro_tokens"] = micro_tokens
         x, y, cu, _ = r["packed"]
-        if cfg.grpo_iterations > 1:
+        if off_policy:
             with torch.no_grad():
                 r["old"] = policy(x, y, cu, per_token=True, temperature=cfg.grpo_temperature)[1]
         if reference is not None:
@@ -1852,13 +1877,14 @@ def grpo_loss(model, rollout: dict, cfg: TrainConfig, world_size: int = 1) -> tu
     generation; cfg.grpo_importance_sampling sequence, GSPO's: exp of the sample's mean log p -
     log p_old, for each of its tokens), plus cfg.grpo_beta times the k3 estimate of KL(policy || reference), exp(d) - d
     - 1 with d = ref - log p; summed over the tokens and divided (cfg.grpo_loss_type) by: grpo,
-    each sample's tokens, then the step's samples (every rank's, from grpo_prepare) / (world_size *
-    cfg.grad_accum) (each sample's mean, their mean over the step once the trainer divides by
-    grad_accum and DDP averages: TRL's micro-batches of equal size give that; pyllm's packed ones
-    hold varying numbers of samples); bnpo, the micro-batch's tokens; dr_grpo, the step's samples,
-    counted so, times cfg.grpo_max_new_tokens; dapo, every rank's tokens in the step / (world_size *
-    cfg.grad_accum). cispo (MiniMax-M1; TRL's) takes -min(ratio, eps_high).detach() A log p per
-    token, divided as dapo; sapo (TRL's) -sigmoid(tau (ratio - 1)) 4 / tau A, tau 1 for A > 0 else
+    each sample's tokens, then the generation's samples (every rank's, from grpo_prepare) /
+    (world_size * grpo_generation_micro) (each sample's mean, their mean over the step once the
+    trainer divides by grad_accum and DDP averages: TRL's micro-batches of equal size give that;
+    pyllm's packed ones hold varying numbers of samples); bnpo, the micro-batch's tokens; dr_grpo,
+    the samples, counted so, times cfg.grpo_max_new_tokens; dapo, every rank's tokens in the
+    generation / (world_size * grpo_generation_micro) (TRL's normalizer, its generation's tokens
+    times grad_accum / steps_per_generation, over the processes). cispo (MiniMax-M1; TRL's) takes
+    -min(ratio, eps_high).detach() A log p per token, divided as dapo; sapo (TRL's) -sigmoid(tau (ratio - 1)) 4 / tau A, tau 1 for A > 0 else
     1.05 (SAPO_TEMPERATURES), divided as grpo. model: what computes the log-probabilities (DDP's
     wrapper). With cfg.grpo_kl_bias_correction (TRL's default) the KL term is times the ratio (and
     so is the KL logged, as TRL logs it). Also the sums for the log (grpo_stat_means): (the trained tokens' KL, the trained tokens,
@@ -1910,8 +1936,9 @@ def grpo_loss(model, rollout: dict, cfg: TrainConfig, world_size: int = 1) -> tu
     per_token = per_token * mask
     # grpo, sapo, dr_grpo: TRL's micro-batches hold per_device_train_batch_size samples each, so every sample
     # of the step weighs 1 / (the step's samples); pyllm's hold varying numbers (packed conversations): divide by
-    # the step's samples on all ranks / (world_size * grad_accum), as dapo by its tokens
-    per_batch = rollout.get("samples", n * world_size * cfg.grad_accum) / (world_size * cfg.grad_accum)
+    # the generation's samples on all ranks / (world_size * its micro-batches), as dapo by its tokens
+    micro = world_size * grpo_generation_micro(cfg)
+    per_batch = rollout.get("samples", n * micro) / micro
     if cfg.grpo_loss_type in ("grpo", "sapo"):
         loss = (sequence_logps(per_token, cu)[at] / tokens).sum() / (per_batch or 1.0)
     elif cfg.grpo_loss_type == "bnpo":
@@ -1919,7 +1946,7 @@ def grpo_loss(model, rollout: dict, cfg: TrainConfig, world_size: int = 1) -> tu
     elif cfg.grpo_loss_type == "dr_grpo":
         loss = per_token.sum() / ((per_batch * cfg.grpo_max_new_tokens) or 1.0)
     else:  # dapo, cispo
-        loss = per_token.sum() * (world_size * cfg.grad_accum / max(rollout["tokens"], 1.0))
+        loss = per_token.sum() * (micro / max(rollout["tokens"], 1.0))
     with torch.no_grad():
         kl_sum = (kl.detach() * mask).sum() if kl is not None else mask.new_zeros(())  # (TRL's: a mean per trained token)
         low, high_side = (ratio < 1 - cfg.grpo_epsilon) & (advantage < 0), (ratio > 1 + high) & (advantage > 0)
@@ -1951,8 +1978,9 @@ def grpo_batch_loss(model, policy: LLM, batch, cfg: TrainConfig, reward_fns: lis
     each reward's mean), the lengths of the
     sequences the loss was computed on and their trained targets (for MFU)."""
     rollout = grpo_rollout(policy, batch, cfg, reward_fns, generator, rows)
-    grpo_prepare([rollout], replace(cfg, grad_accum=1), DistInfo(0, 1, batch[0].device), policy, reference)
-    loss, loss_stats = grpo_loss(model, rollout, replace(cfg, grad_accum=1))
+    cfg = replace(cfg, grad_accum=1, grpo_steps_per_generation=0)
+    grpo_prepare([rollout], cfg, DistInfo(0, 1, batch[0].device), policy, reference)
+    loss, loss_stats = grpo_loss(model, rollout, cfg)
     means = grpo_stat_means(torch.cat([rollout["stats"], loss_stats]), len(reward_fns),
                             cfg.grpo_scale_rewards == "batch")
     return loss, means, rollout["lengths"], rollout["targets"]
@@ -2650,10 +2678,11 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
         best_val = ckpt.get("best_val_loss") if cfg.keep_best else None
     rollouts = None  # GRPO: the samples of the generation the steps are on (grpo_rollout, grpo_prepare)
     if ckpt is not None and "grpo_rollouts" in ckpt:
-        if len(ckpt["grpo_rollouts"]) != info.world_size or len(ckpt["grpo_rollouts"][0]) != cfg.grad_accum:
-            raise ValueError(f"this checkpoint was written mid-way through a GRPO generation's {cfg.grpo_iterations} steps "
-                             f"by {len(ckpt['grpo_rollouts'])} process(es) with {len(ckpt['grpo_rollouts'][0])} micro-batches "
-                             "each, with their samples: resume it on as many, with as many (grad_accum)")
+        if len(ckpt["grpo_rollouts"]) != info.world_size or len(ckpt["grpo_rollouts"][0]) != grpo_generation_micro(cfg):
+            raise ValueError(f"this checkpoint was written mid-way through a GRPO generation's "
+                             f"{grpo_generation_steps(cfg)} steps by {len(ckpt['grpo_rollouts'])} process(es) with {len(ckpt['grpo_rollouts'][0])} "
+                             "micro-batches each, with their samples: resume it on as many, with as many "
+                             "(--grpo-steps-per-generation, or --grad-accum where it is not given)")
         rollouts = to_device(ckpt["grpo_rollouts"][info.rank], info.device)
         upgrade_rollout_stats(rollouts, cfg)
     reference = None  # DPO, IPO, hinge: the starting model's log-probability of every train and val document
@@ -2719,7 +2748,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
             rng_ranks = [None] * info.world_size
             dist.all_gather_object(rng_ranks, rng_state(info.device))
         grpo_rollouts = None  # mid-way through a generation's steps: every rank's samples, to go on with
-        if reward is not None and step_done % cfg.grpo_iterations:
+        if reward is not None and step_done % grpo_generation_steps(cfg):
             grpo_rollouts = [to_device(rollouts, "cpu")]
             if info.world_size > 1:
                 grpo_rollouts = [None] * info.world_size
@@ -2777,11 +2806,12 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
         grpo_micro = torch.zeros(cfg.grad_accum, 7, dtype=torch.float64)
         grpo_extremes = torch.zeros(cfg.grad_accum, 2, dtype=torch.float64)  # and -clip_ratio/low_min, high_max
         generation_flops = 0.0
-        generates = reward is not None and (step % cfg.grpo_iterations == 0 or rollouts is None)
+        generates = reward is not None and (step % grpo_generation_steps(cfg) == 0 or rollouts is None)
         if reward is None or generates:
-            batches, weights, lengths, outputs, forward_only = next_batches(loader, cfg.grad_accum, info.world_size)
-        if generates:  # GRPO: the step's samples first (dapo and batch scaling want all of them), reused
-            rollouts = []  # for cfg.grpo_iterations steps; each rank samples its own rows, seeded by step, micro-step, rank
+            batches, weights, lengths, outputs, forward_only = next_batches(
+                loader, cfg.grad_accum if reward is None else grpo_generation_micro(cfg), info.world_size)
+        if generates:  # GRPO: the generation's samples first (dapo and batch scaling want all of them), reused
+            rollouts = []  # for grpo_generation_steps; each rank samples its own rows, seeded by step, micro-step, rank
             for micro, batch in enumerate(batches):
                 seed = int(np.random.default_rng([cfg.seed, step, micro, info.rank]).integers(2 ** 62))
                 rollouts.append(grpo_rollout(model, batch[:3], cfg, reward, torch.Generator(info.device).manual_seed(seed),
@@ -2790,19 +2820,25 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
                 grpo_prepare(rollouts, cfg, info, model, grpo_reference)
             if cfg.grpo_log_completions:
                 log_completions(completions_log, step, rollouts, cfg, info, tokenizer)
-        if reward is not None:  # the FLOPs: the samples' sequences' training pass (not the sampling)
-            batches, weights, forward_only = rollouts, None, None
-            lengths, outputs = [n for r in rollouts for n in r["lengths"]], sum(r["targets"] for r in rollouts)
+        generated_tokens = 0  # GRPO: this rank's tokens in the generation the step samples (num_tokens)
         if generates:
             # the forward-only work of a generation, in the step that makes it (MFU): the sampling (each
             # sequence once, the output layer at its sampled tokens), the policy's p_old, the
             # reference's and the reward models' passes
+            lengths, outputs = [n for r in rollouts for n in r["lengths"]], sum(r["targets"] for r in rollouts)
+            generated_tokens = sum(lengths)
+            grpo_sums[:-5] = sum(r["stats"].cpu() for r in rollouts)  # (the loss's five: each step's own)
             generation_flops = sum(model.flops_of_documents(*r["sampled"], forward_only=True) for r in rollouts)
-            for extra in ([model] if cfg.grpo_iterations > 1 else []) + ([start] if grpo_reference else []):
+            for extra in ([model] if grpo_generation_steps(cfg) > 1 else []) + ([start] if grpo_reference else []):
                 generation_flops += extra.flops_of_documents(lengths, outputs, forward_only=True)
             for fn in reward:
                 if getattr(fn, "model", None) is not None:  # a reward model: its score head, no output layer
                     generation_flops += fn.model.flops_of_documents(lengths, 0, forward_only=True)
+        if reward is not None:  # the step's grad_accum micro-batches of the generation (TRL's order: each in
+            # turn, all of them again on each of grpo_iterations); the FLOPs: their training pass
+            first = step % grpo_generation_steps(cfg) % (grpo_generation_micro(cfg) // cfg.grad_accum) * cfg.grad_accum
+            batches, weights, forward_only = rollouts[first:first + cfg.grad_accum], None, None
+            lengths, outputs = [n for r in batches for n in r["lengths"]], sum(r["targets"] for r in batches)
         for micro, batch in enumerate(batches):
             last = micro == cfg.grad_accum - 1
             no_sync = wrapped.no_sync() if hasattr(wrapped, "no_sync") and not last else contextlib.nullcontext()
@@ -2817,7 +2853,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
                     pref_extra.add(micro, stats, extra)
                 elif reward is not None:
                     loss, loss_stats = grpo_loss(wrapped, batch, cfg, info.world_size)
-                    grpo_sums += torch.cat([batch["stats"].cpu(), loss_stats[:5]])
+                    grpo_sums[-5:] += loss_stats[:5]
                     grpo_micro[micro] = loss_stats[[4, 0, 1, 2, 5, 6, 3]]
                     grpo_extremes[micro] = loss_stats[[7, 8]] * torch.tensor([-1.0, 1.0], dtype=torch.float64)
                 elif teacher is not None:
@@ -2864,7 +2900,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
         no_targets = weights is not None and not any_rank(any(weights), info)
         # GRPO: no sampled token to train on in the step on any rank (every prompt cut by --seq-len, or
         # every sample masked as truncated): skipped alike ("tokens" is every rank's, from grpo_prepare)
-        no_targets = no_targets or (reward is not None and not any(r["tokens"] for r in rollouts))
+        no_targets = no_targets or (reward is not None and not any(r.get("micro_tokens", r["tokens"]) for r in batches))
         if no_targets:
             stepped, grad_norm, empty = False, float("nan"), empty + 1
             optimizer.zero_grad(set_to_none=True)
@@ -2900,14 +2936,15 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
             step_flops += generation_flops  # GRPO
             # every rank's documents (their lengths differ: packed rows, pairs, KTO's examples), not
             # this rank's times world_size
-            counted = all_reduce_sum(torch.tensor([step_flops, float(sum(lengths))], dtype=torch.float64), info)
-            step_flops, step_tokens = float(counted[0]), int(counted[1])
+            counted = all_reduce_sum(torch.tensor([step_flops, float(sum(lengths)), float(generated_tokens)],
+                                                  dtype=torch.float64), info)
+            step_flops, step_tokens, generated_tokens = float(counted[0]), int(counted[1]), int(counted[2])
         tok_s = step_tokens / dt
         mfu = step_flops / dt / (peak * info.world_size) if peak else None
         # (GRPO: TRL counts a generation's prompt and completion tokens once, when it samples them, not
-        # again on each of its grpo_iterations steps)
-        if num_tokens is not None and (reward is None or generates):
-            num_tokens += step_tokens
+        # again on each of the steps it trains)
+        if num_tokens is not None:
+            num_tokens += step_tokens if reward is None else generated_tokens
         record = {"step": step, "loss": loss_value if math.isfinite(loss_value) and not no_targets else None, "lr": lr,
                   "grad_norm": grad_norm if math.isfinite(grad_norm) else None, "tokens": step_tokens,
                   "num_tokens": num_tokens,

@@ -482,12 +482,56 @@ def test_grpo_iterations_reuse_a_generation_and_resume_mid_way(chat_dir, tmp_pat
         trainer.train(config(chat_dir, run, **kw, ckpt_every=ckpt_every), stop_at=stop)
         assert ("grpo_rollouts" in torch.load(run / "checkpoint.pt", weights_only=True)) == (ckpt_every == 4)
         if ckpt_every == 4:  # (the samples of grad_accum micro-batches: resumed with as many)
-            with pytest.raises(ValueError, match="with as many \\(grad_accum\\)"):
+            with pytest.raises(ValueError, match="with as many \\(--grpo-steps-per-generation, or --grad-accum"):
                 trainer.train(config(chat_dir, run, **{**kw, "grad_accum": 1}, ckpt_every=ckpt_every), resume=True)
         trainer.train(config(chat_dir, run, **kw, ckpt_every=ckpt_every), resume=True)
         assert losses(run) == [r["loss"] for r in log]
         resumed = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
         assert [r["num_tokens"] for r in resumed] == [r["num_tokens"] for r in log]
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "bnpo", "dr_grpo", "cispo"])
+def test_grpo_steps_per_generation_splits_a_generation_across_steps(chat_dir, tmp_path, loss_type):  # noqa: F811
+    # TRL's steps_per_generation: a generation samples that many micro-batches and trains them in
+    # turn, grad_accum a step, normalized as the generation's (dapo: its tokens times grad_accum /
+    # steps_per_generation). At lr ~0 (every ratio 1) the two steps of a generation of 2 micro-batches
+    # at grad_accum 1 are the one step of grad_accum 2 split in two: their mean loss is its loss, the
+    # generation's samples, rewards and tokens are the same (sampled and logged once, at its first step).
+    kw = dict(grpo_reward=SPEC, grpo_generations=4, grpo_max_new_tokens=6, model=dict(TINY, block_size=32), lr=1e-30,
+              warmup_steps=0, grpo_loss_type=loss_type, eval_every=0, ckpt_every=0)
+    trainer.train(config(chat_dir, tmp_path / "one", **kw, grad_accum=2, max_steps=1))
+    trainer.train(config(chat_dir, tmp_path / "split", **kw, grpo_steps_per_generation=2, max_steps=3))
+    one, split = ([json.loads(line) for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+                  for run in ("one", "split"))
+    assert (split[0]["loss"] + split[1]["loss"]) / 2 == pytest.approx(one[0]["loss"], rel=1e-6, abs=1e-9)
+    assert split[0]["tokens"] + split[1]["tokens"] == one[0]["tokens"]
+    for key in GENERATION_METRICS:
+        assert split[0][key] == one[0][key] and key not in split[1] and key in split[2]
+    # TRL's num_tokens: the generation's, at the step that samples it
+    assert split[0]["num_tokens"] == split[1]["num_tokens"] == one[0]["num_tokens"] < split[2]["num_tokens"]
+
+
+def test_grpo_steps_per_generation_with_iterations_and_resume(chat_dir, tmp_path):  # noqa: F811
+    # 4 micro-batches a generation at grad_accum 2, 2 iterations: steps 0-3 train its halves 0, 1, 0, 1
+    # (TRL's order), off-policy from step 1 (the ratio to the samples' policy clipped), steps 4-7 the
+    # next generation's; a run stopped mid-way through a generation resumes exactly.
+    kw = dict(grpo_reward=SPEC, grpo_generations=4, grpo_max_new_tokens=6, model=dict(TINY, block_size=32), lr=1e-2,
+              grpo_iterations=2, grpo_steps_per_generation=4, grpo_epsilon_high=0.28, grad_accum=2, max_steps=8,
+              eval_every=0)
+    trainer.train(config(chat_dir, tmp_path / "whole", **kw, ckpt_every=0))
+    log = [json.loads(line) for line in (tmp_path / "whole/log.jsonl").read_text().splitlines()]
+    assert [("reward" in r) for r in log] == [True, False, False, False] * 2
+    tokens = [r["tokens"] for r in log]
+    assert tokens[0:2] == tokens[2:4] and tokens[4:6] == tokens[6:8] and tokens[0:2] != tokens[4:6]
+    assert [r["num_tokens"] for r in log] == [sum(tokens[:2])] * 4 + [sum(tokens[:2]) + sum(tokens[4:6])] * 4
+    assert log[0]["clip_ratio/region_mean"] == 0 and max(r["clip_ratio/region_mean"] for r in log[1:4]) > 0
+    run = tmp_path / "cut"
+    trainer.train(config(chat_dir, run, **kw, ckpt_every=3), stop_at=6)  # (step 3's and 6's: mid-way)
+    assert len(torch.load(run / "checkpoint.pt", weights_only=True)["grpo_rollouts"][0]) == 4
+    with pytest.raises(ValueError, match="with 4 micro-batches each"):
+        trainer.train(config(chat_dir, run, **{**kw, "grpo_steps_per_generation": 2}, ckpt_every=3), resume=True)
+    trainer.train(config(chat_dir, run, **kw, ckpt_every=3), resume=True)
+    assert losses(run) == [r["loss"] for r in log]
 
 
 GENERATION_METRICS = {"reward", "reward_std", "frac_reward_zero_std", "sevens_mean", "completions/mean_length",
@@ -740,8 +784,10 @@ def test_sampling_runs_on_two_processes_resume_exactly(chat_dir, tmp_path, monke
                   grad_accum=2, eval_every=4, eval_batches=2, ckpt_every=4, progress=False, lr=1e-2,
                   **(dict(grpo_reward=SPEC, grpo_generations=2, grpo_max_new_tokens=4, grpo_log_completions=1000)
                      if "grpo" in kind else teacher))
-    if kind == "grpo-iterations":  # the step-4 checkpoint is mid-way through a generation's 3 steps: both ranks'
-        common.update(grpo_iterations=3, grpo_scale_rewards="batch", sample_stop_tokens=[7, 9])  # samples in it
+    if kind == "grpo-iterations":  # the step-4 checkpoint is mid-way through a generation's 6 steps (4 micro-batches,
+        # 2 a step, 3 times over): both ranks' samples in it; batch scaling by the std of the generation's on both
+        common.update(grpo_iterations=3, grpo_steps_per_generation=4, grpo_scale_rewards="batch",
+                      sample_stop_tokens=[7, 9])
     else:  # (a mid-generation checkpoint holds each rank's samples: it resumes on as many processes)
         trainer.train(TrainConfig(**common, out_dir=str(tmp_path / "two/cross"), batch_size=4), stop_at=6)
     run_two_processes({**common, "out_dir": str(tmp_path / "two"), "batch_size": 2, "dist_mode": mode,
@@ -766,12 +812,12 @@ def test_sampling_runs_on_two_processes_resume_exactly(chat_dir, tmp_path, monke
         lengths = [name for name in log[0] if name.startswith("completions/")]
         assert len(lengths) == 7 and [ddp[0][name] for name in lengths] == [log[0][name] for name in lengths]
     # TRL's completions/ lengths over both ranks' samples (a MAX over the ranks): the mean between them
-    for r in log if "grpo" in kind and kind != "grpo-iterations" else log[::3] if "grpo" in kind else ():
+    for r in log if "grpo" in kind and kind != "grpo-iterations" else log[::6] if "grpo" in kind else ():
         assert r["completions/min_length"] <= r["completions/mean_length"] <= r["completions/max_length"] <= 4
         assert r["completions/min_terminated_length"] <= r["completions/mean_terminated_length"] \
             <= r["completions/max_terminated_length"]
-    if kind == "grpo-iterations":  # a generation's 3 steps: its rewards; clipped ratios after its first
-        assert [("reward" in r, "completions/mean_length" in r) for r in log] == [(s % 3 == 0,) * 2 for s in range(8)]
+    if kind == "grpo-iterations":  # a generation's 6 steps: its rewards; clipped ratios after its first
+        assert [("reward" in r, "completions/mean_length" in r) for r in log] == [(s % 6 == 0,) * 2 for s in range(8)]
         assert log[0]["clip_ratio/region_mean"] == 0 and all(0 <= r["clip_ratio/region_mean"] < 1 for r in log)
         for r in log:  # (the extremes over both ranks' samples, a MAX collective: a sum could pass 1)
             assert 0 <= r["clip_ratio/low_min"] <= r["clip_ratio/low_mean"] + 1e-12
@@ -816,6 +862,8 @@ def test_grpo_options_are_checked(data_dir, pairs_dir, tmp_path):  # noqa: F811
                                    (dict(grpo_reward=SPEC, grpo_loss_type="ppo"), "grpo_loss_type must be one of", ValueError),
                                    (dict(grpo_reward=SPEC, grpo_scale_rewards="z"), "grpo_scale_rewards group", ValueError),
                                    (dict(grpo_reward=SPEC, grpo_iterations=0), "grpo_iterations must be >= 1", ValueError),
+                                   (dict(grpo_reward=SPEC, grad_accum=2, grpo_steps_per_generation=3),
+                                    "grpo_steps_per_generation must be a multiple of grad_accum", ValueError),
                                    (dict(grpo_reward=SPEC, grpo_log_completions=-1), "grpo_log_completions must be >= 0",
                                     ValueError),
                                    (dict(grpo_reward=SPEC, grpo_epsilon=1.5), "grpo_epsilon in", ValueError),

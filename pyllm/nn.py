@@ -1297,6 +1297,94 @@ def liger_fused_linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, 
                                   return_predicted_tokens)(weight, input, target, bias)
 
 
+class CrossEntropyOutput(NamedTuple):
+    """LigerCrossEntropyLoss's output when any return_* is asked for: Liger-Kernel's
+    CrossEntropyOutput's four fields, by name (None where not asked for), or unpacked."""
+    loss: torch.Tensor
+    z_loss: torch.Tensor | None = None
+    token_accuracy: torch.Tensor | None = None
+    predicted_tokens: torch.Tensor | None = None
+
+
+class LigerCrossEntropyLoss(nn.Module):
+    """Liger-Kernel's LigerCrossEntropyLoss (the loss over logits) over pyllm.cross_entropy: its
+    arguments in its order (weight, ignore_index -100, lse_square_scale as z_loss, label_smoothing,
+    reduction "mean", "sum" or "none", softcap, return_z_loss, return_token_accuracy,
+    return_predicted_tokens) and forward(_input (..., V), target (...)). The loss alone, or with any
+    return_* a CrossEntropyOutput (loss, z_loss, token_accuracy, predicted_tokens) as Liger's: z_loss
+    the z-loss's share of the loss (detached), token_accuracy the share of counted targets that are
+    their row's first argmax ("mean" and "sum"; NaN when none counts) or each row's 1.0 / 0.0 ("none";
+    0.0 where ignored), predicted_tokens each row's argmax over its final (capped) logits, int64,
+    flat, -1 where ignored. "mean" with every target ignored gives 0, as Liger's (pyllm.cross_entropy:
+    NaN). Unlike Liger's: the logits are not overwritten by their gradient (Liger writes it into
+    _input in the forward; pyllm's backward recomputes it), the loss is fp32 for 16-bit logits (Liger
+    sums the rows' losses in their dtype), and class weights go without label_smoothing and
+    lse_square_scale (refused: Liger weighs the smoothing term by class and leaves z-loss unweighted)."""
+
+    def __init__(self, weight: torch.Tensor | None = None, ignore_index: int = -100, lse_square_scale: float = 0.0,
+                 label_smoothing: float = 0.0, reduction: str = "mean", softcap: float | None = None,
+                 return_z_loss: bool = False, return_token_accuracy: bool = False,
+                 return_predicted_tokens: bool = False):
+        _check_reduction("LigerCrossEntropyLoss", reduction)
+        label_smoothing, lse_square_scale = _smoothing_and_z_loss("LigerCrossEntropyLoss", label_smoothing,
+                                                                  lse_square_scale, "lse_square_scale")
+        if softcap is not None and softcap == 0:  # (Liger asserts softcap > 0; 0 is not "no cap")
+            raise ValueError("LigerCrossEntropyLoss: softcap must be None or positive and finite, got 0 (None: no cap)")
+        _logit_shape("LigerCrossEntropyLoss", 1.0, softcap)
+        if weight is not None and (label_smoothing or lse_square_scale):
+            raise NotImplementedError("LigerCrossEntropyLoss: class weights go without label_smoothing and "
+                                      "lse_square_scale in pyllm (as pyllm.cross_entropy's weight=)")
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.ignore_index, self.lse_square_scale, self.label_smoothing = ignore_index, lse_square_scale, label_smoothing
+        self.reduction, self.softcap, self.return_z_loss = reduction, softcap, bool(return_z_loss)
+        self.return_token_accuracy, self.return_predicted_tokens = bool(return_token_accuracy), \
+            bool(return_predicted_tokens)
+
+    def forward(self, _input: torch.Tensor, target: torch.Tensor):
+        weighted = self.weight is not None
+        out = cross_entropy_ops.cross_entropy(_input, target, self.weight, ignore_index=self.ignore_index,
+                                              reduction=self.reduction, label_smoothing=self.label_smoothing,
+                                              z_loss=self.lse_square_scale, softcap=self.softcap,
+                                              return_z_loss=not weighted)
+        loss, z_loss = (out, torch.zeros_like(out)) if weighted else out  # (weighted: no z-loss, refused above)
+        if self.reduction == "mean":  # Liger's 0 where every target is ignored (no host sync: a select)
+            none = (target == self.ignore_index).all()
+            loss, z_loss = (torch.where(none, torch.zeros_like(t), t) for t in (loss, z_loss))
+        if not (self.return_z_loss or self.return_token_accuracy or self.return_predicted_tokens):
+            return loss
+        accuracy = predicted = None
+        if self.return_token_accuracy or self.return_predicted_tokens:
+            with torch.no_grad():
+                rows = _input.detach().reshape(-1, _input.shape[-1])
+                flat = target.reshape(-1).long()
+                predicted = cross_entropy_ops.predicted_of(rows, flat, self.ignore_index, 1.0,
+                                                           float(self.softcap or 0.0))
+                hits = ((predicted == flat) & (flat != self.ignore_index)).float()
+                accuracy = (hits.reshape(target.shape) if self.reduction == "none"
+                            else hits.sum() / (flat != self.ignore_index).sum())
+        return CrossEntropyOutput(loss, z_loss if self.return_z_loss else None,
+                                  accuracy if self.return_token_accuracy else None,
+                                  predicted if self.return_predicted_tokens else None)
+
+
+def liger_cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
+                        size_average=None, ignore_index: int = -100, reduce=None, reduction: str = "mean",
+                        label_smoothing: float = 0.0, lse_square_scale: float = 0.0, softcap: float | None = None,
+                        return_z_loss: bool = False, return_token_accuracy: bool = False,
+                        return_predicted_tokens: bool = False):
+    """Liger-Kernel's functional form, liger_kernel.transformers.functional.liger_cross_entropy: its
+    arguments in its order (F.cross_entropy's, then lse_square_scale, softcap and the return_*
+    flags), computed and returned as LigerCrossEntropyLoss(...)(input, target). The deprecated
+    size_average / reduce map to a reduction as torch's do (Liger ignores them)."""
+    if size_average is not None or reduce is not None:
+        from torch.nn import _reduction
+
+        reduction = _reduction.legacy_get_string(size_average, reduce)  # (warns, as torch's)
+    return LigerCrossEntropyLoss(weight, ignore_index, lse_square_scale, label_smoothing, reduction, softcap,
+                                 return_z_loss, return_token_accuracy, return_predicted_tokens)(input, target)
+
+
 def _check_reduction(name: str, reduction) -> None:
     if reduction not in ("sum", "mean", "none"):
         raise ValueError(f"{name}: reduction must be 'sum', 'mean' or 'none', got {reduction!r}")

@@ -915,6 +915,96 @@ def test_token_stats_are_checked_and_compile():
     assert all(torch.equal(a, b) for a, b in zip(compiled, eager)) and len(eager) == 3
 
 
+def liger_reference(logits, targets, weight, ignore_index, lse_square_scale, label_smoothing, reduction, softcap):
+    """Liger-Kernel's LigerCrossEntropyFunction's loss and z-loss, its kernel's formulas written in
+    logits' dtype (float64: the reference): z capped, each counted row (1 - e) w_y (lse - z_y) + e / V
+    sum_i w_i (lse - z_i) + s lse^2, "mean" divided by the counted rows' w_y summed (z-loss by their
+    number), 0 for none."""
+    z = logits if softcap is None else softcap * torch.tanh(logits / softcap)
+    V = z.shape[-1]
+    w = torch.ones(V, dtype=z.dtype) if weight is None else weight.to(z.dtype)
+    counted = targets != ignore_index
+    t = torch.where(counted, targets, 0)
+    lse = torch.logsumexp(z, -1)
+    nll = w[t] * (lse - z.gather(-1, t[..., None])[..., 0])
+    smooth = label_smoothing / V * ((lse[..., None] - z) * w).sum(-1)
+    z_loss = torch.where(counted, lse_square_scale * lse.square(), 0.0)
+    rows = torch.where(counted, (1 - label_smoothing) * nll + smooth, 0.0) + z_loss
+    if reduction == "none":
+        return rows, z_loss
+    if reduction == "sum":
+        return rows.sum(), z_loss.sum()
+    n, wsum = counted.sum(), torch.where(counted, w[t], 0.0).sum()
+    main = (rows - z_loss).sum() / wsum if n else rows.sum() * 0
+    return main + (z_loss.sum() / n if n else 0.0), z_loss.sum() / n if n else z_loss.sum() * 0
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_ligers_cross_entropy_module_and_functional(reduction):
+    # pyllm.nn.LigerCrossEntropyLoss: Liger-Kernel's LigerCrossEntropyLoss's arguments in its order,
+    # forward(_input, target) and CrossEntropyOutput (loss, z_loss, token_accuracy, predicted_tokens)
+    # when any return_* is asked; the loss and the gradient its formulas give (float64); "mean" over no
+    # counted target 0 (zero gradient), accuracy NaN; liger_cross_entropy its functional signature
+    from pyllm.nn import CrossEntropyOutput, LigerCrossEntropyLoss, liger_cross_entropy
+
+    g = torch.Generator().manual_seed(11)
+    logits = torch.randn(2, 7, 50, dtype=torch.float64, generator=g) * 3
+    targets = torch.randint(0, 50, (2, 7), generator=g)
+    targets[0, ::3] = -100
+    targets[1, 2] = logits[1, 2].argmax()
+    weight = torch.rand(50, dtype=torch.float64, generator=g) + 0.5
+    for args in ((None, -100, 1e-2, 0.1, reduction, 4.0), (weight, -100, 0.0, 0.0, reduction, None),
+                 (None, 7, 0.0, 0.2, reduction, None)):
+        t = targets.clone()
+        if args[1] == 7:
+            t[t == -100] = 7
+        x = logits.clone().requires_grad_()
+        out = LigerCrossEntropyLoss(*args, True, True, True)(x, t)
+        assert isinstance(out, CrossEntropyOutput)
+        y = logits.clone().requires_grad_()
+        ref, z_ref = liger_reference(y, t, *args)
+        dout = torch.rand(ref.shape, dtype=torch.float64, generator=g) + 0.5
+        (grad,), (grad_ref,) = torch.autograd.grad(out.loss, x, dout), torch.autograd.grad(ref, y, dout)
+        assert rel_err(out.loss, ref) < 1e-13 and rel_err(grad, grad_ref) < 1e-13
+        assert rel_err(out.z_loss, z_ref) < 1e-13 or (args[2] == 0 and not out.z_loss.any())
+        z = logits if args[5] is None else args[5] * torch.tanh(logits / args[5])
+        top = torch.where(t != args[1], z.argmax(-1), -1)
+        assert out.predicted_tokens.dtype == torch.int64 and torch.equal(out.predicted_tokens, top.reshape(-1))
+        hits = ((top == t) & (t != args[1])).float()
+        accuracy = hits if reduction == "none" else hits.sum() / (t != args[1]).sum()
+        assert torch.equal(out.token_accuracy, accuracy) and hits.any()
+        # the functional form: F.cross_entropy's arguments first (size_average, reduce: torch's), then Liger's
+        named = liger_cross_entropy(logits, t, args[0], ignore_index=args[1], lse_square_scale=args[2],
+                                    label_smoothing=args[3], reduction=reduction, softcap=args[5])
+        assert torch.equal(named, LigerCrossEntropyLoss(*args)(logits, t))
+    x = logits.clone().requires_grad_()
+    ignored = torch.full((2, 7), -100)
+    out = LigerCrossEntropyLoss(None, -100, 1e-2, 0.1, reduction, None, True, True)(x, ignored)
+    out.loss.sum().backward()
+    assert not out.loss.any() and not out.z_loss.any() and not x.grad.any() and out.predicted_tokens is None
+    assert out.token_accuracy.isnan().all() if reduction != "none" else not out.token_accuracy.any()
+    # 16-bit logits: the loss in fp32 within twice torch's fp32-from-bf16 error of the float64 one
+    half = logits.to(torch.bfloat16)
+    ours = LigerCrossEntropyLoss(lse_square_scale=1e-3, label_smoothing=0.1, reduction=reduction)(half, targets)
+    ref, _ = liger_reference(half.double(), targets, None, -100, 1e-3, 0.1, reduction, None)
+    theirs, _ = liger_reference(half.float(), targets, None, -100, 1e-3, 0.1, reduction, None)
+    assert ours.dtype == torch.float32 and rel_err(ours, ref) <= tolerance(theirs.float(), ref)
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        assert liger_cross_entropy(logits, targets, None, None, -100, False).shape == targets.shape  # (reduce=False)
+    if reduction == "mean":  # torch.compile traces it whole (the custom op, the argmax in torch ops)
+        module = LigerCrossEntropyLoss(None, -100, 1e-3, 0.0, reduction, 5.0, True, True, True)
+        torch._dynamo.reset()
+        compiled, eager = torch.compile(module, fullgraph=True)(logits, targets), module(logits, targets)
+        assert all(rel_err(a, b) < 1e-14 for a, b in zip(compiled, eager))
+    with pytest.raises(NotImplementedError, match="without label_smoothing and lse_square_scale"):
+        LigerCrossEntropyLoss(weight, label_smoothing=0.1)
+    with pytest.raises(ValueError, match="softcap must be None or positive"):
+        LigerCrossEntropyLoss(softcap=0.0)
+    with pytest.raises(ValueError, match="reduction must be"):
+        LigerCrossEntropyLoss(reduction="avg")
+
+
 def test_ligers_functional_fused_linear_cross_entropy():
     # liger_kernel.transformers.functional.liger_fused_linear_cross_entropy's signature (input first,
     # bias 4th, ignore_index -100, "mean"), positionally and by name: LinearCrossEntropyLoss's values

@@ -815,9 +815,9 @@ def _linear_cross_entropy_with_grads(x, weight, targets, chunk_rows: int, need_x
     def chunk(rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
         xc, tc = x[rows], targets[rows]
         logits = buffers.logits(xc, weight)  # (c, V) in x's dtype
-        if predicted_out is not None:  # (before the gradient overwrites the logits; torch ops: a metric asked for)
-            predicted_out[rows] = cross_entropy_ops.predicted_of(logits, tc, -1, scale, softcap)
         if cross_entropy_ops.takes(logits):  # one kernel pass per row; the gradient lands over the logits
+            if predicted_out is not None:  # (before the gradient overwrites the logits; torch ops: a metric asked for)
+                predicted_out[rows] = cross_entropy_ops.predicted_of(logits, tc, -1, scale, softcap)
             loss, z_rows = cross_entropy_ops.cross_entropy_rows_(
                 logits, tc, ignore_index=-1, scale=scale, softcap=softcap, label_smoothing=label_smoothing,
                 z_loss=z_loss, want_grad=need_x or need_w, grad_rows=None if grad_rows is None else grad_rows[rows],
@@ -830,6 +830,8 @@ def _linear_cross_entropy_with_grads(x, weight, targets, chunk_rows: int, need_x
         # elsewhere (fp64 on CUDA, devices without kernels) in torch ops: scaled and capped in fp32
         logits, tanh = _final_logits(logits.to(acc), scale, softcap)
         valid = tc != -1
+        if predicted_out is not None:  # (from the final logits made once for the loss: predicted_of's values)
+            predicted_out[rows] = torch.where(valid, logits.argmax(dim=-1), -1)
         # A target outside [0, V) that is not ignored gives its row NaN, loss and gradient, as the
         # kernels do (clamped, it had been read as word 0: HF's -100 with the default ignore_index);
         # found on the device, without a host sync.

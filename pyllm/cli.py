@@ -984,7 +984,7 @@ _GOES_WITH = {
     **{name: (lambda c: bool(c.grpo_reward), "grpo_reward (GRPO)") for name in (
         "grpo_reward_weights", "grpo_generations", "grpo_max_new_tokens", "grpo_temperature", "grpo_beta",
         "grpo_loss_type", "grpo_scale_rewards", "grpo_iterations", "grpo_steps_per_generation", "grpo_epsilon",
-        "grpo_epsilon_high",
+        "grpo_epsilon_high", "grpo_top_p", "grpo_top_k", "grpo_delta",
         "grpo_importance_sampling", "grpo_log_completions", "grpo_mask_truncated", "grpo_kl_bias_correction")},
 }
 
@@ -2296,6 +2296,10 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grpo-max-new-tokens", type=int, help="GRPO: at most this many tokens a sample (default 128)")
     p.add_argument("--grpo-temperature", type=float, help="GRPO: samples drawn at this temperature, and their "
                    "log-probabilities taken at it, as TRL's (default 1)")
+    p.add_argument("--grpo-top-p", type=float, help="GRPO: samples drawn from the likeliest tokens whose probabilities "
+                   "sum to P (TRL's top_p; default 1: all); their log-probabilities the whole distribution's, as TRL's")
+    p.add_argument("--grpo-top-k", type=int, help="GRPO: samples drawn from the K likeliest tokens (TRL's top_k; "
+                   "default 0: all)")
     p.add_argument("--grpo-loss-type", choices=("dapo", "grpo", "bnpo", "dr_grpo", "cispo", "sapo"),
                    help="GRPO: the sampled tokens' losses summed and divided by the step's sampled tokens (dapo, the "
                         "default, TRL's), each sample's then the samples' number (grpo), the micro-batch's tokens "
@@ -2312,6 +2316,8 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                         "multiple of --grad-accum; default --grad-accum) and trains N / grad_accum optimizer steps "
                         "on them in turn, off-policy after the first (the ratio to the sampling policy clipped)")
     p.add_argument("--grpo-epsilon", type=float, help="GRPO: the ratio's lower clip, 1 - eps (default 0.2)")
+    p.add_argument("--grpo-delta", type=float, help="GRPO: the unclipped ratio capped at delta too (INTELLECT-2's "
+                   "two-sided clip, TRL's delta; above 1 + eps_high; default none)")
     p.add_argument("--grpo-epsilon-high", type=float, help="GRPO: the ratio's upper clip, 1 + eps_high (default: "
                    "--grpo-epsilon; DAPO's clip-higher: 0.28)")
     p.add_argument("--grpo-importance-sampling", choices=("token", "sequence"),

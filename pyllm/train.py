@@ -74,6 +74,8 @@ class TrainConfig:
     grpo_generations: int = 8  # GRPO: samples per prompt, the group whose rewards are normalized (TRL's num_generations)
     grpo_max_new_tokens: int = 128  # GRPO: at most this many tokens a sample
     grpo_temperature: float = 1.0  # GRPO: samples drawn at this temperature (TRL's default)
+    grpo_top_p: float = 1.0  # GRPO: samples drawn from the likeliest tokens whose probabilities sum to top_p (TRL's); 1: all
+    grpo_top_k: int = 0  # GRPO: samples drawn from the top_k likeliest tokens (TRL's); 0: all
     grpo_beta: float = 0.0  # GRPO: the KL penalty's weight, against the starting model (LoRA: the updates off); 0: none (TRL's default)
     grpo_loss_type: str = "dapo"  # GRPO: the token losses' sum divided by: dapo (the step's tokens; TRL's default) | grpo | bnpo | dr_grpo; or cispo | sapo
     grpo_scale_rewards: str = "group"  # GRPO: advantages divided by the std of their group | batch (the step's) | none (Dr. GRPO)
@@ -81,6 +83,7 @@ class TrainConfig:
     grpo_steps_per_generation: int = 0  # GRPO: micro-batches a generation samples (TRL's steps_per_generation), a multiple of grad_accum; 0: grad_accum
     grpo_epsilon: float = 0.2  # GRPO: the ratio clipped to [1 - epsilon, 1 + epsilon_high]
     grpo_epsilon_high: float = 0.0  # GRPO: 0: epsilon (DAPO's clip-higher: 0.28)
+    grpo_delta: float = 0.0  # GRPO: the unclipped ratio capped at delta (INTELLECT-2's two-sided clip, TRL's delta); 0: none
     grpo_importance_sampling: str = "token"  # GRPO: the ratio p / p_old per token | sequence (GSPO: the exp of its tokens' mean log-ratio)
     grpo_log_completions: int = 0  # GRPO: each generation's first N samples (every rank's) to completions.jsonl
     grpo_mask_truncated: bool = False  # GRPO: samples that end without a stop token are not trained on (DAPO's overlong filtering)
@@ -264,6 +267,13 @@ class TrainConfig:
         if self.grpo_iterations < 1 or not 0.0 < self.grpo_epsilon < 1.0 or not 0.0 <= self.grpo_epsilon_high < math.inf:
             raise ValueError(f"TrainConfig.grpo_iterations must be >= 1, grpo_epsilon in (0, 1) and grpo_epsilon_high "
                              f">= 0, got {self.grpo_iterations}, {self.grpo_epsilon} and {self.grpo_epsilon_high}")
+        if not 0.0 < self.grpo_top_p <= 1.0 or self.grpo_top_k < 0:
+            raise ValueError(f"TrainConfig.grpo_top_p must be in (0, 1] and grpo_top_k >= 0 (1 and 0: off), got "
+                             f"{self.grpo_top_p} and {self.grpo_top_k}")
+        if self.grpo_delta and not (1.0 < self.grpo_delta < math.inf and self.grpo_loss_type not in ("cispo", "sapo")):
+            raise ValueError(f"TrainConfig.grpo_delta must be 0 (none) or above 1 (INTELLECT-2 suggests more than 1 + "
+                             f"epsilon_high), and goes with the clipped loss types (not cispo or sapo, which do not "
+                             f"clip so), got {self.grpo_delta} with grpo_loss_type {self.grpo_loss_type}")
         if self.grpo_steps_per_generation < 0 or self.grpo_steps_per_generation % self.grad_accum:
             raise ValueError(f"TrainConfig.grpo_steps_per_generation must be a multiple of grad_accum (each optimizer "
                              f"step trains on grad_accum of a generation's micro-batches) or 0 (grad_accum), got "
@@ -1337,8 +1347,10 @@ def kto_weight_advice(labels, desirable_weight: float, undesirable_weight: float
 
 
 def sample_replies(model: LLM, prompts: list[list[int]], max_new_tokens: int, temperature: float,
-                   stop_tokens, generator: torch.Generator | None, limit: int | None = None) -> list[list[int]]:
-    """Each prompt's sample (generate_batch: all at once, eval mode, no autograd), in the model's own
+                   stop_tokens, generator: torch.Generator | None, limit: int | None = None,
+                   top_k: int | None = None, top_p: float | None = None) -> list[list[int]]:
+    """Each prompt's sample (generate_batch: all at once, eval mode, no autograd, top_k and top_p as
+    it takes them), in the model's own
     dtype outside autocast, at most max_new_tokens and what the model's block_size leaves. Under
     FSDP2 the whole model is gathered for it (gathered); every rank must call it then, with
     prompts or without."""
@@ -1360,7 +1372,8 @@ def sample_replies(model: LLM, prompts: list[list[int]], max_new_tokens: int, te
             (stance("force_eager") if stance else contextlib.nullcontext()):
         if not prompts:
             return []
-        return model.generate_batch(prompts, new, temperature, generator=generator, stop_tokens=stop_tokens)
+        return model.generate_batch(prompts, new, temperature, top_k, top_p, generator=generator,
+                                    stop_tokens=stop_tokens)
 
 
 def pack_replies(prompts: list[list[int]], replies: list[list[int]], T: int, device,
@@ -1667,7 +1680,7 @@ def grpo_rollout(policy: LLM, batch, cfg: TrainConfig, reward_fns: list, generat
     groups = [prompt for prompt in prompts for _ in range(G)]
     group_rows = [rows[segment] for segment in segments for _ in range(G)] if rows is not None else None
     samples = sample_replies(policy, groups, cfg.grpo_max_new_tokens, cfg.grpo_temperature, cfg.sample_stop_tokens,
-                             generator, limit=T)
+                             generator, limit=T, top_k=cfg.grpo_top_k, top_p=cfg.grpo_top_p)
     stops = set(cfg.sample_stop_tokens)
     trained = [bool(s) and s[-1] in stops for s in samples] if cfg.grpo_mask_truncated else None
     packed = pack_replies(groups, samples, T, batch[0].device, trained)
@@ -1872,8 +1885,8 @@ def grpo_prepare(rollouts: list[dict], cfg: TrainConfig, info: DistInfo, policy:
 
 def grpo_loss(model, rollout: dict, cfg: TrainConfig, world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """GRPO's loss on a prepared rollout (grpo_rollout, grpo_prepare), as TRL's GRPOTrainer computes
-    it: per sampled token t of sample i, -min(ratio A_i, clip(ratio, 1 - eps, 1 + eps_high) A_i),
-    ratio = p / p_old (p_old: rollout["old"], else p.detach(): 1 in value, one update per
+    it: per sampled token t of sample i, -min(ratio A_i, clip(ratio, 1 - eps, 1 + eps_high) A_i)
+    (the first ratio capped at cfg.grpo_delta where given: INTELLECT-2's, TRL's delta), ratio = p / p_old (p_old: rollout["old"], else p.detach(): 1 in value, one update per
     generation; cfg.grpo_importance_sampling sequence, GSPO's: exp of the sample's mean log p -
     log p_old, for each of its tokens), plus cfg.grpo_beta times the k3 estimate of KL(policy || reference), exp(d) - d
     - 1 with d = ref - log p; summed over the tokens and divided (cfg.grpo_loss_type) by: grpo,
@@ -1923,7 +1936,10 @@ def grpo_loss(model, rollout: dict, cfg: TrainConfig, world_size: int = 1) -> tu
         per_token = -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * advantage
     else:
         clipped = torch.clamp(ratio, 1 - cfg.grpo_epsilon, 1 + high)
-        per_token = -torch.min(ratio * advantage, clipped * advantage)
+        # INTELLECT-2's two-sided clip (TRL's delta): the unclipped ratio capped too; the KL term's ratio
+        # is not, the clip metrics' is (TRL's)
+        capped = torch.clamp(ratio, max=cfg.grpo_delta) if cfg.grpo_delta else ratio
+        per_token = -torch.min(capped * advantage, clipped * advantage)
     kl = None
     if cfg.grpo_beta:
         d = rollout["ref"].to(token_logps) - token_logps  # 0 where no target: exp(0) - 0 - 1 = 0
@@ -1949,6 +1965,8 @@ def grpo_loss(model, rollout: dict, cfg: TrainConfig, world_size: int = 1) -> tu
         loss = per_token.sum() * (micro / max(rollout["tokens"], 1.0))
     with torch.no_grad():
         kl_sum = (kl.detach() * mask).sum() if kl is not None else mask.new_zeros(())  # (TRL's: a mean per trained token)
+        if cfg.grpo_delta:
+            ratio = capped
         low, high_side = (ratio < 1 - cfg.grpo_epsilon) & (advantage < 0), (ratio > 1 + high) & (advantage > 0)
         if cfg.grpo_loss_type == "cispo":  # TRL's cispo_clip_ratio: the ratio above epsilon_high itself
             low, high_side = torch.zeros_like(low), (ratio > high) & (advantage > 0)

@@ -127,26 +127,54 @@ def test_grpo_log_probabilities_are_at_the_sampling_temperature(chat_dir, beta, 
         torch.testing.assert_close(g, p.grad, rtol=1e-7, atol=1e-12)
 
 
-@pytest.mark.parametrize("loss_type,scale,beta,iterations,level,masked", [
-    ("grpo", "group", 0.0, 1, "token", False), ("grpo", "group", 0.3, 1, "token", False),
-    ("dapo", "group", 0.0, 1, "token", False), ("dapo", "batch", 0.3, 2, "token", True),
-    ("bnpo", "none", 0.0, 2, "token", False), ("dr_grpo", "group", 0.3, 2, "token", False),
-    ("grpo", "none", 0.0, 2, "sequence", False), ("dapo", "group", 0.3, 2, "sequence", True),
-    ("cispo", "group", 0.3, 2, "token", False), ("sapo", "group", 0.0, 2, "token", True)])
-def test_grpo_loss_and_gradients_are_the_formula(chat_dir, loss_type, scale, beta, iterations, level, masked):  # noqa: F811
+def test_grpo_samples_take_top_k_and_top_p(chat_dir):  # noqa: F811
+    # TRL's top_k and top_p (its generation config's): the samples generate_batch draws with them from
+    # the same generator; top_k 1 or a top_p below any token's probability: each prompt's G samples
+    # are its greedy continuation (0 and 1, the defaults: no filter)
+    model = tiny()
+    batch = data.PackedLoader(chat_dir / "train.bin", 3, 32, seed=0).next_batch()
+    prompts = [p for p in trainer.last_reply_prompts(batch, 32) for _ in range(4)]
+    greedy = model.generate_batch(prompts, 5, 0.0)
+    for top_k, top_p, want in ((1, 1.0, greedy), (0, 1e-6, greedy), (5, 0.9, None), (0, 1.0, None)):
+        cfg = TrainConfig(grpo_reward=SPEC, grpo_generations=4, grpo_max_new_tokens=5, grpo_top_k=top_k,
+                          grpo_top_p=top_p)
+        reward = trainer.load_reward(cfg, model, "fp32", torch.device("cpu"))
+        rollout = trainer.grpo_rollout(model, batch, cfg, reward, torch.Generator().manual_seed(1))
+        drawn = model.generate_batch(prompts, 5, 1.0, top_k or None, top_p, generator=torch.Generator().manual_seed(1))
+        assert rollout["completion_ids"] == (want or drawn)
+    assert drawn != greedy
+    for bad, message in ((dict(grpo_top_p=0.0), "grpo_top_p must be in"), (dict(grpo_top_k=-1), "grpo_top_k >= 0"),
+                         (dict(grpo_delta=0.9), "grpo_delta must be 0"),
+                         (dict(grpo_delta=1.5, grpo_loss_type="sapo"), "not cispo or sapo")):
+        with pytest.raises(ValueError, match=message):
+            TrainConfig(grpo_reward=SPEC, **bad).validate()
+
+
+@pytest.mark.parametrize("loss_type,scale,beta,iterations,level,masked,delta", [
+    ("grpo", "group", 0.0, 1, "token", False, 0.0), ("grpo", "group", 0.3, 1, "token", False, 0.0),
+    ("dapo", "group", 0.0, 1, "token", False, 0.0), ("dapo", "batch", 0.3, 2, "token", True, 0.0),
+    ("bnpo", "none", 0.0, 2, "token", False, 0.0), ("dr_grpo", "group", 0.3, 2, "token", False, 0.0),
+    ("grpo", "none", 0.0, 2, "sequence", False, 0.0), ("dapo", "group", 0.3, 2, "sequence", True, 0.0),
+    ("cispo", "group", 0.3, 2, "token", False, 0.0), ("sapo", "group", 0.0, 2, "token", True, 0.0),
+    ("dapo", "group", 0.3, 2, "token", False, 1.16), ("grpo", "none", 0.0, 2, "token", False, 1.1)])
+def test_grpo_loss_and_gradients_are_the_formula(chat_dir, loss_type, scale, beta, iterations, level, masked,  # noqa: F811
+                                                 delta):
     # fp64: each prompt's G samples (the same generator; lengths differ: samples stop at ids < 12),
     # rewards, advantages (r - group mean) / (group std, batch std or 1) and, per sampled token,
     # -min(ratio A, clip(ratio) A) + beta k3-KL against a reference model, ratio = p / p_old (p_old
     # perturbed away from p where there are several iterations: some ratios clipped), summed and
     # divided as loss_type says; level sequence: each sample's ratio exp(mean log-ratio) (GSPO);
-    # masked: samples without a stop token (cut at 5) rewarded but not trained on. Loss and
-    # gradients = that with each sample computed alone.
+    # masked: samples without a stop token (cut at 5) rewarded but not trained on; delta (TRL's,
+    # INTELLECT-2's two-sided clip): the first ratio capped at it (for A < 0 the loss's only bound;
+    # below 1 + eps_high, no token counts as clipped high), not the KL's. Loss and gradients = that
+    # with each sample computed alone.
     model, ref_model = tiny().double(), tiny(dim=96, n_heads=3, n_kv_heads=1).double()
     batch = data.PackedLoader(chat_dir / "train.bin", 3, 32, seed=0).next_batch()
     stops = list(range(12))
     cfg = TrainConfig(grpo_reward=SPEC, grpo_generations=4, grpo_max_new_tokens=5, grpo_beta=beta, sample_stop_tokens=stops,
                       grpo_loss_type=loss_type, grpo_scale_rewards=scale, grpo_iterations=iterations, grpo_epsilon=0.1,
-                      grpo_epsilon_high=0.15, grpo_importance_sampling=level, grpo_mask_truncated=masked)
+                      grpo_epsilon_high=0.15, grpo_importance_sampling=level, grpo_mask_truncated=masked,
+                      grpo_delta=delta)
     reward = trainer.load_reward(cfg, model, "fp32", torch.device("cpu"))
     reference = torch.no_grad()(lambda x, y, cu: ref_model(x, y, cu, per_token=True)[1])
     rollout = trainer.grpo_rollout(model, batch, cfg, reward, torch.Generator().manual_seed(1))
@@ -157,6 +185,8 @@ def test_grpo_loss_and_gradients_are_the_formula(chat_dir, loss_type, scale, bet
         shift = torch.randn(len(cu) - 1, generator=g, dtype=torch.float64)[
             torch.repeat_interleave(torch.arange(len(cu) - 1), cu.diff().long())].view_as(y)
         rollout["old"] = rollout["old"] + (torch.randn(y.shape, generator=g, dtype=torch.float64) + shift) * 0.2 * (y != -1)
+        if delta:  # (the policy's ratios mostly up: some above delta where A < 0, where the cap binds)
+            rollout["old"] = rollout["old"] - 0.3 * (y != -1)
     loss, loss_stats = trainer.grpo_loss(model, rollout, cfg)
     kl_sum, kl_tokens, clipped_tokens, trained_tokens, entropy_sum, low_tokens, high_tokens, low_min, high_max = loss_stats
     loss.backward()
@@ -173,6 +203,7 @@ def test_grpo_loss_and_gradients_are_the_formula(chat_dir, loss_type, scale, bet
     old_flat = rollout["old"].view(-1) if iterations > 1 else None
     terms, kls, clipped, entropies = [], [], 0, []
     lows, highs = [], []  # (TRL's clip_ratio/low_*, high_*: each sample's clipped share, or 0/1 for its ratio)
+    cap_binds = False
     for i, (prompt, sample, a) in enumerate(zip(prompts, samples, advantages)):
         ids = torch.tensor(prompt + sample)
 
@@ -194,7 +225,10 @@ def test_grpo_loss_and_gradients_are_the_formula(chat_dir, loss_type, scale, bet
             tau = 1.0 if a > 0 else 1.05
             term = -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * a
         else:
-            term = -torch.min(ratio * a, torch.clamp(ratio, 0.9, 1.15) * a)
+            capped = torch.clamp(ratio, max=delta) if delta else ratio
+            cap_binds = cap_binds or bool(delta and ((ratio > delta) & (a < 0)).any())
+            term = -torch.min(capped * a, torch.clamp(ratio, 0.9, 1.15) * a)
+            uncapped_ratio, ratio = ratio, capped  # (the clip counts' ratio; the KL's below is the uncapped one)
         if loss_type == "cispo":  # (TRL's cispo_clip_ratio: the ratio above epsilon_high, A > 0)
             clipped_here = int(((ratio > 0.15) & (a > 0)).sum())
         else:
@@ -209,6 +243,8 @@ def test_grpo_loss_and_gradients_are_the_formula(chat_dir, loss_type, scale, bet
             d = logps(ref_model) - logp
         d = d.detach() + logp.detach() - logp  # (d = ref - log p, its gradient -grad log p)
         kl = torch.exp(d) - d - 1
+        if loss_type not in ("cispo", "sapo"):
+            ratio = uncapped_ratio
         terms.append(term + beta * kl * ratio)  # (TRL's use_bias_correction_kl, its default: times the ratio)
         kls.append((kl * ratio).sum())  # (TRL logs the KL as it trains it: times the ratio)
     n, tokens, sampled = len(samples), sum(len(t) for t in terms), sum(map(len, samples))
@@ -233,6 +269,8 @@ def test_grpo_loss_and_gradients_are_the_formula(chat_dir, loss_type, scale, bet
     assert (low_min, high_max) == pytest.approx((min(lows), max(highs)), abs=1e-12)
     assert low_tokens + high_tokens == clipped_tokens and (iterations == 1 or max(highs) + max(lows) > 0)
     assert kl_sum.item() == pytest.approx(beta and torch.stack(kls).sum().item(), abs=1e-9)
+    if delta:  # (the cap binds: a ratio above it with A < 0; at 1.1, under 1 + eps_high, no high clip)
+        assert (max(highs) == 0) == (delta < 1.15) and cap_binds
     cut = [len(p) + len(s) for p, s in zip(prompts, samples)]  # (MFU's count: the sequences computed)
     assert rollout["lengths"] == cut and rollout["targets"] == tokens and sampled >= tokens
     flat = rewards.view(-1)

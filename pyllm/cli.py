@@ -984,7 +984,7 @@ _GOES_WITH = {
     **{name: (lambda c: bool(c.grpo_reward), "grpo_reward (GRPO)") for name in (
         "grpo_reward_weights", "grpo_generations", "grpo_max_new_tokens", "grpo_temperature", "grpo_beta",
         "grpo_loss_type", "grpo_scale_rewards", "grpo_iterations", "grpo_steps_per_generation", "grpo_epsilon",
-        "grpo_epsilon_high", "grpo_top_p", "grpo_top_k", "grpo_delta",
+        "grpo_epsilon_high", "grpo_top_p", "grpo_top_k", "grpo_delta", "grpo_top_entropy_quantile",
         "grpo_importance_sampling", "grpo_log_completions", "grpo_mask_truncated", "grpo_kl_bias_correction")},
 }
 
@@ -2316,6 +2316,10 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                         "multiple of --grad-accum; default --grad-accum) and trains N / grad_accum optimizer steps "
                         "on them in turn, off-policy after the first (the ratio to the sampling policy clipped)")
     p.add_argument("--grpo-epsilon", type=float, help="GRPO: the ratio's lower clip, 1 - eps (default 0.2)")
+    p.add_argument("--grpo-top-entropy-quantile", type=float, metavar="RHO",
+                   help="GRPO: the policy loss on the top RHO of each micro-batch's trained tokens by entropy over "
+                        "every process (TRL's top_entropy_quantile, Beyond the 80/20 Rule: 0.2; the KL term on all; "
+                        "default 1: every token)")
     p.add_argument("--grpo-delta", type=float, help="GRPO: the unclipped ratio capped at delta too (INTELLECT-2's "
                    "two-sided clip, TRL's delta; above 1 + eps_high; default none)")
     p.add_argument("--grpo-epsilon-high", type=float, help="GRPO: the ratio's upper clip, 1 + eps_high (default: "

@@ -84,6 +84,7 @@ class TrainConfig:
     grpo_epsilon: float = 0.2  # GRPO: the ratio clipped to [1 - epsilon, 1 + epsilon_high]
     grpo_epsilon_high: float = 0.0  # GRPO: 0: epsilon (DAPO's clip-higher: 0.28)
     grpo_delta: float = 0.0  # GRPO: the unclipped ratio capped at delta (INTELLECT-2's two-sided clip, TRL's delta); 0: none
+    grpo_top_entropy_quantile: float = 1.0  # GRPO: the policy loss on the top rho of tokens by entropy (TRL's; 0.2 suggested); 1: all
     grpo_importance_sampling: str = "token"  # GRPO: the ratio p / p_old per token | sequence (GSPO: the exp of its tokens' mean log-ratio)
     grpo_log_completions: int = 0  # GRPO: each generation's first N samples (every rank's) to completions.jsonl
     grpo_mask_truncated: bool = False  # GRPO: samples that end without a stop token are not trained on (DAPO's overlong filtering)
@@ -267,6 +268,9 @@ class TrainConfig:
         if self.grpo_iterations < 1 or not 0.0 < self.grpo_epsilon < 1.0 or not 0.0 <= self.grpo_epsilon_high < math.inf:
             raise ValueError(f"TrainConfig.grpo_iterations must be >= 1, grpo_epsilon in (0, 1) and grpo_epsilon_high "
                              f">= 0, got {self.grpo_iterations}, {self.grpo_epsilon} and {self.grpo_epsilon_high}")
+        if not 0.0 <= self.grpo_top_entropy_quantile <= 1.0:
+            raise ValueError(f"TrainConfig.grpo_top_entropy_quantile must be in [0, 1] (1: every token), got "
+                             f"{self.grpo_top_entropy_quantile}")
         if not 0.0 < self.grpo_top_p <= 1.0 or self.grpo_top_k < 0:
             raise ValueError(f"TrainConfig.grpo_top_p must be in (0, 1] and grpo_top_k >= 0 (1 and 0: off), got "
                              f"{self.grpo_top_p} and {self.grpo_top_k}")
@@ -1913,6 +1917,11 @@ def grpo_loss(model, rollout: dict, cfg: TrainConfig, world_size: int = 1) -> tu
                         **balance_kwargs(model, x, cu, at))[1]  # (B, T), 0 where no target
     entropy_sum = getattr(model, "module", model).token_stats_term[0].detach()  # (DDP's; the others read through)
     mask = (y != -1).to(token_logps.dtype)
+    policy_mask = mask  # (the policy term's tokens: cfg.grpo_top_entropy_quantile's)
+    if cfg.grpo_top_entropy_quantile < 1.0:
+        entropies = getattr(model, "module", model).token_stats_rows[..., 0].detach()  # (B, T)
+        policy_mask = high_entropy_mask(entropies, y != -1, 1.0 - cfg.grpo_top_entropy_quantile,
+                                        world_size).to(mask.dtype)
     old = rollout.get("old")
     old = token_logps.detach() if old is None else old.to(token_logps)
     segment = torch.repeat_interleave(torch.arange(len(cu) - 1, device=cu.device), cu.diff().long())
@@ -1940,6 +1949,7 @@ def grpo_loss(model, rollout: dict, cfg: TrainConfig, world_size: int = 1) -> tu
         # is not, the clip metrics' is (TRL's)
         capped = torch.clamp(ratio, max=cfg.grpo_delta) if cfg.grpo_delta else ratio
         per_token = -torch.min(capped * advantage, clipped * advantage)
+    per_token = per_token * policy_mask  # (the KL term below is on every trained token, TRL's)
     kl = None
     if cfg.grpo_beta:
         d = rollout["ref"].to(token_logps) - token_logps  # 0 where no target: exp(0) - 0 - 1 = 0
@@ -1986,6 +1996,22 @@ def grpo_loss(model, rollout: dict, cfg: TrainConfig, world_size: int = 1) -> tu
         stats = torch.stack([kl_sum, mask.sum(), totals[2], counted, entropy_sum.to(mask), totals[0], totals[1],
                              low_min, high_max])
     return loss, stats.double().cpu()
+
+
+def high_entropy_mask(entropies: torch.Tensor, trained: torch.Tensor, threshold: float, world_size: int = 1
+                      ) -> torch.Tensor:
+    """TRL's get_high_entropy_mask ("Beyond the 80/20 Rule", arXiv 2506.01939): the trained tokens
+    (B, T bool) whose entropy is at least the threshold-quantile (torch.quantile's, interpolated)
+    of every rank's trained tokens' entropies in this micro-batch; none where no rank has one.
+    Collective when world_size > 1: every rank calls it for each micro-batch."""
+    local = entropies[trained]
+    if world_size > 1:  # (the ranks' token counts differ: gathered as objects)
+        parts: list = [None] * world_size
+        dist.all_gather_object(parts, local.cpu())
+        local = torch.cat(parts).to(entropies.device)
+    if not local.numel():
+        return torch.zeros_like(trained)
+    return (entropies >= torch.quantile(local, threshold)) & trained
 
 
 def grpo_batch_loss(model, policy: LLM, batch, cfg: TrainConfig, reward_fns: list, generator: torch.Generator | None,

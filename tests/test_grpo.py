@@ -150,15 +150,16 @@ def test_grpo_samples_take_top_k_and_top_p(chat_dir):  # noqa: F811
             TrainConfig(grpo_reward=SPEC, **bad).validate()
 
 
-@pytest.mark.parametrize("loss_type,scale,beta,iterations,level,masked,delta", [
-    ("grpo", "group", 0.0, 1, "token", False, 0.0), ("grpo", "group", 0.3, 1, "token", False, 0.0),
-    ("dapo", "group", 0.0, 1, "token", False, 0.0), ("dapo", "batch", 0.3, 2, "token", True, 0.0),
-    ("bnpo", "none", 0.0, 2, "token", False, 0.0), ("dr_grpo", "group", 0.3, 2, "token", False, 0.0),
-    ("grpo", "none", 0.0, 2, "sequence", False, 0.0), ("dapo", "group", 0.3, 2, "sequence", True, 0.0),
-    ("cispo", "group", 0.3, 2, "token", False, 0.0), ("sapo", "group", 0.0, 2, "token", True, 0.0),
-    ("dapo", "group", 0.3, 2, "token", False, 1.16), ("grpo", "none", 0.0, 2, "token", False, 1.1)])
+@pytest.mark.parametrize("loss_type,scale,beta,iterations,level,masked,delta,rho", [
+    ("grpo", "group", 0.0, 1, "token", False, 0.0, 1.0), ("grpo", "group", 0.3, 1, "token", False, 0.0, 1.0),
+    ("dapo", "group", 0.0, 1, "token", False, 0.0, 1.0), ("dapo", "batch", 0.3, 2, "token", True, 0.0, 1.0),
+    ("bnpo", "none", 0.0, 2, "token", False, 0.0, 1.0), ("dr_grpo", "group", 0.3, 2, "token", False, 0.0, 1.0),
+    ("grpo", "none", 0.0, 2, "sequence", False, 0.0, 1.0), ("dapo", "group", 0.3, 2, "sequence", True, 0.0, 1.0),
+    ("cispo", "group", 0.3, 2, "token", False, 0.0, 1.0), ("sapo", "group", 0.0, 2, "token", True, 0.0, 1.0),
+    ("dapo", "group", 0.3, 2, "token", False, 1.16, 1.0), ("grpo", "none", 0.0, 2, "token", False, 1.1, 1.0),
+    ("dapo", "group", 0.3, 2, "token", True, 0.0, 0.2), ("grpo", "none", 0.0, 1, "sequence", False, 0.0, 0.0)])
 def test_grpo_loss_and_gradients_are_the_formula(chat_dir, loss_type, scale, beta, iterations, level, masked,  # noqa: F811
-                                                 delta):
+                                                 delta, rho):
     # fp64: each prompt's G samples (the same generator; lengths differ: samples stop at ids < 12),
     # rewards, advantages (r - group mean) / (group std, batch std or 1) and, per sampled token,
     # -min(ratio A, clip(ratio) A) + beta k3-KL against a reference model, ratio = p / p_old (p_old
@@ -166,15 +167,17 @@ def test_grpo_loss_and_gradients_are_the_formula(chat_dir, loss_type, scale, bet
     # divided as loss_type says; level sequence: each sample's ratio exp(mean log-ratio) (GSPO);
     # masked: samples without a stop token (cut at 5) rewarded but not trained on; delta (TRL's,
     # INTELLECT-2's two-sided clip): the first ratio capped at it (for A < 0 the loss's only bound;
-    # below 1 + eps_high, no token counts as clipped high), not the KL's. Loss and gradients = that
-    # with each sample computed alone.
+    # below 1 + eps_high, no token counts as clipped high), not the KL's; rho (TRL's
+    # top_entropy_quantile): the policy term on the trained tokens whose entropy is at least the
+    # (1 - rho)-quantile of all of them (the KL's on all). Loss and gradients = that with each sample
+    # computed alone.
     model, ref_model = tiny().double(), tiny(dim=96, n_heads=3, n_kv_heads=1).double()
     batch = data.PackedLoader(chat_dir / "train.bin", 3, 32, seed=0).next_batch()
     stops = list(range(12))
     cfg = TrainConfig(grpo_reward=SPEC, grpo_generations=4, grpo_max_new_tokens=5, grpo_beta=beta, sample_stop_tokens=stops,
                       grpo_loss_type=loss_type, grpo_scale_rewards=scale, grpo_iterations=iterations, grpo_epsilon=0.1,
                       grpo_epsilon_high=0.15, grpo_importance_sampling=level, grpo_mask_truncated=masked,
-                      grpo_delta=delta)
+                      grpo_delta=delta, grpo_top_entropy_quantile=rho)
     reward = trainer.load_reward(cfg, model, "fp32", torch.device("cpu"))
     reference = torch.no_grad()(lambda x, y, cu: ref_model(x, y, cu, per_token=True)[1])
     rollout = trainer.grpo_rollout(model, batch, cfg, reward, torch.Generator().manual_seed(1))
@@ -188,6 +191,7 @@ def test_grpo_loss_and_gradients_are_the_formula(chat_dir, loss_type, scale, bet
         if delta:  # (the policy's ratios mostly up: some above delta where A < 0, where the cap binds)
             rollout["old"] = rollout["old"] - 0.3 * (y != -1)
     loss, loss_stats = trainer.grpo_loss(model, rollout, cfg)
+    packed_entropies = model.token_stats_rows[..., 0].detach().reshape(-1)  # (the pass's own, for rho's ties)
     kl_sum, kl_tokens, clipped_tokens, trained_tokens, entropy_sum, low_tokens, high_tokens, low_min, high_max = loss_stats
     loss.backward()
     got = [p.grad.clone() for p in model.parameters()]
@@ -204,6 +208,7 @@ def test_grpo_loss_and_gradients_are_the_formula(chat_dir, loss_type, scale, bet
     terms, kls, clipped, entropies = [], [], 0, []
     lows, highs = [], []  # (TRL's clip_ratio/low_*, high_*: each sample's clipped share, or 0/1 for its ratio)
     cap_binds = False
+    policy_terms, kl_terms, token_entropies = [], [], []
     for i, (prompt, sample, a) in enumerate(zip(prompts, samples, advantages)):
         ids = torch.tensor(prompt + sample)
 
@@ -218,7 +223,12 @@ def test_grpo_loss_and_gradients_are_the_formula(chat_dir, loss_type, scale, bet
             continue
         with torch.no_grad():  # (TRL's entropy: of the policy's next-token distribution at each trained token)
             lp = torch.log_softmax(model(ids[None])[0][0], -1)[len(prompt) - 1:len(ids) - 1]
-            entropies.append(-(lp.exp() * lp).sum())
+            token_entropies.append(-(lp.exp() * lp).sum(-1))
+            entropies.append(token_entropies[-1].sum())
+            # (a group's samples share their first token's entropy: ties that rounding breaks either way in
+            # the packed pass, so the quantile's mask is taken of the pass's own values, these alike)
+            torch.testing.assert_close(packed_entropies[start:start + len(sample)], token_entropies[-1])
+            token_entropies[-1] = packed_entropies[start:start + len(sample)]
         if loss_type == "cispo":
             term = -torch.clamp(ratio, max=0.15).detach() * a * logp
         elif loss_type == "sapo":
@@ -245,8 +255,13 @@ def test_grpo_loss_and_gradients_are_the_formula(chat_dir, loss_type, scale, bet
         kl = torch.exp(d) - d - 1
         if loss_type not in ("cispo", "sapo"):
             ratio = uncapped_ratio
-        terms.append(term + beta * kl * ratio)  # (TRL's use_bias_correction_kl, its default: times the ratio)
+        policy_terms.append(term)
+        kl_terms.append(beta * kl * ratio)  # (TRL's use_bias_correction_kl, its default: times the ratio)
         kls.append((kl * ratio).sum())  # (TRL logs the KL as it trains it: times the ratio)
+    threshold = torch.quantile(torch.cat(token_entropies), 1 - rho) if rho < 1 else -math.inf
+    kept = [e >= threshold for e in token_entropies]
+    terms = [term * k + kl for term, kl, k in zip(policy_terms, kl_terms, kept)]
+    assert rho == 1 or 0 < sum(k.sum() for k in kept) < sum(map(len, kept))  # (some tokens' policy term off)
     n, tokens, sampled = len(samples), sum(len(t) for t in terms), sum(map(len, samples))
     assert not masked or 0 < len(terms) < n
     # (grpo: the mean over all samples, masked ones adding 0)
@@ -825,7 +840,7 @@ def test_sampling_runs_on_two_processes_resume_exactly(chat_dir, tmp_path, monke
     if kind == "grpo-iterations":  # the step-4 checkpoint is mid-way through a generation's 6 steps (4 micro-batches,
         # 2 a step, 3 times over): both ranks' samples in it; batch scaling by the std of the generation's on both
         common.update(grpo_iterations=3, grpo_steps_per_generation=4, grpo_scale_rewards="batch",
-                      sample_stop_tokens=[7, 9])
+                      sample_stop_tokens=[7, 9], grpo_top_entropy_quantile=0.5)  # (a quantile over both ranks)
     else:  # (a mid-generation checkpoint holds each rank's samples: it resumes on as many processes)
         trainer.train(TrainConfig(**common, out_dir=str(tmp_path / "two/cross"), batch_size=4), stop_at=6)
     run_two_processes({**common, "out_dir": str(tmp_path / "two"), "batch_size": 2, "dist_mode": mode,

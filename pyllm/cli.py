@@ -2300,12 +2300,13 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                    "sum to P (TRL's top_p; default 1: all); their log-probabilities the whole distribution's, as TRL's")
     p.add_argument("--grpo-top-k", type=int, help="GRPO: samples drawn from the K likeliest tokens (TRL's top_k; "
                    "default 0: all)")
-    p.add_argument("--grpo-loss-type", choices=("dapo", "grpo", "bnpo", "dr_grpo", "cispo", "sapo"),
+    p.add_argument("--grpo-loss-type", choices=("dapo", "grpo", "bnpo", "dr_grpo", "cispo", "sapo", "luspo"),
                    help="GRPO: the sampled tokens' losses summed and divided by the step's sampled tokens (dapo, the "
                         "default, TRL's), each sample's then the samples' number (grpo), the micro-batch's tokens "
                         "(bnpo) or samples x --grpo-max-new-tokens (dr_grpo); cispo (MiniMax-M1: the ratio clipped "
-                        "above at --grpo-epsilon-high, detached, times A log p; TRL suggests 5) or sapo (a soft "
-                        "gate for the clip), as TRL computes them")
+                        "above at --grpo-epsilon-high, detached, times A log p; TRL suggests 5), sapo (a soft "
+                        "gate for the clip) or luspo (each sample's sum, then as grpo; with --grpo-importance-sampling "
+                        "sequence), as TRL computes them")
     p.add_argument("--grpo-scale-rewards", choices=("group", "batch", "none"),
                    help="GRPO: advantages divided by the std of their group's rewards (default), of the step's "
                         "(batch), or not (none, Dr. GRPO's)")

@@ -77,7 +77,7 @@ class TrainConfig:
     grpo_top_p: float = 1.0  # GRPO: samples drawn from the likeliest tokens whose probabilities sum to top_p (TRL's); 1: all
     grpo_top_k: int = 0  # GRPO: samples drawn from the top_k likeliest tokens (TRL's); 0: all
     grpo_beta: float = 0.0  # GRPO: the KL penalty's weight, against the starting model (LoRA: the updates off); 0: none (TRL's default)
-    grpo_loss_type: str = "dapo"  # GRPO: the token losses' sum divided by: dapo (the step's tokens; TRL's default) | grpo | bnpo | dr_grpo; or cispo | sapo
+    grpo_loss_type: str = "dapo"  # GRPO: the token losses' sum divided by: dapo (the step's tokens; TRL's default) | grpo | bnpo | dr_grpo; or cispo | sapo | luspo
     grpo_scale_rewards: str = "group"  # GRPO: advantages divided by the std of their group | batch (the step's) | none (Dr. GRPO)
     grpo_iterations: int = 1  # GRPO: optimizer steps on each generation (TRL's num_iterations, mu), the ratio to it clipped
     grpo_steps_per_generation: int = 0  # GRPO: micro-batches a generation samples (TRL's steps_per_generation), a multiple of grad_accum; 0: grad_accum
@@ -1641,7 +1641,7 @@ def _reward_model(spec: str, policy: LLM, precision: str, device: torch.device,
     return score
 
 
-GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
+GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
 # SAPO's gate temperatures for tokens of positive and of other advantages (Soft Adaptive Policy
 # Optimization; TRL's sapo_temperature_pos / _neg defaults).
 SAPO_TEMPERATURES = (1.0, 1.05)
@@ -1902,7 +1902,8 @@ def grpo_loss(model, rollout: dict, cfg: TrainConfig, world_size: int = 1) -> tu
     generation / (world_size * grpo_generation_micro) (TRL's normalizer, its generation's tokens
     times grad_accum / steps_per_generation, over the processes). cispo (MiniMax-M1; TRL's) takes
     -min(ratio, eps_high).detach() A log p per token, divided as dapo; sapo (TRL's) -sigmoid(tau (ratio - 1)) 4 / tau A, tau 1 for A > 0 else
-    1.05 (SAPO_TEMPERATURES), divided as grpo. model: what computes the log-probabilities (DDP's
+    1.05 (SAPO_TEMPERATURES), divided as grpo; luspo (LUSPO, TRL's) clips as grpo and sums each
+    sample's tokens, divided by the samples as grpo (meant for sequence ratios, TRL says). model: what computes the log-probabilities (DDP's
     wrapper). With cfg.grpo_kl_bias_correction (TRL's default) the KL term is times the ratio (and
     so is the KL logged, as TRL logs it). Also the sums for the log (grpo_stat_means): (the trained tokens' KL, the trained tokens,
     those whose ratio was clipped (cispo: TRL's cispo_clip_ratio, above eps_high with A > 0), the
@@ -1967,6 +1968,8 @@ def grpo_loss(model, rollout: dict, cfg: TrainConfig, world_size: int = 1) -> tu
     per_batch = rollout.get("samples", n * micro) / micro
     if cfg.grpo_loss_type in ("grpo", "sapo"):
         loss = (sequence_logps(per_token, cu)[at] / tokens).sum() / (per_batch or 1.0)
+    elif cfg.grpo_loss_type == "luspo":  # each sample's sum (not mean) over its tokens, then as grpo
+        loss = sequence_logps(per_token, cu)[at].sum() / (per_batch or 1.0)
     elif cfg.grpo_loss_type == "bnpo":
         loss = per_token.sum() / mask.sum().clamp(min=1)
     elif cfg.grpo_loss_type == "dr_grpo":

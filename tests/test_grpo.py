@@ -157,7 +157,8 @@ def test_grpo_samples_take_top_k_and_top_p(chat_dir):  # noqa: F811
     ("grpo", "none", 0.0, 2, "sequence", False, 0.0, 1.0), ("dapo", "group", 0.3, 2, "sequence", True, 0.0, 1.0),
     ("cispo", "group", 0.3, 2, "token", False, 0.0, 1.0), ("sapo", "group", 0.0, 2, "token", True, 0.0, 1.0),
     ("dapo", "group", 0.3, 2, "token", False, 1.16, 1.0), ("grpo", "none", 0.0, 2, "token", False, 1.1, 1.0),
-    ("dapo", "group", 0.3, 2, "token", True, 0.0, 0.2), ("grpo", "none", 0.0, 1, "sequence", False, 0.0, 0.0)])
+    ("dapo", "group", 0.3, 2, "token", True, 0.0, 0.2), ("grpo", "none", 0.0, 1, "sequence", False, 0.0, 0.0),
+    ("luspo", "group", 0.3, 2, "sequence", True, 0.0, 1.0)])
 def test_grpo_loss_and_gradients_are_the_formula(chat_dir, loss_type, scale, beta, iterations, level, masked,  # noqa: F811
                                                  delta, rho):
     # fp64: each prompt's G samples (the same generator; lengths differ: samples stop at ids < 12),
@@ -267,6 +268,7 @@ def test_grpo_loss_and_gradients_are_the_formula(chat_dir, loss_type, scale, bet
     # (grpo: the mean over all samples, masked ones adding 0)
     want = {"grpo": torch.stack([t.mean() for t in terms]).sum() / n, "bnpo": torch.cat(terms).sum() / tokens,
             "sapo": torch.stack([t.mean() for t in terms]).sum() / n, "cispo": torch.cat(terms).sum() / tokens,
+            "luspo": torch.stack([t.sum() for t in terms]).sum() / n,  # (TRL's: each sample's sum, their mean)
             "dapo": torch.cat(terms).sum() / tokens,  # (TRL 1.16's count: the trained tokens, not masked ones)
             "dr_grpo": torch.cat(terms).sum() / (n * 5)}[loss_type]
     want.backward()

@@ -405,7 +405,18 @@ def wrap_model(model: LLM, cfg: TrainConfig, info: DistInfo) -> torch.nn.Module:
     if cfg.dist_mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
-        wrapped = DistributedDataParallel(wrapped, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+        # DDP all-reduces its gradients in buckets, and the ring all-reduce adds the ranks' values in an
+        # order set by an element's place in its bucket: on 3 or more ranks the sums round differently
+        # when the layout changes (on 2 a + b is b + a). DDP's first backward reduces all the gradients
+        # in one bucket in parameter order, then rebuilds the buckets in the order the gradients became
+        # ready: a resumed run's first step had used the first layout where the uninterrupted run used
+        # the rebuilt one, 1e-10 off in that step's gradients (bitwise again on 2 ranks). With
+        # find_unused_parameters DDP never rebuilds: every step of every run reduces in its initial
+        # buckets (1 MB first, then 25 MB, the parameters' reverse order); the cost, a walk of the
+        # autograd graph a forward and a small all-reduce of the used-parameter map a step, and a
+        # warning that there were none unused, only on 3 or more processes.
+        wrapped = DistributedDataParallel(wrapped, device_ids=[info.device.index] if info.device.type == "cuda" else None,
+                                          find_unused_parameters=info.world_size > 2)
     else:
         if info.device.type == "cpu" and not hasattr(torch.cpu.Stream, "record_event"):
             raise RuntimeError("dist_mode fsdp on the CPU needs torch >= 2.7 (FSDP2 records events on "

@@ -2741,6 +2741,12 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
                              f"{grpo_generation_steps(cfg)} steps by {len(ckpt['grpo_rollouts'])} process(es) with {len(ckpt['grpo_rollouts'][0])} "
                              "micro-batches each, with their samples: resume it on as many, with as many "
                              "(--grpo-steps-per-generation, or --grad-accum where it is not given)")
+        saved_accum = ckpt["train_config"].get("grad_accum", cfg.grad_accum)
+        if saved_accum != cfg.grad_accum:  # (a step's micro-batches of the generation are counted by it: another
+            # grad_accum had trained some of them twice, or sampled anew and left others untrained)
+            raise ValueError(f"this checkpoint was written mid-way through a GRPO generation, its micro-batches "
+                             f"trained --grad-accum {saved_accum} a step: resume it with --grad-accum {saved_accum} "
+                             "(it may change at a checkpoint between generations)")
         rollouts = to_device(ckpt["grpo_rollouts"][info.rank], info.device)
         upgrade_rollout_stats(rollouts, cfg)
     reference = None  # DPO, IPO, hinge: the starting model's log-probability of every train and val document

@@ -589,6 +589,18 @@ def test_grpo_steps_per_generation_with_iterations_and_resume(chat_dir, tmp_path
     assert losses(run) == [r["loss"] for r in log]
 
 
+def test_grpo_steps_per_generation_resumed_with_another_grad_accum_is_refused(chat_dir, tmp_path):  # noqa: F811
+    # A generation of 4 micro-batches at grad_accum 1 checkpointed after its first 3: resumed at
+    # grad_accum 2 (steps_per_generation kept), step 3 had trained its micro-batches 2 and 3 (2 twice);
+    # at step 2, it had sampled anew (2 and 3 never trained). Refused.
+    kw = dict(grpo_reward=SPEC, grpo_generations=2, grpo_max_new_tokens=4, model=dict(TINY, block_size=32),
+              grpo_steps_per_generation=4, max_steps=4, eval_every=0, ckpt_every=3)
+    trainer.train(config(chat_dir, tmp_path / "run", **kw, grad_accum=1), stop_at=3)
+    with pytest.raises(ValueError, match="resume it with --grad-accum 1"):
+        trainer.train(config(chat_dir, tmp_path / "run", **kw, grad_accum=2), resume=True)
+    trainer.train(config(chat_dir, tmp_path / "run", **kw, grad_accum=1), resume=True)
+
+
 GENERATION_METRICS = {"reward", "reward_std", "frac_reward_zero_std", "sevens_mean", "completions/mean_length",
                       "completions/min_length", "completions/max_length", "completions/clipped_ratio",
                       "completions/mean_terminated_length", "completions/min_terminated_length",

@@ -974,6 +974,7 @@ _GOES_WITH = {
     "beta": (lambda c: bool(c.preference) and c.preference != "reward",
              "a preference loss other than reward (a reward model's Bradley-Terry loss has no beta)"),
     "simpo_gamma": (lambda c: c.preference == "simpo", "preference simpo"),
+    "discopop_tau": (lambda c: c.preference == "discopop", "preference discopop"),
     "desirable_weight": (lambda c: c.preference == "kto", "preference kto"),
     "undesirable_weight": (lambda c: c.preference == "kto", "preference kto"),
     "token_stats": (lambda c: not (c.preference == "reward" or c.teacher or c.grpo_reward),
@@ -2237,7 +2238,9 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                         "DPOTrainer's and KTOTrainer's logits/*; the chosen replies' accuracy, KTO none). From the "
                         "cross-entropy kernel's pass over the logits (one more read of them without --fused-loss). "
                         "Not with a reward model, distillation or GRPO (default on)")
-    p.add_argument("--preference", choices=["dpo", "ipo", "hinge", "simpo", "orpo", "kto", "reward"],
+    p.add_argument("--preference", choices=["dpo", "ipo", "hinge", "simpo", "orpo", "kto", "reward", "robust",
+                                            "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "apo_zero", "apo_down",
+                                            "discopop", "sigmoid_norm"],
                    help="preference tuning on --data of preference pairs: *.jsonl lines of {\"prompt\": ..., "
                         "\"chosen\": ..., \"rejected\": ...} (text, or lists of messages put in the chat template; or "
                         "{\"chosen\": [messages], \"rejected\": [messages]} with a prompt in common), as TRL takes them, "
@@ -2247,18 +2250,22 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                         "need no reference. kto (Ethayarajh et al. 2024) trains on unpaired examples instead: lines of "
                         "{\"prompt\": ..., \"completion\": ..., \"label\": true or false} (TRL's KTO format). "
                         "reward trains a reward model on the pairs (a score head at each reply's last token, "
-                        "-log sigmoid(score chosen - score rejected): TRL's RewardTrainer)")
+                        "-log sigmoid(score chosen - score rejected): TRL's RewardTrainer). TRL's other DPOTrainer "
+                        "loss types compare with the starting model as dpo: robust, exo_pair, nca_pair, bco_pair, "
+                        "sppo_hard, apo_zero, apo_down, discopop and sigmoid_norm")
     p.add_argument("--desirable-weight", type=float, help="kto: the desirable examples' weight (default 1)")
     p.add_argument("--undesirable-weight", type=float, help="kto: the undesirable examples' weight (default 1)")
     # (> 0: TrainConfig's 0 stands for the default, and --beta 0 had trained with it, silently)
     p.add_argument("--beta", type=positive_number, help="the preference loss's beta, > 0 (orpo: its lambda; default: "
-                   "dpo, ipo, hinge, orpo and kto 0.1 as TRL's, simpo 2.0; a reward model's loss has none)")
+                   "0.1 as TRL's, simpo 2.0; a reward model's loss has none)")
     p.add_argument("--simpo-gamma", type=float, help="SimPO's target reward margin (default 0.5)")
-    p.add_argument("--sft-weight", type=float, help="with --preference dpo / ipo / hinge / simpo: plus this times "
+    p.add_argument("--sft-weight", type=float, help="with --preference simpo or the dpo family: plus this times "
                    "the chosen reply's negative log-likelihood per token (RPO; TRL's loss_type [\"sigmoid\", "
                    "\"sft\"] with loss_weights; default 0)")
-    p.add_argument("--label-smoothing", type=float, help="with --preference dpo: the share of pairs taken to be "
-                   "mislabelled (conservative DPO; default 0)")
+    p.add_argument("--label-smoothing", type=float, help="with --preference dpo or robust: the share of pairs "
+                   "taken to be mislabelled (conservative / robust DPO; default 0); exo_pair: EXO's epsilon (1e-3)")
+    p.add_argument("--discopop-tau", type=float, help="with --preference discopop: the log-ratio modulation's "
+                   "temperature (default 0.05, TRL's)")
     p.add_argument("--center-rewards", type=float, help="with --preference reward: TRL's center_rewards_coefficient, "
                    "times the mean squared sum of each pair's scores added to the loss (keeps the scores near 0; "
                    "default 0)")

@@ -1971,7 +1971,11 @@ def sequence_logps(token_logps: torch.Tensor, cu_seqlens: torch.Tensor) -> torch
     return token_logps.new_zeros(cu_seqlens.numel() - 1).index_add(0, doc, token_logps.reshape(-1))
 
 
-PREFERENCE_LOSSES = ("dpo", "ipo", "hinge", "simpo", "orpo", "kto", "reward")
+PREFERENCE_LOSSES = ("dpo", "ipo", "hinge", "simpo", "orpo", "kto", "reward", "robust", "exo_pair", "nca_pair",
+                     "bco_pair", "sppo_hard", "apo_zero", "apo_down", "discopop", "sigmoid_norm")
+# The pair losses of TRL's DPOTrainer (its loss_type), each from the pair's log-ratios to the reference
+DPO_LOSSES = ("dpo", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "apo_zero", "apo_down",
+              "discopop", "sigmoid_norm")
 REFERENCE_FREE = ("simpo", "orpo", "reward")  # no reference model's log-probabilities needed
 
 
@@ -1980,7 +1984,7 @@ def preference_loss(kind: str, chosen_logps: torch.Tensor, rejected_logps: torch
                     ref_rejected_logps: torch.Tensor | None = None, beta: float = 0.1, gamma: float = 0.5,
                     label_smoothing: float = 0.0, desirable: torch.Tensor | None = None, desirable_weight: float = 1.0,
                     undesirable_weight: float = 1.0, kl: torch.Tensor | None = None, center_rewards: float = 0.0,
-                    margin: torch.Tensor | None = None, sft_weight: float = 0.0
+                    margin: torch.Tensor | None = None, sft_weight: float = 0.0, discopop_tau: float = 0.05
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pair losses of preference tuning from each pair's chosen and rejected replies' summed
     log-probabilities (sequence_logps) and their numbers of tokens, with the implicit rewards of the
@@ -2015,26 +2019,43 @@ def preference_loss(kind: str, chosen_logps: torch.Tensor, rejected_logps: torch
              - margin) + center_rewards (chosen + rejected)^2 (margin (P,): each pair's, Llama 2's
              preference-strength margin, TRL's "margin" column; else 0; center_rewards: TRL's
              center_rewards_coefficient); the rewards are the scores (beta is not used).
-    sft_weight (dpo, ipo, hinge, simpo): plus sft_weight times the chosen reply's negative
-    log-likelihood per token (RPO, Pang et al. 2024; TRL's loss_type [..., "sft"] with its weight,
-    MPO's mix; TRL averages it over the batch's chosen tokens, here over each pair's as ORPO's)."""
+    And TRL 1.16's other DPOTrainer loss types, with cr, rr the chosen and rejected rewards
+    beta * (logps - ref_logps) and m = cr - rr (rewards logged as dpo's):
+      robust      Robust DPO (Chowdhury et al. 2024): (-(1 - e) log sigmoid(m) + e log sigmoid(-m)) /
+                  (1 - 2 e), e = label_smoothing, the chance a label is flipped, in [0, 0.5).
+      exo_pair    EXO (Ji et al. 2024): KL of (sigmoid(m), sigmoid(-m)) from (1 - e, e), e =
+                  label_smoothing > 0 (the paper's 1e-3).
+      nca_pair    NCA (Chen et al. 2024): -log sigmoid(cr) - (log sigmoid(-cr) + log sigmoid(-rr)) / 2.
+      bco_pair    BCO's pair form: -log sigmoid(cr) - log sigmoid(-rr).
+      sppo_hard   SPPO, hard labels (Wu et al. 2024): (cr / beta - 1 / (2 beta))^2 + (rr / beta + 1 / (2 beta))^2.
+      apo_zero    APO-zero (D'Oosterlinck et al. 2024): 1 - sigmoid(cr) + sigmoid(rr).
+      apo_down    APO-down: sigmoid(cr) + 1 - sigmoid(m).
+      discopop    DiscoPOP (Chris Lu et al. 2024): -log sigmoid(m) (1 - s) + exp(-m) s, s = sigmoid(m / discopop_tau).
+      sigmoid_norm  dpo's on log-ratios per token, -log sigmoid(beta d) with d per token; rewards
+                  summed as ipo's.
+    sft_weight (simpo and the dpo family, DPO_LOSSES): plus sft_weight times the chosen reply's
+    negative log-likelihood per token (RPO, Pang et al. 2024; TRL's loss_type [..., "sft"] with its
+    weight, MPO's mix; TRL averages it over the batch's chosen tokens, here over each pair's as ORPO's)."""
     if kind not in PREFERENCE_LOSSES:
         raise ValueError(f"preference loss must be one of {', '.join(PREFERENCE_LOSSES)}, got {kind!r}")
     if not beta > 0:
         raise ValueError(f"preference loss: beta must be > 0, got {beta}")
     if kind not in REFERENCE_FREE and (ref_chosen_logps is None or ref_rejected_logps is None):
         raise ValueError(f"the {kind} loss needs the reference model's log-probabilities")
-    if sft_weight and kind not in ("dpo", "ipo", "hinge", "simpo"):
-        raise ValueError(f"preference loss: sft_weight goes with dpo, ipo, hinge or simpo (orpo has its own NLL), "
-                         f"not {kind}")
+    if sft_weight and kind not in DPO_LOSSES + ("simpo",):
+        raise ValueError(f"preference loss: sft_weight goes with simpo and the dpo family ({', '.join(DPO_LOSSES)}; "
+                         f"orpo has its own NLL), not {kind}")
+    if kind == "exo_pair" and not 0.0 < label_smoothing < 1.0:
+        raise ValueError(f"preference loss: exo_pair needs label_smoothing in (0, 1) (EXO's epsilon: 1e-3), got "
+                         f"{label_smoothing}")
     nll = -chosen_logps / chosen_tokens.clamp(min=1) if sft_weight else None  # (before per_token rescales them)
     logged = None
-    if kind == "ipo":  # TRL's rewards (and so its accuracy) for ipo: beta times the summed log-ratio, not per token
+    if kind in ("ipo", "sigmoid_norm"):  # TRL's rewards (and accuracy) for them: beta times the summed log-ratio
         logged = (beta * (chosen_logps - ref_chosen_logps)).detach(), (beta * (rejected_logps - ref_rejected_logps)).detach()
-    per_token = kind in ("ipo", "simpo", "orpo")
+    per_token = kind in ("ipo", "sigmoid_norm", "simpo", "orpo")
     if per_token:  # a reply's mean log-probability per token (empty replies: 0)
         chosen_logps, rejected_logps = chosen_logps / chosen_tokens.clamp(min=1), rejected_logps / rejected_tokens.clamp(min=1)
-        if kind == "ipo":
+        if kind in ("ipo", "sigmoid_norm"):
             ref_chosen_logps = ref_chosen_logps / chosen_tokens.clamp(min=1)
             ref_rejected_logps = ref_rejected_logps / rejected_tokens.clamp(min=1)
     if kind == "reward":
@@ -2044,9 +2065,30 @@ def preference_loss(kind: str, chosen_logps: torch.Tensor, rejected_logps: torch
     else:
         chosen_rewards = beta * (chosen_logps - ref_chosen_logps)
         rejected_rewards = beta * (rejected_logps - ref_rejected_logps)
+    m = chosen_rewards - rejected_rewards  # beta d (the dpo family)
     if kind == "dpo":
-        margin = chosen_rewards - rejected_rewards  # beta d
-        losses = -(1 - label_smoothing) * F.logsigmoid(margin) - label_smoothing * F.logsigmoid(-margin)
+        losses = -(1 - label_smoothing) * F.logsigmoid(m) - label_smoothing * F.logsigmoid(-m)
+    elif kind == "sigmoid_norm":
+        losses = -F.logsigmoid(m)
+    elif kind == "robust":
+        losses = (-(1 - label_smoothing) * F.logsigmoid(m) + label_smoothing * F.logsigmoid(-m)) / (1 - 2 * label_smoothing)
+    elif kind == "exo_pair":
+        losses = (torch.sigmoid(m) * (F.logsigmoid(m) - math.log1p(-label_smoothing))
+                  + torch.sigmoid(-m) * (F.logsigmoid(-m) - math.log(label_smoothing)))
+    elif kind == "nca_pair":
+        losses = (-F.logsigmoid(chosen_rewards) - 0.5 * F.logsigmoid(-chosen_rewards)
+                  - 0.5 * F.logsigmoid(-rejected_rewards))
+    elif kind == "bco_pair":
+        losses = -F.logsigmoid(chosen_rewards) - F.logsigmoid(-rejected_rewards)
+    elif kind == "sppo_hard":
+        losses = (chosen_rewards / beta - 0.5 / beta) ** 2 + (rejected_rewards / beta + 0.5 / beta) ** 2
+    elif kind == "apo_zero":
+        losses = 1 - torch.sigmoid(chosen_rewards) + torch.sigmoid(rejected_rewards)
+    elif kind == "apo_down":
+        losses = torch.sigmoid(chosen_rewards) + 1 - torch.sigmoid(m)
+    elif kind == "discopop":
+        # exp(-m) sigmoid(m / tau) as one exp: TRL's product is inf * 0 = NaN where m < -88 (fp32)
+        losses = -F.logsigmoid(m) * torch.sigmoid(-m / discopop_tau) + torch.exp(F.logsigmoid(m / discopop_tau) - m)
     elif kind == "ipo":
         losses = ((chosen_rewards - rejected_rewards) / beta - 1 / (2 * beta)) ** 2
     elif kind == "hinge":

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from pyllm.data import (PackedLoader, TokenLoader, has_documents, new_temp_file, read_header, read_rows,
                         remove_stale_temp_files)
 from pyllm.model import LLM, ModelConfig, check_fields, lora_targets, save_weights
-from pyllm.nn import PREFERENCE_LOSSES, REFERENCE_FREE, orpo_log_odds, preference_loss, sequence_logps
+from pyllm.nn import DPO_LOSSES, PREFERENCE_LOSSES, REFERENCE_FREE, orpo_log_odds, preference_loss, sequence_logps
 from pyllm.ops import _util
 from pyllm.optim import AdamW, DynamicLossScaler, Muon, MuonAdamW, ZeroAdamW, unscale_clip_check
 
@@ -54,7 +54,8 @@ class TrainConfig:
     preference: str = ""  # on preference pairs: dpo | ipo | hinge | simpo | orpo | kto | reward ("": none)
     beta: float = 0.0  # the preference loss's beta (ORPO's lambda); 0: its usual value (PREFERENCE_BETA)
     simpo_gamma: float = 0.5  # SimPO's target reward margin
-    label_smoothing: float = 0.0  # dpo: the share of pairs taken to be mislabelled (conservative DPO)
+    label_smoothing: float = 0.0  # dpo, robust: the share of pairs taken to be mislabelled (conservative DPO); exo_pair's epsilon
+    discopop_tau: float = 0.05  # preference discopop: the log-ratio modulation's temperature (DiscoPOP's, TRL's default)
     desirable_weight: float = 1.0  # kto: the desirable examples' weight in the loss
     undesirable_weight: float = 1.0  # kto: the undesirable examples'
     center_rewards: float = 0.0  # reward: TRL's center_rewards_coefficient (times the mean of (chosen + rejected)^2)
@@ -196,9 +197,10 @@ class TrainConfig:
         if not (0 < self.desirable_weight < math.inf and 0 < self.undesirable_weight < math.inf):
             raise ValueError(f"TrainConfig.desirable_weight and undesirable_weight must be > 0, got "
                              f"{self.desirable_weight} and {self.undesirable_weight}")
-        if not 0.0 <= self.sft_weight < math.inf or (self.sft_weight and self.preference not in ("dpo", "ipo", "hinge", "simpo")):
-            raise ValueError(f"TrainConfig.sft_weight must be >= 0 and goes with preference dpo, ipo, hinge or simpo, got "
-                             f"{self.sft_weight} with {self.preference or 'no preference loss'!r}")
+        if not 0.0 <= self.sft_weight < math.inf or (self.sft_weight and self.preference not in DPO_LOSSES + ("simpo",)):
+            raise ValueError(f"TrainConfig.sft_weight must be >= 0 and goes with preference simpo or the dpo family "
+                             f"({', '.join(DPO_LOSSES)}), got {self.sft_weight} with "
+                             f"{self.preference or 'no preference loss'!r}")
         if not 0.0 <= self.z_loss < math.inf or (self.z_loss and (self.preference or self.teacher or self.grpo_reward)):
             mode = ("preference tuning" if self.preference else "distillation" if self.teacher else "GRPO"
                     if self.grpo_reward else None)
@@ -212,8 +214,13 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.loss_type must be 'nll' or 'dft', dft with pretraining and SFT (not "
                              f"preference tuning, distillation or GRPO, whose losses are their own), got "
                              f"{self.loss_type!r}" + (f" with {mode}" if mode and self.loss_type == "dft" else ""))
-        if self.label_smoothing and self.preference != "dpo":
-            raise ValueError("TrainConfig.label_smoothing goes with preference dpo")
+        if self.label_smoothing and self.preference not in ("dpo", "robust", "exo_pair"):
+            raise ValueError("TrainConfig.label_smoothing goes with preference dpo, robust or exo_pair")
+        if self.preference == "exo_pair" and not self.label_smoothing:
+            raise ValueError("TrainConfig.label_smoothing: preference exo_pair needs it above 0 (EXO's epsilon; its "
+                             "paper's 1e-3)")
+        if not 0.0 < self.discopop_tau < math.inf:
+            raise ValueError(f"TrainConfig.discopop_tau must be positive and finite, got {self.discopop_tau}")
         if not 0.0 <= self.center_rewards < math.inf or (self.center_rewards and self.preference != "reward"):
             raise ValueError(f"TrainConfig.center_rewards must be >= 0 and goes with preference reward, got "
                              f"{self.center_rewards} (preference {self.preference!r})")
@@ -305,7 +312,8 @@ def lora_alpha_of(rank: int, alpha: float | None) -> float:
 
 
 # Each preference loss's usual beta: TRL's defaults (DPOConfig, ORPOConfig), SimPO's paper's 2.0.
-PREFERENCE_BETA = {"dpo": 0.1, "ipo": 0.1, "hinge": 0.1, "simpo": 2.0, "orpo": 0.1, "kto": 0.1, "reward": 1.0}
+PREFERENCE_BETA = {"dpo": 0.1, "ipo": 0.1, "hinge": 0.1, "simpo": 2.0, "orpo": 0.1, "kto": 0.1, "reward": 1.0,
+                   **{kind: 0.1 for kind in DPO_LOSSES if kind not in ("dpo", "ipo", "hinge")}}
 
 
 def preference_options(cfg) -> dict:
@@ -313,7 +321,7 @@ def preference_options(cfg) -> dict:
     return {"kind": cfg.preference, "beta": cfg.beta or PREFERENCE_BETA[cfg.preference], "gamma": cfg.simpo_gamma,
             "label_smoothing": cfg.label_smoothing, "desirable_weight": cfg.desirable_weight,
             "undesirable_weight": cfg.undesirable_weight, "center_rewards": cfg.center_rewards,
-            "sft_weight": cfg.sft_weight}
+            "sft_weight": cfg.sft_weight, "discopop_tau": cfg.discopop_tau}
 
 
 class TrainingDiverged(RuntimeError):
@@ -876,7 +884,7 @@ def batch_balance_kwargs(model, batch) -> dict:
 # The preference losses whose every pair's loss depends on that pair alone: with fused_loss their
 # gradients are made in the forward, a chunk of whole pairs at a time (LLM.forward's sequence_loss);
 # KTO's each example's alone once the batch's KL estimate is known (its pass comes first).
-FUSED_PREFERENCE_LOSSES = ("dpo", "ipo", "hinge", "simpo", "orpo", "kto")
+FUSED_PREFERENCE_LOSSES = DPO_LOSSES + ("simpo", "orpo", "kto")
 
 
 def preference_batch_loss(model, batch, reference, labels: np.ndarray | None = None,

@@ -1175,10 +1175,25 @@ def test_a_resume_that_changes_the_loss_says_so(data_dir, tmp_path, capsys):
 
 # --- DPO ------------------------------------------------------------------------------------------
 
-def formula(kind, pc, pr, nc, nr, rc, rr, beta, gamma=0.5, smoothing=0.0):
+def formula(kind, pc, pr, nc, nr, rc, rr, beta, gamma=0.5, smoothing=0.0, tau=0.05):
     """The preference losses written out from their papers (TRL's forms), for one pair: policy and
     reference summed log-probabilities of the chosen and rejected replies, their token counts."""
     F = torch.nn.functional
+    cl, rl = pc - rc, pr - rr  # (TRL 1.16's DPOTrainer: chosen_logratios, rejected_logratios)
+    d = beta * (cl - rl)
+    trl = {  # its loss_type formulas, as its _compute_loss writes them
+        "robust": lambda: (-(1 - smoothing) * F.logsigmoid(d) + smoothing * F.logsigmoid(-d)) / (1 - 2 * smoothing),
+        "exo_pair": lambda: (torch.sigmoid(d) * (F.logsigmoid(d) - math.log1p(-smoothing))
+                             + torch.sigmoid(-d) * (F.logsigmoid(-d) - math.log(smoothing))),
+        "nca_pair": lambda: (-F.logsigmoid(beta * cl) - 0.5 * F.logsigmoid(-beta * cl) - 0.5 * F.logsigmoid(-beta * rl)),
+        "bco_pair": lambda: -F.logsigmoid(beta * cl) - F.logsigmoid(-beta * rl),
+        "sppo_hard": lambda: (cl - 0.5 / beta) ** 2 + (rl + 0.5 / beta) ** 2,
+        "apo_zero": lambda: 1 - torch.sigmoid(beta * cl) + torch.sigmoid(beta * rl),
+        "apo_down": lambda: torch.sigmoid(beta * cl) + 1 - torch.sigmoid(beta * (cl - rl)),
+        "discopop": lambda: (-F.logsigmoid(d) * (1 - torch.sigmoid(d / tau)) + torch.exp(-d) * torch.sigmoid(d / tau)),
+        "sigmoid_norm": lambda: -F.logsigmoid(beta * (cl / nc - rl / nr))}
+    if kind in trl:  # (rewards: beta times the summed log-ratios, sigmoid_norm's too)
+        return trl[kind](), beta * cl, beta * rl
     if kind == "dpo":
         d = beta * ((pc - rc) - (pr - rr))
         return -(1 - smoothing) * F.logsigmoid(d) - smoothing * F.logsigmoid(-d), beta * (pc - rc), beta * (pr - rr)
@@ -1223,7 +1238,10 @@ def logps_alone(loader, m, doc, length):
 @pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
 @pytest.mark.parametrize("kind, options", [("dpo", {}), ("dpo", {"label_smoothing": 0.2}), ("ipo", {}), ("hinge", {}),
                                            ("simpo", {"gamma": 0.3}), ("orpo", {}), ("dpo", {"sft_weight": 0.7}),
-                                           ("simpo", {"sft_weight": 0.4})])
+                                           ("simpo", {"sft_weight": 0.4}), ("robust", {"label_smoothing": 0.2}),
+                                           ("exo_pair", {"label_smoothing": 1e-3}), ("nca_pair", {}), ("bco_pair", {}),
+                                           ("sppo_hard", {}), ("apo_zero", {}), ("apo_down", {"sft_weight": 0.3}),
+                                           ("discopop", {"discopop_tau": 0.5}), ("sigmoid_norm", {})])
 def test_preference_batch_loss_is_each_sequence_alone(pairs_dir, kind, options, fused, monkeypatch):
     # fp64: the packed batch's loss and gradients are those of the formula on each sequence's
     # log-probability computed alone (its replies' tokens, cut as the loader cuts pairs to a row);
@@ -1256,7 +1274,8 @@ def test_preference_batch_loss_is_each_sequence_alone(pairs_dir, kind, options, 
         assert reference[c] == pytest.approx(float(ref_c), rel=1e-12) and reference[r] == pytest.approx(float(ref_r), rel=1e-12)
         (pc, nc), (pr, nr) = alone(policy, c, lc), alone(policy, r, lr)
         term, chosen_reward, rejected_reward = formula(kind, pc, pr, nc, nr, ref_c, ref_r, beta,
-                                                       options.get("gamma", 0.5), options.get("label_smoothing", 0.0))
+                                                       options.get("gamma", 0.5), options.get("label_smoothing", 0.0),
+                                                       options.get("discopop_tau", 0.05))
         terms.append(term + options.get("sft_weight", 0.0) * -pc / nc)  # (RPO: the chosen reply's NLL per token)
         rewards.append((chosen_reward.item(), rejected_reward.item()))
         lc_, lr_ = (pc.item() / nc, pr.item() / nr) if kind in ("simpo", "orpo") else (pc.item(), pr.item())
@@ -1442,6 +1461,30 @@ def test_preference_runs_log_trls_token_metrics(pairs_dir, kto_dir, tmp_path, ki
     trainer.train(config(folder, tmp_path / "off", preference=kind, max_steps=1, eval_every=0, token_stats=False))
     record = json.loads((tmp_path / "off/log.jsonl").read_text())
     assert not {"entropy", "mean_token_accuracy", "logits_chosen"} & set(record) and "reward_chosen" in record
+
+
+def test_trls_other_dpo_losses_train(pairs_dir, tmp_path):
+    # TRL's other DPOTrainer loss types as --preference kinds: each trains (the reference pass, its
+    # metrics, the fused path) with its own first loss at the reference (the policy equal to it: every
+    # log-ratio 0); robust's chosen replies come to win as dpo's do.
+    at_reference = {"robust": math.log(2), "exo_pair": -math.log(2) - 0.5 * math.log(1e-3 * (1 - 1e-3)),
+                    "nca_pair": 2 * math.log(2), "bco_pair": 2 * math.log(2), "sppo_hard": 2 * (0.5 / 0.1) ** 2,
+                    "apo_zero": 1.0, "apo_down": 1.0, "discopop": 0.5 * math.log(2) + 0.5, "sigmoid_norm": math.log(2)}
+    for kind, first in at_reference.items():
+        extra = {"label_smoothing": 1e-3} if kind == "exo_pair" else {}
+        trainer.train(config(pairs_dir, tmp_path / kind, preference=kind, max_steps=2, eval_every=2,
+                             fused_loss=kind in ("nca_pair", "discopop"), **extra))
+        log = [json.loads(line) for line in (tmp_path / kind / "log.jsonl").read_text().splitlines()]
+        assert log[0]["loss"] == pytest.approx(first, rel=1e-5), kind
+        assert np.isfinite(log[-1]["val_loss"]) and 0 <= log[-1]["val_reward_accuracy"] <= 1
+    kw = dict(preference="robust", label_smoothing=0.1, beta=0.5, max_steps=16, eval_every=16, lr=3e-3)
+    trainer.train(config(pairs_dir, tmp_path / "learns", **kw))
+    log = [json.loads(line) for line in (tmp_path / "learns/log.jsonl").read_text().splitlines()]
+    assert np.mean([r["reward_accuracy"] for r in log[-8:]]) > 0.6 and log[-1]["val_reward_accuracy"] > 0.6
+    for options, message in ((dict(preference="exo_pair"), "exo_pair needs it above 0"),
+                             (dict(preference="dpo", discopop_tau=0.0), "discopop_tau must be positive")):
+        with pytest.raises(ValueError, match=message):
+            TrainConfig(out_dir=str(tmp_path), **options).validate()
 
 
 def test_dpo_learns_and_resumes_exactly(pairs_dir, tmp_path):

@@ -2270,8 +2270,8 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                    "times the mean squared sum of each pair's scores added to the loss (keeps the scores near 0; "
                    "default 0)")
     p.add_argument("--reference", choices=["precomputed", "lora-off"],
-                   help="dpo, ipo, hinge: the reference model's log-probabilities computed once before training by "
-                        "the starting model (precomputed, the default: kept in the checkpoint) or, with --lora-rank, "
+                   help="dpo and its family, kto: the reference model's log-probabilities computed once before "
+                        "training by the starting model (precomputed, the default: kept in the checkpoint) or, with --lora-rank, "
                         "at each step by the model with its LoRA updates off (lora-off: no pass over the whole set "
                         "first, one more forward per step; PEFT's disable_adapter, TRL's default for PEFT models)")
     p.add_argument("--teacher", metavar="DIR", help="distill from this model: a Hugging Face checkpoint folder or hub "

@@ -59,8 +59,8 @@ class TrainConfig:
     desirable_weight: float = 1.0  # kto: the desirable examples' weight in the loss
     undesirable_weight: float = 1.0  # kto: the undesirable examples'
     center_rewards: float = 0.0  # reward: TRL's center_rewards_coefficient (times the mean of (chosen + rejected)^2)
-    sft_weight: float = 0.0  # dpo, ipo, hinge, simpo: plus this times the chosen reply's NLL per token (RPO; TRL's loss_type "sft")
-    reference: str = "precomputed"  # dpo / ipo / hinge: precomputed (once, before training) | lora-off (LoRA runs: each step, adapters off)
+    sft_weight: float = 0.0  # simpo, the dpo family (DPO_LOSSES): plus this times the chosen reply's NLL per token (RPO; TRL's loss_type "sft")
+    reference: str = "precomputed"  # dpo and its family, kto: precomputed (once, before training) | lora-off (LoRA runs: each step, adapters off)
     teacher: str = ""  # distillation: a Hugging Face checkpoint folder (or hub id) or a pyllm run, over the same vocabulary
     distill_beta: float = 0.0  # GKD's generalized JSD: 0 forward KL(teacher || student), 1 reverse KL, else the mixture's
     distill_temperature: float = 1.0  # both models' logits divided by it before their softmax
@@ -294,7 +294,7 @@ class TrainConfig:
         if self.reference == "lora-off" and not (self.lora_rank and self.preference
                                                  and self.preference not in REFERENCE_FREE):
             raise ValueError("TrainConfig.reference lora-off (the model with its LoRA updates off) needs lora_rank and "
-                             "a preference loss with a reference (dpo, ipo, hinge, kto)")
+                             "a preference loss with a reference (the dpo family, kto)")
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":

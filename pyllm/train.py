@@ -51,7 +51,7 @@ class TrainConfig:
     z_loss: float = 0.0  # plus this times the mean logsumexp(logits)^2 (PaLM's z-loss, 1e-4 there; OLMo 2's 1e-5): pretraining and SFT
     loss_type: str = "nll"  # "dft": each target's loss times its probability, held constant (DFT; TRL's SFT loss_type): pretraining and SFT
     token_stats: bool = True  # log TRL's mean_token_accuracy and entropy (pretraining, SFT; DPO, KTO: with logits_*)
-    preference: str = ""  # on preference pairs: dpo | ipo | hinge | simpo | orpo | kto | reward ("": none)
+    preference: str = ""  # on preference pairs: dpo | ipo | hinge | simpo | orpo | kto | reward | TRL's other DPO loss types (DPO_LOSSES) ("": none)
     beta: float = 0.0  # the preference loss's beta (ORPO's lambda); 0: its usual value (PREFERENCE_BETA)
     simpo_gamma: float = 0.5  # SimPO's target reward margin
     label_smoothing: float = 0.0  # dpo, robust: the share of pairs taken to be mislabelled (conservative DPO); exo_pair's epsilon
@@ -79,7 +79,7 @@ class TrainConfig:
     grpo_top_k: int = 0  # GRPO: samples drawn from the top_k likeliest tokens (TRL's); 0: all
     grpo_beta: float = 0.0  # GRPO: the KL penalty's weight, against the starting model (LoRA: the updates off); 0: none (TRL's default)
     grpo_loss_type: str = "dapo"  # GRPO: the token losses' sum divided by: dapo (the step's tokens; TRL's default) | grpo | bnpo | dr_grpo; or cispo | sapo | luspo
-    grpo_scale_rewards: str = "group"  # GRPO: advantages divided by the std of their group | batch (the step's) | none (Dr. GRPO)
+    grpo_scale_rewards: str = "group"  # GRPO: advantages divided by the std of their group | batch (the generation's) | none (Dr. GRPO)
     grpo_iterations: int = 1  # GRPO: optimizer steps on each generation (TRL's num_iterations, mu), the ratio to it clipped
     grpo_steps_per_generation: int = 0  # GRPO: micro-batches a generation samples (TRL's steps_per_generation), a multiple of grad_accum; 0: grad_accum
     grpo_epsilon: float = 0.2  # GRPO: the ratio clipped to [1 - epsilon, 1 + epsilon_high]

@@ -2329,7 +2329,7 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                         "every process (TRL's top_entropy_quantile, Beyond the 80/20 Rule: 0.2; the KL term on all; "
                         "default 1: every token)")
     p.add_argument("--grpo-delta", type=float, help="GRPO: the unclipped ratio capped at delta too (INTELLECT-2's "
-                   "two-sided clip, TRL's delta; above 1 + eps_high; default none)")
+                   "two-sided clip, TRL's delta; above 1, its paper more than 1 + eps_high; default none)")
     p.add_argument("--grpo-epsilon-high", type=float, help="GRPO: the ratio's upper clip, 1 + eps_high (default: "
                    "--grpo-epsilon; DAPO's clip-higher: 0.28)")
     p.add_argument("--grpo-importance-sampling", choices=("token", "sequence"),

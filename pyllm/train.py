@@ -2616,6 +2616,10 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
         print(f"pyllm: {notice}", file=sys.stderr)
     if ckpt is not None and info.is_main and (notice := loss_change_notice(ckpt, cfg)):
         print(f"pyllm: {notice}", file=sys.stderr)
+    if cfg.grpo_reward and cfg.grpo_loss_type == "luspo" and cfg.grpo_importance_sampling != "sequence" and info.is_main:
+        # (TRL warns so too: LUSPO scales GSPO's sequence-level loss by each sample's length)
+        print("pyllm: --grpo-loss-type luspo with token ratios; LUSPO's paper (and TRL, which warns) takes "
+              "--grpo-importance-sampling sequence", file=sys.stderr)
     torch.manual_seed(cfg.seed)
     # (val.bin's too: each file's header bounds its ids, and it was train.bin's alone that met the model)
     data_vocab = max(read_header(data / name)["vocab_size"] for name in ("train.bin", "val.bin"))  # (llm.c's shards too)

@@ -1024,3 +1024,13 @@ def test_on_policy_distillation_on_two_processes_is_one_process(chat_dir, tmp_pa
     assert [r["on_policy"] for r in logs[0]] == [1.0] * 3
     for key in ("loss", "grad_norm"):
         assert [r[key] for r in logs[1]] == pytest.approx([r[key] for r in logs[0]], rel=1e-5), key
+
+
+def test_grpo_luspo_with_token_ratios_says_so(chat_dir, tmp_path, capsys):  # noqa: F811
+    # TRL warns when luspo runs without sequence-level ratios (the LUSPO paper's setup); so does pyllm
+    kw = dict(grpo_reward=SPEC, grpo_generations=2, grpo_max_new_tokens=2, model=dict(TINY, block_size=32),
+              grpo_loss_type="luspo", max_steps=1, eval_every=0, ckpt_every=0)
+    trainer.train(config(chat_dir, tmp_path / "token", **kw))
+    assert "--grpo-importance-sampling sequence" in capsys.readouterr().err
+    trainer.train(config(chat_dir, tmp_path / "sequence", **kw, grpo_importance_sampling="sequence"))
+    assert "luspo" not in capsys.readouterr().err

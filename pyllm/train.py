@@ -2502,9 +2502,35 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
         if info.world_size > 1:
             dist.barrier()  # (no rank reads the folder before rank 0 has set it up)
         try:
-            return _train(cfg, info, resume, stop_at)
+            with deterministic_compiled_cpu(cfg, info):
+                return _train(cfg, info, resume, stop_at)
         finally:
             _stop_requested.clear()  # (one asked for as the last step ended: nothing left to stop)
+
+
+@contextlib.contextmanager
+def deterministic_compiled_cpu(cfg: TrainConfig, info: DistInfo):
+    """torch's deterministic algorithms for the block of a compiled run on the CPU (then restored):
+    inductor lowers the embedding's backward (and any index_put / index_add with accumulate) to a
+    parallel loop of atomic_adds, tokens of one id on different threads adding in the order the
+    threads happen to run, so two identical runs differed by ~1e-7 (exact resume broke;
+    OMP_NUM_THREADS=1 was repeatable). In this mode inductor calls aten.index_put_ there instead,
+    whose CPU kernel then takes its sorted, deterministic path (the mode is read when it runs: it is
+    needed while training, not only while compiling). warn_only: a CPU op with no deterministic
+    algorithm warns rather than raises; uninitialized memory is not filled (the mode's NaN fill of
+    each torch.empty is no part of repeatability). Eager runs are repeatable without it."""
+    if not (cfg.compile and info.device.type == "cpu") or torch.are_deterministic_algorithms_enabled():
+        yield  # (a caller's own deterministic mode is kept as it is)
+        return
+    fill = torch.utils.deterministic
+    was_fill = fill.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    fill.fill_uninitialized_memory = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(False)
+        fill.fill_uninitialized_memory = was_fill
 
 
 def set_aside_earlier_run(out: Path) -> None:

@@ -985,7 +985,7 @@ _GOES_WITH = {
     **{name: (lambda c: bool(c.grpo_reward), "grpo_reward (GRPO)") for name in (
         "grpo_reward_weights", "grpo_generations", "grpo_max_new_tokens", "grpo_temperature", "grpo_beta",
         "grpo_loss_type", "grpo_scale_rewards", "grpo_iterations", "grpo_steps_per_generation", "grpo_epsilon",
-        "grpo_epsilon_high", "grpo_top_p", "grpo_top_k", "grpo_delta", "grpo_top_entropy_quantile",
+        "grpo_epsilon_high", "grpo_top_p", "grpo_top_k", "grpo_delta", "grpo_top_entropy_quantile", "grpo_reward_clip",
         "grpo_importance_sampling", "grpo_log_completions", "grpo_mask_truncated", "grpo_kl_bias_correction")},
 }
 
@@ -2307,13 +2307,15 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                    "sum to P (TRL's top_p; default 1: all); their log-probabilities the whole distribution's, as TRL's")
     p.add_argument("--grpo-top-k", type=int, help="GRPO: samples drawn from the K likeliest tokens (TRL's top_k; "
                    "default 0: all)")
-    p.add_argument("--grpo-loss-type", choices=("dapo", "grpo", "bnpo", "dr_grpo", "cispo", "sapo", "luspo"),
+    p.add_argument("--grpo-loss-type", choices=("dapo", "grpo", "bnpo", "dr_grpo", "cispo", "sapo", "luspo", "rloo"),
                    help="GRPO: the sampled tokens' losses summed and divided by the step's sampled tokens (dapo, the "
                         "default, TRL's), each sample's then the samples' number (grpo), the micro-batch's tokens "
                         "(bnpo) or samples x --grpo-max-new-tokens (dr_grpo); cispo (MiniMax-M1: the ratio clipped "
                         "above at --grpo-epsilon-high, detached, times A log p; TRL suggests 5), sapo (a soft "
                         "gate for the clip) or luspo (each sample's sum, then as grpo; with --grpo-importance-sampling "
-                        "sequence), as TRL computes them")
+                        "sequence), as TRL computes them; rloo: TRL's RLOOTrainer (leave-one-out advantages, "
+                        "--grpo-beta's KL in the rewards, one clipped ratio a sample; --grpo-scale-rewards batch "
+                        "normalizes the advantages, its normalize_advantages; --grpo-reward-clip LOW HIGH)")
     p.add_argument("--grpo-scale-rewards", choices=("group", "batch", "none"),
                    help="GRPO: advantages divided by the std of their group's rewards (default), of the step's "
                         "(batch), or not (none, Dr. GRPO's)")
@@ -2328,6 +2330,8 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                    help="GRPO: the policy loss on the top RHO of each micro-batch's trained tokens by entropy over "
                         "every process (TRL's top_entropy_quantile, Beyond the 80/20 Rule: 0.2; the KL term on all; "
                         "default 1: every token)")
+    p.add_argument("--grpo-reward-clip", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                   help="with --grpo-loss-type rloo: each reward clamped to [LOW, HIGH] (TRL's reward_clip_range)")
     p.add_argument("--grpo-delta", type=float, help="GRPO: the unclipped ratio capped at delta too (INTELLECT-2's "
                    "two-sided clip, TRL's delta; above 1, its paper more than 1 + eps_high; default none)")
     p.add_argument("--grpo-epsilon-high", type=float, help="GRPO: the ratio's upper clip, 1 + eps_high (default: "

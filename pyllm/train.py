@@ -86,6 +86,7 @@ class TrainConfig:
     grpo_epsilon_high: float = 0.0  # GRPO: 0: epsilon (DAPO's clip-higher: 0.28)
     grpo_delta: float = 0.0  # GRPO: the unclipped ratio capped at delta (INTELLECT-2's two-sided clip, TRL's delta); 0: none
     grpo_top_entropy_quantile: float = 1.0  # GRPO: the policy loss on the top rho of tokens by entropy (TRL's; 0.2 suggested); 1: all
+    grpo_reward_clip: list = field(default_factory=list)  # RLOO: [low, high], each reward clamped to it (TRL's reward_clip_range); []: none
     grpo_importance_sampling: str = "token"  # GRPO: the ratio p / p_old per token | sequence (GSPO: the exp of its tokens' mean log-ratio)
     grpo_log_completions: int = 0  # GRPO: each generation's first N samples (every rank's) to completions.jsonl
     grpo_mask_truncated: bool = False  # GRPO: samples that end without a stop token are not trained on (DAPO's overlong filtering)
@@ -285,6 +286,17 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.grpo_delta must be 0 (none) or above 1 (INTELLECT-2 suggests more than 1 + "
                              f"epsilon_high), and goes with the clipped loss types (not cispo or sapo, which do not "
                              f"clip so), got {self.grpo_delta} with grpo_loss_type {self.grpo_loss_type}")
+        rloo = self.grpo_loss_type == "rloo"
+        if rloo and (self.grpo_importance_sampling != "token" or self.grpo_delta
+                     or self.grpo_top_entropy_quantile < 1.0):
+            raise ValueError("TrainConfig.grpo_loss_type rloo (TRL's RLOOTrainer: one ratio a sample, of its summed "
+                             "log-probabilities) goes without grpo_importance_sampling sequence, grpo_delta and "
+                             "grpo_top_entropy_quantile, which RLOO has not")
+        if self.grpo_reward_clip and not (rloo and len(self.grpo_reward_clip) == 2
+                                          and self.grpo_reward_clip[0] <= self.grpo_reward_clip[1]):
+            raise ValueError(f"TrainConfig.grpo_reward_clip must be [low, high] with low <= high and goes with "
+                             f"grpo_loss_type rloo (TRL's reward_clip_range, an RLOOConfig option), got "
+                             f"{self.grpo_reward_clip} with {self.grpo_loss_type}")
         if self.grpo_steps_per_generation < 0 or self.grpo_steps_per_generation % self.grad_accum:
             raise ValueError(f"TrainConfig.grpo_steps_per_generation must be a multiple of grad_accum (each optimizer "
                              f"step trains on grad_accum of a generation's micro-batches) or 0 (grad_accum), got "
@@ -1660,7 +1672,7 @@ def _reward_model(spec: str, policy: LLM, precision: str, device: torch.device,
     return score
 
 
-GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
+GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "rloo")
 # SAPO's gate temperatures for tokens of positive and of other advantages (Soft Adaptive Policy
 # Optimization; TRL's sapo_temperature_pos / _neg defaults).
 SAPO_TEMPERATURES = (1.0, 1.05)
@@ -1787,6 +1799,12 @@ def grpo_stat_means(sums: torch.Tensor, n_rewards: int, batch_scaled: bool = Fal
             + [ratio(s[7 + i], s[7 + R + i]) for i in range(R)])
 
 
+def batch_scaled(cfg: TrainConfig) -> bool:
+    """Whether GRPO's advantages are scaled by the generation's std (frac_reward_zero_std is then
+    whether that std is 0, TRL's); RLOO's "batch" normalizes them but logs its groups' (TRL's)."""
+    return cfg.grpo_scale_rewards == "batch" and cfg.grpo_loss_type != "rloo"
+
+
 def generation_metrics(sums: torch.Tensor, rollouts: list[dict], cfg: TrainConfig, info: DistInfo) -> dict:
     """A generation's logged metrics, a training step's and the eval's alike (TRL's): GRPO_STATS'
     means of sums (every rank's grpo_rollout stats, then grpo_loss's) but the loss's (kl, clip_ratio,
@@ -1794,7 +1812,7 @@ def generation_metrics(sums: torch.Tensor, rollouts: list[dict], cfg: TrainConfi
     of rollouts. Collective: every rank calls."""
     names = reward_names(cfg.grpo_reward)
     means = dict(zip(GRPO_STATS + [f"rewards/{name}/mean" for name in names],  # (TRL 1.16's names)
-                     grpo_stat_means(sums, len(names), cfg.grpo_scale_rewards == "batch")))
+                     grpo_stat_means(sums, len(names), batch_scaled(cfg))))
     for loss_stat in ("kl", "clip_ratio", "entropy"):
         del means[loss_stat]
     means.update(completion_stats(rollouts, set(cfg.sample_stop_tokens), names, info))
@@ -1888,22 +1906,66 @@ def grpo_prepare(rollouts: list[dict], cfg: TrainConfig, info: DistInfo, policy:
     totals = all_reduce_sum(totals, info).tolist()
     total, squares, count, tokens, samples = totals[:5]
     batch_std = _std_of_sums(total, squares, count) or 0.0
-    off_policy = grpo_generation_steps(cfg) > 1
-    for r, micro_tokens in zip(rollouts, totals[5:]):
-        grouped = r["rewards"].view(-1, G)
-        advantages = grouped - grouped.nanmean(1, keepdim=True)
-        if cfg.grpo_scale_rewards == "group":
-            advantages = advantages / (_nanstd(grouped) + 1e-4)
-        elif cfg.grpo_scale_rewards == "batch":
-            advantages = advantages / (batch_std + 1e-4)
-        r["advantages"], r["tokens"], r["samples"] = advantages.view(-1).nan_to_num(0.0), tokens, samples
-        r["micro_tokens"] = micro_tokens
+    rloo = cfg.grpo_loss_type == "rloo"  # (RLOO's ratio and KL penalty take p_old however often it trains)
+    off_policy = grpo_generation_steps(cfg) > 1 or rloo
+    for r in rollouts:
         x, y, cu, _ = r["packed"]
         if off_policy:
             with torch.no_grad():
                 r["old"] = policy(x, y, cu, per_token=True, temperature=cfg.grpo_temperature)[1]
         if reference is not None:
             r["ref"] = reference(x, y, cu)  # before the policy's pass (its aux_loss stays)
+    if rloo:
+        rloo_advantages(rollouts, cfg, info)
+    for r, micro_tokens in zip(rollouts, totals[5:]):
+        if not rloo:
+            grouped = r["rewards"].view(-1, G)
+            advantages = grouped - grouped.nanmean(1, keepdim=True)
+            if cfg.grpo_scale_rewards == "group":
+                advantages = advantages / (_nanstd(grouped) + 1e-4)
+            elif cfg.grpo_scale_rewards == "batch":
+                advantages = advantages / (batch_std + 1e-4)
+            r["advantages"] = advantages.view(-1).nan_to_num(0.0)
+        r["tokens"], r["samples"], r["micro_tokens"] = tokens, samples, micro_tokens
+
+
+def rloo_advantages(rollouts: list[dict], cfg: TrainConfig, info: DistInfo) -> None:
+    """TRL's RLOOTrainer's advantages (REINFORCE leave-one-out, Ahmadian et al. 2024) of a generation's
+    rollouts (grpo_prepare's, "old" and with cfg.grpo_beta "ref" in them), added to each as
+    "advantages" (n,): each reward clamped to cfg.grpo_reward_clip where given, less cfg.grpo_beta
+    times the sample's summed first-order KL, sum(log p_old - log p_ref) over its trained tokens
+    (RLOO's penalty in the reward, not the loss), less the mean of its group's other scored rewards;
+    with cfg.grpo_scale_rewards batch then normalized by the mean and std of every rank's (TRL's
+    normalize_advantages); 0 for an unscored sample or one alone in its group. Also "kl", the
+    generation's mean KL per trained token (every rank's; TRL logs it), and each rollout's count of
+    samples in groups whose penalized rewards' std is 0 (its stats' frac_reward_zero_std, TRL's).
+    Collective: every rank calls."""
+    G = cfg.grpo_generations
+    sums = torch.zeros(5, dtype=torch.float64)  # advantages' sum, sum of squares, count; KL sum, its tokens
+    for r in rollouts:
+        rewards = r["rewards"].clone()
+        if cfg.grpo_reward_clip:
+            rewards = rewards.clamp(*cfg.grpo_reward_clip)  # (NaN, unscored, stays NaN)
+        if cfg.grpo_beta:
+            x, y, cu, at = r["packed"]
+            per_token = (r["old"].double() - r["ref"].double()) * (y != -1)  # (B, T)
+            rewards = rewards - cfg.grpo_beta * sequence_logps(per_token, cu)[at].cpu()
+            sums[3:] += torch.tensor([per_token.sum().item(), float((y != -1).sum())], dtype=torch.float64)
+        grouped = rewards.view(-1, G)
+        others = (grouped.nansum(1, keepdim=True) - grouped) / ((~grouped.isnan()).sum(1, keepdim=True) - 1)
+        advantages = (grouped - others).view(-1)  # (NaN: unscored, or alone in its group: 0 / 0)
+        r["advantages"] = advantages
+        r["stats"][5] = float((_nanstd(grouped) <= 1e-8).sum()) * G  # (TRL's isclose(std, 0) of these rewards)
+        kept = advantages[~advantages.isnan()]
+        sums[:3] += torch.tensor([kept.sum().item(), kept.square().sum().item(), float(len(kept))],
+                                 dtype=torch.float64)
+    total, squares, count, kl_sum, kl_tokens = all_reduce_sum(sums, info).tolist()
+    mean, std = total / max(count, 1.0), _std_of_sums(total, squares, count)
+    for r in rollouts:
+        if cfg.grpo_scale_rewards == "batch":
+            r["advantages"] = (r["advantages"] - mean) / ((std if std is not None else math.nan) + 1e-4)
+        r["advantages"] = r["advantages"].nan_to_num(0.0)
+        r["kl"] = kl_sum / max(kl_tokens, 1.0)
 
 
 def grpo_loss(model, rollout: dict, cfg: TrainConfig, world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1951,14 +2013,20 @@ def grpo_loss(model, rollout: dict, cfg: TrainConfig, world_size: int = 1) -> tu
     n = len(at)
     counts = sequence_logps(mask, cu)[at]  # each sample's trained tokens
     tokens = counts.clamp(min=1)
-    if cfg.grpo_importance_sampling == "sequence":  # GSPO: each sample's mean log-ratio, its tokens alike
+    rloo = cfg.grpo_loss_type == "rloo"
+    per_sample = rloo or cfg.grpo_importance_sampling == "sequence"  # (one ratio a sample: its clips counted so)
+    if per_sample:  # GSPO: each sample's mean log-ratio, its tokens alike; RLOO: its summed log-ratio
         per_segment = torch.zeros_like(per_segment)
-        per_segment[at] = sequence_logps((token_logps - old) * mask, cu)[at] / tokens
+        per_segment[at] = sequence_logps((token_logps - old) * mask, cu)[at] / (1.0 if rloo else tokens)
         ratio = torch.exp(per_segment[segment].view_as(token_logps))
     else:
         ratio = torch.exp(token_logps - old)
     high = cfg.grpo_epsilon_high or cfg.grpo_epsilon
-    if cfg.grpo_loss_type == "cispo":  # MiniMax-M1's: the ratio clipped above and detached, times A log p
+    if rloo:  # TRL's RLOOTrainer: per sample, -min(ratio A, clip(ratio) A), ratio = p(sample) / p_old(sample)
+        coef = torch.exp(per_segment[at])
+        advantages = rollout["advantages"].to(coef)
+        per_token = -torch.min(coef * advantages, torch.clamp(coef, 1 - cfg.grpo_epsilon, 1 + high) * advantages)
+    elif cfg.grpo_loss_type == "cispo":  # MiniMax-M1's: the ratio clipped above and detached, times A log p
         per_token = -torch.clamp(ratio, max=high).detach() * advantage * token_logps
     elif cfg.grpo_loss_type == "sapo":  # a soft gate instead of the clip
         tau = torch.where(advantage > 0, ratio.new_tensor(SAPO_TEMPERATURES[0]), ratio.new_tensor(SAPO_TEMPERATURES[1]))
@@ -1969,9 +2037,10 @@ def grpo_loss(model, rollout: dict, cfg: TrainConfig, world_size: int = 1) -> tu
         # is not, the clip metrics' is (TRL's)
         capped = torch.clamp(ratio, max=cfg.grpo_delta) if cfg.grpo_delta else ratio
         per_token = -torch.min(capped * advantage, clipped * advantage)
-    per_token = per_token * policy_mask  # (the KL term below is on every trained token, TRL's)
+    if not rloo:
+        per_token = per_token * policy_mask  # (the KL term below is on every trained token, TRL's)
     kl = None
-    if cfg.grpo_beta:
+    if cfg.grpo_beta and not rloo:  # (RLOO's KL is in its rewards: rloo_advantages)
         d = rollout["ref"].to(token_logps) - token_logps  # 0 where no target: exp(0) - 0 - 1 = 0
         kl = torch.exp(d) - d - 1
         # TRL's use_bias_correction_kl (its default): times the ratio, the unbiased reverse-KL
@@ -1979,13 +2048,16 @@ def grpo_loss(model, rollout: dict, cfg: TrainConfig, world_size: int = 1) -> tu
         if cfg.grpo_kl_bias_correction:
             kl = kl * ratio  # (TRL logs this one too: grpo_trainer.py:3105, 3268)
         per_token = per_token + cfg.grpo_beta * kl
-    per_token = per_token * mask
-    # grpo, sapo, dr_grpo: TRL's micro-batches hold per_device_train_batch_size samples each, so every sample
+    if not rloo:
+        per_token = per_token * mask
+    # grpo, sapo, dr_grpo, rloo: TRL's micro-batches hold per_device_train_batch_size samples each, so every sample
     # of the step weighs 1 / (the step's samples); pyllm's hold varying numbers (packed conversations): divide by
     # the generation's samples on all ranks / (world_size * its micro-batches), as dapo by its tokens
     micro = world_size * grpo_generation_micro(cfg)
     per_batch = rollout.get("samples", n * micro) / micro
-    if cfg.grpo_loss_type in ("grpo", "sapo"):
+    if rloo:  # (per_token: each sample's loss, (n,); TRL's mean over a micro-batch's samples)
+        loss = per_token.sum() / (per_batch or 1.0)
+    elif cfg.grpo_loss_type in ("grpo", "sapo"):
         loss = (sequence_logps(per_token, cu)[at] / tokens).sum() / (per_batch or 1.0)
     elif cfg.grpo_loss_type == "luspo":  # each sample's sum (not mean) over its tokens, then as grpo
         loss = sequence_logps(per_token, cu)[at].sum() / (per_batch or 1.0)
@@ -2003,15 +2075,14 @@ def grpo_loss(model, rollout: dict, cfg: TrainConfig, world_size: int = 1) -> tu
         if cfg.grpo_loss_type == "cispo":  # TRL's cispo_clip_ratio: the ratio above epsilon_high itself
             low, high_side = torch.zeros_like(low), (ratio > high) & (advantage > 0)
         # each sample's clipped tokens (n,): low, high, either
-        per_sample = [sequence_logps(c.to(mask) * mask, cu)[at] for c in (low, high_side, low | high_side)]
-        if cfg.grpo_importance_sampling == "sequence":  # one ratio a sample: TRL counts samples there
-            shares = [(c > 0).to(mask) for c in per_sample]  # (a sample without tokens: 0, as TRL's)
+        clipped_tokens = [sequence_logps(c.to(mask) * mask, cu)[at] for c in (low, high_side, low | high_side)]
+        if per_sample:  # one ratio a sample: TRL counts samples there
+            shares = [(c > 0).to(mask) for c in clipped_tokens]  # (a sample without tokens: 0, as TRL's)
             counted = mask.new_tensor(n)
         else:  # (a sample without trained tokens has no share: left out of the min and max, TRL's nanmin)
-            shares = [torch.where(counts > 0, c / tokens, math.nan) for c in per_sample]
+            shares = [torch.where(counts > 0, c / tokens, math.nan) for c in clipped_tokens]
             counted = mask.sum()
-        totals = [share.sum() if cfg.grpo_importance_sampling == "sequence" else c.sum()
-                  for share, c in zip(shares, per_sample)]
+        totals = [share.sum() if per_sample else c.sum() for share, c in zip(shares, clipped_tokens)]
         inf = mask.new_tensor(math.inf)
         low_min = shares[0].nan_to_num(math.inf).min() if n else inf
         high_max = shares[1].nan_to_num(-math.inf).max() if n else -inf
@@ -2048,7 +2119,7 @@ def grpo_batch_loss(model, policy: LLM, batch, cfg: TrainConfig, reward_fns: lis
     grpo_prepare([rollout], cfg, DistInfo(0, 1, batch[0].device), policy, reference)
     loss, loss_stats = grpo_loss(model, rollout, cfg)
     means = grpo_stat_means(torch.cat([rollout["stats"], loss_stats]), len(reward_fns),
-                            cfg.grpo_scale_rewards == "batch")
+                            batch_scaled(cfg))
     return loss, means, rollout["lengths"], rollout["targets"]
 
 
@@ -2931,7 +3002,8 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
             generated_tokens = sum(lengths)
             grpo_sums[:-5] = sum(r["stats"].cpu() for r in rollouts)  # (the loss's five: each step's own)
             generation_flops = sum(model.flops_of_documents(*r["sampled"], forward_only=True) for r in rollouts)
-            for extra in ([model] if grpo_generation_steps(cfg) > 1 else []) + ([start] if grpo_reference else []):
+            p_old = grpo_generation_steps(cfg) > 1 or cfg.grpo_loss_type == "rloo"
+            for extra in ([model] if p_old else []) + ([start] if grpo_reference else []):
                 generation_flops += extra.flops_of_documents(lengths, outputs, forward_only=True)
             for fn in reward:
                 if getattr(fn, "model", None) is not None:  # a reward model: its score head, no output layer
@@ -3064,12 +3136,14 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
         if generates:  # a generation's metrics once, in the step that samples it (TRL's: its steps that
             # reuse the samples log the loss's alone, not the same rewards again; every rank alike: collectives)
             record.update(generation_metrics(all_reduce_sum(grpo_sums, info), rollouts, cfg, info))
+            if cfg.grpo_loss_type == "rloo" and cfg.grpo_beta:  # (RLOO's KL, in its rewards: the generation's)
+                record["kl"] = rollouts[0]["kl"]
         if reward is not None:
             # TRL's entropy and KL: each micro-step's mean over every rank's trained tokens (0.0 where none), then
             # their mean (the pooled ratio had weighed micro-steps by their tokens: 0.01 nats apart at 2 and 22)
             per = all_reduce_sum(grpo_micro, info).tolist()
             record["entropy"] = micro_step_mean(per, 0, 2)
-            if cfg.grpo_beta:
+            if cfg.grpo_beta and cfg.grpo_loss_type != "rloo":
                 record["kl"] = micro_step_mean(per, 1, 2)
             record.update(grpo_clip_metrics(cfg, per, all_reduce_sum(grpo_extremes, info, dist.ReduceOp.MAX)))
             record.update(reward_metric_means(reward, info))  # (reward functions' log_metric, TRL's)

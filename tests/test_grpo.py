@@ -127,6 +127,85 @@ def test_grpo_log_probabilities_are_at_the_sampling_temperature(chat_dir, beta, 
         torch.testing.assert_close(g, p.grad, rtol=1e-7, atol=1e-12)
 
 
+@pytest.mark.parametrize("scale,beta,clip,masked", [("group", 0.0, [], False), ("batch", 0.3, [0.1, 0.6], True),
+                                                    ("none", 0.3, [], False)])
+def test_rloo_is_trls_rloo_trainer(chat_dir, scale, beta, clip, masked):  # noqa: F811
+    # grpo_loss_type rloo, TRL 1.16's RLOOTrainer in fp64: rewards clamped to clip, less beta times
+    # each sample's summed log p_old - log p_ref (the KL in the reward), advantages the reward less
+    # the mean of its group's others, normalized over the generation with scale batch (TRL's
+    # normalize_advantages); per sample -min(ratio A, clip(ratio) A), ratio the exp of its summed
+    # log-ratio to p_old (moved off the policy here), their mean; the clip shares over samples
+    model, ref_model = tiny().double(), tiny(dim=96, n_heads=3, n_kv_heads=1).double()
+    batch = data.PackedLoader(chat_dir / "train.bin", 3, 32, seed=0).next_batch()
+    stops = list(range(12))
+    cfg = TrainConfig(grpo_reward=SPEC, grpo_generations=4, grpo_max_new_tokens=5, grpo_beta=beta,
+                      sample_stop_tokens=stops, grpo_loss_type="rloo", grpo_scale_rewards=scale, grpo_epsilon=0.1,
+                      grpo_epsilon_high=0.15, grpo_reward_clip=clip, grpo_mask_truncated=masked)
+    reward = trainer.load_reward(cfg, model, "fp32", torch.device("cpu"))
+    reference = torch.no_grad()(lambda x, y, cu: ref_model(x, y, cu, per_token=True)[1])
+    rollout = trainer.grpo_rollout(model, batch, cfg, reward, torch.Generator().manual_seed(1))
+    trainer.grpo_prepare([rollout], cfg, trainer.DistInfo(), model, reference if beta else None)
+    x, y, cu, at = rollout["packed"]
+    sampled_old = rollout["old"].clone()
+    g = torch.Generator().manual_seed(2)  # (as if the policy had moved since it sampled: some ratios clipped)
+    rollout["old"] = rollout["old"] + torch.randn(y.shape, generator=g, dtype=torch.float64) * 0.3 * (y != -1)
+    loss, loss_stats = trainer.grpo_loss(model, rollout, cfg)
+    loss.backward()
+    got = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    samples = rollout["completion_ids"]
+    rewards = torch.tensor(sevens(samples), dtype=torch.float32).double()
+    if clip:
+        rewards = rewards.clamp(*clip)
+    flat_old, flat_ref = sampled_old.view(-1), (reference(x, y, cu).view(-1) if beta else None)
+    moved_old, coefs, kl_sum, kl_tokens = rollout["old"].view(-1), [], 0.0, 0
+    for i, (prompt, sample) in enumerate(zip(rollout["prompt_ids"], samples)):
+        start = int(cu[at[i]]) + len(prompt) - 1
+        span = slice(start, start + len(sample))
+        ids = torch.tensor(prompt + sample)
+        logp = torch.log_softmax(model(ids[None])[0][0], -1)[torch.arange(len(ids) - 1), ids[1:]][len(prompt) - 1:]
+        trained = not masked or sample[-1] in stops  # (TRL's completion_mask: 0 for a masked truncated sample)
+        coefs.append(torch.exp(logp.sum() - moved_old[span].sum()) if trained else torch.ones((), dtype=torch.float64))
+        if beta and trained:
+            kl = (flat_old[span] - flat_ref[span]).sum()
+            rewards[i] -= beta * kl
+            kl_sum, kl_tokens = kl_sum + kl.item(), kl_tokens + len(sample)
+    grouped = rewards.view(-1, 4)
+    advantages = (grouped - (grouped.sum(1, keepdim=True) - grouped) / 3).view(-1)
+    if scale == "batch":
+        advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-4)
+    assert torch.allclose(rollout["advantages"], advantages, rtol=1e-10, atol=1e-12)
+    coef = torch.stack(coefs)
+    want = -torch.min(coef * advantages, torch.clamp(coef, 0.9, 1.15) * advantages).mean()
+    want.backward()
+    assert loss.item() == pytest.approx(want.item(), rel=1e-9, abs=1e-12)
+    for a, b in zip(got, model.parameters()):
+        torch.testing.assert_close(a, b.grad, rtol=1e-7, atol=1e-12)
+    low, high = ((coef < 0.9) & (advantages < 0)).double(), ((coef > 1.15) & (advantages > 0)).double()
+    assert (loss_stats[5].item(), loss_stats[6].item(), loss_stats[3].item()) == (low.sum(), high.sum(), len(samples))
+    assert low.sum() + high.sum() > 0 and (not beta or rollout["kl"] == pytest.approx(kl_sum / kl_tokens, rel=1e-9))
+
+
+def test_rloo_trains_logs_its_kl_with_the_generation_and_resumes(chat_dir, tmp_path):  # noqa: F811
+    # RLOO through the trainer: its KL (in the rewards) logged with the generation, as TRL's RLOOTrainer
+    # logs it, the clip ratios each step; a run stopped mid-way through a generation resumes exactly
+    trainer.train(config(chat_dir, tmp_path / "base", model=dict(TINY, block_size=32), max_steps=2))
+    kw = dict(grpo_reward=SPEC, grpo_generations=4, grpo_max_new_tokens=6, grpo_loss_type="rloo", grpo_beta=0.05,
+              grpo_iterations=2, init_from_run=str(tmp_path / "base"), max_steps=6, eval_every=0, lr=1e-2)
+    trainer.train(config(chat_dir, tmp_path / "whole", **kw, ckpt_every=0))
+    log = [json.loads(line) for line in (tmp_path / "whole/log.jsonl").read_text().splitlines()]
+    assert [("kl" in r, "reward" in r) for r in log] == [(True, True), (False, False)] * 3
+    assert all(r["clip_ratio/region_mean"] is not None for r in log) and all(np.isfinite(r["loss"]) for r in log)
+    trainer.train(config(chat_dir, tmp_path / "cut", **kw, ckpt_every=3), stop_at=5)  # (step 3: mid-way)
+    trainer.train(config(chat_dir, tmp_path / "cut", **kw, ckpt_every=3), resume=True)
+    assert losses(tmp_path / "cut") == [r["loss"] for r in log]
+    for bad, message in ((dict(grpo_loss_type="rloo", grpo_importance_sampling="sequence"), "goes without"),
+                         (dict(grpo_reward_clip=[0.0, 1.0]), "goes with grpo_loss_type rloo"),
+                         (dict(grpo_loss_type="rloo", grpo_reward_clip=[1.0, 0.0]), "low <= high")):
+        with pytest.raises(ValueError, match=message):
+            TrainConfig(grpo_reward=SPEC, **bad).validate()
+
+
 def test_grpo_samples_take_top_k_and_top_p(chat_dir):  # noqa: F811
     # TRL's top_k and top_p (its generation config's): the samples generate_batch draws with them from
     # the same generator; top_k 1 or a top_p below any token's probability: each prompt's G samples

@@ -2263,7 +2263,8 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                    "the chosen reply's negative log-likelihood per token (RPO; TRL's loss_type [\"sigmoid\", "
                    "\"sft\"] with loss_weights; default 0)")
     p.add_argument("--label-smoothing", type=float, help="with --preference dpo or robust: the share of pairs "
-                   "taken to be mislabelled (conservative / robust DPO; default 0); exo_pair: EXO's epsilon (1e-3)")
+                   "taken to be mislabelled (conservative / robust DPO; default 0); exo_pair: EXO's epsilon, "
+                   "required (its paper's 1e-3)")
     p.add_argument("--discopop-tau", type=float, help="with --preference discopop: the log-ratio modulation's "
                    "temperature (default 0.05, TRL's)")
     p.add_argument("--center-rewards", type=float, help="with --preference reward: TRL's center_rewards_coefficient, "
@@ -2308,7 +2309,8 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grpo-top-k", type=int, help="GRPO: samples drawn from the K likeliest tokens (TRL's top_k; "
                    "default 0: all)")
     p.add_argument("--grpo-loss-type", choices=("dapo", "grpo", "bnpo", "dr_grpo", "cispo", "sapo", "luspo", "rloo"),
-                   help="GRPO: the sampled tokens' losses summed and divided by the step's sampled tokens (dapo, the "
+                   help="GRPO: the sampled tokens' losses summed and divided by the step's share of the generation's "
+                        "sampled tokens (dapo, the "
                         "default, TRL's), each sample's then the samples' number (grpo), the micro-batch's tokens "
                         "(bnpo) or samples x --grpo-max-new-tokens (dr_grpo); cispo (MiniMax-M1: the ratio clipped "
                         "above at --grpo-epsilon-high, detached, times A log p; TRL suggests 5), sapo (a soft "
@@ -2317,9 +2319,9 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                         "--grpo-beta's KL in the rewards, one clipped ratio a sample; --grpo-scale-rewards batch "
                         "normalizes the advantages, its normalize_advantages; --grpo-reward-clip LOW HIGH)")
     p.add_argument("--grpo-scale-rewards", choices=("group", "batch", "none"),
-                   help="GRPO: advantages divided by the std of their group's rewards (default), of the step's "
-                        "(batch), or not (none, Dr. GRPO's)")
-    p.add_argument("--grpo-iterations", type=int, help="GRPO: optimizer steps on each generation's samples (TRL's "
+                   help="GRPO: advantages divided by the std of their group's rewards (default), of the "
+                        "generation's (batch), or not (none, Dr. GRPO's)")
+    p.add_argument("--grpo-iterations", type=int, help="GRPO: passes over each generation's samples (TRL's "
                    "num_iterations; default 1), the ratio to the sampling policy clipped to [1 - eps, 1 + eps_high]")
     p.add_argument("--grpo-steps-per-generation", type=int, metavar="N",
                    help="GRPO: each generation samples N micro-batches a process (TRL's steps_per_generation; a "

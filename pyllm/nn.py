@@ -1260,7 +1260,7 @@ class LinearCrossEntropyLoss(nn.Module):
             predicted = out.predicted_tokens.reshape(-1) if self.return_predicted_tokens else None  # (Liger's: flat)
             out, accuracy = (out.loss, out.z_loss), out.token_accuracy
             if self.reduction == "sum":  # (Liger's accuracy is the mean for "sum" too)
-                accuracy = accuracy / (target != self.ignore_index).sum()
+                accuracy = accuracy / (target.long() != self.ignore_index).sum()  # (uint8: -100 is no class)
         if self.reduction == "mean":
             out = self._zero_if_all_ignored(out, target, self.return_z_loss or stats)
         z_loss = out[1] if self.return_z_loss else None
@@ -1275,9 +1275,16 @@ class LinearCrossEntropyLoss(nn.Module):
         # Liger's fused loss gives 0 (not F.cross_entropy's NaN) when every target is ignored: each
         # row returns before writing its loss and the rows' zeros are summed. Keep its value here, the
         # Liger-compatible module (no host sync: a select on a device bool).
-        none = (target == self.ignore_index).all()
-        zero_if_none = lambda t: torch.where(none, torch.zeros_like(t), t)  # noqa: E731
-        return tuple(zero_if_none(t) for t in out) if pair else zero_if_none(out)
+        return _zero_if_all_ignored(out, target, self.ignore_index, pair)
+
+
+def _zero_if_all_ignored(out, target: torch.Tensor, ignore_index: int, pair: bool):
+    """out (a loss, or with pair a tuple of them) as 0 where every target is ignore_index (Liger's
+    mean over no counted target), a select on a device bool (no host sync). The targets widened
+    first, as the losses count them: in uint8 -100 would compare equal to class 156."""
+    none = (target.long() == ignore_index).all()
+    zero_if_none = lambda t: torch.where(none, torch.zeros_like(t), t)  # noqa: E731
+    return tuple(zero_if_none(t) for t in out) if pair else zero_if_none(out)
 
 
 def liger_fused_linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bias=None,
@@ -1351,8 +1358,7 @@ class LigerCrossEntropyLoss(nn.Module):
                                               return_z_loss=not weighted)
         loss, z_loss = (out, torch.zeros_like(out)) if weighted else out  # (weighted: no z-loss, refused above)
         if self.reduction == "mean":  # Liger's 0 where every target is ignored (no host sync: a select)
-            none = (target == self.ignore_index).all()
-            loss, z_loss = (torch.where(none, torch.zeros_like(t), t) for t in (loss, z_loss))
+            loss, z_loss = _zero_if_all_ignored((loss, z_loss), target, self.ignore_index, True)
         if not (self.return_z_loss or self.return_token_accuracy or self.return_predicted_tokens):
             return loss
         accuracy = predicted = None

@@ -1024,3 +1024,22 @@ def test_ligers_functional_fused_linear_cross_entropy():
     assert named.predicted_tokens.tolist()[2] == -1 and named.token_accuracy is None
     with pytest.raises(ValueError, match="bias is not taken"):
         liger_fused_linear_cross_entropy(x, w, targets, torch.zeros(12))
+
+
+@pytest.mark.parametrize("module", ["LigerCrossEntropyLoss", "LinearCrossEntropyLoss"])
+def test_ligers_losses_count_uint8_targets_that_read_as_the_ignore_index_wrapped(module):
+    # uint8 targets hold no -100 (the losses widen them: no row is ignored), but uint8 == -100 compares
+    # 156 == 156: a batch whose targets were all class 156 had its "mean" loss replaced by 0 (Liger's
+    # value for all ignored), and "sum"'s token accuracy divided by the rows that were not 156.
+    torch.manual_seed(0)
+    V, D = 200, 16
+    x, w = torch.randn(4, D, dtype=torch.float64), torch.randn(V, D, dtype=torch.float64)
+    logits = x @ w.t()
+    loss_of = (lambda t, **kw: pyllm.nn.LigerCrossEntropyLoss(**kw)(logits, t)) if module == "LigerCrossEntropyLoss" \
+        else (lambda t, **kw: pyllm.nn.LinearCrossEntropyLoss(**kw)(w, x, t))
+    t = torch.full((4,), 156, dtype=torch.uint8)
+    assert loss_of(t).item() == pytest.approx(F.cross_entropy(logits, t.long()).item(), rel=1e-9)
+    t = torch.tensor([156, 3, 156, 5], dtype=torch.uint8)
+    t[:2] = logits.argmax(-1)[:2]
+    wide, narrow = (loss_of(u, reduction="sum", return_token_accuracy=True).token_accuracy for u in (t.long(), t))
+    assert narrow.item() == wide.item()

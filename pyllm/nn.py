@@ -2091,7 +2091,7 @@ def preference_loss(kind: str, chosen_logps: torch.Tensor, rejected_logps: torch
     elif kind == "apo_zero":
         losses = 1 - torch.sigmoid(chosen_rewards) + torch.sigmoid(rejected_rewards)
     elif kind == "apo_down":
-        losses = torch.sigmoid(chosen_rewards) + 1 - torch.sigmoid(m)
+        losses = (1 - torch.sigmoid(m)) + torch.sigmoid(chosen_rewards)  # (TRL's sum: a tiny first term kept)
     elif kind == "discopop":
         # exp(-m) sigmoid(m / tau) as one exp: TRL's product is inf * 0 = NaN where m < -88 (fp32)
         losses = -F.logsigmoid(m) * torch.sigmoid(-m / discopop_tau) + torch.exp(F.logsigmoid(m / discopop_tau) - m)

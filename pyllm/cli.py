@@ -986,6 +986,7 @@ _GOES_WITH = {
         "grpo_reward_weights", "grpo_generations", "grpo_max_new_tokens", "grpo_temperature", "grpo_beta",
         "grpo_loss_type", "grpo_scale_rewards", "grpo_iterations", "grpo_steps_per_generation", "grpo_epsilon",
         "grpo_epsilon_high", "grpo_top_p", "grpo_top_k", "grpo_delta", "grpo_top_entropy_quantile", "grpo_reward_clip",
+        "grpo_off_policy_mask",
         "grpo_importance_sampling", "grpo_log_completions", "grpo_mask_truncated", "grpo_kl_bias_correction")},
 }
 
@@ -2332,6 +2333,11 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                    help="GRPO: the policy loss on the top RHO of each micro-batch's trained tokens by entropy over "
                         "every process (TRL's top_entropy_quantile, Beyond the 80/20 Rule: 0.2; the KL term on all; "
                         "default 1: every token)")
+    p.add_argument("--grpo-off-policy-mask", type=float, metavar="DELTA",
+                   help="GRPO: a sample with a negative advantage whose mean log p_old - log p over its tokens is "
+                        "above DELTA is left out of the policy loss (DeepSeek-V3.2's off-policy sequence masking, "
+                        "TRL's off_policy_mask_threshold; off-policy runs: --grpo-iterations or "
+                        "--grpo-steps-per-generation; default off)")
     p.add_argument("--grpo-reward-clip", type=float, nargs=2, metavar=("LOW", "HIGH"),
                    help="with --grpo-loss-type rloo: each reward clamped to [LOW, HIGH] (TRL's reward_clip_range)")
     p.add_argument("--grpo-delta", type=float, help="GRPO: the unclipped ratio capped at delta too (INTELLECT-2's "

@@ -86,6 +86,7 @@ class TrainConfig:
     grpo_epsilon_high: float = 0.0  # GRPO: 0: epsilon (DAPO's clip-higher: 0.28)
     grpo_delta: float = 0.0  # GRPO: the unclipped ratio capped at delta (INTELLECT-2's two-sided clip, TRL's delta); 0: none
     grpo_top_entropy_quantile: float = 1.0  # GRPO: the policy loss on the top rho of tokens by entropy (TRL's; 0.2 suggested); 1: all
+    grpo_off_policy_mask: float = 0.0  # GRPO: samples with A < 0 whose mean log p_old - log p passes this left out of the policy loss (TRL's off_policy_mask_threshold, DeepSeek-V3.2's); 0: off
     grpo_reward_clip: list = field(default_factory=list)  # RLOO: [low, high], each reward clamped to it (TRL's reward_clip_range); []: none
     grpo_importance_sampling: str = "token"  # GRPO: the ratio p / p_old per token | sequence (GSPO: the exp of its tokens' mean log-ratio)
     grpo_log_completions: int = 0  # GRPO: each generation's first N samples (every rank's) to completions.jsonl
@@ -288,10 +289,13 @@ class TrainConfig:
                              f"clip so), got {self.grpo_delta} with grpo_loss_type {self.grpo_loss_type}")
         rloo = self.grpo_loss_type == "rloo"
         if rloo and (self.grpo_importance_sampling != "token" or self.grpo_delta
-                     or self.grpo_top_entropy_quantile < 1.0):
+                     or self.grpo_top_entropy_quantile < 1.0 or self.grpo_off_policy_mask):
             raise ValueError("TrainConfig.grpo_loss_type rloo (TRL's RLOOTrainer: one ratio a sample, of its summed "
-                             "log-probabilities) goes without grpo_importance_sampling sequence, grpo_delta and "
-                             "grpo_top_entropy_quantile, which RLOO has not")
+                             "log-probabilities) goes without grpo_importance_sampling sequence, grpo_delta, "
+                             "grpo_top_entropy_quantile and grpo_off_policy_mask, which RLOO has not")
+        if not 0.0 <= self.grpo_off_policy_mask < math.inf:
+            raise ValueError(f"TrainConfig.grpo_off_policy_mask must be 0 (off) or a positive finite threshold, got "
+                             f"{self.grpo_off_policy_mask}")
         if self.grpo_reward_clip and not (rloo and len(self.grpo_reward_clip) == 2
                                           and self.grpo_reward_clip[0] <= self.grpo_reward_clip[1]):
             raise ValueError(f"TrainConfig.grpo_reward_clip must be [low, high] with low <= high and goes with "
@@ -2013,6 +2017,12 @@ def grpo_loss(model, rollout: dict, cfg: TrainConfig, world_size: int = 1) -> tu
     n = len(at)
     counts = sequence_logps(mask, cu)[at]  # each sample's trained tokens
     tokens = counts.clamp(min=1)
+    if cfg.grpo_off_policy_mask:  # DeepSeek-V3.2's off-policy sequence mask (TRL's): a sample of A < 0 whose
+        # mean log p_old - log p over its tokens passes the threshold is left out of the policy term
+        drift = torch.zeros_like(per_segment)
+        drift[at] = sequence_logps((old - token_logps.detach()) * mask, cu)[at] / tokens
+        keep = (per_segment >= 0) | (drift <= cfg.grpo_off_policy_mask)  # (per_segment: the advantages still)
+        policy_mask = policy_mask * keep[segment].view_as(token_logps).to(mask.dtype)
     rloo = cfg.grpo_loss_type == "rloo"
     per_sample = rloo or cfg.grpo_importance_sampling == "sequence"  # (one ratio a sample: its clips counted so)
     if per_sample:  # GSPO: each sample's mean log-ratio, its tokens alike; RLOO: its summed log-ratio

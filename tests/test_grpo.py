@@ -237,9 +237,11 @@ def test_grpo_samples_take_top_k_and_top_p(chat_dir):  # noqa: F811
     ("cispo", "group", 0.3, 2, "token", False, 0.0, 1.0), ("sapo", "group", 0.0, 2, "token", True, 0.0, 1.0),
     ("dapo", "group", 0.3, 2, "token", False, 1.16, 1.0), ("grpo", "none", 0.0, 2, "token", False, 1.1, 1.0),
     ("dapo", "group", 0.3, 2, "token", True, 0.0, 0.2), ("grpo", "none", 0.0, 1, "sequence", False, 0.0, 0.0),
-    ("luspo", "group", 0.3, 2, "sequence", True, 0.0, 1.0)])
+    ("luspo", "group", 0.3, 2, "sequence", True, 0.0, 1.0), ("dapo", "group", 0.3, 2, "token", True, "opsm", 0.5)])
 def test_grpo_loss_and_gradients_are_the_formula(chat_dir, loss_type, scale, beta, iterations, level, masked,  # noqa: F811
                                                  delta, rho):
+    opsm = 0.05 if delta == "opsm" else 0.0  # (TRL's off_policy_mask_threshold: with the entropy mask here)
+    delta = 0.0 if opsm else delta
     # fp64: each prompt's G samples (the same generator; lengths differ: samples stop at ids < 12),
     # rewards, advantages (r - group mean) / (group std, batch std or 1) and, per sampled token,
     # -min(ratio A, clip(ratio) A) + beta k3-KL against a reference model, ratio = p / p_old (p_old
@@ -257,7 +259,7 @@ def test_grpo_loss_and_gradients_are_the_formula(chat_dir, loss_type, scale, bet
     cfg = TrainConfig(grpo_reward=SPEC, grpo_generations=4, grpo_max_new_tokens=5, grpo_beta=beta, sample_stop_tokens=stops,
                       grpo_loss_type=loss_type, grpo_scale_rewards=scale, grpo_iterations=iterations, grpo_epsilon=0.1,
                       grpo_epsilon_high=0.15, grpo_importance_sampling=level, grpo_mask_truncated=masked,
-                      grpo_delta=delta, grpo_top_entropy_quantile=rho)
+                      grpo_delta=delta, grpo_top_entropy_quantile=rho, grpo_off_policy_mask=opsm)
     reward = trainer.load_reward(cfg, model, "fp32", torch.device("cpu"))
     reference = torch.no_grad()(lambda x, y, cu: ref_model(x, y, cu, per_token=True)[1])
     rollout = trainer.grpo_rollout(model, batch, cfg, reward, torch.Generator().manual_seed(1))
@@ -289,6 +291,7 @@ def test_grpo_loss_and_gradients_are_the_formula(chat_dir, loss_type, scale, bet
     lows, highs = [], []  # (TRL's clip_ratio/low_*, high_*: each sample's clipped share, or 0/1 for its ratio)
     cap_binds = False
     policy_terms, kl_terms, token_entropies = [], [], []
+    opsm_dropped = 0
     for i, (prompt, sample, a) in enumerate(zip(prompts, samples, advantages)):
         ids = torch.tensor(prompt + sample)
 
@@ -335,6 +338,8 @@ def test_grpo_loss_and_gradients_are_the_formula(chat_dir, loss_type, scale, bet
         kl = torch.exp(d) - d - 1
         if loss_type not in ("cispo", "sapo"):
             ratio = uncapped_ratio
+        if opsm and a < 0 and (old - logp.detach()).mean() > opsm:  # (off-policy sequence mask: dropped)
+            term, opsm_dropped = term * 0, opsm_dropped + 1
         policy_terms.append(term)
         kl_terms.append(beta * kl * ratio)  # (TRL's use_bias_correction_kl, its default: times the ratio)
         kls.append((kl * ratio).sum())  # (TRL logs the KL as it trains it: times the ratio)
@@ -365,6 +370,7 @@ def test_grpo_loss_and_gradients_are_the_formula(chat_dir, loss_type, scale, bet
     assert (low_min, high_max) == pytest.approx((min(lows), max(highs)), abs=1e-12)
     assert low_tokens + high_tokens == clipped_tokens and (iterations == 1 or max(highs) + max(lows) > 0)
     assert kl_sum.item() == pytest.approx(beta and torch.stack(kls).sum().item(), abs=1e-9)
+    assert not opsm or 0 < opsm_dropped < sum(a < 0 for a in advantages)
     if delta:  # (the cap binds: a ratio above it with A < 0; at 1.1, under 1 + eps_high, no high clip)
         assert (max(highs) == 0) == (delta < 1.15) and cap_binds
     cut = [len(p) + len(s) for p, s in zip(prompts, samples)]  # (MFU's count: the sequences computed)

@@ -986,7 +986,7 @@ _GOES_WITH = {
         "grpo_reward_weights", "grpo_generations", "grpo_max_new_tokens", "grpo_temperature", "grpo_beta",
         "grpo_loss_type", "grpo_scale_rewards", "grpo_iterations", "grpo_steps_per_generation", "grpo_epsilon",
         "grpo_epsilon_high", "grpo_top_p", "grpo_top_k", "grpo_delta", "grpo_top_entropy_quantile", "grpo_reward_clip",
-        "grpo_off_policy_mask",
+        "grpo_off_policy_mask", "grpo_sapo_temperatures", "grpo_vespo",
         "grpo_importance_sampling", "grpo_log_completions", "grpo_mask_truncated", "grpo_kl_bias_correction")},
 }
 
@@ -2309,14 +2309,16 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                    "sum to P (TRL's top_p; default 1: all); their log-probabilities the whole distribution's, as TRL's")
     p.add_argument("--grpo-top-k", type=int, help="GRPO: samples drawn from the K likeliest tokens (TRL's top_k; "
                    "default 0: all)")
-    p.add_argument("--grpo-loss-type", choices=("dapo", "grpo", "bnpo", "dr_grpo", "cispo", "sapo", "luspo", "rloo"),
+    p.add_argument("--grpo-loss-type", choices=("dapo", "grpo", "bnpo", "dr_grpo", "cispo", "sapo", "luspo", "vespo",
+                                                "rloo"),
                    help="GRPO: the sampled tokens' losses summed and divided by the step's share of the generation's "
                         "sampled tokens (dapo, the "
                         "default, TRL's), each sample's then the samples' number (grpo), the micro-batch's tokens "
                         "(bnpo) or samples x --grpo-max-new-tokens (dr_grpo); cispo (MiniMax-M1: the ratio clipped "
                         "above at --grpo-epsilon-high, detached, times A log p; TRL suggests 5), sapo (a soft "
                         "gate for the clip) or luspo (each sample's sum, then as grpo; with --grpo-importance-sampling "
-                        "sequence), as TRL computes them; rloo: TRL's RLOOTrainer (leave-one-out advantages, "
+                        "sequence), vespo (-phi(w) A log p, phi a gamma weight of the sample's ratio w; divided as "
+                        "dapo), as TRL computes them; rloo: TRL's RLOOTrainer (leave-one-out advantages, "
                         "--grpo-beta's KL in the rewards, one clipped ratio a sample; --grpo-scale-rewards batch "
                         "normalizes the advantages, its normalize_advantages; --grpo-reward-clip LOW HIGH)")
     p.add_argument("--grpo-scale-rewards", choices=("group", "batch", "none"),
@@ -2338,6 +2340,12 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                         "above DELTA is left out of the policy loss (DeepSeek-V3.2's off-policy sequence masking, "
                         "TRL's off_policy_mask_threshold; off-policy runs: --grpo-iterations or "
                         "--grpo-steps-per-generation; default off)")
+    p.add_argument("--grpo-sapo-temperatures", type=float, nargs=2, metavar=("POS", "NEG"),
+                   help="with --grpo-loss-type sapo: the gate's temperatures for tokens of positive and of other "
+                        "advantages (TRL's sapo_temperature_pos / _neg; default 1.0 1.05)")
+    p.add_argument("--grpo-vespo", type=float, nargs=4, metavar=("K_POS", "LAMBDA_POS", "K_NEG", "LAMBDA_NEG"),
+                   help="with --grpo-loss-type vespo: its gamma weighting's k and lambda for samples of advantage "
+                        ">= 0 and for the others (TRL's vespo_*; default 2 3 3 2)")
     p.add_argument("--grpo-reward-clip", type=float, nargs=2, metavar=("LOW", "HIGH"),
                    help="with --grpo-loss-type rloo: each reward clamped to [LOW, HIGH] (TRL's reward_clip_range)")
     p.add_argument("--grpo-delta", type=float, help="GRPO: the unclipped ratio capped at delta too (INTELLECT-2's "

@@ -35,6 +35,14 @@ from pyllm.ops import _util
 from pyllm.optim import AdamW, DynamicLossScaler, Muon, MuonAdamW, ZeroAdamW, unscale_clip_check
 
 
+# SAPO's gate temperatures for tokens of positive and of other advantages (Soft Adaptive Policy
+# Optimization; TRL's sapo_temperature_pos / _neg defaults).
+SAPO_TEMPERATURES = (1.0, 1.05)
+# VESPO's gamma weighting phi(w) = e^lambda w^k e^(-lambda w) of a sample's ratio w: k and lambda for
+# samples of advantage >= 0, then for the others (TRL's vespo_k_pos, _lambda_pos, _k_neg, _lambda_neg)
+VESPO_GAMMA = (2.0, 3.0, 3.0, 2.0)
+
+
 @dataclass
 class TrainConfig:
     data_dir: str = ""  # folder holding train.bin and val.bin
@@ -87,6 +95,8 @@ class TrainConfig:
     grpo_delta: float = 0.0  # GRPO: the unclipped ratio capped at delta (INTELLECT-2's two-sided clip, TRL's delta); 0: none
     grpo_top_entropy_quantile: float = 1.0  # GRPO: the policy loss on the top rho of tokens by entropy (TRL's; 0.2 suggested); 1: all
     grpo_off_policy_mask: float = 0.0  # GRPO: samples with A < 0 whose mean log p_old - log p passes this left out of the policy loss (TRL's off_policy_mask_threshold, DeepSeek-V3.2's); 0: off
+    grpo_sapo_temperatures: list = field(default_factory=lambda: list(SAPO_TEMPERATURES))  # sapo: [positive A's, the others'] (TRL's sapo_temperature_pos / _neg)
+    grpo_vespo: list = field(default_factory=lambda: list(VESPO_GAMMA))  # vespo: [k_pos, lambda_pos, k_neg, lambda_neg] (TRL's vespo_*)
     grpo_reward_clip: list = field(default_factory=list)  # RLOO: [low, high], each reward clamped to it (TRL's reward_clip_range); []: none
     grpo_importance_sampling: str = "token"  # GRPO: the ratio p / p_old per token | sequence (GSPO: the exp of its tokens' mean log-ratio)
     grpo_log_completions: int = 0  # GRPO: each generation's first N samples (every rank's) to completions.jsonl
@@ -283,9 +293,10 @@ class TrainConfig:
         if not 0.0 < self.grpo_top_p <= 1.0 or self.grpo_top_k < 0:
             raise ValueError(f"TrainConfig.grpo_top_p must be in (0, 1] and grpo_top_k >= 0 (1 and 0: off), got "
                              f"{self.grpo_top_p} and {self.grpo_top_k}")
-        if self.grpo_delta and not (1.0 < self.grpo_delta < math.inf and self.grpo_loss_type not in ("cispo", "sapo")):
+        if self.grpo_delta and not (1.0 < self.grpo_delta < math.inf
+                                    and self.grpo_loss_type not in ("cispo", "sapo", "vespo")):
             raise ValueError(f"TrainConfig.grpo_delta must be 0 (none) or above 1 (INTELLECT-2 suggests more than 1 + "
-                             f"epsilon_high), and goes with the clipped loss types (not cispo or sapo, which do not "
+                             f"epsilon_high), and goes with the clipped loss types (not cispo, sapo or vespo, which do not "
                              f"clip so), got {self.grpo_delta} with grpo_loss_type {self.grpo_loss_type}")
         rloo = self.grpo_loss_type == "rloo"
         if rloo and (self.grpo_importance_sampling != "token" or self.grpo_delta
@@ -293,6 +304,17 @@ class TrainConfig:
             raise ValueError("TrainConfig.grpo_loss_type rloo (TRL's RLOOTrainer: one ratio a sample, of its summed "
                              "log-probabilities) goes without grpo_importance_sampling sequence, grpo_delta, "
                              "grpo_top_entropy_quantile and grpo_off_policy_mask, which RLOO has not")
+        if self.grpo_loss_type == "vespo" and self.grpo_importance_sampling != "token":
+            raise ValueError("TrainConfig.grpo_loss_type vespo weighs each sample by its own sequence ratio: it goes "
+                             "with grpo_importance_sampling token (TRL warns so too)")
+        for name, size, lowest in (("grpo_sapo_temperatures", 2, 0.0), ("grpo_vespo", 4, -math.inf)):
+            value = getattr(self, name)
+            if len(value) != size or not all(isinstance(v, (int, float)) and lowest < v < math.inf for v in value):
+                raise ValueError(f"TrainConfig.{name} must be {size} finite numbers"
+                                 + (" above 0" if lowest == 0.0 else "") + f", got {value}")
+        if (self.grpo_sapo_temperatures != list(SAPO_TEMPERATURES) and self.grpo_loss_type != "sapo") or (
+                self.grpo_vespo != list(VESPO_GAMMA) and self.grpo_loss_type != "vespo"):
+            raise ValueError("TrainConfig.grpo_sapo_temperatures goes with grpo_loss_type sapo, grpo_vespo with vespo")
         if not 0.0 <= self.grpo_off_policy_mask < math.inf:
             raise ValueError(f"TrainConfig.grpo_off_policy_mask must be 0 (off) or a positive finite threshold, got "
                              f"{self.grpo_off_policy_mask}")
@@ -1676,10 +1698,7 @@ def _reward_model(spec: str, policy: LLM, precision: str, device: torch.device,
     return score
 
 
-GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "rloo")
-# SAPO's gate temperatures for tokens of positive and of other advantages (Soft Adaptive Policy
-# Optimization; TRL's sapo_temperature_pos / _neg defaults).
-SAPO_TEMPERATURES = (1.0, 1.05)
+GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo", "rloo")
 
 
 def grpo_generation_micro(cfg: TrainConfig) -> int:
@@ -1831,11 +1850,14 @@ def grpo_clip_metrics(cfg: TrainConfig, per: list, extremes: torch.Tensor) -> di
     high_max (the least share of a sample's tokens clipped low and the largest clipped high, over
     every rank's samples, from extremes (grad_accum, 2): -low_min and high_max, MAX-reduced), the
     mean over the micro-steps that had a sample (None where none had); cispo's cispo_clip_ratio
-    (above eps_high, A > 0) alone; none for sapo (no clip); 0.0 at a single iteration (every ratio 1), as TRL's."""
+    (above eps_high, A > 0) alone; none for sapo (no clip); vespo's vespo/phi_seq_mean (its weights'
+    mean over the samples) alone; 0.0 at a single iteration (every ratio 1), as TRL's."""
     if cfg.grpo_loss_type == "cispo":
         return {"cispo_clip_ratio": micro_step_mean(per, 3, 6)}
     if cfg.grpo_loss_type == "sapo":  # (TRL logs them at one iteration too: 0.0, every ratio 1)
         return {}
+    if cfg.grpo_loss_type == "vespo":  # (its weights' mean over the samples, each micro-step's: TRL's)
+        return {"vespo/phi_seq_mean": micro_step_mean(per, 3, 6)}
     low_min, high_max = extreme_means(extremes)
     return {"clip_ratio/low_mean": micro_step_mean(per, 4, 6), "clip_ratio/high_mean": micro_step_mean(per, 5, 6),
             "clip_ratio/region_mean": micro_step_mean(per, 3, 6), "clip_ratio/low_min": low_min,
@@ -2036,10 +2058,16 @@ def grpo_loss(model, rollout: dict, cfg: TrainConfig, world_size: int = 1) -> tu
         coef = torch.exp(per_segment[at])
         advantages = rollout["advantages"].to(coef)
         per_token = -torch.min(coef * advantages, torch.clamp(coef, 1 - cfg.grpo_epsilon, 1 + high) * advantages)
+    elif cfg.grpo_loss_type == "vespo":  # VESPO: -phi(w) A log p, phi of the sample's summed log-ratio, detached
+        phi = vespo_weights(token_logps.detach() - old, mask, cu, at, rollout["advantages"].to(mask), cfg.grpo_vespo)
+        weight = torch.zeros_like(per_segment)
+        weight[at] = phi
+        per_token = -weight[segment].view_as(token_logps) * advantage * token_logps
     elif cfg.grpo_loss_type == "cispo":  # MiniMax-M1's: the ratio clipped above and detached, times A log p
         per_token = -torch.clamp(ratio, max=high).detach() * advantage * token_logps
     elif cfg.grpo_loss_type == "sapo":  # a soft gate instead of the clip
-        tau = torch.where(advantage > 0, ratio.new_tensor(SAPO_TEMPERATURES[0]), ratio.new_tensor(SAPO_TEMPERATURES[1]))
+        positive, other = cfg.grpo_sapo_temperatures
+        tau = torch.where(advantage > 0, ratio.new_tensor(positive), ratio.new_tensor(other))
         per_token = -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * advantage
     else:
         clipped = torch.clamp(ratio, 1 - cfg.grpo_epsilon, 1 + high)
@@ -2096,9 +2124,26 @@ def grpo_loss(model, rollout: dict, cfg: TrainConfig, world_size: int = 1) -> tu
         inf = mask.new_tensor(math.inf)
         low_min = shares[0].nan_to_num(math.inf).min() if n else inf
         high_max = shares[1].nan_to_num(-math.inf).max() if n else -inf
+        if cfg.grpo_loss_type == "vespo":  # (its phi's sum over the samples in the clipped column: TRL's phi_seq_mean)
+            totals[2], counted = phi.sum(), mask.new_tensor(n)
         stats = torch.stack([kl_sum, mask.sum(), totals[2], counted, entropy_sum.to(mask), totals[0], totals[1],
                              low_min, high_max])
     return loss, stats.double().cpu()
+
+
+def vespo_weights(log_ratio: torch.Tensor, mask: torch.Tensor, cu: torch.Tensor, at, advantages: torch.Tensor,
+                  gamma) -> torch.Tensor:
+    """VESPO's (arXiv 2602.10693; TRL's get_gamma_weights) weight of each sample (n,): with log w its
+    tokens' summed log p - log p_old (each clamped to [-20, 20], the sum to [log 1e-8, 20]) and k,
+    lambda gamma's pair for its advantage's sign (A >= 0 first), phi = exp(lambda + k log w - lambda w),
+    0 where that is not finite; no gradient."""
+    with torch.no_grad():
+        k_pos, lambda_pos, k_neg, lambda_neg = gamma
+        log_w = sequence_logps(log_ratio.clamp(-20.0, 20.0) * mask, cu)[at].clamp(math.log(1e-8), 20.0)
+        nonneg = advantages >= 0
+        k = torch.where(nonneg, log_w.new_tensor(k_pos), log_w.new_tensor(k_neg))
+        lam = torch.where(nonneg, log_w.new_tensor(lambda_pos), log_w.new_tensor(lambda_neg)).clamp(min=1e-4)
+        return torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def high_entropy_mask(entropies: torch.Tensor, trained: torch.Tensor, threshold: float, world_size: int = 1

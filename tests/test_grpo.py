@@ -206,6 +206,23 @@ def test_rloo_trains_logs_its_kl_with_the_generation_and_resumes(chat_dir, tmp_p
             TrainConfig(grpo_reward=SPEC, **bad).validate()
 
 
+def test_vespo_logs_its_weights_and_the_options_go_with_their_loss(chat_dir, tmp_path):  # noqa: F811
+    # vespo logs TRL's vespo/phi_seq_mean (1.0 on-policy: every ratio 1), no clip ratios; its gamma and
+    # sapo's temperatures are refused with another loss type
+    kw = dict(grpo_reward=SPEC, grpo_generations=2, grpo_max_new_tokens=4, model=dict(TINY, block_size=32),
+              grpo_loss_type="vespo", grpo_iterations=2, max_steps=2, eval_every=0)
+    trainer.train(config(chat_dir, tmp_path / "run", **kw))
+    log = [json.loads(line) for line in (tmp_path / "run/log.jsonl").read_text().splitlines()]
+    assert log[0]["vespo/phi_seq_mean"] == pytest.approx(1.0) and log[1]["vespo/phi_seq_mean"] > 0
+    assert not any(k.startswith("clip_ratio/") for r in log for k in r)
+    for bad, message in ((dict(grpo_vespo=[1.0, 2.0, 3.0, 4.0]), "grpo_vespo with vespo"),
+                         (dict(grpo_sapo_temperatures=[1.0, 2.0]), "goes with grpo_loss_type sapo"),
+                         (dict(grpo_loss_type="sapo", grpo_sapo_temperatures=[0.0, 1.0]), "2 finite numbers above 0"),
+                         (dict(grpo_loss_type="vespo", grpo_importance_sampling="sequence"), "goes with")):
+        with pytest.raises(ValueError, match=message):
+            TrainConfig(grpo_reward=SPEC, **bad).validate()
+
+
 def test_grpo_samples_take_top_k_and_top_p(chat_dir):  # noqa: F811
     # TRL's top_k and top_p (its generation config's): the samples generate_batch draws with them from
     # the same generator; top_k 1 or a top_p below any token's probability: each prompt's G samples
@@ -237,11 +254,15 @@ def test_grpo_samples_take_top_k_and_top_p(chat_dir):  # noqa: F811
     ("cispo", "group", 0.3, 2, "token", False, 0.0, 1.0), ("sapo", "group", 0.0, 2, "token", True, 0.0, 1.0),
     ("dapo", "group", 0.3, 2, "token", False, 1.16, 1.0), ("grpo", "none", 0.0, 2, "token", False, 1.1, 1.0),
     ("dapo", "group", 0.3, 2, "token", True, 0.0, 0.2), ("grpo", "none", 0.0, 1, "sequence", False, 0.0, 0.0),
-    ("luspo", "group", 0.3, 2, "sequence", True, 0.0, 1.0), ("dapo", "group", 0.3, 2, "token", True, "opsm", 0.5)])
+    ("luspo", "group", 0.3, 2, "sequence", True, 0.0, 1.0), ("dapo", "group", 0.3, 2, "token", True, "opsm", 0.5),
+    ("vespo", "group", 0.3, 2, "token", True, 0.0, 1.0), ("vespo", "none", 0.0, 2, "token", False, "gamma", 1.0),
+    ("sapo", "group", 0.0, 2, "token", False, "temperatures", 1.0)])
 def test_grpo_loss_and_gradients_are_the_formula(chat_dir, loss_type, scale, beta, iterations, level, masked,  # noqa: F811
                                                  delta, rho):
     opsm = 0.05 if delta == "opsm" else 0.0  # (TRL's off_policy_mask_threshold: with the entropy mask here)
-    delta = 0.0 if opsm else delta
+    gamma = [1.5, 2.0, 2.5, 1.0] if delta == "gamma" else [2.0, 3.0, 3.0, 2.0]  # (TRL's vespo_k_pos, ...)
+    temperatures = [0.7, 1.3] if delta == "temperatures" else [1.0, 1.05]  # (TRL's sapo_temperature_pos, _neg)
+    delta = delta if isinstance(delta, float) else 0.0
     # fp64: each prompt's G samples (the same generator; lengths differ: samples stop at ids < 12),
     # rewards, advantages (r - group mean) / (group std, batch std or 1) and, per sampled token,
     # -min(ratio A, clip(ratio) A) + beta k3-KL against a reference model, ratio = p / p_old (p_old
@@ -259,7 +280,9 @@ def test_grpo_loss_and_gradients_are_the_formula(chat_dir, loss_type, scale, bet
     cfg = TrainConfig(grpo_reward=SPEC, grpo_generations=4, grpo_max_new_tokens=5, grpo_beta=beta, sample_stop_tokens=stops,
                       grpo_loss_type=loss_type, grpo_scale_rewards=scale, grpo_iterations=iterations, grpo_epsilon=0.1,
                       grpo_epsilon_high=0.15, grpo_importance_sampling=level, grpo_mask_truncated=masked,
-                      grpo_delta=delta, grpo_top_entropy_quantile=rho, grpo_off_policy_mask=opsm)
+                      grpo_delta=delta, grpo_top_entropy_quantile=rho, grpo_off_policy_mask=opsm,
+                      **({"grpo_vespo": gamma} if loss_type == "vespo" else {}),
+                      **({"grpo_sapo_temperatures": temperatures} if loss_type == "sapo" else {}))
     reward = trainer.load_reward(cfg, model, "fp32", torch.device("cpu"))
     reference = torch.no_grad()(lambda x, y, cu: ref_model(x, y, cu, per_token=True)[1])
     rollout = trainer.grpo_rollout(model, batch, cfg, reward, torch.Generator().manual_seed(1))
@@ -291,7 +314,7 @@ def test_grpo_loss_and_gradients_are_the_formula(chat_dir, loss_type, scale, bet
     lows, highs = [], []  # (TRL's clip_ratio/low_*, high_*: each sample's clipped share, or 0/1 for its ratio)
     cap_binds = False
     policy_terms, kl_terms, token_entropies = [], [], []
-    opsm_dropped = 0
+    opsm_dropped, phis = 0, []
     for i, (prompt, sample, a) in enumerate(zip(prompts, samples, advantages)):
         ids = torch.tensor(prompt + sample)
 
@@ -303,6 +326,7 @@ def test_grpo_loss_and_gradients_are_the_formula(chat_dir, loss_type, scale, bet
         old = old_flat[start:start + len(sample)] if old_flat is not None else logp.detach()
         ratio = torch.exp(logp - old) if level == "token" else torch.exp((logp - old).mean()).expand(len(sample))
         if masked and sample[-1] not in stops:  # (its advantage counted in its group, no loss)
+            phis.append(torch.ones((), dtype=torch.float64))  # (vespo's weight of a sample without tokens: TRL's 1)
             continue
         with torch.no_grad():  # (TRL's entropy: of the policy's next-token distribution at each trained token)
             lp = torch.log_softmax(model(ids[None])[0][0], -1)[len(prompt) - 1:len(ids) - 1]
@@ -315,8 +339,13 @@ def test_grpo_loss_and_gradients_are_the_formula(chat_dir, loss_type, scale, bet
         if loss_type == "cispo":
             term = -torch.clamp(ratio, max=0.15).detach() * a * logp
         elif loss_type == "sapo":
-            tau = 1.0 if a > 0 else 1.05
+            tau = temperatures[0] if a > 0 else temperatures[1]
             term = -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * a
+        elif loss_type == "vespo":  # (TRL's get_gamma_weights, then -phi A log p)
+            log_w = torch.clamp((logp - old).detach().clamp(-20, 20).sum(), math.log(1e-8), 20.0)
+            k, lam = gamma[:2] if a >= 0 else gamma[2:]
+            phis.append(torch.exp(lam + k * log_w - lam * torch.exp(log_w)))
+            term = -phis[-1] * a * logp
         else:
             capped = torch.clamp(ratio, max=delta) if delta else ratio
             cap_binds = cap_binds or bool(delta and ((ratio > delta) & (a < 0)).any())
@@ -336,7 +365,7 @@ def test_grpo_loss_and_gradients_are_the_formula(chat_dir, loss_type, scale, bet
             d = logps(ref_model) - logp
         d = d.detach() + logp.detach() - logp  # (d = ref - log p, its gradient -grad log p)
         kl = torch.exp(d) - d - 1
-        if loss_type not in ("cispo", "sapo"):
+        if loss_type not in ("cispo", "sapo", "vespo"):
             ratio = uncapped_ratio
         if opsm and a < 0 and (old - logp.detach()).mean() > opsm:  # (off-policy sequence mask: dropped)
             term, opsm_dropped = term * 0, opsm_dropped + 1
@@ -354,6 +383,7 @@ def test_grpo_loss_and_gradients_are_the_formula(chat_dir, loss_type, scale, bet
             "sapo": torch.stack([t.mean() for t in terms]).sum() / n, "cispo": torch.cat(terms).sum() / tokens,
             "luspo": torch.stack([t.sum() for t in terms]).sum() / n,  # (TRL's: each sample's sum, their mean)
             "dapo": torch.cat(terms).sum() / tokens,  # (TRL 1.16's count: the trained tokens, not masked ones)
+            "vespo": torch.cat(terms).sum() / tokens,
             "dr_grpo": torch.cat(terms).sum() / (n * 5)}[loss_type]
     want.backward()
     assert loss.item() == pytest.approx(want.item(), rel=1e-9, abs=1e-12)
@@ -361,7 +391,11 @@ def test_grpo_loss_and_gradients_are_the_formula(chat_dir, loss_type, scale, bet
         torch.testing.assert_close(g, p.grad, rtol=1e-7, atol=1e-12)
     assert (clipped > 0) == (iterations > 1 or loss_type == "cispo")  # (the perturbation clips some)
     counted = tokens if level == "token" else n  # (TRL 1.16's clip_ratio in sequence mode: over the samples)
-    assert (clipped_tokens, trained_tokens, kl_tokens) == (clipped, counted, tokens)
+    if loss_type == "vespo":  # (its weights' sum over the samples, TRL's vespo/phi_seq_mean's, in the clip column)
+        assert clipped_tokens.item() == pytest.approx(torch.stack(phis).sum().item(), rel=1e-12)
+        clipped_tokens, trained_tokens = clipped, n
+        assert 0 < min(phis) < max(phis) and min(phis) < 0.99
+    assert (clipped_tokens, trained_tokens, kl_tokens) == (clipped, counted if loss_type != "vespo" else n, tokens)
     if level == "token":  # (the tokens clipped low and high; the samples, of sequence ratios)
         weights = [len(t) for t in terms]
         assert (low_tokens, high_tokens) == pytest.approx((np.dot(lows, weights), np.dot(highs, weights)), abs=1e-9)
@@ -386,7 +420,9 @@ def test_grpo_loss_and_gradients_are_the_formula(chat_dir, loss_type, scale, bet
     unended = np.mean([not (s and s[-1] in stops) for s in samples])
     assert 0 < unended < 1
     np.testing.assert_allclose(means, [flat.mean().item(), flat.std().item(), np.mean([len(s) for s in samples]),
-                                       beta and torch.stack(kls).sum().item() / tokens, clipped / counted, zero_std,
+                                       beta and torch.stack(kls).sum().item() / tokens,
+                                       torch.stack(phis).mean().item() if loss_type == "vespo" else clipped / counted,
+                                       zero_std,
                                        unended, entropy_sum.item() / tokens, flat.mean().item()],
                                rtol=1e-6, atol=1e-12)
 

@@ -296,8 +296,8 @@ class TrainConfig:
         if self.grpo_delta and not (1.0 < self.grpo_delta < math.inf
                                     and self.grpo_loss_type not in ("cispo", "sapo", "vespo")):
             raise ValueError(f"TrainConfig.grpo_delta must be 0 (none) or above 1 (INTELLECT-2 suggests more than 1 + "
-                             f"epsilon_high), and goes with the clipped loss types (not cispo, sapo or vespo, which do not "
-                             f"clip so), got {self.grpo_delta} with grpo_loss_type {self.grpo_loss_type}")
+                             f"epsilon_high), and goes with the clipped loss types (not cispo, sapo or vespo, which "
+                             f"do not clip so), got {self.grpo_delta} with grpo_loss_type {self.grpo_loss_type}")
         rloo = self.grpo_loss_type == "rloo"
         if rloo and (self.grpo_importance_sampling != "token" or self.grpo_delta
                      or self.grpo_top_entropy_quantile < 1.0 or self.grpo_off_policy_mask):

@@ -977,6 +977,7 @@ _GOES_WITH = {
     "discopop_tau": (lambda c: c.preference == "discopop", "preference discopop"),
     "desirable_weight": (lambda c: c.preference == "kto", "preference kto"),
     "undesirable_weight": (lambda c: c.preference == "kto", "preference kto"),
+    "kto_loss_type": (lambda c: c.preference == "kto", "preference kto"),
     "token_stats": (lambda c: not (c.preference == "reward" or c.teacher or c.grpo_reward),
                     "pretraining, SFT or preference tuning (not a reward model, distillation or GRPO, which log their "
                     "own metrics)"),
@@ -2256,6 +2257,9 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                         "sppo_hard, apo_zero, apo_down, discopop and sigmoid_norm")
     p.add_argument("--desirable-weight", type=float, help="kto: the desirable examples' weight (default 1)")
     p.add_argument("--undesirable-weight", type=float, help="kto: the undesirable examples' weight (default 1)")
+    p.add_argument("--kto-loss-type", choices=("kto", "apo_zero_unpaired"),
+                   help="kto: its loss (default) or APO-zero's unpaired form (TRL's KTOConfig loss_type: 1 - "
+                        "sigmoid(beta r) for desirable examples, sigmoid(beta r) for the others, no KL estimate)")
     # (> 0: TrainConfig's 0 stands for the default, and --beta 0 had trained with it, silently)
     p.add_argument("--beta", type=positive_number, help="the preference loss's beta, > 0 (orpo: its lambda; default: "
                    "0.1 as TRL's, simpo 2.0; a reward model's loss has none)")

@@ -1990,8 +1990,8 @@ def preference_loss(kind: str, chosen_logps: torch.Tensor, rejected_logps: torch
                     ref_rejected_logps: torch.Tensor | None = None, beta: float = 0.1, gamma: float = 0.5,
                     label_smoothing: float = 0.0, desirable: torch.Tensor | None = None, desirable_weight: float = 1.0,
                     undesirable_weight: float = 1.0, kl: torch.Tensor | None = None, center_rewards: float = 0.0,
-                    margin: torch.Tensor | None = None, sft_weight: float = 0.0, discopop_tau: float = 0.05
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    margin: torch.Tensor | None = None, sft_weight: float = 0.0, discopop_tau: float = 0.05,
+                    kto_loss: str = "kto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pair losses of preference tuning from each pair's chosen and rejected replies' summed
     log-probabilities (sequence_logps) and their numbers of tokens, with the implicit rewards of the
     chosen and rejected replies (detached). Each (P,). As TRL computes them:
@@ -2019,7 +2019,8 @@ def preference_loss(kind: str, chosen_logps: torch.Tensor, rejected_logps: torch
              desirable_weight (1 - sigmoid(beta (r - z))), undesirable ones undesirable_weight
              (1 - sigmoid(beta (z - r))). Rewards beta r (chosen) and beta times the mismatched
              pairs' log-ratio (rejected). kl: z given (over more pairs than these: all ranks'), else
-             from these pairs.
+             from these pairs. kto_loss "apo_zero_unpaired" (TRL's KTOConfig loss_type, APO-zero's
+             unpaired form): z is 0, 1 - sigmoid(beta r) and sigmoid(beta r) (no KL estimate).
       reward a reward model's Bradley-Terry loss (Ouyang et al. 2022; TRL's RewardTrainer): "logps" are
              the model's scores of each reply (LLM.forward's scores), -log sigmoid(chosen - rejected
              - margin) + center_rewards (chosen + rejected)^2 (margin (P,): each pair's, Llama 2's
@@ -2107,7 +2108,11 @@ def preference_loss(kind: str, chosen_logps: torch.Tensor, rejected_logps: torch
     elif kind == "kto":
         if desirable is None:
             raise ValueError("the kto loss needs each example's label (desirable)")
+        if kto_loss not in ("kto", "apo_zero_unpaired"):
+            raise ValueError(f"preference loss: kto_loss must be kto or apo_zero_unpaired, got {kto_loss!r}")
         z = ((rejected_logps - ref_rejected_logps).mean() if kl is None else kl).clamp(min=0).detach()
+        if kto_loss == "apo_zero_unpaired":
+            z = torch.zeros_like(z)
         ratio = chosen_logps - ref_chosen_logps
         losses = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (ratio - z))),
                              undesirable_weight * (1 - torch.sigmoid(beta * (z - ratio))))

@@ -66,6 +66,7 @@ class TrainConfig:
     discopop_tau: float = 0.05  # preference discopop: the log-ratio modulation's temperature (DiscoPOP's, TRL's default)
     desirable_weight: float = 1.0  # kto: the desirable examples' weight in the loss
     undesirable_weight: float = 1.0  # kto: the undesirable examples'
+    kto_loss_type: str = "kto"  # kto: kto | apo_zero_unpaired (TRL's KTOConfig loss_type: no KL estimate, z = 0)
     center_rewards: float = 0.0  # reward: TRL's center_rewards_coefficient (times the mean of (chosen + rejected)^2)
     sft_weight: float = 0.0  # simpo, the dpo family (DPO_LOSSES): plus this times the chosen reply's NLL per token (RPO; TRL's loss_type "sft")
     reference: str = "precomputed"  # dpo and its family, kto: precomputed (once, before training) | lora-off (LoRA runs: each step, adapters off)
@@ -231,6 +232,10 @@ class TrainConfig:
         if self.preference == "exo_pair" and not self.label_smoothing:
             raise ValueError("TrainConfig.label_smoothing: preference exo_pair needs it above 0 (EXO's epsilon; its "
                              "paper's 1e-3)")
+        if self.kto_loss_type not in ("kto", "apo_zero_unpaired") or (self.kto_loss_type != "kto"
+                                                                       and self.preference != "kto"):
+            raise ValueError(f"TrainConfig.kto_loss_type must be kto or apo_zero_unpaired and goes with preference "
+                             f"kto, got {self.kto_loss_type!r} with {self.preference or 'no preference loss'!r}")
         if not 0.0 < self.discopop_tau < math.inf:
             raise ValueError(f"TrainConfig.discopop_tau must be positive and finite, got {self.discopop_tau}")
         if not 0.0 <= self.center_rewards < math.inf or (self.center_rewards and self.preference != "reward"):
@@ -359,7 +364,7 @@ def preference_options(cfg) -> dict:
     return {"kind": cfg.preference, "beta": cfg.beta or PREFERENCE_BETA[cfg.preference], "gamma": cfg.simpo_gamma,
             "label_smoothing": cfg.label_smoothing, "desirable_weight": cfg.desirable_weight,
             "undesirable_weight": cfg.undesirable_weight, "center_rewards": cfg.center_rewards,
-            "sft_weight": cfg.sft_weight, "discopop_tau": cfg.discopop_tau}
+            "sft_weight": cfg.sft_weight, "discopop_tau": cfg.discopop_tau, "kto_loss": cfg.kto_loss_type}
 
 
 class TrainingDiverged(RuntimeError):
@@ -983,17 +988,21 @@ def preference_batch_loss(model, batch, reference, labels: np.ndarray | None = N
         # forward without autograd over them alone (TRL's KL pass), before the examples' pass so
         # that the model's aux_loss is the examples'. In one pass with the examples they would
         # take half of the backward's work for no gradient.
-        with torch.no_grad():
-            rejected_logps = segment_logps(model, batch, rejected)
+        if options.get("kto_loss") == "apo_zero_unpaired":  # no KL estimate (TRL's calculate_KL off): no KL pass
+            ref = ref.to(x.device)
+            rejected_logps, kl = ref[1::2], ref.new_zeros(())  # (the KL documents' log-ratios: 0, unused)
+        else:
+            with torch.no_grad():
+                rejected_logps = segment_logps(model, batch, rejected)
+            ref = None if ref is None else ref.to(rejected_logps)
+            # The KL estimate over all ranks' pairs of this micro-step (TRL gathers it too): the same
+            # global rows give the same z whatever the number of processes.
+            kl_sums = torch.stack([(rejected_logps - ref[1::2]).sum(), torch.tensor(float(len(rejected)))
+                                   .to(rejected_logps)])
+            if dist.is_available() and dist.is_initialized():
+                dist.all_reduce(kl_sums)
+            kl = kl_sums[0] / kl_sums[1].clamp(min=1)
         desirable = torch.tensor(labels[[docs[i] // 2 for i in chosen]], dtype=torch.bool, device=rejected_logps.device)
-        ref = None if ref is None else ref.to(rejected_logps)
-        # The KL estimate over all ranks' pairs of this micro-step (TRL gathers it too): the same
-        # global rows give the same z whatever the number of processes.
-        kl_sums = torch.stack([(rejected_logps - ref[1::2]).sum(), torch.tensor(float(len(rejected)))
-                               .to(rejected_logps)])
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(kl_sums)
-        kl = kl_sums[0] / kl_sums[1].clamp(min=1)
         if fused and chosen:  # each example's loss alone, z known: fused with the output layer
             x_alone, y_alone, cu_alone, at = segments_alone(x, y, cu, chosen)
 
@@ -1013,6 +1022,7 @@ def preference_batch_loss(model, batch, reference, labels: np.ndarray | None = N
             chosen_logps, doc_stats = segment_logps(model, batch, chosen, token_stats=True)
         else:
             chosen_logps = segment_logps(model, batch, chosen)
+        ref, rejected_logps, kl = ref.to(chosen_logps), rejected_logps.to(chosen_logps), kl.to(chosen_logps)
     else:  # (N,) of every segment, padding too: log-probabilities, or a reward model's scores
         balance = balance_kwargs(model, x, cu, real)
         logps = (model(x, y, cu, scores=True, **balance)[1][:, 0] if options.get("kind") == "reward"
@@ -3038,6 +3048,8 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
         if reward is None or generates:
             batches, weights, lengths, outputs, forward_only = next_batches(
                 loader, cfg.grad_accum if reward is None else grpo_generation_micro(cfg), info.world_size)
+            if cfg.kto_loss_type == "apo_zero_unpaired":  # (no pass over KTO's KL documents: not in the FLOPs)
+                forward_only = None
         if generates:  # GRPO: the generation's samples first (dapo and batch scaling want all of them), reused
             rollouts = []  # for grpo_generation_steps; each rank samples its own rows, seeded by step, micro-step, rank
             for micro, batch in enumerate(batches):

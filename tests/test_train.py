@@ -1815,14 +1815,17 @@ def kto_dir(tmp_path_factory):
     return folder
 
 
+@pytest.mark.parametrize("kto_loss", ["kto", "apo_zero_unpaired"])
 @pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
-def test_kto_batch_loss_is_each_sequence_alone(kto_dir, fused, monkeypatch):
+def test_kto_batch_loss_is_each_sequence_alone(kto_dir, fused, kto_loss, monkeypatch):
     # fp64: KTO's loss and gradients on a packed batch are TRL's formula on each sequence alone: the
     # KL estimate z from the mismatched documents (clamped, no gradient), 1 - sigmoid(beta (r - z))
     # for desirable examples and 1 - sigmoid(beta (z - r)) weighted for undesirable ones; also with
     # each example's loss fused with the output layer (z known first; chunk_rows 3: the examples hold 0, 2
-    # and 4 trained tokens, 2 chunks).
+    # and 4 trained tokens, 2 chunks). TRL's apo_zero_unpaired: z = 0, and no pass over the KL documents.
     model, policy, loader, reference, batch = batch_of_pairs(kto_dir)
+    passes, real_segment_logps = [], trainer.segment_logps
+    monkeypatch.setattr(trainer, "segment_logps", lambda *a, **kw: passes.append(1) or real_segment_logps(*a, **kw))
     policy.fused_loss = fused
     if fused:
         from pyllm import nn as pyllm_nn
@@ -1830,8 +1833,9 @@ def test_kto_batch_loss_is_each_sequence_alone(kto_dir, fused, monkeypatch):
                             functools.partial(pyllm_nn.linear_sequence_loss, chunk_rows=3))
     beta, weights = 0.3, dict(desirable_weight=1.5, undesirable_weight=0.7)
     loss, stats = trainer.preference_batch_loss(policy, batch, reference, loader.labels, kind="kto", beta=beta,
-                                                fused=fused, **weights)
+                                                fused=fused, kto_loss=kto_loss, **weights)
     monkeypatch.undo()
+    assert len(passes) == (0 if fused else 1) + (kto_loss == "kto")
     loss.backward()
     got = [p.grad.clone() for p in policy.parameters()]
     policy.zero_grad()
@@ -1843,6 +1847,7 @@ def test_kto_batch_loss_is_each_sequence_alone(kto_dir, fused, monkeypatch):
     examples, kls = list(zip(real[0::2], lengths[0::2])), list(zip(real[1::2], lengths[1::2]))
     with torch.no_grad():
         z = torch.stack([alone(policy, d, n) - reference[d] for d, n in kls]).mean().clamp(min=0)
+        z = z * (kto_loss == "kto")  # (apo_zero_unpaired: TRL's calculate_KL off, kl 0)
     terms, rewards = [], []
     for d, n in examples:
         with torch.no_grad():
@@ -1988,6 +1993,19 @@ def test_a_preference_step_whose_replies_are_all_cut_away_is_skipped(tmp_path, p
     out = trainer.train(cfg)
     record = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[0])
     assert record["skipped"] and record["loss"] is None and out["empty_steps"] == 1
+
+
+def test_kto_apo_zero_unpaired_trains_without_its_kl(kto_dir, tmp_path, monkeypatch):
+    # --kto-loss-type apo_zero_unpaired (TRL's KTOConfig loss_type): desirable examples' rewards rise
+    # above the undesirable ones' with no KL estimate (kl 0 each step) and no pass over the KL documents
+    # (its FLOPs: the examples' alone); refused without preference kto
+    kw = dict(preference="kto", kto_loss_type="apo_zero_unpaired", beta=0.5, max_steps=16, eval_every=16, lr=3e-3)
+    trainer.train(config(kto_dir, tmp_path / "apo", **kw))
+    log = [json.loads(line) for line in (tmp_path / "apo/log.jsonl").read_text().splitlines()]
+    assert log[0]["loss"] == pytest.approx(0.5, abs=1e-6) and all(r["kl"] == 0.0 for r in log if r["kl"] is not None)
+    assert np.mean([r["reward_margin"] for r in log[-4:] if r["reward_margin"] is not None]) > 0
+    with pytest.raises(ValueError, match="kto_loss_type must be kto or apo_zero_unpaired and goes with preference kto"):
+        TrainConfig(preference="dpo", kto_loss_type="apo_zero_unpaired").validate()
 
 
 def test_kto_weight_advice_as_trls():

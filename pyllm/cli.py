@@ -975,6 +975,7 @@ _GOES_WITH = {
              "a preference loss other than reward (a reward model's Bradley-Terry loss has no beta)"),
     "simpo_gamma": (lambda c: c.preference == "simpo", "preference simpo"),
     "discopop_tau": (lambda c: c.preference == "discopop", "preference discopop"),
+    "f_alpha": (lambda c: c.f_divergence == "alpha_divergence", "--f-divergence alpha_divergence"),
     "desirable_weight": (lambda c: c.preference == "kto", "preference kto"),
     "undesirable_weight": (lambda c: c.preference == "kto", "preference kto"),
     "kto_loss_type": (lambda c: c.preference == "kto", "preference kto"),
@@ -2270,6 +2271,12 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label-smoothing", type=float, help="with --preference dpo or robust: the share of pairs "
                    "taken to be mislabelled (conservative / robust DPO; default 0); exo_pair: EXO's epsilon, "
                    "required (its paper's 1e-3)")
+    p.add_argument("--f-divergence", choices=("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"),
+                   help="with --preference dpo, hinge, ipo, robust, exo_pair, discopop or sigmoid_norm: the "
+                        "divergence from the reference the loss regularizes by (f-DPO; TRL's f_divergence_type; "
+                        "default reverse_kl, DPO's)")
+    p.add_argument("--f-alpha", type=float, help="with --f-divergence alpha_divergence: its alpha (default 0.5, "
+                   "TRL's f_alpha_divergence_coef)")
     p.add_argument("--discopop-tau", type=float, help="with --preference discopop: the log-ratio modulation's "
                    "temperature (default 0.05, TRL's)")
     p.add_argument("--center-rewards", type=float, help="with --preference reward: TRL's center_rewards_coefficient, "

@@ -1991,7 +1991,8 @@ def preference_loss(kind: str, chosen_logps: torch.Tensor, rejected_logps: torch
                     label_smoothing: float = 0.0, desirable: torch.Tensor | None = None, desirable_weight: float = 1.0,
                     undesirable_weight: float = 1.0, kl: torch.Tensor | None = None, center_rewards: float = 0.0,
                     margin: torch.Tensor | None = None, sft_weight: float = 0.0, discopop_tau: float = 0.05,
-                    kto_loss: str = "kto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    kto_loss: str = "kto", f_divergence: str = "reverse_kl", f_alpha: float = 0.5
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pair losses of preference tuning from each pair's chosen and rejected replies' summed
     log-probabilities (sequence_logps) and their numbers of tokens, with the implicit rewards of the
     chosen and rejected replies (detached). Each (P,). As TRL computes them:
@@ -2040,6 +2041,11 @@ def preference_loss(kind: str, chosen_logps: torch.Tensor, rejected_logps: torch
       discopop    DiscoPOP (Chris Lu et al. 2024): -log sigmoid(m) (1 - s) + exp(-m) s, s = sigmoid(m / discopop_tau).
       sigmoid_norm  dpo's on log-ratios per token, -log sigmoid(beta d) with d per token; rewards
                   summed as ipo's.
+    f_divergence (TRL's f_divergence_type, f-DPO, Wang et al. 2023; with dpo, hinge, ipo, robust,
+    exo_pair, discopop and sigmoid_norm, F_DIVERGENCE_LOSSES): each reply's summed log-ratio x taken
+    to f'(exp x) before the margin: forward_kl 1 - exp(-x), js_divergence log 2 + log sigmoid(x),
+    alpha_divergence (exp((f_alpha - 1) x) - 1) / (f_alpha - 1) (its exponent clamped at 80, 11 in
+    fp16, as TRL's; f_alpha 1: x); the rewards logged stay beta x (TRL's).
     sft_weight (simpo and the dpo family, DPO_LOSSES): plus sft_weight times the chosen reply's
     negative log-likelihood per token (RPO, Pang et al. 2024; TRL's loss_type [..., "sft"] with its
     weight, MPO's mix; TRL averages it over the batch's chosen tokens, here over each pair's as ORPO's)."""
@@ -2055,7 +2061,16 @@ def preference_loss(kind: str, chosen_logps: torch.Tensor, rejected_logps: torch
     if kind == "exo_pair" and not 0.0 < label_smoothing < 1.0:
         raise ValueError(f"preference loss: exo_pair needs label_smoothing in (0, 1) (EXO's epsilon: 1e-3), got "
                          f"{label_smoothing}")
+    if f_divergence != "reverse_kl" and (f_divergence not in F_DIVERGENCES or kind not in F_DIVERGENCE_LOSSES):
+        raise ValueError(f"preference loss: f_divergence must be one of {', '.join(F_DIVERGENCES)} and, other than "
+                         f"reverse_kl, goes with {', '.join(F_DIVERGENCE_LOSSES)}; got {f_divergence!r} with {kind}")
     nll = -chosen_logps / chosen_tokens.clamp(min=1) if sft_weight else None  # (before per_token rescales them)
+    scores = None  # f-DPO: each reply's f'(ratio) of its summed log-ratio (before per_token rescales them)
+    if f_divergence != "reverse_kl":
+        scores = [_f_divergence_score(logps - ref, f_divergence, f_alpha)
+                  for logps, ref in ((chosen_logps, ref_chosen_logps), (rejected_logps, ref_rejected_logps))]
+        if kind in ("ipo", "sigmoid_norm"):
+            scores = [scores[0] / chosen_tokens.clamp(min=1), scores[1] / rejected_tokens.clamp(min=1)]
     logged = None
     if kind in ("ipo", "sigmoid_norm"):  # TRL's rewards (and accuracy) for them: beta times the summed log-ratio
         logged = (beta * (chosen_logps - ref_chosen_logps)).detach(), (beta * (rejected_logps - ref_rejected_logps)).detach()
@@ -2072,7 +2087,7 @@ def preference_loss(kind: str, chosen_logps: torch.Tensor, rejected_logps: torch
     else:
         chosen_rewards = beta * (chosen_logps - ref_chosen_logps)
         rejected_rewards = beta * (rejected_logps - ref_rejected_logps)
-    m = chosen_rewards - rejected_rewards  # beta d (the dpo family)
+    m = chosen_rewards - rejected_rewards if scores is None else beta * (scores[0] - scores[1])  # beta d (dpo's family)
     if kind == "dpo":
         losses = -(1 - label_smoothing) * F.logsigmoid(m) - label_smoothing * F.logsigmoid(-m)
     elif kind == "sigmoid_norm":
@@ -2097,9 +2112,9 @@ def preference_loss(kind: str, chosen_logps: torch.Tensor, rejected_logps: torch
         # exp(-m) sigmoid(m / tau) as one exp: TRL's product is inf * 0 = NaN where m < -88 (fp32)
         losses = -F.logsigmoid(m) * torch.sigmoid(-m / discopop_tau) + torch.exp(F.logsigmoid(m / discopop_tau) - m)
     elif kind == "ipo":
-        losses = ((chosen_rewards - rejected_rewards) / beta - 1 / (2 * beta)) ** 2
+        losses = (m / beta - 1 / (2 * beta)) ** 2
     elif kind == "hinge":
-        losses = torch.relu(1 - (chosen_rewards - rejected_rewards))
+        losses = torch.relu(1 - m)
     elif kind == "simpo":
         losses = -F.logsigmoid(chosen_rewards - rejected_rewards - gamma)
     elif kind == "reward":
@@ -2124,6 +2139,25 @@ def preference_loss(kind: str, chosen_logps: torch.Tensor, rejected_logps: torch
     if logged is not None:
         return losses, *logged
     return losses, chosen_rewards.detach(), rejected_rewards.detach()
+
+
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+# The dpo family's losses of the margin of two replies' scores, which f-DPO generalizes (TRL's list)
+F_DIVERGENCE_LOSSES = ("dpo", "hinge", "ipo", "robust", "exo_pair", "discopop", "sigmoid_norm")
+
+
+def _f_divergence_score(x: torch.Tensor, kind: str, alpha: float) -> torch.Tensor:
+    """f'(exp x) of a summed log-ratio x (f-DPO; TRL 1.16's forms and clamps)."""
+    if kind == "forward_kl":
+        return 1 - torch.exp(-x)
+    if kind == "js_divergence":
+        return math.log(2) + F.logsigmoid(x)
+    if abs(alpha - 1.0) < 1e-6:  # (the limit: reverse KL's log t)
+        return x
+    # (in fp32 at least, fp64 kept; back to x's dtype, as TRL's, which has no fp64 clamp)
+    t = ((alpha - 1.0) * x).to(torch.promote_types(x.dtype, torch.float32))
+    t = t.clamp(max=11.0 if x.dtype == torch.float16 else 80.0)
+    return (torch.exp(t) - 1.0).to(x.dtype) * (1.0 / (alpha - 1.0))
 
 
 def orpo_log_odds(logp: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,8 @@ import torch.distributed as dist
 from pyllm.data import (PackedLoader, TokenLoader, has_documents, new_temp_file, read_header, read_rows,
                         remove_stale_temp_files)
 from pyllm.model import LLM, ModelConfig, check_fields, lora_targets, save_weights
-from pyllm.nn import DPO_LOSSES, PREFERENCE_LOSSES, REFERENCE_FREE, orpo_log_odds, preference_loss, sequence_logps
+from pyllm.nn import (DPO_LOSSES, F_DIVERGENCE_LOSSES, F_DIVERGENCES, PREFERENCE_LOSSES, REFERENCE_FREE, orpo_log_odds,
+                      preference_loss, sequence_logps)
 from pyllm.ops import _util
 from pyllm.optim import AdamW, DynamicLossScaler, Muon, MuonAdamW, ZeroAdamW, unscale_clip_check
 
@@ -63,6 +64,8 @@ class TrainConfig:
     beta: float = 0.0  # the preference loss's beta (ORPO's lambda); 0: its usual value (PREFERENCE_BETA)
     simpo_gamma: float = 0.5  # SimPO's target reward margin
     label_smoothing: float = 0.0  # dpo, robust: the share of pairs taken to be mislabelled (conservative DPO); exo_pair's epsilon
+    f_divergence: str = "reverse_kl"  # the dpo family: reverse_kl | forward_kl | js_divergence | alpha_divergence (f-DPO; TRL's f_divergence_type)
+    f_alpha: float = 0.5  # f_divergence alpha_divergence's alpha (TRL's f_alpha_divergence_coef)
     discopop_tau: float = 0.05  # preference discopop: the log-ratio modulation's temperature (DiscoPOP's, TRL's default)
     desirable_weight: float = 1.0  # kto: the desirable examples' weight in the loss
     undesirable_weight: float = 1.0  # kto: the undesirable examples'
@@ -236,6 +239,14 @@ class TrainConfig:
                                                                        and self.preference != "kto"):
             raise ValueError(f"TrainConfig.kto_loss_type must be kto or apo_zero_unpaired and goes with preference "
                              f"kto, got {self.kto_loss_type!r} with {self.preference or 'no preference loss'!r}")
+        if self.f_divergence not in F_DIVERGENCES or (self.f_divergence != "reverse_kl"
+                                                      and self.preference not in F_DIVERGENCE_LOSSES):
+            raise ValueError(f"TrainConfig.f_divergence must be one of {', '.join(F_DIVERGENCES)} and, other than "
+                             f"reverse_kl, goes with preference {', '.join(F_DIVERGENCE_LOSSES)} (f-DPO; TRL refuses "
+                             f"the others too), got {self.f_divergence!r} with {self.preference or 'none'!r}")
+        if not -math.inf < self.f_alpha < math.inf or (self.f_alpha != 0.5 and self.f_divergence != "alpha_divergence"):
+            raise ValueError(f"TrainConfig.f_alpha must be finite and goes with f_divergence alpha_divergence, got "
+                             f"{self.f_alpha} with {self.f_divergence}")
         if not 0.0 < self.discopop_tau < math.inf:
             raise ValueError(f"TrainConfig.discopop_tau must be positive and finite, got {self.discopop_tau}")
         if not 0.0 <= self.center_rewards < math.inf or (self.center_rewards and self.preference != "reward"):
@@ -364,7 +375,8 @@ def preference_options(cfg) -> dict:
     return {"kind": cfg.preference, "beta": cfg.beta or PREFERENCE_BETA[cfg.preference], "gamma": cfg.simpo_gamma,
             "label_smoothing": cfg.label_smoothing, "desirable_weight": cfg.desirable_weight,
             "undesirable_weight": cfg.undesirable_weight, "center_rewards": cfg.center_rewards,
-            "sft_weight": cfg.sft_weight, "discopop_tau": cfg.discopop_tau, "kto_loss": cfg.kto_loss_type}
+            "sft_weight": cfg.sft_weight, "discopop_tau": cfg.discopop_tau, "kto_loss": cfg.kto_loss_type,
+            "f_divergence": cfg.f_divergence, "f_alpha": cfg.f_alpha}
 
 
 class TrainingDiverged(RuntimeError):

@@ -1179,11 +1179,20 @@ def test_a_resume_that_changes_the_loss_says_so(data_dir, tmp_path, capsys):
 
 # --- DPO ------------------------------------------------------------------------------------------
 
-def formula(kind, pc, pr, nc, nr, rc, rr, beta, gamma=0.5, smoothing=0.0, tau=0.05):
+def formula(kind, pc, pr, nc, nr, rc, rr, beta, gamma=0.5, smoothing=0.0, tau=0.05, fdiv="reverse_kl", alpha=0.5):
     """The preference losses written out from their papers (TRL's forms), for one pair: policy and
     reference summed log-probabilities of the chosen and rejected replies, their token counts."""
     F = torch.nn.functional
     cl, rl = pc - rc, pr - rr  # (TRL 1.16's DPOTrainer: chosen_logratios, rejected_logratios)
+    if fdiv != "reverse_kl":  # (f-DPO: TRL's chosen_scores / rejected_scores, f'(ratio) of the log-ratios)
+        f = {"forward_kl": lambda x: 1 - torch.exp(-x), "js_divergence": lambda x: math.log(2) + F.logsigmoid(x),
+             "alpha_divergence": lambda x: (torch.exp((alpha - 1) * x) - 1) / (alpha - 1)}[fdiv]
+        sc, sr = f(cl), f(rl)
+        if kind in ("ipo", "sigmoid_norm"):
+            sc, sr = sc / nc, sr / nr
+        loss = {"dpo": lambda: -F.logsigmoid(beta * (sc - sr)), "hinge": lambda: torch.relu(1 - beta * (sc - sr)),
+                "ipo": lambda: (sc - sr - 1 / (2 * beta)) ** 2, "sigmoid_norm": lambda: -F.logsigmoid(beta * (sc - sr))}
+        return loss[kind](), beta * cl, beta * rl
     d = beta * (cl - rl)
     trl = {  # its loss_type formulas, as its _compute_loss writes them
         "robust": lambda: (-(1 - smoothing) * F.logsigmoid(d) + smoothing * F.logsigmoid(-d)) / (1 - 2 * smoothing),
@@ -1245,7 +1254,11 @@ def logps_alone(loader, m, doc, length):
                                            ("simpo", {"sft_weight": 0.4}), ("robust", {"label_smoothing": 0.2}),
                                            ("exo_pair", {"label_smoothing": 1e-3}), ("nca_pair", {}), ("bco_pair", {}),
                                            ("sppo_hard", {}), ("apo_zero", {}), ("apo_down", {"sft_weight": 0.3}),
-                                           ("discopop", {"discopop_tau": 0.5}), ("sigmoid_norm", {})])
+                                           ("discopop", {"discopop_tau": 0.5}), ("sigmoid_norm", {}),
+                                           ("dpo", {"f_divergence": "forward_kl"}),
+                                           ("ipo", {"f_divergence": "js_divergence"}),
+                                           ("hinge", {"f_divergence": "alpha_divergence", "f_alpha": 0.3}),
+                                           ("sigmoid_norm", {"f_divergence": "alpha_divergence", "f_alpha": 1.5})])
 def test_preference_batch_loss_is_each_sequence_alone(pairs_dir, kind, options, fused, monkeypatch):
     # fp64: the packed batch's loss and gradients are those of the formula on each sequence's
     # log-probability computed alone (its replies' tokens, cut as the loader cuts pairs to a row);
@@ -1279,7 +1292,9 @@ def test_preference_batch_loss_is_each_sequence_alone(pairs_dir, kind, options, 
         (pc, nc), (pr, nr) = alone(policy, c, lc), alone(policy, r, lr)
         term, chosen_reward, rejected_reward = formula(kind, pc, pr, nc, nr, ref_c, ref_r, beta,
                                                        options.get("gamma", 0.5), options.get("label_smoothing", 0.0),
-                                                       options.get("discopop_tau", 0.05))
+                                                       options.get("discopop_tau", 0.05),
+                                                       options.get("f_divergence", "reverse_kl"),
+                                                       options.get("f_alpha", 0.5))
         terms.append(term + options.get("sft_weight", 0.0) * -pc / nc)  # (RPO: the chosen reply's NLL per token)
         rewards.append((chosen_reward.item(), rejected_reward.item()))
         lc_, lr_ = (pc.item() / nc, pr.item() / nr) if kind in ("simpo", "orpo") else (pc.item(), pr.item())
@@ -1486,7 +1501,9 @@ def test_trls_other_dpo_losses_train(pairs_dir, tmp_path):
     log = [json.loads(line) for line in (tmp_path / "learns/log.jsonl").read_text().splitlines()]
     assert np.mean([r["reward_accuracy"] for r in log[-8:]]) > 0.6 and log[-1]["val_reward_accuracy"] > 0.6
     for options, message in ((dict(preference="exo_pair"), "exo_pair needs it above 0"),
-                             (dict(preference="dpo", discopop_tau=0.0), "discopop_tau must be positive")):
+                             (dict(preference="dpo", discopop_tau=0.0), "discopop_tau must be positive"),
+                             (dict(preference="nca_pair", f_divergence="forward_kl"), "f_divergence must be one of"),
+                             (dict(preference="dpo", f_alpha=0.3), "f_alpha must be finite and goes with")):
         with pytest.raises(ValueError, match=message):
             TrainConfig(out_dir=str(tmp_path), **options).validate()
 

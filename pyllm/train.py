@@ -316,10 +316,12 @@ class TrainConfig:
                              f"do not clip so), got {self.grpo_delta} with grpo_loss_type {self.grpo_loss_type}")
         rloo = self.grpo_loss_type == "rloo"
         if rloo and (self.grpo_importance_sampling != "token" or self.grpo_delta
-                     or self.grpo_top_entropy_quantile < 1.0 or self.grpo_off_policy_mask):
+                     or self.grpo_top_entropy_quantile < 1.0 or self.grpo_off_policy_mask
+                     or not self.grpo_kl_bias_correction):
             raise ValueError("TrainConfig.grpo_loss_type rloo (TRL's RLOOTrainer: one ratio a sample, of its summed "
-                             "log-probabilities) goes without grpo_importance_sampling sequence, grpo_delta, "
-                             "grpo_top_entropy_quantile and grpo_off_policy_mask, which RLOO has not")
+                             "log-probabilities, its KL in the rewards) goes without grpo_importance_sampling "
+                             "sequence, grpo_delta, grpo_top_entropy_quantile, grpo_off_policy_mask and "
+                             "grpo_kl_bias_correction off, which RLOO has not")
         if self.grpo_loss_type == "vespo" and self.grpo_importance_sampling != "token":
             raise ValueError("TrainConfig.grpo_loss_type vespo weighs each sample by its own sequence ratio: it goes "
                              "with grpo_importance_sampling token (TRL warns so too)")
@@ -749,13 +751,15 @@ def log_completions(log: "RunLog", step: int, rollouts: list[dict], cfg: TrainCo
 
 
 def evaluate_rewards(policy: LLM, path, cfg: TrainConfig, seq_len: int, reward_fns: list, rows: list | None,
-                     info: DistInfo, step: int | None = None) -> dict:
+                     info: DistInfo, step: int | None = None, reference=None) -> dict:
     """GRPO's eval (TRL's: the policy sampled and rewarded on the eval set): the mean reward of
     the policy's samples of the prompts of eval_batches fixed val batches (grpo_rollout: G samples
     each, as in training; seeded by batch and rank, so every eval draws alike), with val_ each of
     a generation's metrics as training logs them (TRL's eval_ ones: reward, reward_std,
     frac_reward_zero_std, completions/*, rewards/<name>/mean and /std, the reward functions'
-    log_metric; not the loss's). rows: the val set's (data.read_rows), or None."""
+    log_metric; not the loss's; rloo: frac_reward_zero_std of the clipped, KL-penalized rewards and, with
+    cfg.grpo_beta, kl, as TRL's RLOOTrainer logs them in eval too). rows: the val set's (data.read_rows),
+    or None; reference: the trainer's grpo_reference (rloo with cfg.grpo_beta)."""
     loader = make_loader(path, cfg, seq_len, cfg.seed + 1, info)
     sums = torch.zeros(7 + 2 * len(reward_fns), dtype=torch.float64)  # grpo_rollout's "stats", added up
     rollouts = []
@@ -764,9 +768,21 @@ def evaluate_rewards(policy: LLM, path, cfg: TrainConfig, seq_len: int, reward_f
         seed = int(np.random.default_rng([cfg.seed, b, info.rank, 1]).integers(2 ** 62))
         rollouts.append(grpo_rollout(policy, batch, cfg, reward_fns, torch.Generator(info.device).manual_seed(seed),
                                      grpo_rows(rows, loader.docs, batch[2], loader.offsets), step))
-        sums += rollouts[-1]["stats"]
+    rloo = cfg.grpo_loss_type == "rloo"
+    if rloo:  # (TRL's eval: the rewards clipped and less beta times the KL to the reference, as in training)
+        if cfg.grpo_beta:
+            with torch.no_grad():
+                for r in rollouts:
+                    x, y, cu, _ = r["packed"]
+                    r["old"] = policy(x, y, cu, per_token=True, temperature=cfg.grpo_temperature)[1]
+                    r["ref"] = reference(x, y, cu)
+        rloo_advantages(rollouts, cfg, info)  # (its stats' frac_reward_zero_std; "kl")
+    for r in rollouts:
+        sums += r["stats"]
     sums = torch.cat([all_reduce_sum(sums, info), torch.zeros(5, dtype=torch.float64)])  # (no loss's sums)
     means = generation_metrics(sums, rollouts, cfg, info)
+    if rloo and cfg.grpo_beta and rollouts:
+        means["kl"] = rollouts[0]["kl"]
     means.update(reward_metric_means(reward_fns, info))
     return {f"val_{name}": value for name, value in means.items()}
 
@@ -3245,7 +3261,8 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
                 write_weights(step + 1)
                 say(info, bar, f"step {step + 1}: the lowest val loss so far: its weights are model.safetensors")
             if reward is not None:  # GRPO: the policy's samples of the val prompts, rewarded
-                record.update(evaluate_rewards(model, data / "val.bin", cfg, seq_len, reward, val_rows, info, step))
+                record.update(evaluate_rewards(model, data / "val.bin", cfg, seq_len, reward, val_rows, info, step,
+                                               grpo_reference))
                 if record["val_reward"] is not None:
                     say(info, bar, f"step {step + 1}: val reward {record['val_reward']:.4f}")
             if cfg.eval_choices:

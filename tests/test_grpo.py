@@ -201,6 +201,7 @@ def test_rloo_trains_logs_its_kl_with_the_generation_and_resumes(chat_dir, tmp_p
     assert losses(tmp_path / "cut") == [r["loss"] for r in log]
     for bad, message in ((dict(grpo_loss_type="rloo", grpo_importance_sampling="sequence"), "goes without"),
                          (dict(grpo_reward_clip=[0.0, 1.0]), "goes with grpo_loss_type rloo"),
+                         (dict(grpo_loss_type="rloo", grpo_kl_bias_correction=False), "goes without"),
                          (dict(grpo_loss_type="rloo", grpo_reward_clip=[1.0, 0.0]), "low <= high")):
         with pytest.raises(ValueError, match=message):
             TrainConfig(grpo_reward=SPEC, **bad).validate()
@@ -221,6 +222,21 @@ def test_vespo_logs_its_weights_and_the_options_go_with_their_loss(chat_dir, tmp
                          (dict(grpo_loss_type="vespo", grpo_importance_sampling="sequence"), "goes with")):
         with pytest.raises(ValueError, match=message):
             TrainConfig(grpo_reward=SPEC, **bad).validate()
+
+
+def test_rloo_eval_logs_frac_reward_zero_std_and_kl_as_training(chat_dir, tmp_path):  # noqa: F811
+    # TRL's RLOOTrainer scores its eval samples as its training ones: eval_frac_reward_zero_std of the
+    # clipped, KL-penalized rewards, and eval_kl with beta (the val metrics had taken the raw rewards'
+    # std and logged no kl: 0.61 where every reward is clamped to 0 and training logs 1.0)
+    trainer.train(config(chat_dir, tmp_path / "base", model=dict(TINY, block_size=32), max_steps=1))
+    kw = dict(grpo_reward=SPEC, grpo_generations=4, grpo_max_new_tokens=6, grpo_loss_type="rloo", max_steps=1,
+              init_from_run=str(tmp_path / "base"), eval_every=1, eval_batches=2, lr=1e-2)
+    trainer.train(config(chat_dir, tmp_path / "clip", **kw, grpo_reward_clip=[0.0, 0.0]))
+    record = json.loads((tmp_path / "clip/log.jsonl").read_text().splitlines()[-1])
+    assert record["frac_reward_zero_std"] == record["val_frac_reward_zero_std"] == 1.0 and "val_kl" not in record
+    trainer.train(config(chat_dir, tmp_path / "beta", **kw, grpo_beta=0.5))
+    record = json.loads((tmp_path / "beta/log.jsonl").read_text().splitlines()[-1])
+    assert record["val_kl"] != 0.0 and record["val_frac_reward_zero_std"] == 0.0  # (the policy moved: penalties apart)
 
 
 def test_grpo_samples_take_top_k_and_top_p(chat_dir):  # noqa: F811

@@ -979,6 +979,8 @@ _GOES_WITH = {
     "desirable_weight": (lambda c: c.preference == "kto", "preference kto"),
     "undesirable_weight": (lambda c: c.preference == "kto", "preference kto"),
     "kto_loss_type": (lambda c: c.preference == "kto", "preference kto"),
+    "grpo_sapo_temperatures": (lambda c: bool(c.grpo_reward) and c.grpo_loss_type == "sapo", "grpo_loss_type sapo"),
+    "grpo_vespo": (lambda c: bool(c.grpo_reward) and c.grpo_loss_type == "vespo", "grpo_loss_type vespo"),
     "token_stats": (lambda c: not (c.preference == "reward" or c.teacher or c.grpo_reward),
                     "pretraining, SFT or preference tuning (not a reward model, distillation or GRPO, which log their "
                     "own metrics)"),
@@ -988,7 +990,7 @@ _GOES_WITH = {
         "grpo_reward_weights", "grpo_generations", "grpo_max_new_tokens", "grpo_temperature", "grpo_beta",
         "grpo_loss_type", "grpo_scale_rewards", "grpo_iterations", "grpo_steps_per_generation", "grpo_epsilon",
         "grpo_epsilon_high", "grpo_top_p", "grpo_top_k", "grpo_delta", "grpo_top_entropy_quantile", "grpo_reward_clip",
-        "grpo_off_policy_mask", "grpo_sapo_temperatures", "grpo_vespo",
+        "grpo_off_policy_mask",
         "grpo_importance_sampling", "grpo_log_completions", "grpo_mask_truncated", "grpo_kl_bias_correction")},
 }
 
@@ -2346,7 +2348,9 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                    help="GRPO: the policy loss on the top RHO of each micro-batch's trained tokens by entropy over "
                         "every process (TRL's top_entropy_quantile, Beyond the 80/20 Rule: 0.2; the KL term on all; "
                         "default 1: every token)")
-    p.add_argument("--grpo-off-policy-mask", type=float, metavar="DELTA",
+    # (> 0: TrainConfig's 0 is off, and TRL's off_policy_mask_threshold 0.0 masks: --grpo-off-policy-mask 0 had
+    # trained with no mask, silently)
+    p.add_argument("--grpo-off-policy-mask", type=positive_number, metavar="DELTA",
                    help="GRPO: a sample with a negative advantage whose mean log p_old - log p over its tokens is "
                         "above DELTA is left out of the policy loss (DeepSeek-V3.2's off-policy sequence masking, "
                         "TRL's off_policy_mask_threshold; off-policy runs: --grpo-iterations or "

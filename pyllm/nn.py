@@ -2129,8 +2129,12 @@ def preference_loss(kind: str, chosen_logps: torch.Tensor, rejected_logps: torch
         if kto_loss == "apo_zero_unpaired":
             z = torch.zeros_like(z)
         ratio = chosen_logps - ref_chosen_logps
+        # (apo_zero_unpaired's undesirable term as TRL writes it, sigmoid(beta r): 1 - sigmoid(-beta r) rounds a
+        # small one to 0 in fp32, its gradient too, below beta r of about -17)
+        undesirable = (torch.sigmoid(beta * ratio) if kto_loss == "apo_zero_unpaired"
+                       else 1 - torch.sigmoid(beta * (z - ratio)))
         losses = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (ratio - z))),
-                             undesirable_weight * (1 - torch.sigmoid(beta * (z - ratio))))
+                             undesirable_weight * undesirable)
     else:  # orpo
         log_odds = orpo_log_odds(chosen_logps) - orpo_log_odds(rejected_logps)
         losses = -chosen_logps - beta * F.logsigmoid(log_odds)

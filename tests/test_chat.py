@@ -1049,6 +1049,22 @@ def test_grpo_reward_model_reads_a_sample_rendered_again_where_framing_fails(tmp
     np.testing.assert_allclose(reward(prompts[3:], samples[3:], packed_text, rows[3:]).tolist(), sampled[3:], rtol=1e-5)
 
 
+@pytest.mark.parametrize("extra, message", [(("--grpo-off-policy-mask", "0"), "a finite number > 0"),
+                                            (("--grpo-sapo-temperatures", "1", "1.05"), "goes with grpo_loss_type sapo"),
+                                            (("--grpo-vespo", "2", "3", "3", "2"), "goes with grpo_loss_type vespo")])
+def test_grpo_options_that_would_do_nothing_are_refused(chat_run_inputs, tmp_path, capsys, extra, message):
+    # --grpo-off-policy-mask 0 is TRL's threshold 0.0 (a mask), not pyllm's off; sapo's and vespo's
+    # parameters, at their defaults too, with another loss type change nothing (from an audit)
+    folder, chats = chat_run_inputs
+    try:  # (argparse's type errors exit; the trainer's refusals return a code)
+        code = cli.main(train_args(folder, chats, tmp_path / "r", "--max-steps", "1", "--batch-size", "2",
+                                   "--grpo-reward", "test_grpo:sevens", "--grpo-generations", "2",
+                                   "--grpo-max-new-tokens", "2", *extra))
+    except SystemExit as e:
+        code = e.code
+    assert code != 0 and message in capsys.readouterr().err
+
+
 def test_grpo_from_a_hugging_face_model(chat_run_inputs, tmp_path):
     # `pyllm train --grpo-reward module:function`: samples ending at the checkpoint's end-of-sequence
     # ids and its tokenizer's eos_token (TRL's GRPOTrainer's), rewarded by the function; the log has the rewards.

@@ -2025,6 +2025,22 @@ def test_kto_apo_zero_unpaired_trains_without_its_kl(kto_dir, tmp_path, monkeypa
         TrainConfig(preference="dpo", kto_loss_type="apo_zero_unpaired").validate()
 
 
+def test_apo_zero_unpaired_keeps_a_small_undesirable_loss_in_fp32():
+    # TRL's sigmoid(beta r) for an undesirable example pushed far down (beta r = -20): 2.1e-9, and its
+    # gradient; 1 - sigmoid(-beta r) had rounded both to 0 in fp32 (from the audit of the KTO option)
+    from pyllm.nn import preference_loss
+
+    r = torch.tensor([-200.0, -120.0], requires_grad=True)
+    ref = torch.zeros(2)
+    losses, _, _ = preference_loss("kto", chosen_logps=r, rejected_logps=r.detach(), chosen_tokens=torch.ones(2),
+                                   rejected_tokens=torch.ones(2), ref_chosen_logps=ref, ref_rejected_logps=ref,
+                                   beta=0.1, desirable=torch.tensor([False, False]), kto_loss="apo_zero_unpaired")
+    losses.sum().backward()
+    want = torch.sigmoid(0.1 * r.detach())
+    torch.testing.assert_close(losses.detach(), want, rtol=1e-6, atol=0)
+    torch.testing.assert_close(r.grad, 0.1 * want * (1 - want), rtol=1e-5, atol=0)
+
+
 def test_kto_weight_advice_as_trls():
     # TRL's KTOTrainer warns where the labels are unbalanced and neither weight balances them (an
     # audit, 2026-12-06: 50 desirable and 10 undesirable examples had trained without a word)

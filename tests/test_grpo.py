@@ -257,7 +257,7 @@ def test_grpo_samples_take_top_k_and_top_p(chat_dir):  # noqa: F811
     assert drawn != greedy
     for bad, message in ((dict(grpo_top_p=0.0), "grpo_top_p must be in"), (dict(grpo_top_k=-1), "grpo_top_k >= 0"),
                          (dict(grpo_delta=0.9), "grpo_delta must be 0"),
-                         (dict(grpo_delta=1.5, grpo_loss_type="sapo"), "not cispo or sapo")):
+                         (dict(grpo_delta=1.5, grpo_loss_type="sapo"), "not cispo, sapo or vespo")):
         with pytest.raises(ValueError, match=message):
             TrainConfig(grpo_reward=SPEC, **bad).validate()
 

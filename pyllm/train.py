@@ -368,8 +368,7 @@ def lora_alpha_of(rank: int, alpha: float | None) -> float:
 
 
 # Each preference loss's usual beta: TRL's defaults (DPOConfig, ORPOConfig), SimPO's paper's 2.0.
-PREFERENCE_BETA = {"dpo": 0.1, "ipo": 0.1, "hinge": 0.1, "simpo": 2.0, "orpo": 0.1, "kto": 0.1, "reward": 1.0,
-                   **{kind: 0.1 for kind in DPO_LOSSES if kind not in ("dpo", "ipo", "hinge")}}
+PREFERENCE_BETA = {**dict.fromkeys(DPO_LOSSES, 0.1), "simpo": 2.0, "orpo": 0.1, "kto": 0.1, "reward": 1.0}
 
 
 def preference_options(cfg) -> dict:
@@ -771,11 +770,7 @@ def evaluate_rewards(policy: LLM, path, cfg: TrainConfig, seq_len: int, reward_f
     rloo = cfg.grpo_loss_type == "rloo"
     if rloo:  # (TRL's eval: the rewards clipped and less beta times the KL to the reference, as in training)
         if cfg.grpo_beta:
-            with torch.no_grad():
-                for r in rollouts:
-                    x, y, cu, _ = r["packed"]
-                    r["old"] = policy(x, y, cu, per_token=True, temperature=cfg.grpo_temperature)[1]
-                    r["ref"] = reference(x, y, cu)
+            grpo_rollout_passes(rollouts, cfg, policy, reference, p_old=True)
         rloo_advantages(rollouts, cfg, info)  # (its stats' frac_reward_zero_std; "kl")
     for r in rollouts:
         sums += r["stats"]
@@ -1970,15 +1965,8 @@ def grpo_prepare(rollouts: list[dict], cfg: TrainConfig, info: DistInfo, policy:
     totals = all_reduce_sum(totals, info).tolist()
     total, squares, count, tokens, samples = totals[:5]
     batch_std = _std_of_sums(total, squares, count) or 0.0
-    rloo = cfg.grpo_loss_type == "rloo"  # (RLOO's ratio and KL penalty take p_old however often it trains)
-    off_policy = grpo_generation_steps(cfg) > 1 or rloo
-    for r in rollouts:
-        x, y, cu, _ = r["packed"]
-        if off_policy:
-            with torch.no_grad():
-                r["old"] = policy(x, y, cu, per_token=True, temperature=cfg.grpo_temperature)[1]
-        if reference is not None:
-            r["ref"] = reference(x, y, cu)  # before the policy's pass (its aux_loss stays)
+    rloo = cfg.grpo_loss_type == "rloo"
+    grpo_rollout_passes(rollouts, cfg, policy, reference, grpo_takes_p_old(cfg))
     if rloo:
         rloo_advantages(rollouts, cfg, info)
     for r, micro_tokens in zip(rollouts, totals[5:]):
@@ -1991,6 +1979,26 @@ def grpo_prepare(rollouts: list[dict], cfg: TrainConfig, info: DistInfo, policy:
                 advantages = advantages / (batch_std + 1e-4)
             r["advantages"] = advantages.view(-1).nan_to_num(0.0)
         r["tokens"], r["samples"], r["micro_tokens"] = tokens, samples, micro_tokens
+
+
+def grpo_takes_p_old(cfg: TrainConfig) -> bool:
+    """Whether a generation's samples need the policy's log-probabilities as sampled (p_old): steps
+    after its first train off-policy, and RLOO's ratio and KL penalty take them however often it trains."""
+    return grpo_generation_steps(cfg) > 1 or cfg.grpo_loss_type == "rloo"
+
+
+def grpo_rollout_passes(rollouts: list[dict], cfg: TrainConfig, policy, reference, p_old: bool) -> None:
+    """The passes without autograd a generation's rollouts take before their loss, added to each:
+    with p_old "old", the policy's log-probabilities of the targets as sampled; with reference
+    (its function of x, y, cu_seqlens, no autograd) "ref"; both before the loss's pass (a LoRA
+    run's reference is the model itself: the aux_loss it keeps is then the loss's pass's)."""
+    for r in rollouts:
+        x, y, cu, _ = r["packed"]
+        if p_old:
+            with torch.no_grad():
+                r["old"] = policy(x, y, cu, per_token=True, temperature=cfg.grpo_temperature)[1]
+        if reference is not None:
+            r["ref"] = reference(x, y, cu)
 
 
 def rloo_advantages(rollouts: list[dict], cfg: TrainConfig, info: DistInfo) -> None:
@@ -3097,8 +3105,7 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
             generated_tokens = sum(lengths)
             grpo_sums[:-5] = sum(r["stats"].cpu() for r in rollouts)  # (the loss's five: each step's own)
             generation_flops = sum(model.flops_of_documents(*r["sampled"], forward_only=True) for r in rollouts)
-            p_old = grpo_generation_steps(cfg) > 1 or cfg.grpo_loss_type == "rloo"
-            for extra in ([model] if p_old else []) + ([start] if grpo_reference else []):
+            for extra in ([model] if grpo_takes_p_old(cfg) else []) + ([start] if grpo_reference else []):
                 generation_flops += extra.flops_of_documents(lengths, outputs, forward_only=True)
             for fn in reward:
                 if getattr(fn, "model", None) is not None:  # a reward model: its score head, no output layer

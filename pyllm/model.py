@@ -1395,33 +1395,36 @@ class LLM(nn.Module):
     def generate_stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                         top_k: int | None = None, top_p: float | None = None, use_cache: bool = True,
                         generator: torch.Generator | None = None,
-                        stop_tokens: Iterable[int] = (), cuda_graph: bool = False) -> Iterator[torch.Tensor]:
+                        stop_tokens: Iterable[int] = (), cuda_graph: bool = False, min_p: float | None = None,
+                        repetition_penalty: float = 1.0) -> Iterator[torch.Tensor]:
         """Yields up to max_new_tokens next tokens (B,) one at a time, in eval mode (no dropout).
-        temperature 0 is greedy; then top_k, then top_p, as transformers' warpers (the same
-        probabilities); top_k None cuts nothing (nanoGPT's default: transformers' generate takes 50
-        unless told, as `pyllm generate` does). Past block_size the cached path re-reads the last block_size/2
-        tokens into a fresh cache (nanoGPT crops to the last block_size tokens at every step, as
-        use_cache=False does here: the tokens past block_size differ between the two). Stops after
-        the step at which every row has sampled one of stop_tokens (an id or several: end-of-sequence
-        ids); a row that stopped earlier repeats its stop token until then (as transformers pads
-        finished rows). idx's rows are whole prompts of one length, not padded: prompts of
-        different lengths go to generate_batch.
+        temperature 0 is greedy; then top_k, then top_p, then min_p, as transformers' warpers (the same
+        probabilities); repetition_penalty (CTRL's, transformers' RepetitionPenaltyLogitsProcessor,
+        greedy too) divides a positive logit of every id the row's text holds so far (prompt and new
+        tokens, the whole of them past block_size too), multiplies a negative one; top_k None cuts
+        nothing (nanoGPT's default: transformers' generate takes 50 unless told, as `pyllm generate`
+        does). Past block_size the cached path re-reads the last block_size/2 tokens into a fresh cache
+        (nanoGPT crops to the last block_size tokens at every step, as use_cache=False does here: the
+        tokens past block_size differ between the two). Stops after the step at which every row has
+        sampled one of stop_tokens (an id or several: end-of-sequence ids); a row that stopped earlier
+        repeats its stop token until then (as transformers pads finished rows). idx's rows are whole
+        prompts of one length, not padded: prompts of different lengths go to generate_batch.
 
         cuda_graph (CUDA, use_cache): each one-token step replays a CUDA graph of decode_step
         (captured once per call, before the prompt fills the cache) instead of launching its kernels
         from Python one by one: generation of small models is bound by those launches. The same
         tokens as without it (the same kernels). Not with LongRoPE. UNVERIFIED: not yet run on a GPU."""
-        check_sampling(temperature, top_k, top_p)
+        check_sampling(temperature, top_k, top_p, min_p, repetition_penalty)
         check_new_tokens(max_new_tokens, "generate")
         if idx.dim() != 2 or idx.shape[1] == 0:
             raise ValueError(f"generate: idx must be (batch, T) with T >= 1 prompt tokens, got shape {tuple(idx.shape)}")
         # Eval mode around each step's forward, not across the yields (the caller's code between two
         # tokens sees the model's own mode; generate_stream called alone had kept dropout on)
         yield from self._generate_stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator,
-                                         stop_tokens, cuda_graph)
+                                         stop_tokens, cuda_graph, min_p, repetition_penalty)
 
     def _generate_stream(self, idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator, stop_tokens,
-                         cuda_graph) -> Iterator[torch.Tensor]:
+                         cuda_graph, min_p, repetition_penalty) -> Iterator[torch.Tensor]:
         stop = torch.tensor(sorted(stop_ids(stop_tokens)), dtype=torch.long, device=idx.device)
         done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
         ended = torch.zeros(idx.shape[0], dtype=torch.long, device=idx.device)  # each stopped row's stop token
@@ -1438,10 +1441,14 @@ class LLM(nn.Module):
                 raise ValueError("generate: cuda_graph needs use_cache (it replays the cached decode step)")
             with self._in_eval():
                 graph = _DecodeGraph(self, cache, idx.shape[0])  # captured before the prompt fills the cache
+        seen = self._seen_ids(idx, repetition_penalty)
         for _ in range(max_new_tokens):
             with self._in_eval():
                 logits, cache_len = self._next_logits(idx, pending, cache, cache_len, graph, use_cache, switch)
-            next_token = _sample(logits, temperature, top_k, top_p, generator)  # (B,)
+            next_token = _sample(_penalize(logits, seen, repetition_penalty), temperature, top_k, top_p, generator,
+                                 min_p)  # (B,)
+            if seen is not None:
+                seen.scatter_(1, next_token[:, None], True)
             if len(stop):
                 next_token = torch.where(done, ended, next_token)  # a stopped row repeats its stop token
                 ended = torch.where(done, ended, next_token)
@@ -1467,16 +1474,29 @@ class LLM(nn.Module):
             logits = self.forward_cached(pending, cache, cache_len)
         return logits, cache_len + pending.shape[1]
 
+    def _seen_ids(self, rows, repetition_penalty: float) -> torch.Tensor | None:
+        """(B, vocab) bool: the ids each of rows (a (B, T) tensor or 1-D ones) holds, which
+        repetition_penalty penalizes; None where it is 1 (no penalty)."""
+        if repetition_penalty == 1:
+            return None
+        seen = torch.zeros(len(rows), self.lm_head.weight.shape[0], dtype=torch.bool,
+                           device=self.lm_head.weight.device)
+        for b, ids in enumerate(rows):
+            seen[b, ids.to(seen.device)] = True
+        return seen
+
     def generate_speculative(self, idx: torch.Tensor, draft: "LLM", max_new_tokens: int, temperature: float = 1.0,
                              top_k: int | None = None, top_p: float | None = None, draft_tokens: int = 4,
                              generator: torch.Generator | None = None, stop_tokens: Iterable[int] = (),
-                             stats: dict | None = None) -> Iterator[torch.Tensor]:
+                             stats: dict | None = None, min_p: float | None = None,
+                             repetition_penalty: float = 1.0) -> Iterator[torch.Tensor]:
         """generate_stream's tokens for one sequence (idx (1, T)) by speculative decoding (Leviathan
         et al. 2023; Chen et al. 2023; transformers' assisted generation): the draft, a smaller model
         over the same vocabulary, proposes draft_tokens tokens one at a time, this model scores all
         of them in one cached forward, and they are kept up to the first it rejects: greedy
         (temperature 0), while each is this model's argmax; sampling, each with probability
-        min(1, p / q) (p this model's, q the draft's distribution after temperature, top_k, top_p),
+        min(1, p / q) (p this model's, q the draft's distribution after repetition_penalty, temperature,
+        top_k, top_p and min_p, each at its position: a proposal's penalty counts the ones before it),
         the first rejected one replaced by a draw from max(0, p - q) normalized, and after a draft
         wholly kept one more token from p: the tokens come from this model's own distribution (greedy:
         its own tokens, to rounding). Each round adds 1 to draft_tokens + 1 tokens for one forward of
@@ -1486,7 +1506,7 @@ class LLM(nn.Module):
         over there). stats (a dict): filled with "rounds", "drafted" and "accepted" counts. The
         arguments are checked when it is called, before any token is asked for (a caller printing
         the prompt first, pyllm generate, had been refused after it)."""
-        check_sampling(temperature, top_k, top_p)
+        check_sampling(temperature, top_k, top_p, min_p, repetition_penalty)
         check_new_tokens(max_new_tokens, "generate_speculative")
         if idx.dim() != 2 or idx.shape[0] != 1 or idx.shape[1] == 0:
             raise ValueError(f"generate_speculative: one sequence at a time (idx (1, T), T >= 1), got shape "
@@ -1509,35 +1529,42 @@ class LLM(nn.Module):
         counts = stats if stats is not None else {}
         counts.update(rounds=0, drafted=0, accepted=0)
         return self._speculative_tokens(idx, draft, max_new_tokens, temperature, top_k, top_p, draft_tokens, generator,
-                                        stop, counts, capacity)
+                                        stop, counts, capacity, min_p, repetition_penalty)
 
     @torch.no_grad()
     def _speculative_tokens(self, idx, draft, max_new_tokens, temperature, top_k, top_p, draft_tokens, generator,
-                            stop, counts, capacity) -> Iterator[torch.Tensor]:
+                            stop, counts, capacity, min_p, repetition_penalty) -> Iterator[torch.Tensor]:
         """generate_speculative's rounds, its arguments checked."""
         with self._in_eval(), draft._in_eval():
             cache, draft_cache = self.new_kv_cache(1, capacity), draft.new_kv_cache(1, capacity)
             length, draft_length = 0, 0  # positions in each cache
             pending, draft_pending = idx, idx  # tokens each has yet to read
+            seen = self._seen_ids(idx, repetition_penalty)  # (1, V): the ids of the text settled so far
             made = 0
             while made < max_new_tokens:
                 k = min(draft_tokens, max_new_tokens - made)
                 # the draft's proposals, one token at a time
                 proposed, q = [], []
-                for _ in range(k):
+                # (k + 1, V): the ids penalized after the settled text (for proposal 1) .. after proposal k
+                held = seen.repeat(k + 1, 1) if seen is not None else None
+                for i in range(k):
                     logits = draft.forward_cached(draft_pending, draft_cache, draft_length)  # (1, V)
+                    logits = _penalize(logits, None if held is None else held[i:i + 1], repetition_penalty)
                     draft_length += draft_pending.shape[1]
                     if temperature == 0:
                         token = logits.argmax(-1)
                     else:
-                        q.append(_sampling_probs(logits, temperature, top_k, top_p)[0])
+                        q.append(_sampling_probs(logits, temperature, top_k, top_p, min_p)[0])
                         token = torch.multinomial(q[-1], 1, generator=generator)
                     proposed.append(token.view(1))
                     draft_pending = token.view(1, 1)
+                    if held is not None:
+                        held[i + 1:, token] = True
                 drafted = torch.cat(proposed)  # (k,)
                 # this model's distributions after its pending tokens and each proposal, one forward
                 # (k + 1, V): after the last pending token (for proposal 1) .. after proposal k
                 logits = self.forward_cached(torch.cat([pending, drafted[None]], 1), cache, length, keep=k + 1)[0]
+                logits = _penalize(logits, held, repetition_penalty)
                 length += pending.shape[1]  # (the kept proposals are added below)
                 kept = 0
                 if temperature == 0:
@@ -1546,7 +1573,7 @@ class LLM(nn.Module):
                         kept += 1
                     extra = best[kept].view(1)
                 else:
-                    p = _sampling_probs(logits, temperature, top_k, top_p)  # (k + 1, V)
+                    p = _sampling_probs(logits, temperature, top_k, top_p, min_p)  # (k + 1, V)
                     extra = None
                     for i in range(k):
                         t = int(drafted[i])
@@ -1563,6 +1590,8 @@ class LLM(nn.Module):
                 counts["drafted"] += k
                 counts["accepted"] += kept
                 settled = torch.cat([drafted[:kept], extra.view(1)])
+                if seen is not None:
+                    seen[0, settled] = True
                 length += kept  # this model's cache: its pending tokens and the kept proposals
                 # the draft read everything but its last proposal: back to the kept part
                 draft_length = draft_length - (k - 1) + min(kept, k - 1)
@@ -1581,15 +1610,17 @@ class LLM(nn.Module):
                  top_k: int | None = None, top_p: float | None = None, use_cache: bool = True,
                  callback: Callable[[torch.Tensor], None] | None = None,
                  generator: torch.Generator | None = None, stop_tokens: Iterable[int] = (),
-                 cuda_graph: bool = False) -> torch.Tensor:
+                 cuda_graph: bool = False, min_p: float | None = None,
+                 repetition_penalty: float = 1.0) -> torch.Tensor:
         """idx (B, T) followed by up to max_new_tokens sampled tokens, (B, T + n); callback gets each
-        new (B,) token as it comes (for streaming); stop_tokens, cuda_graph: see generate_stream.
+        new (B,) token as it comes (for streaming); stop_tokens, cuda_graph, min_p, repetition_penalty:
+        see generate_stream.
         The rows of idx are prompts of one length, not padded (a left-padded batch would condition
         on its padding): prompts of different lengths go to generate_batch."""
         with self._in_eval():  # (restored even when sampling raises)
             out = [idx]
             for token in self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator,
-                                              stop_tokens, cuda_graph):
+                                              stop_tokens, cuda_graph, min_p, repetition_penalty):
                 out.append(token[:, None])
                 if callback is not None:
                     callback(token)
@@ -1599,7 +1630,8 @@ class LLM(nn.Module):
     def generate_batch(self, prompts, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                        top_p: float | None = None, generator: torch.Generator | None = None,
                        stop_tokens: Iterable[int] = (), cuda_graph: bool = False,
-                       stop_when: Callable[[int, list[int]], bool] | None = None) -> list[list[int]]:
+                       stop_when: Callable[[int, list[int]], bool] | None = None, min_p: float | None = None,
+                       repetition_penalty: float = 1.0) -> list[list[int]]:
         """Continues several prompts of different lengths at once: one prefill of the prompts (each a
         list of ids or a 1-D tensor, at least one token) padded on the right, then every step samples
         one token per row at each row's own position (decode_step), no padding in between. Returns each prompt's
@@ -1609,8 +1641,10 @@ class LLM(nn.Module):
         has one). cuda_graph: as in generate_stream (CUDA; unverified). stop_when: (a row's index in
         prompts, its new tokens so far) -> whether the row ends with the last of them (kept), as
         after a stop token (pyllm generate's --stop strings, transformers' StopStringCriteria); asked
-        on the host after each token of a row not yet ended. Generation ends when every row has ended."""
-        check_sampling(temperature, top_k, top_p)
+        on the host after each token of a row not yet ended. Generation ends when every row has ended.
+        min_p, repetition_penalty: as in generate_stream, each row's penalty over its own prompt and
+        tokens (transformers' over a left-padded batch leaves the padding out too)."""
+        check_sampling(temperature, top_k, top_p, min_p, repetition_penalty)
         check_new_tokens(max_new_tokens, "generate_batch")
         device = self.lm_head.weight.device
         rows = []
@@ -1639,7 +1673,8 @@ class LLM(nn.Module):
             def alone(b: int, r) -> list[int]:
                 new = []
                 for token in self.generate_stream(r[None], max_new_tokens, temperature, top_k, top_p,
-                                                  generator=generator, stop_tokens=stops):
+                                                  generator=generator, stop_tokens=stops, min_p=min_p,
+                                                  repetition_penalty=repetition_penalty):
                     new.append(int(token[0]))
                     if new[-1] in stops or stop_when is not None and stop_when(b, new):
                         break
@@ -1679,8 +1714,12 @@ class LLM(nn.Module):
             made = [[] for _ in rows]  # stop_when: each row's new tokens, on the host
             ends = [None] * len(rows)  # where stop_when ended a row
             out = []
+            seen = self._seen_ids(rows, repetition_penalty)
             for step in range(max_new_tokens):
-                token = _sample(logits, temperature, top_k, top_p, generator)  # (B,)
+                token = _sample(_penalize(logits, seen, repetition_penalty), temperature, top_k, top_p, generator,
+                                min_p)  # (B,)
+                if seen is not None:
+                    seen.scatter_(1, token[:, None], True)
                 out.append(token)
                 if len(stop):
                     done |= torch.isin(token, stop)
@@ -2733,10 +2772,12 @@ def state_to_hf(state: dict, cfg: ModelConfig, kind: str) -> dict:
     return out
 
 
-def check_sampling(temperature, top_k, top_p) -> None:
+def check_sampling(temperature, top_k, top_p, min_p=None, repetition_penalty=1.0) -> None:
     """ValueError for settings sample() cannot take: temperature a finite number >= 0 (a negative
     one would sample the reversed distribution), top_k None or an int >= 0 (0 or None: off, as
-    transformers' GenerationConfig), top_p None or in [0, 1] (0 keeps the likeliest token alone)."""
+    transformers' GenerationConfig), top_p None or in [0, 1] (0 keeps the likeliest token alone),
+    min_p None or in [0, 1] (None or 0: off), repetition_penalty a finite number > 0 (1: none; below
+    1 favours repeats), as transformers' warpers take them."""
     if isinstance(temperature, torch.Tensor) and temperature.numel() == 1 and not temperature.is_complex():
         temperature = float(temperature)  # (a 0-d tensor, as some loops keep it)
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not 0 <= temperature < math.inf:
@@ -2748,6 +2789,12 @@ def check_sampling(temperature, top_k, top_p) -> None:
         raise ValueError(f"sampling: top_k must be None or an int >= 0 (0 or None: no top-k), got {top_k!r}")
     if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0 <= top_p <= 1):
         raise ValueError(f"sampling: top_p must be None or a number in [0, 1], got {top_p!r}")
+    if min_p is not None and (isinstance(min_p, bool) or not isinstance(min_p, numbers.Real) or not 0 <= min_p <= 1):
+        raise ValueError(f"sampling: min_p must be None or a number in [0, 1], got {min_p!r}")
+    if isinstance(repetition_penalty, bool) or not isinstance(repetition_penalty, numbers.Real) \
+            or not 0 < repetition_penalty < math.inf:
+        raise ValueError(f"sampling: repetition_penalty must be a finite number > 0 (1: none), got "
+                         f"{repetition_penalty!r}")
 
 
 def check_new_tokens(max_new_tokens, op: str) -> None:
@@ -2780,32 +2827,42 @@ def stop_ids(stop_tokens) -> set[int]:
 
 
 def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-           generator: torch.Generator | None = None) -> torch.Tensor:
+           generator: torch.Generator | None = None, min_p: float | None = None) -> torch.Tensor:
     """One token per row of logits (B, V): greedy at temperature 0, else from softmax(logits / t)
-    restricted to the top_k tokens and then to the smallest set whose probability reaches top_p
-    (sampling_probs)."""
-    check_sampling(temperature, top_k, top_p)
-    return _sample(logits, temperature, top_k, top_p, generator)
+    restricted to the top_k tokens, then to the smallest set whose probability reaches top_p, then
+    to those at least min_p times as likely as the likeliest (sampling_probs)."""
+    check_sampling(temperature, top_k, top_p, min_p)
+    return _sample(logits, temperature, top_k, top_p, generator, min_p)
 
 
-def _sample(logits, temperature, top_k, top_p, generator) -> torch.Tensor:
+def _sample(logits, temperature, top_k, top_p, generator, min_p=None) -> torch.Tensor:
     """sample() for settings checked already (generation checks them once, not per token)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    probs = _sampling_probs(logits, temperature, top_k, top_p)  # (..., V), as argmax takes any leading shape
+    probs = _sampling_probs(logits, temperature, top_k, top_p, min_p)  # (..., V), as argmax takes any leading shape
     return torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator).view(probs.shape[:-1])
 
 
 def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int | None = None,
-                   top_p: float | None = None) -> torch.Tensor:
+                   top_p: float | None = None, min_p: float | None = None) -> torch.Tensor:
     """The distribution sample() draws from (temperature > 0), fp32, over the last dim of logits (..., V)."""
-    check_sampling(temperature, top_k, top_p)
+    check_sampling(temperature, top_k, top_p, min_p)
     if temperature == 0:
         raise ValueError("sampling_probs: temperature 0 is greedy, no distribution: take the argmax")
-    return _sampling_probs(logits, temperature, top_k, top_p)
+    return _sampling_probs(logits, temperature, top_k, top_p, min_p)
 
 
-def _sampling_probs(logits, temperature, top_k, top_p) -> torch.Tensor:
+def _penalize(logits, seen, penalty) -> torch.Tensor:
+    """transformers' RepetitionPenaltyLogitsProcessor: the logits (B, V) of the ids seen (B, V) holds
+    divided by penalty where positive, multiplied where negative (at most once an id), in fp32 as
+    transformers' scores are (an fp64 model's too); seen None: logits as they are."""
+    if seen is None:
+        return logits
+    logits = logits.float()
+    return torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
+
+
+def _sampling_probs(logits, temperature, top_k, top_p, min_p=None) -> torch.Tensor:
     shape = logits.shape
     logits = logits.float().reshape(-1, shape[-1]) / temperature
     if top_k and top_k < logits.shape[-1]:
@@ -2822,6 +2879,9 @@ def _sampling_probs(logits, temperature, top_k, top_p) -> torch.Tensor:
         drop[:, -1] = False
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    if min_p:  # transformers' MinPLogitsWarper (0: it drops nothing); the likeliest token is never below it
+        probs = logits.softmax(dim=-1)
+        logits = logits.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), float("-inf"))
     return logits.softmax(dim=-1).reshape(shape)
 
 

@@ -436,40 +436,46 @@ def test_speculative_greedy_is_the_models_own(name, draft_tokens):
     assert cut == want[:want.index(stop) + 1]
 
 
-def test_speculative_sampling_draws_from_the_models_distribution():
-    # Sampling (temperature 0.8, top_k 5): the first two tokens' joint distribution over many draws
-    # is the model's own, p(a) p(b | a) (computed exactly), though a different model drafts; a plain
-    # sampler's draws, alike, give the scale of the sampling noise.
+@pytest.mark.parametrize("penalized", [False, True])
+def test_speculative_sampling_draws_from_the_models_distribution(penalized):
+    # Sampling (temperature 0.8, top_k 5; then a repetition penalty and min_p too): the first two
+    # tokens' joint distribution over many draws is the model's own, p(a) p(b | a) (computed exactly,
+    # b's penalty counting a), though a different model drafts; a plain sampler's draws, alike, give
+    # the scale of the sampling noise.
+    from pyllm.model import _penalize
+
     torch.manual_seed(0)
     cfg = ModelConfig(**{**CONFIGS["llama"], "vocab_size": 6, "block_size": 16})
     model, draft = randomized(cfg).double(), randomized(cfg).double()
     prompt = torch.tensor([[1, 4, 2]])
+    settings = dict(temperature=0.8, top_k=5, **(dict(repetition_penalty=1.5, min_p=0.1) if penalized else {}))
+
+    def probs(ids):  # the distribution of the token after ids (1, T)
+        from pyllm.model import sampling_probs
+
+        seen = torch.zeros(1, 6, dtype=torch.bool).scatter_(1, ids, True) if penalized else None
+        logits = _penalize(model(ids)[0][:, -1], seen, settings.get("repetition_penalty", 1.0))
+        return sampling_probs(logits, 0.8, top_k=5, min_p=settings.get("min_p"))[0].double()
+
     with torch.no_grad():
-        first = sample_probs(model(prompt)[0][0, -1])
-        joint = torch.stack([first[a] * sample_probs(model(torch.cat([prompt, torch.tensor([[a]])], 1))[0][0, -1])
-                             for a in range(6)])  # (6, 6)
+        first = probs(prompt)
+        joint = torch.stack([first[a] * probs(torch.cat([prompt, torch.tensor([[a]])], 1)) for a in range(6)])  # (6, 6)
     g = torch.Generator().manual_seed(3)
     n = 1500
     counts, plain = torch.zeros(6, 6), torch.zeros(6, 6)
     accepted = drafted = 0
     for _ in range(n):
         stats = {}
-        a, b = (int(t) for t in model.generate_speculative(prompt, draft, 2, temperature=0.8, top_k=5, draft_tokens=2,
-                                                           generator=g, stats=stats))
+        a, b = (int(t) for t in model.generate_speculative(prompt, draft, 2, draft_tokens=2, generator=g, stats=stats,
+                                                           **settings))
         counts[a, b] += 1
         accepted, drafted = accepted + stats["accepted"], drafted + stats["drafted"]
-        a, b = model.generate(prompt, 2, temperature=0.8, top_k=5, generator=g)[0, 3:].tolist()
+        a, b = model.generate(prompt, 2, generator=g, **settings)[0, 3:].tolist()
         plain[a, b] += 1
     tv = 0.5 * (counts / n - joint).abs().sum().item()
     noise = 0.5 * (plain / n - joint).abs().sum().item()
     assert tv < max(2.5 * noise, 0.04), (tv, noise)  # (0.027 vs the plain sampler's 0.040; the draft's own: 0.94)
     assert 0 < accepted < drafted  # (the draft differs: some proposals kept, some not)
-
-
-def sample_probs(logits):
-    from pyllm.model import sampling_probs
-
-    return sampling_probs(logits[None], 0.8, top_k=5)[0].double()
 
 
 @pytest.mark.cuda
@@ -1019,10 +1025,18 @@ def test_generation_arguments_are_checked_and_edge_values_work():
     prompt = torch.randint(0, 97, (2, 4))
     for bad, message in ((dict(temperature=-1.0), "temperature"), (dict(temperature=None), "temperature"),
                          (dict(top_k=-1), "top_k"), (dict(top_p=1.5), "top_p"), (dict(top_p=-0.1), "top_p"),
-                         (dict(temperature=1e-40), "too small to divide fp32 logits by; give 0")):  # (torch's NaN error)
+                         (dict(temperature=1e-40), "too small to divide fp32 logits by; give 0"),  # (torch's NaN error)
+                         (dict(min_p=1.5), "min_p"), (dict(min_p=-0.1), "min_p"), (dict(min_p=True), "min_p")):
         for call in (lambda: model.generate(prompt, 2, **bad), lambda: model.generate_batch([[1, 2]], 2, **bad),
-                     lambda: sample(torch.randn(1, 5), **bad)):
+                     lambda: sample(torch.randn(1, 5), **bad),
+                     lambda: model.generate_speculative(prompt[:1], model, 2, **bad)):
             with pytest.raises(ValueError, match=message):
+                call()
+    for penalty in (0.0, -1.2, math.inf, math.nan, True, None):  # (transformers: a float > 0)
+        for call in (lambda: model.generate(prompt, 2, repetition_penalty=penalty),
+                     lambda: model.generate_batch([[1, 2]], 2, repetition_penalty=penalty),
+                     lambda: model.generate_speculative(prompt[:1], model, 2, repetition_penalty=penalty)):
+            with pytest.raises(ValueError, match="repetition_penalty must be a finite number > 0"):
                 call()
     greedy = model.generate(prompt, 4, temperature=0)
     assert model.training  # restored
@@ -1106,14 +1120,39 @@ def test_sampling_probs_are_transformers_warpers():
              (torch.randn(64, 32000, generator=g), 1.0, None, 0.95),
              (torch.randn(16, 1000, generator=g), 0.7, 40, 0.8),
              (torch.randn(4, 100, generator=g), 1.3, 5, 0.0)]
-    for logits, temperature, top_k, top_p in cases:
+    cases = [(*case, None) for case in cases]
+    # min_p after top_k and top_p (and at 0 and 1: nothing dropped, the likeliest tokens alone)
+    cases += [(torch.randn(16, 1000, generator=g), 0.7, 40, 0.8, 0.05), ((3 * torch.randn(64, 32000, generator=g))
+              .bfloat16(), 1.0, None, 1.0, 0.1), (torch.randn(8, 500, generator=g), 1.5, None, 1.0, 0.0),
+              (torch.tensor([[2.0, 2, 1, 0]]), 1.0, None, 1.0, 1.0), (torch.randn(8, 500, generator=g), 0.5, 0, 0.9, 0.3)]
+    for logits, temperature, top_k, top_p, min_p in cases:
         warpers = [transformers.TemperatureLogitsWarper(temperature)]
         warpers += [transformers.TopKLogitsWarper(top_k)] if top_k else []
         warpers += [transformers.TopPLogitsWarper(top_p)]
+        warpers += [transformers.MinPLogitsWarper(min_p)] if min_p is not None else []
         scores = logits.float()
         for warp in warpers:
             scores = warp(None, scores)
-        assert torch.equal(sampling_probs(logits, temperature, top_k=top_k, top_p=top_p), scores.softmax(-1))
+        want = scores.softmax(-1)
+        assert torch.equal(sampling_probs(logits, temperature, top_k=top_k, top_p=top_p, min_p=min_p), want)
+        if min_p:
+            assert (want > 0).sum() < (logits.float() > -math.inf).sum()  # (it dropped some)
+
+
+def test_repetition_penalty_is_transformers_processor():
+    # CTRL's penalty at most once an id, whichever way the logit's sign goes, on fp32 scores (an fp64
+    # or bf16 model's logits too); transformers' processor over the ids of each row's text
+    transformers = pytest.importorskip("transformers")
+    from pyllm.model import _penalize
+
+    g = torch.Generator().manual_seed(0)
+    for dtype, penalty in ((torch.float32, 1.3), (torch.bfloat16, 0.7), (torch.float64, 2.0)):
+        logits = (3 * torch.randn(4, 300, generator=g)).to(dtype)
+        ids = torch.randint(0, 300, (4, 50), generator=g)  # (repeats among them)
+        seen = torch.zeros(4, 300, dtype=torch.bool).scatter_(1, ids, True)
+        want = transformers.RepetitionPenaltyLogitsProcessor(penalty)(ids, logits.float())
+        assert torch.equal(_penalize(logits, seen, penalty), want)
+        assert not torch.equal(want, logits.float())
 
 
 def nanogpt_forward(state: dict, args: dict, idx: torch.Tensor) -> torch.Tensor:
@@ -2371,6 +2410,54 @@ def test_from_hf_computes_what_transformers_computes(name, tmp_path):
     expected = theirs.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20, do_sample=False,
                                pad_token_id=0)
     assert torch.equal(ours.generate(prompt, 20, temperature=0), expected)
+
+
+@pytest.mark.parametrize("penalty", [1.8, 0.6])
+def test_repetition_penalty_and_min_p_generate_transformers_tokens(penalty, tmp_path):
+    # transformers' generate(repetition_penalty=, min_p=) on the same model: greedy tokens, sampled
+    # tokens from one seed of the global generator (one multinomial draw a token there and here, over
+    # the same fp32 probabilities), generate_batch's rows of different lengths as each prompt alone,
+    # and speculative decoding's greedy tokens (its draft's proposals penalized after the ones before)
+    theirs = hf_models()["llama-gqa"].double().eval()
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    theirs.save_pretrained(tmp_path)
+    ours = LLM.from_hf(tmp_path, dtype=torch.float64)
+    theirs.generation_config.eos_token_id = None
+    prompt = torch.randint(0, 97, (2, 6))
+
+    def reference(ids, **settings):
+        return theirs.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, pad_token_id=0,
+                               repetition_penalty=penalty, **settings)[:, ids.shape[1]:]
+
+    greedy = reference(prompt, do_sample=False)
+    assert torch.equal(ours.generate(prompt, 16, temperature=0, repetition_penalty=penalty)[:, 6:], greedy)
+    assert not torch.equal(ours.generate(prompt, 16, temperature=0)[:, 6:], greedy)  # (the penalty matters)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        want = reference(prompt, do_sample=True, temperature=0.9, top_k=30, top_p=0.95, min_p=0.05)
+        torch.manual_seed(seed)
+        got = ours.generate(prompt, 16, 0.9, 30, 0.95, min_p=0.05, repetition_penalty=penalty)[:, 6:]
+        assert torch.equal(got, want)
+    rows = [prompt[0], prompt[1, :3], prompt[0, 2:]]
+    alone = [reference(r[None], do_sample=False)[0].tolist() for r in rows]
+    assert ours.generate_batch(rows, 16, 0.0, repetition_penalty=penalty) == alone
+    draft = LLM.from_hf(tmp_path, dtype=torch.float64)
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.add_(torch.randn_like(p) * 0.05)  # (some proposals rejected)
+    stats = {}
+    spoken = ours.generate_speculative(prompt[:1], draft, 16, temperature=0, draft_tokens=3, stats=stats,
+                                       repetition_penalty=penalty)
+    assert [int(t) for t in spoken] == greedy[0].tolist()
+    assert 0 < stats["accepted"] < stats["drafted"]
+    # sampling with the model as its own draft: each proposal's distribution is the check's, the
+    # penalty of the proposals before it counted alike, so every proposal is kept
+    stats = {}
+    spoken = ours.generate_speculative(prompt[:1], ours, 16, 0.9, min_p=0.05, draft_tokens=4, stats=stats,
+                                       repetition_penalty=penalty, generator=torch.Generator().manual_seed(0))
+    assert len(list(spoken)) == 16 and stats["accepted"] == stats["drafted"] > 0
 
 
 def test_to_hf_of_a_fine_tune_that_set_its_training_fields(tmp_path):

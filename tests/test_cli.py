@@ -261,6 +261,40 @@ def test_generate_leaves_out_ids_past_the_tokenizer(padded_vocab, tmp_path, caps
                      "--top-k", "0", "--temperature", "1"]) == 0
 
 
+def test_generate_takes_min_p_and_repetition_penalty(padded_vocab, tmp_path, capsys, monkeypatch):
+    # --min-p and --repetition-penalty reach the model's sampling on each path: --prompt, --prompts-file
+    # (generate_batch, and generate() one by one past block_size) and --draft; the penalty changes
+    # greedy text
+    from pyllm.model import LLM
+
+    model, _ = padded_vocab
+    seen = []
+    for name in ("generate", "generate_batch", "generate_speculative"):
+        def recording(self, *a, _original=getattr(LLM, name), _name=name, **kw):
+            seen.append((_name, kw.get("min_p"), kw.get("repetition_penalty")))
+            return _original(self, *a, **kw)
+        monkeypatch.setattr(LLM, name, recording)
+    base = ["generate", *model, "--prompt", "hello", "--max-new-tokens", "24", "--temperature", "0"]
+
+    def text(*extra):
+        capsys.readouterr()
+        assert cli.main([*base, *extra]) == 0
+        return capsys.readouterr().out
+
+    assert text("--repetition-penalty", "3") != text() == text("--repetition-penalty", "1")
+    assert text("--repetition-penalty", "3", "--draft", model[1]) == text("--repetition-penalty", "3")
+    (tmp_path / "p.jsonl").write_text('{"prompt": "hello"}\n')
+    for new in ("4", "63"):  # 63: past block_size 64, generate() one by one
+        assert cli.main(["generate", *model, "--prompts-file", str(tmp_path / "p.jsonl"), "--max-new-tokens", new,
+                         "--min-p", "0.2", "--repetition-penalty", "1.5"]) == 0
+    assert seen == [("generate", None, 3.0), ("generate", None, 1.0), ("generate", None, 1.0),
+                    ("generate_speculative", None, 3.0), ("generate", None, 3.0),
+                    ("generate_batch", 0.2, 1.5), ("generate", 0.2, 1.5)]
+    for bad in (["--min-p", "1.5"], ["--repetition-penalty", "0"]):
+        with pytest.raises(SystemExit):
+            cli.main([*base, *bad])
+
+
 def test_generate_samples_of_one_seed_are_one_stream(padded_vocab, capsys):
     # --num-samples draws every sample from one generator, as nanoGPT's sample.py: the first is the
     # seed's own, the second no other seed's first (seed + i had made --seed 1's first --seed 0's second)
@@ -447,12 +481,22 @@ def test_generate_ends_documents_and_reads_generation_configs(corpus, tmp_path, 
     cli.resolve_sampling(plain, tmp_path)
     assert plain.temperature == 0.0  # do_sample left out: greedy, as transformers
     assert "does not apply" not in capsys.readouterr().err
-    # what transformers' generate would apply and pyllm's sampling does not: said (it had been dropped)
+    # what transformers' generate would apply and pyllm's sampling does not: said (it had been dropped);
+    # repetition_penalty (greedy too) and min_p (sampling; --min-p asks to sample) are taken
     (tmp_path / "generation_config.json").write_text(json.dumps({"repetition_penalty": 1.05, "min_new_tokens": 0,
-                                                                 "no_repeat_ngram_size": 3}))
-    cli.resolve_sampling(argparse.Namespace(temperature=None, top_k=None, top_p=None), tmp_path)
-    assert "sets repetition_penalty=1.05, no_repeat_ngram_size=3, which pyllm's sampling does not apply" in \
-        capsys.readouterr().err
+                                                                 "no_repeat_ngram_size": 3, "min_p": 0.1}))
+    taken = argparse.Namespace(temperature=None, top_k=None, top_p=None, min_p=None, repetition_penalty=None)
+    cli.resolve_sampling(taken, tmp_path)
+    err = capsys.readouterr().err
+    assert "sets no_repeat_ngram_size=3, which pyllm's sampling does not apply" in err and "penalty" not in err
+    assert (taken.temperature, taken.min_p, taken.repetition_penalty) == (0.0, 0.1, 1.05)
+    given = argparse.Namespace(temperature=None, top_k=None, top_p=None, min_p=0.2, repetition_penalty=1.3)
+    cli.resolve_sampling(given, tmp_path)
+    assert (given.temperature, given.min_p, given.repetition_penalty) == (1.0, 0.2, 1.3)
+    (tmp_path / "generation_config.json").unlink()
+    mine = argparse.Namespace(temperature=None, top_k=None, top_p=None, min_p=None, repetition_penalty=None)
+    cli.resolve_sampling(mine, None)  # a model of pyllm's own: neither
+    assert (mine.temperature, mine.min_p, mine.repetition_penalty) == (0.8, None, 1.0)
     # the stream prints what is returned, an incomplete last character too (it had been held back for
     # good); --draft past block_size names the flags
     import torch

@@ -1297,6 +1297,18 @@ def test_every_option_has_help():
     assert (args.compile, args.fused_loss, args.keep_best, args.doc_mask) == (False, True, False, None)
 
 
+def test_choices_are_the_libraries_own_lists():
+    # The parser is built without importing torch, so it spells the losses out; they are the lists
+    # TrainConfig checks against (a kind added to one and not the other would be refused or unlisted)
+    from pyllm.nn import PREFERENCE_LOSSES
+    from pyllm.train import GRPO_LOSS_TYPES
+
+    train = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
+    choices = {a.dest: a.choices for a in train._actions}
+    assert sorted(choices["preference"]) == sorted(PREFERENCE_LOSSES)
+    assert sorted(choices["grpo_loss_type"]) == sorted(GRPO_LOSS_TYPES)
+
+
 def test_generate_streams_text_as_tokens_come(monkeypatch, capsys):
     """stream_sample writes each token's text as it is sampled (a UTF-8 character split over byte
     tokens is written once it is whole), and the pieces add up to the returned text."""

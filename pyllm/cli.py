@@ -988,9 +988,10 @@ _GOES_WITH = {
         "distill_beta", "distill_temperature", "distill_alpha", "distill_max_new_tokens", "distill_sample_temperature")},
     **{name: (lambda c: bool(c.grpo_reward), "grpo_reward (GRPO)") for name in (
         "grpo_reward_weights", "grpo_generations", "grpo_max_new_tokens", "grpo_temperature", "grpo_beta",
-        "grpo_loss_type", "grpo_scale_rewards", "grpo_iterations", "grpo_steps_per_generation", "grpo_epsilon",
-        "grpo_epsilon_high", "grpo_top_p", "grpo_top_k", "grpo_delta", "grpo_top_entropy_quantile", "grpo_reward_clip",
-        "grpo_off_policy_mask",
+        "grpo_loss_type", "grpo_scale_rewards", "grpo_multi_objective_aggregation", "grpo_iterations",
+        "grpo_steps_per_generation", "grpo_epsilon",
+        "grpo_epsilon_high", "grpo_top_p", "grpo_top_k", "grpo_min_p", "grpo_repetition_penalty", "grpo_delta",
+        "grpo_top_entropy_quantile", "grpo_reward_clip", "grpo_off_policy_mask",
         "grpo_importance_sampling", "grpo_log_completions", "grpo_mask_truncated", "grpo_kl_bias_correction")},
 }
 
@@ -2330,6 +2331,11 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                    "sum to P (TRL's top_p; default 1: all); their log-probabilities the whole distribution's, as TRL's")
     p.add_argument("--grpo-top-k", type=int, help="GRPO: samples drawn from the K likeliest tokens (TRL's top_k; "
                    "default 0: all)")
+    p.add_argument("--grpo-min-p", type=float, help="GRPO: samples drawn from the tokens at least P times as likely "
+                   "as the likeliest, after top-k and top-p (TRL's min_p; default 0: all)")
+    p.add_argument("--grpo-repetition-penalty", type=float, help="GRPO: samples drawn with the positive logits of the "
+                   "ids in their prompt and sample so far divided by R, the negative ones multiplied (TRL's "
+                   "repetition_penalty; default 1: none); their log-probabilities without it, as TRL's")
     p.add_argument("--grpo-loss-type", choices=("dapo", "grpo", "bnpo", "dr_grpo", "cispo", "sapo", "luspo", "vespo",
                                                 "rloo"),
                    help="GRPO: the sampled tokens' losses summed and divided by the step's share of the generation's "
@@ -2345,6 +2351,10 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grpo-scale-rewards", choices=("group", "batch", "none"),
                    help="GRPO: advantages divided by the std of their group's rewards (default), of the "
                         "generation's (batch), or not (none, Dr. GRPO's)")
+    p.add_argument("--grpo-multi-objective-aggregation", choices=("sum_then_normalize", "normalize_then_sum"),
+                   help="GRPO with several rewards: their weighted sum normalized in its group (default; with "
+                        "--grpo-scale-rewards), or each reward normalized in its group, then their weighted sum "
+                        "by the generation's mean and std (normalize_then_sum: GDPO, TRL's)")
     p.add_argument("--grpo-iterations", type=int, help="GRPO: passes over each generation's samples (TRL's "
                    "num_iterations; default 1), the ratio to the sampling policy clipped to [1 - eps, 1 + eps_high]")
     p.add_argument("--grpo-steps-per-generation", type=int, metavar="N",

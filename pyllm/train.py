@@ -89,9 +89,12 @@ class TrainConfig:
     grpo_temperature: float = 1.0  # GRPO: samples drawn at this temperature (TRL's default)
     grpo_top_p: float = 1.0  # GRPO: samples drawn from the likeliest tokens whose probabilities sum to top_p (TRL's); 1: all
     grpo_top_k: int = 0  # GRPO: samples drawn from the top_k likeliest tokens (TRL's); 0: all
+    grpo_min_p: float = 0.0  # GRPO: samples drawn from tokens >= min_p x the likeliest's probability (TRL's); 0: all
+    grpo_repetition_penalty: float = 1.0  # GRPO: samples drawn with their text's ids penalized (TRL's); 1: none
     grpo_beta: float = 0.0  # GRPO: the KL penalty's weight, against the starting model (LoRA: the updates off); 0: none (TRL's default)
     grpo_loss_type: str = "dapo"  # GRPO: the token losses' sum divided by: dapo (the step's tokens; TRL's default) | grpo | bnpo | dr_grpo; or cispo | sapo | luspo
     grpo_scale_rewards: str = "group"  # GRPO: advantages divided by the std of their group | batch (the generation's) | none (Dr. GRPO)
+    grpo_multi_objective_aggregation: str = "sum_then_normalize"  # GRPO rewards (TRL's) | normalize_then_sum (GDPO)
     grpo_iterations: int = 1  # GRPO: optimizer steps on each generation (TRL's num_iterations, mu), the ratio to it clipped
     grpo_steps_per_generation: int = 0  # GRPO: micro-batches a generation samples (TRL's steps_per_generation), a multiple of grad_accum; 0: grad_accum
     grpo_epsilon: float = 0.2  # GRPO: the ratio clipped to [1 - epsilon, 1 + epsilon_high]
@@ -289,6 +292,16 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.grpo_loss_type must be one of {', '.join(GRPO_LOSS_TYPES)} and "
                              f"grpo_scale_rewards group, batch or none, got {self.grpo_loss_type!r} and "
                              f"{self.grpo_scale_rewards!r}")
+        if self.grpo_multi_objective_aggregation not in ("sum_then_normalize", "normalize_then_sum"):
+            raise ValueError(f"TrainConfig.grpo_multi_objective_aggregation must be sum_then_normalize or "
+                             f"normalize_then_sum, got {self.grpo_multi_objective_aggregation!r}")
+        if self.grpo_multi_objective_aggregation == "normalize_then_sum" and (
+                self.grpo_scale_rewards != "group" or self.grpo_loss_type == "rloo"):
+            raise ValueError("TrainConfig.grpo_multi_objective_aggregation normalize_then_sum (GDPO) scales each "
+                             "reward by its group's std and their weighted sum by the generation's (TRL's): "
+                             "grpo_scale_rewards does not apply (leave it at group), nor does RLOO's leave-one-out "
+                             f"baseline, got grpo_scale_rewards {self.grpo_scale_rewards!r} and grpo_loss_type "
+                             f"{self.grpo_loss_type!r}")
         if self.optimizer == "muon" and (self.lora_rank or self.dist_mode != "ddp"):
             raise ValueError("TrainConfig.optimizer muon orthogonalizes each whole matrix's update: it trains every "
                              "weight (not lora_rank) on one process or under ddp (not fsdp or zero1, whose shards "
@@ -309,6 +322,9 @@ class TrainConfig:
         if not 0.0 < self.grpo_top_p <= 1.0 or self.grpo_top_k < 0:
             raise ValueError(f"TrainConfig.grpo_top_p must be in (0, 1] and grpo_top_k >= 0 (1 and 0: off), got "
                              f"{self.grpo_top_p} and {self.grpo_top_k}")
+        if not 0.0 <= self.grpo_min_p <= 1.0 or not 0.0 < self.grpo_repetition_penalty < math.inf:
+            raise ValueError(f"TrainConfig.grpo_min_p must be in [0, 1] and grpo_repetition_penalty a finite "
+                             f"number > 0 (0 and 1: off), got {self.grpo_min_p} and {self.grpo_repetition_penalty}")
         if self.grpo_delta and not (1.0 < self.grpo_delta < math.inf
                                     and self.grpo_loss_type not in ("cispo", "sapo", "vespo")):
             raise ValueError(f"TrainConfig.grpo_delta must be 0 (none) or above 1 (INTELLECT-2 suggests more than 1 + "
@@ -772,6 +788,8 @@ def evaluate_rewards(policy: LLM, path, cfg: TrainConfig, seq_len: int, reward_f
         if cfg.grpo_beta:
             grpo_rollout_passes(rollouts, cfg, policy, reference, p_old=True)
         rloo_advantages(rollouts, cfg, info)  # (its stats' frac_reward_zero_std; "kl")
+    elif cfg.grpo_multi_objective_aggregation == "normalize_then_sum":
+        gdpo_rewards(rollouts, cfg, info)  # (frac_reward_zero_std: the std of their sums)
     for r in rollouts:
         sums += r["stats"]
     sums = torch.cat([all_reduce_sum(sums, info), torch.zeros(5, dtype=torch.float64)])  # (no loss's sums)
@@ -1442,9 +1460,10 @@ def kto_weight_advice(labels, desirable_weight: float, undesirable_weight: float
 
 def sample_replies(model: LLM, prompts: list[list[int]], max_new_tokens: int, temperature: float,
                    stop_tokens, generator: torch.Generator | None, limit: int | None = None,
-                   top_k: int | None = None, top_p: float | None = None) -> list[list[int]]:
-    """Each prompt's sample (generate_batch: all at once, eval mode, no autograd, top_k and top_p as
-    it takes them), in the model's own
+                   top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
+                   repetition_penalty: float = 1.0) -> list[list[int]]:
+    """Each prompt's sample (generate_batch: all at once, eval mode, no autograd, top_k, top_p, min_p
+    and repetition_penalty as it takes them), in the model's own
     dtype outside autocast, at most max_new_tokens and what the model's block_size leaves. Under
     FSDP2 the whole model is gathered for it (gathered); every rank must call it then, with
     prompts or without."""
@@ -1467,7 +1486,7 @@ def sample_replies(model: LLM, prompts: list[list[int]], max_new_tokens: int, te
         if not prompts:
             return []
         return model.generate_batch(prompts, new, temperature, top_k, top_p, generator=generator,
-                                    stop_tokens=stop_tokens)
+                                    stop_tokens=stop_tokens, min_p=min_p, repetition_penalty=repetition_penalty)
 
 
 def pack_replies(prompts: list[list[int]], replies: list[list[int]], T: int, device,
@@ -1771,7 +1790,8 @@ def grpo_rollout(policy: LLM, batch, cfg: TrainConfig, reward_fns: list, generat
     groups = [prompt for prompt in prompts for _ in range(G)]
     group_rows = [rows[segment] for segment in segments for _ in range(G)] if rows is not None else None
     samples = sample_replies(policy, groups, cfg.grpo_max_new_tokens, cfg.grpo_temperature, cfg.sample_stop_tokens,
-                             generator, limit=T, top_k=cfg.grpo_top_k, top_p=cfg.grpo_top_p)
+                             generator, limit=T, top_k=cfg.grpo_top_k, top_p=cfg.grpo_top_p, min_p=cfg.grpo_min_p,
+                             repetition_penalty=cfg.grpo_repetition_penalty)
     stops = set(cfg.sample_stop_tokens)
     trained = [bool(s) and s[-1] in stops for s in samples] if cfg.grpo_mask_truncated else None
     packed = pack_replies(groups, samples, T, batch[0].device, trained)
@@ -1871,6 +1891,10 @@ def generation_metrics(sums: torch.Tensor, rollouts: list[dict], cfg: TrainConfi
                      grpo_stat_means(sums, len(names), batch_scaled(cfg))))
     for loss_stat in ("kl", "clip_ratio", "entropy"):
         del means[loss_stat]
+    if cfg.grpo_multi_objective_aggregation == "normalize_then_sum" and rollouts:  # (TRL's: whether the std of
+        # the summed normalized rewards is 0; None for fewer than two scored samples)
+        std, mean = rollouts[0]["aggregate_std"], rollouts[0]["aggregate_mean"]
+        means["frac_reward_zero_std"] = None if std is None else float(std <= max(1e-8, 1e-7 * abs(mean)))
     means.update(completion_stats(rollouts, set(cfg.sample_stop_tokens), names, info))
     return means
 
@@ -1940,13 +1964,40 @@ def _nanstd(grouped: torch.Tensor) -> torch.Tensor:
     return (deviations / (count - 1)).sqrt().masked_fill(count < 2, math.nan)
 
 
+def gdpo_rewards(rollouts: list[dict], cfg: TrainConfig, info: DistInfo) -> None:
+    """GDPO's rewards (group reward-decoupled normalization; TRL's multi_objective_aggregation
+    normalize_then_sum): each reward function's scores less their group's mean, divided by their
+    group's std + 1e-4 (both over the samples it scored; Bessel-corrected, NaN for fewer than two),
+    then weighed and summed over the functions that scored the sample (NaN where none did), added to
+    each rollout as "aggregate" (n,), with "aggregate_mean" and "aggregate_std", the mean and
+    Bessel-corrected std of every rank's (std None for fewer than two). Collective: every rank calls."""
+    G = cfg.grpo_generations
+    sums = torch.zeros(3, dtype=torch.float64)  # the scored sums' sum, sum of squares, count
+    for r in rollouts:
+        each = r["each"]  # (n, R)
+        n, R = each.shape
+        weights = torch.tensor(cfg.grpo_reward_weights or [1.0] * R, dtype=torch.float64, device=each.device)
+        grouped = each.view(-1, G, R).transpose(1, 2).reshape(-1, G)  # (groups * R, G): a function's scores of a group
+        normalized = (grouped - grouped.nanmean(1, keepdim=True)) / (_nanstd(grouped) + 1e-4)
+        aggregate = (normalized.view(-1, R, G).transpose(1, 2).reshape(n, R) * weights).nansum(1)  # (n,)
+        aggregate[each.isnan().all(1)] = math.nan
+        r["aggregate"] = aggregate
+        kept = aggregate[~aggregate.isnan()].cpu()
+        sums += torch.stack([kept.sum(), kept.square().sum(), torch.tensor(float(len(kept)), dtype=torch.float64)])
+    total, squares, count = all_reduce_sum(sums, info).tolist()
+    for r in rollouts:
+        r["aggregate_mean"], r["aggregate_std"] = total / count if count else 0.0, _std_of_sums(total, squares, count)
+
+
 def grpo_prepare(rollouts: list[dict], cfg: TrainConfig, info: DistInfo, policy: LLM | None = None,
                  reference=None) -> None:
     """What a generation's rollouts (grpo_rollout's, this rank's micro-batches: grpo_generation_micro)
     need before their loss, added to each: "advantages" (n,), each reward less its group's mean,
     divided by the group's std + 1e-4 (cfg.grpo_scale_rewards group), by the std of every rank's
     rewards of the generation + 1e-4 (batch), or not (none; Dr. GRPO's), TRL's, over the samples some
-    reward function scored (the others' advantage 0); "tokens" and "samples", every rank's trained
+    reward function scored (the others' advantage 0); GDPO's (cfg.grpo_multi_objective_aggregation
+    normalize_then_sum: gdpo_rewards) their sum of normalized rewards less its mean over every rank's
+    samples of the generation, divided by their std + 1e-4, TRL's; "tokens" and "samples", every rank's trained
     tokens and samples in the generation (dapo's and cispo's normalizer, grpo's: not a masked
     truncated sample's tokens, as TRL 1.16 counts; they had counted, shrinking the loss by the
     masked share); "micro_tokens", every rank's trained tokens in the micro-batches at this one's
@@ -1967,10 +2018,16 @@ def grpo_prepare(rollouts: list[dict], cfg: TrainConfig, info: DistInfo, policy:
     batch_std = _std_of_sums(total, squares, count) or 0.0
     rloo = cfg.grpo_loss_type == "rloo"
     grpo_rollout_passes(rollouts, cfg, policy, reference, grpo_takes_p_old(cfg))
+    gdpo = cfg.grpo_multi_objective_aggregation == "normalize_then_sum"
     if rloo:
         rloo_advantages(rollouts, cfg, info)
+    elif gdpo:
+        gdpo_rewards(rollouts, cfg, info)
     for r, micro_tokens in zip(rollouts, totals[5:]):
-        if not rloo:
+        if gdpo:
+            std = r["aggregate_std"] or 0.0  # (fewer than two scored samples: TRL's 0)
+            r["advantages"] = ((r["aggregate"] - r["aggregate_mean"]) / (std + 1e-4)).nan_to_num(0.0)
+        elif not rloo:
             grouped = r["rewards"].view(-1, G)
             advantages = grouped - grouped.nanmean(1, keepdim=True)
             if cfg.grpo_scale_rewards == "group":

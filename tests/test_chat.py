@@ -1095,11 +1095,13 @@ def test_grpo_from_a_hugging_face_model(chat_run_inputs, tmp_path):
     assert cli.main(train_args(other, chats, tmp_path / "rl-other", "--max-steps", "1", "--batch-size", "2",
                                "--grpo-reward", "test_grpo:sevens", "--grpo-generations", "2",
                                "--grpo-max-new-tokens", "2", "--grpo-steps-per-generation", "2", "--grpo-top-p", "0.9",
-                               "--grpo-top-k", "20", "--grpo-delta", "1.5", "--grpo-off-policy-mask", "0.1")) == 0
+                               "--grpo-top-k", "20", "--grpo-delta", "1.5", "--grpo-off-policy-mask", "0.1",
+                               "--grpo-min-p", "0.05", "--grpo-repetition-penalty", "1.1")) == 0
     other_saved = torch.load(tmp_path / "rl-other" / "checkpoint.pt", weights_only=False)["train_config"]
     assert sorted(other_saved["sample_stop_tokens"]) == sorted({5, hf_special_token_id(folder, "eos_token")})
     assert (other_saved["grpo_steps_per_generation"], other_saved["grpo_top_p"], other_saved["grpo_top_k"],
-            other_saved["grpo_delta"], other_saved["grpo_off_policy_mask"]) == (2, 0.9, 20, 1.5, 0.1)
+            other_saved["grpo_delta"], other_saved["grpo_off_policy_mask"], other_saved["grpo_min_p"],
+            other_saved["grpo_repetition_penalty"]) == (2, 0.9, 20, 1.5, 0.1, 0.05, 1.1)
     assert (saved["grpo_iterations"], saved["grpo_epsilon_high"], saved["grpo_scale_rewards"], saved["grpo_loss_type"]) \
         == (2, 0.28, "batch", "bnpo") and saved["grpo_importance_sampling"] == "sequence" and saved["grpo_mask_truncated"]
     # prompts alone (TRL's prompt-only format), as messages and as text: each conversation's prompt

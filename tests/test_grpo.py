@@ -239,23 +239,34 @@ def test_rloo_eval_logs_frac_reward_zero_std_and_kl_as_training(chat_dir, tmp_pa
     assert record["val_kl"] != 0.0 and record["val_frac_reward_zero_std"] == 0.0  # (the policy moved: penalties apart)
 
 
-def test_grpo_samples_take_top_k_and_top_p(chat_dir):  # noqa: F811
-    # TRL's top_k and top_p (its generation config's): the samples generate_batch draws with them from
-    # the same generator; top_k 1 or a top_p below any token's probability: each prompt's G samples
-    # are its greedy continuation (0 and 1, the defaults: no filter)
+def test_grpo_samples_take_top_k_top_p_min_p_and_repetition_penalty(chat_dir):  # noqa: F811
+    # TRL's top_k, top_p, min_p and repetition_penalty (its generation config's): the samples
+    # generate_batch draws with them from the same generator; top_k 1, a top_p below any token's
+    # probability or min_p 1: each prompt's G samples are its greedy continuation (0, 1, 0 and 1, the
+    # defaults: no filter)
     model = tiny()
     batch = data.PackedLoader(chat_dir / "train.bin", 3, 32, seed=0).next_batch()
     prompts = [p for p in trainer.last_reply_prompts(batch, 32) for _ in range(4)]
     greedy = model.generate_batch(prompts, 5, 0.0)
-    for top_k, top_p, want in ((1, 1.0, greedy), (0, 1e-6, greedy), (5, 0.9, None), (0, 1.0, None)):
+    for top_k, top_p, min_p, penalty, want in ((1, 1.0, 0.0, 1.0, greedy), (0, 1e-6, 0.0, 1.0, greedy),
+                                               (0, 1.0, 1.0, 1.0, greedy), (5, 0.9, 0.0, 1.0, None),
+                                               (0, 1.0, 0.0, 1.0, None), (0, 1.0, 0.2, 1.0, None),
+                                               (0, 1.0, 0.0, 1.5, None), (1, 1.0, 0.0, 20.0, "penalized")):
         cfg = TrainConfig(grpo_reward=SPEC, grpo_generations=4, grpo_max_new_tokens=5, grpo_top_k=top_k,
-                          grpo_top_p=top_p)
+                          grpo_top_p=top_p, grpo_min_p=min_p, grpo_repetition_penalty=penalty)
         reward = trainer.load_reward(cfg, model, "fp32", torch.device("cpu"))
         rollout = trainer.grpo_rollout(model, batch, cfg, reward, torch.Generator().manual_seed(1))
-        drawn = model.generate_batch(prompts, 5, 1.0, top_k or None, top_p, generator=torch.Generator().manual_seed(1))
+        drawn = model.generate_batch(prompts, 5, 1.0, top_k or None, top_p, generator=torch.Generator().manual_seed(1),
+                                     min_p=min_p, repetition_penalty=penalty)
+        if want == "penalized":  # top_k 1 with the penalty: greedy over the penalized logits (20: the untrained
+            # tied model's logit of the token it has just read dwarfs the others)
+            want = model.generate_batch(prompts, 5, 0.0, repetition_penalty=penalty)
+            assert want != greedy
         assert rollout["completion_ids"] == (want or drawn)
-    assert drawn != greedy
+        assert want is not None or drawn != greedy
     for bad, message in ((dict(grpo_top_p=0.0), "grpo_top_p must be in"), (dict(grpo_top_k=-1), "grpo_top_k >= 0"),
+                         (dict(grpo_min_p=1.5), "grpo_min_p must be in"),
+                         (dict(grpo_repetition_penalty=0.0), "grpo_repetition_penalty a finite"),
                          (dict(grpo_delta=0.9), "grpo_delta must be 0"),
                          (dict(grpo_delta=1.5, grpo_loss_type="sapo"), "not cispo, sapo or vespo")):
         with pytest.raises(ValueError, match=message):
@@ -504,6 +515,60 @@ def test_grpo_advantages_leave_out_unscored_samples(scale):
     assert rollout["advantages"][1] == 0 and rollout["advantages"][7] == 0 and rollout["tokens"] == 9
     if scale == "group":  # TRL's numbers for the group [1, None, 0, 1]
         assert rollout["advantages"][:4].tolist() == pytest.approx([0.5773, 0.0, -1.1545, 0.5773], abs=1e-4)
+
+
+def test_gdpo_advantages_are_trls_normalize_then_sum():
+    # TRL 1.16's multi_objective_aggregation normalize_then_sum (GDPO), written as its trainer does
+    # over the generation's rewards_per_func (its nanstd): each function's scores normalized in their
+    # group, weighed and summed (NaN where no function scored), then normalized by the generation's
+    # mean and std, NaN to 0. Two micro-batches; a function scoring one sample of a group, a sample no
+    # function scored, a flat group.
+    nanstd = pytest.importorskip("trl.trainer.utils").nanstd
+    nan = math.nan
+    cfg = TrainConfig(grpo_reward="a,b,c", grpo_generations=4, grpo_reward_weights=[1.0, 0.5, 2.0],
+                      grpo_multi_objective_aggregation="normalize_then_sum")
+    g = torch.Generator().manual_seed(0)
+    each = torch.rand(16, 3, generator=g, dtype=torch.float64)
+    each[1, 0] = each[2, 0] = each[3, 0] = nan  # function a scored one sample of group 0
+    each[5] = nan  # no function scored sample 5
+    each[8:12] = torch.tensor([1.0, 0.0, 2.0], dtype=torch.float64)  # group 2: flat for every function
+    each[13, 1] = nan
+    rollouts = [{"each": part, "rewards": (part * torch.tensor([1.0, 0.5, 2.0], dtype=torch.float64)).nansum(1),
+                 "targets": 5, "packed": (None, None, None, None)} for part in (each[:8], each[8:])]
+    trainer.grpo_prepare(rollouts, cfg, trainer.DistInfo())
+    grouped = each.view(-1, 4, 3)  # TRL's lines
+    mean_k = torch.nanmean(grouped, dim=1, keepdim=True)
+    std_k = nanstd(grouped, dim=1, keepdim=True)
+    reward_k = ((grouped - mean_k) / (std_k + 1e-4)).view(-1, 3)
+    rewards = (reward_k * torch.tensor([1.0, 0.5, 2.0], dtype=torch.float64)).nansum(dim=1)
+    rewards[torch.isnan(each).all(dim=1)] = nan
+    want = ((rewards - torch.nanmean(rewards)) / (nanstd(rewards) + 1e-4)).nan_to_num(0.0)
+    got = torch.cat([r["advantages"] for r in rollouts])
+    # (TRL's nanstd rounds its Bessel factor count / (count - 1) to fp32: 4/3 is 3e-8 off)
+    torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-7)
+    assert got[5] == 0 and got[8:12].abs().max() < 1  # (the flat group: the generation's mean, off 0)
+    trainer.grpo_prepare(rollouts, replace(cfg, grpo_multi_objective_aggregation="sum_then_normalize"),
+                         trainer.DistInfo())
+    assert not torch.allclose(got, torch.cat([r["advantages"] for r in rollouts]))  # (the default: another thing)
+    # frac_reward_zero_std: whether the summed normalized rewards' std is 0 (TRL's), 1 when every group is flat
+    flat = [{**r, "each": torch.ones(8, 3, dtype=torch.float64)} for r in rollouts]
+    trainer.gdpo_rewards(flat, cfg, trainer.DistInfo())
+    assert flat[0]["aggregate_std"] == 0.0
+    for bad in (dict(grpo_scale_rewards="batch"), dict(grpo_loss_type="rloo")):
+        with pytest.raises(ValueError, match="normalize_then_sum .GDPO."):
+            replace(cfg, **bad).validate()
+
+
+def test_gdpo_logs_and_evaluates(chat_dir, tmp_path):  # noqa: F811
+    # A run with two rewards (one leaving samples unscored) under normalize_then_sum trains and logs
+    # frac_reward_zero_std of the summed normalized rewards, in training and eval alike
+    trainer.train(config(chat_dir, tmp_path / "base", model=dict(TINY, block_size=32), max_steps=1))
+    trainer.train(config(chat_dir, tmp_path / "run", grpo_reward=f"{SPEC},test_grpo:short_or_none", grpo_generations=4,
+                         grpo_max_new_tokens=6, grpo_multi_objective_aggregation="normalize_then_sum", max_steps=2,
+                         init_from_run=str(tmp_path / "base"), eval_every=1, eval_batches=1))
+    log = [json.loads(line) for line in (tmp_path / "run/log.jsonl").read_text().splitlines()]
+    assert all(r["frac_reward_zero_std"] in (0.0, 1.0) and r["val_frac_reward_zero_std"] in (0.0, 1.0) for r in log)
+    assert all(math.isfinite(r["loss"]) for r in log)
 
 
 def test_grpo_leaves_out_conversations_cut_from_their_rows(chat_dir):  # noqa: F811

@@ -987,7 +987,8 @@ _GOES_WITH = {
     **{name: (lambda c: bool(c.teacher), "a teacher (distillation)") for name in (
         "distill_beta", "distill_temperature", "distill_alpha", "distill_max_new_tokens", "distill_sample_temperature")},
     **{name: (lambda c: bool(c.grpo_reward), "grpo_reward (GRPO)") for name in (
-        "grpo_reward_weights", "grpo_generations", "grpo_max_new_tokens", "grpo_temperature", "grpo_beta",
+        "grpo_reward_weights", "grpo_generations", "grpo_generations_eval", "grpo_max_new_tokens", "grpo_temperature",
+        "grpo_beta",
         "grpo_loss_type", "grpo_scale_rewards", "grpo_multi_objective_aggregation", "grpo_iterations",
         "grpo_steps_per_generation", "grpo_epsilon",
         "grpo_epsilon_high", "grpo_top_p", "grpo_top_k", "grpo_min_p", "grpo_repetition_penalty", "grpo_delta",
@@ -2324,6 +2325,8 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grpo-reward-weights", type=float, nargs="+", metavar="W",
                    help="GRPO: each --grpo-reward's weight in the sum (default 1 each)")
     p.add_argument("--grpo-generations", type=int, help="GRPO: samples per prompt (default 8)")
+    p.add_argument("--grpo-generations-eval", type=int, metavar="G", help="GRPO: samples per prompt in eval (TRL's "
+                   "num_generations_eval; default: --grpo-generations)")
     p.add_argument("--grpo-max-new-tokens", type=int, help="GRPO: at most this many tokens a sample (default 128)")
     p.add_argument("--grpo-temperature", type=float, help="GRPO: samples drawn at this temperature, and their "
                    "log-probabilities taken at it, as TRL's (default 1)")

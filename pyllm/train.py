@@ -85,6 +85,7 @@ class TrainConfig:
     grpo_reward: str = ""  # GRPO on the conversations' prompts, rewarded by reward models (pyllm runs or HF folders) and "module:function"s, comma-separated
     grpo_reward_weights: list = field(default_factory=list)  # GRPO: each reward's weight in their sum (TRL's reward_weights); []: 1 each
     grpo_generations: int = 8  # GRPO: samples per prompt, the group whose rewards are normalized (TRL's num_generations)
+    grpo_generations_eval: int = 0  # GRPO: samples per prompt in eval (TRL's num_generations_eval); 0: grpo_generations
     grpo_max_new_tokens: int = 128  # GRPO: at most this many tokens a sample
     grpo_temperature: float = 1.0  # GRPO: samples drawn at this temperature (TRL's default)
     grpo_top_p: float = 1.0  # GRPO: samples drawn from the likeliest tokens whose probabilities sum to top_p (TRL's); 1: all
@@ -277,6 +278,9 @@ class TrainConfig:
         if self.grpo_beta and not (self.lora_rank or self.init_from_hf or self.init_from_run):
             raise ValueError("TrainConfig.grpo_beta (a KL penalty against the starting model) needs init_from_hf or "
                              "init_from_run (or lora_rank: the model with its updates off)")
+        if self.grpo_generations_eval < 0:
+            raise ValueError(f"TrainConfig.grpo_generations_eval must be >= 1 (or 0: grpo_generations), got "
+                             f"{self.grpo_generations_eval}")
         if self.grpo_generations < 2 or self.grpo_max_new_tokens < 1 or not self.grpo_temperature > 0:
             raise ValueError(f"TrainConfig.grpo_generations must be >= 2, grpo_max_new_tokens >= 1 and "
                              f"grpo_temperature > 0, got {self.grpo_generations}, {self.grpo_max_new_tokens} and "
@@ -774,7 +778,9 @@ def evaluate_rewards(policy: LLM, path, cfg: TrainConfig, seq_len: int, reward_f
     frac_reward_zero_std, completions/*, rewards/<name>/mean and /std, the reward functions'
     log_metric; not the loss's; rloo: frac_reward_zero_std of the clipped, KL-penalized rewards and, with
     cfg.grpo_beta, kl, as TRL's RLOOTrainer logs them in eval too). rows: the val set's (data.read_rows),
-    or None; reference: the trainer's grpo_reference (rloo with cfg.grpo_beta)."""
+    or None; reference: the trainer's grpo_reference (rloo with cfg.grpo_beta). cfg.grpo_generations_eval
+    samples of each prompt where given (TRL's num_generations_eval), their groups' stats of that size."""
+    cfg = replace(cfg, grpo_generations=cfg.grpo_generations_eval or cfg.grpo_generations)
     loader = make_loader(path, cfg, seq_len, cfg.seed + 1, info)
     sums = torch.zeros(7 + 2 * len(reward_fns), dtype=torch.float64)  # grpo_rollout's "stats", added up
     rollouts = []
@@ -1822,8 +1828,15 @@ def _flat_and_unended(rewards: torch.Tensor, samples: list[list[int]], G: int, s
     """For TRL's frac_reward_zero_std and completions/clipped_ratio: the samples of groups whose
     rewards' std is 0 (group and none scaling's; batch scaling's is the step's std, grpo_stat_means;
     a group no function scored has none, NaN, as TRL's nanstd) and the samples that end without a stop token."""
-    flat = (_nanstd(rewards.view(-1, G)) <= 1e-8).sum().item() * G if len(rewards) else 0
+    flat = _flat_groups(rewards.view(-1, G)) * G if len(rewards) else 0
     return [float(flat), float(sum(not (s and s[-1] in stops) for s in samples))]
+
+
+def _flat_groups(grouped: torch.Tensor) -> int:
+    """How many groups (rows) have rewards of std 0 (TRL's isclose(nanstd, 0): not one with fewer
+    than two scored, whose std is NaN); every group of one sample (TRL's std 0 for eval's
+    num_generations_eval 1)."""
+    return grouped.shape[0] if grouped.shape[1] == 1 else int((_nanstd(grouped) <= 1e-8).sum())
 
 
 def upgrade_rollout_stats(rollouts: list[dict], cfg: TrainConfig) -> None:
@@ -2084,7 +2097,7 @@ def rloo_advantages(rollouts: list[dict], cfg: TrainConfig, info: DistInfo) -> N
         others = (grouped.nansum(1, keepdim=True) - grouped) / ((~grouped.isnan()).sum(1, keepdim=True) - 1)
         advantages = (grouped - others).view(-1)  # (NaN: unscored, or alone in its group: 0 / 0)
         r["advantages"] = advantages
-        r["stats"][5] = float((_nanstd(grouped) <= 1e-8).sum()) * G  # (TRL's isclose(std, 0) of these rewards)
+        r["stats"][5] = float(_flat_groups(grouped) * G)  # (TRL's isclose(std, 0) of these rewards)
         kept = advantages[~advantages.isnan()]
         sums[:3] += torch.tensor([kept.sum().item(), kept.square().sum().item(), float(len(kept))],
                                  dtype=torch.float64)

@@ -571,6 +571,30 @@ def test_gdpo_logs_and_evaluates(chat_dir, tmp_path):  # noqa: F811
     assert all(math.isfinite(r["loss"]) for r in log)
 
 
+def test_grpo_eval_samples_its_own_number_of_generations(chat_dir, tmp_path, monkeypatch):  # noqa: F811
+    # TRL's num_generations_eval: eval samples G_eval of each prompt, its groups' stats of that size;
+    # one a prompt (RLOO's eval): every group flat, frac_reward_zero_std 1 (TRL's std 0), advantages 0
+    seen, rollout = [], trainer.grpo_rollout
+
+    def spy(policy, batch, cfg, *a, **kw):
+        out = rollout(policy, batch, cfg, *a, **kw)
+        seen.append((cfg.grpo_generations, len(out["completion_ids"])))
+        return out
+
+    monkeypatch.setattr(trainer, "grpo_rollout", spy)
+    trainer.train(config(chat_dir, tmp_path / "base", model=dict(TINY, block_size=32), max_steps=1))
+    kw = dict(grpo_reward=SPEC, grpo_generations=4, grpo_max_new_tokens=4, max_steps=1, eval_every=1, eval_batches=1,
+              init_from_run=str(tmp_path / "base"))
+    trainer.train(config(chat_dir, tmp_path / "two", **kw, grpo_generations_eval=2))
+    (train_g, train_n), (eval_g, eval_n) = seen
+    assert (train_g, eval_g) == (4, 2) and train_n % 4 == 0 and eval_n % 2 == 0 and eval_n > 0
+    trainer.train(config(chat_dir, tmp_path / "one", **kw, grpo_generations_eval=1, grpo_loss_type="rloo"))
+    record = json.loads((tmp_path / "one/log.jsonl").read_text().splitlines()[-1])
+    assert seen[-1][0] == 1 and record["val_frac_reward_zero_std"] == 1.0
+    with pytest.raises(ValueError, match="grpo_generations_eval must be >= 1"):
+        TrainConfig(grpo_reward=SPEC, grpo_generations_eval=-1).validate()
+
+
 def test_grpo_leaves_out_conversations_cut_from_their_rows(chat_dir):  # noqa: F811
     # A conversation longer than the row is cut: its last reply in the row is not the one its row
     # (prompt, answer columns) speaks of, so with rows it gets no samples (grpo_rows: None); whole

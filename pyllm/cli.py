@@ -2335,7 +2335,9 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grpo-top-k", type=int, help="GRPO: samples drawn from the K likeliest tokens (TRL's top_k; "
                    "default 0: all)")
     p.add_argument("--grpo-min-p", type=float, help="GRPO: samples drawn from the tokens at least P times as likely "
-                   "as the likeliest, after top-k and top-p (TRL's min_p; default 0: all)")
+                   "as the likeliest, after top-k and top-p (TRL's min_p; default 0: all, as TRL's vLLM "
+                   "generation; TRL's transformers generation leaves its min_p None to the model's "
+                   "generation_config.json: give a folder's min_p here to sample as it does)")
     p.add_argument("--grpo-repetition-penalty", type=float, help="GRPO: samples drawn with the positive logits of the "
                    "ids in their prompt and sample so far divided by R, the negative ones multiplied (TRL's "
                    "repetition_penalty; default 1: none); their log-probabilities without it, as TRL's")

@@ -212,8 +212,9 @@ class TrainConfig:
                              f"got {self.preference!r}")
         if not 0.0 <= self.beta < math.inf or not 0.0 <= self.simpo_gamma < math.inf:
             raise ValueError(f"TrainConfig.beta and simpo_gamma must be >= 0 and finite, got {self.beta} and {self.simpo_gamma}")
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"TrainConfig.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if not 0.0 <= self.label_smoothing < (1.0 if self.preference == "exo_pair" else 0.5):  # (EXO's epsilon: TRL's)
+            raise ValueError(f"TrainConfig.label_smoothing must be in [0, 0.5) (exo_pair's epsilon in (0, 1)), got "
+                             f"{self.label_smoothing}")
         if not (0 < self.desirable_weight < math.inf and 0 < self.undesirable_weight < math.inf):
             raise ValueError(f"TrainConfig.desirable_weight and undesirable_weight must be > 0, got "
                              f"{self.desirable_weight} and {self.undesirable_weight}")

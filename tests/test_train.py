@@ -1503,9 +1503,11 @@ def test_trls_other_dpo_losses_train(pairs_dir, tmp_path):
     for options, message in ((dict(preference="exo_pair"), "exo_pair needs it above 0"),
                              (dict(preference="dpo", discopop_tau=0.0), "discopop_tau must be positive"),
                              (dict(preference="nca_pair", f_divergence="forward_kl"), "f_divergence must be one of"),
-                             (dict(preference="dpo", f_alpha=0.3), "f_alpha must be finite and goes with")):
+                             (dict(preference="dpo", f_alpha=0.3), "f_alpha must be finite and goes with"),
+                             (dict(preference="exo_pair", label_smoothing=1.0), "exo_pair's epsilon in .0, 1.")):
         with pytest.raises(ValueError, match=message):
             TrainConfig(out_dir=str(tmp_path), **options).validate()
+    TrainConfig(out_dir=str(tmp_path), preference="exo_pair", label_smoothing=0.7).validate()  # (TRL takes any e > 0)
 
 
 def test_dpo_learns_and_resumes_exactly(pairs_dir, tmp_path):

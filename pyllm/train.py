@@ -1882,7 +1882,8 @@ def grpo_stat_means(sums: torch.Tensor, n_rewards: int, batch_scaled: bool = Fal
     R = n_rewards
     std = _std_of_sums(s[0], s[2], s[3])
     # (batch: the std of equal rewards from their sums is a rounding, not 0: 256 rewards of 0.7 give 1.7e-8)
-    flat = std is not None and std <= max(1e-8, 1e-7 * abs(s[0] / s[3]))
+    # (a generation of one sample, eval's with one prompt and num_generations_eval 1: TRL's std 0)
+    flat = s[1] == 1 or std is not None and std <= max(1e-8, 1e-7 * abs(s[0] / s[3]))
     zero_std = (float(flat) if s[1] else None) if batch_scaled else ratio(s[5], s[1])
     return ([ratio(s[0], s[3]), std, ratio(s[4], s[1]), ratio(s[7 + 2 * R], s[8 + 2 * R]),
              ratio(s[9 + 2 * R], s[10 + 2 * R]), zero_std, ratio(s[6], s[1]), ratio(s[11 + 2 * R], s[8 + 2 * R])]
@@ -1906,9 +1907,11 @@ def generation_metrics(sums: torch.Tensor, rollouts: list[dict], cfg: TrainConfi
     for loss_stat in ("kl", "clip_ratio", "entropy"):
         del means[loss_stat]
     if cfg.grpo_multi_objective_aggregation == "normalize_then_sum" and rollouts:  # (TRL's: whether the std of
-        # the summed normalized rewards is 0; None for fewer than two scored samples)
-        std, mean = rollouts[0]["aggregate_std"], rollouts[0]["aggregate_mean"]
-        means["frac_reward_zero_std"] = None if std is None else float(std <= max(1e-8, 1e-7 * abs(mean)))
+        # the summed normalized rewards is 0; fewer than two scored samples: TRL's nanstd is NaN, not 0 (0.0),
+        # but a generation of one sample has std 0 (1.0); None for none)
+        std, mean, n = rollouts[0]["aggregate_std"], rollouts[0]["aggregate_mean"], sums[1].item()
+        means["frac_reward_zero_std"] = ((float(n == 1) if n else None) if std is None
+                                         else float(std <= max(1e-8, 1e-7 * abs(mean))))
     means.update(completion_stats(rollouts, set(cfg.sample_stop_tokens), names, info))
     return means
 

@@ -559,6 +559,28 @@ def test_gdpo_advantages_are_trls_normalize_then_sum():
             replace(cfg, **bad).validate()
 
 
+def test_frac_reward_zero_std_with_fewer_than_two_scored_samples_is_trls():
+    # TRL's nanstd of fewer than two scored rewards is NaN (not flat: 0.0), a generation of one sample
+    # has std 0 (flat: 1.0; eval's with one prompt and num_generations_eval 1): GDPO's and batch
+    # scaling's (from the GDPO audit, against TRL 1.16's own lines)
+    cfg = TrainConfig(grpo_reward="m:a", grpo_generations=2, grpo_multi_objective_aggregation="normalize_then_sum")
+    for each, want in (([[math.nan], [1.0]], 0.0), ([[math.nan], [math.nan]], 0.0)):
+        each = torch.tensor(each, dtype=torch.float64)
+        stats = torch.zeros(14, dtype=torch.float64)
+        stats[1] = len(each)
+        rollouts = [{"each": each, "completion_ids": [[5, 2]] * len(each)}]
+        trainer.gdpo_rewards(rollouts, cfg, trainer.DistInfo())
+        assert trainer.generation_metrics(stats, rollouts, cfg, trainer.DistInfo())["frac_reward_zero_std"] == want
+    one = replace(cfg, grpo_generations=1)
+    stats = torch.zeros(14, dtype=torch.float64)
+    stats[[0, 1, 2, 3]] = torch.tensor([0.3, 1.0, 0.09, 1.0], dtype=torch.float64)  # (one scored reward of 0.3)
+    rollouts = [{"each": torch.tensor([[0.3]], dtype=torch.float64), "completion_ids": [[5, 2]]}]
+    trainer.gdpo_rewards(rollouts, one, trainer.DistInfo())
+    assert trainer.generation_metrics(stats, rollouts, one, trainer.DistInfo())["frac_reward_zero_std"] == 1.0
+    batch = replace(one, grpo_multi_objective_aggregation="sum_then_normalize", grpo_scale_rewards="batch")
+    assert trainer.generation_metrics(stats, rollouts, batch, trainer.DistInfo())["frac_reward_zero_std"] == 1.0
+
+
 def test_gdpo_logs_and_evaluates(chat_dir, tmp_path):  # noqa: F811
     # A run with two rewards (one leaving samples unscored) under normalize_then_sum trains and logs
     # frac_reward_zero_std of the summed normalized rewards, in training and eval alike

@@ -964,6 +964,12 @@ def cmd_train(args) -> int:
         return _train_command(args, explicit, opts, model, cli, refused)
 
 
+def _in_dpo_family(preference: str) -> bool:
+    from pyllm.nn import DPO_LOSSES
+
+    return preference in DPO_LOSSES
+
+
 # Options that tune one schedule, optimizer or loss: given to a run without it, they change nothing
 # (--decay-frac had been taken silently by a cosine run, --muon-momentum by AdamW, --beta without a
 # preference loss), as TrainConfig.validate refuses sft_weight or label_smoothing without theirs.
@@ -976,6 +982,7 @@ _GOES_WITH = {
     "simpo_gamma": (lambda c: c.preference == "simpo", "preference simpo"),
     "discopop_tau": (lambda c: c.preference == "discopop", "preference discopop"),
     "f_alpha": (lambda c: c.f_divergence == "alpha_divergence", "--f-divergence alpha_divergence"),
+    "ld_alpha": (lambda c: _in_dpo_family(c.preference), "the dpo family of preference losses (LD-DPO)"),
     "desirable_weight": (lambda c: c.preference == "kto", "preference kto"),
     "undesirable_weight": (lambda c: c.preference == "kto", "preference kto"),
     "kto_loss_type": (lambda c: c.preference == "kto", "preference kto"),
@@ -2289,6 +2296,10 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                         "default reverse_kl, DPO's)")
     p.add_argument("--f-alpha", type=float, help="with --f-divergence alpha_divergence: its alpha (default 0.5, "
                    "TRL's f_alpha_divergence_coef)")
+    p.add_argument("--ld-alpha", type=float, metavar="A", help="with --preference dpo or its family: LD-DPO "
+                   "(length-desensitized DPO, Liu et al. 2024; TRL's ld_alpha), each reply's log-probability its "
+                   "first tokens' as many as the shorter reply of its pair has, plus A in [0, 1] times the rest's "
+                   "(the reference's alike; default off, A 1 is plain DPO)")
     p.add_argument("--discopop-tau", type=float, help="with --preference discopop: the log-ratio modulation's "
                    "temperature (default 0.05, TRL's)")
     p.add_argument("--center-rewards", type=float, help="with --preference reward: TRL's center_rewards_coefficient, "

@@ -649,7 +649,8 @@ class LLM(nn.Module):
         DPO's pairs, their gradients in the forward, no (N, V) logits), {"documents": the indices of
         cu_seqlens' documents it covers, increasing (the others must have no targets), "group": how
         many consecutive ones form a group (2: a pair), "loss_fn": loss_fn(logps, d0, d1) -> the summed
-        loss of the groups of those documents d0 .. d1 - 1 (positions in the list)}. Gives (those
+        loss of the groups of those documents d0 .. d1 - 1 (positions in the list), optionally
+        "token_weights": (B, T) each target's weight in its document's sum (LD-DPO)}. Gives (those
         documents' summed log-probabilities, detached, the loss: a sum; a MoE's aux_loss is the
         caller's to add, as with per_token).
 
@@ -775,8 +776,10 @@ class LLM(nn.Module):
             if sorted(set(documents)) != documents or (documents and documents[0] < 0) or sum(rows) != len(at[0]):
                 raise ValueError("LLM.forward: sequence_loss's documents must be increasing indices of cu_seqlens' "
                                  "documents and hold every target")
+            weights = sequence_loss.get("token_weights")  # (B, T): each target's weight in its document's sum
             out = linear_sequence_loss(h[at], self.lm_head.weight, targets[at], rows, sequence_loss["group"],
-                                       sequence_loss["loss_fn"], **self.logit_shape(), return_token_stats=token_stats)
+                                       sequence_loss["loss_fn"], **self.logit_shape(), return_token_stats=token_stats,
+                                       row_weights=None if weights is None else weights[at])
             if token_stats:
                 self._keep_token_stats(out[2], targets, at)
             return out[1], out[0]

@@ -1704,11 +1704,12 @@ class _LinearSequenceLoss(torch.autograd.Function):
     d loss / d logits = g_row (one_hot - softmax) over the logits in place (a second pass) and the
     two gradient matmuls: three (rows x C x V) matmuls, where linear_token_logps' backward recomputes
     the logits (four). -> (the loss, the (S,) sequence log-probabilities and the rows' token
-    statistics (N, 3) (want_stats; else (0, 3)), these two detached)."""
+    statistics (N, 3) (want_stats; else (0, 3)), these two detached). row_weights: (N,) each row's
+    weight in its sequence's sum (its gradient scaled alike), or None (1)."""
 
     @staticmethod
     def forward(ctx, x, weight, targets, segment_rows, group, loss_fn, chunk_rows, scale, softcap, grad_enabled,
-                want_stats=False):
+                want_stats=False, row_weights=None):
         ctx.name = "linear_sequence_loss"
         ctx.weight_dtype, weight = weight.dtype, weight.to(x.dtype)  # (see _fused_linear_inputs)
         acc = torch.promote_types(x.dtype, torch.float32)
@@ -1727,7 +1728,8 @@ class _LinearSequenceLoss(torch.autograd.Function):
             xc, tc, oc = x[r0:r1], targets[r0:r1], owner[r0:r1] - s0
             logits, logps, lse, tanh = _chunk_logps(xc, weight, tc, buffers, kernel, scale, softcap,
                                                     stats=stats[r0:r1] if want_stats else None)
-            sums = logps.new_zeros(s1 - s0).index_add_(0, oc, logps)  # (s,)
+            wc = None if row_weights is None else row_weights[r0:r1].to(logps.dtype)
+            sums = logps.new_zeros(s1 - s0).index_add_(0, oc, logps if wc is None else logps * wc)  # (s,)
             seq_logps[s0:s1] = sums
             if not (need_x or need_w):
                 return loss_fn(sums, s0, s1).detach()
@@ -1736,6 +1738,7 @@ class _LinearSequenceLoss(torch.autograd.Function):
                 loss = loss_fn(leaf, s0, s1)
                 g_seq = torch.autograd.grad(loss, leaf, allow_unused=True)[0] if loss.requires_grad else None
             g = (torch.zeros_like(sums) if g_seq is None else g_seq)[oc]  # (c,) d loss / d logp_row
+            g = g if wc is None else g * wc
             grad = _logp_grad_over_(logits, tc, g, lse, tanh, kernel, scale, softcap, x.dtype)
             buffers.add_grads(grad, xc, weight, slice(r0, r1), grad_x)
             return loss.detach()
@@ -1748,13 +1751,13 @@ class _LinearSequenceLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total, _, __):
-        return _saved_grads_times(ctx, grad_total, 9)
+        return _saved_grads_times(ctx, grad_total, 10)
 
 
 def linear_sequence_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, segment_rows,
                          group: int, loss_fn, chunk_rows: int | None = None, *, scale: float = 1.0,
-                         softcap: float | None = None, return_token_stats: bool = False
-                         ) -> tuple[torch.Tensor, ...]:
+                         softcap: float | None = None, return_token_stats: bool = False,
+                         row_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """A loss over whole sequences' log-probabilities (DPO's and its kin's, over pairs) fused with
     the output layer: -> (the loss, each sequence's summed log-probability (S,), detached).
 
@@ -1773,8 +1776,13 @@ def linear_sequence_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     pair) can underflow there where linear_token_logps keeps it: the trainer's fp16 runs take that.
     return_token_stats: -> (the loss, those sums, cross_entropy_ops.TokenStats(entropy, is_top1,
     mean_logit), (N,) each): TRL's token statistics of every row from the same pass (cross_entropy_ops.token_stats';
-    DPO's entropy, mean_token_accuracy and logits/chosen, logits/rejected), detached."""
+    DPO's entropy, mean_token_accuracy and logits/chosen, logits/rejected), detached.
+    row_weights (N,): each row's log-probability times its weight in its sequence's sum (LD-DPO's
+    ld_alpha past a pair's shared length), its gradient likewise; None: 1 each."""
     _check_targets("linear_sequence_loss", x, targets)
+    if row_weights is not None and (not isinstance(row_weights, torch.Tensor) or row_weights.shape != (x.shape[0],)):
+        raise ValueError(f"linear_sequence_loss: row_weights must be a tensor of the {x.shape[0]} rows' weights, got "
+                         f"{getattr(row_weights, 'shape', row_weights)!r}")
     x, weight, chunk_rows = _fused_linear_inputs(x, weight, chunk_rows, softcap, cross_entropy_ops.takes)
     scale, softcap = _logit_shape("linear_sequence_loss", scale, softcap)
     segment_rows = [int(n) for n in segment_rows]
@@ -1788,7 +1796,8 @@ def linear_sequence_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
         if _util.torch_func_active() or _util.exporting():
             owner = _segment_of_rows(segment_rows, x.shape[0], x.device)
             logps = _whole_logps(x, weight, targets.reshape(-1), scale, softcap)
-            seq_logps = logps.new_zeros(len(segment_rows)).index_add(0, owner, logps)
+            weighted = logps if row_weights is None else logps * row_weights.to(logps.dtype)
+            seq_logps = logps.new_zeros(len(segment_rows)).index_add(0, owner, weighted)
             loss = loss_fn(seq_logps, 0, len(segment_rows)).to(logps.dtype)
             if not return_token_stats:
                 return loss, seq_logps.detach()
@@ -1798,7 +1807,7 @@ def linear_sequence_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
                                                             mean_logit=stats.mean_logit.to(logps.dtype))
         loss, seq_logps, stats = _LinearSequenceLoss.apply(x, weight, targets.reshape(-1), segment_rows, group,
                                                            loss_fn, chunk_rows, scale, softcap, torch.is_grad_enabled(),
-                                                           return_token_stats)
+                                                           return_token_stats, row_weights)
     if not return_token_stats:
         return loss, seq_logps
     return loss, seq_logps, cross_entropy_ops.TokenStats.of_rows(stats, stats.shape[:1])

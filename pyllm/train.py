@@ -67,6 +67,7 @@ class TrainConfig:
     f_divergence: str = "reverse_kl"  # the dpo family: reverse_kl | forward_kl | js_divergence | alpha_divergence (f-DPO; TRL's f_divergence_type)
     f_alpha: float = 0.5  # f_divergence alpha_divergence's alpha (TRL's f_alpha_divergence_coef)
     discopop_tau: float = 0.05  # preference discopop: the log-ratio modulation's temperature (DiscoPOP's, TRL's default)
+    ld_alpha: float | None = None  # the dpo family: LD-DPO's weight past a pair's shared length (TRL's); None: off
     desirable_weight: float = 1.0  # kto: the desirable examples' weight in the loss
     undesirable_weight: float = 1.0  # kto: the undesirable examples'
     kto_loss_type: str = "kto"  # kto: kto | apo_zero_unpaired (TRL's KTOConfig loss_type: no KL estimate, z = 0)
@@ -156,7 +157,9 @@ class TrainConfig:
         """ValueError naming the option, what it takes and what it got (a config file can hold anything)."""
         for f in fields(self):
             value, default = getattr(self, f.name), f.default if f.default is not MISSING else f.default_factory()
-            kind = float if isinstance(default, float) else type(default)
+            if default is None and value is None:  # (an optional number, ld_alpha: None is off)
+                continue
+            kind = float if isinstance(default, (float, type(None))) else type(default)
             ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
             ok = ok or (kind is float and isinstance(value, int) and not isinstance(value, bool))
             if not ok:
@@ -254,6 +257,14 @@ class TrainConfig:
                              f"{self.f_alpha} with {self.f_divergence}")
         if not 0.0 < self.discopop_tau < math.inf:
             raise ValueError(f"TrainConfig.discopop_tau must be positive and finite, got {self.discopop_tau}")
+        if self.ld_alpha is not None and (isinstance(self.ld_alpha, bool) or not isinstance(self.ld_alpha, (int, float))
+                                          or not 0.0 <= self.ld_alpha <= 1.0 or self.preference not in DPO_LOSSES):
+            raise ValueError(f"TrainConfig.ld_alpha must be in [0, 1] (or None: off) and goes with the dpo family "
+                             f"({', '.join(DPO_LOSSES)}; LD-DPO, TRL's ld_alpha), got {self.ld_alpha!r} with "
+                             f"{self.preference or 'no preference loss'!r}")
+        if self.ld_alpha is not None and self.sft_weight:  # (TRL's sft term: the plain log-probabilities)
+            raise ValueError("TrainConfig.ld_alpha with sft_weight: the SFT term would take the LD-weighted "
+                             "log-probabilities where TRL's takes the plain ones; not combined here")
         if not 0.0 <= self.center_rewards < math.inf or (self.center_rewards and self.preference != "reward"):
             raise ValueError(f"TrainConfig.center_rewards must be >= 0 and goes with preference reward, got "
                              f"{self.center_rewards} (preference {self.preference!r})")
@@ -398,7 +409,7 @@ def preference_options(cfg) -> dict:
             "label_smoothing": cfg.label_smoothing, "desirable_weight": cfg.desirable_weight,
             "undesirable_weight": cfg.undesirable_weight, "center_rewards": cfg.center_rewards,
             "sft_weight": cfg.sft_weight, "discopop_tau": cfg.discopop_tau, "kto_loss": cfg.kto_loss_type,
-            "f_divergence": cfg.f_divergence, "f_alpha": cfg.f_alpha}
+            "f_divergence": cfg.f_divergence, "f_alpha": cfg.f_alpha, "ld_alpha": cfg.ld_alpha}
 
 
 class TrainingDiverged(RuntimeError):
@@ -838,11 +849,13 @@ def evaluate_preference(model, path, reference: np.ndarray | None, cfg: TrainCon
 
 
 @torch.no_grad()
-def document_logps(model, path, batch_size: int, seq_len: int, precision: str, info: DistInfo) -> np.ndarray:
+def document_logps(model, path, batch_size: int, seq_len: int, precision: str, info: DistInfo,
+                   ld_alpha: float | None = None) -> np.ndarray:
     """Every document's sequence_logps (float64, by document index) of a set of documents
     (write_documents' files; pairs too), under model as it is now, in eval mode: one pass over the
     documents in their order, packed and cut as training packs them (PackedLoader); every rank runs
-    the same number of forwards (FSDP2 gathers in each), each on its own rows."""
+    the same number of forwards (FSDP2 gathers in each), each on its own rows. ld_alpha (pairs):
+    LD-DPO's weighting of each pair's replies (ld_weighted)."""
     loader = PackedLoader(path, batch_size, seq_len, 0, info.rank, info.world_size, info.device, shuffle=False)
     n = len(loader.offsets) - 1
     sums = torch.zeros(2, n, dtype=torch.float64, device=info.device)  # log-probabilities, times computed
@@ -851,7 +864,7 @@ def document_logps(model, path, batch_size: int, seq_len: int, precision: str, i
     while True:
         x, y, cu = loader.next_batch()
         with autocast(precision, info.device):
-            logps = sequence_logps(model(x, y, cu, per_token=True)[1], cu)
+            logps = sequence_logps(ld_weighted(model(x, y, cu, per_token=True)[1], y, cu, loader.docs, ld_alpha), cu)
         real = [i for i, d in enumerate(loader.docs) if d >= 0]
         docs = torch.tensor([loader.docs[i] for i in real], dtype=torch.long, device=info.device)
         sums[0].index_add_(0, docs, logps[real].double())  # a document of the next epoch's first batch may come twice
@@ -866,8 +879,43 @@ def document_logps(model, path, batch_size: int, seq_len: int, precision: str, i
 
 def reference_logps(model, path, cfg: TrainConfig, seq_len: int, precision: str, info: DistInfo) -> np.ndarray:
     """DPO's reference model: document_logps of the starting model, computed once before training
-    (as TRL's precompute_ref_log_probs), so that no second model is held in memory."""
-    return document_logps(model, path, cfg.batch_size, seq_len, precision, info)
+    (as TRL's precompute_ref_log_probs), so that no second model is held in memory; with cfg.ld_alpha
+    LD-DPO's weighted sums (TRL's compute_ref_log_probs)."""
+    return document_logps(model, path, cfg.batch_size, seq_len, precision, info, cfg.ld_alpha)
+
+
+def ld_weighted(token_logps: torch.Tensor, y: torch.Tensor, cu: torch.Tensor, docs, ld_alpha: float | None):
+    """LD-DPO (Liu et al. 2024; TRL's ld_alpha): a packed batch's per-target log-probabilities
+    token_logps (B, T) (targets y, cu_seqlens; docs: each segment's document, -1 for padding, a pair's
+    chosen and rejected documents one after the other) with each reply's trained targets past the
+    first `shared` of them times ld_alpha, shared = the smaller of its pair's two counts of trained
+    targets; token_logps itself where ld_alpha is None."""
+    if ld_alpha is None:
+        return token_logps
+    tail = ld_tail(y, cu, docs)
+    return torch.where(tail, token_logps * ld_alpha, token_logps)
+
+
+def ld_tail(y: torch.Tensor, cu: torch.Tensor, docs) -> torch.Tensor:
+    """(B, T) bool: ld_weighted's targets past their pair's shared length (TRL's tail_mask)."""
+    from pyllm.nn import document_ids
+
+    B, T = y.shape
+    trained = (y != -1).reshape(-1).long()
+    doc = document_ids(cu, B, T).reshape(-1).long()
+    n = cu.numel() - 1
+    counts = torch.zeros(n, dtype=torch.long, device=y.device).index_add_(0, doc, trained)
+    before = torch.zeros(n, dtype=torch.long, device=y.device)  # each document's trained targets before it
+    before[1:] = counts.cumsum(0)[:-1]
+    rank = trained.cumsum(0) - before[doc]  # a trained target's position among its document's (1, 2, ...)
+    real = [i for i, d in enumerate(docs) if d >= 0]
+    shared = torch.full((n,), y.numel() + 1, dtype=torch.long, device=y.device)  # (not a pair's: no tail)
+    if real:
+        chosen = torch.tensor(real[0::2], dtype=torch.long, device=y.device)
+        rejected = torch.tensor(real[1::2], dtype=torch.long, device=y.device)
+        least = torch.minimum(counts[chosen], counts[rejected])
+        shared[chosen], shared[rejected] = least, least
+    return ((trained > 0) & (rank > shared[doc])).view(B, T)
 
 
 def lora_off_token_logps(model: LLM, wrapped, temperature: float = 1.0):
@@ -886,11 +934,13 @@ def lora_off_token_logps(model: LLM, wrapped, temperature: float = 1.0):
     return reference
 
 
-def lora_off_reference(model: LLM, wrapped):
+def lora_off_reference(model: LLM, wrapped, ld_alpha: float | None = None):
     """The reference log-probabilities of a batch's segments computed on the fly by the model with
-    its LoRA updates off (lora_off_token_logps): no pass before training."""
+    its LoRA updates off (lora_off_token_logps): no pass before training. ld_alpha: LD-DPO's
+    weighting of each pair's replies (ld_weighted)."""
     token_logps = lora_off_token_logps(model, wrapped)
-    return lambda batch: sequence_logps(token_logps(*batch[:3]), batch[2])
+    return lambda batch: sequence_logps(ld_weighted(token_logps(*batch[:3]), batch[1], batch[2], batch[3], ld_alpha),
+                                        batch[2])
 
 
 def pack_in_order(lengths: list[int], T: int) -> tuple[list[int], list[int], list[int]]:
@@ -980,7 +1030,7 @@ FUSED_PREFERENCE_LOSSES = DPO_LOSSES + ("simpo", "orpo", "kto")
 
 def preference_batch_loss(model, batch, reference, labels: np.ndarray | None = None,
                           margins: np.ndarray | None = None, fused: bool = False, token_stats: bool = False,
-                          **options) -> tuple[torch.Tensor, ...]:
+                          ld_alpha: float | None = None, **options) -> tuple[torch.Tensor, ...]:
     """The mean preference loss (nn.preference_loss with options: kind, beta, ...) over a
     PackedLoader batch's pairs (x, y, cu_seqlens, docs: each pair's chosen and rejected documents
     one after the other), and the means of the chosen and rejected rewards and of the accuracy
@@ -999,11 +1049,15 @@ def preference_batch_loss(model, batch, reference, labels: np.ndarray | None = N
     the examples', not the KL documents'), their number, the chosen replies' tokens that are the
     argmax, their number, the chosen and the rejected replies' mean logits (KTO: the desirable and
     the undesirable examples'), the rejected replies' tokens), from the loss's own pass
-    (LLM.forward's token_stats)."""
+    (LLM.forward's token_stats). ld_alpha (the dpo family, DPO_LOSSES): LD-DPO's log-probabilities
+    (ld_weighted), the policy's; the reference's are the caller's to weigh alike (reference_logps,
+    lora_off_reference with cfg.ld_alpha); the token counts stay plain."""
     x, y, cu, docs = batch
     if token_stats and options.get("kind") == "reward":
         raise ValueError("preference_batch_loss: token_stats goes with the preference losses of a language model, not "
                          "a reward model's scores")
+    if ld_alpha is not None and options.get("kind") not in DPO_LOSSES:
+        raise ValueError(f"preference_batch_loss: ld_alpha goes with the dpo family, not {options.get('kind')!r}")
     real = [i for i, d in enumerate(docs) if d >= 0]
     ref = None
     if callable(reference):
@@ -1026,7 +1080,10 @@ def preference_batch_loss(model, batch, reference, labels: np.ndarray | None = N
                                    ref_chosen_logps=None if ref_of is None else ref_of[0::2],
                                    ref_rejected_logps=None if ref_of is None else ref_of[1::2], **options)[0].sum()
 
-        logps, fused_total = model(x, y, cu, sequence_loss={"documents": real, "group": 2, "loss_fn": pair_losses},
+        weights = None if ld_alpha is None else torch.full(y.shape, ld_alpha, dtype=torch.float64,
+                                                           device=y.device).masked_fill_(~ld_tail(y, cu, docs), 1.0)
+        logps, fused_total = model(x, y, cu, sequence_loss={"documents": real, "group": 2, "loss_fn": pair_losses,
+                                                            **({} if weights is None else {"token_weights": weights})},
                                    token_stats=token_stats, **balance_kwargs(model, x, cu, real))
         chosen_logps, rejected_logps = logps[0::2], logps[1::2]
         doc_stats = document_stats(model, cu) if token_stats else None
@@ -1074,7 +1131,8 @@ def preference_batch_loss(model, batch, reference, labels: np.ndarray | None = N
     else:  # (N,) of every segment, padding too: log-probabilities, or a reward model's scores
         balance = balance_kwargs(model, x, cu, real)
         logps = (model(x, y, cu, scores=True, **balance)[1][:, 0] if options.get("kind") == "reward"
-                 else sequence_logps(model(x, y, cu, per_token=True, token_stats=token_stats, **balance)[1], cu))
+                 else sequence_logps(ld_weighted(model(x, y, cu, per_token=True, token_stats=token_stats, **balance)[1],
+                                                 y, cu, docs, ld_alpha), cu))
         chosen_logps, rejected_logps = logps[chosen], logps[rejected]
         doc_stats = document_stats(model, cu) if token_stats else None
         ref = None if ref is None else ref.to(logps)
@@ -3049,8 +3107,12 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
             for r in rollouts:
                 r["ref"] = grpo_reference(*r["packed"][:3])
     if cfg.preference and cfg.preference not in REFERENCE_FREE and cfg.reference == "lora-off":
-        reference = dict.fromkeys(("train", "val"), lora_off_reference(model, wrapped))
+        reference = dict.fromkeys(("train", "val"), lora_off_reference(model, wrapped, cfg.ld_alpha))
     elif cfg.preference and cfg.preference not in REFERENCE_FREE:
+        if ckpt is not None and (was := (ckpt.get("train_config") or {}).get("ld_alpha")) != cfg.ld_alpha:
+            raise ValueError(f"--ld-alpha {cfg.ld_alpha} where the run's precomputed reference log-probabilities "
+                             f"(in its checkpoint) were weighted with {was} (None: off): its starting model is "
+                             "gone, resume with the run's --ld-alpha")
         if ckpt is not None:
             reference = {k: v.numpy() for k, v in ckpt["reference_logps"].items()}
         else:

@@ -1874,6 +1874,7 @@ def test_flags_are_taken_by_their_whole_names(argv, hint, capsys):
                                           (["--schedule", "constant", "--min-lr-ratio", "0.5"], "min_lr_ratio"),
                                           (["--muon-momentum", "0.5"], "optimizer muon"),
                                           (["--beta", "0.5"], "beta (--beta) goes with a preference loss"),
+                                          (["--ld-alpha", "0.5"], "ld_alpha must be in [0, 1] (or None: off)"),
                                           (["--grpo-temperature", "0.5"], "grpo_reward (GRPO)"),
                                           (["--preference", "reward", "--no-token-stats"],
                                            "token_stats (--token-stats) goes with pretraining, SFT or preference")])

@@ -2,6 +2,7 @@
 checkpoints, fp16 overflow skips, divergence stop, DDP on 2 CPU processes."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -72,6 +73,24 @@ def pairs_dir(tmp_path_factory):
                 docs.append(doc)
                 masks.append((np.arange(len(doc)) >= prompt).astype(np.uint8))
         data.write_documents(folder / name, docs, masks, vocab_size=64, pairs=np.arange(2 * n).reshape(-1, 2))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def uneven_pairs_dir(tmp_path_factory):
+    """pairs_dir's kind of pairs whose chosen and rejected replies are of independent lengths (2-8
+    tokens each), for LD-DPO's weighting past the shorter one."""
+    rng = np.random.default_rng(5)
+    folder = tmp_path_factory.mktemp("uneven_pairs")
+    docs, masks = [], []
+    for i in range(60):
+        prompt = int(rng.integers(2, 7))
+        for _ in range(2):
+            doc = rng.integers(0, 64, prompt + int(rng.integers(2, 9)))
+            doc[:prompt] = np.arange(prompt) + i % 8
+            docs.append(doc)
+            masks.append((np.arange(len(doc)) >= prompt).astype(np.uint8))
+    data.write_documents(folder / "train.bin", docs, masks, vocab_size=64, pairs=np.arange(len(docs)).reshape(-1, 2))
     return folder
 
 
@@ -1312,6 +1331,135 @@ def test_preference_batch_loss_is_each_sequence_alone(pairs_dir, kind, options, 
         torch.testing.assert_close(g, p.grad, rtol=1e-9, atol=1e-14)
 
 
+def token_logps_alone(loader, m, doc, length):
+    """(each target's log p, its completion mask) over a document's first length tokens, the document
+    run alone through m (logps_alone's positions): TRL's per_token_logps and shifted completion_mask."""
+    start, end = loader.offsets[doc], loader.offsets[doc + 1]
+    ids = torch.from_numpy(np.asarray(loader.tokens[start:end], np.int64))
+    mask = torch.from_numpy(np.asarray(loader.mask[start:end], np.int64))
+    n = min(length + 1, end - start)
+    logp = torch.log_softmax(m(ids[None, :min(length, n)])[0][0], -1)[torch.arange(n - 1), ids[1:n]]
+    return logp * mask[1:n], mask[1:n]
+
+
+def ld_logps(pair, ld_alpha):
+    """TRL 1.16's DPOTrainer._compute_loss lines for ld_alpha, written out for one pair: (chosen,
+    rejected) of token_logps_alone's -> their LD-weighted summed log-probabilities."""
+    (lc, mc), (lr, mr) = pair
+    shared_len = min(int(mc.sum()), int(mr.sum()))  # torch.minimum(chosen_lens, rejected_lens)
+    out = []
+    for per_token_logps, completion_mask in ((lc, mc), (lr, mr)):
+        comp_pos = completion_mask.cumsum(dim=0)
+        shared_mask = (comp_pos > 0) & (comp_pos <= shared_len)
+        tail_mask = comp_pos > shared_len
+        out.append((per_token_logps * shared_mask).sum() + ld_alpha * (per_token_logps * tail_mask).sum())
+    return out
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+@pytest.mark.parametrize("reference", ["precomputed", "lora-off"])
+@pytest.mark.parametrize("kind, ld_alpha", [("dpo", 0.0), ("dpo", 0.5), ("ipo", 0.5), ("sigmoid_norm", 0.3)])
+def test_ld_dpo_is_trls(uneven_pairs_dir, kind, ld_alpha, reference, fused, monkeypatch):
+    # LD-DPO (ld_alpha): fp64, the loss and gradients of a packed batch are TRL's lines on each pair's
+    # replies computed alone (comp_pos, shared_mask, tail_mask: the first min(chosen, rejected) reply
+    # tokens in full, the rest times ld_alpha), the reference's alike (precomputed before training,
+    # or the LoRA model with its updates off each step); ipo's and sigmoid_norm's token counts stay
+    # the plain ones. Fused with the output layer (chunks of whole pairs) alike.
+    model, policy, loader, _, batch = batch_of_pairs(uneven_pairs_dir)
+    if reference == "lora-off":  # the policy: LoRA updates (non-zero) on the starting model, which is the reference
+        policy = model
+        policy.add_lora(2, 4.0)
+        with torch.no_grad():
+            for name, p in policy.named_parameters():
+                if p.requires_grad:
+                    p.copy_(0.2 * torch.randn_like(p))
+        ref = trainer.lora_off_reference(policy, policy, ld_alpha)
+    else:
+        with torch.no_grad():
+            ref = trainer.reference_logps(model, uneven_pairs_dir / "train.bin",
+                                          TrainConfig(batch_size=3, preference=kind, ld_alpha=ld_alpha), 16, "fp32",
+                                          trainer.DistInfo())
+    policy.fused_loss = fused
+    if fused:
+        from pyllm import nn as pyllm_nn
+        monkeypatch.setattr("pyllm.model.linear_sequence_loss",
+                            functools.partial(pyllm_nn.linear_sequence_loss, chunk_rows=12))
+    beta = 0.3
+    loss, stats = trainer.preference_batch_loss(policy, batch, ref, kind=kind, beta=beta, fused=fused,
+                                                ld_alpha=ld_alpha)
+    monkeypatch.undo()
+    loss.backward()
+    params = [p for p in policy.parameters() if p.requires_grad]
+    got = [p.grad.clone() for p in params]
+    policy.zero_grad()
+
+    real = [d for d in batch[3] if d >= 0]
+    lengths = list(loader.lengths)
+    terms, unequal = [], 0
+    for c, r, lc, lr in zip(real[0::2], real[1::2], lengths[0::2], lengths[1::2]):
+        pair = [token_logps_alone(loader, policy, c, lc), token_logps_alone(loader, policy, r, lr)]
+        with torch.no_grad(), contextlib.ExitStack() as off:
+            if reference == "lora-off":
+                off.enter_context(policy.lora_disabled())
+            ref_c, ref_r = ld_logps([token_logps_alone(loader, model, c, lc), token_logps_alone(loader, model, r, lr)],
+                                    ld_alpha)
+        if reference == "precomputed":
+            assert ref[c] == pytest.approx(float(ref_c), rel=1e-12) and ref[r] == pytest.approx(float(ref_r), rel=1e-12)
+        nc, nr = int(pair[0][1].sum()), int(pair[1][1].sum())
+        unequal += nc != nr
+        pc, pr = ld_logps(pair, ld_alpha)
+        terms.append(formula(kind, pc, pr, nc, nr, ref_c, ref_r, beta)[0])
+    assert unequal  # (pairs of replies of other lengths: the weighting has something to do)
+    want = torch.stack(terms).mean()
+    want.backward()
+    assert loss.item() == pytest.approx(want.item(), rel=1e-12)
+    for g, p in zip(got, params):
+        torch.testing.assert_close(g, p.grad, rtol=1e-9, atol=1e-14)
+
+
+@pytest.mark.parametrize("reference", ["precomputed", "lora-off"])
+def test_ld_alpha_1_is_plain_dpo_and_others_refuse_it(uneven_pairs_dir, reference, tmp_path):
+    # ld_alpha 1 weighs nothing down: plain DPO's loss, stats and gradients bitwise, fused or not
+    # (the reference's too); ld_alpha goes with the dpo family, in [0, 1].
+    model, policy, loader, plain_ref, batch = batch_of_pairs(uneven_pairs_dir)
+    if reference == "lora-off":
+        policy = model
+        policy.add_lora(2, 4.0)
+        with torch.no_grad():
+            for p in policy.parameters():
+                if p.requires_grad:
+                    p.copy_(0.2 * torch.randn_like(p))
+        plain_ref, ld_ref = trainer.lora_off_reference(policy, policy), trainer.lora_off_reference(policy, policy, 1.0)
+    else:
+        with torch.no_grad():
+            ld_ref = trainer.reference_logps(model, uneven_pairs_dir / "train.bin",
+                                             TrainConfig(batch_size=3, preference="dpo", ld_alpha=1.0), 16, "fp32",
+                                             trainer.DistInfo())
+        assert np.array_equal(ld_ref, plain_ref)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    for fused in (False, True):
+        policy.fused_loss = fused
+        out = []
+        for ref, ld_alpha in ((plain_ref, None), (ld_ref, 1.0)):
+            loss, stats = trainer.preference_batch_loss(policy, batch, ref, kind="dpo", beta=0.3, fused=fused,
+                                                        ld_alpha=ld_alpha)
+            loss.backward()
+            out.append((loss.detach(), stats, [p.grad.clone() for p in params]))
+            policy.zero_grad()
+        assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
+        assert all(torch.equal(a, b) for a, b in zip(out[0][2], out[1][2]))
+    for options in (dict(preference="simpo", ld_alpha=0.5), dict(preference="orpo", ld_alpha=0.5),
+                    dict(preference="kto", ld_alpha=0.5), dict(preference="reward", ld_alpha=0.5), dict(ld_alpha=0.5),
+                    dict(preference="dpo", ld_alpha=1.5), dict(preference="dpo", ld_alpha=-0.1)):
+        with pytest.raises(ValueError, match="ld_alpha must be in"):
+            TrainConfig(out_dir=str(tmp_path), **options).validate()
+    TrainConfig(out_dir=str(tmp_path), preference="ipo", ld_alpha=0.0).validate()
+    with pytest.raises(ValueError, match="ld_alpha with sft_weight"):
+        TrainConfig(out_dir=str(tmp_path), preference="dpo", ld_alpha=0.5, sft_weight=1.0).validate()
+    with pytest.raises(ValueError, match="ld_alpha goes with the dpo family"):
+        trainer.preference_batch_loss(policy, batch, None, kind="simpo", ld_alpha=0.5)
+
+
 def token_stats_alone(loader, m, doc, length):
     """(entropy sum, argmax hits, mean-logit sum, count) over a document's trained targets within its
     first length tokens, the document run alone through m (logps_alone's positions)."""
@@ -1521,6 +1669,22 @@ def test_dpo_learns_and_resumes_exactly(pairs_dir, tmp_path):
     assert np.mean([r["reward_accuracy"] for r in log[-8:]]) > 0.6 and log[-1]["val_reward_accuracy"] > 0.6
     assert log[-1]["val_loss"] < 0.5
     trainer.train(config(pairs_dir, tmp_path / "cut", **kw), stop_at=6)
+    trainer.train(config(pairs_dir, tmp_path / "cut", **kw), resume=True)
+    assert losses(tmp_path / "cut") == losses(tmp_path / "whole")
+
+
+def test_ld_dpo_trains_and_resumes_only_with_its_reference(pairs_dir, tmp_path):
+    # ld_alpha in a run: the first loss is log 2 (policy and precomputed reference weighted alike),
+    # val too; a resume is bitwise; the checkpoint's reference was weighted with the run's ld_alpha,
+    # so a resume with another (or none) is refused, not trained against the wrong reference.
+    kw = dict(preference="dpo", beta=0.5, max_steps=8, ld_alpha=0.5, fused_loss=True)
+    trainer.train(config(pairs_dir, tmp_path / "whole", **kw))
+    log = [json.loads(line) for line in (tmp_path / "whole/log.jsonl").read_text().splitlines()]
+    assert log[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and math.isfinite(log[-1]["val_loss"])
+    trainer.train(config(pairs_dir, tmp_path / "cut", **kw), stop_at=4)
+    for other in (None, 0.0):
+        with pytest.raises(ValueError, match="weighted with 0.5"):
+            trainer.train(config(pairs_dir, tmp_path / "cut", **{**kw, "ld_alpha": other}), resume=True)
     trainer.train(config(pairs_dir, tmp_path / "cut", **kw), resume=True)
     assert losses(tmp_path / "cut") == losses(tmp_path / "whole")
 

@@ -14,6 +14,8 @@ Batch rows (--batch B, default 8): B prompts of different lengths at once, pyllm
 attention mask) and pyllm one prompt after another; tokens/s counts all rows' new tokens.
 --moe E,K: a mixture of experts instead (Qwen3MoeForCausalLM, common.smollm2_moe_config; transformers
 with its default experts implementation, grouped_mm).
+--repetition-penalty R: every row (both sides) greedy under that penalty (transformers'
+RepetitionPenaltyLogitsProcessor; pyllm's (B, V) mask of each row's ids), its cost against R 1.
 Needs transformers; prints why and exits 0 without it.
 """
 from __future__ import annotations
@@ -38,6 +40,8 @@ def main() -> int:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--batch", type=int, default=8, help="prompts in the ragged-batch rows (0: none)")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R",
+                        help="greedy under this repetition penalty, both sides (default 1: none)")
     parser.add_argument("--moe", metavar="E,K", help="a mixture of E experts, K per token (Qwen3-MoE), instead of "
                                                      "SmolLM2's MLP")
     args = parser.parse_args()
@@ -64,25 +68,29 @@ def main() -> int:
     for dtype in (torch.float32, torch.bfloat16):
         models = {"pyllm": ours.to(args.device, dtype), "transformers": theirs.to(args.device, dtype)}
         x = prompt.to(args.device)
+        penalty = args.repetition_penalty
         runs = {
-            "pyllm": lambda: models["pyllm"].generate(x, args.new_tokens, temperature=0),
+            "pyllm": lambda: models["pyllm"].generate(x, args.new_tokens, temperature=0, repetition_penalty=penalty),
             "transformers": lambda: models["transformers"].generate(
-                x, attention_mask=torch.ones_like(x), max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0),
+                x, attention_mask=torch.ones_like(x), max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0,
+                repetition_penalty=penalty),
         }
         if args.device.startswith("cuda"):  # each token one graph replay (unverified until a GPU run)
             runs["pyllm cuda-graph"] = lambda: models["pyllm"].generate(x, args.new_tokens, temperature=0,
-                                                                        cuda_graph=True)
+                                                                        cuda_graph=True, repetition_penalty=penalty)
         rows += timed_rows(args, runs, dtype, 1, lambda out: torch.equal(out["pyllm"], out["transformers"]))
         if args.batch:
             rows += batch_rows(args, models, x, lengths, dtype)
     print(f"# generate on {common.device_description(args.device)}: {config.num_hidden_layers} layers, "
           f"prompt {args.prompt_tokens}, {args.new_tokens} new tokens, transformers {transformers.__version__}; "
           f"B = {len(lengths)} rows: prompts of {lengths[0]}..{lengths[-1]} tokens"
-          + (f"; {args.moe.split(',')[0]} experts, {args.moe.split(',')[1]} per token" if args.moe else ""))
+          + (f"; {args.moe.split(',')[0]} experts, {args.moe.split(',')[1]} per token" if args.moe else "")
+          + (f"; repetition_penalty {args.repetition_penalty}" if args.repetition_penalty != 1 else ""))
     common.print_table(rows, ["dtype", "B", "impl", "s", "tokens/s", "vs transformers", "same tokens"])
     common.write_json(args.json, "generate_moe" if args.moe else "generate", args.device, rows, {"moe": args.moe,
         "layers": config.num_hidden_layers, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
-        "batch_prompt_tokens": lengths if args.batch else [], "transformers": transformers.__version__})
+        "batch_prompt_tokens": lengths if args.batch else [], "transformers": transformers.__version__,
+        "repetition_penalty": args.repetition_penalty})
     return 0
 
 
@@ -120,20 +128,25 @@ def batch_rows(args, models: dict, x, lengths: list[int], dtype) -> list[dict]:
     generate on one prompt after another."""
     prompts = [x[0, :n] for n in lengths]
     longest = max(lengths)
+    penalty = args.repetition_penalty
     padded = torch.zeros(len(lengths), longest, dtype=torch.long, device=x.device)
     mask = torch.zeros_like(padded)
     for b, n in enumerate(lengths):
         padded[b, longest - n:], mask[b, longest - n:] = prompts[b], 1
     runs = {
-        "pyllm batch": lambda: models["pyllm"].generate_batch(prompts, args.new_tokens, temperature=0),
-        "pyllm one by one": lambda: [models["pyllm"].generate(p[None], args.new_tokens, temperature=0)[0, len(p):].tolist()
+        "pyllm batch": lambda: models["pyllm"].generate_batch(prompts, args.new_tokens, temperature=0,
+                                                              repetition_penalty=penalty),
+        "pyllm one by one": lambda: [models["pyllm"].generate(p[None], args.new_tokens, temperature=0,
+                                                              repetition_penalty=penalty)[0, len(p):].tolist()
                                      for p in prompts],
         "transformers padded": lambda: models["transformers"].generate(
-            padded, attention_mask=mask, max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0),
+            padded, attention_mask=mask, max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0,
+            repetition_penalty=penalty),
     }
     if args.device.startswith("cuda"):
         runs["pyllm batch cuda-graph"] = lambda: models["pyllm"].generate_batch(prompts, args.new_tokens, temperature=0,
-                                                                                cuda_graph=True)
+                                                                                cuda_graph=True,
+                                                                                repetition_penalty=penalty)
 
     def same(outputs):  # pyllm's rows against the new tokens of transformers' rows
         return outputs["pyllm batch"] == outputs["transformers padded"][:, longest:].tolist()

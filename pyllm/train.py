@@ -1080,8 +1080,9 @@ def preference_batch_loss(model, batch, reference, labels: np.ndarray | None = N
                                    ref_chosen_logps=None if ref_of is None else ref_of[0::2],
                                    ref_rejected_logps=None if ref_of is None else ref_of[1::2], **options)[0].sum()
 
-        weights = None if ld_alpha is None else torch.full(y.shape, ld_alpha, dtype=torch.float64,
-                                                           device=y.device).masked_fill_(~ld_tail(y, cu, docs), 1.0)
+        # (each target's weight in its reply's sum: ld_weighted of ones, the unfused path's weighting)
+        weights = None if ld_alpha is None else ld_weighted(torch.ones(y.shape, dtype=torch.float64, device=y.device),
+                                                            y, cu, docs, ld_alpha)
         logps, fused_total = model(x, y, cu, sequence_loss={"documents": real, "group": 2, "loss_fn": pair_losses,
                                                             **({} if weights is None else {"token_weights": weights})},
                                    token_stats=token_stats, **balance_kwargs(model, x, cu, real))

@@ -1465,7 +1465,7 @@ def _fused_linear_inputs(x, weight, chunk_rows, softcap=None, takes=None):
     if chunk_rows is not None and chunk_rows < 1:
         raise ValueError(f"the fused loss's chunk_rows must be >= 1, got {chunk_rows}")
     _check_output_layer("the fused loss", x, weight)
-    x = x.reshape(-1, x.shape[-1])
+    x = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # (not -1: a hidden size of 0 leaves it ambiguous)
     if _autocast_on(x):
         x = x.to(torch.get_autocast_dtype(x.device.type))
     if chunk_rows is None:

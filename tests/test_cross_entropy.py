@@ -1043,3 +1043,19 @@ def test_ligers_losses_count_uint8_targets_that_read_as_the_ignore_index_wrapped
     t[:2] = logits.argmax(-1)[:2]
     wide, narrow = (loss_of(u, reduction="sum", return_token_accuracy=True).token_accuracy for u in (t.long(), t))
     assert narrow.item() == wide.item()
+
+
+def test_fused_losses_take_a_hidden_size_of_zero():
+    # every logit is 0 there: each counted row's loss is log V (a reshape(-1, 0) had raised torch's
+    # "ambiguous" error from inside the op)
+    from pyllm.nn import linear_cross_entropy, linear_token_logps
+
+    x = torch.randn(3, 0, requires_grad=True)
+    weight = torch.randn(11, 0, requires_grad=True)
+    targets = torch.tensor([0, 4, -1])
+    loss = linear_cross_entropy(x, weight, targets)
+    assert math.isclose(loss.item(), 2 * math.log(11), rel_tol=1e-6)  # (the sum over the two counted rows)
+    loss.backward()
+    assert x.grad.shape == (3, 0) and weight.grad.shape == (11, 0)
+    logps = linear_token_logps(x.detach(), weight.detach(), targets)
+    torch.testing.assert_close(logps, torch.tensor([-math.log(11), -math.log(11), 0.0]))

@@ -3309,3 +3309,13 @@ def test_interface_window_sides_past_seqlen_k_as_flash_attn_kernels():
         cache_k, cache_v = k.clone(), v.clone()
         out = fai.flash_attn_with_kvcache(q, cache_k, cache_v, cache_seqlens=4, window_size=window)
         torch.testing.assert_close(out.double(), _literal_window_attention(q, k, v, *kernel), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("head_dim, dtype", [(16, torch.float32), (64, torch.float16)])  # the widened paths
+def test_bad_cache_seqlens_name_the_whole_cache_capacity(head_dim, dtype):
+    # the widened copy holds only the rows the lengths reach: its size had been named as the capacity
+    q = torch.randn(2, 1, 4, head_dim, dtype=dtype)
+    k_cache, v_cache = (torch.randn(2, 8, 2, head_dim, dtype=dtype) for _ in range(2))
+    new = torch.randn(2, 1, 2, head_dim, dtype=dtype)
+    with pytest.raises(ValueError, match=r"must lie in \[0, 8\]"):
+        pyllm.flash_attn_with_kvcache(q, k_cache, v_cache, torch.tensor([-1, 2], dtype=torch.int32), new, new.clone())

@@ -1397,6 +1397,8 @@ def _kvcache_widened(q, k_cache, v_cache, cache_seqlens, k_new, v_new, capacity:
         longest = cache_seqlens
         cache_seqlens = torch.full((q.shape[0],), cache_seqlens, dtype=torch.int32, device=q.device)
     elif cache_seqlens.device.type == "cpu" and not traced:
+        # checked against the whole cache here: the call below sees only its first `keys` rows
+        _check_cache_lengths(cache_seqlens.tolist(), n_new, capacity)
         longest = int(cache_seqlens.max()) if cache_seqlens.numel() else 0
     # only those copied (bad lengths: the call says so); a paged cache's blocks are anywhere: all of them
     keys = capacity if block_table is not None or longest is None else min(max(longest + n_new, 0), capacity)

@@ -7,6 +7,7 @@ heads, D head dim, V vocab.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import json
 import math
@@ -1399,12 +1400,16 @@ class LLM(nn.Module):
                         top_k: int | None = None, top_p: float | None = None, use_cache: bool = True,
                         generator: torch.Generator | None = None,
                         stop_tokens: Iterable[int] = (), cuda_graph: bool = False, min_p: float | None = None,
-                        repetition_penalty: float = 1.0) -> Iterator[torch.Tensor]:
+                        repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
+                        min_new_tokens: int = 0) -> Iterator[torch.Tensor]:
         """Yields up to max_new_tokens next tokens (B,) one at a time, in eval mode (no dropout).
         temperature 0 is greedy; then top_k, then top_p, then min_p, as transformers' warpers (the same
         probabilities); repetition_penalty (CTRL's, transformers' RepetitionPenaltyLogitsProcessor,
         greedy too) divides a positive logit of every id the row's text holds so far (prompt and new
-        tokens, the whole of them past block_size too), multiplies a negative one; top_k None cuts
+        tokens, the whole of them past block_size too), multiplies a negative one; no_repeat_ngram_size
+        n (transformers' NoRepeatNGramLogitsProcessor, greedy too) bans each id that would end an
+        n-gram the row's text already holds; min_new_tokens bans stop_tokens until that many new
+        tokens (MinNewTokensLengthLogitsProcessor, which bans the eos ids); top_k None cuts
         nothing (nanoGPT's default: transformers' generate takes 50 unless told, as `pyllm generate`
         does). Past block_size the cached path re-reads the last block_size/2 tokens into a fresh cache
         (nanoGPT crops to the last block_size tokens at every step, as use_cache=False does here: the
@@ -1417,17 +1422,19 @@ class LLM(nn.Module):
         (captured once per call, before the prompt fills the cache) instead of launching its kernels
         from Python one by one: generation of small models is bound by those launches. The same
         tokens as without it (the same kernels). Not with LongRoPE. UNVERIFIED: not yet run on a GPU."""
-        check_sampling(temperature, top_k, top_p, min_p, repetition_penalty)
+        check_sampling(temperature, top_k, top_p, min_p, repetition_penalty, no_repeat_ngram_size, min_new_tokens)
         check_new_tokens(max_new_tokens, "generate")
         if idx.dim() != 2 or idx.shape[1] == 0:
             raise ValueError(f"generate: idx must be (batch, T) with T >= 1 prompt tokens, got shape {tuple(idx.shape)}")
         # Eval mode around each step's forward, not across the yields (the caller's code between two
         # tokens sees the model's own mode; generate_stream called alone had kept dropout on)
         yield from self._generate_stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator,
-                                         stop_tokens, cuda_graph, min_p, repetition_penalty)
+                                         stop_tokens, cuda_graph, min_p, repetition_penalty, no_repeat_ngram_size,
+                                         min_new_tokens)
 
     def _generate_stream(self, idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator, stop_tokens,
-                         cuda_graph, min_p, repetition_penalty) -> Iterator[torch.Tensor]:
+                         cuda_graph, min_p, repetition_penalty, no_repeat_ngram_size,
+                         min_new_tokens) -> Iterator[torch.Tensor]:
         stop = torch.tensor(sorted(stop_ids(stop_tokens)), dtype=torch.long, device=idx.device)
         done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
         ended = torch.zeros(idx.shape[0], dtype=torch.long, device=idx.device)  # each stopped row's stop token
@@ -1444,14 +1451,13 @@ class LLM(nn.Module):
                 raise ValueError("generate: cuda_graph needs use_cache (it replays the cached decode step)")
             with self._in_eval():
                 graph = _DecodeGraph(self, cache, idx.shape[0])  # captured before the prompt fills the cache
-        seen = self._seen_ids(idx, repetition_penalty)
+        rules = _LogitRules(self, idx, repetition_penalty, no_repeat_ngram_size, min_new_tokens, stop_tokens)
         for _ in range(max_new_tokens):
             with self._in_eval():
                 logits, cache_len = self._next_logits(idx, pending, cache, cache_len, graph, use_cache, switch)
-            next_token = _sample(_penalize(logits, seen, repetition_penalty), temperature, top_k, top_p, generator,
-                                 min_p)  # (B,)
-            if seen is not None:
-                seen.scatter_(1, next_token[:, None], True)
+            next_token = _sample(rules(logits), temperature, top_k, top_p, generator, min_p)  # (B,)
+            if rules.active:
+                rules.advance(next_token)
             if len(stop):
                 next_token = torch.where(done, ended, next_token)  # a stopped row repeats its stop token
                 ended = torch.where(done, ended, next_token)
@@ -1492,14 +1498,16 @@ class LLM(nn.Module):
                              top_k: int | None = None, top_p: float | None = None, draft_tokens: int = 4,
                              generator: torch.Generator | None = None, stop_tokens: Iterable[int] = (),
                              stats: dict | None = None, min_p: float | None = None,
-                             repetition_penalty: float = 1.0) -> Iterator[torch.Tensor]:
+                             repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
+                             min_new_tokens: int = 0) -> Iterator[torch.Tensor]:
         """generate_stream's tokens for one sequence (idx (1, T)) by speculative decoding (Leviathan
         et al. 2023; Chen et al. 2023; transformers' assisted generation): the draft, a smaller model
         over the same vocabulary, proposes draft_tokens tokens one at a time, this model scores all
         of them in one cached forward, and they are kept up to the first it rejects: greedy
         (temperature 0), while each is this model's argmax; sampling, each with probability
-        min(1, p / q) (p this model's, q the draft's distribution after repetition_penalty, temperature,
-        top_k, top_p and min_p, each at its position: a proposal's penalty counts the ones before it),
+        min(1, p / q) (p this model's, q the draft's distribution after repetition_penalty,
+        no_repeat_ngram_size, min_new_tokens, temperature, top_k, top_p and min_p, each at its position:
+        a proposal's rules count the ones before it),
         the first rejected one replaced by a draw from max(0, p - q) normalized, and after a draft
         wholly kept one more token from p: the tokens come from this model's own distribution (greedy:
         its own tokens, to rounding). Each round adds 1 to draft_tokens + 1 tokens for one forward of
@@ -1509,7 +1517,7 @@ class LLM(nn.Module):
         over there). stats (a dict): filled with "rounds", "drafted" and "accepted" counts. The
         arguments are checked when it is called, before any token is asked for (a caller printing
         the prompt first, pyllm generate, had been refused after it)."""
-        check_sampling(temperature, top_k, top_p, min_p, repetition_penalty)
+        check_sampling(temperature, top_k, top_p, min_p, repetition_penalty, no_repeat_ngram_size, min_new_tokens)
         check_new_tokens(max_new_tokens, "generate_speculative")
         if idx.dim() != 2 or idx.shape[0] != 1 or idx.shape[1] == 0:
             raise ValueError(f"generate_speculative: one sequence at a time (idx (1, T), T >= 1), got shape "
@@ -1531,28 +1539,29 @@ class LLM(nn.Module):
         stop = stop_ids(stop_tokens)
         counts = stats if stats is not None else {}
         counts.update(rounds=0, drafted=0, accepted=0)
+        rules = _LogitRules(self, idx, repetition_penalty, no_repeat_ngram_size, min_new_tokens, stop)
         return self._speculative_tokens(idx, draft, max_new_tokens, temperature, top_k, top_p, draft_tokens, generator,
-                                        stop, counts, capacity, min_p, repetition_penalty)
+                                        stop, counts, capacity, min_p, rules)
 
     @torch.no_grad()
     def _speculative_tokens(self, idx, draft, max_new_tokens, temperature, top_k, top_p, draft_tokens, generator,
-                            stop, counts, capacity, min_p, repetition_penalty) -> Iterator[torch.Tensor]:
+                            stop, counts, capacity, min_p, rules) -> Iterator[torch.Tensor]:
         """generate_speculative's rounds, its arguments checked."""
         with self._in_eval(), draft._in_eval():
             cache, draft_cache = self.new_kv_cache(1, capacity), draft.new_kv_cache(1, capacity)
             length, draft_length = 0, 0  # positions in each cache
             pending, draft_pending = idx, idx  # tokens each has yet to read
-            seen = self._seen_ids(idx, repetition_penalty)  # (1, V): the ids of the text settled so far
             made = 0
             while made < max_new_tokens:
                 k = min(draft_tokens, max_new_tokens - made)
                 # the draft's proposals, one token at a time
                 proposed, q = [], []
-                # (k + 1, V): the ids penalized after the settled text (for proposal 1) .. after proposal k
-                held = seen.repeat(k + 1, 1) if seen is not None else None
+                # the rules after the settled text (for proposal 1) .. after proposal k
+                held = [rules.fork()] if rules.active else None
                 for i in range(k):
                     logits = draft.forward_cached(draft_pending, draft_cache, draft_length)  # (1, V)
-                    logits = _penalize(logits, None if held is None else held[i:i + 1], repetition_penalty)
+                    if held is not None:
+                        logits = held[i](logits)
                     draft_length += draft_pending.shape[1]
                     if temperature == 0:
                         token = logits.argmax(-1)
@@ -1562,12 +1571,13 @@ class LLM(nn.Module):
                     proposed.append(token.view(1))
                     draft_pending = token.view(1, 1)
                     if held is not None:
-                        held[i + 1:, token] = True
+                        held.append(held[i].fork().advance(token.view(1)))
                 drafted = torch.cat(proposed)  # (k,)
                 # this model's distributions after its pending tokens and each proposal, one forward
                 # (k + 1, V): after the last pending token (for proposal 1) .. after proposal k
                 logits = self.forward_cached(torch.cat([pending, drafted[None]], 1), cache, length, keep=k + 1)[0]
-                logits = _penalize(logits, held, repetition_penalty)
+                if held is not None:
+                    logits = torch.cat([rule(row[None]) for rule, row in zip(held, logits)])
                 length += pending.shape[1]  # (the kept proposals are added below)
                 kept = 0
                 if temperature == 0:
@@ -1593,8 +1603,9 @@ class LLM(nn.Module):
                 counts["drafted"] += k
                 counts["accepted"] += kept
                 settled = torch.cat([drafted[:kept], extra.view(1)])
-                if seen is not None:
-                    seen[0, settled] = True
+                if held is not None:
+                    for token in settled[:max_new_tokens - made]:
+                        rules.advance(token.view(1))
                 length += kept  # this model's cache: its pending tokens and the kept proposals
                 # the draft read everything but its last proposal: back to the kept part
                 draft_length = draft_length - (k - 1) + min(kept, k - 1)
@@ -1614,16 +1625,18 @@ class LLM(nn.Module):
                  callback: Callable[[torch.Tensor], None] | None = None,
                  generator: torch.Generator | None = None, stop_tokens: Iterable[int] = (),
                  cuda_graph: bool = False, min_p: float | None = None,
-                 repetition_penalty: float = 1.0) -> torch.Tensor:
+                 repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
+                 min_new_tokens: int = 0) -> torch.Tensor:
         """idx (B, T) followed by up to max_new_tokens sampled tokens, (B, T + n); callback gets each
-        new (B,) token as it comes (for streaming); stop_tokens, cuda_graph, min_p, repetition_penalty:
-        see generate_stream.
+        new (B,) token as it comes (for streaming); stop_tokens, cuda_graph, min_p, repetition_penalty,
+        no_repeat_ngram_size, min_new_tokens: see generate_stream.
         The rows of idx are prompts of one length, not padded (a left-padded batch would condition
         on its padding): prompts of different lengths go to generate_batch."""
         with self._in_eval():  # (restored even when sampling raises)
             out = [idx]
             for token in self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator,
-                                              stop_tokens, cuda_graph, min_p, repetition_penalty):
+                                              stop_tokens, cuda_graph, min_p, repetition_penalty,
+                                              no_repeat_ngram_size, min_new_tokens):
                 out.append(token[:, None])
                 if callback is not None:
                     callback(token)
@@ -1634,7 +1647,8 @@ class LLM(nn.Module):
                        top_p: float | None = None, generator: torch.Generator | None = None,
                        stop_tokens: Iterable[int] = (), cuda_graph: bool = False,
                        stop_when: Callable[[int, list[int]], bool] | None = None, min_p: float | None = None,
-                       repetition_penalty: float = 1.0) -> list[list[int]]:
+                       repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
+                       min_new_tokens: int = 0) -> list[list[int]]:
         """Continues several prompts of different lengths at once: one prefill of the prompts (each a
         list of ids or a 1-D tensor, at least one token) padded on the right, then every step samples
         one token per row at each row's own position (decode_step), no padding in between. Returns each prompt's
@@ -1645,9 +1659,10 @@ class LLM(nn.Module):
         prompts, its new tokens so far) -> whether the row ends with the last of them (kept), as
         after a stop token (pyllm generate's --stop strings, transformers' StopStringCriteria); asked
         on the host after each token of a row not yet ended. Generation ends when every row has ended.
-        min_p, repetition_penalty: as in generate_stream, each row's penalty over its own prompt and
-        tokens (transformers' over a left-padded batch leaves the padding out too)."""
-        check_sampling(temperature, top_k, top_p, min_p, repetition_penalty)
+        min_p, repetition_penalty, no_repeat_ngram_size, min_new_tokens: as in generate_stream, each
+        row's penalty and n-grams over its own prompt and tokens (transformers' penalty over a
+        left-padded batch leaves the padding out too; its n-grams count the padding's)."""
+        check_sampling(temperature, top_k, top_p, min_p, repetition_penalty, no_repeat_ngram_size, min_new_tokens)
         check_new_tokens(max_new_tokens, "generate_batch")
         device = self.lm_head.weight.device
         rows = []
@@ -1677,7 +1692,9 @@ class LLM(nn.Module):
                 new = []
                 for token in self.generate_stream(r[None], max_new_tokens, temperature, top_k, top_p,
                                                   generator=generator, stop_tokens=stops, min_p=min_p,
-                                                  repetition_penalty=repetition_penalty):
+                                                  repetition_penalty=repetition_penalty,
+                                                  no_repeat_ngram_size=no_repeat_ngram_size,
+                                                  min_new_tokens=min_new_tokens):
                     new.append(int(token[0]))
                     if new[-1] in stops or stop_when is not None and stop_when(b, new):
                         break
@@ -1717,12 +1734,11 @@ class LLM(nn.Module):
             made = [[] for _ in rows]  # stop_when: each row's new tokens, on the host
             ends = [None] * len(rows)  # where stop_when ended a row
             out = []
-            seen = self._seen_ids(rows, repetition_penalty)
+            rules = _LogitRules(self, rows, repetition_penalty, no_repeat_ngram_size, min_new_tokens, stop_tokens)
             for step in range(max_new_tokens):
-                token = _sample(_penalize(logits, seen, repetition_penalty), temperature, top_k, top_p, generator,
-                                min_p)  # (B,)
-                if seen is not None:
-                    seen.scatter_(1, token[:, None], True)
+                token = _sample(rules(logits), temperature, top_k, top_p, generator, min_p)  # (B,)
+                if rules.active:
+                    rules.advance(token)
                 out.append(token)
                 if len(stop):
                     done |= torch.isin(token, stop)
@@ -2775,12 +2791,14 @@ def state_to_hf(state: dict, cfg: ModelConfig, kind: str) -> dict:
     return out
 
 
-def check_sampling(temperature, top_k, top_p, min_p=None, repetition_penalty=1.0) -> None:
+def check_sampling(temperature, top_k, top_p, min_p=None, repetition_penalty=1.0, no_repeat_ngram_size=0,
+                   min_new_tokens=0) -> None:
     """ValueError for settings sample() cannot take: temperature a finite number >= 0 (a negative
     one would sample the reversed distribution), top_k None or an int >= 0 (0 or None: off, as
     transformers' GenerationConfig), top_p None or in [0, 1] (0 keeps the likeliest token alone),
     min_p None or in [0, 1] (None or 0: off), repetition_penalty a finite number > 0 (1: none; below
-    1 favours repeats), as transformers' warpers take them."""
+    1 favours repeats), as transformers' warpers take them; generation's no_repeat_ngram_size and
+    min_new_tokens ints >= 0 (0: off)."""
     if isinstance(temperature, torch.Tensor) and temperature.numel() == 1 and not temperature.is_complex():
         temperature = float(temperature)  # (a 0-d tensor, as some loops keep it)
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not 0 <= temperature < math.inf:
@@ -2798,6 +2816,9 @@ def check_sampling(temperature, top_k, top_p, min_p=None, repetition_penalty=1.0
             or not 0 < repetition_penalty < math.inf:
         raise ValueError(f"sampling: repetition_penalty must be a finite number > 0 (1: none), got "
                          f"{repetition_penalty!r}")
+    for name, value in (("no_repeat_ngram_size", no_repeat_ngram_size), ("min_new_tokens", min_new_tokens)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+            raise ValueError(f"generate: {name} must be an int >= 0 (0: off), got {value!r}")
 
 
 def check_new_tokens(max_new_tokens, op: str) -> None:
@@ -2863,6 +2884,77 @@ def _penalize(logits, seen, penalty) -> torch.Tensor:
         return logits
     logits = logits.float()
     return torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
+
+
+class _LogitRules:
+    """What transformers' generate does to each row's scores before its warpers, in its order:
+    RepetitionPenaltyLogitsProcessor (repetition_penalty, over the ids of the row's text so far),
+    NoRepeatNGramLogitsProcessor (no_repeat_ngram_size n: an id that would end an n-gram the row's
+    text already holds is banned) and MinNewTokensLengthLogitsProcessor (min_new_tokens: the stop
+    ids banned until that many new tokens). Each row's text is its own prompt and new tokens (a
+    left-padded batch's padding is no part of it, as for the penalty). Called on (B, V) logits it
+    gives them ruled (fp32 once any rule applies, as transformers' scores); advance() adds each
+    row's next token; fork() a copy to rule proposals ahead of the text (speculative decoding)."""
+
+    def __init__(self, model: "LLM", rows, repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
+                 min_new_tokens: int = 0, stop=()):
+        self.penalty, self.n, self.min_new, self.made = repetition_penalty, no_repeat_ngram_size, min_new_tokens, 0
+        self.seen = model._seen_ids(rows, repetition_penalty)
+        self.stop = sorted(stop_ids(stop)) if min_new_tokens else []
+        self.active = self.seen is not None or bool(self.n) or bool(self.min_new and self.stop)
+        self.texts = self.ends = None
+        if self.n:  # per row: its text (host ints) and, for each (n - 1)-gram in it, the ids that followed it
+            self.texts = [[int(t) for t in ids.tolist()] for ids in rows]
+            self.ends = [{} for _ in self.texts]
+            for text, ends in zip(self.texts, self.ends):
+                for i in range(len(text) - self.n + 1):
+                    self._add(ends, text, i)
+
+    def _add(self, ends: dict, text: list, i: int) -> None:  # the n-gram text[i:i + n]
+        key = tuple(text[i:i + self.n - 1])
+        ends[key] = ends.get(key, ()) + (text[i + self.n - 1],)  # (a tuple: fork()'s shallow copy stays apart)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if not self.active:
+            return logits
+        logits = _penalize(logits, self.seen, self.penalty).float()
+        V = logits.shape[-1]
+        rows, ids = [], []
+        if self.n:
+            for b, (text, ends) in enumerate(zip(self.texts, self.ends)):
+                if len(text) >= self.n - 1:
+                    banned = [t for t in ends.get(tuple(text[len(text) - self.n + 1:]), ()) if t < V]
+                    rows += [b] * len(banned)
+                    ids += banned
+        if self.made < self.min_new:
+            stops = [t for t in self.stop if 0 <= t < V]
+            for b in range(logits.shape[0]):
+                rows += [b] * len(stops)
+                ids += stops
+        if ids:
+            where = (torch.tensor(rows, device=logits.device), torch.tensor(ids, device=logits.device))
+            logits = logits.index_put(where, torch.tensor(float("-inf"), device=logits.device))
+        return logits
+
+    def advance(self, tokens: torch.Tensor) -> "_LogitRules":
+        """tokens (B,): each row's next token."""
+        self.made += 1
+        if self.seen is not None:
+            self.seen.scatter_(1, tokens.view(-1, 1).to(self.seen.device), True)
+        if self.n:
+            for text, ends, t in zip(self.texts, self.ends, tokens.tolist()):
+                text.append(int(t))
+                if len(text) >= self.n:
+                    self._add(ends, text, len(text) - self.n)
+        return self
+
+    def fork(self) -> "_LogitRules":
+        other = copy.copy(self)
+        if self.seen is not None:
+            other.seen = self.seen.clone()
+        if self.n:
+            other.texts, other.ends = [list(t) for t in self.texts], [dict(e) for e in self.ends]
+        return other
 
 
 def _sampling_probs(logits, temperature, top_k, top_p, min_p=None) -> torch.Tensor:

@@ -262,16 +262,17 @@ def test_generate_leaves_out_ids_past_the_tokenizer(padded_vocab, tmp_path, caps
 
 
 def test_generate_takes_min_p_and_repetition_penalty(padded_vocab, tmp_path, capsys, monkeypatch):
-    # --min-p and --repetition-penalty reach the model's sampling on each path: --prompt, --prompts-file
-    # (generate_batch, and generate() one by one past block_size) and --draft; the penalty changes
-    # greedy text
+    # --min-p, --repetition-penalty, --no-repeat-ngram-size and --min-new-tokens reach the model's
+    # sampling on each path: --prompt, --prompts-file (generate_batch, and generate() one by one past
+    # block_size) and --draft; the penalty and the n-gram ban change greedy text
     from pyllm.model import LLM
 
     model, _ = padded_vocab
     seen = []
     for name in ("generate", "generate_batch", "generate_speculative"):
         def recording(self, *a, _original=getattr(LLM, name), _name=name, **kw):
-            seen.append((_name, kw.get("min_p"), kw.get("repetition_penalty")))
+            seen.append((_name, kw.get("min_p"), kw.get("repetition_penalty"), kw.get("no_repeat_ngram_size"),
+                         kw.get("min_new_tokens")))
             return _original(self, *a, **kw)
         monkeypatch.setattr(LLM, name, recording)
     base = ["generate", *model, "--prompt", "hello", "--max-new-tokens", "24", "--temperature", "0"]
@@ -283,14 +284,21 @@ def test_generate_takes_min_p_and_repetition_penalty(padded_vocab, tmp_path, cap
 
     assert text("--repetition-penalty", "3") != text() == text("--repetition-penalty", "1")
     assert text("--repetition-penalty", "3", "--draft", model[1]) == text("--repetition-penalty", "3")
+    assert text("--no-repeat-ngram-size", "2") != text()
+    assert text("--no-repeat-ngram-size", "2", "--min-new-tokens", "3", "--draft", model[1]) == \
+        text("--no-repeat-ngram-size", "2", "--min-new-tokens", "3")
     (tmp_path / "p.jsonl").write_text('{"prompt": "hello"}\n')
     for new in ("4", "63"):  # 63: past block_size 64, generate() one by one
         assert cli.main(["generate", *model, "--prompts-file", str(tmp_path / "p.jsonl"), "--max-new-tokens", new,
-                         "--min-p", "0.2", "--repetition-penalty", "1.5"]) == 0
-    assert seen == [("generate", None, 3.0), ("generate", None, 1.0), ("generate", None, 1.0),
-                    ("generate_speculative", None, 3.0), ("generate", None, 3.0),
-                    ("generate_batch", 0.2, 1.5), ("generate", 0.2, 1.5)]
-    for bad in (["--min-p", "1.5"], ["--repetition-penalty", "0"]):
+                         "--min-p", "0.2", "--repetition-penalty", "1.5", "--no-repeat-ngram-size", "3",
+                         "--min-new-tokens", "2"]) == 0
+    assert seen == [("generate", None, 3.0, 0, 0), ("generate", None, 1.0, 0, 0), ("generate", None, 1.0, 0, 0),
+                    ("generate_speculative", None, 3.0, 0, 0), ("generate", None, 3.0, 0, 0),
+                    ("generate", None, 1.0, 2, 0), ("generate", None, 1.0, 0, 0),
+                    ("generate_speculative", None, 1.0, 2, 3), ("generate", None, 1.0, 2, 3),
+                    ("generate_batch", 0.2, 1.5, 3, 2), ("generate", 0.2, 1.5, 3, 2)]
+    for bad in (["--min-p", "1.5"], ["--repetition-penalty", "0"], ["--no-repeat-ngram-size", "-1"],
+                ["--min-new-tokens", "1.5"]):
         with pytest.raises(SystemExit):
             cli.main([*base, *bad])
 
@@ -482,21 +490,29 @@ def test_generate_ends_documents_and_reads_generation_configs(corpus, tmp_path, 
     assert plain.temperature == 0.0  # do_sample left out: greedy, as transformers
     assert "does not apply" not in capsys.readouterr().err
     # what transformers' generate would apply and pyllm's sampling does not: said (it had been dropped);
-    # repetition_penalty (greedy too) and min_p (sampling; --min-p asks to sample) are taken
-    (tmp_path / "generation_config.json").write_text(json.dumps({"repetition_penalty": 1.05, "min_new_tokens": 0,
-                                                                 "no_repeat_ngram_size": 3, "min_p": 0.1}))
-    taken = argparse.Namespace(temperature=None, top_k=None, top_p=None, min_p=None, repetition_penalty=None)
+    # repetition_penalty, no_repeat_ngram_size, min_new_tokens (greedy too) and min_p (sampling; --min-p
+    # asks to sample) are taken
+    (tmp_path / "generation_config.json").write_text(json.dumps({"repetition_penalty": 1.05, "min_new_tokens": 2,
+                                                                 "no_repeat_ngram_size": 3, "min_p": 0.1,
+                                                                 "typical_p": 0.9}))
+    taken = argparse.Namespace(temperature=None, top_k=None, top_p=None, min_p=None, repetition_penalty=None,
+                               no_repeat_ngram_size=None, min_new_tokens=None)
     cli.resolve_sampling(taken, tmp_path)
     err = capsys.readouterr().err
-    assert "sets no_repeat_ngram_size=3, which pyllm's sampling does not apply" in err and "penalty" not in err
+    assert "sets typical_p=0.9, which pyllm's sampling does not apply" in err
+    assert "penalty" not in err and "ngram" not in err and "min_new" not in err
     assert (taken.temperature, taken.min_p, taken.repetition_penalty) == (0.0, 0.1, 1.05)
-    given = argparse.Namespace(temperature=None, top_k=None, top_p=None, min_p=0.2, repetition_penalty=1.3)
+    assert (taken.no_repeat_ngram_size, taken.min_new_tokens) == (3, 2)
+    given = argparse.Namespace(temperature=None, top_k=None, top_p=None, min_p=0.2, repetition_penalty=1.3,
+                               no_repeat_ngram_size=0, min_new_tokens=5)
     cli.resolve_sampling(given, tmp_path)
     assert (given.temperature, given.min_p, given.repetition_penalty) == (1.0, 0.2, 1.3)
+    assert (given.no_repeat_ngram_size, given.min_new_tokens) == (0, 5)
     (tmp_path / "generation_config.json").unlink()
     mine = argparse.Namespace(temperature=None, top_k=None, top_p=None, min_p=None, repetition_penalty=None)
     cli.resolve_sampling(mine, None)  # a model of pyllm's own: neither
     assert (mine.temperature, mine.min_p, mine.repetition_penalty) == (0.8, None, 1.0)
+    assert (mine.no_repeat_ngram_size, mine.min_new_tokens) == (0, 0)
     # the stream prints what is returned, an incomplete last character too (it had been held back for
     # good); --draft past block_size names the flags
     import torch

@@ -2460,6 +2460,62 @@ def test_repetition_penalty_and_min_p_generate_transformers_tokens(penalty, tmp_
     assert len(list(spoken)) == 16 and stats["accepted"] == stats["drafted"] > 0
 
 
+def test_no_repeat_ngram_and_min_new_tokens_generate_transformers_tokens(tmp_path):
+    # transformers' generate(no_repeat_ngram_size=, min_new_tokens=) on the same model: greedy and
+    # seeded sampled tokens (with repetition_penalty: its order before the n-gram ban), generate_batch's
+    # rows of different lengths as each prompt alone, speculative decoding's greedy tokens (each
+    # proposal ruled after the ones before it) and, with the model as its own draft, every proposal kept
+    theirs = hf_models()["llama-gqa"].double().eval()
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    theirs.save_pretrained(tmp_path)
+    ours = LLM.from_hf(tmp_path, dtype=torch.float64)
+    prompt = torch.randint(0, 97, (2, 6))
+
+    def reference(ids, eos=None, **settings):
+        theirs.generation_config.eos_token_id = eos
+        out = theirs.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, pad_token_id=0,
+                              **settings)[:, ids.shape[1]:]
+        return [until_stop(row, {eos}) for row in out.tolist()]  # (a finished row's padding left out)
+
+    for n in (1, 2, 3):
+        greedy = reference(prompt, do_sample=False, no_repeat_ngram_size=n)
+        assert ours.generate(prompt, 24, temperature=0, no_repeat_ngram_size=n)[:, 6:].tolist() == greedy
+        assert ours.generate(prompt, 24, temperature=0)[:, 6:].tolist() != greedy  # (the ban matters)
+        torch.manual_seed(n)
+        want = reference(prompt, do_sample=True, temperature=0.9, top_k=30, no_repeat_ngram_size=n,
+                         repetition_penalty=1.3)
+        torch.manual_seed(n)
+        got = ours.generate(prompt, 24, 0.9, 30, no_repeat_ngram_size=n, repetition_penalty=1.3)[:, 6:]
+        assert got.tolist() == want
+    eos = int(ours.generate(prompt[:1], 3, temperature=0)[0, -1])  # a token greedy decoding says early
+    assert eos in ours.generate(prompt[:1], 24, temperature=0)[0, 6:9].tolist()
+    want = reference(prompt, eos, do_sample=False, min_new_tokens=10)
+    got = ours.generate(prompt, 24, temperature=0, min_new_tokens=10, stop_tokens=eos)[:, 6:].tolist()
+    assert [until_stop(row, {eos}) for row in got] == want and eos not in want[0][:10]
+    rows = [prompt[0], prompt[1, :3], prompt[0, 2:]]
+    alone = [reference(r[None], eos, do_sample=False, no_repeat_ngram_size=2, min_new_tokens=8)[0] for r in rows]
+    assert ours.generate_batch(rows, 24, 0.0, stop_tokens=eos, no_repeat_ngram_size=2, min_new_tokens=8) == alone
+    draft = LLM.from_hf(tmp_path, dtype=torch.float64)
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.add_(torch.randn_like(p) * 0.05)  # (some proposals rejected)
+    for rules in (dict(no_repeat_ngram_size=2),
+                  dict(min_new_tokens=12, no_repeat_ngram_size=1, repetition_penalty=1.2, stop_tokens=eos)):
+        stats = {}
+        spoken = ours.generate_speculative(prompt[:1], draft, 20, temperature=0, draft_tokens=3, stats=stats, **rules)
+        assert [int(t) for t in spoken] == ours.generate(prompt[:1], 20, temperature=0, **rules)[0, 6:].tolist()
+        assert 0 < stats["accepted"] < stats["drafted"]
+        stats = {}
+        spoken = ours.generate_speculative(prompt[:1], ours, 20, 0.9, draft_tokens=4, stats=stats,
+                                           generator=torch.Generator().manual_seed(0), **rules)
+        assert len(list(spoken)) == 20 and stats["accepted"] == stats["drafted"] > 0
+    for bad in (dict(no_repeat_ngram_size=-1), dict(min_new_tokens=2.0), dict(no_repeat_ngram_size=True)):
+        with pytest.raises(ValueError, match="must be an int >= 0"):
+            ours.generate(prompt, 4, **bad)
+
+
 def test_to_hf_of_a_fine_tune_that_set_its_training_fields(tmp_path):
     # dropout and router_aux_loss_coef set for training (set_training_options) are no part of the
     # function written: the source's config.json still describes the model (export had refused it)

@@ -920,6 +920,7 @@ def cmd_train(args) -> int:
     if "out" in explicit:
         explicit["out_dir"] = explicit.pop("out")
     opts.update(explicit)
+    preference_list_options(opts, explicit)
     cli = {k: opts.pop(k, default) for k, default in _CLI_KEYS.items()}
     check_cli_kinds(cli, args.config or "train")
     # The run's folder locked before anything is written into it (run.json, the tokenizer, the token
@@ -964,6 +965,39 @@ def cmd_train(args) -> int:
         return _train_command(args, explicit, opts, model, cli, refused)
 
 
+def preference_list_options(opts: dict, explicit: dict) -> dict:
+    """opts (a command's) with --preference's names (TRL's loss_type list, a flag's or a config file's
+    list) as TrainConfig's: the first its preference, the rest its preference_mix, "sft" its
+    sft_weight; --preference-weights (TRL's loss_weights, one per name, sft's too) its
+    preference_weights and sft_weight. A name alone is preference, as before (a config file's
+    preference as text, with its preference_mix and preference_weights, is TrainConfig's own)."""
+    names = opts.get("preference")
+    if not isinstance(names, list):
+        if "preference_weights" in explicit:  # (a resume's run's names would be TrainConfig's, sft's aside)
+            raise ValueError("--preference-weights goes with --preference: one weight per name it gives, in order")
+        return opts
+    weights = opts.get("preference_weights") or []
+    if not isinstance(weights, list):
+        raise ValueError(f"preference_weights must be a list of numbers, one per preference name, got {weights!r}")
+    if not names or names[0] == "sft" or names.count("sft") > 1:
+        raise ValueError(f"--preference: a pair loss first, then more of the dpo family and sft (TRL's loss_type; "
+                         f"sft once, its weight the chosen replies' NLL's), got {' '.join(map(str, names))}")
+    if weights and len(weights) != len(names):
+        raise ValueError(f"--preference-weights: one weight per --preference name ({' '.join(map(str, names))}: "
+                         f"{len(names)}), got {len(weights)}: {' '.join(map(str, weights))}")
+    weights = weights or [1.0] * len(names)
+    if "sft" in names:
+        if "sft_weight" in opts:
+            raise ValueError("--preference's sft and --sft-weight are one loss: give its weight once, in "
+                             "--preference-weights (or --sft-weight without sft)")
+        opts["sft_weight"] = weights[names.index("sft")]
+    kept = [(name, w) for name, w in zip(names, weights) if name != "sft"]
+    opts["preference"], opts["preference_mix"] = kept[0][0], [name for name, _ in kept[1:]]
+    # (a name alone without weights: no preference_weights, as before the list)
+    opts["preference_weights"] = [w for _, w in kept] if opts.get("preference_weights") else []
+    return opts
+
+
 def _in_dpo_family(preference: str) -> bool:
     from pyllm.nn import DPO_LOSSES
 
@@ -980,7 +1014,7 @@ _GOES_WITH = {
     "beta": (lambda c: bool(c.preference) and c.preference != "reward",
              "a preference loss other than reward (a reward model's Bradley-Terry loss has no beta)"),
     "simpo_gamma": (lambda c: c.preference == "simpo", "preference simpo"),
-    "discopop_tau": (lambda c: c.preference == "discopop", "preference discopop"),
+    "discopop_tau": (lambda c: "discopop" in (c.preference, *c.preference_mix), "preference discopop"),
     "f_alpha": (lambda c: c.f_divergence == "alpha_divergence", "--f-divergence alpha_divergence"),
     "ld_alpha": (lambda c: _in_dpo_family(c.preference), "the dpo family of preference losses (LD-DPO)"),
     "desirable_weight": (lambda c: c.preference == "kto", "preference kto"),
@@ -2271,9 +2305,9 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                         "DPOTrainer's and KTOTrainer's logits/*; the chosen replies' accuracy, KTO none). From the "
                         "cross-entropy kernel's pass over the logits (one more read of them without --fused-loss). "
                         "Not with a reward model, distillation or GRPO (default on)")
-    p.add_argument("--preference", choices=["dpo", "ipo", "hinge", "simpo", "orpo", "kto", "reward", "robust",
-                                            "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "apo_zero", "apo_down",
-                                            "discopop", "sigmoid_norm"],
+    p.add_argument("--preference", nargs="+", metavar="LOSS",
+                   choices=["dpo", "ipo", "hinge", "simpo", "orpo", "kto", "reward", "robust", "exo_pair", "nca_pair",
+                            "bco_pair", "sppo_hard", "apo_zero", "apo_down", "discopop", "sigmoid_norm", "sft"],
                    help="preference tuning on --data of preference pairs: *.jsonl lines of {\"prompt\": ..., "
                         "\"chosen\": ..., \"rejected\": ...} (text, or lists of messages put in the chat template; or "
                         "{\"chosen\": [messages], \"rejected\": [messages]} with a prompt in common), as TRL takes them, "
@@ -2285,7 +2319,12 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                         "reward trains a reward model on the pairs (a score head at each reply's last token, "
                         "-log sigmoid(score chosen - score rejected): TRL's RewardTrainer). TRL's other DPOTrainer "
                         "loss types compare with the starting model as dpo: robust, exo_pair, nca_pair, bco_pair, "
-                        "sppo_hard, apo_zero, apo_down, discopop and sigmoid_norm")
+                        "sppo_hard, apo_zero, apo_down, discopop and sigmoid_norm. Several of the dpo family, and "
+                        "sft (the chosen replies' NLL, as --sft-weight), add up (TRL's loss_type list; MPO: "
+                        "--preference dpo bco_pair sft --preference-weights 0.8 0.2 1.0); TRL's sigmoid is dpo")
+    p.add_argument("--preference-weights", type=float, nargs="+", metavar="W",
+                   help="each --preference loss's weight, in their order, sft's too (TRL's loss_weights; "
+                        "default 1 each)")
     p.add_argument("--desirable-weight", type=float, help="kto: the desirable examples' weight (default 1)")
     p.add_argument("--undesirable-weight", type=float, help="kto: the undesirable examples' weight (default 1)")
     p.add_argument("--kto-loss-type", choices=("kto", "apo_zero_unpaired"),
@@ -2297,14 +2336,14 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--simpo-gamma", type=float, help="SimPO's target reward margin (default 0.5)")
     p.add_argument("--sft-weight", type=float, help="with --preference simpo or the dpo family: plus this times "
                    "the chosen reply's negative log-likelihood per token (RPO; TRL's loss_type [\"sigmoid\", "
-                   "\"sft\"] with loss_weights; default 0)")
+                   "\"sft\"] with loss_weights, as --preference dpo sft; default 0)")
     p.add_argument("--label-smoothing", type=float, help="with --preference dpo or robust: the share of pairs "
                    "taken to be mislabelled (conservative / robust DPO; default 0); exo_pair: EXO's epsilon, "
-                   "required (its paper's 1e-3)")
+                   "required (its paper's 1e-3); in a mix, each of them takes it")
     p.add_argument("--f-divergence", choices=("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"),
-                   help="with --preference dpo, hinge, ipo, robust, exo_pair, discopop or sigmoid_norm: the "
-                        "divergence from the reference the loss regularizes by (f-DPO; TRL's f_divergence_type; "
-                        "default reverse_kl, DPO's)")
+                   help="with --preference dpo, hinge, ipo, robust, exo_pair, discopop or sigmoid_norm (a mix: "
+                        "all of its losses of these, as TRL): the divergence from the reference the loss regularizes "
+                        "by (f-DPO; TRL's f_divergence_type; default reverse_kl, DPO's)")
     p.add_argument("--f-alpha", type=float, help="with --f-divergence alpha_divergence: its alpha (default 0.5, "
                    "TRL's f_alpha_divergence_coef)")
     p.add_argument("--ld-alpha", type=float, metavar="A", help="with --preference dpo or its family: LD-DPO "

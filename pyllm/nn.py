@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+from collections.abc import Sequence
 from typing import Literal, NamedTuple, overload
 
 import torch
@@ -2000,7 +2001,8 @@ def preference_loss(kind: str, chosen_logps: torch.Tensor, rejected_logps: torch
                     label_smoothing: float = 0.0, desirable: torch.Tensor | None = None, desirable_weight: float = 1.0,
                     undesirable_weight: float = 1.0, kl: torch.Tensor | None = None, center_rewards: float = 0.0,
                     margin: torch.Tensor | None = None, sft_weight: float = 0.0, discopop_tau: float = 0.05,
-                    kto_loss: str = "kto", f_divergence: str = "reverse_kl", f_alpha: float = 0.5
+                    kto_loss: str = "kto", f_divergence: str = "reverse_kl", f_alpha: float = 0.5,
+                    weight: float = 1.0, mix: Sequence[tuple[str, float]] = ()
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pair losses of preference tuning from each pair's chosen and rejected replies' summed
     log-probabilities (sequence_logps) and their numbers of tokens, with the implicit rewards of the
@@ -2057,7 +2059,28 @@ def preference_loss(kind: str, chosen_logps: torch.Tensor, rejected_logps: torch
     fp16, as TRL's; f_alpha 1: x); the rewards logged stay beta x (TRL's).
     sft_weight (simpo and the dpo family, DPO_LOSSES): plus sft_weight times the chosen reply's
     negative log-likelihood per token (RPO, Pang et al. 2024; TRL's loss_type [..., "sft"] with its
-    weight, MPO's mix; TRL averages it over the batch's chosen tokens, here over each pair's as ORPO's)."""
+    weight, MPO's mix; TRL averages it over the batch's chosen tokens, here over each pair's as ORPO's).
+    weight and mix (TRL's loss_type list with its loss_weights; MPO: dpo 0.8, mix (("bco_pair", 0.2),),
+    sft_weight 1): weight times kind's losses plus each (k, w) of mix's w times k's, then sft_weight's
+    NLL once; kind and mix's all of the dpo family, each once. Each kind takes the options it takes
+    alone (label_smoothing dpo, robust, exo_pair; discopop_tau discopop; f_divergence all of them, as
+    TRL refuses it otherwise); the rewards are kind's (beta times the summed log-ratios for every one of
+    the dpo family, as TRL logs them once for the mix)."""
+    if mix:
+        kinds = [kind, *(k for k, _ in mix)]
+        if not all(k in DPO_LOSSES for k in kinds) or len(set(kinds)) < len(kinds):
+            raise ValueError(f"preference loss: a mix of losses takes the dpo family ({', '.join(DPO_LOSSES)}), "
+                             f"each once (its sft: sft_weight); got {', '.join(map(repr, kinds))}")
+        options = dict(chosen_tokens=chosen_tokens, rejected_tokens=rejected_tokens, ref_chosen_logps=ref_chosen_logps,
+                       ref_rejected_logps=ref_rejected_logps, beta=beta, gamma=gamma, label_smoothing=label_smoothing,
+                       discopop_tau=discopop_tau, f_divergence=f_divergence, f_alpha=f_alpha)
+        losses, chosen_rewards, rejected_rewards = preference_loss(kind, chosen_logps, rejected_logps, weight=weight,
+                                                                   **options)
+        for k, w in mix:
+            losses = losses + preference_loss(k, chosen_logps, rejected_logps, weight=w, **options)[0]
+        if sft_weight:  # (once for the mix: TRL's "sft" is a loss_type of its own)
+            losses = losses + sft_weight * (-chosen_logps / chosen_tokens.clamp(min=1))
+        return losses, chosen_rewards, rejected_rewards
     if kind not in PREFERENCE_LOSSES:
         raise ValueError(f"preference loss must be one of {', '.join(PREFERENCE_LOSSES)}, got {kind!r}")
     if not beta > 0:
@@ -2147,6 +2170,8 @@ def preference_loss(kind: str, chosen_logps: torch.Tensor, rejected_logps: torch
     else:  # orpo
         log_odds = orpo_log_odds(chosen_logps) - orpo_log_odds(rejected_logps)
         losses = -chosen_logps - beta * F.logsigmoid(log_odds)
+    if weight != 1.0:  # (weight 1 left out: today's losses bitwise)
+        losses = weight * losses
     if nll is not None:
         losses = losses + sft_weight * nll
     if logged is not None:

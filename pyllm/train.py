@@ -61,6 +61,10 @@ class TrainConfig:
     loss_type: str = "nll"  # "dft": each target's loss times its probability, held constant (DFT; TRL's SFT loss_type): pretraining and SFT
     token_stats: bool = True  # log TRL's mean_token_accuracy and entropy (pretraining, SFT; DPO, KTO: with logits_*)
     preference: str = ""  # on preference pairs: dpo | ipo | hinge | simpo | orpo | kto | reward | TRL's other DPO loss types (DPO_LOSSES) ("": none)
+    # the dpo family: more of its losses added (TRL's loss_type after its first; MPO's ["bco_pair"])
+    preference_mix: list = field(default_factory=list)
+    # each loss's weight, preference's then preference_mix's (TRL's loss_weights; sft's: sft_weight); []: 1 each
+    preference_weights: list = field(default_factory=list)
     beta: float = 0.0  # the preference loss's beta (ORPO's lambda); 0: its usual value (PREFERENCE_BETA)
     simpo_gamma: float = 0.5  # SimPO's target reward margin
     label_smoothing: float = 0.0  # dpo, robust: the share of pairs taken to be mislabelled (conservative DPO); exo_pair's epsilon
@@ -215,9 +219,23 @@ class TrainConfig:
                              f"got {self.preference!r}")
         if not 0.0 <= self.beta < math.inf or not 0.0 <= self.simpo_gamma < math.inf:
             raise ValueError(f"TrainConfig.beta and simpo_gamma must be >= 0 and finite, got {self.beta} and {self.simpo_gamma}")
-        if not 0.0 <= self.label_smoothing < (1.0 if self.preference == "exo_pair" else 0.5):  # (EXO's epsilon: TRL's)
-            raise ValueError(f"TrainConfig.label_smoothing must be in [0, 0.5) (exo_pair's epsilon in (0, 1)), got "
-                             f"{self.label_smoothing}")
+        losses = [self.preference, *self.preference_mix]  # (TRL's loss_type list, its "sft" aside)
+        if self.preference_mix and (not all(isinstance(k, str) and k in DPO_LOSSES for k in self.preference_mix)
+                                    or self.preference not in DPO_LOSSES or len(set(losses)) < len(losses)):
+            raise ValueError(f"TrainConfig.preference_mix: more losses of the dpo family ({', '.join(DPO_LOSSES)}) "
+                             f"added to preference, itself one of them, each once (TRL's sft: sft_weight), got "
+                             f"preference {self.preference or 'none'!r} with {self.preference_mix}")
+        if self.preference_weights and (not self.preference or len(self.preference_weights) != len(losses) or not all(
+                isinstance(w, (int, float)) and not isinstance(w, bool) and 0 <= w < math.inf
+                for w in self.preference_weights)):
+            raise ValueError(f"TrainConfig.preference_weights: a finite number >= 0 for each of the {len(losses)} "
+                             f"loss(es) of preference and preference_mix ({', '.join(map(repr, losses))}; TRL's "
+                             f"loss_weights, sft's being sft_weight), got {self.preference_weights}")
+        # (dpo's conservative and robust's smoothing need e < 0.5; EXO's epsilon alone any e in (0, 1), TRL's)
+        smoothing_below = 1.0 if "exo_pair" in losses and not {"dpo", "robust"} & set(losses) else 0.5
+        if not 0.0 <= self.label_smoothing < smoothing_below:
+            raise ValueError(f"TrainConfig.label_smoothing must be in [0, 0.5) (exo_pair's epsilon in (0, 1), mixed "
+                             f"with neither dpo nor robust), got {self.label_smoothing}")
         if not (0 < self.desirable_weight < math.inf and 0 < self.undesirable_weight < math.inf):
             raise ValueError(f"TrainConfig.desirable_weight and undesirable_weight must be > 0, got "
                              f"{self.desirable_weight} and {self.undesirable_weight}")
@@ -238,9 +256,10 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.loss_type must be 'nll' or 'dft', dft with pretraining and SFT (not "
                              f"preference tuning, distillation or GRPO, whose losses are their own), got "
                              f"{self.loss_type!r}" + (f" with {mode}" if mode and self.loss_type == "dft" else ""))
-        if self.label_smoothing and self.preference not in ("dpo", "robust", "exo_pair"):
-            raise ValueError("TrainConfig.label_smoothing goes with preference dpo, robust or exo_pair")
-        if self.preference == "exo_pair" and not self.label_smoothing:
+        if self.label_smoothing and not {"dpo", "robust", "exo_pair"} & set(losses):
+            raise ValueError("TrainConfig.label_smoothing goes with preference dpo, robust or exo_pair (or one of "
+                             "them in preference_mix)")
+        if "exo_pair" in losses and not self.label_smoothing:
             raise ValueError("TrainConfig.label_smoothing: preference exo_pair needs it above 0 (EXO's epsilon; its "
                              "paper's 1e-3)")
         if self.kto_loss_type not in ("kto", "apo_zero_unpaired") or (self.kto_loss_type != "kto"
@@ -248,10 +267,11 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.kto_loss_type must be kto or apo_zero_unpaired and goes with preference "
                              f"kto, got {self.kto_loss_type!r} with {self.preference or 'no preference loss'!r}")
         if self.f_divergence not in F_DIVERGENCES or (self.f_divergence != "reverse_kl"
-                                                      and self.preference not in F_DIVERGENCE_LOSSES):
+                                                      and not set(losses) <= set(F_DIVERGENCE_LOSSES)):
             raise ValueError(f"TrainConfig.f_divergence must be one of {', '.join(F_DIVERGENCES)} and, other than "
-                             f"reverse_kl, goes with preference {', '.join(F_DIVERGENCE_LOSSES)} (f-DPO; TRL refuses "
-                             f"the others too), got {self.f_divergence!r} with {self.preference or 'none'!r}")
+                             f"reverse_kl, goes with preference {', '.join(F_DIVERGENCE_LOSSES)}, preference_mix's "
+                             f"too (f-DPO; TRL refuses the others too), got {self.f_divergence!r} with "
+                             f"{', '.join(map(repr, losses)) if self.preference else 'none'}")
         if not -math.inf < self.f_alpha < math.inf or (self.f_alpha != 0.5 and self.f_divergence != "alpha_divergence"):
             raise ValueError(f"TrainConfig.f_alpha must be finite and goes with f_divergence alpha_divergence, got "
                              f"{self.f_alpha} with {self.f_divergence}")
@@ -405,11 +425,13 @@ PREFERENCE_BETA = {**dict.fromkeys(DPO_LOSSES, 0.1), "simpo": 2.0, "orpo": 0.1, 
 
 def preference_options(cfg) -> dict:
     """The keyword arguments of preference_loss for cfg."""
+    weights = cfg.preference_weights or [1.0] * (1 + len(cfg.preference_mix))
     return {"kind": cfg.preference, "beta": cfg.beta or PREFERENCE_BETA[cfg.preference], "gamma": cfg.simpo_gamma,
             "label_smoothing": cfg.label_smoothing, "desirable_weight": cfg.desirable_weight,
             "undesirable_weight": cfg.undesirable_weight, "center_rewards": cfg.center_rewards,
             "sft_weight": cfg.sft_weight, "discopop_tau": cfg.discopop_tau, "kto_loss": cfg.kto_loss_type,
-            "f_divergence": cfg.f_divergence, "f_alpha": cfg.f_alpha, "ld_alpha": cfg.ld_alpha}
+            "f_divergence": cfg.f_divergence, "f_alpha": cfg.f_alpha, "ld_alpha": cfg.ld_alpha,
+            "weight": float(weights[0]), "mix": tuple(zip(cfg.preference_mix, map(float, weights[1:])))}
 
 
 class TrainingDiverged(RuntimeError):

@@ -1321,7 +1321,7 @@ def test_choices_are_the_libraries_own_lists():
 
     train = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
     choices = {a.dest: a.choices for a in train._actions}
-    assert sorted(choices["preference"]) == sorted(PREFERENCE_LOSSES)
+    assert sorted(choices["preference"]) == sorted(PREFERENCE_LOSSES + ("sft",))  # (sft: TRL's, a mix's NLL term)
     assert sorted(choices["grpo_loss_type"]) == sorted(GRPO_LOSS_TYPES)
 
 
@@ -2026,3 +2026,63 @@ def test_stop_string_may_begin_at_the_start_of_a_short_prompt():
     assert cli.has_stop_string("i>", ["abcdei>"], "abcde")
     assert cli.has_stop_string("i", ["cdei", "zzzzzzz"], "abcde")
     assert not cli.has_stop_string("i", ["abcde", "zzzzzzz"], "abcde")  # (in the prompt alone)
+
+
+def preference_opts(argv, config=None):
+    """train's options as cmd_train makes them of argv (and a config file's): TrainConfig's names."""
+    args = cli.build_parser().parse_args(["train", *argv])
+    explicit = {k: v for k, v in vars(args).items() if v is not None and k not in ("func", "command")}
+    opts = dict(config or {})
+    opts.update(explicit)
+    return cli.preference_list_options(opts, explicit)
+
+
+def test_preference_takes_trls_loss_type_list():
+    # --preference NAME [NAME ...] --preference-weights W [W ...]: TRL's loss_type and loss_weights (MPO's
+    # recipe, TRL's sigmoid being dpo); sft the chosen replies' NLL, sft_weight; a name alone as before
+    from pyllm.train import TrainConfig
+
+    opts = preference_opts(["--preference", "dpo", "bco_pair", "sft", "--preference-weights", "0.8", "0.2", "1.0"])
+    assert (opts["preference"], opts["preference_mix"], opts["preference_weights"], opts["sft_weight"]) == (
+        "dpo", ["bco_pair"], [0.8, 0.2], 1.0)
+    TrainConfig.from_dict({k: v for k, v in opts.items() if k not in cli._CLI_KEYS}).validate()
+    opts = preference_opts(["--preference", "ipo", "sft", "hinge"])  # (without weights: 1 each, sft's too)
+    assert (opts["preference"], opts["preference_mix"], opts["preference_weights"], opts["sft_weight"]) == (
+        "ipo", ["hinge"], [], 1.0)
+    opts = preference_opts(["--preference", "dpo"])
+    assert (opts["preference"], opts["preference_mix"], opts["preference_weights"]) == ("dpo", [], [])
+    assert "sft_weight" not in opts
+    assert preference_opts(["--preference", "dpo", "--sft-weight", "0.5"])["sft_weight"] == 0.5
+    assert preference_opts(["--preference", "kto", "--preference-weights", "2"])["preference_weights"] == [2.0]
+    # a config file's list as the flag's; its text preference with preference_mix, TrainConfig's own
+    assert preference_opts([], {"preference": ["dpo", "sft"], "preference_weights": [0.5, 2.0]})["sft_weight"] == 2.0
+    text = {"preference": "dpo", "preference_mix": ["bco_pair"], "preference_weights": [0.8, 0.2]}
+    assert preference_opts([], text) == text
+    for argv, message in ((["--preference", "sft"], "a pair loss first"),
+                          (["--preference", "sft", "dpo"], "a pair loss first"),
+                          (["--preference", "dpo", "sft", "sft"], "sft once"),
+                          (["--preference", "dpo", "sft", "--sft-weight", "1"], "give its weight once"),
+                          (["--preference", "dpo", "bco_pair", "sft", "--preference-weights", "0.8", "0.2"],
+                           r"one weight per --preference name \(dpo bco_pair sft: 3\), got 2: 0.8 0.2"),
+                          (["--preference-weights", "0.8"], "--preference-weights goes with --preference")):
+        with pytest.raises(ValueError, match=message):
+            preference_opts(argv)
+
+
+def test_a_preference_mix_is_checked_before_any_work(tmp_path, capsys):
+    # the CLI's refusals of a mix, and TrainConfig's, before the run's folder holds anything
+    out = tmp_path / "run"
+    for flags, message in ((["--preference", "sft", "dpo"], "a pair loss first"),
+                           (["--preference", "dpo", "bco_pair", "--preference-weights", "1"], "one weight per"),
+                           (["--preference", "dpo", "bco_pair", "--f-divergence", "js_divergence"],
+                            "got 'js_divergence' with 'dpo', 'bco_pair'"),
+                           (["--preference", "simpo", "dpo"], "preference_mix: more losses of the dpo family"),
+                           (["--preference", "dpo", "--discopop-tau", "0.1"], "discopop_tau (--discopop-tau) goes")):
+        assert cli.main(["train", "--data", str(tmp_path / "none.jsonl"), "--out", str(out), *flags]) == 2
+        assert message in capsys.readouterr().err, flags
+        assert not out.exists() or not any(p.name != ".lock" for p in out.iterdir())
+    from pyllm.train import TrainConfig
+
+    opts = preference_opts(["--preference", "dpo", "discopop", "--discopop-tau", "0.1"])
+    cfg = TrainConfig.from_dict({k: v for k, v in opts.items() if k not in cli._CLI_KEYS})
+    cli.check_options_used(cfg, opts, opts)  # (discopop in the mix takes its tau)

@@ -1460,6 +1460,227 @@ def test_ld_alpha_1_is_plain_dpo_and_others_refuse_it(uneven_pairs_dir, referenc
         trainer.preference_batch_loss(policy, batch, None, kind="simpo", ld_alpha=0.5)
 
 
+def trl_mix_loss(loss_types, loss_weights, pc, pr, nc, nr, rc, rr, beta, smoothing=0.0, fdiv="reverse_kl"):
+    """TRL 1.16's DPOTrainer._compute_loss loop over loss_type with loss_weights, written out from its
+    lines for a batch of pairs (each (P,): summed log-probabilities, reply token counts): the sum of
+    weight * per_sequence_loss.mean(). Its sft term averages over the batch's chosen tokens; here
+    each pair's NLL per token, then their mean (pyllm's, as --sft-weight's)."""
+    F = torch.nn.functional
+    chosen_logratios, rejected_logratios = pc - rc, pr - rr
+    f = {"reverse_kl": lambda x: x, "forward_kl": lambda x: 1 - torch.exp(-x),
+         "js_divergence": lambda x: math.log(2) + F.logsigmoid(x)}[fdiv]
+    chosen_scores, rejected_scores = f(chosen_logratios), f(rejected_logratios)
+    delta_score = chosen_scores - rejected_scores
+    loss = 0.0
+    for loss_type, loss_weight in zip(loss_types, loss_weights, strict=True):
+        if loss_type == "sigmoid":
+            per_sequence_loss = -F.logsigmoid(beta * delta_score)
+        elif loss_type == "hinge":
+            per_sequence_loss = torch.relu(1 - beta * delta_score)
+        elif loss_type == "ipo":
+            ipo_delta = chosen_scores / nc.clamp(min=1.0) - rejected_scores / nr.clamp(min=1.0)
+            per_sequence_loss = (ipo_delta - 1 / (2 * beta)) ** 2
+        elif loss_type == "exo_pair":
+            epsilon = torch.tensor(smoothing, dtype=torch.float64)
+            qw, log_qw = torch.sigmoid(beta * delta_score), F.logsigmoid(beta * delta_score)
+            ql, log_ql = torch.sigmoid(-beta * delta_score), F.logsigmoid(-beta * delta_score)
+            per_sequence_loss = qw * (log_qw - torch.log1p(-epsilon)) + ql * (log_ql - torch.log(epsilon))
+        elif loss_type == "nca_pair":
+            chosen_rewards, rejected_rewards = beta * chosen_logratios, beta * rejected_logratios
+            per_sequence_loss = (-F.logsigmoid(chosen_rewards) - 0.5 * F.logsigmoid(-chosen_rewards)
+                                 - 0.5 * F.logsigmoid(-rejected_rewards))
+        elif loss_type == "robust":
+            clean_loss_term = -(1 - smoothing) * F.logsigmoid(beta * delta_score)
+            flipped_loss_term = -smoothing * F.logsigmoid(-beta * delta_score)
+            per_sequence_loss = (clean_loss_term - flipped_loss_term) / (1 - 2 * smoothing)
+        elif loss_type == "bco_pair":
+            chosen_rewards, rejected_rewards = beta * chosen_logratios, beta * rejected_logratios
+            per_sequence_loss = -F.logsigmoid(chosen_rewards) - F.logsigmoid(-rejected_rewards)
+        elif loss_type == "sppo_hard":
+            per_sequence_loss = (chosen_logratios - 0.5 / beta) ** 2 + (rejected_logratios + 0.5 / beta) ** 2
+        elif loss_type == "apo_down":
+            per_sequence_loss = (torch.sigmoid(beta * chosen_logratios)
+                                 + 1 - torch.sigmoid(beta * (chosen_logratios - rejected_logratios)))
+        elif loss_type == "sigmoid_norm":
+            delta = chosen_scores / nc.clamp(min=1.0) - rejected_scores / nr.clamp(min=1.0)
+            per_sequence_loss = -F.logsigmoid(beta * delta)
+        else:
+            assert loss_type == "sft", loss_type
+            per_sequence_loss = -pc / nc.clamp(min=1.0)  # (pyllm's: each pair's NLL per token)
+        loss += per_sequence_loss.mean() * loss_weight
+    return loss
+
+
+# pyllm's spelling of TRL's loss_type lists: (preference, its weight), preference_mix, sft_weight
+MIXES = {"mpo": (["sigmoid", "bco_pair", "sft"], [0.8, 0.2, 1.0], {}),
+         "js": (["sigmoid", "ipo", "hinge", "sft"], [0.5, 0.3, 1.0, 0.4], {"fdiv": "js_divergence"}),
+         "exo": (["exo_pair", "robust", "nca_pair", "sppo_hard", "apo_down"], [1.0, 0.5, 2.0, 0.01, 0.7],
+                 {"smoothing": 1e-3})}
+
+
+def mix_options(loss_types, loss_weights, smoothing=0.0, fdiv="reverse_kl"):
+    """preference_loss's options for TRL's loss_type and loss_weights."""
+    kinds = [("dpo" if k == "sigmoid" else k, w) for k, w in zip(loss_types, loss_weights) if k != "sft"]
+    sft = [w for k, w in zip(loss_types, loss_weights) if k == "sft"]
+    return dict(kind=kinds[0][0], weight=kinds[0][1], mix=tuple(kinds[1:]), sft_weight=sft[0] if sft else 0.0,
+                label_smoothing=smoothing, f_divergence=fdiv)
+
+
+@pytest.mark.parametrize("mix", list(MIXES))
+def test_preference_loss_mix_is_trls(mix):
+    # A mix (TRL's loss_type list with loss_weights: MPO's, f-DPO's js_divergence over all of its losses,
+    # EXO's epsilon taken by exo_pair and robust): fp64, the mean loss and its gradients are TRL's loop's,
+    # the rewards logged once (beta times the summed log-ratios, whichever the losses), not one per loss.
+    from pyllm.nn import preference_loss
+
+    loss_types, loss_weights, extra = MIXES[mix]
+    g = torch.Generator().manual_seed(3)
+    pc, pr = (-20 * torch.rand(6, generator=g, dtype=torch.float64) for _ in range(2))
+    rc, rr = (p + torch.randn(6, generator=g, dtype=torch.float64) for p in (pc, pr))
+    nc, nr = (torch.randint(1, 9, (6,), generator=g).to(torch.float64) for _ in range(2))
+    beta = 0.3
+    got_inputs = [pc.clone().requires_grad_(), pr.clone().requires_grad_()]
+    losses, chosen, rejected = preference_loss(chosen_logps=got_inputs[0], rejected_logps=got_inputs[1],
+                                               chosen_tokens=nc, rejected_tokens=nr, ref_chosen_logps=rc,
+                                               ref_rejected_logps=rr, beta=beta,
+                                               **mix_options(loss_types, loss_weights, **extra))
+    losses.mean().backward()
+    want_inputs = [pc.clone().requires_grad_(), pr.clone().requires_grad_()]
+    want = trl_mix_loss(loss_types, loss_weights, *want_inputs, nc, nr, rc, rr, beta, **extra)
+    want.backward()
+    assert losses.mean().item() == pytest.approx(want.item(), rel=1e-12)
+    for a, b in zip(got_inputs, want_inputs):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=0)
+    torch.testing.assert_close(chosen, beta * (pc - rc), rtol=1e-15, atol=0)
+    torch.testing.assert_close(rejected, beta * (pr - rr), rtol=1e-15, atol=0)
+
+
+def test_preference_loss_weight_1_and_no_mix_are_todays_and_mixes_are_refused_otherwise():
+    # weight 1 and no mix: every kind's losses and rewards as without them, bitwise; a weight scales
+    # the kind's loss, not sft_weight's NLL; a mix takes the dpo family, each once
+    from pyllm.nn import PREFERENCE_LOSSES, preference_loss
+
+    g = torch.Generator().manual_seed(4)
+    pc, pr, rc, rr = (-20 * torch.rand(4, generator=g, dtype=torch.float64) for _ in range(4))
+    n = torch.tensor([3.0, 1.0, 5.0, 2.0], dtype=torch.float64)
+    for kind in PREFERENCE_LOSSES:
+        kw = dict(chosen_logps=pc, rejected_logps=pr, chosen_tokens=n, rejected_tokens=n.flip(0), ref_chosen_logps=rc,
+                  ref_rejected_logps=rr, beta=0.3, label_smoothing=1e-3 if kind == "exo_pair" else 0.0,
+                  desirable=torch.tensor([True, False, True, False]))
+        plain, same = preference_loss(kind, **kw), preference_loss(kind, weight=1.0, mix=(), **kw)
+        assert all(torch.equal(a, b) for a, b in zip(plain, same)), kind
+    kw = dict(chosen_logps=pc, rejected_logps=pr, chosen_tokens=n, rejected_tokens=n, ref_chosen_logps=rc,
+              ref_rejected_logps=rr, beta=0.3)
+    nll = -pc / n
+    torch.testing.assert_close(preference_loss("dpo", weight=0.25, sft_weight=2.0, **kw)[0],
+                               0.25 * preference_loss("dpo", **kw)[0] + 2.0 * nll, rtol=1e-15, atol=0)
+    for kind, mix, message in (("simpo", (("dpo", 1.0),), "takes the dpo family"),
+                               ("dpo", (("kto", 1.0),), "takes the dpo family"),
+                               ("dpo", (("bco_pair", 1.0), ("bco_pair", 0.5)), "each once"),
+                               ("dpo", (("dpo", 0.5),), "each once")):
+        with pytest.raises(ValueError, match=message):
+            preference_loss(kind, mix=mix, **kw)
+    with pytest.raises(ValueError, match="f_divergence .* got 'forward_kl' with bco_pair"):
+        preference_loss("dpo", mix=(("bco_pair", 1.0),), f_divergence="forward_kl", **kw)
+    with pytest.raises(ValueError, match="exo_pair needs label_smoothing"):
+        preference_loss("dpo", mix=(("exo_pair", 1.0),), **kw)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+@pytest.mark.parametrize("mix", list(MIXES))
+def test_preference_batch_loss_of_a_mix_is_trls(pairs_dir, mix, fused, monkeypatch):
+    # a TrainConfig's mix (preference_options: preference, preference_mix, preference_weights, sft_weight)
+    # on a packed batch, fused with the output layer or not: fp64, the loss and gradients of TRL's loop on
+    # each pair's log-probabilities computed alone; the rewards logged once
+    loss_types, loss_weights, extra = MIXES[mix]
+    options = mix_options(loss_types, loss_weights, **extra)
+    cfg = TrainConfig(preference=options["kind"], preference_mix=[k for k, _ in options["mix"]],
+                      preference_weights=[options["weight"], *(w for _, w in options["mix"])],
+                      sft_weight=options["sft_weight"], label_smoothing=options["label_smoothing"],
+                      f_divergence=options["f_divergence"], beta=0.3)
+    cfg.validate()
+    model, policy, loader, reference, batch = batch_of_pairs(pairs_dir)
+    policy.fused_loss = fused
+    if fused:
+        from pyllm import nn as pyllm_nn
+        monkeypatch.setattr("pyllm.model.linear_sequence_loss",
+                            functools.partial(pyllm_nn.linear_sequence_loss, chunk_rows=12))
+    loss, stats = trainer.preference_batch_loss(policy, batch, reference, fused=fused,
+                                                **trainer.preference_options(cfg))
+    monkeypatch.undo()
+    loss.backward()
+    got = [p.grad.clone() for p in policy.parameters()]
+    policy.zero_grad()
+    real = [d for d in batch[3] if d >= 0]
+    lengths = list(loader.lengths)
+    each = []
+    for c, r, lc, lr in zip(real[0::2], real[1::2], lengths[0::2], lengths[1::2]):
+        with torch.no_grad():
+            (ref_c, _), (ref_r, _) = logps_alone(loader, model, c, lc), logps_alone(loader, model, r, lr)
+        (pc, nc), (pr, nr) = logps_alone(loader, policy, c, lc), logps_alone(loader, policy, r, lr)
+        each.append((pc, pr, torch.tensor(float(nc), dtype=torch.float64),
+                     torch.tensor(float(nr), dtype=torch.float64), ref_c, ref_r))
+    pc, pr, nc, nr, rc, rr = (torch.stack(column) for column in zip(*each))
+    want = trl_mix_loss(loss_types, loss_weights, pc, pr, nc, nr, rc, rr, 0.3, **extra)
+    want.backward()
+    assert loss.item() == pytest.approx(want.item(), rel=1e-12)
+    assert stats[0].item() == pytest.approx((0.3 * (pc - rc)).mean().item(), rel=1e-10)
+    assert stats[1].item() == pytest.approx((0.3 * (pr - rr)).mean().item(), rel=1e-10)
+    for g, p in zip(got, policy.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=1e-9, atol=1e-14)
+
+
+def test_a_mix_trains_and_resumes_exactly(pairs_dir, tmp_path):
+    # TRL's loss_type ["sigmoid", "bco_pair"] with loss_weights [0.8, 0.2] in a run (fused): the first loss
+    # at the reference is 0.8 log 2 + 0.2 * 2 log 2; a resume is bitwise; the mix and weights are taken on
+    # resume as the other loss options (sft_weight, label_smoothing): a run told another mix trains with it
+    kw = dict(preference="dpo", preference_mix=["bco_pair"], preference_weights=[0.8, 0.2], beta=0.5, max_steps=8,
+              fused_loss=True)
+    trainer.train(config(pairs_dir, tmp_path / "whole", **kw))
+    log = [json.loads(line) for line in (tmp_path / "whole/log.jsonl").read_text().splitlines()]
+    assert log[0]["loss"] == pytest.approx(1.2 * math.log(2), abs=1e-6) and math.isfinite(log[-1]["val_loss"])
+    trainer.train(config(pairs_dir, tmp_path / "cut", **kw), stop_at=4)
+    trainer.train(config(pairs_dir, tmp_path / "cut", **kw), resume=True)
+    assert losses(tmp_path / "cut") == losses(tmp_path / "whole")
+    trainer.train(config(pairs_dir, tmp_path / "other", **kw), stop_at=4)
+    trainer.train(config(pairs_dir, tmp_path / "other", **{**kw, "preference_weights": [1.0, 0.0]}), resume=True)
+    other = losses(tmp_path / "other")
+    assert other[:4] == losses(tmp_path / "whole")[:4] and other[4] != losses(tmp_path / "whole")[4]
+
+
+def test_preference_mix_options_are_checked(tmp_path):
+    ok = [dict(preference="dpo", preference_mix=["bco_pair"], preference_weights=[0.8, 0.2], sft_weight=1.0),
+          dict(preference="dpo", preference_weights=[0.5]),
+          dict(preference="bco_pair", preference_mix=["exo_pair"], label_smoothing=0.7),  # (EXO's epsilon alone)
+          dict(preference="hinge", preference_mix=["ipo", "dpo"], f_divergence="js_divergence"),
+          dict(preference="nca_pair", preference_mix=["robust"], label_smoothing=0.1, ld_alpha=0.5)]
+    for options in ok:
+        TrainConfig(out_dir=str(tmp_path), **options).validate()
+    for options, message in (
+            (dict(preference="simpo", preference_mix=["dpo"]), "preference_mix: more losses of the dpo family"),
+            (dict(preference_mix=["dpo"]), "got preference 'none' with"),
+            (dict(preference="dpo", preference_mix=["kto"]), "preference_mix: more losses"),
+            (dict(preference="dpo", preference_mix=["sft"]), r"TRL's sft: sft_weight\), got preference 'dpo'"),
+            (dict(preference="dpo", preference_mix=["dpo"]), "each once"),
+            (dict(preference="dpo", preference_mix=[["ipo"]]), "preference_mix: more losses"),
+            (dict(preference="dpo", preference_mix=["bco_pair"], preference_weights=[1.0]),
+             "for each of the 2 loss"),
+            (dict(preference="dpo", preference_weights=[-1.0]), "a finite number >= 0"),
+            (dict(preference="dpo", preference_weights=[math.inf]), "a finite number >= 0"),
+            (dict(preference="dpo", preference_weights=[True]), "a finite number >= 0"),
+            (dict(preference_weights=[1.0]), "preference_weights"),
+            (dict(preference="bco_pair", preference_mix=["nca_pair"], label_smoothing=0.1),
+             "label_smoothing goes with preference dpo, robust or exo_pair"),
+            (dict(preference="dpo", preference_mix=["exo_pair"]), "exo_pair needs it above 0"),
+            (dict(preference="dpo", preference_mix=["exo_pair"], label_smoothing=0.7), "label_smoothing must be in"),
+            (dict(preference="robust", preference_mix=["exo_pair"], label_smoothing=0.5), "label_smoothing must be in"),
+            (dict(preference="dpo", preference_mix=["bco_pair"], f_divergence="forward_kl"),
+             "f_divergence must be one of .* got 'forward_kl' with 'dpo', 'bco_pair'"),
+            (dict(preference="dpo", preference_mix=["bco_pair"], ld_alpha=0.5, sft_weight=1.0), "ld_alpha with sft")):
+        with pytest.raises(ValueError, match=message):
+            TrainConfig(out_dir=str(tmp_path), **options).validate()
+
+
 def token_stats_alone(loader, m, doc, length):
     """(entropy sum, argmax hits, mean-logit sum, count) over a document's trained targets within its
     first length tokens, the document run alone through m (logps_alone's positions)."""

@@ -2523,6 +2523,10 @@ class _ExactOptionsParser(argparse.ArgumentParser):
             hints = [hint for word in message.split()[2:] if (hint := _spelled_as(word, flags))]
             if hints:
                 message += f" ({'; '.join(hints)})"
+            command = self._command()
+            if command is not self:  # the subcommand's usage and name (pyllm train: error: ...), as its other errors
+                command.print_usage(sys.stderr)
+                command.exit(2, f"{command.prog}: error: {message}\n")
         super().error(message)
 
     def _command(self) -> argparse.ArgumentParser:

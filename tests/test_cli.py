@@ -1882,6 +1882,9 @@ def test_flags_are_taken_by_their_whole_names(argv, hint, capsys):
                                                                                 "--max-step"))
     assert e.value.code == 2 and f"unrecognized arguments: {flag}" in err
     assert (hint in err) if hint else "(" not in err.splitlines()[-1]  # (a hint only where the command has the flag)
+    # the command's usage and name, as its other errors (pyllm's list of commands had been printed)
+    command = "pyllm tokenizer train" if argv[0] == "tokenizer" else f"pyllm {argv[0]}"
+    assert err.startswith(f"usage: {command} ") and err.splitlines()[-1].startswith(f"{command}: error: unrecognized")
     args = cli.build_parser().parse_args(["train", "--min-lr-ratio", "0.1", "--decay-frac", "0.2", "--warmup-steps", "5"])
     assert (args.min_lr_ratio, args.decay_frac, args.warmup_steps) == (0.1, 0.2, 5)
 

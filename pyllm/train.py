@@ -98,6 +98,12 @@ class TrainConfig:
     grpo_min_p: float = 0.0  # GRPO: samples drawn from tokens >= min_p x the likeliest's probability (TRL's); 0: all
     grpo_repetition_penalty: float = 1.0  # GRPO: samples drawn with their text's ids penalized (TRL's); 1: none
     grpo_beta: float = 0.0  # GRPO: the KL penalty's weight, against the starting model (LoRA: the updates off); 0: none (TRL's default)
+    # GRPO with grpo_beta: every grpo_ref_model_sync_steps steps the KL's reference model becomes alpha times the
+    # policy plus 1 - alpha times itself (TR-DPO, Gorbatovski et al. 2024; TRL's sync_ref_model, ref_model_mixup_alpha,
+    # ref_model_sync_steps and their defaults)
+    grpo_sync_ref_model: bool = False
+    grpo_ref_model_mixup_alpha: float = 0.6
+    grpo_ref_model_sync_steps: int = 512
     grpo_loss_type: str = "dapo"  # GRPO: the token losses' sum divided by: dapo (the step's tokens; TRL's default) | grpo | bnpo | dr_grpo; or cispo | sapo | luspo
     grpo_scale_rewards: str = "group"  # GRPO: advantages divided by the std of their group | batch (the generation's) | none (Dr. GRPO)
     grpo_multi_objective_aggregation: str = "sum_then_normalize"  # GRPO rewards (TRL's) | normalize_then_sum (GDPO)
@@ -310,6 +316,16 @@ class TrainConfig:
         if self.grpo_beta and not (self.lora_rank or self.init_from_hf or self.init_from_run):
             raise ValueError("TrainConfig.grpo_beta (a KL penalty against the starting model) needs init_from_hf or "
                              "init_from_run (or lora_rank: the model with its updates off)")
+        if self.grpo_sync_ref_model and (not self.grpo_beta or self.lora_rank):
+            raise ValueError("TrainConfig.grpo_sync_ref_model moves the KL penalty's reference model towards the "
+                             "policy: it needs grpo_beta > 0 (no reference model otherwise) and a full fine-tune (with "
+                             "lora_rank the reference is the model with its updates off, no model of its own); TRL "
+                             "refuses both")
+        if not 0.0 <= self.grpo_ref_model_mixup_alpha <= 1.0 or isinstance(self.grpo_ref_model_sync_steps, bool) \
+                or not isinstance(self.grpo_ref_model_sync_steps, int) or self.grpo_ref_model_sync_steps < 1:
+            raise ValueError(f"TrainConfig.grpo_ref_model_mixup_alpha must be in [0, 1] and grpo_ref_model_sync_steps "
+                             f"an int >= 1, got {self.grpo_ref_model_mixup_alpha} and "
+                             f"{self.grpo_ref_model_sync_steps!r}")
         if self.grpo_generations_eval < 0:
             raise ValueError(f"TrainConfig.grpo_generations_eval must be >= 1 (or 0: grpo_generations), got "
                              f"{self.grpo_generations_eval}")
@@ -421,6 +437,19 @@ def lora_alpha_of(rank: int, alpha: float | None) -> float:
 
 # Each preference loss's usual beta: TRL's defaults (DPOConfig, ORPOConfig), SimPO's paper's 2.0.
 PREFERENCE_BETA = {**dict.fromkeys(DPO_LOSSES, 0.1), "simpo": 2.0, "orpo": 0.1, "kto": 0.1, "reward": 1.0}
+
+
+@torch.no_grad()
+def sync_reference(reference: LLM, model, alpha: float) -> None:
+    """TRL's SyncRefModelCallback (TR-DPO): each of reference's weights (1 - alpha) times itself plus
+    alpha times the policy's (model's, gathered whole where FSDP shards it), in reference's dtype."""
+    policy = dict(model.named_parameters())
+    for name, weight in reference.named_parameters():
+        if name not in policy:
+            raise ValueError(f"sync_reference: the policy has no weight {name!r} (the reference's): not the same model")
+        p = policy[name]
+        p = p.full_tensor() if hasattr(p, "full_tensor") else p
+        weight.mul_(1.0 - alpha).add_(p.to(weight.dtype), alpha=alpha)
 
 
 def preference_options(cfg) -> dict:
@@ -3121,6 +3150,8 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
     elif cfg.grpo_beta:  # the starting weights again, frozen (a resumed model is no longer them)
         start = load_frozen(cfg.init_from_hf or str(source_run_weights(cfg.init_from_run)), precision, info.device,
                             cfg.init_adapter or None)
+        if cfg.grpo_sync_ref_model and ckpt is not None and "grpo_reference" in ckpt:  # (moved since the start)
+            start.load_state_dict(ckpt["grpo_reference"])
         grpo_reference = torch.no_grad()(
             lambda x, y, cu: start(x, y, cu, per_token=True, temperature=cfg.grpo_temperature)[1])
     if rollouts is not None and grpo_reference is not None and any("ref" not in r for r in rollouts):
@@ -3203,7 +3234,10 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
             "elastic_run_id": os.environ.get("TORCHELASTIC_RUN_ID"),
             **({"reference_logps": {k: torch.from_numpy(v) for k, v in reference.items()}}
                if reference and cfg.reference == "precomputed" else {}),
-            **({"grpo_rollouts": grpo_rollouts} if grpo_rollouts is not None else {})})
+            **({"grpo_rollouts": grpo_rollouts} if grpo_rollouts is not None else {}),
+            # the KL's reference as synced so far (a resume had gone back to the starting weights)
+            **({"grpo_reference": {k: v.cpu() for k, v in start.state_dict().items()}}
+               if cfg.grpo_sync_ref_model and step_done >= cfg.grpo_ref_model_sync_steps else {})})
         if cfg.keep_checkpoints:
             keep_checkpoint(out, step_done, cfg.keep_checkpoints)
 
@@ -3350,6 +3384,8 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
                 raise TrainingDiverged(
                     f"loss was {loss_value} for {bad_in_a_row} steps in a row (steps {step - bad_in_a_row + 1}..{step}); "
                     f"stopping. The last good checkpoint is kept in {out / CHECKPOINT} (lower --lr or use --precision fp32/bf16)")
+        if cfg.grpo_sync_ref_model and (step + 1) % cfg.grpo_ref_model_sync_steps == 0:  # (TRL's: at its global steps)
+            sync_reference(start, model, cfg.grpo_ref_model_mixup_alpha)
         skipped += not stepped
         dt = time.perf_counter() - t0
         if lengths is None:  # windows of seq_len tokens

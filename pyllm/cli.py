@@ -1022,8 +1022,8 @@ _GOES_WITH = {
     "kto_loss_type": (lambda c: c.preference == "kto", "preference kto"),
     "grpo_sapo_temperatures": (lambda c: bool(c.grpo_reward) and c.grpo_loss_type == "sapo", "grpo_loss_type sapo"),
     "grpo_vespo": (lambda c: bool(c.grpo_reward) and c.grpo_loss_type == "vespo", "grpo_loss_type vespo"),
-    **{name: (lambda c: bool(c.grpo_reward) and c.grpo_sync_ref_model, "grpo_sync_ref_model (GRPO)")
-       for name in ("grpo_ref_model_mixup_alpha", "grpo_ref_model_sync_steps")},
+    **{name: (lambda c: c.sync_ref_model, "sync_ref_model")
+       for name in ("ref_model_mixup_alpha", "ref_model_sync_steps")},
     "token_stats": (lambda c: not (c.preference == "reward" or c.teacher or c.grpo_reward),
                     "pretraining, SFT or preference tuning (not a reward model, distillation or GRPO, which log their "
                     "own metrics)"),
@@ -1031,7 +1031,7 @@ _GOES_WITH = {
         "distill_beta", "distill_temperature", "distill_alpha", "distill_max_new_tokens", "distill_sample_temperature")},
     **{name: (lambda c: bool(c.grpo_reward), "grpo_reward (GRPO)") for name in (
         "grpo_reward_weights", "grpo_generations", "grpo_generations_eval", "grpo_max_new_tokens", "grpo_temperature",
-        "grpo_beta", "grpo_sync_ref_model",
+        "grpo_beta",
         "grpo_loss_type", "grpo_scale_rewards", "grpo_multi_objective_aggregation", "grpo_iterations",
         "grpo_steps_per_generation", "grpo_epsilon",
         "grpo_epsilon_high", "grpo_top_p", "grpo_top_k", "grpo_min_p", "grpo_repetition_penalty", "grpo_delta",
@@ -2357,11 +2357,14 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--center-rewards", type=float, help="with --preference reward: TRL's center_rewards_coefficient, "
                    "times the mean squared sum of each pair's scores added to the loss (keeps the scores near 0; "
                    "default 0)")
-    p.add_argument("--reference", choices=["precomputed", "lora-off"],
+    p.add_argument("--reference", choices=["precomputed", "lora-off", "model"],
                    help="dpo and its family, kto: the reference model's log-probabilities computed once before "
                         "training by the starting model (precomputed, the default: kept in the checkpoint) or, with --lora-rank, "
                         "at each step by the model with its LoRA updates off (lora-off: no pass over the whole set "
-                        "first, one more forward per step; PEFT's disable_adapter, TRL's default for PEFT models)")
+                        "first, one more forward per step; PEFT's disable_adapter, TRL's default for PEFT models) "
+                        "or, with --init-from-hf / --init-from-run, at each step by a frozen copy of that model "
+                        "(model: TRL's ref_model without precompute_ref_log_probs; one more forward per step and "
+                        "the copy's memory; --sync-ref-model may move it)")
     p.add_argument("--teacher", metavar="DIR", help="distill from this model: a Hugging Face checkpoint folder or hub "
                    "repo id, or a folder `pyllm train` wrote, over the student's vocabulary (the same tokenizer). The "
                    "loss at each trained token is --distill-alpha times the divergence between the two models' "
@@ -2468,14 +2471,15 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grpo-beta", type=float, help="GRPO: the weight of a KL penalty against the starting model (a "
                    "frozen copy of --init-from-hf / --init-from-run, or with --lora-rank the model with its updates "
                    "off; default 0, TRL's)")
-    p.add_argument("--grpo-sync-ref-model", action=argparse.BooleanOptionalAction, default=None,
-                   help="GRPO with --grpo-beta: every --grpo-ref-model-sync-steps steps the KL's reference model "
-                        "becomes alpha times the policy plus 1 - alpha times itself (TR-DPO; TRL's sync_ref_model; "
-                        "a full fine-tune: not with --lora-rank)")
-    p.add_argument("--grpo-ref-model-mixup-alpha", type=float, metavar="ALPHA",
-                   help="with --grpo-sync-ref-model: the policy's share of the new reference (default 0.6, TRL's)")
-    p.add_argument("--grpo-ref-model-sync-steps", type=int, metavar="N",
-                   help="with --grpo-sync-ref-model: sync every N optimizer steps (default 512, TRL's)")
+    p.add_argument("--sync-ref-model", action=argparse.BooleanOptionalAction, default=None,
+                   help="GRPO with --grpo-beta, or --reference model: every --ref-model-sync-steps steps the "
+                        "reference model becomes alpha times the policy plus 1 - alpha times itself (TR-DPO; TRL's "
+                        "sync_ref_model; a reference model of its own: not with --lora-rank's GRPO reference, nor "
+                        "a precomputed one)")
+    p.add_argument("--ref-model-mixup-alpha", type=float, metavar="ALPHA",
+                   help="with --sync-ref-model: the policy's share of the new reference (default 0.6, TRL's)")
+    p.add_argument("--ref-model-sync-steps", type=int, metavar="N",
+                   help="with --sync-ref-model: sync every N optimizer steps (default 512, TRL's)")
     p.add_argument("--distill-seq-kd", action=argparse.BooleanOptionalAction, default=None,
                    help="GKD's seq_kd: the conversations' last replies replaced by the teacher's samples first (sequence-"
                         "level distillation; --distill-lmbda's draws then take the student's instead)")

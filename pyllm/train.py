@@ -77,7 +77,9 @@ class TrainConfig:
     kto_loss_type: str = "kto"  # kto: kto | apo_zero_unpaired (TRL's KTOConfig loss_type: no KL estimate, z = 0)
     center_rewards: float = 0.0  # reward: TRL's center_rewards_coefficient (times the mean of (chosen + rejected)^2)
     sft_weight: float = 0.0  # simpo, the dpo family (DPO_LOSSES): plus this times the chosen reply's NLL per token (RPO; TRL's loss_type "sft")
-    reference: str = "precomputed"  # dpo and its family, kto: precomputed (once, before training) | lora-off (LoRA runs: each step, adapters off)
+    # dpo and its family, kto: precomputed (once, before training) | lora-off (LoRA runs: each step, adapters off)
+    # | model (each step, a frozen copy of the starting model)
+    reference: str = "precomputed"
     teacher: str = ""  # distillation: a Hugging Face checkpoint folder (or hub id) or a pyllm run, over the same vocabulary
     distill_beta: float = 0.0  # GKD's generalized JSD: 0 forward KL(teacher || student), 1 reverse KL, else the mixture's
     distill_temperature: float = 1.0  # both models' logits divided by it before their softmax
@@ -98,12 +100,12 @@ class TrainConfig:
     grpo_min_p: float = 0.0  # GRPO: samples drawn from tokens >= min_p x the likeliest's probability (TRL's); 0: all
     grpo_repetition_penalty: float = 1.0  # GRPO: samples drawn with their text's ids penalized (TRL's); 1: none
     grpo_beta: float = 0.0  # GRPO: the KL penalty's weight, against the starting model (LoRA: the updates off); 0: none (TRL's default)
-    # GRPO with grpo_beta: every grpo_ref_model_sync_steps steps the KL's reference model becomes alpha times the
-    # policy plus 1 - alpha times itself (TR-DPO, Gorbatovski et al. 2024; TRL's sync_ref_model, ref_model_mixup_alpha,
-    # ref_model_sync_steps and their defaults)
-    grpo_sync_ref_model: bool = False
-    grpo_ref_model_mixup_alpha: float = 0.6
-    grpo_ref_model_sync_steps: int = 512
+    # A reference model of its own (GRPO's with grpo_beta, reference "model"): every ref_model_sync_steps steps it
+    # becomes alpha times the policy plus 1 - alpha times itself (TR-DPO, Gorbatovski et al. 2024; TRL's
+    # sync_ref_model, ref_model_mixup_alpha, ref_model_sync_steps and their defaults)
+    sync_ref_model: bool = False
+    ref_model_mixup_alpha: float = 0.6
+    ref_model_sync_steps: int = 512
     grpo_loss_type: str = "dapo"  # GRPO: the token losses' sum divided by: dapo (the step's tokens; TRL's default) | grpo | bnpo | dr_grpo; or cispo | sapo | luspo
     grpo_scale_rewards: str = "group"  # GRPO: advantages divided by the std of their group | batch (the generation's) | none (Dr. GRPO)
     grpo_multi_objective_aggregation: str = "sum_then_normalize"  # GRPO rewards (TRL's) | normalize_then_sum (GDPO)
@@ -316,16 +318,17 @@ class TrainConfig:
         if self.grpo_beta and not (self.lora_rank or self.init_from_hf or self.init_from_run):
             raise ValueError("TrainConfig.grpo_beta (a KL penalty against the starting model) needs init_from_hf or "
                              "init_from_run (or lora_rank: the model with its updates off)")
-        if self.grpo_sync_ref_model and (not self.grpo_beta or self.lora_rank):
-            raise ValueError("TrainConfig.grpo_sync_ref_model moves the KL penalty's reference model towards the "
-                             "policy: it needs grpo_beta > 0 (no reference model otherwise) and a full fine-tune (with "
-                             "lora_rank the reference is the model with its updates off, no model of its own); TRL "
-                             "refuses both")
-        if not 0.0 <= self.grpo_ref_model_mixup_alpha <= 1.0 or isinstance(self.grpo_ref_model_sync_steps, bool) \
-                or not isinstance(self.grpo_ref_model_sync_steps, int) or self.grpo_ref_model_sync_steps < 1:
-            raise ValueError(f"TrainConfig.grpo_ref_model_mixup_alpha must be in [0, 1] and grpo_ref_model_sync_steps "
-                             f"an int >= 1, got {self.grpo_ref_model_mixup_alpha} and "
-                             f"{self.grpo_ref_model_sync_steps!r}")
+        if self.sync_ref_model and not ((self.grpo_reward and self.grpo_beta and not self.lora_rank)
+                                        or (self.preference and self.reference == "model")):
+            raise ValueError("TrainConfig.sync_ref_model moves the reference model towards the policy: it needs one "
+                             "of its own, GRPO's with grpo_beta > 0 in a full fine-tune (with lora_rank the reference "
+                             "is the model with its updates off) or a preference loss's with reference model (a "
+                             "precomputed reference has no model to move); TRL refuses the others too")
+        if not 0.0 <= self.ref_model_mixup_alpha <= 1.0 or isinstance(self.ref_model_sync_steps, bool) \
+                or not isinstance(self.ref_model_sync_steps, int) or self.ref_model_sync_steps < 1:
+            raise ValueError(f"TrainConfig.ref_model_mixup_alpha must be in [0, 1] and ref_model_sync_steps "
+                             f"an int >= 1, got {self.ref_model_mixup_alpha} and "
+                             f"{self.ref_model_sync_steps!r}")
         if self.grpo_generations_eval < 0:
             raise ValueError(f"TrainConfig.grpo_generations_eval must be >= 1 (or 0: grpo_generations), got "
                              f"{self.grpo_generations_eval}")
@@ -413,8 +416,13 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.grpo_steps_per_generation must be a multiple of grad_accum (each optimizer "
                              f"step trains on grad_accum of a generation's micro-batches) or 0 (grad_accum), got "
                              f"{self.grpo_steps_per_generation} with grad_accum {self.grad_accum}")
-        if self.reference not in ("precomputed", "lora-off"):
-            raise ValueError(f"TrainConfig.reference must be precomputed or lora-off, got {self.reference!r}")
+        if self.reference not in ("precomputed", "lora-off", "model"):
+            raise ValueError(f"TrainConfig.reference must be precomputed, lora-off or model, got {self.reference!r}")
+        if self.reference == "model" and not (self.preference and self.preference not in REFERENCE_FREE
+                                              and (self.init_from_hf or self.init_from_run)):
+            raise ValueError("TrainConfig.reference model (a frozen copy of the starting model, loaded again) needs "
+                             "a preference loss with a reference (the dpo family, kto) and init_from_hf or "
+                             "init_from_run")
         if self.reference == "lora-off" and not (self.lora_rank and self.preference
                                                  and self.preference not in REFERENCE_FREE):
             raise ValueError("TrainConfig.reference lora-off (the model with its LoRA updates off) needs lora_rank and "
@@ -992,6 +1000,18 @@ def lora_off_reference(model: LLM, wrapped, ld_alpha: float | None = None):
     token_logps = lora_off_token_logps(model, wrapped)
     return lambda batch: sequence_logps(ld_weighted(token_logps(*batch[:3]), batch[1], batch[2], batch[3], ld_alpha),
                                         batch[2])
+
+
+def model_reference(reference: LLM, ld_alpha: float | None = None):
+    """The reference log-probabilities of a batch's segments computed on the fly by a frozen reference
+    model (TRL's ref_model when it does not precompute them): one more forward per step, and a model
+    that sync_ref_model may move. ld_alpha: as lora_off_reference's."""
+    @torch.no_grad()
+    def of(batch):
+        x, y, cu = batch[:3]
+        return sequence_logps(ld_weighted(reference(x, y, cu, per_token=True)[1], y, cu, batch[3], ld_alpha), cu)
+
+    return of
 
 
 def pack_in_order(lengths: list[int], T: int) -> tuple[list[int], list[int], list[int]]:
@@ -3145,13 +3165,15 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
         upgrade_rollout_stats(rollouts, cfg)
     reference = None  # DPO, IPO, hinge: the starting model's log-probability of every train and val document
     grpo_reference = None  # GRPO's KL term: the starting model's log-probabilities
-    if cfg.grpo_beta and cfg.lora_rank:
-        grpo_reference, start = lora_off_token_logps(model, wrapped, cfg.grpo_temperature), model
-    elif cfg.grpo_beta:  # the starting weights again, frozen (a resumed model is no longer them)
+    start = None  # a reference model of its own: the starting weights again, frozen (a resumed model is no longer them)
+    if (cfg.grpo_beta and not cfg.lora_rank) or (cfg.preference and cfg.reference == "model"):
         start = load_frozen(cfg.init_from_hf or str(source_run_weights(cfg.init_from_run)), precision, info.device,
                             cfg.init_adapter or None)
-        if cfg.grpo_sync_ref_model and ckpt is not None and "grpo_reference" in ckpt:  # (moved since the start)
-            start.load_state_dict(ckpt["grpo_reference"])
+        if cfg.sync_ref_model and ckpt is not None and "reference_model" in ckpt:  # (moved since the start)
+            start.load_state_dict(ckpt["reference_model"])
+    if cfg.grpo_beta and cfg.lora_rank:
+        grpo_reference, start = lora_off_token_logps(model, wrapped, cfg.grpo_temperature), model
+    elif cfg.grpo_beta:
         grpo_reference = torch.no_grad()(
             lambda x, y, cu: start(x, y, cu, per_token=True, temperature=cfg.grpo_temperature)[1])
     if rollouts is not None and grpo_reference is not None and any("ref" not in r for r in rollouts):
@@ -3162,6 +3184,8 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
                 r["ref"] = grpo_reference(*r["packed"][:3])
     if cfg.preference and cfg.preference not in REFERENCE_FREE and cfg.reference == "lora-off":
         reference = dict.fromkeys(("train", "val"), lora_off_reference(model, wrapped, cfg.ld_alpha))
+    elif cfg.preference and cfg.reference == "model":
+        reference = dict.fromkeys(("train", "val"), model_reference(start, cfg.ld_alpha))
     elif cfg.preference and cfg.preference not in REFERENCE_FREE:
         if ckpt is not None and (was := (ckpt.get("train_config") or {}).get("ld_alpha")) != cfg.ld_alpha:
             raise ValueError(f"--ld-alpha {cfg.ld_alpha} where the run's precomputed reference log-probabilities "
@@ -3235,9 +3259,9 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
             **({"reference_logps": {k: torch.from_numpy(v) for k, v in reference.items()}}
                if reference and cfg.reference == "precomputed" else {}),
             **({"grpo_rollouts": grpo_rollouts} if grpo_rollouts is not None else {}),
-            # the KL's reference as synced so far (a resume had gone back to the starting weights)
-            **({"grpo_reference": {k: v.cpu() for k, v in start.state_dict().items()}}
-               if cfg.grpo_sync_ref_model and step_done >= cfg.grpo_ref_model_sync_steps else {})})
+            # the reference model as synced so far (a resume had gone back to the starting weights)
+            **({"reference_model": {k: v.cpu() for k, v in start.state_dict().items()}}
+               if cfg.sync_ref_model and step_done >= cfg.ref_model_sync_steps else {})})
         if cfg.keep_checkpoints:
             keep_checkpoint(out, step_done, cfg.keep_checkpoints)
 
@@ -3384,8 +3408,8 @@ def _train(cfg: TrainConfig, info: DistInfo, resume: bool, stop_at: int | None) 
                 raise TrainingDiverged(
                     f"loss was {loss_value} for {bad_in_a_row} steps in a row (steps {step - bad_in_a_row + 1}..{step}); "
                     f"stopping. The last good checkpoint is kept in {out / CHECKPOINT} (lower --lr or use --precision fp32/bf16)")
-        if cfg.grpo_sync_ref_model and (step + 1) % cfg.grpo_ref_model_sync_steps == 0:  # (TRL's: at its global steps)
-            sync_reference(start, model, cfg.grpo_ref_model_mixup_alpha)
+        if cfg.sync_ref_model and (step + 1) % cfg.ref_model_sync_steps == 0:  # (TRL's: at its global steps)
+            sync_reference(start, model, cfg.ref_model_mixup_alpha)
         skipped += not stepped
         dt = time.perf_counter() - t0
         if lengths is None:  # windows of seq_len tokens

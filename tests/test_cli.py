@@ -1895,9 +1895,9 @@ def test_flags_are_taken_by_their_whole_names(argv, hint, capsys):
                                           (["--beta", "0.5"], "beta (--beta) goes with a preference loss"),
                                           (["--ld-alpha", "0.5"], "ld_alpha must be in [0, 1] (or None: off)"),
                                           (["--grpo-temperature", "0.5"], "grpo_reward (GRPO)"),
-                                          (["--grpo-ref-model-sync-steps", "4"],
-                                           "goes with grpo_sync_ref_model (GRPO)"),
-                                          (["--grpo-sync-ref-model"], "it needs grpo_beta > 0"),
+                                          (["--ref-model-sync-steps", "4"],
+                                           "goes with sync_ref_model,"),
+                                          (["--sync-ref-model"], "it needs one of its own"),
                                           (["--preference", "reward", "--no-token-stats"],
                                            "token_stats (--token-stats) goes with pretraining, SFT or preference")])
 def test_options_a_run_would_not_read_are_refused(corpus, tmp_path, capsys, flags, named):

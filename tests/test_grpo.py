@@ -1061,19 +1061,19 @@ def test_grpo_kl_starts_at_zero_and_resumes_exactly(chat_dir, tmp_path, lora):  
         [r["loss"] for r in log]
 
 
-def test_grpo_sync_ref_model_moves_the_reference_and_resumes_exactly(chat_dir, tmp_path):  # noqa: F811
-    # TRL's sync_ref_model (TR-DPO): after every grpo_ref_model_sync_steps-th optimizer step the KL's
+def test_sync_ref_model_moves_the_reference_and_resumes_exactly(chat_dir, tmp_path):  # noqa: F811
+    # TRL's sync_ref_model (TR-DPO): after every ref_model_sync_steps-th optimizer step the KL's
     # reference is alpha * policy + (1 - alpha) * itself; a checkpoint holds it, so a resume past a sync
     # is exact (it would have gone back to the starting weights); the run differs from one without it
     trainer.train(config(chat_dir, tmp_path / "base", max_steps=2, model=dict(TINY, block_size=32)))
     kw = dict(grpo_reward=SPEC, grpo_generations=4, grpo_max_new_tokens=6, grpo_beta=0.3, lr=1e-2, max_steps=6,
-              init_from_run=str(tmp_path / "base"), grpo_sync_ref_model=True, grpo_ref_model_sync_steps=2,
-              grpo_ref_model_mixup_alpha=0.25, ckpt_every=2, keep_checkpoints=3, eval_every=0)
+              init_from_run=str(tmp_path / "base"), sync_ref_model=True, ref_model_sync_steps=2,
+              ref_model_mixup_alpha=0.25, ckpt_every=2, keep_checkpoints=3, eval_every=0)
     trainer.train(config(chat_dir, tmp_path / "whole", **kw))
     kept = {n: torch.load(tmp_path / f"whole/checkpoints/step_{n}.pt", weights_only=False) for n in (2, 4, 6)}
     reference = LLM.load(tmp_path / "base/model.safetensors").state_dict()  # (tied weights under both names)
     for n in (2, 4, 6):  # (the policy as of step n: its checkpoint's; the reference synced right after the step)
-        policy, synced = kept[n]["model"], kept[n]["grpo_reference"]
+        policy, synced = kept[n]["model"], kept[n]["reference_model"]
         for name, weight in synced.items():
             want = reference[name].clone().mul_(0.75).add_(policy[name].to(weight.dtype), alpha=0.25)
             assert torch.equal(weight, want), (n, name)
@@ -1081,13 +1081,13 @@ def test_grpo_sync_ref_model_moves_the_reference_and_resumes_exactly(chat_dir, t
     trainer.train(config(chat_dir, tmp_path / "cut", **kw), stop_at=3)  # (checkpoint at 2, past the first sync)
     trainer.train(config(chat_dir, tmp_path / "cut", **kw), resume=True)
     assert losses(tmp_path / "cut") == losses(tmp_path / "whole")
-    trainer.train(config(chat_dir, tmp_path / "plain", **{**kw, "grpo_sync_ref_model": False}))
+    trainer.train(config(chat_dir, tmp_path / "plain", **{**kw, "sync_ref_model": False}))
     plain = losses(tmp_path / "plain")
     assert plain[:2] == losses(tmp_path / "whole")[:2] and plain[2:] != losses(tmp_path / "whole")[2:]
-    for options, message in ((dict(grpo_sync_ref_model=True), "needs grpo_beta > 0"),
-                             (dict(grpo_sync_ref_model=True, grpo_beta=0.1, lora_rank=2), "and a full fine-tune"),
-                             (dict(grpo_ref_model_mixup_alpha=1.5), "must be in .0, 1."),
-                             (dict(grpo_ref_model_sync_steps=0), "an int >= 1")):
+    for options, message in ((dict(sync_ref_model=True), "it needs one of its own"),
+                             (dict(sync_ref_model=True, grpo_beta=0.1, lora_rank=2), "in a full fine-tune"),
+                             (dict(ref_model_mixup_alpha=1.5), "must be in .0, 1."),
+                             (dict(ref_model_sync_steps=0), "an int >= 1")):
         with pytest.raises(ValueError, match=message):
             TrainConfig(grpo_reward=SPEC, init_from_run=str(tmp_path / "base"), **options).validate()
 

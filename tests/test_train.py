@@ -1941,6 +1941,43 @@ def test_dpo_reference_of_a_lora_run_on_the_fly(pairs_dir, tmp_path, capsys):
         TrainConfig(out_dir=str(tmp_path), preference="dpo", reference="lora-off").validate()
 
 
+@pytest.mark.parametrize("kind", ["dpo", "kto"])
+def test_reference_model_on_the_fly_and_synced(data_dir, tmp_path, capsys, kind, request):
+    # reference model: a frozen copy of the starting model computes each step's reference as the pass
+    # before training does (no such pass, nothing in the checkpoint); with sync_ref_model (TR-DPO, TRL's
+    # SyncRefModelCallback) that copy becomes alpha * policy + (1 - alpha) * itself after every
+    # ref_model_sync_steps-th step, the checkpoint holding it: the update bitwise, resume exact
+    data = request.getfixturevalue("pairs_dir" if kind == "dpo" else "kto_dir")
+    trainer.train(config(data_dir, tmp_path / "base", max_steps=2))
+    kw = dict(preference=kind, beta=0.5, max_steps=6, init_from_run=str(tmp_path / "base"), eval_every=0)
+    trainer.train(config(data, tmp_path / "pre", **kw))
+    capsys.readouterr()
+    trainer.train(config(data, tmp_path / "fly", reference="model", **kw))
+    assert "reference model's log-probabilities" not in capsys.readouterr().err
+    np.testing.assert_allclose(losses(tmp_path / "fly"), losses(tmp_path / "pre"), rtol=1e-5)
+    assert "reference_logps" not in torch.load(tmp_path / "fly/checkpoint.pt", weights_only=True)
+    synced = dict(kw, reference="model", sync_ref_model=True, ref_model_sync_steps=2, ref_model_mixup_alpha=0.25,
+                  ckpt_every=2, keep_checkpoints=3)
+    trainer.train(config(data, tmp_path / "synced", **synced))
+    assert losses(tmp_path / "synced")[:2] == losses(tmp_path / "fly")[:2]
+    assert losses(tmp_path / "synced")[2:] != losses(tmp_path / "fly")[2:]
+    reference = LLM.load(tmp_path / "base/model.safetensors").state_dict()  # (tied weights under both names)
+    for n in (2, 4, 6):
+        kept = torch.load(tmp_path / f"synced/checkpoints/step_{n}.pt", weights_only=False)
+        for name, weight in kept["reference_model"].items():
+            want = reference[name].clone().mul_(0.75).add_(kept["model"][name].to(weight.dtype), alpha=0.25)
+            assert torch.equal(weight, want), (n, name)
+        reference = kept["reference_model"]
+    trainer.train(config(data, tmp_path / "cut", **synced), stop_at=3)
+    trainer.train(config(data, tmp_path / "cut", **synced), resume=True)
+    assert losses(tmp_path / "cut") == losses(tmp_path / "synced")
+    for options, message in ((dict(preference="dpo", reference="model"), "needs a preference loss with a reference"),
+                             (dict(preference="simpo", reference="model", init_from_run="x"), "needs a preference"),
+                             (dict(preference="dpo", sync_ref_model=True), "it needs one of its own")):
+        with pytest.raises(ValueError, match=message):
+            TrainConfig(out_dir=str(tmp_path), **options).validate()
+
+
 def test_fused_preference_loss_leaves_the_balancing_loss_to_the_caller(pairs_dir):
     # A mixture of experts in training: the fused pair loss (fp64) is the unfused one, loss, stats and
     # gradients; neither includes the load-balancing loss (the training loop adds model.aux_loss once).

@@ -807,7 +807,7 @@ def test_end_process_destroys_the_group_runs_atexit_flushes_and_skips_finalizati
                                         ("zero1", "lora"), ("fsdp", "fused-loss"), ("ddp", "dpo"), ("fsdp", "orpo"),
                                         ("fsdp", "dpo-lora-off"), ("ddp", "moe"), ("fsdp", "moe"), ("ddp", "distill"),
                                         ("fsdp", "distill"), ("ddp", "kto"), ("fsdp", "moe-lora"), ("ddp", "reward"),
-                                        ("fsdp", "dpo-fused-loss"), ("ddp", "kto-fused-loss")])
+                                        ("fsdp", "dpo-fused-loss"), ("ddp", "kto-fused-loss"), ("fsdp", "dpo-synced")])
 def test_two_cpu_processes_match_one_and_resume_exactly(data_dir, chat_dir, pairs_dir, kto_dir, tmp_path, mode, kind):
     """2 gloo processes with batch 2 each = 1 process with batch 4 (to float rounding), both with 2
     micro-steps of gradient accumulation; a 2-process
@@ -822,7 +822,9 @@ def test_two_cpu_processes_match_one_and_resume_exactly(data_dir, chat_dir, pair
     the same with the loss fused with the (gathered) output layer, pairs whole (kto-fused-loss: each
     example's, after the KL pass); orpo
     likewise without a reference; dpo-lora-off: the reference by the sharded model with its LoRA
-    updates off, at each step. moe: 4 experts, 2 per token, without the load-balancing loss (a
+    updates off, at each step; dpo-synced: the reference a frozen copy of the starting run (reference
+    model), moved towards the policy every 2 steps (sync_ref_model: the sharded policy gathered whole on
+    each rank; the moved copy in the checkpoint). moe: 4 experts, 2 per token, without the load-balancing loss (a
     statistic of each rank's micro-batch, as transformers and Megatron-LM compute it: not the same
     on 2 ranks as on 1); moe-lora: LoRA on q and every expert (each expert's own updates), fp32. distill: a teacher (a 2-step run of a wider model, whole on each rank), the
     JSD's mixture at temperature 2 and some cross-entropy. kto: its KL estimate over both ranks'
@@ -836,12 +838,17 @@ def test_two_cpu_processes_match_one_and_resume_exactly(data_dir, chat_dir, pair
                              max_steps=2))
         distill = dict(teacher=str(tmp_path / "teacher"), distill_beta=0.5, distill_temperature=2.0, distill_alpha=0.7)
     folder = {"conversations": chat_dir, "dpo": pairs_dir, "dpo-fused-loss": pairs_dir, "orpo": pairs_dir,
-              "dpo-lora-off": pairs_dir,
+              "dpo-lora-off": pairs_dir, "dpo-synced": pairs_dir,
               "kto": kto_dir, "kto-fused-loss": kto_dir, "reward": pairs_dir}.get(kind, data_dir)
     moe = dict(n_experts=4, router_aux_loss_coef=0.0) if kind in ("moe", "moe-lora") else {}
     if kind == "reward":  # untied: the output layer, which scores never use, stays out of DDP's reduction
         moe = dict(tie_embeddings=False)
-    common = dict(data_dir=str(folder), model=dict(TINY, **moe), device="cpu", **distill,
+    start = {}
+    if kind == "dpo-synced":
+        trainer.train(config(data_dir, tmp_path / "base", max_steps=2))
+        start = dict(init_from_run=str(tmp_path / "base"), preference="dpo", beta=0.5, reference="model",
+                     sync_ref_model=True, ref_model_sync_steps=2, ref_model_mixup_alpha=0.5)
+    common = dict(data_dir=str(folder), model=dict(TINY, **moe), device="cpu", **distill, **start,
                   max_steps=8, warmup_steps=1, grad_accum=2, eval_every=4, eval_batches=2, ckpt_every=4,
                   progress=False, lr=1e-2, **({"lora_rank": 2, "precision": "bf16"} if kind == "lora" else {}),
                   **({"lora_targets": "q,v,gate,down"} if kind == "lora" and mode == "fsdp" else {}),
@@ -853,6 +860,8 @@ def test_two_cpu_processes_match_one_and_resume_exactly(data_dir, chat_dir, pair
                   **({"preference": "reward"} if kind == "reward" else {}),
                   **({"preference": "dpo", "beta": 0.5, "lora_rank": 2, "reference": "lora-off"}
                      if kind == "dpo-lora-off" else {}))
+    if start:
+        del common["model"]  # (a loaded model keeps its own config)
     trainer.train(TrainConfig(**common, out_dir=str(tmp_path / "one"), batch_size=4))
     trainer.train(TrainConfig(**common, out_dir=str(tmp_path / "two/cross"), batch_size=4), stop_at=6)
     # ddp and fsdp recompute their blocks in the backward (activation checkpointing): same losses

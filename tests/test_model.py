@@ -2412,18 +2412,24 @@ def test_from_hf_computes_what_transformers_computes(name, tmp_path):
     assert torch.equal(ours.generate(prompt, 20, temperature=0), expected)
 
 
+def perturbed_llama(tmp_path):
+    """transformers' small GQA LLaMA in fp64, its weights moved off their init (ties broken), saved in
+    tmp_path, and pyllm's LLM of that folder: (theirs, ours)."""
+    theirs = hf_models()["llama-gqa"].double().eval()
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    theirs.save_pretrained(tmp_path)
+    return theirs, LLM.from_hf(tmp_path, dtype=torch.float64)
+
+
 @pytest.mark.parametrize("penalty", [1.8, 0.6])
 def test_repetition_penalty_and_min_p_generate_transformers_tokens(penalty, tmp_path):
     # transformers' generate(repetition_penalty=, min_p=) on the same model: greedy tokens, sampled
     # tokens from one seed of the global generator (one multinomial draw a token there and here, over
     # the same fp32 probabilities), generate_batch's rows of different lengths as each prompt alone,
     # and speculative decoding's greedy tokens (its draft's proposals penalized after the ones before)
-    theirs = hf_models()["llama-gqa"].double().eval()
-    with torch.no_grad():
-        for p in theirs.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    theirs.save_pretrained(tmp_path)
-    ours = LLM.from_hf(tmp_path, dtype=torch.float64)
+    theirs, ours = perturbed_llama(tmp_path)
     theirs.generation_config.eos_token_id = None
     prompt = torch.randint(0, 97, (2, 6))
 
@@ -2465,12 +2471,7 @@ def test_no_repeat_ngram_and_min_new_tokens_generate_transformers_tokens(tmp_pat
     # seeded sampled tokens (with repetition_penalty: its order before the n-gram ban), generate_batch's
     # rows of different lengths as each prompt alone, speculative decoding's greedy tokens (each
     # proposal ruled after the ones before it) and, with the model as its own draft, every proposal kept
-    theirs = hf_models()["llama-gqa"].double().eval()
-    with torch.no_grad():
-        for p in theirs.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    theirs.save_pretrained(tmp_path)
-    ours = LLM.from_hf(tmp_path, dtype=torch.float64)
+    theirs, ours = perturbed_llama(tmp_path)
     prompt = torch.randint(0, 97, (2, 6))
 
     def reference(ids, eos=None, **settings):

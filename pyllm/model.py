@@ -1435,7 +1435,8 @@ class LLM(nn.Module):
     def _generate_stream(self, idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator, stop_tokens,
                          cuda_graph, min_p, repetition_penalty, no_repeat_ngram_size,
                          min_new_tokens) -> Iterator[torch.Tensor]:
-        stop = torch.tensor(sorted(stop_ids(stop_tokens)), dtype=torch.long, device=idx.device)
+        stop_tokens = stop_ids(stop_tokens)  # (read once: an iterator's ids are for the stop and min_new_tokens both)
+        stop = torch.tensor(sorted(stop_tokens), dtype=torch.long, device=idx.device)
         done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
         ended = torch.zeros(idx.shape[0], dtype=torch.long, device=idx.device)  # each stopped row's stop token
         block = self.config.block_size
@@ -1664,6 +1665,7 @@ class LLM(nn.Module):
         left-padded batch leaves the padding out too; its n-grams count the padding's)."""
         check_sampling(temperature, top_k, top_p, min_p, repetition_penalty, no_repeat_ngram_size, min_new_tokens)
         check_new_tokens(max_new_tokens, "generate_batch")
+        stop_tokens = stop_ids(stop_tokens)  # (read once: an iterator's ids are for the stop and min_new_tokens both)
         device = self.lm_head.weight.device
         rows = []
         for p in prompts:

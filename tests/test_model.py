@@ -2517,6 +2517,22 @@ def test_no_repeat_ngram_and_min_new_tokens_generate_transformers_tokens(tmp_pat
             ours.generate(prompt, 4, **bad)
 
 
+def test_min_new_tokens_with_stop_tokens_given_as_an_iterator():
+    # stop_tokens is an Iterable: an iterator's ids had been read for the stop and found empty for
+    # min_new_tokens (the second read), which then banned nothing: the stop token came at once
+    torch.manual_seed(0)
+    model = randomized(ModelConfig(**CONFIGS["llama"]))
+    prompt = torch.randint(0, model.config.vocab_size, (1, 5))
+    eos = int(model.generate(prompt, 1, temperature=0)[0, -1])  # greedy's first token: the stop
+    assert model.generate(prompt, 6, temperature=0, stop_tokens=iter([eos]))[0, 5:].tolist() == [eos]
+    for stops in ([eos], iter([eos]), (t for t in [eos])):
+        got = model.generate(prompt, 6, temperature=0, min_new_tokens=4, stop_tokens=stops)[0, 5:].tolist()
+        assert eos not in got[:4], stops
+    for stops in ([eos], iter([eos])):
+        got = model.generate_batch([prompt[0]], 6, 0.0, min_new_tokens=4, stop_tokens=stops)[0]
+        assert len(got) >= 5 and eos not in got[:4], stops
+
+
 def test_to_hf_of_a_fine_tune_that_set_its_training_fields(tmp_path):
     # dropout and router_aux_loss_coef set for training (set_training_options) are no part of the
     # function written: the source's config.json still describes the model (export had refused it)

@@ -14,8 +14,12 @@ Batch rows (--batch B, default 8): B prompts of different lengths at once, pyllm
 attention mask) and pyllm one prompt after another; tokens/s counts all rows' new tokens.
 --moe E,K: a mixture of experts instead (Qwen3MoeForCausalLM, common.smollm2_moe_config; transformers
 with its default experts implementation, grouped_mm).
---repetition-penalty R: every row (both sides) greedy under that penalty (transformers'
-RepetitionPenaltyLogitsProcessor; pyllm's (B, V) mask of each row's ids), its cost against R 1.
+--repetition-penalty R, --no-repeat-ngram-size N: every row (both sides) under that penalty / n-gram
+ban (transformers' RepetitionPenaltyLogitsProcessor and NoRepeatNGramLogitsProcessor; pyllm's (B, V)
+mask of each row's ids and its host-side table of each row's n-grams), their cost against none.
+--temperature T (with --top-k, --top-p, --min-p): sampled rows instead of greedy, both sides from
+one seed of torch's global generator before each run (one multinomial draw a token on each side:
+fp32 gives the same tokens); the batch rows' transformers side samples its padded rows alike.
 Needs transformers; prints why and exits 0 without it.
 """
 from __future__ import annotations
@@ -41,7 +45,14 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--batch", type=int, default=8, help="prompts in the ragged-batch rows (0: none)")
     parser.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R",
-                        help="greedy under this repetition penalty, both sides (default 1: none)")
+                        help="under this repetition penalty, both sides (default 1: none)")
+    parser.add_argument("--no-repeat-ngram-size", type=int, default=0, metavar="N",
+                        help="no N-gram twice, both sides (default 0: off)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="sample at this temperature, both sides "
+                        "from one seed (default 0: greedy)")
+    parser.add_argument("--top-k", type=int, default=0, help="with --temperature: top-k (default 0: off)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="with --temperature: top-p (default 1: off)")
+    parser.add_argument("--min-p", type=float, default=0.0, help="with --temperature: min-p (default 0: off)")
     parser.add_argument("--moe", metavar="E,K", help="a mixture of E experts, K per token (Qwen3-MoE), instead of "
                                                      "SmolLM2's MLP")
     args = parser.parse_args()
@@ -68,16 +79,15 @@ def main() -> int:
     for dtype in (torch.float32, torch.bfloat16):
         models = {"pyllm": ours.to(args.device, dtype), "transformers": theirs.to(args.device, dtype)}
         x = prompt.to(args.device)
-        penalty = args.repetition_penalty
+        ours_kw, theirs_kw = settings(args)
         runs = {
-            "pyllm": lambda: models["pyllm"].generate(x, args.new_tokens, temperature=0, repetition_penalty=penalty),
-            "transformers": lambda: models["transformers"].generate(
-                x, attention_mask=torch.ones_like(x), max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0,
-                repetition_penalty=penalty),
+            "pyllm": seeded(lambda: models["pyllm"].generate(x, args.new_tokens, **ours_kw)),
+            "transformers": seeded(lambda: models["transformers"].generate(
+                x, attention_mask=torch.ones_like(x), max_new_tokens=args.new_tokens, pad_token_id=0, **theirs_kw)),
         }
         if args.device.startswith("cuda"):  # each token one graph replay (unverified until a GPU run)
-            runs["pyllm cuda-graph"] = lambda: models["pyllm"].generate(x, args.new_tokens, temperature=0,
-                                                                        cuda_graph=True, repetition_penalty=penalty)
+            runs["pyllm cuda-graph"] = seeded(lambda: models["pyllm"].generate(x, args.new_tokens, cuda_graph=True,
+                                                                               **ours_kw))
         rows += timed_rows(args, runs, dtype, 1, lambda out: torch.equal(out["pyllm"], out["transformers"]))
         if args.batch:
             rows += batch_rows(args, models, x, lengths, dtype)
@@ -85,13 +95,39 @@ def main() -> int:
           f"prompt {args.prompt_tokens}, {args.new_tokens} new tokens, transformers {transformers.__version__}; "
           f"B = {len(lengths)} rows: prompts of {lengths[0]}..{lengths[-1]} tokens"
           + (f"; {args.moe.split(',')[0]} experts, {args.moe.split(',')[1]} per token" if args.moe else "")
-          + (f"; repetition_penalty {args.repetition_penalty}" if args.repetition_penalty != 1 else ""))
+          + "".join(f"; {k} {v}" for k, v in settings(args)[1].items() if k != "do_sample"))
     common.print_table(rows, ["dtype", "B", "impl", "s", "tokens/s", "vs transformers", "same tokens"])
     common.write_json(args.json, "generate_moe" if args.moe else "generate", args.device, rows, {"moe": args.moe,
         "layers": config.num_hidden_layers, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
         "batch_prompt_tokens": lengths if args.batch else [], "transformers": transformers.__version__,
-        "repetition_penalty": args.repetition_penalty})
+        "repetition_penalty": args.repetition_penalty, "no_repeat_ngram_size": args.no_repeat_ngram_size,
+        "sampling": {k: v for k, v in settings(args)[1].items() if k in ("temperature", "top_k", "top_p", "min_p")}})
     return 0
+
+
+def settings(args) -> tuple[dict, dict]:
+    """generate()'s keyword arguments for pyllm and for transformers: the same rules and sampling (the
+    settings left at their defaults left out of the second, transformers' top_k 50 turned off by 0)."""
+    ours = dict(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p, min_p=args.min_p or None,
+                repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size)
+    theirs = {"do_sample": args.temperature > 0}
+    if args.temperature > 0:
+        theirs.update(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+        if args.min_p:
+            theirs["min_p"] = args.min_p
+    if args.repetition_penalty != 1:
+        theirs["repetition_penalty"] = args.repetition_penalty
+    if args.no_repeat_ngram_size:
+        theirs["no_repeat_ngram_size"] = args.no_repeat_ngram_size
+    return ours, theirs
+
+
+def seeded(run):
+    """run, torch's global generator seeded before it: each side's samples from the same seed."""
+    def again():
+        torch.manual_seed(0)
+        return run()
+    return again
 
 
 def timed_rows(args, runs: dict, dtype, batch: int, same_of) -> list[dict]:
@@ -128,25 +164,21 @@ def batch_rows(args, models: dict, x, lengths: list[int], dtype) -> list[dict]:
     generate on one prompt after another."""
     prompts = [x[0, :n] for n in lengths]
     longest = max(lengths)
-    penalty = args.repetition_penalty
+    ours_kw, theirs_kw = settings(args)
     padded = torch.zeros(len(lengths), longest, dtype=torch.long, device=x.device)
     mask = torch.zeros_like(padded)
     for b, n in enumerate(lengths):
         padded[b, longest - n:], mask[b, longest - n:] = prompts[b], 1
     runs = {
-        "pyllm batch": lambda: models["pyllm"].generate_batch(prompts, args.new_tokens, temperature=0,
-                                                              repetition_penalty=penalty),
-        "pyllm one by one": lambda: [models["pyllm"].generate(p[None], args.new_tokens, temperature=0,
-                                                              repetition_penalty=penalty)[0, len(p):].tolist()
-                                     for p in prompts],
-        "transformers padded": lambda: models["transformers"].generate(
-            padded, attention_mask=mask, max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0,
-            repetition_penalty=penalty),
+        "pyllm batch": seeded(lambda: models["pyllm"].generate_batch(prompts, args.new_tokens, **ours_kw)),
+        "pyllm one by one": seeded(lambda: [models["pyllm"].generate(p[None], args.new_tokens, **ours_kw)[0, len(p):]
+                                            .tolist() for p in prompts]),
+        "transformers padded": seeded(lambda: models["transformers"].generate(
+            padded, attention_mask=mask, max_new_tokens=args.new_tokens, pad_token_id=0, **theirs_kw)),
     }
     if args.device.startswith("cuda"):
-        runs["pyllm batch cuda-graph"] = lambda: models["pyllm"].generate_batch(prompts, args.new_tokens, temperature=0,
-                                                                                cuda_graph=True,
-                                                                                repetition_penalty=penalty)
+        runs["pyllm batch cuda-graph"] = seeded(lambda: models["pyllm"].generate_batch(
+            prompts, args.new_tokens, cuda_graph=True, **ours_kw))
 
     def same(outputs):  # pyllm's rows against the new tokens of transformers' rows
         return outputs["pyllm batch"] == outputs["transformers padded"][:, longest:].tolist()

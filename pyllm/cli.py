@@ -971,7 +971,11 @@ def preference_list_options(opts: dict, explicit: dict) -> dict:
     sft_weight; --preference-weights (TRL's loss_weights, one per name, sft's too) its
     preference_weights and sft_weight. A name alone is preference, as before (a config file's
     preference as text, with its preference_mix and preference_weights, is TrainConfig's own)."""
+    from pyllm.nn import DPO_LOSSES
+
     names = opts.get("preference")
+    if isinstance(names, str) and names and "preference_weights" in explicit:  # (a config file's preference)
+        names = [names, *(opts.get("preference_mix") or [])]
     if not isinstance(names, list):
         if "preference_weights" in explicit:  # (a resume's run's names would be TrainConfig's, sft's aside)
             raise ValueError("--preference-weights goes with --preference: one weight per name it gives, in order")
@@ -987,6 +991,9 @@ def preference_list_options(opts: dict, explicit: dict) -> dict:
                          f"{len(names)}), got {len(weights)}: {' '.join(map(str, weights))}")
     weights = weights or [1.0] * len(names)
     if "sft" in names:
+        if names[0] not in (*DPO_LOSSES, "simpo"):
+            raise ValueError(f"--preference's sft (the chosen replies' NLL per token, TRL's loss_type sft) goes with "
+                             f"simpo and the dpo family ({', '.join(DPO_LOSSES)}), not {names[0]}")
         if "sft_weight" in opts:
             raise ValueError("--preference's sft and --sft-weight are one loss: give its weight once, in "
                              "--preference-weights (or --sft-weight without sft)")

@@ -2064,12 +2064,16 @@ def test_preference_takes_trls_loss_type_list():
     assert preference_opts([], {"preference": ["dpo", "sft"], "preference_weights": [0.5, 2.0]})["sft_weight"] == 2.0
     text = {"preference": "dpo", "preference_mix": ["bco_pair"], "preference_weights": [0.8, 0.2]}
     assert preference_opts([], text) == text
+    # a config file's text preference (and its mix) weighed by the flag (it had been refused as without one)
+    opts = preference_opts(["--preference-weights", "0.5", "0.25"], {"preference": "dpo", "preference_mix": ["ipo"]})
+    assert (opts["preference"], opts["preference_mix"], opts["preference_weights"]) == ("dpo", ["ipo"], [0.5, 0.25])
     for argv, message in ((["--preference", "sft"], "a pair loss first"),
                           (["--preference", "sft", "dpo"], "a pair loss first"),
                           (["--preference", "dpo", "sft", "sft"], "sft once"),
                           (["--preference", "dpo", "sft", "--sft-weight", "1"], "give its weight once"),
                           (["--preference", "dpo", "bco_pair", "sft", "--preference-weights", "0.8", "0.2"],
                            r"one weight per --preference name \(dpo bco_pair sft: 3\), got 2: 0.8 0.2"),
+                          (["--preference", "orpo", "sft"], "sft .* goes with simpo and the dpo family .*, not orpo"),
                           (["--preference-weights", "0.8"], "--preference-weights goes with --preference")):
         with pytest.raises(ValueError, match=message):
             preference_opts(argv)

@@ -1379,7 +1379,7 @@ def _train_command(args, explicit: dict, opts: dict, model: dict, cli: dict, ref
 def stream_sample(model, tokenizer, prompt: str, max_new_tokens: int, temperature: float, top_k, top_p, seed,
                   prefix_ids=(), prompt_ids=None, stop_tokens=(), cuda_graph: bool = False, draft=None,
                   draft_tokens: int = 4, stop_strings=(), min_p=None, repetition_penalty: float = 1.0,
-                  no_repeat_ngram_size: int = 0, min_new_tokens: int = 0) -> str:
+                  no_repeat_ngram_size: int = 0, min_new_tokens: int = 0, warpers: dict | None = None) -> str:
     """Generates after prompt (after prefix_ids, e.g. a BOS token), printing text as it comes (a
     UTF-8 character split across tokens is printed once its last byte arrives). prompt_ids: the
     tokens to continue instead (a rendered chat), not printed; generation ends at a stop token,
@@ -1388,7 +1388,7 @@ def stream_sample(model, tokenizer, prompt: str, max_new_tokens: int, temperatur
     a torch.Generator on the model's device to go on drawing from (several samples of one stream).
     stop_strings: generation also ends with the token that completes one of them in the sample's
     text (has_stop_string), that token printed. min_p, repetition_penalty, no_repeat_ngram_size,
-    min_new_tokens: LLM.generate's."""
+    min_new_tokens: LLM.generate's; warpers: its typical_p, epsilon_cutoff and eta_cutoff (a dict)."""
     import torch
 
     device = next(model.parameters()).device
@@ -1410,7 +1410,7 @@ def stream_sample(model, tokenizer, prompt: str, max_new_tokens: int, temperatur
         speculated = model.generate_speculative(idx, draft, max_new_tokens, temperature, top_k, top_p, draft_tokens,
                                                 gen, stops, stats, min_p=min_p, repetition_penalty=repetition_penalty,
                                                 no_repeat_ngram_size=no_repeat_ngram_size,
-                                                min_new_tokens=min_new_tokens)
+                                                min_new_tokens=min_new_tokens, **(warpers or {}))
     generated: list[int] = []
     printed = prompt
     sys.stdout.write(prompt)
@@ -1441,7 +1441,7 @@ def stream_sample(model, tokenizer, prompt: str, max_new_tokens: int, temperatur
             model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, callback=callback,
                            generator=gen, stop_tokens=stops, cuda_graph=cuda_graph, min_p=min_p,
                            repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
-                           min_new_tokens=min_new_tokens)
+                           min_new_tokens=min_new_tokens, **(warpers or {}))
         except _StopString:
             pass
     final = prompt + decode_known(tokenizer, generated)
@@ -1529,22 +1529,32 @@ def start_ids(tokenizer) -> list[int]:
         return [0]
 
 
+# transformers' warpers after min-p that `pyllm generate` takes (flags, generation_config.json), each with its off value
+WARPERS = {"typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}
+
+
+def warpers_of(args) -> dict:
+    """LLM.generate's typical_p / epsilon_cutoff / eta_cutoff of resolved args (resolve_sampling's)."""
+    return {name: getattr(args, name, off) for name, off in WARPERS.items()}
+
+
 def resolve_sampling(args, source) -> None:
-    """--temperature / --top-k / --top-p / --min-p / --repetition-penalty / --no-repeat-ngram-size /
-    --min-new-tokens not given: a Hugging Face model's generation_config.json (do_sample false:
-    greedy; else its temperature, top_k, top_p, min_p, transformers' defaults 1.0 / 50 / 1.0 / none
+    """--temperature / --top-k / --top-p / --min-p / --typical-p / --epsilon-cutoff / --eta-cutoff /
+    --repetition-penalty / --no-repeat-ngram-size / --min-new-tokens not given: a Hugging Face model's
+    generation_config.json (do_sample false: greedy; else its temperature, top_k, top_p, min_p,
+    typical_p, epsilon_cutoff, eta_cutoff, transformers' defaults 1.0 / 50 / 1.0 / none / 1 / 0 / 0
     for the ones it leaves out or sets null; its repetition_penalty, no_repeat_ngram_size and
     min_new_tokens, greedy or not, default 1 / 0 / 0: none), as transformers' generate() takes them
     (a folder without one, or an empty one: greedy, as there); a model of pyllm's own: 0.8 / 50 /
-    none / none / 1 / 0 / 0. A --top-k, --top-p or --min-p given asks to sample, whatever do_sample says (it had been
-    ignored under do_sample false, greedy without a word)."""
+    none / none / 1 / 0 / 0 (the warpers off). A --top-k, --top-p, --min-p or a warper given asks to sample,
+    whatever do_sample says (it had been ignored under do_sample false, greedy without a word)."""
     config = {}
     if source is not None and (Path(source) / "generation_config.json").is_file():
         config = json.loads((Path(source) / "generation_config.json").read_text())
         config = {key: value for key, value in config.items() if value is not None}  # null: transformers' default
     # What transformers' generate would apply and pyllm's sampling does not: said, not dropped silently
     neutral = {"min_length": 0, "encoder_no_repeat_ngram_size": 0, "bad_words_ids": [], "suppress_tokens": [],
-               "begin_suppress_tokens": [], "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
+               "begin_suppress_tokens": [],
                "diversity_penalty": 0.0, "length_penalty": 1.0, "num_beams": 1, "sequence_bias": {},
                "top_h": None}  # (nulls are dropped above: a top_h given is said)
     ignored = {k: v for k, v in config.items() if k in neutral and v != neutral[k]}
@@ -1561,16 +1571,18 @@ def resolve_sampling(args, source) -> None:
     if source is not None:  # a Hugging Face folder: no generation_config.json (or an empty one) is greedy there too
         # do_sample left out is greedy, as transformers
         sampling = args.top_k is not None or args.top_p is not None or getattr(args, "min_p", None) is not None \
+            or any(getattr(args, name, None) is not None for name in WARPERS) \
             or bool(config.get("do_sample", False))
         # (Qwen2.5-Instruct's folder sets repetition_penalty 1.05, Qwen3's min_p 0)
         defaults = dict(temperature=float(config.get("temperature", 1.0)) if sampling else 0.0,
                         top_k=config.get("top_k", 50), top_p=config.get("top_p", 1.0), min_p=config.get("min_p"),
                         repetition_penalty=float(config.get("repetition_penalty", 1.0)),
                         no_repeat_ngram_size=config.get("no_repeat_ngram_size", 0),
-                        min_new_tokens=config.get("min_new_tokens", 0))
+                        min_new_tokens=config.get("min_new_tokens", 0),
+                        **{name: config.get(name, off) for name, off in WARPERS.items()})
     else:
         defaults = dict(temperature=0.8, top_k=50, top_p=None, min_p=None, repetition_penalty=1.0,
-                        no_repeat_ngram_size=0, min_new_tokens=0)
+                        no_repeat_ngram_size=0, min_new_tokens=0, **WARPERS)
     for name, value in defaults.items():
         if getattr(args, name, None) is None:
             setattr(args, name, value)
@@ -1623,7 +1635,7 @@ def generate_file(model, tokenizer, args, prefix_ids, stop_tokens, source) -> in
             model.generate(idx, args.max_new_tokens, args.temperature, args.top_k, args.top_p, callback=callback,
                            generator=generator, stop_tokens=stops, min_p=args.min_p,
                            repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
-                           min_new_tokens=args.min_new_tokens)
+                           min_new_tokens=args.min_new_tokens, **warpers_of(args))
         except _StopString:
             pass
         return until_stop(new, stops)
@@ -1644,7 +1656,7 @@ def generate_file(model, tokenizer, args, prefix_ids, stop_tokens, source) -> in
                                            stops, cuda_graph=args.cuda_graph, stop_when=ended if args.stop else None,
                                            min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                                            no_repeat_ngram_size=args.no_repeat_ngram_size,
-                                           min_new_tokens=args.min_new_tokens)
+                                           min_new_tokens=args.min_new_tokens, **warpers_of(args))
             else:
                 new = [one_by_one(b, row) for b, row in enumerate(ids)]
             for prompt, tokens in zip(chunk, new):
@@ -1797,7 +1809,8 @@ def cmd_generate(args) -> int:
     for i in range(args.num_samples):
         stream_sample(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                       gen, prefix, prompt_ids, stops, args.cuda_graph, draft, args.draft_tokens, args.stop,
-                      args.min_p, args.repetition_penalty, args.no_repeat_ngram_size, args.min_new_tokens)
+                      args.min_p, args.repetition_penalty, args.no_repeat_ngram_size, args.min_new_tokens,
+                      warpers_of(args))
         print("\n" + "-" * 60)
     return 0
 
@@ -2655,6 +2668,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repetition-penalty", type=positive_number, help="divide the positive logits of the ids the "
                    "prompt and the sample hold so far by this, multiply the negative ones (CTRL's, transformers' "
                    "repetition_penalty; greedy too; 1: off, the default, or generation_config.json's)")
+    p.add_argument("--typical-p", type=number_type(float, lambda v: 0 < v <= 1, "a number in (0, 1]"), metavar="P",
+                   help="locally typical sampling: the tokens whose surprisal lies nearest the entropy, up to this "
+                   "much probability, after --min-p (transformers' typical_p; default 1: off, or "
+                   "generation_config.json's)")
+    p.add_argument("--epsilon-cutoff", type=number_type(float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
+                   metavar="E", help="epsilon sampling: only the tokens of probability at least E, the likeliest "
+                   "always (transformers' epsilon_cutoff; default 0: off, or generation_config.json's)")
+    p.add_argument("--eta-cutoff", type=number_type(float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
+                   metavar="E", help="eta sampling: only the tokens of probability at least min(E, sqrt(E) "
+                   "exp(-entropy)), the likeliest always (transformers' eta_cutoff; default 0: off, or "
+                   "generation_config.json's)")
     p.add_argument("--no-repeat-ngram-size", type=at_least(0), metavar="N", help="never complete an N-gram of tokens "
                    "that the prompt and the sample already hold (transformers' no_repeat_ngram_size; greedy too; "
                    "0: off, the default, or generation_config.json's)")

@@ -18,7 +18,7 @@ import threading
 import warnings
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -1401,12 +1401,14 @@ class LLM(nn.Module):
                         generator: torch.Generator | None = None,
                         stop_tokens: Iterable[int] = (), cuda_graph: bool = False, min_p: float | None = None,
                         repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
-                        min_new_tokens: int = 0) -> Iterator[torch.Tensor]:
+                        min_new_tokens: int = 0, typical_p: float | None = None, epsilon_cutoff: float = 0.0,
+                        eta_cutoff: float = 0.0) -> Iterator[torch.Tensor]:
         """Yields up to max_new_tokens next tokens (B,) one at a time, in eval mode (no dropout).
-        temperature 0 is greedy; then top_k, then top_p, then min_p, as transformers' warpers (the same
-        probabilities); repetition_penalty (CTRL's, transformers' RepetitionPenaltyLogitsProcessor,
-        greedy too) divides a positive logit of every id the row's text holds so far (prompt and new
-        tokens, the whole of them past block_size too), multiplies a negative one; no_repeat_ngram_size
+        temperature 0 is greedy; then top_k, then top_p, then min_p, typical_p, epsilon_cutoff and
+        eta_cutoff, as transformers' warpers (the same probabilities); repetition_penalty (CTRL's,
+        transformers' RepetitionPenaltyLogitsProcessor, greedy too) divides a positive logit of every
+        id the row's text holds so far (prompt and new tokens, the whole of them past block_size too),
+        multiplies a negative one; no_repeat_ngram_size
         n (transformers' NoRepeatNGramLogitsProcessor, greedy too) bans each id that would end an
         n-gram the row's text already holds; min_new_tokens bans stop_tokens until that many new
         tokens (MinNewTokensLengthLogitsProcessor, which bans the eos ids); top_k None cuts
@@ -1422,18 +1424,20 @@ class LLM(nn.Module):
         (captured once per call, before the prompt fills the cache) instead of launching its kernels
         from Python one by one: generation of small models is bound by those launches. The same
         tokens as without it (the same kernels). Not with LongRoPE. UNVERIFIED: not yet run on a GPU."""
-        check_sampling(temperature, top_k, top_p, min_p, repetition_penalty, no_repeat_ngram_size, min_new_tokens)
+        check_sampling(temperature, top_k, top_p, min_p, repetition_penalty, no_repeat_ngram_size, min_new_tokens,
+                       typical_p, epsilon_cutoff, eta_cutoff)
         check_new_tokens(max_new_tokens, "generate")
         if idx.dim() != 2 or idx.shape[1] == 0:
             raise ValueError(f"generate: idx must be (batch, T) with T >= 1 prompt tokens, got shape {tuple(idx.shape)}")
         # Eval mode around each step's forward, not across the yields (the caller's code between two
         # tokens sees the model's own mode; generate_stream called alone had kept dropout on)
+        cut = _Cut(min_p, typical_p, epsilon_cutoff, eta_cutoff)
         yield from self._generate_stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator,
-                                         stop_tokens, cuda_graph, min_p, repetition_penalty, no_repeat_ngram_size,
+                                         stop_tokens, cuda_graph, cut, repetition_penalty, no_repeat_ngram_size,
                                          min_new_tokens)
 
     def _generate_stream(self, idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator, stop_tokens,
-                         cuda_graph, min_p, repetition_penalty, no_repeat_ngram_size,
+                         cuda_graph, cut, repetition_penalty, no_repeat_ngram_size,
                          min_new_tokens) -> Iterator[torch.Tensor]:
         stop_tokens = stop_ids(stop_tokens)  # (read once: an iterator's ids are for the stop and min_new_tokens both)
         stop = torch.tensor(sorted(stop_tokens), dtype=torch.long, device=idx.device)
@@ -1456,7 +1460,7 @@ class LLM(nn.Module):
         for _ in range(max_new_tokens):
             with self._in_eval():
                 logits, cache_len = self._next_logits(idx, pending, cache, cache_len, graph, use_cache, switch)
-            next_token = _sample(rules(logits), temperature, top_k, top_p, generator, min_p)  # (B,)
+            next_token = _sample(rules(logits), temperature, top_k, top_p, generator, cut)  # (B,)
             if rules.active:
                 rules.advance(next_token)
             if len(stop):
@@ -1500,14 +1504,15 @@ class LLM(nn.Module):
                              generator: torch.Generator | None = None, stop_tokens: Iterable[int] = (),
                              stats: dict | None = None, min_p: float | None = None,
                              repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
-                             min_new_tokens: int = 0) -> Iterator[torch.Tensor]:
+                             min_new_tokens: int = 0, typical_p: float | None = None, epsilon_cutoff: float = 0.0,
+                             eta_cutoff: float = 0.0) -> Iterator[torch.Tensor]:
         """generate_stream's tokens for one sequence (idx (1, T)) by speculative decoding (Leviathan
         et al. 2023; Chen et al. 2023; transformers' assisted generation): the draft, a smaller model
         over the same vocabulary, proposes draft_tokens tokens one at a time, this model scores all
         of them in one cached forward, and they are kept up to the first it rejects: greedy
         (temperature 0), while each is this model's argmax; sampling, each with probability
         min(1, p / q) (p this model's, q the draft's distribution after repetition_penalty,
-        no_repeat_ngram_size, min_new_tokens, temperature, top_k, top_p and min_p, each at its position:
+        no_repeat_ngram_size, min_new_tokens, temperature and the warpers, each at its position:
         a proposal's rules count the ones before it),
         the first rejected one replaced by a draw from max(0, p - q) normalized, and after a draft
         wholly kept one more token from p: the tokens come from this model's own distribution (greedy:
@@ -1518,7 +1523,8 @@ class LLM(nn.Module):
         over there). stats (a dict): filled with "rounds", "drafted" and "accepted" counts. The
         arguments are checked when it is called, before any token is asked for (a caller printing
         the prompt first, pyllm generate, had been refused after it)."""
-        check_sampling(temperature, top_k, top_p, min_p, repetition_penalty, no_repeat_ngram_size, min_new_tokens)
+        check_sampling(temperature, top_k, top_p, min_p, repetition_penalty, no_repeat_ngram_size, min_new_tokens,
+                       typical_p, epsilon_cutoff, eta_cutoff)
         check_new_tokens(max_new_tokens, "generate_speculative")
         if idx.dim() != 2 or idx.shape[0] != 1 or idx.shape[1] == 0:
             raise ValueError(f"generate_speculative: one sequence at a time (idx (1, T), T >= 1), got shape "
@@ -1542,11 +1548,12 @@ class LLM(nn.Module):
         counts.update(rounds=0, drafted=0, accepted=0)
         rules = _LogitRules(self, idx, repetition_penalty, no_repeat_ngram_size, min_new_tokens, stop)
         return self._speculative_tokens(idx, draft, max_new_tokens, temperature, top_k, top_p, draft_tokens, generator,
-                                        stop, counts, capacity, min_p, rules)
+                                        stop, counts, capacity, _Cut(min_p, typical_p, epsilon_cutoff, eta_cutoff),
+                                        rules)
 
     @torch.no_grad()
     def _speculative_tokens(self, idx, draft, max_new_tokens, temperature, top_k, top_p, draft_tokens, generator,
-                            stop, counts, capacity, min_p, rules) -> Iterator[torch.Tensor]:
+                            stop, counts, capacity, cut, rules) -> Iterator[torch.Tensor]:
         """generate_speculative's rounds, its arguments checked."""
         with self._in_eval(), draft._in_eval():
             cache, draft_cache = self.new_kv_cache(1, capacity), draft.new_kv_cache(1, capacity)
@@ -1567,7 +1574,7 @@ class LLM(nn.Module):
                     if temperature == 0:
                         token = logits.argmax(-1)
                     else:
-                        q.append(_sampling_probs(logits, temperature, top_k, top_p, min_p)[0])
+                        q.append(_sampling_probs(logits, temperature, top_k, top_p, cut)[0])
                         token = torch.multinomial(q[-1], 1, generator=generator)
                     proposed.append(token.view(1))
                     draft_pending = token.view(1, 1)
@@ -1587,7 +1594,7 @@ class LLM(nn.Module):
                         kept += 1
                     extra = best[kept].view(1)
                 else:
-                    p = _sampling_probs(logits, temperature, top_k, top_p, min_p)  # (k + 1, V)
+                    p = _sampling_probs(logits, temperature, top_k, top_p, cut)  # (k + 1, V)
                     extra = None
                     for i in range(k):
                         t = int(drafted[i])
@@ -1627,17 +1634,19 @@ class LLM(nn.Module):
                  generator: torch.Generator | None = None, stop_tokens: Iterable[int] = (),
                  cuda_graph: bool = False, min_p: float | None = None,
                  repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
-                 min_new_tokens: int = 0) -> torch.Tensor:
+                 min_new_tokens: int = 0, typical_p: float | None = None, epsilon_cutoff: float = 0.0,
+                 eta_cutoff: float = 0.0) -> torch.Tensor:
         """idx (B, T) followed by up to max_new_tokens sampled tokens, (B, T + n); callback gets each
         new (B,) token as it comes (for streaming); stop_tokens, cuda_graph, min_p, repetition_penalty,
-        no_repeat_ngram_size, min_new_tokens: see generate_stream.
+        no_repeat_ngram_size, min_new_tokens, typical_p, epsilon_cutoff, eta_cutoff: see generate_stream.
         The rows of idx are prompts of one length, not padded (a left-padded batch would condition
         on its padding): prompts of different lengths go to generate_batch."""
         with self._in_eval():  # (restored even when sampling raises)
             out = [idx]
             for token in self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, use_cache, generator,
                                               stop_tokens, cuda_graph, min_p, repetition_penalty,
-                                              no_repeat_ngram_size, min_new_tokens):
+                                              no_repeat_ngram_size, min_new_tokens, typical_p, epsilon_cutoff,
+                                              eta_cutoff):
                 out.append(token[:, None])
                 if callback is not None:
                     callback(token)
@@ -1649,7 +1658,8 @@ class LLM(nn.Module):
                        stop_tokens: Iterable[int] = (), cuda_graph: bool = False,
                        stop_when: Callable[[int, list[int]], bool] | None = None, min_p: float | None = None,
                        repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
-                       min_new_tokens: int = 0) -> list[list[int]]:
+                       min_new_tokens: int = 0, typical_p: float | None = None, epsilon_cutoff: float = 0.0,
+                       eta_cutoff: float = 0.0) -> list[list[int]]:
         """Continues several prompts of different lengths at once: one prefill of the prompts (each a
         list of ids or a 1-D tensor, at least one token) padded on the right, then every step samples
         one token per row at each row's own position (decode_step), no padding in between. Returns each prompt's
@@ -1660,11 +1670,14 @@ class LLM(nn.Module):
         prompts, its new tokens so far) -> whether the row ends with the last of them (kept), as
         after a stop token (pyllm generate's --stop strings, transformers' StopStringCriteria); asked
         on the host after each token of a row not yet ended. Generation ends when every row has ended.
-        min_p, repetition_penalty, no_repeat_ngram_size, min_new_tokens: as in generate_stream, each
+        min_p, repetition_penalty, no_repeat_ngram_size, min_new_tokens, typical_p, epsilon_cutoff,
+        eta_cutoff: as in generate_stream, each
         row's penalty and n-grams over its own prompt and tokens (transformers' penalty over a
         left-padded batch leaves the padding out too; its n-grams count the padding's)."""
-        check_sampling(temperature, top_k, top_p, min_p, repetition_penalty, no_repeat_ngram_size, min_new_tokens)
+        check_sampling(temperature, top_k, top_p, min_p, repetition_penalty, no_repeat_ngram_size, min_new_tokens,
+                       typical_p, epsilon_cutoff, eta_cutoff)
         check_new_tokens(max_new_tokens, "generate_batch")
+        cut = _Cut(min_p, typical_p, epsilon_cutoff, eta_cutoff)
         stop_tokens = stop_ids(stop_tokens)  # (read once: an iterator's ids are for the stop and min_new_tokens both)
         device = self.lm_head.weight.device
         rows = []
@@ -1696,7 +1709,8 @@ class LLM(nn.Module):
                                                   generator=generator, stop_tokens=stops, min_p=min_p,
                                                   repetition_penalty=repetition_penalty,
                                                   no_repeat_ngram_size=no_repeat_ngram_size,
-                                                  min_new_tokens=min_new_tokens):
+                                                  min_new_tokens=min_new_tokens, typical_p=typical_p,
+                                                  epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff):
                     new.append(int(token[0]))
                     if new[-1] in stops or stop_when is not None and stop_when(b, new):
                         break
@@ -1738,7 +1752,7 @@ class LLM(nn.Module):
             out = []
             rules = _LogitRules(self, rows, repetition_penalty, no_repeat_ngram_size, min_new_tokens, stop_tokens)
             for step in range(max_new_tokens):
-                token = _sample(rules(logits), temperature, top_k, top_p, generator, min_p)  # (B,)
+                token = _sample(rules(logits), temperature, top_k, top_p, generator, cut)  # (B,)
                 if rules.active:
                     rules.advance(token)
                 out.append(token)
@@ -2794,12 +2808,13 @@ def state_to_hf(state: dict, cfg: ModelConfig, kind: str) -> dict:
 
 
 def check_sampling(temperature, top_k, top_p, min_p=None, repetition_penalty=1.0, no_repeat_ngram_size=0,
-                   min_new_tokens=0) -> None:
+                   min_new_tokens=0, typical_p=None, epsilon_cutoff=0.0, eta_cutoff=0.0) -> None:
     """ValueError for settings sample() cannot take: temperature a finite number >= 0 (a negative
     one would sample the reversed distribution), top_k None or an int >= 0 (0 or None: off, as
     transformers' GenerationConfig), top_p None or in [0, 1] (0 keeps the likeliest token alone),
     min_p None or in [0, 1] (None or 0: off), repetition_penalty a finite number > 0 (1: none; below
-    1 favours repeats), as transformers' warpers take them; generation's no_repeat_ngram_size and
+    1 favours repeats), typical_p None or in (0, 1] (None or 1: off), epsilon_cutoff and eta_cutoff in
+    [0, 1) (0: off), as transformers' warpers take them; generation's no_repeat_ngram_size and
     min_new_tokens ints >= 0 (0: off)."""
     if isinstance(temperature, torch.Tensor) and temperature.numel() == 1 and not temperature.is_complex():
         temperature = float(temperature)  # (a 0-d tensor, as some loops keep it)
@@ -2818,6 +2833,12 @@ def check_sampling(temperature, top_k, top_p, min_p=None, repetition_penalty=1.0
             or not 0 < repetition_penalty < math.inf:
         raise ValueError(f"sampling: repetition_penalty must be a finite number > 0 (1: none), got "
                          f"{repetition_penalty!r}")
+    if typical_p is not None and (isinstance(typical_p, bool) or not isinstance(typical_p, numbers.Real)
+                                  or not 0 < typical_p <= 1):
+        raise ValueError(f"sampling: typical_p must be None or a number in (0, 1] (1: off), got {typical_p!r}")
+    for name, value in (("epsilon_cutoff", epsilon_cutoff), ("eta_cutoff", eta_cutoff)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
+            raise ValueError(f"sampling: {name} must be a number in [0, 1) (0: off), got {value!r}")
     for name, value in (("no_repeat_ngram_size", no_repeat_ngram_size), ("min_new_tokens", min_new_tokens)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
             raise ValueError(f"generate: {name} must be an int >= 0 (0: off), got {value!r}")
@@ -2853,29 +2874,43 @@ def stop_ids(stop_tokens) -> set[int]:
 
 
 def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-           generator: torch.Generator | None = None, min_p: float | None = None) -> torch.Tensor:
+           generator: torch.Generator | None = None, min_p: float | None = None, typical_p: float | None = None,
+           epsilon_cutoff: float = 0.0, eta_cutoff: float = 0.0) -> torch.Tensor:
     """One token per row of logits (B, V): greedy at temperature 0, else from softmax(logits / t)
     restricted to the top_k tokens, then to the smallest set whose probability reaches top_p, then
-    to those at least min_p times as likely as the likeliest (sampling_probs)."""
-    check_sampling(temperature, top_k, top_p, min_p)
-    return _sample(logits, temperature, top_k, top_p, generator, min_p)
+    to those at least min_p times as likely as the likeliest, then typical_p, epsilon_cutoff and
+    eta_cutoff's sets (sampling_probs)."""
+    check_sampling(temperature, top_k, top_p, min_p, typical_p=typical_p, epsilon_cutoff=epsilon_cutoff,
+                   eta_cutoff=eta_cutoff)
+    return _sample(logits, temperature, top_k, top_p, generator, _Cut(min_p, typical_p, epsilon_cutoff, eta_cutoff))
 
 
-def _sample(logits, temperature, top_k, top_p, generator, min_p=None) -> torch.Tensor:
+class _Cut(NamedTuple):
+    """The warpers after top-k and top-p, in transformers' order: MinPLogitsWarper, TypicalLogitsWarper,
+    EpsilonLogitsWarper, EtaLogitsWarper (None or 0: off; typical_p 1: off)."""
+    min_p: float | None = None
+    typical_p: float | None = None
+    epsilon_cutoff: float = 0.0
+    eta_cutoff: float = 0.0
+
+
+def _sample(logits, temperature, top_k, top_p, generator, cut=None) -> torch.Tensor:
     """sample() for settings checked already (generation checks them once, not per token)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    probs = _sampling_probs(logits, temperature, top_k, top_p, min_p)  # (..., V), as argmax takes any leading shape
+    probs = _sampling_probs(logits, temperature, top_k, top_p, cut)  # (..., V), as argmax takes any leading shape
     return torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator).view(probs.shape[:-1])
 
 
 def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int | None = None,
-                   top_p: float | None = None, min_p: float | None = None) -> torch.Tensor:
+                   top_p: float | None = None, min_p: float | None = None, typical_p: float | None = None,
+                   epsilon_cutoff: float = 0.0, eta_cutoff: float = 0.0) -> torch.Tensor:
     """The distribution sample() draws from (temperature > 0), fp32, over the last dim of logits (..., V)."""
-    check_sampling(temperature, top_k, top_p, min_p)
+    check_sampling(temperature, top_k, top_p, min_p, typical_p=typical_p, epsilon_cutoff=epsilon_cutoff,
+                   eta_cutoff=eta_cutoff)
     if temperature == 0:
         raise ValueError("sampling_probs: temperature 0 is greedy, no distribution: take the argmax")
-    return _sampling_probs(logits, temperature, top_k, top_p, min_p)
+    return _sampling_probs(logits, temperature, top_k, top_p, _Cut(min_p, typical_p, epsilon_cutoff, eta_cutoff))
 
 
 def _penalize(logits, seen, penalty) -> torch.Tensor:
@@ -2959,7 +2994,8 @@ class _LogitRules:
         return other
 
 
-def _sampling_probs(logits, temperature, top_k, top_p, min_p=None) -> torch.Tensor:
+def _sampling_probs(logits, temperature, top_k, top_p, cut=None) -> torch.Tensor:
+    cut = cut or _Cut()
     shape = logits.shape
     logits = logits.float().reshape(-1, shape[-1]) / temperature
     if top_k and top_k < logits.shape[-1]:
@@ -2976,9 +3012,30 @@ def _sampling_probs(logits, temperature, top_k, top_p, min_p=None) -> torch.Tens
         drop[:, -1] = False
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    if min_p:  # transformers' MinPLogitsWarper (0: it drops nothing); the likeliest token is never below it
+    if cut.min_p:  # transformers' MinPLogitsWarper (0: it drops nothing); the likeliest token is never below it
         probs = logits.softmax(dim=-1)
-        logits = logits.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), float("-inf"))
+        logits = logits.masked_fill(probs < cut.min_p * probs.amax(dim=-1, keepdim=True), float("-inf"))
+    if cut.typical_p is not None and cut.typical_p < 1:
+        # transformers' TypicalLogitsWarper (locally typical sampling, Meister et al. 2023) step for step:
+        # the tokens by how far their surprisal lies from the entropy, kept up to the one whose mass
+        # reaches typical_p (ties with it too), the nearest always
+        normalized = logits.log_softmax(dim=-1)
+        entropy = -(normalized * normalized.exp()).nansum(-1, keepdim=True)
+        distance, order = torch.sort((-normalized - entropy).abs(), dim=-1, descending=False)
+        last = (logits.gather(-1, order).softmax(dim=-1).cumsum(dim=-1) < cut.typical_p).sum(dim=1)
+        last.clamp_(max=distance.shape[-1] - 1)
+        drop = distance > distance.gather(1, last.view(-1, 1))
+        drop[:, :1] = False
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    if cut.epsilon_cutoff:  # transformers' EpsilonLogitsWarper (Hewitt et al. 2022): below epsilon dropped
+        top = logits.amax(dim=-1, keepdim=True)  # (the likeliest kept)
+        logits = logits.masked_fill((logits.softmax(dim=-1) < cut.epsilon_cutoff) & (logits < top), float("-inf"))
+    if cut.eta_cutoff:  # EtaLogitsWarper: the cutoff min(eta, sqrt(eta) exp(-entropy)), as it computes it
+        eta = torch.tensor(cut.eta_cutoff, device=logits.device)
+        entropy = torch.distributions.Categorical(logits=logits).entropy()
+        cutoff = torch.min(eta, torch.sqrt(eta) * torch.exp(-entropy))[..., None]
+        top = logits.amax(dim=-1, keepdim=True)
+        logits = logits.masked_fill((logits.softmax(dim=-1) < cutoff) & (logits < top), float("-inf"))
     return logits.softmax(dim=-1).reshape(shape)
 
 

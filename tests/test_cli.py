@@ -268,11 +268,12 @@ def test_generate_takes_min_p_and_repetition_penalty(padded_vocab, tmp_path, cap
     from pyllm.model import LLM
 
     model, _ = padded_vocab
-    seen = []
+    seen, warped = [], []
     for name in ("generate", "generate_batch", "generate_speculative"):
         def recording(self, *a, _original=getattr(LLM, name), _name=name, **kw):
             seen.append((_name, kw.get("min_p"), kw.get("repetition_penalty"), kw.get("no_repeat_ngram_size"),
                          kw.get("min_new_tokens")))
+            warped.append((_name, kw.get("typical_p"), kw.get("epsilon_cutoff"), kw.get("eta_cutoff")))
             return _original(self, *a, **kw)
         monkeypatch.setattr(LLM, name, recording)
     base = ["generate", *model, "--prompt", "hello", "--max-new-tokens", "24", "--temperature", "0"]
@@ -297,8 +298,16 @@ def test_generate_takes_min_p_and_repetition_penalty(padded_vocab, tmp_path, cap
                     ("generate", None, 1.0, 2, 0), ("generate", None, 1.0, 0, 0),
                     ("generate_speculative", None, 1.0, 2, 3), ("generate", None, 1.0, 2, 3),
                     ("generate_batch", 0.2, 1.5, 3, 2), ("generate", 0.2, 1.5, 3, 2)]
+    # transformers' typical_p / epsilon_cutoff / eta_cutoff warpers, each path
+    warped.clear()
+    warp = ["--temperature", "1", "--typical-p", "0.5", "--epsilon-cutoff", "0.001", "--eta-cutoff", "0.002"]
+    text(*warp)
+    text(*warp, "--draft", model[1])
+    assert cli.main(["generate", *model, "--prompts-file", str(tmp_path / "p.jsonl"), "--max-new-tokens", "4",
+                     *warp]) == 0
+    assert warped == [(name, 0.5, 0.001, 0.002) for name in ("generate", "generate_speculative", "generate_batch")]
     for bad in (["--min-p", "1.5"], ["--repetition-penalty", "0"], ["--no-repeat-ngram-size", "-1"],
-                ["--min-new-tokens", "1.5"]):
+                ["--min-new-tokens", "1.5"], ["--typical-p", "0"], ["--epsilon-cutoff", "1"]):
         with pytest.raises(SystemExit):
             cli.main([*base, *bad])
 
@@ -490,19 +499,24 @@ def test_generate_ends_documents_and_reads_generation_configs(corpus, tmp_path, 
     assert plain.temperature == 0.0  # do_sample left out: greedy, as transformers
     assert "does not apply" not in capsys.readouterr().err
     # what transformers' generate would apply and pyllm's sampling does not: said (it had been dropped);
-    # repetition_penalty, no_repeat_ngram_size, min_new_tokens (greedy too) and min_p (sampling; --min-p
-    # asks to sample) are taken
+    # repetition_penalty, no_repeat_ngram_size, min_new_tokens (greedy too) and min_p, typical_p,
+    # epsilon_cutoff, eta_cutoff (sampling; each flag asks to sample) are taken
     (tmp_path / "generation_config.json").write_text(json.dumps({"repetition_penalty": 1.05, "min_new_tokens": 2,
                                                                  "no_repeat_ngram_size": 3, "min_p": 0.1,
-                                                                 "typical_p": 0.9}))
+                                                                 "typical_p": 0.9, "eta_cutoff": 3e-4,
+                                                                 "min_length": 5}))
     taken = argparse.Namespace(temperature=None, top_k=None, top_p=None, min_p=None, repetition_penalty=None,
                                no_repeat_ngram_size=None, min_new_tokens=None)
     cli.resolve_sampling(taken, tmp_path)
     err = capsys.readouterr().err
-    assert "sets typical_p=0.9, which pyllm's sampling does not apply" in err
-    assert "penalty" not in err and "ngram" not in err and "min_new" not in err
+    assert "sets min_length=5, which pyllm's sampling does not apply" in err
+    assert "penalty" not in err and "ngram" not in err and "min_new" not in err and "typical" not in err
     assert (taken.temperature, taken.min_p, taken.repetition_penalty) == (0.0, 0.1, 1.05)
     assert (taken.no_repeat_ngram_size, taken.min_new_tokens) == (3, 2)
+    assert cli.warpers_of(taken) == {"typical_p": 0.9, "epsilon_cutoff": 0.0, "eta_cutoff": 3e-4}
+    asked = argparse.Namespace(temperature=None, top_k=None, top_p=None, epsilon_cutoff=0.01)
+    cli.resolve_sampling(asked, tmp_path)  # (a warper given asks to sample)
+    assert (asked.temperature, asked.epsilon_cutoff, asked.typical_p) == (1.0, 0.01, 0.9)
     given = argparse.Namespace(temperature=None, top_k=None, top_p=None, min_p=0.2, repetition_penalty=1.3,
                                no_repeat_ngram_size=0, min_new_tokens=5)
     cli.resolve_sampling(given, tmp_path)
@@ -513,6 +527,7 @@ def test_generate_ends_documents_and_reads_generation_configs(corpus, tmp_path, 
     cli.resolve_sampling(mine, None)  # a model of pyllm's own: neither
     assert (mine.temperature, mine.min_p, mine.repetition_penalty) == (0.8, None, 1.0)
     assert (mine.no_repeat_ngram_size, mine.min_new_tokens) == (0, 0)
+    assert cli.warpers_of(mine) == {"typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}
     # the stream prints what is returned, an incomplete last character too (it had been held back for
     # good); --draft past block_size names the flags
     import torch

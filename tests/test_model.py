@@ -2517,6 +2517,49 @@ def test_no_repeat_ngram_and_min_new_tokens_generate_transformers_tokens(tmp_pat
             ours.generate(prompt, 4, **bad)
 
 
+def test_typical_epsilon_and_eta_sampling_are_transformers_warpers(tmp_path):
+    # sampling_probs with typical_p / epsilon_cutoff / eta_cutoff after temperature, top-k, top-p and
+    # min-p: bitwise the probabilities of transformers' warpers in its order, over random logits of
+    # random spreads; generate's seeded sampled tokens those of transformers' generate, the batch too
+    from transformers.generation.logits_process import (EpsilonLogitsWarper, EtaLogitsWarper, LogitsProcessorList,
+                                                        MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper,
+                                                        TopPLogitsWarper, TypicalLogitsWarper)
+
+    from pyllm.model import sampling_probs
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(120):
+        V = int(torch.randint(2, 300, (), generator=g))
+        logits = torch.randn(3, V, generator=g) * float(torch.rand((), generator=g) * 6)
+        T, k = float(torch.rand((), generator=g) + 0.3), int(torch.randint(0, V + 3, (), generator=g))
+        p = float(torch.rand((), generator=g) * 0.9 + 0.1) if trial % 4 else None
+        mp = 0.05 if trial % 5 == 0 else None
+        typical = float(torch.rand((), generator=g) * 0.99 + 0.005) if trial % 2 else None
+        eps = float(torch.rand((), generator=g) * 0.2) if trial % 3 == 1 else 0.0
+        eta = float(torch.rand((), generator=g) * 0.2) if trial % 3 == 2 else 0.0
+        warpers = [TemperatureLogitsWarper(T)] + ([TopKLogitsWarper(k)] if k else []) + (
+            [TopPLogitsWarper(p)] if p is not None else []) + ([MinPLogitsWarper(mp)] if mp else []) + (
+            [TypicalLogitsWarper(typical)] if typical else []) + ([EpsilonLogitsWarper(eps)] if eps else []) + (
+            [EtaLogitsWarper(eta)] if eta else [])
+        want = LogitsProcessorList(warpers)(None, logits.clone()).softmax(-1)
+        got = sampling_probs(logits, T, k, p, mp, typical_p=typical, epsilon_cutoff=eps, eta_cutoff=eta)
+        assert torch.equal(got, want), trial
+    theirs, ours = perturbed_llama(tmp_path)
+    theirs.generation_config.eos_token_id = None
+    prompt = torch.randint(0, 97, (2, 6))
+    for seed, cut in enumerate((dict(typical_p=0.6), dict(epsilon_cutoff=0.02), dict(eta_cutoff=0.01, top_k=20))):
+        torch.manual_seed(seed)
+        want = theirs.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, pad_token_id=0,
+                               do_sample=True, temperature=0.9, **{"top_k": 0, **cut})[:, 6:]
+        torch.manual_seed(seed)
+        got = ours.generate(prompt, 12, 0.9, **cut)[:, 6:]
+        assert torch.equal(got, want), cut
+    with pytest.raises(ValueError, match="typical_p must be None or a number in"):
+        ours.generate(prompt, 2, typical_p=0.0)
+    with pytest.raises(ValueError, match="eta_cutoff must be a number in"):
+        ours.generate(prompt, 2, eta_cutoff=1.0)
+
+
 def test_min_new_tokens_with_stop_tokens_given_as_an_iterator():
     # stop_tokens is an Iterable: an iterator's ids had been read for the stop and found empty for
     # min_new_tokens (the second read), which then banned nothing: the stop token came at once

@@ -385,9 +385,13 @@ def ensure_hf_tokenizer(folder: Path, path: Path):
     config = folder / "tokenizer_config.json"  # (its tokenizer_class and legacy change the encoding too)
     meta = {"hf_tokenizer": str(source.resolve()), "mtime": source.stat().st_mtime,
             "config_mtime": config.stat().st_mtime if config.is_file() else None,
+            # (config.json's model_type decides transformers' tokenizer class before tokenizer_class does)
+            "model_config_mtime": ((folder / "config.json").stat().st_mtime if (folder / "config.json").is_file()
+                                   else None),
             # from_hf's reading of the files: raised when it changes what an existing folder encodes to
             # (2: transformers 5's GemmaTokenizer class rebuild, 2026-12-06), so runs convert again
-            "from_hf": 2}
+            # 3: config.json's model_type (Mistral's, Phi-3's: the tokenizer.json as it is), 2026-12-07
+            "from_hf": 3}
     Tokenizer = tokenizer_class()
     if path.exists() and meta_path.exists() and read_json(meta_path) == meta:
         print(f"tokenizer: reusing {path}")

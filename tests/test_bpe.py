@@ -1886,3 +1886,32 @@ def test_a_process_forked_while_another_thread_encodes_still_encodes():
         stop.set()
         thread.join()
     assert failed == 0
+
+
+@pytest.mark.parametrize("model_type", ["mistral", "phi3", "llama", None])
+def test_from_hf_follows_the_tokenizer_class_config_json_makes_transformers_build(tmp_path, model_type):
+    # transformers 5's AutoTokenizer picks the class by config.json's model_type first: Mistral's,
+    # Mixtral's and Phi-3's are registered to TokenizersBackend, which reads the tokenizer.json as it
+    # is (a "▁" after every special token, from its Prepend normalizer), whatever LlamaTokenizer their
+    # tokenizer_config.json names. pyllm had followed the LlamaTokenizer (prepend "first"): 984 of
+    # 2,000 texts apart for a Mistral-shaped checkpoint folder (from the tokenizer.json audit).
+    tk = pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    _llama2_style_tokenizer_json(tk, tmp_path / "tokenizer.json")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "legacy": False, "bos_token": "<s>", "eos_token": "</s>",
+        "unk_token": "<unk>"}))
+    if model_type is not None:
+        (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
+    theirs, ours = transformers.AutoTokenizer.from_pretrained(tmp_path), Tokenizer.from_hf(tmp_path / "tokenizer.json")
+    rng = random.Random(0)
+    pieces = ["Paris", " capital", " ", "  ", "\n", "<s>", "</s>", "é", "x", " <s>", "</s> "]
+    for _ in range(300):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 8)))
+        assert ours.encode(text, allowed_special="all") == theirs(text, add_special_tokens=False).input_ids, text
+    # pyllm's copy of the model types transformers registers to TokenizersBackend stays a part of its list
+    from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING_NAMES
+
+    from pyllm.tokenizer.tokenizer import _FILE_AS_IS_MODEL_TYPES
+    assert {t for t in _FILE_AS_IS_MODEL_TYPES
+            if TOKENIZER_MAPPING_NAMES.get(t) not in ("TokenizersBackend", "MistralCommonBackend")} == set()

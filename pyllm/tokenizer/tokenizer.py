@@ -262,9 +262,38 @@ def _tokenizer_config(path) -> dict:
     return config if isinstance(config, dict) else {}
 
 
+# Model types that transformers 5 registers to TokenizersBackend (MistralCommonBackend with mistral_common
+# installed, TokenizersBackend still for a folder without Mistral's own tokenizer files): AutoTokenizer reads
+# the tokenizer.json of a checkpoint whose config.json has one of them as it is, whatever tokenizer_class its
+# tokenizer_config.json names (Mistral v0.x's, Mixtral's and Phi-3's LlamaTokenizer, Phi-4's GPT2Tokenizer):
+# models/auto/tokenization_auto.py's TOKENIZER_MAPPING_NAMES, transformers 5.25
+_FILE_AS_IS_MODEL_TYPES = frozenset({
+    "arctic", "chatlm", "ernie4_5", "ernie4_5_moe", "flex_olmo", "glm", "glm4", "glm4_moe", "glm4_moe_lite",
+    "gpt_bigcode", "granite", "granitemoe", "granitemoehybrid", "granitemoeshared", "hyperclovax", "internlm2",
+    "internlm3", "jamba", "kimi_k25", "kimi_linear", "mimo_v2_flash", "minicpm3", "minimax_m2", "ministral",
+    "ministral3", "mistral", "mistral3", "mistral_large4", "mixtral", "nemotron", "olmo2", "olmo3", "olmo_hybrid",
+    "persimmon", "phi3", "phimoe", "stablelm"})
+
+
+def _transformers_tokenizer_class(path, config: dict) -> str | None:
+    """The tokenizer class transformers 5's AutoTokenizer builds for the folder of a tokenizer.json, as far
+    as from_hf follows it: tokenizer_config.json's tokenizer_class (config), but TokenizersBackend (the file
+    as it is) where the folder's config.json names a model type registered to it."""
+    kind = config.get("tokenizer_class")
+    try:
+        with open(os.path.join(os.path.dirname(os.fspath(path)), "config.json"), encoding="utf-8") as f:
+            model = json.load(f)
+    except (OSError, ValueError):
+        model = {}
+    if kind and isinstance(model, dict) and model.get("model_type") in _FILE_AS_IS_MODEL_TYPES:
+        return "TokenizersBackend"
+    return kind
+
+
 def _transformers_class_pipeline(config: dict, spm: dict) -> dict:
     """spm as transformers 5 encodes with it: a tokenizer_config.json beside the tokenizer.json naming
-    LlamaTokenizer (Llama 2's, TinyLlama's, Mistral v0.x's, Phi-3's) makes transformers build a
+    LlamaTokenizer (Llama 2's, TinyLlama's; not where config.json's model_type is Mistral's or Phi-3's:
+    _transformers_tokenizer_class) makes transformers build a
     Metaspace(prepend_scheme="first" unless "legacy": true ("always"), "never" for add_prefix_space
     false, split=False) without the file's normalizer: no "▁" after a special token where legacy
     is false (the file's Prepend normalizer puts one there), as TRL 1.16's SFT / DPO data then has
@@ -1822,6 +1851,7 @@ class Tokenizer:
         # pre-tokenizer (a file without the Replace normalizer had been refused here, read there): the
         # class's settings, all of them _transformers_class_pipeline's
         config = _tokenizer_config(path)
+        config = {**config, "tokenizer_class": _transformers_tokenizer_class(path, config)}
         spm = {} if config.get("tokenizer_class") in _GEMMA_TOKENIZER_CLASSES else _hf_sentencepiece(data, where)
         for t in added:
             if t.get("single_word") or ((t.get("lstrip") or t.get("rstrip")) and spm is None):

@@ -1408,10 +1408,10 @@ class LLM(nn.Module):
         eta_cutoff, as transformers' warpers (the same probabilities); repetition_penalty (CTRL's,
         transformers' RepetitionPenaltyLogitsProcessor, greedy too) divides a positive logit of every
         id the row's text holds so far (prompt and new tokens, the whole of them past block_size too),
-        multiplies a negative one; no_repeat_ngram_size
-        n (transformers' NoRepeatNGramLogitsProcessor, greedy too) bans each id that would end an
-        n-gram the row's text already holds; min_new_tokens bans stop_tokens until that many new
-        tokens (MinNewTokensLengthLogitsProcessor, which bans the eos ids); top_k None cuts
+        multiplies a negative one; no_repeat_ngram_size n (transformers' NoRepeatNGramLogitsProcessor,
+        greedy too) bans each id that would end an n-gram the row's text already holds;
+        min_new_tokens bans stop_tokens until that many new tokens (MinNewTokensLengthLogitsProcessor,
+        which bans the eos ids); top_k None cuts
         nothing (nanoGPT's default: transformers' generate takes 50 unless told, as `pyllm generate`
         does). Past block_size the cached path re-reads the last block_size/2 tokens into a fresh cache
         (nanoGPT crops to the last block_size tokens at every step, as use_cache=False does here: the
@@ -1671,9 +1671,9 @@ class LLM(nn.Module):
         after a stop token (pyllm generate's --stop strings, transformers' StopStringCriteria); asked
         on the host after each token of a row not yet ended. Generation ends when every row has ended.
         min_p, repetition_penalty, no_repeat_ngram_size, min_new_tokens, typical_p, epsilon_cutoff,
-        eta_cutoff: as in generate_stream, each
-        row's penalty and n-grams over its own prompt and tokens (transformers' penalty over a
-        left-padded batch leaves the padding out too; its n-grams count the padding's)."""
+        eta_cutoff: as in generate_stream, each row's penalty and n-grams over its own prompt and
+        tokens (transformers' penalty over a left-padded batch leaves the padding out too; its
+        n-grams count the padding's)."""
         check_sampling(temperature, top_k, top_p, min_p, repetition_penalty, no_repeat_ngram_size, min_new_tokens,
                        typical_p, epsilon_cutoff, eta_cutoff)
         check_new_tokens(max_new_tokens, "generate_batch")
@@ -1701,7 +1701,7 @@ class LLM(nn.Module):
             if cuda_graph:  # as generate() and _DecodeGraph refuse it (the flag had been dropped here silently)
                 raise NotImplementedError("generate_batch: cuda_graph does not take LongRoPE (its factors change "
                                           "with the position)")
-            stops = stop_ids(stop_tokens)  # (an int id or None too, as the batched path takes them)
+            stops = stop_tokens  # (a set of ids: stop_ids' above)
 
             def alone(b: int, r) -> list[int]:
                 new = []
@@ -1745,7 +1745,7 @@ class LLM(nn.Module):
                     k[:, :longest].copy_(k_read[which])
                     v[:, :longest].copy_(v_read[which])
                 del read
-            stop = torch.tensor(sorted(stop_ids(stop_tokens)), dtype=torch.long, device=device)
+            stop = torch.tensor(sorted(stop_tokens), dtype=torch.long, device=device)
             done = torch.zeros(len(rows), dtype=torch.bool, device=device)
             made = [[] for _ in rows]  # stop_when: each row's new tokens, on the host
             ends = [None] * len(rows)  # where stop_when ended a row

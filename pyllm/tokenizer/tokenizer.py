@@ -252,14 +252,20 @@ _CODE_LLAMA_TOKENIZER_CLASSES = ("CodeLlamaTokenizer", "CodeLlamaTokenizerFast")
 _GEMMA_TOKENIZER_CLASSES = ("GemmaTokenizer", "GemmaTokenizerFast")
 
 
-def _tokenizer_config(path) -> dict:
-    """The tokenizer_config.json beside a tokenizer.json ({} where there is none, or it is no JSON object)."""
+def _json_beside(path, name: str) -> dict:
+    """The JSON object in the file `name` beside a tokenizer.json ({} where there is none, or it is no
+    JSON object)."""
     try:
-        with open(os.path.join(os.path.dirname(os.fspath(path)), "tokenizer_config.json"), encoding="utf-8") as f:
+        with open(os.path.join(os.path.dirname(os.fspath(path)), name), encoding="utf-8") as f:
             config = json.load(f)
     except (OSError, ValueError):
         return {}
     return config if isinstance(config, dict) else {}
+
+
+def _tokenizer_config(path) -> dict:
+    """The tokenizer_config.json beside a tokenizer.json ({} where there is none, or it is no JSON object)."""
+    return _json_beside(path, "tokenizer_config.json")
 
 
 # Model types that transformers 5 registers to TokenizersBackend (MistralCommonBackend with mistral_common
@@ -280,12 +286,7 @@ def _transformers_tokenizer_class(path, config: dict) -> str | None:
     as from_hf follows it: tokenizer_config.json's tokenizer_class (config), but TokenizersBackend (the file
     as it is) where the folder's config.json names a model type registered to it."""
     kind = config.get("tokenizer_class")
-    try:
-        with open(os.path.join(os.path.dirname(os.fspath(path)), "config.json"), encoding="utf-8") as f:
-            model = json.load(f)
-    except (OSError, ValueError):
-        model = {}
-    if kind and isinstance(model, dict) and model.get("model_type") in _FILE_AS_IS_MODEL_TYPES:
+    if kind and _json_beside(path, "config.json").get("model_type") in _FILE_AS_IS_MODEL_TYPES:
         return "TokenizersBackend"
     return kind
 
